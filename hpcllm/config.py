@@ -1,0 +1,121 @@
+"""hpcllm configuration: one TOML file, validated with pydantic.
+
+Each sub-package owns one section (a pydantic model below). Unknown keys are rejected so a typo in a config file
+is an error that names the key, not a silently ignored setting. Load with `load_config(path)`; with no path the
+embedded default (conf/hpcllm.toml's values) is used, so `hpcllm` runs on a fresh machine without a config file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hpcllm.errors import ConfigError
+
+CONFIG_ENV = "HPCLLM_CONFIG"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PathsConfig(Section):
+    # Where the controller keeps its database and the service its run files.
+    state_dir: Path = Path("/var/tmp/hpcllm")
+    # Shared-filesystem origin of converted checkpoints (the slowest tier, visible from every node).
+    models_dir: Path = Path("/var/tmp/hpcllm/models")
+
+
+class SlurmConfig(Section):
+    backend: str = Field("cli", pattern="^(cli|rest|pyslurm)$")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    gpus_per_node: int = Field(1, ge=0)
+    # Signal Slurm sends before preemption / walltime; some sites reserve SIGUSR1 for NCCL.
+    signal: str = "USR1"
+    signal_seconds: int = Field(60, ge=0)
+    rest_url: str = "http://127.0.0.1:6820"
+    rest_api_version: str = "v0.0.38"
+
+
+class NodeConfig(Section):
+    listen_host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    nvme_dir: Path = Path("/var/tmp/hpcllm/nvme")
+    # "persistent" node-local disk survives jobs; "job" scratch vanishes with the Slurm job.
+    nvme_scope: str = Field("persistent", pattern="^(persistent|job)$")
+    nvme_capacity_gb: float = Field(100.0, gt=0)
+    dram_capacity_gb: float = Field(8.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+
+
+class ControllerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8700, ge=1, le=65535)
+    database_url: str = ""  # empty: sqlite:///<state_dir>/controller.db
+    keep_alive_seconds: float = Field(300.0, ge=0)
+
+
+class ApiKey(Section):
+    key: str
+    name: str = "user"
+    requests_per_minute: int = Field(600, ge=1)
+    tokens_per_minute: int = Field(200_000, ge=1)
+
+
+class GatewayConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    admin_key: str | None = None
+    drain_timeout_seconds: float = Field(30.0, ge=0)
+
+
+class ClusterConfig(Section):
+    # Shared secret every agent / worker / controller call carries; never exposed to clients.
+    shared_secret: str = "dev-secret-change-me"
+
+
+class Config(Section):
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+
+
+def _format_validation_error(path: Path | str, exc: ValidationError) -> str:
+    lines = [f"invalid config {path}:"]
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"])
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: Path | str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Load and validate a config file; None means $HPCLLM_CONFIG, else the embedded defaults."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse_config(data, path)
