@@ -68,12 +68,52 @@ class ApiKey(Section):
     tokens_per_minute: int = Field(200_000, ge=1)
 
 
+class StaticModel(Section):
+    """A model served by fixed worker(s) without a controller (single-node deployments, tests)."""
+
+    # One URL or several (the gateway picks one at random per request: no placement state in the gateway).
+    worker_url: str | list[str]
+    # Converted (or HF) checkpoint directory holding the tokenizer files and config.json.
+    source: Path
+    # Context window; empty: max_position_embeddings from source/config.json.
+    max_model_len: int | None = Field(None, ge=1)
+
+    @property
+    def worker_urls(self) -> list[str]:
+        return [self.worker_url] if isinstance(self.worker_url, str) else list(self.worker_url)
+
+
 class GatewayConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[ApiKey] = Field(default_factory=list)
     admin_key: str | None = None
     drain_timeout_seconds: float = Field(30.0, ge=0)
+    # gunicorn: gthread workers, each thread holds one request (a stream holds its thread until it ends).
+    workers: int = Field(2, ge=1)
+    threads: int = Field(32, ge=1)
+    # gunicorn worker heartbeat timeout (not a request timeout: gthread heartbeats from its main loop).
+    worker_timeout_seconds: float = Field(60.0, gt=0)
+    keepalive_seconds: float = Field(5.0, ge=0)
+    # "controller": ask the controller's route API; "static": [gateway.static_models]; "auto": static when
+    # static_models is set, else controller.
+    router: str = Field("auto", pattern="^(auto|controller|static)$")
+    controller_url: str = ""  # empty: http://<controller.host>:<controller.port>
+    static_models: dict[str, StaticModel] = Field(default_factory=dict)
+    # How long a request may wait for a model to become ready (cold start) before a 503.
+    route_timeout_seconds: float = Field(600.0, gt=0)
+    # Long-poll interval of one route call while the controller starts an instance.
+    route_poll_seconds: float = Field(20.0, gt=0)
+    upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
+    # Longest silence allowed between two tokens from a worker.
+    upstream_read_timeout_seconds: float = Field(300.0, gt=0)
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # /v1/completions default when max_tokens is absent (OpenAI's default is 16).
+    default_completion_max_tokens: int = Field(16, ge=1)
+    # Rate-limit buckets (SQLite, shared by all gateway processes); empty: <paths.state_dir>/gateway/limits.db
+    limits_db: Path | None = None
+    # Prometheus multiprocess directory used under gunicorn; empty: <paths.state_dir>/gateway/metrics
+    metrics_dir: Path | None = None
 
 
 class ClusterConfig(Section):
