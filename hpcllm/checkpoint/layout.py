@@ -83,6 +83,9 @@ FLOATING_DTYPES = frozenset(
      "float8_e5m2fnuz", "float8_e8m0fnu"}
 )
 
+# dtypes `hpcllm convert --dtype` casts floating tensors to.
+CONVERT_TARGET_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
 _HEX64 = re.compile(r"^[0-9a-f]{16}$")
 
 

@@ -15,6 +15,8 @@ from hpcllm.errors import HpcllmError
 
 LAZY_COMMANDS: dict[str, str] = {
     "dev": "hpcllm.devmodels.cli:dev",
+    "convert": "hpcllm.checkpoint.cli:convert",
+    "checkpoint": "hpcllm.checkpoint.cli:checkpoint",
 }
 
 

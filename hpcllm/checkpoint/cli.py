@@ -1,0 +1,87 @@
+"""`hpcllm convert` and `hpcllm checkpoint inspect|verify`.
+
+Errors are CheckpointError (an HpcllmError): hpcllm.cli.main prints them as one "error: ..." line. torch and
+transformers are imported only inside `convert`, so `hpcllm checkpoint inspect` stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from hpcllm.checkpoint.layout import CONVERT_TARGET_DTYPES, DEFAULT_CHUNK_SIZE, read_checkpoint
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        nbytes /= 1024
+    return f"{nbytes} B"
+
+
+@click.command("convert")
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--partitions", type=click.IntRange(min=1), default=None,
+              help="Number of data files (read in parallel by the loader). Default: one per GiB, 1 to 8.")
+@click.option("--dtype", type=click.Choice(CONVERT_TARGET_DTYPES), default=None,
+              help="Cast floating tensors to this dtype (recorded in the copied config.json). Default: keep.")
+@click.option("--chunk-size-mib", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE >> 20, show_default=True,
+              help="Checksum chunk size in MiB (the loader verifies each chunk as it reads).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal, large models).")
+def convert(hf_dir: Path, out_dir: Path, partitions: int | None, dtype: str | None, chunk_size_mib: int,
+            overwrite: bool, progress: bool | None) -> None:
+    """Convert the Hugging Face model folder HF_DIR into the loading-optimized format in OUT_DIR."""
+    from hpcllm.checkpoint.converter import convert as run_convert
+
+    ckpt = run_convert(hf_dir, out_dir, partitions=partitions, dtype=dtype, chunk_size=chunk_size_mib << 20,
+                       overwrite=overwrite, progress=progress)
+    click.echo(f"converted {hf_dir} -> {ckpt.root}: {len(ckpt.tensors)} tensors, {len(ckpt.aliases)} aliases, "
+               f"{_human(ckpt.total_bytes)} in {len(ckpt.partitions)} partition(s)")
+
+
+@click.group("checkpoint")
+def checkpoint() -> None:
+    """Inspect and verify converted checkpoints."""
+
+
+@checkpoint.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the tensors and aliases as JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Validate PATH's manifest and index (no data read) and summarize it."""
+    ckpt = read_checkpoint(path)
+    if as_json:
+        click.echo(json.dumps({
+            "format_version": ckpt.format_version,
+            "model": ckpt.model,
+            "partitions": [{"file": p.file, "size": p.size, "chunks": p.num_chunks} for p in ckpt.partitions],
+            "tensors": {name: entry.to_json() for name, entry in ckpt.tensors.items()},
+            "aliases": ckpt.aliases,
+        }, indent=1))
+        return
+    model = ckpt.model
+    click.echo(f"{ckpt.root}: hpcllm checkpoint format {ckpt.format_version}, model_type "
+               f"{model.get('model_type')}, dtype {model.get('dtype')}")
+    click.echo(f"  {len(ckpt.tensors)} tensors, {len(ckpt.aliases)} aliases, {_human(ckpt.total_bytes)}")
+    for p in ckpt.partitions:
+        count = sum(1 for e in ckpt.tensors.values() if e.partition == p.index)
+        click.echo(f"  {p.file}: {_human(p.size)}, {count} tensors, {p.num_chunks} chunk(s) of "
+                   f"{_human(p.chunk_size)}")
+    for alias, target in sorted(ckpt.aliases.items()):
+        click.echo(f"  alias {alias} -> {target}")
+
+
+@checkpoint.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+def verify(path: Path) -> None:
+    """Read every file of PATH and check all checksums."""
+    ckpt = read_checkpoint(path)
+    ckpt.verify_files()
+    chunks = sum(p.num_chunks for p in ckpt.partitions)
+    click.echo(f"{ckpt.root}: ok ({chunks} chunk(s) in {len(ckpt.partitions)} data file(s) and "
+               f"{len(ckpt.side_files)} side file(s) match their checksums)")

@@ -1,0 +1,512 @@
+"""Convert a Hugging Face model folder into the loading-optimized format.
+
+    convert(hf_dir, out_dir, partitions=None, dtype=None, overwrite=False) -> Checkpoint
+
+Reads safetensors (single file or sharded with model.safetensors.index.json) or pytorch_model*.bin
+(torch.load(weights_only=True, mmap=True)), stores tied / shared tensors once and records the other names as
+aliases, optionally casts floating tensors (e.g. float32 -> bfloat16), writes balanced partitions through
+hpcllm.checkpoint.writer and copies config / tokenizer files. Everything is written into a temporary folder beside
+out_dir and renamed into place only when complete and re-validated, so an interrupted run leaves nothing at out_dir.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from hpcllm.checkpoint.errors import CheckpointError, InvalidSource, OutputExists, UnsupportedDtype
+from hpcllm.checkpoint.layout import (
+    DEFAULT_CHUNK_SIZE,
+    ALIGNMENT,
+    CONVERT_TARGET_DTYPES,
+    FLOATING_DTYPES,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    Checkpoint,
+    dtype_name,
+    read_checkpoint,
+)
+from hpcllm.checkpoint.writer import (
+    TensorSpec,
+    assign_partitions,
+    describe_side_file,
+    finish_partition,
+    partition_path,
+    write_index,
+    write_manifest,
+    write_partition,
+)
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Side files are every top-level file except weights in any framework's format (and names our format uses).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
+WEIGHT_INDEX_FILES = {SAFETENSORS_INDEX, BIN_INDEX, "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
+RESERVED_NAMES = {MANIFEST_FILE, INDEX_FILE}
+# Partitions are read in parallel by the loader; two readers saturate the disk here, a few more help on a parallel
+# file system. One partition per GiB, at most 8, at least 1.
+PARTITION_TARGET_BYTES = 1 << 30
+MAX_DEFAULT_PARTITIONS = 8
+PROGRESS_MIN_BYTES = 256 << 20
+
+# safetensors header dtype -> torch dtype name
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64", "C128": "complex128",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+
+
+def convert(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    partitions: int | None = None,
+    dtype: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> Checkpoint:
+    """Convert hf_dir into out_dir; return the written checkpoint (already validated)."""
+    source_dir = Path(hf_dir).absolute()
+    out = Path(out_dir).absolute()
+    _check_arguments(source_dir, out, partitions, dtype, chunk_size, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    except OSError as exc:
+        raise CheckpointError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
+    try:
+        _convert_into(source_dir, tmp, partitions, dtype, chunk_size, progress)
+        read_checkpoint(tmp).check_files_present()  # never publish something the reader would reject
+        _fsync_dir(tmp)
+        _publish(tmp, out, overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {source_dir} -> {out} failed: {exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_checkpoint(out)
+
+
+def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str | None, chunk_size: int,
+                     overwrite: bool) -> None:
+    if not source.exists():
+        raise InvalidSource(f"{source}: no such folder (expected a Hugging Face model folder)")
+    if not source.is_dir():
+        raise InvalidSource(f"{source}: is not a folder (expected a Hugging Face model folder)")
+    if partitions is not None and partitions < 1:
+        raise CheckpointError(f"--partitions must be at least 1, got {partitions}")
+    if dtype is not None and dtype not in CONVERT_TARGET_DTYPES:
+        raise UnsupportedDtype(f"--dtype {dtype!r} is not one of {', '.join(CONVERT_TARGET_DTYPES)}")
+    if chunk_size <= 0 or chunk_size % ALIGNMENT:
+        raise CheckpointError(f"chunk size {chunk_size} must be a positive multiple of {ALIGNMENT}")
+    real_source, real_out = source.resolve(), out.resolve()
+    if real_out == real_source or real_out in real_source.parents or real_source in real_out.parents:
+        raise CheckpointError(f"{out}: the output folder must not be the source folder, contain it or lie in it")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExists(f"{out}: already exists; pass --overwrite to replace it or choose another folder")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder into place; with overwrite, the old one is swapped out and then removed."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    if not overwrite:
+        raise OutputExists(f"{out}: appeared while converting; pass --overwrite to replace it")
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    os.rename(out, trash / "old")
+    os.rename(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------- the conversion
+
+
+def _convert_into(source_dir: Path, out: Path, partitions: int | None, dtype: str | None, chunk_size: int,
+                  progress: bool | None) -> None:
+    config = _read_config(source_dir)
+    with open_weights(source_dir) as source:
+        aliases = find_aliases(source, tied_name_groups(source_dir))
+        specs = [_target_spec(source.spec(name), dtype) for name in source.names if name not in aliases]
+        total = sum(spec.nbytes for spec in specs)
+        count = partitions or _default_partitions(total)
+        show = progress if progress is not None else (total >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
+        entries = []
+        written = []
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {source_dir.name}",
+                  disable=not show) as bar:
+            for index, group in enumerate(assign_partitions(specs, count)):
+                path = partition_path(out, index)
+                fetch = _fetcher(source, dtype)
+                entries.extend(write_partition(path, group, fetch, index, on_bytes=bar.update).values())
+                written.append(finish_partition(path, index, chunk_size))
+        source_info = {"path": str(source_dir), "format": source.kind, "files": [p.name for p in source.files]}
+    side_files = _copy_side_files(source_dir, out, dtype)
+    index_ref = write_index(out, entries, aliases)
+    model = _model_info(config, entries, aliases, dtype)
+    write_manifest(out, written, index_ref, side_files, model, source_info)
+
+
+def _default_partitions(total_bytes: int) -> int:
+    return max(1, min(MAX_DEFAULT_PARTITIONS, math.ceil(total_bytes / PARTITION_TARGET_BYTES)))
+
+
+def _target_spec(spec: TensorSpec, dtype: str | None) -> TensorSpec:
+    if dtype is not None and spec.dtype in FLOATING_DTYPES:
+        return TensorSpec(spec.name, dtype, spec.shape)
+    return spec
+
+
+def _fetcher(source: "WeightSource", dtype: str | None):
+    target = getattr(torch, dtype) if dtype else None
+
+    def fetch(name: str) -> torch.Tensor:
+        tensor = source.tensor(name)
+        if target is not None and dtype_name(tensor.dtype) in FLOATING_DTYPES:
+            tensor = tensor.to(target)
+        return tensor
+
+    return fetch
+
+
+def _read_config(source_dir: Path) -> dict[str, Any]:
+    path = source_dir / "config.json"
+    if not path.is_file():
+        raise InvalidSource(f"{source_dir}: has no config.json; a Hugging Face model folder needs one "
+                            f"(save the model with save_pretrained)")
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidSource(f"{path}: cannot be read as JSON ({exc})") from None
+
+
+def _model_info(config: dict[str, Any], entries: list, aliases: dict[str, str], dtype: str | None) -> dict:
+    float_bytes: dict[str, int] = {}
+    for entry in entries:
+        if entry.dtype in FLOATING_DTYPES:
+            float_bytes[entry.dtype] = float_bytes.get(entry.dtype, 0) + entry.nbytes
+    main_dtype = max(float_bytes, key=float_bytes.get) if float_bytes else None
+    return {
+        "model_type": config.get("model_type") if isinstance(config, dict) else None,
+        "architectures": config.get("architectures") if isinstance(config, dict) else None,
+        "dtype": dtype or main_dtype,
+        "num_tensors": len(entries),
+        "num_aliases": len(aliases),
+        "tensor_bytes": sum(e.nbytes for e in entries),
+        "num_parameters": sum(math.prod(e.shape) for e in entries),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- side files
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in WEIGHT_INDEX_FILES or name.endswith(WEIGHT_SUFFIXES)
+
+
+def _copy_side_files(source_dir: Path, out: Path, dtype: str | None) -> list:
+    side_files = []
+    for path in sorted(source_dir.iterdir()):
+        name = path.name
+        if not path.is_file() or name.startswith(".") or _is_weight_file(name) or name in RESERVED_NAMES:
+            continue
+        if name.startswith("data-") and name.endswith(".h5"):
+            continue
+        target = out / name
+        if name == "config.json" and dtype is not None:
+            _write_config_with_dtype(path, target, dtype)
+        else:
+            shutil.copyfile(path, target)
+        side_files.append(describe_side_file(target))
+    return side_files
+
+
+def _write_config_with_dtype(source: Path, target: Path, dtype: str) -> None:
+    """Copy config.json recording the new dtype (transformers 5 reads "dtype"; older ones "torch_dtype")."""
+    config = _read_json(source)
+    if not isinstance(config, dict):
+        raise InvalidSource(f"{source}: must hold a JSON object")
+    keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
+    for key in keys:
+        config[key] = dtype
+    target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------- weight sources
+
+
+class WeightSource(abc.ABC):
+    """The tensors of an HF folder, read one at a time (never the whole model in memory at once)."""
+
+    kind = ""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.names: list[str] = []
+
+    @abc.abstractmethod
+    def spec(self, name: str) -> TensorSpec:
+        """Stored dtype and shape, without reading the data."""
+
+    @abc.abstractmethod
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor's data (read now, or mapped)."""
+
+    def storage_key(self, name: str) -> tuple | None:
+        """Identity of the memory behind a tensor when the file format can share it (torch.save does)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class SafetensorsSource(WeightSource):
+    kind = "safetensors"
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        super().__init__(files)
+        self._handles: dict[str, Any] = {}
+        self._file_of: dict[str, Path] = {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for bad files
+                raise InvalidSource(f"{path}: not a readable safetensors file ({exc})") from None
+            for name in handle.keys():
+                if name in self._file_of:
+                    raise InvalidSource(f"{path}: tensor {name!r} is also in {self._file_of[name].name}")
+                self._handles[name] = handle
+                self._file_of[name] = path
+                self.names.append(name)
+
+    def spec(self, name: str) -> TensorSpec:
+        piece = self._handles[name].get_slice(name)
+        code = piece.get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise UnsupportedDtype(f"{self._file_of[name]}: tensor {name!r} has dtype {code}, which the hpcllm "
+                                   f"format cannot store")
+        return TensorSpec(name, SAFETENSORS_DTYPES[code], tuple(piece.get_shape()))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[name].get_tensor(name)
+        except Exception as exc:
+            raise InvalidSource(f"{self._file_of[name]}: cannot read tensor {name!r} ({exc})") from None
+
+    def close(self) -> None:
+        self._handles = {}  # dropping the handles closes the files
+
+
+class TorchBinSource(WeightSource):
+    kind = "pytorch_bin"
+
+    def __init__(self, files: list[Path]):
+        super().__init__(files)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._file_of: dict[str, Path] = {}
+        for path in files:
+            state = _torch_load(path)
+            for name, value in state.items():
+                if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+                    raise InvalidSource(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor; expected "
+                                        f"a state_dict of tensors")
+                if name in self._file_of:
+                    raise InvalidSource(f"{path}: tensor {name!r} is also in {self._file_of[name].name}")
+                self._tensors[name] = value
+                self._file_of[name] = path
+                self.names.append(name)
+        for name in self.names:
+            dtype_name_for(self._tensors[name], self._file_of[name], name)
+
+    def spec(self, name: str) -> TensorSpec:
+        tensor = self._tensors[name]
+        return TensorSpec(name, dtype_name_for(tensor, self._file_of[name], name), tuple(tensor.shape))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def storage_key(self, name: str) -> tuple | None:
+        tensor = self._tensors[name]
+        if tensor.numel() == 0:  # empty tensors may all report data_ptr 0
+            return None
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()), tensor.dtype)
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def dtype_name_for(tensor: torch.Tensor, path: Path, name: str) -> str:
+    try:
+        return dtype_name(tensor.dtype)
+    except UnsupportedDtype:
+        raise UnsupportedDtype(f"{path}: tensor {name!r} has dtype {tensor.dtype}, which the hpcllm format cannot "
+                               f"store") from None
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (pre-zipfile) files cannot be mmapped: read them normally
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...) for bad files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidSource(f"{path}: cannot be loaded as a PyTorch state_dict ({first_line})") from None
+    if not isinstance(state, dict):
+        raise InvalidSource(f"{path}: holds a {type(state).__name__}, expected a state_dict (dict of tensors)")
+    return state
+
+
+def find_weight_files(source_dir: Path) -> tuple[str, list[Path]]:
+    """('safetensors' | 'pytorch_bin', files) for an HF folder; InvalidSource when it holds no weights."""
+    for index_name, kind in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "pytorch_bin")):
+        index_path = source_dir / index_name
+        if index_path.is_file():
+            return kind, _shards_from_index(index_path)
+    if (source_dir / "model.safetensors").is_file():
+        return "safetensors", [source_dir / "model.safetensors"]
+    safetensors_files = sorted(source_dir.glob("*.safetensors"))
+    if safetensors_files:
+        return "safetensors", safetensors_files
+    bin_files = sorted(source_dir.glob("pytorch_model*.bin"))
+    if bin_files:
+        return "pytorch_bin", bin_files
+    raise InvalidSource(f"{source_dir}: has no weights (expected model.safetensors, sharded *.safetensors with "
+                        f"{SAFETENSORS_INDEX}, or pytorch_model*.bin)")
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InvalidSource(f"{index_path}: needs a non-empty 'weight_map' of tensor name -> shard file")
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        shard = index_path.parent / name
+        if Path(name).name != name or not shard.is_file():
+            raise InvalidSource(f"{index_path}: lists shard {name!r}, which is missing from {index_path.parent}")
+        shards.append(shard)
+    return shards
+
+
+@contextmanager
+def open_weights(source_dir: Path) -> Iterator[WeightSource]:
+    kind, files = find_weight_files(source_dir)
+    source = SafetensorsSource(files) if kind == "safetensors" else TorchBinSource(files)
+    try:
+        if not source.names:
+            raise InvalidSource(f"{source_dir}: the weight files ({', '.join(p.name for p in files)}) hold no tensors")
+        yield source
+    finally:
+        source.close()
+
+
+# ------------------------------------------------------------------------------------------------- tied tensors
+
+
+def tied_name_groups(source_dir: Path) -> list[list[str]]:
+    """Groups of parameter names transformers ties together for this model (e.g. [wte.weight, lm_head.weight]).
+
+    Found by building the model on the meta device (no memory, milliseconds) and grouping names that refer to the
+    same Parameter object. Models transformers cannot build (custom code, unknown type) give no groups; shared
+    storage in .bin files is still detected.
+    """
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            config = AutoConfig.from_pretrained(source_dir, local_files_only=True)
+            with torch.device("meta"):
+                try:
+                    model = AutoModelForCausalLM.from_config(config)
+                except ValueError:  # not a causal LM (e.g. an encoder): the plain model class
+                    model = AutoModel.from_config(config)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except Exception as exc:  # any failure only means no tie information; the conversion stays correct
+        log.warning("%s: cannot build the model with transformers to find tied weights (%s); storing every "
+                    "tensor in the files", source_dir, exc)
+        return []
+    by_parameter: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        by_parameter.setdefault(id(parameter), []).append(name)
+    return [names for names in by_parameter.values() if len(names) > 1]
+
+
+def find_aliases(source: WeightSource, tied_groups: list[list[str]]) -> dict[str, str]:
+    """alias name -> stored name, for tensors stored once.
+
+    1. .bin files: names whose tensors share the same memory (same storage, offset, shape, stride, dtype).
+    2. transformers' tied parameters: a tied name absent from the files becomes an alias of the present one, and a
+       present one with byte-identical contents is stored once.
+    """
+    present = set(source.names)
+    aliases: dict[str, str] = {}
+    first_with_key: dict[tuple, str] = {}
+    for name in source.names:
+        key = source.storage_key(name)
+        if key is None:
+            continue
+        if key in first_with_key:
+            aliases[name] = first_with_key[key]
+        else:
+            first_with_key[key] = name
+    for group in tied_groups:
+        in_files = [name for name in group if name in present]
+        if not in_files:
+            continue
+        canonical = aliases.get(in_files[0], in_files[0])
+        for name in group:
+            if name == canonical or name in aliases:
+                continue
+            if name not in present or _same_contents(source, canonical, name):
+                aliases[name] = canonical
+    return aliases
+
+
+def _same_contents(source: WeightSource, a: str, b: str) -> bool:
+    if source.spec(a).dtype != source.spec(b).dtype or source.spec(a).shape != source.spec(b).shape:
+        return False
+    left, right = source.tensor(a).contiguous(), source.tensor(b).contiguous()
+    return torch.equal(left.reshape(-1).view(torch.uint8), right.reshape(-1).view(torch.uint8))
