@@ -58,7 +58,44 @@ class ControllerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=1, le=65535)
     database_url: str = ""  # empty: sqlite:///<state_dir>/controller.db
+    # Idle seconds before an instance is stopped (scale to zero); a model's keep_alive_seconds overrides it.
     keep_alive_seconds: float = Field(300.0, ge=0)
+    # Key of the admin API (deploy / undeploy / status); empty: gateway.admin_key, else cluster.shared_secret.
+    admin_key: str | None = None
+    # Threads serving HTTP (each long-polling route call holds one).
+    threads: int = Field(32, ge=1)
+    # Seconds between autoscaler ticks (Slurm polling, scale to zero, retirement).
+    tick_seconds: float = Field(5.0, gt=0)
+    # A node whose agent has not heartbeated for this long is lost: its instances are forgotten.
+    node_timeout_seconds: float = Field(30.0, gt=0)
+    # Slots a node offers to CPU (gpus = 0) model instances.
+    cpu_slots_per_node: int = Field(2, ge=1)
+    # Scale out when the least-loaded ready instance runs this many requests (up to the model's max_instances).
+    scale_out_running_requests: int = Field(8, ge=1)
+    # Seconds a gateway is told to wait before asking again while a model starts.
+    route_retry_after_seconds: float = Field(1.0, gt=0)
+    # Longest long-poll of one route call (the gateway's `wait` is capped to this).
+    route_max_wait_seconds: float = Field(60.0, ge=0)
+    # Allocations: submit Slurm jobs running node agents when demand exceeds capacity.
+    allocate_on_demand: bool = True
+    max_allocations: int = Field(4, ge=0)
+    # Estimated seconds from sbatch to a registered agent, for placement on nodes without one yet.
+    allocation_start_estimate_seconds: float = Field(30.0, ge=0)
+    # Release an allocation whose nodes have held no instance for this long (scale to zero at node level).
+    allocation_keep_alive_seconds: float = Field(600.0, ge=0)
+    # Retire allocations this long before their walltime ends, spread by retire_stagger_seconds per allocation
+    # ending at about the same time so pools do not all leave at once.
+    retire_lead_seconds: float = Field(300.0, ge=0)
+    retire_stagger_seconds: float = Field(60.0, ge=0)
+    # Give a retiring allocation's instances this long to finish before the job is cancelled.
+    drain_seconds: float = Field(60.0, ge=0)
+    # Cost of moving one busy instance when its prefill rate is unknown (seconds), and of evicting an idle one.
+    migration_seconds_per_instance: float = Field(5.0, ge=0)
+    eviction_seconds: float = Field(0.5, ge=0)
+    # Shared-FS read bandwidth (GB/s) assumed for nodes that never registered a measurement.
+    default_sharedfs_gbps: float = Field(1.0, gt=0)
+    # Seconds a node list from Slurm (sinfo) is reused.
+    slurm_nodes_ttl_seconds: float = Field(30.0, ge=0)
 
 
 class ApiKey(Section):
