@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs the host packages hpcllm's dev cluster and MPI need (Debian bookworm): Slurm 22.05 daemons and client,
+# munge, OpenMPI with PMIx, slurmrestd with JWT auth. Idempotent: when every package is installed it only says so.
+#
+# The packages' daemons are NOT started by the install: the dev cluster (slurm/devcluster.sh) runs its own
+# munged/slurmctld/slurmd with their own config, and the distribution's defaults would clash with it.
+#
+# Environment: HPCLLM_HOST_PACKAGES  space-separated package list replacing the default one (e.g. to add slurmdbd)
+set -euo pipefail
+
+readonly DEFAULT_PACKAGES="munge slurmctld slurmd slurm-client openmpi-bin libopenmpi-dev libpmix2 slurmrestd slurm-wlm-jwt-plugin"
+readonly POLICY_RC_D=/usr/sbin/policy-rc.d
+readonly POLICY_BACKUP=/usr/sbin/policy-rc.d.hpcllm-saved
+
+die() { echo "install-host: error: $*" >&2; exit 1; }
+say() { echo "install-host: $*" >&2; }
+
+read -r -a PACKAGES <<<"${HPCLLM_HOST_PACKAGES:-$DEFAULT_PACKAGES}"
+((${#PACKAGES[@]})) || die "HPCLLM_HOST_PACKAGES is empty; unset it to install the default packages"
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'; }
+
+missing_packages() {
+    local package
+    for package in "${PACKAGES[@]}"; do installed "$package" || echo "$package"; done
+}
+
+command -v dpkg-query >/dev/null 2>&1 || die "dpkg-query not found: this script supports Debian/Ubuntu (apt) hosts only"
+mapfile -t MISSING < <(missing_packages)
+if ((${#MISSING[@]} == 0)); then
+    say "host packages already installed (${PACKAGES[*]})"
+    exit 0
+fi
+
+[[ $EUID -eq 0 ]] || die "run as root: packages to install: ${MISSING[*]} (try: sudo make host)"
+command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install these packages by hand: ${MISSING[*]}"
+
+# policy-rc.d exiting 101 tells invoke-rc.d / deb-systemd-invoke not to start services during the install.
+# Restore the previous state on every exit path, failure included.
+restore_policy() {
+    rm -f "$POLICY_RC_D"
+    if [[ -e $POLICY_BACKUP ]]; then mv "$POLICY_BACKUP" "$POLICY_RC_D"; fi
+}
+if [[ -e $POLICY_RC_D ]]; then mv "$POLICY_RC_D" "$POLICY_BACKUP"; fi
+trap restore_policy EXIT
+printf '#!/bin/sh\n# Written by hpcllm slurm/install-host.sh for the duration of an install.\nexit 101\n' >"$POLICY_RC_D"
+chmod 755 "$POLICY_RC_D"
+
+export DEBIAN_FRONTEND=noninteractive
+readonly APT_OPTS=(-q -o DPkg::Lock::Timeout=120)
+
+say "installing: ${MISSING[*]}"
+apt-get "${APT_OPTS[@]}" update || die "apt-get update failed (see its output above); check the network and /etc/apt/sources.list*"
+
+unavailable=()
+for package in "${MISSING[@]}"; do
+    candidate=$(apt-cache policy "$package" 2>/dev/null | awk '/Candidate:/ {print $2}')
+    [[ -n $candidate && $candidate != "(none)" ]] || unavailable+=("$package")
+done
+((${#unavailable[@]} == 0)) ||
+    die "package(s) not available from the configured apt sources: ${unavailable[*]} (hpcllm expects Debian bookworm)"
+
+if ! apt-get "${APT_OPTS[@]}" install -y "${MISSING[@]}"; then
+    mapfile -t STILL_MISSING < <(missing_packages)
+    die "apt-get install failed; not installed: ${STILL_MISSING[*]:-none (a package's setup failed)} (see apt's output above)"
+fi
+
+mapfile -t STILL_MISSING < <(missing_packages)
+((${#STILL_MISSING[@]} == 0)) || die "after apt-get install these are still not installed: ${STILL_MISSING[*]}"
+say "installed: ${MISSING[*]} (their services were not started; slurm/devcluster.sh runs its own daemons)"
