@@ -153,6 +153,16 @@ class GatewayConfig(Section):
     metrics_dir: Path | None = None
 
 
+class WorkerConfig(Section):
+    # Inference worker processes (one per model instance); see docs/worker.md.
+    listen_host: str = "127.0.0.1"
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N" (the node agent narrows GPUs with CUDA_VISIBLE_DEVICES)
+    max_running_requests: int = Field(8, ge=1)  # KV-cache slots stepped round robin
+    max_waiting_requests: int = Field(256, ge=0)  # beyond this a generate call gets 503
+    prefill_chunk_tokens: int = Field(512, ge=1)  # longer prompts are prefilled in chunks between decode steps
+    keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
+
+
 class ClusterConfig(Section):
     # Shared secret every agent / worker / controller call carries; never exposed to clients.
     shared_secret: str = "dev-secret-change-me"
@@ -165,6 +175,7 @@ class Config(Section):
     node: NodeConfig = Field(default_factory=NodeConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
 
 
 def _format_validation_error(path: Path | str, exc: ValidationError) -> str:
