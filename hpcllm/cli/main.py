@@ -17,6 +17,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "dev": "hpcllm.devmodels.cli:dev",
     "convert": "hpcllm.checkpoint.cli:convert",
     "checkpoint": "hpcllm.checkpoint.cli:checkpoint",
+    "worker": "hpcllm.worker.cli:worker",
 }
 
 
