@@ -1,0 +1,79 @@
+"""The CUDA side of the loader: pinned staging slots, a copy engine on a dedicated stream, device buffers.
+
+Reads land in pinned (page-locked) host slots; `copy_(non_blocking=True)` on a side stream turns each into an
+asynchronous DMA to the device, and a CUDA event recorded after it is the slot's fence (StagingRing reuses the slot
+only after the event). The readers keep filling other slots meanwhile, so disk reads and host-to-device copies
+overlap and the staging memory stays bounded (a few chunks) whatever the model size.
+
+Importing this module needs torch but not a GPU; every function that touches CUDA checks for it first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpcllm.store.memory import PAGE_SIZE
+from hpcllm.store.ring import Copy, Fence, Slot
+
+
+class CudaUnavailable(RuntimeError):
+    pass
+
+
+def require_cuda(device: torch.device) -> None:
+    if not torch.cuda.is_available():
+        raise CudaUnavailable(f"device {device} requested but CUDA is not available in this process "
+                              f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda})")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise CudaUnavailable(f"device {device} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+
+
+class CudaFence:
+    def __init__(self, event: "torch.cuda.Event"):
+        self.event = event
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def wait(self) -> None:
+        self.event.synchronize()  # releases the GIL while it waits
+
+
+class CudaCopyEngine:
+    """Host-to-device copies of staged slots on one dedicated stream per device."""
+
+    def __init__(self, device: torch.device):
+        require_cuda(device)
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def copy(self, slot: Slot, copies: list[Copy]) -> Fence:
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            for c in copies:
+                c.dest[c.dest_offset:c.dest_offset + c.nbytes].copy_(
+                    slot.tensor[c.src_offset:c.src_offset + c.nbytes], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return CudaFence(event)
+
+    def finish(self) -> None:
+        self.stream.synchronize()
+        # Work later queued on the default stream (the model's forward) must see the copied weights.
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def pinned_slots(count: int, size: int) -> list[Slot]:
+    """`count` page-aligned, page-locked staging slots of `size` bytes (O_DIRECT reads straight into them)."""
+    slots = []
+    for index in range(count):
+        raw = torch.empty(size + PAGE_SIZE, dtype=torch.uint8, pin_memory=True)
+        skip = (-raw.data_ptr()) % PAGE_SIZE  # cudaHostAlloc is page-aligned; this guards against a suballocator
+        tensor = raw[skip:skip + size]
+        slots.append(Slot(index=index, view=memoryview(tensor.numpy()), tensor=tensor, size=size))
+    return slots
+
+
+def device_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """One uint8 buffer on `device` holding a partition's tensors; the model's tensors become views of it."""
+    require_cuda(device)
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)

@@ -1,0 +1,433 @@
+"""load_model: a converted checkpoint -> a ready transformers model, from any tier, onto CPU or GPU(s).
+
+    loaded = hpcllm.load_model("/var/tmp/hpcllm/nvme/llama", device="cpu")      # or "cuda:0", or a device_map
+    model, tokenizer, stats = loaded                                            # LoadedModel unpacks
+    stats.tier, stats.reader_mode, stats.seconds, stats.gbps
+
+How the bytes travel (see docs/loader.md):
+  * CPU target, file tier (disk / sharedfs): one page-aligned host buffer per partition (reused from a pool of
+    pre-faulted buffers when possible); reader threads preadv (O_DIRECT on disk) straight into it while a thread
+    faults fresh pages in ahead of them; the model's tensors are views of those buffers. No second copy.
+  * CPU target, DRAM tier: the /dev/shm files are mapped copy-on-write and tensors are views of the mapping:
+    nothing is read or copied, every process on the node shares the pages.
+  * GPU (or device_map) target: reads go into a bounded ring of pinned staging slots, copied asynchronously on a
+    dedicated CUDA stream into one device buffer per partition (and device); tensors are views of those.
+Meanwhile the main thread builds the model skeleton (parameters on meta) and verifies each chunk's xxh3 as it
+arrives. Any checkpoint problem raises a CheckpointError naming the file; no half-loaded model is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hpcllm.checkpoint import ALIGNMENT, INDEX_FILE, Checkpoint, read_checkpoint
+from hpcllm.checkpoint.layout import FLOATING_DTYPES
+from hpcllm.errors import HpcllmError
+from hpcllm.store.memory import HostBuffer, HostBufferPool, MappedFile, default_pool, round_up
+from hpcllm.store.pipeline import (DirectHostTarget, Pipeline, Placement, StagedTarget, packed_placement,
+                                   plan_units, whole_partition_placement)
+from hpcllm.store.readers import BUFFERED, FileReader
+from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
+from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, tier_settings
+
+log = logging.getLogger(__name__)
+
+
+class DeviceSpecError(HpcllmError):
+    """The device / device_map argument cannot be honoured."""
+
+    exit_code = 2
+
+
+@dataclass
+class LoadStats:
+    """What one load did; `seconds` is checkpoint path -> ready model (tokenizer excluded)."""
+
+    path: str
+    tier: str
+    reader_mode: str  # "odirect" | "buffered" | "mmap" (zero-copy views of shared memory)
+    devices: list[str]
+    bytes: int
+    seconds: float
+    verified: bool
+    threads: int
+    zero_copy: bool
+    fallback_reason: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # open, read, skeleton, attach, tokenizer
+    staging: dict[str, int] | None = None  # slots, slot_bytes, submitted, waits_for_copy (GPU / device_map)
+    pool_reused_bytes: int = 0  # destination bytes that came pre-faulted from the buffer pool
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "gbps": self.gbps}
+
+
+@dataclass
+class LoadedModel:
+    """A ready model (eval mode), its tokenizer (None if the checkpoint has none / not asked) and the load stats.
+
+    Unpacks as `model, tokenizer, stats = load_model(...)`. The model's weights are views of memory this object
+    tracks; `release()` hands that memory back to the buffer pool for the next load.
+    """
+
+    model: Any
+    tokenizer: Any
+    stats: LoadStats
+    checkpoint: Checkpoint
+    _host_buffers: list = field(default_factory=list, repr=False)
+    _pool: HostBufferPool | None = field(default=None, repr=False)
+
+    def __iter__(self):
+        return iter((self.model, self.tokenizer, self.stats))
+
+    def release(self) -> None:
+        """Drop the model's weights (moved to meta) and return its host buffers to the pool for reuse.
+
+        Only for the owner of the model: tensors taken from it before release would see the next model's bytes.
+        """
+        if self.model is not None:
+            self.model.to("meta")
+            self.model = None
+        if self._pool is not None:
+            for buffer in self._host_buffers:
+                self._pool.release(buffer)
+        self._host_buffers = []
+
+
+def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bool | None = None, dtype=None,
+               tokenizer: bool = True, threads: int | None = None, unit_bytes: int | None = None,
+               staging_slots: int | None = None, pool: HostBufferPool | None = None,
+               staged: bool = False) -> LoadedModel:
+    """Load a converted checkpoint into a ready transformers model.
+
+    path            converted checkpoint folder (any tier; DramTier.open(model_id) for the DRAM tier)
+    device          "cpu", "cuda", "cuda:N", a torch.device, or a device_map {module prefix: device} ("" = rest)
+    tier            "dram" | "disk" | "sharedfs"; default: detected from the filesystem type of `path`
+    verify          check every chunk's xxh3 while reading; default: the tier's setting (DRAM: only if the folder
+                    was not filled by DramTier, which verifies at fill time)
+    dtype           torch dtype for floating weights; default "auto" like from_pretrained (config.json's dtype,
+                    else the stored one). A dtype other than the stored one costs a conversion copy.
+    tokenizer       also load the tokenizer from the checkpoint's side files (AutoTokenizer)
+    threads, unit_bytes, staging_slots   override the tier's pipeline settings
+    pool            host buffer pool for CPU targets (default: the process-wide pool)
+    staged          route CPU loads through the staging ring too (the GPU path's machinery; for testing)
+    """
+    started = time.perf_counter()
+    ckpt = read_checkpoint(path)
+    ckpt.check_files_present()
+    tier_name = tier or detect_tier(ckpt.root)
+    settings = tier_settings(tier_name).with_overrides(threads=threads, unit_bytes=unit_bytes,
+                                                       staging_slots=staging_slots)
+    if verify is None:
+        verify = settings.verify or (settings.reader == MMAP and not _filled_by_dram_tier(ckpt.root))
+    device_of, devices = resolve_devices(device, ckpt)
+    stored_dtypes = {name: ckpt.torch_dtype(entry) for name, entry in ckpt.tensors.items()}  # UnsupportedDtype now
+    pool = pool or default_pool()
+    phases = {"open": time.perf_counter() - started}
+
+    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged)
+    try:
+        load.start()
+        skeleton_started = time.perf_counter()
+        config = _load_config(ckpt.root)
+        target_dtype = _target_dtype(dtype, config, ckpt)
+        from hpcllm.store.skeleton import build_skeleton
+
+        model = build_skeleton(config, target_dtype)
+        phases["skeleton"] = time.perf_counter() - skeleton_started
+        bases = load.finish()
+    except BaseException:
+        load.abort()
+        raise
+    phases["read"] = load.read_seconds
+
+    attach_started = time.perf_counter()
+    try:
+        tensors = _tensor_views(ckpt, load.placement, bases, stored_dtypes, target_dtype, device_of)
+        _attach(model, tensors, ckpt, device_of, devices)
+    except BaseException:
+        load.release_buffers()
+        raise
+    phases["attach"] = time.perf_counter() - attach_started
+    seconds = time.perf_counter() - started
+
+    tok = None
+    if tokenizer:
+        tokenizer_started = time.perf_counter()
+        tok = _load_tokenizer(ckpt.root)
+        phases["tokenizer"] = time.perf_counter() - tokenizer_started
+
+    stats = LoadStats(path=str(ckpt.root), tier=tier_name, reader_mode=load.reader_mode, devices=sorted(devices),
+                      bytes=ckpt.total_bytes, seconds=seconds, verified=verify, threads=settings.threads,
+                      zero_copy=load.zero_copy, fallback_reason=load.fallback_reason, phases=phases,
+                      staging=load.staging_stats(), pool_reused_bytes=load.pool_reused_bytes)
+    log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
+             ",".join(stats.devices), seconds, stats.gbps)
+    return LoadedModel(model=model, tokenizer=tok, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
+                       _pool=pool)
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+
+def _normalize_device(value: Any) -> str:
+    import torch
+
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"cuda:{value}"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise DeviceSpecError(f"device {value!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or a GPU index") \
+            from None
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return f"cuda:{device.index if device.index is not None else 0}"
+    raise DeviceSpecError(f"device {value!r} is not supported by the loader (only cpu and cuda)")
+
+
+def resolve_devices(device: Any, ckpt: Checkpoint) -> tuple[Callable[[str], str], set[str]]:
+    """(tensor or module name -> device string, the set of devices) for a device or device_map."""
+    if device == "auto":
+        import torch
+
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, dict):
+        single = _normalize_device(device)
+        return (lambda name: single), {single}
+    device_map = {str(prefix): _normalize_device(value) for prefix, value in device.items()}
+
+    def device_of(name: str) -> str:
+        best = None
+        for prefix in device_map:
+            if prefix == "" or name == prefix or name.startswith(prefix + "."):
+                if best is None or len(prefix) > len(best):
+                    best = prefix
+        if best is None:
+            raise DeviceSpecError(f"device_map does not place {name!r}; add its module (or '' for the rest)")
+        return device_map[best]
+
+    devices = {device_of(name) for name in ckpt.tensors}
+    return device_of, devices or {"cpu"}
+
+
+# --------------------------------------------------------------------------------------------- the load itself
+
+
+class _Load:
+    """The data movement of one load: mode choice, destination memory, pipeline, cleanup on failure."""
+
+    def __init__(self, ckpt: Checkpoint, settings: TierSettings, verify: bool, device_of, devices: set[str],
+                 pool: HostBufferPool, staged: bool):
+        self.ckpt = ckpt
+        self.settings = settings
+        self.verify = verify
+        self.device_of = device_of
+        self.devices = devices
+        self.pool = pool
+        self.host_buffers: list[HostBuffer] = []
+        self.pool_reused_bytes = 0
+        self.pipeline: Pipeline | None = None
+        self.readers: dict[int, FileReader] = {}
+        self.ring: StagingRing | None = None
+        self.placement: Placement | None = None
+        self.bases: dict[tuple[int, str], Any] = {}
+        self.read_seconds = 0.0
+        self.fallback_reason = None
+        host_only = devices == {"cpu"}
+        self.zero_copy = host_only and settings.reader == MMAP and not staged
+        self.staged = not host_only or staged
+        self.reader_mode = MMAP if self.zero_copy else (BUFFERED if settings.reader == MMAP else settings.reader)
+
+    def _partitions_with_data(self) -> list[int]:
+        return [p.index for p in self.ckpt.partitions if p.size > 0]
+
+    def start(self) -> None:
+        started = time.perf_counter()
+        parts = self._partitions_with_data()
+        if self.zero_copy:
+            self._map_shared(parts)
+            self.read_seconds = time.perf_counter() - started
+            return
+        for p in parts:
+            part = self.ckpt.partitions[p]
+            self.readers[p] = FileReader(part.path, self.reader_mode, expected_size=part.size)
+        units = plan_units(self.ckpt, parts, self.settings.unit_bytes)
+        if self.staged:
+            target = self._staged_target(units)
+        else:
+            self.placement = whole_partition_placement(self.ckpt, "cpu")
+            buffers = {p: self._host_buffer(self.ckpt.partitions[p].size) for p in parts}
+            self.bases = {(p, "cpu"): buffers[p] for p in parts}
+            target = DirectHostTarget(buffers)
+        self.pipeline = Pipeline(self.ckpt, units, self.readers, target, verify=self.verify,
+                                 threads=self.settings.threads, prefault=self.settings.prefault).start()
+
+    def _map_shared(self, parts: list[int]) -> None:
+        self.placement = whole_partition_placement(self.ckpt, "cpu")
+        for p in parts:
+            mapped = MappedFile(self.ckpt.partitions[p].path, shared=False)
+            self.bases[(p, "cpu")] = mapped
+        if self.verify:
+            for p in parts:
+                part, view = self.ckpt.partitions[p], self.bases[(p, "cpu")].view()
+                for chunk in range(part.num_chunks):
+                    start, length = part.chunk_range(chunk)
+                    self.ckpt.verify_chunk(p, chunk, view[start:start + length])
+
+    def _host_buffer(self, nbytes: int) -> HostBuffer:
+        buffer = self.pool.acquire(nbytes)
+        if buffer.populated:
+            self.pool_reused_bytes += buffer.capacity
+        self.host_buffers.append(buffer)
+        return buffer
+
+    def _staged_target(self, units) -> StagedTarget:
+        self.placement = packed_placement(self.ckpt, self.device_of)
+        gpus = sorted(d for d in self.devices if d != "cpu")
+        engines: dict[str, Any] = {"cpu": HostCopyEngine()}
+        if gpus:
+            import torch
+
+            from hpcllm.store.cuda import CudaCopyEngine, device_buffer, require_cuda
+
+            for gpu in gpus:
+                require_cuda(torch.device(gpu))
+        slot_bytes = max(round_up(u.nbytes, ALIGNMENT) for u in units) if units else ALIGNMENT
+        for (p, device), nbytes in self.placement.dest_bytes.items():
+            if device == "cpu":
+                self.bases[(p, device)] = self._host_buffer(nbytes)
+            else:
+                self.bases[(p, device)] = device_buffer(max(nbytes, 1), torch.device(device))
+        dests = {key: (base if not isinstance(base, HostBuffer) else base.tensor())
+                 for key, base in self.bases.items()}
+        if gpus:
+            from hpcllm.store.cuda import pinned_slots
+
+            engines.update({gpu: CudaCopyEngine(torch.device(gpu)) for gpu in gpus})
+            slots = pinned_slots(self.settings.staging_slots, slot_bytes)
+        else:
+            slots = host_slots(self.settings.staging_slots, slot_bytes)
+        self.ring = StagingRing(slots, DeviceRouter(engines))
+        return StagedTarget(self.ring, self.placement, dests)
+
+    def finish(self) -> dict[tuple[int, str], Any]:
+        if self.pipeline is not None:
+            stats = self.pipeline.finish()
+            self.read_seconds = stats.read_seconds
+        self._close_readers()
+        return self.bases
+
+    def _close_readers(self) -> None:
+        reasons = [r.fallback_reason for r in self.readers.values() if r.fallback_reason]
+        if reasons:
+            self.fallback_reason = reasons[0]
+            self.reader_mode = BUFFERED
+        for reader in self.readers.values():
+            reader.close()
+        self.readers = {}
+
+    def abort(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.abort()
+        self._close_readers()
+        self.release_buffers()
+
+    def release_buffers(self) -> None:
+        for buffer in self.host_buffers:
+            self.pool.release(buffer)
+        self.host_buffers = []
+        self.bases = {}
+
+    def staging_stats(self) -> dict[str, int] | None:
+        return None if self.ring is None else asdict(self.ring.stats)
+
+
+def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, target_dtype, device_of):
+    """Every stored tensor as a view of its load buffer (converted only if a different dtype was asked for)."""
+    import torch
+
+    uint8_bases = {key: (base.tensor() if hasattr(base, "mmap") else base) for key, base in bases.items()}
+    tensors = {}
+    for name, entry in ckpt.tensors.items():
+        dtype = stored_dtypes[name]
+        if entry.nbytes == 0:
+            tensor = torch.empty(entry.shape, dtype=dtype, device=device_of(name))
+        else:
+            device, offset = placement.locate(entry)
+            raw = uint8_bases[(entry.partition, device)][offset:offset + entry.nbytes]
+            tensor = raw.view(dtype).view(entry.shape)
+        if target_dtype is not None and entry.dtype in FLOATING_DTYPES and dtype != target_dtype:
+            tensor = tensor.to(target_dtype)
+        tensors[name] = tensor
+    return tensors
+
+
+def _attach(model, tensors, ckpt: Checkpoint, device_of, devices: set[str]) -> None:
+    from hpcllm.store.skeleton import attach, move_buffers
+
+    attach(model, tensors, ckpt.aliases, ckpt.root / INDEX_FILE)
+    if devices != {"cpu"}:
+        move_buffers(model, device_of)
+        if len(devices) > 1:
+            from hpcllm.store.dispatch import align_devices
+
+            align_devices(model)
+    model.eval()
+    generation_config = ckpt.root / "generation_config.json"
+    if generation_config.is_file() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(ckpt.root)
+    model.name_or_path = str(ckpt.root)
+    model.config._name_or_path = str(ckpt.root)
+
+
+# ------------------------------------------------------------------------------------------------- side files
+
+
+def _load_config(root: Path):
+    from transformers import AutoConfig
+
+    from hpcllm.checkpoint import MissingFile
+
+    if not (root / "config.json").is_file():
+        raise MissingFile(f"{root / 'config.json'}: the checkpoint has no model config; re-convert it")
+    return AutoConfig.from_pretrained(root)
+
+
+def _target_dtype(dtype, config, ckpt: Checkpoint):
+    """Like from_pretrained(dtype="auto"): an explicit dtype, else config.json's, else the stored floating one."""
+    import torch
+
+    if dtype not in (None, "auto"):
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    configured = getattr(config, "dtype", None)
+    if configured is not None:
+        return getattr(torch, configured) if isinstance(configured, str) else configured
+    floating = Counter(e.dtype for e in ckpt.tensors.values() if e.dtype in FLOATING_DTYPES)
+    return ckpt.torch_dtype(floating.most_common(1)[0][0]) if floating else torch.get_default_dtype()
+
+
+def _load_tokenizer(root: Path):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((root / name).is_file() for name in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(root)
+
+
+def _filled_by_dram_tier(root: Path) -> bool:
+    from hpcllm.store.dram import MARKER_FILE
+
+    return (root / MARKER_FILE).is_file()

@@ -1,0 +1,118 @@
+"""Positional readers for checkpoint data files: O_DIRECT (node-local disk) or buffered (shared FS, page cache).
+
+`os.preadv` releases the GIL, so two reader threads keep two requests in flight. O_DIRECT skips the page cache
+(no double copy, no cache pollution) but needs page-aligned buffers, offsets and lengths: callers read whole
+chunks (multiples of 4096 bytes) into page-aligned memory and round the length of the file's last chunk up.
+
+Some filesystems refuse O_DIRECT (older tmpfs, some NFS/FUSE mounts) with EINVAL, at open or at the first read.
+The reader then falls back to buffered reads and says why in `fallback_reason`, which the load stats report.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+from hpcllm.checkpoint import MissingFile, TruncatedFile
+
+ODIRECT = "odirect"
+BUFFERED = "buffered"
+READ_MODES = (ODIRECT, BUFFERED)
+
+
+class FileReader:
+    """Reads byte ranges of one file into caller-provided buffers, from several threads at once."""
+
+    def __init__(self, path: Path, mode: str, expected_size: int | None = None):
+        if mode not in READ_MODES:
+            raise ValueError(f"read mode must be one of {READ_MODES}, got {mode!r}")
+        self.path = Path(path)
+        self.requested_mode = mode
+        self.fallback_reason: str | None = None
+        self.expected_size = expected_size
+        self._lock = threading.Lock()
+        self._fd = -1
+        self.mode = mode
+        if mode == ODIRECT:
+            try:
+                self._fd = self._open(os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._fall_back(f"{self.path.parent} refuses O_DIRECT at open (EINVAL)")
+        if self._fd < 0:
+            self._fd = self._open(os.O_RDONLY)
+            self._advise_sequential()
+
+    def _open(self, flags: int) -> int:
+        try:
+            return os.open(self.path, flags)
+        except FileNotFoundError:
+            raise MissingFile(f"{self.path}: data file is missing from the checkpoint") from None
+        except PermissionError:
+            raise MissingFile(f"{self.path}: data file cannot be read (permission denied)") from None
+
+    def _advise_sequential(self) -> None:
+        if hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass  # advice only
+
+    def _fall_back(self, reason: str) -> None:
+        self.mode = BUFFERED
+        self.fallback_reason = reason
+
+    def _switch_to_buffered(self, reason: str) -> None:
+        with self._lock:
+            if self.mode == BUFFERED:
+                return
+            old = self._fd
+            self._fd = self._open(os.O_RDONLY)
+            self._advise_sequential()
+            self._fall_back(reason)
+        os.close(old)
+
+    def read_into(self, offset: int, buffer: memoryview, need: int) -> int:
+        """Fill buffer from file offset; at least `need` bytes must exist there (TruncatedFile otherwise).
+
+        `buffer` may be longer than `need` (an O_DIRECT read of the last chunk is rounded up to whole pages).
+        Returns the number of bytes read.
+        """
+        done = 0
+        while done < need:
+            try:
+                n = os.preadv(self._fd, [buffer[done:]], offset + done)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and self.mode == ODIRECT:
+                    self._switch_to_buffered(f"{self.path.parent} refuses O_DIRECT reads (EINVAL)")
+                    continue
+                raise MissingFile(f"{self.path}: read failed at offset {offset + done} ({exc.strerror})") from None
+            if n == 0:
+                size = self.expected_size
+                raise TruncatedFile(
+                    f"{self.path}: ends at byte {offset + done}, expected at least {offset + need} bytes"
+                    + (f" (the manifest says {size})" if size is not None else "")
+                    + "; the copy is incomplete, re-copy or re-convert the checkpoint"
+                )
+            done += n
+            if self.mode == ODIRECT and n % 512:
+                break  # a short O_DIRECT read only happens at end of file
+        if done < need:
+            raise TruncatedFile(f"{self.path}: ends at byte {offset + done}, expected at least {offset + need} bytes; "
+                                f"the copy is incomplete, re-copy or re-convert the checkpoint")
+        return done
+
+    def close(self) -> None:
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> "FileReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
