@@ -1,0 +1,131 @@
+"""Wire types of the worker's internal HTTP API (the worker owns them; the gateway and node agent import them).
+
+POST /v1/internal/generate takes a GenerateRequest and answers with an NDJSON stream (Content-Type
+application/x-ndjson): one TokenLine per produced token, then exactly one FinalLine. Blank lines are keep-alives
+sent while a request waits; readers skip them. See docs/worker.md for the full description.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+SECRET_HEADER = "X-Hpcllm-Secret"
+GENERATE_PATH = "/v1/internal/generate"
+TOKENS_PATH = "/v1/internal/requests/{request_id}/tokens"
+CANCEL_PATH = "/v1/internal/requests/{request_id}/cancel"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+# Why a generation ended. "stop": eos, a stop token id or a stop string; "length": max_tokens or the model's context
+# is full; "abort": cancelled (client went away, POST cancel, worker shutting down); "error": failed in the engine.
+FinishReason = Literal["stop", "length", "abort", "error"]
+RequestState = Literal["waiting", "running", "finished"]
+
+# Request ids appear in URL paths, so keep them to characters that need no escaping.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(WireModel):
+    role: str = Field(min_length=1)
+    content: str
+
+
+class GenerateRequest(WireModel):
+    """One generation. Give exactly one of prompt_token_ids, prompt (text) or messages (chat)."""
+
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    prompt_token_ids: list[int] | None = None
+    prompt: str | None = None
+    # Rendered with the tokenizer's chat template (add_generation_prompt=True), then tokenized.
+    messages: list[ChatMessage] | None = None
+    # Upper bound on generated tokens (resumed ones included); None: until the model's context is full.
+    max_tokens: int | None = Field(default=None, ge=1)
+    # 0 means greedy (argmax).
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # 0 disables top-k.
+    top_k: int = Field(default=0, ge=0)
+    # Sampling is reproducible for a given seed; None picks a random seed (reported by the tokens endpoint).
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    # Migration: output tokens an earlier worker already produced for this request; generation continues after them.
+    resume_token_ids: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_prompt_form(self) -> "GenerateRequest":
+        given = [name for name in ("prompt_token_ids", "prompt", "messages") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of prompt_token_ids, prompt or messages (got {', '.join(given) or 'none'})"
+            )
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids is empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages is empty")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+
+class TokenLine(WireModel):
+    """One produced token. text is the newly final detokenized text (may be empty: held back until complete)."""
+
+    type: Literal["token"] = "token"
+    index: int  # position in the output (resumed tokens count, so a resumed stream starts at len(resume_token_ids))
+    token_id: int
+    text: str
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    completion_tokens: int  # resumed tokens included: the whole request's output so far
+    total_tokens: int
+
+
+class ErrorInfo(WireModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class FinalLine(WireModel):
+    type: Literal["final"] = "final"
+    finish_reason: FinishReason
+    # The stop string or stop token id that ended the generation (None for eos or other reasons).
+    stop_reason: str | int | None = None
+    usage: Usage
+    error: ErrorInfo | None = None
+
+
+StreamLine = Annotated[TokenLine | FinalLine, Field(discriminator="type")]
+_STREAM_LINE = TypeAdapter(StreamLine)
+
+
+def parse_stream_line(raw: str | bytes) -> TokenLine | FinalLine | None:
+    """One NDJSON line of a generate stream; None for a blank keep-alive line."""
+    if not raw.strip():
+        return None
+    return _STREAM_LINE.validate_json(raw)
+
+
+class RequestTokens(WireModel):
+    """Answer of GET tokens and POST cancel: everything needed to resume the request on another worker."""
+
+    request_id: str
+    state: RequestState
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    seed: int
+    finish_reason: FinishReason | None = None
+
+
+class ErrorResponse(WireModel):
+    error: ErrorInfo

@@ -1,0 +1,269 @@
+"""The worker's HTTP server: a Flask app around one Engine, served by werkzeug's threaded server in one process.
+
+Why not gunicorn here: the engine (model + KV caches + its thread) must exist once per process and every request
+thread must reach it, so gunicorn could only run workers=1 with gthread - which adds an arbiter process, forks
+after torch is imported, and kills a worker that does not heartbeat within `timeout` while it loads a large model.
+werkzeug's threaded server keeps everything in the one process the node agent starts, binds port 0 and reports
+the real port, and a streaming response occupies one thread each. It is never exposed to clients (127.0.0.1 by
+default, shared secret on /v1/internal/*); the gateway in front is the public server. See docs/worker.md.
+
+The model loads in a background thread after the port is bound: /health answers at once (liveness), /ready says
+503 until the engine runs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from flask import Flask, Response, request
+from pydantic import ValidationError
+from werkzeug.serving import make_server
+
+from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable
+from hpcllm.worker.metrics import WorkerMetrics
+from hpcllm.worker.protocol import (
+    CANCEL_PATH,
+    GENERATE_PATH,
+    NDJSON_MEDIA_TYPE,
+    SECRET_HEADER,
+    TOKENS_PATH,
+    ErrorInfo,
+    ErrorResponse,
+    GenerateRequest,
+)
+
+log = logging.getLogger(__name__)
+
+INTERNAL_PREFIX = "/v1/internal/"
+
+
+@dataclass
+class LoadedModel:
+    """What a loader hands the worker: the model, its tokenizer, and how the load went (for metrics)."""
+
+    model: object
+    tokenizer: object
+    tier: str = "unknown"
+    load_seconds: float = 0.0
+
+
+class WorkerService:
+    """The process's one engine and its lifecycle: loading -> ready, or failed / dead."""
+
+    def __init__(self, model_name: str, secret: str, keepalive_seconds: float = 1.0, **engine_options) -> None:
+        self.model_name = model_name
+        self.secret = secret
+        self.keepalive_seconds = keepalive_seconds
+        self.engine_options = engine_options
+        self.metrics = WorkerMetrics(model_name)
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.loading = False
+        self.started_at = time.time()
+
+    def attach(self, loaded: LoadedModel) -> Engine:
+        """Build and start the engine around a loaded model."""
+        engine = Engine(
+            loaded.model, loaded.tokenizer, model_name=self.model_name, metrics=self.metrics, **self.engine_options
+        )
+        self.metrics.model_loaded(loaded.tier, loaded.load_seconds)
+        self.engine = engine.start()
+        return engine
+
+    def load_in_background(self, loader: Callable[[], LoadedModel]) -> threading.Thread:
+        self.loading = True
+
+        def load() -> None:
+            try:
+                self.attach(loader())
+            except Exception as exc:  # reported by /health and /ready; the node agent decides what to do
+                log.exception("loading the model failed")
+                self.load_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                self.loading = False
+
+        thread = threading.Thread(target=load, name="hpcllm-worker-load", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+def error_response(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None):
+    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
+    return Response(body.model_dump_json(), status=status, mimetype="application/json")
+
+
+def _engine_error(exc: EngineError) -> Response:
+    return Response(ErrorResponse(error=exc.info()).model_dump_json(), status=exc.http_status, mimetype="application/json")
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    )
+    return message, where
+
+
+def create_app(service: WorkerService) -> Flask:
+    app = Flask("hpcllm.worker")
+
+    def ready_engine() -> Engine:
+        engine = service.engine
+        if engine is None:
+            raise EngineUnavailable(service.load_error or "model is still loading")
+        return engine
+
+    @app.before_request
+    def check_secret():
+        if request.path.startswith(INTERNAL_PREFIX):
+            given = request.headers.get(SECRET_HEADER, "")
+            if not hmac.compare_digest(given.encode(), service.secret.encode()):
+                return error_response(401, f"missing or wrong {SECRET_HEADER} header", "authentication_error")
+        return None
+
+    @app.errorhandler(EngineError)
+    def engine_error(exc: EngineError):
+        return _engine_error(exc)
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        try:
+            body = GenerateRequest.model_validate_json(request.get_data())
+        except ValidationError as exc:
+            message, param = _validation_message(exc)
+            return error_response(400, message, "invalid_request_error", param)
+        stream = ready_engine().submit(body)
+        return Response(
+            _ndjson(stream, service.keepalive_seconds),
+            mimetype=NDJSON_MEDIA_TYPE,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get(TOKENS_PATH.replace("{request_id}", "<request_id>"))
+    def tokens(request_id: str):
+        return Response(ready_engine().tokens(request_id).model_dump_json(), mimetype="application/json")
+
+    @app.post(CANCEL_PATH.replace("{request_id}", "<request_id>"))
+    def cancel(request_id: str):
+        return Response(ready_engine().cancel(request_id).model_dump_json(), mimetype="application/json")
+
+    @app.get("/health")
+    def health():
+        engine = service.engine
+        if service.load_error is not None:
+            return error_response(503, f"model failed to load: {service.load_error}", "engine_unavailable")
+        if engine is not None and not engine.alive:
+            return error_response(503, f"engine died: {engine.error or 'stopped'}", "engine_unavailable")
+        return _json({"status": "ok", "state": "ready" if engine is not None else "loading"})
+
+    @app.get("/ready")
+    def ready():
+        engine = service.engine
+        if engine is None or not engine.alive:
+            reason = service.load_error or (engine.error if engine is not None else None) or "model is loading"
+            return error_response(503, f"not ready: {reason}", "engine_unavailable")
+        running, waiting = engine.counts()
+        return _json(
+            {
+                "status": "ready",
+                "model": service.model_name,
+                "max_model_len": engine.max_model_len,
+                "running_requests": running,
+                "waiting_requests": waiting,
+            }
+        )
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(service.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app
+
+
+def _json(payload: dict) -> Response:
+    return Response(json.dumps(payload), mimetype="application/json")
+
+
+def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
+    """One JSON line per event; blank keep-alive lines while waiting let a dropped client be noticed.
+
+    When the client goes away, the server's next write fails and it closes this generator (GeneratorExit at the
+    yield); the finally block then cancels the request so its slot and KV cache are freed.
+    """
+    try:
+        for event in stream.events(keepalive_seconds):
+            yield b"\n" if event is None else event.model_dump_json().encode() + b"\n"
+    finally:
+        stream.close()
+
+
+# ---- process entry point ----------------------------------------------------------------------------------------
+
+
+def load_with_hpcllm(model_path: str | Path, device: str) -> LoadedModel:
+    """Load a converted checkpoint through hpcllm's tiered loader."""
+    import hpcllm
+
+    started = time.monotonic()
+    result = hpcllm.load_model(model_path, device=device)
+    model, tokenizer, stats = _unpack_load_result(result)
+    tier = getattr(stats, "tier", None) or (stats.get("tier") if isinstance(stats, dict) else None) or "unknown"
+    seconds = getattr(stats, "total_seconds", None) or time.monotonic() - started
+    return LoadedModel(model, tokenizer, str(tier), float(seconds))
+
+
+def _unpack_load_result(result):
+    if isinstance(result, tuple):
+        model, tokenizer, *rest = result
+        return model, tokenizer, rest[0] if rest else None
+    return result.model, result.tokenizer, getattr(result, "stats", None)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def serve(
+    service: WorkerService,
+    loader: Callable[[], LoadedModel],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    url_file: Path | None = None,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Bind, start loading in the background, serve until SIGTERM/SIGINT, then abort what is left and return."""
+    server = make_server(host, port, create_app(service), threaded=True)
+    url = f"http://{host}:{server.port}"
+    if url_file is not None:
+        write_atomically(url_file, url + "\n")
+    if on_listening is not None:
+        on_listening(url)
+    service.load_in_background(loader)
+
+    def stop(signum, frame) -> None:
+        log.info("signal %s: shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever()
+    finally:
+        service.shutdown()
+        server.server_close()

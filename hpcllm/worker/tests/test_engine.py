@@ -1,0 +1,251 @@
+import itertools
+import threading
+
+import pytest
+import torch
+
+from hpcllm.worker.engine import (DuplicateRequest, Engine, EngineUnavailable, InvalidRequest, PromptTooLong,
+                                  UnknownRequest)
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+
+from .conftest import ARCHS
+
+PROMPT = "hello world, this"
+_ids = itertools.count()
+
+
+def request(**fields) -> GenerateRequest:
+    fields.setdefault("request_id", f"r{next(_ids)}")
+    return GenerateRequest(**fields)
+
+
+@pytest.fixture
+def make_engine():
+    engines = []
+
+    def make(model, tokenizer, **options) -> Engine:
+        engine = Engine(model, tokenizer, model_name="tiny", **options).start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens, **kwargs):
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_transformers_generate(arch, load_pair, make_engine):
+    model, tokenizer = load_pair(arch)
+    engine = make_engine(model, tokenizer)
+    for prompt in (PROMPT, "🙂 日本語", "the"):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        expected = hf_greedy(model, prompt_ids, 40)
+        done = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=40, temperature=0))
+        assert done.token_ids == expected
+        assert done.text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert done.finish_reason == ("stop" if expected[-1] == tokenizer.eos_token_id else "length")
+        assert done.usage.prompt_tokens == len(prompt_ids) and done.usage.completion_tokens == len(expected)
+
+
+def test_chunked_prefill_gives_the_same_greedy_output(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    prompt_ids = tokenizer("hello world, this is a small test corpus. héllo")["input_ids"]
+    assert len(prompt_ids) > 8
+    engine = make_engine(model, tokenizer, prefill_chunk_tokens=3)
+    done = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=20, temperature=0))
+    assert done.token_ids == hf_greedy(model, prompt_ids, 20)
+
+
+def test_text_prompt_and_chat_messages_are_tokenized_like_transformers(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    by_text = engine.generate(request(prompt=PROMPT, max_tokens=5, temperature=0))
+    by_ids = engine.generate(request(prompt_token_ids=tokenizer(PROMPT)["input_ids"], max_tokens=5, temperature=0))
+    assert by_text.token_ids == by_ids.token_ids
+
+    messages = [{"role": "user", "content": "hi there"}]
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("assistant:")
+    chat = engine.generate(request(messages=messages, max_tokens=5, temperature=0))
+    expected_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert chat.usage.prompt_tokens == len(expected_ids)
+    assert chat.token_ids == hf_greedy(model, expected_ids, 5)
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(load_pair, make_engine):
+    model, tokenizer = load_pair("gpt2")
+    engine = make_engine(model, tokenizer)
+    sample = lambda seed: engine.generate(request(prompt=PROMPT, max_tokens=24, temperature=1.0, seed=seed,
+                                                  ignore_eos=True)).token_ids
+    first = sample(1234)
+    assert sample(1234) == first
+    assert sample(4321) != first
+    assert first != engine.generate(request(prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True)).token_ids
+
+
+def test_tiny_top_p_samples_the_greedy_tokens(load_pair, make_engine):
+    model, tokenizer = load_pair("qwen2")
+    engine = make_engine(model, tokenizer)
+    greedy = engine.generate(request(prompt=PROMPT, max_tokens=16, temperature=0, ignore_eos=True))
+    nucleus = engine.generate(request(prompt=PROMPT, max_tokens=16, temperature=1.0, top_p=1e-6, seed=5,
+                                      ignore_eos=True))
+    assert nucleus.token_ids == greedy.token_ids
+
+
+def test_max_tokens_ends_with_length(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    done = engine.generate(request(prompt=PROMPT, max_tokens=7, temperature=0.7, seed=1, ignore_eos=True))
+    assert len(done.token_ids) == 7 and done.finish_reason == "length"
+    assert done.usage.completion_tokens == 7
+
+
+def test_stop_string_is_cut_and_not_emitted(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    full = engine.generate(request(prompt=PROMPT, max_tokens=40, temperature=0, ignore_eos=True)).text
+    starts = [i for i in range(len(full) // 3, len(full) - 1) if "\ufffd" not in full[i : i + 2]]
+    stop = full[starts[0] : starts[0] + 2]
+    done = engine.generate(request(prompt=PROMPT, max_tokens=40, temperature=0, ignore_eos=True, stop=[stop]))
+    assert done.finish_reason == "stop" and done.stop_reason == stop
+    assert done.text == full[: full.index(stop)]
+    assert stop not in done.text
+
+
+def test_stop_token_id_ends_generation(load_pair, make_engine):
+    model, tokenizer = load_pair("gpt2")
+    engine = make_engine(model, tokenizer)
+    full = engine.generate(request(prompt=PROMPT, max_tokens=30, temperature=0, ignore_eos=True)).token_ids
+    stop_token = full[5]
+    cut = full.index(stop_token)
+    done = engine.generate(request(prompt=PROMPT, max_tokens=30, temperature=0, stop_token_ids=[stop_token]))
+    assert done.token_ids == full[: cut + 1]
+    assert done.finish_reason == "stop" and done.stop_reason == stop_token
+    assert done.text == tokenizer.decode(full[:cut], skip_special_tokens=True)
+
+
+def test_concurrent_requests_each_get_their_solo_output(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer, max_running_requests=2)  # the third one queues
+    prompts = [PROMPT, "the quick brown", "🙂 日本語 テスト"]
+    solo = [engine.generate(request(prompt=p, max_tokens=25, temperature=0)).token_ids for p in prompts]
+    results = [None] * len(prompts)
+
+    def run(i):
+        results[i] = engine.generate(request(prompt=prompts[i], max_tokens=25, temperature=0)).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == solo
+    assert engine.counts() == (0, 0)
+
+
+def test_streams_interleave_round_robin(load_pair, make_engine):
+    model, tokenizer = load_pair("gpt2")
+    engine = make_engine(model, tokenizer, max_running_requests=4)
+    with engine._lock:  # submit both before the engine can run either
+        a = engine.submit(request(prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True))
+        b = engine.submit(request(prompt=PROMPT, max_tokens=10, temperature=0, ignore_eos=True))
+    order = []
+    lock = threading.Lock()
+
+    def drain(name, stream):
+        for event in stream.events():
+            with lock:
+                order.append(name)
+
+    threads = [threading.Thread(target=drain, args=("a", a)), threading.Thread(target=drain, args=("b", b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    # Each request advanced one token per round: neither finished before the other started.
+    assert order.index("b") < order.index("a") + 3
+    assert len(order) == 22
+
+
+def test_prompt_too_long_is_refused_with_a_clear_error(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    limit = engine.max_model_len
+    with pytest.raises(PromptTooLong, match=f"maximum context length is {limit} tokens"):
+        engine.submit(request(prompt_token_ids=[5] * limit, max_tokens=1))
+    with pytest.raises(PromptTooLong, match="lower max_tokens"):
+        engine.submit(request(prompt_token_ids=[5] * 10, max_tokens=limit))
+    # Without max_tokens the output may fill the context, then ends with "length".
+    done = engine.generate(request(prompt_token_ids=[5] * (limit - 3), temperature=0, ignore_eos=True))
+    assert len(done.token_ids) == 3 and done.finish_reason == "length"
+
+
+def test_bad_token_ids_and_duplicate_ids_are_refused(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    with pytest.raises(InvalidRequest, match="outside this model's vocabulary"):
+        engine.submit(request(prompt_token_ids=[1, 10**6]))
+    stream = engine.submit(request(request_id="dup", prompt=PROMPT, max_tokens=50, ignore_eos=True))
+    with pytest.raises(DuplicateRequest):
+        engine.submit(request(request_id="dup", prompt=PROMPT))
+    stream.close()
+    with pytest.raises(UnknownRequest):
+        engine.tokens("nope")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resume_from_tokens_on_another_engine_continues_exactly(arch, load_pair, make_engine):
+    model, tokenizer = load_pair(arch)
+    first, second = make_engine(model, tokenizer), make_engine(model, tokenizer)
+    for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 77}):
+        body = dict(prompt="🙂 hello wörld", max_tokens=30, ignore_eos=True, **sampling)
+        whole = first.generate(request(**body))
+
+        stream = first.submit(request(request_id=f"mig-{arch}-{len(sampling)}", **body))
+        events = stream.events()
+        head = [next(events) for _ in range(9)]
+        state = first.cancel(stream.request_id)
+        tail_of_first = list(events)
+        assert isinstance(tail_of_first[-1], FinalLine) and tail_of_first[-1].finish_reason == "abort"
+        streamed = head + [e for e in tail_of_first if isinstance(e, TokenLine)]
+        assert [e.token_id for e in streamed] == state.output_token_ids
+        assert state.state == "finished" and len(state.output_token_ids) >= 9
+
+        resumed = second.generate(request(prompt_token_ids=state.prompt_token_ids, resume_token_ids=state.output_token_ids,
+                                          seed=state.seed, **{k: v for k, v in body.items() if k not in ("prompt", "seed")}))
+        assert state.output_token_ids + resumed.token_ids == whole.token_ids
+        assert "".join(e.text for e in streamed) + resumed.text == whole.text
+        assert resumed.usage.completion_tokens == len(whole.token_ids)
+
+
+def test_cancel_frees_the_slot_for_waiting_requests(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer, max_running_requests=1)
+    long = engine.submit(request(prompt=PROMPT, max_tokens=100, ignore_eos=True))
+    next(long.events())
+    queued = engine.submit(request(prompt=PROMPT, max_tokens=3, temperature=0))
+    assert engine.counts() == (1, 1)
+    long.close()
+    done = [e for e in queued.events() if isinstance(e, FinalLine)][0]
+    assert done.finish_reason == "length"
+    assert engine.tokens(long.request_id).finish_reason == "abort"
+
+
+def test_a_dead_engine_fails_requests_and_reports_it(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    engine._forward = broken_forward
+    done = engine.generate(request(prompt=PROMPT, max_tokens=3))
+    assert done.finish_reason == "error" and "device lost" in done.error.message
+    assert not engine.alive
+    with pytest.raises(EngineUnavailable, match="device lost"):
+        engine.submit(request(prompt=PROMPT))
