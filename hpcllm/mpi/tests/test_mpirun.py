@@ -1,0 +1,49 @@
+"""The broadcast across real MPI ranks: `mpirun -n 2` on this host runs hpcllm.mpi.selfcheck."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.mpi
+
+MPIRUN_ENV = {
+    **os.environ,
+    # The test machines run as root; OpenMPI refuses root without both of these.
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+}
+
+
+def _mpirun(ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
+    command = ["mpirun", "-n", str(ranks), "--oversubscribe", sys.executable, "-m", "hpcllm.mpi.selfcheck", *args]
+    return subprocess.run(command, env=MPIRUN_ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_two_ranks_receive_identical_bytes(tmp_path):
+    source = tmp_path / "model.bin"
+    data = os.urandom(3_000_001)
+    source.write_bytes(data)
+    dest_dir = tmp_path / "warm"
+    dest_dir.mkdir()
+
+    result = _mpirun(2, str(source), "--dest-dir", str(dest_dir), "--chunk-bytes", str(256 * 1024))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok: 2 ranks" in result.stdout
+    assert result.stdout.count(" ok\n") == 2
+    for rank in (0, 1):
+        assert (dest_dir / f"rank{rank}-model.bin").read_bytes() == data
+    assert sorted(p.name for p in dest_dir.iterdir()) == ["rank0-model.bin", "rank1-model.bin"]
+
+
+def test_missing_file_fails_on_every_rank_with_roots_reason(tmp_path):
+    result = _mpirun(2, str(tmp_path / "absent.bin"))
+
+    assert result.returncode != 0
+    assert "error: rank 0 on" in result.stderr
+    assert "error: rank 1 on" in result.stderr
+    assert result.stderr.count("absent.bin: No such file or directory") == 2
