@@ -52,6 +52,17 @@ require_packages() {
     ((${#missing[@]} == 0)) || die "missing programs: ${missing[*]}; install them as root with: make host (runs slurm/install-host.sh)"
 }
 
+# munged refuses a socket below a folder that not every user may enter (clients of all users need the socket).
+require_searchable_parents() {
+    local dir
+    dir=$(realpath -m "$STATE_DIR")
+    while dir=$(dirname "$dir"); [[ $dir != / ]]; do
+        [[ ! -d $dir ]] && continue
+        (($(stat -c '%a' "$dir" | sed 's/.*\(.\)$/\1/') & 1)) ||
+            die "$dir must be searchable by all users (o+x) for munged's socket under $STATE_DIR; choose another HPCLLM_DEVCLUSTER_DIR or chmod o+x $dir"
+    done
+}
+
 jwt_plugin_installed() {
     compgen -G '/usr/lib/*/slurm-wlm/auth_jwt.so' >/dev/null || compgen -G '/usr/lib/slurm/auth_jwt.so' >/dev/null
 }
@@ -299,6 +310,10 @@ cmd_start() {
     local with_rest=$1
     require_root start
     require_packages
+    # Unix socket paths are limited to 107 bytes.
+    ((${#MUNGE_SOCKET} <= 100)) ||
+        die "HPCLLM_DEVCLUSTER_DIR is too long for munged's socket path ($MUNGE_SOCKET); choose a shorter folder"
+    require_searchable_parents
     mkdir -p "$STATE_DIR"
     # fd 9 holds the lock; every daemon is started with 9>&- so it does not inherit (and hold) the lock.
     exec 9>>"$STATE_DIR/.lock"
