@@ -1,0 +1,1 @@
+"""admin endpoint(s) of the gateway."""

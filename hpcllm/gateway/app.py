@@ -1,0 +1,33 @@
+"""The gateway's WSGI application: `create_app(config)` (what gunicorn and the tests run)."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from hpcllm.config import Config, load_config
+from hpcllm.gateway import middleware
+from hpcllm.gateway.admin.router import bp as admin_bp
+from hpcllm.gateway.chat.router import bp as chat_bp
+from hpcllm.gateway.completions.router import bp as completions_bp
+from hpcllm.gateway.health.router import bp as health_bp
+from hpcllm.gateway.models.router import bp as models_bp
+from hpcllm.gateway.routing import Router
+from hpcllm.gateway.runtime import EXTENSION_KEY, Gateway
+
+
+def create_app(config: Config | None = None, *, router: Router | None = None) -> Flask:
+    config = config or load_config()
+    gateway = Gateway(config, router)
+    app = Flask("hpcllm.gateway")
+    app.config["MAX_CONTENT_LENGTH"] = config.gateway.max_request_bytes
+    app.json.sort_keys = False
+    app.json.compact = True
+    app.extensions[EXTENSION_KEY] = gateway
+    middleware.install(app, gateway)
+    for blueprint in (health_bp, models_bp, completions_bp, chat_bp, admin_bp):
+        app.register_blueprint(blueprint)
+    return app
+
+
+def gateway_of(app: Flask) -> Gateway:
+    return app.extensions[EXTENSION_KEY]

@@ -1,0 +1,1 @@
+"""chat endpoint(s) of the gateway."""

@@ -1,0 +1,64 @@
+"""POST /v1/chat/completions: render the chat template, generate, answer as chat.completion(.chunk)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Response
+
+from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
+                                          ChatCompletionResponse, ChatStreamChoice, DeltaMessage)
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, Generation, RequestContext, collect,
+                                    context_length_error, new_response_id, sse, stream_error_event)
+
+
+def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest) -> Response | dict:
+    req.check_supported()
+    messages = req.template_messages()
+    card = gw.router.get_model(req.model)
+    prompt = gw.tokenizers.get(card).render_chat(messages)
+    max_tokens = req.requested_max_tokens
+    context_length_error(card, len(prompt), max_tokens, "messages")
+    if max_tokens is None and card.max_model_len is not None:
+        # OpenAI's chat default: as much as the context still holds.
+        max_tokens = card.max_model_len - len(prompt)
+    response_id = new_response_id("chatcmpl")
+    generation = Generation(gw, ctx, card, [prompt], req.sampling(max_tokens), response_id)
+    generation.start()
+    if req.stream:
+        response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
+        response.call_on_close(generation.close)
+        return response
+    texts, reasons = collect(generation)
+    return ChatCompletionResponse(
+        id=response_id, created=ctx.created, model=req.model,
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=t), finish_reason=r)
+                 for i, (t, r) in enumerate(zip(texts, reasons))],
+        usage=generation.usage,
+    ).model_dump()
+
+
+def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestContext) -> Iterator[bytes]:
+    def chunk(choices, usage=None) -> bytes:
+        body = ChatCompletionChunk(id=generation.response_id, created=ctx.created, model=req.model,
+                                   choices=choices, usage=usage)
+        return sse(body.to_sse_json(req.include_usage))
+
+    continuous = generation.usage if req.continuous_usage else None
+    try:
+        # As OpenAI: the first chunk announces the role, with empty content.
+        yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))], continuous)
+        for delta in generation.deltas():
+            if delta.finish_reason:
+                if delta.text:
+                    yield chunk([ChatStreamChoice(index=delta.index, delta=DeltaMessage(content=delta.text))])
+                choice = ChatStreamChoice(index=delta.index, delta=DeltaMessage(), finish_reason=delta.finish_reason)
+            else:
+                choice = ChatStreamChoice(index=delta.index, delta=DeltaMessage(content=delta.text))
+            yield chunk([choice], generation.usage if req.continuous_usage else None)
+        if req.include_usage:
+            yield chunk([], generation.usage)
+    except Exception as exc:
+        yield stream_error_event(exc, ctx.request_id)
+    yield SSE_DONE

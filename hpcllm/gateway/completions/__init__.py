@@ -1,0 +1,1 @@
+"""completions endpoint(s) of the gateway."""

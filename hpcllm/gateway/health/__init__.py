@@ -1,0 +1,1 @@
+"""health endpoint(s) of the gateway."""

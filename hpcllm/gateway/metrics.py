@@ -1,0 +1,91 @@
+"""Prometheus metrics of the gateway: vLLM's request metrics under the hpcllm_ prefix, plus cold starts.
+
+Names follow vLLM (`vllm:time_to_first_token_seconds` -> `hpcllm_time_to_first_token_seconds`, each with a
+`model_name` label); Prometheus reserves ':' for recording rules, hence the underscore. Under gunicorn every
+worker process writes its samples to mmap files in PROMETHEUS_MULTIPROC_DIR (prometheus_client multiprocess
+mode, chosen when prometheus_client is first imported, so the CLI sets the variable before importing the app)
+and /metrics aggregates them; without the variable (tests, a single werkzeug process) a private registry is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, multiprocess, values)
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
+
+
+def multiprocess_enabled() -> bool:
+    return values.ValueClass is not values.MutexValue
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_enabled()
+        if os.environ.get(MULTIPROC_ENV) and not self.multiprocess:
+            log.warning("%s is set but prometheus_client was imported before it: /metrics shows this process only",
+                        MULTIPROC_ENV)
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        model = ["model_name"]
+        self.time_to_first_token = Histogram(
+            "hpcllm_time_to_first_token_seconds", "Seconds from request arrival to the first generated token.",
+            model, buckets=TTFT_BUCKETS, registry=reg)
+        self.inter_token_latency = Histogram(
+            "hpcllm_inter_token_latency_seconds", "Seconds between two generated tokens of one request.",
+            model, buckets=ITL_BUCKETS, registry=reg)
+        self.e2e_request_latency = Histogram(
+            "hpcllm_e2e_request_latency_seconds", "Seconds from request arrival to its last token.",
+            model, buckets=E2E_BUCKETS, registry=reg)
+        self.request_queue_time = Histogram(
+            "hpcllm_request_queue_time_seconds",
+            "Seconds a request waited for a ready model instance (routing, queueing, cold start).",
+            model, buckets=E2E_BUCKETS, registry=reg)
+        self.num_requests_running = Gauge(
+            "hpcllm_num_requests_running", "Requests streaming tokens from a worker now.",
+            model, multiprocess_mode="livesum", registry=reg)
+        self.num_requests_waiting = Gauge(
+            "hpcllm_num_requests_waiting", "Requests waiting for a ready model instance now.",
+            model, multiprocess_mode="livesum", registry=reg)
+        self.prompt_tokens = Counter(
+            "hpcllm_prompt_tokens", "Prompt tokens of admitted requests.", model, registry=reg)
+        self.generation_tokens = Counter(
+            "hpcllm_generation_tokens", "Generated tokens sent to clients.", model, registry=reg)
+        self.request_success = Counter(
+            "hpcllm_request_success", "Requests that finished generating, by finish reason.",
+            model + ["finished_reason"], registry=reg)
+        self.http_requests = Counter(
+            "hpcllm_http_requests", "HTTP requests answered by the gateway, by endpoint and status code.",
+            ["endpoint", "status"], registry=reg)
+        self.cold_starts = Counter(
+            "hpcllm_cold_starts", "Model instances started on demand, by the storage tier they loaded from.",
+            ["model_name", "tier"], registry=reg)
+        self.model_load_seconds = Histogram(
+            "hpcllm_model_load_seconds", "Seconds a model instance took to load, by storage tier.",
+            ["tier"], buckets=LOAD_BUCKETS, registry=reg)
+
+    def render(self) -> tuple[bytes, str]:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """gunicorn child_exit hook: drop a dead worker's live gauges from the aggregate."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,134 @@
+"""Cross-cutting request handling: request ids, draining, authentication, request limits, errors.
+
+Order for every request: request id -> open paths (/health, /ready, /metrics) pass -> 503 while draining ->
+/v1/admin/* needs the admin key -> other /v1/* need an API key (when keys are configured) and take one token
+from that key's request bucket. Every error, expected or not, leaves in OpenAI's error shape with the request id
+in `X-Request-Id`; an unexpected exception is logged with its traceback and answered with a plain 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, g, request
+from werkzeug.exceptions import HTTPException
+
+from hpcllm.config import ApiKey
+from hpcllm.gateway import errors
+from hpcllm.gateway.runtime import Gateway
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+DRAIN_RETRY_AFTER_S = 5
+
+
+def _request_id() -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+
+
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def _matching_key(token: str, keys: dict[str, ApiKey]) -> ApiKey | None:
+    found = None
+    for candidate, key in keys.items():  # compare against all, in constant time each: no timing oracle
+        if hmac.compare_digest(candidate.encode(), token.encode()):
+            found = key
+    return found
+
+
+def _authenticate_user(gw: Gateway) -> None:
+    g.api_key = None
+    if not gw.api_keys:
+        return
+    token = _bearer()
+    if token is None:
+        raise errors.AuthenticationFailed(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key")
+    key = _matching_key(token, gw.api_keys)
+    if key is None:
+        raise errors.AuthenticationFailed(f"Incorrect API key provided: {token[:3]}...{token[-2:]}")
+    g.api_key = key
+    gw.limiter.take_request(key)
+
+
+def _authenticate_admin(gw: Gateway) -> None:
+    admin_key = gw.config.gateway.admin_key
+    if not admin_key:
+        raise errors.AuthenticationFailed("the admin API is disabled on this gateway (gateway.admin_key is not set)",
+                                          code="admin_disabled")
+    token = _bearer()
+    if token is None or not hmac.compare_digest(token.encode(), admin_key.encode()):
+        raise errors.AuthenticationFailed("admin endpoints need the admin key as 'Authorization: Bearer ADMIN_KEY'",
+                                          code="invalid_admin_key")
+
+
+def _from_http_exception(exc: HTTPException) -> errors.ApiError:
+    if exc.code == 404:
+        return errors.NotFound(f"no such endpoint: {request.method} {request.path}", code="unknown_url")
+    if exc.code == 405:
+        return errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    if exc.code == 413:
+        limit = request.max_content_length
+        return errors.PayloadTooLarge(f"the request body is larger than the {limit} bytes this server accepts")
+    if exc.code is not None and 400 <= exc.code < 500:
+        error = errors.InvalidRequest(exc.description or exc.name)
+        error.status = exc.code
+        return error
+    return errors.InternalError(exc.description or exc.name)
+
+
+def _respond(exc: errors.ApiError):
+    return exc.body(), exc.status, exc.headers()
+
+
+def install(app: Flask, gw: Gateway) -> None:
+    @app.before_request
+    def begin() -> None:
+        g.arrived = time.monotonic()
+        g.request_id = _request_id()
+        path = request.path
+        if path in OPEN_PATHS:
+            return
+        if gw.draining:
+            raise errors.ServiceUnavailable("the gateway is draining (shutting down); retry on another instance",
+                                            code="draining", retry_after=DRAIN_RETRY_AFTER_S)
+        if path.startswith("/v1/admin/"):
+            _authenticate_admin(gw)
+        elif path.startswith("/v1/"):
+            _authenticate_user(gw)
+
+    @app.after_request
+    def finish(response):
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        gw.metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.errorhandler(errors.ApiError)
+    def api_error(exc: errors.ApiError):
+        if exc.status >= 500:
+            log.warning("request %s: %s %s", g.get("request_id"), exc.status, exc.message)
+        return _respond(exc)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return _respond(_from_http_exception(exc))
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        request_id = g.get("request_id", "?")
+        log.exception("request %s failed", request_id)
+        return _respond(errors.InternalError(f"internal server error (request id {request_id})"))

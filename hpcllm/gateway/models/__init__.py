@@ -1,0 +1,1 @@
+"""models endpoint(s) of the gateway."""

@@ -1,0 +1,191 @@
+"""Wire types shared by the OpenAI endpoints, and how request bodies become validated models.
+
+Status mapping for bad bodies (documented in docs/gateway.md):
+  400 invalid_json       the body is not JSON or not a JSON object
+  400 missing_field      a required field is absent (param names it)
+  422 invalid_value      a field is present with the wrong type or outside its range (param names it)
+  400 unsupported_parameter  a valid OpenAI parameter with a value this gateway does not implement (n > 1, ...)
+Validation is strict: "10" is not accepted where an integer is expected, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from flask import request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hpcllm.gateway.errors import InvalidRequest, InvalidValue
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class OpenAIRequest(BaseModel):
+    # Unknown fields are ignored (clients send newer or vendor fields); fields that would change the output
+    # if honoured are declared, and rejected with a 400 when set to something unsupported.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class OpenAIResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class UsageInfo(OpenAIResponse):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ModelCardOut(OpenAIResponse):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(OpenAIResponse):
+    object: str = "list"
+    data: list[ModelCardOut] = Field(default_factory=list)
+
+
+_UNION_BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _where(loc: tuple) -> str:
+    """'messages[0].content' from pydantic's loc, leaving out the union branch names pydantic puts in it."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif "[" in part or part in _UNION_BRANCH_NAMES or part.startswith("function-"):
+            continue
+        else:
+            parts.append(f".{part}" if parts else part)
+    return "".join(parts) or "body"
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest | InvalidValue:
+    errors = exc.errors(include_url=False)
+    missing = [e for e in errors if e["type"] == "missing"]
+    if missing:
+        where = _where(missing[0]["loc"])
+        return InvalidRequest(f"'{where}' is a required property", param=where, code="missing_field")
+    first = errors[0]
+    where = _where(first["loc"])
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return InvalidValue(f"invalid value for '{where}': {first['msg']}{more}", param=where, code="invalid_value")
+
+
+def json_body() -> dict[str, Any]:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def parse_body(model_cls: type[M]) -> M:
+    body = json_body()
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def unsupported(param: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"'{param}': {what} is not supported by this server", param=param,
+                          code="unsupported_parameter")
+
+
+MAX_STOP_STRINGS = 16
+# The worker takes seeds in [0, 2**63); OpenAI accepts any integer, so negative seeds are folded into that range.
+SEED_RANGE = 2**63
+
+
+class SamplingRequest(OpenAIRequest):
+    """Fields /v1/completions and /v1/chat/completions share."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    # vLLM extensions, passed to the worker: top_k (0 or -1 disables) and ignore_eos.
+    top_k: int | None = Field(None, ge=-1)
+    ignore_eos: bool = False
+    n: int | None = Field(None, ge=1, le=128)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Any = Field(None, validate_default=True)
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
+        return [s for s in value if s]
+
+    def check_supported(self) -> None:
+        """Reject parameter values this server cannot honour (400), instead of silently ignoring them."""
+        if self.n is not None and self.n > 1:
+            raise unsupported("n", "more than one choice per prompt (n > 1)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise unsupported(name, "a non-zero penalty")
+        if self.logit_bias:
+            raise unsupported("logit_bias", "logit bias")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options",
+                                 code="invalid_request")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.include_usage and self.stream_options.continuous_usage_stats)
+
+    def sampling(self, max_tokens: int | None) -> SamplingOptions:
+        temperature = 1.0 if self.temperature is None else self.temperature
+        top_p = 1.0 if self.top_p is None else self.top_p
+        if top_p == 0.0:  # OpenAI accepts top_p=0: only the most likely token is kept, i.e. greedy
+            temperature, top_p = 0.0, 1.0
+        return SamplingOptions(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, self.top_k or 0),
+            seed=None if self.seed is None else self.seed % SEED_RANGE, stop=list(self.stop),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int | None  # None: until the model's context is full
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    ignore_eos: bool

@@ -1,0 +1,47 @@
+"""Per-API-key request and token limits (token buckets in SharedState, so all gateway processes share them).
+
+Each key has two buckets: requests (capacity requests_per_minute, refilled continuously at rpm/60 per second,
+cost 1 per request) and tokens (capacity tokens_per_minute; a request reserves prompt_tokens + max_tokens up
+front and gets back what its generation did not use when it ends). An empty bucket means 429 with Retry-After
+set to the seconds until the request would fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from hpcllm.config import ApiKey
+from hpcllm.gateway.errors import RateLimited
+from hpcllm.gateway.shared_state import SharedState
+
+
+def _bucket_id(key: ApiKey, kind: str) -> str:
+    # Bucket names hold a digest of the key, never the key itself.
+    return f"{kind}:{hashlib.sha256(key.key.encode()).hexdigest()[:24]}"
+
+
+class RateLimiter:
+    def __init__(self, state: SharedState):
+        self.state = state
+
+    def take_request(self, key: ApiKey) -> None:
+        rpm = key.requests_per_minute
+        wait = self.state.take(_bucket_id(key, "requests"), capacity=rpm, per_second=rpm / 60.0, cost=1)
+        if wait is not None:
+            raise RateLimited(
+                f"Rate limit reached for key {key.name!r}: {rpm} requests per minute; retry in {wait:.1f} s",
+                code="rate_limit_exceeded", retry_after=wait)
+
+    def reserve_tokens(self, key: ApiKey, tokens: int) -> None:
+        tpm = key.tokens_per_minute
+        wait = self.state.take(_bucket_id(key, "tokens"), capacity=tpm, per_second=tpm / 60.0, cost=tokens)
+        if wait is not None:
+            raise RateLimited(
+                f"Token limit reached for key {key.name!r}: {tpm} tokens per minute (this request reserves "
+                f"{tokens} = prompt + max_tokens); retry in {wait:.1f} s or lower max_tokens",
+                code="tokens_limit_exceeded", retry_after=wait)
+
+    def settle_tokens(self, key: ApiKey, reserved: int, used: int) -> None:
+        """After a request: give back reserved - used (or charge the excess when it used more than reserved)."""
+        tpm = key.tokens_per_minute
+        self.state.refund(_bucket_id(key, "tokens"), capacity=tpm, per_second=tpm / 60.0, amount=reserved - used)

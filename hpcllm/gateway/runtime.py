@@ -1,0 +1,73 @@
+"""What one gateway process holds: config, its Router, the shared limiter, metrics, tokenizers, an HTTP pool.
+
+Nothing here decides placement: the Router is asked for every request. State that must agree across gunicorn
+worker processes (rate-limit buckets, which instances were counted as cold starts) lives in SharedState (SQLite);
+metrics go through prometheus_client's multiprocess files.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from flask import current_app
+
+from hpcllm.config import ApiKey, Config
+from hpcllm.gateway.metrics import GatewayMetrics
+from hpcllm.gateway.ratelimit import RateLimiter
+from hpcllm.gateway.routing import Router, make_router
+from hpcllm.gateway.shared_state import SharedState
+from hpcllm.gateway.tokenization import TokenizerCache
+from hpcllm.worker.protocol import SECRET_HEADER
+
+log = logging.getLogger(__name__)
+
+EXTENSION_KEY = "hpcllm_gateway"
+
+
+def gateway_state_dir(config: Config) -> Path:
+    return Path(config.paths.state_dir) / "gateway"
+
+
+class Gateway:
+    def __init__(self, config: Config, router: Router | None = None):
+        self.config = config
+        gw = config.gateway
+        self.router = router or make_router(config)
+        self.metrics = GatewayMetrics()
+        self.tokenizers = TokenizerCache()
+        self.shared = SharedState(gw.limits_db or gateway_state_dir(config) / "limits.db")
+        self.limiter = RateLimiter(self.shared)
+        self.api_keys: dict[str, ApiKey] = {k.key: k for k in gw.api_keys}
+        if not self.api_keys:
+            log.warning("gateway.api_keys is empty: /v1 endpoints are open to anyone who can reach the gateway")
+        threads = gw.threads
+        self.http = httpx.Client(
+            headers={SECRET_HEADER: config.cluster.shared_secret},
+            timeout=httpx.Timeout(gw.upstream_connect_timeout_seconds, read=gw.upstream_read_timeout_seconds),
+            limits=httpx.Limits(max_connections=4 * threads, max_keepalive_connections=threads),
+        )
+        self._draining = threading.Event()
+        self.started_at = time.time()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def start_draining(self) -> None:
+        """From now on new requests get 503; requests already running finish (gunicorn waits graceful_timeout)."""
+        if not self._draining.is_set():
+            log.info("gateway draining: refusing new requests, letting running ones finish")
+        self._draining.set()
+
+    def close(self) -> None:
+        self.http.close()
+        self.router.close()
+        self.shared.close()
+
+
+def current_gateway() -> Gateway:
+    return current_app.extensions[EXTENSION_KEY]

@@ -1,0 +1,268 @@
+"""Logic shared by the completion endpoints: admit, route, generate on a worker, account.
+
+A Generation is one client request with one or more prompts (choices). `start()` does everything that can still
+become an HTTP error - the token-limit reservation, routing (which may wait for a cold start) and opening the
+first worker stream - so the endpoint answers 4xx/5xx with a proper status instead of a broken stream. `deltas()`
+then yields text as the worker produces it, choice after choice. If a worker goes away mid-generation (it was
+drained, preempted or died) the generation resumes on another instance from the tokens already received
+(token-based migration: the worker's `resume_token_ids`), so the client sees one uninterrupted answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from flask import g
+
+from hpcllm.config import ApiKey
+from hpcllm.gateway.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
+from hpcllm.gateway.protocol import SamplingOptions, UsageInfo
+from hpcllm.gateway.routing import Endpoint, ModelCard
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_generation
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+
+log = logging.getLogger(__name__)
+
+# How often one choice may move to another instance after its worker went away mid-generation.
+MAX_RESUMES = 2
+# Attempts to open a generation when the routed worker refuses or is unreachable (routing again each time).
+OPEN_ATTEMPTS = 3
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    api_key: ApiKey | None
+    arrived: float  # time.monotonic() when the request reached the gateway
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def current(cls) -> RequestContext:
+        return cls(request_id=g.request_id, api_key=g.get("api_key"), arrived=g.arrived)
+
+
+@dataclass
+class Delta:
+    """New text for choice `index`; the last delta of a choice carries its finish_reason."""
+
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+def new_response_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+    """400 when the prompt (plus the requested completion) cannot fit the model's context (OpenAI's wording)."""
+    limit = card.max_model_len
+    if limit is None:
+        return
+    if prompt_tokens >= limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_tokens} "
+            f"tokens, which leaves no room for a completion. Please reduce the length of the prompt.",
+            param=param, code="context_length_exceeded")
+    if max_tokens is not None and prompt_tokens + max_tokens > limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the completion). "
+            f"Please reduce the length of the prompt or max_tokens.", param="max_tokens",
+            code="context_length_exceeded")
+
+
+class Generation:
+    def __init__(self, gw: Gateway, ctx: RequestContext, card: ModelCard, prompts: list[list[int]],
+                 options: SamplingOptions, response_id: str):
+        self.gw = gw
+        self.ctx = ctx
+        self.card = card
+        self.model = card.name
+        self.prompts = prompts
+        self.options = options
+        self.response_id = response_id
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.completion_tokens = 0
+        self._reserved = 0
+        self._endpoint: Endpoint | None = None
+        self._stream: WorkerStream | None = None
+        self._first_token_seen = False
+        self._closed = False
+
+    @property
+    def usage(self) -> UsageInfo:
+        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                         total_tokens=self.prompt_tokens + self.completion_tokens)
+
+    # ------------------------------------------------------------------------------------------- admission
+    def start(self) -> None:
+        try:
+            self._reserve_tokens()
+            self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+            self._endpoint = self._route()
+            self._stream = self._open(0, resume_ids=[], attempt_tag=0)
+        except BaseException:
+            self.close()
+            raise
+
+    def _reserve_tokens(self) -> None:
+        key = self.ctx.api_key
+        if key is None:
+            return
+        # Without a known bound on the output, only the prompt is reserved; the output is charged when it ends.
+        want = self.prompt_tokens + len(self.prompts) * (self.options.max_tokens or 0)
+        self.gw.limiter.reserve_tokens(key, want)
+        self._reserved = want
+
+    def _route(self) -> Endpoint:
+        metrics = self.gw.metrics
+        waiting = metrics.num_requests_waiting.labels(self.model)
+        waiting.inc()
+        try:
+            endpoint = self.gw.router.resolve(self.model, self.gw.config.gateway.route_timeout_seconds)
+        finally:
+            waiting.dec()
+        metrics.request_queue_time.labels(self.model).observe(endpoint.waited_seconds)
+        cold = endpoint.cold_start
+        if cold is not None and self.gw.shared.first_sighting(cold.instance_id):
+            metrics.cold_starts.labels(self.model, cold.tier).inc()
+            if cold.load_seconds is not None:
+                metrics.model_load_seconds.labels(cold.tier).observe(cold.load_seconds)
+        return endpoint
+
+    def _open(self, index: int, resume_ids: list[int], attempt_tag: int) -> WorkerStream:
+        opts = self.options
+        request = GenerateRequest(
+            request_id=f"{self.response_id}-{index}-{attempt_tag}", prompt_token_ids=self.prompts[index],
+            max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
+            seed=opts.seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
+        )
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                return open_generation(self.gw.http, self._endpoint.worker_url,
+                                       self.gw.config.cluster.shared_secret, request)
+            except WorkerUnavailable as exc:
+                if attempt + 1 == OPEN_ATTEMPTS:
+                    raise
+                log.warning("request %s: %s; routing again", self.ctx.request_id, exc.message)
+                time.sleep(0.5 * (attempt + 1))
+                self._endpoint = self._route()
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------------------------ generation
+    def deltas(self) -> Iterator[Delta]:
+        try:
+            for index in range(len(self.prompts)):
+                if index > 0:
+                    self._stream = self._open(index, resume_ids=[], attempt_tag=0)
+                yield from self._run_choice(index)
+        finally:
+            self.close()
+
+    def _run_choice(self, index: int) -> Iterator[Delta]:
+        output_ids: list[int] = []
+        resumes = 0
+        running = self.gw.metrics.num_requests_running.labels(self.model)
+        running.inc()
+        try:
+            while True:
+                try:
+                    final = yield from self._read_stream(index, output_ids)
+                except WorkerLost as exc:
+                    final = None
+                    reason = str(exc)
+                else:
+                    if final.finish_reason in ("stop", "length"):
+                        self.gw.metrics.request_success.labels(self.model, final.finish_reason).inc()
+                        yield Delta(index, "", final.finish_reason)
+                        return
+                    if final.finish_reason == "error":
+                        message = final.error.message if final.error else "unknown error"
+                        raise InternalError(f"the model's worker failed while generating: {message}",
+                                            code="generation_failed")
+                    reason = f"worker {self._stream.worker_url} aborted the generation (shutting down?)"
+                if resumes >= MAX_RESUMES:
+                    raise ServiceUnavailable(f"generation interrupted: {reason}", code="worker_lost", retry_after=2)
+                resumes += 1
+                log.warning("request %s choice %d: %s; resuming elsewhere after %d tokens",
+                            self.ctx.request_id, index, reason, len(output_ids))
+                self._endpoint = self._route()
+                self._stream = self._open(index, resume_ids=list(output_ids), attempt_tag=resumes)
+        finally:
+            running.dec()
+
+    def _read_stream(self, index: int, output_ids: list[int]):
+        """Yield deltas for the token lines of the current stream; return its FinalLine."""
+        metrics = self.gw.metrics
+        last_token_at: float | None = None
+        for item in self._stream:
+            if isinstance(item, FinalLine):
+                return item
+            assert isinstance(item, TokenLine)
+            now = time.monotonic()
+            if not self._first_token_seen:
+                self._first_token_seen = True
+                metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.arrived)
+            elif last_token_at is not None:
+                metrics.inter_token_latency.labels(self.model).observe(now - last_token_at)
+            last_token_at = now
+            output_ids.append(item.token_id)
+            self.completion_tokens += 1
+            metrics.generation_tokens.labels(self.model).inc()
+            if item.text:
+                yield Delta(index, item.text)
+        raise WorkerLost("the worker stream ended without a final line")
+
+    def close(self) -> None:
+        """Cancel an unfinished worker stream, give back unused reserved tokens, record the request's latency."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream is not None and not self._stream.finished:
+            self._stream.cancel()
+            self.gw.metrics.request_success.labels(self.model, "abort").inc()
+        if self._first_token_seen:
+            self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
+        if self.ctx.api_key is not None and self._reserved:
+            try:
+                self.gw.limiter.settle_tokens(self.ctx.api_key, self._reserved,
+                                              self.prompt_tokens + self.completion_tokens)
+            except Exception:  # never let bookkeeping hide the request's own outcome
+                log.exception("request %s: could not settle its token reservation", self.ctx.request_id)
+
+
+def collect(generation: Generation) -> tuple[list[str], list[str]]:
+    """Run a generation to the end; the text and finish reason of each choice."""
+    texts = [""] * len(generation.prompts)
+    reasons = ["stop"] * len(generation.prompts)
+    for delta in generation.deltas():
+        texts[delta.index] += delta.text
+        if delta.finish_reason:
+            reasons[delta.index] = delta.finish_reason
+    return texts, reasons
+
+
+def sse(data) -> bytes:
+    """One server-sent event exactly as OpenAI sends it: `data: <json>` and a blank line."""
+    payload = data if isinstance(data, str) else data.model_dump_json(exclude_unset=False)
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def stream_error_event(exc: BaseException, request_id: str) -> bytes:
+    """An error after the stream started can no longer change the status: send it as an event (as vLLM does)."""
+    import json
+
+    if not isinstance(exc, ApiError):
+        log.exception("request %s failed while streaming", request_id, exc_info=exc)
+        exc = InternalError("internal error while streaming; see the gateway log for request " + request_id)
+    return f"data: {json.dumps(exc.body())}\n\n".encode()

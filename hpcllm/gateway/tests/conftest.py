@@ -1,0 +1,167 @@
+"""Gateway test fixtures: a real worker serving a tiny real model, and real gateway servers in threads.
+
+The worker is hpcllm.worker's own app (engine + Flask) around a tiny Llama loaded with transformers'
+from_pretrained; the gateway is create_app() served by werkzeug's threaded server, so tests go through real
+HTTP, real SSE and the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from werkzeug.serving import make_server
+
+from hpcllm.config import Config, parse_config
+
+SECRET = "gateway-test-secret"
+MODEL = "tiny-llama"
+USER_KEY = "sk-test-user"
+ADMIN_KEY = "sk-test-admin"
+
+
+def _build_tiny_llama(root: Path) -> Path:
+    """A tiny random-weight Llama with a real byte-level BPE tokenizer and a chat template."""
+    try:
+        from hpcllm.devmodels import make_model
+    except ImportError:
+        make_model = None
+    if make_model is not None:
+        return Path(make_model("tiny-llama", root / "tiny-llama"))
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = ["hello world, this is a small test corpus for the gateway. héllo wörld 日本語 🙂"] * 50
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+        eos_token_id=1))
+    out = root / "tiny-llama"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return _build_tiny_llama(tmp_path_factory.mktemp("gateway-models"))
+
+
+@pytest.fixture(scope="session")
+def hf_pair(tiny_model_dir):
+    """(model, tokenizer) loaded straight with transformers: the reference outputs are computed with these."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+class ThreadServer:
+    """A WSGI app on 127.0.0.1:<free port> in a daemon thread (werkzeug's threaded server)."""
+
+    def __init__(self, app):
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def worker_url(tiny_model_dir) -> Iterator[str]:
+    """A real hpcllm worker serving the tiny model over its internal HTTP API."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    service.attach(ModelForServing(model, AutoTokenizer.from_pretrained(tiny_model_dir), tier="dram", load_seconds=0.1))
+    server = ThreadServer(create_app(service))
+    yield server.url
+    server.stop()
+    service.shutdown()
+
+
+def gateway_config(tmp_path: Path, worker: str, source: Path, **gateway) -> Config:
+    gateway.setdefault("api_keys", [{"key": USER_KEY, "name": "alice"}])
+    gateway.setdefault("admin_key", ADMIN_KEY)
+    gateway.setdefault("static_models", {MODEL: {"worker_url": worker, "source": str(source)}})
+    return parse_config({
+        "paths": {"state_dir": str(tmp_path / "state")},
+        "cluster": {"shared_secret": SECRET},
+        "gateway": gateway,
+    })
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    app: object
+    config: Config
+
+    @property
+    def state(self):
+        from hpcllm.gateway.app import gateway_of
+
+        return gateway_of(self.app)
+
+    def client(self, key: str = USER_KEY, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60, **kwargs)
+
+    def post(self, path: str, key: str | None = USER_KEY, **kwargs) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.post(f"{self.url}{path}", headers=headers, timeout=60, **kwargs)
+
+    def get(self, path: str, key: str | None = USER_KEY, **kwargs) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.get(f"{self.url}{path}", headers=headers, timeout=60, **kwargs)
+
+
+@pytest.fixture
+def make_gateway(tmp_path, worker_url, tiny_model_dir) -> Iterator[Callable[..., RunningGateway]]:
+    """make_gateway(**gateway_section_overrides, router=None) -> a running gateway in front of the real worker."""
+    from hpcllm.gateway.app import create_app, gateway_of
+
+    servers = []
+
+    def make(router=None, **gateway) -> RunningGateway:
+        config = gateway_config(tmp_path / f"gw{len(servers)}", worker_url, tiny_model_dir, **gateway)
+        app = create_app(config, router=router)
+        server = ThreadServer(app)
+        servers.append((server, app))
+        return RunningGateway(server.url, app, config)
+
+    yield make
+    for server, app in servers:
+        server.stop()
+        gateway_of(app).close()
+
+
+@pytest.fixture
+def gateway(make_gateway) -> RunningGateway:
+    return make_gateway()

@@ -1,0 +1,85 @@
+"""Prompt tokenization in the gateway.
+
+The gateway turns prompts and chat messages into token ids itself (as vLLM's API server does) so it can count
+prompt tokens exactly for the token limits and reject a prompt longer than the model's context with a 400
+*before* routing - a bad request never triggers a cold start. Tokenizers are read from the model's checkpoint
+directory on the shared filesystem (the converter copies the tokenizer files) and kept in a small LRU per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
+from hpcllm.gateway.routing import ModelCard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptEncoder:
+    tokenizer: object
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        # Like vLLM and `tokenizer(prompt)` in transformers: the model's BOS (if any) is added.
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        bad = [i for i in ids if i < 0 or i >= self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the model's vocabulary [0, {self.vocab_size})",
+                                 param=param, code="invalid_token_id")
+        return ids
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest("this model has no chat template; use /v1/completions with a plain prompt",
+                                 param="messages", code="no_chat_template")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # templates raise their own errors (e.g. "roles must alternate")
+            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}",
+                                 param="messages", code="invalid_messages") from None
+        # The template already holds the special tokens (BOS, role markers): add none.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class TokenizerCache:
+    def __init__(self, max_loaded: int = 8):
+        self._max_loaded = max_loaded
+        self._loaded: OrderedDict[Path, PromptEncoder] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, card: ModelCard) -> PromptEncoder:
+        source = Path(card.source)
+        with self._lock:
+            if source in self._loaded:
+                self._loaded.move_to_end(source)
+                return self._loaded[source]
+        encoder = PromptEncoder(self._load(card.name, source))
+        with self._lock:
+            self._loaded[source] = encoder
+            while len(self._loaded) > self._max_loaded:
+                self._loaded.popitem(last=False)
+        return encoder
+
+    @staticmethod
+    def _load(name: str, source: Path):
+        from transformers import AutoTokenizer  # heavy import: only when a tokenizer is first needed
+
+        try:
+            return AutoTokenizer.from_pretrained(str(source))
+        except Exception as exc:
+            log.error("cannot load the tokenizer of model %s from %s: %s", name, source, exc)
+            raise ServiceUnavailable(
+                f"the gateway cannot read the tokenizer of model {name!r} from {source}; ask the operator to "
+                f"check that the checkpoint directory is visible from the gateway", code="tokenizer_unavailable",
+                retry_after=30) from None

@@ -1,0 +1,77 @@
+"""The gateway's side of the worker generate API, on top of hpcllm.worker.client.WorkerClient.
+
+A generation is opened (and its HTTP status checked) before the gateway answers its client, so a worker that
+refuses a request turns into a proper HTTP error; after that, lines are read one at a time while the client is
+streamed to. Worker failures are classified: WorkerUnavailable before any token (route again and retry),
+WorkerLost once the stream has started (resume elsewhere from the tokens already received).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import httpx
+
+from hpcllm.gateway.errors import ApiError, InvalidRequest, ServiceUnavailable
+from hpcllm.worker.client import GenerationStream, WorkerClient, WorkerError
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+
+log = logging.getLogger(__name__)
+
+
+class WorkerUnavailable(ServiceUnavailable):
+    code = "worker_unavailable"
+
+
+class WorkerLost(Exception):
+    """The worker stream broke after it had started (connection dropped, no final line)."""
+
+
+class WorkerStream:
+    """One open generation: iterate for TokenLine objects, then exactly one FinalLine."""
+
+    def __init__(self, worker_url: str, stream: GenerationStream):
+        self.worker_url = worker_url
+        self._stream = stream
+
+    @property
+    def finished(self) -> bool:
+        return self._stream.final is not None
+
+    def __iter__(self) -> Iterator[TokenLine | FinalLine]:
+        try:
+            for item in self._stream:
+                if isinstance(item, FinalLine):
+                    self._stream.close()  # release the connection now: readers stop at the final line
+                yield item
+        except WorkerError as exc:
+            self._stream.close()
+            raise WorkerLost(f"lost the stream from worker {self.worker_url}: {exc}") from None
+
+    def cancel(self) -> None:
+        """Close the connection: the worker notices at its next write and frees the request's slot."""
+        self._stream.close()
+
+
+def open_generation(http: httpx.Client, worker_url: str, secret: str, request: GenerateRequest) -> WorkerStream:
+    client = WorkerClient(worker_url, secret, client=http)  # shares the process's connection pool; never closed here
+    try:
+        return WorkerStream(worker_url, client.generate(request))
+    except WorkerError as exc:
+        raise _classify(worker_url, exc) from None
+
+
+def _classify(worker_url: str, exc: WorkerError) -> ApiError:
+    info = exc.info
+    message = info.message if info else str(exc)
+    if exc.status == 0:
+        return WorkerUnavailable(f"the model's worker at {worker_url} is unreachable ({message})", retry_after=2)
+    if exc.status in (400, 413, 422):
+        # The worker's own validation (e.g. a prompt its context cannot hold): the caller's request is at fault.
+        return InvalidRequest(message, param=info.param if info else None,
+                              code=(info.code if info else None) or "invalid_request")
+    if exc.status in (429, 503):
+        return WorkerUnavailable(f"the model's worker is busy or not ready: {message}", retry_after=2)
+    log.error("worker %s answered %s: %s", worker_url, exc.status, message)
+    return WorkerUnavailable(f"the model's worker failed ({exc.status}): {message}", retry_after=5)
