@@ -384,7 +384,11 @@ def _require_nonneg_int(obj: dict, key: str, where: str, error: type[CheckpointE
 def _safe_file_name(name: str, where: str, error: type[CheckpointError]) -> str:
     # Names come from a file someone may have edited: never let one point outside the checkpoint folder.
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
-        raise error(f"{where}: file name {name!r} must be a plain file name inside the checkpoint folder")
+        raise error(f"{where}: file name {name[:200]!r} must be a plain file name inside the checkpoint folder")
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        raise error(f"{where}: file name {name[:200]!r} cannot be encoded for this file system") from None
     return name
 
 
