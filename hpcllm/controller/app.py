@@ -1,0 +1,183 @@
+"""The controller's HTTP API (Flask): internal routes for node agents and the gateway, admin routes for the CLI.
+
+Errors always have one shape, {"error": {"message", "type", "param", "code"}}, never an HTML page or a traceback.
+/v1/internal/* needs the cluster shared secret (X-Hpcllm-Secret); /v1/admin/* needs the admin key
+(Authorization: Bearer KEY). /health and /metrics are open (bind the controller to an internal address).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ValidationError
+from werkzeug.exceptions import HTTPException
+
+from hpcllm.controller.errors import ControllerError, InvalidRequest, NoCapacity, Unauthorized
+from hpcllm.controller.protocol import (
+    SECRET_HEADER,
+    Heartbeat,
+    ModelList,
+    ModelSpec,
+    NodeRegistration,
+    RouteReady,
+)
+from hpcllm.controller.service import Controller
+
+log = logging.getLogger(__name__)
+
+
+def admin_key_of(config) -> str:
+    """controller.admin_key, else gateway.admin_key, else the cluster shared secret."""
+    return config.controller.admin_key or config.gateway.admin_key or config.cluster.shared_secret
+
+
+def error_body(message: str, code: str, error_type: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    first = exc.errors()[0]["loc"] if exc.errors() else ()
+    return "; ".join(parts), ".".join(str(p) for p in first) or None
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.routes = Counter("hpcllm_controller_routes", "Route answers by outcome", ["model", "outcome"],
+                              registry=self.registry)
+        self.cold_starts = Counter("hpcllm_controller_cold_starts", "Finished cold starts by load tier",
+                                   ["model", "tier"], registry=self.registry)
+        self.cold_start_seconds = Histogram(
+            "hpcllm_controller_cold_start_seconds", "Placement to ready, seconds", ["tier"],
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
+
+
+def _parse(model: type[BaseModel]):
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        message, param = validation_message(exc)
+        raise InvalidRequest(message, param=param) from None
+
+
+def create_app(controller: Controller) -> Flask:
+    config = controller.config
+    secret = config.cluster.shared_secret
+    admin_key = admin_key_of(config)
+    metrics = Metrics()
+    app = Flask("hpcllm.controller")
+
+    def count_cold_start(cold) -> None:
+        metrics.cold_starts.labels(cold.model, cold.tier or "unknown").inc()
+        metrics.cold_start_seconds.labels(cold.tier or "unknown").observe(
+            (cold.ready_at or cold.requested_at) - cold.requested_at)
+
+    controller.cold_start_listeners.append(count_cold_start)
+    app.config["controller"] = controller
+
+    @app.errorhandler(ControllerError)
+    def _controller_error(exc: ControllerError):
+        resp = jsonify(error_body(str(exc), exc.code, exc.error_type, getattr(exc, "param", None)))
+        resp.status_code = exc.http_status
+        if isinstance(exc, NoCapacity) and exc.retry_after is not None:
+            resp.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        resp = jsonify(error_body(exc.description or exc.name, exc.name.lower().replace(" ", "_")))
+        resp.status_code = exc.code or 500
+        return resp
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        resp = jsonify(error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_error", "server_error"))
+        resp.status_code = 500
+        return resp
+
+    @app.before_request
+    def _authenticate():
+        if request.path.startswith("/v1/internal/"):
+            given = request.headers.get(SECRET_HEADER, "")
+            if not hmac.compare_digest(given.encode(), secret.encode()):
+                raise Unauthorized(f"missing or wrong {SECRET_HEADER} header")
+        elif request.path.startswith("/v1/admin/"):
+            auth = request.headers.get("Authorization", "")
+            given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+            if not hmac.compare_digest(given.encode(), admin_key.encode()):
+                raise Unauthorized("missing or wrong admin key (Authorization: Bearer KEY)")
+
+    # -------------------------------------------------------------------------------------------- open
+
+    @app.get("/health")
+    def health():
+        controller.registry.schema_version()  # raises (-> 500) if the database stopped answering
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    # ----------------------------------------------------------------------------------------- internal
+
+    @app.post("/v1/internal/nodes/register")
+    def register():
+        return controller.register(_parse(NodeRegistration)).model_dump()
+
+    @app.post("/v1/internal/nodes/<node_id>/heartbeat")
+    def heartbeat(node_id: str):
+        return controller.heartbeat(node_id, _parse(Heartbeat)).model_dump()
+
+    @app.get("/v1/internal/models")
+    def models():
+        return ModelList(models=controller.model_cards()).model_dump()
+
+    @app.get("/v1/internal/route")
+    def route():
+        name = request.args.get("model", "")
+        if not name:
+            raise InvalidRequest("query parameter 'model' is required", param="model")
+        try:
+            wait = float(request.args.get("wait", "0"))
+        except ValueError:
+            raise InvalidRequest("query parameter 'wait' must be a number of seconds", param="wait") from None
+        try:
+            outcome = controller.route(name, wait)
+        except ControllerError as exc:
+            metrics.routes.labels(name if exc.code != "model_not_found" else "unknown", exc.code).inc()
+            raise
+        metrics.routes.labels(name, outcome.status).inc()
+        resp = jsonify(outcome.model_dump())
+        if not isinstance(outcome, RouteReady):
+            resp.status_code = 202
+            resp.headers["Retry-After"] = str(max(1, round(outcome.retry_after)))
+        return resp
+
+    # -------------------------------------------------------------------------------------------- admin
+
+    @app.post("/v1/admin/models")
+    def deploy():
+        spec = _parse(ModelSpec)
+        model, created = controller.deploy(spec)
+        return model.model_dump(), 201 if created else 200
+
+    @app.delete("/v1/admin/models/<name>")
+    def undeploy(name: str):
+        return controller.undeploy(name).model_dump()
+
+    @app.get("/v1/admin/status")
+    def status():
+        return controller.status().model_dump()
+
+    return app

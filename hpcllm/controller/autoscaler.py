@@ -1,0 +1,221 @@
+"""Autoscaling policy, one `tick(now)` at a time (driven by a timer in the service, by a fake clock in tests).
+
+Each tick, in order:
+1. Slurm: poll every active allocation in one call; ended jobs take their nodes with them; started ones get a
+   walltime end and a staggered retirement time.
+2. Node agents silent for node_timeout_seconds are lost (their instances forgotten).
+3. Reservations the agent never confirmed (the controller died mid-start, the agent hung) are dropped.
+4. Instances of undeployed models are stopped.
+5. Retirement: allocations reaching retire_at drain (no new routes, instances stopped, replacements started
+   elsewhere) and are cancelled once empty or after drain_seconds.
+6. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
+   cancelled.
+7. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
+   below min_instances).
+8. min_instances and unmet demand (route calls that found no capacity) start instances or submit allocations.
+Each step is isolated: Slurm being down does not stop scale-to-zero, and so on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from hpcllm.controller.errors import AgentError, ControllerError
+from hpcllm.controller.registry import AllocationRecord
+from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller
+
+log = logging.getLogger(__name__)
+
+# A reservation older than this was never confirmed by its agent (start timed out or the controller died).
+RESERVATION_TIMEOUT_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # e.g. "stop_idle", "retire", "cancel_idle_allocation", "node_lost", "start_min"
+    subject: str
+    detail: str = ""
+
+
+@dataclass
+class TickReport:
+    now: float
+    actions: list[Action] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def kinds(self) -> list[tuple[str, str]]:
+        return [(a.kind, a.subject) for a in self.actions]
+
+
+class Autoscaler:
+    def __init__(self, controller: Controller):
+        self.controller = controller
+        self.registry = controller.registry
+        self.allocator = controller.allocator
+        self.settings = controller.settings
+
+    def tick(self, now: float) -> TickReport:
+        report = TickReport(now)
+        for step in (self._sync_slurm, self._lose_silent_nodes, self._drop_stale_reservations, self._stop_orphans,
+                     self._retire_allocations, self._release_idle_allocations, self._stop_idle_instances,
+                     self._ensure_min_and_demand):
+            try:
+                step(now, report)
+            except ControllerError as exc:
+                report.errors.append(f"{step.__name__}: {exc}")
+                log.warning("autoscaler %s: %s", step.__name__, exc)
+        for action in report.actions:
+            log.info("autoscaler: %s %s %s", action.kind, action.subject, action.detail)
+        return report
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def _sync_slurm(self, now: float, report: TickReport) -> None:
+        for job_id, state in self.allocator.sync(now).items():
+            report.actions.append(Action(f"allocation_{state}", job_id))
+        for alloc in self.registry.allocations(active_only=True):
+            if alloc.state == "running" and alloc.retire_at is None and alloc.walltime_end is not None:
+                retire_at = self._staggered_retire_time(alloc)
+                self.registry.update_allocation(alloc.job_id, retire_at=retire_at)
+                report.actions.append(Action("schedule_retire", alloc.job_id, f"at {retire_at:.0f}"))
+
+    def _staggered_retire_time(self, alloc: AllocationRecord) -> float:
+        """retire_lead_seconds before walltime, moved earlier by retire_stagger_seconds while another allocation
+        already retires within that distance: pools started together leave one by one."""
+        others = [a.retire_at for a in self.registry.allocations(active_only=True)
+                  if a.job_id != alloc.job_id and a.retire_at is not None]
+        retire_at = alloc.walltime_end - self.settings.retire_lead_seconds
+        stagger = self.settings.retire_stagger_seconds
+        while stagger > 0 and any(abs(retire_at - other) < stagger for other in others):
+            retire_at -= stagger
+        return max(retire_at, alloc.started_at or alloc.submitted_at)
+
+    def _lose_silent_nodes(self, now: float, report: TickReport) -> None:
+        for node in self.registry.nodes(states=("up", "draining")):
+            if node.last_heartbeat is None or now - node.last_heartbeat > self.settings.node_timeout_seconds:
+                removed = self.registry.node_left(node.node_id, "lost")
+                report.actions.append(Action("node_lost", node.node_id, f"{len(removed)} instances forgotten"))
+
+    def _drop_stale_reservations(self, now: float, report: TickReport) -> None:
+        for inst in self.registry.instances():
+            if inst.reserved and now - inst.requested_at > RESERVATION_TIMEOUT_SECONDS:
+                self.registry.delete_instance(inst.instance_id)
+                report.actions.append(Action("drop_reservation", inst.instance_id, inst.model))
+
+    def _stop_orphans(self, now: float, report: TickReport) -> None:
+        deployed = {m.name for m in self.registry.models()}
+        for inst in self.registry.instances():
+            if inst.model not in deployed and not inst.reserved and self._stop(inst.node_id, inst.instance_id):
+                report.actions.append(Action("stop_orphan", inst.instance_id, inst.model))
+
+    def _retire_allocations(self, now: float, report: TickReport) -> None:
+        for alloc in self.registry.allocations(active_only=True):
+            if alloc.state == "running" and alloc.retire_at is not None and now >= alloc.retire_at:
+                self._begin_drain(alloc, "walltime", report)
+            elif alloc.state == "draining":
+                instances = self._instances_of(alloc)
+                drain_started = alloc.retire_at if alloc.retire_at is not None else now
+                if not instances or now >= drain_started + self.settings.drain_seconds:
+                    self.allocator.cancel(alloc.job_id, alloc.reason or "retired", now)
+                    report.actions.append(Action("cancel_drained_allocation", alloc.job_id,
+                                                 f"{len(instances)} instances left"))
+
+    def _begin_drain(self, alloc: AllocationRecord, reason: str, report: TickReport) -> None:
+        self.registry.update_allocation(alloc.job_id, state="draining", reason=reason)
+        affected_models = set()
+        for node in self._nodes_of(alloc):
+            self.registry.set_node_state(node.node_id, "draining")
+        for inst in self._instances_of(alloc):
+            affected_models.add(inst.model)
+            self.registry.set_instance_state(inst.instance_id, "draining")
+            self._stop(inst.node_id, inst.instance_id)
+        report.actions.append(Action("retire", alloc.job_id, f"{reason}; models {sorted(affected_models)}"))
+        for name in sorted(affected_models):  # start replacements elsewhere before this pool leaves
+            model = self.registry.get_model(name)
+            if model is not None:
+                self._start(model, "start_replacement", report)
+
+    def _release_idle_allocations(self, now: float, report: TickReport) -> None:
+        for alloc in self.registry.allocations(active_only=True):
+            if alloc.state != "running":
+                continue
+            if self._instances_of(alloc):
+                if alloc.idle_since is not None:
+                    self.registry.update_allocation(alloc.job_id, idle_since=None)
+                continue
+            if alloc.idle_since is None:
+                self.registry.update_allocation(alloc.job_id, idle_since=now)
+            elif now - alloc.idle_since >= self.settings.allocation_keep_alive_seconds:
+                for node in self._nodes_of(alloc):
+                    self.registry.set_node_state(node.node_id, "draining")
+                self.allocator.cancel(alloc.job_id, "idle", now)
+                report.actions.append(Action("cancel_idle_allocation", alloc.job_id,
+                                             f"idle {now - alloc.idle_since:.0f} s"))
+
+    def _stop_idle_instances(self, now: float, report: TickReport) -> None:
+        by_model = defaultdict(list)
+        for inst in self.registry.instances():
+            if inst.state in ("ready", "loading"):
+                by_model[inst.model].append(inst)
+        for model in self.registry.models():
+            keep_alive = model.keep_alive_seconds
+            if keep_alive is None:
+                keep_alive = self.settings.keep_alive_seconds
+            active = by_model.get(model.name, [])
+            idle = sorted((i for i in active if i.state == "ready" and i.load == 0 and now - i.last_used >= keep_alive),
+                          key=lambda i: (i.last_used, i.instance_id))
+            can_stop = max(0, len(active) - model.min_instances)
+            for inst in idle[:can_stop]:
+                if self._stop(inst.node_id, inst.instance_id):
+                    self.registry.delete_instance(inst.instance_id)
+                    report.actions.append(Action("stop_idle", inst.instance_id,
+                                                 f"{model.name} idle {now - inst.last_used:.0f} s"))
+
+    def _ensure_min_and_demand(self, now: float, report: TickReport) -> None:
+        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
+        demand = self.registry.demand()
+        for model in self.registry.models():
+            active = [i for i in self.registry.instances(model=model.name)
+                      if i.state in ("ready", "loading") and i.node_id in routable]
+            if model.name in demand:
+                since, last = demand[model.name]
+                keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \
+                    else self.settings.keep_alive_seconds
+                if any(i.state == "ready" for i in active) or now - last > keep_alive:
+                    self.registry.clear_demand(model.name)  # served, or nobody has asked for a long time
+                elif not active:
+                    self._start(model, "start_for_demand", report)
+                    continue
+            if len(active) < model.min_instances:
+                self._start(model, "start_min", report)
+
+    # ---------------------------------------------------------------------------------------------- helpers
+
+    def _start(self, model, kind: str, report: TickReport) -> None:
+        try:
+            outcome = self.controller.start_instance(model)
+        except (ControllerError, AgentError) as exc:
+            report.errors.append(f"{kind} {model.name}: {exc}")
+            return
+        report.actions.append(Action(kind, model.name, f"{outcome.status} {outcome.node_id or outcome.job_id}"))
+
+    def _stop(self, node_id: str, instance_id: str) -> bool:
+        node = self.registry.get_node(node_id)
+        if node is None or node.state not in ("up", "draining"):
+            self.registry.delete_instance(instance_id)  # its agent is gone: so is the instance
+            return True
+        try:
+            self.controller.agents.stop_instance(node.agent_url, instance_id)
+        except AgentError as exc:
+            log.warning("could not stop %s on %s: %s", instance_id, node_id, exc)
+            return False
+        return True
+
+    def _nodes_of(self, alloc: AllocationRecord):
+        return [n for n in self.registry.nodes(states=("up", "draining")) if n.slurm_job_id == alloc.job_id]
+
+    def _instances_of(self, alloc: AllocationRecord):
+        node_ids = {n.node_id for n in self._nodes_of(alloc)}
+        return [i for i in self.registry.instances() if i.node_id in node_ids and i.state != "stopped"]

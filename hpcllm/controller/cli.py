@@ -1,0 +1,183 @@
+"""CLI: `hpcllm controller` runs the service; `hpcllm deploy/undeploy/status` talk to it over HTTP with the admin key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tomllib
+from pathlib import Path
+
+import click
+import httpx
+from pydantic import ValidationError
+
+from hpcllm.config import Config, load_config
+from hpcllm.controller.app import admin_key_of
+from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
+from hpcllm.controller.protocol import ClusterStatus, ModelSpec
+
+CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
+
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                             help="hpcllm config file (default: $HPCLLM_CONFIG, else built-in defaults).")
+url_option = click.option("--url", "controller_url", default=None,
+                          help=f"Controller URL (default: ${CONTROLLER_URL_ENV}, else controller.host:port).")
+
+
+@click.command("controller")
+@config_option
+@click.option("--host", default=None, help="Listen address (default: controller.host).")
+@click.option("--port", type=int, default=None, help="Listen port (default: controller.port; 0 picks a free one).")
+@click.option("--ready-file", type=click.Path(path_type=Path), default=None,
+              help="Write the listening URL here once serving (for scripts).")
+def controller(config_path: Path | None, host: str | None, port: int | None, ready_file: Path | None) -> None:
+    """Run the controller: registry, placement, route API and autoscaler."""
+    from hpcllm.controller.server import build_service, serve, slurm_backend_of
+
+    config = load_config(config_path)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = build_service(config, backend=slurm_backend_of(config),
+                            config_path=str(config_path) if config_path else os.environ.get("HPCLLM_CONFIG"))
+    serve(service, host or config.controller.host, config.controller.port if port is None else port, ready_file)
+
+
+def read_model_file(path: Path) -> ModelSpec:
+    """Parse and validate conf/models/NAME.toml; errors name the file and the field."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidModelConfig(f"model config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidModelConfig(f"model config {path} is not valid TOML: {exc}") from None
+    try:
+        return ModelSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"invalid model config {path}:"]
+        for err in exc.errors():
+            lines.append(f"  {'.'.join(str(p) for p in err['loc']) or '(file)'}: {err['msg']}")
+        raise InvalidModelConfig("\n".join(lines)) from None
+
+
+class AdminClient:
+    def __init__(self, config: Config, url: str | None):
+        from hpcllm.controller.server import controller_url_of
+
+        self.url = (url or os.environ.get(CONTROLLER_URL_ENV) or controller_url_of(config)).rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=30.0,
+                                  headers={"Authorization": f"Bearer {admin_key_of(config)}"})
+
+    def call(self, method: str, path: str, **kwargs) -> dict:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ControllerUnreachable(f"cannot reach the controller at {self.url} ({exc}); is `hpcllm controller` "
+                                        f"running? (set --url or ${CONTROLLER_URL_ENV})") from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        if resp.status_code >= 400:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            message = error.get("message") or resp.text[:300]
+            raise ControllerError(f"the controller refused ({resp.status_code} {error.get('code', '')}): {message}")
+        return body
+
+
+@click.command("deploy")
+@click.argument("model_file", type=click.Path(path_type=Path))
+@config_option
+@url_option
+def deploy(model_file: Path, config_path: Path | None, controller_url: str | None) -> None:
+    """Deploy (or update) the model described by MODEL_FILE (conf/models/NAME.toml)."""
+    spec = read_model_file(model_file)
+    client = AdminClient(load_config(config_path), controller_url)
+    model = client.call("POST", "/v1/admin/models", json=spec.model_dump())
+    click.echo(f"deployed {model['name']}: {model['source']} ({_size(model['size_bytes'])}, "
+               f"{model['gpus'] or 'no'} GPU{'s' if model['gpus'] != 1 else ''}, "
+               f"instances {model['min_instances']}..{model['max_instances']})")
+
+
+@click.command("undeploy")
+@click.argument("name")
+@config_option
+@url_option
+def undeploy(name: str, config_path: Path | None, controller_url: str | None) -> None:
+    """Remove model NAME and stop its instances."""
+    client = AdminClient(load_config(config_path), controller_url)
+    result = client.call("DELETE", f"/v1/admin/models/{name}")
+    click.echo(f"undeployed {result['undeployed']} ({result['stopped_instances']} instances stopped)")
+
+
+@click.command("status")
+@config_option
+@url_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status JSON.")
+def status(config_path: Path | None, controller_url: str | None, as_json: bool) -> None:
+    """Show models, nodes, instances and allocations."""
+    client = AdminClient(load_config(config_path), controller_url)
+    body = client.call("GET", "/v1/admin/status")
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    print_status(ClusterStatus.model_validate(body))
+
+
+def print_status(st: ClusterStatus) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    models = Table(title="models")
+    for col in ("name", "size", "gpus", "instances", "keep-alive", "source"):
+        models.add_column(col)
+    counts: dict[str, int] = {}
+    for inst in st.instances:
+        counts[inst.model] = counts.get(inst.model, 0) + 1
+    for m in st.models:
+        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), f"{counts.get(m.name, 0)} "
+                       f"({m.min_instances}..{m.max_instances})",
+                       "default" if m.keep_alive_seconds is None else f"{m.keep_alive_seconds:g} s", m.source)
+    nodes = Table(title="nodes")
+    for col in ("node", "state", "job", "gpus free", "tiers GB/s", "cached", "heartbeat"):
+        nodes.add_column(col)
+    for n in st.nodes:
+        tiers = ", ".join(f"{t} {getattr(n.tiers, t).read_gbps:g}" for t in ("dram", "nvme", "sharedfs")
+                          if getattr(n.tiers, t) is not None)
+        cached = ", ".join(f"{c.model}@{c.tier}" for c in n.cached)
+        nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", f"{n.free_gpus}/{n.gpus}", tiers or "-",
+                      cached or "-", _ago(st.now, n.last_heartbeat))
+    instances = Table(title="instances")
+    for col in ("instance", "model", "node", "state", "gpus", "running", "loaded from", "idle"):
+        instances.add_column(col)
+    for i in st.instances:
+        loaded = f"{i.load_tier} {i.load_seconds:.2f} s" if i.load_tier and i.load_seconds is not None else "-"
+        instances.add_row(i.instance_id, i.model, i.node_id, i.state, ",".join(map(str, i.gpu_ids)) or "cpu",
+                          str(i.running_requests), loaded, _ago(st.now, i.last_used))
+    allocations = Table(title="allocations")
+    for col in ("job", "state", "model", "nodes", "submitted", "retires in", "reason"):
+        allocations.add_column(col)
+    for a in st.allocations:
+        if a.state == "ended":
+            continue
+        retire = f"{a.retire_at - st.now:.0f} s" if a.retire_at else "-"
+        allocations.add_row(a.job_id, a.state, a.model or "-", ",".join(a.nodes) or
+                            (f"prefer {','.join(a.preferred_nodes)}" if a.preferred_nodes else "-"),
+                            _ago(st.now, a.submitted_at), retire, a.reason or "")
+    for table in (models, nodes, instances, allocations):
+        console.print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _ago(now: float, then: float | None) -> str:
+    return "-" if then is None else f"{max(0.0, now - then):.0f} s ago"
+
+
+__all__ = ["controller", "deploy", "undeploy", "status", "read_model_file", "print_status"]

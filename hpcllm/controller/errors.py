@@ -1,0 +1,84 @@
+"""Errors of the controller. Each maps to one HTTP status and a stable `code`, and the CLI prints its message."""
+
+from __future__ import annotations
+
+from hpcllm.errors import ConfigError, HpcllmError
+
+
+class ControllerError(HpcllmError):
+    http_status = 500
+    code = "internal_error"
+    error_type = "server_error"
+
+
+class InvalidRequest(ControllerError):
+    http_status = 400
+    code = "invalid_request"
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class InvalidModelConfig(InvalidRequest, ConfigError):
+    """A model config (TOML or admin request body) is invalid: the message names the field."""
+
+    code = "invalid_model_config"
+    exit_code = 2
+
+
+class Unauthorized(ControllerError):
+    http_status = 401
+    code = "unauthorized"
+    error_type = "authentication_error"
+
+
+class UnknownModel(ControllerError):
+    http_status = 404
+    code = "model_not_found"
+    error_type = "invalid_request_error"
+
+
+class UnknownNode(ControllerError):
+    """A heartbeat from a node the controller does not know (or declared lost): the agent must register again."""
+
+    http_status = 404
+    code = "unknown_node"
+    error_type = "invalid_request_error"
+
+
+class NoCapacity(ControllerError):
+    http_status = 503
+    code = "no_capacity"
+    error_type = "server_error"
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AllocationFailed(ControllerError):
+    """Slurm could not be asked (controller down, command missing) or refused the allocation (sbatch rejected it)."""
+
+    http_status = 503
+    code = "allocation_failed"
+    error_type = "server_error"
+
+
+class AgentError(ControllerError):
+    """A node agent did not answer or refused a request."""
+
+    http_status = 502
+    code = "node_agent_error"
+    error_type = "server_error"
+
+
+class ControllerUnreachable(HpcllmError):
+    """The CLI could not reach the controller."""
+
+    exit_code = 3
+
+
+class DatabaseError(ConfigError):
+    """The database URL is unsupported or the file cannot be opened / was written by a newer hpcllm."""

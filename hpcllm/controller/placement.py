@@ -1,0 +1,199 @@
+"""Locality-aware placement (pure functions, no I/O): which node starts a model instance the soonest.
+
+For every candidate node (see docs/placement.md):
+
+    startup = queue_wait                      0 when the node runs an agent with a free slot now; else the estimated
+                                              wait for a pending allocation / a new Slurm job on an idle node
+            + size_bytes / bandwidth(tier)    the fastest measured tier on that node holding the checkpoint
+                                              (DRAM, node NVMe; the shared FS always holds it: it is the origin)
+            + migration                       when slots must be freed: the cheapest set of other instances to move,
+                                              each costing tokens_in_flight / prefill rate or a configured cost
+
+The smallest estimate wins; ties go to the node whose name sorts first. Every decision carries its breakdown.
+
+Two implementations of the same arithmetic: `estimate()` is the readable per-node specification (also used to
+explain the chosen node), `ClusterView` precomputes per-node arrays and a per-model load-time matrix so one decision
+over thousands of nodes is a few vectorized numpy operations (bench/placement.py measures it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpcllm.controller.protocol import PlacementBreakdown
+
+TIERS = ("dram", "nvme", "sharedfs")  # also the preference order when two tiers load equally fast
+ORIGIN_TIER = "sharedfs"
+BYTES_PER_GB = 1e9
+
+
+@dataclass(frozen=True)
+class MovableInstance:
+    """An instance (of another model) that could be moved away to free slots, and what moving it costs."""
+
+    instance_id: str
+    slots: int
+    cost_seconds: float
+
+
+@dataclass(frozen=True)
+class NodeCandidate:
+    node: str
+    kind: str  # "running" (agent up), "pending" (allocation queued), "idle" (a new allocation could land here)
+    queue_wait_seconds: float
+    free_slots: int
+    bandwidth_gbps: Mapping[str, float]  # measured read bandwidth per tier; must include "sharedfs"
+    movable: tuple[MovableInstance, ...] = ()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    node: str
+    kind: str
+    total_seconds: float
+    queue_wait_seconds: float
+    load_seconds: float
+    migration_seconds: float
+    tier: str
+    bandwidth_gbps: float
+    migrate: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: Estimate | None
+    considered: int
+
+    def breakdown(self) -> PlacementBreakdown | None:
+        if self.chosen is None:
+            return None
+        c = self.chosen
+        return PlacementBreakdown(node=c.node, kind=c.kind, total_seconds=c.total_seconds,
+                                  queue_wait_seconds=c.queue_wait_seconds, load_seconds=c.load_seconds,
+                                  migration_seconds=c.migration_seconds, tier=c.tier, bandwidth_gbps=c.bandwidth_gbps,
+                                  migrate=list(c.migrate), considered=self.considered)
+
+
+# --------------------------------------------------------------------------------------- the specification
+
+
+def load_time(size_bytes: int, bandwidth_gbps: float) -> float:
+    return size_bytes / (bandwidth_gbps * BYTES_PER_GB)
+
+
+def best_tier(size_bytes: int, bandwidth_gbps: Mapping[str, float], holding: Collection[str]) -> tuple[str, float]:
+    """(tier, load seconds) of the fastest tier on a node that holds the checkpoint; the shared FS always does."""
+    best = (ORIGIN_TIER, load_time(size_bytes, bandwidth_gbps[ORIGIN_TIER]))
+    for tier in TIERS:
+        if tier != ORIGIN_TIER and tier in holding and bandwidth_gbps.get(tier, 0) > 0:
+            seconds = load_time(size_bytes, bandwidth_gbps[tier])
+            if seconds < best[1] or (seconds == best[1] and TIERS.index(tier) < TIERS.index(best[0])):
+                best = (tier, seconds)
+    return best
+
+
+def cheapest_migration(movable: Sequence[MovableInstance], slots_to_free: int) -> tuple[float, tuple[str, ...]] | None:
+    """The cheapest set of instances whose slots add up to at least `slots_to_free` (0/1 knapsack cover, exact).
+
+    None when moving everything would still not free enough.
+    """
+    if slots_to_free <= 0:
+        return 0.0, ()
+    # best[j] = (cost, ids) of the cheapest set freeing at least j slots
+    best: list[tuple[float, tuple[str, ...]]] = [(0.0, ())] + [(math.inf, ())] * slots_to_free
+    for inst in movable:
+        for j in range(slots_to_free, 0, -1):
+            base_cost, base_ids = best[max(0, j - inst.slots)]
+            if base_cost + inst.cost_seconds < best[j][0]:
+                best[j] = (base_cost + inst.cost_seconds, base_ids + (inst.instance_id,))
+    cost, ids = best[slots_to_free]
+    return None if math.isinf(cost) else (cost, ids)
+
+
+def estimate(candidate: NodeCandidate, size_bytes: int, slots: int, holding: Collection[str]) -> Estimate | None:
+    """Startup estimate of one node with its breakdown; None when the node cannot host the instance at all."""
+    migration = cheapest_migration(candidate.movable, slots - candidate.free_slots)
+    if migration is None:
+        return None
+    migration_seconds, migrate = migration
+    tier, load_seconds = best_tier(size_bytes, candidate.bandwidth_gbps, holding)
+    total = candidate.queue_wait_seconds + load_seconds + migration_seconds
+    return Estimate(candidate.node, candidate.kind, total, candidate.queue_wait_seconds, load_seconds,
+                    migration_seconds, tier, candidate.bandwidth_gbps[tier], migrate)
+
+
+def place(size_bytes: int, slots: int, candidates: Sequence[NodeCandidate],
+          holding: Mapping[str, Collection[str]]) -> Decision:
+    """Place one instance of one model: `holding` maps node -> tiers holding its checkpoint."""
+    view = ClusterView(candidates, {"model": size_bytes}, {"model": holding})
+    return view.decide("model", slots)
+
+
+# ------------------------------------------------------------------------------------ the fast, precomputed form
+
+
+@dataclass
+class ClusterView:
+    """Candidates and models precomputed into arrays; `decide()` is then O(nodes) in numpy.
+
+    Nodes are stored sorted by name, so numpy's argmin (first minimum) breaks ties by node name.
+    - queue_wait[n], and migration_cost[n, k]: seconds to have k free slots on node n (0 when free, inf if
+      impossible), for k up to the largest slot count any node can offer.
+    - load_seconds[m, n]: model m's load time on node n from its best tier - the precomputed per-model residency.
+    """
+
+    candidates: Sequence[NodeCandidate]
+    model_sizes: Mapping[str, int]
+    residency: Mapping[str, Mapping[str, Collection[str]]]  # model -> node -> tiers holding its checkpoint
+    nodes: list[NodeCandidate] = field(init=False)
+    model_index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nodes = sorted(self.candidates, key=lambda c: c.node)
+        node_index = {c.node: i for i, c in enumerate(self.nodes)}
+        self.model_index = {name: i for i, name in enumerate(self.model_sizes)}
+        self.queue_wait = np.array([c.queue_wait_seconds for c in self.nodes], dtype=np.float64)
+        self.max_slots = max((c.free_slots + sum(m.slots for m in c.movable) for c in self.nodes), default=0)
+        self.migration_cost = self._migration_matrix()
+        self.load_seconds = self._load_matrix(node_index)
+
+    def _migration_matrix(self) -> np.ndarray:
+        cost = np.full((len(self.nodes), self.max_slots + 1), np.inf)
+        for n, c in enumerate(self.nodes):
+            cost[n, : max(c.free_slots, 0) + 1] = 0.0
+            for k in range(c.free_slots + 1, self.max_slots + 1):
+                found = cheapest_migration(c.movable, k - c.free_slots)
+                if found is None:
+                    break
+                cost[n, k] = found[0]
+        return cost
+
+    def _load_matrix(self, node_index: Mapping[str, int]) -> np.ndarray:
+        sizes = np.array([self.model_sizes[m] for m in self.model_index], dtype=np.float64)
+        origin_bw = np.array([c.bandwidth_gbps[ORIGIN_TIER] for c in self.nodes], dtype=np.float64) * BYTES_PER_GB
+        load = sizes[:, None] / origin_bw[None, :]
+        for model, by_node in self.residency.items():
+            m = self.model_index.get(model)
+            if m is None:
+                continue
+            for node, tiers in by_node.items():
+                n = node_index.get(node)
+                if n is not None:
+                    load[m, n] = best_tier(self.model_sizes[model], self.nodes[n].bandwidth_gbps, tiers)[1]
+        return load
+
+    def decide(self, model: str, slots: int) -> Decision:
+        if not self.nodes or slots > self.max_slots:
+            return Decision(None, len(self.nodes))
+        m = self.model_index[model]
+        total = self.queue_wait + self.load_seconds[m] + self.migration_cost[:, slots]
+        n = int(np.argmin(total))
+        if math.isinf(total[n]):
+            return Decision(None, len(self.nodes))
+        node = self.nodes[n]
+        holding = self.residency.get(model, {}).get(node.node, ())
+        return Decision(estimate(node, self.model_sizes[model], slots, holding), len(self.nodes))

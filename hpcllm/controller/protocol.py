@@ -1,0 +1,256 @@
+"""Wire types of the controller's HTTP API (the controller owns them; node agents, the gateway and the CLI import them).
+
+Every body is validated with these pydantic models; unknown fields are rejected so a typo in a client is an error
+that names the field. See docs/controller.md for the endpoints and status codes.
+
+Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`):
+    POST /v1/internal/nodes/register             NodeRegistration -> RegisterResponse
+    POST /v1/internal/nodes/<node_id>/heartbeat  Heartbeat -> HeartbeatResponse (404 unknown_node: register again)
+    GET  /v1/internal/route?model=NAME&wait=S    200 RouteReady | 202 RouteWaiting | 404 | 503 (+ Retry-After)
+    GET  /v1/internal/models                     ModelList (deployed models, for the gateway's /v1/models)
+    GET  /health                                 200 {"status": "ok"} while the database answers (no secret)
+Admin endpoints (header `Authorization: Bearer <admin key>`):
+    POST   /v1/admin/models          ModelSpec -> DeployedModel (201 new, 200 updated)
+    DELETE /v1/admin/models/<name>   -> {"undeployed": name, "stopped_instances": n}
+    GET    /v1/admin/status          -> ClusterStatus
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SECRET_HEADER = "X-Hpcllm-Secret"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
+
+Tier = Literal["dram", "nvme", "sharedfs"]
+CacheTier = Literal["dram", "nvme"]
+InstanceState = Literal["loading", "ready", "draining", "stopped", "failed"]
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------------------------ node agent -> us
+
+
+class TierInfo(Wire):
+    capacity_bytes: int | None = Field(None, ge=0)
+    read_gbps: float = Field(gt=0, description="measured sequential read bandwidth, GB/s (1e9 bytes/s)")
+    # Only meaningful for nvme: "persistent" node-local disk survives the Slurm job, "job" scratch does not.
+    scope: Literal["persistent", "job"] | None = None
+
+
+class Tiers(Wire):
+    dram: TierInfo | None = None
+    nvme: TierInfo | None = None
+    sharedfs: TierInfo | None = None
+
+
+class CacheEntry(Wire):
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    tier: CacheTier
+    bytes: int = Field(ge=0)
+    verified: bool = False
+    last_used: float = 0.0
+
+
+class NodeRegistration(Wire):
+    node_id: str = Field(min_length=1, max_length=256, description="the Slurm node name")
+    agent_url: str = Field(pattern=r"^https?://")
+    slurm_job_id: str | None = None
+    job_scoped: bool = True
+    gpus: int = Field(0, ge=0)
+    tiers: Tiers = Field(default_factory=Tiers)
+    h2d_gbps: float | None = Field(None, gt=0)
+    cached: list[CacheEntry] = Field(default_factory=list)
+
+
+class InstanceInfo(Wire):
+    instance_id: str = Field(min_length=1)
+    model: str
+    state: InstanceState
+    worker_url: str | None = None
+    gpu_ids: list[int] = Field(default_factory=list)
+    running_requests: int = Field(0, ge=0)
+    started_at: float = 0.0
+    load_tier: Tier | None = None
+    load_seconds: float | None = Field(None, ge=0)
+    # Optional inputs to the migration-cost estimate: tokens the running requests hold (to recompute on another
+    # instance) and the prefill rate the worker measured.
+    tokens_in_flight: int | None = Field(None, ge=0)
+    prefill_tokens_per_second: float | None = Field(None, gt=0)
+    error: str | None = None
+
+
+class Heartbeat(Wire):
+    cached: list[CacheEntry] = Field(default_factory=list)
+    instances: list[InstanceInfo] = Field(default_factory=list)
+
+
+class RegisterResponse(Wire):
+    node_id: str
+    heartbeat_seconds: float
+
+
+class HeartbeatResponse(Wire):
+    node_id: str
+    state: str
+
+
+# ---------------------------------------------------------------------------------------------- gateway <-> route
+
+
+class RouteReady(Wire):
+    status: Literal["ready"] = "ready"
+    model: str
+    instance_id: str
+    worker_url: str
+    node_id: str
+    # How the instance was loaded (its cold start), so the gateway can report it.
+    load_tier: str | None = None
+    load_seconds: float | None = None
+
+
+class RouteWaiting(Wire):
+    # "starting": an instance is loading on a node; "allocating": a Slurm allocation that will host it is pending.
+    status: Literal["starting", "allocating"]
+    model: str
+    retry_after: float
+    instance_id: str | None = None
+    node_id: str | None = None
+    job_id: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------- admin (CLI) -> us
+
+
+class SlurmOverrides(Wire):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = Field(None, pattern=WALLTIME_PATTERN, description="walltime of allocations for this model")
+
+
+class ModelSpec(Wire):
+    """A model config (conf/models/NAME.toml) as deployed; also the body of POST /v1/admin/models."""
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    source: str = Field(min_length=1, description="converted checkpoint folder on the shared filesystem")
+    size_bytes: int | None = Field(None, gt=0, description="only needed when the source has no manifest.json")
+    gpus: int = Field(0, ge=0, le=64, description="GPUs per instance; 0 serves on CPU")
+    max_model_len: int | None = Field(None, gt=0)
+    keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
+    min_instances: int = Field(0, ge=0)
+    max_instances: int = Field(1, ge=1)
+    slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> ModelSpec:
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
+                             f"({self.max_instances})")
+        return self
+
+
+class DeployedModel(ModelSpec):
+    size_bytes: int = Field(gt=0)
+    deployed_at: float
+
+
+class ModelCard(Wire):
+    """What the gateway needs to know about a deployed model (GET /v1/internal/models)."""
+
+    name: str
+    source: str
+    max_model_len: int | None
+    gpus: int
+    size_bytes: int
+    created_at: float
+
+
+class ModelList(Wire):
+    models: list[ModelCard]
+
+
+class PlacementBreakdown(Wire):
+    """Why a node was chosen: the startup estimate and its parts (seconds)."""
+
+    node: str
+    kind: Literal["running", "pending", "idle"]
+    total_seconds: float
+    queue_wait_seconds: float
+    load_seconds: float
+    migration_seconds: float
+    tier: Tier
+    bandwidth_gbps: float
+    migrate: list[str] = Field(default_factory=list)
+    considered: int = 0
+
+
+class NodeStatus(Wire):
+    node_id: str
+    state: str
+    agent_url: str
+    slurm_job_id: str | None
+    job_scoped: bool
+    gpus: int
+    free_gpus: int
+    tiers: Tiers
+    last_heartbeat: float | None
+    cached: list[CacheEntry]
+
+
+class InstanceStatus(Wire):
+    instance_id: str
+    model: str
+    node_id: str
+    state: str
+    worker_url: str | None
+    gpu_ids: list[int]
+    running_requests: int
+    last_used: float
+    load_tier: str | None
+    load_seconds: float | None
+
+
+class AllocationStatus(Wire):
+    job_id: str
+    state: str
+    model: str | None
+    nodes: list[str]
+    preferred_nodes: list[str]
+    submitted_at: float
+    started_at: float | None
+    walltime_end: float | None
+    retire_at: float | None
+    reason: str | None
+
+
+class ColdStart(Wire):
+    model: str
+    node_id: str
+    instance_id: str
+    tier: str | None
+    load_seconds: float | None
+    requested_at: float
+    ready_at: float | None
+    estimate_seconds: float | None
+
+
+class ClusterStatus(Wire):
+    now: float
+    models: list[DeployedModel]
+    nodes: list[NodeStatus]
+    instances: list[InstanceStatus]
+    allocations: list[AllocationStatus]
+    cold_starts: list[ColdStart]
+
+
+class UndeployResult(Wire):
+    undeployed: str
+    stopped_instances: int

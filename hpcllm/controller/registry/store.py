@@ -1,0 +1,658 @@
+"""The controller's registry: models, nodes, cache residency, instances, allocations, cold starts - in SQLite.
+
+SQLite in WAL mode with synchronous=NORMAL: a committed transaction survives the controller being killed (kill -9)
+at any point; only an OS crash can lose the last few commits. Every change that touches several rows (a node
+registering with its cache list, a heartbeat replacing instances and cache entries, an undeploy stopping instances)
+runs in ONE `BEGIN IMMEDIATE` transaction, so a crash never leaves anything half-registered.
+
+Time is always passed in (`now`, seconds since the epoch) so the autoscaler and tests can drive a fake clock; the
+values are wall-clock because they must mean the same after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcllm.controller.errors import DatabaseError, UnknownNode
+from hpcllm.controller.protocol import (
+    CacheEntry,
+    DeployedModel,
+    Heartbeat,
+    InstanceInfo,
+    NodeRegistration,
+    Tiers,
+)
+
+SCHEMA_VERSION = 1
+RESERVED_PREFIX = "reserved:"
+
+# Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
+# "gone" (its Slurm job ended; only persistent cache entries and measured bandwidths are kept, for placement).
+NODE_LIVE_STATES = ("up", "draining")
+# Allocation states: pending, running, draining (we are retiring it), cancelling (scancel sent, Slurm has not
+# confirmed the end yet), ended.
+ALLOCATION_ACTIVE_STATES = ("pending", "running", "draining", "cancelling")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    deployed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    agent_url TEXT NOT NULL,
+    slurm_job_id TEXT,
+    job_scoped INTEGER NOT NULL,
+    gpus INTEGER NOT NULL,
+    tiers TEXT NOT NULL,
+    h2d_gbps REAL,
+    state TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    last_heartbeat REAL
+);
+CREATE TABLE IF NOT EXISTS cache (
+    node_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    verified INTEGER NOT NULL,
+    last_used REAL NOT NULL,
+    persistent INTEGER NOT NULL,
+    PRIMARY KEY (node_id, model, tier)
+);
+CREATE INDEX IF NOT EXISTS cache_by_model ON cache (model);
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    worker_url TEXT,
+    gpu_ids TEXT NOT NULL,
+    running_requests INTEGER NOT NULL DEFAULT 0,
+    routed_since_heartbeat INTEGER NOT NULL DEFAULT 0,
+    tokens_in_flight INTEGER,
+    prefill_tps REAL,
+    requested_at REAL NOT NULL,
+    last_used REAL NOT NULL,
+    load_tier TEXT,
+    load_seconds REAL,
+    placement TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_by_model ON instances (model);
+CREATE INDEX IF NOT EXISTS instances_by_node ON instances (node_id);
+CREATE TABLE IF NOT EXISTS allocations (
+    job_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    model TEXT,
+    preferred_nodes TEXT NOT NULL,
+    nodes TEXT NOT NULL,
+    partition TEXT,
+    time_limit_seconds REAL,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    walltime_end REAL,
+    retire_at REAL,
+    idle_since REAL,
+    ended_at REAL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS cold_starts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    tier TEXT,
+    load_seconds REAL,
+    requested_at REAL NOT NULL,
+    ready_at REAL,
+    estimate_seconds REAL
+);
+CREATE TABLE IF NOT EXISTS demand (
+    model TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    last REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node_id: str
+    agent_url: str
+    slurm_job_id: str | None
+    job_scoped: bool
+    gpus: int
+    tiers: Tiers
+    h2d_gbps: float | None
+    state: str
+    registered_at: float
+    last_heartbeat: float | None
+
+    @property
+    def persistent_nvme(self) -> bool:
+        return self.tiers.nvme is not None and self.tiers.nvme.scope == "persistent"
+
+
+@dataclass(frozen=True)
+class CacheRecord:
+    node_id: str
+    model: str
+    tier: str
+    bytes: int
+    verified: bool
+    last_used: float
+    persistent: bool
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    instance_id: str
+    model: str
+    node_id: str
+    state: str
+    worker_url: str | None
+    gpu_ids: list[int]
+    running_requests: int
+    routed_since_heartbeat: int
+    tokens_in_flight: int | None
+    prefill_tps: float | None
+    requested_at: float
+    last_used: float
+    load_tier: str | None
+    load_seconds: float | None
+    placement: dict | None
+
+    @property
+    def reserved(self) -> bool:
+        """Placed by us, but the node agent has not confirmed it yet."""
+        return self.instance_id.startswith(RESERVED_PREFIX)
+
+    @property
+    def load(self) -> int:
+        return self.running_requests + self.routed_since_heartbeat
+
+
+@dataclass(frozen=True)
+class AllocationRecord:
+    job_id: str
+    state: str
+    model: str | None
+    preferred_nodes: list[str]
+    nodes: list[str]
+    partition: str | None
+    time_limit_seconds: float | None
+    submitted_at: float
+    started_at: float | None
+    walltime_end: float | None
+    retire_at: float | None
+    idle_since: float | None
+    ended_at: float | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class ColdStartRecord:
+    model: str
+    node_id: str
+    instance_id: str
+    tier: str | None
+    load_seconds: float | None
+    requested_at: float
+    ready_at: float | None
+    estimate_seconds: float | None
+
+
+@dataclass
+class HeartbeatOutcome:
+    """What a heartbeat changed: instances that became ready (cold starts finished), failed or disappeared."""
+
+    became_ready: list[ColdStartRecord] = field(default_factory=list)
+    failed: list[InstanceInfo] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)
+
+
+def sqlite_path_from_url(database_url: str) -> str:
+    """sqlite:///relative/path, sqlite:////absolute/path (SQLAlchemy's convention), sqlite:///:memory:, or a path."""
+    if database_url.startswith("sqlite:///"):
+        path = database_url[len("sqlite:///"):]
+    elif "://" in database_url:
+        scheme = database_url.split("://", 1)[0]
+        raise DatabaseError(
+            f"controller.database_url {database_url!r}: the {scheme!r} scheme is not supported; use "
+            f"sqlite:///relative/path or sqlite:////absolute/path"
+        )
+    else:
+        path = database_url
+    if not path:
+        raise DatabaseError(f"controller.database_url {database_url!r} names no file")
+    return path
+
+
+class Registry:
+    """All controller state. Thread-safe: one connection guarded by a lock (SQLite serializes writers anyway)."""
+
+    def __init__(self, database_url: str):
+        path = sqlite_path_from_url(database_url)
+        if path != ":memory:":
+            parent = Path(path).expanduser().resolve().parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(f"cannot create the folder {parent} for the controller database: {exc}") from None
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=30000")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(f"cannot open the controller database {path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+
+    def _migrate(self) -> None:
+        with self._lock:
+            # Idempotent DDL (IF NOT EXISTS); executescript commits on its own, so it runs outside _tx.
+            self._conn.executescript(_SCHEMA)
+        with self._tx() as db:
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row["version"] > SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"the controller database {self.path} has schema version {row['version']}, written by a newer "
+                    f"hpcllm (this one understands up to {SCHEMA_VERSION}); upgrade hpcllm or use another database"
+                )
+
+    def schema_version(self) -> int:
+        with self._read() as db:
+            return db.execute("SELECT version FROM schema_version").fetchone()["version"]
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: everything inside commits together or not at all."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent read snapshot over several SELECTs."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    # -------------------------------------------------------------------------------------------------- models
+
+    def put_model(self, model: DeployedModel) -> bool:
+        """Insert or replace a deployed model; True when it is new."""
+        with self._tx() as db:
+            existed = db.execute("SELECT 1 FROM models WHERE name = ?", (model.name,)).fetchone() is not None
+            db.execute(
+                "INSERT OR REPLACE INTO models (name, spec, size_bytes, deployed_at) VALUES (?, ?, ?, ?)",
+                (model.name, model.model_dump_json(), model.size_bytes, model.deployed_at),
+            )
+        return not existed
+
+    def delete_model(self, name: str) -> list[InstanceRecord] | None:
+        """Remove a model, its instances and its pending demand in one transaction. None when it is unknown.
+
+        Returns the instances that were removed so the caller can ask their node agents to stop them.
+        """
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
+                return None
+            removed = [_instance(r) for r in db.execute("SELECT * FROM instances WHERE model = ?", (name,))]
+            db.execute("DELETE FROM instances WHERE model = ?", (name,))
+            db.execute("DELETE FROM demand WHERE model = ?", (name,))
+            db.execute("DELETE FROM models WHERE name = ?", (name,))
+        return removed
+
+    def get_model(self, name: str) -> DeployedModel | None:
+        with self._read() as db:
+            row = db.execute("SELECT spec FROM models WHERE name = ?", (name,)).fetchone()
+        return DeployedModel.model_validate_json(row["spec"]) if row else None
+
+    def models(self) -> list[DeployedModel]:
+        with self._read() as db:
+            rows = db.execute("SELECT spec FROM models ORDER BY name").fetchall()
+        return [DeployedModel.model_validate_json(r["spec"]) for r in rows]
+
+    # --------------------------------------------------------------------------------------------------- nodes
+
+    def register_node(self, reg: NodeRegistration, now: float) -> NodeRecord:
+        """Record a node agent (new, restarted, or back in a new Slurm job) with its cache, atomically.
+
+        A registration means the agent (re)started: instances we had for that node belong to its previous life
+        and are dropped; the agent reports its live instances in its next heartbeat.
+        """
+        persistent_nvme = reg.tiers.nvme is not None and reg.tiers.nvme.scope == "persistent"
+        with self._tx() as db:
+            db.execute("DELETE FROM instances WHERE node_id = ?", (reg.node_id,))
+            db.execute(
+                "INSERT OR REPLACE INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
+                " state, registered_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?)",
+                (reg.node_id, reg.agent_url, reg.slurm_job_id, int(reg.job_scoped), reg.gpus,
+                 reg.tiers.model_dump_json(), reg.h2d_gbps, now, now),
+            )
+            _replace_cache(db, reg.node_id, reg.cached, persistent_nvme)
+            if reg.slurm_job_id:
+                _attach_node_to_allocation(db, reg.slurm_job_id, reg.node_id, now)
+            row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (reg.node_id,)).fetchone()
+        return _node(row)
+
+    def heartbeat(self, node_id: str, hb: Heartbeat, now: float) -> HeartbeatOutcome:
+        """Replace a node's cache list and instance list with what its agent reports, atomically."""
+        outcome = HeartbeatOutcome()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+            if row is None or row["state"] not in NODE_LIVE_STATES:
+                raise UnknownNode(f"node {node_id!r} is not registered (or was declared lost): register again")
+            node = _node(row)
+            db.execute("UPDATE nodes SET last_heartbeat = ? WHERE node_id = ?", (now, node_id))
+            _replace_cache(db, node_id, hb.cached, node.persistent_nvme)
+            known = {r["instance_id"]: _instance(r)
+                     for r in db.execute("SELECT * FROM instances WHERE node_id = ?", (node_id,))}
+            reported = set()
+            for info in hb.instances:
+                reported.add(info.instance_id)
+                if info.state in ("stopped", "failed"):
+                    db.execute("DELETE FROM instances WHERE instance_id = ?", (info.instance_id,))
+                    if info.state == "failed":
+                        outcome.failed.append(info)
+                    continue
+                previous = known.get(info.instance_id)
+                _upsert_reported_instance(db, node_id, info, previous, now)
+                if info.state == "ready" and (previous is None or previous.state == "loading"):
+                    outcome.became_ready.append(_record_cold_start(db, node_id, info, previous, now))
+            for instance_id, record in known.items():
+                if instance_id not in reported and not record.reserved:
+                    db.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
+                    outcome.vanished.append(instance_id)
+        return outcome
+
+    def get_node(self, node_id: str) -> NodeRecord | None:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return _node(row) if row else None
+
+    def nodes(self, states: tuple[str, ...] | None = None) -> list[NodeRecord]:
+        with self._read() as db:
+            if states:
+                marks = ",".join("?" * len(states))
+                rows = db.execute(f"SELECT * FROM nodes WHERE state IN ({marks}) ORDER BY node_id", states)
+            else:
+                rows = db.execute("SELECT * FROM nodes ORDER BY node_id")
+            return [_node(r) for r in rows]
+
+    def set_node_state(self, node_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET state = ? WHERE node_id = ?", (state, node_id))
+
+    def node_left(self, node_id: str, state: str) -> list[InstanceRecord]:
+        """The node's agent is gone ("lost": silent, "gone": its job ended): drop its instances and the cache
+        entries that died with it; keep persistent NVMe entries so placement can still prefer this node."""
+        with self._tx() as db:
+            removed = [_instance(r) for r in db.execute("SELECT * FROM instances WHERE node_id = ?", (node_id,))]
+            db.execute("DELETE FROM instances WHERE node_id = ?", (node_id,))
+            db.execute("DELETE FROM cache WHERE node_id = ? AND persistent = 0", (node_id,))
+            db.execute("UPDATE nodes SET state = ? WHERE node_id = ?", (state, node_id))
+        return removed
+
+    def cache(self, node_id: str | None = None, model: str | None = None) -> list[CacheRecord]:
+        clauses, args = [], []
+        if node_id is not None:
+            clauses.append("node_id = ?")
+            args.append(node_id)
+        if model is not None:
+            clauses.append("model = ?")
+            args.append(model)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._read() as db:
+            rows = db.execute(f"SELECT * FROM cache {where} ORDER BY node_id, model, tier", args).fetchall()
+        return [CacheRecord(r["node_id"], r["model"], r["tier"], r["bytes"], bool(r["verified"]), r["last_used"],
+                            bool(r["persistent"])) for r in rows]
+
+    # ----------------------------------------------------------------------------------------------- instances
+
+    def reserve_instance(self, model: str, node_id: str, gpu_ids: list[int], now: float,
+                         placement: dict | None = None) -> str:
+        """Claim GPUs on a node for a cold start before asking its agent, so concurrent routes do not double-book."""
+        reservation = f"{RESERVED_PREFIX}{uuid.uuid4().hex}"
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO instances (instance_id, model, node_id, state, worker_url, gpu_ids, requested_at,"
+                " last_used, placement) VALUES (?, ?, ?, 'loading', NULL, ?, ?, ?, ?)",
+                (reservation, model, node_id, json.dumps(gpu_ids), now, now,
+                 json.dumps(placement) if placement is not None else None),
+            )
+        return reservation
+
+    def confirm_instance(self, reservation: str, instance_id: str, worker_url: str | None) -> None:
+        """The agent accepted the start: the reservation becomes its real instance id, in one statement.
+
+        If the agent's heartbeat already reported the instance (a race), the reservation is simply dropped.
+        """
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM instances WHERE instance_id = ?", (instance_id,)).fetchone():
+                row = db.execute("SELECT requested_at, placement FROM instances WHERE instance_id = ?",
+                                 (reservation,)).fetchone()
+                if row is not None:
+                    db.execute("UPDATE instances SET requested_at = ?, placement = ? WHERE instance_id = ?",
+                               (row["requested_at"], row["placement"], instance_id))
+                db.execute("DELETE FROM instances WHERE instance_id = ?", (reservation,))
+            else:
+                db.execute("UPDATE instances SET instance_id = ?, worker_url = ? WHERE instance_id = ?",
+                           (instance_id, worker_url, reservation))
+
+    def delete_instance(self, instance_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,)).rowcount > 0
+
+    def set_instance_state(self, instance_id: str, state: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE instances SET state = ? WHERE instance_id = ?", (state, instance_id))
+
+    def get_instance(self, instance_id: str) -> InstanceRecord | None:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM instances WHERE instance_id = ?", (instance_id,)).fetchone()
+        return _instance(row) if row else None
+
+    def instances(self, model: str | None = None, node_id: str | None = None) -> list[InstanceRecord]:
+        clauses, args = [], []
+        if model is not None:
+            clauses.append("model = ?")
+            args.append(model)
+        if node_id is not None:
+            clauses.append("node_id = ?")
+            args.append(node_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._read() as db:
+            rows = db.execute(f"SELECT * FROM instances {where} ORDER BY model, node_id, instance_id", args)
+            return [_instance(r) for r in rows]
+
+    def note_routed(self, instance_id: str, now: float) -> None:
+        """A request was sent to this instance: count it until the next heartbeat reports real load."""
+        with self._tx() as db:
+            db.execute("UPDATE instances SET last_used = ?, routed_since_heartbeat = routed_since_heartbeat + 1"
+                       " WHERE instance_id = ?", (now, instance_id))
+
+    # --------------------------------------------------------------------------------------------- allocations
+
+    def add_allocation(self, job_id: str, model: str | None, preferred_nodes: list[str], partition: str | None,
+                       time_limit_seconds: float | None, now: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO allocations (job_id, state, model, preferred_nodes, nodes, partition,"
+                " time_limit_seconds, submitted_at) VALUES (?, 'pending', ?, ?, '[]', ?, ?, ?)",
+                (job_id, model, json.dumps(preferred_nodes), partition, time_limit_seconds, now),
+            )
+
+    def update_allocation(self, job_id: str, **fields) -> None:
+        allowed = {"state", "nodes", "started_at", "walltime_end", "retire_at", "idle_since", "ended_at", "reason"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown allocation fields {sorted(unknown)}")
+        if "nodes" in fields:
+            fields["nodes"] = json.dumps(fields["nodes"])
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        with self._tx() as db:
+            db.execute(f"UPDATE allocations SET {assignments} WHERE job_id = ?", (*fields.values(), job_id))
+
+    def get_allocation(self, job_id: str) -> AllocationRecord | None:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM allocations WHERE job_id = ?", (job_id,)).fetchone()
+        return _allocation(row) if row else None
+
+    def allocations(self, active_only: bool = False) -> list[AllocationRecord]:
+        with self._read() as db:
+            if active_only:
+                marks = ",".join("?" * len(ALLOCATION_ACTIVE_STATES))
+                rows = db.execute(f"SELECT * FROM allocations WHERE state IN ({marks}) ORDER BY submitted_at, job_id",
+                                  ALLOCATION_ACTIVE_STATES)
+            else:
+                rows = db.execute("SELECT * FROM allocations ORDER BY submitted_at, job_id")
+            return [_allocation(r) for r in rows]
+
+    # ------------------------------------------------------------------------------------------ demand & stats
+
+    def note_demand(self, model: str, now: float) -> None:
+        """A route request found no capacity for this model: the autoscaler should get some."""
+        with self._tx() as db:
+            db.execute("INSERT INTO demand (model, since, last) VALUES (?, ?, ?)"
+                       " ON CONFLICT(model) DO UPDATE SET last = excluded.last", (model, now, now))
+
+    def clear_demand(self, model: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM demand WHERE model = ?", (model,))
+
+    def demand(self) -> dict[str, tuple[float, float]]:
+        with self._read() as db:
+            return {r["model"]: (r["since"], r["last"]) for r in db.execute("SELECT * FROM demand")}
+
+    def cold_starts(self, limit: int = 50) -> list[ColdStartRecord]:
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM cold_starts ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_cold_start(r) for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------ row helpers
+
+
+def _replace_cache(db: sqlite3.Connection, node_id: str, entries: list[CacheEntry], persistent_nvme: bool) -> None:
+    db.execute("DELETE FROM cache WHERE node_id = ?", (node_id,))
+    db.executemany(
+        "INSERT OR REPLACE INTO cache (node_id, model, tier, bytes, verified, last_used, persistent)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(node_id, e.model, e.tier, e.bytes, int(e.verified), e.last_used, int(e.tier == "nvme" and persistent_nvme))
+         for e in entries],
+    )
+
+
+def _attach_node_to_allocation(db: sqlite3.Connection, job_id: str, node_id: str, now: float) -> None:
+    row = db.execute("SELECT state, nodes, started_at FROM allocations WHERE job_id = ?", (job_id,)).fetchone()
+    if row is None:
+        return  # an agent started by hand (a user's sbatch): it serves, but no allocation of ours owns it
+    if row["state"] == "ended":
+        # Slurm requeued a job we had written off (preemption on a site that requeues by default): it runs again,
+        # so it is ours to manage (retire, release when idle) once more.
+        db.execute("UPDATE allocations SET state = 'running', nodes = ?, started_at = ?, walltime_end = NULL,"
+                   " retire_at = NULL, idle_since = NULL, ended_at = NULL, reason = 'requeued' WHERE job_id = ?",
+                   (json.dumps([node_id]), now, job_id))
+        return
+    nodes = json.loads(row["nodes"])
+    if node_id not in nodes:
+        nodes.append(node_id)
+    state = "running" if row["state"] == "pending" else row["state"]
+    db.execute("UPDATE allocations SET nodes = ?, state = ?, started_at = COALESCE(started_at, ?) WHERE job_id = ?",
+               (json.dumps(sorted(nodes)), state, now, job_id))
+
+
+def _upsert_reported_instance(db: sqlite3.Connection, node_id: str, info: InstanceInfo,
+                              previous: InstanceRecord | None, now: float) -> None:
+    if previous is None:
+        db.execute(
+            "INSERT INTO instances (instance_id, model, node_id, state, worker_url, gpu_ids, running_requests,"
+            " tokens_in_flight, prefill_tps, requested_at, last_used, load_tier, load_seconds)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (info.instance_id, info.model, node_id, info.state, info.worker_url, json.dumps(info.gpu_ids),
+             info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second,
+             info.started_at or now, now, info.load_tier, info.load_seconds),
+        )
+        return
+    # Draining is our decision (retirement, migration): an agent still saying "ready" does not undo it.
+    state = "draining" if previous.state == "draining" and info.state == "ready" else info.state
+    last_used = now if info.running_requests > 0 else previous.last_used
+    db.execute(
+        "UPDATE instances SET state = ?, worker_url = ?, gpu_ids = ?, running_requests = ?,"
+        " routed_since_heartbeat = 0, tokens_in_flight = ?, prefill_tps = ?, last_used = ?,"
+        " load_tier = COALESCE(?, load_tier), load_seconds = COALESCE(?, load_seconds) WHERE instance_id = ?",
+        (state, info.worker_url or previous.worker_url, json.dumps(info.gpu_ids or previous.gpu_ids),
+         info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second, last_used,
+         info.load_tier, info.load_seconds, info.instance_id),
+    )
+
+
+def _record_cold_start(db: sqlite3.Connection, node_id: str, info: InstanceInfo, previous: InstanceRecord | None,
+                       now: float) -> ColdStartRecord:
+    requested_at = previous.requested_at if previous else (info.started_at or now)
+    estimate = (previous.placement or {}).get("total_seconds") if previous else None
+    record = ColdStartRecord(info.model, node_id, info.instance_id, info.load_tier, info.load_seconds,
+                             requested_at, now, estimate)
+    db.execute(
+        "INSERT INTO cold_starts (model, node_id, instance_id, tier, load_seconds, requested_at, ready_at,"
+        " estimate_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (record.model, record.node_id, record.instance_id, record.tier, record.load_seconds, record.requested_at,
+         record.ready_at, record.estimate_seconds),
+    )
+    return record
+
+
+def _node(r: sqlite3.Row) -> NodeRecord:
+    return NodeRecord(r["node_id"], r["agent_url"], r["slurm_job_id"], bool(r["job_scoped"]), r["gpus"],
+                      Tiers.model_validate_json(r["tiers"]), r["h2d_gbps"], r["state"], r["registered_at"],
+                      r["last_heartbeat"])
+
+
+def _instance(r: sqlite3.Row) -> InstanceRecord:
+    return InstanceRecord(r["instance_id"], r["model"], r["node_id"], r["state"], r["worker_url"],
+                          json.loads(r["gpu_ids"]), r["running_requests"], r["routed_since_heartbeat"],
+                          r["tokens_in_flight"], r["prefill_tps"], r["requested_at"], r["last_used"], r["load_tier"],
+                          r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None)
+
+
+def _allocation(r: sqlite3.Row) -> AllocationRecord:
+    return AllocationRecord(r["job_id"], r["state"], r["model"], json.loads(r["preferred_nodes"]),
+                            json.loads(r["nodes"]), r["partition"], r["time_limit_seconds"], r["submitted_at"],
+                            r["started_at"], r["walltime_end"], r["retire_at"], r["idle_since"], r["ended_at"],
+                            r["reason"])
+
+
+def _cold_start(r: sqlite3.Row) -> ColdStartRecord:
+    return ColdStartRecord(r["model"], r["node_id"], r["instance_id"], r["tier"], r["load_seconds"],
+                           r["requested_at"], r["ready_at"], r["estimate_seconds"])

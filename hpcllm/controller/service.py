@@ -1,0 +1,429 @@
+"""The controller's logic, independent of HTTP: deploy, node registration and heartbeats, routing with cold starts.
+
+app.py maps HTTP onto this class; autoscaler.py calls it on a timer. All state lives in the Registry (SQLite), so a
+restarted controller picks up where the killed one stopped; `reconcile()` then re-reads Slurm and the node agents.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpcllm.checkpoint import MANIFEST_FILE, CheckpointError, read_checkpoint
+from hpcllm.config import Config
+from hpcllm.controller.agents import AgentClient
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.errors import (
+    AgentError,
+    InvalidModelConfig,
+    NoCapacity,
+    AllocationFailed,
+    UnknownModel,
+)
+from hpcllm.controller.placement import MovableInstance, NodeCandidate, place
+from hpcllm.controller.protocol import (
+    AllocationStatus,
+    CacheEntry,
+    ClusterStatus,
+    ColdStart,
+    DeployedModel,
+    Heartbeat,
+    HeartbeatResponse,
+    InstanceStatus,
+    ModelCard,
+    ModelSpec,
+    NodeRegistration,
+    NodeStatus,
+    RegisterResponse,
+    RouteReady,
+    RouteWaiting,
+    UndeployResult,
+)
+from hpcllm.controller.registry import InstanceRecord, NodeRecord, Registry
+
+log = logging.getLogger(__name__)
+
+ROUTABLE_NODE_STATES = ("up",)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What acting on a placement candidate means: start on a running node, or wait for / submit an allocation."""
+
+    kind: str
+    node: NodeRecord | None = None
+    job_id: str | None = None
+    slurm_node: str | None = None
+
+
+class Controller:
+    def __init__(self, config: Config, registry: Registry, agents: AgentClient, allocator: Allocator,
+                 clock: Callable[[], float] = time.time):
+        self.config = config
+        self.settings = config.controller
+        self.registry = registry
+        self.agents = agents
+        self.allocator = allocator
+        self.clock = clock
+        self._placement_lock = threading.Lock()
+        # Woken on every registration / heartbeat so long-polling route calls re-check at once.
+        self._changed = threading.Condition()
+        # Called with each finished cold start (ColdStartRecord), e.g. to update metrics.
+        self.cold_start_listeners: list[Callable] = []
+
+    # ------------------------------------------------------------------------------------------------ admin
+
+    def deploy(self, spec: ModelSpec) -> tuple[DeployedModel, bool]:
+        """Validate a model config against the filesystem and Slurm, then record it (True when new)."""
+        model = self.resolve_model(spec)
+        created = self.registry.put_model(model)
+        log.info("%s model %s (%d bytes, %d gpus)", "deployed" if created else "updated", model.name,
+                 model.size_bytes, model.gpus)
+        return model, created
+
+    def resolve_model(self, spec: ModelSpec) -> DeployedModel:
+        source = Path(spec.source)
+        if not source.is_dir():
+            raise InvalidModelConfig(f"source: checkpoint folder {source} does not exist (or is not a folder)",
+                                     param="source")
+        if (source / MANIFEST_FILE).is_file():
+            try:
+                size_bytes = read_checkpoint(source).total_bytes
+            except CheckpointError as exc:
+                raise InvalidModelConfig(f"source: {exc}", param="source") from None
+        elif spec.size_bytes is not None:
+            size_bytes = spec.size_bytes
+        else:
+            raise InvalidModelConfig(
+                f"source: {source} has no {MANIFEST_FILE}: convert it with `hpcllm convert` (or give size_bytes)",
+                param="source")
+        if size_bytes <= 0:
+            raise InvalidModelConfig(f"source: checkpoint {source} holds no data", param="source")
+        self._check_partition(spec)
+        return DeployedModel(**spec.model_dump(exclude={"size_bytes"}), size_bytes=size_bytes,
+                             deployed_at=self.clock())
+
+    def _check_partition(self, spec: ModelSpec) -> None:
+        partition = spec.slurm.partition
+        if partition is None:
+            return
+        known = self.allocator.partitions()
+        if known is None:
+            log.warning("Slurm is unreachable: partition %r of model %s is not checked", partition, spec.name)
+        elif partition not in known:
+            raise InvalidModelConfig(
+                f"slurm.partition: unknown partition {partition!r} (Slurm has: {', '.join(sorted(known)) or 'none'})",
+                param="slurm.partition")
+
+    def undeploy(self, name: str) -> UndeployResult:
+        removed = self.registry.delete_model(name)
+        if removed is None:
+            raise UnknownModel(f"model {name!r} is not deployed")
+        self._stop_instances(removed)
+        log.info("undeployed model %s (%d instances stopped)", name, len(removed))
+        return UndeployResult(undeployed=name, stopped_instances=len(removed))
+
+    def _stop_instances(self, instances: list[InstanceRecord]) -> None:
+        """Ask node agents to stop instances (best effort: a dead agent's instances are gone anyway)."""
+        nodes = {n.node_id: n for n in self.registry.nodes()}
+        for inst in instances:
+            node = nodes.get(inst.node_id)
+            if node is None or inst.reserved:
+                continue
+            try:
+                self.agents.stop_instance(node.agent_url, inst.instance_id)
+            except AgentError as exc:
+                log.warning("could not stop instance %s: %s", inst.instance_id, exc)
+
+    def model_cards(self) -> list[ModelCard]:
+        return [ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len, gpus=m.gpus,
+                          size_bytes=m.size_bytes, created_at=m.deployed_at) for m in self.registry.models()]
+
+    def status(self) -> ClusterStatus:
+        nodes = self.registry.nodes()
+        instances = self.registry.instances()
+        cache = defaultdict(list)
+        for entry in self.registry.cache():
+            cache[entry.node_id].append(CacheEntry(model=entry.model, tier=entry.tier, bytes=entry.bytes,
+                                                   verified=entry.verified, last_used=entry.last_used))
+        used = defaultdict(int)
+        for inst in instances:
+            used[inst.node_id] += len(inst.gpu_ids)
+        return ClusterStatus(
+            now=self.clock(),
+            models=self.registry.models(),
+            nodes=[NodeStatus(node_id=n.node_id, state=n.state, agent_url=n.agent_url, slurm_job_id=n.slurm_job_id,
+                              job_scoped=n.job_scoped, gpus=n.gpus, free_gpus=max(0, n.gpus - used[n.node_id]),
+                              tiers=n.tiers, last_heartbeat=n.last_heartbeat, cached=cache[n.node_id])
+                   for n in nodes],
+            instances=[InstanceStatus(instance_id=i.instance_id, model=i.model, node_id=i.node_id, state=i.state,
+                                      worker_url=i.worker_url, gpu_ids=i.gpu_ids, running_requests=i.running_requests,
+                                      last_used=i.last_used, load_tier=i.load_tier, load_seconds=i.load_seconds)
+                       for i in instances],
+            allocations=[AllocationStatus(job_id=a.job_id, state=a.state, model=a.model, nodes=a.nodes,
+                                          preferred_nodes=a.preferred_nodes, submitted_at=a.submitted_at,
+                                          started_at=a.started_at, walltime_end=a.walltime_end,
+                                          retire_at=a.retire_at, reason=a.reason)
+                         for a in self.registry.allocations()],
+            cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
+        )
+
+    # ------------------------------------------------------------------------------------------ node agents
+
+    def register(self, reg: NodeRegistration) -> RegisterResponse:
+        node = self.registry.register_node(reg, self.clock())
+        log.info("node %s registered (agent %s, job %s, %d gpus, %d cached)", node.node_id, node.agent_url,
+                 node.slurm_job_id, node.gpus, len(reg.cached))
+        self._notify()
+        return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds)
+
+    def heartbeat(self, node_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        outcome = self.registry.heartbeat(node_id, hb, self.clock())
+        for cold in outcome.became_ready:
+            self.registry.clear_demand(cold.model)
+            for listener in self.cold_start_listeners:
+                listener(cold)
+            log.info("cold start of %s on %s done: %.2f s to ready (load %s s from %s, estimate %s s)", cold.model,
+                     cold.node_id, (cold.ready_at or cold.requested_at) - cold.requested_at, cold.load_seconds,
+                     cold.tier, cold.estimate_seconds)
+        for failed in outcome.failed:
+            log.error("instance %s of %s failed on %s: %s", failed.instance_id, failed.model, node_id, failed.error)
+        if outcome.became_ready or outcome.failed or outcome.vanished:
+            self._notify()
+        node = self.registry.get_node(node_id)
+        return HeartbeatResponse(node_id=node_id, state=node.state if node else "unknown")
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # --------------------------------------------------------------------------------------------- routing
+
+    def route(self, name: str, wait_seconds: float = 0.0) -> RouteReady | RouteWaiting:
+        """A ready instance of the model, or the cold start / allocation it waits for (long-polls up to wait)."""
+        deadline = time.monotonic() + min(max(wait_seconds, 0.0), self.settings.route_max_wait_seconds)
+        while True:
+            outcome = self.route_once(name)
+            remaining = deadline - time.monotonic()
+            if isinstance(outcome, RouteReady) or remaining <= 0:
+                return outcome
+            with self._changed:
+                self._changed.wait(timeout=min(remaining, 0.5))
+
+    def route_once(self, name: str) -> RouteReady | RouteWaiting:
+        model = self.registry.get_model(name)
+        if model is None:
+            raise UnknownModel(f"model {name!r} is not deployed")
+        now = self.clock()
+        instances = self.registry.instances(model=name)
+        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
+        ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
+        loading = [i for i in instances if i.state == "loading" and i.node_id in routable]
+        if ready:
+            best = min(ready, key=lambda i: (i.load, i.instance_id))
+            self.registry.note_routed(best.instance_id, now)
+            if best.load + 1 >= self.settings.scale_out_running_requests and not loading \
+                    and len(ready) < model.max_instances:
+                self._scale_out(model)
+            return RouteReady(model=name, instance_id=best.instance_id, worker_url=best.worker_url,
+                              node_id=best.node_id, load_tier=best.load_tier, load_seconds=best.load_seconds)
+        if loading:
+            first = min(loading, key=lambda i: i.requested_at)
+            return self._starting(name, first)
+        return self.start_instance(model)
+
+    def _starting(self, name: str, inst: InstanceRecord) -> RouteWaiting:
+        return RouteWaiting(status="starting", model=name, retry_after=self.settings.route_retry_after_seconds,
+                            instance_id=None if inst.reserved else inst.instance_id, node_id=inst.node_id)
+
+    def _scale_out(self, model: DeployedModel) -> None:
+        try:
+            self.start_instance(model)
+        except (NoCapacity, AgentError) as exc:
+            log.info("could not scale out %s: %s", model.name, exc)
+
+    def start_instance(self, model: DeployedModel) -> RouteWaiting:
+        """Place one new instance: start it on a running node, or wait for / submit a Slurm allocation."""
+        with self._placement_lock:
+            now = self.clock()
+            routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
+            active = [i for i in self.registry.instances(model=model.name)
+                      if i.state in ("ready", "loading") and i.node_id in routable]
+            loading = [i for i in active if i.state == "loading"]
+            if loading:  # one cold start at a time per model: concurrent requests wait for it
+                return self._starting(model.name, loading[0])
+            if len(active) >= model.max_instances:
+                raise NoCapacity(f"model {model.name!r} already runs max_instances={model.max_instances}",
+                                 retry_after=self.settings.route_retry_after_seconds)
+            candidates, holding, targets = self._candidates(model, now)
+            decision = place(model.size_bytes, _slots(model), candidates, holding)
+            if decision.chosen is None:
+                self.registry.note_demand(model.name, now)
+                raise NoCapacity(self._no_capacity_reason(model, candidates),
+                                 retry_after=self.settings.allocation_start_estimate_seconds)
+            breakdown = decision.breakdown()
+            target = targets[decision.chosen.node]
+            log.info("placement of %s: %s", model.name, breakdown.model_dump_json())
+            if target.kind == "pending":
+                return RouteWaiting(status="allocating", model=model.name, job_id=target.job_id,
+                                    retry_after=self.settings.route_retry_after_seconds)
+            if target.kind == "idle":
+                return self._allocate(model, target, now)
+            node = target.node
+            gpu_ids = self._assign_gpus(model, node, set(decision.chosen.migrate))
+            reservation = self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
+                                                         breakdown.model_dump())
+            for victim in decision.chosen.migrate:
+                self.registry.set_instance_state(victim, "draining")
+        # The agent calls run outside the lock: the reservation already keeps other routes from double-booking.
+        for victim in decision.chosen.migrate:
+            self._stop_one(node, victim)
+        try:
+            started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids)
+        except AgentError:
+            self.registry.delete_instance(reservation)
+            raise
+        self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
+        log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
+        return RouteWaiting(status="starting", model=model.name, instance_id=started.instance_id,
+                            node_id=node.node_id, retry_after=self.settings.route_retry_after_seconds)
+
+    def _stop_one(self, node: NodeRecord, instance_id: str) -> None:
+        try:
+            self.agents.stop_instance(node.agent_url, instance_id)
+        except AgentError as exc:
+            log.warning("could not move instance %s off %s: %s", instance_id, node.node_id, exc)
+
+    def _allocate(self, model: DeployedModel, target: Target, now: float) -> RouteWaiting:
+        preferred = [target.slurm_node] if target.slurm_node else []
+        try:
+            job_id = self.allocator.submit(model, preferred, now)
+        except AllocationFailed as exc:
+            self.registry.note_demand(model.name, now)
+            raise NoCapacity(f"no node can host model {model.name!r} now, and requesting an allocation failed: "
+                             f"{exc}", retry_after=self.settings.allocation_start_estimate_seconds) from None
+        return RouteWaiting(status="allocating", model=model.name, job_id=job_id,
+                            retry_after=self.settings.route_retry_after_seconds)
+
+    def _no_capacity_reason(self, model: DeployedModel, candidates: list[NodeCandidate]) -> str:
+        running = sum(1 for c in candidates if c.kind == "running")
+        why = self.allocator.why_not_submit(model)
+        return (f"no capacity for model {model.name!r} ({_slots(model)} {'gpus' if model.gpus else 'cpu slots'}): "
+                f"{running} node(s) up, none with room; no allocation possible: {why}")
+
+    # ------------------------------------------------------------------------------------ placement inputs
+
+    def _candidates(self, model: DeployedModel, now: float):
+        """Placement candidates with their targets: running nodes, this model's pending allocations, idle nodes."""
+        holding: dict[str, set[str]] = defaultdict(set)
+        for entry in self.registry.cache(model=model.name):
+            holding[entry.node_id].add(entry.tier)
+        candidates: list[NodeCandidate] = []
+        targets: dict[str, Target] = {}
+        by_node: dict[str, list[InstanceRecord]] = defaultdict(list)
+        for inst in self.registry.instances():
+            by_node[inst.node_id].append(inst)
+        known_nodes = {n.node_id: n for n in self.registry.nodes()}
+        for node in known_nodes.values():
+            if node.state not in ROUTABLE_NODE_STATES:
+                continue
+            free, movable = self._room(model, node, by_node[node.node_id])
+            candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))
+            targets[node.node_id] = Target("running", node=node)
+        pending = [a for a in self.registry.allocations(active_only=True)
+                   if a.state == "pending" and a.model == model.name]
+        for alloc in pending:
+            preferred = alloc.preferred_nodes[0] if alloc.preferred_nodes else None
+            name = f"{preferred or '*'}@job{alloc.job_id}"
+            wait = max(0.0, alloc.submitted_at + self.settings.allocation_start_estimate_seconds - now)
+            candidates.append(NodeCandidate(name, "pending", wait, self._slots_per_new_node(model),
+                                            self._bandwidths(known_nodes.get(preferred))))
+            targets[name] = Target("pending", job_id=alloc.job_id)
+            if preferred:
+                holding[name] = holding.get(preferred, set())
+        if not pending and self.allocator.why_not_submit(model) is None:
+            busy = {n.node_id for n in known_nodes.values() if n.state in ("up", "draining")}
+            for slurm_node in self.allocator.idle_nodes(model):
+                if slurm_node in busy:
+                    continue
+                candidates.append(NodeCandidate(slurm_node, "idle", self.settings.allocation_start_estimate_seconds,
+                                                self._slots_per_new_node(model),
+                                                self._bandwidths(known_nodes.get(slurm_node))))
+                targets[slurm_node] = Target("idle", slurm_node=slurm_node)
+        return candidates, holding, targets
+
+    def _room(self, model: DeployedModel, node: NodeRecord,
+              instances: list[InstanceRecord]) -> tuple[int, tuple[MovableInstance, ...]]:
+        """Free slots on a node for this model, and the instances that could be moved to make more."""
+        same_kind = [i for i in instances if bool(i.gpu_ids) == bool(model.gpus)]
+        if model.gpus:
+            used = sum(len(i.gpu_ids) for i in same_kind)
+            free = node.gpus - used
+        else:
+            free = self.settings.cpu_slots_per_node - len(same_kind)
+        movable = tuple(MovableInstance(i.instance_id, len(i.gpu_ids) if model.gpus else 1, self._move_cost(i))
+                        for i in same_kind if i.state == "ready" and i.model != model.name)
+        return free, movable
+
+    def _move_cost(self, inst: InstanceRecord) -> float:
+        if inst.running_requests == 0 and inst.routed_since_heartbeat == 0:
+            return self.settings.eviction_seconds
+        if inst.tokens_in_flight is not None and inst.prefill_tps:
+            return self.settings.eviction_seconds + inst.tokens_in_flight / inst.prefill_tps
+        return self.settings.migration_seconds_per_instance
+
+    def _bandwidths(self, node: NodeRecord | None) -> dict[str, float]:
+        bw = {"sharedfs": self.settings.default_sharedfs_gbps}
+        if node is None:
+            return bw
+        for tier in ("dram", "nvme", "sharedfs"):
+            info = getattr(node.tiers, tier)
+            if info is not None:
+                bw[tier] = info.read_gbps
+        return bw
+
+    def _slots_per_new_node(self, model: DeployedModel) -> int:
+        return self.config.slurm.gpus_per_node if model.gpus else self.settings.cpu_slots_per_node
+
+    def _assign_gpus(self, model: DeployedModel, node: NodeRecord, freed: set[str]) -> list[int]:
+        if not model.gpus:
+            return []
+        taken = set()
+        for inst in self.registry.instances(node_id=node.node_id):
+            if inst.instance_id not in freed:
+                taken.update(inst.gpu_ids)
+        free = [g for g in range(node.gpus) if g not in taken]
+        return free[: model.gpus]
+
+    # ------------------------------------------------------------------------------------------ restart
+
+    def reconcile(self) -> None:
+        """After a (re)start: re-read Slurm, then ask every live node agent which instances it really runs."""
+        now = self.clock()
+        self.allocator.sync(now)
+        for node in self.registry.nodes(states=("up", "draining")):
+            try:
+                instances = self.agents.list_instances(node.agent_url)
+            except AgentError as exc:
+                # Not fatal: if the agent is really gone its heartbeats stop and the autoscaler declares it lost.
+                log.warning("reconcile: node %s did not answer (%s)", node.node_id, exc)
+                continue
+            cached = [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified,
+                                 last_used=c.last_used) for c in self.registry.cache(node_id=node.node_id)]
+            # Reservations made just before the crash: if the agent started them it lists them now.
+            for inst in self.registry.instances(node_id=node.node_id):
+                if inst.reserved:
+                    self.registry.delete_instance(inst.instance_id)
+            self.registry.heartbeat(node.node_id, Heartbeat(cached=cached, instances=instances), now)
+        log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
+                 len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
+                 len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
+
+
+def _slots(model: DeployedModel) -> int:
+    return model.gpus if model.gpus else 1

@@ -1,0 +1,105 @@
+"""Fixtures: a controller on a temporary SQLite database with a fake clock, in-memory node agents and Slurm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpcllm.config import Config, parse_config
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.app import create_app
+from hpcllm.controller.autoscaler import Autoscaler
+from hpcllm.controller.protocol import CacheEntry, Heartbeat, ModelSpec, NodeRegistration, Tiers, TierInfo
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.service import Controller
+from hpcllm.controller.tests.doubles import FakeAgents, FakeClock, RecordingBackend
+
+SECRET = "test-secret"
+ADMIN_KEY = "test-admin-key"
+GB = 10**9
+
+
+def make_config(tmp_path: Path, **controller) -> Config:
+    settings = {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
+                "allocation_start_estimate_seconds": 30.0, **controller}
+    return parse_config({"paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
+                         "cluster": {"shared_secret": SECRET},
+                         "slurm": {"partition": "debug", "time": "01:00:00", "gpus_per_node": 2},
+                         "controller": settings})
+
+
+class Harness:
+    """A controller wired to test doubles, with helpers that act like node agents and admins."""
+
+    def __init__(self, tmp_path: Path, **controller_settings):
+        self.tmp_path = tmp_path
+        self.clock = FakeClock()
+        self.backend = RecordingBackend()
+        self.agents = FakeAgents()
+        self.config = make_config(tmp_path, **controller_settings)
+        self.registry = Registry(self.config.controller.database_url)
+        self.allocator = Allocator(self.config, self.registry, self.backend, "http://controller:8700",
+                                   clock=self.clock)
+        self.controller = Controller(self.config, self.registry, self.agents, self.allocator, clock=self.clock)
+        self.autoscaler = Autoscaler(self.controller)
+
+    def source(self, name: str) -> Path:
+        path = self.tmp_path / "models" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def deploy(self, name: str, size_bytes: int = 2 * GB, **fields):
+        spec = ModelSpec(name=name, source=str(self.source(name)), size_bytes=size_bytes, **fields)
+        return self.controller.deploy(spec)[0]
+
+    def register(self, node_id: str, gpus: int = 2, cached: tuple[tuple[str, str], ...] = (), job: str | None = None,
+                 dram_gbps: float = 20.0, nvme_gbps: float = 4.0, sharedfs_gbps: float = 1.0,
+                 nvme_scope: str = "persistent") -> str:
+        url = f"http://{node_id}:9000"
+        tiers = Tiers(dram=TierInfo(capacity_bytes=64 * GB, read_gbps=dram_gbps),
+                      nvme=TierInfo(capacity_bytes=1000 * GB, read_gbps=nvme_gbps, scope=nvme_scope),
+                      sharedfs=TierInfo(read_gbps=sharedfs_gbps))
+        self.controller.register(NodeRegistration(
+            node_id=node_id, agent_url=url, slurm_job_id=job, job_scoped=job is not None, gpus=gpus, tiers=tiers,
+            cached=[CacheEntry(model=m, tier=t, bytes=1, verified=True) for m, t in cached]))
+        return url
+
+    def heartbeat(self, node_id: str, **loading_done) -> None:
+        """The node's agent reports what the fake agent runs (after finishing loads when asked)."""
+        url = f"http://{node_id}:9000"
+        if loading_done:
+            instances = self.agents.finish_loading(url, **loading_done)
+        else:
+            instances = self.agents.list_instances(url)
+        cached = [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified)
+                  for c in self.registry.cache(node_id=node_id)]
+        self.controller.heartbeat(node_id, Heartbeat(cached=cached, instances=instances))
+
+    def tick(self, seconds: float = 0.0):
+        self.clock.advance(seconds)
+        return self.autoscaler.tick(self.clock.now)
+
+    def app_client(self):
+        return create_app(self.controller).test_client()
+
+
+@pytest.fixture
+def harness(tmp_path) -> Harness:
+    h = Harness(tmp_path)
+    yield h
+    h.registry.close()
+
+
+@pytest.fixture
+def make_harness(tmp_path):
+    made = []
+
+    def make(**settings) -> Harness:
+        h = Harness(tmp_path / f"h{len(made)}", **settings)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.registry.close()

@@ -1,0 +1,161 @@
+"""Placement: hand-computed cases (the arithmetic is written next to each assertion) and the fast form agreeing
+with the specification on random clusters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hpcllm.controller.placement import (
+    ClusterView,
+    MovableInstance,
+    NodeCandidate,
+    best_tier,
+    cheapest_migration,
+    estimate,
+    place,
+)
+
+GB = 10**9
+BW = {"dram": 20.0, "nvme": 4.0, "sharedfs": 1.0}  # GB/s
+
+
+def node(name, free=1, wait=0.0, kind="running", bw=None, movable=()):
+    return NodeCandidate(name, kind, wait, free, bw or BW, tuple(movable))
+
+
+def test_best_tier_holding_the_checkpoint_wins():
+    # 8 GB: DRAM 8/20 = 0.4 s, NVMe 8/4 = 2 s, shared FS 8/1 = 8 s
+    assert best_tier(8 * GB, BW, {"dram", "nvme"}) == ("dram", pytest.approx(0.4))
+    assert best_tier(8 * GB, BW, {"nvme"}) == ("nvme", pytest.approx(2.0))
+    assert best_tier(8 * GB, BW, set()) == ("sharedfs", pytest.approx(8.0))
+
+
+def test_measured_bandwidth_decides_not_the_tier_name():
+    # A node whose NVMe measured slower than its shared FS (a busy disk): 8/0.5 = 16 s vs 8/2 = 4 s.
+    slow_disk = {"nvme": 0.5, "sharedfs": 2.0}
+    assert best_tier(8 * GB, slow_disk, {"nvme"}) == ("sharedfs", pytest.approx(4.0))
+
+
+def test_locality_beats_a_free_node_loading_from_shared_fs():
+    # 10 GB model. a: free, nothing cached -> 0 + 10/1 = 10 s. b: free, in NVMe -> 0 + 10/4 = 2.5 s.
+    decision = place(10 * GB, 1, [node("a"), node("b")], {"b": {"nvme"}})
+    assert decision.chosen.node == "b"
+    assert decision.chosen.tier == "nvme"
+    assert decision.chosen.total_seconds == pytest.approx(2.5)
+    assert decision.considered == 2
+
+
+def test_queue_wait_can_outweigh_locality():
+    # 10 GB. a: free now, shared FS -> 0 + 10 = 10 s. b: DRAM but pending allocation 30 s -> 30 + 0.5 = 30.5 s.
+    decision = place(10 * GB, 1, [node("a"), node("b", kind="pending", wait=30.0)], {"b": {"dram"}})
+    assert decision.chosen.node == "a"
+    assert decision.chosen.total_seconds == pytest.approx(10.0)
+    # With a 5 s wait instead: 5 + 10/20 = 5.5 s < 10 s -> b.
+    decision = place(10 * GB, 1, [node("a"), node("b", kind="pending", wait=5.0)], {"b": {"dram"}})
+    assert (decision.chosen.node, decision.chosen.kind) == ("b", "pending")
+    assert decision.chosen.total_seconds == pytest.approx(5.5)
+    assert decision.chosen.queue_wait_seconds == 5.0
+    assert decision.chosen.load_seconds == pytest.approx(0.5)
+
+
+def test_migration_cost_is_added_when_slots_must_be_freed():
+    # 4 GB model, 1 GPU. a: full, checkpoint in DRAM (4/20 = 0.2 s); moving instance x costs 3 s -> 3.2 s.
+    # b: free, shared FS: 4/1 = 4 s. a wins with 3.2 s, and the decision says what must move.
+    a = node("a", free=0, movable=[MovableInstance("x", 1, 3.0)])
+    decision = place(4 * GB, 1, [a, node("b")], {"a": {"dram"}})
+    assert decision.chosen.node == "a"
+    assert decision.chosen.total_seconds == pytest.approx(3.2)
+    assert decision.chosen.migration_seconds == 3.0
+    assert decision.chosen.migrate == ("x",)
+    # When moving costs 5 s instead: a = 5.2 s > b = 4 s.
+    a = node("a", free=0, movable=[MovableInstance("x", 1, 5.0)])
+    assert place(4 * GB, 1, [a, node("b")], {"a": {"dram"}}).chosen.node == "b"
+
+
+def test_cheapest_migration_is_exact_not_greedy():
+    # Free 2 GPUs from: p (2 GPUs, 5 s), q (1 GPU, 2 s), r (1 GPU, 2.5 s).
+    # Greedy by cost takes q then r = 4.5 s; p alone is 5 s; the optimum is q + r = 4.5 s.
+    movable = [MovableInstance("p", 2, 5.0), MovableInstance("q", 1, 2.0), MovableInstance("r", 1, 2.5)]
+    cost, ids = cheapest_migration(movable, 2)
+    assert cost == pytest.approx(4.5) and sorted(ids) == ["q", "r"]
+    # With p at 4 s, the single 2-GPU instance is cheaper than q + r (4.5 s).
+    movable[0] = MovableInstance("p", 2, 4.0)
+    assert cheapest_migration(movable, 2) == (4.0, ("p",))
+    # Freeing 5 GPUs from 4 movable ones is impossible.
+    assert cheapest_migration(movable, 5) is None
+
+
+def test_node_without_room_is_not_a_candidate():
+    full = node("a", free=0)
+    assert estimate(full, GB, 1, set()) is None
+    assert place(GB, 1, [full], {}).chosen is None
+    assert place(GB, 1, [], {}).chosen is None
+
+
+def test_multi_gpu_model_needs_enough_free_slots():
+    # 2-GPU model: a has 1 free (+ nothing movable) -> out; b has 2 free: 2 GB / 1 = 2 s.
+    decision = place(2 * GB, 2, [node("a", free=1), node("b", free=2)], {"a": {"dram"}})
+    assert decision.chosen.node == "b"
+    assert decision.chosen.total_seconds == pytest.approx(2.0)
+
+
+def test_ties_go_to_the_node_name_that_sorts_first():
+    # Three identical nodes (1 GB from shared FS = 1 s each), given in reverse order.
+    decision = place(GB, 1, [node("n3"), node("n1"), node("n2")], {})
+    assert decision.chosen.node == "n1"
+    assert decision.chosen.total_seconds == pytest.approx(1.0)
+
+
+def test_breakdown_is_a_wire_record():
+    decision = place(10 * GB, 1, [node("a"), node("b")], {"b": {"nvme"}})
+    breakdown = decision.breakdown()
+    assert breakdown.model_dump() == {
+        "node": "b", "kind": "running", "total_seconds": 2.5, "queue_wait_seconds": 0.0, "load_seconds": 2.5,
+        "migration_seconds": 0.0, "tier": "nvme", "bandwidth_gbps": 4.0, "migrate": [], "considered": 2}
+
+
+def test_view_holds_many_models_and_answers_each():
+    # m1 (4 GB) is in a's DRAM, m2 (4 GB) in b's NVMe. m1: a = 0.2 s, b = 4 s. m2: a = 4 s, b = 1 s.
+    view = ClusterView([node("a"), node("b")], {"m1": 4 * GB, "m2": 4 * GB},
+                       {"m1": {"a": {"dram"}}, "m2": {"b": {"nvme"}}})
+    assert view.decide("m1", 1).chosen.node == "a"
+    assert view.decide("m2", 1).chosen.node == "b"
+    assert view.decide("m2", 3).chosen is None  # no node has 3 slots
+
+
+@st.composite
+def clusters(draw):
+    n = draw(st.integers(1, 12))
+    nodes, holding = [], {}
+    for i in range(n):
+        name = f"n{draw(st.integers(0, 99)):02d}-{i}"
+        movable = tuple(MovableInstance(f"{name}/i{j}", draw(st.integers(1, 2)),
+                                        draw(st.sampled_from([0.0, 0.5, 2.0, 7.5])))
+                        for j in range(draw(st.integers(0, 3))))
+        bw = {"dram": draw(st.sampled_from([10.0, 20.0])), "nvme": draw(st.sampled_from([2.0, 4.0])),
+              "sharedfs": draw(st.sampled_from([0.5, 1.0]))}
+        nodes.append(NodeCandidate(name, draw(st.sampled_from(["running", "pending", "idle"])),
+                                   draw(st.sampled_from([0.0, 0.0, 5.0, 30.0])), draw(st.integers(0, 4)), bw,
+                                   movable))
+        holding[name] = set(draw(st.lists(st.sampled_from(["dram", "nvme"]), max_size=2)))
+    size = draw(st.sampled_from([GB // 2, 4 * GB, 13 * GB]))
+    slots = draw(st.integers(1, 4))
+    return nodes, holding, size, slots
+
+
+@settings(max_examples=150, deadline=None)
+@given(clusters())
+def test_fast_view_agrees_with_the_specification(cluster):
+    nodes, holding, size, slots = cluster
+    expected = [e for e in (estimate(c, size, slots, holding[c.node]) for c in nodes) if e is not None]
+    decision = place(size, slots, nodes, holding)
+    if not expected:
+        assert decision.chosen is None
+        return
+    best = min(expected, key=lambda e: (e.total_seconds, e.node))
+    assert decision.chosen == best
+    assert not math.isinf(decision.chosen.total_seconds)

@@ -1,0 +1,211 @@
+"""Registry: SQLite schema, atomic multi-row changes, heartbeat merging, what survives a node leaving."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from hpcllm.controller.errors import DatabaseError, UnknownNode
+from hpcllm.controller.protocol import (
+    CacheEntry,
+    DeployedModel,
+    Heartbeat,
+    InstanceInfo,
+    NodeRegistration,
+    TierInfo,
+    Tiers,
+)
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.registry import store as store_module
+from hpcllm.controller.registry.store import SCHEMA_VERSION, sqlite_path_from_url
+
+NOW = 1_000_000.0
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    yield reg
+    reg.close()
+
+
+def model(name="m", size=100) -> DeployedModel:
+    return DeployedModel(name=name, source=f"/models/{name}", size_bytes=size, deployed_at=NOW)
+
+
+def registration(node_id="n1", job="77", scope="persistent", cached=()) -> NodeRegistration:
+    return NodeRegistration(
+        node_id=node_id, agent_url=f"http://{node_id}:9000", slurm_job_id=job, job_scoped=True, gpus=2,
+        tiers=Tiers(dram=TierInfo(read_gbps=10), nvme=TierInfo(read_gbps=3, scope=scope),
+                    sharedfs=TierInfo(read_gbps=1)),
+        cached=[CacheEntry(model=m, tier=t, bytes=100, verified=True) for m, t in cached])
+
+
+def inst(instance_id, state="ready", model_name="m", running=0, **kw) -> InstanceInfo:
+    return InstanceInfo(instance_id=instance_id, model=model_name, state=state, worker_url=f"http://w/{instance_id}",
+                        gpu_ids=[0], running_requests=running, **kw)
+
+
+def test_database_is_wal_with_a_schema_version(tmp_path, registry):
+    assert registry.schema_version() == SCHEMA_VERSION
+    raw = sqlite3.connect(tmp_path / "r.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    raw.close()
+
+
+def test_database_from_a_newer_hpcllm_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    Registry(f"sqlite:///{path}").close()
+    raw = sqlite3.connect(path)
+    raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    raw.commit()
+    raw.close()
+    with pytest.raises(DatabaseError, match="newer hpcllm"):
+        Registry(f"sqlite:///{path}")
+
+
+@pytest.mark.parametrize("url, path", [("sqlite:///rel/c.db", "rel/c.db"), ("sqlite:////abs/c.db", "/abs/c.db"),
+                                       ("sqlite:///:memory:", ":memory:"), ("/plain/c.db", "/plain/c.db")])
+def test_database_urls(url, path):
+    assert sqlite_path_from_url(url) == path
+
+
+def test_unsupported_database_url_names_the_fix():
+    with pytest.raises(DatabaseError, match="'postgresql' scheme is not supported; use sqlite"):
+        Registry("postgresql://db/hpcllm")
+
+
+def test_models_round_trip_and_undeploy_removes_instances_and_demand(registry):
+    assert registry.put_model(model("a")) is True
+    assert registry.put_model(model("a", size=200)) is False  # update
+    assert registry.get_model("a").size_bytes == 200
+    registry.register_node(registration(), NOW)
+    registry.heartbeat("n1", Heartbeat(instances=[inst("i1", model_name="a")]), NOW)
+    registry.note_demand("a", NOW)
+    removed = registry.delete_model("a")
+    assert [i.instance_id for i in removed] == ["i1"]
+    assert registry.get_model("a") is None
+    assert registry.instances() == []
+    assert registry.demand() == {}
+    assert registry.delete_model("a") is None
+
+
+def test_registration_replaces_the_node_and_its_cache_atomically(registry):
+    registry.register_node(registration(cached=[("m", "nvme"), ("m", "dram")]), NOW)
+    registry.heartbeat("n1", Heartbeat(cached=[CacheEntry(model="m", tier="nvme", bytes=1)],
+                                       instances=[inst("i1")]), NOW + 1)
+    # The agent restarts (new job): old instances are gone, cache is what it reports now.
+    node = registry.register_node(registration(job="78", cached=[("x", "dram")]), NOW + 2)
+    assert node.slurm_job_id == "78" and node.state == "up"
+    assert [(c.model, c.tier) for c in registry.cache(node_id="n1")] == [("x", "dram")]
+    assert registry.instances() == []
+
+
+def test_failed_registration_changes_nothing(registry, monkeypatch):
+    registry.register_node(registration(cached=[("m", "nvme")]), NOW)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full halfway through")
+
+    monkeypatch.setattr(store_module, "_replace_cache", broken)
+    with pytest.raises(RuntimeError):
+        registry.register_node(registration(job="99", cached=[("other", "dram")]), NOW + 1)
+    # The node row, written before the failure in the same transaction, was rolled back with it.
+    assert registry.get_node("n1").slurm_job_id == "77"
+    assert [(c.model, c.tier) for c in registry.cache()] == [("m", "nvme")]
+
+
+def test_heartbeat_from_unknown_or_lost_node_asks_for_registration(registry):
+    with pytest.raises(UnknownNode, match="register again"):
+        registry.heartbeat("ghost", Heartbeat(), NOW)
+    registry.register_node(registration(), NOW)
+    registry.node_left("n1", "lost")
+    with pytest.raises(UnknownNode):
+        registry.heartbeat("n1", Heartbeat(), NOW)
+
+
+def test_heartbeat_merges_instances_and_records_cold_starts(registry):
+    registry.put_model(model())
+    registry.register_node(registration(), NOW)
+    reservation = registry.reserve_instance("m", "n1", [0], NOW, {"total_seconds": 3.0})
+    registry.confirm_instance(reservation, "i1", "http://w/i1")
+    outcome = registry.heartbeat("n1", Heartbeat(instances=[inst("i1", state="loading")]), NOW + 1)
+    assert outcome.became_ready == []
+    outcome = registry.heartbeat("n1", Heartbeat(instances=[inst("i1", load_tier="nvme", load_seconds=2.5)]),
+                                 NOW + 4)
+    [cold] = outcome.became_ready
+    assert (cold.instance_id, cold.tier, cold.load_seconds, cold.estimate_seconds) == ("i1", "nvme", 2.5, 3.0)
+    assert cold.ready_at - cold.requested_at == 4.0
+    assert registry.cold_starts()[0] == cold
+    # A later heartbeat without it: the instance is gone.
+    outcome = registry.heartbeat("n1", Heartbeat(instances=[]), NOW + 5)
+    assert outcome.vanished == ["i1"]
+    assert registry.instances() == []
+
+
+def test_heartbeat_keeps_unconfirmed_reservations_and_drops_failed_instances(registry):
+    registry.register_node(registration(), NOW)
+    reservation = registry.reserve_instance("m", "n1", [1], NOW, None)
+    outcome = registry.heartbeat("n1", Heartbeat(instances=[inst("bad", state="failed", error="CUDA OOM")]), NOW)
+    assert [f.error for f in outcome.failed] == ["CUDA OOM"]
+    assert [i.instance_id for i in registry.instances()] == [reservation]
+
+
+def test_routing_counts_load_until_the_next_heartbeat(registry):
+    registry.register_node(registration(), NOW)
+    registry.heartbeat("n1", Heartbeat(instances=[inst("i1", running=2)]), NOW)
+    registry.note_routed("i1", NOW + 1)
+    registry.note_routed("i1", NOW + 2)
+    record = registry.get_instance("i1")
+    assert (record.load, record.last_used) == (4, NOW + 2)
+    registry.heartbeat("n1", Heartbeat(instances=[inst("i1", running=3)]), NOW + 3)
+    assert registry.get_instance("i1").load == 3
+
+
+def test_node_leaving_keeps_only_persistent_nvme_cache(registry):
+    registry.register_node(registration("n1", scope="persistent", cached=[("m", "nvme"), ("m", "dram")]), NOW)
+    registry.register_node(registration("n2", job="78", scope="job", cached=[("m", "nvme")]), NOW)
+    registry.heartbeat("n1", Heartbeat(cached=[CacheEntry(model="m", tier="nvme", bytes=1),
+                                               CacheEntry(model="m", tier="dram", bytes=1)],
+                                       instances=[inst("i1")]), NOW)
+    removed = registry.node_left("n1", "gone")
+    registry.node_left("n2", "gone")
+    assert [i.instance_id for i in removed] == ["i1"]
+    assert [(c.node_id, c.tier) for c in registry.cache()] == [("n1", "nvme")]
+    assert registry.get_node("n1").state == "gone"
+
+
+def test_allocation_lifecycle_and_registration_attaches_nodes(registry):
+    registry.add_allocation("500", "m", ["n1"], "debug", 3600.0, NOW)
+    [alloc] = registry.allocations(active_only=True)
+    assert (alloc.state, alloc.preferred_nodes, alloc.nodes) == ("pending", ["n1"], [])
+    registry.register_node(registration("n1", job="500"), NOW + 10)
+    alloc = registry.get_allocation("500")
+    assert (alloc.state, alloc.nodes, alloc.started_at) == ("running", ["n1"], NOW + 10)
+    registry.update_allocation("500", state="ended", ended_at=NOW + 20)
+    assert registry.allocations(active_only=True) == []
+    with pytest.raises(ValueError, match="unknown allocation fields"):
+        registry.update_allocation("500", bogus=1)
+
+
+def test_an_ended_allocation_whose_job_was_requeued_comes_back(registry):
+    registry.add_allocation("500", "m", [], "debug", 3600.0, NOW)
+    registry.update_allocation("500", state="ended", ended_at=NOW + 5, reason="preempted")
+    registry.register_node(registration("n3", job="500"), NOW + 100)
+    alloc = registry.get_allocation("500")
+    assert (alloc.state, alloc.nodes, alloc.reason) == ("running", ["n3"], "requeued")
+
+
+def test_state_survives_reopening(tmp_path):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    reg = Registry(url)
+    reg.put_model(model("keep"))
+    reg.register_node(registration(), NOW)
+    reg.add_allocation("9", "keep", [], None, None, NOW)
+    reg.close()
+    reg = Registry(url)
+    assert [m.name for m in reg.models()] == ["keep"]
+    assert reg.get_node("n1").agent_url == "http://n1:9000"
+    assert reg.get_allocation("9").state == "pending"
+    reg.close()
