@@ -41,6 +41,15 @@ class SlurmConfig(Section):
     signal_seconds: int = Field(60, ge=0)
     rest_url: str = "http://127.0.0.1:6820"
     rest_api_version: str = "v0.0.38"
+    # slurmrestd JWT auth: user name (empty: the current user) and a file holding the token (empty: $SLURM_JWT,
+    # else `scontrol token`).
+    rest_user: str | None = None
+    rest_token_file: Path | None = None
+    # Longest wait for one Slurm command or REST call before Slurm counts as unavailable.
+    command_timeout_seconds: float = Field(60.0, gt=0)
+    # Job status polling: back-off from the minimum (after a change) doubling up to the maximum.
+    status_poll_min_seconds: float = Field(2.0, gt=0)
+    status_poll_max_seconds: float = Field(60.0, gt=0)
 
 
 class NodeConfig(Section):
