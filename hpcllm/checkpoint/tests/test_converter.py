@@ -247,3 +247,21 @@ def test_output_inside_the_source_is_refused(hf_models):
     with pytest.raises(CheckpointError, match="must not be the source"):
         convert(hf_models["llama"], hf_models["llama"] / "converted")
     assert not (hf_models["llama"] / "converted").exists()
+
+
+def test_sharded_bin_with_index(hf_models, tmp_path):
+    source = source_state_dict(hf_models["llama"])
+    names = sorted(source)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_bytes((hf_models["llama"] / "config.json").read_bytes())
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, part in halves.items():
+        torch.save({n: source[n] for n in part}, hf / file)
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ckpt = convert(hf, tmp_path / "out")
+    assert ckpt.manifest["source"]["files"] == sorted(halves)
+    assert set(ckpt.tensors) == set(names)
+    for name in names:
+        assert same_bits(read_raw(ckpt, ckpt.tensors[name]), source[name]), name
