@@ -93,6 +93,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_alive_from(pid: int | None) -> bool:
+    return pid is not None and _pid_alive(pid)
+
+
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -163,10 +167,13 @@ def slurm_cluster() -> Iterator[DevCluster]:
     me = os.getpid()
     with leases.locked():
         if _script("status").returncode != 0:
+            controller_before = leases.slurmctld_pid() if _pid_alive_from(leases.slurmctld_pid()) else None
             started = _script("start")
             if started.returncode != 0:
                 _fail_with("slurm/devcluster.sh start failed", started)
-            leases.mark_started_by_fixture()
+            # Only a cluster whose controller this fixture started is ours to stop (not a partly-up one we completed).
+            if leases.slurmctld_pid() != controller_before:
+                leases.mark_started_by_fixture()
         leases.add(me)
 
     conf_path = state_dir / "conf" / "slurm.conf"

@@ -420,7 +420,11 @@ cmd_status() {
         echo "export SLURM_CONF=$CONF"
         return 0
     fi
-    echo "down (start it with: $0 start)"
+    if any_core_running; then
+        echo "down: only partly running (complete it with: $0 start, or clean up with: $0 stop)"
+    else
+        echo "down (start it with: $0 start)"
+    fi
     return $EXIT_DOWN
 }
 
