@@ -587,7 +587,9 @@ def _read_file_checksum(path: Path) -> str:
 def _as_bytes_view(buffer: Any) -> memoryview:
     """A flat byte view of bytes / bytearray / memoryview / mmap / numpy array / CPU torch tensor."""
     if hasattr(buffer, "untyped_storage") and hasattr(buffer, "numpy"):  # a torch tensor
-        buffer = buffer.detach().contiguous().view(-1).view(__import__("torch").uint8).numpy()
+        import torch
+
+        buffer = buffer.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
     try:
         view = memoryview(buffer)
     except TypeError:
