@@ -28,6 +28,7 @@ from flask import Flask, Response, request
 from pydantic import ValidationError
 from werkzeug.serving import make_server
 
+from hpcllm.errors import ConfigError
 from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import (
@@ -47,13 +48,14 @@ INTERNAL_PREFIX = "/v1/internal/"
 
 
 @dataclass
-class LoadedModel:
+class ModelForServing:
     """What a loader hands the worker: the model, its tokenizer, and how the load went (for metrics)."""
 
     model: object
     tokenizer: object
     tier: str = "unknown"
     load_seconds: float = 0.0
+    owner: object = None  # keeps the loader's result (owner of the weights' memory) alive with the engine
 
 
 class WorkerService:
@@ -66,30 +68,26 @@ class WorkerService:
         self.engine_options = engine_options
         self.metrics = WorkerMetrics(model_name)
         self.engine: Engine | None = None
+        self.loaded: ModelForServing | None = None
         self.load_error: str | None = None
-        self.loading = False
-        self.started_at = time.time()
 
-    def attach(self, loaded: LoadedModel) -> Engine:
+    def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
         engine = Engine(
             loaded.model, loaded.tokenizer, model_name=self.model_name, metrics=self.metrics, **self.engine_options
         )
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)
+        self.loaded = loaded
         self.engine = engine.start()
         return engine
 
-    def load_in_background(self, loader: Callable[[], LoadedModel]) -> threading.Thread:
-        self.loading = True
-
+    def load_in_background(self, loader: Callable[[], ModelForServing]) -> threading.Thread:
         def load() -> None:
             try:
                 self.attach(loader())
             except Exception as exc:  # reported by /health and /ready; the node agent decides what to do
                 log.exception("loading the model failed")
                 self.load_error = f"{type(exc).__name__}: {exc}"
-            finally:
-                self.loading = False
 
         thread = threading.Thread(target=load, name="hpcllm-worker-load", daemon=True)
         thread.start()
@@ -214,23 +212,14 @@ def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
 # ---- process entry point ----------------------------------------------------------------------------------------
 
 
-def load_with_hpcllm(model_path: str | Path, device: str) -> LoadedModel:
-    """Load a converted checkpoint through hpcllm's tiered loader."""
+def load_with_hpcllm(model_path: str | Path, device: str) -> ModelForServing:
+    """Load a converted checkpoint through hpcllm's tiered loader (tier detected from where the path lives)."""
     import hpcllm
 
-    started = time.monotonic()
-    result = hpcllm.load_model(model_path, device=device)
-    model, tokenizer, stats = _unpack_load_result(result)
-    tier = getattr(stats, "tier", None) or (stats.get("tier") if isinstance(stats, dict) else None) or "unknown"
-    seconds = getattr(stats, "total_seconds", None) or time.monotonic() - started
-    return LoadedModel(model, tokenizer, str(tier), float(seconds))
-
-
-def _unpack_load_result(result):
-    if isinstance(result, tuple):
-        model, tokenizer, *rest = result
-        return model, tokenizer, rest[0] if rest else None
-    return result.model, result.tokenizer, getattr(result, "stats", None)
+    loaded = hpcllm.load_model(model_path, device=device)
+    if loaded.tokenizer is None:
+        raise ConfigError(f"checkpoint {model_path} has no tokenizer files; convert it from a folder that has them")
+    return ModelForServing(loaded.model, loaded.tokenizer, loaded.stats.tier, loaded.stats.seconds, owner=loaded)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -241,7 +230,7 @@ def write_atomically(path: Path, text: str) -> None:
 
 def serve(
     service: WorkerService,
-    loader: Callable[[], LoadedModel],
+    loader: Callable[[], ModelForServing],
     host: str = "127.0.0.1",
     port: int = 0,
     url_file: Path | None = None,

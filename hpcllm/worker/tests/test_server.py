@@ -1,0 +1,248 @@
+import threading
+import time
+
+import httpx
+import pytest
+from werkzeug.serving import make_server
+
+from hpcllm.worker.client import WorkerClient, WorkerError
+from hpcllm.worker.protocol import SECRET_HEADER, FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+SECRET = "s3cret"
+PROMPT = "hello world, this"
+
+
+class RunningWorker:
+    def __init__(self, service: WorkerService):
+        self.service = service
+        self.server = make_server("127.0.0.1", 0, create_app(service), threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.client = WorkerClient(self.url, SECRET, read_timeout=60)
+
+    def stop(self):
+        self.client.close()
+        self.server.shutdown()
+        self.server.server_close()
+        self.service.shutdown()
+
+
+@pytest.fixture
+def start_worker():
+    workers = []
+
+    def start(pair=None, loader=None, **engine_options) -> RunningWorker:
+        service = WorkerService("tiny-llama", SECRET, keepalive_seconds=0.2, **engine_options)
+        if pair is not None:
+            service.attach(ModelForServing(*pair, tier="test", load_seconds=0.5))
+        if loader is not None:
+            service.load_in_background(loader)
+        worker = RunningWorker(service)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_until(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def slow_down(engine, seconds_per_step):
+    """Make every engine step take a while, so a request is reliably still running when the test acts."""
+    forward = engine._forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds_per_step)
+        return forward(*args, **kwargs)
+
+    engine._forward = slow_forward
+
+
+def test_streaming_generate_matches_the_engine(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=20,
+                                                              temperature=0, ignore_eos=True))
+    body = GenerateRequest(request_id="http-1", prompt=PROMPT, max_tokens=20, temperature=0, ignore_eos=True)
+    with worker.client.generate(body) as stream:
+        lines = list(stream)
+    tokens = [line for line in lines if isinstance(line, TokenLine)]
+    assert [t.index for t in tokens] == list(range(20))
+    assert [t.token_id for t in tokens] == expected.token_ids
+    assert "".join(t.text for t in tokens) == expected.text
+    assert isinstance(lines[-1], FinalLine) and stream.final.finish_reason == "length"
+    assert stream.final.usage.completion_tokens == 20
+
+
+def test_tokens_arrive_while_generating(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    slow_down(worker.service.engine, 0.01)
+    body = GenerateRequest(request_id="live", prompt=PROMPT, max_tokens=30, ignore_eos=True, seed=3)
+    with worker.client.generate(body) as stream:
+        lines = iter(stream)
+        first = next(lines)
+        assert isinstance(first, TokenLine) and first.index == 0
+        during = worker.client.tokens("live")
+        assert during.state == "running" and 1 <= len(during.output_token_ids) < 30
+        assert during.output_token_ids[0] == first.token_id and during.seed == 3
+        rest = list(lines)
+    assert rest[-1].finish_reason == "length"
+    assert worker.client.tokens("live").state == "finished"
+
+
+def test_wrong_or_missing_secret_is_401(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    bad = WorkerClient(worker.url, "wrong")
+    with pytest.raises(WorkerError) as caught:
+        bad.generate(GenerateRequest(request_id="x", prompt=PROMPT))
+    assert caught.value.status == 401 and SECRET_HEADER in str(caught.value)
+    response = httpx.get(worker.url + "/v1/internal/requests/x/tokens")
+    assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(worker.url + "/health").status_code == 200  # health and metrics stay open
+    assert worker.service.engine.counts() == (0, 0)
+
+
+def test_bad_requests_get_400_with_the_reason(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    post = lambda body: httpx.post(worker.url + "/v1/internal/generate", headers={SECRET_HEADER: SECRET}, json=body)
+    response = post({"request_id": "a", "prompt": "x", "temperature": -1})
+    assert response.status_code == 400 and "temperature" in response.json()["error"]["message"]
+    response = post({"request_id": "a"})
+    assert response.status_code == 400 and "exactly one of" in response.json()["error"]["message"]
+    response = post({"request_id": "a", "prompt_token_ids": [3] * 500, "max_tokens": 1})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert "maximum context length is 128 tokens" in error["message"]
+    assert httpx.get(worker.url + "/v1/internal/requests/none/tokens", headers={SECRET_HEADER: SECRET}).status_code == 404
+
+
+def test_client_disconnect_cancels_and_frees_the_slot(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"), max_running_requests=1)
+    engine = worker.service.engine
+    slow_down(engine, 0.02)
+    stream = worker.client.generate(GenerateRequest(request_id="gone", prompt=PROMPT, max_tokens=120, ignore_eos=True))
+    lines = iter(stream)
+    next(lines), next(lines)
+    stream.close()  # the client goes away mid-generation
+    assert wait_until(lambda: engine.tokens("gone").state == "finished")
+    assert engine.tokens("gone").finish_reason == "abort"
+    assert len(engine.tokens("gone").output_token_ids) < 120
+    assert engine.counts() == (0, 0)
+    with worker.client.generate(GenerateRequest(request_id="next", prompt=PROMPT, max_tokens=3)) as stream:
+        assert list(stream)[-1].finish_reason in ("length", "stop")
+
+
+def test_disconnect_while_queued_is_noticed_through_keepalives(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"), max_running_requests=1)
+    engine = worker.service.engine
+    slow_down(engine, 0.05)
+    busy = worker.client.generate(GenerateRequest(request_id="busy", prompt=PROMPT, max_tokens=120, ignore_eos=True))
+    busy_lines = iter(busy)  # kept: dropping a partly read iterator closes the connection
+    next(busy_lines)
+    queued = worker.client.generate(GenerateRequest(request_id="queued", prompt=PROMPT, max_tokens=5))
+    assert wait_until(lambda: engine.counts() == (1, 1))
+    queued.close()
+    assert wait_until(lambda: engine.tokens("queued").state == "finished", timeout=10)
+    assert engine.tokens("queued").output_token_ids == []
+    assert engine.tokens("busy").state == "running"
+    busy.close()
+
+
+def test_cancel_then_resume_on_a_second_worker(load_pair, start_worker):
+    pair = load_pair("qwen2")
+    first, second = start_worker(pair), start_worker(pair)
+    body = dict(prompt="🙂 hello wörld", max_tokens=40, temperature=0.8, seed=9, ignore_eos=True)
+    with first.client.generate(GenerateRequest(request_id="whole", **body)) as stream:
+        whole = [line for line in stream if isinstance(line, TokenLine)]
+
+    stream = first.client.generate(GenerateRequest(request_id="moving", **body))
+    received = []
+    for line in stream:
+        if isinstance(line, TokenLine):
+            received.append(line)
+        if len(received) == 6:
+            state = first.client.cancel("moving")
+        if isinstance(line, FinalLine):
+            assert line.finish_reason == "abort"
+    assert [line.token_id for line in received] == state.output_token_ids
+
+    resume = GenerateRequest(request_id="moving", prompt_token_ids=state.prompt_token_ids,
+                             resume_token_ids=state.output_token_ids, seed=state.seed, max_tokens=40,
+                             temperature=0.8, ignore_eos=True)
+    with second.client.generate(resume) as stream:
+        rest = [line for line in stream if isinstance(line, TokenLine)]
+    assert rest[0].index == len(received)
+    assert [l.token_id for l in received + rest] == [l.token_id for l in whole]
+    assert "".join(l.text for l in received + rest) == "".join(l.text for l in whole)
+
+
+def test_ready_waits_for_the_load_and_health_reports_failures(load_pair, start_worker):
+    release = threading.Event()
+    pair = load_pair("gpt2")
+
+    def slow_loader():
+        release.wait(20)
+        return ModelForServing(*pair, tier="sharedfs", load_seconds=1.25)
+
+    worker = start_worker(loader=slow_loader)
+    assert httpx.get(worker.url + "/health").json()["state"] == "loading"
+    assert httpx.get(worker.url + "/ready").status_code == 503
+    with pytest.raises(WorkerError) as caught:
+        worker.client.generate(GenerateRequest(request_id="early", prompt=PROMPT))
+    assert caught.value.status == 503 and "loading" in str(caught.value)
+    release.set()
+    assert wait_until(lambda: worker.client.ready() is not None)
+    assert worker.client.ready()["max_model_len"] == 128
+    metrics = worker.client.metrics_text()
+    assert 'hpcllm_model_load_seconds{model_name="tiny-llama",tier="sharedfs"} 1.25' in metrics
+
+    def broken_loader():
+        raise OSError("checkpoint vanished")
+
+    failed = start_worker(loader=broken_loader)
+    assert wait_until(lambda: httpx.get(failed.url + "/health").status_code == 503)
+    assert "checkpoint vanished" in httpx.get(failed.url + "/health").json()["error"]["message"]
+    assert httpx.get(failed.url + "/ready").status_code == 503
+
+
+def test_health_turns_503_when_the_engine_dies(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    engine = worker.service.engine
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    engine._forward = broken_forward
+    with worker.client.generate(GenerateRequest(request_id="boom", prompt=PROMPT, max_tokens=3)) as stream:
+        final = list(stream)[-1]
+    assert final.finish_reason == "error" and "illegal memory access" in final.error.message
+    assert wait_until(lambda: httpx.get(worker.url + "/health").status_code == 503)
+    assert httpx.get(worker.url + "/ready").status_code == 503
+
+
+def test_metrics_count_requests_and_tokens(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    for i in range(2):
+        with worker.client.generate(GenerateRequest(request_id=f"m{i}", prompt_token_ids=[5, 6, 7], max_tokens=4,
+                                                    ignore_eos=True)) as stream:
+            list(stream)
+    text = httpx.get(worker.url + "/metrics").text
+    label = 'model_name="tiny-llama"'
+    assert f"hpcllm_prompt_tokens_total{{{label}}} 6.0" in text
+    assert f"hpcllm_generation_tokens_total{{{label}}} 8.0" in text
+    assert f'hpcllm_request_success_total{{finished_reason="length",{label}}} 2.0' in text
+    assert f"hpcllm_time_to_first_token_seconds_count{{{label}}} 2.0" in text
+    assert f"hpcllm_inter_token_latency_seconds_count{{{label}}} 6.0" in text
+    assert f"hpcllm_e2e_request_latency_seconds_count{{{label}}} 2.0" in text
+    assert f"hpcllm_request_queue_time_seconds_count{{{label}}} 2.0" in text
+    assert f"hpcllm_num_requests_running{{{label}}} 0.0" in text
+    assert f"hpcllm_num_requests_waiting{{{label}}} 0.0" in text
