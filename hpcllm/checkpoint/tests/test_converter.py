@@ -265,3 +265,10 @@ def test_sharded_bin_with_index(hf_models, tmp_path):
     assert set(ckpt.tensors) == set(names)
     for name in names:
         assert same_bits(read_raw(ckpt, ckpt.tensors[name]), source[name]), name
+
+
+def test_progress_bar_counts_bytes_on_stderr(hf_models, tmp_path, capsys):
+    ckpt = convert(hf_models["gpt2"], tmp_path / "out", progress=True)
+    err = capsys.readouterr().err
+    assert "converting gpt2" in err and "100%" in err
+    assert ckpt.model["tensor_bytes"] == sum(e.nbytes for e in ckpt.tensors.values())
