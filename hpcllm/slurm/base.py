@@ -1,0 +1,388 @@
+"""The one interface every Slurm backend implements, and its typed inputs and results.
+
+Modelled on submitit (one backend per way of talking to the scheduler, a job description rendered to a batch
+script, a batched status watcher) and dask-jobqueue (a declarative job description). The controller only sees
+`SlurmBackend`; `get_backend(config.slurm)` picks the CLI, slurmrestd or pyslurm implementation.
+
+Results are frozen dataclasses; the job description (user input, partly from config files) is a pydantic model
+so a bad value is refused with a message that names the field before anything reaches Slurm.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hpcllm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hpcllm.config import SlurmConfig
+
+# Values that end up on an `#SBATCH` line or in a REST field: no whitespace, no newline, nothing a shell or the
+# directive parser would split.
+_TOKEN = r"^[A-Za-z0-9_.,:+@%/=-]+$"
+# Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
+_SIGNAL = re.compile(r"^(?:SIG)?([A-Z0-9]+)@(\d+)$")
+_MEMORY = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class JobState(str, enum.Enum):
+    """A job's state, normalized across Slurm versions and backends (Slurm's finer states map onto these)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETING = "COMPLETING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    PREEMPTED = "PREEMPTED"
+    TIMEOUT = "TIMEOUT"
+    NODE_FAIL = "NODE_FAIL"
+    REQUEUED = "REQUEUED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def is_terminal(self) -> bool:
+        """The job will not run (again): its allocation is gone for good."""
+        return self in _TERMINAL_STATES
+
+    @property
+    def is_active(self) -> bool:
+        """The job holds (or is about to hold) its allocation."""
+        return self in (JobState.RUNNING, JobState.COMPLETING)
+
+
+_TERMINAL_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.PREEMPTED, JobState.TIMEOUT,
+     JobState.NODE_FAIL}
+)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    state: JobState
+    # Slurm's own state word (e.g. "CONFIGURING", "OUT_OF_MEMORY", "REQUEUE_HOLD") before normalization.
+    raw_state: str = ""
+    nodes: tuple[str, ...] = ()
+    reason: str | None = None
+    name: str | None = None
+    partition: str | None = None
+    # Epoch seconds; None when unknown or not yet set (pending jobs have no start time).
+    start_time: float | None = None
+    # For running jobs Slurm's expected end (start + time limit); for finished jobs the real end.
+    end_time: float | None = None
+    # Seconds; None for no limit.
+    time_limit: int | None = None
+    # How often Slurm requeued the job (preemption, `scontrol requeue`); the job keeps its id.
+    restart_count: int = 0
+    exit_code: int | None = None
+    # True when Slurm no longer knows the job (purged after MinJobAge and no accounting to ask).
+    missing: bool = False
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.missing or self.state.is_terminal
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    # Base state in capitals (IDLE, MIXED, ALLOCATED, DOWN, ...), and flags (DRAIN, NOT_RESPONDING, ...).
+    state: str
+    state_flags: tuple[str, ...] = ()
+    partitions: tuple[str, ...] = ()
+    # Slurm's GRES strings as configured and as in use, e.g. "gpu:a100:4(S:0-1)".
+    gres: str = ""
+    gres_used: str = ""
+    gpus_total: int = 0
+    gpus_used: int = 0
+    cpus_total: int = 0
+    cpus_allocated: int = 0
+    memory_mb: int = 0
+    memory_allocated_mb: int = 0
+    features: tuple[str, ...] = ()
+    reason: str | None = None
+
+    @property
+    def gpus_free(self) -> int:
+        return max(self.gpus_total - self.gpus_used, 0)
+
+    @property
+    def available(self) -> bool:
+        """The node can take new jobs (up, not draining, not failing, responding)."""
+        return self.state not in _UNAVAILABLE_NODE_STATES and not (set(self.state_flags) & _UNAVAILABLE_NODE_FLAGS)
+
+
+_UNAVAILABLE_NODE_STATES = frozenset(
+    {"DOWN", "FUTURE", "UNKNOWN", "DRAIN", "DRAINED", "DRAINING", "FAIL", "FAILING", "INVAL", "ERROR"}
+)
+_UNAVAILABLE_NODE_FLAGS = frozenset(
+    {"DRAIN", "DRAINED", "DRAINING", "FAIL", "NOT_RESPONDING", "MAINTENANCE", "POWERED_DOWN", "POWERING_DOWN",
+     "REBOOT_ISSUED", "INVALID_REG"}
+)
+
+
+@dataclass(frozen=True)
+class PartitionInfo:
+    name: str
+    state: str = "UP"
+    nodes: tuple[str, ...] = ()
+    is_default: bool = False
+    # Seconds; None for no limit.
+    max_time: int | None = None
+    priority_tier: int | None = None
+    total_cpus: int | None = None
+    total_nodes: int | None = None
+
+
+class JobSpec(BaseModel):
+    """What to run and what to ask Slurm for: one batch job.
+
+    Give either `script` (the body of a batch script; `#SBATCH` lines are generated from the fields) or `template`
+    (a name in slurm/templates/, rendered with `template_vars`). `signal="USR1@60"` asks Slurm to send SIGUSR1 to
+    the batch shell 60 s before the time limit (and at preemption where the site sends it); `env` is added to the
+    job's environment on top of the submitter's (sbatch's default --export=ALL).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]{1,128}$")
+    script: str | None = None
+    template: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    template_vars: dict[str, Any] = Field(default_factory=dict)
+    partition: str | None = Field(None, pattern=_TOKEN)
+    account: str | None = Field(None, pattern=_TOKEN)
+    qos: str | None = Field(None, pattern=_TOKEN)
+    time: str | None = Field(None, pattern=WALLTIME_PATTERN)
+    nodes: int = Field(1, ge=1)
+    ntasks: int | None = Field(None, ge=1)
+    ntasks_per_node: int | None = Field(None, ge=1)
+    cpus_per_task: int | None = Field(None, ge=1)
+    # GPUs per node (--gres=gpu:N); `gres` takes a raw GRES string instead, e.g. "gpu:a100:2".
+    gpus_per_node: int = Field(0, ge=0)
+    gres: str | None = Field(None, pattern=_TOKEN)
+    # Memory per node: "4096" (MB), "512M", "4G".
+    mem: str | None = None
+    nodelist: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    # Node features: required (--constraint) and preferred if available (--prefer, Slurm >= 22.05).
+    constraint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.&|,*\[\]()!:-]+$")
+    prefer: str | None = Field(None, pattern=r"^[A-Za-z0-9_.&|,*\[\]()!:-]+$")
+    signal: str | None = None
+    requeue: bool = False
+    output: str | None = None
+    error: str | None = None
+    # Append to output files instead of truncating them: a requeued job reruns its script and keeps its log.
+    open_mode_append: bool = True
+    env: dict[str, str] = Field(default_factory=dict)
+    chdir: str | None = None
+    comment: str | None = Field(None, max_length=256)
+
+    @field_validator("signal")
+    @classmethod
+    def _valid_signal(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _SIGNAL.match(value.strip().upper())
+        if not match:
+            raise ValueError(f"signal {value!r} must look like NAME@SECONDS, e.g. USR1@60 (Slurm's --signal)")
+        return f"{match.group(1)}@{match.group(2)}"
+
+    @field_validator("mem")
+    @classmethod
+    def _valid_mem(cls, value: str | None) -> str | None:
+        if value is not None and not _MEMORY.match(value):
+            raise ValueError(f"mem {value!r} must be a number of MB or have a K/M/G/T suffix, e.g. 4G")
+        return value
+
+    @field_validator("nodelist", "exclude")
+    @classmethod
+    def _valid_node_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.match(r"^[A-Za-z0-9_.\[\],-]+$", name):
+                raise ValueError(f"node name {name!r} has characters Slurm does not allow")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _valid_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+        return value
+
+    @field_validator("output", "error", "chdir")
+    @classmethod
+    def _single_line(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c.isspace() or c == "\0" for c in value)):
+            raise ValueError(f"path {value!r} must not be empty or hold spaces (it goes on an #SBATCH line)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if (self.script is None) == (self.template is None):
+            raise ValueError("give exactly one of script (a batch script body) or template (a template name)")
+        if self.gres and self.gpus_per_node:
+            raise ValueError("give either gpus_per_node or gres, not both")
+        return self
+
+    # ---------------------------------------------------------------------------------------- derived values
+
+    @property
+    def gres_request(self) -> str | None:
+        """The --gres value, e.g. "gpu:2"."""
+        if self.gres:
+            return self.gres
+        return f"gpu:{self.gpus_per_node}" if self.gpus_per_node else None
+
+    @property
+    def signal_name(self) -> str | None:
+        return self.signal.split("@")[0] if self.signal else None
+
+    @property
+    def batch_signal(self) -> str | None:
+        """sbatch's --signal value: B: sends it to the batch shell, which forwards it to its steps."""
+        return f"B:{self.signal}" if self.signal else None
+
+    @property
+    def time_minutes(self) -> int | None:
+        """The walltime in whole minutes (rounded up), as the REST API and pyslurm want it."""
+        if self.time is None:
+            return None
+        return -(-parse_walltime(self.time) // 60)
+
+    @property
+    def mem_mb(self) -> int | None:
+        if self.mem is None:
+            return None
+        number, unit = _MEMORY.match(self.mem).groups()
+        scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit.upper()]
+        return max(int(int(number) * scale), 1)
+
+
+def parse_walltime(text: str) -> int:
+    """Slurm walltime text -> seconds. Formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    if not re.match(WALLTIME_PATTERN, text):
+        raise ValueError(f"walltime {text!r} is not one of Slurm's formats (MM, HH:MM:SS, D-HH:MM:SS, ...)")
+    days = 0
+    if "-" in text:
+        day_text, text = text.split("-", 1)
+        days = int(day_text)
+        parts = [int(p) for p in text.split(":")]
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        parts = [int(p) for p in text.split(":")]
+        if len(parts) == 1:
+            hours, minutes, seconds = 0, parts[0], 0
+        elif len(parts) == 2:
+            hours, minutes, seconds = 0, parts[0], parts[1]
+        else:
+            hours, minutes, seconds = parts
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def make_job_spec(**fields: Any) -> JobSpec:
+    """JobSpec(**fields), with a validation failure turned into one ConfigError naming each bad field."""
+    try:
+        return JobSpec(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid Slurm job description: {problems}") from None
+
+
+class SlurmBackend(abc.ABC):
+    """One way of talking to Slurm. All methods raise SlurmError (Slurm refused, with its message) or
+    SlurmUnavailable (Slurm could not be asked)."""
+
+    #: Short name used in config (`[slurm] backend = "cli"`) and messages.
+    name: str = ""
+
+    @abc.abstractmethod
+    def submit(self, spec: JobSpec) -> str:
+        """Submit a batch job; returns its job id."""
+
+    @abc.abstractmethod
+    def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
+        """Status of many jobs with one call to Slurm. Every requested id is in the answer; a job Slurm no longer
+        knows has state UNKNOWN and missing=True."""
+
+    def status(self, job_id: str) -> JobStatus:
+        return self.statuses([job_id])[job_id]
+
+    @abc.abstractmethod
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job (pending or running). Cancelling a finished job is not an error."""
+
+    @abc.abstractmethod
+    def requeue(self, job_id: str) -> None:
+        """Put a running job back in the queue; it keeps its id and reruns its script from the start."""
+
+    @abc.abstractmethod
+    def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:
+        """Send a signal (name like "USR1" or "SIGTERM") to a running job: to its batch shell when batch_only,
+        else to every step."""
+
+    @abc.abstractmethod
+    def nodes(self) -> list[NodeInfo]:
+        """Every node Slurm knows, with GPUs total and in use."""
+
+    @abc.abstractmethod
+    def partitions(self) -> list[PartitionInfo]:
+        """Every partition, the default one marked."""
+
+    def close(self) -> None:
+        """Release connections; the backend must not be used afterwards."""
+
+
+def signal_name(sig: str | int) -> str:
+    """"SIGUSR1", "usr1", 10 -> "USR1" (the name Slurm's tools accept)."""
+    import signal as signal_module
+
+    if isinstance(sig, int) or str(sig).isdigit():
+        try:
+            return signal_module.Signals(int(sig)).name.removeprefix("SIG")
+        except ValueError:
+            raise ConfigError(f"signal number {sig} is not a known signal") from None
+    name = str(sig).strip().upper().removeprefix("SIG")
+    if not re.match(r"^[A-Z0-9]+$", name) or not hasattr(signal_module, f"SIG{name}"):
+        raise ConfigError(f"signal {sig!r} is not a known signal name (e.g. USR1, TERM)")
+    return name
+
+
+def get_backend(config: SlurmConfig) -> SlurmBackend:
+    """The backend `config.backend` names: "cli" (default), "rest" (slurmrestd) or "pyslurm"."""
+    if config.backend == "cli":
+        from hpcllm.slurm.cli_backend import CliBackend
+
+        return CliBackend(config)
+    if config.backend == "rest":
+        from hpcllm.slurm.rest_backend import RestBackend
+
+        return RestBackend(config)
+    if config.backend == "pyslurm":
+        from hpcllm.slurm.pyslurm_backend import PyslurmBackend
+
+        return PyslurmBackend(config)
+    raise ConfigError(f'[slurm] backend = "{config.backend}" is not one of "cli", "rest", "pyslurm"')
+
+
+__all__ = [
+    "JobSpec",
+    "JobState",
+    "JobStatus",
+    "NodeInfo",
+    "PartitionInfo",
+    "SlurmBackend",
+    "get_backend",
+    "make_job_spec",
+    "parse_walltime",
+    "signal_name",
+]

@@ -1,0 +1,204 @@
+"""The default backend: Slurm's own commands (sbatch, squeue, sacct, scancel, scontrol, sinfo).
+
+- submit: the rendered batch script on sbatch's stdin, `sbatch --parsable` (prints `jobid` or `jobid;cluster`;
+  the last line counts);
+- statuses: ONE `squeue --json` for all jobs (falling back to a pinned `squeue -O` text format when --json fails),
+  then ONE `sacct` for the jobs squeue no longer lists when accounting is on;
+- nodes: `sinfo --json` (22.05-23.11 shape), `scontrol show nodes --json` (23.02+), else `scontrol -d -o show node`;
+- partitions: `scontrol -o show partition`.
+Every command runs with the user's output-shaping variables removed (SQUEUE_FORMAT, SINFO_FORMAT, SACCT_FORMAT,
+SLURM_TIME_FORMAT, ...) and SLURM_TIME_FORMAT=%s, so a personal setting cannot break parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+from typing import TYPE_CHECKING
+
+from hpcllm.slurm import adapter
+from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
+from hpcllm.slurm.templates import render_batch_script
+
+if TYPE_CHECKING:
+    from hpcllm.config import SlurmConfig
+
+log = logging.getLogger(__name__)
+
+# Variables that change what Slurm's commands print (formats, default filters, time format).
+_OUTPUT_VARIABLE_PREFIXES = ("SQUEUE_", "SINFO_", "SACCT_", "SCONTROL_")
+_OUTPUT_VARIABLES = {"SLURM_TIME_FORMAT"}
+# Messages that mean Slurm could not be asked at all (as opposed to a refusal).
+_UNAVAILABLE_PATTERNS = re.compile(
+    r"Unable to contact slurm controller|Could not establish a configuration source|Connection refused|"
+    r"Socket timed out|Zero Bytes were transmitted|Communication connection failure|Munge|munge|"
+    r"slurm_load_jobs error: Unable|Slurm backup controller in standby mode|No route to host",
+)
+_ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|Problem talking to the database|"
+                             r"slurmdbd|AccountingStorageType", re.IGNORECASE)
+_ALREADY_DONE = re.compile(r"already completing or completed|Invalid job id specified|Job has already finished",
+                           re.IGNORECASE)
+
+
+def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ without the user's output-format settings, with epoch times, plus `extra`."""
+    env = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith(_OUTPUT_VARIABLE_PREFIXES) and key not in _OUTPUT_VARIABLES
+    }
+    env["SLURM_TIME_FORMAT"] = "%s"
+    if extra:
+        env.update(extra)
+    return env
+
+
+class CliBackend(SlurmBackend):
+    name = "cli"
+
+    def __init__(self, config: SlurmConfig | None = None, *, command_timeout: float | None = None):
+        self._timeout = command_timeout or (getattr(config, "command_timeout_seconds", None) or 60.0)
+        # None: not tried yet; False: the site has no accounting (sacct refuses), do not ask again.
+        self._accounting: bool | None = None
+        self._squeue_json = True
+        self._sinfo_json = True
+
+    # ------------------------------------------------------------------------------------------- commands
+
+    def _run(self, args: list[str], *, stdin: str | None = None, env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+        command = " ".join(args[:2])
+        try:
+            result = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=self._timeout,
+                                    env=clean_environment(env))
+        except FileNotFoundError:
+            raise SlurmUnavailable(
+                f"{args[0]}: command not found; install Slurm's client commands (Debian: slurm-client) and put "
+                f'them on PATH, or set [slurm] backend = "rest" to use slurmrestd') from None
+        except subprocess.TimeoutExpired:
+            raise SlurmUnavailable(f"{command} did not answer within {self._timeout:.0f} s; is slurmctld up? "
+                                   f"(check with: scontrol ping)") from None
+        if result.returncode != 0:
+            message = _message(result)
+            if _UNAVAILABLE_PATTERNS.search(message):
+                raise SlurmUnavailable(f"{command}: Slurm is not reachable: {message} "
+                                       f"(check with: scontrol ping; is SLURM_CONF set?)", message)
+            raise SlurmError(f"{command} failed: {message}", message)
+        return result
+
+    # ------------------------------------------------------------------------------------------ interface
+
+    def submit(self, spec: JobSpec) -> str:
+        script = render_batch_script(spec)
+        result = self._run(["sbatch", "--parsable"], stdin=script, env=dict(spec.env))
+        return parse_parsable(result.stdout)
+
+    def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
+        wanted = [str(job_id) for job_id in job_ids]
+        if not wanted:
+            return {}
+        listed = self._squeue_all()
+        answer = {job_id: listed[job_id] for job_id in wanted if job_id in listed}
+        missing = [job_id for job_id in wanted if job_id not in listed]
+        if missing:
+            from_accounting = self._sacct(missing)
+            for job_id in missing:
+                answer[job_id] = from_accounting.get(job_id) or adapter.missing_status(
+                    job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)"
+                    + ("" if self._accounting else " and job accounting is off, so its end state is unknown"))
+        return answer
+
+    def cancel(self, job_id: str) -> None:
+        try:
+            self._run(["scancel", str(job_id)])
+        except SlurmError as exc:
+            if isinstance(exc, SlurmUnavailable) or not _ALREADY_DONE.search(exc.slurm_message):
+                raise
+
+    def requeue(self, job_id: str) -> None:
+        self._run(["scontrol", "requeue", str(job_id)])
+
+    def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:
+        target = "--batch" if batch_only else "--full"
+        self._run(["scancel", f"--signal={signal_name(sig)}", target, str(job_id)])
+
+    def nodes(self) -> list[NodeInfo]:
+        if self._sinfo_json:
+            payload = self._json(["sinfo", "--json"])
+            if payload is not None and "nodes" in payload:
+                return adapter.nodes_from_json(payload)
+            if payload is not None:  # 24.05+: sinfo --json groups nodes; scontrol lists them one by one
+                nodes = self._json(["scontrol", "show", "nodes", "--json"])
+                if nodes is not None and "nodes" in nodes:
+                    return adapter.nodes_from_json(nodes)
+            self._sinfo_json = False
+        return adapter.nodes_from_scontrol_text(self._run(["scontrol", "-d", "-o", "show", "node"]).stdout)
+
+    def partitions(self) -> list[PartitionInfo]:
+        return adapter.partitions_from_scontrol_text(self._run(["scontrol", "-o", "show", "partition"]).stdout)
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _json(self, args: list[str]) -> dict | None:
+        """Run a --json command; None when this Slurm cannot (old version, no data_parser plugin)."""
+        try:
+            result = self._run(args)
+        except SlurmUnavailable:
+            raise
+        except SlurmError as exc:
+            log.info("%s failed (%s); using the text format instead", " ".join(args), exc.slurm_message)
+            return None
+        try:
+            payload = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            log.info("%s printed no JSON; using the text format instead", " ".join(args))
+            return None
+        return payload if isinstance(payload, dict) else None
+
+    def _squeue_all(self) -> dict[str, JobStatus]:
+        """Every job slurmctld still holds (all users, all partitions, all states), in one call."""
+        if self._squeue_json:
+            payload = self._json(["squeue", "--json", "--all", "--states=all"])
+            if payload is not None and "jobs" in payload:
+                return adapter.jobs_from_json(payload)
+            self._squeue_json = False
+        result = self._run(["squeue", "--noheader", "--all", "--states=all", "--array",
+                            f"--Format={adapter.SQUEUE_TEXT_FORMAT}"])
+        return adapter.jobs_from_squeue_text(result.stdout)
+
+    def _sacct(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        if self._accounting is False:
+            return {}
+        try:
+            result = self._run(["sacct", "--allocations", "--noheader", "--parsable2", "--duplicates",
+                                f"--jobs={','.join(job_ids)}", f"--format={','.join(adapter.SACCT_FIELDS)}"])
+        except SlurmUnavailable:
+            raise
+        except SlurmError as exc:
+            if _ACCOUNTING_OFF.search(exc.slurm_message):
+                log.info("job accounting is off (%s); finished jobs are known only while squeue lists them",
+                         exc.slurm_message)
+                self._accounting = False
+                return {}
+            raise
+        self._accounting = True
+        return adapter.jobs_from_sacct_text(result.stdout)
+
+
+def parse_parsable(stdout: str) -> str:
+    """`sbatch --parsable` output -> job id: the last non-empty line, "jobid" or "jobid;cluster"."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise SlurmError("sbatch printed no job id", stdout)
+    job_id = lines[-1].split(";", 1)[0]
+    if not re.match(r"^\d+(_\d+)?$", job_id):
+        raise SlurmError(f"sbatch printed {lines[-1]!r} where a job id was expected", stdout)
+    return job_id
+
+
+def _message(result: subprocess.CompletedProcess[str]) -> str:
+    text = (result.stderr or "").strip() or (result.stdout or "").strip()
+    return text or f"exit status {result.returncode} without a message"

@@ -1,0 +1,235 @@
+"""slurmrestd backend (openapi v0.0.38, the REST API of Slurm 22.05; JWT auth).
+
+Every request carries X-SLURM-USER-NAME and X-SLURM-USER-TOKEN. The token comes from, in order:
+`[slurm] rest_token_file`, the SLURM_JWT environment variable (what `scontrol token` prints), or
+`scontrol token lifespan=...` run by this backend (renewed before it expires).
+
+Endpoints: POST /slurm/v0.0.38/job/submit {script, job}, GET /slurm/v0.0.38/jobs (the same JSON as
+`squeue --json`, parsed by the same adapter), DELETE /slurm/v0.0.38/job/{id}[?signal=NAME], GET .../nodes,
+GET .../partitions. Limits of v0.0.38, reported as errors rather than ignored: no requeue, no node list / exclude
+list on submit; a signal reaches every step of the job and its batch shell (no batch-only choice); the signal on
+submit has no "B:" prefix.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from hpcllm.slurm import adapter
+from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
+from hpcllm.slurm.cli_backend import clean_environment
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
+from hpcllm.slurm.templates import render_batch_script
+
+if TYPE_CHECKING:
+    from hpcllm.config import SlurmConfig
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_API_VERSIONS = ("v0.0.38",)
+_TOKEN_LIFESPAN_S = 3600
+# Signal names the v0.0.38 schema accepts in DELETE /job/{id}?signal=.
+_REST_SIGNALS = {"HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "USR2", "URG", "CONT", "STOP", "TSTP",
+                 "TTIN", "TTOU"}
+
+
+class RestBackend(SlurmBackend):
+    name = "rest"
+
+    def __init__(self, config: SlurmConfig, *, transport: httpx.BaseTransport | None = None,
+                 timeout: float | None = None):
+        if config.rest_api_version not in SUPPORTED_API_VERSIONS:
+            raise SlurmError(f"[slurm] rest_api_version = {config.rest_api_version!r} is not supported by this "
+                             f"backend (supported: {', '.join(SUPPORTED_API_VERSIONS)}); use backend = \"cli\"")
+        self.base_url = config.rest_url.rstrip("/")
+        self.api = f"/slurm/{config.rest_api_version}"
+        self.user = getattr(config, "rest_user", None) or getpass.getuser()
+        self._token_file: Path | None = getattr(config, "rest_token_file", None)
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._token_lock = threading.Lock()
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=timeout or getattr(config, "command_timeout_seconds", None) or 60.0,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ----------------------------------------------------------------------------------------------- tokens
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"X-SLURM-USER-NAME": self.user, "X-SLURM-USER-TOKEN": self._current_token()}
+
+    def _current_token(self) -> str:
+        with self._token_lock:
+            if self._token and time.monotonic() < self._token_expires:
+                return self._token
+            if self._token_file is not None:
+                try:
+                    token = Path(self._token_file).read_text().strip().removeprefix("SLURM_JWT=")
+                except OSError as exc:
+                    raise SlurmError(f"[slurm] rest_token_file {self._token_file}: {exc.strerror}") from None
+                self._token, self._token_expires = token, time.monotonic() + 60  # reread: it may be rotated
+            elif os.environ.get("SLURM_JWT"):
+                self._token, self._token_expires = os.environ["SLURM_JWT"], time.monotonic() + 60
+            else:
+                self._token = _scontrol_token(_TOKEN_LIFESPAN_S)
+                self._token_expires = time.monotonic() + _TOKEN_LIFESPAN_S / 2
+            return self._token
+
+    # ---------------------------------------------------------------------------------------------- requests
+
+    def _request(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+                 ) -> dict[str, Any]:
+        url = f"{self.api}{path}"
+        try:
+            response = self._http.request(method, url, json=json, params=params, headers=self._auth_headers())
+        except httpx.TimeoutException:
+            raise SlurmUnavailable(f"slurmrestd at {self.base_url} did not answer {method} {url} in time") from None
+        except httpx.HTTPError as exc:
+            raise SlurmUnavailable(f"slurmrestd at {self.base_url} is not reachable ({type(exc).__name__}: {exc}); "
+                                   f"is it running? ([slurm] rest_url)") from None
+        payload = _json_body(response)
+        errors = adapter.errors_from_json(payload) if payload is not None else []
+        if response.status_code in (401, 403):
+            raise SlurmError(f"slurmrestd refused the credentials of user {self.user!r} (HTTP "
+                             f"{response.status_code}): check [slurm] rest_user and the JWT (scontrol token)",
+                             "; ".join(errors) or response.text[:200])
+        if response.status_code >= 400 or errors:
+            message = "; ".join(errors) or f"HTTP {response.status_code}: {response.text[:300].strip()}"
+            if response.status_code in (502, 503, 504) or "Unable to contact slurm controller" in message:
+                raise SlurmUnavailable(f"slurmrestd cannot reach slurmctld: {message}", message)
+            raise SlurmError(f"slurmrestd {method} {url}: {message}", message)
+        if payload is None:
+            raise SlurmError(f"slurmrestd {method} {url} answered HTTP {response.status_code} without JSON: "
+                             f"{response.text[:200]!r}")
+        return payload
+
+    # ------------------------------------------------------------------------------------------- interface
+
+    def submit(self, spec: JobSpec) -> str:
+        payload = self._request("POST", "/job/submit", json=submission_body(spec))
+        job_id = payload.get("job_id")
+        if job_id is None:
+            raise SlurmError(f"slurmrestd accepted the job but returned no job_id: {payload}")
+        return str(job_id)
+
+    def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
+        wanted = [str(job_id) for job_id in job_ids]
+        if not wanted:
+            return {}
+        listed = adapter.jobs_from_json(self._request("GET", "/jobs"))
+        return {
+            job_id: listed.get(job_id) or adapter.missing_status(
+                job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)")
+            for job_id in wanted
+        }
+
+    def cancel(self, job_id: str) -> None:
+        try:
+            self._request("DELETE", f"/job/{job_id}")
+        except SlurmUnavailable:
+            raise
+        except SlurmError as exc:
+            if "already completing or completed" not in exc.slurm_message and \
+                    "Invalid job id" not in exc.slurm_message:
+                raise
+
+    def requeue(self, job_id: str) -> None:
+        raise SlurmError(
+            f"cannot requeue job {job_id}: slurmrestd's openapi {self.api.rsplit('/', 1)[-1]} (Slurm 22.05) has "
+            f"no requeue operation; use backend = \"cli\" (scontrol requeue) for requeues")
+
+    def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:
+        name = signal_name(sig)
+        if name not in _REST_SIGNALS:
+            raise SlurmError(f"slurmrestd {self.api} cannot send SIG{name} (it accepts {', '.join(sorted(_REST_SIGNALS))})")
+        # v0.0.38 signals the batch shell and every step alike; batch_only cannot be honoured, and the node
+        # agent template drains on the signal wherever it arrives.
+        self._request("DELETE", f"/job/{job_id}", params={"signal": name})
+
+    def nodes(self) -> list[NodeInfo]:
+        return adapter.nodes_from_json(self._request("GET", "/nodes"))
+
+    def partitions(self) -> list[PartitionInfo]:
+        return adapter.partitions_from_json(self._request("GET", "/partitions"))
+
+
+def submission_body(spec: JobSpec) -> dict[str, Any]:
+    """JobSpec -> the v0.0.38 POST /job/submit body (script + job properties)."""
+    if spec.nodelist or spec.exclude:
+        raise SlurmError("slurmrestd openapi v0.0.38 cannot pin a job to nodes (no node list or exclude list on "
+                         "submit); drop nodelist/exclude or use backend = \"cli\"")
+    job: dict[str, Any] = {
+        "name": spec.name,
+        "nodes": [spec.nodes, spec.nodes],
+        "requeue": spec.requeue,
+        "environment": _job_environment(spec.env),
+        "current_working_directory": spec.chdir or os.getcwd(),
+    }
+    optional = {
+        "partition": spec.partition,
+        "account": spec.account,
+        "qos": spec.qos,
+        "time_limit": spec.time_minutes,
+        "tasks": spec.ntasks,
+        "tasks_per_node": spec.ntasks_per_node,
+        "cpus_per_task": spec.cpus_per_task,
+        "gres": spec.gres_request,
+        "memory_per_node": spec.mem_mb,
+        "constraints": spec.constraint,
+        "prefer": spec.prefer,
+        "signal": spec.signal,  # "USR1@60": v0.0.38 takes no "B:" prefix
+        "standard_output": spec.output,
+        "standard_error": spec.error,
+        "open_mode": "append" if spec.open_mode_append else None,
+        "comment": spec.comment,
+    }
+    job.update({key: value for key, value in optional.items() if value is not None})
+    if spec.ntasks is None and spec.ntasks_per_node is not None:
+        job["tasks"] = spec.ntasks_per_node * spec.nodes
+    return {"script": render_batch_script(spec), "job": job}
+
+
+def _job_environment(extra: dict[str, str]) -> dict[str, str]:
+    """Like sbatch's default --export=ALL: the submitter's environment (without output-format settings and
+    without another job's SLURM_* variables) plus the job's own."""
+    env = {key: value for key, value in clean_environment().items()
+           if not key.startswith("SLURM_") or key == "SLURM_CONF"}
+    env.update(extra)
+    return env
+
+
+def _json_body(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        payload = response.json()
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _scontrol_token(lifespan: int) -> str:
+    try:
+        result = subprocess.run(["scontrol", "token", f"lifespan={lifespan}"], capture_output=True, text=True,
+                                timeout=30, env=clean_environment())
+    except FileNotFoundError:
+        raise SlurmUnavailable("no JWT for slurmrestd: set SLURM_JWT or [slurm] rest_token_file (scontrol, which "
+                               "could make one, is not installed here)") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmUnavailable("scontrol token did not answer within 30 s; is slurmctld up?") from None
+    out = result.stdout.strip()
+    if result.returncode != 0 or not out.startswith("SLURM_JWT="):
+        raise SlurmError(f"could not get a JWT for slurmrestd with scontrol token: "
+                         f"{result.stderr.strip() or out or 'no output'} (is AuthAltTypes=auth/jwt set?)")
+    return out.removeprefix("SLURM_JWT=")

@@ -1,0 +1,213 @@
+"""Batch scripts: `#SBATCH` headers from a JobSpec, bodies from templates in slurm/templates/.
+
+A script is the header (one `#SBATCH` line per JobSpec field that is set, in a fixed order) followed by the body:
+either JobSpec.script or a Jinja2 template rendered with StrictUndefined, so a missing variable is an error that
+names it instead of an empty string in a shell script. The `sh` filter quotes a value for the shell.
+
+Templates live in slurm/templates/ of the source tree (HPCLLM_SLURM_TEMPLATES overrides the folder):
+- node-agent.sbatch.in: the allocation job that runs one `hpcllm node` per node for the job's life;
+- model-pool.sbatch.in: the user-facing slurm/model-pool.sbatch (rendered with defaults and committed).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+
+from hpcllm.errors import ConfigError
+from hpcllm.slurm.base import JobSpec, make_job_spec
+
+if TYPE_CHECKING:
+    from hpcllm.config import Config
+
+TEMPLATES_ENV = "HPCLLM_SLURM_TEMPLATES"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE_SUFFIX = ".sbatch.in"
+NODE_AGENT_TEMPLATE = "node-agent"
+MODEL_POOL_TEMPLATE = "model-pool"
+# The committed, ready-to-submit model pool script (the model-pool template rendered with its defaults).
+MODEL_POOL_SCRIPT = REPO_ROOT / "slurm" / "model-pool.sbatch"
+
+MODEL_POOL_DEFAULTS: dict[str, Any] = {
+    "model": "tiny-llama",
+    "gpus": 1,
+    "time": "04:00:00",
+    "nodes": 1,
+    "job_name": "hpcllm-pool",
+    "signal": "USR1",
+    "signal_seconds": 60,
+    "partition": None,
+    "output": "hpcllm-pool-%j.out",
+}
+
+
+def templates_dir() -> Path:
+    override = os.environ.get(TEMPLATES_ENV)
+    return Path(override) if override else REPO_ROOT / "slurm" / "templates"
+
+
+def _environment() -> jinja2.Environment:
+    directory = templates_dir()
+    if not directory.is_dir():
+        raise ConfigError(f"the sbatch templates folder {directory} does not exist; run hpcllm from its source "
+                          f"checkout or point {TEMPLATES_ENV} at a copy of slurm/templates")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["sh"] = lambda value: shlex.quote(str(value))
+    return env
+
+
+def available_templates() -> list[str]:
+    directory = templates_dir()
+    return sorted(p.name.removesuffix(TEMPLATE_SUFFIX) for p in directory.glob(f"*{TEMPLATE_SUFFIX}"))
+
+
+def render_template(name: str, variables: dict[str, Any]) -> str:
+    """Render slurm/templates/<name>.sbatch.in; every variable it uses must be given."""
+    env = _environment()
+    try:
+        template = env.get_template(f"{name}{TEMPLATE_SUFFIX}")
+    except jinja2.TemplateNotFound:
+        raise ConfigError(f"no sbatch template {name!r} in {templates_dir()} "
+                          f"(known: {', '.join(available_templates()) or 'none'})") from None
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"sbatch template {name!r} line {exc.lineno}: {exc.message}") from None
+    try:
+        return template.render(**variables)
+    except jinja2.UndefinedError as exc:
+        raise ConfigError(f"sbatch template {name!r} needs a variable that was not given: {exc.message}") from None
+
+
+def script_body(spec: JobSpec) -> str:
+    if spec.script is not None:
+        return spec.script
+    return render_template(spec.template, spec.template_vars)
+
+
+def sbatch_directives(spec: JobSpec) -> list[str]:
+    """The `#SBATCH` option values for a JobSpec, in a fixed order (golden files depend on it)."""
+    options: list[str] = [f"--job-name={spec.name}"]
+    optional = [
+        ("partition", spec.partition),
+        ("account", spec.account),
+        ("qos", spec.qos),
+        ("time", spec.time),
+    ]
+    options += [f"--{flag}={value}" for flag, value in optional if value is not None]
+    options.append(f"--nodes={spec.nodes}")
+    optional = [
+        ("ntasks", spec.ntasks),
+        ("ntasks-per-node", spec.ntasks_per_node),
+        ("cpus-per-task", spec.cpus_per_task),
+        ("gres", spec.gres_request),
+        ("mem", spec.mem),
+        ("nodelist", ",".join(spec.nodelist) or None),
+        ("exclude", ",".join(spec.exclude) or None),
+        ("constraint", spec.constraint),
+        ("prefer", spec.prefer),
+        ("signal", spec.batch_signal),
+    ]
+    options += [f"--{flag}={value}" for flag, value in optional if value is not None]
+    options.append("--requeue" if spec.requeue else "--no-requeue")
+    optional = [("output", spec.output), ("error", spec.error), ("chdir", spec.chdir)]
+    options += [f"--{flag}={value}" for flag, value in optional if value is not None]
+    if spec.open_mode_append:
+        options.append("--open-mode=append")
+    # The submitter's environment (plus JobSpec.env, passed to sbatch) reaches the job.
+    options.append("--export=ALL")
+    return options
+
+
+def render_batch_script(spec: JobSpec) -> str:
+    """The complete batch script sbatch receives: shebang, `#SBATCH` header, body."""
+    body = script_body(spec)
+    shebang = "#!/bin/bash"
+    if body.startswith("#!"):
+        shebang, _, body = body.partition("\n")
+    header = "\n".join(f"#SBATCH {option}" for option in sbatch_directives(spec))
+    if not body.endswith("\n"):
+        body += "\n"
+    return f"{shebang}\n{header}\n{body}"
+
+
+# ------------------------------------------------------------------------------------------------ job kinds
+
+
+def hpcllm_command() -> str:
+    """Path of the `hpcllm` command of this installation (beside the running Python), else plain `hpcllm`."""
+    beside_python = Path(sys.executable).parent / "hpcllm"
+    if beside_python.exists():
+        return str(beside_python)
+    return shutil.which("hpcllm") or "hpcllm"
+
+
+def node_agent_job_spec(
+    config: Config,
+    *,
+    nodes: int = 1,
+    gpus_per_node: int | None = None,
+    time: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    qos: str | None = None,
+    name: str = "hpcllm-node",
+    agent_args: tuple[str, ...] | list[str] = (),
+    output: str | None = None,
+    hpcllm: str | None = None,
+    env: dict[str, str] | None = None,
+) -> JobSpec:
+    """The allocation job that runs one `hpcllm node` per node (trap the configured signal and SIGTERM to drain;
+    requeue; append to one log). Unset arguments come from config.slurm."""
+    slurm = config.slurm
+    job_env = dict(env or {})
+    if os.environ.get("HPCLLM_CONFIG") and "HPCLLM_CONFIG" not in job_env:
+        job_env["HPCLLM_CONFIG"] = os.environ["HPCLLM_CONFIG"]
+    signal = slurm.signal.upper().removeprefix("SIG")
+    return make_job_spec(
+        name=name,
+        template=NODE_AGENT_TEMPLATE,
+        template_vars={
+            "hpcllm": hpcllm or hpcllm_command(),
+            "agent_args": list(agent_args),
+            "signal": signal,
+        },
+        partition=partition or slurm.partition,
+        account=account or slurm.account,
+        qos=qos or slurm.qos,
+        time=time or slurm.time,
+        nodes=nodes,
+        ntasks_per_node=1,
+        gpus_per_node=slurm.gpus_per_node if gpus_per_node is None else gpus_per_node,
+        signal=f"{signal}@{slurm.signal_seconds}" if slurm.signal_seconds else None,
+        requeue=True,
+        output=output or str(config.paths.state_dir / "slurm" / "%x-%j.out"),
+        open_mode_append=True,
+        env=job_env,
+    )
+
+
+def render_model_pool(**overrides: Any) -> str:
+    """slurm/model-pool.sbatch with other defaults (model, gpus, time, nodes, partition, ...)."""
+    unknown = set(overrides) - set(MODEL_POOL_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown model pool setting(s): {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(MODEL_POOL_DEFAULTS)})")
+    variables = {**MODEL_POOL_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    spec_check = make_job_spec(name=variables["job_name"], script="true", time=str(variables["time"]),
+                               gpus_per_node=int(variables["gpus"]), nodes=int(variables["nodes"]),
+                               partition=variables["partition"], output=variables["output"],
+                               signal=f"{variables['signal']}@{variables['signal_seconds']}")
+    variables["signal"] = spec_check.signal_name
+    return render_template(MODEL_POOL_TEMPLATE, variables)

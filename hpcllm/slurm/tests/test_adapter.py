@@ -1,0 +1,217 @@
+"""The JSON/text adapter against recorded outputs of each Slurm shape.
+
+*_22.05.* fixtures were captured from the dev cluster (Slurm 22.05.8); the 23.02/23.11/24.05 ones are written by
+hand from the documented shapes (each says so in its _comment).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpcllm.slurm import adapter
+from hpcllm.slurm.base import JobState
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load(name: str):
+    path = FIXTURES / name
+    return json.loads(path.read_text()) if name.endswith(".json") else path.read_text()
+
+
+# ------------------------------------------------------------------------------------------------------ jobs
+
+
+def test_real_22_05_squeue_json():
+    jobs = adapter.jobs_from_json(load("squeue_22.05.json"))
+    by_name = {s.name: s for s in jobs.values()}
+    assert set(by_name) == {"cap-done", "cap-fail", "cap-run", "cap-pend", "cap-cancel"}
+
+    done = by_name["cap-done"]
+    assert done.state is JobState.COMPLETED and done.is_terminal
+    assert done.nodes == ("n1", "n2")  # "n[1-2]" expanded
+    assert done.exit_code == 0 and done.time_limit == 300
+
+    failed = by_name["cap-fail"]
+    assert failed.state is JobState.FAILED and failed.exit_code == 3  # wait status 768 -> exit code 3
+    assert failed.reason == "NonZeroExitCode"
+
+    running = by_name["cap-run"]
+    assert running.state is JobState.RUNNING and not running.is_terminal
+    assert running.nodes == ("n1",) and running.partition == "batch"
+    assert running.start_time is not None and running.end_time == running.start_time + 300
+
+    pending = by_name["cap-pend"]
+    assert pending.state is JobState.PENDING and pending.reason == "Resources"
+    assert pending.nodes == () and pending.start_time is None
+
+    cancelled = by_name["cap-cancel"]
+    assert cancelled.state is JobState.CANCELLED and cancelled.restart_count == 0
+
+
+def test_23_02_numbers_as_objects():
+    jobs = adapter.jobs_from_json(load("squeue_23.02.json"))
+    running, pending, oom = jobs["201"], jobs["202"], jobs["203"]
+    assert running.state is JobState.RUNNING and running.nodes == ("gpu01", "gpu02")
+    assert running.start_time == 1700000000 and running.end_time == 1700003600 and running.time_limit == 3600
+    assert pending.time_limit is None  # infinite
+    assert pending.start_time is None  # number 0 means not yet
+    assert pending.reason == "Priority"
+    assert oom.state is JobState.FAILED and oom.raw_state == "OUT_OF_MEMORY"
+
+
+def test_23_11_state_lists_and_flags():
+    jobs = adapter.jobs_from_json(load("squeue_23.11.json"))
+    assert jobs["301"].state is JobState.COMPLETING  # the COMPLETING flag wins, as in Slurm's state string
+    requeued = jobs["302"]
+    assert requeued.state is JobState.REQUEUED and requeued.restart_count == 1
+    failed = jobs["303"]
+    assert failed.state is JobState.FAILED and failed.exit_code == 3
+    assert failed.nodes == ("gpu02", "gpu04", "gpu05") and failed.time_limit is None
+    assert jobs["304"].state is JobState.NODE_FAIL and jobs["304"].is_terminal
+
+
+def test_24_05_node_structures():
+    jobs = adapter.jobs_from_json(load("squeue_24.05.json"))
+    assert jobs["401"].nodes == ("gpu01", "gpu02") and jobs["401"].restart_count == 2
+    assert jobs["402"].nodes == ("gpu07",)  # only job_resources.nodes.allocation names it
+    assert jobs["403"].state is JobState.TIMEOUT
+
+
+def test_real_22_05_squeue_text_fallback_matches_json():
+    text_jobs = adapter.jobs_from_squeue_text(load("squeue_22.05.txt"))
+    json_jobs = {s.job_id: s for s in adapter.jobs_from_json(load("squeue_22.05.json")).values()}
+    assert set(text_jobs) == set(json_jobs)
+    for job_id, from_text in text_jobs.items():
+        from_json = json_jobs[job_id]
+        assert (from_text.state, from_text.nodes, from_text.name, from_text.time_limit, from_text.partition) == (
+            from_json.state, from_json.nodes, from_json.name, from_json.time_limit, from_json.partition)
+        assert from_text.start_time == from_json.start_time
+
+
+def test_squeue_text_name_may_hold_the_separator():
+    line = "7|RUNNING|None|n[3-4]|1700000000|1700000600|10:00|1|batch|odd|name|\n"
+    status = adapter.jobs_from_squeue_text(line)["7"]
+    assert status.name == "odd|name" and status.nodes == ("n3", "n4") and status.restart_count == 1
+    assert status.time_limit == 600
+
+
+def test_sacct_text_counts_requeued_runs_and_reads_states():
+    text = (
+        "55|REQUEUED|None|n1|1700000000|1700000100|60|0:0|pool|batch\n"
+        "55|RUNNING|None|n2|1700000200|Unknown|60|0:0|pool|batch\n"
+        "56|CANCELLED by 1000|None|None assigned|Unknown|1700000300|UNLIMITED|0:0|x|batch\n"
+        "57|FAILED|NonZeroExitCode|n3|1700000000|1700000010|5|2:0|y|batch\n"
+    )
+    jobs = adapter.jobs_from_sacct_text(text)
+    assert jobs["55"].state is JobState.RUNNING and jobs["55"].restart_count == 1 and jobs["55"].nodes == ("n2",)
+    assert jobs["55"].end_time is None and jobs["55"].time_limit == 3600
+    assert jobs["56"].state is JobState.CANCELLED and jobs["56"].nodes == () and jobs["56"].time_limit is None
+    assert jobs["57"].exit_code == 2
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("RUNNING", JobState.RUNNING),
+    (["RUNNING"], JobState.RUNNING),
+    (["PENDING", "REQUEUED"], JobState.REQUEUED),
+    ("CONFIGURING", JobState.PENDING),
+    ("R", JobState.RUNNING),
+    ("CG", JobState.COMPLETING),
+    ("CANCELLED by 0", JobState.CANCELLED),
+    ("BOOT_FAIL", JobState.NODE_FAIL),
+    ("DEADLINE", JobState.TIMEOUT),
+    ("PREEMPTED", JobState.PREEMPTED),
+    ("SOMETHING_NEW", JobState.UNKNOWN),
+    (None, JobState.UNKNOWN),
+])
+def test_state_normalization(value, expected):
+    assert adapter.normalize_state(value) is expected
+
+
+# ----------------------------------------------------------------------------------------------------- nodes
+
+
+def test_real_22_05_sinfo_json():
+    nodes = {n.name: n for n in adapter.nodes_from_json(load("sinfo_22.05.json"))}
+    assert sorted(nodes) == ["n1", "n2", "n3", "n4"]
+    n1 = nodes["n1"]
+    assert n1.state == "MIXED" and n1.available
+    assert (n1.gpus_total, n1.gpus_used, n1.gpus_free) == (2, 1, 1)
+    assert n1.partitions == ("batch", "high") and n1.cpus_total == 4 and n1.memory_mb == 4096
+    assert all(nodes[n].gpus_total == 2 and nodes[n].gpus_used == 0 for n in ("n2", "n3", "n4"))
+
+
+def test_real_22_05_scontrol_text_matches_json():
+    text_nodes = {n.name: n for n in adapter.nodes_from_scontrol_text(load("scontrol_nodes_22.05.txt"))}
+    json_nodes = {n.name: n for n in adapter.nodes_from_json(load("sinfo_22.05.json"))}
+    assert set(text_nodes) == set(json_nodes)
+    for name, node in text_nodes.items():
+        other = json_nodes[name]
+        assert (node.state, node.partitions, node.gpus_total, node.gpus_used, node.cpus_total, node.memory_mb) == (
+            other.state, other.partitions, other.gpus_total, other.gpus_used, other.cpus_total, other.memory_mb)
+
+
+def test_23_11_node_state_lists_and_typed_gres():
+    nodes = {n.name: n for n in adapter.nodes_from_json(load("nodes_23.11.json"))}
+    gpu01, gpu02, cpu01, mix01 = nodes["gpu01"], nodes["gpu02"], nodes["cpu01"], nodes["mix01"]
+    assert (gpu01.gpus_total, gpu01.gpus_used, gpu01.features) == (4, 2, ("a100", "ib"))
+    assert gpu02.state == "IDLE" and gpu02.state_flags == ("DRAIN",) and not gpu02.available
+    assert gpu02.gpus_used == 0 and gpu02.reason == "bad gpu"
+    assert cpu01.state == "DOWN" and not cpu01.available and cpu01.gpus_total == 0
+    assert (mix01.gpus_total, mix01.gpus_used) == (3, 3)  # two GPU types; nvme is not a GPU
+
+
+def test_scontrol_text_states_and_values_with_spaces():
+    line = ("NodeName=g1 Arch=x86_64 CPUAlloc=2 CPUTot=8 State=IDLE+DRAIN Gres=gpu:4 GresUsed=gpu:1(IDX:0) "
+            "RealMemory=1000 AllocMem=10 Partitions=a,b OS=Linux 6.1.0 #1 SMP PREEMPT Reason=fan broken [root@10:00]")
+    node, g2 = adapter.nodes_from_scontrol_text(line + "\nNodeName=g2 State=DOWN* Gres=(null)\n")
+    assert node.state == "IDLE" and node.state_flags == ("DRAIN",) and node.reason == "fan broken [root@10:00]"
+    assert (node.gpus_total, node.gpus_used, node.partitions) == (4, 1, ("a", "b"))
+    assert g2.state == "DOWN" and "NOT_RESPONDING" in g2.state_flags and g2.gpus_total == 0
+
+
+@pytest.mark.parametrize("gres, count", [
+    ("gpu:2", 2), ("gpu:a100:4(S:0-1)", 4), ("gpu:a100:2,gpu:v100:1", 3), ("gpu:4(IDX:0,2-3)", 4),
+    ("gres/gpu=2", 2), ("gres/gpu=2,gres/gpu:a100=2", 2), ("(null)", 0), ("", 0), ("mps:100", 0), ("gpu", 1),
+])
+def test_count_gpus(gres, count):
+    assert adapter.count_gpus(gres) == count
+
+
+# ------------------------------------------------------------------------------------------------ partitions
+
+
+def test_real_partitions_text_and_rest_json():
+    text = {p.name: p for p in adapter.partitions_from_scontrol_text(load("scontrol_partitions_22.05.txt"))}
+    rest = {p.name: p for p in adapter.partitions_from_json(load("rest_partitions_v0.0.38.json"))}
+    assert set(text) == set(rest) == {"batch", "high"}
+    for name in text:
+        assert text[name] == rest[name]
+    batch = text["batch"]
+    assert batch.is_default and batch.nodes == ("n1", "n2", "n3", "n4") and batch.max_time is None
+    assert (batch.priority_tier, text["high"].priority_tier, batch.total_cpus) == (1, 10, 16)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("hostlist, names", [
+    ("n[1-3,7]", ["n1", "n2", "n3", "n7"]),
+    ("gpu[01-02]-x,login", ["gpu01-x", "gpu02-x", "login"]),
+    ("r[1-2]n[1-2]", ["r1n1", "r1n2", "r2n1", "r2n2"]),
+    ("node009,node[010-011]", ["node009", "node010", "node011"]),
+    ("", []),
+    ("(null)", []),
+])
+def test_expand_hostlist(hostlist, names):
+    assert adapter.expand_hostlist(hostlist) == names
+
+
+def test_json_errors_are_read_in_both_shapes():
+    payload = {"errors": [{"error_code": 2000, "error": "Invalid partition name specified"},
+                          {"error_number": 2015, "description": "x", "error": "Invalid account"}]}
+    assert adapter.errors_from_json(payload) == ["Invalid partition name specified (error 2000)",
+                                                 "Invalid account (error 2015)"]

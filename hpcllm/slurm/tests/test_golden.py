@@ -1,0 +1,148 @@
+"""Rendered batch scripts against golden files (a failure shows a line diff).
+
+Regenerate after an intended change with:  HPCLLM_UPDATE_GOLDEN=1 .venv/bin/pytest hpcllm/slurm -q
+(and review `git diff hpcllm/slurm/tests/golden slurm/model-pool.sbatch`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcllm.config import Config
+from hpcllm.errors import ConfigError
+from hpcllm.slurm.base import make_job_spec
+from hpcllm.slurm.templates import (
+    MODEL_POOL_SCRIPT,
+    node_agent_job_spec,
+    render_batch_script,
+    render_model_pool,
+    render_template,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("HPCLLM_UPDATE_GOLDEN") == "1"
+
+
+def assert_matches_golden(rendered: str, golden: Path) -> None:
+    if UPDATE:
+        golden.write_text(rendered)
+        return
+    assert golden.exists(), f"{golden} is missing; create it with HPCLLM_UPDATE_GOLDEN=1"
+    expected = golden.read_text()
+    if rendered != expected:
+        diff = "".join(difflib.unified_diff(expected.splitlines(keepends=True), rendered.splitlines(keepends=True),
+                                            fromfile=f"{golden} (golden)", tofile="rendered"))
+        pytest.fail(f"rendered script differs from {golden.name} (HPCLLM_UPDATE_GOLDEN=1 accepts it):\n{diff}",
+                    pytrace=False)
+
+
+def bash_syntax_ok(script: str) -> None:
+    result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, f"bash -n rejects the script:\n{result.stderr}"
+
+
+@pytest.fixture
+def config(tmp_path) -> Config:
+    return Config.model_validate({
+        "paths": {"state_dir": "/srv/hpcllm"},
+        "slurm": {"partition": "gpu", "account": "ml-lab", "time": "08:00:00", "gpus_per_node": 2,
+                  "signal": "USR2", "signal_seconds": 120},
+    })
+
+
+def test_node_agent_job(config, monkeypatch):
+    monkeypatch.setenv("HPCLLM_CONFIG", "/srv/hpcllm/hpcllm.toml")
+    spec = node_agent_job_spec(config, nodes=2, hpcllm="/opt/hpcllm/.venv/bin/hpcllm",
+                               agent_args=["--listen-host", "0.0.0.0"])
+    assert spec.env == {"HPCLLM_CONFIG": "/srv/hpcllm/hpcllm.toml"}
+    script = render_batch_script(spec)
+    bash_syntax_ok(script)
+    assert_matches_golden(script, GOLDEN / "node-agent.sbatch")
+
+
+def test_node_agent_job_with_term_signal_traps_it_once(config):
+    config.slurm.signal = "SIGTERM"
+    script = render_batch_script(node_agent_job_spec(config, hpcllm="hpcllm"))
+    bash_syntax_ok(script)
+    assert script.count("trap ") == 1 and "trap 'drain TERM' TERM" in script
+    assert "#SBATCH --signal=B:TERM@120" in script
+
+
+def test_every_option(tmp_path):
+    spec = make_job_spec(
+        name="all-options", script="#!/bin/sh\necho hello\n", partition="gpu", account="acct", qos="high",
+        time="1-02:03:04", nodes=3, ntasks=6, ntasks_per_node=2, cpus_per_task=4, gres="gpu:a100:2", mem="16G",
+        nodelist=("n1", "n[2-3]"), exclude=("n9",), constraint="a100&ib", prefer="nvme", signal="SIGUSR1@90",
+        requeue=True, output="/logs/%x-%j.out", error="/logs/%x-%j.err", chdir="/work", env={"A": "1"},
+    )
+    script = render_batch_script(spec)
+    assert script.startswith("#!/bin/sh\n")  # the body's own interpreter is kept
+    assert_matches_golden(script, GOLDEN / "every-option.sbatch")
+
+
+def test_minimal_job_says_no_requeue():
+    script = render_batch_script(make_job_spec(name="m", script="sleep 1"))
+    assert script.splitlines() == ["#!/bin/bash", "#SBATCH --job-name=m", "#SBATCH --nodes=1", "#SBATCH --no-requeue",
+                                   "#SBATCH --open-mode=append", "#SBATCH --export=ALL", "sleep 1"]
+
+
+def test_committed_model_pool_is_the_rendered_default():
+    """slurm/model-pool.sbatch must be what its template renders (regenerate: HPCLLM_UPDATE_GOLDEN=1)."""
+    script = render_model_pool()
+    bash_syntax_ok(script)
+    assert_matches_golden(script, MODEL_POOL_SCRIPT)
+    assert os.access(MODEL_POOL_SCRIPT, os.X_OK), "slurm/model-pool.sbatch must be executable (it submits itself)"
+
+
+def test_model_pool_custom_values():
+    script = render_model_pool(model="llama-3-8b", gpus=4, time="12:00:00", nodes=2, partition="gpu",
+                               signal="USR2", signal_seconds=300)
+    bash_syntax_ok(script)
+    assert_matches_golden(script, GOLDEN / "model-pool-custom.sbatch")
+
+
+def test_model_pool_rejects_bad_settings():
+    with pytest.raises(ConfigError, match="time"):
+        render_model_pool(time="tomorrow")
+    with pytest.raises(ConfigError, match="unknown model pool setting"):
+        render_model_pool(gpu=2)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_pool_submits_itself_with_the_settings(tmp_path):
+    """Run outside a job, the pool script calls sbatch with GPUS/TIME/NODES and exports MODEL."""
+    fake_sbatch = tmp_path / "sbatch"
+    fake_sbatch.write_text('#!/bin/bash\necho "MODEL=$MODEL ARGS=$*"\n')
+    fake_sbatch.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{tmp_path}:{env['PATH']}", MODEL="m1", GPUS="2", TIME="02:00:00", NODES="3")
+    result = subprocess.run(["bash", str(MODEL_POOL_SCRIPT), "--partition=high"], env=env, capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (f"MODEL=m1 ARGS=--gres=gpu:2 --time=02:00:00 --nodes=3 --partition=high "
+                                     f"{MODEL_POOL_SCRIPT}")
+
+
+def test_missing_template_variable_is_named():
+    with pytest.raises(ConfigError, match="signal"):
+        render_template("node-agent", {"hpcllm": "hpcllm", "agent_args": []})
+
+
+def test_unknown_template_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known: .*node-agent"):
+        render_template("no-such-template", {})
+
+
+def test_a_changed_script_fails_with_a_line_diff(tmp_path, monkeypatch):
+    monkeypatch.setattr(__import__(__name__), "UPDATE", False)
+    golden = tmp_path / "x.sbatch"
+    golden.write_text("#!/bin/bash\n#SBATCH --nodes=1\necho hi\n")
+    with pytest.raises(pytest.fail.Exception) as failure:
+        assert_matches_golden("#!/bin/bash\n#SBATCH --nodes=2\necho hi\n", golden)
+    assert "-#SBATCH --nodes=1\n+#SBATCH --nodes=2" in str(failure.value)
