@@ -84,6 +84,7 @@ class LoadedModel:
     checkpoint: Checkpoint
     _host_buffers: list = field(default_factory=list, repr=False)
     _pool: HostBufferPool | None = field(default=None, repr=False)
+    _device_buffers: list = field(default_factory=list, repr=False)  # one uint8 tensor per (partition, GPU)
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.stats))
@@ -100,6 +101,7 @@ class LoadedModel:
             for buffer in self._host_buffers:
                 self._pool.release(buffer)
         self._host_buffers = []
+        self._device_buffers = []
 
 
 def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bool | None = None, dtype=None,
@@ -128,6 +130,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
                                                        staging_slots=staging_slots)
     if verify is None:
         verify = settings.verify or (settings.reader == MMAP and not _filled_by_dram_tier(ckpt.root))
+    if verify:
+        _verify_side_files(ckpt)
     device_of, devices = resolve_devices(device, ckpt)
     stored_dtypes = {name: ckpt.torch_dtype(entry) for name, entry in ckpt.tensors.items()}  # UnsupportedDtype now
     pool = pool or default_pool()
@@ -172,7 +176,7 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
              ",".join(stats.devices), seconds, stats.gbps)
     return LoadedModel(model=model, tokenizer=tok, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
-                       _pool=pool)
+                       _pool=pool, _device_buffers=load.device_buffers())
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -348,6 +352,9 @@ class _Load:
         self.host_buffers = []
         self.bases = {}
 
+    def device_buffers(self) -> list:
+        return [base for (_, device), base in self.bases.items() if device != "cpu"]
+
     def staging_stats(self) -> dict[str, int] | None:
         return None if self.ring is None else asdict(self.ring.stats)
 
@@ -425,6 +432,18 @@ def _load_tokenizer(root: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(root)
+
+
+def _verify_side_files(ckpt: Checkpoint) -> None:
+    """config.json, tokenizer files...: small, but they define the model as much as the weights do."""
+    from hpcllm.checkpoint import ChecksumMismatch
+    from hpcllm.checkpoint.layout import file_checksum
+
+    for side in ckpt.side_files:
+        path = ckpt.root / side.file
+        if file_checksum(path) != side.checksum:
+            raise ChecksumMismatch(f"{path}: xxh3_64 differs from the manifest; the file was modified or is "
+                                   f"corrupt, re-copy or re-convert the checkpoint")
 
 
 def _filled_by_dram_tier(root: Path) -> bool:

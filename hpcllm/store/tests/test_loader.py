@@ -1,0 +1,180 @@
+"""load_model gives exactly what from_pretrained gives, from every tier, with tensors as views of the load buffers."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+import hpcllm
+from hpcllm.store.loader import LoadedModel, load_model
+from hpcllm.store.memory import HostBufferPool
+from hpcllm.store.tests.conftest import ARCHS, reference
+
+PROMPT = torch.tensor([[1, 5, 9, 33, 7, 100, 250, 3]])
+
+
+def assert_same_model(ref, model) -> None:
+    ref_state, state = ref.state_dict(), model.state_dict()
+    assert ref_state.keys() == state.keys()
+    for name in ref_state:
+        assert state[name].dtype == ref_state[name].dtype, name
+        assert torch.equal(state[name], ref_state[name]), name
+    ref_buffers = dict(ref.named_buffers())
+    buffers = dict(model.named_buffers())
+    assert ref_buffers.keys() == buffers.keys()
+    for name, buffer in buffers.items():  # non-persistent ones (rotary inv_freq) are not in the checkpoint
+        assert buffer.device.type != "meta", name
+        assert buffer.dtype == ref_buffers[name].dtype, name
+        assert torch.equal(buffer, ref_buffers[name]), name
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    assert not model.training
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref(PROMPT).logits)
+
+
+def tied_pairs(model) -> list[tuple[str, str]]:
+    return [(target, source) for target, source in getattr(model, "all_tied_weights_keys", {}).items()]
+
+
+def assert_views_of(loaded: LoadedModel, ranges: list[tuple[int, int]]) -> None:
+    """Every parameter's memory lies inside one of the given [start, end) address ranges (no private copy)."""
+    for name, param in loaded.model.named_parameters():
+        start = param.data_ptr()
+        end = start + param.numel() * param.element_size()
+        assert any(lo <= start and end <= hi for lo, hi in ranges), f"{name} is not a view of the load buffers"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tier", ["disk", "sharedfs"])
+def test_file_tiers_match_from_pretrained(models, arch, tier, expected_disk_mode):
+    hf, converted = models(arch)
+    loaded = load_model(converted, tier=tier, tokenizer=False, unit_bytes=48 << 10)
+    assert_same_model(reference(hf), loaded.model)
+    for target, source in tied_pairs(loaded.model):
+        assert loaded.model.get_parameter(target) is loaded.model.get_parameter(source)
+    stats = loaded.stats
+    assert stats.tier == tier and stats.verified and not stats.zero_copy
+    assert stats.reader_mode == (expected_disk_mode if tier == "disk" else "buffered")
+    assert stats.bytes == loaded.checkpoint.total_bytes and stats.gbps > 0
+    ranges = [(b.address, b.address + b.capacity) for b in loaded._host_buffers]
+    assert len(ranges) == len(loaded.checkpoint.partitions)
+    assert_views_of(loaded, ranges)
+
+
+def test_tied_weights_are_one_parameter(models):
+    hf, converted = models("gpt2")
+    model = load_model(converted, tokenizer=False).model
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ref = reference(hf)
+    assert ref.lm_head.weight is ref.transformer.wte.weight
+
+
+def test_returns_tokenizer_and_unpacks(models):
+    hf, converted = models("llama")
+    model, tokenizer, stats = hpcllm.load_model(converted)
+    from transformers import AutoTokenizer
+
+    ref_tok = AutoTokenizer.from_pretrained(hf)
+    text = "the quick brown fox on the cluster"
+    assert tokenizer(text)["input_ids"] == ref_tok(text)["input_ids"]
+    assert "tokenizer" in stats.phases and stats.seconds > 0
+    assert model.generation_config.eos_token_id == 2
+
+
+def test_staged_path_streams_model_larger_than_staging(models):
+    """The GPU path's machinery (ring, placement, copy engine) on host memory: 2 slots of one chunk each."""
+    hf, converted = models("llama_sharded")
+    loaded = load_model(converted, staged=True, unit_bytes=16 << 10, staging_slots=2, tokenizer=False)
+    assert_same_model(reference(hf), loaded.model)
+    staging = loaded.stats.staging
+    assert staging["slots"] == 2 and staging["slot_bytes"] == 16 << 10
+    assert staging["submitted"] == sum(p.num_chunks for p in loaded.checkpoint.partitions)
+    assert staging["slots"] * staging["slot_bytes"] < loaded.stats.bytes / 4
+
+
+def test_device_map_places_modules(models):
+    hf, converted = models("llama")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "": torch.device("cpu")}
+    loaded = load_model(converted, device=device_map, staged=True, tokenizer=False)
+    assert_same_model(reference(hf), loaded.model)
+    assert loaded.stats.devices == ["cpu"]
+
+
+def test_device_map_must_cover_every_tensor(models):
+    _, converted = models("llama")
+    with pytest.raises(hpcllm.store.loader.DeviceSpecError, match="does not place"):
+        load_model(converted, device={"model.embed_tokens": "cpu"}, tokenizer=False)
+
+
+def test_unknown_device_is_a_clear_error(models):
+    _, converted = models("llama")
+    with pytest.raises(hpcllm.store.loader.DeviceSpecError, match="not a device"):
+        load_model(converted, device="gpu7", tokenizer=False)
+
+
+def test_dtype_override_matches_from_pretrained(models):
+    hf, converted = models("llama")
+    loaded = load_model(converted, dtype=torch.float32, tokenizer=False)
+    assert_same_model(reference(hf, dtype=torch.float32), loaded.model)
+
+
+def test_release_recycles_prefaulted_buffers(models):
+    _, converted = models("qwen2")
+    pool = HostBufferPool()
+    first = load_model(converted, pool=pool, tokenizer=False)
+    assert first.stats.pool_reused_bytes == 0
+    addresses = {b.address for b in first._host_buffers}
+    first.release()
+    assert pool.stats().free_buffers == len(addresses)
+    second = load_model(converted, pool=pool, tokenizer=False)
+    assert {b.address for b in second._host_buffers} == addresses
+    assert second.stats.pool_reused_bytes >= second.stats.bytes
+    hf, _ = models("qwen2")
+    assert_same_model(reference(hf), second.model)
+
+
+def test_odirect_refused_at_open_falls_back_and_says_so(models, monkeypatch):
+    hf, converted = models("opt")
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    loaded = load_model(converted, tier="disk", tokenizer=False)
+    assert loaded.stats.reader_mode == "buffered"
+    assert "O_DIRECT" in loaded.stats.fallback_reason
+    assert_same_model(reference(hf), loaded.model)
+
+
+def test_odirect_refused_at_read_falls_back(models, monkeypatch, expected_disk_mode):
+    if expected_disk_mode != "odirect":
+        pytest.skip("this filesystem refuses O_DIRECT already at open")
+    hf, converted = models("llama")
+    real_preadv = os.preadv
+    direct_fds = set()
+    real_open = os.open
+
+    def tracking_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        else:
+            direct_fds.discard(fd)  # the number of a closed O_DIRECT fd may be reused
+        return fd
+
+    def refusing_preadv(fd, buffers, offset, *args):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    loaded = load_model(converted, tier="disk", tokenizer=False)
+    assert loaded.stats.reader_mode == "buffered" and "O_DIRECT reads" in loaded.stats.fallback_reason
+    assert_same_model(reference(hf), loaded.model)

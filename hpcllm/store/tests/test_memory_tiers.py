@@ -1,0 +1,52 @@
+"""Aligned, pre-faulted host buffers, the pool, and tier detection."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.errors import ConfigError
+from hpcllm.store.memory import PAGE_SIZE, HostBuffer, HostBufferPool
+from hpcllm.store.tiers import detect_tier, filesystem_type, tier_settings
+
+
+def test_host_buffer_is_page_aligned_and_populates():
+    buffer = HostBuffer(3 * PAGE_SIZE + 5)
+    assert buffer.address % PAGE_SIZE == 0 and buffer.capacity == 4 * PAGE_SIZE
+    assert not buffer.populated
+    buffer.view()[:4] = b"abcd"
+    buffer.populate()
+    assert buffer.populated and bytes(buffer.view()[:4]) == b"abcd"  # faulting in never changes contents
+    tensor = buffer.tensor()
+    assert tensor.data_ptr() == buffer.address and tensor.numel() == buffer.capacity
+
+
+def test_pool_hands_back_the_best_fitting_buffer():
+    pool = HostBufferPool(max_waste=0.25)
+    small, large = pool.acquire(10 * PAGE_SIZE), pool.acquire(100 * PAGE_SIZE)
+    pool.release(small)
+    pool.release(large)
+    assert pool.acquire(9 * PAGE_SIZE) is small
+    assert pool.acquire(40 * PAGE_SIZE) is not large  # would waste more than 25 %: a new buffer
+    assert pool.acquire(90 * PAGE_SIZE) is large
+    assert pool.stats().buffers == 3
+
+
+def test_pool_reserve_prefaults_for_later_loads():
+    pool = HostBufferPool()
+    pool.reserve([8 * PAGE_SIZE, 16 * PAGE_SIZE])
+    stats = pool.stats()
+    assert stats.free_buffers == 2 and stats.bytes_free == 24 * PAGE_SIZE
+    assert pool.acquire(16 * PAGE_SIZE).populated
+    assert pool.trim() == 8 * PAGE_SIZE and pool.stats().buffers == 1
+
+
+def test_tier_detection_from_filesystem_type():
+    assert filesystem_type("/dev/shm") == "tmpfs" and detect_tier("/dev/shm") == "dram"
+    assert detect_tier("/var/tmp") in ("disk", "sharedfs", "dram")
+    assert filesystem_type("/proc") == "proc"
+
+
+def test_unknown_tier_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown storage tier"):
+        tier_settings("tape")
+    assert tier_settings("disk").reader == "odirect" and tier_settings("sharedfs").reader == "buffered"
