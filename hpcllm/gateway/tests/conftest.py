@@ -142,26 +142,39 @@ class RunningGateway:
         return httpx.get(f"{self.url}{path}", headers=headers, timeout=60, **kwargs)
 
 
-@pytest.fixture
-def make_gateway(tmp_path, worker_url, tiny_model_dir) -> Iterator[Callable[..., RunningGateway]]:
-    """make_gateway(**gateway_section_overrides, router=None) -> a running gateway in front of the real worker."""
-    from hpcllm.gateway.app import create_app, gateway_of
+class GatewayFactory:
+    def __init__(self, root: Path, worker: str, source: Path):
+        self.root, self.worker, self.source = root, worker, source
+        self.running: list[tuple[ThreadServer, object]] = []
 
-    servers = []
+    def __call__(self, router=None, **gateway) -> RunningGateway:
+        from hpcllm.gateway.app import create_app
 
-    def make(router=None, **gateway) -> RunningGateway:
-        config = gateway_config(tmp_path / f"gw{len(servers)}", worker_url, tiny_model_dir, **gateway)
+        config = gateway_config(self.root / f"gw{len(self.running)}", self.worker, self.source, **gateway)
         app = create_app(config, router=router)
         server = ThreadServer(app)
-        servers.append((server, app))
+        self.running.append((server, app))
         return RunningGateway(server.url, app, config)
 
-    yield make
-    for server, app in servers:
-        server.stop()
-        gateway_of(app).close()
+    def stop_all(self) -> None:
+        from hpcllm.gateway.app import gateway_of
+
+        for server, app in self.running:
+            server.stop()
+            gateway_of(app).close()
 
 
 @pytest.fixture
-def gateway(make_gateway) -> RunningGateway:
-    return make_gateway()
+def make_gateway(tmp_path, worker_url, tiny_model_dir) -> Iterator[Callable[..., RunningGateway]]:
+    """make_gateway(router=None, **gateway_section_overrides) -> a running gateway in front of the real worker."""
+    factory = GatewayFactory(tmp_path, worker_url, tiny_model_dir)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, worker_url, tiny_model_dir) -> Iterator[RunningGateway]:
+    """One default gateway shared by a test module (tests that change its state use make_gateway)."""
+    factory = GatewayFactory(tmp_path_factory.mktemp("gateway"), worker_url, tiny_model_dir)
+    yield factory()
+    factory.stop_all()

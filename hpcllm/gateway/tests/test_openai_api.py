@@ -136,7 +136,8 @@ def test_models_list(gateway):
     assert gateway.client().models.retrieve(MODEL).id == MODEL
 
 
-def test_metrics_count_requests_with_vllm_style_names(gateway):
+def test_metrics_count_requests_with_vllm_style_names(make_gateway):
+    gateway = make_gateway()
     client = gateway.client()
     client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     text = httpx.get(f"{gateway.url}/metrics").text

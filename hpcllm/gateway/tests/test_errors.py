@@ -1,0 +1,210 @@
+"""Bad requests get the documented status and OpenAI error body, and the server keeps serving afterwards."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from hpcllm.gateway.routing import Router
+
+from .conftest import ADMIN_KEY, MODEL, USER_KEY
+
+GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+
+
+def assert_error(resp: httpx.Response, status: int, code: str, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code, error
+    assert error["message"] and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    assert resp.headers.get("X-Request-Id")
+    return error
+
+
+def assert_still_serving(gateway) -> None:
+    resp = gateway.post("/v1/completions", json=GOOD)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"", b"[1, 2]", b"\xff\xfe"])
+def test_malformed_json_is_400(gateway, body):
+    resp = gateway.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert_error(resp, 400, "invalid_json")
+    assert_still_serving(gateway)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "hi"}, "model"),
+    ("/v1/completions", {"model": MODEL}, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, "messages[0].role"),
+])
+def test_missing_fields_are_400_naming_the_field(gateway, path, body, param):
+    assert_error(gateway.post(path, json=body), 400, "missing_field", param)
+    assert_still_serving(gateway)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {**GOOD, "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": 5}, "temperature"),
+    ("/v1/completions", {**GOOD, "stream": "yes"}, "stream"),
+    ("/v1/completions", {**GOOD, "prompt": 5}, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": []}, "prompt"),
+    ("/v1/completions", {**GOOD, "stop": [1]}, "stop"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
+     "messages[0].role"),
+])
+def test_wrong_types_and_out_of_range_values_are_422(gateway, path, body, param):
+    assert_error(gateway.post(path, json=body), 422, "invalid_value", param)
+    assert_still_serving(gateway)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 2}, "n"), ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+])
+def test_unsupported_parameters_are_400(gateway, extra, param):
+    assert_error(gateway.post("/v1/completions", json={**GOOD, **extra}), 400, "unsupported_parameter", param)
+
+
+def test_unknown_fields_are_ignored_and_defaults_accepted(gateway):
+    resp = gateway.post("/v1/completions", json={**GOOD, "n": 1, "presence_penalty": 0, "some_new_field": 1})
+    assert resp.status_code == 200, resp.text
+
+
+def test_unknown_model_is_404(gateway):
+    error = assert_error(gateway.post("/v1/completions", json={**GOOD, "model": "gpt-9"}), 404, "model_not_found",
+                         "model")
+    assert MODEL in error["message"]  # tells the caller what exists
+    assert_error(gateway.get("/v1/models/gpt-9"), 404, "model_not_found")
+    assert_still_serving(gateway)
+
+
+def test_prompt_longer_than_the_context_is_400(gateway):
+    long_prompt = "hello world " * 200
+    assert_error(gateway.post("/v1/completions", json={**GOOD, "prompt": long_prompt}), 400,
+                 "context_length_exceeded")
+    error = assert_error(gateway.post("/v1/completions", json={**GOOD, "max_tokens": 1000}), 400,
+                         "context_length_exceeded", "max_tokens")
+    assert "maximum context length is 128 tokens" in error["message"]
+    assert_error(gateway.post("/v1/completions", json={**GOOD, "prompt": [5, 99999]}), 400, "invalid_token_id")
+    assert_still_serving(gateway)
+
+
+def test_missing_and_bad_keys_are_401_and_probes_stay_open(gateway):
+    assert_error(gateway.post("/v1/completions", key=None, json=GOOD), 401, "missing_api_key")
+    assert_error(gateway.post("/v1/completions", key="sk-wrong", json=GOOD), 401, "invalid_api_key")
+    assert_error(gateway.get("/v1/models", key="sk-wrong"), 401, "invalid_api_key")
+    # Admin endpoints need the admin key, not a user key.
+    assert_error(gateway.get("/v1/admin/status", key=USER_KEY), 401, "invalid_admin_key")
+    for path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(f"{gateway.url}{path}").status_code == 200
+    assert_still_serving(gateway)
+
+
+def test_admin_api_without_a_controller_says_so(gateway):
+    assert_error(gateway.get("/v1/admin/status", key=ADMIN_KEY), 501, "not_available")
+
+
+def test_request_limit_is_429_with_retry_after_per_key(make_gateway):
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "requests_per_minute": 2}, {"key": "sk-other"}])
+    assert gw.get("/v1/models").status_code == 200
+    assert gw.get("/v1/models").status_code == 200
+    resp = gw.get("/v1/models")
+    assert_error(resp, 429, "rate_limit_exceeded")
+    assert 20 <= int(resp.headers["Retry-After"]) <= 30  # one request refills every 30 s
+    assert gw.get("/v1/models", key="sk-other").status_code == 200  # limits are per key
+
+
+def test_token_limit_reserves_max_tokens_and_refunds_what_was_not_generated(make_gateway):
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "tokens_per_minute": 40}])
+    body = {**GOOD, "max_tokens": 30, "ignore_eos": True}
+    first = gw.post("/v1/completions", json=body)
+    assert first.status_code == 200, first.text
+    resp = gw.post("/v1/completions", json=body)
+    error = assert_error(resp, 429, "tokens_limit_exceeded")
+    assert "40 tokens per minute" in error["message"]
+    assert int(resp.headers["Retry-After"]) >= 30
+    # Small requests still fit in what is left: the reservation was settled to what was really used.
+    used = first.json()["usage"]["total_tokens"]
+    small = {**GOOD, "max_tokens": 1}
+    assert used + 1 + first.json()["usage"]["prompt_tokens"] <= 40
+    assert gw.post("/v1/completions", json=small).status_code == 200
+
+
+def test_body_over_the_size_limit_is_413(make_gateway):
+    gw = make_gateway(max_request_bytes=2048)
+    resp = gw.post("/v1/completions", content=json.dumps({**GOOD, "prompt": "x" * 4000}),
+                   headers={"Content-Type": "application/json"})
+    assert_error(resp, 413, "request_too_large")
+    assert_still_serving(gw)
+
+
+def test_unknown_url_and_wrong_method_use_the_error_shape(gateway):
+    assert_error(gateway.get("/v1/nothing-here"), 404, "unknown_url")
+    assert_error(gateway.get("/v1/completions"), 405, "method_not_allowed")
+
+
+def test_unreachable_worker_is_503_not_a_hang(make_gateway, tiny_model_dir):
+    gw = make_gateway(static_models={MODEL: {"worker_url": "http://127.0.0.1:9", "source": str(tiny_model_dir)}},
+                      upstream_connect_timeout_seconds=1)
+    resp = gw.post("/v1/completions", json=GOOD)
+    assert_error(resp, 503, "worker_unavailable")
+    assert resp.headers["Retry-After"]
+    assert httpx.get(f"{gw.url}/ready").status_code == 503
+
+
+class ExplodingRouter(Router):
+    """A router whose backend has a bug: the gateway must not leak the traceback."""
+
+    def list_models(self):
+        raise RuntimeError("secret internal detail")
+
+    def resolve(self, model, wait_s):
+        raise RuntimeError("secret internal detail")
+
+    def check_ready(self):
+        return None
+
+
+def test_unexpected_exceptions_become_a_500_in_the_error_shape(make_gateway, caplog):
+    gw = make_gateway(router=ExplodingRouter())
+    resp = gw.post("/v1/completions", json=GOOD)
+    error = assert_error(resp, 500, "internal_error")
+    assert "secret internal detail" not in resp.text
+    assert resp.headers["X-Request-Id"] in error["message"]
+    assert "secret internal detail" in caplog.text  # logged for the operator
+    assert httpx.get(f"{gw.url}/health").status_code == 200
+
+
+def test_draining_refuses_new_requests_and_finishes_running_streams(make_gateway):
+    gateway = make_gateway()
+    body = {**GOOD, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {USER_KEY}"}, timeout=60) as stream:
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line)
+        assert first.startswith("data: {")
+        gateway.state.start_draining()
+
+        resp = gateway.post("/v1/completions", json=GOOD)
+        assert_error(resp, 503, "draining")
+        assert resp.headers["Retry-After"]
+        assert httpx.get(f"{gateway.url}/health").status_code == 200
+        assert httpx.get(f"{gateway.url}/ready").status_code == 503
+
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    finals = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+    assert finals[-1] == "length"
