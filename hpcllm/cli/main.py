@@ -14,6 +14,10 @@ import click
 from hpcllm.errors import HpcllmError
 
 LAZY_COMMANDS: dict[str, str] = {
+    "controller": "hpcllm.controller.cli:controller",
+    "deploy": "hpcllm.controller.cli:deploy",
+    "undeploy": "hpcllm.controller.cli:undeploy",
+    "status": "hpcllm.controller.cli:status",
     "dev": "hpcllm.devmodels.cli:dev",
     "convert": "hpcllm.checkpoint.cli:convert",
     "checkpoint": "hpcllm.checkpoint.cli:checkpoint",
