@@ -8,10 +8,10 @@ Each tick, in order:
 4. Instances of undeployed models are stopped.
 5. Retirement: allocations reaching retire_at drain (no new routes, instances stopped, replacements started
    elsewhere) and are cancelled once empty or after drain_seconds.
-6. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
-   cancelled.
-7. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
+6. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
    below min_instances).
+7. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
+   cancelled (its idle time counts from the tick that found it empty).
 8. min_instances and unmet demand (route calls that found no capacity) start instances or submit allocations.
 Each step is isolated: Slurm being down does not stop scale-to-zero, and so on.
 """
@@ -59,7 +59,7 @@ class Autoscaler:
     def tick(self, now: float) -> TickReport:
         report = TickReport(now)
         for step in (self._sync_slurm, self._lose_silent_nodes, self._drop_stale_reservations, self._stop_orphans,
-                     self._retire_allocations, self._release_idle_allocations, self._stop_idle_instances,
+                     self._retire_allocations, self._stop_idle_instances, self._release_idle_allocations,
                      self._ensure_min_and_demand):
             try:
                 step(now, report)

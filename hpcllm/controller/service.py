@@ -269,6 +269,8 @@ class Controller:
             breakdown = decision.breakdown()
             target = targets[decision.chosen.node]
             log.info("placement of %s: %s", model.name, breakdown.model_dump_json())
+            if target.kind in ("pending", "idle"):
+                self.registry.note_demand(model.name, now)  # so the instance starts as soon as a node registers
             if target.kind == "pending":
                 return RouteWaiting(status="allocating", model=model.name, job_id=target.job_id,
                                     retry_after=self.settings.route_retry_after_seconds)
@@ -335,8 +337,10 @@ class Controller:
             free, movable = self._room(model, node, by_node[node.node_id])
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))
             targets[node.node_id] = Target("running", node=node)
-        pending = [a for a in self.registry.allocations(active_only=True)
-                   if a.state == "pending" and a.model == model.name]
+        # Allocations made for this model whose agent has not registered yet (queued, or starting up).
+        registered_jobs = {n.slurm_job_id for n in known_nodes.values() if n.state in ("up", "draining")}
+        pending = [a for a in self.registry.allocations(active_only=True) if a.model == model.name and (
+            a.state == "pending" or (a.state == "running" and a.job_id not in registered_jobs))]
         for alloc in pending:
             preferred = alloc.preferred_nodes[0] if alloc.preferred_nodes else None
             name = f"{preferred or '*'}@job{alloc.job_id}"
@@ -388,7 +392,8 @@ class Controller:
         return bw
 
     def _slots_per_new_node(self, model: DeployedModel) -> int:
-        return self.config.slurm.gpus_per_node if model.gpus else self.settings.cpu_slots_per_node
+        """Slots an allocation made for this model offers (it asks for at least the model's GPUs)."""
+        return max(model.gpus, self.config.slurm.gpus_per_node) if model.gpus else self.settings.cpu_slots_per_node
 
     def _assign_gpus(self, model: DeployedModel, node: NodeRecord, freed: set[str]) -> list[int]:
         if not model.gpus:

@@ -451,6 +451,9 @@ class Registry:
                 (reservation, model, node_id, json.dumps(gpu_ids), now, now,
                  json.dumps(placement) if placement is not None else None),
             )
+            # The node's allocation is busy again: its idle (node-level keep-alive) clock restarts.
+            db.execute("UPDATE allocations SET idle_since = NULL"
+                       " WHERE job_id = (SELECT slurm_job_id FROM nodes WHERE node_id = ?)", (node_id,))
         return reservation
 
     def confirm_instance(self, reservation: str, instance_id: str, worker_url: str | None) -> None:
@@ -589,7 +592,8 @@ def _attach_node_to_allocation(db: sqlite3.Connection, job_id: str, node_id: str
     if node_id not in nodes:
         nodes.append(node_id)
     state = "running" if row["state"] == "pending" else row["state"]
-    db.execute("UPDATE allocations SET nodes = ?, state = ?, started_at = COALESCE(started_at, ?) WHERE job_id = ?",
+    db.execute("UPDATE allocations SET nodes = ?, state = ?, started_at = COALESCE(started_at, ?), idle_since = NULL"
+               " WHERE job_id = ?",
                (json.dumps(sorted(nodes)), state, now, job_id))
 
 

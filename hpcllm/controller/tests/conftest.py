@@ -76,8 +76,12 @@ class Harness:
                   for c in self.registry.cache(node_id=node_id)]
         self.controller.heartbeat(node_id, Heartbeat(cached=cached, instances=instances))
 
-    def tick(self, seconds: float = 0.0):
+    def tick(self, seconds: float = 0.0, heartbeats: bool = True):
+        """Move the clock and run one autoscaler tick; live agents heartbeat first unless told not to."""
         self.clock.advance(seconds)
+        if heartbeats:
+            for node in self.registry.nodes(states=("up", "draining")):
+                self.heartbeat(node.node_id)
         return self.autoscaler.tick(self.clock.now)
 
     def app_client(self):
@@ -103,3 +107,20 @@ def make_harness(tmp_path):
     yield make
     for h in made:
         h.registry.close()
+
+
+@pytest.fixture(scope="session")
+def converted_checkpoint(tmp_path_factory) -> Path:
+    """A real converted checkpoint of a tiny randomly initialized Llama (made offline)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hpcllm.checkpoint import convert
+
+    root = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    model.save_pretrained(root / "hf")
+    convert(root / "hf", root / "tiny", progress=False)
+    return root / "tiny"

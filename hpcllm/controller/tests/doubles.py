@@ -155,9 +155,119 @@ class FakeAgents(AgentClient):
 
     # test controls
     def finish_loading(self, agent_url: str, tier: str = "nvme", load_seconds: float = 1.5) -> list[InstanceInfo]:
-        agent = self.agents[agent_url]
+        agent = self._agent(agent_url)
         for instance_id, info in agent.instances.items():
             if info.state == "loading":
                 agent.instances[instance_id] = info.model_copy(
                     update={"state": "ready", "load_tier": tier, "load_seconds": load_seconds})
         return list(agent.instances.values())
+
+
+class FileBackend(RecordingBackend):
+    """A RecordingBackend whose jobs live in a JSON file, so a test can change Slurm's answers while the
+    controller process that uses it is dead (kill -9 / restart tests)."""
+
+    def __init__(self, path, nodes: list[NodeInfo] | None = None):
+        super().__init__(nodes)
+        self.path = path
+
+    def _load(self) -> dict:
+        import json
+        from pathlib import Path
+
+        path = Path(self.path)
+        return json.loads(path.read_text()) if path.exists() else {"next_id": 2001, "jobs": {}}
+
+    def _save(self, data: dict) -> None:
+        import json
+        import os
+        from pathlib import Path
+
+        tmp = Path(f"{self.path}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+    def submit(self, spec: JobSpec) -> str:
+        data = self._load()
+        job_id = str(data["next_id"])
+        data["next_id"] += 1
+        data["jobs"][job_id] = {"state": "PENDING", "nodes": [], "name": spec.name}
+        self._save(data)
+        return job_id
+
+    def statuses(self, job_ids):
+        jobs = self._load()["jobs"]
+        out = {}
+        for job_id in job_ids:
+            job = jobs.get(job_id)
+            if job is None:
+                out[job_id] = JobStatus(job_id=job_id, state=JobState.UNKNOWN, missing=True)
+            else:
+                out[job_id] = JobStatus(job_id=job_id, state=JobState(job["state"]), raw_state=job["state"],
+                                        nodes=tuple(job["nodes"]), start_time=job.get("start_time"),
+                                        end_time=job.get("end_time"))
+        return out
+
+    def cancel(self, job_id: str) -> None:
+        self.set_job(job_id, state="CANCELLED")
+
+    def set_job(self, job_id: str, **fields) -> None:
+        data = self._load()
+        data["jobs"][job_id].update(fields)
+        self._save(data)
+
+
+class HttpNodeAgent:
+    """A node agent's instance API over real HTTP (in a thread): what the controller calls when it starts, stops
+    or lists instances. Tests drive registration and heartbeats themselves."""
+
+    def __init__(self, node_id: str, secret: str):
+        import threading
+
+        from flask import Flask, abort, request
+        from werkzeug.serving import make_server
+
+        from hpcllm.controller.protocol import SECRET_HEADER
+
+        self.node_id = node_id
+        self.instances: dict[str, InstanceInfo] = {}
+        self._ids = itertools.count(1)
+        app = Flask(f"fake-agent-{node_id}")
+
+        @app.before_request
+        def _auth():
+            if request.headers.get(SECRET_HEADER) != secret:
+                abort(401)
+
+        @app.post("/v1/internal/instances")
+        def start():
+            body = request.get_json()
+            instance_id = f"{node_id}-i{next(self._ids)}"
+            self.instances[instance_id] = InstanceInfo(
+                instance_id=instance_id, model=body["model"], state="loading", gpu_ids=body["gpu_ids"],
+                worker_url=f"http://{node_id}.workers/{instance_id}")
+            return {"instance_id": instance_id, "worker_url": self.instances[instance_id].worker_url}, 201
+
+        @app.get("/v1/internal/instances")
+        def listing():
+            return {"instances": [i.model_dump() for i in self.instances.values()]}
+
+        @app.delete("/v1/internal/instances/<instance_id>")
+        def stop(instance_id):
+            self.instances.pop(instance_id, None)
+            return {"stopped": instance_id}
+
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def finish_loading(self, tier: str = "nvme", load_seconds: float = 0.8) -> None:
+        for instance_id, info in list(self.instances.items()):
+            if info.state == "loading":
+                self.instances[instance_id] = info.model_copy(
+                    update={"state": "ready", "load_tier": tier, "load_seconds": load_seconds})
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._thread.join(timeout=5)

@@ -1,0 +1,316 @@
+"""The HTTP API through Flask's test client: auth, errors, node agents, routing with cold starts, admin."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.controller.tests.conftest import ADMIN_KEY, GB, SECRET
+
+INTERNAL = {SECRET_HEADER: SECRET}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def registration_body(node_id="n1", gpus=2, cached=(), job=None):
+    return {"node_id": node_id, "agent_url": f"http://{node_id}:9000", "slurm_job_id": job, "job_scoped": True,
+            "gpus": gpus,
+            "tiers": {"dram": {"capacity_bytes": 10 * GB, "read_gbps": 20.0},
+                      "nvme": {"capacity_bytes": 100 * GB, "read_gbps": 4.0, "scope": "persistent"},
+                      "sharedfs": {"read_gbps": 1.0}},
+            "cached": [{"model": m, "tier": t, "bytes": 1, "verified": True} for m, t in cached]}
+
+
+@pytest.fixture
+def client(harness):
+    return harness.app_client()
+
+
+def test_internal_api_needs_the_shared_secret(client):
+    resp = client.get("/v1/internal/route?model=x")
+    assert resp.status_code == 401
+    assert resp.get_json()["error"]["code"] == "unauthorized"
+    assert client.get("/v1/internal/route?model=x", headers={SECRET_HEADER: "wrong"}).status_code == 401
+
+
+def test_admin_api_needs_the_admin_key(client):
+    assert client.get("/v1/admin/status", headers=INTERNAL).status_code == 401
+    assert client.get("/v1/admin/status", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/admin/status", headers=ADMIN).status_code == 200
+
+
+def test_health_and_metrics_are_open(client):
+    assert client.get("/health").get_json() == {"status": "ok"}
+    assert b"hpcllm_controller_routes" in client.get("/metrics").data
+
+
+def test_unknown_path_is_a_json_error(client):
+    resp = client.get("/v1/nope", headers=INTERNAL)
+    assert resp.status_code == 404
+    assert "error" in resp.get_json()
+
+
+def test_route_errors(client, harness):
+    resp = client.get("/v1/internal/route?model=ghost", headers=INTERNAL)
+    assert resp.status_code == 404
+    assert resp.get_json()["error"]["code"] == "model_not_found"
+    assert client.get("/v1/internal/route", headers=INTERNAL).get_json()["error"]["param"] == "model"
+    harness.deploy("m")
+    resp = client.get("/v1/internal/route?model=m&wait=soon", headers=INTERNAL)
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "wait"
+
+
+def test_bad_registration_names_the_field(client):
+    body = registration_body()
+    body["gpus"] = -1
+    resp = client.post("/v1/internal/nodes/register", json=body, headers=INTERNAL)
+    assert resp.status_code == 400
+    assert resp.get_json()["error"]["param"] == "gpus"
+    assert "gpus" in resp.get_json()["error"]["message"]
+    resp = client.post("/v1/internal/nodes/register", data="not json", headers=INTERNAL)
+    assert resp.status_code == 400
+
+
+def test_heartbeat_of_unknown_node_asks_to_register(client):
+    resp = client.post("/v1/internal/nodes/ghost/heartbeat", json={"cached": [], "instances": []}, headers=INTERNAL)
+    assert resp.status_code == 404
+    assert resp.get_json()["error"]["code"] == "unknown_node"
+
+
+def test_cold_start_then_ready_through_http(client, harness):
+    harness.deploy("m", size_bytes=8 * GB, gpus=1)
+    resp = client.post("/v1/internal/nodes/register", json=registration_body("n1"), headers=INTERNAL)
+    assert resp.status_code == 200 and resp.get_json()["heartbeat_seconds"] > 0
+    client.post("/v1/internal/nodes/register", json=registration_body("n2", cached=[("m", "nvme")]),
+                headers=INTERNAL)
+
+    resp = client.get("/v1/internal/route?model=m", headers=INTERNAL)
+    assert resp.status_code == 202
+    body = resp.get_json()
+    assert body["status"] == "starting" and body["node_id"] == "n2"  # n2 holds it on NVMe: 8/4 = 2 s vs 8 s
+    assert resp.headers["Retry-After"] == "1"
+    assert harness.agents.started == [("http://n2:9000", "m", [0])]
+
+    # Concurrent requests while it loads wait for the same instance: no second cold start.
+    assert client.get("/v1/internal/route?model=m", headers=INTERNAL).status_code == 202
+    assert len(harness.agents.started) == 1
+
+    instances = harness.agents.finish_loading("http://n2:9000", tier="nvme", load_seconds=2.1)
+    hb = {"cached": [{"model": "m", "tier": "nvme", "bytes": 1}],
+          "instances": [i.model_dump() for i in instances]}
+    assert client.post("/v1/internal/nodes/n2/heartbeat", json=hb, headers=INTERNAL).status_code == 200
+
+    resp = client.get("/v1/internal/route?model=m", headers=INTERNAL)
+    assert resp.status_code == 200
+    ready = resp.get_json()
+    assert ready["worker_url"] == f"http://n2:9000/workers/{body['instance_id']}"
+    assert (ready["load_tier"], ready["load_seconds"]) == ("nvme", 2.1)
+
+    status = client.get("/v1/admin/status", headers=ADMIN).get_json()
+    [cold] = status["cold_starts"]
+    assert (cold["model"], cold["node_id"], cold["tier"], cold["load_seconds"]) == ("m", "n2", "nvme", 2.1)
+    assert cold["estimate_seconds"] == pytest.approx(2.0)
+    assert b'hpcllm_controller_cold_starts_total{model="m",tier="nvme"} 1.0' in client.get("/metrics").data
+
+
+def test_least_loaded_ready_instance_is_chosen(harness):
+    harness.deploy("m", max_instances=2)
+    harness.register("n1")
+    harness.register("n2")
+    harness.controller.route("m")  # cold start 1
+    harness.heartbeat("n1", tier="nvme")
+    harness.heartbeat("n2")
+    first = harness.controller.route("m")
+    assert first.status == "ready"
+    # Force a second instance on n2 (n1 is the node with the ready one; scale out goes elsewhere when tied).
+    harness.controller.start_instance(harness.registry.get_model("m"))
+    harness.heartbeat("n1", tier="nvme")
+    harness.heartbeat("n2", tier="sharedfs")
+    picks = [harness.controller.route("m").instance_id for _ in range(4)]
+    # Load counts climb per route until the next heartbeat: the two instances alternate.
+    assert picks[0] != picks[1] and picks[0] == picks[2] and picks[1] == picks[3]
+
+
+def test_long_poll_returns_as_soon_as_the_instance_is_ready(harness):
+    harness.deploy("m")
+    harness.register("n1")
+    assert harness.controller.route("m").status == "starting"
+    timer = threading.Timer(0.3, lambda: harness.heartbeat("n1", tier="dram"))
+    timer.start()
+    outcome = harness.controller.route("m", wait_seconds=10)
+    timer.join()
+    assert outcome.status == "ready"
+
+
+def test_full_node_evicts_an_idle_instance_of_another_model(harness):
+    harness.deploy("a", max_instances=2)
+    harness.deploy("b")
+    harness.register("n1", gpus=0)  # CPU node: cpu_slots_per_node = 2
+    harness.controller.route("a")
+    harness.heartbeat("n1", tier="sharedfs")
+    harness.controller.start_instance(harness.registry.get_model("a"))  # a second instance of a fills n1
+    harness.heartbeat("n1", tier="sharedfs")
+    assert len(harness.registry.instances(model="a")) == 2
+    harness.backend.down = True  # no allocation possible: moving an idle instance is the only way
+    outcome = harness.controller.route("b")
+    assert outcome.status == "starting"
+    assert len(harness.agents.stopped) == 1  # one idle instance of a moved off (evicted)
+    placement = harness.registry.get_instance(outcome.instance_id).placement
+    assert placement["migration_seconds"] == harness.config.controller.eviction_seconds
+    assert len(placement["migrate"]) == 1
+
+
+def test_no_capacity_without_slurm_is_503_with_retry_after(make_harness):
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("m")
+    client = h.app_client()
+    resp = client.get("/v1/internal/route?model=m", headers=INTERNAL)
+    assert resp.status_code == 503
+    assert resp.get_json()["error"]["code"] == "no_capacity"
+    assert "allocate_on_demand is off" in resp.get_json()["error"]["message"]
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert h.registry.demand().keys() == {"m"}
+
+
+def test_no_capacity_submits_an_allocation_preferring_the_node_with_the_checkpoint(harness):
+    harness.deploy("m", size_bytes=20 * GB, gpus=1, slurm={"partition": "debug", "time": "00:30:00"})
+    # n3 ran an agent before (persistent NVMe holding m); its job ended, the cache entry stayed.
+    harness.register("n3", cached=(("m", "nvme"),), job="1")
+    harness.registry.node_left("n3", "gone")
+    outcome = harness.controller.route("m")
+    assert outcome.status == "allocating"
+    [spec] = harness.backend.submitted()
+    assert spec.nodelist == ("n3",)  # 30 + 20/4 = 35 s on n3 vs 30 + 20/1 = 50 s elsewhere
+    assert (spec.partition, spec.time, spec.gpus_per_node) == ("debug", "00:30:00", 2)
+    assert spec.env["HPCLLM_CONTROLLER_URL"] == "http://controller:8700"
+    [alloc] = harness.registry.allocations()
+    assert (alloc.job_id, alloc.state, alloc.model, alloc.preferred_nodes) == (outcome.job_id, "pending", "m", ["n3"])
+    # Asking again waits for the same allocation instead of submitting another.
+    assert harness.controller.route("m").job_id == outcome.job_id
+    assert len(harness.backend.submitted()) == 1
+
+
+@pytest.mark.parametrize("failure", ["refuse", "down"])
+def test_slurm_failure_is_a_clear_503_and_leaves_no_allocation(harness, failure):
+    harness.deploy("m")
+    if failure == "refuse":
+        harness.backend.refuse_submit = "sbatch: error: Batch job submission failed: Invalid account"
+    client = harness.app_client()
+    if failure == "down":
+        harness.backend.node_infos = harness.backend.node_infos  # nodes listed, then sbatch finds Slurm down
+        original_submit = harness.backend.submit
+
+        def submit_down(spec):
+            harness.backend.down = True
+            return original_submit(spec)
+
+        harness.backend.submit = submit_down
+    resp = client.get("/v1/internal/route?model=m", headers=INTERNAL)
+    assert resp.status_code == 503
+    message = resp.get_json()["error"]["message"]
+    assert "requesting an allocation failed" in message
+    assert ("Invalid account" if failure == "refuse" else "not responding") in message
+    assert harness.registry.allocations() == []
+
+
+def test_agent_refusing_a_start_is_reported_and_unreserves(harness):
+    harness.deploy("m")
+    harness.register("n1")
+    harness.agents.refuse_start = True
+    resp = harness.app_client().get("/v1/internal/route?model=m", headers=INTERNAL)
+    assert resp.status_code == 502
+    assert "out of memory" in resp.get_json()["error"]["message"]
+    assert harness.registry.instances() == []
+
+
+# ------------------------------------------------------------------------------------------------------ admin
+
+
+def test_deploy_update_list_undeploy(client, harness):
+    src = harness.source("m")
+    body = {"name": "m", "source": str(src), "size_bytes": 123, "gpus": 1, "max_instances": 2}
+    resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 201 and resp.get_json()["size_bytes"] == 123
+    assert client.post("/v1/admin/models", json={**body, "max_instances": 3}, headers=ADMIN).status_code == 200
+    models = client.get("/v1/internal/models", headers=INTERNAL).get_json()["models"]
+    assert [(m["name"], m["source"], m["gpus"]) for m in models] == [("m", str(src), 1)]
+
+    harness.register("n1")
+    harness.controller.route("m")
+    harness.heartbeat("n1", tier="sharedfs")
+    resp = client.delete("/v1/admin/models/m", headers=ADMIN)
+    assert resp.get_json() == {"undeployed": "m", "stopped_instances": 1}
+    assert len(harness.agents.stopped) == 1
+    assert client.delete("/v1/admin/models/m", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize("change, param, words", [
+    ({"gpus": "two"}, "gpus", "valid integer"),
+    ({"colour": "red"}, "colour", "Extra inputs"),
+    ({"min_instances": 3, "max_instances": 1}, None, "must not exceed max_instances"),
+    ({"name": "bad name!"}, "name", "pattern"),
+    ({"slurm": {"time": "forever"}}, "slurm.time", "pattern"),
+])
+def test_deploy_rejects_invalid_fields_naming_them(client, harness, change, param, words):
+    body = {"name": "m", "source": str(harness.source("m")), "size_bytes": 1, **change}
+    resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 400
+    error = resp.get_json()["error"]
+    assert words in error["message"]
+    if param:
+        assert error["param"] == param
+    assert harness.registry.models() == []
+
+
+def test_deploy_checks_the_source_and_partition(client, harness, tmp_path):
+    missing = {"name": "m", "source": str(tmp_path / "nowhere"), "size_bytes": 1}
+    resp = client.post("/v1/admin/models", json=missing, headers=ADMIN)
+    assert resp.status_code == 400 and "does not exist" in resp.get_json()["error"]["message"]
+
+    no_manifest = {"name": "m", "source": str(harness.source("m"))}
+    resp = client.post("/v1/admin/models", json=no_manifest, headers=ADMIN)
+    assert "hpcllm convert" in resp.get_json()["error"]["message"]
+
+    bad_partition = {**no_manifest, "size_bytes": 1, "slurm": {"partition": "gpu-huge"}}
+    resp = client.post("/v1/admin/models", json=bad_partition, headers=ADMIN)
+    assert resp.status_code == 400
+    assert resp.get_json()["error"]["message"] == \
+        "slurm.partition: unknown partition 'gpu-huge' (Slurm has: debug)"
+    assert harness.registry.models() == []
+
+    harness.backend.down = True  # Slurm unreachable: the partition cannot be checked, the deploy goes through
+    assert client.post("/v1/admin/models", json=bad_partition, headers=ADMIN).status_code == 201
+
+
+def test_deploy_reads_size_from_a_converted_checkpoint(client, harness, converted_checkpoint):
+    from hpcllm.checkpoint import read_checkpoint
+
+    body = {"name": "tiny", "source": str(converted_checkpoint), "size_bytes": 5}
+    resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 201
+    assert resp.get_json()["size_bytes"] == read_checkpoint(converted_checkpoint).total_bytes != 5
+
+
+def test_deploy_refuses_a_corrupt_manifest(client, harness, converted_checkpoint, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(converted_checkpoint, broken)
+    (broken / "manifest.json").write_text("{ not json")
+    resp = client.post("/v1/admin/models", json={"name": "tiny", "source": str(broken)}, headers=ADMIN)
+    assert resp.status_code == 400
+    assert "manifest.json" in resp.get_json()["error"]["message"]
+    assert harness.registry.models() == []
+
+
+def test_status_lists_everything(client, harness):
+    harness.deploy("m")
+    harness.register("n1", cached=(("m", "dram"),))
+    harness.controller.route("m")
+    status = client.get("/v1/admin/status", headers=ADMIN).get_json()
+    assert [m["name"] for m in status["models"]] == ["m"]
+    assert [(n["node_id"], n["state"], n["gpus"]) for n in status["nodes"]] == [("n1", "up", 2)]
+    assert status["nodes"][0]["cached"][0]["tier"] == "dram"
+    assert [(i["model"], i["state"]) for i in status["instances"]] == [("m", "loading")]
+    assert status["allocations"] == []

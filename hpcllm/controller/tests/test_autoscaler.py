@@ -1,0 +1,239 @@
+"""Autoscaler policy with a fake clock, in-memory node agents and an in-memory Slurm."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.controller.autoscaler import RESERVATION_TIMEOUT_SECONDS
+from hpcllm.controller.tests.conftest import GB
+from hpcllm.slurm.base import JobState
+
+
+def ready_instance(h, model="m", node="n1", tier="nvme"):
+    """Route once (cold start) and let the node report it ready."""
+    outcome = h.controller.route(model)
+    h.heartbeat(node, tier=tier)
+    return outcome.instance_id
+
+
+def test_idle_instance_scales_to_zero_after_keep_alive(harness):
+    harness.deploy("m", keep_alive_seconds=120)
+    harness.register("n1")
+    instance_id = ready_instance(harness)
+    assert harness.tick(119).kinds() == []  # 119 s idle < 120 s keep-alive
+    report = harness.tick(2)
+    assert ("stop_idle", instance_id) in report.kinds()
+    assert harness.agents.stopped == [("http://n1:9000", instance_id)]
+    assert harness.registry.instances() == []
+
+
+def test_traffic_keeps_an_instance_alive(harness):
+    harness.deploy("m", keep_alive_seconds=120)
+    harness.register("n1")
+    ready_instance(harness)
+    for _ in range(3):
+        harness.clock.advance(100)
+        assert harness.controller.route("m").status == "ready"  # each request resets last_used
+        harness.heartbeat("n1")
+        assert harness.tick().kinds() == []
+    assert len(harness.registry.instances()) == 1
+
+
+def test_min_instances_are_started_and_never_scaled_away(harness):
+    harness.deploy("m", min_instances=1, keep_alive_seconds=10)
+    harness.register("n1")
+    report = harness.tick()
+    assert [kind for kind, _ in report.kinds()] == ["start_min"]
+    harness.heartbeat("n1", tier="dram")
+    assert harness.tick(3600).kinds() == []
+    assert len(harness.registry.instances()) == 1
+
+
+def test_default_keep_alive_applies_when_the_model_has_none(make_harness):
+    h = make_harness(keep_alive_seconds=50)
+    h.deploy("m")
+    h.register("n1")
+    ready_instance(h)
+    assert [k for k, _ in h.tick(51).kinds()] == ["stop_idle"]
+
+
+def test_silent_node_is_lost_and_its_instances_forgotten(harness):
+    harness.deploy("m")
+    harness.register("n1")
+    ready_instance(harness)
+    timeout = harness.config.controller.node_timeout_seconds
+    assert harness.tick(timeout - 1, heartbeats=False).kinds() == []
+    report = harness.tick(2, heartbeats=False)
+    assert ("node_lost", "n1") in report.kinds()
+    assert harness.registry.get_node("n1").state == "lost"
+    assert harness.registry.instances() == []
+
+
+def test_demand_without_capacity_becomes_an_allocation_that_serves_it(harness):
+    harness.deploy("m", gpus=1, size_bytes=4 * GB)
+    outcome = harness.controller.route("m")
+    assert outcome.status == "allocating"
+    job_id = outcome.job_id
+
+    harness.backend.start(job_id, "n2", harness.clock.now + 20, walltime=3600)
+    report = harness.tick(20)
+    assert ("allocation_running", job_id) in report.kinds()
+    alloc = harness.registry.get_allocation(job_id)
+    assert alloc.state == "running" and alloc.nodes == ["n2"]
+    assert alloc.walltime_end == harness.clock.now + 3600
+    assert alloc.retire_at == alloc.walltime_end - harness.config.controller.retire_lead_seconds
+
+    harness.register("n2", job=job_id)  # the agent inside the allocation registers
+    report = harness.tick(1)
+    assert [k for k, _ in report.kinds()] == ["start_for_demand"]  # the waiting model is started at once
+    assert harness.agents.started == [("http://n2:9000", "m", [0])]
+    harness.heartbeat("n2", tier="sharedfs")
+    assert harness.controller.route("m").status == "ready"
+    assert harness.registry.demand() == {}
+
+
+def test_slurm_is_polled_once_per_tick_for_all_allocations(harness):
+    harness.deploy("a")
+    harness.deploy("b")
+    jobs = [harness.controller.route(name).job_id for name in ("a", "b")]
+    harness.backend.calls.clear()
+    harness.tick(5)
+    assert [arg for call, arg in harness.backend.calls if call == "statuses"] == [tuple(jobs)]
+
+
+def test_allocations_started_together_retire_staggered(make_harness):
+    h = make_harness(retire_lead_seconds=300, retire_stagger_seconds=60, max_allocations=3)
+    for name in ("a", "b", "c"):
+        h.deploy(name)
+    jobs = [h.controller.route(name).job_id for name in ("a", "b", "c")]
+    for i, job in enumerate(jobs):
+        h.backend.start(job, f"n{i + 1}", h.clock.now, walltime=3600)
+    h.tick(1)
+    retire = sorted(h.registry.get_allocation(j).retire_at for j in jobs)
+    end = h.clock.now - 1 + 3600
+    # 300 s before the end, then 60 s apart: the three pools leave one by one.
+    assert retire == [end - 420, end - 360, end - 300]
+
+
+def test_retirement_drains_starts_a_replacement_and_cancels(make_harness):
+    h = make_harness(retire_lead_seconds=300, drain_seconds=60, max_allocations=2)
+    h.deploy("m", keep_alive_seconds=3600)
+    job = h.controller.route("m").job_id
+    h.backend.start(job, "n1", h.clock.now, walltime=1000)
+    h.tick()
+    h.register("n1", job=job)
+    h.register("n9")  # another node, up and empty, outside the retiring allocation
+    h.tick()  # demand: the model starts on n1 (its allocation was made for it; both are free, n1 sorts first)
+    h.heartbeat("n1", tier="sharedfs")
+    h.heartbeat("n9")
+    [old] = h.registry.instances()
+    assert old.node_id == "n1"
+
+    report = h.tick(700)  # now = start + 700 = walltime_end - retire_lead
+    assert ("retire", job) in report.kinds()
+    assert h.registry.get_node("n1").state == "draining"
+    assert ("http://n1:9000", old.instance_id) in h.agents.stopped
+    assert ("start_replacement", "m") in report.kinds()
+    assert h.agents.started[-1] == ("http://n9:9000", "m", []), report  # the replacement goes to n9
+
+    h.heartbeat("n1")  # the drained instance has stopped
+    report = h.tick(1)
+    assert ("cancel_drained_allocation", job) in report.kinds()
+    assert h.backend.jobs[job].state == JobState.CANCELLED
+    report = h.tick(1)
+    assert ("allocation_ended", job) in report.kinds()
+    assert h.registry.get_node("n1").state == "gone"
+
+
+def test_idle_allocation_is_released_after_its_keep_alive(make_harness):
+    h = make_harness(allocation_keep_alive_seconds=600, keep_alive_seconds=60)
+    h.deploy("m")
+    job = h.controller.route("m").job_id
+    h.backend.start(job, "n1", h.clock.now, walltime=7200)
+    h.tick()
+    h.register("n1", job=job)
+    h.tick()
+    h.heartbeat("n1", tier="sharedfs")
+    h.tick(61)  # the instance scales to zero after 60 s idle: the allocation is empty from now
+    h.heartbeat("n1")
+    assert h.registry.instances() == []
+    assert h.tick(599).kinds() == []
+    report = h.tick(1)
+    assert ("cancel_idle_allocation", job) in report.kinds()
+    assert h.backend.jobs[job].state == JobState.CANCELLED
+    assert h.registry.get_allocation(job).state == "cancelling"
+    h.tick(1)
+    assert h.registry.get_allocation(job).state == "ended"
+
+
+def test_job_ending_in_slurm_takes_its_node_but_keeps_persistent_cache(harness):
+    harness.deploy("m")
+    job = harness.controller.route("m").job_id
+    harness.backend.start(job, "n1", harness.clock.now)
+    harness.tick()
+    harness.register("n1", job=job, cached=(("m", "nvme"), ("m", "dram")))
+    harness.tick()
+    harness.heartbeat("n1", tier="nvme")
+    harness.backend.finish(job, JobState.TIMEOUT)
+    report = harness.tick(1)
+    assert ("allocation_ended", job) in report.kinds()
+    assert harness.registry.get_allocation(job).reason == "timeout"
+    assert harness.registry.get_node("n1").state == "gone"
+    assert harness.registry.instances() == []
+    assert [(c.node_id, c.tier) for c in harness.registry.cache()] == [("n1", "nvme")]
+
+
+def test_requeued_job_goes_back_to_pending(harness):
+    harness.deploy("m")
+    job = harness.controller.route("m").job_id
+    harness.backend.start(job, "n1", harness.clock.now)
+    harness.tick()
+    harness.register("n1", job=job)
+    harness.backend.jobs[job].state = JobState.PENDING  # preempted and requeued: same id, queued again
+    report = harness.tick(1)
+    assert ("allocation_pending", job) in report.kinds()
+    alloc = harness.registry.get_allocation(job)
+    assert (alloc.state, alloc.nodes, alloc.reason) == ("pending", [], "requeued")
+    assert harness.registry.get_node("n1").state == "gone"
+
+
+def test_slurm_down_does_not_stop_the_other_steps(harness):
+    harness.deploy("m", keep_alive_seconds=10)
+    harness.controller.route("m")  # an allocation, so there is something to poll
+    harness.register("n1")
+    harness.registry.clear_demand("m")
+    instance_id = harness.controller.start_instance(harness.registry.get_model("m")).instance_id
+    harness.heartbeat("n1", tier="dram")
+    harness.backend.down = True
+    report = harness.tick(11)
+    assert any("cannot poll Slurm" in e for e in report.errors)
+    assert ("stop_idle", instance_id) in report.kinds()
+
+
+def test_unconfirmed_reservation_is_dropped(harness):
+    harness.registry.reserve_instance("m", "n1", [0], harness.clock.now, None)
+    assert harness.tick(RESERVATION_TIMEOUT_SECONDS - 1).kinds() == []
+    assert [k for k, _ in harness.tick(2).kinds()] == ["drop_reservation"]
+    assert harness.registry.instances() == []
+
+
+def test_instances_of_undeployed_models_are_stopped(harness):
+    harness.deploy("m")
+    harness.register("n1")
+    harness.controller.route("m")
+    # The agent also runs an instance of a model that is not (or no longer) deployed.
+    harness.agents.start_instance("http://n1:9000", "old", "/models/old", [1])
+    harness.heartbeat("n1", tier="dram")
+    report = harness.tick(1)
+    orphans = [subject for kind, subject in report.kinds() if kind == "stop_orphan"]
+    assert len(orphans) == 1 and harness.registry.get_instance(orphans[0]).model == "old"
+
+
+def test_max_allocations_is_honoured(make_harness):
+    h = make_harness(max_allocations=1)
+    h.deploy("a")
+    h.deploy("b")
+    assert h.controller.route("a").status == "allocating"
+    with pytest.raises(Exception, match="max_allocations"):
+        h.controller.route("b")
+    assert len(h.backend.submitted()) == 1
