@@ -22,6 +22,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "convert": "hpcllm.checkpoint.cli:convert",
     "checkpoint": "hpcllm.checkpoint.cli:checkpoint",
     "worker": "hpcllm.worker.cli:worker",
+    "gateway": "hpcllm.gateway.cli:gateway",
 }
 
 
