@@ -30,10 +30,10 @@ def run_worker(
     url_file: Path | None = None,
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up."""
-    from hpcllm.worker.server import WorkerService, load_with_hpcllm, serve
-
     if not model_path.exists():
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
+    from hpcllm.worker.server import WorkerService, load_with_hpcllm, serve
+
     worker = config.worker
     device = device or worker.device
     service = WorkerService(

@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from flask import Flask, Response, request
 from pydantic import ValidationError
 from werkzeug.serving import make_server
 
-from hpcllm.errors import ConfigError
+from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import (
@@ -45,6 +44,10 @@ from hpcllm.worker.protocol import (
 log = logging.getLogger(__name__)
 
 INTERNAL_PREFIX = "/v1/internal/"
+
+
+class WorkerLoadError(HpcllmError):
+    """The worker could not load its model for a reason that is not a known user error."""
 
 
 @dataclass
@@ -81,13 +84,20 @@ class WorkerService:
         self.engine = engine.start()
         return engine
 
-    def load_in_background(self, loader: Callable[[], ModelForServing]) -> threading.Thread:
+    def load_in_background(
+        self, loader: Callable[[], ModelForServing], on_failure: Callable[[Exception], None] | None = None
+    ) -> threading.Thread:
         def load() -> None:
             try:
                 self.attach(loader())
-            except Exception as exc:  # reported by /health and /ready; the node agent decides what to do
-                log.exception("loading the model failed")
+            except Exception as exc:  # reported by /health and /ready, and to on_failure
+                if isinstance(exc, HpcllmError):  # a user error (bad checkpoint, bad option): its message suffices
+                    log.error("loading the model failed: %s", exc)
+                else:
+                    log.exception("loading the model failed")
                 self.load_error = f"{type(exc).__name__}: {exc}"
+                if on_failure is not None:
+                    on_failure(exc)
 
         thread = threading.Thread(target=load, name="hpcllm-worker-load", daemon=True)
         thread.start()
@@ -236,23 +246,39 @@ def serve(
     url_file: Path | None = None,
     on_listening: Callable[[str], None] | None = None,
 ) -> None:
-    """Bind, start loading in the background, serve until SIGTERM/SIGINT, then abort what is left and return."""
-    server = make_server(host, port, create_app(service), threaded=True)
+    """Bind, load in the background, serve until SIGTERM/SIGINT, then abort what is left and return.
+
+    If the load fails the server stops and the error is raised (the process exits non-zero with the reason).
+    """
+    try:
+        server = make_server(host, port, create_app(service), threaded=True)
+    except OSError as exc:
+        raise ConfigError(f"worker cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     url = f"http://{host}:{server.port}"
     if url_file is not None:
         write_atomically(url_file, url + "\n")
     if on_listening is not None:
         on_listening(url)
-    service.load_in_background(loader)
 
-    def stop(signum, frame) -> None:
+    def stop_serving() -> None:
+        threading.Thread(target=server.shutdown, name="hpcllm-worker-stop", daemon=True).start()
+
+    load_failure: list[Exception] = []
+    service.load_in_background(loader, on_failure=lambda exc: (load_failure.append(exc), stop_serving()))
+
+    def on_signal(signum, frame) -> None:
         log.info("signal %s: shutting down", signum)
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        stop_serving()
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         server.serve_forever()
     finally:
         service.shutdown()
         server.server_close()
+    if load_failure:
+        exc = load_failure[0]
+        if isinstance(exc, HpcllmError):
+            raise exc
+        raise WorkerLoadError(f"loading the model failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,67 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpcllm.cli.main import main
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.protocol import GenerateRequest, TokenLine
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["worker", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model checkpoint") and "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_dirs, load_pair):
+    from hpcllm.checkpoint.converter import convert
+
+    checkpoint = convert(model_dirs["llama"], tmp_path / "tiny-llama").root
+    url_file = tmp_path / "worker.url"
+    env = {**os.environ, "HPCLLM_SHARED_SECRET": "cli-secret"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(checkpoint), "--url-file", str(url_file)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
+        client = WorkerClient(url_file.read_text().strip(), "cli-secret")
+        while client.ready() is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.2)
+        ready = client.ready()
+        assert ready["model"] == "tiny-llama"
+
+        model, tokenizer = load_pair("llama")
+        prompt_ids = tokenizer("hello world, this")["input_ids"]
+        import torch
+
+        expected = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
+        with client.generate(GenerateRequest(request_id="cli", prompt_token_ids=prompt_ids, max_tokens=12,
+                                             temperature=0)) as stream:
+            got = [line.token_id for line in stream if isinstance(line, TokenLine)]
+        assert got == expected.tolist()
+        assert 'hpcllm_model_load_seconds{model_name="tiny-llama",tier=' in client.metrics_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "listening on http://127.0.0.1:" in output
+
+
+def test_a_folder_that_is_not_a_converted_checkpoint_exits_with_the_loader_error(model_dirs):
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(model_dirs["gpt2"])],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "Traceback" not in result.stderr
