@@ -72,7 +72,9 @@ class CliBackend(SlurmBackend):
              ) -> subprocess.CompletedProcess[str]:
         command = " ".join(args[:2])
         try:
-            result = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=self._timeout,
+            # Never let a Slurm command read our terminal: no input means /dev/null.
+            feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+            result = subprocess.run(args, **feed, capture_output=True, text=True, timeout=self._timeout,
                                     env=clean_environment(env))
         except FileNotFoundError:
             raise SlurmUnavailable(

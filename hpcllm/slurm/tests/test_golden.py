@@ -10,6 +10,7 @@ import difflib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def test_unknown_template_lists_the_known_ones():
 
 
 def test_a_changed_script_fails_with_a_line_diff(tmp_path, monkeypatch):
-    monkeypatch.setattr(__import__(__name__), "UPDATE", False)
+    monkeypatch.setattr(sys.modules[__name__], "UPDATE", False)
     golden = tmp_path / "x.sbatch"
     golden.write_text("#!/bin/bash\n#SBATCH --nodes=1\necho hi\n")
     with pytest.raises(pytest.fail.Exception) as failure:

@@ -1,0 +1,173 @@
+"""CLI backend against stand-in Slurm commands (no cluster needed): what it runs, how it parses, how it fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpcllm.config import SlurmConfig
+from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.cli_backend import CliBackend, parse_parsable
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
+from hpcllm.slurm.templates import render_batch_script
+from hpcllm.slurm.tests.fake_slurm import FakeSlurm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ACCOUNTING_OFF = "Slurm accounting storage is disabled\n"
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch) -> FakeSlurm:
+    fake = FakeSlurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", fake.path_env())
+    return fake
+
+
+@pytest.fixture
+def backend() -> CliBackend:
+    return CliBackend(SlurmConfig(), command_timeout=10)
+
+
+@pytest.mark.parametrize("stdout, job_id", [
+    ("1234\n", "1234"),
+    ("1234;hpcllm-dev\n", "1234"),
+    ("sbatch: warning: something\n99;c\n\n", "99"),
+])
+def test_parse_parsable(stdout, job_id):
+    assert parse_parsable(stdout) == job_id
+
+
+def test_parse_parsable_refuses_garbage():
+    with pytest.raises(SlurmError, match="where a job id was expected"):
+        parse_parsable("Submitted batch job 5\n")
+
+
+def test_get_backend_default_is_cli():
+    assert isinstance(get_backend(SlurmConfig()), CliBackend)
+
+
+def test_submit_feeds_the_rendered_script_and_env(fake, backend):
+    fake.on("sbatch", "--parsable", stdout="77;hpcllm-dev\n")
+    spec = make_job_spec(name="t", script="echo hi", gpus_per_node=1, signal="USR1@60", env={"HPCLLM_X": "a,b=c"})
+    assert backend.submit(spec) == "77"
+    (call,) = fake.calls("sbatch")
+    assert call["args"] == ["--parsable"]
+    assert call["stdin"] == render_batch_script(spec)
+    assert "#SBATCH --signal=B:USR1@60" in call["stdin"] and "#SBATCH --gres=gpu:1" in call["stdin"]
+    assert call["env"]["HPCLLM_X"] == "a,b=c"  # reaches the job through --export=ALL
+
+
+def test_user_format_settings_do_not_reach_the_commands(fake, backend, monkeypatch):
+    for name, value in {"SQUEUE_FORMAT": "%i %garbage", "SQUEUE_FORMAT2": "JobID:3", "SINFO_FORMAT": "%N",
+                        "SACCT_FORMAT": "jobid", "SLURM_TIME_FORMAT": "relative", "SQUEUE_STATES": "R"}.items():
+        monkeypatch.setenv(name, value)
+    fake.on("squeue", "--json", stdout=(FIXTURES / "squeue_22.05.json").read_text())
+    backend.statuses(["1"])
+    env = fake.calls("squeue")[0]["env"]
+    assert not [k for k in env if k.startswith(("SQUEUE_", "SINFO_", "SACCT_"))]
+    assert env["SLURM_TIME_FORMAT"] == "%s"
+
+
+def test_statuses_use_one_squeue_call_for_many_jobs(fake, backend):
+    fake.on("squeue", "--json", stdout=(FIXTURES / "squeue_22.05.json").read_text())
+    fake.on("sacct", "", stderr=ACCOUNTING_OFF, rc=1)
+    statuses = backend.statuses(["1", "2", "3", "4", "5", "999"])
+    assert [c["command"] for c in fake.calls()] == ["squeue", "sacct"]
+    assert fake.calls("squeue")[0]["args"] == ["--json", "--all", "--states=all"]
+    assert statuses["1"].state is JobState.COMPLETED and statuses["3"].state is JobState.RUNNING
+    gone = statuses["999"]
+    assert gone.state is JobState.UNKNOWN and gone.missing and gone.is_terminal
+    assert "accounting is off" in gone.reason
+    # Accounting is known to be off now: sacct is not asked again.
+    backend.statuses(["999"])
+    assert len(fake.calls("sacct")) == 1 and len(fake.calls("squeue")) == 2
+
+
+def test_sacct_answers_for_jobs_squeue_forgot(fake, backend):
+    fake.on("squeue", "--json", stdout='{"jobs": []}')
+    fake.on("sacct", "", stdout="42|COMPLETED|None|n[1-2]|1700000000|1700000060|10|0:0|old|batch\n")
+    status = backend.statuses(["42"])["42"]
+    assert status.state is JobState.COMPLETED and status.nodes == ("n1", "n2") and not status.missing
+    args = fake.calls("sacct")[0]["args"]
+    assert "--jobs=42" in args and "--parsable2" in args
+
+
+def test_squeue_text_fallback_when_json_fails(fake, backend):
+    fake.on("squeue", "--json", stderr="squeue: unrecognized option '--json'\n", rc=1)
+    fake.on("squeue", "--Format", stdout=(FIXTURES / "squeue_22.05.txt").read_text())
+    fake.on("sacct", "", stderr=ACCOUNTING_OFF, rc=1)
+    statuses = backend.statuses(["1", "4"])
+    assert statuses["1"].state is JobState.COMPLETED and statuses["1"].nodes == ("n1", "n2")
+    assert statuses["4"].state is JobState.PENDING and statuses["4"].reason == "Resources"
+    backend.statuses(["1"])
+    assert sum("--json" in c["args"] for c in fake.calls("squeue")) == 1  # --json is not retried
+
+
+def test_refusal_carries_slurms_message(fake, backend):
+    message = ("sbatch: error: invalid partition specified: nope\n"
+               "sbatch: error: Batch job submission failed: Invalid partition name specified\n")
+    fake.on("sbatch", "", stderr=message, rc=1)
+    with pytest.raises(SlurmError) as refused:
+        backend.submit(make_job_spec(name="t", script="true", partition="nope"))
+    assert not isinstance(refused.value, SlurmUnavailable)
+    assert "Invalid partition name specified" in str(refused.value)
+    assert refused.value.slurm_message == message.strip()
+
+
+def test_controller_down_is_unavailable(fake, backend):
+    fake.on("squeue", "", stderr="slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n",
+            rc=1)
+    with pytest.raises(SlurmUnavailable, match="not reachable.*scontrol ping"):
+        backend.statuses(["1"])
+
+
+def test_missing_command_is_unavailable(tmp_path, monkeypatch, backend):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm commands at all
+    with pytest.raises(SlurmUnavailable, match="sbatch: command not found.*slurm-client"):
+        backend.submit(make_job_spec(name="t", script="true"))
+
+
+def test_hung_command_times_out_as_unavailable(fake):
+    fake.on("squeue", "", sleep=5)
+    with pytest.raises(SlurmUnavailable, match="did not answer within 1 s"):
+        CliBackend(SlurmConfig(), command_timeout=1).statuses(["1"])
+
+
+def test_cancel_of_a_finished_job_is_not_an_error(fake, backend):
+    fake.on("scancel", "5", stderr="scancel: error: Kill job error on job id 5: Job/step already completing or "
+                                   "completed\n", rc=1)
+    backend.cancel("5")
+    fake.on("scancel", "", stderr="scancel: error: Unable to contact slurm controller\n", rc=1)
+    with pytest.raises(SlurmUnavailable):
+        backend.cancel("6")
+
+
+def test_signal_and_requeue_commands(fake, backend):
+    fake.on("scancel", "").on("scontrol", "requeue")
+    backend.signal("8", "SIGUSR1")
+    backend.signal("8", 15, batch_only=False)
+    backend.requeue("8")
+    assert [c["args"] for c in fake.calls()] == [
+        ["--signal=USR1", "--batch", "8"], ["--signal=TERM", "--full", "8"], ["requeue", "8"]]
+
+
+def test_nodes_from_sinfo_json(fake, backend):
+    fake.on("sinfo", "--json", stdout=(FIXTURES / "sinfo_22.05.json").read_text())
+    nodes = backend.nodes()
+    assert [n.name for n in nodes] == ["n1", "n2", "n3", "n4"] and nodes[0].gpus_used == 1
+
+
+def test_nodes_on_24_05_ask_scontrol_for_per_node_json(fake, backend):
+    fake.on("sinfo", "--json", stdout=(FIXTURES / "sinfo_24.05.json").read_text())
+    fake.on("scontrol", "show nodes --json", stdout=(FIXTURES / "nodes_23.11.json").read_text())
+    nodes = {n.name: n for n in backend.nodes()}
+    assert nodes["gpu01"].gpus_total == 4 and not nodes["gpu02"].available
+
+
+def test_nodes_fall_back_to_scontrol_text(fake, backend):
+    fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
+    fake.on("scontrol", "-d -o show node", stdout=(FIXTURES / "scontrol_nodes_22.05.txt").read_text())
+    fake.on("scontrol", "-o show partition", stdout=(FIXTURES / "scontrol_partitions_22.05.txt").read_text())
+    assert [n.gpus_total for n in backend.nodes()] == [2, 2, 2, 2]
+    assert [p.name for p in backend.partitions()] == ["batch", "high"]

@@ -1,0 +1,162 @@
+"""pyslurm backend: the refusal where pyslurm does not match the site's Slurm (as on the 22.05 dev cluster), and
+the mapping onto pyslurm 25.x's API through a stand-in module with the same names."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from hpcllm.config import SlurmConfig
+from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError
+from hpcllm.slurm.pyslurm_backend import PyslurmBackend, load_matching_pyslurm, parse_version
+
+
+def _no_pyslurm(name):
+    raise ImportError(f"No module named {name!r}")
+
+
+def test_selected_without_a_matching_pyslurm_explains_and_suggests(monkeypatch):
+    monkeypatch.setattr("hpcllm.slurm.pyslurm_backend.site_slurm_version", lambda: (22, 5))
+    monkeypatch.setattr("hpcllm.slurm.pyslurm_backend.importlib.import_module", _no_pyslurm)
+    with pytest.raises(SlurmBackendUnsupported) as refused:
+        get_backend(SlurmConfig(backend="pyslurm"))
+    message = str(refused.value)
+    assert "Slurm 22.05" in message and "pyslurm X.Y only works with Slurm X.Y" in message
+    assert 'backend = "cli"' in message and '"rest"' in message
+
+
+def test_version_mismatch_is_refused():
+    fake = types.SimpleNamespace(__version__="25.11.2")
+    with pytest.raises(SlurmBackendUnsupported, match=r"pyslurm 25\.11 is installed but this site runs Slurm 22\.05"):
+        load_matching_pyslurm((22, 5), importer=lambda name: fake)
+
+
+def test_unknown_site_version_is_refused(monkeypatch):
+    monkeypatch.setattr("hpcllm.slurm.pyslurm_backend.site_slurm_version", lambda: None)
+    fake = types.SimpleNamespace(__version__="25.11.2")
+    with pytest.raises(SlurmBackendUnsupported, match="cannot tell which Slurm"):
+        load_matching_pyslurm(None, importer=lambda name: fake)
+
+
+@pytest.mark.parametrize("text, version", [("slurm-wlm 22.05.8", (22, 5)), ("slurm 25.11.2", (25, 11)),
+                                           ("25.11.2", (25, 11)), ("", None)])
+def test_parse_version(text, version):
+    assert parse_version(text) == version
+
+
+# ------------------------------------------------------------------- a stand-in with pyslurm 25.x's names
+
+
+class FakeRPCError(Exception):
+    pass
+
+
+def make_fake_pyslurm():
+    log = {"submitted": [], "cancelled": [], "requeued": [], "signals": []}
+
+    class JobSubmitDescription:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def submit(self):
+            if self.kwargs.get("partitions") == "nope":
+                raise FakeRPCError("Invalid partition name specified")
+            log["submitted"].append(self.kwargs)
+            return 4242
+
+    class Job:
+        def __init__(self, job_id, **fields):
+            self.id = job_id
+            for key, value in fields.items():
+                setattr(self, key, value)
+
+        def cancel(self):
+            log["cancelled"].append(self.id)
+
+        def requeue(self, hold=False):
+            log["requeued"].append(self.id)
+
+        def send_signal(self, signal, steps="children", hurry=False):
+            log["signals"].append((self.id, signal, steps))
+
+    class Jobs(dict):
+        @staticmethod
+        def load(preload_passwd_info=False, frozen=False):
+            return Jobs({
+                4242: Job(4242, name="a", state="RUNNING", state_reason="None", allocated_nodes="n[1-2]",
+                          partition="batch", start_time=1700000000, end_time=1700003600, time_limit=60,
+                          requeue_count=1, exit_code=0),
+                4243: Job(4243, name="b", state="PENDING", state_reason="Resources", allocated_nodes=None,
+                          partition="batch", start_time=None, end_time=None, time_limit=None, requeue_count=0,
+                          exit_code=None),
+            })
+
+    class Node:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    class Nodes(list):
+        @staticmethod
+        def load(preload_passwd_info=False):
+            return Nodes([Node(name="n1", state="MIXED", partitions=["batch"], configured_gres={"gpu": 2},
+                               allocated_gres={"gpu": 1}, total_cpus=4, allocated_cpus=1, real_memory=4096,
+                               allocated_memory=256, reason=None, available_features=["nvme"])])
+
+    class Partition:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    class Partitions(dict):
+        @staticmethod
+        def load():
+            return Partitions({"batch": Partition(name="batch", state="UP", nodes="n[1-4]", is_default=True,
+                                                  max_time=None, priority_tier=1, total_cpus=16, total_nodes=4)})
+
+    module = types.SimpleNamespace(__version__="22.5.1", JobSubmitDescription=JobSubmitDescription, Job=Job,
+                                   Jobs=Jobs, Nodes=Nodes, Partitions=Partitions, RPCError=FakeRPCError)
+    return module, log
+
+
+def test_calls_map_onto_pyslurm_25_api():
+    module, log = make_fake_pyslurm()
+    backend = PyslurmBackend(pyslurm=load_matching_pyslurm((22, 5), importer=lambda name: module))
+    spec = make_job_spec(name="t", script="echo hi", partition="batch", time="00:10:00", gpus_per_node=2,
+                         signal="USR1@60", requeue=True, mem="1G", nodelist=("n1",), output="/tmp/x-%j.out",
+                         env={"A": "1"})
+    assert backend.submit(spec) == "4242"
+    (fields,) = log["submitted"]
+    assert fields["partitions"] == "batch" and fields["time_limit"] == "00:10:00"
+    assert fields["gres_per_node"] == "gpu:2" and fields["memory_per_node"] == 1024
+    assert fields["signal"] == {"signal": "SIGUSR1", "time": 60, "batch_only": True}
+    assert fields["is_requeueable"] is True and fields["log_files_open_mode"] == "append"
+    assert fields["required_nodes"] == ["n1"] and fields["environment"]["A"] == "1"
+    assert fields["script"].startswith("#!/bin/bash\n#SBATCH --job-name=t")
+
+    statuses = backend.statuses(["4242", "4243", "1"])
+    assert statuses["4242"].state is JobState.RUNNING and statuses["4242"].nodes == ("n1", "n2")
+    assert statuses["4242"].time_limit == 3600 and statuses["4242"].restart_count == 1
+    assert statuses["4243"].state is JobState.PENDING and statuses["4243"].reason == "Resources"
+    assert statuses["1"].missing
+
+    backend.cancel("4242")
+    backend.requeue("4242")
+    backend.signal("4242", "USR1")
+    backend.signal("4242", "TERM", batch_only=False)
+    assert log["cancelled"] == [4242] and log["requeued"] == [4242]
+    assert log["signals"] == [(4242, "SIGUSR1", "batch"), (4242, "SIGTERM", "all")]
+
+    (node,) = backend.nodes()
+    assert (node.name, node.gpus_total, node.gpus_used, node.features) == ("n1", 2, 1, ("nvme",))
+    (partition,) = backend.partitions()
+    assert partition.is_default and partition.nodes == ("n1", "n2", "n3", "n4")
+
+
+def test_pyslurm_errors_become_slurm_errors():
+    module, _ = make_fake_pyslurm()
+    backend = PyslurmBackend(pyslurm=module)
+    with pytest.raises(SlurmError, match="Invalid partition name specified"):
+        backend.submit(make_job_spec(name="t", script="true", partition="nope"))
+    with pytest.raises(SlurmError, match="--prefer"):
+        backend.submit(make_job_spec(name="t", script="true", prefer="nvme"))

@@ -1,0 +1,145 @@
+"""slurmrestd backend against a recorded-shape stand-in server (httpx.MockTransport); the real slurmrestd is in
+test_integration.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hpcllm.config import SlurmConfig
+from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
+from hpcllm.slurm.rest_backend import RestBackend, submission_body
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+class Server:
+    """Answers like slurmrestd v0.0.38 and records the requests."""
+
+    def __init__(self):
+        self.requests: list[httpx.Request] = []
+        self.partition_ok = True
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        path = request.url.path
+        if request.headers.get("X-SLURM-USER-TOKEN") != "tok":
+            return httpx.Response(401, text="Authentication failure")
+        if path == "/slurm/v0.0.38/job/submit":
+            body = json.loads(request.content)
+            if body["job"].get("partition") == "nope":
+                return httpx.Response(500, json={"errors": [{"error_code": 2000,
+                                                             "error": "Invalid partition name specified"}]})
+            return httpx.Response(200, json={"errors": [], "job_id": 31, "step_id": "BATCH"})
+        if path == "/slurm/v0.0.38/jobs":
+            return httpx.Response(200, text=(FIXTURES / "squeue_22.05.json").read_text())
+        if path == "/slurm/v0.0.38/nodes":
+            return httpx.Response(200, text=(FIXTURES / "sinfo_22.05.json").read_text())
+        if path == "/slurm/v0.0.38/partitions":
+            return httpx.Response(200, text=(FIXTURES / "rest_partitions_v0.0.38.json").read_text())
+        if path.startswith("/slurm/v0.0.38/job/") and request.method == "DELETE":
+            return httpx.Response(200, json={"errors": []})
+        return httpx.Response(404, text="not found")
+
+
+@pytest.fixture
+def server() -> Server:
+    return Server()
+
+
+@pytest.fixture
+def backend(server, monkeypatch) -> RestBackend:
+    monkeypatch.setenv("SLURM_JWT", "tok")
+    config = SlurmConfig(backend="rest", rest_url="http://slurmrestd.test:6820", rest_user="svc")
+    return RestBackend(config, transport=httpx.MockTransport(server))
+
+
+def test_factory_builds_the_rest_backend(monkeypatch):
+    monkeypatch.setenv("SLURM_JWT", "tok")
+    backend = get_backend(SlurmConfig(backend="rest"))
+    assert isinstance(backend, RestBackend)
+    backend.close()
+
+
+def test_submit_sends_script_and_properties_with_jwt_headers(backend, server):
+    spec = make_job_spec(name="pool", script="echo hi", partition="batch", time="01:30:00", nodes=2,
+                         gpus_per_node=1, signal="USR1@60", requeue=True, output="/logs/%j.out", mem="2G",
+                         ntasks_per_node=1, env={"HPCLLM_CONFIG": "/etc/h.toml"}, chdir="/srv")
+    assert backend.submit(spec) == "31"
+    request = server.requests[-1]
+    assert request.headers["X-SLURM-USER-NAME"] == "svc" and request.headers["X-SLURM-USER-TOKEN"] == "tok"
+    body = json.loads(request.content)
+    job = body["job"]
+    assert body["script"].startswith("#!/bin/bash\n#SBATCH --job-name=pool")
+    assert job["signal"] == "USR1@60"  # no "B:" in v0.0.38
+    assert (job["gres"], job["time_limit"], job["nodes"], job["tasks"]) == ("gpu:1", 90, [2, 2], 2)
+    assert (job["requeue"], job["open_mode"], job["memory_per_node"]) == (True, "append", 2048)
+    assert job["environment"]["HPCLLM_CONFIG"] == "/etc/h.toml" and job["current_working_directory"] == "/srv"
+    assert not any(k.startswith("SLURM_") and k != "SLURM_CONF" for k in job["environment"])
+
+
+def test_refusal_carries_slurms_message(backend):
+    with pytest.raises(SlurmError, match="Invalid partition name specified") as refused:
+        backend.submit(make_job_spec(name="x", script="true", partition="nope"))
+    assert not isinstance(refused.value, SlurmUnavailable)
+
+
+def test_statuses_nodes_partitions_use_the_shared_adapter(backend, server):
+    statuses = backend.statuses(["1", "3", "77"])
+    assert statuses["1"].state is JobState.COMPLETED and statuses["3"].state is JobState.RUNNING
+    assert statuses["77"].missing
+    assert [r.url.path for r in server.requests] == ["/slurm/v0.0.38/jobs"]  # one call for all jobs
+    assert [n.gpus_total for n in backend.nodes()] == [2, 2, 2, 2]
+    assert [p.name for p in backend.partitions() if p.is_default] == ["batch"]
+
+
+def test_cancel_and_signal(backend, server):
+    backend.cancel("5")
+    backend.signal("5", "SIGUSR1")
+    assert [(r.method, r.url.path, dict(r.url.params)) for r in server.requests] == [
+        ("DELETE", "/slurm/v0.0.38/job/5", {}), ("DELETE", "/slurm/v0.0.38/job/5", {"signal": "USR1"})]
+    with pytest.raises(SlurmError, match="cannot send SIGWINCH"):
+        backend.signal("5", "WINCH")
+
+
+def test_requeue_and_node_lists_are_clear_errors(backend):
+    with pytest.raises(SlurmError, match="no requeue operation.*scontrol requeue"):
+        backend.requeue("5")
+    with pytest.raises(SlurmError, match="cannot pin a job to nodes"):
+        submission_body(make_job_spec(name="x", script="true", nodelist=("n1",)))
+
+
+def test_bad_token_names_the_user(server, monkeypatch):
+    monkeypatch.setenv("SLURM_JWT", "wrong")
+    backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(server))
+    with pytest.raises(SlurmError, match="refused the credentials of user 'svc'"):
+        backend.statuses(["1"])
+
+
+def test_token_file_wins_over_the_environment(server, monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_JWT", "wrong")
+    token_file = tmp_path / "jwt"
+    token_file.write_text("SLURM_JWT=tok\n")
+    backend = RestBackend(SlurmConfig(backend="rest", rest_token_file=token_file),
+                          transport=httpx.MockTransport(server))
+    assert backend.statuses(["1"])["1"].state is JobState.COMPLETED
+
+
+def test_unreachable_slurmrestd_is_unavailable(monkeypatch):
+    monkeypatch.setenv("SLURM_JWT", "tok")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = RestBackend(SlurmConfig(backend="rest", rest_url=f"http://127.0.0.1:{port}"), timeout=5)
+    with pytest.raises(SlurmUnavailable, match="not reachable"):
+        backend.nodes()
+
+
+def test_unsupported_api_version_is_refused():
+    with pytest.raises(SlurmError, match="rest_api_version = 'v0.0.40' is not supported"):
+        RestBackend(SlurmConfig(backend="rest", rest_api_version="v0.0.40"))
