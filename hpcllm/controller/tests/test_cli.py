@@ -1,0 +1,115 @@
+"""`hpcllm deploy / undeploy / status / controller`: local validation errors, and a real controller process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcllm.cli.main import main
+from hpcllm.controller.cli import read_model_file
+from hpcllm.controller.errors import InvalidModelConfig
+from hpcllm.controller.tests.conftest import ADMIN_KEY, SECRET
+from hpcllm.controller.tests.test_restart import free_port
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "conf" / "models").glob("*.toml")), ids=lambda p: p.name)
+def test_example_model_configs_are_valid(example):
+    spec = read_model_file(example)
+    assert spec.name == example.stem
+
+
+@pytest.mark.parametrize("text, words", [
+    ('name = "m"\nsource = "/x"\ncolour = "red"\n', "colour: Extra inputs are not permitted"),
+    ('name = "m"\n', "source: Field required"),
+    ('name = "m"\nsource = "/x"\ngpus = -1\n', "gpus: Input should be greater than or equal to 0"),
+    ('name = "m"\nsource = "/x"\n[slurm]\npartion = "gpu"\n', "slurm.partion: Extra inputs"),
+    ('name = "m"\nsource = "/x"\nmin_instances = 2\nmax_instances = 1\n', "must not exceed max_instances"),
+    ('name = "m"\nsource = [\n', "is not valid TOML"),
+])
+def test_deploy_validates_the_file_before_calling_the_controller(tmp_path, capsys, text, words):
+    path = write(tmp_path / "m.toml", text)
+    # The URL points nowhere: validation must fail first, with the file and the field named.
+    assert main(["deploy", str(path), "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and "Traceback" not in err
+    with pytest.raises(InvalidModelConfig):
+        read_model_file(path)
+
+
+def test_deploy_of_a_missing_file(tmp_path, capsys):
+    assert main(["deploy", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unreachable_controller_is_one_clear_line(tmp_path, capsys):
+    assert main(["status", "--url", "http://127.0.0.1:9"]) == 3
+    err = capsys.readouterr().err
+    assert "cannot reach the controller at http://127.0.0.1:9" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def running_controller(tmp_path):
+    """`hpcllm controller` as users start it (real CLI, real Slurm backend object, no allocations)."""
+    port = free_port()
+    config = write(tmp_path / "hpcllm.toml", f"""
+[paths]
+state_dir = "{tmp_path / 'state'}"
+[cluster]
+shared_secret = "{SECRET}"
+[controller]
+admin_key = "{ADMIN_KEY}"
+port = {port}
+allocate_on_demand = false
+""")
+    ready = tmp_path / "ready"
+    log = open(tmp_path / "controller.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "hpcllm.cli.main", "controller", "--config", str(config),
+                             "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "controller.log").read_text()
+        time.sleep(0.05)
+    yield config, ready.read_text().strip()
+    proc.terminate()
+    proc.wait(timeout=15)
+    assert (tmp_path / "state" / "controller.db").exists()  # the default database location
+
+
+def test_deploy_status_undeploy_against_a_running_controller(tmp_path, capsys, running_controller):
+    config, url = running_controller
+    source = tmp_path / "models" / "tiny"
+    source.mkdir(parents=True)
+    model = write(tmp_path / "tiny.toml", f'name = "tiny"\nsource = "{source}"\nsize_bytes = 3145728\n')
+    assert main(["deploy", str(model), "--config", str(config), "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "deployed tiny" in out and "3.0 MiB" in out
+
+    assert main(["status", "--config", str(config), "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "models" in out and "tiny" in out and "3.0 MiB" in out
+
+    # Server-side checks come back as one line: the source folder does not exist.
+    missing = write(tmp_path / "missing.toml", f'name = "gone"\nsource = "{tmp_path / "nowhere"}"\nsize_bytes = 1\n')
+    assert main(["deploy", str(missing), "--config", str(config), "--url", url]) == 1
+    assert "source: checkpoint folder" in capsys.readouterr().err
+
+    # A wrong admin key is refused.
+    wrong = write(tmp_path / "wrong.toml", f'[controller]\nadmin_key = "nope"\n[cluster]\nshared_secret = "{SECRET}"\n')
+    assert main(["status", "--config", str(wrong), "--url", url]) == 1
+    assert "401" in capsys.readouterr().err
+
+    assert main(["undeploy", "tiny", "--config", str(config), "--url", url]) == 0
+    assert "undeployed tiny (0 instances stopped)" in capsys.readouterr().out
+    assert main(["undeploy", "tiny", "--config", str(config), "--url", url]) == 1
+    assert "not deployed" in capsys.readouterr().err
