@@ -159,7 +159,7 @@ class RequestStream:
             yield event
 
     def close(self) -> None:
-        if not self.finished:
+        if not self.finished and self._request.state != "finished":
             self._engine.cancel(self.request_id, wait=False)
 
 

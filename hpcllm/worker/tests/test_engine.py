@@ -249,3 +249,18 @@ def test_a_dead_engine_fails_requests_and_reports_it(load_pair, make_engine):
     assert not engine.alive
     with pytest.raises(EngineUnavailable, match="device lost"):
         engine.submit(request(prompt=PROMPT))
+
+
+@pytest.mark.gpu
+def test_greedy_on_cuda_equals_generate_on_cuda(model_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).to("cuda").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    expected = model.generate(torch.tensor([prompt_ids], device="cuda"), do_sample=False, max_new_tokens=20)
+    with Engine(model, tokenizer) as engine:
+        done = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=20, temperature=0))
+        sampled = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=20, seed=1, ignore_eos=True))
+    assert done.token_ids == expected[0, len(prompt_ids):].tolist()
+    assert len(sampled.token_ids) == 20

@@ -118,10 +118,11 @@ def test_bad_requests_get_400_with_the_reason(load_pair, start_worker):
     assert response.status_code == 400 and "temperature" in response.json()["error"]["message"]
     response = post({"request_id": "a"})
     assert response.status_code == 400 and "exactly one of" in response.json()["error"]["message"]
-    response = post({"request_id": "a", "prompt_token_ids": [3] * 500, "max_tokens": 1})
+    limit = worker.service.engine.max_model_len
+    response = post({"request_id": "a", "prompt_token_ids": [3] * (limit + 1), "max_tokens": 1})
     error = response.json()["error"]
     assert response.status_code == 400 and error["code"] == "context_length_exceeded"
-    assert "maximum context length is 128 tokens" in error["message"]
+    assert f"maximum context length is {limit} tokens" in error["message"]
     assert httpx.get(worker.url + "/v1/internal/requests/none/tokens", headers={SECRET_HEADER: SECRET}).status_code == 404
 
 
@@ -201,7 +202,7 @@ def test_ready_waits_for_the_load_and_health_reports_failures(load_pair, start_w
     assert caught.value.status == 503 and "loading" in str(caught.value)
     release.set()
     assert wait_until(lambda: worker.client.ready() is not None)
-    assert worker.client.ready()["max_model_len"] == 128
+    assert worker.client.ready()["max_model_len"] == pair[0].config.max_position_embeddings
     metrics = worker.client.metrics_text()
     assert 'hpcllm_model_load_seconds{model_name="tiny-llama",tier="sharedfs"} 1.25' in metrics
 
