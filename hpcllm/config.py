@@ -105,6 +105,11 @@ class ControllerConfig(Section):
     default_sharedfs_gbps: float = Field(1.0, gt=0)
     # Seconds a node list from Slurm (sinfo) is reused.
     slurm_nodes_ttl_seconds: float = Field(30.0, ge=0)
+    # An allocation asking for a node by name (it holds the checkpoint) that is still queued after this long is
+    # resubmitted without the node list; that node is then not asked for by name for 5x this long.
+    preferred_node_wait_seconds: float = Field(120.0, ge=0)
+    # Ended allocations and finished cold starts are kept this long for `hpcllm status`.
+    history_seconds: float = Field(86400.0, ge=0)
 
 
 class ApiKey(Section):
