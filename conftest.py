@@ -13,6 +13,9 @@ Fixtures: ``slurm_cluster`` (DevCluster), ``slurm_rest`` (the same cluster with 
 
 from __future__ import annotations
 
+# Tiny offline test models (tiny_models, tiny_llama_dir, tiny_gpt2_dir, tiny_sharded_dir, ...) for every test.
+pytest_plugins = ["hpcllm.devmodels.pytest_fixtures"]
+
 import fcntl
 import functools
 import importlib.util

@@ -1,0 +1,70 @@
+"""A small byte-level BPE tokenizer trained offline on the text shipped next to this file.
+
+Training takes well under a second; the result is cached per process (as tokenizer.json text), so building many
+test models pays for it once. Byte-level BPE covers any input text (every byte has a token), so tests can feed
+unicode, emoji and code without unknown tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+CORPUS_PATH = Path(__file__).with_name("corpus.txt")
+# Requested size; the real vocabulary is smaller when the corpus has fewer useful merges (about 700 here).
+TARGET_VOCAB_SIZE = 1024
+
+UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+# Trained first, so their ids are fixed: <unk>=0, <s>=1, </s>=2, <pad>=3.
+SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+
+# Role-tagged turns, each closed by the eos token so a model that learned the format would stop after its turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+MODEL_MAX_LENGTH = 2048
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tokenizer_json() -> str:
+    """Trains the BPE once per process; returns the tokenizers-library JSON (deterministic for a given corpus)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TARGET_VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    lines = CORPUS_PATH.read_text(encoding="utf-8").splitlines(keepends=True)
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    return tokenizer.to_str()
+
+
+def make_tokenizer():
+    """Returns a fresh PreTrainedTokenizerFast (bos/eos/unk/pad and a chat template) over the cached trained BPE."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=MODEL_MAX_LENGTH,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
