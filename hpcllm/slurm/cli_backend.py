@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
-from hpcllm.slurm.templates import render_batch_script
+from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
     from hpcllm.config import SlurmConfig
@@ -95,6 +95,7 @@ class CliBackend(SlurmBackend):
 
     def submit(self, spec: JobSpec) -> str:
         script = render_batch_script(spec)
+        ensure_log_dirs(spec)
         result = self._run(["sbatch", "--parsable"], stdin=script, env=dict(spec.env))
         return parse_parsable(result.stdout)
 

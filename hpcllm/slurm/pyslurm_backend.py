@@ -24,7 +24,7 @@ from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, Slurm
 from hpcllm.slurm.cli_backend import clean_environment
 from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError, SlurmUnavailable
 from hpcllm.slurm.rest_backend import _job_environment
-from hpcllm.slurm.templates import render_batch_script
+from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
     from hpcllm.config import SlurmConfig
@@ -100,6 +100,7 @@ class PyslurmBackend(SlurmBackend):
 
     def submit(self, spec: JobSpec) -> str:
         description = self.pyslurm.JobSubmitDescription(**submit_description_fields(spec))
+        ensure_log_dirs(spec)
         return str(self._rpc("submit", description.submit))
 
     def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:

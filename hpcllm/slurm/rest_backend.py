@@ -28,7 +28,7 @@ from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
 from hpcllm.slurm.cli_backend import clean_environment
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
-from hpcllm.slurm.templates import render_batch_script
+from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
     from hpcllm.config import SlurmConfig
@@ -119,7 +119,9 @@ class RestBackend(SlurmBackend):
     # ------------------------------------------------------------------------------------------- interface
 
     def submit(self, spec: JobSpec) -> str:
-        payload = self._request("POST", "/job/submit", json=submission_body(spec))
+        body = submission_body(spec)
+        ensure_log_dirs(spec)  # slurmrestd's jobs usually share this filesystem; Slurm creates no folders
+        payload = self._request("POST", "/job/submit", json=body)
         job_id = payload.get("job_id")
         if job_id is None:
             raise SlurmError(f"slurmrestd accepted the job but returned no job_id: {payload}")

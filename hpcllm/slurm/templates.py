@@ -142,6 +142,23 @@ def render_batch_script(spec: JobSpec) -> str:
     return f"{shebang}\n{header}\n{body}"
 
 
+def ensure_log_dirs(spec: JobSpec) -> None:
+    """Create the folders of the job's output/error files: Slurm does not, and a job whose log folder is missing
+    fails before its first line runs, with nothing written anywhere."""
+    base = Path(spec.chdir) if spec.chdir else Path.cwd()
+    for path in (spec.output, spec.error):
+        if not path:
+            continue
+        folder = (base / path).parent
+        if "%" in str(folder):  # a per-job folder pattern: only Slurm knows its name
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the folder {folder} for the job's log {path}: {exc.strerror}; "
+                              f"choose another output path") from None
+
+
 # ------------------------------------------------------------------------------------------------ job kinds
 
 
@@ -182,6 +199,7 @@ def node_agent_job_spec(
             "hpcllm": hpcllm or hpcllm_command(),
             "agent_args": list(agent_args),
             "signal": signal,
+            "nodes": nodes,
         },
         partition=partition or slurm.partition,
         account=account or slurm.account,

@@ -75,6 +75,12 @@ def test_node_agent_job_with_term_signal_traps_it_once(config):
     assert "#SBATCH --signal=B:TERM@120" in script
 
 
+def test_single_node_agent_runs_without_srun(config):
+    script = render_batch_script(node_agent_job_spec(config, nodes=1, hpcllm="hpcllm"))
+    bash_syntax_ok(script)
+    assert "srun --" not in script and "\nhpcllm node &\n" in script and 'kill -s "$1" "$agents_pid"' in script
+
+
 def test_every_option(tmp_path):
     spec = make_job_spec(
         name="all-options", script="#!/bin/sh\necho hello\n", partition="gpu", account="acct", qos="high",

@@ -66,9 +66,9 @@ def test_factory_builds_the_rest_backend(monkeypatch):
     backend.close()
 
 
-def test_submit_sends_script_and_properties_with_jwt_headers(backend, server):
+def test_submit_sends_script_and_properties_with_jwt_headers(backend, server, tmp_path):
     spec = make_job_spec(name="pool", script="echo hi", partition="batch", time="01:30:00", nodes=2,
-                         gpus_per_node=1, signal="USR1@60", requeue=True, output="/logs/%j.out", mem="2G",
+                         gpus_per_node=1, signal="USR1@60", requeue=True, output=f"{tmp_path}/logs/%j.out", mem="2G",
                          ntasks_per_node=1, env={"HPCLLM_CONFIG": "/etc/h.toml"}, chdir="/srv")
     assert backend.submit(spec) == "31"
     request = server.requests[-1]
@@ -80,6 +80,7 @@ def test_submit_sends_script_and_properties_with_jwt_headers(backend, server):
     assert (job["gres"], job["time_limit"], job["nodes"], job["tasks"]) == ("gpu:1", 90, [2, 2], 2)
     assert (job["requeue"], job["open_mode"], job["memory_per_node"]) == (True, "append", 2048)
     assert job["environment"]["HPCLLM_CONFIG"] == "/etc/h.toml" and job["current_working_directory"] == "/srv"
+    assert (tmp_path / "logs").is_dir()  # Slurm creates no log folders; a missing one fails the job silently
     assert not any(k.startswith("SLURM_") and k != "SLURM_CONF" for k in job["environment"])
 
 

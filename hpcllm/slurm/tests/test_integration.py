@@ -1,0 +1,237 @@
+"""The backends against the real dev Slurm cluster (Slurm 22.05, nodes n1-n4 with 2 fake GPUs each).
+
+Marked `slurm`: the root conftest starts the cluster through the `slurm_cluster` fixture (and slurmrestd for the
+REST tests through `slurm_rest`). Jobs are short and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcllm.config import Config, SlurmConfig
+from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.cli_backend import CliBackend
+from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError
+from hpcllm.slurm.templates import MODEL_POOL_SCRIPT, node_agent_job_spec
+from hpcllm.slurm.watcher import StatusWatcher
+
+pytestmark = pytest.mark.slurm
+
+WAIT_S = 45
+
+
+def wait_for(backend, job_ids, until, timeout=WAIT_S):
+    """Poll statuses() (one call for all jobs each time) until `until` holds for all; returns the last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = backend.statuses(job_ids)
+        if all(until(statuses[j]) for j in job_ids):
+            return statuses
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s: "
+                                 f"{ {j: (s.state.value, s.reason) for j, s in statuses.items()} }")
+        time.sleep(0.3)
+
+
+def fake_agent(tmp_path: Path) -> Path:
+    """A stand-in `hpcllm` that, as `hpcllm node ...`, serves until SIGUSR1/SIGTERM, then 'drains' and exits."""
+    script = tmp_path / "hpcllm"
+    script.write_text(
+        "#!/bin/bash\n"
+        'echo "agent $SLURMD_NODENAME started: $*"\n'
+        'drain() { echo "agent $SLURMD_NODENAME drained on $1"; kill "$child" 2>/dev/null; exit 0; }\n'
+        "trap 'drain USR1' USR1\n"
+        "trap 'drain TERM' TERM\n"
+        "sleep 120 & child=$!\n"
+        "wait\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def cli(slurm_cluster) -> CliBackend:
+    return CliBackend(SlurmConfig(), command_timeout=30)
+
+
+@pytest.fixture
+def cancel_after(request):
+    """Jobs to cancel at the end of a test, whatever happened."""
+    jobs: list[tuple[object, str]] = []
+    yield jobs
+    for backend, job_id in jobs:
+        try:
+            backend.cancel(job_id)
+        except SlurmError:
+            pass
+
+
+def test_gpu_jobs_run_then_complete_seen_through_one_call(cli, tmp_path, cancel_after):
+    spec = make_job_spec(name="it-gpu", script="sleep 3", gpus_per_node=1, time="00:02:00",
+                         output=f"{tmp_path}/%j.out")
+    job_ids = [cli.submit(spec) for _ in range(3)]
+    cancel_after.extend((cli, j) for j in job_ids)
+    running = wait_for(cli, job_ids, lambda s: s.state in (JobState.RUNNING, JobState.COMPLETING,
+                                                            JobState.COMPLETED))
+    assert any(s.state is JobState.RUNNING for s in running.values()), running
+    for status in running.values():
+        assert status.nodes and set(status.nodes) <= {"n1", "n2", "n3", "n4"}
+        assert status.time_limit == 120 and status.name == "it-gpu"
+    done = wait_for(cli, job_ids, lambda s: s.is_terminal)
+    assert all(s.state is JobState.COMPLETED and s.exit_code == 0 for s in done.values()), done
+
+
+def test_cancel_and_refusal(cli, tmp_path, cancel_after):
+    job_id = cli.submit(make_job_spec(name="it-cancel", script="sleep 60", output=f"{tmp_path}/%j.out"))
+    cancel_after.append((cli, job_id))
+    cli.cancel(job_id)
+    assert wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id].state is JobState.CANCELLED
+    cli.cancel(job_id)  # again: not an error
+
+    with pytest.raises(SlurmError) as refused:
+        cli.submit(make_job_spec(name="it-refused", script="true", partition="no-such-partition"))
+    assert "invalid partition" in refused.value.slurm_message.lower()
+
+
+def test_user_format_variables_do_not_break_parsing(cli, tmp_path, monkeypatch, cancel_after):
+    for name, value in {"SQUEUE_FORMAT": "%.3i %t", "SQUEUE_FORMAT2": "JobID:4,State:2", "SINFO_FORMAT": "%N",
+                        "SLURM_TIME_FORMAT": "relative", "SQUEUE_STATES": "R"}.items():
+        monkeypatch.setenv(name, value)
+    job_id = cli.submit(make_job_spec(name="it-format", script="sleep 1", output=f"{tmp_path}/%j.out"))
+    cancel_after.append((cli, job_id))
+    text_only = CliBackend(SlurmConfig())
+    text_only._squeue_json = False  # the pinned text format, which a user's SQUEUE_FORMAT2 would otherwise change
+    for backend in (cli, text_only):
+        status = wait_for(backend, [job_id], lambda s: s.is_terminal)[job_id]
+        assert status.state is JobState.COMPLETED and status.name == "it-format"
+        assert status.start_time and abs(status.start_time - time.time()) < 600
+
+
+def test_nodes_and_partitions(cli):
+    nodes = {n.name: n for n in cli.nodes()}
+    assert sorted(nodes) == ["n1", "n2", "n3", "n4"]
+    assert all(n.gpus_total == 2 and n.cpus_total == 4 and "batch" in n.partitions for n in nodes.values())
+    text_only = CliBackend(SlurmConfig())
+    text_only._sinfo_json = False  # scontrol -d -o show node, the fallback
+    text_nodes = {n.name: n.gpus_total for n in text_only.nodes()}
+    assert text_nodes == {name: 2 for name in nodes}
+    partitions = {p.name: p for p in cli.partitions()}
+    assert partitions["batch"].is_default and not partitions["high"].is_default
+    assert partitions["high"].priority_tier > partitions["batch"].priority_tier
+
+
+def test_requeue_keeps_the_id_and_counts_the_restart(cli, tmp_path, cancel_after):
+    job_id = cli.submit(make_job_spec(name="it-requeue", script="sleep 60", requeue=True,
+                                      output=f"{tmp_path}/%j.out"))
+    cancel_after.append((cli, job_id))
+    wait_for(cli, [job_id], lambda s: s.state is JobState.RUNNING)
+    cli.requeue(job_id)
+    status = wait_for(cli, [job_id], lambda s: s.restart_count == 1)[job_id]
+    assert status.state in (JobState.PENDING, JobState.REQUEUED, JobState.COMPLETING, JobState.RUNNING)
+
+
+def test_node_agent_job_drains_on_the_signal(cli, tmp_path, cancel_after):
+    """The rendered node-agent allocation: signal to the batch shell -> the agents (via srun) drain and exit."""
+    config = Config.model_validate({"paths": {"state_dir": str(tmp_path)}, "slurm": {"time": "00:05:00"}})
+    spec = node_agent_job_spec(config, nodes=2, hpcllm=str(fake_agent(tmp_path)), agent_args=["--flag", "a b"])
+    watcher = StatusWatcher(cli, min_interval=0.3, max_interval=1)
+    job = watcher.submit(spec)
+    cancel_after.append((cli, job.job_id))
+    log = tmp_path / "slurm" / f"hpcllm-node-{job.job_id}.out"
+    status = job.wait_until(lambda s: s.state is JobState.RUNNING, timeout=WAIT_S)
+    assert len(status.nodes) == 2
+    _wait_for_text(log, "started: node --flag a b", count=2)
+    job.signal("USR1")
+    final = job.wait(timeout=WAIT_S)
+    text = log.read_text()
+    assert final.state is JobState.COMPLETED, text
+    assert "SIGUSR1" in text and text.count("drained on USR1") == 2, text
+
+
+def test_single_node_agent_job_drains_on_sigterm(cli, tmp_path, cancel_after):
+    """Sites without preempt_send_user_signal preempt with SIGTERM only: a one-node allocation still drains."""
+    config = Config.model_validate({"paths": {"state_dir": str(tmp_path)}, "slurm": {"time": "00:05:00"}})
+    spec = node_agent_job_spec(config, nodes=1, hpcllm=str(fake_agent(tmp_path)))
+    job_id = cli.submit(spec)
+    cancel_after.append((cli, job_id))
+    log = tmp_path / "slurm" / f"hpcllm-node-{job_id}.out"
+    wait_for(cli, [job_id], lambda s: s.state is JobState.RUNNING)
+    _wait_for_text(log, "started: node")
+    cli.signal(job_id, "TERM")
+    status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
+    text = log.read_text()
+    assert "drained on TERM" in text and "exited with status 0" in text, text
+    assert status.exit_code == 0, (status, text)
+
+
+def test_model_pool_script_serves_the_model_and_drains(cli, tmp_path, cancel_after):
+    env = {**os.environ, "MODEL": "pool-model", "GPUS": "1", "TIME": "00:05:00", "NODES": "2",
+           "HPCLLM": str(fake_agent(tmp_path))}
+    env.pop("SLURM_JOB_ID", None)
+    submitted = subprocess.run(["bash", str(MODEL_POOL_SCRIPT), "--parsable", f"--output={tmp_path}/pool-%j.out"],
+                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    cancel_after.append((cli, job_id))
+    log = tmp_path / f"pool-{job_id}.out"
+    status = wait_for(cli, [job_id], lambda s: s.state is JobState.RUNNING)[job_id]
+    assert len(status.nodes) == 2
+    _wait_for_text(log, "started: node --model pool-model", count=2)
+    cli.signal(job_id, "USR1")  # what Slurm sends ahead of the time limit (--signal=B:USR1@60)
+    status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
+    text = log.read_text()
+    assert status.state is JobState.COMPLETED and text.count("drained on USR1") == 2, text
+
+
+def test_pyslurm_is_refused_on_this_slurm(slurm_cluster):
+    with pytest.raises(SlurmBackendUnsupported, match=r"Slurm 22\.05.*backend = \"cli\""):
+        get_backend(SlurmConfig(backend="pyslurm"))
+
+
+# ----------------------------------------------------------------------------------------------------- REST
+
+
+@pytest.fixture
+def rest(slurm_rest, monkeypatch):
+    config = SlurmConfig(backend="rest", rest_url=slurm_rest.rest_url, rest_user=slurm_rest.rest_user)
+    monkeypatch.setenv("SLURM_JWT", slurm_rest.rest_token)
+    backend = get_backend(config)
+    yield backend
+    backend.close()
+
+
+def test_rest_submit_status_cancel_nodes(rest, cli, tmp_path, cancel_after):
+    short = make_job_spec(name="it-rest", script="sleep 2", gpus_per_node=1, time="00:02:00", signal="USR1@60",
+                          requeue=True, output=f"{tmp_path}/%j.out")
+    long = make_job_spec(name="it-rest-long", script="sleep 60", output=f"{tmp_path}/%j.out")
+    short_id, long_id = rest.submit(short), rest.submit(long)
+    cancel_after.extend([(cli, short_id), (cli, long_id)])
+    wait_for(rest, [short_id, long_id], lambda s: s.state in (JobState.RUNNING, JobState.COMPLETING,
+                                                               JobState.COMPLETED))
+    rest.cancel(long_id)
+    final = wait_for(rest, [short_id, long_id], lambda s: s.is_terminal)
+    assert final[short_id].state is JobState.COMPLETED and final[long_id].state is JobState.CANCELLED
+    # What slurmrestd submitted is what the CLI sees.
+    assert cli.statuses([short_id])[short_id].time_limit == 120
+
+    with pytest.raises(SlurmError, match="Invalid partition"):
+        rest.submit(make_job_spec(name="it-rest-bad", script="true", partition="no-such-partition"))
+
+    nodes = {n.name: n for n in rest.nodes()}
+    assert sorted(nodes) == ["n1", "n2", "n3", "n4"] and all(n.gpus_total == 2 for n in nodes.values())
+    assert [p.name for p in rest.partitions() if p.is_default] == ["batch"]
+
+
+def _wait_for_text(path: Path, text: str, count: int = 1, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count(text) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not show {text!r} x{count} within {timeout} s: "
+                         f"{path.read_text() if path.exists() else '(no file)'}")
