@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # How the node agent inside an allocation finds this controller.
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
+# Reason recorded on an allocation cancelled because the node it asked for by name stayed busy.
+PREFERRED_NODE_BUSY = "preferred node busy"
 # Node states (sinfo) where a new job could start soon.
 USABLE_NODE_STATES = {"IDLE", "MIXED"}
 
@@ -71,9 +73,16 @@ class Allocator:
         """Slurm nodes of the model's partition where a new allocation could start soon."""
         partition = self._partition(model)
         nodes = self._slurm_nodes() or []
-        return sorted(n.name for n in nodes if n.available and n.state in USABLE_NODE_STATES
+        avoid = self._recently_busy_preferred_nodes()
+        return sorted(n.name for n in nodes if n.available and n.state in USABLE_NODE_STATES and n.name not in avoid
                       and (partition is None or partition in n.partitions)
                       and (not model.gpus or n.gpus_free >= model.gpus))
+
+    def _recently_busy_preferred_nodes(self) -> set[str]:
+        """Nodes an allocation asked for by name and never got, lately: idle in sinfo is not idle for us."""
+        since = self.clock() - 5 * self.settings.preferred_node_wait_seconds
+        return {node for a in self.registry.allocations() if a.reason == PREFERRED_NODE_BUSY and a.submitted_at >= since
+                for node in a.preferred_nodes}
 
     def _slurm_nodes(self) -> list[NodeInfo] | None:
         if self.backend is None:

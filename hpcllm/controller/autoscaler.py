@@ -2,7 +2,8 @@
 
 Each tick, in order:
 1. Slurm: poll every active allocation in one call; ended jobs take their nodes with them; started ones get a
-   walltime end and a staggered retirement time.
+   walltime end and a staggered retirement time. An allocation queued too long for a node asked for by name is
+   resubmitted for any node.
 2. Node agents silent for node_timeout_seconds are lost (their instances forgotten).
 3. Reservations the agent never confirmed (the controller died mid-start, the agent hung) are dropped.
 4. Instances of undeployed models are stopped.
@@ -13,6 +14,7 @@ Each tick, in order:
 7. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
    cancelled (its idle time counts from the tick that found it empty).
 8. min_instances and unmet demand (route calls that found no capacity) start instances or submit allocations.
+9. History older than history_seconds (ended allocations, cold starts) is pruned.
 Each step is isolated: Slurm being down does not stop scale-to-zero, and so on.
 """
 
@@ -22,6 +24,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
 from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller
@@ -58,9 +61,10 @@ class Autoscaler:
 
     def tick(self, now: float) -> TickReport:
         report = TickReport(now)
-        for step in (self._sync_slurm, self._lose_silent_nodes, self._drop_stale_reservations, self._stop_orphans,
-                     self._retire_allocations, self._stop_idle_instances, self._release_idle_allocations,
-                     self._ensure_min_and_demand):
+        for step in (self._sync_slurm, self._unstick_pending_allocations, self._lose_silent_nodes,
+                     self._drop_stale_reservations, self._stop_orphans, self._retire_allocations,
+                     self._stop_idle_instances, self._release_idle_allocations, self._ensure_min_and_demand,
+                     self._prune_history):
             try:
                 step(now, report)
             except ControllerError as exc:
@@ -91,6 +95,19 @@ class Autoscaler:
         while stagger > 0 and any(abs(retire_at - other) < stagger for other in others):
             retire_at -= stagger
         return max(retire_at, alloc.started_at or alloc.submitted_at)
+
+    def _unstick_pending_allocations(self, now: float, report: TickReport) -> None:
+        """An allocation asking for a node by name can queue forever if that node got taken: ask for any node."""
+        for alloc in self.registry.allocations(active_only=True):
+            if alloc.state != "pending" or not alloc.preferred_nodes \
+                    or now - alloc.submitted_at < self.settings.preferred_node_wait_seconds:
+                continue
+            self.allocator.cancel(alloc.job_id, PREFERRED_NODE_BUSY, now)
+            report.actions.append(Action("cancel_stuck_allocation", alloc.job_id, f"{alloc.preferred_nodes} busy"))
+            model = self.registry.get_model(alloc.model) if alloc.model else None
+            if model is not None:
+                job_id = self.allocator.submit(model, [], now)
+                report.actions.append(Action("resubmit_allocation", job_id, f"{model.name} on any node"))
 
     def _lose_silent_nodes(self, now: float, report: TickReport) -> None:
         for node in self.registry.nodes(states=("up", "draining")):
@@ -179,17 +196,23 @@ class Autoscaler:
         for model in self.registry.models():
             active = [i for i in self.registry.instances(model=model.name)
                       if i.state in ("ready", "loading") and i.node_id in routable]
-            if model.name in demand:
-                since, last = demand[model.name]
+            wanted = model.name in demand
+            if wanted:
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \
                     else self.settings.keep_alive_seconds
-                if any(i.state == "ready" for i in active) or now - last > keep_alive:
+                if any(i.state == "ready" for i in active) or now - demand[model.name][1] > keep_alive:
                     self.registry.clear_demand(model.name)  # served, or nobody has asked for a long time
-                elif not active:
-                    self._start(model, "start_for_demand", report)
-                    continue
-            if len(active) < model.min_instances:
-                self._start(model, "start_min", report)
+                    wanted = False
+            below_min = len(active) < model.min_instances
+            if not (wanted and not active) and not below_min:
+                continue
+            if any(i.state == "loading" for i in active) or self.controller.pending_allocations(model.name):
+                continue  # capacity is on its way: one cold start / allocation at a time per model
+            self._start(model, "start_for_demand" if wanted and not active else "start_min", report)
+
+    def _prune_history(self, now: float, report: TickReport) -> None:
+        if self.registry.prune_history(now - self.settings.history_seconds):
+            report.actions.append(Action("prune_history", "registry"))
 
     # ---------------------------------------------------------------------------------------------- helpers
 

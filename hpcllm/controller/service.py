@@ -44,7 +44,7 @@ from hpcllm.controller.protocol import (
     RouteWaiting,
     UndeployResult,
 )
-from hpcllm.controller.registry import InstanceRecord, NodeRecord, Registry
+from hpcllm.controller.registry import AllocationRecord, InstanceRecord, NodeRecord, Registry
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +337,7 @@ class Controller:
             free, movable = self._room(model, node, by_node[node.node_id])
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))
             targets[node.node_id] = Target("running", node=node)
-        # Allocations made for this model whose agent has not registered yet (queued, or starting up).
-        registered_jobs = {n.slurm_job_id for n in known_nodes.values() if n.state in ("up", "draining")}
-        pending = [a for a in self.registry.allocations(active_only=True) if a.model == model.name and (
-            a.state == "pending" or (a.state == "running" and a.job_id not in registered_jobs))]
+        pending = self.pending_allocations(model.name)
         for alloc in pending:
             preferred = alloc.preferred_nodes[0] if alloc.preferred_nodes else None
             name = f"{preferred or '*'}@job{alloc.job_id}"
@@ -360,6 +357,12 @@ class Controller:
                                                 self._bandwidths(known_nodes.get(slurm_node))))
                 targets[slurm_node] = Target("idle", slurm_node=slurm_node)
         return candidates, holding, targets
+
+    def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
+        """Allocations made for this model whose agent has not registered yet (queued, or starting up)."""
+        registered_jobs = {n.slurm_job_id for n in self.registry.nodes(states=("up", "draining"))}
+        return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
+            a.state == "pending" or (a.state == "running" and a.job_id not in registered_jobs))]
 
     def _room(self, model: DeployedModel, node: NodeRecord,
               instances: list[InstanceRecord]) -> tuple[int, tuple[MovableInstance, ...]]:

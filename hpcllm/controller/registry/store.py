@@ -558,6 +558,13 @@ class Registry:
         with self._read() as db:
             return {r["model"]: (r["since"], r["last"]) for r in db.execute("SELECT * FROM demand")}
 
+    def prune_history(self, before: float) -> int:
+        """Forget allocations that ended and cold starts that finished before `before`; returns rows removed."""
+        with self._tx() as db:
+            removed = db.execute("DELETE FROM allocations WHERE state = 'ended' AND ended_at < ?", (before,)).rowcount
+            removed += db.execute("DELETE FROM cold_starts WHERE ready_at < ?", (before,)).rowcount
+        return removed
+
     def cold_starts(self, limit: int = 50) -> list[ColdStartRecord]:
         with self._read() as db:
             rows = db.execute("SELECT * FROM cold_starts ORDER BY id DESC LIMIT ?", (limit,)).fetchall()

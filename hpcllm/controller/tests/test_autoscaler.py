@@ -237,3 +237,33 @@ def test_max_allocations_is_honoured(make_harness):
     with pytest.raises(Exception, match="max_allocations"):
         h.controller.route("b")
     assert len(h.backend.submitted()) == 1
+
+
+def test_allocation_stuck_on_its_preferred_node_is_resubmitted_for_any_node(make_harness):
+    h = make_harness(preferred_node_wait_seconds=120)
+    h.deploy("m")
+    h.register("n3", cached=(("m", "nvme"),), job="1")
+    h.registry.node_left("n3", "gone")  # n3 holds m on persistent NVMe
+    first = h.controller.route("m").job_id
+    assert h.backend.jobs[first].spec.nodelist == ("n3",)
+    assert h.tick(119).kinds() == []  # still queued, within the wait
+    report = h.tick(2)
+    assert ("cancel_stuck_allocation", first) in report.kinds()
+    [(_, second)] = [k for k in report.kinds() if k[0] == "resubmit_allocation"]
+    assert h.backend.jobs[first].state == JobState.CANCELLED
+    assert h.backend.jobs[second].spec.nodelist == ()
+    # sinfo still shows n3 idle, but the controller does not ask for it by name again for a while.
+    assert "n3" not in h.allocator.idle_nodes(h.registry.get_model("m"))
+
+
+def test_old_history_is_pruned(make_harness):
+    h = make_harness(history_seconds=3600)
+    h.deploy("m")
+    job = h.controller.route("m").job_id
+    h.backend.finish(job, JobState.FAILED)
+    h.tick(1)
+    assert h.registry.get_allocation(job).state == "ended"
+    h.tick(3599)
+    assert h.registry.get_allocation(job) is not None
+    assert ("prune_history", "registry") in h.tick(2).kinds()
+    assert h.registry.get_allocation(job) is None

@@ -147,7 +147,7 @@ def clusters(draw):
     return nodes, holding, size, slots
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(clusters())
 def test_fast_view_agrees_with_the_specification(cluster):
     nodes, holding, size, slots = cluster
