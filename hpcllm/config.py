@@ -110,6 +110,8 @@ class ControllerConfig(Section):
     preferred_node_wait_seconds: float = Field(120.0, ge=0)
     # Ended allocations and finished cold starts are kept this long for `hpcllm status`.
     history_seconds: float = Field(86400.0, ge=0)
+    # The `hpcllm` command allocations run on compute nodes; empty: the one beside the controller's Python.
+    agent_command: str | None = None
 
 
 class ApiKey(Section):
