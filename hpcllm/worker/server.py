@@ -190,6 +190,8 @@ def create_app(service: WorkerService) -> Flask:
                 "status": "ready",
                 "model": service.model_name,
                 "max_model_len": engine.max_model_len,
+                "load_tier": service.loaded.tier,
+                "load_seconds": service.loaded.load_seconds,
                 "running_requests": running,
                 "waiting_requests": waiting,
             }
@@ -270,11 +272,12 @@ def serve(
         log.info("signal %s: shutting down", signum)
         stop_serving()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.serve_forever()
     finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         service.shutdown()
         server.server_close()
     if load_failure:

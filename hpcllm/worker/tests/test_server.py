@@ -202,7 +202,9 @@ def test_ready_waits_for_the_load_and_health_reports_failures(load_pair, start_w
     assert caught.value.status == 503 and "loading" in str(caught.value)
     release.set()
     assert wait_until(lambda: worker.client.ready() is not None)
-    assert worker.client.ready()["max_model_len"] == pair[0].config.max_position_embeddings
+    ready = worker.client.ready()
+    assert ready["max_model_len"] == pair[0].config.max_position_embeddings
+    assert (ready["load_tier"], ready["load_seconds"]) == ("sharedfs", 1.25)
     metrics = worker.client.metrics_text()
     assert 'hpcllm_model_load_seconds{model_name="tiny-llama",tier="sharedfs"} 1.25' in metrics
 
