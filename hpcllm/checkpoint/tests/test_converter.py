@@ -22,7 +22,7 @@ from hpcllm.checkpoint import converter as converter_module
 from hpcllm.checkpoint.converter import convert
 from hpcllm.checkpoint.tests.conftest import read_raw, same_bits, source_state_dict
 
-ARCHS = ["llama", "gpt2", "sharded", "bin"]
+ARCHS = ["llama", "gpt2", "qwen2", "opt", "sharded", "bin", "sharded_bin"]
 
 
 @pytest.fixture(scope="module")
@@ -249,23 +249,27 @@ def test_output_inside_the_source_is_refused(hf_models):
     assert not (hf_models["llama"] / "converted").exists()
 
 
-def test_sharded_bin_with_index(hf_models, tmp_path):
-    source = source_state_dict(hf_models["llama"])
-    names = sorted(source)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_bytes((hf_models["llama"] / "config.json").read_bytes())
-    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
-    for file, part in halves.items():
-        torch.save({n: source[n] for n in part}, hf / file)
-    weight_map = {n: file for file, part in halves.items() for n in part}
-    (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    ckpt = convert(hf, tmp_path / "out")
-    assert ckpt.manifest["source"]["files"] == sorted(halves)
-    assert set(ckpt.tensors) == set(names)
-    for name in names:
-        assert same_bits(read_raw(ckpt, ckpt.tensors[name]), source[name]), name
 
+@pytest.mark.parametrize("arch", ["sharded", "sharded_bin"])
+def test_sharded_sources_record_every_shard(arch, hf_models, converted):
+    ckpt = read_checkpoint(converted[arch])
+    shards = sorted(p.name for p in hf_models[arch].iterdir() if p.suffix in (".safetensors", ".bin"))
+    assert len(shards) == 3
+    assert ckpt.manifest["source"]["files"] == shards
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_model_parameter_is_stored_or_aliased(arch, hf_models, converted):
+    # What a loader needs: each name of the model's state_dict can be filled from the checkpoint.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_models[arch]))
+    ckpt = read_checkpoint(converted[arch])
+    expected = set(model.state_dict(keep_vars=True))
+    assert expected <= set(ckpt.tensors) | set(ckpt.aliases)
+    stored_twice = [n for n in ckpt.tensors if n in ckpt.aliases]
+    assert not stored_twice
 
 def test_progress_bar_counts_bytes_on_stderr(hf_models, tmp_path, capsys):
     ckpt = convert(hf_models["gpt2"], tmp_path / "out", progress=True)
