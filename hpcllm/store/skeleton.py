@@ -48,12 +48,26 @@ def parameters_on_meta():
 
 
 def build_skeleton(config, dtype: torch.dtype):
-    """The causal-LM class for `config` with parameters on meta and real (computed) buffers."""
-    from transformers import AutoModelForCausalLM
+    """The causal-LM class for `config` with parameters on meta and real, computed buffers.
 
-    with parameters_on_meta():
+    Weight initialisation is skipped (transformers' no_init_weights: ~15 ms instead of ~150 ms for 1B params even
+    on meta); buffers come from the constructors, and modules holding non-persistent buffers are then re-initialised
+    with the model's own `_init_weights`, as from_pretrained does for buffers a checkpoint does not contain.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with parameters_on_meta(), no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    recompute_non_persistent_buffers(model)
     return model
+
+
+def recompute_non_persistent_buffers(model) -> None:
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set and next(module.parameters(recurse=False), None) is None:
+                model._init_weights(module)
 
 
 def attach(model, tensors: dict[str, torch.Tensor], aliases: dict[str, str], index_path: Path) -> list[str]:

@@ -98,6 +98,22 @@ def odirect_supported(directory: Path) -> bool:
         probe.unlink()
 
 
+def evict_from_page_cache(folder: Path) -> None:
+    """Drop a checkpoint's data files from the page cache (clean pages only: written files are fsynced first)."""
+    for path in folder.glob("data-*.h5"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cache_in_page_cache(folder: Path) -> None:
+    for path in folder.glob("data-*.h5"):
+        path.read_bytes()
+
+
 @pytest.fixture(scope="session")
 def disk_dir():
     base = Path(tempfile.mkdtemp(prefix="hpcllm-store-tests-", dir="/var/tmp"))

@@ -14,6 +14,7 @@ from hpcllm.checkpoint.layout import checksum
 from hpcllm.store.loader import load_model
 from hpcllm.store.memory import HostBufferPool
 from hpcllm.store.readers import FileReader
+from hpcllm.store.tests.conftest import evict_from_page_cache
 
 
 def flip_byte_in_tensor(folder, name: str) -> str:
@@ -33,6 +34,7 @@ def flip_byte_in_tensor(folder, name: str) -> str:
 def test_flipped_byte_raises_checksum_mismatch(copy_checkpoint, tier, staged):
     folder = copy_checkpoint("llama")
     damaged_file = flip_byte_in_tensor(folder, "model.layers.1.mlp.down_proj.weight")
+    evict_from_page_cache(folder)  # the disk tier then reads the damaged bytes with O_DIRECT
     pool = HostBufferPool()
     with pytest.raises(ChecksumMismatch, match=damaged_file):
         load_model(folder, tier=tier, staged=staged, pool=pool, tokenizer=False, unit_bytes=32 << 10)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpcllm.store.loader import load_model
-from hpcllm.store.tests.conftest import ARCHS, reference
+from hpcllm.store.tests.conftest import ARCHS, evict_from_page_cache, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,6 +42,7 @@ def assert_views_of_device_buffers(loaded):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_load_matches_from_pretrained(models, arch, expected_disk_mode):
     hf, converted = models(arch)
+    evict_from_page_cache(converted)
     loaded = load_model(converted, device="cuda:0", tokenizer=False)
     assert loaded.stats.devices == ["cuda:0"] and loaded.stats.reader_mode == expected_disk_mode
     assert_same_on_gpu(hf, loaded)

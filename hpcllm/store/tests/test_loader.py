@@ -11,7 +11,7 @@ import torch
 import hpcllm
 from hpcllm.store.loader import LoadedModel, load_model
 from hpcllm.store.memory import HostBufferPool
-from hpcllm.store.tests.conftest import ARCHS, reference
+from hpcllm.store.tests.conftest import ARCHS, cache_in_page_cache, evict_from_page_cache, reference
 
 PROMPT = torch.tensor([[1, 5, 9, 33, 7, 100, 250, 3]])
 
@@ -51,6 +51,7 @@ def assert_views_of(loaded: LoadedModel, ranges: list[tuple[int, int]]) -> None:
 @pytest.mark.parametrize("tier", ["disk", "sharedfs"])
 def test_file_tiers_match_from_pretrained(models, arch, tier, expected_disk_mode):
     hf, converted = models(arch)
+    evict_from_page_cache(converted)  # a cold file: the disk tier reads it with O_DIRECT
     loaded = load_model(converted, tier=tier, tokenizer=False, unit_bytes=48 << 10)
     assert_same_model(reference(hf), loaded.model)
     for target, source in tied_pairs(loaded.model):
@@ -62,6 +63,14 @@ def test_file_tiers_match_from_pretrained(models, arch, tier, expected_disk_mode
     ranges = [(b.address, b.address + b.capacity) for b in loaded._host_buffers]
     assert len(ranges) == len(loaded.checkpoint.partitions)
     assert_views_of(loaded, ranges)
+
+
+def test_disk_tier_reads_a_cached_file_through_the_page_cache(models):
+    hf, converted = models("gpt2")
+    cache_in_page_cache(converted)
+    loaded = load_model(converted, tier="disk", tokenizer=False)
+    assert loaded.stats.reader_mode == "buffered" and "page cache" in loaded.stats.fallback_reason
+    assert_same_model(reference(hf), loaded.model)
 
 
 def test_tied_weights_are_one_parameter(models):
@@ -145,6 +154,7 @@ def test_odirect_refused_at_open_falls_back_and_says_so(models, monkeypatch):
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args, **kwargs)
 
+    evict_from_page_cache(converted)
     monkeypatch.setattr(os, "open", refusing_open)
     loaded = load_model(converted, tier="disk", tokenizer=False)
     assert loaded.stats.reader_mode == "buffered"
@@ -173,6 +183,7 @@ def test_odirect_refused_at_read_falls_back(models, monkeypatch, expected_disk_m
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_preadv(fd, buffers, offset, *args)
 
+    evict_from_page_cache(converted)
     monkeypatch.setattr(os, "open", tracking_open)
     monkeypatch.setattr(os, "preadv", refusing_preadv)
     loaded = load_model(converted, tier="disk", tokenizer=False)
