@@ -23,6 +23,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "checkpoint": "hpcllm.checkpoint.cli:checkpoint",
     "worker": "hpcllm.worker.cli:worker",
     "gateway": "hpcllm.gateway.cli:gateway",
+    "slurm": "hpcllm.slurm.cli:slurm",
 }
 
 

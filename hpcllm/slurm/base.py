@@ -161,7 +161,7 @@ class JobSpec(BaseModel):
     partition: str | None = Field(None, pattern=_TOKEN)
     account: str | None = Field(None, pattern=_TOKEN)
     qos: str | None = Field(None, pattern=_TOKEN)
-    time: str | None = Field(None, pattern=WALLTIME_PATTERN)
+    time: str | None = None
     nodes: int = Field(1, ge=1)
     ntasks: int | None = Field(None, ge=1)
     ntasks_per_node: int | None = Field(None, ge=1)
@@ -195,6 +195,13 @@ class JobSpec(BaseModel):
         if not match:
             raise ValueError(f"signal {value!r} must look like NAME@SECONDS, e.g. USR1@60 (Slurm's --signal)")
         return f"{match.group(1)}@{match.group(2)}"
+
+    @field_validator("time")
+    @classmethod
+    def _valid_time(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_walltime(value)  # raises ValueError naming the accepted formats
+        return value
 
     @field_validator("mem")
     @classmethod

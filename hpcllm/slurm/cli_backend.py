@@ -35,6 +35,7 @@ _OUTPUT_VARIABLES = {"SLURM_TIME_FORMAT"}
 # Messages that mean Slurm could not be asked at all (as opposed to a refusal).
 _UNAVAILABLE_PATTERNS = re.compile(
     r"Unable to contact slurm controller|Could not establish a configuration source|Connection refused|"
+    r"Unable to process configuration file|s_p_parse_file: cannot stat file|"
     r"Socket timed out|Zero Bytes were transmitted|Communication connection failure|Munge|munge|"
     r"slurm_load_jobs error: Unable|Slurm backup controller in standby mode|No route to host",
 )

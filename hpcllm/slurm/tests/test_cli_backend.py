@@ -122,6 +122,13 @@ def test_controller_down_is_unavailable(fake, backend):
         backend.statuses(["1"])
 
 
+def test_missing_slurm_conf_is_unavailable(fake, backend):
+    fake.on("sinfo", "", stderr="sinfo: error: s_p_parse_file: cannot stat file /x: No such file or directory\n"
+                                "sinfo: fatal: Unable to process configuration file\n", rc=1)
+    with pytest.raises(SlurmUnavailable, match="SLURM_CONF"):
+        backend.nodes()
+
+
 def test_missing_command_is_unavailable(tmp_path, monkeypatch, backend):
     monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm commands at all
     with pytest.raises(SlurmUnavailable, match="sbatch: command not found.*slurm-client"):
