@@ -17,9 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from hpcllm.slurm.base import JobSpec, JobState, JobStatus, SlurmBackend
 from hpcllm.slurm.errors import SlurmError
+
+if TYPE_CHECKING:
+    from hpcllm.config import SlurmConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,12 @@ class StatusWatcher:
         self._interval = 0.0  # the first poll after a change happens at once
         self._last_poll: float | None = None
         self.poll_count = 0
+
+    @classmethod
+    def from_config(cls, backend: SlurmBackend, config: SlurmConfig) -> StatusWatcher:
+        """A watcher polling with [slurm] status_poll_min_seconds / status_poll_max_seconds."""
+        return cls(backend, min_interval=config.status_poll_min_seconds,
+                   max_interval=max(config.status_poll_max_seconds, config.status_poll_min_seconds))
 
     # ---------------------------------------------------------------------------------------------- watching
 

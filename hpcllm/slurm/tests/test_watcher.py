@@ -157,3 +157,11 @@ def test_concurrent_callers_share_polls():
 def test_intervals_are_validated():
     with pytest.raises(ValueError):
         StatusWatcher(MemoryBackend(), min_interval=5, max_interval=1)
+
+
+def test_from_config_uses_the_slurm_section():
+    from hpcllm.config import SlurmConfig
+
+    watcher = StatusWatcher.from_config(MemoryBackend(), SlurmConfig(status_poll_min_seconds=1,
+                                                                     status_poll_max_seconds=30))
+    assert (watcher.min_interval, watcher.max_interval) == (1, 30)
