@@ -18,7 +18,6 @@ from hpcllm.config import Config
 from hpcllm.controller.errors import AllocationFailed
 from hpcllm.controller.protocol import DeployedModel
 from hpcllm.controller.registry import Registry
-from hpcllm.controller.registry.store import ALLOCATION_ACTIVE_STATES
 from hpcllm.errors import ConfigError
 from hpcllm.slurm.base import JobSpec, JobState, JobStatus, NodeInfo, SlurmBackend, make_job_spec, parse_walltime
 from hpcllm.slurm.errors import SlurmError
@@ -76,7 +75,12 @@ class Allocator:
         avoid = self._recently_busy_preferred_nodes()
         return sorted(n.name for n in nodes if n.available and n.state in USABLE_NODE_STATES and n.name not in avoid
                       and (partition is None or partition in n.partitions)
-                      and (not model.gpus or n.gpus_free >= model.gpus))
+                      and n.gpus_free >= self.gpus_requested(model))
+
+    def gpus_requested(self, model: DeployedModel) -> int:
+        """GPUs an allocation made for this model asks for: slurm.gpus_per_node, at least the model's; none for
+        a CPU model."""
+        return max(model.gpus, self.config.slurm.gpus_per_node) if model.gpus else 0
 
     def _recently_busy_preferred_nodes(self) -> set[str]:
         """Nodes an allocation asked for by name and never got, lately: idle in sinfo is not idle for us."""
@@ -201,12 +205,13 @@ class Allocator:
         spec = node_agent_job_spec(
             self.config,
             nodes=1,
-            gpus_per_node=max(model.gpus, self.config.slurm.gpus_per_node) if model.gpus else 0,
+            gpus_per_node=self.gpus_requested(model),
             time=model.slurm.time,
             partition=model.slurm.partition,
             account=model.slurm.account,
             qos=model.slurm.qos,
             name=f"hpcllm-pool-{model.name}",
+            hpcllm=self.settings.agent_command,
             env=env,
         )
         if not preferred_nodes:
@@ -214,4 +219,4 @@ class Allocator:
         return make_job_spec(**{**spec.model_dump(), "nodelist": tuple(preferred_nodes)})
 
 
-__all__ = ["ALLOCATION_ACTIVE_STATES", "Allocator", "parse_walltime"]
+__all__ = ["PREFERRED_NODE_BUSY", "Allocator"]

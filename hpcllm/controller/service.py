@@ -49,6 +49,7 @@ from hpcllm.controller.registry import AllocationRecord, InstanceRecord, NodeRec
 log = logging.getLogger(__name__)
 
 ROUTABLE_NODE_STATES = ("up",)
+ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm picks
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,8 @@ class Controller:
 
     def _no_capacity_reason(self, model: DeployedModel, candidates: list[NodeCandidate]) -> str:
         running = sum(1 for c in candidates if c.kind == "running")
-        why = self.allocator.why_not_submit(model)
+        why = self.allocator.why_not_submit(model) or \
+            f"an allocation offers {self._slots_per_new_node(model)} slots (slurm.gpus_per_node)"
         return (f"no capacity for model {model.name!r} ({_slots(model)} {'gpus' if model.gpus else 'cpu slots'}): "
                 f"{running} node(s) up, none with room; no allocation possible: {why}")
 
@@ -356,6 +358,11 @@ class Controller:
                                                 self._slots_per_new_node(model),
                                                 self._bandwidths(known_nodes.get(slurm_node))))
                 targets[slurm_node] = Target("idle", slurm_node=slurm_node)
+            # Any node Slurm picks (also when none is idle now: the job queues). Its name sorts before node
+            # names, so when no listed node is better (no checkpoint there) Slurm is left free to choose.
+            candidates.append(NodeCandidate(ANY_NODE, "idle", self.settings.allocation_start_estimate_seconds,
+                                            self._slots_per_new_node(model), self._bandwidths(None)))
+            targets[ANY_NODE] = Target("idle")
         return candidates, holding, targets
 
     def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
@@ -396,7 +403,7 @@ class Controller:
 
     def _slots_per_new_node(self, model: DeployedModel) -> int:
         """Slots an allocation made for this model offers (it asks for at least the model's GPUs)."""
-        return max(model.gpus, self.config.slurm.gpus_per_node) if model.gpus else self.settings.cpu_slots_per_node
+        return self.allocator.gpus_requested(model) if model.gpus else self.settings.cpu_slots_per_node
 
     def _assign_gpus(self, model: DeployedModel, node: NodeRecord, freed: set[str]) -> list[int]:
         if not model.gpus:

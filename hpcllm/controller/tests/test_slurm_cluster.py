@@ -1,0 +1,110 @@
+"""The controller's Slurm-facing part against the real dev Slurm cluster (nodes n1-n4, 2 fake GPUs each).
+
+Marked `slurm` (the root conftest starts the cluster). The node agent inside each allocation is a stand-in script
+that waits until it is cancelled: these tests check what the controller asks of Slurm and what it reads back, not
+the agent. Jobs are cancelled at the end of every test.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcllm.config import parse_config
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.errors import AllocationFailed, InvalidModelConfig, NoCapacity
+from hpcllm.controller.protocol import DeployedModel, ModelSpec
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.service import Controller
+from hpcllm.controller.tests.doubles import FakeAgents
+from hpcllm.slurm.cli_backend import CliBackend
+
+pytestmark = pytest.mark.slurm
+
+WAIT_S = 60
+
+
+def stand_in_agent(tmp_path: Path) -> Path:
+    script = tmp_path / "hpcllm"
+    script.write_text("#!/bin/bash\necho \"agent on $SLURMD_NODENAME: $*\"\nsleep 300 & wait\n")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def cluster_controller(slurm_cluster, tmp_path):
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "state")},
+        "slurm": {"partition": "batch", "time": "00:10:00", "gpus_per_node": 1},
+        "controller": {"database_url": f"sqlite:///{tmp_path / 'c.db'}", "agent_command": str(stand_in_agent(tmp_path))},
+    })
+    registry = Registry(config.controller.database_url)
+    backend = CliBackend(config.slurm, command_timeout=30)
+    allocator = Allocator(config, registry, backend, "http://127.0.0.1:8700")
+    controller = Controller(config, registry, FakeAgents(), allocator)
+    yield controller
+    for alloc in registry.allocations(active_only=True):
+        backend.cancel(alloc.job_id)
+    registry.close()
+
+
+def wait_for_state(controller: Controller, job_id: str, state: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while controller.registry.get_allocation(job_id).state != state:
+        assert time.monotonic() < deadline, controller.registry.get_allocation(job_id)
+        time.sleep(0.5)
+        controller.allocator.sync(time.time())
+
+
+def model(tmp_path: Path, **fields) -> DeployedModel:
+    source = tmp_path / "models" / "m"
+    source.mkdir(parents=True, exist_ok=True)
+    return DeployedModel(name="m", source=str(source), size_bytes=10**9, gpus=1, deployed_at=time.time(), **fields)
+
+
+def test_allocation_lands_on_the_preferred_node_runs_and_ends(cluster_controller, tmp_path):
+    c = cluster_controller
+    job_id = c.allocator.submit(model(tmp_path), ["n3"], time.time())
+    wait_for_state(c, job_id, "running")
+    alloc = c.registry.get_allocation(job_id)
+    assert alloc.nodes == ["n3"]
+    assert alloc.walltime_end == pytest.approx(alloc.started_at + 600, abs=5)
+    c.allocator.cancel(job_id, "test", time.time())
+    wait_for_state(c, job_id, "ended")
+    assert c.registry.get_allocation(job_id).reason == "test"
+
+
+def test_partition_is_checked_against_the_cluster(cluster_controller, tmp_path):
+    c = cluster_controller
+    source = tmp_path / "models" / "m"
+    source.mkdir(parents=True)
+    with pytest.raises(InvalidModelConfig, match="unknown partition 'nope'"):
+        c.deploy(ModelSpec(name="m", source=str(source), size_bytes=1, slurm={"partition": "nope"}))
+    assert c.registry.models() == []
+    deployed, _ = c.deploy(ModelSpec(name="m", source=str(source), size_bytes=1, slurm={"partition": "high"}))
+    assert deployed.slurm.partition == "high"
+
+
+def test_sbatch_refusal_is_reported_with_slurms_words_and_leaves_nothing(cluster_controller, tmp_path):
+    c = cluster_controller
+    with pytest.raises(AllocationFailed, match="(?i)invalid partition"):
+        c.allocator.submit(model(tmp_path, slurm={"partition": "nope"}), [], time.time())
+    assert c.registry.allocations() == []
+    # Through the route API the same refusal is a 503 no_capacity naming the cause.
+    c.registry.put_model(model(tmp_path, slurm={"partition": "nope"}))
+    with pytest.raises(NoCapacity, match="(?i)invalid partition"):
+        c.route("m")
+    assert c.registry.allocations() == []
+
+
+def test_route_without_nodes_submits_an_allocation_that_slurm_runs(cluster_controller, tmp_path):
+    c = cluster_controller
+    c.registry.put_model(model(tmp_path))
+    outcome = c.route("m")
+    assert outcome.status == "allocating"
+    wait_for_state(c, outcome.job_id, "running")
+    # Until its agent registers the model keeps waiting for this allocation rather than asking for another.
+    assert c.route("m").job_id == outcome.job_id
+    assert len(c.registry.allocations()) == 1
