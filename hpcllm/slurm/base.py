@@ -184,7 +184,7 @@ class JobSpec(BaseModel):
     open_mode_append: bool = True
     env: dict[str, str] = Field(default_factory=dict)
     chdir: str | None = None
-    comment: str | None = Field(None, max_length=256)
+    comment: str | None = Field(None, max_length=256, pattern=_TOKEN)
 
     @field_validator("signal")
     @classmethod

@@ -121,7 +121,7 @@ def sbatch_directives(spec: JobSpec) -> list[str]:
     ]
     options += [f"--{flag}={value}" for flag, value in optional if value is not None]
     options.append("--requeue" if spec.requeue else "--no-requeue")
-    optional = [("output", spec.output), ("error", spec.error), ("chdir", spec.chdir)]
+    optional = [("output", spec.output), ("error", spec.error), ("chdir", spec.chdir), ("comment", spec.comment)]
     options += [f"--{flag}={value}" for flag, value in optional if value is not None]
     if spec.open_mode_append:
         options.append("--open-mode=append")

@@ -87,6 +87,7 @@ def test_every_option(tmp_path):
         time="1-02:03:04", nodes=3, ntasks=6, ntasks_per_node=2, cpus_per_task=4, gres="gpu:a100:2", mem="16G",
         nodelist=("n1", "n[2-3]"), exclude=("n9",), constraint="a100&ib", prefer="nvme", signal="SIGUSR1@90",
         requeue=True, output="/logs/%x-%j.out", error="/logs/%x-%j.err", chdir="/work", env={"A": "1"},
+        comment="hpcllm:pool=llama",
     )
     script = render_batch_script(spec)
     assert script.startswith("#!/bin/sh\n")  # the body's own interpreter is kept
