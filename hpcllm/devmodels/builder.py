@@ -17,9 +17,13 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ MAX_SHARDS = 64
 # biases at 0, as in the real models. That is std 0.2 for the tiny models: with the usual 0.02 their greedy
 # output is mostly one token repeated; with 0.2 it varies with the prompt (checked for every architecture).
 INIT_STD_SQRT_HIDDEN = 1.6
+INIT_THREADS = 4
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -105,26 +110,41 @@ def _is_norm_or_bias(name: str, ndim: int) -> tuple[bool, bool]:
 
 
 def _seeded_init(model, seed: int, arch: str, progress: Callable[[int, int], None] | None = None) -> None:
-    """Fills every parameter deterministically from (seed, arch, name), independent of construction order."""
+    """Fills every parameter deterministically from (seed, arch, name), independent of construction order.
+
+    Each parameter has its own generator, so parameters are filled in parallel threads (sampling is the slow part
+    of the 1B bench build; torch releases the GIL) without changing a single bit of the result.
+    """
     import torch
 
     std = INIT_STD_SQRT_HIDDEN / math.sqrt(model.config.hidden_size)
     params = list(model.named_parameters())  # tied parameters appear once
     total = sum(p.numel() for _, p in params)
     done = 0
-    with torch.no_grad():
-        for name, param in params:
-            is_norm_weight, is_bias = _is_norm_or_bias(name, param.ndim)
+    lock = threading.Lock()
+
+    def fill(name: str, param) -> None:
+        nonlocal done
+        is_norm_weight, is_bias = _is_norm_or_bias(name, param.ndim)
+        with torch.no_grad():
             if is_norm_weight:
                 param.fill_(1.0)
             elif is_bias:
                 param.zero_()
             else:
+                # Drawn in float32 whatever the dtype, so every dtype variant of a seed holds the same weights up to
+                # rounding.
                 generator = torch.Generator().manual_seed(_parameter_seed(seed, arch, name))
-                param.normal_(0.0, std, generator=generator)
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
+        with lock:
             done += param.numel()
             if progress is not None:
                 progress(done, total)
+
+    workers = min(INIT_THREADS, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="devmodels-init") as pool:
+        for future in [pool.submit(fill, name, param) for name, param in params]:
+            future.result()
 
 
 def _build_model(config, arch: str, dtype_name: str, seed: int, show_progress: bool):
@@ -265,26 +285,51 @@ def make_model(
     }
     config = _config(arch, size, special_ids, vocab_size=len(tokenizer))
     started = time.monotonic()
-    model = _build_model(config, arch, dtype, seed, show_progress)
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
+    staging = _make_staging_dir(out_path)  # before the (bench: long) build, so an unwritable place fails fast
     try:
-        model.save_pretrained(staging, max_shard_size=_no_sharding_limit(model))
+        model = _build_model(config, arch, dtype, seed, show_progress)
+        with _transformers_progress_bars(show_progress):
+            model.save_pretrained(staging, max_shard_size=_no_sharding_limit(model))
         del model
         if shards > 1 or fmt != "safetensors":
             _rewrite_weights(staging, shards, fmt)
         tokenizer.save_pretrained(staging)
         _check_written(staging, shards, fmt)
         _publish(staging, out_path, overwrite)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DevModelError(f"cannot write the model to {out_path}: {exc}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if show_progress:
         size_bytes = sum(f.stat().st_size for f in out_path.iterdir())
         print(f"built {arch}/{size} ({size_bytes / 1e9:.2f} GB) at {out_path} in {time.monotonic() - started:.1f} s",
-              flush=True)
+              file=sys.stderr, flush=True)
     return out_path
+
+
+@contextmanager
+def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """Hides save_pretrained's per-file progress bar for quick builds (it spams every test log); restores it after."""
+    from transformers.utils import logging as transformers_logging
+
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _make_staging_dir(out_path: Path) -> Path:
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
+    except OSError as exc:
+        raise DevModelError(f"cannot create {out_path}: {exc}") from exc
 
 
 def _no_sharding_limit(model) -> int:

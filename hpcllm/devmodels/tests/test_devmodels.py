@@ -160,6 +160,12 @@ def test_existing_directory_is_kept_unless_overwrite(tiny_models_root, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or trash left behind
 
 
+def test_unwritable_destination_is_a_clear_error(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(DevModelError, match="cannot create .*a-file/model"):
+        make_model("llama", tmp_path / "a-file" / "model")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
