@@ -2,7 +2,7 @@
 
 Weights do not come from transformers' own initialisation (which may change between versions and depends on
 construction order): the model is built with initialisation switched off, then every parameter is filled from its
-own generator seeded by (seed, parameter name). The same seed therefore gives byte-identical weight files, and a
+own generator seeded by (seed, architecture, parameter name). The same seed therefore gives byte-identical weight files, and a
 tied parameter is filled once.
 
 The checkpoint is written by save_pretrained (it knows which tied keys to drop) as one safetensors file, then
@@ -57,7 +57,7 @@ class DevModelError(HpcllmError):
 
 
 # Shapes per architecture and size: (tiny: ~1 MB, small: tens of MB, bench: ~1B parameters = ~2 GB in bf16).
-_SHAPES: dict[str, dict[str, dict[str, int]]] = {
+_SHAPES: dict[str, dict[str, int]] = {
     "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128, "positions": 512},
     "small": {"hidden": 384, "layers": 6, "heads": 6, "kv_heads": 2, "ffn": 1024, "positions": 1024},
     "bench": {"hidden": 2048, "layers": 22, "heads": 32, "kv_heads": 4, "ffn": 5632, "positions": 2048},
@@ -152,20 +152,13 @@ def _build_model(config, arch: str, dtype_name: str, seed: int, show_progress: b
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    dtype = getattr(torch, dtype_name)
-    previous_default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # allocate in the target dtype directly (matters for the 2 GB bench model)
-    try:
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(previous_default)
+    # Allocated in the target dtype directly (the bench model is 2 GB in bf16, 4 GB in float32) and left
+    # uninitialised: _seeded_init fills every parameter.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
     model.tie_weights()  # no_init_weights also skips tying: tie first so a tied pair is one parameter, filled once
-    model.config.dtype = dtype
-    bar = _progress_bar("init weights", show_progress)
-    _seeded_init(model, seed, arch, progress=bar)
-    model.eval()
-    return model
+    _seeded_init(model, seed, arch, progress=_progress_bar("init weights", show_progress))
+    return model.eval()
 
 
 def _progress_bar(description: str, enabled: bool) -> Callable[[int, int], None] | None:
@@ -205,7 +198,7 @@ def _shard_file_name(stem: str, extension: str, index: int, count: int) -> str:
 
 
 def _rewrite_weights(directory: Path, shards: int, fmt: str) -> None:
-    """Replaces save_pretrained's single model.safetensors by `shards` files (+ index) in format `fmt`."""
+    """Replaces save_pretrained's single model.safetensors by `shards` files (+ index when > 1) in format `fmt`."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -219,8 +212,7 @@ def _rewrite_weights(directory: Path, shards: int, fmt: str) -> None:
     stem, extension = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
     weight_map: dict[str, str] = {}
     for index, group in enumerate(groups, start=1):
-        file_name = SAFE_WEIGHTS if shards == 1 and fmt == "safetensors" else (
-            BIN_WEIGHTS if shards == 1 else _shard_file_name(stem, extension, index, shards))
+        file_name = BIN_WEIGHTS if shards == 1 else _shard_file_name(stem, extension, index, shards)
         part = {name: tensors[name].contiguous() for name in group}
         if fmt == "safetensors":
             save_file(part, directory / f".{file_name}.partial", metadata={"format": "pt"})
@@ -228,17 +220,15 @@ def _rewrite_weights(directory: Path, shards: int, fmt: str) -> None:
             torch.save(part, directory / f".{file_name}.partial")
         os.replace(directory / f".{file_name}.partial", directory / file_name)
         weight_map.update({name: file_name for name in group})
-    if fmt != "safetensors":
-        single.unlink()
+    single.unlink()  # only called when it is replaced (sharded, or .bin)
     if shards > 1:
-        single.unlink(missing_ok=True)
         total_size = sum(t.numel() * t.element_size() for t in tensors.values())
         index_doc = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         index_name = SAFE_INDEX if fmt == "safetensors" else BIN_INDEX
         (directory / index_name).write_text(json.dumps(index_doc, indent=2, sort_keys=True) + "\n")
 
 
-def _check_args(arch: str, size: str, shards: int, dtype: str, fmt: str) -> None:
+def _check_args(arch: str, size: str, shards: int, seed: int, dtype: str, fmt: str) -> None:
     if arch not in ARCHITECTURES:
         raise DevModelError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     if size not in SIZES:
@@ -247,6 +237,8 @@ def _check_args(arch: str, size: str, shards: int, dtype: str, fmt: str) -> None
         raise DevModelError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if fmt not in FORMATS:
         raise DevModelError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DevModelError(f"seed must be an integer, got {seed!r}")
     if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= MAX_SHARDS:
         raise DevModelError(f"shards must be an integer from 1 to {MAX_SHARDS}, got {shards!r}")
 
@@ -270,7 +262,7 @@ def make_model(
     Returns the output directory. Raises DevModelError for bad arguments or an existing out_dir without overwrite.
     """
     dtype = dtype or DEFAULT_DTYPE.get(size, "float32")
-    _check_args(arch, size, shards, dtype, fmt)
+    _check_args(arch, size, shards, seed, dtype, fmt)
     out_path = Path(out_dir).absolute()
     if out_path.exists() and not overwrite:
         raise DevModelError(f"{out_path} already exists: pass overwrite=True (--overwrite) or choose another path")

@@ -138,9 +138,11 @@ def test_tokenizer_training_is_identical_in_a_fresh_process():
     assert fresh == _trained_tokenizer_json()
 
 
-def test_bfloat16_weights_are_stored_as_bfloat16(tmp_path):
+def test_bfloat16_weights_are_the_float32_weights_rounded(tmp_path, tiny_qwen2_dir):
     path = make_model("qwen2", tmp_path / "bf16", dtype="bfloat16")
-    assert {t.dtype for t in all_tensors(path).values()} == {torch.bfloat16}
+    bf16, fp32 = all_tensors(path), all_tensors(tiny_qwen2_dir)
+    assert {t.dtype for t in bf16.values()} == {torch.bfloat16}
+    assert all(torch.equal(bf16[name], fp32[name].to(torch.bfloat16)) for name in fp32)
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     model, tokenizer = load_pair(path)
     assert model.dtype == torch.bfloat16
