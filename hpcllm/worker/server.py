@@ -256,6 +256,8 @@ def serve(
         server = make_server(host, port, create_app(service), threaded=True)
     except OSError as exc:
         raise ConfigError(f"worker cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    # Join stream threads on close: after the engine aborts their requests they only write a final line.
+    server.daemon_threads = False
     url = f"http://{host}:{server.port}"
     if url_file is not None:
         write_atomically(url_file, url + "\n")
@@ -263,7 +265,11 @@ def serve(
         on_listening(url)
 
     def stop_serving() -> None:
-        threading.Thread(target=server.shutdown, name="hpcllm-worker-stop", daemon=True).start()
+        def stop() -> None:
+            service.shutdown()  # abort in-flight generations first: their streams end with a final "abort" line
+            server.shutdown()
+
+        threading.Thread(target=stop, name="hpcllm-worker-stop", daemon=True).start()
 
     load_failure: list[Exception] = []
     service.load_in_background(loader, on_failure=lambda exc: (load_failure.append(exc), stop_serving()))

@@ -50,6 +50,13 @@ def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_
             got = [line.token_id for line in stream if isinstance(line, TokenLine)]
         assert got == expected.tolist()
         assert 'hpcllm_model_load_seconds{model_name="tiny-llama",tier=' in client.metrics_text()
+
+        # SIGTERM while a generation streams: the stream still ends with a final "abort" line, then exit 0.
+        in_flight = client.generate(GenerateRequest(request_id="cut", prompt_token_ids=prompt_ids, ignore_eos=True))
+        lines = iter(in_flight)
+        next(lines)
+        process.send_signal(signal.SIGTERM)
+        assert list(lines)[-1].finish_reason == "abort"
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
