@@ -14,7 +14,7 @@ def dev() -> None:
     """Developer tools: offline test models."""
 
 
-@dev.command("make-model")
+@dev.command("make-model", short_help="Build a test model (seeded weights + tokenizer) in OUT_DIR.")
 @click.argument("arch", type=click.Choice(ARCHITECTURES))
 @click.argument("out_dir", type=click.Path(file_okay=True, dir_okay=True, path_type=Path))
 @click.option("--size", type=click.Choice(SIZES), default="tiny", show_default=True,
