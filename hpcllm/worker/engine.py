@@ -182,7 +182,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.device = model.device
+        self.device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
         self.max_model_len = _context_length(model.config, max_model_len)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
