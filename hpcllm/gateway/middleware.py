@@ -105,6 +105,9 @@ def install(app: Flask, gw: Gateway) -> None:
         if gw.draining:
             raise errors.ServiceUnavailable("the gateway is draining (shutting down); retry on another instance",
                                             code="draining", retry_after=DRAIN_RETRY_AFTER_S)
+        # Counted until the response (a stream: its last byte) is sent, so a drain knows when it may stop.
+        gw.request_started()
+        g.counted_in_flight = True
         if path.startswith("/v1/admin/"):
             _authenticate_admin(gw)
         elif path.startswith("/v1/"):
@@ -115,6 +118,8 @@ def install(app: Flask, gw: Gateway) -> None:
         response.headers["X-Request-Id"] = g.get("request_id", "")
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
         gw.metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
+        if g.pop("counted_in_flight", False):
+            response.call_on_close(gw.request_finished)
         return response
 
     @app.errorhandler(errors.ApiError)

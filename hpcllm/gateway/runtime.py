@@ -51,6 +51,8 @@ class Gateway:
             limits=httpx.Limits(max_connections=4 * threads, max_keepalive_connections=threads),
         )
         self._draining = threading.Event()
+        self._in_flight = 0
+        self._idle = threading.Condition()
         self.started_at = time.time()
 
     @property
@@ -62,6 +64,25 @@ class Gateway:
         if not self._draining.is_set():
             log.info("gateway draining: refusing new requests, letting running ones finish")
         self._draining.set()
+
+    def request_started(self) -> None:
+        with self._idle:
+            self._in_flight += 1
+
+    def request_finished(self) -> None:
+        with self._idle:
+            self._in_flight -= 1
+            if self._in_flight <= 0:
+                self._idle.notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is running (streams included); False when timeout_s passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight <= 0, timeout=max(0.0, timeout_s))
 
     def close(self) -> None:
         self.http.close()

@@ -24,43 +24,12 @@ USER_KEY = "sk-test-user"
 ADMIN_KEY = "sk-test-admin"
 
 
-def _build_tiny_llama(root: Path) -> Path:
-    """A tiny random-weight Llama with a real byte-level BPE tokenizer and a chat template."""
-    try:
-        from hpcllm.devmodels import make_model
-    except ImportError:
-        make_model = None
-    if make_model is not None:
-        return Path(make_model("tiny-llama", root / "tiny-llama"))
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    corpus = ["hello world, this is a small test corpus for the gateway. héllo wörld 日本語 🙂"] * 50
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant:{% endif %}")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
-        eos_token_id=1))
-    out = root / "tiny-llama"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    return _build_tiny_llama(tmp_path_factory.mktemp("gateway-models"))
+    """A tiny seeded Llama with a trained BPE tokenizer and a chat template (hpcllm.devmodels)."""
+    from hpcllm.devmodels import make_model
+
+    return make_model("llama", tmp_path_factory.mktemp("gateway-models") / MODEL)
 
 
 @pytest.fixture(scope="session")

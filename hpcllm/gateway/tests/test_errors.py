@@ -91,13 +91,14 @@ def test_unknown_model_is_404(gateway):
     assert_still_serving(gateway)
 
 
-def test_prompt_longer_than_the_context_is_400(gateway):
-    long_prompt = "hello world " * 200
+def test_prompt_longer_than_the_context_is_400(gateway, tiny_model_dir):
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    long_prompt = "hello world " * context
     assert_error(gateway.post("/v1/completions", json={**GOOD, "prompt": long_prompt}), 400,
                  "context_length_exceeded")
-    error = assert_error(gateway.post("/v1/completions", json={**GOOD, "max_tokens": 1000}), 400,
+    error = assert_error(gateway.post("/v1/completions", json={**GOOD, "max_tokens": context}), 400,
                          "context_length_exceeded", "max_tokens")
-    assert "maximum context length is 128 tokens" in error["message"]
+    assert f"maximum context length is {context} tokens" in error["message"]
     assert_error(gateway.post("/v1/completions", json={**GOOD, "prompt": [5, 99999]}), 400, "invalid_token_id")
     assert_still_serving(gateway)
 

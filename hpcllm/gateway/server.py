@@ -1,0 +1,200 @@
+"""Running the gateway under gunicorn, configured from the hpcllm config (no gunicorn.conf.py to keep in sync).
+
+Settings and why:
+  gthread                each request holds one thread; a stream holds it until its last token. The worker's
+                         heartbeat comes from its main loop, not the request threads, so long streams and long
+                         cold-start waits never trip gunicorn's `timeout`.
+  workers x threads      concurrent requests per gateway = workers * threads (gateway.workers, gateway.threads).
+  graceful_timeout       = gateway.drain_timeout_seconds. On SIGTERM to the master (shutdown) every worker sets
+                         the app's draining flag and KEEPS ACCEPTING: new requests get a 503 with Retry-After
+                         (instead of waiting unanswered in the listen backlog), running streams finish; a worker
+                         stops once it has no running request, or just before the drain timeout. A worker that
+                         gunicorn retires alone (TTOU, reload) stops accepting at once instead, since its siblings
+                         still serve the shared socket.
+  worker_class           DrainingThreadWorker (gthread with the drain behaviour above), master GatewayArbiter
+                         (tells workers, through shared memory, that the whole gateway is stopping).
+  preload_app False      the app (HTTP pools, SQLite connections, metric files) is built after fork, per worker.
+  PROMETHEUS_MULTIPROC_DIR  a fresh per-master directory, set before prometheus_client is imported anywhere, so
+                         /metrics sums every worker; child_exit drops a dead worker's live gauges.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.gthread import ThreadWorker
+
+from hpcllm.config import Config
+from hpcllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_base_dir(config: Config) -> Path:
+    return Path(config.gateway.metrics_dir or Path(config.paths.state_dir) / "gateway" / "prometheus")
+
+
+def prepare_metrics_dir(config: Config) -> Path:
+    """A fresh directory for this master's metric files; leftovers of gateways that are gone are removed."""
+    base = metrics_base_dir(config)
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.glob("master-*"):
+        pid = old.name.removeprefix("master-")
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = base / f"master-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def gunicorn_settings(config: Config) -> dict:
+    gw = config.gateway
+    return {
+        "bind": [f"{gw.host}:{gw.port}"],
+        "workers": gw.workers,
+        "worker_class": "hpcllm.gateway.server.DrainingThreadWorker",
+        "threads": gw.threads,
+        # gunicorn takes whole seconds; round up so a drain never gets less time than configured.
+        "timeout": math.ceil(gw.worker_timeout_seconds),
+        "graceful_timeout": math.ceil(gw.drain_timeout_seconds),
+        "keepalive": math.ceil(gw.keepalive_seconds),
+        "preload_app": False,
+        "proc_name": "hpcllm-gateway",
+        "accesslog": "-",
+        "errorlog": "-",
+        "loglevel": "info",
+        "child_exit": _child_exit,
+        "on_exit": _on_exit,
+    }
+
+
+# Set by the master right before it sends SIGTERM to all workers for a shutdown; shared with the forked workers.
+_GATEWAY_STOPPING = multiprocessing.RawValue(ctypes.c_bool, False)
+# Time a worker keeps for gunicorn's own stop (kept-alive connections linger up to 2 s) within graceful_timeout.
+STOP_MARGIN_S = 3.0
+
+
+class GatewayArbiter(Arbiter):
+    def stop(self, graceful: bool = True) -> None:
+        if graceful:
+            _GATEWAY_STOPPING.value = True
+        super().stop(graceful)
+
+
+class DrainingThreadWorker(ThreadWorker):
+    """gthread worker that answers 503 while the gateway drains, then stops when its requests are done."""
+
+    _drain_thread: threading.Thread | None = None
+
+    def handle_exit(self, sig, frame) -> None:
+        gateway = self._gateway()
+        if gateway is None:
+            return super().handle_exit(sig, frame)
+        gateway.start_draining()
+        if not _GATEWAY_STOPPING.value:
+            return super().handle_exit(sig, frame)
+        if self._drain_thread is None:
+            self._drain_thread = threading.Thread(target=self._stop_when_idle, args=(gateway, sig),
+                                                  name="hpcllm-drain", daemon=True)
+            self._drain_thread.start()
+
+    def _gateway(self):
+        from hpcllm.gateway.app import gateway_of
+
+        try:
+            return gateway_of(self.wsgi)
+        except (AttributeError, KeyError, TypeError):
+            return None  # the app is not loaded yet: nothing to drain
+
+    def _stop_when_idle(self, gateway, sig) -> None:
+        started = time.monotonic()
+        budget = max(0.0, self.cfg.graceful_timeout - STOP_MARGIN_S)
+        if not gateway.wait_idle(budget):
+            log.warning("drain timeout: %d requests still running after %.0f s", gateway.in_flight,
+                        time.monotonic() - started)
+        ThreadWorker.handle_exit(self, sig, None)  # gunicorn's graceful stop: flag + wake the main loop
+
+
+def _child_exit(server, worker) -> None:
+    from hpcllm.gateway.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
+
+
+def _on_exit(server) -> None:
+    path = os.environ.get(MULTIPROC_ENV)
+    if path and Path(path).name == f"master-{os.getpid()}":
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class GatewayApplication(BaseApplication):
+    def __init__(self, config: Config):
+        self.config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_settings(self.config).items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        from hpcllm.gateway.app import create_app
+
+        return create_app(self.config)
+
+    def run(self) -> None:
+        try:
+            GatewayArbiter(self).run()
+        except RuntimeError as exc:  # gunicorn's way of reporting e.g. a port already in use
+            raise ConfigError(f"gunicorn could not start the gateway: {exc}") from None
+
+
+def run_gateway(config: Config) -> None:
+    """Serve until SIGTERM (graceful drain) or SIGINT/SIGQUIT (quick stop)."""
+    if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
+        raise ConfigError("prometheus_client was imported before the gateway set PROMETHEUS_MULTIPROC_DIR; "
+                          "start the gateway with `hpcllm gateway`")
+    os.environ.setdefault(MULTIPROC_ENV, str(prepare_metrics_dir(config)))
+    _create_shared_state(config)
+    # transformers (and the torch it pulls in) takes seconds to import: do it once here, before fork, so every
+    # worker starts with it (copy-on-write) instead of stalling its first request. No torch op runs in the
+    # gateway, so no thread pool exists yet that fork could break.
+    from transformers import AutoTokenizer  # noqa: F401
+
+    GatewayApplication(config).run()
+
+
+def _create_shared_state(config: Config) -> None:
+    """Create the limits database (schema, WAL) once in the master, so workers never race to initialize it."""
+    from hpcllm.gateway.runtime import gateway_state_dir
+    from hpcllm.gateway.shared_state import SharedState
+
+    path = config.gateway.limits_db or gateway_state_dir(config) / "limits.db"
+    try:
+        SharedState(path).close()
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigError(f"cannot create the gateway's limits database {path}: {exc}") from None
