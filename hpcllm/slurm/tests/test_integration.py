@@ -44,7 +44,9 @@ def fake_agent(tmp_path: Path) -> Path:
     script.write_text(
         "#!/bin/bash\n"
         'echo "agent $SLURMD_NODENAME started: $*"\n'
-        'drain() { echo "agent $SLURMD_NODENAME drained on $1"; kill "$child" 2>/dev/null; exit 0; }\n'
+        # Slurm and the batch shell may both deliver the signal: a drain takes repeats as one (the contract).
+        'drain() { trap "" USR1 TERM; echo "agent $SLURMD_NODENAME drained on $1"; kill "$child" 2>/dev/null; '
+        "exit 0; }\n"
         "trap 'drain USR1' USR1\n"
         "trap 'drain TERM' TERM\n"
         "sleep 120 & child=$!\n"
