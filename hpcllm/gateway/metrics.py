@@ -71,8 +71,13 @@ class GatewayMetrics:
             "hpcllm_http_requests", "HTTP requests answered by the gateway, by endpoint and status code.",
             ["endpoint", "status"], registry=reg)
         self.cold_starts = Counter(
-            "hpcllm_cold_starts", "Model instances started on demand, by the storage tier they loaded from.",
-            ["model_name", "tier"], registry=reg)
+            "hpcllm_cold_starts",
+            "Model instance loads (cold starts) by the storage tier they loaded from; each instance counts once, "
+            "when the gateway first routes to it.", ["model_name", "tier"], registry=reg)
+        self.resumes = Counter(
+            "hpcllm_request_resumes",
+            "Generations moved to another instance after theirs went away mid-stream (token-based migration).",
+            model, registry=reg)
         self.model_load_seconds = Histogram(
             "hpcllm_model_load_seconds", "Seconds a model instance took to load, by storage tier.",
             ["tier"], buckets=LOAD_BUCKETS, registry=reg)

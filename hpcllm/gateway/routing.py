@@ -37,7 +37,9 @@ class ModelCard:
 
 @dataclass(frozen=True)
 class ColdStart:
-    """An instance the controller started for this model while the request waited."""
+    """How the routed instance was loaded (its cold start), as the controller reports it.
+
+    Every route to that instance carries it; the gateway counts it once per instance id (SharedState)."""
 
     instance_id: str
     tier: str
@@ -173,17 +175,15 @@ class ControllerRouter(Router):
     def resolve(self, model: str, wait_s: float) -> Endpoint:
         start = time.monotonic()
         deadline = start + wait_s
-        saw_starting = False
         while True:
             remaining = deadline - time.monotonic()
             resp = self._get("/v1/internal/route", model=model, wait=round(max(0.0, min(remaining, self.route_poll_s)), 1))
             body = _json(resp)
             if resp.status_code == 200:
-                return self._endpoint(model, body, time.monotonic() - start, saw_starting)
+                return self._endpoint(model, body, time.monotonic() - start)
             if resp.status_code == 404:
                 raise ModelNotFound(model)
             if resp.status_code == 202:
-                saw_starting = True
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ServiceUnavailable(
@@ -200,10 +200,10 @@ class ControllerRouter(Router):
                                      code="controller_error", retry_after=5)
 
     @staticmethod
-    def _endpoint(model: str, body: dict, waited: float, saw_starting: bool) -> Endpoint:
+    def _endpoint(model: str, body: dict, waited: float) -> Endpoint:
         cold = None
         tier = body.get("load_tier")
-        if saw_starting and tier:
+        if tier:
             cold = ColdStart(instance_id=body["instance_id"], tier=str(tier),
                              load_seconds=body.get("load_seconds"))
         return Endpoint(model=model, instance_id=body["instance_id"], worker_url=body["worker_url"].rstrip("/"),

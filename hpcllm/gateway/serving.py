@@ -190,6 +190,7 @@ class Generation:
                 if resumes >= MAX_RESUMES:
                     raise ServiceUnavailable(f"generation interrupted: {reason}", code="worker_lost", retry_after=2)
                 resumes += 1
+                self.gw.metrics.resumes.labels(self.model).inc()
                 log.warning("request %s choice %d: %s; resuming elsewhere after %d tokens",
                             self.ctx.request_id, index, reason, len(output_ids))
                 self._endpoint = self._route()

@@ -1,0 +1,154 @@
+"""ControllerRouter against the real controller (its Flask app, service and SQLite registry).
+
+Only the node agent is replaced: an in-process AgentClient that "starts" an instance by pointing it at the real
+worker fixture and, a moment later, heartbeats it as ready - what a real node agent reports after loading. The
+gateway then sees the controller's whole route contract: 202 while starting, a long-poll woken by the heartbeat,
+200 with the load tier, and the admin API proxied with the admin key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import httpx
+import pytest
+
+from hpcllm.config import parse_config
+from hpcllm.controller.agents import AgentClient, StartedInstance
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.app import create_app as create_controller_app
+from hpcllm.controller.protocol import Heartbeat, InstanceInfo, ModelSpec, NodeRegistration, TierInfo, Tiers
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.service import Controller
+
+from .conftest import ADMIN_KEY, MODEL, SECRET, USER_KEY, ThreadServer
+from .test_openai_api import hf_greedy
+
+NODE = "n1"
+LOAD_DELAY_S = 0.8
+
+
+class InProcessAgents(AgentClient):
+    """Node agents whose instances are the real worker; each becomes ready after LOAD_DELAY_S."""
+
+    def __init__(self, worker_url: str):
+        self.worker_url = worker_url
+        self.controller: Controller | None = None
+        self.instances: dict[str, InstanceInfo] = {}
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        pass
+
+    def start_instance(self, agent_url, model, source, gpu_ids) -> StartedInstance:
+        instance_id = f"inst-{next(self._ids)}"
+        self.instances[instance_id] = InstanceInfo(instance_id=instance_id, model=model, state="loading",
+                                                   worker_url=self.worker_url, gpu_ids=gpu_ids)
+        threading.Timer(LOAD_DELAY_S, self._loaded, args=(instance_id,)).start()
+        return StartedInstance(instance_id, self.worker_url)
+
+    def _loaded(self, instance_id: str) -> None:
+        info = self.instances[instance_id]
+        self.instances[instance_id] = info.model_copy(
+            update={"state": "ready", "load_tier": "nvme", "load_seconds": 0.5, "started_at": time.time()})
+        self.controller.heartbeat(NODE, Heartbeat(instances=list(self.instances.values())))
+
+    def stop_instance(self, agent_url, instance_id) -> None:
+        self.instances.pop(instance_id, None)
+
+    def list_instances(self, agent_url):
+        return list(self.instances.values())
+
+
+@pytest.fixture
+def controller_url(tmp_path, worker_url, tiny_model_dir):
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
+        "cluster": {"shared_secret": SECRET},
+        "controller": {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
+                       "allocate_on_demand": False},
+    })
+    registry = Registry(config.controller.database_url)
+    agents = InProcessAgents(worker_url)
+    controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
+    agents.controller = controller
+    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=0))
+    controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=0,
+                                         tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
+    server = ThreadServer(create_controller_app(controller))
+    yield server.url
+    server.stop()
+    registry.close()
+
+
+@pytest.fixture
+def routed_gateway(make_gateway, controller_url):
+    return make_gateway(static_models={}, controller_url=controller_url, route_poll_seconds=5)
+
+
+def metric(gateway, line_start: str) -> float | None:
+    for line in httpx.get(f"{gateway.url}/metrics").text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_cold_start_through_the_controller_then_warm_requests(routed_gateway, hf_pair):
+    client = routed_gateway.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+    started = time.monotonic()
+    resp = client.completions.create(model=MODEL, prompt="hello world", max_tokens=10, temperature=0)
+    assert time.monotonic() - started >= LOAD_DELAY_S  # it really waited for the instance to load
+    expected_text, _, _ = hf_greedy(hf_pair, hf_pair[1]("hello world")["input_ids"], 10)
+    assert resp.choices[0].text == expected_text
+
+    cold = f'hpcllm_cold_starts_total{{model_name="{MODEL}",tier="nvme"}}'
+    assert metric(routed_gateway, cold) == 1.0
+    assert metric(routed_gateway, 'hpcllm_model_load_seconds_count{tier="nvme"}') == 1.0
+    assert metric(routed_gateway, 'hpcllm_model_load_seconds_sum{tier="nvme"}') == 0.5
+
+    # Warm: routed at once to the ready instance; no new cold start is counted.
+    started = time.monotonic()
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert metric(routed_gateway, cold) == 1.0
+    assert metric(routed_gateway, f'hpcllm_request_queue_time_seconds_count{{model_name="{MODEL}"}}') == 2.0
+
+
+def test_unknown_model_and_ready_follow_the_controller(routed_gateway, controller_url):
+    resp = routed_gateway.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    assert httpx.get(f"{routed_gateway.url}/ready").status_code == 200
+
+
+def test_admin_api_is_proxied_with_the_admin_key(routed_gateway, tiny_model_dir):
+    status = routed_gateway.get("/v1/admin/status", key=ADMIN_KEY)
+    assert status.status_code == 200, status.text
+    assert [m["name"] for m in status.json()["models"]] == [MODEL]
+
+    spec = {"name": "tiny-two", "source": str(tiny_model_dir), "size_bytes": 10**6, "gpus": 0}
+    deployed = routed_gateway.post("/v1/admin/models", key=ADMIN_KEY, json=spec)
+    assert deployed.status_code == 201, deployed.text
+    # The controller's own validation errors come back unchanged, in the error shape.
+    bad = routed_gateway.post("/v1/admin/models", key=ADMIN_KEY, json={"name": "x"})
+    assert bad.status_code == 400 and "source" in bad.json()["error"]["message"]
+    assert routed_gateway.get("/v1/admin/status", key=USER_KEY).status_code == 401
+
+    time.sleep(2.1)  # the gateway's copy of the model list lives 2 s
+    assert sorted(m.id for m in routed_gateway.client().models.list().data) == [MODEL, "tiny-two"]
+    gone = httpx.delete(f"{routed_gateway.url}/v1/admin/models/tiny-two",
+                        headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert gone.status_code == 200 and gone.json()["undeployed"] == "tiny-two"
+
+
+def test_controller_down_is_503_and_not_ready(make_gateway):
+    gw = make_gateway(static_models={}, controller_url="http://127.0.0.1:9", upstream_connect_timeout_seconds=1)
+    resp = gw.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "controller_unreachable"
+    assert resp.headers["Retry-After"]
+    assert httpx.get(f"{gw.url}/ready").status_code == 503
+    assert httpx.get(f"{gw.url}/health").status_code == 200

@@ -1,0 +1,83 @@
+"""A generation whose worker goes away mid-stream continues on another worker from the tokens received."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from hpcllm.gateway.errors import ModelNotFound
+from hpcllm.gateway.routing import Endpoint, ModelCard, Router
+
+from .conftest import MODEL, SECRET, USER_KEY, ThreadServer
+
+
+class ScriptedRouter(Router):
+    """Answers each resolve with the next worker URL of a list (the last repeats): routing decisions are the
+    controller's business; here they are fixed so the test knows which worker serves which part."""
+
+    def __init__(self, source, urls: list[str]):
+        self.card = ModelCard(name=MODEL, source=source, max_model_len=512, created=0)
+        self.urls = list(urls)
+        self.resolved: list[str] = []
+
+    def list_models(self):
+        return [self.card]
+
+    def resolve(self, model, wait_s):
+        if model != MODEL:
+            raise ModelNotFound(model)
+        url = self.urls.pop(0) if len(self.urls) > 1 else self.urls[0]
+        self.resolved.append(url)
+        return Endpoint(model=model, instance_id=url, worker_url=url)
+
+    def check_ready(self):
+        return None
+
+
+@pytest.fixture
+def doomed_worker(tiny_model_dir):
+    """A second real worker on the same model, which the test shuts down mid-generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5)
+    service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                   AutoTokenizer.from_pretrained(tiny_model_dir)))
+    server = ThreadServer(create_app(service))
+    yield service, server.url
+    server.stop()
+    service.shutdown()
+
+
+def test_stream_resumes_on_another_worker_when_its_worker_shuts_down(make_gateway, doomed_worker, worker_url,
+                                                                     tiny_model_dir):
+    service, doomed_url = doomed_worker
+    router = ScriptedRouter(tiny_model_dir, [doomed_url, worker_url])
+    gateway = make_gateway(router=router)
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+
+    texts = []
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
+        lines = (line for line in stream.iter_lines() if line)
+        for line in lines:
+            texts.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+            if len(texts) == 3:
+                service.shutdown()  # the engine aborts the running generation: finish_reason "abort"
+                break
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in rest[:-1]]
+    assert "error" not in events[-1], events[-1]
+    texts += [e["choices"][0]["text"] for e in events]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert router.resolved[:2] == [doomed_url, worker_url]
+
+    # Same text as one uninterrupted greedy run on the surviving worker.
+    uninterrupted = gateway.post("/v1/completions", json=body).json()
+    assert "".join(texts) == uninterrupted["choices"][0]["text"]
+    assert uninterrupted["usage"]["completion_tokens"] == 200
+    assert f'hpcllm_request_resumes_total{{model_name="{MODEL}"}} 1.0' in httpx.get(f"{gateway.url}/metrics").text
