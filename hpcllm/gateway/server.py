@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import socket
 import sqlite3
 import sys
 import threading
@@ -178,6 +179,7 @@ def run_gateway(config: Config) -> None:
     if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
         raise ConfigError("prometheus_client was imported before the gateway set PROMETHEUS_MULTIPROC_DIR; "
                           "start the gateway with `hpcllm gateway`")
+    _check_port_free(config.gateway.host, config.gateway.port)
     os.environ.setdefault(MULTIPROC_ENV, str(prepare_metrics_dir(config)))
     _create_shared_state(config)
     # transformers (and the torch it pulls in) takes seconds to import: do it once here, before fork, so every
@@ -186,6 +188,17 @@ def run_gateway(config: Config) -> None:
     from transformers import AutoTokenizer  # noqa: F401
 
     GatewayApplication(config).run()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One clear error instead of gunicorn retrying a busy port five times and exiting."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another gateway.port or --port, "
+                          f"or stop what is using it") from None
 
 
 def _create_shared_state(config: Config) -> None:

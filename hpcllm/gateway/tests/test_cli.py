@@ -1,0 +1,41 @@
+"""`hpcllm gateway` argument and config errors are one clear line, and the example config stays valid."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from hpcllm.cli.main import main
+from hpcllm.config import load_config
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_example_config_is_valid_and_its_static_section_too(tmp_path):
+    example = REPO / "conf" / "gateway.toml"
+    config = load_config(example)
+    assert config.gateway.router == "auto" and config.gateway.api_keys
+    # The commented single-node section must parse once uncommented.
+    text = example.read_text()
+    keys = ("# [gateway.static_models.", "# worker_url =", "# source =", "# max_model_len =")
+    uncommented = "\n".join(line[2:] if line.startswith(keys) else line for line in text.splitlines())
+    (tmp_path / "static.toml").write_text(uncommented)
+    static = load_config(tmp_path / "static.toml").gateway.static_models["tiny-llama"]
+    assert static.worker_urls == ["http://127.0.0.1:8123"] and static.max_model_len == 512
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["gateway", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_busy_port_is_a_clear_error(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "gw.toml"
+        config.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n[gateway]\nport = {port}\n')
+        assert main(["gateway", "--config", str(config)]) != 0
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
