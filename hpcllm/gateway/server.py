@@ -176,10 +176,10 @@ class GatewayApplication(BaseApplication):
 
 def run_gateway(config: Config) -> None:
     """Serve until SIGTERM (graceful drain) or SIGINT/SIGQUIT (quick stop)."""
+    _check_port_free(config.gateway.host, config.gateway.port)
     if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
         raise ConfigError("prometheus_client was imported before the gateway set PROMETHEUS_MULTIPROC_DIR; "
                           "start the gateway with `hpcllm gateway`")
-    _check_port_free(config.gateway.host, config.gateway.port)
     os.environ.setdefault(MULTIPROC_ENV, str(prepare_metrics_dir(config)))
     _create_shared_state(config)
     # transformers (and the torch it pulls in) takes seconds to import: do it once here, before fork, so every
