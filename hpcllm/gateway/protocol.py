@@ -80,7 +80,8 @@ def validation_error(exc: ValidationError) -> InvalidRequest | InvalidValue:
     first = errors[0]
     where = _where(first["loc"])
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return InvalidValue(f"invalid value for '{where}': {first['msg']}{more}", param=where, code="invalid_value")
+    reason = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators' messages
+    return InvalidValue(f"invalid value for '{where}': {reason}{more}", param=where, code="invalid_value")
 
 
 def json_body() -> dict[str, Any]:

@@ -70,6 +70,14 @@ def test_wrong_types_and_out_of_range_values_are_422(gateway, path, body, param)
     assert_still_serving(gateway)
 
 
+def test_422_messages_say_what_is_expected(gateway):
+    error = assert_error(gateway.post("/v1/completions", json={**GOOD, "prompt": 5}), 422, "invalid_value")
+    assert error["message"] == ("invalid value for 'prompt': prompt must be a string, a list of strings, a list of "
+                                "token ids, or a list of lists of token ids")
+    error = assert_error(gateway.post("/v1/completions", json={**GOOD, "max_tokens": "ten"}), 422, "invalid_value")
+    assert "valid integer" in error["message"]
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"n": 2}, "n"), ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1.0}}, "logit_bias"),
