@@ -19,7 +19,9 @@ arrives. Any checkpoint problem raises a CheckpointError naming the file; no hal
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,10 +30,10 @@ from typing import Any, Callable
 from hpcllm.checkpoint import ALIGNMENT, INDEX_FILE, Checkpoint, read_checkpoint
 from hpcllm.checkpoint.layout import FLOATING_DTYPES
 from hpcllm.errors import HpcllmError
-from hpcllm.store.memory import HostBuffer, HostBufferPool, MappedFile, default_pool, round_up
+from hpcllm.store.memory import HostBuffer, HostBufferPool, MappedFile, default_pool, populate_read, round_up
 from hpcllm.store.pipeline import (DirectHostTarget, Pipeline, Placement, StagedTarget, packed_placement,
                                    plan_units, whole_partition_placement)
-from hpcllm.store.readers import BUFFERED, FileReader
+from hpcllm.store.readers import BUFFERED, CACHED_ENOUGH, FileReader, cached_fraction
 from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
 from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, tier_settings
 
@@ -50,7 +52,7 @@ class LoadStats:
 
     path: str
     tier: str
-    reader_mode: str  # "odirect" | "buffered" | "mmap" (zero-copy views of shared memory)
+    reader_mode: str  # "odirect" | "buffered" | "mmap" (zero-copy views of /dev/shm or page-cache pages)
     devices: list[str]
     bytes: int
     seconds: float
@@ -248,19 +250,32 @@ class _Load:
         self.read_seconds = 0.0
         self.fallback_reason = None
         host_only = devices == {"cpu"}
-        self.zero_copy = host_only and settings.reader == MMAP and not staged
         self.staged = not host_only or staged
+        self.zero_copy = not self.staged and (settings.reader == MMAP or self._page_cache_holds_it())
         self.reader_mode = MMAP if self.zero_copy else (BUFFERED if settings.reader == MMAP else settings.reader)
+        self.populate_thread: threading.Thread | None = None
+        self.verifier: ThreadPoolExecutor | None = None
+        self.verifications: list = []
+        self.started_at = 0.0
+
+    def _page_cache_holds_it(self) -> bool:
+        """Disk tier, CPU target, data already in the page cache: map it instead of copying it out."""
+        if not self.settings.map_cached:
+            return False
+        cached = min((cached_fraction(p.path) for p in self.ckpt.partitions if p.size), default=0.0)
+        if cached < CACHED_ENOUGH:
+            return False
+        self.fallback_reason = f"the page cache holds {cached:.0%} of the data files: mapped, not read"
+        return True
 
     def _partitions_with_data(self) -> list[int]:
         return [p.index for p in self.ckpt.partitions if p.size > 0]
 
     def start(self) -> None:
-        started = time.perf_counter()
+        self.started_at = time.perf_counter()
         parts = self._partitions_with_data()
         if self.zero_copy:
             self._map_shared(parts)
-            self.read_seconds = time.perf_counter() - started
             return
         for p in parts:
             part = self.ckpt.partitions[p]
@@ -277,16 +292,23 @@ class _Load:
                                  threads=self.settings.threads, prefault=self.settings.prefault).start()
 
     def _map_shared(self, parts: list[int]) -> None:
+        """Tensors will be views of private (copy-on-write) mappings of the files: no read, no copy."""
         self.placement = whole_partition_placement(self.ckpt, "cpu")
         for p in parts:
-            mapped = MappedFile(self.ckpt.partitions[p].path, shared=False)
-            self.bases[(p, "cpu")] = mapped
-        if self.verify:
-            for p in parts:
-                part, view = self.ckpt.partitions[p], self.bases[(p, "cpu")].view()
-                for chunk in range(part.num_chunks):
-                    start, length = part.chunk_range(chunk)
-                    self.ckpt.verify_chunk(p, chunk, view[start:start + length])
+            self.bases[(p, "cpu")] = MappedFile(self.ckpt.partitions[p].path, shared=False)
+        if self.verify:  # hashing reads every page, which also maps it in; runs while the skeleton is built
+            chunks = [(p, c) for p in parts for c in range(self.ckpt.partitions[p].num_chunks)]
+            self.verifier = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="hpcllm-verify")
+            self.verifications = [self.verifier.submit(self._verify_mapped, p, c) for p, c in chunks]
+        else:  # map the pages in behind the caller's back, so the first forward pass does not fault on each
+            mappings = [self.bases[(p, "cpu")] for p in parts]
+            self.populate_thread = threading.Thread(target=_populate_read, args=(mappings,), daemon=True,
+                                                    name="hpcllm-populate")
+            self.populate_thread.start()
+
+    def _verify_mapped(self, partition: int, chunk: int) -> None:
+        start, length = self.ckpt.partitions[partition].chunk_range(chunk)
+        self.ckpt.verify_chunk(partition, chunk, self.bases[(partition, "cpu")].view()[start:start + length])
 
     def _host_buffer(self, nbytes: int) -> HostBuffer:
         buffer = self.pool.acquire(nbytes)
@@ -328,8 +350,22 @@ class _Load:
         if self.pipeline is not None:
             stats = self.pipeline.finish()
             self.read_seconds = stats.read_seconds
+        if self.verifier is not None:
+            try:
+                for verification in self.verifications:
+                    verification.result()  # re-raises the first ChecksumMismatch
+            finally:
+                self._stop_verifier()
+            self.read_seconds = time.perf_counter() - self.started_at
         self._close_readers()
         return self.bases
+
+    def _stop_verifier(self) -> None:
+        if self.verifier is not None:
+            for verification in self.verifications:
+                verification.cancel()
+            self.verifier.shutdown(wait=True)
+            self.verifier = None
 
     def _close_readers(self) -> None:
         reasons = [r.fallback_reason for r in self.readers.values() if r.fallback_reason]
@@ -343,6 +379,7 @@ class _Load:
     def abort(self) -> None:
         if self.pipeline is not None:
             self.pipeline.abort()
+        self._stop_verifier()
         self._close_readers()
         self.release_buffers()
 
@@ -432,6 +469,11 @@ def _load_tokenizer(root: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(root)
+
+
+def _populate_read(mappings) -> None:
+    for mapping in mappings:
+        populate_read(mapping.address, mapping.capacity)
 
 
 def _verify_side_files(ckpt: Checkpoint) -> None:

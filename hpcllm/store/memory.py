@@ -22,7 +22,8 @@ import threading
 from dataclasses import dataclass
 
 PAGE_SIZE = mmap.PAGESIZE
-_MADV_POPULATE_WRITE = 23  # linux/mman.h; not exported by Python's mmap module
+_MADV_POPULATE_READ = 22  # linux/mman.h (>= 5.14); not exported by Python's mmap module
+_MADV_POPULATE_WRITE = 23
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -95,6 +96,11 @@ def populate_range(address: int, length: int, owner=None, owner_offset: int = 0)
     pages[:] = pages  # a write per page faults it in without changing data
 
 
+def populate_read(address: int, length: int) -> bool:
+    """Map in the pages of a file mapping for reading, without copy-on-write; False where the kernel lacks it."""
+    return _libc.madvise(address, length, _MADV_POPULATE_READ) == 0
+
+
 @dataclass
 class PoolStats:
     buffers: int
@@ -137,9 +143,10 @@ class HostBufferPool:
 
     def reserve(self, sizes: list[int]) -> None:
         """Allocate and fault in buffers of these sizes now (e.g. at worker start), ready for later loads."""
-        for size in sizes:
-            buffer = self.acquire(size)
+        buffers = [self.acquire(size) for size in sizes]  # all held at once: distinct buffers, one per size
+        for buffer in buffers:
             buffer.populate()
+        for buffer in buffers:
             self.release(buffer)
 
     def trim(self) -> int:

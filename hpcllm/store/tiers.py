@@ -2,7 +2,8 @@
 
   dram      checkpoint in /dev/shm (hpcllm.store.dram.DramTier): CPU targets get zero-copy views of the shared
             mapping; GPU targets stream it through the staging ring. Verified when it was filled.
-  disk      node-local disk (NVMe / SSD): O_DIRECT reads, 2 threads, verified while reading.
+  disk      node-local disk (NVMe / SSD): O_DIRECT reads, 2 threads, verified while reading. Files already in
+            the page cache are mapped for a CPU target (verified by hashing the mapping) or read buffered.
   sharedfs  shared-filesystem origin (NFS, Lustre, GPFS, ...): buffered reads, same pipeline, verified.
 
 `detect_tier(path)` picks one from the filesystem type in /proc/self/mountinfo; callers can always name one.
@@ -28,6 +29,7 @@ class TierSettings:
     unit_bytes: int = 16 << 20  # bytes per read request (whole checkpoint chunks, at least one)
     staging_slots: int = 6  # pinned staging slots for device targets (each one read unit)
     prefault: bool = True  # fault fresh destination memory in a thread ahead of the readers
+    map_cached: bool = False  # CPU target and the files already in the page cache: map them instead of reading
 
     def with_overrides(self, **overrides) -> "TierSettings":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -35,7 +37,7 @@ class TierSettings:
 
 TIERS: dict[str, TierSettings] = {
     "dram": TierSettings("dram", MMAP, verify=False),
-    "disk": TierSettings("disk", "odirect"),
+    "disk": TierSettings("disk", "odirect", map_cached=True),
     "sharedfs": TierSettings("sharedfs", "buffered"),
 }
 

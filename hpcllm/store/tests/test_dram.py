@@ -13,7 +13,7 @@ from hpcllm.checkpoint import ChecksumMismatch
 from hpcllm.store.dram import MARKER_FILE, DramTier, DramTierError
 from hpcllm.store.loader import load_model
 from hpcllm.store.tests.conftest import ARCHS, reference
-from hpcllm.store.tests.test_loader import assert_same_model, assert_views_of
+from hpcllm.store.tests.test_loader import assert_same_model, assert_views_of, file_mappings
 
 
 def test_put_has_open_list_remove(models, dram_tier):
@@ -62,7 +62,7 @@ def test_dram_load_is_zero_copy_and_identical(models, dram_tier, arch):
     assert loaded.stats.tier == "dram" and loaded.stats.reader_mode == "mmap" and loaded.stats.zero_copy
     assert not loaded.stats.verified  # verified when the tier was filled
     assert_same_model(reference(hf), loaded.model)
-    assert_views_of(loaded, mapped_ranges(dram_tier.open(arch)))
+    assert_views_of(loaded, file_mappings(dram_tier.open(arch)))
 
 
 def test_unverified_tmpfs_folder_is_verified_at_load(copy_checkpoint, tmp_path_factory):
@@ -94,17 +94,6 @@ def test_dram_to_staged_path(models, dram_tier):
     loaded = load_model(dram_tier.open("qwen2"), staged=True, tokenizer=False)
     assert loaded.stats.reader_mode == "buffered" and not loaded.stats.zero_copy
     assert_same_model(reference(hf), loaded.model)
-
-
-def mapped_ranges(folder) -> list[tuple[int, int]]:
-    ranges = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 6 and fields[5].startswith(str(folder) + "/data-"):
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                ranges.append((lo, hi))
-    return ranges
 
 
 SECOND_PROCESS = textwrap.dedent("""

@@ -14,7 +14,7 @@ from hpcllm.checkpoint.layout import checksum
 from hpcllm.store.loader import load_model
 from hpcllm.store.memory import HostBufferPool
 from hpcllm.store.readers import FileReader
-from hpcllm.store.tests.conftest import evict_from_page_cache
+from hpcllm.store.tests.conftest import cache_in_page_cache, evict_from_page_cache
 
 
 def flip_byte_in_tensor(folder, name: str) -> str:
@@ -41,6 +41,14 @@ def test_flipped_byte_raises_checksum_mismatch(copy_checkpoint, tier, staged):
     # the destination buffers went back to the pool: a failed load leaks nothing
     stats = pool.stats()
     assert stats.buffers == stats.free_buffers
+
+
+def test_flipped_byte_in_a_cached_file_is_caught_when_mapped(copy_checkpoint):
+    folder = copy_checkpoint("gpt2")
+    damaged_file = flip_byte_in_tensor(folder, "transformer.h.0.mlp.c_fc.weight")
+    cache_in_page_cache(folder)
+    with pytest.raises(ChecksumMismatch, match=damaged_file):
+        load_model(folder, tier="disk", tokenizer=False)
 
 
 def test_truncated_data_file(copy_checkpoint):

@@ -65,12 +65,35 @@ def test_file_tiers_match_from_pretrained(models, arch, tier, expected_disk_mode
     assert_views_of(loaded, ranges)
 
 
-def test_disk_tier_reads_a_cached_file_through_the_page_cache(models):
+@pytest.mark.parametrize("verify", [True, False])
+def test_disk_tier_maps_a_file_the_page_cache_holds(models, verify):
     hf, converted = models("gpt2")
     cache_in_page_cache(converted)
-    loaded = load_model(converted, tier="disk", tokenizer=False)
+    loaded = load_model(converted, tier="disk", tokenizer=False, verify=verify)
+    stats = loaded.stats
+    assert stats.reader_mode == "mmap" and stats.zero_copy and "page cache" in stats.fallback_reason
+    assert stats.verified == verify
+    assert_same_model(reference(hf), loaded.model)
+    assert_views_of(loaded, file_mappings(converted))
+
+
+def test_cached_file_for_a_staged_target_is_read_buffered(models):
+    hf, converted = models("gpt2")
+    cache_in_page_cache(converted)
+    loaded = load_model(converted, tier="disk", tokenizer=False, staged=True)
     assert loaded.stats.reader_mode == "buffered" and "page cache" in loaded.stats.fallback_reason
     assert_same_model(reference(hf), loaded.model)
+
+
+def file_mappings(folder) -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith(str(folder) + "/data-"):
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges
 
 
 def test_tied_weights_are_one_parameter(models):
@@ -133,12 +156,12 @@ def test_dtype_override_matches_from_pretrained(models):
 def test_release_recycles_prefaulted_buffers(models):
     _, converted = models("qwen2")
     pool = HostBufferPool()
-    first = load_model(converted, pool=pool, tokenizer=False)
+    first = load_model(converted, tier="sharedfs", pool=pool, tokenizer=False)
     assert first.stats.pool_reused_bytes == 0
     addresses = {b.address for b in first._host_buffers}
     first.release()
     assert pool.stats().free_buffers == len(addresses)
-    second = load_model(converted, pool=pool, tokenizer=False)
+    second = load_model(converted, tier="sharedfs", pool=pool, tokenizer=False)
     assert {b.address for b in second._host_buffers} == addresses
     assert second.stats.pool_reused_bytes >= second.stats.bytes
     hf, _ = models("qwen2")
