@@ -10,6 +10,7 @@ drained, preempted or died) the generation resumes on another instance from the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -143,17 +144,15 @@ class Generation:
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
             seed=opts.seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
         )
-        for attempt in range(OPEN_ATTEMPTS):
+        secret = self.gw.config.cluster.shared_secret
+        for attempt in range(1, OPEN_ATTEMPTS):
             try:
-                return open_generation(self.gw.http, self._endpoint.worker_url,
-                                       self.gw.config.cluster.shared_secret, request)
+                return open_generation(self.gw.http, self._endpoint.worker_url, secret, request)
             except WorkerUnavailable as exc:
-                if attempt + 1 == OPEN_ATTEMPTS:
-                    raise
                 log.warning("request %s: %s; routing again", self.ctx.request_id, exc.message)
-                time.sleep(0.5 * (attempt + 1))
+                time.sleep(0.5 * attempt)
                 self._endpoint = self._route()
-        raise AssertionError("unreachable")
+        return open_generation(self.gw.http, self._endpoint.worker_url, secret, request)
 
     # ------------------------------------------------------------------------------------------ generation
     def deltas(self) -> Iterator[Delta]:
@@ -261,8 +260,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def stream_error_event(exc: BaseException, request_id: str) -> bytes:
     """An error after the stream started can no longer change the status: send it as an event (as vLLM does)."""
-    import json
-
     if not isinstance(exc, ApiError):
         log.exception("request %s failed while streaming", request_id, exc_info=exc)
         exc = InternalError("internal error while streaming; see the gateway log for request " + request_id)
