@@ -1,0 +1,690 @@
+"""A node's checkpoint cache tiers: node-local NVMe and DRAM (shared memory), with capacity limits, LRU eviction
+that never touches a checkpoint in use, and verified, atomic fills (see docs/node-cache.md).
+
+    cm = CacheManager(nvme_dir, nvme_capacity_bytes, dram_capacity_bytes, dram_namespace)
+    cm.warm("llama", Path("/shared/models/llama"), "nvme", progress=cb)   # fill, verify, rename
+    path, tier = cm.path_for_load("llama", origin)                         # best copy or the origin
+    cm.acquire("llama", tier) ... cm.release("llama", tier)                # never evicted while held
+
+Files:
+  nvme_dir/<model>/                     a complete converted checkpoint + `.hpcllm-cache.json` (marker, written
+                                        last, before the rename: a folder without it is not a cache entry)
+  nvme_dir/.<model>.filling-<pid>-<rnd> a fill in progress; removed on failure, and on start when <pid> is dead
+  nvme_dir/.hpcllm-cache.db             SQLite (WAL) state shared by every process on the node: last use,
+                                        origin, verification time, in-use references (per holder pid), fills in
+                                        progress (their bytes count against the capacity)
+  DRAM copies live in hpcllm.store.dram.DramTier(dram_namespace) under /dev/shm.
+
+The folders are the truth about what is cached; the database adds what folders cannot say (refcounts, last use)
+and is repaired from the markers on start, so a copy written by another tool (the MPI warmer) is picked up.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from hpcllm.checkpoint import (INDEX_FILE, MANIFEST_FILE, CheckpointError, ChecksumMismatch, MissingFile,
+                               NotAConvertedCheckpoint, read_checkpoint)
+from hpcllm.checkpoint.layout import Checkpoint, file_checksum
+from hpcllm.errors import HpcllmError
+from hpcllm.store.dram import DramTier, DramTierError
+from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
+from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
+
+NVME, DRAM, SHAREDFS = "nvme", "dram", "sharedfs"
+CACHE_TIERS = (DRAM, NVME)  # fastest first
+MARKER_FILE = ".hpcllm-cache.json"
+STATE_DB = ".hpcllm-cache.db"
+_SAFE_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_FILLING = re.compile(r"^\.(?P<model>.+)\.filling-(?P<pid>\d+)-[0-9a-f]{8}$")
+_TRASH = re.compile(r"^\.(?P<model>.+)\.evicted-[0-9a-f]{8}$")
+COPY_CHUNK_BYTES = 16 << 20
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+class CacheError(HpcllmError):
+    """A cache request that cannot be done; the message says what to fix."""
+
+    exit_code = 4
+
+
+class NotEnoughSpace(CacheError):
+    """The model does not fit in the tier even after evicting every copy not in use."""
+
+
+class UnknownModel(CacheError):
+    """The model is not cached (for evict/verify) or its origin is missing / not a converted checkpoint."""
+
+
+class CacheCorrupt(CacheError):
+    """A copy (or the origin) does not match its manifest checksums."""
+
+
+class CacheInUse(CacheError):
+    """An eviction was asked for a copy that a running instance holds."""
+
+
+@dataclass(frozen=True)
+class CachedCopy:
+    model: str
+    tier: str
+    path: Path
+    bytes: int
+    last_used: float
+    verified: bool
+    in_use: int
+    source: str | None = None
+    verified_at: float | None = None
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CachedCopy":
+        return cls(**{**data, "path": Path(data["path"])})
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    model: str
+    tier: str
+    ok: bool
+    action: str  # "ok" | "refilled" | "dropped" (corrupt and the origin could not refill it)
+    message: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+
+
+def check_model_name(model: str) -> str:
+    if not isinstance(model, str) or not _SAFE_MODEL.match(model):
+        raise CacheError(f"model name {model!r} must start with a letter or digit and contain only letters, digits, "
+                         f"'.', '_' or '-' (at most 200 characters)")
+    return model
+
+
+def check_tier(tier: str, allowed: tuple[str, ...] = CACHE_TIERS) -> str:
+    if tier not in allowed:
+        raise CacheError(f"unknown cache tier {tier!r}; use one of {', '.join(allowed)}")
+    return tier
+
+
+def open_origin(model: str, source: str | os.PathLike) -> Checkpoint:
+    """The origin checkpoint of a model, validated; UnknownModel when it is missing or not converted."""
+    source = Path(source)
+    if not source.exists():
+        raise UnknownModel(f"model {model!r}: its origin {source} does not exist; give the path of a converted "
+                           f"checkpoint (hpcllm convert) or deploy the model first")
+    try:
+        ckpt = read_checkpoint(source)
+        ckpt.check_files_present()
+    except (MissingFile, NotAConvertedCheckpoint) as exc:
+        raise UnknownModel(f"model {model!r}: {exc}") from None
+    except CheckpointError as exc:
+        raise CacheCorrupt(f"model {model!r}: the origin is damaged: {exc}") from None
+    return ckpt
+
+
+def checkpoint_bytes(ckpt: Checkpoint) -> int:
+    """Bytes a copy of the checkpoint takes (data files, the two JSON files, side files)."""
+    small = sum(s.size for s in ckpt.side_files)
+    for name in (MANIFEST_FILE, INDEX_FILE):
+        try:
+            small += (ckpt.root / name).stat().st_size
+        except OSError:
+            pass
+    return ckpt.total_bytes + small
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            if f.is_file():
+                total += f.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """Page-aligned anonymous memory (what O_DIRECT reads need)."""
+    return mmap.mmap(-1, max(4096, (nbytes + 4095) // 4096 * 4096))
+
+
+def copy_checkpoint(ckpt: Checkpoint, dest: Path, progress: Progress | None = None,
+                    chunk_bytes: int = COPY_CHUNK_BYTES) -> None:
+    """Copy a converted checkpoint into the (existing, empty) folder `dest`, verifying every chunk as it passes.
+
+    Data files are read in whole manifest chunks with O_DIRECT when the origin's filesystem allows it (falling back to
+    buffered reads), each chunk checked against the manifest before it is written; the files are fsynced. The
+    manifest, index and side files are copied and checked too. Raises ChecksumMismatch/TruncatedFile/MissingFile.
+    """
+    total = checkpoint_bytes(ckpt)
+    done = 0
+    for part in ckpt.partitions:
+        chunk = part.chunk_size
+        buf = aligned_buffer(chunk)
+        view = memoryview(buf)
+        try:
+            with FileReader(part.path, ODIRECT if part.size >= chunk else BUFFERED, expected_size=part.size) as reader, \
+                    open(dest / part.file, "wb", buffering=0) as out:
+                for index in range(part.num_chunks):
+                    start, length = part.chunk_range(index)
+                    read_len = (length + 4095) // 4096 * 4096 if reader.mode == ODIRECT else length
+                    reader.read_into(start, view[:read_len], length)
+                    ckpt.verify_chunk(part.index, index, view[:length])
+                    out.write(view[:length])
+                    done += length
+                    if progress:
+                        progress(done, total)
+                os.fsync(out.fileno())
+        finally:
+            try:
+                view.release()
+                buf.close()
+            except BufferError:  # a slice is still referenced by an exception's traceback: the GC unmaps it
+                pass
+    for name in (MANIFEST_FILE, INDEX_FILE):
+        shutil.copyfile(ckpt.root / name, dest / name)
+        done += (dest / name).stat().st_size
+    for side in ckpt.side_files:
+        src = ckpt.root / side.file
+        shutil.copyfile(src, dest / side.file)
+        if file_checksum(dest / side.file) != side.checksum:
+            raise ChecksumMismatch(f"{src}: xxh3_64 differs from the manifest; the origin was modified or is corrupt")
+        done += side.size
+    if progress:
+        progress(total, total)
+    read_checkpoint(dest).check_files_present()  # the copy parses and its index matches its manifest
+
+
+def write_marker(folder: Path, model: str, source: str, nbytes: int, verified_at: float) -> None:
+    info = {"model": model, "source": source, "bytes": nbytes, "filled_at": time.time(), "verified_at": verified_at}
+    tmp = folder / (MARKER_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, folder / MARKER_FILE)
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        info = json.loads((folder / MARKER_FILE).read_text())
+        return info if isinstance(info, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def filling_name(model: str) -> str:
+    return f".{model}.filling-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------------------------- the manager
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    model TEXT NOT NULL, tier TEXT NOT NULL, bytes INTEGER NOT NULL, source TEXT,
+    last_used REAL NOT NULL, verified_at REAL, PRIMARY KEY (model, tier));
+CREATE TABLE IF NOT EXISTS refs (
+    model TEXT NOT NULL, tier TEXT NOT NULL, pid INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (model, tier, pid));
+CREATE TABLE IF NOT EXISTS fills (
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, tier TEXT NOT NULL, pid INTEGER NOT NULL, bytes INTEGER NOT NULL);
+"""
+
+
+class CacheManager:
+    """The NVMe and DRAM cache tiers of one node, shared by every process on it through a SQLite state file."""
+
+    def __init__(self, nvme_dir: str | os.PathLike, nvme_capacity_bytes: int, dram_capacity_bytes: int,
+                 dram_namespace: str = "default", nvme_scope: str = "persistent", *,
+                 dram_root: str | os.PathLike = DRAM_DEFAULT_ROOT):
+        if nvme_scope not in ("persistent", "job"):
+            raise CacheError(f"nvme_scope must be 'persistent' or 'job', got {nvme_scope!r}")
+        self.nvme_dir = Path(nvme_dir)
+        self.nvme_scope = nvme_scope
+        self.capacity = {NVME: int(nvme_capacity_bytes), DRAM: int(dram_capacity_bytes)}
+        try:
+            self.dram = DramTier(dram_namespace, dram_root)
+        except DramTierError as exc:
+            raise CacheError(str(exc)) from None
+        try:
+            self.nvme_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the NVMe cache folder {self.nvme_dir}: {exc.strerror}") from None
+        self._db_path = self.nvme_dir / STATE_DB
+        try:
+            db = self._connect()
+            try:
+                db.executescript(_SCHEMA)
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot open the cache state file {self._db_path}: {exc}") from None
+        self.clean_stale()
+
+    @classmethod
+    def from_config(cls, node_config, dram_namespace: str = "default", **kwargs) -> "CacheManager":
+        """From a NodeConfig (hpcllm.config): nvme_dir, nvme_scope, nvme_capacity_gb, dram_capacity_gb."""
+        return cls(node_config.nvme_dir, int(node_config.nvme_capacity_gb * 1e9),
+                   int(node_config.dram_capacity_gb * 1e9), dram_namespace, node_config.nvme_scope, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- state db
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._db_path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One node-wide critical section: BEGIN IMMEDIATE takes SQLite's write lock, serialising every process."""
+        try:
+            db = self._connect()
+        except sqlite3.Error as exc:
+            raise CacheError(f"cannot open the cache state file {self._db_path}: {exc}") from None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    # ------------------------------------------------------------------------------------------------- queries
+
+    def nvme_path(self, model: str) -> Path:
+        return self.nvme_dir / check_model_name(model)
+
+    def _present(self, model: str, tier: str) -> Path | None:
+        if tier == NVME:
+            path = self.nvme_path(model)
+            return path if (path / MARKER_FILE).is_file() else None
+        return self.dram.path(model) if self.dram.has(model) else None
+
+    def _scan(self) -> dict[tuple[str, str], Path]:
+        found = {}
+        if self.nvme_dir.is_dir():
+            for child in self.nvme_dir.iterdir():
+                if not child.name.startswith(".") and _SAFE_MODEL.match(child.name) and (child / MARKER_FILE).is_file():
+                    found[(child.name, NVME)] = child
+        for entry in self.dram.list():
+            found[(entry.model_id, DRAM)] = entry.path
+        return found
+
+    def _sync(self, db: sqlite3.Connection) -> None:
+        """Make the entries table match the folders (inside a transaction)."""
+        found = self._scan()
+        rows = {(m, t) for m, t in db.execute("SELECT model, tier FROM entries")}
+        for model, tier in rows - set(found):
+            db.execute("DELETE FROM entries WHERE model=? AND tier=?", (model, tier))
+        for model, tier in set(found) - rows:
+            path = found[(model, tier)]
+            info = read_marker(path) if tier == NVME else self._dram_marker(model)
+            info = info or {}
+            db.execute("INSERT INTO entries VALUES (?,?,?,?,?,?)",
+                       (model, tier, int(info.get("bytes") or folder_bytes(path)), info.get("source"),
+                        float(info.get("filled_at") or time.time()), info.get("verified_at")))
+        # references and fills of processes that died are gone with them
+        for (pid,) in db.execute("SELECT DISTINCT pid FROM refs UNION SELECT DISTINCT pid FROM fills").fetchall():
+            if not pid_alive(pid):
+                db.execute("DELETE FROM refs WHERE pid=?", (pid,))
+                db.execute("DELETE FROM fills WHERE pid=?", (pid,))
+
+    def _dram_marker(self, model: str) -> dict:
+        try:
+            entry = self.dram.entry(model)
+        except (DramTierError, OSError, ValueError, KeyError):
+            return {}
+        return {"bytes": folder_bytes(entry.path), "source": entry.source, "filled_at": entry.filled_at,
+                "verified_at": entry.filled_at}
+
+    def _copies(self, db: sqlite3.Connection, where: str = "", args: tuple = ()) -> list[CachedCopy]:
+        refs = {(m, t): n for m, t, n in db.execute("SELECT model, tier, SUM(count) FROM refs GROUP BY model, tier")}
+        copies = []
+        for model, tier, nbytes, source, last_used, verified_at in db.execute(
+                f"SELECT model, tier, bytes, source, last_used, verified_at FROM entries {where} "
+                f"ORDER BY model, tier", args):
+            path = self.nvme_path(model) if tier == NVME else self.dram.path(model)
+            copies.append(CachedCopy(model, tier, path, nbytes, last_used, verified_at is not None,
+                                     int(refs.get((model, tier), 0)), source, verified_at))
+        return copies
+
+    def list(self) -> list[CachedCopy]:
+        with self._transaction() as db:
+            self._sync(db)
+            return self._copies(db)
+
+    def get(self, model: str, tier: str) -> CachedCopy | None:
+        with self._transaction() as db:
+            self._sync(db)
+            found = self._copies(db, "WHERE model=? AND tier=?", (check_model_name(model), tier))
+        return found[0] if found else None
+
+    def usage_bytes(self, tier: str) -> int:
+        with self._transaction() as db:
+            self._sync(db)
+            return self._used(db, check_tier(tier))
+
+    def best_copy(self, model: str) -> CachedCopy | None:
+        """The fastest cached copy of a model (dram > nvme), marked as just used; None when not cached."""
+        check_model_name(model)
+        with self._transaction() as db:
+            self._sync(db)
+            for tier in CACHE_TIERS:
+                found = self._copies(db, "WHERE model=? AND tier=?", (model, tier))
+                if found:
+                    now = time.time()
+                    db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?", (now, model, tier))
+                    copy = found[0]
+                    return CachedCopy(**{**asdict(copy), "last_used": now})
+        return None
+
+    def path_for_load(self, model: str, source: str | os.PathLike) -> tuple[Path, str]:
+        """Where to load a model from: its best cached copy, else the origin (tier "sharedfs")."""
+        copy = self.best_copy(model)
+        if copy is not None:
+            return copy.path, copy.tier
+        return Path(source), SHAREDFS
+
+    # ---------------------------------------------------------------------------------------------- references
+
+    def acquire(self, model: str, tier: str, pid: int | None = None) -> CachedCopy:
+        """Mark a copy in use (by `pid`, default this process): it is not evicted until released or `pid` dies."""
+        check_model_name(model)
+        check_tier(tier)
+        pid = pid or os.getpid()
+        with self._transaction() as db:
+            self._sync(db)
+            if not self._copies(db, "WHERE model=? AND tier=?", (model, tier)):
+                raise UnknownModel(f"model {model!r} is not in this node's {tier} cache; warm it first")
+            db.execute("INSERT INTO refs VALUES (?,?,?,1) ON CONFLICT(model, tier, pid) DO UPDATE SET count=count+1",
+                       (model, tier, pid))
+            db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?", (time.time(), model, tier))
+            return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
+
+    def release(self, model: str, tier: str, pid: int | None = None) -> None:
+        """Drop one reference taken by acquire (a release without an acquire is ignored)."""
+        pid = pid or os.getpid()
+        with self._transaction() as db:
+            db.execute("UPDATE refs SET count=count-1 WHERE model=? AND tier=? AND pid=?", (model, tier, pid))
+            db.execute("DELETE FROM refs WHERE count<=0")
+            db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?", (time.time(), model, tier))
+
+    @contextmanager
+    def using(self, model: str, tier: str) -> Iterator[CachedCopy]:
+        copy = self.acquire(model, tier)
+        try:
+            yield copy
+        finally:
+            self.release(model, tier)
+
+    # ------------------------------------------------------------------------------------------------- warming
+
+    def warm(self, model: str, source: str | os.PathLike, tier: str = NVME, progress: Progress | None = None, *,
+             force: bool = False) -> CachedCopy:
+        """Copy the checkpoint at `source` into a tier (verified, atomic); a present copy is reused unless force.
+
+        Evicts least-recently-used copies not in use to make room; NotEnoughSpace when even that is not enough.
+        """
+        check_model_name(model)
+        check_tier(tier)
+        ckpt = open_origin(model, source)
+        origin = str(Path(source).resolve())
+        existing = self.get(model, tier)
+        if existing is not None and not force:
+            return self.best_copy_in(model, tier)
+        if existing is not None:
+            self.evict(model, tier)
+        need = checkpoint_bytes(ckpt)
+        fill_id = self._reserve(model, tier, need)
+        try:
+            if tier == NVME:
+                self._fill_nvme(model, ckpt, origin, progress)
+            else:
+                self._fill_dram(model, ckpt, origin, progress)
+        finally:
+            with self._transaction() as db:
+                db.execute("DELETE FROM fills WHERE id=?", (fill_id,))
+        with self._transaction() as db:
+            self._sync(db)
+            now = time.time()
+            db.execute("UPDATE entries SET source=?, verified_at=?, last_used=? WHERE model=? AND tier=?",
+                       (origin, now, now, model, tier))
+            return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
+
+    def best_copy_in(self, model: str, tier: str) -> CachedCopy:
+        with self._transaction() as db:
+            db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?", (time.time(), model, tier))
+            return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
+
+    def _fill_nvme(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None) -> None:
+        tmp = self.nvme_dir / filling_name(model)
+        tmp.mkdir()
+        try:
+            try:
+                copy_checkpoint(ckpt, tmp, progress)
+            except ChecksumMismatch as exc:
+                raise CacheCorrupt(f"model {model!r}: the origin {origin} does not match its manifest: {exc}") from None
+            write_marker(tmp, model, origin, folder_bytes(tmp), time.time())
+            fsync_dir(tmp)
+            try:
+                os.rename(tmp, self.nvme_path(model))
+            except OSError:
+                if self._present(model, NVME) is None:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # a concurrent warm of the same model won the race
+            fsync_dir(self.nvme_dir)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CacheError(f"model {model!r}: writing the NVMe copy in {self.nvme_dir} failed: "
+                             f"{exc.strerror or exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _fill_dram(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None) -> None:
+        # The node's NVMe copy, when there is one, is a faster source than the shared FS.
+        local = self._present(model, NVME)
+        source = local if local is not None else ckpt.root
+        total = checkpoint_bytes(ckpt)
+        if progress:
+            progress(0, total)
+        try:
+            self.dram.dir.mkdir(parents=True, exist_ok=True)
+            self.dram.put(source, model)
+        except DramTierError as exc:
+            raise NotEnoughSpace(f"model {model!r}: {exc}") from None
+        except ChecksumMismatch as exc:
+            raise CacheCorrupt(f"model {model!r}: {source} does not match its manifest: {exc}") from None
+        if progress:
+            progress(total, total)
+
+    def _reserve(self, model: str, tier: str, need: int) -> str:
+        """Evict LRU copies not in use until `need` bytes fit, and record the fill so concurrent fills count it."""
+        evicted: list[Path] = []
+        with self._transaction() as db:
+            self._sync(db)
+            capacity = self.capacity[tier]
+            used = self._used(db, tier)
+            free_disk = self._free_disk(tier)
+            candidates = [c for c in self._copies(db, "WHERE tier=? AND model<>?", (tier, model)) if not c.in_use]
+            candidates.sort(key=lambda c: c.last_used)
+            evictable = sum(c.bytes for c in candidates)
+            fits_capacity = used - evictable + need <= capacity
+            fits_disk = free_disk + evictable >= need
+            if not (fits_capacity and fits_disk):
+                in_use = [c for c in self._copies(db, "WHERE tier=?", (tier,)) if c.in_use]
+                raise NotEnoughSpace(
+                    f"model {model!r} needs {_gb(need)} in the {tier} tier: capacity {_gb(capacity)}, "
+                    f"{_gb(used)} used ({_gb(used - evictable)} by copies in use or fills in progress"
+                    + (f": {', '.join(c.model for c in in_use)}" if in_use else "")
+                    + f"), {_gb(free_disk)} free on the filesystem; free space or raise the "
+                    f"{tier}_capacity_gb setting")
+            for copy in candidates:
+                if used + need <= capacity and free_disk >= need:
+                    break
+                evicted.append(self._unlink_entry(db, copy.model, tier))
+                used -= copy.bytes
+                free_disk += copy.bytes
+            fill_id = uuid.uuid4().hex
+            db.execute("INSERT INTO fills VALUES (?,?,?,?,?)", (fill_id, model, tier, os.getpid(), need))
+        for path in evicted:
+            shutil.rmtree(path, ignore_errors=True)
+        return fill_id
+
+    def _used(self, db: sqlite3.Connection, tier: str) -> int:
+        """Bytes a tier holds: its copies plus the fills in progress (reserved before they start writing)."""
+        held = db.execute("SELECT COALESCE(SUM(bytes),0) FROM entries WHERE tier=?", (tier,)).fetchone()[0]
+        filling = db.execute("SELECT COALESCE(SUM(bytes),0) FROM fills WHERE tier=?", (tier,)).fetchone()[0]
+        return int(held) + int(filling)
+
+    def _free_disk(self, tier: str) -> int:
+        root = self.nvme_dir if tier == NVME else self.dram.dir
+        while not root.exists() and root != root.parent:
+            root = root.parent
+        try:
+            return shutil.disk_usage(root).free
+        except OSError:
+            return 0
+
+    # ---------------------------------------------------------------------------------------------- eviction
+
+    def _unlink_entry(self, db: sqlite3.Connection, model: str, tier: str) -> Path | None:
+        """Rename a copy out of sight (inside the transaction); returns what to delete after it commits."""
+        db.execute("DELETE FROM entries WHERE model=? AND tier=?", (model, tier))
+        if tier == DRAM:
+            self.dram.remove(model)  # renames away, then deletes; open mappings stay valid
+            return None
+        path = self.nvme_path(model)
+        trash = self.nvme_dir / f".{model}.evicted-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return None
+        return trash
+
+    def evict(self, model: str, tier: str | None = None, *, force: bool = False) -> list[CachedCopy]:
+        """Remove a model's copies (one tier or all); CacheInUse when one is held (unless force)."""
+        check_model_name(model)
+        tiers = (check_tier(tier),) if tier else CACHE_TIERS
+        trash = []
+        with self._transaction() as db:
+            self._sync(db)
+            copies = [c for c in self._copies(db, "WHERE model=?", (model,)) if c.tier in tiers]
+            busy = [c for c in copies if c.in_use]
+            if busy and not force:
+                raise CacheInUse(f"model {model!r} is in use in the {', '.join(c.tier for c in busy)} tier by "
+                                 f"{sum(c.in_use for c in busy)} instance(s); stop them first")
+            for copy in copies:
+                trash.append(self._unlink_entry(db, copy.model, copy.tier))
+        for path in trash:
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+        return copies
+
+    def clean_stale(self) -> int:
+        """Delete fills left by dead processes and half-deleted evictions; returns how many folders went."""
+        removed = 0
+        for child in list(self.nvme_dir.iterdir()) if self.nvme_dir.is_dir() else []:
+            filling = _FILLING.match(child.name)
+            if _TRASH.match(child.name) or (filling and not pid_alive(int(filling.group("pid")))):
+                shutil.rmtree(child, ignore_errors=True)
+                removed += 1
+        removed += self.dram.clean_stale()
+        with self._transaction() as db:
+            self._sync(db)
+        return removed
+
+    # ---------------------------------------------------------------------------------------------- verifying
+
+    def verify(self, model: str | None = None) -> list[VerifyResult]:
+        """Re-hash every cached copy (or one model's); a corrupt copy is dropped and refilled from its origin."""
+        copies = [c for c in self.list() if model is None or c.model == model]
+        if model is not None and not copies:
+            raise UnknownModel(f"model {model!r} is not cached on this node")
+        return [self._verify_one(c) for c in copies]
+
+    def _verify_one(self, copy: CachedCopy) -> VerifyResult:
+        try:
+            ckpt = read_checkpoint(copy.path)
+            ckpt.verify_files()
+        except CheckpointError as exc:
+            return self.handle_corrupt(copy.model, copy.tier, str(exc))
+        with self._transaction() as db:
+            db.execute("UPDATE entries SET verified_at=? WHERE model=? AND tier=?", (time.time(), copy.model,
+                                                                                     copy.tier))
+        return VerifyResult(copy.model, copy.tier, True, "ok")
+
+    def handle_corrupt(self, model: str, tier: str, reason: str = "") -> VerifyResult:
+        """A copy failed a checksum (on verify, or the loader's ChecksumMismatch): drop it, refill from its origin.
+
+        A copy in use is marked unverified and kept (its users hold mappings); it is refilled once released.
+        """
+        copy = self.get(model, tier)
+        if copy is None:
+            return VerifyResult(model, tier, False, "dropped", f"not cached any more; {reason}")
+        if copy.in_use:
+            with self._transaction() as db:
+                db.execute("UPDATE entries SET verified_at=NULL WHERE model=? AND tier=?", (model, tier))
+            return VerifyResult(model, tier, False, "kept-in-use",
+                                f"corrupt but in use by {copy.in_use} instance(s); evict it once they stop: {reason}")
+        self.evict(model, tier)
+        if not copy.source:
+            return VerifyResult(model, tier, False, "dropped", f"corrupt and its origin is unknown: {reason}")
+        try:
+            self.warm(model, copy.source, tier)
+        except HpcllmError as exc:
+            return VerifyResult(model, tier, False, "dropped", f"corrupt ({reason}); refill failed: {exc}")
+        return VerifyResult(model, tier, False, "refilled", f"corrupt, refilled from {copy.source}: {reason}")
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e7 else f"{nbytes / 1e6:.3f} MB"

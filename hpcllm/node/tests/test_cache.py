@@ -1,0 +1,275 @@
+"""CacheManager: verified atomic fills, crash safety, corruption refill, LRU eviction, refcounts across processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hpcllm.checkpoint import read_checkpoint
+from hpcllm.node.cache import (CacheInUse, CacheManager, CacheCorrupt, NotEnoughSpace, UnknownModel,
+                               checkpoint_bytes)
+
+CHUNK = 16 * 1024  # small chunks so a tiny model has many of them
+
+
+@pytest.fixture(scope="module")
+def origin(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A converted tiny llama on the "shared FS" (tests must not modify it)."""
+    from hpcllm.checkpoint import convert
+
+    out = tmp_path_factory.mktemp("origin") / "tiny-llama"
+    convert(tiny_llama_dir, out, partitions=2, chunk_size=CHUNK, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_bytes(origin) -> int:
+    return checkpoint_bytes(read_checkpoint(origin))
+
+
+@pytest.fixture
+def manager(tmp_path) -> CacheManager:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    cm = CacheManager(tmp_path / "nvme", 10**9, 10**9, namespace, dram_root=tmp_path / "shm")
+    yield cm
+
+
+def _manager_like(cm: CacheManager, nvme_cap: int | None = None, dram_cap: int | None = None) -> CacheManager:
+    return CacheManager(cm.nvme_dir, nvme_cap or cm.capacity["nvme"], dram_cap or cm.capacity["dram"],
+                        cm.dram.namespace, dram_root=cm.dram.dir.parent)
+
+
+def _copy_model(origin: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(origin, dest)
+    return dest
+
+
+def _visible(nvme_dir: Path) -> list[str]:
+    return sorted(p.name for p in nvme_dir.iterdir() if not p.name.startswith(".hpcllm-cache.db"))
+
+
+def test_warm_nvme_copies_verifies_and_lists(manager, origin, model_bytes):
+    seen = []
+    copy = manager.warm("llama", origin, "nvme", progress=lambda done, total: seen.append((done, total)))
+
+    assert copy.path == manager.nvme_dir / "llama" and copy.tier == "nvme" and copy.verified
+    read_checkpoint(copy.path).verify_files()
+    for part in read_checkpoint(origin).partitions:
+        assert (copy.path / part.file).read_bytes() == part.path.read_bytes()
+    assert seen[-1] == (model_bytes, model_bytes) and len(seen) > 3
+    assert [(c.model, c.tier, c.verified, c.source) for c in manager.list()] == [
+        ("llama", "nvme", True, str(origin.resolve()))]
+    assert manager.path_for_load("llama", origin) == (copy.path, "nvme")
+    assert manager.path_for_load("other", origin / "x") == (origin / "x", "sharedfs")
+
+
+def test_warm_dram_prefers_dram_copy(manager, origin):
+    manager.warm("llama", origin, "nvme")
+    dram = manager.warm("llama", origin, "dram")
+
+    assert dram.tier == "dram" and dram.path.is_dir()
+    read_checkpoint(dram.path).verify_files()
+    assert manager.best_copy("llama").tier == "dram"
+    assert {c.tier for c in manager.list()} == {"nvme", "dram"}
+    manager.evict("llama")
+    assert manager.list() == [] and not dram.path.exists()
+
+
+def test_interrupted_fill_leaves_nothing_visible(manager, origin):
+    def crash(done, total):
+        if done > total // 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        manager.warm("llama", origin, "nvme", progress=crash)
+
+    assert _visible(manager.nvme_dir) == []
+    assert manager.list() == [] and manager.usage_bytes("nvme") == 0
+
+
+def test_killed_fill_is_invisible_and_cleaned_on_start(manager, origin, tmp_path):
+    started = tmp_path / "started"
+    script = f"""
+import time
+from pathlib import Path
+from hpcllm.node.cache import CacheManager
+cm = CacheManager({str(manager.nvme_dir)!r}, 10**9, 10**9, {manager.dram.namespace!r}, dram_root={str(tmp_path / 'shm')!r})
+def hang(done, total):
+    if done > total // 3:
+        Path({str(started)!r}).touch()
+        time.sleep(60)
+cm.warm("llama", {str(origin)!r}, "nvme", progress=hang)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None, "the filling process exited early"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        leftovers = [p.name for p in manager.nvme_dir.iterdir() if ".filling-" in p.name]
+        assert len(leftovers) == 1
+        assert manager.list() == []  # a fill in progress is not a cache entry
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    fresh = _manager_like(manager)  # start-up removes the dead process's temporary folder
+    assert _visible(fresh.nvme_dir) == []
+    assert fresh.list() == []
+    assert fresh.warm("llama", origin, "nvme").verified
+
+
+def test_flipped_byte_is_caught_by_verify_and_refilled(manager, origin):
+    copy = manager.warm("llama", origin, "nvme")
+    data_file = copy.path / "data-00001.h5"
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(raw)
+
+    results = manager.verify()
+
+    assert [(r.model, r.tier, r.ok, r.action) for r in results] == [("llama", "nvme", False, "refilled")]
+    assert "corrupt" in results[0].message
+    read_checkpoint(copy.path).verify_files()  # the refilled copy is good again
+    assert manager.verify("llama")[0].action == "ok"
+
+
+def test_corrupt_copy_whose_origin_is_gone_is_dropped(manager, origin, tmp_path):
+    movable = _copy_model(origin, tmp_path / "movable")
+    copy = manager.warm("llama", movable, "nvme")
+    (copy.path / "index.json").write_text("{}")
+    import shutil
+
+    shutil.rmtree(movable)
+
+    [result] = manager.verify()
+
+    assert (result.ok, result.action) == (False, "dropped")
+    assert "does not exist" in result.message
+    assert manager.list() == [] and not copy.path.exists()
+
+
+def test_lru_eviction_keeps_in_use_models(manager, origin, model_bytes):
+    cm = _manager_like(manager, nvme_cap=int(model_bytes * 2.5))
+    cm.warm("a", origin, "nvme")
+    cm.warm("b", origin, "nvme")
+    cm.acquire("a", "nvme")  # a is the least recently used, but in use
+    time.sleep(0.01)
+    cm.best_copy("b")
+
+    cm.warm("c", origin, "nvme")
+
+    assert sorted(c.model for c in cm.list()) == ["a", "c"]  # b (not in use) made room, a stayed
+    with pytest.raises(CacheInUse, match="in use"):
+        cm.evict("a")
+    cm.release("a", "nvme")
+    time.sleep(0.01)
+    cm.best_copy("c")
+    cm.warm("d", origin, "nvme")
+    assert sorted(c.model for c in cm.list()) == ["c", "d"]
+
+
+def test_not_enough_space_names_sizes_and_holders(manager, origin, model_bytes):
+    cm = _manager_like(manager, nvme_cap=int(model_bytes * 1.5))
+    cm.warm("a", origin, "nvme")
+    cm.acquire("a", "nvme")
+
+    with pytest.raises(NotEnoughSpace) as err:
+        cm.warm("b", origin, "nvme")
+
+    message = str(err.value)
+    assert "'b' needs" in message and "capacity" in message and "in use" in message and ": a)" in message
+    assert [c.model for c in cm.list()] == ["a"]
+    assert _visible(cm.nvme_dir) == ["a"]
+
+    tiny = _manager_like(manager, nvme_cap=model_bytes // 2)
+    tiny.release("a", "nvme")
+    with pytest.raises(NotEnoughSpace, match="capacity"):
+        tiny.warm("b", origin, "nvme")
+
+
+def test_unknown_origin_and_not_converted_are_clear_errors(manager, tmp_path, tiny_llama_dir):
+    with pytest.raises(UnknownModel, match="does not exist"):
+        manager.warm("ghost", tmp_path / "nowhere", "nvme")
+    with pytest.raises(UnknownModel, match="hpcllm convert"):
+        manager.warm("hf", tiny_llama_dir, "nvme")
+    with pytest.raises(UnknownModel, match="not cached"):
+        manager.verify("ghost")
+
+
+def test_corrupt_origin_is_refused_without_a_partial_copy(manager, origin, tmp_path):
+    bad = _copy_model(origin, tmp_path / "bad")
+    raw = bytearray((bad / "data-00000.h5").read_bytes())
+    raw[-10] ^= 0xFF
+    (bad / "data-00000.h5").write_bytes(raw)
+
+    with pytest.raises(CacheCorrupt, match="does not match"):
+        manager.warm("bad", bad, "nvme")
+    assert _visible(manager.nvme_dir) == []
+
+
+def test_refcount_is_visible_across_processes(manager, origin, tmp_path):
+    manager.warm("llama", origin, "nvme")
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    script = f"""
+import time
+from pathlib import Path
+from hpcllm.node.cache import CacheManager
+cm = CacheManager({str(manager.nvme_dir)!r}, 10**9, 10**9, {manager.dram.namespace!r}, dram_root={str(tmp_path / 'shm')!r})
+cm.acquire("llama", "nvme")
+Path({str(ready)!r}).touch()
+while not Path({str(stop)!r}).exists():
+    time.sleep(0.05)
+cm.release("llama", "nvme")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert manager.get("llama", "nvme").in_use == 1
+        with pytest.raises(CacheInUse):
+            manager.evict("llama")
+        stop.touch()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert manager.get("llama", "nvme").in_use == 0
+    assert [c.model for c in manager.evict("llama")] == ["llama"]
+
+
+def test_references_of_dead_processes_are_dropped(manager, origin):
+    manager.warm("llama", origin, "nvme")
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(proc.stdout)
+    manager.acquire("llama", "nvme", pid=dead_pid)
+
+    assert manager.get("llama", "nvme").in_use == 0
+    assert manager.evict("llama")
+
+
+def test_copy_written_by_another_tool_is_picked_up(manager, origin):
+    """The MPI warmer writes nvme_dir/<model>/ with the marker directly; the manager lists it."""
+    from hpcllm.node.cache import copy_checkpoint, write_marker
+
+    tmp = manager.nvme_dir / ".x.filling-1-00000000"
+    tmp.mkdir()
+    copy_checkpoint(read_checkpoint(origin), tmp)
+    write_marker(tmp, "x", str(origin), 123, time.time())
+    os.rename(tmp, manager.nvme_dir / "x")
+
+    [copy] = manager.list()
+    assert (copy.model, copy.tier, copy.verified, copy.source) == ("x", "nvme", True, str(origin))
