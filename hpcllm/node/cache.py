@@ -483,16 +483,14 @@ class CacheManager:
             return self.best_copy_in(model, tier)
         if existing is not None:
             self.evict(model, tier)
-        need = checkpoint_bytes(ckpt)
-        fill_id = self._reserve(model, tier, need)
+        fill_id = self.reserve_fill(model, tier, checkpoint_bytes(ckpt))
         try:
             if tier == NVME:
                 self._fill_nvme(model, ckpt, origin, progress)
             else:
                 self._fill_dram(model, ckpt, origin, progress)
         finally:
-            with self._transaction() as db:
-                db.execute("DELETE FROM fills WHERE id=?", (fill_id,))
+            self.end_fill(fill_id)
         with self._transaction() as db:
             self._sync(db)
             now = time.time()
@@ -547,7 +545,12 @@ class CacheManager:
         if progress:
             progress(total, total)
 
-    def _reserve(self, model: str, tier: str, need: int) -> str:
+    def end_fill(self, fill_id: str) -> None:
+        """The fill reserved by reserve_fill is over (committed or abandoned): its bytes stop counting."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM fills WHERE id=?", (fill_id,))
+
+    def reserve_fill(self, model: str, tier: str, need: int) -> str:
         """Evict LRU copies not in use until `need` bytes fit, and record the fill so concurrent fills count it."""
         evicted: list[Path] = []
         with self._transaction() as db:

@@ -1,0 +1,279 @@
+"""Warm many nodes' NVMe caches reading the shared filesystem once: an MPI job, one rank per node.
+
+    srun --mpi=pmix -N4 --ntasks-per-node=1 python -m hpcllm.node.mpiwarm --source /shared/models/llama \
+        --model llama --tier nvme --nvme-dir-template '/var/tmp/hpcllm/nvme/{node}'
+
+Rank 0 validates the origin and reads every data file once; hpcllm.mpi.bcast_file_chunks broadcasts it chunk by
+chunk (two buffers in flight, so reading, the network and the writes overlap), one broadcast chunk = one manifest
+chunk. Every rank writes into a temporary folder of its node's cache (`.<model>.filling-<pid>-<rnd>`), checks each
+chunk against the manifest as it arrives, then re-reads its written copy and verifies every checksum. Only when
+ALL ranks verified (an allreduce of success flags) does each rank write the cache marker and rename its folder into
+place; otherwise every rank deletes its temporary folder and the job exits 1 naming each failed rank, node and
+reason. No rank ever waits forever: every rank takes part in every collective, whatever failed locally.
+
+`{node}` in the template is $SLURMD_NODENAME (the host name outside Slurm), `{rank}` the MPI rank: on the dev
+cluster the four fake nodes share one host, so their cache folders must differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hpcllm.checkpoint import INDEX_FILE, MANIFEST_FILE, CheckpointError, read_checkpoint
+from hpcllm.errors import HpcllmError
+from hpcllm.mpi import BroadcastError, bcast_file_chunks, comm_world
+from hpcllm.node.cache import (NVME, CacheError, CacheManager, check_model_name, checkpoint_bytes, filling_name,
+                               folder_bytes, fsync_dir, open_origin, write_marker)
+
+RESULT_PREFIX = "mpiwarm:"
+
+
+def node_name() -> str:
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def nvme_dir_for(template: str, node: str, rank: int) -> Path:
+    try:
+        return Path(template.format(node=node, rank=rank))
+    except (KeyError, IndexError, ValueError) as exc:
+        raise CacheError(f"--nvme-dir-template {template!r}: only {{node}} and {{rank}} may be used ({exc})") from None
+
+
+class RankFill:
+    """One rank's side of the warm: a temporary folder it writes, verifies, and commits or removes."""
+
+    def __init__(self, model: str, nvme_dir: Path, capacity_bytes: int):
+        self.model = model
+        self.nvme_dir = nvme_dir
+        self.capacity_bytes = capacity_bytes
+        self.error = ""
+        self.tmp: Path | None = None
+        self.cache: CacheManager | None = None
+        self.fill_id: str | None = None
+        self.already_cached = False
+
+    def fail(self, message: str) -> None:
+        if not self.error:  # keep the first cause
+            self.error = message
+
+    def prepare(self, need: int) -> None:
+        try:
+            self.cache = CacheManager(self.nvme_dir, self.capacity_bytes, 1, "mpiwarm")
+            if self.cache.get(self.model, NVME) is not None:
+                self.already_cached = True
+                return
+            self.fill_id = self.cache.reserve_fill(self.model, NVME, need)
+            self.tmp = self.nvme_dir / filling_name(self.model)
+            self.tmp.mkdir()
+        except (HpcllmError, OSError) as exc:
+            self.fail(f"cannot prepare {self.nvme_dir}: {getattr(exc, 'strerror', None) or exc}")
+
+    @property
+    def writing(self) -> bool:
+        return not self.error and not self.already_cached and self.tmp is not None
+
+    def write_small(self, name: str, data: bytes) -> None:
+        if self.writing:
+            try:
+                (self.tmp / name).write_bytes(data)
+            except OSError as exc:
+                self.fail(f"cannot write {self.tmp / name}: {exc.strerror}")
+
+    def verify(self) -> None:
+        if self.writing:
+            try:
+                read_checkpoint(self.tmp).verify_files()
+                fsync_dir(self.tmp)
+            except CheckpointError as exc:
+                self.fail(f"the written copy does not verify: {exc}")
+
+    def commit(self, source: str) -> None:
+        if not self.writing:
+            return
+        write_marker(self.tmp, self.model, source, folder_bytes(self.tmp), time.time())
+        os.rename(self.tmp, self.nvme_dir / self.model)
+        fsync_dir(self.nvme_dir)
+        self.tmp = None
+
+    def abandon(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def close(self) -> None:
+        if self.cache is not None and self.fill_id is not None:
+            try:
+                self.cache.end_fill(self.fill_id)
+            except HpcllmError:
+                pass
+
+
+def _describe_origin(model: str, source: Path) -> tuple[dict[str, Any] | None, str]:
+    """On rank 0: what every rank needs to know about the origin, or an error message."""
+    try:
+        ckpt = open_origin(model, source)
+        small = {name: (ckpt.root / name).read_bytes() for name in (MANIFEST_FILE, INDEX_FILE)}
+        small.update({side.file: (ckpt.root / side.file).read_bytes() for side in ckpt.side_files})
+    except (HpcllmError, OSError) as exc:
+        return None, str(exc)
+    parts = [{"file": p.file, "size": p.size, "chunk_size": p.chunk_size} for p in ckpt.partitions]
+    return {"small": small, "partitions": parts, "need": checkpoint_bytes(ckpt),
+            "source": str(source.resolve())}, ""
+
+
+def _receive_partition(fill: RankFill, part: dict, index: int, comm, is_root: bool, source: Path,
+                       manifest_ckpt, progress) -> None:
+    """Every rank joins the whole broadcast of one data file; a rank that cannot write keeps consuming it."""
+    out = None
+    if fill.writing:
+        try:
+            out = open(fill.tmp / part["file"], "wb")
+        except OSError as exc:
+            fill.fail(f"cannot write {fill.tmp / part['file']}: {exc.strerror}")
+    try:
+        chunks = bcast_file_chunks(source / part["file"] if is_root else None, chunk_bytes=part["chunk_size"],
+                                   comm=comm)
+        for chunk_index, chunk in enumerate(chunks):
+            if out is not None and fill.writing:
+                try:
+                    manifest_ckpt.verify_chunk(index, chunk_index, chunk)
+                    out.write(chunk)
+                except (CheckpointError, OSError) as exc:
+                    fill.fail(f"writing {part['file']} chunk {chunk_index}: {getattr(exc, 'strerror', None) or exc}")
+            if progress:
+                progress(len(chunk))
+        if out is not None and fill.writing:
+            out.flush()
+            os.fsync(out.fileno())
+    except BroadcastError as exc:
+        fill.fail(str(exc))
+    finally:
+        if out is not None:
+            out.close()
+
+
+def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes: int, comm=None,
+         progress_stream=None) -> int:
+    """The collective warm; returns the exit status (0 only when every rank committed its verified copy)."""
+    from mpi4py import MPI
+
+    comm = comm if comm is not None else comm_world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    is_root = rank == 0
+    started = time.perf_counter()
+    node = node_name()
+
+    described, origin_error = _describe_origin(model, source) if is_root else (None, "")
+    described, origin_error = comm.bcast((described, origin_error), root=0)  # small: JSON + side files
+    if origin_error:
+        if is_root:
+            print(f"error: {origin_error}", file=sys.stderr, flush=True)
+        return 1
+
+    fill = RankFill(model, nvme_dir_for(nvme_dir_template, node, rank), capacity_bytes)
+    try:
+        fill.prepare(described["need"])
+        for name, data in described["small"].items():
+            fill.write_small(name, data)
+        manifest_ckpt = None
+        if fill.writing:
+            try:
+                manifest_ckpt = read_checkpoint(fill.tmp)  # the manifest/index just written: chunk checksums
+            except CheckpointError as exc:
+                fill.fail(f"the broadcast manifest does not parse: {exc}")
+        progress = _progress_printer(described, progress_stream) if is_root and progress_stream else None
+        for index, part in enumerate(described["partitions"]):
+            _receive_partition(fill, part, index, comm, is_root, source if is_root else Path("."),
+                               manifest_ckpt, progress)
+        fill.verify()
+
+        results = comm.gather((rank, node, str(fill.nvme_dir), fill.error, fill.already_cached), root=0)
+        all_ok = comm.allreduce(0 if fill.error else 1, op=MPI.MIN)
+        if all_ok:
+            try:
+                fill.commit(described["source"])
+            except OSError as exc:
+                fill.fail(f"cannot rename into {fill.nvme_dir / model}: {exc.strerror}")
+        else:
+            fill.abandon()
+        committed = comm.allreduce(0 if fill.error else 1, op=MPI.MIN)
+        commit_errors = comm.gather((rank, node, fill.error), root=0)
+    finally:
+        fill.abandon()
+        fill.close()
+
+    if is_root:
+        _report(model, described, results, commit_errors, bool(all_ok), time.perf_counter() - started, size)
+    return 0 if all_ok and committed else 1
+
+
+def _progress_printer(described: dict, stream):
+    total = sum(p["size"] for p in described["partitions"]) or 1
+    state = {"done": 0, "shown": -1}
+
+    def step(nbytes: int) -> None:
+        state["done"] += nbytes
+        percent = state["done"] * 100 // total
+        if percent // 10 != state["shown"]:
+            state["shown"] = percent // 10
+            print(f"{RESULT_PREFIX} progress {state['done']} {total}", file=stream, flush=True)
+
+    return step
+
+
+def _report(model: str, described: dict, results: list, commit_errors: list, all_ok: bool, seconds: float,
+            ranks: int) -> None:
+    data_bytes = sum(p["size"] for p in described["partitions"])
+    if not all_ok:
+        failed = [f"rank {r} on {n} ({d}): {e}" for r, n, d, e, _ in results if e]
+        print(f"error: warming {model!r} failed on {len(failed)} of {ranks} ranks; nothing was committed on any "
+              f"node: " + "; ".join(failed), file=sys.stderr, flush=True)
+        return
+    for rank, node, nvme_dir, _, already in results:
+        state = "already-cached" if already else "verified"
+        print(f"{RESULT_PREFIX} rank {rank} node {node} {state} {Path(nvme_dir) / model}", flush=True)
+    late = [f"rank {r} on {n}: {e}" for r, n, e in commit_errors if e]
+    if late:
+        print(f"error: warming {model!r}: every copy verified but renaming failed on: " + "; ".join(late),
+              file=sys.stderr, flush=True)
+        return
+    rate = data_bytes / seconds / 1e9 if seconds > 0 else 0.0
+    print(f"{RESULT_PREFIX} ok model {model} ranks {ranks} bytes {data_bytes} seconds {seconds:.3f} "
+          f"({rate:.2f} GB/s read once from {described['source']})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpcllm.node.mpiwarm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, type=Path, help="converted checkpoint on the shared FS")
+    parser.add_argument("--model", required=True, help="model name (the cache folder's name)")
+    parser.add_argument("--tier", default=NVME, choices=[NVME],
+                        help="only nvme: warm DRAM afterwards from the node's NVMe copy (hpcllm cache warm)")
+    parser.add_argument("--nvme-dir-template", required=True,
+                        help="each rank's NVMe cache folder; {node} = $SLURMD_NODENAME, {rank} = MPI rank")
+    parser.add_argument("--nvme-capacity-gb", type=float, default=None,
+                        help="NVMe tier capacity (default: [node] nvme_capacity_gb of the config)")
+    parser.add_argument("--progress", action="store_true", help="rank 0 prints progress lines to stderr")
+    args = parser.parse_args(argv)
+    try:
+        check_model_name(args.model)
+        capacity = args.nvme_capacity_gb
+        if capacity is None:
+            from hpcllm.config import load_config
+
+            capacity = load_config().node.nvme_capacity_gb
+        return warm(args.source, args.model, args.nvme_dir_template, int(capacity * 1e9),
+                    progress_stream=sys.stderr if args.progress else None)
+    except HpcllmError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return getattr(exc, "exit_code", 1) or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
