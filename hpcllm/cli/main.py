@@ -24,6 +24,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "worker": "hpcllm.worker.cli:worker",
     "gateway": "hpcllm.gateway.cli:gateway",
     "slurm": "hpcllm.slurm.cli:slurm",
+    "cache": "hpcllm.node.cache_cli:cache",
 }
 
 

@@ -11,7 +11,8 @@ ALL ranks verified (an allreduce of success flags) does each rank write the cach
 place; otherwise every rank deletes its temporary folder and the job exits 1 naming each failed rank, node and
 reason. No rank ever waits forever: every rank takes part in every collective, whatever failed locally.
 
-`{node}` in the template is $SLURMD_NODENAME (the host name outside Slurm), `{rank}` the MPI rank: on the dev
+`{node}` (or `%n`, as in [node] nvme_dir) in the template is $SLURMD_NODENAME (the host name outside Slurm),
+`{rank}` the MPI rank, and $VARIABLES are expanded: on the dev
 cluster the four fake nodes share one host, so their cache folders must differ.
 """
 
@@ -40,8 +41,9 @@ def node_name() -> str:
 
 
 def nvme_dir_for(template: str, node: str, rank: int) -> Path:
+    template = template.replace("%n", node)  # the node agent's nvme_dir pattern ([node] nvme_dir) works as is
     try:
-        return Path(template.format(node=node, rank=rank))
+        return Path(os.path.expandvars(template.format(node=node, rank=rank)))
     except (KeyError, IndexError, ValueError) as exc:
         raise CacheError(f"--nvme-dir-template {template!r}: only {{node}} and {{rank}} may be used ({exc})") from None
 

@@ -1,0 +1,385 @@
+"""`hpcllm cache warm|ls|evict|verify`: the node caches of the cluster, from one admin command.
+
+Targets: the node agents the controller knows (GET /v1/admin/status with the admin key gives every node's agent URL
+and every deployed model's origin), or agents named directly with --agent-url. `warm --mpi` needs no agent: it
+submits an MPI job (srun --mpi=pmix, one rank per node) running `python -m hpcllm.node.mpiwarm`, so the shared FS
+is read once however many nodes are warmed, and waits for it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import httpx
+
+from hpcllm.config import Config, load_config
+from hpcllm.errors import HpcllmError
+from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
+from hpcllm.node.hostlist import expand_nodes
+from hpcllm.node.mpiwarm import RESULT_PREFIX
+
+SECRET_HEADER = "X-Hpcllm-Secret"
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                             help="hpcllm config file (default: $HPCLLM_CONFIG, else built-in defaults).")
+url_option = click.option("--url", "controller_url", default=None,
+                          help="Controller URL (default: $HPCLLM_CONTROLLER_URL, else controller.host:port).")
+agent_option = click.option("--agent-url", "agent_urls", multiple=True,
+                             help="Talk to this node agent directly instead of asking the controller (repeatable).")
+
+
+class NodeUnreachable(CacheError):
+    """A node agent did not answer."""
+
+
+@dataclass(frozen=True)
+class Agent:
+    node: str
+    url: str
+
+
+# ------------------------------------------------------------------------------------------------ talking to agents
+
+
+class AgentClient:
+    def __init__(self, agent: Agent, secret: str, timeout: float = 3600.0):
+        self.agent = agent
+        self._http = httpx.Client(base_url=agent.url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10.0),
+                                  headers={SECRET_HEADER: secret})
+
+    def call(self, method: str, path: str, **kwargs) -> dict:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise NodeUnreachable(f"node {self.agent.node}'s agent at {self.agent.url} is not reachable "
+                                  f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?") from None
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        if resp.status_code >= 400:
+            error = body.get("error", {}) if isinstance(body, dict) else {}
+            message = error.get("message") or resp.text[:300] or resp.reason_phrase
+            code = str(error.get("code") or "")
+            kind = {"NotEnoughSpace": NotEnoughSpace, "UnknownModel": UnknownModel}.get(code, CacheError)
+            raise kind(f"node {self.agent.node}: {message}")
+        return body
+
+
+class Cluster:
+    """What the controller knows: agents by node, deployed models' origins. Asked lazily, once."""
+
+    def __init__(self, config: Config, controller_url: str | None, agent_urls: tuple[str, ...]):
+        self.config = config
+        self.controller_url = controller_url
+        self.agent_urls = agent_urls
+        self._status: dict | None = None
+
+    def status(self) -> dict:
+        if self._status is None:
+            from hpcllm.controller.cli import AdminClient
+
+            self._status = AdminClient(self.config, self.controller_url).call("GET", "/v1/admin/status")
+        return self._status
+
+    def agents(self, nodes: list[str] | None) -> list[Agent]:
+        if self.agent_urls:
+            found = [Agent(self._node_of(url), url) for url in self.agent_urls]
+            return [a for a in found if nodes is None or a.node in nodes] or _no_agents(nodes, found)
+        known = {n["node_id"]: n for n in self.status().get("nodes", [])}
+        if nodes is None:
+            return [Agent(name, n["agent_url"]) for name, n in sorted(known.items())]
+        missing = [n for n in nodes if n not in known]
+        if missing:
+            raise CacheError(f"node(s) {', '.join(missing)} have no registered agent (the controller knows "
+                             f"{', '.join(sorted(known)) or 'no nodes'}); start `hpcllm node` there or use --agent-url")
+        return [Agent(n, known[n]["agent_url"]) for n in nodes]
+
+    def _node_of(self, url: str) -> str:
+        try:
+            body = httpx.get(url.rstrip("/") + "/health", timeout=10.0).json()
+            return str(body.get("node_id") or url)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return url
+
+    def source_of(self, model: str, given: Path | None) -> str:
+        if given is not None:
+            return str(given)
+        try:
+            models = {m["name"]: m for m in self.status().get("models", [])}
+        except HpcllmError as exc:
+            raise CacheError(f"model {model!r}: no --source given and the controller cannot be asked for its "
+                             f"origin ({exc})") from None
+        if model not in models:
+            raise UnknownModel(f"model {model!r} is not deployed (deployed: {', '.join(sorted(models)) or 'none'}); "
+                               f"deploy it or pass --source PATH of its converted checkpoint")
+        return models[model]["source"]
+
+
+def _no_agents(nodes, found):
+    raise CacheError(f"none of the agents given with --agent-url is on node(s) {', '.join(nodes)} "
+                     f"(they are {', '.join(a.node for a in found)})")
+
+
+def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[AgentClient]:
+    nodes = expand_nodes(node_expr) if node_expr else None
+    return [AgentClient(a, config.cluster.shared_secret) for a in cluster.agents(nodes)]
+
+
+# ------------------------------------------------------------------------------------------------------- commands
+
+
+@click.group("cache")
+def cache() -> None:
+    """Node checkpoint caches (NVMe, DRAM): warm, list, evict, verify."""
+
+
+@cache.command("warm")
+@click.argument("model")
+@click.option("--nodes", "node_expr", required=True, help="Slurm hostlist, e.g. n[1-4] or n1,n3.")
+@click.option("--tier", type=click.Choice(CACHE_TIERS), default="nvme", show_default=True)
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="Converted checkpoint on the shared FS (default: the deployed model's source).")
+@click.option("--mpi", is_flag=True, help="One MPI job broadcasts the checkpoint to all nodes (reads it once).")
+@click.option("--nvme-dir-template", default=None,
+              help="--mpi: each node's NVMe cache folder; {node} or %n = node name (default: [node] nvme_dir).")
+@click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True,
+              help="Longest wait for the warm (seconds).")
+@config_option
+@url_option
+@agent_option
+def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, config_path, controller_url,
+         agent_urls) -> None:
+    """Copy MODEL into the TIER cache of every node in --nodes (verified, atomic)."""
+    check_model_name(model)
+    config = load_config(config_path)
+    cluster = Cluster(config, controller_url, agent_urls)
+    origin = cluster.source_of(model, source)
+    if mpi:
+        if tier != "nvme":
+            raise CacheError("--mpi warms the NVMe tier; warm DRAM afterwards from the nodes' NVMe copies "
+                             "(hpcllm cache warm MODEL --tier dram --nodes ...)")
+        nodes = expand_nodes(node_expr)
+        template = nvme_dir_template or str(config.node.nvme_dir)
+        result = mpi_warm(config, model, Path(origin), nodes, template, timeout_s)
+        for node, path in result["copies"]:
+            click.echo(f"{node}: {model} verified in {path}")
+        click.echo(result["summary"])
+        return
+    warm_through_agents(_clients(config, cluster, node_expr), model, origin, tier)
+
+
+def warm_through_agents(clients: list[AgentClient], model: str, origin: str, tier: str) -> None:
+    """Warm node by node through the agents (each reads the origin); a rich progress line per node."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    failures = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
+                  TimeElapsedColumn(), transient=False) as progress:
+        tasks = {c.agent.node: progress.add_task(f"{c.agent.node} {model} -> {tier}", total=1, state="warming")
+                 for c in clients}
+        for client in clients:
+            task = tasks[client.agent.node]
+            try:
+                copy = client.call("POST", "/v1/internal/cache/warm",
+                                   json={"model": model, "source": origin, "tier": tier})
+                progress.update(task, completed=1, state=f"{copy['bytes'] / 1e9:.2f} GB verified")
+            except HpcllmError as exc:
+                progress.update(task, state="failed")
+                failures.append(str(exc))
+    if failures:
+        raise CacheError("; ".join(failures))
+
+
+@cache.command("ls")
+@click.option("--node", "node_expr", default=None, help="Only these nodes (hostlist).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@config_option
+@url_option
+@agent_option
+def ls(node_expr, as_json, config_path, controller_url, agent_urls) -> None:
+    """List cached copies: node, model, tier, size, last use, verified."""
+    import json
+
+    config = load_config(config_path)
+    rows, errors = [], []
+    for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
+        try:
+            for copy in client.call("GET", "/v1/internal/cache")["cached"]:
+                rows.append({"node": client.agent.node, **copy})
+        except NodeUnreachable as exc:
+            errors.append(str(exc))
+    if as_json:
+        click.echo(json.dumps({"cached": rows, "errors": errors}, indent=1))
+    else:
+        _print_table(rows)
+    for message in errors:
+        click.echo(f"warning: {message}", err=True)
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("node", "model", "tier", "size", "last use", "verified", "in use")
+    for r in rows:
+        table.add_row(r["node"], r["model"], r["tier"], _size(r["bytes"]),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_used"])),
+                      "yes" if r["verified"] else "NO", str(r.get("in_use", 0)))
+    Console(width=120).print(table if rows else "no cached copies")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+@cache.command("evict")
+@click.argument("model")
+@click.option("--node", "node_expr", default=None, help="Only these nodes (hostlist; default: all).")
+@click.option("--tier", type=click.Choice(CACHE_TIERS), default=None, help="Only this tier (default: all).")
+@config_option
+@url_option
+@agent_option
+def evict(model, node_expr, tier, config_path, controller_url, agent_urls) -> None:
+    """Remove MODEL's cached copies (copies in use by an instance are refused)."""
+    check_model_name(model)
+    config = load_config(config_path)
+    removed, failures = 0, []
+    for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
+        try:
+            gone = client.call("DELETE", f"/v1/internal/cache/{model}", params={"tier": tier} if tier else None)
+        except HpcllmError as exc:
+            failures.append(str(exc))
+            continue
+        for copy in gone["cached"]:
+            click.echo(f"{client.agent.node}: evicted {model} from {copy['tier']} ({_size(copy['bytes'])})")
+            removed += 1
+    if failures:
+        raise CacheError("; ".join(failures))
+    if not removed:
+        click.echo(f"{model} was not cached" + (f" on {node_expr}" if node_expr else ""))
+
+
+@cache.command("verify")
+@click.option("--node", "node_expr", default=None, help="Only these nodes (hostlist; default: all).")
+@click.option("--model", default=None, help="Only this model.")
+@config_option
+@url_option
+@agent_option
+def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
+    """Re-hash cached copies; corrupt ones are dropped and refilled from their origin. Exit 1 if any was corrupt."""
+    config = load_config(config_path)
+    bad, failures = 0, []
+    for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
+        try:
+            results = client.call("POST", "/v1/internal/cache/verify", json={"model": model})["results"]
+        except HpcllmError as exc:
+            failures.append(str(exc))
+            continue
+        for r in results:
+            bad += not r["ok"]
+            click.echo(f"{client.agent.node}: {r['model']} {r['tier']}: {r['action']}"
+                       + (f" ({r['message']})" if r["message"] else ""))
+    if failures:
+        raise CacheError("; ".join(failures))
+    if bad:
+        raise CacheError(f"{bad} corrupt cop{'y' if bad == 1 else 'ies'} found (see above)")
+
+
+# ------------------------------------------------------------------------------------------------ MPI warm job
+
+
+def mpi_warm_spec(config: Config, model: str, source: Path, nodes: list[str], nvme_dir_template: str,
+                  log_dir: Path):
+    """The Slurm job: one MPI rank per node, srun --mpi=pmix, rank 0 reads the origin and broadcasts it."""
+    from hpcllm.slurm import make_job_spec
+
+    command = [sys.executable, "-m", "hpcllm.node.mpiwarm", "--source", str(source), "--model", model,
+               "--tier", "nvme", "--nvme-dir-template", nvme_dir_template,
+               "--nvme-capacity-gb", repr(config.node.nvme_capacity_gb), "--progress"]
+    script = (f"srun --mpi=pmix --nodes={len(nodes)} --ntasks={len(nodes)} --ntasks-per-node=1 "
+              f"{shlex.join(command)}\n")
+    stamp = f"{model}-{int(time.time() * 1000)}"
+    return make_job_spec(name=f"hpcllm-warm-{model}"[:128], script=script, nodes=len(nodes), ntasks=len(nodes),
+                         ntasks_per_node=1, nodelist=tuple(nodes), partition=config.slurm.partition,
+                         account=config.slurm.account, qos=config.slurm.qos, time=config.slurm.time,
+                         output=str(log_dir / f"warm-{stamp}.out"), error=str(log_dir / f"warm-{stamp}.err"),
+                         open_mode_append=False)
+
+
+def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_dir_template: str,
+             timeout_s: float, log_dir: Path | None = None, show_progress: bool = True) -> dict:
+    """Submit the MPI warm job, follow its progress, wait for it; returns {copies, summary, job_id}."""
+    from hpcllm.node.cache import open_origin
+    from hpcllm.slurm import StatusWatcher, get_backend
+
+    ckpt = open_origin(model, source)  # a clear error here beats a failed job
+    log_dir = log_dir or Path(config.paths.state_dir) / "cache-warm"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    spec = mpi_warm_spec(config, model, source.resolve(), nodes, nvme_dir_template, log_dir)
+    watcher = StatusWatcher(get_backend(config.slurm), min_interval=0.5, max_interval=2.0)
+    job = watcher.submit(spec)
+    out, err = Path(spec.output), Path(spec.error)
+    deadline = time.monotonic() + timeout_s
+    try:
+        status = _follow(job, err, ckpt.total_bytes, deadline, show_progress, f"{model} -> {len(nodes)} nodes")
+    except BaseException:
+        job.cancel(check=False)
+        raise
+    stdout = out.read_text() if out.exists() else ""
+    stderr = err.read_text() if err.exists() else ""
+    errors = [line.removeprefix("error: ") for line in stderr.splitlines() if line.startswith("error: ")]
+    if status.state.value != "COMPLETED" or (status.exit_code not in (0, None)) or errors:
+        why = "; ".join(dict.fromkeys(errors)) or _tail(stderr) or f"job ended {status.state.value}"
+        raise CacheError(f"MPI warm of {model!r} on {','.join(nodes)} (job {job.job_id}) failed: {why}; "
+                         f"log: {err}")
+    copies = []
+    for line in stdout.splitlines():
+        match = re.match(rf"^{RESULT_PREFIX} rank \d+ node (\S+) (verified|already-cached) (.+)$", line)
+        if match:
+            copies.append((match.group(1), match.group(3)))
+    summary = next((line.removeprefix(f"{RESULT_PREFIX} ") for line in stdout.splitlines()
+                    if line.startswith(f"{RESULT_PREFIX} ok ")), "")
+    if len(copies) != len(nodes):
+        raise CacheError(f"MPI warm job {job.job_id} reported {len(copies)} copies for {len(nodes)} nodes; log: {out}")
+    return {"copies": copies, "summary": f"job {job.job_id}: {summary}", "job_id": job.job_id}
+
+
+def _follow(job, err_path: Path, total: int, deadline: float, show_progress: bool, label: str):
+    """Wait for the job, turning rank 0's progress lines into a progress bar."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  disable=not show_progress) as progress:
+        task = progress.add_task(f"{label} (queued)", total=total)
+        while True:
+            status = job.status()
+            if status.is_terminal:
+                progress.update(task, description=label)
+                return status
+            if status.state.value == "RUNNING":
+                progress.update(task, description=label, completed=_last_progress(err_path))
+            if time.monotonic() > deadline:
+                raise CacheError(f"MPI warm job {job.job_id} still {status.state.value} after the timeout; "
+                                 f"cancelled it")
+            time.sleep(0.5)
+
+
+def _last_progress(path: Path) -> int:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.startswith(f"{RESULT_PREFIX} progress ")]
+    except OSError:
+        return 0
+    return int(lines[-1].split()[2]) if lines else 0
+
+
+def _tail(text: str, lines: int = 5) -> str:
+    return " | ".join(text.strip().splitlines()[-lines:])
