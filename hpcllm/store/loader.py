@@ -36,6 +36,7 @@ from hpcllm.store.pipeline import (DirectHostTarget, Pipeline, Placement, Staged
 from hpcllm.store.readers import BUFFERED, CACHED_ENOUGH, FileReader, cached_fraction
 from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
 from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, tier_settings
+from hpcllm.store.verified import record_verified, verified_before
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ class LoadStats:
     devices: list[str]
     bytes: int
     seconds: float
-    verified: bool
+    verified: bool  # every chunk's checksum was checked during this load
     threads: int
     zero_copy: bool
+    verified_earlier: bool = False  # not re-checked: the files are unchanged since a load that checked them
     fallback_reason: str | None = None
     phases: dict[str, float] = field(default_factory=dict)  # open, read, skeleton, attach, tokenizer
     staging: dict[str, int] | None = None  # slots, slot_bytes, submitted, waits_for_copy (GPU / device_map)
@@ -116,7 +118,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     device          "cpu", "cuda", "cuda:N", a torch.device, or a device_map {module prefix: device} ("" = rest)
     tier            "dram" | "disk" | "sharedfs"; default: detected from the filesystem type of `path`
     verify          check every chunk's xxh3 while reading; default: the tier's setting (DRAM: only if the folder
-                    was not filled by DramTier, which verifies at fill time)
+                    was not filled by DramTier, which verifies at fill time; disk: not if the files are unchanged
+                    since a load that verified them, see hpcllm.store.verified). True always checks.
     dtype           torch dtype for floating weights; default "auto" like from_pretrained (config.json's dtype,
                     else the stored one). A dtype other than the stored one costs a conversion copy.
     tokenizer       also load the tokenizer from the checkpoint's side files (AutoTokenizer)
@@ -130,8 +133,11 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     tier_name = tier or detect_tier(ckpt.root)
     settings = tier_settings(tier_name).with_overrides(threads=threads, unit_bytes=unit_bytes,
                                                        staging_slots=staging_slots)
+    verified_earlier = False
     if verify is None:
         verify = settings.verify or (settings.reader == MMAP and not _filled_by_dram_tier(ckpt.root))
+        if verify and settings.trust_verified_record and verified_before(ckpt):
+            verify, verified_earlier = False, True
     if verify:
         _verify_side_files(ckpt)
     device_of, devices = resolve_devices(device, ckpt)
@@ -164,6 +170,9 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         raise
     phases["attach"] = time.perf_counter() - attach_started
     seconds = time.perf_counter() - started
+    load.populate_in_background()
+    if verify and settings.trust_verified_record:
+        record_verified(ckpt)
 
     tok = None
     if tokenizer:
@@ -172,7 +181,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         phases["tokenizer"] = time.perf_counter() - tokenizer_started
 
     stats = LoadStats(path=str(ckpt.root), tier=tier_name, reader_mode=load.reader_mode, devices=sorted(devices),
-                      bytes=ckpt.total_bytes, seconds=seconds, verified=verify, threads=settings.threads,
+                      bytes=ckpt.total_bytes, seconds=seconds, verified=verify, verified_earlier=verified_earlier,
+                      threads=settings.threads,
                       zero_copy=load.zero_copy, fallback_reason=load.fallback_reason, phases=phases,
                       staging=load.staging_stats(), pool_reused_bytes=load.pool_reused_bytes)
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
@@ -300,8 +310,12 @@ class _Load:
             chunks = [(p, c) for p in parts for c in range(self.ckpt.partitions[p].num_chunks)]
             self.verifier = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="hpcllm-verify")
             self.verifications = [self.verifier.submit(self._verify_mapped, p, c) for p, c in chunks]
-        else:  # map the pages in behind the caller's back, so the first forward pass does not fault on each
-            mappings = [self.bases[(p, "cpu")] for p in parts]
+
+    def populate_in_background(self) -> None:
+        """Unverified mapping: map its pages in behind the caller's back (once the model is ready), so the first
+        forward pass does not take a page fault per 4 KiB."""
+        if self.zero_copy and not self.verify:
+            mappings = [base for base in self.bases.values() if isinstance(base, MappedFile)]
             self.populate_thread = threading.Thread(target=_populate_read, args=(mappings,), daemon=True,
                                                     name="hpcllm-populate")
             self.populate_thread.start()
@@ -471,9 +485,15 @@ def _load_tokenizer(root: Path):
     return AutoTokenizer.from_pretrained(root)
 
 
+POPULATE_STEP = 16 << 20
+
+
 def _populate_read(mappings) -> None:
+    # Small steps: madvise holds the process's mmap lock, which every allocation that maps memory needs too.
     for mapping in mappings:
-        populate_read(mapping.address, mapping.capacity)
+        for start in range(0, mapping.capacity, POPULATE_STEP):
+            if not populate_read(mapping.address + start, min(POPULATE_STEP, mapping.capacity - start)):
+                return
 
 
 def _verify_side_files(ckpt: Checkpoint) -> None:

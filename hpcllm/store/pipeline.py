@@ -29,7 +29,7 @@ from hpcllm.store.memory import HostBuffer, round_up
 from hpcllm.store.readers import FileReader
 from hpcllm.store.ring import Copy, RingClosed, Slot, StagingRing
 
-PREFAULT_STEP = 32 << 20
+PREFAULT_STEP = 8 << 20  # per madvise call: it holds the mmap lock that allocations in other threads need
 MERGE_GAP = 64 << 10  # tensors closer than this in the file are copied as one segment (the gap is alignment padding)
 
 

@@ -30,6 +30,7 @@ class TierSettings:
     staging_slots: int = 6  # pinned staging slots for device targets (each one read unit)
     prefault: bool = True  # fault fresh destination memory in a thread ahead of the readers
     map_cached: bool = False  # CPU target and the files already in the page cache: map them instead of reading
+    trust_verified_record: bool = False  # skip re-hashing files unchanged since a verified load (node-local only)
 
     def with_overrides(self, **overrides) -> "TierSettings":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -37,7 +38,7 @@ class TierSettings:
 
 TIERS: dict[str, TierSettings] = {
     "dram": TierSettings("dram", MMAP, verify=False),
-    "disk": TierSettings("disk", "odirect", map_cached=True),
+    "disk": TierSettings("disk", "odirect", map_cached=True, trust_verified_record=True),
     "sharedfs": TierSettings("sharedfs", "buffered"),
 }
 

@@ -51,6 +51,14 @@ def test_flipped_byte_in_a_cached_file_is_caught_when_mapped(copy_checkpoint):
         load_model(folder, tier="disk", tokenizer=False)
 
 
+def test_flipped_byte_after_a_verified_load_is_still_caught(copy_checkpoint):
+    folder = copy_checkpoint("llama")
+    assert load_model(folder, tier="disk", tokenizer=False).stats.verified  # writes the verification record
+    damaged_file = flip_byte_in_tensor(folder, "model.embed_tokens.weight")
+    with pytest.raises(ChecksumMismatch, match=damaged_file):
+        load_model(folder, tier="disk", tokenizer=False)
+
+
 def test_truncated_data_file(copy_checkpoint):
     folder = copy_checkpoint("gpt2")
     data = folder / "data-00001.h5"

@@ -57,7 +57,7 @@ def test_file_tiers_match_from_pretrained(models, arch, tier, expected_disk_mode
     for target, source in tied_pairs(loaded.model):
         assert loaded.model.get_parameter(target) is loaded.model.get_parameter(source)
     stats = loaded.stats
-    assert stats.tier == tier and stats.verified and not stats.zero_copy
+    assert stats.tier == tier and (stats.verified or stats.verified_earlier) and not stats.zero_copy
     assert stats.reader_mode == (expected_disk_mode if tier == "disk" else "buffered")
     assert stats.bytes == loaded.checkpoint.total_bytes and stats.gbps > 0
     ranges = [(b.address, b.address + b.capacity) for b in loaded._host_buffers]
@@ -72,7 +72,7 @@ def test_disk_tier_maps_a_file_the_page_cache_holds(models, verify):
     loaded = load_model(converted, tier="disk", tokenizer=False, verify=verify)
     stats = loaded.stats
     assert stats.reader_mode == "mmap" and stats.zero_copy and "page cache" in stats.fallback_reason
-    assert stats.verified == verify
+    assert stats.verified == (verify and not stats.verified_earlier)
     assert_same_model(reference(hf), loaded.model)
     assert_views_of(loaded, file_mappings(converted))
 
@@ -94,6 +94,21 @@ def file_mappings(folder) -> list[tuple[int, int]]:
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
                 ranges.append((lo, hi))
     return ranges
+
+
+def test_disk_tier_verifies_each_file_version_once(copy_checkpoint, models):
+    hf, _ = models("opt")
+    folder = copy_checkpoint("opt")
+    first = load_model(folder, tier="disk", tokenizer=False)
+    assert first.stats.verified and not first.stats.verified_earlier
+    second = load_model(folder, tier="disk", tokenizer=False)
+    assert not second.stats.verified and second.stats.verified_earlier
+    assert_same_model(reference(hf), second.model)
+    assert load_model(folder, tier="disk", tokenizer=False, verify=True).stats.verified  # explicit: always
+    assert load_model(folder, tier="sharedfs", tokenizer=False).stats.verified  # only node-local disk trusts it
+    data = folder / "data-00001.h5"
+    os.utime(data)  # any change to a file brings verification back
+    assert load_model(folder, tier="disk", tokenizer=False).stats.verified
 
 
 def test_tied_weights_are_one_parameter(models):
