@@ -1,0 +1,62 @@
+"""Slurm hostlist expansion: the pure-Python fallback, and agreement with `scontrol show hostnames`."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from hpcllm.node.hostlist import HostlistError, expand_hostlist, expand_nodes
+
+
+@pytest.mark.parametrize("expr, names", [
+    ("n1", ["n1"]),
+    ("n[1-4]", ["n1", "n2", "n3", "n4"]),
+    ("n[1-4,7]", ["n1", "n2", "n3", "n4", "n7"]),
+    ("a[01-03]b", ["a01b", "a02b", "a03b"]),
+    ("n[08-11]", ["n08", "n09", "n10", "n11"]),
+    ("gpu[1-2]-[3,5]", ["gpu1-3", "gpu1-5", "gpu2-3", "gpu2-5"]),
+    ("n1,n3,x[9-10]", ["n1", "n3", "x9", "x10"]),
+    ("n[1-2],n[2-3]", ["n1", "n2", "n3"]),
+    ("node-a.b", ["node-a.b"]),
+])
+def test_expands(expr, names):
+    assert expand_hostlist(expr) == names
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("", "empty"),
+    ("n[1-", "without a matching ']'"),
+    ("n]", "without a matching '['"),
+    ("n[]", "empty []"),
+    ("n[4-1]", "backwards"),
+    ("n[a-b]", "numbers or ranges"),
+    ("n1,,n2", "empty item"),
+    ("n1,", "empty item"),
+    ("n[[1]]", "nested"),
+    ("n1 n2", "spaces"),
+    ("n[1-1000000]", "too large"),
+])
+def test_rejects_with_a_clear_message(expr, message):
+    with pytest.raises(HostlistError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        expand_hostlist(expr)
+
+
+def test_expand_nodes_validates_even_when_slurm_would_answer():
+    with pytest.raises(HostlistError):
+        expand_nodes("n[4-1]")
+
+
+def test_falls_back_when_scontrol_has_no_configuration(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "absent.conf"))
+    assert expand_nodes("a[01-02]b,c") == ["a01b", "a02b", "c"]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("expr", ["n[1-4,7]", "a[01-03]b", "n1,n3,x[9-10]", "gpu[1-2]-[3,5]"])
+def test_agrees_with_scontrol(expr, slurm_cluster):
+    result = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True, timeout=30,
+                            env=slurm_cluster.env)
+    assert result.returncode == 0, result.stderr
+    assert expand_hostlist(expr) == result.stdout.split()
+    assert expand_nodes(expr) == result.stdout.split()
