@@ -35,6 +35,7 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 METHODS = {
     # name: (label, which files a warm run pre-reads, runs in states)
     "hpcllm_disk": ("hpcllm disk (O_DIRECT)", "ckpt", ("cold", "warm")),
+    "hpcllm_disk_verify": ("hpcllm disk, verify=True (re-hash all)", "ckpt", ("cold", "warm")),
     "hpcllm_disk_pool": ("hpcllm disk, warm worker pool", "ckpt", ("cold", "warm")),
     "hpcllm_sharedfs": ("hpcllm shared-FS settings (buffered)", "ckpt", ("cold", "warm")),
     "hpcllm_dram": ("hpcllm DRAM tier (/dev/shm)", None, ("shm",)),
@@ -272,11 +273,15 @@ def prepare_method(method: str, workdir: Path, config):
             path, kwargs = DramTier("bench").open(MODEL_ID), {}
         else:
             path, kwargs = ckpt, {"tier": "sharedfs" if method == "hpcllm_sharedfs" else "disk"}
+        if method == "hpcllm_disk_verify":
+            kwargs["verify"] = True
 
         def run():
             loaded = load_model(path, tokenizer=False, pool=pool, **kwargs)
             s = loaded.stats
-            return loaded.model, f"{s.reader_mode}{' (' + s.fallback_reason + ')' if s.fallback_reason else ''}"
+            checked = "verified" if s.verified else "verified earlier" if s.verified_earlier else "not verified"
+            reason = f" ({s.fallback_reason})" if s.fallback_reason else ""
+            return loaded.model, f"{s.reader_mode}, {checked}{reason}"
         return run
 
     if method == "safetensors":
