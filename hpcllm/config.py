@@ -61,6 +61,17 @@ class NodeConfig(Section):
     nvme_capacity_gb: float = Field(100.0, gt=0)
     dram_capacity_gb: float = Field(8.0, gt=0)
     heartbeat_seconds: float = Field(5.0, gt=0)
+    # Node agent (docs/node-agent.md). In nvme_dir and dram_namespace, %n is replaced by the node's name and %j by
+    # the Slurm job id (several fake nodes on one host, or job-scoped scratch such as /scratch/%j).
+    dram_namespace: str = "hpcllm"
+    # Controller the agent registers with; empty: $HPCLLM_CONTROLLER_URL, else http://controller.host:port.
+    controller_url: str = ""
+    # Bytes of the start-up bandwidth probes (tier read: NVMe folder and shared FS; memcpy; host-to-device).
+    probe_bytes: int = Field(128 * 1024**2, ge=4096)
+    memcpy_probe_bytes: int = Field(64 * 1024**2, ge=4096)
+    # Worker processes: longest wait for a worker's /ready, and between SIGTERM and SIGKILL when stopping one.
+    worker_start_timeout_seconds: float = Field(600.0, gt=0)
+    worker_stop_timeout_seconds: float = Field(30.0, gt=0)
 
 
 class ControllerConfig(Section):

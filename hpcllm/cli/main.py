@@ -25,6 +25,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "gateway": "hpcllm.gateway.cli:gateway",
     "slurm": "hpcllm.slurm.cli:slurm",
     "cache": "hpcllm.node.cache_cli:cache",
+    "node": "hpcllm.node.cli:node",
     "store": "hpcllm.store.cli:store",
 }
 

@@ -1,0 +1,1 @@
+"""hpcllm.node: the per-node agent (agent.py, app.py, workers.py, probes.py, gpus.py) and cache tiers (cache.py)."""

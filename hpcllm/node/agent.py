@@ -1,0 +1,315 @@
+"""The node agent daemon: one per node, inside a Slurm job (docs/node-agent.md).
+
+Life: measure the tiers (probes.py) -> serve the agent API (app.py) -> register with the controller -> heartbeat
+(instances + cache lists; 404 unknown_node means register again) until the drain signal or SIGTERM -> drain
+(no new instances, tell the controller the instances are draining, stop the workers gracefully, a last heartbeat
+with nothing left) -> exit 0. A repeated signal is part of the same drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from werkzeug.serving import make_server
+
+from hpcllm.config import Config
+from hpcllm.controller.protocol import (
+    SECRET_HEADER,
+    CacheEntry,
+    Heartbeat,
+    ModelList,
+    NodeRegistration,
+    TierInfo,
+    Tiers,
+)
+from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.node.gpus import GpuInventory, detect_gpus
+from hpcllm.node.probes import TierMeasurements, measure_tiers
+from hpcllm.node.protocol import StartInstance
+from hpcllm.node.workers import WorkerManager
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
+GB = 1e9
+
+
+def node_name() -> str:
+    """The Slurm node name where Slurm set it (it is what Slurm and the controller call the node), else hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def slurm_job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def expand_node_pattern(value: str, node: str, job_id: str | None) -> str:
+    """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment."""
+    return os.path.expandvars(value.replace("%n", node).replace("%j", job_id or "nojob"))
+
+
+def controller_url_of(config: Config, override: str | None = None) -> str:
+    url = override or config.node.controller_url or os.environ.get(CONTROLLER_URL_ENV) or \
+        f"http://{config.controller.host}:{config.controller.port}"
+    return url.rstrip("/")
+
+
+def _tier(probe, capacity: int | None = None, scope: str | None = None) -> TierInfo | None:
+    if probe is None or probe.read_gbps <= 0:
+        return None
+    return TierInfo(capacity_bytes=capacity, read_gbps=round(probe.read_gbps, 4), scope=scope)
+
+
+def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | None):
+    from hpcllm.node.cache import CacheManager
+
+    namespace = expand_node_pattern(config.node.dram_namespace, node, job_id)
+    return CacheManager(nvme_dir, int(config.node.nvme_capacity_gb * GB), int(config.node.dram_capacity_gb * GB),
+                        namespace, nvme_scope=config.node.nvme_scope)
+
+
+class NodeAgent:
+    def __init__(self, config: Config, *, config_path: Path | None = None, controller_url: str | None = None,
+                 pinned_model: str | None = None, cache=None, gpus: GpuInventory | None = None,
+                 measurements: TierMeasurements | None = None):
+        self.config = config
+        self.config_path = config_path
+        self.node_id = node_name()
+        self.job_id = slurm_job_id()
+        self.controller_url = controller_url_of(config, controller_url)
+        self.pinned_model = pinned_model
+        self.nvme_dir = Path(expand_node_pattern(str(config.node.nvme_dir), self.node_id, self.job_id))
+        self.gpus = gpus if gpus is not None else detect_gpus()
+        self.cache = cache if cache is not None else make_cache_manager(config, self.nvme_dir, self.node_id,
+                                                                       self.job_id)
+        run_dir = Path(expand_node_pattern(str(config.paths.state_dir / "node" / "%n-%j"), self.node_id, self.job_id))
+        self._wake = threading.Event()
+        self.workers = WorkerManager(config, run_dir, self.gpus, self.cache, config_path, on_change=self._wake.set)
+        self.measurements = measurements
+        self.state = "starting"
+        self.agent_url: str | None = None
+        self.registered = False
+        self.heartbeat_seconds = config.node.heartbeat_seconds
+        self._drain_requested = threading.Event()
+        self._drain_lock = threading.Lock()
+        self._drained = threading.Event()
+        self._server = None
+        self._pinned_last_start = 0.0
+        self._http = httpx.Client(headers={SECRET_HEADER: config.cluster.shared_secret}, timeout=10.0)
+
+    # ------------------------------------------------------------------------------------------ measurement
+
+    def measure(self) -> TierMeasurements:
+        node = self.config.node
+        self.measurements = measure_tiers(self.nvme_dir, self.config.paths.models_dir, node.probe_bytes,
+                                          node.memcpy_probe_bytes, self.gpus.count)
+        m = self.measurements
+        log.info("tiers of %s: nvme %s GB/s (%s), sharedfs %s GB/s, dram %s GB/s, h2d %s GB/s; %d GPUs (%s)",
+                 self.node_id, *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.nvme,)),
+                 m.nvme.mode if m.nvme else "-",
+                 *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.sharedfs, m.dram, m.h2d)),
+                 self.gpus.count, self.gpus.source)
+        return m
+
+    def _nvme_capacity(self) -> int:
+        configured = int(self.config.node.nvme_capacity_gb * GB)
+        try:
+            stat = os.statvfs(self.nvme_dir)
+            return min(configured, stat.f_bavail * stat.f_frsize + self._cached_bytes("nvme"))
+        except OSError:
+            return configured
+
+    def _cached_bytes(self, tier: str) -> int:
+        return sum(c.bytes for c in self.cache.list() if c.tier == tier) if self.cache is not None else 0
+
+    def cache_entries(self) -> list[CacheEntry]:
+        if self.cache is None:
+            return []
+        return [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified, last_used=c.last_used)
+                for c in self.cache.list()]
+
+    def registration(self) -> NodeRegistration:
+        m = self.measurements or TierMeasurements()
+        scope = self.config.node.nvme_scope
+        tiers = Tiers(dram=_tier(m.dram, int(self.config.node.dram_capacity_gb * GB)),
+                      nvme=_tier(m.nvme, self._nvme_capacity(), scope), sharedfs=_tier(m.sharedfs))
+        return NodeRegistration(node_id=self.node_id, agent_url=self.agent_url or "http://unbound", slurm_job_id=self.job_id,
+                                job_scoped=scope == "job", gpus=self.gpus.count, tiers=tiers,
+                                h2d_gbps=round(m.h2d.read_gbps, 4) if m.h2d else None, cached=self.cache_entries())
+
+    # ----------------------------------------------------------------------------------------------- server
+
+    def start_server(self, app) -> str:
+        host, port = self.config.node.listen_host, self.config.node.port
+        try:
+            self._server = make_server(host, port, app, threaded=True)
+        except OSError as exc:
+            raise ConfigError(f"node agent cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                              f"change node.listen_host / node.port") from None
+        advertised = host if host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+        self.agent_url = f"http://{advertised}:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, name="agent-http", daemon=True).start()
+        log.info("node agent %s listening on %s", self.node_id, self.agent_url)
+        return self.agent_url
+
+    # ----------------------------------------------------------------------------------- controller calls
+
+    def _post(self, path: str, body) -> httpx.Response:
+        return self._http.post(f"{self.controller_url}{path}", content=body.model_dump_json(),
+                               headers={"Content-Type": "application/json"})
+
+    def register(self) -> bool:
+        """Register, retrying with back-off until the controller accepts (or a drain begins). True when registered."""
+        delay = 0.5
+        while not self._drain_requested.is_set():
+            try:
+                resp = self._post("/v1/internal/nodes/register", self.registration())
+                if resp.status_code == 200:
+                    self.heartbeat_seconds = float(resp.json().get("heartbeat_seconds") or self.heartbeat_seconds)
+                    self.registered = True
+                    log.info("registered %s with the controller %s", self.node_id, self.controller_url)
+                    return True
+                if resp.status_code in (400, 401, 422):  # our mistake or the wrong secret: retrying will not help
+                    raise ConfigError(f"the controller {self.controller_url} refused the registration: "
+                                      f"HTTP {resp.status_code} {resp.text[:300]}")
+                log.warning("controller %s answered HTTP %d to the registration; retrying", self.controller_url,
+                            resp.status_code)
+            except httpx.HTTPError as exc:
+                log.warning("controller %s unreachable (%s); retrying in %.1f s", self.controller_url, exc, delay)
+            self._drain_requested.wait(delay)
+            delay = min(delay * 2, 10.0)
+        return False
+
+    def heartbeat(self) -> bool:
+        """One heartbeat; registers again when the controller does not know this node. False if it failed."""
+        body = Heartbeat(cached=self.cache_entries(), instances=self.workers.infos())
+        try:
+            resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body)
+        except httpx.HTTPError as exc:
+            log.warning("heartbeat to %s failed: %s", self.controller_url, exc)
+            return False
+        if resp.status_code == 404:
+            log.warning("the controller does not know %s (declared lost, or a new database): registering again",
+                        self.node_id)
+            return self.register()
+        if resp.status_code != 200:
+            log.warning("heartbeat answered HTTP %d: %s", resp.status_code, resp.text[:300])
+            return False
+        return True
+
+    def _heartbeat_loop(self) -> None:
+        while not self._drain_requested.is_set():
+            self._wake.wait(self.heartbeat_seconds)
+            self._wake.clear()
+            if self._drain_requested.is_set():
+                return
+            self._keep_pinned_model()
+            self.heartbeat()
+
+    # ------------------------------------------------------------------------------------------ pinned model
+
+    def _keep_pinned_model(self) -> None:
+        """`hpcllm node --model NAME`: keep one instance of NAME (restarted at most every 30 s after a failure)."""
+        if self.pinned_model is None or self._drain_requested.is_set():
+            return
+        mine = [i for i in self.workers.instances() if i.model == self.pinned_model]
+        if any(i.active for i in mine) or time.monotonic() - self._pinned_last_start < 30:
+            return
+        for failed in mine:
+            self.workers.stop(failed.instance_id, timeout=1)
+        try:
+            resp = self._http.get(f"{self.controller_url}/v1/internal/models")
+            cards = ModelList.model_validate(resp.json()).models if resp.status_code == 200 else []
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("cannot read the deployed models from %s: %s", self.controller_url, exc)
+            return
+        card = next((c for c in cards if c.name == self.pinned_model), None)
+        if card is None:
+            log.warning("model %r is not deployed on %s: deploy it (hpcllm deploy) to serve it here",
+                        self.pinned_model, self.controller_url)
+            self._pinned_last_start = time.monotonic()
+            return
+        free = [g for g in range(self.gpus.count) if g not in self.workers.gpus_in_use()]
+        if card.gpus > len(free):
+            log.error("model %s needs %d GPUs, this node has %d free", card.name, card.gpus, len(free))
+            self._pinned_last_start = time.monotonic()
+            return
+        self._pinned_last_start = time.monotonic()
+        try:
+            self.workers.start(StartInstance(model=card.name, source=card.source, gpu_ids=free[:card.gpus],
+                                             max_model_len=card.max_model_len))
+        except HpcllmError as exc:
+            log.error("cannot start pinned model %s: %s", card.name, exc)
+
+    # ------------------------------------------------------------------------------------------------ drain
+
+    def wake_heartbeat(self) -> None:
+        """Send the next heartbeat now (a cache or instance change the controller should see soon)."""
+        self._wake.set()
+
+    def request_drain(self, reason: str = "") -> None:
+        """Signal-handler safe: only sets events; the main thread drains."""
+        if not self._drain_requested.is_set():
+            log.info("drain requested%s", f" ({reason})" if reason else "")
+        self._drain_requested.set()
+        self._wake.set()
+
+    def drain(self) -> None:
+        """Stop taking instances, tell the controller, stop the workers gracefully, send a final empty heartbeat.
+        Idempotent: a second call waits for the first to finish."""
+        with self._drain_lock:
+            if self._drained.is_set():
+                return
+            self._drain_requested.set()
+            self.state = "draining"
+            self.workers.accepting = False
+            for inst in self.workers.instances():
+                if inst.active:
+                    inst.state = "draining"
+            if self.registered:
+                self.heartbeat()  # the controller stops routing to draining instances at once
+            self.workers.stop_all()
+            if self.registered:
+                self.heartbeat()  # nothing left: the controller forgets this node's instances
+            self.state = "stopped"
+            self._drained.set()
+            log.info("node agent %s drained", self.node_id)
+
+    # -------------------------------------------------------------------------------------------------- run
+
+    def install_signal_handlers(self) -> None:
+        drain_signal = self.config.slurm.signal.upper().removeprefix("SIG")
+        signums = {signal.SIGTERM, signal.SIGINT}
+        if hasattr(signal, f"SIG{drain_signal}"):
+            signums.add(getattr(signal, f"SIG{drain_signal}"))
+        for signum in signums:
+            signal.signal(signum, lambda num, _frame: self.request_drain(signal.Signals(num).name))
+
+    def run(self, app_factory) -> int:
+        """Measure, serve, register, heartbeat until a drain; returns the exit status (0 after a clean drain)."""
+        self.install_signal_handlers()
+        self.measure()
+        self.start_server(app_factory(self))
+        if self.register():
+            self.state = "up"
+            heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeats", daemon=True)
+            heartbeats.start()
+            self._wake.set()  # first heartbeat (and pinned model) at once
+        while not self._drain_requested.wait(1.0):
+            pass
+        self.drain()
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+        self.workers.close()
+        self._http.close()

@@ -1,0 +1,39 @@
+"""`hpcllm node`: the per-node agent daemon, normally started by a Slurm job (slurm/templates/node-agent.sbatch.in,
+slurm/model-pool.sbatch). It finds the controller at --controller-url, else node.controller_url, else
+$HPCLLM_CONTROLLER_URL, else http://controller.host:controller.port; the config comes from --config or
+$HPCLLM_CONFIG. It drains on the configured signal (slurm.signal, default USR1) and on SIGTERM, then exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from hpcllm.config import CONFIG_ENV, load_config
+
+
+@click.command("node")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help=f"hpcllm TOML config (default: ${CONFIG_ENV}, else built-in defaults).")
+@click.option("--model", "model", default=None,
+              help="Keep one instance of this deployed model running on this node (a model pool).")
+@click.option("--controller-url", default=None, help="Controller to register with (see above for the default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port of the agent API (default: node.port; 0 picks a free one).")
+def node(config_path: Path | None, model: str | None, controller_url: str | None, port: int | None) -> None:
+    """Run this node's agent: measure tiers, register, serve instances and cache until drained."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import os
+
+    from hpcllm.node.agent import NodeAgent
+    from hpcllm.node.app import create_app
+
+    config = load_config(config_path)
+    if port is not None:
+        config.node.port = port
+    path = config_path or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    agent = NodeAgent(config, config_path=path, controller_url=controller_url, pinned_model=model)
+    sys.exit(agent.run(create_app))

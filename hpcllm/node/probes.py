@@ -1,0 +1,205 @@
+"""Start-up measurements of this node's tiers, reported to the controller for placement (docs/node-agent.md).
+
+- nvme: O_DIRECT sequential read of a probe file written once into the NVMe folder (hpcllm.store's FileReader,
+  which falls back to buffered reads, with the reason, where the filesystem refuses O_DIRECT);
+- sharedfs: buffered read of a probe file in the models folder (the origin of checkpoints), after asking the
+  kernel to drop its pages (posix_fadvise DONTNEED) so the page cache does not flatter it; where the folder is
+  read-only, the largest existing file there is read instead (a note says so);
+- dram: memcpy between two pre-touched page-aligned buffers (what a DRAM-tier load costs per byte at best);
+- h2d: pinned host -> GPU copy with torch.cuda, only when CUDA is available.
+
+Each probe reads/copies `size` bytes in 16 MiB requests and reports GB/s (1e9 bytes/s) of the best of a few
+passes. Probe files are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcllm.store.memory import HostBuffer, round_up
+from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
+
+log = logging.getLogger(__name__)
+
+BLOCK = 16 * 1024 * 1024
+PAGE = 4096
+GB = 1e9
+
+
+@dataclass
+class ProbeResult:
+    read_gbps: float
+    mode: str  # "odirect", "buffered", "memcpy", "pinned"
+    bytes: int
+    seconds: float
+    note: str | None = None
+
+
+@dataclass
+class TierMeasurements:
+    nvme: ProbeResult | None = None
+    sharedfs: ProbeResult | None = None
+    dram: ProbeResult | None = None
+    h2d: ProbeResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _probe_name() -> str:
+    return f".hpcllm-probe-{socket.gethostname()}-{os.getpid()}"
+
+
+def _write_probe_file(path: Path, size: int) -> None:
+    block = os.urandom(min(BLOCK, size))  # incompressible: some filesystems compress zeros away
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        written = 0
+        while written < size:
+            written += os.write(fd, block[: min(len(block), size - written)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_from_page_cache(path: Path) -> None:
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass  # advice only
+    finally:
+        os.close(fd)
+
+
+def read_bandwidth(path: Path, mode: str, size: int | None = None) -> ProbeResult:
+    """Sequential read of the first `size` bytes of `path` (whole file by default) into an aligned buffer."""
+    size = os.path.getsize(path) if size is None else min(size, os.path.getsize(path))
+    buffer = HostBuffer(BLOCK)
+    buffer.populate()  # fault pages in first: the probe measures the disk, not page faults
+    view = buffer.view()
+    with FileReader(path, mode, expected_size=size, use_page_cache=False) as reader:
+        start = time.perf_counter()
+        offset = 0
+        while offset < size:
+            need = min(BLOCK, size - offset)
+            length = round_up(need, PAGE) if reader.mode == ODIRECT else need
+            reader.read_into(offset, view[:length], need)
+            offset += need
+        seconds = max(time.perf_counter() - start, 1e-9)
+        result = ProbeResult(size / seconds / GB, reader.mode, size, seconds, reader.fallback_reason)
+    view.release()
+    return result
+
+
+def probe_folder(folder: Path, size: int, mode: str) -> ProbeResult:
+    """Write a probe file of `size` bytes into folder, read it back with `mode`, remove it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / _probe_name()
+    try:
+        _write_probe_file(path, size)
+        _drop_from_page_cache(path)
+        return read_bandwidth(path, mode)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _largest_file(folder: Path, limit: int = 10_000) -> Path | None:
+    best: tuple[int, Path] | None = None
+    for i, path in enumerate(folder.rglob("*")):
+        if i >= limit:
+            break
+        try:
+            if path.is_file() and (best is None or path.stat().st_size > best[0]):
+                best = (path.stat().st_size, path)
+        except OSError:
+            continue
+    return best[1] if best and best[0] > 0 else None
+
+
+def probe_sharedfs(models_dir: Path, size: int) -> ProbeResult | None:
+    """Buffered read bandwidth of the shared models folder; None when nothing there can be read."""
+    try:
+        return probe_folder(models_dir, size, BUFFERED)
+    except OSError as exc:
+        existing = _largest_file(models_dir) if models_dir.is_dir() else None
+        if existing is None:
+            log.warning("shared FS probe: cannot write to %s (%s) and it holds no file to read", models_dir, exc)
+            return None
+        _drop_from_page_cache(existing)
+        result = read_bandwidth(existing, BUFFERED, size)
+        result.note = f"{models_dir} is not writable ({exc.strerror}): read {existing.name} instead"
+        return result
+
+
+def memcpy_bandwidth(size: int, passes: int = 3) -> ProbeResult:
+    source, target = HostBuffer(size), HostBuffer(size)
+    source.populate()
+    target.populate()
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        ctypes.memmove(target.address, source.address, size)
+        best = min(best, time.perf_counter() - start)
+    best = max(best, 1e-9)
+    return ProbeResult(size / best / GB, "memcpy", size, best)
+
+
+def h2d_bandwidth(size: int, passes: int = 3) -> ProbeResult | None:
+    """Pinned host -> device copy bandwidth of GPU 0, or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    host = torch.empty(size, dtype=torch.uint8).pin_memory()
+    device = torch.empty(size, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)  # warm-up: context creation, first-touch of the mapping
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    best = max(best, 1e-9)
+    return ProbeResult(size / best / GB, "pinned", size, best)
+
+
+def cuda_may_exist(gpu_count: int) -> bool:
+    """Importing torch costs about a second: only try CUDA where GPUs were found."""
+    return gpu_count > 0
+
+
+def measure_tiers(nvme_dir: Path, models_dir: Path, probe_bytes: int, memcpy_bytes: int,
+                  gpu_count: int = 0) -> TierMeasurements:
+    """Measure every tier; a probe that fails is logged and left out (the controller then uses its defaults)."""
+    out = TierMeasurements()
+    try:
+        out.nvme = probe_folder(nvme_dir, probe_bytes, ODIRECT)
+        if out.nvme.note:
+            out.notes.append(f"nvme: {out.nvme.note}")
+    except OSError as exc:
+        out.notes.append(f"nvme probe in {nvme_dir} failed: {exc}")
+    try:
+        out.sharedfs = probe_sharedfs(models_dir, probe_bytes)
+        if out.sharedfs and out.sharedfs.note:
+            out.notes.append(f"sharedfs: {out.sharedfs.note}")
+    except OSError as exc:
+        out.notes.append(f"shared FS probe in {models_dir} failed: {exc}")
+    out.dram = memcpy_bandwidth(memcpy_bytes)
+    if cuda_may_exist(gpu_count):
+        try:
+            out.h2d = h2d_bandwidth(memcpy_bytes)
+        except Exception as exc:  # a broken driver must not stop the agent from serving CPU models
+            out.notes.append(f"host-to-device probe failed: {type(exc).__name__}: {exc}")
+    for note in out.notes:
+        log.warning("%s", note)
+    return out

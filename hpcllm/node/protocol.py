@@ -1,0 +1,83 @@
+"""Wire types of the node agent's HTTP API (the agent owns them; the controller and `hpcllm cache` import them).
+
+Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Errors look like the controller's:
+{"error": {"message", "type", "param", "code"}}.
+
+    POST   /v1/internal/instances              StartInstance -> 202 StartedInstance
+    GET    /v1/internal/instances              -> InstanceList{instances: [InstanceInfo]}
+    DELETE /v1/internal/instances/<id>         -> StoppedInstance (404 unknown instance)
+    POST   /v1/internal/cache/warm             WarmRequest -> CachedCopyInfo
+    GET    /v1/internal/cache                  -> CacheList
+    DELETE /v1/internal/cache/<model>?tier=T   -> CacheList (the evicted copies)
+    POST   /v1/internal/cache/verify           VerifyRequest -> {"results": [...]}
+    GET    /v1/internal/node                   -> NodeInfo (what the agent registered, its state)
+    GET    /health                             -> {"status": "ok", "state": "up"|"draining"}
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from hpcllm.controller.protocol import (
+    MODEL_NAME_PATTERN,
+    CacheTier,
+    InstanceInfo,
+    NodeRegistration,
+    Wire,
+)
+
+
+class StartInstance(Wire):
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    source: str = Field(min_length=1, description="converted checkpoint folder on the shared FS (origin)")
+    gpu_ids: list[int] = Field(default_factory=list, description="agent GPU indices 0..gpus-1; empty: CPU")
+    max_model_len: int | None = Field(None, gt=0)
+
+
+class StartedInstance(Wire):
+    instance_id: str
+    worker_url: str | None = None
+    state: str
+    load_tier: str
+
+
+class StoppedInstance(Wire):
+    instance_id: str
+    state: str
+    exit_code: int | None = None
+
+
+class InstanceList(Wire):
+    instances: list[InstanceInfo]
+
+
+class WarmRequest(Wire):
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    source: str = Field(min_length=1)
+    tier: CacheTier = "nvme"
+
+
+class VerifyRequest(Wire):
+    model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
+
+
+class CachedCopyInfo(Wire):
+    model: str
+    tier: CacheTier
+    path: str
+    bytes: int
+    last_used: float
+    verified: bool
+    in_use: int
+
+
+class CacheList(Wire):
+    cached: list[CachedCopyInfo]
+
+
+class NodeInfo(Wire):
+    state: Literal["starting", "up", "draining", "stopped"]
+    registration: NodeRegistration
+    notes: list[str] = Field(default_factory=list)

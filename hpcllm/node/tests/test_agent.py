@@ -1,0 +1,210 @@
+"""The node agent's HTTP API with the Flask test client, a real CacheManager in a temporary folder and real
+`hpcllm worker` processes serving the tiny converted test model."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcllm.checkpoint.converter import convert
+from hpcllm.config import parse_config
+from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.node.agent import NodeAgent, expand_node_pattern
+from hpcllm.node.app import create_app
+from hpcllm.node.cache import CacheManager
+from hpcllm.node.gpus import GpuInventory
+from hpcllm.node.probes import ProbeResult, TierMeasurements
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.protocol import GenerateRequest
+
+SECRET = "agent-test-secret"
+AUTH = {SECRET_HEADER: SECRET}
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    convert(tiny_llama_dir, out, progress=False)
+    return out
+
+
+def make_agent(tmp_path: Path, gpus: int = 0, **node) -> NodeAgent:
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
+        "cluster": {"shared_secret": SECRET},
+        "node": {"nvme_dir": str(tmp_path / "nvme-%n"), "probe_bytes": 1 << 20, "memcpy_probe_bytes": 1 << 20,
+                 "worker_stop_timeout_seconds": 10, **node},
+        "controller": {"port": 1},  # nothing listens there: these tests never register
+    })
+    cache = CacheManager(tmp_path / "nvme", 10**9, 10**9, "agent-test", dram_root=tmp_path / "shm")
+    measurements = TierMeasurements(nvme=ProbeResult(2.0, "odirect", 1, 1), sharedfs=ProbeResult(1.0, "buffered", 1, 1),
+                                    dram=ProbeResult(20.0, "memcpy", 1, 1))
+    return NodeAgent(config, cache=cache, gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
+                     measurements=measurements)
+
+
+@pytest.fixture
+def agent(tmp_path):
+    a = make_agent(tmp_path, gpus=2)
+    yield a
+    a.workers.stop_all(timeout=5)
+    a.workers.close()
+
+
+@pytest.fixture
+def client(agent):
+    return create_app(agent).test_client()
+
+
+def wait_for(predicate, timeout: float = 90.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_every_call_needs_the_shared_secret(client):
+    for method, path in [("get", "/health"), ("get", "/v1/internal/instances"), ("post", "/v1/internal/instances"),
+                         ("get", "/v1/internal/cache"), ("delete", "/v1/internal/instances/x")]:
+        resp = getattr(client, method)(path)
+        assert resp.status_code == 401, path
+        assert "X-Hpcllm-Secret" in resp.get_json()["error"]["message"]
+    assert client.get("/health", headers={SECRET_HEADER: "wrong"}).status_code == 401
+    assert client.get("/health", headers=AUTH).get_json()["status"] == "ok"
+
+
+def test_bad_instance_requests_say_what_to_fix(client, converted, tmp_path):
+    resp = client.post("/v1/internal/instances", json={"model": "m", "source": str(converted), "gpu_ids": [5]},
+                       headers=AUTH)
+    assert resp.status_code == 400 and "do not exist" in resp.get_json()["error"]["message"]
+    resp = client.post("/v1/internal/instances", json={"model": "m", "source": str(tmp_path / "nope")}, headers=AUTH)
+    assert resp.status_code == 400 and "does not exist" in resp.get_json()["error"]["message"]
+    resp = client.post("/v1/internal/instances", json={"model": "bad name!", "source": "x"}, headers=AUTH)
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "model"
+    resp = client.post("/v1/internal/instances", data="not json", headers=AUTH)
+    assert resp.status_code == 400
+    assert client.delete("/v1/internal/instances/nope", headers=AUTH).status_code == 404
+
+
+def test_registration_reports_measurements_gpus_and_cache(agent, converted):
+    agent.cache.warm("tiny-llama", converted, "nvme")
+    reg = agent.registration()
+    assert reg.gpus == 2
+    assert reg.tiers.nvme.read_gbps == 2.0 and reg.tiers.nvme.scope == "persistent"
+    assert reg.tiers.sharedfs.read_gbps == 1.0 and reg.tiers.dram.read_gbps == 20.0
+    assert [(c.model, c.tier) for c in reg.cached] == [("tiny-llama", "nvme")]
+    assert reg.job_scoped is False
+
+
+def test_job_scoped_nvme_and_per_node_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    a = make_agent(tmp_path, nvme_scope="job")
+    reg = a.registration()
+    assert (reg.node_id, reg.slurm_job_id, reg.job_scoped, reg.tiers.nvme.scope) == ("n7", "123", True, "job")
+    assert a.nvme_dir == tmp_path / "nvme-n7"
+    assert expand_node_pattern("/scratch/%j/%n", "n1", None) == "/scratch/nojob/n1"
+    a.workers.close()
+
+
+def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, converted, tiny_llama_dir):
+    agent.cache.warm("tiny-llama", converted, "nvme")
+    resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)}, headers=AUTH)
+    assert resp.status_code == 202, resp.get_json()
+    started = resp.get_json()
+    assert started["load_tier"] == "nvme"
+    iid = started["instance_id"]
+
+    def ready():
+        [info] = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+        assert info["state"] in ("loading", "ready"), info
+        return info if info["state"] == "ready" else None
+
+    info = wait_for(ready, what="the worker to become ready")
+    assert info["load_tier"] == "nvme" and info["load_seconds"] > 0 and info["worker_url"].startswith("http://")
+    # The copy is in use while the instance runs: an eviction is refused.
+    [copy] = client.get("/v1/internal/cache", headers=AUTH).get_json()["cached"]
+    assert copy["in_use"] == 1
+    assert client.delete("/v1/internal/cache/tiny-llama", headers=AUTH).status_code == 409
+
+    # The worker serves greedy tokens equal to transformers' generate.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = tokenizer("hello world", return_tensors="pt").input_ids
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1]:].tolist()
+    with WorkerClient(info["worker_url"], SECRET) as worker:
+        with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(), max_tokens=6,
+                                             temperature=0)) as stream:
+            tokens = [line.token_id for line in stream if line.type == "token"]
+    assert tokens == expected[:len(tokens)] and len(tokens) >= 1
+
+    stopped = client.delete(f"/v1/internal/instances/{iid}", headers=AUTH)
+    assert stopped.status_code == 200 and stopped.get_json()["state"] == "stopped"
+    assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
+    [copy] = client.get("/v1/internal/cache", headers=AUTH).get_json()["cached"]
+    assert copy["in_use"] == 0
+    evicted = client.delete("/v1/internal/cache/tiny-llama?tier=nvme", headers=AUTH)
+    assert evicted.status_code == 200 and [c["model"] for c in evicted.get_json()["cached"]] == ["tiny-llama"]
+
+
+def test_a_crashing_worker_is_reported_failed_with_its_error(agent, client, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    resp = client.post("/v1/internal/instances", json={"model": "broken", "source": str(broken)}, headers=AUTH)
+    assert resp.status_code == 202
+
+    def failed():
+        [info] = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+        return info if info["state"] == "failed" else None
+
+    info = wait_for(failed, what="the broken worker to be reported failed")
+    assert "exited with status" in info["error"]
+    assert client.delete(f"/v1/internal/instances/{info['instance_id']}", headers=AUTH).status_code == 200
+
+
+def test_gpus_are_not_given_twice(agent, client, converted):
+    body = {"model": "tiny-llama", "source": str(converted), "gpu_ids": [1]}
+    first = client.post("/v1/internal/instances", json=body, headers=AUTH)
+    assert first.status_code == 202
+    second = client.post("/v1/internal/instances", json=body, headers=AUTH)
+    assert second.status_code == 409 and "GPUs [1]" in second.get_json()["error"]["message"]
+
+
+def test_drain_refuses_new_instances_stops_workers_and_is_idempotent(agent, client, converted):
+    resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)}, headers=AUTH)
+    inst = agent.workers.get(resp.get_json()["instance_id"])
+    drains = [threading.Thread(target=agent.drain) for _ in range(2)]
+    for t in drains:
+        t.start()
+    for t in drains:
+        t.join(30)
+    assert inst.process.poll() is not None
+    assert agent.workers.instances() == []
+    assert agent.state == "stopped"
+    agent.drain()  # a repeated signal: nothing more happens
+    again = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)}, headers=AUTH)
+    assert again.status_code == 503 and "draining" in again.get_json()["error"]["message"]
+
+
+def test_drain_signal_and_sigterm_request_one_drain(agent):
+    agent.install_signal_handlers()
+    try:
+        signal.raise_signal(signal.SIGUSR1)
+        assert agent._drain_requested.is_set()
+        signal.raise_signal(signal.SIGTERM)  # the repeat of a drain: no error, still one drain
+        agent.drain()
+        assert agent.state == "stopped"
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)

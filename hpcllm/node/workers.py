@@ -1,0 +1,330 @@
+"""Worker processes of one node agent: start (`hpcllm worker`), watch (loading -> ready | failed), stop.
+
+Each instance is one child process serving one model copy. It loads from the best local copy the cache manager
+knows (dram > nvme > the shared-FS origin); that copy is acquired (never evicted) while the instance lives and
+released when the process is gone. A watcher thread per instance reads the worker's URL file, polls its /ready
+(which reports load_tier, load_seconds, running_requests) and notices a crash (state failed, with the last lines
+of the worker's log as the error). Stop: SIGTERM (the worker aborts in-flight requests and exits), SIGKILL after
+node.worker_stop_timeout_seconds.
+
+Workers ignore the drain signal (SIGUSR1 by default): Slurm's `scancel --signal` reaches every process of the
+step, and a drain is the agent's business (it stops its workers with SIGTERM when it is ready to).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from hpcllm.config import Config
+from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
+from hpcllm.errors import HpcllmError
+from hpcllm.node.gpus import GpuInventory
+from hpcllm.node.protocol import StartInstance
+from hpcllm.worker.cli import SECRET_ENV
+
+log = logging.getLogger(__name__)
+
+LOCAL_TIERS = ("dram", "nvme")
+
+
+class InstanceError(HpcllmError):
+    """A request about instances that cannot be done; http_status says how the API answers it."""
+
+    http_status = 400
+    code = "invalid_request"
+
+
+class UnknownInstance(InstanceError):
+    http_status = 404
+    code = "instance_not_found"
+
+
+class GpusBusy(InstanceError):
+    http_status = 409
+    code = "gpus_busy"
+
+
+class NotAccepting(InstanceError):
+    http_status = 503
+    code = "draining"
+
+
+@dataclass
+class Instance:
+    instance_id: str
+    model: str
+    source: str
+    path: Path
+    tier: str
+    gpu_ids: list[int]
+    process: subprocess.Popen
+    url_file: Path
+    log_path: Path
+    started_at: float
+    state: str = "loading"
+    worker_url: str | None = None
+    load_seconds: float | None = None
+    running_requests: int = 0
+    error: str | None = None
+    exit_code: int | None = None
+    stopping: bool = False
+    released: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("loading", "ready", "draining")
+
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(instance_id=self.instance_id, model=self.model, state=self.state,
+                            worker_url=self.worker_url, gpu_ids=list(self.gpu_ids),
+                            running_requests=self.running_requests, started_at=self.started_at,
+                            load_tier=self.tier, load_seconds=self.load_seconds, error=self.error)
+
+
+def log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            tail = deque(f, maxlen=200)
+    except OSError:
+        return ""
+    # A worker's own error line ("error: ...") says it best; else the last lines (a traceback's end).
+    errors = [line.strip() for line in tail if line.startswith("error:")]
+    return errors[-1] if errors else " | ".join(line.strip() for line in list(tail)[-lines:] if line.strip())
+
+
+class WorkerManager:
+    def __init__(self, config: Config, run_dir: Path, gpus: GpuInventory, cache=None,
+                 config_path: Path | None = None, on_change: Callable[[], None] | None = None,
+                 poll_seconds: float = 0.5):
+        self.config = config
+        self.run_dir = run_dir
+        self.gpus = gpus
+        self.cache = cache
+        self.config_path = config_path
+        self.on_change = on_change or (lambda: None)
+        self.poll_seconds = poll_seconds
+        self.accepting = True
+        self._lock = threading.RLock()  # start() checks GPUs under the same lock
+        self._instances: dict[str, Instance] = {}
+        self._http = httpx.Client(headers={SECRET_HEADER: config.cluster.shared_secret}, timeout=5.0)
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------------------------------------ queries
+
+    def instances(self) -> list[Instance]:
+        with self._lock:
+            return list(self._instances.values())
+
+    def infos(self) -> list[InstanceInfo]:
+        return [inst.info() for inst in self.instances()]
+
+    def get(self, instance_id: str) -> Instance:
+        with self._lock:
+            inst = self._instances.get(instance_id)
+        if inst is None:
+            raise UnknownInstance(f"no instance {instance_id!r} on this node")
+        return inst
+
+    def gpus_in_use(self) -> set[int]:
+        return {g for inst in self.instances() if inst.active for g in inst.gpu_ids}
+
+    # ------------------------------------------------------------------------------------------------- start
+
+    def _check_gpus(self, gpu_ids: list[int]) -> None:
+        if len(set(gpu_ids)) != len(gpu_ids):
+            raise InstanceError(f"gpu_ids {gpu_ids} name a GPU twice")
+        unknown = [g for g in gpu_ids if not 0 <= g < self.gpus.count]
+        if unknown:
+            raise InstanceError(f"gpu_ids {unknown} do not exist on this node (it has {self.gpus.count} GPUs: "
+                                f"ids 0..{self.gpus.count - 1})")
+        busy = set(gpu_ids) & self.gpus_in_use()
+        if busy:
+            raise GpusBusy(f"GPUs {sorted(busy)} are used by another instance on this node")
+
+    def _resolve(self, model: str, source: Path) -> tuple[Path, str]:
+        if self.cache is not None:
+            path, tier = self.cache.path_for_load(model, source)
+            return Path(path), tier
+        return source, "sharedfs"
+
+    def _command(self, req: StartInstance, path: Path, url_file: Path) -> list[str]:
+        worker = self.config.worker
+        command = [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(path), "--name", req.model,
+                   "--host", worker.listen_host, "--port", "0", "--url-file", str(url_file),
+                   "--device", "cuda" if req.gpu_ids else worker.device]
+        if self.config_path is not None:
+            command += ["--config", str(self.config_path)]
+        if req.max_model_len is not None:
+            command += ["--max-model-len", str(req.max_model_len)]
+        return command
+
+    def _environment(self, gpu_ids: list[int]) -> dict[str, str]:
+        env = dict(os.environ)
+        env[SECRET_ENV] = self.config.cluster.shared_secret
+        # A CPU instance sees no GPU; a GPU instance only its own.
+        env["CUDA_VISIBLE_DEVICES"] = self.gpus.visible_devices(gpu_ids) if gpu_ids else ""
+        return env
+
+    def _ignore_drain_signal(self) -> Callable[[], None] | None:
+        name = self.config.slurm.signal.upper().removeprefix("SIG")
+        signum = getattr(signal, f"SIG{name}", None)
+        if signum is None or signum == signal.SIGTERM:
+            return None
+        return lambda: signal.signal(signum, signal.SIG_IGN)
+
+    def start(self, req: StartInstance) -> Instance:
+        source = Path(req.source)
+        with self._lock:
+            if not self.accepting:
+                raise NotAccepting("this node agent is draining and takes no new instances")
+            self._check_gpus(req.gpu_ids)
+            path, tier = self._resolve(req.model, source)
+            if not path.exists():
+                raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
+            if tier in LOCAL_TIERS and self.cache is not None:
+                self.cache.acquire(req.model, tier)
+            instance_id = f"{req.model}-{uuid.uuid4().hex[:8]}"
+            url_file = self.run_dir / f"{instance_id}.url"
+            log_path = self.run_dir / f"{instance_id}.log"
+            try:
+                with open(log_path, "ab") as log_file:
+                    process = subprocess.Popen(self._command(req, path, url_file), env=self._environment(req.gpu_ids),
+                                               stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                               preexec_fn=self._ignore_drain_signal())
+            except OSError as exc:
+                if tier in LOCAL_TIERS and self.cache is not None:
+                    self.cache.release(req.model, tier)
+                raise InstanceError(f"cannot start a worker for {req.model!r}: {exc}") from None
+            if tier in LOCAL_TIERS and self.cache is not None:
+                # The worker holds the copy from now on: if this agent dies, the reference dies with the worker.
+                self.cache.acquire(req.model, tier, pid=process.pid)
+                self.cache.release(req.model, tier)
+            inst = Instance(instance_id, req.model, req.source, path, tier, list(req.gpu_ids), process, url_file,
+                            log_path, time.time())
+            self._instances[instance_id] = inst
+        log.info("instance %s: worker pid %d loading %s from %s (%s)", instance_id, process.pid, req.model, path, tier)
+        threading.Thread(target=self._watch, args=(inst,), name=f"watch-{instance_id}", daemon=True).start()
+        return inst
+
+    # ------------------------------------------------------------------------------------------------- watch
+
+    def _set_state(self, inst: Instance, state: str, error: str | None = None) -> None:
+        if inst.state == state:
+            return
+        inst.state = state
+        if error:
+            inst.error = error
+        log.info("instance %s (%s): %s%s", inst.instance_id, inst.model, state, f": {error}" if error else "")
+        self.on_change()
+
+    def _poll_ready(self, inst: Instance) -> None:
+        if inst.worker_url is None:
+            try:
+                inst.worker_url = inst.url_file.read_text().strip() or None
+            except OSError:
+                return
+            if inst.worker_url:
+                self.on_change()
+        if inst.worker_url is None:
+            return
+        try:
+            resp = self._http.get(f"{inst.worker_url}/ready")
+        except httpx.HTTPError:
+            return
+        if resp.status_code == 200:
+            body = resp.json()
+            inst.running_requests = int(body.get("running_requests") or 0) + int(body.get("waiting_requests") or 0)
+            if inst.load_seconds is None and body.get("load_seconds") is not None:
+                inst.load_seconds = float(body["load_seconds"])
+            if inst.state == "loading":
+                self._set_state(inst, "ready")
+
+    def _watch(self, inst: Instance) -> None:
+        deadline = inst.started_at + self.config.node.worker_start_timeout_seconds
+        try:
+            while True:
+                code = inst.process.poll()
+                if code is not None:
+                    self._exited(inst, code)
+                    return
+                if not inst.stopping:
+                    self._poll_ready(inst)
+                    if inst.state == "loading" and time.time() > deadline:
+                        inst.error = (f"not ready after {self.config.node.worker_start_timeout_seconds:.0f} s "
+                                      f"(node.worker_start_timeout_seconds)")
+                        self._terminate(inst)
+                        continue
+                time.sleep(self.poll_seconds if inst.state == "loading" else max(self.poll_seconds, 1.0))
+        finally:
+            self._release(inst)
+            inst.done.set()
+
+    def _exited(self, inst: Instance, code: int) -> None:
+        inst.exit_code = code
+        if inst.stopping and inst.error is None:
+            self._set_state(inst, "stopped")
+            return
+        reason = inst.error or log_tail(inst.log_path) or "no output"
+        self._set_state(inst, "failed", f"worker exited with status {code}: {reason}")
+
+    def _release(self, inst: Instance) -> None:
+        with self._lock:
+            if inst.released:
+                return
+            inst.released = True
+        if inst.tier in LOCAL_TIERS and self.cache is not None:
+            try:
+                self.cache.release(inst.model, inst.tier, pid=inst.process.pid)
+            except Exception:  # the copy may have been evicted by hand meanwhile
+                log.exception("releasing the %s copy of %s failed", inst.tier, inst.model)
+
+    # -------------------------------------------------------------------------------------------------- stop
+
+    def _terminate(self, inst: Instance) -> None:
+        inst.stopping = True
+        if inst.process.poll() is None:
+            inst.process.send_signal(signal.SIGTERM)
+
+    def stop(self, instance_id: str, timeout: float | None = None) -> Instance:
+        """Stop an instance (SIGTERM, SIGKILL after the timeout) and forget it; returns it in its final state."""
+        inst = self.get(instance_id)
+        if inst.active:
+            self._set_state(inst, "draining")
+        self._terminate(inst)
+        timeout = self.config.node.worker_stop_timeout_seconds if timeout is None else timeout
+        try:
+            inst.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", instance_id, timeout)
+            inst.process.kill()
+            inst.process.wait()
+        inst.done.wait(timeout=10)
+        with self._lock:
+            self._instances.pop(instance_id, None)
+        self.on_change()
+        return inst
+
+    def stop_all(self, timeout: float | None = None) -> None:
+        threads = [threading.Thread(target=self.stop, args=(inst.instance_id, timeout), daemon=True)
+                   for inst in self.instances()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def close(self) -> None:
+        self._http.close()
