@@ -1,0 +1,69 @@
+"""The agent against the real controller app (in-process HTTP server, SQLite in tmp, Slurm replaced by the
+controller tests' recording double): registration, heartbeats, re-registration after a 404."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from werkzeug.serving import make_server
+
+from hpcllm.config import parse_config
+from hpcllm.controller.server import build_service
+from hpcllm.controller.tests.doubles import RecordingBackend
+from hpcllm.node.app import create_app
+from hpcllm.node.tests.test_agent import SECRET, make_agent
+
+
+def start_controller(tmp_path, name: str):
+    config = parse_config({"cluster": {"shared_secret": SECRET},
+                           "paths": {"state_dir": str(tmp_path / name)},
+                           "controller": {"database_url": f"sqlite:///{tmp_path / (name + '.db')}"}})
+    service = build_service(config, backend=RecordingBackend())
+    server = make_server("127.0.0.1", 0, service.app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return service, server, f"http://127.0.0.1:{server.server_port}"
+
+
+@pytest.fixture
+def controllers(tmp_path):
+    started = [start_controller(tmp_path, "first"), start_controller(tmp_path, "second")]
+    yield started
+    for _, server, _ in started:
+        server.shutdown()
+
+
+def test_agent_registers_heartbeats_and_registers_again_when_forgotten(tmp_path, controllers, monkeypatch):
+    (first, _, first_url), (second, _, second_url) = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n9")
+    agent = make_agent(tmp_path, gpus=2)
+    agent.controller_url = first_url
+    try:
+        agent.start_server(create_app(agent))
+        assert agent.register()
+        [node] = first.controller.status().nodes
+        assert (node.node_id, node.agent_url, node.gpus) == ("n9", agent.agent_url, 2)
+        assert node.tiers.nvme.read_gbps == 2.0 and node.tiers.sharedfs.read_gbps == 1.0
+        assert agent.heartbeat()
+
+        # A controller with a new database does not know the node: the heartbeat's 404 makes it register again.
+        agent.controller_url = second_url
+        assert second.controller.status().nodes == []
+        assert agent.heartbeat()
+        assert [n.node_id for n in second.controller.status().nodes] == ["n9"]
+    finally:
+        agent.shutdown()
+
+
+def test_wrong_secret_is_a_clear_error_not_an_endless_retry(tmp_path, controllers):
+    from hpcllm.errors import ConfigError
+
+    (_, _, url), _ = controllers
+    agent = make_agent(tmp_path)
+    agent.config.cluster.shared_secret = "not-the-secret"
+    agent._http.headers["X-Hpcllm-Secret"] = "not-the-secret"
+    agent.controller_url = url
+    agent.agent_url = "http://127.0.0.1:1"
+    with pytest.raises(ConfigError, match="refused the registration: HTTP 401"):
+        agent.register()
+    agent.shutdown()
