@@ -25,7 +25,7 @@ up: setup
 	@bash slurm/up.sh
 
 down:
-	@bash slurm/devcluster.sh stop
+	@bash slurm/down.sh
 
 test: setup
 	$(BIN)/pytest -q

@@ -9,7 +9,45 @@ set -euo pipefail
 readonly REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly DEVCLUSTER=$REPO_ROOT/slurm/devcluster.sh
 
+readonly HPCLLM=$REPO_ROOT/.venv/bin/hpcllm
+export HPCLLM_CONFIG=${HPCLLM_CONFIG:-$REPO_ROOT/conf/dev.toml}
+readonly RUN_DIR=${HPCLLM_RUN_DIR:-/var/tmp/hpcllm/run}
+readonly MODELS_DIR=/var/tmp/hpcllm/models
+readonly CONTROLLER_URL=http://127.0.0.1:8700
+readonly GATEWAY_URL=http://127.0.0.1:8000
+
 step() { echo "==> $*" >&2; }
+die() { echo "error: $*" >&2; exit 1; }
+
+# wait_http URL SECONDS LOG: poll until URL answers 200, or fail naming the log to read.
+wait_http() {
+    local url=$1 seconds=$2 log=$3 i
+    for ((i = 0; i < seconds * 4; i++)); do
+        curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+        sleep 0.25
+    done
+    die "$url did not come up within ${seconds}s; see $log"
+}
+
+# running NAME: the service's pid file names a live process.
+running() {
+    local pidfile=$RUN_DIR/$1.pid
+    [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+# start_service NAME HEALTH_URL CMD...: start CMD in the background once (idempotent), wait for its health.
+start_service() {
+    local name=$1 health=$2; shift 2
+    local log=$RUN_DIR/$name.log
+    if running "$name"; then
+        step "$name already running (pid $(cat "$RUN_DIR/$name.pid"))"
+    else
+        step "$name: $*"
+        setsid "$@" >>"$log" 2>&1 </dev/null &
+        echo $! >"$RUN_DIR/$name.pid"
+    fi
+    wait_http "$health" 120 "$log"
+}
 
 start_dev_cluster() {
     step "dev Slurm cluster: slurm/devcluster.sh start --rest"
@@ -20,15 +58,45 @@ start_dev_cluster() {
     sinfo
 }
 
+build_demo_model() {
+    local dest=$MODELS_DIR/tiny-llama
+    if [[ -f $dest/manifest.json ]]; then
+        step "demo model already converted at $dest"
+        return
+    fi
+    step "demo model: building tiny Llama (offline, seeded) and converting it to $dest"
+    local hf=$RUN_DIR/tiny-llama-hf
+    rm -rf "$hf"
+    "$HPCLLM" dev make-model llama "$hf" --size tiny
+    "$HPCLLM" convert "$hf" "$dest"
+}
+
+start_services() {
+    start_service controller "$CONTROLLER_URL/health" "$HPCLLM" controller
+    step "deploy conf/models/tiny-llama.toml"
+    "$HPCLLM" deploy "$REPO_ROOT/conf/models/tiny-llama.toml" --url "$CONTROLLER_URL"
+    start_service gateway "$GATEWAY_URL/health" "$HPCLLM" gateway
+}
+
 print_summary() {
     echo
     echo "The dev Slurm cluster is up (docs/devcluster.md). To use its Slurm commands in your shell:"
     echo "  $SLURM_CONF_EXPORT"
-    echo "Status: bash slurm/devcluster.sh status    Stop: make down"
+    echo "Status: bash slurm/devcluster.sh status; $HPCLLM status --url $CONTROLLER_URL    Stop: make down"
+    echo "Logs: $RUN_DIR/*.log"
+    echo
+    echo "hpcllm is serving tiny-llama at $GATEWAY_URL (the first request is a cold start: a Slurm job starts a"
+    echo "node agent, which loads the model). Stream a completion:"
+    echo "  curl -N $GATEWAY_URL/v1/completions -H 'Authorization: Bearer dev-key' -H 'Content-Type: application/json' \\"
+    echo "    -d '{\"model\": \"tiny-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16, \"stream\": true}'"
 }
 
 main() {
+    [[ -x $HPCLLM ]] || die "$HPCLLM not found: run 'make venv' first"
+    mkdir -p "$RUN_DIR" "$MODELS_DIR"
     start_dev_cluster
+    build_demo_model
+    start_services
     print_summary
 }
 

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Body of `make down`: stop what `make up` started, in order: gateway (drains its streams), controller, then the
+# dev cluster (jobs, slurmds, slurmctld, munged). Each service is stopped by the PID in its pid file.
+set -uo pipefail
+
+readonly REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly RUN_DIR=${HPCLLM_RUN_DIR:-/var/tmp/hpcllm/run}
+
+stop_service() {
+    local name=$1 pidfile=$RUN_DIR/$1.pid pid i
+    [[ -f $pidfile ]] || return 0
+    pid=$(cat "$pidfile")
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "==> stopping $name (pid $pid)" >&2
+        kill -TERM "$pid"
+        for ((i = 0; i < 160; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        kill -0 "$pid" 2>/dev/null && { echo "$name did not stop in 40 s; killing it" >&2; kill -KILL "$pid"; }
+    fi
+    rm -f "$pidfile"
+}
+
+stop_service gateway
+stop_service controller
+bash "$REPO_ROOT/slurm/devcluster.sh" stop
