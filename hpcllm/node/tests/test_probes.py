@@ -62,3 +62,11 @@ def test_gpus_from_slurm_environment(env, names, source):
 def test_a_worker_sees_only_its_gpus():
     inv = detect_gpus({"CUDA_VISIBLE_DEVICES": "4,6,7"}, use_nvml=False)
     assert inv.visible_devices([0, 2]) == "4,7"
+
+
+@pytest.mark.gpu
+def test_host_to_device_bandwidth_on_a_real_gpu():
+    from hpcllm.node.probes import h2d_bandwidth
+
+    result = h2d_bandwidth(4 * MiB)
+    assert result is not None and result.read_gbps > 0 and result.mode == "pinned"
