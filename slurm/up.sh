@@ -82,7 +82,7 @@ print_summary() {
     echo
     echo "The dev Slurm cluster is up (docs/devcluster.md). To use its Slurm commands in your shell:"
     echo "  $SLURM_CONF_EXPORT"
-    echo "Status: bash slurm/devcluster.sh status; $HPCLLM status --url $CONTROLLER_URL    Stop: make down"
+    echo "Status: bash slurm/devcluster.sh status; HPCLLM_CONFIG=$HPCLLM_CONFIG $HPCLLM status    Stop: make down"
     echo "Logs: $RUN_DIR/*.log"
     echo
     echo "hpcllm is serving tiny-llama at $GATEWAY_URL (the first request is a cold start: a Slurm job starts a"
