@@ -30,6 +30,8 @@ from typing import Iterator
 
 import pytest
 
+from hpcllm.procs import pid_alive
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEVCLUSTER_SCRIPT = REPO_ROOT / "slurm" / "devcluster.sh"
 DEFAULT_DEVCLUSTER_DIR = "/var/tmp/hpcllm-devcluster"
@@ -86,18 +88,9 @@ def _read_ports(state_dir: Path) -> dict[str, int]:
     return ports
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _pid_alive_from(pid: int | None) -> bool:
-    return pid is not None and _pid_alive(pid)
+    return pid is not None and pid_alive(pid)
 
 
 def _read_int(path: Path) -> int | None:
@@ -151,7 +144,7 @@ class _ClusterLeases:
     def live_holders(self) -> list[int]:
         holders = []
         for lease in self.leases_dir.glob("*"):
-            if lease.name.isdigit() and _pid_alive(int(lease.name)):
+            if lease.name.isdigit() and pid_alive(int(lease.name)):
                 holders.append(int(lease.name))
             else:
                 lease.unlink(missing_ok=True)  # a crashed session's lease

@@ -39,6 +39,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
+from hpcllm.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,13 @@ def prepare_metrics_dir(config: Config) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     for old in base.glob("master-*"):
         pid = old.name.removeprefix("master-")
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     path = base / f"master-{os.getpid()}"
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir()
     return path
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def gunicorn_settings(config: Config) -> dict:

@@ -41,6 +41,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
+from hpcllm.procs import pid_alive
 
 NVME, DRAM, SHAREDFS = "nvme", "dram", "sharedfs"
 CACHE_TIERS = (DRAM, NVME)  # fastest first
@@ -250,15 +251,6 @@ def fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------------------- the manager
