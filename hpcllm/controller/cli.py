@@ -16,6 +16,7 @@ from hpcllm.config import Config, load_config
 from hpcllm.controller.app import admin_key_of
 from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
 from hpcllm.controller.protocol import ClusterStatus, ModelSpec
+from hpcllm.httpjson import request_json
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 
@@ -68,20 +69,14 @@ class AdminClient:
                                   headers={"Authorization": f"Bearer {admin_key_of(config)}"})
 
     def call(self, method: str, path: str, **kwargs) -> dict:
-        try:
-            resp = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ControllerUnreachable(f"cannot reach the controller at {self.url} ({exc}); is `hpcllm controller` "
-                                        f"running? (set --url or ${CONTROLLER_URL_ENV})") from None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = {}
-        if resp.status_code >= 400:
-            error = body.get("error", {}) if isinstance(body, dict) else {}
-            message = error.get("message") or resp.text[:300]
-            raise ControllerError(f"the controller refused ({resp.status_code} {error.get('code', '')}): {message}")
-        return body
+        return request_json(
+            self._http, method, path,
+            unreachable=lambda exc: ControllerUnreachable(
+                f"cannot reach the controller at {self.url} ({exc}); is `hpcllm controller` running? "
+                f"(set --url or ${CONTROLLER_URL_ENV})"),
+            refused=lambda status, error, message: ControllerError(
+                f"the controller refused ({status} {error.get('code', '')}): {message}"),
+            **kwargs)
 
 
 @click.command("deploy")

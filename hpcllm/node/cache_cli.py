@@ -23,6 +23,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
 from hpcllm.node.hostlist import expand_nodes
 from hpcllm.node.mpiwarm import RESULT_PREFIX
+from hpcllm.httpjson import request_json
 
 SECRET_HEADER = "X-Hpcllm-Secret"
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
@@ -53,22 +54,18 @@ class AgentClient:
                                   headers={SECRET_HEADER: secret})
 
     def call(self, method: str, path: str, **kwargs) -> dict:
-        try:
-            resp = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise NodeUnreachable(f"node {self.agent.node}'s agent at {self.agent.url} is not reachable "
-                                  f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?") from None
-        try:
-            body = resp.json()
-        except ValueError:
-            body = {}
-        if resp.status_code >= 400:
-            error = body.get("error", {}) if isinstance(body, dict) else {}
-            message = error.get("message") or resp.text[:300] or resp.reason_phrase
-            code = str(error.get("code") or "")
-            kind = {"NotEnoughSpace": NotEnoughSpace, "UnknownModel": UnknownModel}.get(code, CacheError)
-            raise kind(f"node {self.agent.node}: {message}")
-        return body
+        return request_json(
+            self._http, method, path,
+            unreachable=lambda exc: NodeUnreachable(
+                f"node {self.agent.node}'s agent at {self.agent.url} is not reachable "
+                f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?"),
+            refused=self._refused,
+            **kwargs)
+
+    def _refused(self, status: int, error: dict, message: str) -> Exception:
+        kind = {"NotEnoughSpace": NotEnoughSpace, "UnknownModel": UnknownModel}.get(str(error.get("code") or ""),
+                                                                                   CacheError)
+        return kind(f"node {self.agent.node}: {message}")
 
 
 class Cluster:

@@ -1,0 +1,36 @@
+"""One JSON-over-HTTP call for the CLIs that talk to hpcllm services (controller admin API, node agents).
+
+Both the transport failure and an error answer become the caller's own HpcllmError, built from what went wrong,
+so each CLI says in its own words which service is down or what it refused.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import httpx
+
+
+def request_json(http: httpx.Client, method: str, path: str, *,
+                 unreachable: Callable[[httpx.HTTPError], Exception],
+                 refused: Callable[[int, dict, str], Exception], **kwargs) -> dict:
+    """Send one request and return its JSON body.
+
+    unreachable(exc)                     -> the error to raise when the service cannot be reached
+    refused(status, error_obj, message)  -> the error to raise on a 4xx/5xx answer; error_obj is the
+                                            OpenAI-shaped {"message", "code", ...} (empty when absent)
+    """
+    try:
+        resp = http.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise unreachable(exc) from None
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {}
+    if resp.status_code >= 400:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        error = error if isinstance(error, dict) else {}
+        message = error.get("message") or resp.text[:300] or resp.reason_phrase
+        raise refused(resp.status_code, error, message)
+    return body
