@@ -77,6 +77,8 @@ def serve(service: ControllerService, host: str, port: int, ready_file: Path | N
     except ControllerError as exc:  # Slurm down at start: serve anyway, the ticks retry
         log.warning("reconcile at start incomplete: %s", exc)
     server = make_server(host, port, service.app, threaded=True)
+    # Allocations tell their agents the port actually bound (--port 0 picks a free one).
+    service.controller.allocator.controller_url = f"http://{service.controller.settings.host}:{server.server_port}"
     stop = threading.Event()
     ticker = threading.Thread(target=service.tick_forever, args=(stop,), name="autoscaler", daemon=True)
     ticker.start()
