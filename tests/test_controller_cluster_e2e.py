@@ -1,0 +1,159 @@
+"""On-demand serving end to end on the real dev Slurm cluster, through the CLI and the slurmrestd backends.
+
+A real controller (allocate_on_demand, short keep-alives) gets two tiny converted models deployed; a route request
+makes it submit a node-agent allocation, the agent registers, the model loads and its greedy tokens equal
+transformers' `generate`; the second model, warmed into that node's DRAM cache, is placed there and loads from
+DRAM. Then both instances are stopped after their keep-alive and the idle allocation is cancelled (gone from
+squeue). slurmrestd v0.0.38 cannot pin a job to a node (docs/slurm-backends.md): the flow only needs unpinned
+allocations, so it runs unchanged there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e_helpers import HPCLLM, admin_status, controller_process, wait_for
+
+from hpcllm.checkpoint.converter import convert
+from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.protocol import GenerateRequest
+
+pytestmark = pytest.mark.slurm
+
+SECRET = "ctl-e2e-secret"
+ADMIN = "ctl-e2e-admin"
+KEEP_ALIVE_S = 4
+PROMPT = "the cluster"
+
+
+def write_config(base: Path, backend: str, rest) -> Path:
+    rest_lines = ""
+    if backend == "rest":
+        token = base / "slurm.jwt"
+        token.write_text(rest.rest_token)
+        rest_lines = f'rest_url = "{rest.rest_url}"\nrest_token_file = "{token}"\n'
+    path = base / "hpcllm.toml"
+    path.write_text(f"""
+[paths]
+state_dir = "{base / 'state'}"
+models_dir = "{base / 'models'}"
+[cluster]
+shared_secret = "{SECRET}"
+[slurm]
+backend = "{backend}"
+{rest_lines}partition = "batch"
+time = "00:10:00"
+[node]
+nvme_dir = "{base / 'nvme' / '%n'}"
+dram_namespace = "{base.name}-%n"
+probe_bytes = {16 << 20}
+memcpy_probe_bytes = {16 << 20}
+heartbeat_seconds = 1.0
+[controller]
+host = "127.0.0.1"
+database_url = "sqlite:///{base / 'controller.db'}"
+admin_key = "{ADMIN}"
+agent_command = "{HPCLLM}"
+allocate_on_demand = true
+tick_seconds = 1.0
+keep_alive_seconds = {KEEP_ALIVE_S}
+allocation_keep_alive_seconds = 3
+node_timeout_seconds = 15
+route_max_wait_seconds = 20
+""")
+    return path
+
+
+def greedy_tokens(model_dir: Path, n: int = 8) -> tuple[list[int], list[int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(model_dir)(PROMPT, return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = model.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return prompt[0].tolist(), out[0, prompt.shape[1]:].tolist()
+
+
+def route(url: str, model: str) -> dict:
+    def ready():
+        resp = httpx.get(f"{url}/v1/internal/route", params={"model": model, "wait": 15},
+                         headers={SECRET_HEADER: SECRET}, timeout=40)
+        assert resp.status_code in (200, 202), resp.text
+        return resp.json() if resp.status_code == 200 else None
+
+    return wait_for(ready, 90, f"{model} to become ready")
+
+
+def generate(worker_url: str, prompt: list[int], n: int) -> list[int]:
+    with WorkerClient(worker_url, SECRET) as worker:
+        with worker.generate(GenerateRequest(request_id="ctl-e2e", prompt_token_ids=prompt, max_tokens=n,
+                                             temperature=0)) as stream:
+            return [line.token_id for line in stream if line.type == "token"]
+
+
+def deploy(url: str, name: str, source: Path) -> None:
+    resp = httpx.post(f"{url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30,
+                      json={"name": name, "source": str(source), "gpus": 0, "keep_alive_seconds": KEEP_ALIVE_S})
+    assert resp.status_code == 201, resp.text
+
+
+@pytest.mark.parametrize("backend", ["cli", "rest"])
+def test_on_demand_allocation_serves_two_models_then_scales_to_zero(backend, request, slurm_cluster, tiny_llama_dir,
+                                                                    tiny_gpt2_dir):
+    rest = request.getfixturevalue("slurm_rest") if backend == "rest" else None
+    # Munge and the agents need world-searchable parents: not pytest's private tmp folder.
+    base = Path(f"/var/tmp/hpcllm-ctl-e2e-{os.getpid()}-{backend}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(mode=0o755, parents=True)
+    expected = {"tiny-llama": greedy_tokens(tiny_llama_dir), "tiny-gpt2": greedy_tokens(tiny_gpt2_dir)}
+    sources = {name: base / "models" / name for name in expected}
+    convert(tiny_llama_dir, sources["tiny-llama"], progress=False)
+    convert(tiny_gpt2_dir, sources["tiny-gpt2"], progress=False)
+    config_path = write_config(base, backend, rest)
+    job_ids: set[str] = set()
+    try:
+        with controller_process(config_path, base / "controller.log") as url:
+            for name, source in sources.items():
+                deploy(url, name, source)
+
+            # First request: no agent anywhere, so the controller submits an allocation and starts the model there.
+            llama = route(url, "tiny-llama")
+            prompt, tokens = expected["tiny-llama"]
+            assert generate(llama["worker_url"], prompt, len(tokens)) == tokens
+            node = llama["node_id"]
+            status = admin_status(url, ADMIN)
+            job_ids = {a["job_id"] for a in status["allocations"]}
+            assert [a["nodes"] for a in status["allocations"]] == [[node]], status["allocations"]
+
+            # Warm the second model into that node's DRAM: it is placed there and loads from the cache.
+            agent_url = next(n["agent_url"] for n in status["nodes"] if n["node_id"] == node)
+            warmed = httpx.post(f"{agent_url}/v1/internal/cache/warm", headers={SECRET_HEADER: SECRET}, timeout=60,
+                                json={"model": "tiny-gpt2", "source": str(sources["tiny-gpt2"]), "tier": "dram"})
+            assert warmed.status_code == 200, warmed.text
+            wait_for(lambda: any(c["model"] == "tiny-gpt2" for n in admin_status(url, ADMIN)["nodes"]
+                                 if n["node_id"] == node for c in n["cached"]), 20, "the cache entry to be reported")
+            gpt2 = route(url, "tiny-gpt2")
+            assert (gpt2["node_id"], gpt2["load_tier"]) == (node, "dram"), gpt2
+            prompt, tokens = expected["tiny-gpt2"]
+            assert generate(gpt2["worker_url"], prompt, len(tokens)) == tokens
+
+            # Scale to zero: idle instances stop after their keep-alive, then the empty allocation is cancelled.
+            wait_for(lambda: not admin_status(url, ADMIN)["instances"], 30, "the idle instances to stop")
+            wait_for(lambda: all(a["state"] == "ended" for a in admin_status(url, ADMIN)["allocations"]), 45,
+                     "the idle allocation to end")
+            queued = slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split()
+            assert not job_ids & set(queued), (job_ids, queued)
+    except AssertionError as exc:
+        logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(base.rglob("*.out")))
+        ctl = (base / "controller.log").read_text()[-3000:] if (base / "controller.log").exists() else ""
+        raise AssertionError(f"{exc}\n--- controller.log\n{ctl}{logs}") from None
+    finally:
+        for job in job_ids:
+            slurm_cluster.run("scancel", job, check=False)
+        for folder in Path("/dev/shm").glob(f"hpcllm-{base.name}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
