@@ -51,6 +51,9 @@ class TruncatedFile(CheckpointError):
 class ChecksumMismatch(CheckpointError):
     """Bytes read back do not match the checksum recorded at conversion."""
 
+    # Its own exit code: a node agent whose worker exits with it drops the corrupt cached copy and refills it.
+    exit_code = 4
+
 
 class InvalidSource(CheckpointError):
     """The converter's input (an HF model folder) is missing, empty or has an unreadable weight file."""

@@ -34,6 +34,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.cli import SECRET_ENV
+from hpcllm.checkpoint.errors import ChecksumMismatch
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Instance:
     exit_code: int | None = None
     stopping: bool = False
     released: bool = False
+    corrupt_copy: bool = False  # the worker's load failed a checksum of the local copy it read
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -271,6 +273,8 @@ class WorkerManager:
                 time.sleep(self.poll_seconds if inst.state == "loading" else max(self.poll_seconds, 1.0))
         finally:
             self._release(inst)
+            if inst.corrupt_copy:
+                self._replace_corrupt_copy(inst)
             inst.done.set()
 
     def _exited(self, inst: Instance, code: int) -> None:
@@ -279,7 +283,20 @@ class WorkerManager:
             self._set_state(inst, "stopped")
             return
         reason = inst.error or log_tail(inst.log_path) or "no output"
+        inst.corrupt_copy = code == ChecksumMismatch.exit_code and inst.tier in LOCAL_TIERS
         self._set_state(inst, "failed", f"worker exited with status {code}: {reason}")
+
+    def _replace_corrupt_copy(self, inst: Instance) -> None:
+        """The loader caught a checksum mismatch in a cached copy: drop it and refill it from the origin, so the
+        next instance loads good bytes (and never from the corrupt copy)."""
+        if self.cache is None:
+            return
+        try:
+            result = self.cache.handle_corrupt(inst.model, inst.tier, f"instance {inst.instance_id}: {inst.error}")
+            log.warning("corrupt %s copy of %s: %s (%s)", inst.tier, inst.model, result.action, result.message)
+        except Exception:
+            log.exception("replacing the corrupt %s copy of %s failed", inst.tier, inst.model)
+        self.on_change()
 
     def _release(self, inst: Instance) -> None:
         with self._lock:

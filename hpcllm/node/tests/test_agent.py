@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -208,3 +209,44 @@ def test_drain_signal_and_sigterm_request_one_drain(agent):
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_corrupt_cached_copy_fails_the_load_and_is_refilled(agent, client, converted):
+    """A flipped byte in the NVMe copy: the worker's load stops on the checksum (never serves garbage), the agent
+    drops the copy and refills it from the origin, and the next instance loads and becomes ready."""
+    copy = agent.cache.warm("tiny-llama", converted, "nvme")
+    data_file = sorted(Path(copy.path).glob("data-*.h5"))[0]
+    index = json.loads((Path(copy.path) / "index.json").read_text())
+    first_tensor = min(index["tensors"].values(), key=lambda t: t["offset"])
+    with open(data_file, "r+b") as f:  # flip one byte inside the first tensor's data
+        f.seek(first_tensor["offset"])
+        byte = f.read(1)
+        f.seek(first_tensor["offset"])
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)}, headers=AUTH)
+    assert resp.status_code == 202, resp.get_json()
+    iid = resp.get_json()["instance_id"]
+
+    def failed():
+        [info] = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+        assert info["state"] != "ready", "a corrupt copy must never serve"
+        return info if info["state"] == "failed" else None
+
+    info = wait_for(failed, what="the load from the corrupt copy to fail")
+    assert "exited with status 4" in info["error"], info["error"]
+    agent.workers.get(iid).done.wait(30)
+
+    refilled = agent.cache.get("tiny-llama", "nvme")
+    assert refilled is not None and refilled.verified
+    assert data_file.read_bytes() == (converted / data_file.name).read_bytes()
+    client.delete(f"/v1/internal/instances/{iid}", headers=AUTH)
+
+    again = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)}, headers=AUTH)
+    assert again.status_code == 202 and again.get_json()["load_tier"] == "nvme"
+
+    def ready():
+        infos = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+        return any(i["state"] == "ready" for i in infos)
+
+    wait_for(ready, what="an instance from the refilled copy to become ready")
