@@ -13,11 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from e2e_helpers import wait_for
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
@@ -34,17 +34,6 @@ CACHED_ON = "n3"
 SECRET = "e2e-secret"
 ADMIN = "e2e-admin"
 HPCLLM = str(Path(sys.executable).parent / "hpcllm")
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def write_config(tmp_path: Path, models: Path) -> Path:

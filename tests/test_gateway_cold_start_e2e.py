@@ -1,0 +1,201 @@
+"""The issue's "Done when" for the gateway, on the real dev Slurm cluster: `hpcllm gateway` (gunicorn) in front of a
+real `hpcllm controller` with allocate_on_demand on, as `make up` runs them.
+
+The first streaming completion for a model with no instance makes the controller submit a node-agent Slurm job;
+the agent registers, loads the converted tiny model, and the official `openai` client gets tokens equal to
+transformers' greedy `generate`. A chat request then works warm, and the gateway's /metrics count the cold start
+with its load tier. Everything this test started (gateway, controller, Slurm jobs) is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e_helpers import free_port, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from hpcllm.checkpoint.converter import convert
+from hpcllm.config import load_config
+from hpcllm.gateway.tests.test_openai_api import chat_prompt_ids, hf_greedy
+from hpcllm.slurm.cli_backend import CliBackend
+
+pytestmark = pytest.mark.slurm
+
+SECRET = "cold-e2e-secret"
+ADMIN = "cold-e2e-admin"
+USER_KEY = "cold-e2e-user"
+MODEL = f"tiny-llama-cold{os.getpid()}"  # unique: the jobs the controller submits are named after it
+HPCLLM = str(Path(sys.executable).parent / "hpcllm")
+PROMPT = "the cluster"
+
+
+def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
+    path = root / "hpcllm.toml"
+    path.write_text(f"""
+[paths]
+state_dir = "{root / 'state'}"
+models_dir = "{root / 'models'}"
+[cluster]
+shared_secret = "{SECRET}"
+[slurm]
+partition = "batch"
+time = "00:10:00"
+[node]
+nvme_dir = "{root / 'nvme' / '%n'}"
+dram_namespace = "cold{os.getpid()}-%n"
+probe_bytes = {16 << 20}
+memcpy_probe_bytes = {16 << 20}
+heartbeat_seconds = 1.0
+[controller]
+host = "127.0.0.1"
+port = {controller_port}
+admin_key = "{ADMIN}"
+allocate_on_demand = true
+allocation_start_estimate_seconds = 5.0
+tick_seconds = 1.0
+[gateway]
+host = "127.0.0.1"
+port = {gateway_port}
+workers = 2
+threads = 8
+router = "controller"
+controller_url = "http://127.0.0.1:{controller_port}"
+admin_key = "{ADMIN}"
+[[gateway.api_keys]]
+key = "{USER_KEY}"
+name = "e2e"
+""")
+    return path
+
+
+def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def answers(url: str, proc: subprocess.Popen, log: Path) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"{proc.args[1]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def admin_status(controller_url: str) -> dict:
+    return httpx.get(f"{controller_url}/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN}"},
+                     timeout=10).json()
+
+
+@pytest.fixture
+def stack(tiny_llama_dir, tmp_path):
+    """(gateway_url, controller_url, root): a real controller and gunicorn gateway, state under /var/tmp (Slurm
+    jobs run the agent as this user and munge wants world-searchable parents, which pytest's tmp_path is not).
+    The logs are copied to tmp_path at the end."""
+    root = Path(tempfile.mkdtemp(prefix="hpcllm-cold-e2e-", dir="/var/tmp"))
+    root.chmod(0o755)
+    controller_port, gateway_port = free_port(), free_port()
+    config_path = write_config(root, controller_port, gateway_port)
+    convert(tiny_llama_dir, root / "models" / MODEL, progress=False)
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["HPCLLM_CONFIG"] = str(config_path)  # as `make up`: the controller passes it on to the jobs it submits
+    controller_url, gateway_url = f"http://127.0.0.1:{controller_port}", f"http://127.0.0.1:{gateway_port}"
+    procs: list[subprocess.Popen] = []
+    try:
+        controller = start([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
+        procs.append(controller)
+        gateway = start([HPCLLM, "gateway", "--config", str(config_path), "--port", str(gateway_port)],
+                        root / "gateway.log", env)
+        procs.append(gateway)
+        wait_for(lambda: answers(f"{controller_url}/health", controller, root / "controller.log"), 60,
+                 "the controller to answer /health")
+        wait_for(lambda: answers(f"{gateway_url}/health", gateway, root / "gateway.log"), 60,
+                 "the gateway to answer /health")
+        yield gateway_url, controller_url, root
+    finally:
+        jobs = []
+        if procs and procs[0].poll() is None:
+            try:
+                jobs = [a["job_id"] for a in admin_status(controller_url)["allocations"]]
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+        for proc in reversed(procs):
+            stop(proc)
+        config = load_config(config_path)
+        backend = CliBackend(config.slurm, command_timeout=30)
+        named = subprocess.run(["squeue", "-h", "-o", "%i", "-n", f"hpcllm-pool-{MODEL}"], capture_output=True,
+                               text=True, timeout=30).stdout.split()
+        for job in set(jobs) | set(named):
+            backend.cancel(job)
+        for folder in Path("/dev/shm").glob(f"hpcllm-cold{os.getpid()}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        # Logs (controller, gateway, Slurm job output) stay readable in pytest's tmp_path; the rest goes.
+        for log in [*root.glob("*.log"), *(root / "state" / "slurm").glob("*.out")]:
+            shutil.copy(log, tmp_path / log.name)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cold_stream_then_warm_chat_and_cold_start_metrics(stack, tiny_llama_dir):
+    import openai
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gateway_url, controller_url, root = stack
+    deployed = httpx.post(f"{controller_url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"},
+                          timeout=30, json={"name": MODEL, "source": str(root / "models" / MODEL), "gpus": 0})
+    assert deployed.status_code == 201, deployed.text
+    status = admin_status(controller_url)
+    assert not status["instances"] and not status["allocations"], status  # nothing runs yet: a real cold start
+
+    hf_pair = (AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir))
+    expected_text, expected_finish, _ = hf_greedy(hf_pair, hf_pair[1](PROMPT)["input_ids"], 12)
+
+    with openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=USER_KEY, max_retries=0, timeout=120) as client:
+        # Cold: the controller submits the node-agent job, the agent registers and loads the model, tokens stream.
+        chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
+                                                stream=True))
+        assert len(chunks) > 2
+        assert "".join(c.choices[0].text for c in chunks) == expected_text
+        assert chunks[-1].choices[0].finish_reason == expected_finish
+        allocations = [a for a in admin_status(controller_url)["allocations"] if a["model"] == MODEL]
+        assert allocations, "the controller made no Slurm allocation for the cold start"
+
+        # Warm: the chat goes to the instance that is already loaded.
+        messages = [{"role": "user", "content": "hello world"}]
+        chat_text, chat_finish, chat_tokens = hf_greedy(hf_pair, chat_prompt_ids(hf_pair, messages), 10)
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+        assert chat.choices[0].message.content == chat_text
+        assert chat.choices[0].finish_reason == chat_finish
+        assert chat.usage.completion_tokens == chat_tokens
+
+    cold = [c for c in admin_status(controller_url)["cold_starts"] if c["model"] == MODEL]
+    assert len(cold) == 1 and cold[0]["tier"], cold
+    tier = cold[0]["tier"]
+
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{gateway_url}/metrics", timeout=10).text)}
+    cold_starts = {s.labels["tier"]: s.value for s in families["hpcllm_cold_starts"].samples
+                   if s.name == "hpcllm_cold_starts_total" and s.labels["model_name"] == MODEL}
+    assert cold_starts == {tier: 1.0}, cold_starts
+    load_counts = {s.labels["tier"]: s.value for s in families["hpcllm_model_load_seconds"].samples
+                   if s.name == "hpcllm_model_load_seconds_count"}
+    assert load_counts.get(tier) == 1.0, load_counts
+    load_sums = {s.labels["tier"]: s.value for s in families["hpcllm_model_load_seconds"].samples
+                 if s.name == "hpcllm_model_load_seconds_sum"}
+    assert load_sums[tier] > 0
