@@ -1,24 +1,68 @@
-"""Small helpers shared by the end-to-end tests in tests/ (real processes on the dev Slurm cluster)."""
+"""Helpers shared by the end-to-end tests in tests/ (real dev Slurm cluster, real hpcllm processes).
+
+Several test files use this module: add functions, do not change the behaviour of existing ones.
+"""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+# The `hpcllm` command beside this Python (the venv's console script).
+HPCLLM = str(Path(sys.executable).parent / "hpcllm")
 
 
-def wait_for(predicate, timeout: float, what: str):
-    """Polls predicate every 0.5 s until it returns something truthy (returned), or fails naming `what`."""
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    """Polls predicate until it returns something truthy (returned); AssertionError naming `what` on timeout."""
     deadline = time.monotonic() + timeout
-    last = None
     while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+@contextmanager
+def controller_process(config_path: Path, log_path: Path, start_timeout: float = 60) -> Iterator[str]:
+    """Runs `hpcllm controller --config CONFIG --port 0` and yields its URL; SIGTERM (then SIGKILL) at the end."""
+    ready = log_path.with_name(log_path.stem + ".url")
+    ready.unlink(missing_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([HPCLLM, "controller", "--config", str(config_path), "--port", "0",
+                                 "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            def listening():
+                if proc.poll() is not None:
+                    raise AssertionError(f"the controller exited {proc.returncode}: {log_path.read_text()[-3000:]}")
+                return ready.exists() and ready.read_text().strip()
+
+            yield wait_for(listening, start_timeout, "the controller to listen")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def admin_status(url: str, admin_key: str) -> dict:
+    """GET /v1/admin/status of a controller."""
+    resp = httpx.get(f"{url}/v1/admin/status", headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
 def free_port() -> int:
+    """A TCP port free on loopback now (for services whose port must be known before they start)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
