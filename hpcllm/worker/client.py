@@ -14,22 +14,38 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from hpcllm.errors import HpcllmError
 from hpcllm.worker.protocol import (
+    ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
+    EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
+    MIGRATE_ALL_PATH,
+    MIGRATE_REQUEST_PATH,
+    PREPARE_MIGRATION_PATH,
     SECRET_HEADER,
     TOKENS_PATH,
+    AttachMigration,
     ErrorInfo,
     ErrorResponse,
+    ExtendMigration,
+    ExtendResult,
     FinalLine,
     GenerateRequest,
+    MigrateAllResult,
+    MigrateRequest,
+    MigrationResult,
+    PrepareMigration,
+    PrepareResult,
     RequestTokens,
     TokenLine,
     parse_stream_line,
 )
+
+# Default read timeout of the migration calls (a prepare waits for a whole prefill, migrate for all its rounds).
+MIGRATION_CALL_TIMEOUT = 300.0
 
 
 class WorkerError(HpcllmError):
@@ -110,19 +126,28 @@ class WorkerClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _request(self, method: str, path: str) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, body: BaseModel | None = None, timeout: float | None = None
+    ) -> httpx.Response:
+        """One JSON call; timeout (seconds) overrides the client's read timeout for slow calls."""
+        kwargs: dict = {"headers": self._headers}
+        if body is not None:
+            kwargs["content"] = body.model_dump_json(exclude_none=True)
+            kwargs["headers"] = {**self._headers, "Content-Type": "application/json"}
+        if timeout is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout, connect=min(timeout, 5.0))
         try:
-            response = self._client.request(method, self.base_url + path, headers=self._headers)
+            response = self._client.request(method, self.base_url + path, **kwargs)
         except httpx.HTTPError as exc:
             raise WorkerError(0, f"worker {self.base_url} unreachable: {exc}") from exc
         _raise_for_status(response)
         return response
 
-    def generate(self, body: GenerateRequest) -> GenerationStream:
-        """Start a generation; the HTTP status is checked before this returns."""
+    def _stream(self, path: str, body: BaseModel) -> GenerationStream:
+        """POST that answers an NDJSON generation stream; the HTTP status is checked before this returns."""
         context = self._client.stream(
             "POST",
-            self.base_url + GENERATE_PATH,
+            self.base_url + path,
             content=body.model_dump_json(exclude_none=True),
             headers={**self._headers, "Content-Type": "application/json"},
         )
@@ -137,6 +162,10 @@ class WorkerClient:
             raise
         return GenerationStream(context, response)
 
+    def generate(self, body: GenerateRequest) -> GenerationStream:
+        """Start a generation; the HTTP status is checked before this returns."""
+        return self._stream(GENERATE_PATH, body)
+
     def tokens(self, request_id: str) -> RequestTokens:
         response = self._request("GET", TOKENS_PATH.format(request_id=request_id))
         return RequestTokens.model_validate_json(response.content)
@@ -145,6 +174,38 @@ class WorkerClient:
         """Stop a request and get its token ids (to resume it elsewhere with resume_token_ids)."""
         response = self._request("POST", CANCEL_PATH.format(request_id=request_id))
         return RequestTokens.model_validate_json(response.content)
+
+    # ---- live migration (docs/migration.md) --------------------------------------------------------------------
+
+    def prepare_migration(self, body: PrepareMigration, timeout: float | None = MIGRATION_CALL_TIMEOUT) -> PrepareResult:
+        """Destination: create a held request and wait until its prompt and output so far are prefilled."""
+        response = self._request("POST", PREPARE_MIGRATION_PATH, body, timeout)
+        return PrepareResult.model_validate_json(response.content)
+
+    def extend_migration(
+        self, request_id: str, token_ids: list[int], wait: bool = False,
+        timeout: float | None = MIGRATION_CALL_TIMEOUT,
+    ) -> ExtendResult:
+        """Destination: append tokens the source produced since the last round (wait: until prefilled)."""
+        body = ExtendMigration(token_ids=token_ids, wait=wait)
+        response = self._request("POST", EXTEND_MIGRATION_PATH.format(request_id=request_id), body, timeout)
+        return ExtendResult.model_validate_json(response.content)
+
+    def attach(self, request_id: str, from_index: int) -> GenerationStream:
+        """Destination: release a held request and stream it from output index from_index (like generate)."""
+        return self._stream(ATTACH_MIGRATION_PATH.format(request_id=request_id), AttachMigration(from_index=from_index))
+
+    def migrate(
+        self, request_id: str, body: MigrateRequest, timeout: float | None = MIGRATION_CALL_TIMEOUT
+    ) -> MigrationResult:
+        """Source: move one running request to body.destination_url (live, in rounds)."""
+        response = self._request("POST", MIGRATE_REQUEST_PATH.format(request_id=request_id), body, timeout)
+        return MigrationResult.model_validate_json(response.content)
+
+    def migrate_all(self, body: MigrateRequest, timeout: float | None = MIGRATION_CALL_TIMEOUT) -> MigrateAllResult:
+        """Source: move every running and waiting request of this worker (node drain)."""
+        response = self._request("POST", MIGRATE_ALL_PATH, body, timeout)
+        return MigrateAllResult.model_validate_json(response.content)
 
     def health(self) -> bool:
         try:

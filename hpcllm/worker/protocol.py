@@ -15,12 +15,21 @@ SECRET_HEADER = "X-Hpcllm-Secret"
 GENERATE_PATH = "/v1/internal/generate"
 TOKENS_PATH = "/v1/internal/requests/{request_id}/tokens"
 CANCEL_PATH = "/v1/internal/requests/{request_id}/cancel"
+# Live migration (docs/migration.md). On the destination: prepare a HELD request, extend it, attach to it.
+PREPARE_MIGRATION_PATH = "/v1/internal/migrations/prepare"
+EXTEND_MIGRATION_PATH = "/v1/internal/migrations/{request_id}/extend"
+ATTACH_MIGRATION_PATH = "/v1/internal/migrations/{request_id}/attach"
+# On the source: move one running request, or all of them (node drain), to a destination worker.
+MIGRATE_REQUEST_PATH = "/v1/internal/requests/{request_id}/migrate"
+MIGRATE_ALL_PATH = "/v1/internal/migrate"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 # Why a generation ended. "stop": eos, a stop token id or a stop string; "length": max_tokens or the model's context
-# is full; "abort": cancelled (client went away, POST cancel, worker shutting down); "error": failed in the engine.
-FinishReason = Literal["stop", "length", "abort", "error"]
-RequestState = Literal["waiting", "running", "finished"]
+# is full; "abort": cancelled (client went away, POST cancel, worker shutting down); "error": failed in the engine;
+# "migrated": the generation goes on on another worker (FinalLine.migrated_to says where and from which index).
+FinishReason = Literal["stop", "length", "abort", "error", "migrated"]
+# "held": a migration destination's request, prefilled from token ids, waiting to be attached (not sampling).
+RequestState = Literal["waiting", "running", "held", "finished"]
 
 # Request ids appear in URL paths, so keep them to characters that need no escaping.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -96,6 +105,14 @@ class ErrorInfo(WireModel):
     code: str | None = None
 
 
+class MigratedTo(WireModel):
+    """Where a migrated generation goes on: attach to request_id on worker_url from output index from_index."""
+
+    worker_url: str
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    from_index: int = Field(ge=0)
+
+
 class FinalLine(WireModel):
     type: Literal["final"] = "final"
     finish_reason: FinishReason
@@ -103,6 +120,8 @@ class FinalLine(WireModel):
     stop_reason: str | int | None = None
     usage: Usage
     error: ErrorInfo | None = None
+    # Only with finish_reason "migrated".
+    migrated_to: MigratedTo | None = None
 
 
 StreamLine = Annotated[TokenLine | FinalLine, Field(discriminator="type")]
@@ -129,3 +148,87 @@ class RequestTokens(WireModel):
 
 class ErrorResponse(WireModel):
     error: ErrorInfo
+
+
+# ---- live migration (docs/migration.md) ---------------------------------------------------------------------------
+
+
+class PrepareMigration(WireModel):
+    """Destination: create a HELD request (prefill prompt + resume_token_ids, do not sample) and wait for it.
+
+    generate carries the source request's prompt_token_ids, resume_token_ids = its output so far, and the same
+    seed, sampling fields, stop, ignore_eos and max_tokens. The answer comes once the tokens are prefilled.
+    """
+
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN)
+    generate: GenerateRequest
+    # The held request is dropped (its KV cache freed) when it is not attached within this many seconds of the
+    # last prepare/extend call.
+    hold_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _same_id(self) -> "PrepareMigration":
+        if self.generate.request_id != self.request_id:
+            raise ValueError(
+                f"generate.request_id {self.generate.request_id!r} differs from request_id {self.request_id!r}"
+            )
+        return self
+
+
+class PrepareResult(WireModel):
+    request_id: str
+    cached_tokens: int  # prompt + output tokens in the destination's KV cache
+
+
+class ExtendMigration(WireModel):
+    """Destination: append output tokens the source produced since the last round (replayed through the
+    detokenizer and stop checks as if generated here) and prefill them; wait: answer only once prefilled."""
+
+    token_ids: list[int]
+    wait: bool = False
+
+
+class ExtendResult(WireModel):
+    cached_tokens: int  # tokens in the KV cache now (prompt + output)
+    output_tokens: int  # output tokens the held request knows (resumed + extended)
+
+
+class AttachMigration(WireModel):
+    """Destination: release the held request and stream it from output index from_index (must equal the number
+    of output tokens it holds, i.e. what the source delivered)."""
+
+    from_index: int = Field(ge=0)
+
+
+class MigrateRequest(WireModel):
+    """Source: move one request (or, on POST /v1/internal/migrate, every running one) to destination_url."""
+
+    destination_url: str = Field(min_length=1)
+    # Rounds in all, the first (prepare with everything so far) and the hand-over included; 1 = stop-and-copy.
+    max_rounds: int = Field(default=8, ge=1, le=64)
+    # Hand over (pause here, send the last tokens) once a round leaves at most this many new tokens.
+    handover_tokens: int = Field(default=2, ge=0)
+    hold_seconds: float = Field(default=60.0, gt=0, le=3600)
+    # Bound on each call to the destination (a prepare waits for the whole prefill).
+    timeout_seconds: float = Field(default=120.0, gt=0)
+
+
+class MigrationResult(WireModel):
+    request_id: str
+    destination_url: str
+    destination_request_id: str
+    rounds: int
+    tokens_per_round: list[int]  # tokens the destination prefilled in each round (the first includes the prompt)
+    handover_seconds: float  # from pausing the request here to its stream's final "migrated" line
+    total_seconds: float
+    output_tokens_at_handover: int  # == MigratedTo.from_index
+
+
+class MigrationFailure(WireModel):
+    request_id: str
+    error: str
+
+
+class MigrateAllResult(WireModel):
+    migrated: list[MigrationResult]
+    failed: list[MigrationFailure]
