@@ -72,6 +72,9 @@ class NodeConfig(Section):
     # Worker processes: longest wait for a worker's /ready, and between SIGTERM and SIGKILL when stopping one.
     worker_start_timeout_seconds: float = Field(600.0, gt=0)
     worker_stop_timeout_seconds: float = Field(30.0, gt=0)
+    # Drain (Slurm's signal, SIGTERM): at most this long moving running requests to other nodes (live migration)
+    # before the workers are stopped; keep migrate + stop timeouts inside slurm.signal_seconds.
+    migrate_timeout_seconds: float = Field(20.0, gt=0, le=3600)
 
 
 class ControllerConfig(Section):
