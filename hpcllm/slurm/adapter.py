@@ -238,7 +238,16 @@ def job_status_from_json(job: Mapping[str, Any]) -> JobStatus:
         time_limit=_minutes_to_seconds(job.get("time_limit")),
         restart_count=_count(job.get("restart_cnt")),
         exit_code=_exit_code(job.get("exit_code")),
+        comment=_comment(job.get("comment")),
     )
+
+
+def _comment(value: Any) -> str | None:
+    """A job's comment: a string in squeue --json (22.05-24.05), an object {"job", "administrator", "system"} in
+    sacct --json."""
+    if isinstance(value, Mapping):
+        value = value.get("job")
+    return _text(value) if isinstance(value, str) else None
 
 
 def jobs_from_json(payload: Mapping[str, Any]) -> dict[str, JobStatus]:
@@ -286,6 +295,22 @@ def jobs_from_squeue_text(text: str) -> dict[str, JobStatus]:
             restart_count=_count(restarts),
         )
     return statuses
+
+
+# Comments in the text fallback come from a second call: a comment, like a name, may hold the separator, and only
+# the last field of a line can.
+SQUEUE_COMMENT_FORMAT = "JobID:0|,Comment:0|"
+
+
+def comments_from_squeue_text(text: str) -> dict[str, str]:
+    """Output of `squeue -h -a -t all -O <SQUEUE_COMMENT_FORMAT>` -> {job id: comment} (jobs with one)."""
+    comments = {}
+    for line in text.splitlines():
+        job_id, sep, rest = line.partition("|")
+        comment = _text(rest.removesuffix("|"))
+        if sep and job_id.strip() and comment:
+            comments[job_id.strip()] = comment
+    return comments
 
 
 def _walltime_text_to_seconds(text: str) -> int | None:

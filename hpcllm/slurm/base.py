@@ -86,6 +86,8 @@ class JobStatus:
     exit_code: int | None = None
     # True when Slurm no longer knows the job (purged after MinJobAge and no accounting to ask).
     missing: bool = False
+    # The job's --comment (the controller tags its allocations with one); None when unset or not asked for.
+    comment: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -323,6 +325,11 @@ class SlurmBackend(abc.ABC):
 
     def status(self, job_id: str) -> JobStatus:
         return self.statuses([job_id])[job_id]
+
+    @abc.abstractmethod
+    def list_jobs(self) -> dict[str, JobStatus]:
+        """Every job slurmctld still holds (all users, all states), with its comment, in one call (two for the
+        CLI backend's text fallback). For finding jobs by their tag, e.g. after a crash between submit and record."""
 
     @abc.abstractmethod
     def cancel(self, job_id: str) -> None:

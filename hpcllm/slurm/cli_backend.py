@@ -4,6 +4,8 @@
   the last line counts);
 - statuses: ONE `squeue --json` for all jobs (falling back to a pinned `squeue -O` text format when --json fails),
   then ONE `sacct` for the jobs squeue no longer lists when accounting is on;
+- list_jobs: the same squeue call (comments are in the JSON; the text fallback asks a second `squeue -O
+  JobID,Comment`);
 - nodes: `sinfo --json` (22.05-23.11 shape), `scontrol show nodes --json` (23.02+), else `scontrol -d -o show node`;
 - partitions: `scontrol -o show partition`.
 Every command runs with the user's output-shaping variables removed (SQUEUE_FORMAT, SINFO_FORMAT, SACCT_FORMAT,
@@ -12,6 +14,7 @@ SLURM_TIME_FORMAT, ...) and SLURM_TIME_FORMAT=%s, so a personal setting cannot b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -114,6 +117,16 @@ class CliBackend(SlurmBackend):
                     job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)"
                     + ("" if self._accounting else " and job accounting is off, so its end state is unknown"))
         return answer
+
+    def list_jobs(self) -> dict[str, JobStatus]:
+        listed = self._squeue_all()
+        if self._squeue_json:
+            return listed  # the JSON carries comments
+        comments = adapter.comments_from_squeue_text(self._run(
+            ["squeue", "--noheader", "--all", "--states=all", "--array",
+             f"--Format={adapter.SQUEUE_COMMENT_FORMAT}"]).stdout)
+        return {job_id: dataclasses.replace(status, comment=comments.get(job_id))
+                for job_id, status in listed.items()}
 
     def cancel(self, job_id: str) -> None:
         try:

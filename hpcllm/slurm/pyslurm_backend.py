@@ -107,13 +107,16 @@ class PyslurmBackend(SlurmBackend):
         wanted = [str(job_id) for job_id in job_ids]
         if not wanted:
             return {}
-        jobs = self._rpc("load jobs", self.pyslurm.Jobs.load)
-        listed = {str(job.id): job_status_from_pyslurm(job) for job in jobs.values()}
+        listed = self.list_jobs()
         return {
             job_id: listed.get(job_id) or adapter.missing_status(
                 job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)")
             for job_id in wanted
         }
+
+    def list_jobs(self) -> dict[str, JobStatus]:
+        jobs = self._rpc("load jobs", self.pyslurm.Jobs.load)
+        return {str(job.id): job_status_from_pyslurm(job) for job in jobs.values()}
 
     def cancel(self, job_id: str) -> None:
         self._rpc(f"cancel job {job_id}", self.pyslurm.Job(int(job_id)).cancel)
@@ -187,6 +190,7 @@ def job_status_from_pyslurm(job: Any) -> JobStatus:
         time_limit=int(limit) * 60 if isinstance(limit, (int, float)) and limit > 0 else None,
         restart_count=int(job.requeue_count or 0),
         exit_code=job.exit_code if isinstance(job.exit_code, int) else None,
+        comment=adapter._text(getattr(job, "comment", None)),
     )
 
 

@@ -6,9 +6,9 @@ Every request carries X-SLURM-USER-NAME and X-SLURM-USER-TOKEN. The token comes 
 
 Endpoints: POST /slurm/v0.0.38/job/submit {script, job}, GET /slurm/v0.0.38/jobs (the same JSON as
 `squeue --json`, parsed by the same adapter), DELETE /slurm/v0.0.38/job/{id}[?signal=NAME], GET .../nodes,
-GET .../partitions. Limits of v0.0.38, reported as errors rather than ignored: no requeue, no node list / exclude
-list on submit; a signal reaches every step of the job and its batch shell (no batch-only choice); the signal on
-submit has no "B:" prefix.
+GET .../partitions. Node lists go in the undocumented keys `nodelist` / `exclude_nodes` (see submission_body).
+Limits of v0.0.38, reported as errors rather than ignored: no requeue; a signal reaches every step of the job and
+its batch shell (no batch-only choice); the signal on submit has no "B:" prefix.
 """
 
 from __future__ import annotations
@@ -131,12 +131,15 @@ class RestBackend(SlurmBackend):
         wanted = [str(job_id) for job_id in job_ids]
         if not wanted:
             return {}
-        listed = adapter.jobs_from_json(self._request("GET", "/jobs"))
+        listed = self.list_jobs()
         return {
             job_id: listed.get(job_id) or adapter.missing_status(
                 job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)")
             for job_id in wanted
         }
+
+    def list_jobs(self) -> dict[str, JobStatus]:
+        return adapter.jobs_from_json(self._request("GET", "/jobs"))
 
     def cancel(self, job_id: str) -> None:
         try:
@@ -169,10 +172,13 @@ class RestBackend(SlurmBackend):
 
 
 def submission_body(spec: JobSpec) -> dict[str, Any]:
-    """JobSpec -> the v0.0.38 POST /job/submit body (script + job properties)."""
-    if spec.nodelist or spec.exclude:
-        raise SlurmError("slurmrestd openapi v0.0.38 cannot pin a job to nodes (no node list or exclude list on "
-                         "submit); drop nodelist/exclude or use backend = \"cli\"")
+    """JobSpec -> the v0.0.38 POST /job/submit body (script + job properties).
+
+    `nodelist` and `exclude_nodes` are not in v0.0.38's published schema, but 22.05's slurmrestd passes keys it does
+    not list to Slurm's own option parser, which knows them (sbatch's --nodelist and --exclude): measured on
+    22.05.8, the job gets ReqNodeList / ExcNodeList and runs there. The schema's own names are refused ("Disabled
+    key: required_nodes", "Disabled key: excluded_nodes"), and #SBATCH lines in the script are ignored.
+    """
     job: dict[str, Any] = {
         "name": spec.name,
         "nodes": [spec.nodes, spec.nodes],
@@ -192,6 +198,8 @@ def submission_body(spec: JobSpec) -> dict[str, Any]:
         "memory_per_node": spec.mem_mb,
         "constraints": spec.constraint,
         "prefer": spec.prefer,
+        "nodelist": ",".join(spec.nodelist) or None,
+        "exclude_nodes": ",".join(spec.exclude) or None,
         "signal": spec.signal,  # "USR1@60": v0.0.38 takes no "B:" prefix
         "standard_output": spec.output,
         "standard_error": spec.error,

@@ -76,6 +76,13 @@ class RecordingBackend(SlurmBackend):
                                         start_time=job.start_time, end_time=job.end_time)
         return out
 
+    def list_jobs(self) -> dict[str, JobStatus]:
+        self._check("list_jobs")
+        return {job_id: JobStatus(job_id=job_id, state=job.state, raw_state=job.state.value, nodes=job.nodes,
+                                  name=job.spec.name, start_time=job.start_time, end_time=job.end_time,
+                                  comment=job.spec.comment)
+                for job_id, job in self.jobs.items()}
+
     def cancel(self, job_id: str) -> None:
         self._check("cancel", job_id)
         job = self.jobs.get(job_id)
@@ -191,7 +198,7 @@ class FileBackend(RecordingBackend):
         data = self._load()
         job_id = str(data["next_id"])
         data["next_id"] += 1
-        data["jobs"][job_id] = {"state": "PENDING", "nodes": [], "name": spec.name}
+        data["jobs"][job_id] = {"state": "PENDING", "nodes": [], "name": spec.name, "comment": spec.comment}
         self._save(data)
         return job_id
 
@@ -207,6 +214,11 @@ class FileBackend(RecordingBackend):
                                         nodes=tuple(job["nodes"]), start_time=job.get("start_time"),
                                         end_time=job.get("end_time"))
         return out
+
+    def list_jobs(self) -> dict[str, JobStatus]:
+        return {job_id: JobStatus(job_id=job_id, state=JobState(job["state"]), raw_state=job["state"],
+                                  nodes=tuple(job["nodes"]), name=job.get("name"), comment=job.get("comment"))
+                for job_id, job in self._load()["jobs"].items()}
 
     def cancel(self, job_id: str) -> None:
         self.set_job(job_id, state="CANCELLED")

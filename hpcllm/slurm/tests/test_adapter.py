@@ -215,3 +215,20 @@ def test_json_errors_are_read_in_both_shapes():
                           {"error_number": 2015, "description": "x", "error": "Invalid account"}]}
     assert adapter.errors_from_json(payload) == ["Invalid partition name specified (error 2000)",
                                                  "Invalid account (error 2015)"]
+
+
+# Captured on the dev cluster (22.05.8): jobs 11 (--comment=hpcllm-alloc-0123abcd), 12 (--comment='a|b c'), 13 (none).
+SQUEUE_COMMENTS_22_05 = "11|hpcllm-alloc-0123abcd|\n12|a|b c|\n13|(null)|\n"
+
+
+def test_comments_from_the_text_fallback_may_hold_the_separator():
+    assert adapter.comments_from_squeue_text(SQUEUE_COMMENTS_22_05) == {"11": "hpcllm-alloc-0123abcd",
+                                                                        "12": "a|b c"}
+
+
+def test_comment_from_squeue_json_and_sacct_json_shapes():
+    job = load("squeue_22.05.json")["jobs"][0]
+    assert adapter.job_status_from_json(job).comment is None  # "" in 22.05: no comment
+    assert adapter.job_status_from_json({**job, "comment": "hpcllm-alloc-1"}).comment == "hpcllm-alloc-1"
+    assert adapter.job_status_from_json({**job, "comment": {"job": "hpcllm-alloc-2", "administrator": None}}
+                                        ).comment == "hpcllm-alloc-2"

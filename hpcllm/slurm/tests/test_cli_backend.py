@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,24 @@ def test_squeue_text_fallback_when_json_fails(fake, backend):
     assert statuses["4"].state is JobState.PENDING and statuses["4"].reason == "Resources"
     backend.statuses(["1"])
     assert sum("--json" in c["args"] for c in fake.calls("squeue")) == 1  # --json is not retried
+
+
+def test_list_jobs_carries_comments_from_json(fake, backend):
+    payload = json.loads((FIXTURES / "squeue_22.05.json").read_text())
+    payload["jobs"][0]["comment"] = "hpcllm-alloc-0123abcd"
+    fake.on("squeue", "--json", stdout=json.dumps(payload))
+    jobs = backend.list_jobs()
+    assert jobs[str(payload["jobs"][0]["job_id"])].comment == "hpcllm-alloc-0123abcd"
+    assert len(fake.calls("squeue")) == 1 and sum(1 for s in jobs.values() if s.comment) == 1
+
+
+def test_list_jobs_text_fallback_asks_for_comments_separately(fake, backend):
+    fake.on("squeue", "--json", stderr="squeue: unrecognized option '--json'\n", rc=1)
+    fake.on("squeue", "Comment", stdout="1|hpcllm-alloc-0123abcd|\n2|a|b c|\n3|(null)|\n")
+    fake.on("squeue", "--Format", stdout=(FIXTURES / "squeue_22.05.txt").read_text())
+    jobs = backend.list_jobs()
+    assert (jobs["1"].comment, jobs["2"].comment, jobs["3"].comment) == ("hpcllm-alloc-0123abcd", "a|b c", None)
+    assert jobs["1"].state is JobState.COMPLETED
 
 
 def test_refusal_carries_slurms_message(fake, backend):

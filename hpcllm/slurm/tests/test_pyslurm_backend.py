@@ -87,7 +87,7 @@ def make_fake_pyslurm():
             return Jobs({
                 4242: Job(4242, name="a", state="RUNNING", state_reason="None", allocated_nodes="n[1-2]",
                           partition="batch", start_time=1700000000, end_time=1700003600, time_limit=60,
-                          requeue_count=1, exit_code=0),
+                          requeue_count=1, exit_code=0, comment="hpcllm-alloc-0123abcd"),
                 4243: Job(4243, name="b", state="PENDING", state_reason="Resources", allocated_nodes=None,
                           partition="batch", start_time=None, end_time=None, time_limit=None, requeue_count=0,
                           exit_code=None),
@@ -139,6 +139,8 @@ def test_calls_map_onto_pyslurm_25_api():
     assert statuses["4242"].time_limit == 3600 and statuses["4242"].restart_count == 1
     assert statuses["4243"].state is JobState.PENDING and statuses["4243"].reason == "Resources"
     assert statuses["1"].missing
+    assert {job_id: s.comment for job_id, s in backend.list_jobs().items()} == {
+        "4242": "hpcllm-alloc-0123abcd", "4243": None}
 
     backend.cancel("4242")
     backend.requeue("4242")

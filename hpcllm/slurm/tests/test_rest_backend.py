@@ -108,11 +108,18 @@ def test_cancel_and_signal(backend, server):
         backend.signal("5", "WINCH")
 
 
-def test_requeue_and_node_lists_are_clear_errors(backend):
+def test_requeue_is_a_clear_error(backend):
     with pytest.raises(SlurmError, match="no requeue operation.*scontrol requeue"):
         backend.requeue("5")
-    with pytest.raises(SlurmError, match="cannot pin a job to nodes"):
-        submission_body(make_job_spec(name="x", script="true", nodelist=("n1",)))
+
+
+def test_node_lists_use_the_keys_slurmrestd_22_05_accepts():
+    # Not "required_nodes"/"excluded_nodes" (v0.0.38 answers "Disabled key") nor "exclude" ("Unknown key").
+    job = submission_body(make_job_spec(name="x", script="true", nodelist=("n3",), exclude=("n1", "n2"),
+                                        comment="hpcllm-alloc-1"))["job"]
+    assert (job["nodelist"], job["exclude_nodes"], job["comment"]) == ("n3", "n1,n2", "hpcllm-alloc-1")
+    plain = submission_body(make_job_spec(name="x", script="true"))["job"]
+    assert "nodelist" not in plain and "exclude_nodes" not in plain
 
 
 def test_bad_token_names_the_user(server, monkeypatch):

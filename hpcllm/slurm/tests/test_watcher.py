@@ -36,6 +36,10 @@ class MemoryBackend(SlurmBackend):
             return {j: JobStatus(job_id=j, state=self.states.get(j, JobState.UNKNOWN), missing=j not in self.states)
                     for j in job_ids}
 
+    def list_jobs(self) -> dict[str, JobStatus]:
+        with self._lock:
+            return {j: JobStatus(job_id=j, state=state) for j, state in self.states.items()}
+
     def cancel(self, job_id: str) -> None:
         self.cancelled.append(job_id)
         self.states[job_id] = JobState.CANCELLED
