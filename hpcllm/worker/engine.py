@@ -10,6 +10,13 @@ ids, which is what live migration ships. docs/worker.md explains why this over p
 One step, for prefill and decode alike: feed ids[num_cached:end] at positions num_cached..end-1 with the cache; if
 that reached the end of the known ids, sample the next token from the last position's logits. Resuming a
 generation from token ids is therefore just a request whose known ids are prompt + already-generated tokens.
+
+Live migration (docs/migration.md) adds two request modes. HELD (destination): the request prefills its known ids
+chunk-wise like any other but does not sample; `extend` appends tokens the source produced since (replayed through
+the detokenizer and stop state as if generated here), and `attach` releases it: the next step samples from the
+logits kept from the last prefilled position. PAUSED (source): the request is no longer scheduled, and a token
+sampled concurrently is dropped under the lock, so `pause` reads the final token list atomically; the token is
+not lost, because sampling is seeded per (seed, output index) and the destination draws the same one.
 """
 
 from __future__ import annotations
@@ -29,7 +36,15 @@ from transformers import DynamicCache
 from hpcllm.errors import HpcllmError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import ErrorInfo, FinalLine, GenerateRequest, RequestTokens, TokenLine, Usage
+from hpcllm.worker.protocol import (
+    ErrorInfo,
+    FinalLine,
+    GenerateRequest,
+    MigratedTo,
+    RequestTokens,
+    TokenLine,
+    Usage,
+)
 from hpcllm.worker.sampling import SamplingParams, random_seed, sample_token
 
 log = logging.getLogger(__name__)
@@ -70,6 +85,14 @@ class DuplicateRequest(EngineError):
 class UnknownRequest(EngineError):
     http_status = 404
     error_type = "not_found_error"
+
+
+class RequestConflict(EngineError):
+    """The request exists but is in the wrong state for the call (not held, already migrating, finished...)."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "request_state_conflict"
 
 
 class EngineOverloaded(EngineError):
@@ -117,11 +140,34 @@ class _Request:
     last_token_time: float | None = None
     resumed_tokens: int = 0
     finish_reason: str | None = None
+    origin: GenerateRequest | None = None  # as submitted: stop strings, stop ids, ignore_eos (to migrate it)
+    # Live migration, destination side: prefilled but not sampling until attached; dropped at hold_deadline.
+    held: bool = False
+    hold_seconds: float = 0.0
+    hold_deadline: float | None = None
+    attached: bool = False
+    # Live migration, source side.
+    migrating: bool = False
+    paused: bool = False
+    # Logits of the last known id when it was prefilled but not sampled (held or paused): the next step samples.
+    pending_logits: torch.Tensor | None = None
+
+    @property
+    def fully_cached(self) -> bool:
+        return self.num_cached == len(self.all_ids)
+
+    def has_work(self) -> bool:
+        """Whether the engine thread must step this request now."""
+        if self.cancel_requested:
+            return True
+        if self.paused:
+            return False
+        return not (self.held and self.fully_cached)
 
     def snapshot(self) -> RequestTokens:
         return RequestTokens(
             request_id=self.request_id,
-            state=self.state,
+            state="held" if self.held and self.state != "finished" else self.state,
             prompt_token_ids=list(self.prompt_ids),
             output_token_ids=list(self.output_ids),
             seed=self.params.seed,
@@ -235,6 +281,11 @@ class Engine:
     def submit(self, request: GenerateRequest) -> RequestStream:
         """Validate, tokenize and queue a request. Raises an EngineError subclass for anything it refuses."""
         state = self._prepare(request)
+        self._enqueue(state)
+        return RequestStream(self, state)
+
+    def _enqueue(self, state: _Request) -> None:
+        request = state.origin
         with self._lock:
             if self._stopping or not self.alive:
                 raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
@@ -249,7 +300,6 @@ class Engine:
             self._waiting.append(state)
             self.metrics.num_requests_waiting.set(len(self._waiting))
             self._lock.notify_all()
-        return RequestStream(self, state)
 
     def generate(self, request: GenerateRequest) -> Completion:
         """Submit and wait for the whole generation (tests, benchmarks)."""
@@ -284,6 +334,157 @@ class Engine:
                 if wait:
                     self._lock.wait_for(lambda: req.state == "finished", timeout)
             return req.snapshot()
+
+    # ---- live migration, destination side (held requests) ------------------------------------------------------
+
+    def hold(self, request: GenerateRequest, hold_seconds: float) -> None:
+        """Queue a HELD request: prefill prompt + resume_token_ids, then wait (no sampling) to be attached."""
+        state = self._prepare(request)
+        state.held = True
+        state.hold_seconds = hold_seconds
+        state.hold_deadline = time.monotonic() + hold_seconds
+        self._enqueue(state)
+
+    def wait_prefilled(self, request_id: str) -> tuple[int, int]:
+        """Block until a held request's known ids are all in its KV cache; (cached tokens, output tokens)."""
+        with self._lock:
+            req = self._held(request_id)
+            # A held request that cannot be prefilled in time expires, which ends this wait too.
+            self._lock.wait_for(lambda: req.state == "finished" or req.fully_cached or not req.held,
+                                req.hold_seconds + 5.0)
+            if req.state == "finished":
+                raise RequestConflict(f"held request {request_id!r} was dropped before it was prefilled "
+                                      f"({self._drop_reason(req)})", "request_id")
+            return req.num_cached, len(req.output_ids)
+
+    def extend(self, request_id: str, token_ids: list[int]) -> tuple[int, int]:
+        """Append output tokens the source produced since the last round to a held request.
+
+        They pass through the detokenizer and the stop checks exactly as if generated here. Tokens that would end
+        the generation (a stop token or string, max_tokens, a full context) drop the held request: the source
+        should have finished it instead of migrating it.
+        """
+        self._check_token_ids(token_ids, "token_ids")
+        with self._lock:
+            req = self._held(request_id)
+            for position, token in enumerate(token_ids):
+                req.detokenizer.add(token)
+                req.output_ids.append(token)
+                req.all_ids.append(token)
+                ended = (
+                    token in req.stop_token_ids
+                    or req.detokenizer.stop_hit is not None
+                    or len(req.output_ids) >= req.max_tokens
+                    or len(req.all_ids) >= self.max_model_len
+                )
+                if ended:
+                    self._finish(req, "abort")
+                    raise InvalidRequest(
+                        f"token_ids[{position}] ends the generation (stop or length): nothing left to migrate; "
+                        "the held request is dropped", "token_ids",
+                    )
+            if token_ids:
+                req.pending_logits = None  # they were for the old last position
+            req.hold_deadline = time.monotonic() + req.hold_seconds
+            self._lock.notify_all()
+            return req.num_cached, len(req.output_ids)
+
+    def attach(self, request_id: str, from_index: int) -> RequestStream:
+        """Release a held request: it samples output index from_index next and streams from there."""
+        with self._lock:
+            req = self._held(request_id)
+            if from_index != len(req.output_ids):
+                raise RequestConflict(
+                    f"attach from index {from_index}, but held request {request_id!r} has {len(req.output_ids)} "
+                    "output tokens: the next token it generates has that index", "from_index",
+                )
+            req.held, req.hold_deadline, req.attached = False, None, True
+            self._lock.notify_all()
+        return RequestStream(self, req)
+
+    def _held(self, request_id: str) -> _Request:
+        req = self._lookup(request_id)
+        if req.state == "finished":
+            raise RequestConflict(f"request {request_id!r} is no longer held ({self._drop_reason(req)})", "request_id")
+        if not req.held:
+            raise RequestConflict(f"request {request_id!r} is not a held migration request", "request_id")
+        return req
+
+    @staticmethod
+    def _drop_reason(req: _Request) -> str:
+        if req.held and req.hold_deadline is not None and time.monotonic() >= req.hold_deadline:
+            return f"not attached within hold_seconds={req.hold_seconds:g}"
+        return f"finished: {req.finish_reason}"
+
+    # ---- live migration, source side ---------------------------------------------------------------------------
+
+    def migratable_request_ids(self) -> list[str]:
+        """Requests a drain should move: running or waiting, not held here, not already leaving."""
+        with self._lock:
+            return [
+                r.request_id for r in [*self._running, *self._waiting]
+                if not (r.held or r.paused or r.migrating or r.cancel_requested)
+            ]
+
+    def begin_migration(self, request_id: str) -> GenerateRequest:
+        """Mark a live request as migrating; the GenerateRequest that recreates it elsewhere (output so far as
+        resume_token_ids, same seed and sampling). Only one migration of a request runs at a time."""
+        with self._lock:
+            req = self._lookup(request_id)
+            if req.state == "finished":
+                raise RequestConflict(f"request {request_id!r} already finished ({req.finish_reason})", "request_id")
+            if req.held:
+                raise RequestConflict(f"request {request_id!r} is a held migration request, not attached yet")
+            if req.migrating or req.cancel_requested:
+                raise RequestConflict(f"request {request_id!r} is already being migrated or cancelled")
+            req.migrating = True
+            origin = req.origin
+            return GenerateRequest(
+                request_id=req.request_id, prompt_token_ids=list(req.prompt_ids), max_tokens=req.max_tokens,
+                temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
+                seed=req.params.seed, stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids),
+                ignore_eos=origin.ignore_eos, resume_token_ids=list(req.output_ids),
+            )
+
+    def migration_output(self, request_id: str) -> list[int]:
+        """Output so far of a migrating request; RequestConflict once it finished (it ended or was cancelled)."""
+        with self._lock:
+            req = self._migrating(request_id)
+            return list(req.output_ids)
+
+    def pause(self, request_id: str) -> list[int]:
+        """Stop scheduling a migrating request and return its final output token list (atomically: a token
+        sampled concurrently is dropped, and the destination samples the same one)."""
+        with self._lock:
+            req = self._migrating(request_id)
+            req.paused = True
+            return list(req.output_ids)
+
+    def abandon_migration(self, request_id: str) -> None:
+        """The migration failed: the request goes on here as if nothing happened (unpaused if it was paused)."""
+        with self._lock:
+            req = self._live.get(request_id)
+            if req is not None and req.migrating:
+                req.migrating = req.paused = False
+                self._lock.notify_all()
+
+    def finish_migrated(self, request_id: str, migrated_to: MigratedTo) -> None:
+        """End a paused request's stream with finish_reason "migrated" and where it goes on."""
+        with self._lock:
+            req = self._migrating(request_id)
+            if not req.paused:
+                raise RuntimeError(f"request {request_id} must be paused before it is handed over")
+            self._finish(req, "migrated", migrated_to=migrated_to)
+
+    def _migrating(self, request_id: str) -> _Request:
+        req = self._lookup(request_id)
+        if req.state == "finished":
+            raise RequestConflict(f"request {request_id!r} finished during the migration ({req.finish_reason})")
+        if req.cancel_requested:
+            raise RequestConflict(f"request {request_id!r} was cancelled during the migration")
+        if not req.migrating:
+            raise RequestConflict(f"request {request_id!r} is not being migrated")
+        return req
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting)."""
@@ -359,6 +560,7 @@ class Engine:
             arrival=time.monotonic(),
             all_ids=prompt_ids + resumed,
             resumed_tokens=len(resumed),
+            origin=request,
         )
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
@@ -390,26 +592,44 @@ class Engine:
             self._end_all()
 
     def _next_round(self) -> list[_Request] | None:
-        """Admit waiting requests into free slots; block while idle; None when shutting down."""
+        """Drop expired held requests, admit waiting ones into free slots, and return those with work to do;
+        block while there is none (until a call or the next hold deadline); None when shutting down."""
         with self._lock:
             while True:
                 if self._stopping:
                     return None
+                next_deadline = self._expire_held(time.monotonic())
                 while self._waiting and len(self._running) < self.max_running_requests:
                     req = self._waiting.popleft()
                     req.state = "running"
                     self._running.append(req)
                 self.metrics.num_requests_waiting.set(len(self._waiting))
                 self.metrics.num_requests_running.set(len(self._running))
-                if self._running:
-                    return list(self._running)
-                self._lock.wait()
+                active = [req for req in self._running if req.has_work()]
+                if active:
+                    return active
+                self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
+
+    def _expire_held(self, now: float) -> float | None:
+        """Drop held requests past their deadline (freeing their KV cache); the earliest deadline left."""
+        earliest = None
+        for req in [*self._running, *self._waiting]:
+            if not req.held or req.hold_deadline is None:
+                continue
+            if req.hold_deadline <= now:
+                log.info("dropping held request %s: not attached within %gs", req.request_id, req.hold_seconds)
+                self._finish(req, "abort")
+            elif earliest is None or req.hold_deadline < earliest:
+                earliest = req.hold_deadline
+        return earliest
 
     def _advance(self, req: _Request) -> None:
         if req.state != "running":
             return
         if req.cancel_requested:
             self._finish(req, "abort")
+            return
+        if not req.has_work():
             return
         try:
             self._step(req)
@@ -423,11 +643,28 @@ class Engine:
             self.metrics.request_queue_time.observe(req.first_scheduled - req.arrival)
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
         start = req.num_cached
-        end = min(len(req.all_ids), start + self.prefill_chunk_tokens)
-        logits = self._forward(req, req.all_ids[start:end], start)
-        req.num_cached = end
-        if end == len(req.all_ids):
-            self._accept(req, sample_token(logits, req.params, len(req.output_ids)))
+        with self._lock:
+            known, logits = len(req.all_ids), req.pending_logits
+        if start < known:
+            end = min(known, start + self.prefill_chunk_tokens)
+            logits = self._forward(req, req.all_ids[start:end], start)
+            req.num_cached = end
+            if end < known:
+                return
+        if logits is None:
+            raise RuntimeError(f"request {req.request_id}: nothing to sample from (no prefilled logits)")
+        # Sample outside the lock; the commit below re-checks that the request may still take a token.
+        token = None if (req.held or req.paused) else sample_token(logits, req.params, len(req.output_ids))
+        with self._lock:
+            if len(req.all_ids) > req.num_cached:  # extended meanwhile: prefill the new ids first
+                req.pending_logits = None
+                return
+            if token is None or req.held or req.paused or req.state != "running" or req.cancel_requested:
+                req.pending_logits = logits  # sample when attached / unpaused; the drawn token is redrawn then
+                self._lock.notify_all()  # wait_prefilled
+                return
+            req.pending_logits = None
+            self._accept(req, token)
 
     def _forward(self, req: _Request, chunk: list[int], start: int) -> torch.Tensor:
         if req.cache is None:
@@ -440,15 +677,16 @@ class Engine:
         return out.logits[0, -1]
 
     def _accept(self, req: _Request, token: int) -> None:
+        """Record a sampled token and emit its line (called under the lock, so pause sees all or nothing)."""
         now = time.monotonic()
         if req.last_token_time is None:
-            self.metrics.time_to_first_token.observe(now - req.arrival)
+            if not req.attached:  # a migrated-in request's first token is not its time to first token
+                self.metrics.time_to_first_token.observe(now - req.arrival)
         else:
             self.metrics.inter_token_latency.observe(now - req.last_token_time)
         req.last_token_time = now
         index = len(req.output_ids)
-        with self._lock:
-            req.output_ids.append(token)
+        req.output_ids.append(token)
         req.all_ids.append(token)
         self.metrics.generation_tokens.inc()
 
@@ -469,7 +707,8 @@ class Engine:
             self._finish(req, finish_reason, stop_reason)
 
     def _finish(
-        self, req: _Request, reason: str, stop_reason: str | int | None = None, error: ErrorInfo | None = None
+        self, req: _Request, reason: str, stop_reason: str | int | None = None, error: ErrorInfo | None = None,
+        migrated_to: MigratedTo | None = None,
     ) -> None:
         with self._lock:
             if req.state == "finished":
@@ -478,7 +717,7 @@ class Engine:
                 self._running.remove(req)
             elif req in self._waiting:
                 self._waiting.remove(req)
-            req.state, req.finish_reason, req.cache = "finished", reason, None
+            req.state, req.finish_reason, req.cache, req.pending_logits = "finished", reason, None, None
             self._live.pop(req.request_id, None)
             self._finished[req.request_id] = req
             while len(self._finished) > self._finished_history:
@@ -488,7 +727,8 @@ class Engine:
             self._lock.notify_all()
         self.metrics.request_finished(reason)
         self.metrics.e2e_request_latency.observe(time.monotonic() - req.arrival)
-        req.events.put(FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage(), error=error))
+        req.events.put(FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage(), error=error,
+                                 migrated_to=migrated_to))
 
     def _end_all(self) -> None:
         with self._lock:

@@ -28,17 +28,29 @@ from pydantic import ValidationError
 from werkzeug.serving import make_server
 
 from hpcllm.errors import ConfigError, HpcllmError
-from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable
+from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable, InvalidRequest
 from hpcllm.worker.metrics import WorkerMetrics
+from hpcllm.worker.migration import migrate_all, migrate_request
 from hpcllm.worker.protocol import (
+    ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
+    EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
+    MIGRATE_ALL_PATH,
+    MIGRATE_REQUEST_PATH,
     NDJSON_MEDIA_TYPE,
+    PREPARE_MIGRATION_PATH,
     SECRET_HEADER,
     TOKENS_PATH,
+    AttachMigration,
     ErrorInfo,
     ErrorResponse,
+    ExtendMigration,
+    ExtendResult,
     GenerateRequest,
+    MigrateRequest,
+    PrepareMigration,
+    PrepareResult,
 )
 
 log = logging.getLogger(__name__)
@@ -126,6 +138,19 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return message, where
 
 
+def _parse_body(model):
+    """The request body as a pydantic model; a 400 naming the bad field otherwise."""
+    try:
+        return model.model_validate_json(request.get_data())
+    except ValidationError as exc:
+        message, param = _validation_message(exc)
+        raise InvalidRequest(message, param) from None
+
+
+def _route(path: str) -> str:
+    return path.replace("{request_id}", "<request_id>")
+
+
 def create_app(service: WorkerService) -> Flask:
     app = Flask("hpcllm.worker")
 
@@ -147,25 +172,61 @@ def create_app(service: WorkerService) -> Flask:
     def engine_error(exc: EngineError):
         return _engine_error(exc)
 
-    @app.post(GENERATE_PATH)
-    def generate():
-        try:
-            body = GenerateRequest.model_validate_json(request.get_data())
-        except ValidationError as exc:
-            message, param = _validation_message(exc)
-            return error_response(400, message, "invalid_request_error", param)
-        stream = ready_engine().submit(body)
+    def ndjson_response(stream) -> Response:
         return Response(
             _ndjson(stream, service.keepalive_seconds),
             mimetype=NDJSON_MEDIA_TYPE,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.get(TOKENS_PATH.replace("{request_id}", "<request_id>"))
+    @app.post(GENERATE_PATH)
+    def generate():
+        body = _parse_body(GenerateRequest)
+        return ndjson_response(ready_engine().submit(body))
+
+    # ---- live migration (docs/migration.md) ----------------------------------------------------------------------
+
+    @app.post(PREPARE_MIGRATION_PATH)
+    def prepare_migration():
+        body = _parse_body(PrepareMigration)
+        engine = ready_engine()
+        engine.hold(body.generate, body.hold_seconds)
+        cached, _ = engine.wait_prefilled(body.request_id)
+        return Response(PrepareResult(request_id=body.request_id, cached_tokens=cached).model_dump_json(),
+                        status=201, mimetype="application/json")
+
+    @app.post(_route(EXTEND_MIGRATION_PATH))
+    def extend_migration(request_id: str):
+        body = _parse_body(ExtendMigration)
+        engine = ready_engine()
+        cached, output = engine.extend(request_id, body.token_ids)
+        if body.wait:
+            cached, output = engine.wait_prefilled(request_id)
+        return Response(ExtendResult(cached_tokens=cached, output_tokens=output).model_dump_json(),
+                        mimetype="application/json")
+
+    @app.post(_route(ATTACH_MIGRATION_PATH))
+    def attach_migration(request_id: str):
+        body = _parse_body(AttachMigration)
+        return ndjson_response(ready_engine().attach(request_id, body.from_index))
+
+    @app.post(_route(MIGRATE_REQUEST_PATH))
+    def migrate_one(request_id: str):
+        body = _parse_body(MigrateRequest)
+        result = migrate_request(ready_engine(), request_id, body, service.secret)
+        return Response(result.model_dump_json(), mimetype="application/json")
+
+    @app.post(MIGRATE_ALL_PATH)
+    def migrate_everything():
+        body = _parse_body(MigrateRequest)
+        return Response(migrate_all(ready_engine(), body, service.secret).model_dump_json(),
+                        mimetype="application/json")
+
+    @app.get(_route(TOKENS_PATH))
     def tokens(request_id: str):
         return Response(ready_engine().tokens(request_id).model_dump_json(), mimetype="application/json")
 
-    @app.post(CANCEL_PATH.replace("{request_id}", "<request_id>"))
+    @app.post(_route(CANCEL_PATH))
     def cancel(request_id: str):
         return Response(ready_engine().cancel(request_id).model_dump_json(), mimetype="application/json")
 

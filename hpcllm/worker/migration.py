@@ -1,0 +1,148 @@
+"""Source side of token-based live migration, in rounds (ServerlessLLM §5; docs/migration.md).
+
+A running request moves from this worker (source S) to a destination worker D while S keeps decoding:
+
+1. Round 1: D gets the prompt and the output so far (`prepare`) and prefills them into a HELD request.
+2. Round k: D gets the tokens S produced while D was prefilling (`extend`, wait until prefilled). Each round's
+   delta is what S decodes during the previous round's prefill, so rounds shrink quickly: a long prompt becomes a
+   delta of a few tokens.
+3. Hand-over, once a delta is at most `handover_tokens` long or at round `max_rounds`: PAUSE the request here
+   (atomically read its final token list), extend D with the last delta and wait until it is prefilled, then end
+   the source stream with `finish_reason: "migrated"` and `migrated_to` (D's URL, request id, from_index). The
+   reader of that stream (the gateway) attaches to D from that index; D samples the next token from its cache.
+
+Only the hand-over pauses the client's stream, and it costs a prefill of a couple of tokens plus two HTTP round
+trips, instead of a prefill of the whole context (stop-and-resume). Sampling is seeded per (seed, output index),
+so D draws exactly the tokens S would have drawn.
+
+Any failure before the stream's final line leaves the request running here (un-paused if the hand-over had begun)
+and drops the held request on D (best effort; otherwise it expires after hold_seconds).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from hpcllm.worker.client import WorkerClient, WorkerError
+from hpcllm.worker.engine import Engine, EngineError, RequestConflict
+from hpcllm.worker.protocol import (
+    MigrateAllResult,
+    MigratedTo,
+    MigrateRequest,
+    MigrationFailure,
+    MigrationResult,
+    PrepareMigration,
+)
+
+log = logging.getLogger(__name__)
+
+# Concurrent migrations of one drain (each mostly waits on the destination's prefill).
+MAX_PARALLEL_MIGRATIONS = 16
+
+
+class DestinationFailed(EngineError):
+    """The destination refused or could not be reached; the request keeps running on this worker."""
+
+    http_status = 502
+    error_type = "migration_error"
+    code = "destination_failed"
+
+
+def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secret: str) -> MigrationResult:
+    """Move one running request to body.destination_url in rounds; raises EngineError if it stays here."""
+    started = time.monotonic()
+    template = engine.begin_migration(request_id)  # 404 unknown, 409 finished / already migrating
+    destination = WorkerClient(body.destination_url, secret, read_timeout=body.timeout_seconds)
+    held_on_destination = False
+    try:
+        known = list(template.resume_token_ids)  # output tokens the destination has
+        tokens_per_round: list[int] = []
+        handover_started: float | None = None
+        while handover_started is None:
+            round_number = len(tokens_per_round) + 1
+            output = engine.migration_output(request_id)
+            delta_is_small = round_number > 1 and len(output) - len(known) <= body.handover_tokens
+            if round_number >= body.max_rounds or delta_is_small:
+                handover_started = time.monotonic()
+                output = engine.pause(request_id)
+            if round_number == 1:
+                held_on_destination = True  # even a prepare that times out may have created it
+                prepared = destination.prepare_migration(
+                    PrepareMigration(
+                        request_id=request_id,
+                        generate=template.model_copy(update={"resume_token_ids": output}),
+                        hold_seconds=body.hold_seconds,
+                    ),
+                    timeout=body.timeout_seconds,
+                )
+                tokens_per_round.append(prepared.cached_tokens)
+            else:
+                delta = output[len(known):]
+                destination.extend_migration(request_id, delta, wait=True, timeout=body.timeout_seconds)
+                tokens_per_round.append(len(delta))
+            known = output
+        engine.finish_migrated(
+            request_id, MigratedTo(worker_url=body.destination_url, request_id=request_id, from_index=len(known))
+        )
+    except BaseException as exc:
+        engine.abandon_migration(request_id)
+        if held_on_destination:
+            _drop_held(destination, request_id)
+        destination.close()
+        if isinstance(exc, WorkerError):
+            raise DestinationFailed(f"destination {body.destination_url} failed: {exc}") from exc
+        raise
+    destination.close()
+    finished = time.monotonic()
+    result = MigrationResult(
+        request_id=request_id,
+        destination_url=body.destination_url,
+        destination_request_id=request_id,
+        rounds=len(tokens_per_round),
+        tokens_per_round=tokens_per_round,
+        handover_seconds=finished - handover_started,
+        total_seconds=finished - started,
+        output_tokens_at_handover=len(known),
+    )
+    log.info("migrated request %s to %s: %d rounds %s, hand-over %.3fs, total %.3fs", request_id,
+             body.destination_url, result.rounds, tokens_per_round, result.handover_seconds, result.total_seconds)
+    return result
+
+
+def _drop_held(destination: WorkerClient, request_id: str) -> None:
+    try:
+        destination.cancel(request_id)
+    except WorkerError as exc:  # unreachable or already gone: it expires after hold_seconds anyway
+        log.info("could not drop held request %s on %s: %s", request_id, destination.base_url, exc)
+
+
+def migrate_all(engine: Engine, body: MigrateRequest, secret: str) -> MigrateAllResult:
+    """Move every running and waiting request (node drain), concurrently. A request that finishes on its own
+    meanwhile needs no migration and is in neither list."""
+    request_ids = engine.migratable_request_ids()
+    if not request_ids:
+        return MigrateAllResult(migrated=[], failed=[])
+    migrated: list[MigrationResult] = []
+    failed: list[MigrationFailure] = []
+    with ThreadPoolExecutor(max_workers=min(len(request_ids), MAX_PARALLEL_MIGRATIONS),
+                            thread_name_prefix="hpcllm-migrate") as pool:
+        futures = {rid: pool.submit(migrate_request, engine, rid, body, secret) for rid in request_ids}
+        for request_id, future in futures.items():
+            try:
+                migrated.append(future.result())
+            except RequestConflict as exc:
+                if _finished_on_its_own(engine, request_id):
+                    continue
+                failed.append(MigrationFailure(request_id=request_id, error=str(exc)))
+            except Exception as exc:
+                failed.append(MigrationFailure(request_id=request_id, error=str(exc)))
+    return MigrateAllResult(migrated=migrated, failed=failed)
+
+
+def _finished_on_its_own(engine: Engine, request_id: str) -> bool:
+    try:
+        return engine.tokens(request_id).finish_reason in ("stop", "length")
+    except EngineError:
+        return False
