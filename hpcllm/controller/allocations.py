@@ -3,14 +3,22 @@
 An allocation is one Slurm job running a node agent (the slurm package's node-agent template); the agent registers
 with the controller and serves instances until the job ends. This module submits such jobs (preferring nodes that
 hold the checkpoint), polls their states in one batched call, cancels them, and lists partitions / idle nodes for
-validation and placement. Every Slurm failure becomes an AllocationFailed carrying Slurm's own words; the
-allocation row is written only after sbatch accepted the job, so a refusal leaves nothing behind.
+validation and placement. Every Slurm failure becomes an AllocationFailed carrying Slurm's own words.
+
+Crash safety: before sbatch runs, an *intent* (model, preferred nodes, a unique tag `hpcllm-alloc-<uuid>`) is
+committed, and the job carries the tag as its --comment. Once sbatch answers, the intent becomes the allocation row
+in one transaction (a refusal just drops it, leaving nothing behind). If the controller dies in between, or sbatch's
+answer was lost (timeout), the next `sync()` (at restart: `reconcile()`) finds the tagged job in `list_jobs()` and
+adopts it, or drops the intent when Slurm has no such job. While an intent is unsettled, no other allocation is
+submitted: a second sbatch after a lost answer could double the allocation.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +28,7 @@ from hpcllm.controller.protocol import DeployedModel
 from hpcllm.controller.registry import Registry
 from hpcllm.errors import ConfigError
 from hpcllm.slurm.base import JobSpec, JobState, JobStatus, NodeInfo, SlurmBackend, make_job_spec, parse_walltime
-from hpcllm.slurm.errors import SlurmError
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.templates import node_agent_job_spec
 
 log = logging.getLogger(__name__)
@@ -31,6 +39,12 @@ CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 PREFERRED_NODE_BUSY = "preferred node busy"
 # Node states (sinfo) where a new job could start soon.
 USABLE_NODE_STATES = {"IDLE", "MIXED"}
+# Every allocation's job carries a comment TAG_PREFIX + uuid4 hex: how it is found after a crash.
+TAG_PREFIX = "hpcllm-alloc-"
+
+
+def new_allocation_tag() -> str:
+    return f"{TAG_PREFIX}{uuid.uuid4().hex}"
 
 
 class Allocator:
@@ -44,6 +58,9 @@ class Allocator:
         self.config_path = config_path
         self.clock = clock
         self._nodes_cache: tuple[float, list[NodeInfo]] | None = None
+        # Tags of intents this process is submitting right now: sync() leaves them to submit().
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------- questions
 
@@ -56,7 +73,20 @@ class Allocator:
         active = len(self.registry.allocations(active_only=True))
         if active >= self.settings.max_allocations:
             return f"{active} allocations active, controller.max_allocations = {self.settings.max_allocations}"
+        unsettled = self._unsettled_intents()
+        if unsettled:
+            return (f"Slurm has not told yet whether an earlier submission ({unsettled[0].tag}, for "
+                    f"{unsettled[0].model!r}) was accepted; it is settled at the next successful Slurm poll")
         return None
+
+    def _unsettled_intents(self):
+        """Intents whose submission is not in progress in this process: left by a crash or a lost sbatch answer."""
+        # Intents before the in-flight set: submit() marks a tag in flight before writing its intent and unmarks it
+        # after settling, so an intent read here whose tag is not in flight afterwards is not being submitted.
+        intents = self.registry.allocation_intents()
+        with self._in_flight_lock:
+            in_flight = set(self._in_flight)
+        return [i for i in intents if i.tag not in in_flight]
 
     def partitions(self) -> set[str] | None:
         """Partition names Slurm knows; None when Slurm cannot be asked."""
@@ -108,27 +138,46 @@ class Allocator:
     # ------------------------------------------------------------------------------------------- actions
 
     def submit(self, model: DeployedModel, preferred_nodes: list[str], now: float) -> str:
-        """sbatch one node-agent allocation for this model; the row is recorded only once Slurm accepted it."""
+        """sbatch one node-agent allocation for this model. The intent is committed first and the job tagged with
+        it, so a crash between sbatch and the record loses nothing (module docstring)."""
         why = self.why_not_submit(model)
         if why is not None:
             raise AllocationFailed(f"cannot submit an allocation for {model.name!r}: {why}")
+        tag = new_allocation_tag()
         try:
-            spec = self._job_spec(model, preferred_nodes)
+            spec = self._job_spec(model, preferred_nodes, tag)
             if spec.output:  # Slurm cannot create the log's folder itself: the job would fail at once
                 Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise AllocationFailed(f"cannot create the folder for the allocation's log: {exc}") from None
         except ConfigError as exc:
             raise AllocationFailed(f"cannot describe the allocation for {model.name!r}: {exc}") from None
-        try:
-            job_id = str(self.backend.submit(spec))
-        except SlurmError as exc:
-            raise AllocationFailed(f"Slurm refused the allocation for {model.name!r}: {exc}") from None
         time_limit = parse_walltime(model.slurm.time or self.config.slurm.time)
-        self.registry.add_allocation(job_id, model.name, preferred_nodes, self._partition(model), time_limit, now)
+        with self._in_flight_lock:
+            self._in_flight.add(tag)
+        try:
+            self.registry.add_allocation_intent(tag, model.name, preferred_nodes, self._partition(model),
+                                                time_limit, now)
+            job_id = self._sbatch(spec, model, tag)
+            self.registry.settle_allocation_intent(tag, job_id)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.discard(tag)
         self._nodes_cache = None  # a node just got busier
-        log.info("submitted allocation %s for %s (prefer %s)", job_id, model.name, preferred_nodes or "any node")
+        log.info("submitted allocation %s (%s) for %s (prefer %s)", job_id, tag, model.name,
+                 preferred_nodes or "any node")
         return job_id
+
+    def _sbatch(self, spec: JobSpec, model: DeployedModel, tag: str) -> str:
+        try:
+            return str(self.backend.submit(spec))
+        except SlurmUnavailable as exc:
+            # Slurm may have accepted the job before its answer was lost (a timeout): keep the intent; the next
+            # successful poll adopts the tagged job or drops the intent.
+            raise AllocationFailed(f"Slurm did not answer the allocation for {model.name!r} ({tag}): {exc}") from None
+        except SlurmError as exc:
+            self.registry.settle_allocation_intent(tag, None)  # refused: nothing was submitted
+            raise AllocationFailed(f"Slurm refused the allocation for {model.name!r}: {exc}") from None
 
     def cancel(self, job_id: str, reason: str, now: float) -> None:
         try:
@@ -141,21 +190,51 @@ class Allocator:
         """Ask Slurm about every active allocation in one call; returns {job_id: new state} for changes.
 
         An ended job's nodes leave the registry (their instances with them); a requeued one goes back to pending.
+        Unsettled intents are settled first: their tagged jobs are adopted (state "adopted").
         """
-        active = self.registry.allocations(active_only=True)
-        if not active or self.backend is None:
+        if self.backend is None:
             return {}
+        changes = self._settle_intents()
+        active = self.registry.allocations(active_only=True)
+        if not active:
+            return changes
         try:
             statuses = self.backend.statuses([a.job_id for a in active])
         except SlurmError as exc:
             raise AllocationFailed(f"cannot poll Slurm: {exc}") from None
-        changes = {}
         for alloc in active:
             status = statuses.get(alloc.job_id)
             new_state = self._apply_status(alloc, status, now)
             if new_state is not None:
                 changes[alloc.job_id] = new_state
         return changes
+
+    def _settle_intents(self) -> dict[str, str]:
+        """Adopt the Slurm jobs of intents left by a crash (or a lost sbatch answer); drop intents with no live job.
+        One list_jobs() call, only when there is something to settle."""
+        intents = self._unsettled_intents()
+        if not intents:
+            return {}
+        try:
+            jobs = self.backend.list_jobs()
+        except SlurmError as exc:
+            raise AllocationFailed(f"cannot ask Slurm about {len(intents)} unsettled submission(s): {exc}") from None
+        by_tag = {status.comment: status for status in jobs.values() if status.comment}
+        adopted = {}
+        for intent in intents:
+            status = by_tag.get(intent.tag)
+            if status is not None and not status.is_terminal:
+                if self.registry.settle_allocation_intent(intent.tag, status.job_id):
+                    adopted[status.job_id] = "adopted"
+                    log.warning("adopted allocation %s (%s) for %s: submitted before a crash or a lost answer",
+                                status.job_id, intent.tag, intent.model)
+            else:
+                self.registry.settle_allocation_intent(intent.tag, None)
+                log.info("dropped allocation intent %s for %s: %s", intent.tag, intent.model,
+                         f"its job {status.job_id} already ended ({status.raw_state})" if status
+                         else "Slurm has no such job (never submitted)")
+        self._nodes_cache = None
+        return adopted
 
     def _apply_status(self, alloc, status: JobStatus | None, now: float) -> str | None:
         if status is None or status.is_terminal:
@@ -195,10 +274,11 @@ class Allocator:
 
     # ----------------------------------------------------------------------------- the job we submit
 
-    def _job_spec(self, model: DeployedModel, preferred_nodes: list[str]) -> JobSpec:
+    def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str) -> JobSpec:
         """The slurm package's node-agent job (one node) with the model's [slurm] overrides (partition, account,
-        qos, time; else the [slurm] config). A node holding the checkpoint is asked for by name (--nodelist):
-        placement proposes only nodes that are idle now. The agent finds us through HPCLLM_CONTROLLER_URL."""
+        qos, time; else the [slurm] config), tagged with --comment=<tag>. A node holding the checkpoint is asked for
+        by name (--nodelist; slurmrestd's "nodelist" key): placement proposes only nodes that are idle now. The
+        agent finds us through HPCLLM_CONTROLLER_URL."""
         env = {CONTROLLER_URL_ENV: self.controller_url}
         if self.config_path:
             env["HPCLLM_CONFIG"] = self.config_path
@@ -214,9 +294,8 @@ class Allocator:
             hpcllm=self.settings.agent_command,
             env=env,
         )
-        if not preferred_nodes:
-            return spec
-        return make_job_spec(**{**spec.model_dump(), "nodelist": tuple(preferred_nodes)})
+        extra = {"comment": tag, **({"nodelist": tuple(preferred_nodes)} if preferred_nodes else {})}
+        return make_job_spec(**{**spec.model_dump(), **extra})
 
 
-__all__ = ["PREFERRED_NODE_BUSY", "Allocator"]
+__all__ = ["PREFERRED_NODE_BUSY", "TAG_PREFIX", "Allocator", "new_allocation_tag"]

@@ -1,6 +1,7 @@
 """The controller's persistent state (SQLite): see store.py."""
 
 from hpcllm.controller.registry.store import (
+    AllocationIntent,
     AllocationRecord,
     CacheRecord,
     ColdStartRecord,
@@ -10,5 +11,5 @@ from hpcllm.controller.registry.store import (
     Registry,
 )
 
-__all__ = ["AllocationRecord", "CacheRecord", "ColdStartRecord", "HeartbeatOutcome", "InstanceRecord", "NodeRecord",
+__all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "HeartbeatOutcome", "InstanceRecord", "NodeRecord",
            "Registry"]

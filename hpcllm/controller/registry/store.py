@@ -106,6 +106,14 @@ CREATE TABLE IF NOT EXISTS allocations (
     ended_at REAL,
     reason TEXT
 );
+CREATE TABLE IF NOT EXISTS allocation_intents (
+    tag TEXT PRIMARY KEY,
+    model TEXT,
+    preferred_nodes TEXT NOT NULL,
+    partition TEXT,
+    time_limit_seconds REAL,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cold_starts (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     model TEXT NOT NULL,
@@ -198,6 +206,19 @@ class AllocationRecord:
     idle_since: float | None
     ended_at: float | None
     reason: str | None
+
+
+@dataclass(frozen=True)
+class AllocationIntent:
+    """An allocation about to be submitted, written BEFORE sbatch runs: the job carries `tag` as its comment, so
+    after a crash between submit and record the job can be found in Slurm and adopted (or the intent dropped)."""
+
+    tag: str
+    model: str | None
+    preferred_nodes: list[str]
+    partition: str | None
+    time_limit_seconds: float | None
+    created_at: float
 
 
 @dataclass(frozen=True)
@@ -510,11 +531,37 @@ class Registry:
     def add_allocation(self, job_id: str, model: str | None, preferred_nodes: list[str], partition: str | None,
                        time_limit_seconds: float | None, now: float) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO allocations (job_id, state, model, preferred_nodes, nodes, partition,"
-                " time_limit_seconds, submitted_at) VALUES (?, 'pending', ?, ?, '[]', ?, ?, ?)",
-                (job_id, model, json.dumps(preferred_nodes), partition, time_limit_seconds, now),
-            )
+            _insert_allocation(db, job_id, model, preferred_nodes, partition, time_limit_seconds, now)
+
+    def add_allocation_intent(self, tag: str, model: str | None, preferred_nodes: list[str], partition: str | None,
+                              time_limit_seconds: float | None, now: float) -> None:
+        """Record an allocation about to be submitted (its job will carry `tag`); settle it once the outcome is
+        known."""
+        with self._tx() as db:
+            db.execute("INSERT INTO allocation_intents (tag, model, preferred_nodes, partition, time_limit_seconds,"
+                       " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                       (tag, model, json.dumps(preferred_nodes), partition, time_limit_seconds, now))
+
+    def allocation_intents(self) -> list[AllocationIntent]:
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM allocation_intents ORDER BY created_at, tag").fetchall()
+        return [AllocationIntent(r["tag"], r["model"], json.loads(r["preferred_nodes"]), r["partition"],
+                                 r["time_limit_seconds"], r["created_at"]) for r in rows]
+
+    def settle_allocation_intent(self, tag: str, job_id: str | None) -> bool:
+        """The intent's outcome is known: with a job id, it becomes a pending allocation (submitted when the intent
+        was made); without one, nothing was submitted. One transaction: a crash leaves either the intent or the
+        allocation. Returns whether an allocation row was written (False: no such intent, or job already known)."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM allocation_intents WHERE tag = ?", (tag,)).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM allocation_intents WHERE tag = ?", (tag,))
+            if job_id is None or db.execute("SELECT 1 FROM allocations WHERE job_id = ?", (job_id,)).fetchone():
+                return False
+            _insert_allocation(db, job_id, row["model"], json.loads(row["preferred_nodes"]), row["partition"],
+                               row["time_limit_seconds"], row["created_at"])
+            return True
 
     def update_allocation(self, job_id: str, **fields) -> None:
         allowed = {"state", "nodes", "started_at", "walltime_end", "retire_at", "idle_since", "ended_at", "reason"}
@@ -581,6 +628,15 @@ def _replace_cache(db: sqlite3.Connection, node_id: str, entries: list[CacheEntr
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         [(node_id, e.model, e.tier, e.bytes, int(e.verified), e.last_used, int(e.tier == "nvme" and persistent_nvme))
          for e in entries],
+    )
+
+
+def _insert_allocation(db: sqlite3.Connection, job_id: str, model: str | None, preferred_nodes: list[str],
+                       partition: str | None, time_limit_seconds: float | None, submitted_at: float) -> None:
+    db.execute(
+        "INSERT INTO allocations (job_id, state, model, preferred_nodes, nodes, partition,"
+        " time_limit_seconds, submitted_at) VALUES (?, 'pending', ?, ?, '[]', ?, ?, ?)",
+        (job_id, model, json.dumps(preferred_nodes), partition, time_limit_seconds, submitted_at),
     )
 
 

@@ -7,13 +7,16 @@ the agent. Jobs are cancelled at the end of every test.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from hpcllm.config import parse_config
-from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.allocations import TAG_PREFIX, Allocator
 from hpcllm.controller.errors import AllocationFailed, InvalidModelConfig, NoCapacity
 from hpcllm.controller.protocol import DeployedModel, ModelSpec
 from hpcllm.controller.registry import Registry
@@ -33,13 +36,17 @@ def stand_in_agent(tmp_path: Path) -> Path:
     return script
 
 
-@pytest.fixture
-def cluster_controller(slurm_cluster, tmp_path):
-    config = parse_config({
+def cluster_config(tmp_path: Path) -> dict:
+    return {
         "paths": {"state_dir": str(tmp_path / "state")},
         "slurm": {"partition": "batch", "time": "00:10:00", "gpus_per_node": 1},
         "controller": {"database_url": f"sqlite:///{tmp_path / 'c.db'}", "agent_command": str(stand_in_agent(tmp_path))},
-    })
+    }
+
+
+@pytest.fixture
+def cluster_controller(slurm_cluster, tmp_path):
+    config = parse_config(cluster_config(tmp_path))
     registry = Registry(config.controller.database_url)
     backend = CliBackend(config.slurm, command_timeout=30)
     allocator = Allocator(config, registry, backend, "http://127.0.0.1:8700")
@@ -108,3 +115,55 @@ def test_route_without_nodes_submits_an_allocation_that_slurm_runs(cluster_contr
     # Until its agent registers the model keeps waiting for this allocation rather than asking for another.
     assert c.route("m").job_id == outcome.job_id
     assert len(c.registry.allocations()) == 1
+
+
+# A controller process that sbatches one allocation and is killed (SIGKILL, by itself) the moment sbatch answered:
+# before it could record the job.
+_SUBMIT_THEN_KILL9 = """
+import json, os, signal, sys, time
+from hpcllm.config import parse_config
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.protocol import DeployedModel
+from hpcllm.controller.registry import Registry
+from hpcllm.slurm.cli_backend import CliBackend
+
+config = parse_config(json.loads(sys.argv[1]))
+backend = CliBackend(config.slurm, command_timeout=30)
+real_submit = backend.submit
+
+def submit_then_die(spec):
+    job_id = real_submit(spec)
+    print(job_id, spec.comment, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+backend.submit = submit_then_die
+allocator = Allocator(config, Registry(config.controller.database_url), backend, "http://127.0.0.1:8700")
+model = DeployedModel(name="m", source=sys.argv[2], size_bytes=10**9, gpus=1, deployed_at=time.time())
+allocator.submit(model, ["n2"], time.time())
+"""
+
+
+def test_job_sbatch_accepted_just_before_a_kill_9_is_adopted_after_restart(cluster_controller, tmp_path):
+    c = cluster_controller
+    source = tmp_path / "models" / "m"
+    source.mkdir(parents=True)
+    crashed = subprocess.run([sys.executable, "-c", _SUBMIT_THEN_KILL9, json.dumps(cluster_config(tmp_path)),
+                              str(source)], capture_output=True, text=True, timeout=60)
+    assert crashed.returncode == -9, crashed.stderr
+    job_id, tag = crashed.stdout.split()
+    try:
+        assert tag.startswith(TAG_PREFIX)
+        assert c.allocator.backend.list_jobs()[job_id].comment == tag  # Slurm has the job, tagged
+        assert c.registry.allocations() == [] and [i.tag for i in c.registry.allocation_intents()] == [tag]
+
+        c.reconcile()  # what a restarted controller does first
+        [alloc] = c.registry.allocations()
+        assert (alloc.job_id, alloc.model, alloc.preferred_nodes) == (job_id, "m", ["n2"])
+        assert c.registry.allocation_intents() == []
+        wait_for_state(c, job_id, "running")
+        assert c.registry.get_allocation(job_id).nodes == ["n2"]
+        # Owned again: the controller releases it like any other allocation.
+        c.allocator.cancel(job_id, "idle", time.time())
+        wait_for_state(c, job_id, "ended")
+    finally:
+        c.allocator.backend.cancel(job_id)
