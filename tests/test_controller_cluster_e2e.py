@@ -4,12 +4,16 @@ A real controller (allocate_on_demand, short keep-alives) gets two tiny converte
 makes it submit a node-agent allocation, the agent registers, the model loads and its greedy tokens equal
 transformers' `generate`; the second model, warmed into that node's DRAM cache, is placed there and loads from
 DRAM. Then both instances are stopped after their keep-alive and the idle allocation is cancelled (gone from
-squeue). slurmrestd v0.0.38 cannot pin a job to a node (docs/slurm-backends.md): the flow only needs unpinned
-allocations, so it runs unchanged there.
+squeue). The same flow runs through slurmrestd.
+
+Locality among several candidates: three node agents (one 3-node job) are up, tiny-gpt2 is in the DRAM cache of
+one of them and tiny-llama in the DRAM of another; each model starts on the node holding it (not on the one the
+tie-break or the shared FS would pick), and the controller's placement log shows all three were considered.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +23,10 @@ import pytest
 from e2e_helpers import HPCLLM, admin_status, controller_process, wait_for
 
 from hpcllm.checkpoint.converter import convert
+from hpcllm.config import load_config
 from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.slurm.cli_backend import CliBackend
+from hpcllm.slurm.templates import node_agent_job_spec
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.protocol import GenerateRequest
 
@@ -31,7 +38,7 @@ KEEP_ALIVE_S = 4
 PROMPT = "the cluster"
 
 
-def write_config(base: Path, backend: str, rest) -> Path:
+def write_config(base: Path, backend: str, rest, allocate_on_demand: bool = True) -> Path:
     rest_lines = ""
     if backend == "rest":
         token = base / "slurm.jwt"
@@ -59,7 +66,7 @@ host = "127.0.0.1"
 database_url = "sqlite:///{base / 'controller.db'}"
 admin_key = "{ADMIN}"
 agent_command = "{HPCLLM}"
-allocate_on_demand = true
+allocate_on_demand = {str(allocate_on_demand).lower()}
 tick_seconds = 1.0
 keep_alive_seconds = {KEEP_ALIVE_S}
 allocation_keep_alive_seconds = 3
@@ -154,6 +161,82 @@ def test_on_demand_allocation_serves_two_models_then_scales_to_zero(backend, req
     finally:
         for job in job_ids:
             slurm_cluster.run("scancel", job, check=False)
+        for folder in Path("/dev/shm").glob(f"hpcllm-{base.name}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def placements(log_path: Path) -> dict[str, dict]:
+    """The controller's last logged placement decision per model ("placement of NAME: {breakdown json}")."""
+    decisions = {}
+    for line in log_path.read_text().splitlines():
+        head, sep, breakdown = line.partition(": {")
+        if sep and "placement of " in head:
+            decisions[head.rsplit("placement of ", 1)[1]] = json.loads("{" + breakdown)
+    return decisions
+
+
+def warm_dram(agent_url: str, model: str, source: Path) -> None:
+    warmed = httpx.post(f"{agent_url}/v1/internal/cache/warm", headers={SECRET_HEADER: SECRET}, timeout=60,
+                        json={"model": model, "source": str(source), "tier": "dram"})
+    assert warmed.status_code == 200, warmed.text
+
+
+def test_each_model_starts_on_the_one_node_of_three_caching_it(slurm_cluster, tiny_llama_dir, tiny_gpt2_dir):
+    base = Path(f"/var/tmp/hpcllm-ctl-loc-{os.getpid()}")
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(mode=0o755, parents=True)
+    sources = {"tiny-llama": base / "models" / "tiny-llama", "tiny-gpt2": base / "models" / "tiny-gpt2"}
+    convert(tiny_llama_dir, sources["tiny-llama"], progress=False)
+    convert(tiny_gpt2_dir, sources["tiny-gpt2"], progress=False)
+    # No on-demand allocations: the three agents of one job are the only candidates, and they stay up.
+    config_path = write_config(base, "cli", None, allocate_on_demand=False)
+    config = load_config(config_path)
+    backend = CliBackend(config.slurm, command_timeout=30)
+    job_id = None
+    try:
+        with controller_process(config_path, base / "controller.log") as url:
+            for name, source in sources.items():
+                deploy(url, name, source)
+            pool = node_agent_job_spec(config, nodes=3, gpus_per_node=0, name="ctl-e2e-locality", hpcllm=HPCLLM,
+                                       agent_args=["--config", str(config_path)],
+                                       output=str(base / "slurm" / "pool-%j.out"),
+                                       env={"HPCLLM_CONTROLLER_URL": url, "HPCLLM_CONFIG": str(config_path)})
+            job_id = backend.submit(pool)
+
+            def three_up():
+                up = {n["node_id"]: n for n in admin_status(url, ADMIN)["nodes"]
+                      if n["state"] == "up" and n["slurm_job_id"] == job_id}
+                return up if len(up) == 3 else None
+
+            nodes = wait_for(three_up, 120, "three node agents to register")
+            # The first name is where a tie would go: neither model is cached there.
+            _, llama_node, gpt2_node = sorted(nodes)
+            warm_dram(nodes[gpt2_node]["agent_url"], "tiny-gpt2", sources["tiny-gpt2"])
+            warm_dram(nodes[llama_node]["agent_url"], "tiny-llama", sources["tiny-llama"])
+
+            def holders(model: str) -> list[str]:
+                return sorted(n["node_id"] for n in admin_status(url, ADMIN)["nodes"]
+                              for c in n["cached"] if c["model"] == model)
+
+            wait_for(lambda: holders("tiny-gpt2") == [gpt2_node] and holders("tiny-llama") == [llama_node], 20,
+                     "each checkpoint to be reported cached on exactly one node")
+
+            for model, node in (("tiny-gpt2", gpt2_node), ("tiny-llama", llama_node)):
+                ready = route(url, model)
+                assert (ready["node_id"], ready["load_tier"]) == (node, "dram"), (model, ready)
+                decision = placements(base / "controller.log")[model]
+                assert (decision["node"], decision["tier"], decision["kind"]) == (node, "dram", "running"), decision
+                assert decision["considered"] >= 3, decision
+            prompt, tokens = greedy_tokens(tiny_llama_dir)
+            assert generate(route(url, "tiny-llama")["worker_url"], prompt, len(tokens)) == tokens
+    except AssertionError as exc:
+        logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(base.rglob("*.out")))
+        ctl = (base / "controller.log").read_text()[-3000:] if (base / "controller.log").exists() else ""
+        raise AssertionError(f"{exc}\n--- controller.log\n{ctl}{logs}") from None
+    finally:
+        if job_id is not None:
+            backend.cancel(job_id)
         for folder in Path("/dev/shm").glob(f"hpcllm-{base.name}-*"):
             shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
