@@ -66,3 +66,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_hpcllm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Runs the real `hpcllm` command as a user would (text output captured); returns the finished process."""
+    return subprocess.run([HPCLLM, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    """A CLI failure as users must see it: non-zero exit, one `error: ...` line naming every phrase, no traceback."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"expected a failure, got exit 0:\n{output}"
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, f"expected exactly one 'error: ' line on stderr:\n{output}"
+    missing = [p for p in phrases if p not in errors[0]]
+    assert not missing, f"the error line does not mention {missing}: {errors[0]}"

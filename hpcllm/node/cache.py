@@ -390,6 +390,7 @@ class CacheManager:
         return copies
 
     def list(self) -> list[CachedCopy]:
+        self._remove_dead_fills()  # a killed fill (SIGKILL, a cancelled MPI warm) goes as soon as anyone looks
         with self._transaction() as db:
             self._sync(db)
             return self._copies(db)
@@ -625,14 +626,34 @@ class CacheManager:
                 shutil.rmtree(path, ignore_errors=True)
         return copies
 
+    def _remove_dead_fills(self, trash_too: bool = False) -> int:
+        """Delete NVMe fill folders whose writer is dead (and, if asked, half-deleted evictions); returns how many.
+
+        The folder is renamed away first, so two processes cleaning at once never both work on one folder."""
+        removed = 0
+        try:
+            children = list(self.nvme_dir.iterdir())
+        except OSError:
+            return 0
+        for child in children:
+            filling = _FILLING.match(child.name)
+            dead_fill = filling is not None and not pid_alive(int(filling.group("pid")))
+            if not (dead_fill or (trash_too and _TRASH.match(child.name))):
+                continue
+            target = child
+            if dead_fill:
+                target = self.nvme_dir / f".{filling.group('model')}.evicted-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(child, target)
+                except OSError:  # another process got there first
+                    continue
+            shutil.rmtree(target, ignore_errors=True)
+            removed += 1
+        return removed
+
     def clean_stale(self) -> int:
         """Delete fills left by dead processes and half-deleted evictions; returns how many folders went."""
-        removed = 0
-        for child in list(self.nvme_dir.iterdir()) if self.nvme_dir.is_dir() else []:
-            filling = _FILLING.match(child.name)
-            if _TRASH.match(child.name) or (filling and not pid_alive(int(filling.group("pid")))):
-                shutil.rmtree(child, ignore_errors=True)
-                removed += 1
+        removed = self._remove_dead_fills(trash_too=True)
         removed += self.dram.clean_stale()
         with self._transaction() as db:
             self._sync(db)

@@ -38,6 +38,12 @@ class NodeUnreachable(CacheError):
     """A node agent did not answer."""
 
 
+class CorruptCopiesFound(CacheError):
+    """`cache verify` found corrupt copies (they were dropped, and refilled where the origin allowed): exit 1."""
+
+    exit_code = 1
+
+
 @dataclass(frozen=True)
 class Agent:
     node: str
@@ -288,7 +294,7 @@ def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
     if failures:
         raise CacheError("; ".join(failures))
     if bad:
-        raise CacheError(f"{bad} corrupt cop{'y' if bad == 1 else 'ies'} found (see above)")
+        raise CorruptCopiesFound(f"{bad} corrupt cop{'y' if bad == 1 else 'ies'} found (see above)")
 
 
 # ------------------------------------------------------------------------------------------------ MPI warm job
@@ -323,7 +329,11 @@ def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_di
     log_dir.mkdir(parents=True, exist_ok=True)
     spec = mpi_warm_spec(config, model, source.resolve(), nodes, nvme_dir_template, log_dir)
     watcher = StatusWatcher(get_backend(config.slurm), min_interval=0.5, max_interval=2.0)
-    job = watcher.submit(spec)
+    try:
+        job = watcher.submit(spec)
+    except HpcllmError as exc:  # e.g. sbatch's "Invalid node name specified" names no node: say which we asked for
+        raise CacheError(f"cannot submit the MPI warm job of {model!r} for node(s) {','.join(nodes)}: {exc}") \
+            from None
     out, err = Path(spec.output), Path(spec.error)
     deadline = time.monotonic() + timeout_s
     try:

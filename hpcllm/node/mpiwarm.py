@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -29,7 +30,6 @@ from typing import Any
 
 from hpcllm.checkpoint import INDEX_FILE, MANIFEST_FILE, CheckpointError, read_checkpoint
 from hpcllm.errors import HpcllmError
-from hpcllm.mpi import BroadcastError, bcast_file_chunks, comm_world
 from hpcllm.node.cache import (NVME, CacheError, CacheManager, check_model_name, checkpoint_bytes, filling_name,
                                folder_bytes, fsync_dir, open_origin, write_marker)
 
@@ -133,6 +133,8 @@ def _describe_origin(model: str, source: Path) -> tuple[dict[str, Any] | None, s
 def _receive_partition(fill: RankFill, part: dict, index: int, comm, is_root: bool, source: Path,
                        manifest_ckpt, progress) -> None:
     """Every rank joins the whole broadcast of one data file; a rank that cannot write keeps consuming it."""
+    from hpcllm.mpi import BroadcastError, bcast_file_chunks  # numpy + mpi4py: only where MPI runs
+
     out = None
     if fill.writing:
         try:
@@ -165,6 +167,8 @@ def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes
          progress_stream=None) -> int:
     """The collective warm; returns the exit status (0 only when every rank committed its verified copy)."""
     from mpi4py import MPI
+
+    from hpcllm.mpi import comm_world
 
     comm = comm if comm is not None else comm_world()
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -251,6 +255,10 @@ def _report(model: str, described: dict, results: list, commit_errors: list, all
           f"({rate:.2f} GB/s read once from {described['source']})", flush=True)
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpcllm.node.mpiwarm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, type=Path, help="converted checkpoint on the shared FS")
@@ -263,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="NVMe tier capacity (default: [node] nvme_capacity_gb of the config)")
     parser.add_argument("--progress", action="store_true", help="rank 0 prints progress lines to stderr")
     args = parser.parse_args(argv)
+    # scancel (or the CLI's Ctrl-C, which cancels the job) sends SIGTERM: unwind so `finally` removes this rank's
+    # temporary folder. A rank stuck inside an MPI call is SIGKILLed later; its folder then goes with the next
+    # look at the cache (CacheManager removes fills of dead processes).
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         check_model_name(args.model)
         capacity = args.nvme_capacity_gb
