@@ -2,8 +2,9 @@
 
 Life: measure the tiers (probes.py) -> serve the agent API (app.py) -> register with the controller -> heartbeat
 (instances + cache lists; 404 unknown_node means register again) until the drain signal or SIGTERM -> drain
-(no new instances, tell the controller the instances are draining, stop the workers gracefully, a last heartbeat
-with nothing left) -> exit 0. A repeated signal is part of the same drain.
+(no new instances, tell the controller the instances are draining, live-migrate their running requests to
+instances on other nodes the controller names, within node.migrate_timeout_seconds, stop the workers gracefully,
+a last heartbeat with nothing left) -> exit 0. A repeated signal is part of the same drain.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from hpcllm.controller.protocol import (
     SECRET_HEADER,
     CacheEntry,
     Heartbeat,
+    MigrationTarget,
+    MigrationTargetRequest,
     ModelList,
     NodeRegistration,
     TierInfo,
@@ -32,8 +35,8 @@ from hpcllm.controller.protocol import (
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers
-from hpcllm.node.protocol import StartInstance
-from hpcllm.node.workers import WorkerManager
+from hpcllm.node.protocol import MigratedOut, StartInstance
+from hpcllm.node.workers import MigrationOutcome, WorkerManager
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,8 @@ class NodeAgent:
         self._server = None
         self._pinned_last_start = 0.0
         self._http = httpx.Client(headers={SECRET_HEADER: config.cluster.shared_secret}, timeout=10.0)
+        # What the drain's live migrations did (one entry per instance that had requests), for logs and tests.
+        self.migrations: list[MigrationOutcome] = []
 
     # ------------------------------------------------------------------------------------------ measurement
 
@@ -248,6 +253,78 @@ class NodeAgent:
         except HpcllmError as exc:
             log.error("cannot start pinned model %s: %s", card.name, exc)
 
+    # ------------------------------------------------------------------------------------------- migration
+
+    def migration_target(self, model: str, deadline: float) -> MigrationTarget | None:
+        """A ready instance of `model` on another node, as the controller picks it; while the controller starts
+        one (202) ask again until the deadline. None when there is none (or the controller cannot be asked)."""
+        body = MigrationTargetRequest(model=model, exclude_node=self.node_id)
+        while True:
+            try:
+                resp = self._post("/v1/internal/migration-target", body)
+            except httpx.HTTPError as exc:
+                log.warning("cannot ask the controller %s for a migration target: %s", self.controller_url, exc)
+                return None
+            if resp.status_code == 200:
+                return MigrationTarget.model_validate(resp.json())
+            if resp.status_code != 202:
+                log.warning("no migration target for %s: HTTP %d %s", model, resp.status_code, resp.text[:300])
+                return None
+            retry = float(resp.headers.get("Retry-After") or 1.0)
+            if time.monotonic() + retry >= deadline:
+                log.warning("no migration target for %s within node.migrate_timeout_seconds (one is still %s)",
+                            model, resp.json().get("status", "starting"))
+                return None
+            time.sleep(retry)
+
+    def migrate_instance(self, instance_id: str, deadline: float) -> MigrationOutcome | None:
+        """Drain step for one instance: ask the controller where its requests go, then have its worker move them.
+        None when there was nowhere to go (the gateway then resumes the requests from their tokens)."""
+        inst = self.workers.get(instance_id)
+        target = self.migration_target(inst.model, deadline)
+        if target is None:
+            log.warning("instance %s (%s): no other instance to migrate its %d requests to; they resume from their "
+                        "tokens through the gateway", inst.instance_id, inst.model, inst.running_requests)
+            return None
+        log.info("instance %s (%s): migrating its requests to %s on %s", inst.instance_id, inst.model,
+                 target.instance_id, target.node_id)
+        outcome = self.workers.migrate_out(instance_id, target.worker_url, deadline - time.monotonic())
+        self.migrations.append(outcome)
+        return outcome
+
+    def migrate_running_requests(self) -> None:
+        """Live-migrate the requests of every instance that has some, in parallel, within migrate_timeout."""
+        deadline = time.monotonic() + self.config.node.migrate_timeout_seconds
+        busy = [i for i in self.workers.instances() if i.worker_url and self.workers.refresh(i) > 0]
+        if not busy:
+            return
+        log.info("draining %s: migrating the requests of %d instances (at most %.0f s)", self.node_id, len(busy),
+                 self.config.node.migrate_timeout_seconds)
+        threads = [threading.Thread(target=self._migrate_quietly, args=(i.instance_id, deadline),
+                                    name=f"migrate-{i.instance_id}", daemon=True) for i in busy]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()) + 1.0)
+
+    def _migrate_quietly(self, instance_id: str, deadline: float) -> None:
+        try:
+            self.migrate_instance(instance_id, deadline)
+        except Exception:  # a drain must go on to stop the workers whatever one migration runs into
+            log.exception("migrating instance %s failed", instance_id)
+
+    def migrate_out(self, instance_id: str, destination_url: str) -> MigratedOut:
+        """The controller's "move this instance" (placement needs its slots): move its requests, then stop it."""
+        inst = self.workers.get(instance_id)
+        if inst.active:
+            inst.state = "draining"
+            self.wake_heartbeat()  # the controller stops routing to it
+        outcome = self.workers.migrate_out(instance_id, destination_url, self.config.node.migrate_timeout_seconds)
+        stopped = self.workers.stop(instance_id)
+        return MigratedOut(instance_id=instance_id, model=inst.model, destination_url=destination_url,
+                           migrated=outcome.migrated, failed=outcome.failed, error=outcome.error,
+                           seconds=round(outcome.seconds, 4), state=stopped.state, exit_code=stopped.exit_code)
+
     # ------------------------------------------------------------------------------------------------ drain
 
     def wake_heartbeat(self) -> None:
@@ -275,6 +352,7 @@ class NodeAgent:
                     inst.state = "draining"
             if self.registered:
                 self.heartbeat()  # the controller stops routing to draining instances at once
+                self.migrate_running_requests()
             self.workers.stop_all()
             if self.registered:
                 self.heartbeat()  # nothing left: the controller forgets this node's instances
@@ -292,9 +370,18 @@ class NodeAgent:
         for signum in signums:
             signal.signal(signum, lambda num, _frame: self.request_drain(signal.Signals(num).name))
 
+    def check_drain_budget(self) -> None:
+        """Warn when a drain cannot finish inside Slurm's signal lead time (then SIGKILL ends it early)."""
+        node, lead = self.config.node, self.config.slurm.signal_seconds
+        needed = node.migrate_timeout_seconds + node.worker_stop_timeout_seconds
+        if self.job_id and lead and needed > lead:
+            log.warning("node.migrate_timeout_seconds + node.worker_stop_timeout_seconds = %.0f s exceeds "
+                        "slurm.signal_seconds = %d s: a drain at the time limit may be cut short", needed, lead)
+
     def run(self, app_factory) -> int:
         """Measure, serve, register, heartbeat until a drain; returns the exit status (0 after a clean drain)."""
         self.install_signal_handlers()
+        self.check_drain_budget()
         self.measure()
         self.start_server(app_factory(self))
         if self.register():

@@ -21,6 +21,7 @@ from hpcllm.node.protocol import (
     CachedCopyInfo,
     CacheList,
     InstanceList,
+    MigrateOut,
     NodeInfo,
     StartedInstance,
     StartInstance,
@@ -142,6 +143,11 @@ def create_app(agent) -> Flask:
     def stop_instance(instance_id: str):
         inst = agent.workers.stop(instance_id)
         return StoppedInstance(instance_id=inst.instance_id, state=inst.state, exit_code=inst.exit_code).model_dump()
+
+    @app.post("/v1/internal/instances/<instance_id>/migrate-out")
+    def migrate_out(instance_id: str):
+        agent.workers.get(instance_id)  # 404 before the body is looked at
+        return agent.migrate_out(instance_id, _parse(MigrateOut).destination_url).model_dump()
 
     # ----------------------------------------------------------------------------------------------- cache
 

@@ -6,6 +6,7 @@ Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Err
     POST   /v1/internal/instances              StartInstance -> 202 StartedInstance
     GET    /v1/internal/instances              -> InstanceList{instances: [InstanceInfo]}
     DELETE /v1/internal/instances/<id>         -> StoppedInstance (404 unknown instance)
+    POST   /v1/internal/instances/<id>/migrate-out  MigrateOut -> MigratedOut (live-migrate its requests, then stop)
     POST   /v1/internal/cache/warm             WarmRequest -> CachedCopyInfo
     GET    /v1/internal/cache                  -> CacheList
     DELETE /v1/internal/cache/<model>?tier=T   -> CacheList (the evicted copies)
@@ -27,6 +28,7 @@ from hpcllm.controller.protocol import (
     NodeRegistration,
     Wire,
 )
+from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
 
 class StartInstance(Wire):
@@ -81,3 +83,25 @@ class NodeInfo(Wire):
     state: Literal["starting", "up", "draining", "stopped"]
     registration: NodeRegistration
     notes: list[str] = Field(default_factory=list)
+
+
+class MigrateOut(Wire):
+    """Move every running request of one instance to the worker at destination_url, then stop the instance."""
+
+    destination_url: str = Field(pattern=r"^https?://", description="a ready worker of the same model")
+
+
+class MigratedOut(Wire):
+    """What migrate-out did. `migrated`/`failed` are the source worker's own answer (POST /v1/internal/migrate);
+    `error` says why the migration call as a whole failed. Requests that were not migrated were aborted when the
+    instance stopped: the gateway resumes them from their tokens."""
+
+    instance_id: str
+    model: str
+    destination_url: str
+    migrated: list[MigrationResult] = Field(default_factory=list)
+    failed: list[MigrationFailure] = Field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    state: str = "stopped"
+    exit_code: int | None = None

@@ -7,6 +7,11 @@ released when the process is gone. A watcher thread per instance reads the worke
 of the worker's log as the error). Stop: SIGTERM (the worker aborts in-flight requests and exits), SIGKILL after
 node.worker_stop_timeout_seconds.
 
+Live migration (docs/node-agent.md): `migrate_out` asks a worker to move all its running requests to a worker of
+the same model elsewhere (the worker's POST /v1/internal/migrate, token-based rounds while it keeps decoding); the
+agent then stops it. A request the worker could not move stays on it and is aborted by the stop: the gateway
+resumes it from its tokens, so a failed migration never loses a request.
+
 Workers ignore the drain signal (SIGUSR1 by default): Slurm's `scancel --signal` reaches every process of the
 step, and a drain is the agent's business (it stops its workers with SIGTERM when it is ready to).
 """
@@ -34,6 +39,8 @@ from hpcllm.errors import HpcllmError
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.cli import SECRET_ENV
+from hpcllm.worker.client import WorkerClient, WorkerError
+from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
 from hpcllm.checkpoint.errors import ChecksumMismatch
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,23 @@ class NotAccepting(InstanceError):
 
 
 @dataclass
+class MigrationOutcome:
+    """What one instance's migrate call did: the worker's migrated / failed lists, or why the call failed."""
+
+    instance_id: str
+    model: str
+    destination_url: str
+    migrated: list[MigrationResult] = field(default_factory=list)
+    failed: list[MigrationFailure] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None and not self.failed
+
+
+@dataclass
 class Instance:
     instance_id: str
     model: str
@@ -85,6 +109,7 @@ class Instance:
     released: bool = False
     corrupt_copy: bool = False  # the worker's load failed a checksum of the local copy it read
     done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
 
     @property
     def active(self) -> bool:
@@ -270,7 +295,8 @@ class WorkerManager:
                                       f"(node.worker_start_timeout_seconds)")
                         self._terminate(inst)
                         continue
-                time.sleep(self.poll_seconds if inst.state == "loading" else max(self.poll_seconds, 1.0))
+                inst.wake.wait(self.poll_seconds if inst.state == "loading" else max(self.poll_seconds, 1.0))
+                inst.wake.clear()
         finally:
             self._release(inst)
             if inst.corrupt_copy:
@@ -309,12 +335,57 @@ class WorkerManager:
             except Exception:  # the copy may have been evicted by hand meanwhile
                 log.exception("releasing the %s copy of %s failed", inst.tier, inst.model)
 
+    # --------------------------------------------------------------------------------------------- migrate
+
+    def refresh(self, inst: Instance) -> int:
+        """Ask the worker now how many requests it runs or queues (the watcher's count may be a second old)."""
+        if inst.state in ("ready", "draining") and not inst.stopping:
+            self._poll_ready(inst)
+        return inst.running_requests
+
+    def migrate_out(self, instance_id: str, destination_url: str, timeout: float) -> MigrationOutcome:
+        """Ask an instance's worker to live-migrate every running and waiting request to destination_url (a worker
+        of the same model on another node). Never raises for a failed migration: the outcome says what happened,
+        and whatever did not move stays on the source worker."""
+        inst = self.get(instance_id)
+        outcome = MigrationOutcome(inst.instance_id, inst.model, destination_url)
+        if inst.worker_url is None or inst.state not in ("ready", "draining") or inst.stopping:
+            return outcome  # still loading (or stopping): it holds no request to move
+        started = time.monotonic()
+        timeout = max(timeout, 0.1)
+        # Shares this manager's HTTP client (not closed here); the worker bounds each call to the destination too.
+        worker = WorkerClient(inst.worker_url, self.config.cluster.shared_secret, client=self._http)
+        try:
+            result = worker.migrate_all(MigrateRequest(destination_url=destination_url, timeout_seconds=timeout),
+                                        timeout=timeout)
+        except WorkerError as exc:
+            outcome.error = f"worker {inst.worker_url} did not migrate its requests: {exc}"
+        else:
+            outcome.migrated, outcome.failed = result.migrated, result.failed
+        outcome.seconds = time.monotonic() - started
+        self._log_migration(outcome)
+        return outcome
+
+    @staticmethod
+    def _log_migration(outcome: MigrationOutcome) -> None:
+        if outcome.error:
+            log.warning("instance %s (%s): migration to %s failed after %.2f s: %s; its requests resume from their "
+                        "tokens through the gateway", outcome.instance_id, outcome.model, outcome.destination_url,
+                        outcome.seconds, outcome.error)
+            return
+        log.info("instance %s (%s): %d requests live-migrated to %s in %.2f s%s", outcome.instance_id, outcome.model,
+                 len(outcome.migrated), outcome.destination_url, outcome.seconds,
+                 f"; {len(outcome.failed)} not moved (they resume from their tokens): "
+                 + "; ".join(f"{f.request_id}: {f.error}" for f in outcome.failed)
+                 if outcome.failed else "")
+
     # -------------------------------------------------------------------------------------------------- stop
 
     def _terminate(self, inst: Instance) -> None:
         inst.stopping = True
         if inst.process.poll() is None:
             inst.process.send_signal(signal.SIGTERM)
+        inst.wake.set()
 
     def stop(self, instance_id: str, timeout: float | None = None) -> Instance:
         """Stop an instance (SIGTERM, SIGKILL after the timeout) and forget it; returns it in its final state."""
@@ -329,6 +400,7 @@ class WorkerManager:
             log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", instance_id, timeout)
             inst.process.kill()
             inst.process.wait()
+        inst.wake.set()  # the process is gone: the watcher records the exit and releases the copy now
         inst.done.wait(timeout=10)
         with self._lock:
             self._instances.pop(instance_id, None)
@@ -345,3 +417,4 @@ class WorkerManager:
 
     def close(self) -> None:
         self._http.close()
+

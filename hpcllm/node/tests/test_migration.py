@@ -1,0 +1,231 @@
+"""Live migration on the node agent's side: the drain moves running requests to the instance the controller names
+before stopping the workers, the migrate-out endpoint moves one instance, and nothing is lost when a migration
+fails (the worker is stopped; the gateway resumes from tokens). Workers are `fake_worker.py` processes (the
+contract's source endpoints, no model); the controller is the real app in a thread with a Slurm double."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.serving import make_server
+
+from hpcllm.config import parse_config
+from hpcllm.controller.agents import AgentClient
+from hpcllm.controller.errors import AgentError
+from hpcllm.controller.protocol import SECRET_HEADER, Heartbeat, InstanceInfo, ModelSpec, NodeRegistration
+from hpcllm.controller.server import build_service
+from hpcllm.controller.tests.doubles import RecordingBackend
+from hpcllm.node.app import create_app
+from hpcllm.node.protocol import StartInstance
+from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
+
+MODEL = "m"
+DESTINATION = "http://127.0.0.1:9/n2-worker"  # never called: the fake source worker only reports it
+
+
+@pytest.fixture
+def controller(tmp_path):
+    """The real controller app over HTTP; `make(**settings)` starts it (Slurm is a recording double)."""
+    started = []
+
+    def make(**settings):
+        config = parse_config({"cluster": {"shared_secret": SECRET}, "paths": {"state_dir": str(tmp_path / "ctl")},
+                               "controller": {"database_url": f"sqlite:///{tmp_path / 'ctl.db'}", **settings}})
+        service = build_service(config, backend=RecordingBackend())
+        server = make_server("127.0.0.1", 0, service.app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        source = tmp_path / "models" / MODEL
+        source.mkdir(parents=True)
+        service.controller.deploy(ModelSpec(name=MODEL, source=str(source), size_bytes=10**6, max_instances=2))
+        started.append((service, server))
+        return service, f"http://127.0.0.1:{server.server_port}", source
+
+    yield make
+    for service, server in started:
+        server.shutdown()
+        service.controller.registry.close()
+
+
+def add_ready_node(service, node_id: str, worker_url: str = DESTINATION) -> None:
+    """Another node whose agent reports a ready instance of MODEL (the migration target)."""
+    service.controller.register(NodeRegistration(node_id=node_id, agent_url=f"http://{node_id}:1", gpus=0))
+    service.controller.heartbeat(node_id, Heartbeat(instances=[InstanceInfo(
+        instance_id=f"{MODEL}-on-{node_id}", model=MODEL, state="ready", worker_url=worker_url)]))
+
+
+def metric(service, name: str, **labels) -> float:
+    text = service.app.test_client().get("/metrics").get_data(as_text=True)
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def events(record: Path) -> list[dict]:
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+
+@pytest.fixture
+def make_node(tmp_path, monkeypatch):
+    """An agent named n1 whose instances are fake workers; make(controller_url, requests, mode, **node settings)."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    made = []
+
+    def make(controller_url: str | None, requests=("r1", "r2"), mode: str = "ok", **node):
+        agent = make_agent(tmp_path / f"agent{len(made)}", **node)
+        record = tmp_path / f"worker{len(made)}.jsonl"
+
+        def fake_worker(req, path, url_file):
+            return [sys.executable, "-m", "hpcllm.node.tests.fake_worker", "--url-file", str(url_file),
+                    "--record", str(record), "--requests", ",".join(requests), "--mode", mode, "--slow-seconds", "30"]
+
+        agent.workers._command = fake_worker
+        if controller_url:
+            agent.controller_url = controller_url
+            agent.start_server(create_app(agent))
+            assert agent.register()
+        made.append(agent)
+        return agent, record
+
+    yield make
+    for agent in made:
+        agent.workers.stop_all(timeout=5)
+        agent.shutdown()
+
+
+def start_ready(agent, source: Path):
+    inst = agent.workers.start(StartInstance(model=MODEL, source=str(source)))
+    wait_for(lambda: inst.state == "ready" and inst.running_requests, 30, "the fake worker to be ready")
+    return inst
+
+
+def test_drain_live_migrates_running_requests_to_another_node_before_stopping(controller, make_node):
+    service, url, source = controller()
+    add_ready_node(service, "n2")
+    agent, record = make_node(url)
+    inst = start_ready(agent, source)
+
+    agent.drain()
+
+    migrate, sigterm = events(record)
+    assert migrate["event"] == "migrate" and migrate["destination_url"] == DESTINATION
+    assert sigterm["event"] == "sigterm" and sigterm["requests"] == []  # stopped only after both requests moved
+    [outcome] = agent.migrations
+    assert outcome.complete and [m.request_id for m in outcome.migrated] == ["r1", "r2"]
+    assert 0 < migrate["timeout_seconds"] <= 20  # the worker bounds its calls to the destination by what is left
+    assert inst.process.poll() is not None and agent.state == "stopped"
+    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL, outcome="ready") == 1
+    # The last heartbeat said the node runs nothing: the controller forgot its instance, the target stays.
+    assert [i.node_id for i in service.controller.registry.instances(model=MODEL)] == ["n2"]
+
+
+def test_no_other_instance_anywhere_drains_at_once_and_leaves_requests_to_the_gateway(controller, make_node):
+    service, url, source = controller(allocate_on_demand=False)  # nothing else can start either
+    agent, record = make_node(url, migrate_timeout_seconds=30)
+    start_ready(agent, source)
+
+    began = time.monotonic()
+    agent.drain()
+
+    assert time.monotonic() - began < 10  # a 404 needs no waiting for the migrate timeout
+    assert [e["event"] for e in events(record)] == ["sigterm"]  # nothing was asked to move; SIGTERM aborts them
+    assert agent.migrations == []
+    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL, outcome="none") == 1
+
+
+def test_a_target_that_is_still_being_allocated_is_waited_for_only_until_the_migrate_timeout(controller, make_node):
+    service, url, source = controller(allocate_on_demand=True, route_retry_after_seconds=0.5)
+    agent, record = make_node(url, migrate_timeout_seconds=2)
+    start_ready(agent, source)
+
+    began = time.monotonic()
+    agent.drain()
+
+    assert time.monotonic() - began < 8
+    assert [e["event"] for e in events(record)] == ["sigterm"]
+    # The controller asked Slurm for a replacement node (never this one), so later requests have somewhere to go.
+    [job] = service.controller.registry.allocations()
+    assert job.model == MODEL and "n1" not in job.preferred_nodes
+    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL, outcome="allocating") >= 1
+
+
+def test_a_refused_migration_is_reported_and_the_worker_still_stops(controller, make_node):
+    service, url, source = controller()
+    add_ready_node(service, "n2")
+    agent, record = make_node(url, mode="refuse")
+    start_ready(agent, source)
+
+    agent.drain()
+
+    [outcome] = agent.migrations
+    assert not outcome.complete and "destination" in outcome.error and "refused" in outcome.error
+    assert [e["event"] for e in events(record)] == ["migrate", "sigterm"]
+    assert events(record)[1]["requests"] == ["r1", "r2"]  # still on the source: the gateway resumes them
+    assert agent.state == "stopped"
+
+
+def test_a_hanging_migration_is_cut_at_the_migrate_timeout(controller, make_node):
+    service, url, source = controller()
+    add_ready_node(service, "n2")
+    agent, record = make_node(url, mode="slow", migrate_timeout_seconds=1.5)
+    start_ready(agent, source)
+
+    began = time.monotonic()
+    agent.drain()
+
+    assert time.monotonic() - began < 10
+    [outcome] = agent.migrations
+    assert "did not migrate its requests" in outcome.error and "timed out" in outcome.error
+    assert [e["event"] for e in events(record)] == ["migrate", "sigterm"]
+
+
+def test_migrate_out_moves_one_instance_then_stops_it(controller, make_node):
+    service, url, source = controller()
+    agent, record = make_node(url, requests=("a", "b", "c"), mode="partial")
+    inst = start_ready(agent, source)
+    agents = AgentClient(SECRET)
+    try:
+        result = agents.migrate_out(agent.agent_url, inst.instance_id, DESTINATION, timeout=30)
+        assert [m.request_id for m in result.migrated] == ["a"]
+        assert [f.request_id for f in result.failed] == ["b", "c"]
+        assert result.error is None and result.state == "stopped" and result.model == MODEL
+        assert [e["event"] for e in events(record)] == ["migrate", "sigterm"]
+        assert agent.workers.instances() == []
+
+        with pytest.raises(AgentError, match="HTTP 404"):
+            agents.migrate_out(agent.agent_url, inst.instance_id, DESTINATION, timeout=30)
+    finally:
+        agents.close()
+
+
+def test_migrate_out_says_what_to_fix(make_node, tmp_path):
+    agent, _ = make_node(None, requests=())
+    client = create_app(agent).test_client()
+    source = tmp_path / "src"
+    source.mkdir()
+    inst = agent.workers.start(StartInstance(model=MODEL, source=str(source)))
+    path = f"/v1/internal/instances/{inst.instance_id}/migrate-out"
+    assert client.post(path, json={"destination_url": DESTINATION}).status_code == 401
+    resp = client.post(path, json={"destination_url": "n2:8000"}, headers=AUTH)
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "destination_url"
+    resp = client.post("/v1/internal/instances/nope/migrate-out", json={"destination_url": DESTINATION},
+                       headers=AUTH)
+    assert resp.status_code == 404 and "nope" in resp.get_json()["error"]["message"]
+    # Nothing runs on it (loading or idle): nothing moves, it is just stopped.
+    resp = client.post(path, json={"destination_url": DESTINATION}, headers=AUTH)
+    assert resp.status_code == 200 and resp.get_json()["migrated"] == [] and resp.get_json()["state"] == "stopped"
+
+
+def test_migration_target_over_http_needs_the_secret(controller):
+    _, url, _ = controller()
+    resp = httpx.post(f"{url}/v1/internal/migration-target", json={"model": MODEL})
+    assert resp.status_code == 401
+    resp = httpx.post(f"{url}/v1/internal/migration-target", json={"model": MODEL, "exclude_node": "n1",
+                                                                   "start_if_missing": False},
+                      headers={SECRET_HEADER: SECRET})
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_migration_target"
