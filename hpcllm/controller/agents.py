@@ -2,7 +2,8 @@
 
 The wire shapes follow the node agent's contract (docs/controller.md, service-contract): POST
 <agent_url>/v1/internal/instances {model, source, gpu_ids} -> {instance_id, worker_url}; DELETE
-<agent_url>/v1/internal/instances/<id>; GET <agent_url>/v1/internal/instances -> [InstanceInfo] (or {"instances": [...]}).
+<agent_url>/v1/internal/instances/<id>; GET <agent_url>/v1/internal/instances -> [InstanceInfo] (or {"instances": [...]});
+POST <agent_url>/v1/internal/instances/<id>/migrate-out {destination_url} -> MigratedOut (live migration, then stop).
 Every failure becomes an AgentError naming the node's URL and what went wrong.
 """
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
+from hpcllm.node.protocol import MigratedOut
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,19 @@ class AgentClient:
         if resp.status_code not in (200, 202, 204, 404):
             raise AgentError(f"node agent {url} refused to stop instance: HTTP {resp.status_code} "
                              f"{_error_message(resp)}")
+
+    def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float) -> MigratedOut:
+        """Have the agent live-migrate an instance's requests to destination_url, then stop it (node agent's
+        POST .../migrate-out); timeout covers the migration and the stop."""
+        url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}/migrate-out"
+        resp = self._call("POST", url, json={"destination_url": destination_url}, timeout=timeout)
+        if resp.status_code != 200:
+            raise AgentError(f"node agent {url} refused to migrate the instance: HTTP {resp.status_code} "
+                             f"{_error_message(resp)}")
+        try:
+            return MigratedOut.model_validate(_json(resp))
+        except ValidationError as exc:
+            raise AgentError(f"node agent {url} sent an unreadable migration result: {exc}") from None
 
     def list_instances(self, agent_url: str) -> list[InstanceInfo]:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"

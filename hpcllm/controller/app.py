@@ -19,6 +19,8 @@ from hpcllm.controller.errors import ControllerError, InvalidRequest, NoCapacity
 from hpcllm.controller.protocol import (
     SECRET_HEADER,
     Heartbeat,
+    MigrationTarget,
+    MigrationTargetRequest,
     ModelList,
     ModelSpec,
     NodeRegistration,
@@ -57,6 +59,18 @@ class Metrics:
         self.cold_start_seconds = Histogram(
             "hpcllm_controller_cold_start_seconds", "Placement to ready, seconds", ["tier"],
             buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
+        self.migrations = Counter(
+            "hpcllm_controller_migrations",
+            "Instances the controller moved off a node (placement making room, retirement), by outcome: migrated "
+            "(requests moved live), partial, failed / no_target (stopped; requests resume from tokens), idle",
+            ["model", "trigger", "outcome"], registry=self.registry)
+        self.migrated_requests = Counter(
+            "hpcllm_controller_migrated_requests", "Running requests live-migrated by controller moves",
+            ["model", "trigger"], registry=self.registry)
+        self.migration_targets = Counter(
+            "hpcllm_controller_migration_targets",
+            "Answers to draining node agents asking where requests go: ready, starting, allocating, none",
+            ["model", "outcome"], registry=self.registry)
 
 
 def _parse(model: type[BaseModel]):
@@ -83,6 +97,13 @@ def create_app(controller: Controller) -> Flask:
             (cold.ready_at or cold.requested_at) - cold.requested_at)
 
     controller.cold_start_listeners.append(count_cold_start)
+
+    def count_migration(record) -> None:
+        metrics.migrations.labels(record.model, record.trigger, record.outcome).inc()
+        if record.moved:
+            metrics.migrated_requests.labels(record.model, record.trigger).inc(record.moved)
+
+    controller.migration_listeners.append(count_migration)
     app.config["controller"] = controller
 
     @app.errorhandler(ControllerError)
@@ -162,6 +183,24 @@ def create_app(controller: Controller) -> Flask:
         if not isinstance(outcome, RouteReady):
             resp.status_code = 202
             resp.headers["Retry-After"] = str(max(1, round(outcome.retry_after)))
+        return resp
+
+    @app.post("/v1/internal/migration-target")
+    def migration_target():
+        req = _parse(MigrationTargetRequest)
+        try:
+            outcome = controller.migration_target(req)
+        except ControllerError as exc:
+            if exc.code != "model_not_found":
+                metrics.migration_targets.labels(req.model, "none").inc()
+            raise
+        if isinstance(outcome, MigrationTarget):
+            metrics.migration_targets.labels(req.model, "ready").inc()
+            return outcome.model_dump()
+        metrics.migration_targets.labels(req.model, outcome.status).inc()
+        resp = jsonify(outcome.model_dump())
+        resp.status_code = 202
+        resp.headers["Retry-After"] = str(max(1, round(outcome.retry_after)))
         return resp
 
     # -------------------------------------------------------------------------------------------- admin

@@ -8,6 +8,8 @@ Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`):
     POST /v1/internal/nodes/<node_id>/heartbeat  Heartbeat -> HeartbeatResponse (404 unknown_node: register again)
     GET  /v1/internal/route?model=NAME&wait=S    200 RouteReady | 202 RouteWaiting | 404 | 503 (+ Retry-After)
     GET  /v1/internal/models                     ModelList (deployed models, for the gateway's /v1/models)
+    POST /v1/internal/migration-target           MigrationTargetRequest -> 200 MigrationTarget | 202 RouteWaiting
+                                                 (+ Retry-After) | 404 no_migration_target
     GET  /health                                 200 {"status": "ok"} while the database answers (no secret)
 Admin endpoints (header `Authorization: Bearer <admin key>`):
     POST   /v1/admin/models          ModelSpec -> DeployedModel (201 new, 200 updated)
@@ -124,6 +126,26 @@ class RouteWaiting(Wire):
     instance_id: str | None = None
     node_id: str | None = None
     job_id: str | None = None
+
+
+# ------------------------------------------------------------------------------------ live migration (node agents)
+
+
+class MigrationTargetRequest(Wire):
+    """Where should the running requests of an instance of `model` go? (A draining node agent asks.)"""
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    exclude_node: str | None = Field(None, description="the asking node: its own instances are leaving too")
+    # No ready instance elsewhere: start one through placement and answer 202 while it loads.
+    start_if_missing: bool = True
+
+
+class MigrationTarget(Wire):
+    """A ready instance of the model on another routable node (the least loaded; ties by instance id)."""
+
+    worker_url: str
+    instance_id: str
+    node_id: str
 
 
 # ----------------------------------------------------------------------------------------------- admin (CLI) -> us

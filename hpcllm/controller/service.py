@@ -6,6 +6,7 @@ restarted controller picks up where the killed one stopped; `reconcile()` then r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -20,6 +21,7 @@ from hpcllm.controller.agents import AgentClient
 from hpcllm.controller.allocations import Allocator
 from hpcllm.controller.errors import (
     AgentError,
+    ControllerError,
     InvalidModelConfig,
     NoCapacity,
     AllocationFailed,
@@ -35,6 +37,8 @@ from hpcllm.controller.protocol import (
     Heartbeat,
     HeartbeatResponse,
     InstanceStatus,
+    MigrationTarget,
+    MigrationTargetRequest,
     ModelCard,
     ModelSpec,
     NodeRegistration,
@@ -50,6 +54,34 @@ log = logging.getLogger(__name__)
 
 ROUTABLE_NODE_STATES = ("up",)
 ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm picks
+
+
+class NoMigrationTarget(ControllerError):
+    """No ready instance of the model on another node (and none is starting): requests resume from their tokens."""
+
+    http_status = 404
+    code = "no_migration_target"
+    error_type = "invalid_request_error"
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """One instance moved off a node by the controller (placement making room, retirement): how it went.
+
+    outcome: "migrated" (every running request moved live), "partial" (some moved, the rest resume from tokens),
+    "failed" (the migration failed; the instance was stopped and its requests resume from tokens), "no_target"
+    (nowhere to move them: stopped, requests resume from tokens), "idle" (nothing ran: stopped)."""
+
+    model: str
+    instance_id: str
+    node_id: str
+    trigger: str
+    outcome: str
+    target_instance: str | None = None
+    moved: int = 0
+    not_moved: int = 0
+    seconds: float = 0.0
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +108,8 @@ class Controller:
         self._changed = threading.Condition()
         # Called with each finished cold start (ColdStartRecord), e.g. to update metrics.
         self.cold_start_listeners: list[Callable] = []
+        # Called with each instance moved off a node (MigrationRecord), e.g. to update metrics.
+        self.migration_listeners: list[Callable] = []
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -248,11 +282,12 @@ class Controller:
         except (NoCapacity, AgentError) as exc:
             log.info("could not scale out %s: %s", model.name, exc)
 
-    def start_instance(self, model: DeployedModel) -> RouteWaiting:
-        """Place one new instance: start it on a running node, or wait for / submit a Slurm allocation."""
+    def start_instance(self, model: DeployedModel, exclude_nodes: frozenset[str] = frozenset()) -> RouteWaiting:
+        """Place one new instance: start it on a running node, or wait for / submit a Slurm allocation.
+        exclude_nodes: nodes that must not host it (a draining node asking where its requests can go)."""
         with self._placement_lock:
             now = self.clock()
-            routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
+            routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - exclude_nodes
             active = [i for i in self.registry.instances(model=model.name)
                       if i.state in ("ready", "loading") and i.node_id in routable]
             loading = [i for i in active if i.state == "loading"]
@@ -261,7 +296,7 @@ class Controller:
             if len(active) >= model.max_instances:
                 raise NoCapacity(f"model {model.name!r} already runs max_instances={model.max_instances}",
                                  retry_after=self.settings.route_retry_after_seconds)
-            candidates, holding, targets = self._candidates(model, now)
+            candidates, holding, targets = self._candidates(model, now, exclude_nodes)
             decision = place(model.size_bytes, _slots(model), candidates, holding)
             if decision.chosen is None:
                 self.registry.note_demand(model.name, now)
@@ -281,11 +316,12 @@ class Controller:
             gpu_ids = self._assign_gpus(model, node, set(decision.chosen.migrate))
             reservation = self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
                                                          breakdown.model_dump())
-            for victim in decision.chosen.migrate:
-                self.registry.set_instance_state(victim, "draining")
+            victims = [v for v in map(self.registry.get_instance, decision.chosen.migrate) if v is not None]
+            for victim in victims:
+                self.registry.set_instance_state(victim.instance_id, "draining")
         # The agent calls run outside the lock: the reservation already keeps other routes from double-booking.
-        for victim in decision.chosen.migrate:
-            self._stop_one(node, victim)
+        for victim in victims:
+            self.move_instance(node, victim, trigger="placement")
         try:
             started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids)
         except AgentError:
@@ -301,6 +337,87 @@ class Controller:
             self.agents.stop_instance(node.agent_url, instance_id)
         except AgentError as exc:
             log.warning("could not move instance %s off %s: %s", instance_id, node.node_id, exc)
+
+    # ------------------------------------------------------------------------------------ live migration
+
+    def migration_target(self, req: MigrationTargetRequest) -> MigrationTarget | RouteWaiting:
+        """Where a draining node's requests of req.model should go: the least-loaded ready instance on another
+        routable node. With start_if_missing, when there is none, one is started through placement (never on the
+        excluded node) and the answer is RouteWaiting until it is ready. NoMigrationTarget when nothing can be."""
+        model = self.registry.get_model(req.model)
+        if model is None:
+            raise UnknownModel(f"model {req.model!r} is not deployed")
+        excluded = frozenset({req.exclude_node}) if req.exclude_node else frozenset()
+        target = self._ready_target(model.name, excluded)
+        if target is not None:
+            self.registry.note_routed(target.instance_id, self.clock())  # its load counts for the next picks
+            log.info("migration target for %s (leaving %s): %s on %s", model.name, req.exclude_node or "-",
+                     target.instance_id, target.node_id)
+            return MigrationTarget(worker_url=target.worker_url, instance_id=target.instance_id,
+                                   node_id=target.node_id)
+        if not req.start_if_missing:
+            raise NoMigrationTarget(f"no ready instance of {model.name!r} on another node")
+        try:
+            waiting = self.start_instance(model, exclude_nodes=excluded)
+        except (NoCapacity, AgentError) as exc:
+            raise NoMigrationTarget(f"no ready instance of {model.name!r} on another node, and none can start: "
+                                    f"{exc}") from None
+        log.info("migration target for %s (leaving %s): none ready, %s %s", model.name, req.exclude_node or "-",
+                 waiting.status, waiting.instance_id or waiting.job_id or "")
+        return waiting
+
+    def _ready_target(self, model: str, excluded: frozenset[str]) -> InstanceRecord | None:
+        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - excluded
+        ready = [i for i in self.registry.instances(model=model)
+                 if i.state == "ready" and i.worker_url and i.node_id in routable and not i.reserved]
+        return min(ready, key=lambda i: (i.load, i.instance_id)) if ready else None
+
+    def move_instance(self, node: NodeRecord, inst: InstanceRecord, trigger: str) -> MigrationRecord:
+        """Take an instance off its node without losing its requests: live-migrate them to a ready instance of the
+        same model elsewhere (the agent's migrate-out, which then stops it); with no target, or when that call
+        fails, stop it (the gateway resumes its requests from their tokens). Logged and reported to listeners."""
+        started = time.monotonic()
+        target = self._ready_target(inst.model, frozenset({node.node_id}))
+        if target is None:
+            self._stop_one(node, inst.instance_id)
+            record = MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger,
+                                     "idle" if inst.load == 0 else "no_target")
+        else:
+            record = self._migrate_out(node, inst, target, trigger)
+        record = dataclasses.replace(record, seconds=round(time.monotonic() - started, 3))
+        self._report_migration(record)
+        return record
+
+    def _migrate_out(self, node: NodeRecord, inst: InstanceRecord, target: InstanceRecord,
+                     trigger: str) -> MigrationRecord:
+        timeout = self.config.node.migrate_timeout_seconds + self.config.node.worker_stop_timeout_seconds + 10
+        try:
+            result = self.agents.migrate_out(node.agent_url, inst.instance_id, target.worker_url, timeout)
+        except AgentError as exc:
+            self._stop_one(node, inst.instance_id)  # still free the slots; the gateway resumes from tokens
+            return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, "failed",
+                                   target.instance_id, error=str(exc))
+        moved, not_moved = len(result.migrated), len(result.failed)
+        if moved:
+            self.registry.note_routed(target.instance_id, self.clock())
+        if result.error:
+            outcome = "failed"
+        elif not_moved:
+            outcome = "partial" if moved else "failed"
+        else:
+            outcome = "migrated" if moved else "idle"
+        return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, outcome, target.instance_id,
+                               moved, not_moved, error=result.error)
+
+    def _report_migration(self, record: MigrationRecord) -> None:
+        level = logging.INFO if record.outcome in ("migrated", "idle") else logging.WARNING
+        log.log(level, "moved instance %s (%s) off %s for %s: %s%s%s in %.2f s%s", record.instance_id, record.model,
+                record.node_id, record.trigger, record.outcome,
+                f", {record.moved} requests live-migrated to {record.target_instance}" if record.moved else "",
+                f", {record.not_moved} resume from their tokens" if record.not_moved else "", record.seconds,
+                f" ({record.error})" if record.error else "")
+        for listener in self.migration_listeners:
+            listener(record)
 
     def _allocate(self, model: DeployedModel, target: Target, now: float) -> RouteWaiting:
         preferred = [target.slurm_node] if target.slurm_node else []
@@ -322,8 +439,9 @@ class Controller:
 
     # ------------------------------------------------------------------------------------ placement inputs
 
-    def _candidates(self, model: DeployedModel, now: float):
-        """Placement candidates with their targets: running nodes, this model's pending allocations, idle nodes."""
+    def _candidates(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str] = frozenset()):
+        """Placement candidates with their targets: running nodes, this model's pending allocations, idle nodes
+        (none of exclude_nodes)."""
         holding: dict[str, set[str]] = defaultdict(set)
         for entry in self.registry.cache(model=model.name):
             holding[entry.node_id].add(entry.tier)
@@ -334,7 +452,7 @@ class Controller:
             by_node[inst.node_id].append(inst)
         known_nodes = {n.node_id: n for n in self.registry.nodes()}
         for node in known_nodes.values():
-            if node.state not in ROUTABLE_NODE_STATES:
+            if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes:
                 continue
             free, movable = self._room(model, node, by_node[node.node_id])
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))
@@ -352,7 +470,7 @@ class Controller:
         if not pending and self.allocator.why_not_submit(model) is None:
             busy = {n.node_id for n in known_nodes.values() if n.state in ("up", "draining")}
             for slurm_node in self.allocator.idle_nodes(model):
-                if slurm_node in busy:
+                if slurm_node in busy or slurm_node in exclude_nodes:
                     continue
                 candidates.append(NodeCandidate(slurm_node, "idle", self.settings.allocation_start_estimate_seconds,
                                                 self._slots_per_new_node(model),
