@@ -80,7 +80,7 @@ class NodeConfig(Section):
 class ControllerConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8700, ge=1, le=65535)
-    database_url: str = ""  # empty: sqlite:///<state_dir>/controller.db
+    database_url: str = ""  # empty: sqlite:///<state_dir>/controller.db; or postgresql://user:pw@host/db (extra)
     # Idle seconds before an instance is stopped (scale to zero); a model's keep_alive_seconds overrides it.
     keep_alive_seconds: float = Field(300.0, ge=0)
     # Key of the admin API (deploy / undeploy / status); empty: gateway.admin_key, else cluster.shared_secret.

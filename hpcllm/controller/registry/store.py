@@ -1,4 +1,5 @@
-"""The controller's registry: models, nodes, cache residency, instances, allocations, cold starts - in SQLite.
+"""The controller's registry: models, nodes, cache residency, instances, allocations, cold starts - in SQLite (or
+PostgreSQL, databases.py).
 
 SQLite in WAL mode with synchronous=NORMAL: a committed transaction survives the controller being killed (kill -9)
 at any point; only an OS crash can lose the last few commits. Every change that touches several rows (a node
@@ -12,13 +13,12 @@ values are wall-clock because they must mean the same after a restart.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 from hpcllm.controller.errors import DatabaseError, UnknownNode
 from hpcllm.controller.protocol import (
@@ -29,6 +29,7 @@ from hpcllm.controller.protocol import (
     NodeRegistration,
     Tiers,
 )
+from hpcllm.controller.registry.databases import open_database, sqlite_path_from_url
 
 SCHEMA_VERSION = 1
 RESERVED_PREFIX = "reserved:"
@@ -242,56 +243,34 @@ class HeartbeatOutcome:
     vanished: list[str] = field(default_factory=list)
 
 
-def sqlite_path_from_url(database_url: str) -> str:
-    """sqlite:///relative/path, sqlite:////absolute/path (SQLAlchemy's convention), sqlite:///:memory:, or a path."""
-    if database_url.startswith("sqlite:///"):
-        path = database_url[len("sqlite:///"):]
-    elif "://" in database_url:
-        scheme = database_url.split("://", 1)[0]
-        raise DatabaseError(
-            f"controller.database_url {database_url!r}: the {scheme!r} scheme is not supported; use "
-            f"sqlite:///relative/path or sqlite:////absolute/path"
-        )
-    else:
-        path = database_url
-    if not path:
-        raise DatabaseError(f"controller.database_url {database_url!r} names no file")
-    return path
-
-
 class Registry:
     """All controller state. Thread-safe: one connection guarded by a lock (SQLite serializes writers anyway)."""
 
     def __init__(self, database_url: str):
-        path = sqlite_path_from_url(database_url)
-        if path != ":memory:":
-            parent = Path(path).expanduser().resolve().parent
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise DatabaseError(f"cannot create the folder {parent} for the controller database: {exc}") from None
-        self.path = path
+        self._db = open_database(database_url)
+        self.path = self._db.label  # the SQLite file, or the PostgreSQL URL without its password
+        self.kind = self._db.kind
+        self._conn = self._db.conn
         self._lock = threading.RLock()
         try:
-            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
             self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise DatabaseError(f"cannot open the controller database {path}: {exc}") from None
+        except DatabaseError:
+            self._db.close()
+            raise
+        except Exception as exc:  # sqlite3.DatabaseError, psycopg.Error: not a database we can use
+            self._db.close()
+            raise DatabaseError(f"cannot open the controller database {self.path}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._db.close()
 
     # ------------------------------------------------------------------------------------------------ plumbing
 
     def _migrate(self) -> None:
         with self._lock:
-            # Idempotent DDL (IF NOT EXISTS); executescript commits on its own, so it runs outside _tx.
-            self._conn.executescript(_SCHEMA)
+            # Idempotent DDL (IF NOT EXISTS), outside _tx (SQLite's executescript commits on its own).
+            self._db.create_schema(_SCHEMA)
         with self._tx() as db:
             row = db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
@@ -307,10 +286,10 @@ class Registry:
             return db.execute("SELECT version FROM schema_version").fetchone()["version"]
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Any]:
         """One write transaction: everything inside commits together or not at all."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute(self._db.begin_write)
             try:
                 yield self._conn
             except BaseException:
@@ -319,10 +298,10 @@ class Registry:
             self._conn.execute("COMMIT")
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def _read(self) -> Iterator[Any]:
         """A consistent read snapshot over several SELECTs."""
         with self._lock:
-            self._conn.execute("BEGIN")
+            self._conn.execute(self._db.begin_read)
             try:
                 yield self._conn
             finally:
@@ -335,7 +314,9 @@ class Registry:
         with self._tx() as db:
             existed = db.execute("SELECT 1 FROM models WHERE name = ?", (model.name,)).fetchone() is not None
             db.execute(
-                "INSERT OR REPLACE INTO models (name, spec, size_bytes, deployed_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO models (name, spec, size_bytes, deployed_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, size_bytes = excluded.size_bytes,"
+                " deployed_at = excluded.deployed_at",
                 (model.name, model.model_dump_json(), model.size_bytes, model.deployed_at),
             )
         return not existed
@@ -376,8 +357,12 @@ class Registry:
         with self._tx() as db:
             db.execute("DELETE FROM instances WHERE node_id = ?", (reg.node_id,))
             db.execute(
-                "INSERT OR REPLACE INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
-                " state, registered_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?)",
+                "INSERT INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
+                " state, registered_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?)"
+                " ON CONFLICT (node_id) DO UPDATE SET agent_url = excluded.agent_url,"
+                " slurm_job_id = excluded.slurm_job_id, job_scoped = excluded.job_scoped, gpus = excluded.gpus,"
+                " tiers = excluded.tiers, h2d_gbps = excluded.h2d_gbps, state = excluded.state,"
+                " registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat",
                 (reg.node_id, reg.agent_url, reg.slurm_job_id, int(reg.job_scoped), reg.gpus,
                  reg.tiers.model_dump_json(), reg.h2d_gbps, now, now),
             )
@@ -621,17 +606,18 @@ class Registry:
 # ------------------------------------------------------------------------------------------------ row helpers
 
 
-def _replace_cache(db: sqlite3.Connection, node_id: str, entries: list[CacheEntry], persistent_nvme: bool) -> None:
+def _replace_cache(db, node_id: str, entries: list[CacheEntry], persistent_nvme: bool) -> None:
     db.execute("DELETE FROM cache WHERE node_id = ?", (node_id,))
     db.executemany(
-        "INSERT OR REPLACE INTO cache (node_id, model, tier, bytes, verified, last_used, persistent)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO cache (node_id, model, tier, bytes, verified, last_used, persistent)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, model, tier) DO UPDATE SET bytes = excluded.bytes,"
+        " verified = excluded.verified, last_used = excluded.last_used, persistent = excluded.persistent",
         [(node_id, e.model, e.tier, e.bytes, int(e.verified), e.last_used, int(e.tier == "nvme" and persistent_nvme))
          for e in entries],
     )
 
 
-def _insert_allocation(db: sqlite3.Connection, job_id: str, model: str | None, preferred_nodes: list[str],
+def _insert_allocation(db, job_id: str, model: str | None, preferred_nodes: list[str],
                        partition: str | None, time_limit_seconds: float | None, submitted_at: float) -> None:
     db.execute(
         "INSERT INTO allocations (job_id, state, model, preferred_nodes, nodes, partition,"
@@ -640,7 +626,7 @@ def _insert_allocation(db: sqlite3.Connection, job_id: str, model: str | None, p
     )
 
 
-def _attach_node_to_allocation(db: sqlite3.Connection, job_id: str, node_id: str, now: float) -> None:
+def _attach_node_to_allocation(db, job_id: str, node_id: str, now: float) -> None:
     row = db.execute("SELECT state, nodes, started_at FROM allocations WHERE job_id = ?", (job_id,)).fetchone()
     if row is None:
         return  # an agent started by hand (a user's sbatch): it serves, but no allocation of ours owns it
@@ -660,7 +646,7 @@ def _attach_node_to_allocation(db: sqlite3.Connection, job_id: str, node_id: str
                (json.dumps(sorted(nodes)), state, now, job_id))
 
 
-def _upsert_reported_instance(db: sqlite3.Connection, node_id: str, info: InstanceInfo,
+def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
                               previous: InstanceRecord | None, now: float) -> None:
     if previous is None:
         db.execute(
@@ -685,7 +671,7 @@ def _upsert_reported_instance(db: sqlite3.Connection, node_id: str, info: Instan
     )
 
 
-def _record_cold_start(db: sqlite3.Connection, node_id: str, info: InstanceInfo, previous: InstanceRecord | None,
+def _record_cold_start(db, node_id: str, info: InstanceInfo, previous: InstanceRecord | None,
                        now: float) -> ColdStartRecord:
     requested_at = previous.requested_at if previous else (info.started_at or now)
     estimate = (previous.placement or {}).get("total_seconds") if previous else None
@@ -700,26 +686,26 @@ def _record_cold_start(db: sqlite3.Connection, node_id: str, info: InstanceInfo,
     return record
 
 
-def _node(r: sqlite3.Row) -> NodeRecord:
+def _node(r) -> NodeRecord:
     return NodeRecord(r["node_id"], r["agent_url"], r["slurm_job_id"], bool(r["job_scoped"]), r["gpus"],
                       Tiers.model_validate_json(r["tiers"]), r["h2d_gbps"], r["state"], r["registered_at"],
                       r["last_heartbeat"])
 
 
-def _instance(r: sqlite3.Row) -> InstanceRecord:
+def _instance(r) -> InstanceRecord:
     return InstanceRecord(r["instance_id"], r["model"], r["node_id"], r["state"], r["worker_url"],
                           json.loads(r["gpu_ids"]), r["running_requests"], r["routed_since_heartbeat"],
                           r["tokens_in_flight"], r["prefill_tps"], r["requested_at"], r["last_used"], r["load_tier"],
                           r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None)
 
 
-def _allocation(r: sqlite3.Row) -> AllocationRecord:
+def _allocation(r) -> AllocationRecord:
     return AllocationRecord(r["job_id"], r["state"], r["model"], json.loads(r["preferred_nodes"]),
                             json.loads(r["nodes"]), r["partition"], r["time_limit_seconds"], r["submitted_at"],
                             r["started_at"], r["walltime_end"], r["retire_at"], r["idle_since"], r["ended_at"],
                             r["reason"])
 
 
-def _cold_start(r: sqlite3.Row) -> ColdStartRecord:
+def _cold_start(r) -> ColdStartRecord:
     return ColdStartRecord(r["model"], r["node_id"], r["instance_id"], r["tier"], r["load_seconds"],
                            r["requested_at"], r["ready_at"], r["estimate_seconds"])

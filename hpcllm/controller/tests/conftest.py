@@ -13,6 +13,7 @@ from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.protocol import CacheEntry, Heartbeat, ModelSpec, NodeRegistration, Tiers, TierInfo
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
+from hpcllm.controller.tests import pg_server
 from hpcllm.controller.tests.doubles import FakeAgents, FakeClock, RecordingBackend
 
 SECRET = "test-secret"
@@ -107,6 +108,27 @@ def make_harness(tmp_path):
     yield make
     for h in made:
         h.registry.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server for the session (pg_server.py); skipped, with the reason, where there is no
+    server or no psycopg (the optional extra `postgres`)."""
+    reason = pg_server.missing_reason()
+    if reason:
+        pytest.skip(f"PostgreSQL tests need a local server: {reason}")
+    with pg_server.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """An empty controller database of each kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'r.db'}"
+    url = request.getfixturevalue("postgres_url")
+    pg_server.reset_database(url)
+    return url
 
 
 @pytest.fixture(scope="session")

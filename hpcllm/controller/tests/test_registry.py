@@ -1,7 +1,9 @@
-"""Registry: SQLite schema, atomic multi-row changes, heartbeat merging, what survives a node leaving."""
+"""Registry: schema, atomic multi-row changes, heartbeat merging, what survives a node leaving - on SQLite and,
+where a PostgreSQL server and psycopg are installed, on a throwaway PostgreSQL server (pg_server.py)."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 
 import pytest
@@ -24,8 +26,8 @@ NOW = 1_000_000.0
 
 
 @pytest.fixture
-def registry(tmp_path):
-    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+def registry(database_url):
+    reg = Registry(database_url)
     yield reg
     reg.close()
 
@@ -47,8 +49,10 @@ def inst(instance_id, state="ready", model_name="m", running=0, **kw) -> Instanc
                         gpu_ids=[0], running_requests=running, **kw)
 
 
-def test_database_is_wal_with_a_schema_version(tmp_path, registry):
+def test_database_is_wal_with_a_schema_version(tmp_path):
+    registry = Registry(f"sqlite:///{tmp_path / 'r.db'}")
     assert registry.schema_version() == SCHEMA_VERSION
+    registry.close()
     raw = sqlite3.connect(tmp_path / "r.db")
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     raw.close()
@@ -72,8 +76,44 @@ def test_database_urls(url, path):
 
 
 def test_unsupported_database_url_names_the_fix():
-    with pytest.raises(DatabaseError, match="'postgresql' scheme is not supported; use sqlite"):
+    with pytest.raises(DatabaseError, match="'mysql' scheme is not supported; use sqlite.*or postgresql://"):
+        Registry("mysql://db/hpcllm")
+
+
+def test_unreachable_postgresql_is_a_clear_error_without_the_password(monkeypatch):
+    pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver, extra 'postgres') is not installed")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DatabaseError, match=rf"cannot connect to the controller database "
+                                            rf"postgresql://hpcllm:\*\*\*@127.0.0.1:{port}/hpcllm") as refused:
+        Registry(f"postgresql://hpcllm:s3cret@127.0.0.1:{port}/hpcllm")
+    assert "s3cret" not in str(refused.value)
+
+
+def test_missing_driver_says_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_psycopg(name, *args, **kwargs):
+        if name.startswith("psycopg"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_psycopg)
+    with pytest.raises(DatabaseError, match=r"needs psycopg 3.*pip install 'hpcllm\[postgres\]'"):
         Registry("postgresql://db/hpcllm")
+
+
+def test_big_numbers_and_timestamps_keep_their_precision(registry):
+    """PostgreSQL's INTEGER is 32-bit and REAL single precision: the schema must widen both."""
+    big = model("big", size=70 * 10**9)
+    big_time = 1_800_000_000.123456
+    registry.put_model(big.model_copy(update={"deployed_at": big_time}))
+    registry.add_allocation("1", "big", [], None, 86400.0, big_time)
+    assert registry.get_model("big").size_bytes == 70 * 10**9
+    assert registry.get_allocation("1").submitted_at == big_time
 
 
 def test_models_round_trip_and_undeploy_removes_instances_and_demand(registry):
@@ -197,8 +237,8 @@ def test_an_ended_allocation_whose_job_was_requeued_comes_back(registry):
     assert (alloc.state, alloc.nodes, alloc.reason) == ("running", ["n3"], "requeued")
 
 
-def test_state_survives_reopening(tmp_path):
-    url = f"sqlite:///{tmp_path / 'p.db'}"
+def test_state_survives_reopening(database_url):
+    url = database_url
     reg = Registry(url)
     reg.put_model(model("keep"))
     reg.register_node(registration(), NOW)
@@ -209,3 +249,16 @@ def test_state_survives_reopening(tmp_path):
     assert reg.get_node("n1").agent_url == "http://n1:9000"
     assert reg.get_allocation("9").state == "pending"
     reg.close()
+
+
+def test_allocation_intent_becomes_the_allocation_or_nothing(registry):
+    registry.add_allocation_intent("hpcllm-alloc-a", "m", ["n3"], "batch", 600.0, NOW)
+    registry.add_allocation_intent("hpcllm-alloc-b", "m", [], None, None, NOW + 1)
+    assert [(i.tag, i.preferred_nodes) for i in registry.allocation_intents()] == [
+        ("hpcllm-alloc-a", ["n3"]), ("hpcllm-alloc-b", [])]
+    assert registry.settle_allocation_intent("hpcllm-alloc-a", "41") is True
+    assert registry.settle_allocation_intent("hpcllm-alloc-b", None) is False
+    assert registry.allocation_intents() == []
+    [alloc] = registry.allocations()
+    assert (alloc.job_id, alloc.state, alloc.preferred_nodes, alloc.partition, alloc.submitted_at) == (
+        "41", "pending", ["n3"], "batch", NOW)

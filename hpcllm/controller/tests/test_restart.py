@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 class ControllerProcess:
-    def __init__(self, tmp_path: Path, port: int):
+    def __init__(self, tmp_path: Path, port: int, database_url: str | None = None):
         self.tmp_path = tmp_path
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -47,7 +47,7 @@ shared_secret = "{SECRET}"
 partition = "debug"
 [controller]
 admin_key = "{ADMIN_KEY}"
-database_url = "sqlite:///{tmp_path / 'controller.db'}"
+database_url = "{database_url or f"sqlite:///{tmp_path / 'controller.db'}"}"
 tick_seconds = 0.3
 node_timeout_seconds = 600
 migration_seconds_per_instance = 100
@@ -148,8 +148,9 @@ def controller_process(tmp_path):
     proc.stop()
 
 
-def test_kill_9_mid_traffic_loses_nothing(tmp_path, controller_process):
-    ctl = controller_process
+def test_kill_9_mid_traffic_loses_nothing(tmp_path, database_url):
+    """On SQLite and on PostgreSQL (where a server is installed)."""
+    ctl = ControllerProcess(tmp_path, free_port(), database_url)
     slurm = FileBackend(ctl.slurm_state)
     n1 = HttpNodeAgent("n1", SECRET)
     try:
@@ -203,11 +204,13 @@ def test_kill_9_mid_traffic_loses_nothing(tmp_path, controller_process):
         # The node agent is still known: its heartbeats are accepted without registering again.
         assert heartbeat(client, n1, cached=[("chat", "nvme")]).status_code == 200
 
-        db = sqlite3.connect(tmp_path / "controller.db")
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        db.close()
+        if database_url.startswith("sqlite"):
+            db = sqlite3.connect(tmp_path / "r.db")
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            db.close()
         client.close()
     finally:
+        ctl.stop()
         n1.close()
 
 
