@@ -151,9 +151,9 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         skeleton_started = time.perf_counter()
         config = _load_config(ckpt.root)
         target_dtype = _target_dtype(dtype, config, ckpt)
-        from hpcllm.store.skeleton import build_skeleton
+        from hpcllm.store.skeleton import cached_skeleton
 
-        model = build_skeleton(config, target_dtype)
+        model = cached_skeleton(config, target_dtype)
         phases["skeleton"] = time.perf_counter() - skeleton_started
         bases = load.finish()
     except BaseException:
@@ -411,10 +411,15 @@ class _Load:
 
 
 def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, target_dtype, device_of):
-    """Every stored tensor as a view of its load buffer (converted only if a different dtype was asked for)."""
+    """Every stored tensor as a view of its load buffer (converted only if a different dtype was asked for).
+
+    One as_strided per tensor on a typed view of its buffer (offsets are 4096-aligned, so every dtype divides
+    them) instead of slice + view(dtype) + view(shape): ~3x fewer torch calls for a few hundred tensors.
+    """
     import torch
 
     uint8_bases = {key: (base.tensor() if hasattr(base, "mmap") else base) for key, base in bases.items()}
+    typed_bases: dict[tuple, Any] = {}
     tensors = {}
     for name, entry in ckpt.tensors.items():
         dtype = stored_dtypes[name]
@@ -422,12 +427,24 @@ def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, 
             tensor = torch.empty(entry.shape, dtype=dtype, device=device_of(name))
         else:
             device, offset = placement.locate(entry)
-            raw = uint8_bases[(entry.partition, device)][offset:offset + entry.nbytes]
-            tensor = raw.view(dtype).view(entry.shape)
-        if target_dtype is not None and entry.dtype in FLOATING_DTYPES and dtype != target_dtype:
-            tensor = tensor.to(target_dtype)
-        tensors[name] = tensor
+            if offset % entry.itemsize:  # never with the 4096-aligned placements; kept correct regardless
+                raw = uint8_bases[(entry.partition, device)][offset:offset + entry.nbytes]
+                tensors[name] = _converted(raw.view(dtype).view(entry.shape), entry, dtype, target_dtype)
+                continue
+            key = (entry.partition, device, dtype)
+            typed = typed_bases.get(key)
+            if typed is None:
+                raw = uint8_bases[(entry.partition, device)]
+                typed = typed_bases[key] = raw[:raw.numel() // entry.itemsize * entry.itemsize].view(dtype)
+            tensor = typed.as_strided(entry.shape, entry.stride, offset // entry.itemsize)
+        tensors[name] = _converted(tensor, entry, dtype, target_dtype)
     return tensors
+
+
+def _converted(tensor, entry, dtype, target_dtype):
+    if target_dtype is not None and entry.dtype in FLOATING_DTYPES and dtype != target_dtype:
+        return tensor.to(target_dtype)
+    return tensor
 
 
 def _attach(model, tensors, ckpt: Checkpoint, device_of, devices: set[str]) -> None:
@@ -440,7 +457,6 @@ def _attach(model, tensors, ckpt: Checkpoint, device_of, devices: set[str]) -> N
             from hpcllm.store.dispatch import align_devices
 
             align_devices(model)
-    model.eval()
     generation_config = ckpt.root / "generation_config.json"
     if generation_config.is_file() and getattr(model, "generation_config", None) is not None:
         from transformers import GenerationConfig
