@@ -502,6 +502,39 @@ def _parse_index(index: Any, partitions: list[Partition], path: Path):
 
 
 def _parse_entry(name: str, raw: Any, partitions: list[Partition], where: str) -> TensorEntry:
+    entry = _valid_entry_fast(name, raw, partitions)
+    if entry is not None:
+        return entry
+    return _parse_entry_checked(name, raw, partitions, where)
+
+
+def _valid_entry_fast(name: str, raw: Any, partitions: list[Partition]) -> TensorEntry | None:
+    """The entry if it passes every check of _parse_entry_checked, else None (that one then says what is wrong).
+
+    Same checks with plain type tests and no message building: a 1B model's index parses in ~1 ms instead of ~3.
+    """
+    try:
+        partition, offset, nbytes = raw["partition"], raw["offset"], raw["nbytes"]
+        dtype, shape, stride = raw["dtype"], raw["shape"], raw["stride"]
+    except (TypeError, KeyError, IndexError):
+        return None
+    if not (type(partition) is int and type(offset) is int and type(nbytes) is int and type(dtype) is str
+            and type(shape) is list and type(stride) is list and 0 <= partition < len(partitions)
+            and offset >= 0 and nbytes >= 0 and offset % ALIGNMENT == 0 and dtype in DTYPE_ITEMSIZE):
+        return None
+    for values in (shape, stride):
+        for value in values:
+            if type(value) is not int:
+                return None
+    shape, stride = tuple(shape), tuple(stride)
+    if (any(d < 0 for d in shape) or nbytes != math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+            or stride != contiguous_stride(shape) or offset + nbytes > partitions[partition].size):
+        return None
+    return TensorEntry(name=name, partition=partition, offset=offset, nbytes=nbytes, dtype=dtype, shape=shape,
+                       stride=stride)
+
+
+def _parse_entry_checked(name: str, raw: Any, partitions: list[Partition], where: str) -> TensorEntry:
     entry_where = f"{where}: tensor {name[:200]!r}"
     if not isinstance(raw, dict):
         raise InvalidIndex(f"{entry_where}: must be an object, got {type(raw).__name__}")

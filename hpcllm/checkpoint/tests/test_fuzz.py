@@ -218,3 +218,23 @@ def test_the_untouched_checkpoint_passes_everything(valid_checkpoint):
     with checkpoint_with(valid_checkpoint, index=(valid_checkpoint / "index.json").read_bytes()) as root:
         exercise_reader(root)
     exercise_reader(valid_checkpoint)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fast_index_entry_check_accepts_exactly_what_the_checked_one_accepts(valid_checkpoint, data):
+    """The loader's fast path (_valid_entry_fast) must never let through an entry the full check refuses."""
+    from hpcllm.checkpoint.layout import _parse_entry_checked, _valid_entry_fast
+
+    ckpt = read_checkpoint(valid_checkpoint)
+    raw_entries = load(valid_checkpoint, "index.json")["tensors"]
+    name = data.draw(st.sampled_from(sorted(raw_entries)))
+    raw = mutate(data, raw_entries[name]) if data.draw(st.booleans()) else raw_entries[name]
+    fast = _valid_entry_fast(name, raw, ckpt.partitions)
+    try:
+        checked = _parse_entry_checked(name, raw, ckpt.partitions, "index.json")
+    except CheckpointError:
+        assert fast is None
+    else:
+        assert fast is None or fast == checked
+        assert fast is not None or not isinstance(raw, dict)  # a valid entry takes the fast path
