@@ -92,6 +92,8 @@ class InstanceInfo(Wire):
 class Heartbeat(Wire):
     cached: list[CacheEntry] = Field(default_factory=list)
     instances: list[InstanceInfo] = Field(default_factory=list)
+    # The agent is draining (Slurm's signal: preemption, time limit): nothing new is placed or routed there.
+    draining: bool = False
 
 
 class RegisterResponse(Wire):

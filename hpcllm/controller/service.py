@@ -228,9 +228,15 @@ class Controller:
                      cold.tier, cold.estimate_seconds)
         for failed in outcome.failed:
             log.error("instance %s of %s failed on %s: %s", failed.instance_id, failed.model, node_id, failed.error)
-        if outcome.became_ready or outcome.failed or outcome.vanished:
-            self._notify()
         node = self.registry.get_node(node_id)
+        if hb.draining and node is not None and node.state == "up":
+            # Its agent got Slurm's signal: no new instance or migration target there (a new registration after
+            # a requeue makes it "up" again).
+            self.registry.set_node_state(node_id, "draining")
+            node = self.registry.get_node(node_id)
+            log.info("node %s is draining (its agent said so)", node_id)
+        if outcome.became_ready or outcome.failed or outcome.vanished or hb.draining:
+            self._notify()
         return HeartbeatResponse(node_id=node_id, state=node.state if node else "unknown")
 
     def _notify(self) -> None:

@@ -194,7 +194,8 @@ class NodeAgent:
 
     def heartbeat(self) -> bool:
         """One heartbeat; registers again when the controller does not know this node. False if it failed."""
-        body = Heartbeat(cached=self.cache_entries(), instances=self.workers.infos())
+        body = Heartbeat(cached=self.cache_entries(), instances=self.workers.infos(),
+                         draining=self.state in ("draining", "stopped"))
         try:
             resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body)
         except httpx.HTTPError as exc:

@@ -129,6 +129,23 @@ def test_no_ready_target_starts_one_elsewhere_and_answers_202_until_it_is_ready(
     assert done.status_code == 200 and done.get_json()["node_id"] == "n2"
 
 
+def test_a_draining_agent_takes_its_node_out_of_placement_until_it_registers_again(make_harness):
+    from hpcllm.controller.protocol import Heartbeat
+
+    h = make_harness(allocate_on_demand=False)
+    use_migrating_agents(h)
+    h.deploy("m")
+    h.register("n1", gpus=0, cached=(("m", "dram"),))  # the better node while it is up
+    h.register("n2", gpus=0)
+    h.controller.heartbeat("n1", Heartbeat(draining=True))
+    assert h.registry.get_node("n1").state == "draining"
+
+    assert h.controller.route("m").node_id == "n2"
+
+    h.register("n1", gpus=0, cached=(("m", "dram"),))  # the requeued job's agent is back
+    assert h.registry.get_node("n1").state == "up"
+
+
 def test_target_requests_are_validated(harness):
     client = harness.app_client()
     harness.deploy("m")

@@ -120,8 +120,10 @@ def test_drain_live_migrates_running_requests_to_another_node_before_stopping(co
     assert 0 < migrate["timeout_seconds"] <= 20  # the worker bounds its calls to the destination by what is left
     assert inst.process.poll() is not None and agent.state == "stopped"
     assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL, outcome="ready") == 1
-    # The last heartbeat said the node runs nothing: the controller forgot its instance, the target stays.
+    # The last heartbeat said the node runs nothing: the controller forgot its instance, the target stays; the
+    # node itself is draining, so nothing new is placed there.
     assert [i.node_id for i in service.controller.registry.instances(model=MODEL)] == ["n2"]
+    assert service.controller.registry.get_node("n1").state == "draining"
 
 
 def test_no_other_instance_anywhere_drains_at_once_and_leaves_requests_to_the_gateway(controller, make_node):
