@@ -7,8 +7,9 @@ Each tick, in order:
 2. Node agents silent for node_timeout_seconds are lost (their instances forgotten).
 3. Reservations the agent never confirmed (the controller died mid-start, the agent hung) are dropped.
 4. Instances of undeployed models are stopped.
-5. Retirement: allocations reaching retire_at drain (no new routes, instances stopped, replacements started
-   elsewhere) and are cancelled once empty or after drain_seconds.
+5. Retirement: allocations reaching retire_at drain (no new routes; instances moved off - their requests
+   live-migrated to an instance elsewhere when there is one, else stopped -; replacements started elsewhere) and
+   are cancelled once empty or after drain_seconds.
 6. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
    below min_instances).
 7. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
@@ -147,7 +148,7 @@ class Autoscaler:
         for inst in self._instances_of(alloc):
             affected_models.add(inst.model)
             self.registry.set_instance_state(inst.instance_id, "draining")
-            self._stop(inst.node_id, inst.instance_id)
+            self._move(inst)
         report.actions.append(Action("retire", alloc.job_id, f"{reason}; models {sorted(affected_models)}"))
         for name in sorted(affected_models):  # start replacements elsewhere before this pool leaves
             model = self.registry.get_model(name)
@@ -235,6 +236,15 @@ class Autoscaler:
             log.warning("could not stop %s on %s: %s", instance_id, node_id, exc)
             return False
         return True
+
+    def _move(self, inst) -> None:
+        """Retire an instance without losing its requests: live-migrate them to an instance elsewhere when there
+        is one (else stop it: the gateway resumes them from their tokens)."""
+        node = self.registry.get_node(inst.node_id)
+        if node is None or node.state not in ("up", "draining"):
+            self.registry.delete_instance(inst.instance_id)  # its agent is gone: so is the instance
+            return
+        self.controller.move_instance(node, inst, trigger="retire")
 
     def _nodes_of(self, alloc: AllocationRecord):
         return [n for n in self.registry.nodes(states=("up", "draining")) if n.slurm_job_id == alloc.job_id]

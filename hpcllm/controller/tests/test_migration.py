@@ -229,3 +229,33 @@ def test_an_idle_victim_is_just_stopped_and_counted_as_idle(make_harness):
     assert h.controller.route("b").status == "starting"
 
     assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement", outcome="idle") == 1
+
+
+# ----------------------------------------------------------------------------------------------- retirement
+
+
+def test_retirement_live_migrates_requests_to_an_instance_outside_the_retiring_allocation(make_harness):
+    h = make_harness(retire_lead_seconds=300, drain_seconds=60, max_allocations=2, cpu_slots_per_node=1)
+    agents = use_migrating_agents(h)
+    h.deploy("m", max_instances=2, keep_alive_seconds=3600)
+    job = h.controller.route("m").job_id
+    h.backend.start(job, "n1", h.clock.now, walltime=1000)
+    h.tick()
+    h.register("n1", job=job)
+    h.tick()  # the demand starts m on n1, the node allocated for it
+    h.heartbeat("n1", tier="sharedfs")
+    [old] = h.registry.instances()
+    h.register("n9", gpus=0)  # a node outside the allocation, with its own instance of m
+    h.backend.down = True
+    other = ready_instance(h, "n9", "m")
+    h.backend.down = False
+    h.agents.agents["http://n1:9000"].instances[old.instance_id] = \
+        h.agents.agents["http://n1:9000"].instances[old.instance_id].model_copy(update={"running_requests": 2})
+    h.heartbeat("n1")
+    client = h.app_client()
+
+    report = h.tick(700)  # walltime end - retire_lead: the allocation retires
+
+    assert ("retire", job) in report.kinds()
+    assert agents.migrations == [("http://n1:9000", old.instance_id, f"http://n9:9000/workers/{other}")]
+    assert metric(client, "hpcllm_controller_migrations_total", model="m", trigger="retire", outcome="migrated") == 1
