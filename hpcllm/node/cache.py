@@ -272,17 +272,20 @@ class CacheManager:
     """The NVMe and DRAM cache tiers of one node, shared by every process on it through a SQLite state file."""
 
     def __init__(self, nvme_dir: str | os.PathLike, nvme_capacity_bytes: int, dram_capacity_bytes: int,
-                 dram_namespace: str = "default", nvme_scope: str = "persistent", *,
+                 dram_namespace: str | None = "default", nvme_scope: str = "persistent", *,
                  dram_root: str | os.PathLike = DRAM_DEFAULT_ROOT):
+        """dram_namespace=None: an NVMe-only manager (the MPI warmer), which leaves the node's DRAM entries in the
+        shared state file alone (it cannot see them: they live in the agent's namespace)."""
         if nvme_scope not in ("persistent", "job"):
             raise CacheError(f"nvme_scope must be 'persistent' or 'job', got {nvme_scope!r}")
         self.nvme_dir = Path(nvme_dir)
         self.nvme_scope = nvme_scope
         self.capacity = {NVME: int(nvme_capacity_bytes), DRAM: int(dram_capacity_bytes)}
         try:
-            self.dram = DramTier(dram_namespace, dram_root)
+            self.dram = DramTier(dram_namespace, dram_root) if dram_namespace is not None else None
         except DramTierError as exc:
             raise CacheError(str(exc)) from None
+        self.tiers = CACHE_TIERS if self.dram is not None else (NVME,)
         try:
             self.nvme_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -332,6 +335,12 @@ class CacheManager:
 
     # ------------------------------------------------------------------------------------------------- queries
 
+    def _check_tier(self, tier: str) -> str:
+        check_tier(tier)
+        if tier not in self.tiers:
+            raise CacheError(f"this cache manager handles only the {', '.join(self.tiers)} tier(s), not {tier}")
+        return tier
+
     def nvme_path(self, model: str) -> Path:
         return self.nvme_dir / check_model_name(model)
 
@@ -339,7 +348,7 @@ class CacheManager:
         if tier == NVME:
             path = self.nvme_path(model)
             return path if (path / MARKER_FILE).is_file() else None
-        return self.dram.path(model) if self.dram.has(model) else None
+        return self.dram.path(model) if self.dram is not None and self.dram.has(model) else None
 
     def _scan(self) -> dict[tuple[str, str], Path]:
         found = {}
@@ -347,14 +356,15 @@ class CacheManager:
             for child in self.nvme_dir.iterdir():
                 if not child.name.startswith(".") and _SAFE_MODEL.match(child.name) and (child / MARKER_FILE).is_file():
                     found[(child.name, NVME)] = child
-        for entry in self.dram.list():
+        for entry in self.dram.list() if self.dram is not None else []:
             found[(entry.model_id, DRAM)] = entry.path
         return found
 
     def _sync(self, db: sqlite3.Connection) -> None:
         """Make the entries table match the folders (inside a transaction)."""
         found = self._scan()
-        rows = {(m, t) for m, t in db.execute("SELECT model, tier FROM entries")}
+        # Only the tiers this manager sees: an NVMe-only manager must not drop the DRAM rows of the agent.
+        rows = {(m, t) for m, t in db.execute("SELECT model, tier FROM entries") if t in self.tiers}
         for model, tier in rows - set(found):
             db.execute("DELETE FROM entries WHERE model=? AND tier=?", (model, tier))
         for model, tier in set(found) - rows:
@@ -384,6 +394,8 @@ class CacheManager:
         for model, tier, nbytes, source, last_used, verified_at in db.execute(
                 f"SELECT model, tier, bytes, source, last_used, verified_at FROM entries {where} "
                 f"ORDER BY model, tier", args):
+            if tier not in self.tiers:
+                continue
             path = self.nvme_path(model) if tier == NVME else self.dram.path(model)
             copies.append(CachedCopy(model, tier, path, nbytes, last_used, verified_at is not None,
                                      int(refs.get((model, tier), 0)), source, verified_at))
@@ -404,7 +416,7 @@ class CacheManager:
     def usage_bytes(self, tier: str) -> int:
         with self._transaction() as db:
             self._sync(db)
-            return self._used(db, check_tier(tier))
+            return self._used(db, self._check_tier(tier))
 
     def best_copy(self, model: str) -> CachedCopy | None:
         """The fastest cached copy of a model (dram > nvme), marked as just used; None when not cached."""
@@ -432,7 +444,7 @@ class CacheManager:
     def acquire(self, model: str, tier: str, pid: int | None = None) -> CachedCopy:
         """Mark a copy in use (by `pid`, default this process): it is not evicted until released or `pid` dies."""
         check_model_name(model)
-        check_tier(tier)
+        self._check_tier(tier)
         pid = pid or os.getpid()
         with self._transaction() as db:
             self._sync(db)
@@ -468,7 +480,7 @@ class CacheManager:
         Evicts least-recently-used copies not in use to make room; NotEnoughSpace when even that is not enough.
         """
         check_model_name(model)
-        check_tier(tier)
+        self._check_tier(tier)
         ckpt = open_origin(model, source)
         origin = str(Path(source).resolve())
         existing = self.get(model, tier)
@@ -610,7 +622,7 @@ class CacheManager:
     def evict(self, model: str, tier: str | None = None, *, force: bool = False) -> list[CachedCopy]:
         """Remove a model's copies (one tier or all); CacheInUse when one is held (unless force)."""
         check_model_name(model)
-        tiers = (check_tier(tier),) if tier else CACHE_TIERS
+        tiers = (self._check_tier(tier),) if tier else self.tiers
         trash = []
         with self._transaction() as db:
             self._sync(db)
@@ -654,7 +666,8 @@ class CacheManager:
     def clean_stale(self) -> int:
         """Delete fills left by dead processes and half-deleted evictions; returns how many folders went."""
         removed = self._remove_dead_fills(trash_too=True)
-        removed += self.dram.clean_stale()
+        if self.dram is not None:
+            removed += self.dram.clean_stale()
         with self._transaction() as db:
             self._sync(db)
         return removed

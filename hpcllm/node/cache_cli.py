@@ -169,6 +169,10 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, conf
                              "(hpcllm cache warm MODEL --tier dram --nodes ...)")
         nodes = expand_nodes(node_expr)
         template = nvme_dir_template or str(config.node.nvme_dir)
+        if "%j" in template:
+            from hpcllm.node.mpiwarm import JOB_SCOPED_MESSAGE
+
+            raise CacheError(JOB_SCOPED_MESSAGE.format(template=template))
         result = mpi_warm(config, model, Path(origin), nodes, template, timeout_s)
         for node, path in result["copies"]:
             click.echo(f"{node}: {model} verified in {path}")
@@ -308,7 +312,9 @@ def mpi_warm_spec(config: Config, model: str, source: Path, nodes: list[str], nv
     command = [sys.executable, "-m", "hpcllm.node.mpiwarm", "--source", str(source), "--model", model,
                "--tier", "nvme", "--nvme-dir-template", nvme_dir_template,
                "--nvme-capacity-gb", repr(config.node.nvme_capacity_gb), "--progress"]
-    script = (f"srun --mpi=pmix --nodes={len(nodes)} --ntasks={len(nodes)} --ntasks-per-node=1 "
+    # --kill-on-bad-exit: a rank that dies outside Python's control (SIGKILL, OOM, segfault) must not leave the
+    # others waiting in a collective until the time limit; Slurm then kills the whole step at once.
+    script = (f"srun --mpi=pmix --kill-on-bad-exit=1 --nodes={len(nodes)} --ntasks={len(nodes)} --ntasks-per-node=1 "
               f"{shlex.join(command)}\n")
     stamp = f"{model}-{int(time.time() * 1000)}"
     return make_job_spec(name=f"hpcllm-warm-{model}"[:128], script=script, nodes=len(nodes), ntasks=len(nodes),

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,13 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
 
 
+JOB_SCOPED_MESSAGE = ("the NVMe folder {template!r} is job-scoped (%j): a separate MPI warm job cannot fill another "
+                      "job's scratch; warm it through the running agents instead (hpcllm cache warm without --mpi)")
+
+
 def nvme_dir_for(template: str, node: str, rank: int) -> Path:
+    if "%j" in template:
+        raise CacheError(JOB_SCOPED_MESSAGE.format(template=template))
     template = template.replace("%n", node)  # the node agent's nvme_dir pattern ([node] nvme_dir) works as is
     try:
         return Path(os.path.expandvars(template.format(node=node, rank=rank)))
@@ -67,12 +74,13 @@ class RankFill:
 
     def prepare(self, need: int) -> None:
         try:
-            self.cache = CacheManager(self.nvme_dir, self.capacity_bytes, 1, "mpiwarm")
+            self.cache = CacheManager(self.nvme_dir, self.capacity_bytes, 0, dram_namespace=None)
             if self.cache.get(self.model, NVME) is not None:
                 self.already_cached = True
                 return
             self.fill_id = self.cache.reserve_fill(self.model, NVME, need)
             self.tmp = self.nvme_dir / filling_name(self.model)
+            _REMOVE_ON_CANCEL.add(self.tmp)
             self.tmp.mkdir()
         except (HpcllmError, OSError) as exc:
             self.fail(f"cannot prepare {self.nvme_dir}: {getattr(exc, 'strerror', None) or exc}")
@@ -101,12 +109,14 @@ class RankFill:
             return
         write_marker(self.tmp, self.model, source, folder_bytes(self.tmp), time.time())
         os.rename(self.tmp, self.nvme_dir / self.model)
+        _REMOVE_ON_CANCEL.discard(self.tmp)
         fsync_dir(self.nvme_dir)
         self.tmp = None
 
     def abandon(self) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            _REMOVE_ON_CANCEL.discard(self.tmp)
             self.tmp = None
 
     def close(self) -> None:
@@ -255,8 +265,25 @@ def _report(model: str, described: dict, results: list, commit_errors: list, all
           f"({rate:.2f} GB/s read once from {described['source']})", flush=True)
 
 
-def _exit_on_sigterm(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
+# Temporary folders this rank is writing: removed at once if the job is cancelled.
+_REMOVE_ON_CANCEL: set[Path] = set()
+
+
+def _remove_partial_copies_on_sigterm() -> None:
+    """scancel (and the CLI's Ctrl-C, which cancels the job) sends SIGTERM. The main thread may then be inside an MPI
+    call that will never return (a peer already died), where a Python signal handler never runs and only SIGKILL
+    (KillWait later) ends the rank. So SIGTERM is blocked for every thread and this one waits for it, removes the
+    temporary folder and exits. (A SIGKILLed rank's folder goes with the next look at the cache: CacheManager
+    removes fills of dead processes.)"""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before MPI starts threads: they inherit it
+
+    def wait_for_sigterm() -> None:
+        signal.sigwait({signal.SIGTERM})
+        for folder in list(_REMOVE_ON_CANCEL):
+            shutil.rmtree(folder, ignore_errors=True)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,10 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="NVMe tier capacity (default: [node] nvme_capacity_gb of the config)")
     parser.add_argument("--progress", action="store_true", help="rank 0 prints progress lines to stderr")
     args = parser.parse_args(argv)
-    # scancel (or the CLI's Ctrl-C, which cancels the job) sends SIGTERM: unwind so `finally` removes this rank's
-    # temporary folder. A rank stuck inside an MPI call is SIGKILLed later; its folder then goes with the next
-    # look at the cache (CacheManager removes fills of dead processes).
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _remove_partial_copies_on_sigterm()
     try:
         check_model_name(args.model)
         capacity = args.nvme_capacity_gb

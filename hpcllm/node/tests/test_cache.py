@@ -96,7 +96,7 @@ def test_interrupted_fill_leaves_nothing_visible(manager, origin):
     assert manager.list() == [] and manager.usage_bytes("nvme") == 0
 
 
-def test_killed_fill_is_invisible_and_cleaned_on_start(manager, origin, tmp_path):
+def test_killed_fill_is_invisible_and_cleaned_on_start_and_on_list(manager, origin, tmp_path):
     started = tmp_path / "started"
     script = f"""
 import time
@@ -123,7 +123,24 @@ cm.warm("llama", {str(origin)!r}, "nvme", progress=hang)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
 
-    fresh = _manager_like(manager)  # start-up removes the dead process's temporary folder
+    # A long-lived manager (the node agent) removes it the next time it lists the cache.
+    assert [p for p in manager.nvme_dir.iterdir() if ".filling-" in p.name]
+    assert manager.list() == [] and _visible(manager.nvme_dir) == []
+    assert manager.usage_bytes("nvme") == 0  # the dead fill's reservation is gone too
+
+    # Start-up removes such a folder too (a fill killed while no manager was running).
+    started.unlink()
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None, "the filling process exited early"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    fresh = _manager_like(manager)
     assert _visible(fresh.nvme_dir) == []
     assert fresh.list() == []
     assert fresh.warm("llama", origin, "nvme").verified
@@ -273,3 +290,24 @@ def test_copy_written_by_another_tool_is_picked_up(manager, origin):
 
     [copy] = manager.list()
     assert (copy.model, copy.tier, copy.verified, copy.source) == ("x", "nvme", True, str(origin))
+
+
+def test_an_nvme_only_manager_leaves_the_agents_dram_entries_alone(manager, origin):
+    """The MPI warmer opens the node's state file without the agent's DRAM namespace: the DRAM tier's LRU order
+    (last use) and references must survive it."""
+    manager.warm("a", origin, "dram")
+    manager.warm("b", origin, "dram")
+    time.sleep(0.01)
+    manager.acquire("a", "dram")  # a: most recently used, and in use
+    before = {c.model: c for c in manager.list()}
+
+    warmer = CacheManager(manager.nvme_dir, 10**9, 0, dram_namespace=None)
+    assert warmer.list() == [] and warmer.warm("c", origin, "nvme").verified
+    with pytest.raises(Exception, match="only the nvme tier"):
+        warmer.warm("d", origin, "dram")
+
+    after = {c.model: c for c in manager.list() if c.tier == "dram"}
+    assert {m: (c.last_used, c.in_use) for m, c in after.items()} == \
+        {m: (c.last_used, c.in_use) for m, c in before.items()}
+    assert after["a"].last_used > after["b"].last_used
+    assert manager.get("c", "nvme").verified  # and the agent sees the warmer's NVMe copy

@@ -45,3 +45,10 @@ def test_bad_node_list_and_mpi_dram_are_refused(capsys, tmp_path):
 def test_mpi_warm_of_a_missing_origin_fails_before_submitting(capsys, tmp_path):
     code = main(["cache", "warm", "llama", "--nodes", "n[1-2]", "--mpi", "--source", str(tmp_path / "nowhere")])
     assert code != 0 and "does not exist" in capsys.readouterr().err
+
+
+def test_mpi_warm_refuses_a_job_scoped_nvme_folder(capsys, tmp_path):
+    code = main(["cache", "warm", "llama", "--nodes", "n[1-2]", "--mpi", "--source", str(tmp_path),
+                 "--nvme-dir-template", "/scratch/%j/nvme"])
+    err = capsys.readouterr().err
+    assert code != 0 and "job-scoped" in err and "without --mpi" in err and "Traceback" not in err
