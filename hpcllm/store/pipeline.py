@@ -1,6 +1,6 @@
 """The chunked, pipelined read path shared by every tier and device.
 
-    reader threads (2)            main thread                     copy engine
+    reader threads (2)            consuming thread                copy engine
     acquire target memory  -->    verify each chunk (xxh3)  -->   (staged targets only) async copy to the final
     preadv a unit of chunks       commit the unit                  memory; the slot is recycled after its fence
 
@@ -12,8 +12,10 @@ the target:
   StagedTarget      a slot of a StagingRing (pinned for GPUs), then copied by segments to per-device buffers laid
                     out by a Placement (used for cuda:N and for device_map splits).
 
-Checksums are verified on the main thread as units arrive (xxhash releases the GIL, so reads continue), before a
-unit is committed: a staged unit with a bad chunk is never copied, and any error aborts the whole load.
+Checksums are verified on a consuming thread as units arrive (xxhash releases the GIL, so reads continue), before
+a unit is committed: a staged unit with a bad chunk is never copied, and any error aborts the whole load. The
+consumer runs while the caller builds the model skeleton (for a process's first model that includes importing the
+model code, seconds), so a staged load keeps its few slots cycling instead of stalling until the skeleton exists.
 """
 
 from __future__ import annotations
@@ -240,8 +242,13 @@ class PipelineStats:
     prefault_seconds: float = 0.0
 
 
+_ABORTED = object()  # queued by abort() so the consuming thread stops waiting for units that will never come
+
+
 class Pipeline:
-    """Runs reader threads over `units` into `target`, verifying each chunk; `finish()` on the consuming thread."""
+    """Runs reader threads over `units` into `target` and a consuming thread that verifies and commits each unit
+    as it arrives (so copies to the device start while the caller is still building the model); `finish()` waits
+    for all of it and re-raises the first error."""
 
     def __init__(self, ckpt: Checkpoint, units: list[ReadUnit], readers: dict[int, FileReader], target,
                  verify: bool, threads: int = 2, prefault: bool = True):
@@ -258,6 +265,8 @@ class Pipeline:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
+        self._consumer: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._started_at = 0.0
 
     def start(self) -> "Pipeline":
@@ -268,6 +277,8 @@ class Pipeline:
             self._workers.append(threading.Thread(target=self._read_loop, name=f"hpcllm-read-{i}", daemon=True))
         for worker in self._workers:
             worker.start()
+        self._consumer = threading.Thread(target=self._consume, name="hpcllm-commit", daemon=True)
+        self._consumer.start()
         return self
 
     def _claim(self) -> ReadUnit | None:
@@ -312,11 +323,13 @@ class Pipeline:
             position += 1
         self.stats.prefault_seconds = time.perf_counter() - started
 
-    def finish(self) -> PipelineStats:
-        """Consume every unit (verify + commit); re-raises the first error after stopping all threads."""
+    def _consume(self) -> None:
+        """Verify + commit every unit in arrival order; on the first error stop the readers and keep the error."""
         try:
             for _ in range(len(self.units)):
                 item = self._done.get()
+                if item is _ABORTED:
+                    return
                 if isinstance(item, BaseException):
                     raise item
                 unit, view = item
@@ -324,11 +337,20 @@ class Pipeline:
                     self._verify(unit, view)
                 self.target.commit(unit, view)
             self.target.finish()
-        except BaseException:
+            self.stats.read_seconds = time.perf_counter() - self._started_at
+        except BaseException as exc:  # noqa: BLE001 - re-raised by finish() on the caller's thread
+            self._error = exc
+            self._stop.set()
+            self.target.abort()  # wakes readers blocked on a full staging ring
+
+    def finish(self) -> PipelineStats:
+        """Wait until every unit is verified and committed; re-raises the first error after stopping all threads."""
+        if self._consumer is not None:
+            self._consumer.join()
+        if self._error is not None:
             self.abort()
-            raise
+            raise self._error
         self._join()
-        self.stats.read_seconds = time.perf_counter() - self._started_at
         return self.stats
 
     def _verify(self, unit: ReadUnit, view: memoryview) -> None:
@@ -341,10 +363,15 @@ class Pipeline:
         self.stats.verify_seconds += time.perf_counter() - started
 
     def abort(self) -> None:
-        """Stop readers and wait for them (and for in-flight copies) so no thread writes into freed memory."""
+        """Stop readers and the consumer, wait for them and for in-flight copies, so no thread writes into freed
+        memory once this returns."""
         self._stop.set()
         self.target.abort()
         self._join()
+        if self._consumer is not None:
+            self._done.put(_ABORTED)
+            self._consumer.join()
+            self._consumer = None
         if self.target.staged:
             try:
                 self.target.ring.drain()

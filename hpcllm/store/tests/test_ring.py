@@ -143,6 +143,39 @@ def test_pipeline_through_async_engine_places_every_tensor(models):
         reader.close()
 
 
+def test_staged_units_stream_through_the_ring_before_finish_is_called(models):
+    """The caller builds the model (for a fresh process: seconds of imports) between start() and finish(); the
+    few staging slots must keep cycling meanwhile, not wait for finish()."""
+    _, converted = models("llama_sharded")
+    ckpt = read_checkpoint(converted)
+    engine = AsyncCopyEngine(max_delay=0.001)
+    pipeline, _, _, ring, readers = staged_pipeline(ckpt, DeviceRouter({"cpu": engine}), slots=2)
+    pipeline.start()
+    deadline = time.monotonic() + 30
+    while ring.stats.submitted < len(pipeline.units) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ring.stats.submitted == len(pipeline.units) > 2 * ring.stats.slots  # all before finish()
+    pipeline.finish()
+    engine.stop()
+    for reader in readers.values():
+        reader.close()
+
+
+def test_abort_while_the_caller_is_still_building_stops_every_thread(models):
+    _, converted = models("llama_sharded")
+    ckpt = read_checkpoint(converted)
+    engine = AsyncCopyEngine(max_delay=0.02)  # slow copies: readers block on a full ring
+    pipeline, _, _, ring, readers = staged_pipeline(ckpt, DeviceRouter({"cpu": engine}), slots=2)
+    pipeline.start()
+    time.sleep(0.05)
+    pipeline.abort()  # what load_model does when the skeleton build fails
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith(("hpcllm-read", "hpcllm-commit")))
+    assert ring.stats.submitted < len(pipeline.units)
+    engine.stop()
+    for reader in readers.values():
+        reader.close()
+
+
 def test_pipeline_aborts_on_bad_chunk_without_hanging(copy_checkpoint):
     folder = copy_checkpoint("llama_sharded")
     ckpt = read_checkpoint(folder)
