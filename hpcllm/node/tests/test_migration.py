@@ -231,3 +231,22 @@ def test_migration_target_over_http_needs_the_secret(controller):
                                                                    "start_if_missing": False},
                       headers={SECRET_HEADER: SECRET})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "no_migration_target"
+
+
+def test_a_drain_budget_beyond_slurms_signal_lead_time_is_warned_about(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    fits = make_agent(tmp_path / "fits")  # defaults: 20 s migration + 10 s stop inside the 60 s lead time
+    fits.check_drain_budget()
+    assert "exceeds slurm.signal_seconds" not in caplog.text
+    too_long = make_agent(tmp_path / "long", migrate_timeout_seconds=55)
+    too_long.check_drain_budget()
+    assert "= 65 s exceeds slurm.signal_seconds = 60 s" in caplog.text
+    for agent in (fits, too_long):
+        agent.workers.close()
+
+
+def test_a_bad_migrate_timeout_is_a_config_error_naming_the_field():
+    from hpcllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="node.migrate_timeout_seconds"):
+        parse_config({"node": {"migrate_timeout_seconds": 0}})
