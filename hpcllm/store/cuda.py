@@ -40,34 +40,50 @@ class CudaFence:
 
 
 class CudaCopyEngine:
-    """Host-to-device copies of staged slots on one dedicated stream per device."""
+    """Host-to-device copies of staged slots on one dedicated stream per device.
+
+    Create it after the destination buffers were allocated, on the thread (and current stream) that will use the
+    model: the buffers come from the caching allocator on that stream, which may hand out memory whose previous
+    user's kernels are still queued there, so the copy stream first waits for it. At the end the caller's stream
+    waits for the copy stream (and the host has synchronised with it), so the model's first forward pass - on
+    the caller's stream, whatever thread ran the copies - sees every weight.
+    """
 
     def __init__(self, device: torch.device):
         require_cuda(device)
         self.device = device
+        self.consumer = torch.cuda.current_stream(device)  # the caller's stream: thread-local, so taken here
         self.stream = torch.cuda.Stream(device=device)
+        self.stream.wait_stream(self.consumer)
 
     def copy(self, slot: Slot, copies: list[Copy]) -> Fence:
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for c in copies:
                 c.dest[c.dest_offset:c.dest_offset + c.nbytes].copy_(
                     slot.tensor[c.src_offset:c.src_offset + c.nbytes], non_blocking=True)
-            event = torch.cuda.Event()
+            # blocking: a reader waiting for this slot sleeps in cudaEventSynchronize instead of spinning a core
+            event = torch.cuda.Event(blocking=True)
             event.record(self.stream)
         return CudaFence(event)
 
     def finish(self) -> None:
         self.stream.synchronize()
-        # Work later queued on the default stream (the model's forward) must see the copied weights.
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.consumer.wait_stream(self.stream)
 
 
 def pinned_slots(count: int, size: int) -> list[Slot]:
-    """`count` page-aligned, page-locked staging slots of `size` bytes (O_DIRECT reads straight into them)."""
+    """`count` page-aligned, page-locked staging slots of `size` bytes (O_DIRECT reads straight into them).
+
+    torch's pinned-memory allocator hands out whole cudaHostAlloc blocks (page-aligned) rounded up to a power of
+    two, so `size` is asked for as is (a 16 MiB slot is one 16 MiB block); only a misaligned block - a different
+    allocator - is given back for one a page larger to align inside.
+    """
     slots = []
     for index in range(count):
-        raw = torch.empty(size + PAGE_SIZE, dtype=torch.uint8, pin_memory=True)
-        skip = (-raw.data_ptr()) % PAGE_SIZE  # cudaHostAlloc is page-aligned; this guards against a suballocator
+        raw = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        if raw.data_ptr() % PAGE_SIZE:
+            raw = torch.empty(size + PAGE_SIZE, dtype=torch.uint8, pin_memory=True)
+        skip = (-raw.data_ptr()) % PAGE_SIZE
         tensor = raw[skip:skip + size]
         slots.append(Slot(index=index, view=memoryview(tensor.numpy()), tensor=tensor, size=size))
     return slots

@@ -353,6 +353,7 @@ class _Load:
         if gpus:
             from hpcllm.store.cuda import pinned_slots
 
+            # after the device buffers exist, on the caller's thread: the copy streams wait for their allocation
             engines.update({gpu: CudaCopyEngine(torch.device(gpu)) for gpu in gpus})
             slots = pinned_slots(self.settings.staging_slots, slot_bytes)
         else:

@@ -58,12 +58,29 @@ def test_model_larger_than_pinned_staging(models):
     assert_same_on_gpu(hf, loaded)
 
 
+def test_model_loaded_under_a_side_stream_is_ready_on_that_stream(models):
+    """The copies run on their own stream from a consuming thread; the caller's (thread-local) current stream must
+    still see every weight before its first kernel."""
+    hf, converted = models("llama")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        loaded = load_model(converted, device="cuda:0", tokenizer=False)
+        prompt = torch.tensor(PROMPT, device="cuda:0")
+        with torch.no_grad():
+            logits = loaded.model(prompt).logits
+    side.synchronize()
+    ref = reference(hf).to("cuda:0")
+    with torch.no_grad():
+        assert torch.equal(logits, ref(torch.tensor(PROMPT, device="cuda:0")).logits)
+
+
 def test_pinned_slots_are_page_aligned_and_locked():
     from hpcllm.store.cuda import pinned_slots
 
-    for slot in pinned_slots(3, 1 << 20):
-        assert slot.tensor.is_pinned() and slot.tensor.data_ptr() % 4096 == 0
-        assert len(slot.view) == 1 << 20
+    for size in (1 << 20, (1 << 20) + 4096 * 3):
+        for slot in pinned_slots(3, size):
+            assert slot.tensor.is_pinned() and slot.tensor.data_ptr() % 4096 == 0
+            assert len(slot.view) == size == slot.tensor.numel()
 
 
 def test_dram_tier_to_gpu(models, dram_tier):
