@@ -39,6 +39,20 @@ def build_skeleton(config, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def import_model_code(config) -> None:
+    """Import the modeling code of `config`'s causal-LM class now, so its cost can be told apart from the build.
+
+    For the first model of a process this imports transformers' whole modeling stack (torch._dynamo,
+    torch.distributed.tensor, sympy, ...): ~2.5 s on these machines, more than loading a small model.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        pass  # not a causal LM: build_skeleton raises transformers' own error
+
+
 class SkeletonCache:
     """Per-process templates: from the third skeleton for the same config on, it is cloned (~4 ms) instead of
     built (~20 ms). The first build costs nothing extra (one-off loads, the common case for a worker); the second
