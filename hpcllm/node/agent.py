@@ -114,7 +114,8 @@ class NodeAgent:
     def measure(self) -> TierMeasurements:
         node = self.config.node
         self.measurements = measure_tiers(self.nvme_dir, self.config.paths.models_dir, node.probe_bytes,
-                                          node.memcpy_probe_bytes, self.gpus.count)
+                                          node.memcpy_probe_bytes, self.gpus.count,
+                                          gpu_device=self.gpus.names[0] if self.gpus.count else None)
         m = self.measurements
         log.info("tiers of %s: nvme %s GB/s (%s), sharedfs %s GB/s, dram %s GB/s, h2d %s GB/s; %d GPUs (%s)",
                  self.node_id, *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.nvme,)),

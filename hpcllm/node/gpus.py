@@ -1,11 +1,15 @@
 """Which GPUs this node agent may hand to workers.
 
-Order of evidence: NVML (nvidia-ml-py, optional) where the driver is present; else what Slurm gave the job
-(CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS, SLURM_GPUS_ON_NODE: the dev cluster's fake GPUs live only there); else none.
-Inside a Slurm job CUDA_VISIBLE_DEVICES narrows NVML's count to the job's GPUs.
+What Slurm gave the job decides, NVML (nvidia-ml-py, optional) only confirms and counts:
+- CUDA_VISIBLE_DEVICES set: exactly those (capped to NVML's count where NVML exists). Set but empty, "NoDevFiles"
+  or starting with "-1": no GPU (CUDA itself then sees none; NVML would still list the whole node's).
+- else SLURM_JOB_GPUS, else SLURM_GPUS_ON_NODE (the dev cluster's fake GPUs live only in these variables);
+- else, inside a Slurm job (SLURM_JOB_ID set): no GPU. NVML ignores CUDA_VISIBLE_DEVICES and cgroups do not
+  always hide devices, so NVML would report GPUs that belong to other jobs;
+- else (outside Slurm) every GPU NVML counts; without NVML, none.
 
-Workers get GPUs by *agent index* 0..n-1; `visible_device_names()[i]` is what goes into the worker's
-CUDA_VISIBLE_DEVICES, so a worker only sees the GPUs of its instance.
+Workers get GPUs by *agent index* 0..n-1; `names[i]` is what goes into the worker's CUDA_VISIBLE_DEVICES, so a
+worker only sees the GPUs of its instance.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-NO_DEVICES = {"", "none", "nodevfiles", "-1"}
+NO_DEVICES = {"", "none", "nodevfiles"}
 
 
 @dataclass(frozen=True)
 class GpuInventory:
     names: tuple[str, ...]  # what CUDA_VISIBLE_DEVICES entries select each GPU (index = agent GPU id)
-    source: str  # "nvml", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE" or "none"
+    source: str  # "nvml", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE", "slurm-job" or "none"
 
     @property
     def count(self) -> int:
@@ -30,45 +34,61 @@ class GpuInventory:
 
 
 def _env_list(name: str, env: dict[str, str]) -> list[str] | None:
+    """The comma-separated list in env[name]; None when unset, [] when it says "no device"."""
     value = env.get(name)
-    if value is None or value.strip().lower() in NO_DEVICES:
+    if value is None:
         return None
-    return [part.strip() for part in value.split(",") if part.strip()]
+    if value.strip().lower() in NO_DEVICES:
+        return []
+    names = []
+    for part in (p.strip() for p in value.split(",")):
+        if part.startswith("-"):  # CUDA stops enumerating at the first invalid index ("-1" hides the rest)
+            break
+        if part:
+            names.append(part)
+    return names
 
 
 def _nvml_count() -> int | None:
+    """GPUs the driver knows on this node (all of them: NVML ignores CUDA_VISIBLE_DEVICES); None without NVML."""
     try:
-        import pynvml  # nvidia-ml-py
+        import pynvml  # the nvidia-ml-py package (the `gpu` extra); the old `pynvml` package wraps the same
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-    except Exception:  # NVMLError: no driver / library on this node
+    except (pynvml.NVMLError, OSError):  # no driver / libnvidia-ml on this node
         return None
     try:
         return int(pynvml.nvmlDeviceGetCount())
-    except Exception:
+    except pynvml.NVMLError:
         return None
     finally:
         try:
             pynvml.nvmlShutdown()
-        except Exception:
+        except pynvml.NVMLError:
             pass
 
 
 def detect_gpus(env: dict[str, str] | None = None, use_nvml: bool = True) -> GpuInventory:
     env = dict(os.environ) if env is None else env
-    visible = _env_list("CUDA_VISIBLE_DEVICES", env)
     nvml = _nvml_count() if use_nvml else None
-    if nvml is not None:
-        names = visible[:nvml] if visible is not None else [str(i) for i in range(nvml)]
-        return GpuInventory(tuple(names), "nvml")
+    visible = _env_list("CUDA_VISIBLE_DEVICES", env)
     if visible is not None:
+        if not visible:
+            return GpuInventory((), "none")  # hidden on purpose, whatever NVML lists
+        if nvml is not None:
+            return GpuInventory(tuple(visible[:nvml]), "nvml")
         return GpuInventory(tuple(visible), "CUDA_VISIBLE_DEVICES")
     job_gpus = _env_list("SLURM_JOB_GPUS", env)
-    if job_gpus is not None:
-        return GpuInventory(tuple(job_gpus), "SLURM_JOB_GPUS")
+    if job_gpus:
+        return GpuInventory(tuple(job_gpus[:nvml] if nvml is not None else job_gpus), "SLURM_JOB_GPUS")
     on_node = env.get("SLURM_GPUS_ON_NODE", "").strip()
     if on_node.isdigit() and int(on_node) > 0:
-        return GpuInventory(tuple(str(i) for i in range(int(on_node))), "SLURM_GPUS_ON_NODE")
+        count = int(on_node) if nvml is None else min(int(on_node), nvml)
+        return GpuInventory(tuple(str(i) for i in range(count)), "SLURM_GPUS_ON_NODE")
+    if env.get("SLURM_JOB_ID"):
+        return GpuInventory((), "slurm-job")  # the job has no GPU; the node's GPUs are other jobs'
+    if nvml:
+        return GpuInventory(tuple(str(i) for i in range(nvml)), "nvml")
     return GpuInventory((), "none")

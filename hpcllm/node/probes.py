@@ -6,7 +6,8 @@
   kernel to drop its pages (posix_fadvise DONTNEED) so the page cache does not flatter it; where the folder is
   read-only, the largest existing file there is read instead (a note says so);
 - dram: memcpy between two pre-touched page-aligned buffers (what a DRAM-tier load costs per byte at best);
-- h2d: pinned host -> GPU copy with torch.cuda, only when CUDA is available.
+- h2d: pinned host -> GPU copy with torch.cuda (timed with CUDA events), only when GPUs were found and CUDA is
+  available; in a child process, so the agent never holds a CUDA context.
 
 Each probe reads/copies `size` bytes in 16 MiB requests and reports GB/s (1e9 bytes/s) of the best of a few
 passes. Probe files are removed afterwards.
@@ -15,9 +16,12 @@ passes. Probe files are removed afterwards.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,24 +155,58 @@ def memcpy_bandwidth(size: int, passes: int = 3) -> ProbeResult:
     return ProbeResult(size / best / GB, "memcpy", size, best)
 
 
-def h2d_bandwidth(size: int, passes: int = 3) -> ProbeResult | None:
-    """Pinned host -> device copy bandwidth of GPU 0, or None without CUDA."""
+H2D_PROBE_TIMEOUT_S = 120.0
+
+
+def h2d_bandwidth(size: int, passes: int = 3, device: str | None = None,
+                  timeout_s: float = H2D_PROBE_TIMEOUT_S) -> ProbeResult | None:
+    """Pinned host -> GPU copy bandwidth of one GPU, or None where CUDA is not available.
+
+    Measured in a short-lived child process: a CUDA context (hundreds of MB of GPU memory, plus the caching
+    allocators' device and pinned buffers) created in the agent would stay for the agent's whole life on a GPU its
+    workers need, and on GPUs in EXCLUSIVE_PROCESS compute mode (common on HPC clusters) it would stop every worker
+    from opening that GPU at all. `device` is the CUDA_VISIBLE_DEVICES entry of the GPU to measure (the agent's
+    first GPU); None keeps the inherited environment (its first visible GPU). Raises RuntimeError when the child
+    fails (a broken driver): the caller notes it and goes on without the figure.
+    """
+    env = dict(os.environ)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    code = ("import json, sys; from hpcllm.node.probes import h2d_bandwidth_in_this_process as probe; "
+            "r = probe(int(sys.argv[1]), int(sys.argv[2])); print(json.dumps(r and r.__dict__))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(size), str(passes)], env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"the host-to-device probe took more than {timeout_s:.0f} s") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"the host-to-device probe process exited with status {done.returncode}: {tail}")
+    measured = json.loads(lines[-1])
+    return ProbeResult(**measured) if measured else None
+
+
+def h2d_bandwidth_in_this_process(size: int, passes: int = 3) -> ProbeResult | None:
+    """h2d_bandwidth's measurement, in the calling process (which keeps a CUDA context afterwards)."""
     try:
         import torch
     except ImportError:
         return None
     if not torch.cuda.is_available():
         return None
-    host = torch.empty(size, dtype=torch.uint8).pin_memory()
-    device = torch.empty(size, dtype=torch.uint8, device="cuda")
-    device.copy_(host, non_blocking=True)  # warm-up: context creation, first-touch of the mapping
+    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)  # page-locked from the start: no extra copy
+    target = torch.empty(size, dtype=torch.uint8, device="cuda")
+    target.copy_(host, non_blocking=True)  # warm-up: context, first touch of the mapping
     torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     best = float("inf")
     for _ in range(passes):
-        start = time.perf_counter()
-        device.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        start.record()
+        target.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)  # GPU time of the copy alone, milliseconds -> seconds
     best = max(best, 1e-9)
     return ProbeResult(size / best / GB, "pinned", size, best)
 
@@ -179,8 +217,9 @@ def cuda_may_exist(gpu_count: int) -> bool:
 
 
 def measure_tiers(nvme_dir: Path, models_dir: Path, probe_bytes: int, memcpy_bytes: int,
-                  gpu_count: int = 0) -> TierMeasurements:
-    """Measure every tier; a probe that fails is logged and left out (the controller then uses its defaults)."""
+                  gpu_count: int = 0, gpu_device: str | None = None) -> TierMeasurements:
+    """Measure every tier; a probe that fails is logged and left out (the controller then uses its defaults).
+    gpu_device: the CUDA_VISIBLE_DEVICES entry of the GPU whose host-to-device bandwidth is measured."""
     out = TierMeasurements()
     try:
         out.nvme = probe_folder(nvme_dir, probe_bytes, ODIRECT)
@@ -197,7 +236,7 @@ def measure_tiers(nvme_dir: Path, models_dir: Path, probe_bytes: int, memcpy_byt
     out.dram = memcpy_bandwidth(memcpy_bytes)
     if cuda_may_exist(gpu_count):
         try:
-            out.h2d = h2d_bandwidth(memcpy_bytes)
+            out.h2d = h2d_bandwidth(memcpy_bytes, device=gpu_device)
         except Exception as exc:  # a broken driver must not stop the agent from serving CPU models
             out.notes.append(f"host-to-device probe failed: {type(exc).__name__}: {exc}")
     for note in out.notes:

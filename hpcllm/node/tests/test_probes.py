@@ -49,9 +49,13 @@ def test_unreadable_shared_fs_is_left_out_rather_than_invented(tmp_path):
 @pytest.mark.parametrize("env, names, source", [
     ({"CUDA_VISIBLE_DEVICES": "0,1"}, ("0", "1"), "CUDA_VISIBLE_DEVICES"),
     ({"CUDA_VISIBLE_DEVICES": "2,3", "SLURM_JOB_GPUS": "2,3"}, ("2", "3"), "CUDA_VISIBLE_DEVICES"),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-5d1c,GPU-77aa"}, ("GPU-5d1c", "GPU-77aa"), "CUDA_VISIBLE_DEVICES"),
+    ({"CUDA_VISIBLE_DEVICES": "0,-1,1"}, ("0",), "CUDA_VISIBLE_DEVICES"),  # CUDA stops at the invalid index
     ({"SLURM_JOB_GPUS": "5"}, ("5",), "SLURM_JOB_GPUS"),
     ({"SLURM_GPUS_ON_NODE": "3"}, ("0", "1", "2"), "SLURM_GPUS_ON_NODE"),
     ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, (), "none"),
+    ({"CUDA_VISIBLE_DEVICES": ""}, (), "none"),
+    ({"SLURM_JOB_ID": "42"}, (), "slurm-job"),
     ({}, (), "none"),
 ])
 def test_gpus_from_slurm_environment(env, names, source):
@@ -59,14 +63,105 @@ def test_gpus_from_slurm_environment(env, names, source):
     assert (inv.names, inv.source, inv.count) == (names, source, len(names))
 
 
+@pytest.mark.parametrize("env, names, source", [
+    ({}, ("0", "1", "2", "3", "4", "5", "6", "7"), "nvml"),  # outside Slurm: every GPU of the machine
+    ({"CUDA_VISIBLE_DEVICES": "6,7"}, ("6", "7"), "nvml"),  # NVML ignores CUDA_VISIBLE_DEVICES: narrow by it
+    ({"CUDA_VISIBLE_DEVICES": ""}, (), "none"),  # hidden on purpose: none, though NVML lists 8
+    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles", "SLURM_JOB_ID": "7"}, (), "none"),
+    ({"SLURM_JOB_ID": "7"}, (), "slurm-job"),  # a job without GPUs on a GPU node: the 8 are other jobs'
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2,5"}, ("2", "5"), "SLURM_JOB_GPUS"),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7,8,9"}, tuple(str(i) for i in range(8)), "nvml"),
+])
+def test_nvml_counts_but_the_job_decides(env, names, source, monkeypatch):
+    """A node with 8 GPUs as NVML sees it (nvidia-ml-py's pynvml module, faked: no driver here)."""
+    import sys
+    import types
+
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError = type("NVMLError", (Exception,), {})
+    calls = []
+    fake.nvmlInit = lambda: calls.append("init")
+    fake.nvmlDeviceGetCount = lambda: 8
+    fake.nvmlShutdown = lambda: calls.append("shutdown")
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+
+    inv = detect_gpus(env)
+    assert (inv.names, inv.source) == (names, source)
+    assert calls == ["init", "shutdown"]
+
+
+def test_a_node_without_the_nvidia_driver_falls_back_to_slurm(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError = type("NVMLError", (Exception,), {})
+
+    def no_library():
+        raise fake.NVMLError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = no_library
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    inv = detect_gpus({"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_JOB_ID": "3"})
+    assert (inv.names, inv.source) == (("0", "1"), "CUDA_VISIBLE_DEVICES")
+
+
 def test_a_worker_sees_only_its_gpus():
     inv = detect_gpus({"CUDA_VISIBLE_DEVICES": "4,6,7"}, use_nvml=False)
     assert inv.visible_devices([0, 2]) == "4,7"
 
 
+def test_without_cuda_the_h2d_probe_reports_nothing_and_a_broken_probe_is_a_note(tmp_path, monkeypatch):
+    from hpcllm.node import probes
+
+    # Here torch is the CPU build: the child process finds no CUDA and the figure is left out, not invented.
+    m = measure_tiers(tmp_path / "nvme", tmp_path / "models", MiB, MiB, gpu_count=2, gpu_device="1")
+    assert m.h2d is None and not [n for n in m.notes if "host-to-device" in n]
+
+    def crashing(size, passes=3, device=None, timeout_s=0):
+        raise RuntimeError("the host-to-device probe process exited with status -11: Segmentation fault")
+
+    monkeypatch.setattr(probes, "h2d_bandwidth", crashing)
+    m = measure_tiers(tmp_path / "nvme", tmp_path / "models", MiB, MiB, gpu_count=2)
+    assert m.h2d is None and any("status -11" in n for n in m.notes)
+
+
 @pytest.mark.gpu
 def test_host_to_device_bandwidth_on_a_real_gpu():
+    """Needs a GPU machine. The probe reports a plausible figure for the GPU it was given, and the calling process
+    (the agent) neither imports torch nor holds a CUDA context afterwards (checked in a fresh process)."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    agent_like = ("import json, sys; from hpcllm.node.probes import h2d_bandwidth; r = h2d_bandwidth(64 << 20); "
+                  "print(json.dumps([r and r.__dict__, 'torch' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", agent_like], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    first, imported_torch = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first is not None and first["mode"] == "pinned" and first["bytes"] == 64 * MiB
+    assert 0.5 < first["read_gbps"] < 1000, first  # PCIe 3 x16 ~12 GB/s ... NVLink-C2C ~450 GB/s
+    assert not imported_torch
+
     from hpcllm.node.probes import h2d_bandwidth
 
-    result = h2d_bandwidth(4 * MiB)
-    assert result is not None and result.read_gbps > 0 and result.mode == "pinned"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    last_gpu = visible.split(",")[-1] if visible else str(torch.cuda.device_count() - 1)
+    last = h2d_bandwidth(16 * MiB, device=last_gpu)
+    assert last is not None and last.read_gbps > 0.5
+
+
+@pytest.mark.gpu
+def test_gpu_discovery_agrees_with_cuda_on_a_real_gpu():
+    """Needs a GPU machine (and nvidia-ml-py, the `gpu` extra): outside Slurm NVML counts what CUDA sees."""
+    pytest.importorskip("pynvml", reason="needs nvidia-ml-py (pip install -e '.[gpu]') for NVML discovery")
+    import torch
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    inv = detect_gpus(env)
+    assert inv.source == "nvml" and inv.count >= torch.cuda.device_count() >= 1
+    narrowed = detect_gpus({**env, "CUDA_VISIBLE_DEVICES": "0"})
+    assert narrowed.names == ("0",)
