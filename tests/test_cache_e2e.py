@@ -348,6 +348,7 @@ def test_lru_eviction_keeps_the_in_use_model_and_evict_removes_one_copy(cluster)
             # Not enough space: small-x does not fit even after evicting every copy not in use.
             full = cluster.cli("cache", "warm", BIG, "--nodes", node)
             assert_clean_error(full, f"node {node}", "needs", "capacity", in_use)
+            assert full.returncode == 4
             assert set(cluster.copies(node)) == {in_use, newer, incoming}
 
             refused = cluster.cli("cache", "evict", in_use, "--node", node, "--tier", "nvme")
@@ -369,9 +370,11 @@ def test_clear_errors_for_unknown_model_unknown_node_and_node_down(cluster):
     cluster.ensure_cached("n1", TINY[0])
     unknown_model = cluster.cli("cache", "warm", "no-such-model", "--nodes", "n1")
     assert_clean_error(unknown_model, "no-such-model", "not deployed")
+    assert unknown_model.returncode == 4  # CacheError's exit code, as for every error below
 
     unknown_node = cluster.cli("cache", "warm", TINY[1], "--nodes", "n[1,9]")
     assert_clean_error(unknown_node, "n9", "no registered agent")
+    assert unknown_node.returncode == 4
     unknown_node_mpi = cluster.cli("cache", "warm", TINY[1], "--nodes", "n9", "--mpi")
     assert_clean_error(unknown_node_mpi, "n9", "Invalid node name")
 
@@ -382,6 +385,7 @@ def test_clear_errors_for_unknown_model_unknown_node_and_node_down(cluster):
     wait_for(lambda: not _answers(url), 30, "n4's agent to die")
     warm_down = cluster.cli("cache", "warm", TINY[1], "--nodes", "n[3-4]")
     assert_clean_error(warm_down, "n4", "not reachable")
+    assert warm_down.returncode == 4
     listing = cluster.cli("cache", "ls")
     assert listing.returncode == 0 and "n4" in listing.stderr and "not reachable" in listing.stderr
     assert "n1" in listing.stdout and TINY[0] in listing.stdout  # the live nodes are still listed

@@ -26,6 +26,7 @@ from hpcllm.node.mpiwarm import RESULT_PREFIX
 from hpcllm.httpjson import request_json
 
 SECRET_HEADER = "X-Hpcllm-Secret"
+LIVE_NODE_STATES = ("up", "draining")  # the controller's other states: lost (silent agent), gone (job ended)
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                              help="hpcllm config file (default: $HPCLLM_CONFIG, else built-in defaults).")
 url_option = click.option("--url", "controller_url", default=None,
@@ -95,12 +96,17 @@ class Cluster:
             found = [Agent(self._node_of(url), url) for url in self.agent_urls]
             return [a for a in found if nodes is None or a.node in nodes] or _no_agents(nodes, found)
         known = {n["node_id"]: n for n in self.status().get("nodes", [])}
-        if nodes is None:
-            return [Agent(name, n["agent_url"]) for name, n in sorted(known.items())]
+        if nodes is None:  # every node whose agent is alive; nodes that left are history, not errors
+            return [Agent(name, n["agent_url"]) for name, n in sorted(known.items()) if _live(n)]
         missing = [n for n in nodes if n not in known]
         if missing:
             raise CacheError(f"node(s) {', '.join(missing)} have no registered agent (the controller knows "
                              f"{', '.join(sorted(known)) or 'no nodes'}); start `hpcllm node` there or use --agent-url")
+        down = [n for n in nodes if not _live(known[n])]
+        if down:
+            raise NodeUnreachable("; ".join(f"node {n}'s agent is down (the controller marks it "
+                                            f"{known[n].get('state')}{_silent_for(known[n], self.status())})"
+                                            for n in down) + "; start `hpcllm node` there")
         return [Agent(n, known[n]["agent_url"]) for n in nodes]
 
     def _node_of(self, url: str) -> str:
@@ -122,6 +128,15 @@ class Cluster:
             raise UnknownModel(f"model {model!r} is not deployed (deployed: {', '.join(sorted(models)) or 'none'}); "
                                f"deploy it or pass --source PATH of its converted checkpoint")
         return models[model]["source"]
+
+
+def _live(node: dict) -> bool:
+    return node.get("state", "up") in LIVE_NODE_STATES
+
+
+def _silent_for(node: dict, status: dict) -> str:
+    last, now = node.get("last_heartbeat"), status.get("now")
+    return f", no heartbeat for {now - last:.0f} s" if last and now else ""
 
 
 def _no_agents(nodes, found):

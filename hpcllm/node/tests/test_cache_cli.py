@@ -52,3 +52,25 @@ def test_mpi_warm_refuses_a_job_scoped_nvme_folder(capsys, tmp_path):
                  "--nvme-dir-template", "/scratch/%j/nvme"])
     err = capsys.readouterr().err
     assert code != 0 and "job-scoped" in err and "without --mpi" in err and "Traceback" not in err
+
+
+def test_nodes_the_controller_lost_are_skipped_by_ls_and_named_when_asked_for(capsys, monkeypatch):
+    """The controller keeps nodes whose agent stopped (lost) or whose job ended (gone): `cache ls` lists the live
+    ones without warnings about history, and naming a dead node says so instead of trying its old URL."""
+    from hpcllm.node import cache_cli
+
+    dead_url = f"http://127.0.0.1:{_free_port()}"
+    status = {"now": 1000.0, "models": [], "nodes": [
+        {"node_id": "n1", "state": "gone", "agent_url": dead_url, "last_heartbeat": 400.0},
+        {"node_id": "n2", "state": "lost", "agent_url": dead_url, "last_heartbeat": 955.0},
+    ]}
+    monkeypatch.setattr(cache_cli.Cluster, "status", lambda self: status)
+
+    assert main(["cache", "ls"]) == 0
+    captured = capsys.readouterr()
+    assert "no cached copies" in captured.out and "not reachable" not in captured.err
+
+    code = main(["cache", "verify", "--node", "n2"])
+    err = capsys.readouterr().err
+    assert code == 4 and "node n2's agent is down (the controller marks it lost, no heartbeat for 45 s)" in err
+    assert err.count("error:") == 1 and "Traceback" not in err
