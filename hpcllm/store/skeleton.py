@@ -276,6 +276,12 @@ def _materialize_and_check(model, modules: dict[str, nn.Module]) -> list[str]:
     return missing
 
 
+def materialize_missing_buffers(model) -> list[str]:
+    """For models filled by other means (load_state_dict(assign=True) after build_skeleton): compute the buffers a
+    checkpoint does not hold, as attach does; returns the names of parameters still on meta."""
+    return _materialize_and_check(model, dict(model.named_modules()))
+
+
 def _set_eval(model, modules) -> None:
     """model.eval() without its recursive walk (~2 ms for 300 modules): set `training` on every module directly,
     unless a module overrides train() (then its own eval runs, as from_pretrained's would)."""
