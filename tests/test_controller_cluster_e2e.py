@@ -159,11 +159,26 @@ def test_on_demand_allocation_serves_two_models_then_scales_to_zero(backend, req
         ctl = (base / "controller.log").read_text()[-3000:] if (base / "controller.log").exists() else ""
         raise AssertionError(f"{exc}\n--- controller.log\n{ctl}{logs}") from None
     finally:
-        for job in job_ids:
-            slurm_cluster.run("scancel", job, check=False)
+        cancel_and_wait(slurm_cluster, job_ids)
         for folder in Path("/dev/shm").glob(f"hpcllm-{base.name}-*"):
             shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def cancel_and_wait(slurm_cluster, job_ids: set[str], timeout: float = 60) -> None:
+    """scancel, then wait until the jobs left the queue: agents still shutting down would recreate their cache
+    folders under a test folder removed meanwhile."""
+    for job in job_ids:
+        slurm_cluster.run("scancel", job, check=False)
+
+    def gone():
+        live = slurm_cluster.run("squeue", "-h", "--states=PD,CF,R,CG", "-o", "%i", check=False).stdout.split()
+        return not job_ids & set(live)
+
+    try:
+        wait_for(gone, timeout, f"jobs {sorted(job_ids)} to leave the queue")
+    except AssertionError as exc:
+        print(f"warning: {exc}")  # cleanup only: the test's own outcome stands
 
 
 def placements(log_path: Path) -> dict[str, dict]:
@@ -238,8 +253,7 @@ def test_each_model_starts_on_the_one_node_of_three_caching_it(slurm_cluster, ti
         ctl = (base / "controller.log").read_text()[-3000:] if (base / "controller.log").exists() else ""
         raise AssertionError(f"{exc}\n--- controller.log\n{ctl}{logs}") from None
     finally:
-        if job_id is not None:
-            backend.cancel(job_id)
+        cancel_and_wait(slurm_cluster, {job_id} if job_id else set())
         for folder in Path("/dev/shm").glob(f"hpcllm-{base.name}-*"):
             shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)

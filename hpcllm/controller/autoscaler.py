@@ -163,6 +163,8 @@ class Autoscaler:
                 if alloc.idle_since is not None:
                     self.registry.update_allocation(alloc.job_id, idle_since=None)
                 continue
+            if not self._nodes_of(alloc) and now - (alloc.started_at or now) < self.settings.node_timeout_seconds:
+                continue  # its agent is still starting (not registered yet): not idle, unless it never registers
             if alloc.idle_since is None:
                 self.registry.update_allocation(alloc.job_id, idle_since=now)
             elif now - alloc.idle_since >= self.settings.allocation_keep_alive_seconds:

@@ -1,0 +1,27 @@
+"""Node-level keep-alive: an allocation's idle clock starts once its agent could serve, not when Slurm starts the
+job (the agent needs seconds to start and register; a short keep-alive must not cancel it before that)."""
+
+from __future__ import annotations
+
+
+def test_allocation_whose_agent_is_still_starting_is_not_idle(make_harness):
+    h = make_harness(allocation_keep_alive_seconds=3, node_timeout_seconds=30)
+    h.deploy("m")
+    job = h.controller.route("m").job_id
+    h.backend.start(job, "n2", h.clock.now)
+    for _ in range(5):  # 10 s running in Slurm, agent not registered yet
+        assert ("cancel_idle_allocation", job) not in h.tick(2).kinds()
+    assert h.registry.get_allocation(job).state == "running"
+    h.register("n2", job=job)
+    h.tick()
+    assert h.registry.instances(node_id="n2"), "the waiting demand starts the model on the new node"
+
+
+def test_allocation_whose_agent_never_registers_is_released(make_harness):
+    h = make_harness(allocation_keep_alive_seconds=3, node_timeout_seconds=30)
+    h.deploy("m")
+    job = h.controller.route("m").job_id
+    h.backend.start(job, "n2", h.clock.now)
+    h.tick()
+    kinds = [k for _ in range(20) for k in h.tick(2).kinds()]  # 40 s: past node_timeout + keep-alive
+    assert ("cancel_idle_allocation", job) in kinds
