@@ -263,10 +263,9 @@ def _materialize_and_check(model, modules: dict[str, nn.Module]) -> list[str]:
             pending.append((module, meta))
     if not pending:
         return missing
-    for module in modules.values():  # loaded tensors: _init_weights must leave them alone
-        for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is not None:
-                tensor._is_hf_initialized = True
+    for module, _ in pending:  # what _init_weights(module) can reach: loaded tensors must be left alone
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor._is_hf_initialized = True
     for module, meta in pending:
         for attr in meta:
             module._buffers[attr] = torch.empty_like(module._buffers[attr], device="cpu")
