@@ -22,6 +22,7 @@ from hpcllm.worker.protocol import (
     CANCEL_PATH,
     EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
+    HELD_MIGRATION_PATH,
     MIGRATE_ALL_PATH,
     MIGRATE_REQUEST_PATH,
     PREPARE_MIGRATION_PATH,
@@ -194,6 +195,11 @@ class WorkerClient:
     def attach(self, request_id: str, from_index: int) -> GenerationStream:
         """Destination: release a held request and stream it from output index from_index (like generate)."""
         return self._stream(ATTACH_MIGRATION_PATH.format(request_id=request_id), AttachMigration(from_index=from_index))
+
+    def drop_migration(self, request_id: str) -> RequestTokens:
+        """Destination: drop a held request that will not be attached (409 if the id is not a held request)."""
+        response = self._request("DELETE", HELD_MIGRATION_PATH.format(request_id=request_id))
+        return RequestTokens.model_validate_json(response.content)
 
     def migrate(
         self, request_id: str, body: MigrateRequest, timeout: float | None = MIGRATION_CALL_TIMEOUT

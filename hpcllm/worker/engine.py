@@ -402,6 +402,12 @@ class Engine:
             self._lock.notify_all()
         return RequestStream(self, req)
 
+    def drop_held(self, request_id: str, timeout: float = 60.0) -> RequestTokens:
+        """Cancel a held request (a migration that will not be attached); other requests are never touched."""
+        with self._lock:
+            self._held(request_id)
+            return self.cancel(request_id, wait=True, timeout=timeout)
+
     def _held(self, request_id: str) -> _Request:
         req = self._lookup(request_id)
         if req.state == "finished":

@@ -113,8 +113,8 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secre
 
 def _drop_held(destination: WorkerClient, request_id: str) -> None:
     try:
-        destination.cancel(request_id)
-    except WorkerError as exc:  # unreachable or already gone: it expires after hold_seconds anyway
+        destination.drop_migration(request_id)
+    except WorkerError as exc:  # unreachable, refused or not held: a held request expires after hold_seconds
         log.info("could not drop held request %s on %s: %s", request_id, destination.base_url, exc)
 
 

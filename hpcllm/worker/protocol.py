@@ -19,6 +19,8 @@ CANCEL_PATH = "/v1/internal/requests/{request_id}/cancel"
 PREPARE_MIGRATION_PATH = "/v1/internal/migrations/prepare"
 EXTEND_MIGRATION_PATH = "/v1/internal/migrations/{request_id}/extend"
 ATTACH_MIGRATION_PATH = "/v1/internal/migrations/{request_id}/attach"
+# DELETE: drop a held request (only a held one: a live request that merely shares the id is never touched).
+HELD_MIGRATION_PATH = "/v1/internal/migrations/{request_id}"
 # On the source: move one running request, or all of them (node drain), to a destination worker.
 MIGRATE_REQUEST_PATH = "/v1/internal/requests/{request_id}/migrate"
 MIGRATE_ALL_PATH = "/v1/internal/migrate"

@@ -36,6 +36,7 @@ from hpcllm.worker.protocol import (
     CANCEL_PATH,
     EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
+    HELD_MIGRATION_PATH,
     MIGRATE_ALL_PATH,
     MIGRATE_REQUEST_PATH,
     NDJSON_MEDIA_TYPE,
@@ -209,6 +210,10 @@ def create_app(service: WorkerService) -> Flask:
     def attach_migration(request_id: str):
         body = _parse_body(AttachMigration)
         return ndjson_response(ready_engine().attach(request_id, body.from_index))
+
+    @app.delete(_route(HELD_MIGRATION_PATH))
+    def drop_migration(request_id: str):
+        return Response(ready_engine().drop_held(request_id).model_dump_json(), mimetype="application/json")
 
     @app.post(_route(MIGRATE_REQUEST_PATH))
     def migrate_one(request_id: str):

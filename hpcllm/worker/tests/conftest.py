@@ -1,14 +1,21 @@
-"""Worker test fixtures: the devmodels tiny models (root conftest's tiny_models), loaded once per session."""
+"""Worker test fixtures: the devmodels tiny models (root conftest's tiny_models), loaded once per session, and
+real worker servers (the worker's Flask app on werkzeug's threaded server) in threads."""
 
 from __future__ import annotations
 
 import functools
+import threading
+import time
 
 import pytest
+from werkzeug.serving import make_server
 
 from hpcllm.devmodels import ARCHITECTURES
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.server import ModelForServing, WorkerService, create_app
 
 ARCHS = list(ARCHITECTURES)
+SECRET = "s3cret"
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +34,64 @@ def load_pair(model_dirs):
         return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
     return load
+
+
+class RunningWorker:
+    def __init__(self, service: WorkerService):
+        self.service = service
+        self.server = make_server("127.0.0.1", 0, create_app(service), threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.client = WorkerClient(self.url, SECRET, read_timeout=60)
+
+    def stop(self):
+        self.client.close()
+        self.server.shutdown()
+        self.server.server_close()
+        self.service.shutdown()
+
+
+@pytest.fixture
+def start_worker():
+    workers = []
+
+    def start(pair=None, loader=None, **engine_options) -> RunningWorker:
+        service = WorkerService("tiny-llama", SECRET, keepalive_seconds=0.2, **engine_options)
+        if pair is not None:
+            service.attach(ModelForServing(*pair, tier="test", load_seconds=0.5))
+        if loader is not None:
+            service.load_in_background(loader)
+        worker = RunningWorker(service)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def wait_until(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def slow_down(engine, seconds_per_step):
+    """Make every engine step take a while, so a request is reliably still running when the test acts.
+    Returns a function that restores the engine's speed."""
+    forward = engine._forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(seconds_per_step)
+        return forward(*args, **kwargs)
+
+    engine._forward = slow_forward
+
+    def restore() -> None:
+        engine._forward = forward
+
+    return restore

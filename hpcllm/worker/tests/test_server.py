@@ -1,71 +1,15 @@
 import threading
-import time
 
 import httpx
 import pytest
-from werkzeug.serving import make_server
 
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import SECRET_HEADER, FinalLine, GenerateRequest, TokenLine
-from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+from hpcllm.worker.server import ModelForServing
 
-SECRET = "s3cret"
+from .conftest import SECRET, slow_down, wait_until
+
 PROMPT = "hello world, this"
-
-
-class RunningWorker:
-    def __init__(self, service: WorkerService):
-        self.service = service
-        self.server = make_server("127.0.0.1", 0, create_app(service), threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.client = WorkerClient(self.url, SECRET, read_timeout=60)
-
-    def stop(self):
-        self.client.close()
-        self.server.shutdown()
-        self.server.server_close()
-        self.service.shutdown()
-
-
-@pytest.fixture
-def start_worker():
-    workers = []
-
-    def start(pair=None, loader=None, **engine_options) -> RunningWorker:
-        service = WorkerService("tiny-llama", SECRET, keepalive_seconds=0.2, **engine_options)
-        if pair is not None:
-            service.attach(ModelForServing(*pair, tier="test", load_seconds=0.5))
-        if loader is not None:
-            service.load_in_background(loader)
-        worker = RunningWorker(service)
-        workers.append(worker)
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.stop()
-
-
-def wait_until(condition, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def slow_down(engine, seconds_per_step):
-    """Make every engine step take a while, so a request is reliably still running when the test acts."""
-    forward = engine._forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(seconds_per_step)
-        return forward(*args, **kwargs)
-
-    engine._forward = slow_forward
 
 
 def test_streaming_generate_matches_the_engine(load_pair, start_worker):

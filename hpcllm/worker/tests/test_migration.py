@@ -1,0 +1,289 @@
+"""Token-based live migration between two real workers (HTTP, tiny Llama): rounds, hand-over, attach, failures.
+
+Each test compares against an uninterrupted run of the same request: a migrated generation must produce exactly
+the same tokens and text, with every output index delivered once (source stream, then the attach stream).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from hpcllm.worker.client import WorkerError
+from hpcllm.worker.engine import EngineUnavailable
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigrateRequest, PrepareMigration, TokenLine
+
+from .conftest import slow_down, wait_until
+
+GREEDY = dict(temperature=0.0)
+SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234)
+# A prompt long enough that a destination prefilling 4 tokens per step needs many steps.
+LONG_PROMPT = [(7 * i) % 300 + 5 for i in range(120)]
+
+
+@pytest.fixture
+def pair(load_pair):
+    return load_pair("llama")
+
+
+def body(request_id: str, **fields) -> GenerateRequest:
+    fields.setdefault("prompt", "hello world, this")
+    fields.setdefault("ignore_eos", True)
+    return GenerateRequest(request_id=request_id, **fields)
+
+
+def uninterrupted(worker, request: GenerateRequest) -> list[TokenLine]:
+    """The reference: the same request run to the end on one worker, as token lines."""
+    with worker.client.generate(request.model_copy(update={"request_id": request.request_id + "-ref"})) as stream:
+        return [line for line in stream if isinstance(line, TokenLine)]
+
+
+def read_until(lines, count: int) -> list[TokenLine]:
+    got = []
+    for line in lines:
+        assert isinstance(line, TokenLine), line
+        got.append(line)
+        if len(got) == count:
+            return got
+    raise AssertionError("stream ended early")
+
+
+def finish_through_attach(source_lines, destination) -> tuple[list[TokenLine], FinalLine, FinalLine]:
+    """Read the source stream to its final line, attach on the destination it names, read that to the end."""
+    from_source = [line for line in source_lines]
+    source_final = from_source.pop()
+    assert isinstance(source_final, FinalLine) and source_final.finish_reason == "migrated", source_final
+    moved = source_final.migrated_to
+    assert moved is not None and moved.worker_url == destination.url
+    with destination.client.attach(moved.request_id, moved.from_index) as stream:
+        from_destination = list(stream)
+    final = from_destination.pop()
+    return from_source + from_destination, source_final, final
+
+
+def assert_same_generation(received: list[TokenLine], reference: list[TokenLine]) -> None:
+    assert [line.index for line in received] == list(range(len(reference))), "a token was lost or repeated"
+    assert [line.token_id for line in received] == [line.token_id for line in reference]
+    assert "".join(line.text for line in received) == "".join(line.text for line in reference)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_worker, sampling):
+    source, destination = start_worker(pair), start_worker(pair)
+    request = body("live", max_tokens=40, stop=["zzz"], **sampling)
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.01)  # still decoding when the migration runs
+
+    stream = source.client.generate(request)
+    lines = iter(stream)
+    first = read_until(lines, 5)
+    result = source.client.migrate("live", MigrateRequest(destination_url=destination.url))
+    rest, source_final, final = finish_through_attach(lines, destination)
+    received = first + rest
+
+    assert_same_generation(received, reference)
+    assert final.finish_reason == "length" and final.usage.completion_tokens == 40
+    assert source_final.migrated_to.from_index == result.output_tokens_at_handover >= 5
+    assert result.rounds == len(result.tokens_per_round) >= 2
+    prompt_tokens = len(source.service.engine.tokens("live").prompt_token_ids)
+    assert result.tokens_per_round[0] >= prompt_tokens + 5  # round 1: the prompt and the output so far
+    assert result.tokens_per_round[0] - prompt_tokens + sum(result.tokens_per_round[1:]) == result.output_tokens_at_handover
+    assert source.service.engine.tokens("live").finish_reason == "migrated"
+    assert source.service.engine.counts() == (0, 0)
+
+
+def test_rounds_shrink_while_the_source_decodes_during_a_slow_prefill(pair, start_worker):
+    source = start_worker(pair)
+    destination = start_worker(pair, prefill_chunk_tokens=4)
+    request = body("long", prompt=None, prompt_token_ids=LONG_PROMPT, max_tokens=200, **SEEDED)
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.01)
+    # 30 prefill steps of 4 tokens: the source decodes meanwhile.
+    restore_destination = slow_down(destination.service.engine, 0.02)
+
+    stream = source.client.generate(request)
+    lines = iter(stream)
+    first = read_until(lines, 3)
+    result = source.client.migrate("long", MigrateRequest(destination_url=destination.url, handover_tokens=2))
+    restore_destination()
+    rest, _, final = finish_through_attach(lines, destination)
+
+    assert_same_generation(first + rest, reference)
+    assert final.finish_reason == "length"
+    assert result.rounds >= 3, result
+    assert result.tokens_per_round[1] > 2  # the source kept decoding during the first prefill
+    initial_output = result.tokens_per_round[0] - len(LONG_PROMPT)
+    assert initial_output >= 3
+    assert initial_output + sum(result.tokens_per_round[1:]) == result.output_tokens_at_handover
+    assert result.handover_seconds < result.total_seconds
+
+
+def test_migrate_all_moves_every_running_and_waiting_request(pair, start_worker):
+    source = start_worker(pair, max_running_requests=2)
+    destination = start_worker(pair)
+    requests = [
+        body("a", max_tokens=40, **GREEDY),
+        body("b", prompt="the quick brown", max_tokens=40, **SEEDED),
+        body("c", prompt="🙂 日本語", max_tokens=30, **GREEDY),  # waits for a slot on the source
+    ]
+    references = [uninterrupted(source, r) for r in requests]
+    slow_down(source.service.engine, 0.01)
+    streams = [iter(source.client.generate(r)) for r in requests]
+    firsts = [read_until(streams[0], 2), read_until(streams[1], 2), []]
+    assert source.service.engine.counts() == (2, 1)
+
+    result = source.client.migrate_all(MigrateRequest(destination_url=destination.url))
+
+    assert sorted(m.request_id for m in result.migrated) == ["a", "b", "c"] and result.failed == []
+    for first, lines, reference in zip(firsts, streams, references):
+        rest, _, final = finish_through_attach(lines, destination)
+        assert_same_generation(first + rest, reference)
+        assert final.finish_reason == "length"
+    assert source.service.engine.counts() == (0, 0)
+    assert source.client.migrate_all(MigrateRequest(destination_url=destination.url)).migrated == []
+
+
+def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, start_worker):
+    source, destination = start_worker(pair), start_worker(pair)
+    request = body("stay", max_tokens=40, **SEEDED)
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.01)
+    slow_down(destination.service.engine, 0.01)
+    # The destination already runs a request with this id, so its prepare answers 409.
+    occupying = destination.client.generate(body("stay", max_tokens=200))
+    occupying_lines = iter(occupying)
+    next(occupying_lines)
+
+    stream = source.client.generate(request)
+    lines = iter(stream)
+    received = read_until(lines, 3)
+    with pytest.raises(WorkerError) as down:
+        source.client.migrate("stay", MigrateRequest(destination_url="http://127.0.0.1:9", timeout_seconds=5))
+    assert down.value.status == 502 and "127.0.0.1:9" in str(down.value)
+    with pytest.raises(WorkerError) as refused:
+        source.client.migrate("stay", MigrateRequest(destination_url=destination.url))
+    assert refused.value.status == 502 and "already in progress" in str(refused.value)
+
+    rest = list(lines)
+    final = rest.pop()
+    assert final.finish_reason == "length"
+    assert_same_generation(received + rest, reference)
+    assert destination.service.engine.tokens("stay").state == "running"  # the destination's own request is fine
+    occupying.close()
+
+
+def test_a_failure_after_the_pause_resumes_the_source_exactly(pair, start_worker):
+    source, destination = start_worker(pair), start_worker(pair)
+    request = body("pausing", max_tokens=40, **SEEDED)
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.01)
+
+    def extend_fails(*args, **kwargs):
+        raise EngineUnavailable("destination shutting down")
+
+    destination.service.engine.extend = extend_fails
+    stream = source.client.generate(request)
+    lines = iter(stream)
+    received = read_until(lines, 4)
+    with pytest.raises(WorkerError) as failed:
+        # A huge handover_tokens makes round 2 the hand-over: the source pauses, then the extend fails.
+        source.client.migrate("pausing", MigrateRequest(destination_url=destination.url, handover_tokens=10_000))
+    assert failed.value.status == 502 and "shutting down" in str(failed.value)
+
+    rest = list(lines)
+    assert rest.pop().finish_reason == "length"
+    assert_same_generation(received + rest, reference)
+    # The held request on the destination was dropped.
+    assert destination.service.engine.tokens("pausing").state == "finished"
+    assert destination.service.engine.counts() == (0, 0)
+
+
+def test_migrating_an_unknown_or_finished_request_is_refused(pair, start_worker):
+    source, destination = start_worker(pair), start_worker(pair)
+    target = MigrateRequest(destination_url=destination.url)
+    with pytest.raises(WorkerError) as unknown:
+        source.client.migrate("nobody", target)
+    assert unknown.value.status == 404
+    with source.client.generate(body("done", max_tokens=3)) as stream:
+        list(stream)
+    with pytest.raises(WorkerError) as finished:
+        source.client.migrate("done", target)
+    assert finished.value.status == 409 and "already finished" in str(finished.value)
+
+
+def test_held_request_extend_attach_and_their_errors(pair, start_worker):
+    source, destination = start_worker(pair), start_worker(pair)
+    request = body("held", max_tokens=30, **SEEDED)
+    reference = uninterrupted(source, request)
+    prompt = destination.service.engine.tokenize_prompt(request)
+    resume = [line.token_id for line in reference[:5]]
+    prepare = PrepareMigration(
+        request_id="held",
+        generate=request.model_copy(update={"prompt": None, "prompt_token_ids": prompt, "resume_token_ids": resume}),
+    )
+
+    prepared = destination.client.prepare_migration(prepare)
+    assert prepared.cached_tokens == len(prompt) + 5
+    assert destination.service.engine.tokens("held").state == "held"
+    with pytest.raises(WorkerError) as duplicate:
+        destination.client.prepare_migration(prepare)
+    assert duplicate.value.status == 409
+    extended = destination.client.extend_migration("held", [line.token_id for line in reference[5:9]], wait=True)
+    assert (extended.cached_tokens, extended.output_tokens) == (len(prompt) + 9, 9)
+    with pytest.raises(WorkerError) as wrong_index:
+        destination.client.attach("held", 5)
+    assert wrong_index.value.status == 409 and "9 output tokens" in str(wrong_index.value)
+    with pytest.raises(WorkerError) as unknown:
+        destination.client.extend_migration("nobody", [1])
+    assert unknown.value.status == 404
+    with pytest.raises(WorkerError) as unknown_attach:
+        destination.client.attach("nobody", 0)
+    assert unknown_attach.value.status == 404
+
+    with destination.client.attach("held", 9) as stream:
+        rest = list(stream)
+    assert rest.pop().finish_reason == "length"
+    assert_same_generation(reference[:9] + rest, reference)
+    with pytest.raises(WorkerError) as again:
+        destination.client.attach("held", 30)
+    assert again.value.status == 409
+
+
+def test_held_requests_expire_and_refuse_ending_tokens(pair, start_worker):
+    worker = start_worker(pair)
+    engine = worker.service.engine
+    generate = GenerateRequest(request_id="brief", prompt_token_ids=[5, 6, 7], max_tokens=10)
+    worker.client.prepare_migration(PrepareMigration(request_id="brief", generate=generate, hold_seconds=0.3))
+    assert engine.counts() == (1, 0)  # the held request keeps its slot and KV cache ...
+    assert wait_until(lambda: engine.tokens("brief").state == "finished", timeout=5)
+    assert engine.counts() == (0, 0)  # ... until it expires
+    with pytest.raises(WorkerError) as expired:
+        worker.client.attach("brief", 0)
+    assert expired.value.status == 409 and "hold_seconds" in str(expired.value)
+
+    eos = sorted(engine.eos_token_ids)[0]
+    ending = generate.model_copy(update={"request_id": "ending"})
+    worker.client.prepare_migration(PrepareMigration(request_id="ending", generate=ending))
+    with pytest.raises(WorkerError) as stops:
+        worker.client.extend_migration("ending", [8, eos])
+    assert stops.value.status == 400 and "ends the generation" in str(stops.value)
+    assert engine.tokens("ending").state == "finished" and engine.counts() == (0, 0)
+
+
+def test_a_held_request_waiting_for_a_slot_is_prefilled_once_admitted(pair, start_worker):
+    worker = start_worker(pair, max_running_requests=1)
+    slow_down(worker.service.engine, 0.01)
+    busy = iter(worker.client.generate(body("busy", max_tokens=30)))
+    next(busy)
+    generate = GenerateRequest(request_id="queued", prompt_token_ids=[5, 6, 7], max_tokens=10)
+    answer: list = []
+    thread = threading.Thread(target=lambda: answer.append(
+        worker.client.prepare_migration(PrepareMigration(request_id="queued", generate=generate))))
+    thread.start()
+    assert wait_until(lambda: worker.service.engine.counts() == (1, 1))
+    assert not answer  # no answer while it cannot even start prefilling
+    list(busy)
+    thread.join(20)
+    assert answer and answer[0].cached_tokens == 3
+    assert worker.service.engine.tokens("queued").state == "held"
