@@ -25,6 +25,9 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
+# Client-visible gap of a live migration: a few ms (hand-over of a couple of tokens) up to a whole re-prefill.
+PAUSE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                 30.0)
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0)
 
 
@@ -78,6 +81,14 @@ class GatewayMetrics:
             "hpcllm_request_resumes",
             "Generations moved to another instance after theirs went away mid-stream (token-based migration).",
             model, registry=reg)
+        self.migrations = Counter(
+            "hpcllm_request_migrations",
+            "Generations that went on on another instance through live migration (attached to the destination).",
+            model, registry=reg)
+        self.migration_pause = Histogram(
+            "hpcllm_migration_pause_seconds",
+            "Seconds between the last token from a live migration's source and the first from its destination.",
+            model, buckets=PAUSE_BUCKETS, registry=reg)
         self.model_load_seconds = Histogram(
             "hpcllm_model_load_seconds", "Seconds a model instance took to load, by storage tier.",
             ["tier"], buckets=LOAD_BUCKETS, registry=reg)

@@ -5,7 +5,9 @@ become an HTTP error - the token-limit reservation, routing (which may wait for 
 first worker stream - so the endpoint answers 4xx/5xx with a proper status instead of a broken stream. `deltas()`
 then yields text as the worker produces it, choice after choice. If a worker goes away mid-generation (it was
 drained, preempted or died) the generation resumes on another instance from the tokens already received
-(token-based migration: the worker's `resume_token_ids`), so the client sees one uninterrupted answer.
+(token-based migration: the worker's `resume_token_ids`), so the client sees one uninterrupted answer. A worker that
+live-migrated the generation (docs/migration.md) ends its stream with finish_reason "migrated" and names the
+destination: the gateway attaches there from the index it has delivered, falling back to resuming if that fails.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from hpcllm.gateway.errors import ApiError, InternalError, InvalidRequest, Servi
 from hpcllm.gateway.protocol import SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_generation
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
+from hpcllm.worker.client import WorkerError
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_RESUMES = 2
 # Attempts to open a generation when the routed worker refuses or is unreachable (routing again each time).
 OPEN_ATTEMPTS = 3
+# Live migrations one choice may follow (a request moved again and again would be a controller bug).
+MAX_MIGRATIONS = 16
 
 
 @dataclass
@@ -94,6 +99,8 @@ class Generation:
         self._endpoint: Endpoint | None = None
         self._stream: WorkerStream | None = None
         self._first_token_seen = False
+        self._last_token_at: float | None = None  # of the current choice, across streams
+        self._migration_pause_from: float | None = None  # set when attached; the next token ends the pause
         self._closed = False
 
     @property
@@ -166,7 +173,8 @@ class Generation:
 
     def _run_choice(self, index: int) -> Iterator[Delta]:
         output_ids: list[int] = []
-        resumes = 0
+        resumes = migrations = 0
+        self._last_token_at = None
         running = self.gw.metrics.num_requests_running.labels(self.model)
         running.inc()
         try:
@@ -185,7 +193,15 @@ class Generation:
                         message = final.error.message if final.error else "unknown error"
                         raise InternalError(f"the model's worker failed while generating: {message}",
                                             code="generation_failed")
-                    reason = f"worker {self._stream.worker_url} aborted the generation (shutting down?)"
+                    if (final.finish_reason == "migrated" and final.migrated_to is not None
+                            and migrations < MAX_MIGRATIONS):
+                        migrations += 1
+                        failure = self._attach(index, final.migrated_to, len(output_ids))
+                        if failure is None:
+                            continue
+                        reason = failure
+                    else:
+                        reason = f"worker {self._stream.worker_url} ended the generation ({final.finish_reason})"
                 if resumes >= MAX_RESUMES:
                     raise ServiceUnavailable(f"generation interrupted: {reason}", code="worker_lost", retry_after=2)
                 resumes += 1
@@ -196,6 +212,23 @@ class Generation:
                 self._stream = self._open(index, resume_ids=list(output_ids), attempt_tag=resumes)
         finally:
             running.dec()
+
+    def _attach(self, index: int, moved: MigratedTo, delivered: int) -> str | None:
+        """Follow a live migration: stream on from the destination. None on success, else why it failed."""
+        if moved.from_index != delivered:  # the destination would refuse; resume from what the client has
+            return (f"worker {self._stream.worker_url} migrated the generation from index {moved.from_index}, "
+                    f"but {delivered} tokens were delivered")
+        secret = self.gw.config.cluster.shared_secret
+        try:
+            stream = open_attach(self.gw.http, moved.worker_url, secret, moved.request_id, delivered)
+        except WorkerError as exc:
+            return f"attaching to the migrated generation on {moved.worker_url} failed: {exc}"
+        log.info("request %s choice %d: live-migrated to %s after %d tokens", self.ctx.request_id, index,
+                 moved.worker_url, delivered)
+        self._stream = stream
+        self.gw.metrics.migrations.labels(self.model).inc()
+        self._migration_pause_from = self._last_token_at or time.monotonic()
+        return None
 
     def _read_stream(self, index: int, output_ids: list[int]):
         """Yield deltas for the token lines of the current stream; return its FinalLine."""
@@ -211,7 +244,10 @@ class Generation:
                 metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.arrived)
             elif last_token_at is not None:
                 metrics.inter_token_latency.labels(self.model).observe(now - last_token_at)
-            last_token_at = now
+            if self._migration_pause_from is not None:
+                metrics.migration_pause.labels(self.model).observe(now - self._migration_pause_from)
+                self._migration_pause_from = None
+            last_token_at = self._last_token_at = now
             output_ids.append(item.token_id)
             self.completion_tokens += 1
             metrics.generation_tokens.labels(self.model).inc()

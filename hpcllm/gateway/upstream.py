@@ -3,7 +3,8 @@
 A generation is opened (and its HTTP status checked) before the gateway answers its client, so a worker that
 refuses a request turns into a proper HTTP error; after that, lines are read one at a time while the client is
 streamed to. Worker failures are classified: WorkerUnavailable before any token (route again and retry),
-WorkerLost once the stream has started (resume elsewhere from the tokens already received).
+WorkerLost once the stream has started (resume elsewhere from the tokens already received). A stream that ends
+with finish_reason "migrated" is continued by attaching to the worker it names (open_attach).
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def open_generation(http: httpx.Client, worker_url: str, secret: str, request: G
         return WorkerStream(worker_url, client.generate(request))
     except WorkerError as exc:
         raise _classify(worker_url, exc) from None
+
+
+def open_attach(http: httpx.Client, worker_url: str, secret: str, request_id: str, from_index: int) -> WorkerStream:
+    """Continue a live-migrated generation on its destination from output index from_index (docs/migration.md).
+    Raises WorkerError when the destination refuses or cannot be reached; the caller then resumes from tokens."""
+    client = WorkerClient(worker_url, secret, client=http)
+    return WorkerStream(worker_url, client.attach(request_id, from_index))
 
 
 def _classify(worker_url: str, exc: WorkerError) -> ApiError:

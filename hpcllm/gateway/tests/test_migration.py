@@ -1,0 +1,129 @@
+"""Live migration seen through the gateway: the source worker hands the generation over mid-stream, the gateway
+attaches to the destination, and the client's stream goes on with the same text and token count as an
+uninterrupted run (openai client and plain SSE); if the attach fails the gateway resumes from tokens instead."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.engine import EngineUnavailable
+from hpcllm.worker.protocol import MigrateRequest
+
+from .conftest import MODEL, SECRET, USER_KEY, ThreadServer
+from .test_resume import ScriptedRouter
+
+LABEL = f'model_name="{MODEL}"'
+
+
+class Worker:
+    def __init__(self, tiny_model_dir):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+        self.service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5)
+        self.service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                            AutoTokenizer.from_pretrained(tiny_model_dir)))
+        self.server = ThreadServer(create_app(self.service))
+        self.url = self.server.url
+
+    @property
+    def engine(self):
+        return self.service.engine
+
+    def slow_down(self, seconds_per_step: float) -> None:
+        """Every engine step sleeps first, so the generation is still running when the test migrates it."""
+        forward = self.engine._forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(seconds_per_step)
+            return forward(*args, **kwargs)
+
+        self.engine._forward = slow_forward
+
+    def migrate_everything_to(self, destination: "Worker"):
+        with WorkerClient(self.url, SECRET) as client:
+            return client.migrate_all(MigrateRequest(destination_url=destination.url))
+
+    def stop(self):
+        self.server.stop()
+        self.service.shutdown()
+
+
+@pytest.fixture
+def two_workers(tiny_model_dir):
+    workers = Worker(tiny_model_dir), Worker(tiny_model_dir)
+    yield workers
+    for worker in workers:
+        worker.stop()
+
+
+def metric(gateway, line: str) -> bool:
+    return line in httpx.get(f"{gateway.url}/metrics").text
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 1234}],
+                         ids=["greedy", "seeded"])
+def test_openai_stream_follows_a_live_migration(make_gateway, two_workers, tiny_model_dir, sampling):
+    source, destination = two_workers
+    gateway = make_gateway(router=ScriptedRouter(tiny_model_dir, [source.url]))
+    client = gateway.client()
+    request = dict(model=MODEL, prompt="hello world", max_tokens=40, extra_body={"ignore_eos": True}, **sampling)
+    reference = client.completions.create(**request)
+    source.slow_down(0.01)
+
+    texts, usage, finish = [], None, None
+    for chunk in client.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        texts.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+        if len(texts) == 5:
+            moved = source.migrate_everything_to(destination)
+            assert len(moved.migrated) == 1 and moved.failed == [], moved
+
+    assert "".join(texts) == reference.choices[0].text
+    assert usage.completion_tokens == reference.usage.completion_tokens == 40  # no token lost or repeated
+    assert finish == "length"
+    assert destination.engine.tokens(moved.migrated[0].request_id).finish_reason == "length"
+    assert metric(gateway, f"hpcllm_request_migrations_total{{{LABEL}}} 1.0")
+    assert metric(gateway, f"hpcllm_migration_pause_seconds_count{{{LABEL}}} 1.0")
+    assert not metric(gateway, f"hpcllm_request_resumes_total{{{LABEL}}} 1.0")
+
+
+def test_a_failed_attach_falls_back_to_resuming_from_tokens(make_gateway, two_workers, tiny_model_dir):
+    source, destination = two_workers
+    router = ScriptedRouter(tiny_model_dir, [source.url, destination.url])
+    gateway = make_gateway(router=router)
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    reference = gateway.post("/v1/completions", json=body).json()
+    router.urls = [source.url, destination.url]
+    source.slow_down(0.01)
+
+    def attach_refused(*args, **kwargs):
+        raise EngineUnavailable("destination is shutting down")
+
+    destination.engine.attach = attach_refused
+    texts = []
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=60,
+                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
+        for line in stream.iter_lines():
+            if not line or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            assert "error" not in event, event
+            texts.append(event["choices"][0]["text"])
+            if len(texts) == 4:
+                assert len(source.migrate_everything_to(destination).migrated) == 1
+
+    assert "".join(texts) == reference["choices"][0]["text"]
+    assert router.resolved[-2:] == [source.url, destination.url]  # routed again for the resume
+    assert metric(gateway, f"hpcllm_request_resumes_total{{{LABEL}}} 1.0")
+    assert not metric(gateway, f"hpcllm_request_migrations_total{{{LABEL}}} 1.0")
