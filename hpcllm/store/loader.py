@@ -18,6 +18,8 @@ arrives. Any checkpoint problem raises a CheckpointError naming the file; no hal
 
 from __future__ import annotations
 
+import functools
+import gc
 import logging
 import threading
 import time
@@ -108,6 +110,29 @@ class LoadedModel:
         self._device_buffers = []
 
 
+def _gc_paused(func):
+    """Run `func` with Python's cyclic garbage collector paused (restored after, also on errors).
+
+    A load allocates a few thousand container objects (~300 modules, their dicts, tensors); each time the
+    allocation count passes the GC threshold, a collection walks objects of the heap that torch + transformers
+    make large (~350k objects): measured ~5 ms of a ~35 ms DRAM-tier load. The load creates no garbage cycles worth
+    collecting meanwhile; the GC runs normally again once it returns.
+    """
+
+    @functools.wraps(func)
+    def paused(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bool | None = None, dtype=None,
                tokenizer: bool = True, threads: int | None = None, unit_bytes: int | None = None,
                staging_slots: int | None = None, pool: HostBufferPool | None = None,

@@ -295,7 +295,7 @@ def _set_eval(model, modules) -> None:
 
 
 def _check_shape(name: str, current: torch.Tensor, loaded: torch.Tensor, index_path: Path) -> None:
-    if tuple(current.shape) != tuple(loaded.shape):
+    if current.shape != loaded.shape:
         raise InvalidIndex(f"{index_path}: tensor {name!r} has shape {list(loaded.shape)} but the model built from "
                            f"config.json expects {list(current.shape)}; the checkpoint and its config do not match")
 
