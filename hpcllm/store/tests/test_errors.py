@@ -169,3 +169,20 @@ def test_hf_folder_is_not_a_converted_checkpoint(models):
     hf, _ = models("llama")
     with pytest.raises(NotAConvertedCheckpoint, match="convert"):
         load_model(hf)
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_garbage_collector_state_is_restored_after_a_load_and_after_a_failed_one(copy_checkpoint, enabled_before):
+    import gc
+
+    folder = copy_checkpoint("llama")
+    (folder / "data-00001.h5").unlink()
+    (gc.enable if enabled_before else gc.disable)()
+    try:
+        load_model(copy_checkpoint("llama"), tokenizer=False)
+        assert gc.isenabled() == enabled_before
+        with pytest.raises(MissingFile):
+            load_model(folder, tokenizer=False)
+        assert gc.isenabled() == enabled_before
+    finally:
+        gc.enable()
