@@ -6,7 +6,9 @@ A running request moves from this worker (source S) to a destination worker D wh
 2. Round k: D gets the tokens S produced while D was prefilling (`extend`, wait until prefilled). Each round's
    delta is what S decodes during the previous round's prefill, so rounds shrink quickly: a long prompt becomes a
    delta of a few tokens.
-3. Hand-over, once a delta is at most `handover_tokens` long or at round `max_rounds`: PAUSE the request here
+3. Hand-over, once a delta is at most `handover_tokens` long, or stopped shrinking (from round 3 on: a round
+   has a fixed cost - an HTTP call and a forward step - so the delta levels off at a few tokens on a slow
+   destination, and more rounds would only delay the hand-over), or at round `max_rounds`: PAUSE the request here
    (atomically read its final token list), extend D with the last delta and wait until it is prefilled, then end
    the source stream with `finish_reason: "migrated"` and `migrated_to` (D's URL, request id, from_index). The
    reader of that stream (the gateway) attaches to D from that index; D samples the next token from its cache.
@@ -63,8 +65,10 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secre
         while handover_started is None:
             round_number = len(tokens_per_round) + 1
             output = engine.migration_output(request_id)
-            delta_is_small = round_number > 1 and len(output) - len(known) <= body.handover_tokens
-            if round_number >= body.max_rounds or delta_is_small:
+            delta = len(output) - len(known)
+            small = round_number > 1 and delta <= body.handover_tokens
+            stalled = round_number > 2 and delta >= tokens_per_round[-1]
+            if round_number >= body.max_rounds or small or stalled:
                 handover_started = time.monotonic()
                 output = engine.pause(request_id)
             if round_number == 1:

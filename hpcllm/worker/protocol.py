@@ -208,7 +208,8 @@ class MigrateRequest(WireModel):
     destination_url: str = Field(min_length=1)
     # Rounds in all, the first (prepare with everything so far) and the hand-over included; 1 = stop-and-copy.
     max_rounds: int = Field(default=8, ge=1, le=64)
-    # Hand over (pause here, send the last tokens) once a round leaves at most this many new tokens.
+    # Hand over (pause here, send the last tokens) once a round leaves at most this many new tokens, or once the
+    # new tokens stop shrinking from one round to the next (from round 3 on).
     handover_tokens: int = Field(default=2, ge=0)
     hold_seconds: float = Field(default=60.0, gt=0, le=3600)
     # Bound on each call to the destination (a prepare waits for the whole prefill).
