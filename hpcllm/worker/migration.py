@@ -8,7 +8,9 @@ A running request moves from this worker (source S) to a destination worker D wh
    delta of a few tokens.
 3. Hand-over, once a delta is at most `handover_tokens` long, or stopped shrinking (from round 3 on: a round
    has a fixed cost - an HTTP call and a forward step - so the delta levels off at a few tokens on a slow
-   destination, and more rounds would only delay the hand-over), or at round `max_rounds`: PAUSE the request here
+   destination, and more rounds would only delay the hand-over), or at round `max_rounds`, or once half of
+   `timeout_seconds` has passed (a node drain has a deadline: better a larger last delta than no hand-over):
+   PAUSE the request here
    (atomically read its final token list), extend D with the last delta and wait until it is prefilled, then end
    the source stream with `finish_reason: "migrated"` and `migrated_to` (D's URL, request id, from_index). The
    reader of that stream (the gateway) attaches to D from that index; D samples the next token from its cache.
@@ -68,7 +70,8 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secre
             delta = len(output) - len(known)
             small = round_number > 1 and delta <= body.handover_tokens
             stalled = round_number > 2 and delta >= tokens_per_round[-1]
-            if round_number >= body.max_rounds or small or stalled:
+            late = round_number > 1 and time.monotonic() - started >= body.timeout_seconds / 2
+            if round_number >= body.max_rounds or small or stalled or late:
                 handover_started = time.monotonic()
                 output = engine.pause(request_id)
             if round_number == 1:

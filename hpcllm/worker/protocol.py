@@ -212,7 +212,8 @@ class MigrateRequest(WireModel):
     # new tokens stop shrinking from one round to the next (from round 3 on).
     handover_tokens: int = Field(default=2, ge=0)
     hold_seconds: float = Field(default=60.0, gt=0, le=3600)
-    # Bound on each call to the destination (a prepare waits for the whole prefill).
+    # Bound on each call to the destination (a prepare waits for the whole prefill); once half of it has passed
+    # since the migration began, the next round is the hand-over.
     timeout_seconds: float = Field(default=120.0, gt=0)
 
 
