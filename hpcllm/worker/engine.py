@@ -662,10 +662,12 @@ class Engine:
         # Sample outside the lock; the commit below re-checks that the request may still take a token.
         token = None if (req.held or req.paused) else sample_token(logits, req.params, len(req.output_ids))
         with self._lock:
+            if req.state != "running":  # finished meanwhile (handed over, expired): keep nothing
+                return
             if len(req.all_ids) > req.num_cached:  # extended meanwhile: prefill the new ids first
                 req.pending_logits = None
                 return
-            if token is None or req.held or req.paused or req.state != "running" or req.cancel_requested:
+            if token is None or req.held or req.paused or req.cancel_requested:
                 req.pending_logits = logits  # sample when attached / unpaused; the drawn token is redrawn then
                 self._lock.notify_all()  # wait_prefilled
                 return
