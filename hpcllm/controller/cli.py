@@ -143,12 +143,13 @@ def print_status(st: ClusterStatus) -> None:
         nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", f"{n.free_gpus}/{n.gpus}", tiers or "-",
                       cached or "-", _ago(st.now, n.last_heartbeat))
     instances = Table(title="instances")
-    for col in ("instance", "model", "node", "state", "gpus", "running", "loaded from", "idle"):
+    for col in ("instance", "model", "node", "state", "gpus", "running", "loaded from", "estimated", "idle"):
         instances.add_column(col)
     for i in st.instances:
         loaded = f"{i.load_tier} {i.load_seconds:.2f} s" if i.load_tier and i.load_seconds is not None else "-"
+        estimated = (f"{i.placement.tier} {i.placement.total_seconds:.2f} s" if i.placement is not None else "-")
         instances.add_row(i.instance_id, i.model, i.node_id, i.state, ",".join(map(str, i.gpu_ids)) or "cpu",
-                          str(i.running_requests), loaded, _ago(st.now, i.last_used))
+                          str(i.running_requests), loaded, estimated, _ago(st.now, i.last_used))
     allocations = Table(title="allocations")
     for col in ("job", "state", "model", "nodes", "submitted", "retires in", "reason"):
         allocations.add_column(col)

@@ -240,6 +240,7 @@ class InstanceStatus(Wire):
     last_used: float
     load_tier: str | None
     load_seconds: float | None
+    placement: PlacementBreakdown | None = None  # why this node: the estimate placement chose it by
 
 
 class AllocationStatus(Wire):

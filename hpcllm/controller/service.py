@@ -198,7 +198,8 @@ class Controller:
                    for n in nodes],
             instances=[InstanceStatus(instance_id=i.instance_id, model=i.model, node_id=i.node_id, state=i.state,
                                       worker_url=i.worker_url, gpu_ids=i.gpu_ids, running_requests=i.running_requests,
-                                      last_used=i.last_used, load_tier=i.load_tier, load_seconds=i.load_seconds)
+                                      last_used=i.last_used, load_tier=i.load_tier, load_seconds=i.load_seconds,
+                                      placement=i.placement)
                        for i in instances],
             allocations=[AllocationStatus(job_id=a.job_id, state=a.state, model=a.model, nodes=a.nodes,
                                           preferred_nodes=a.preferred_nodes, submitted_at=a.submitted_at,

@@ -111,6 +111,9 @@ def test_cold_start_then_ready_through_http(client, harness):
     [cold] = status["cold_starts"]
     assert (cold["model"], cold["node_id"], cold["tier"], cold["load_seconds"]) == ("m", "n2", "nvme", 2.1)
     assert cold["estimate_seconds"] == pytest.approx(2.0)
+    [inst] = status["instances"]  # the decision stays visible with the instance: node, tier, estimate
+    assert (inst["placement"]["node"], inst["placement"]["tier"]) == ("n2", "nvme")
+    assert inst["placement"]["load_seconds"] == pytest.approx(2.0) and inst["placement"]["considered"] >= 2
     assert b'hpcllm_controller_cold_starts_total{model="m",tier="nvme"} 1.0' in client.get("/metrics").data
 
 
