@@ -75,6 +75,9 @@ class NodeConfig(Section):
     # Drain (Slurm's signal, SIGTERM): at most this long moving running requests to other nodes (live migration)
     # before the workers are stopped; keep migrate + stop timeouts inside slurm.signal_seconds.
     migrate_timeout_seconds: float = Field(20.0, gt=0, le=3600)
+    # Worker processes kept with torch/transformers already imported, so a cold start pays only the load (the
+    # imports take ~2.5-4 s, docs/node-agent.md). Each idle spare holds ~0.35 GB of host memory; 0 turns them off.
+    spare_workers: int = Field(1, ge=0, le=8)
 
 
 class ControllerConfig(Section):

@@ -388,6 +388,7 @@ class NodeAgent:
         self.start_server(app_factory(self))
         if self.register():
             self.state = "up"
+            self.workers.ensure_spares()  # after the probes, which a spare's imports would disturb
             heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeats", daemon=True)
             heartbeats.start()
             self._wake.set()  # first heartbeat (and pinned model) at once

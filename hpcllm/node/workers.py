@@ -41,6 +41,7 @@ from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
+from hpcllm.worker.spare import SpareAssignment
 from hpcllm.checkpoint.errors import ChecksumMismatch
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,15 @@ class Instance:
                             load_tier=self.tier, load_seconds=self.load_seconds, error=self.error)
 
 
+@dataclass
+class Spare:
+    """A worker process with its imports done, waiting on stdin for an assignment (hpcllm.worker.spare)."""
+
+    process: subprocess.Popen
+    log_path: Path
+    started_at: float
+
+
 def log_tail(path: Path, lines: int = 5) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -147,6 +157,7 @@ class WorkerManager:
         self.accepting = True
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
+        self._spares: list[Spare] = []
         self._http = httpx.Client(headers={SECRET_HEADER: config.cluster.shared_secret}, timeout=5.0)
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -206,6 +217,87 @@ class WorkerManager:
         env["CUDA_VISIBLE_DEVICES"] = self.gpus.visible_devices(gpu_ids) if gpu_ids else ""
         return env
 
+    def _spawn(self, req: StartInstance, path: Path, url_file: Path, log_path: Path) -> subprocess.Popen:
+        with open(log_path, "ab") as log_file:
+            return subprocess.Popen(self._command(req, path, url_file), env=self._environment(req.gpu_ids),
+                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    preexec_fn=self._ignore_drain_signal())
+
+    # ------------------------------------------------------------------------------------------------ spares
+
+    def ensure_spares(self) -> None:
+        """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances."""
+        with self._lock:
+            for spare in [sp for sp in self._spares if sp.process.poll() is not None]:
+                self._forget_dead_spare(spare)
+            while self.accepting and len(self._spares) < self.config.node.spare_workers:
+                try:
+                    self._spares.append(self._spawn_spare())
+                except OSError as exc:
+                    log.warning("cannot start a spare worker: %s", exc)
+                    return
+
+    def _spawn_spare(self) -> Spare:
+        log_path = self.run_dir / f"spare-{uuid.uuid4().hex[:8]}.log"
+        env = self._environment([])  # no GPU until assigned: CUDA must not start before it knows its devices
+        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # torch.cuda.is_available() without initialising CUDA
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", "hpcllm.worker.spare"], env=env, stdin=subprocess.PIPE,
+                                       stdout=log_file, stderr=subprocess.STDOUT,
+                                       preexec_fn=self._ignore_drain_signal())
+        log.info("spare worker pid %d started (log %s)", process.pid, log_path)
+        return Spare(process, log_path, time.time())
+
+    def _assign_spare(self, req: StartInstance, path: Path, url_file: Path,
+                      log_path: Path) -> subprocess.Popen | None:
+        """Hand the instance to a live spare (its log becomes the instance's log); None when there is none."""
+        while self._spares:
+            spare = self._spares[0]
+            if spare.process.poll() is not None:
+                self._forget_dead_spare(spare)
+                continue
+            self._spares.pop(0)
+            assignment = SpareAssignment(
+                model_path=str(path), model_name=req.model, device="cuda" if req.gpu_ids else self.config.worker.device,
+                url_file=str(url_file), config_path=str(self.config_path) if self.config_path else None,
+                max_model_len=req.max_model_len,
+                env={"CUDA_VISIBLE_DEVICES": self.gpus.visible_devices(req.gpu_ids) if req.gpu_ids else ""})
+            try:
+                spare.process.stdin.write(assignment.model_dump_json().encode() + b"\n")
+                spare.process.stdin.close()
+            except OSError:  # it died meanwhile: try the next one, else start a fresh worker
+                spare.process.kill()
+                spare.process.wait()
+                spare.log_path.unlink(missing_ok=True)
+                continue
+            os.replace(spare.log_path, log_path)  # the open log keeps its file: now under the instance's name
+            log.info("spare worker pid %d (started %.0f s ago) takes %s", spare.process.pid,
+                     time.time() - spare.started_at, req.model)
+            return spare.process
+        return None
+
+    def _forget_dead_spare(self, spare: Spare) -> None:
+        self._spares.remove(spare)
+        log.warning("spare worker pid %d exited with status %s: %s", spare.process.pid, spare.process.returncode,
+                    log_tail(spare.log_path) or "no output")
+        spare.log_path.unlink(missing_ok=True)
+
+    def retire_spares(self) -> None:
+        """Stop the waiting spares (closing stdin ends them; SIGKILL if one does not go)."""
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            try:
+                spare.process.stdin.close()
+            except OSError:
+                pass
+            try:
+                spare.process.wait(5)
+            except subprocess.TimeoutExpired:
+                spare.process.kill()
+                spare.process.wait()
+            spare.log_path.unlink(missing_ok=True)
+
     def _ignore_drain_signal(self) -> Callable[[], None] | None:
         name = self.config.slurm.signal.upper().removeprefix("SIG")
         signum = getattr(signal, f"SIG{name}", None)
@@ -228,10 +320,8 @@ class WorkerManager:
             url_file = self.run_dir / f"{instance_id}.url"
             log_path = self.run_dir / f"{instance_id}.log"
             try:
-                with open(log_path, "ab") as log_file:
-                    process = subprocess.Popen(self._command(req, path, url_file), env=self._environment(req.gpu_ids),
-                                               stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                               preexec_fn=self._ignore_drain_signal())
+                process = self._assign_spare(req, path, url_file, log_path) or self._spawn(req, path, url_file,
+                                                                                          log_path)
             except OSError as exc:
                 if tier in LOCAL_TIERS and self.cache is not None:
                     self.cache.release(req.model, tier)
@@ -252,9 +342,12 @@ class WorkerManager:
     def _set_state(self, inst: Instance, state: str, error: str | None = None) -> None:
         if inst.state == state:
             return
+        was_loading = inst.state == "loading"
         inst.state = state
         if error:
             inst.error = error
+        if was_loading:
+            self.ensure_spares()  # after the load, not during it: a spare's imports would compete for the CPU
         log.info("instance %s (%s): %s%s", inst.instance_id, inst.model, state, f": {error}" if error else "")
         self.on_change()
 
@@ -408,6 +501,7 @@ class WorkerManager:
         return inst
 
     def stop_all(self, timeout: float | None = None) -> None:
+        self.retire_spares()
         threads = [threading.Thread(target=self.stop, args=(inst.instance_id, timeout), daemon=True)
                    for inst in self.instances()]
         for t in threads:
@@ -416,5 +510,6 @@ class WorkerManager:
             t.join()
 
     def close(self) -> None:
+        self.retire_spares()
         self._http.close()
 

@@ -38,7 +38,7 @@ def make_agent(tmp_path: Path, gpus: int = 0, **node) -> NodeAgent:
         "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
         "node": {"nvme_dir": str(tmp_path / "nvme-%n"), "probe_bytes": 1 << 20, "memcpy_probe_bytes": 1 << 20,
-                 "worker_stop_timeout_seconds": 10, **node},
+                 "worker_stop_timeout_seconds": 10, "spare_workers": 0, **node},
         "controller": {"port": 1},  # nothing listens there: these tests never register
     })
     cache = CacheManager(tmp_path / "nvme", 10**9, 10**9, "agent-test", dram_root=tmp_path / "shm")
@@ -155,6 +155,49 @@ def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, con
     assert copy["in_use"] == 0
     evicted = client.delete("/v1/internal/cache/tiny-llama?tier=nvme", headers=AUTH)
     assert evicted.status_code == 200 and [c["model"] for c in evicted.get_json()["cached"]] == ["tiny-llama"]
+
+
+def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, converted, tiny_llama_dir):
+    agent = make_agent(tmp_path, spare_workers=1)
+    client = create_app(agent).test_client()
+    try:
+        agent.workers.ensure_spares()
+        [spare] = agent.workers._spares
+        wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+
+        resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)},
+                           headers=AUTH)
+        assert resp.status_code == 202, resp.get_json()
+        inst = agent.workers.get(resp.get_json()["instance_id"])
+        assert inst.process.pid == spare.process.pid  # no fresh process: the spare became the worker
+        wait_for(lambda: inst.state == "ready", what="the spare to serve the model")
+        assert "spare worker ready" in inst.log_path.read_text() and not spare.log_path.exists()
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
+        expected = model.generate(prompt, max_new_tokens=5, do_sample=False)[0, prompt.shape[1]:].tolist()
+        with WorkerClient(inst.worker_url, SECRET) as worker:
+            with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(), max_tokens=5,
+                                                 temperature=0)) as stream:
+                assert [line.token_id for line in stream if line.type == "token"] == expected
+
+        # Once the load is done a new spare waits; a spare that died is skipped for a fresh worker.
+        [replacement] = agent.workers._spares
+        assert replacement.process.pid != spare.process.pid
+        replacement.process.kill()
+        replacement.process.wait()
+        resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)},
+                           headers=AUTH)
+        second = agent.workers.get(resp.get_json()["instance_id"])
+        assert second.process.pid != replacement.process.pid
+        wait_for(lambda: second.state == "ready", what="a fresh worker after the dead spare")
+    finally:
+        agent.drain()
+        agent.workers.close()
+    spares_left = list(agent.workers.run_dir.glob("spare-*.log"))
+    assert agent.workers._spares == [] and spares_left == []  # the drain retired the spare, its log went with it
 
 
 def test_a_crashing_worker_is_reported_failed_with_its_error(agent, client, tmp_path):

@@ -1,0 +1,93 @@
+"""A spare worker: a process that has imported torch, transformers and the worker's server before any model is asked
+for, then waits on stdin for the one assignment that makes it `hpcllm worker --model ...`.
+
+Importing the modeling stack costs a fresh worker ~2.5-4 s on these machines (docs/loader.md, `phases["config"]`),
+more than loading a small checkpoint from the DRAM tier or NVMe. The node agent keeps `node.spare_workers` of these
+ready (hpcllm.node.workers) so a cold start pays only the load itself.
+
+    python -m hpcllm.worker.spare          # then one JSON line (SpareAssignment) on stdin
+
+End of stdin without an assignment (the agent retired the spare, or died) ends the process with status 0.
+
+GPUs: the spare starts with CUDA_VISIBLE_DEVICES="" and PYTORCH_NVML_BASED_CUDA_CHECK=1, so nothing it imports can
+initialise CUDA or pin the device list; the assignment sets the instance's CUDA_VISIBLE_DEVICES before the first
+CUDA call, which torch documents as honoured until CUDA is initialised. Should CUDA have been initialised anyway,
+the assignment fails with a clear error instead of serving on the wrong GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from hpcllm.errors import ConfigError, HpcllmError
+
+# Imported before the assignment arrives: what a fresh worker would pay for on its first load.
+PREIMPORTS = (
+    "torch",
+    "transformers",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.llama.modeling_llama",  # pulls in the shared modeling stack (torch._dynamo, masks, ...)
+    "hpcllm.store.loader",
+    "hpcllm.worker.server",
+)
+
+
+class SpareAssignment(BaseModel):
+    """What the node agent writes to a spare's stdin: the `hpcllm worker` options plus the instance's environment."""
+
+    model_path: str
+    model_name: str
+    device: str
+    url_file: str
+    config_path: str | None = None
+    max_model_len: int | None = None
+    env: dict[str, str] = {}
+
+
+def preimport() -> None:
+    import importlib
+
+    for module in PREIMPORTS:
+        importlib.import_module(module)
+
+
+def assume(assignment: SpareAssignment) -> None:
+    """Become the assigned worker: the instance's environment first (GPUs), then serve until SIGTERM."""
+    os.environ.update(assignment.env)
+    if assignment.device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_initialized():
+            raise ConfigError("this spare worker initialised CUDA before its assignment, so it cannot take GPUs "
+                              f"{assignment.env.get('CUDA_VISIBLE_DEVICES')!r}; set node.spare_workers = 0")
+    from hpcllm.config import load_config
+    from hpcllm.worker.cli import run_worker
+
+    config = load_config(Path(assignment.config_path) if assignment.config_path else None)
+    run_worker(config, Path(assignment.model_path), assignment.model_name, port=0, device=assignment.device,
+               max_model_len=assignment.max_model_len, url_file=Path(assignment.url_file))
+
+
+def main() -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    preimport()
+    print("spare worker ready", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # retired before it was needed
+    try:
+        assume(SpareAssignment.model_validate_json(line))
+    except HpcllmError as exc:  # the same contract as `hpcllm worker`: one error line, the error's exit status
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
