@@ -5,6 +5,7 @@ Several test files use this module: add functions, do not change the behaviour o
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -52,6 +53,33 @@ def controller_process(config_path: Path, log_path: Path, start_timeout: float =
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def start_logged(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Starts a long-running process with stdout and stderr in `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (a graceful stop), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def answers(url: str, proc: subprocess.Popen, log: Path) -> bool:
+    """True once GET url answers 200; AssertionError with the log's end if the process exited meanwhile."""
+    if proc.poll() is not None:
+        raise AssertionError(f"{proc.args[1]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def admin_status(url: str, admin_key: str) -> dict:

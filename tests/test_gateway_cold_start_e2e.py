@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import free_port, wait_for
+from e2e_helpers import HPCLLM, answers, free_port, start_logged, stop_process, wait_for
+from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.checkpoint.converter import convert
@@ -33,7 +32,6 @@ SECRET = "cold-e2e-secret"
 ADMIN = "cold-e2e-admin"
 USER_KEY = "cold-e2e-user"
 MODEL = f"tiny-llama-cold{os.getpid()}"  # unique: the jobs the controller submits are named after it
-HPCLLM = str(Path(sys.executable).parent / "hpcllm")
 PROMPT = "the cluster"
 
 
@@ -76,33 +74,8 @@ name = "e2e"
     return path
 
 
-def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def answers(url: str, proc: subprocess.Popen, log: Path) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"{proc.args[1]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def admin_status(controller_url: str) -> dict:
-    return httpx.get(f"{controller_url}/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN}"},
-                     timeout=10).json()
+    return e2e_admin_status(controller_url, ADMIN)
 
 
 @pytest.fixture
@@ -120,9 +93,9 @@ def stack(tiny_llama_dir, tmp_path):
     controller_url, gateway_url = f"http://127.0.0.1:{controller_port}", f"http://127.0.0.1:{gateway_port}"
     procs: list[subprocess.Popen] = []
     try:
-        controller = start([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
+        controller = start_logged([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
         procs.append(controller)
-        gateway = start([HPCLLM, "gateway", "--config", str(config_path), "--port", str(gateway_port)],
+        gateway = start_logged([HPCLLM, "gateway", "--config", str(config_path), "--port", str(gateway_port)],
                         root / "gateway.log", env)
         procs.append(gateway)
         wait_for(lambda: answers(f"{controller_url}/health", controller, root / "controller.log"), 60,
@@ -138,7 +111,7 @@ def stack(tiny_llama_dir, tmp_path):
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
         for proc in reversed(procs):
-            stop(proc)
+            stop_process(proc)
         config = load_config(config_path)
         backend = CliBackend(config.slurm, command_timeout=30)
         named = subprocess.run(["squeue", "-h", "-o", "%i", "-n", f"hpcllm-pool-{MODEL}"], capture_output=True,

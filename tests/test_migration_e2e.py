@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import HPCLLM, free_port, wait_for
+from e2e_helpers import HPCLLM, answers, free_port, start_logged, stop_process, wait_for
+from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.checkpoint.converter import convert
@@ -91,33 +91,8 @@ name = "e2e"
     return path
 
 
-def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def answers(url: str, proc: subprocess.Popen, log: Path) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"{proc.args[1]} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def admin_status(controller_url: str) -> dict:
-    return httpx.get(f"{controller_url}/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN}"},
-                     timeout=10).json()
+    return e2e_admin_status(controller_url, ADMIN)
 
 
 def samples(url: str, name: str) -> list:
@@ -163,7 +138,7 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
     try:
         for name, args in (("controller", []), ("gateway", ["--port", str(gateway_port)])):
             log = root / f"{name}.log"
-            procs.append((start([HPCLLM, name, "--config", str(config_path), *args], log, env), log))
+            procs.append((start_logged([HPCLLM, name, "--config", str(config_path), *args], log, env), log))
         controller, controller_log = procs[0]
         wait_for(lambda: answers(f"{controller_url}/health", controller, controller_log), 60, "the controller")
         # Deployed before the agents start: `hpcllm node --model` looks the model up once it registered.
@@ -185,7 +160,7 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
         for job in jobs.values():
             backend.cancel(job)
         for proc, _ in reversed(procs):
-            stop(proc)
+            stop_process(proc)
         for folder in Path("/dev/shm").glob(f"hpcllm-mig{os.getpid()}-*"):
             shutil.rmtree(folder, ignore_errors=True)
         for log in [*root.glob("*.log"), *(root / "slurm").glob("*.out")]:
