@@ -277,8 +277,9 @@ class Allocator:
     def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str) -> JobSpec:
         """The slurm package's node-agent job (one node) with the model's [slurm] overrides (partition, account,
         qos, time; else the [slurm] config), tagged with --comment=<tag>. A node holding the checkpoint is asked for
-        by name (--nodelist; slurmrestd's "nodelist" key): placement proposes only nodes that are idle now. The
-        agent finds us through HPCLLM_CONTROLLER_URL."""
+        by name (--nodelist; slurmrestd's "nodelist" key): placement proposes only nodes that are idle now. Any
+        other node is left to Slurm, minus the nodes where an agent of ours runs (--exclude). The agent finds us
+        through HPCLLM_CONTROLLER_URL."""
         env = {CONTROLLER_URL_ENV: self.controller_url}
         if self.config_path:
             env["HPCLLM_CONFIG"] = self.config_path
@@ -294,8 +295,25 @@ class Allocator:
             hpcllm=self.settings.agent_command,
             env=env,
         )
-        extra = {"comment": tag, **({"nodelist": tuple(preferred_nodes)} if preferred_nodes else {})}
+        extra: dict = {"comment": tag}
+        if preferred_nodes:
+            extra["nodelist"] = tuple(preferred_nodes)
+        else:
+            busy = self._nodes_in_use()
+            if busy:  # Slurm packs small jobs onto one node: a second agent there would share the first's node id
+                extra["exclude"] = tuple(busy)
         return make_job_spec(**{**spec.model_dump(), **extra})
+
+    def _nodes_in_use(self) -> list[str]:
+        """Nodes where an agent of ours runs or may soon: registered agents (also of users' own pools), nodes of
+        active allocations, and the node a queued allocation asked for. A node agent is known by its Slurm node
+        name, so a second agent on such a node would take over the first one's registration."""
+        busy = {n.node_id for n in self.registry.nodes(states=("up", "draining"))}
+        for alloc in self.registry.allocations(active_only=True):
+            busy.update(alloc.nodes)
+            if alloc.state == "pending":
+                busy.update(alloc.preferred_nodes)
+        return sorted(busy)
 
 
 __all__ = ["PREFERRED_NODE_BUSY", "TAG_PREFIX", "Allocator", "new_allocation_tag"]

@@ -256,6 +256,29 @@ def test_allocation_stuck_on_its_preferred_node_is_resubmitted_for_any_node(make
     assert "n3" not in h.allocator.idle_nodes(h.registry.get_model("m"))
 
 
+def test_an_allocation_for_any_node_excludes_the_nodes_our_agents_run_on(make_harness):
+    """Slurm packs small jobs onto one node, and agents are known by their node's name: the dev cluster put both
+    allocations of a CPU model on n1, where the second agent took over the first one's registration."""
+    h = make_harness(cpu_slots_per_node=1)
+    h.deploy("m", gpus=0, min_instances=2, max_instances=2, keep_alive_seconds=3600)
+    assert ("start_min", "m") in h.tick().kinds()
+    [first] = [a.job_id for a in h.registry.allocations()]
+    assert h.backend.jobs[first].spec.exclude == ()  # nothing of ours runs anywhere yet
+    h.backend.start(first, "n1", h.clock.now)
+    h.tick()
+    h.register("n1", gpus=0, job=first)
+    h.deploy("other", gpus=0)
+    h.register("n4", gpus=0)  # a user's own pool, outside any allocation of ours, its only CPU slot taken
+    h.agents.start_instance("http://n4:9000", "other", "/x", [])
+    h.tick()  # the first instance starts on n1
+    h.heartbeat("n1", tier="sharedfs")
+    report = h.tick()  # the second needs a new allocation: n1 is full
+    [second] = [a.job_id for a in h.registry.allocations() if a.job_id != first]
+    assert ("start_min", "m") in report.kinds()
+    spec = h.backend.jobs[second].spec
+    assert spec.nodelist == () and spec.exclude == ("n1", "n4"), spec
+
+
 def test_old_history_is_pruned(make_harness):
     h = make_harness(history_seconds=3600)
     h.deploy("m")
