@@ -110,3 +110,17 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *phrases: str) 
     assert len(errors) == 1, f"expected exactly one 'error: ' line on stderr:\n{output}"
     missing = [p for p in phrases if p not in errors[0]]
     assert not missing, f"the error line does not mention {missing}: {errors[0]}"
+
+
+def metric_samples(url: str, name: str) -> list:
+    """The samples named `name` (e.g. hpcllm_request_migrations_total) on a service's Prometheus /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+
+def worker_running_requests(worker_url: str, secret: str) -> int:
+    """Requests a worker runs or queues now, asked of the worker itself (the controller's view lags a heartbeat)."""
+    ready = httpx.get(f"{worker_url}/ready", headers={"X-Hpcllm-Secret": secret}, timeout=5).json()
+    return int(ready.get("running_requests") or 0) + int(ready.get("waiting_requests") or 0)
