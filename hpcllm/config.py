@@ -194,6 +194,10 @@ class WorkerConfig(Section):
     max_waiting_requests: int = Field(256, ge=0)  # beyond this a generate call gets 503
     prefill_chunk_tokens: int = Field(512, ge=1)  # longer prompts are prefilled in chunks between decode steps
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
+    # Torch compute threads of one worker. 0: the node agent gives each worker its share of the CPUs it may use
+    # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'
+    # fraction. Torch's default (every core per process) makes co-located CPU workers fight for cores.
+    cpu_threads: int = Field(0, ge=0)
 
 
 class ClusterConfig(Section):

@@ -208,7 +208,17 @@ class WorkerManager:
             command += ["--config", str(self.config_path)]
         if req.max_model_len is not None:
             command += ["--max-model-len", str(req.max_model_len)]
-        return command
+        return command + ["--threads", str(self.threads_for(req.gpu_ids))]
+
+    def threads_for(self, gpu_ids: list[int]) -> int:
+        """Torch threads of one worker: worker.cpu_threads, else its share of the CPUs this agent may use (Slurm
+        binds the job to them): 1/cpu_slots_per_node for a CPU instance, its GPUs' fraction for a GPU one."""
+        if self.config.worker.cpu_threads:
+            return self.config.worker.cpu_threads
+        cpus = len(os.sched_getaffinity(0))
+        if gpu_ids:
+            return max(1, cpus * len(gpu_ids) // max(1, self.gpus.count))
+        return max(1, cpus // self.config.controller.cpu_slots_per_node)
 
     def _environment(self, gpu_ids: list[int]) -> dict[str, str]:
         env = dict(os.environ)
@@ -260,7 +270,7 @@ class WorkerManager:
             assignment = SpareAssignment(
                 model_path=str(path), model_name=req.model, device="cuda" if req.gpu_ids else self.config.worker.device,
                 url_file=str(url_file), config_path=str(self.config_path) if self.config_path else None,
-                max_model_len=req.max_model_len,
+                max_model_len=req.max_model_len, threads=self.threads_for(req.gpu_ids),
                 env={"CUDA_VISIBLE_DEVICES": self.gpus.visible_devices(req.gpu_ids) if req.gpu_ids else ""})
             try:
                 spare.process.stdin.write(assignment.model_dump_json().encode() + b"\n")

@@ -28,13 +28,19 @@ def run_worker(
     device: str | None = None,
     max_model_len: int | None = None,
     url_file: Path | None = None,
+    threads: int | None = None,
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up."""
     if not model_path.exists():
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
+    import torch
+
     from hpcllm.worker.server import WorkerService, load_with_hpcllm, serve
 
     worker = config.worker
+    threads = threads or worker.cpu_threads
+    if threads:  # set here, not via OMP_NUM_THREADS: a spare worker's OpenMP runtime started before its assignment
+        torch.set_num_threads(threads)
     device = device or worker.device
     service = WorkerService(
         model_name or model_path.name,
@@ -68,8 +74,11 @@ def run_worker(
               help="Write the worker's URL here (atomically) once the port is bound.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="hpcllm TOML config (default: $HPCLLM_CONFIG, else built-in defaults).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
-           max_model_len: int | None, url_file: Path | None, config_path: Path | None) -> None:
+           max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file)
+    run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
+               threads)

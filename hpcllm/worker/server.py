@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from flask import Flask, Response, request
 from pydantic import ValidationError
 from werkzeug.serving import make_server
@@ -260,6 +261,7 @@ def create_app(service: WorkerService) -> Flask:
                 "load_seconds": service.loaded.load_seconds,
                 "running_requests": running,
                 "waiting_requests": waiting,
+                "torch_threads": torch.get_num_threads(),
             }
         )
 

@@ -45,6 +45,7 @@ class SpareAssignment(BaseModel):
     url_file: str
     config_path: str | None = None
     max_model_len: int | None = None
+    threads: int | None = None
     env: dict[str, str] = {}
 
 
@@ -69,7 +70,8 @@ def assume(assignment: SpareAssignment) -> None:
 
     config = load_config(Path(assignment.config_path) if assignment.config_path else None)
     run_worker(config, Path(assignment.model_path), assignment.model_name, port=0, device=assignment.device,
-               max_model_len=assignment.max_model_len, url_file=Path(assignment.url_file))
+               max_model_len=assignment.max_model_len, url_file=Path(assignment.url_file),
+               threads=assignment.threads)
 
 
 def main() -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -178,10 +179,12 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
         prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
         expected = model.generate(prompt, max_new_tokens=5, do_sample=False)[0, prompt.shape[1]:].tolist()
+        cpu_share = max(1, len(os.sched_getaffinity(0)) // 2)  # cpu_slots_per_node = 2: half the CPUs each
         with WorkerClient(inst.worker_url, SECRET) as worker:
             with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(), max_tokens=5,
                                                  temperature=0)) as stream:
                 assert [line.token_id for line in stream if line.type == "token"] == expected
+            assert worker.ready()["torch_threads"] == cpu_share
 
         # Once the load is done a new spare waits; a spare that died is skipped for a fresh worker.
         [replacement] = agent.workers._spares
@@ -193,11 +196,23 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
         second = agent.workers.get(resp.get_json()["instance_id"])
         assert second.process.pid != replacement.process.pid
         wait_for(lambda: second.state == "ready", what="a fresh worker after the dead spare")
+        with WorkerClient(second.worker_url, SECRET) as worker:
+            assert worker.ready()["torch_threads"] == cpu_share
     finally:
         agent.drain()
         agent.workers.close()
     spares_left = list(agent.workers.run_dir.glob("spare-*.log"))
     assert agent.workers._spares == [] and spares_left == []  # the drain retired the spare, its log went with it
+
+
+def test_each_worker_gets_its_share_of_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # Slurm bound the job to 16 CPUs
+    agent = make_agent(tmp_path, gpus=4)
+    assert agent.workers.threads_for([]) == 8  # two CPU slots per node share them
+    assert agent.workers.threads_for([0]) == 4 and agent.workers.threads_for([1, 2, 3]) == 12  # GPUs' fraction
+    agent.config.worker.cpu_threads = 3
+    assert agent.workers.threads_for([]) == 3 == agent.workers.threads_for([0])
+    agent.workers.close()
 
 
 def test_a_crashing_worker_is_reported_failed_with_its_error(agent, client, tmp_path):
