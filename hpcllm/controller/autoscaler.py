@@ -87,15 +87,17 @@ class Autoscaler:
                 report.actions.append(Action("schedule_retire", alloc.job_id, f"at {retire_at:.0f}"))
 
     def _staggered_retire_time(self, alloc: AllocationRecord) -> float:
-        """retire_lead_seconds before walltime, moved earlier by retire_stagger_seconds while another allocation
-        already retires within that distance: pools started together leave one by one."""
+        """The latest time at most retire_lead_seconds before walltime that is retire_stagger_seconds away from
+        every other allocation's retirement: pools started together leave one by one, none earlier than needed."""
         others = [a.retire_at for a in self.registry.allocations(active_only=True)
                   if a.job_id != alloc.job_id and a.retire_at is not None]
-        retire_at = alloc.walltime_end - self.settings.retire_lead_seconds
+        ideal = alloc.walltime_end - self.settings.retire_lead_seconds
         stagger = self.settings.retire_stagger_seconds
-        while stagger > 0 and any(abs(retire_at - other) < stagger for other in others):
-            retire_at -= stagger
-        return max(retire_at, alloc.started_at or alloc.submitted_at)
+        # The free times are outside (other - stagger, other + stagger): the latest one is the ideal time or
+        # just before one of those windows.
+        candidates = [ideal] + [other - stagger for other in others if other - stagger < ideal]
+        free = [t for t in candidates if all(abs(t - other) >= stagger for other in others)]
+        return max(max(free), alloc.started_at or alloc.submitted_at)
 
     def _unstick_pending_allocations(self, now: float, report: TickReport) -> None:
         """An allocation asking for a node by name can queue forever if that node got taken: ask for any node."""

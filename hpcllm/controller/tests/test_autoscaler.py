@@ -115,6 +115,23 @@ def test_allocations_started_together_retire_staggered(make_harness):
     assert retire == [end - 420, end - 360, end - 300]
 
 
+def test_a_retirement_moves_only_as_early_as_the_stagger_needs(make_harness):
+    h = make_harness(retire_lead_seconds=300, retire_stagger_seconds=60, max_allocations=3)
+    for name in ("a", "b", "c"):
+        h.deploy(name)
+    a, b = (h.controller.route(name).job_id for name in ("a", "b"))
+    h.backend.start(a, "n1", h.clock.now, walltime=3600)
+    h.backend.start(b, "n2", h.clock.now, walltime=3570)  # its walltime ends 30 s before a's
+    h.tick(1)
+    end = h.clock.now - 1 + 3600
+    assert [h.registry.get_allocation(j).retire_at for j in (a, b)] == [end - 300, end - 360]
+    c = h.controller.route("c").job_id
+    h.backend.start(c, "n3", h.clock.now - 1, walltime=3600)
+    h.tick(1)
+    # end - 300 and end - 360 are taken; end - 420 is the latest time 60 s from both (not end - 480).
+    assert h.registry.get_allocation(c).retire_at == end - 420
+
+
 def test_retirement_drains_starts_a_replacement_and_cancels(make_harness):
     h = make_harness(retire_lead_seconds=300, drain_seconds=60, max_allocations=2)
     h.deploy("m", keep_alive_seconds=3600)
