@@ -104,6 +104,8 @@ class Instance:
     worker_url: str | None = None
     load_seconds: float | None = None
     running_requests: int = 0
+    tokens_in_flight: int | None = None  # from the worker's /ready: the controller's migration-cost inputs
+    prefill_tokens_per_second: float | None = None
     error: str | None = None
     exit_code: int | None = None
     stopping: bool = False
@@ -120,7 +122,9 @@ class Instance:
         return InstanceInfo(instance_id=self.instance_id, model=self.model, state=self.state,
                             worker_url=self.worker_url, gpu_ids=list(self.gpu_ids),
                             running_requests=self.running_requests, started_at=self.started_at,
-                            load_tier=self.tier, load_seconds=self.load_seconds, error=self.error)
+                            load_tier=self.tier, load_seconds=self.load_seconds,
+                            tokens_in_flight=self.tokens_in_flight,
+                            prefill_tokens_per_second=self.prefill_tokens_per_second, error=self.error)
 
 
 @dataclass
@@ -378,6 +382,8 @@ class WorkerManager:
         if resp.status_code == 200:
             body = resp.json()
             inst.running_requests = int(body.get("running_requests") or 0) + int(body.get("waiting_requests") or 0)
+            inst.tokens_in_flight = body.get("tokens_in_flight")
+            inst.prefill_tokens_per_second = body.get("prefill_tokens_per_second") or None
             if inst.load_seconds is None and body.get("load_seconds") is not None:
                 inst.load_seconds = float(body["load_seconds"])
             if inst.state == "loading":

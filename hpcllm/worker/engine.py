@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 Event = TokenLine | FinalLine
 
+# The prefill rate (reported in /ready; the controller's migration-cost estimate) is measured on chunks this long
+# or longer (shorter ones time the per-call overhead, not prefill), averaged with this weight for the newest chunk.
+PREFILL_RATE_MIN_TOKENS = 16
+PREFILL_RATE_WEIGHT = 0.3
+
 
 class EngineError(HpcllmError):
     """A request the engine refuses; http_status is what the worker's HTTP API answers."""
@@ -248,6 +253,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: str | None = None
+        self._prefill_rate: float | None = None  # tokens/s of prefill chunks, moving average (migration cost)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -497,6 +503,17 @@ class Engine:
         with self._lock:
             return len(self._running), len(self._waiting)
 
+    def tokens_in_flight(self) -> int:
+        """Known token ids of the requests a drain would move: what a destination must prefill to take them."""
+        with self._lock:
+            return sum(len(r.all_ids) for r in [*self._running, *self._waiting]
+                       if not (r.held or r.paused or r.migrating))
+
+    @property
+    def prefill_tokens_per_second(self) -> float | None:
+        """Measured prefill rate (moving average over chunks of at least PREFILL_RATE_MIN_TOKENS); None before."""
+        return self._prefill_rate
+
     def tokenize_prompt(self, request: GenerateRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
@@ -653,7 +670,10 @@ class Engine:
             known, logits = len(req.all_ids), req.pending_logits
         if start < known:
             end = min(known, start + self.prefill_chunk_tokens)
+            began = time.perf_counter()
             logits = self._forward(req, req.all_ids[start:end], start)
+            if end - start >= PREFILL_RATE_MIN_TOKENS:
+                self._observe_prefill(end - start, began)
             req.num_cached = end
             if end < known:
                 return
@@ -673,6 +693,13 @@ class Engine:
                 return
             req.pending_logits = None
             self._accept(req, token)
+
+    def _observe_prefill(self, tokens: int, began: float) -> None:
+        if self.device.type == "cuda":  # the forward only queued the kernels
+            torch.cuda.synchronize(self.device)
+        rate = tokens / max(time.perf_counter() - began, 1e-6)
+        previous = self._prefill_rate
+        self._prefill_rate = rate if previous is None else previous + PREFILL_RATE_WEIGHT * (rate - previous)
 
     def _forward(self, req: _Request, chunk: list[int], start: int) -> torch.Tensor:
         if req.cache is None:

@@ -262,6 +262,8 @@ def create_app(service: WorkerService) -> Flask:
                 "running_requests": running,
                 "waiting_requests": waiting,
                 "torch_threads": torch.get_num_threads(),
+                "tokens_in_flight": engine.tokens_in_flight(),
+                "prefill_tokens_per_second": engine.prefill_tokens_per_second,
             }
         )
 

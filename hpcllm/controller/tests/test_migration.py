@@ -4,6 +4,7 @@ there is no target), with what happened logged and counted in hpcllm_controller_
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.controller.errors import AgentError
@@ -41,14 +42,15 @@ def use_migrating_agents(h) -> MigratingAgents:
     return h.agents
 
 
-def ready_instance(h, node: str, model: str, running: int = 0) -> str:
-    """Start one instance of model on node (placement must choose node), report it ready with `running` requests."""
+def ready_instance(h, node: str, model: str, running: int = 0, **reported) -> str:
+    """Start one instance of model on node (placement must choose node), report it ready with `running` requests
+    (and other InstanceInfo fields the worker reports, such as tokens_in_flight)."""
     url = f"http://{node}:9000"
     h.controller.start_instance(h.registry.get_model(model))
     instance_id = next(i for i, info in h.agents.agents[url].instances.items() if info.state == "loading")
     h.heartbeat(node, tier="sharedfs")
     info = h.agents.agents[url].instances[instance_id]
-    h.agents.agents[url].instances[instance_id] = info.model_copy(update={"running_requests": running})
+    h.agents.agents[url].instances[instance_id] = info.model_copy(update={"running_requests": running, **reported})
     h.heartbeat(node)
     return instance_id
 
@@ -189,6 +191,28 @@ def test_placement_live_migrates_a_busy_victim_before_starting_in_its_place(make
     assert metric(client, "hpcllm_controller_migrated_requests_total", model="a", trigger="placement") == 2
     # The moved requests count on the target until its agent's next heartbeat.
     assert h.registry.get_instance(a2).load == 2 + 1
+
+
+def test_the_reported_tokens_in_flight_decide_which_busy_instance_moves(make_harness):
+    h = make_harness(cpu_slots_per_node=1)
+    agents = use_migrating_agents(h)
+    h.deploy("a", max_instances=2)
+    h.deploy("b")
+    h.register("n1", gpus=0)
+    h.register("n2", gpus=0)
+    h.backend.down = True
+    # n1's instance holds 30,000 tokens to re-prefill at 1,000 tokens/s (30 s), n2's 300 (0.3 s): n2 is cheaper,
+    # although n1 wins every tie by name.
+    ready_instance(h, "n1", "a", running=2, tokens_in_flight=30_000, prefill_tokens_per_second=1000.0)
+    a2 = ready_instance(h, "n2", "a", running=2, tokens_in_flight=300, prefill_tokens_per_second=1000.0)
+
+    outcome = h.controller.route("b")
+
+    assert outcome.status == "starting" and outcome.node_id == "n2"
+    assert [m[1] for m in agents.migrations] == [a2]
+    decision = h.controller.status().instances[-1].placement
+    assert decision.node == "n2" and decision.migrate == [a2]
+    assert decision.migration_seconds == pytest.approx(0.3 + h.controller.settings.eviction_seconds)
 
 
 def test_placement_stops_the_victim_when_no_other_instance_can_take_its_requests(make_harness):

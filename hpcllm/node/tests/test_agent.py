@@ -149,6 +149,16 @@ def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, con
             tokens = [line.token_id for line in stream if line.type == "token"]
     assert tokens == expected[:len(tokens)] and len(tokens) >= 1
 
+    # After a prompt long enough to time, the heartbeat's InstanceInfo carries the measured prefill rate (the
+    # controller's migration-cost input) and no tokens in flight once the request is done.
+    with WorkerClient(info["worker_url"], SECRET) as worker:
+        with worker.generate(GenerateRequest(request_id="r2", prompt_token_ids=prompt[0].tolist() * 12,
+                                             max_tokens=2, temperature=0)) as stream:
+            assert [line for line in stream if line.type == "token"]
+    agent.workers.refresh(agent.workers.get(iid))
+    [beat] = [i for i in agent.workers.infos() if i.instance_id == iid]
+    assert beat.prefill_tokens_per_second > 0 and beat.tokens_in_flight == 0, beat
+
     stopped = client.delete(f"/v1/internal/instances/{iid}", headers=AUTH)
     assert stopped.status_code == 200 and stopped.get_json()["state"] == "stopped"
     assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []

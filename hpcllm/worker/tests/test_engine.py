@@ -237,6 +237,26 @@ def test_cancel_frees_the_slot_for_waiting_requests(load_pair, make_engine):
     assert engine.tokens(long.request_id).finish_reason == "abort"
 
 
+def test_tokens_in_flight_and_prefill_rate_price_a_migration(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer, max_running_requests=1)
+    assert (engine.tokens_in_flight(), engine.prefill_tokens_per_second) == (0, None)
+    prompt_ids = (tokenizer(PROMPT)["input_ids"] * 8)[:40]  # a prefill long enough to time
+    with engine._lock:  # both queued before the engine steps either
+        running = engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=200, ignore_eos=True))
+        waiting = engine.submit(request(prompt_token_ids=prompt_ids[:5], max_tokens=3))
+    events = running.events()
+    for _ in range(3):
+        next(events)
+    # What a destination must prefill to take both: the running one's prompt and output so far, the waiting prompt.
+    in_flight = engine.tokens_in_flight()
+    assert 40 + 3 + 5 <= in_flight <= 40 + 200 + 5
+    assert engine.prefill_tokens_per_second > 0
+    running.close()
+    assert [e for e in waiting.events() if isinstance(e, FinalLine)]
+    assert engine.tokens_in_flight() == 0
+
+
 def test_a_dead_engine_fails_requests_and_reports_it(load_pair, make_engine):
     model, tokenizer = load_pair("llama")
     engine = make_engine(model, tokenizer)

@@ -149,6 +149,7 @@ def test_ready_waits_for_the_load_and_health_reports_failures(load_pair, start_w
     ready = worker.client.ready()
     assert ready["max_model_len"] == pair[0].config.max_position_embeddings
     assert (ready["load_tier"], ready["load_seconds"]) == ("sharedfs", 1.25)
+    assert (ready["tokens_in_flight"], ready["prefill_tokens_per_second"]) == (0, None)  # nothing prefilled yet
     metrics = worker.client.metrics_text()
     assert 'hpcllm_model_load_seconds{model_name="tiny-llama",tier="sharedfs"} 1.25' in metrics
 
