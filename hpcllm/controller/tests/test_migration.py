@@ -163,8 +163,9 @@ def test_target_requests_are_validated(harness):
 # ------------------------------------------------------------------------------ placement moving victims
 
 
-def full_cluster(make_harness):
-    """n1 and n2 (one CPU slot each) run one busy instance of `a` each; `b` can only start by moving one."""
+def full_cluster(make_harness, n1: dict | None = None, n2: dict | None = None):
+    """n1 and n2 (one CPU slot each) run one busy instance of `a` each (with what their workers report: n1, n2);
+    `b` can only start by moving one."""
     h = make_harness(cpu_slots_per_node=1)
     agents = use_migrating_agents(h)
     h.deploy("a", max_instances=2)
@@ -172,7 +173,8 @@ def full_cluster(make_harness):
     h.register("n1", gpus=0)
     h.register("n2", gpus=0)
     h.backend.down = True  # no allocation possible: moving an instance is the only way
-    a1, a2 = ready_instance(h, "n1", "a", running=2), ready_instance(h, "n2", "a", running=2)
+    a1 = ready_instance(h, "n1", "a", running=2, **(n1 or {}))
+    a2 = ready_instance(h, "n2", "a", running=2, **(n2 or {}))
     return h, agents, a1, a2
 
 
@@ -194,17 +196,10 @@ def test_placement_live_migrates_a_busy_victim_before_starting_in_its_place(make
 
 
 def test_the_reported_tokens_in_flight_decide_which_busy_instance_moves(make_harness):
-    h = make_harness(cpu_slots_per_node=1)
-    agents = use_migrating_agents(h)
-    h.deploy("a", max_instances=2)
-    h.deploy("b")
-    h.register("n1", gpus=0)
-    h.register("n2", gpus=0)
-    h.backend.down = True
     # n1's instance holds 30,000 tokens to re-prefill at 1,000 tokens/s (30 s), n2's 300 (0.3 s): n2 is cheaper,
     # although n1 wins every tie by name.
-    ready_instance(h, "n1", "a", running=2, tokens_in_flight=30_000, prefill_tokens_per_second=1000.0)
-    a2 = ready_instance(h, "n2", "a", running=2, tokens_in_flight=300, prefill_tokens_per_second=1000.0)
+    h, agents, _, a2 = full_cluster(make_harness, n1={"tokens_in_flight": 30_000, "prefill_tokens_per_second": 1e3},
+                                    n2={"tokens_in_flight": 300, "prefill_tokens_per_second": 1e3})
 
     outcome = h.controller.route("b")
 
