@@ -6,7 +6,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup host venv up down test test-all bench-load
+.PHONY: setup host venv up down test test-all bench-load gpu-wheels
 
 setup: host venv
 
@@ -32,3 +32,13 @@ test: setup
 
 bench-load: setup
 	$(BIN)/python bench/load.py
+
+# Wheels of what the GPU `device` machine lacks (Python 3.12, no network), at the versions this venv tested, for
+# bench/gpu_check.sh (docs/gpu-checks.md).
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection flask itsdangerous blinker gunicorn
+gpu-wheels: venv
+	@rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(BIN)/python -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS))
+	@ls .whl

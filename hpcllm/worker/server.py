@@ -261,6 +261,7 @@ def create_app(service: WorkerService) -> Flask:
                 "load_seconds": service.loaded.load_seconds,
                 "running_requests": running,
                 "waiting_requests": waiting,
+                "device": str(engine.device),
                 "torch_threads": torch.get_num_threads(),
                 "tokens_in_flight": engine.tokens_in_flight(),
                 "prefill_tokens_per_second": engine.prefill_tokens_per_second,

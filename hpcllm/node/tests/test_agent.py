@@ -215,6 +215,43 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
     assert agent.workers._spares == [] and spares_left == []  # the drain retired the spare, its log went with it
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("spare_workers", [0, 1], ids=["fresh-worker", "spare-worker"])
+def test_a_gpu_instance_serves_on_its_gpu(tmp_path, converted, tiny_llama_dir, spare_workers):
+    """The GPU path of an instance: CUDA_VISIBLE_DEVICES narrowed to its GPU, through a fresh worker and through a
+    spare (which must not have initialised CUDA before its assignment)."""
+    agent = make_agent(tmp_path, gpus=1, spare_workers=spare_workers)
+    client = create_app(agent).test_client()
+    try:
+        if spare_workers:
+            agent.workers.ensure_spares()
+            [spare] = agent.workers._spares
+            wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+        resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted),
+                                                           "gpu_ids": [0]}, headers=AUTH)
+        assert resp.status_code == 202, resp.get_json()
+        inst = agent.workers.get(resp.get_json()["instance_id"])
+        assert (inst.process.pid == spare.process.pid) if spare_workers else True
+        wait_for(lambda: inst.state in ("ready", "failed"), what="the GPU worker to load")
+        assert inst.state == "ready", f"{inst.error}\n{inst.log_path.read_text()[-3000:]}"
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).to("cuda").eval()
+        prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
+        with torch.inference_mode():
+            expected = model.generate(prompt.to("cuda"), max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:]
+        with WorkerClient(inst.worker_url, SECRET) as worker:
+            assert worker.ready()["device"] == "cuda:0"
+            with worker.generate(GenerateRequest(request_id="g1", prompt_token_ids=prompt[0].tolist(), max_tokens=8,
+                                                 temperature=0)) as stream:
+                assert [line.token_id for line in stream if line.type == "token"] == expected.tolist()
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
 def test_each_worker_gets_its_share_of_the_cpus(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # Slurm bound the job to 16 CPUs
     agent = make_agent(tmp_path, gpus=4)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU check of hpcllm in one run, for a machine with CUDA and no network: the `device` machine (one H200,
+# python3 3.12 with a CUDA torch and most of hpcllm's dependencies; docs/gpu-checks.md). What it lacks comes as
+# wheels that `make gpu-wheels` downloads here into .whl/.
+#
+#   here:   make gpu-wheels
+#   there:  bash bench/gpu_check.sh        (device tool: carry [".whl"], timeout_s 590)
+#
+# Steps, each under its own time limit so that one stuck step still leaves the others' results:
+#   1. the gpu-marked tests: loader CUDA path (pinned ring, side stream, device_map, a model larger than the staging
+#      ring, DRAM tier -> GPU, checksum on the GPU path), host-to-device probe, GPU worker greedy == generate, a GPU
+#      instance through the node agent (fresh worker and spare worker);
+#   2. bench/load.py's GPU methods against the host-to-device limit measured in the same run (~2 GB checkpoint).
+# Results in $OUT (the device tool's folder) or bench/results/gpu-check/: gpu.txt, gpu-tests.log, load.txt and
+# load-latest.json/.png. Exit status: the tests'.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hpcllm-site \
+        .whl/*.whl || { echo "error: installing the carried wheels failed" >&2; exit 1; }
+    export PYTHONPATH=/tmp/hpcllm-site:$PWD
+fi
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda,
+"available", torch.cuda.is_available(), "| transformers", transformers.__version__)'; } | tee "$OUT/gpu.txt"
+
+timeout "${TEST_SECONDS:-240}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider hpcllm/store hpcllm/worker hpcllm/node \
+    2>&1 | tee "$OUT/gpu-tests.log"
+tests=${PIPESTATUS[0]}
+
+timeout "${BENCH_SECONDS:-300}" $PY bench/load.py --runs "${BENCH_RUNS:-3}" --workdir /tmp/hpcllm-bench ${BENCH_ARGS:-} \
+    --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu 2>&1 | tee "$OUT/load.txt"
+cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
+echo "gpu_check: tests exit status $tests; results in $OUT"
+exit "$tests"
