@@ -70,6 +70,10 @@ class NodeRegistration(Wire):
     tiers: Tiers = Field(default_factory=Tiers)
     h2d_gbps: float | None = Field(None, gt=0)
     cached: list[CacheEntry] = Field(default_factory=list)
+    # A group's model pool (`hpcllm node --model NAME`): the agent keeps NAME running here for its job's whole life.
+    # The controller routes to its instances but never places anything on the node, never moves or evicts its
+    # instances, and never stops them for idleness.
+    pool_model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
 
 
 class InstanceInfo(Wire):
@@ -227,6 +231,7 @@ class NodeStatus(Wire):
     tiers: Tiers
     last_heartbeat: float | None
     cached: list[CacheEntry]
+    pool_model: str | None = None  # a model pool's node: the model its agent keeps running (never placed on)
 
 
 class InstanceStatus(Wire):

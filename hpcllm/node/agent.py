@@ -148,7 +148,8 @@ class NodeAgent:
                       nvme=_tier(m.nvme, self._nvme_capacity(), scope), sharedfs=_tier(m.sharedfs))
         return NodeRegistration(node_id=self.node_id, agent_url=self.agent_url or "http://unbound", slurm_job_id=self.job_id,
                                 job_scoped=scope == "job", gpus=self.gpus.count, tiers=tiers,
-                                h2d_gbps=round(m.h2d.read_gbps, 4) if m.h2d else None, cached=self.cache_entries())
+                                h2d_gbps=round(m.h2d.read_gbps, 4) if m.h2d else None, cached=self.cache_entries(),
+                                pool_model=self.pinned_model)
 
     # ----------------------------------------------------------------------------------------------- server
 

@@ -7,18 +7,27 @@ $HPCLLM_CONFIG. It drains on the configured signal (slurm.signal, default USR1) 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
 import click
 
 from hpcllm.config import CONFIG_ENV, load_config
+from hpcllm.controller.protocol import MODEL_NAME_PATTERN
+
+
+def _model_name(ctx, param, value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(MODEL_NAME_PATTERN, value):
+        raise click.BadParameter(f"{value!r} is not a model name (letters, digits, '.', '_', '-'; the name it was "
+                                 f"deployed under)")
+    return value
 
 
 @click.command("node")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help=f"hpcllm TOML config (default: ${CONFIG_ENV}, else built-in defaults).")
-@click.option("--model", "model", default=None,
+@click.option("--model", "model", default=None, callback=_model_name,
               help="Keep one instance of this deployed model running on this node (a model pool).")
 @click.option("--controller-url", default=None, help="Controller to register with (see above for the default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=None,

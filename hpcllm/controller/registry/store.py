@@ -13,6 +13,7 @@ values are wall-clock because they must mean the same after a restart.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -31,7 +32,9 @@ from hpcllm.controller.protocol import (
 )
 from hpcllm.controller.registry.databases import open_database, sqlite_path_from_url
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -59,7 +62,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     h2d_gbps REAL,
     state TEXT NOT NULL,
     registered_at REAL NOT NULL,
-    last_heartbeat REAL
+    last_heartbeat REAL,
+    pool_model TEXT
 );
 CREATE TABLE IF NOT EXISTS cache (
     node_id TEXT NOT NULL,
@@ -133,6 +137,13 @@ CREATE TABLE IF NOT EXISTS demand (
 );
 """
 
+# How a database written by an older hpcllm is brought up to SCHEMA_VERSION, in place and keeping its data:
+# version -> the (table, column, DDL) that version added. _SCHEMA above is the newest form (for new databases); the
+# upgrade runs in one transaction with the version bump, so a crash leaves either the old or the new schema.
+_MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
+    2: [("nodes", "pool_model", "ALTER TABLE nodes ADD COLUMN pool_model TEXT")],  # model pools (hpcllm node --model)
+}
+
 
 @dataclass(frozen=True)
 class NodeRecord:
@@ -146,6 +157,11 @@ class NodeRecord:
     state: str
     registered_at: float
     last_heartbeat: float | None
+    pool_model: str | None = None  # a model pool's node: its agent owns its instances (never placed on)
+
+    @property
+    def is_pool(self) -> bool:
+        return self.pool_model is not None
 
     @property
     def persistent_nvme(self) -> bool:
@@ -280,6 +296,17 @@ class Registry:
                     f"the controller database {self.path} has schema version {row['version']}, written by a newer "
                     f"hpcllm (this one understands up to {SCHEMA_VERSION}); upgrade hpcllm or use another database"
                 )
+            elif row["version"] < SCHEMA_VERSION:
+                self._upgrade(db, row["version"])
+
+    def _upgrade(self, db, version: int) -> None:
+        """Bring a database of an older schema version up to SCHEMA_VERSION (inside _migrate's transaction)."""
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for table, column, ddl in _MIGRATIONS.get(target, []):
+                if column not in _columns(db, table):
+                    db.execute(ddl)
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        log.info("controller database %s upgraded from schema version %d to %d", self.path, version, SCHEMA_VERSION)
 
     def schema_version(self) -> int:
         with self._read() as db:
@@ -358,13 +385,14 @@ class Registry:
             db.execute("DELETE FROM instances WHERE node_id = ?", (reg.node_id,))
             db.execute(
                 "INSERT INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
-                " state, registered_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?)"
+                " state, registered_at, last_heartbeat, pool_model) VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?, ?)"
                 " ON CONFLICT (node_id) DO UPDATE SET agent_url = excluded.agent_url,"
                 " slurm_job_id = excluded.slurm_job_id, job_scoped = excluded.job_scoped, gpus = excluded.gpus,"
                 " tiers = excluded.tiers, h2d_gbps = excluded.h2d_gbps, state = excluded.state,"
-                " registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat",
+                " registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat,"
+                " pool_model = excluded.pool_model",
                 (reg.node_id, reg.agent_url, reg.slurm_job_id, int(reg.job_scoped), reg.gpus,
-                 reg.tiers.model_dump_json(), reg.h2d_gbps, now, now),
+                 reg.tiers.model_dump_json(), reg.h2d_gbps, now, now, reg.pool_model),
             )
             _replace_cache(db, reg.node_id, reg.cached, persistent_nvme)
             if reg.slurm_job_id:
@@ -686,10 +714,15 @@ def _record_cold_start(db, node_id: str, info: InstanceInfo, previous: InstanceR
     return record
 
 
+def _columns(db, table: str) -> set[str]:
+    """Column names of a table (portable: the cursor's description, on SQLite and PostgreSQL alike)."""
+    return {d[0] for d in db.execute(f"SELECT * FROM {table} LIMIT 0").description}
+
+
 def _node(r) -> NodeRecord:
     return NodeRecord(r["node_id"], r["agent_url"], r["slurm_job_id"], bool(r["job_scoped"]), r["gpus"],
                       Tiers.model_validate_json(r["tiers"]), r["h2d_gbps"], r["state"], r["registered_at"],
-                      r["last_heartbeat"])
+                      r["last_heartbeat"], r["pool_model"])
 
 
 def _instance(r) -> InstanceRecord:

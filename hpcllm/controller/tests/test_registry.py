@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ from hpcllm.controller.protocol import (
 )
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.registry import store as store_module
+from hpcllm.controller.registry.databases import postgres_schema
 from hpcllm.controller.registry.store import SCHEMA_VERSION, sqlite_path_from_url
 
 NOW = 1_000_000.0
@@ -67,6 +69,90 @@ def test_database_from_a_newer_hpcllm_is_refused(tmp_path):
     raw.close()
     with pytest.raises(DatabaseError, match="newer hpcllm"):
         Registry(f"sqlite:///{path}")
+
+
+# A version-1 database (before model pools): version 1's DDL verbatim and rows its Registry wrote.
+V1_DUMP = Path(__file__).with_name("registry_v1.sql")
+
+
+def write_v1_database(database_url: str, tmp_path: Path) -> None:
+    sql = V1_DUMP.read_text()
+    if database_url.startswith("sqlite:///"):
+        raw = sqlite3.connect(sqlite_path_from_url(database_url))
+        raw.execute("PRAGMA journal_mode=WAL")  # as the version-1 Registry left it
+        raw.executescript(sql)
+        raw.close()
+        return
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(postgres_schema(sql))
+        conn.execute("SELECT setval(pg_get_serial_sequence('cold_starts', 'id'), 1)")  # as its inserts left it
+
+
+def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url, tmp_path):
+    write_v1_database(database_url, tmp_path)
+    registry = Registry(database_url)
+    try:
+        assert SCHEMA_VERSION == 2 and registry.schema_version() == 2
+        n1, n2 = registry.nodes()
+        assert (n1.node_id, n1.agent_url, n1.slurm_job_id, n1.job_scoped, n1.gpus, n1.h2d_gbps, n1.state,
+                n1.registered_at, n1.last_heartbeat, n1.pool_model) == \
+            ("n1", "http://n1:9000", "4242", False, 2, 20.0, "up", 1700000010.0, 1700000020.0, None)
+        assert n1.tiers.dram.read_gbps == 12.5 and n1.tiers.nvme.scope == "persistent" and n1.persistent_nvme
+        assert (n2.node_id, n2.slurm_job_id, n2.gpus, n2.tiers.nvme, n2.pool_model) == ("n2", "4243", 0, None, None)
+        assert [m.name for m in registry.models()] == ["tiny-llama"]
+        assert registry.get_model("tiny-llama").keep_alive_seconds == 300.0
+        [entry] = registry.cache()
+        assert (entry.node_id, entry.model, entry.tier, entry.bytes, entry.persistent) == \
+            ("n1", "tiny-llama", "nvme", 123456789, True)
+        [instance] = registry.instances()
+        assert (instance.instance_id, instance.node_id, instance.state, instance.gpu_ids, instance.load_tier) == \
+            ("inst-1", "n1", "ready", [0], "nvme")
+        [alloc] = registry.allocations()
+        assert (alloc.job_id, alloc.state, alloc.nodes, alloc.time_limit_seconds) == ("4242", "running", ["n1"], 3600.0)
+        assert [c.instance_id for c in registry.cold_starts()] == ["inst-1"]
+
+        # The upgraded database takes the new field, and keeps working as before.
+        registry.register_node(registration("n3", job="4244").model_copy(update={"pool_model": "tiny-llama"}),
+                               NOW)
+        registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama", state="loading")]),
+                           NOW + 1)
+        registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama")]), NOW + 2)
+        assert registry.get_node("n3").pool_model == "tiny-llama"
+        assert len(registry.cold_starts()) == 2
+    finally:
+        registry.close()
+
+    # Opening it again is a no-op: still version 2, nothing lost.
+    registry = Registry(database_url)
+    try:
+        assert registry.schema_version() == 2
+        assert [(n.node_id, n.pool_model) for n in registry.nodes()] == \
+            [("n1", None), ("n2", None), ("n3", "tiny-llama")]
+        assert len(registry.instances()) == 2
+    finally:
+        registry.close()
+
+
+def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    write_v1_database(url, tmp_path)
+    raw = sqlite3.connect(tmp_path / "v1.db")
+    assert "pool_model" not in {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
+    raw.close()
+    Registry(url).close()
+    raw = sqlite3.connect(tmp_path / "v1.db")
+    assert "pool_model" in {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
+    raw.close()
+
+
+def test_pool_model_round_trips(registry):
+    registry.register_node(registration("n1").model_copy(update={"pool_model": "m"}), NOW)
+    registry.register_node(registration("n2"), NOW)
+    assert [(n.node_id, n.pool_model, n.is_pool) for n in registry.nodes()] == [("n1", "m", True), ("n2", None, False)]
 
 
 @pytest.mark.parametrize("url, path", [("sqlite:///rel/c.db", "rel/c.db"), ("sqlite:////abs/c.db", "/abs/c.db"),

@@ -42,7 +42,7 @@ def test_agent_registers_heartbeats_and_registers_again_when_forgotten(tmp_path,
         agent.start_server(create_app(agent))
         assert agent.register()
         [node] = first.controller.status().nodes
-        assert (node.node_id, node.agent_url, node.gpus) == ("n9", agent.agent_url, 2)
+        assert (node.node_id, node.agent_url, node.gpus, node.pool_model) == ("n9", agent.agent_url, 2, None)
         assert node.tiers.nvme.read_gbps == 2.0 and node.tiers.sharedfs.read_gbps == 1.0
         assert agent.heartbeat()
 
@@ -67,3 +67,19 @@ def test_wrong_secret_is_a_clear_error_not_an_endless_retry(tmp_path, controller
     with pytest.raises(ConfigError, match="refused the registration: HTTP 401"):
         agent.register()
     agent.shutdown()
+
+
+def test_a_pool_agent_registers_as_a_pool_of_its_model(tmp_path, controllers, monkeypatch):
+    (first, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n8")
+    agent = make_agent(tmp_path)
+    agent.pinned_model = "tiny-llama"  # `hpcllm node --model tiny-llama` (slurm/model-pool.sbatch)
+    agent.controller_url = url
+    try:
+        agent.start_server(create_app(agent))
+        assert agent.register()
+        [node] = first.controller.status().nodes
+        assert (node.node_id, node.pool_model) == ("n8", "tiny-llama")
+        assert first.controller.registry.get_node("n8").is_pool
+    finally:
+        agent.shutdown()
