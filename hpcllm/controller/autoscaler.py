@@ -11,7 +11,7 @@ Each tick, in order:
    live-migrated to an instance elsewhere when there is one, else stopped -; replacements started elsewhere) and
    are cancelled once empty or after drain_seconds.
 6. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
-   below min_instances).
+   below min_instances; never those of a model pool's node: its agent keeps them for its job's whole life).
 7. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
    cancelled (its idle time counts from the tick that found it empty).
 8. min_instances and unmet demand (route calls that found no capacity) start instances or submit allocations.
@@ -177,6 +177,9 @@ class Autoscaler:
                                              f"idle {now - alloc.idle_since:.0f} s"))
 
     def _stop_idle_instances(self, now: float, report: TickReport) -> None:
+        # A model pool (`hpcllm node --model`) owns its instances: stopping one would only make its agent start it
+        # again (and the next user wait for a cold start). They still count as active for min_instances.
+        pool_nodes = {n.node_id for n in self.registry.nodes() if n.is_pool}
         by_model = defaultdict(list)
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading"):
@@ -186,7 +189,8 @@ class Autoscaler:
             if keep_alive is None:
                 keep_alive = self.settings.keep_alive_seconds
             active = by_model.get(model.name, [])
-            idle = sorted((i for i in active if i.state == "ready" and i.load == 0 and now - i.last_used >= keep_alive),
+            idle = sorted((i for i in active if i.state == "ready" and i.load == 0 and now - i.last_used >= keep_alive
+                           and i.node_id not in pool_nodes),
                           key=lambda i: (i.last_used, i.instance_id))
             can_stop = max(0, len(active) - model.min_instances)
             for inst in idle[:can_stop]:

@@ -134,14 +134,14 @@ def print_status(st: ClusterStatus) -> None:
                        f"({m.min_instances}..{m.max_instances})",
                        "default" if m.keep_alive_seconds is None else f"{m.keep_alive_seconds:g} s", m.source)
     nodes = Table(title="nodes")
-    for col in ("node", "state", "job", "gpus free", "tiers GB/s", "cached", "heartbeat"):
+    for col in ("node", "state", "job", "pool", "gpus free", "tiers GB/s", "cached", "heartbeat"):
         nodes.add_column(col)
     for n in st.nodes:
         tiers = ", ".join(f"{t} {getattr(n.tiers, t).read_gbps:g}" for t in ("dram", "nvme", "sharedfs")
                           if getattr(n.tiers, t) is not None)
         cached = ", ".join(f"{c.model}@{c.tier}" for c in n.cached)
-        nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", f"{n.free_gpus}/{n.gpus}", tiers or "-",
-                      cached or "-", _ago(st.now, n.last_heartbeat))
+        nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", n.pool_model or "-", f"{n.free_gpus}/{n.gpus}",
+                      tiers or "-", cached or "-", _ago(st.now, n.last_heartbeat))
     instances = Table(title="instances")
     for col in ("instance", "model", "node", "state", "gpus", "running", "loaded from", "estimated", "idle"):
         instances.add_column(col)

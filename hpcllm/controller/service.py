@@ -194,7 +194,8 @@ class Controller:
             models=self.registry.models(),
             nodes=[NodeStatus(node_id=n.node_id, state=n.state, agent_url=n.agent_url, slurm_job_id=n.slurm_job_id,
                               job_scoped=n.job_scoped, gpus=n.gpus, free_gpus=max(0, n.gpus - used[n.node_id]),
-                              tiers=n.tiers, last_heartbeat=n.last_heartbeat, cached=cache[n.node_id])
+                              tiers=n.tiers, last_heartbeat=n.last_heartbeat, cached=cache[n.node_id],
+                              pool_model=n.pool_model)
                    for n in nodes],
             instances=[InstanceStatus(instance_id=i.instance_id, model=i.model, node_id=i.node_id, state=i.state,
                                       worker_url=i.worker_url, gpu_ids=i.gpu_ids, running_requests=i.running_requests,
@@ -213,8 +214,9 @@ class Controller:
 
     def register(self, reg: NodeRegistration) -> RegisterResponse:
         node = self.registry.register_node(reg, self.clock())
-        log.info("node %s registered (agent %s, job %s, %d gpus, %d cached)", node.node_id, node.agent_url,
-                 node.slurm_job_id, node.gpus, len(reg.cached))
+        log.info("node %s registered (agent %s, job %s, %d gpus, %d cached%s)", node.node_id, node.agent_url,
+                 node.slurm_job_id, node.gpus, len(reg.cached),
+                 f"; model pool of {node.pool_model}: routed to, never placed on" if node.is_pool else "")
         self._notify()
         return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds)
 
@@ -448,7 +450,8 @@ class Controller:
 
     def _candidates(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str] = frozenset()):
         """Placement candidates with their targets: running nodes, this model's pending allocations, idle nodes
-        (none of exclude_nodes)."""
+        (none of exclude_nodes). Model pools' nodes never are: their agents own their instances (the controller
+        only routes to them), so nothing is started there and nothing there is evicted or moved to make room."""
         holding: dict[str, set[str]] = defaultdict(set)
         for entry in self.registry.cache(model=model.name):
             holding[entry.node_id].add(entry.tier)
@@ -459,7 +462,7 @@ class Controller:
             by_node[inst.node_id].append(inst)
         known_nodes = {n.node_id: n for n in self.registry.nodes()}
         for node in known_nodes.values():
-            if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes:
+            if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool:
                 continue
             free, movable = self._room(model, node, by_node[node.node_id])
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))

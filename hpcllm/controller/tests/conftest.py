@@ -56,14 +56,14 @@ class Harness:
 
     def register(self, node_id: str, gpus: int = 2, cached: tuple[tuple[str, str], ...] = (), job: str | None = None,
                  dram_gbps: float = 20.0, nvme_gbps: float = 4.0, sharedfs_gbps: float = 1.0,
-                 nvme_scope: str = "persistent") -> str:
+                 nvme_scope: str = "persistent", pool_model: str | None = None) -> str:
         url = f"http://{node_id}:9000"
         tiers = Tiers(dram=TierInfo(capacity_bytes=64 * GB, read_gbps=dram_gbps),
                       nvme=TierInfo(capacity_bytes=1000 * GB, read_gbps=nvme_gbps, scope=nvme_scope),
                       sharedfs=TierInfo(read_gbps=sharedfs_gbps))
         self.controller.register(NodeRegistration(
             node_id=node_id, agent_url=url, slurm_job_id=job, job_scoped=job is not None, gpus=gpus, tiers=tiers,
-            cached=[CacheEntry(model=m, tier=t, bytes=1, verified=True) for m, t in cached]))
+            cached=[CacheEntry(model=m, tier=t, bytes=1, verified=True) for m, t in cached], pool_model=pool_model))
         return url
 
     def heartbeat(self, node_id: str, **loading_done) -> None:
