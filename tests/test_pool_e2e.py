@@ -1,0 +1,267 @@
+"""A group's model pool (`sbatch slurm/model-pool.sbatch`) beside the controller, end to end on the real dev cluster
+(docs/controller.md, "Model pools").
+
+A real `hpcllm controller` (keep-alive 3 s for A, 8 s for B, a tick a second, one CPU slot per node, eviction_seconds = 0,
+allocate_on_demand = false), the repository's slurm/model-pool.sbatch submitted for model A on n1 (its agent runs
+`hpcllm node --model A` under srun and registers as A's pool), and an ordinary node-agent job on n2. Model B, a
+second deployed copy of the same checkpoint, is put in n1's DRAM cache, so n1 would be B's fastest start if it were a
+placement candidate (evicting the pool's idle instance costs nothing here).
+
+Checks: a request for A is routed to the pool's instance and answered; B is placed on n2 with n2 as the only
+candidate, and the pool's instance is neither evicted nor moved; after keep-alive the ordinary idle instance (B's)
+is stopped while the pool's instance is still the same instance and ready; `hpcllm status` and `--json` name the
+pool; when the pool job is told to end (Slurm's USR1 to its batch shell), its agent drains and the controller
+forgets the pool's instance. Everything started here (jobs, processes) is stopped at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+from e2e_helpers import HPCLLM, answers, free_port, run_hpcllm, start_logged, stop_process, wait_for
+from e2e_helpers import admin_status as e2e_admin_status
+
+from hpcllm.checkpoint.converter import convert
+from hpcllm.config import load_config
+from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.slurm.cli_backend import CliBackend
+from hpcllm.slurm.templates import node_agent_job_spec
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.protocol import GenerateRequest
+
+pytestmark = pytest.mark.slurm
+
+SECRET = "pool-e2e-secret"
+ADMIN = "pool-e2e-admin"
+MODEL_A = f"tiny-pool-a-{os.getpid()}"
+MODEL_B = f"tiny-pool-b-{os.getpid()}"
+POOL_NODE, OTHER_NODE = "n1", "n2"
+KEEP_ALIVE = 3.0  # A's (the pool's model), and the controller's default
+B_KEEP_ALIVE = 8.0  # long enough to read B's placement after its request, even on a busy host
+POOL_SBATCH = Path(__file__).resolve().parents[1] / "slurm" / "model-pool.sbatch"
+
+
+def write_config(root: Path, controller_port: int) -> Path:
+    path = root / "hpcllm.toml"
+    path.write_text(f"""
+[paths]
+state_dir = "{root / 'state'}"
+models_dir = "{root / 'models'}"
+[cluster]
+shared_secret = "{SECRET}"
+[slurm]
+partition = "batch"
+time = "00:10:00"
+gpus_per_node = 0
+[node]
+controller_url = "http://127.0.0.1:{controller_port}"
+nvme_dir = "{root / 'nvme' / '%n'}"
+dram_namespace = "pool{os.getpid()}-%n"
+probe_bytes = {16 << 20}
+memcpy_probe_bytes = {16 << 20}
+heartbeat_seconds = 1.0
+spare_workers = 0
+migrate_timeout_seconds = 10
+worker_stop_timeout_seconds = 10
+[controller]
+host = "127.0.0.1"
+port = {controller_port}
+admin_key = "{ADMIN}"
+allocate_on_demand = false
+tick_seconds = 1.0
+keep_alive_seconds = {KEEP_ALIVE}
+cpu_slots_per_node = 1
+eviction_seconds = 0
+""")
+    return path
+
+
+def admin_status(controller_url: str) -> dict:
+    return e2e_admin_status(controller_url, ADMIN)
+
+
+def instances_of(status: dict, model: str) -> list[dict]:
+    return [i for i in status["instances"] if i["model"] == model]
+
+
+def route(controller_url: str, model: str, wait: float = 0) -> httpx.Response:
+    resp = httpx.get(f"{controller_url}/v1/internal/route", params={"model": model, "wait": wait},
+                     headers={SECRET_HEADER: SECRET}, timeout=wait + 30)
+    assert resp.status_code in (200, 202), resp.text
+    return resp
+
+
+def generate(worker_url: str, request_id: str, max_tokens: int = 4) -> list[int]:
+    with WorkerClient(worker_url, SECRET) as worker:
+        with worker.generate(GenerateRequest(request_id=request_id, prompt="hello world", max_tokens=max_tokens,
+                                             temperature=0)) as stream:
+            return [line.token_id for line in stream if line.type == "token"]
+
+
+def logs(root: Path) -> str:
+    """The ends of the agents' and the controller's logs, without the HTTP request lines, for failure messages."""
+    parts = []
+    for path in [*sorted((root / "slurm").glob("*.out")), root / "controller.log"]:
+        if path.exists():
+            lines = [line for line in path.read_text().splitlines() if "HTTP Request:" not in line
+                     and '" 200 -' not in line and '" 202 -' not in line]
+            parts.append(f"--- {path.name}\n" + "\n".join(lines[-40:]))
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def stack(slurm_cluster, tiny_llama_dir, tmp_path):
+    """(controller_url, root, env, pool_job): the controller, models A and B deployed (one checkpoint, two names),
+    A's pool (slurm/model-pool.sbatch) on n1 and a node-agent job on n2, both registered."""
+    root = Path(tempfile.mkdtemp(prefix="hpcllm-pool-e2e-", dir="/var/tmp"))  # munge wants searchable parents
+    root.chmod(0o755)
+    (root / "slurm").mkdir()
+    controller_port = free_port()
+    config_path = write_config(root, controller_port)
+    config = load_config(config_path)
+    backend = CliBackend(config.slurm, command_timeout=30)
+    convert(tiny_llama_dir, root / "models" / MODEL_A, progress=False)
+    shutil.copytree(root / "models" / MODEL_A, root / "models" / MODEL_B)
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(HPCLLM_CONFIG=str(config_path), COLUMNS="250")
+    controller_url = f"http://127.0.0.1:{controller_port}"
+    jobs: list[str] = []
+    controller = None
+    try:
+        controller = start_logged([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
+        wait_for(lambda: answers(f"{controller_url}/health", controller, root / "controller.log"), 60,
+                 "the controller")
+        # Deployed before the pool starts: its agent looks A up once it registered.
+        for model, keep_alive in ((MODEL_A, KEEP_ALIVE), (MODEL_B, B_KEEP_ALIVE)):
+            deployed = httpx.post(f"{controller_url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"},
+                                  timeout=30, json={"name": model, "source": str(root / "models" / model), "gpus": 0,
+                                                    "keep_alive_seconds": keep_alive, "max_instances": 1})
+            assert deployed.status_code == 201, deployed.text
+        # The pool as a group submits it (the script's own #SBATCH lines, GPUS=1 of the node's two fake GPUs; the
+        # model itself serves on CPU). OMP_NUM_THREADS=1: two CPU workers share this host's two cores.
+        exports = {"MODEL": MODEL_A, "HPCLLM": HPCLLM, "HPCLLM_CONFIG": str(config_path), "OMP_NUM_THREADS": "1"}
+        submitted = slurm_cluster.run(
+            "sbatch", "--parsable", "-w", POOL_NODE, "--time", "00:10:00", "-J", f"hpcllm-pool{os.getpid()}",
+            "-o", str(root / "slurm" / "pool-%j.out"),
+            "--export", "ALL," + ",".join(f"{k}={v}" for k, v in exports.items()), str(POOL_SBATCH))
+        pool_job = submitted.stdout.strip().split(";")[0]
+        jobs.append(pool_job)
+        spec = node_agent_job_spec(config, gpus_per_node=0, name=f"hpcllm-pool{os.getpid()}-{OTHER_NODE}",
+                                   agent_args=["--config", str(config_path)], hpcllm=HPCLLM,
+                                   output=str(root / "slurm" / f"agent-{OTHER_NODE}-%j.out"),
+                                   env={"HPCLLM_CONFIG": str(config_path), "OMP_NUM_THREADS": "1"})
+        jobs.append(backend.submit(spec.model_copy(update={"nodelist": (OTHER_NODE,)})))
+
+        def registered():
+            up = {n["node_id"]: n for n in admin_status(controller_url)["nodes"] if n["state"] == "up"}
+            return up if {POOL_NODE, OTHER_NODE} <= set(up) else None
+
+        wait_for(registered, 90, f"the agents on {POOL_NODE} and {OTHER_NODE} to register")
+        yield controller_url, root, env, pool_job
+    finally:
+        for job in jobs:
+            backend.cancel(job)
+        if controller is not None:
+            stop_process(controller)
+        for folder in Path("/dev/shm").glob(f"pool{os.getpid()}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        for log in [*root.glob("*.log"), *(root / "slurm").glob("*.out")]:
+            shutil.copy(log, tmp_path / log.name)  # logs stay readable in pytest's tmp_path
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):
+    controller_url, root, env, pool_job = stack
+
+    # The pool's agent starts A by itself and registers as A's pool.
+    def pool_ready():
+        st = admin_status(controller_url)
+        ready = [i for i in instances_of(st, MODEL_A) if i["state"] == "ready"]
+        return (st, ready[0]) if ready else None
+
+    status, pooled = wait_for(pool_ready, 90, f"the pool's instance of {MODEL_A} to be ready", interval=1)
+    assert pooled["node_id"] == POOL_NODE
+    nodes = {n["node_id"]: n for n in status["nodes"]}
+    assert nodes[POOL_NODE]["pool_model"] == MODEL_A and nodes[OTHER_NODE]["pool_model"] is None
+
+    # A request for A goes to the pool's instance and is answered there.
+    routed = route(controller_url, MODEL_A).json()
+    assert (routed["status"], routed["instance_id"], routed["node_id"]) == ("ready", pooled["instance_id"], POOL_NODE)
+    assert len(generate(routed["worker_url"], "pool-a-1")) == 4
+
+    # B's checkpoint in the pool node's DRAM: were n1 a candidate, evicting the idle pool instance (0 s) and
+    # loading from DRAM would be B's fastest start.
+    warmed = run_hpcllm("cache", "warm", MODEL_B, "--nodes", POOL_NODE, "--tier", "dram", env=env)
+    assert warmed.returncode == 0, warmed.stdout + warmed.stderr
+
+    def b_in_pool_dram():
+        st = admin_status(controller_url)
+        node = next(n for n in st["nodes"] if n["node_id"] == POOL_NODE)
+        return st if any(c["model"] == MODEL_B and c["tier"] == "dram" for c in node["cached"]) else None
+
+    status = wait_for(b_in_pool_dram, 30, f"the controller to see {MODEL_B} in {POOL_NODE}'s DRAM")
+    nodes = {n["node_id"]: n for n in status["nodes"]}
+    assert nodes[POOL_NODE]["tiers"]["dram"]["read_gbps"] > nodes[OTHER_NODE]["tiers"]["sharedfs"]["read_gbps"], (
+        f"n1's DRAM should be the faster tier for this test to mean something: {nodes}")
+
+    # B must start on n2, the only candidate; the pool keeps its instance.
+    def b_ready():
+        resp = route(controller_url, MODEL_B, wait=10)
+        return resp.json() if resp.status_code == 200 else None
+
+    routed_b = wait_for(b_ready, 90, f"{MODEL_B} to be ready", interval=0.2)
+    assert routed_b["node_id"] == OTHER_NODE, logs(root)
+    assert len(generate(routed_b["worker_url"], "pool-b-1")) == 4
+    status = admin_status(controller_url)
+    [b] = instances_of(status, MODEL_B)
+    assert (b["node_id"], b["placement"]["node"], b["placement"]["considered"]) == (OTHER_NODE, OTHER_NODE, 1)
+    assert b["placement"]["migrate"] == []
+    [a] = instances_of(status, MODEL_A)
+    assert (a["instance_id"], a["state"], a["node_id"]) == (pooled["instance_id"], "ready", POOL_NODE)
+
+    # Past keep-alive: B's idle instance is stopped, the pool's is not.
+    def b_stopped():
+        st = admin_status(controller_url)
+        return st if not instances_of(st, MODEL_B) else None
+
+    status = wait_for(b_stopped, B_KEEP_ALIVE + 30, f"{MODEL_B}'s idle instance to be stopped after keep-alive")
+    [a] = instances_of(status, MODEL_A)
+    assert status["now"] - a["last_used"] > KEEP_ALIVE + 3  # well past A's keep-alive too
+    assert (a["instance_id"], a["state"]) == (pooled["instance_id"], "ready"), logs(root)
+    controller_log = (root / "controller.log").read_text()
+    assert f"stop_idle {b['instance_id']}" in controller_log
+    assert f"stop_idle {pooled['instance_id']}" not in controller_log
+
+    # `hpcllm status` names the pool.
+    shown = run_hpcllm("status", "--json", env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    nodes = {n["node_id"]: n for n in json.loads(shown.stdout)["nodes"]}
+    assert (nodes[POOL_NODE]["pool_model"], nodes[OTHER_NODE]["pool_model"]) == (MODEL_A, None)
+    shown = run_hpcllm("status", env=env)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    pool_row = next(line for line in shown.stdout.splitlines() if f" {POOL_NODE} " in line and "up" in line)
+    assert MODEL_A in pool_row, shown.stdout
+
+    # The pool job is told to end the way Slurm does it near the time limit (USR1 to the batch shell): its agent
+    # drains and the controller forgets the pool's instance.
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", pool_job)
+
+    def forgotten():
+        st = admin_status(controller_url)
+        node = next(n for n in st["nodes"] if n["node_id"] == POOL_NODE)
+        return st if not instances_of(st, MODEL_A) and node["state"] != "up" else None
+
+    wait_for(forgotten, 45, "the controller to forget the ended pool's instance")
+
+    def drained():
+        log = next((root / "slurm").glob("pool-*.out")).read_text()
+        return "node agents exited with status" in log and log
+
+    log = wait_for(drained, 45, "the pool's agent to finish draining")
+    assert "node agents exited with status 0" in log, log[-3000:]
