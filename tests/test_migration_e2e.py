@@ -1,6 +1,6 @@
 """Live migration when Slurm preempts a node, end to end on the real dev cluster (docs/node-agent.md, "Drain").
 
-A real `hpcllm controller`, node-agent jobs on n1 and n2 (each keeps one instance of the same tiny model, `hpcllm
+A real `hpcllm controller`, node-agent jobs on n1 and n2 (each keeps one instance of the same small model, `hpcllm
 node --model`), a gunicorn `hpcllm gateway`, the official `openai` client. A long greedy streaming completion runs;
 the node serving it is then preempted the way Slurm does it: a job in the dev cluster's `high` partition asks for
 that node's GPUs, Slurm picks the agent's job as the victim and (preempt_send_user_signal) sends its batch shell
@@ -44,8 +44,8 @@ MODEL = f"tiny-llama-mig{os.getpid()}"
 NODES = ("n1", "n2")
 PROMPT = "hello world"
 # Long enough that the preemption lands mid-stream: Slurm picks the victim within ~2-4 s (sched_interval=2), and
-# the tiny model streams 20-50 ms a token on this 2-core host. The model's context is 512 positions.
-MAX_TOKENS = 300
+# the small model streams 5-20 ms a token on this 2-core host (one torch thread per worker). Its context is 1024.
+MAX_TOKENS = 900
 TOKENS_BEFORE_PREEMPTION = 2
 
 
@@ -120,7 +120,7 @@ def serving_node(instances: list[dict]) -> str | None:
 
 
 @pytest.fixture
-def stack(slurm_cluster, tiny_llama_dir, tmp_path):
+def stack(slurm_cluster, small_llama_dir, tmp_path):
     """(gateway_url, controller_url, root, jobs): controller + gateway processes, the model deployed, node-agent
     jobs submitted on n1 and n2 (`jobs`: node -> job id; the test adds its preempting job under "high")."""
     root = Path(tempfile.mkdtemp(prefix="hpcllm-mig-e2e-", dir="/var/tmp"))  # munge wants searchable parents
@@ -129,7 +129,7 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
     config_path = write_config(root, controller_port, gateway_port)
     config = load_config(config_path)
     backend = CliBackend(config.slurm, command_timeout=30)
-    convert(tiny_llama_dir, root / "models" / MODEL, progress=False)
+    convert(small_llama_dir, root / "models" / MODEL, progress=False)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["HPCLLM_CONFIG"] = str(config_path)
     controller_url, gateway_url = f"http://127.0.0.1:{controller_port}", f"http://127.0.0.1:{gateway_port}"
@@ -168,7 +168,7 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_preempted_node_live_migrates_a_running_stream(stack, slurm_cluster, tiny_llama_dir):
+def test_preempted_node_live_migrates_a_running_stream(stack, slurm_cluster, small_llama_dir):
     import openai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -177,8 +177,8 @@ def test_preempted_node_live_migrates_a_running_stream(stack, slurm_cluster, tin
     reference: dict = {}
 
     def compute_reference():
-        tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-        pair = (AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(small_llama_dir)
+        pair = (AutoModelForCausalLM.from_pretrained(small_llama_dir).eval(), tokenizer)
         reference["text"], reference["finish"], reference["tokens"] = hf_greedy(
             pair, tokenizer(PROMPT)["input_ids"], MAX_TOKENS)
 

@@ -54,7 +54,6 @@ from e2e_helpers import admin_status as e2e_admin_status
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
 from hpcllm.controller.protocol import SECRET_HEADER
-from hpcllm.devmodels.builder import make_model
 from hpcllm.gateway.tests.test_openai_api import hf_greedy
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
@@ -158,12 +157,6 @@ def expected_placement(status: dict, node_with_b_in_dram: str) -> dict[str, tupl
         tier, gbps = min(options, key=lambda o: size / o[1])
         estimates[node] = (size / (gbps * 1e9) + MOVE_SECONDS, tier, gbps)
     return estimates
-
-
-@pytest.fixture(scope="module")
-def small_llama_dir(tmp_path_factory) -> Path:
-    """The devmodels "small" Llama (41 MB, float32, seed 0)."""
-    return make_model("llama", tmp_path_factory.mktemp("devmodels-small") / "llama", size="small")
 
 
 @pytest.fixture

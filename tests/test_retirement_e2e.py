@@ -39,7 +39,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
 from hpcllm.controller.protocol import SECRET_HEADER
-from hpcllm.devmodels.builder import make_model
 from hpcllm.gateway.tests.test_openai_api import hf_greedy
 from hpcllm.slurm.cli_backend import CliBackend
 
@@ -193,13 +192,6 @@ class Stream(threading.Thread):
                     self.chunks += 1
         except Exception as exc:  # noqa: BLE001 - reported by the test
             self.error = repr(exc)
-
-
-@pytest.fixture(scope="session")
-def small_llama_dir(tmp_path_factory) -> Path:
-    """The devmodels "small" Llama (41 MB, float32, seed 0): a token takes it 5-10 ms on an idle 2-core host, the
-    tiny one 2 ms, too little for a stream to be still running when the retirement comes."""
-    return make_model("llama", tmp_path_factory.mktemp("devmodels-small") / "llama", size="small")
 
 
 @pytest.fixture

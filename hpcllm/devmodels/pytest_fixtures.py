@@ -55,3 +55,10 @@ def tiny_sharded_dir(tiny_models_root: Path) -> Path:
 def tiny_bin_dir(tiny_models_root: Path) -> Path:
     """Tiny GPT-2 as a legacy pytorch_model.bin (seed 0: same weights as tiny_gpt2)."""
     return make_model("gpt2", tiny_models_root / "gpt2-bin", fmt="bin")
+
+
+@pytest.fixture(scope="session")
+def small_llama_dir(tiny_models_root: Path) -> Path:
+    """The "small" Llama (41 MB, float32, seed 0, 1024 positions): a token takes it 5-20 ms on this 2-core host, the
+    tiny one ~2-5 ms, too little for a stream to be still running when a drain or move comes in end-to-end tests."""
+    return make_model("llama", tiny_models_root / "llama-small", size="small")
