@@ -15,10 +15,10 @@ host:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; hpcllm needs Python 3.11" >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test,mpi,bench]'
+	$(BIN)/pip install -q -e '.[test,mpi,bench,postgres]'
 	@touch $@
 
 up: setup

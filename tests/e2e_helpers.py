@@ -5,6 +5,8 @@ Several test files use this module: add functions, do not change the behaviour o
 
 from __future__ import annotations
 
+import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,3 +126,56 @@ def worker_running_requests(worker_url: str, secret: str) -> int:
     """Requests a worker runs or queues now, asked of the worker itself (the controller's view lags a heartbeat)."""
     ready = httpx.get(f"{worker_url}/ready", headers={"X-Hpcllm-Secret": secret}, timeout=5).json()
     return int(ready.get("running_requests") or 0) + int(ready.get("waiting_requests") or 0)
+
+
+def write_e2e_config(root: Path, *, secret: str, admin: str, controller_port: int, namespace: str,
+                     gateway_port: int | None = None, user_key: str | None = None,
+                     **sections: dict[str, object]) -> Path:
+    """root/hpcllm.toml for an end-to-end test on the dev cluster: state under root, 16 MiB probes, 1 s heartbeats
+    and ticks, `namespace` in the agents' shared-memory names (per test process), a gunicorn gateway routing
+    through the controller when gateway_port is given; `sections` ({"node": {...}, ...}) add or override keys."""
+    config: dict[str, dict[str, object]] = {
+        "paths": {"state_dir": str(root / "state"), "models_dir": str(root / "models")},
+        "cluster": {"shared_secret": secret},
+        "slurm": {"partition": "batch", "time": "00:10:00"},
+        "worker": {},
+        "node": {"nvme_dir": str(root / "nvme" / "%n"), "dram_namespace": f"{namespace}-%n",
+                 "probe_bytes": 16 << 20, "memcpy_probe_bytes": 16 << 20, "heartbeat_seconds": 1.0},
+        "controller": {"host": "127.0.0.1", "port": controller_port, "admin_key": admin, "tick_seconds": 1.0},
+    }
+    if gateway_port is not None:
+        config["gateway"] = {"host": "127.0.0.1", "port": gateway_port, "workers": 2, "threads": 8,
+                             "router": "controller", "controller_url": f"http://127.0.0.1:{controller_port}",
+                             "admin_key": admin}
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in config.items():
+        if values:
+            lines += [f"[{name}]", *(f"{key} = {_toml_value(value)}" for key, value in values.items())]
+    if gateway_port is not None and user_key is not None:
+        lines += ["[[gateway.api_keys]]", f"key = {_toml_value(user_key)}", 'name = "e2e"']
+    path = root / "hpcllm.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
+
+
+def clean_up_e2e(root: Path, keep_logs_in: Path, namespace: str) -> None:
+    """After an end-to-end test: drop the agents' DRAM tiers (/dev/shm/hpcllm-<namespace>-<node>, see
+    write_e2e_config), keep the logs (controller, gateway, Slurm jobs' output, workers) in keep_logs_in, where pytest
+    keeps them readable, and remove root."""
+    for folder in Path("/dev/shm").glob(f"hpcllm-{namespace}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    for log in [*root.glob("*.log"), *root.glob("slurm/*.out"), *root.glob("state/slurm/*.out")]:
+        shutil.copy(log, keep_logs_in / log.name)
+    for log in root.glob("state/node/*/*.log"):
+        shutil.copy(log, keep_logs_in / f"{log.parent.name}-{log.name}")
+    shutil.rmtree(root, ignore_errors=True)

@@ -10,14 +10,14 @@ with its load tier. Everything this test started (gateway, controller, Slurm job
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import HPCLLM, answers, free_port, start_logged, stop_process, wait_for
+from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process, wait_for,
+                         write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,42 +36,10 @@ PROMPT = "the cluster"
 
 
 def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
-    path = root / "hpcllm.toml"
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-models_dir = "{root / 'models'}"
-[cluster]
-shared_secret = "{SECRET}"
-[slurm]
-partition = "batch"
-time = "00:10:00"
-[node]
-nvme_dir = "{root / 'nvme' / '%n'}"
-dram_namespace = "cold{os.getpid()}-%n"
-probe_bytes = {16 << 20}
-memcpy_probe_bytes = {16 << 20}
-heartbeat_seconds = 1.0
-[controller]
-host = "127.0.0.1"
-port = {controller_port}
-admin_key = "{ADMIN}"
-allocate_on_demand = true
-allocation_start_estimate_seconds = 5.0
-tick_seconds = 1.0
-[gateway]
-host = "127.0.0.1"
-port = {gateway_port}
-workers = 2
-threads = 8
-router = "controller"
-controller_url = "http://127.0.0.1:{controller_port}"
-admin_key = "{ADMIN}"
-[[gateway.api_keys]]
-key = "{USER_KEY}"
-name = "e2e"
-""")
-    return path
+    return write_e2e_config(
+        root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"cold{os.getpid()}",
+        gateway_port=gateway_port, user_key=USER_KEY,
+        controller={"allocate_on_demand": True, "allocation_start_estimate_seconds": 5.0})
 
 
 def admin_status(controller_url: str) -> dict:
@@ -118,12 +86,7 @@ def stack(tiny_llama_dir, tmp_path):
                                text=True, timeout=30).stdout.split()
         for job in set(jobs) | set(named):
             backend.cancel(job)
-        for folder in Path("/dev/shm").glob(f"hpcllm-cold{os.getpid()}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-        # Logs (controller, gateway, Slurm job output) stay readable in pytest's tmp_path; the rest goes.
-        for log in [*root.glob("*.log"), *(root / "state" / "slurm").glob("*.out")]:
-            shutil.copy(log, tmp_path / log.name)
-        shutil.rmtree(root, ignore_errors=True)
+        clean_up_e2e(root, tmp_path, f"cold{os.getpid()}")
 
 
 def test_cold_stream_then_warm_chat_and_cold_start_metrics(stack, tiny_llama_dir):

@@ -15,7 +15,6 @@ drained agent logged the move and exited 0. Everything started here (jobs, proce
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import HPCLLM, answers, free_port, start_logged, stop_process, wait_for
+from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process, wait_for,
+                         write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -50,45 +50,12 @@ TOKENS_BEFORE_PREEMPTION = 2
 
 
 def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
-    path = root / "hpcllm.toml"
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-models_dir = "{root / 'models'}"
-[cluster]
-shared_secret = "{SECRET}"
-[slurm]
-partition = "batch"
-time = "00:10:00"
-gpus_per_node = 2
-[node]
-controller_url = "http://127.0.0.1:{controller_port}"
-nvme_dir = "{root / 'nvme' / '%n'}"
-dram_namespace = "mig{os.getpid()}-%n"
-probe_bytes = {16 << 20}
-memcpy_probe_bytes = {16 << 20}
-heartbeat_seconds = 1.0
-migrate_timeout_seconds = 20
-worker_stop_timeout_seconds = 10
-[controller]
-host = "127.0.0.1"
-port = {controller_port}
-admin_key = "{ADMIN}"
-allocate_on_demand = false
-tick_seconds = 1.0
-[gateway]
-host = "127.0.0.1"
-port = {gateway_port}
-workers = 2
-threads = 8
-router = "controller"
-controller_url = "http://127.0.0.1:{controller_port}"
-admin_key = "{ADMIN}"
-[[gateway.api_keys]]
-key = "{USER_KEY}"
-name = "e2e"
-""")
-    return path
+    return write_e2e_config(
+        root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"mig{os.getpid()}",
+        gateway_port=gateway_port, user_key=USER_KEY, slurm={"gpus_per_node": 2},
+        node={"controller_url": f"http://127.0.0.1:{controller_port}", "migrate_timeout_seconds": 20,
+              "worker_stop_timeout_seconds": 10},
+        controller={"allocate_on_demand": False})
 
 
 def admin_status(controller_url: str) -> dict:
@@ -161,11 +128,7 @@ def stack(slurm_cluster, small_llama_dir, tmp_path):
             backend.cancel(job)
         for proc, _ in reversed(procs):
             stop_process(proc)
-        for folder in Path("/dev/shm").glob(f"hpcllm-mig{os.getpid()}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-        for log in [*root.glob("*.log"), *(root / "slurm").glob("*.out")]:
-            shutil.copy(log, tmp_path / log.name)  # logs stay readable in pytest's tmp_path
-        shutil.rmtree(root, ignore_errors=True)
+        clean_up_e2e(root, tmp_path, f"mig{os.getpid()}")
 
 
 def test_preempted_node_live_migrates_a_running_stream(stack, slurm_cluster, small_llama_dir):

@@ -41,6 +41,7 @@ import pytest
 from e2e_helpers import (
     HPCLLM,
     answers,
+    clean_up_e2e,
     free_port,
     metric_samples,
     run_hpcllm,
@@ -48,6 +49,7 @@ from e2e_helpers import (
     stop_process,
     wait_for,
     worker_running_requests,
+    write_e2e_config,
 )
 from e2e_helpers import admin_status as e2e_admin_status
 
@@ -79,49 +81,13 @@ MOVE_SECONDS = 2.0
 
 
 def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
-    path = root / "hpcllm.toml"
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-models_dir = "{root / 'models'}"
-[cluster]
-shared_secret = "{SECRET}"
-[slurm]
-partition = "batch"
-time = "00:10:00"
-gpus_per_node = 0
-[node]
-controller_url = "http://127.0.0.1:{controller_port}"
-nvme_dir = "{root / 'nvme' / '%n'}"
-dram_namespace = "pm{os.getpid()}-%n"
-probe_bytes = {16 << 20}
-memcpy_probe_bytes = {16 << 20}
-heartbeat_seconds = 1.0
-migrate_timeout_seconds = 20
-worker_stop_timeout_seconds = 10
-[controller]
-host = "127.0.0.1"
-port = {controller_port}
-admin_key = "{ADMIN}"
-allocate_on_demand = false
-tick_seconds = 1.0
-cpu_slots_per_node = 1
-scale_out_running_requests = 1
-eviction_seconds = {MOVE_SECONDS}
-migration_seconds_per_instance = {MOVE_SECONDS}
-[gateway]
-host = "127.0.0.1"
-port = {gateway_port}
-workers = 2
-threads = 8
-router = "controller"
-controller_url = "http://127.0.0.1:{controller_port}"
-admin_key = "{ADMIN}"
-[[gateway.api_keys]]
-key = "{USER_KEY}"
-name = "e2e"
-""")
-    return path
+    return write_e2e_config(
+        root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"pm{os.getpid()}",
+        gateway_port=gateway_port, user_key=USER_KEY, slurm={"gpus_per_node": 0},
+        node={"controller_url": f"http://127.0.0.1:{controller_port}", "migrate_timeout_seconds": 20,
+              "worker_stop_timeout_seconds": 10},
+        controller={"allocate_on_demand": False, "cpu_slots_per_node": 1, "scale_out_running_requests": 1,
+                    "eviction_seconds": MOVE_SECONDS, "migration_seconds_per_instance": MOVE_SECONDS})
 
 
 def admin_status(controller_url: str) -> dict:
@@ -207,11 +173,7 @@ def stack(slurm_cluster, small_llama_dir, tmp_path):
             backend.cancel(job)
         for proc, _ in reversed(procs):
             stop_process(proc)
-        for folder in Path("/dev/shm").glob(f"pm{os.getpid()}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-        for log in [*root.glob("*.log"), *(root / "slurm").glob("*.out")]:
-            shutil.copy(log, tmp_path / log.name)  # logs stay readable in pytest's tmp_path
-        shutil.rmtree(root, ignore_errors=True)
+        clean_up_e2e(root, tmp_path, f"pm{os.getpid()}")
 
 
 def test_placement_live_migrates_the_busy_instance_it_moves(stack, small_llama_dir):

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import HPCLLM, answers, free_port, run_hpcllm, start_logged, stop_process, wait_for
+from e2e_helpers import (HPCLLM, answers, free_port, run_hpcllm, start_logged, stop_process, wait_for,
+                         clean_up_e2e, write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 
 from hpcllm.checkpoint.converter import convert
@@ -48,38 +49,13 @@ POOL_SBATCH = Path(__file__).resolve().parents[1] / "slurm" / "model-pool.sbatch
 
 
 def write_config(root: Path, controller_port: int) -> Path:
-    path = root / "hpcllm.toml"
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-models_dir = "{root / 'models'}"
-[cluster]
-shared_secret = "{SECRET}"
-[slurm]
-partition = "batch"
-time = "00:10:00"
-gpus_per_node = 0
-[node]
-controller_url = "http://127.0.0.1:{controller_port}"
-nvme_dir = "{root / 'nvme' / '%n'}"
-dram_namespace = "pool{os.getpid()}-%n"
-probe_bytes = {16 << 20}
-memcpy_probe_bytes = {16 << 20}
-heartbeat_seconds = 1.0
-spare_workers = 0
-migrate_timeout_seconds = 10
-worker_stop_timeout_seconds = 10
-[controller]
-host = "127.0.0.1"
-port = {controller_port}
-admin_key = "{ADMIN}"
-allocate_on_demand = false
-tick_seconds = 1.0
-keep_alive_seconds = {KEEP_ALIVE}
-cpu_slots_per_node = 1
-eviction_seconds = 0
-""")
-    return path
+    return write_e2e_config(
+        root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"pool{os.getpid()}",
+        slurm={"gpus_per_node": 0},
+        node={"controller_url": f"http://127.0.0.1:{controller_port}", "spare_workers": 0,
+              "migrate_timeout_seconds": 10, "worker_stop_timeout_seconds": 10},
+        controller={"allocate_on_demand": False, "keep_alive_seconds": KEEP_ALIVE, "cpu_slots_per_node": 1,
+                    "eviction_seconds": 0})
 
 
 def admin_status(controller_url: str) -> dict:
@@ -169,11 +145,7 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
             backend.cancel(job)
         if controller is not None:
             stop_process(controller)
-        for folder in Path("/dev/shm").glob(f"pool{os.getpid()}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-        for log in [*root.glob("*.log"), *(root / "slurm").glob("*.out")]:
-            shutil.copy(log, tmp_path / log.name)  # logs stay readable in pytest's tmp_path
-        shutil.rmtree(root, ignore_errors=True)
+        clean_up_e2e(root, tmp_path, f"pool{os.getpid()}")
 
 
 def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):

@@ -23,7 +23,6 @@ is served. Everything started here (processes, Slurm jobs) is stopped at the end
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import HPCLLM, answers, free_port, start_logged, stop_process, wait_for
+from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process, wait_for,
+                         write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -61,56 +61,18 @@ RETIRE_STAGGER = 40.0
 
 
 def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
-    path = root / "hpcllm.toml"
-    # signal_seconds = 0: no --signal. Slurm sends it up to a minute early, which on a 2-minute job would drain
-    # the agents by itself; what is tested here is the controller retiring allocations ahead of that.
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-models_dir = "{root / 'models'}"
-[cluster]
-shared_secret = "{SECRET}"
-[slurm]
-partition = "batch"
-time = "00:02:00"
-signal_seconds = 0
-[worker]
-# One torch thread per worker, as a 1-CPU Slurm task bound to its CPU would get. The dev cluster binds nothing
-# (TaskPlugin=task/none): each agent sees both cores of this host and would give its worker two threads, and
-# two-thread workers beside each other and other tests' processes spin-wait each other down to ~100 ms a token.
-cpu_threads = 1
-[node]
-nvme_dir = "{root / 'nvme' / '%n'}"
-dram_namespace = "ret{os.getpid()}-%n"
-probe_bytes = {16 << 20}
-memcpy_probe_bytes = {16 << 20}
-heartbeat_seconds = 1.0
-migrate_timeout_seconds = 20
-worker_stop_timeout_seconds = 10
-[controller]
-host = "127.0.0.1"
-port = {controller_port}
-admin_key = "{ADMIN}"
-allocate_on_demand = true
-allocation_start_estimate_seconds = 5.0
-tick_seconds = 0.5
-cpu_slots_per_node = 1
-retire_lead_seconds = {RETIRE_LEAD}
-retire_stagger_seconds = {RETIRE_STAGGER}
-drain_seconds = 60
-[gateway]
-host = "127.0.0.1"
-port = {gateway_port}
-workers = 2
-threads = 8
-router = "controller"
-controller_url = "http://127.0.0.1:{controller_port}"
-admin_key = "{ADMIN}"
-[[gateway.api_keys]]
-key = "{USER_KEY}"
-name = "e2e"
-""")
-    return path
+    # worker.cpu_threads = 1: one torch thread per worker, as a 1-CPU Slurm task bound to its CPU would get. The dev
+    # cluster binds nothing (TaskPlugin=task/none): each agent sees both cores of this host and would give its
+    # worker two threads, and two-thread workers beside each other and other tests' processes spin-wait each other
+    # down to ~100 ms a token.
+    return write_e2e_config(
+        root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"ret{os.getpid()}",
+        gateway_port=gateway_port, user_key=USER_KEY, slurm={"time": "00:02:00", "signal_seconds": 0},
+        worker={"cpu_threads": 1},
+        node={"migrate_timeout_seconds": 20, "worker_stop_timeout_seconds": 10},
+        controller={"allocate_on_demand": True, "allocation_start_estimate_seconds": 5.0, "tick_seconds": 0.5,
+                    "cpu_slots_per_node": 1, "retire_lead_seconds": RETIRE_LEAD,
+                    "retire_stagger_seconds": RETIRE_STAGGER, "drain_seconds": 60})
 
 
 def admin_status(controller_url: str) -> dict:
@@ -235,14 +197,7 @@ def stack(slurm_cluster, small_llama_dir, tmp_path):
                      f"jobs {sorted(jobs)} to end")
         except AssertionError as exc:
             print(exc)
-        for folder in Path("/dev/shm").glob(f"ret{os.getpid()}-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-        # Logs stay readable in pytest's tmp_path: controller, gateway, agents' jobs, workers (<node>-<job>-<id>.log).
-        for log in [*root.glob("*.log"), *(root / "state" / "slurm").glob("*.out")]:
-            shutil.copy(log, tmp_path / log.name)
-        for log in (root / "state" / "node").glob("*/*.log"):
-            shutil.copy(log, tmp_path / f"{log.parent.name}-{log.name}")
-        shutil.rmtree(root, ignore_errors=True)
+        clean_up_e2e(root, tmp_path, f"ret{os.getpid()}")
 
 
 def test_retirement_live_migrates_and_replaces_before_walltime(stack, small_llama_dir):
