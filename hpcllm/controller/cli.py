@@ -143,13 +143,14 @@ def print_status(st: ClusterStatus) -> None:
         nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", n.pool_model or "-", f"{n.free_gpus}/{n.gpus}",
                       tiers or "-", cached or "-", _ago(st.now, n.last_heartbeat))
     instances = Table(title="instances")
-    for col in ("instance", "model", "node", "state", "gpus", "running", "loaded from", "estimated", "idle"):
+    for col in ("instance", "model", "node", "state", "gpus", "running", "loaded from", "estimated", "move cost",
+                "idle"):
         instances.add_column(col)
     for i in st.instances:
         loaded = f"{i.load_tier} {i.load_seconds:.2f} s" if i.load_tier and i.load_seconds is not None else "-"
         estimated = (f"{i.placement.tier} {i.placement.total_seconds:.2f} s" if i.placement is not None else "-")
         instances.add_row(i.instance_id, i.model, i.node_id, i.state, ",".join(map(str, i.gpu_ids)) or "cpu",
-                          str(i.running_requests), loaded, estimated, _ago(st.now, i.last_used))
+                          str(i.running_requests), loaded, estimated, _move_cost(i), _ago(st.now, i.last_used))
     allocations = Table(title="allocations")
     for col in ("job", "state", "model", "nodes", "submitted", "retires in", "reason"):
         allocations.add_column(col)
@@ -170,6 +171,16 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def _move_cost(inst) -> str:
+    """What placement counts for moving the instance, and from what: tokens to re-prefill at the measured rate."""
+    if inst.move_seconds is None:
+        return "-"
+    if inst.tokens_in_flight and inst.prefill_tokens_per_second:
+        return (f"{inst.move_seconds:.2f} s ({inst.tokens_in_flight} tok at "
+                f"{inst.prefill_tokens_per_second:.0f} tok/s)")
+    return f"{inst.move_seconds:.2f} s"
 
 
 def _ago(now: float, then: float | None) -> str:

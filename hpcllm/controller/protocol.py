@@ -246,6 +246,11 @@ class InstanceStatus(Wire):
     load_tier: str | None
     load_seconds: float | None
     placement: PlacementBreakdown | None = None  # why this node: the estimate placement chose it by
+    # What its worker reported last, and what placement would count for moving it off its node now (seconds;
+    # None while it is not ready: placement moves only ready instances).
+    tokens_in_flight: int | None = None
+    prefill_tokens_per_second: float | None = None
+    move_seconds: float | None = None
 
 
 class AllocationStatus(Wire):

@@ -200,7 +200,9 @@ class Controller:
             instances=[InstanceStatus(instance_id=i.instance_id, model=i.model, node_id=i.node_id, state=i.state,
                                       worker_url=i.worker_url, gpu_ids=i.gpu_ids, running_requests=i.running_requests,
                                       last_used=i.last_used, load_tier=i.load_tier, load_seconds=i.load_seconds,
-                                      placement=i.placement)
+                                      placement=i.placement, tokens_in_flight=i.tokens_in_flight,
+                                      prefill_tokens_per_second=i.prefill_tps,
+                                      move_seconds=self._move_cost(i) if i.state == "ready" else None)
                        for i in instances],
             allocations=[AllocationStatus(job_id=a.job_id, state=a.state, model=a.model, nodes=a.nodes,
                                           preferred_nodes=a.preferred_nodes, submitted_at=a.submitted_at,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hpcllm.controller.cli import print_status
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.tests.doubles import FakeAgents
 from hpcllm.node.protocol import MigratedOut
@@ -205,9 +206,24 @@ def test_the_reported_tokens_in_flight_decide_which_busy_instance_moves(make_har
 
     assert outcome.status == "starting" and outcome.node_id == "n2"
     assert [m[1] for m in agents.migrations] == [a2]
-    decision = h.controller.status().instances[-1].placement
+    status = h.controller.status()
+    decision = status.instances[-1].placement
     assert decision.node == "n2" and decision.migrate == [a2]
     assert decision.migration_seconds == pytest.approx(0.3 + h.controller.settings.eviction_seconds)
+    # Status shows what moving each instance costs now and from what the workers reported.
+    [a1_now] = [i for i in status.instances if i.node_id == "n1"]
+    assert (a1_now.tokens_in_flight, a1_now.prefill_tokens_per_second) == (30_000, 1e3)
+    assert a1_now.move_seconds == pytest.approx(30 + h.controller.settings.eviction_seconds)
+    assert status.instances[-1].move_seconds is None  # b is loading: placement never moves it
+
+
+def test_status_table_shows_the_move_cost_and_its_inputs(make_harness, capsys, monkeypatch):
+    h, _, a1, _ = full_cluster(make_harness, n1={"tokens_in_flight": 1200, "prefill_tokens_per_second": 800.0})
+    monkeypatch.setenv("COLUMNS", "300")
+    print_status(h.controller.status())
+    row = next(line for line in capsys.readouterr().out.splitlines() if a1 in line)
+    eviction = h.controller.settings.eviction_seconds
+    assert f"{1.5 + eviction:.2f} s (1200 tok at 800 tok/s)" in row, row
 
 
 def test_placement_stops_the_victim_when_no_other_instance_can_take_its_requests(make_harness):
