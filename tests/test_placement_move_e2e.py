@@ -12,9 +12,10 @@ copy of the same checkpoint, is put in the DRAM cache of the node X whose A inst
 
 A long greedy streaming completion of A then runs on X's A instance, and B is requested through the gateway. No node
 has a free slot, so placement must move A's instance off one node. Moving costs the same on both nodes (this test sets
-eviction_seconds = migration_seconds_per_instance; with the defaults placement would rather evict the idle A
-instance than move the busy one, and a checkpoint this small loads in milliseconds from any tier), so B's load time
-decides: X, where B is in DRAM. The controller marks X's A instance draining and calls its agent's migrate-out with
+eviction_seconds = migration_seconds_per_instance, and its prompt is too short - under 16 tokens - for a worker to
+measure a prefill rate, so the busy instance costs migration_seconds_per_instance too; with the defaults placement
+would rather evict the idle A instance than move the busy one, and a checkpoint this small loads in milliseconds
+from any tier), so B's load time decides: X, where B is in DRAM. The controller marks X's A instance draining and calls its agent's migrate-out with
 the other node's A instance as the target: the stream moves there live while it keeps decoding, the agent stops the
 instance, B starts on X.
 
