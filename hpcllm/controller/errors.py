@@ -48,6 +48,15 @@ class UnknownNode(ControllerError):
     error_type = "invalid_request_error"
 
 
+class NodeTaken(ControllerError):
+    """A second node agent (another Slurm job on the same node) wants to register while the first one lives: one
+    agent per node, since the controller knows an agent by its node's name. The agent retries until that one goes."""
+
+    http_status = 409
+    code = "node_taken"
+    error_type = "invalid_request_error"
+
+
 class NoCapacity(ControllerError):
     http_status = 503
     code = "no_capacity"

@@ -24,6 +24,7 @@ from hpcllm.controller.errors import (
     ControllerError,
     InvalidModelConfig,
     NoCapacity,
+    NodeTaken,
     AllocationFailed,
     UnknownModel,
 )
@@ -215,7 +216,12 @@ class Controller:
     # ------------------------------------------------------------------------------------------ node agents
 
     def register(self, reg: NodeRegistration) -> RegisterResponse:
-        node = self.registry.register_node(reg, self.clock())
+        now = self.clock()
+        try:
+            node = self.registry.register_node(reg, now, live_after=now - self.settings.node_timeout_seconds)
+        except NodeTaken as exc:
+            log.warning("refused the registration of %s: %s", reg.node_id, exc)
+            raise
         log.info("node %s registered (agent %s, job %s, %d gpus, %d cached%s)", node.node_id, node.agent_url,
                  node.slurm_job_id, node.gpus, len(reg.cached),
                  f"; model pool of {node.pool_model}: routed to, never placed on" if node.is_pool else "")

@@ -64,6 +64,14 @@ def controller_url_of(config: Config, override: str | None = None) -> str:
     return url.rstrip("/")
 
 
+def _error_message(resp: httpx.Response) -> str:
+    """The controller's error message (`{"error": {"message": ...}}`), else the start of the body."""
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:300]
+
+
 def _tier(probe, capacity: int | None = None, scope: str | None = None) -> TierInfo | None:
     if probe is None or probe.read_gbps <= 0:
         return None
@@ -186,8 +194,8 @@ class NodeAgent:
                 if resp.status_code in (400, 401, 422):  # our mistake or the wrong secret: retrying will not help
                     raise ConfigError(f"the controller {self.controller_url} refused the registration: "
                                       f"HTTP {resp.status_code} {resp.text[:300]}")
-                log.warning("controller %s answered HTTP %d to the registration; retrying", self.controller_url,
-                            resp.status_code)
+                log.warning("controller %s answered HTTP %d to the registration (%s); retrying in %.1f s",
+                            self.controller_url, resp.status_code, _error_message(resp), delay)
             except httpx.HTTPError as exc:
                 log.warning("controller %s unreachable (%s); retrying in %.1f s", self.controller_url, exc, delay)
             self._drain_requested.wait(delay)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpcllm.controller.errors import DatabaseError, UnknownNode
+from hpcllm.controller.errors import DatabaseError, NodeTaken, UnknownNode
 from hpcllm.controller.protocol import (
     CacheEntry,
     DeployedModel,
@@ -374,14 +374,17 @@ class Registry:
 
     # --------------------------------------------------------------------------------------------------- nodes
 
-    def register_node(self, reg: NodeRegistration, now: float) -> NodeRecord:
+    def register_node(self, reg: NodeRegistration, now: float, live_after: float | None = None) -> NodeRecord:
         """Record a node agent (new, restarted, or back in a new Slurm job) with its cache, atomically.
 
         A registration means the agent (re)started: instances we had for that node belong to its previous life
-        and are dropped; the agent reports its live instances in its next heartbeat.
+        and are dropped; the agent reports its live instances in its next heartbeat. With live_after, an agent of
+        another Slurm job is refused (NodeTaken) while the node's agent heartbeated after that time.
         """
         persistent_nvme = reg.tiers.nvme is not None and reg.tiers.nvme.scope == "persistent"
         with self._tx() as db:
+            if live_after is not None:
+                _refuse_a_second_agent(db, reg, now, live_after)
             db.execute("DELETE FROM instances WHERE node_id = ?", (reg.node_id,))
             db.execute(
                 "INSERT INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
@@ -632,6 +635,18 @@ class Registry:
 
 
 # ------------------------------------------------------------------------------------------------ row helpers
+
+
+def _refuse_a_second_agent(db, reg: NodeRegistration, now: float, live_after: float) -> None:
+    row = db.execute("SELECT slurm_job_id, state, last_heartbeat FROM nodes WHERE node_id = ?",
+                     (reg.node_id,)).fetchone()
+    if (row is None or row["state"] not in NODE_LIVE_STATES or row["slurm_job_id"] in (None, reg.slurm_job_id)
+            or row["last_heartbeat"] is None or row["last_heartbeat"] <= live_after):
+        return
+    raise NodeTaken(
+        f"node {reg.node_id} is served by the hpcllm agent of Slurm job {row['slurm_job_id']} (heartbeat "
+        f"{now - row['last_heartbeat']:.0f} s ago); the agent of job {reg.slurm_job_id or '(none)'} cannot register "
+        f"there while it lives: one agent per node (Slurm put two agent jobs on one node)")
 
 
 def _replace_cache(db, node_id: str, entries: list[CacheEntry], persistent_nvme: bool) -> None:

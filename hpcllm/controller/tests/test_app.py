@@ -72,6 +72,32 @@ def test_bad_registration_names_the_field(client):
     assert resp.status_code == 400
 
 
+def test_a_second_agent_on_a_node_is_refused_while_the_first_lives(client, harness):
+    """Slurm may put two agent jobs on one node; the controller knows an agent by its node, so the second one must
+    not take over the first one's registration (and its instances) while that one heartbeats."""
+    harness.deploy("m")
+    assert client.post("/v1/internal/nodes/register", json=registration_body("n1", job="11"),
+                       headers=INTERNAL).status_code == 200
+    harness.controller.route("m")  # an instance starts on n1, under job 11's agent
+    [instance] = harness.registry.instances()
+
+    resp = client.post("/v1/internal/nodes/register", json=registration_body("n1", job="12"), headers=INTERNAL)
+    assert resp.status_code == 409
+    error = resp.get_json()["error"]
+    assert error["code"] == "node_taken" and "job 11" in error["message"] and "job 12" in error["message"]
+    node = harness.registry.get_node("n1")
+    assert node.slurm_job_id == "11" and [i.instance_id for i in harness.registry.instances()] == [
+        instance.instance_id]
+
+    # The same job's agent (restarted, or requeued) registers again as before.
+    assert client.post("/v1/internal/nodes/register", json=registration_body("n1", job="11"),
+                       headers=INTERNAL).status_code == 200
+    # Once job 11's agent has been silent for node_timeout_seconds, job 12's may take the node.
+    harness.clock.advance(harness.controller.settings.node_timeout_seconds + 1)
+    resp = client.post("/v1/internal/nodes/register", json=registration_body("n1", job="12"), headers=INTERNAL)
+    assert resp.status_code == 200 and harness.registry.get_node("n1").slurm_job_id == "12"
+
+
 def test_heartbeat_of_unknown_node_asks_to_register(client):
     resp = client.post("/v1/internal/nodes/ghost/heartbeat", json={"cached": [], "instances": []}, headers=INTERNAL)
     assert resp.status_code == 404
