@@ -24,13 +24,21 @@ def request_json(http: httpx.Client, method: str, path: str, *,
         resp = http.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         raise unreachable(exc) from None
+    if resp.status_code >= 400:
+        raise refused(resp.status_code, *error_of(resp))
+    try:
+        return resp.json()
+    except ValueError:
+        return {}
+
+
+def error_of(resp: httpx.Response) -> tuple[dict, str]:
+    """An error answer's OpenAI-shaped {"message", "code", ...} object (empty when absent) and its message (else the
+    start of the body, else the HTTP reason)."""
     try:
         body = resp.json()
     except ValueError:
         body = {}
-    if resp.status_code >= 400:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        error = error if isinstance(error, dict) else {}
-        message = error.get("message") or resp.text[:300] or resp.reason_phrase
-        raise refused(resp.status_code, error, message)
-    return body
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    error = error if isinstance(error, dict) else {}
+    return error, error.get("message") or resp.text[:300] or resp.reason_phrase

@@ -14,7 +14,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 
@@ -179,3 +179,17 @@ def clean_up_e2e(root: Path, keep_logs_in: Path, namespace: str) -> None:
     for log in root.glob("state/node/*/*.log"):
         shutil.copy(log, keep_logs_in / f"{log.parent.name}-{log.name}")
     shutil.rmtree(root, ignore_errors=True)
+
+
+def warm_and_wait(model: str, node: str, tier: str, env: dict[str, str], status: Callable[[], dict]) -> dict:
+    """`hpcllm cache warm MODEL --nodes NODE --tier TIER` (the admin CLI), then the controller's status (from
+    `status()`) once a heartbeat has reported the copy."""
+    warmed = run_hpcllm("cache", "warm", model, "--nodes", node, "--tier", tier, env=env)
+    assert warmed.returncode == 0, warmed.stdout + warmed.stderr
+
+    def reported():
+        st = status()
+        held = next(n for n in st["nodes"] if n["node_id"] == node)["cached"]
+        return st if any(c["model"] == model and c["tier"] == tier for c in held) else None
+
+    return wait_for(reported, 30, f"the controller to see {model} in {node}'s {tier}")

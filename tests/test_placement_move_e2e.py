@@ -49,6 +49,7 @@ from e2e_helpers import (
     start_logged,
     stop_process,
     wait_for,
+    warm_and_wait,
     worker_running_requests,
     write_e2e_config,
 )
@@ -214,15 +215,7 @@ def test_placement_live_migrates_the_busy_instance_it_moves(stack, small_llama_d
     moving = min(a_instances, key=lambda i: i["instance_id"])
     staying = next(i for i in a_instances if i is not moving)
     x = moving["node_id"]
-    warmed = run_hpcllm("cache", "warm", MODEL_B, "--nodes", x, "--tier", "dram", env=env)
-    assert warmed.returncode == 0, warmed.stdout + warmed.stderr
-
-    def b_in_dram_on_x():
-        status = admin_status(controller_url)
-        node = next(n for n in status["nodes"] if n["node_id"] == x)
-        return status if any(c["model"] == MODEL_B and c["tier"] == "dram" for c in node["cached"]) else None
-
-    status = wait_for(b_in_dram_on_x, 30, f"the controller to see B in {x}'s DRAM")
+    status = warm_and_wait(MODEL_B, x, "dram", env, lambda: admin_status(controller_url))
     estimates = expected_placement(status, x)
     expected = min(NODES, key=lambda n: (estimates[n][0], n))  # ties: the name that sorts first
     assert expected == x, f"B in DRAM should make {x} the fastest start: {estimates}; nodes: {status['nodes']}"

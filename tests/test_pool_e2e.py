@@ -24,8 +24,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import (HPCLLM, answers, free_port, run_hpcllm, start_logged, stop_process, wait_for,
-                         clean_up_e2e, write_e2e_config)
+from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, run_hpcllm, start_logged, stop_process,
+                         wait_for, warm_and_wait, write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 
 from hpcllm.checkpoint.converter import convert
@@ -169,15 +169,7 @@ def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):
 
     # B's checkpoint in the pool node's DRAM: were n1 a candidate, evicting the idle pool instance (0 s) and
     # loading from DRAM would be B's fastest start.
-    warmed = run_hpcllm("cache", "warm", MODEL_B, "--nodes", POOL_NODE, "--tier", "dram", env=env)
-    assert warmed.returncode == 0, warmed.stdout + warmed.stderr
-
-    def b_in_pool_dram():
-        st = admin_status(controller_url)
-        node = next(n for n in st["nodes"] if n["node_id"] == POOL_NODE)
-        return st if any(c["model"] == MODEL_B and c["tier"] == "dram" for c in node["cached"]) else None
-
-    status = wait_for(b_in_pool_dram, 30, f"the controller to see {MODEL_B} in {POOL_NODE}'s DRAM")
+    status = warm_and_wait(MODEL_B, POOL_NODE, "dram", env, lambda: admin_status(controller_url))
     nodes = {n["node_id"]: n for n in status["nodes"]}
     assert nodes[POOL_NODE]["tiers"]["dram"]["read_gbps"] > nodes[OTHER_NODE]["tiers"]["sharedfs"]["read_gbps"], (
         f"n1's DRAM should be the faster tier for this test to mean something: {nodes}")

@@ -150,7 +150,7 @@ def print_status(st: ClusterStatus) -> None:
         loaded = f"{i.load_tier} {i.load_seconds:.2f} s" if i.load_tier and i.load_seconds is not None else "-"
         estimated = (f"{i.placement.tier} {i.placement.total_seconds:.2f} s" if i.placement is not None else "-")
         instances.add_row(i.instance_id, i.model, i.node_id, i.state, ",".join(map(str, i.gpu_ids)) or "cpu",
-                          str(i.running_requests), loaded, estimated, _move_cost(i), _ago(st.now, i.last_used))
+                          str(i.running_requests), loaded, estimated, _move_cost_cell(i), _ago(st.now, i.last_used))
     allocations = Table(title="allocations")
     for col in ("job", "state", "model", "nodes", "submitted", "retires in", "reason"):
         allocations.add_column(col)
@@ -173,7 +173,7 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _move_cost(inst) -> str:
+def _move_cost_cell(inst) -> str:
     """What placement counts for moving the instance, and from what: tokens to re-prefill at the measured rate."""
     if inst.move_seconds is None:
         return "-"

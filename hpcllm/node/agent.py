@@ -33,6 +33,7 @@ from hpcllm.controller.protocol import (
     Tiers,
 )
 from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.httpjson import error_of
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers
 from hpcllm.node.protocol import MigratedOut, StartInstance
@@ -62,14 +63,6 @@ def controller_url_of(config: Config, override: str | None = None) -> str:
     url = override or config.node.controller_url or os.environ.get(CONTROLLER_URL_ENV) or \
         f"http://{config.controller.host}:{config.controller.port}"
     return url.rstrip("/")
-
-
-def _error_message(resp: httpx.Response) -> str:
-    """The controller's error message (`{"error": {"message": ...}}`), else the start of the body."""
-    try:
-        return str(resp.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return resp.text[:300]
 
 
 def _tier(probe, capacity: int | None = None, scope: str | None = None) -> TierInfo | None:
@@ -193,9 +186,9 @@ class NodeAgent:
                     return True
                 if resp.status_code in (400, 401, 422):  # our mistake or the wrong secret: retrying will not help
                     raise ConfigError(f"the controller {self.controller_url} refused the registration: "
-                                      f"HTTP {resp.status_code} {resp.text[:300]}")
+                                      f"HTTP {resp.status_code} {error_of(resp)[1]}")
                 log.warning("controller %s answered HTTP %d to the registration (%s); retrying in %.1f s",
-                            self.controller_url, resp.status_code, _error_message(resp), delay)
+                            self.controller_url, resp.status_code, error_of(resp)[1], delay)
             except httpx.HTTPError as exc:
                 log.warning("controller %s unreachable (%s); retrying in %.1f s", self.controller_url, exc, delay)
             self._drain_requested.wait(delay)

@@ -83,3 +83,29 @@ def test_a_pool_agent_registers_as_a_pool_of_its_model(tmp_path, controllers, mo
         assert first.controller.registry.get_node("n8").is_pool
     finally:
         agent.shutdown()
+
+
+def test_a_second_agent_on_the_node_waits_with_the_controllers_reason(tmp_path, controllers, monkeypatch, caplog):
+    """Two Slurm jobs' agents on one node: the second is refused (409) while the first heartbeats, says why, and
+    keeps retrying instead of taking over the node's registration."""
+    (first, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    agents = [make_agent(tmp_path / name) for name in ("job-41", "job-42")]
+    try:
+        for agent, job in zip(agents, ("41", "42")):
+            agent.job_id, agent.controller_url = job, url
+            agent.start_server(create_app(agent))
+        assert agents[0].register()
+
+        waiting = threading.Thread(target=agents[1].register, daemon=True)
+        waiting.start()
+        waiting.join(2.0)
+        assert waiting.is_alive() and not agents[1].registered  # still retrying
+        agents[1].drain()  # ends its retries
+        waiting.join(10)
+        [node] = first.controller.status().nodes
+        assert node.slurm_job_id == "41" and node.agent_url == agents[0].agent_url
+        assert "node n7 is served by the hpcllm agent of Slurm job 41" in caplog.text
+    finally:
+        for agent in agents:
+            agent.shutdown()
