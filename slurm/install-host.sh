@@ -62,7 +62,7 @@ done
 
 if ! apt-get "${APT_OPTS[@]}" install -y "${MISSING[@]}"; then
     mapfile -t STILL_MISSING < <(missing_packages)
-    die "apt-get install failed; not installed: ${STILL_MISSING[*]:-none (a package's setup failed)} (see apt's output above)"
+    die "apt-get install failed; not installed: ${STILL_MISSING[*]:-none (a package setup script failed)} (see apt's output above)"
 fi
 
 mapfile -t STILL_MISSING < <(missing_packages)
