@@ -14,26 +14,28 @@
 # Results in $OUT (the device tool's folder) or bench/results/gpu-check/: gpu.txt, gpu-tests.log, load.txt and
 # load-latest.json/.png. Exit status: the tests'.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/results/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 if compgen -G ".whl/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hpcllm-site \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hpcllm-site \
         .whl/*.whl || { echo "error: installing the carried wheels failed" >&2; exit 1; }
     export PYTHONPATH=/tmp/hpcllm-site:$PWD
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
-  $PY -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda,
+  "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda,
 "available", torch.cuda.is_available(), "| transformers", transformers.__version__)'; } | tee "$OUT/gpu.txt"
 
-timeout "${TEST_SECONDS:-240}" $PY -m pytest -m gpu -q -rs -p no:cacheprovider hpcllm/store hpcllm/worker hpcllm/node \
+timeout "${TEST_SECONDS:-240}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider hpcllm/store hpcllm/worker hpcllm/node \
     2>&1 | tee "$OUT/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 
-timeout "${BENCH_SECONDS:-300}" $PY bench/load.py --runs "${BENCH_RUNS:-3}" --workdir /tmp/hpcllm-bench ${BENCH_ARGS:-} \
+# BENCH_ARGS: extra bench/load.py arguments, split on spaces.
+read -r -a bench_args <<<"${BENCH_ARGS:-}"
+timeout "${BENCH_SECONDS:-300}" "$PY" bench/load.py --runs "${BENCH_RUNS:-3}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
     --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu 2>&1 | tee "$OUT/load.txt"
 cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
 echo "gpu_check: tests exit status $tests; results in $OUT"

@@ -14,7 +14,8 @@
 # docs/devcluster.md describes the settings.
 set -euo pipefail
 
-readonly SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly SCRIPT_DIR
 readonly TEMPLATE_DIR=$SCRIPT_DIR/devcluster
 readonly STATE_DIR=${HPCLLM_DEVCLUSTER_DIR:-/var/tmp/hpcllm-devcluster}
 readonly CONF=$STATE_DIR/conf/slurm.conf
@@ -46,7 +47,7 @@ require_root() {
 
 require_packages() {
     local missing=() bin
-    for bin in munged slurmctld slurmd sinfo scontrol squeue scancel "$@"; do
+    for bin in munged slurmctld slurmd sinfo scontrol squeue scancel; do
         command -v "$bin" >/dev/null 2>&1 || [[ -x /usr/sbin/$bin ]] || missing+=("$bin")
     done
     ((${#missing[@]} == 0)) || die "missing programs: ${missing[*]}; install them as root with: make host (runs slurm/install-host.sh)"
@@ -72,13 +73,15 @@ jwt_plugin_installed() {
 # Ports come from the running cluster's ports.env when there is one, else from HPCLLM_DEVCLUSTER_PORT_BASE.
 load_ports() {
     if [[ -r $PORTS_FILE ]]; then
+        # ports.env is written at start (write_ports_file); there is no file in the repo to follow.
         # shellcheck source=/dev/null
         source "$PORTS_FILE"
         return
     fi
     local base=${HPCLLM_DEVCLUSTER_PORT_BASE:-17810}
-    [[ $base =~ ^[0-9]+$ ]] && ((base >= 1024 && base <= 65500)) ||
+    if ! [[ $base =~ ^[0-9]+$ ]] || ((base < 1024 || base > 65500)); then
         die "HPCLLM_DEVCLUSTER_PORT_BASE=$base is not a port number between 1024 and 65500"
+    fi
     CTLD_PORT=$base
     SLURMD_PORT_FIRST=$((base + 1))
     SLURMD_PORT_LAST=$((base + ${#NODES[@]}))
@@ -177,7 +180,11 @@ stop_pid() {
     say "stopped $name (pid $pid)"
 }
 
-log_tail() { [[ -r $1 ]] && { echo "--- last lines of $1:"; tail -n 15 "$1"; } >&2 || true; }
+log_tail() {
+    if [[ -r $1 ]]; then
+        { echo "--- last lines of $1:"; tail -n 15 "$1" || true; } >&2
+    fi
+}
 
 # ---------------------------------------------------------------- start
 
@@ -294,7 +301,7 @@ start_failed() {
     log_tail "$log"
     for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
         entry=${STARTED_PIDS[i]}
-        [[ -n ${entry#*:} ]] && stop_pid "${entry%%:*}" "${entry#*:}" || true
+        if [[ -n ${entry#*:} ]]; then stop_pid "${entry%%:*}" "${entry#*:}"; fi
     done
     echo "devcluster: all logs are in $LOG_DIR" >&2
     exit 1
@@ -359,15 +366,15 @@ active_jobs() { squeue -h -o '%A' 2>/dev/null; }
 no_active_jobs() { [[ -z $(active_jobs) ]]; }
 
 cancel_all_jobs() {
-    local jobs
-    jobs=$(active_jobs) || return 0
-    [[ -z $jobs ]] && return 0
-    say "cancelling jobs: $(echo $jobs)"
-    # shellcheck disable=SC2086
-    scancel $jobs 2>/dev/null || true
+    local listed jobs
+    listed=$(active_jobs) || return 0
+    [[ -n $listed ]] || return 0
+    mapfile -t jobs <<<"$listed"
+    say "cancelling jobs: ${jobs[*]}"
+    scancel "${jobs[@]}" 2>/dev/null || true
     # Jobs that trap SIGTERM get SIGKILL after KillWait; slurmds must outlive their jobs' steps.
     if ! wait_until "$STOP_TIMEOUT" no_active_jobs; then
-        say "warning: jobs still active after ${STOP_TIMEOUT}s: $(echo $(active_jobs))"
+        say "warning: jobs still active after ${STOP_TIMEOUT}s: $(active_jobs | paste -sd ' ')"
     fi
 }
 
@@ -388,7 +395,7 @@ cmd_stop() {
     if pid=$(slurmrestd_pid); then stop_pid slurmrestd "$pid"; stopped=1; fi
     if pid=$(munged_pid); then stop_pid munged "$pid"; stopped=1; fi
     rm -f "$RUN_DIR"/*.pid
-    ((stopped)) && say "stopped (state kept in $STATE_DIR)" || say "not running"
+    if ((stopped)); then say "stopped (state kept in $STATE_DIR)"; else say "not running"; fi
 }
 
 # ---------------------------------------------------------------- status

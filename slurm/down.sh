@@ -3,7 +3,8 @@
 # dev cluster (jobs, slurmds, slurmctld, munged). Each service is stopped by the PID in its pid file.
 set -uo pipefail
 
-readonly REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly REPO_ROOT
 readonly RUN_DIR=${HPCLLM_RUN_DIR:-/var/tmp/hpcllm/run}
 
 stop_service() {
