@@ -1,5 +1,9 @@
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -17,3 +21,24 @@ def test_unknown_command_is_a_clear_error_not_a_traceback():
     assert result.returncode != 0
     assert "No such command" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _console_script() -> str:
+    """The installed `hpcllm` console script of this Python (its venv's bin/), else the one on PATH."""
+    beside = Path(sys.executable).parent / "hpcllm"
+    found = str(beside) if beside.exists() else shutil.which("hpcllm")
+    if found is None:
+        pytest.skip("the hpcllm console script is not installed (pip install -e .)")
+    return found
+
+
+@pytest.mark.parametrize("args", [("--help",), ("slurm", "render", "model-pool", "--gpus", "2"),
+                                  ("slurm", "render", "model-pool", "--gpus", "x")],
+                         ids=["help", "subcommand", "bad-option"])
+def test_python_dash_m_hpcllm_behaves_as_the_hpcllm_command(args):
+    as_module = subprocess.run([sys.executable, "-m", "hpcllm", *args], capture_output=True, text=True, timeout=60)
+    as_command = subprocess.run([_console_script(), *args], capture_output=True, text=True, timeout=60)
+    assert (as_module.returncode, as_module.stdout, as_module.stderr) == \
+        (as_command.returncode, as_command.stdout, as_command.stderr)
+    assert as_module.stdout or as_module.stderr
+    assert "Traceback" not in as_module.stderr
