@@ -1,33 +1,36 @@
 # Two commands on a fresh Debian machine (as root):
 #   make up    install everything, start the dev Slurm cluster and hpcllm on its embedded default
-#   make test  run the test suite (sets up first if needed)
+#   make test  run the test suite (sets up first if needed, test tools included)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup host venv up down test test-all bench-load gpu-wheels
+.PHONY: setup host test-host venv up down test test-all bench-load gpu-wheels
 
 setup: host venv
 
 host:
 	@bash slurm/install-host.sh
 
+# The host packages plus what the tests need (shellcheck, postgresql), in one apt run.
+test-host:
+	@bash slurm/install-host.sh --test-tools
+
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; hpcllm needs Python 3.11" >&2; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@bash slurm/make-venv.sh '$(PYTHON)' '$(VENV)'
 	$(BIN)/pip install -q -e '.[test,mpi,bench,postgres]'
 	@touch $@
 
 up: setup
-	@bash slurm/up.sh
+	@HPCLLM_VENV='$(abspath $(VENV))' bash slurm/up.sh
 
 down:
 	@bash slurm/down.sh
 
-test: setup
+test: test-host venv
 	$(BIN)/pytest -q
 
 bench-load: setup

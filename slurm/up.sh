@@ -6,10 +6,12 @@
 # Later parts of hpcllm add their steps here (controller, gateway, demo model).
 set -euo pipefail
 
-readonly REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly REPO_ROOT
 readonly DEVCLUSTER=$REPO_ROOT/slurm/devcluster.sh
 
-readonly HPCLLM=$REPO_ROOT/.venv/bin/hpcllm
+# The venv `make venv` made: make passes its VENV (absolute) as HPCLLM_VENV.
+readonly HPCLLM=${HPCLLM_VENV:-$REPO_ROOT/.venv}/bin/hpcllm
 export HPCLLM_CONFIG=${HPCLLM_CONFIG:-$REPO_ROOT/conf/dev.toml}
 readonly RUN_DIR=${HPCLLM_RUN_DIR:-/var/tmp/hpcllm/run}
 readonly MODELS_DIR=/var/tmp/hpcllm/models
@@ -29,10 +31,13 @@ wait_http() {
     die "$url did not come up within ${seconds}s; see $log"
 }
 
-# running NAME: the service's pid file names a live process.
+# running NAME: the service's pid file names a live `hpcllm NAME` process (not a stale file or a recycled PID).
 running() {
-    local pidfile=$RUN_DIR/$1.pid
-    [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+    local pidfile=$RUN_DIR/$1.pid pid
+    [[ -f $pidfile ]] || return 1
+    pid=$(<"$pidfile")
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "hpcllm $1"
 }
 
 # start_service NAME HEALTH_URL CMD...: start CMD in the background once (idempotent), wait for its health.
@@ -42,6 +47,10 @@ start_service() {
     if running "$name"; then
         step "$name already running (pid $(cat "$RUN_DIR/$name.pid"))"
     else
+        # Something else answering there would pass the health check below while our process fails to bind.
+        if curl -fsS -o /dev/null "$health" 2>/dev/null; then
+            die "$health already answers, but not from the $name of $RUN_DIR/$name.pid: stop what listens there (if another checkout ran make up, run make down in it), then make up again"
+        fi
         step "$name: $*"
         setsid "$@" >>"$log" 2>&1 </dev/null &
         echo $! >"$RUN_DIR/$name.pid"
