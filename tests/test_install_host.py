@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import stat
 import subprocess
 import time
@@ -43,7 +44,7 @@ if [[ -x $HPCLLM_POLICY_RC_D ]]; then "$HPCLLM_POLICY_RC_D" slurmctld start; pol
 echo "$* | policy-rc.d=$policy | DEBIAN_FRONTEND=${DEBIAN_FRONTEND:-}" >>"$FAKE_APT/apt-get.log"
 for arg in "$@"; do
     case $arg in
-    update) exit "${FAKE_APT_UPDATE_STATUS:-0}" ;;
+    update) sleep "${FAKE_APT_UPDATE_SECONDS:-0}"; exit "${FAKE_APT_UPDATE_STATUS:-0}" ;;
     install) installing=1 ;;
     -*) ;;
     *) if [[ -n ${installing:-} && ${FAKE_APT_INSTALL_STATUS:-0} == 0 && " ${FAKE_APT_NOT_INSTALLING:-} " != *" $arg "* ]]; then
@@ -80,6 +81,11 @@ class FakeApt:
     def apt_get_calls(self) -> list[str]:
         path = self.state / "apt-get.log"
         return path.read_text().splitlines() if path.exists() else []
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        """The script in its own process group, as a terminal runs it (Ctrl-C signals the whole group)."""
+        return subprocess.Popen(["bash", str(SCRIPT), *args], env={**self.env, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["bash", str(SCRIPT), *args], env={**self.env, **env}, capture_output=True, text=True,
@@ -232,3 +238,23 @@ def test_unavailable_package_is_named_before_anything_is_installed(fake_apt):
     assert [call.split(" | ")[0] for call in fake_apt.apt_get_calls()] == ["-q -o DPkg::Lock::Timeout=120 update"]
     assert fake_apt.installed() == []
     assert not fake_apt.policy_rc_d.exists()
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_install_restores_policy_rc_d(fake_apt, signal_number):
+    original = b"#!/bin/sh\nexit 0\n"
+    fake_apt.policy_rc_d.write_bytes(original)
+    process = fake_apt.start(HPCLLM_HOST_PACKAGES="munge", FAKE_APT_UPDATE_SECONDS="30")
+    try:
+        deadline = time.monotonic() + 20
+        while not fake_apt.apt_get_calls():  # apt-get update is running (and sleeping)
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+            time.sleep(0.05)
+        os.killpg(process.pid, signal_number)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal_number, stderr
+    assert fake_apt.policy_rc_d.read_bytes() == original
+    assert not Path(f"{fake_apt.policy_rc_d}.hpcllm-saved").exists()
