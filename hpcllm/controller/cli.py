@@ -90,7 +90,8 @@ def deploy(model_file: Path, config_path: Path | None, controller_url: str | Non
     model = client.call("POST", "/v1/admin/models", json=spec.model_dump())
     click.echo(f"deployed {model['name']}: {model['source']} ({_size(model['size_bytes'])}, "
                f"{model['gpus'] or 'no'} GPU{'s' if model['gpus'] != 1 else ''}, "
-               f"instances {model['min_instances']}..{model['max_instances']})")
+               f"instances {model['min_instances']}..{model['max_instances']}, "
+               f"context {model['max_model_len']} tokens)")
 
 
 @click.command("undeploy")

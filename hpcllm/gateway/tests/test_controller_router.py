@@ -37,12 +37,14 @@ class InProcessAgents(AgentClient):
         self.worker_url = worker_url
         self.controller: Controller | None = None
         self.instances: dict[str, InstanceInfo] = {}
+        self.started: list[tuple[str, int | None]] = []  # (model, max_model_len) of every start asked for
         self._ids = itertools.count(1)
 
     def close(self) -> None:
         pass
 
-    def start_instance(self, agent_url, model, source, gpu_ids) -> StartedInstance:
+    def start_instance(self, agent_url, model, source, gpu_ids, max_model_len=None) -> StartedInstance:
+        self.started.append((model, max_model_len))
         instance_id = f"inst-{next(self._ids)}"
         self.instances[instance_id] = InstanceInfo(instance_id=instance_id, model=model, state="loading",
                                                    worker_url=self.worker_url, gpu_ids=gpu_ids)
