@@ -383,3 +383,18 @@ def test_status_lists_everything(client, harness):
     assert status["nodes"][0]["cached"][0]["tier"] == "dram"
     assert [(i["model"], i["state"]) for i in status["instances"]] == [("m", "loading")]
     assert status["allocations"] == []
+
+
+def test_the_demo_model_config_deploys_on_the_demo_model(harness, tmp_path):
+    """`make up` builds the tiny Llama (512 positions), converts it and deploys conf/models/tiny-llama.toml."""
+    from pathlib import Path
+
+    from hpcllm.checkpoint import convert
+    from hpcllm.controller.cli import read_model_file
+    from hpcllm.devmodels import make_model
+
+    spec = read_model_file(Path(__file__).resolve().parents[3] / "conf" / "models" / "tiny-llama.toml")
+    converted = tmp_path / "tiny-llama"
+    convert(make_model("llama", tmp_path / "tiny-llama-hf", size="tiny"), converted, progress=False)
+    model, _ = harness.controller.deploy(spec.model_copy(update={"source": str(converted)}))
+    assert model.max_model_len == 512
