@@ -125,13 +125,14 @@ def print_status(st: ClusterStatus) -> None:
 
     console = Console()
     models = Table(title="models")
-    for col in ("name", "size", "gpus", "instances", "keep-alive", "source"):
+    for col in ("name", "size", "gpus", "context", "instances", "keep-alive", "source"):
         models.add_column(col)
     counts: dict[str, int] = {}
     for inst in st.instances:
         counts[inst.model] = counts.get(inst.model, 0) + 1
     for m in st.models:
-        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), f"{counts.get(m.name, 0)} "
+        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), "?" if m.max_model_len is None else str(m.max_model_len),
+                       f"{counts.get(m.name, 0)} "
                        f"({m.min_instances}..{m.max_instances})",
                        "default" if m.keep_alive_seconds is None else f"{m.keep_alive_seconds:g} s", m.source)
     nodes = Table(title="nodes")

@@ -140,6 +140,9 @@ def test_deploy_takes_the_models_context_length_and_refuses_a_larger_one(tmp_pat
     # Without the key it takes the model's; a smaller one is kept as asked.
     assert deploy("") == 0
     assert "context 512 tokens" in capsys.readouterr().out
+    assert main(["status", "--config", str(config), "--url", url]) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if "tiny-llama" in line]
+    assert "512" in row.split()
     assert deploy("max_model_len = 256\n") == 0
     assert "context 256 tokens" in capsys.readouterr().out
 
