@@ -131,9 +131,9 @@ def print_status(st: ClusterStatus) -> None:
     for inst in st.instances:
         counts[inst.model] = counts.get(inst.model, 0) + 1
     for m in st.models:
-        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), "?" if m.max_model_len is None else str(m.max_model_len),
-                       f"{counts.get(m.name, 0)} "
-                       f"({m.min_instances}..{m.max_instances})",
+        context = "?" if m.max_model_len is None else str(m.max_model_len)
+        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), context,
+                       f"{counts.get(m.name, 0)} ({m.min_instances}..{m.max_instances})",
                        "default" if m.keep_alive_seconds is None else f"{m.keep_alive_seconds:g} s", m.source)
     nodes = Table(title="nodes")
     for col in ("node", "state", "job", "pool", "gpus free", "tiers GB/s", "cached", "heartbeat"):
