@@ -145,7 +145,7 @@ class StaticModel(Section):
     worker_url: str | list[str]
     # Converted (or HF) checkpoint directory holding the tokenizer files and config.json.
     source: Path
-    # Context window; empty: max_position_embeddings from source/config.json.
+    # Context window; empty: the model's own, from source/config.json (hpcllm.checkpoint.context); never more.
     max_model_len: int | None = Field(None, ge=1)
 
     @property

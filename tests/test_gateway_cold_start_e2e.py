@@ -42,6 +42,12 @@ def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
         controller={"allocate_on_demand": True, "allocation_start_estimate_seconds": 5.0})
 
 
+def write_model_file(root: Path, spec: dict) -> Path:
+    path = root / f"{spec['name']}.toml"
+    path.write_text("".join(f"{key} = {value!r}\n".replace("'", '"') for key, value in spec.items()))
+    return path
+
+
 def admin_status(controller_url: str) -> dict:
     return e2e_admin_status(controller_url, ADMIN)
 
@@ -94,9 +100,17 @@ def test_cold_stream_then_warm_chat_and_cold_start_metrics(stack, tiny_llama_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gateway_url, controller_url, root = stack
+    spec = {"name": MODEL, "source": str(root / "models" / MODEL), "gpus": 0}
+    # The old demo config's max_model_len = 2048 is refused: the tiny Llama has 512 positions.
+    too_long = subprocess.run([HPCLLM, "deploy", str(write_model_file(root, {**spec, "max_model_len": 2048})),
+                               "--config", str(root / "hpcllm.toml"), "--url", controller_url],
+                              capture_output=True, text=True, timeout=60)
+    assert too_long.returncode == 1 and "Traceback" not in too_long.stderr, too_long.stderr
+    assert "max_model_len = 2048 is more than the model's context length of 512 tokens" in too_long.stderr
     deployed = httpx.post(f"{controller_url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"},
-                          timeout=30, json={"name": MODEL, "source": str(root / "models" / MODEL), "gpus": 0})
+                          timeout=30, json=spec)
     assert deployed.status_code == 201, deployed.text
+    assert deployed.json()["max_model_len"] == 512  # without the key: the model's own
     status = admin_status(controller_url)
     assert not status["instances"] and not status["allocations"], status  # nothing runs yet: a real cold start
 
@@ -120,6 +134,14 @@ def test_cold_stream_then_warm_chat_and_cold_start_metrics(stack, tiny_llama_dir
         assert chat.choices[0].message.content == chat_text
         assert chat.choices[0].finish_reason == chat_finish
         assert chat.usage.completion_tokens == chat_tokens
+
+        # What most chat clients send: no max_tokens. The gateway fills in 512 - prompt tokens; the worker, started
+        # by the agent with the deployed --max-model-len, serves it to the end of the context.
+        open_ended = client.chat.completions.create(model=MODEL, messages=messages, temperature=0)
+        assert open_ended.choices[0].finish_reason == "length"
+        assert open_ended.usage.total_tokens == 512
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 512 tokens"):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT * 300}])
 
     cold = [c for c in admin_status(controller_url)["cold_starts"] if c["model"] == MODEL]
     assert len(cold) == 1 and cold[0]["tier"], cold

@@ -90,7 +90,8 @@ def deploy(model_file: Path, config_path: Path | None, controller_url: str | Non
     model = client.call("POST", "/v1/admin/models", json=spec.model_dump())
     click.echo(f"deployed {model['name']}: {model['source']} ({_size(model['size_bytes'])}, "
                f"{model['gpus'] or 'no'} GPU{'s' if model['gpus'] != 1 else ''}, "
-               f"instances {model['min_instances']}..{model['max_instances']})")
+               f"instances {model['min_instances']}..{model['max_instances']}, "
+               f"context {model['max_model_len']} tokens)")
 
 
 @click.command("undeploy")
@@ -124,14 +125,15 @@ def print_status(st: ClusterStatus) -> None:
 
     console = Console()
     models = Table(title="models")
-    for col in ("name", "size", "gpus", "instances", "keep-alive", "source"):
+    for col in ("name", "size", "gpus", "context", "instances", "keep-alive", "source"):
         models.add_column(col)
     counts: dict[str, int] = {}
     for inst in st.instances:
         counts[inst.model] = counts.get(inst.model, 0) + 1
     for m in st.models:
-        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), f"{counts.get(m.name, 0)} "
-                       f"({m.min_instances}..{m.max_instances})",
+        context = "?" if m.max_model_len is None else str(m.max_model_len)
+        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), context,
+                       f"{counts.get(m.name, 0)} ({m.min_instances}..{m.max_instances})",
                        "default" if m.keep_alive_seconds is None else f"{m.keep_alive_seconds:g} s", m.source)
     nodes = Table(title="nodes")
     for col in ("node", "state", "job", "pool", "gpus free", "tiers GB/s", "cached", "heartbeat"):

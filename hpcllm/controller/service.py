@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpcllm.checkpoint import MANIFEST_FILE, CheckpointError, read_checkpoint
+from hpcllm.checkpoint.context import CONFIG_FILE, ContextLengthError, source_max_model_len
 from hpcllm.config import Config
 from hpcllm.controller.agents import AgentClient
 from hpcllm.controller.allocations import Allocator
@@ -140,9 +141,46 @@ class Controller:
                 param="source")
         if size_bytes <= 0:
             raise InvalidModelConfig(f"source: checkpoint {source} holds no data", param="source")
+        if not (source / CONFIG_FILE).is_file():
+            raise InvalidModelConfig(
+                f"source: {source} has no {CONFIG_FILE}: the controller reads the model's context length from it "
+                f"(is {source} a checkpoint folder, readable from the controller's host?)", param="source")
+        max_model_len = self._max_model_len(spec)
         self._check_partition(spec)
-        return DeployedModel(**spec.model_dump(exclude={"size_bytes"}), size_bytes=size_bytes,
-                             deployed_at=self.clock())
+        return DeployedModel(**spec.model_dump(exclude={"size_bytes", "max_model_len"}), size_bytes=size_bytes,
+                             max_model_len=max_model_len, deployed_at=self.clock())
+
+    @staticmethod
+    def _max_model_len(spec: ModelSpec) -> int:
+        """The context length to serve with, read from the checkpoint's config.json on every deploy: the spec's
+        max_model_len if the model supports it, the model's own without one."""
+        try:
+            return source_max_model_len(Path(spec.source), spec.max_model_len)
+        except ContextLengthError as exc:
+            raise InvalidModelConfig(f"max_model_len: {exc}", param="max_model_len") from None
+
+    def refresh_context_lengths(self) -> None:
+        """Re-derive the context length of every deployed model (run at start by reconcile).
+
+        Registries written before deploy derived it hold none, or a max_model_len larger than the model's (the
+        worker would refuse to start with it): those get the model's own, with a warning to fix the model config.
+        A model whose config.json cannot be read now keeps its record (the gateway then derives it itself)."""
+        for model in self.registry.models():
+            source = Path(model.source)
+            try:
+                own = source_max_model_len(source)
+            except ContextLengthError as exc:
+                log.warning("model %s: cannot check its context length now: %s", model.name, exc)
+                continue
+            if model.max_model_len is not None:
+                try:
+                    source_max_model_len(source, model.max_model_len)
+                    continue
+                except ContextLengthError as exc:
+                    log.warning("model %s: serving with the model's context length %d, not the recorded %d: %s. "
+                                "Fix its model config and deploy it again", model.name, own, model.max_model_len,
+                                exc)
+            self.registry.put_model(model.model_copy(update={"max_model_len": own}))
 
     def _check_partition(self, spec: ModelSpec) -> None:
         partition = spec.slurm.partition
@@ -340,7 +378,9 @@ class Controller:
         for victim in victims:
             self.move_instance(node, victim, trigger="placement")
         try:
-            started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids)
+            # The deployed context length, so the worker refuses exactly what the gateway refuses.
+            started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids,
+                                                 max_model_len=model.max_model_len)
         except AgentError:
             self.registry.delete_instance(reservation)
             raise
@@ -555,6 +595,7 @@ class Controller:
 
     def reconcile(self) -> None:
         """After a (re)start: re-read Slurm, then ask every live node agent which instances it really runs."""
+        self.refresh_context_lengths()
         now = self.clock()
         self.allocator.sync(now)
         for node in self.registry.nodes(states=("up", "draining")):

@@ -8,7 +8,6 @@ controller). Both describe models with a ModelCard so the gateway can tokenize a
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
+from hpcllm.errors import ConfigError
 from hpcllm.gateway.errors import ModelNotFound, ServiceUnavailable
 
 log = logging.getLogger(__name__)
@@ -80,17 +81,12 @@ class Router(ABC):
         """Release connections."""
 
 
-def max_len_from_source(source: Path) -> int | None:
-    """A model's context window from its config.json (None when the file or the field is missing)."""
+def _static_max_model_len(name: str, spec) -> int:
+    """The context length of a static model, by the rule the worker applies (so both refuse the same requests)."""
     try:
-        config = json.loads((Path(source) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = config.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+        return source_max_model_len(spec.source, spec.max_model_len)
+    except ContextLengthError as exc:
+        raise ConfigError(f"gateway.static_models.{name}: {exc}") from None
 
 
 class StaticRouter(Router):
@@ -100,7 +96,7 @@ class StaticRouter(Router):
         created = int(time.time())
         self._cards = {
             name: ModelCard(name=name, source=Path(spec.source),
-                            max_model_len=spec.max_model_len or max_len_from_source(spec.source), created=created)
+                            max_model_len=_static_max_model_len(name, spec), created=created)
             for name, spec in static_models.items()
         }
         self._urls = {name: [url.rstrip("/") for url in spec.worker_urls] for name, spec in static_models.items()}
@@ -168,7 +164,7 @@ class ControllerRouter(Router):
     @staticmethod
     def _card(record: dict) -> ModelCard:
         source = Path(record["source"])
-        max_len = record.get("max_model_len") or max_len_from_source(source)
+        max_len = record.get("max_model_len") or _derived_or_none(source)
         created = record.get("created_at") or record.get("created") or time.time()
         return ModelCard(name=record["name"], source=source, max_model_len=max_len, created=int(created))
 
@@ -232,6 +228,15 @@ def _records(body) -> list[dict]:
     if isinstance(body, dict):
         body = body.get("models", body.get("data", []))
     return [record for record in body if isinstance(record, dict) and "name" in record and "source" in record]
+
+
+def _derived_or_none(source: Path) -> int | None:
+    """A deployed model the controller recorded no context length for (a registry from before it recorded one,
+    its source unreadable when the controller started): the model's own, or None (then only the worker checks)."""
+    try:
+        return source_max_model_len(source)
+    except ContextLengthError:
+        return None
 
 
 def _retry_after(resp: httpx.Response, default: float) -> float:

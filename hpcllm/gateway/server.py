@@ -39,6 +39,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
+from hpcllm.gateway.routing import make_router
 from hpcllm.procs import pid_alive
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,9 @@ class GatewayApplication(BaseApplication):
 
 def run_gateway(config: Config) -> None:
     """Serve until SIGTERM (graceful drain) or SIGINT/SIGQUIT (quick stop)."""
+    # A bad static model (max_model_len above the model's, a source without config.json) stops the start here with
+    # its message, instead of failing every gunicorn worker's boot.
+    make_router(config).close()
     _check_port_free(config.gateway.host, config.gateway.port)
     if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
         raise ConfigError("prometheus_client was imported before the gateway set PROMETHEUS_MULTIPROC_DIR; "

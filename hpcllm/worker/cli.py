@@ -69,7 +69,8 @@ def run_worker(
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
 @click.option("--device", default=None, help='"cpu", "cuda" or "cuda:N". Default: worker.device.')
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None,
-              help="Context limit (prompt + output). Default: the model's max_position_embeddings.")
+              help="Context limit (prompt + output), at most the model's. Default: the model's context length "
+                   "from its config (as `hpcllm deploy` derives it).")
 @click.option("--url-file", type=click.Path(path_type=Path), default=None,
               help="Write the worker's URL here (atomically) once the port is bound.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from hpcllm.checkpoint.context import max_model_len_for
 from hpcllm.errors import HpcllmError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer
 from hpcllm.worker.metrics import WorkerMetrics
@@ -234,7 +235,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
-        self.max_model_len = _context_length(model.config, max_model_len)
+        # The same rule as the controller's deploy check and the gateway's (hpcllm.checkpoint.context).
+        self.max_model_len = max_model_len_for(model.config.to_dict(), max_model_len,
+                                               tokenizer_max_length=getattr(tokenizer, "model_max_length", None))
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.max_running_requests = max_running_requests
@@ -774,15 +777,6 @@ class Engine:
             else:
                 info = ErrorInfo(message=f"engine failed: {self.error}", type="engine_unavailable")
                 self._finish(req, "error", error=info)
-
-
-def _context_length(config, override: int | None) -> int:
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is None and override is None:
-        raise ValueError("the model config has no max_position_embeddings; give max_model_len")
-    if override is not None and limit is not None and override > limit:
-        raise ValueError(f"max_model_len {override} exceeds the model's max_position_embeddings {limit}")
-    return override if override is not None else int(limit)
 
 
 def _eos_token_ids(model, tokenizer) -> frozenset[int]:

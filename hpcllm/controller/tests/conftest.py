@@ -14,7 +14,7 @@ from hpcllm.controller.protocol import CacheEntry, Heartbeat, ModelSpec, NodeReg
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
 from hpcllm.controller.tests import pg_server
-from hpcllm.controller.tests.doubles import FakeAgents, FakeClock, RecordingBackend
+from hpcllm.controller.tests.doubles import FakeAgents, FakeClock, RecordingBackend, checkpoint_folder
 
 SECRET = "test-secret"
 ADMIN_KEY = "test-admin-key"
@@ -45,10 +45,8 @@ class Harness:
         self.controller = Controller(self.config, self.registry, self.agents, self.allocator, clock=self.clock)
         self.autoscaler = Autoscaler(self.controller)
 
-    def source(self, name: str) -> Path:
-        path = self.tmp_path / "models" / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    def source(self, name: str, positions: int = 4096) -> Path:
+        return checkpoint_folder(self.tmp_path / "models" / name, positions)
 
     def deploy(self, name: str, size_bytes: int = 2 * GB, **fields):
         spec = ModelSpec(name=name, source=str(self.source(name)), size_bytes=size_bytes, **fields)

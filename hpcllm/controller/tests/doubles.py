@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hpcllm.controller.agents import AgentClient, StartedInstance
 from hpcllm.controller.errors import AgentError
@@ -128,6 +130,7 @@ class FakeAgents(AgentClient):
     def __init__(self):  # no HTTP client: nothing leaves the process
         self.agents: dict[str, FakeNodeAgent] = {}
         self.started: list[tuple[str, str, list[int]]] = []  # (agent_url, model, gpu_ids)
+        self.max_model_lens: list[int | None] = []  # the context length each start asked the worker for
         self.stopped: list[tuple[str, str]] = []
         self.unreachable: set[str] = set()
         self.refuse_start = False
@@ -141,7 +144,8 @@ class FakeAgents(AgentClient):
             raise AgentError(f"node agent {url}: ConnectError (test: unreachable)")
         return self.agents.setdefault(url, FakeNodeAgent(url))
 
-    def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int]) -> StartedInstance:
+    def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
+                       max_model_len: int | None = None) -> StartedInstance:
         agent = self._agent(agent_url)
         if self.refuse_start:
             raise AgentError(f"node agent {agent_url} refused to start {model!r}: HTTP 500 out of memory")
@@ -150,6 +154,7 @@ class FakeAgents(AgentClient):
         agent.instances[instance_id] = InstanceInfo(instance_id=instance_id, model=model, state="loading",
                                                     worker_url=worker_url, gpu_ids=gpu_ids)
         self.started.append((agent_url, model, gpu_ids))
+        self.max_model_lens.append(max_model_len)
         return StartedInstance(instance_id, worker_url)
 
     def stop_instance(self, agent_url: str, instance_id: str) -> None:
@@ -283,3 +288,10 @@ class HttpNodeAgent:
     def close(self) -> None:
         self._server.shutdown()
         self._thread.join(timeout=5)
+
+
+def checkpoint_folder(path: Path, positions: int = 4096) -> Path:
+    """A stand-in checkpoint folder: only the config.json deploy reads the model's context length from."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": positions}))
+    return path

@@ -312,6 +312,46 @@ def test_deploy_checks_the_source_and_partition(client, harness, tmp_path):
     assert client.post("/v1/admin/models", json=bad_partition, headers=ADMIN).status_code == 201
 
 
+def test_deploy_records_the_models_context_length_and_workers_get_it(client, harness):
+    src = harness.source("m", positions=512)
+    body = {"name": "m", "source": str(src), "size_bytes": 1, "gpus": 1}
+    too_long = client.post("/v1/admin/models", json={**body, "max_model_len": 2048}, headers=ADMIN)
+    assert too_long.status_code == 400
+    error = too_long.get_json()["error"]
+    assert error["param"] == "max_model_len" and error["code"] == "invalid_model_config"
+    assert "max_model_len = 2048 is more than the model's context length of 512 tokens" in error["message"]
+    assert harness.registry.models() == []
+
+    # Without the key: the model's own; the gateway's model list and the started worker get the same number.
+    assert client.post("/v1/admin/models", json=body, headers=ADMIN).get_json()["max_model_len"] == 512
+    models = client.get("/v1/internal/models", headers=INTERNAL).get_json()["models"]
+    assert [m["max_model_len"] for m in models] == [512]
+    harness.register("n1")
+    harness.controller.route("m")
+    assert harness.agents.max_model_lens == [512]
+
+    # Redeploying re-reads config.json: a smaller value is kept as asked and reaches the next worker.
+    assert client.post("/v1/admin/models", json={**body, "max_model_len": 300}, headers=ADMIN).status_code == 200
+    assert harness.registry.get_model("m").max_model_len == 300
+
+
+def test_restart_rederives_context_lengths_of_old_registry_records(harness, tmp_path):
+    """A registry written before deploy derived the length holds none, or the demo config's too-large 2048."""
+    from hpcllm.controller.protocol import DeployedModel
+
+    def record(name, max_model_len, source):
+        harness.registry.put_model(DeployedModel(name=name, source=str(source), size_bytes=1, deployed_at=0.0,
+                                                 max_model_len=max_model_len))
+
+    record("too-long", 2048, harness.source("too-long", positions=512))
+    record("unset", None, harness.source("unset", positions=1024))
+    record("fine", 256, harness.source("fine", positions=512))
+    record("unreadable", 2048, tmp_path / "gone")
+    harness.controller.reconcile()
+    lengths = {m.name: m.max_model_len for m in harness.registry.models()}
+    assert lengths == {"too-long": 512, "unset": 1024, "fine": 256, "unreadable": 2048}
+
+
 def test_deploy_reads_size_from_a_converted_checkpoint(client, harness, converted_checkpoint):
     from hpcllm.checkpoint import read_checkpoint
 
@@ -343,3 +383,18 @@ def test_status_lists_everything(client, harness):
     assert status["nodes"][0]["cached"][0]["tier"] == "dram"
     assert [(i["model"], i["state"]) for i in status["instances"]] == [("m", "loading")]
     assert status["allocations"] == []
+
+
+def test_the_demo_model_config_deploys_on_the_demo_model(harness, tmp_path):
+    """`make up` builds the tiny Llama (512 positions), converts it and deploys conf/models/tiny-llama.toml."""
+    from pathlib import Path
+
+    from hpcllm.checkpoint import convert
+    from hpcllm.controller.cli import read_model_file
+    from hpcllm.devmodels import make_model
+
+    spec = read_model_file(Path(__file__).resolve().parents[3] / "conf" / "models" / "tiny-llama.toml")
+    converted = tmp_path / "tiny-llama"
+    convert(make_model("llama", tmp_path / "tiny-llama-hf", size="tiny"), converted, progress=False)
+    model, _ = harness.controller.deploy(spec.model_copy(update={"source": str(converted)}))
+    assert model.max_model_len == 512

@@ -90,6 +90,7 @@ def test_deploy_status_undeploy_against_a_running_controller(tmp_path, capsys, r
     config, url = running_controller
     source = tmp_path / "models" / "tiny"
     source.mkdir(parents=True)
+    write(source / "config.json", '{"model_type": "llama", "max_position_embeddings": 512}')
     model = write(tmp_path / "tiny.toml", f'name = "tiny"\nsource = "{source}"\nsize_bytes = 3145728\n')
     assert main(["deploy", str(model), "--config", str(config), "--url", url]) == 0
     out = capsys.readouterr().out
@@ -113,3 +114,40 @@ def test_deploy_status_undeploy_against_a_running_controller(tmp_path, capsys, r
     assert "undeployed tiny (0 instances stopped)" in capsys.readouterr().out
     assert main(["undeploy", "tiny", "--config", str(config), "--url", url]) == 1
     assert "not deployed" in capsys.readouterr().err
+
+
+def test_deploy_takes_the_models_context_length_and_refuses_a_larger_one(tmp_path, capsys, running_controller):
+    from transformers import LlamaConfig
+
+    config, url = running_controller
+    source = tmp_path / "models" / "tiny-llama"
+    LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                vocab_size=384).save_pretrained(source)
+
+    def deploy(extra: str) -> int:
+        model = write(tmp_path / "tiny-llama.toml",
+                      f'name = "tiny-llama"\nsource = "{source}"\nsize_bytes = 1048576\n{extra}')
+        return main(["deploy", str(model), "--config", str(config), "--url", url])
+
+    # The demo config's old mistake: more than the model's 512 positions. Refused, both numbers named, exit 1.
+    assert deploy("max_model_len = 2048\n") == 1
+    err = capsys.readouterr().err
+    assert "max_model_len = 2048" in err and "context length of 512 tokens" in err
+    assert "max_position_embeddings=512" in err and "Traceback" not in err
+    assert main(["status", "--config", str(config), "--url", url]) == 0
+    assert "tiny-llama" not in capsys.readouterr().out  # nothing was deployed
+
+    # Without the key it takes the model's; a smaller one is kept as asked.
+    assert deploy("") == 0
+    assert "context 512 tokens" in capsys.readouterr().out
+    assert main(["status", "--config", str(config), "--url", url]) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if "tiny-llama" in line]
+    assert "512" in row.split()
+    assert deploy("max_model_len = 256\n") == 0
+    assert "context 256 tokens" in capsys.readouterr().out
+
+    # A source without config.json is refused rather than served with a guessed length.
+    (source / "config.json").unlink()
+    assert deploy("") == 1
+    err = capsys.readouterr().err
+    assert f"source: {source} has no config.json" in err and "Traceback" not in err

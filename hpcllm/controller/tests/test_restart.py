@@ -19,7 +19,7 @@ import pytest
 
 from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
 from hpcllm.controller.tests.conftest import ADMIN_KEY, GB, SECRET
-from hpcllm.controller.tests.doubles import FileBackend, HttpNodeAgent
+from hpcllm.controller.tests.doubles import FileBackend, HttpNodeAgent, checkpoint_folder
 
 INTERNAL = {SECRET_HEADER: SECRET}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -157,8 +157,7 @@ def test_kill_9_mid_traffic_loses_nothing(tmp_path, database_url):
         ctl.start()
         client = httpx.Client(base_url=ctl.url, timeout=10)
         for name, gpus in (("chat", 1), ("huge", 2)):
-            src = tmp_path / "models" / name
-            src.mkdir(parents=True)
+            src = checkpoint_folder(tmp_path / "models" / name)
             resp = client.post("/v1/admin/models", headers=ADMIN, json={
                 "name": name, "source": str(src), "size_bytes": 2 * GB, "gpus": gpus, "keep_alive_seconds": 3600})
             assert resp.status_code == 201, resp.text
@@ -221,8 +220,7 @@ def test_restart_reconciles_instances_with_the_node_agent(tmp_path, controller_p
     try:
         ctl.start()
         client = httpx.Client(base_url=ctl.url, timeout=10)
-        src = tmp_path / "models" / "chat"
-        src.mkdir(parents=True)
+        src = checkpoint_folder(tmp_path / "models" / "chat")
         client.post("/v1/admin/models", headers=ADMIN,
                     json={"name": "chat", "source": str(src), "size_bytes": GB, "max_instances": 2})
         register(client, n1, job=None)

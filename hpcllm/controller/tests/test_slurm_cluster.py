@@ -21,7 +21,7 @@ from hpcllm.controller.errors import AllocationFailed, InvalidModelConfig, NoCap
 from hpcllm.controller.protocol import DeployedModel, ModelSpec
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
-from hpcllm.controller.tests.doubles import FakeAgents
+from hpcllm.controller.tests.doubles import FakeAgents, checkpoint_folder
 from hpcllm.slurm.base import get_backend
 
 pytestmark = pytest.mark.slurm
@@ -94,8 +94,7 @@ def test_allocation_lands_on_the_preferred_node_runs_and_ends(cluster_controller
 
 def test_partition_is_checked_against_the_cluster(cluster_controller, tmp_path):
     c = cluster_controller
-    source = tmp_path / "models" / "m"
-    source.mkdir(parents=True)
+    source = checkpoint_folder(tmp_path / "models" / "m")
     with pytest.raises(InvalidModelConfig, match="unknown partition 'nope'"):
         c.deploy(ModelSpec(name="m", source=str(source), size_bytes=1, slurm={"partition": "nope"}))
     assert c.registry.models() == []
@@ -155,8 +154,7 @@ allocator.submit(model, ["n2"], time.time())
 
 def test_job_sbatch_accepted_just_before_a_kill_9_is_adopted_after_restart(cluster_controller, tmp_path):
     c = cluster_controller
-    source = tmp_path / "models" / "m"
-    source.mkdir(parents=True)
+    source = checkpoint_folder(tmp_path / "models" / "m")
     crashed = subprocess.run([sys.executable, "-c", _SUBMIT_THEN_KILL9, json.dumps(cluster_config(tmp_path)),
                               str(source)], capture_output=True, text=True, timeout=60)
     assert crashed.returncode == -9, crashed.stderr

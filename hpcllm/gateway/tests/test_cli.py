@@ -39,3 +39,19 @@ def test_busy_port_is_a_clear_error(tmp_path, capsys):
         assert main(["gateway", "--config", str(config)]) != 0
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_static_model_above_its_context_length_stops_the_start(tmp_path, tiny_model_dir, capsys):
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"""
+[paths]
+state_dir = "{tmp_path / 'state'}"
+[gateway.static_models.tiny-llama]
+worker_url = "http://127.0.0.1:9"
+source = "{tiny_model_dir}"
+max_model_len = 2048
+""")
+    assert main(["gateway", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "gateway.static_models.tiny-llama: max_model_len = 2048 is more than the model's context length of 512" \
+        in err and "Traceback" not in err

@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 
 from hpcllm.config import parse_config
@@ -37,12 +38,14 @@ class InProcessAgents(AgentClient):
         self.worker_url = worker_url
         self.controller: Controller | None = None
         self.instances: dict[str, InstanceInfo] = {}
+        self.started: list[tuple[str, int | None]] = []  # (model, max_model_len) of every start asked for
         self._ids = itertools.count(1)
 
     def close(self) -> None:
         pass
 
-    def start_instance(self, agent_url, model, source, gpu_ids) -> StartedInstance:
+    def start_instance(self, agent_url, model, source, gpu_ids, max_model_len=None) -> StartedInstance:
+        self.started.append((model, max_model_len))
         instance_id = f"inst-{next(self._ids)}"
         self.instances[instance_id] = InstanceInfo(instance_id=instance_id, model=model, state="loading",
                                                    worker_url=self.worker_url, gpu_ids=gpu_ids)
@@ -63,7 +66,12 @@ class InProcessAgents(AgentClient):
 
 
 @pytest.fixture
-def controller_url(tmp_path, worker_url, tiny_model_dir):
+def agents(worker_url) -> InProcessAgents:
+    return InProcessAgents(worker_url)
+
+
+@pytest.fixture
+def controller_url(tmp_path, agents, tiny_model_dir):
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -71,7 +79,6 @@ def controller_url(tmp_path, worker_url, tiny_model_dir):
                        "allocate_on_demand": False},
     })
     registry = Registry(config.controller.database_url)
-    agents = InProcessAgents(worker_url)
     controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
     agents.controller = controller
     controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=0))
@@ -136,6 +143,10 @@ def test_admin_api_is_proxied_with_the_admin_key(routed_gateway, tiny_model_dir)
     # The controller's own validation errors come back unchanged, in the error shape.
     bad = routed_gateway.post("/v1/admin/models", key=ADMIN_KEY, json={"name": "x"})
     assert bad.status_code == 400 and "source" in bad.json()["error"]["message"]
+    too_long = routed_gateway.post("/v1/admin/models", key=ADMIN_KEY, json={**spec, "max_model_len": 2048})
+    assert too_long.status_code == 400
+    assert "max_model_len = 2048 is more than the model's context length of 512 tokens" in \
+        too_long.json()["error"]["message"]
     assert routed_gateway.get("/v1/admin/status", key=USER_KEY).status_code == 401
 
     time.sleep(2.1)  # the gateway's copy of the model list lives 2 s
@@ -152,3 +163,55 @@ def test_controller_down_is_503_and_not_ready(make_gateway):
     assert resp.headers["Retry-After"]
     assert httpx.get(f"{gw.url}/ready").status_code == 503
     assert httpx.get(f"{gw.url}/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- context length
+
+
+def test_chat_without_max_tokens_gets_the_rest_of_the_context(routed_gateway, agents, tiny_model_dir, hf_pair):
+    """What most chat clients send: no max_tokens. The deploy (no max_model_len) recorded the model's 512
+    positions; the gateway fills in 512 - prompt tokens and the worker, told the same number, serves it."""
+    from hpcllm.checkpoint.context import source_max_model_len
+
+    limit = source_max_model_len(tiny_model_dir)
+    assert limit == hf_pair[0].config.max_position_embeddings == 512
+    client = routed_gateway.client()
+    messages = [{"role": "user", "content": "hello there, how are you today?"}]
+    # The prompt the worker gets is the rendered chat template: the gateway counts exactly those tokens.
+    template_ids = hf_pair[1].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_tokens = len(hf_pair[1](template_ids, add_special_tokens=False)["input_ids"])
+
+    resp = client.chat.completions.create(model=MODEL, messages=messages, temperature=0)
+    assert resp.usage.prompt_tokens == prompt_tokens
+    # The seeded tiny model never says EOS here, so greedy decoding runs to the very end of the context.
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens + resp.usage.completion_tokens == limit
+    assert agents.started == [(MODEL, limit)]  # the worker was started with the gateway's number
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == resp.choices[0].message.content and chunks[-1].usage == resp.usage
+
+
+def test_completion_without_max_tokens_near_the_end_of_the_context(routed_gateway, hf_pair):
+    """/v1/completions defaults to 16 tokens (OpenAI's and vLLM's default), shortened to what the context holds."""
+    client = routed_gateway.client()
+    prompt_ids = hf_pair[1]("hello world " * 300)["input_ids"][:505]
+    resp = client.completions.create(model=MODEL, prompt=prompt_ids, temperature=0)
+    assert resp.usage.prompt_tokens == 505 and resp.usage.completion_tokens <= 512 - 505
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt_ids, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == resp.choices[0].text
+
+
+def test_prompt_beyond_the_context_is_refused_before_any_cold_start(routed_gateway, agents):
+    client = routed_gateway.client()
+    long_chat = [{"role": "user", "content": "hello world " * 600}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=long_chat)
+    assert refused.value.code == "context_length_exceeded"
+    assert "maximum context length is 512 tokens" in refused.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="hello world " * 600, stream=True)
+    assert agents.started == []  # no instance was started for requests that cannot fit

@@ -118,7 +118,9 @@ def test_job_scoped_nvme_and_per_node_folders(tmp_path, monkeypatch):
 
 def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, converted, tiny_llama_dir):
     agent.cache.warm("tiny-llama", converted, "nvme")
-    resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)}, headers=AUTH)
+    # The controller passes the deployed context length; the worker serves with it (not its own 512).
+    body = {"model": "tiny-llama", "source": str(converted), "max_model_len": 256}
+    resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
     assert resp.status_code == 202, resp.get_json()
     started = resp.get_json()
     assert started["load_tier"] == "nvme"
@@ -136,6 +138,8 @@ def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, con
     assert copy["in_use"] == 1
     assert client.delete("/v1/internal/cache/tiny-llama", headers=AUTH).status_code == 409
 
+    with WorkerClient(info["worker_url"], SECRET) as worker:
+        assert worker.ready()["max_model_len"] == 256
     # The worker serves greedy tokens equal to transformers' generate.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -21,7 +21,7 @@ from hpcllm.controller.agents import AgentClient
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import SECRET_HEADER, Heartbeat, InstanceInfo, ModelSpec, NodeRegistration
 from hpcllm.controller.server import build_service
-from hpcllm.controller.tests.doubles import RecordingBackend
+from hpcllm.controller.tests.doubles import RecordingBackend, checkpoint_folder
 from hpcllm.node.app import create_app
 from hpcllm.node.protocol import StartInstance
 from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
@@ -41,8 +41,7 @@ def controller(tmp_path):
         service = build_service(config, backend=RecordingBackend())
         server = make_server("127.0.0.1", 0, service.app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        source = tmp_path / "models" / MODEL
-        source.mkdir(parents=True)
+        source = checkpoint_folder(tmp_path / "models" / MODEL)
         service.controller.deploy(ModelSpec(name=MODEL, source=str(source), size_bytes=10**6, max_instances=2))
         started.append((service, server))
         return service, f"http://127.0.0.1:{server.server_port}", source
