@@ -1,15 +1,19 @@
-"""The inference engine: one model, one background thread, many concurrent requests.
+"""The inference engine: one model, one background thread, many concurrent requests, batched.
 
-Scheduling is iteration-level round robin over per-request KV caches (Orca-style scheduling without batching):
-each pass of the engine loop admits waiting requests into free slots (FIFO), then advances every running request
-by one step - a prefill chunk or one decode token - in arrival order. A long prompt is prefilled in chunks so it
-cannot stall the other streams for long. Each request keeps its own transformers DynamicCache, so its numbers are
-exactly those of a batch-of-one run (greedy output equals model.generate), and a request's state is just its token
-ids, which is what live migration ships. docs/worker.md explains why this over padded continuous batching.
+Scheduling is continuous batching (Orca's iteration-level scheduling, vLLM's KV block budget): each pass of the
+engine loop admits waiting requests into free slots (FIFO, while KV blocks are free), then runs ONE step over every
+running request: one decode token each, plus prefill chunks of requests still prefilling (at most
+prefill_chunk_tokens of them per step, so a long prompt cannot stall the other streams for long). The step's model
+execution sits behind runner.ModelRunner: a plain StepBatch (token ids, positions, block tables) in, logits out.
+The KV cache is a budget of fixed-size blocks (kvcache.BlockPool); when a step needs a block and none is free,
+the newest running request is preempted (vLLM's rule): its blocks are freed and it goes back to the front of the
+queue, to be re-prefilled from its token ids later (recompute). docs/worker.md has the details.
 
-One step, for prefill and decode alike: feed ids[num_cached:end] at positions num_cached..end-1 with the cache; if
-that reached the end of the known ids, sample the next token from the last position's logits. Resuming a
-generation from token ids is therefore just a request whose known ids are prompt + already-generated tokens.
+One step, for prefill and decode alike: feed ids[num_cached:end] at positions num_cached..end-1; if that reached
+the end of the known ids, sample the next token from the last position's logits. Resuming a generation from token
+ids is therefore just a request whose known ids are prompt + already-generated tokens. Sampling is per request
+(seeded per output index), and the paged runner's attention sees exactly a batch-of-one's keys and values, so a
+request's tokens do not depend on what else runs.
 
 Live migration (docs/migration.md) adds two request modes. HELD (destination): the request prefills its known ids
 chunk-wise like any other but does not sample; `extend` appends tokens the source produced since (replayed through
@@ -21,7 +25,7 @@ not lost, because sampling is seeded per (seed, output index) and the destinatio
 
 from __future__ import annotations
 
-import inspect
+import itertools
 import logging
 import queue
 import threading
@@ -31,10 +35,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from hpcllm.errors import HpcllmError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer
+from hpcllm.worker.kvcache import BlockPool
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import (
     ErrorInfo,
@@ -45,6 +49,7 @@ from hpcllm.worker.protocol import (
     TokenLine,
     Usage,
 )
+from hpcllm.worker.runner import ModelRunner, SequenceChunk, StepBatch, make_runner
 from hpcllm.worker.sampling import SamplingParams, random_seed, sample_token
 
 log = logging.getLogger(__name__)
@@ -55,6 +60,10 @@ Event = TokenLine | FinalLine
 # or longer (shorter ones time the per-call overhead, not prefill), averaged with this weight for the newest chunk.
 PREFILL_RATE_MIN_TOKENS = 16
 PREFILL_RATE_WEIGHT = 0.3
+DEFAULT_KV_BLOCK_SIZE = 16
+BATCHING_MODES = ("auto", "paged", "sequential")
+
+_seq_ids = itertools.count()  # runner-side identity of a request's KV state (request ids may be reused)
 
 
 class EngineError(HpcllmError):
@@ -113,6 +122,16 @@ class EngineUnavailable(EngineError):
 
 
 @dataclass
+class _Work:
+    """One request's part of a step: feed all_ids[start:end]; if end == known, sample after it."""
+
+    req: "_Request"
+    start: int
+    end: int
+    known: int
+
+
+@dataclass
 class Completion:
     """A whole generation collected from a stream (Engine.generate)."""
 
@@ -138,8 +157,9 @@ class _Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     state: str = "waiting"
     all_ids: list[int] = field(default_factory=list)
-    cache: object | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_cached: int = 0  # ids whose keys/values are in the cache
+    preemptions: int = 0
     cancel_requested: bool = False
     first_scheduled: float | None = None
     last_token_time: float | None = None
@@ -227,9 +247,16 @@ class Engine:
         prefill_chunk_tokens: int = 512,
         finished_history: int = 256,
         metrics: WorkerMetrics | None = None,
+        kv_cache_tokens: int | None = None,
+        kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
+        batching: str = "auto",
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
+        if kv_block_size < 1:
+            raise ValueError(f"kv_block_size must be >= 1, not {kv_block_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -241,7 +268,17 @@ class Engine:
         self.max_waiting_requests = max_waiting_requests
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.metrics = metrics or WorkerMetrics(model_name)
-        self._forward_kwargs = _forward_kwargs(model)
+        # KV budget: by default every slot can hold a full context (never preempts); set it lower to bound memory.
+        self.kv_cache_tokens = kv_cache_tokens or max_running_requests * self.max_model_len
+        if self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens {self.kv_cache_tokens} cannot hold one full context of max_model_len "
+                f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
+            )
+        self.kv_pool = BlockPool(-(-self.kv_cache_tokens // kv_block_size), kv_block_size)
+        self.runner: ModelRunner = make_runner(model, num_blocks=self.kv_pool.num_blocks, block_size=kv_block_size,
+                                               batching=batching)
+        self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
         self._finished_history = finished_history
 
         self._lock = threading.Condition(threading.RLock())
@@ -603,11 +640,10 @@ class Engine:
         try:
             with torch.inference_mode():
                 while True:
-                    batch = self._next_round()
-                    if batch is None:
+                    active = self._next_round()
+                    if active is None:
                         break
-                    for req in batch:
-                        self._advance(req)
+                    self._step(active)
         except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
             log.exception("engine loop died")
             self.error = f"{type(exc).__name__}: {exc}"
@@ -622,16 +658,29 @@ class Engine:
                 if self._stopping:
                     return None
                 next_deadline = self._expire_held(time.monotonic())
-                while self._waiting and len(self._running) < self.max_running_requests:
-                    req = self._waiting.popleft()
-                    req.state = "running"
-                    self._running.append(req)
-                self.metrics.num_requests_waiting.set(len(self._waiting))
-                self.metrics.num_requests_running.set(len(self._running))
+                self._admit()
                 active = [req for req in self._running if req.has_work()]
                 if active:
                     return active
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
+
+    def _admit(self) -> None:
+        """FIFO admission into free slots while the KV budget holds the head request's known ids (plus the token
+        it samples next). A request that does not fit waits, unless nothing runs (one full context always fits)."""
+        while self._waiting and len(self._running) < self.max_running_requests:
+            req = self._waiting[0]
+            if req.cancel_requested:
+                self._finish(req, "abort")
+                continue
+            if not self.kv_pool.grow(req.seq_id, len(req.all_ids) + 1):
+                if self._running:
+                    break
+                raise RuntimeError(f"KV cache of {self.kv_pool.num_blocks} blocks cannot hold request {req.request_id}")
+            self._waiting.popleft()
+            req.state = "running"
+            self._running.append(req)
+        self.metrics.num_requests_waiting.set(len(self._waiting))
+        self.metrics.num_requests_running.set(len(self._running))
 
     def _expire_held(self, now: float) -> float | None:
         """Drop held requests past their deadline (freeing their KV cache); the earliest deadline left."""
@@ -646,37 +695,109 @@ class Engine:
                 earliest = req.hold_deadline
         return earliest
 
-    def _advance(self, req: _Request) -> None:
-        if req.state != "running":
-            return
-        if req.cancel_requested:
-            self._finish(req, "abort")
-            return
-        if not req.has_work():
-            return
-        try:
-            self._step(req)
-        except torch.OutOfMemoryError as exc:  # this request does not fit; the others may
-            log.warning("request %s ran out of memory: %s", req.request_id, exc)
-            self._finish(req, "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
+    # ---- one step: schedule, run, sample ---------------------------------------------------------------------------
 
-    def _step(self, req: _Request) -> None:
-        if req.first_scheduled is None:
-            req.first_scheduled = time.monotonic()
-            self.metrics.request_queue_time.observe(req.first_scheduled - req.arrival)
-            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        start = req.num_cached
+    def _step(self, active: list[_Request]) -> None:
+        for req in active:
+            if req.cancel_requested:
+                self._finish(req, "abort")
         with self._lock:
-            known, logits = len(req.all_ids), req.pending_logits
-        if start < known:
-            end = min(known, start + self.prefill_chunk_tokens)
+            work = self._schedule([r for r in active if r.state == "running" and r.has_work()])
+            chunks = [w for w in work if w.end > w.start]
+            batch = StepBatch(
+                chunks=[SequenceChunk(w.req.seq_id, w.req.all_ids[w.start:w.end], w.start,
+                                      self.kv_pool.table(w.req.seq_id), w.end == w.known) for w in chunks],
+            )
+            if chunks:
+                batch.free, self._to_free = self._to_free, []
+        if not work:
+            return
+        logits = None
+        if chunks:
             began = time.perf_counter()
-            logits = self._forward(req, req.all_ids[start:end], start)
-            if end - start >= PREFILL_RATE_MIN_TOKENS:
-                self._observe_prefill(end - start, began)
-            req.num_cached = end
-            if end < known:
+            try:
+                logits = self._forward(batch)
+            except torch.OutOfMemoryError as exc:
+                self._out_of_memory([w.req for w in chunks], exc)
                 return
+            prefilled = sum(w.end - w.start for w in chunks if w.end - w.start > 1)
+            if prefilled >= PREFILL_RATE_MIN_TOKENS:
+                self._observe_prefill(sum(w.end - w.start for w in chunks), began)
+        row = 0
+        for w in work:
+            if w.end > w.start:
+                w.req.num_cached = w.end
+                if w.end < w.known:
+                    continue  # mid-prefill: no logits for this one
+                self._sample_and_commit(w.req, logits[row])
+                row += 1
+            else:
+                self._sample_and_commit(w.req, w.req.pending_logits)
+
+    def _schedule(self, candidates: list[_Request]) -> list["_Work"]:
+        """Pick each request's chunk (decodes whole, prefills within prefill_chunk_tokens per step) and give it KV
+        blocks, preempting the newest running requests when blocks run out. Called under the lock."""
+        work: list[_Work] = []
+        prefill_budget = self.prefill_chunk_tokens
+        for req in candidates:
+            if req.state != "running":  # preempted for an older request's blocks in this very loop
+                continue
+            if req.first_scheduled is None:
+                req.first_scheduled = time.monotonic()
+                self.metrics.request_queue_time.observe(req.first_scheduled - req.arrival)
+                self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            start, known = req.num_cached, len(req.all_ids)
+            end = known
+            if known - start > 1:  # prefill (a decode feeds the one token sampled last)
+                end = start + min(known - start, prefill_budget)
+                if end == start:
+                    continue
+                prefill_budget -= end - start
+            if not self._make_room(req, end):
+                continue  # req itself was preempted
+            work.append(_Work(req, start, end, known))
+        return work
+
+    def _make_room(self, req: _Request, tokens: int) -> bool:
+        """Grow req's blocks to `tokens`, preempting the newest running requests while none are free; False if
+        req is the newest and got preempted itself."""
+        while not self.kv_pool.grow(req.seq_id, tokens):
+            victim = next((r for r in reversed(self._running) if self.kv_pool.holds(r.seq_id)), None)
+            if victim is None:
+                raise RuntimeError("KV cache exhausted with nothing to preempt")  # max_model_len fits: unreachable
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: _Request) -> None:
+        """Free req's KV cache and queue it first: it is re-prefilled from its token ids (vLLM's recompute)."""
+        log.info("preempting request %s (KV cache full): %d tokens to recompute", req.request_id, len(req.all_ids))
+        self._release_kv(req)
+        req.num_cached, req.pending_logits = 0, None
+        req.preemptions += 1
+        self._running.remove(req)
+        req.state = "waiting"
+        self._waiting.appendleft(req)
+        self.metrics.preemptions.inc()
+
+    def _release_kv(self, req: _Request) -> None:
+        if self.kv_pool.holds(req.seq_id) or req.num_cached:
+            self._to_free.append(req.seq_id)
+        self.kv_pool.free(req.seq_id)
+
+    def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
+        """The device ran out of memory in a step: alone, the request fails; in a batch, the newest is preempted
+        and the rest retried."""
+        if len(requests) == 1:
+            log.warning("request %s ran out of memory: %s", requests[0].request_id, exc)
+            self._finish(requests[0], "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
+            return
+        with self._lock:
+            newest = max(requests, key=self._running.index)
+            self._preempt(newest)
+
+    def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None) -> None:
         if logits is None:
             raise RuntimeError(f"request {req.request_id}: nothing to sample from (no prefilled logits)")
         # Sample outside the lock; the commit below re-checks that the request may still take a token.
@@ -701,15 +822,8 @@ class Engine:
         previous = self._prefill_rate
         self._prefill_rate = rate if previous is None else previous + PREFILL_RATE_WEIGHT * (rate - previous)
 
-    def _forward(self, req: _Request, chunk: list[int], start: int) -> torch.Tensor:
-        if req.cache is None:
-            req.cache = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        position_ids = torch.arange(start, start + len(chunk), dtype=torch.long, device=self.device).unsqueeze(0)
-        out = self.model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=True, **self._forward_kwargs(req.cache)
-        )
-        return out.logits[0, -1]
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        return self.runner.step(batch)
 
     def _accept(self, req: _Request, token: int) -> None:
         """Record a sampled token and emit its line (called under the lock, so pause sees all or nothing)."""
@@ -752,7 +866,8 @@ class Engine:
                 self._running.remove(req)
             elif req in self._waiting:
                 self._waiting.remove(req)
-            req.state, req.finish_reason, req.cache, req.pending_logits = "finished", reason, None, None
+            self._release_kv(req)
+            req.state, req.finish_reason, req.pending_logits = "finished", reason, None
             self._live.pop(req.request_id, None)
             self._finished[req.request_id] = req
             while len(self._finished) > self._finished_history:
@@ -794,11 +909,3 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return frozenset(ids)
-
-
-def _forward_kwargs(model):
-    """How this transformers version takes the cache (`cache`, formerly `past_key_values`), plus logits_to_keep."""
-    parameters = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in parameters else "past_key_values"
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-    return lambda cache: {cache_arg: cache, **extra}

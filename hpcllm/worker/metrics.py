@@ -46,6 +46,10 @@ class WorkerMetrics:
         self.generation_tokens = Counter(
             "hpcllm_generation_tokens", "Generated tokens.", labels, registry=self.registry
         ).labels(model_name)
+        self.preemptions = Counter(
+            "hpcllm_num_preemptions", "Requests preempted (KV cache full) to be recomputed later.", labels,
+            registry=self.registry,
+        ).labels(model_name)
         self._request_success = Counter(
             "hpcllm_request_success",
             "Finished requests by finish reason.",

@@ -1,0 +1,158 @@
+"""Continuous batching: one forward per step over every running request, KV blocks, preemption by recompute.
+
+A request's tokens must not depend on what else runs: greedy output equals transformers' generate and seeded
+sampling is the same alone or in a batch, also when the KV budget forces preemption."""
+
+import itertools
+
+import pytest
+import torch
+
+from hpcllm.worker.engine import Engine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest
+from hpcllm.worker.runner import PagedRunner, SequentialRunner
+
+from .conftest import ARCHS
+
+_ids = itertools.count()
+PROMPTS = ["hello world, this", "the", "🙂 日本語 テスト and a longer prompt that takes a few chunks to prefill", "a b c"]
+
+
+def request(**fields) -> GenerateRequest:
+    fields.setdefault("request_id", f"b{next(_ids)}")
+    return GenerateRequest(**fields)
+
+
+class CountingEngine:
+    """An engine whose steps are recorded: how many sequences each forward ran."""
+
+    def __init__(self, model, tokenizer, **options):
+        self.engine = Engine(model, tokenizer, model_name="tiny", **options)
+        self.batch_sizes: list[int] = []
+        forward = self.engine._forward
+
+        def counting_forward(batch):
+            self.batch_sizes.append(len(batch.chunks))
+            return forward(batch)
+
+        self.engine._forward = counting_forward
+        self.engine.start()
+
+    def run_together(self, requests: list[GenerateRequest]):
+        """Submit all before the engine steps any; the completions (token ids, finish lines), in order."""
+        with self.engine._lock:
+            streams = [self.engine.submit(r) for r in requests]
+        results = []
+        for stream in streams:
+            events = list(stream.events())
+            results.append(([e.token_id for e in events[:-1]], events[-1]))
+        return results
+
+
+@pytest.fixture
+def engines():
+    made = []
+
+    def make(model, tokenizer, **options) -> CountingEngine:
+        counting = CountingEngine(model, tokenizer, **options)
+        made.append(counting.engine)
+        return counting
+
+    yield make
+    for engine in made:
+        engine.shutdown()
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens):
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_greedy_equals_generate_for_requests_of_different_lengths(arch, load_pair, engines):
+    model, tokenizer = load_pair(arch)
+    counting = engines(model, tokenizer, prefill_chunk_tokens=8)
+    assert isinstance(counting.engine.runner, PagedRunner)  # every dev architecture is served batched
+    lengths = [30, 12, 25, 40]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = [hf_greedy(model, ids, n) for ids, n in zip(prompt_ids, lengths)]
+    results = counting.run_together(
+        [request(prompt_token_ids=ids, max_tokens=n, temperature=0) for ids, n in zip(prompt_ids, lengths)]
+    )
+    assert [tokens for tokens, _ in results] == expected
+    assert max(counting.batch_sizes) == len(PROMPTS)  # all four ran in one forward
+    assert len(counting.batch_sizes) < sum(lengths)  # far fewer forwards than tokens
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(load_pair, engines):
+    model, tokenizer = load_pair("llama")
+    counting = engines(model, tokenizer)
+    sampled = dict(prompt=PROMPTS[0], max_tokens=30, temperature=0.9, top_p=0.95, top_k=40, seed=1234,
+                   ignore_eos=True)
+    [(alone, _)] = counting.run_together([request(**sampled)])
+    others = [request(prompt=p, max_tokens=20, temperature=1.0, seed=i) for i, p in enumerate(PROMPTS[1:])]
+    batched = counting.run_together([*others[:1], request(**sampled), *others[1:]])
+    assert batched[1][0] == alone
+    assert max(counting.batch_sizes) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_preemption_under_a_tiny_kv_budget_keeps_greedy_output(arch, load_pair, engines):
+    model, tokenizer = load_pair(arch)
+    # 64 tokens of KV for four requests that need ~45 each: they cannot all stay; the newest are preempted and
+    # later recomputed from their token ids.
+    counting = engines(model, tokenizer, max_model_len=64, kv_cache_tokens=64, kv_block_size=4,
+                       max_running_requests=4)
+    prompt_ids = [tokenizer(p)["input_ids"][:12] for p in PROMPTS]
+    expected = [hf_greedy(model, ids, 32) for ids in prompt_ids]
+    results = counting.run_together(
+        [request(prompt_token_ids=ids, max_tokens=32, temperature=0, ignore_eos=True) for ids in prompt_ids]
+    )
+    assert [tokens for tokens, _ in results] == expected
+    assert all(final.finish_reason == "length" for _, final in results)
+    engine = counting.engine
+    assert engine.metrics.preemptions._value.get() > 0
+    assert engine.kv_pool.used_blocks == 0  # everything freed at the end
+
+
+def test_a_kv_budget_below_one_context_is_refused(load_pair):
+    model, tokenizer = load_pair("llama")
+    with pytest.raises(ValueError, match="kv_cache_tokens 32 cannot hold one full context of max_model_len 64"):
+        Engine(model, tokenizer, max_model_len=64, kv_cache_tokens=32)
+
+
+def test_requests_beyond_the_kv_budget_wait_and_all_finish(load_pair, engines):
+    model, tokenizer = load_pair("llama")
+    counting = engines(model, tokenizer, max_model_len=48, kv_cache_tokens=48, kv_block_size=8,
+                       max_running_requests=8)
+    prompt_ids = tokenizer(PROMPTS[0])["input_ids"]
+    results = counting.run_together(
+        [request(prompt_token_ids=prompt_ids, max_tokens=30, temperature=0, ignore_eos=True) for _ in range(6)]
+    )
+    assert len({tuple(tokens) for tokens, _ in results}) == 1
+    assert all(final.finish_reason == "length" and len(tokens) == 30 for tokens, final in results)
+
+
+def test_sequential_mode_is_the_unbatched_baseline_with_the_same_output(load_pair, engines):
+    model, tokenizer = load_pair("qwen2")
+    counting = engines(model, tokenizer, batching="sequential")
+    assert isinstance(counting.engine.runner, SequentialRunner)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    results = counting.run_together([request(prompt_token_ids=ids, max_tokens=15, temperature=0) for ids in prompt_ids])
+    assert [tokens for tokens, _ in results] == [hf_greedy(model, ids, 15) for ids in prompt_ids]
+
+
+def test_cancelled_request_leaves_the_batch_and_frees_its_blocks(load_pair, engines):
+    model, tokenizer = load_pair("llama")
+    counting = engines(model, tokenizer)
+    engine = counting.engine
+    with engine._lock:
+        doomed = engine.submit(request(prompt=PROMPTS[0], max_tokens=200, ignore_eos=True))
+        kept = engine.submit(request(prompt=PROMPTS[1], max_tokens=20, temperature=0))
+    events = doomed.events()
+    next(events)
+    engine.cancel(doomed.request_id)
+    final = [e for e in kept.events() if isinstance(e, FinalLine)][0]
+    assert final.finish_reason in ("length", "stop")
+    assert engine.tokens(doomed.request_id).finish_reason == "abort"
+    assert engine.kv_pool.used_blocks == 0
