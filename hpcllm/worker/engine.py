@@ -47,6 +47,8 @@ from hpcllm.worker.protocol import (
     MigratedTo,
     RequestTokens,
     TokenLine,
+    TokenLogprobs,
+    TopLogprob,
     Usage,
 )
 from hpcllm.worker.runner import ModelRunner, SequenceChunk, StepBatch, make_runner
@@ -165,6 +167,7 @@ class _Request:
     last_token_time: float | None = None
     resumed_tokens: int = 0
     finish_reason: str | None = None
+    logprobs: int | None = None  # top alternatives per token line (None: no logprobs)
     origin: GenerateRequest | None = None  # as submitted: stop strings, stop ids, ignore_eos (to migrate it)
     # Live migration, destination side: prefilled but not sampling until attached; dropped at hold_deadline.
     held: bool = False
@@ -492,7 +495,7 @@ class Engine:
                 request_id=req.request_id, prompt_token_ids=list(req.prompt_ids), max_tokens=req.max_tokens,
                 temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
                 seed=req.params.seed, stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids),
-                ignore_eos=origin.ignore_eos, resume_token_ids=list(req.output_ids),
+                ignore_eos=origin.ignore_eos, resume_token_ids=list(req.output_ids), logprobs=origin.logprobs,
             )
 
     def migration_output(self, request_id: str) -> list[int]:
@@ -621,6 +624,7 @@ class Engine:
             all_ids=prompt_ids + resumed,
             resumed_tokens=len(resumed),
             origin=request,
+            logprobs=request.logprobs,
         )
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
@@ -802,6 +806,7 @@ class Engine:
             raise RuntimeError(f"request {req.request_id}: nothing to sample from (no prefilled logits)")
         # Sample outside the lock; the commit below re-checks that the request may still take a token.
         token = None if (req.held or req.paused) else sample_token(logits, req.params, len(req.output_ids))
+        logprobs = None if token is None or req.logprobs is None else self._logprobs(logits, token, req.logprobs)
         with self._lock:
             if req.state != "running":  # finished meanwhile (handed over, expired): keep nothing
                 return
@@ -813,7 +818,21 @@ class Engine:
                 self._lock.notify_all()  # wait_prefilled
                 return
             req.pending_logits = None
-            self._accept(req, token)
+            self._accept(req, token, logprobs)
+
+    def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+        """The sampled token's log probability and the `top` most likely tokens' (raw model distribution)."""
+        logprobs = torch.log_softmax(logits.detach().to("cpu", torch.float32), dim=-1)
+        best = torch.topk(logprobs, top) if top else None
+        ids = [token] + (best.indices.tolist() if best is not None else [])
+        with self._tokenizer_lock:
+            texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+        alternatives = [] if best is None else [
+            TopLogprob(token_id=i, token=t, logprob=lp)
+            for i, t, lp in zip(ids[1:], texts[1:], best.values.tolist())
+        ]
+        return TokenLogprobs(token=texts[0], logprob=float(logprobs[token]), top=alternatives)
 
     def _observe_prefill(self, tokens: int, began: float) -> None:
         if self.device.type == "cuda":  # the forward only queued the kernels
@@ -825,7 +844,7 @@ class Engine:
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)
 
-    def _accept(self, req: _Request, token: int) -> None:
+    def _accept(self, req: _Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record a sampled token and emit its line (called under the lock, so pause sees all or nothing)."""
         now = time.monotonic()
         if req.last_token_time is None:
@@ -851,7 +870,7 @@ class Engine:
             elif len(req.output_ids) >= req.max_tokens or len(req.all_ids) >= self.max_model_len:
                 text += req.detokenizer.flush()
                 finish_reason = "length"
-        req.events.put(TokenLine(index=index, token_id=token, text=text))
+        req.events.put(TokenLine(index=index, token_id=token, text=text, logprobs=logprobs))
         if finish_reason is not None:
             self._finish(req, finish_reason, stop_reason)
 

@@ -44,6 +44,7 @@ from hpcllm.worker.protocol import (
     PREPARE_MIGRATION_PATH,
     SECRET_HEADER,
     TOKENS_PATH,
+    stream_line_json,
     AttachMigration,
     ErrorInfo,
     ErrorResponse,
@@ -287,7 +288,7 @@ def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
     """
     try:
         for event in stream.events(keepalive_seconds):
-            yield b"\n" if event is None else event.model_dump_json().encode() + b"\n"
+            yield b"\n" if event is None else stream_line_json(event) + b"\n"
     finally:
         stream.close()
 

@@ -285,3 +285,22 @@ def test_greedy_on_cuda_equals_generate_on_cuda(model_dirs):
         sampled = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=20, seed=1, ignore_eos=True))
     assert done.token_ids == expected[0, len(prompt_ids):].tolist()
     assert len(sampled.token_ids) == 20
+
+
+def test_logprobs_are_the_models_log_softmax_with_the_top_alternatives(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    stream = engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=4, temperature=0, logprobs=3))
+    lines = [e for e in stream.events() if isinstance(e, TokenLine)]
+    ids = prompt_ids + [line.token_id for line in lines]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for i, line in enumerate(lines):
+        row = expected[len(prompt_ids) - 1 + i]
+        assert line.logprobs.logprob == pytest.approx(float(row[line.token_id]), abs=1e-4)
+        assert [t.token_id for t in line.logprobs.top] == torch.topk(row, 3).indices.tolist()
+        assert line.logprobs.top[0].token_id == line.token_id  # greedy: the sampled token is the most likely
+        assert line.logprobs.token == tokenizer.decode([line.token_id])
+    plain = engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=2, temperature=0))
+    assert all(e.logprobs is None for e in plain.events() if isinstance(e, TokenLine))
