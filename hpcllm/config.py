@@ -201,6 +201,8 @@ class WorkerConfig(Section):
     # "auto": one batched forward per step (paged KV) where the model allows, else one forward per request;
     # "paged": batched or refuse to start; "sequential": one forward per request (the old engine, a baseline).
     batching: Literal["auto", "paged", "sequential"] = "auto"
+    # Share the KV blocks of common prompt prefixes (system prompts) between requests (paged batching only).
+    prefix_caching: bool = True
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
     # Torch compute threads of one worker. 0: the node agent gives each worker its share of the CPUs it may use
     # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'

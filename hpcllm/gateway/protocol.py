@@ -110,6 +110,25 @@ def unsupported(param: str, what: str) -> InvalidRequest:
                           code="unsupported_parameter")
 
 
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def prompt_list(value: Any, name: str) -> list[str | list[int]]:
+    """A completions prompt or an embeddings input as a list of prompts, each a str or a list of token ids."""
+    if isinstance(value, str) or _is_token_ids(value):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
+        return value
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{name} must not be empty")
+    raise ValueError(f"{name} must be {PROMPT_SHAPES}")
+
+
 MAX_STOP_STRINGS = 16
 # The worker takes seeds in [0, 2**63); OpenAI accepts any integer, so negative seeds are folded into that range.
 SEED_RANGE = 2**63

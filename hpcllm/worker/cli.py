@@ -53,6 +53,7 @@ def run_worker(
         kv_cache_tokens=worker.kv_cache_tokens or None,
         kv_block_size=worker.kv_block_size,
         batching=worker.batching,
+        prefix_caching=worker.prefix_caching,
     )
     serve(
         service,

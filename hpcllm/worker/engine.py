@@ -51,7 +51,7 @@ from hpcllm.worker.protocol import (
     TopLogprob,
     Usage,
 )
-from hpcllm.worker.runner import ModelRunner, SequenceChunk, StepBatch, make_runner
+from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, make_runner
 from hpcllm.worker.sampling import SamplingParams, random_seed, sample_token
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,14 @@ class _Work:
     start: int
     end: int
     known: int
+
+
+@dataclass(eq=False)
+class _EmbedJob:
+    inputs: list[list[int]]
+    done: threading.Event = field(default_factory=threading.Event)
+    embeddings: list[list[float]] | None = None
+    error: BaseException | None = None
 
 
 @dataclass
@@ -253,6 +261,7 @@ class Engine:
         kv_cache_tokens: int | None = None,
         kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
         batching: str = "auto",
+        prefix_caching: bool = True,
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
@@ -278,10 +287,14 @@ class Engine:
                 f"kv_cache_tokens {self.kv_cache_tokens} cannot hold one full context of max_model_len "
                 f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
             )
-        self.kv_pool = BlockPool(-(-self.kv_cache_tokens // kv_block_size), kv_block_size)
-        self.runner: ModelRunner = make_runner(model, num_blocks=self.kv_pool.num_blocks, block_size=kv_block_size,
+        num_blocks = -(-self.kv_cache_tokens // kv_block_size)
+        self.runner: ModelRunner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size,
                                                batching=batching)
+        # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
+        self.kv_pool = BlockPool(num_blocks, kv_block_size,
+                                 prefix_caching=prefix_caching and isinstance(self.runner, PagedRunner))
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
+        self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
         self._finished_history = finished_history
 
         self._lock = threading.Condition(threading.RLock())
@@ -362,6 +375,44 @@ class Engine:
                     event.usage, event.error,
                 )
         raise RuntimeError("stream ended without a final line")
+
+    def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
+        """Embeddings of token id lists: the model's final hidden state at the last token, L2-normalized (vLLM's
+        default pooling for decoder models). Runs on the engine thread between steps."""
+        for i, ids in enumerate(inputs):
+            self._check_token_ids(ids, f"input[{i}]")
+            if len(ids) > self.max_model_len:
+                raise PromptTooLong(f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
+                                    f"{self.max_model_len} tokens", "input")
+        job = _EmbedJob(inputs)
+        with self._lock:
+            if self._stopping or not self.alive:
+                raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
+            self._embed_jobs.append(job)
+            self._lock.notify_all()
+        if not job.done.wait(timeout):
+            raise EngineOverloaded(f"embedding did not finish within {timeout:g}s")
+        if job.error is not None:
+            raise EngineUnavailable(f"embedding failed: {job.error}")
+        return job.embeddings
+
+    def _run_embed_jobs(self) -> None:
+        with self._lock:
+            jobs, self._embed_jobs = list(self._embed_jobs), deque()
+        for job in jobs:
+            try:
+                job.embeddings = [self._embed_one(ids) for ids in job.inputs]
+            except torch.OutOfMemoryError as exc:
+                job.error = exc
+            finally:
+                job.done.set()
+
+    def _embed_one(self, ids: list[int]) -> list[float]:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.arange(len(ids), device=self.device).unsqueeze(0)
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        last = hidden.last_hidden_state[0, -1].to(torch.float32)
+        return torch.nn.functional.normalize(last, dim=-1).tolist()
 
     def tokens(self, request_id: str) -> RequestTokens:
         """Prompt and output token ids so far of a live or recently finished request (migration)."""
@@ -647,7 +698,10 @@ class Engine:
                     active = self._next_round()
                     if active is None:
                         break
-                    self._step(active)
+                    if self._embed_jobs:
+                        self._run_embed_jobs()
+                    if active:
+                        self._step(active)
         except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
             log.exception("engine loop died")
             self.error = f"{type(exc).__name__}: {exc}"
@@ -664,7 +718,7 @@ class Engine:
                 next_deadline = self._expire_held(time.monotonic())
                 self._admit()
                 active = [req for req in self._running if req.has_work()]
-                if active:
+                if active or self._embed_jobs:
                     return active
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
 
@@ -676,10 +730,16 @@ class Engine:
             if req.cancel_requested:
                 self._finish(req, "abort")
                 continue
+            shared = self.kv_pool.share_prefix(req.seq_id, req.all_ids) if req.num_cached == 0 else 0
             if not self.kv_pool.grow(req.seq_id, len(req.all_ids) + 1):
+                self.kv_pool.free(req.seq_id)
                 if self._running:
                     break
                 raise RuntimeError(f"KV cache of {self.kv_pool.num_blocks} blocks cannot hold request {req.request_id}")
+            if shared:
+                req.num_cached = shared
+                self.metrics.prefix_cache_hits.inc(shared)
+            self.metrics.prefix_cache_queries.inc(len(req.all_ids))
             self._waiting.popleft()
             req.state = "running"
             self._running.append(req)
@@ -727,6 +787,9 @@ class Engine:
             prefilled = sum(w.end - w.start for w in chunks if w.end - w.start > 1)
             if prefilled >= PREFILL_RATE_MIN_TOKENS:
                 self._observe_prefill(sum(w.end - w.start for w in chunks), began)
+        with self._lock:
+            for w in chunks:
+                self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end)
         row = 0
         for w in work:
             if w.end > w.start:
@@ -902,6 +965,9 @@ class Engine:
     def _end_all(self) -> None:
         with self._lock:
             pending = list(self._running) + list(self._waiting)
+            for job in self._embed_jobs:
+                job.error = RuntimeError(self.error or "the engine shut down")
+                job.done.set()
         for req in pending:
             if self.error is None:
                 self._finish(req, "abort")

@@ -24,6 +24,8 @@ HELD_MIGRATION_PATH = "/v1/internal/migrations/{request_id}"
 # On the source: move one running request, or all of them (node drain), to a destination worker.
 MIGRATE_REQUEST_PATH = "/v1/internal/requests/{request_id}/migrate"
 MIGRATE_ALL_PATH = "/v1/internal/migrate"
+# Embeddings of token id lists (the model's last-token hidden state, L2-normalized: vLLM's default for decoders).
+EMBED_PATH = "/v1/internal/embed"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 # Why a generation ended. "stop": eos, a stop token id or a stop string; "length": max_tokens or the model's context
@@ -170,6 +172,22 @@ class RequestTokens(WireModel):
     output_token_ids: list[int]
     seed: int
     finish_reason: FinishReason | None = None
+
+
+class EmbedRequest(WireModel):
+    inputs: list[list[int]] = Field(min_length=1, max_length=2048)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "EmbedRequest":
+        empty = next((i for i, ids in enumerate(self.inputs) if not ids), None)
+        if empty is not None:
+            raise ValueError(f"inputs[{empty}] is empty")
+        return self
+
+
+class EmbedResult(WireModel):
+    embeddings: list[list[float]]  # one per input, in order
+    prompt_tokens: int
 
 
 class ErrorResponse(WireModel):

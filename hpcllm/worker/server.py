@@ -35,6 +35,7 @@ from hpcllm.worker.migration import migrate_all, migrate_request
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
+    EMBED_PATH,
     EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
     HELD_MIGRATION_PATH,
@@ -46,6 +47,8 @@ from hpcllm.worker.protocol import (
     TOKENS_PATH,
     stream_line_json,
     AttachMigration,
+    EmbedRequest,
+    EmbedResult,
     ErrorInfo,
     ErrorResponse,
     ExtendMigration,
@@ -186,6 +189,13 @@ def create_app(service: WorkerService) -> Flask:
     def generate():
         body = _parse_body(GenerateRequest)
         return ndjson_response(ready_engine().submit(body))
+
+    @app.post(EMBED_PATH)
+    def embed():
+        body = _parse_body(EmbedRequest)
+        embeddings = ready_engine().embed(body.inputs)
+        result = EmbedResult(embeddings=embeddings, prompt_tokens=sum(len(ids) for ids in body.inputs))
+        return Response(result.model_dump_json(), mimetype="application/json")
 
     # ---- live migration (docs/migration.md) ----------------------------------------------------------------------
 

@@ -7,15 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import OpenAIResponse, SamplingRequest, UsageInfo, unsupported
-
-PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
-
-
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
-
+from hpcllm.gateway.protocol import OpenAIResponse, SamplingRequest, UsageInfo, prompt_list, unsupported
 
 class CompletionRequest(SamplingRequest):
     # After validation: a list of prompts, each a str or a list of token ids (one choice per prompt).
@@ -30,15 +22,7 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt_list(cls, value: Any) -> list[str | list[int]]:
-        if isinstance(value, str):
-            return [value]
-        if _is_token_ids(value):
-            return [value]
-        if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
-            return value
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
-        raise ValueError(f"prompt must be {PROMPT_SHAPES}")
+        return prompt_list(value, "prompt")
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -120,3 +120,29 @@ def test_bad_combinations_are_400(gateway):
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "best_of"
     resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 21})
     assert resp.status_code == 422 and resp.json()["error"]["param"] == "logprobs"
+
+
+def hf_embedding(hf_pair, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        hidden = hf_pair[0].base_model(torch.tensor([ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(hidden, dim=-1).tolist()
+
+
+def test_embeddings_are_the_normalized_last_token_state_in_float_and_base64(gateway, hf_pair):
+    client = gateway.client()
+    tokenizer = hf_pair[1]
+    resp = client.embeddings.create(model=MODEL, input=[PROMPT, "the"])  # the client asks for base64
+    assert [d.index for d in resp.data] == [0, 1] and resp.model == MODEL
+    for text, data in zip([PROMPT, "the"], resp.data):
+        assert data.embedding == pytest.approx(hf_embedding(hf_pair, tokenizer(text)["input_ids"]), abs=1e-5)
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens == sum(
+        len(tokenizer(t)["input_ids"]) for t in [PROMPT, "the"])
+    as_floats = client.embeddings.create(model=MODEL, input=tokenizer(PROMPT)["input_ids"], encoding_format="float")
+    assert as_floats.data[0].embedding == pytest.approx(resp.data[0].embedding, abs=1e-6)
+
+
+def test_embeddings_bad_input_is_refused(gateway):
+    resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": []})
+    assert resp.status_code == 422 and resp.json()["error"]["param"] == "input"
+    resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "x", "dimensions": 8})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "dimensions"

@@ -29,10 +29,12 @@ class CountingEngine:
     def __init__(self, model, tokenizer, **options):
         self.engine = Engine(model, tokenizer, model_name="tiny", **options)
         self.batch_sizes: list[int] = []
+        self.tokens_fed = 0
         forward = self.engine._forward
 
         def counting_forward(batch):
             self.batch_sizes.append(len(batch.chunks))
+            self.tokens_fed += sum(len(chunk.token_ids) for chunk in batch.chunks)
             return forward(batch)
 
         self.engine._forward = counting_forward
@@ -156,3 +158,35 @@ def test_cancelled_request_leaves_the_batch_and_frees_its_blocks(load_pair, engi
     assert final.finish_reason in ("length", "stop")
     assert engine.tokens(doomed.request_id).finish_reason == "abort"
     assert engine.kv_pool.used_blocks == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_a_shared_prompt_prefix_is_prefilled_once(arch, load_pair, engines):
+    model, tokenizer = load_pair(arch)
+    counting = engines(model, tokenizer, kv_block_size=4)
+    system = tokenizer("You are a helpful assistant. Answer briefly and politely, in plain words.")["input_ids"]
+    assert len(system) >= 12
+    first, second = system + tokenizer("the")["input_ids"][-1:], system + tokenizer("hello world")["input_ids"][-2:]
+    [(tokens, _)] = counting.run_together([request(prompt_token_ids=first, max_tokens=5, temperature=0)])
+    assert tokens == hf_greedy(model, first, 5)
+    fed_before = counting.tokens_fed
+    [(tokens, _)] = counting.run_together([request(prompt_token_ids=second, max_tokens=5, temperature=0)])
+    assert tokens == hf_greedy(model, second, 5)
+    reused = (len(system) // 4) * 4  # the system prompt's full blocks
+    assert counting.tokens_fed - fed_before == len(second) - reused + 4  # the rest, then 4 decode steps
+    assert counting.engine.metrics.prefix_cache_hits._value.get() == reused
+
+
+def test_prefix_caching_keeps_outputs_under_preemption_and_is_off_for_the_sequential_runner(load_pair, engines):
+    model, tokenizer = load_pair("llama")
+    system = tokenizer("You are a helpful assistant. Answer briefly.")["input_ids"]
+    prompts = [system + tokenizer(p)["input_ids"][-3:] for p in PROMPTS]
+    expected = [hf_greedy(model, ids, 24) for ids in prompts]
+    counting = engines(model, tokenizer, max_model_len=64, kv_cache_tokens=96, kv_block_size=4)
+    results = counting.run_together(
+        [request(prompt_token_ids=ids, max_tokens=24, temperature=0, ignore_eos=True) for ids in prompts])
+    assert [tokens for tokens, _ in results] == expected
+    assert counting.engine.metrics.preemptions._value.get() > 0
+    assert counting.engine.kv_pool.used_blocks == 0
+    sequential = engines(model, tokenizer, batching="sequential")
+    assert not sequential.engine.kv_pool.prefix_caching

@@ -304,3 +304,20 @@ def test_logprobs_are_the_models_log_softmax_with_the_top_alternatives(load_pair
         assert line.logprobs.token == tokenizer.decode([line.token_id])
     plain = engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=2, temperature=0))
     assert all(e.logprobs is None for e in plain.events() if isinstance(e, TokenLine))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_embeddings_are_the_normalized_last_hidden_state_while_generating(arch, load_pair, make_engine):
+    model, tokenizer = load_pair(arch)
+    engine = make_engine(model, tokenizer)
+    busy = engine.submit(request(prompt=PROMPT, max_tokens=30, ignore_eos=True))  # embedding runs between steps
+    inputs = [tokenizer(PROMPT)["input_ids"], tokenizer("the")["input_ids"]]
+    embeddings = engine.embed(inputs)
+    for ids, embedding in zip(inputs, embeddings):
+        with torch.no_grad():
+            hidden = model.base_model(torch.tensor([ids])).last_hidden_state[0, -1]
+        assert embedding == pytest.approx(torch.nn.functional.normalize(hidden, dim=-1).tolist(), abs=1e-5)
+        assert sum(x * x for x in embedding) == pytest.approx(1.0)
+    assert [e for e in busy.events() if isinstance(e, FinalLine)][0].finish_reason == "length"
+    with pytest.raises(InvalidRequest, match="outside this model's vocabulary"):
+        engine.embed([[10**9]])
