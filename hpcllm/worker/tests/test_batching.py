@@ -190,3 +190,20 @@ def test_prefix_caching_keeps_outputs_under_preemption_and_is_off_for_the_sequen
     assert counting.engine.kv_pool.used_blocks == 0
     sequential = engines(model, tokenizer, batching="sequential")
     assert not sequential.engine.kv_pool.prefix_caching
+
+
+def test_models_the_paged_runner_cannot_express_fall_back_to_one_forward_per_request(model_dirs, load_pair):
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer = load_pair("gpt2")
+    eager = AutoModelForCausalLM.from_pretrained(model_dirs["gpt2"], attn_implementation="eager").eval()
+    with pytest.raises(ValueError, match="batching='paged' cannot serve this model: .*'eager' attention"):
+        Engine(eager, tokenizer, batching="paged")
+    engine = Engine(eager, tokenizer).start()
+    try:
+        assert isinstance(engine.runner, SequentialRunner)
+        ids = tokenizer(PROMPTS[0])["input_ids"]
+        done = engine.generate(request(prompt_token_ids=ids, max_tokens=10, temperature=0))
+        assert done.token_ids == hf_greedy(eager, ids, 10)
+    finally:
+        engine.shutdown()
