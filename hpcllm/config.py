@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -190,9 +191,18 @@ class WorkerConfig(Section):
     # Inference worker processes (one per model instance); see docs/worker.md.
     listen_host: str = "127.0.0.1"
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N" (the node agent narrows GPUs with CUDA_VISIBLE_DEVICES)
-    max_running_requests: int = Field(8, ge=1)  # KV-cache slots stepped round robin
+    max_running_requests: int = Field(8, ge=1)  # requests batched together in each engine step
     max_waiting_requests: int = Field(256, ge=0)  # beyond this a generate call gets 503
-    prefill_chunk_tokens: int = Field(512, ge=1)  # longer prompts are prefilled in chunks between decode steps
+    prefill_chunk_tokens: int = Field(512, ge=1)  # prompt tokens prefilled per step, mixed with the decodes
+    # KV cache budget in tokens (all running requests together); 0: max_running_requests full contexts. Requests
+    # beyond it wait; when decoding fills it, the newest request is preempted and later recomputed.
+    kv_cache_tokens: int = Field(0, ge=0)
+    kv_block_size: int = Field(16, ge=1)  # tokens per KV block
+    # "auto": one batched forward per step (paged KV) where the model allows, else one forward per request;
+    # "paged": batched or refuse to start; "sequential": one forward per request (the old engine, a baseline).
+    batching: Literal["auto", "paged", "sequential"] = "auto"
+    # Share the KV blocks of common prompt prefixes (system prompts) between requests (paged batching only).
+    prefix_caching: bool = True
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
     # Torch compute threads of one worker. 0: the node agent gives each worker its share of the CPUs it may use
     # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'

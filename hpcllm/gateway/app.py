@@ -9,6 +9,7 @@ from hpcllm.gateway import middleware
 from hpcllm.gateway.admin.router import bp as admin_bp
 from hpcllm.gateway.chat.router import bp as chat_bp
 from hpcllm.gateway.completions.router import bp as completions_bp
+from hpcllm.gateway.embeddings.router import bp as embeddings_bp
 from hpcllm.gateway.health.router import bp as health_bp
 from hpcllm.gateway.models.router import bp as models_bp
 from hpcllm.gateway.routing import Router
@@ -24,7 +25,7 @@ def create_app(config: Config | None = None, *, router: Router | None = None) ->
     app.json.compact = True
     app.extensions[EXTENSION_KEY] = gateway
     middleware.install(app, gateway)
-    for blueprint in (health_bp, models_bp, completions_bp, chat_bp, admin_bp):
+    for blueprint in (health_bp, models_bp, completions_bp, chat_bp, embeddings_bp, admin_bp):
         app.register_blueprint(blueprint)
     return app
 

@@ -4,7 +4,7 @@ Status mapping for bad bodies (documented in docs/gateway.md):
   400 invalid_json       the body is not JSON or not a JSON object
   400 missing_field      a required field is absent (param names it)
   422 invalid_value      a field is present with the wrong type or outside its range (param names it)
-  400 unsupported_parameter  a valid OpenAI parameter with a value this gateway does not implement (n > 1, ...)
+  400 unsupported_parameter  a valid OpenAI parameter with a value this gateway does not implement (echo, ...)
 Validation is strict: "10" is not accepted where an integer is expected, as OpenAI does.
 """
 
@@ -110,6 +110,25 @@ def unsupported(param: str, what: str) -> InvalidRequest:
                           code="unsupported_parameter")
 
 
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def prompt_list(value: Any, name: str) -> list[str | list[int]]:
+    """A completions prompt or an embeddings input as a list of prompts, each a str or a list of token ids."""
+    if isinstance(value, str) or _is_token_ids(value):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
+        return value
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{name} must not be empty")
+    raise ValueError(f"{name} must be {PROMPT_SHAPES}")
+
+
 MAX_STOP_STRINGS = 16
 # The worker takes seeds in [0, 2**63); OpenAI accepts any integer, so negative seeds are folded into that range.
 SEED_RANGE = 2**63
@@ -150,8 +169,6 @@ class SamplingRequest(OpenAIRequest):
 
     def check_supported(self) -> None:
         """Reject parameter values this server cannot honour (400), instead of silently ignoring them."""
-        if self.n is not None and self.n > 1:
-            raise unsupported("n", "more than one choice per prompt (n > 1)")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise unsupported(name, "a non-zero penalty")
@@ -169,7 +186,11 @@ class SamplingRequest(OpenAIRequest):
     def continuous_usage(self) -> bool:
         return bool(self.include_usage and self.stream_options.continuous_usage_stats)
 
-    def sampling(self, max_tokens: int | None) -> SamplingOptions:
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    def sampling(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingOptions:
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
         if top_p == 0.0:  # OpenAI accepts top_p=0: only the most likely token is kept, i.e. greedy
@@ -177,7 +198,7 @@ class SamplingRequest(OpenAIRequest):
         return SamplingOptions(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, self.top_k or 0),
             seed=None if self.seed is None else self.seed % SEED_RANGE, stop=list(self.stop),
-            ignore_eos=self.ignore_eos,
+            ignore_eos=self.ignore_eos, logprobs=logprobs,
         )
 
 
@@ -190,3 +211,4 @@ class SamplingOptions:
     seed: int | None
     stop: list[str]
     ignore_eos: bool
+    logprobs: int | None = None  # top alternatives per token the worker reports (None: no logprobs)

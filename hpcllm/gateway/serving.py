@@ -1,9 +1,11 @@
 """Logic shared by the completion endpoints: admit, route, generate on a worker, account.
 
-A Generation is one client request with one or more prompts (choices). `start()` does everything that can still
+A Generation is one client request with one or more prompts, each sampled n times (choice i*n + j is prompt i's
+j-th sample, as vLLM numbers them). `start()` does everything that can still
 become an HTTP error - the token-limit reservation, routing (which may wait for a cold start) and opening the
 first worker stream - so the endpoint answers 4xx/5xx with a proper status instead of a broken stream. `deltas()`
-then yields text as the worker produces it, choice after choice. If a worker goes away mid-generation (it was
+then yields text as the worker produces it, choice after choice; every choice's worker stream is opened at the
+start, so the worker generates them together (one batch) while the gateway reads them in order. If a worker goes away mid-generation (it was
 drained, preempted or died) the generation resumes on another instance from the tokens already received
 (token-based migration: the worker's `resume_token_ids`), so the client sees one uninterrupted answer. A worker that
 live-migrated the generation (docs/migration.md) ends its stream with finish_reason "migrated" and names the
@@ -23,12 +25,12 @@ from flask import g
 
 from hpcllm.config import ApiKey
 from hpcllm.gateway.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
-from hpcllm.gateway.protocol import SamplingOptions, UsageInfo
+from hpcllm.gateway.protocol import SEED_RANGE, SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
 from hpcllm.worker.client import WorkerError
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,13 @@ class RequestContext:
 
 @dataclass
 class Delta:
-    """New text for choice `index`; the last delta of a choice carries its finish_reason."""
+    """New text for choice `index`; the last delta of a choice carries its finish_reason. With logprobs asked for,
+    there is one delta per generated token (text may be empty) carrying that token's log probabilities."""
 
     index: int
     text: str
     finish_reason: str | None = None
+    logprobs: TokenLogprobs | None = None
 
 
 def new_response_id(prefix: str) -> str:
@@ -85,19 +89,23 @@ def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | 
 
 class Generation:
     def __init__(self, gw: Gateway, ctx: RequestContext, card: ModelCard, prompts: list[list[int]],
-                 options: SamplingOptions, response_id: str):
+                 options: SamplingOptions, response_id: str, n: int = 1):
         self.gw = gw
         self.ctx = ctx
         self.card = card
         self.model = card.name
         self.prompts = prompts
+        self.n = n
+        self.num_choices = len(prompts) * n
         self.options = options
         self.response_id = response_id
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
+        self.cumulative_logprobs = [0.0] * self.num_choices  # of each choice's tokens (best_of ranks by it)
         self._reserved = 0
         self._endpoint: Endpoint | None = None
         self._stream: WorkerStream | None = None
+        self._opened: dict[int, WorkerStream] = {}  # choices' streams opened at the start, not read yet
         self._first_token_seen = False
         self._last_token_at: float | None = None  # of the current choice, across streams
         self._migration_pause_from: float | None = None  # set when attached; the next token ends the pause
@@ -114,7 +122,8 @@ class Generation:
             self._reserve_tokens()
             self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
             self._endpoint = self._route()
-            self._stream = self._open(0, resume_ids=[], attempt_tag=0)
+            for index in range(self.num_choices):
+                self._opened[index] = self._open(index, resume_ids=[], attempt_tag=0)
         except BaseException:
             self.close()
             raise
@@ -124,7 +133,7 @@ class Generation:
         if key is None:
             return
         # Without a known bound on the output, only the prompt is reserved; the output is charged when it ends.
-        want = self.prompt_tokens + len(self.prompts) * (self.options.max_tokens or 0)
+        want = self.prompt_tokens + self.num_choices * (self.options.max_tokens or 0)
         self.gw.limiter.reserve_tokens(key, want)
         self._reserved = want
 
@@ -146,10 +155,14 @@ class Generation:
 
     def _open(self, index: int, resume_ids: list[int], attempt_tag: int) -> WorkerStream:
         opts = self.options
+        sample = index % self.n
+        # n samples of one prompt with one seed must still differ: sample j draws with seed + j.
+        seed = None if opts.seed is None else (opts.seed + sample) % SEED_RANGE
         request = GenerateRequest(
-            request_id=f"{self.response_id}-{index}-{attempt_tag}", prompt_token_ids=self.prompts[index],
+            request_id=f"{self.response_id}-{index}-{attempt_tag}", prompt_token_ids=self.prompts[index // self.n],
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-            seed=opts.seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
+            seed=seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
+            logprobs=opts.logprobs,
         )
         secret = self.gw.config.cluster.shared_secret
         for attempt in range(1, OPEN_ATTEMPTS):
@@ -164,9 +177,8 @@ class Generation:
     # ------------------------------------------------------------------------------------------ generation
     def deltas(self) -> Iterator[Delta]:
         try:
-            for index in range(len(self.prompts)):
-                if index > 0:
-                    self._stream = self._open(index, resume_ids=[], attempt_tag=0)
+            for index in range(self.num_choices):
+                self._stream = self._opened.pop(index, None) or self._open(index, resume_ids=[], attempt_tag=0)
                 yield from self._run_choice(index)
         finally:
             self.close()
@@ -251,7 +263,10 @@ class Generation:
             output_ids.append(item.token_id)
             self.completion_tokens += 1
             metrics.generation_tokens.labels(self.model).inc()
-            if item.text:
+            if item.logprobs is not None:
+                self.cumulative_logprobs[index] += item.logprobs.logprob
+                yield Delta(index, item.text, logprobs=item.logprobs)
+            elif item.text:
                 yield Delta(index, item.text)
         raise WorkerLost("the worker stream ended without a final line")
 
@@ -260,9 +275,11 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        if self._stream is not None and not self._stream.finished:
-            self._stream.cancel()
-            self.gw.metrics.request_success.labels(self.model, "abort").inc()
+        for stream in [self._stream, *self._opened.values()]:
+            if stream is not None and not stream.finished:
+                stream.cancel()
+                self.gw.metrics.request_success.labels(self.model, "abort").inc()
+        self._opened.clear()
         if self._first_token_seen:
             self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
         if self.ctx.api_key is not None and self._reserved:
@@ -273,15 +290,31 @@ class Generation:
                 log.exception("request %s: could not settle its token reservation", self.ctx.request_id)
 
 
-def collect(generation: Generation) -> tuple[list[str], list[str]]:
-    """Run a generation to the end; the text and finish reason of each choice."""
-    texts = [""] * len(generation.prompts)
-    reasons = ["stop"] * len(generation.prompts)
+@dataclass
+class ChoiceResult:
+    """One whole choice: its text, why it ended, and per token (with logprobs asked for) its log probabilities
+    and where its text starts in `text`."""
+
+    index: int
+    text: str = ""
+    finish_reason: str = "stop"
+    logprobs: list[tuple[TokenLogprobs, int]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+
+
+def collect(generation: Generation) -> list[ChoiceResult]:
+    """Run a generation to the end; every choice, in index order."""
+    choices = [ChoiceResult(i) for i in range(generation.num_choices)]
     for delta in generation.deltas():
-        texts[delta.index] += delta.text
+        choice = choices[delta.index]
+        if delta.logprobs is not None:
+            choice.logprobs.append((delta.logprobs, len(choice.text)))
+        choice.text += delta.text
         if delta.finish_reason:
-            reasons[delta.index] = delta.finish_reason
-    return texts, reasons
+            choice.finish_reason = delta.finish_reason
+    for choice in choices:
+        choice.cumulative_logprob = generation.cumulative_logprobs[choice.index]
+    return choices
 
 
 def sse(data) -> bytes:

@@ -70,6 +70,14 @@ def open_attach(http: httpx.Client, worker_url: str, secret: str, request_id: st
     return WorkerStream(worker_url, client.attach(request_id, from_index))
 
 
+def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]]) -> list[list[float]]:
+    """Embeddings of token id lists from the worker (one call; refusals classified like a generation's)."""
+    try:
+        return WorkerClient(worker_url, secret, client=http).embed(inputs).embeddings
+    except WorkerError as exc:
+        raise _classify(worker_url, exc) from None
+
+
 def _classify(worker_url: str, exc: WorkerError) -> ApiError:
     info = exc.info
     message = info.message if info else str(exc)

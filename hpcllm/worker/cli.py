@@ -50,6 +50,10 @@ def run_worker(
         max_running_requests=worker.max_running_requests,
         max_waiting_requests=worker.max_waiting_requests,
         prefill_chunk_tokens=worker.prefill_chunk_tokens,
+        kv_cache_tokens=worker.kv_cache_tokens or None,
+        kv_block_size=worker.kv_block_size,
+        batching=worker.batching,
+        prefix_caching=worker.prefix_caching,
     )
     serve(
         service,

@@ -20,6 +20,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
+    EMBED_PATH,
     EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
     HELD_MIGRATION_PATH,
@@ -29,6 +30,8 @@ from hpcllm.worker.protocol import (
     SECRET_HEADER,
     TOKENS_PATH,
     AttachMigration,
+    EmbedRequest,
+    EmbedResult,
     ErrorInfo,
     ErrorResponse,
     ExtendMigration,
@@ -166,6 +169,11 @@ class WorkerClient:
     def generate(self, body: GenerateRequest) -> GenerationStream:
         """Start a generation; the HTTP status is checked before this returns."""
         return self._stream(GENERATE_PATH, body)
+
+    def embed(self, inputs: list[list[int]]) -> EmbedResult:
+        """Embeddings (last-token hidden state, L2-normalized) of token id lists."""
+        response = self._request("POST", EMBED_PATH, EmbedRequest(inputs=inputs))
+        return EmbedResult.model_validate_json(response.content)
 
     def tokens(self, request_id: str) -> RequestTokens:
         response = self._request("GET", TOKENS_PATH.format(request_id=request_id))

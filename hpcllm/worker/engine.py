@@ -1,15 +1,19 @@
-"""The inference engine: one model, one background thread, many concurrent requests.
+"""The inference engine: one model, one background thread, many concurrent requests, batched.
 
-Scheduling is iteration-level round robin over per-request KV caches (Orca-style scheduling without batching):
-each pass of the engine loop admits waiting requests into free slots (FIFO), then advances every running request
-by one step - a prefill chunk or one decode token - in arrival order. A long prompt is prefilled in chunks so it
-cannot stall the other streams for long. Each request keeps its own transformers DynamicCache, so its numbers are
-exactly those of a batch-of-one run (greedy output equals model.generate), and a request's state is just its token
-ids, which is what live migration ships. docs/worker.md explains why this over padded continuous batching.
+Scheduling is continuous batching (Orca's iteration-level scheduling, vLLM's KV block budget): each pass of the
+engine loop admits waiting requests into free slots (FIFO, while KV blocks are free), then runs ONE step over every
+running request: one decode token each, plus prefill chunks of requests still prefilling (at most
+prefill_chunk_tokens of them per step, so a long prompt cannot stall the other streams for long). The step's model
+execution sits behind runner.ModelRunner: a plain StepBatch (token ids, positions, block tables) in, logits out.
+The KV cache is a budget of fixed-size blocks (kvcache.BlockPool); when a step needs a block and none is free,
+the newest running request is preempted (vLLM's rule): its blocks are freed and it goes back to the front of the
+queue, to be re-prefilled from its token ids later (recompute). docs/worker.md has the details.
 
-One step, for prefill and decode alike: feed ids[num_cached:end] at positions num_cached..end-1 with the cache; if
-that reached the end of the known ids, sample the next token from the last position's logits. Resuming a
-generation from token ids is therefore just a request whose known ids are prompt + already-generated tokens.
+One step, for prefill and decode alike: feed ids[num_cached:end] at positions num_cached..end-1; if that reached
+the end of the known ids, sample the next token from the last position's logits. Resuming a generation from token
+ids is therefore just a request whose known ids are prompt + already-generated tokens. Sampling is per request
+(seeded per output index), and the paged runner's attention sees exactly a batch-of-one's keys and values, so a
+request's tokens do not depend on what else runs.
 
 Live migration (docs/migration.md) adds two request modes. HELD (destination): the request prefills its known ids
 chunk-wise like any other but does not sample; `extend` appends tokens the source produced since (replayed through
@@ -21,7 +25,7 @@ not lost, because sampling is seeded per (seed, output index) and the destinatio
 
 from __future__ import annotations
 
-import inspect
+import itertools
 import logging
 import queue
 import threading
@@ -31,11 +35,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from hpcllm.checkpoint.context import max_model_len_for
 from hpcllm.errors import HpcllmError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer
+from hpcllm.worker.kvcache import BlockPool
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import (
     ErrorInfo,
@@ -44,8 +48,11 @@ from hpcllm.worker.protocol import (
     MigratedTo,
     RequestTokens,
     TokenLine,
+    TokenLogprobs,
+    TopLogprob,
     Usage,
 )
+from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, make_runner
 from hpcllm.worker.sampling import SamplingParams, random_seed, sample_token
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,10 @@ Event = TokenLine | FinalLine
 # or longer (shorter ones time the per-call overhead, not prefill), averaged with this weight for the newest chunk.
 PREFILL_RATE_MIN_TOKENS = 16
 PREFILL_RATE_WEIGHT = 0.3
+DEFAULT_KV_BLOCK_SIZE = 16
+BATCHING_MODES = ("auto", "paged", "sequential")
+
+_seq_ids = itertools.count()  # runner-side identity of a request's KV state (request ids may be reused)
 
 
 class EngineError(HpcllmError):
@@ -114,6 +125,24 @@ class EngineUnavailable(EngineError):
 
 
 @dataclass
+class _Work:
+    """One request's part of a step: feed all_ids[start:end]; if end == known, sample after it."""
+
+    req: "_Request"
+    start: int
+    end: int
+    known: int
+
+
+@dataclass(eq=False)
+class _EmbedJob:
+    inputs: list[list[int]]
+    done: threading.Event = field(default_factory=threading.Event)
+    embeddings: list[list[float]] | None = None
+    error: BaseException | None = None
+
+
+@dataclass
 class Completion:
     """A whole generation collected from a stream (Engine.generate)."""
 
@@ -139,13 +168,15 @@ class _Request:
     events: queue.Queue = field(default_factory=queue.Queue)
     state: str = "waiting"
     all_ids: list[int] = field(default_factory=list)
-    cache: object | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_cached: int = 0  # ids whose keys/values are in the cache
+    preemptions: int = 0
     cancel_requested: bool = False
     first_scheduled: float | None = None
     last_token_time: float | None = None
     resumed_tokens: int = 0
     finish_reason: str | None = None
+    logprobs: int | None = None  # top alternatives per token line (None: no logprobs)
     origin: GenerateRequest | None = None  # as submitted: stop strings, stop ids, ignore_eos (to migrate it)
     # Live migration, destination side: prefilled but not sampling until attached; dropped at hold_deadline.
     held: bool = False
@@ -228,9 +259,17 @@ class Engine:
         prefill_chunk_tokens: int = 512,
         finished_history: int = 256,
         metrics: WorkerMetrics | None = None,
+        kv_cache_tokens: int | None = None,
+        kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
+        batching: str = "auto",
+        prefix_caching: bool = True,
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
+        if kv_block_size < 1:
+            raise ValueError(f"kv_block_size must be >= 1, not {kv_block_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -244,7 +283,21 @@ class Engine:
         self.max_waiting_requests = max_waiting_requests
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.metrics = metrics or WorkerMetrics(model_name)
-        self._forward_kwargs = _forward_kwargs(model)
+        # KV budget: by default every slot can hold a full context (never preempts); set it lower to bound memory.
+        self.kv_cache_tokens = kv_cache_tokens or max_running_requests * self.max_model_len
+        if self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(
+                f"kv_cache_tokens {self.kv_cache_tokens} cannot hold one full context of max_model_len "
+                f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
+            )
+        num_blocks = -(-self.kv_cache_tokens // kv_block_size)
+        self.runner: ModelRunner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size,
+                                               batching=batching)
+        # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
+        self.kv_pool = BlockPool(num_blocks, kv_block_size,
+                                 prefix_caching=prefix_caching and isinstance(self.runner, PagedRunner))
+        self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
+        self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
         self._finished_history = finished_history
 
         self._lock = threading.Condition(threading.RLock())
@@ -325,6 +378,44 @@ class Engine:
                     event.usage, event.error,
                 )
         raise RuntimeError("stream ended without a final line")
+
+    def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
+        """Embeddings of token id lists: the model's final hidden state at the last token, L2-normalized (vLLM's
+        default pooling for decoder models). Runs on the engine thread between steps."""
+        for i, ids in enumerate(inputs):
+            self._check_token_ids(ids, f"input[{i}]")
+            if len(ids) > self.max_model_len:
+                raise PromptTooLong(f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "
+                                    f"{self.max_model_len} tokens", "input")
+        job = _EmbedJob(inputs)
+        with self._lock:
+            if self._stopping or not self.alive:
+                raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
+            self._embed_jobs.append(job)
+            self._lock.notify_all()
+        if not job.done.wait(timeout):
+            raise EngineOverloaded(f"embedding did not finish within {timeout:g}s")
+        if job.error is not None:
+            raise EngineUnavailable(f"embedding failed: {job.error}")
+        return job.embeddings
+
+    def _run_embed_jobs(self) -> None:
+        with self._lock:
+            jobs, self._embed_jobs = list(self._embed_jobs), deque()
+        for job in jobs:
+            try:
+                job.embeddings = [self._embed_one(ids) for ids in job.inputs]
+            except torch.OutOfMemoryError as exc:
+                job.error = exc
+            finally:
+                job.done.set()
+
+    def _embed_one(self, ids: list[int]) -> list[float]:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        position_ids = torch.arange(len(ids), device=self.device).unsqueeze(0)
+        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        last = hidden.last_hidden_state[0, -1].to(torch.float32)
+        return torch.nn.functional.normalize(last, dim=-1).tolist()
 
     def tokens(self, request_id: str) -> RequestTokens:
         """Prompt and output token ids so far of a live or recently finished request (migration)."""
@@ -458,7 +549,7 @@ class Engine:
                 request_id=req.request_id, prompt_token_ids=list(req.prompt_ids), max_tokens=req.max_tokens,
                 temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
                 seed=req.params.seed, stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids),
-                ignore_eos=origin.ignore_eos, resume_token_ids=list(req.output_ids),
+                ignore_eos=origin.ignore_eos, resume_token_ids=list(req.output_ids), logprobs=origin.logprobs,
             )
 
     def migration_output(self, request_id: str) -> list[int]:
@@ -587,6 +678,7 @@ class Engine:
             all_ids=prompt_ids + resumed,
             resumed_tokens=len(resumed),
             origin=request,
+            logprobs=request.logprobs,
         )
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
@@ -606,11 +698,13 @@ class Engine:
         try:
             with torch.inference_mode():
                 while True:
-                    batch = self._next_round()
-                    if batch is None:
+                    active = self._next_round()
+                    if active is None:
                         break
-                    for req in batch:
-                        self._advance(req)
+                    if self._embed_jobs:
+                        self._run_embed_jobs()
+                    if active:
+                        self._step(active)
         except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
             log.exception("engine loop died")
             self.error = f"{type(exc).__name__}: {exc}"
@@ -625,16 +719,35 @@ class Engine:
                 if self._stopping:
                     return None
                 next_deadline = self._expire_held(time.monotonic())
-                while self._waiting and len(self._running) < self.max_running_requests:
-                    req = self._waiting.popleft()
-                    req.state = "running"
-                    self._running.append(req)
-                self.metrics.num_requests_waiting.set(len(self._waiting))
-                self.metrics.num_requests_running.set(len(self._running))
+                self._admit()
                 active = [req for req in self._running if req.has_work()]
-                if active:
+                if active or self._embed_jobs:
                     return active
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
+
+    def _admit(self) -> None:
+        """FIFO admission into free slots while the KV budget holds the head request's known ids (plus the token
+        it samples next). A request that does not fit waits, unless nothing runs (one full context always fits)."""
+        while self._waiting and len(self._running) < self.max_running_requests:
+            req = self._waiting[0]
+            if req.cancel_requested:
+                self._finish(req, "abort")
+                continue
+            shared = self.kv_pool.share_prefix(req.seq_id, req.all_ids) if req.num_cached == 0 else 0
+            if not self.kv_pool.grow(req.seq_id, len(req.all_ids) + 1):
+                self.kv_pool.free(req.seq_id)
+                if self._running:
+                    break
+                raise RuntimeError(f"KV cache of {self.kv_pool.num_blocks} blocks cannot hold request {req.request_id}")
+            if shared:
+                req.num_cached = shared
+                self.metrics.prefix_cache_hits.inc(shared)
+            self.metrics.prefix_cache_queries.inc(len(req.all_ids))
+            self._waiting.popleft()
+            req.state = "running"
+            self._running.append(req)
+        self.metrics.num_requests_waiting.set(len(self._waiting))
+        self.metrics.num_requests_running.set(len(self._running))
 
     def _expire_held(self, now: float) -> float | None:
         """Drop held requests past their deadline (freeing their KV cache); the earliest deadline left."""
@@ -649,41 +762,117 @@ class Engine:
                 earliest = req.hold_deadline
         return earliest
 
-    def _advance(self, req: _Request) -> None:
-        if req.state != "running":
-            return
-        if req.cancel_requested:
-            self._finish(req, "abort")
-            return
-        if not req.has_work():
-            return
-        try:
-            self._step(req)
-        except torch.OutOfMemoryError as exc:  # this request does not fit; the others may
-            log.warning("request %s ran out of memory: %s", req.request_id, exc)
-            self._finish(req, "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
+    # ---- one step: schedule, run, sample ---------------------------------------------------------------------------
 
-    def _step(self, req: _Request) -> None:
-        if req.first_scheduled is None:
-            req.first_scheduled = time.monotonic()
-            self.metrics.request_queue_time.observe(req.first_scheduled - req.arrival)
-            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
-        start = req.num_cached
+    def _step(self, active: list[_Request]) -> None:
+        for req in active:
+            if req.cancel_requested:
+                self._finish(req, "abort")
         with self._lock:
-            known, logits = len(req.all_ids), req.pending_logits
-        if start < known:
-            end = min(known, start + self.prefill_chunk_tokens)
+            work = self._schedule([r for r in active if r.state == "running" and r.has_work()])
+            chunks = [w for w in work if w.end > w.start]
+            batch = StepBatch(
+                chunks=[SequenceChunk(w.req.seq_id, w.req.all_ids[w.start:w.end], w.start,
+                                      self.kv_pool.table(w.req.seq_id), w.end == w.known) for w in chunks],
+            )
+            if chunks:
+                batch.free, self._to_free = self._to_free, []
+        if not work:
+            return
+        logits = None
+        if chunks:
             began = time.perf_counter()
-            logits = self._forward(req, req.all_ids[start:end], start)
-            if end - start >= PREFILL_RATE_MIN_TOKENS:
-                self._observe_prefill(end - start, began)
-            req.num_cached = end
-            if end < known:
+            try:
+                logits = self._forward(batch)
+            except torch.OutOfMemoryError as exc:
+                self._out_of_memory([w.req for w in chunks], exc)
                 return
+            prefilled = sum(w.end - w.start for w in chunks if w.end - w.start > 1)
+            if prefilled >= PREFILL_RATE_MIN_TOKENS:
+                self._observe_prefill(sum(w.end - w.start for w in chunks), began)
+        with self._lock:
+            for w in chunks:
+                self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end)
+        row = 0
+        for w in work:
+            if w.end > w.start:
+                w.req.num_cached = w.end
+                if w.end < w.known:
+                    continue  # mid-prefill: no logits for this one
+                self._sample_and_commit(w.req, logits[row])
+                row += 1
+            else:
+                self._sample_and_commit(w.req, w.req.pending_logits)
+
+    def _schedule(self, candidates: list[_Request]) -> list["_Work"]:
+        """Pick each request's chunk (decodes whole, prefills within prefill_chunk_tokens per step) and give it KV
+        blocks, preempting the newest running requests when blocks run out. Called under the lock."""
+        work: list[_Work] = []
+        prefill_budget = self.prefill_chunk_tokens
+        for req in candidates:
+            if req.state != "running":  # preempted for an older request's blocks in this very loop
+                continue
+            if req.first_scheduled is None:
+                req.first_scheduled = time.monotonic()
+                self.metrics.request_queue_time.observe(req.first_scheduled - req.arrival)
+                self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            start, known = req.num_cached, len(req.all_ids)
+            end = known
+            if known - start > 1:  # prefill (a decode feeds the one token sampled last)
+                end = start + min(known - start, prefill_budget)
+                if end == start:
+                    continue
+                prefill_budget -= end - start
+            if not self._make_room(req, end):
+                continue  # req itself was preempted
+            work.append(_Work(req, start, end, known))
+        return work
+
+    def _make_room(self, req: _Request, tokens: int) -> bool:
+        """Grow req's blocks to `tokens`, preempting the newest running requests while none are free; False if
+        req is the newest and got preempted itself."""
+        while not self.kv_pool.grow(req.seq_id, tokens):
+            victim = next((r for r in reversed(self._running) if self.kv_pool.holds(r.seq_id)), None)
+            if victim is None:
+                raise RuntimeError("KV cache exhausted with nothing to preempt")  # max_model_len fits: unreachable
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: _Request) -> None:
+        """Free req's KV cache and queue it first: it is re-prefilled from its token ids (vLLM's recompute)."""
+        log.info("preempting request %s (KV cache full): %d tokens to recompute", req.request_id, len(req.all_ids))
+        self._release_kv(req)
+        req.num_cached, req.pending_logits = 0, None
+        req.preemptions += 1
+        self._running.remove(req)
+        req.state = "waiting"
+        self._waiting.appendleft(req)
+        self.metrics.preemptions.inc()
+
+    def _release_kv(self, req: _Request) -> None:
+        if self.kv_pool.holds(req.seq_id) or req.num_cached:
+            self._to_free.append(req.seq_id)
+        self.kv_pool.free(req.seq_id)
+
+    def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
+        """The device ran out of memory in a step: alone, the request fails; in a batch, the newest is preempted
+        and the rest retried."""
+        if len(requests) == 1:
+            log.warning("request %s ran out of memory: %s", requests[0].request_id, exc)
+            self._finish(requests[0], "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
+            return
+        with self._lock:
+            newest = max(requests, key=self._running.index)
+            self._preempt(newest)
+
+    def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None) -> None:
         if logits is None:
             raise RuntimeError(f"request {req.request_id}: nothing to sample from (no prefilled logits)")
         # Sample outside the lock; the commit below re-checks that the request may still take a token.
         token = None if (req.held or req.paused) else sample_token(logits, req.params, len(req.output_ids))
+        logprobs = None if token is None or req.logprobs is None else self._logprobs(logits, token, req.logprobs)
         with self._lock:
             if req.state != "running":  # finished meanwhile (handed over, expired): keep nothing
                 return
@@ -695,7 +884,21 @@ class Engine:
                 self._lock.notify_all()  # wait_prefilled
                 return
             req.pending_logits = None
-            self._accept(req, token)
+            self._accept(req, token, logprobs)
+
+    def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+        """The sampled token's log probability and the `top` most likely tokens' (raw model distribution)."""
+        logprobs = torch.log_softmax(logits.detach().to("cpu", torch.float32), dim=-1)
+        best = torch.topk(logprobs, top) if top else None
+        ids = [token] + (best.indices.tolist() if best is not None else [])
+        with self._tokenizer_lock:
+            texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+        alternatives = [] if best is None else [
+            TopLogprob(token_id=i, token=t, logprob=lp)
+            for i, t, lp in zip(ids[1:], texts[1:], best.values.tolist())
+        ]
+        return TokenLogprobs(token=texts[0], logprob=float(logprobs[token]), top=alternatives)
 
     def _observe_prefill(self, tokens: int, began: float) -> None:
         if self.device.type == "cuda":  # the forward only queued the kernels
@@ -704,17 +907,10 @@ class Engine:
         previous = self._prefill_rate
         self._prefill_rate = rate if previous is None else previous + PREFILL_RATE_WEIGHT * (rate - previous)
 
-    def _forward(self, req: _Request, chunk: list[int], start: int) -> torch.Tensor:
-        if req.cache is None:
-            req.cache = DynamicCache(config=self.model.config)
-        input_ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        position_ids = torch.arange(start, start + len(chunk), dtype=torch.long, device=self.device).unsqueeze(0)
-        out = self.model(
-            input_ids=input_ids, position_ids=position_ids, use_cache=True, **self._forward_kwargs(req.cache)
-        )
-        return out.logits[0, -1]
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        return self.runner.step(batch)
 
-    def _accept(self, req: _Request, token: int) -> None:
+    def _accept(self, req: _Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
         """Record a sampled token and emit its line (called under the lock, so pause sees all or nothing)."""
         now = time.monotonic()
         if req.last_token_time is None:
@@ -740,7 +936,7 @@ class Engine:
             elif len(req.output_ids) >= req.max_tokens or len(req.all_ids) >= self.max_model_len:
                 text += req.detokenizer.flush()
                 finish_reason = "length"
-        req.events.put(TokenLine(index=index, token_id=token, text=text))
+        req.events.put(TokenLine(index=index, token_id=token, text=text, logprobs=logprobs))
         if finish_reason is not None:
             self._finish(req, finish_reason, stop_reason)
 
@@ -755,7 +951,8 @@ class Engine:
                 self._running.remove(req)
             elif req in self._waiting:
                 self._waiting.remove(req)
-            req.state, req.finish_reason, req.cache, req.pending_logits = "finished", reason, None, None
+            self._release_kv(req)
+            req.state, req.finish_reason, req.pending_logits = "finished", reason, None
             self._live.pop(req.request_id, None)
             self._finished[req.request_id] = req
             while len(self._finished) > self._finished_history:
@@ -771,6 +968,9 @@ class Engine:
     def _end_all(self) -> None:
         with self._lock:
             pending = list(self._running) + list(self._waiting)
+            for job in self._embed_jobs:
+                job.error = RuntimeError(self.error or "the engine shut down")
+                job.done.set()
         for req in pending:
             if self.error is None:
                 self._finish(req, "abort")
@@ -788,11 +988,3 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return frozenset(ids)
-
-
-def _forward_kwargs(model):
-    """How this transformers version takes the cache (`cache`, formerly `past_key_values`), plus logits_to_keep."""
-    parameters = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in parameters else "past_key_values"
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-    return lambda cache: {cache_arg: cache, **extra}

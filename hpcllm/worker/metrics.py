@@ -46,6 +46,18 @@ class WorkerMetrics:
         self.generation_tokens = Counter(
             "hpcllm_generation_tokens", "Generated tokens.", labels, registry=self.registry
         ).labels(model_name)
+        self.preemptions = Counter(
+            "hpcllm_num_preemptions", "Requests preempted (KV cache full) to be recomputed later.", labels,
+            registry=self.registry,
+        ).labels(model_name)
+        self.prefix_cache_queries = Counter(
+            "hpcllm_prefix_cache_queries", "Known tokens of admitted requests (looked up in the prefix cache).",
+            labels, registry=self.registry,
+        ).labels(model_name)
+        self.prefix_cache_hits = Counter(
+            "hpcllm_prefix_cache_hits", "Tokens whose KV came from the prefix cache instead of a prefill.", labels,
+            registry=self.registry,
+        ).labels(model_name)
         self._request_success = Counter(
             "hpcllm_request_success",
             "Finished requests by finish reason.",

@@ -24,6 +24,8 @@ HELD_MIGRATION_PATH = "/v1/internal/migrations/{request_id}"
 # On the source: move one running request, or all of them (node drain), to a destination worker.
 MIGRATE_REQUEST_PATH = "/v1/internal/requests/{request_id}/migrate"
 MIGRATE_ALL_PATH = "/v1/internal/migrate"
+# Embeddings of token id lists (the model's last-token hidden state, L2-normalized: vLLM's default for decoders).
+EMBED_PATH = "/v1/internal/embed"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 # Why a generation ended. "stop": eos, a stop token id or a stop string; "length": max_tokens or the model's context
@@ -68,6 +70,9 @@ class GenerateRequest(WireModel):
     ignore_eos: bool = False
     # Migration: output tokens an earlier worker already produced for this request; generation continues after them.
     resume_token_ids: list[int] = Field(default_factory=list)
+    # Log probabilities: None = none; k >= 0 = each token line carries the sampled token's log probability and the
+    # k most likely tokens' (of the model's raw distribution, before temperature / top-k / top-p, as vLLM).
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> "GenerateRequest":
@@ -85,6 +90,20 @@ class GenerateRequest(WireModel):
         return self
 
 
+class TopLogprob(WireModel):
+    token_id: int
+    token: str  # the token decoded alone (special tokens kept)
+    logprob: float
+
+
+class TokenLogprobs(WireModel):
+    """Log probability of the produced token, and the most likely alternatives (GenerateRequest.logprobs of them)."""
+
+    token: str
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class TokenLine(WireModel):
     """One produced token. text is the newly final detokenized text (may be empty: held back until complete)."""
 
@@ -92,6 +111,7 @@ class TokenLine(WireModel):
     index: int  # position in the output (resumed tokens count, so a resumed stream starts at len(resume_token_ids))
     token_id: int
     text: str
+    logprobs: TokenLogprobs | None = None  # only when the request asked for logprobs
 
 
 class Usage(WireModel):
@@ -130,6 +150,12 @@ StreamLine = Annotated[TokenLine | FinalLine, Field(discriminator="type")]
 _STREAM_LINE = TypeAdapter(StreamLine)
 
 
+def stream_line_json(line: TokenLine | FinalLine) -> bytes:
+    """A stream line as sent: a token line without logprobs leaves the key out (the common case stays short)."""
+    exclude = {"logprobs"} if isinstance(line, TokenLine) and line.logprobs is None else None
+    return line.model_dump_json(exclude=exclude).encode()
+
+
 def parse_stream_line(raw: str | bytes) -> TokenLine | FinalLine | None:
     """One NDJSON line of a generate stream; None for a blank keep-alive line."""
     if not raw.strip():
@@ -146,6 +172,22 @@ class RequestTokens(WireModel):
     output_token_ids: list[int]
     seed: int
     finish_reason: FinishReason | None = None
+
+
+class EmbedRequest(WireModel):
+    inputs: list[list[int]] = Field(min_length=1, max_length=2048)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "EmbedRequest":
+        empty = next((i for i, ids in enumerate(self.inputs) if not ids), None)
+        if empty is not None:
+            raise ValueError(f"inputs[{empty}] is empty")
+        return self
+
+
+class EmbedResult(WireModel):
+    embeddings: list[list[float]]  # one per input, in order
+    prompt_tokens: int
 
 
 class ErrorResponse(WireModel):

@@ -35,6 +35,7 @@ from hpcllm.worker.migration import migrate_all, migrate_request
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
+    EMBED_PATH,
     EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
     HELD_MIGRATION_PATH,
@@ -44,7 +45,10 @@ from hpcllm.worker.protocol import (
     PREPARE_MIGRATION_PATH,
     SECRET_HEADER,
     TOKENS_PATH,
+    stream_line_json,
     AttachMigration,
+    EmbedRequest,
+    EmbedResult,
     ErrorInfo,
     ErrorResponse,
     ExtendMigration,
@@ -186,6 +190,13 @@ def create_app(service: WorkerService) -> Flask:
         body = _parse_body(GenerateRequest)
         return ndjson_response(ready_engine().submit(body))
 
+    @app.post(EMBED_PATH)
+    def embed():
+        body = _parse_body(EmbedRequest)
+        embeddings = ready_engine().embed(body.inputs)
+        result = EmbedResult(embeddings=embeddings, prompt_tokens=sum(len(ids) for ids in body.inputs))
+        return Response(result.model_dump_json(), mimetype="application/json")
+
     # ---- live migration (docs/migration.md) ----------------------------------------------------------------------
 
     @app.post(PREPARE_MIGRATION_PATH)
@@ -287,7 +298,7 @@ def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
     """
     try:
         for event in stream.events(keepalive_seconds):
-            yield b"\n" if event is None else event.model_dump_json().encode() + b"\n"
+            yield b"\n" if event is None else stream_line_json(event) + b"\n"
     finally:
         stream.close()
 

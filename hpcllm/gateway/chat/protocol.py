@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, SamplingRequest, UsageInfo, unsupported
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -48,17 +49,16 @@ class ChatCompletionRequest(SamplingRequest):
     # The newer name of max_tokens; wins when both are given.
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise unsupported("logprobs", "returning log probabilities")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs", "returning log probabilities")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs",
+                                 code="invalid_value")
         if self.tools or self.functions:
             raise unsupported("tools" if self.tools else "functions", "tool / function calling")
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -66,6 +66,10 @@ class ChatCompletionRequest(SamplingRequest):
         for i, message in enumerate(self.messages):
             if message.tool_calls:
                 raise unsupported(f"messages[{i}].tool_calls", "tool calls")
+
+    @property
+    def worker_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -86,10 +90,25 @@ class AssistantMessage(OpenAIResponse):
     refusal: None = None
 
 
+class ChatTopLogprob(OpenAIResponse):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(OpenAIResponse):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: None = None
+
+
 class ChatChoice(OpenAIResponse):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -111,7 +130,7 @@ class DeltaMessage(OpenAIResponse):
 class ChatStreamChoice(OpenAIResponse):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

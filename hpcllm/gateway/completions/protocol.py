@@ -4,38 +4,25 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
-from hpcllm.gateway.protocol import OpenAIResponse, SamplingRequest, UsageInfo, unsupported
-
-PROMPT_SHAPES = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
-
-
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
-
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.protocol import OpenAIResponse, SamplingRequest, UsageInfo, prompt_list, unsupported
 
 class CompletionRequest(SamplingRequest):
     # After validation: a list of prompts, each a str or a list of token ids (one choice per prompt).
     prompt: Any
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    # Generate best_of choices per prompt and return the n with the highest cumulative log probability (vLLM).
+    best_of: int | None = Field(None, ge=1, le=128)
+    # Return the sampled tokens' log probabilities and this many most likely alternatives per token (vLLM: <= 20).
+    logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("prompt")
     @classmethod
     def _prompt_list(cls, value: Any) -> list[str | list[int]]:
-        if isinstance(value, str):
-            return [value]
-        if _is_token_ids(value):
-            return [value]
-        if isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
-            return value
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
-        raise ValueError(f"prompt must be {PROMPT_SHAPES}")
+        return prompt_list(value, "prompt")
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -43,16 +30,38 @@ class CompletionRequest(SamplingRequest):
             raise unsupported("echo", "echoing the prompt")
         if self.suffix:
             raise unsupported("suffix", "a suffix (insertion)")
-        if self.best_of is not None and self.best_of > 1:
-            raise unsupported("best_of", "best_of > 1")
-        if self.logprobs is not None:
-            raise unsupported("logprobs", "returning log probabilities")
+        if self.best_of is not None and self.best_of < self.choices_per_prompt:
+            raise InvalidRequest(f"best_of ({self.best_of}) must be at least n ({self.choices_per_prompt})",
+                                 param="best_of", code="invalid_value")
+        if self.stream and self.generated_per_prompt > self.choices_per_prompt:
+            raise unsupported("best_of", "streaming with best_of > n (the best choices are known only at the end)")
+
+    @property
+    def generated_per_prompt(self) -> int:
+        """Choices generated per prompt: best_of of them, of which n are returned."""
+        return max(self.best_of or 1, self.choices_per_prompt)
+
+    @property
+    def worker_logprobs(self) -> int | None:
+        """What the worker must report: best_of ranks choices by their tokens' log probabilities."""
+        if self.generated_per_prompt > self.choices_per_prompt:
+            return self.logprobs or 0
+        return self.logprobs
+
+
+class CompletionLogprobs(OpenAIResponse):
+    """OpenAI's legacy logprobs object: parallel lists, one entry per generated token."""
+
+    text_offset: list[int] = Field(default_factory=list)  # where each token's text starts in the choice's text
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
 class CompletionChoice(OpenAIResponse):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -6,12 +6,13 @@ from collections.abc import Iterator
 
 from flask import Response
 
-from hpcllm.gateway.completions.protocol import (CompletionChoice, CompletionRequest, CompletionResponse,
-                                                 CompletionStreamResponse)
+from hpcllm.gateway.completions.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
+                                                 CompletionResponse, CompletionStreamResponse)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, Generation, RequestContext, collect,
+from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext, collect,
                                     context_length_error, new_response_id, sse, stream_error_event)
+from hpcllm.worker.protocol import TokenLogprobs
 
 
 def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[list[int]]:
@@ -45,19 +46,43 @@ def create_completion(gw: Gateway, ctx: RequestContext, req: CompletionRequest) 
     prompts = tokenize_prompts(gw, req, card)
     max_tokens = completion_max_tokens(gw, req, card, prompts)
     response_id = new_response_id("cmpl")
-    generation = Generation(gw, ctx, card, prompts, req.sampling(max_tokens), response_id)
+    generation = Generation(gw, ctx, card, prompts, req.sampling(max_tokens, req.worker_logprobs), response_id,
+                            n=req.generated_per_prompt)
     generation.start()
     if req.stream:
         response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
         # Runs even when the client leaves before the first chunk (a never-started generator runs no finally).
         response.call_on_close(generation.close)
         return response
-    texts, reasons = collect(generation)
+    results = best_choices(collect(generation), req.generated_per_prompt, req.choices_per_prompt)
     return CompletionResponse(
         id=response_id, created=ctx.created, model=req.model,
-        choices=[CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))],
-        usage=generation.usage,
+        choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
+                                  logprobs=_logprobs(r.logprobs) if req.logprobs is not None else None)
+                 for i, r in enumerate(results)],
+        usage=generation.usage,  # every generated choice counts, the best_of ones not returned too (as OpenAI)
     ).model_dump()
+
+
+def best_choices(results: list[ChoiceResult], generated: int, wanted: int) -> list[ChoiceResult]:
+    """Per prompt, the `wanted` of its `generated` choices with the highest cumulative log probability (best_of),
+    in that order; all of them, in order, when none are dropped."""
+    if generated == wanted:
+        return results
+    best = []
+    for first in range(0, len(results), generated):
+        group = results[first:first + generated]
+        best.extend(sorted(group, key=lambda r: r.cumulative_logprob, reverse=True)[:wanted])
+    return best
+
+
+def _logprobs(tokens: list[tuple[TokenLogprobs, int]], offset: int = 0) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        text_offset=[offset + at for _, at in tokens],
+        token_logprobs=[lp.logprob for lp, _ in tokens],
+        tokens=[lp.token for lp, _ in tokens],
+        top_logprobs=[{top.token: top.logprob for top in lp.top} for lp, _ in tokens],
+    )
 
 
 def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext) -> Iterator[bytes]:
@@ -69,9 +94,15 @@ def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext)
                                         choices=choices, usage=usage)
         return sse(body.model_dump_json(exclude=exclude))
 
+    offsets = [0] * generation.num_choices  # text streamed so far per choice (logprobs' text_offset)
     try:
         for delta in generation.deltas():
-            choice = CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason)
+            logprobs = None
+            if req.logprobs is not None and delta.logprobs is not None:
+                logprobs = _logprobs([(delta.logprobs, 0)], offsets[delta.index])
+            offsets[delta.index] += len(delta.text)
+            choice = CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason,
+                                      logprobs=logprobs)
             yield chunk([choice], generation.usage if req.continuous_usage else None)
         if req.include_usage:
             yield chunk([], generation.usage)

@@ -285,3 +285,39 @@ def test_greedy_on_cuda_equals_generate_on_cuda(model_dirs):
         sampled = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=20, seed=1, ignore_eos=True))
     assert done.token_ids == expected[0, len(prompt_ids):].tolist()
     assert len(sampled.token_ids) == 20
+
+
+def test_logprobs_are_the_models_log_softmax_with_the_top_alternatives(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    stream = engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=4, temperature=0, logprobs=3))
+    lines = [e for e in stream.events() if isinstance(e, TokenLine)]
+    ids = prompt_ids + [line.token_id for line in lines]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for i, line in enumerate(lines):
+        row = expected[len(prompt_ids) - 1 + i]
+        assert line.logprobs.logprob == pytest.approx(float(row[line.token_id]), abs=1e-4)
+        assert [t.token_id for t in line.logprobs.top] == torch.topk(row, 3).indices.tolist()
+        assert line.logprobs.top[0].token_id == line.token_id  # greedy: the sampled token is the most likely
+        assert line.logprobs.token == tokenizer.decode([line.token_id])
+    plain = engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=2, temperature=0))
+    assert all(e.logprobs is None for e in plain.events() if isinstance(e, TokenLine))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_embeddings_are_the_normalized_last_hidden_state_while_generating(arch, load_pair, make_engine):
+    model, tokenizer = load_pair(arch)
+    engine = make_engine(model, tokenizer)
+    busy = engine.submit(request(prompt=PROMPT, max_tokens=30, ignore_eos=True))  # embedding runs between steps
+    inputs = [tokenizer(PROMPT)["input_ids"], tokenizer("the")["input_ids"]]
+    embeddings = engine.embed(inputs)
+    for ids, embedding in zip(inputs, embeddings):
+        with torch.no_grad():
+            hidden = model.base_model(torch.tensor([ids])).last_hidden_state[0, -1]
+        assert embedding == pytest.approx(torch.nn.functional.normalize(hidden, dim=-1).tolist(), abs=1e-5)
+        assert sum(x * x for x in embedding) == pytest.approx(1.0)
+    assert [e for e in busy.events() if isinstance(e, FinalLine)][0].finish_reason == "length"
+    with pytest.raises(InvalidRequest, match="outside this model's vocabulary"):
+        engine.embed([[10**9]])

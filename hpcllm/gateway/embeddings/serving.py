@@ -1,0 +1,58 @@
+"""POST /v1/embeddings: tokenize, route to the model's worker, embed (final hidden state of the last token,
+L2-normalized: vLLM's default pooling for decoder models), answer in OpenAI's shape."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+from hpcllm.gateway.embeddings.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.serving import RequestContext
+from hpcllm.gateway.upstream import embed_on_worker
+
+
+def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) -> dict:
+    req.check_supported()
+    card = gw.router.get_model(req.model)
+    inputs = _tokenize(gw, req, card)
+    prompt_tokens = sum(len(ids) for ids in inputs)
+    if ctx.api_key is not None:
+        gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)
+    try:
+        endpoint = gw.router.resolve(req.model, gw.config.gateway.route_timeout_seconds)
+        embeddings = embed_on_worker(gw.http, endpoint.worker_url, gw.config.cluster.shared_secret, inputs)
+    except BaseException:
+        if ctx.api_key is not None:
+            gw.limiter.settle_tokens(ctx.api_key, prompt_tokens, 0)
+        raise
+    gw.metrics.prompt_tokens.labels(card.name).inc(prompt_tokens)
+    return EmbeddingResponse(
+        data=[Embedding(embedding=_encode(e, req.encoding_format), index=i) for i, e in enumerate(embeddings)],
+        model=req.model, usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+    ).model_dump()
+
+
+def _tokenize(gw: Gateway, req: EmbeddingRequest, card) -> list[list[int]]:
+    encoder = gw.tokenizers.get(card)
+    inputs = []
+    for i, text_or_ids in enumerate(req.input):
+        param = "input" if len(req.input) == 1 else f"input[{i}]"
+        ids = encoder.encode(text_or_ids) if isinstance(text_or_ids, str) else encoder.check_token_ids(
+            text_or_ids, param)
+        if not ids:
+            raise InvalidRequest("the input is empty (no tokens after tokenization)", param=param,
+                                 code="empty_prompt")
+        if card.max_model_len is not None and len(ids) > card.max_model_len:
+            raise InvalidRequest(f"This model's maximum context length is {card.max_model_len} tokens. However, "
+                                 f"the input has {len(ids)} tokens. Please reduce the length of the input.",
+                                 param=param, code="context_length_exceeded")
+        inputs.append(ids)
+    return inputs
+
+
+def _encode(embedding: list[float], encoding_format: str) -> list[float] | str:
+    if encoding_format == "float":
+        return embedding
+    return base64.b64encode(struct.pack(f"<{len(embedding)}f", *embedding)).decode()

@@ -1,0 +1,148 @@
+"""n > 1, logprobs / top_logprobs and best_of through the gateway, with the official openai client."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import MODEL
+from .test_openai_api import PROMPT, chat_prompt_ids, hf_greedy
+
+
+def hf_logprobs(hf_pair, prompt_ids: list[int], output_ids: list[int]) -> list[float]:
+    """Log probability transformers gives each output token (raw distribution)."""
+    model = hf_pair[0]
+    ids = prompt_ids + output_ids
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    return [float(logprobs[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(output_ids)]
+
+
+def test_n_greedy_choices_all_equal_generate_and_are_indexed(gateway, hf_pair):
+    client = gateway.client()
+    expected_text, _, _ = hf_greedy(hf_pair, hf_pair[1](PROMPT)["input_ids"], 12)
+    resp = client.completions.create(model=MODEL, prompt=[PROMPT, "the"], n=2, max_tokens=12, temperature=0)
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert resp.choices[0].text == resp.choices[1].text == expected_text  # choices 0, 1: the first prompt
+    assert resp.choices[2].text == resp.choices[3].text == hf_greedy(hf_pair, hf_pair[1]("the")["input_ids"], 12)[0]
+
+
+def test_n_seeded_samples_differ_from_each_other_and_repeat_across_calls(gateway):
+    client = gateway.client()
+
+    def texts():
+        resp = client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=16, temperature=1.0, seed=11,
+                                         extra_body={"ignore_eos": True})
+        assert resp.usage.completion_tokens == 3 * 16
+        return [c.text for c in resp.choices]
+
+    first = texts()
+    assert len(set(first)) == 3
+    assert texts() == first
+
+
+def test_chat_n_streams_every_choice_with_its_role_chunk(gateway):
+    client = gateway.client()
+    messages = [{"role": "user", "content": "hi there"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=10, temperature=0.8,
+                                           seed=5)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, n=2, max_tokens=10,
+                                                 temperature=0.8, seed=5, stream=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == whole.choices[index].message.content
+        assert mine[-1].finish_reason == whole.choices[index].finish_reason
+
+
+def test_completion_logprobs_match_the_model_and_streaming_gives_the_same(gateway, hf_pair):
+    client = gateway.client()
+    prompt_ids = hf_pair[1](PROMPT)["input_ids"]
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=2)
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == resp.usage.completion_tokens
+    output_ids = hf_pair[1](choice.text, add_special_tokens=False)["input_ids"]
+    if len(output_ids) == len(lp.tokens):  # the text re-tokenizes to the same ids (usual for this tokenizer)
+        assert lp.token_logprobs == pytest.approx(hf_logprobs(hf_pair, prompt_ids, output_ids), abs=1e-4)
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(logprob)  # greedy: the best one
+        assert top.get(token, logprob) == pytest.approx(logprob)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=2,
+                                            stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [t for s in streamed for t in s.token_logprobs] == pytest.approx(lp.token_logprobs)
+    assert [t for s in streamed for t in s.text_offset] == lp.text_offset
+
+
+def test_chat_logprobs_with_top_logprobs_stream_and_not(gateway, hf_pair):
+    client = gateway.client()
+    messages = [{"role": "user", "content": "hello"}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
+    assert all(t.bytes == list(t.token.encode()) for t in content)
+    expected_text = hf_greedy(hf_pair, chat_prompt_ids(hf_pair, messages), 8)[0]
+    assert resp.choices[0].message.content == expected_text
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_best_of_returns_the_choice_with_the_highest_cumulative_logprob(gateway):
+    client = gateway.client()
+    common = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    # best_of=3 generates exactly what n=3 does (same seeds), then keeps the most likely one.
+    all_three = client.completions.create(n=3, logprobs=0, **common)
+    scores = {c.text: sum(c.logprobs.token_logprobs) for c in all_three.choices}
+    best = client.completions.create(best_of=3, **common)
+    assert len(best.choices) == 1 and best.choices[0].index == 0
+    assert best.choices[0].text == max(scores, key=scores.get)
+    assert best.choices[0].logprobs is None  # not asked for
+    assert best.usage.completion_tokens == 3 * 8  # every generated choice counts
+
+
+def test_bad_combinations_are_400(gateway):
+    resp = gateway.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                                      "top_logprobs": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs"
+    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "x", "best_of": 1, "n": 2})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "best_of"
+    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 21})
+    assert resp.status_code == 422 and resp.json()["error"]["param"] == "logprobs"
+
+
+def hf_embedding(hf_pair, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        hidden = hf_pair[0].base_model(torch.tensor([ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(hidden, dim=-1).tolist()
+
+
+def test_embeddings_are_the_normalized_last_token_state_in_float_and_base64(gateway, hf_pair):
+    client = gateway.client()
+    tokenizer = hf_pair[1]
+    resp = client.embeddings.create(model=MODEL, input=[PROMPT, "the"])  # the client asks for base64
+    assert [d.index for d in resp.data] == [0, 1] and resp.model == MODEL
+    for text, data in zip([PROMPT, "the"], resp.data):
+        assert data.embedding == pytest.approx(hf_embedding(hf_pair, tokenizer(text)["input_ids"]), abs=1e-5)
+    assert resp.usage.prompt_tokens == resp.usage.total_tokens == sum(
+        len(tokenizer(t)["input_ids"]) for t in [PROMPT, "the"])
+    as_floats = client.embeddings.create(model=MODEL, input=tokenizer(PROMPT)["input_ids"], encoding_format="float")
+    assert as_floats.data[0].embedding == pytest.approx(resp.data[0].embedding, abs=1e-6)
+
+
+def test_embeddings_bad_input_is_refused(gateway):
+    resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": []})
+    assert resp.status_code == 422 and resp.json()["error"]["param"] == "input"
+    resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "x", "dimensions": 8})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "dimensions"

@@ -1,0 +1,266 @@
+"""Model execution of one engine step, behind one small seam: `ModelRunner.step(StepBatch) -> logits`.
+
+The scheduler (engine.py) decides what runs; a runner only executes it. A StepBatch is plain data (ints and lists),
+picklable, so a tensor-parallel follower rank can receive rank 0's StepBatch by MPI broadcast and call its own
+runner with it: every rank then writes the same KV blocks and computes its shard of the same forward.
+
+Two runners:
+
+- `PagedRunner` (the default): ONE forward per step over every scheduled sequence. The sequences' new tokens are
+  packed into a single row (no padding), each at its own positions. A custom attention function (registered through
+  transformers' AttentionInterface) writes each sequence's new keys/values into a pool of fixed-size KV blocks at
+  the slots its block table names, gathers the sequence's whole context back from the pool, and runs transformers'
+  own SDPA attention on it, sequence by sequence. So the attention of a sequence sees exactly the keys/values a
+  batch-of-one run would (same values, same layout, same kernel): greedy output equals `generate`, whatever else is
+  in the batch. The linear layers are what batching speeds up. Block tables come from the scheduler
+  (kvcache.BlockPool), so the runner holds no per-sequence state.
+- `SequentialRunner`: the previous design, one forward per sequence with its own transformers DynamicCache. It
+  serves models whose attention the paged runner cannot express (sliding windows, non-SDPA attention) and is the
+  benchmark baseline (`batching="sequential"`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+PAGED_ATTENTION = "hpcllm_paged"
+
+
+@dataclass
+class SequenceChunk:
+    """One sequence's part of a step: feed token_ids at positions start, start+1, ...
+
+    block_table lists the KV blocks holding positions 0.. of this sequence (block i holds positions
+    i*block_size .. (i+1)*block_size-1); it covers at least start + len(token_ids) positions.
+    want_logits: return the logits of the chunk's last position (it reached the last known token)."""
+
+    seq_id: int
+    token_ids: list[int]
+    start: int
+    block_table: list[int] = field(default_factory=list)
+    want_logits: bool = True
+
+
+@dataclass
+class StepBatch:
+    """One engine step: the chunks to run, and sequences whose KV state the runner may forget (finished,
+    preempted) before it runs them. Logits come back in chunk order, one row per chunk with want_logits."""
+
+    chunks: list[SequenceChunk]
+    free: list[int] = field(default_factory=list)
+
+
+class ModelRunner(Protocol):
+    block_size: int
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        """Run the batch's forward; a [rows, vocab] tensor (rows = chunks with want_logits, in order)."""
+
+
+def paged_attention_supported(model) -> str | None:
+    """None if PagedRunner can serve this model, else why not (the engine then falls back to SequentialRunner)."""
+    config = model.config
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not take custom attention functions"
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", PAGED_ATTENTION):
+        return f"the model runs {config._attn_implementation!r} attention, not sdpa"
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    if any(t != "full_attention" for t in layer_types) or (
+        window is not None and getattr(config, "use_sliding_window", True)
+    ):
+        return "the model has sliding-window or other non-full attention layers"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    return None
+
+
+# ---- the paged attention function -----------------------------------------------------------------------------
+
+_active = threading.local()  # the step a PagedRunner is running on this thread (None: plain sdpa)
+
+
+@dataclass
+class _SequenceView:
+    begin: int  # range of this sequence's tokens in the packed row
+    end: int
+    write_slots: torch.Tensor  # pool slots of the new tokens
+    read_slots: torch.Tensor  # pool slots of positions 0..context-1
+    mask: torch.Tensor | None  # causal mask with an offset (a chunk after cached tokens); None: plain causal/decode
+
+
+@dataclass
+class _StepContext:
+    pool: "KVPool"
+    sequences: list[_SequenceView]
+
+
+def _paged_attention(module, query, key, value, attention_mask, **kwargs):
+    step: _StepContext | None = getattr(_active, "step", None)
+    if step is None:  # the model used outside an engine step (e.g. generate): plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    k_pool, v_pool = step.pool.layer(module.layer_idx, key)
+    outputs = []
+    for seq in step.sequences:
+        k_pool.index_copy_(1, seq.write_slots, key[0, :, seq.begin:seq.end])
+        v_pool.index_copy_(1, seq.write_slots, value[0, :, seq.begin:seq.end])
+        keys = k_pool.index_select(1, seq.read_slots).unsqueeze(0)
+        values = v_pool.index_select(1, seq.read_slots).unsqueeze(0)
+        out, _ = sdpa_attention_forward(module, query[:, :, seq.begin:seq.end], keys, values, seq.mask, **kwargs)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), None
+
+
+def _paged_mask(*args, **kwargs):
+    if getattr(_active, "step", None) is None:
+        return sdpa_mask(*args, **kwargs)
+    return None  # each sequence's mask is built in _paged_attention
+
+
+AttentionInterface.register(PAGED_ATTENTION, _paged_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PAGED_ATTENTION, _paged_mask)
+
+
+class KVPool:
+    """Per layer, keys and values of every block: [kv_heads, num_blocks * block_size, head_dim] tensors.
+
+    Allocated on first use (shapes come from the model's own key states) and grown by doubling up to max_blocks as
+    higher block ids are used, so a large budget costs memory only when it is used. The scheduler hands out low
+    block ids first."""
+
+    def __init__(self, max_blocks: int, block_size: int) -> None:
+        self.max_blocks = max_blocks
+        self.block_size = block_size
+        self.capacity_blocks = 0
+        self.needed_blocks = 0  # set per step: highest block id in use + 1
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self._layers.get(layer_idx)
+        slots = self.capacity_blocks * self.block_size
+        if pair is None or pair[0].shape[1] < slots:
+            shape = (like.shape[1], slots, like.shape[3])
+            grown = (like.new_zeros(shape), like.new_zeros(shape))
+            if pair is not None:
+                grown[0][:, : pair[0].shape[1]].copy_(pair[0])
+                grown[1][:, : pair[1].shape[1]].copy_(pair[1])
+            self._layers[layer_idx] = pair = grown
+        return pair
+
+    def reserve(self, needed_blocks: int) -> None:
+        if needed_blocks > self.capacity_blocks:
+            self.capacity_blocks = min(self.max_blocks, max(needed_blocks, 2 * self.capacity_blocks, 16))
+
+
+class PagedRunner:
+    def __init__(self, model, *, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.pool = KVPool(num_blocks, block_size)
+        self.device = model.get_input_embeddings().weight.device
+        model.config._attn_implementation = PAGED_ATTENTION
+        for module in model.modules():  # some models cache the implementation per sub-config
+            config = getattr(module, "config", None)
+            if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = PAGED_ATTENTION
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        ids: list[int] = []
+        positions: list[int] = []
+        sequences: list[_SequenceView] = []
+        keep: list[int] = []
+        highest_block = 0
+        for chunk in batch.chunks:
+            begin, end = len(ids), len(ids) + len(chunk.token_ids)
+            context = chunk.start + len(chunk.token_ids)
+            ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start, context))
+            slots = self._slots(chunk.block_table, context)
+            highest_block = max(highest_block, max(chunk.block_table[: -(-context // self.block_size)]) + 1)
+            sequences.append(_SequenceView(begin, end, slots[chunk.start:], slots, self._mask(chunk, context)))
+            if chunk.want_logits:
+                keep.append(end - 1)
+        self.pool.reserve(highest_block)
+        _active.step = _StepContext(self.pool, sequences)
+        try:
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device),
+                position_ids=torch.tensor([positions], device=self.device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
+            )
+        finally:
+            _active.step = None
+        return out.logits[0]
+
+    def _slots(self, block_table: list[int], context: int) -> torch.Tensor:
+        positions = torch.arange(context, device=self.device)
+        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _mask(self, chunk: SequenceChunk, context: int) -> torch.Tensor | None:
+        length = len(chunk.token_ids)
+        if length == 1 or chunk.start == 0:
+            return None  # decode, or a first chunk: SDPA's own causal path, exactly as generate runs it
+        rows = torch.arange(length, device=self.device).unsqueeze(1) + chunk.start
+        return (torch.arange(context, device=self.device).unsqueeze(0) <= rows)[None, None]
+
+
+class SequentialRunner:
+    """One forward per chunk, each sequence with its own DynamicCache (the engine's design before batching)."""
+
+    def __init__(self, model, *, block_size: int) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = model.get_input_embeddings().weight.device
+        self._caches: dict[int, DynamicCache] = {}
+        self._forward_kwargs = _forward_kwargs(model)
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        for seq_id in batch.free:
+            self._caches.pop(seq_id, None)
+        rows = []
+        for chunk in batch.chunks:
+            cache = self._caches.get(chunk.seq_id)
+            if cache is None or chunk.start == 0:
+                cache = self._caches[chunk.seq_id] = DynamicCache(config=self.model.config)
+            input_ids = torch.tensor([chunk.token_ids], dtype=torch.long, device=self.device)
+            position_ids = torch.arange(
+                chunk.start, chunk.start + len(chunk.token_ids), dtype=torch.long, device=self.device
+            ).unsqueeze(0)
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                             **self._forward_kwargs(cache))
+            if chunk.want_logits:
+                rows.append(out.logits[0, -1])
+        if not rows:
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        return torch.stack(rows)
+
+
+def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto") -> ModelRunner:
+    """batching: "auto" (paged if the model allows, else sequential), "paged" (or a clear error), "sequential"."""
+    if batching == "sequential":
+        return SequentialRunner(model, block_size=block_size)
+    why_not = paged_attention_supported(model)
+    if why_not is None:
+        return PagedRunner(model, num_blocks=num_blocks, block_size=block_size)
+    if batching == "paged":
+        raise ValueError(f"batching='paged' cannot serve this model: {why_not}")
+    return SequentialRunner(model, block_size=block_size)
+
+
+def _forward_kwargs(model):
+    """How this transformers version takes the cache (`cache`, formerly `past_key_values`), plus logits_to_keep."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in parameters else "past_key_values"
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    return lambda cache: {cache_arg: cache, **extra}
