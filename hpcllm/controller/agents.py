@@ -38,9 +38,10 @@ class AgentClient:
         except httpx.HTTPError as exc:
             raise AgentError(f"node agent {url}: {type(exc).__name__}: {exc}") from None
 
-    def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int]) -> StartedInstance:
+    def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
+                       engine: str = "hpcllm") -> StartedInstance:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"
-        resp = self._call("POST", url, json={"model": model, "source": source, "gpu_ids": gpu_ids})
+        resp = self._call("POST", url, json={"model": model, "source": source, "gpu_ids": gpu_ids, "engine": engine})
         if resp.status_code not in (200, 201, 202):
             raise AgentError(f"node agent {url} refused to start {model!r}: HTTP {resp.status_code} "
                              f"{_error_message(resp)}")

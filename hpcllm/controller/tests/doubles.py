@@ -141,7 +141,8 @@ class FakeAgents(AgentClient):
             raise AgentError(f"node agent {url}: ConnectError (test: unreachable)")
         return self.agents.setdefault(url, FakeNodeAgent(url))
 
-    def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int]) -> StartedInstance:
+    def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
+                       engine: str = "hpcllm") -> StartedInstance:
         agent = self._agent(agent_url)
         if self.refuse_start:
             raise AgentError(f"node agent {agent_url} refused to start {model!r}: HTTP 500 out of memory")

@@ -42,7 +42,7 @@ class InProcessAgents(AgentClient):
     def close(self) -> None:
         pass
 
-    def start_instance(self, agent_url, model, source, gpu_ids) -> StartedInstance:
+    def start_instance(self, agent_url, model, source, gpu_ids, engine="hpcllm") -> StartedInstance:
         instance_id = f"inst-{next(self._ids)}"
         self.instances[instance_id] = InstanceInfo(instance_id=instance_id, model=model, state="loading",
                                                    worker_url=self.worker_url, gpu_ids=gpu_ids)
