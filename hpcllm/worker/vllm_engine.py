@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -165,7 +166,7 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
     except ImportError as exc:
-        raise ConfigError(f"vLLM cannot be imported by {os.sys.executable} ({exc}); start vLLM workers with the "
+        raise ConfigError(f"vLLM cannot be imported by {sys.executable} ({exc}); start vLLM workers with the "
                           "interpreter of `make vllm-venv` (worker.vllm_python)") from None
     from hpcllm.worker.vllm_loader import LOAD_FORMAT, STATS_FILE_KEY, register
 
