@@ -604,6 +604,9 @@ class VllmEngine:
             return
         if req.state == "finished" or req.generating != output.request_id:
             return  # cancelled, paused or handed over: tokens still in flight are dropped
+        if req.attached and req.last_token_time is None:
+            log.info("migrated-in request %s: %s of %d known tokens came from vLLM's prefix cache", req.request_id,
+                     output.num_cached_tokens, len(req.prompt_ids) + len(req.output_ids))
         for token in output.outputs[0].token_ids if output.outputs else ():
             self._accept(req, token)
             if req.state == "finished":

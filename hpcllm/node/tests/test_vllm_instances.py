@@ -4,11 +4,19 @@ left allocated. (vLLM serving for real: hpcllm/gateway/tests/test_vllm_worker.py
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+from hpcllm.checkpoint.converter import convert
 from hpcllm.node.app import create_app
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.protocol import GenerateRequest
 
-from .test_agent import AUTH, converted, make_agent, wait_for  # noqa: F401  (converted is a fixture)
+from .test_agent import AUTH, SECRET, converted, make_agent, wait_for  # noqa: F401  (converted is a fixture)
 
 
 def test_a_missing_vllm_interpreter_is_refused_with_what_to_do(tmp_path, converted):  # noqa: F811
@@ -52,3 +60,68 @@ def test_an_unknown_engine_is_refused_naming_the_field(tmp_path, converted):  # 
                        json={"model": "tiny-llama", "source": str(converted), "engine": "tgi"})
     assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "engine"
     agent.workers.close()
+
+
+@pytest.fixture(scope="module")
+def small_converted(small_llama_dir, tmp_path_factory) -> Path:
+    """The small dev Llama (head size 64, which vLLM's CPU attention supports), converted."""
+    return convert(small_llama_dir, tmp_path_factory.mktemp("models") / "small-llama", progress=False).root
+
+
+def _descendants(pid: int) -> set[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    found = {int(c) for c in children}
+    for child in list(found):
+        found |= _descendants(child)
+    return found
+
+
+@pytest.mark.slow
+def test_the_agent_serves_a_vllm_model_and_stops_it_with_its_processes(tmp_path, small_converted):
+    from hpcllm.errors import HpcllmError
+    from hpcllm.node.workers import vllm_python
+
+    agent = make_agent(tmp_path, worker_start_timeout_seconds=900)
+    try:
+        vllm_python(agent.config)
+    except HpcllmError as exc:
+        pytest.skip(f"no vLLM interpreter: {exc}")
+    agent.config.worker.vllm_kv_cache_gb = 1
+    client = create_app(agent).test_client()
+    try:
+        resp = client.post("/v1/internal/instances", headers=AUTH,
+                           json={"model": "small-llama", "source": str(small_converted), "engine": "vllm"})
+        assert resp.status_code == 202, resp.get_json()
+        instance_id = resp.get_json()["instance_id"]
+
+        def ready():
+            [info] = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+            assert info["state"] in ("loading", "ready"), info
+            return info if info["state"] == "ready" else None
+
+        info = wait_for(ready, timeout=900, what="the vLLM instance to be ready")
+        worker = agent.workers.get(instance_id)
+        processes = _descendants(worker.process.pid)
+        assert processes, "vLLM runs its engine core in a child process"
+        with WorkerClient(info["worker_url"], SECRET, read_timeout=120) as worker_client:
+            done = worker_client.generate(GenerateRequest(request_id="r", prompt="hello", max_tokens=8,
+                                                          temperature=0, ignore_eos=True))
+            with done as stream:
+                lines = list(stream)
+        assert len(lines) == 9 and stream.final.finish_reason == "length"
+
+        assert client.delete(f"/v1/internal/instances/{instance_id}", headers=AUTH).status_code == 200
+        wait_for(lambda: worker.process.poll() is not None, timeout=120, what="the vLLM worker to exit")
+        wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in processes),
+                 timeout=60, what="vLLM's child processes to exit")
+    finally:
+        agent.workers.stop_all(timeout=30)
+        agent.workers.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"  # a zombie is gone, only not reaped yet
+    except (OSError, IndexError):
+        return False
