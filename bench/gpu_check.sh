@@ -10,9 +10,11 @@
 #   1. the gpu-marked tests: loader CUDA path (pinned ring, side stream, device_map, a model larger than the staging
 #      ring, DRAM tier -> GPU, checksum on the GPU path), host-to-device probe, GPU worker greedy == generate, a GPU
 #      instance through the node agent (fresh worker and spare worker);
-#   2. bench/load.py's GPU methods against the host-to-device limit measured in the same run (~2 GB checkpoint).
-# Results in $OUT (the device tool's folder) or bench/results/gpu-check/: gpu.txt, gpu-tests.log, load.txt and
-# load-latest.json/.png. Exit status: the tests'.
+#   2. bench/load.py's GPU methods against the host-to-device limit measured in the same run (~2 GB checkpoint);
+#   3. vLLM's CUDA path behind hpcllm (bench/vllm_gpu_check.py): weights through hpcllm's loader plugin, greedy ==
+#      generate on cuda, throughput at 1 and 16 prompts; skipped, saying so, when the interpreter has no vllm.
+# Results in $OUT (the device tool's folder) or bench/results/gpu-check/: gpu.txt, gpu-tests.log, load.txt,
+# load-latest.json/.png and vllm.txt. Exit status: the tests', else the vLLM check's.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/results/gpu-check}
@@ -38,5 +40,9 @@ read -r -a bench_args <<<"${BENCH_ARGS:-}"
 timeout "${BENCH_SECONDS:-300}" "$PY" bench/load.py --runs "${BENCH_RUNS:-3}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
     --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu 2>&1 | tee "$OUT/load.txt"
 cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
-echo "gpu_check: tests exit status $tests; results in $OUT"
-exit "$tests"
+
+timeout "${VLLM_SECONDS:-240}" $PY bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
+vllm=${PIPESTATUS[0]}
+echo "gpu_check: tests exit status $tests, vLLM check $vllm; results in $OUT"
+[ "$tests" -ne 0 ] && exit "$tests"
+exit "$vllm"

