@@ -299,12 +299,12 @@ class Allocator:
         if preferred_nodes:
             extra["nodelist"] = tuple(preferred_nodes)
         else:
-            busy = self._nodes_in_use()
+            busy = self.nodes_in_use()
             if busy:  # Slurm packs small jobs onto one node: a second agent there would share the first's node id
                 extra["exclude"] = tuple(busy)
         return make_job_spec(**{**spec.model_dump(), **extra})
 
-    def _nodes_in_use(self) -> list[str]:
+    def nodes_in_use(self) -> list[str]:
         """Nodes where an agent of ours runs or may soon: registered agents (also of users' own pools), nodes of
         active allocations, and the node a queued allocation asked for. A node agent is known by its Slurm node
         name, so a second agent on such a node would take over the first one's registration."""

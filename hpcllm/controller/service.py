@@ -486,7 +486,9 @@ class Controller:
             if preferred:
                 holding[name] = holding.get(preferred, set())
         if not pending and self.allocator.why_not_submit(model) is None:
-            busy = {n.node_id for n in known_nodes.values() if n.state in ("up", "draining")}
+            # Not where an agent of ours runs, nor where an allocation (of any model) is queued for or starting on:
+            # a second agent job there would be refused (one agent per node) and hold Slurm resources for nothing.
+            busy = set(self.allocator.nodes_in_use())
             for slurm_node in self.allocator.idle_nodes(model):
                 if slurm_node in busy or slurm_node in exclude_nodes:
                     continue
@@ -503,9 +505,9 @@ class Controller:
 
     def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
         """Allocations made for this model whose agent has not registered yet (queued, or starting up)."""
-        registered_jobs = {n.slurm_job_id for n in self.registry.nodes(states=("up", "draining"))}
+        live = self.registry.nodes(states=("up", "draining"))
         return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
-            a.state == "pending" or (a.state == "running" and a.job_id not in registered_jobs))]
+            a.state == "pending" or (a.state == "running" and not allocation_agents(a, live)))]
 
     def _room(self, model: DeployedModel, node: NodeRecord,
               instances: list[InstanceRecord]) -> tuple[int, tuple[MovableInstance, ...]]:
@@ -574,6 +576,13 @@ class Controller:
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
                  len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
+
+
+def allocation_agents(alloc: AllocationRecord, nodes: list[NodeRecord]) -> list[NodeRecord]:
+    """The nodes (of `nodes`) whose agent runs in this allocation: same Slurm job id, registered since the allocation
+    was submitted. Slurm reuses job ids after its state is wiped, so an older agent's stale row with the same id
+    (it registered before this job existed) is not this allocation's agent."""
+    return [n for n in nodes if n.slurm_job_id == alloc.job_id and n.registered_at >= alloc.submitted_at]
 
 
 def _slots(model: DeployedModel) -> int:
