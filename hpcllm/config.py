@@ -118,6 +118,9 @@ class ControllerConfig(Section):
     # Cost of moving one busy instance when its prefill rate is unknown (seconds), and of evicting an idle one.
     migration_seconds_per_instance: float = Field(5.0, ge=0)
     eviction_seconds: float = Field(0.5, ge=0)
+    # An instance placed less than this long ago is not evicted to make room for another model: two models
+    # alternating on one full node would otherwise reload each other. The other model waits (or goes elsewhere).
+    min_residency_seconds: float = Field(30.0, ge=0)
     # Shared-FS read bandwidth (GB/s) assumed for nodes that never registered a measurement.
     default_sharedfs_gbps: float = Field(1.0, gt=0)
     # Seconds a node list from Slurm (sinfo) is reused.

@@ -125,8 +125,9 @@ class RouteReady(Wire):
 
 
 class RouteWaiting(Wire):
-    # "starting": an instance is loading on a node; "allocating": a Slurm allocation that will host it is pending.
-    status: Literal["starting", "allocating"]
+    # "starting": an instance is loading on a node; "allocating": a Slurm allocation that will host it is pending;
+    # "waiting": the chosen node has room once instances there have served controller.min_residency_seconds.
+    status: Literal["starting", "allocating", "waiting"]
     model: str
     retry_after: float
     instance_id: str | None = None
@@ -209,7 +210,7 @@ class PlacementBreakdown(Wire):
     """Why a node was chosen: the startup estimate and its parts (seconds)."""
 
     node: str
-    kind: Literal["running", "pending", "idle"]
+    kind: Literal["running", "pending", "idle", "residency"]
     total_seconds: float
     queue_wait_seconds: float
     load_seconds: float

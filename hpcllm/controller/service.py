@@ -322,8 +322,11 @@ class Controller:
             breakdown = decision.breakdown()
             target = targets[decision.chosen.node]
             log.info("placement of %s: %s", model.name, breakdown.model_dump_json())
-            if target.kind in ("pending", "idle"):
-                self.registry.note_demand(model.name, now)  # so the instance starts as soon as a node registers
+            if target.kind in ("pending", "idle", "residency"):
+                self.registry.note_demand(model.name, now)  # so the instance starts as soon as there is room
+            if target.kind == "residency":
+                return RouteWaiting(status="waiting", model=model.name, node_id=target.node.node_id,
+                                    retry_after=self.settings.route_retry_after_seconds)
             if target.kind == "pending":
                 return RouteWaiting(status="allocating", model=model.name, job_id=target.job_id,
                                     retry_after=self.settings.route_retry_after_seconds)
@@ -472,9 +475,19 @@ class Controller:
         for node in known_nodes.values():
             if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool:
                 continue
-            free, movable = self._room(model, node, by_node[node.node_id])
+            free, movable, young = self._room(model, node, by_node[node.node_id], now)
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))
             targets[node.node_id] = Target("running", node=node)
+            if young:
+                # The same node once its young instances have served their minimum residency: placement weighs
+                # waiting for them against going elsewhere (another node, a new allocation).
+                name = f"{node.node_id}@residency"
+                wait = max(seconds_left for _, seconds_left in young)
+                candidates.append(NodeCandidate(name, "residency", wait, free, self._bandwidths(node),
+                                                movable + tuple(inst for inst, _ in young)))
+                targets[name] = Target("residency", node=node)
+                if node.node_id in holding:
+                    holding[name] = holding[node.node_id]
         pending = self.pending_allocations(model.name)
         for alloc in pending:
             preferred = alloc.preferred_nodes[0] if alloc.preferred_nodes else None
@@ -509,18 +522,27 @@ class Controller:
         return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
             a.state == "pending" or (a.state == "running" and not allocation_agents(a, live)))]
 
-    def _room(self, model: DeployedModel, node: NodeRecord,
-              instances: list[InstanceRecord]) -> tuple[int, tuple[MovableInstance, ...]]:
-        """Free slots on a node for this model, and the instances that could be moved to make more."""
+    def _room(self, model: DeployedModel, node: NodeRecord, instances: list[InstanceRecord],
+              now: float) -> tuple[int, tuple[MovableInstance, ...], list[tuple[MovableInstance, float]]]:
+        """Free slots on a node for this model, the instances that could be moved now to make more, and those that
+        could be moved once they have served controller.min_residency_seconds (with the seconds left)."""
         same_kind = [i for i in instances if bool(i.gpu_ids) == bool(model.gpus)]
         if model.gpus:
             used = sum(len(i.gpu_ids) for i in same_kind)
             free = node.gpus - used
         else:
             free = self.settings.cpu_slots_per_node - len(same_kind)
-        movable = tuple(MovableInstance(i.instance_id, len(i.gpu_ids) if model.gpus else 1, self._move_cost(i))
-                        for i in same_kind if i.state == "ready" and i.model != model.name)
-        return free, movable
+        movable, young = [], []
+        for inst in same_kind:
+            if inst.state != "ready" or inst.model == model.name:
+                continue
+            option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else 1, self._move_cost(inst))
+            seconds_left = inst.requested_at + self.settings.min_residency_seconds - now
+            if seconds_left > 0:
+                young.append((option, seconds_left))
+            else:
+                movable.append(option)
+        return free, tuple(movable), young
 
     def _move_cost(self, inst: InstanceRecord) -> float:
         if inst.running_requests == 0 and inst.routed_since_heartbeat == 0:
