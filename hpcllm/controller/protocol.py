@@ -219,6 +219,9 @@ class PlacementBreakdown(Wire):
     bandwidth_gbps: float
     migrate: list[str] = Field(default_factory=list)
     considered: int = 0
+    # Where the queue wait comes from: "agent up", "residency", "slurm test-only" / "slurm squeue --start" (Slurm's
+    # own estimate), "job started" (agent starting), "constant" (controller.allocation_start_estimate_seconds).
+    queue_wait_source: str | None = None
 
 
 class NodeStatus(Wire):
@@ -265,6 +268,10 @@ class AllocationStatus(Wire):
     walltime_end: float | None
     retire_at: float | None
     reason: str | None
+    # Until its agent registers: the estimated seconds until it could take an instance, and where that comes from
+    # (PlacementBreakdown.queue_wait_source).
+    queue_wait_seconds: float | None = None
+    queue_wait_source: str | None = None
 
 
 class ColdStart(Wire):

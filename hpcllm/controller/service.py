@@ -205,13 +205,20 @@ class Controller:
                                       prefill_tokens_per_second=i.prefill_tps,
                                       move_seconds=self._move_cost(i) if i.state == "ready" else None)
                        for i in instances],
-            allocations=[AllocationStatus(job_id=a.job_id, state=a.state, model=a.model, nodes=a.nodes,
-                                          preferred_nodes=a.preferred_nodes, submitted_at=a.submitted_at,
-                                          started_at=a.started_at, walltime_end=a.walltime_end,
-                                          retire_at=a.retire_at, reason=a.reason)
-                         for a in self.registry.allocations()],
+            allocations=[self._allocation_status(a, nodes) for a in self.registry.allocations()],
             cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
         )
+
+    def _allocation_status(self, alloc: AllocationRecord, nodes: list[NodeRecord]) -> AllocationStatus:
+        waiting = alloc.state == "pending" or (alloc.state == "running" and not allocation_agents(
+            alloc, [n for n in nodes if n.state in ("up", "draining")]))
+        wait = self.allocator.pending_wait(alloc, self.clock()) if waiting else None
+        return AllocationStatus(job_id=alloc.job_id, state=alloc.state, model=alloc.model, nodes=alloc.nodes,
+                                preferred_nodes=alloc.preferred_nodes, submitted_at=alloc.submitted_at,
+                                started_at=alloc.started_at, walltime_end=alloc.walltime_end,
+                                retire_at=alloc.retire_at, reason=alloc.reason,
+                                queue_wait_seconds=wait.seconds if wait else None,
+                                queue_wait_source=wait.source if wait else None)
 
     # ------------------------------------------------------------------------------------------ node agents
 
@@ -476,7 +483,8 @@ class Controller:
             if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool:
                 continue
             free, movable, young = self._room(model, node, by_node[node.node_id], now)
-            candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))
+            candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable,
+                                            "agent up"))
             targets[node.node_id] = Target("running", node=node)
             if young:
                 # The same node once its young instances have served their minimum residency: placement weighs
@@ -484,7 +492,7 @@ class Controller:
                 name = f"{node.node_id}@residency"
                 wait = max(seconds_left for _, seconds_left in young)
                 candidates.append(NodeCandidate(name, "residency", wait, free, self._bandwidths(node),
-                                                movable + tuple(inst for inst, _ in young)))
+                                                movable + tuple(inst for inst, _ in young), "residency"))
                 targets[name] = Target("residency", node=node)
                 if node.node_id in holding:
                     holding[name] = holding[node.node_id]
@@ -492,9 +500,9 @@ class Controller:
         for alloc in pending:
             preferred = alloc.preferred_nodes[0] if alloc.preferred_nodes else None
             name = f"{preferred or '*'}@job{alloc.job_id}"
-            wait = max(0.0, alloc.submitted_at + self.settings.allocation_start_estimate_seconds - now)
-            candidates.append(NodeCandidate(name, "pending", wait, self._slots_per_new_node(model),
-                                            self._bandwidths(known_nodes.get(preferred))))
+            wait = self.allocator.pending_wait(alloc, now)
+            candidates.append(NodeCandidate(name, "pending", wait.seconds, self._slots_per_new_node(model),
+                                            self._bandwidths(known_nodes.get(preferred)), (), wait.source))
             targets[name] = Target("pending", job_id=alloc.job_id)
             if preferred:
                 holding[name] = holding.get(preferred, set())
@@ -502,18 +510,22 @@ class Controller:
             # Not where an agent of ours runs, nor where an allocation (of any model) is queued for or starting on:
             # a second agent job there would be refused (one agent per node) and hold Slurm resources for nothing.
             busy = set(self.allocator.nodes_in_use())
+            # Any node Slurm picks (also when none is idle now: the job queues). Its name sorts before node
+            # names, so when no listed node is better (no checkpoint there) Slurm is left free to choose.
+            any_wait = self.allocator.new_allocation_wait(model, [], now)
+            candidates.append(NodeCandidate(ANY_NODE, "idle", any_wait.seconds, self._slots_per_new_node(model),
+                                            self._bandwidths(None), (), any_wait.source))
+            targets[ANY_NODE] = Target("idle")
             for slurm_node in self.allocator.idle_nodes(model):
                 if slurm_node in busy or slurm_node in exclude_nodes:
                     continue
-                candidates.append(NodeCandidate(slurm_node, "idle", self.settings.allocation_start_estimate_seconds,
-                                                self._slots_per_new_node(model),
-                                                self._bandwidths(known_nodes.get(slurm_node))))
+                # Slurm is asked about the nodes holding the checkpoint (an allocation names them); any other
+                # node waits as long as a job left to Slurm would.
+                wait = self.allocator.new_allocation_wait(model, [slurm_node], now) \
+                    if holding.get(slurm_node) else any_wait
+                candidates.append(NodeCandidate(slurm_node, "idle", wait.seconds, self._slots_per_new_node(model),
+                                                self._bandwidths(known_nodes.get(slurm_node)), (), wait.source))
                 targets[slurm_node] = Target("idle", slurm_node=slurm_node)
-            # Any node Slurm picks (also when none is idle now: the job queues). Its name sorts before node
-            # names, so when no listed node is better (no checkpoint there) Slurm is left free to choose.
-            candidates.append(NodeCandidate(ANY_NODE, "idle", self.settings.allocation_start_estimate_seconds,
-                                            self._slots_per_new_node(model), self._bandwidths(None)))
-            targets[ANY_NODE] = Target("idle")
         return candidates, holding, targets
 
     def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
