@@ -4,7 +4,8 @@ for the node (202 "waiting") or goes elsewhere when that is sooner."""
 
 from __future__ import annotations
 
-from hpcllm.controller.tests.conftest import GB
+from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.controller.tests.conftest import GB, SECRET
 
 RESIDENCY = 60.0
 
@@ -104,3 +105,14 @@ def test_an_instance_past_its_residency_is_evicted_at_once(make_harness):
     outcome = h.controller.route_once("b")
     assert (outcome.status, outcome.node_id) == ("starting", "n1")
     assert h.agents.stopped == [("http://n1:9000", a)]
+
+
+def test_the_route_api_answers_202_waiting_with_the_node(make_harness):
+    h = one_full_node(make_harness, allocate_on_demand=False)
+    serve(h, "a")
+    h.clock.advance(10)
+    resp = h.app_client().get("/v1/internal/route?model=b", headers={SECRET_HEADER: SECRET})
+    assert resp.status_code == 202
+    body = resp.get_json()
+    assert (body["status"], body["model"], body["node_id"]) == ("waiting", "b", "n1")
+    assert resp.headers.get("Retry-After")
