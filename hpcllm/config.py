@@ -106,8 +106,15 @@ class ControllerConfig(Section):
     # Allocations: submit Slurm jobs running node agents when demand exceeds capacity.
     allocate_on_demand: bool = True
     max_allocations: int = Field(4, ge=0)
-    # Estimated seconds from sbatch to a registered agent, for placement on nodes without one yet.
+    # Queue wait of a new or queued allocation: Slurm's estimate of the job's start (`sbatch --test-only`, `squeue
+    # --start`) plus agent_start_seconds (job start to a registered agent); allocation_start_estimate_seconds (sbatch
+    # to a registered agent) only when Slurm gives no estimate. Slurm's answers are reused for
+    # queue_estimate_ttl_seconds; after a failure Slurm is not asked again for queue_estimate_backoff_seconds
+    # (doubling on each failure, up to 8 times that).
     allocation_start_estimate_seconds: float = Field(30.0, ge=0)
+    agent_start_seconds: float = Field(10.0, ge=0)
+    queue_estimate_ttl_seconds: float = Field(10.0, ge=0)
+    queue_estimate_backoff_seconds: float = Field(15.0, gt=0)
     # Release an allocation whose nodes have held no instance for this long (scale to zero at node level).
     allocation_keep_alive_seconds: float = Field(600.0, ge=0)
     # Retire allocations this long before their walltime ends, spread by retire_stagger_seconds per allocation
@@ -119,6 +126,9 @@ class ControllerConfig(Section):
     # Cost of moving one busy instance when its prefill rate is unknown (seconds), and of evicting an idle one.
     migration_seconds_per_instance: float = Field(5.0, ge=0)
     eviction_seconds: float = Field(0.5, ge=0)
+    # An instance placed less than this long ago is not evicted to make room for another model: two models
+    # alternating on one full node would otherwise reload each other. The other model waits (or goes elsewhere).
+    min_residency_seconds: float = Field(30.0, ge=0)
     # Shared-FS read bandwidth (GB/s) assumed for nodes that never registered a measurement.
     default_sharedfs_gbps: float = Field(1.0, gt=0)
     # Seconds a node list from Slurm (sinfo) is reused.

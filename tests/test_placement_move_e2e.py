@@ -89,7 +89,8 @@ def write_config(root: Path, controller_port: int, gateway_port: int) -> Path:
         node={"controller_url": f"http://127.0.0.1:{controller_port}", "migrate_timeout_seconds": 20,
               "worker_stop_timeout_seconds": 10},
         controller={"allocate_on_demand": False, "cpu_slots_per_node": 1, "scale_out_running_requests": 1,
-                    "eviction_seconds": MOVE_SECONDS, "migration_seconds_per_instance": MOVE_SECONDS})
+                    "eviction_seconds": MOVE_SECONDS, "migration_seconds_per_instance": MOVE_SECONDS,
+                    "min_residency_seconds": 0})  # A's instances are moved right after they started
 
 
 def admin_status(controller_url: str) -> dict:

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from hpcllm.config import Config
@@ -27,7 +28,16 @@ from hpcllm.controller.errors import AllocationFailed
 from hpcllm.controller.protocol import DeployedModel
 from hpcllm.controller.registry import Registry
 from hpcllm.errors import ConfigError
-from hpcllm.slurm.base import JobSpec, JobState, JobStatus, NodeInfo, SlurmBackend, make_job_spec, parse_walltime
+from hpcllm.slurm.base import (
+    JobSpec,
+    JobState,
+    JobStatus,
+    NodeInfo,
+    SlurmBackend,
+    StartEstimate,
+    make_job_spec,
+    parse_walltime,
+)
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.templates import node_agent_job_spec
 
@@ -47,6 +57,55 @@ def new_allocation_tag() -> str:
     return f"{TAG_PREFIX}{uuid.uuid4().hex}"
 
 
+# Where a queue wait comes from (PlacementBreakdown.queue_wait_source).
+FROM_TEST_ONLY = "slurm test-only"
+FROM_SQUEUE_START = "slurm squeue --start"
+FROM_JOB_STARTED = "job started"
+FROM_CONSTANT = "constant"
+
+
+@dataclass(frozen=True)
+class QueueWait:
+    """Seconds until an allocation's agent could take an instance, and where the figure comes from."""
+
+    seconds: float
+    source: str
+    start_time: float | None = None  # Slurm's expected job start (epoch seconds), when it gave one
+
+
+class _SlurmEstimates:
+    """Slurm's start estimates, reused for a short while (placement runs on every cold route poll), with a back-off
+    after failures so a slow or refusing Slurm is not asked on every poll."""
+
+    def __init__(self, ttl: float, backoff: float):
+        self.ttl, self.backoff = ttl, backoff
+        self._cache: dict[object, tuple[float, object]] = {}
+        self._failures = 0
+        self._quiet_until = 0.0
+
+    def get(self, key: object, ask: Callable[[], object]) -> object | None:
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        if now < self._quiet_until:
+            return None
+        try:
+            answer = ask()
+        except (SlurmError, ConfigError) as exc:
+            self._failures += 1
+            pause = min(self.backoff * 2 ** (self._failures - 1), 8 * self.backoff)
+            self._quiet_until = now + pause
+            log.info("no start estimate from Slurm (%s); using the constant for %.0f s", exc, pause)
+            return None
+        self._failures = 0
+        self._cache[key] = (now, answer)
+        return answer
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+
 class Allocator:
     def __init__(self, config: Config, registry: Registry, backend: SlurmBackend | None, controller_url: str,
                  config_path: str | None = None, clock: Callable[[], float] = time.time):
@@ -58,6 +117,8 @@ class Allocator:
         self.config_path = config_path
         self.clock = clock
         self._nodes_cache: tuple[float, list[NodeInfo]] | None = None
+        self._estimates = _SlurmEstimates(self.settings.queue_estimate_ttl_seconds,
+                                          self.settings.queue_estimate_backoff_seconds)
         # Tags of intents this process is submitting right now: sync() leaves them to submit().
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
@@ -135,6 +196,42 @@ class Allocator:
     def _partition(self, model: DeployedModel) -> str | None:
         return model.slurm.partition or self.config.slurm.partition
 
+    # ------------------------------------------------------------------------------------- queue waits
+
+    def new_allocation_wait(self, model: DeployedModel, preferred_nodes: list[str], now: float) -> QueueWait:
+        """Queue wait of an allocation for this model submitted now (asking for preferred_nodes by name, else any
+        node but ours): Slurm's `sbatch --test-only` start plus agent_start_seconds; the constant when Slurm gives
+        no estimate (backend without one, refused shape, unreachable, in back-off)."""
+        def ask() -> StartEstimate | None:
+            return self.backend.estimate_start(self._job_spec(model, preferred_nodes, None))
+
+        key = ("new", self._partition(model), self.gpus_requested(model), model.slurm.account, model.slurm.qos,
+               model.slurm.time, tuple(preferred_nodes), () if preferred_nodes else tuple(self.nodes_in_use()))
+        estimate = self._estimates.get(key, ask) if self.backend is not None else None
+        if estimate is None:
+            return QueueWait(self.settings.allocation_start_estimate_seconds, FROM_CONSTANT)
+        return self._from_slurm(estimate, now, FROM_TEST_ONLY)
+
+    def pending_wait(self, alloc, now: float) -> QueueWait:
+        """Queue wait of an allocation submitted earlier whose agent has not registered: job started -> what is left
+        of agent_start_seconds; queued -> Slurm's `squeue --start` (one call for all our queued jobs) plus
+        agent_start_seconds; else what is left of the constant since it was submitted."""
+        if alloc.state == "running" and alloc.started_at is not None:
+            left = max(0.0, alloc.started_at + self.settings.agent_start_seconds - now)
+            return QueueWait(left, FROM_JOB_STARTED, alloc.started_at)
+        queued = tuple(sorted(a.job_id for a in self.registry.allocations(active_only=True) if a.state == "pending"))
+        starts = self._estimates.get(("queued", queued), lambda: self.backend.pending_start_times(queued)) \
+            if self.backend is not None and queued else None
+        estimate = (starts or {}).get(alloc.job_id)
+        if estimate is None:
+            left = max(0.0, alloc.submitted_at + self.settings.allocation_start_estimate_seconds - now)
+            return QueueWait(left, FROM_CONSTANT)
+        return self._from_slurm(estimate, now, FROM_SQUEUE_START)
+
+    def _from_slurm(self, estimate: StartEstimate, now: float, source: str) -> QueueWait:
+        return QueueWait(max(0.0, estimate.start_time - now) + self.settings.agent_start_seconds, source,
+                         estimate.start_time)
+
     # ------------------------------------------------------------------------------------------- actions
 
     def submit(self, model: DeployedModel, preferred_nodes: list[str], now: float) -> str:
@@ -164,6 +261,7 @@ class Allocator:
             with self._in_flight_lock:
                 self._in_flight.discard(tag)
         self._nodes_cache = None  # a node just got busier
+        self._estimates.forget()  # and so did the queue
         log.info("submitted allocation %s (%s) for %s (prefer %s)", job_id, tag, model.name,
                  preferred_nodes or "any node")
         return job_id
@@ -274,7 +372,7 @@ class Allocator:
 
     # ----------------------------------------------------------------------------- the job we submit
 
-    def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str) -> JobSpec:
+    def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str | None) -> JobSpec:
         """The slurm package's node-agent job (one node) with the model's [slurm] overrides (partition, account,
         qos, time; else the [slurm] config), tagged with --comment=<tag>. A node holding the checkpoint is asked for
         by name (--nodelist; slurmrestd's "nodelist" key): placement proposes only nodes that are idle now. Any
@@ -299,12 +397,12 @@ class Allocator:
         if preferred_nodes:
             extra["nodelist"] = tuple(preferred_nodes)
         else:
-            busy = self._nodes_in_use()
+            busy = self.nodes_in_use()
             if busy:  # Slurm packs small jobs onto one node: a second agent there would share the first's node id
                 extra["exclude"] = tuple(busy)
         return make_job_spec(**{**spec.model_dump(), **extra})
 
-    def _nodes_in_use(self) -> list[str]:
+    def nodes_in_use(self) -> list[str]:
         """Nodes where an agent of ours runs or may soon: registered agents (also of users' own pools), nodes of
         active allocations, and the node a queued allocation asked for. A node agent is known by its Slurm node
         name, so a second agent on such a node would take over the first one's registration."""
@@ -316,4 +414,4 @@ class Allocator:
         return sorted(busy)
 
 
-__all__ = ["PREFERRED_NODE_BUSY", "TAG_PREFIX", "Allocator", "new_allocation_tag"]
+__all__ = ["PREFERRED_NODE_BUSY", "TAG_PREFIX", "Allocator", "QueueWait", "new_allocation_tag"]

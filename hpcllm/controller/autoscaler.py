@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
-from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller
+from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class Autoscaler:
         self.controller.move_instance(node, inst, trigger="retire")
 
     def _nodes_of(self, alloc: AllocationRecord):
-        return [n for n in self.registry.nodes(states=("up", "draining")) if n.slurm_job_id == alloc.job_id]
+        return allocation_agents(alloc, self.registry.nodes(states=("up", "draining")))
 
     def _instances_of(self, alloc: AllocationRecord):
         node_ids = {n.node_id for n in self._nodes_of(alloc)}

@@ -150,11 +150,11 @@ def print_status(st: ClusterStatus) -> None:
         instances.add_column(col)
     for i in st.instances:
         loaded = f"{i.load_tier} {i.load_seconds:.2f} s" if i.load_tier and i.load_seconds is not None else "-"
-        estimated = (f"{i.placement.tier} {i.placement.total_seconds:.2f} s" if i.placement is not None else "-")
+        estimated = _estimate_cell(i.placement)
         instances.add_row(i.instance_id, i.model, i.node_id, i.state, ",".join(map(str, i.gpu_ids)) or "cpu",
                           str(i.running_requests), loaded, estimated, _move_cost_cell(i), _ago(st.now, i.last_used))
     allocations = Table(title="allocations")
-    for col in ("job", "state", "model", "nodes", "submitted", "retires in", "reason"):
+    for col in ("job", "state", "model", "nodes", "submitted", "agent in", "retires in", "reason"):
         allocations.add_column(col)
     for a in st.allocations:
         if a.state == "ended":
@@ -162,9 +162,25 @@ def print_status(st: ClusterStatus) -> None:
         retire = f"{a.retire_at - st.now:.0f} s" if a.retire_at else "-"
         allocations.add_row(a.job_id, a.state, a.model or "-", ",".join(a.nodes) or
                             (f"prefer {','.join(a.preferred_nodes)}" if a.preferred_nodes else "-"),
-                            _ago(st.now, a.submitted_at), retire, a.reason or "")
+                            _ago(st.now, a.submitted_at), _wait_cell(a.queue_wait_seconds, a.queue_wait_source),
+                            retire, a.reason or "")
     for table in (models, nodes, instances, allocations):
         console.print(table)
+
+
+def _wait_cell(seconds: float | None, source: str | None) -> str:
+    """A queue wait and where it comes from, e.g. `42 s (slurm test-only)`."""
+    return "-" if seconds is None else f"{seconds:.0f} s ({source or '?'})"
+
+
+def _estimate_cell(placement) -> str:
+    """The placement estimate: tier and total, and the queue wait with its source when there was one."""
+    if placement is None:
+        return "-"
+    cell = f"{placement.tier} {placement.total_seconds:.2f} s"
+    if placement.queue_wait_seconds:
+        cell += f", queue {_wait_cell(placement.queue_wait_seconds, placement.queue_wait_source)}"
+    return cell
 
 
 def _size(n: int) -> str:

@@ -48,6 +48,7 @@ class NodeCandidate:
     free_slots: int
     bandwidth_gbps: Mapping[str, float]  # measured read bandwidth per tier; must include "sharedfs"
     movable: tuple[MovableInstance, ...] = ()
+    queue_wait_source: str = ""  # where queue_wait_seconds comes from (Slurm's estimate, the constant, ...)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Estimate:
     tier: str
     bandwidth_gbps: float
     migrate: tuple[str, ...] = ()
+    queue_wait_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class Decision:
         return PlacementBreakdown(node=c.node, kind=c.kind, total_seconds=c.total_seconds,
                                   queue_wait_seconds=c.queue_wait_seconds, load_seconds=c.load_seconds,
                                   migration_seconds=c.migration_seconds, tier=c.tier, bandwidth_gbps=c.bandwidth_gbps,
-                                  migrate=list(c.migrate), considered=self.considered)
+                                  migrate=list(c.migrate), considered=self.considered,
+                                  queue_wait_source=c.queue_wait_source or None)
 
 
 # --------------------------------------------------------------------------------------- the specification
@@ -123,7 +126,7 @@ def estimate(candidate: NodeCandidate, size_bytes: int, slots: int, holding: Col
     tier, load_seconds = best_tier(size_bytes, candidate.bandwidth_gbps, holding)
     total = candidate.queue_wait_seconds + load_seconds + migration_seconds
     return Estimate(candidate.node, candidate.kind, total, candidate.queue_wait_seconds, load_seconds,
-                    migration_seconds, tier, candidate.bandwidth_gbps[tier], migrate)
+                    migration_seconds, tier, candidate.bandwidth_gbps[tier], migrate, candidate.queue_wait_source)
 
 
 def place(size_bytes: int, slots: int, candidates: Sequence[NodeCandidate],

@@ -127,8 +127,9 @@ class RouteReady(Wire):
 
 
 class RouteWaiting(Wire):
-    # "starting": an instance is loading on a node; "allocating": a Slurm allocation that will host it is pending.
-    status: Literal["starting", "allocating"]
+    # "starting": an instance is loading on a node; "allocating": a Slurm allocation that will host it is pending;
+    # "waiting": the chosen node has room once instances there have served controller.min_residency_seconds.
+    status: Literal["starting", "allocating", "waiting"]
     model: str
     retry_after: float
     instance_id: str | None = None
@@ -213,7 +214,7 @@ class PlacementBreakdown(Wire):
     """Why a node was chosen: the startup estimate and its parts (seconds)."""
 
     node: str
-    kind: Literal["running", "pending", "idle"]
+    kind: Literal["running", "pending", "idle", "residency"]
     total_seconds: float
     queue_wait_seconds: float
     load_seconds: float
@@ -222,6 +223,9 @@ class PlacementBreakdown(Wire):
     bandwidth_gbps: float
     migrate: list[str] = Field(default_factory=list)
     considered: int = 0
+    # Where the queue wait comes from: "agent up", "residency", "slurm test-only" / "slurm squeue --start" (Slurm's
+    # own estimate), "job started" (agent starting), "constant" (controller.allocation_start_estimate_seconds).
+    queue_wait_source: str | None = None
 
 
 class NodeStatus(Wire):
@@ -268,6 +272,10 @@ class AllocationStatus(Wire):
     walltime_end: float | None
     retire_at: float | None
     reason: str | None
+    # Until its agent registers: the estimated seconds until it could take an instance, and where that comes from
+    # (PlacementBreakdown.queue_wait_source).
+    queue_wait_seconds: float | None = None
+    queue_wait_source: str | None = None
 
 
 class ColdStart(Wire):

@@ -243,13 +243,20 @@ class Controller:
                                       prefill_tokens_per_second=i.prefill_tps,
                                       move_seconds=self._move_cost(i) if i.state == "ready" else None)
                        for i in instances],
-            allocations=[AllocationStatus(job_id=a.job_id, state=a.state, model=a.model, nodes=a.nodes,
-                                          preferred_nodes=a.preferred_nodes, submitted_at=a.submitted_at,
-                                          started_at=a.started_at, walltime_end=a.walltime_end,
-                                          retire_at=a.retire_at, reason=a.reason)
-                         for a in self.registry.allocations()],
+            allocations=[self._allocation_status(a, nodes) for a in self.registry.allocations()],
             cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
         )
+
+    def _allocation_status(self, alloc: AllocationRecord, nodes: list[NodeRecord]) -> AllocationStatus:
+        waiting = alloc.state == "pending" or (alloc.state == "running" and not allocation_agents(
+            alloc, [n for n in nodes if n.state in ("up", "draining")]))
+        wait = self.allocator.pending_wait(alloc, self.clock()) if waiting else None
+        return AllocationStatus(job_id=alloc.job_id, state=alloc.state, model=alloc.model, nodes=alloc.nodes,
+                                preferred_nodes=alloc.preferred_nodes, submitted_at=alloc.submitted_at,
+                                started_at=alloc.started_at, walltime_end=alloc.walltime_end,
+                                retire_at=alloc.retire_at, reason=alloc.reason,
+                                queue_wait_seconds=wait.seconds if wait else None,
+                                queue_wait_source=wait.source if wait else None)
 
     # ------------------------------------------------------------------------------------------ node agents
 
@@ -360,8 +367,11 @@ class Controller:
             breakdown = decision.breakdown()
             target = targets[decision.chosen.node]
             log.info("placement of %s: %s", model.name, breakdown.model_dump_json())
-            if target.kind in ("pending", "idle"):
-                self.registry.note_demand(model.name, now)  # so the instance starts as soon as a node registers
+            if target.kind in ("pending", "idle", "residency"):
+                self.registry.note_demand(model.name, now)  # so the instance starts as soon as there is room
+            if target.kind == "residency":
+                return RouteWaiting(status="waiting", model=model.name, node_id=target.node.node_id,
+                                    retry_after=self.settings.route_retry_after_seconds)
             if target.kind == "pending":
                 return RouteWaiting(status="allocating", model=model.name, job_id=target.job_id,
                                     retry_after=self.settings.route_retry_after_seconds)
@@ -512,53 +522,79 @@ class Controller:
         for node in known_nodes.values():
             if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool:
                 continue
-            free, movable = self._room(model, node, by_node[node.node_id])
-            candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable))
+            free, movable, young = self._room(model, node, by_node[node.node_id], now)
+            candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable,
+                                            "agent up"))
             targets[node.node_id] = Target("running", node=node)
+            if young:
+                # The same node once its young instances have served their minimum residency: placement weighs
+                # waiting for them against going elsewhere (another node, a new allocation).
+                name = f"{node.node_id}@residency"
+                wait = max(seconds_left for _, seconds_left in young)
+                candidates.append(NodeCandidate(name, "residency", wait, free, self._bandwidths(node),
+                                                movable + tuple(inst for inst, _ in young), "residency"))
+                targets[name] = Target("residency", node=node)
+                if node.node_id in holding:
+                    holding[name] = holding[node.node_id]
         pending = self.pending_allocations(model.name)
         for alloc in pending:
             preferred = alloc.preferred_nodes[0] if alloc.preferred_nodes else None
             name = f"{preferred or '*'}@job{alloc.job_id}"
-            wait = max(0.0, alloc.submitted_at + self.settings.allocation_start_estimate_seconds - now)
-            candidates.append(NodeCandidate(name, "pending", wait, self._slots_per_new_node(model),
-                                            self._bandwidths(known_nodes.get(preferred))))
+            wait = self.allocator.pending_wait(alloc, now)
+            candidates.append(NodeCandidate(name, "pending", wait.seconds, self._slots_per_new_node(model),
+                                            self._bandwidths(known_nodes.get(preferred)), (), wait.source))
             targets[name] = Target("pending", job_id=alloc.job_id)
             if preferred:
                 holding[name] = holding.get(preferred, set())
         if not pending and self.allocator.why_not_submit(model) is None:
-            busy = {n.node_id for n in known_nodes.values() if n.state in ("up", "draining")}
+            # Not where an agent of ours runs, nor where an allocation (of any model) is queued for or starting on:
+            # a second agent job there would be refused (one agent per node) and hold Slurm resources for nothing.
+            busy = set(self.allocator.nodes_in_use())
+            # Any node Slurm picks (also when none is idle now: the job queues). Its name sorts before node
+            # names, so when no listed node is better (no checkpoint there) Slurm is left free to choose.
+            any_wait = self.allocator.new_allocation_wait(model, [], now)
+            candidates.append(NodeCandidate(ANY_NODE, "idle", any_wait.seconds, self._slots_per_new_node(model),
+                                            self._bandwidths(None), (), any_wait.source))
+            targets[ANY_NODE] = Target("idle")
             for slurm_node in self.allocator.idle_nodes(model):
                 if slurm_node in busy or slurm_node in exclude_nodes:
                     continue
-                candidates.append(NodeCandidate(slurm_node, "idle", self.settings.allocation_start_estimate_seconds,
-                                                self._slots_per_new_node(model),
-                                                self._bandwidths(known_nodes.get(slurm_node))))
+                # Slurm is asked about the nodes holding the checkpoint (an allocation names them); any other
+                # node waits as long as a job left to Slurm would.
+                wait = self.allocator.new_allocation_wait(model, [slurm_node], now) \
+                    if holding.get(slurm_node) else any_wait
+                candidates.append(NodeCandidate(slurm_node, "idle", wait.seconds, self._slots_per_new_node(model),
+                                                self._bandwidths(known_nodes.get(slurm_node)), (), wait.source))
                 targets[slurm_node] = Target("idle", slurm_node=slurm_node)
-            # Any node Slurm picks (also when none is idle now: the job queues). Its name sorts before node
-            # names, so when no listed node is better (no checkpoint there) Slurm is left free to choose.
-            candidates.append(NodeCandidate(ANY_NODE, "idle", self.settings.allocation_start_estimate_seconds,
-                                            self._slots_per_new_node(model), self._bandwidths(None)))
-            targets[ANY_NODE] = Target("idle")
         return candidates, holding, targets
 
     def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
         """Allocations made for this model whose agent has not registered yet (queued, or starting up)."""
-        registered_jobs = {n.slurm_job_id for n in self.registry.nodes(states=("up", "draining"))}
+        live = self.registry.nodes(states=("up", "draining"))
         return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
-            a.state == "pending" or (a.state == "running" and a.job_id not in registered_jobs))]
+            a.state == "pending" or (a.state == "running" and not allocation_agents(a, live)))]
 
-    def _room(self, model: DeployedModel, node: NodeRecord,
-              instances: list[InstanceRecord]) -> tuple[int, tuple[MovableInstance, ...]]:
-        """Free slots on a node for this model, and the instances that could be moved to make more."""
+    def _room(self, model: DeployedModel, node: NodeRecord, instances: list[InstanceRecord],
+              now: float) -> tuple[int, tuple[MovableInstance, ...], list[tuple[MovableInstance, float]]]:
+        """Free slots on a node for this model, the instances that could be moved now to make more, and those that
+        could be moved once they have served controller.min_residency_seconds (with the seconds left)."""
         same_kind = [i for i in instances if bool(i.gpu_ids) == bool(model.gpus)]
         if model.gpus:
             used = sum(len(i.gpu_ids) for i in same_kind)
             free = node.gpus - used
         else:
             free = self.settings.cpu_slots_per_node - len(same_kind)
-        movable = tuple(MovableInstance(i.instance_id, len(i.gpu_ids) if model.gpus else 1, self._move_cost(i))
-                        for i in same_kind if i.state == "ready" and i.model != model.name)
-        return free, movable
+        movable, young = [], []
+        for inst in same_kind:
+            if inst.state != "ready" or inst.model == model.name:
+                continue
+            option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else 1, self._move_cost(inst))
+            seconds_left = inst.requested_at + self.settings.min_residency_seconds - now
+            if seconds_left > 0:
+                young.append((option, seconds_left))
+            else:
+                movable.append(option)
+        return free, tuple(movable), young
 
     def _move_cost(self, inst: InstanceRecord) -> float:
         if inst.running_requests == 0 and inst.routed_since_heartbeat == 0:
@@ -615,6 +651,13 @@ class Controller:
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
                  len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
+
+
+def allocation_agents(alloc: AllocationRecord, nodes: list[NodeRecord]) -> list[NodeRecord]:
+    """The nodes (of `nodes`) whose agent runs in this allocation: same Slurm job id, registered since the allocation
+    was submitted. Slurm reuses job ids after its state is wiped, so an older agent's stale row with the same id
+    (it registered before this job existed) is not this allocation's agent."""
+    return [n for n in nodes if n.slurm_job_id == alloc.job_id and n.registered_at >= alloc.submitted_at]
 
 
 def _slots(model: DeployedModel) -> int:

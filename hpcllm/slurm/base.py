@@ -95,6 +95,18 @@ class JobStatus:
 
 
 @dataclass(frozen=True)
+class StartEstimate:
+    """When Slurm expects a job to start (epoch seconds), where, and how it knows: "test-only" (`sbatch
+    --test-only`: the scheduler placing a job of that shape now, without submitting it) or "squeue-start" (`squeue
+    --start`: the expected start of a job already queued)."""
+
+    start_time: float
+    source: str
+    nodes: tuple[str, ...] = ()
+    partition: str | None = None
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     name: str
     # Base state in capitals (IDLE, MIXED, ALLOCATED, DOWN, ...), and flags (DRAIN, NOT_RESPONDING, ...).
@@ -352,6 +364,15 @@ class SlurmBackend(abc.ABC):
     def partitions(self) -> list[PartitionInfo]:
         """Every partition, the default one marked."""
 
+    def estimate_start(self, spec: JobSpec) -> StartEstimate | None:
+        """When a job of this shape would start if submitted now, without submitting it; None when this backend
+        cannot ask (the caller falls back to its own estimate). SlurmError when Slurm refuses the shape."""
+        return None
+
+    def pending_start_times(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, StartEstimate]:
+        """Slurm's expected start of queued jobs (those it has one for); {} when this backend cannot ask."""
+        return {}
+
     def close(self) -> None:
         """Release connections; the backend must not be used afterwards."""
 
@@ -395,6 +416,7 @@ __all__ = [
     "NodeInfo",
     "PartitionInfo",
     "SlurmBackend",
+    "StartEstimate",
     "get_backend",
     "make_job_spec",
     "parse_walltime",

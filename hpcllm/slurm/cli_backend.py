@@ -7,7 +7,9 @@
 - list_jobs: the same squeue call (comments are in the JSON; the text fallback asks a second `squeue -O
   JobID,Comment`);
 - nodes: `sinfo --json` (22.05-23.11 shape), `scontrol show nodes --json` (23.02+), else `scontrol -d -o show node`;
-- partitions: `scontrol -o show partition`.
+- partitions: `scontrol -o show partition`;
+- estimate_start: the rendered script on `sbatch --test-only` (prints "Job N to start at T using P processors on
+  nodes X in partition Y"; nothing is submitted); pending_start_times: `squeue --start` for our queued jobs.
 Every command runs with the user's output-shaping variables removed (SQUEUE_FORMAT, SINFO_FORMAT, SACCT_FORMAT,
 SLURM_TIME_FORMAT, ...) and SLURM_TIME_FORMAT=%s, so a personal setting cannot break parsing.
 """
@@ -23,7 +25,7 @@ import subprocess
 from typing import TYPE_CHECKING
 
 from hpcllm.slurm import adapter
-from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
+from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate, signal_name
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
@@ -157,6 +159,17 @@ class CliBackend(SlurmBackend):
     def partitions(self) -> list[PartitionInfo]:
         return adapter.partitions_from_scontrol_text(self._run(["scontrol", "-o", "show", "partition"]).stdout)
 
+    def estimate_start(self, spec: JobSpec) -> StartEstimate | None:
+        result = self._run(["sbatch", "--test-only"], stdin=render_batch_script(spec), env=dict(spec.env))
+        return parse_test_only(result.stderr + "\n" + result.stdout)
+
+    def pending_start_times(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, StartEstimate]:
+        if not job_ids:
+            return {}
+        result = self._run(["squeue", "--start", "--noheader", "--states=PENDING", f"--jobs={','.join(job_ids)}",
+                            "--format=%i|%S|%Y|%P"])
+        return parse_squeue_start(result.stdout)
+
     # ------------------------------------------------------------------------------------------- internals
 
     def _json(self, args: list[str]) -> dict | None:
@@ -214,6 +227,44 @@ def parse_parsable(stdout: str) -> str:
     if not re.match(r"^\d+(_\d+)?$", job_id):
         raise SlurmError(f"sbatch printed {lines[-1]!r} where a job id was expected", stdout)
     return job_id
+
+
+_TEST_ONLY = re.compile(r"Job (?P<job>\d+) to start at (?P<time>\S+) using (?P<cpus>\d+) processors on nodes? "
+                        r"(?P<nodes>\S+)(?: in partition (?P<partition>\S+))?")
+
+
+def parse_test_only(text: str) -> StartEstimate | None:
+    """`sbatch --test-only` output (SLURM_TIME_FORMAT=%s, so the time is epoch seconds) -> StartEstimate; None when
+    the line is not there."""
+    match = _TEST_ONLY.search(text)
+    if match is None:
+        return None
+    start = _epoch(match["time"])
+    if start is None:
+        return None
+    return StartEstimate(start_time=start, source="test-only", nodes=tuple(adapter.expand_hostlist(match["nodes"])),
+                         partition=match["partition"])
+
+
+def parse_squeue_start(text: str) -> dict[str, StartEstimate]:
+    """`squeue --start --format=%i|%S|%Y|%P` -> {job id: StartEstimate} for jobs with an expected start (Slurm
+    prints N/A while it has none)."""
+    estimates = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 4 or not parts[0]:
+            continue
+        start = _epoch(parts[1])
+        if start is not None:
+            nodes = tuple(adapter.expand_hostlist(parts[2])) if parts[2] not in ("", "(null)", "N/A") else ()
+            estimates[parts[0]] = StartEstimate(start_time=start, source="squeue-start", nodes=nodes,
+                                                partition=parts[3] or None)
+    return estimates
+
+
+def _epoch(text: str) -> float | None:
+    """An epoch-seconds time as Slurm prints it with SLURM_TIME_FORMAT=%s; None for N/A, Unknown and the like."""
+    return float(text) if text.isdigit() and int(text) > 0 else None
 
 
 def _message(result: subprocess.CompletedProcess[str]) -> str:

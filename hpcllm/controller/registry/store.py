@@ -567,14 +567,20 @@ class Registry:
     def settle_allocation_intent(self, tag: str, job_id: str | None) -> bool:
         """The intent's outcome is known: with a job id, it becomes a pending allocation (submitted when the intent
         was made); without one, nothing was submitted. One transaction: a crash leaves either the intent or the
-        allocation. Returns whether an allocation row was written (False: no such intent, or job already known)."""
+        allocation. Returns whether an allocation row was written (False: no such intent, or nothing submitted).
+
+        Slurm numbers jobs afresh when its state is wiped (the dev cluster's `make down` / `make up`), so the id may
+        be an old allocation's: Slurm just gave it to the job carrying this intent's tag, so whatever the old row
+        described is gone and the new job replaces it. (Keeping the old row left the new job unrecorded, and every
+        route poll submitted another allocation.)"""
         with self._tx() as db:
             row = db.execute("SELECT * FROM allocation_intents WHERE tag = ?", (tag,)).fetchone()
             if row is None:
                 return False
             db.execute("DELETE FROM allocation_intents WHERE tag = ?", (tag,))
-            if job_id is None or db.execute("SELECT 1 FROM allocations WHERE job_id = ?", (job_id,)).fetchone():
+            if job_id is None:
                 return False
+            db.execute("DELETE FROM allocations WHERE job_id = ?", (job_id,))
             _insert_allocation(db, job_id, row["model"], json.loads(row["preferred_nodes"]), row["partition"],
                                row["time_limit_seconds"], row["created_at"])
             return True

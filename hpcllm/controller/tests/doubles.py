@@ -50,6 +50,11 @@ class RecordingBackend(SlurmBackend):
         self.partition_names = partitions
         self.down = False  # every call raises SlurmUnavailable
         self.refuse_submit: str | None = None  # sbatch answers with this error
+        # sbatch --test-only / squeue --start: spec -> StartEstimate (None: no estimate, the default: like a backend
+        # that cannot ask), and job id -> StartEstimate; refuse_estimate makes --test-only fail.
+        self.start_estimate_for = None
+        self.queued_starts: dict = {}
+        self.refuse_estimate: str | None = None
         self.calls: list[tuple[str, object]] = []
         self._ids = itertools.count(1001)
 
@@ -105,6 +110,19 @@ class RecordingBackend(SlurmBackend):
     def partitions(self) -> list[PartitionInfo]:
         self._check("partitions")
         return [PartitionInfo(name=p) for p in self.partition_names]
+
+    def estimate_start(self, spec: JobSpec):
+        self._check("estimate_start", spec)
+        if self.refuse_estimate:
+            raise SlurmError(f"sbatch --test-only failed: {self.refuse_estimate}", self.refuse_estimate)
+        return self.start_estimate_for(spec) if self.start_estimate_for else None
+
+    def pending_start_times(self, job_ids):
+        self._check("pending_start_times", tuple(job_ids))
+        return {job_id: self.queued_starts[job_id] for job_id in job_ids if job_id in self.queued_starts}
+
+    def estimates_asked(self) -> int:
+        return sum(1 for call, _ in self.calls if call == "estimate_start")
 
     # test controls
     def start(self, job_id: str, node: str, now: float, walltime: float = 3600.0) -> None:

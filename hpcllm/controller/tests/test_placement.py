@@ -115,7 +115,8 @@ def test_breakdown_is_a_wire_record():
     breakdown = decision.breakdown()
     assert breakdown.model_dump() == {
         "node": "b", "kind": "running", "total_seconds": 2.5, "queue_wait_seconds": 0.0, "load_seconds": 2.5,
-        "migration_seconds": 0.0, "tier": "nvme", "bandwidth_gbps": 4.0, "migrate": [], "considered": 2}
+        "migration_seconds": 0.0, "tier": "nvme", "bandwidth_gbps": 4.0, "migrate": [], "considered": 2,
+        "queue_wait_source": None}
 
 
 def test_view_holds_many_models_and_answers_each():

@@ -1,0 +1,139 @@
+"""A cold start submits exactly one allocation per instance it needs, whatever the polling, restarts or node
+preferences (issue 16): allocations submitted but not registered yet count for the node set they target.
+
+Found on the dev stack: `make down` / `make up` starts Slurm afresh (job ids from 1 again) while the controller's
+registry remembers the old allocations and which node caches the model. The new job's id was an old allocation's
+id, so its record was never written, and every route poll (0.5 s) submitted another allocation for that node."""
+
+from __future__ import annotations
+
+import itertools
+
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.autoscaler import Autoscaler
+from hpcllm.controller.protocol import RouteWaiting
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.service import Controller
+from hpcllm.controller.tests.doubles import RecordingBackend
+from hpcllm.slurm.base import JobState
+
+
+def earlier_life(h, model) -> None:
+    """The stack ran before: an allocation (job 1001) started on n1, its agent cached the model on persistent NVMe,
+    the job ended. The registry keeps the ended allocation and the cache entry; Slurm forgets the job."""
+    job = h.allocator.submit(model, [], h.clock.now)
+    h.backend.start(job, "n1", h.clock.now)
+    h.register("n1", cached=(("m", "nvme"),), job=job)
+    h.autoscaler.tick(1)
+    h.backend.finish(job, JobState.CANCELLED)
+    h.tick(1)
+    assert h.registry.get_allocation(job).state == "ended"
+    assert h.registry.get_node("n1").state == "gone"
+    assert [(c.node_id, c.tier) for c in h.registry.cache(model="m")] == [("n1", "nvme")]
+
+
+def slurm_restarted(h) -> None:
+    """`make down` / `make up`: a fresh slurmctld numbers jobs from the start again; the controller restarts too."""
+    h.backend.jobs.clear()
+    h.backend.calls.clear()
+    h.backend._ids = itertools.count(1001)
+    restart_controller(h)
+
+
+def restart_controller(h) -> None:
+    h.registry.close()
+    h.registry = Registry(h.config.controller.database_url)
+    h.allocator = Allocator(h.config, h.registry, h.backend, "http://controller:8700", clock=h.clock)
+    h.controller = Controller(h.config, h.registry, h.agents, h.allocator, clock=h.clock)
+    h.autoscaler = Autoscaler(h.controller)
+    h.controller.reconcile()
+
+
+def poll_routes(h, times: int, seconds: float = 0.5) -> list:
+    answers = []
+    for _ in range(times):
+        answers.append(h.controller.route_once("m"))
+        h.clock.advance(seconds)
+    return answers
+
+
+def test_a_reused_slurm_job_id_still_records_the_allocation_and_polling_submits_one(harness):
+    model = harness.deploy("m", gpus=1)
+    earlier_life(harness, model)
+    slurm_restarted(harness)
+
+    answers = poll_routes(harness, 20)
+    assert len(harness.backend.submitted()) == 1
+    [spec] = harness.backend.submitted()
+    assert spec.nodelist == ("n1",)  # the node caching the model is asked for by name
+    [job] = harness.backend.jobs
+    assert job == "1001"  # the old allocation's id again
+    alloc = harness.registry.get_allocation(job)
+    assert (alloc.state, alloc.preferred_nodes, alloc.ended_at) == ("pending", ["n1"], None)
+    assert all(isinstance(a, RouteWaiting) and a.status == "allocating" and a.job_id == job for a in answers)
+
+    # Autoscaler ticks in between do not add one either, nor does the job starting before its agent registers.
+    harness.tick(1)
+    harness.backend.start(job, "n1", harness.clock.now)
+    harness.tick(1)
+    poll_routes(harness, 10)
+    assert len(harness.backend.submitted()) == 1
+    harness.register("n1", cached=(("m", "nvme"),), job=job)
+    waiting = harness.controller.route_once("m")
+    assert waiting.status == "starting" and waiting.node_id == "n1"
+    assert len(harness.backend.submitted()) == 1
+
+
+def test_a_stale_live_node_of_a_reused_job_id_does_not_count_as_the_new_allocation_registered(harness):
+    """The old agent's node row may still be `up` (it stops heartbeating only now) with the job id Slurm gives our
+    new allocation: that agent registered before the allocation was submitted, so it is not the new one's."""
+    model = harness.deploy("m", gpus=1)
+    harness.register("n1", cached=(("m", "nvme"),), job="1001")
+    harness.registry.set_node_state("n1", "draining")  # going away: no placement there
+    harness.clock.advance(5)
+    poll_routes(harness, 6)
+    assert len(harness.backend.submitted()) == 1
+    [job] = harness.backend.jobs
+    assert job == "1001"
+    harness.backend.start(job, "n2", harness.clock.now)
+    harness.autoscaler.tick(harness.clock.advance(1))
+    assert harness.registry.get_allocation(job).state == "running"
+    poll_routes(harness, 6)
+    assert len(harness.backend.submitted()) == 1
+
+
+def test_controller_restart_mid_cold_start_submits_nothing_more(harness):
+    model = harness.deploy("m", gpus=1)
+    earlier_life(harness, model)
+    slurm_restarted(harness)
+    poll_routes(harness, 3)
+    restart_controller(harness)
+    poll_routes(harness, 10)
+    harness.tick(1)
+    [job] = harness.backend.jobs
+    harness.backend.start(job, "n1", harness.clock.now)
+    restart_controller(harness)
+    poll_routes(harness, 10)
+    harness.tick(1)
+    assert len(harness.backend.submitted()) == 1
+
+
+def test_a_node_another_models_allocation_targets_is_not_asked_for_again(harness):
+    """Two models cached on the same idle node: the second must not send a second agent job to that node while the
+    first one's allocation for it is queued or starting (one agent per node)."""
+    a = harness.deploy("a", gpus=1)
+    harness.deploy("b", gpus=1)
+    earlier_life_two = harness.allocator.submit(a, [], harness.clock.now)
+    harness.backend.start(earlier_life_two, "n1", harness.clock.now)
+    harness.register("n1", cached=(("a", "nvme"), ("b", "nvme")), job=earlier_life_two)
+    harness.autoscaler.tick(harness.clock.advance(1))
+    harness.backend.finish(earlier_life_two, JobState.CANCELLED)
+    harness.tick(1)
+
+    first = harness.controller.route_once("a")
+    second = harness.controller.route_once("b")
+    specs = harness.backend.submitted()[1:]
+    assert first.status == second.status == "allocating"
+    assert [s.nodelist for s in specs][0] == ("n1",)
+    assert all(s.nodelist != ("n1",) for s in specs[1:]), [s.nodelist for s in specs]
+    assert len(specs) == 2
