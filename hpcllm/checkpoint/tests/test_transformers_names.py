@@ -186,3 +186,27 @@ def test_cli_refuses_a_quantized_checkpoint_in_one_line(mixtral_dir, tmp_path, c
     assert code != 0 and "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "awq" in lines[0], err
+
+
+def test_tied_embedding_saved_only_as_the_lm_head_is_stored_once(tmp_path):
+    # Some exporters keep the tied matrix under the head's name: the model's embedding becomes its alias.
+    from hpcllm.store.loader import load_model
+
+    hf = tmp_path / "hf"
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(hf)
+    state = load_file(hf / "model.safetensors")
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    save_file(state, hf / "model.safetensors", metadata={"format": "pt"})
+    ckpt = convert(hf, tmp_path / "out")
+    assert ckpt.aliases == {"model.embed_tokens.weight": "lm_head.weight"}
+    ids = torch.arange(8).unsqueeze(0)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)(input_ids=ids).logits
+        loaded = load_model(ckpt.root, dtype=torch.float32, tokenizer=False).model
+        assert loaded.model.embed_tokens.weight is loaded.lm_head.weight
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
