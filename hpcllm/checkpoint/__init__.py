@@ -17,6 +17,7 @@ from hpcllm.checkpoint.errors import (
     TruncatedFile,
     UnsupportedDtype,
     UnsupportedFormatVersion,
+    UnsupportedSource,
 )
 from hpcllm.checkpoint.layout import (
     ALIGNMENT,
@@ -37,7 +38,7 @@ __all__ = [
     "Checkpoint", "Partition", "SideFile", "TensorEntry", "read_checkpoint", "convert",
     "CheckpointError", "ChecksumMismatch", "InvalidIndex", "InvalidManifest", "InvalidSource", "MissingFile",
     "NotAConvertedCheckpoint", "OffsetOutOfRange", "OutputExists", "TruncatedFile", "UnsupportedDtype",
-    "UnsupportedFormatVersion",
+    "UnsupportedFormatVersion", "UnsupportedSource",
 ]
 
 

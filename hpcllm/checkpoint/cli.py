@@ -35,7 +35,11 @@ def _human(nbytes: int) -> str:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal, large models).")
 def convert(hf_dir: Path, out_dir: Path, partitions: int | None, dtype: str | None, chunk_size_mib: int,
             overwrite: bool, progress: bool | None) -> None:
-    """Convert the Hugging Face model folder HF_DIR into the loading-optimized format in OUT_DIR."""
+    """Convert the Hugging Face model folder HF_DIR into the loading-optimized format in OUT_DIR.
+
+    The tensors are stored as transformers' from_pretrained builds them (its renames and weight conversions
+    applied). Quantized checkpoints, GGUF files and models that need remote code are refused.
+    """
     from hpcllm.checkpoint.converter import convert as run_convert
 
     ckpt = run_convert(hf_dir, out_dir, partitions=partitions, dtype=dtype, chunk_size=chunk_size_mib << 20,

@@ -3,8 +3,9 @@
     convert(hf_dir, out_dir, partitions=None, dtype=None, overwrite=False) -> Checkpoint
 
 Reads safetensors (single file or sharded with model.safetensors.index.json) or pytorch_model*.bin
-(torch.load(weights_only=True, mmap=True)), stores tied / shared tensors once and records the other names as
-aliases, optionally casts floating tensors (e.g. float32 -> bfloat16), writes balanced partitions through
+(torch.load(weights_only=True, mmap=True)), applies what transformers' from_pretrained does to the tensors (its
+renames and weight conversions, see hpcllm.checkpoint.hfload) so the output holds the model's own tensors under
+its own names, stores tied / shared tensors once and records the other names as aliases, optionally casts floating tensors (e.g. float32 -> bfloat16), writes balanced partitions through
 hpcllm.checkpoint.writer and copies config / tokenizer files. Everything is written into a temporary folder beside
 out_dir and renamed into place only when complete and re-validated, so an interrupted run leaves nothing at out_dir.
 """
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from hpcllm.checkpoint import hfload
 from hpcllm.checkpoint.errors import CheckpointError, InvalidSource, OutputExists, UnsupportedDtype
 from hpcllm.checkpoint.layout import (
     DEFAULT_CHUNK_SIZE,
@@ -109,6 +111,7 @@ def convert(
 
 def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str | None, chunk_size: int,
                      overwrite: bool) -> None:
+    hfload.refuse_gguf(source)
     if not source.exists():
         raise InvalidSource(f"{source}: no such folder (expected a Hugging Face model folder)")
     if not source.is_dir():
@@ -154,8 +157,10 @@ def _fsync_dir(path: Path) -> None:
 def _convert_into(source_dir: Path, out: Path, partitions: int | None, dtype: str | None, chunk_size: int,
                   progress: bool | None) -> None:
     config = _read_config(source_dir)
-    with open_weights(source_dir) as source:
-        aliases = find_aliases(source, tied_name_groups(source_dir))
+    hfload.check_servable(source_dir, config)
+    with open_weights(source_dir) as files:
+        source, tied_groups = _as_the_model_holds_it(source_dir, config, files)
+        aliases = find_aliases(source, tied_groups)
         specs = [_target_spec(source.spec(name), dtype) for name in source.names if name not in aliases]
         total = sum(spec.nbytes for spec in specs)
         count = partitions or _default_partitions(total)
@@ -169,11 +174,44 @@ def _convert_into(source_dir: Path, out: Path, partitions: int | None, dtype: st
                 fetch = _fetcher(source, dtype)
                 entries.extend(write_partition(path, group, fetch, index, on_bytes=bar.update).values())
                 written.append(finish_partition(path, index, chunk_size))
-        source_info = {"path": str(source_dir), "format": source.kind, "files": [p.name for p in source.files]}
+        source_info = {"path": str(source_dir), "format": files.kind, "files": [p.name for p in files.files]}
+        if isinstance(source, ConvertedSource) and source.plan.unused:
+            source_info["unused_tensors"] = source.plan.unused
     side_files = _copy_side_files(source_dir, out, dtype)
     index_ref = write_index(out, entries, aliases)
     model = _model_info(config, entries, aliases, dtype)
     write_manifest(out, written, index_ref, side_files, model, source_info)
+
+
+def _as_the_model_holds_it(source_dir: Path, config: dict, files: "WeightSource"):
+    """(the tensors to store, tie groups): the model's tensors as from_pretrained would load them.
+
+    A config.json without model_type describes no model (a bare collection of tensors): stored as it is, no ties.
+    """
+    if config.get("model_type") is None:
+        log.warning("%s: config.json has no model_type; storing the tensors as they are (hpcllm.load_model needs a "
+                    "transformers model_type to build a model)", source_dir)
+        return files, []
+    model = hfload.build_meta_model(source_dir)
+    plan = hfload.make_plan(model, files.names, files.spec, files.tensor)
+    source = ConvertedSource(files, plan, model)
+    tied_groups = hfload.tied_name_groups(model)
+    tied = {name for group in tied_groups for name in group}
+    present = set(source.names)
+    lacking = [name for name in plan.missing
+               if not (name in tied and any(other in present for other in _group_of(name, tied_groups)))]
+    if lacking:
+        raise InvalidSource(f"{source_dir}: the weights lack {len(lacking)} tensor(s) that {type(model).__name__} "
+                            f"(built from config.json) needs, e.g. {', '.join(lacking[:3])}; the weight files and "
+                            f"config.json are of different models")
+    if plan.unused:
+        log.warning("%s: %d tensor(s) are not used by %s and are not stored (as from_pretrained drops them), "
+                    "e.g. %s", source_dir, len(plan.unused), type(model).__name__, plan.unused[0])
+    return source, tied_groups
+
+
+def _group_of(name: str, groups: list[list[str]]) -> list[str]:
+    return next(group for group in groups if name in group)
 
 
 def _default_partitions(total_bytes: int) -> int:
@@ -371,6 +409,40 @@ class TorchBinSource(WeightSource):
         self._tensors = {}
 
 
+class ConvertedSource(WeightSource):
+    """The model's tensors under the model's names: the checkpoint's tensors passed through transformers'
+    conversion plan (hfload). A rename reads its checkpoint tensor directly; a converted group is computed when one
+    of its outputs is read, and its other outputs are kept only until the next group is computed."""
+
+    def __init__(self, files: WeightSource, plan: "hfload.Plan", model):
+        super().__init__(files.files)
+        self.kind = files.kind
+        self.plan = plan
+        self._files = files
+        self._model = model
+        self._group_of = plan.outputs()
+        self.names = list(self._group_of)
+        self._last_group: hfload.Group | None = None
+        self._last_outputs: dict[str, torch.Tensor] = {}
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._group_of[name].outputs[name]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        group = self._group_of[name]
+        if group.is_rename:
+            return self._files.tensor(group.sources[0][1])
+        if group is not self._last_group or name not in self._last_outputs:
+            self._last_group, self._last_outputs = None, {}  # free the previous group first
+            self._last_outputs = group.run(self._files.tensor, self._model)
+            self._last_group = group
+        return self._last_outputs[name]
+
+    def storage_key(self, name: str) -> tuple | None:
+        group = self._group_of[name]
+        return self._files.storage_key(group.sources[0][1]) if group.is_rename else None
+
+
 def dtype_name_for(tensor: torch.Tensor, path: Path, name: str) -> str:
     try:
         return dtype_name(tensor.dtype)
@@ -409,6 +481,7 @@ def find_weight_files(source_dir: Path) -> tuple[str, list[Path]]:
     bin_files = sorted(source_dir.glob("pytorch_model*.bin"))
     if bin_files:
         return "pytorch_bin", bin_files
+    hfload.refuse_gguf(source_dir)
     raise InvalidSource(f"{source_dir}: has no weights (expected model.safetensors, sharded *.safetensors with "
                         f"{SAFETENSORS_INDEX}, or pytorch_model*.bin)")
 
@@ -440,38 +513,6 @@ def open_weights(source_dir: Path) -> Iterator[WeightSource]:
 
 
 # ------------------------------------------------------------------------------------------------- tied tensors
-
-
-def tied_name_groups(source_dir: Path) -> list[list[str]]:
-    """Groups of parameter names transformers ties together for this model (e.g. [wte.weight, lm_head.weight]).
-
-    Found by building the model on the meta device (no memory, milliseconds) and grouping names that refer to the
-    same Parameter object. Models transformers cannot build (custom code, unknown type) give no groups; shared
-    storage in .bin files is still detected.
-    """
-    try:
-        import transformers
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-        try:
-            config = AutoConfig.from_pretrained(source_dir, local_files_only=True)
-            with torch.device("meta"):
-                try:
-                    model = AutoModelForCausalLM.from_config(config)
-                except ValueError:  # not a causal LM (e.g. an encoder): the plain model class
-                    model = AutoModel.from_config(config)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-    except Exception as exc:  # any failure only means no tie information; the conversion stays correct
-        log.warning("%s: cannot build the model with transformers to find tied weights (%s); storing every "
-                    "tensor in the files", source_dir, exc)
-        return []
-    by_parameter: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        by_parameter.setdefault(id(parameter), []).append(name)
-    return [names for names in by_parameter.values() if len(names) > 1]
 
 
 def find_aliases(source: WeightSource, tied_groups: list[list[str]]) -> dict[str, str]:

@@ -59,5 +59,11 @@ class InvalidSource(CheckpointError):
     """The converter's input (an HF model folder) is missing, empty or has an unreadable weight file."""
 
 
+class UnsupportedSource(CheckpointError):
+    """The converter's input is a model hpcllm cannot serve yet: quantized weights (config.json has a
+    quantization_config), GGUF files, a model that needs remote code (auto_map without a transformers class), or a
+    model_type the installed transformers does not know."""
+
+
 class OutputExists(CheckpointError):
     """The converter's output folder already exists and --overwrite was not given."""

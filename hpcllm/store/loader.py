@@ -192,7 +192,10 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
 
     attach_started = time.perf_counter()
     try:
-        tensors = _tensor_views(ckpt, load.placement, bases, stored_dtypes, target_dtype, device_of)
+        from hpcllm.store.skeleton import loaded_dtypes
+
+        target_dtypes = loaded_dtypes(model, target_dtype)
+        tensors = _tensor_views(ckpt, load.placement, bases, stored_dtypes, target_dtypes, device_of)
         _attach(model, tensors, ckpt, device_of, devices)
     except BaseException:
         load.release_buffers()
@@ -440,8 +443,9 @@ class _Load:
         return None if self.ring is None else asdict(self.ring.stats)
 
 
-def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, target_dtype, device_of):
-    """Every stored tensor as a view of its load buffer (converted only if a different dtype was asked for).
+def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, target_dtypes, device_of):
+    """Every stored tensor as a view of its load buffer (converted only if its model tensor has another dtype:
+    `target_dtypes(name)`, see skeleton.loaded_dtypes).
 
     One as_strided per tensor on a typed view of its buffer (offsets are 4096-aligned, so every dtype divides
     them) instead of slice + view(dtype) + view(shape): ~3x fewer torch calls for a few hundred tensors.
@@ -459,7 +463,7 @@ def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, 
             device, offset = placement.locate(entry)
             if offset % entry.itemsize:  # never with the 4096-aligned placements; kept correct regardless
                 raw = uint8_bases[(entry.partition, device)][offset:offset + entry.nbytes]
-                tensors[name] = _converted(raw.view(dtype).view(entry.shape), entry, dtype, target_dtype)
+                tensors[name] = _converted(raw.view(dtype).view(entry.shape), entry, dtype, target_dtypes(name))
                 continue
             key = (entry.partition, device, dtype)
             typed = typed_bases.get(key)
@@ -467,7 +471,7 @@ def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, 
                 raw = uint8_bases[(entry.partition, device)]
                 typed = typed_bases[key] = raw[:raw.numel() // entry.itemsize * entry.itemsize].view(dtype)
             tensor = typed.as_strided(entry.shape, entry.stride, offset // entry.itemsize)
-        tensors[name] = _converted(tensor, entry, dtype, target_dtype)
+        tensors[name] = _converted(tensor, entry, dtype, target_dtypes(name))
     return tensors
 
 

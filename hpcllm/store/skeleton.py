@@ -39,6 +39,26 @@ def build_skeleton(config, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def loaded_dtypes(model, dtype: torch.dtype):
+    """name -> the dtype from_pretrained(dtype=dtype) gives that floating tensor: the model's dtype plan (modules
+    it keeps in float32, `_keep_in_fp32_modules_strict`, ...) where a pattern matches the name, else the dtype the
+    skeleton built it in (a few parameters are float32 whatever the model's dtype), else `dtype`."""
+    from transformers.core_model_loading import build_glob_alternation
+
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    pattern, group_glob, _ = build_glob_alternation(list(plan)) if plan else (None, {}, {})
+    built = {name: t.dtype for name, t in model.named_parameters() if t.dtype != dtype}
+    built.update((name, t.dtype) for name, t in model.named_buffers() if t.dtype != dtype)
+
+    def dtype_of(name: str) -> torch.dtype:
+        match = pattern.search(name) if pattern is not None else None
+        if match is not None:
+            return plan[group_glob[match.lastgroup]]
+        return built.get(name, dtype)
+
+    return dtype_of
+
+
 def import_model_code(config) -> None:
     """Import the modeling code of `config`'s causal-LM class now, so its cost can be told apart from the build.
 
@@ -251,8 +271,11 @@ def _materialize_and_check(model, modules: dict[str, nn.Module]) -> list[str]:
     """Compute every buffer still on meta (rotary inv_freq, ...) exactly as from_pretrained does; returns the names
     of parameters still on meta (the checkpoint lacks them).
 
-    from_pretrained gives such buffers CPU storage and re-runs the model's own `_init_weights` on their modules,
-    with loaded tensors flagged `_is_hf_initialized` so transformers' init functions leave them alone. Same here.
+    from_pretrained gives such buffers CPU storage and re-runs the models' own `_init_weights` over the module tree
+    (each module by its nearest PreTrainedModel, children first), with loaded tensors flagged `_is_hf_initialized`
+    so transformers' init functions leave them alone. Same here, but only for the modules holding such a buffer
+    and their ancestors: a parent may fill its children's buffers (Falcon-H1's model fills every mixer's
+    mup_vector).
     """
     missing, pending = [], []
     for module_name, module in modules.items():
@@ -260,19 +283,34 @@ def _materialize_and_check(model, modules: dict[str, nn.Module]) -> list[str]:
         missing.extend(prefix + attr for attr, p in module._parameters.items() if p is not None and p.is_meta)
         meta = [attr for attr, b in module._buffers.items() if b is not None and b.is_meta]
         if meta:
-            pending.append((module, meta))
+            pending.append((module_name, module, meta))
     if not pending:
         return missing
-    for module, _ in pending:  # what _init_weights(module) can reach: loaded tensors must be left alone
-        for tensor in [*module.parameters(), *module.buffers()]:
-            tensor._is_hf_initialized = True
-    for module, meta in pending:
+    for tensor in [*model.parameters(), *model.buffers()]:  # loaded: init functions must leave them alone
+        tensor._is_hf_initialized = True
+    for _, module, meta in pending:
         for attr in meta:
             module._buffers[attr] = torch.empty_like(module._buffers[attr], device="cpu")
+    to_init = {ancestor for name, _, _ in pending for ancestor in _self_and_ancestors(name)}
     with torch.no_grad():
-        for module, _ in pending:
-            model._init_weights(module)
+        for name in sorted(to_init, key=lambda n: -n.count(".") - bool(n)):  # children first, as smart_apply
+            _owner(modules, name, model)._init_weights(modules[name])
     return missing
+
+
+def _self_and_ancestors(name: str) -> list[str]:
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _owner(modules: dict[str, nn.Module], name: str, model):
+    """The nearest PreTrainedModel at or above module `name` (whose _init_weights from_pretrained applies to it)."""
+    from transformers import PreTrainedModel
+
+    for ancestor in _self_and_ancestors(name):
+        if isinstance(modules[ancestor], PreTrainedModel):
+            return modules[ancestor]
+    return model
 
 
 def materialize_missing_buffers(model) -> list[str]:
