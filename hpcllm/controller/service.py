@@ -141,6 +141,7 @@ class Controller:
         if size_bytes <= 0:
             raise InvalidModelConfig(f"source: checkpoint {source} holds no data", param="source")
         self._check_partition(spec)
+        _check_tensor_parallel(spec, source)
         return DeployedModel(**spec.model_dump(exclude={"size_bytes"}), size_bytes=size_bytes,
                              deployed_at=self.clock())
 
@@ -578,3 +579,15 @@ class Controller:
 
 def _slots(model: DeployedModel) -> int:
     return model.gpus if model.gpus else 1
+
+
+def _check_tensor_parallel(spec: ModelSpec, source: Path) -> None:
+    """tensor_parallel must split the model evenly: heads, KV heads, MLP and vocabulary (from config.json)."""
+    if spec.tensor_parallel == 1:
+        return
+    from hpcllm.tp.plan import TensorParallelError, check_model_dir
+
+    try:
+        check_model_dir(source, spec.tensor_parallel)
+    except TensorParallelError as exc:
+        raise InvalidModelConfig(f"tensor_parallel: {exc}", param="tensor_parallel") from None
