@@ -1,4 +1,4 @@
-"""`hpcllm convert` and `hpcllm checkpoint inspect|verify`.
+"""`hpcllm convert` and `hpcllm checkpoint inspect|verify|add-slice-hashes`.
 
 Errors are CheckpointError (an HpcllmError): hpcllm.cli.main prints them as one "error: ..." line. torch and
 transformers are imported only inside `convert`, so `hpcllm checkpoint inspect` stays quick.
@@ -85,3 +85,14 @@ def verify(path: Path) -> None:
     chunks = sum(p.num_chunks for p in ckpt.partitions)
     click.echo(f"{ckpt.root}: ok ({chunks} chunk(s) in {len(ckpt.partitions)} data file(s) and "
                f"{len(ckpt.side_files)} side file(s) match their checksums)")
+
+
+@checkpoint.command("add-slice-hashes")
+@click.argument("path", type=click.Path(path_type=Path))
+def add_slice_hashes(path: Path) -> None:
+    """Verify PATH and add the strip hashes tensor-parallel ranks verify their slices with (checkpoints converted
+    before hpcllm wrote them; new conversions have them)."""
+    from hpcllm.checkpoint.slicehashes import write_slice_hashes
+
+    written = write_slice_hashes(path)
+    click.echo(f"{written}: strip hashes of every tensor written and listed in the manifest")
