@@ -9,7 +9,7 @@ never makes):
    its slices. Replicated tensors below `bcast_max_bytes` in total (norms, biases) are read by rank 0 only and
    broadcast: one read instead of N, and on a shared filesystem one client instead of N. Larger replicated
    tensors (an unsplit embedding) are read by every rank, in parallel.
-3. status exchange: a non-blocking all-gather of one status code per rank, polled against `timeout_s`. A failed
+3. status exchange: every rank sends its status code to every other (non-blocking), polled against `timeout_s`. A failed
    rank (corrupt slice, missing file, out of memory, ...) makes every rank raise TensorParallelLoadError naming
    each failed rank and its cause; a rank that does not report within the timeout (a hung read) makes the others
    abort the job (MPI_Abort) naming the silent ranks, so nothing waits forever.
@@ -18,6 +18,7 @@ never makes):
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import time
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_BCAST_MAX_BYTES = 64 << 20
 _OK, _FAILED = 0, 1
+_STATUS_TAG = 7117
 
 
 class TensorParallelLoadError(HpcllmError):
@@ -205,6 +207,10 @@ def _guarded(action) -> str | None:
         return None
     except MemoryError as exc:
         return f"out of memory ({exc or 'MemoryError'})"
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            return f"out of memory ({exc.strerror})"
+        return _describe(exc)
     except Exception as exc:  # noqa: BLE001
         return _describe(exc)
 
@@ -214,24 +220,32 @@ def _describe(exc: BaseException) -> str:
 
 
 def _exchange_status(comm: Any, error: str | None, timeout_s: float) -> None:
-    """Every rank learns every rank's status; raises TensorParallelLoadError on all ranks if any failed."""
+    """Every rank learns every rank's status; raises TensorParallelLoadError on all ranks if any failed.
+
+    Point-to-point, non-blocking (N*(N-1) messages of 8 bytes): unlike a collective it tells exactly which ranks
+    never reported when the timeout passes; those are named and the job is aborted (MPI_Abort), since a rank stuck
+    in a read cannot be interrupted from here.
+    """
     rank, size = comm.Get_rank(), comm.Get_size()
     mine = np.array([_FAILED if error else _OK], dtype=np.int64)
-    statuses = np.full(size, -1, dtype=np.int64)
-    request = comm.Iallgather(mine, statuses)
+    sends = [comm.Isend(mine, dest=other, tag=_STATUS_TAG) for other in range(size) if other != rank]
+    received = {other: np.full(1, -1, dtype=np.int64) for other in range(size) if other != rank}
+    pending = {other: comm.Irecv(buffer, source=other, tag=_STATUS_TAG) for other, buffer in received.items()}
     deadline = time.monotonic() + timeout_s
     pause = 0.0
-    while not request.Test():
-        if time.monotonic() > deadline:
-            silent = [r for r in range(size) if statuses[r] == -1 and r != rank]
-            message = (f"rank {rank}: rank(s) {silent or 'unknown'} did not report within {timeout_s:g} s while "
-                       f"loading the model shard; aborting every rank")
+    while pending:
+        pending = {other: request for other, request in pending.items() if not request.Test()}
+        if pending and time.monotonic() > deadline:
+            message = (f"rank {rank}: rank(s) {', '.join(map(str, sorted(pending)))} did not report within "
+                       f"{timeout_s:g} s while loading the model shard; aborting every rank")
             log.error(message)
             print(f"error: {message}", flush=True)
             comm.Abort(3)
         time.sleep(pause)
         pause = min(0.005, pause + 0.0002)  # waiting ranks should not spin a core other ranks read with
-    if not statuses.any():
+    for request in sends:
+        request.Wait()
+    if not error and not any(int(buffer[0]) for buffer in received.values()):
         return
     messages = comm.allgather(f"{error} (on {socket.gethostname()})" if error else None)
     failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)

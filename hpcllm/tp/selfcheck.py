@@ -44,14 +44,29 @@ def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, .
     paths = dict(item.split("=", 1) for item in rank_paths)
     path = paths.get(str(rank), checkpoint)
     if memory_limit_rank == rank and memory_limit_mb:
-        limit = memory_limit_mb << 20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        _limit_memory(checkpoint, memory_limit_mb)
     try:
         loaded = load_shard(path, comm, timeout_s=timeout_s, gap_bytes=gap_bytes)
     except Exception as exc:  # noqa: BLE001 - every rank reports, then exits non-zero
         print(f"error: rank {rank} on {socket.gethostname()}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     _serve_checks(comm, loaded, checkpoint, prompt, new_tokens, reference)
+
+
+def _limit_memory(checkpoint: str, megabytes: int) -> None:
+    """Allow this process `megabytes` more address space than it has once the model code is imported (the
+    imports map hundreds of MB of libraries: the limit is meant for the load's own allocations)."""
+    from transformers import AutoConfig
+
+    import hpcllm.tp.mpiload  # noqa: F401
+    import hpcllm.tp.reader  # noqa: F401
+    from hpcllm.store.skeleton import import_model_code
+
+    import_model_code(AutoConfig.from_pretrained(checkpoint))
+    with open("/proc/self/status") as status:
+        vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (vm_kb << 10) + (megabytes << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _serve_checks(comm, loaded, checkpoint: str, prompt: str, new_tokens: int, reference: bool) -> None:
