@@ -29,8 +29,11 @@ def run_worker(
     max_model_len: int | None = None,
     url_file: Path | None = None,
     threads: int | None = None,
+    loader=None,
 ) -> None:
-    """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up."""
+    """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up.
+
+    `loader` (returns a ModelForServing) replaces the tiered single-device load (tensor parallelism's lead)."""
     if not model_path.exists():
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
     import torch
@@ -53,7 +56,7 @@ def run_worker(
     )
     serve(
         service,
-        loader=lambda: load_with_hpcllm(model_path, device),
+        loader=loader or (lambda: load_with_hpcllm(model_path, device)),
         host=host or worker.listen_host,
         port=port,
         url_file=url_file,
@@ -76,9 +79,19 @@ def run_worker(
               help="hpcllm TOML config (default: $HPCLLM_CONFIG, else built-in defaults).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
+                   "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
-           max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None) -> None:
+           max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
+           tensor_parallel: bool) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if tensor_parallel:
+        from hpcllm.tp.worker import run_tensor_parallel_worker
+
+        run_tensor_parallel_worker(load_config(config_path), model_path, model_name, host, port, device,
+                                   max_model_len, url_file, threads)
+        return
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
                threads)

@@ -73,6 +73,9 @@ class ModelForServing:
     tier: str = "unknown"
     load_seconds: float = 0.0
     owner: object = None  # keeps the loader's result (owner of the weights' memory) alive with the engine
+    # Builds the engine (model, tokenizer, **engine options); None: Engine. A tensor-parallel lead passes one whose
+    # forwards run on every rank (hpcllm.tp.serve).
+    engine_factory: Callable[..., Engine] | None = None
 
 
 class WorkerService:
@@ -90,7 +93,7 @@ class WorkerService:
 
     def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
-        engine = Engine(
+        engine = (loaded.engine_factory or Engine)(
             loaded.model, loaded.tokenizer, model_name=self.model_name, metrics=self.metrics, **self.engine_options
         )
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)

@@ -106,3 +106,45 @@ def test_a_rank_stuck_in_a_read_is_named_and_the_job_aborted(tp_llama, tmp_path)
         completed.stdout + completed.stderr
     assert "MPI_ABORT was invoked on rank 0" in completed.stderr
     assert time.monotonic() - started < 150
+
+
+def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_llama, tmp_path):
+    """`mpirun -n 2 hpcllm worker --tensor-parallel`: the HTTP API on rank 0 gives transformers' greedy tokens;
+    SIGTERM ends every rank (the follower by the lead's stop step)."""
+    import signal
+
+    import torch
+
+    from hpcllm.store import load_model
+    from hpcllm.worker.client import WorkerClient
+    from hpcllm.worker.protocol import GenerateRequest, TokenLine
+
+    url_file = tmp_path / "worker.url"
+    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
+               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file)]
+    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
+        client = WorkerClient(url_file.read_text().strip(), "tp-secret")
+        while client.ready() is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.3)
+
+        loaded = load_model(tp_llama)
+        prompt_ids = loaded.tokenizer("hello world, this")["input_ids"]
+        ids = torch.tensor([prompt_ids])
+        expected = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=12)[0, len(prompt_ids):].tolist()
+        for request_id in ("first", "second"):  # the second reuses the ranks after the first's caches were freed
+            with client.generate(GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=12,
+                                                 temperature=0)) as stream:
+                assert [line.token_id for line in stream if isinstance(line, TokenLine)] == expected
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert "tensor-parallel rank 1 on" in output and "rank 1: the lead stopped after" in output, output
+    assert "Traceback" not in output
