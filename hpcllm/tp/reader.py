@@ -50,7 +50,7 @@ class ReadStats:
 
     def as_dict(self) -> dict:
         return {"bytes_read": self.bytes_read, "bytes_kept": self.bytes_kept, "reads": self.reads,
-                "strips_verified": self.strips_verified, "seconds": round(self.seconds, 4),
+                "strips_verified": self.strips_verified, "read_seconds": round(self.seconds, 4),
                 "reader_mode": self.reader_mode}
 
 

@@ -16,6 +16,7 @@ R --memory-limit-mb M` (an address-space limit on that rank, so its allocations 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import socket
 import sys
@@ -34,13 +35,20 @@ import click
 @click.option("--gap-bytes", type=int, default=None, help="Coalescing gap of the slice reads (default: reader's).")
 @click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True)
 @click.option("--reference/--no-reference", default=True)
+@click.option("--threads", type=int, default=0,
+              help="Torch threads per rank; 0: the node's cores divided among the ranks on it.")
 def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, ...], memory_limit_rank: int | None,
-         memory_limit_mb: int, gap_bytes: int | None, timeout_s: float, reference: bool) -> None:
+         memory_limit_mb: int, gap_bytes: int | None, timeout_s: float, reference: bool, threads: int) -> None:
+    import torch
+    from mpi4py import MPI
+
     from hpcllm.mpi import comm_world
     from hpcllm.tp.mpiload import load_shard
 
     comm = comm_world()
     rank = comm.Get_rank()
+    ranks_here = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_size()
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // ranks_here))
     paths = dict(item.split("=", 1) for item in rank_paths)
     path = paths.get(str(rank), checkpoint)
     if memory_limit_rank == rank and memory_limit_mb:

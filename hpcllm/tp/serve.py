@@ -13,8 +13,8 @@ Only the lead samples: followers compute the same logits (the lm_head all-gather
 ignore them, and the next step carries the token ids the lead chose, so the ranks cannot diverge.
 
 Transport: a step is pickled and broadcast in two collectives, a fixed-size header (length) and the payload. Idle
-followers poll the header's non-blocking broadcast with short sleeps instead of blocking in MPI (OpenMPI's
-blocking calls spin a core, which a lead on the same cores would lose).
+followers poll the header's non-blocking broadcast with short, growing sleeps (at most 1 ms) instead of blocking
+in MPI (OpenMPI's blocking calls spin a core, which a lead on the same cores would lose).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 log = logging.getLogger(__name__)
 
 FORWARD, STOP = "forward", "stop"
-_IDLE_POLL_MAX_S = 0.002  # longest sleep between polls of an idle follower (adds at most this to a step's start)
-_SPIN_S = 0.05  # after a step, poll without sleeping this long (the next decode step comes within milliseconds)
+_IDLE_POLL_MAX_S = 0.001  # longest sleep between polls of an idle follower (adds at most this to a step's start)
+_POLL_STEP_S = 0.00005  # sleeps grow by this much per empty poll: short right after a step, when the next is due
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,10 @@ class StepChannel:
     def receive(self) -> Step:
         header = np.zeros(1, dtype=np.int64)
         request = self.comm.Ibcast(header, root=0)
-        idle_since, pause = time.monotonic(), 0.0
-        while not request.Test():
-            if time.monotonic() - idle_since > _SPIN_S:
-                time.sleep(pause)
-                pause = min(_IDLE_POLL_MAX_S, pause + 0.0001)
+        pause = 0.0
+        while not request.Test():  # sleeping, not spinning: ranks may share cores with the lead
+            time.sleep(pause)
+            pause = min(_IDLE_POLL_MAX_S, pause + _POLL_STEP_S)
         payload = np.empty(int(header[0]), dtype=np.uint8)
         self.comm.Bcast(payload, root=0)
         return pickle.loads(payload.tobytes())
