@@ -31,3 +31,13 @@ def wide_llama(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(root / "hf")
     convert(root / "hf", root / "ckpt", progress=False)
     return root / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tp_qwen2(tiny_qwen2_dir: Path, tmp_path_factory) -> Path:
+    """The tiny dev Qwen2 (biases on q/k/v: split with their colwise weights) converted, with slice hashes."""
+    from hpcllm.checkpoint import convert
+
+    out = tmp_path_factory.mktemp("tp") / "qwen2"
+    convert(tiny_qwen2_dir, out, progress=False)
+    return out

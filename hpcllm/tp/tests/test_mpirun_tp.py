@@ -36,13 +36,15 @@ def _result(completed: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(line.removeprefix("result: "))
 
 
-def test_two_ranks_match_the_one_rank_model_and_generate(tp_llama):
-    result = _result(_mpirun(2, str(tp_llama), "--generate", "12"))
+@pytest.mark.parametrize("model", ["tp_llama", "tp_qwen2"])
+def test_two_ranks_match_the_one_rank_model_and_generate(model, request):
+    checkpoint = request.getfixturevalue(model)
+    result = _result(_mpirun(2, str(checkpoint), "--generate", "12"))
 
     assert result["ranks"] == 2
     assert result["max_abs_logit_diff"] < 1e-5
     assert result["tp_tokens"] == result["reference_tokens"] and len(result["tp_tokens"]) == 12
-    total = read_checkpoint(tp_llama).total_bytes
+    total = read_checkpoint(checkpoint).total_bytes
     for stats in result["stats"]:
         assert 0 < stats["bytes_read"] < total and stats["strips_verified"] > 0
 
