@@ -77,7 +77,7 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
     rank, size = comm.Get_rank(), comm.Get_size()
     started = time.perf_counter()
 
-    plan_or_error = _read_plan(path) if rank == 0 else None
+    plan_or_error = _read_plan(path, size) if rank == 0 else None
     plan_or_error = comm.bcast(plan_or_error, root=0)
     if isinstance(plan_or_error, str):
         raise TensorParallelLoadError(f"rank 0 on {socket.gethostname()}: {plan_or_error}" if rank == 0
@@ -101,17 +101,20 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
     return ShardLoad(outcome["model"], tok, rank, size, stats, all_stats if rank == 0 else None)
 
 
-def _read_plan(path: str | Path) -> _Plan | str:
+def _read_plan(path: str | Path, degree: int) -> _Plan | str:
     """Rank 0: the broadcastable plan, or an error message (never raises: the message must reach every rank)."""
     try:
-        from hpcllm.checkpoint import read_checkpoint
-
-        ckpt = read_checkpoint(path)
         import json
 
+        from hpcllm.checkpoint import read_checkpoint
+        from hpcllm.tp.plan import check_degree
+
+        ckpt = read_checkpoint(path)
         config = json.loads(ckpt.config_path.read_text())
-        return _Plan(str(ckpt.root), config, {n: tuple(e.shape) for n, e in ckpt.tensors.items()},
+        plan = _Plan(str(ckpt.root), config, {n: tuple(e.shape) for n, e in ckpt.tensors.items()},
                      dict(ckpt.aliases), ckpt.model.get("dtype") or "float32", ckpt.total_bytes)
+        check_degree(_config_of(plan), degree)  # whole heads per rank: a divisible tensor is not enough
+        return plan
     except Exception as exc:  # noqa: BLE001 - travels to every rank as text
         return _describe(exc)
 
