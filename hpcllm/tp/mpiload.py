@@ -119,24 +119,49 @@ def _read_plan(path: str | Path, degree: int) -> _Plan | str:
         return _describe(exc)
 
 
-def _read_own_slices(plan: _Plan, path: Path, rank: int, size: int, tier: str | None, verify: bool,
-                     bcast_max_bytes: int, gap_bytes: int | None) -> dict:
+def rank_slices(ckpt, config, size: int, rank: int, bcast_max_bytes: int = DEFAULT_BCAST_MAX_BYTES):
+    """(slices this rank reads itself, replicated slices rank 0 reads and broadcasts to everyone)."""
     import math
 
-    from hpcllm.checkpoint import read_checkpoint
     from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE
-    from hpcllm.checkpoint.slicehashes import read_slice_hashes
     from hpcllm.tp.plan import module_plan, slice_plan
-    from hpcllm.tp.reader import COALESCE_GAP_BYTES, read_slices
 
-    ckpt = read_checkpoint(path)  # this rank's view of the folder: its own data files, same index
-    config = _config_of(plan)
-    slices = slice_plan(plan.shapes, plan.aliases, module_plan(config) if size > 1 else _NoPlan(), size, rank)
+    shapes = {name: tuple(entry.shape) for name, entry in ckpt.tensors.items()}
+    slices = slice_plan(shapes, ckpt.aliases, module_plan(config) if size > 1 else _NoPlan(), size, rank)
     replicated = [s for s in slices if s.dim is None]
     replicated_bytes = sum(math.prod(s.full_shape) * DTYPE_ITEMSIZE[ckpt.tensors[s.stored].dtype]
                            for s in replicated)
     bcast = replicated if size > 1 and replicated_bytes <= bcast_max_bytes else []
-    own = [s for s in slices if s not in bcast or rank == 0]
+    return [s for s in slices if s not in bcast or rank == 0], bcast
+
+
+def estimate_rank_reads(root: str | Path, degree: int, gap_bytes: int | None = None) -> list[tuple[int, int]]:
+    """(bytes, read requests) each rank of a degree-`degree` load would read, planned without reading: what a
+    start-up estimate needs per rank (the slowest rank's bytes over its node's bandwidth)."""
+    from transformers import AutoConfig
+
+    from hpcllm.checkpoint import read_checkpoint
+    from hpcllm.checkpoint.slicehashes import read_slice_hashes
+    from hpcllm.tp.plan import check_degree
+    from hpcllm.tp.reader import COALESCE_GAP_BYTES, planned_reads
+
+    ckpt = read_checkpoint(root)
+    config = AutoConfig.from_pretrained(ckpt.root)
+    check_degree(config, degree)
+    hashes = read_slice_hashes(ckpt)
+    gap = COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes
+    return [planned_reads(ckpt, rank_slices(ckpt, config, degree, rank)[0], hashes, verify=hashes is not None,
+                          gap_bytes=gap) for rank in range(degree)]
+
+
+def _read_own_slices(plan: _Plan, path: Path, rank: int, size: int, tier: str | None, verify: bool,
+                     bcast_max_bytes: int, gap_bytes: int | None) -> dict:
+    from hpcllm.checkpoint import read_checkpoint
+    from hpcllm.checkpoint.slicehashes import read_slice_hashes
+    from hpcllm.tp.reader import COALESCE_GAP_BYTES, read_slices
+
+    ckpt = read_checkpoint(path)  # this rank's view of the folder: its own data files, same index
+    own, bcast = rank_slices(ckpt, _config_of(plan), size, rank, bcast_max_bytes)
     tensors, stats = read_slices(ckpt, own, read_slice_hashes(ckpt), tier=tier, verify=verify,
                                  gap_bytes=COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes)
     return {"tensors": tensors, "stats": stats.as_dict(), "bcast_slices": bcast,

@@ -63,7 +63,8 @@ class _Covered:
     a: int
     b: int
     table: StripTable | None
-    data: np.ndarray
+    shape3d: tuple[int, int, int]
+    data: np.ndarray | None = None  # allocated when read
 
 
 @dataclass(frozen=True)
@@ -86,26 +87,14 @@ def read_slices(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes
 
         raise InvalidManifest(f"{ckpt.root}: has no slice hashes, so tensor-parallel ranks cannot verify their "
                               f"slices; add them with `hpcllm checkpoint add-slice-hashes {ckpt.root}`")
-    covered: dict[tuple, _Covered] = {}
-    wanted: list[tuple[TensorSlice, _Covered]] = []
-    whole = {s.stored for s in slices if s.dim is None}
-    for piece in slices:
-        dim = 0 if piece.dim is None or piece.stored in whole else piece.dim
-        entry = ckpt.tensors[piece.stored]
-        size = entry.shape[dim] if entry.shape else 1
-        start, stop = (piece.start, piece.stop) if piece.dim is not None and piece.stored not in whole else (0, size)
-        table = hashes.get(piece.stored, {}).get(dim) if hashes is not None and entry.shape else None
-        a, b = strip_span(table, size, start, stop) if table is not None and verify else (start, stop)
-        key = (piece.stored, dim, a, b)
-        if key not in covered:
-            covered[key] = _allocate(entry, dim, a, b, table)
-        wanted.append((piece, covered[key]))
-
+    covered, wanted = _cover(ckpt, slices, hashes, verify)
+    for c in covered:
+        c.data = np.empty(c.shape3d, dtype=np.uint8)
     mode = _reader_mode(ckpt.root, tier)
     stats.reader_mode = mode
-    _read_all(ckpt, list(covered.values()), mode, gap_bytes, stats)
+    _read_all(ckpt, covered, mode, gap_bytes, stats)
     if verify:
-        for c in covered.values():
+        for c in covered:
             if c.table is not None and c.data.size:
                 verify_strips(c.entry.name, c.entry, c.table, c.dim, c.data, c.a,
                               str(ckpt.partitions[c.entry.partition].path))
@@ -119,12 +108,47 @@ def read_slices(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes
     return tensors, stats
 
 
-def _allocate(entry: TensorEntry, dim: int, a: int, b: int, table: StripTable | None) -> _Covered:
+def planned_reads(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes | None, *, verify: bool = True,
+                  gap_bytes: int = COALESCE_GAP_BYTES) -> tuple[int, int]:
+    """(bytes, read requests) that read_slices would ask the files for, computed without reading anything (the
+    same span planning): per-rank load estimates and `hpcllm checkpoint inspect --tensor-parallel`."""
+    covered, _ = _cover(ckpt, slices, hashes, verify)
+    nbytes = reads = 0
+    for partition, pieces in _pieces_by_partition(covered).items():
+        size = ckpt.partitions[partition].size
+        for start, end, _ in _spans(pieces, gap_bytes, size):
+            nbytes += min(end, size) - start
+            reads += 1
+    return nbytes, reads
+
+
+def _cover(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes | None,
+           verify: bool) -> tuple[list[_Covered], list[tuple[TensorSlice, _Covered]]]:
+    """What to read for `slices`: each slice widened to whole strips (to verify them), a tensor that is also
+    needed whole read once; and which covered piece each slice is cut from."""
+    covered: dict[tuple, _Covered] = {}
+    wanted: list[tuple[TensorSlice, _Covered]] = []
+    whole = {s.stored for s in slices if s.dim is None}
+    for piece in slices:
+        dim = 0 if piece.dim is None or piece.stored in whole else piece.dim
+        entry = ckpt.tensors[piece.stored]
+        size = entry.shape[dim] if entry.shape else 1
+        start, stop = (piece.start, piece.stop) if piece.dim is not None and piece.stored not in whole else (0, size)
+        table = hashes.get(piece.stored, {}).get(dim) if hashes is not None and entry.shape else None
+        a, b = strip_span(table, size, start, stop) if table is not None and verify else (start, stop)
+        key = (piece.stored, dim, a, b)
+        if key not in covered:
+            covered[key] = _covered(entry, dim, a, b, table)
+        wanted.append((piece, covered[key]))
+    return list(covered.values()), wanted
+
+
+def _covered(entry: TensorEntry, dim: int, a: int, b: int, table: StripTable | None) -> _Covered:
     if not entry.shape:  # a 0-d tensor: one "row" of itemsize bytes
-        return _Covered(entry, 0, 0, 1, None, np.empty((1, 1, entry.itemsize), dtype=np.uint8))
+        return _Covered(entry, 0, 0, 1, None, (1, 1, entry.itemsize))
     outer = math.prod(entry.shape[:dim])
     inner = math.prod(entry.shape[dim + 1:]) * entry.itemsize
-    return _Covered(entry, dim, a, b, table, np.empty((outer, b - a, inner), dtype=np.uint8))
+    return _Covered(entry, dim, a, b, table, (outer, b - a, inner))
 
 
 def _local_tensor(torch, piece: TensorSlice, c: _Covered):
@@ -151,7 +175,7 @@ def _pieces(c: _Covered) -> list[_Piece]:
     entry = c.entry
     if entry.nbytes == 0:
         return []
-    outer, _, inner = c.data.shape
+    outer, _, inner = c.shape3d
     size = entry.shape[c.dim] if entry.shape else 1
     return [_Piece(entry.offset + (o * size + c.a) * inner, (c.b - c.a) * inner, c, o) for o in range(outer)]
 
@@ -171,10 +195,15 @@ def _spans(pieces: list[_Piece], gap_bytes: int, file_size: int) -> list[tuple[i
     return spans
 
 
-def _read_all(ckpt: Checkpoint, covered: list[_Covered], mode: str, gap_bytes: int, stats: ReadStats) -> None:
+def _pieces_by_partition(covered: list[_Covered]) -> dict[int, list[_Piece]]:
     by_partition: dict[int, list[_Piece]] = {}
     for c in covered:
         by_partition.setdefault(c.entry.partition, []).extend(_pieces(c))
+    return by_partition
+
+
+def _read_all(ckpt: Checkpoint, covered: list[_Covered], mode: str, gap_bytes: int, stats: ReadStats) -> None:
+    by_partition = _pieces_by_partition(covered)
     jobs = []
     readers = []
     try:

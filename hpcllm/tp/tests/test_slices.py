@@ -135,3 +135,23 @@ def test_a_degree_that_does_not_split_the_model_names_every_number():
     check_degree(config, 2)
     with pytest.raises(TensorParallelError, match="no tensor-parallel plan in transformers"):
         check_degree(AutoConfig.for_model("gpt2"), 2)
+
+
+def test_planned_reads_match_what_the_ranks_read_and_inspect_shows_them(tp_llama):
+    from hpcllm.tp.mpiload import estimate_rank_reads, rank_slices
+
+    ckpt = read_checkpoint(tp_llama)
+    config = AutoConfig.from_pretrained(tp_llama)
+    planned = estimate_rank_reads(tp_llama, 2)
+    for rank in (0, 1):
+        own, _ = rank_slices(ckpt, config, 2, rank)
+        _, stats = read_slices(ckpt, own, read_slice_hashes(ckpt))
+        assert planned[rank] == (stats.bytes_read, stats.reads)
+    assert planned[1][0] < planned[0][0]  # rank 0 also reads the replicated tensors it broadcasts
+
+    result = CliRunner().invoke(checkpoint_cli, ["inspect", str(tp_llama), "--tensor-parallel", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"tensor_parallel = 2: rank 1 reads {planned[1][0] / 1024:.1f} KiB" in result.output
+    refused = CliRunner().invoke(checkpoint_cli, ["inspect", str(tp_llama), "--tensor-parallel", "4"])
+    assert refused.exit_code != 0 and "KV heads (num_key_value_heads) = 2 is not divisible by 4" in str(
+        refused.exception)
