@@ -104,21 +104,16 @@ def init_torch_distributed(comm: Any, backend: str = "nccl", port: int = 29517) 
     """torch.distributed over the ranks of an MPI communicator: rank 0's address and a port travel by MPI bcast
     (no hand-passed MASTER_ADDR), each rank uses the GPU of its node-local rank."""
     import torch.distributed as dist
+    from mpi4py import MPI
 
     address = _routable_address() if comm.Get_rank() == 0 else None
     address = comm.bcast(address, root=0)
-    local_rank = comm.Split_type(_split_shared(), key=comm.Get_rank()).Get_rank()
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank()).Get_rank()
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=comm.Get_rank(),
                             world_size=comm.Get_size())
     return TorchDistCollective()
-
-
-def _split_shared() -> int:
-    from mpi4py import MPI
-
-    return MPI.COMM_TYPE_SHARED
 
 
 def _routable_address() -> str:

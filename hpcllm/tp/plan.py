@@ -20,11 +20,9 @@ checkpoint serves every degree.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hpcllm.errors import ConfigError
 
@@ -181,12 +179,3 @@ def slice_plan(shapes: dict[str, tuple[int, ...]], aliases: dict[str, str], plan
         start, stop = rank_range(shape[dim], degree, rank)
         slices.append(TensorSlice(name, stored, dim, start, stop, shape))
     return slices
-
-
-def slice_nbytes(piece: TensorSlice, itemsize: int) -> int:
-    return math.prod(piece.local_shape) * itemsize
-
-
-def plan_summary(slices: list[TensorSlice]) -> dict[str, Any]:
-    return {"split_dim0": sum(1 for s in slices if s.dim == 0), "split_dim1": sum(1 for s in slices if s.dim == 1),
-            "replicated": sum(1 for s in slices if s.dim is None)}
