@@ -1,4 +1,4 @@
-"""`hpcllm convert` and `hpcllm checkpoint inspect|verify`.
+"""`hpcllm convert` and `hpcllm checkpoint inspect|verify|add-slice-hashes`.
 
 Errors are CheckpointError (an HpcllmError): hpcllm.cli.main prints them as one "error: ..." line. torch and
 transformers are imported only inside `convert`, so `hpcllm checkpoint inspect` stays quick.
@@ -56,9 +56,13 @@ def checkpoint() -> None:
 @checkpoint.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the tensors and aliases as JSON.")
-def inspect(path: Path, as_json: bool) -> None:
+@click.option("--tensor-parallel", "degree", type=click.IntRange(min=1), default=None,
+              help="Also show what each of N tensor-parallel ranks would read (planned, nothing is read).")
+def inspect(path: Path, as_json: bool, degree: int | None) -> None:
     """Validate PATH's manifest and index (no data read) and summarize it."""
     ckpt = read_checkpoint(path)
+    if degree is not None:
+        _show_rank_reads(ckpt, degree)
     if as_json:
         click.echo(json.dumps({
             "format_version": ckpt.format_version,
@@ -80,6 +84,14 @@ def inspect(path: Path, as_json: bool) -> None:
         click.echo(f"  alias {alias} -> {target}")
 
 
+def _show_rank_reads(ckpt, degree: int) -> None:
+    from hpcllm.tp.mpiload import estimate_rank_reads
+
+    for rank, (nbytes, reads) in enumerate(estimate_rank_reads(ckpt.root, degree)):
+        click.echo(f"tensor_parallel = {degree}: rank {rank} reads {_human(nbytes)} "
+                   f"({nbytes / max(ckpt.total_bytes, 1):.0%} of the data files) in {reads} read(s)")
+
+
 @checkpoint.command("verify")
 @click.argument("path", type=click.Path(path_type=Path))
 def verify(path: Path) -> None:
@@ -89,3 +101,14 @@ def verify(path: Path) -> None:
     chunks = sum(p.num_chunks for p in ckpt.partitions)
     click.echo(f"{ckpt.root}: ok ({chunks} chunk(s) in {len(ckpt.partitions)} data file(s) and "
                f"{len(ckpt.side_files)} side file(s) match their checksums)")
+
+
+@checkpoint.command("add-slice-hashes")
+@click.argument("path", type=click.Path(path_type=Path))
+def add_slice_hashes(path: Path) -> None:
+    """Verify PATH and add the strip hashes tensor-parallel ranks verify their slices with (checkpoints converted
+    before hpcllm wrote them; new conversions have them)."""
+    from hpcllm.checkpoint.slicehashes import write_slice_hashes
+
+    written = write_slice_hashes(path)
+    click.echo(f"{written}: strip hashes of every tensor written and listed in the manifest")

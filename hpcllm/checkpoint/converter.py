@@ -41,6 +41,7 @@ from hpcllm.checkpoint.layout import (
     dtype_name,
     read_checkpoint,
 )
+from hpcllm.checkpoint.slicehashes import write_slice_hashes
 from hpcllm.checkpoint.writer import (
     TensorSpec,
     assign_partitions,
@@ -97,6 +98,7 @@ def convert(
         raise CheckpointError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     try:
         _convert_into(source_dir, tmp, partitions, dtype, chunk_size, progress)
+        write_slice_hashes(tmp, verify=False)  # hashes of the bytes just written, for tensor-parallel ranks
         read_checkpoint(tmp).check_files_present()  # never publish something the reader would reject
         _fsync_dir(tmp)
         _publish(tmp, out, overwrite)

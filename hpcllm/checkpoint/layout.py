@@ -43,6 +43,9 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.json"
+# Optional strip hashes for tensor-parallel slice verification (hpcllm.checkpoint.slicehashes), listed in the
+# manifest's "slice_hashes" field when present.
+SLICE_HASHES_FILE = "slice-hashes.json"
 # O_DIRECT needs file offsets (and lengths) that are multiples of the logical block size; 4 KiB covers every
 # device here and is the page size, so an aligned tensor can be read straight into a page-aligned buffer.
 ALIGNMENT = 4096
@@ -205,6 +208,14 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(p.size for p in self.partitions)
+
+    @property
+    def metadata_files(self) -> list[str]:
+        """The JSON files a copy of the checkpoint needs besides data and side files (slice-hashes.json only where
+        the manifest lists it)."""
+        ref = self.manifest.get("slice_hashes")
+        listed = isinstance(ref, dict) and ref.get("file") == SLICE_HASHES_FILE
+        return [MANIFEST_FILE, INDEX_FILE] + ([SLICE_HASHES_FILE] if listed else [])
 
     @property
     def config_path(self) -> Path:

@@ -174,12 +174,21 @@ class ModelSpec(Wire):
     source: str = Field(min_length=1, description="converted checkpoint folder on the shared filesystem")
     size_bytes: int | None = Field(None, gt=0, description="only needed when the source has no manifest.json")
     gpus: int = Field(0, ge=0, le=64, description="GPUs per instance; 0 serves on CPU")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="ranks one instance runs on (GPUs, or CPU ranks when "
+                                                              "gpus = 0); each holds 1/N of the model")
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = Field("hpcllm", description='"vllm" serves it with vLLM (worker.vllm_python)')
     keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
     min_instances: int = Field(0, ge=0)
     max_instances: int = Field(1, ge=1)
     slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)
+
+    @model_validator(mode="after")
+    def _gpus_fit_ranks(self) -> ModelSpec:
+        if self.gpus and self.gpus % self.tensor_parallel:
+            raise ValueError(f"gpus ({self.gpus}) must be a multiple of tensor_parallel ({self.tensor_parallel}): "
+                             f"every rank gets gpus / tensor_parallel GPUs")
+        return self
 
     @model_validator(mode="after")
     def _min_not_above_max(self) -> ModelSpec:

@@ -147,6 +147,7 @@ class Controller:
                 f"(is {source} a checkpoint folder, readable from the controller's host?)", param="source")
         max_model_len = self._max_model_len(spec)
         self._check_partition(spec)
+        _check_tensor_parallel(spec, source)
         return DeployedModel(**spec.model_dump(exclude={"size_bytes", "max_model_len"}), size_bytes=size_bytes,
                              max_model_len=max_model_len, deployed_at=self.clock())
 
@@ -662,3 +663,15 @@ def allocation_agents(alloc: AllocationRecord, nodes: list[NodeRecord]) -> list[
 
 def _slots(model: DeployedModel) -> int:
     return model.gpus if model.gpus else 1
+
+
+def _check_tensor_parallel(spec: ModelSpec, source: Path) -> None:
+    """tensor_parallel must split the model evenly: heads, KV heads, MLP and vocabulary (from config.json)."""
+    if spec.tensor_parallel == 1:
+        return
+    from hpcllm.tp.plan import TensorParallelError, check_model_dir
+
+    try:
+        check_model_dir(source, spec.tensor_parallel)
+    except TensorParallelError as exc:
+        raise InvalidModelConfig(f"tensor_parallel: {exc}", param="tensor_parallel") from None

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from hpcllm.checkpoint import (INDEX_FILE, MANIFEST_FILE, CheckpointError, ChecksumMismatch, MissingFile,
+from hpcllm.checkpoint import (CheckpointError, ChecksumMismatch, MissingFile,
                                NotAConvertedCheckpoint, read_checkpoint)
 from hpcllm.checkpoint.layout import Checkpoint, file_checksum
 from hpcllm.errors import HpcllmError
@@ -146,7 +146,7 @@ def open_origin(model: str, source: str | os.PathLike) -> Checkpoint:
 def checkpoint_bytes(ckpt: Checkpoint) -> int:
     """Bytes a copy of the checkpoint takes (data files, the two JSON files, side files)."""
     small = sum(s.size for s in ckpt.side_files)
-    for name in (MANIFEST_FILE, INDEX_FILE):
+    for name in ckpt.metadata_files:
         try:
             small += (ckpt.root / name).stat().st_size
         except OSError:
@@ -203,7 +203,7 @@ def copy_checkpoint(ckpt: Checkpoint, dest: Path, progress: Progress | None = No
                 buf.close()
             except BufferError:  # a slice is still referenced by an exception's traceback: the GC unmaps it
                 pass
-    for name in (MANIFEST_FILE, INDEX_FILE):
+    for name in ckpt.metadata_files:
         shutil.copyfile(ckpt.root / name, dest / name)
         done += (dest / name).stat().st_size
     for side in ckpt.side_files:

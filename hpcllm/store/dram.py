@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcllm.checkpoint import (INDEX_FILE, MANIFEST_FILE, ChecksumMismatch, MissingFile, read_checkpoint)
+from hpcllm.checkpoint import (ChecksumMismatch, MissingFile, read_checkpoint)
 from hpcllm.checkpoint.layout import file_checksum
 from hpcllm.errors import HpcllmError
 from hpcllm.store.memory import MappedFile, round_up
@@ -194,7 +194,7 @@ class DramTier:
             os.truncate(tmp / part.file, part.size)
 
     def _copy_small_files(self, ckpt, tmp: Path) -> None:
-        for name in (MANIFEST_FILE, INDEX_FILE):
+        for name in ckpt.metadata_files:
             shutil.copyfile(ckpt.root / name, tmp / name)
         for side in ckpt.side_files:
             src = ckpt.root / side.file

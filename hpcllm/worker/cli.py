@@ -30,8 +30,11 @@ def run_worker(
     url_file: Path | None = None,
     threads: int | None = None,
     engine: str = "hpcllm",
+    loader=None,
 ) -> None:
-    """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up."""
+    """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up.
+
+    `loader` (returns a ModelForServing) replaces the tiered single-device load (tensor parallelism's lead)."""
     if not model_path.exists():
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
     import torch
@@ -58,7 +61,7 @@ def run_worker(
     )
     if engine == "vllm":
         loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731
-    else:
+    elif loader is None:
         loader = lambda: load_with_hpcllm(model_path, device)  # noqa: E731
     serve(
         service,
@@ -99,10 +102,19 @@ def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_mo
               help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
 @click.option("--engine", type=click.Choice(["hpcllm", "vllm"]), default="hpcllm", show_default=True,
               help="hpcllm's engine, or vLLM (run this with the interpreter of `make vllm-venv`).")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
+                   "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
-           engine: str) -> None:
+           engine: str, tensor_parallel: bool) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if tensor_parallel:
+        from hpcllm.tp.worker import run_tensor_parallel_worker
+
+        run_tensor_parallel_worker(load_config(config_path), model_path, model_name, host, port, device,
+                                   max_model_len, url_file, threads)
+        return
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
                threads, engine)

@@ -78,6 +78,9 @@ class ModelForServing:
     load_seconds: float = 0.0
     owner: object = None  # keeps the loader's result (owner of the weights' memory) alive with the engine
     engine: object = None  # a loader that brings its own engine (vLLM: hpcllm.worker.vllm_engine) sets it
+    # Builds the engine (model, tokenizer, **engine options); None: Engine. A tensor-parallel lead passes one whose
+    # forwards run on every rank (hpcllm.tp.serve).
+    engine_factory: Callable[..., Engine] | None = None
 
 
 class WorkerService:
@@ -95,7 +98,7 @@ class WorkerService:
 
     def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
-        engine = loaded.engine or Engine(
+        engine = loaded.engine or (loaded.engine_factory or Engine)(
             loaded.model, loaded.tokenizer, model_name=self.model_name, metrics=self.metrics, **self.engine_options
         )
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)

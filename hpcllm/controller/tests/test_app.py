@@ -398,3 +398,35 @@ def test_the_demo_model_config_deploys_on_the_demo_model(harness, tmp_path):
     convert(make_model("llama", tmp_path / "tiny-llama-hf", size="tiny"), converted, progress=False)
     model, _ = harness.controller.deploy(spec.model_copy(update={"source": str(converted)}))
     assert model.max_model_len == 512
+
+
+def test_deploy_checks_tensor_parallel_against_the_models_config(client, harness, converted_checkpoint):
+    # converted_checkpoint: 2 attention heads, 1 KV head, intermediate 64, vocabulary 64.
+    body = {"name": "tiny", "source": str(converted_checkpoint), "tensor_parallel": 2}
+    resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 400
+    error = resp.get_json()["error"]
+    assert error["param"] == "tensor_parallel"
+    assert error["message"] == ("tensor_parallel: tensor_parallel = 2 does not fit model type 'llama': KV heads "
+                                "(num_key_value_heads) = 1 is not divisible by 2")
+    resp = client.post("/v1/admin/models", json={**body, "tensor_parallel": 3}, headers=ADMIN)
+    message = resp.get_json()["error"]["message"]
+    for part in ("attention heads (num_attention_heads) = 2", "KV heads (num_key_value_heads) = 1",
+                 "MLP intermediate size (intermediate_size) = 64", "vocabulary (vocab_size) = 64"):
+        assert part in message
+    assert harness.registry.models() == []
+
+
+def test_deploy_accepts_a_degree_that_splits_the_model(client, harness, tiny_llama_dir):
+    # The tiny dev Llama: 4 heads, 2 KV heads, intermediate 128, vocabulary 1024.
+    body = {"name": "tp", "source": str(tiny_llama_dir), "size_bytes": 1000, "tensor_parallel": 2}
+    resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 201 and resp.get_json()["tensor_parallel"] == 2
+    assert [m.tensor_parallel for m in harness.registry.models()] == [2]
+
+
+def test_deploy_refuses_gpus_that_do_not_divide_among_the_ranks(client, harness):
+    body = {"name": "m", "source": str(harness.source("m")), "size_bytes": 1, "gpus": 3, "tensor_parallel": 2}
+    resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 400
+    assert "gpus (3) must be a multiple of tensor_parallel (2)" in resp.get_json()["error"]["message"]

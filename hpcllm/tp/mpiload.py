@@ -1,0 +1,283 @@
+"""MPI-coordinated loading of a tensor-parallel shard: every rank of a communicator loads its part of one model.
+
+Protocol (the same collective calls in the same order on every rank, so no rank can wait for a call another rank
+never makes):
+
+1. rank 0 reads manifest.json, index.json, slice-hashes.json and config.json and broadcasts them (a few hundred
+   KB of picklable plan: shapes, offsets, hashes); or its error, which every rank raises as "rank 0: ...".
+2. every rank computes its own slice plan from that (same code, same inputs: the ranks agree) and reads + verifies
+   its slices. Replicated tensors below `bcast_max_bytes` in total (norms, biases) are read by rank 0 only and
+   broadcast: one read instead of N, and on a shared filesystem one client instead of N. Larger replicated
+   tensors (an unsplit embedding) are read by every rank, in parallel.
+3. status exchange: every rank sends its status code to every other (non-blocking), polled against `timeout_s`. A failed
+   rank (corrupt slice, missing file, out of memory, ...) makes every rank raise TensorParallelLoadError naming
+   each failed rank and its cause; a rank that does not report within the timeout (a hung read) makes the others
+   abort the job (MPI_Abort) naming the silent ranks, so nothing waits forever.
+4. rank 0 broadcasts the replicated tensors it read; every rank builds its model shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_BCAST_MAX_BYTES = 64 << 20
+_OK, _FAILED = 0, 1
+_STATUS_TAG = 7117
+
+
+class TensorParallelLoadError(HpcllmError):
+    """A rank could not load its shard; raised on every rank, naming the rank(s) and the cause."""
+
+
+@dataclass
+class ShardLoad:
+    model: Any
+    tokenizer: Any
+    rank: int
+    size: int
+    stats: dict = field(default_factory=dict)  # this rank's: bytes_read, reads, seconds, ...
+    all_stats: list[dict] | None = None  # rank 0: every rank's stats
+
+
+@dataclass(frozen=True)
+class _Plan:
+    root: str
+    config: dict
+    shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, str]
+    dtype: str
+    total_bytes: int
+
+
+def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, verify: bool = True,
+               timeout_s: float = DEFAULT_TIMEOUT_S, bcast_max_bytes: int = DEFAULT_BCAST_MAX_BYTES,
+               gap_bytes: int | None = None, tokenizer: bool = True, device: str = "cpu",
+               collective: Any = None) -> ShardLoad:
+    """Load this rank's shard of the converted checkpoint at `path` (every rank of `comm` calls this).
+
+    `path` matters on rank 0 (the plan) and on every rank (the data files): each rank reads its slices from its own
+    view of the folder (a node-local cache or the shared filesystem). `collective` defaults to mpi4py on CPU.
+    """
+    from hpcllm.mpi import comm_world
+
+    comm = comm if comm is not None else comm_world()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    started = time.perf_counter()
+
+    plan_or_error = _read_plan(path, size) if rank == 0 else None
+    plan_or_error = comm.bcast(plan_or_error, root=0)
+    if isinstance(plan_or_error, str):
+        raise TensorParallelLoadError(f"rank 0 on {socket.gethostname()}: {plan_or_error}" if rank == 0
+                                      else f"rank 0: {plan_or_error}")
+    plan: _Plan = plan_or_error
+
+    outcome: dict[str, Any] = {}
+    error = _guarded(lambda: outcome.update(_read_own_slices(plan, Path(path), rank, size, tier, verify,
+                                                              bcast_max_bytes, gap_bytes)))
+    _exchange_status(comm, error, timeout_s)
+
+    tensors = outcome["tensors"]
+    _broadcast_replicated(comm, outcome["bcast_slices"], tensors, outcome["bcast_dtypes"])
+    stats = {**outcome["stats"], "rank": rank, "host": socket.gethostname()}
+
+    error = _guarded(lambda: outcome.update(model=_build(plan, tensors, Path(path), size, comm, collective, device)))
+    _exchange_status(comm, error, timeout_s)
+    tok = _tokenizer(Path(path)) if tokenizer and rank == 0 else None  # only the lead tokenizes
+    stats["seconds"] = round(time.perf_counter() - started, 4)
+    all_stats = comm.gather(stats, root=0)
+    return ShardLoad(outcome["model"], tok, rank, size, stats, all_stats if rank == 0 else None)
+
+
+def _read_plan(path: str | Path, degree: int) -> _Plan | str:
+    """Rank 0: the broadcastable plan, or an error message (never raises: the message must reach every rank)."""
+    try:
+        import json
+
+        from hpcllm.checkpoint import read_checkpoint
+        from hpcllm.tp.plan import check_degree
+
+        ckpt = read_checkpoint(path)
+        config = json.loads(ckpt.config_path.read_text())
+        plan = _Plan(str(ckpt.root), config, {n: tuple(e.shape) for n, e in ckpt.tensors.items()},
+                     dict(ckpt.aliases), ckpt.model.get("dtype") or "float32", ckpt.total_bytes)
+        check_degree(_config_of(plan), degree)  # whole heads per rank: a divisible tensor is not enough
+        return plan
+    except Exception as exc:  # noqa: BLE001 - travels to every rank as text
+        return _describe(exc)
+
+
+def rank_slices(ckpt, config, size: int, rank: int, bcast_max_bytes: int = DEFAULT_BCAST_MAX_BYTES):
+    """(slices this rank reads itself, replicated slices rank 0 reads and broadcasts to everyone)."""
+    import math
+
+    from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE
+    from hpcllm.tp.plan import module_plan, slice_plan
+
+    shapes = {name: tuple(entry.shape) for name, entry in ckpt.tensors.items()}
+    slices = slice_plan(shapes, ckpt.aliases, module_plan(config) if size > 1 else _NoPlan(), size, rank)
+    replicated = [s for s in slices if s.dim is None]
+    replicated_bytes = sum(math.prod(s.full_shape) * DTYPE_ITEMSIZE[ckpt.tensors[s.stored].dtype]
+                           for s in replicated)
+    bcast = replicated if size > 1 and replicated_bytes <= bcast_max_bytes else []
+    return [s for s in slices if s not in bcast or rank == 0], bcast
+
+
+def estimate_rank_reads(root: str | Path, degree: int, gap_bytes: int | None = None) -> list[tuple[int, int]]:
+    """(bytes, read requests) each rank of a degree-`degree` load would read, planned without reading: what a
+    start-up estimate needs per rank (the slowest rank's bytes over its node's bandwidth)."""
+    from transformers import AutoConfig
+
+    from hpcllm.checkpoint import read_checkpoint
+    from hpcllm.checkpoint.slicehashes import read_slice_hashes
+    from hpcllm.tp.plan import check_degree
+    from hpcllm.tp.reader import COALESCE_GAP_BYTES, planned_reads
+
+    ckpt = read_checkpoint(root)
+    config = AutoConfig.from_pretrained(ckpt.root)
+    check_degree(config, degree)
+    hashes = read_slice_hashes(ckpt)
+    gap = COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes
+    return [planned_reads(ckpt, rank_slices(ckpt, config, degree, rank)[0], hashes, verify=hashes is not None,
+                          gap_bytes=gap) for rank in range(degree)]
+
+
+def _read_own_slices(plan: _Plan, path: Path, rank: int, size: int, tier: str | None, verify: bool,
+                     bcast_max_bytes: int, gap_bytes: int | None) -> dict:
+    from hpcllm.checkpoint import read_checkpoint
+    from hpcllm.checkpoint.slicehashes import read_slice_hashes
+    from hpcllm.tp.reader import COALESCE_GAP_BYTES, read_slices
+
+    ckpt = read_checkpoint(path)  # this rank's view of the folder: its own data files, same index
+    own, bcast = rank_slices(ckpt, _config_of(plan), size, rank, bcast_max_bytes)
+    tensors, stats = read_slices(ckpt, own, read_slice_hashes(ckpt), tier=tier, verify=verify,
+                                 gap_bytes=COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes)
+    return {"tensors": tensors, "stats": stats.as_dict(), "bcast_slices": bcast,
+            "bcast_dtypes": {s.name: ckpt.tensors[s.stored].dtype for s in bcast}}
+
+
+class _NoPlan:
+    def split_dim(self, name: str, ndim: int) -> None:
+        return None
+
+
+def _config_of(plan: _Plan):
+    from transformers import AutoConfig
+
+    config_dict = dict(plan.config)
+    model_type = config_dict.pop("model_type")
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
+def _build(plan: _Plan, tensors: dict, root: Path, size: int, comm: Any, collective: Any, device: str):
+    import torch
+
+    from hpcllm.checkpoint.layout import INDEX_FILE, torch_dtype
+    from hpcllm.tp.model import MpiCollective, SingleRank, build_shard_model
+    from hpcllm.tp.plan import module_plan
+
+    config = _config_of(plan)
+    collective = collective or (MpiCollective(comm) if size > 1 else SingleRank())
+    plan_rules = module_plan(config) if size > 1 else None
+    with torch.no_grad():
+        return build_shard_model(config, tensors, plan_rules, collective, torch_dtype(plan.dtype), root / INDEX_FILE,
+                                 device=device)
+
+
+def _tokenizer(root: Path):
+    from hpcllm.store.loader import _load_tokenizer  # the loader's own rules (None without tokenizer files)
+
+    return _load_tokenizer(root)
+
+
+def _broadcast_replicated(comm: Any, slices: list, tensors: dict, dtypes: dict[str, str]) -> None:
+    """Rank 0 sends the small replicated tensors it read in one packed buffer; the others unpack views of it."""
+    if not slices:
+        return
+    import math
+
+    import torch
+
+    from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE, torch_dtype
+
+    sizes = [math.prod(s.full_shape) * DTYPE_ITEMSIZE[dtypes[s.name]] for s in slices]
+    packed = np.empty(sum(sizes), dtype=np.uint8)
+    if comm.Get_rank() == 0:
+        at = 0
+        for s, n in zip(slices, sizes):
+            packed[at:at + n] = tensors[s.name].contiguous().view(-1).view(torch.uint8).numpy()
+            at += n
+    comm.Bcast(packed, root=0)
+    if comm.Get_rank() != 0:
+        at = 0
+        for s, n in zip(slices, sizes):
+            raw = torch.from_numpy(packed[at:at + n])
+            tensors[s.name] = raw.view(torch_dtype(dtypes[s.name])).reshape(s.full_shape)
+            at += n
+
+
+def _guarded(action) -> str | None:
+    """Run action; its failure as a message (MemoryError and every other error: they must reach the others)."""
+    try:
+        action()
+        return None
+    except MemoryError as exc:
+        return f"out of memory ({exc or 'MemoryError'})"
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            return f"out of memory ({exc.strerror})"
+        return _describe(exc)
+    except Exception as exc:  # noqa: BLE001
+        return _describe(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, HpcllmError) else f"{type(exc).__name__}: {exc}"
+
+
+def _exchange_status(comm: Any, error: str | None, timeout_s: float) -> None:
+    """Every rank learns every rank's status; raises TensorParallelLoadError on all ranks if any failed.
+
+    Point-to-point, non-blocking (N*(N-1) messages of 8 bytes): unlike a collective it tells exactly which ranks
+    never reported when the timeout passes; those are named and the job is aborted (MPI_Abort), since a rank stuck
+    in a read cannot be interrupted from here.
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    mine = np.array([_FAILED if error else _OK], dtype=np.int64)
+    sends = [comm.Isend(mine, dest=other, tag=_STATUS_TAG) for other in range(size) if other != rank]
+    received = {other: np.full(1, -1, dtype=np.int64) for other in range(size) if other != rank}
+    pending = {other: comm.Irecv(buffer, source=other, tag=_STATUS_TAG) for other, buffer in received.items()}
+    deadline = time.monotonic() + timeout_s
+    pause = 0.0
+    while pending:
+        pending = {other: request for other, request in pending.items() if not request.Test()}
+        if pending and time.monotonic() > deadline:
+            message = (f"rank {rank}: rank(s) {', '.join(map(str, sorted(pending)))} did not report within "
+                       f"{timeout_s:g} s while loading the model shard; aborting every rank")
+            log.error(message)
+            print(f"error: {message}", flush=True)
+            comm.Abort(3)
+        time.sleep(pause)
+        pause = min(0.005, pause + 0.0002)  # waiting ranks should not spin a core other ranks read with
+    for request in sends:
+        request.Wait()
+    if not error and not any(int(buffer[0]) for buffer in received.values()):
+        return
+    messages = comm.allgather(f"{error} (on {socket.gethostname()})" if error else None)
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
+    raise TensorParallelLoadError(f"loading the {size}-rank shards failed: {failed}")
+
+
+__all__ = ["ShardLoad", "TensorParallelLoadError", "load_shard"]

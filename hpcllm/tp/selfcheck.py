@@ -1,0 +1,116 @@
+"""Load a converted checkpoint as an N-rank tensor-parallel model and check it against the 1-rank model.
+
+    mpirun -n 2 python -m hpcllm.tp.selfcheck CKPT [--generate 16] [--prompt TEXT]
+
+Every rank loads its shard (hpcllm.tp.mpiload); rank 0 then drives greedy decoding through the step broadcast
+(the followers run `follow`), loads the whole model itself with hpcllm.store.load_model and compares: last-position
+logits of the prompt and the greedy tokens against transformers' `generate`. Rank 0 prints one line
+`result: {json}` (per-rank bytes read, the logits difference, both token lists). Any rank's failure prints
+`error: rank R on HOST: ...` on every rank and exits 1.
+
+Test knobs: `--path-of-rank R=PATH` (that rank reads its data files from PATH: a damaged copy), `--memory-limit-rank
+R --memory-limit-mb M` (an address-space limit on that rank, so its allocations fail like out-of-memory),
+`--no-reference` (skip rank 0's whole-model load, e.g. in benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import sys
+import time
+
+import click
+
+
+@click.command()
+@click.argument("checkpoint")
+@click.option("--generate", "new_tokens", type=int, default=16, show_default=True)
+@click.option("--prompt", default="The cluster scheduler", show_default=True)
+@click.option("--path-of-rank", "rank_paths", multiple=True, help="R=PATH: rank R reads its data from PATH.")
+@click.option("--memory-limit-rank", type=int, default=None)
+@click.option("--memory-limit-mb", type=int, default=0)
+@click.option("--gap-bytes", type=int, default=None, help="Coalescing gap of the slice reads (default: reader's).")
+@click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True)
+@click.option("--reference/--no-reference", default=True)
+@click.option("--threads", type=int, default=0,
+              help="Torch threads per rank; 0: the node's cores divided among the ranks on it.")
+def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, ...], memory_limit_rank: int | None,
+         memory_limit_mb: int, gap_bytes: int | None, timeout_s: float, reference: bool, threads: int) -> None:
+    import torch
+    from mpi4py import MPI
+
+    from hpcllm.mpi import comm_world
+    from hpcllm.tp.mpiload import load_shard
+
+    comm = comm_world()
+    rank = comm.Get_rank()
+    ranks_here = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_size()
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // ranks_here))
+    paths = dict(item.split("=", 1) for item in rank_paths)
+    path = paths.get(str(rank), checkpoint)
+    if memory_limit_rank == rank and memory_limit_mb:
+        _limit_memory(checkpoint, memory_limit_mb)
+    try:
+        loaded = load_shard(path, comm, timeout_s=timeout_s, gap_bytes=gap_bytes)
+    except Exception as exc:  # noqa: BLE001 - every rank reports, then exits non-zero
+        print(f"error: rank {rank} on {socket.gethostname()}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    _serve_checks(comm, loaded, checkpoint, prompt, new_tokens, reference)
+
+
+def _limit_memory(checkpoint: str, megabytes: int) -> None:
+    """Allow this process `megabytes` more address space than it has once the model code is imported (the
+    imports map hundreds of MB of libraries: the limit is meant for the load's own allocations)."""
+    from transformers import AutoConfig
+
+    import hpcllm.tp.mpiload  # noqa: F401
+    import hpcllm.tp.reader  # noqa: F401
+    from hpcllm.store.skeleton import import_model_code
+
+    import_model_code(AutoConfig.from_pretrained(checkpoint))
+    with open("/proc/self/status") as status:
+        vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (vm_kb << 10) + (megabytes << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _serve_checks(comm, loaded, checkpoint: str, prompt: str, new_tokens: int, reference: bool) -> None:
+    import torch
+
+    from hpcllm.tp.serve import LeadRunner, ShardRunner, StepChannel, follow, greedy_generate
+
+    channel, runner = StepChannel(comm), ShardRunner(loaded.model)
+    if loaded.rank != 0:
+        follow(channel, runner)
+        return
+    lead = LeadRunner(channel, runner)
+    try:
+        prompt_ids = loaded.tokenizer(prompt)["input_ids"]
+        began = time.perf_counter()
+        tp_logits = lead.forward("logits", prompt_ids, 0).float().clone()
+        tokens = greedy_generate(lead, prompt_ids, new_tokens)
+        tp_seconds = time.perf_counter() - began
+    finally:
+        lead.stop()
+    result = {"ranks": loaded.size, "prompt_tokens": len(prompt_ids), "tp_tokens": tokens,
+              "tp_tokens_per_s": round(len(tokens) / tp_seconds, 2), "stats": loaded.all_stats}
+    if reference:
+        from hpcllm.store import load_model
+
+        ref_model = load_model(checkpoint, tokenizer=False).model
+        with torch.inference_mode():
+            ids = torch.tensor([prompt_ids])
+            ref_logits = ref_model(ids).logits[0, -1].float()
+            ref_tokens = ref_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                            pad_token_id=ref_model.config.eos_token_id)[0, len(prompt_ids):]
+        result.update(max_abs_logit_diff=float((tp_logits - ref_logits).abs().max()),
+                      reference_tokens=[int(t) for t in ref_tokens])
+    print("result: " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Tensor-parallel loading and serving across real MPI ranks: `mpirun -n 2` runs hpcllm.tp.selfcheck."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hpcllm.checkpoint import read_checkpoint
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
+MPIRUN_ENV = {
+    **os.environ,
+    # The test machines run as root; OpenMPI refuses root without both of these.
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+}
+
+
+def _mpirun(ranks: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    # mpi_yield_when_idle: ranks sharing the 2 cores must not busy-wait in MPI calls.
+    command = ["mpirun", "-n", str(ranks), "--oversubscribe", "--mca", "mpi_yield_when_idle", "1",
+               sys.executable, "-m", "hpcllm.tp.selfcheck", *args]
+    return subprocess.run(command, env=MPIRUN_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _result(completed: subprocess.CompletedProcess[str]) -> dict:
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("result: "))
+    return json.loads(line.removeprefix("result: "))
+
+
+@pytest.mark.parametrize("model", ["tp_llama", "tp_qwen2"])
+def test_two_ranks_match_the_one_rank_model_and_generate(model, request):
+    checkpoint = request.getfixturevalue(model)
+    result = _result(_mpirun(2, str(checkpoint), "--generate", "12"))
+
+    assert result["ranks"] == 2
+    assert result["max_abs_logit_diff"] < 1e-5
+    assert result["tp_tokens"] == result["reference_tokens"] and len(result["tp_tokens"]) == 12
+    total = read_checkpoint(checkpoint).total_bytes
+    for stats in result["stats"]:
+        assert 0 < stats["bytes_read"] < total and stats["strips_verified"] > 0
+
+
+def _damaged_copy(tp_llama, tmp_path, name: str):
+    copy = tmp_path / name
+    shutil.copytree(tp_llama, copy)
+    return copy
+
+
+def test_a_corrupt_slice_on_rank_1_fails_every_rank_naming_rank_1(tp_llama, tmp_path):
+    broken = _damaged_copy(tp_llama, tmp_path, "corrupt")
+    ckpt = read_checkpoint(broken)
+    entry = ckpt.tensors["model.layers.1.mlp.down_proj.weight"]  # [64, 128]: rank 1 holds columns 64..127
+    with open(ckpt.partitions[entry.partition].path, "r+b") as f:
+        f.seek(entry.offset + (5 * 128 + 100) * 4)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+    started = time.monotonic()
+    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={broken}", "--no-reference")
+
+    assert completed.returncode != 0
+    cause = "rank 1: " + str(ckpt.partitions[0].path) + ": tensor model.layers.1.mlp.down_proj.weight strip 50/64 " \
+                                                        "along dim 1 is corrupt"
+    assert "error: rank 0 on" in completed.stderr and "error: rank 1 on" in completed.stderr
+    assert completed.stderr.count(cause) == 2, completed.stderr  # both ranks name rank 1 and the cause
+    assert "result:" not in completed.stdout
+    assert time.monotonic() - started < 120
+
+
+def test_a_missing_data_file_on_rank_1_is_named(tp_llama, tmp_path):
+    broken = _damaged_copy(tp_llama, tmp_path, "missing")
+    (broken / "data-00000.h5").unlink()
+
+    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={broken}", "--no-reference")
+
+    assert completed.returncode != 0
+    assert completed.stderr.count(f"rank 1: {broken / 'data-00000.h5'}: data file is missing") == 2, \
+        completed.stderr
+
+
+def test_rank_1_out_of_memory_is_named(wide_llama):
+    completed = _mpirun(2, str(wide_llama), "--memory-limit-rank", "1", "--memory-limit-mb", "24", "--no-reference")
+
+    assert completed.returncode != 0
+    assert completed.stderr.count("rank 1: out of memory (Unable to allocate") == 2, completed.stderr
+
+
+def test_a_rank_stuck_in_a_read_is_named_and_the_job_aborted(tp_llama, tmp_path):
+    stuck = _damaged_copy(tp_llama, tmp_path, "stuck")
+    (stuck / "data-00000.h5").unlink()
+    os.mkfifo(stuck / "data-00000.h5")  # opening it blocks forever, like a hung network filesystem
+
+    started = time.monotonic()
+    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={stuck}", "--timeout", "5", "--no-reference")
+
+    assert completed.returncode != 0
+    assert "rank 0: rank(s) 1 did not report within 5 s while loading the model shard" in \
+        completed.stdout + completed.stderr
+    assert "MPI_ABORT was invoked on rank 0" in completed.stderr
+    assert time.monotonic() - started < 150
+
+
+def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_llama, tmp_path):
+    """`mpirun -n 2 hpcllm worker --tensor-parallel`: the HTTP API on rank 0 gives transformers' greedy tokens;
+    SIGTERM ends every rank (the follower by the lead's stop step)."""
+    import signal
+
+    import torch
+
+    from hpcllm.store import load_model
+    from hpcllm.worker.client import WorkerClient
+    from hpcllm.worker.protocol import GenerateRequest, TokenLine
+
+    url_file = tmp_path / "worker.url"
+    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
+               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file)]
+    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
+        client = WorkerClient(url_file.read_text().strip(), "tp-secret")
+        while client.ready() is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.3)
+
+        loaded = load_model(tp_llama)
+        prompt_ids = loaded.tokenizer("hello world, this")["input_ids"]
+        ids = torch.tensor([prompt_ids])
+        expected = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=12)[0, len(prompt_ids):].tolist()
+        for request_id in ("first", "second"):  # the second reuses the ranks after the first's caches were freed
+            with client.generate(GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=12,
+                                                 temperature=0)) as stream:
+                assert [line.token_id for line in stream if isinstance(line, TokenLine)] == expected
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert "tensor-parallel rank 1 on" in output and "rank 1: the lead stopped after" in output, output
+    assert "Traceback" not in output

@@ -1,0 +1,122 @@
+"""The TP forward at degrees 2 and 4 in one process: each rank's shard runs in its own thread, and a collective made
+of a barrier and shared buffers stands in for MPI (the MPI collectives run in test_mpirun_tp.py)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from hpcllm.checkpoint import read_checkpoint
+from hpcllm.checkpoint.layout import INDEX_FILE
+from hpcllm.checkpoint.slicehashes import read_slice_hashes
+from hpcllm.store import load_model
+from hpcllm.tp.model import build_shard_model
+from hpcllm.tp.plan import module_plan, slice_plan
+from hpcllm.tp.reader import read_slices
+from hpcllm.tp.serve import ShardRunner, Step
+
+
+class ThreadGroup:
+    """What the ranks of one collective call share: a barrier and one slot per rank."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots: list[torch.Tensor | None] = [None] * size
+
+
+class ThreadCollective:
+    def __init__(self, group: ThreadGroup, rank: int):
+        self.group, self.rank, self.size = group, rank, group.size
+
+    def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self.group.slots[self.rank] = tensor.clone()
+        self.group.barrier.wait()
+        parts = list(self.group.slots)
+        self.group.barrier.wait()  # nobody overwrites a slot before everyone has read them all
+        return parts
+
+    def allreduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = self._exchange(tensor)
+        tensor.copy_(torch.stack(parts).sum(0))
+        return tensor
+
+    def allgather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._exchange(tensor), dim=-1)
+
+
+def _shards(root, degree: int):
+    ckpt = read_checkpoint(root)
+    config = AutoConfig.from_pretrained(root)
+    plan = module_plan(config)
+    shapes = {name: entry.shape for name, entry in ckpt.tensors.items()}
+    group = ThreadGroup(degree)
+    models = []
+    for rank in range(degree):
+        tensors, _ = read_slices(ckpt, slice_plan(shapes, ckpt.aliases, plan, degree, rank), read_slice_hashes(ckpt))
+        models.append(build_shard_model(config, tensors, plan, ThreadCollective(group, rank), torch.float32,
+                                        root / INDEX_FILE))
+    return models
+
+
+def _run_all(runners: list[ShardRunner], step: Step) -> list[torch.Tensor]:
+    with ThreadPoolExecutor(len(runners)) as pool:
+        return list(pool.map(lambda runner: runner.run(step), runners))
+
+
+@pytest.mark.parametrize("model, degree", [("tp_llama", 2), ("wide_llama", 4)])
+def test_shards_compute_the_logits_and_greedy_tokens_of_the_whole_model(model, degree, request):
+    root = request.getfixturevalue(model)
+    torch.set_num_threads(1)
+    models = _shards(root, degree)
+    hidden, vocab = models[0].config.hidden_size, models[0].config.vocab_size
+    head = models[0].model.layers[0].self_attn
+    assert head.q_proj.weight.shape == (hidden // degree, hidden)
+    assert head.o_proj.weight.shape == (hidden, hidden // degree)
+    assert models[0].lm_head.weight.shape == (vocab // degree, hidden)
+
+    whole = load_model(root, tokenizer=False).model
+    prompt = [5, 17, 300, 42, 7, 900]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        expected_logits = whole(ids).logits[0, -1]
+        expected_tokens = whole.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=10, min_new_tokens=10)[0, len(prompt):].tolist()
+
+    runners = [ShardRunner(model) for model in models]
+    logits = _run_all(runners, Step("forward", "r", tuple(prompt), 0))
+    for rank_logits in logits:  # every rank ends with the full, identical logits (the lm_head all-gather)
+        assert rank_logits.shape == expected_logits.shape
+        assert torch.allclose(rank_logits, expected_logits, atol=1e-5, rtol=0)
+    tokens = []
+    for _ in range(10):
+        tokens.append(int(torch.argmax(logits[0])))
+        logits = _run_all(runners, Step("forward", "r", (tokens[-1],), len(prompt) + len(tokens) - 1))
+    assert tokens == expected_tokens
+
+    _run_all(runners, Step("forward", "other", (1, 2), 0, release=("r",)))
+    assert all(set(runner.caches) == {"other"} for runner in runners)
+
+
+def test_a_degree_that_cuts_kv_heads_is_refused_before_anything_is_read(tp_llama):
+    from hpcllm.tp.mpiload import TensorParallelLoadError, load_shard
+
+    class FourRanks:  # rank 0's view of a 4-rank world: the plan fails before any collective but the first
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 4
+
+        def bcast(self, value, root=0):
+            return value
+
+    # k_proj has 32 rows, divisible by 4, but they hold 2 KV heads of 16: a rank would get half a head.
+    with pytest.raises(TensorParallelLoadError, match=r"rank 0 on .*: tensor_parallel = 4 does not fit model type "
+                                                      r"'llama': KV heads \(num_key_value_heads\) = 2 is not "
+                                                      r"divisible by 4"):
+        load_shard(tp_llama, FourRanks())

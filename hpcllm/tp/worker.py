@@ -1,0 +1,94 @@
+"""`hpcllm worker --tensor-parallel`: one model instance over the ranks of an MPI launch.
+
+    mpirun -n 2 hpcllm worker --model CKPT --tensor-parallel --url-file URL     (or srun --mpi=pmix ... in Slurm)
+
+Rank, size and the rendezvous come from MPI (mpi4py), never from hand-passed environment. Every rank loads its
+shard (hpcllm.tp.mpiload); rank 0 is an ordinary worker (HTTP API, scheduler, sampling, metrics, migration) whose
+engine broadcasts each forward as a Step; the other ranks run `follow` until the lead stops. A load failure on
+any rank ends every rank with the failed rank named (the lead's server exits with it too).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+from hpcllm.config import Config
+from hpcllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str | None, host: str | None, port: int,
+                               device: str | None, max_model_len: int | None, url_file: Path | None,
+                               threads: int | None) -> None:
+    from hpcllm.mpi import comm_world
+
+    comm = comm_world()
+    if not model_path.exists():
+        raise ConfigError(f"rank {comm.Get_rank()}: model checkpoint {model_path} does not exist; pass the converted "
+                          f"checkpoint folder")
+    device = device or config.worker.device
+    if comm.Get_rank() == 0:
+        from hpcllm.worker.cli import run_worker
+
+        run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads,
+                   loader=lambda: _load_lead(model_path, comm, device))
+    else:
+        _run_follower(model_path, comm, device, threads or config.worker.cpu_threads)
+
+
+def _collective_and_device(comm, device: str):
+    """GPU ranks: NCCL through torch.distributed, one GPU per node-local rank; CPU ranks: mpi4py (None here)."""
+    if device.startswith("cuda"):
+        import torch
+
+        from hpcllm.tp.model import init_torch_distributed
+
+        collective = init_torch_distributed(comm, "nccl")
+        return collective, f"cuda:{torch.cuda.current_device()}"
+    return None, "cpu"
+
+
+def _load_lead(model_path: Path, comm, device: str):
+    from hpcllm.store.tiers import detect_tier
+    from hpcllm.tp.mpiload import load_shard
+    from hpcllm.tp.serve import LeadRunner, ShardRunner, StepChannel, tensor_parallel_engine_class
+    from hpcllm.worker.server import ModelForServing
+
+    collective, device = _collective_and_device(comm, device)
+    loaded = load_shard(model_path, comm, device=device, collective=collective)
+    for stats in loaded.all_stats or []:
+        log.info("tensor-parallel rank %s on %s read %d bytes in %s reads, verified %d strips, ready in %.2f s",
+                 stats["rank"], stats["host"], stats["bytes_read"], stats["reads"], stats["strips_verified"],
+                 stats["seconds"])
+    lead = LeadRunner(StepChannel(comm), ShardRunner(loaded.model))
+    if loaded.tokenizer is None:
+        lead.stop()
+        raise ConfigError(f"checkpoint {model_path} has no tokenizer files; convert it from a folder that has them")
+    engine_class = tensor_parallel_engine_class()
+
+    def make_engine(model, tokenizer, **options):
+        return engine_class(lead, tokenizer, **options)
+
+    return ModelForServing(loaded.model, loaded.tokenizer, tier=detect_tier(model_path),
+                           load_seconds=loaded.stats["seconds"], owner=loaded, engine_factory=make_engine)
+
+
+def _run_follower(model_path: Path, comm, device: str, threads: int) -> None:
+    import torch
+
+    from hpcllm.tp.mpiload import load_shard
+    from hpcllm.tp.serve import ShardRunner, StepChannel, follow
+
+    if threads:
+        torch.set_num_threads(threads)
+    # The lead's shutdown (SIGTERM to every rank under srun) ends the followers with a stop step; a follower that
+    # died first would leave the lead's last broadcast without a peer.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    collective, device = _collective_and_device(comm, device)
+    loaded = load_shard(model_path, comm, device=device, collective=collective, tokenizer=False)
+    steps = follow(StepChannel(comm), ShardRunner(loaded.model))
+    log.info("rank %d: the lead stopped after %d steps", comm.Get_rank(), steps)
