@@ -64,7 +64,7 @@ class ShardRunner:
     rank caches the keys/values of its own heads)."""
 
     def __init__(self, model):
-        from hpcllm.worker.engine import _forward_kwargs
+        from hpcllm.worker.runner import _forward_kwargs
 
         self.model = model.eval()
         self.device = model.get_input_embeddings().weight.device

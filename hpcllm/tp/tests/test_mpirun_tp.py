@@ -141,10 +141,18 @@ def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_ll
         ids = torch.tensor([prompt_ids])
         expected = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                          max_new_tokens=12)[0, len(prompt_ids):].tolist()
-        for request_id in ("first", "second"):  # the second reuses the ranks after the first's caches were freed
+        def greedy(request_id: str) -> list[int]:
             with client.generate(GenerateRequest(request_id=request_id, prompt_token_ids=prompt_ids, max_tokens=12,
                                                  temperature=0)) as stream:
-                assert [line.token_id for line in stream if isinstance(line, TokenLine)] == expected
+                return [line.token_id for line in stream if isinstance(line, TokenLine)]
+
+        for request_id in ("first", "second"):  # the second reuses the ranks after the first's KV blocks were freed
+            assert greedy(request_id) == expected
+        # Concurrent requests share each step's batched forward on every rank (the batched engine's StepBatch).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(greedy, ("a", "b", "c"))) == [expected] * 3
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
