@@ -203,6 +203,9 @@ class WorkerConfig(Section):
 class ClusterConfig(Section):
     # Shared secret every agent / worker / controller call carries; never exposed to clients.
     shared_secret: str = "dev-secret-change-me"
+    # A development cluster (conf/dev.toml, `make up`): its secrets are public, so only there do the services start
+    # with the known default secrets, without an admin key or API keys (see check_service_credentials).
+    dev: bool = False
 
 
 class Config(Section):
@@ -213,6 +216,52 @@ class Config(Section):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+
+
+# Every secret and key this repository ships (the defaults above, conf/*.toml): public, so never a credential.
+KNOWN_DEFAULT_SECRETS = frozenset({
+    "dev-secret-change-me", "dev-admin-key", "dev-key", "change-me-admin", "sk-change-me-alice", "sk-change-me-bob",
+})
+SECRET_HINT = "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+
+
+def admin_key_of(config: Config) -> str | None:
+    """The admin API's key: controller.admin_key, else gateway.admin_key; never the cluster secret (None: unset)."""
+    return config.controller.admin_key or config.gateway.admin_key or None
+
+
+def credential_problems(config: Config, service: str) -> list[str]:
+    """What is wrong with the credentials `service` ("controller", "gateway", "node") would start with."""
+    problems = []
+    secret = config.cluster.shared_secret
+    named = {"cluster.shared_secret": secret}
+    if service in ("controller", "gateway"):
+        named["controller.admin_key" if config.controller.admin_key else "gateway.admin_key"] = admin_key_of(config)
+    if service == "gateway":
+        named.update({f"gateway.api_keys[{i}].key": k.key for i, k in enumerate(config.gateway.api_keys)})
+    for where, value in named.items():
+        if value in KNOWN_DEFAULT_SECRETS:
+            problems.append(f"{where} is {value!r}, a default published with hpcllm; {SECRET_HINT}")
+        elif value is not None and where != "cluster.shared_secret" and value == secret:
+            problems.append(f"{where} is the cluster secret: users must never hold it; give it its own value")
+    if service == "controller" and admin_key_of(config) is None:
+        problems.append(f"controller.admin_key is not set: the admin API (deploy, status) needs its own key; "
+                        f"{SECRET_HINT}")
+    if service == "gateway" and not config.gateway.api_keys:
+        problems.append("gateway.api_keys is empty: /v1 would be open to anyone who reaches the gateway; add a "
+                        "[[gateway.api_keys]] table per user (key, name)")
+    return problems
+
+
+def check_service_credentials(config: Config, service: str) -> None:
+    """Refuse to start `service` with public or missing credentials, except on a development cluster
+    (cluster.dev = true), whose secrets are public anyway."""
+    if config.cluster.dev:
+        return
+    problems = credential_problems(config, service)
+    if problems:
+        raise ConfigError(f"refusing to start the {service}:\n  " + "\n  ".join(problems)
+                          + "\n(on a development cluster only, `[cluster] dev = true` allows this)")
 
 
 def _format_validation_error(path: Path | str, exc: ValidationError) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -102,6 +103,8 @@ class Generation:
         self._last_token_at: float | None = None  # of the current choice, across streams
         self._migration_pause_from: float | None = None  # set when attached; the next token ends the pause
         self._closed = False
+        self._close_lock = threading.Lock()
+        self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
 
     @property
     def usage(self) -> UsageInfo:
@@ -110,6 +113,7 @@ class Generation:
 
     # ------------------------------------------------------------------------------------------- admission
     def start(self) -> None:
+        self.gw.track(self)
         try:
             self._reserve_tokens()
             self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
@@ -165,6 +169,7 @@ class Generation:
     def deltas(self) -> Iterator[Delta]:
         try:
             for index in range(len(self.prompts)):
+                self._raise_if_aborted()
                 if index > 0:
                     self._stream = self._open(index, resume_ids=[], attempt_tag=0)
                 yield from self._run_choice(index)
@@ -182,6 +187,7 @@ class Generation:
                 try:
                     final = yield from self._read_stream(index, output_ids)
                 except WorkerLost as exc:
+                    self._raise_if_aborted()
                     final = None
                     reason = str(exc)
                 else:
@@ -253,13 +259,24 @@ class Generation:
             metrics.generation_tokens.labels(self.model).inc()
             if item.text:
                 yield Delta(index, item.text)
+            self._raise_if_aborted()
         raise WorkerLost("the worker stream ended without a final line")
+
+    def abort(self, reason: str) -> None:
+        """Called from another thread (gateway shutdown): the generation stops at its next token with `reason`."""
+        self._aborted = reason
+
+    def _raise_if_aborted(self) -> None:
+        if self._aborted is not None:
+            raise ServiceUnavailable(self._aborted, code="gateway_shutdown", retry_after=5)
 
     def close(self) -> None:
         """Cancel an unfinished worker stream, give back unused reserved tokens, record the request's latency."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:  # the request's thread, or the shutdown settling a stuck generation
+            if self._closed:
+                return
+            self._closed = True
+        self.gw.untrack(self)
         if self._stream is not None and not self._stream.finished:
             self._stream.cancel()
             self.gw.metrics.request_success.labels(self.model, "abort").inc()
