@@ -136,6 +136,8 @@ class ApiKey(Section):
     name: str = "user"
     requests_per_minute: int = Field(600, ge=1)
     tokens_per_minute: int = Field(200_000, ge=1)
+    # Streams this key may hold open at once; empty: gateway.max_streams_per_key.
+    max_concurrent_streams: int | None = Field(None, ge=1)
 
 
 class StaticModel(Section):
@@ -159,6 +161,8 @@ class GatewayConfig(Section):
     api_keys: list[ApiKey] = Field(default_factory=list)
     admin_key: str | None = None
     drain_timeout_seconds: float = Field(30.0, ge=0)
+    # Streams one API key may hold open at once (each holds a gateway thread); a key's max_concurrent_streams wins.
+    max_streams_per_key: int = Field(16, ge=1)
     # gunicorn: gthread workers, each thread holds one request (a stream holds its thread until it ends).
     workers: int = Field(2, ge=1)
     threads: int = Field(32, ge=1)

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from flask import g
+from flask import g, request
 
 from hpcllm.config import ApiKey
-from hpcllm.gateway.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
+from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError, InvalidRequest,
+                                   ServiceUnavailable)
 from hpcllm.gateway.protocol import SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -105,6 +107,7 @@ class Generation:
         self._closed = False
         self._close_lock = threading.Lock()
         self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
+        self._stream_slot: str | None = None  # the key's stream slot this generation holds (a streaming request)
 
     @property
     def usage(self) -> UsageInfo:
@@ -112,9 +115,11 @@ class Generation:
                          total_tokens=self.prompt_tokens + self.completion_tokens)
 
     # ------------------------------------------------------------------------------------------- admission
-    def start(self) -> None:
+    def start(self, stream: bool = False) -> None:
         self.gw.track(self)
         try:
+            if stream:
+                self._hold_stream_slot()
             self._reserve_tokens()
             self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
             self._endpoint = self._route()
@@ -122,6 +127,14 @@ class Generation:
         except BaseException:
             self.close()
             raise
+
+    def _hold_stream_slot(self) -> None:
+        key = self.ctx.api_key
+        if key is None:
+            return
+        limit = key.max_concurrent_streams or self.gw.config.gateway.max_streams_per_key
+        self.gw.limiter.open_stream(key, self.response_id, limit)
+        self._stream_slot = self.response_id
 
     def _reserve_tokens(self) -> None:
         key = self.ctx.api_key
@@ -282,6 +295,11 @@ class Generation:
             self.gw.metrics.request_success.labels(self.model, "abort").inc()
         if self._first_token_seen:
             self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
+        if self._stream_slot is not None:
+            try:
+                self.gw.limiter.close_stream(self._stream_slot)
+            except Exception:
+                log.exception("request %s: could not free its stream slot", self.ctx.request_id)
         if self.ctx.api_key is not None and self._reserved:
             try:
                 self.gw.limiter.settle_tokens(self.ctx.api_key, self._reserved,
@@ -290,14 +308,48 @@ class Generation:
                 log.exception("request %s: could not settle its token reservation", self.ctx.request_id)
 
 
+class ClientConnection:
+    """The socket of the request being served, to notice a client that hung up while its answer is generated."""
+
+    CHECK_INTERVAL_S = 0.5
+
+    def __init__(self, sock: socket.socket | None):
+        self._sock = sock
+        self._checked_at = time.monotonic()
+
+    @classmethod
+    def current(cls) -> ClientConnection:
+        environ = request.environ  # gunicorn and werkzeug both hand the WSGI app its connection
+        return cls(environ.get("gunicorn.socket") or environ.get("werkzeug.socket"))
+
+    def gone(self) -> bool:
+        """True once the client closed its connection (checked at most every CHECK_INTERVAL_S)."""
+        now = time.monotonic()
+        if self._sock is None or now - self._checked_at < self.CHECK_INTERVAL_S:
+            return False
+        self._checked_at = now
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""  # b"": the peer closed
+        except (BlockingIOError, InterruptedError, ValueError):  # nothing to read (still there), or a TLS socket
+            return False
+        except OSError:  # reset by the peer
+            return True
+
+
 def collect(generation: Generation) -> tuple[list[str], list[str]]:
-    """Run a generation to the end; the text and finish reason of each choice."""
+    """Run a generation to the end; the text and finish reason of each choice. A client that hangs up meanwhile
+    cancels it (the worker frees its slot, the reservation is settled): nobody would read the answer."""
+    connection = ClientConnection.current()
     texts = [""] * len(generation.prompts)
     reasons = ["stop"] * len(generation.prompts)
     for delta in generation.deltas():
         texts[delta.index] += delta.text
         if delta.finish_reason:
             reasons[delta.index] = delta.finish_reason
+        elif connection.gone():
+            generation.close()
+            raise ClientClosedRequest(f"the client closed the connection after {generation.completion_tokens} "
+                                      f"tokens; generation cancelled")
     return texts, reasons
 
 
