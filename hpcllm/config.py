@@ -283,8 +283,9 @@ def parse_config(data: dict, source: Path | str = "<config>") -> Config:
         raise ConfigError(_format_validation_error(source, exc)) from None
 
 
-def load_config(path: Path | str | None = None) -> Config:
-    """Load and validate a config file; None means $HPCLLM_CONFIG, else the embedded defaults."""
+def load_config(path: Path | str | None = None, *, private: bool = False) -> Config:
+    """Load and validate a config file; None means $HPCLLM_CONFIG, else the embedded defaults. private (the
+    services): refuse a file that holds secrets and that other users may read or change (check_private_file)."""
     if path is None:
         path = os.environ.get(CONFIG_ENV) or None
     if path is None:
@@ -296,4 +297,46 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse_config(data, path)
+    config = parse_config(data, path)
+    if private:
+        check_private_file(path, data, config)
+    return config
+
+
+def _secrets_in(data: dict) -> list[str]:
+    sections = {name: data.get(name) if isinstance(data.get(name), dict) else {} for name in
+                ("cluster", "controller", "gateway")}
+    held = [f"{section}.{key}" for section, key in (("cluster", "shared_secret"), ("controller", "admin_key"),
+                                                    ("gateway", "admin_key"), ("gateway", "api_keys"))
+            if sections[section].get(key)]
+    if "@" in str(sections["controller"].get("database_url", "")):  # postgresql://user:password@host/db
+        held.append("controller.database_url")
+    return held
+
+
+def check_private_file(path: Path, data: dict, config: Config) -> None:
+    """A config file holding secrets must be the service user's alone (0600), except a dev cluster's (whose
+    secrets are public anyway: conf/dev.toml is in the repository)."""
+    held = _secrets_in(data)
+    if not held or config.cluster.dev:
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"config file {path} holds secrets ({', '.join(held)}) but other users may read or change "
+                          f"it (mode {mode:o}): run `chmod 600 {path}`")
+
+
+def private_state_dir(config: Config) -> Path:
+    """From here on this process creates folders 0700 and files 0600 (umask 077: state, databases, caches, logs
+    and the workers it starts), and paths.state_dir exists, is ours and is 0700. A state folder another user
+    created first (the default lives under the world-writable /var/tmp) is refused."""
+    os.umask(0o077)
+    state = Path(config.paths.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    info = state.stat()
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"the state folder {state} belongs to another user (uid {info.st_uid}); choose a "
+                          f"paths.state_dir of your own")
+    if info.st_mode & 0o077:
+        state.chmod(0o700)
+    return state

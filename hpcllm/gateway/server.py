@@ -37,7 +37,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
-from hpcllm.config import Config, check_service_credentials
+from hpcllm.config import Config, check_service_credentials, private_state_dir
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.routing import make_router
 from hpcllm.procs import pid_alive
@@ -178,6 +178,7 @@ def run_gateway(config: Config) -> None:
     make_router(config).close()
     _check_port_free(config.gateway.host, config.gateway.port)
     check_service_credentials(config, "gateway")
+    private_state_dir(config)  # before fork: every worker inherits the umask
     if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
         raise ConfigError("prometheus_client was imported before the gateway set PROMETHEUS_MULTIPROC_DIR; "
                           "start the gateway with `hpcllm gateway`")
