@@ -239,9 +239,10 @@ def credential_problems(config: Config, service: str) -> list[str]:
     problems = []
     secret = config.cluster.shared_secret
     named = {"cluster.shared_secret": secret}
-    if service in ("controller", "gateway"):
+    if service == "controller":
         named["controller.admin_key" if config.controller.admin_key else "gateway.admin_key"] = admin_key_of(config)
-    if service == "gateway":
+    if service == "gateway":  # the gateway checks its own admin key
+        named["gateway.admin_key"] = config.gateway.admin_key
         named.update({f"gateway.api_keys[{i}].key": k.key for i, k in enumerate(config.gateway.api_keys)})
     for where, value in named.items():
         if value in KNOWN_DEFAULT_SECRETS:

@@ -45,6 +45,9 @@ def test_published_keys_are_refused():
     assert "gateway.api_keys[0].key is 'sk-change-me-bob'" in message
     message = refusal(config(controller={"admin_key": "dev-admin-key"}), "controller")
     assert "controller.admin_key is 'dev-admin-key'" in message
+    # The gateway's own admin key counts for the gateway, whatever the controller's is.
+    message = refusal(config(gateway={"admin_key": "dev-admin-key"}), "gateway")
+    assert "gateway.admin_key is 'dev-admin-key'" in message
 
 
 def test_the_controller_needs_its_own_admin_key():
