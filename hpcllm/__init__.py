@@ -13,7 +13,9 @@ Sub-packages, one per concept:
   cli         the `hpcllm` command
 """
 
-__version__ = "0.1.0"
+from hpcllm.version import __version__
+
+__all__ = ["__version__", "load_model"]
 
 
 def load_model(*args, **kwargs):

@@ -147,6 +147,8 @@ class ApiKey(Section):
     name: str = "user"
     requests_per_minute: int = Field(600, ge=1)
     tokens_per_minute: int = Field(200_000, ge=1)
+    # Streams this key may hold open at once; empty: gateway.max_streams_per_key.
+    max_concurrent_streams: int | None = Field(None, ge=1)
 
 
 class StaticModel(Section):
@@ -170,6 +172,8 @@ class GatewayConfig(Section):
     api_keys: list[ApiKey] = Field(default_factory=list)
     admin_key: str | None = None
     drain_timeout_seconds: float = Field(30.0, ge=0)
+    # Streams one API key may hold open at once (each holds a gateway thread); a key's max_concurrent_streams wins.
+    max_streams_per_key: int = Field(16, ge=1)
     # gunicorn: gthread workers, each thread holds one request (a stream holds its thread until it ends).
     workers: int = Field(2, ge=1)
     threads: int = Field(32, ge=1)
@@ -230,6 +234,9 @@ class WorkerConfig(Section):
 class ClusterConfig(Section):
     # Shared secret every agent / worker / controller call carries; never exposed to clients.
     shared_secret: str = "dev-secret-change-me"
+    # A development cluster (conf/dev.toml, `make up`): its secrets are public, so only there do the services start
+    # with the known default secrets, without an admin key or API keys (see check_service_credentials).
+    dev: bool = False
 
 
 class Config(Section):
@@ -240,6 +247,53 @@ class Config(Section):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+
+
+# Every secret and key this repository ships (the defaults above, conf/*.toml): public, so never a credential.
+KNOWN_DEFAULT_SECRETS = frozenset({
+    "dev-secret-change-me", "dev-admin-key", "dev-key", "change-me-admin", "sk-change-me-alice", "sk-change-me-bob",
+})
+SECRET_HINT = "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+
+
+def admin_key_of(config: Config) -> str | None:
+    """The admin API's key: controller.admin_key, else gateway.admin_key; never the cluster secret (None: unset)."""
+    return config.controller.admin_key or config.gateway.admin_key or None
+
+
+def credential_problems(config: Config, service: str) -> list[str]:
+    """What is wrong with the credentials `service` ("controller", "gateway", "node") would start with."""
+    problems = []
+    secret = config.cluster.shared_secret
+    named = {"cluster.shared_secret": secret}
+    if service == "controller":
+        named["controller.admin_key" if config.controller.admin_key else "gateway.admin_key"] = admin_key_of(config)
+    if service == "gateway":  # the gateway checks its own admin key
+        named["gateway.admin_key"] = config.gateway.admin_key
+        named.update({f"gateway.api_keys[{i}].key": k.key for i, k in enumerate(config.gateway.api_keys)})
+    for where, value in named.items():
+        if value in KNOWN_DEFAULT_SECRETS:
+            problems.append(f"{where} is {value!r}, a default published with hpcllm; {SECRET_HINT}")
+        elif value is not None and where != "cluster.shared_secret" and value == secret:
+            problems.append(f"{where} is the cluster secret: users must never hold it; give it its own value")
+    if service == "controller" and admin_key_of(config) is None:
+        problems.append(f"controller.admin_key is not set: the admin API (deploy, status) needs its own key; "
+                        f"{SECRET_HINT}")
+    if service == "gateway" and not config.gateway.api_keys:
+        problems.append("gateway.api_keys is empty: /v1 would be open to anyone who reaches the gateway; add a "
+                        "[[gateway.api_keys]] table per user (key, name)")
+    return problems
+
+
+def check_service_credentials(config: Config, service: str) -> None:
+    """Refuse to start `service` with public or missing credentials, except on a development cluster
+    (cluster.dev = true), whose secrets are public anyway."""
+    if config.cluster.dev:
+        return
+    problems = credential_problems(config, service)
+    if problems:
+        raise ConfigError(f"refusing to start the {service}:\n  " + "\n  ".join(problems)
+                          + "\n(on a development cluster only, `[cluster] dev = true` allows this)")
 
 
 def _format_validation_error(path: Path | str, exc: ValidationError) -> str:
@@ -257,8 +311,9 @@ def parse_config(data: dict, source: Path | str = "<config>") -> Config:
         raise ConfigError(_format_validation_error(source, exc)) from None
 
 
-def load_config(path: Path | str | None = None) -> Config:
-    """Load and validate a config file; None means $HPCLLM_CONFIG, else the embedded defaults."""
+def load_config(path: Path | str | None = None, *, private: bool = False) -> Config:
+    """Load and validate a config file; None means $HPCLLM_CONFIG, else the embedded defaults. private (the
+    services): refuse a file that holds secrets and that other users may read or change (check_private_file)."""
     if path is None:
         path = os.environ.get(CONFIG_ENV) or None
     if path is None:
@@ -270,4 +325,46 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse_config(data, path)
+    config = parse_config(data, path)
+    if private:
+        check_private_file(path, data, config)
+    return config
+
+
+def _secrets_in(data: dict) -> list[str]:
+    sections = {name: data.get(name) if isinstance(data.get(name), dict) else {} for name in
+                ("cluster", "controller", "gateway")}
+    held = [f"{section}.{key}" for section, key in (("cluster", "shared_secret"), ("controller", "admin_key"),
+                                                    ("gateway", "admin_key"), ("gateway", "api_keys"))
+            if sections[section].get(key)]
+    if "@" in str(sections["controller"].get("database_url", "")):  # postgresql://user:password@host/db
+        held.append("controller.database_url")
+    return held
+
+
+def check_private_file(path: Path, data: dict, config: Config) -> None:
+    """A config file holding secrets must be the service user's alone (0600), except a dev cluster's (whose
+    secrets are public anyway: conf/dev.toml is in the repository)."""
+    held = _secrets_in(data)
+    if not held or config.cluster.dev:
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"config file {path} holds secrets ({', '.join(held)}) but other users may read or change "
+                          f"it (mode {mode:o}): run `chmod 600 {path}`")
+
+
+def private_state_dir(config: Config) -> Path:
+    """From here on this process creates folders 0700 and files 0600 (umask 077: state, databases, caches, logs
+    and the workers it starts), and paths.state_dir exists, is ours and is 0700. A state folder another user
+    created first (the default lives under the world-writable /var/tmp) is refused."""
+    os.umask(0o077)
+    state = Path(config.paths.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    info = state.stat()
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"the state folder {state} belongs to another user (uid {info.st_uid}); choose a "
+                          f"paths.state_dir of your own")
+    if info.st_mode & 0o077:
+        state.chmod(0o700)
+    return state

@@ -1,14 +1,30 @@
-"""One JSON-over-HTTP call for the CLIs that talk to hpcllm services (controller admin API, node agents).
+"""JSON over HTTP for every hpcllm service and CLI.
 
-Both the transport failure and an error answer become the caller's own HpcllmError, built from what went wrong,
-so each CLI says in its own words which service is down or what it refused.
+parse_json_body: the one way a service reads a JSON request body (gateway, controller, node agent; the worker's
+pydantic model_validate_json uses the same parser). It nests at most 200 levels and never recurses in Python, so
+a deeply nested body is a clear 400, not a RecursionError, a 500 and a traceback in the log.
+
+request_json: one call for the CLIs that talk to hpcllm services (controller admin API, node agents). Both the
+transport failure and an error answer become the caller's own HpcllmError, built from what went wrong, so each
+CLI says in its own words which service is down or what it refused.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
+import pydantic_core
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The request body's JSON value; ValueError with a message for the client when it is not JSON (recursion limit
+    exceeded: nested deeper than 200 arrays/objects)."""
+    try:
+        return pydantic_core.from_json(raw)
+    except ValueError as exc:
+        nested = " (JSON nested deeper than 200 levels)" if "recursion limit" in str(exc) else ""
+        raise ValueError(f"the request body is not valid JSON: {exc}{nested}") from None
 
 
 def request_json(http: httpx.Client, method: str, path: str, *,

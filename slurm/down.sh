@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Body of `make down`: stop what `make up` started, in order: gateway (drains its streams), controller, then the
-# dev cluster (jobs, slurmds, slurmctld, munged). Each service is stopped by the PID in its pid file.
+# Body of `make down`: stop what `make up` started, in order: nginx (lets running streams finish), gateway (drains
+# its streams), controller, then the dev cluster (jobs, slurmds, slurmctld, munged). Each service is stopped by
+# the PID in its pid file.
 set -uo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,6 +21,20 @@ stop_service() {
     rm -f "$pidfile"
 }
 
+# nginx writes and removes its own pid file; SIGQUIT is its graceful stop.
+stop_front_door() {
+    local pidfile=$RUN_DIR/nginx/nginx.pid pid i
+    [[ -f $pidfile ]] || return 0
+    pid=$(cat "$pidfile")
+    kill -0 "$pid" 2>/dev/null || return 0
+    echo "==> stopping nginx (pid $pid)" >&2
+    kill -QUIT "$pid"
+    for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.25; done
+    echo "nginx did not stop in 30 s; killing it" >&2
+    kill -TERM "$pid"
+}
+
+stop_front_door
 stop_service gateway
 stop_service controller
 bash "$REPO_ROOT/slurm/devcluster.sh" stop

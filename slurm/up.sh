@@ -17,6 +17,10 @@ readonly RUN_DIR=${HPCLLM_RUN_DIR:-/var/tmp/hpcllm/run}
 readonly MODELS_DIR=/var/tmp/hpcllm/models
 readonly CONTROLLER_URL=http://127.0.0.1:8700
 readonly GATEWAY_URL=http://127.0.0.1:8000
+# The front door users reach: nginx with TLS (conf/nginx/hpcllm.conf), certificate signed by a dev CA.
+readonly FRONT_URL=https://localhost:8443
+readonly NGINX_DIR=$RUN_DIR/nginx
+readonly PYTHON=${HPCLLM_VENV:-$REPO_ROOT/.venv}/bin/python
 
 step() { echo "==> $*" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
@@ -87,6 +91,18 @@ start_services() {
     start_service gateway "$GATEWAY_URL/health" "$HPCLLM" gateway
 }
 
+start_front_door() {
+    if [[ -f $NGINX_DIR/nginx.pid ]] && kill -0 "$(<"$NGINX_DIR/nginx.pid")" 2>/dev/null; then
+        step "nginx already running (pid $(<"$NGINX_DIR/nginx.pid"))"
+    else
+        step "front door: nginx with TLS on $FRONT_URL (clients verify with $NGINX_DIR/ca.pem)"
+        "$PYTHON" -m hpcllm.gateway.frontdoor start --run-dir "$NGINX_DIR" --listen 127.0.0.1:8443 ||
+            die "nginx did not start; see $NGINX_DIR/nginx-error.log (nginx missing? run make host as root)"
+    fi
+    curl -fsS -o /dev/null --cacert "$NGINX_DIR/ca.pem" "$FRONT_URL/health" ||
+        die "$FRONT_URL/health does not answer through nginx; see $NGINX_DIR/nginx-error.log"
+}
+
 print_summary() {
     echo
     echo "The dev Slurm cluster is up (docs/devcluster.md). To use its Slurm commands in your shell:"
@@ -94,9 +110,10 @@ print_summary() {
     echo "Status: bash slurm/devcluster.sh status; HPCLLM_CONFIG=$HPCLLM_CONFIG $HPCLLM status    Stop: make down"
     echo "Logs: $RUN_DIR/*.log"
     echo
-    echo "hpcllm is serving tiny-llama at $GATEWAY_URL (the first request is a cold start: a Slurm job starts a"
-    echo "node agent, which loads the model). Stream a completion:"
-    echo "  curl -N $GATEWAY_URL/v1/completions -H 'Authorization: Bearer dev-key' -H 'Content-Type: application/json' \\"
+    echo "hpcllm is serving tiny-llama at $FRONT_URL, nginx with TLS in front of the gateway (the first request is a"
+    echo "cold start: a Slurm job starts a node agent, which loads the model). Stream a completion:"
+    echo "  curl -N --cacert $NGINX_DIR/ca.pem $FRONT_URL/v1/completions -H 'Authorization: Bearer dev-key' \\"
+    echo "    -H 'Content-Type: application/json' \\"
     echo "    -d '{\"model\": \"tiny-llama\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16, \"stream\": true}'"
 }
 
@@ -106,6 +123,7 @@ main() {
     start_dev_cluster
     build_demo_model
     start_services
+    start_front_door
     print_summary
 }
 

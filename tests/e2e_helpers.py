@@ -157,6 +157,7 @@ def write_e2e_config(root: Path, *, secret: str, admin: str, controller_port: in
         lines += ["[[gateway.api_keys]]", f"key = {_toml_value(user_key)}", 'name = "e2e"']
     path = root / "hpcllm.toml"
     path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # holds the secret: the services refuse it otherwise
     return path
 
 

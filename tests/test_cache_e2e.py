@@ -141,6 +141,8 @@ def cluster(slurm_cluster, tmp_path_factory, tiny_llama_dir, tiny_models_root):
     config.write_text(_config_text(root, 1.0))
     small_config = root / "hpcllm-n2.toml"
     small_config.write_text(_config_text(root, 3.5 * tiny_copy / 1e9))
+    for written in (config, small_config):
+        written.chmod(0o600)  # they hold the secret: the services refuse them otherwise
 
     settings = load_config(config)
     backend = CliBackend(settings.slurm, command_timeout=30)

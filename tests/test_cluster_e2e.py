@@ -61,6 +61,7 @@ admin_key = "{ADMIN}"
 allocate_on_demand = false
 tick_seconds = 1.0
 """)
+    path.chmod(0o600)  # holds the secret: the services refuse it otherwise
     return path
 
 

@@ -73,6 +73,7 @@ allocation_keep_alive_seconds = 3
 node_timeout_seconds = 15
 route_max_wait_seconds = 20
 """)
+    path.chmod(0o600)  # holds the secret: the services refuse it otherwise
     return path
 
 

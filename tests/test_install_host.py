@@ -23,7 +23,8 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "slurm" / "install-host.sh"
 RUNTIME_PACKAGES = ["python3.11", "python3.11-venv", "curl", "munge", "slurmctld", "slurmd", "slurm-client",
-                    "openmpi-bin", "libopenmpi-dev", "libpmix2", "slurmrestd", "slurm-wlm-jwt-plugin"]
+                    "openmpi-bin", "libopenmpi-dev", "libpmix2", "slurmrestd", "slurm-wlm-jwt-plugin",
+                    "nginx", "openssl"]
 TEST_PACKAGES = ["shellcheck", "postgresql"]
 
 FAKE_DPKG_QUERY = r"""#!/bin/bash

@@ -124,12 +124,26 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
         raise UnsupportedDtype(f"--dtype {dtype!r} is not one of {', '.join(CONVERT_TARGET_DTYPES)}")
     if chunk_size <= 0 or chunk_size % ALIGNMENT:
         raise CheckpointError(f"chunk size {chunk_size} must be a positive multiple of {ALIGNMENT}")
+    _refuse_links_leaving(source)
     real_source, real_out = source.resolve(), out.resolve()
     if real_out == real_source or real_out in real_source.parents or real_source in real_out.parents:
         raise CheckpointError(f"{out}: the output folder must not be the source folder, contain it or lie in it")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputExists(f"{out}: already exists; pass --overwrite to replace it or choose another folder")
+
+
+def _refuse_links_leaving(source: Path) -> None:
+    """Symbolic links in the source folder must stay inside it: a link to another user's file (or to /etc) would
+    otherwise be read and published in the checkpoint with the converter's own permissions."""
+    real_source = source.resolve()
+    for folder, dirs, files in os.walk(source):  # does not descend into linked folders; they are checked here
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(real_source):
+                raise InvalidSource(f"{path} is a symbolic link to {path.resolve()}, outside the source folder "
+                                    f"{source}; copy that file into the folder (or convert from a folder without "
+                                    f"such links)")
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:

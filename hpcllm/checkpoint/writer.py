@@ -154,7 +154,7 @@ def write_manifest(
     model: dict[str, Any],
     source: dict[str, Any],
 ) -> None:
-    from hpcllm import __version__
+    from hpcllm.version import __version__
 
     manifest = {
         "format": FORMAT_NAME,

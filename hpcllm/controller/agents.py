@@ -15,8 +15,7 @@ import httpx
 from pydantic import ValidationError
 
 from hpcllm.controller.errors import AgentError
-from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
-from hpcllm.node.protocol import MigratedOut
+from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo, MigratedOut
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Errors always have one shape, {"error": {"message", "type", "param", "code"}}, never an HTML page or a traceback.
 /v1/internal/* needs the cluster shared secret (X-Hpcllm-Secret); /v1/admin/* needs the admin key
-(Authorization: Bearer KEY). /health and /metrics are open (bind the controller to an internal address).
+(Authorization: Bearer KEY), its own credential (never the secret; no key: the admin API is closed). /health and /metrics are open (bind the controller to an internal address).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
+from hpcllm.config import admin_key_of
 from hpcllm.controller.errors import ControllerError, InvalidRequest, NoCapacity, Unauthorized
 from hpcllm.controller.protocol import (
     SECRET_HEADER,
@@ -27,13 +28,9 @@ from hpcllm.controller.protocol import (
     RouteReady,
 )
 from hpcllm.controller.service import Controller
+from hpcllm.httpjson import parse_json_body
 
 log = logging.getLogger(__name__)
-
-
-def admin_key_of(config) -> str:
-    """controller.admin_key, else gateway.admin_key, else the cluster shared secret."""
-    return config.controller.admin_key or config.gateway.admin_key or config.cluster.shared_secret
 
 
 def error_body(message: str, code: str, error_type: str = "invalid_request_error", param: str | None = None) -> dict:
@@ -74,7 +71,10 @@ class Metrics:
 
 
 def _parse(model: type[BaseModel]):
-    body = request.get_json(silent=True)
+    try:
+        body = parse_json_body(request.get_data())
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
@@ -134,6 +134,8 @@ def create_app(controller: Controller) -> Flask:
             if not hmac.compare_digest(given.encode(), secret.encode()):
                 raise Unauthorized(f"missing or wrong {SECRET_HEADER} header")
         elif request.path.startswith("/v1/admin/"):
+            if admin_key is None:
+                raise Unauthorized("the admin API is disabled: controller.admin_key is not set")
             auth = request.headers.get("Authorization", "")
             given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
             if not hmac.compare_digest(given.encode(), admin_key.encode()):

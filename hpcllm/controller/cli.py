@@ -12,8 +12,7 @@ import click
 import httpx
 from pydantic import ValidationError
 
-from hpcllm.config import Config, load_config
-from hpcllm.controller.app import admin_key_of
+from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir
 from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
 from hpcllm.controller.protocol import ClusterStatus, ModelSpec
 from hpcllm.httpjson import request_json
@@ -36,7 +35,9 @@ def controller(config_path: Path | None, host: str | None, port: int | None, rea
     """Run the controller: registry, placement, route API and autoscaler."""
     from hpcllm.controller.server import build_service, serve, slurm_backend_of
 
-    config = load_config(config_path)
+    config = load_config(config_path, private=True)
+    check_service_credentials(config, "controller")
+    private_state_dir(config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = build_service(config, backend=slurm_backend_of(config),
                             config_path=str(config_path) if config_path else os.environ.get("HPCLLM_CONFIG"))
@@ -65,8 +66,9 @@ class AdminClient:
         from hpcllm.controller.server import controller_url_of
 
         self.url = (url or os.environ.get(CONTROLLER_URL_ENV) or controller_url_of(config)).rstrip("/")
+        admin_key = admin_key_of(config)
         self._http = httpx.Client(base_url=self.url, timeout=30.0,
-                                  headers={"Authorization": f"Bearer {admin_key_of(config)}"})
+                                  headers={"Authorization": f"Bearer {admin_key}"} if admin_key else {})
 
     def call(self, method: str, path: str, **kwargs) -> dict:
         return request_json(

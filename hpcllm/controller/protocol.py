@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hpcllm.worker.protocol import MigrationFailure, MigrationResult
+
 SECRET_HEADER = "X-Hpcllm-Secret"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
@@ -310,3 +312,24 @@ class ClusterStatus(Wire):
 class UndeployResult(Wire):
     undeployed: str
     stopped_instances: int
+
+
+# ------------------------------------------------------------------------------------ node agent's answers to us
+# The node agent's answer to POST /v1/internal/instances/<id>/migrate-out (hpcllm.node.protocol): defined here,
+# where the controller reads it, because the node package imports the controller's wire types, never the reverse.
+
+
+class MigratedOut(Wire):
+    """What migrate-out did. `migrated`/`failed` are the source worker's own answer (POST /v1/internal/migrate);
+    `error` says why the migration call as a whole failed. Requests that were not migrated were aborted when the
+    instance stopped: the gateway resumes them from their tokens."""
+
+    instance_id: str
+    model: str
+    destination_url: str
+    migrated: list[MigrationResult] = Field(default_factory=list)
+    failed: list[MigrationFailure] = Field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    state: str = "stopped"
+    exit_code: int | None = None

@@ -20,7 +20,7 @@ from hpcllm.config import load_config, parse_config
 def gateway(config_path: Path | None, host: str | None, port: int | None, workers: int | None,
             threads: int | None) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics."""
-    config = load_config(config_path)
+    config = load_config(config_path, private=True)
     overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "threads": threads}.items()
                  if v is not None}
     if overrides:

@@ -88,6 +88,14 @@ class RateLimited(ApiError):
     code = "rate_limit_exceeded"
 
 
+class ClientClosedRequest(ApiError):
+    """The client went away before its (non-streaming) answer was ready: nobody reads this; nginx's 499."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
 class ServiceUnavailable(ApiError):
     """503: draining, no capacity, model still starting past the wait limit, worker or controller unreachable."""
 

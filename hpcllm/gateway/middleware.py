@@ -1,9 +1,9 @@
 """Cross-cutting request handling: request ids, draining, authentication, request limits, errors.
 
 Order for every request: request id -> open paths (/health, /ready, /metrics) pass -> 503 while draining ->
-/v1/admin/* needs the admin key -> other /v1/* need an API key (when keys are configured) and take one token
-from that key's request bucket. Every error, expected or not, leaves in OpenAI's error shape with the request id
-in `X-Request-Id`; an unexpected exception is logged with its traceback and answered with a plain 500.
+/v1/admin/* needs the admin key -> other /v1/* need an API key (no keys configured: closed, except on a dev cluster)
+and take one token from that key's request bucket. Every error, expected or not, leaves in OpenAI's error shape with
+the request id in `X-Request-Id`; an unexpected exception is logged with its traceback and answered with a plain 500.
 """
 
 from __future__ import annotations
@@ -52,7 +52,11 @@ def _matching_key(token: str, keys: dict[str, ApiKey]) -> ApiKey | None:
 def _authenticate_user(gw: Gateway) -> None:
     g.api_key = None
     if not gw.api_keys:
-        return
+        if gw.config.cluster.dev:
+            return  # a development cluster may run an open API (warned at start)
+        raise errors.AuthenticationFailed(
+            "this gateway has no API keys (gateway.api_keys is empty), so /v1 is closed; ask its operator",
+            code="no_api_keys")
     token = _bearer()
     if token is None:
         raise errors.AuthenticationFailed(

@@ -10,7 +10,6 @@ Validation is strict: "10" is not accepted where an integer is expected, as Open
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,6 +17,7 @@ from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
+from hpcllm.httpjson import parse_json_body
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -89,9 +89,9 @@ def json_body() -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        body = parse_json_body(raw)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
     return body

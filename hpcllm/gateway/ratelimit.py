@@ -3,7 +3,8 @@
 Each key has two buckets: requests (capacity requests_per_minute, refilled continuously at rpm/60 per second,
 cost 1 per request) and tokens (capacity tokens_per_minute; a request reserves prompt_tokens + max_tokens up
 front and gets back what its generation did not use when it ends). An empty bucket means 429 with Retry-After
-set to the seconds until the request would fit.
+set to the seconds until the request would fit; a request reserving more than the whole bucket is a 429 at once.
+Each key may also hold a bounded number of streams at once (stream slots, shared by all gateway processes).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import hashlib
 from hpcllm.config import ApiKey
 from hpcllm.gateway.errors import RateLimited
 from hpcllm.gateway.shared_state import SharedState
+
+
+STREAM_RETRY_AFTER_S = 2.0
 
 
 def _bucket_id(key: ApiKey, kind: str) -> str:
@@ -34,12 +38,27 @@ class RateLimiter:
 
     def reserve_tokens(self, key: ApiKey, tokens: int) -> None:
         tpm = key.tokens_per_minute
+        if tokens > tpm:  # would never fit: no Retry-After, the request itself must shrink
+            raise RateLimited(
+                f"Request too large for key {key.name!r}: it reserves {tokens} tokens (prompt + max_tokens, per "
+                f"prompt), more than the key's whole budget of {tpm} tokens per minute; lower max_tokens or send "
+                f"fewer prompts per request", code="request_over_token_limit")
         wait = self.state.take(_bucket_id(key, "tokens"), capacity=tpm, per_second=tpm / 60.0, cost=tokens)
         if wait is not None:
             raise RateLimited(
                 f"Token limit reached for key {key.name!r}: {tpm} tokens per minute (this request reserves "
                 f"{tokens} = prompt + max_tokens); retry in {wait:.1f} s or lower max_tokens",
                 code="tokens_limit_exceeded", retry_after=wait)
+
+    def open_stream(self, key: ApiKey, stream_id: str, limit: int) -> None:
+        """Take one of the key's `limit` stream slots until close_stream(stream_id); 429 when all are taken."""
+        if not self.state.open_stream(_bucket_id(key, "streams"), stream_id, limit):
+            raise RateLimited(
+                f"Too many concurrent streams for key {key.name!r}: at most {limit} at once; retry when one ends",
+                code="too_many_streams", retry_after=STREAM_RETRY_AFTER_S)
+
+    def close_stream(self, stream_id: str) -> None:
+        self.state.close_stream(stream_id)
 
     def settle_tokens(self, key: ApiKey, reserved: int, used: int) -> None:
         """After a request: give back reserved - used (or charge the excess when it used more than reserved)."""

@@ -43,7 +43,8 @@ class Gateway:
         self.limiter = RateLimiter(self.shared)
         self.api_keys: dict[str, ApiKey] = {k.key: k for k in gw.api_keys}
         if not self.api_keys:
-            log.warning("gateway.api_keys is empty: /v1 endpoints are open to anyone who can reach the gateway")
+            log.warning("gateway.api_keys is empty: /v1 endpoints are %s", "open to anyone who can reach the gateway"
+                        if config.cluster.dev else "closed (every call gets 401)")
         threads = gw.threads
         self.http = httpx.Client(
             headers={SECRET_HEADER: config.cluster.shared_secret},
@@ -51,6 +52,8 @@ class Gateway:
             limits=httpx.Limits(max_connections=4 * threads, max_keepalive_connections=threads),
         )
         self._draining = threading.Event()
+        self._generations: set = set()  # serving.Generation objects between start() and close()
+        self._generations_lock = threading.Lock()
         self._in_flight = 0
         self._idle = threading.Condition()
         self.started_at = time.time()
@@ -83,6 +86,29 @@ class Gateway:
         """Wait until no admitted request is running (streams included); False when timeout_s passed first."""
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight <= 0, timeout=max(0.0, timeout_s))
+
+    def track(self, generation) -> None:
+        with self._generations_lock:
+            self._generations.add(generation)
+
+    def untrack(self, generation) -> None:
+        with self._generations_lock:
+            self._generations.discard(generation)
+
+    def stop_generations(self, grace_s: float) -> int:
+        """The drain timeout ran out: every running generation ends at its next token with a 503 (a stream: an error
+        event, then [DONE]) and settles its token reservation; after grace_s, those still blocked (a silent worker)
+        are settled from here. Returns how many generations were stopped."""
+        with self._generations_lock:
+            running = list(self._generations)
+        for generation in running:
+            generation.abort("the gateway is shutting down (drain timeout); retry the request")
+        self.wait_idle(grace_s)
+        with self._generations_lock:
+            stuck = list(self._generations)
+        for generation in stuck:
+            generation.close()
+        return len(running)
 
     def close(self) -> None:
         self.http.close()

@@ -37,7 +37,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.gthread import ThreadWorker
 
-from hpcllm.config import Config
+from hpcllm.config import Config, check_service_credentials, private_state_dir
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.routing import make_router
 from hpcllm.procs import pid_alive
@@ -89,8 +89,11 @@ def gunicorn_settings(config: Config) -> dict:
 
 # Set by the master right before it sends SIGTERM to all workers for a shutdown; shared with the forked workers.
 _GATEWAY_STOPPING = multiprocessing.RawValue(ctypes.c_bool, False)
-# Time a worker keeps for gunicorn's own stop (kept-alive connections linger up to 2 s) within graceful_timeout.
-STOP_MARGIN_S = 3.0
+# Time a worker keeps within graceful_timeout for ending the requests still running (ABORT_GRACE_S: their streams
+# get an error event, their token reservations are settled) and for gunicorn's own stop (kept-alive connections
+# linger up to 2 s).
+ABORT_GRACE_S = 2.0
+STOP_MARGIN_S = ABORT_GRACE_S + 3.0
 
 
 class GatewayArbiter(Arbiter):
@@ -129,8 +132,9 @@ class DrainingThreadWorker(ThreadWorker):
         started = time.monotonic()
         budget = max(0.0, self.cfg.graceful_timeout - STOP_MARGIN_S)
         if not gateway.wait_idle(budget):
-            log.warning("drain timeout: %d requests still running after %.0f s", gateway.in_flight,
-                        time.monotonic() - started)
+            log.warning("drain timeout: %d requests still running after %.0f s; ending them with an error",
+                        gateway.in_flight, time.monotonic() - started)
+            gateway.stop_generations(grace_s=ABORT_GRACE_S)
         ThreadWorker.handle_exit(self, sig, None)  # gunicorn's graceful stop: flag + wake the main loop
 
 
@@ -173,6 +177,8 @@ def run_gateway(config: Config) -> None:
     # its message, instead of failing every gunicorn worker's boot.
     make_router(config).close()
     _check_port_free(config.gateway.host, config.gateway.port)
+    check_service_credentials(config, "gateway")
+    private_state_dir(config)  # before fork: every worker inherits the umask
     if "prometheus_client" in sys.modules and not os.environ.get(MULTIPROC_ENV):
         raise ConfigError("prometheus_client was imported before the gateway set PROMETHEUS_MULTIPROC_DIR; "
                           "start the gateway with `hpcllm gateway`")

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from flask import g
+from flask import g, request
 
 from hpcllm.config import ApiKey
-from hpcllm.gateway.errors import ApiError, InternalError, InvalidRequest, ServiceUnavailable
+from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError, InvalidRequest,
+                                   ServiceUnavailable)
 from hpcllm.gateway.protocol import SEED_RANGE, SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -110,6 +113,9 @@ class Generation:
         self._last_token_at: float | None = None  # of the current choice, across streams
         self._migration_pause_from: float | None = None  # set when attached; the next token ends the pause
         self._closed = False
+        self._close_lock = threading.Lock()
+        self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
+        self._stream_slot: str | None = None  # the key's stream slot this generation holds (a streaming request)
 
     @property
     def usage(self) -> UsageInfo:
@@ -117,8 +123,11 @@ class Generation:
                          total_tokens=self.prompt_tokens + self.completion_tokens)
 
     # ------------------------------------------------------------------------------------------- admission
-    def start(self) -> None:
+    def start(self, stream: bool = False) -> None:
+        self.gw.track(self)
         try:
+            if stream:
+                self._hold_stream_slot()
             self._reserve_tokens()
             self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
             self._endpoint = self._route()
@@ -127,6 +136,14 @@ class Generation:
         except BaseException:
             self.close()
             raise
+
+    def _hold_stream_slot(self) -> None:
+        key = self.ctx.api_key
+        if key is None:
+            return
+        limit = key.max_concurrent_streams or self.gw.config.gateway.max_streams_per_key
+        self.gw.limiter.open_stream(key, self.response_id, limit)
+        self._stream_slot = self.response_id
 
     def _reserve_tokens(self) -> None:
         key = self.ctx.api_key
@@ -178,6 +195,7 @@ class Generation:
     def deltas(self) -> Iterator[Delta]:
         try:
             for index in range(self.num_choices):
+                self._raise_if_aborted()
                 self._stream = self._opened.pop(index, None) or self._open(index, resume_ids=[], attempt_tag=0)
                 yield from self._run_choice(index)
         finally:
@@ -194,6 +212,7 @@ class Generation:
                 try:
                     final = yield from self._read_stream(index, output_ids)
                 except WorkerLost as exc:
+                    self._raise_if_aborted()
                     final = None
                     reason = str(exc)
                 else:
@@ -268,13 +287,24 @@ class Generation:
                 yield Delta(index, item.text, logprobs=item.logprobs)
             elif item.text:
                 yield Delta(index, item.text)
+            self._raise_if_aborted()
         raise WorkerLost("the worker stream ended without a final line")
+
+    def abort(self, reason: str) -> None:
+        """Called from another thread (gateway shutdown): the generation stops at its next token with `reason`."""
+        self._aborted = reason
+
+    def _raise_if_aborted(self) -> None:
+        if self._aborted is not None:
+            raise ServiceUnavailable(self._aborted, code="gateway_shutdown", retry_after=5)
 
     def close(self) -> None:
         """Cancel an unfinished worker stream, give back unused reserved tokens, record the request's latency."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:  # the request's thread, or the shutdown settling a stuck generation
+            if self._closed:
+                return
+            self._closed = True
+        self.gw.untrack(self)
         for stream in [self._stream, *self._opened.values()]:
             if stream is not None and not stream.finished:
                 stream.cancel()
@@ -282,6 +312,11 @@ class Generation:
         self._opened.clear()
         if self._first_token_seen:
             self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
+        if self._stream_slot is not None:
+            try:
+                self.gw.limiter.close_stream(self._stream_slot)
+            except Exception:
+                log.exception("request %s: could not free its stream slot", self.ctx.request_id)
         if self.ctx.api_key is not None and self._reserved:
             try:
                 self.gw.limiter.settle_tokens(self.ctx.api_key, self._reserved,
@@ -302,8 +337,38 @@ class ChoiceResult:
     cumulative_logprob: float = 0.0
 
 
+class ClientConnection:
+    """The socket of the request being served, to notice a client that hung up while its answer is generated."""
+
+    CHECK_INTERVAL_S = 0.5
+
+    def __init__(self, sock: socket.socket | None):
+        self._sock = sock
+        self._checked_at = time.monotonic()
+
+    @classmethod
+    def current(cls) -> ClientConnection:
+        environ = request.environ  # gunicorn and werkzeug both hand the WSGI app its connection
+        return cls(environ.get("gunicorn.socket") or environ.get("werkzeug.socket"))
+
+    def gone(self) -> bool:
+        """True once the client closed its connection (checked at most every CHECK_INTERVAL_S)."""
+        now = time.monotonic()
+        if self._sock is None or now - self._checked_at < self.CHECK_INTERVAL_S:
+            return False
+        self._checked_at = now
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""  # b"": the peer closed
+        except (BlockingIOError, InterruptedError, ValueError):  # nothing to read (still there), or a TLS socket
+            return False
+        except OSError:  # reset by the peer
+            return True
+
+
 def collect(generation: Generation) -> list[ChoiceResult]:
-    """Run a generation to the end; every choice, in index order."""
+    """Run a generation to the end; every choice, in index order. A client that hangs up meanwhile cancels it (the
+    worker frees its slots, the reservation is settled): nobody would read the answer."""
+    connection = ClientConnection.current()
     choices = [ChoiceResult(i) for i in range(generation.num_choices)]
     for delta in generation.deltas():
         choice = choices[delta.index]
@@ -312,6 +377,10 @@ def collect(generation: Generation) -> list[ChoiceResult]:
         choice.text += delta.text
         if delta.finish_reason:
             choice.finish_reason = delta.finish_reason
+        elif connection.gone():
+            generation.close()
+            raise ClientClosedRequest(f"the client closed the connection after {generation.completion_tokens} "
+                                      f"tokens; generation cancelled")
     for choice in choices:
         choice.cumulative_logprob = generation.cumulative_logprobs[choice.index]
     return choices

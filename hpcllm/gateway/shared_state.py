@@ -1,4 +1,4 @@
-"""State every gateway process must share: rate-limit token buckets and which instances were already counted.
+"""State every gateway process must share: rate-limit token buckets, stream slots per key, counted instances.
 
 gunicorn runs several gateway processes; limits kept in process memory would multiply by the number of workers
 and vanish on restart. This is a small SQLite database in WAL mode on the gateway's local state dir: each
@@ -8,14 +8,18 @@ correctly without a server to run. One connection per thread (sqlite3 connection
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from hpcllm.procs import pid_alive
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS seen_instances (instance_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS open_streams (id TEXT PRIMARY KEY, bucket TEXT NOT NULL, pid INTEGER NOT NULL);
 """
 
 
@@ -87,6 +91,24 @@ class SharedState:
             return capacity
         tokens, updated = row
         return min(capacity, tokens + max(0.0, now - updated) * per_second)
+
+    def open_stream(self, bucket: str, stream_id: str, limit: int) -> bool:
+        """Take one of `limit` stream slots of `bucket` for stream_id (False: all taken). Slots of processes that
+        died without closing their streams (a killed gunicorn worker) are freed here."""
+        with self._transaction() as db:
+            pids = {pid for (pid,) in db.execute("SELECT DISTINCT pid FROM open_streams WHERE bucket = ?", (bucket,))}
+            for pid in pids - {os.getpid()}:
+                if not pid_alive(pid):
+                    db.execute("DELETE FROM open_streams WHERE pid = ?", (pid,))
+            (held,) = db.execute("SELECT COUNT(*) FROM open_streams WHERE bucket = ?", (bucket,)).fetchone()
+            if held >= limit:
+                return False
+            db.execute("INSERT INTO open_streams (id, bucket, pid) VALUES (?, ?, ?)", (stream_id, bucket, os.getpid()))
+            return True
+
+    def close_stream(self, stream_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM open_streams WHERE id = ?", (stream_id,))
 
     def first_sighting(self, instance_id: str) -> bool:
         """True for exactly one caller across all gateway processes per instance id."""

@@ -12,12 +12,17 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
 
 log = logging.getLogger(__name__)
+
+
+# Normalizers (NFKC and the like) may shorten text before it is split into tokens; the bound below allows this much.
+NORMALIZATION_SLACK = 2
 
 
 @dataclass
@@ -27,6 +32,27 @@ class PromptEncoder:
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest token in the vocabulary (special tokens included): no token covers more."""
+        return max(1, max((len(token) for token in self.tokenizer.get_vocab()), default=1))
+
+    def min_tokens(self, chars: int) -> int:
+        """A lower bound on the tokens of any text of `chars` characters, known without tokenizing it."""
+        return chars // (self.max_token_chars * NORMALIZATION_SLACK)
+
+    def check_fits(self, chars: int, max_model_len: int | None, param: str) -> None:
+        """400 before tokenizing a prompt too long for the context whatever its tokens: tokenizing a 4 MB prompt
+        takes seconds of the gateway's CPU, checking its length nothing."""
+        if max_model_len is None:
+            return
+        at_least = self.min_tokens(chars)
+        if at_least >= max_model_len:
+            raise InvalidRequest(
+                f"This model's maximum context length is {max_model_len} tokens. However, your prompt has at least "
+                f"{at_least} tokens ({chars} characters). Please reduce the length of the prompt.",
+                param=param, code="context_length_exceeded")
 
     def encode(self, text: str) -> list[int]:
         # Like vLLM and `tokenizer(prompt)` in transformers: the model's BOS (if any) is added.

@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.errors import HpcllmError
+from hpcllm.httpjson import parse_json_body
 from hpcllm.node.protocol import (
     CachedCopyInfo,
     CacheList,
@@ -47,7 +48,10 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
 
 
 def _parse(model: type[BaseModel]):
-    body = request.get_json(silent=True)
+    try:
+        body = parse_json_body(request.get_data())
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_request")
     try:

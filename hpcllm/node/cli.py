@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from hpcllm.config import CONFIG_ENV, load_config
+from hpcllm.config import CONFIG_ENV, check_service_credentials, load_config, private_state_dir
 from hpcllm.controller.protocol import MODEL_NAME_PATTERN
 
 
@@ -40,7 +40,9 @@ def node(config_path: Path | None, model: str | None, controller_url: str | None
     from hpcllm.node.agent import NodeAgent
     from hpcllm.node.app import create_app
 
-    config = load_config(config_path)
+    config = load_config(config_path, private=True)
+    check_service_credentials(config, "node")
+    private_state_dir(config)
     if port is not None:
         config.node.port = port
     path = config_path or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)

@@ -21,15 +21,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from hpcllm.controller.protocol import (
+from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate-out answer, defined there)
     MODEL_NAME_PATTERN,
     CacheTier,
     EngineName,
     InstanceInfo,
+    MigratedOut,
     NodeRegistration,
     Wire,
 )
-from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
 
 class StartInstance(Wire):
@@ -91,19 +91,3 @@ class MigrateOut(Wire):
     """Move every running request of one instance to the worker at destination_url, then stop the instance."""
 
     destination_url: str = Field(pattern=r"^https?://", description="a ready worker of the same model")
-
-
-class MigratedOut(Wire):
-    """What migrate-out did. `migrated`/`failed` are the source worker's own answer (POST /v1/internal/migrate);
-    `error` says why the migration call as a whole failed. Requests that were not migrated were aborted when the
-    instance stopped: the gateway resumes them from their tokens."""
-
-    instance_id: str
-    model: str
-    destination_url: str
-    migrated: list[MigrationResult] = Field(default_factory=list)
-    failed: list[MigrationFailure] = Field(default_factory=list)
-    error: str | None = None
-    seconds: float = 0.0
-    state: str = "stopped"
-    exit_code: int | None = None

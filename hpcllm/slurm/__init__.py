@@ -8,10 +8,10 @@ from hpcllm.slurm.base import (
     NodeInfo,
     PartitionInfo,
     SlurmBackend,
-    get_backend,
     make_job_spec,
 )
 from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError, SlurmUnavailable
+from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.watcher import Job, StatusWatcher
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 Modelled on submitit (one backend per way of talking to the scheduler, a job description rendered to a batch
 script, a batched status watcher) and dask-jobqueue (a declarative job description). The controller only sees
-`SlurmBackend`; `get_backend(config.slurm)` picks the CLI, slurmrestd or pyslurm implementation.
+`SlurmBackend`; `get_backend(config.slurm)` (hpcllm.slurm.factory) picks the CLI, slurmrestd or pyslurm
+implementation.
 
 Results are frozen dataclasses; the job description (user input, partly from config files) is a pydantic model
 so a bad value is refused with a message that names the field before anything reaches Slurm.
@@ -14,14 +15,11 @@ import abc
 import enum
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hpcllm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from hpcllm.config import SlurmConfig
 
 # Values that end up on an `#SBATCH` line or in a REST field: no whitespace, no newline, nothing a shell or the
 # directive parser would split.
@@ -392,23 +390,6 @@ def signal_name(sig: str | int) -> str:
     return name
 
 
-def get_backend(config: SlurmConfig) -> SlurmBackend:
-    """The backend `config.backend` names: "cli" (default), "rest" (slurmrestd) or "pyslurm"."""
-    if config.backend == "cli":
-        from hpcllm.slurm.cli_backend import CliBackend
-
-        return CliBackend(config)
-    if config.backend == "rest":
-        from hpcllm.slurm.rest_backend import RestBackend
-
-        return RestBackend(config)
-    if config.backend == "pyslurm":
-        from hpcllm.slurm.pyslurm_backend import PyslurmBackend
-
-        return PyslurmBackend(config)
-    raise ConfigError(f'[slurm] backend = "{config.backend}" is not one of "cli", "rest", "pyslurm"')
-
-
 __all__ = [
     "JobSpec",
     "JobState",
@@ -417,7 +398,6 @@ __all__ = [
     "PartitionInfo",
     "SlurmBackend",
     "StartEstimate",
-    "get_backend",
     "make_job_spec",
     "parse_walltime",
     "signal_name",

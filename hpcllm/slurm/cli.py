@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from hpcllm.config import load_config
-from hpcllm.slurm.base import get_backend
+from hpcllm.slurm.factory import get_backend
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              help="hpcllm config file (default: $HPCLLM_CONFIG, else built-in defaults)")

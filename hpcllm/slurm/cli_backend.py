@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import subprocess
 from typing import TYPE_CHECKING
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate, signal_name
+from hpcllm.slurm.environment import clean_environment
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
@@ -34,9 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Variables that change what Slurm's commands print (formats, default filters, time format).
-_OUTPUT_VARIABLE_PREFIXES = ("SQUEUE_", "SINFO_", "SACCT_", "SCONTROL_")
-_OUTPUT_VARIABLES = {"SLURM_TIME_FORMAT"}
 # Messages that mean Slurm could not be asked at all (as opposed to a refusal).
 _UNAVAILABLE_PATTERNS = re.compile(
     r"Unable to contact slurm controller|Could not establish a configuration source|Connection refused|"
@@ -48,18 +45,6 @@ _ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|Problem talking to
                              r"slurmdbd|AccountingStorageType", re.IGNORECASE)
 _ALREADY_DONE = re.compile(r"already completing or completed|Invalid job id specified|Job has already finished",
                            re.IGNORECASE)
-
-
-def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """os.environ without the user's output-format settings, with epoch times, plus `extra`."""
-    env = {
-        key: value for key, value in os.environ.items()
-        if not key.startswith(_OUTPUT_VARIABLE_PREFIXES) and key not in _OUTPUT_VARIABLES
-    }
-    env["SLURM_TIME_FORMAT"] = "%s"
-    if extra:
-        env.update(extra)
-    return env
 
 
 class CliBackend(SlurmBackend):

@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
-from hpcllm.slurm.cli_backend import clean_environment
 from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError, SlurmUnavailable
-from hpcllm.slurm.rest_backend import _job_environment
+from hpcllm.slurm.environment import clean_environment, job_environment
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
@@ -143,7 +142,7 @@ def submit_description_fields(spec: JobSpec) -> dict[str, Any]:
         "script": render_batch_script(spec),
         "nodes": spec.nodes,
         "is_requeueable": spec.requeue,
-        "environment": _job_environment(spec.env),
+        "environment": job_environment(spec.env),
         "log_files_open_mode": "append" if spec.open_mode_append else "truncate",
     }
     optional = {

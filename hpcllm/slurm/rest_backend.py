@@ -26,7 +26,7 @@ import httpx
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
-from hpcllm.slurm.cli_backend import clean_environment
+from hpcllm.slurm.environment import clean_environment, job_environment
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
@@ -183,7 +183,7 @@ def submission_body(spec: JobSpec) -> dict[str, Any]:
         "name": spec.name,
         "nodes": [spec.nodes, spec.nodes],
         "requeue": spec.requeue,
-        "environment": _job_environment(spec.env),
+        "environment": job_environment(spec.env),
         "current_working_directory": spec.chdir or os.getcwd(),
     }
     optional = {
@@ -210,15 +210,6 @@ def submission_body(spec: JobSpec) -> dict[str, Any]:
     if spec.ntasks is None and spec.ntasks_per_node is not None:
         job["tasks"] = spec.ntasks_per_node * spec.nodes
     return {"script": render_batch_script(spec), "job": job}
-
-
-def _job_environment(extra: dict[str, str]) -> dict[str, str]:
-    """Like sbatch's default --export=ALL: the submitter's environment (without output-format settings and
-    without another job's SLURM_* variables) plus the job's own."""
-    env = {key: value for key, value in clean_environment().items()
-           if not key.startswith("SLURM_") or key == "SLURM_CONF"}
-    env.update(extra)
-    return env
 
 
 def _json_body(response: httpx.Response) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
+    path.chmod(0o600)  # services refuse config files with secrets that others can read
     return path
 
 

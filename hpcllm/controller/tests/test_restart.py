@@ -52,6 +52,7 @@ tick_seconds = 0.3
 node_timeout_seconds = 600
 migration_seconds_per_instance = 100
 """)
+        self.config.chmod(0o600)  # holds the secret: the controller refuses it otherwise
         self.slurm_state = tmp_path / "slurm.json"
         self.proc: subprocess.Popen | None = None
         self.starts = 0

@@ -22,7 +22,7 @@ from hpcllm.controller.protocol import DeployedModel, ModelSpec
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
 from hpcllm.controller.tests.doubles import FakeAgents, checkpoint_folder
-from hpcllm.slurm.base import get_backend
+from hpcllm.slurm.factory import get_backend
 
 pytestmark = pytest.mark.slurm
 
@@ -133,7 +133,7 @@ from hpcllm.config import parse_config
 from hpcllm.controller.allocations import Allocator
 from hpcllm.controller.protocol import DeployedModel
 from hpcllm.controller.registry import Registry
-from hpcllm.slurm.base import get_backend
+from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.cli_backend import CliBackend
 
 config = parse_config(json.loads(sys.argv[1]))

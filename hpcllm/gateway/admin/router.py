@@ -1,17 +1,24 @@
-"""/v1/admin/*: deploy, undeploy, status and cache administration, proxied to the controller.
+"""/v1/admin/*: deploy, undeploy and status, proxied to the controller.
 
-Callers authenticate with the admin key (checked in middleware); the gateway forwards the call with the
-cluster secret and the caller's admin bearer header, and relays the controller's status and body unchanged.
+Callers authenticate with the admin key (checked in middleware); the gateway forwards the call with the caller's
+admin bearer header only - never the cluster secret - and relays the controller's status and body unchanged.
+
+Only the controller's admin routes (ADMIN_ROUTES) are proxied, matched against the path as received: a path with
+`..` (`/v1/admin/../internal/models`, `%2e%2e` decoded to the same) or any other route is a 404 here and never
+becomes a URL, so the admin key cannot reach the controller's internal API.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from urllib.parse import quote
 
 import httpx
 from flask import Blueprint, Response, request
 
-from hpcllm.gateway.errors import NotImplementedByDeployment, ServiceUnavailable
+from hpcllm.controller.protocol import MODEL_NAME_PATTERN, SECRET_HEADER
+from hpcllm.gateway.errors import MethodNotAllowed, NotFound, NotImplementedByDeployment, ServiceUnavailable
 from hpcllm.gateway.routing import ControllerRouter
 from hpcllm.gateway.runtime import current_gateway
 
@@ -21,6 +28,20 @@ bp = Blueprint("admin", __name__)
 
 FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "X-Request-Id")
 ADMIN_TIMEOUT_S = 120.0
+_MODEL_NAME = MODEL_NAME_PATTERN.removeprefix("^").removesuffix("$")
+# The controller's admin API (hpcllm.controller.protocol): path after /v1/admin/ -> allowed methods.
+ADMIN_ROUTES: tuple[tuple[re.Pattern, frozenset[str]], ...] = (
+    (re.compile(r"status"), frozenset({"GET"})),
+    (re.compile(r"models"), frozenset({"POST"})),
+    (re.compile(rf"models/{_MODEL_NAME}"), frozenset({"DELETE"})),
+)
+
+
+def _allowed_methods(rest: str) -> frozenset[str] | None:
+    for pattern, methods in ADMIN_ROUTES:
+        if pattern.fullmatch(rest):
+            return methods
+    return None
 
 
 @bp.route("/v1/admin/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -30,11 +51,18 @@ def admin_proxy(rest: str):
     if not isinstance(router, ControllerRouter):
         raise NotImplementedByDeployment(
             "this gateway serves static models without a controller: there is no admin API to reach")
+    methods = _allowed_methods(rest)
+    if methods is None:
+        raise NotFound(f"no such endpoint: {request.method} {request.path}", code="unknown_url")
+    if request.method not in methods:
+        raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
     headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
-    url = f"{router.controller_url}/v1/admin/{rest}"
+    upstream_request = gw.http.build_request(
+        request.method, f"{router.controller_url}/v1/admin/{quote(rest)}", params=request.args,
+        content=request.get_data(), headers=headers, timeout=ADMIN_TIMEOUT_S)
+    upstream_request.headers.pop(SECRET_HEADER, None)  # the pool's default for internal calls; admin needs none
     try:
-        upstream = gw.http.request(request.method, url, params=request.args, content=request.get_data(),
-                                   headers=headers, timeout=ADMIN_TIMEOUT_S)
+        upstream = gw.http.send(upstream_request)
     except httpx.HTTPError as exc:
         raise ServiceUnavailable(f"the controller at {router.controller_url} is unreachable ({exc})",
                                  code="controller_unreachable", retry_after=5) from None

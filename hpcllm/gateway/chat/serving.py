@@ -19,7 +19,9 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
     req.check_supported()
     messages = req.template_messages()
     card = gw.router.get_model(req.model)
-    prompt = gw.tokenizers.get(card).render_chat(messages)
+    encoder = gw.tokenizers.get(card)
+    encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
+    prompt = encoder.render_chat(messages)
     max_tokens = req.requested_max_tokens
     context_length_error(card, len(prompt), max_tokens, "messages")
     if max_tokens is None and card.max_model_len is not None:
@@ -28,7 +30,7 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
     response_id = new_response_id("chatcmpl")
     generation = Generation(gw, ctx, card, [prompt], req.sampling(max_tokens, req.worker_logprobs), response_id,
                             n=req.choices_per_prompt)
-    generation.start()
+    generation.start(stream=bool(req.stream))
     if req.stream:
         response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
         response.call_on_close(generation.close)

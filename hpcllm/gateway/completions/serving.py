@@ -20,6 +20,8 @@ def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[list[int
     prompts = []
     for i, prompt in enumerate(req.prompt):
         param = "prompt" if len(req.prompt) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            encoder.check_fits(len(prompt), card.max_model_len, param)
         ids = encoder.encode(prompt) if isinstance(prompt, str) else encoder.check_token_ids(prompt, param)
         if not ids:
             raise InvalidRequest("the prompt is empty (no tokens after tokenization)", param=param,
@@ -48,7 +50,7 @@ def create_completion(gw: Gateway, ctx: RequestContext, req: CompletionRequest) 
     response_id = new_response_id("cmpl")
     generation = Generation(gw, ctx, card, prompts, req.sampling(max_tokens, req.worker_logprobs), response_id,
                             n=req.generated_per_prompt)
-    generation.start()
+    generation.start(stream=bool(req.stream))
     if req.stream:
         response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
         # Runs even when the client leaves before the first chunk (a never-started generator runs no finally).

@@ -55,6 +55,7 @@ source = "{source}"
 worker_url = "{stuck_url}"
 source = "{source}"
 """)
+    path.chmod(0o600)  # holds the secret: the gateway refuses it otherwise
     return path
 
 

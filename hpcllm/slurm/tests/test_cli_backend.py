@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hpcllm.config import SlurmConfig
-from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.base import JobState, make_job_spec
+from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.cli_backend import CliBackend, parse_parsable
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.templates import render_batch_script

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from hpcllm.config import Config, SlurmConfig
-from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.base import JobState, make_job_spec
+from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError
 from hpcllm.slurm.templates import MODEL_POOL_SCRIPT, node_agent_job_spec

@@ -8,7 +8,8 @@ import types
 import pytest
 
 from hpcllm.config import SlurmConfig
-from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.base import JobState, make_job_spec
+from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError
 from hpcllm.slurm.pyslurm_backend import PyslurmBackend, load_matching_pyslurm, parse_version
 

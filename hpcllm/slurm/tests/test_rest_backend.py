@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from hpcllm.config import SlurmConfig
-from hpcllm.slurm.base import JobState, get_backend, make_job_spec
+from hpcllm.slurm.base import JobState, make_job_spec
+from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.rest_backend import RestBackend, submission_body
 

@@ -1,0 +1,46 @@
+"""`hpcllm convert` reads only files inside the source folder (issue 15): a symbolic link leaving it (to another
+user's 0600 file, to /etc/shadow...) is refused, so its content never lands in a published checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from hpcllm.checkpoint.converter import convert
+from hpcllm.checkpoint.errors import InvalidSource
+from hpcllm.cli.main import main
+
+
+@pytest.fixture
+def source(hf_models, tmp_path):
+    copy = tmp_path / "hf"
+    shutil.copytree(hf_models["llama"], copy)
+    return copy
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "extra/notes.txt"])
+def test_a_link_out_of_the_source_folder_is_refused(source, tmp_path, capsys, where):
+    private = tmp_path / "someone-elses" / "secret.txt"
+    private.parent.mkdir()
+    private.write_text("not yours")
+    private.chmod(0o600)
+    link = source / where
+    link.parent.mkdir(exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(private)
+    with pytest.raises(InvalidSource) as exc:
+        convert(source, tmp_path / "out", progress=False)
+    assert f"{link} is a symbolic link to {private}, outside the source folder" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(source), str(tmp_path / "out2"), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert "outside the source folder" in err and "Traceback" not in err
+
+
+def test_links_inside_the_source_folder_are_fine(source, tmp_path):
+    (source / "real").mkdir()
+    shutil.move(source / "tokenizer_config.json", source / "real" / "tokenizer_config.json")
+    (source / "tokenizer_config.json").symlink_to(source / "real" / "tokenizer_config.json")
+    ckpt = convert(source, tmp_path / "out", progress=False)
+    assert (ckpt.root / "tokenizer_config.json").read_text() == (source / "real" / "tokenizer_config.json").read_text()

@@ -1,0 +1,72 @@
+"""The admin proxy reaches the controller's admin routes only (issue 15: the admin path trick).
+
+`/v1/admin/../internal/models` (and its `%2e%2e` spelling) once became a controller URL that httpx normalised to
+/v1/internal/models, sent with the cluster secret: the admin key read the controller's internal API. Paths are
+sent raw here (http.client, as `curl --path-as-is` does) to the real gateway app in front of the real controller.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlsplit
+
+import pytest
+
+from .conftest import ADMIN_KEY
+from .test_controller_router import agents, controller_url, routed_gateway  # noqa: F401 (fixtures)
+
+
+def raw_request(base_url: str, method: str, path: str, key: str = ADMIN_KEY) -> tuple[int, dict]:
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request(method, path, headers={"Authorization": f"Bearer {key}"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/admin/../internal/models",
+    "/v1/admin/%2e%2e/internal/models",
+    "/v1/admin/%2E%2E/internal/route?model=tiny-llama",
+    "/v1/admin/models/../../internal/models",
+    "/v1/admin/./status/../../internal/models",
+])
+def test_dot_segments_never_reach_the_internal_api(routed_gateway, path):
+    status, body = raw_request(routed_gateway.url, "GET", path)
+    assert status == 404, body
+    assert body["error"]["code"] == "unknown_url"
+    assert "models" not in body  # not the controller's internal model list
+
+
+def test_only_the_controller_admin_routes_are_proxied(routed_gateway):
+    assert raw_request(routed_gateway.url, "GET", "/v1/admin/status")[0] == 200
+    assert raw_request(routed_gateway.url, "GET", "/v1/admin/nodes")[0] == 404
+    status, body = raw_request(routed_gateway.url, "PUT", "/v1/admin/status")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    # A model name is one path segment of the allowed characters; anything else never leaves the gateway.
+    assert raw_request(routed_gateway.url, "DELETE", "/v1/admin/models/a%2Fb")[0] == 404
+
+
+def test_the_admin_proxy_does_not_send_the_cluster_secret(routed_gateway):
+    """The controller admits /v1/admin with the admin key alone; the secret stays off the admin path."""
+    from hpcllm.controller.protocol import SECRET_HEADER
+
+    seen = {}
+    http = routed_gateway.state.http
+    original_send = http.send
+
+    def recording_send(request, **kwargs):
+        seen.update(request.headers)
+        return original_send(request, **kwargs)
+
+    http.send = recording_send
+    try:
+        assert raw_request(routed_gateway.url, "GET", "/v1/admin/status")[0] == 200
+    finally:
+        http.send = original_send
+    assert seen and SECRET_HEADER.lower() not in {k.lower() for k in seen}
+    assert seen["authorization"] == f"Bearer {ADMIN_KEY}"

@@ -1,0 +1,105 @@
+"""Limits that hold (issue 15): work capped before tokenizing, no reservation beyond the key's bucket, a per-key
+stream cap, and non-streaming generations cancelled when their client hangs up."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import httpx
+
+from hpcllm.gateway.tokenization import PromptEncoder
+
+from .conftest import MODEL, USER_KEY
+from .test_errors import assert_error, assert_still_serving
+
+
+def test_a_4mb_prompt_is_refused_without_tokenizing_it(make_gateway, monkeypatch):
+    gw = make_gateway()
+    encoded = []
+    original = PromptEncoder.encode
+    monkeypatch.setattr(PromptEncoder, "encode", lambda self, text: encoded.append(len(text)) or original(self, text))
+    prompt = "hello world " * (4 * 1024 * 1024 // 12 - 100)
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": prompt}),
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": prompt}]})):
+        error = assert_error(gw.post(path, json=body), 400, "context_length_exceeded")
+        assert "maximum context length is 512 tokens" in error["message"]
+        assert f"({len(prompt)} characters)" in error["message"]
+    assert encoded == []  # the 4 MB never reached the tokenizer
+    # A prompt over the context but short enough that it might fit is tokenized and gets the exact count.
+    error = assert_error(gw.post("/v1/completions", json={"model": MODEL, "prompt": "hello " * 600}), 400,
+                         "context_length_exceeded")
+    assert "However, your prompt has" in error["message"] and "at least" not in error["message"]
+    assert encoded == [3600]
+    assert_still_serving(gw)
+
+
+def test_a_request_reserving_more_than_the_whole_bucket_is_429(make_gateway):
+    tpm = 200_000
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "tokens_per_minute": tpm}])
+    resp = gw.post("/v1/completions", json={"model": MODEL, "prompt": ["hello"] * 1000, "max_tokens": 300})
+    error = assert_error(resp, 429, "request_over_token_limit")
+    assert f"whole budget of {tpm} tokens per minute" in error["message"]
+    assert "Retry-After" not in resp.headers  # it would never fit: waiting does not help
+    # Nothing was taken from the bucket: a normal request right after is served.
+    assert gw.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2}).status_code == 200
+
+
+def open_stream(gw, key=USER_KEY, max_tokens=400):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    return httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=60,
+                        headers={"Authorization": f"Bearer {key}"})
+
+
+def test_concurrent_streams_per_key_are_capped(make_gateway):
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "max_concurrent_streams": 1}, {"key": "sk-other"}],
+                      max_streams_per_key=4)
+    with open_stream(gw) as first:
+        lines = first.iter_lines()  # kept: dropping the iterator would close the connection
+        assert next(line for line in lines if line).startswith("data: {")
+        with open_stream(gw) as second:
+            second.read()
+            assert second.status_code == 429
+            assert json.loads(second.text)["error"]["code"] == "too_many_streams"
+            assert int(second.headers["Retry-After"]) >= 1
+        with open_stream(gw, key="sk-other", max_tokens=2) as other:  # the cap is per key
+            assert other.status_code == 200 and other.read().endswith(b"data: [DONE]\n\n")
+    deadline = time.monotonic() + 10
+    while gw.state._generations and time.monotonic() < deadline:  # the first stream's slot is freed on close
+        time.sleep(0.05)
+    with open_stream(gw, max_tokens=2) as again:
+        assert again.status_code == 200 and again.read().endswith(b"data: [DONE]\n\n")
+
+
+def abort_count(gw) -> float:
+    line = f'hpcllm_request_success_total{{finished_reason="abort",model_name="{MODEL}"}} '
+    found = [ln for ln in httpx.get(f"{gw.url}/metrics").text.splitlines() if ln.startswith(line)]
+    return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+
+def test_a_non_streaming_generation_stops_when_its_client_leaves(make_gateway):
+    tpm = 100_000
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "tokens_per_minute": tpm}])
+    before = abort_count(gw)
+    body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 500, "ignore_eos": True}).encode()
+    parts = urlsplit(gw.url)
+    client = socket.create_connection((parts.hostname, parts.port))
+    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Authorization: Bearer " + USER_KEY.encode() + b"\r\n"
+                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 30
+    while not any(g.completion_tokens for g in list(gw.state._generations)):
+        assert time.monotonic() < deadline, "the generation never started"
+        time.sleep(0.01)
+    generation = next(iter(gw.state._generations))
+    client.close()  # the client hangs up mid-generation
+    deadline = time.monotonic() + 10
+    while gw.state._generations and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not gw.state._generations
+    assert generation.completion_tokens < 499  # cancelled, not run to the end
+    assert abort_count(gw) == before + 1
+    assert_still_serving(gw)

@@ -1,0 +1,91 @@
+"""Services refuse to start with public or missing credentials outside a dev cluster (issue 15)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from hpcllm.cli.main import main
+from hpcllm.config import check_service_credentials, load_config, parse_config
+from hpcllm.errors import ConfigError
+
+GOOD = {"cluster": {"shared_secret": "s3cret-for-tests"}, "controller": {"admin_key": "adm1n-for-tests"},
+        "gateway": {"api_keys": [{"key": "sk-user-for-tests"}]}}
+
+
+def config(**sections):
+    data = {name: dict(values) for name, values in GOOD.items()}
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return parse_config(data)
+
+
+def refusal(cfg, service: str) -> str:
+    with pytest.raises(ConfigError) as exc:
+        check_service_credentials(cfg, service)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("service", ["controller", "gateway", "node"])
+def test_own_credentials_start(service):
+    check_service_credentials(config(), service)
+
+
+@pytest.mark.parametrize("service", ["controller", "gateway", "node"])
+def test_the_built_in_default_secret_is_refused(service):
+    message = refusal(parse_config({k: v for k, v in GOOD.items() if k != "cluster"}), service)
+    assert "cluster.shared_secret is 'dev-secret-change-me', a default published with hpcllm" in message
+    assert "secrets.token_urlsafe" in message and "[cluster] dev = true" in message
+
+
+def test_published_keys_are_refused():
+    message = refusal(config(gateway={"admin_key": "change-me-admin", "api_keys": [{"key": "sk-change-me-bob"}]}),
+                      "gateway")
+    assert "gateway.api_keys[0].key is 'sk-change-me-bob'" in message
+    message = refusal(config(controller={"admin_key": "dev-admin-key"}), "controller")
+    assert "controller.admin_key is 'dev-admin-key'" in message
+    # The gateway's own admin key counts for the gateway, whatever the controller's is.
+    message = refusal(config(gateway={"admin_key": "dev-admin-key"}), "gateway")
+    assert "gateway.admin_key is 'dev-admin-key'" in message
+
+
+def test_the_controller_needs_its_own_admin_key():
+    message = refusal(config(controller={"admin_key": None}), "controller")
+    assert "controller.admin_key is not set" in message
+    message = refusal(config(controller={"admin_key": "s3cret-for-tests"}), "controller")
+    assert "controller.admin_key is the cluster secret" in message
+
+
+def test_a_gateway_without_api_keys_is_refused():
+    assert "gateway.api_keys is empty" in refusal(config(gateway={"api_keys": []}), "gateway")
+
+
+def test_a_dev_cluster_may_use_the_published_values():
+    dev = parse_config({"cluster": {"dev": True}})
+    for service in ("controller", "gateway", "node"):
+        check_service_credentials(dev, service)
+
+
+def test_the_shipped_configs(tmp_path):
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    check_service_credentials(load_config(conf / "dev.toml"), "gateway")  # marked dev
+    assert "sk-change-me-alice" in refusal(load_config(conf / "gateway.toml"), "gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("service", ["controller", "gateway", "node"])
+def test_the_commands_stop_with_the_message(tmp_path, capsys, service):
+    path = tmp_path / "hpcllm.toml"
+    path.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n[gateway]\nport = {free_port()}\n')
+    path.chmod(0o600)
+    assert main([service, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"refusing to start the {service}" in err and "dev-secret-change-me" in err and "Traceback" not in err
