@@ -56,13 +56,10 @@ def checkpoint() -> None:
 @checkpoint.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the tensors and aliases as JSON.")
-@click.option("--tensor-parallel", "degree", type=click.IntRange(min=1), default=None,
-              help="Also show what each of N tensor-parallel ranks would read (planned, nothing is read).")
-def inspect(path: Path, as_json: bool, degree: int | None) -> None:
-    """Validate PATH's manifest and index (no data read) and summarize it."""
+def inspect(path: Path, as_json: bool) -> None:
+    """Validate PATH's manifest and index (no data read) and summarize it. Per-rank tensor-parallel reads:
+    `hpcllm tp plan PATH --degree N`."""
     ckpt = read_checkpoint(path)
-    if degree is not None:
-        _show_rank_reads(ckpt, degree)
     if as_json:
         click.echo(json.dumps({
             "format_version": ckpt.format_version,
@@ -82,14 +79,6 @@ def inspect(path: Path, as_json: bool, degree: int | None) -> None:
                    f"{_human(p.chunk_size)}")
     for alias, target in sorted(ckpt.aliases.items()):
         click.echo(f"  alias {alias} -> {target}")
-
-
-def _show_rank_reads(ckpt, degree: int) -> None:
-    from hpcllm.tp.mpiload import estimate_rank_reads
-
-    for rank, (nbytes, reads) in enumerate(estimate_rank_reads(ckpt.root, degree)):
-        click.echo(f"tensor_parallel = {degree}: rank {rank} reads {_human(nbytes)} "
-                   f"({nbytes / max(ckpt.total_bytes, 1):.0%} of the data files) in {reads} read(s)")
 
 
 @checkpoint.command("verify")

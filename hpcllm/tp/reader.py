@@ -111,7 +111,7 @@ def read_slices(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes
 def planned_reads(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes | None, *, verify: bool = True,
                   gap_bytes: int = COALESCE_GAP_BYTES) -> tuple[int, int]:
     """(bytes, read requests) that read_slices would ask the files for, computed without reading anything (the
-    same span planning): per-rank load estimates and `hpcllm checkpoint inspect --tensor-parallel`."""
+    same span planning): per-rank load estimates and `hpcllm tp plan`."""
     covered, _ = _cover(ckpt, slices, hashes, verify)
     nbytes = reads = 0
     for partition, pieces in _pieces_by_partition(covered).items():

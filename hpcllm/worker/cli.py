@@ -1,19 +1,19 @@
-"""`hpcllm worker --model PATH`: serve one converted checkpoint on the worker's internal HTTP API.
+"""`run_worker`: serve one converted checkpoint on the worker's internal HTTP API (the body of `hpcllm worker
+--model PATH`, whose click command is hpcllm/cli/worker.py).
 
-The node agent starts this (or calls `run_worker` in a warm process with imports done). The shared secret comes
+The node agent starts the command (or calls `run_worker` in a warm process with imports done). The shared secret comes
 from the config's cluster.shared_secret or the HPCLLM_SHARED_SECRET environment variable, never from the command
 line, where other users of the node could read it with ps.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import click
 
-from hpcllm.config import Config, load_config
+from hpcllm.config import Config
 from hpcllm.errors import ConfigError
 
 SECRET_ENV = "HPCLLM_SHARED_SECRET"
@@ -82,39 +82,3 @@ def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_mo
     return load_with_vllm(model_path, service.model_name, device, max_model_len, settings, metrics=service.metrics,
                           max_running_requests=worker.max_running_requests,
                           max_waiting_requests=worker.max_waiting_requests)
-
-
-@click.command("worker")
-@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="Converted checkpoint folder (hpcllm convert), loaded through hpcllm's tiered loader.")
-@click.option("--name", "model_name", default=None, help="Model name in metrics and /ready. Default: folder name.")
-@click.option("--host", default=None, help="Address to bind. Default: worker.listen_host (127.0.0.1).")
-@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
-@click.option("--device", default=None, help='"cpu", "cuda" or "cuda:N". Default: worker.device.')
-@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
-              help="Context limit (prompt + output), at most the model's. Default: the model's context length "
-                   "from its config (as `hpcllm deploy` derives it).")
-@click.option("--url-file", type=click.Path(path_type=Path), default=None,
-              help="Write the worker's URL here (atomically) once the port is bound.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="hpcllm TOML config (default: $HPCLLM_CONFIG, else built-in defaults).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
-@click.option("--engine", type=click.Choice(["hpcllm", "vllm"]), default="hpcllm", show_default=True,
-              help="hpcllm's engine, or vLLM (run this with the interpreter of `make vllm-venv`).")
-@click.option("--tensor-parallel", is_flag=True,
-              help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
-                   "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
-def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
-           max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
-           engine: str, tensor_parallel: bool) -> None:
-    """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if tensor_parallel:
-        from hpcllm.tp.worker import run_tensor_parallel_worker
-
-        run_tensor_parallel_worker(load_config(config_path), model_path, model_name, host, port, device,
-                                   max_model_len, url_file, threads)
-        return
-    run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
-               threads, engine)

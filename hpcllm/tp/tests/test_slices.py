@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from hpcllm.checkpoint import ChecksumMismatch, InvalidManifest, read_checkpoint
 from hpcllm.checkpoint.cli import checkpoint as checkpoint_cli
+from hpcllm.tp.cli import tp as tp_cli
 from hpcllm.checkpoint.slicehashes import read_slice_hashes, strip_count
 from hpcllm.tp.plan import TensorParallelError, check_degree, module_plan, slice_plan
 from hpcllm.tp.reader import read_slices
@@ -149,9 +150,9 @@ def test_planned_reads_match_what_the_ranks_read_and_inspect_shows_them(tp_llama
         assert planned[rank] == (stats.bytes_read, stats.reads)
     assert planned[1][0] < planned[0][0]  # rank 0 also reads the replicated tensors it broadcasts
 
-    result = CliRunner().invoke(checkpoint_cli, ["inspect", str(tp_llama), "--tensor-parallel", "2"])
+    result = CliRunner().invoke(tp_cli, ["plan", str(tp_llama), "--degree", "2"])
     assert result.exit_code == 0, result.output
     assert f"tensor_parallel = 2: rank 1 reads {planned[1][0] / 1024:.1f} KiB" in result.output
-    refused = CliRunner().invoke(checkpoint_cli, ["inspect", str(tp_llama), "--tensor-parallel", "4"])
+    refused = CliRunner().invoke(tp_cli, ["plan", str(tp_llama), "--degree", "4"])
     assert refused.exit_code != 0 and "KV heads (num_key_value_heads) = 2 is not divisible by 4" in str(
         refused.exception)

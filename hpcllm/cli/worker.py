@@ -1,0 +1,50 @@
+"""`hpcllm worker`: serve one model instance, as one process or as the ranks of a tensor-parallel instance.
+
+The command lives here, above both hpcllm.worker (one process) and hpcllm.tp (which builds on the worker), so
+neither package imports the other back.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from hpcllm.config import load_config
+from hpcllm.tp.worker import run_tensor_parallel_worker
+from hpcllm.worker.cli import run_worker
+
+
+@click.command("worker")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="Converted checkpoint folder (hpcllm convert), loaded through hpcllm's tiered loader.")
+@click.option("--name", "model_name", default=None, help="Model name in metrics and /ready. Default: folder name.")
+@click.option("--host", default=None, help="Address to bind. Default: worker.listen_host (127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0 picks a free port.")
+@click.option("--device", default=None, help='"cpu", "cuda" or "cuda:N". Default: worker.device.')
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
+              help="Context limit (prompt + output), at most the model's. Default: the model's context length "
+                   "from its config (as `hpcllm deploy` derives it).")
+@click.option("--url-file", type=click.Path(path_type=Path), default=None,
+              help="Write the worker's URL here (atomically) once the port is bound.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="hpcllm TOML config (default: $HPCLLM_CONFIG, else built-in defaults).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
+@click.option("--engine", type=click.Choice(["hpcllm", "vllm"]), default="hpcllm", show_default=True,
+              help="hpcllm's engine, or vLLM (run this with the interpreter of `make vllm-venv`).")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
+                   "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
+def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
+           max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
+           engine: str, tensor_parallel: bool) -> None:
+    """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if tensor_parallel:
+        run_tensor_parallel_worker(load_config(config_path), model_path, model_name, host, port, device,
+                                   max_model_len, url_file, threads)
+        return
+    run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
+               threads, engine)
