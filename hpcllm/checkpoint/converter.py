@@ -135,15 +135,28 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
 
 def _refuse_links_leaving(source: Path) -> None:
     """Symbolic links in the source folder must stay inside it: a link to another user's file (or to /etc) would
-    otherwise be read and published in the checkpoint with the converter's own permissions."""
-    real_source = source.resolve()
+    otherwise be read and published in the checkpoint with the converter's own permissions. A snapshot of the
+    Hugging Face hub cache (models--ORG--NAME/snapshots/REV, whose files link to ../../blobs) may also link into
+    its own repository's blobs folder."""
+    allowed = _link_roots(source)
     for folder, dirs, files in os.walk(source):  # does not descend into linked folders; they are checked here
         for name in dirs + files:
             path = Path(folder) / name
-            if path.is_symlink() and not path.resolve().is_relative_to(real_source):
+            if path.is_symlink() and not any(path.resolve().is_relative_to(root) for root in allowed):
                 raise InvalidSource(f"{path} is a symbolic link to {path.resolve()}, outside the source folder "
                                     f"{source}; copy that file into the folder (or convert from a folder without "
                                     f"such links)")
+
+
+def _link_roots(source: Path) -> list[Path]:
+    """Where links in the source folder may point: the folder itself, and for a hub-cache snapshot its
+    repository's blobs."""
+    real_source = source.resolve()
+    roots = [real_source]
+    snapshots = real_source.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith(("models--", "datasets--")):
+        roots.append(snapshots.parent / "blobs")
+    return roots
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:

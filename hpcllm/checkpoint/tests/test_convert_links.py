@@ -44,3 +44,24 @@ def test_links_inside_the_source_folder_are_fine(source, tmp_path):
     (source / "tokenizer_config.json").symlink_to(source / "real" / "tokenizer_config.json")
     ckpt = convert(source, tmp_path / "out", progress=False)
     assert (ckpt.root / "tokenizer_config.json").read_text() == (source / "real" / "tokenizer_config.json").read_text()
+
+
+def test_a_hugging_face_hub_cache_snapshot_converts(source, tmp_path):
+    """The hub cache keeps files in models--ORG--NAME/blobs and links them from snapshots/REV: a user's usual
+    local copy of a model. Links into the repository's blobs are fine; a link elsewhere is still refused."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abcd", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for index, file in enumerate(sorted(p for p in source.iterdir() if p.is_file())):
+        blob = blobs / f"blob{index}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob.name}")
+    ckpt = convert(snapshot, tmp_path / "out", progress=False)
+    assert (ckpt.root / "config.json").read_text() == (source / "config.json").read_text()
+
+    private = tmp_path / "secret.txt"
+    private.write_text("not yours")
+    (snapshot / "notes.txt").symlink_to(private)
+    with pytest.raises(InvalidSource, match="outside the source folder"):
+        convert(snapshot, tmp_path / "out2", progress=False)
