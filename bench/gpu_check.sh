@@ -41,7 +41,7 @@ timeout "${BENCH_SECONDS:-300}" "$PY" bench/load.py --runs "${BENCH_RUNS:-3}" --
     --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu 2>&1 | tee "$OUT/load.txt"
 cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
 
-timeout "${VLLM_SECONDS:-240}" $PY bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
+timeout "${VLLM_SECONDS:-240}" "$PY" bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
 vllm=${PIPESTATUS[0]}
 echo "gpu_check: tests exit status $tests, vLLM check $vllm; results in $OUT"
 [ "$tests" -ne 0 ] && exit "$tests"

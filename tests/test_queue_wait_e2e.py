@@ -47,8 +47,7 @@ def controller_for(base: Path, backend) -> Controller:
                        "default_sharedfs_gbps": 1000.0, "min_residency_seconds": 0.0}})
     registry = Registry(config.controller.database_url)
     controller = Controller(config, registry, FakeAgents(), Allocator(config, registry, backend, "http://127.0.0.1:9"))
-    source = base / "models" / "m"
-    source.mkdir(parents=True, exist_ok=True)
+    source = checkpoint_folder(base / "models" / "m")
     controller.deploy(ModelSpec(name="m", source=str(source), size_bytes=2 * GB, gpus=1))
     # An agent up with both GPUs free, nothing cached: 2 GB from its 1 GB/s shared FS = 2 s.
     tiers = Tiers(sharedfs=TierInfo(read_gbps=1.0))
