@@ -20,7 +20,7 @@ from hpcllm.controller.allocations import Allocator
 from hpcllm.controller.protocol import ModelSpec, NodeRegistration, Tiers, TierInfo
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
-from hpcllm.controller.tests.doubles import FakeAgents
+from hpcllm.controller.tests.doubles import FakeAgents, checkpoint_folder
 from hpcllm.slurm.base import make_job_spec
 from hpcllm.slurm.cli_backend import CliBackend
 
