@@ -37,6 +37,7 @@ from hpcllm.store.pipeline import (DirectHostTarget, Pipeline, Placement, Staged
                                    plan_units, whole_partition_placement)
 from hpcllm.store.readers import BUFFERED, CACHED_ENOUGH, FileReader, cached_fraction
 from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
+from hpcllm.store.tee import LoadTee
 from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, tier_settings
 from hpcllm.store.verified import record_verified, verified_before
 
@@ -136,7 +137,7 @@ def _gc_paused(func):
 def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bool | None = None, dtype=None,
                tokenizer: bool = True, threads: int | None = None, unit_bytes: int | None = None,
                staging_slots: int | None = None, pool: HostBufferPool | None = None,
-               staged: bool = False) -> LoadedModel:
+               staged: bool = False, tee_into: str | Path | None = None) -> LoadedModel:
     """Load a converted checkpoint into a ready transformers model.
 
     path            converted checkpoint folder (any tier; DramTier.open(model_id) for the DRAM tier)
@@ -151,6 +152,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     threads, unit_bytes, staging_slots   override the tier's pipeline settings
     pool            host buffer pool for CPU targets (default: the process-wide pool)
     staged          route CPU loads through the staging ring too (the GPU path's machinery; for testing)
+    tee_into        an empty folder: also write the bytes read there as a copy of the checkpoint (cache on load,
+                    hpcllm.store.tee); a failed tee is logged and never fails the load
     """
     started = time.perf_counter()
     ckpt = read_checkpoint(path)
@@ -170,7 +173,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     pool = pool or default_pool()
     phases = {"open": time.perf_counter() - started}
 
-    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged)
+    tee = LoadTee(ckpt, tee_into) if tee_into is not None else None
+    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged, tee)
     try:
         load.start()
         config_started = time.perf_counter()
@@ -187,6 +191,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         bases = load.finish()
     except BaseException:
         load.abort()
+        if tee is not None:
+            tee.close()
         raise
     phases["read"] = load.read_seconds
 
@@ -199,9 +205,13 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         _attach(model, tensors, ckpt, device_of, devices)
     except BaseException:
         load.release_buffers()
+        if tee is not None:
+            tee.close()
         raise
     phases["attach"] = time.perf_counter() - attach_started
     seconds = time.perf_counter() - started
+    if tee is not None:
+        load.finish_tee()
     load.populate_in_background()
     if verify and settings.trust_verified_record:
         record_verified(ckpt)
@@ -275,8 +285,9 @@ class _Load:
     """The data movement of one load: mode choice, destination memory, pipeline, cleanup on failure."""
 
     def __init__(self, ckpt: Checkpoint, settings: TierSettings, verify: bool, device_of, devices: set[str],
-                 pool: HostBufferPool, staged: bool):
+                 pool: HostBufferPool, staged: bool, tee: LoadTee | None = None):
         self.ckpt = ckpt
+        self.tee = tee
         self.settings = settings
         self.verify = verify
         self.device_of = device_of
@@ -331,7 +342,7 @@ class _Load:
             self.bases = {(p, "cpu"): buffers[p] for p in parts}
             target = DirectHostTarget(buffers)
         self.pipeline = Pipeline(self.ckpt, units, self.readers, target, verify=self.verify,
-                                 threads=self.settings.threads, prefault=self.settings.prefault).start()
+                                 threads=self.settings.threads, prefault=self.settings.prefault, tee=self.tee).start()
 
     def _map_shared(self, parts: list[int]) -> None:
         """Tensors will be views of private (copy-on-write) mappings of the files: no read, no copy."""
@@ -342,6 +353,15 @@ class _Load:
             chunks = [(p, c) for p in parts for c in range(self.ckpt.partitions[p].num_chunks)]
             self.verifier = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="hpcllm-verify")
             self.verifications = [self.verifier.submit(self._verify_mapped, p, c) for p, c in chunks]
+
+    def finish_tee(self) -> None:
+        """Complete the cache-on-load copy. A zero-copy load read nothing through the pipeline: its mappings (the
+        page cache / shared memory, verified when this load verifies) are written out now."""
+        if self.zero_copy:
+            for (p, _), base in self.bases.items():
+                self.tee.write(p, 0, base.view()[:self.ckpt.partitions[p].size])
+        if not self.tee.finish():
+            log.warning("no cache-on-load copy of %s: %s", self.ckpt.root, self.tee.error)
 
     def populate_in_background(self) -> None:
         """Unverified mapping: map its pages in behind the caller's back (once the model is ready), so the first

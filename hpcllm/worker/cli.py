@@ -30,6 +30,7 @@ def run_worker(
     url_file: Path | None = None,
     threads: int | None = None,
     engine: str = "hpcllm",
+    cache_into: Path | None = None,
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up."""
     if not model_path.exists():
@@ -59,7 +60,7 @@ def run_worker(
     if engine == "vllm":
         loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731
     else:
-        loader = lambda: load_with_hpcllm(model_path, device)  # noqa: E731
+        loader = lambda: load_with_hpcllm(model_path, device, cache_into)  # noqa: E731
     serve(
         service,
         loader=loader,
@@ -99,10 +100,13 @@ def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_mo
               help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
 @click.option("--engine", type=click.Choice(["hpcllm", "vllm"]), default="hpcllm", show_default=True,
               help="hpcllm's engine, or vLLM (run this with the interpreter of `make vllm-venv`).")
+@click.option("--cache-into", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="Empty folder (given by the node agent): also write the checkpoint bytes the load reads there, "
+                   "for the node's cache (cache on load). hpcllm engine only.")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
-           engine: str) -> None:
+           engine: str, cache_into: Path | None) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
-               threads, engine)
+               threads, engine, cache_into)

@@ -163,7 +163,8 @@ class FakeAgents(AgentClient):
         return self.agents.setdefault(url, FakeNodeAgent(url))
 
     def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
-                       max_model_len: int | None = None, engine: str = "hpcllm") -> StartedInstance:
+                       max_model_len: int | None = None, engine: str = "hpcllm",
+                       cache_on_load: list[str] | None = None) -> StartedInstance:
         agent = self._agent(agent_url)
         if self.refuse_start:
             raise AgentError(f"node agent {agent_url} refused to start {model!r}: HTTP 500 out of memory")
