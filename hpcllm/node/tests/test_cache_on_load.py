@@ -178,3 +178,56 @@ def test_a_model_in_use_is_not_evicted_to_make_room(tmp_path, origin, converted,
         with cm.using("llama", "nvme"):
             assert cm.begin_load_fill("other", origin, ("nvme",)) is None
             assert sorted(c.model for c in cm.list()) == ["held", "llama"]
+
+
+# ------------------------------------------------------------------------------ through the node agent's workers
+
+
+def test_second_start_on_the_node_is_local_without_a_warm(tmp_path, origin):
+    from hpcllm.node.app import create_app
+    from hpcllm.node.tests.test_agent import AUTH, make_agent, wait_for
+
+    agent = make_agent(tmp_path, cache_on_load=["dram", "nvme"])
+    client = create_app(agent).test_client()
+
+    def start(**extra) -> str:
+        resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(origin), **extra},
+                           headers=AUTH)
+        assert resp.status_code == 202, resp.get_json()
+        return resp.get_json()
+
+    def ready(iid):
+        info = next(i for i in client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+                    if i["instance_id"] == iid)
+        assert info["state"] in ("loading", "ready"), info
+        return info if info["state"] == "ready" else None
+
+    def cached_tiers():
+        return sorted(c.tier for c in agent.registration().cached if c.model == "tiny-llama")  # what heartbeats send
+
+    try:
+        # The model's own cache_on_load = [] wins over the node's: nothing is kept.
+        first = start(cache_on_load=[])
+        assert first["load_tier"] == "sharedfs"
+        wait_for(lambda: ready(first["instance_id"]), what="the first worker")
+        client.delete(f"/v1/internal/instances/{first['instance_id']}", headers=AUTH)
+        assert cached_tiers() == []
+
+        second = start()
+        assert second["load_tier"] == "sharedfs"
+        wait_for(lambda: ready(second["instance_id"]), what="the worker loading from the shared FS")
+        wait_for(lambda: cached_tiers() == ["dram", "nvme"], 60, "the copies kept on load")
+        for copy in agent.cache.list():
+            assert copy.verified and copy.source == str(origin.resolve())
+            read_checkpoint(copy.path).verify_files()
+        client.delete(f"/v1/internal/instances/{second['instance_id']}", headers=AUTH)
+        assert cached_tiers() == ["dram", "nvme"]  # scaled to zero: the copies stay
+
+        remove_origin_data(origin)  # the third start cannot touch the shared FS's data
+        third = start()
+        assert third["load_tier"] == "dram"
+        assert wait_for(lambda: ready(third["instance_id"]), what="the worker loading from DRAM")["load_tier"] == "dram"
+        assert not [p for p in agent.cache.nvme_dir.iterdir() if ".filling-" in p.name]
+    finally:
+        agent.workers.stop_all(timeout=5)
+        agent.workers.close()
