@@ -230,7 +230,7 @@ class WorkerManager:
             log.warning("no copy of %s on load: %s", req.model, exc)
             return (), None
 
-    def _command(self, req: StartInstance, path: Path, url_file: Path, cache_into: Path | None = None) -> list[str]:
+    def _command(self, req: StartInstance, path: Path, url_file: Path) -> list[str]:
         worker = self.config.worker
         python = vllm_python(self.config) if req.engine == "vllm" else sys.executable
         command = [python, "-m", "hpcllm.cli.main", "worker", "--engine", req.engine, "--model", str(path),
@@ -241,8 +241,6 @@ class WorkerManager:
             command += ["--config", str(self.config_path)]
         if req.max_model_len is not None:
             command += ["--max-model-len", str(req.max_model_len)]
-        if cache_into is not None:
-            command += ["--cache-into", str(cache_into)]
         return command + ["--threads", str(self.threads_for(req.gpu_ids))]
 
     def threads_for(self, gpu_ids: list[int]) -> int:
@@ -265,7 +263,10 @@ class WorkerManager:
     def _spawn(self, req: StartInstance, path: Path, url_file: Path, log_path: Path,
                cache_into: Path | None = None) -> subprocess.Popen:
         with open(log_path, "ab") as log_file:
-            return subprocess.Popen(self._command(req, path, url_file, cache_into), env=self._environment(req.gpu_ids),
+            command = self._command(req, path, url_file)
+            if cache_into is not None:  # cache on load: the worker tees what it reads there
+                command += ["--cache-into", str(cache_into)]
+            return subprocess.Popen(command, env=self._environment(req.gpu_ids),
                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                     preexec_fn=self._ignore_drain_signal())
 
