@@ -96,6 +96,21 @@ def test_load_from_shared_fs_leaves_verified_dram_and_nvme_copies(tmp_path, orig
     again.release()
 
 
+def test_a_load_through_the_staging_ring_is_kept_too(tmp_path, origin):
+    # The GPU path's machinery on CPU: the tee takes each unit from its staging slot before the slot is reused.
+    cm = make_manager(tmp_path)
+    fill = cm.begin_load_fill("llama", origin, ("nvme",))
+    loaded = hpcllm.load_model(origin, tier="sharedfs", staged=True, staging_slots=2, unit_bytes=CHUNK,
+                               tee_into=fill.staging, tokenizer=False)
+    assert loaded.stats.staging["submitted"] > 2  # the slots were reused
+    cm.commit_load_fill(fill)
+    copy = cm.get("llama", "nvme")
+    read_checkpoint(copy.path).verify_files()
+    for part in read_checkpoint(origin).partitions:
+        assert (copy.path / part.file).read_bytes() == part.path.read_bytes()
+    loaded.release()
+
+
 def test_cpu_load_from_the_page_cache_is_kept_too(tmp_path, origin):
     # A disk-tier load whose files are in the page cache maps them (no pipeline): the tee writes the mappings.
     cm = make_manager(tmp_path)
