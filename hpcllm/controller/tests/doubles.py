@@ -149,6 +149,7 @@ class FakeAgents(AgentClient):
         self.agents: dict[str, FakeNodeAgent] = {}
         self.started: list[tuple[str, str, list[int]]] = []  # (agent_url, model, gpu_ids)
         self.max_model_lens: list[int | None] = []  # the context length each start asked the worker for
+        self.cache_on_loads: list[list[str] | None] = []  # each start's model cache_on_load (None: the node's)
         self.stopped: list[tuple[str, str]] = []
         self.unreachable: set[str] = set()
         self.refuse_start = False
@@ -174,6 +175,7 @@ class FakeAgents(AgentClient):
                                                     worker_url=worker_url, gpu_ids=gpu_ids)
         self.started.append((agent_url, model, gpu_ids))
         self.max_model_lens.append(max_model_len)
+        self.cache_on_loads.append(cache_on_load)
         return StartedInstance(instance_id, worker_url)
 
     def stop_instance(self, agent_url: str, instance_id: str) -> None:

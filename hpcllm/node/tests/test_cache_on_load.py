@@ -202,7 +202,8 @@ def test_second_start_on_the_node_is_local_without_a_warm(tmp_path, origin):
     from hpcllm.node.app import create_app
     from hpcllm.node.tests.test_agent import AUTH, make_agent, wait_for
 
-    agent = make_agent(tmp_path, cache_on_load=["dram", "nvme"])
+    agent = make_agent(tmp_path, cache_on_load=["dram", "nvme"], spare_workers=1)
+    agent.workers.ensure_spares()  # the staging folder also reaches a spare worker through its assignment
     client = create_app(agent).test_client()
 
     def start(**extra) -> str:
@@ -232,6 +233,7 @@ def test_second_start_on_the_node_is_local_without_a_warm(tmp_path, origin):
         assert second["load_tier"] == "sharedfs"
         wait_for(lambda: ready(second["instance_id"]), what="the worker loading from the shared FS")
         wait_for(lambda: cached_tiers() == ["dram", "nvme"], 60, "the copies kept on load")
+        assert "spare worker ready" in agent.workers.get(second["instance_id"]).log_path.read_text()
         for copy in agent.cache.list():
             assert copy.verified and copy.source == str(origin.resolve())
             read_checkpoint(copy.path).verify_files()
