@@ -42,7 +42,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
-from hpcllm.store.tee import TEE_COMPLETE
+from hpcllm.store.tee import TEE_COMPLETE, TEE_FAILED
 from hpcllm.procs import pid_alive
 
 NVME, DRAM, SHAREDFS = "nvme", "dram", "sharedfs"
@@ -253,6 +253,16 @@ def read_marker(folder: Path) -> dict | None:
 
 def filling_name(model: str) -> str:
     return f".{model}.filling-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def sync_files(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -550,6 +560,16 @@ class CacheManager:
             return None
         return LoadFill(model, str(Path(source).resolve()), staging, tuple(kept), tuple(fill_ids))
 
+    @staticmethod
+    def wait_for_tee(fill: LoadFill, alive: Callable[[], bool], timeout: float, poll: float = 0.1) -> None:
+        """Wait while the loading worker (alive()) still writes the copy: a CPU load writes it after the model is
+        ready. Returns when it is complete or failed, the worker is gone, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not ((fill.staging / TEE_COMPLETE).exists() or (fill.staging / TEE_FAILED).exists()):
+            if not alive() or time.monotonic() > deadline:
+                return
+            time.sleep(poll)
+
     def commit_load_fill(self, fill: LoadFill) -> list[CachedCopy]:
         """The load that wrote `fill.staging` succeeded: re-hash what it wrote, then make it visible in each tier
         (DRAM: DramTier.put from the staging copy; NVMe: marker + rename). CacheCorrupt when the copy is incomplete
@@ -558,8 +578,17 @@ class CacheManager:
         try:
             done = fill.staging / TEE_COMPLETE
             if not done.is_file():
-                raise CacheCorrupt(f"model {fill.model!r}: the load wrote no complete copy (see the worker's log)")
+                try:
+                    reason = (fill.staging / TEE_FAILED).read_text()
+                except OSError:
+                    reason = "see the worker's log"
+                raise CacheCorrupt(f"model {fill.model!r}: the load wrote no complete copy ({reason})")
             done.unlink()
+            try:
+                sync_files(fill.staging)  # the tee leaves this to us, so the load is not kept waiting for the disk
+            except OSError as exc:
+                raise CacheError(f"model {fill.model!r}: syncing the copy written on load failed: "
+                                 f"{exc.strerror or exc}") from None
             try:
                 read_checkpoint(fill.staging).verify_files()
             except CheckpointError as exc:

@@ -480,6 +480,8 @@ class WorkerManager:
         try:
             fill = self._take_fill(inst)
             if fill is not None:
+                self.cache.wait_for_tee(fill, lambda: inst.process.poll() is None,
+                                        self.config.node.worker_start_timeout_seconds)
                 copies = self.cache.commit_load_fill(fill)
                 log.info("instance %s: kept its load of %s in %s", inst.instance_id, inst.model,
                          ", ".join(c.tier for c in copies) or "no tier")

@@ -92,6 +92,14 @@ class LoadedModel:
     _host_buffers: list = field(default_factory=list, repr=False)
     _pool: HostBufferPool | None = field(default=None, repr=False)
     _device_buffers: list = field(default_factory=list, repr=False)  # one uint8 tensor per (partition, GPU)
+    _tee_thread: threading.Thread | None = field(default=None, repr=False)  # writing the tee_into copy
+
+    def wait_for_tee(self, timeout: float | None = None) -> bool:
+        """Wait until the tee_into copy is written (it finishes after the load on CPU); True when it is done."""
+        if self._tee_thread is not None:
+            self._tee_thread.join(timeout)
+            return not self._tee_thread.is_alive()
+        return True
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.stats))
@@ -100,7 +108,9 @@ class LoadedModel:
         """Drop the model's weights (moved to meta) and return its host buffers to the pool for reuse.
 
         Only for the owner of the model: tensors taken from it before release would see the next model's bytes.
+        Waits for a tee_into copy being written from those buffers first.
         """
+        self.wait_for_tee()
         if self.model is not None:
             self.model.to("meta")
             self.model = None
@@ -210,8 +220,7 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         raise
     phases["attach"] = time.perf_counter() - attach_started
     seconds = time.perf_counter() - started
-    if tee is not None:
-        load.finish_tee()
+    tee_thread = load.finish_tee() if tee is not None else None
     load.populate_in_background()
     if verify and settings.trust_verified_record:
         record_verified(ckpt)
@@ -230,7 +239,7 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
              ",".join(stats.devices), seconds, stats.gbps)
     return LoadedModel(model=model, tokenizer=tok, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
-                       _pool=pool, _device_buffers=load.device_buffers())
+                       _pool=pool, _device_buffers=load.device_buffers(), _tee_thread=tee_thread)
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -341,8 +350,10 @@ class _Load:
             buffers = {p: self._host_buffer(self.ckpt.partitions[p].size) for p in parts}
             self.bases = {(p, "cpu"): buffers[p] for p in parts}
             target = DirectHostTarget(buffers)
+        # A staged load's bytes pass through reused slots: the tee takes them there. A direct one writes later.
         self.pipeline = Pipeline(self.ckpt, units, self.readers, target, verify=self.verify,
-                                 threads=self.settings.threads, prefault=self.settings.prefault, tee=self.tee).start()
+                                 threads=self.settings.threads, prefault=self.settings.prefault,
+                                 tee=self.tee if self.staged else None).start()
 
     def _map_shared(self, parts: list[int]) -> None:
         """Tensors will be views of private (copy-on-write) mappings of the files: no read, no copy."""
@@ -354,12 +365,24 @@ class _Load:
             self.verifier = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="hpcllm-verify")
             self.verifications = [self.verifier.submit(self._verify_mapped, p, c) for p, c in chunks]
 
-    def finish_tee(self) -> None:
-        """Complete the cache-on-load copy. A zero-copy load read nothing through the pipeline: its mappings (the
-        page cache / shared memory, verified when this load verifies) are written out now."""
-        if self.zero_copy:
-            for (p, _), base in self.bases.items():
-                self.tee.write(p, 0, base.view()[:self.ckpt.partitions[p].size])
+    def finish_tee(self) -> threading.Thread | None:
+        """Complete the cache-on-load copy. A staged load's tee got every unit from the pipeline. A CPU load's host
+        buffers (or page-cache / shm mappings) mirror the files and stay as the model's weights: a thread writes
+        them out after the model is ready, so the load does not wait for the write (returns that thread)."""
+        if self.staged:
+            self._complete_tee()
+            return None
+        sources = [(p, base) for (p, _), base in self.bases.items()]
+        thread = threading.Thread(target=self._write_tee, args=(sources,), name="hpcllm-tee", daemon=True)
+        thread.start()
+        return thread
+
+    def _write_tee(self, sources) -> None:
+        for p, base in sources:
+            self.tee.write(p, 0, base.view()[:self.ckpt.partitions[p].size])
+        self._complete_tee()
+
+    def _complete_tee(self) -> None:
         if not self.tee.finish():
             log.warning("no cache-on-load copy of %s: %s", self.ckpt.root, self.tee.error)
 

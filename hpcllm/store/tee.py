@@ -2,8 +2,9 @@
 without reading the origin a second time (cache on load, docs/node-cache.md).
 
     tee = LoadTee(ckpt, staging_dir)       # an existing empty folder the node agent handed to the worker
-    tee.write(partition, offset, view)     # from the pipeline: each unit after its chunks were verified
-    tee.finish()                           # fsync, copy manifest/index/side files, write the completion file
+    tee.write(partition, offset, view)     # staged loads: each unit from the pipeline after its chunks were verified;
+                                           # CPU loads: whole files from the model's buffers once it is ready
+    tee.finish()                           # copy manifest/index/side files, write the completion file
 
 A tee never fails the load: a write error (disk full, folder removed) is kept in `tee.error`, later writes are
 skipped and finish() returns False. The tee only writes; whoever commits the folder (the node agent's CacheManager.commit_load_fill) re-hashes what
@@ -20,6 +21,7 @@ from pathlib import Path
 from hpcllm.checkpoint import INDEX_FILE, MANIFEST_FILE, Checkpoint
 
 TEE_COMPLETE = ".hpcllm-tee-complete"
+TEE_FAILED = ".hpcllm-tee-failed"  # holds the reason: whoever waits for the copy stops waiting
 
 
 class LoadTee:
@@ -43,7 +45,7 @@ class LoadTee:
 
     def write(self, partition: int, offset: int, data) -> None:
         """Write `data` (bytes of the partition file at `offset`, already verified by the load when it verifies);
-        called by one thread (the pipeline's consumer)."""
+        called by one thread (the pipeline's consumer for a staged load, else the loader's tee thread)."""
         if self.error is not None:
             return
         view = memoryview(data).cast("B")
@@ -57,16 +59,15 @@ class LoadTee:
         self.written[partition] += len(view)
 
     def finish(self) -> bool:
-        """Complete the copy: data files on disk, the small files beside them, then the completion file.
+        """Complete the copy: the small files beside the data files, then the completion file (not fsynced: the
+        committer does that after the model is ready).
         False (and `error` says why) when the copy is incomplete; the committer then discards it."""
         if self.error is None:
             short = [p.file for p in self.ckpt.partitions if self.written[p.index] < p.size]
             if short:
                 self.error = f"the load did not pass every byte of {', '.join(short)} through the tee"
         try:
-            if self.error is None:
-                for fd in self._fds.values():
-                    os.fsync(fd)
+            if self.error is None:  # no fsync here: it would delay the ready model; the committer syncs
                 for name in [MANIFEST_FILE, INDEX_FILE] + [side.file for side in self.ckpt.side_files]:
                     target = self.dest / name
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,11 @@ class LoadTee:
         except OSError as exc:
             self._fail(exc)
         self.close()
+        if self.error is not None:
+            try:
+                (self.dest / TEE_FAILED).write_text(self.error)
+            except OSError:
+                pass
         return self.error is None
 
     def close(self) -> None:

@@ -73,6 +73,7 @@ def test_load_from_shared_fs_leaves_verified_dram_and_nvme_copies(tmp_path, orig
     assert cm.usage_bytes("nvme") == model_bytes and cm.usage_bytes("dram") == model_bytes  # reserved meanwhile
 
     loaded = hpcllm.load_model(origin, tier="sharedfs", tee_into=fill.staging, tokenizer=False)
+    assert loaded.wait_for_tee(30)  # a CPU load writes its copy from the model's buffers once it is ready
     ckpt = read_checkpoint(origin)
     assert origin_reads == {p.file: p.size for p in ckpt.partitions if p.size}  # every byte read exactly once
     assert cm.list() == []  # nothing visible before the commit
@@ -118,6 +119,7 @@ def test_cpu_load_from_the_page_cache_is_kept_too(tmp_path, origin):
         part.path.read_bytes()
     fill = cm.begin_load_fill("llama", origin, ("nvme",))
     loaded = hpcllm.load_model(origin, tier="disk", tee_into=fill.staging, tokenizer=False)
+    assert loaded.stats.zero_copy and loaded.wait_for_tee(30)
     cm.commit_load_fill(fill)
     read_checkpoint(cm.get("llama", "nvme").path).verify_files()
     loaded.release()
