@@ -79,6 +79,9 @@ class NodeConfig(Section):
     # Worker processes kept with torch/transformers already imported, so a cold start pays only the load (the
     # imports take ~2.5-4 s, docs/node-agent.md). Each idle spare holds ~0.35 GB of host memory; 0 turns them off.
     spare_workers: int = Field(1, ge=0, le=8)
+    # Cache on load: a worker loading from a slower tier writes what it read into these faster tiers (within their
+    # capacities, LRU), so the next start on this node is local; [] turns it off. A model's cache_on_load overrides.
+    cache_on_load: list[Literal["dram", "nvme"]] = ["dram", "nvme"]
 
 
 class ControllerConfig(Section):

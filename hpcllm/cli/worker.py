@@ -34,12 +34,15 @@ from hpcllm.worker.cli import run_worker
               help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
 @click.option("--engine", type=click.Choice(["hpcllm", "vllm"]), default="hpcllm", show_default=True,
               help="hpcllm's engine, or vLLM (run this with the interpreter of `make vllm-venv`).")
+@click.option("--cache-into", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="Empty folder (given by the node agent): also write the checkpoint bytes the load reads there, "
+                   "for the node's cache (cache on load). hpcllm engine only.")
 @click.option("--tensor-parallel", is_flag=True,
               help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
                    "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
-           engine: str, tensor_parallel: bool) -> None:
+           engine: str, cache_into: Path | None, tensor_parallel: bool) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if tensor_parallel:
@@ -47,4 +50,4 @@ def worker(model_path: Path, model_name: str | None, host: str | None, port: int
                                    max_model_len, url_file, threads)
         return
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
-               threads, engine)
+               threads, engine, cache_into)

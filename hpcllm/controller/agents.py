@@ -38,10 +38,13 @@ class AgentClient:
             raise AgentError(f"node agent {url}: {type(exc).__name__}: {exc}") from None
 
     def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
-                       max_model_len: int | None = None, engine: str = "hpcllm") -> StartedInstance:
+                       max_model_len: int | None = None, engine: str = "hpcllm",
+                       cache_on_load: list[str] | None = None) -> StartedInstance:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"
         body = {"model": model, "source": source, "gpu_ids": gpu_ids, "max_model_len": max_model_len,
                 "engine": engine}
+        if cache_on_load is not None:  # absent: the agent's node.cache_on_load
+            body["cache_on_load"] = cache_on_load
         resp = self._call("POST", url, json=body)
         if resp.status_code not in (200, 201, 202):
             raise AgentError(f"node agent {url} refused to start {model!r}: HTTP {resp.status_code} "

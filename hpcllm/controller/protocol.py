@@ -181,6 +181,8 @@ class ModelSpec(Wire):
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = Field("hpcllm", description='"vllm" serves it with vLLM (worker.vllm_python)')
     keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
+    cache_on_load: list[CacheTier] | None = Field(None, description="tiers a load from a slower one fills; "
+                                                  "default: the node's node.cache_on_load; [] never")
     min_instances: int = Field(0, ge=0)
     max_instances: int = Field(1, ge=1)
     slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)

@@ -391,7 +391,8 @@ class Controller:
         try:
             # The deployed context length, so the worker refuses exactly what the gateway refuses.
             started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids,
-                                                 max_model_len=model.max_model_len, engine=model.engine)
+                                                 max_model_len=model.max_model_len, engine=model.engine,
+                                                 cache_on_load=model.cache_on_load)
         except AgentError:
             self.registry.delete_instance(reservation)
             raise

@@ -22,6 +22,7 @@ and is repaired from the markers on start, so a copy written by another tool (th
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import re
@@ -41,6 +42,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
+from hpcllm.store.tee import TEE_COMPLETE, TEE_FAILED
 from hpcllm.procs import pid_alive
 
 NVME, DRAM, SHAREDFS = "nvme", "dram", "sharedfs"
@@ -53,6 +55,8 @@ _TRASH = re.compile(r"^\.(?P<model>.+)\.evicted-[0-9a-f]{8}$")
 COPY_CHUNK_BYTES = 16 << 20
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+log = logging.getLogger(__name__)
 
 
 class CacheError(HpcllmError):
@@ -97,6 +101,18 @@ class CachedCopy:
     @classmethod
     def from_json(cls, data: dict) -> "CachedCopy":
         return cls(**{**data, "path": Path(data["path"])})
+
+
+@dataclass(frozen=True)
+class LoadFill:
+    """A cache-on-load copy in progress: the staging folder a worker's load writes into (hpcllm.store.tee), the
+    tiers it will fill and their reservations (see CacheManager.begin_load_fill)."""
+
+    model: str
+    origin: str
+    staging: Path
+    tiers: tuple[str, ...]
+    fill_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -237,6 +253,16 @@ def read_marker(folder: Path) -> dict | None:
 
 def filling_name(model: str) -> str:
     return f".{model}.filling-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def sync_files(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -502,6 +528,105 @@ class CacheManager:
             db.execute("UPDATE entries SET source=?, verified_at=?, last_used=? WHERE model=? AND tier=?",
                        (origin, now, now, model, tier))
             return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
+
+    # ------------------------------------------------------------------------------------------- cache on load
+
+    def begin_load_fill(self, model: str, source: str | os.PathLike, tiers: tuple[str, ...] | list[str]
+                        ) -> LoadFill | None:
+        """Prepare to keep what a load from `source` reads: reserve room in each tier of `tiers` that does not
+        hold the model yet (LRU eviction of copies not in use) and make an empty staging folder for the loading
+        worker's tee. Tiers that do not fit are skipped; None when nothing is left to fill (the load goes on)."""
+        check_model_name(model)
+        ckpt = open_origin(model, source)
+        need = checkpoint_bytes(ckpt)
+        kept, fill_ids = [], []
+        for tier in tiers:
+            if tier not in self.tiers or tier in kept or self._present(model, tier) is not None:
+                continue
+            try:
+                fill_ids.append(self.reserve_fill(model, tier, need))
+                kept.append(tier)
+            except NotEnoughSpace as exc:
+                log.info("no %s copy of %s on load: %s", tier, model, exc)
+        if not kept:
+            return None
+        staging = self.nvme_dir / filling_name(model)
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            for fill_id in fill_ids:
+                self.end_fill(fill_id)
+            log.warning("no copy of %s on load: cannot create %s: %s", model, staging, exc.strerror or exc)
+            return None
+        return LoadFill(model, str(Path(source).resolve()), staging, tuple(kept), tuple(fill_ids))
+
+    @staticmethod
+    def wait_for_tee(fill: LoadFill, alive: Callable[[], bool], timeout: float, poll: float = 0.1) -> None:
+        """Wait while the loading worker (alive()) still writes the copy: a CPU load writes it after the model is
+        ready. Returns when it is complete or failed, the worker is gone, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not ((fill.staging / TEE_COMPLETE).exists() or (fill.staging / TEE_FAILED).exists()):
+            if not alive() or time.monotonic() > deadline:
+                return
+            time.sleep(poll)
+
+    def commit_load_fill(self, fill: LoadFill) -> list[CachedCopy]:
+        """The load that wrote `fill.staging` succeeded: re-hash what it wrote, then make it visible in each tier
+        (DRAM: DramTier.put from the staging copy; NVMe: marker + rename). CacheCorrupt when the copy is incomplete
+        or does not verify; nothing is visible then. The staging folder and the reservations are gone either way."""
+        committed = []
+        try:
+            done = fill.staging / TEE_COMPLETE
+            if not done.is_file():
+                try:
+                    reason = (fill.staging / TEE_FAILED).read_text()
+                except OSError:
+                    reason = "see the worker's log"
+                raise CacheCorrupt(f"model {fill.model!r}: the load wrote no complete copy ({reason})")
+            done.unlink()
+            try:
+                sync_files(fill.staging)  # the tee leaves this to us, so the load is not kept waiting for the disk
+            except OSError as exc:
+                raise CacheError(f"model {fill.model!r}: syncing the copy written on load failed: "
+                                 f"{exc.strerror or exc}") from None
+            try:
+                read_checkpoint(fill.staging).verify_files()
+            except CheckpointError as exc:
+                raise CacheCorrupt(f"model {fill.model!r}: the copy written on load does not verify: {exc}") from None
+            if DRAM in fill.tiers:
+                try:
+                    self.dram.dir.mkdir(parents=True, exist_ok=True)
+                    self.dram.put(fill.staging, fill.model)
+                    committed.append(DRAM)
+                except (DramTierError, OSError) as exc:
+                    log.warning("no DRAM copy of %s on load: %s", fill.model, exc)
+            if NVME in fill.tiers:
+                try:
+                    write_marker(fill.staging, fill.model, fill.origin, folder_bytes(fill.staging), time.time())
+                    fsync_dir(fill.staging)
+                    os.rename(fill.staging, self.nvme_path(fill.model))
+                    fsync_dir(self.nvme_dir)
+                    committed.append(NVME)
+                except OSError as exc:  # also: a concurrent fill of the same model won the race (it is cached)
+                    if self._present(fill.model, NVME) is None:
+                        log.warning("no NVMe copy of %s on load: %s", fill.model, exc.strerror or exc)
+        finally:
+            shutil.rmtree(fill.staging, ignore_errors=True)
+            for fill_id in fill.fill_ids:
+                self.end_fill(fill_id)
+        with self._transaction() as db:
+            self._sync(db)
+            now = time.time()
+            for tier in committed:
+                db.execute("UPDATE entries SET source=?, verified_at=?, last_used=? WHERE model=? AND tier=?",
+                           (fill.origin, now, now, fill.model, tier))
+            return [c for tier in committed for c in self._copies(db, "WHERE model=? AND tier=?", (fill.model, tier))]
+
+    def discard_load_fill(self, fill: LoadFill) -> None:
+        """The load failed (or its worker went before it was ready): its partial copy goes, nothing was visible."""
+        shutil.rmtree(fill.staging, ignore_errors=True)
+        for fill_id in fill.fill_ids:
+            self.end_fill(fill_id)
 
     def best_copy_in(self, model: str, tier: str) -> CachedCopy:
         with self._transaction() as db:

@@ -38,6 +38,7 @@ class StartInstance(Wire):
     gpu_ids: list[int] = Field(default_factory=list, description="agent GPU indices 0..gpus-1; empty: CPU")
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = "hpcllm"
+    cache_on_load: list[CacheTier] | None = Field(None, description="overrides node.cache_on_load for this model")
 
 
 class StartedInstance(Wire):

@@ -29,7 +29,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import httpx
 
@@ -48,6 +48,7 @@ from hpcllm.checkpoint.errors import ChecksumMismatch
 log = logging.getLogger(__name__)
 
 LOCAL_TIERS = ("dram", "nvme")
+FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # what a load from a tier can fill
 
 
 class InstanceError(HpcllmError):
@@ -112,6 +113,8 @@ class Instance:
     stopping: bool = False
     released: bool = False
     corrupt_copy: bool = False  # the worker's load failed a checksum of the local copy it read
+    load_fill: Any = None  # hpcllm.node.cache.LoadFill: the staging copy its load writes (cache on load)
+    promote_to: tuple[str, ...] = ()  # faster tiers to fill from the local copy it loaded, once it is ready
     done: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
 
@@ -212,6 +215,21 @@ class WorkerManager:
             return Path(path), tier
         return source, "sharedfs"
 
+    def _cache_on_load(self, req: StartInstance, tier: str) -> tuple[tuple[str, ...], Any]:
+        """(tiers to fill from the local copy once ready, LoadFill for the worker's tee) for a load from `tier`:
+        the faster tiers named by the model's cache_on_load (else node.cache_on_load) that lack the model."""
+        wanted = req.cache_on_load if req.cache_on_load is not None else self.config.node.cache_on_load
+        targets = tuple(t for t in FASTER_TIERS.get(tier, ()) if t in wanted)
+        if self.cache is None or not targets or req.engine != "hpcllm":
+            return (), None
+        if tier in LOCAL_TIERS:  # a local copy exists: fill the faster tiers from it after the load
+            return targets, None
+        try:
+            return (), self.cache.begin_load_fill(req.model, req.source, targets)
+        except HpcllmError as exc:  # the cache is an optimisation: the load goes on without it
+            log.warning("no copy of %s on load: %s", req.model, exc)
+            return (), None
+
     def _command(self, req: StartInstance, path: Path, url_file: Path) -> list[str]:
         worker = self.config.worker
         python = vllm_python(self.config) if req.engine == "vllm" else sys.executable
@@ -242,9 +260,13 @@ class WorkerManager:
         env["CUDA_VISIBLE_DEVICES"] = self.gpus.visible_devices(gpu_ids) if gpu_ids else ""
         return env
 
-    def _spawn(self, req: StartInstance, path: Path, url_file: Path, log_path: Path) -> subprocess.Popen:
+    def _spawn(self, req: StartInstance, path: Path, url_file: Path, log_path: Path,
+               cache_into: Path | None = None) -> subprocess.Popen:
         with open(log_path, "ab") as log_file:
-            return subprocess.Popen(self._command(req, path, url_file), env=self._environment(req.gpu_ids),
+            command = self._command(req, path, url_file)
+            if cache_into is not None:  # cache on load: the worker tees what it reads there
+                command += ["--cache-into", str(cache_into)]
+            return subprocess.Popen(command, env=self._environment(req.gpu_ids),
                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                     preexec_fn=self._ignore_drain_signal())
 
@@ -273,8 +295,8 @@ class WorkerManager:
         log.info("spare worker pid %d started (log %s)", process.pid, log_path)
         return Spare(process, log_path, time.time())
 
-    def _assign_spare(self, req: StartInstance, path: Path, url_file: Path,
-                      log_path: Path) -> subprocess.Popen | None:
+    def _assign_spare(self, req: StartInstance, path: Path, url_file: Path, log_path: Path,
+                      cache_into: Path | None = None) -> subprocess.Popen | None:
         """Hand the instance to a live spare (its log becomes the instance's log); None when there is none."""
         while self._spares:
             spare = self._spares[0]
@@ -286,6 +308,7 @@ class WorkerManager:
                 model_path=str(path), model_name=req.model, device="cuda" if req.gpu_ids else self.config.worker.device,
                 url_file=str(url_file), config_path=str(self.config_path) if self.config_path else None,
                 max_model_len=req.max_model_len, threads=self.threads_for(req.gpu_ids),
+                cache_into=str(cache_into) if cache_into is not None else None,
                 env={"CUDA_VISIBLE_DEVICES": self.gpus.visible_devices(req.gpu_ids) if req.gpu_ids else ""})
             try:
                 spare.process.stdin.write(assignment.model_dump_json().encode() + b"\n")
@@ -343,23 +366,28 @@ class WorkerManager:
                 raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
             if tier in LOCAL_TIERS and self.cache is not None:
                 self.cache.acquire(req.model, tier)
+            promote_to, fill = self._cache_on_load(req, tier)
+            cache_into = fill.staging if fill is not None else None
             instance_id = f"{req.model}-{uuid.uuid4().hex[:8]}"
             url_file = self.run_dir / f"{instance_id}.url"
             log_path = self.run_dir / f"{instance_id}.log"
             try:
                 # Spares run this interpreter with hpcllm's engine imported; vLLM workers start fresh.
-                spare = self._assign_spare(req, path, url_file, log_path) if req.engine == "hpcllm" else None
-                process = spare or self._spawn(req, path, url_file, log_path)
+                spare = (self._assign_spare(req, path, url_file, log_path, cache_into) if req.engine == "hpcllm"
+                         else None)
+                process = spare or self._spawn(req, path, url_file, log_path, cache_into)
             except OSError as exc:
                 if tier in LOCAL_TIERS and self.cache is not None:
                     self.cache.release(req.model, tier)
+                if fill is not None:
+                    self.cache.discard_load_fill(fill)
                 raise InstanceError(f"cannot start a worker for {req.model!r}: {exc}") from None
             if tier in LOCAL_TIERS and self.cache is not None:
                 # The worker holds the copy from now on: if this agent dies, the reference dies with the worker.
                 self.cache.acquire(req.model, tier, pid=process.pid)
                 self.cache.release(req.model, tier)
             inst = Instance(instance_id, req.model, req.source, path, tier, list(req.gpu_ids), process, url_file,
-                            log_path, time.time())
+                            log_path, time.time(), load_fill=fill, promote_to=promote_to)
             self._instances[instance_id] = inst
         log.info("instance %s: worker pid %d loading %s from %s (%s)", instance_id, process.pid, req.model, path, tier)
         threading.Thread(target=self._watch, args=(inst,), name=f"watch-{instance_id}", daemon=True).start()
@@ -402,6 +430,9 @@ class WorkerManager:
                 inst.load_seconds = float(body["load_seconds"])
             if inst.state == "loading":
                 self._set_state(inst, "ready")
+                if inst.load_fill is not None or inst.promote_to:
+                        threading.Thread(target=self._keep_loaded_copy, args=(inst,),
+                                     name=f"cache-{inst.instance_id}", daemon=True).start()
 
     def _watch(self, inst: Instance) -> None:
         deadline = inst.started_at + self.config.node.worker_start_timeout_seconds
@@ -422,6 +453,9 @@ class WorkerManager:
                 inst.wake.clear()
         finally:
             self._release(inst)
+            fill = self._take_fill(inst)
+            if fill is not None:  # it never became ready: its partial copy goes
+                self.cache.discard_load_fill(fill)
             if inst.corrupt_copy:
                 self._replace_corrupt_copy(inst)
             inst.done.set()
@@ -434,6 +468,31 @@ class WorkerManager:
         reason = inst.error or log_tail(inst.log_path) or "no output"
         inst.corrupt_copy = code == ChecksumMismatch.exit_code and inst.tier in LOCAL_TIERS
         self._set_state(inst, "failed", f"worker exited with status {code}: {reason}")
+
+    def _take_fill(self, inst: Instance):
+        with self._lock:
+            fill, inst.load_fill = inst.load_fill, None
+        return fill
+
+    def _keep_loaded_copy(self, inst: Instance) -> None:
+        """Cache on load, once the instance is ready: commit the copy its load wrote (verified first), or fill the
+        faster tiers from the local copy it loaded. Never affects the instance; failures are logged."""
+        try:
+            fill = self._take_fill(inst)
+            if fill is not None:
+                self.cache.wait_for_tee(fill, lambda: inst.process.poll() is None,
+                                        self.config.node.worker_start_timeout_seconds)
+                copies = self.cache.commit_load_fill(fill)
+                log.info("instance %s: kept its load of %s in %s", inst.instance_id, inst.model,
+                         ", ".join(c.tier for c in copies) or "no tier")
+            for tier in inst.promote_to:
+                self.cache.warm(inst.model, inst.source, tier)  # DRAM from the node's NVMe copy, not the origin
+                log.info("instance %s: copied %s from %s to %s", inst.instance_id, inst.model, inst.tier, tier)
+        except HpcllmError as exc:
+            log.warning("instance %s: no cached copy of %s on load: %s", inst.instance_id, inst.model, exc)
+        except Exception:
+            log.exception("instance %s: cache on load of %s failed", inst.instance_id, inst.model)
+        self.on_change()  # the next heartbeat tells the controller about the new copies
 
     def _replace_corrupt_copy(self, inst: Instance) -> None:
         """The loader caught a checksum mismatch in a cached copy: drop it and refill it from the origin, so the

@@ -37,6 +37,7 @@ from hpcllm.store.pipeline import (DirectHostTarget, Pipeline, Placement, Staged
                                    plan_units, whole_partition_placement)
 from hpcllm.store.readers import BUFFERED, CACHED_ENOUGH, FileReader, cached_fraction
 from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
+from hpcllm.store.tee import LoadTee
 from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, tier_settings
 from hpcllm.store.verified import record_verified, verified_before
 
@@ -91,6 +92,14 @@ class LoadedModel:
     _host_buffers: list = field(default_factory=list, repr=False)
     _pool: HostBufferPool | None = field(default=None, repr=False)
     _device_buffers: list = field(default_factory=list, repr=False)  # one uint8 tensor per (partition, GPU)
+    _tee_thread: threading.Thread | None = field(default=None, repr=False)  # writing the tee_into copy
+
+    def wait_for_tee(self, timeout: float | None = None) -> bool:
+        """Wait until the tee_into copy is written (it finishes after the load on CPU); True when it is done."""
+        if self._tee_thread is not None:
+            self._tee_thread.join(timeout)
+            return not self._tee_thread.is_alive()
+        return True
 
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.stats))
@@ -99,7 +108,9 @@ class LoadedModel:
         """Drop the model's weights (moved to meta) and return its host buffers to the pool for reuse.
 
         Only for the owner of the model: tensors taken from it before release would see the next model's bytes.
+        Waits for a tee_into copy being written from those buffers first.
         """
+        self.wait_for_tee()
         if self.model is not None:
             self.model.to("meta")
             self.model = None
@@ -136,7 +147,7 @@ def _gc_paused(func):
 def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bool | None = None, dtype=None,
                tokenizer: bool = True, threads: int | None = None, unit_bytes: int | None = None,
                staging_slots: int | None = None, pool: HostBufferPool | None = None,
-               staged: bool = False) -> LoadedModel:
+               staged: bool = False, tee_into: str | Path | None = None) -> LoadedModel:
     """Load a converted checkpoint into a ready transformers model.
 
     path            converted checkpoint folder (any tier; DramTier.open(model_id) for the DRAM tier)
@@ -151,6 +162,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     threads, unit_bytes, staging_slots   override the tier's pipeline settings
     pool            host buffer pool for CPU targets (default: the process-wide pool)
     staged          route CPU loads through the staging ring too (the GPU path's machinery; for testing)
+    tee_into        an empty folder: also write the bytes read there as a copy of the checkpoint (cache on load,
+                    hpcllm.store.tee); a failed tee is logged and never fails the load
     """
     started = time.perf_counter()
     ckpt = read_checkpoint(path)
@@ -170,7 +183,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     pool = pool or default_pool()
     phases = {"open": time.perf_counter() - started}
 
-    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged)
+    tee = LoadTee(ckpt, tee_into) if tee_into is not None else None
+    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged, tee)
     try:
         load.start()
         config_started = time.perf_counter()
@@ -187,6 +201,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         bases = load.finish()
     except BaseException:
         load.abort()
+        if tee is not None:
+            tee.close()
         raise
     phases["read"] = load.read_seconds
 
@@ -199,9 +215,12 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         _attach(model, tensors, ckpt, device_of, devices)
     except BaseException:
         load.release_buffers()
+        if tee is not None:
+            tee.close()
         raise
     phases["attach"] = time.perf_counter() - attach_started
     seconds = time.perf_counter() - started
+    tee_thread = load.finish_tee() if tee is not None else None
     load.populate_in_background()
     if verify and settings.trust_verified_record:
         record_verified(ckpt)
@@ -220,7 +239,7 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
              ",".join(stats.devices), seconds, stats.gbps)
     return LoadedModel(model=model, tokenizer=tok, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
-                       _pool=pool, _device_buffers=load.device_buffers())
+                       _pool=pool, _device_buffers=load.device_buffers(), _tee_thread=tee_thread)
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -275,8 +294,9 @@ class _Load:
     """The data movement of one load: mode choice, destination memory, pipeline, cleanup on failure."""
 
     def __init__(self, ckpt: Checkpoint, settings: TierSettings, verify: bool, device_of, devices: set[str],
-                 pool: HostBufferPool, staged: bool):
+                 pool: HostBufferPool, staged: bool, tee: LoadTee | None = None):
         self.ckpt = ckpt
+        self.tee = tee
         self.settings = settings
         self.verify = verify
         self.device_of = device_of
@@ -330,8 +350,10 @@ class _Load:
             buffers = {p: self._host_buffer(self.ckpt.partitions[p].size) for p in parts}
             self.bases = {(p, "cpu"): buffers[p] for p in parts}
             target = DirectHostTarget(buffers)
+        # A staged load's bytes pass through reused slots: the tee takes them there. A direct one writes later.
         self.pipeline = Pipeline(self.ckpt, units, self.readers, target, verify=self.verify,
-                                 threads=self.settings.threads, prefault=self.settings.prefault).start()
+                                 threads=self.settings.threads, prefault=self.settings.prefault,
+                                 tee=self.tee if self.staged else None).start()
 
     def _map_shared(self, parts: list[int]) -> None:
         """Tensors will be views of private (copy-on-write) mappings of the files: no read, no copy."""
@@ -342,6 +364,27 @@ class _Load:
             chunks = [(p, c) for p in parts for c in range(self.ckpt.partitions[p].num_chunks)]
             self.verifier = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="hpcllm-verify")
             self.verifications = [self.verifier.submit(self._verify_mapped, p, c) for p, c in chunks]
+
+    def finish_tee(self) -> threading.Thread | None:
+        """Complete the cache-on-load copy. A staged load's tee got every unit from the pipeline. A CPU load's host
+        buffers (or page-cache / shm mappings) mirror the files and stay as the model's weights: a thread writes
+        them out after the model is ready, so the load does not wait for the write (returns that thread)."""
+        if self.staged:
+            self._complete_tee()
+            return None
+        sources = [(p, base) for (p, _), base in self.bases.items()]
+        thread = threading.Thread(target=self._write_tee, args=(sources,), name="hpcllm-tee", daemon=True)
+        thread.start()
+        return thread
+
+    def _write_tee(self, sources) -> None:
+        for p, base in sources:
+            self.tee.write(p, 0, base.view()[:self.ckpt.partitions[p].size])
+        self._complete_tee()
+
+    def _complete_tee(self) -> None:
+        if not self.tee.finish():
+            log.warning("no cache-on-load copy of %s: %s", self.ckpt.root, self.tee.error)
 
     def populate_in_background(self) -> None:
         """Unverified mapping: map its pages in behind the caller's back (once the model is ready), so the first

@@ -251,8 +251,9 @@ class Pipeline:
     for all of it and re-raises the first error."""
 
     def __init__(self, ckpt: Checkpoint, units: list[ReadUnit], readers: dict[int, FileReader], target,
-                 verify: bool, threads: int = 2, prefault: bool = True):
+                 verify: bool, threads: int = 2, prefault: bool = True, tee=None):
         self.ckpt = ckpt
+        self.tee = tee  # hpcllm.store.tee.LoadTee: gets each unit after it was verified (cache on load)
         self.units = units
         self.readers = readers
         self.target = target
@@ -335,6 +336,8 @@ class Pipeline:
                 unit, view = item
                 if self.verify:
                     self._verify(unit, view)
+                if self.tee is not None:  # before commit: a staged slot is reused once its copy is done
+                    self.tee.write(unit.partition, unit.offset, view[:unit.nbytes])
                 self.target.commit(unit, view)
             self.target.finish()
             self.stats.read_seconds = time.perf_counter() - self._started_at

@@ -30,6 +30,7 @@ def run_worker(
     url_file: Path | None = None,
     threads: int | None = None,
     engine: str = "hpcllm",
+    cache_into: Path | None = None,
     loader=None,
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up.
@@ -62,7 +63,7 @@ def run_worker(
     if engine == "vllm":
         loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731
     elif loader is None:
-        loader = lambda: load_with_hpcllm(model_path, device)  # noqa: E731
+        loader = lambda: load_with_hpcllm(model_path, device, cache_into)  # noqa: E731
     serve(
         service,
         loader=loader,

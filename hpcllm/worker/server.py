@@ -310,11 +310,12 @@ def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
 # ---- process entry point ----------------------------------------------------------------------------------------
 
 
-def load_with_hpcllm(model_path: str | Path, device: str) -> ModelForServing:
-    """Load a converted checkpoint through hpcllm's tiered loader (tier detected from where the path lives)."""
+def load_with_hpcllm(model_path: str | Path, device: str, cache_into: Path | None = None) -> ModelForServing:
+    """Load a converted checkpoint through hpcllm's tiered loader (tier detected from where the path lives);
+    cache_into: also write what is read there (the node agent's cache-on-load staging folder)."""
     import hpcllm
 
-    loaded = hpcllm.load_model(model_path, device=device)
+    loaded = hpcllm.load_model(model_path, device=device, tee_into=cache_into)
     if loaded.tokenizer is None:
         raise ConfigError(f"checkpoint {model_path} has no tokenizer files; convert it from a folder that has them")
     return ModelForServing(loaded.model, loaded.tokenizer, loaded.stats.tier, loaded.stats.seconds, owner=loaded)

@@ -46,6 +46,7 @@ class SpareAssignment(BaseModel):
     config_path: str | None = None
     max_model_len: int | None = None
     threads: int | None = None
+    cache_into: str | None = None  # `hpcllm worker --cache-into`
     env: dict[str, str] = {}
 
 
@@ -71,7 +72,8 @@ def assume(assignment: SpareAssignment) -> None:
     config = load_config(Path(assignment.config_path) if assignment.config_path else None)
     run_worker(config, Path(assignment.model_path), assignment.model_name, port=0, device=assignment.device,
                max_model_len=assignment.max_model_len, url_file=Path(assignment.url_file),
-               threads=assignment.threads)
+               threads=assignment.threads,
+               cache_into=Path(assignment.cache_into) if assignment.cache_into else None)
 
 
 def main() -> int:

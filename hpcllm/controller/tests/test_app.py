@@ -312,6 +312,18 @@ def test_deploy_checks_the_source_and_partition(client, harness, tmp_path):
     assert client.post("/v1/admin/models", json=bad_partition, headers=ADMIN).status_code == 201
 
 
+def test_a_models_cache_on_load_reaches_the_agent_and_bad_tiers_are_refused(client, harness):
+    src = harness.source("m", positions=512)
+    body = {"name": "m", "source": str(src), "size_bytes": 1, "gpus": 1}
+    bad = client.post("/v1/admin/models", json={**body, "cache_on_load": ["gpu"]}, headers=ADMIN)
+    assert bad.status_code == 400 and "cache_on_load" in bad.get_json()["error"]["param"]
+    assert client.post("/v1/admin/models", json={**body, "cache_on_load": ["dram"]}, headers=ADMIN).status_code == 201
+    harness.register("n1")
+    harness.controller.route("m")
+    assert harness.agents.cache_on_loads == [["dram"]]
+    assert harness.registry.get_model("m").cache_on_load == ["dram"]
+
+
 def test_deploy_records_the_models_context_length_and_workers_get_it(client, harness):
     src = harness.source("m", positions=512)
     body = {"name": "m", "source": str(src), "size_bytes": 1, "gpus": 1}

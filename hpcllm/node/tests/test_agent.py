@@ -39,7 +39,9 @@ def make_agent(tmp_path: Path, gpus: int = 0, **node) -> NodeAgent:
         "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
         "node": {"nvme_dir": str(tmp_path / "nvme-%n"), "probe_bytes": 1 << 20, "memcpy_probe_bytes": 1 << 20,
-                 "worker_stop_timeout_seconds": 10, "spare_workers": 0, **node},
+                 "worker_stop_timeout_seconds": 10, "spare_workers": 0,
+                 # these tests count cache entries: no copy on load unless a test asks (test_cache_on_load.py)
+                 "cache_on_load": [], **node},
         "controller": {"port": 1},  # nothing listens there: these tests never register
     })
     cache = CacheManager(tmp_path / "nvme", 10**9, 10**9, "agent-test", dram_root=tmp_path / "shm")
