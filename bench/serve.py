@@ -128,8 +128,8 @@ class BehindGateway(Target):
         settings = {"max_running_requests": s.max_running, "max_waiting_requests": 1024, "batching": self.batching,
                     "vllm_max_num_seqs": s.max_running, "vllm_kv_cache_gb": 1.0, "keepalive_seconds": 1.0}
         self.worker = start_worker(s.checkpoint, engine=self.engine, name=MODEL, secret=SECRET,
-                                   python=s.vllm_python if self.engine == "vllm" else None, threads=s.threads, worker_settings=settings, env=s.cpu_env(),
-                                   log_dir=make_dir(s.work / self.name))
+                                   python=s.vllm_python if self.engine == "vllm" else None, threads=s.threads,
+                                   worker_settings=settings, env=s.cpu_env(), log_dir=make_dir(s.work / self.name))
         self.start_seconds = self.worker.start_seconds
         self.gateway = start_gateway(self.worker.url, s.checkpoint, s.max_running, s.work / f"{self.name}-gateway")
         return self.gateway.url + "/v1"
