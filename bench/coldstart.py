@@ -70,24 +70,18 @@ def wait_for_spare(workers: WorkerManager, timeout: float = 120) -> None:
     raise SystemExit("the spare worker did not finish its imports")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=("tiny", "small", "bench"))
-    parser.add_argument("--tier", default="nvme", choices=("nvme", "dram", "sharedfs"))
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-
-    model = checkpoint(args.size)
+def measure(model: Path, tier: str, runs: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds from start request to ready, and the worker's own load seconds, per kind ("fresh", "spare")."""
     with tempfile.TemporaryDirectory(prefix="coldstart-", dir="/var/tmp") as tmp:
         root = Path(tmp)
         cache = CacheManager(root / "nvme", 10**12, 10**11, f"bench-coldstart-{root.name}", dram_root=root / "shm")
-        if args.tier != "sharedfs":
-            cache.warm("bench", model, args.tier)
+        if tier != "sharedfs":
+            cache.warm("bench", model, tier)
         fresh, spare = manager(root, 0, cache), manager(root, 1, cache)
         times: dict[str, list[float]] = {"fresh": [], "spare": []}
         loads: dict[str, list[float]] = {"fresh": [], "spare": []}
         try:
-            for run in range(args.runs):
+            for run in range(runs):
                 for kind in (("fresh", "spare") if run % 2 == 0 else ("spare", "fresh")):
                     workers = fresh if kind == "fresh" else spare
                     if kind == "spare":
@@ -103,7 +97,19 @@ def main() -> int:
                 workers.accepting = False
                 workers.stop_all(timeout=10)
                 workers.close()
-            cache.evict("bench", args.tier) if args.tier != "sharedfs" else None
+            cache.evict("bench", tier) if tier != "sharedfs" else None
+    return times, loads
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=("tiny", "small", "bench"))
+    parser.add_argument("--tier", default="nvme", choices=("nvme", "dram", "sharedfs"))
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+
+    model = checkpoint(args.size)
+    times, loads = measure(model, args.tier, args.runs)
 
     f, s = statistics.median(times["fresh"]), statistics.median(times["spare"])
     print(f"\nmodel llama-{args.size} ({sum(p.stat().st_size for p in model.glob('data-*')) / 1e6:.0f} MB) from "

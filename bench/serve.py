@@ -1,23 +1,32 @@
-"""Serving throughput and latency under concurrent clients: hpcllm's batched engine vs a baseline, same run.
+"""Serving throughput and latency under concurrent clients: hpcllm's engine, vLLM behind hpcllm, vLLM direct.
 
-    .venv/bin/python bench/serve.py [--concurrency 1 4 16 64] [--requests-per-client 2] [--targets batched sequential]
+    PYTHONPATH=$PWD .venv/bin/python bench/serve.py [--concurrency 1 4 16 64] [--requests-per-client 2]
+        [--targets hpcllm vllm-behind-hpcllm vllm-direct] [--threads N] [--spare-runs 2]
 
-One model (devmodels "small" Llama: 384 hidden, 6 layers, 15.6M parameters, float32), one seeded prompt set with a
-realistic length spread (prompt lengths log-normal around ~60 tokens, 8..400; output lengths 16..128, EOS ignored so
-every target generates the same number of tokens). For each target a worker is started in its own process (the
-real HTTP worker, `--serve-worker`), and for each concurrency level C, C client threads stream requests from the
-prompt set back to back (requests-per-client each) through WorkerClient. Per level: output tokens/s (all tokens /
-wall time of the level), time to first token and inter-token latency p50/p99 (client-side arrival times of token
-lines). Per target: ready seconds (process start to /ready: imports, model load, engine start; a fresh start).
+One model (devmodels "small" Llama: 384 hidden, 6 layers, head size 64, float32 everywhere), one seeded prompt set
+with a realistic length spread (prompt lengths log-normal around ~60 tokens, 8..400; output lengths 16..128, EOS
+ignored so every target generates the same tokens), greedy. Every target is measured the same way, the way users
+reach it: C client threads (C = 1, 4, 16, 64) stream `/v1/completions` (prompt as token ids, stream_options
+include_usage) back to back, requests-per-client each. Per level: output tokens/s (usage tokens of all requests /
+wall time of the level), time to first token and inter-token latency p50/p99 (client-side arrival times of SSE
+chunks carrying text).
 
-Targets (TARGETS below; add one by writing a class with start() -> url, stream(...), stop()):
-- batched: hpcllm's engine as configured by default (continuous batching, paged KV: one forward per step).
-- sequential: the same engine with `batching = "sequential"`: one forward per request per step (the engine before
-  continuous batching), the baseline measured in the same run.
-A vLLM target (engine="vllm" behind hpcllm, or vLLM's own server) fits the same interface.
+Targets (each started once; TARGETS below):
+- hpcllm: `hpcllm worker` (hpcllm's engine, continuous batching, paged KV) behind `hpcllm gateway`.
+- hpcllm-sequential: the same with `batching = "sequential"` (one forward per request per step; not by default).
+- vllm-behind-hpcllm: `hpcllm worker --engine vllm` (vLLM in the worker, weights via hpcllm's loader) behind
+  `hpcllm gateway`.
+- vllm-direct: vLLM's own OpenAI server on the Hugging Face folder (the anchor); ratios are printed against it.
+Workers are started as the node agent starts them (hpcllm.worker.vllm_launch.start_worker); both engines get the
+same CPUs (--threads; vLLM's OpenMP threads bound to the same cores via VLLM_CPU_OMP_THREADS_BIND).
 
-Output: a table on stdout, bench/results/serve-<time>.json (+ serve-latest.json) and a PNG plot next to it.
-On the 2-core dev machine both targets share the cores with the client threads; these are small-model CPU numbers.
+Engine start times: each target's process start -> ready (fresh, model load included; vLLM's is its whole engine
+start), and hpcllm's engine from a fresh worker process vs a spare worker through the node agent's WorkerManager
+(bench/coldstart.py's measurement, --spare-runs rounds).
+
+Output: a table on stdout, bench/results/serve-<time>.json (+ serve-latest.json) and a PNG plot next to each.
+On the shared 2-core dev machine targets, gateway and client threads share the cores; these are small-model CPU
+numbers, and the machine's load average is recorded with them.
 """
 
 from __future__ import annotations
@@ -27,24 +36,32 @@ import json
 import os
 import platform
 import random
+import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hpcllm.worker.client import WorkerClient  # noqa: E402
-from hpcllm.worker.protocol import GenerateRequest, TokenLine  # noqa: E402
+from bench import coldstart  # noqa: E402
+from hpcllm.config import load_config  # noqa: E402
+from hpcllm.errors import ConfigError  # noqa: E402
+from hpcllm.worker.vllm_launch import StartedServer, start_vllm_openai_server, start_worker, vllm_python  # noqa: E402
 
 SECRET = "bench-serve-secret"
 MODEL = "small-llama"
 RESULTS = REPO / "bench" / "results"
+ANCHOR = "vllm-direct"
 
 
 # ---- the prompt set ----------------------------------------------------------------------------------------------
@@ -70,77 +87,127 @@ def prompt_set(count: int, vocab_size: int, seed: int) -> list[Prompt]:
 # ---- targets -----------------------------------------------------------------------------------------------------
 
 
-class WorkerTarget:
-    """hpcllm's worker in its own process, with the given [worker] batching mode."""
+@dataclass
+class Setup:
+    checkpoint: Path  # converted (hpcllm's format): what hpcllm's workers load
+    hf_dir: Path  # the same model as a Hugging Face folder: what vLLM's own server loads
+    max_running: int
+    threads: int
+    work: Path
+    vllm_python: str  # the interpreter with vllm (docs/vllm.md)
 
-    def __init__(self, name: str, batching: str, model_dir: Path, max_running: int, work: Path, threads: int):
-        self.name, self.batching, self.model_dir, self.work = name, batching, model_dir, work
-        self.max_running, self.threads = max_running, threads
-        self.process: subprocess.Popen | None = None
-        self.ready_seconds = 0.0
+    def cpu_env(self) -> dict:
+        """vLLM binds its OpenMP threads itself (auto may reserve a core): the same cores as hpcllm's threads."""
+        cpus = sorted(os.sched_getaffinity(0))[:self.threads]
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}
+
+
+class Target:
+    """start() -> the OpenAI base URL (ending in /v1); start_seconds: the engine's process start -> ready."""
+
+    name = ""
+    start_seconds = 0.0
 
     def start(self) -> str:
-        url_file = self.work / f"{self.name}.url"
-        started = time.monotonic()
-        self.process = subprocess.Popen([
-            sys.executable, __file__, "--serve-worker", "--model-dir", str(self.model_dir), "--url-file",
-            str(url_file), "--batching", self.batching, "--max-running", str(self.max_running),
-            "--threads", str(self.threads),
-        ])
-        deadline = started + 300
-        while not url_file.exists():
-            self._check_alive(deadline)
-            time.sleep(0.02)
-        url = url_file.read_text().strip()
-        with WorkerClient(url, SECRET) as client:
-            while client.ready() is None:
-                self._check_alive(deadline)
-                time.sleep(0.02)
-        self.ready_seconds = time.monotonic() - started
-        return url
-
-    def _check_alive(self, deadline: float) -> None:
-        if self.process.poll() is not None or time.monotonic() > deadline:
-            self.stop()
-            raise RuntimeError(f"target {self.name} did not start (exit code {self.process.returncode})")
+        raise NotImplementedError
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        raise NotImplementedError
+
+
+class BehindGateway(Target):
+    """A worker (engine hpcllm or vllm) started as the node agent starts it, behind `hpcllm gateway`."""
+
+    def __init__(self, name: str, engine: str, setup: Setup, batching: str = "auto"):
+        self.name, self.engine, self.setup, self.batching = name, engine, setup, batching
+        self.worker: StartedServer | None = None
+        self.gateway: StartedServer | None = None
+
+    def start(self) -> str:
+        s = self.setup
+        settings = {"max_running_requests": s.max_running, "max_waiting_requests": 1024, "batching": self.batching,
+                    "vllm_max_num_seqs": s.max_running, "vllm_kv_cache_gb": 1.0, "keepalive_seconds": 1.0}
+        self.worker = start_worker(s.checkpoint, engine=self.engine, name=MODEL, secret=SECRET,
+                                   python=s.vllm_python if self.engine == "vllm" else None, threads=s.threads,
+                                   worker_settings=settings, env=s.cpu_env(), log_dir=make_dir(s.work / self.name))
+        self.start_seconds = self.worker.start_seconds
+        self.gateway = start_gateway(self.worker.url, s.checkpoint, s.max_running, s.work / f"{self.name}-gateway")
+        return self.gateway.url + "/v1"
+
+    def stop(self) -> None:
+        for server in (self.gateway, self.worker):
+            if server is not None:
+                server.stop()
+
+
+class VllmDirect(Target):
+    """vLLM's own OpenAI server (the anchor), same dtype, eager mode, max_num_seqs, KV size and cores."""
+
+    name = ANCHOR
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.server: StartedServer | None = None
+
+    def start(self) -> str:
+        s = self.setup
+        self.server = start_vllm_openai_server(s.hf_dir, name=MODEL, max_num_seqs=s.max_running, kv_cache_gb=1.0,
+                                               python=s.vllm_python, env=s.cpu_env(),
+                                               log_dir=make_dir(s.work / self.name))
+        self.start_seconds = self.server.start_seconds
+        return self.server.url + "/v1"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
 
 TARGETS = {
-    "batched": lambda model_dir, max_running, work, threads: WorkerTarget(
-        "batched", "auto", model_dir, max_running, work, threads),
-    "sequential": lambda model_dir, max_running, work, threads: WorkerTarget(
-        "sequential", "sequential", model_dir, max_running, work, threads),
+    "hpcllm": lambda setup: BehindGateway("hpcllm", "hpcllm", setup),
+    "hpcllm-sequential": lambda setup: BehindGateway("hpcllm-sequential", "hpcllm", setup, batching="sequential"),
+    "vllm-behind-hpcllm": lambda setup: BehindGateway("vllm-behind-hpcllm", "vllm", setup),
+    ANCHOR: VllmDirect,
 }
 
 
-def serve_worker(model_dir: Path, url_file: Path, batching: str, max_running: int, threads: int) -> int:
-    import logging
+def start_gateway(worker_url: str, source: Path, max_running: int, work: Path) -> StartedServer:
+    """`hpcllm gateway` (gunicorn, one process, a thread per stream) with the worker as a static model."""
+    work = make_dir(work)
+    port = free_port()
+    config = work / "gateway.toml"
+    config.write_text(
+        f'[paths]\nstate_dir = "{work / "state"}"\n[cluster]\nshared_secret = "{SECRET}"\n'
+        f'[gateway]\nhost = "127.0.0.1"\nport = {port}\nworkers = 1\nthreads = {2 * max_running + 8}\n'
+        f'[gateway.static_models.{MODEL}]\nworker_url = "{worker_url}"\nsource = "{source}"\n')
+    log_path = work / "gateway.log"
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "hpcllm.cli.main", "gateway", "--config", str(config)],
+                                   env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = started + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=5).status_code == 200:
+                return StartedServer(process, url, log_path, time.monotonic() - started)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"the gateway was not ready after 120 s; log: {log_path}")
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hpcllm.worker.server import ModelForServing, WorkerService, serve
+def make_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
-    torch.set_num_threads(threads)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no access-log line per request
 
-    def load() -> ModelForServing:
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        return ModelForServing(model, AutoTokenizer.from_pretrained(model_dir), tier="dram")
-
-    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=1.0, batching=batching,
-                            max_running_requests=max_running, max_waiting_requests=1024)
-    serve(service, load, url_file=url_file)
-    return 0
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # ---- clients -----------------------------------------------------------------------------------------------------
@@ -173,27 +240,45 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def run_level(url: str, prompts: list[Prompt], concurrency: int, per_client: int, tag: str) -> LevelResult:
+def stream_completion(http: httpx.Client, base_url: str, prompt: Prompt) -> tuple[float, list[float], int]:
+    """One streamed greedy completion: (send time, arrival times of chunks carrying text, usage completion tokens)."""
+    body = {"model": MODEL, "prompt": prompt.token_ids, "max_tokens": prompt.max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    with http.stream("POST", f"{base_url}/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.read()[:500]!r}")
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                arrivals.append(time.perf_counter())
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    if tokens != prompt.max_tokens or not arrivals:
+        raise RuntimeError(f"got {tokens} tokens ({len(arrivals)} text chunks), asked for {prompt.max_tokens}")
+    return sent, arrivals, tokens
+
+
+def run_level(base_url: str, prompts: list[Prompt], concurrency: int, per_client: int) -> LevelResult:
     result = LevelResult(concurrency, concurrency * per_client, 0, 0.0)
     lock = threading.Lock()
     errors: list[str] = []
 
     def client(index: int) -> None:
-        with WorkerClient(url, SECRET, read_timeout=600) as worker:
+        with httpx.Client(timeout=httpx.Timeout(600, connect=30)) as http:
             for k in range(per_client):
-                prompt = prompts[(index * per_client + k) % len(prompts)]
-                body = GenerateRequest(request_id=f"{tag}-{index}-{k}", prompt_token_ids=prompt.token_ids,
-                                       max_tokens=prompt.max_tokens, temperature=0, ignore_eos=True)
-                sent = time.perf_counter()
-                arrivals = []
-                with worker.generate(body) as stream:
-                    for line in stream:
-                        if isinstance(line, TokenLine):
-                            arrivals.append(time.perf_counter())
-                    if stream.final.finish_reason != "length":
-                        errors.append(f"{body.request_id}: {stream.final.finish_reason} {stream.final.error}")
+                try:
+                    sent, arrivals, tokens = stream_completion(http, base_url,
+                                                               prompts[(index * per_client + k) % len(prompts)])
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    errors.append(f"client {index} request {k}: {exc}")
+                    return
                 with lock:
-                    result.output_tokens += len(arrivals)
+                    result.output_tokens += tokens
                     result.ttft.append(arrivals[0] - sent)
                     result.itl.extend(b - a for a, b in zip(arrivals, arrivals[1:]))
 
@@ -214,20 +299,33 @@ def run_level(url: str, prompts: list[Prompt], concurrency: int, per_client: int
 
 def print_table(report: dict) -> None:
     targets = report["targets"]
-    print(f"\n{'target':<12} {'ready s':>8}")
+    print(f"\n{'target':<20} {'ready s (fresh process)':>24}")
     for name, data in targets.items():
-        print(f"{name:<12} {data['ready_seconds']:>8.2f}")
-    header = f"{'target':<12} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}"
+        print(f"{name:<20} {data['start_seconds']:>24.2f}")
+    if "hpcllm_engine_start" in report:
+        start = report["hpcllm_engine_start"]
+        print(f"hpcllm engine via the node agent, median of {start['runs']}: fresh worker {start['fresh_median_s']:.2f}"
+              f" s, spare worker {start['spare_median_s']:.2f} s (target <= 0.5 s)")
+    header = (f"{'target':<20} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+              f"{'ITL p99':>8}")
     print("\n" + header + "   (latencies in ms)")
     for name, data in targets.items():
         for level in data["levels"]:
-            print(f"{name:<12} {level['concurrency']:>7} {level['output_tokens_per_s']:>8.1f} "
+            print(f"{name:<20} {level['concurrency']:>7} {level['output_tokens_per_s']:>8.1f} "
                   f"{level['ttft_p50_ms']:>9.1f} {level['ttft_p99_ms']:>9.1f} {level['itl_p50_ms']:>8.1f} "
                   f"{level['itl_p99_ms']:>8.1f}")
-    if "batched" in targets and "sequential" in targets:
-        print("\nthroughput batched / sequential:", ", ".join(
-            f"{b['concurrency']} clients {b['output_tokens_per_s'] / s['output_tokens_per_s']:.2f}x"
-            for b, s in zip(targets["batched"]["levels"], targets["sequential"]["levels"])))
+    for name, ratios in report.get("throughput_vs_anchor", {}).items():
+        print(f"throughput {name} / {ANCHOR}: " + ", ".join(f"{c} clients {r:.2f}x" for c, r in ratios.items()))
+
+
+def throughput_ratios(targets: dict) -> dict:
+    """Per target, output tokens/s / the anchor's at each concurrency (same run)."""
+    if ANCHOR not in targets:
+        return {}
+    anchor = {lv["concurrency"]: lv["output_tokens_per_s"] for lv in targets[ANCHOR]["levels"]}
+    return {name: {lv["concurrency"]: round(lv["output_tokens_per_s"] / anchor[lv["concurrency"]], 3)
+                   for lv in data["levels"] if lv["concurrency"] in anchor}
+            for name, data in targets.items() if name != ANCHOR}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -237,14 +335,14 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for name, data in report["targets"].items():
-        levels = data["levels"]
+    for index, (name, data) in enumerate(report["targets"].items()):
+        levels, color = data["levels"], f"C{index}"
         clients = [lv["concurrency"] for lv in levels]
-        axes[0].plot(clients, [lv["output_tokens_per_s"] for lv in levels], marker="o", label=name)
-        axes[1].plot(clients, [lv["ttft_p50_ms"] for lv in levels], marker="o", label=f"{name} p50")
-        axes[1].plot(clients, [lv["ttft_p99_ms"] for lv in levels], marker="x", linestyle="--", label=f"{name} p99")
-        axes[2].plot(clients, [lv["itl_p50_ms"] for lv in levels], marker="o", label=f"{name} p50")
-        axes[2].plot(clients, [lv["itl_p99_ms"] for lv in levels], marker="x", linestyle="--", label=f"{name} p99")
+        axes[0].plot(clients, [lv["output_tokens_per_s"] for lv in levels], marker="o", color=color, label=name)
+        for ax, metric in ((axes[1], "ttft"), (axes[2], "itl")):
+            ax.plot(clients, [lv[f"{metric}_p50_ms"] for lv in levels], marker="o", color=color, label=f"{name} p50")
+            ax.plot(clients, [lv[f"{metric}_p99_ms"] for lv in levels], marker="x", linestyle="--", color=color,
+                    label=f"{name} p99")
     for ax, title in zip(axes, ("output tokens/s", "time to first token (ms)", "inter-token latency (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
@@ -253,61 +351,83 @@ def plot(report: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
-    fig.suptitle(f"bench/serve.py: {report['model']} on {report['host']['cpus']} CPUs")
+    fig.suptitle(f"bench/serve.py: {report['model']} ({report['dtype']}) on {report['host']['cpus']} shared CPUs, "
+                 f"{report['threads']} thread(s) per engine, load avg {report['host']['load_average_at_start'][0]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def engine_start(runs: int) -> dict:
+    """hpcllm's engine from a fresh worker process vs a spare one, through the node agent (bench/coldstart.py)."""
+    times, loads = coldstart.measure(coldstart.checkpoint("small"), "nvme", runs)
+    return {"runs": runs, "tier": "nvme", "fresh_s": times["fresh"], "spare_s": times["spare"],
+            "fresh_median_s": round(statistics.median(times["fresh"]), 3),
+            "spare_median_s": round(statistics.median(times["spare"]), 3)}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--serve-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--url-file", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--batching", default="auto", help=argparse.SUPPRESS)
-    parser.add_argument("--max-running", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of each target's worker (default 1: on a shared 2-core box more threads "
-                        "than free cores make OpenMP spin and every step slower)")
-    parser.add_argument("--model-dir", type=Path, default=None, help="a HF model folder (default: build devmodels "
-                        "small llama in a temporary folder)")
+                        help="compute threads of every target's engine, on the same cores (default 1: on the shared "
+                        "2-core box two OpenMP threads against other load made hpcllm's decode step ~8x slower)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", default=["hpcllm", "vllm-behind-hpcllm", ANCHOR],
+                        choices=list(TARGETS))
+    parser.add_argument("--spare-runs", type=int, default=2,
+                        help="fresh/spare start rounds of hpcllm's engine through the node agent (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="hpcllm config whose worker.vllm_python names the vLLM interpreter (default: "
+                        "$HPCLLM_CONFIG, else <checkout>/.venv-vllm)")
+    parser.add_argument("--vllm-python", default=None, help="the vLLM interpreter (overrides the config's)")
     args = parser.parse_args()
-    if args.serve_worker:
-        return serve_worker(args.model_dir, args.url_file, args.batching, args.max_running, args.threads)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the started servers on the way out
 
+    vllm_interpreter = args.vllm_python
+    if any(name.startswith("vllm") for name in args.targets) and not vllm_interpreter:
+        vllm_interpreter = vllm_python(load_config(args.config))  # a clear error when there is none
+    checkpoint = coldstart.checkpoint("small")  # converted; its Hugging Face folder lies beside it
+    hf_dir = coldstart.WORK / "llama-small-hf"
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    prompts = prompt_set(max(args.concurrency) * args.requests_per_client, config.vocab_size, args.seed)
+    report = {
+        "model": MODEL, "dtype": str(config.dtype), "prompts": len(prompts), "seed": args.seed,
+        "prompt_tokens_median": statistics.median(len(p.token_ids) for p in prompts),
+        "requests_per_client": args.requests_per_client, "threads": args.threads,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
+                 "load_average_at_start": load_average()},
+        "targets": {},
+    }
+    if args.spare_runs:
+        report["hpcllm_engine_start"] = engine_start(args.spare_runs)
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-serve-") as tmp:
-        work = Path(tmp)
-        model_dir = args.model_dir
-        if model_dir is None:
-            from hpcllm.devmodels import make_model
-
-            model_dir = make_model("llama", work / "small-llama", size="small")
-        from transformers import AutoConfig
-
-        vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
-        prompts = prompt_set(max(args.concurrency) * args.requests_per_client, vocab_size, args.seed)
-        max_running = max(args.concurrency)
-        report = {
-            "model": MODEL, "prompts": len(prompts), "seed": args.seed,
-            "requests_per_client": args.requests_per_client, "threads": args.threads,
-            "host": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
-            "targets": {},
-        }
+        setup = Setup(checkpoint, hf_dir, max(args.concurrency), args.threads, Path(tmp), vllm_interpreter)
         for name in args.targets:
-            target = TARGETS[name](model_dir, max_running, work, args.threads)
+            target = TARGETS[name](setup)
+            print(f"{name}: starting", flush=True)
             url = target.start()
+            print(f"{name}: ready after {target.start_seconds:.1f} s", flush=True)
             try:
-                run_level(url, prompts, 1, 1, f"{name}-warmup")  # first-call costs out of the measurement
+                run_level(url, prompts, 1, 1)  # first-call costs out of the measurement
                 levels = []
                 for concurrency in args.concurrency:
-                    level = run_level(url, prompts, concurrency, args.requests_per_client, f"{name}-c{concurrency}")
-                    levels.append(level.summary())
+                    before = load_average()
+                    level = run_level(url, prompts, concurrency, args.requests_per_client)
+                    levels.append({**level.summary(), "load_average_before": before})
                     print(f"{name}: {levels[-1]}", flush=True)
-                report["targets"][name] = {"ready_seconds": round(target.ready_seconds, 2), "levels": levels}
+                report["targets"][name] = {"start_seconds": round(target.start_seconds, 2), "levels": levels}
             finally:
                 target.stop()
+    report["throughput_vs_anchor"] = throughput_ratios(report["targets"])
+    report["host"]["load_average_at_end"] = load_average()
     print_table(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -319,4 +439,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")

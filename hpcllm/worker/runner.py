@@ -9,11 +9,12 @@ Two runners:
 - `PagedRunner` (the default): ONE forward per step over every scheduled sequence. The sequences' new tokens are
   packed into a single row (no padding), each at its own positions. A custom attention function (registered through
   transformers' AttentionInterface) writes each sequence's new keys/values into a pool of fixed-size KV blocks at
-  the slots its block table names, gathers the sequence's whole context back from the pool, and runs transformers'
-  own SDPA attention on it, sequence by sequence. So the attention of a sequence sees exactly the keys/values a
-  batch-of-one run would (same values, same layout, same kernel): greedy output equals `generate`, whatever else is
-  in the batch. The linear layers are what batching speeds up. Block tables come from the scheduler
-  (kvcache.BlockPool), so the runner holds no per-sequence state.
+  the slots its block table names (one copy for all), gathers each sequence's whole context back from the pool, and
+  runs transformers' own SDPA attention on it: a prefill chunk alone, the decodes (one new token each) in groups of
+  similar context length, one SDPA call per group over contexts padded to the group's longest with the padding
+  masked out (PADDING_ALLOWANCE bounds the padding). Attention sees exactly the keys/values a batch-of-one run would,
+  with the same kernel; greedy output equals `generate` whatever else is in the batch (test_batching.py). Block
+  tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state.
 - `SequentialRunner`: the previous design, one forward per sequence with its own transformers DynamicCache. It
   serves models whose attention the paged runner cannot express (sliding windows, non-SDPA attention) and is the
   benchmark baseline (`batching="sequential"`).
@@ -31,6 +32,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 PAGED_ATTENTION = "hpcllm_paged"
+# Decodes of similar context length share one attention call; a group's padded positions may exceed the positions
+# it holds by this factor (padding costs gather bandwidth, each extra group a call).
+PADDING_ALLOWANCE = 1.5
 
 
 @dataclass
@@ -97,9 +101,20 @@ class _SequenceView:
 
 
 @dataclass
+class _DecodeGroup:
+    """Decode sequences of a step (one new token each), attended in ONE SDPA call over their padded contexts."""
+
+    rows: torch.Tensor  # their positions in the packed row
+    read_slots: torch.Tensor  # [sequences, longest context] pool slots, padded with slot 0
+    mask: torch.Tensor | None  # [sequences, 1, 1, longest context], True = attend; None when no row is padded
+
+
+@dataclass
 class _StepContext:
     pool: "KVPool"
-    sequences: list[_SequenceView]
+    write_slots: torch.Tensor  # pool slots of every new token, in packed order
+    sequences: list[_SequenceView]  # attended one by one: prefill chunks
+    decode_groups: list[_DecodeGroup] = field(default_factory=list)
 
 
 def _paged_attention(module, query, key, value, attention_mask, **kwargs):
@@ -107,15 +122,25 @@ def _paged_attention(module, query, key, value, attention_mask, **kwargs):
     if step is None:  # the model used outside an engine step (e.g. generate): plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     k_pool, v_pool = step.pool.layer(module.layer_idx, key)
-    outputs = []
+    k_pool.index_copy_(1, step.write_slots, key[0])  # every sequence's new keys/values, one copy each
+    v_pool.index_copy_(1, step.write_slots, value[0])
+    heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    output = query.new_empty(1, tokens, heads, value.shape[3])  # sdpa_attention_forward's [batch, q, heads, dim]
     for seq in step.sequences:
-        k_pool.index_copy_(1, seq.write_slots, key[0, :, seq.begin:seq.end])
-        v_pool.index_copy_(1, seq.write_slots, value[0, :, seq.begin:seq.end])
         keys = k_pool.index_select(1, seq.read_slots).unsqueeze(0)
         values = v_pool.index_select(1, seq.read_slots).unsqueeze(0)
         out, _ = sdpa_attention_forward(module, query[:, :, seq.begin:seq.end], keys, values, seq.mask, **kwargs)
-        outputs.append(out)
-    return torch.cat(outputs, dim=1), None
+        output[:, seq.begin:seq.end] = out
+    for group in step.decode_groups:
+        count, longest = group.read_slots.shape
+        kv_heads = k_pool.shape[0]
+        slots = group.read_slots.reshape(-1)
+        keys = k_pool.index_select(1, slots).view(kv_heads, count, longest, head_dim).transpose(0, 1)
+        values = v_pool.index_select(1, slots).view(kv_heads, count, longest, -1).transpose(0, 1)
+        queries = query[0].index_select(1, group.rows).transpose(0, 1).unsqueeze(2)  # [count, heads, 1, dim]
+        out, _ = sdpa_attention_forward(module, queries, keys, values, group.mask, **kwargs)
+        output[0].index_copy_(0, group.rows, out[:, 0])
+    return output, None
 
 
 def _paged_mask(*args, **kwargs):
@@ -175,6 +200,7 @@ class PagedRunner:
         ids: list[int] = []
         positions: list[int] = []
         sequences: list[_SequenceView] = []
+        decodes: list[_SequenceView] = []
         keep: list[int] = []
         highest_block = 0
         for chunk in batch.chunks:
@@ -184,11 +210,13 @@ class PagedRunner:
             positions.extend(range(chunk.start, context))
             slots = self._slots(chunk.block_table, context)
             highest_block = max(highest_block, max(chunk.block_table[: -(-context // self.block_size)]) + 1)
-            sequences.append(_SequenceView(begin, end, slots[chunk.start:], slots, self._mask(chunk, context)))
+            view = _SequenceView(begin, end, slots[chunk.start:], slots, self._mask(chunk, context))
+            (decodes if end - begin == 1 and chunk.start > 0 else sequences).append(view)
             if chunk.want_logits:
                 keep.append(end - 1)
         self.pool.reserve(highest_block)
-        _active.step = _StepContext(self.pool, sequences)
+        write_slots = torch.cat([view.write_slots for view in sorted(sequences + decodes, key=lambda v: v.begin)])
+        _active.step = _StepContext(self.pool, write_slots, sequences, self._decode_groups(decodes))
         try:
             out = self.model(
                 input_ids=torch.tensor([ids], device=self.device),
@@ -199,6 +227,30 @@ class PagedRunner:
         finally:
             _active.step = None
         return out.logits[0]
+
+    def _decode_groups(self, decodes: list[_SequenceView]) -> list[_DecodeGroup]:
+        """Batch the decodes' attention: sequences of similar context length (sorted, a group pads at most ~50%
+        more positions than it holds) share one SDPA call over contexts padded to the group's longest."""
+        groups: list[list[_SequenceView]] = []
+        held = 0
+        for view in sorted(decodes, key=lambda v: len(v.read_slots)):
+            length = len(view.read_slots)
+            if groups and length * (len(groups[-1]) + 1) <= PADDING_ALLOWANCE * (held + length):
+                groups[-1].append(view)
+                held += length
+            else:
+                groups.append([view])
+                held = length
+        return [self._decode_group(group) for group in groups]
+
+    def _decode_group(self, decodes: list[_SequenceView]) -> _DecodeGroup:
+        lengths = torch.tensor([len(view.read_slots) for view in decodes], device=self.device)
+        read_slots = torch.nn.utils.rnn.pad_sequence([view.read_slots for view in decodes], batch_first=True)
+        mask = None
+        if bool((lengths != lengths[0]).any()):
+            mask = (torch.arange(read_slots.shape[1], device=self.device)[None] < lengths[:, None])[:, None, None]
+        rows = torch.tensor([view.begin for view in decodes], device=self.device)
+        return _DecodeGroup(rows, read_slots, mask)
 
     def _slots(self, block_table: list[int], context: int) -> torch.Tensor:
         positions = torch.arange(context, device=self.device)

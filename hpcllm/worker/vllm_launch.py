@@ -86,26 +86,40 @@ class StartedServer:
                 self.process.wait()
 
 
-def start_vllm_worker(checkpoint: str | os.PathLike, *, name: str = "model", secret: str = "bench-secret",
-                      kv_cache_gb: float = 1.0, device: str = "cpu", python: str | None = None,
-                      log_dir: Path | None = None, keepalive_seconds: float = 1.0) -> StartedServer:
-    """`hpcllm worker --engine vllm` on a converted checkpoint, as the node agent starts it; ready when returned."""
-    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="hpcllm-vllm-worker-"))
+def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name: str = "model",
+                 secret: str = "bench-secret", python: str | None = None, log_dir: Path | None = None,
+                 threads: int | None = None, worker_settings: dict | None = None,
+                 env: dict | None = None) -> StartedServer:
+    """`hpcllm worker --engine ENGINE` on a converted checkpoint, as the node agent starts it; ready when returned.
+    worker_settings: [worker] config keys (e.g. max_running_requests); env: extra environment variables."""
+    log_dir = Path(log_dir or tempfile.mkdtemp(prefix=f"hpcllm-{engine}-worker-"))
     config, url_file = log_dir / "hpcllm.toml", log_dir / "url"
-    config.write_text(f"[worker]\nvllm_kv_cache_gb = {kv_cache_gb}\ndevice = \"{device}\"\n"
-                      f"keepalive_seconds = {keepalive_seconds}\n")
-    command = [python or _vllm_python(), "-m", "hpcllm.cli.main", "worker", "--engine", "vllm", "--model",
-               str(checkpoint), "--name", name, "--port", "0", "--url-file", str(url_file), "--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HPCLLM_SHARED_SECRET": secret}
+    config.write_text("[worker]\n" + "".join(f"{key} = {json.dumps(value)}\n"
+                                             for key, value in (worker_settings or {}).items()))
+    command = [python or (_vllm_python() if engine == "vllm" else sys.executable), "-m", "hpcllm.cli.main", "worker",
+               "--engine", engine, "--model", str(checkpoint), "--name", name, "--port", "0", "--url-file",
+               str(url_file), "--config", str(config)] + (["--threads", str(threads)] if threads else [])
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT), "HPCLLM_SHARED_SECRET": secret}
     started = time.monotonic()
     process, log_path = _spawn(command, env, log_dir)
     url = _wait(process, log_path, lambda: url_file.read_text().strip() if url_file.is_file() else None, "/ready")
     return StartedServer(process, url, log_path, time.monotonic() - started)
 
 
+def start_vllm_worker(checkpoint: str | os.PathLike, *, name: str = "model", secret: str = "bench-secret",
+                      kv_cache_gb: float = 1.0, device: str = "cpu", python: str | None = None,
+                      log_dir: Path | None = None, keepalive_seconds: float = 1.0,
+                      worker_settings: dict | None = None, env: dict | None = None) -> StartedServer:
+    """`hpcllm worker --engine vllm` on a converted checkpoint, as the node agent starts it; ready when returned."""
+    settings = {"vllm_kv_cache_gb": kv_cache_gb, "device": device, "keepalive_seconds": keepalive_seconds,
+                **(worker_settings or {})}
+    return start_worker(checkpoint, engine="vllm", name=name, secret=secret, python=python, log_dir=log_dir,
+                        worker_settings=settings, env=env)
+
+
 def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model", port: int | None = None,
                              kv_cache_gb: float = 1.0, python: str | None = None, max_num_seqs: int = 64,
-                             log_dir: Path | None = None) -> StartedServer:
+                             log_dir: Path | None = None, env: dict | None = None) -> StartedServer:
     """vLLM's own OpenAI server (the anchor). A converted checkpoint loads through hpcllm's plugin
     (load_format hpcllm), an HF folder through vLLM's safetensors loader."""
     model_dir = Path(model_dir)
@@ -116,7 +130,7 @@ def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model
                "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--load-format", load_format,
                "--dtype", checkpoint_dtype(model_dir, "auto"), "--enforce-eager", "--enable-prefix-caching",
                "--max-num-seqs", str(max_num_seqs)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), KV_CACHE_ENV: f"{kv_cache_gb:g}"}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT), KV_CACHE_ENV: f"{kv_cache_gb:g}"}
     started = time.monotonic()
     process, log_path = _spawn(command, env, log_dir)
     url = _wait(process, log_path, lambda: f"http://127.0.0.1:{port}", "/health")

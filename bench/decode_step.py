@@ -1,0 +1,120 @@
+"""Where one decode step of hpcllm's engine spends its time, at N running requests (no HTTP, no gateway).
+
+    PYTHONPATH=$PWD .venv/bin/python bench/decode_step.py [--requests 16] [--threads 2] [--profile]
+
+N requests from bench/serve.py's seeded prompt set run together in an Engine (paged batching) on the devmodels
+"small" Llama (float32). Once all of them decode (every chunk one token), steps are timed: the whole engine step
+(schedule, forward, sample, commit), the model forward, and inside it the paged attention function (KV writes,
+context gathers, SDPA), summed over the layers. --profile also prints torch.profiler's top operators of a few
+decode steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=40, help="decode steps timed")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    from bench import coldstart
+    from bench.serve import prompt_set
+    from hpcllm.worker import runner as runner_module
+    from hpcllm.worker.engine import Engine
+    from hpcllm.worker.protocol import GenerateRequest
+
+    torch.set_num_threads(args.threads)
+    coldstart.checkpoint("small")
+    hf_dir = coldstart.WORK / "llama-small-hf"
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+
+    attention_seconds = [0.0]
+    paged = runner_module._paged_attention
+
+    def timed_attention(*a, **kw):
+        began = time.perf_counter()
+        try:
+            return paged(*a, **kw)
+        finally:
+            attention_seconds[0] += time.perf_counter() - began
+
+    AttentionInterface.register(runner_module.PAGED_ATTENTION, timed_attention)
+
+    engine = Engine(model, tokenizer, max_running_requests=args.requests, batching="paged")
+    samples: list[tuple[float, float, float]] = []  # (step, forward, attention) of all-decode steps
+    forward, step = engine._forward, engine._step
+    current: dict = {}
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
+
+    def timed_forward(batch):
+        attention_seconds[0] = 0.0
+        began = time.perf_counter()
+        out = forward(batch)
+        current["forward"] = time.perf_counter() - began
+        current["decode"] = len(batch.chunks) == args.requests and all(len(c.token_ids) == 1 for c in batch.chunks)
+        current["attention"] = attention_seconds[0]
+        return out
+
+    profiled = [0]
+
+    def timed_step(active):  # runs on the engine thread, where the profiler must start and stop too
+        current.clear()
+        began = time.perf_counter()
+        step(active)
+        if not current.get("decode"):
+            return
+        if len(samples) < args.steps:
+            samples.append((time.perf_counter() - began, current["forward"], current["attention"]))
+            if profiler is not None and len(samples) == args.steps:
+                profiler.start()  # profile 5 more decode steps, after the timed ones
+        elif profiler is not None and profiled[0] < 5:
+            profiled[0] += 1
+            if profiled[0] == 5:
+                profiler.stop()
+
+    engine._forward, engine._step = timed_forward, timed_step
+    engine.start()
+    try:
+        prompts = prompt_set(args.requests, model.config.vocab_size, seed=0)
+        with engine._lock:  # submit all before the first step, as concurrent clients that arrive together
+            streams = [engine.submit(GenerateRequest(request_id=f"p{i}", prompt_token_ids=p.token_ids,
+                                                     max_tokens=args.steps + 30, temperature=0, ignore_eos=True))
+                       for i, p in enumerate(prompts)]
+        for stream in streams:
+            list(stream.events())
+    finally:
+        engine.shutdown()
+
+    if not samples:
+        raise SystemExit("no step ran all requests as decodes")
+    step_ms, forward_ms, attention_ms = (1000 * statistics.median(column) for column in zip(*samples))
+    print(f"{args.requests} requests decoding, {args.threads} threads, median of {len(samples)} steps:")
+    print(f"  engine step   {step_ms:6.1f} ms  ({args.requests / step_ms * 1000:.0f} tokens/s)")
+    print(f"  forward       {forward_ms:6.1f} ms")
+    print(f"  attention     {attention_ms:6.1f} ms  (all layers: KV write, gather, SDPA)")
+    print(f"  rest of fwd   {forward_ms - attention_ms:6.1f} ms  (embeddings, norms, projections, MLP, lm_head)")
+    print(f"  outside fwd   {step_ms - forward_ms:6.1f} ms  (schedule, sample, commit, stream events)")
+    if profiler is not None and profiled[0] == 5:
+        print("torch.profiler, 5 decode steps:")
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
