@@ -39,10 +39,11 @@ class AgentClient:
             raise AgentError(f"node agent {url}: {type(exc).__name__}: {exc}") from None
 
     def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
-                       max_model_len: int | None = None, engine: str = "hpcllm") -> StartedInstance:
+                       max_model_len: int | None = None, engine: str = "hpcllm",
+                       tensor_parallel: int = 1) -> StartedInstance:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"
         body = {"model": model, "source": source, "gpu_ids": gpu_ids, "max_model_len": max_model_len,
-                "engine": engine}
+                "engine": engine, "tensor_parallel": tensor_parallel}
         resp = self._call("POST", url, json=body)
         if resp.status_code not in (200, 201, 202):
             raise AgentError(f"node agent {url} refused to start {model!r}: HTTP {resp.status_code} "

@@ -38,6 +38,7 @@ class StartInstance(Wire):
     gpu_ids: list[int] = Field(default_factory=list, description="agent GPU indices 0..gpus-1; empty: CPU")
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = "hpcllm"
+    tensor_parallel: int = Field(1, ge=1, le=64, description="ranks of the instance (mpirun -n N on this node)")
 
 
 class StartedInstance(Wire):
