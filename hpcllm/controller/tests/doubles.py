@@ -149,6 +149,7 @@ class FakeAgents(AgentClient):
         self.agents: dict[str, FakeNodeAgent] = {}
         self.started: list[tuple[str, str, list[int]]] = []  # (agent_url, model, gpu_ids)
         self.max_model_lens: list[int | None] = []  # the context length each start asked the worker for
+        self.tensor_parallel: list[int] = []  # the ranks each start asked for
         self.stopped: list[tuple[str, str]] = []
         self.unreachable: set[str] = set()
         self.refuse_start = False
@@ -163,7 +164,8 @@ class FakeAgents(AgentClient):
         return self.agents.setdefault(url, FakeNodeAgent(url))
 
     def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
-                       max_model_len: int | None = None, engine: str = "hpcllm") -> StartedInstance:
+                       max_model_len: int | None = None, engine: str = "hpcllm",
+                       tensor_parallel: int = 1) -> StartedInstance:
         agent = self._agent(agent_url)
         if self.refuse_start:
             raise AgentError(f"node agent {agent_url} refused to start {model!r}: HTTP 500 out of memory")
@@ -173,6 +175,7 @@ class FakeAgents(AgentClient):
                                                     worker_url=worker_url, gpu_ids=gpu_ids)
         self.started.append((agent_url, model, gpu_ids))
         self.max_model_lens.append(max_model_len)
+        self.tensor_parallel.append(tensor_parallel)
         return StartedInstance(instance_id, worker_url)
 
     def stop_instance(self, agent_url: str, instance_id: str) -> None:
