@@ -130,3 +130,45 @@ def test_tensor_parallel_starts_this_node_cannot_run_are_refused(client, tp_conv
     assert resp.status_code == 400 and "needs 'mpirun'" in resp.get_json()["error"]["message"]
     assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
 
+
+
+def test_a_two_rank_instance_live_migrates_its_stream_to_a_one_rank_instance(agent, client, tp_converted):
+    """The worker API of a TP instance is the same as one rank's: migrate-out moves a running greedy stream (its
+    tokens) to a 1-rank instance, which finishes it exactly like an uninterrupted run."""
+    from hpcllm.worker.protocol import FinalLine, TokenLine
+
+    def start(ranks: int) -> str:
+        resp = client.post("/v1/internal/instances", headers=AUTH, json={
+            "model": "tp-llama", "source": str(tp_converted), "tensor_parallel": ranks})
+        assert resp.status_code == 202, resp.get_json()
+        return resp.get_json()["instance_id"]
+
+    source_id, destination_id = start(2), start(1)
+
+    def ready(iid: str):
+        info = next(i for i in client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+                    if i["instance_id"] == iid)
+        assert info["state"] in ("loading", "ready"), info
+        return info if info["state"] == "ready" else None
+
+    source_url = wait_for(lambda: ready(source_id), timeout=240, what="the 2-rank source")["worker_url"]
+    destination_url = wait_for(lambda: ready(destination_id), timeout=240, what="the 1-rank destination")["worker_url"]
+    request = GenerateRequest(request_id="moving", prompt="hello world, this", max_tokens=150, ignore_eos=True,
+                              temperature=0)
+    with WorkerClient(destination_url, SECRET) as destination:
+        with destination.generate(request.model_copy(update={"request_id": "reference"})) as stream:
+            reference = [line.token_id for line in stream if isinstance(line, TokenLine)]
+
+    with WorkerClient(source_url, SECRET) as source, WorkerClient(destination_url, SECRET) as destination:
+        with source.generate(request) as stream:
+            lines = iter(stream)
+            received = [next(lines) for _ in range(3)]
+            outcome = agent.workers.migrate_out(source_id, destination_url, timeout=60)
+            received += list(lines)
+        final = received.pop()
+        assert isinstance(final, FinalLine) and final.finish_reason == "migrated", final
+        assert [m.request_id for m in outcome.migrated] == ["moving"] and outcome.error is None, outcome
+        with destination.attach(final.migrated_to.request_id, final.migrated_to.from_index) as attached:
+            rest = list(attached)
+    tokens = [line.token_id for line in received + rest if isinstance(line, TokenLine)]
+    assert tokens == reference
