@@ -10,6 +10,9 @@ request to the other node's worker in rounds while it keeps decoding, the gatewa
 Checks: the client's stream never breaks, its text equals transformers' greedy `generate` for the same prompt, the
 gateway counted a live migration and no resume-from-tokens, the controller named the other node's instance, and the
 drained agent logged the move and exited 0. Everything started here (jobs, processes) is stopped at the end.
+
+The same with the model deployed as tensor_parallel = 2: each agent's instance is two ranks under mpirun, and the
+preempted node's two-rank instance hands the stream to the other node's (docs/tensor-parallel.md).
 """
 
 from __future__ import annotations
@@ -87,9 +90,11 @@ def serving_node(instances: list[dict]) -> str | None:
 
 
 @pytest.fixture
-def stack(slurm_cluster, small_llama_dir, tmp_path):
-    """(gateway_url, controller_url, root, jobs): controller + gateway processes, the model deployed, node-agent
-    jobs submitted on n1 and n2 (`jobs`: node -> job id; the test adds its preempting job under "high")."""
+def stack(slurm_cluster, small_llama_dir, tmp_path, request):
+    """(gateway_url, controller_url, root, jobs): controller + gateway processes, the model deployed (with
+    tensor_parallel = the fixture's param, default 1), node-agent jobs submitted on n1 and n2 (`jobs`: node -> job
+    id; the test adds its preempting job under "high")."""
+    tensor_parallel = getattr(request, "param", 1)
     root = Path(tempfile.mkdtemp(prefix="hpcllm-mig-e2e-", dir="/var/tmp"))  # munge wants searchable parents
     root.chmod(0o755)
     controller_port, gateway_port = free_port(), free_port()
@@ -111,7 +116,7 @@ def stack(slurm_cluster, small_llama_dir, tmp_path):
         # Deployed before the agents start: `hpcllm node --model` looks the model up once it registered.
         deployed = httpx.post(f"{controller_url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"},
                               timeout=30, json={"name": MODEL, "source": str(root / "models" / MODEL), "gpus": 0,
-                                                "max_instances": 2})
+                                                "max_instances": 2, "tensor_parallel": tensor_parallel})
         assert deployed.status_code == 201, deployed.text
         for node in NODES:
             # Each agent job holds both of its node's (fake) GPUs, so a job asking for them preempts only this one.
@@ -132,6 +137,19 @@ def stack(slurm_cluster, small_llama_dir, tmp_path):
 
 
 def test_preempted_node_live_migrates_a_running_stream(stack, slurm_cluster, small_llama_dir):
+    preempt_mid_stream(stack, slurm_cluster, small_llama_dir)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("stack", [2], indirect=True, ids=["tensor_parallel_2"])
+def test_preempted_node_live_migrates_a_running_stream_of_a_tensor_parallel_instance(stack, slurm_cluster,
+                                                                                      small_llama_dir):
+    preempt_mid_stream(stack, slurm_cluster, small_llama_dir)
+    for node in NODES:  # both instances, the preempted one and the destination, were two ranks
+        assert "(mpirun of 2 tensor-parallel ranks)" in agent_log(stack[2], node)
+
+
+def preempt_mid_stream(stack, slurm_cluster, small_llama_dir) -> None:
     import openai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,7 +171,7 @@ def test_preempted_node_live_migrates_a_running_stream(stack, slurm_cluster, sma
         ready = [i for i in instances if i["state"] == "ready"]
         return ready if {i["node_id"] for i in ready} == set(NODES) else None
 
-    instances = wait_for(both_ready, 120, f"one ready instance of the model on each of {NODES}")
+    instances = wait_for(both_ready, 240, f"one ready instance of the model on each of {NODES}")
     hf.join()
     assert reference["tokens"] == MAX_TOKENS  # no eos: the stream is long enough to be preempted mid-way
 

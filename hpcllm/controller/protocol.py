@@ -217,6 +217,7 @@ class ModelCard(Wire):
     size_bytes: int
     created_at: float
     engine: EngineName = "hpcllm"
+    tensor_parallel: int = 1
 
 
 class ModelList(Wire):

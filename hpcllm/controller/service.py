@@ -217,7 +217,8 @@ class Controller:
 
     def model_cards(self) -> list[ModelCard]:
         return [ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len, gpus=m.gpus,
-                          size_bytes=m.size_bytes, created_at=m.deployed_at, engine=m.engine) for m in self.registry.models()]
+                          size_bytes=m.size_bytes, created_at=m.deployed_at, engine=m.engine,
+                          tensor_parallel=m.tensor_parallel) for m in self.registry.models()]
 
     def status(self) -> ClusterStatus:
         nodes = self.registry.nodes()
@@ -392,7 +393,8 @@ class Controller:
             # The deployed context length, so the worker refuses exactly what the gateway refuses.
             started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids,
                                                  max_model_len=model.max_model_len, engine=model.engine,
-                                                 cache_on_load=model.cache_on_load)
+                                                 cache_on_load=model.cache_on_load,
+                                                 tensor_parallel=model.tensor_parallel)
         except AgentError:
             self.registry.delete_instance(reservation)
             raise
@@ -585,18 +587,24 @@ class Controller:
             used = sum(len(i.gpu_ids) for i in same_kind)
             free = node.gpus - used
         else:
-            free = self.settings.cpu_slots_per_node - len(same_kind)
+            free = self.settings.cpu_slots_per_node - sum(self._cpu_slots(i) for i in same_kind)
         movable, young = [], []
         for inst in same_kind:
             if inst.state != "ready" or inst.model == model.name:
                 continue
-            option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else 1, self._move_cost(inst))
+            option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else self._cpu_slots(inst),
+                                     self._move_cost(inst))
             seconds_left = inst.requested_at + self.settings.min_residency_seconds - now
             if seconds_left > 0:
                 young.append((option, seconds_left))
             else:
                 movable.append(option)
         return free, tuple(movable), young
+
+    def _cpu_slots(self, inst: InstanceRecord) -> int:
+        """CPU slots a CPU instance holds: one per tensor-parallel rank (its model's degree; 1 once undeployed)."""
+        model = self.registry.get_model(inst.model)
+        return model.tensor_parallel if model is not None else 1
 
     def _move_cost(self, inst: InstanceRecord) -> float:
         if inst.running_requests == 0 and inst.routed_since_heartbeat == 0:
@@ -663,7 +671,8 @@ def allocation_agents(alloc: AllocationRecord, nodes: list[NodeRecord]) -> list[
 
 
 def _slots(model: DeployedModel) -> int:
-    return model.gpus if model.gpus else 1
+    """GPUs, or CPU slots (one per tensor-parallel rank: the ranks of one instance run on one node)."""
+    return model.gpus if model.gpus else model.tensor_parallel
 
 
 def _check_tensor_parallel(spec: ModelSpec, source: Path) -> None:

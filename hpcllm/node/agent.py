@@ -253,7 +253,8 @@ class NodeAgent:
         self._pinned_last_start = time.monotonic()
         try:
             self.workers.start(StartInstance(model=card.name, source=card.source, gpu_ids=free[:card.gpus],
-                                             max_model_len=card.max_model_len, engine=card.engine))
+                                             max_model_len=card.max_model_len, engine=card.engine,
+                                             tensor_parallel=card.tensor_parallel))
         except HpcllmError as exc:
             log.error("cannot start pinned model %s: %s", card.name, exc)
 

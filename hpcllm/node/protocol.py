@@ -39,6 +39,7 @@ class StartInstance(Wire):
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = "hpcllm"
     cache_on_load: list[CacheTier] | None = Field(None, description="overrides node.cache_on_load for this model")
+    tensor_parallel: int = Field(1, ge=1, le=64, description="ranks of the instance (mpirun -n N on this node)")
 
 
 class StartedInstance(Wire):

@@ -12,6 +12,11 @@ the same model elsewhere (the worker's POST /v1/internal/migrate, token-based ro
 agent then stops it. A request the worker could not move stays on it and is aborted by the stop: the gateway
 resumes it from its tokens, so a failed migration never loses a request.
 
+A tensor-parallel instance (`tensor_parallel = N`) is one `mpirun -n N ... hpcllm worker --tensor-parallel` on this
+node: rank 0 writes the URL file and serves, the ranks exit together (a failed rank aborts the job; SIGTERM to
+mpirun reaches the lead, whose stop step ends the followers), and a SIGKILL goes to mpirun and every process under
+it (OpenMPI puts each rank in a process group of its own) so no rank outlives its instance (docs/tensor-parallel.md, "Started by the node agent").
+
 Workers ignore the drain signal (SIGUSR1 by default): Slurm's `scancel --signal` reaches every process of the
 step, and a drain is the agent's business (it stops its workers with SIGTERM when it is ready to).
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +55,52 @@ log = logging.getLogger(__name__)
 
 LOCAL_TIERS = ("dram", "nvme")
 FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # what a load from a tier can fill
+
+
+MPIRUN = "mpirun"
+
+
+def mpi_launch(ranks: int, cpu: bool) -> list[str]:
+    """The launcher of a tensor-parallel instance's ranks on this node. mpirun rather than `srun --mpi=pmix`: the
+    agent runs in its job's batch step, and Slurm's preemption sends SIGTERM to every srun step at once (the
+    instance would die before the agent's drain migrates its requests); processes of the batch step only get what
+    the agent sends them. `plm isolated` / `ras ^slurm`: the ranks start here, never through Slurm, even inside a
+    multi-node allocation. CPU ranks sharing cores must not busy-wait in MPI calls (mpi_yield_when_idle)."""
+    command = [MPIRUN, "-n", str(ranks), "--oversubscribe", "--bind-to", "none",
+               "--mca", "plm", "isolated", "--mca", "ras", "^slurm"]
+    return command + (["--mca", "mpi_yield_when_idle", "1"] if cpu else [])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under pid (children first), from /proc: mpirun's ranks, which OpenMPI moves to process
+    groups of their own, so a group kill would miss them."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, the last ")" ends it
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo += parents.get(child, [])
+    return found
+
+
+def running(pids: list[int]) -> list[int]:
+    """The pids still running (a zombie waiting for its reaper has ended)."""
+    live = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            live.append(pid)
+    return live
 
 
 class InstanceError(HpcllmError):
@@ -115,6 +167,8 @@ class Instance:
     corrupt_copy: bool = False  # the worker's load failed a checksum of the local copy it read
     load_fill: Any = None  # hpcllm.node.cache.LoadFill: the staging copy its load writes (cache on load)
     promote_to: tuple[str, ...] = ()  # faster tiers to fill from the local copy it loaded, once it is ready
+    ranks: int = 1  # tensor-parallel ranks: process is their mpirun
+    rank_pids: list[int] = field(default_factory=list)  # the processes under mpirun when the stop began
     done: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
 
@@ -220,7 +274,8 @@ class WorkerManager:
         the faster tiers named by the model's cache_on_load (else node.cache_on_load) that lack the model."""
         wanted = req.cache_on_load if req.cache_on_load is not None else self.config.node.cache_on_load
         targets = tuple(t for t in FASTER_TIERS.get(tier, ()) if t in wanted)
-        if self.cache is None or not targets or req.engine != "hpcllm":
+        # Tensor-parallel ranks read slices, not whole chunks: nothing to tee (the copy needs every byte).
+        if self.cache is None or not targets or req.engine != "hpcllm" or req.tensor_parallel > 1:
             return (), None
         if tier in LOCAL_TIERS:  # a local copy exists: fill the faster tiers from it after the load
             return targets, None
@@ -229,6 +284,20 @@ class WorkerManager:
         except HpcllmError as exc:  # the cache is an optimisation: the load goes on without it
             log.warning("no copy of %s on load: %s", req.model, exc)
             return (), None
+
+    def _check_tensor_parallel(self, req: StartInstance) -> None:
+        """Refuse a tensor-parallel start this node cannot run, before a copy or GPU is taken."""
+        if req.tensor_parallel == 1:
+            return
+        if req.engine != "hpcllm":
+            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} runs on hpcllm's engine only, not "
+                                f"engine = {req.engine!r}; deploy the model with tensor_parallel = 1")
+        if req.gpu_ids and len(req.gpu_ids) % req.tensor_parallel:
+            raise InstanceError(f"{len(req.gpu_ids)} GPUs cannot be shared by {req.tensor_parallel} tensor-parallel "
+                                f"ranks: give each rank the same number of GPUs")
+        if shutil.which(MPIRUN) is None:
+            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} needs {MPIRUN!r} on this node's PATH "
+                                f"(OpenMPI: apt-get install openmpi-bin, or the site's MPI module)")
 
     def _command(self, req: StartInstance, path: Path, url_file: Path) -> list[str]:
         worker = self.config.worker
@@ -241,20 +310,26 @@ class WorkerManager:
             command += ["--config", str(self.config_path)]
         if req.max_model_len is not None:
             command += ["--max-model-len", str(req.max_model_len)]
-        return command + ["--threads", str(self.threads_for(req.gpu_ids))]
+        command += ["--threads", str(self.threads_for(req.gpu_ids, req.tensor_parallel))]
+        if req.tensor_parallel > 1:
+            return mpi_launch(req.tensor_parallel, cpu=not req.gpu_ids) + command + ["--tensor-parallel"]
+        return command
 
-    def threads_for(self, gpu_ids: list[int]) -> int:
-        """Torch threads of one worker: worker.cpu_threads, else its share of the CPUs this agent may use (Slurm
-        binds the job to them): 1/cpu_slots_per_node for a CPU instance, its GPUs' fraction for a GPU one."""
+    def threads_for(self, gpu_ids: list[int], ranks: int = 1) -> int:
+        """Torch threads of one worker (per rank of a tensor-parallel one): worker.cpu_threads, else its share of
+        the CPUs this agent may use (Slurm binds the job to them): 1/cpu_slots_per_node for a CPU instance, its
+        GPUs' fraction for a GPU one, divided among its ranks."""
         if self.config.worker.cpu_threads:
             return self.config.worker.cpu_threads
         cpus = len(os.sched_getaffinity(0))
         if gpu_ids:
-            return max(1, cpus * len(gpu_ids) // max(1, self.gpus.count))
-        return max(1, cpus // self.config.controller.cpu_slots_per_node)
+            return max(1, cpus * len(gpu_ids) // max(1, self.gpus.count) // ranks)
+        return max(1, cpus // self.config.controller.cpu_slots_per_node // ranks)
 
-    def _environment(self, gpu_ids: list[int]) -> dict[str, str]:
+    def _environment(self, gpu_ids: list[int], ranks: int = 1) -> dict[str, str]:
         env = dict(os.environ)
+        if ranks > 1 and os.geteuid() == 0:  # OpenMPI refuses root without both (the dev cluster runs as root)
+            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         env[SECRET_ENV] = self.config.cluster.shared_secret
         # A CPU instance sees no GPU; a GPU instance only its own.
         env["CUDA_VISIBLE_DEVICES"] = self.gpus.visible_devices(gpu_ids) if gpu_ids else ""
@@ -266,7 +341,7 @@ class WorkerManager:
             command = self._command(req, path, url_file)
             if cache_into is not None:  # cache on load: the worker tees what it reads there
                 command += ["--cache-into", str(cache_into)]
-            return subprocess.Popen(command, env=self._environment(req.gpu_ids),
+            return subprocess.Popen(command, env=self._environment(req.gpu_ids, req.tensor_parallel),
                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                     preexec_fn=self._ignore_drain_signal())
 
@@ -359,6 +434,7 @@ class WorkerManager:
             if not self.accepting:
                 raise NotAccepting("this node agent is draining and takes no new instances")
             self._check_gpus(req.gpu_ids)
+            self._check_tensor_parallel(req)
             if req.engine == "vllm":
                 vllm_python(self.config)  # refuse now, with the reason, before anything is allocated
             path, tier = self._resolve(req.model, source)
@@ -373,8 +449,9 @@ class WorkerManager:
             log_path = self.run_dir / f"{instance_id}.log"
             try:
                 # Spares run this interpreter with hpcllm's engine imported; vLLM workers start fresh.
-                spare = (self._assign_spare(req, path, url_file, log_path, cache_into) if req.engine == "hpcllm"
-                         else None)
+                # Spares are single processes: tensor-parallel ranks start fresh under mpirun; vLLM workers too.
+                use_spare = req.engine == "hpcllm" and req.tensor_parallel == 1
+                spare = self._assign_spare(req, path, url_file, log_path, cache_into) if use_spare else None
                 process = spare or self._spawn(req, path, url_file, log_path, cache_into)
             except OSError as exc:
                 if tier in LOCAL_TIERS and self.cache is not None:
@@ -387,9 +464,12 @@ class WorkerManager:
                 self.cache.acquire(req.model, tier, pid=process.pid)
                 self.cache.release(req.model, tier)
             inst = Instance(instance_id, req.model, req.source, path, tier, list(req.gpu_ids), process, url_file,
-                            log_path, time.time(), load_fill=fill, promote_to=promote_to)
+                            log_path, time.time(), load_fill=fill, promote_to=promote_to,
+                            ranks=req.tensor_parallel)
             self._instances[instance_id] = inst
-        log.info("instance %s: worker pid %d loading %s from %s (%s)", instance_id, process.pid, req.model, path, tier)
+        log.info("instance %s: worker pid %d%s loading %s from %s (%s)", instance_id, process.pid,
+                 f" (mpirun of {req.tensor_parallel} tensor-parallel ranks)" if req.tensor_parallel > 1 else "",
+                 req.model, path, tier)
         threading.Thread(target=self._watch, args=(inst,), name=f"watch-{instance_id}", daemon=True).start()
         return inst
 
@@ -565,9 +645,22 @@ class WorkerManager:
 
     def _terminate(self, inst: Instance) -> None:
         inst.stopping = True
+        if inst.ranks > 1 and not inst.rank_pids:
+            # mpirun answers SIGTERM by signalling its ranks and exits without waiting for them: stop() waits.
+            inst.rank_pids = descendants(inst.process.pid)
         if inst.process.poll() is None:
             inst.process.send_signal(signal.SIGTERM)
         inst.wake.set()
+
+    @staticmethod
+    def _kill(inst: Instance) -> None:
+        """SIGKILL the worker; a tensor-parallel one's mpirun and every rank under it."""
+        ranks = descendants(inst.process.pid) if inst.ranks > 1 else []
+        for pid in [inst.process.pid, *ranks, *inst.rank_pids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self, instance_id: str, timeout: float | None = None) -> Instance:
         """Stop an instance (SIGTERM, SIGKILL after the timeout) and forget it; returns it in its final state."""
@@ -576,11 +669,16 @@ class WorkerManager:
             self._set_state(inst, "draining")
         self._terminate(inst)
         timeout = self.config.node.worker_stop_timeout_seconds if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         try:
             inst.process.wait(timeout)
+            while running(inst.rank_pids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if running(inst.rank_pids):
+                raise subprocess.TimeoutExpired(inst.process.args, timeout)
         except subprocess.TimeoutExpired:
             log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", instance_id, timeout)
-            inst.process.kill()
+            self._kill(inst)
             inst.process.wait()
         inst.wake.set()  # the process is gone: the watcher records the exit and releases the copy now
         inst.done.wait(timeout=10)

@@ -26,6 +26,7 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
     from hpcllm.mpi import comm_world
 
     comm = comm_world()
+    _ignore_drain_signal(config)
     if not model_path.exists():
         raise ConfigError(f"rank {comm.Get_rank()}: model checkpoint {model_path} does not exist; pass the converted "
                           f"checkpoint folder")
@@ -37,6 +38,15 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
                    loader=lambda: _load_lead(model_path, comm, device))
     else:
         _run_follower(model_path, comm, device, threads or config.worker.cpu_threads)
+
+
+def _ignore_drain_signal(config: Config) -> None:
+    """Every rank ignores the drain signal (slurm.signal), as the node agent's single workers do: Slurm's
+    `scancel --signal` reaches every process of the job, and mpirun gives its ranks the default action (exit)."""
+    name = config.slurm.signal.upper().removeprefix("SIG")
+    signum = getattr(signal, f"SIG{name}", None)
+    if signum is not None and signum != signal.SIGTERM:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _collective_and_device(comm, device: str):

@@ -442,3 +442,31 @@ def test_deploy_refuses_gpus_that_do_not_divide_among_the_ranks(client, harness)
     resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
     assert resp.status_code == 400
     assert "gpus (3) must be a multiple of tensor_parallel (2)" in resp.get_json()["error"]["message"]
+
+
+def test_a_tensor_parallel_cpu_instance_takes_one_slot_per_rank_on_one_node(make_harness, tiny_llama_dir):
+    """tensor_parallel = 2 without GPUs: two CPU slots of one node, and the agent is asked for two ranks."""
+    from hpcllm.controller.protocol import ModelSpec
+
+    h = make_harness(cpu_slots_per_node=2, allocate_on_demand=False)
+    h.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000, tensor_parallel=2))
+    h.deploy("one")
+    h.register("n1", gpus=0)
+    outcome = h.controller.route("tp")
+    assert outcome.status == "starting"
+    assert (h.agents.started[-1][1], h.agents.tensor_parallel[-1]) == ("tp", 2)
+    h.heartbeat("n1", tier="sharedfs")
+    # n1's two slots are the TP instance's: another model only fits by moving it off (one slot would have been free
+    # were it counted as one).
+    h.backend.down = True
+    assert h.controller.route("one").status == "starting"
+    assert [model for _, model, _ in h.agents.started] == ["tp", "one"]
+    assert [iid for _, iid in h.agents.stopped] == [outcome.instance_id]
+
+    # One slot per node is too small for two ranks: the reason says what the model needs.
+    small = make_harness(cpu_slots_per_node=1, allocate_on_demand=False)
+    small.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000, tensor_parallel=2))
+    small.register("n1", gpus=0)
+    resp = small.app_client().get("/v1/internal/route?model=tp", headers=INTERNAL)
+    assert resp.status_code == 503 and "(2 cpu slots)" in resp.get_json()["error"]["message"]
+    assert small.agents.started == []

@@ -1,0 +1,174 @@
+"""Tensor-parallel instances started by the node agent: `mpirun -n 2 ... hpcllm worker --tensor-parallel` behind the
+agent's HTTP API (real ranks, the tiny dev Llama: 4 heads, 2 KV heads)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcllm.checkpoint import read_checkpoint
+from hpcllm.checkpoint.converter import convert
+from hpcllm.node.app import create_app
+from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
+from hpcllm.node.workers import descendants, running
+from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.protocol import GenerateRequest
+
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tp_converted(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tp-llama"
+    convert(tiny_llama_dir, out, progress=False, chunk_size=16384)
+    return out
+
+
+@pytest.fixture
+def agent(tmp_path):
+    a = make_agent(tmp_path, gpus=0)
+    yield a
+    a.workers.stop_all(timeout=10)
+    a.workers.close()
+
+
+@pytest.fixture
+def client(agent):
+    return create_app(agent).test_client()
+
+
+def ranks_of(mpirun_pid: int) -> list[int]:
+    """The `hpcllm worker --tensor-parallel` processes under the instance's mpirun."""
+    return [pid for pid in descendants(mpirun_pid)
+            if b"--tensor-parallel" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def instance(client) -> dict:
+    [info] = client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+    return info
+
+
+def test_a_two_rank_instance_serves_transformers_greedy_tokens_and_stops_every_rank(agent, client, tp_converted,
+                                                                                    tiny_llama_dir):
+    body = {"model": "tp-llama", "source": str(tp_converted), "tensor_parallel": 2}
+    resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
+    assert resp.status_code == 202, resp.get_json()
+    iid = resp.get_json()["instance_id"]
+
+    def ready():
+        info = instance(client)
+        assert info["state"] in ("loading", "ready"), info
+        return info if info["state"] == "ready" else None
+
+    info = wait_for(ready, timeout=240, what="the two-rank instance to become ready")
+    process = agent.workers.get(iid).process
+    assert process.args[:3] == ["mpirun", "-n", "2"]
+    ranks = ranks_of(process.pid)
+    assert len(ranks) == 2  # both ranks run under the instance's mpirun
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+    with WorkerClient(info["worker_url"], SECRET) as worker:
+        with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(), max_tokens=8,
+                                             temperature=0)) as stream:
+            assert [line.token_id for line in stream if line.type == "token"] == expected
+
+    # The drain signal (Slurm's scancel --signal reaches every process of the job) leaves every rank serving.
+    for pid in ranks:
+        os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)
+    with WorkerClient(info["worker_url"], SECRET) as worker:
+        assert worker.ready() is not None
+    assert running(ranks) == ranks
+
+    stopped = client.delete(f"/v1/internal/instances/{iid}", headers=AUTH).get_json()
+    assert stopped["state"] == "stopped", stopped  # (mpirun exits 1 after a SIGTERM even when every rank ended well)
+    assert running(ranks) == []  # no rank outlives its instance
+    log = agent.workers.run_dir.glob(f"{iid}.log")
+    assert "rank 1: the lead stopped after" in next(log).read_text()
+
+
+def test_a_corrupt_slice_on_rank_1_fails_the_instance_naming_rank_1(agent, client, tp_converted, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tp_converted, broken)
+    ckpt = read_checkpoint(broken)
+    entry = ckpt.tensors["model.layers.1.mlp.down_proj.weight"]  # [64, 128]: rank 1 holds columns 64..127
+    with open(ckpt.partitions[entry.partition].path, "r+b") as f:
+        f.seek(entry.offset + (5 * 128 + 100) * 4)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+    resp = client.post("/v1/internal/instances", json={"model": "tp-llama", "source": str(broken),
+                                                        "tensor_parallel": 2}, headers=AUTH)
+    assert resp.status_code == 202, resp.get_json()
+    mpirun = agent.workers.get(resp.get_json()["instance_id"]).process
+    ranks = wait_for(lambda: len(ranks_of(mpirun.pid)) == 2 and ranks_of(mpirun.pid), timeout=60,
+                     what="both ranks to start")
+
+    info = wait_for(lambda: instance(client)["state"] == "failed" and instance(client), timeout=240,
+                    what="the instance to fail")
+    assert "rank 1: " in info["error"] and "model.layers.1.mlp.down_proj.weight strip 50/64 along dim 1 is corrupt" \
+        in info["error"], info["error"]
+    assert running(ranks) == [] and mpirun.poll() is not None
+
+
+def test_tensor_parallel_starts_this_node_cannot_run_are_refused(client, tp_converted, monkeypatch):
+    body = {"model": "tp-llama", "source": str(tp_converted), "tensor_parallel": 2, "engine": "vllm"}
+    resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
+    assert resp.status_code == 400 and "hpcllm's engine only" in resp.get_json()["error"]["message"]
+    monkeypatch.setenv("PATH", "/nonexistent")
+    resp = client.post("/v1/internal/instances", json={**body, "engine": "hpcllm"}, headers=AUTH)
+    assert resp.status_code == 400 and "needs 'mpirun'" in resp.get_json()["error"]["message"]
+    assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
+
+
+
+def test_a_two_rank_instance_live_migrates_its_stream_to_a_one_rank_instance(agent, client, tp_converted):
+    """The worker API of a TP instance is the same as one rank's: migrate-out moves a running greedy stream (its
+    tokens) to a 1-rank instance, which finishes it exactly like an uninterrupted run."""
+    from hpcllm.worker.protocol import FinalLine, TokenLine
+
+    def start(ranks: int) -> str:
+        resp = client.post("/v1/internal/instances", headers=AUTH, json={
+            "model": "tp-llama", "source": str(tp_converted), "tensor_parallel": ranks})
+        assert resp.status_code == 202, resp.get_json()
+        return resp.get_json()["instance_id"]
+
+    source_id, destination_id = start(2), start(1)
+
+    def ready(iid: str):
+        info = next(i for i in client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+                    if i["instance_id"] == iid)
+        assert info["state"] in ("loading", "ready"), info
+        return info if info["state"] == "ready" else None
+
+    source_url = wait_for(lambda: ready(source_id), timeout=240, what="the 2-rank source")["worker_url"]
+    destination_url = wait_for(lambda: ready(destination_id), timeout=240, what="the 1-rank destination")["worker_url"]
+    request = GenerateRequest(request_id="moving", prompt="hello world, this", max_tokens=150, ignore_eos=True,
+                              temperature=0)
+    with WorkerClient(destination_url, SECRET) as destination:
+        with destination.generate(request.model_copy(update={"request_id": "reference"})) as stream:
+            reference = [line.token_id for line in stream if isinstance(line, TokenLine)]
+
+    with WorkerClient(source_url, SECRET) as source, WorkerClient(destination_url, SECRET) as destination:
+        with source.generate(request) as stream:
+            lines = iter(stream)
+            received = [next(lines) for _ in range(3)]
+            outcome = agent.workers.migrate_out(source_id, destination_url, timeout=60)
+            received += list(lines)
+        final = received.pop()
+        assert isinstance(final, FinalLine) and final.finish_reason == "migrated", final
+        assert [m.request_id for m in outcome.migrated] == ["moving"] and outcome.error is None, outcome
+        with destination.attach(final.migrated_to.request_id, final.migrated_to.from_index) as attached:
+            rest = list(attached)
+    tokens = [line.token_id for line in received + rest if isinstance(line, TokenLine)]
+    assert tokens == reference
