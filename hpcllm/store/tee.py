@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from hpcllm.checkpoint import INDEX_FILE, MANIFEST_FILE, Checkpoint
+from hpcllm.checkpoint import Checkpoint
 
 TEE_COMPLETE = ".hpcllm-tee-complete"
 TEE_FAILED = ".hpcllm-tee-failed"  # holds the reason: whoever waits for the copy stops waiting
@@ -68,7 +68,7 @@ class LoadTee:
                 self.error = f"the load did not pass every byte of {', '.join(short)} through the tee"
         try:
             if self.error is None:  # no fsync here: it would delay the ready model; the committer syncs
-                for name in [MANIFEST_FILE, INDEX_FILE] + [side.file for side in self.ckpt.side_files]:
+                for name in self.ckpt.metadata_files + [side.file for side in self.ckpt.side_files]:
                     target = self.dest / name
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(self.ckpt.root / name, target)
