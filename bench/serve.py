@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hpcllm.procs import stop_process  # noqa: E402
 from hpcllm.worker.client import WorkerClient  # noqa: E402
 from hpcllm.worker.protocol import GenerateRequest, TokenLine  # noqa: E402
 
@@ -105,13 +106,8 @@ class WorkerTarget:
             raise RuntimeError(f"target {self.name} did not start (exit code {self.process.returncode})")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 TARGETS = {
