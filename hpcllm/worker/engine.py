@@ -279,22 +279,16 @@ class Engine(EngineBase):
 
     # ---- engine thread -------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while True:
-                    active = self._next_round()
-                    if active is None:
-                        break
-                    if self._embed_jobs:
-                        self._run_embed_jobs()
-                    if active:
-                        self._step(active)
-        except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
-            log.exception("engine loop died")
-            self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._end_all()
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                active = self._next_round()
+                if active is None:
+                    break
+                if self._embed_jobs:
+                    self._run_embed_jobs()
+                if active:
+                    self._step(active)
 
     def _next_round(self) -> list[_Request] | None:
         """Drop expired held requests, admit waiting ones into free slots, and return those with work to do;

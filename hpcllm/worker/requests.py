@@ -191,7 +191,7 @@ class EngineBase:
     """The engine interface's engine-independent methods, over the state each engine keeps: _lock (a Condition
     over an RLock), _tokenizer_lock, _live and _finished (request id -> RequestState), _finished_history,
     _thread, _stopping, error, _prefill_rate, metrics, tokenizer, model_name, vocab_size, max_model_len and
-    eos_token_ids. An engine implements _enqueue, cancel, counts and the hooks below, and runs _run on its thread.
+    eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its thread's work) and the hooks below.
     """
 
     request_type: type[RequestState] = RequestState
@@ -505,6 +505,21 @@ class EngineBase:
         if req is None:
             raise UnknownRequest(f"no request {request_id!r} on this worker", "request_id")
         return req
+
+    # ---- engine thread ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
+            log.exception("%s loop died", self.thread_name)
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._end_all()
+
+    def _loop(self) -> None:
+        """Run requests until shutdown (the engine's own)."""
+        raise NotImplementedError
 
     # ---- tokens and finishing (engine thread, under the lock) --------------------------------------------------
 

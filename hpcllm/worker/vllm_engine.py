@@ -243,28 +243,22 @@ class VllmEngine(EngineBase):
 
     # ---- engine thread -------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while True:
-                commands = self._next_commands()
-                if commands is None:
-                    break
-                for command in commands:
-                    if command[0] == "add":
-                        _, vllm_id, ids, params = command
-                        self.llm.add_request(vllm_id, {"prompt_token_ids": ids}, params)
-                    else:
-                        self.llm.abort_request([command[1]])
-                if self.llm.has_unfinished_requests():
-                    outputs = self.llm.step()
-                    with self._lock:
-                        for output in outputs:
-                            self._on_output(output)
-        except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
-            log.exception("vLLM engine loop died")
-            self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._end_all()
+    def _loop(self) -> None:
+        while True:
+            commands = self._next_commands()
+            if commands is None:
+                break
+            for command in commands:
+                if command[0] == "add":
+                    _, vllm_id, ids, params = command
+                    self.llm.add_request(vllm_id, {"prompt_token_ids": ids}, params)
+                else:
+                    self.llm.abort_request([command[1]])
+            if self.llm.has_unfinished_requests():
+                outputs = self.llm.step()
+                with self._lock:
+                    for output in outputs:
+                        self._on_output(output)
 
     def _next_commands(self) -> list[tuple] | None:
         """Expire held requests and take the queued commands; block while vLLM is idle and nothing is queued."""
