@@ -13,7 +13,6 @@ do not delay the load (they compete with the first requests for CPU and disk).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -24,15 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def drop_pages(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+from hpcllm.store.readers import evict_from_page_cache  # noqa: E402
 
 
 def main() -> int:
@@ -56,7 +47,7 @@ def main() -> int:
                 cm = CacheManager(work / f"nvme-{run}-{kind}", 10**12, 10**12, None)
                 fill = cm.begin_load_fill("m", args.source, ("nvme",)) if kind == "tee" else None
                 if args.cold:
-                    drop_pages(args.source)
+                    evict_from_page_cache(p for p in args.source.iterdir() if p.is_file())
                 started = time.perf_counter()
                 loaded = hpcllm.load_model(args.source, tier="sharedfs", tokenizer=False,
                                            tee_into=fill.staging if fill else None)

@@ -53,6 +53,7 @@ from werkzeug.serving import make_server  # noqa: E402
 from hpcllm.config import parse_config  # noqa: E402
 from hpcllm.gateway.errors import ModelNotFound  # noqa: E402
 from hpcllm.gateway.routing import Endpoint, ModelCard, Router  # noqa: E402
+from hpcllm.procs import stop_process  # noqa: E402
 from hpcllm.worker.client import WorkerClient, WorkerError  # noqa: E402
 from hpcllm.worker.protocol import MigrateRequest  # noqa: E402
 
@@ -105,13 +106,7 @@ class WorkerProcess:
             self.max_model_len = client.ready()["max_model_len"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def serve_worker(model_dir: Path, device: str, url_file: Path, threads: int) -> int:

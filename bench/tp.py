@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hpcllm.store.readers import evict_from_page_cache  # noqa: E402
+
 WORK = Path("/var/tmp/hpcllm-bench/tp")
 MPI_ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "PYTHONPATH": str(REPO)}
@@ -59,19 +61,8 @@ def bench_checkpoint(layers: int) -> Path:
     return converted
 
 
-def evict(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def run(ckpt: Path, ranks: int, tokens: int, gap_bytes: int | None) -> dict:
-    evict(ckpt)
+    evict_from_page_cache(p for p in ckpt.iterdir() if p.is_file())
     command = ["mpirun", "-n", str(ranks), "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable,
                "-m", "hpcllm.tp.selfcheck", str(ckpt), "--no-reference", "--generate", str(tokens)]
     if gap_bytes is not None:

@@ -1,6 +1,7 @@
 """Small process helpers shared by the services (stale temp files, leases, pid files)."""
 
 import os
+import subprocess
 
 
 def pid_alive(pid: int) -> bool:
@@ -12,3 +13,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a child: SIGTERM (a graceful stop), SIGKILL if it is still running after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

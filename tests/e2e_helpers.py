@@ -34,12 +34,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 
 
 @contextmanager
-def controller_process(config_path: Path, log_path: Path, start_timeout: float = 60) -> Iterator[str]:
-    """Runs `hpcllm controller --config CONFIG --port 0` and yields its URL; SIGTERM (then SIGKILL) at the end."""
+def controller_process(config_path: Path, log_path: Path, start_timeout: float = 60, port: int = 0) -> Iterator[str]:
+    """Runs `hpcllm controller --config CONFIG --port PORT` and yields its URL; SIGTERM (then SIGKILL) at the end.
+    A fixed port lets a restarted controller be found where its allocations' agents expect it (default: any)."""
     ready = log_path.with_name(log_path.stem + ".url")
     ready.unlink(missing_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([HPCLLM, "controller", "--config", str(config_path), "--port", "0",
+        proc = subprocess.Popen([HPCLLM, "controller", "--config", str(config_path), "--port", str(port),
                                  "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
         try:
             def listening():
@@ -55,6 +56,18 @@ def controller_process(config_path: Path, log_path: Path, start_timeout: float =
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def submit_agent(backend, config, config_path: Path, controller_url: str, node: str, name: str,
+                 output_dir: Path) -> str:
+    """Submits `hpcllm node-agent` for the controller at controller_url as a Slurm job on `node` (2 fake GPUs);
+    the job id."""
+    from hpcllm.slurm.templates import node_agent_job_spec
+
+    spec = node_agent_job_spec(config, nodes=1, gpus_per_node=2, name=name, agent_args=["--config", str(config_path)],
+                               hpcllm=HPCLLM, output=str(output_dir / f"agent-{node}-%j.out"),
+                               env={"HPCLLM_CONTROLLER_URL": controller_url, "HPCLLM_CONFIG": str(config_path)})
+    return backend.submit(spec.model_copy(update={"nodelist": (node,)}))
 
 
 def start_logged(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:

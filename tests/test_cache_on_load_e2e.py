@@ -11,15 +11,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import wait_for
-from test_cluster_e2e import ADMIN, HPCLLM, SECRET, controller, status  # noqa: F401 - controller is a fixture
+from e2e_helpers import submit_agent, wait_for
+from test_cluster_e2e import ADMIN, SECRET, controller, status  # noqa: F401 - controller is a fixture
 
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
 from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
-from hpcllm.slurm.templates import node_agent_job_spec
 
 pytestmark = pytest.mark.slurm
 
@@ -35,11 +34,7 @@ def test_second_start_on_a_node_is_local_without_cache_warm(slurm_cluster, contr
     backend = CliBackend(config.slurm, command_timeout=30)
     job = None
     try:
-        spec = node_agent_job_spec(config, nodes=1, gpus_per_node=2, name=f"e2e-col-{NODE}",
-                                   agent_args=["--config", str(config_path)], hpcllm=HPCLLM,
-                                   output=str(tmp_path / "slurm" / f"agent-{NODE}-%j.out"),
-                                   env={"HPCLLM_CONTROLLER_URL": url, "HPCLLM_CONFIG": str(config_path)})
-        job = backend.submit(spec.model_copy(update={"nodelist": (NODE,)}))
+        job = submit_agent(backend, config, config_path, url, NODE, f"e2e-col-{NODE}", tmp_path / "slurm")
 
         def node():
             return next((n for n in status(url)["nodes"] if n["node_id"] == NODE and n["state"] == "up"), None)

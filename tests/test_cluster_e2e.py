@@ -17,13 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import wait_for
+from e2e_helpers import submit_agent, wait_for
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
 from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
-from hpcllm.slurm.templates import node_agent_job_spec
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.protocol import GenerateRequest
 
@@ -98,11 +97,8 @@ def test_agents_register_place_by_cache_and_serve(slurm_cluster, controller, tmp
     jobs: dict[str, str] = {}
     try:
         for node in NODES:
-            spec = node_agent_job_spec(config, nodes=1, gpus_per_node=2, name=f"e2e-agent-{node}",
-                                       agent_args=["--config", str(config_path)], hpcllm=HPCLLM,
-                                       output=str(tmp_path / "slurm" / f"agent-{node}-%j.out"),
-                                       env={"HPCLLM_CONTROLLER_URL": url, "HPCLLM_CONFIG": str(config_path)})
-            jobs[node] = backend.submit(spec.model_copy(update={"nodelist": (node,)}))
+            jobs[node] = submit_agent(backend, config, config_path, url, node, f"e2e-agent-{node}",
+                                      tmp_path / "slurm")
 
         # Every agent registers: measured bandwidths, the job's 2 (fake) GPUs, its Slurm job, its own URL.
         def registered():

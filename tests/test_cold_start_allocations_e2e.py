@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import HPCLLM, admin_status, free_port, wait_for, write_e2e_config
+from e2e_helpers import HPCLLM, admin_status, controller_process, free_port, wait_for, write_e2e_config
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.controller.protocol import SECRET_HEADER, CacheEntry, NodeRegistration, Tiers, TierInfo
@@ -31,29 +29,6 @@ pytestmark = pytest.mark.slurm
 SECRET = "once-e2e-secret"
 ADMIN = "once-e2e-admin"
 SEEDED_JOB_IDS = 300  # ended allocations with the ids Slurm gives next (other sessions submit meanwhile too)
-
-
-@contextmanager
-def controller_on(config_path: Path, port: int, log_path: Path):
-    """`hpcllm controller` on a fixed port (its allocations' agents find it there after a restart)."""
-    ready = log_path.with_suffix(".url")
-    ready.unlink(missing_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([HPCLLM, "controller", "--config", str(config_path), "--port", str(port),
-                                 "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        def listening():
-            assert proc.poll() is None, f"the controller exited {proc.returncode}: {log_path.read_text()[-3000:]}"
-            return ready.exists() and ready.read_text().strip()
-
-        yield wait_for(listening, 60, "the controller to listen")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def next_job_id(slurm_cluster) -> int:
@@ -124,9 +99,9 @@ def test_cold_start_with_a_remembered_cache_and_reused_job_ids_submits_one_alloc
                     "allocation_keep_alive_seconds": 60, "preferred_node_wait_seconds": 600})
     node = usable_node(slurm_cluster)
     seed_registry(database_url, model, node, next_job_id(slurm_cluster))
-    log_path = base / "controller.log"
+    logs = [base / "controller-1.log", base / "controller-2.log"]
     try:
-        with controller_on(config_path, port, log_path) as url:
+        with controller_process(config_path, logs[0], port=port) as url:
             resp = httpx.post(f"{url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30,
                               json={"name": model, "source": str(source), "gpus": 0})
             assert resp.status_code == 201, resp.text
@@ -138,7 +113,7 @@ def test_cold_start_with_a_remembered_cache_and_reused_job_ids_submits_one_alloc
             assert (alloc["job_id"], alloc["preferred_nodes"]) == (first["job_id"], [node]), alloc
             assert jobs_named(slurm_cluster, job_name) == [first["job_id"]]
         # Restarted in the middle of the cold start (the job is queued or its agent is starting).
-        with controller_on(config_path, port, log_path) as url:
+        with controller_process(config_path, logs[1], port=port) as url:
             def ready():
                 answer = route_once(url, model, wait=10)
                 return answer if answer.get("status") == "ready" else None
@@ -149,9 +124,8 @@ def test_cold_start_with_a_remembered_cache_and_reused_job_ids_submits_one_alloc
             [alloc] = live_allocations(url)
             assert (alloc["job_id"], alloc["nodes"]) == (first["job_id"], [node]), alloc
     except AssertionError as exc:
-        logs = "".join(f"\n--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(base.rglob("*.out")))
-        ctl = log_path.read_text()[-4000:] if log_path.exists() else ""
-        raise AssertionError(f"{exc}\n--- controller.log\n{ctl}{logs}") from None
+        ends = [(p, 2000) for p in sorted(base.rglob("*.out"))] + [(p, 4000) for p in logs if p.exists()]
+        raise AssertionError(f"{exc}" + "".join(f"\n--- {p.name}\n{p.read_text()[-n:]}" for p, n in ends)) from None
     finally:
         leftover = jobs_named(slurm_cluster, job_name)
         if leftover:

@@ -27,37 +27,36 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from hpcllm.checkpoint.context import max_model_len_for
-from hpcllm.errors import HpcllmError
-from hpcllm.worker.detokenizer import IncrementalDetokenizer
 from hpcllm.worker.kvcache import BlockPool
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import (
-    ErrorInfo,
-    FinalLine,
-    GenerateRequest,
-    MigratedTo,
-    RequestTokens,
-    TokenLine,
-    TokenLogprobs,
-    TopLogprob,
-    Usage,
+from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs, TopLogprob
+from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and RequestStream are this API's too)
+    Completion,
+    DuplicateRequest,
+    EngineBase,
+    EngineError,
+    EngineOverloaded,
+    EngineUnavailable,
+    Event,
+    InvalidRequest,
+    PromptTooLong,
+    RequestConflict,
+    RequestState,
+    RequestStream,
+    UnknownRequest,
 )
 from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, make_runner
-from hpcllm.worker.sampling import SamplingParams, random_seed, sample_token
+from hpcllm.worker.sampling import sample_token
 
 log = logging.getLogger(__name__)
-
-Event = TokenLine | FinalLine
 
 # The prefill rate (reported in /ready; the controller's migration-cost estimate) is measured on chunks this long
 # or longer (shorter ones time the per-call overhead, not prefill), averaged with this weight for the newest chunk.
@@ -67,61 +66,6 @@ DEFAULT_KV_BLOCK_SIZE = 16
 BATCHING_MODES = ("auto", "paged", "sequential")
 
 _seq_ids = itertools.count()  # runner-side identity of a request's KV state (request ids may be reused)
-
-
-class EngineError(HpcllmError):
-    """A request the engine refuses; http_status is what the worker's HTTP API answers."""
-
-    http_status = 500
-    error_type = "server_error"
-    code: str | None = None
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-    def info(self) -> ErrorInfo:
-        return ErrorInfo(message=str(self), type=self.error_type, param=self.param, code=self.code)
-
-
-class InvalidRequest(EngineError):
-    http_status = 400
-    error_type = "invalid_request_error"
-
-
-class PromptTooLong(InvalidRequest):
-    code = "context_length_exceeded"
-
-
-class DuplicateRequest(EngineError):
-    http_status = 409
-    error_type = "invalid_request_error"
-    code = "duplicate_request_id"
-
-
-class UnknownRequest(EngineError):
-    http_status = 404
-    error_type = "not_found_error"
-
-
-class RequestConflict(EngineError):
-    """The request exists but is in the wrong state for the call (not held, already migrating, finished...)."""
-
-    http_status = 409
-    error_type = "invalid_request_error"
-    code = "request_state_conflict"
-
-
-class EngineOverloaded(EngineError):
-    http_status = 503
-    error_type = "overloaded_error"
-
-
-class EngineUnavailable(EngineError):
-    """The engine is not running (not started, shut down, or its thread died)."""
-
-    http_status = 503
-    error_type = "engine_unavailable"
 
 
 @dataclass
@@ -142,52 +86,24 @@ class _EmbedJob:
     error: BaseException | None = None
 
 
-@dataclass
-class Completion:
-    """A whole generation collected from a stream (Engine.generate)."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    stop_reason: str | int | None
-    usage: Usage
-    error: ErrorInfo | None = None
-
-
-@dataclass(eq=False)
-class _Request:
-    request_id: str
-    prompt_ids: list[int]
-    output_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stop_token_ids: frozenset[int]
-    detokenizer: IncrementalDetokenizer
-    arrival: float
-    events: queue.Queue = field(default_factory=queue.Queue)
-    state: str = "waiting"
-    all_ids: list[int] = field(default_factory=list)
+@dataclass(eq=False, kw_only=True)
+class _Request(RequestState):
+    all_ids: list[int] = field(default_factory=list)  # prompt + output ids: what the model is fed
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_cached: int = 0  # ids whose keys/values are in the cache
     preemptions: int = 0
-    cancel_requested: bool = False
     first_scheduled: float | None = None
-    last_token_time: float | None = None
     resumed_tokens: int = 0
-    finish_reason: str | None = None
-    logprobs: int | None = None  # top alternatives per token line (None: no logprobs)
-    origin: GenerateRequest | None = None  # as submitted: stop strings, stop ids, ignore_eos (to migrate it)
-    # Live migration, destination side: prefilled but not sampling until attached; dropped at hold_deadline.
-    held: bool = False
-    hold_seconds: float = 0.0
-    hold_deadline: float | None = None
-    attached: bool = False
-    # Live migration, source side.
-    migrating: bool = False
-    paused: bool = False
     # Logits of the last known id when it was prefilled but not sampled (held or paused): the next step samples.
     pending_logits: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.all_ids = self.prompt_ids + self.output_ids
+        self.resumed_tokens = len(self.output_ids)
+
+    def append_output(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.all_ids.append(token)
 
     @property
     def fully_cached(self) -> bool:
@@ -201,52 +117,11 @@ class _Request:
             return False
         return not (self.held and self.fully_cached)
 
-    def snapshot(self) -> RequestTokens:
-        return RequestTokens(
-            request_id=self.request_id,
-            state="held" if self.held and self.state != "finished" else self.state,
-            prompt_token_ids=list(self.prompt_ids),
-            output_token_ids=list(self.output_ids),
-            seed=self.params.seed,
-            finish_reason=self.finish_reason,
-        )
 
-    def usage(self) -> Usage:
-        prompt, completion = len(self.prompt_ids), len(self.output_ids)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+class Engine(EngineBase):
+    request_type = _Request
+    thread_name = "hpcllm-engine"
 
-
-class RequestStream:
-    """A submitted request's events. Closing it before the final event cancels the request."""
-
-    def __init__(self, engine: "Engine", request: _Request) -> None:
-        self._engine = engine
-        self._request = request
-        self.request_id = request.request_id
-        self.finished = False
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return list(self._request.prompt_ids)
-
-    def events(self, keepalive_seconds: float | None = None) -> Iterator[Event | None]:
-        """Token lines then one final line; yields None when keepalive_seconds pass without an event."""
-        while not self.finished:
-            try:
-                event = self._request.events.get(timeout=keepalive_seconds)
-            except queue.Empty:
-                yield None
-                continue
-            if isinstance(event, FinalLine):
-                self.finished = True
-            yield event
-
-    def close(self) -> None:
-        if not self.finished and self._request.state != "finished":
-            self._engine.cancel(self.request_id, wait=False)
-
-
-class Engine:
     def __init__(
         self,
         model,
@@ -311,40 +186,7 @@ class Engine:
         self.error: str | None = None
         self._prefill_rate: float | None = None  # tokens/s of prefill chunks, moving average (migration cost)
 
-    # ---- lifecycle ---------------------------------------------------------------------------------------------
-
-    def start(self) -> "Engine":
-        if self._thread is not None:
-            raise RuntimeError("engine already started")
-        self._thread = threading.Thread(target=self._run, name=f"hpcllm-engine-{self.model_name}", daemon=True)
-        self._thread.start()
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop; requests still waiting or running end with finish_reason "abort"."""
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def __enter__(self) -> "Engine":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.shutdown()
-
-    # ---- public API (any thread) -------------------------------------------------------------------------------
-
-    def submit(self, request: GenerateRequest) -> RequestStream:
-        """Validate, tokenize and queue a request. Raises an EngineError subclass for anything it refuses."""
-        state = self._prepare(request)
-        self._enqueue(state)
-        return RequestStream(self, state)
+    # ---- public API (any thread; submit, generate, tokens and migration are EngineBase's) ----------------------
 
     def _enqueue(self, state: _Request) -> None:
         request = state.origin
@@ -362,22 +204,6 @@ class Engine:
             self._waiting.append(state)
             self.metrics.num_requests_waiting.set(len(self._waiting))
             self._lock.notify_all()
-
-    def generate(self, request: GenerateRequest) -> Completion:
-        """Submit and wait for the whole generation (tests, benchmarks)."""
-        stream = self.submit(request)
-        token_ids: list[int] = []
-        pieces: list[str] = []
-        for event in stream.events():
-            if isinstance(event, TokenLine):
-                token_ids.append(event.token_id)
-                pieces.append(event.text)
-            else:
-                return Completion(
-                    request.request_id, token_ids, "".join(pieces), event.finish_reason, event.stop_reason,
-                    event.usage, event.error,
-                )
-        raise RuntimeError("stream ended without a final line")
 
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
         """Embeddings of token id lists: the model's final hidden state at the last token, L2-normalized (vLLM's
@@ -417,11 +243,6 @@ class Engine:
         last = hidden.last_hidden_state[0, -1].to(torch.float32)
         return torch.nn.functional.normalize(last, dim=-1).tolist()
 
-    def tokens(self, request_id: str) -> RequestTokens:
-        """Prompt and output token ids so far of a live or recently finished request (migration)."""
-        with self._lock:
-            return self._lookup(request_id).snapshot()
-
     def cancel(self, request_id: str, wait: bool = True, timeout: float = 60.0) -> RequestTokens:
         """Stop a request; with wait, return its token ids once the engine has stopped touching it."""
         with self._lock:
@@ -435,94 +256,7 @@ class Engine:
                     self._lock.wait_for(lambda: req.state == "finished", timeout)
             return req.snapshot()
 
-    # ---- live migration, destination side (held requests) ------------------------------------------------------
-
-    def hold(self, request: GenerateRequest, hold_seconds: float) -> None:
-        """Queue a HELD request: prefill prompt + resume_token_ids, then wait (no sampling) to be attached."""
-        state = self._prepare(request)
-        state.held = True
-        state.hold_seconds = hold_seconds
-        state.hold_deadline = time.monotonic() + hold_seconds
-        self._enqueue(state)
-
-    def wait_prefilled(self, request_id: str) -> tuple[int, int]:
-        """Block until a held request's known ids are all in its KV cache; (cached tokens, output tokens)."""
-        with self._lock:
-            req = self._held(request_id)
-            # A held request that cannot be prefilled in time expires, which ends this wait too.
-            self._lock.wait_for(lambda: req.state == "finished" or req.fully_cached or not req.held,
-                                req.hold_seconds + 5.0)
-            if req.state == "finished":
-                raise RequestConflict(f"held request {request_id!r} was dropped before it was prefilled "
-                                      f"({self._drop_reason(req)})", "request_id")
-            return req.num_cached, len(req.output_ids)
-
-    def extend(self, request_id: str, token_ids: list[int]) -> tuple[int, int]:
-        """Append output tokens the source produced since the last round to a held request.
-
-        They pass through the detokenizer and the stop checks exactly as if generated here. Tokens that would end
-        the generation (a stop token or string, max_tokens, a full context) drop the held request: the source
-        should have finished it instead of migrating it.
-        """
-        self._check_token_ids(token_ids, "token_ids")
-        with self._lock:
-            req = self._held(request_id)
-            for position, token in enumerate(token_ids):
-                req.detokenizer.add(token)
-                req.output_ids.append(token)
-                req.all_ids.append(token)
-                ended = (
-                    token in req.stop_token_ids
-                    or req.detokenizer.stop_hit is not None
-                    or len(req.output_ids) >= req.max_tokens
-                    or len(req.all_ids) >= self.max_model_len
-                )
-                if ended:
-                    self._finish(req, "abort")
-                    raise InvalidRequest(
-                        f"token_ids[{position}] ends the generation (stop or length): nothing left to migrate; "
-                        "the held request is dropped", "token_ids",
-                    )
-            if token_ids:
-                req.pending_logits = None  # they were for the old last position
-            req.hold_deadline = time.monotonic() + req.hold_seconds
-            self._lock.notify_all()
-            return req.num_cached, len(req.output_ids)
-
-    def attach(self, request_id: str, from_index: int) -> RequestStream:
-        """Release a held request: it samples output index from_index next and streams from there."""
-        with self._lock:
-            req = self._held(request_id)
-            if from_index != len(req.output_ids):
-                raise RequestConflict(
-                    f"attach from index {from_index}, but held request {request_id!r} has {len(req.output_ids)} "
-                    "output tokens: the next token it generates has that index", "from_index",
-                )
-            req.held, req.hold_deadline, req.attached = False, None, True
-            self._lock.notify_all()
-        return RequestStream(self, req)
-
-    def drop_held(self, request_id: str, timeout: float = 60.0) -> RequestTokens:
-        """Cancel a held request (a migration that will not be attached); other requests are never touched."""
-        with self._lock:
-            self._held(request_id)
-            return self.cancel(request_id, wait=True, timeout=timeout)
-
-    def _held(self, request_id: str) -> _Request:
-        req = self._lookup(request_id)
-        if req.state == "finished":
-            raise RequestConflict(f"request {request_id!r} is no longer held ({self._drop_reason(req)})", "request_id")
-        if not req.held:
-            raise RequestConflict(f"request {request_id!r} is not a held migration request", "request_id")
-        return req
-
-    @staticmethod
-    def _drop_reason(req: _Request) -> str:
-        if req.held and req.hold_deadline is not None and time.monotonic() >= req.hold_deadline:
-            return f"not attached within hold_seconds={req.hold_seconds:g}"
-        return f"finished: {req.finish_reason}"
-
-    # ---- live migration, source side ---------------------------------------------------------------------------
+    # ---- live migration, source side (the rest is EngineBase's) ------------------------------------------------
 
     def migratable_request_ids(self) -> list[str]:
         """Requests a drain should move: running or waiting, not held here, not already leaving."""
@@ -531,66 +265,6 @@ class Engine:
                 r.request_id for r in [*self._running, *self._waiting]
                 if not (r.held or r.paused or r.migrating or r.cancel_requested)
             ]
-
-    def begin_migration(self, request_id: str) -> GenerateRequest:
-        """Mark a live request as migrating; the GenerateRequest that recreates it elsewhere (output so far as
-        resume_token_ids, same seed and sampling). Only one migration of a request runs at a time."""
-        with self._lock:
-            req = self._lookup(request_id)
-            if req.state == "finished":
-                raise RequestConflict(f"request {request_id!r} already finished ({req.finish_reason})", "request_id")
-            if req.held:
-                raise RequestConflict(f"request {request_id!r} is a held migration request, not attached yet")
-            if req.migrating or req.cancel_requested:
-                raise RequestConflict(f"request {request_id!r} is already being migrated or cancelled")
-            req.migrating = True
-            origin = req.origin
-            return GenerateRequest(
-                request_id=req.request_id, prompt_token_ids=list(req.prompt_ids), max_tokens=req.max_tokens,
-                temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
-                seed=req.params.seed, stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids),
-                ignore_eos=origin.ignore_eos, resume_token_ids=list(req.output_ids), logprobs=origin.logprobs,
-            )
-
-    def migration_output(self, request_id: str) -> list[int]:
-        """Output so far of a migrating request; RequestConflict once it finished (it ended or was cancelled)."""
-        with self._lock:
-            req = self._migrating(request_id)
-            return list(req.output_ids)
-
-    def pause(self, request_id: str) -> list[int]:
-        """Stop scheduling a migrating request and return its final output token list (atomically: a token
-        sampled concurrently is dropped, and the destination samples the same one)."""
-        with self._lock:
-            req = self._migrating(request_id)
-            req.paused = True
-            return list(req.output_ids)
-
-    def abandon_migration(self, request_id: str) -> None:
-        """The migration failed: the request goes on here as if nothing happened (unpaused if it was paused)."""
-        with self._lock:
-            req = self._live.get(request_id)
-            if req is not None and req.migrating:
-                req.migrating = req.paused = False
-                self._lock.notify_all()
-
-    def finish_migrated(self, request_id: str, migrated_to: MigratedTo) -> None:
-        """End a paused request's stream with finish_reason "migrated" and where it goes on."""
-        with self._lock:
-            req = self._migrating(request_id)
-            if not req.paused:
-                raise RuntimeError(f"request {request_id} must be paused before it is handed over")
-            self._finish(req, "migrated", migrated_to=migrated_to)
-
-    def _migrating(self, request_id: str) -> _Request:
-        req = self._lookup(request_id)
-        if req.state == "finished":
-            raise RequestConflict(f"request {request_id!r} finished during the migration ({req.finish_reason})")
-        if req.cancel_requested:
-            raise RequestConflict(f"request {request_id!r} was cancelled during the migration")
-        if not req.migrating:
-            raise RequestConflict(f"request {request_id!r} is not being migrated")
-        return req
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting)."""
@@ -603,113 +277,18 @@ class Engine:
             return sum(len(r.all_ids) for r in [*self._running, *self._waiting]
                        if not (r.held or r.paused or r.migrating))
 
-    @property
-    def prefill_tokens_per_second(self) -> float | None:
-        """Measured prefill rate (moving average over chunks of at least PREFILL_RATE_MIN_TOKENS); None before."""
-        return self._prefill_rate
-
-    def tokenize_prompt(self, request: GenerateRequest) -> list[int]:
-        if request.prompt_token_ids is not None:
-            return list(request.prompt_token_ids)
-        with self._tokenizer_lock:
-            if request.prompt is not None:
-                return list(self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidRequest(f"model {self.model_name} has no chat template; send a prompt", "messages")
-            text = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
-            )
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    # ---- request preparation (caller's thread) -----------------------------------------------------------------
-
-    def _prepare(self, request: GenerateRequest) -> _Request:
-        prompt_ids = self.tokenize_prompt(request)
-        resumed = list(request.resume_token_ids)
-        self._check_token_ids(prompt_ids, "prompt_token_ids")
-        self._check_token_ids(resumed, "resume_token_ids")
-        prompt_param = "messages" if request.messages is not None else "prompt"
-        if len(prompt_ids) + len(resumed) >= self.max_model_len:
-            raise PromptTooLong(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
-                f"{len(prompt_ids)} tokens{f' plus {len(resumed)} resumed tokens' if resumed else ''}; "
-                "shorten the prompt",
-                prompt_param,
-            )
-        max_tokens = request.max_tokens or self.max_model_len - len(prompt_ids)
-        if len(prompt_ids) + max_tokens > self.max_model_len:
-            raise PromptTooLong(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt_ids)} prompt "
-                f"tokens plus max_tokens={max_tokens} is {len(prompt_ids) + max_tokens}; lower max_tokens or "
-                "shorten the prompt",
-                "max_tokens",
-            )
-        if len(resumed) >= max_tokens:
-            raise InvalidRequest(
-                f"resume_token_ids already holds {len(resumed)} tokens, max_tokens is {max_tokens}: nothing to do",
-                "resume_token_ids",
-            )
-        stop_token_ids = frozenset(request.stop_token_ids) | (
-            frozenset() if request.ignore_eos else self.eos_token_ids
-        )
-        detokenizer = IncrementalDetokenizer(self.decode, request.stop)
-        for position, token in enumerate(resumed):
-            detokenizer.add(token)
-            if token in stop_token_ids or detokenizer.stop_hit is not None:
-                raise InvalidRequest(
-                    f"resume_token_ids already end the generation (stop at index {position}): nothing to resume",
-                    "resume_token_ids",
-                )
-        seed = request.seed if request.seed is not None else random_seed()
-        params = SamplingParams(request.temperature, request.top_p, request.top_k, seed)
-        return _Request(
-            request_id=request.request_id,
-            prompt_ids=prompt_ids,
-            output_ids=resumed,
-            params=params,
-            max_tokens=max_tokens,
-            stop_token_ids=stop_token_ids,
-            detokenizer=detokenizer,
-            arrival=time.monotonic(),
-            all_ids=prompt_ids + resumed,
-            resumed_tokens=len(resumed),
-            origin=request,
-            logprobs=request.logprobs,
-        )
-
-    def _check_token_ids(self, ids: list[int], param: str) -> None:
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"{param} contains token id {bad}, outside this model's vocabulary 0..{self.vocab_size - 1}", param)
-
-    def _lookup(self, request_id: str) -> _Request:
-        req = self._live.get(request_id) or self._finished.get(request_id)
-        if req is None:
-            raise UnknownRequest(f"no request {request_id!r} on this worker", "request_id")
-        return req
-
     # ---- engine thread -------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while True:
-                    active = self._next_round()
-                    if active is None:
-                        break
-                    if self._embed_jobs:
-                        self._run_embed_jobs()
-                    if active:
-                        self._step(active)
-        except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
-            log.exception("engine loop died")
-            self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._end_all()
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                active = self._next_round()
+                if active is None:
+                    break
+                if self._embed_jobs:
+                    self._run_embed_jobs()
+                if active:
+                    self._step(active)
 
     def _next_round(self) -> list[_Request] | None:
         """Drop expired held requests, admit waiting ones into free slots, and return those with work to do;
@@ -748,19 +327,6 @@ class Engine:
             self._running.append(req)
         self.metrics.num_requests_waiting.set(len(self._waiting))
         self.metrics.num_requests_running.set(len(self._running))
-
-    def _expire_held(self, now: float) -> float | None:
-        """Drop held requests past their deadline (freeing their KV cache); the earliest deadline left."""
-        earliest = None
-        for req in [*self._running, *self._waiting]:
-            if not req.held or req.hold_deadline is None:
-                continue
-            if req.hold_deadline <= now:
-                log.info("dropping held request %s: not attached within %gs", req.request_id, req.hold_seconds)
-                self._finish(req, "abort")
-            elif earliest is None or req.hold_deadline < earliest:
-                earliest = req.hold_deadline
-        return earliest
 
     # ---- one step: schedule, run, sample ---------------------------------------------------------------------------
 
@@ -910,73 +476,28 @@ class Engine:
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)
 
-    def _accept(self, req: _Request, token: int, logprobs: TokenLogprobs | None = None) -> None:
-        """Record a sampled token and emit its line (called under the lock, so pause sees all or nothing)."""
-        now = time.monotonic()
-        if req.last_token_time is None:
-            if not req.attached:  # a migrated-in request's first token is not its time to first token
-                self.metrics.time_to_first_token.observe(now - req.arrival)
-        else:
-            self.metrics.inter_token_latency.observe(now - req.last_token_time)
-        req.last_token_time = now
-        index = len(req.output_ids)
-        req.output_ids.append(token)
-        req.all_ids.append(token)
-        self.metrics.generation_tokens.inc()
+    # ---- EngineBase's hooks -------------------------------------------------------------------------------------
 
-        finish_reason = stop_reason = None
-        if token in req.stop_token_ids:
-            text = req.detokenizer.flush()
-            finish_reason = "stop"
-            stop_reason = None if token in self.eos_token_ids else token
-        else:
-            text = req.detokenizer.add(token)
-            if req.detokenizer.stop_hit is not None:
-                finish_reason, stop_reason = "stop", req.detokenizer.stop_hit
-            elif len(req.output_ids) >= req.max_tokens or len(req.all_ids) >= self.max_model_len:
-                text += req.detokenizer.flush()
-                finish_reason = "length"
-        req.events.put(TokenLine(index=index, token_id=token, text=text, logprobs=logprobs))
-        if finish_reason is not None:
-            self._finish(req, finish_reason, stop_reason)
+    def _release(self, req: _Request) -> None:
+        if req.state == "running":
+            self._running.remove(req)
+        elif req in self._waiting:
+            self._waiting.remove(req)
+        self._release_kv(req)
+        req.pending_logits = None
 
-    def _finish(
-        self, req: _Request, reason: str, stop_reason: str | int | None = None, error: ErrorInfo | None = None,
-        migrated_to: MigratedTo | None = None,
-    ) -> None:
-        with self._lock:
-            if req.state == "finished":
-                return
-            if req.state == "running":
-                self._running.remove(req)
-            elif req in self._waiting:
-                self._waiting.remove(req)
-            self._release_kv(req)
-            req.state, req.finish_reason, req.pending_logits = "finished", reason, None
-            self._live.pop(req.request_id, None)
-            self._finished[req.request_id] = req
-            while len(self._finished) > self._finished_history:
-                self._finished.popitem(last=False)
-            self.metrics.num_requests_running.set(len(self._running))
-            self.metrics.num_requests_waiting.set(len(self._waiting))
-            self._lock.notify_all()
-        self.metrics.request_finished(reason)
-        self.metrics.e2e_request_latency.observe(time.monotonic() - req.arrival)
-        req.events.put(FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage(), error=error,
-                                 migrated_to=migrated_to))
+    def _cached_tokens(self, req: _Request) -> int:
+        return req.num_cached
+
+    def _on_extended(self, req: _Request) -> None:
+        req.pending_logits = None  # they were for the old last position
 
     def _end_all(self) -> None:
         with self._lock:
-            pending = list(self._running) + list(self._waiting)
             for job in self._embed_jobs:
                 job.error = RuntimeError(self.error or "the engine shut down")
                 job.done.set()
-        for req in pending:
-            if self.error is None:
-                self._finish(req, "abort")
-            else:
-                info = ErrorInfo(message=f"engine failed: {self.error}", type="engine_unavailable")
-                self._finish(req, "error", error=info)
+        super()._end_all()
 
 
 def _eos_token_ids(model, tokenizer) -> frozenset[int]:

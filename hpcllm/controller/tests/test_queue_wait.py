@@ -25,26 +25,30 @@ def test_parse_sbatch_test_only_and_squeue_start():
     assert parse_squeue_start(out) == {"17": StartEstimate(1796290900.0, "squeue-start", ("n3",), "batch")}
 
 
-def test_a_free_slot_now_beats_a_cached_node_slurm_says_starts_later(make_harness):
-    # n1 runs an agent with room but nothing cached; n2 (idle in sinfo) holds the checkpoint on NVMe. The constant
-    # (0 s here) would send the model to n2; Slurm says a job there starts in 5 minutes.
-    h = make_harness(allocation_start_estimate_seconds=0.0, agent_start_seconds=AGENT_START)
+def _free_n1_and_cached_n2(make_harness, slurm_wait: float, **settings):
+    """Model m (8 GB): n1 has an agent with room and nothing cached; n2, idle in sinfo, holds m on NVMe; Slurm
+    says a job (anywhere, or on n2) starts in slurm_wait seconds."""
+    h = make_harness(**settings)
     h.deploy("m", gpus=1, size_bytes=8 * GB)
     h.register("n1", gpus=2, sharedfs_gbps=1.0)
     h.registry.register_node(_registration("n2", "m"), h.clock.now - 100)
     h.registry.node_left("n2", "gone")
-    slurm_says(h, {(): 300.0, ("n2",): 300.0})
+    slurm_says(h, {(): slurm_wait, ("n2",): slurm_wait})
+    return h
+
+
+def test_a_free_slot_now_beats_a_cached_node_slurm_says_starts_later(make_harness):
+    # n1 runs an agent with room but nothing cached; n2 (idle in sinfo) holds the checkpoint on NVMe. The constant
+    # (0 s here) would send the model to n2; Slurm says a job there starts in 5 minutes.
+    h = _free_n1_and_cached_n2(make_harness, slurm_wait=300.0, allocation_start_estimate_seconds=0.0,
+                               agent_start_seconds=AGENT_START)
     outcome = h.controller.route_once("m")
     assert (outcome.status, outcome.node_id) == ("starting", "n1")
     [inst] = h.registry.instances(model="m")
     assert inst.placement["queue_wait_source"] == "agent up"
     # When Slurm says n2 starts at once, the cached node wins: 0 + 10 s agent start + 8 GB / 4 GB/s < 8 s.
-    h2 = make_harness(allocation_start_estimate_seconds=60.0, agent_start_seconds=1.0)
-    h2.deploy("m", gpus=1, size_bytes=8 * GB)
-    h2.register("n1", gpus=2, sharedfs_gbps=1.0)
-    h2.registry.register_node(_registration("n2", "m"), h2.clock.now - 100)
-    h2.registry.node_left("n2", "gone")
-    slurm_says(h2, {(): 0.0, ("n2",): 0.0})
+    h2 = _free_n1_and_cached_n2(make_harness, slurm_wait=0.0, allocation_start_estimate_seconds=60.0,
+                                agent_start_seconds=1.0)
     outcome = h2.controller.route_once("m")
     assert outcome.status == "allocating"
     [spec] = h2.backend.submitted()

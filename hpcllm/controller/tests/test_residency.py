@@ -76,24 +76,25 @@ def test_a_waiting_model_starts_by_itself_once_the_residency_is_served(make_harn
     assert resident(h) == ["b"]
 
 
-def test_with_allocations_allowed_the_other_model_goes_elsewhere_when_that_is_sooner(make_harness):
-    # A new allocation is estimated at 30 s; a waits 110 s more on n1: b is given a new allocation.
-    h = make_harness(min_residency_seconds=120.0)
+def _a_serving_for_10_seconds(make_harness, min_residency_seconds: float):
+    """Models a and b (2 GPUs each), both cached on n1 (2 GPUs), where a has served for 10 s."""
+    h = make_harness(min_residency_seconds=min_residency_seconds)
     h.deploy("a", gpus=2, size_bytes=4 * GB)
     h.deploy("b", gpus=2, size_bytes=4 * GB)
     h.register("n1", gpus=2, cached=(("a", "dram"), ("b", "dram")))
     serve(h, "a")
     h.clock.advance(10)
+    return h
+
+
+def test_with_allocations_allowed_the_other_model_goes_elsewhere_when_that_is_sooner(make_harness):
+    # A new allocation is estimated at 30 s; a waits 110 s more on n1: b is given a new allocation.
+    h = _a_serving_for_10_seconds(make_harness, min_residency_seconds=120.0)
     outcome = h.controller.route_once("b")
     assert outcome.status == "allocating"
     assert h.agents.stopped == [] and resident(h) == ["a"]
     # Close to the end of a's residency, waiting is sooner than an allocation: b would wait instead.
-    h2 = make_harness(min_residency_seconds=20.0)
-    h2.deploy("a", gpus=2, size_bytes=4 * GB)
-    h2.deploy("b", gpus=2, size_bytes=4 * GB)
-    h2.register("n1", gpus=2, cached=(("a", "dram"), ("b", "dram")))
-    serve(h2, "a")
-    h2.clock.advance(10)
+    h2 = _a_serving_for_10_seconds(make_harness, min_residency_seconds=20.0)
     assert h2.controller.route_once("b").status == "waiting"
     assert h2.backend.submitted() == []
 

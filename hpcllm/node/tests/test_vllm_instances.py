@@ -77,8 +77,8 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-@pytest.mark.slow
-def test_the_agent_serves_a_vllm_model_and_stops_it_with_its_processes(tmp_path, small_converted):
+def vllm_agent(tmp_path):
+    """A node agent whose vLLM workers have a 1 GB KV cache; skips the test where no vLLM interpreter is set up."""
     from hpcllm.errors import HpcllmError
     from hpcllm.node.workers import vllm_python
 
@@ -88,6 +88,12 @@ def test_the_agent_serves_a_vllm_model_and_stops_it_with_its_processes(tmp_path,
     except HpcllmError as exc:
         pytest.skip(f"no vLLM interpreter: {exc}")
     agent.config.worker.vllm_kv_cache_gb = 1
+    return agent
+
+
+@pytest.mark.slow
+def test_the_agent_serves_a_vllm_model_and_stops_it_with_its_processes(tmp_path, small_converted):
+    agent = vllm_agent(tmp_path)
     client = create_app(agent).test_client()
     try:
         resp = client.post("/v1/internal/instances", headers=AUTH,
@@ -132,9 +138,6 @@ def _alive(pid: int) -> bool:
 def test_a_vllm_start_that_fails_reports_hpcllms_reason(tmp_path, small_converted):
     """vLLM's engine core only says "initialization failed"; the instance's error is the loader's own (here a
     corrupt chunk), with its exit status, and nothing stays allocated or running."""
-    from hpcllm.errors import HpcllmError
-    from hpcllm.node.workers import vllm_python
-
     corrupt = tmp_path / "corrupt-llama"
     shutil.copytree(small_converted, corrupt)
     data = corrupt / "data-00000.h5"
@@ -143,12 +146,7 @@ def test_a_vllm_start_that_fails_reports_hpcllms_reason(tmp_path, small_converte
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
-    agent = make_agent(tmp_path, worker_start_timeout_seconds=900)
-    try:
-        vllm_python(agent.config)
-    except HpcllmError as exc:
-        pytest.skip(f"no vLLM interpreter: {exc}")
-    agent.config.worker.vllm_kv_cache_gb = 1
+    agent = vllm_agent(tmp_path)
     client = create_app(agent).test_client()
     try:
         resp = client.post("/v1/internal/instances", headers=AUTH,

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from hpcllm.store import readers
+
 CHUNK = 16 << 10  # 16 KiB chunks: a tiny model still spans many chunks and read units
 
 ARCHS = ["llama", "gpt2", "qwen2", "opt", "llama_sharded"]
@@ -99,14 +101,8 @@ def odirect_supported(directory: Path) -> bool:
 
 
 def evict_from_page_cache(folder: Path) -> None:
-    """Drop a checkpoint's data files from the page cache (clean pages only: written files are fsynced first)."""
-    for path in folder.glob("data-*.h5"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    """Drop a checkpoint's data files from the page cache."""
+    readers.evict_from_page_cache(folder.glob("data-*.h5"))
 
 
 def cache_in_page_cache(folder: Path) -> None:

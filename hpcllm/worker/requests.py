@@ -1,0 +1,608 @@
+"""What hpcllm's two worker engines share: the per-request state, its event stream, and the engine-independent
+half of the engine interface (hpcllm.worker.engine.Engine, batched on hpcllm's runner, and
+hpcllm.worker.vllm_engine.VllmEngine, backed by vLLM).
+
+Both engines validate and tokenize a request with the same rules and messages, turn each generated token into the
+same token line with the same stop rules, finish requests the same way, and run live migration by tokens with
+the same checks (docs/migration.md). What differs is how tokens are produced: EngineBase calls a few hooks
+(_release, _cached_tokens, _resume, _suspend, _on_extended, _on_first_token) that each engine implements.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from hpcllm.errors import HpcllmError
+from hpcllm.worker.detokenizer import IncrementalDetokenizer
+from hpcllm.worker.protocol import (
+    ErrorInfo,
+    FinalLine,
+    GenerateRequest,
+    MigratedTo,
+    RequestTokens,
+    TokenLine,
+    TokenLogprobs,
+    Usage,
+)
+from hpcllm.worker.sampling import SamplingParams, random_seed
+
+log = logging.getLogger(__name__)
+
+Event = TokenLine | FinalLine
+
+
+class EngineError(HpcllmError):
+    """A request the engine refuses; http_status is what the worker's HTTP API answers."""
+
+    http_status = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+    def info(self) -> ErrorInfo:
+        return ErrorInfo(message=str(self), type=self.error_type, param=self.param, code=self.code)
+
+
+class InvalidRequest(EngineError):
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class PromptTooLong(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class DuplicateRequest(EngineError):
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "duplicate_request_id"
+
+
+class UnknownRequest(EngineError):
+    http_status = 404
+    error_type = "not_found_error"
+
+
+class RequestConflict(EngineError):
+    """The request exists but is in the wrong state for the call (not held, already migrating, finished...)."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "request_state_conflict"
+
+
+class EngineOverloaded(EngineError):
+    http_status = 503
+    error_type = "overloaded_error"
+
+
+class EngineUnavailable(EngineError):
+    """The engine is not running (not started, shut down, or its thread died)."""
+
+    http_status = 503
+    error_type = "engine_unavailable"
+
+
+
+@dataclass
+@dataclass
+class Completion:
+    """A whole generation collected from a stream (Engine.generate)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stop_reason: str | int | None
+    usage: Usage
+    error: ErrorInfo | None = None
+
+
+
+@dataclass(eq=False, kw_only=True)
+class RequestState:
+    """One request's token ids, stop rules, event queue and migration state (each engine adds its own)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    arrival: float
+    origin: GenerateRequest | None = None  # as submitted: stop strings, stop ids, ignore_eos (to migrate it)
+    logprobs: int | None = None  # top alternatives per token line (None: no logprobs)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    state: str = "waiting"
+    finish_reason: str | None = None
+    last_token_time: float | None = None
+    cancel_requested: bool = False  # a cancel waits for the engine thread (hpcllm's engine; vLLM's ends at once)
+    # Live migration, destination side: prefilled but not generating until attached; dropped at hold_deadline.
+    held: bool = False
+    hold_seconds: float = 0.0
+    hold_deadline: float | None = None
+    attached: bool = False
+    # Live migration, source side.
+    migrating: bool = False
+    paused: bool = False
+
+    @property
+    def known_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def append_output(self, token: int) -> None:
+        self.output_ids.append(token)
+
+    def snapshot(self) -> RequestTokens:
+        return RequestTokens(
+            request_id=self.request_id,
+            state="held" if self.held and self.state != "finished" else self.state,
+            prompt_token_ids=list(self.prompt_ids),
+            output_token_ids=list(self.output_ids),
+            seed=self.params.seed,
+            finish_reason=self.finish_reason,
+        )
+
+    def usage(self) -> Usage:
+        prompt, completion = len(self.prompt_ids), len(self.output_ids)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class RequestStream:
+    """A submitted request's events. Closing it before the final event cancels the request."""
+
+    def __init__(self, engine: "EngineBase", request: RequestState) -> None:
+        self._engine = engine
+        self._request = request
+        self.request_id = request.request_id
+        self.finished = False
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return list(self._request.prompt_ids)
+
+    def events(self, keepalive_seconds: float | None = None) -> Iterator[Event | None]:
+        """Token lines then one final line; yields None when keepalive_seconds pass without an event."""
+        while not self.finished:
+            try:
+                event = self._request.events.get(timeout=keepalive_seconds)
+            except queue.Empty:
+                yield None
+                continue
+            if isinstance(event, FinalLine):
+                self.finished = True
+            yield event
+
+    def close(self) -> None:
+        if not self.finished and self._request.state != "finished":
+            self._engine.cancel(self.request_id, wait=False)
+
+
+class EngineBase:
+    """The engine interface's engine-independent methods, over the state each engine keeps: _lock (a Condition
+    over an RLock), _tokenizer_lock, _live and _finished (request id -> RequestState), _finished_history,
+    _thread, _stopping, error, _prefill_rate, metrics, tokenizer, model_name, vocab_size, max_model_len and
+    eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its thread's work) and the hooks below.
+    """
+
+    request_type: type[RequestState] = RequestState
+    thread_name = "hpcllm-engine"
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self):
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name=f"{self.thread_name}-{self.model_name}", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still waiting or running end with finish_reason "abort"."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
+
+    # ---- public API (any thread) -------------------------------------------------------------------------------
+
+    def submit(self, request: GenerateRequest) -> RequestStream:
+        """Validate, tokenize and queue a request. Raises an EngineError subclass for anything it refuses."""
+        req = self._prepare(request)
+        self._enqueue(req)
+        return RequestStream(self, req)
+
+    def generate(self, request: GenerateRequest) -> Completion:
+        """Submit and wait for the whole generation (tests, benchmarks)."""
+        token_ids: list[int] = []
+        pieces: list[str] = []
+        for event in self.submit(request).events():
+            if isinstance(event, TokenLine):
+                token_ids.append(event.token_id)
+                pieces.append(event.text)
+            else:
+                return Completion(
+                    request.request_id, token_ids, "".join(pieces), event.finish_reason, event.stop_reason,
+                    event.usage, event.error,
+                )
+        raise RuntimeError("stream ended without a final line")
+
+    def tokens(self, request_id: str) -> RequestTokens:
+        """Prompt and output token ids so far of a live or recently finished request (migration)."""
+        with self._lock:
+            return self._lookup(request_id).snapshot()
+
+    @property
+    def prefill_tokens_per_second(self) -> float | None:
+        """Measured prefill rate (moving average); None before the first measurement."""
+        return self._prefill_rate
+
+    def tokenize_prompt(self, request: GenerateRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        with self._tokenizer_lock:  # fast tokenizers are not safe to share across threads
+            if request.prompt is not None:
+                return list(self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequest(f"model {self.model_name} has no chat template; send a prompt", "messages")
+            text = self.tokenizer.apply_chat_template(
+                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # ---- live migration, destination side (held requests) ------------------------------------------------------
+
+    def hold(self, request: GenerateRequest, hold_seconds: float) -> None:
+        """Queue a HELD request: prefill prompt + resume_token_ids, then wait (no sampling) to be attached."""
+        req = self._prepare(request)
+        req.held, req.hold_seconds = True, hold_seconds
+        req.hold_deadline = time.monotonic() + hold_seconds
+        self._enqueue(req)
+
+    def wait_prefilled(self, request_id: str) -> tuple[int, int]:
+        """Block until a held request's known ids are all prefilled; (prefilled tokens, output tokens)."""
+        with self._lock:
+            req = self._held(request_id)
+            # A held request that cannot be prefilled in time expires, which ends this wait too.
+            self._lock.wait_for(
+                lambda: req.state == "finished" or self._cached_tokens(req) >= req.known_tokens or not req.held,
+                req.hold_seconds + 5.0,
+            )
+            if req.state == "finished":
+                raise RequestConflict(f"held request {request_id!r} was dropped before it was prefilled "
+                                      f"({self._drop_reason(req)})", "request_id")
+            return self._cached_tokens(req), len(req.output_ids)
+
+    def extend(self, request_id: str, token_ids: list[int]) -> tuple[int, int]:
+        """Append output tokens the source produced since the last round to a held request.
+
+        They pass through the detokenizer and the stop checks exactly as if generated here. Tokens that would end
+        the generation (a stop token or string, max_tokens, a full context) drop the held request: the source
+        should have finished it instead of migrating it.
+        """
+        self._check_token_ids(token_ids, "token_ids")
+        with self._lock:
+            req = self._held(request_id)
+            for position, token in enumerate(token_ids):
+                req.detokenizer.add(token)
+                req.append_output(token)
+                ended = (
+                    token in req.stop_token_ids
+                    or req.detokenizer.stop_hit is not None
+                    or len(req.output_ids) >= req.max_tokens
+                    or req.known_tokens >= self.max_model_len
+                )
+                if ended:
+                    self._finish(req, "abort")
+                    raise InvalidRequest(
+                        f"token_ids[{position}] ends the generation (stop or length): nothing left to migrate; "
+                        "the held request is dropped", "token_ids",
+                    )
+            if token_ids:
+                self._on_extended(req)
+            req.hold_deadline = time.monotonic() + req.hold_seconds
+            self._lock.notify_all()
+            return self._cached_tokens(req), len(req.output_ids)
+
+    def attach(self, request_id: str, from_index: int) -> RequestStream:
+        """Release a held request: it generates output index from_index next and streams from there."""
+        with self._lock:
+            req = self._held(request_id)
+            if from_index != len(req.output_ids):
+                raise RequestConflict(
+                    f"attach from index {from_index}, but held request {request_id!r} has {len(req.output_ids)} "
+                    "output tokens: the next token it generates has that index", "from_index",
+                )
+            req.held, req.hold_deadline, req.attached = False, None, True
+            self._resume(req)
+            self._lock.notify_all()
+        return RequestStream(self, req)
+
+    def drop_held(self, request_id: str, timeout: float = 60.0) -> RequestTokens:
+        """Cancel a held request (a migration that will not be attached); other requests are never touched."""
+        with self._lock:
+            self._held(request_id)
+            return self.cancel(request_id, wait=True, timeout=timeout)
+
+    def _held(self, request_id: str) -> RequestState:
+        req = self._lookup(request_id)
+        if req.state == "finished":
+            raise RequestConflict(f"request {request_id!r} is no longer held ({self._drop_reason(req)})", "request_id")
+        if not req.held:
+            raise RequestConflict(f"request {request_id!r} is not a held migration request", "request_id")
+        return req
+
+    @staticmethod
+    def _drop_reason(req: RequestState) -> str:
+        if req.held and req.hold_deadline is not None and time.monotonic() >= req.hold_deadline:
+            return f"not attached within hold_seconds={req.hold_seconds:g}"
+        return f"finished: {req.finish_reason}"
+
+    def _expire_held(self, now: float) -> float | None:
+        """Drop held requests past their deadline (under the lock); the earliest deadline left."""
+        earliest = None
+        for req in list(self._live.values()):
+            if not req.held or req.hold_deadline is None:
+                continue
+            if req.hold_deadline <= now:
+                log.info("dropping held request %s: not attached within %gs", req.request_id, req.hold_seconds)
+                self._finish(req, "abort")
+            elif earliest is None or req.hold_deadline < earliest:
+                earliest = req.hold_deadline
+        return earliest
+
+    # ---- live migration, source side ---------------------------------------------------------------------------
+
+    def begin_migration(self, request_id: str) -> GenerateRequest:
+        """Mark a live request as migrating; the GenerateRequest that recreates it elsewhere (output so far as
+        resume_token_ids, same seed and sampling). Only one migration of a request runs at a time."""
+        with self._lock:
+            req = self._lookup(request_id)
+            if req.state == "finished":
+                raise RequestConflict(f"request {request_id!r} already finished ({req.finish_reason})", "request_id")
+            if req.held:
+                raise RequestConflict(f"request {request_id!r} is a held migration request, not attached yet")
+            if req.migrating or req.cancel_requested:
+                raise RequestConflict(f"request {request_id!r} is already being migrated or cancelled")
+            req.migrating = True
+            origin, params = req.origin, req.params
+            return GenerateRequest(
+                request_id=req.request_id, prompt_token_ids=list(req.prompt_ids), max_tokens=req.max_tokens,
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
+                resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
+            )
+
+    def migration_output(self, request_id: str) -> list[int]:
+        """Output so far of a migrating request; RequestConflict once it finished (it ended or was cancelled)."""
+        with self._lock:
+            return list(self._migrating(request_id).output_ids)
+
+    def pause(self, request_id: str) -> list[int]:
+        """Stop generating a migrating request and return its final output token list (atomically: a token
+        produced concurrently is dropped, and the destination produces it again)."""
+        with self._lock:
+            req = self._migrating(request_id)
+            req.paused = True
+            self._suspend(req)
+            return list(req.output_ids)
+
+    def abandon_migration(self, request_id: str) -> None:
+        """The migration failed: the request goes on here as if nothing happened (unpaused if it was paused)."""
+        with self._lock:
+            req = self._live.get(request_id)
+            if req is None or not req.migrating:
+                return
+            req.migrating = False
+            if req.paused:
+                req.paused = False
+                self._resume(req)
+            self._lock.notify_all()
+
+    def finish_migrated(self, request_id: str, migrated_to: MigratedTo) -> None:
+        """End a paused request's stream with finish_reason "migrated" and where it goes on."""
+        with self._lock:
+            req = self._migrating(request_id)
+            if not req.paused:
+                raise RuntimeError(f"request {request_id} must be paused before it is handed over")
+            self._finish(req, "migrated", migrated_to=migrated_to)
+
+    def _migrating(self, request_id: str) -> RequestState:
+        req = self._lookup(request_id)
+        if req.state == "finished":
+            raise RequestConflict(f"request {request_id!r} finished during the migration ({req.finish_reason})")
+        if req.cancel_requested:
+            raise RequestConflict(f"request {request_id!r} was cancelled during the migration")
+        if not req.migrating:
+            raise RequestConflict(f"request {request_id!r} is not being migrated")
+        return req
+
+    # ---- request preparation (caller's thread) -----------------------------------------------------------------
+
+    def _prepare(self, request: GenerateRequest) -> RequestState:
+        prompt_ids = self.tokenize_prompt(request)
+        resumed = list(request.resume_token_ids)
+        self._check_token_ids(prompt_ids, "prompt_token_ids")
+        self._check_token_ids(resumed, "resume_token_ids")
+        prompt_param = "messages" if request.messages is not None else "prompt"
+        if len(prompt_ids) + len(resumed) >= self.max_model_len:
+            raise PromptTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
+                f"{len(prompt_ids)} tokens{f' plus {len(resumed)} resumed tokens' if resumed else ''}; "
+                "shorten the prompt",
+                prompt_param,
+            )
+        max_tokens = request.max_tokens or self.max_model_len - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise PromptTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt_ids)} prompt "
+                f"tokens plus max_tokens={max_tokens} is {len(prompt_ids) + max_tokens}; lower max_tokens or "
+                "shorten the prompt",
+                "max_tokens",
+            )
+        if len(resumed) >= max_tokens:
+            raise InvalidRequest(
+                f"resume_token_ids already holds {len(resumed)} tokens, max_tokens is {max_tokens}: nothing to do",
+                "resume_token_ids",
+            )
+        stop_token_ids = frozenset(request.stop_token_ids) | (
+            frozenset() if request.ignore_eos else self.eos_token_ids
+        )
+        detokenizer = IncrementalDetokenizer(self.decode, request.stop)
+        for position, token in enumerate(resumed):
+            detokenizer.add(token)
+            if token in stop_token_ids or detokenizer.stop_hit is not None:
+                raise InvalidRequest(
+                    f"resume_token_ids already end the generation (stop at index {position}): nothing to resume",
+                    "resume_token_ids",
+                )
+        seed = request.seed if request.seed is not None else random_seed()
+        return self.request_type(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            output_ids=resumed,
+            params=SamplingParams(request.temperature, request.top_p, request.top_k, seed),
+            max_tokens=max_tokens,
+            stop_token_ids=stop_token_ids,
+            detokenizer=detokenizer,
+            arrival=time.monotonic(),
+            origin=request,
+            logprobs=request.logprobs,
+        )
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"{param} contains token id {bad}, outside this model's vocabulary "
+                                 f"0..{self.vocab_size - 1}", param)
+
+    def _lookup(self, request_id: str) -> RequestState:
+        req = self._live.get(request_id) or self._finished.get(request_id)
+        if req is None:
+            raise UnknownRequest(f"no request {request_id!r} on this worker", "request_id")
+        return req
+
+    # ---- engine thread ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
+            log.exception("%s loop died", self.thread_name)
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._end_all()
+
+    def _loop(self) -> None:
+        """Run requests until shutdown (the engine's own)."""
+        raise NotImplementedError
+
+    # ---- tokens and finishing (engine thread, under the lock) --------------------------------------------------
+
+    def _accept(self, req: RequestState, token: int, logprobs: TokenLogprobs | None = None) -> None:
+        """Record a generated token and emit its line (under the lock, so pause sees all or nothing)."""
+        now = time.monotonic()
+        if req.last_token_time is None:
+            if not req.attached:  # a migrated-in request's first token is not its time to first token
+                self.metrics.time_to_first_token.observe(now - req.arrival)
+                self._on_first_token(req)
+        else:
+            self.metrics.inter_token_latency.observe(now - req.last_token_time)
+        req.last_token_time = now
+        index = len(req.output_ids)
+        req.append_output(token)
+        self.metrics.generation_tokens.inc()
+
+        finish_reason = stop_reason = None
+        if token in req.stop_token_ids:
+            text = req.detokenizer.flush()
+            finish_reason = "stop"
+            stop_reason = None if token in self.eos_token_ids else token
+        else:
+            text = req.detokenizer.add(token)
+            if req.detokenizer.stop_hit is not None:
+                finish_reason, stop_reason = "stop", req.detokenizer.stop_hit
+            elif len(req.output_ids) >= req.max_tokens or req.known_tokens >= self.max_model_len:
+                text += req.detokenizer.flush()
+                finish_reason = "length"
+        req.events.put(TokenLine(index=index, token_id=token, text=text, logprobs=logprobs))
+        if finish_reason is not None:
+            self._finish(req, finish_reason, stop_reason)
+
+    def _finish(
+        self, req: RequestState, reason: str, stop_reason: str | int | None = None, error: ErrorInfo | None = None,
+        migrated_to: MigratedTo | None = None,
+    ) -> None:
+        with self._lock:
+            if req.state == "finished":
+                return
+            self._release(req)
+            req.state, req.finish_reason = "finished", reason
+            self._live.pop(req.request_id, None)
+            self._finished[req.request_id] = req
+            while len(self._finished) > self._finished_history:
+                self._finished.popitem(last=False)
+            running, waiting = self.counts()
+            self.metrics.num_requests_running.set(running)
+            self.metrics.num_requests_waiting.set(waiting)
+            self._lock.notify_all()
+        self.metrics.request_finished(reason)
+        self.metrics.e2e_request_latency.observe(time.monotonic() - req.arrival)
+        req.events.put(FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage(), error=error,
+                                 migrated_to=migrated_to))
+
+    def _end_all(self) -> None:
+        """The loop ended: abort what is left, or fail it with the engine's error."""
+        with self._lock:
+            pending = list(self._live.values())
+        for req in pending:
+            if self.error is None:
+                self._finish(req, "abort")
+            else:
+                info = ErrorInfo(message=f"engine failed: {self.error}", type="engine_unavailable")
+                self._finish(req, "error", error=info)
+
+    # ---- what each engine does its own way ---------------------------------------------------------------------
+
+    def _release(self, req: RequestState) -> None:
+        """req finishes: stop producing its tokens and free what it holds (under the lock)."""
+
+    def _cached_tokens(self, req: RequestState) -> int:
+        """How many of a held request's known ids are prefilled."""
+        raise NotImplementedError
+
+    def _resume(self, req: RequestState) -> None:
+        """req (attached, or unpaused after a failed migration) generates again (under the lock)."""
+
+    def _suspend(self, req: RequestState) -> None:
+        """req was paused for a migration: stop generating it (under the lock)."""
+
+    def _on_extended(self, req: RequestState) -> None:
+        """A held request got more known ids (under the lock)."""
+
+    def _on_first_token(self, req: RequestState) -> None:
+        """req produced its first token (not a migrated-in one's)."""
