@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpcllm.checkpoint import INDEX_FILE, MANIFEST_FILE, CheckpointError, read_checkpoint
+from hpcllm.checkpoint import CheckpointError, read_checkpoint
 from hpcllm.errors import HpcllmError
 from hpcllm.node.cache import (NVME, CacheError, CacheManager, check_model_name, checkpoint_bytes, filling_name,
                                folder_bytes, fsync_dir, open_origin, write_marker)
@@ -131,7 +131,7 @@ def _describe_origin(model: str, source: Path) -> tuple[dict[str, Any] | None, s
     """On rank 0: what every rank needs to know about the origin, or an error message."""
     try:
         ckpt = open_origin(model, source)
-        small = {name: (ckpt.root / name).read_bytes() for name in (MANIFEST_FILE, INDEX_FILE)}
+        small = {name: (ckpt.root / name).read_bytes() for name in ckpt.metadata_files}
         small.update({side.file: (ckpt.root / side.file).read_bytes() for side in ckpt.side_files})
     except (HpcllmError, OSError) as exc:
         return None, str(exc)

@@ -106,7 +106,8 @@ def test_a_rank_stuck_in_a_read_is_named_and_the_job_aborted(tp_llama, tmp_path)
     assert completed.returncode != 0
     assert "rank 0: rank(s) 1 did not report within 5 s while loading the model shard" in \
         completed.stdout + completed.stderr
-    assert "MPI_ABORT was invoked on rank 0" in completed.stderr
+    # Rank 1 blocks forever opening the FIFO: the job ending at all means rank 0's MPI_Abort killed it. (OpenMPI's
+    # own "MPI_ABORT was invoked" help text is not asserted: under load its show_help fails with "Out of resource".)
     assert time.monotonic() - started < 150
 
 
