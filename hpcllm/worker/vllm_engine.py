@@ -36,12 +36,13 @@ from pathlib import Path
 
 from hpcllm.errors import ConfigError
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import RequestTokens
+from hpcllm.worker.protocol import GenerateRequest, RequestTokens
 from hpcllm.worker.requests import (
     DuplicateRequest,
     EngineBase,
     EngineOverloaded,
     EngineUnavailable,
+    InvalidRequest,
     RequestState,
     RequestStream,
 )
@@ -147,6 +148,16 @@ class VllmEngine(EngineBase):
         self._prefill_rate: float | None = None
 
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
+
+    def _prepare(self, request: GenerateRequest) -> RequestState:
+        if request.logprobs is not None:  # not passed through to vLLM yet: refuse rather than answer without them
+            raise InvalidRequest('logprobs are not served by models with engine = "vllm" yet; ask without logprobs, '
+                                 "or deploy the model on hpcllm's engine", "logprobs")
+        return super()._prepare(request)
+
+    def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
+        raise InvalidRequest('embeddings are not served by models with engine = "vllm" yet; deploy the model on '
+                             "hpcllm's engine for /v1/embeddings", "input")
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is left (finish_reason "abort"), stop the loop and vLLM's engine-core process."""

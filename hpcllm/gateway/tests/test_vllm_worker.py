@@ -152,6 +152,17 @@ def test_openai_client_through_the_gateway(vllm_worker, gateway_to, reference):
     assert chunks[-1].usage.completion_tokens == 24
 
 
+def test_what_the_vllm_engine_does_not_serve_yet_is_refused_by_name(vllm_worker, gateway_to):
+    """logprobs and embeddings are not passed through to vLLM: a clear 400, never an answer without them."""
+    import openai
+
+    client = gateway_to(vllm_worker).client().with_options(timeout=120)
+    with pytest.raises(openai.BadRequestError, match='logprobs are not served by models with engine = "vllm"'):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match='embeddings are not served by models with engine = "vllm"'):
+        client.embeddings.create(model=MODEL, input="hello")
+
+
 def test_chat_and_stop_string_through_the_gateway(vllm_worker, hpcllm_worker, gateway_to):
     """The same chat request with a stop string reads the same from either engine."""
     request = dict(model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=20, temperature=0)
