@@ -70,6 +70,42 @@ def submit_agent(backend, config, config_path: Path, controller_url: str, node: 
     return backend.submit(spec.model_copy(update={"nodelist": (node,)}))
 
 
+@contextmanager
+def control_plane(root: Path, config_path: Path, controller_port: int, gateway_port: int, env: dict[str, str],
+                  admin_key: str, extra_jobs: Callable[[], list[str]] = list) -> Iterator[tuple[str, str]]:
+    """A real `hpcllm controller` and gunicorn `hpcllm gateway` (logs in root), yielded as (gateway_url,
+    controller_url) once both answer /health. At the end both stop and the Slurm jobs the controller held (plus
+    `extra_jobs()`) are cancelled, so no allocation outlives the test."""
+    from hpcllm.config import load_config
+    from hpcllm.slurm.cli_backend import CliBackend
+
+    controller_url, gateway_url = f"http://127.0.0.1:{controller_port}", f"http://127.0.0.1:{gateway_port}"
+    procs: list[subprocess.Popen] = []
+    try:
+        controller = start_logged([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
+        procs.append(controller)
+        gateway = start_logged([HPCLLM, "gateway", "--config", str(config_path), "--port", str(gateway_port)],
+                               root / "gateway.log", env)
+        procs.append(gateway)
+        wait_for(lambda: answers(f"{controller_url}/health", controller, root / "controller.log"), 60,
+                 "the controller to answer /health")
+        wait_for(lambda: answers(f"{gateway_url}/health", gateway, root / "gateway.log"), 60,
+                 "the gateway to answer /health")
+        yield gateway_url, controller_url
+    finally:
+        jobs: list[str] = []
+        if procs and procs[0].poll() is None:
+            try:
+                jobs = [a["job_id"] for a in admin_status(controller_url, admin_key)["allocations"]]
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+        for proc in reversed(procs):
+            stop_process(proc)
+        backend = CliBackend(load_config(config_path).slurm, command_timeout=30)
+        for job in set(jobs) | set(extra_jobs()):
+            backend.cancel(job)
+
+
 def start_logged(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """Starts a long-running process with stdout and stderr in `log`."""
     with open(log, "wb") as out:

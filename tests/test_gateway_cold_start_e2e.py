@@ -16,15 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process, wait_for,
-                         write_e2e_config)
+from e2e_helpers import HPCLLM, clean_up_e2e, control_plane, free_port, write_e2e_config
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.checkpoint.converter import convert
-from hpcllm.config import load_config
 from hpcllm.gateway.tests.test_openai_api import chat_prompt_ids, hf_greedy
-from hpcllm.slurm.cli_backend import CliBackend
 
 pytestmark = pytest.mark.slurm
 
@@ -64,34 +61,15 @@ def stack(tiny_llama_dir, tmp_path):
     convert(tiny_llama_dir, root / "models" / MODEL, progress=False)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["HPCLLM_CONFIG"] = str(config_path)  # as `make up`: the controller passes it on to the jobs it submits
-    controller_url, gateway_url = f"http://127.0.0.1:{controller_port}", f"http://127.0.0.1:{gateway_port}"
-    procs: list[subprocess.Popen] = []
+    def pool_jobs() -> list[str]:  # pool jobs the test may leave, found by name
+        return subprocess.run(["squeue", "-h", "-o", "%i", "-n", f"hpcllm-pool-{MODEL}"], capture_output=True,
+                              text=True, timeout=30).stdout.split()
+
     try:
-        controller = start_logged([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
-        procs.append(controller)
-        gateway = start_logged([HPCLLM, "gateway", "--config", str(config_path), "--port", str(gateway_port)],
-                        root / "gateway.log", env)
-        procs.append(gateway)
-        wait_for(lambda: answers(f"{controller_url}/health", controller, root / "controller.log"), 60,
-                 "the controller to answer /health")
-        wait_for(lambda: answers(f"{gateway_url}/health", gateway, root / "gateway.log"), 60,
-                 "the gateway to answer /health")
-        yield gateway_url, controller_url, root
+        with control_plane(root, config_path, controller_port, gateway_port, env, ADMIN, pool_jobs) as (
+                gateway_url, controller_url):
+            yield gateway_url, controller_url, root
     finally:
-        jobs = []
-        if procs and procs[0].poll() is None:
-            try:
-                jobs = [a["job_id"] for a in admin_status(controller_url)["allocations"]]
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-        for proc in reversed(procs):
-            stop_process(proc)
-        config = load_config(config_path)
-        backend = CliBackend(config.slurm, command_timeout=30)
-        named = subprocess.run(["squeue", "-h", "-o", "%i", "-n", f"hpcllm-pool-{MODEL}"], capture_output=True,
-                               text=True, timeout=30).stdout.split()
-        for job in set(jobs) | set(named):
-            backend.cancel(job)
         clean_up_e2e(root, tmp_path, f"cold{os.getpid()}")
 
 

@@ -12,21 +12,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process, wait_for,
-                         write_e2e_config)
+from e2e_helpers import clean_up_e2e, control_plane, free_port, wait_for, write_e2e_config
 from e2e_helpers import admin_status as e2e_admin_status
 
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.converter import convert
-from hpcllm.config import load_config
 from hpcllm.gateway.tests.test_openai_api import hf_greedy
-from hpcllm.slurm.cli_backend import CliBackend
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 
@@ -58,31 +54,11 @@ def stack(tiny_llama_dir, tmp_path):
     convert(tiny_llama_dir, root / "models" / TP_MODEL, progress=False, chunk_size=16384)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(HPCLLM_CONFIG=str(config_path), OMP_NUM_THREADS="1")
-    controller_url, gateway_url = f"http://127.0.0.1:{controller_port}", f"http://127.0.0.1:{gateway_port}"
-    procs: list[subprocess.Popen] = []
     try:
-        controller = start_logged([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
-        procs.append(controller)
-        gateway = start_logged([HPCLLM, "gateway", "--config", str(config_path), "--port", str(gateway_port)],
-                               root / "gateway.log", env)
-        procs.append(gateway)
-        wait_for(lambda: answers(f"{controller_url}/health", controller, root / "controller.log"), 60,
-                 "the controller to answer /health")
-        wait_for(lambda: answers(f"{gateway_url}/health", gateway, root / "gateway.log"), 60,
-                 "the gateway to answer /health")
-        yield gateway_url, controller_url, root
+        with control_plane(root, config_path, controller_port, gateway_port, env, ADMIN) as (gateway_url,
+                                                                                               controller_url):
+            yield gateway_url, controller_url, root
     finally:
-        jobs = []
-        if procs and procs[0].poll() is None:
-            try:
-                jobs = [a["job_id"] for a in admin_status(controller_url)["allocations"]]
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-        for proc in reversed(procs):
-            stop_process(proc)
-        backend = CliBackend(load_config(config_path).slurm, command_timeout=30)
-        for job in jobs:
-            backend.cancel(job)
         clean_up_e2e(root, tmp_path, f"tp{TAG}")
 
 
