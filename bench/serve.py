@@ -176,9 +176,11 @@ def start_gateway(worker_url: str, source: Path, max_running: int, work: Path) -
     port = free_port()
     config = work / "gateway.toml"
     config.write_text(
-        f'[paths]\nstate_dir = "{work / "state"}"\n[cluster]\nshared_secret = "{SECRET}"\n'
+        # dev = true: a local measurement on loopback, with an open API (no keys) and a bench-only secret
+        f'[paths]\nstate_dir = "{work / "state"}"\n[cluster]\ndev = true\nshared_secret = "{SECRET}"\n'
         f'[gateway]\nhost = "127.0.0.1"\nport = {port}\nworkers = 1\nthreads = {2 * max_running + 8}\n'
         f'[gateway.static_models.{MODEL}]\nworker_url = "{worker_url}"\nsource = "{source}"\n')
+    config.chmod(0o600)
     log_path = work / "gateway.log"
     started = time.monotonic()
     with open(log_path, "wb") as log:
