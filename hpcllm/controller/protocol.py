@@ -303,6 +303,22 @@ class ColdStart(Wire):
     estimate_seconds: float | None
 
 
+class MigrationEvent(Wire):
+    """A move of running requests off an instance (hpcllm.controller.registry.MigrationEventRecord)."""
+
+    at: float
+    model: str
+    instance_id: str
+    node_id: str
+    trigger: str
+    outcome: str
+    target_instance: str | None = None
+    moved: int = 0
+    not_moved: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
 class ClusterStatus(Wire):
     now: float
     models: list[DeployedModel]
@@ -310,6 +326,7 @@ class ClusterStatus(Wire):
     instances: list[InstanceStatus]
     allocations: list[AllocationStatus]
     cold_starts: list[ColdStart]
+    migrations: list[MigrationEvent] = []
 
 
 class UndeployResult(Wire):

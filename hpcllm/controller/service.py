@@ -35,6 +35,7 @@ from hpcllm.controller.protocol import (
     CacheEntry,
     ClusterStatus,
     ColdStart,
+    MigrationEvent,
     DeployedModel,
     Heartbeat,
     HeartbeatResponse,
@@ -50,7 +51,7 @@ from hpcllm.controller.protocol import (
     RouteWaiting,
     UndeployResult,
 )
-from hpcllm.controller.registry import AllocationRecord, InstanceRecord, NodeRecord, Registry
+from hpcllm.controller.registry import AllocationRecord, InstanceRecord, MigrationRecord, NodeRecord, Registry
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +65,6 @@ class NoMigrationTarget(ControllerError):
     http_status = 404
     code = "no_migration_target"
     error_type = "invalid_request_error"
-
-
-@dataclass(frozen=True)
-class MigrationRecord:
-    """One instance moved off a node by the controller (placement making room, retirement): how it went.
-
-    outcome: "migrated" (every running request moved live), "partial" (some moved, the rest resume from tokens),
-    "failed" (the migration failed; the instance was stopped and its requests resume from tokens), "no_target"
-    (nowhere to move them: stopped, requests resume from tokens), "idle" (nothing ran: stopped)."""
-
-    model: str
-    instance_id: str
-    node_id: str
-    trigger: str
-    outcome: str
-    target_instance: str | None = None
-    moved: int = 0
-    not_moved: int = 0
-    seconds: float = 0.0
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +228,7 @@ class Controller:
                        for i in instances],
             allocations=[self._allocation_status(a, nodes) for a in self.registry.allocations()],
             cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
+            migrations=[MigrationEvent(**vars(m)) for m in self.registry.migrations()],
         )
 
     def _allocation_status(self, alloc: AllocationRecord, nodes: list[NodeRecord]) -> AllocationStatus:
@@ -424,6 +406,7 @@ class Controller:
             self.registry.note_routed(target.instance_id, self.clock())  # its load counts for the next picks
             log.info("migration target for %s (leaving %s): %s on %s", model.name, req.exclude_node or "-",
                      target.instance_id, target.node_id)
+            self._record_drain(model.name, req, "target_assigned", target.instance_id)
             return MigrationTarget(worker_url=target.worker_url, instance_id=target.instance_id,
                                    node_id=target.node_id)
         if not req.start_if_missing:
@@ -436,6 +419,13 @@ class Controller:
         log.info("migration target for %s (leaving %s): none ready, %s %s", model.name, req.exclude_node or "-",
                  waiting.status, waiting.instance_id or waiting.job_id or "")
         return waiting
+
+    def _record_drain(self, model: str, req: MigrationTargetRequest, outcome: str, target: str | None) -> None:
+        """A draining node's agent moves its requests itself; the controller records the ready target it named (not
+        the 202 answers while one starts: the agent asks again until one is ready). The asking instance is not part
+        of the request, hence no instance id."""
+        self.registry.record_migration(MigrationRecord(model, "", req.exclude_node or "", "node_drain", outcome,
+                                                       target, at=self.clock()))
 
     def _ready_target(self, model: str, excluded: frozenset[str]) -> InstanceRecord | None:
         routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - excluded
@@ -481,6 +471,8 @@ class Controller:
                                moved, not_moved, error=result.error)
 
     def _report_migration(self, record: MigrationRecord) -> None:
+        record = dataclasses.replace(record, at=self.clock())
+        self.registry.record_migration(record)
         level = logging.INFO if record.outcome in ("migrated", "idle") else logging.WARNING
         log.log(level, "moved instance %s (%s) off %s for %s: %s%s%s in %.2f s%s", record.instance_id, record.model,
                 record.node_id, record.trigger, record.outcome,

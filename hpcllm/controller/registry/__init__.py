@@ -7,9 +7,10 @@ from hpcllm.controller.registry.store import (
     ColdStartRecord,
     HeartbeatOutcome,
     InstanceRecord,
+    MigrationRecord,
     NodeRecord,
     Registry,
 )
 
-__all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "HeartbeatOutcome", "InstanceRecord", "NodeRecord",
-           "Registry"]
+__all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "HeartbeatOutcome", "InstanceRecord",
+           "MigrationRecord", "NodeRecord", "Registry"]

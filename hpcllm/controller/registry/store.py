@@ -130,6 +130,20 @@ CREATE TABLE IF NOT EXISTS cold_starts (
     ready_at REAL,
     estimate_seconds REAL
 );
+CREATE TABLE IF NOT EXISTS migrations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    model TEXT NOT NULL,
+    instance_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    trigger_kind TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    target_instance TEXT,
+    moved INTEGER NOT NULL,
+    not_moved INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    error TEXT
+);
 CREATE TABLE IF NOT EXISTS demand (
     model TEXT PRIMARY KEY,
     since REAL NOT NULL,
@@ -248,6 +262,28 @@ class ColdStartRecord:
     requested_at: float
     ready_at: float | None
     estimate_seconds: float | None
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """One instance's running requests moved off its node, as the controller saw it. Made by the controller
+    (placement making room, retirement) with outcome "migrated" (every running request moved live), "partial" (some
+    moved, the rest resume from tokens), "failed" (the migration failed; the instance was stopped and its requests
+    resume from tokens), "no_target" (nowhere to move them: stopped, requests resume from tokens) or "idle" (nothing
+    ran: stopped); or asked for by a draining node's agent (trigger "node_drain"): outcome "target_assigned" (the
+    ready instance named). `at` is when it was recorded."""
+
+    model: str
+    instance_id: str
+    node_id: str
+    trigger: str
+    outcome: str
+    target_instance: str | None = None
+    moved: int = 0
+    not_moved: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    at: float = 0.0
 
 
 @dataclass
@@ -632,12 +668,30 @@ class Registry:
         with self._tx() as db:
             removed = db.execute("DELETE FROM allocations WHERE state = 'ended' AND ended_at < ?", (before,)).rowcount
             removed += db.execute("DELETE FROM cold_starts WHERE ready_at < ?", (before,)).rowcount
+            removed += db.execute("DELETE FROM migrations WHERE at < ?", (before,)).rowcount
         return removed
 
     def cold_starts(self, limit: int = 50) -> list[ColdStartRecord]:
         with self._read() as db:
             rows = db.execute("SELECT * FROM cold_starts ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_cold_start(r) for r in rows]
+
+    def record_migration(self, record: MigrationRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO migrations (at, model, instance_id, node_id, trigger_kind, outcome, target_instance,"
+                " moved, not_moved, seconds, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.at, record.model, record.instance_id, record.node_id, record.trigger, record.outcome,
+                 record.target_instance, record.moved, record.not_moved, record.seconds, record.error),
+            )
+
+    def migrations(self, limit: int = 50) -> list[MigrationRecord]:
+        """The newest migrations first (the status page's and `hpcllm status`'s history)."""
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM migrations ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [MigrationRecord(r["model"], r["instance_id"], r["node_id"], r["trigger_kind"], r["outcome"],
+                                r["target_instance"], r["moved"], r["not_moved"], r["seconds"], r["error"], r["at"])
+                for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------ row helpers

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hpcllm.controller.cli import print_status
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.tests.doubles import FakeAgents
+from hpcllm.controller.tests.conftest import ADMIN_KEY
 from hpcllm.node.protocol import MigratedOut
 from hpcllm.worker.protocol import MigrationResult
 
@@ -90,6 +91,11 @@ def test_target_is_the_least_loaded_ready_instance_on_another_node(make_harness)
     assert second == on["n3"]
     assert third == min(on["n2"], on["n3"])
     assert metric(client, "hpcllm_controller_migration_targets_total", model="m", outcome="ready") == 3
+    # The status history (status page, `hpcllm status`) shows each named target, newest first.
+    history = client.get("/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).get_json()["migrations"]
+    assert [(m["trigger"], m["node_id"], m["outcome"], m["target_instance"]) for m in history] == [
+        ("node_drain", "n1", "target_assigned", third), ("node_drain", "n1", "target_assigned", second),
+        ("node_drain", "n1", "target_assigned", on["n3"])]
 
 
 def test_draining_instances_and_the_leaving_node_are_never_targets(make_harness):
@@ -192,6 +198,9 @@ def test_placement_live_migrates_a_busy_victim_before_starting_in_its_place(make
     assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement",
                   outcome="migrated") == 1
     assert metric(client, "hpcllm_controller_migrated_requests_total", model="a", trigger="placement") == 2
+    [event] = h.controller.status().migrations
+    assert (event.model, event.instance_id, event.node_id, event.trigger, event.outcome, event.target_instance,
+            event.moved) == ("a", a1, "n1", "placement", "migrated", a2, 2)
     # The moved requests count on the target until its agent's next heartbeat.
     assert h.registry.get_instance(a2).load == 2 + 1
 
@@ -254,6 +263,8 @@ def test_a_failed_migration_still_frees_the_slots_and_is_counted(make_harness):
     assert agents.stopped == [("http://n1:9000", a1)]  # plain stop after the failure: the gateway resumes
     assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement", outcome="failed") == 1
     assert metric(client, "hpcllm_controller_migrated_requests_total", model="a") == 0
+    [event] = h.controller.status().migrations
+    assert (event.outcome, event.error) == ("failed", "node agent http://n1:9000: ReadTimeout (test)")
 
 
 def test_an_idle_victim_is_just_stopped_and_counted_as_idle(make_harness):
