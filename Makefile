@@ -17,7 +17,7 @@ setup: host venv vllm-venv
 host:
 	@bash slurm/install-host.sh
 
-# The host packages plus what the tests need (shellcheck, postgresql), in one apt run.
+# The host packages plus what the tests need (shellcheck, postgresql, chromium), in one apt run.
 test-host:
 	@bash slurm/install-host.sh --test-tools
 

@@ -202,6 +202,9 @@ class GatewayConfig(Section):
     limits_db: Path | None = None
     # Prometheus multiprocess directory used under gunicorn; empty: <paths.state_dir>/gateway/metrics
     metrics_dir: Path | None = None
+    # The status page (GET /status) shows the cluster to the admin key; true: also to every API key, read-only and
+    # without internal addresses (GET /v1/status).
+    status_page_users: bool = False
 
 
 class WorkerConfig(Section):

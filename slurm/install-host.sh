@@ -5,8 +5,9 @@
 # the dev host). Idempotent: when every package is installed it only says so, for any user.
 #
 # Usage: slurm/install-host.sh [--test-tools]
-#   --test-tools  also what `make test` needs beyond running hpcllm: shellcheck (the shell-script checks) and
-#                 postgresql (the registry tests against a real PostgreSQL server)
+#   --test-tools  also what `make test` needs beyond running hpcllm: shellcheck (the shell-script checks),
+#                 postgresql (the registry tests against a real PostgreSQL server) and chromium (headless, the
+#                 status page tests)
 #
 # The packages' daemons are NOT started by the install: the dev cluster (slurm/devcluster.sh) runs its own
 # munged/slurmctld/slurmd with their own config, and the distribution's defaults would clash with it.
@@ -17,7 +18,7 @@
 set -euo pipefail
 
 readonly DEFAULT_PACKAGES="python3.11 python3.11-venv curl munge slurmctld slurmd slurm-client openmpi-bin libopenmpi-dev libpmix2 slurmrestd slurm-wlm-jwt-plugin nginx openssl"
-readonly TEST_PACKAGES="shellcheck postgresql"
+readonly TEST_PACKAGES="shellcheck postgresql chromium"
 readonly POLICY_RC_D=${HPCLLM_POLICY_RC_D:-/usr/sbin/policy-rc.d}
 readonly POLICY_BACKUP=$POLICY_RC_D.hpcllm-saved
 # The first lines of the policy-rc.d this script writes (recognised when an interrupted run left it behind).

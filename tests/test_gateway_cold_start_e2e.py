@@ -3,8 +3,8 @@ real `hpcllm controller` with allocate_on_demand on, as `make up` runs them.
 
 The first streaming completion for a model with no instance makes the controller submit a node-agent Slurm job;
 the agent registers, loads the converted tiny model, and the official `openai` client gets tokens equal to
-transformers' greedy `generate`. A chat request then works warm, and the gateway's /metrics count the cold start
-with its load tier. Everything this test started (gateway, controller, Slurm jobs) is stopped at the end.
+transformers' greedy `generate`. A chat request then works warm, the gateway's /metrics count the cold start
+with its load tier, and the status page shows it all in headless Chromium. Everything this test started (gateway, controller, Slurm jobs) is stopped at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.checkpoint.converter import convert
+from hpcllm.gateway.tests import browser
 from hpcllm.gateway.tests.test_openai_api import chat_prompt_ids, hf_greedy
 
 pytestmark = pytest.mark.slurm
@@ -135,3 +136,24 @@ def test_cold_stream_then_warm_chat_and_cold_start_metrics(stack, tiny_llama_dir
     load_sums = {s.labels["tier"]: s.value for s in families["hpcllm_model_load_seconds"].samples
                  if s.name == "hpcllm_model_load_seconds_sum"}
     assert load_sums[tier] > 0
+
+    check_status_page(gateway_url, tier)
+
+
+def check_status_page(gateway_url: str, tier: str) -> None:
+    """The admin's status page, as headless Chromium renders it from this running stack."""
+    url = f"{gateway_url}/status?every_ms=600000#key={ADMIN}"
+    dom = browser.dump_dom(url)
+    assert 'data-state="ok"' in dom, dom[:3000]
+    [model] = [browser.cells(r) for r in browser.rows(dom, "models") if f'data-model="{MODEL}"' in r]
+    assert model[1:3] == ["hpcllm", "1"] and model[4] == "1 / 1"
+    [instance] = [browser.cells(r) for r in browser.rows(dom, "instances") if f"<td>{MODEL}</td>" in r]
+    assert instance[3] == "ready" and instance[6] == tier
+    node = instance[2]
+    [node_row] = [browser.cells(r) for r in browser.rows(dom, "nodes") if f'data-node="{node}"' in r]
+    assert node_row[1] == "up" and "sharedfs" in node_row[4]
+    [cold] = [browser.cells(r) for r in browser.rows(dom, "cold-starts") if f"<td>{MODEL}</td>" in r]
+    assert cold[2:4] == [node, tier] and float(cold[5]) > 0
+    [alloc] = [browser.cells(r) for r in browser.rows(dom, "allocations") if f"<td>{MODEL}</td>" in r]
+    assert alloc[1] == "running" and node in alloc[3] and alloc[4] != "–"  # walltime left
+    browser.screenshot(url, "status-page-dev-cluster.png")

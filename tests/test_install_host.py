@@ -25,7 +25,7 @@ SCRIPT = REPO_ROOT / "slurm" / "install-host.sh"
 RUNTIME_PACKAGES = ["python3.11", "python3.11-venv", "curl", "munge", "slurmctld", "slurmd", "slurm-client",
                     "openmpi-bin", "libopenmpi-dev", "libpmix2", "slurmrestd", "slurm-wlm-jwt-plugin",
                     "nginx", "openssl"]
-TEST_PACKAGES = ["shellcheck", "postgresql"]
+TEST_PACKAGES = ["shellcheck", "postgresql", "chromium"]
 
 FAKE_DPKG_QUERY = r"""#!/bin/bash
 # dpkg-query -W -f='${Status}' PACKAGE: installed when listed in $FAKE_APT/installed.
@@ -169,7 +169,7 @@ def test_fresh_host_installs_every_missing_package_with_services_held_back(fake_
     assert len(fake_apt.apt_get_calls()) == 2
 
 
-def test_test_tools_adds_shellcheck_and_postgresql(fake_apt):
+def test_test_tools_adds_shellcheck_postgresql_and_chromium(fake_apt):
     fake_apt.mark_installed(*RUNTIME_PACKAGES)
     result = fake_apt.run("--test-tools")
     assert result.returncode == 0, result.stderr

@@ -56,6 +56,14 @@ class AuthenticationFailed(ApiError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(ApiError):
+    """A valid key that may not do this (OpenAI's 403 "permission_error")."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"

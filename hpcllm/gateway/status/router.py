@@ -1,0 +1,74 @@
+"""GET /status: a live page of models, nodes, tiers and caches, instances, allocations, cold starts, migrations.
+
+The page itself is one static file (HTML, CSS and JS inline, no build step) and holds no data, so it is served
+without a key. Its script asks for a key and polls:
+- /v1/admin/status with the admin key (the admin proxy: the controller's whole status), or, when
+- `gateway.status_page_users` is true, GET /v1/status with any API key: the same status without the internal
+  addresses (agent and worker URLs), fetched by the gateway with the controller's admin key.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import httpx
+from flask import Blueprint, Response
+
+from hpcllm.config import admin_key_of
+from hpcllm.gateway.errors import NotImplementedByDeployment, PermissionDenied, ServiceUnavailable
+from hpcllm.gateway.routing import ControllerRouter
+from hpcllm.gateway.runtime import current_gateway
+
+bp = Blueprint("status", __name__)
+
+STATUS_TIMEOUT_S = 30.0
+# What users never see of the cluster: where its internal services listen.
+INTERNAL_FIELDS = {"nodes": ("agent_url",), "instances": ("worker_url",)}
+
+
+def _page() -> bytes:
+    return resources.files(__package__).joinpath("page.html").read_bytes()
+
+
+@bp.get("/status")
+def page():
+    resp = Response(_page(), content_type="text/html; charset=utf-8")
+    # The page runs only its own inline script and talks only to this gateway.
+    resp.headers["Content-Security-Policy"] = ("default-src 'none'; script-src 'unsafe-inline'; "
+                                               "style-src 'unsafe-inline'; connect-src 'self'; img-src data:")
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
+
+
+@bp.get("/v1/status")
+def user_status():
+    gw = current_gateway()
+    if not gw.config.gateway.status_page_users:
+        raise PermissionDenied("the cluster status is for admins on this gateway (gateway.status_page_users is "
+                               "false): use the admin key, or ask the operator to open it to users",
+                               code="status_admins_only")
+    router = gw.router
+    if not isinstance(router, ControllerRouter):
+        raise NotImplementedByDeployment("this gateway serves static models without a controller: no cluster status")
+    admin_key = admin_key_of(gw.config)
+    if admin_key is None:
+        raise ServiceUnavailable("the controller's admin key is not set (controller.admin_key): no status to show",
+                                 code="status_unavailable")
+    try:
+        upstream = gw.http.get(f"{router.controller_url}/v1/admin/status", timeout=STATUS_TIMEOUT_S,
+                               headers={"Authorization": f"Bearer {admin_key}"})
+        upstream.raise_for_status()
+        status = upstream.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ServiceUnavailable(f"the controller at {router.controller_url} did not give its status ({exc})",
+                                 code="controller_unreachable", retry_after=5) from None
+    return without_internal_addresses(status)
+
+
+def without_internal_addresses(status: dict) -> dict:
+    for section, fields in INTERNAL_FIELDS.items():
+        for row in status.get(section, []):
+            for field in fields:
+                row.pop(field, None)
+    return status

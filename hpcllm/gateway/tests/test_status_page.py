@@ -1,0 +1,153 @@
+"""The status page (GET /status) against a real controller (its app, service and SQLite registry; node agents and
+Slurm are the controller tests' doubles) holding 1,000 nodes: what the page shows in headless Chromium, who may see
+it, and that users never see internal addresses.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from hpcllm.controller.app import create_app as create_controller_app
+from hpcllm.controller.protocol import MigrationTargetRequest
+from hpcllm.controller.tests.conftest import Harness
+
+from .browser import cells, dump_dom, rows, screenshot, summary
+from .conftest import ADMIN_KEY, USER_KEY, ThreadServer
+
+NODES = 1000
+ROWS_SHOWN = 200  # the page's MAX_ROWS
+ONE_POLL = "?every_ms=600000"  # one status fetch within the browser's virtual-time budget
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A controller with 1,000 registered nodes, three models, two ready instances (two cold starts), one
+    migration target named for a draining node, and one pending allocation."""
+    # The controller's admin key is the gateway's (one config in a deployment): the users' view asks with it.
+    h = Harness(tmp_path_factory.mktemp("status-controller"), admin_key=ADMIN_KEY)
+    h.deploy("llama-7b", max_instances=2)
+    h.deploy("mistral-7b", engine="vllm")
+    h.deploy("qwen-72b", tensor_parallel=2, gpus=2)
+    for i in range(NODES):
+        cached = (("llama-7b", "nvme"),) if i % 10 == 0 else ()
+        h.register(f"gpu{i:04d}", gpus=2, cached=cached, job=str(5000 + i))
+    for model, node in (("llama-7b", "gpu0000"), ("mistral-7b", "gpu0001")):
+        h.controller.start_instance(h.registry.get_model(model))
+    for node in {i.node_id for i in h.registry.instances()}:
+        h.heartbeat(node, tier="nvme", load_seconds=2.5)
+    leaving = h.registry.instances(model="llama-7b")[0].node_id
+    h.controller.start_instance(h.registry.get_model("llama-7b"))  # a second one, so a drain has a target
+    for node in {i.node_id for i in h.registry.instances(model="llama-7b")}:
+        h.heartbeat(node, tier="dram", load_seconds=0.02)
+    h.controller.migration_target(MigrationTargetRequest(model="llama-7b", exclude_node=leaving))
+    h.allocator.submit(h.registry.get_model("qwen-72b"), [], h.clock.now)
+    server = ThreadServer(create_controller_app(h.controller))
+    yield h, server.url, leaving
+    server.stop()
+    h.registry.close()
+
+
+@pytest.fixture
+def status_gateway(make_gateway, cluster):
+    def make(**settings):
+        _, controller_url, _ = cluster
+        return make_gateway(router=None, static_models={}, controller_url=controller_url, **settings)
+
+    return make
+
+
+def test_the_page_is_served_without_a_key_and_holds_no_data(status_gateway):
+    gw = status_gateway()
+    resp = gw.get("/status", key=None)
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    assert "connect-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert "gpu0000" not in resp.text and "llama-7b" not in resp.text
+
+
+def test_users_get_403_unless_the_operator_opens_the_status_to_them(status_gateway):
+    closed = status_gateway()
+    resp = closed.get("/v1/status", key=USER_KEY)
+    assert resp.status_code == 403
+    assert resp.json()["error"]["code"] == "status_admins_only" and "status_page_users" in resp.json()["error"]["message"]
+    assert closed.get("/v1/status", key=None).status_code == 401
+
+
+def test_users_view_has_no_internal_addresses(status_gateway, cluster):
+    gw = status_gateway(status_page_users=True)
+    resp = gw.get("/v1/status", key=USER_KEY)
+    assert resp.status_code == 200, resp.text
+    status = resp.json()
+    assert len(status["nodes"]) == NODES and len(status["instances"]) == 3
+    assert "agent_url" not in resp.text and "worker_url" not in resp.text and "http://gpu" not in resp.text
+    admin = gw.get("/v1/admin/status", key=ADMIN_KEY).json()
+    assert all(n["agent_url"].startswith("http://gpu") for n in admin["nodes"])
+
+
+def test_chromium_shows_a_1000_node_cluster_to_the_admin(status_gateway, cluster):
+    _, _, leaving = cluster
+    gw = status_gateway()
+    url = f"{gw.url}/status{ONE_POLL}#key={ADMIN_KEY}"
+
+    dom = dump_dom(url)
+
+    assert 'data-state="ok"' in dom and 'data-view="admin"' in dom, dom[:2000]
+    assert summary(dom, "nodes up") == f"{NODES} / {NODES}"
+    assert summary(dom, "instances ready") == "3 / 3"
+    assert summary(dom, "models") == "3"
+    assert summary(dom, "pending") == "1"
+    # 1,000 nodes: the first 200 rows and a count, the filter narrows.
+    assert len(rows(dom, "nodes")) == ROWS_SHOWN
+    assert f"showing {ROWS_SHOWN} of {NODES} matching nodes" in dom
+    models = {cells(r)[0]: cells(r) for r in rows(dom, "models")}
+    assert models["mistral-7b"][1] == "vllm" and models["qwen-72b"][2] == "2"
+    assert models["llama-7b"][4] == "2 / 2" and "nvme ×100" in models["llama-7b"][6]
+    node0 = next(cells(r) for r in rows(dom, "nodes") if 'data-node="gpu0000"' in r)
+    assert node0[1] == "up" and node0[2] == "5000" and "dram 20.0" in node0[4] and "llama-7b (nvme" in node0[5]
+    cold = [cells(r) for r in rows(dom, "cold-starts")]
+    assert sorted(c[3] for c in cold) == ["dram", "nvme", "nvme"]
+    [migration] = [cells(r) for r in rows(dom, "migrations")]
+    assert migration[1:3] == ["llama-7b", leaving] and migration[4:6] == ["node_drain", "target_assigned"]
+    [alloc] = [cells(r) for r in rows(dom, "allocations")]
+    assert alloc[1:3] == ["pending", "qwen-72b"]
+    shot = screenshot(url, "status-page-1000-nodes.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_page_keeps_polling(status_gateway):
+    gw = status_gateway()
+    dom = dump_dom(f"{gw.url}/status?every_ms=1000&node=gpu0001#key={ADMIN_KEY}", budget_ms=4500)
+    assert int(re.search(r'data-polls="(\d+)"', dom).group(1)) >= 3
+
+
+def test_chromium_filters_nodes_by_name_or_cached_model(status_gateway):
+    gw = status_gateway()
+    dom = dump_dom(f"{gw.url}/status{ONE_POLL}&node=gpu099#key={ADMIN_KEY}")
+    assert sorted(re.findall(r'data-node="([^"]+)"', dom)) == [f"gpu{i:04d}" for i in range(990, 1000)]
+    assert f"10 of {NODES} nodes" in dom
+    dom = dump_dom(f"{gw.url}/status{ONE_POLL}&node=llama-7b#key={ADMIN_KEY}")
+    assert len(re.findall(r'data-node="', dom)) == NODES // 10  # the nodes caching it
+
+
+def test_chromium_says_why_a_wrong_key_shows_nothing(status_gateway):
+    gw = status_gateway()
+    dom = dump_dom(f"{gw.url}/status{ONE_POLL}#key=not-a-key")
+    assert 'data-state="error"' in dom and "gpu0000" not in dom
+    banner = re.search(r'id="banner"[^>]*>([^<]*)<', dom).group(1)
+    assert banner == "status unavailable: this key is neither the admin key nor an API key of this gateway"
+
+
+def test_chromium_tells_a_user_that_the_status_is_for_admins(status_gateway):
+    gw = status_gateway()
+    dom = dump_dom(f"{gw.url}/status{ONE_POLL}#key={USER_KEY}")
+    assert 'data-state="error"' in dom and "gpu0000" not in dom
+    assert "the cluster status is for admins on this gateway" in dom
+
+
+def test_chromium_shows_users_the_status_without_addresses_when_allowed(status_gateway):
+    gw = status_gateway(status_page_users=True)
+    dom = dump_dom(f"{gw.url}/status{ONE_POLL}#key={USER_KEY}")
+    assert 'data-state="ok"' in dom and 'data-view="user"' in dom
+    assert summary(dom, "nodes up") == f"{NODES} / {NODES}"
+    assert "http://gpu" not in dom
