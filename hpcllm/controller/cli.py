@@ -166,7 +166,16 @@ def print_status(st: ClusterStatus) -> None:
                             (f"prefer {','.join(a.preferred_nodes)}" if a.preferred_nodes else "-"),
                             _ago(st.now, a.submitted_at), _wait_cell(a.queue_wait_seconds, a.queue_wait_source),
                             retire, a.reason or "")
-    for table in (models, nodes, instances, allocations):
+    tables = [models, nodes, instances, allocations]
+    if st.migrations:
+        migrations = Table(title="recent migrations")
+        for col in ("when", "model", "from node", "instance", "trigger", "outcome", "to instance", "moved"):
+            migrations.add_column(col)
+        for m in st.migrations[:10]:
+            migrations.add_row(_ago(st.now, m.at), m.model, m.node_id, m.instance_id or "-", m.trigger, m.outcome,
+                               m.target_instance or "-", str(m.moved))
+        tables.append(migrations)
+    for table in tables:
         console.print(table)
 
 

@@ -185,7 +185,8 @@ def full_cluster(make_harness, n1: dict | None = None, n2: dict | None = None):
     return h, agents, a1, a2
 
 
-def test_placement_live_migrates_a_busy_victim_before_starting_in_its_place(make_harness):
+def test_placement_live_migrates_a_busy_victim_before_starting_in_its_place(make_harness, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
     h, agents, a1, a2 = full_cluster(make_harness)
     client = h.app_client()
 
@@ -201,6 +202,9 @@ def test_placement_live_migrates_a_busy_victim_before_starting_in_its_place(make
     [event] = h.controller.status().migrations
     assert (event.model, event.instance_id, event.node_id, event.trigger, event.outcome, event.target_instance,
             event.moved) == ("a", a1, "n1", "placement", "migrated", a2, 2)
+    print_status(h.controller.status())  # `hpcllm status` lists it
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "placement" in line and "migrated" in line]
+    assert a1 in line and a2 in line
     # The moved requests count on the target until its agent's next heartbeat.
     assert h.registry.get_instance(a2).load == 2 + 1
 
