@@ -28,7 +28,7 @@ from hpcllm.controller.protocol import (
     RouteReady,
 )
 from hpcllm.controller.service import Controller
-from hpcllm.httpjson import parse_json_body
+from hpcllm.httpkit.body import parse_json_body
 
 log = logging.getLogger(__name__)
 

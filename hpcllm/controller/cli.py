@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir
 from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
 from hpcllm.controller.protocol import ClusterStatus, ModelSpec
-from hpcllm.httpjson import request_json
+from hpcllm.httpkit.client import request_json
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 

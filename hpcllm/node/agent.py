@@ -33,7 +33,7 @@ from hpcllm.controller.protocol import (
     Tiers,
 )
 from hpcllm.errors import ConfigError, HpcllmError
-from hpcllm.httpjson import error_of
+from hpcllm.httpkit.client import error_of
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers
 from hpcllm.node.protocol import MigratedOut, StartInstance

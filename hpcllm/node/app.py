@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 
 from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.errors import HpcllmError
-from hpcllm.httpjson import parse_json_body
+from hpcllm.httpkit.body import parse_json_body
 from hpcllm.node.protocol import (
     CachedCopyInfo,
     CacheList,

@@ -23,7 +23,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
 from hpcllm.node.hostlist import expand_nodes
 from hpcllm.node.mpiwarm import RESULT_PREFIX
-from hpcllm.httpjson import request_json
+from hpcllm.httpkit.client import request_json
 
 SECRET_HEADER = "X-Hpcllm-Secret"
 LIVE_NODE_STATES = ("up", "draining")  # the controller's other states: lost (silent agent), gone (job ended)
