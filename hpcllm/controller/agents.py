@@ -14,8 +14,11 @@ from dataclasses import dataclass
 import httpx
 from pydantic import ValidationError
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.controller.errors import AgentError
-from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo, MigratedOut
+from hpcllm.controller.protocol import InstanceInfo, MigratedOut
+from hpcllm.httpkit.auth import secret_headers
+from hpcllm.httpkit.client import error_of, internal_client, json_object
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,8 @@ class StartedInstance:
 
 
 class AgentClient:
-    def __init__(self, shared_secret: str, timeout_seconds: float = 10.0):
-        self._http = httpx.Client(headers={SECRET_HEADER: shared_secret}, timeout=timeout_seconds)
+    def __init__(self, shared_secret: str, timeout_seconds: float = 10.0, http: InternalHttpConfig | None = None):
+        self._http = internal_client(http, headers=secret_headers(shared_secret), timeout=timeout_seconds)
 
     def close(self) -> None:
         self._http.close()
@@ -48,8 +51,8 @@ class AgentClient:
         resp = self._call("POST", url, json=body)
         if resp.status_code not in (200, 201, 202):
             raise AgentError(f"node agent {url} refused to start {model!r}: HTTP {resp.status_code} "
-                             f"{_error_message(resp)}")
-        body = _json(resp)
+                             f"{error_of(resp)[1]}")
+        body = json_object(resp)
         if not isinstance(body.get("instance_id"), str):
             raise AgentError(f"node agent {url} answered without an instance_id: {resp.text[:200]!r}")
         worker_url = body.get("worker_url")
@@ -61,7 +64,7 @@ class AgentClient:
         resp = self._call("DELETE", url)
         if resp.status_code not in (200, 202, 204, 404):
             raise AgentError(f"node agent {url} refused to stop instance: HTTP {resp.status_code} "
-                             f"{_error_message(resp)}")
+                             f"{error_of(resp)[1]}")
 
     def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float) -> MigratedOut:
         """Have the agent live-migrate an instance's requests to destination_url, then stop it (node agent's
@@ -70,9 +73,9 @@ class AgentClient:
         resp = self._call("POST", url, json={"destination_url": destination_url}, timeout=timeout)
         if resp.status_code != 200:
             raise AgentError(f"node agent {url} refused to migrate the instance: HTTP {resp.status_code} "
-                             f"{_error_message(resp)}")
+                             f"{error_of(resp)[1]}")
         try:
-            return MigratedOut.model_validate(_json(resp))
+            return MigratedOut.model_validate(json_object(resp))
         except ValidationError as exc:
             raise AgentError(f"node agent {url} sent an unreadable migration result: {exc}") from None
 
@@ -80,7 +83,7 @@ class AgentClient:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"
         resp = self._call("GET", url)
         if resp.status_code != 200:
-            raise AgentError(f"node agent {url}: HTTP {resp.status_code} {_error_message(resp)}")
+            raise AgentError(f"node agent {url}: HTTP {resp.status_code} {error_of(resp)[1]}")
         body = resp.json() if resp.content else []
         items = body.get("instances", []) if isinstance(body, dict) else body
         known = set(InstanceInfo.model_fields)
@@ -90,17 +93,3 @@ class AgentClient:
         except (ValidationError, AttributeError, TypeError) as exc:
             raise AgentError(f"node agent {url} sent an unreadable instance list: {exc}") from None
 
-
-def _json(resp: httpx.Response) -> dict:
-    try:
-        body = resp.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _error_message(resp: httpx.Response) -> str:
-    error = _json(resp).get("error")
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    return resp.text[:200]

@@ -21,7 +21,7 @@ from hpcllm.gateway.ratelimit import RateLimiter
 from hpcllm.gateway.routing import Router, make_router
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.gateway.tokenization import TokenizerCache
-from hpcllm.worker.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 
 log = logging.getLogger(__name__)
 

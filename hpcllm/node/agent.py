@@ -22,7 +22,6 @@ from werkzeug.serving import make_server
 
 from hpcllm.config import Config
 from hpcllm.controller.protocol import (
-    SECRET_HEADER,
     CacheEntry,
     Heartbeat,
     MigrationTarget,
@@ -33,6 +32,7 @@ from hpcllm.controller.protocol import (
     Tiers,
 )
 from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers

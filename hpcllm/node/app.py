@@ -15,8 +15,8 @@ from flask import Flask, jsonify, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.errors import HpcllmError
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.body import parse_json_body
 from hpcllm.node.protocol import (
     CachedCopyInfo,

@@ -40,8 +40,9 @@ from typing import Any, Callable
 import httpx
 
 from hpcllm.config import Config
-from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
+from hpcllm.controller.protocol import InstanceInfo
 from hpcllm.errors import HpcllmError
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.cli import SECRET_ENV

@@ -17,6 +17,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from hpcllm.errors import HpcllmError
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
@@ -27,7 +28,6 @@ from hpcllm.worker.protocol import (
     MIGRATE_ALL_PATH,
     MIGRATE_REQUEST_PATH,
     PREPARE_MIGRATION_PATH,
-    SECRET_HEADER,
     TOKENS_PATH,
     AttachMigration,
     EmbedRequest,

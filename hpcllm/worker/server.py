@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from werkzeug.serving import make_server
 
 from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable, InvalidRequest
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
@@ -43,7 +44,6 @@ from hpcllm.worker.protocol import (
     MIGRATE_REQUEST_PATH,
     NDJSON_MEDIA_TYPE,
     PREPARE_MIGRATION_PATH,
-    SECRET_HEADER,
     TOKENS_PATH,
     stream_line_json,
     AttachMigration,

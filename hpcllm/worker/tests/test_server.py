@@ -3,8 +3,9 @@ import threading
 import httpx
 import pytest
 
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.client import WorkerClient, WorkerError
-from hpcllm.worker.protocol import SECRET_HEADER, FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.server import ModelForServing
 
 from .conftest import SECRET, slow_down, wait_until
