@@ -56,6 +56,8 @@ class SlurmConfig(Section):
 class NodeConfig(Section):
     listen_host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
+    # Threads serving the agent's API (a drain's migrate-out calls and cache warms hold one each).
+    threads: int = Field(16, ge=1)
     nvme_dir: Path = Path("/var/tmp/hpcllm/nvme")
     # "persistent" node-local disk survives jobs; "job" scratch vanishes with the Slurm job.
     nvme_scope: str = Field("persistent", pattern="^(persistent|job)$")

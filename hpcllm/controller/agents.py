@@ -4,12 +4,14 @@ The wire shapes follow the node agent's contract (docs/controller.md, service-co
 <agent_url>/v1/internal/instances {model, source, gpu_ids} -> {instance_id, worker_url}; DELETE
 <agent_url>/v1/internal/instances/<id>; GET <agent_url>/v1/internal/instances -> [InstanceInfo] (or {"instances": [...]});
 POST <agent_url>/v1/internal/instances/<id>/migrate-out {destination_url} -> MigratedOut (live migration, then stop).
-Every failure becomes an AgentError naming the node's URL and what went wrong.
+Every failure becomes an AgentError naming the node's URL and what went wrong. `hpcllm cache` talks to the
+agents' cache API through the same client (call), in its own words.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import httpx
 from pydantic import ValidationError
@@ -18,7 +20,7 @@ from hpcllm.config import InternalHttpConfig
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import InstanceInfo, MigratedOut
 from hpcllm.httpkit.auth import secret_headers
-from hpcllm.httpkit.client import error_of, internal_client, json_object
+from hpcllm.httpkit.client import error_of, internal_client, json_object, request_json
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,25 @@ class StartedInstance:
 
 
 class AgentClient:
-    def __init__(self, shared_secret: str, timeout_seconds: float = 10.0, http: InternalHttpConfig | None = None):
+    def __init__(self, shared_secret: str, timeout_seconds: float | httpx.Timeout = 10.0,
+                 http: InternalHttpConfig | None = None):
         self._http = internal_client(http, headers=secret_headers(shared_secret), timeout=timeout_seconds)
 
     def close(self) -> None:
         self._http.close()
+
+    def call(self, agent_url: str, method: str, path: str, *,
+             unreachable: Callable[[httpx.HTTPError], Exception] | None = None,
+             refused: Callable[[int, dict, str], Exception] | None = None, **kwargs) -> Any:
+        """One JSON call to an agent's API, its answer's JSON. Failures are AgentErrors unless the caller words
+        them (hpcllm.httpkit.client.request_json's unreachable / refused)."""
+        url = f"{agent_url.rstrip('/')}{path}"
+        return request_json(
+            self._http, method, url,
+            unreachable=unreachable or (lambda exc: AgentError(f"node agent {url}: {type(exc).__name__}: {exc}")),
+            refused=refused or (lambda status, error, message: AgentError(f"node agent {url}: HTTP {status} "
+                                                                          f"{message}")),
+            **kwargs)
 
     def _call(self, method: str, url: str, **kwargs) -> httpx.Response:
         try:
