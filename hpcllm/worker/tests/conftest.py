@@ -1,5 +1,5 @@
 """Worker test fixtures: the devmodels tiny models (root conftest's tiny_models), loaded once per session, and
-real worker servers (the worker's Flask app on werkzeug's threaded server) in threads."""
+real worker servers (the worker's Flask app on its production server, hpcllm.httpkit.server) in threads."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import threading
 import time
 
 import pytest
-from werkzeug.serving import make_server
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.devmodels import ARCHITECTURES
+from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.client import WorkerClient
-from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+from hpcllm.worker.server import CONTROL_THREADS, ModelForServing, WorkerService, create_app
 
 ARCHS = list(ARCHITECTURES)
 SECRET = "s3cret"
@@ -39,17 +40,16 @@ def load_pair(model_dirs):
 class RunningWorker:
     def __init__(self, service: WorkerService):
         self.service = service
-        self.server = make_server("127.0.0.1", 0, create_app(service), threaded=True)
+        self.server = InternalServer(create_app(service), "127.0.0.1", 0, http=InternalHttpConfig(),
+                                     threads=service.stream_capacity() + CONTROL_THREADS, name="worker")
         self.url = f"http://127.0.0.1:{self.server.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.thread = self.server.start()
         self.client = WorkerClient(self.url, SECRET, read_timeout=60)
 
     def stop(self):
         self.client.close()
-        self.server.shutdown()
-        self.server.server_close()
         self.service.shutdown()
+        self.server.stop()
 
 
 @pytest.fixture
