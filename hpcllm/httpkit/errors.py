@@ -13,7 +13,7 @@ import logging
 import math
 from typing import Callable
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -121,5 +121,6 @@ def install_error_handlers(app: Flask, *,
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        log.exception("unexpected error on %s %s (request id %s)", request.method, request.path,
+                      g.get("request_id", "-"))
         return respond(unexpected(exc))

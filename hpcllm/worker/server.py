@@ -96,6 +96,7 @@ class WorkerService:
         self.engine: Engine | None = None
         self.loaded: ModelForServing | None = None
         self.load_error: str | None = None
+        self.http: InternalHttpConfig | None = None  # how it serves and calls other workers (serve() sets it)
 
     def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
@@ -203,13 +204,13 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
     @internal.post(_route(MIGRATE_REQUEST_PATH))
     def migrate_one(request_id: str):
         body = parse_body(MigrateRequest)
-        result = migrate_request(ready_engine(), request_id, body, service.secret)
+        result = migrate_request(ready_engine(), request_id, body, service.secret, service.http)
         return Response(result.model_dump_json(), mimetype="application/json")
 
     @internal.post(MIGRATE_ALL_PATH)
     def migrate_everything():
         body = parse_body(MigrateRequest)
-        return Response(migrate_all(ready_engine(), body, service.secret).model_dump_json(),
+        return Response(migrate_all(ready_engine(), body, service.secret, service.http).model_dump_json(),
                         mimetype="application/json")
 
     @internal.get(_route(TOKENS_PATH))
@@ -307,7 +308,7 @@ def serve(
     If the load fails the server stops and the error is raised (the process exits non-zero with the reason).
     threads: HTTP threads (default: one per possible stream, service.stream_capacity(), plus CONTROL_THREADS).
     """
-    http = http or InternalHttpConfig()
+    http = service.http = http or InternalHttpConfig()
     server = InternalServer(create_app(service, http.max_request_bytes), host, port, http=http,
                             threads=threads or service.stream_capacity() + CONTROL_THREADS, name="worker")
     url = f"{server.scheme}://{host}:{server.port}"
