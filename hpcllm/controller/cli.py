@@ -9,7 +9,6 @@ import tomllib
 from pathlib import Path
 
 import click
-import httpx
 from pydantic import ValidationError
 
 from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir

@@ -4,7 +4,6 @@ written as produced, bodies bounded, TLS with the site CA."""
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 import time
 

@@ -4,7 +4,6 @@ real worker servers (the worker's Flask app on its production server, hpcllm.htt
 from __future__ import annotations
 
 import functools
-import threading
 import time
 
 import pytest
