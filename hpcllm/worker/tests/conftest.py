@@ -19,6 +19,13 @@ SECRET = "s3cret"
 
 
 @pytest.fixture(scope="session")
+def site_ca(tmp_path_factory):
+    from hpcllm.httpkit.tests.site_ca import site_ca_or_skip
+
+    return site_ca_or_skip(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def model_dirs(tiny_models):
     return tiny_models
 
@@ -37,13 +44,14 @@ def load_pair(model_dirs):
 
 
 class RunningWorker:
-    def __init__(self, service: WorkerService):
+    def __init__(self, service: WorkerService, http: InternalHttpConfig | None = None):
         self.service = service
-        self.server = InternalServer(create_app(service), "127.0.0.1", 0, http=InternalHttpConfig(),
+        service.http = http = http or InternalHttpConfig()
+        self.server = InternalServer(create_app(service), "127.0.0.1", 0, http=http,
                                      threads=service.stream_capacity() + CONTROL_THREADS, name="worker")
-        self.url = f"http://127.0.0.1:{self.server.port}"
+        self.url = f"{self.server.scheme}://{'localhost' if http.tls else '127.0.0.1'}:{self.server.port}"
         self.thread = self.server.start()
-        self.client = WorkerClient(self.url, SECRET, read_timeout=60)
+        self.client = WorkerClient(self.url, SECRET, read_timeout=60, http=http)
 
     def stop(self):
         self.client.close()
@@ -55,13 +63,13 @@ class RunningWorker:
 def start_worker():
     workers = []
 
-    def start(pair=None, loader=None, **engine_options) -> RunningWorker:
+    def start(pair=None, loader=None, http=None, **engine_options) -> RunningWorker:
         service = WorkerService("tiny-llama", SECRET, keepalive_seconds=0.2, **engine_options)
         if pair is not None:
             service.attach(ModelForServing(*pair, tier="test", load_seconds=0.5))
         if loader is not None:
             service.load_in_background(loader)
-        worker = RunningWorker(service)
+        worker = RunningWorker(service, http)
         workers.append(worker)
         return worker
 
