@@ -22,7 +22,10 @@ SECRET_HEADER = "X-Hpcllm-Secret"
 
 class Credential(Protocol):
     def check(self, request: Request) -> None:
-        """Return when the request may proceed; raise Unauthorized (or a subclass) otherwise."""
+        """Return when the request may proceed; raise Unauthorized (or a subclass) otherwise.
+
+        It runs after routing, so request.view_args (e.g. the node_id a heartbeat is for) is there to check a
+        token's scope against; a check that learns who is calling may record it in flask.g for the view."""
 
 
 def same(given: str, expected: str) -> bool:
