@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hpcllm.errors import ConfigError
 
@@ -56,6 +56,8 @@ class SlurmConfig(Section):
 class NodeConfig(Section):
     listen_host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
+    # Threads serving the agent's API (a drain's migrate-out calls and cache warms hold one each).
+    threads: int = Field(16, ge=1)
     nvme_dir: Path = Path("/var/tmp/hpcllm/nvme")
     # "persistent" node-local disk survives jobs; "job" scratch vanishes with the Slurm job.
     nvme_scope: str = Field("persistent", pattern="^(persistent|job)$")
@@ -245,6 +247,43 @@ class ClusterConfig(Section):
     dev: bool = False
 
 
+class InternalHttpConfig(Section):
+    """How hpcllm's services serve each other: the controller, node agents and workers (hpcllm.httpkit.server), and
+    every client of theirs (the gateway, the CLIs). docs/internal-http.md."""
+
+    # TLS with the site's certificate authority: each internal service serves HTTPS with tls_cert_file /
+    # tls_key_file (PEM; a certificate valid for the host names the services advertise), and every internal client
+    # verifies servers against tls_ca_file. Unset: plain HTTP (bind the services to an internal network only).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # A client must send its whole request (headers and body) within this long after its first byte, or the
+    # connection is closed: a slow sender holds a server thread at most this long.
+    request_read_timeout_seconds: float = Field(10.0, gt=0)
+    # Longest wait for one read or write on a connection that is being served.
+    socket_timeout_seconds: float = Field(30.0, gt=0)
+    # Largest request body an internal service reads (413 beyond).
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> "InternalHttpConfig":
+        given = [f for f in ("tls_cert_file", "tls_key_file", "tls_ca_file") if getattr(self, f) is not None]
+        if given and len(given) != 3:
+            missing = sorted({"tls_cert_file", "tls_key_file", "tls_ca_file"} - set(given))
+            raise ValueError(f"TLS needs tls_cert_file, tls_key_file and tls_ca_file together; missing "
+                             f"{', '.join(missing)}")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def scheme(self) -> str:
+        """The scheme of every internal service's URL."""
+        return "https" if self.tls else "http"
+
+
 class Config(Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -253,6 +292,7 @@ class Config(Section):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    internal_http: InternalHttpConfig = Field(default_factory=InternalHttpConfig)
 
 
 # Every secret and key this repository ships (the defaults above, conf/*.toml): public, so never a credential.

@@ -31,7 +31,7 @@ from e2e_helpers import (HPCLLM, admin_status, assert_clean_error, controller_pr
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
 

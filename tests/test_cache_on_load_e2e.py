@@ -17,7 +17,7 @@ from test_cluster_e2e import ADMIN, SECRET, controller, status  # noqa: F401 - c
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 
 pytestmark = pytest.mark.slurm

@@ -21,7 +21,7 @@ from e2e_helpers import submit_agent, wait_for
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.protocol import GenerateRequest

@@ -21,8 +21,9 @@ import pytest
 from e2e_helpers import HPCLLM, admin_status, controller_process, free_port, wait_for, write_e2e_config
 
 from hpcllm.checkpoint.converter import convert
-from hpcllm.controller.protocol import SECRET_HEADER, CacheEntry, NodeRegistration, Tiers, TierInfo
+from hpcllm.controller.protocol import CacheEntry, NodeRegistration, Tiers, TierInfo
 from hpcllm.controller.registry import Registry
+from hpcllm.httpkit.auth import SECRET_HEADER
 
 pytestmark = pytest.mark.slurm
 

@@ -24,7 +24,7 @@ from e2e_helpers import HPCLLM, admin_status, controller_process, wait_for
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
 from hpcllm.worker.client import WorkerClient

@@ -57,8 +57,8 @@ from e2e_helpers import admin_status as e2e_admin_status
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.gateway.tests.test_openai_api import hf_greedy
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
 

@@ -4,18 +4,23 @@ The wire shapes follow the node agent's contract (docs/controller.md, service-co
 <agent_url>/v1/internal/instances {model, source, gpu_ids} -> {instance_id, worker_url}; DELETE
 <agent_url>/v1/internal/instances/<id>; GET <agent_url>/v1/internal/instances -> [InstanceInfo] (or {"instances": [...]});
 POST <agent_url>/v1/internal/instances/<id>/migrate-out {destination_url} -> MigratedOut (live migration, then stop).
-Every failure becomes an AgentError naming the node's URL and what went wrong.
+Every failure becomes an AgentError naming the node's URL and what went wrong. `hpcllm cache` talks to the
+agents' cache API through the same client (call), in its own words.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import httpx
 from pydantic import ValidationError
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.controller.errors import AgentError
-from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo, MigratedOut
+from hpcllm.controller.protocol import InstanceInfo, MigratedOut
+from hpcllm.httpkit.auth import secret_headers
+from hpcllm.httpkit.client import error_of, internal_client, json_object, request_json
 
 
 @dataclass(frozen=True)
@@ -25,11 +30,25 @@ class StartedInstance:
 
 
 class AgentClient:
-    def __init__(self, shared_secret: str, timeout_seconds: float = 10.0):
-        self._http = httpx.Client(headers={SECRET_HEADER: shared_secret}, timeout=timeout_seconds)
+    def __init__(self, shared_secret: str, timeout_seconds: float | httpx.Timeout = 10.0,
+                 http: InternalHttpConfig | None = None):
+        self._http = internal_client(http, headers=secret_headers(shared_secret), timeout=timeout_seconds)
 
     def close(self) -> None:
         self._http.close()
+
+    def call(self, agent_url: str, method: str, path: str, *,
+             unreachable: Callable[[httpx.HTTPError], Exception] | None = None,
+             refused: Callable[[int, dict, str], Exception] | None = None, **kwargs) -> Any:
+        """One JSON call to an agent's API, its answer's JSON. Failures are AgentErrors unless the caller words
+        them (hpcllm.httpkit.client.request_json's unreachable / refused)."""
+        url = f"{agent_url.rstrip('/')}{path}"
+        return request_json(
+            self._http, method, url,
+            unreachable=unreachable or (lambda exc: AgentError(f"node agent {url}: {type(exc).__name__}: {exc}")),
+            refused=refused or (lambda status, error, message: AgentError(f"node agent {url}: HTTP {status} "
+                                                                          f"{message}")),
+            **kwargs)
 
     def _call(self, method: str, url: str, **kwargs) -> httpx.Response:
         try:
@@ -48,8 +67,8 @@ class AgentClient:
         resp = self._call("POST", url, json=body)
         if resp.status_code not in (200, 201, 202):
             raise AgentError(f"node agent {url} refused to start {model!r}: HTTP {resp.status_code} "
-                             f"{_error_message(resp)}")
-        body = _json(resp)
+                             f"{error_of(resp)[1]}")
+        body = json_object(resp)
         if not isinstance(body.get("instance_id"), str):
             raise AgentError(f"node agent {url} answered without an instance_id: {resp.text[:200]!r}")
         worker_url = body.get("worker_url")
@@ -61,7 +80,7 @@ class AgentClient:
         resp = self._call("DELETE", url)
         if resp.status_code not in (200, 202, 204, 404):
             raise AgentError(f"node agent {url} refused to stop instance: HTTP {resp.status_code} "
-                             f"{_error_message(resp)}")
+                             f"{error_of(resp)[1]}")
 
     def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float) -> MigratedOut:
         """Have the agent live-migrate an instance's requests to destination_url, then stop it (node agent's
@@ -70,9 +89,9 @@ class AgentClient:
         resp = self._call("POST", url, json={"destination_url": destination_url}, timeout=timeout)
         if resp.status_code != 200:
             raise AgentError(f"node agent {url} refused to migrate the instance: HTTP {resp.status_code} "
-                             f"{_error_message(resp)}")
+                             f"{error_of(resp)[1]}")
         try:
-            return MigratedOut.model_validate(_json(resp))
+            return MigratedOut.model_validate(json_object(resp))
         except ValidationError as exc:
             raise AgentError(f"node agent {url} sent an unreadable migration result: {exc}") from None
 
@@ -80,7 +99,7 @@ class AgentClient:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"
         resp = self._call("GET", url)
         if resp.status_code != 200:
-            raise AgentError(f"node agent {url}: HTTP {resp.status_code} {_error_message(resp)}")
+            raise AgentError(f"node agent {url}: HTTP {resp.status_code} {error_of(resp)[1]}")
         body = resp.json() if resp.content else []
         items = body.get("instances", []) if isinstance(body, dict) else body
         known = set(InstanceInfo.model_fields)
@@ -90,17 +109,3 @@ class AgentClient:
         except (ValidationError, AttributeError, TypeError) as exc:
             raise AgentError(f"node agent {url} sent an unreadable instance list: {exc}") from None
 
-
-def _json(resp: httpx.Response) -> dict:
-    try:
-        body = resp.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _error_message(resp: httpx.Response) -> str:
-    error = _json(resp).get("error")
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    return resp.text[:200]

@@ -1,24 +1,22 @@
-"""The controller's HTTP API (Flask): internal routes for node agents and the gateway, admin routes for the CLI.
+"""The controller's HTTP API (Flask blueprints on hpcllm.httpkit): internal routes for node agents and the gateway,
+admin routes for the CLI.
 
 Errors always have one shape, {"error": {"message", "type", "param", "code"}}, never an HTML page or a traceback.
-/v1/internal/* needs the cluster shared secret (X-Hpcllm-Secret); /v1/admin/* needs the admin key
-(Authorization: Bearer KEY), its own credential (never the secret; no key: the admin API is closed). /health and /metrics are open (bind the controller to an internal address).
+The internal blueprint (/v1/internal/*) needs the cluster shared secret (X-Hpcllm-Secret); the admin blueprint
+(/v1/admin/*) needs the admin key (Authorization: Bearer KEY), its own credential (never the secret; no key: the
+admin API is closed). /health and /metrics are open (bind the controller to an internal address).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
-from flask import Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ValidationError
-from werkzeug.exceptions import HTTPException
 
 from hpcllm.config import admin_key_of
-from hpcllm.controller.errors import ControllerError, InvalidRequest, NoCapacity, Unauthorized
+from hpcllm.controller.errors import ControllerError, InvalidRequest
 from hpcllm.controller.protocol import (
-    SECRET_HEADER,
     Heartbeat,
     MigrationTarget,
     MigrationTargetRequest,
@@ -28,22 +26,11 @@ from hpcllm.controller.protocol import (
     RouteReady,
 )
 from hpcllm.controller.service import Controller
-from hpcllm.httpjson import parse_json_body
+from hpcllm.httpkit.app import service_app
+from hpcllm.httpkit.auth import BearerKey, SharedSecret, guard
+from hpcllm.httpkit.body import parse_body
 
 log = logging.getLogger(__name__)
-
-
-def error_body(message: str, code: str, error_type: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    first = exc.errors()[0]["loc"] if exc.errors() else ()
-    return "; ".join(parts), ".".join(str(p) for p in first) or None
 
 
 class Metrics:
@@ -70,26 +57,15 @@ class Metrics:
             ["model", "outcome"], registry=self.registry)
 
 
-def _parse(model: type[BaseModel]):
-    try:
-        body = parse_json_body(request.get_data())
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        message, param = validation_message(exc)
-        raise InvalidRequest(message, param=param) from None
-
-
 def create_app(controller: Controller) -> Flask:
     config = controller.config
     secret = config.cluster.shared_secret
     admin_key = admin_key_of(config)
     metrics = Metrics()
-    app = Flask("hpcllm.controller")
+    open_bp = Blueprint("open", __name__)
+    internal = guard(Blueprint("internal", __name__), SharedSecret(secret))
+    admin = guard(Blueprint("admin", __name__), BearerKey(
+        admin_key, what="admin key", disabled="the admin API is disabled: controller.admin_key is not set"))
 
     def count_cold_start(cold) -> None:
         metrics.cold_starts.labels(cold.model, cold.tier or "unknown").inc()
@@ -104,69 +80,33 @@ def create_app(controller: Controller) -> Flask:
             metrics.migrated_requests.labels(record.model, record.trigger).inc(record.moved)
 
     controller.migration_listeners.append(count_migration)
-    app.config["controller"] = controller
-
-    @app.errorhandler(ControllerError)
-    def _controller_error(exc: ControllerError):
-        resp = jsonify(error_body(str(exc), exc.code, exc.error_type, getattr(exc, "param", None)))
-        resp.status_code = exc.http_status
-        if isinstance(exc, NoCapacity) and exc.retry_after is not None:
-            resp.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        return resp
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException):
-        resp = jsonify(error_body(exc.description or exc.name, exc.name.lower().replace(" ", "_")))
-        resp.status_code = exc.code or 500
-        return resp
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.path)
-        resp = jsonify(error_body(f"internal error: {type(exc).__name__}: {exc}", "internal_error", "server_error"))
-        resp.status_code = 500
-        return resp
-
-    @app.before_request
-    def _authenticate():
-        if request.path.startswith("/v1/internal/"):
-            given = request.headers.get(SECRET_HEADER, "")
-            if not hmac.compare_digest(given.encode(), secret.encode()):
-                raise Unauthorized(f"missing or wrong {SECRET_HEADER} header")
-        elif request.path.startswith("/v1/admin/"):
-            if admin_key is None:
-                raise Unauthorized("the admin API is disabled: controller.admin_key is not set")
-            auth = request.headers.get("Authorization", "")
-            given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
-            if not hmac.compare_digest(given.encode(), admin_key.encode()):
-                raise Unauthorized("missing or wrong admin key (Authorization: Bearer KEY)")
 
     # -------------------------------------------------------------------------------------------- open
 
-    @app.get("/health")
+    @open_bp.get("/health")
     def health():
         controller.registry.schema_version()  # raises (-> 500) if the database stopped answering
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @open_bp.get("/metrics")
     def prometheus():
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
     # ----------------------------------------------------------------------------------------- internal
 
-    @app.post("/v1/internal/nodes/register")
+    @internal.post("/v1/internal/nodes/register")
     def register():
-        return controller.register(_parse(NodeRegistration)).model_dump()
+        return controller.register(parse_body(NodeRegistration)).model_dump()
 
-    @app.post("/v1/internal/nodes/<node_id>/heartbeat")
+    @internal.post("/v1/internal/nodes/<node_id>/heartbeat")
     def heartbeat(node_id: str):
-        return controller.heartbeat(node_id, _parse(Heartbeat)).model_dump()
+        return controller.heartbeat(node_id, parse_body(Heartbeat)).model_dump()
 
-    @app.get("/v1/internal/models")
+    @internal.get("/v1/internal/models")
     def models():
         return ModelList(models=controller.model_cards()).model_dump()
 
-    @app.get("/v1/internal/route")
+    @internal.get("/v1/internal/route")
     def route():
         name = request.args.get("model", "")
         if not name:
@@ -187,9 +127,9 @@ def create_app(controller: Controller) -> Flask:
             resp.headers["Retry-After"] = str(max(1, round(outcome.retry_after)))
         return resp
 
-    @app.post("/v1/internal/migration-target")
+    @internal.post("/v1/internal/migration-target")
     def migration_target():
-        req = _parse(MigrationTargetRequest)
+        req = parse_body(MigrationTargetRequest)
         try:
             outcome = controller.migration_target(req)
         except ControllerError as exc:
@@ -207,18 +147,21 @@ def create_app(controller: Controller) -> Flask:
 
     # -------------------------------------------------------------------------------------------- admin
 
-    @app.post("/v1/admin/models")
+    @admin.post("/v1/admin/models")
     def deploy():
-        spec = _parse(ModelSpec)
+        spec = parse_body(ModelSpec)
         model, created = controller.deploy(spec)
         return model.model_dump(), 201 if created else 200
 
-    @app.delete("/v1/admin/models/<name>")
+    @admin.delete("/v1/admin/models/<name>")
     def undeploy(name: str):
         return controller.undeploy(name).model_dump()
 
-    @app.get("/v1/admin/status")
+    @admin.get("/v1/admin/status")
     def status():
         return controller.status().model_dump()
 
+    app = service_app("hpcllm.controller", [open_bp, internal, admin],
+                      max_request_bytes=config.internal_http.max_request_bytes)
+    app.config["controller"] = controller
     return app

@@ -9,13 +9,12 @@ import tomllib
 from pathlib import Path
 
 import click
-import httpx
 from pydantic import ValidationError
 
 from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir
 from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
 from hpcllm.controller.protocol import ClusterStatus, ModelSpec
-from hpcllm.httpjson import request_json
+from hpcllm.httpkit.client import internal_client, request_json
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 
@@ -67,8 +66,8 @@ class AdminClient:
 
         self.url = (url or os.environ.get(CONTROLLER_URL_ENV) or controller_url_of(config)).rstrip("/")
         admin_key = admin_key_of(config)
-        self._http = httpx.Client(base_url=self.url, timeout=30.0,
-                                  headers={"Authorization": f"Bearer {admin_key}"} if admin_key else {})
+        self._http = internal_client(config.internal_http, base_url=self.url, timeout=30.0,
+                                     headers={"Authorization": f"Bearer {admin_key}"} if admin_key else {})
 
     def call(self, method: str, path: str, **kwargs) -> dict:
         return request_json(

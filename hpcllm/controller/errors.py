@@ -1,11 +1,13 @@
-"""Errors of the controller. Each maps to one HTTP status and a stable `code`, and the CLI prints its message."""
+"""Errors of the controller. Each maps to one HTTP status and a stable `code` (hpcllm.httpkit.errors renders them),
+and the CLI prints its message."""
 
 from __future__ import annotations
 
 from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.httpkit.errors import ServiceError
 
 
-class ControllerError(HpcllmError):
+class ControllerError(ServiceError):
     http_status = 500
     code = "internal_error"
     error_type = "server_error"
@@ -16,22 +18,12 @@ class InvalidRequest(ControllerError):
     code = "invalid_request"
     error_type = "invalid_request_error"
 
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
 
 class InvalidModelConfig(InvalidRequest, ConfigError):
     """A model config (TOML or admin request body) is invalid: the message names the field."""
 
     code = "invalid_model_config"
     exit_code = 2
-
-
-class Unauthorized(ControllerError):
-    http_status = 401
-    code = "unauthorized"
-    error_type = "authentication_error"
 
 
 class UnknownModel(ControllerError):
@@ -63,8 +55,7 @@ class NoCapacity(ControllerError):
     error_type = "server_error"
 
     def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after=retry_after)
 
 
 class AllocationFailed(ControllerError):

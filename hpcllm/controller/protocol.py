@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
-SECRET_HEADER = "X-Hpcllm-Secret"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"

@@ -1,7 +1,8 @@
 """Assemble and run the controller: registry + Slurm backend + agent client + Flask app + autoscaler timer.
 
-One process serves everything with threads (werkzeug's threaded server): the autoscaler must tick in exactly one
-place, and SQLite serializes writers anyway. On start it reconciles with Slurm and the node agents before serving.
+One process serves everything with threads (hpcllm.httpkit.server: controller.threads of them, a read deadline,
+TLS with [internal_http]): the autoscaler must tick in exactly one place, and SQLite serializes writers anyway.
+On start it reconciles with Slurm and the node agents before serving.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from werkzeug.serving import make_server
-
 from hpcllm.config import Config
 from hpcllm.controller.agents import AgentClient
 from hpcllm.controller.allocations import Allocator
@@ -23,6 +22,7 @@ from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.errors import ControllerError
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
+from hpcllm.httpkit.server import InternalServer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def database_url_of(config: Config) -> str:
 
 
 def controller_url_of(config: Config) -> str:
-    return f"http://{config.controller.host}:{config.controller.port}"
+    return f"{config.internal_http.scheme}://{config.controller.host}:{config.controller.port}"
 
 
 def slurm_backend_of(config: Config):
@@ -64,7 +64,7 @@ class ControllerService:
 def build_service(config: Config, backend=None, agents: AgentClient | None = None,
                   config_path: str | None = None, clock=time.time) -> ControllerService:
     registry = Registry(database_url_of(config))
-    agents = agents or AgentClient(config.cluster.shared_secret)
+    agents = agents or AgentClient(config.cluster.shared_secret, http=config.internal_http)
     allocator = Allocator(config, registry, backend, controller_url_of(config), config_path=config_path, clock=clock)
     controller = Controller(config, registry, agents, allocator, clock=clock)
     return ControllerService(controller, Autoscaler(controller), create_app(controller))
@@ -76,27 +76,30 @@ def serve(service: ControllerService, host: str, port: int, ready_file: Path | N
         service.controller.reconcile()
     except ControllerError as exc:  # Slurm down at start: serve anyway, the ticks retry
         log.warning("reconcile at start incomplete: %s", exc)
-    server = make_server(host, port, service.app, threaded=True)
+    config = service.controller.config
+    server = InternalServer(service.app, host, port, http=config.internal_http, threads=config.controller.threads,
+                            name="controller")
+    url = f"{server.scheme}://{host}:{server.port}"
     # Allocations tell their agents the port actually bound (--port 0 picks a free one).
-    service.controller.allocator.controller_url = f"http://{service.controller.settings.host}:{server.server_port}"
+    service.controller.allocator.controller_url = f"{server.scheme}://{service.controller.settings.host}:{server.port}"
     stop = threading.Event()
     ticker = threading.Thread(target=service.tick_forever, args=(stop,), name="autoscaler", daemon=True)
     ticker.start()
 
     def shutdown(signum, frame):
         stop.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    log.info("controller listening on http://%s:%d (database %s)", host, server.server_port,
-             service.controller.registry.path)
+    log.info("controller listening on %s (database %s)", url, service.controller.registry.path)
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(f"http://{host}:{server.server_port}\n")
+        tmp.write_text(f"{url}\n")
         tmp.rename(ready_file)
     try:
         server.serve_forever()
     finally:
         stop.set()
+        server.stop()
         service.controller.registry.close()

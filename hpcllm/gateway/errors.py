@@ -1,58 +1,47 @@
 """Per-request API errors, each rendered in OpenAI's error shape.
 
 Every way a request can fail has one class here with its HTTP status, OpenAI error `type` and a stable `code`,
-so handlers raise a meaningful error and middleware turns it into
-`{"error": {"message", "type", "param", "code"}}`. Process-level trouble (draining, no capacity, a dead worker)
-is kept apart from bad requests: those are 503s that say to retry, never 4xx that blame the caller.
+so handlers raise a meaningful error and the HTTP kit (hpcllm.httpkit.errors, which every service shares) turns
+it into `{"error": {"message", "type", "param", "code"}}`. Process-level trouble (draining, no capacity, a dead
+worker) is kept apart from bad requests: those are 503s that say to retry, never 4xx that blame the caller.
 """
 
 from __future__ import annotations
 
-import math
+from hpcllm.httpkit.errors import ServiceError
 
 
-class ApiError(Exception):
-    status = 500
-    type = "internal_error"
+class ApiError(ServiceError):
+    """An error of the OpenAI-compatible API (keyword-only param, as the gateway's handlers raise them)."""
+
+    http_status = 500
+    error_type = "internal_error"
     code: str | None = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: float | None = None):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
-        self.retry_after = retry_after
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        super().__init__(message, param, code=code, retry_after=retry_after)
 
 
 class InvalidRequest(ApiError):
     """400: malformed JSON, a missing required field, an unsupported parameter value, a prompt too long."""
 
-    status = 400
-    type = "invalid_request_error"
+    http_status = 400
+    error_type = "invalid_request_error"
     code = "invalid_request"
 
 
 class InvalidValue(ApiError):
     """422: a field is present but has the wrong type or a value outside its allowed range."""
 
-    status = 422
-    type = "invalid_request_error"
+    http_status = 422
+    error_type = "invalid_request_error"
     code = "invalid_value"
 
 
 class AuthenticationFailed(ApiError):
-    status = 401
-    type = "authentication_error"
+    http_status = 401
+    error_type = "authentication_error"
     code = "invalid_api_key"
 
 
@@ -65,8 +54,8 @@ class PermissionDenied(ApiError):
 
 
 class NotFound(ApiError):
-    status = 404
-    type = "invalid_request_error"
+    http_status = 404
+    error_type = "invalid_request_error"
     code = "not_found"
 
 
@@ -79,46 +68,46 @@ class ModelNotFound(NotFound):
 
 
 class MethodNotAllowed(ApiError):
-    status = 405
-    type = "invalid_request_error"
+    http_status = 405
+    error_type = "invalid_request_error"
     code = "method_not_allowed"
 
 
 class PayloadTooLarge(ApiError):
-    status = 413
-    type = "invalid_request_error"
+    http_status = 413
+    error_type = "invalid_request_error"
     code = "request_too_large"
 
 
 class RateLimited(ApiError):
-    status = 429
-    type = "rate_limit_error"
+    http_status = 429
+    error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
 
 class ClientClosedRequest(ApiError):
     """The client went away before its (non-streaming) answer was ready: nobody reads this; nginx's 499."""
 
-    status = 499
-    type = "invalid_request_error"
+    http_status = 499
+    error_type = "invalid_request_error"
     code = "client_closed_request"
 
 
 class ServiceUnavailable(ApiError):
     """503: draining, no capacity, model still starting past the wait limit, worker or controller unreachable."""
 
-    status = 503
-    type = "service_unavailable"
+    http_status = 503
+    error_type = "service_unavailable"
     code = "service_unavailable"
 
 
 class NotImplementedByDeployment(ApiError):
-    status = 501
-    type = "invalid_request_error"
+    http_status = 501
+    error_type = "invalid_request_error"
     code = "not_available"
 
 
 class InternalError(ApiError):
-    status = 500
-    type = "internal_error"
+    http_status = 500
+    error_type = "internal_error"
     code = "internal_error"

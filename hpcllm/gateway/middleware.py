@@ -20,6 +20,8 @@ from werkzeug.exceptions import HTTPException
 from hpcllm.config import ApiKey
 from hpcllm.gateway import errors
 from hpcllm.gateway.runtime import Gateway
+from hpcllm.httpkit.auth import bearer_token
+from hpcllm.httpkit.errors import install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +33,6 @@ DRAIN_RETRY_AFTER_S = 5
 def _request_id() -> str:
     given = request.headers.get("X-Request-Id", "")
     return given if REQUEST_ID_RE.match(given) else uuid.uuid4().hex
-
-
-def _bearer() -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
 
 
 def _matching_key(token: str, keys: dict[str, ApiKey]) -> ApiKey | None:
@@ -57,7 +51,7 @@ def _authenticate_user(gw: Gateway) -> None:
         raise errors.AuthenticationFailed(
             "this gateway has no API keys (gateway.api_keys is empty), so /v1 is closed; ask its operator",
             code="no_api_keys")
-    token = _bearer()
+    token = bearer_token(request)
     if token is None:
         raise errors.AuthenticationFailed(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key")
@@ -73,7 +67,7 @@ def _authenticate_admin(gw: Gateway) -> None:
     if not admin_key:
         raise errors.AuthenticationFailed("the admin API is disabled on this gateway (gateway.admin_key is not set)",
                                           code="admin_disabled")
-    token = _bearer()
+    token = bearer_token(request)
     if token is None or not hmac.compare_digest(token.encode(), admin_key.encode()):
         raise errors.AuthenticationFailed("admin endpoints need the admin key as 'Authorization: Bearer ADMIN_KEY'",
                                           code="invalid_admin_key")
@@ -89,13 +83,9 @@ def _from_http_exception(exc: HTTPException) -> errors.ApiError:
         return errors.PayloadTooLarge(f"the request body is larger than the {limit} bytes this server accepts")
     if exc.code is not None and 400 <= exc.code < 500:
         error = errors.InvalidRequest(exc.description or exc.name)
-        error.status = exc.code
+        error.http_status = exc.code
         return error
     return errors.InternalError(exc.description or exc.name)
-
-
-def _respond(exc: errors.ApiError):
-    return exc.body(), exc.status, exc.headers()
 
 
 def install(app: Flask, gw: Gateway) -> None:
@@ -126,18 +116,10 @@ def install(app: Flask, gw: Gateway) -> None:
             response.call_on_close(gw.request_finished)
         return response
 
-    @app.errorhandler(errors.ApiError)
-    def api_error(exc: errors.ApiError):
-        if exc.status >= 500:
-            log.warning("request %s: %s %s", g.get("request_id"), exc.status, exc.message)
-        return _respond(exc)
+    def log_server_errors(exc) -> None:
+        if exc.http_status >= 500:
+            log.warning("request %s: %s %s", g.get("request_id"), exc.http_status, exc.message)
 
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        return _respond(_from_http_exception(exc))
-
-    @app.errorhandler(Exception)
-    def unexpected(exc: Exception):
-        request_id = g.get("request_id", "?")
-        log.exception("request %s failed", request_id)
-        return _respond(errors.InternalError(f"internal server error (request id {request_id})"))
+    install_error_handlers(
+        app, http_error=_from_http_exception, on_error=log_server_errors,
+        unexpected=lambda exc: errors.InternalError(f"internal server error (request id {g.get('request_id', '?')})"))

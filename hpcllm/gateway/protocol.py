@@ -17,7 +17,7 @@ from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
-from hpcllm.httpjson import parse_json_body
+from hpcllm.httpkit.body import parse_json_body
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -14,16 +14,22 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
+from hpcllm.config import InternalHttpConfig
+from hpcllm.controller import protocol as controller_wire
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.errors import ModelNotFound, ServiceUnavailable
+from hpcllm.httpkit.auth import secret_headers
+from hpcllm.httpkit.client import error_of, internal_client, json_object
 
 log = logging.getLogger(__name__)
 
-SECRET_HEADER = "X-Hpcllm-Secret"
+WireT = TypeVar("WireT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ def _static_max_model_len(name: str, spec) -> int:
 class StaticRouter(Router):
     """Fixed model -> worker URL(s) from [gateway.static_models]; picks a worker at random per request."""
 
-    def __init__(self, static_models: dict, *, shared_secret: str, timeout_s: float = 2.0):
+    def __init__(self, static_models: dict, *, shared_secret: str, timeout_s: float = 2.0,
+                 http: InternalHttpConfig | None = None):
         created = int(time.time())
         self._cards = {
             name: ModelCard(name=name, source=Path(spec.source),
@@ -100,7 +107,7 @@ class StaticRouter(Router):
             for name, spec in static_models.items()
         }
         self._urls = {name: [url.rstrip("/") for url in spec.worker_urls] for name, spec in static_models.items()}
-        self._http = httpx.Client(timeout=timeout_s, headers={SECRET_HEADER: shared_secret})
+        self._http = internal_client(http, timeout=timeout_s, headers=secret_headers(shared_secret))
 
     def list_models(self) -> list[ModelCard]:
         return list(self._cards.values())
@@ -131,11 +138,11 @@ class ControllerRouter(Router):
     """Asks the controller: GET /v1/internal/route?model=&wait= (200 ready, 202 starting, 404, 503)."""
 
     def __init__(self, controller_url: str, *, shared_secret: str, route_poll_s: float = 20.0,
-                 connect_timeout_s: float = 5.0, models_ttl_s: float = 2.0):
+                 connect_timeout_s: float = 5.0, models_ttl_s: float = 2.0, http: InternalHttpConfig | None = None):
         self.controller_url = controller_url.rstrip("/")
         self.route_poll_s = route_poll_s
-        self._http = httpx.Client(
-            base_url=self.controller_url, headers={SECRET_HEADER: shared_secret},
+        self._http = internal_client(
+            http, base_url=self.controller_url, headers=secret_headers(shared_secret),
             timeout=httpx.Timeout(connect_timeout_s, read=route_poll_s + 30.0),
         )
         # A short-lived copy of the model list so a burst of requests does not ask the controller for every one.
@@ -157,16 +164,23 @@ class ControllerRouter(Router):
         if resp.status_code != 200:
             raise ServiceUnavailable(f"the controller answered {resp.status_code} listing models",
                                      code="controller_error", retry_after=5)
-        cards = [self._card(record) for record in _records(resp.json())]
+        cards = [self._card(card) for card in self._read(controller_wire.ModelList, resp).models]
         self._models = (now, cards)
         return cards
 
     @staticmethod
-    def _card(record: dict) -> ModelCard:
-        source = Path(record["source"])
-        max_len = record.get("max_model_len") or _derived_or_none(source)
-        created = record.get("created_at") or record.get("created") or time.time()
-        return ModelCard(name=record["name"], source=source, max_model_len=max_len, created=int(created))
+    def _card(card: controller_wire.ModelCard) -> ModelCard:
+        source = Path(card.source)
+        return ModelCard(name=card.name, source=source, max_model_len=card.max_model_len or _derived_or_none(source),
+                         created=int(card.created_at))
+
+    def _read(self, wire: type[WireT], resp: httpx.Response) -> WireT:
+        """The controller's answer as its wire type; an unreadable one is the controller's fault: 503."""
+        try:
+            return wire.model_validate(json_object(resp))
+        except ValidationError as exc:
+            raise ServiceUnavailable(f"the controller at {self.controller_url} sent an unreadable "
+                                     f"{wire.__name__}: {exc}", code="controller_error", retry_after=5) from None
 
     def resolve(self, model: str, wait_s: float) -> Endpoint:
         start = time.monotonic()
@@ -174,21 +188,21 @@ class ControllerRouter(Router):
         while True:
             remaining = deadline - time.monotonic()
             resp = self._get("/v1/internal/route", model=model, wait=round(max(0.0, min(remaining, self.route_poll_s)), 1))
-            body = _json(resp)
             if resp.status_code == 200:
-                return self._endpoint(model, body, time.monotonic() - start)
+                return self._endpoint(model, self._read(controller_wire.RouteReady, resp), time.monotonic() - start)
             if resp.status_code == 404:
                 raise ModelNotFound(model)
             if resp.status_code == 202:
+                waiting = self._read(controller_wire.RouteWaiting, resp)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise ServiceUnavailable(
                         f"model {model!r} is still starting after {wait_s:.0f} s; retry shortly",
-                        code="model_starting", retry_after=body.get("retry_after") or 5)
+                        code="model_starting", retry_after=waiting.retry_after or 5)
                 # The controller long-polls when it honours `wait`; sleep only if it answered at once.
-                time.sleep(min(remaining, float(body.get("retry_after") or 1.0), 1.0))
+                time.sleep(min(remaining, waiting.retry_after or 1.0, 1.0))
                 continue
-            message = (body.get("error") or {}).get("message") if isinstance(body.get("error"), dict) else None
+            message = error_of(resp)[0].get("message")
             if resp.status_code == 503:
                 raise ServiceUnavailable(message or f"no capacity to serve model {model!r} now",
                                          code="no_capacity", retry_after=_retry_after(resp, 10))
@@ -196,13 +210,11 @@ class ControllerRouter(Router):
                                      code="controller_error", retry_after=5)
 
     @staticmethod
-    def _endpoint(model: str, body: dict, waited: float) -> Endpoint:
+    def _endpoint(model: str, route: controller_wire.RouteReady, waited: float) -> Endpoint:
         cold = None
-        tier = body.get("load_tier")
-        if tier:
-            cold = ColdStart(instance_id=body["instance_id"], tier=str(tier),
-                             load_seconds=body.get("load_seconds"))
-        return Endpoint(model=model, instance_id=body["instance_id"], worker_url=body["worker_url"].rstrip("/"),
+        if route.load_tier:
+            cold = ColdStart(instance_id=route.instance_id, tier=route.load_tier, load_seconds=route.load_seconds)
+        return Endpoint(model=model, instance_id=route.instance_id, worker_url=route.worker_url.rstrip("/"),
                         waited_seconds=waited, cold_start=cold)
 
     def check_ready(self) -> str | None:
@@ -214,20 +226,6 @@ class ControllerRouter(Router):
 
     def close(self) -> None:
         self._http.close()
-
-
-def _json(resp: httpx.Response) -> dict:
-    try:
-        body = resp.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _records(body) -> list[dict]:
-    if isinstance(body, dict):
-        body = body.get("models", body.get("data", []))
-    return [record for record in body if isinstance(record, dict) and "name" in record and "source" in record]
 
 
 def _derived_or_none(source: Path) -> int | None:
@@ -254,7 +252,7 @@ def make_router(config) -> Router:
         kind = "static" if gw.static_models else "controller"
     if kind == "static":
         return StaticRouter(gw.static_models, shared_secret=config.cluster.shared_secret,
-                            timeout_s=gw.upstream_connect_timeout_seconds)
-    url = gw.controller_url or f"http://{config.controller.host}:{config.controller.port}"
+                            timeout_s=gw.upstream_connect_timeout_seconds, http=config.internal_http)
+    url = gw.controller_url or f"{config.internal_http.scheme}://{config.controller.host}:{config.controller.port}"
     return ControllerRouter(url, shared_secret=config.cluster.shared_secret, route_poll_s=gw.route_poll_seconds,
-                            connect_timeout_s=gw.upstream_connect_timeout_seconds)
+                            connect_timeout_s=gw.upstream_connect_timeout_seconds, http=config.internal_http)

@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 
 import httpx
-from werkzeug.serving import make_server
 
 from hpcllm.config import Config
 from hpcllm.controller.protocol import (
-    SECRET_HEADER,
     CacheEntry,
     Heartbeat,
     MigrationTarget,
@@ -33,7 +31,9 @@ from hpcllm.controller.protocol import (
     Tiers,
 )
 from hpcllm.errors import ConfigError, HpcllmError
-from hpcllm.httpjson import error_of
+from hpcllm.httpkit.auth import secret_headers
+from hpcllm.httpkit.client import error_of, internal_client
+from hpcllm.httpkit.server import InternalServer
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers
 from hpcllm.node.protocol import MigratedOut, StartInstance
@@ -61,7 +61,7 @@ def expand_node_pattern(value: str, node: str, job_id: str | None) -> str:
 
 def controller_url_of(config: Config, override: str | None = None) -> str:
     url = override or config.node.controller_url or os.environ.get(CONTROLLER_URL_ENV) or \
-        f"http://{config.controller.host}:{config.controller.port}"
+        f"{config.internal_http.scheme}://{config.controller.host}:{config.controller.port}"
     return url.rstrip("/")
 
 
@@ -106,7 +106,8 @@ class NodeAgent:
         self._drained = threading.Event()
         self._server = None
         self._pinned_last_start = 0.0
-        self._http = httpx.Client(headers={SECRET_HEADER: config.cluster.shared_secret}, timeout=10.0)
+        self._http = internal_client(config.internal_http, headers=secret_headers(config.cluster.shared_secret),
+                                     timeout=10.0)
         # What the drain's live migrations did (one entry per instance that had requests), for logs and tests.
         self.migrations: list[MigrationOutcome] = []
 
@@ -157,13 +158,13 @@ class NodeAgent:
     def start_server(self, app) -> str:
         host, port = self.config.node.listen_host, self.config.node.port
         try:
-            self._server = make_server(host, port, app, threaded=True)
-        except OSError as exc:
-            raise ConfigError(f"node agent cannot listen on {host}:{port}: {exc.strerror or exc}; "
-                              f"change node.listen_host / node.port") from None
+            self._server = InternalServer(app, host, port, http=self.config.internal_http,
+                                          threads=self.config.node.threads, name="node agent")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; change node.listen_host / node.port") from None
         advertised = host if host not in ("0.0.0.0", "::", "") else socket.getfqdn()
-        self.agent_url = f"http://{advertised}:{self._server.server_port}"
-        threading.Thread(target=self._server.serve_forever, name="agent-http", daemon=True).start()
+        self.agent_url = f"{self._server.scheme}://{advertised}:{self._server.port}"
+        self._server.start()
         log.info("node agent %s listening on %s", self.node_id, self.agent_url)
         return self.agent_url
 
@@ -403,6 +404,6 @@ class NodeAgent:
 
     def shutdown(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
         self.workers.close()
         self._http.close()

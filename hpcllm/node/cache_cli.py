@@ -19,13 +19,14 @@ import click
 import httpx
 
 from hpcllm.config import Config, load_config
+from hpcllm.controller.agents import AgentClient
 from hpcllm.errors import HpcllmError
+from hpcllm.httpkit.auth import secret_headers
+from hpcllm.httpkit.client import internal_client
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
 from hpcllm.node.hostlist import expand_nodes
 from hpcllm.node.mpiwarm import RESULT_PREFIX
-from hpcllm.httpjson import request_json
 
-SECRET_HEADER = "X-Hpcllm-Secret"
 LIVE_NODE_STATES = ("up", "draining")  # the controller's other states: lost (silent agent), gone (job ended)
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                              help="hpcllm config file (default: $HPCLLM_CONFIG, else built-in defaults).")
@@ -54,15 +55,16 @@ class Agent:
 # ------------------------------------------------------------------------------------------------ talking to agents
 
 
-class AgentClient:
-    def __init__(self, agent: Agent, secret: str, timeout: float = 3600.0):
+class NodeCache:
+    """One node's cache API, through the agent client, with failures in this command's words."""
+
+    def __init__(self, agent: Agent, agents: AgentClient):
         self.agent = agent
-        self._http = httpx.Client(base_url=agent.url.rstrip("/"), timeout=httpx.Timeout(timeout, connect=10.0),
-                                  headers={SECRET_HEADER: secret})
+        self._agents = agents
 
     def call(self, method: str, path: str, **kwargs) -> dict:
-        return request_json(
-            self._http, method, path,
+        return self._agents.call(
+            self.agent.url, method, path,
             unreachable=lambda exc: NodeUnreachable(
                 f"node {self.agent.node}'s agent at {self.agent.url} is not reachable "
                 f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?"),
@@ -111,7 +113,9 @@ class Cluster:
 
     def _node_of(self, url: str) -> str:
         try:
-            body = httpx.get(url.rstrip("/") + "/health", timeout=10.0).json()
+            with internal_client(self.config.internal_http, headers=secret_headers(self.config.cluster.shared_secret),
+                                 timeout=10.0) as http:
+                body = http.get(url.rstrip("/") + "/health").json()
             return str(body.get("node_id") or url)
         except (httpx.HTTPError, ValueError, AttributeError):
             return url
@@ -144,9 +148,11 @@ def _no_agents(nodes, found):
                      f"(they are {', '.join(a.node for a in found)})")
 
 
-def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[AgentClient]:
+def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[NodeCache]:
     nodes = expand_nodes(node_expr) if node_expr else None
-    return [AgentClient(a, config.cluster.shared_secret) for a in cluster.agents(nodes)]
+    # A warm copies a whole checkpoint: answers may take long, connecting must not.
+    agents = AgentClient(config.cluster.shared_secret, httpx.Timeout(3600.0, connect=10.0), config.internal_http)
+    return [NodeCache(a, agents) for a in cluster.agents(nodes)]
 
 
 # ------------------------------------------------------------------------------------------------------- commands
@@ -196,7 +202,7 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, conf
     warm_through_agents(_clients(config, cluster, node_expr), model, origin, tier)
 
 
-def warm_through_agents(clients: list[AgentClient], model: str, origin: str, tier: str) -> None:
+def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier: str) -> None:
     """Warm node by node through the agents (each reads the origin); a rich progress line per node."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -40,8 +40,10 @@ from typing import Any, Callable
 import httpx
 
 from hpcllm.config import Config
-from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
+from hpcllm.controller.protocol import InstanceInfo
 from hpcllm.errors import HpcllmError
+from hpcllm.httpkit.auth import secret_headers
+from hpcllm.httpkit.client import internal_client
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.cli import SECRET_ENV
@@ -228,7 +230,8 @@ class WorkerManager:
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
         self._spares: list[Spare] = []
-        self._http = httpx.Client(headers={SECRET_HEADER: config.cluster.shared_secret}, timeout=5.0)
+        self._http = internal_client(config.internal_http, headers=secret_headers(config.cluster.shared_secret),
+                                     timeout=5.0)
         run_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------------------------ queries

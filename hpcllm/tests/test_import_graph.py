@@ -98,3 +98,47 @@ def test_no_cycles_between_subpackages():
 def test_no_cycles_among_modules():
     cycle = cycle_in(module_graph())
     assert cycle is None, "modules import each other: " + " -> ".join(cycle)
+
+
+# ------------------------------------------------------------------------ the loops issue 15 named, one by one
+
+
+def test_node_imports_controller_never_the_reverse():
+    """The node agent speaks the controller's wire types; the controller reaches agents only over HTTP."""
+    packages = package_graph(module_graph())
+    assert "hpcllm.node" not in packages["hpcllm.controller"]
+    assert "hpcllm.controller" in packages["hpcllm.node"]
+
+
+def test_slurm_backends_stand_on_base_and_only_the_factory_knows_them():
+    graph = module_graph()
+    backends = {"hpcllm.slurm.cli_backend", "hpcllm.slurm.rest_backend", "hpcllm.slurm.pyslurm_backend"}
+    assert not graph["hpcllm.slurm.base"] & (backends | {"hpcllm.slurm.factory"})
+    for backend in backends:
+        assert not graph[backend] & (backends | {"hpcllm.slurm.factory"}), f"{backend} imports a sibling backend"
+    assert backends <= graph["hpcllm.slurm.factory"]
+
+
+def private_names_imported(module: str) -> list[str]:
+    """`from hpcllm.x import _name` in a module: another module's private helper taken."""
+    found = []
+    for node in ast.walk(ast.parse(modules()[module].read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hpcllm"):
+            found += [f"{node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_slurm_modules_take_no_private_helpers_from_each_other():
+    taken = {m: private_names_imported(m) for m in modules() if m.startswith("hpcllm.slurm.")}
+    assert not {m: names for m, names in taken.items() if names}
+
+
+def test_the_http_kit_is_a_floor():
+    """Every service imports hpcllm.httpkit; it imports no service (only config and errors)."""
+    graph = module_graph()
+    kit = {m: targets for m, targets in graph.items() if m.startswith("hpcllm.httpkit")}
+    reached = {subpackage(t) for targets in kit.values() for t in targets} - {"hpcllm.httpkit"}
+    assert reached <= {"hpcllm.config", "hpcllm.errors"}, f"the kit imports {sorted(reached)}"
+    packages = package_graph(graph)
+    for service in ("hpcllm.controller", "hpcllm.node", "hpcllm.worker", "hpcllm.gateway"):
+        assert "hpcllm.httpkit" in packages[service]

@@ -70,6 +70,7 @@ def run_worker(
         host=host or worker.listen_host,
         port=port,
         url_file=url_file,
+        http=config.internal_http,
         on_listening=lambda url: click.echo(f"hpcllm worker for {service.model_name} listening on {url}", err=True),
     )
 

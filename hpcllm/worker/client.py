@@ -16,7 +16,10 @@ from collections.abc import Iterator
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.errors import HpcllmError
+from hpcllm.httpkit.auth import SECRET_HEADER
+from hpcllm.httpkit.client import internal_client
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
@@ -27,7 +30,6 @@ from hpcllm.worker.protocol import (
     MIGRATE_ALL_PATH,
     MIGRATE_REQUEST_PATH,
     PREPARE_MIGRATION_PATH,
-    SECRET_HEADER,
     TOKENS_PATH,
     AttachMigration,
     EmbedRequest,
@@ -115,10 +117,13 @@ class WorkerClient:
         connect_timeout: float = 5.0,
         read_timeout: float | None = 600.0,
         client: httpx.Client | None = None,
+        http: InternalHttpConfig | None = None,
     ) -> None:
+        """client: a shared connection pool to use (never closed here); else one of its own, verifying TLS
+        against http's site CA."""
         self.base_url = base_url.rstrip("/")
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=30.0)
-        self._client = client or httpx.Client(timeout=timeout)
+        self._client = client or internal_client(http, timeout=timeout)
         self._headers = {SECRET_HEADER: secret}
 
     def close(self) -> None:

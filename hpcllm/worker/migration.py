@@ -29,6 +29,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.engine import Engine, EngineError, RequestConflict
 from hpcllm.worker.protocol import (
@@ -54,11 +55,12 @@ class DestinationFailed(EngineError):
     code = "destination_failed"
 
 
-def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secret: str) -> MigrationResult:
+def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secret: str,
+                    http: InternalHttpConfig | None = None) -> MigrationResult:
     """Move one running request to body.destination_url in rounds; raises EngineError if it stays here."""
     started = time.monotonic()
     template = engine.begin_migration(request_id)  # 404 unknown, 409 finished / already migrating
-    destination = WorkerClient(body.destination_url, secret, read_timeout=body.timeout_seconds)
+    destination = WorkerClient(body.destination_url, secret, read_timeout=body.timeout_seconds, http=http)
     held_on_destination = False
     try:
         known = list(template.resume_token_ids)  # output tokens the destination has
@@ -125,7 +127,8 @@ def _drop_held(destination: WorkerClient, request_id: str) -> None:
         log.info("could not drop held request %s on %s: %s", request_id, destination.base_url, exc)
 
 
-def migrate_all(engine: Engine, body: MigrateRequest, secret: str) -> MigrateAllResult:
+def migrate_all(engine: Engine, body: MigrateRequest, secret: str,
+                http: InternalHttpConfig | None = None) -> MigrateAllResult:
     """Move every running and waiting request (node drain), concurrently. A request that finishes on its own
     meanwhile needs no migration and is in neither list."""
     request_ids = engine.migratable_request_ids()
@@ -135,7 +138,7 @@ def migrate_all(engine: Engine, body: MigrateRequest, secret: str) -> MigrateAll
     failed: list[MigrationFailure] = []
     with ThreadPoolExecutor(max_workers=min(len(request_ids), MAX_PARALLEL_MIGRATIONS),
                             thread_name_prefix="hpcllm-migrate") as pool:
-        futures = {rid: pool.submit(migrate_request, engine, rid, body, secret) for rid in request_ids}
+        futures = {rid: pool.submit(migrate_request, engine, rid, body, secret, http) for rid in request_ids}
         for request_id, future in futures.items():
             try:
                 migrated.append(future.result())

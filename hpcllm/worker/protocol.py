@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
-SECRET_HEADER = "X-Hpcllm-Secret"
 GENERATE_PATH = "/v1/internal/generate"
 TOKENS_PATH = "/v1/internal/requests/{request_id}/tokens"
 CANCEL_PATH = "/v1/internal/requests/{request_id}/cancel"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from hpcllm.errors import HpcllmError
+from hpcllm.httpkit.errors import ServiceError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer
 from hpcllm.worker.protocol import (
     ErrorInfo,
@@ -36,16 +36,12 @@ log = logging.getLogger(__name__)
 Event = TokenLine | FinalLine
 
 
-class EngineError(HpcllmError):
-    """A request the engine refuses; http_status is what the worker's HTTP API answers."""
+class EngineError(ServiceError):
+    """A request the engine refuses; http_status is what the worker's HTTP API answers (hpcllm.httpkit.errors)."""
 
     http_status = 500
     error_type = "server_error"
     code: str | None = None
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
 
     def info(self) -> ErrorInfo:
         return ErrorInfo(message=str(self), type=self.error_type, param=self.param, code=self.code)

@@ -1,20 +1,20 @@
-"""The worker's HTTP server: a Flask app around one Engine, served by werkzeug's threaded server in one process.
+"""The worker's HTTP server: a Flask app around one Engine, served in one process by hpcllm.httpkit.server.
 
-Why not gunicorn here: the engine (model + KV caches + its thread) must exist once per process and every request
-thread must reach it, so gunicorn could only run workers=1 with gthread - which adds an arbiter process, forks
-after torch is imported, and kills a worker that does not heartbeat within `timeout` while it loads a large model.
-werkzeug's threaded server keeps everything in the one process the node agent starts, binds port 0 and reports
-the real port, and a streaming response occupies one thread each. It is never exposed to clients (127.0.0.1 by
-default, shared secret on /v1/internal/*); the gateway in front is the public server. See docs/worker.md.
+Why one process (not gunicorn): the engine (model + KV caches + its thread) must exist once per process and every
+request thread must reach it, so gunicorn could only run workers=1 with gthread - which adds an arbiter process,
+forks after torch is imported, and kills a worker that does not heartbeat within `timeout` while it loads a large
+model. httpkit's InternalServer (cheroot) keeps everything in the one process the node agent starts, binds port 0
+and reports the real port, runs a fixed number of threads (a streaming response occupies one each, so there are
+enough for max_running_requests + max_waiting_requests streams and the migration and control calls besides), and
+closes connections that do not deliver their request in time. It is never exposed to clients (127.0.0.1 by
+default, shared secret on /v1/internal/*, TLS with [internal_http]); the gateway in front is the public server.
+See docs/worker.md.
 
 The model loads in a background thread after the port is bound: /health answers at once (liveness), /ready says
 503 until the engine runs.
 """
-
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 import os
 import signal
@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flask import Flask, Response, request
-from pydantic import ValidationError
-from werkzeug.serving import make_server
+from flask import Blueprint, Flask, Response
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.errors import ConfigError, HpcllmError
-from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable, InvalidRequest
+from hpcllm.httpkit.app import service_app
+from hpcllm.httpkit.auth import SharedSecret, guard
+from hpcllm.httpkit.body import parse_body
+from hpcllm.httpkit.server import InternalServer
+from hpcllm.worker.engine import Engine, EngineUnavailable
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
 from hpcllm.worker.protocol import (
@@ -43,14 +46,11 @@ from hpcllm.worker.protocol import (
     MIGRATE_REQUEST_PATH,
     NDJSON_MEDIA_TYPE,
     PREPARE_MIGRATION_PATH,
-    SECRET_HEADER,
     TOKENS_PATH,
     stream_line_json,
     AttachMigration,
     EmbedRequest,
     EmbedResult,
-    ErrorInfo,
-    ErrorResponse,
     ExtendMigration,
     ExtendResult,
     GenerateRequest,
@@ -61,7 +61,8 @@ from hpcllm.worker.protocol import (
 
 log = logging.getLogger(__name__)
 
-INTERNAL_PREFIX = "/v1/internal/"
+# HTTP threads beyond one per possible stream (running + waiting requests): migration, control and health calls.
+CONTROL_THREADS = 16
 
 
 class WorkerLoadError(HpcllmError):
@@ -95,6 +96,7 @@ class WorkerService:
         self.engine: Engine | None = None
         self.loaded: ModelForServing | None = None
         self.load_error: str | None = None
+        self.http: InternalHttpConfig | None = None  # how it serves and calls other workers (serve() sets it)
 
     def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
@@ -129,58 +131,26 @@ class WorkerService:
         if self.engine is not None:
             self.engine.shutdown()
 
-
-def error_response(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None):
-    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
-    return Response(body.model_dump_json(), status=status, mimetype="application/json")
-
-
-def _engine_error(exc: EngineError) -> Response:
-    return Response(ErrorResponse(error=exc.info()).model_dump_json(), status=exc.http_status, mimetype="application/json")
-
-
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
-    )
-    return message, where
-
-
-def _parse_body(model):
-    """The request body as a pydantic model; a 400 naming the bad field otherwise."""
-    try:
-        return model.model_validate_json(request.get_data())
-    except ValidationError as exc:
-        message, param = _validation_message(exc)
-        raise InvalidRequest(message, param) from None
+    def stream_capacity(self) -> int:
+        """Generations that may hold a stream at once (running + waiting requests, the engine's defaults when not
+        set)."""
+        options = self.engine_options
+        return options.get("max_running_requests", 8) + options.get("max_waiting_requests", 256)
 
 
 def _route(path: str) -> str:
     return path.replace("{request_id}", "<request_id>")
 
 
-def create_app(service: WorkerService) -> Flask:
-    app = Flask("hpcllm.worker")
+def create_app(service: WorkerService, max_request_bytes: int | None = None) -> Flask:
+    internal = guard(Blueprint("internal", __name__), SharedSecret(service.secret))
+    open_bp = Blueprint("open", __name__)  # /health, /ready, /metrics
 
     def ready_engine() -> Engine:
         engine = service.engine
         if engine is None:
             raise EngineUnavailable(service.load_error or "model is still loading")
         return engine
-
-    @app.before_request
-    def check_secret():
-        if request.path.startswith(INTERNAL_PREFIX):
-            given = request.headers.get(SECRET_HEADER, "")
-            if not hmac.compare_digest(given.encode(), service.secret.encode()):
-                return error_response(401, f"missing or wrong {SECRET_HEADER} header", "authentication_error")
-        return None
-
-    @app.errorhandler(EngineError)
-    def engine_error(exc: EngineError):
-        return _engine_error(exc)
 
     def ndjson_response(stream) -> Response:
         return Response(
@@ -189,32 +159,32 @@ def create_app(service: WorkerService) -> Flask:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    @app.post(GENERATE_PATH)
+    @internal.post(GENERATE_PATH)
     def generate():
-        body = _parse_body(GenerateRequest)
+        body = parse_body(GenerateRequest)
         return ndjson_response(ready_engine().submit(body))
 
-    @app.post(EMBED_PATH)
+    @internal.post(EMBED_PATH)
     def embed():
-        body = _parse_body(EmbedRequest)
+        body = parse_body(EmbedRequest)
         embeddings = ready_engine().embed(body.inputs)
         result = EmbedResult(embeddings=embeddings, prompt_tokens=sum(len(ids) for ids in body.inputs))
         return Response(result.model_dump_json(), mimetype="application/json")
 
     # ---- live migration (docs/migration.md) ----------------------------------------------------------------------
 
-    @app.post(PREPARE_MIGRATION_PATH)
+    @internal.post(PREPARE_MIGRATION_PATH)
     def prepare_migration():
-        body = _parse_body(PrepareMigration)
+        body = parse_body(PrepareMigration)
         engine = ready_engine()
         engine.hold(body.generate, body.hold_seconds)
         cached, _ = engine.wait_prefilled(body.request_id)
         return Response(PrepareResult(request_id=body.request_id, cached_tokens=cached).model_dump_json(),
                         status=201, mimetype="application/json")
 
-    @app.post(_route(EXTEND_MIGRATION_PATH))
+    @internal.post(_route(EXTEND_MIGRATION_PATH))
     def extend_migration(request_id: str):
-        body = _parse_body(ExtendMigration)
+        body = parse_body(ExtendMigration)
         engine = ready_engine()
         cached, output = engine.extend(request_id, body.token_ids)
         if body.wait:
@@ -222,52 +192,52 @@ def create_app(service: WorkerService) -> Flask:
         return Response(ExtendResult(cached_tokens=cached, output_tokens=output).model_dump_json(),
                         mimetype="application/json")
 
-    @app.post(_route(ATTACH_MIGRATION_PATH))
+    @internal.post(_route(ATTACH_MIGRATION_PATH))
     def attach_migration(request_id: str):
-        body = _parse_body(AttachMigration)
+        body = parse_body(AttachMigration)
         return ndjson_response(ready_engine().attach(request_id, body.from_index))
 
-    @app.delete(_route(HELD_MIGRATION_PATH))
+    @internal.delete(_route(HELD_MIGRATION_PATH))
     def drop_migration(request_id: str):
         return Response(ready_engine().drop_held(request_id).model_dump_json(), mimetype="application/json")
 
-    @app.post(_route(MIGRATE_REQUEST_PATH))
+    @internal.post(_route(MIGRATE_REQUEST_PATH))
     def migrate_one(request_id: str):
-        body = _parse_body(MigrateRequest)
-        result = migrate_request(ready_engine(), request_id, body, service.secret)
+        body = parse_body(MigrateRequest)
+        result = migrate_request(ready_engine(), request_id, body, service.secret, service.http)
         return Response(result.model_dump_json(), mimetype="application/json")
 
-    @app.post(MIGRATE_ALL_PATH)
+    @internal.post(MIGRATE_ALL_PATH)
     def migrate_everything():
-        body = _parse_body(MigrateRequest)
-        return Response(migrate_all(ready_engine(), body, service.secret).model_dump_json(),
+        body = parse_body(MigrateRequest)
+        return Response(migrate_all(ready_engine(), body, service.secret, service.http).model_dump_json(),
                         mimetype="application/json")
 
-    @app.get(_route(TOKENS_PATH))
+    @internal.get(_route(TOKENS_PATH))
     def tokens(request_id: str):
         return Response(ready_engine().tokens(request_id).model_dump_json(), mimetype="application/json")
 
-    @app.post(_route(CANCEL_PATH))
+    @internal.post(_route(CANCEL_PATH))
     def cancel(request_id: str):
         return Response(ready_engine().cancel(request_id).model_dump_json(), mimetype="application/json")
 
-    @app.get("/health")
+    @open_bp.get("/health")
     def health():
         engine = service.engine
         if service.load_error is not None:
-            return error_response(503, f"model failed to load: {service.load_error}", "engine_unavailable")
+            raise EngineUnavailable(f"model failed to load: {service.load_error}")
         if engine is not None and not engine.alive:
-            return error_response(503, f"engine died: {engine.error or 'stopped'}", "engine_unavailable")
-        return _json({"status": "ok", "state": "ready" if engine is not None else "loading"})
+            raise EngineUnavailable(f"engine died: {engine.error or 'stopped'}")
+        return {"status": "ok", "state": "ready" if engine is not None else "loading"}
 
-    @app.get("/ready")
+    @open_bp.get("/ready")
     def ready():
         engine = service.engine
         if engine is None or not engine.alive:
             reason = service.load_error or (engine.error if engine is not None else None) or "model is loading"
-            return error_response(503, f"not ready: {reason}", "engine_unavailable")
+            raise EngineUnavailable(f"not ready: {reason}")
         running, waiting = engine.counts()
-        return _json(
+        return (
             {
                 "status": "ready",
                 "model": service.model_name,
@@ -283,15 +253,11 @@ def create_app(service: WorkerService) -> Flask:
             }
         )
 
-    @app.get("/metrics")
+    @open_bp.get("/metrics")
     def metrics():
         return Response(service.metrics.render(), mimetype="text/plain; version=0.0.4")
 
-    return app
-
-
-def _json(payload: dict) -> Response:
-    return Response(json.dumps(payload), mimetype="application/json")
+    return service_app("hpcllm.worker", [open_bp, internal], max_request_bytes=max_request_bytes)
 
 
 def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
@@ -334,18 +300,18 @@ def serve(
     port: int = 0,
     url_file: Path | None = None,
     on_listening: Callable[[str], None] | None = None,
+    http: InternalHttpConfig | None = None,
+    threads: int | None = None,
 ) -> None:
     """Bind, load in the background, serve until SIGTERM/SIGINT, then abort what is left and return.
 
     If the load fails the server stops and the error is raised (the process exits non-zero with the reason).
+    threads: HTTP threads (default: one per possible stream, service.stream_capacity(), plus CONTROL_THREADS).
     """
-    try:
-        server = make_server(host, port, create_app(service), threaded=True)
-    except OSError as exc:
-        raise ConfigError(f"worker cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    # Join stream threads on close: after the engine aborts their requests they only write a final line.
-    server.daemon_threads = False
-    url = f"http://{host}:{server.port}"
+    http = service.http = http or InternalHttpConfig()
+    server = InternalServer(create_app(service, http.max_request_bytes), host, port, http=http,
+                            threads=threads or service.stream_capacity() + CONTROL_THREADS, name="worker")
+    url = f"{server.scheme}://{host}:{server.port}"
     if url_file is not None:
         write_atomically(url_file, url + "\n")
     if on_listening is not None:
@@ -354,7 +320,7 @@ def serve(
     def stop_serving() -> None:
         def stop() -> None:
             service.shutdown()  # abort in-flight generations first: their streams end with a final "abort" line
-            server.shutdown()
+            server.stop()  # then stop; running streams (only their final line left) get a few seconds
 
         threading.Thread(target=stop, name="hpcllm-worker-stop", daemon=True).start()
 
@@ -372,7 +338,7 @@ def serve(
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         service.shutdown()
-        server.server_close()
+        server.stop()
     if load_failure:
         exc = load_failure[0]
         if isinstance(exc, HpcllmError):

@@ -267,7 +267,7 @@ class HttpNodeAgent:
         from flask import Flask, abort, request
         from werkzeug.serving import make_server
 
-        from hpcllm.controller.protocol import SECRET_HEADER
+        from hpcllm.httpkit.auth import SECRET_HEADER
 
         self.node_id = node_id
         self.instances: dict[str, InstanceInfo] = {}

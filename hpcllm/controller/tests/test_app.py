@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.controller.tests.conftest import ADMIN_KEY, GB, SECRET
+from hpcllm.httpkit.auth import SECRET_HEADER
 
 INTERNAL = {SECRET_HEADER: SECRET}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from hpcllm.controller.app import create_app
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 
 from .conftest import ADMIN_KEY, SECRET, Harness
 

@@ -4,8 +4,8 @@ for the node (202 "waiting") or goes elsewhere when that is sooner."""
 
 from __future__ import annotations
 
-from hpcllm.controller.protocol import SECRET_HEADER
 from hpcllm.controller.tests.conftest import GB, SECRET
+from hpcllm.httpkit.auth import SECRET_HEADER
 
 RESIDENCY = 60.0
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
+from hpcllm.controller.protocol import InstanceInfo
 from hpcllm.controller.tests.conftest import ADMIN_KEY, GB, SECRET
 from hpcllm.controller.tests.doubles import FileBackend, HttpNodeAgent, checkpoint_folder
+from hpcllm.httpkit.auth import SECRET_HEADER
 
 INTERNAL = {SECRET_HEADER: SECRET}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

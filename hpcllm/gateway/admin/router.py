@@ -17,10 +17,11 @@ from urllib.parse import quote
 import httpx
 from flask import Blueprint, Response, request
 
-from hpcllm.controller.protocol import MODEL_NAME_PATTERN, SECRET_HEADER
+from hpcllm.controller.protocol import MODEL_NAME_PATTERN
 from hpcllm.gateway.errors import MethodNotAllowed, NotFound, NotImplementedByDeployment, ServiceUnavailable
 from hpcllm.gateway.routing import ControllerRouter
 from hpcllm.gateway.runtime import current_gateway
+from hpcllm.httpkit.auth import SECRET_HEADER
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def test_only_the_controller_admin_routes_are_proxied(routed_gateway):
 
 def test_the_admin_proxy_does_not_send_the_cluster_secret(routed_gateway):
     """The controller admits /v1/admin with the admin key alone; the secret stays off the admin path."""
-    from hpcllm.controller.protocol import SECRET_HEADER
+    from hpcllm.httpkit.auth import SECRET_HEADER
 
     seen = {}
     http = routed_gateway.state.http

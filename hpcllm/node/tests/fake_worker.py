@@ -27,7 +27,7 @@ from pathlib import Path
 from flask import Flask, request
 from werkzeug.serving import make_server
 
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.protocol import MigrateAllResult, MigrateRequest, MigrationFailure, MigrationResult
 

@@ -14,7 +14,7 @@ import pytest
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import parse_config
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.agent import NodeAgent, expand_node_pattern
 from hpcllm.node.app import create_app
 from hpcllm.node.cache import CacheManager

@@ -19,9 +19,10 @@ from werkzeug.serving import make_server
 from hpcllm.config import parse_config
 from hpcllm.controller.agents import AgentClient
 from hpcllm.controller.errors import AgentError
-from hpcllm.controller.protocol import SECRET_HEADER, Heartbeat, InstanceInfo, ModelSpec, NodeRegistration
+from hpcllm.controller.protocol import Heartbeat, InstanceInfo, ModelSpec, NodeRegistration
 from hpcllm.controller.server import build_service
 from hpcllm.controller.tests.doubles import RecordingBackend, checkpoint_folder
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.app import create_app
 from hpcllm.node.protocol import StartInstance
 from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.app import create_app
 
 from .test_agent import SECRET, make_agent

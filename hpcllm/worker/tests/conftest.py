@@ -1,21 +1,28 @@
 """Worker test fixtures: the devmodels tiny models (root conftest's tiny_models), loaded once per session, and
-real worker servers (the worker's Flask app on werkzeug's threaded server) in threads."""
+real worker servers (the worker's Flask app on its production server, hpcllm.httpkit.server) in threads."""
 
 from __future__ import annotations
 
 import functools
-import threading
 import time
 
 import pytest
-from werkzeug.serving import make_server
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.devmodels import ARCHITECTURES
+from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.client import WorkerClient
-from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+from hpcllm.worker.server import CONTROL_THREADS, ModelForServing, WorkerService, create_app
 
 ARCHS = list(ARCHITECTURES)
 SECRET = "s3cret"
+
+
+@pytest.fixture(scope="session")
+def site_ca(tmp_path_factory):
+    from hpcllm.httpkit.tests.site_ca import site_ca_or_skip
+
+    return site_ca_or_skip(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -37,32 +44,32 @@ def load_pair(model_dirs):
 
 
 class RunningWorker:
-    def __init__(self, service: WorkerService):
+    def __init__(self, service: WorkerService, http: InternalHttpConfig | None = None):
         self.service = service
-        self.server = make_server("127.0.0.1", 0, create_app(service), threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.client = WorkerClient(self.url, SECRET, read_timeout=60)
+        service.http = http = http or InternalHttpConfig()
+        self.server = InternalServer(create_app(service), "127.0.0.1", 0, http=http,
+                                     threads=service.stream_capacity() + CONTROL_THREADS, name="worker")
+        self.url = f"{self.server.scheme}://{'localhost' if http.tls else '127.0.0.1'}:{self.server.port}"
+        self.thread = self.server.start()
+        self.client = WorkerClient(self.url, SECRET, read_timeout=60, http=http)
 
     def stop(self):
         self.client.close()
-        self.server.shutdown()
-        self.server.server_close()
         self.service.shutdown()
+        self.server.stop()
 
 
 @pytest.fixture
 def start_worker():
     workers = []
 
-    def start(pair=None, loader=None, **engine_options) -> RunningWorker:
+    def start(pair=None, loader=None, http=None, **engine_options) -> RunningWorker:
         service = WorkerService("tiny-llama", SECRET, keepalive_seconds=0.2, **engine_options)
         if pair is not None:
             service.attach(ModelForServing(*pair, tier="test", load_seconds=0.5))
         if loader is not None:
             service.load_in_background(loader)
-        worker = RunningWorker(service)
+        worker = RunningWorker(service, http)
         workers.append(worker)
         return worker
 

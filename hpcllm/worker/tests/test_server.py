@@ -3,8 +3,10 @@ import threading
 import httpx
 import pytest
 
+from hpcllm.config import InternalHttpConfig
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.client import WorkerClient, WorkerError
-from hpcllm.worker.protocol import SECRET_HEADER, FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigrateRequest, TokenLine
 from hpcllm.worker.server import ModelForServing
 
 from .conftest import SECRET, slow_down, wait_until
@@ -84,6 +86,26 @@ def test_client_disconnect_cancels_and_frees_the_slot(load_pair, start_worker):
     assert engine.counts() == (0, 0)
     with worker.client.generate(GenerateRequest(request_id="next", prompt=PROMPT, max_tokens=3)) as stream:
         assert list(stream)[-1].finish_reason in ("length", "stop")
+
+
+def test_streams_and_live_migration_over_tls_with_the_site_ca(load_pair, start_worker, site_ca):
+    tls = InternalHttpConfig(tls_cert_file=site_ca.cert, tls_key_file=site_ca.key, tls_ca_file=site_ca.ca)
+    source, destination = (start_worker(load_pair("llama"), http=tls) for _ in range(2))
+    assert source.url.startswith("https://")
+    with source.client.generate(GenerateRequest(request_id="whole", prompt=PROMPT, max_tokens=5)) as stream:
+        assert list(stream)[-1].finish_reason in ("length", "stop")
+    slow_down(source.service.engine, 0.05)
+    stream = source.client.generate(GenerateRequest(request_id="moving", prompt=PROMPT, max_tokens=40,
+                                                    ignore_eos=True))
+    lines = iter(stream)
+    next(lines)
+    # The source calls the destination itself, verifying it against the site CA.
+    moved = source.client.migrate("moving", MigrateRequest(destination_url=destination.url))
+    assert moved.destination_url == destination.url
+    final = [line for line in lines if isinstance(line, FinalLine)][-1]
+    assert final.finish_reason == "migrated"
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(source.url + "/health")
 
 
 def test_disconnect_while_queued_is_noticed_through_keepalives(load_pair, start_worker):

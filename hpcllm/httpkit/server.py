@@ -1,0 +1,217 @@
+"""The production HTTP server of the internal services (controller, node agents, workers): cheroot, in-process.
+
+Why cheroot: the services hold in-process state every request thread must reach (the worker's engine and model,
+the controller's autoscaler and registry, the agent's workers), so they need one process with a bounded pool of
+threads that can run inside a thread of a bigger program (the node agent) and report the port it bound (port 0).
+cheroot, CherryPy's server, is that: a fixed number of threads, idle keep-alive connections wait in a selector
+without holding one, TLS built in, streaming responses written as they are produced.
+
+What it adds (InternalServer):
+- A read deadline. cheroot reads a request in a thread with a timeout per read only, so a client sending a header
+  line every few seconds would hold that thread forever ("slowloris"). Here a connection must deliver its whole
+  request, headers and body, within internal_http.request_read_timeout_seconds of its first byte, or a watchdog
+  closes it. The body is read whole before the app runs (bounded by internal_http.max_request_bytes), so apps
+  never wait on a slow sender either.
+- The TLS handshake runs in the request thread under that deadline too (cheroot does it in its accept loop, where
+  one silent client would stall every new connection).
+- Its log goes to `logging`; a client that vanished mid-request is not an error of ours.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import ssl
+import threading
+import time
+
+from cheroot import errors as cheroot_errors
+from cheroot import server as cheroot_server
+from cheroot import wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+
+from hpcllm.config import InternalHttpConfig
+from hpcllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.25
+QUEUED_GRACE_S = 0.5
+
+
+class ReadDeadlines:
+    """Connections that must finish sending their request by a deadline; a watchdog thread closes late ones."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._deadlines: dict[object, float] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.closed = 0  # connections closed for missing their deadline (tests, logs)
+        threading.Thread(target=self._watch, name="hpcllm-read-deadlines", daemon=True).start()
+
+    def arm(self, conn, started: float) -> None:
+        """The connection, whose request began at `started` (monotonic), has until started + seconds to send it
+        all - and at least QUEUED_GRACE_S from now: a request that waited in the queue behind busy threads is
+        already in the socket's buffer if its client is not a slow one."""
+        with self._lock:
+            self._deadlines[conn] = max(started + self.seconds, time.monotonic() + min(QUEUED_GRACE_S, self.seconds))
+
+    def disarm(self, conn) -> None:
+        with self._lock:
+            self._deadlines.pop(conn, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(WATCH_INTERVAL_S):
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for conn, deadline in self._deadlines.items() if deadline <= now]
+                for conn in late:
+                    del self._deadlines[conn]
+            for conn in late:
+                if conn.socket.fileno() == -1:
+                    continue  # already closed (an idle connection the server let go)
+                self.closed += 1
+                log.info("closing a connection from %s: no complete request within %.0f s",
+                         getattr(conn, "remote_addr", "?"), self.seconds)
+                try:  # the plain socket's shutdown (also under TLS): the blocked read in the request thread returns
+                    socket.socket.shutdown(conn.socket, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+class _Request(cheroot_server.HTTPRequest):
+    def parse_request(self):
+        conn = self.conn
+        # A new connection's first request is due from its accept; a kept-alive one's from now.
+        self.server.read_deadlines.arm(conn, time.monotonic() if conn.served_one else conn.accepted_at)
+        super().parse_request()
+
+
+class _Connection(cheroot_server.HTTPConnection):
+    RequestHandlerClass = _Request
+
+    def __init__(self, server, sock, makefile):
+        super().__init__(server, sock, makefile)
+        self.accepted_at = time.monotonic()
+        self.has_spoken = False  # sent its first bytes: only then does it get a thread
+        self.served_one = False
+
+    def communicate(self):
+        try:
+            return super().communicate()
+        finally:
+            self.served_one = True
+            self.server.read_deadlines.disarm(self)
+
+
+class _Gateway(wsgi.Gateway_10):
+    """Reads the whole body (still under the read deadline) before the app runs."""
+
+    def respond(self):
+        req = self.req
+        try:
+            body = req.rfile.read()
+        except cheroot_errors.MaxSizeExceeded:
+            req.simple_response("413 Request Entity Too Large",
+                                f"the request body is larger than the {req.server.max_request_body_size} bytes "
+                                f"this service accepts")
+            req.close_connection = True
+            return
+        finally:
+            req.server.read_deadlines.disarm(req.conn)
+        self.env["wsgi.input"] = io.BytesIO(body)
+        self.env["CONTENT_LENGTH"] = str(len(body))
+        self.env.pop("HTTP_TRANSFER_ENCODING", None)
+        return super().respond()
+
+
+class _LazyHandshakeSSLAdapter(BuiltinSSLAdapter):
+    """TLS whose handshake happens at the first read, in the request thread (under the read deadline)."""
+
+    def wrap(self, sock):
+        try:
+            wrapped = self.context.wrap_socket(sock, do_handshake_on_connect=False, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            raise cheroot_errors.FatalSSLAlert(*exc.args) from exc
+        return wrapped, {"wsgi.url_scheme": "https", "HTTPS": "on"}
+
+
+class _Server(wsgi.Server):
+    ConnectionClass = _Connection
+
+    def process_conn(self, conn):
+        # cheroot hands a new connection to a thread at once; a client that connects and stays silent would hold
+        # it. Here it waits in the selector, like an idle kept-alive one, until it sends something (or expires).
+        if not conn.has_spoken:
+            conn.has_spoken = True
+            self.put_conn(conn)
+            return
+        super().process_conn(conn)
+
+    def error_log(self, msg="", level=logging.INFO, traceback=False):
+        # cheroot reports a client that went away (reset, TLS EOF, our own deadline) as an error; it is not ours.
+        level = logging.DEBUG if level < logging.ERROR else level
+        log.log(level, "%s", msg, exc_info=traceback and level >= logging.ERROR)
+
+
+class InternalServer:
+    """One internal service's HTTP(S) server: bound at construction (port 0 picks one), then serve_forever() in
+    this thread or start() in a background one; stop() from anywhere."""
+
+    def __init__(self, app, host: str, port: int, *, http: InternalHttpConfig, threads: int, name: str):
+        self.name = name
+        self.http = http
+        self._server = _Server((host, port), app, numthreads=threads, max=threads,
+                               timeout=http.socket_timeout_seconds, shutdown_timeout=5,
+                               server_name=f"hpcllm-{name}")
+        self._server.gateway = _Gateway
+        self._server.max_request_body_size = http.max_request_bytes
+        self._server.read_deadlines = ReadDeadlines(http.request_read_timeout_seconds)
+        if http.tls:
+            self._server.ssl_adapter = _ssl_adapter(http)
+        try:
+            self._server.prepare()
+        except OSError as exc:
+            self._server.read_deadlines.stop()
+            raise ConfigError(f"the {name} cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        self.host = host
+        self.port = self._server.bind_addr[1]
+        self._stopped = threading.Event()
+
+    @property
+    def scheme(self) -> str:
+        return self.http.scheme
+
+    @property
+    def deadline_closes(self) -> int:
+        return self._server.read_deadlines.closed
+
+    def serve_forever(self) -> None:
+        """Serve until stop()."""
+        try:
+            self._server.serve()
+        finally:
+            self._stopped.set()
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name=f"hpcllm-{self.name}-http", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Stop accepting, let running requests finish (up to 5 s), close."""
+        self._server.stop()
+        self._server.read_deadlines.stop()
+
+
+def _ssl_adapter(http: InternalHttpConfig) -> _LazyHandshakeSSLAdapter:
+    try:
+        return _LazyHandshakeSSLAdapter(str(http.tls_cert_file), str(http.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"internal_http.tls_cert_file {http.tls_cert_file} / tls_key_file {http.tls_key_file}: "
+                          f"cannot load the certificate and its key ({exc})") from None

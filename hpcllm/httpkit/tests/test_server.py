@@ -1,0 +1,180 @@
+"""The internal services' server (hpcllm.httpkit.server): bounded threads that slow clients cannot hold, streams
+written as produced, bodies bounded, TLS with the site CA."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from flask import Blueprint, Response, request
+
+from hpcllm.config import InternalHttpConfig
+from hpcllm.errors import ConfigError
+from hpcllm.httpkit.app import service_app
+from hpcllm.httpkit.client import internal_client
+from hpcllm.httpkit.server import InternalServer
+
+
+def demo_app():
+    bp = Blueprint("demo", __name__)
+
+    @bp.get("/ping")
+    def ping():
+        return {"pong": True}
+
+    @bp.post("/echo")
+    def echo():
+        return {"bytes": len(request.get_data())}
+
+    @bp.get("/stream")
+    def stream():
+        def lines():
+            for i in range(3):
+                yield f"{i}\n".encode()
+                time.sleep(0.5)
+
+        return Response(lines(), mimetype="application/x-ndjson")
+
+    return service_app("demo", [bp], max_request_bytes=1 << 20)
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(threads: int = 4, **settings) -> InternalServer:
+        server = InternalServer(demo_app(), "127.0.0.1", 0, http=InternalHttpConfig(**settings), threads=threads,
+                                name="demo")
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def slow_sender(port: int, stop: threading.Event, closed: list) -> None:
+    """Opens a request and sends one more header line every 0.5 s, never finishing it (slowloris)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(0.2)
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")
+        i = 0
+        while not stop.is_set():
+            try:
+                sock.sendall(f"X-Slow-{i}: y\r\n".encode())
+                if sock.recv(1024) == b"":
+                    closed.append(time.monotonic())
+                    return
+            except socket.timeout:
+                pass
+            except OSError:
+                closed.append(time.monotonic())
+                return
+            i += 1
+            stop.wait(0.5)
+
+
+def test_slow_connections_do_not_stop_a_normal_client(serve):
+    server = serve(threads=2, request_read_timeout_seconds=2.0)
+    stop, closed = threading.Event(), []
+    senders = [threading.Thread(target=slow_sender, args=(server.port, stop, closed)) for _ in range(8)]
+    for sender in senders:  # 8 slow connections against 2 threads
+        sender.start()
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        with httpx.Client(timeout=10) as client:
+            answers = [client.get(f"http://127.0.0.1:{server.port}/ping") for _ in range(3)]
+        waited = time.monotonic() - started
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert waited < 4.0, f"a normal client waited {waited:.1f} s behind slow senders"
+        time.sleep(1.0)
+        assert len(closed) == 8, "the server closes connections that do not finish their request in time"
+        assert server.deadline_closes >= 8
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join()
+
+
+def test_a_slow_body_is_cut_off_too(serve):
+    server = serve(threads=1, request_read_timeout_seconds=1.5)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        started = time.monotonic()
+        sock.settimeout(5)
+        try:
+            for _ in range(20):
+                sock.sendall(b"x")
+                time.sleep(0.25)
+        except OSError:
+            pass
+        assert time.monotonic() - started < 3.5
+    answer = httpx.post(f"http://127.0.0.1:{server.port}/echo", content=b"y" * 1000, timeout=5)
+    assert answer.json() == {"bytes": 1000}
+
+
+def test_streams_are_written_as_they_are_produced(serve):
+    server = serve()
+    with httpx.stream("GET", f"http://127.0.0.1:{server.port}/stream", timeout=10) as resp:
+        started = time.monotonic()
+        lines = resp.iter_lines()
+        first = next(lines)
+        assert first == "0" and time.monotonic() - started < 0.4
+        assert list(lines) == ["1", "2"]
+
+
+def test_bodies_over_the_limit_are_refused(serve):
+    server = serve(max_request_bytes=64 * 1024)
+    url = f"http://127.0.0.1:{server.port}/echo"
+    assert httpx.post(url, content=b"x" * 1000).json() == {"bytes": 1000}
+    assert httpx.post(url, content=b"x" * 200_000).status_code == 413
+
+
+def test_errors_have_the_one_shape(serve):
+    server = serve()
+    resp = httpx.get(f"http://127.0.0.1:{server.port}/nowhere")
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "not_found" and resp.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_tls_with_the_site_ca(serve, site_ca):
+    server = serve(tls_cert_file=site_ca.cert, tls_key_file=site_ca.key, tls_ca_file=site_ca.ca)
+    http = InternalHttpConfig(tls_cert_file=site_ca.cert, tls_key_file=site_ca.key, tls_ca_file=site_ca.ca)
+    assert server.scheme == "https"
+    with internal_client(http) as client:
+        assert client.get(f"https://localhost:{server.port}/ping").json() == {"pong": True}
+        with client.stream("GET", f"https://127.0.0.1:{server.port}/stream") as resp:
+            assert list(resp.iter_lines()) == ["0", "1", "2"]
+    with httpx.Client() as public_roots:  # not signed by a public CA: refused
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            public_roots.get(f"https://localhost:{server.port}/ping")
+    with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer from a TLS port
+        httpx.get(f"http://127.0.0.1:{server.port}/ping", timeout=3)
+
+
+def test_a_silent_tls_client_does_not_stall_the_server(serve, site_ca):
+    server = serve(threads=2, request_read_timeout_seconds=2.0, tls_cert_file=site_ca.cert,
+                   tls_key_file=site_ca.key, tls_ca_file=site_ca.ca)
+    http = InternalHttpConfig(tls_cert_file=site_ca.cert, tls_key_file=site_ca.key, tls_ca_file=site_ca.ca)
+    silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]  # never say hello
+    try:
+        started = time.monotonic()
+        with internal_client(http, timeout=10) as client:
+            assert client.get(f"https://localhost:{server.port}/ping").status_code == 200
+        assert time.monotonic() - started < 1.5
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_incomplete_tls_settings_are_a_config_error(site_ca):
+    with pytest.raises(ValueError, match="tls_key_file"):
+        InternalHttpConfig(tls_cert_file=site_ca.cert, tls_ca_file=site_ca.ca)
+    bad = InternalHttpConfig(tls_cert_file=site_ca.ca, tls_key_file=site_ca.ca, tls_ca_file=site_ca.ca)
+    with pytest.raises(ConfigError, match="cannot load the certificate"):
+        InternalServer(demo_app(), "127.0.0.1", 0, http=bad, threads=1, name="demo")
