@@ -192,6 +192,10 @@ class GatewayConfig(Section):
     route_timeout_seconds: float = Field(600.0, gt=0)
     # Long-poll interval of one route call while the controller starts an instance.
     route_poll_seconds: float = Field(20.0, gt=0)
+    # While the controller is unreachable: requests go to instances it routed to within this many seconds (checked
+    # with the worker's /ready); requests with none wait up to controller_outage_wait_seconds for it to come back.
+    known_route_ttl_seconds: float = Field(600.0, gt=0)
+    controller_outage_wait_seconds: float = Field(60.0, ge=0)
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
     # Longest silence allowed between two tokens from a worker.
     upstream_read_timeout_seconds: float = Field(300.0, gt=0)
