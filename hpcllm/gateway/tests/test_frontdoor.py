@@ -94,3 +94,62 @@ def test_size_limit_and_slow_headers_stop_at_nginx(front):
     finally:
         for conn in slow:
             conn.close()
+
+
+def closed_by_server(conn: ssl.SSLSocket) -> bool:
+    conn.settimeout(2)
+    try:
+        data = conn.recv(1024)
+    except TimeoutError:
+        return False  # still open
+    except OSError:
+        return True  # reset, or TLS torn down
+    return data == b"" or data.startswith(b"HTTP/1.1 408")
+
+
+def test_200_slow_clients_do_not_stop_a_stream(front):
+    """The issue's attack (two connections sending a header line every 10 s held a gunicorn thread each; 32 stopped
+    the gateway), 200 times over, on loopback: each connection dribbles a header line every 2 s. nginx holds them
+    (and drops them at client_header_timeout); a normal client streams through meanwhile and the gateway never
+    sees a slow one."""
+    gw, door, url = front
+    context = trusting(door)
+    port = int(url.rsplit(":", 1)[1])
+    threads_before = threading.active_count()
+    slow = [context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+            for _ in range(200)]
+    stop = threading.Event()
+
+    def dribble():
+        for conn in slow:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")
+        line = 0
+        while not stop.wait(2.0):
+            line += 1
+            for conn in slow:
+                try:
+                    conn.sendall(f"X-Slow-{line}: {'a' * 20}\r\n".encode())
+                except OSError:
+                    pass  # nginx gave up on it: what it should do
+
+    dribbler = threading.Thread(target=dribble)
+    dribbler.start()
+    try:
+        time.sleep(3)  # every slow connection has sent headers at least twice
+        with httpx.Client(verify=context, timeout=60) as http:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=USER_KEY, max_retries=0, http_client=http)
+            chunks = list(client.completions.create(model=MODEL, prompt="hello", max_tokens=32, stream=True,
+                                                    extra_body={"ignore_eos": True}))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert sum(1 for c in chunks if c.choices[0].text) >= 16
+        # The test gateway (werkzeug) runs a thread per connection: none of the 200 reached it.
+        assert threading.active_count() - threads_before < 10
+        assert gw.state.in_flight == 0
+        # nginx drops them at client_header_timeout (10 s after they connected), however they dribble.
+        time.sleep(9)
+        assert sum(closed_by_server(conn) for conn in slow) == len(slow)
+    finally:
+        stop.set()
+        dribbler.join(10)
+        for conn in slow:
+            conn.close()
