@@ -90,7 +90,7 @@ class ControllerConfig(Section):
     database_url: str = ""  # empty: sqlite:///<state_dir>/controller.db; or postgresql://user:pw@host/db (extra)
     # Idle seconds before an instance is stopped (scale to zero); a model's keep_alive_seconds overrides it.
     keep_alive_seconds: float = Field(300.0, ge=0)
-    # Key of the admin API (deploy / undeploy / status); empty: gateway.admin_key, else cluster.shared_secret.
+    # Key of the admin API (deploy / undeploy / status); empty: gateway.admin_key (never the cluster secret).
     admin_key: str | None = None
     # Threads serving HTTP (each long-polling route call holds one).
     threads: int = Field(32, ge=1)
