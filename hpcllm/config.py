@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hpcllm.errors import ConfigError
+from hpcllm.privatefs import private_dir
 
 CONFIG_ENV = "HPCLLM_CONFIG"
 
@@ -366,12 +367,4 @@ def private_state_dir(config: Config) -> Path:
     and the workers it starts), and paths.state_dir exists, is ours and is 0700. A state folder another user
     created first (the default lives under the world-writable /var/tmp) is refused."""
     os.umask(0o077)
-    state = Path(config.paths.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    info = state.stat()
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"the state folder {state} belongs to another user (uid {info.st_uid}); choose a "
-                          f"paths.state_dir of your own")
-    if info.st_mode & 0o077:
-        state.chmod(0o700)
-    return state
+    return private_dir(config.paths.state_dir, "the state folder", "choose a paths.state_dir of your own")
