@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hpcllm.errors import ConfigError
+from hpcllm.privatefs import private_dir
 
 CONFIG_ENV = "HPCLLM_CONFIG"
 
@@ -92,7 +93,7 @@ class ControllerConfig(Section):
     database_url: str = ""  # empty: sqlite:///<state_dir>/controller.db; or postgresql://user:pw@host/db (extra)
     # Idle seconds before an instance is stopped (scale to zero); a model's keep_alive_seconds overrides it.
     keep_alive_seconds: float = Field(300.0, ge=0)
-    # Key of the admin API (deploy / undeploy / status); empty: gateway.admin_key, else cluster.shared_secret.
+    # Key of the admin API (deploy / undeploy / status); empty: gateway.admin_key (never the cluster secret).
     admin_key: str | None = None
     # Threads serving HTTP (each long-polling route call holds one).
     threads: int = Field(32, ge=1)
@@ -194,6 +195,10 @@ class GatewayConfig(Section):
     route_timeout_seconds: float = Field(600.0, gt=0)
     # Long-poll interval of one route call while the controller starts an instance.
     route_poll_seconds: float = Field(20.0, gt=0)
+    # While the controller is unreachable: requests go to instances it routed to within this many seconds (checked
+    # with the worker's /ready); requests with none wait up to controller_outage_wait_seconds for it to come back.
+    known_route_ttl_seconds: float = Field(600.0, gt=0)
+    controller_outage_wait_seconds: float = Field(60.0, ge=0)
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
     # Longest silence allowed between two tokens from a worker.
     upstream_read_timeout_seconds: float = Field(300.0, gt=0)
@@ -405,12 +410,4 @@ def private_state_dir(config: Config) -> Path:
     and the workers it starts), and paths.state_dir exists, is ours and is 0700. A state folder another user
     created first (the default lives under the world-writable /var/tmp) is refused."""
     os.umask(0o077)
-    state = Path(config.paths.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
-    info = state.stat()
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"the state folder {state} belongs to another user (uid {info.st_uid}); choose a "
-                          f"paths.state_dir of your own")
-    if info.st_mode & 0o077:
-        state.chmod(0o700)
-    return state
+    return private_dir(config.paths.state_dir, "the state folder", "choose a paths.state_dir of your own")

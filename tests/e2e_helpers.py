@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -72,21 +73,24 @@ def submit_agent(backend, config, config_path: Path, controller_url: str, node: 
 
 @contextmanager
 def control_plane(root: Path, config_path: Path, controller_port: int, gateway_port: int, env: dict[str, str],
-                  admin_key: str, extra_jobs: Callable[[], list[str]] = list) -> Iterator[tuple[str, str]]:
+                  admin_key: str, extra_jobs: Callable[[], list[str]] = list,
+                  processes: dict[str, subprocess.Popen] | None = None) -> Iterator[tuple[str, str]]:
     """A real `hpcllm controller` and gunicorn `hpcllm gateway` (logs in root), yielded as (gateway_url,
     controller_url) once both answer /health. At the end both stop and the Slurm jobs the controller held (plus
-    `extra_jobs()`) are cancelled, so no allocation outlives the test."""
+    `extra_jobs()`) are cancelled, so no allocation outlives the test. `processes`, when given, is filled with
+    the two processes ("controller", "gateway"); a test that restarts one puts the new process there, and that
+    one is stopped at the end."""
     from hpcllm.config import load_config
     from hpcllm.slurm.cli_backend import CliBackend
 
     controller_url, gateway_url = f"http://127.0.0.1:{controller_port}", f"http://127.0.0.1:{gateway_port}"
-    procs: list[subprocess.Popen] = []
+    procs: dict[str, subprocess.Popen] = processes if processes is not None else {}
     try:
         controller = start_logged([HPCLLM, "controller", "--config", str(config_path)], root / "controller.log", env)
-        procs.append(controller)
+        procs["controller"] = controller
         gateway = start_logged([HPCLLM, "gateway", "--config", str(config_path), "--port", str(gateway_port)],
                                root / "gateway.log", env)
-        procs.append(gateway)
+        procs["gateway"] = gateway
         wait_for(lambda: answers(f"{controller_url}/health", controller, root / "controller.log"), 60,
                  "the controller to answer /health")
         wait_for(lambda: answers(f"{gateway_url}/health", gateway, root / "gateway.log"), 60,
@@ -94,16 +98,32 @@ def control_plane(root: Path, config_path: Path, controller_port: int, gateway_p
         yield gateway_url, controller_url
     finally:
         jobs: list[str] = []
-        if procs and procs[0].poll() is None:
+        if "controller" in procs and procs["controller"].poll() is None:
             try:
                 jobs = [a["job_id"] for a in admin_status(controller_url, admin_key)["allocations"]]
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
-        for proc in reversed(procs):
+        for proc in reversed(list(procs.values())):
             stop_process(proc)
         backend = CliBackend(load_config(config_path).slurm, command_timeout=30)
         for job in set(jobs) | set(extra_jobs()):
             backend.cancel(job)
+
+
+@contextmanager
+def front_door(config_path: Path, run_dir: Path, gateway_url: str) -> Iterator[tuple[str, ssl.SSLContext]]:
+    """nginx with TLS in front of the gateway at gateway_url, as `make up` runs it (hpcllm.gateway.frontdoor):
+    yields its https URL and an SSL context that trusts only its dev CA; stopped at the end."""
+    from hpcllm.config import load_config
+    from hpcllm.gateway import frontdoor
+
+    port = free_port()
+    door = frontdoor.start(load_config(config_path), run_dir, f"127.0.0.1:{port}",
+                           upstream=gateway_url.removeprefix("http://"))
+    try:
+        yield f"https://localhost:{port}", ssl.create_default_context(cafile=str(door.ca))
+    finally:
+        frontdoor.stop(door.run_dir)
 
 
 def start_logged(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -24,6 +24,7 @@ from hpcllm.config import InternalHttpConfig
 from hpcllm.controller import protocol as controller_wire
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.errors import ModelNotFound, ServiceUnavailable
+from hpcllm.gateway.known_routes import KnownInstance, KnownRoutes
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import error_of, internal_client, json_object
 
@@ -83,6 +84,9 @@ class Router(ABC):
     def check_ready(self) -> str | None:
         """None when requests can be served now, else the reason they cannot."""
 
+    def forget(self, endpoint: Endpoint) -> None:
+        """The endpoint's worker refused or could not be reached (the caller routes again)."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -134,33 +138,88 @@ class StaticRouter(Router):
         self._http.close()
 
 
+class ControllerUnreachable(ServiceUnavailable):
+    code = "controller_unreachable"
+
+
+# Controller answers that mean "the controller is in trouble", not "no such model" or "no capacity" (its 503).
+CONTROLLER_TROUBLE = frozenset({500, 502, 504})
+
+
 class ControllerRouter(Router):
-    """Asks the controller: GET /v1/internal/route?model=&wait= (200 ready, 202 starting, 404, 503)."""
+    """Asks the controller: GET /v1/internal/route?model=&wait= (200 ready, 202 starting, 404, 503).
+
+    While the controller cannot be asked (unreachable, or answering 500/502/504), requests go to the instances it
+    routed this model to within known_route_ttl_s (KnownRoutes), each checked with the worker's /ready; a model
+    with none (a cold start) and the model list of a process that never fetched one wait for the controller, up
+    to outage_wait_s."""
 
     def __init__(self, controller_url: str, *, shared_secret: str, route_poll_s: float = 20.0,
-                 connect_timeout_s: float = 5.0, models_ttl_s: float = 2.0, http: InternalHttpConfig | None = None):
+                 connect_timeout_s: float = 5.0, models_ttl_s: float = 2.0, known_route_ttl_s: float = 600.0,
+                 outage_wait_s: float = 60.0, http: InternalHttpConfig | None = None):
         self.controller_url = controller_url.rstrip("/")
         self.route_poll_s = route_poll_s
+        self.outage_wait_s = outage_wait_s
         self._http = internal_client(
             http, base_url=self.controller_url, headers=secret_headers(shared_secret),
             timeout=httpx.Timeout(connect_timeout_s, read=route_poll_s + 30.0),
         )
         # A short-lived copy of the model list so a burst of requests does not ask the controller for every one.
+        # While the controller is unreachable the last copy is used, however old.
         self._models_ttl_s = models_ttl_s
         self._models: tuple[float, list[ModelCard]] | None = None
+        self._known = KnownRoutes(known_route_ttl_s)
+        # After a failed call the controller is not asked again for 2 s (a controller host that drops packets
+        # would otherwise cost every request the connect timeout).
+        self._skip_controller_until = 0.0
+        self._outage: str | None = None  # why the controller could not be asked, while it cannot
 
     def _get(self, path: str, **params) -> httpx.Response:
+        if self._outage is not None and time.monotonic() < self._skip_controller_until:
+            raise ControllerUnreachable(self._outage, retry_after=5)
         try:
-            return self._http.get(path, params=params or None)
+            resp = self._http.get(path, params=params or None)
         except httpx.HTTPError as exc:
-            raise ServiceUnavailable(f"the controller at {self.controller_url} is unreachable ({exc})",
-                                     code="controller_unreachable", retry_after=5) from None
+            raise self._controller_failed(f"the controller at {self.controller_url} is unreachable ({exc})") from None
+        if resp.status_code in CONTROLLER_TROUBLE:
+            raise self._controller_failed(f"the controller at {self.controller_url} answered {resp.status_code}")
+        if self._outage is not None:
+            log.warning("the controller at %s answers again", self.controller_url)
+            self._outage = None
+        return resp
+
+    def _controller_failed(self, reason: str) -> ControllerUnreachable:
+        if self._outage is None:
+            log.warning("%s: serving the instances it named ready, new cold starts wait for it", reason)
+        self._outage = reason
+        self._skip_controller_until = time.monotonic() + 2.0
+        return ControllerUnreachable(reason, retry_after=5)
 
     def list_models(self) -> list[ModelCard]:
+        return self._list_models(wait_s=0.0)
+
+    def get_model(self, name: str) -> ModelCard:
+        cards = self._list_models(wait_s=self.outage_wait_s)
+        for card in cards:
+            if card.name == name:
+                return card
+        raise ModelNotFound(name, [card.name for card in cards])
+
+    def _list_models(self, wait_s: float) -> list[ModelCard]:
         now = time.monotonic()
         if self._models and now - self._models[0] < self._models_ttl_s:
             return self._models[1]
-        resp = self._get("/v1/internal/models")
+        deadline = now + wait_s
+        while True:
+            try:
+                resp = self._get("/v1/internal/models")
+                break
+            except ControllerUnreachable:
+                if self._models:  # the last list, however old: the controller's deployments rarely change
+                    return self._models[1]
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         if resp.status_code != 200:
             raise ServiceUnavailable(f"the controller answered {resp.status_code} listing models",
                                      code="controller_error", retry_after=5)
@@ -187,9 +246,24 @@ class ControllerRouter(Router):
         deadline = start + wait_s
         while True:
             remaining = deadline - time.monotonic()
-            resp = self._get("/v1/internal/route", model=model, wait=round(max(0.0, min(remaining, self.route_poll_s)), 1))
+            try:
+                resp = self._get("/v1/internal/route", model=model,
+                                 wait=round(max(0.0, min(remaining, self.route_poll_s)), 1))
+            except ControllerUnreachable:
+                remembered = self._remembered(model, start)
+                if remembered is not None:
+                    return remembered
+                remaining = min(deadline, start + self.outage_wait_s) - time.monotonic()
+                if remaining <= 0:
+                    raise
+                log.info("no ready instance of %s is known: waiting for the controller", model)
+                time.sleep(min(1.0, remaining))
+                continue
             if resp.status_code == 200:
-                return self._endpoint(model, self._read(controller_wire.RouteReady, resp), time.monotonic() - start)
+                endpoint = self._endpoint(model, self._read(controller_wire.RouteReady, resp),
+                                          time.monotonic() - start)
+                self._known.remember(model, KnownInstance(endpoint.instance_id, endpoint.worker_url))
+                return endpoint
             if resp.status_code == 404:
                 raise ModelNotFound(model)
             if resp.status_code == 202:
@@ -209,6 +283,25 @@ class ControllerRouter(Router):
             raise ServiceUnavailable(f"the controller answered {resp.status_code} routing {model!r}: {message}",
                                      code="controller_error", retry_after=5)
 
+    def _remembered(self, model: str, start: float) -> Endpoint | None:
+        """A remembered instance of the model whose worker says, now, that it serves this model and is ready."""
+        for known in self._known.candidates(model):
+            if self._worker_serves(known.worker_url, model):
+                return Endpoint(model=model, instance_id=known.instance_id, worker_url=known.worker_url,
+                                waited_seconds=time.monotonic() - start)
+            self._known.forget(model, known.worker_url)
+        return None
+
+    def _worker_serves(self, worker_url: str, model: str) -> bool:
+        try:
+            resp = self._http.get(f"{worker_url}/ready", timeout=2.0)  # an absolute URL: not the controller's
+            return resp.status_code == 200 and json_object(resp).get("model") == model
+        except httpx.HTTPError:
+            return False
+
+    def forget(self, endpoint: Endpoint) -> None:
+        self._known.forget(endpoint.model, endpoint.worker_url)
+
     @staticmethod
     def _endpoint(model: str, route: controller_wire.RouteReady, waited: float) -> Endpoint:
         cold = None
@@ -221,6 +314,8 @@ class ControllerRouter(Router):
         try:
             resp = self._http.get("/health", timeout=2.0)
         except httpx.HTTPError as exc:
+            if self._known:
+                return None  # the instances it named ready are served from memory meanwhile
             return f"the controller at {self.controller_url} is unreachable ({exc})"
         return None if resp.status_code == 200 else f"the controller answered {resp.status_code} on /health"
 
@@ -255,4 +350,7 @@ def make_router(config) -> Router:
                             timeout_s=gw.upstream_connect_timeout_seconds, http=config.internal_http)
     url = gw.controller_url or f"{config.internal_http.scheme}://{config.controller.host}:{config.controller.port}"
     return ControllerRouter(url, shared_secret=config.cluster.shared_secret, route_poll_s=gw.route_poll_seconds,
-                            connect_timeout_s=gw.upstream_connect_timeout_seconds, http=config.internal_http)
+                            connect_timeout_s=gw.upstream_connect_timeout_seconds,
+                            known_route_ttl_s=gw.known_route_ttl_seconds,
+                            outage_wait_s=min(gw.route_timeout_seconds, gw.controller_outage_wait_seconds),
+                            http=config.internal_http)

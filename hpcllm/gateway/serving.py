@@ -187,6 +187,7 @@ class Generation:
                 return open_generation(self.gw.http, self._endpoint.worker_url, secret, request)
             except WorkerUnavailable as exc:
                 log.warning("request %s: %s; routing again", self.ctx.request_id, exc.message)
+                self.gw.router.forget(self._endpoint)
                 time.sleep(0.5 * attempt)
                 self._endpoint = self._route()
         return open_generation(self.gw.http, self._endpoint.worker_url, secret, request)
@@ -239,6 +240,7 @@ class Generation:
                 self.gw.metrics.resumes.labels(self.model).inc()
                 log.warning("request %s choice %d: %s; resuming elsewhere after %d tokens",
                             self.ctx.request_id, index, reason, len(output_ids))
+                self.gw.router.forget(self._endpoint)
                 self._endpoint = self._route()
                 self._stream = self._open(index, resume_ids=list(output_ids), attempt_tag=resumes)
         finally:

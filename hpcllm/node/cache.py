@@ -17,10 +17,16 @@ Files:
 
 The folders are the truth about what is cached; the database adds what folders cannot say (refcounts, last use)
 and is repaired from the markers on start, so a copy written by another tool (the MPI warmer) is picked up.
+
+Copies are named after the model but keyed by content: a copy serves a load, a warm or a fill only while its
+manifest.json (which lists every file's chunk checksums) is the origin's. A model redeployed under the same name
+from a new checkpoint finds the old copies stale: they are dropped (once no instance uses them) and refilled, never
+loaded. nvme_dir and the DRAM namespace folder are private (0700, this user's; another user's is refused).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -37,8 +43,9 @@ from typing import Callable, Iterator
 
 from hpcllm.checkpoint import (CheckpointError, ChecksumMismatch, MissingFile,
                                NotAConvertedCheckpoint, read_checkpoint)
-from hpcllm.checkpoint.layout import Checkpoint, file_checksum
+from hpcllm.checkpoint.layout import MANIFEST_FILE, Checkpoint, file_checksum
 from hpcllm.errors import HpcllmError
+from hpcllm.privatefs import NotPrivate, private_dir
 from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
@@ -157,6 +164,19 @@ def open_origin(model: str, source: str | os.PathLike) -> Checkpoint:
     except CheckpointError as exc:
         raise CacheCorrupt(f"model {model!r}: the origin is damaged: {exc}") from None
     return ckpt
+
+
+def content_id(root: str | os.PathLike) -> str | None:
+    """What a converted checkpoint holds, as one digest: of its manifest.json, which lists every data and side
+    file's chunk checksums (copies are verified against it when filled). None when it cannot be read."""
+    try:
+        return manifest_digest((Path(root) / MANIFEST_FILE).read_bytes())
+    except OSError:
+        return None
+
+
+def manifest_digest(manifest: bytes) -> str:
+    return hashlib.sha256(manifest).hexdigest()
 
 
 def checkpoint_bytes(ckpt: Checkpoint) -> int:
@@ -313,7 +333,11 @@ class CacheManager:
             raise CacheError(str(exc)) from None
         self.tiers = CACHE_TIERS if self.dram is not None else (NVME,)
         try:
-            self.nvme_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.nvme_dir, "the NVMe cache folder", "choose a node.nvme_dir of your own")
+            if self.dram is not None and self.dram.dir.exists():  # created 0700 by its first fill
+                self.dram.ensure_private()
+        except (NotPrivate, DramTierError) as exc:
+            raise CacheError(str(exc)) from None
         except OSError as exc:
             raise CacheError(f"cannot create the NVMe cache folder {self.nvme_dir}: {exc.strerror}") from None
         self._db_path = self.nvme_dir / STATE_DB
@@ -459,11 +483,42 @@ class CacheManager:
         return None
 
     def path_for_load(self, model: str, source: str | os.PathLike) -> tuple[Path, str]:
-        """Where to load a model from: its best cached copy, else the origin (tier "sharedfs")."""
+        """Where to load a model from: its best cached copy of the origin's content, else the origin (tier
+        "sharedfs"). Copies of other content (the name was redeployed from a new checkpoint) are dropped."""
+        self.drop_stale(model, source)
         copy = self.best_copy(model)
-        if copy is not None:
+        if copy is not None and self._same_content(copy.path, source):
             return copy.path, copy.tier
         return Path(source), SHAREDFS
+
+    @staticmethod
+    def _same_content(copy: Path, source: str | os.PathLike) -> bool:
+        """The copy holds the origin's checkpoint. An origin whose manifest cannot be read now (the shared FS is
+        away) cannot tell: the copy is used, as it was the last time the origin could be compared."""
+        origin = content_id(source)
+        if origin is None:
+            log.warning("cannot read %s to compare with the cached copy %s: using the copy", source, copy)
+            return True
+        return content_id(copy) == origin
+
+    def drop_stale(self, model: str, source: str | os.PathLike, tiers: tuple[str, ...] | None = None) -> list[str]:
+        """Drop the model's copies whose content is not the origin's at `source` (a redeploy of the name from a new
+        checkpoint); a stale copy still in use stays until its instances stop, but is never chosen for a load.
+        Returns the tiers dropped."""
+        dropped = []
+        for tier in tiers or self.tiers:
+            path = self._present(model, tier)
+            if path is None or self._same_content(path, source):
+                continue
+            try:
+                self.evict(model, tier)
+                dropped.append(tier)
+                log.info("dropped the %s copy of %s: its content is not that of %s (redeployed?)", tier, model,
+                         source)
+            except CacheInUse:
+                log.info("the %s copy of %s is stale (not the content of %s) but in use: kept until released",
+                         tier, model, source)
+        return dropped
 
     # ---------------------------------------------------------------------------------------------- references
 
@@ -510,8 +565,10 @@ class CacheManager:
         ckpt = open_origin(model, source)
         origin = str(Path(source).resolve())
         existing = self.get(model, tier)
-        if existing is not None and not force:
+        if existing is not None and not force and self._same_content(existing.path, source):
             return self.best_copy_in(model, tier)
+        if existing is not None and not self._same_content(existing.path, source):
+            force = True  # a copy of another checkpoint under this name: replace it (CacheInUse while it is used)
         if existing is not None:
             self.evict(model, tier)
         fill_id = self.reserve_fill(model, tier, checkpoint_bytes(ckpt))
@@ -539,6 +596,7 @@ class CacheManager:
         check_model_name(model)
         ckpt = open_origin(model, source)
         need = checkpoint_bytes(ckpt)
+        self.drop_stale(model, source, tuple(t for t in tiers if t in self.tiers))
         kept, fill_ids = [], []
         for tier in tiers:
             if tier not in self.tiers or tier in kept or self._present(model, tier) is not None:
@@ -659,9 +717,9 @@ class CacheManager:
             raise
 
     def _fill_dram(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None) -> None:
-        # The node's NVMe copy, when there is one, is a faster source than the shared FS.
+        # The node's NVMe copy, when there is one of this content, is a faster source than the shared FS.
         local = self._present(model, NVME)
-        source = local if local is not None else ckpt.root
+        source = local if local is not None and self._same_content(local, ckpt.root) else ckpt.root
         total = checkpoint_bytes(ckpt)
         if progress:
             progress(0, total)

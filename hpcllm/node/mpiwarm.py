@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.checkpoint import CheckpointError, read_checkpoint
+from hpcllm.checkpoint.layout import MANIFEST_FILE
 from hpcllm.errors import HpcllmError
-from hpcllm.node.cache import (NVME, CacheError, CacheManager, check_model_name, checkpoint_bytes, filling_name,
-                               folder_bytes, fsync_dir, open_origin, write_marker)
+from hpcllm.node.cache import (NVME, CacheError, CacheManager, check_model_name, checkpoint_bytes, content_id,
+                               filling_name, folder_bytes, fsync_dir, manifest_digest, open_origin, write_marker)
 
 RESULT_PREFIX = "mpiwarm:"
 
@@ -72,12 +73,17 @@ class RankFill:
         if not self.error:  # keep the first cause
             self.error = message
 
-    def prepare(self, need: int) -> None:
+    def prepare(self, need: int, manifest: bytes) -> None:
+        """Reserve room and make the fill folder; nothing to do when the node holds a copy of this content (the
+        origin's manifest). A copy of another checkpoint under the name (redeployed) is dropped first."""
         try:
             self.cache = CacheManager(self.nvme_dir, self.capacity_bytes, 0, dram_namespace=None)
-            if self.cache.get(self.model, NVME) is not None:
+            existing = self.cache.get(self.model, NVME)
+            if existing is not None and content_id(existing.path) == manifest_digest(manifest):
                 self.already_cached = True
                 return
+            if existing is not None:
+                self.cache.evict(self.model, NVME)  # CacheInUse while an instance still runs from it
             self.fill_id = self.cache.reserve_fill(self.model, NVME, need)
             self.tmp = self.nvme_dir / filling_name(self.model)
             _REMOVE_ON_CANCEL.add(self.tmp)
@@ -195,7 +201,7 @@ def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes
 
     fill = RankFill(model, nvme_dir_for(nvme_dir_template, node, rank), capacity_bytes)
     try:
-        fill.prepare(described["need"])
+        fill.prepare(described["need"], described["small"][MANIFEST_FILE])
         for name, data in described["small"].items():
             fill.write_small(name, data)
         manifest_ckpt = None

@@ -1,10 +1,17 @@
 """The DRAM tier: converted checkpoints held in POSIX shared memory (/dev/shm) that outlives worker processes.
 
 Layout: <root>/hpcllm-<namespace>/<model_id>/ is a complete converted checkpoint (data files, manifest.json,
-index.json, side files) plus `.hpcllm-dram.json`, written last, saying it was verified when filled. A load from
-it maps the data files copy-on-write and makes the model's tensors views of the mapping: no read, no copy, no
-checksum pass, so the model is ready in about the time the skeleton takes to build; all processes on the node
-share the same physical pages.
+index.json, side files) plus `.hpcllm-dram.json`, written last, saying it was verified when filled and naming
+each file's identity then (device, inode, size, mtime_ns, ctime_ns). A load from it maps the data files
+copy-on-write and makes the model's tensors views of the mapping: no read, no copy, no checksum pass, so the
+model is ready in about the time the skeleton takes to build; all processes on the node share the same physical
+pages.
+
+Only a copy that is verifiably ours skips the checksum pass (`copy_intact`): the namespace folder, the copy and
+its files belong to this user and no one else may write them (folders 0700, files 0600), and every file is still
+the one the fill verified (any rewrite changes its inode or ctime, which no one can set back). A marker planted in
+a folder of someone else's, or a file altered after the fill, makes the loader verify every chunk, so altered
+weights fail with ChecksumMismatch instead of loading. A namespace folder another user created first is refused.
 
 `put` fills a temporary `.tmp-*` folder (O_DIRECT reads from the source straight into the shared pages, every
 chunk verified as it lands) and renames it into place, so a reader never sees a partial copy. `remove` renames
@@ -26,10 +33,12 @@ from pathlib import Path
 from hpcllm.checkpoint import (ChecksumMismatch, MissingFile, read_checkpoint)
 from hpcllm.checkpoint.layout import file_checksum
 from hpcllm.errors import HpcllmError
+from hpcllm.privatefs import NotPrivate, owned_by_us, private_dir
 from hpcllm.store.memory import MappedFile, round_up
 from hpcllm.store.pipeline import DirectHostTarget, Pipeline, plan_units
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
 from hpcllm.store.tiers import detect_tier
+from hpcllm.store.verified import file_identity
 
 MARKER_FILE = ".hpcllm-dram.json"
 DEFAULT_ROOT = Path("/dev/shm")
@@ -59,6 +68,14 @@ class DramTier:
             raise DramTierError(f"DRAM tier namespace {namespace!r} must be 1-64 letters, digits, '.', '_' or '-'")
         self.namespace = namespace
         self.dir = Path(root) / f"hpcllm-{namespace}"
+
+    def ensure_private(self) -> Path:
+        """Create the namespace folder 0700, or check that the existing one is ours (DramTierError if not)."""
+        try:
+            return private_dir(self.dir, "the DRAM tier folder", "choose another node.dram_namespace, or have "
+                               "its owner remove it")
+        except NotPrivate as exc:
+            raise DramTierError(str(exc)) from None
 
     # ------------------------------------------------------------------------------------------------- queries
 
@@ -113,15 +130,20 @@ class DramTier:
         if self.has(model_id):
             return self.entry(model_id)
         self._check_space(ckpt.total_bytes)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ensure_private()
         tmp = self.dir / f".tmp-{model_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)
         try:
             self._fill_data(ckpt, tmp, threads)
             self._copy_small_files(ckpt, tmp)
+            for file in tmp.iterdir():
+                file.chmod(0o600)
             info = {"model_id": model_id, "source": str(source.resolve()), "bytes": ckpt.total_bytes,
-                    "filled_at": time.time(), "fill_seconds": time.perf_counter() - started, "verified": True}
-            (tmp / MARKER_FILE).write_text(json.dumps(info))
+                    "filled_at": time.time(), "fill_seconds": time.perf_counter() - started, "verified": True,
+                    "files": {file.name: file_identity(file) for file in sorted(tmp.iterdir())}}
+            marker = os.open(tmp / MARKER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(marker, "w") as f:
+                f.write(json.dumps(info))
             try:
                 os.rename(tmp, self.path(model_id))
             except OSError:
@@ -205,6 +227,28 @@ class DramTier:
                 raise ChecksumMismatch(f"{src}: xxh3_64 differs from the manifest; the file was modified or is "
                                        f"corrupt, re-copy or re-convert the checkpoint")
         read_checkpoint(tmp)  # the copy parses and its index matches the manifest
+
+
+def copy_intact(folder: str | os.PathLike) -> bool:
+    """True when `folder` is a DRAM-tier copy that is verifiably ours and unchanged since its verified fill: the
+    folder, its parent (the namespace) and every file belong to this user and are not writable by others, and the
+    files are exactly those the marker lists, with the identities they had when the fill verified them."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / MARKER_FILE).read_text())
+        recorded = info["files"]
+        present = {p.name for p in folder.iterdir() if p.name != MARKER_FILE}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not (owned_by_us(folder) and owned_by_us(folder.parent) and owned_by_us(folder / MARKER_FILE)):
+        return False
+    if not isinstance(recorded, dict) or set(recorded) != present:
+        return False
+    try:
+        return all(owned_by_us(folder / name) and file_identity(folder / name) == identity
+                   for name, identity in recorded.items())
+    except OSError:
+        return False
 
 
 def _check_id(model_id: str) -> str:

@@ -602,6 +602,13 @@ def _verify_side_files(ckpt: Checkpoint) -> None:
 
 
 def _filled_by_dram_tier(root: Path) -> bool:
-    from hpcllm.store.dram import MARKER_FILE
+    """A DRAM-tier copy that DramTier filled (and verified) and that is still ours and unchanged: no checksum pass.
+    A marker on a copy that is not (planted by another user, or a file altered since) means: verify everything."""
+    from hpcllm.store.dram import MARKER_FILE, copy_intact
 
-    return (root / MARKER_FILE).is_file()
+    if copy_intact(root):
+        return True
+    if (root / MARKER_FILE).is_file():
+        log.warning("%s carries the DRAM tier's marker but is not the copy it verified (owner, permissions or "
+                    "files changed): verifying every chunk", root)
+    return False

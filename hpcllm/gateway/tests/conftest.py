@@ -43,11 +43,16 @@ def hf_pair(tiny_model_dir):
 class ThreadServer:
     """A WSGI app on 127.0.0.1:<free port> in a daemon thread (werkzeug's threaded server)."""
 
-    def __init__(self, app):
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+    def __init__(self, app, port: int = 0):
+        self.app = app
+        self.server = make_server("127.0.0.1", port, app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def start_again(self) -> None:
+        """After stop(): the same app on the same port again (a restarted service)."""
+        self.__init__(self.app, self.server.port)
 
     def stop(self) -> None:
         self.server.shutdown()

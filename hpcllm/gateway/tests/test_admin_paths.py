@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from .conftest import ADMIN_KEY
-from .test_controller_router import agents, controller_url, routed_gateway  # noqa: F401 (fixtures)
+from .test_controller_router import agents, controller_server, controller_url, routed_gateway  # noqa: F401 (fixtures)
 
 
 def raw_request(base_url: str, method: str, path: str, key: str = ADMIN_KEY) -> tuple[int, dict]:

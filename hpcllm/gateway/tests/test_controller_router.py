@@ -72,7 +72,7 @@ def agents(worker_url) -> InProcessAgents:
 
 
 @pytest.fixture
-def controller_url(tmp_path, agents, tiny_model_dir):
+def controller_server(tmp_path, agents, tiny_model_dir):
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -86,9 +86,14 @@ def controller_url(tmp_path, agents, tiny_model_dir):
     controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=0,
                                          tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
     server = ThreadServer(create_controller_app(controller))
-    yield server.url
+    yield server
     server.stop()
     registry.close()
+
+
+@pytest.fixture
+def controller_url(controller_server):
+    return controller_server.url
 
 
 @pytest.fixture
@@ -158,12 +163,90 @@ def test_admin_api_is_proxied_with_the_admin_key(routed_gateway, tiny_model_dir)
 
 
 def test_controller_down_is_503_and_not_ready(make_gateway):
-    gw = make_gateway(static_models={}, controller_url="http://127.0.0.1:9", upstream_connect_timeout_seconds=1)
+    gw = make_gateway(static_models={}, controller_url="http://127.0.0.1:9", upstream_connect_timeout_seconds=1,
+                      controller_outage_wait_seconds=1.5)
+    started = time.monotonic()
     resp = gw.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "controller_unreachable"
+    assert time.monotonic() - started >= 1.5  # it waited for the controller to come back, then gave up
     assert resp.headers["Retry-After"]
     assert httpx.get(f"{gw.url}/ready").status_code == 503
     assert httpx.get(f"{gw.url}/health").status_code == 200
+
+
+# ----------------------------------------------------------------------------------- controller outages
+
+
+def controller_metric(url: str, line_start: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                if line.startswith(line_start + " "))
+
+
+def restart_on_same_port(server: ThreadServer, after_s: float) -> threading.Thread:
+    """Starts the stopped controller app again on its old port after after_s (a controller restart)."""
+    def restart():
+        time.sleep(after_s)
+        server.start_again()
+
+    thread = threading.Thread(target=restart)
+    thread.start()
+    return thread
+
+
+def test_ready_instances_keep_serving_while_the_controller_is_down(routed_gateway, controller_server, agents):
+    client = routed_gateway.client()
+    first = client.completions.create(model=MODEL, prompt="hello world", max_tokens=6, temperature=0)
+    assert len(agents.started) == 1
+    controller_server.stop()  # as kill -9: connections are refused from now on
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{controller_server.url}/health")
+
+    # The instance the controller named ready keeps serving: streaming, non-streaming, the model list, /ready.
+    for _ in range(3):
+        again = client.completions.create(model=MODEL, prompt="hello world", max_tokens=6, temperature=0)
+        assert again.choices[0].text == first.choices[0].text
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True, extra_body={"ignore_eos": True}))
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 1
+    time.sleep(2.1)  # past the model list's 2 s: the last copy is used while the controller is away
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{routed_gateway.url}/ready").status_code == 200
+    assert len(agents.started) == 1
+
+    # When the controller is back the gateway asks it again (after the 2 s it leaves a failed controller alone).
+    restart_on_same_port(controller_server, 0).join()
+    routed = f'hpcllm_controller_routes_total{{model="{MODEL}",outcome="ready"}}'
+    before = controller_metric(controller_server.url, routed)
+    time.sleep(2.1)
+    client.completions.create(model=MODEL, prompt="hello", max_tokens=2)
+    assert controller_metric(controller_server.url, routed) == before + 1
+
+
+def test_a_cold_start_waits_for_the_controller_to_come_back(routed_gateway, controller_server, agents):
+    controller_server.stop()
+    restart = restart_on_same_port(controller_server, 2.0)
+    started = time.monotonic()
+    resp = routed_gateway.client().completions.create(model=MODEL, prompt="hello world", max_tokens=4)
+    assert time.monotonic() - started >= 2.0 and resp.usage.completion_tokens == 4
+    assert len(agents.started) == 1  # the cold start went through the restarted controller
+    restart.join()
+
+
+def test_a_remembered_worker_serving_another_model_is_not_used(controller_server, worker_url):
+    """A worker's port reused by another model's worker after a restart: its /ready names the other model, so the
+    prompts of this one never go there; requests wait for the controller instead (here: give up after 1 s)."""
+    from hpcllm.gateway.errors import ServiceUnavailable
+    from hpcllm.gateway.known_routes import KnownInstance
+    from hpcllm.gateway.routing import ControllerRouter
+
+    router = ControllerRouter(controller_server.url, shared_secret=SECRET, outage_wait_s=1.0)
+    router._known.remember("other-model", KnownInstance("inst-x", worker_url))  # the worker serves MODEL
+    controller_server.stop()
+    with pytest.raises(ServiceUnavailable) as refused:
+        router.resolve("other-model", wait_s=30)
+    assert refused.value.code == "controller_unreachable"
+    assert router._known.candidates("other-model") == []  # and it is forgotten
+    router.close()
 
 
 # ------------------------------------------------------------------------------------------- context length

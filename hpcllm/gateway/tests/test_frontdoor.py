@@ -3,6 +3,8 @@ certificate against the self-signed CA; slow or oversized requests are nginx's p
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import ssl
@@ -94,3 +96,185 @@ def test_size_limit_and_slow_headers_stop_at_nginx(front):
     finally:
         for conn in slow:
             conn.close()
+
+
+def closed_by_server(conn: ssl.SSLSocket) -> bool:
+    conn.settimeout(2)
+    try:
+        data = conn.recv(1024)
+    except TimeoutError:
+        return False  # still open
+    except OSError:
+        return True  # reset, or TLS torn down
+    return data == b"" or data.startswith(b"HTTP/1.1 408")
+
+
+def test_200_slow_clients_do_not_stop_a_stream(front):
+    """The issue's attack (two connections sending a header line every 10 s held a gunicorn thread each; 32 stopped
+    the gateway), 200 times over, on loopback: each connection dribbles a header line every 2 s. nginx holds them
+    (and drops them at client_header_timeout); a normal client streams through meanwhile and the gateway never
+    sees a slow one."""
+    gw, door, url = front
+    context = trusting(door)
+    port = int(url.rsplit(":", 1)[1])
+    threads_before = threading.active_count()
+    slow = [context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost")
+            for _ in range(200)]
+    stop = threading.Event()
+
+    def dribble():
+        for conn in slow:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n")
+        line = 0
+        while not stop.wait(2.0):
+            line += 1
+            for conn in slow:
+                try:
+                    conn.sendall(f"X-Slow-{line}: {'a' * 20}\r\n".encode())
+                except OSError:
+                    pass  # nginx gave up on it: what it should do
+
+    dribbler = threading.Thread(target=dribble)
+    dribbler.start()
+    try:
+        time.sleep(3)  # every slow connection has sent headers at least twice
+        with httpx.Client(verify=context, timeout=60) as http:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=USER_KEY, max_retries=0, http_client=http)
+            chunks = list(client.completions.create(model=MODEL, prompt="hello", max_tokens=32, stream=True,
+                                                    extra_body={"ignore_eos": True}))
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert sum(1 for c in chunks if c.choices[0].text) >= 16
+        # The test gateway (werkzeug) runs a thread per connection: none of the 200 reached it.
+        assert threading.active_count() - threads_before < 10
+        assert gw.state.in_flight == 0
+        # nginx drops them at client_header_timeout (10 s after they connected), however they dribble.
+        time.sleep(9)
+        assert sum(closed_by_server(conn) for conn in slow) == len(slow)
+    finally:
+        stop.set()
+        dribbler.join(10)
+        for conn in slow:
+            conn.close()
+
+
+def slow_worker_app(seconds_per_token: float):
+    """A stand-in worker that streams one token per seconds_per_token (the generate API's NDJSON lines): a
+    generation that is still running when the gateway's drain time runs out."""
+    from flask import Flask, Response, request
+
+    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
+
+    app = Flask("slow-worker")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        req = GenerateRequest.model_validate_json(request.get_data())
+        total = req.max_tokens or 16
+
+        def lines():
+            for index in range(total):
+                yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
+                time.sleep(seconds_per_token)
+            usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=total,
+                          total_tokens=len(req.prompt_token_ids) + total)
+            yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
+
+        return Response(lines(), mimetype="application/x-ndjson")
+
+    @app.get("/ready")
+    def ready():
+        return {"status": "ready"}
+
+    return app
+
+
+def test_gateway_shutdown_ends_a_stream_through_nginx_with_an_error_event_and_settles_its_tokens(tmp_path,
+                                                                                                  tiny_model_dir):
+    """`hpcllm gateway` (gunicorn) behind nginx gets SIGTERM while a stream runs longer than its drain time: the
+    client gets the gateway_shutdown error event and [DONE] (the openai client raises it), not a cut connection,
+    and the key's token bucket gets back what the stream had reserved but not used."""
+    import signal
+    import subprocess
+    import sys
+
+    from hpcllm.config import load_config
+    from hpcllm.gateway.ratelimit import _bucket_id
+    from hpcllm.gateway.shared_state import SharedState
+
+    from .conftest import SECRET, ThreadServer
+
+    worker = ThreadServer(slow_worker_app(seconds_per_token=0.2))
+    gateway_port, tpm = free_port(), 100_000
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(f"""
+[paths]
+state_dir = "{tmp_path / 'state'}"
+[cluster]
+shared_secret = "{SECRET}"
+[gateway]
+host = "127.0.0.1"
+port = {gateway_port}
+workers = 1
+threads = 4
+drain_timeout_seconds = 7
+[[gateway.api_keys]]
+key = "{USER_KEY}"
+tokens_per_minute = {tpm}
+[gateway.static_models.slow]
+worker_url = "{worker.url}"
+source = "{tiny_model_dir}"
+""")
+    config_path.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with open(tmp_path / "gateway.log", "wb") as log:
+        gateway = subprocess.Popen([sys.executable, "-m", "hpcllm.cli.main", "gateway", "--config", str(config_path)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    port = free_port()
+    door = None
+    try:
+        deadline = time.monotonic() + 90
+        while not _answers(f"http://127.0.0.1:{gateway_port}/health"):
+            assert gateway.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
+            time.sleep(0.3)
+        door = frontdoor.start(load_config(config_path), tmp_path / "nginx", f"127.0.0.1:{port}")
+        bucket = _bucket_id(load_config(config_path).gateway.api_keys[0], "tokens")
+        limits = SharedState(tmp_path / "state" / "gateway" / "limits.db")
+
+        def used() -> float:
+            return tpm - limits.level(bucket, capacity=tpm, per_second=0.0)
+
+        body = {"model": "slow", "prompt": "hello", "max_tokens": 400, "stream": True}
+        with httpx.stream("POST", f"https://localhost:{port}/v1/completions", json=body, timeout=60,
+                          verify=trusting(door), headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            reserved = used()
+            assert reserved >= 400  # prompt + max_tokens, while it runs
+            gateway.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            rest = [line for line in lines if line]
+        # The drain budget (7 - 5 s) ran out long before the 400 tokens (80 s): the stream was ended, with words.
+        assert time.monotonic() - signalled < 15
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["code"] == "gateway_shutdown" and "shutting down" in error["message"]
+        assert gateway.wait(30) == 0
+        # Settled: the prompt and the tokens really delivered are charged, the rest of the 400 came back.
+        delivered = sum(1 for line in rest[:-2] if json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+        assert 0 < delivered < 100
+        assert used() <= reserved - 300, (used(), reserved)
+        limits.close()
+    finally:
+        if door is not None:
+            frontdoor.stop(door.run_dir)
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+        worker.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

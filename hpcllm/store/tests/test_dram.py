@@ -175,3 +175,74 @@ def test_marker_records_the_fill(models, dram_tier):
     info = json.loads((entry.path / MARKER_FILE).read_text())
     assert info["verified"] and info["bytes"] == entry.bytes and entry.fill_seconds > 0
     assert dram_tier.put(converted, "opt") == entry  # present already: left as is
+
+
+# ------------------------------------------------------------------------------- ours, private, unchanged (issue 15)
+
+
+def mode(path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_tier_is_private(models, dram_tier):
+    _, converted = models("llama")
+    entry = dram_tier.put(converted, "llama")
+    assert mode(dram_tier.dir) == 0o700 and mode(entry.path) == 0o700
+    assert {mode(f) for f in entry.path.iterdir()} == {0o600}
+
+
+def test_a_namespace_folder_someone_else_created_first_is_refused(models, dram_tier, monkeypatch):
+    import os
+
+    _, converted = models("llama")
+    dram_tier.dir.mkdir(mode=0o777)
+    dram_tier.dir.chmod(0o777)  # as a local user could leave it, waiting for the service to fill it
+    if os.getuid() == 0:
+        os.chown(dram_tier.dir, 65534, 65534)  # nobody's
+    else:
+        monkeypatch.setattr(os, "getuid", lambda: os.stat(dram_tier.dir).st_uid + 1)
+    with pytest.raises(DramTierError, match="belongs to another user .* choose another node.dram_namespace"):
+        dram_tier.put(converted, "llama")
+    assert not list(dram_tier.dir.iterdir())
+
+
+def test_a_dram_copy_altered_after_its_fill_fails_verification_instead_of_loading(models, dram_tier):
+    _, converted = models("llama")
+    path = dram_tier.put(converted, "llama").path
+    data = path / "data-00001.h5"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    with open(data, "r+b") as f:  # in place, same size, same inode: only its ctime tells
+        f.write(raw)
+    assert dram_tier.has("llama")  # the marker is still there...
+    with pytest.raises(ChecksumMismatch, match="data-00001.h5"):  # ...but it no longer vouches for the bytes
+        load_model(dram_tier.open("llama"), tokenizer=False)
+
+
+def test_a_planted_copy_carrying_the_marker_is_verified(models, dram_tier):
+    """Weights copied in by hand (or by another user) beside a marker copied from a real fill: the files are not
+    the ones the fill verified, so every chunk is checked and altered weights are refused."""
+    import shutil
+
+    _, converted = models("llama")
+    real = dram_tier.put(converted, "llama").path
+    planted = dram_tier.dir / "planted"
+    shutil.copytree(real, planted)
+    assert load_model(planted, tokenizer=False).stats.verified  # intact content loads, after a full check
+    data = planted / "data-00000.h5"
+    raw = bytearray(data.read_bytes())
+    raw[-100] ^= 0x01
+    data.write_bytes(raw)
+    with pytest.raises(ChecksumMismatch, match="data-00000.h5"):
+        load_model(planted, tokenizer=False)
+    # The real copy still loads without a checksum pass.
+    assert not load_model(real, tokenizer=False).stats.verified
+
+
+def test_a_copy_others_may_write_is_verified(models, dram_tier):
+    _, converted = models("llama")
+    path = dram_tier.put(converted, "llama").path
+    (path / "data-00000.h5").chmod(0o666)
+    assert load_model(path, tokenizer=False).stats.verified

@@ -1,0 +1,58 @@
+"""What a gateway process remembers of the controller's answers, so serving survives a controller outage.
+
+The controller owns placement; the gateway asks it for every request. When it cannot be asked (killed, restarting,
+its host down), requests for a model that has a ready instance must still be served: the gateway goes on routing to
+the instances the controller named ready recently, after checking that the worker still answers /ready for that
+model (so a port reused by another model's worker never gets this model's prompts). A model with no remembered
+instance (a cold start) waits for the controller to come back. Each gunicorn process remembers what it routed;
+the model list is remembered too (the last one fetched).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    instance_id: str
+    worker_url: str
+
+
+class KnownRoutes:
+    """Per model, the instances the controller routed to within the last ttl_s seconds (thread-safe)."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, dict[KnownInstance, float]] = {}
+
+    def remember(self, model: str, instance: KnownInstance) -> None:
+        with self._lock:
+            self._seen.setdefault(model, {})[instance] = self._clock()
+
+    def forget(self, model: str, worker_url: str) -> None:
+        """The worker refused or could not be reached: do not route there from memory again."""
+        with self._lock:
+            for instance in [i for i in self._seen.get(model, {}) if i.worker_url == worker_url]:
+                del self._seen[model][instance]
+
+    def candidates(self, model: str) -> list[KnownInstance]:
+        """The model's remembered instances still within ttl_s, in random order (spreads the load)."""
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(model, {})
+            for instance in [i for i, at in seen.items() if now - at > self._ttl_s]:
+                del seen[instance]
+            fresh = list(seen)
+        random.shuffle(fresh)
+        return fresh
+
+    def __bool__(self) -> bool:
+        with self._lock:
+            return any(self._seen.values())
