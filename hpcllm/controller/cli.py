@@ -143,7 +143,8 @@ def print_status(st: ClusterStatus) -> None:
     for n in st.nodes:
         tiers = ", ".join(f"{t} {getattr(n.tiers, t).read_gbps:g}" for t in ("dram", "nvme", "sharedfs")
                           if getattr(n.tiers, t) is not None)
-        cached = ", ".join(f"{c.model}@{c.tier}" for c in n.cached)
+        cached = ", ".join(f"{c.model}@{c.tier}" + (f"[rank {c.rank}/{c.tensor_parallel}]" if c.tensor_parallel else "")
+                           for c in n.cached)
         nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", n.pool_model or "-", f"{n.free_gpus}/{n.gpus}",
                       tiers or "-", cached or "-", _ago(st.now, n.last_heartbeat))
     instances = Table(title="instances")

@@ -63,6 +63,17 @@ class CacheEntry(Wire):
     bytes: int = Field(ge=0)
     verified: bool = False
     last_used: float = 0.0
+    # A slice copy (`hpcllm cache warm --tensor-parallel`): only rank `rank` of a tensor_parallel = N instance's
+    # slices of the model, on NVMe. A rank placed on this node reads them from there (placement counts it).
+    tensor_parallel: int | None = Field(None, ge=2, le=64)
+    rank: int | None = Field(None, ge=0, lt=64)
+
+    @model_validator(mode="after")
+    def _slice_copy_is_one_nvme_rank(self) -> CacheEntry:
+        if (self.tensor_parallel is None) != (self.rank is None) or (
+                self.tensor_parallel is not None and (self.tier != "nvme" or self.rank >= self.tensor_parallel)):
+            raise ValueError("a slice copy has tier nvme, tensor_parallel N and a rank 0..N-1; a whole copy neither")
+        return self
 
 
 class NodeRegistration(Wire):
@@ -205,6 +216,9 @@ class ModelSpec(Wire):
 class DeployedModel(ModelSpec):
     size_bytes: int = Field(gt=0)
     deployed_at: float
+    # tensor_parallel > 1: bytes each rank reads (planned from the checkpoint at deploy: ~size / N plus the replicated
+    # tensors); placement's load estimate is the slowest rank's. None: every rank counts as reading the whole model.
+    rank_bytes: list[int] | None = None
 
 
 class ModelCard(Wire):
@@ -240,6 +254,8 @@ class PlacementBreakdown(Wire):
     # Where the queue wait comes from: "agent up", "residency", "slurm test-only" / "slurm squeue --start" (Slurm's
     # own estimate), "job started" (agent starting), "constant" (controller.allocation_start_estimate_seconds).
     queue_wait_source: str | None = None
+    # A tensor-parallel model: the rank whose load takes longest (load_seconds, tier and bandwidth are its).
+    slowest_rank: int | None = None
 
 
 class NodeStatus(Wire):

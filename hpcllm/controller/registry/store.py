@@ -13,6 +13,7 @@ values are wall-clock because they must mean the same after a restart.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import threading
 import uuid
@@ -177,6 +178,26 @@ class CacheRecord:
     verified: bool
     last_used: float
     persistent: bool
+    tensor_parallel: int | None = None  # a slice copy: rank `rank` of a tensor_parallel = N instance's slices
+    rank: int | None = None
+
+
+# The cache table's tier column of a slice copy: "nvme:tp<N>.r<R>" (so a node's whole NVMe copy and its slice copies
+# of one model are distinct rows under the (node, model, tier) key).
+_SLICE_TIER = re.compile(r"^(?P<tier>[a-z]+):tp(?P<degree>\d+)\.r(?P<rank>\d+)$")
+
+
+def _tier_column(entry: CacheEntry) -> str:
+    return entry.tier if entry.tensor_parallel is None else f"{entry.tier}:tp{entry.tensor_parallel}.r{entry.rank}"
+
+
+def _cache_record(row) -> CacheRecord:
+    tier, degree, rank = row["tier"], None, None
+    found = _SLICE_TIER.match(tier)
+    if found:
+        tier, degree, rank = found.group("tier"), int(found.group("degree")), int(found.group("rank"))
+    return CacheRecord(row["node_id"], row["model"], tier, row["bytes"], bool(row["verified"]), row["last_used"],
+                       bool(row["persistent"]), degree, rank)
 
 
 @dataclass(frozen=True)
@@ -472,8 +493,7 @@ class Registry:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._read() as db:
             rows = db.execute(f"SELECT * FROM cache {where} ORDER BY node_id, model, tier", args).fetchall()
-        return [CacheRecord(r["node_id"], r["model"], r["tier"], r["bytes"], bool(r["verified"]), r["last_used"],
-                            bool(r["persistent"])) for r in rows]
+        return [_cache_record(r) for r in rows]
 
     # ----------------------------------------------------------------------------------------------- instances
 
@@ -661,8 +681,8 @@ def _replace_cache(db, node_id: str, entries: list[CacheEntry], persistent_nvme:
         "INSERT INTO cache (node_id, model, tier, bytes, verified, last_used, persistent)"
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, model, tier) DO UPDATE SET bytes = excluded.bytes,"
         " verified = excluded.verified, last_used = excluded.last_used, persistent = excluded.persistent",
-        [(node_id, e.model, e.tier, e.bytes, int(e.verified), e.last_used, int(e.tier == "nvme" and persistent_nvme))
-         for e in entries],
+        [(node_id, e.model, _tier_column(e), e.bytes, int(e.verified), e.last_used,
+          int(e.tier == "nvme" and persistent_nvme)) for e in entries],
     )
 
 
