@@ -139,7 +139,8 @@ class NodeAgent:
     def cache_entries(self) -> list[CacheEntry]:
         if self.cache is None:
             return []
-        return [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified, last_used=c.last_used)
+        return [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified, last_used=c.last_used,
+                           tensor_parallel=c.tensor_parallel, rank=c.rank)
                 for c in self.cache.list()]
 
     def registration(self) -> NodeRegistration:

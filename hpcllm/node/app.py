@@ -64,7 +64,8 @@ def _parse(model: type[BaseModel]):
 
 def _copy_info(copy) -> CachedCopyInfo:
     return CachedCopyInfo(model=copy.model, tier=copy.tier, path=str(copy.path), bytes=copy.bytes,
-                          last_used=copy.last_used, verified=copy.verified, in_use=copy.in_use)
+                          last_used=copy.last_used, verified=copy.verified, in_use=copy.in_use,
+                          tensor_parallel=copy.tensor_parallel, rank=copy.rank)
 
 
 def _plain(value):
@@ -160,7 +161,13 @@ def create_app(agent) -> Flask:
         req = _parse(WarmRequest)
         if not Path(req.source).is_dir():
             raise ApiError(400, f"source {req.source} is not a folder on this node", "invalid_request", "source")
-        copy = cache().warm(req.model, Path(req.source), req.tier)
+        if req.tensor_parallel is None:
+            copy = cache().warm(req.model, Path(req.source), req.tier)
+        else:
+            if req.tier != "nvme" or req.rank is None or req.rank >= req.tensor_parallel:
+                raise ApiError(400, f"a slice copy is one rank (0..{req.tensor_parallel - 1}) of the NVMe tier",
+                               "invalid_request", "rank")
+            copy = cache().warm_slices(req.model, Path(req.source), req.tensor_parallel, req.rank)
         agent.wake_heartbeat()
         return _copy_info(copy).model_dump()
 
