@@ -106,6 +106,9 @@ class InstanceInfo(Wire):
     tokens_in_flight: int | None = Field(None, ge=0)
     prefill_tokens_per_second: float | None = Field(None, gt=0)
     error: str | None = None
+    # Tensor parallelism: the instance's ranks, and the node each rank runs on where the agent knows it.
+    tensor_parallel: int = Field(1, ge=1, le=64)
+    rank_nodes: list[str] = Field(default_factory=list)
 
 
 class Heartbeat(Wire):
@@ -289,6 +292,8 @@ class InstanceStatus(Wire):
     tokens_in_flight: int | None = None
     prefill_tokens_per_second: float | None = None
     move_seconds: float | None = None
+    tensor_parallel: int = 1  # ranks of the instance
+    rank_nodes: list[str] = Field(default_factory=list)  # node of each rank, where its agent reported them
 
 
 class AllocationStatus(Wire):

@@ -243,7 +243,8 @@ class Controller:
                                       last_used=i.last_used, load_tier=i.load_tier, load_seconds=i.load_seconds,
                                       placement=i.placement, tokens_in_flight=i.tokens_in_flight,
                                       prefill_tokens_per_second=i.prefill_tps,
-                                      move_seconds=self._move_cost(i) if i.state == "ready" else None)
+                                      move_seconds=self._move_cost(i) if i.state == "ready" else None,
+                                      tensor_parallel=i.tensor_parallel, rank_nodes=i.rank_nodes)
                        for i in instances],
             allocations=[self._allocation_status(a, nodes) for a in self.registry.allocations()],
             cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
@@ -382,7 +383,7 @@ class Controller:
             node = target.node
             gpu_ids = self._assign_gpus(model, node, set(decision.chosen.migrate))
             reservation = self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
-                                                         breakdown.model_dump())
+                                                         breakdown.model_dump(), model.tensor_parallel)
             victims = [v for v in map(self.registry.get_instance, decision.chosen.migrate) if v is not None]
             for victim in victims:
                 self.registry.set_instance_state(victim.instance_id, "draining")

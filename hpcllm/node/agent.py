@@ -25,6 +25,7 @@ from hpcllm.controller.protocol import (
     SECRET_HEADER,
     CacheEntry,
     Heartbeat,
+    InstanceInfo,
     MigrationTarget,
     MigrationTargetRequest,
     ModelList,
@@ -143,6 +144,12 @@ class NodeAgent:
                            tensor_parallel=c.tensor_parallel, rank=c.rank)
                 for c in self.cache.list()]
 
+    def instance_infos(self) -> list[InstanceInfo]:
+        """The instances this agent runs; a tensor-parallel one's ranks all run on this node (mpirun here)."""
+        return [info if info.rank_nodes else info.model_copy(update={"rank_nodes": [self.node_id] *
+                                                                     info.tensor_parallel})
+                for info in self.workers.infos()]
+
     def registration(self) -> NodeRegistration:
         m = self.measurements or TierMeasurements()
         scope = self.config.node.nvme_scope
@@ -198,7 +205,7 @@ class NodeAgent:
 
     def heartbeat(self) -> bool:
         """One heartbeat; registers again when the controller does not know this node. False if it failed."""
-        body = Heartbeat(cached=self.cache_entries(), instances=self.workers.infos(),
+        body = Heartbeat(cached=self.cache_entries(), instances=self.instance_infos(),
                          draining=self.state in ("draining", "stopped"))
         try:
             resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body)

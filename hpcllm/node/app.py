@@ -142,7 +142,7 @@ def create_app(agent) -> Flask:
 
     @app.get("/v1/internal/instances")
     def list_instances():
-        return InstanceList(instances=agent.workers.infos()).model_dump(mode="json")
+        return InstanceList(instances=agent.instance_infos()).model_dump(mode="json")
 
     @app.delete("/v1/internal/instances/<instance_id>")
     def stop_instance(instance_id: str):

@@ -35,7 +35,7 @@ from hpcllm.controller.registry.databases import open_database, sqlite_path_from
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -92,7 +92,8 @@ CREATE TABLE IF NOT EXISTS instances (
     last_used REAL NOT NULL,
     load_tier TEXT,
     load_seconds REAL,
-    placement TEXT
+    placement TEXT,
+    ranks TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_model ON instances (model);
 CREATE INDEX IF NOT EXISTS instances_by_node ON instances (node_id);
@@ -143,6 +144,8 @@ CREATE TABLE IF NOT EXISTS demand (
 # upgrade runs in one transaction with the version bump, so a crash leaves either the old or the new schema.
 _MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("nodes", "pool_model", "ALTER TABLE nodes ADD COLUMN pool_model TEXT")],  # model pools (hpcllm node --model)
+    # tensor parallelism: {"tensor_parallel": N, "nodes": [node of each rank]}; NULL: one rank
+    3: [("instances", "ranks", "ALTER TABLE instances ADD COLUMN ranks TEXT")],
 }
 
 
@@ -217,6 +220,8 @@ class InstanceRecord:
     load_tier: str | None
     load_seconds: float | None
     placement: dict | None
+    tensor_parallel: int = 1
+    rank_nodes: list[str] = field(default_factory=list)
 
     @property
     def reserved(self) -> bool:
@@ -498,15 +503,15 @@ class Registry:
     # ----------------------------------------------------------------------------------------------- instances
 
     def reserve_instance(self, model: str, node_id: str, gpu_ids: list[int], now: float,
-                         placement: dict | None = None) -> str:
+                         placement: dict | None = None, tensor_parallel: int = 1) -> str:
         """Claim GPUs on a node for a cold start before asking its agent, so concurrent routes do not double-book."""
         reservation = f"{RESERVED_PREFIX}{uuid.uuid4().hex}"
         with self._tx() as db:
             db.execute(
                 "INSERT INTO instances (instance_id, model, node_id, state, worker_url, gpu_ids, requested_at,"
-                " last_used, placement) VALUES (?, ?, ?, 'loading', NULL, ?, ?, ?, ?)",
+                " last_used, placement, ranks) VALUES (?, ?, ?, 'loading', NULL, ?, ?, ?, ?, ?)",
                 (reservation, model, node_id, json.dumps(gpu_ids), now, now,
-                 json.dumps(placement) if placement is not None else None),
+                 json.dumps(placement) if placement is not None else None, _ranks_column(tensor_parallel, [])),
             )
             # The node's allocation is busy again: its idle (node-level keep-alive) clock restarts.
             db.execute("UPDATE allocations SET idle_since = NULL"
@@ -720,11 +725,12 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
     if previous is None:
         db.execute(
             "INSERT INTO instances (instance_id, model, node_id, state, worker_url, gpu_ids, running_requests,"
-            " tokens_in_flight, prefill_tps, requested_at, last_used, load_tier, load_seconds)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " tokens_in_flight, prefill_tps, requested_at, last_used, load_tier, load_seconds, ranks)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (info.instance_id, info.model, node_id, info.state, info.worker_url, json.dumps(info.gpu_ids),
              info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second,
-             info.started_at or now, now, info.load_tier, info.load_seconds),
+             info.started_at or now, now, info.load_tier, info.load_seconds,
+             _ranks_column(info.tensor_parallel, info.rank_nodes)),
         )
         return
     # Draining is our decision (retirement, migration): an agent still saying "ready" does not undo it.
@@ -733,10 +739,12 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
     db.execute(
         "UPDATE instances SET state = ?, worker_url = ?, gpu_ids = ?, running_requests = ?,"
         " routed_since_heartbeat = 0, tokens_in_flight = ?, prefill_tps = ?, last_used = ?,"
-        " load_tier = COALESCE(?, load_tier), load_seconds = COALESCE(?, load_seconds) WHERE instance_id = ?",
+        " load_tier = COALESCE(?, load_tier), load_seconds = COALESCE(?, load_seconds),"
+        " ranks = COALESCE(?, ranks) WHERE instance_id = ?",
         (state, info.worker_url or previous.worker_url, json.dumps(info.gpu_ids or previous.gpu_ids),
          info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second, last_used,
-         info.load_tier, info.load_seconds, info.instance_id),
+         info.load_tier, info.load_seconds, _ranks_column(info.tensor_parallel, info.rank_nodes),
+         info.instance_id),
     )
 
 
@@ -766,11 +774,17 @@ def _node(r) -> NodeRecord:
                       r["last_heartbeat"], r["pool_model"])
 
 
+def _ranks_column(tensor_parallel: int, rank_nodes: list[str]) -> str | None:
+    return json.dumps({"tensor_parallel": tensor_parallel, "nodes": rank_nodes}) if tensor_parallel > 1 else None
+
+
 def _instance(r) -> InstanceRecord:
+    ranks = json.loads(r["ranks"]) if r["ranks"] else {}
     return InstanceRecord(r["instance_id"], r["model"], r["node_id"], r["state"], r["worker_url"],
                           json.loads(r["gpu_ids"]), r["running_requests"], r["routed_since_heartbeat"],
                           r["tokens_in_flight"], r["prefill_tps"], r["requested_at"], r["last_used"], r["load_tier"],
-                          r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None)
+                          r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None,
+                          ranks.get("tensor_parallel", 1), ranks.get("nodes", []))
 
 
 def _allocation(r) -> AllocationRecord:

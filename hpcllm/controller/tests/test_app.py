@@ -506,3 +506,37 @@ def test_a_tensor_parallel_estimate_counts_each_rank_s_bytes_and_its_node_s_slic
     # the controller's status lists the slice copies as such
     cached = {(c.tier, c.tensor_parallel, c.rank) for n in h2.controller.status().nodes for c in n.cached}
     assert cached == {("nvme", 2, 0), ("nvme", 2, 1)}
+
+
+def test_status_shows_a_tensor_parallel_instance_s_ranks_and_their_nodes(make_harness, tiny_llama_dir, capsys,
+                                                                           monkeypatch, tmp_path):
+    from hpcllm.checkpoint import convert
+    from hpcllm.controller.cli import print_status
+    from hpcllm.controller.protocol import ModelSpec
+
+    h = make_harness(cpu_slots_per_node=2, allocate_on_demand=False)
+    convert(tiny_llama_dir, tmp_path / "tp", progress=False)
+    h.controller.deploy(ModelSpec(name="tp", source=str(tmp_path / "tp"), tensor_parallel=2))
+    h.deploy("one")
+    url = h.register("n1", gpus=0)
+    h.register("n2", gpus=0)
+    iid = h.controller.route("tp").instance_id
+    assert [(i.tensor_parallel, i.rank_nodes) for i in h.controller.status().instances] == [(2, [])]  # placed
+
+    # the agent reports where its ranks run
+    info = h.agents.agents[url].instances[iid]
+    h.agents.agents[url].instances[iid] = info.model_copy(update={"tensor_parallel": 2, "rank_nodes": ["n1", "n1"]})
+    h.heartbeat("n1", tier="sharedfs")
+    h.controller.route("one")
+    status = {i.model: i for i in h.controller.status().instances}
+    assert (status["tp"].tensor_parallel, status["tp"].rank_nodes) == (2, ["n1", "n1"])
+    assert (status["one"].tensor_parallel, status["one"].rank_nodes) == (1, [])
+
+    monkeypatch.setenv("COLUMNS", "300")
+    print_status(h.controller.status())
+    lines = capsys.readouterr().out.splitlines()
+    assert "ranks" in next(line for line in lines if "instance" in line and "model" in line)
+    assert "2 (n1, n1)" in next(line for line in lines if iid in line)
+    assert "sharedfs 0.00 s (slowest rank 0)" in next(line for line in lines if iid in line)
+    one = next(line for line in lines if status["one"].instance_id in line)
+    assert " 1 " in one
