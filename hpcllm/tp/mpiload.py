@@ -159,6 +159,55 @@ def estimate_rank_reads(root: str | Path, degree: int, gap_bytes: int | None = N
                           gap_bytes=gap) for rank in range(degree)]
 
 
+@dataclass(frozen=True)
+class RankReadPlan:
+    """What one rank reads, planned without reading: from the checkpoint's files (dim-0 slices, dim-1 slices and
+    replicated tensors apart: each kind planned on its own) and from a slice copy of its own (hpcllm.tp.slicecache)."""
+
+    rank: int
+    total: tuple[int, int]  # (bytes, reads) of the whole load from the checkpoint
+    dim0: tuple[int, int]
+    dim1: tuple[int, int]
+    replicated: tuple[int, int]
+    dim1_share_bytes: int  # the bytes of its dim-1 slices themselves
+    slice_copy: tuple[int, int]  # (bytes, reads) of the same load from its slice copy
+
+
+def rank_read_plans(root: str | Path, degree: int, gap_bytes: int | None = None) -> list[RankReadPlan]:
+    """Per rank: bytes and read requests by kind of slice, from the checkpoint and from a slice copy."""
+    import math
+
+    from transformers import AutoConfig
+
+    from hpcllm.checkpoint import read_checkpoint
+    from hpcllm.checkpoint.layout import ALIGNMENT, DTYPE_ITEMSIZE
+    from hpcllm.checkpoint.slicehashes import read_slice_hashes
+    from hpcllm.tp.plan import check_degree
+    from hpcllm.tp.reader import COALESCE_GAP_BYTES, _cover, planned_reads
+
+    ckpt = read_checkpoint(root)
+    config = AutoConfig.from_pretrained(ckpt.root)
+    check_degree(config, degree)
+    hashes = read_slice_hashes(ckpt)
+    gap = COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes
+    plans = []
+    for rank in range(degree):
+        own = rank_slices(ckpt, config, degree, rank)[0]
+
+        def planned(slices):
+            return planned_reads(ckpt, slices, hashes, verify=hashes is not None, gap_bytes=gap) if slices else (0, 0)
+
+        dim1 = [s for s in own if s.dim == 1]
+        covered, _ = _cover(ckpt, own, hashes, hashes is not None)
+        copy_bytes = sum(-(-math.prod(c.shape3d) // ALIGNMENT) * ALIGNMENT for c in covered)
+        plans.append(RankReadPlan(
+            rank, planned(own), planned([s for s in own if s.dim == 0]), planned(dim1),
+            planned([s for s in own if s.dim is None]),
+            sum(math.prod(s.local_shape) * DTYPE_ITEMSIZE[ckpt.tensors[s.stored].dtype] for s in dim1),
+            (copy_bytes, len(covered))))
+    return plans
+
+
 def _read_own_slices(plan: _Plan, path: Path, rank: int, size: int, tier: str | None, verify: bool,
                      bcast_max_bytes: int, gap_bytes: int | None, slice_copy: str | Path | None) -> dict:
     from hpcllm.checkpoint import read_checkpoint

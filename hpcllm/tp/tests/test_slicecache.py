@@ -100,3 +100,16 @@ def test_the_copy_of_every_rank_together_is_the_model(tp_llama, tiny_llama_dir, 
         shards.append(read_slices(ckpt, own, hashes, local=copy)[0])
     down = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(torch.cat([shards[0][down], shards[1][down]], dim=1), original[down])
+
+
+def test_the_plan_of_a_slice_copy_load_is_what_the_load_reads(tp_llama, tmp_path):
+    from hpcllm.tp.mpiload import rank_read_plans
+
+    ckpt = read_checkpoint(tp_llama)
+    hashes = read_slice_hashes(ckpt)
+    for plan in rank_read_plans(tp_llama, 2):
+        _, own = _own(tp_llama, 2, plan.rank)
+        _, from_origin = read_slices(ckpt, own, hashes)
+        _, from_copy = read_slices(ckpt, own, hashes, local=_copy(tp_llama, tmp_path, 2, plan.rank))
+        assert plan.total == (from_origin.bytes_read, from_origin.reads)
+        assert plan.slice_copy == (from_copy.bytes_read, from_copy.reads)
