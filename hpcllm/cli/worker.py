@@ -16,10 +16,14 @@ from hpcllm.tp.worker import run_tensor_parallel_worker
 from hpcllm.worker.cli import run_worker
 
 
-def _node_slice_copies(config, model: str):
-    """Each rank's lookup of its node's slice copy (hpcllm cache warm MODEL --tensor-parallel N)."""
+def _node_slice_copies(config, model: str, model_path: Path):
+    """Each rank's lookup of its node's slice copy (hpcllm cache warm MODEL --tensor-parallel N); none when the
+    model is loaded from a DRAM copy, which serves every rank faster than a copy on disk."""
     from hpcllm.node.cache import node_slice_copy
+    from hpcllm.store.tiers import detect_tier
 
+    if detect_tier(model_path) == "dram":
+        return None
     return lambda degree, rank: node_slice_copy(config.node, model, degree, rank)
 
 
@@ -55,7 +59,8 @@ def worker(model_path: Path, model_name: str | None, host: str | None, port: int
     if tensor_parallel:
         config = load_config(config_path)
         run_tensor_parallel_worker(config, model_path, model_name, host, port, device, max_model_len, url_file,
-                                   threads, slice_copy_for=_node_slice_copies(config, model_name or model_path.name))
+                                   threads, slice_copy_for=_node_slice_copies(config, model_name or model_path.name,
+                                                                     model_path))
         return
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
                threads, engine, cache_into)
