@@ -16,6 +16,17 @@ from hpcllm.tp.worker import run_tensor_parallel_worker
 from hpcllm.worker.cli import run_worker
 
 
+def _node_slice_copies(config, model: str, model_path: Path):
+    """Each rank's lookup of its node's slice copy (hpcllm cache warm MODEL --tensor-parallel N); none when the
+    model is loaded from a DRAM copy, which serves every rank faster than a copy on disk."""
+    from hpcllm.node.cache import node_slice_copy
+    from hpcllm.store.tiers import detect_tier
+
+    if detect_tier(model_path) == "dram":
+        return None
+    return lambda degree, rank: node_slice_copy(config.node, model, degree, rank)
+
+
 @click.command("worker")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="Converted checkpoint folder (hpcllm convert), loaded through hpcllm's tiered loader.")
@@ -46,8 +57,10 @@ def worker(model_path: Path, model_name: str | None, host: str | None, port: int
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if tensor_parallel:
-        run_tensor_parallel_worker(load_config(config_path), model_path, model_name, host, port, device,
-                                   max_model_len, url_file, threads)
+        config = load_config(config_path)
+        run_tensor_parallel_worker(config, model_path, model_name, host, port, device, max_model_len, url_file,
+                                   threads, slice_copy_for=_node_slice_copies(config, model_name or model_path.name,
+                                                                     model_path))
         return
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
                threads, engine, cache_into)

@@ -142,17 +142,19 @@ def print_status(st: ClusterStatus) -> None:
     for n in st.nodes:
         tiers = ", ".join(f"{t} {getattr(n.tiers, t).read_gbps:g}" for t in ("dram", "nvme", "sharedfs")
                           if getattr(n.tiers, t) is not None)
-        cached = ", ".join(f"{c.model}@{c.tier}" for c in n.cached)
+        cached = ", ".join(f"{c.model}@{c.tier}" + (f"[rank {c.rank}/{c.tensor_parallel}]" if c.tensor_parallel else "")
+                           for c in n.cached)
         nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", n.pool_model or "-", f"{n.free_gpus}/{n.gpus}",
                       tiers or "-", cached or "-", _ago(st.now, n.last_heartbeat))
     instances = Table(title="instances")
-    for col in ("instance", "model", "node", "state", "gpus", "running", "loaded from", "estimated", "move cost",
-                "idle"):
+    for col in ("instance", "model", "node", "ranks", "state", "gpus", "running", "loaded from", "estimated",
+                "move cost", "idle"):
         instances.add_column(col)
     for i in st.instances:
         loaded = f"{i.load_tier} {i.load_seconds:.2f} s" if i.load_tier and i.load_seconds is not None else "-"
         estimated = _estimate_cell(i.placement)
-        instances.add_row(i.instance_id, i.model, i.node_id, i.state, ",".join(map(str, i.gpu_ids)) or "cpu",
+        instances.add_row(i.instance_id, i.model, i.node_id, _ranks_cell(i), i.state,
+                          ",".join(map(str, i.gpu_ids)) or "cpu",
                           str(i.running_requests), loaded, estimated, _move_cost_cell(i), _ago(st.now, i.last_used))
     allocations = Table(title="allocations")
     for col in ("job", "state", "model", "nodes", "submitted", "agent in", "retires in", "reason"):
@@ -178,6 +180,13 @@ def print_status(st: ClusterStatus) -> None:
         console.print(table)
 
 
+def _ranks_cell(inst) -> str:
+    """Tensor-parallel ranks and where they run: `2 (n1, n1)`; `1` for a one-process instance."""
+    if inst.tensor_parallel == 1:
+        return "1"
+    return f"{inst.tensor_parallel} ({', '.join(inst.rank_nodes)})" if inst.rank_nodes else str(inst.tensor_parallel)
+
+
 def _wait_cell(seconds: float | None, source: str | None) -> str:
     """A queue wait and where it comes from, e.g. `42 s (slurm test-only)`."""
     return "-" if seconds is None else f"{seconds:.0f} s ({source or '?'})"
@@ -188,6 +197,8 @@ def _estimate_cell(placement) -> str:
     if placement is None:
         return "-"
     cell = f"{placement.tier} {placement.total_seconds:.2f} s"
+    if placement.slowest_rank is not None:
+        cell += f" (slowest rank {placement.slowest_rank})"
     if placement.queue_wait_seconds:
         cell += f", queue {_wait_cell(placement.queue_wait_seconds, placement.queue_wait_source)}"
     return cell

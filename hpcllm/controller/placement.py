@@ -11,6 +11,10 @@ For every candidate node (see docs/placement.md):
 
 The smallest estimate wins; ties go to the node whose name sorts first. Every decision carries its breakdown.
 
+A tensor-parallel model (N ranks) loads when its slowest rank has read its bytes (`rank_bytes[r]`: about 1/N of the
+model plus the replicated tensors, planned from the checkpoint at deploy), each rank from the fastest tier holding
+what it reads on its node: a whole copy there, or that rank's slice copy (holding item `slice_holding("nvme", r)`).
+
 Two implementations of the same arithmetic: `estimate()` is the readable per-node specification (also used to
 explain the chosen node), `ClusterView` precomputes per-node arrays and a per-model load-time matrix so one decision
 over thousands of nodes is a few vectorized numpy operations (bench/placement.py measures it).
@@ -63,6 +67,7 @@ class Estimate:
     bandwidth_gbps: float
     migrate: tuple[str, ...] = ()
     queue_wait_source: str = ""
+    slowest_rank: int | None = None  # a tensor-parallel model: the rank whose load decides load_seconds
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class Decision:
                                   queue_wait_seconds=c.queue_wait_seconds, load_seconds=c.load_seconds,
                                   migration_seconds=c.migration_seconds, tier=c.tier, bandwidth_gbps=c.bandwidth_gbps,
                                   migrate=list(c.migrate), considered=self.considered,
-                                  queue_wait_source=c.queue_wait_source or None)
+                                  queue_wait_source=c.queue_wait_source or None, slowest_rank=c.slowest_rank)
 
 
 # --------------------------------------------------------------------------------------- the specification
@@ -99,6 +104,40 @@ def best_tier(size_bytes: int, bandwidth_gbps: Mapping[str, float], holding: Col
     return best
 
 
+def slice_holding(tier: str, rank: int) -> str:
+    """The holding item of a node that keeps rank `rank`'s slices of a model in `tier` (a slice copy)."""
+    return f"{tier}:r{rank}"
+
+
+def rank_holding(holding: Collection[str], rank: int) -> set[str]:
+    """The tiers from which rank `rank` can read what it needs on a node: whole copies and its own slice copy."""
+    own = {t.split(":", 1)[0] for t in holding if ":" in t and t.split(":", 1)[1] == f"r{rank}"}
+    return {t for t in holding if ":" not in t} | own
+
+
+def slowest_rank(rank_bytes: Sequence[int], rank_nodes: Sequence[tuple[Mapping[str, float], Collection[str]]]
+                 ) -> tuple[int, str, float]:
+    """(rank, tier, seconds) of the rank that loads last: rank r reads rank_bytes[r] from the fastest tier of its
+    node (rank_nodes[r]: the node's measured bandwidths and what it holds of the model) that holds its part.
+    Ties go to the lowest rank."""
+    slowest = (0, ORIGIN_TIER, -1.0)
+    for rank, (nbytes, (bandwidths, holding)) in enumerate(zip(rank_bytes, rank_nodes, strict=True)):
+        tier, seconds = best_tier(nbytes, bandwidths, rank_holding(holding, rank))
+        if seconds > slowest[2]:
+            slowest = (rank, tier, seconds)
+    return slowest
+
+
+def node_load(size_bytes: int, rank_bytes: Sequence[int] | None, bandwidths: Mapping[str, float],
+              holding: Collection[str]) -> tuple[str, float, int | None]:
+    """(tier, load seconds, slowest rank or None) of a model on one node: every rank of a tensor-parallel model runs
+    there (one node per instance today), each reading its own bytes from the best tier holding its part."""
+    if not rank_bytes or len(rank_bytes) == 1:
+        return (*best_tier(size_bytes, bandwidths, {t for t in holding if ":" not in t}), None)
+    rank, tier, seconds = slowest_rank(rank_bytes, [(bandwidths, holding)] * len(rank_bytes))
+    return tier, seconds, rank
+
+
 def cheapest_migration(movable: Sequence[MovableInstance], slots_to_free: int) -> tuple[float, tuple[str, ...]] | None:
     """The cheapest set of instances whose slots add up to at least `slots_to_free` (0/1 knapsack cover, exact).
 
@@ -117,22 +156,27 @@ def cheapest_migration(movable: Sequence[MovableInstance], slots_to_free: int) -
     return None if math.isinf(cost) else (cost, ids)
 
 
-def estimate(candidate: NodeCandidate, size_bytes: int, slots: int, holding: Collection[str]) -> Estimate | None:
-    """Startup estimate of one node with its breakdown; None when the node cannot host the instance at all."""
+def estimate(candidate: NodeCandidate, size_bytes: int, slots: int, holding: Collection[str],
+             rank_bytes: Sequence[int] | None = None) -> Estimate | None:
+    """Startup estimate of one node with its breakdown; None when the node cannot host the instance at all.
+    `rank_bytes`: a tensor-parallel model's bytes per rank (the slowest rank's load counts)."""
     migration = cheapest_migration(candidate.movable, slots - candidate.free_slots)
     if migration is None:
         return None
     migration_seconds, migrate = migration
-    tier, load_seconds = best_tier(size_bytes, candidate.bandwidth_gbps, holding)
+    tier, load_seconds, rank = node_load(size_bytes, rank_bytes, candidate.bandwidth_gbps, holding)
     total = candidate.queue_wait_seconds + load_seconds + migration_seconds
     return Estimate(candidate.node, candidate.kind, total, candidate.queue_wait_seconds, load_seconds,
-                    migration_seconds, tier, candidate.bandwidth_gbps[tier], migrate, candidate.queue_wait_source)
+                    migration_seconds, tier, candidate.bandwidth_gbps[tier], migrate, candidate.queue_wait_source,
+                    rank)
 
 
 def place(size_bytes: int, slots: int, candidates: Sequence[NodeCandidate],
-          holding: Mapping[str, Collection[str]]) -> Decision:
-    """Place one instance of one model: `holding` maps node -> tiers holding its checkpoint."""
-    view = ClusterView(candidates, {"model": size_bytes}, {"model": holding})
+          holding: Mapping[str, Collection[str]], rank_bytes: Sequence[int] | None = None) -> Decision:
+    """Place one instance of one model: `holding` maps node -> tiers holding its checkpoint (and slice_holding
+    items for its ranks' slice copies); `rank_bytes` for a tensor-parallel model."""
+    view = ClusterView(candidates, {"model": size_bytes}, {"model": holding},
+                       {"model": rank_bytes} if rank_bytes else {})
     return view.decide("model", slots)
 
 
@@ -152,6 +196,7 @@ class ClusterView:
     candidates: Sequence[NodeCandidate]
     model_sizes: Mapping[str, int]
     residency: Mapping[str, Mapping[str, Collection[str]]]  # model -> node -> tiers holding its checkpoint
+    rank_bytes: Mapping[str, Sequence[int]] = field(default_factory=dict)  # tensor-parallel models: bytes per rank
     nodes: list[NodeCandidate] = field(init=False)
     model_index: dict[str, int] = field(init=False)
 
@@ -176,7 +221,9 @@ class ClusterView:
         return cost
 
     def _load_matrix(self, node_index: Mapping[str, int]) -> np.ndarray:
-        sizes = np.array([self.model_sizes[m] for m in self.model_index], dtype=np.float64)
+        # what the slowest reader reads from the shared FS: the whole model, or a tensor-parallel model's largest rank
+        sizes = np.array([max(self.rank_bytes.get(m) or [self.model_sizes[m]]) for m in self.model_index],
+                         dtype=np.float64)
         origin_bw = np.array([c.bandwidth_gbps[ORIGIN_TIER] for c in self.nodes], dtype=np.float64) * BYTES_PER_GB
         load = sizes[:, None] / origin_bw[None, :]
         for model, by_node in self.residency.items():
@@ -186,7 +233,8 @@ class ClusterView:
             for node, tiers in by_node.items():
                 n = node_index.get(node)
                 if n is not None:
-                    load[m, n] = best_tier(self.model_sizes[model], self.nodes[n].bandwidth_gbps, tiers)[1]
+                    load[m, n] = node_load(self.model_sizes[model], self.rank_bytes.get(model),
+                                           self.nodes[n].bandwidth_gbps, tiers)[1]
         return load
 
     def decide(self, model: str, slots: int) -> Decision:
@@ -199,4 +247,5 @@ class ClusterView:
             return Decision(None, len(self.nodes))
         node = self.nodes[n]
         holding = self.residency.get(model, {}).get(node.node, ())
-        return Decision(estimate(node, self.model_sizes[model], slots, holding), len(self.nodes))
+        return Decision(estimate(node, self.model_sizes[model], slots, holding, self.rank_bytes.get(model)),
+                        len(self.nodes))

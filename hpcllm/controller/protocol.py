@@ -62,6 +62,17 @@ class CacheEntry(Wire):
     bytes: int = Field(ge=0)
     verified: bool = False
     last_used: float = 0.0
+    # A slice copy (`hpcllm cache warm --tensor-parallel`): only rank `rank` of a tensor_parallel = N instance's
+    # slices of the model, on NVMe. A rank placed on this node reads them from there (placement counts it).
+    tensor_parallel: int | None = Field(None, ge=2, le=64)
+    rank: int | None = Field(None, ge=0, lt=64)
+
+    @model_validator(mode="after")
+    def _slice_copy_is_one_nvme_rank(self) -> CacheEntry:
+        if (self.tensor_parallel is None) != (self.rank is None) or (
+                self.tensor_parallel is not None and (self.tier != "nvme" or self.rank >= self.tensor_parallel)):
+            raise ValueError("a slice copy has tier nvme, tensor_parallel N and a rank 0..N-1; a whole copy neither")
+        return self
 
 
 class NodeRegistration(Wire):
@@ -94,6 +105,9 @@ class InstanceInfo(Wire):
     tokens_in_flight: int | None = Field(None, ge=0)
     prefill_tokens_per_second: float | None = Field(None, gt=0)
     error: str | None = None
+    # Tensor parallelism: the instance's ranks, and the node each rank runs on where the agent knows it.
+    tensor_parallel: int = Field(1, ge=1, le=64)
+    rank_nodes: list[str] = Field(default_factory=list)
 
 
 class Heartbeat(Wire):
@@ -204,6 +218,9 @@ class ModelSpec(Wire):
 class DeployedModel(ModelSpec):
     size_bytes: int = Field(gt=0)
     deployed_at: float
+    # tensor_parallel > 1: bytes each rank reads (planned from the checkpoint at deploy: ~size / N plus the replicated
+    # tensors); placement's load estimate is the slowest rank's. None: every rank counts as reading the whole model.
+    rank_bytes: list[int] | None = None
 
 
 class ModelCard(Wire):
@@ -239,6 +256,8 @@ class PlacementBreakdown(Wire):
     # Where the queue wait comes from: "agent up", "residency", "slurm test-only" / "slurm squeue --start" (Slurm's
     # own estimate), "job started" (agent starting), "constant" (controller.allocation_start_estimate_seconds).
     queue_wait_source: str | None = None
+    # A tensor-parallel model: the rank whose load takes longest (load_seconds, tier and bandwidth are its).
+    slowest_rank: int | None = None
 
 
 class NodeStatus(Wire):
@@ -272,6 +291,8 @@ class InstanceStatus(Wire):
     tokens_in_flight: int | None = None
     prefill_tokens_per_second: float | None = None
     move_seconds: float | None = None
+    tensor_parallel: int = 1  # ranks of the instance
+    rank_nodes: list[str] = Field(default_factory=list)  # node of each rank, where its agent reported them
 
 
 class AllocationStatus(Wire):

@@ -29,7 +29,7 @@ from hpcllm.controller.errors import (
     AllocationFailed,
     UnknownModel,
 )
-from hpcllm.controller.placement import MovableInstance, NodeCandidate, place
+from hpcllm.controller.placement import MovableInstance, NodeCandidate, place, slice_holding
 from hpcllm.controller.protocol import (
     AllocationStatus,
     CacheEntry,
@@ -130,7 +130,8 @@ class Controller:
         self._check_partition(spec)
         _check_tensor_parallel(spec, source)
         return DeployedModel(**spec.model_dump(exclude={"size_bytes", "max_model_len"}), size_bytes=size_bytes,
-                             max_model_len=max_model_len, deployed_at=self.clock())
+                             max_model_len=max_model_len, deployed_at=self.clock(),
+                             rank_bytes=_rank_bytes(spec, source))
 
     @staticmethod
     def _max_model_len(spec: ModelSpec) -> int:
@@ -206,8 +207,7 @@ class Controller:
         instances = self.registry.instances()
         cache = defaultdict(list)
         for entry in self.registry.cache():
-            cache[entry.node_id].append(CacheEntry(model=entry.model, tier=entry.tier, bytes=entry.bytes,
-                                                   verified=entry.verified, last_used=entry.last_used))
+            cache[entry.node_id].append(_cache_entry(entry))
         used = defaultdict(int)
         for inst in instances:
             used[inst.node_id] += len(inst.gpu_ids)
@@ -224,7 +224,8 @@ class Controller:
                                       last_used=i.last_used, load_tier=i.load_tier, load_seconds=i.load_seconds,
                                       placement=i.placement, tokens_in_flight=i.tokens_in_flight,
                                       prefill_tokens_per_second=i.prefill_tps,
-                                      move_seconds=self._move_cost(i) if i.state == "ready" else None)
+                                      move_seconds=self._move_cost(i) if i.state == "ready" else None,
+                                      tensor_parallel=i.tensor_parallel, rank_nodes=i.rank_nodes)
                        for i in instances],
             allocations=[self._allocation_status(a, nodes) for a in self.registry.allocations()],
             cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
@@ -343,7 +344,7 @@ class Controller:
                 raise NoCapacity(f"model {model.name!r} already runs max_instances={model.max_instances}",
                                  retry_after=self.settings.route_retry_after_seconds)
             candidates, holding, targets = self._candidates(model, now, exclude_nodes)
-            decision = place(model.size_bytes, _slots(model), candidates, holding)
+            decision = place(model.size_bytes, _slots(model), candidates, holding, model.rank_bytes)
             if decision.chosen is None:
                 self.registry.note_demand(model.name, now)
                 raise NoCapacity(self._no_capacity_reason(model, candidates),
@@ -364,7 +365,7 @@ class Controller:
             node = target.node
             gpu_ids = self._assign_gpus(model, node, set(decision.chosen.migrate))
             reservation = self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
-                                                         breakdown.model_dump())
+                                                         breakdown.model_dump(), model.tensor_parallel)
             victims = [v for v in map(self.registry.get_instance, decision.chosen.migrate) if v is not None]
             for victim in victims:
                 self.registry.set_instance_state(victim.instance_id, "draining")
@@ -508,7 +509,10 @@ class Controller:
         only routes to them), so nothing is started there and nothing there is evicted or moved to make room."""
         holding: dict[str, set[str]] = defaultdict(set)
         for entry in self.registry.cache(model=model.name):
-            holding[entry.node_id].add(entry.tier)
+            if entry.tensor_parallel is None:
+                holding[entry.node_id].add(entry.tier)
+            elif entry.tensor_parallel == model.tensor_parallel:  # slice copies of another degree hold other slices
+                holding[entry.node_id].add(slice_holding(entry.tier, entry.rank))
         candidates: list[NodeCandidate] = []
         targets: dict[str, Target] = {}
         by_node: dict[str, list[InstanceRecord]] = defaultdict(list)
@@ -643,8 +647,7 @@ class Controller:
                 # Not fatal: if the agent is really gone its heartbeats stop and the autoscaler declares it lost.
                 log.warning("reconcile: node %s did not answer (%s)", node.node_id, exc)
                 continue
-            cached = [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified,
-                                 last_used=c.last_used) for c in self.registry.cache(node_id=node.node_id)]
+            cached = [_cache_entry(c) for c in self.registry.cache(node_id=node.node_id)]
             # Reservations made just before the crash: if the agent started them it lists them now.
             for inst in self.registry.instances(node_id=node.node_id):
                 if inst.reserved:
@@ -665,6 +668,25 @@ def allocation_agents(alloc: AllocationRecord, nodes: list[NodeRecord]) -> list[
 def _slots(model: DeployedModel) -> int:
     """GPUs, or CPU slots (one per tensor-parallel rank: the ranks of one instance run on one node)."""
     return model.gpus if model.gpus else model.tensor_parallel
+
+
+def _rank_bytes(spec: ModelSpec, source: Path) -> list[int] | None:
+    """Bytes each rank of a tensor-parallel model reads (planned from its index, nothing read); None for one rank
+    or a checkpoint without strip hashes (placement then counts the whole model per rank: an upper bound)."""
+    if spec.tensor_parallel == 1:
+        return None
+    from hpcllm.tp.mpiload import estimate_rank_reads
+
+    try:
+        return [nbytes for nbytes, _ in estimate_rank_reads(source, spec.tensor_parallel)]
+    except Exception as exc:  # noqa: BLE001 - an estimate input: the deploy check already named real problems
+        log.warning("no per-rank load estimate for %s: %s", spec.name, exc)
+        return None
+
+
+def _cache_entry(record) -> CacheEntry:
+    return CacheEntry(model=record.model, tier=record.tier, bytes=record.bytes, verified=record.verified,
+                      last_used=record.last_used, tensor_parallel=record.tensor_parallel, rank=record.rank)
 
 
 def _check_tensor_parallel(spec: ModelSpec, source: Path) -> None:

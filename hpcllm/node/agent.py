@@ -23,6 +23,7 @@ from hpcllm.config import Config
 from hpcllm.controller.protocol import (
     CacheEntry,
     Heartbeat,
+    InstanceInfo,
     MigrationTarget,
     MigrationTargetRequest,
     ModelList,
@@ -140,8 +141,15 @@ class NodeAgent:
     def cache_entries(self) -> list[CacheEntry]:
         if self.cache is None:
             return []
-        return [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified, last_used=c.last_used)
+        return [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified, last_used=c.last_used,
+                           tensor_parallel=c.tensor_parallel, rank=c.rank)
                 for c in self.cache.list()]
+
+    def instance_infos(self) -> list[InstanceInfo]:
+        """The instances this agent runs; a tensor-parallel one's ranks all run on this node (mpirun here)."""
+        return [info if info.rank_nodes else info.model_copy(update={"rank_nodes": [self.node_id] *
+                                                                     info.tensor_parallel})
+                for info in self.workers.infos()]
 
     def registration(self) -> NodeRegistration:
         m = self.measurements or TierMeasurements()
@@ -198,7 +206,7 @@ class NodeAgent:
 
     def heartbeat(self) -> bool:
         """One heartbeat; registers again when the controller does not know this node. False if it failed."""
-        body = Heartbeat(cached=self.cache_entries(), instances=self.workers.infos(),
+        body = Heartbeat(cached=self.cache_entries(), instances=self.instance_infos(),
                          draining=self.state in ("draining", "stopped"))
         try:
             resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body)

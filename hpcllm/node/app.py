@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 def _copy_info(copy) -> CachedCopyInfo:
     return CachedCopyInfo(model=copy.model, tier=copy.tier, path=str(copy.path), bytes=copy.bytes,
-                          last_used=copy.last_used, verified=copy.verified, in_use=copy.in_use)
+                          last_used=copy.last_used, verified=copy.verified, in_use=copy.in_use,
+                          tensor_parallel=copy.tensor_parallel, rank=copy.rank)
 
 
 def _plain(value):
@@ -97,7 +98,7 @@ def create_app(agent) -> Flask:
 
     @api.get("/v1/internal/instances")
     def list_instances():
-        return InstanceList(instances=agent.workers.infos()).model_dump(mode="json")
+        return InstanceList(instances=agent.instance_infos()).model_dump(mode="json")
 
     @api.delete("/v1/internal/instances/<instance_id>")
     def stop_instance(instance_id: str):
@@ -116,7 +117,13 @@ def create_app(agent) -> Flask:
         req = parse_body(WarmRequest)
         if not Path(req.source).is_dir():
             raise InvalidRequest(f"source {req.source} is not a folder on this node", "source")
-        copy = cache().warm(req.model, Path(req.source), req.tier)
+        if req.tensor_parallel is None:
+            copy = cache().warm(req.model, Path(req.source), req.tier)
+        else:
+            if req.tier != "nvme" or req.rank is None or req.rank >= req.tensor_parallel:
+                raise InvalidRequest(f"a slice copy is one rank (0..{req.tensor_parallel - 1}) of the NVMe tier",
+                                     "rank")
+            copy = cache().warm_slices(req.model, Path(req.source), req.tensor_parallel, req.rank)
         agent.wake_heartbeat()
         return _copy_info(copy).model_dump()
 

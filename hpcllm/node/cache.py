@@ -57,6 +57,8 @@ CACHE_TIERS = (DRAM, NVME)  # fastest first
 MARKER_FILE = ".hpcllm-cache.json"
 STATE_DB = ".hpcllm-cache.db"
 _SAFE_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# A slice copy's entry: rank R of a degree-N tensor-parallel instance of MODEL ('+' is never in a model name).
+_SLICE_KEY = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,199})\+tp(?P<degree>\d{1,2})\.r(?P<rank>\d{1,2})$")
 _FILLING = re.compile(r"^\.(?P<model>.+)\.filling-(?P<pid>\d+)-[0-9a-f]{8}$")
 _TRASH = re.compile(r"^\.(?P<model>.+)\.evicted-[0-9a-f]{8}$")
 COPY_CHUNK_BYTES = 16 << 20
@@ -99,6 +101,13 @@ class CachedCopy:
     in_use: int
     source: str | None = None
     verified_at: float | None = None
+    tensor_parallel: int | None = None  # a slice copy: rank `rank` of a degree-`tensor_parallel` instance's slices
+    rank: int | None = None
+
+    @property
+    def key(self) -> str:
+        """The entry's name in the cache (its NVMe folder): the model, or its slice key for a slice copy."""
+        return self.model if self.tensor_parallel is None else slice_key(self.model, self.tensor_parallel, self.rank)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -142,6 +151,22 @@ def check_model_name(model: str) -> str:
         raise CacheError(f"model name {model!r} must start with a letter or digit and contain only letters, digits, "
                          f"'.', '_' or '-' (at most 200 characters)")
     return model
+
+
+def slice_key(model: str, degree: int, rank: int) -> str:
+    """The cache entry (and NVMe folder) name of rank `rank` of `degree`'s slice copy of `model`."""
+    check_model_name(model)
+    if not (1 < degree <= 64 and 0 <= rank < degree):
+        raise CacheError(f"tensor_parallel must be 2..64 and the rank 0..tensor_parallel-1, not {degree} / {rank}")
+    return f"{model}+tp{degree}.r{rank}"
+
+
+def parse_entry_key(key: str) -> tuple[str, int | None, int | None]:
+    """(model, degree, rank) of an entry name; degree and rank are None for a whole copy."""
+    found = _SLICE_KEY.match(key)
+    if found:
+        return found.group("model"), int(found.group("degree")), int(found.group("rank"))
+    return check_model_name(key), None, None
 
 
 def check_tier(tier: str, allowed: tuple[str, ...] = CACHE_TIERS) -> str:
@@ -392,7 +417,9 @@ class CacheManager:
         return tier
 
     def nvme_path(self, model: str) -> Path:
-        return self.nvme_dir / check_model_name(model)
+        """The NVMe folder of an entry: a model's whole copy, or a slice copy (a slice_key)."""
+        parse_entry_key(model)
+        return self.nvme_dir / model
 
     def _present(self, model: str, tier: str) -> Path | None:
         if tier == NVME:
@@ -404,7 +431,8 @@ class CacheManager:
         found = {}
         if self.nvme_dir.is_dir():
             for child in self.nvme_dir.iterdir():
-                if not child.name.startswith(".") and _SAFE_MODEL.match(child.name) and (child / MARKER_FILE).is_file():
+                named = _SAFE_MODEL.match(child.name) or _SLICE_KEY.match(child.name)
+                if not child.name.startswith(".") and named and (child / MARKER_FILE).is_file():
                     found[(child.name, NVME)] = child
         for entry in self.dram.list() if self.dram is not None else []:
             found[(entry.model_id, DRAM)] = entry.path
@@ -447,8 +475,9 @@ class CacheManager:
             if tier not in self.tiers:
                 continue
             path = self.nvme_path(model) if tier == NVME else self.dram.path(model)
-            copies.append(CachedCopy(model, tier, path, nbytes, last_used, verified_at is not None,
-                                     int(refs.get((model, tier), 0)), source, verified_at))
+            name, degree, rank = parse_entry_key(model)
+            copies.append(CachedCopy(name, tier, path, nbytes, last_used, verified_at is not None,
+                                     int(refs.get((model, tier), 0)), source, verified_at, degree, rank))
         return copies
 
     def list(self) -> list[CachedCopy]:
@@ -460,7 +489,7 @@ class CacheManager:
     def get(self, model: str, tier: str) -> CachedCopy | None:
         with self._transaction() as db:
             self._sync(db)
-            found = self._copies(db, "WHERE model=? AND tier=?", (check_model_name(model), tier))
+            found = self._copies(db, "WHERE model=? AND tier=?", (self.nvme_path(model).name, tier))
         return found[0] if found else None
 
     def usage_bytes(self, tier: str) -> int:
@@ -523,8 +552,9 @@ class CacheManager:
     # ---------------------------------------------------------------------------------------------- references
 
     def acquire(self, model: str, tier: str, pid: int | None = None) -> CachedCopy:
-        """Mark a copy in use (by `pid`, default this process): it is not evicted until released or `pid` dies."""
-        check_model_name(model)
+        """Mark a copy in use (by `pid`, default this process): it is not evicted until released or `pid` dies.
+        `model` may be a slice_key (a slice copy)."""
+        parse_entry_key(model)
         self._check_tier(tier)
         pid = pid or os.getpid()
         with self._transaction() as db:
@@ -585,6 +615,81 @@ class CacheManager:
             db.execute("UPDATE entries SET source=?, verified_at=?, last_used=? WHERE model=? AND tier=?",
                        (origin, now, now, model, tier))
             return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
+
+    # ----------------------------------------------------------------------------------------- slice copies
+
+    def warm_slices(self, model: str, source: str | os.PathLike, degree: int, rank: int, *,
+                    force: bool = False) -> CachedCopy:
+        """Keep rank `rank` of a degree-`degree` tensor-parallel instance's slices of `model` on this node's NVMe
+        (hpcllm.tp.slicecache: each piece one contiguous read, verified with the strip hashes before and after it is
+        written; visible only once complete). A present copy of the same checkpoint version is reused unless force.
+        """
+        from hpcllm.tp.slicecache import manifest_fingerprint, planned_copy_bytes, usable_slice_copy
+
+        key = slice_key(model, degree, rank)
+        ckpt = open_origin(model, source)
+        origin = str(Path(source).resolve())
+        existing = self.get(key, NVME)
+        if existing is not None and not force and usable_slice_copy(existing.path, degree, rank,
+                                                                    manifest_fingerprint(ckpt.root)):
+            return self.best_copy_in(key, NVME)
+        if existing is not None:
+            self._evict_entry(key, NVME)
+        try:
+            need = planned_copy_bytes(ckpt.root, degree, rank)
+        except HpcllmError as exc:  # the degree does not split the model, no strip hashes: say what to fix
+            raise CacheError(f"model {model!r}: cannot keep rank {rank} of {degree}'s slices: {exc}") from None
+        fill_id = self.reserve_fill(key, NVME, need)
+        try:
+            self._fill_nvme_with(key, origin, lambda folder: self._write_slices(model, ckpt, degree, rank, folder))
+        finally:
+            self.end_fill(fill_id)
+        with self._transaction() as db:
+            self._sync(db)
+            now = time.time()
+            db.execute("UPDATE entries SET source=?, verified_at=?, last_used=? WHERE model=? AND tier=?",
+                       (origin, now, now, key, NVME))
+            return self._copies(db, "WHERE model=? AND tier=?", (key, NVME))[0]
+
+    def slice_copy(self, model: str, degree: int, rank: int) -> CachedCopy | None:
+        """This node's slice copy of rank `rank` of `degree` of `model`, marked as just used; None when absent."""
+        key = slice_key(model, degree, rank)
+        if self.get(key, NVME) is None:
+            return None
+        return self.best_copy_in(key, NVME)
+
+    @staticmethod
+    def _write_slices(model: str, ckpt: Checkpoint, degree: int, rank: int, folder: Path) -> None:
+        from hpcllm.tp.slicecache import write_slice_copy
+
+        try:
+            write_slice_copy(ckpt.root, degree, rank, folder)
+        except ChecksumMismatch as exc:
+            raise CacheCorrupt(f"model {model!r}: rank {rank} of {degree}'s slices do not verify: {exc}") from None
+        except HpcllmError as exc:
+            raise CacheError(f"model {model!r}: cannot keep rank {rank} of {degree}'s slices: {exc}") from None
+
+    def _refill_slices(self, copy: CachedCopy, reason: str) -> VerifyResult:
+        if copy.in_use:
+            with self._transaction() as db:
+                db.execute("UPDATE entries SET verified_at=NULL WHERE model=? AND tier=?", (copy.key, copy.tier))
+            return VerifyResult(copy.key, copy.tier, False, "kept-in-use",
+                                f"corrupt but in use by {copy.in_use} instance(s); evict it once they stop: {reason}")
+        self._evict_entry(copy.key, copy.tier)
+        if not copy.source:
+            return VerifyResult(copy.key, copy.tier, False, "dropped", f"corrupt and its origin is unknown: {reason}")
+        try:
+            self.warm_slices(copy.model, copy.source, copy.tensor_parallel, copy.rank)
+        except HpcllmError as exc:
+            return VerifyResult(copy.key, copy.tier, False, "dropped", f"corrupt ({reason}); refill failed: {exc}")
+        return VerifyResult(copy.key, copy.tier, False, "refilled", f"corrupt, refilled from {copy.source}: {reason}")
+
+    def _evict_entry(self, key: str, tier: str) -> None:
+        with self._transaction() as db:
+            self._sync(db)
+            trash = self._unlink_entry(db, key, tier)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------- cache on load
 
@@ -692,13 +797,21 @@ class CacheManager:
             return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
 
     def _fill_nvme(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None) -> None:
+        def copy(folder: Path) -> None:
+            try:
+                copy_checkpoint(ckpt, folder, progress)
+            except ChecksumMismatch as exc:
+                raise CacheCorrupt(f"model {model!r}: the origin {origin} does not match its manifest: {exc}") from None
+
+        self._fill_nvme_with(model, origin, copy)
+
+    def _fill_nvme_with(self, model: str, origin: str, write: Callable[[Path], None]) -> None:
+        """Fill the NVMe entry `model` (a model or a slice key): `write` fills a hidden folder, which gets its marker
+        and is renamed into place; on any failure the folder goes and nothing was visible."""
         tmp = self.nvme_dir / filling_name(model)
         tmp.mkdir()
         try:
-            try:
-                copy_checkpoint(ckpt, tmp, progress)
-            except ChecksumMismatch as exc:
-                raise CacheCorrupt(f"model {model!r}: the origin {origin} does not match its manifest: {exc}") from None
+            write(tmp)
             write_marker(tmp, model, origin, folder_bytes(tmp), time.time())
             fsync_dir(tmp)
             try:
@@ -762,7 +875,7 @@ class CacheManager:
             for copy in candidates:
                 if used + need <= capacity and free_disk >= need:
                     break
-                evicted.append(self._unlink_entry(db, copy.model, tier))
+                evicted.append(self._unlink_entry(db, copy.key, tier))
                 used -= copy.bytes
                 free_disk += copy.bytes
             fill_id = uuid.uuid4().hex
@@ -809,13 +922,15 @@ class CacheManager:
         trash = []
         with self._transaction() as db:
             self._sync(db)
-            copies = [c for c in self._copies(db, "WHERE model=?", (model,)) if c.tier in tiers]
+            # its whole copies and (NVMe) its slice copies of every degree
+            copies = [c for c in self._copies(db, "WHERE model=? OR model LIKE ?", (model, f"{model}+tp%"))
+                      if c.tier in tiers and c.model == model]
             busy = [c for c in copies if c.in_use]
             if busy and not force:
                 raise CacheInUse(f"model {model!r} is in use in the {', '.join(c.tier for c in busy)} tier by "
                                  f"{sum(c.in_use for c in busy)} instance(s); stop them first")
             for copy in copies:
-                trash.append(self._unlink_entry(db, copy.model, copy.tier))
+                trash.append(self._unlink_entry(db, copy.key, copy.tier))
         for path in trash:
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
@@ -866,14 +981,18 @@ class CacheManager:
 
     def _verify_one(self, copy: CachedCopy) -> VerifyResult:
         try:
-            ckpt = read_checkpoint(copy.path)
-            ckpt.verify_files()
+            if copy.tensor_parallel is None:
+                read_checkpoint(copy.path).verify_files()
+            else:  # a slice copy: its pieces against the origin's strip hashes
+                from hpcllm.tp.slicecache import verify_slice_copy
+
+                verify_slice_copy(copy.source, copy.path)
         except CheckpointError as exc:
-            return self.handle_corrupt(copy.model, copy.tier, str(exc))
+            return self.handle_corrupt(copy.key, copy.tier, str(exc))
         with self._transaction() as db:
-            db.execute("UPDATE entries SET verified_at=? WHERE model=? AND tier=?", (time.time(), copy.model,
+            db.execute("UPDATE entries SET verified_at=? WHERE model=? AND tier=?", (time.time(), copy.key,
                                                                                      copy.tier))
-        return VerifyResult(copy.model, copy.tier, True, "ok")
+        return VerifyResult(copy.key, copy.tier, True, "ok")
 
     def handle_corrupt(self, model: str, tier: str, reason: str = "") -> VerifyResult:
         """A copy failed a checksum (on verify, or the loader's ChecksumMismatch): drop it, refill from its origin.
@@ -883,6 +1002,8 @@ class CacheManager:
         copy = self.get(model, tier)
         if copy is None:
             return VerifyResult(model, tier, False, "dropped", f"not cached any more; {reason}")
+        if copy.tensor_parallel is not None:
+            return self._refill_slices(copy, reason)
         if copy.in_use:
             with self._transaction() as db:
                 db.execute("UPDATE entries SET verified_at=NULL WHERE model=? AND tier=?", (model, tier))
@@ -896,6 +1017,26 @@ class CacheManager:
         except HpcllmError as exc:
             return VerifyResult(model, tier, False, "dropped", f"corrupt ({reason}); refill failed: {exc}")
         return VerifyResult(model, tier, False, "refilled", f"corrupt, refilled from {copy.source}: {reason}")
+
+
+def node_slice_copy(node_config, model: str, degree: int, rank: int) -> Path | None:
+    """This node's slice copy of rank `rank` of `degree` of `model` (the node's NVMe cache from `node_config`,
+    node.nvme_dir with %n/%j expanded for the node this process runs on), held in use by this process so it is not
+    evicted while the rank reads it (the reference goes with the process); None when the node has none.
+    What a tensor-parallel rank calls before its load (hpcllm worker --tensor-parallel)."""
+    from hpcllm.node.agent import expand_node_pattern, node_name, slurm_job_id
+
+    nvme_dir = Path(expand_node_pattern(str(node_config.nvme_dir), node_name(), slurm_job_id()))
+    key = slice_key(model, degree, rank)
+    if not (nvme_dir / key / MARKER_FILE).is_file():
+        return None
+    try:
+        manager = CacheManager(nvme_dir, int(node_config.nvme_capacity_gb * 1e9), 0, dram_namespace=None,
+                               nvme_scope=node_config.nvme_scope)
+        return manager.acquire(key, NVME).path
+    except CacheError as exc:  # evicted meanwhile, state file unreadable: the rank reads the origin
+        log.warning("rank %d of %d: not using the slice copy %s: %s", rank, degree, nvme_dir / key, exc)
+        return None
 
 
 def _gb(nbytes: int) -> str:

@@ -174,16 +174,27 @@ def cache() -> None:
               help="--mpi: each node's NVMe cache folder; {node} or %n = node name (default: [node] nvme_dir).")
 @click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True,
               help="Longest wait for the warm (seconds).")
+@click.option("--tensor-parallel", "degree", type=click.IntRange(2, 64), default=None,
+              help="Keep on each node only the slices its ranks of a tensor_parallel = N instance read: the nodes, "
+                   "in hostlist order, hold ranks in blocks of N / nodes (srun's block distribution).")
 @config_option
 @url_option
 @agent_option
-def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, config_path, controller_url,
+def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degree, config_path, controller_url,
          agent_urls) -> None:
     """Copy MODEL into the TIER cache of every node in --nodes (verified, atomic)."""
     check_model_name(model)
     config = load_config(config_path)
     cluster = Cluster(config, controller_url, agent_urls)
     origin = cluster.source_of(model, source)
+    if degree is not None:
+        if mpi or tier != "nvme":
+            raise CacheError("--tensor-parallel keeps slice copies on the NVMe tier through the agents; leave out "
+                             "--mpi and --tier dram")
+        order = expand_nodes(node_expr)  # ranks follow the hostlist's order, not the agents' answers
+        clients = sorted(_clients(config, cluster, node_expr), key=lambda c: order.index(c.agent.node))
+        warm_slices_through_agents(clients, model, origin, rank_blocks(degree, [c.agent.node for c in clients]))
+        return
     if mpi:
         if tier != "nvme":
             raise CacheError("--mpi warms the NVMe tier; warm DRAM afterwards from the nodes' NVMe copies "
@@ -200,6 +211,36 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, conf
         click.echo(result["summary"])
         return
     warm_through_agents(_clients(config, cluster, node_expr), model, origin, tier)
+
+
+def rank_blocks(degree: int, nodes: list[str]) -> dict[str, list[int]]:
+    """Which ranks of a degree-`degree` instance each node runs: blocks of degree / len(nodes) in node order
+    (srun --ntasks-per-node's block distribution); a degree the nodes cannot share evenly is refused."""
+    if degree % len(nodes):
+        raise CacheError(f"--tensor-parallel {degree} cannot be spread evenly over {len(nodes)} node(s) "
+                         f"({', '.join(nodes)}): give a number of nodes that divides {degree}")
+    per_node = degree // len(nodes)
+    return {node: list(range(i * per_node, (i + 1) * per_node)) for i, node in enumerate(nodes)}
+
+
+def warm_slices_through_agents(clients: list[NodeCache], model: str, origin: str,
+                               ranks: dict[str, list[int]]) -> None:
+    """Each node's agent keeps the slices of the ranks it will run (hpcllm.tp.slicecache), one rank at a time."""
+    degree = sum(len(r) for r in ranks.values())
+    failures = []
+    for client in clients:
+        for rank in ranks[client.agent.node]:
+            try:
+                copy = client.call("POST", "/v1/internal/cache/warm",
+                                   json={"model": model, "source": origin, "tier": "nvme", "tensor_parallel": degree,
+                                         "rank": rank})
+                click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: {_size(copy['bytes'])} of slices "
+                           f"verified in {copy['path']}")
+            except HpcllmError as exc:
+                click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: failed", err=True)
+                failures.append(str(exc))
+    if failures:
+        raise CacheError("; ".join(failures))
 
 
 def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier: str) -> None:
@@ -256,7 +297,9 @@ def _print_table(rows: list[dict]) -> None:
 
     table = Table("node", "model", "tier", "size", "last use", "verified", "in use")
     for r in rows:
-        table.add_row(r["node"], r["model"], r["tier"], _size(r["bytes"]),
+        model = r["model"] if r.get("tensor_parallel") is None else \
+            f"{r['model']} (slices: rank {r['rank']} of {r['tensor_parallel']})"
+        table.add_row(r["node"], model, r["tier"], _size(r["bytes"]),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_used"])),
                       "yes" if r["verified"] else "NO", str(r.get("in_use", 0)))
     Console(width=120).print(table if rows else "no cached copies")

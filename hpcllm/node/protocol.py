@@ -63,6 +63,9 @@ class WarmRequest(Wire):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     source: str = Field(min_length=1)
     tier: CacheTier = "nvme"
+    # Only one rank's slices (hpcllm.tp.slicecache) of a tensor_parallel = N instance, instead of the whole model.
+    tensor_parallel: int | None = Field(None, ge=2, le=64)
+    rank: int | None = Field(None, ge=0, lt=64)
 
 
 class VerifyRequest(Wire):
@@ -77,6 +80,8 @@ class CachedCopyInfo(Wire):
     last_used: float
     verified: bool
     in_use: int
+    tensor_parallel: int | None = None  # a slice copy: rank `rank` of a tensor_parallel = N instance's slices
+    rank: int | None = None
 
 
 class CacheList(Wire):

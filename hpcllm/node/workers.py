@@ -184,7 +184,8 @@ class Instance:
                             running_requests=self.running_requests, started_at=self.started_at,
                             load_tier=self.tier, load_seconds=self.load_seconds,
                             tokens_in_flight=self.tokens_in_flight,
-                            prefill_tokens_per_second=self.prefill_tokens_per_second, error=self.error)
+                            prefill_tokens_per_second=self.prefill_tokens_per_second, error=self.error,
+                            tensor_parallel=self.ranks)
 
 
 @dataclass

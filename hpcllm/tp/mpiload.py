@@ -60,16 +60,19 @@ class _Plan:
     aliases: dict[str, str]
     dtype: str
     total_bytes: int
+    manifest_xxh3: str = ""  # identifies the checkpoint version: a rank's slice copy must match it
 
 
 def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, verify: bool = True,
                timeout_s: float = DEFAULT_TIMEOUT_S, bcast_max_bytes: int = DEFAULT_BCAST_MAX_BYTES,
                gap_bytes: int | None = None, tokenizer: bool = True, device: str = "cpu",
-               collective: Any = None) -> ShardLoad:
+               collective: Any = None, slice_copy: str | Path | None = None) -> ShardLoad:
     """Load this rank's shard of the converted checkpoint at `path` (every rank of `comm` calls this).
 
     `path` matters on rank 0 (the plan) and on every rank (the data files): each rank reads its slices from its own
     view of the folder (a node-local cache or the shared filesystem). `collective` defaults to mpi4py on CPU.
+    `slice_copy`: this rank's node's copy of its slices (hpcllm.tp.slicecache), used when it was made for this degree,
+    rank and checkpoint version; what it does not hold is read from `path`.
     """
     from hpcllm.mpi import comm_world
 
@@ -86,7 +89,7 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
 
     outcome: dict[str, Any] = {}
     error = _guarded(lambda: outcome.update(_read_own_slices(plan, Path(path), rank, size, tier, verify,
-                                                              bcast_max_bytes, gap_bytes)))
+                                                              bcast_max_bytes, gap_bytes, slice_copy)))
     _exchange_status(comm, error, timeout_s)
 
     tensors = outcome["tensors"]
@@ -108,11 +111,13 @@ def _read_plan(path: str | Path, degree: int) -> _Plan | str:
 
         from hpcllm.checkpoint import read_checkpoint
         from hpcllm.tp.plan import check_degree
+        from hpcllm.tp.slicecache import manifest_fingerprint
 
         ckpt = read_checkpoint(path)
         config = json.loads(ckpt.config_path.read_text())
         plan = _Plan(str(ckpt.root), config, {n: tuple(e.shape) for n, e in ckpt.tensors.items()},
-                     dict(ckpt.aliases), ckpt.model.get("dtype") or "float32", ckpt.total_bytes)
+                     dict(ckpt.aliases), ckpt.model.get("dtype") or "float32", ckpt.total_bytes,
+                     manifest_fingerprint(ckpt.root))
         check_degree(_config_of(plan), degree)  # whole heads per rank: a divisible tensor is not enough
         return plan
     except Exception as exc:  # noqa: BLE001 - travels to every rank as text
@@ -154,17 +159,69 @@ def estimate_rank_reads(root: str | Path, degree: int, gap_bytes: int | None = N
                           gap_bytes=gap) for rank in range(degree)]
 
 
+@dataclass(frozen=True)
+class RankReadPlan:
+    """What one rank reads, planned without reading: from the checkpoint's files (dim-0 slices, dim-1 slices and
+    replicated tensors apart: each kind planned on its own) and from a slice copy of its own (hpcllm.tp.slicecache)."""
+
+    rank: int
+    total: tuple[int, int]  # (bytes, reads) of the whole load from the checkpoint
+    dim0: tuple[int, int]
+    dim1: tuple[int, int]
+    replicated: tuple[int, int]
+    dim1_share_bytes: int  # the bytes of its dim-1 slices themselves
+    slice_copy: tuple[int, int]  # (bytes, reads) of the same load from its slice copy
+
+
+def rank_read_plans(root: str | Path, degree: int, gap_bytes: int | None = None) -> list[RankReadPlan]:
+    """Per rank: bytes and read requests by kind of slice, from the checkpoint and from a slice copy."""
+    import math
+
+    from transformers import AutoConfig
+
+    from hpcllm.checkpoint import read_checkpoint
+    from hpcllm.checkpoint.layout import ALIGNMENT, DTYPE_ITEMSIZE
+    from hpcllm.checkpoint.slicehashes import read_slice_hashes
+    from hpcllm.tp.plan import check_degree
+    from hpcllm.tp.reader import COALESCE_GAP_BYTES, _cover, planned_reads
+
+    ckpt = read_checkpoint(root)
+    config = AutoConfig.from_pretrained(ckpt.root)
+    check_degree(config, degree)
+    hashes = read_slice_hashes(ckpt)
+    gap = COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes
+    plans = []
+    for rank in range(degree):
+        own = rank_slices(ckpt, config, degree, rank)[0]
+
+        def planned(slices):
+            return planned_reads(ckpt, slices, hashes, verify=hashes is not None, gap_bytes=gap) if slices else (0, 0)
+
+        dim1 = [s for s in own if s.dim == 1]
+        covered, _ = _cover(ckpt, own, hashes, hashes is not None)
+        copy_bytes = sum(-(-math.prod(c.shape3d) // ALIGNMENT) * ALIGNMENT for c in covered)
+        plans.append(RankReadPlan(
+            rank, planned(own), planned([s for s in own if s.dim == 0]), planned(dim1),
+            planned([s for s in own if s.dim is None]),
+            sum(math.prod(s.local_shape) * DTYPE_ITEMSIZE[ckpt.tensors[s.stored].dtype] for s in dim1),
+            (copy_bytes, len(covered))))
+    return plans
+
+
 def _read_own_slices(plan: _Plan, path: Path, rank: int, size: int, tier: str | None, verify: bool,
-                     bcast_max_bytes: int, gap_bytes: int | None) -> dict:
+                     bcast_max_bytes: int, gap_bytes: int | None, slice_copy: str | Path | None) -> dict:
     from hpcllm.checkpoint import read_checkpoint
     from hpcllm.checkpoint.slicehashes import read_slice_hashes
     from hpcllm.tp.reader import COALESCE_GAP_BYTES, read_slices
+    from hpcllm.tp.slicecache import usable_slice_copy
 
     ckpt = read_checkpoint(path)  # this rank's view of the folder: its own data files, same index
     own, bcast = rank_slices(ckpt, _config_of(plan), size, rank, bcast_max_bytes)
+    local = usable_slice_copy(slice_copy, size, rank, plan.manifest_xxh3)
     tensors, stats = read_slices(ckpt, own, read_slice_hashes(ckpt), tier=tier, verify=verify,
-                                 gap_bytes=COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes)
-    return {"tensors": tensors, "stats": stats.as_dict(), "bcast_slices": bcast,
+                                 gap_bytes=COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes, local=local)
+    stats = {**stats.as_dict(), "slice_copy": str(local.root) if local is not None else None}
+    return {"tensors": tensors, "stats": stats, "bcast_slices": bcast,
             "bcast_dtypes": {s.name: ckpt.tensors[s.stored].dtype for s in bcast}}
 
 

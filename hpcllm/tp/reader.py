@@ -43,6 +43,8 @@ class ReadStats:
     bytes_read: int = 0  # bytes the reads asked the files for (page-rounded, gaps included)
     bytes_kept: int = 0  # bytes of the slices themselves
     reads: int = 0
+    cache_bytes: int = 0  # the part of bytes_read / reads served by the node's slice copy (hpcllm.tp.slicecache)
+    cache_reads: int = 0
     strips_verified: int = 0
     seconds: float = 0.0
     reader_mode: str = ""
@@ -50,7 +52,7 @@ class ReadStats:
 
     def as_dict(self) -> dict:
         return {"bytes_read": self.bytes_read, "bytes_kept": self.bytes_kept, "reads": self.reads,
-                "strips_verified": self.strips_verified, "read_seconds": round(self.seconds, 4),
+                "cache_bytes": self.cache_bytes, "cache_reads": self.cache_reads, "strips_verified": self.strips_verified, "read_seconds": round(self.seconds, 4),
                 "reader_mode": self.reader_mode}
 
 
@@ -76,11 +78,30 @@ class _Piece:
 
 
 def read_slices(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes | None, *, tier: str | None = None,
-                verify: bool = True, gap_bytes: int = COALESCE_GAP_BYTES) -> tuple[dict, ReadStats]:
-    """{name: torch tensor of the slice's local shape} for `slices`, read and (with verify) checked strip by strip."""
+                verify: bool = True, gap_bytes: int = COALESCE_GAP_BYTES, local=None) -> tuple[dict, ReadStats]:
+    """{name: torch tensor of the slice's local shape} for `slices`, read and (with verify) checked strip by strip.
+
+    `local` (a hpcllm.tp.slicecache.SliceCopy): this node's copy of the rank's slices; what it holds is read from it
+    (one contiguous read per tensor), everything else from `ckpt`'s data files."""
     import torch
 
     started = time.perf_counter()
+    covered, wanted, stats = read_covered(ckpt, slices, hashes, tier=tier, verify=verify, gap_bytes=gap_bytes,
+                                          local=local)
+    tensors = {}
+    for piece, c in wanted:
+        tensors[piece.name] = _local_tensor(torch, piece, c)
+        stats.bytes_kept += tensors[piece.name].numel() * tensors[piece.name].element_size()
+    stats.seconds = time.perf_counter() - started
+    return tensors, stats
+
+
+def read_covered(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes | None, *, tier: str | None = None,
+                 verify: bool = True, gap_bytes: int = COALESCE_GAP_BYTES, local=None
+                 ) -> tuple[list[_Covered], list[tuple[TensorSlice, _Covered]], ReadStats]:
+    """Read (and with verify, check) the strip-aligned pieces covering `slices`: from `local` where it holds them,
+    else from the checkpoint's files. Returns the pieces (with their bytes), which piece each slice is cut from,
+    and the read statistics."""
     stats = ReadStats()
     if verify and hashes is None:
         from hpcllm.checkpoint import InvalidManifest
@@ -90,22 +111,19 @@ def read_slices(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes
     covered, wanted = _cover(ckpt, slices, hashes, verify)
     for c in covered:
         c.data = np.empty(c.shape3d, dtype=np.uint8)
-    mode = _reader_mode(ckpt.root, tier)
+    held = {id(c) for c in covered if local is not None and local.piece_for(c) is not None}
+    mode = reader_mode(ckpt.root, tier)
     stats.reader_mode = mode
-    _read_all(ckpt, covered, mode, gap_bytes, stats)
+    _read_all(ckpt, [c for c in covered if id(c) not in held], mode, gap_bytes, stats)
+    if held:
+        local.read_into([c for c in covered if id(c) in held], stats)
     if verify:
         for c in covered:
             if c.table is not None and c.data.size:
-                verify_strips(c.entry.name, c.entry, c.table, c.dim, c.data, c.a,
-                              str(ckpt.partitions[c.entry.partition].path))
+                where = local.data_path if id(c) in held else ckpt.partitions[c.entry.partition].path
+                verify_strips(c.entry.name, c.entry, c.table, c.dim, c.data, c.a, str(where))
                 stats.strips_verified += (c.b - c.a) // (c.entry.shape[c.dim] // c.table.strips)
-
-    tensors = {}
-    for piece, c in wanted:
-        tensors[piece.name] = _local_tensor(torch, piece, c)
-        stats.bytes_kept += tensors[piece.name].numel() * tensors[piece.name].element_size()
-    stats.seconds = time.perf_counter() - started
-    return tensors, stats
+    return covered, wanted, stats
 
 
 def planned_reads(ckpt: Checkpoint, slices: list[TensorSlice], hashes: SliceHashes | None, *, verify: bool = True,
@@ -166,7 +184,7 @@ def _torch_dtype(torch, name: str):
     return getattr(torch, name)
 
 
-def _reader_mode(root: Path, tier: str | None) -> str:
+def reader_mode(root: Path, tier: str | None = None) -> str:
     reader = tier_settings(tier or detect_tier(root)).reader
     return ODIRECT if reader == ODIRECT else BUFFERED
 

@@ -8,7 +8,8 @@ logits of the prompt and the greedy tokens against transformers' `generate`. Ran
 `result: {json}` (per-rank bytes read, the logits difference, both token lists). Any rank's failure prints
 `error: rank R on HOST: ...` on every rank and exits 1.
 
-Test knobs: `--path-of-rank R=PATH` (that rank reads its data files from PATH: a damaged copy), `--memory-limit-rank
+Test knobs: `--path-of-rank R=PATH` (that rank reads its data files from PATH: a damaged copy), `--slice-copy-of-rank
+R=DIR` (that rank's slice copy), `--memory-limit-rank
 R --memory-limit-mb M` (an address-space limit on that rank, so its allocations fail like out-of-memory),
 `--no-reference` (skip rank 0's whole-model load, e.g. in benchmarks).
 """
@@ -30,6 +31,8 @@ import click
 @click.option("--generate", "new_tokens", type=int, default=16, show_default=True)
 @click.option("--prompt", default="The cluster scheduler", show_default=True)
 @click.option("--path-of-rank", "rank_paths", multiple=True, help="R=PATH: rank R reads its data from PATH.")
+@click.option("--slice-copy-of-rank", "rank_copies", multiple=True,
+              help="R=DIR: rank R reads what its slice copy DIR holds from there (hpcllm.tp.slicecache).")
 @click.option("--memory-limit-rank", type=int, default=None)
 @click.option("--memory-limit-mb", type=int, default=0)
 @click.option("--gap-bytes", type=int, default=None, help="Coalescing gap of the slice reads (default: reader's).")
@@ -37,7 +40,8 @@ import click
 @click.option("--reference/--no-reference", default=True)
 @click.option("--threads", type=int, default=0,
               help="Torch threads per rank; 0: the node's cores divided among the ranks on it.")
-def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, ...], memory_limit_rank: int | None,
+def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, ...], rank_copies: tuple[str, ...],
+         memory_limit_rank: int | None,
          memory_limit_mb: int, gap_bytes: int | None, timeout_s: float, reference: bool, threads: int) -> None:
     import torch
     from mpi4py import MPI
@@ -54,7 +58,8 @@ def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, .
     if memory_limit_rank == rank and memory_limit_mb:
         _limit_memory(checkpoint, memory_limit_mb)
     try:
-        loaded = load_shard(path, comm, timeout_s=timeout_s, gap_bytes=gap_bytes)
+        loaded = load_shard(path, comm, timeout_s=timeout_s, gap_bytes=gap_bytes,
+                            slice_copy=dict(item.split("=", 1) for item in rank_copies).get(str(rank)))
     except Exception as exc:  # noqa: BLE001 - every rank reports, then exits non-zero
         print(f"error: rank {rank} on {socket.gethostname()}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
+from typing import Callable
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
@@ -20,12 +21,18 @@ from hpcllm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+SliceCopyFinder = Callable[[int, int], "Path | None"]  # (degree, rank) -> this node's slice copy of that rank
+
+
 def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str | None, host: str | None, port: int,
                                device: str | None, max_model_len: int | None, url_file: Path | None,
-                               threads: int | None) -> None:
+                               threads: int | None, slice_copy_for: SliceCopyFinder | None = None) -> None:
+    """`slice_copy_for`: where this rank's node keeps its slices (hpcllm cache warm --tensor-parallel); the rank
+    reads them from there and the rest from `model_path`."""
     from hpcllm.mpi import comm_world
 
     comm = comm_world()
+    slice_copy = slice_copy_for(comm.Get_size(), comm.Get_rank()) if slice_copy_for else None
     _ignore_drain_signal(config)
     if not model_path.exists():
         raise ConfigError(f"rank {comm.Get_rank()}: model checkpoint {model_path} does not exist; pass the converted "
@@ -35,9 +42,9 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
         from hpcllm.worker.cli import run_worker
 
         run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads,
-                   loader=lambda: _load_lead(model_path, comm, device))
+                   loader=lambda: _load_lead(model_path, comm, device, slice_copy))
     else:
-        _run_follower(model_path, comm, device, threads or config.worker.cpu_threads)
+        _run_follower(model_path, comm, device, threads or config.worker.cpu_threads, slice_copy)
 
 
 def _ignore_drain_signal(config: Config) -> None:
@@ -61,17 +68,18 @@ def _collective_and_device(comm, device: str):
     return None, "cpu"
 
 
-def _load_lead(model_path: Path, comm, device: str):
+def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None):
     from hpcllm.store.tiers import detect_tier
     from hpcllm.tp.mpiload import load_shard
     from hpcllm.tp.serve import LeadRunner, ShardRunner, StepChannel, tensor_parallel_engine_class
     from hpcllm.worker.server import ModelForServing
 
     collective, device = _collective_and_device(comm, device)
-    loaded = load_shard(model_path, comm, device=device, collective=collective)
+    loaded = load_shard(model_path, comm, device=device, collective=collective, slice_copy=slice_copy)
     for stats in loaded.all_stats or []:
-        log.info("tensor-parallel rank %s on %s read %d bytes in %s reads, verified %d strips, ready in %.2f s",
-                 stats["rank"], stats["host"], stats["bytes_read"], stats["reads"], stats["strips_verified"],
+        log.info("tensor-parallel rank %s on %s read %d bytes in %s reads (%d bytes from its slice copy %s), "
+                 "verified %d strips, ready in %.2f s", stats["rank"], stats["host"], stats["bytes_read"],
+                 stats["reads"], stats["cache_bytes"], stats["slice_copy"] or "-", stats["strips_verified"],
                  stats["seconds"])
     lead = LeadRunner(StepChannel(comm), ShardRunner(loaded.model))
     if loaded.tokenizer is None:
@@ -86,7 +94,7 @@ def _load_lead(model_path: Path, comm, device: str):
                            load_seconds=loaded.stats["seconds"], owner=loaded, engine_factory=make_engine)
 
 
-def _run_follower(model_path: Path, comm, device: str, threads: int) -> None:
+def _run_follower(model_path: Path, comm, device: str, threads: int, slice_copy: Path | None) -> None:
     import torch
 
     from hpcllm.tp.mpiload import load_shard
@@ -99,6 +107,7 @@ def _run_follower(model_path: Path, comm, device: str, threads: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     collective, device = _collective_and_device(comm, device)
-    loaded = load_shard(model_path, comm, device=device, collective=collective, tokenizer=False)
+    loaded = load_shard(model_path, comm, device=device, collective=collective, tokenizer=False,
+                        slice_copy=slice_copy)
     steps = follow(StepChannel(comm), ShardRunner(loaded.model))
     log.info("rank %d: the lead stopped after %d steps", comm.Get_rank(), steps)

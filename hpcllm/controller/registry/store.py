@@ -13,6 +13,7 @@ values are wall-clock because they must mean the same after a restart.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import threading
 import uuid
@@ -34,7 +35,7 @@ from hpcllm.controller.registry.databases import open_database, sqlite_path_from
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -91,7 +92,8 @@ CREATE TABLE IF NOT EXISTS instances (
     last_used REAL NOT NULL,
     load_tier TEXT,
     load_seconds REAL,
-    placement TEXT
+    placement TEXT,
+    ranks TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_model ON instances (model);
 CREATE INDEX IF NOT EXISTS instances_by_node ON instances (node_id);
@@ -156,6 +158,8 @@ CREATE TABLE IF NOT EXISTS demand (
 # upgrade runs in one transaction with the version bump, so a crash leaves either the old or the new schema.
 _MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("nodes", "pool_model", "ALTER TABLE nodes ADD COLUMN pool_model TEXT")],  # model pools (hpcllm node --model)
+    # tensor parallelism: {"tensor_parallel": N, "nodes": [node of each rank]}; NULL: one rank
+    3: [("instances", "ranks", "ALTER TABLE instances ADD COLUMN ranks TEXT")],
 }
 
 
@@ -191,6 +195,26 @@ class CacheRecord:
     verified: bool
     last_used: float
     persistent: bool
+    tensor_parallel: int | None = None  # a slice copy: rank `rank` of a tensor_parallel = N instance's slices
+    rank: int | None = None
+
+
+# The cache table's tier column of a slice copy: "nvme:tp<N>.r<R>" (so a node's whole NVMe copy and its slice copies
+# of one model are distinct rows under the (node, model, tier) key).
+_SLICE_TIER = re.compile(r"^(?P<tier>[a-z]+):tp(?P<degree>\d+)\.r(?P<rank>\d+)$")
+
+
+def _tier_column(entry: CacheEntry) -> str:
+    return entry.tier if entry.tensor_parallel is None else f"{entry.tier}:tp{entry.tensor_parallel}.r{entry.rank}"
+
+
+def _cache_record(row) -> CacheRecord:
+    tier, degree, rank = row["tier"], None, None
+    found = _SLICE_TIER.match(tier)
+    if found:
+        tier, degree, rank = found.group("tier"), int(found.group("degree")), int(found.group("rank"))
+    return CacheRecord(row["node_id"], row["model"], tier, row["bytes"], bool(row["verified"]), row["last_used"],
+                       bool(row["persistent"]), degree, rank)
 
 
 @dataclass(frozen=True)
@@ -210,6 +234,8 @@ class InstanceRecord:
     load_tier: str | None
     load_seconds: float | None
     placement: dict | None
+    tensor_parallel: int = 1
+    rank_nodes: list[str] = field(default_factory=list)
 
     @property
     def reserved(self) -> bool:
@@ -508,21 +534,20 @@ class Registry:
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._read() as db:
             rows = db.execute(f"SELECT * FROM cache {where} ORDER BY node_id, model, tier", args).fetchall()
-        return [CacheRecord(r["node_id"], r["model"], r["tier"], r["bytes"], bool(r["verified"]), r["last_used"],
-                            bool(r["persistent"])) for r in rows]
+        return [_cache_record(r) for r in rows]
 
     # ----------------------------------------------------------------------------------------------- instances
 
     def reserve_instance(self, model: str, node_id: str, gpu_ids: list[int], now: float,
-                         placement: dict | None = None) -> str:
+                         placement: dict | None = None, tensor_parallel: int = 1) -> str:
         """Claim GPUs on a node for a cold start before asking its agent, so concurrent routes do not double-book."""
         reservation = f"{RESERVED_PREFIX}{uuid.uuid4().hex}"
         with self._tx() as db:
             db.execute(
                 "INSERT INTO instances (instance_id, model, node_id, state, worker_url, gpu_ids, requested_at,"
-                " last_used, placement) VALUES (?, ?, ?, 'loading', NULL, ?, ?, ?, ?)",
+                " last_used, placement, ranks) VALUES (?, ?, ?, 'loading', NULL, ?, ?, ?, ?, ?)",
                 (reservation, model, node_id, json.dumps(gpu_ids), now, now,
-                 json.dumps(placement) if placement is not None else None),
+                 json.dumps(placement) if placement is not None else None, _ranks_column(tensor_parallel, [])),
             )
             # The node's allocation is busy again: its idle (node-level keep-alive) clock restarts.
             db.execute("UPDATE allocations SET idle_since = NULL"
@@ -715,8 +740,8 @@ def _replace_cache(db, node_id: str, entries: list[CacheEntry], persistent_nvme:
         "INSERT INTO cache (node_id, model, tier, bytes, verified, last_used, persistent)"
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id, model, tier) DO UPDATE SET bytes = excluded.bytes,"
         " verified = excluded.verified, last_used = excluded.last_used, persistent = excluded.persistent",
-        [(node_id, e.model, e.tier, e.bytes, int(e.verified), e.last_used, int(e.tier == "nvme" and persistent_nvme))
-         for e in entries],
+        [(node_id, e.model, _tier_column(e), e.bytes, int(e.verified), e.last_used,
+          int(e.tier == "nvme" and persistent_nvme)) for e in entries],
     )
 
 
@@ -754,11 +779,12 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
     if previous is None:
         db.execute(
             "INSERT INTO instances (instance_id, model, node_id, state, worker_url, gpu_ids, running_requests,"
-            " tokens_in_flight, prefill_tps, requested_at, last_used, load_tier, load_seconds)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " tokens_in_flight, prefill_tps, requested_at, last_used, load_tier, load_seconds, ranks)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (info.instance_id, info.model, node_id, info.state, info.worker_url, json.dumps(info.gpu_ids),
              info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second,
-             info.started_at or now, now, info.load_tier, info.load_seconds),
+             info.started_at or now, now, info.load_tier, info.load_seconds,
+             _ranks_column(info.tensor_parallel, info.rank_nodes)),
         )
         return
     # Draining is our decision (retirement, migration): an agent still saying "ready" does not undo it.
@@ -767,10 +793,12 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
     db.execute(
         "UPDATE instances SET state = ?, worker_url = ?, gpu_ids = ?, running_requests = ?,"
         " routed_since_heartbeat = 0, tokens_in_flight = ?, prefill_tps = ?, last_used = ?,"
-        " load_tier = COALESCE(?, load_tier), load_seconds = COALESCE(?, load_seconds) WHERE instance_id = ?",
+        " load_tier = COALESCE(?, load_tier), load_seconds = COALESCE(?, load_seconds),"
+        " ranks = COALESCE(?, ranks) WHERE instance_id = ?",
         (state, info.worker_url or previous.worker_url, json.dumps(info.gpu_ids or previous.gpu_ids),
          info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second, last_used,
-         info.load_tier, info.load_seconds, info.instance_id),
+         info.load_tier, info.load_seconds, _ranks_column(info.tensor_parallel, info.rank_nodes),
+         info.instance_id),
     )
 
 
@@ -800,11 +828,17 @@ def _node(r) -> NodeRecord:
                       r["last_heartbeat"], r["pool_model"])
 
 
+def _ranks_column(tensor_parallel: int, rank_nodes: list[str]) -> str | None:
+    return json.dumps({"tensor_parallel": tensor_parallel, "nodes": rank_nodes}) if tensor_parallel > 1 else None
+
+
 def _instance(r) -> InstanceRecord:
+    ranks = json.loads(r["ranks"]) if r["ranks"] else {}
     return InstanceRecord(r["instance_id"], r["model"], r["node_id"], r["state"], r["worker_url"],
                           json.loads(r["gpu_ids"]), r["running_requests"], r["routed_since_heartbeat"],
                           r["tokens_in_flight"], r["prefill_tps"], r["requested_at"], r["last_used"], r["load_tier"],
-                          r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None)
+                          r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None,
+                          ranks.get("tensor_parallel", 1), ranks.get("nodes", []))
 
 
 def _allocation(r) -> AllocationRecord:

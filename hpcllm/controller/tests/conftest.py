@@ -32,6 +32,11 @@ def make_config(tmp_path: Path, **controller) -> Config:
                          "controller": settings})
 
 
+def _cache_entry(model: str, tier: str, degree: int | None = None, rank: int | None = None) -> CacheEntry:
+    """(model, tier): a whole copy; (model, "nvme", N, R): rank R of a tensor_parallel = N instance's slices."""
+    return CacheEntry(model=model, tier=tier, bytes=1, verified=True, tensor_parallel=degree, rank=rank)
+
+
 class Harness:
     """A controller wired to test doubles, with helpers that act like node agents and admins."""
 
@@ -63,7 +68,7 @@ class Harness:
                       sharedfs=TierInfo(read_gbps=sharedfs_gbps))
         self.controller.register(NodeRegistration(
             node_id=node_id, agent_url=url, slurm_job_id=job, job_scoped=job is not None, gpus=gpus, tiers=tiers,
-            cached=[CacheEntry(model=m, tier=t, bytes=1, verified=True) for m, t in cached], pool_model=pool_model))
+            cached=[_cache_entry(*c) for c in cached], pool_model=pool_model))
         return url
 
     def heartbeat(self, node_id: str, **loading_done) -> None:
@@ -73,7 +78,8 @@ class Harness:
             instances = self.agents.finish_loading(url, **loading_done)
         else:
             instances = self.agents.list_instances(url)
-        cached = [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified)
+        cached = [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified,
+                             tensor_parallel=c.tensor_parallel, rank=c.rank)
                   for c in self.registry.cache(node_id=node_id)]
         self.controller.heartbeat(node_id, Heartbeat(cached=cached, instances=instances))
 

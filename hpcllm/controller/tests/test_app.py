@@ -470,3 +470,73 @@ def test_a_tensor_parallel_cpu_instance_takes_one_slot_per_rank_on_one_node(make
     resp = small.app_client().get("/v1/internal/route?model=tp", headers=INTERNAL)
     assert resp.status_code == 503 and "(2 cpu slots)" in resp.get_json()["error"]["message"]
     assert small.agents.started == []
+
+
+def test_a_tensor_parallel_estimate_counts_each_rank_s_bytes_and_its_node_s_slice_copy(make_harness, tiny_llama_dir,
+                                                                                       tmp_path):
+    """Deploy plans each rank's bytes; placement takes the slowest rank: a node holding only rank 0's slices loads
+    as slowly as rank 1 reads the shared FS, a node holding both ranks' slices loads from NVMe and wins."""
+    from hpcllm.checkpoint import convert
+    from hpcllm.controller.protocol import ModelSpec
+    from hpcllm.tp.mpiload import estimate_rank_reads
+
+    source = tmp_path / "tp-llama"
+    convert(tiny_llama_dir, source, progress=False)
+    h = make_harness(cpu_slots_per_node=2, allocate_on_demand=False)
+    model, _ = h.controller.deploy(ModelSpec(name="tp", source=str(source), tensor_parallel=2))
+    assert model.rank_bytes == [nbytes for nbytes, _ in estimate_rank_reads(source, 2)]
+    # rank 1 reads about half; rank 0 also the replicated tensors it broadcasts (a large share of this tiny model)
+    assert model.rank_bytes[1] < 0.6 * model.size_bytes and model.rank_bytes[1] < model.rank_bytes[0] < \
+        model.size_bytes
+
+    h.register("n2", gpus=0, cached=(("tp", "nvme", 2, 0), ("tp", "nvme", 4, 1)))  # rank 1 of 2 only on the shared FS
+    assert h.controller.route("tp").status == "starting"
+    breakdown = h.registry.instances(model="tp")[0].placement
+    assert (breakdown["node"], breakdown["tier"], breakdown["slowest_rank"]) == ("n2", "sharedfs", 1)
+    assert breakdown["load_seconds"] == pytest.approx(model.rank_bytes[1] / 1e9)  # shared FS at 1 GB/s
+
+    h2 = make_harness(cpu_slots_per_node=2, allocate_on_demand=False)
+    h2.controller.deploy(ModelSpec(name="tp", source=str(source), tensor_parallel=2))
+    h2.register("n1", gpus=0, cached=(("tp", "nvme", 2, 0), ("tp", "nvme", 2, 1)))
+    h2.register("n2", gpus=0, cached=(("tp", "nvme", 2, 0),))
+    assert h2.controller.route("tp").status == "starting"
+    breakdown = h2.registry.instances(model="tp")[0].placement
+    assert (breakdown["node"], breakdown["tier"], breakdown["slowest_rank"]) == ("n1", "nvme", 0)
+    assert breakdown["load_seconds"] == pytest.approx(model.rank_bytes[0] / 4e9)  # rank 0 reads more, NVMe 4 GB/s
+    # the controller's status lists the slice copies as such
+    cached = {(c.tier, c.tensor_parallel, c.rank) for n in h2.controller.status().nodes for c in n.cached}
+    assert cached == {("nvme", 2, 0), ("nvme", 2, 1)}
+
+
+def test_status_shows_a_tensor_parallel_instance_s_ranks_and_their_nodes(make_harness, tiny_llama_dir, capsys,
+                                                                           monkeypatch, tmp_path):
+    from hpcllm.checkpoint import convert
+    from hpcllm.controller.cli import print_status
+    from hpcllm.controller.protocol import ModelSpec
+
+    h = make_harness(cpu_slots_per_node=2, allocate_on_demand=False)
+    convert(tiny_llama_dir, tmp_path / "tp", progress=False)
+    h.controller.deploy(ModelSpec(name="tp", source=str(tmp_path / "tp"), tensor_parallel=2))
+    h.deploy("one")
+    url = h.register("n1", gpus=0)
+    h.register("n2", gpus=0)
+    iid = h.controller.route("tp").instance_id
+    assert [(i.tensor_parallel, i.rank_nodes) for i in h.controller.status().instances] == [(2, [])]  # placed
+
+    # the agent reports where its ranks run
+    info = h.agents.agents[url].instances[iid]
+    h.agents.agents[url].instances[iid] = info.model_copy(update={"tensor_parallel": 2, "rank_nodes": ["n1", "n1"]})
+    h.heartbeat("n1", tier="sharedfs")
+    h.controller.route("one")
+    status = {i.model: i for i in h.controller.status().instances}
+    assert (status["tp"].tensor_parallel, status["tp"].rank_nodes) == (2, ["n1", "n1"])
+    assert (status["one"].tensor_parallel, status["one"].rank_nodes) == (1, [])
+
+    monkeypatch.setenv("COLUMNS", "300")
+    print_status(h.controller.status())
+    lines = capsys.readouterr().out.splitlines()
+    assert "ranks" in next(line for line in lines if "instance" in line and "model" in line)
+    assert "2 (n1, n1)" in next(line for line in lines if iid in line)
+    assert "sharedfs 0.00 s (slowest rank 0)" in next(line for line in lines if iid in line)
+    one = next(line for line in lines if status["one"].instance_id in line)
+    assert " 1 " in one

@@ -116,7 +116,7 @@ def test_breakdown_is_a_wire_record():
     assert breakdown.model_dump() == {
         "node": "b", "kind": "running", "total_seconds": 2.5, "queue_wait_seconds": 0.0, "load_seconds": 2.5,
         "migration_seconds": 0.0, "tier": "nvme", "bandwidth_gbps": 4.0, "migrate": [], "considered": 2,
-        "queue_wait_source": None}
+        "queue_wait_source": None, "slowest_rank": None}
 
 
 def test_view_holds_many_models_and_answers_each():
@@ -160,3 +160,43 @@ def test_fast_view_agrees_with_the_specification(cluster):
     best = min(expected, key=lambda e: (e.total_seconds, e.node))
     assert decision.chosen == best
     assert not math.isinf(decision.chosen.total_seconds)
+
+
+# ------------------------------------------------------------------------------ tensor-parallel: every rank counts
+
+
+def test_the_slowest_rank_decides_a_tensor_parallel_load():
+    from hpcllm.controller.placement import slice_holding, slowest_rank
+
+    # Two ranks of 6 GB each on two nodes: rank 0's node keeps its slices on NVMe (6/4 = 1.5 s), rank 1's node has
+    # only the shared FS (6/1 = 6 s): the instance is ready when rank 1 is, 6 s, from the shared FS.
+    fast = (BW, {slice_holding("nvme", 0)})
+    shared_only = (BW, set())
+    assert slowest_rank([6 * GB, 6 * GB], [fast, shared_only]) == (1, "sharedfs", pytest.approx(6.0))
+    # Rank 1's slices on its node too: 1.5 s each; ties go to rank 0.
+    assert slowest_rank([6 * GB, 6 * GB], [fast, (BW, {slice_holding("nvme", 1)})]) == (0, "nvme",
+                                                                                       pytest.approx(1.5))
+    # A slice copy of another rank does not help: rank 1 on a node holding rank 0's slices reads the shared FS.
+    assert slowest_rank([6 * GB, 6 * GB], [fast, fast])[:2] == (1, "sharedfs")
+    # A whole copy serves every rank; rank 0 reads more (the replicated tensors): 7/20 = 0.35 s from DRAM.
+    assert slowest_rank([7 * GB, 6 * GB], [(BW, {"dram"}), (BW, {"dram"})]) == (0, "dram", pytest.approx(0.35))
+
+
+def test_a_tensor_parallel_instance_goes_where_all_its_ranks_load_soonest():
+    from hpcllm.controller.placement import slice_holding
+
+    # 12 GB model, 2 ranks of 6.5 GB (half + replicated). Node a holds both ranks' slices on NVMe: 6.5/4 = 1.625 s.
+    # Node b holds only rank 0's: rank 1 reads the shared FS, 6.5/1 = 6.5 s. Node c holds nothing: 6.5 s too
+    # (ranks read their share, not the whole 12 GB: 12/1 = 12 s was the one-rank estimate).
+    holding = {"a": {slice_holding("nvme", 0), slice_holding("nvme", 1)}, "b": {slice_holding("nvme", 0)}}
+    ranks = [int(6.5 * GB), int(6.5 * GB)]
+    decision = place(12 * GB, 2, [node("a", free=2), node("b", free=2), node("c", free=2)], holding, ranks)
+    assert decision.chosen.node == "a" and decision.chosen.tier == "nvme"
+    assert decision.chosen.load_seconds == pytest.approx(1.625)
+
+    alone = place(12 * GB, 2, [node("b", free=2)], holding, ranks).breakdown()
+    assert (alone.tier, alone.slowest_rank, alone.bandwidth_gbps) == ("sharedfs", 1, 1.0)
+    assert alone.load_seconds == pytest.approx(6.5)
+    assert place(12 * GB, 2, [node("c", free=2)], holding, ranks).chosen.load_seconds == pytest.approx(6.5)
+    # the one-rank rule ignores slice copies: a node holding only slices is no better than the shared FS
+    assert place(12 * GB, 1, [node("a")], holding).chosen.load_seconds == pytest.approx(12.0)

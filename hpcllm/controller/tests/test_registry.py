@@ -94,7 +94,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     write_v1_database(database_url, tmp_path)
     registry = Registry(database_url)
     try:
-        assert SCHEMA_VERSION == 2 and registry.schema_version() == 2
+        assert SCHEMA_VERSION == 3 and registry.schema_version() == 3
         n1, n2 = registry.nodes()
         assert (n1.node_id, n1.agent_url, n1.slurm_job_id, n1.job_scoped, n1.gpus, n1.h2d_gbps, n1.state,
                 n1.registered_at, n1.last_heartbeat, n1.pool_model) == \
@@ -107,8 +107,8 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         assert (entry.node_id, entry.model, entry.tier, entry.bytes, entry.persistent) == \
             ("n1", "tiny-llama", "nvme", 123456789, True)
         [instance] = registry.instances()
-        assert (instance.instance_id, instance.node_id, instance.state, instance.gpu_ids, instance.load_tier) == \
-            ("inst-1", "n1", "ready", [0], "nvme")
+        assert (instance.instance_id, instance.node_id, instance.state, instance.gpu_ids, instance.load_tier,
+                instance.tensor_parallel, instance.rank_nodes) == ("inst-1", "n1", "ready", [0], "nvme", 1, [])
         [alloc] = registry.allocations()
         assert (alloc.job_id, alloc.state, alloc.nodes, alloc.time_limit_seconds) == ("4242", "running", ["n1"], 3600.0)
         assert [c.instance_id for c in registry.cold_starts()] == ["inst-1"]
@@ -120,14 +120,18 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
                            NOW + 1)
         registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama")]), NOW + 2)
         assert registry.get_node("n3").pool_model == "tiny-llama"
+        registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama").model_copy(
+            update={"tensor_parallel": 2, "rank_nodes": ["n3", "n3"]})]), NOW + 3)  # version 3: the ranks
+        assert {i.instance_id: (i.tensor_parallel, i.rank_nodes) for i in registry.instances()}["pool-1"] == \
+            (2, ["n3", "n3"])
         assert len(registry.cold_starts()) == 2
     finally:
         registry.close()
 
-    # Opening it again is a no-op: still version 2, nothing lost.
+    # Opening it again is a no-op: still version 3, nothing lost.
     registry = Registry(database_url)
     try:
-        assert registry.schema_version() == 2
+        assert registry.schema_version() == 3
         assert [(n.node_id, n.pool_model) for n in registry.nodes()] == \
             [("n1", None), ("n2", None), ("n3", "tiny-llama")]
         assert len(registry.instances()) == 2
@@ -144,7 +148,8 @@ def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
     Registry(url).close()
     raw = sqlite3.connect(tmp_path / "v1.db")
     assert "pool_model" in {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert "ranks" in {row[1] for row in raw.execute("PRAGMA table_info(instances)")}
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
     raw.close()
 

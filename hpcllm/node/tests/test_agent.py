@@ -361,3 +361,15 @@ def test_a_corrupt_cached_copy_fails_the_load_and_is_refilled(agent, client, con
         return any(i["state"] == "ready" for i in infos)
 
     wait_for(ready, what="an instance from the refilled copy to become ready")
+
+
+def test_heartbeats_name_the_node_of_every_rank_of_a_tensor_parallel_instance(tmp_path, monkeypatch):
+    from hpcllm.controller.protocol import InstanceInfo
+
+    agent = make_agent(tmp_path)
+    agent.node_id = "n3"
+    monkeypatch.setattr(agent.workers, "infos", lambda: [
+        InstanceInfo(instance_id="a", model="m", state="ready", tensor_parallel=2),
+        InstanceInfo(instance_id="b", model="m", state="ready")])
+    assert [(i.tensor_parallel, i.rank_nodes) for i in agent.instance_infos()] == [(2, ["n3", "n3"]), (1, ["n3"])]
+    agent.workers.close()

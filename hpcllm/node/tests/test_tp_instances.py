@@ -172,3 +172,47 @@ def test_a_two_rank_instance_live_migrates_its_stream_to_a_one_rank_instance(age
             rest = list(attached)
     tokens = [line.token_id for line in received + rest if isinstance(line, TokenLine)]
     assert tokens == reference
+
+
+def test_each_rank_loads_from_its_slice_copy_on_the_node(tmp_path, tp_converted, tiny_llama_dir):
+    """`hpcllm cache warm --tensor-parallel 2` left both ranks' slice copies on this node: the instance's ranks read
+    their slices from them (one read per tensor), hold them in use while they run, and serve transformers' tokens."""
+    config = tmp_path / "hpcllm.toml"
+    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n[node]\nnvme_dir = "{tmp_path / "nvme"}"\n')
+    config.chmod(0o600)
+    agent = make_agent(tmp_path)
+    agent.config_path = config  # the workers read the node's cache folder from the agent's config, as in production
+    agent.workers.config_path = config
+    try:
+        for rank in (0, 1):
+            agent.cache.warm_slices("tp-llama", tp_converted, 2, rank)
+        client = create_app(agent).test_client()
+        resp = client.post("/v1/internal/instances", json={"model": "tp-llama", "source": str(tp_converted),
+                                                            "tensor_parallel": 2}, headers=AUTH)
+        assert resp.status_code == 202, resp.get_json()
+        iid = resp.get_json()["instance_id"]
+        info = wait_for(lambda: instance(client)["state"] == "ready" and instance(client), timeout=240,
+                        what="the two-rank instance to become ready")
+        assert info["tensor_parallel"] == 2 and info["rank_nodes"] == [agent.node_id] * 2
+        assert [c.in_use for c in agent.cache.list()] == [1, 1]  # each rank holds its copy
+
+        log = next(agent.workers.run_dir.glob(f"{iid}.log")).read_text()
+        for rank in (0, 1):
+            copy = tmp_path / "nvme" / f"tp-llama+tp2.r{rank}"
+            line = next(line for line in log.splitlines() if f"tensor-parallel rank {rank} on" in line)
+            assert f"from its slice copy {copy})" in line and " (0 bytes from" not in line, line
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+        prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+        with WorkerClient(info["worker_url"], SECRET) as worker:
+            with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(),
+                                                 max_tokens=8, temperature=0)) as stream:
+                assert [line.token_id for line in stream if line.type == "token"] == expected
+        client.delete(f"/v1/internal/instances/{iid}", headers=AUTH)
+        assert [c.in_use for c in agent.cache.list()] == [0, 0]
+    finally:
+        agent.workers.stop_all(timeout=10)
+        agent.workers.close()

@@ -159,3 +159,25 @@ def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_ll
         output, _ = process.communicate(timeout=60)
     assert "tensor-parallel rank 1 on" in output and "rank 1: the lead stopped after" in output, output
     assert "Traceback" not in output
+
+
+def test_a_rank_with_a_slice_copy_reads_its_slices_there_and_the_other_rank_the_origin(tp_llama, tmp_path):
+    """Rank 0 has its node's slice copy and a view of the checkpoint without data files (so any read of the origin's
+    data would fail); rank 1 has none and reads the origin: the same greedy tokens as the 1-rank model."""
+    from hpcllm.tp.slicecache import write_slice_copy
+
+    copy = tmp_path / "r0"
+    copy.mkdir()
+    write_slice_copy(tp_llama, 2, 0, copy)
+    no_data = tmp_path / "no-data"
+    shutil.copytree(tp_llama, no_data)
+    for partition in read_checkpoint(no_data).partitions:
+        partition.path.unlink()
+
+    result = _result(_mpirun(2, str(tp_llama), "--path-of-rank", f"0={no_data}", "--slice-copy-of-rank",
+                             f"0={copy}", "--generate", "8"))
+
+    rank0, rank1 = result["stats"]
+    assert rank0["slice_copy"] == str(copy) and rank0["reads"] == rank0["cache_reads"] > 0
+    assert rank1["slice_copy"] is None and rank1["cache_reads"] == 0 and rank1["bytes_read"] > 0
+    assert result["tp_tokens"] == result["reference_tokens"]

@@ -153,6 +153,12 @@ def test_planned_reads_match_what_the_ranks_read_and_inspect_shows_them(tp_llama
     result = CliRunner().invoke(tp_cli, ["plan", str(tp_llama), "--degree", "2"])
     assert result.exit_code == 0, result.output
     assert f"tensor_parallel = 2: rank 1 reads {planned[1][0] / 1024:.1f} KiB" in result.output
+    # the dim-1 (rowwise) reads by themselves: each row share is 256 bytes, within one page with its neighbour's, so
+    # every byte of those tensors is read (2.0x) even read by read (--gap-bytes 0); coalesced, more around them
+    assert "its share of 48.0 KiB" in result.output
+    per_row = CliRunner().invoke(tp_cli, ["plan", str(tp_llama), "--degree", "2", "--gap-bytes", "0"])
+    assert "dim 1 (rowwise) 96.0 KiB in 4 read(s), 2.0x its share of 48.0 KiB" in per_row.output, per_row.output
+    assert "from its slice copy (hpcllm cache warm --tensor-parallel 2): 272.0 KiB in 15 read(s)" in result.output
     refused = CliRunner().invoke(tp_cli, ["plan", str(tp_llama), "--degree", "4"])
     assert refused.exit_code != 0 and "KV heads (num_key_value_heads) = 2 is not divisible by 4" in str(
         refused.exception)
