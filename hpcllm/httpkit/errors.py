@@ -87,12 +87,18 @@ def respond(exc: ServiceError):
     return resp
 
 
-def from_http_exception(exc: HTTPException) -> ServiceError:
-    """werkzeug's 404 / 405 / 413 ... as a ServiceError with the same status (type by who is at fault)."""
-    error = ServiceError(exc.description or exc.name, code=exc.name.lower().replace(" ", "_"))
-    error.http_status = exc.code or 500
-    error.error_type = "invalid_request_error" if error.http_status < 500 else "server_error"
+def service_error(status: int, message: str, code: str | None, param: str | None = None) -> ServiceError:
+    """A ServiceError whose status is known only at run time (werkzeug's, another error family's); its type says
+    who is at fault: the caller below 500, the service from 500."""
+    error = ServiceError(message, param, code=code)
+    error.http_status = status
+    error.error_type = "invalid_request_error" if status < 500 else "server_error"
     return error
+
+
+def from_http_exception(exc: HTTPException) -> ServiceError:
+    """werkzeug's 404 / 405 / 413 ... as a ServiceError with the same status."""
+    return service_error(exc.code or 500, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
 
 
 def unexpected_error(exc: Exception) -> ServiceError:

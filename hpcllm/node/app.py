@@ -18,7 +18,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.app import service_app
 from hpcllm.httpkit.auth import SharedSecret, guard
 from hpcllm.httpkit.body import parse_body
-from hpcllm.httpkit.errors import InvalidRequest, ServiceError, ServiceUnavailable, respond
+from hpcllm.httpkit.errors import InvalidRequest, ServiceError, ServiceUnavailable, respond, service_error
 from hpcllm.node.protocol import (
     CachedCopyInfo,
     CacheList,
@@ -73,10 +73,7 @@ def create_app(agent) -> Flask:
         status = getattr(exc, "http_status", None)
         if status is None:
             status = 404 if type(exc).__name__ == "UnknownModel" else 409
-        error = ServiceError(str(exc), code=str(getattr(exc, "code", None) or type(exc).__name__))
-        error.http_status = status
-        error.error_type = "invalid_request_error" if status < 500 else "server_error"
-        return respond(error)
+        return respond(service_error(status, str(exc), str(getattr(exc, "code", None) or type(exc).__name__)))
 
     @api.get("/health")
     def health():
