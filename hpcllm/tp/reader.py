@@ -52,7 +52,8 @@ class ReadStats:
 
     def as_dict(self) -> dict:
         return {"bytes_read": self.bytes_read, "bytes_kept": self.bytes_kept, "reads": self.reads,
-                "cache_bytes": self.cache_bytes, "cache_reads": self.cache_reads, "strips_verified": self.strips_verified, "read_seconds": round(self.seconds, 4),
+                "cache_bytes": self.cache_bytes, "cache_reads": self.cache_reads,
+                "strips_verified": self.strips_verified, "read_seconds": round(self.seconds, 4),
                 "reader_mode": self.reader_mode}
 
 
