@@ -44,6 +44,7 @@ from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo
 from hpcllm.errors import HpcllmError
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
+from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
@@ -230,6 +231,14 @@ class WorkerManager:
         self._spares: list[Spare] = []
         self._http = httpx.Client(headers={SECRET_HEADER: config.cluster.shared_secret}, timeout=5.0)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.read_tuning_path: Path | None = None  # the node probe's read settings, passed to every worker
+
+    def set_read_tuning(self, tuning: ReadTuning) -> Path:
+        """Save the probe's read tuning in the run folder; workers started from now on load with it."""
+        path = self.run_dir / "read-tuning.json"
+        tuning.save(path)
+        self.read_tuning_path = path
+        return path
 
     # ------------------------------------------------------------------------------------------------ queries
 
@@ -331,6 +340,8 @@ class WorkerManager:
         if ranks > 1 and os.geteuid() == 0:  # OpenMPI refuses root without both (the dev cluster runs as root)
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         env[SECRET_ENV] = self.config.cluster.shared_secret
+        if self.read_tuning_path is not None:  # loads read with the settings the node's probe found fastest
+            env[TUNING_ENV] = str(self.read_tuning_path)
         # A CPU instance sees no GPU; a GPU instance only its own.
         env["CUDA_VISIBLE_DEVICES"] = self.gpus.visible_devices(gpu_ids) if gpu_ids else ""
         return env
