@@ -97,6 +97,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/hpcllm-bench"),
                         help="where the models live (must be on the real disk, not tmpfs)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
+    parser.add_argument("--states", default="cold,warm,shm",
+                        help="comma-separated subset of the states to run (cold, warm, shm)")
     parser.add_argument("--cold", choices=["fadvise", "drop_caches"], default="fadvise",
                         help="how cold runs evict the files (see the description above)")
     parser.add_argument("--keep-dram", action="store_true", help="leave the model in /dev/shm afterwards")
@@ -147,6 +149,8 @@ def main() -> int:
             shift = run % max(1, len(methods))
             for method in methods[shift:] + methods[:shift]:
                 for state in METHODS[method][2]:
+                    if state not in args.states.split(","):
+                        continue
                     if state == "cold" and not can_cold:
                         continue
                     if state == "warm":
