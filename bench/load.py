@@ -493,8 +493,6 @@ def prepare_method(method: str, workdir: Path, config):
 
 
 def measure_limit(name: str, workdir: Path, cold: str) -> dict:
-    import threading
-
     import numpy as np
 
     from hpcllm.store.memory import HostBuffer
