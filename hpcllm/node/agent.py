@@ -118,8 +118,11 @@ class NodeAgent:
         node = self.config.node
         self.measurements = measure_tiers(self.nvme_dir, self.config.paths.models_dir, node.probe_bytes,
                                           node.memcpy_probe_bytes, self.gpus.count,
-                                          gpu_device=self.gpus.names[0] if self.gpus.count else None)
+                                          gpu_device=self.gpus.names[0] if self.gpus.count else None,
+                                          read_sweep=node.read_sweep)
         m = self.measurements
+        if m.tuning is not None and m.tuning.tiers:
+            self.workers.set_read_tuning(m.tuning)
         log.info("tiers of %s: nvme %s GB/s (%s), sharedfs %s GB/s, dram %s GB/s, h2d %s GB/s; %d GPUs (%s)",
                  self.node_id, *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.nvme,)),
                  m.nvme.mode if m.nvme else "-",

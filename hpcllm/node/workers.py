@@ -46,6 +46,7 @@ from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import internal_client
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
+from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
@@ -234,6 +235,14 @@ class WorkerManager:
         self._http = internal_client(config.internal_http, headers=secret_headers(config.cluster.shared_secret),
                                      timeout=5.0)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.read_tuning_path: Path | None = None  # the node probe's read settings, passed to every worker
+
+    def set_read_tuning(self, tuning: ReadTuning) -> Path:
+        """Save the probe's read tuning in the run folder; workers started from now on load with it."""
+        path = self.run_dir / "read-tuning.json"
+        tuning.save(path)
+        self.read_tuning_path = path
+        return path
 
     # ------------------------------------------------------------------------------------------------ queries
 
@@ -335,6 +344,8 @@ class WorkerManager:
         if ranks > 1 and os.geteuid() == 0:  # OpenMPI refuses root without both (the dev cluster runs as root)
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         env[SECRET_ENV] = self.config.cluster.shared_secret
+        if self.read_tuning_path is not None:  # loads read with the settings the node's probe found fastest
+            env[TUNING_ENV] = str(self.read_tuning_path)
         # A CPU instance sees no GPU; a GPU instance only its own.
         env["CUDA_VISIBLE_DEVICES"] = self.gpus.visible_devices(gpu_ids) if gpu_ids else ""
         return env

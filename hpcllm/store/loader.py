@@ -21,6 +21,8 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import mmap
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ from hpcllm.store.readers import BUFFERED, CACHED_ENOUGH, FileReader, cached_fra
 from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
 from hpcllm.store.tee import LoadTee
 from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, tier_settings
+from hpcllm.store.tuning import ReadPlan, choose_read_plan, load_tuning
 from hpcllm.store.verified import record_verified, verified_before
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ class LoadStats:
     phases: dict[str, float] = field(default_factory=dict)  # open, config, skeleton, read, attach, tokenizer
     staging: dict[str, int] | None = None  # slots, slot_bytes, submitted, waits_for_copy (GPU / device_map)
     pool_reused_bytes: int = 0  # destination bytes that came pre-faulted from the buffer pool
+    request_bytes: int = 0  # bytes per read request (0: no reads, the files were mapped already in memory)
+    read_plan: str = ""  # where the reader mode, threads and request size came from (probe / default / arguments)
 
     @property
     def gbps(self) -> float:
@@ -147,7 +152,7 @@ def _gc_paused(func):
 def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bool | None = None, dtype=None,
                tokenizer: bool = True, threads: int | None = None, unit_bytes: int | None = None,
                staging_slots: int | None = None, pool: HostBufferPool | None = None,
-               staged: bool = False, tee_into: str | Path | None = None) -> LoadedModel:
+               staged: bool = False, tee_into: str | Path | None = None, read_tuning=None) -> LoadedModel:
     """Load a converted checkpoint into a ready transformers model.
 
     path            converted checkpoint folder (any tier; DramTier.open(model_id) for the DRAM tier)
@@ -159,7 +164,10 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     dtype           torch dtype for floating weights; default "auto" like from_pretrained (config.json's dtype,
                     else the stored one). A dtype other than the stored one costs a conversion copy.
     tokenizer       also load the tokenizer from the checkpoint's side files (AutoTokenizer)
-    threads, unit_bytes, staging_slots   override the tier's pipeline settings
+    threads, unit_bytes, staging_slots   override the tier's pipeline settings (threads / unit_bytes also override
+                    the read tuning: unit_bytes is then the bytes per read request too)
+    read_tuning     the node probe's read settings (hpcllm.store.tuning.ReadTuning or its JSON file); default
+                    $HPCLLM_READ_TUNING, which the node agent sets for its workers. Without one: the tier defaults
     pool            host buffer pool for CPU targets (default: the process-wide pool)
     staged          route CPU loads through the staging ring too (the GPU path's machinery; for testing)
     tee_into        an empty folder: also write the bytes read there as a copy of the checkpoint (cache on load,
@@ -183,8 +191,12 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     pool = pool or default_pool()
     phases = {"open": time.perf_counter() - started}
 
+    host_target = devices == {"cpu"} and not staged
+    plan = _read_plan(read_tuning, tier_name, settings, host_target, ckpt.root, threads, unit_bytes)
+    if staging_slots is None:  # enough slots for every reader thread to hold one while copies drain the others
+        settings = settings.with_overrides(staging_slots=max(settings.staging_slots, plan.threads + 2))
     tee = LoadTee(ckpt, tee_into) if tee_into is not None else None
-    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged, tee)
+    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged, tee, plan)
     try:
         load.start()
         config_started = time.perf_counter()
@@ -233,9 +245,10 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
 
     stats = LoadStats(path=str(ckpt.root), tier=tier_name, reader_mode=load.reader_mode, devices=sorted(devices),
                       bytes=ckpt.total_bytes, seconds=seconds, verified=verify, verified_earlier=verified_earlier,
-                      threads=settings.threads,
+                      threads=load.threads,
                       zero_copy=load.zero_copy, fallback_reason=load.fallback_reason, phases=phases,
-                      staging=load.staging_stats(), pool_reused_bytes=load.pool_reused_bytes)
+                      staging=load.staging_stats(), pool_reused_bytes=load.pool_reused_bytes,
+                      request_bytes=load.request_bytes, read_plan=plan.source)
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
              ",".join(stats.devices), seconds, stats.gbps)
     return LoadedModel(model=model, tokenizer=tok, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
@@ -294,8 +307,9 @@ class _Load:
     """The data movement of one load: mode choice, destination memory, pipeline, cleanup on failure."""
 
     def __init__(self, ckpt: Checkpoint, settings: TierSettings, verify: bool, device_of, devices: set[str],
-                 pool: HostBufferPool, staged: bool, tee: LoadTee | None = None):
+                 pool: HostBufferPool, staged: bool, tee: LoadTee | None = None, plan: ReadPlan | None = None):
         self.ckpt = ckpt
+        self.plan = plan or ReadPlan(settings.reader, settings.threads, settings.unit_bytes, "default")
         self.tee = tee
         self.settings = settings
         self.verify = verify
@@ -313,8 +327,14 @@ class _Load:
         self.fallback_reason = None
         host_only = devices == {"cpu"}
         self.staged = not host_only or staged
-        self.zero_copy = not self.staged and (settings.reader == MMAP or self._page_cache_holds_it())
-        self.reader_mode = MMAP if self.zero_copy else (BUFFERED if settings.reader == MMAP else settings.reader)
+        in_memory = settings.reader == MMAP or (not self.staged and self._page_cache_holds_it())
+        # The probe found mapping + populating faster than reading into fresh memory: map the cold files and fault
+        # them in from the disk in `plan.threads` threads during the load (the page cache's pages become the weights).
+        self.populate_now = not self.staged and not in_memory and self.plan.mode == MMAP
+        self.zero_copy = not self.staged and (in_memory or self.populate_now)
+        self.reader_mode = MMAP if self.zero_copy else (BUFFERED if self.plan.mode == MMAP else self.plan.mode)
+        self.threads = self.plan.threads
+        self.request_bytes = 0 if self.zero_copy and not self.populate_now else self.plan.block_bytes
         self.populate_thread: threading.Thread | None = None
         self.verifier: ThreadPoolExecutor | None = None
         self.verifications: list = []
@@ -342,7 +362,7 @@ class _Load:
         for p in parts:
             part = self.ckpt.partitions[p]
             self.readers[p] = FileReader(part.path, self.reader_mode, expected_size=part.size)
-        units = plan_units(self.ckpt, parts, self.settings.unit_bytes)
+        units = plan_units(self.ckpt, parts, self.plan.block_bytes)
         if self.staged:
             target = self._staged_target(units)
         else:
@@ -352,15 +372,19 @@ class _Load:
             target = DirectHostTarget(buffers)
         # A staged load's bytes pass through reused slots: the tee takes them there. A direct one writes later.
         self.pipeline = Pipeline(self.ckpt, units, self.readers, target, verify=self.verify,
-                                 threads=self.settings.threads, prefault=self.settings.prefault,
-                                 tee=self.tee if self.staged else None).start()
+                                 threads=self.plan.threads, prefault=self.settings.prefault,
+                                 tee=self.tee if self.staged else None, request_bytes=self.plan.block_bytes).start()
 
     def _map_shared(self, parts: list[int]) -> None:
         """Tensors will be views of private (copy-on-write) mappings of the files: no read, no copy."""
         self.placement = whole_partition_placement(self.ckpt, "cpu")
         for p in parts:
             self.bases[(p, "cpu")] = MappedFile(self.ckpt.partitions[p].path, shared=False)
-        if self.verify:  # hashing reads every page, which also maps it in; runs while the skeleton is built
+        if self.populate_now:  # cold files: read them into the page cache and map them, in the probe's threads
+            units = plan_units(self.ckpt, parts, self.plan.block_bytes)
+            self.verifier = ThreadPoolExecutor(max_workers=self.plan.threads, thread_name_prefix="hpcllm-populate")
+            self.verifications = [self.verifier.submit(self._populate_unit, u) for u in units]
+        elif self.verify:  # hashing reads every page, which also maps it in; runs while the skeleton is built
             chunks = [(p, c) for p in parts for c in range(self.ckpt.partitions[p].num_chunks)]
             self.verifier = ThreadPoolExecutor(max_workers=self.settings.threads, thread_name_prefix="hpcllm-verify")
             self.verifications = [self.verifier.submit(self._verify_mapped, p, c) for p, c in chunks]
@@ -389,11 +413,27 @@ class _Load:
     def populate_in_background(self) -> None:
         """Unverified mapping: map its pages in behind the caller's back (once the model is ready), so the first
         forward pass does not take a page fault per 4 KiB."""
-        if self.zero_copy and not self.verify:
+        if self.zero_copy and not self.verify and not self.populate_now:
             mappings = [base for base in self.bases.values() if isinstance(base, MappedFile)]
             self.populate_thread = threading.Thread(target=_populate_read, args=(mappings,), daemon=True,
                                                     name="hpcllm-populate")
             self.populate_thread.start()
+
+    def _populate_unit(self, unit) -> None:
+        """Fault a unit's pages of the mapping in (the kernel reads them from the disk), in requests of the plan's
+        block size, then check its chunks when this load verifies."""
+        base = self.bases[(unit.partition, "cpu")]
+        end = unit.offset + unit.nbytes
+        for start in range(unit.offset, end, self.plan.block_bytes):
+            length = min(self.plan.block_bytes, end - start)
+            populate_read(base.address + start, length)  # the disk read (kernels before 5.14: the touch below)
+            # Reading one byte per page from this thread, while others wait for the disk: on these VMs the first
+            # access to freshly read pages costs the hypervisor's mapping of them (seen as up to ~1 s for 2 GB
+            # when left to the model's first use, with no page fault in the guest).
+            _touch_pages(base, start, length)
+        if self.verify:
+            for chunk in range(unit.first_chunk, unit.last_chunk + 1):
+                self._verify_mapped(unit.partition, chunk)
 
     def _verify_mapped(self, partition: int, chunk: int) -> None:
         start, length = self.ckpt.partitions[partition].chunk_range(chunk)
@@ -443,7 +483,7 @@ class _Load:
         if self.verifier is not None:
             try:
                 for verification in self.verifications:
-                    verification.result()  # re-raises the first ChecksumMismatch
+                    verification.result()  # re-raises the first ChecksumMismatch (or read error)
             finally:
                 self._stop_verifier()
             self.read_seconds = time.perf_counter() - self.started_at
@@ -587,6 +627,28 @@ def _populate_read(mappings) -> None:
         for start in range(0, mapping.capacity, POPULATE_STEP):
             if not populate_read(mapping.address + start, min(POPULATE_STEP, mapping.capacity - start)):
                 return
+
+
+def _touch_pages(mapping, start: int, length: int) -> None:
+    import numpy as np
+
+    np.frombuffer(mapping.mmap, dtype=np.uint8)[start:start + length:mmap.PAGESIZE].sum()
+
+
+def _read_plan(read_tuning, tier: str, settings: TierSettings, host_target: bool, root: Path,
+               threads: int | None, unit_bytes: int | None) -> ReadPlan:
+    """How this load reads: explicit threads / unit_bytes win, then the node probe's tuning, then tier defaults."""
+    if settings.reader == MMAP:
+        return ReadPlan(MMAP, settings.threads, settings.unit_bytes, f"tier {tier}: the files are in memory")
+    if threads is not None or unit_bytes is not None:
+        return ReadPlan(settings.reader, settings.threads, settings.unit_bytes, "arguments: threads / unit_bytes")
+    tuning, where = load_tuning(read_tuning)
+    try:
+        device = os.stat(root).st_dev
+    except OSError:
+        device = None
+    return choose_read_plan(tuning, tier, settings.reader, settings.threads, settings.unit_bytes, host_target,
+                            device, where)
 
 
 def _verify_side_files(ckpt: Checkpoint) -> None:

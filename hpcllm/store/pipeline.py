@@ -1,6 +1,6 @@
 """The chunked, pipelined read path shared by every tier and device.
 
-    reader threads (2)            consuming thread                copy engine
+    reader threads (N)            consuming thread                copy engine
     acquire target memory  -->    verify each chunk (xxh3)  -->   (staged targets only) async copy to the final
     preadv a unit of chunks       commit the unit                  memory; the slot is recycled after its fence
 
@@ -251,8 +251,9 @@ class Pipeline:
     for all of it and re-raises the first error."""
 
     def __init__(self, ckpt: Checkpoint, units: list[ReadUnit], readers: dict[int, FileReader], target,
-                 verify: bool, threads: int = 2, prefault: bool = True, tee=None):
+                 verify: bool, threads: int = 2, prefault: bool = True, tee=None, request_bytes: int | None = None):
         self.ckpt = ckpt
+        self.request_bytes = request_bytes  # bytes per preadv (None: a whole unit per request)
         self.tee = tee  # hpcllm.store.tee.LoadTee: gets each unit after it was verified (cache on load)
         self.units = units
         self.readers = readers
@@ -301,7 +302,8 @@ class Pipeline:
                 return
             try:
                 reader = self.readers[unit.partition]
-                reader.read_into(unit.offset, view[:round_up(unit.nbytes, ALIGNMENT)], unit.nbytes)
+                reader.read_into(unit.offset, view[:round_up(unit.nbytes, ALIGNMENT)], unit.nbytes,
+                                 max_request=self.request_bytes)
             except BaseException as exc:  # noqa: BLE001
                 self.target.give_back(unit, view)
                 self._done.put(exc)

@@ -139,16 +139,18 @@ class FileReader:
             self._fall_back(reason)
         os.close(old)
 
-    def read_into(self, offset: int, buffer: memoryview, need: int) -> int:
+    def read_into(self, offset: int, buffer: memoryview, need: int, max_request: int | None = None) -> int:
         """Fill buffer from file offset; at least `need` bytes must exist there (TruncatedFile otherwise).
 
         `buffer` may be longer than `need` (an O_DIRECT read of the last chunk is rounded up to whole pages).
-        Returns the number of bytes read.
+        `max_request` (a multiple of 4096) caps the bytes of one preadv: the block size the node's probe found
+        fastest (hpcllm.store.tuning). Returns the number of bytes read.
         """
         done = 0
         while done < need:
+            end = len(buffer) if max_request is None else min(len(buffer), done + max_request)
             try:
-                n = os.preadv(self._fd, [buffer[done:]], offset + done)
+                n = os.preadv(self._fd, [buffer[done:end]], offset + done)
             except OSError as exc:
                 if exc.errno == errno.EINVAL and self.mode == ODIRECT:
                     self._switch_to_buffered(f"{self.path.parent} refuses O_DIRECT reads (EINVAL)")

@@ -48,10 +48,10 @@ def origin_reads(monkeypatch, origin):
     counts: dict[str, int] = {}
     real = readers.FileReader.read_into
 
-    def counting(self, offset, view, nbytes):
+    def counting(self, offset, view, nbytes, **kwargs):
         if Path(self.path).parent == origin:
             counts[Path(self.path).name] = counts.get(Path(self.path).name, 0) + nbytes
-        return real(self, offset, view, nbytes)
+        return real(self, offset, view, nbytes, **kwargs)
 
     monkeypatch.setattr(readers.FileReader, "read_into", counting)
     return counts

@@ -165,3 +165,36 @@ def test_gpu_discovery_agrees_with_cuda_on_a_real_gpu():
     assert inv.source == "nvml" and inv.count >= torch.cuda.device_count() >= 1
     narrowed = detect_gpus({**env, "CUDA_VISIBLE_DEVICES": "0"})
     assert narrowed.names == ("0",)
+
+
+def test_probe_sweeps_each_tier_and_the_agent_hands_the_result_to_its_workers(tmp_path):
+    import json
+
+    from hpcllm.node.tests.test_agent import make_agent
+    from hpcllm.store.tuning import TUNING_ENV, ReadTuning, choose_read_plan
+
+    (tmp_path / "models").mkdir()
+    agent = make_agent(tmp_path)
+    try:
+        agent.measure()  # the real probes, 1 MiB files
+        tuning = agent.measurements.tuning
+        assert set(tuning.tiers) == {"disk", "sharedfs"}
+        assert {"buffered", "mmap"} <= set(tuning.tiers["disk"].best)  # odirect too where the disk takes it
+        assert set(tuning.tiers["sharedfs"].best) == {"buffered"}
+        assert tuning.tiers["disk"].device == os.stat(agent.nvme_dir).st_dev
+        env = agent.workers._environment([])
+        saved = ReadTuning.load(env[TUNING_ENV])
+        assert saved == tuning and json.loads(open(env[TUNING_ENV]).read())["tiers"]
+        # a checkpoint in the NVMe folder is read the way the probe found fastest
+        plan = choose_read_plan(saved, "disk", "odirect", 2, 16 * MiB, host_target=True,
+                                checkpoint_device=os.stat(agent.nvme_dir).st_dev)
+        fastest = saved.tiers["disk"].fastest(("odirect", "mmap"))
+        assert (plan.mode, plan.threads, plan.block_bytes) == (fastest.mode, fastest.threads, fastest.block_bytes)
+        assert list(agent.nvme_dir.iterdir()) == [] and list((tmp_path / "models").iterdir()) == []
+    finally:
+        agent.workers.close()
+
+
+def test_read_sweep_can_be_turned_off(tmp_path):
+    m = measure_tiers(tmp_path / "nvme", tmp_path / "models", MiB, MiB, read_sweep=False)
+    assert m.tuning is None and m.nvme.read_gbps > 0

@@ -1,0 +1,226 @@
+"""Read settings from the node's probe: the sweep, the choice per tier and target, and loads that honour it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import pytest
+
+from hpcllm.store.loader import load_model
+from hpcllm.store.readers import cached_fraction
+from hpcllm.store.tests.conftest import evict_from_page_cache, reference
+from hpcllm.store.tests.test_loader import assert_same_model, assert_views_of
+from hpcllm.store.tuning import (TUNING_ENV, ReadConfig, ReadTuning, TierTuning, choose_read_plan, sweep_read)
+
+KiB, MiB = 1 << 10, 1 << 20
+DEFAULTS = dict(reader="odirect", threads=2, block_bytes=16 * MiB)
+
+
+def tuning_for(folder, tier="disk", device=None, **best) -> ReadTuning:
+    """A tuning as the probe writes it, for `folder`'s filesystem: mode=(threads, block bytes, GB/s)."""
+    device = os.stat(folder).st_dev if device is None else device
+    configs = {mode: ReadConfig(mode, threads, block, gbps) for mode, (threads, block, gbps) in best.items()}
+    return ReadTuning({tier: TierTuning(folder=str(folder), device=device, best=configs)})
+
+
+# ------------------------------------------------------------------------------------------------- the choice
+
+
+def test_host_load_on_disk_takes_the_fastest_mode_it_may_use(tmp_path):
+    tuning = tuning_for(tmp_path, odirect=(8, 4 * MiB, 1.2), mmap=(4, MiB, 1.6), buffered=(16, MiB, 2.4))
+    plan = choose_read_plan(tuning, "disk", host_target=True, checkpoint_device=os.stat(tmp_path).st_dev,
+                            **DEFAULTS)
+    # buffered was fastest, but a CPU model on the disk tier is read into its own buffers or mapped, not copied
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("mmap", 4, MiB)
+    assert plan.source.startswith("probe: mmap 4x1 MiB 1.60 GB/s")
+
+
+def test_staged_load_never_maps_and_takes_the_fastest_reader(tmp_path):
+    tuning = tuning_for(tmp_path, odirect=(8, 4 * MiB, 1.2), mmap=(4, MiB, 1.6), buffered=(16, MiB, 2.4))
+    plan = choose_read_plan(tuning, "disk", host_target=False, checkpoint_device=os.stat(tmp_path).st_dev,
+                            **DEFAULTS)
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("buffered", 16, MiB)
+
+
+def test_shared_fs_stays_buffered_whatever_else_was_measured(tmp_path):
+    tuning = tuning_for(tmp_path, tier="sharedfs", buffered=(4, 4 * MiB, 0.5), mmap=(8, MiB, 3.0),
+                        odirect=(8, MiB, 3.0))
+    plan = choose_read_plan(tuning, "sharedfs", reader="buffered", threads=2, block_bytes=16 * MiB,
+                            host_target=True, checkpoint_device=os.stat(tmp_path).st_dev)
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("buffered", 4, 4 * MiB)
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("no tuning", "default: no read tuning (no probe on this node)"),
+    ("other tier", "default: the probe did not measure the disk tier"),
+    ("other filesystem", "default: the probe measured another filesystem"),
+    ("no allowed mode", "default: the probe measured none of odirect, mmap"),
+])
+def test_without_a_usable_probe_the_tier_defaults_stay_and_say_why(tmp_path, case, reason):
+    device = os.stat(tmp_path).st_dev
+    tuning = {"no tuning": None,
+              "other tier": tuning_for(tmp_path, tier="sharedfs", buffered=(4, MiB, 1.0)),
+              "other filesystem": tuning_for(tmp_path, device=device + 1, odirect=(8, MiB, 1.0)),
+              "no allowed mode": tuning_for(tmp_path, buffered=(8, MiB, 1.0))}[case]
+    plan = choose_read_plan(tuning, "disk", host_target=True, checkpoint_device=device, **DEFAULTS)
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("odirect", 2, 16 * MiB)
+    assert plan.source.startswith(reason)
+
+
+def test_tuning_file_round_trips_and_a_broken_one_reads_as_none(tmp_path):
+    tuning = tuning_for(tmp_path, odirect=(8, 4 * MiB, 1.25), mmap=(2, MiB, 1.5))
+    path = tmp_path / "run" / "read-tuning.json"
+    tuning.save(path)
+    assert ReadTuning.load(path) == tuning
+    assert [p.name for p in path.parent.iterdir()] == ["read-tuning.json"]  # no temporary file left
+    path.write_text("{not json")
+    assert ReadTuning.load(path) is None
+    assert ReadTuning.load(tmp_path / "missing.json") is None
+
+
+# -------------------------------------------------------------------------------------------------- the sweep
+
+
+def test_sweep_measures_every_configuration_of_every_mode_from_a_cold_cache(disk_dir):
+    path = disk_dir / "sweep-file"
+    path.write_bytes(os.urandom(3 * MiB + 4 * KiB))  # not a multiple of the blocks: last requests are short
+    try:
+        results = sweep_read([path], threads=(1, 3), blocks=(256 * KiB, MiB))
+        modes = {r.mode for r in results}
+        assert {"buffered", "mmap"} <= modes
+        for mode in modes:
+            assert sorted((r.threads, r.block_bytes) for r in results if r.mode == mode) == \
+                [(1, 256 * KiB), (1, MiB), (3, 256 * KiB), (3, MiB)]
+        assert all(r.gbps > 0 for r in results)
+        assert cached_fraction(path) < 0.5  # left cold, as a probe must leave the tier
+    finally:
+        path.unlink()
+
+
+def test_sweep_leaves_out_a_mode_the_filesystem_refuses(disk_dir, monkeypatch):
+    path = disk_dir / "sweep-file-einval"
+    path.write_bytes(os.urandom(MiB))
+    real_open = os.open
+
+    def no_direct(file, flags, *args, **kwargs):  # what tmpfs / some NFS mounts answer
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    try:
+        results = sweep_read([path], threads=(1, 2), blocks=(MiB,))
+        assert {r.mode for r in results} == {"buffered", "mmap"}
+    finally:
+        path.unlink()
+
+
+# --------------------------------------------------------------------------------------------- the loader obeys
+
+
+class RecordingPreadv:
+    """os.preadv that records each request's length and the thread that made it."""
+
+    def __init__(self, monkeypatch):
+        self.real = os.preadv
+        self.lengths: list[int] = []
+        self.threads: set[str] = set()
+        self.lock = threading.Lock()
+        monkeypatch.setattr(os, "preadv", self)
+
+    def __call__(self, fd, buffers, offset, *args):
+        with self.lock:
+            self.lengths.append(sum(len(b) for b in buffers))
+            self.threads.add(threading.current_thread().name)
+        return self.real(fd, buffers, offset, *args)
+
+
+def test_load_reads_with_the_probes_threads_and_block_size(models, monkeypatch, expected_disk_mode):
+    hf, converted = models("llama")
+    evict_from_page_cache(converted)
+    tuning = tuning_for(converted, odirect=(3, 32 * KiB, 5.0), mmap=(2, 16 * KiB, 1.0))
+    calls = RecordingPreadv(monkeypatch)
+    loaded = load_model(converted, tier="disk", tokenizer=False, read_tuning=tuning, pool=_fresh_pool())
+    assert_same_model(reference(hf), loaded.model)
+    stats = loaded.stats
+    assert (stats.reader_mode, stats.threads, stats.request_bytes) == (expected_disk_mode, 3, 32 * KiB)
+    assert stats.read_plan.startswith("probe: odirect 3x32 KiB 5.00 GB/s")
+    assert max(calls.lengths) == 32 * KiB and len(calls.lengths) > 10  # many requests, none larger than a block
+    assert len({t for t in calls.threads if t.startswith("hpcllm-read-")}) >= 2
+
+
+def test_mmap_plan_maps_cold_files_and_faults_them_in_during_the_load(models):
+    hf, converted = models("qwen2")
+    evict_from_page_cache(converted)
+    tuning = tuning_for(converted, odirect=(2, MiB, 1.0), mmap=(4, 32 * KiB, 2.0))
+    loaded = load_model(converted, tier="disk", tokenizer=False, read_tuning=tuning, verify=True)
+    stats = loaded.stats
+    assert (stats.reader_mode, stats.zero_copy, stats.threads, stats.request_bytes) == ("mmap", True, 4, 32 * KiB)
+    assert stats.verified  # every chunk hashed from the mapping
+    data_files = sorted(converted.glob("data-*.h5"))
+    assert all(cached_fraction(f) == 1.0 for f in data_files)  # read while loading, not on first use
+    mapped = _mapped_ranges(data_files)
+    assert_views_of(loaded, mapped)
+    assert_same_model(reference(hf), loaded.model)
+
+
+def test_mmap_plan_still_catches_a_corrupt_chunk(copy_checkpoint):
+    from hpcllm.checkpoint import ChecksumMismatch
+
+    damaged = copy_checkpoint("llama")
+    data = sorted(damaged.glob("data-*.h5"))[0]
+    with open(data, "r+b") as f:
+        f.seek(os.path.getsize(data) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    evict_from_page_cache(damaged)
+    tuning = tuning_for(damaged, mmap=(3, 16 * KiB, 2.0))
+    with pytest.raises(ChecksumMismatch, match="data-"):
+        load_model(damaged, tier="disk", tokenizer=False, read_tuning=tuning, verify=True)
+
+
+def test_env_points_a_worker_at_the_agents_tuning_file(models, monkeypatch, tmp_path, expected_disk_mode):
+    _, converted = models("llama")
+    evict_from_page_cache(converted)
+    path = tmp_path / "read-tuning.json"
+    tuning_for(converted, odirect=(5, 64 * KiB, 1.0)).save(path)
+    monkeypatch.setenv(TUNING_ENV, str(path))
+    stats = load_model(converted, tier="disk", tokenizer=False, pool=_fresh_pool()).stats
+    assert (stats.threads, stats.request_bytes) == (5, 64 * KiB) and stats.read_plan.startswith("probe:")
+    monkeypatch.setenv(TUNING_ENV, str(tmp_path / "gone.json"))
+    evict_from_page_cache(converted)
+    stats = load_model(converted, tier="disk", tokenizer=False, pool=_fresh_pool()).stats
+    assert (stats.threads, stats.request_bytes) == (2, 16 * MiB)
+    assert stats.read_plan == f"default: no read tuning at {tmp_path / 'gone.json'}"
+
+
+def test_explicit_arguments_win_over_the_probe(models):
+    _, converted = models("llama")
+    evict_from_page_cache(converted)
+    tuning = tuning_for(converted, odirect=(7, 64 * KiB, 1.0), mmap=(7, 64 * KiB, 9.0))
+    stats = load_model(converted, tier="disk", tokenizer=False, read_tuning=tuning, threads=1,
+                       unit_bytes=48 * KiB, pool=_fresh_pool()).stats
+    assert (stats.threads, stats.request_bytes, stats.zero_copy) == (1, 48 * KiB, False)
+    assert stats.read_plan.startswith("arguments")
+
+
+def _fresh_pool():
+    from hpcllm.store.memory import HostBufferPool
+
+    return HostBufferPool()
+
+
+def _mapped_ranges(files) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `files` (from /proc/self/maps)."""
+    names = {str(f.resolve()) for f in files}
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] in names:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                ranges.append((lo, hi))
+    return ranges

@@ -1,0 +1,305 @@
+"""Read settings measured on this node: how to read each tier fastest (mode, parallelism, block size).
+
+The node agent's start-up probe (hpcllm/node/probes.py) runs `sweep_read` over a probe file in each tier's folder
+(as fio does with jobs x block size), keeps the best configuration of every read mode, and writes them with
+`ReadTuning.save` next to its other probe results; workers find the file through $HPCLLM_READ_TUNING and
+`load_model` reads with `choose_read_plan`'s answer instead of the fixed tier defaults (hpcllm/store/tiers.py).
+
+Read modes, each measured into memory that is already faulted in (what the device can do, not page faults):
+  odirect   preadv with O_DIRECT into per-thread buffers (the disk tier's default reader)
+  buffered  preadv through the page cache into per-thread buffers (the shared-FS reader)
+  mmap      the file mapped read-only, threads madvise(MADV_POPULATE_READ) block-sized ranges of it: the kernel
+            reads into the page cache and maps those pages, with no copy and no fresh anonymous memory to fault;
+            a CPU model then uses views of the mapping (the path a warm disk-tier load already takes)
+
+Each configuration starts from files evicted from the page cache (posix_fadvise DONTNEED after fsync).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hpcllm.store.memory import HostBuffer, populate_read, round_up
+from hpcllm.store.readers import BUFFERED, ODIRECT, evict_from_page_cache
+from hpcllm.store.tiers import MMAP
+
+TUNING_ENV = "HPCLLM_READ_TUNING"
+SWEEP_MODES = (ODIRECT, BUFFERED, MMAP)
+SWEEP_THREADS = (1, 2, 4, 8, 16)
+SWEEP_BLOCKS = (1 << 20, 4 << 20, 16 << 20)
+PAGE = 4096
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """One measured configuration: `threads` requests of `block_bytes` in flight, in `mode`."""
+
+    mode: str
+    threads: int
+    block_bytes: int
+    gbps: float
+
+    def label(self) -> str:
+        size = f"{self.block_bytes >> 20} MiB" if self.block_bytes % (1 << 20) == 0 else f"{self.block_bytes >> 10} KiB"
+        return f"{self.mode} {self.threads}x{size}"
+
+
+@dataclass
+class TierTuning:
+    """The sweep of one tier's folder: the best configuration of each mode measured there."""
+
+    folder: str
+    device: int  # st_dev of the folder: a checkpoint on another filesystem does not use these settings
+    best: dict[str, ReadConfig] = field(default_factory=dict)  # mode -> fastest configuration of that mode
+    bytes_per_config: int = 0
+    measured_at: float = 0.0
+
+    def fastest(self, modes) -> ReadConfig | None:
+        candidates = [self.best[m] for m in modes if m in self.best]
+        return max(candidates, key=lambda c: c.gbps, default=None)
+
+
+@dataclass
+class ReadTuning:
+    tiers: dict[str, TierTuning] = field(default_factory=dict)  # "disk" | "sharedfs" -> its sweep
+
+    def to_json(self) -> str:
+        return json.dumps({"tiers": {name: asdict(t) for name, t in self.tiers.items()}}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ReadTuning":
+        data = json.loads(text)
+        tiers = {}
+        for name, t in data.get("tiers", {}).items():
+            best = {mode: ReadConfig(**c) for mode, c in t.get("best", {}).items()}
+            tiers[name] = TierTuning(folder=t["folder"], device=int(t["device"]), best=best,
+                                     bytes_per_config=int(t.get("bytes_per_config", 0)),
+                                     measured_at=float(t.get("measured_at", 0.0)))
+        return cls(tiers)
+
+    def save(self, path: Path) -> None:
+        """Atomic: a worker reading it meanwhile sees the old file or the new one, never half of one."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ReadTuning | None":
+        """None when the file is missing or unreadable: the loader then uses the tier defaults (and says so)."""
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+# ------------------------------------------------------------------------------------------------- the sweep
+
+
+def sweep_read(files: list[Path], modes=SWEEP_MODES, threads=SWEEP_THREADS, blocks=SWEEP_BLOCKS,
+               max_bytes: int | None = None, evict: bool = True) -> list[ReadConfig]:
+    """Measure every (mode, threads, block) over the first `max_bytes` of `files` (all by default), each from a
+    cold page cache. Modes the filesystem refuses (EINVAL for O_DIRECT, no MADV_POPULATE_READ) are left out."""
+    results = []
+    for mode in modes:
+        try:
+            for n in threads:
+                for block in blocks:
+                    if evict:
+                        evict_from_page_cache(files)
+                    seconds, nbytes = _timed_read(files, mode, n, block, max_bytes)
+                    results.append(ReadConfig(mode, n, block, nbytes / max(seconds, 1e-9) / GB))
+        except _ModeUnsupported:
+            continue  # e.g. O_DIRECT refused by this filesystem: the other modes are still measured
+    if evict:
+        evict_from_page_cache(files)
+    return results
+
+
+def best_per_mode(results: list[ReadConfig]) -> dict[str, ReadConfig]:
+    best: dict[str, ReadConfig] = {}
+    for r in results:
+        if r.mode not in best or r.gbps > best[r.mode].gbps:
+            best[r.mode] = r
+    return best
+
+
+class _ModeUnsupported(Exception):
+    pass
+
+
+def _jobs(files: list[Path], block: int, max_bytes: int | None) -> list[tuple[int, int, int]]:
+    """(file index, offset, length) in file order, up to max_bytes in all."""
+    jobs, budget = [], max_bytes if max_bytes is not None else float("inf")
+    for i, path in enumerate(files):
+        size = os.path.getsize(path)
+        for offset in range(0, size, block):
+            if budget <= 0:
+                return jobs
+            length = int(min(block, size - offset, budget))
+            jobs.append((i, offset, length))
+            budget -= length
+    return jobs
+
+
+def _timed_read(files, mode, threads, block, max_bytes) -> tuple[float, int]:
+    jobs = _jobs(files, block, max_bytes)
+    total = sum(length for _, _, length in jobs)
+    if mode == MMAP:
+        return _timed_populate(files, jobs, threads), total
+    flags = os.O_RDONLY | (os.O_DIRECT if mode == ODIRECT else 0)
+    try:
+        fds = [os.open(path, flags) for path in files]
+    except OSError as exc:
+        raise _ModeUnsupported(str(exc)) from None
+    buffers = [HostBuffer(block) for _ in range(min(threads, max(1, len(jobs))))]
+    for buffer in buffers:
+        buffer.populate()  # the device's rate, not page faults
+    try:
+        return _run(jobs, buffers, lambda buf, job: _pread(fds, buf, job, mode)), total
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _pread(fds, buffer: HostBuffer, job, mode) -> None:
+    index, offset, length = job
+    view = buffer.view()
+    want = round_up(length, PAGE) if mode == ODIRECT else length
+    try:
+        os.preadv(fds[index], [view[:want]], offset)
+    except OSError as exc:
+        raise _ModeUnsupported(str(exc)) from None
+    finally:
+        view.release()
+
+
+def _timed_populate(files, jobs, threads) -> float:
+    maps = []
+    try:
+        for path in files:
+            with open(path, "rb") as f:
+                maps.append(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+        addresses = [_address(m) for m in maps]
+
+        def populate(_, job):
+            index, offset, length = job
+            if not populate_read(addresses[index] + offset, length):
+                raise _ModeUnsupported("madvise(MADV_POPULATE_READ) is not supported")
+        return _run(jobs, [None] * min(threads, max(1, len(jobs))), populate)
+    finally:
+        for m in maps:
+            m.close()
+
+
+def _address(m: mmap.mmap) -> int:
+    import numpy as np
+
+    # a read-only mapping cannot export a writable buffer (ctypes): take the address from a numpy view
+
+    array = np.frombuffer(m, dtype=np.uint8)
+    address = array.ctypes.data
+    del array
+    return address
+
+
+def _run(jobs, per_thread, work) -> float:
+    """Run `work(thread_state, job)` over jobs in `len(per_thread)` threads; seconds taken. Re-raises errors."""
+    lock, position, errors = threading.Lock(), [0], []
+
+    def loop(state):
+        while not errors:
+            with lock:
+                if position[0] >= len(jobs):
+                    return
+                job = jobs[position[0]]
+                position[0] += 1
+            try:
+                work(state, job)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                errors.append(exc)
+                return
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=loop, args=(state,), daemon=True) for state in per_thread]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+def measure_tier(folder: Path, files: list[Path], modes, max_bytes: int | None = None, threads=SWEEP_THREADS,
+                 blocks=SWEEP_BLOCKS) -> TierTuning:
+    results = sweep_read(files, modes, threads, blocks, max_bytes)
+    return TierTuning(folder=str(folder), device=os.stat(folder).st_dev, best=best_per_mode(results),
+                      bytes_per_config=max_bytes or sum(os.path.getsize(f) for f in files), measured_at=time.time())
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What the loader does for one load: reader mode, reader threads, bytes per read request, and why."""
+
+    mode: str  # "odirect" | "buffered" | "mmap" (map the files, populate them in `threads` threads)
+    threads: int
+    block_bytes: int
+    source: str  # "probe: odirect 8x4 MiB 1.21 GB/s (/var/tmp/nvme)" | "default: ..." | "arguments"
+
+
+# Modes a load may use, per (tier, host target?). The shared FS keeps buffered reads into the model's own memory:
+# a mapping of a file that another node replaces could change the weights under a running model.
+ALLOWED_MODES = {
+    ("disk", True): (ODIRECT, MMAP),
+    ("disk", False): (ODIRECT, BUFFERED),
+    ("sharedfs", True): (BUFFERED,),
+    ("sharedfs", False): (BUFFERED,),
+}
+
+
+def load_tuning(source) -> tuple["ReadTuning | None", str | None]:
+    """(tuning, where it came from): a ReadTuning, a path, or None for $HPCLLM_READ_TUNING."""
+    if isinstance(source, ReadTuning):
+        return source, "given"
+    path = source if source is not None else os.environ.get(TUNING_ENV)
+    if not path:
+        return None, None
+    return ReadTuning.load(Path(path)), str(path)
+
+
+def choose_read_plan(tuning: "ReadTuning | None", tier: str, reader: str, threads: int, block_bytes: int,
+                     host_target: bool, checkpoint_device: int | None, where: str | None = None) -> ReadPlan:
+    """The probe's fastest configuration among the modes this tier and target may use; the tier's defaults
+    (reader, threads, block_bytes) when there is no probe for that tier, it was measured on another filesystem,
+    or it measured none of the allowed modes."""
+    allowed = ALLOWED_MODES.get((tier, host_target))
+    if allowed is None:
+        return ReadPlan(reader, threads, block_bytes, f"default: tier {tier} is not read by threads")
+    if tuning is None:
+        why = f"no read tuning at {where}" if where else "no read tuning (no probe on this node)"
+        return ReadPlan(reader, threads, block_bytes, f"default: {why}")
+    measured = tuning.tiers.get(tier)
+    if measured is None:
+        return ReadPlan(reader, threads, block_bytes, f"default: the probe did not measure the {tier} tier")
+    if checkpoint_device is not None and measured.device != checkpoint_device:
+        return ReadPlan(reader, threads, block_bytes,
+                        f"default: the probe measured another filesystem ({measured.folder})")
+    best = measured.fastest(allowed)
+    if best is None:
+        return ReadPlan(reader, threads, block_bytes,
+                        f"default: the probe measured none of {', '.join(allowed)} on {measured.folder}")
+    return ReadPlan(best.mode, best.threads, best.block_bytes,
+                    f"probe: {best.label()} {best.gbps:.2f} GB/s ({measured.folder})")
