@@ -16,6 +16,7 @@ Each tick, in order:
    cancelled (its idle time counts from the tick that found it empty).
 8. min_instances and unmet demand (route calls that found no capacity) start instances or submit allocations.
 9. History older than history_seconds (ended allocations, cold starts) is pruned.
+With controller.keep_alive_policy = "per-model" (a baseline, docs/placement.md) steps 6 and 7 do nothing.
 Each step is isolated: Slurm being down does not stop scale-to-zero, and so on.
 """
 
@@ -158,6 +159,8 @@ class Autoscaler:
                 self._start(model, "start_replacement", report)
 
     def _release_idle_allocations(self, now: float, report: TickReport) -> None:
+        if self.settings.keep_alive_policy == "per-model":
+            return  # a per-user launcher keeps its allocation until the walltime (retirement ends it)
         for alloc in self.registry.allocations(active_only=True):
             if alloc.state != "running":
                 continue
@@ -177,6 +180,8 @@ class Autoscaler:
                                              f"idle {now - alloc.idle_since:.0f} s"))
 
     def _stop_idle_instances(self, now: float, report: TickReport) -> None:
+        if self.settings.keep_alive_policy == "per-model":
+            return  # per-user launcher style: a model's instance serves until its allocation ends
         # A model pool (`hpcllm node --model`) owns its instances: stopping one would only make its agent start it
         # again (and the next user wait for a cold start). They still count as active for min_instances.
         pool_nodes = {n.node_id for n in self.registry.nodes() if n.is_pool}
