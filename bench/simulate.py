@@ -1,8 +1,8 @@
 """Discrete-event simulation of hpcllm and its baselines on a large Slurm cluster, driving the REAL controller.
 
-    .venv/bin/python bench/simulate.py [--nodes 1000] [--models 100] [--rate 2] [--duration 900] [--jobs 3]
+    .venv/bin/python bench/simulate.py [--nodes 1000] [--models 100] [--rate 2] [--duration 600] [--jobs 3]
         [--policies hpcllm,serverlessllm,no-locality,random,per-model,restart] [--preempt-rate 0.05] [--seed 0]
-        [--trace trace.json] [--sweep]
+        [--trace trace.json] [--sweep [--sweep-nodes 100,300,1000] [--sweep-loads 1,3]]
 
 No second copy of the policy: every decision is made by hpcllm.controller's own Controller (routing, placement,
 migration of victims, migration targets) and Autoscaler (scale to zero, allocations, retirement, demand), on an
@@ -453,6 +453,9 @@ class Simulation:
                            "node_timeout_seconds": 10**9,
                            # Slurm answers are simulated, so asking every time costs nothing and is never stale.
                            "slurm_nodes_ttl_seconds": 0, "queue_estimate_ttl_seconds": 0,
+                           # Ended allocations are kept for `hpcllm status` only (and 5 x preferred_node_wait_seconds
+                           # for placement): a shorter history keeps the registry reads of a long run small.
+                           "history_seconds": 600,
                            **overrides.get("controller", {})}})
         self.nvme: dict[str, OrderedDict] = defaultdict(OrderedDict)
         self.slurm = SimSlurm(self)
@@ -721,14 +724,16 @@ class Simulation:
         self.loop.at(now + self.config.controller.tick_seconds, self.tick)
 
     def run(self) -> dict:
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         for req in self.requests:
             self.loop.at(self.start + req.req.t, self.arrive, req)
         self.loop.at(self.start, self.tick)
         last = max((r.req.t for r in self.requests), default=0.0)
         end = self.start + last + self.params.tail
         self.loop.run(end)
-        return self.report(end, time.perf_counter() - began)
+        report = self.report(end, time.perf_counter() - began)
+        report["cpu_seconds"] = round(time.process_time() - cpu, 1)
+        return report
 
     # ------------------------------------------------------------------------------------------ report
 
@@ -905,7 +910,8 @@ def simulate(policies: list[str], models, requests, params: SimParams, jobs: int
     def done(r: dict) -> dict:
         print(f"  {r['policy']}: {r['served']}/{r['requests']} served, {r['allocations']} allocations, "
               f"{r['preemptions']} preemptions, {r['live_migrated_requests']} live-migrated, "
-              f"{r['resumed_requests']} resumed; {r['wall_seconds']:.0f} s wall", flush=True)
+              f"{r['resumed_requests']} resumed; {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU",
+              flush=True)
         return r
 
     if jobs <= 1 or len(policies) == 1:
@@ -919,7 +925,7 @@ def simulate(policies: list[str], models, requests, params: SimParams, jobs: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, WorkloadParams(models=100, rate=2.0, duration=900.0))
+    add_arguments(parser, WorkloadParams(models=100, rate=2.0, duration=600.0))
     parser.add_argument("--trace", type=Path, help="a trace from bench/workload.py (instead of generating one)")
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--gpus-per-node", type=int, default=4)
@@ -929,7 +935,9 @@ def main() -> int:
     parser.add_argument("--walltime", default="04:00:00")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--sweep", action="store_true",
-                        help="also hpcllm and serverlessllm at 100/300/1000 nodes and 1x/3x the rate")
+                        help="also hpcllm and serverlessllm at each --sweep-nodes size and --sweep-loads rate factor")
+    parser.add_argument("--sweep-nodes", default="100,300,1000", help="cluster sizes of the sweep")
+    parser.add_argument("--sweep-loads", default="1,3", help="factors on --rate of the sweep")
     parser.add_argument("--jobs", type=int, default=3, help="policies simulated at once (processes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -971,8 +979,8 @@ def main() -> int:
     print("\n".join(ratios(reports)))
     sweep = []
     if args.sweep:
-        for nodes in (100, 300, 1000):
-            for factor in (1, 3):
+        for nodes in [int(n) for n in args.sweep_nodes.split(",")]:
+            for factor in [float(f) for f in args.sweep_loads.split(",")]:
                 p = dict(asdict(wparams), rate=wparams.rate * factor)
                 m, reqs = generate(WorkloadParams(**p))
                 sp = measured_inputs(SimParams(**{**asdict(params), "nodes": nodes}))
