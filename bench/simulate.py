@@ -471,6 +471,7 @@ class Simulation:
         self.waiting: dict[str, list[SimRequest]] = defaultdict(list)
         self.cold_starts: list[dict] = []
         self.preemptions = 0
+        self.preempt_migrated = 0  # requests live-migrated by preempted agents' drains
         self.ticks = 0
         self.live_migrated = 0
         self._deploy(workdir / "models", overrides.get("model", {}))
@@ -499,7 +500,8 @@ class Simulation:
                       sharedfs=TierInfo(read_gbps=bw["sharedfs"]))
         try:
             self.controller.register(NodeRegistration(node_id=job.node, agent_url=url, slurm_job_id=job.job_id,
-                                                      job_scoped=True, gpus=self.params.gpus_per_node, tiers=tiers,
+                                                      job_scoped=True, gpus=job.spec.gpus_per_node or
+                                                      self.params.gpus_per_node, tiers=tiers,
                                                       cached=node.cached()))
         except ControllerError:
             # The node's previous job ended and the controller has not polled Slurm since: like a real agent,
@@ -615,7 +617,7 @@ class Simulation:
         if isinstance(target, MigrationTarget) and target.instance_id in self.instances:
             dest = self.instances[target.instance_id]
             if dest.state == "ready":
-                self.move_requests(inst, dest)
+                self.preempt_migrated += len(self.move_requests(inst, dest))
 
     # ---------------------------------------------------------------------------------------- gateway
 
@@ -756,6 +758,7 @@ class Simulation:
             "allocations": len(self.slurm.jobs),
             "preemptions": self.preemptions,
             "live_migrated_requests": self.live_migrated,
+            "live_migrated_on_preemption": self.preempt_migrated,
             "resumed_requests": sum(1 for r in self.requests if r.resumes),
             "wall_seconds": round(wall, 1),
             "ttft_by_arrival": [[round(r.req.t, 2), round(float(v), 4)] for r, v in zip(served, ttft)],
@@ -909,7 +912,8 @@ def simulate(policies: list[str], models, requests, params: SimParams, jobs: int
     """One simulation per policy (each its own controller and registry), `jobs` at a time in processes."""
     def done(r: dict) -> dict:
         print(f"  {r['policy']}: {r['served']}/{r['requests']} served, {r['allocations']} allocations, "
-              f"{r['preemptions']} preemptions, {r['live_migrated_requests']} live-migrated, "
+              f"{r['preemptions']} preemptions, {r['live_migrated_requests']} live-migrated "
+              f"({r['live_migrated_on_preemption']} at preemptions), "
               f"{r['resumed_requests']} resumed; {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU",
               flush=True)
         return r

@@ -61,8 +61,9 @@ def test_preemption_live_migrates_with_migrate_and_restarts_with_restart(tmp_pat
     migrate = run("hpcllm", requests, tmp_path, models=(SMALL,), **params)
     restart = run("restart", requests, tmp_path, models=(SMALL,), **params)
     assert migrate["preemptions"] > 0 and restart["preemptions"] > 0
-    assert migrate["live_migrated_requests"] > 0
-    assert restart["live_migrated_requests"] == 0 and restart["resumed_requests"] > 0
+    assert migrate["live_migrated_on_preemption"] > 0
+    assert restart["live_migrated_on_preemption"] == 0 and restart["resumed_requests"] > 0
+    assert restart["resumed_requests"] > migrate["resumed_requests"]
 
 
 def test_same_inputs_same_report(tmp_path):
