@@ -88,6 +88,10 @@ class NodeConfig(Section):
     # Cache on load: a worker loading from a slower tier writes what it read into these faster tiers (within their
     # capacities, LRU), so the next start on this node is local; [] turns it off. A model's cache_on_load overrides.
     cache_on_load: list[Literal["dram", "nvme"]] = ["dram", "nvme"]
+    # What a drain (Slurm's preemption / walltime signal) does with running requests: "migrate" them live to an
+    # instance on another node first (hpcllm's behaviour), or "restart": stop the workers at once, and the gateway
+    # resumes each request elsewhere by prefilling it again (the baseline bench/replay.py compares against).
+    on_preempt: Literal["migrate", "restart"] = "migrate"
 
 
 class ControllerConfig(Section):
@@ -149,6 +153,14 @@ class ControllerConfig(Section):
     history_seconds: float = Field(86400.0, ge=0)
     # The `hpcllm` command allocations run on compute nodes; empty: the one beside the controller's Python.
     agent_command: str | None = None
+    # Baselines the benches compare hpcllm against, by configuration (docs/placement.md, "Baseline policies").
+    # placement_policy: "hpcllm" (queue wait + load from the best tier + migration), "no-locality" (every node loads
+    # from the shared FS), "random" (any node that can host it now, else any candidate), "serverlessllm" (DRAM/NVMe
+    # locality among nodes with free slots; no Slurm queue waits, no migration).
+    placement_policy: Literal["hpcllm", "no-locality", "random", "serverlessllm"] = "hpcllm"
+    # keep_alive_policy: "idle" (instances and allocations scale to zero after their keep-alives) or "per-model"
+    # (per-user launcher style: each model on allocations of its own, kept alive until their walltime).
+    keep_alive_policy: Literal["idle", "per-model"] = "idle"
 
 
 class ApiKey(Section):

@@ -16,6 +16,7 @@ Each tick, in order:
    cancelled (its idle time counts from the tick that found it empty).
 8. min_instances and unmet demand (route calls that found no capacity) start instances or submit allocations.
 9. History older than history_seconds (ended allocations, cold starts) is pruned.
+With controller.keep_alive_policy = "per-model" (a baseline, docs/placement.md) steps 6 and 7 do nothing.
 Each step is isolated: Slurm being down does not stop scale-to-zero, and so on.
 """
 
@@ -158,14 +159,19 @@ class Autoscaler:
                 self._start(model, "start_replacement", report)
 
     def _release_idle_allocations(self, now: float, report: TickReport) -> None:
+        if self.settings.keep_alive_policy == "per-model":
+            return  # a per-user launcher keeps its allocation until the walltime (retirement ends it)
+        live = self.registry.nodes(states=("up", "draining"))  # read once: a tick over 1,000 allocations
+        instances = self.registry.instances()
         for alloc in self.registry.allocations(active_only=True):
             if alloc.state != "running":
                 continue
-            if self._instances_of(alloc):
+            if self._instances_of(alloc, live, instances):
                 if alloc.idle_since is not None:
                     self.registry.update_allocation(alloc.job_id, idle_since=None)
                 continue
-            if not self._nodes_of(alloc) and now - (alloc.started_at or now) < self.settings.node_timeout_seconds:
+            starting = now - (alloc.started_at or now) < self.settings.node_timeout_seconds
+            if not allocation_agents(alloc, live) and starting:
                 continue  # its agent is still starting (not registered yet): not idle, unless it never registers
             if alloc.idle_since is None:
                 self.registry.update_allocation(alloc.job_id, idle_since=now)
@@ -177,6 +183,8 @@ class Autoscaler:
                                              f"idle {now - alloc.idle_since:.0f} s"))
 
     def _stop_idle_instances(self, now: float, report: TickReport) -> None:
+        if self.settings.keep_alive_policy == "per-model":
+            return  # per-user launcher style: a model's instance serves until its allocation ends
         # A model pool (`hpcllm node --model`) owns its instances: stopping one would only make its agent start it
         # again (and the next user wait for a cold start). They still count as active for min_instances.
         pool_nodes = {n.node_id for n in self.registry.nodes() if n.is_pool}
@@ -257,6 +265,9 @@ class Autoscaler:
     def _nodes_of(self, alloc: AllocationRecord):
         return allocation_agents(alloc, self.registry.nodes(states=("up", "draining")))
 
-    def _instances_of(self, alloc: AllocationRecord):
-        node_ids = {n.node_id for n in self._nodes_of(alloc)}
-        return [i for i in self.registry.instances() if i.node_id in node_ids and i.state != "stopped"]
+    def _instances_of(self, alloc: AllocationRecord, live=None, instances=None):
+        """Its agents' instances; `live` nodes and `instances` as read from the registry, when already at hand."""
+        nodes = self._nodes_of(alloc) if live is None else allocation_agents(alloc, live)
+        node_ids = {n.node_id for n in nodes}
+        return [i for i in (self.registry.instances() if instances is None else instances)
+                if i.node_id in node_ids and i.state != "stopped"]

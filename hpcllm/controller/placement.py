@@ -15,6 +15,9 @@ A tensor-parallel model (N ranks) loads when its slowest rank has read its bytes
 model plus the replicated tensors, planned from the checkpoint at deploy), each rank from the fastest tier holding
 what it reads on its node: a whole copy there, or that rank's slice copy (holding item `slice_holding("nvme", r)`).
 
+Baselines for the benches (controller.placement_policy, docs/placement.md "Baseline policies") change only what
+`place()` is given or how it picks: "no-locality", "random", "serverlessllm"; "hpcllm" is the policy above.
+
 Two implementations of the same arithmetic: `estimate()` is the readable per-node specification (also used to
 explain the chosen node), `ClusterView` precomputes per-node arrays and a per-model load-time matrix so one decision
 over thousands of nodes is a few vectorized numpy operations (bench/placement.py measures it).
@@ -22,7 +25,9 @@ over thousands of nodes is a few vectorized numpy operations (bench/placement.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +37,7 @@ from hpcllm.controller.protocol import PlacementBreakdown
 
 TIERS = ("dram", "nvme", "sharedfs")  # also the preference order when two tiers load equally fast
 ORIGIN_TIER = "sharedfs"
+POLICIES = ("hpcllm", "no-locality", "random", "serverlessllm")
 BYTES_PER_GB = 1e9
 
 
@@ -172,12 +178,45 @@ def estimate(candidate: NodeCandidate, size_bytes: int, slots: int, holding: Col
 
 
 def place(size_bytes: int, slots: int, candidates: Sequence[NodeCandidate],
-          holding: Mapping[str, Collection[str]], rank_bytes: Sequence[int] | None = None) -> Decision:
+          holding: Mapping[str, Collection[str]], rank_bytes: Sequence[int] | None = None, policy: str = "hpcllm",
+          rng: random.Random | None = None) -> Decision:
     """Place one instance of one model: `holding` maps node -> tiers holding its checkpoint (and slice_holding
-    items for its ranks' slice copies); `rank_bytes` for a tensor-parallel model."""
+    items for its ranks' slice copies); `rank_bytes` for a tensor-parallel model. `policy` is hpcllm's or one of
+    the baselines the benches compare it with (POLICIES); `rng` drives "random"."""
+    if policy == "no-locality":
+        holding = {}  # every node is estimated (and ranked) as loading from the shared FS
+    elif policy == "serverlessllm":
+        candidates = serverlessllm_candidates(candidates, slots)
+    elif policy == "random":
+        return place_randomly(size_bytes, slots, candidates, holding, rng or random.Random(0))
+    elif policy != "hpcllm":
+        raise ValueError(f"unknown placement policy {policy!r} (one of {', '.join(POLICIES)})")
     view = ClusterView(candidates, {"model": size_bytes}, {"model": holding},
                        {"model": rank_bytes} if rank_bytes else {})
     return view.decide("model", slots)
+
+
+def serverlessllm_candidates(candidates: Sequence[NodeCandidate], slots: int) -> list[NodeCandidate]:
+    """ServerlessLLM's view of the cluster: a fixed set of servers, ranked by load time from their best tier alone.
+    Nodes with the slots free now, if any; otherwise the allocation candidates with their Slurm queue waits taken
+    as 0. Never a node whose instances would have to move (no migration), nor a residency wait."""
+    free_now = [dataclasses.replace(c, movable=()) for c in candidates
+                if c.kind == "running" and c.free_slots >= slots]
+    if free_now:
+        return free_now
+    return [dataclasses.replace(c, queue_wait_seconds=0.0, movable=()) for c in candidates
+            if c.kind in ("pending", "idle")]
+
+
+def place_randomly(size_bytes: int, slots: int, candidates: Sequence[NodeCandidate],
+                   holding: Mapping[str, Collection[str]], rng: random.Random) -> Decision:
+    """Any node that can host the instance now (free slots, no wait), drawn uniformly; when there is none, any
+    candidate that can host it at all (moving instances, a pending or new allocation)."""
+    feasible = [e for c in candidates if c.kind != "residency"
+                and (e := estimate(c, size_bytes, slots, holding.get(c.node, ()))) is not None]
+    now = [e for e in feasible if e.kind == "running" and not e.migrate]
+    pool = sorted(now or feasible, key=lambda e: e.node)  # sorted: the same seed draws the same node
+    return Decision(rng.choice(pool) if pool else None, len(candidates))
 
 
 # ------------------------------------------------------------------------------------ the fast, precomputed form

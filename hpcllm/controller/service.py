@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import threading
 import time
 from collections import defaultdict
@@ -87,6 +88,8 @@ class Controller:
         self.allocator = allocator
         self.clock = clock
         self._placement_lock = threading.Lock()
+        # Draws of the "random" placement baseline (controller.placement_policy): seeded, so a bench run repeats.
+        self._placement_rng = random.Random(0)
         # Woken on every registration / heartbeat so long-polling route calls re-check at once.
         self._changed = threading.Condition()
         # Called with each finished cold start (ColdStartRecord), e.g. to update metrics.
@@ -344,7 +347,8 @@ class Controller:
                 raise NoCapacity(f"model {model.name!r} already runs max_instances={model.max_instances}",
                                  retry_after=self.settings.route_retry_after_seconds)
             candidates, holding, targets = self._candidates(model, now, exclude_nodes)
-            decision = place(model.size_bytes, _slots(model), candidates, holding, model.rank_bytes)
+            decision = place(model.size_bytes, _slots(model), candidates, holding, model.rank_bytes,
+                             self.settings.placement_policy, self._placement_rng)
             if decision.chosen is None:
                 self.registry.note_demand(model.name, now)
                 raise NoCapacity(self._no_capacity_reason(model, candidates),
@@ -519,8 +523,11 @@ class Controller:
         for inst in self.registry.instances():
             by_node[inst.node_id].append(inst)
         known_nodes = {n.node_id: n for n in self.registry.nodes()}
+        others = self._other_models_nodes(model, known_nodes.values(), by_node) \
+            if self.settings.keep_alive_policy == "per-model" else set()
         for node in known_nodes.values():
-            if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool:
+            if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool \
+                    or node.node_id in others:
                 continue
             free, movable, young = self._room(model, node, by_node[node.node_id], now)
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable,
@@ -567,6 +574,14 @@ class Controller:
                                                 self._bandwidths(known_nodes.get(slurm_node)), (), wait.source))
                 targets[slurm_node] = Target("idle", slurm_node=slurm_node)
         return candidates, holding, targets
+
+    def _other_models_nodes(self, model: DeployedModel, nodes, by_node: dict[str, list[InstanceRecord]]) -> set[str]:
+        """keep_alive_policy "per-model" (a per-user launcher per model): nodes that are another model's, because
+        an allocation made for it runs their agent or they run an instance of it."""
+        live = [n for n in nodes if n.state in ("up", "draining")]
+        taken = {n.node_id for a in self.registry.allocations(active_only=True) if a.model != model.name
+                 for n in allocation_agents(a, live)}
+        return taken | {node for node, instances in by_node.items() if any(i.model != model.name for i in instances)}
 
     def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
         """Allocations made for this model whose agent has not registered yet (queued, or starting up)."""

@@ -369,7 +369,8 @@ class NodeAgent:
                     inst.state = "draining"
             if self.registered:
                 self.heartbeat()  # the controller stops routing to draining instances at once
-                self.migrate_running_requests()
+                if self.config.node.on_preempt == "migrate":
+                    self.migrate_running_requests()  # "restart": the gateway resumes them from their tokens
             self.workers.stop_all()
             if self.registered:
                 self.heartbeat()  # nothing left: the controller forgets this node's instances

@@ -126,6 +126,21 @@ def test_drain_live_migrates_running_requests_to_another_node_before_stopping(co
     assert service.controller.registry.get_node("n1").state == "draining"
 
 
+def test_on_preempt_restart_stops_the_workers_without_migrating_even_with_a_target(controller, make_node):
+    # The preemption-with-restart baseline (node.on_preempt = "restart"): a ready instance elsewhere is not used;
+    # SIGTERM aborts the requests and the gateway resumes them from their tokens.
+    service, url, source = controller()
+    add_ready_node(service, "n2")
+    agent, record = make_node(url, on_preempt="restart")
+    start_ready(agent, source)
+
+    agent.drain()
+
+    assert [e["event"] for e in events(record)] == ["sigterm"]
+    assert agent.migrations == [] and agent.state == "stopped"
+    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL) == 0
+
+
 def test_no_other_instance_anywhere_drains_at_once_and_leaves_requests_to_the_gateway(controller, make_node):
     service, url, source = controller(allocate_on_demand=False)  # nothing else can start either
     agent, record = make_node(url, migrate_timeout_seconds=30)

@@ -1,0 +1,1011 @@
+"""Discrete-event simulation of hpcllm and its baselines on a large Slurm cluster, driving the REAL controller.
+
+    .venv/bin/python bench/simulate.py [--nodes 1000] [--models 100] [--rate 2] [--duration 600] [--jobs 3]
+        [--policies hpcllm,serverlessllm,no-locality,random,per-model,restart] [--preempt-rate 0.05] [--seed 0]
+        [--trace trace.json] [--sweep [--sweep-nodes 100,300,1000] [--sweep-loads 1,3]]
+
+No second copy of the policy: every decision is made by hpcllm.controller's own Controller (routing, placement,
+migration of victims, migration targets) and Autoscaler (scale to zero, allocations, retirement, demand), on an
+in-memory SQLite registry, with a simulated clock. Only their collaborators are simulated:
+
+- Slurm (`SimSlurm`, a SlurmBackend): `--nodes` nodes of `--gpus-per-node` GPUs; a submitted allocation starts
+  after an exponential queue wait (mean `--queue-wait`) on the node it names if that node is free (else it waits
+  for it), or on the first free node; `sbatch --test-only` answers the mean wait (or, for a busy named node, its
+  job's end); `squeue --start` answers each queued job's planned start. Jobs end at their walltime, when
+  cancelled, or when preempted (`--preempt-rate` per allocation-hour; the node then goes to the preemptor for an
+  hour).
+- Node agents (`SimAgents`, an AgentClient): an agent registers `controller.agent_start_seconds` after its job
+  starts, with the tier bandwidths below and its node's persistent NVMe cache; an instance is ready after
+  `--instance-overhead` + size / bandwidth of the fastest tier holding the checkpoint (DRAM, NVMe, shared FS), and
+  then caches it in DRAM and NVMe (LRU, unless the model's cache_on_load is []). Heartbeats go to the real
+  controller when an instance changes state and every tick for nodes whose load changed. A preempted agent drains
+  as the real one does: with node.on_preempt = "migrate" it asks the controller for a migration target and moves
+  its running requests live (a `--handover` pause), else (no ready target, or "restart") the requests resume
+  through the gateway by prefilling prompt + generated tokens again on another instance.
+- Workers: continuous batching up to 32 running requests per instance; prefill at a per-size rate, then one
+  token per time-per-output-token (TPOT); both per size class below (A100-class vLLM figures, assumptions: no
+  GPU was measured here).
+- Gateway: a request is routed with the controller's route API; while the model starts it waits and is routed
+  again when an instance becomes ready, when an allocation made for its model registers, and every 20 s (the
+  gateway's route long-poll); it is lost after
+  gateway.route_timeout_seconds (600 s) without an instance.
+
+Measured inputs: tier bandwidths from bench/results/load-latest.json (hpcllm DRAM tier and cold disk GB/s) and the
+live-migration pause from bench/results/migration-latest.json, when present; otherwise the documented defaults
+below (printed with their source). Prints per policy: mean / p50 / p99 TTFT and end-to-end latency, cold starts by
+tier, GPU-slot-hours held by allocations, requests lost; writes bench/results/simulate-<time>.json and PNG plots
+(TTFT CDFs, TTFT over time, held GPU-hours; --sweep: p99 TTFT and GPU-hours against cluster size and load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import logging
+import platform
+import random
+import sys
+import tempfile
+import shutil
+import time
+from collections import OrderedDict, defaultdict, deque
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from workload import ModelInfo, Request, WorkloadParams, add_arguments, generate, load_trace, params_from  # noqa: E402
+
+from hpcllm.config import parse_config  # noqa: E402
+from hpcllm.controller.agents import AgentClient, StartedInstance  # noqa: E402
+from hpcllm.controller.allocations import Allocator  # noqa: E402
+from hpcllm.controller.autoscaler import Autoscaler  # noqa: E402
+from hpcllm.controller.errors import ControllerError  # noqa: E402
+from hpcllm.controller.protocol import (  # noqa: E402
+    CacheEntry,
+    Heartbeat,
+    InstanceInfo,
+    MigratedOut,
+    MigrationTarget,
+    MigrationTargetRequest,
+    ModelSpec,
+    NodeRegistration,
+    RouteReady,
+    TierInfo,
+    Tiers,
+)
+from hpcllm.controller.registry import Registry  # noqa: E402
+from hpcllm.controller.service import Controller  # noqa: E402
+from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate  # noqa: E402
+from hpcllm.worker.protocol import MigrationResult  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+GB = 10**9
+PARTITION = "gpu"
+MAX_BATCH = 32
+# Waiting requests are routed again every this many ticks (4 x 5 s: the gateway's 20 s route long-poll), besides
+# when an instance of their model becomes ready or an allocation made for it registers its agent.
+ROUTE_POLL_TICKS = 4
+# Per size class: prefill tokens/s and seconds per output token of one instance (vLLM on A100-class GPUs, the
+# instance's GPUs together). Assumptions, not measurements: this machine has no GPU.
+SERVICE = {"7b": (10000.0, 0.015), "13b": (6000.0, 0.022), "34b": (5000.0, 0.030), "70b": (3500.0, 0.040)}
+DEFAULT_BANDWIDTH = {"dram": 20.0, "nvme": 5.0, "sharedfs": 1.2}  # GB/s per node, see docs/evidence.md
+DEFAULT_HANDOVER = 0.134  # s: live-migration pause, docs/migration.md (900-token context, median)
+
+# The policies compared, each as configuration of the real controller (docs/placement.md "Baseline policies").
+POLICIES = {
+    "hpcllm": {},
+    "serverlessllm": {"controller": {"placement_policy": "serverlessllm"}},
+    "no-locality": {"controller": {"placement_policy": "no-locality"}, "model": {"cache_on_load": []}},
+    "random": {"controller": {"placement_policy": "random"}},
+    "per-model": {"controller": {"keep_alive_policy": "per-model"}},
+    "restart": {"node": {"on_preempt": "restart"}},
+}
+
+
+@dataclass
+class SimParams:
+    nodes: int = 1000
+    gpus_per_node: int = 4
+    queue_wait: float = 60.0  # mean Slurm queue wait of an allocation, s (exponential)
+    instance_overhead: float = 2.0  # worker start besides reading the weights, s
+    bandwidth: dict = field(default_factory=lambda: dict(DEFAULT_BANDWIDTH))
+    bandwidth_source: str = "defaults"
+    handover: float = DEFAULT_HANDOVER
+    handover_source: str = "docs/migration.md"
+    dram_capacity_gb: float = 512.0
+    nvme_capacity_gb: float = 3000.0
+    preempt_rate: float = 0.05  # preemptions per allocation-hour
+    walltime: str = "04:00:00"
+    max_instances: int = 4
+    tail: float = 900.0  # s simulated after the last arrival, for requests to finish
+    seed: int = 0
+    service: dict = field(default_factory=lambda: dict(SERVICE))
+
+
+# ----------------------------------------------------------------------------------------------- event loop
+
+
+class Loop:
+    def __init__(self, start: float):
+        self.now = start
+        self._heap: list = []
+        self._seq = itertools.count()
+
+    def __call__(self) -> float:  # the controller's clock
+        return self.now
+
+    def at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._heap, (max(t, self.now), next(self._seq), fn, args))
+
+    def run(self, until: float) -> None:
+        while self._heap and self._heap[0][0] <= until:
+            t, _, fn, args = heapq.heappop(self._heap)
+            self.now = t
+            fn(*args)
+        self.now = until
+
+
+# -------------------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class SimRequest:
+    req: Request
+    generated: int = 0
+    first_token: float | None = None
+    done: float | None = None
+    lost: bool = False
+    instance: SimInstance | None = None
+    version: int = 0
+    decode_from: float = 0.0  # when the tokens after `generated` started coming (at this instance)
+    first_due: float | None = None  # when the first token comes, if the request stays where it runs
+    resumes: int = 0
+    migrations: int = 0
+
+    def progress(self, now: float, tpot: float) -> None:
+        """Count the tokens generated on the current instance up to now."""
+        if self.first_token is None and self.first_due is not None and now >= self.first_due:
+            self.first_token = self.first_due
+        if self.instance is not None and self.req.id in self.instance.running and now > self.decode_from:
+            made = int((now - self.decode_from) / tpot)
+            self.generated = min(self.req.output_tokens, self.generated + made)
+            self.decode_from += made * tpot
+
+
+@dataclass
+class SimInstance:
+    instance_id: str
+    model: ModelInfo
+    node: SimNode
+    gpu_ids: list[int]
+    url: str
+    state: str = "loading"
+    load_tier: str | None = None
+    load_seconds: float | None = None
+    running: dict[int, SimRequest] = field(default_factory=dict)
+    queue: deque = field(default_factory=deque)
+
+    def info(self) -> InstanceInfo:
+        prefill, _ = self.node.sim.params.service[self.model.size_class]
+        tokens = sum(r.req.prompt_tokens + r.generated for r in self.running.values())
+        return InstanceInfo(instance_id=self.instance_id, model=self.model.name, state=self.state,
+                            worker_url=self.url, gpu_ids=self.gpu_ids,
+                            running_requests=len(self.running) + len(self.queue), load_tier=self.load_tier,
+                            load_seconds=self.load_seconds, tokens_in_flight=tokens if self.running else None,
+                            prefill_tokens_per_second=prefill)
+
+
+@dataclass
+class SimNode:
+    sim: Simulation
+    node_id: str
+    job_id: str
+    url: str
+    instances: dict[str, SimInstance] = field(default_factory=dict)
+    dram: OrderedDict = field(default_factory=OrderedDict)  # model -> bytes (LRU order), gone with the job
+    busy_until: float = 0.0  # slots freed by migrations become usable then
+    draining: bool = False
+    registered: bool = False
+    dirty: bool = True  # requests came or went since the last heartbeat
+
+    @property
+    def nvme(self) -> OrderedDict:  # persistent node-local disk: outlives the job
+        return self.sim.nvme[self.node_id]
+
+    def cached(self) -> list[CacheEntry]:
+        return [CacheEntry(model=m, tier=tier, bytes=b, verified=True)
+                for tier, store in (("dram", self.dram), ("nvme", self.nvme)) for m, b in store.items()]
+
+    def best_tier(self, model: str) -> str:
+        bw = self.sim.params.bandwidth
+        held = [t for t, store in (("dram", self.dram), ("nvme", self.nvme)) if model in store]
+        return max(held + ["sharedfs"], key=lambda t: bw[t])
+
+    def cache(self, model: ModelInfo) -> None:
+        for store, capacity in ((self.dram, self.sim.params.dram_capacity_gb), (self.nvme,
+                                                                                  self.sim.params.nvme_capacity_gb)):
+            store.pop(model.name, None)
+            store[model.name] = model.size_bytes
+            while sum(store.values()) > capacity * GB and len(store) > 1:
+                store.popitem(last=False)
+
+    def load(self) -> int:
+        return sum(len(i.running) + len(i.queue) for i in self.instances.values())
+
+
+# ------------------------------------------------------------------------------------------------ Slurm
+
+
+@dataclass
+class SimJob:
+    job_id: str
+    spec: object
+    submitted: float
+    planned_start: float
+    state: JobState = JobState.PENDING
+    node: str | None = None
+    start_time: float | None = None
+    end_time: float | None = None
+
+
+class SimSlurm(SlurmBackend):
+    """Slurm for the simulation: jobs start after a drawn queue wait on a free node (see the module docstring)."""
+
+    name = "sim"
+
+    def __init__(self, sim: Simulation):
+        self.sim = sim
+        self.loop = sim.loop
+        self.node_names = [f"n{i:04d}" for i in range(sim.params.nodes)]
+        self.holder: dict[str, str] = {}  # node -> job id, or "other" (a preemptor)
+        self.jobs: dict[str, SimJob] = {}
+        self.waiting: list[str] = []  # started jobs that found no node: retried when one frees
+        self._ids = itertools.count(1)
+        self._node_infos: list[NodeInfo] | None = None
+        self.walltime = parse_seconds(sim.params.walltime)
+
+    def submit(self, spec) -> str:
+        job_id = str(next(self._ids))
+        wait = self.sim.rng.expovariate(1.0 / self.sim.params.queue_wait) if self.sim.params.queue_wait else 0.0
+        self.jobs[job_id] = SimJob(job_id, spec, self.loop.now, self.loop.now + wait)
+        self.loop.at(self.loop.now + wait, self._try_start, job_id)
+        return job_id
+
+    def _free_node(self, spec) -> str | None:
+        if spec.nodelist:
+            return spec.nodelist[0] if spec.nodelist[0] not in self.holder else None
+        exclude = set(spec.exclude)
+        return next((n for n in self.node_names if n not in self.holder and n not in exclude), None)
+
+    def _try_start(self, job_id: str) -> None:
+        job = self.jobs[job_id]
+        if job.state != JobState.PENDING:
+            return
+        node = self._free_node(job.spec)
+        if node is None:
+            if job_id not in self.waiting:
+                self.waiting.append(job_id)
+            return
+        if job_id in self.waiting:
+            self.waiting.remove(job_id)
+        job.state, job.node, job.start_time = JobState.RUNNING, node, self.loop.now
+        job.end_time = self.loop.now + self.walltime
+        self.holder[node] = job_id
+        self._node_infos = None
+        self.loop.at(job.end_time, self.end, job_id, JobState.TIMEOUT)
+        self.loop.at(self.loop.now + self.sim.config.controller.agent_start_seconds, self.sim.agent_up, job)
+
+    def end(self, job_id: str, state: JobState) -> None:
+        job = self.jobs[job_id]
+        if job.state.is_terminal:
+            return
+        was_running = job.state == JobState.RUNNING
+        job.state = state
+        if was_running:
+            job.end_time = min(job.end_time, self.loop.now)
+            if self.holder.get(job.node) == job_id:
+                del self.holder[job.node]
+            self._node_infos = None
+            self.sim.agent_gone(job)
+            for waiting in list(self.waiting):
+                self._try_start(waiting)
+
+    def hold_for_other(self, node: str, seconds: float) -> None:
+        self.holder[node] = "other"
+        self._node_infos = None
+        self.loop.at(self.loop.now + seconds, self._release_other, node)
+
+    def _release_other(self, node: str) -> None:
+        if self.holder.get(node) == "other":
+            del self.holder[node]
+            self._node_infos = None
+            for waiting in list(self.waiting):
+                self._try_start(waiting)
+
+    def _status(self, job: SimJob) -> JobStatus:
+        return JobStatus(job_id=job.job_id, state=job.state, raw_state=job.state.value,
+                         nodes=(job.node,) if job.node else (), name=job.spec.name, start_time=job.start_time,
+                         end_time=job.end_time, comment=job.spec.comment)
+
+    def statuses(self, job_ids):
+        return {j: self._status(self.jobs[j]) if j in self.jobs else
+                JobStatus(job_id=j, state=JobState.UNKNOWN, missing=True) for j in job_ids}
+
+    def list_jobs(self):
+        return {j: self._status(job) for j, job in self.jobs.items()}
+
+    def cancel(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None:
+            self.end(job_id, JobState.CANCELLED)
+
+    def requeue(self, job_id: str) -> None:
+        raise NotImplementedError("the simulation does not requeue")
+
+    def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:
+        pass
+
+    def nodes(self) -> list[NodeInfo]:
+        if self._node_infos is None:
+            gpus = self.sim.params.gpus_per_node
+            self._node_infos = [NodeInfo(name=n, state="ALLOCATED" if n in self.holder else "IDLE",
+                                         partitions=(PARTITION,), gpus_total=gpus,
+                                         gpus_used=gpus if n in self.holder else 0) for n in self.node_names]
+        return self._node_infos
+
+    def partitions(self):
+        return [PartitionInfo(name=PARTITION, nodes=tuple(self.node_names))]
+
+    def estimate_start(self, spec):
+        if spec.nodelist and spec.nodelist[0] in self.holder:
+            job = self.jobs.get(self.holder[spec.nodelist[0]])
+            start = job.end_time if job is not None else self.loop.now + 3600
+        else:
+            start = self.loop.now + self.sim.params.queue_wait
+        return StartEstimate(start_time=start, source="test-only")
+
+    def pending_start_times(self, job_ids):
+        return {j: StartEstimate(start_time=max(self.jobs[j].planned_start, self.loop.now), source="squeue-start")
+                for j in job_ids if j in self.jobs and self.jobs[j].state == JobState.PENDING}
+
+
+# ------------------------------------------------------------------------------------------- node agents
+
+
+class SimAgents(AgentClient):
+    """The controller's calls to node agents, answered by the simulated nodes."""
+
+    def __init__(self, sim: Simulation):  # no HTTP client
+        self.sim = sim
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        pass
+
+    def start_instance(self, agent_url, model, source, gpu_ids, max_model_len=None, engine="hpcllm",
+                       cache_on_load=None, tensor_parallel=1) -> StartedInstance:
+        sim = self.sim
+        node = sim.node_by_url[agent_url]
+        info = sim.models[model]
+        instance_id = f"i{next(self._ids)}"
+        inst = SimInstance(instance_id, info, node, list(gpu_ids), f"{agent_url}/w/{instance_id}")
+        node.instances[instance_id] = inst
+        sim.instances[instance_id] = inst
+        tier = node.best_tier(model)
+        seconds = sim.params.instance_overhead + info.size_bytes / (sim.params.bandwidth[tier] * GB)
+        inst.load_tier, inst.load_seconds = tier, round(seconds, 3)
+        sim.loop.at(max(sim.loop.now, node.busy_until) + seconds, sim.instance_ready, inst)
+        return StartedInstance(instance_id, inst.url)
+
+    def stop_instance(self, agent_url, instance_id) -> None:
+        inst = self.sim.instances.get(instance_id)
+        if inst is not None:
+            self.sim.stop_instance(inst)
+
+    def migrate_out(self, agent_url, instance_id, destination_url, timeout) -> MigratedOut:
+        sim = self.sim
+        source = sim.instances[instance_id]
+        target = sim.instance_by_url.get(destination_url)
+        moved = []
+        if target is not None and target.state == "ready":
+            tokens = sum(r.req.prompt_tokens + r.generated for r in source.running.values())
+            moved = sim.move_requests(source, target)
+            # The slots free once the destination has prefilled the moved requests (the controller's estimate).
+            prefill, _ = sim.params.service[source.model.size_class]
+            source.node.busy_until = sim.loop.now + tokens / prefill
+        sim.stop_instance(source)
+        return MigratedOut(instance_id=instance_id, model=source.model.name, destination_url=destination_url,
+                           migrated=moved, seconds=0.0)
+
+    def list_instances(self, agent_url) -> list[InstanceInfo]:
+        return [i.info() for i in self.sim.node_by_url[agent_url].instances.values()]
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+class Simulation:
+    def __init__(self, policy: str, models: list[ModelInfo], requests: list[Request], params: SimParams,
+                 workdir: Path):
+        self.policy, self.params = policy, params
+        self.models = {m.name: m for m in models}
+        self.requests = [SimRequest(r) for r in requests]
+        self.rng = random.Random(params.seed)
+        self.loop = Loop(1_000_000.0)
+        self.start = self.loop.now
+        overrides = POLICIES[policy]
+        self.config = parse_config({
+            "paths": {"state_dir": str(workdir / "state"), "models_dir": str(workdir / "models")},
+            "cluster": {"shared_secret": "simulation"},
+            "slurm": {"partition": PARTITION, "time": params.walltime, "gpus_per_node": params.gpus_per_node},
+            "node": overrides.get("node", {}),
+            "controller": {"database_url": "sqlite:///:memory:", "max_allocations": params.nodes,
+                           # Agents heartbeat on changes only; no node is lost for silence (nodes end with jobs).
+                           "node_timeout_seconds": 10**9,
+                           # Slurm answers are simulated, so asking every time costs nothing and is never stale.
+                           "slurm_nodes_ttl_seconds": 0, "queue_estimate_ttl_seconds": 0,
+                           # Ended allocations are kept for `hpcllm status` only (and 5 x preferred_node_wait_seconds
+                           # for placement): a shorter history keeps the registry reads of a long run small.
+                           "history_seconds": 600,
+                           **overrides.get("controller", {})}})
+        self.nvme: dict[str, OrderedDict] = defaultdict(OrderedDict)
+        self.slurm = SimSlurm(self)
+        self.registry = Registry(self.config.controller.database_url)
+        self.allocator = Allocator(self.config, self.registry, self.slurm, "http://controller:8700", clock=self.loop)
+        self.agents = SimAgents(self)
+        self.controller = Controller(self.config, self.registry, self.agents, self.allocator, clock=self.loop)
+        self.autoscaler = Autoscaler(self.controller)
+        self.node_by_url: dict[str, SimNode] = {}
+        self.nodes: dict[str, SimNode] = {}  # live agents by node id
+        self.instances: dict[str, SimInstance] = {}
+        self.instance_by_url: dict[str, SimInstance] = {}
+        self.waiting: dict[str, list[SimRequest]] = defaultdict(list)
+        self.cold_starts: list[dict] = []
+        self.preemptions = 0
+        self.preempt_migrated = 0  # requests live-migrated by preempted agents' drains
+        self.ticks = 0
+        self.live_migrated = 0
+        self._deploy(workdir / "models", overrides.get("model", {}))
+
+    def _deploy(self, folder: Path, model_fields: dict) -> None:
+        for m in self.models.values():
+            source = folder / m.name
+            source.mkdir(parents=True, exist_ok=True)
+            (source / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 16384}')
+            self.controller.deploy(ModelSpec(name=m.name, source=str(source), size_bytes=m.size_bytes, gpus=m.gpus,
+                                             max_instances=self.params.max_instances, **model_fields))
+
+    # ---------------------------------------------------------------------------------------- agents
+
+    def agent_up(self, job: SimJob) -> None:
+        if job.state != JobState.RUNNING:
+            return
+        url = f"http://{job.node}.j{job.job_id}:9000"
+        node = SimNode(self, job.node, job.job_id, url)
+        self.node_by_url[url] = node
+        self.nodes[job.node] = node
+        bw = self.params.bandwidth
+        tiers = Tiers(dram=TierInfo(capacity_bytes=int(self.params.dram_capacity_gb * GB), read_gbps=bw["dram"]),
+                      nvme=TierInfo(capacity_bytes=int(self.params.nvme_capacity_gb * GB), read_gbps=bw["nvme"],
+                                    scope="persistent"),
+                      sharedfs=TierInfo(read_gbps=bw["sharedfs"]))
+        try:
+            self.controller.register(NodeRegistration(node_id=job.node, agent_url=url, slurm_job_id=job.job_id,
+                                                      job_scoped=True, gpus=job.spec.gpus_per_node or
+                                                      self.params.gpus_per_node, tiers=tiers,
+                                                      cached=node.cached()))
+        except ControllerError:
+            # The node's previous job ended and the controller has not polled Slurm since: like a real agent,
+            # register again shortly.
+            del self.node_by_url[url], self.nodes[job.node]
+            self.loop.at(self.loop.now + self.config.controller.tick_seconds, self.agent_up, job)
+            return
+        node.registered = True
+        alloc = self.registry.get_allocation(job.job_id)
+        if alloc is not None and alloc.model:
+            self.retry(alloc.model)  # the route long-poll of the model it was made for wakes up
+
+    def agent_gone(self, job: SimJob) -> None:
+        """The job ended: its agent and instances are gone (their requests resume through the gateway)."""
+        node = self.nodes.get(job.node)
+        if node is None or node.job_id != job.job_id:
+            return
+        for inst in list(node.instances.values()):
+            self.stop_instance(inst, heartbeat=False)
+        node.registered = False
+        del self.nodes[job.node]
+
+    def heartbeat(self, node: SimNode) -> None:
+        if not node.registered or self.nodes.get(node.node_id) is not node:
+            return
+        node.dirty = False
+        try:
+            outcome = self.controller.heartbeat(node.node_id, Heartbeat(
+                cached=node.cached(), instances=[i.info() for i in node.instances.values()],
+                draining=node.draining))
+        except ControllerError:  # the controller already saw its job end
+            node.registered = False
+            return
+        if outcome.state not in ("up", "draining"):
+            node.registered = False
+
+    def instance_ready(self, inst: SimInstance) -> None:
+        if inst.state != "loading" or inst.instance_id not in self.instances:
+            return
+        inst.state = "ready"
+        self.instance_by_url[inst.url] = inst
+        self.cold_starts.append({"t": self.loop.now - self.start, "model": inst.model.name, "tier": inst.load_tier,
+                                 "load_seconds": inst.load_seconds, "node": inst.node.node_id})
+        deployed = self.registry.get_model(inst.model.name)
+        if deployed is not None and deployed.cache_on_load != []:  # None: the node's default, DRAM and NVMe
+            inst.node.cache(inst.model)
+        self.heartbeat(inst.node)
+        self.retry(inst.model.name)
+
+    def stop_instance(self, inst: SimInstance, heartbeat: bool = True) -> None:
+        """Stop a worker: requests still on it are aborted and resume through the gateway from their tokens."""
+        if self.instances.pop(inst.instance_id, None) is None:
+            return
+        inst.node.instances.pop(inst.instance_id, None)
+        self.instance_by_url.pop(inst.url, None)
+        inst.state = "stopped"
+        _, tpot = self.params.service[inst.model.size_class]
+        for req in list(inst.running.values()) + [r for r, _ in inst.queue]:
+            req.progress(self.loop.now, tpot)
+            self._detach(req)
+            req.resumes += 1
+            self.loop.at(self.loop.now, self.route, req)
+        inst.running.clear()
+        inst.queue.clear()
+        if heartbeat:
+            self.loop.at(self.loop.now, self.heartbeat, inst.node)  # after the controller call that stopped it
+
+    def move_requests(self, source: SimInstance, target: SimInstance) -> list[MigrationResult]:
+        """Live migration: the target prefilled their tokens while the source decoded; a short hand-over pause."""
+        _, tpot = self.params.service[source.model.size_class]
+        moved = []
+        for req in list(source.running.values()) + [r for r, _ in source.queue]:
+            req.progress(self.loop.now, tpot)
+            self._detach(req)
+            req.migrations += 1
+            self.live_migrated += 1
+            self.loop.at(self.loop.now + self.params.handover, self.admit, target, req, True)
+            moved.append(MigrationResult(request_id=str(req.req.id), destination_url=target.url,
+                                         destination_request_id=str(req.req.id), rounds=1,
+                                         tokens_per_round=[req.req.prompt_tokens + req.generated],
+                                         handover_seconds=self.params.handover, total_seconds=self.params.handover,
+                                         output_tokens_at_handover=req.generated))
+        source.running.clear()
+        source.queue.clear()
+        return moved
+
+    def preempt(self, job: SimJob) -> None:
+        """Slurm preempts an allocation: its agent drains as hpcllm's does (node.on_preempt), then the job ends and
+        the node goes to the preemptor."""
+        node = self.nodes.get(job.node)
+        if job.state != JobState.RUNNING:
+            return
+        self.preemptions += 1
+        if node is not None:
+            node.draining = True
+            for inst in node.instances.values():
+                if inst.state == "ready":
+                    inst.state = "draining"
+            self.heartbeat(node)
+            if self.config.node.on_preempt == "migrate":
+                for inst in list(node.instances.values()):
+                    if inst.running or inst.queue:
+                        self._migrate_on_drain(node, inst)
+        self.slurm.end(job.job_id, JobState.PREEMPTED)
+        self.slurm.hold_for_other(job.node, 3600.0)
+
+    def _migrate_on_drain(self, node: SimNode, inst: SimInstance) -> None:
+        try:
+            target = self.controller.migration_target(MigrationTargetRequest(model=inst.model.name,
+                                                                              exclude_node=node.node_id))
+        except ControllerError:
+            return
+        if isinstance(target, MigrationTarget) and target.instance_id in self.instances:
+            dest = self.instances[target.instance_id]
+            if dest.state == "ready":
+                self.preempt_migrated += len(self.move_requests(inst, dest))
+
+    # ---------------------------------------------------------------------------------------- gateway
+
+    def arrive(self, req: SimRequest) -> None:
+        self.route(req)
+
+    def route(self, req: SimRequest) -> None:
+        if req.done is not None or req.lost:
+            return
+        try:
+            outcome = self.controller.route_once(req.req.model)
+        except ControllerError:
+            outcome = None
+        if isinstance(outcome, RouteReady):
+            inst = self.instances.get(outcome.instance_id)
+            if inst is not None and inst.state == "ready":
+                self.admit(inst, req)
+                return
+        self.waiting[req.req.model].append(req)
+
+    def retry(self, model: str) -> None:
+        """Route a model's waiting requests again: one route call for the first (the controller answers the same
+        for all while the model starts), then one per request once an instance is ready (each picks the least
+        loaded instance and may scale out)."""
+        waiting = [r for r in self.waiting.pop(model, []) if r.done is None and not r.lost]
+        if not waiting:
+            return
+        self.route(waiting[0])
+        if self.waiting.get(model):  # still not ready: the others keep waiting
+            self.waiting[model].extend(waiting[1:])
+            return
+        for req in waiting[1:]:
+            self.route(req)
+
+    def retry_all(self) -> None:
+        for model in [m for m, reqs in self.waiting.items() if reqs]:
+            self.retry(model)
+
+    def admit(self, inst: SimInstance, req: SimRequest, migrated: bool = False) -> None:
+        if inst.instance_id not in self.instances or inst.state not in ("ready",):
+            req.resumes += 1
+            self.route(req)  # its instance went away meanwhile: the gateway routes again
+            return
+        req.instance = inst
+        if len(inst.running) >= MAX_BATCH:
+            inst.queue.append((req, migrated))
+            return
+        self._run(inst, req, migrated)
+
+    def _run(self, inst: SimInstance, req: SimRequest, migrated: bool) -> None:
+        prefill_tps, tpot = self.params.service[inst.model.size_class]
+        now = self.loop.now
+        req.instance = inst
+        req.version += 1
+        inst.running[req.req.id] = req
+        inst.node.dirty = True
+        prefill = 0.0 if migrated else (req.req.prompt_tokens + req.generated) / prefill_tps
+        req.decode_from = now + prefill
+        req.first_due = now + prefill + tpot
+        left = req.req.output_tokens - req.generated
+        self.loop.at(now + prefill + left * tpot, self.finish, req, req.version)
+
+    def finish(self, req: SimRequest, version: int) -> None:
+        if version != req.version or req.instance is None:
+            return
+        inst = req.instance
+        req.progress(self.loop.now, self.params.service[inst.model.size_class][1])
+        req.generated, req.done = req.req.output_tokens, self.loop.now
+        self._detach(req)
+        while inst.queue and len(inst.running) < MAX_BATCH:
+            queued, migrated = inst.queue.popleft()
+            self._run(inst, queued, migrated)
+
+    def _detach(self, req: SimRequest) -> None:
+        inst = req.instance
+        if inst is not None:
+            inst.node.dirty = True
+            inst.running.pop(req.req.id, None)
+            inst.queue = deque((r, m) for r, m in inst.queue if r is not req)
+        req.instance = None
+        req.first_due = None
+        req.version += 1
+
+    # ------------------------------------------------------------------------------------------- ticks
+
+    def tick(self) -> None:
+        now = self.loop.now
+        for node in list(self.nodes.values()):
+            if node.registered and node.dirty:  # a real agent heartbeats every 5 s: its load and last use
+                self.heartbeat(node)
+        self.autoscaler.tick(now)
+        timeout = self.config.gateway.route_timeout_seconds
+        for model, reqs in list(self.waiting.items()):
+            for req in reqs:
+                if now - req.req.t - self.start > timeout:
+                    req.lost = True
+            self.waiting[model] = [r for r in reqs if not r.lost]
+        self.ticks += 1
+        if self.ticks % ROUTE_POLL_TICKS == 0:
+            self.retry_all()
+        if self.params.preempt_rate > 0:
+            p = self.params.preempt_rate * self.config.controller.tick_seconds / 3600.0
+            for job in [j for j in self.slurm.jobs.values() if j.state == JobState.RUNNING]:
+                if self.rng.random() < p:
+                    self.preempt(job)
+        self.loop.at(now + self.config.controller.tick_seconds, self.tick)
+
+    def run(self) -> dict:
+        began, cpu = time.perf_counter(), time.process_time()
+        for req in self.requests:
+            self.loop.at(self.start + req.req.t, self.arrive, req)
+        self.loop.at(self.start, self.tick)
+        last = max((r.req.t for r in self.requests), default=0.0)
+        end = self.start + last + self.params.tail
+        self.loop.run(end)
+        report = self.report(end, time.perf_counter() - began)
+        report["cpu_seconds"] = round(time.process_time() - cpu, 1)
+        return report
+
+    # ------------------------------------------------------------------------------------------ report
+
+    def report(self, end: float, wall: float) -> dict:
+        served = [r for r in self.requests if r.done is not None]
+        ttft = np.array([r.first_token - self.start - r.req.t for r in served])
+        e2e = np.array([r.done - self.start - r.req.t for r in served])
+        slot_seconds = sum((min(j.end_time, end) - j.start_time) * self.params.gpus_per_node
+                           for j in self.slurm.jobs.values() if j.start_time is not None)
+        tiers = {t: sum(1 for c in self.cold_starts if c["tier"] == t) for t in ("dram", "nvme", "sharedfs")}
+        return {
+            "policy": self.policy,
+            "requests": len(self.requests),
+            "served": len(served),
+            "lost": len(self.requests) - len(served),
+            "ttft": stats(ttft),
+            "e2e": stats(e2e),
+            "cold_starts": tiers,
+            "gpu_slot_hours": slot_seconds / 3600.0,
+            "allocations": len(self.slurm.jobs),
+            "preemptions": self.preemptions,
+            "live_migrated_requests": self.live_migrated,
+            "live_migrated_on_preemption": self.preempt_migrated,
+            "resumed_requests": sum(1 for r in self.requests if r.resumes),
+            "wall_seconds": round(wall, 1),
+            "ttft_by_arrival": [[round(r.req.t, 2), round(float(v), 4)] for r, v in zip(served, ttft)],
+        }
+
+
+def stats(values: np.ndarray) -> dict:
+    if not len(values):
+        return {"mean": None, "p50": None, "p99": None}
+    return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+            "p99": float(np.percentile(values, 99))}
+
+
+def parse_seconds(walltime: str) -> float:
+    h, m, s = (int(x) for x in walltime.split(":"))
+    return h * 3600 + m * 60 + s
+
+
+# ------------------------------------------------------------------------------------------ measured inputs
+
+
+def measured_inputs(params: SimParams, results: Path = RESULTS) -> SimParams:
+    """Tier bandwidths and the migration pause from the other benches' latest JSON, when present."""
+    load = results / "load-latest.json"
+    if load.exists():
+        rows = {(r["method"], r["state"]): r for r in json.loads(load.read_text()).get("rows", [])}
+        found = {}
+        for tier, key in (("dram", ("hpcllm_dram", "shm")), ("nvme", ("hpcllm_disk", "cold"))):
+            if key in rows and rows[key].get("gbps"):
+                found[tier] = float(rows[key]["gbps"])
+        if found:
+            params.bandwidth.update(found)
+            params.bandwidth_source = f"{load} ({', '.join(found)}); shared FS: default"
+    migration = results / "migration-latest.json"
+    if migration.exists():
+        pause = json.loads(migration.read_text()).get("median_pause_seconds", {}).get("live")
+        if pause:
+            params.handover, params.handover_source = float(pause), str(migration)
+    return params
+
+
+# --------------------------------------------------------------------------------------------------- output
+
+
+def table(reports: list[dict]) -> str:
+    head = (f"{'policy':14s} {'TTFT mean':>9s} {'p50':>7s} {'p99':>8s} | {'E2E mean':>8s} {'p50':>7s} {'p99':>8s} | "
+            f"{'cold: dram':>10s} {'nvme':>5s} {'sharedfs':>8s} | {'GPU-h held':>10s} | {'lost':>5s} {'served':>7s}")
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        t, e, c = r["ttft"], r["e2e"], r["cold_starts"]
+        lines.append(f"{r['policy']:14s} {fmt(t['mean']):>9s} {fmt(t['p50']):>7s} {fmt(t['p99']):>8s} | "
+                     f"{fmt(e['mean']):>8s} {fmt(e['p50']):>7s} {fmt(e['p99']):>8s} | {c['dram']:>10d} "
+                     f"{c['nvme']:>5d} {c['sharedfs']:>8d} | {r['gpu_slot_hours']:>10.1f} | {r['lost']:>5d} "
+                     f"{r['served']:>7d}")
+    return "\n".join(lines)
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def ratios(reports: list[dict], base: str = "hpcllm") -> list[str]:
+    by = {r["policy"]: r for r in reports}
+    if base not in by:
+        return []
+    mine = by[base]
+    out = []
+    for r in reports:
+        if r["policy"] == base or r["ttft"]["mean"] is None or mine["ttft"]["mean"] is None:
+            continue
+        out.append(f"{r['policy']:14s}: mean TTFT {r['ttft']['mean'] / mine['ttft']['mean']:.1f}x hpcllm's, "
+                   f"p99 {r['ttft']['p99'] / mine['ttft']['p99']:.1f}x; GPU-hours held "
+                   f"{r['gpu_slot_hours'] / max(mine['gpu_slot_hours'], 1e-9):.2f}x; lost {r['lost']} vs {mine['lost']}")
+    return out
+
+
+def plot(reports: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for r in reports:
+        values = np.sort([v for _, v in r["ttft_by_arrival"]])
+        if len(values):
+            axes[0].plot(values, np.arange(1, len(values) + 1) / len(values), label=r["policy"])
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("TTFT (s, log)")
+    axes[0].set_ylabel("fraction of served requests")
+    axes[0].set_title("TTFT CDF")
+    axes[0].legend(fontsize=8)
+    for r in reports:
+        pts = np.array(r["ttft_by_arrival"])
+        if len(pts):
+            order = np.argsort(pts[:, 0])
+            pts = pts[order]
+            window = max(1, len(pts) // 60)
+            kernel = np.ones(window) / window
+            axes[1].plot(pts[window - 1:, 0], np.convolve(pts[:, 1], kernel, mode="valid"), label=r["policy"])
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("arrival time (s)")
+    axes[1].set_ylabel(f"TTFT, moving mean (s, log)")
+    axes[1].set_title("TTFT over time")
+    names = [r["policy"] for r in reports]
+    axes[2].bar(names, [r["gpu_slot_hours"] for r in reports], color="tab:gray")
+    axes[2].set_ylabel("GPU-hours held by allocations")
+    axes[2].set_title("Cost")
+    axes[2].tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for policy in sorted({r["policy"] for r in rows}):
+        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: (r["nodes"], r["rate"]))
+        labels = [f"{r['nodes']}n/{r['rate']:g}rps" for r in mine]
+        axes[0].plot(labels, [r["ttft"]["p99"] or np.nan for r in mine], marker="o", label=policy)
+        axes[1].plot(labels, [r["gpu_slot_hours"] for r in mine], marker="o", label=policy)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("p99 TTFT (s, log)")
+    axes[1].set_ylabel("GPU-hours held")
+    for ax in axes:
+        ax.set_xlabel("cluster size / load")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_policy(policy: str, models, requests, params: SimParams) -> dict:
+    logging.basicConfig(level=logging.ERROR)  # in a worker process too: the controller logs every decision
+    with tempfile.TemporaryDirectory(prefix=f"simulate-{policy}-") as tmp:
+        sim = Simulation(policy, models, requests, params, Path(tmp))
+        try:
+            return sim.run()
+        finally:
+            sim.registry.close()
+
+
+def simulate(policies: list[str], models, requests, params: SimParams, jobs: int = 1) -> list[dict]:
+    """One simulation per policy (each its own controller and registry), `jobs` at a time in processes."""
+    def done(r: dict) -> dict:
+        print(f"  {r['policy']}: {r['served']}/{r['requests']} served, {r['allocations']} allocations, "
+              f"{r['preemptions']} preemptions, {r['live_migrated_requests']} live-migrated "
+              f"({r['live_migrated_on_preemption']} at preemptions), "
+              f"{r['resumed_requests']} resumed; {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU",
+              flush=True)
+        return r
+
+    if jobs <= 1 or len(policies) == 1:
+        return [done(run_policy(p, models, requests, params)) for p in policies]
+    with ProcessPoolExecutor(min(jobs, len(policies))) as pool:
+        futures = {p: pool.submit(run_policy, p, models, requests, params) for p in policies}
+        for future in as_completed(futures.values()):
+            done(future.result())
+        return [futures[p].result() for p in policies]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, WorkloadParams(models=100, rate=2.0, duration=600.0))
+    parser.add_argument("--trace", type=Path, help="a trace from bench/workload.py (instead of generating one)")
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--gpus-per-node", type=int, default=4)
+    parser.add_argument("--queue-wait", type=float, default=60.0, help="mean Slurm queue wait, s")
+    parser.add_argument("--instance-overhead", type=float, default=2.0, help="worker start besides the weights, s")
+    parser.add_argument("--preempt-rate", type=float, default=0.05, help="preemptions per allocation-hour")
+    parser.add_argument("--walltime", default="04:00:00")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--sweep", action="store_true",
+                        help="also hpcllm and serverlessllm at each --sweep-nodes size and --sweep-loads rate factor")
+    parser.add_argument("--sweep-nodes", default="100,300,1000", help="cluster sizes of the sweep")
+    parser.add_argument("--sweep-loads", default="1,3", help="factors on --rate of the sweep")
+    parser.add_argument("--jobs", type=int, default=3, help="policies simulated at once (processes)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        parser.error(f"unknown policies {unknown}: choose from {', '.join(POLICIES)}")
+    if args.nodes < 1 or args.gpus_per_node < 1 or args.queue_wait < 0 or args.preempt_rate < 0:
+        parser.error("--nodes and --gpus-per-node must be >= 1, --queue-wait and --preempt-rate >= 0")
+    try:
+        parse_seconds(args.walltime)
+    except ValueError:
+        parser.error(f"--walltime must be HH:MM:SS, not {args.walltime!r}")
+    try:
+        if args.trace:
+            wparams, models, requests = load_trace(args.trace)
+        else:
+            wparams = params_from(args)
+            models, requests = generate(wparams)
+    except (ValueError, OSError, KeyError) as exc:
+        parser.error(f"workload: {exc}")
+    params = measured_inputs(SimParams(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                                       queue_wait=args.queue_wait, instance_overhead=args.instance_overhead,
+                                       preempt_rate=args.preempt_rate, walltime=args.walltime, seed=wparams.seed))
+    print(f"machine: {platform.processor() or platform.machine()}; Python {platform.python_version()}")
+    print(f"cluster: {params.nodes} nodes x {params.gpus_per_node} GPUs; queue wait mean {params.queue_wait:.0f} s; "
+          f"preemptions {params.preempt_rate}/allocation-hour; walltime {params.walltime}")
+    print(f"tier GB/s {params.bandwidth} from {params.bandwidth_source}; live-migration pause "
+          f"{params.handover * 1000:.0f} ms from {params.handover_source}")
+    print(f"workload: {len(requests)} requests over {wparams.duration:.0f} s, {len(models)} models, "
+          f"{wparams.arrivals} arrivals, zipf {wparams.zipf}, lengths {wparams.lengths}, seed {wparams.seed}")
+    began = time.perf_counter()
+    reports = simulate(policies, models, requests, params, args.jobs)
+    print()
+    print(table(reports))
+    print()
+    print("\n".join(ratios(reports)))
+    sweep = []
+    if args.sweep:
+        for nodes in [int(n) for n in args.sweep_nodes.split(",")]:
+            for factor in [float(f) for f in args.sweep_loads.split(",")]:
+                p = dict(asdict(wparams), rate=wparams.rate * factor)
+                m, reqs = generate(WorkloadParams(**p))
+                sp = measured_inputs(SimParams(**{**asdict(params), "nodes": nodes}))
+                for r in simulate(["hpcllm", "serverlessllm"], m, reqs, sp, args.jobs):
+                    r.pop("ttft_by_arrival")
+                    sweep.append({**r, "nodes": nodes, "rate": p["rate"]})
+    print(f"\ntotal wall time {time.perf_counter() - began:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    result = {"params": asdict(params), "workload": asdict(wparams), "reports": reports, "sweep": sweep}
+    name = args.out / f"simulate-{stamp}"
+    name.with_suffix(".json").write_text(json.dumps(result))
+    plot(reports, name.with_suffix(".png"), f"{params.nodes} nodes x {len(models)} models, {len(requests)} "
+         f"requests ({wparams.arrivals}), {params.preempt_rate} preemptions/allocation-hour")
+    if sweep:
+        plot_sweep(sweep, args.out / f"simulate-{stamp}-sweep.png")
+    for made in args.out.glob(f"simulate-{stamp}*"):
+        shutil.copyfile(made, args.out / made.name.replace(stamp, "latest"))
+    print(f"wrote {args.out}/simulate-{stamp}.json and .png (and simulate-latest.*)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""bench/simulate.py: the simulation drives the real controller, so each policy's configuration must show the
+behaviour it stands for (small clusters, hand-made traces; seconds each)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from simulate import SimParams, Simulation  # noqa: E402
+from workload import ModelInfo, Request  # noqa: E402
+
+GB = 10**9
+SMALL = ModelInfo("m000-7b", int(13.5 * GB), 1, "7b", 1, 0.5)
+OTHER = ModelInfo("m001-7b", int(13.5 * GB), 1, "7b", 2, 0.5)
+
+
+def run(policy, requests, tmp_path, models=(SMALL, OTHER), **params):
+    settings = {"nodes": 4, "queue_wait": 30.0, "preempt_rate": 0.0, "tail": 600.0, **params}
+    sim = Simulation(policy, list(models), requests, SimParams(**settings), tmp_path / policy)
+    try:
+        return sim.run()
+    finally:
+        sim.registry.close()
+
+
+def spaced(model, times, prompt=500, output=50):
+    return [Request(i, t, model.name, prompt, output) for i, t in enumerate(times)]
+
+
+def test_a_model_back_after_scale_to_zero_loads_from_the_node_cache_unless_locality_is_off(tmp_path):
+    # Requests 20 minutes apart: the instance (keep-alive 300 s) and the allocation (600 s) are gone in between,
+    # the second cold start is on a new allocation. hpcllm asks for the node whose NVMe holds the checkpoint.
+    requests = spaced(SMALL, [0.0, 1200.0])
+    hpcllm = run("hpcllm", requests, tmp_path)
+    blind = run("no-locality", requests, tmp_path)
+    assert hpcllm["served"] == blind["served"] == 2
+    assert hpcllm["cold_starts"] == {"dram": 0, "nvme": 1, "sharedfs": 1}
+    assert blind["cold_starts"] == {"dram": 0, "nvme": 0, "sharedfs": 2}
+    assert blind["ttft"]["mean"] > hpcllm["ttft"]["mean"]
+
+
+def test_per_model_keeps_an_allocation_per_model_alive_and_pays_for_it(tmp_path):
+    requests = sorted(spaced(SMALL, [0.0, 1500.0]) + spaced(OTHER, [10.0, 1510.0]), key=lambda r: r.t)
+    requests = [Request(i, r.t, r.model, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
+    shared = run("hpcllm", requests, tmp_path)
+    per_model = run("per-model", requests, tmp_path)
+    assert per_model["allocations"] == 2  # one each, never released
+    assert per_model["gpu_slot_hours"] > 1.5 * shared["gpu_slot_hours"]
+    assert per_model["ttft"]["p50"] < shared["ttft"]["p50"]  # the second requests find their instance warm
+
+
+def test_preemption_live_migrates_with_migrate_and_restarts_with_restart(tmp_path):
+    # A steady stream on one model at a high preemption rate; one GPU per node, so its two instances run on two
+    # allocations and a preempted one has a target on the other.
+    requests = spaced(SMALL, [i * 0.5 for i in range(1200)], prompt=2000, output=400)
+    params = {"preempt_rate": 20.0, "max_instances": 2, "seed": 2, "tail": 300.0, "gpus_per_node": 1}
+    migrate = run("hpcllm", requests, tmp_path, models=(SMALL,), **params)
+    restart = run("restart", requests, tmp_path, models=(SMALL,), **params)
+    assert migrate["preemptions"] > 0 and restart["preemptions"] > 0
+    assert migrate["live_migrated_on_preemption"] > 0
+    assert restart["live_migrated_on_preemption"] == 0 and restart["resumed_requests"] > 0
+    assert restart["resumed_requests"] > migrate["resumed_requests"]
+
+
+def test_same_inputs_same_report(tmp_path):
+    requests = spaced(SMALL, [0.0, 5.0, 400.0, 401.0])
+    first, second = run("random", requests, tmp_path / "a"), run("random", requests, tmp_path / "b")
+    for report in (first, second):
+        report.pop("wall_seconds"), report.pop("cpu_seconds")
+    assert first == second
