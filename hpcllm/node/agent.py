@@ -39,25 +39,12 @@ from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers
 from hpcllm.node.protocol import MigratedOut, StartInstance
 from hpcllm.node.workers import MigrationOutcome, WorkerManager
+from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 GB = 1e9
-
-
-def node_name() -> str:
-    """The Slurm node name where Slurm set it (it is what Slurm and the controller call the node), else hostname."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
-
-
-def slurm_job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or None
-
-
-def expand_node_pattern(value: str, node: str, job_id: str | None) -> str:
-    """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment."""
-    return os.path.expandvars(value.replace("%n", node).replace("%j", job_id or "nojob"))
 
 
 def controller_url_of(config: Config, override: str | None = None) -> str:

@@ -45,6 +45,7 @@ from hpcllm.checkpoint import (CheckpointError, ChecksumMismatch, MissingFile,
                                NotAConvertedCheckpoint, read_checkpoint)
 from hpcllm.checkpoint.layout import MANIFEST_FILE, Checkpoint, file_checksum
 from hpcllm.errors import HpcllmError
+from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
 from hpcllm.privatefs import NotPrivate, private_dir
 from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
@@ -1024,8 +1025,6 @@ def node_slice_copy(node_config, model: str, degree: int, rank: int) -> Path | N
     node.nvme_dir with %n/%j expanded for the node this process runs on), held in use by this process so it is not
     evicted while the rank reads it (the reference goes with the process); None when the node has none.
     What a tensor-parallel rank calls before its load (hpcllm worker --tensor-parallel)."""
-    from hpcllm.node.agent import expand_node_pattern, node_name, slurm_job_id
-
     nvme_dir = Path(expand_node_pattern(str(node_config.nvme_dir), node_name(), slurm_job_id()))
     key = slice_key(model, degree, rank)
     if not (nvme_dir / key / MARKER_FILE).is_file():

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from hpcllm.errors import HpcllmError
+from hpcllm.tp.plan import DEFAULT_BCAST_MAX_BYTES, rank_slices
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
-DEFAULT_BCAST_MAX_BYTES = 64 << 20
 _OK, _FAILED = 0, 1
 _STATUS_TAG = 7117
 
@@ -124,22 +124,6 @@ def _read_plan(path: str | Path, degree: int) -> _Plan | str:
         return _describe(exc)
 
 
-def rank_slices(ckpt, config, size: int, rank: int, bcast_max_bytes: int = DEFAULT_BCAST_MAX_BYTES):
-    """(slices this rank reads itself, replicated slices rank 0 reads and broadcasts to everyone)."""
-    import math
-
-    from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE
-    from hpcllm.tp.plan import module_plan, slice_plan
-
-    shapes = {name: tuple(entry.shape) for name, entry in ckpt.tensors.items()}
-    slices = slice_plan(shapes, ckpt.aliases, module_plan(config) if size > 1 else _NoPlan(), size, rank)
-    replicated = [s for s in slices if s.dim is None]
-    replicated_bytes = sum(math.prod(s.full_shape) * DTYPE_ITEMSIZE[ckpt.tensors[s.stored].dtype]
-                           for s in replicated)
-    bcast = replicated if size > 1 and replicated_bytes <= bcast_max_bytes else []
-    return [s for s in slices if s not in bcast or rank == 0], bcast
-
-
 def estimate_rank_reads(root: str | Path, degree: int, gap_bytes: int | None = None) -> list[tuple[int, int]]:
     """(bytes, read requests) each rank of a degree-`degree` load would read, planned without reading: what a
     start-up estimate needs per rank (the slowest rank's bytes over its node's bandwidth)."""
@@ -223,11 +207,6 @@ def _read_own_slices(plan: _Plan, path: Path, rank: int, size: int, tier: str | 
     stats = {**stats.as_dict(), "slice_copy": str(local.root) if local is not None else None}
     return {"tensors": tensors, "stats": stats, "bcast_slices": bcast,
             "bcast_dtypes": {s.name: ckpt.tensors[s.stored].dtype for s in bcast}}
-
-
-class _NoPlan:
-    def split_dim(self, name: str, ndim: int) -> None:
-        return None
 
 
 def _config_of(plan: _Plan):

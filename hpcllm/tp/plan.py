@@ -20,6 +20,7 @@ checkpoint serves every degree.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,3 +180,25 @@ def slice_plan(shapes: dict[str, tuple[int, ...]], aliases: dict[str, str], plan
         start, stop = rank_range(shape[dim], degree, rank)
         slices.append(TensorSlice(name, stored, dim, start, stop, shape))
     return slices
+
+
+# Replicated tensors up to this many bytes in all are read once by rank 0 and broadcast (hpcllm.tp.mpiload).
+DEFAULT_BCAST_MAX_BYTES = 64 << 20
+
+
+class _NoPlan:
+    def split_dim(self, name: str, ndim: int) -> None:
+        return None
+
+
+def rank_slices(ckpt, config, size: int, rank: int, bcast_max_bytes: int = DEFAULT_BCAST_MAX_BYTES):
+    """(slices this rank reads itself, replicated slices rank 0 reads and broadcasts to everyone)."""
+    from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE
+
+    shapes = {name: tuple(entry.shape) for name, entry in ckpt.tensors.items()}
+    slices = slice_plan(shapes, ckpt.aliases, module_plan(config) if size > 1 else _NoPlan(), size, rank)
+    replicated = [s for s in slices if s.dim is None]
+    replicated_bytes = sum(math.prod(s.full_shape) * DTYPE_ITEMSIZE[ckpt.tensors[s.stored].dtype]
+                           for s in replicated)
+    bcast = replicated if size > 1 and replicated_bytes <= bcast_max_bytes else []
+    return [s for s in slices if s not in bcast or rank == 0], bcast

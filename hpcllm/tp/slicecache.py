@@ -149,7 +149,7 @@ def _rank_plan(origin: str | os.PathLike, degree: int, rank: int):
     """(checkpoint, strip hashes, the slices rank `rank` of `degree` reads itself) of the checkpoint at `origin`."""
     from transformers import AutoConfig
 
-    from hpcllm.tp.mpiload import rank_slices
+    from hpcllm.tp.plan import rank_slices
     from hpcllm.tp.plan import check_degree
 
     ckpt = read_checkpoint(origin)

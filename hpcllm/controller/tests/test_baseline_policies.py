@@ -67,7 +67,7 @@ def test_random_falls_back_to_any_feasible_candidate_and_to_none():
     nodes = [node("c", free=0, movable=[MovableInstance("x", 1, 0.1)]), node("*", kind="idle", wait=1.0)]
     draws = {place(GB, 1, nodes, {}, policy="random", rng=random.Random(seed)).chosen.node for seed in range(20)}
     assert draws == {"c", "*"}
-    assert place(GB, 4, nodes, {}, "random", random.Random(0)).chosen is None  # nothing offers 4 slots
+    assert place(GB, 4, nodes, {}, policy="random", rng=random.Random(0)).chosen is None  # nothing offers 4 slots
 
 
 def test_unknown_policy_is_refused_by_the_config_naming_the_choices():
@@ -76,7 +76,7 @@ def test_unknown_policy_is_refused_by_the_config_naming_the_choices():
     with pytest.raises(ConfigError, match="on_preempt"):
         parse_config({"node": {"on_preempt": "kill"}})
     with pytest.raises(ValueError, match="unknown placement policy"):
-        place(GB, 1, [node("a")], {}, "nearest")
+        place(GB, 1, [node("a")], {}, policy="nearest")
 
 
 # ------------------------------------------------------------------------------- through the controller

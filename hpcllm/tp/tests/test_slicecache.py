@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 from hpcllm.checkpoint import ChecksumMismatch, read_checkpoint
 from hpcllm.checkpoint.slicehashes import read_slice_hashes
-from hpcllm.tp.mpiload import rank_slices
+from hpcllm.tp.plan import rank_slices
 from hpcllm.tp.reader import read_slices
 from hpcllm.tp.slicecache import (SLICES_DATA, manifest_fingerprint, usable_slice_copy, verify_slice_copy,
                                   write_slice_copy)

@@ -139,7 +139,8 @@ def test_a_degree_that_does_not_split_the_model_names_every_number():
 
 
 def test_planned_reads_match_what_the_ranks_read_and_inspect_shows_them(tp_llama):
-    from hpcllm.tp.mpiload import estimate_rank_reads, rank_slices
+    from hpcllm.tp.mpiload import estimate_rank_reads
+    from hpcllm.tp.plan import rank_slices
 
     ckpt = read_checkpoint(tp_llama)
     config = AutoConfig.from_pretrained(tp_llama)
