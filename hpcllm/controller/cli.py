@@ -166,7 +166,15 @@ def print_status(st: ClusterStatus) -> None:
                             (f"prefer {','.join(a.preferred_nodes)}" if a.preferred_nodes else "-"),
                             _ago(st.now, a.submitted_at), _wait_cell(a.queue_wait_seconds, a.queue_wait_source),
                             retire, a.reason or "")
-    for table in (models, nodes, instances, allocations):
+    tables = [models, nodes, instances, allocations]
+    if st.failed_instances:
+        failures = Table(title="failed instances (latest first)")
+        for col in ("instance", "model", "node", "failed", "reason"):
+            failures.add_column(col)
+        for f in st.failed_instances:
+            failures.add_row(f.instance_id, f.model, f.node_id, _ago(st.now, f.failed_at), f.error or "-")
+        tables.append(failures)
+    for table in tables:
         console.print(table)
 
 

@@ -303,6 +303,17 @@ class ColdStart(Wire):
     estimate_seconds: float | None
 
 
+class InstanceFailure(Wire):
+    """An instance its node agent reported failed (a load that failed, a vLLM that cannot be imported or start):
+    the agent's reason, kept for `hpcllm status` after the instance itself is gone from the registry."""
+
+    instance_id: str
+    model: str
+    node_id: str
+    error: str | None
+    failed_at: float
+
+
 class ClusterStatus(Wire):
     now: float
     models: list[DeployedModel]
@@ -310,6 +321,8 @@ class ClusterStatus(Wire):
     instances: list[InstanceStatus]
     allocations: list[AllocationStatus]
     cold_starts: list[ColdStart]
+    # The latest instance failures reported to this controller process (newest first, at most RECENT_FAILURES).
+    failed_instances: list[InstanceFailure] = Field(default_factory=list)
 
 
 class UndeployResult(Wire):
