@@ -371,6 +371,50 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def start(name: str, target: Target, prompts: list[Prompt]) -> str:
+    print(f"{name}: starting", flush=True)
+    url = target.start()
+    print(f"{name}: ready after {target.start_seconds:.1f} s", flush=True)
+    run_level(url, prompts, 1, 1)  # first-call costs out of the measurement
+    return url
+
+
+def measure_interleaved(setup: Setup, args, prompt_sets: list[list[Prompt]]) -> dict:
+    """All targets up at once; per concurrency level, `rounds` rounds, each running the level on every target in
+    turn (round r with prompt set r, so prefix caches do not serve a repeated prompt). On a machine whose load
+    drifts (other users), every target then sees the same load mix. A target's level pools its rounds: tokens and
+    seconds summed, TTFT and ITL samples together."""
+    targets = {name: TARGETS[name](setup) for name in args.targets}
+    urls: dict[str, str] = {}
+    try:
+        for name, target in targets.items():
+            urls[name] = start(name, target, prompt_sets[0])
+        results: dict[str, list[dict]] = {name: [] for name in targets}
+        for concurrency in args.concurrency:
+            pooled = {name: LevelResult(concurrency, 0, 0, 0.0) for name in targets}
+            loads = []
+            for round_index in range(args.rounds):
+                order = list(targets) if round_index % 2 == 0 else list(reversed(targets))  # no fixed first place
+                for name in order:
+                    loads.append(load_average())
+                    level = run_level(urls[name], prompt_sets[round_index], concurrency, args.requests_per_client)
+                    total = pooled[name]
+                    total.requests += level.requests
+                    total.output_tokens += level.output_tokens
+                    total.seconds += level.seconds
+                    total.ttft += level.ttft
+                    total.itl += level.itl
+                    print(f"{name} round {round_index + 1}: {level.summary()}", flush=True)
+            for name, total in pooled.items():
+                results[name].append({**total.summary(), "load_averages": loads})
+                print(f"{name}: {results[name][-1]['output_tokens_per_s']} tok/s over {args.rounds} rounds", flush=True)
+        return {name: {"start_seconds": round(targets[name].start_seconds, 2), "levels": results[name]}
+                for name in targets}
+    finally:
+        for target in targets.values():
+            target.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1,
@@ -382,6 +426,10 @@ def main() -> int:
                         choices=list(TARGETS))
     parser.add_argument("--spare-runs", type=int, default=2,
                         help="fresh/spare start rounds of hpcllm's engine through the node agent (0: skip)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="start all targets at once and run each level this many times per target, the targets "
+                        "taking turns (fairer ratios while other users' load drifts; needs the memory of all targets "
+                        "together). 0 (default): one target after the other, each level once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None,
                         help="hpcllm config whose worker.vllm_python names the vLLM interpreter (default: "
@@ -412,22 +460,24 @@ def main() -> int:
         report["hpcllm_engine_start"] = engine_start(args.spare_runs)
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-serve-") as tmp:
         setup = Setup(checkpoint, hf_dir, max(args.concurrency), args.threads, Path(tmp), vllm_interpreter)
-        for name in args.targets:
-            target = TARGETS[name](setup)
-            print(f"{name}: starting", flush=True)
-            url = target.start()
-            print(f"{name}: ready after {target.start_seconds:.1f} s", flush=True)
-            try:
-                run_level(url, prompts, 1, 1)  # first-call costs out of the measurement
-                levels = []
-                for concurrency in args.concurrency:
-                    before = load_average()
-                    level = run_level(url, prompts, concurrency, args.requests_per_client)
-                    levels.append({**level.summary(), "load_average_before": before})
-                    print(f"{name}: {levels[-1]}", flush=True)
-                report["targets"][name] = {"start_seconds": round(target.start_seconds, 2), "levels": levels}
-            finally:
-                target.stop()
+        if args.rounds:
+            report["rounds"] = args.rounds
+            report["targets"] = measure_interleaved(setup, args, [prompts] + [
+                prompt_set(len(prompts), config.vocab_size, args.seed + r) for r in range(1, args.rounds)])
+        else:
+            for name in args.targets:
+                target = TARGETS[name](setup)
+                url = start(name, target, prompts)
+                try:
+                    levels = []
+                    for concurrency in args.concurrency:
+                        before = load_average()
+                        level = run_level(url, prompts, concurrency, args.requests_per_client)
+                        levels.append({**level.summary(), "load_average_before": before})
+                        print(f"{name}: {levels[-1]}", flush=True)
+                    report["targets"][name] = {"start_seconds": round(target.start_seconds, 2), "levels": levels}
+                finally:
+                    target.stop()
     report["throughput_vs_anchor"] = throughput_ratios(report["targets"])
     report["host"]["load_average_at_end"] = load_average()
     print_table(report)
