@@ -24,6 +24,10 @@ Engine start times: each target's process start -> ready (fresh, model load incl
 start), and hpcllm's engine from a fresh worker process vs a spare worker through the node agent's WorkerManager
 (bench/coldstart.py's measurement, --spare-runs rounds).
 
+Per level also the CPU seconds each target process spent (worker, gateway or vLLM's server, children such as vLLM's
+engine core included) and the client threads: on a shared machine whose load drifts, CPU time per generated token
+says where a target's cost lies better than wall time. --rounds N interleaves the targets (all up at once).
+
 Output: a table on stdout, bench/results/serve-<time>.json (+ serve-latest.json) and a PNG plot next to each.
 On the shared 2-core dev machine targets, gateway and client threads share the cores; these are small-model CPU
 numbers, and the machine's load average is recorded with them.
@@ -114,6 +118,10 @@ class Target:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def processes(self) -> dict[str, int]:
+        """Role -> pid of the target's processes (their children count with them: vLLM's engine core)."""
+        raise NotImplementedError
+
 
 class BehindGateway(Target):
     """A worker (engine hpcllm or vllm) started as the node agent starts it, behind `hpcllm gateway`."""
@@ -139,6 +147,9 @@ class BehindGateway(Target):
             if server is not None:
                 server.stop()
 
+    def processes(self) -> dict[str, int]:
+        return {"worker": self.worker.process.pid, "gateway": self.gateway.process.pid}
+
 
 class VllmDirect(Target):
     """vLLM's own OpenAI server (the anchor), same dtype, eager mode, max_num_seqs, KV size and cores."""
@@ -160,6 +171,9 @@ class VllmDirect(Target):
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+    def processes(self) -> dict[str, int]:
+        return {"server": self.server.process.pid}
 
 
 TARGETS = {
@@ -223,9 +237,11 @@ class LevelResult:
     seconds: float
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role during the level
 
     def summary(self) -> dict:
         return {
+            "cpu_seconds": {role: round(seconds, 2) for role, seconds in self.cpu.items()},
             "concurrency": self.concurrency, "requests": self.requests, "output_tokens": self.output_tokens,
             "seconds": round(self.seconds, 3), "output_tokens_per_s": round(self.output_tokens / self.seconds, 1),
             "ttft_p50_ms": round(1000 * percentile(self.ttft, 50), 1),
@@ -263,6 +279,35 @@ def stream_completion(http: httpx.Client, base_url: str, prompt: Prompt) -> tupl
     if tokens != prompt.max_tokens or not arrivals:
         raise RuntimeError(f"got {tokens} tokens ({len(arrivals)} text chunks), asked for {prompt.max_tokens}")
     return sent, arrivals, tokens
+
+
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU time of a process (threads that ended included) and, with children, of all its
+    descendants alive now (vLLM's engine core is a child of the worker or server, started by any of its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
+                for k in (task / "children").read_text().split()] if children else []
+    except OSError:  # gone
+        return 0.0
+    return total + sum(cpu_seconds(kid) for kid in kids)
+
+
+def measured_level(target: Target, url: str, prompts: list[Prompt], concurrency: int, per_client: int) -> LevelResult:
+    """run_level, plus the CPU seconds each of the target's processes (and the client threads, i.e. this process
+    without its children, the targets) spent on it."""
+    pids = target.processes()
+
+    def sample() -> dict[str, float]:
+        return {**{role: cpu_seconds(pid) for role, pid in pids.items()},
+                "client": cpu_seconds(os.getpid(), children=False)}
+
+    before = sample()
+    level = run_level(url, prompts, concurrency, per_client)
+    after = sample()
+    level.cpu = {role: after[role] - before[role] for role in before}
+    return level
 
 
 def run_level(base_url: str, prompts: list[Prompt], concurrency: int, per_client: int) -> LevelResult:
@@ -310,12 +355,13 @@ def print_table(report: dict) -> None:
               f" s, spare worker {start['spare_median_s']:.2f} s (target <= 0.5 s)")
     header = (f"{'target':<20} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
               f"{'ITL p99':>8}")
-    print("\n" + header + "   (latencies in ms)")
+    print("\n" + header + "   (latencies in ms; CPU seconds per process during the level)")
     for name, data in targets.items():
         for level in data["levels"]:
+            cpu = ", ".join(f"{role} {seconds:.1f}" for role, seconds in level.get("cpu_seconds", {}).items())
             print(f"{name:<20} {level['concurrency']:>7} {level['output_tokens_per_s']:>8.1f} "
                   f"{level['ttft_p50_ms']:>9.1f} {level['ttft_p99_ms']:>9.1f} {level['itl_p50_ms']:>8.1f} "
-                  f"{level['itl_p99_ms']:>8.1f}")
+                  f"{level['itl_p99_ms']:>8.1f}   {cpu} (wall {level['seconds']:.1f})")
     for name, ratios in report.get("throughput_vs_anchor", {}).items():
         print(f"throughput {name} / {ANCHOR}: " + ", ".join(f"{c} clients {r:.2f}x" for c, r in ratios.items()))
 
@@ -397,8 +443,11 @@ def measure_interleaved(setup: Setup, args, prompt_sets: list[list[Prompt]]) -> 
                 order = list(targets) if round_index % 2 == 0 else list(reversed(targets))  # no fixed first place
                 for name in order:
                     loads.append(load_average())
-                    level = run_level(urls[name], prompt_sets[round_index], concurrency, args.requests_per_client)
+                    level = measured_level(targets[name], urls[name], prompt_sets[round_index], concurrency,
+                                           args.requests_per_client)
                     total = pooled[name]
+                    for role, seconds in level.cpu.items():
+                        total.cpu[role] = total.cpu.get(role, 0.0) + seconds
                     total.requests += level.requests
                     total.output_tokens += level.output_tokens
                     total.seconds += level.seconds
@@ -472,7 +521,7 @@ def main() -> int:
                     levels = []
                     for concurrency in args.concurrency:
                         before = load_average()
-                        level = run_level(url, prompts, concurrency, args.requests_per_client)
+                        level = measured_level(target, url, prompts, concurrency, args.requests_per_client)
                         levels.append({**level.summary(), "load_average_before": before})
                         print(f"{name}: {levels[-1]}", flush=True)
                     report["targets"][name] = {"start_seconds": round(target.start_seconds, 2), "levels": levels}
