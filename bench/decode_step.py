@@ -4,7 +4,7 @@
 
 N requests from bench/serve.py's seeded prompt set run together in an Engine (paged batching) on the devmodels
 "small" Llama (float32). Once all of them decode (every chunk one token), steps are timed: the whole engine step
-(schedule, forward, sample, commit), the model forward, and inside it the paged attention function (KV writes,
+(schedule, forward, sample, commit) in wall and in the engine thread's CPU time, the model forward, and inside it the paged attention function (KV writes,
 context gathers, SDPA), summed over the layers. --profile also prints torch.profiler's top operators of a few
 decode steps.
 """
@@ -57,7 +57,7 @@ def main() -> int:
     AttentionInterface.register(runner_module.PAGED_ATTENTION, timed_attention)
 
     engine = Engine(model, tokenizer, max_running_requests=args.requests, batching="paged")
-    samples: list[tuple[float, float, float]] = []  # (step, forward, attention) of all-decode steps
+    samples: list[tuple[float, float, float, float]] = []  # (step, forward, attention, step CPU) of all-decode steps
     forward, step = engine._forward, engine._step
     current: dict = {}
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
@@ -75,12 +75,13 @@ def main() -> int:
 
     def timed_step(active):  # runs on the engine thread, where the profiler must start and stop too
         current.clear()
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         step(active)
         if not current.get("decode"):
             return
         if len(samples) < args.steps:
-            samples.append((time.perf_counter() - began, current["forward"], current["attention"]))
+            samples.append((time.perf_counter() - began, current["forward"], current["attention"],
+                            time.thread_time() - began_cpu))
             if profiler is not None and len(samples) == args.steps:
                 profiler.start()  # profile 5 more decode steps, after the timed ones
         elif profiler is not None and profiled[0] < 5:
@@ -103,9 +104,10 @@ def main() -> int:
 
     if not samples:
         raise SystemExit("no step ran all requests as decodes")
-    step_ms, forward_ms, attention_ms = (1000 * statistics.median(column) for column in zip(*samples))
+    step_ms, forward_ms, attention_ms, cpu_ms = (1000 * statistics.median(column) for column in zip(*samples))
     print(f"{args.requests} requests decoding, {args.threads} threads, median of {len(samples)} steps:")
     print(f"  engine step   {step_ms:6.1f} ms  ({args.requests / step_ms * 1000:.0f} tokens/s)")
+    print(f"  step CPU time {cpu_ms:6.1f} ms  (the engine thread's own; less sensitive to other load than wall time)")
     print(f"  forward       {forward_ms:6.1f} ms")
     print(f"  attention     {attention_ms:6.1f} ms  (all layers: KV write, gather, SDPA)")
     print(f"  rest of fwd   {forward_ms - attention_ms:6.1f} ms  (embeddings, norms, projections, MLP, lm_head)")

@@ -24,6 +24,10 @@ Engine start times: each target's process start -> ready (fresh, model load incl
 start), and hpcllm's engine from a fresh worker process vs a spare worker through the node agent's WorkerManager
 (bench/coldstart.py's measurement, --spare-runs rounds).
 
+Per level also the CPU seconds each target process spent (worker, gateway or vLLM's server, children such as vLLM's
+engine core included) and the client threads: on a shared machine whose load drifts, CPU time per generated token
+says where a target's cost lies better than wall time. --rounds N interleaves the targets (all up at once).
+
 Output: a table on stdout, bench/results/serve-<time>.json (+ serve-latest.json) and a PNG plot next to each.
 On the shared 2-core dev machine targets, gateway and client threads share the cores; these are small-model CPU
 numbers, and the machine's load average is recorded with them.
@@ -114,6 +118,10 @@ class Target:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def processes(self) -> dict[str, int]:
+        """Role -> pid of the target's processes (their children count with them: vLLM's engine core)."""
+        raise NotImplementedError
+
 
 class BehindGateway(Target):
     """A worker (engine hpcllm or vllm) started as the node agent starts it, behind `hpcllm gateway`."""
@@ -139,6 +147,9 @@ class BehindGateway(Target):
             if server is not None:
                 server.stop()
 
+    def processes(self) -> dict[str, int]:
+        return {"worker": self.worker.process.pid, "gateway": self.gateway.process.pid}
+
 
 class VllmDirect(Target):
     """vLLM's own OpenAI server (the anchor), same dtype, eager mode, max_num_seqs, KV size and cores."""
@@ -160,6 +171,9 @@ class VllmDirect(Target):
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+    def processes(self) -> dict[str, int]:
+        return {"server": self.server.process.pid}
 
 
 TARGETS = {
@@ -223,9 +237,11 @@ class LevelResult:
     seconds: float
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per process role during the level
 
     def summary(self) -> dict:
         return {
+            "cpu_seconds": {role: round(seconds, 2) for role, seconds in self.cpu.items()},
             "concurrency": self.concurrency, "requests": self.requests, "output_tokens": self.output_tokens,
             "seconds": round(self.seconds, 3), "output_tokens_per_s": round(self.output_tokens / self.seconds, 1),
             "ttft_p50_ms": round(1000 * percentile(self.ttft, 50), 1),
@@ -263,6 +279,35 @@ def stream_completion(http: httpx.Client, base_url: str, prompt: Prompt) -> tupl
     if tokens != prompt.max_tokens or not arrivals:
         raise RuntimeError(f"got {tokens} tokens ({len(arrivals)} text chunks), asked for {prompt.max_tokens}")
     return sent, arrivals, tokens
+
+
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU time of a process (threads that ended included) and, with children, of all its
+    descendants alive now (vLLM's engine core is a child of the worker or server, started by any of its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
+                for k in (task / "children").read_text().split()] if children else []
+    except OSError:  # gone
+        return 0.0
+    return total + sum(cpu_seconds(kid) for kid in kids)
+
+
+def measured_level(target: Target, url: str, prompts: list[Prompt], concurrency: int, per_client: int) -> LevelResult:
+    """run_level, plus the CPU seconds each of the target's processes (and the client threads, i.e. this process
+    without its children, the targets) spent on it."""
+    pids = target.processes()
+
+    def sample() -> dict[str, float]:
+        return {**{role: cpu_seconds(pid) for role, pid in pids.items()},
+                "client": cpu_seconds(os.getpid(), children=False)}
+
+    before = sample()
+    level = run_level(url, prompts, concurrency, per_client)
+    after = sample()
+    level.cpu = {role: after[role] - before[role] for role in before}
+    return level
 
 
 def run_level(base_url: str, prompts: list[Prompt], concurrency: int, per_client: int) -> LevelResult:
@@ -310,12 +355,13 @@ def print_table(report: dict) -> None:
               f" s, spare worker {start['spare_median_s']:.2f} s (target <= 0.5 s)")
     header = (f"{'target':<20} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
               f"{'ITL p99':>8}")
-    print("\n" + header + "   (latencies in ms)")
+    print("\n" + header + "   (latencies in ms; CPU seconds per process during the level)")
     for name, data in targets.items():
         for level in data["levels"]:
+            cpu = ", ".join(f"{role} {seconds:.1f}" for role, seconds in level.get("cpu_seconds", {}).items())
             print(f"{name:<20} {level['concurrency']:>7} {level['output_tokens_per_s']:>8.1f} "
                   f"{level['ttft_p50_ms']:>9.1f} {level['ttft_p99_ms']:>9.1f} {level['itl_p50_ms']:>8.1f} "
-                  f"{level['itl_p99_ms']:>8.1f}")
+                  f"{level['itl_p99_ms']:>8.1f}   {cpu} (wall {level['seconds']:.1f})")
     for name, ratios in report.get("throughput_vs_anchor", {}).items():
         print(f"throughput {name} / {ANCHOR}: " + ", ".join(f"{c} clients {r:.2f}x" for c, r in ratios.items()))
 
@@ -371,6 +417,53 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def start(name: str, target: Target, prompts: list[Prompt]) -> str:
+    print(f"{name}: starting", flush=True)
+    url = target.start()
+    print(f"{name}: ready after {target.start_seconds:.1f} s", flush=True)
+    run_level(url, prompts, 1, 1)  # first-call costs out of the measurement
+    return url
+
+
+def measure_interleaved(setup: Setup, args, prompt_sets: list[list[Prompt]]) -> dict:
+    """All targets up at once; per concurrency level, `rounds` rounds, each running the level on every target in
+    turn (round r with prompt set r, so prefix caches do not serve a repeated prompt). On a machine whose load
+    drifts (other users), every target then sees the same load mix. A target's level pools its rounds: tokens and
+    seconds summed, TTFT and ITL samples together."""
+    targets = {name: TARGETS[name](setup) for name in args.targets}
+    urls: dict[str, str] = {}
+    try:
+        for name, target in targets.items():
+            urls[name] = start(name, target, prompt_sets[0])
+        results: dict[str, list[dict]] = {name: [] for name in targets}
+        for concurrency in args.concurrency:
+            pooled = {name: LevelResult(concurrency, 0, 0, 0.0) for name in targets}
+            loads = []
+            for round_index in range(args.rounds):
+                order = list(targets) if round_index % 2 == 0 else list(reversed(targets))  # no fixed first place
+                for name in order:
+                    loads.append(load_average())
+                    level = measured_level(targets[name], urls[name], prompt_sets[round_index], concurrency,
+                                           args.requests_per_client)
+                    total = pooled[name]
+                    for role, seconds in level.cpu.items():
+                        total.cpu[role] = total.cpu.get(role, 0.0) + seconds
+                    total.requests += level.requests
+                    total.output_tokens += level.output_tokens
+                    total.seconds += level.seconds
+                    total.ttft += level.ttft
+                    total.itl += level.itl
+                    print(f"{name} round {round_index + 1}: {level.summary()}", flush=True)
+            for name, total in pooled.items():
+                results[name].append({**total.summary(), "load_averages": loads})
+                print(f"{name}: {results[name][-1]['output_tokens_per_s']} tok/s over {args.rounds} rounds", flush=True)
+        return {name: {"start_seconds": round(targets[name].start_seconds, 2), "levels": results[name]}
+                for name in targets}
+    finally:
+        for target in targets.values():
+            target.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1,
@@ -382,6 +475,10 @@ def main() -> int:
                         choices=list(TARGETS))
     parser.add_argument("--spare-runs", type=int, default=2,
                         help="fresh/spare start rounds of hpcllm's engine through the node agent (0: skip)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="start all targets at once and run each level this many times per target, the targets "
+                        "taking turns (fairer ratios while other users' load drifts; needs the memory of all targets "
+                        "together). 0 (default): one target after the other, each level once")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None,
                         help="hpcllm config whose worker.vllm_python names the vLLM interpreter (default: "
@@ -412,22 +509,24 @@ def main() -> int:
         report["hpcllm_engine_start"] = engine_start(args.spare_runs)
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-serve-") as tmp:
         setup = Setup(checkpoint, hf_dir, max(args.concurrency), args.threads, Path(tmp), vllm_interpreter)
-        for name in args.targets:
-            target = TARGETS[name](setup)
-            print(f"{name}: starting", flush=True)
-            url = target.start()
-            print(f"{name}: ready after {target.start_seconds:.1f} s", flush=True)
-            try:
-                run_level(url, prompts, 1, 1)  # first-call costs out of the measurement
-                levels = []
-                for concurrency in args.concurrency:
-                    before = load_average()
-                    level = run_level(url, prompts, concurrency, args.requests_per_client)
-                    levels.append({**level.summary(), "load_average_before": before})
-                    print(f"{name}: {levels[-1]}", flush=True)
-                report["targets"][name] = {"start_seconds": round(target.start_seconds, 2), "levels": levels}
-            finally:
-                target.stop()
+        if args.rounds:
+            report["rounds"] = args.rounds
+            report["targets"] = measure_interleaved(setup, args, [prompts] + [
+                prompt_set(len(prompts), config.vocab_size, args.seed + r) for r in range(1, args.rounds)])
+        else:
+            for name in args.targets:
+                target = TARGETS[name](setup)
+                url = start(name, target, prompts)
+                try:
+                    levels = []
+                    for concurrency in args.concurrency:
+                        before = load_average()
+                        level = measured_level(target, url, prompts, concurrency, args.requests_per_client)
+                        levels.append({**level.summary(), "load_average_before": before})
+                        print(f"{name}: {levels[-1]}", flush=True)
+                    report["targets"][name] = {"start_seconds": round(target.start_seconds, 2), "levels": levels}
+                finally:
+                    target.stop()
     report["throughput_vs_anchor"] = throughput_ratios(report["targets"])
     report["host"]["load_average_at_end"] = load_average()
     print_table(report)

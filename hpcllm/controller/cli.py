@@ -176,6 +176,13 @@ def print_status(st: ClusterStatus) -> None:
             migrations.add_row(_ago(st.now, m.at), m.model, m.node_id, m.instance_id or "-", m.trigger, m.outcome,
                                m.target_instance or "-", str(m.moved))
         tables.append(migrations)
+    if st.failed_instances:
+        failures = Table(title="failed instances (latest first)")
+        for col in ("instance", "model", "node", "failed", "reason"):
+            failures.add_column(col)
+        for f in st.failed_instances:
+            failures.add_row(f.instance_id, f.model, f.node_id, _ago(st.now, f.failed_at), f.error or "-")
+        tables.append(failures)
     for table in tables:
         console.print(table)
 

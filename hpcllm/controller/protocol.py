@@ -324,7 +324,7 @@ class ColdStart(Wire):
 
 
 class MigrationEvent(Wire):
-    """A move of running requests off an instance (hpcllm.controller.registry.MigrationEventRecord)."""
+    """A move of running requests off an instance (hpcllm.controller.registry.MigrationRecord)."""
 
     at: float
     model: str
@@ -339,6 +339,17 @@ class MigrationEvent(Wire):
     error: str | None = None
 
 
+class InstanceFailure(Wire):
+    """An instance its node agent reported failed (a load that failed, a vLLM that cannot be imported or start):
+    the agent's reason, kept for `hpcllm status` after the instance itself is gone from the registry."""
+
+    instance_id: str
+    model: str
+    node_id: str
+    error: str | None
+    failed_at: float
+
+
 class ClusterStatus(Wire):
     now: float
     models: list[DeployedModel]
@@ -346,7 +357,9 @@ class ClusterStatus(Wire):
     instances: list[InstanceStatus]
     allocations: list[AllocationStatus]
     cold_starts: list[ColdStart]
-    migrations: list[MigrationEvent] = []
+    migrations: list[MigrationEvent] = Field(default_factory=list)
+    # The latest instance failures reported to this controller process (newest first, at most RECENT_FAILURES).
+    failed_instances: list[InstanceFailure] = Field(default_factory=list)
 
 
 class UndeployResult(Wire):

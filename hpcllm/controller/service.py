@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,8 @@ from hpcllm.controller.protocol import (
     DeployedModel,
     Heartbeat,
     HeartbeatResponse,
+    InstanceFailure,
+    InstanceInfo,
     InstanceStatus,
     MigrationTarget,
     MigrationTargetRequest,
@@ -57,6 +59,7 @@ from hpcllm.controller.registry import AllocationRecord, InstanceRecord, Migrati
 log = logging.getLogger(__name__)
 
 ROUTABLE_NODE_STATES = ("up",)
+RECENT_FAILURES = 20  # instance failures `hpcllm status` lists
 ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm picks
 
 
@@ -96,6 +99,10 @@ class Controller:
         self.cold_start_listeners: list[Callable] = []
         # Called with each instance moved off a node (MigrationRecord), e.g. to update metrics.
         self.migration_listeners: list[Callable] = []
+        # Instances reported failed, by id (an agent reports one in every heartbeat until it is removed), for
+        # `hpcllm status`: the registry drops failed instances, their reason would be lost otherwise.
+        self._failures: OrderedDict[str, InstanceFailure] = OrderedDict()
+        self._failures_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -233,7 +240,12 @@ class Controller:
             allocations=[self._allocation_status(a, nodes) for a in self.registry.allocations()],
             cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
             migrations=[MigrationEvent(**vars(m)) for m in self.registry.migrations()],
+            failed_instances=self._recent_failures(),
         )
+
+    def _recent_failures(self) -> list[InstanceFailure]:
+        with self._failures_lock:
+            return list(reversed(self._failures.values()))
 
     def _allocation_status(self, alloc: AllocationRecord, nodes: list[NodeRecord]) -> AllocationStatus:
         waiting = alloc.state == "pending" or (alloc.state == "running" and not allocation_agents(
@@ -271,7 +283,7 @@ class Controller:
                      cold.node_id, (cold.ready_at or cold.requested_at) - cold.requested_at, cold.load_seconds,
                      cold.tier, cold.estimate_seconds)
         for failed in outcome.failed:
-            log.error("instance %s of %s failed on %s: %s", failed.instance_id, failed.model, node_id, failed.error)
+            self._record_failure(node_id, failed)
         node = self.registry.get_node(node_id)
         if hb.draining and node is not None and node.state == "up":
             # Its agent got Slurm's signal: no new instance or migration target there (a new registration after
@@ -282,6 +294,17 @@ class Controller:
         if outcome.became_ready or outcome.failed or outcome.vanished or hb.draining:
             self._notify()
         return HeartbeatResponse(node_id=node_id, state=node.state if node else "unknown")
+
+    def _record_failure(self, node_id: str, failed: InstanceInfo) -> None:
+        with self._failures_lock:
+            if failed.instance_id in self._failures:
+                return  # reported again by the next heartbeat
+            log.error("instance %s of %s failed on %s: %s", failed.instance_id, failed.model, node_id, failed.error)
+            self._failures[failed.instance_id] = InstanceFailure(
+                instance_id=failed.instance_id, model=failed.model, node_id=node_id, error=failed.error,
+                failed_at=self.clock())
+            while len(self._failures) > RECENT_FAILURES:
+                self._failures.popitem(last=False)
 
     def _notify(self) -> None:
         with self._changed:

@@ -359,13 +359,15 @@ class Engine(EngineBase):
         with self._lock:
             for w in chunks:
                 self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end)
+        # Greedy rows in one argmax over the step's logits (same first-maximum rule as per row), not one per request.
+        argmax = logits.argmax(dim=-1).tolist() if logits is not None and len(logits) else []
         row = 0
         for w in work:
             if w.end > w.start:
                 w.req.num_cached = w.end
                 if w.end < w.known:
                     continue  # mid-prefill: no logits for this one
-                self._sample_and_commit(w.req, logits[row])
+                self._sample_and_commit(w.req, logits[row], argmax[row])
                 row += 1
             else:
                 self._sample_and_commit(w.req, w.req.pending_logits)
@@ -433,11 +435,17 @@ class Engine(EngineBase):
             newest = max(requests, key=self._running.index)
             self._preempt(newest)
 
-    def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None) -> None:
+    def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None) -> None:
+        """Sample req's next token from its logits (argmax: their maximum, computed for the whole step) and emit it."""
         if logits is None:
             raise RuntimeError(f"request {req.request_id}: nothing to sample from (no prefilled logits)")
         # Sample outside the lock; the commit below re-checks that the request may still take a token.
-        token = None if (req.held or req.paused) else sample_token(logits, req.params, len(req.output_ids))
+        if req.held or req.paused:
+            token = None
+        elif req.params.greedy and argmax is not None:
+            token = argmax
+        else:
+            token = sample_token(logits, req.params, len(req.output_ids))
         logprobs = None if token is None or req.logprobs is None else self._logprobs(logits, token, req.logprobs)
         with self._lock:
             if req.state != "running":  # finished meanwhile (handed over, expired): keep nothing

@@ -545,7 +545,8 @@ class EngineBase:
             elif len(req.output_ids) >= req.max_tokens or req.known_tokens >= self.max_model_len:
                 text += req.detokenizer.flush()
                 finish_reason = "length"
-        req.events.put(TokenLine(index=index, token_id=token, text=text, logprobs=logprobs))
+        # Built without validation (engine-made ints and strings; one per token per request on the engine thread).
+        req.events.put(TokenLine.model_construct(index=index, token_id=token, text=text, logprobs=logprobs))
         if finish_reason is not None:
             self._finish(req, finish_reason, stop_reason)
 

@@ -95,7 +95,6 @@ _active = threading.local()  # the step a PagedRunner is running on this thread 
 class _SequenceView:
     begin: int  # range of this sequence's tokens in the packed row
     end: int
-    write_slots: torch.Tensor  # pool slots of the new tokens
     read_slots: torch.Tensor  # pool slots of positions 0..context-1
     mask: torch.Tensor | None  # causal mask with an offset (a chunk after cached tokens); None: plain causal/decode
 
@@ -106,7 +105,20 @@ class _DecodeGroup:
 
     rows: torch.Tensor  # their positions in the packed row
     read_slots: torch.Tensor  # [sequences, longest context] pool slots, padded with slot 0
-    mask: torch.Tensor | None  # [sequences, 1, 1, longest context], True = attend; None when no row is padded
+    padding: torch.Tensor | None  # [sequences, 1, 1, longest context], True = padding; None when no row is padded
+    _masks: dict = field(default_factory=dict)  # dtype -> additive mask, built by the first layer, reused by the rest
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The padding as an additive mask (0 attend, -inf padding): what SDPA would convert a boolean mask to in
+        every layer's call, built once per step."""
+        if self.padding is None:
+            return None
+        mask = self._masks.get(dtype)
+        if mask is None:
+            mask = self._masks[dtype] = torch.zeros(self.padding.shape, dtype=dtype,
+                                                    device=self.padding.device).masked_fill_(self.padding,
+                                                                                             float("-inf"))
+        return mask
 
 
 @dataclass
@@ -138,7 +150,7 @@ def _paged_attention(module, query, key, value, attention_mask, **kwargs):
         keys = k_pool.index_select(1, slots).view(kv_heads, count, longest, head_dim).transpose(0, 1)
         values = v_pool.index_select(1, slots).view(kv_heads, count, longest, -1).transpose(0, 1)
         queries = query[0].index_select(1, group.rows).transpose(0, 1).unsqueeze(2)  # [count, heads, 1, dim]
-        out, _ = sdpa_attention_forward(module, queries, keys, values, group.mask, **kwargs)
+        out, _ = sdpa_attention_forward(module, queries, keys, values, group.mask(queries.dtype), **kwargs)
         output[0].index_copy_(0, group.rows, out[:, 0])
     return output, None
 
@@ -199,24 +211,33 @@ class PagedRunner:
     def step(self, batch: StepBatch) -> torch.Tensor:
         ids: list[int] = []
         positions: list[int] = []
-        sequences: list[_SequenceView] = []
-        decodes: list[_SequenceView] = []
         keep: list[int] = []
+        write_slots: list[int] = []  # pool slots of every new token, in packed order
+        prefills: list[tuple[int, int, list[int], SequenceChunk]] = []  # (begin, end, context slots, chunk)
+        decodes: list[tuple[int, list[int]]] = []  # (row, context slots)
         highest_block = 0
         for chunk in batch.chunks:
             begin, end = len(ids), len(ids) + len(chunk.token_ids)
             context = chunk.start + len(chunk.token_ids)
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, context))
+            # Slots as plain Python ints: one tensor per step below instead of a handful of small ops per sequence.
             slots = self._slots(chunk.block_table, context)
             highest_block = max(highest_block, max(chunk.block_table[: -(-context // self.block_size)]) + 1)
-            view = _SequenceView(begin, end, slots[chunk.start:], slots, self._mask(chunk, context))
-            (decodes if end - begin == 1 and chunk.start > 0 else sequences).append(view)
+            write_slots.extend(slots[chunk.start:])
+            if end - begin == 1 and chunk.start > 0:
+                decodes.append((begin, slots))
+            else:
+                prefills.append((begin, end, slots, chunk))
             if chunk.want_logits:
                 keep.append(end - 1)
         self.pool.reserve(highest_block)
-        write_slots = torch.cat([view.write_slots for view in sorted(sequences + decodes, key=lambda v: v.begin)])
-        _active.step = _StepContext(self.pool, write_slots, sequences, self._decode_groups(decodes))
+        sequences = [
+            _SequenceView(begin, end, torch.tensor(slots, device=self.device), self._mask(chunk, end - begin))
+            for begin, end, slots, chunk in prefills
+        ]
+        _active.step = _StepContext(self.pool, torch.tensor(write_slots, device=self.device), sequences,
+                                    self._decode_groups(decodes))
         try:
             out = self.model(
                 input_ids=torch.tensor([ids], device=self.device),
@@ -228,37 +249,37 @@ class PagedRunner:
             _active.step = None
         return out.logits[0]
 
-    def _decode_groups(self, decodes: list[_SequenceView]) -> list[_DecodeGroup]:
+    def _decode_groups(self, decodes: list[tuple[int, list[int]]]) -> list[_DecodeGroup]:
         """Batch the decodes' attention: sequences of similar context length (sorted, a group pads at most ~50%
         more positions than it holds) share one SDPA call over contexts padded to the group's longest."""
-        groups: list[list[_SequenceView]] = []
+        groups: list[list[tuple[int, list[int]]]] = []
         held = 0
-        for view in sorted(decodes, key=lambda v: len(v.read_slots)):
-            length = len(view.read_slots)
+        for decode in sorted(decodes, key=lambda d: len(d[1])):
+            length = len(decode[1])
             if groups and length * (len(groups[-1]) + 1) <= PADDING_ALLOWANCE * (held + length):
-                groups[-1].append(view)
+                groups[-1].append(decode)
                 held += length
             else:
-                groups.append([view])
+                groups.append([decode])
                 held = length
         return [self._decode_group(group) for group in groups]
 
-    def _decode_group(self, decodes: list[_SequenceView]) -> _DecodeGroup:
-        lengths = torch.tensor([len(view.read_slots) for view in decodes], device=self.device)
-        read_slots = torch.nn.utils.rnn.pad_sequence([view.read_slots for view in decodes], batch_first=True)
-        mask = None
-        if bool((lengths != lengths[0]).any()):
-            mask = (torch.arange(read_slots.shape[1], device=self.device)[None] < lengths[:, None])[:, None, None]
-        rows = torch.tensor([view.begin for view in decodes], device=self.device)
-        return _DecodeGroup(rows, read_slots, mask)
+    def _decode_group(self, decodes: list[tuple[int, list[int]]]) -> _DecodeGroup:
+        longest = len(decodes[-1][1])  # sorted by context length
+        read_slots = torch.tensor([slots + [0] * (longest - len(slots)) for _, slots in decodes], device=self.device)
+        padding = None
+        if len(decodes[0][1]) != longest:
+            lengths = torch.tensor([len(slots) for _, slots in decodes], device=self.device)
+            padding = (torch.arange(longest, device=self.device)[None] >= lengths[:, None])[:, None, None]
+        rows = torch.tensor([row for row, _ in decodes], device=self.device)
+        return _DecodeGroup(rows, read_slots, padding)
 
-    def _slots(self, block_table: list[int], context: int) -> torch.Tensor:
-        positions = torch.arange(context, device=self.device)
-        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+    def _slots(self, block_table: list[int], context: int) -> list[int]:
+        size = self.block_size
+        return [block_table[p // size] * size + p % size for p in range(context)]
 
-    def _mask(self, chunk: SequenceChunk, context: int) -> torch.Tensor | None:
-        length = len(chunk.token_ids)
+    def _mask(self, chunk: SequenceChunk, length: int) -> torch.Tensor | None:
+        context = chunk.start + length
         if length == 1 or chunk.start == 0:
             return None  # decode, or a first chunk: SDPA's own causal path, exactly as generate runs it
         rows = torch.arange(length, device=self.device).unsqueeze(1) + chunk.start

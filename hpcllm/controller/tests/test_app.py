@@ -540,3 +540,31 @@ def test_status_shows_a_tensor_parallel_instance_s_ranks_and_their_nodes(make_ha
     assert "sharedfs 0.00 s (slowest rank 0)" in next(line for line in lines if iid in line)
     one = next(line for line in lines if status["one"].instance_id in line)
     assert " 1 " in one
+
+
+def test_a_failed_instance_and_its_reason_show_in_status(client, harness, capsys, monkeypatch):
+    """An instance whose worker failed (here a vLLM that cannot be imported) leaves the registry, nothing stays
+    allocated on its node, and `hpcllm status` lists it with the agent's reason, once however often reported."""
+    from hpcllm.controller.cli import print_status
+    from hpcllm.controller.protocol import ClusterStatus
+
+    harness.deploy("m", size_bytes=GB, gpus=1)
+    assert client.post("/v1/internal/nodes/register", json=registration_body("n1"), headers=INTERNAL).status_code == 200
+    reason = "vLLM cannot be imported by /opt/venv/bin/python: No module named 'vllm' (make vllm-venv)"
+    failed = {"instance_id": "i-bad", "model": "m", "state": "failed", "worker_url": None, "gpu_ids": [0],
+              "running_requests": 0, "error": reason}
+    for _ in range(2):  # the agent reports it in every heartbeat until it is removed
+        hb = {"cached": [], "instances": [failed]}
+        assert client.post("/v1/internal/nodes/n1/heartbeat", json=hb, headers=INTERNAL).status_code == 200
+
+    status = client.get("/v1/admin/status", headers=ADMIN).get_json()
+    assert status["instances"] == []
+    assert [node["free_gpus"] for node in status["nodes"]] == [2]
+    [failure] = status["failed_instances"]
+    assert (failure["instance_id"], failure["model"], failure["node_id"], failure["error"]) == (
+        "i-bad", "m", "n1", reason)
+
+    monkeypatch.setenv("COLUMNS", "300")
+    print_status(ClusterStatus.model_validate(status))
+    out = capsys.readouterr().out
+    assert "failed instances" in out and reason in out

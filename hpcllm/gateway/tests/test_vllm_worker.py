@@ -1,9 +1,11 @@
 """vLLM behind hpcllm, for real: a vLLM worker (hpcllm.worker.vllm_engine in the interpreter of `make vllm-venv`,
 weights read through hpcllm's store by the vLLM loader plugin) serves through the gateway to the openai client, and
-generations live-migrate between it and hpcllm's own engine with the text of an unmigrated run.
+generations live-migrate between it and hpcllm's own engine, and between two vLLM workers, with the text of an
+unmigrated run.
 
-One vLLM worker serves the whole module: it takes 30-120 s to start on these shared 2 cores. The tests skip, saying
-why, only when the vLLM interpreter is absent; `make test` builds it (make vllm-venv).
+One vLLM worker serves the module (a second one starts for the vLLM -> vLLM migration): each takes 30-120 s to
+start on these shared 2 cores. The tests skip, saying why, only when the vLLM interpreter is absent; `make test`
+builds it (make vllm-venv).
 """
 
 from __future__ import annotations
@@ -57,8 +59,7 @@ def vllm_worker(vllm_server) -> str:
     return vllm_server[0]
 
 
-@pytest.fixture(scope="module")
-def vllm_server(checkpoint, tmp_path_factory):
+def _start_vllm_worker(checkpoint, tmp_path_factory):
     """`hpcllm worker --engine vllm` run by the vLLM interpreter, as the node agent starts it: (url, log path)."""
     from hpcllm.worker.vllm_launch import start_vllm_worker
 
@@ -72,6 +73,17 @@ def vllm_server(checkpoint, tmp_path_factory):
         yield server.url, server.log_path
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_server(checkpoint, tmp_path_factory):
+    yield from _start_vllm_worker(checkpoint, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def second_vllm_server(checkpoint, tmp_path_factory):
+    """A second vLLM worker (only the vLLM -> vLLM migration needs one; it starts when that test runs)."""
+    yield from _start_vllm_worker(checkpoint, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +232,26 @@ def test_live_migration_between_engines_keeps_the_text(vllm_server, hpcllm_worke
         found = re.search(rf"migrated-in request {re.escape(request_id)}: (\d+) of (\d+) known tokens came from "
                           "vLLM's prefix cache", vllm_log.read_text())
         assert found and int(found[1]) >= 128, found
+
+
+def test_live_migration_between_two_vllm_workers_keeps_the_text(vllm_server, second_vllm_server, gateway_to,
+                                                                reference):
+    source, _ = vllm_server
+    destination, _ = second_vllm_server
+    max_tokens = 240
+    _, expected = reference(LONG_PROMPT, max_tokens)
+
+    text, usage, finish, moved = _stream_and_migrate(gateway_to(source), source, destination, max_tokens)
+
+    assert moved is not None and len(moved.migrated) == 1 and moved.failed == [], moved
+    assert text == expected  # greedy: the destination continues exactly
+    assert usage.completion_tokens == max_tokens and finish == "length"  # no token lost or repeated
+    request_id = moved.migrated[0].request_id
+    with WorkerClient(source, SECRET) as client:
+        assert client.tokens(request_id).finish_reason == "migrated"
+    with WorkerClient(destination, SECRET) as client:
+        assert client.tokens(request_id).finish_reason == "length"
+        assert client.ready()["running_requests"] == 0
 
 
 def test_a_client_that_disconnects_frees_its_slot(vllm_worker):
