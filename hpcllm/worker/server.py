@@ -334,8 +334,10 @@ def serve(
     port: int = 0,
     url_file: Path | None = None,
     on_listening: Callable[[str], None] | None = None,
+    stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
-    """Bind, load in the background, serve until SIGTERM/SIGINT, then abort what is left and return.
+    """Bind, load in the background, serve until one of stop_signals (SIGTERM/SIGINT), then abort what is left and
+    return.
 
     If the load fails the server stops and the error is raised (the process exits non-zero with the reason).
     """
@@ -365,7 +367,7 @@ def serve(
         log.info("signal %s: shutting down", signum)
         stop_serving()
 
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
     try:
         server.serve_forever()
     finally:
