@@ -463,10 +463,12 @@ class Controller:
     def _spanning_target(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str]):
         """(node, gpu_ids, reservation) of a spanning allocation of this model without an instance, else
         RouteWaiting / NoCapacity (_start_spanning)."""
-        spanning = self._spanning_jobs()
+        # Running allocations of this model (not one being cancelled, e.g. after its instance failed).
+        jobs = {a.job_id for a in self.registry.allocations(active_only=True)
+                if a.model == model.name and a.state == "running" and len(a.nodes) >= model.nodes}
         occupied = {i.node_id for i in self.registry.instances() if i.state in ("loading", "ready", "draining")}
         for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
-            if spanning.get(node.slurm_job_id) == model.name and node.node_id not in exclude_nodes | occupied:
+            if node.slurm_job_id in jobs and node.node_id not in exclude_nodes | occupied:
                 gpu_ids = list(range(model.gpus // model.nodes))  # the agent's node's share; srun gives the rest
                 # Every rank reads its slices from the origin; the whole checkpoint over the node's shared-FS
                 # bandwidth bounds the slowest rank's read.

@@ -83,3 +83,7 @@ def test_a_failed_spanning_instance_gives_its_allocation_back(make_harness, tiny
     h.heartbeat("n1")
     assert ("cancel", job) in h.backend.calls
     assert h.registry.get_allocation(job).state == "cancelling"
+    # Demand is still there: the next start waits for a new allocation, never on the one being cancelled.
+    h.agents.started.clear()
+    again = h.controller.route_once("tp")
+    assert again.status == "allocating" and again.job_id != job and h.agents.started == []
