@@ -42,8 +42,8 @@ from hpcllm.worker.cli import run_worker
                    "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
 @click.option("--stop-signal", default="TERM", show_default=True,
               help="With --tensor-parallel: the signal that stops the instance. Under an srun step the node agent "
-                   "passes USR2 and every rank ignores SIGTERM, which Slurm's preemption sends to every step at "
-                   "once (the agent migrates the streams first, then stops the instance).")
+                   "passes USR2 and every rank ignores SIGTERM, which Slurm may send to every step when it "
+                   "preempts the job (the agent migrates the streams first, then stops the instance).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
            engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str) -> None:

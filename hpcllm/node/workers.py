@@ -17,9 +17,9 @@ node: rank 0 writes the URL file and serves, the ranks exit together (a failed r
 mpirun reaches the lead, whose stop step ends the followers), and a SIGKILL goes to mpirun and every process under
 it (OpenMPI puts each rank in a process group of its own) so no rank outlives its instance (docs/tensor-parallel.md, "Started by the node agent").
 One whose ranks span nodes (`nodes` > 1, in an allocation made for it) is one `srun --mpi=pmix` step over the job's
-nodes instead: its ranks ignore SIGTERM (Slurm's preemption sends it to every step at once), the agent stops it
-with SPANNING_STOP_SIGNAL (srun forwards it to every rank) and kills it with SIGTERM to srun (which SIGKILLs every
-rank on every node).
+nodes instead: its ranks ignore SIGTERM (Slurm may send it to every step when it preempts the job), the agent stops
+it with SPANNING_STOP_SIGNAL (srun forwards it to every rank) and kills it with SIGTERM to srun (which SIGKILLs
+every rank on every node).
 
 Workers ignore the drain signal (SIGUSR1 by default): Slurm's `scancel --signal` reaches every process of the
 step, and a drain is the agent's business (it stops its workers with SIGTERM when it is ready to).
@@ -64,8 +64,8 @@ FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # 
 MPIRUN = "mpirun"
 SRUN = "srun"
 # What stops an instance whose ranks span nodes: srun forwards it to every rank (the lead shuts down, the followers
-# ignore it and end with the lead's stop step). Not TERM: Slurm's preemption sends SIGTERM to every task of every
-# step as the grace period starts, before the agent has migrated the instance's streams.
+# ignore it and end with the lead's stop step). Not TERM: Slurm may send SIGTERM to every task of every step when it
+# preempts the job (sites differ; it does when the grace period ends), before the agent has migrated the streams.
 SPANNING_STOP_SIGNAL = signal.SIGUSR2
 
 

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str | None, host: str | None, port: int,
                                device: str | None, max_model_len: int | None, url_file: Path | None,
                                threads: int | None, stop_signal: str = "TERM") -> None:
-    """stop_signal: what ends the instance (the lead's shutdown). Not TERM under an srun step: Slurm's preemption
-    sends SIGTERM to every task of every step at once, which must not end the instance before the node agent has
-    migrated its streams, so then every rank ignores SIGTERM and the agent stops it with this signal (srun
+    """stop_signal: what ends the instance (the lead's shutdown). Not TERM under an srun step: Slurm may send
+    SIGTERM to every task of every step when it preempts the job, which must not end the instance before the node
+    agent has migrated its streams, so then every rank ignores SIGTERM and the agent stops it with this signal (srun
     forwards it to every rank; the followers ignore it and end with the lead's stop step)."""
     from hpcllm.mpi import comm_world
 
