@@ -44,7 +44,8 @@ def admin_status(controller_url: str) -> dict:
     return e2e_admin_status(controller_url, ADMIN)
 
 
-def make_stack(root: Path, tmp_path: Path, checkpoint_from: Path, names: list[str], extra_jobs=list, **controller):
+def make_stack(root: Path, tmp_path: Path, checkpoint_from: Path, names: list[str], extra_jobs=list,
+               extra_env: dict[str, str] | None = None, **controller):
     """controller + gunicorn gateway on a fresh state under /var/tmp (munge wants world-searchable parents); the
     checkpoint converted under each of `names`. Two CPU slots per node."""
     root.chmod(0o755)
@@ -60,7 +61,7 @@ def make_stack(root: Path, tmp_path: Path, checkpoint_from: Path, names: list[st
     for name in names[1:]:
         shutil.copytree(root / "models" / names[0], root / "models" / name)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(HPCLLM_CONFIG=str(config_path), OMP_NUM_THREADS="1")
+    env.update(HPCLLM_CONFIG=str(config_path), OMP_NUM_THREADS="1", **(extra_env or {}))
     return control_plane(root, config_path, controller_port, gateway_port, env, ADMIN, extra_jobs=extra_jobs)
 
 
@@ -289,7 +290,12 @@ def test_four_ranks_over_two_nodes_serve_transformers_greedy_text(slurm_cluster,
 
     root = Path(tempfile.mkdtemp(prefix="hpcllm-tpn-e2e-", dir="/var/tmp"))
     try:
-        with make_stack(root, tmp_path, hf_dir, [TP_MODEL], max_allocations=1) as (gateway_url, controller_url):
+        # The dev cluster's fake nodes share one host name: OpenMPI's shared-memory transport (vader) names its
+        # segments by host and node-local rank, so node n1's and n2's local rank 0 collide in /dev/shm and the ranks
+        # crash (seen: SIGSEGV in mca_btl_vader_poll_handle_frag). On one host TCP over loopback is the honest path
+        # (the allocation's environment reaches the ranks through sbatch/srun --export=ALL); real nodes need nothing.
+        with make_stack(root, tmp_path, hf_dir, [TP_MODEL], max_allocations=1,
+                        extra_env={"OMPI_MCA_btl": "self,tcp"}) as (gateway_url, controller_url):
             assert deploy(controller_url, TP_MODEL, root / "models" / TP_MODEL, 4, nodes=2)["nodes"] == 2
             with openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=USER_KEY, max_retries=0, timeout=300) as client:
                 assert stream(client, TP_MODEL) == expected

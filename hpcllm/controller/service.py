@@ -306,6 +306,8 @@ class Controller:
         return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds)
 
     def heartbeat(self, node_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        # Before the registry forgets a failed instance: its spanning allocation must not take another start.
+        self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         outcome = self.registry.heartbeat(node_id, hb, self.clock())
         for cold in outcome.became_ready:
             self.registry.clear_demand(cold.model)
@@ -316,7 +318,6 @@ class Controller:
                      cold.tier, cold.estimate_seconds)
         for failed in outcome.failed:
             log.error("instance %s of %s failed on %s: %s", failed.instance_id, failed.model, node_id, failed.error)
-            self._release_failed_spanning(node_id, failed)
         node = self.registry.get_node(node_id)
         if hb.draining and node is not None and node.state == "up":
             # Its agent got Slurm's signal: no new instance or migration target there (a new registration after
@@ -506,20 +507,25 @@ class Controller:
                 jobs[alloc.job_id] = alloc.model
         return jobs
 
-    def _release_failed_spanning(self, node_id: str, failed) -> None:
+    def _give_back_failed_spanning(self, node_id: str, failed: list) -> None:
         """A spanning instance that failed (a rank's corrupt slice, a rank out of memory) gives its allocation back
-        at once: the allocation was made for it alone, and nothing must stay allocated after a failed start. While
-        there is demand the autoscaler submits a new one."""
-        node = self.registry.get_node(node_id)
+        at once: the allocation was made for it alone, and nothing must stay allocated after a failed start. The
+        allocation is marked cancelling first, under the placement lock, so no start picks it while scancel runs
+        (or when Slurm does not answer). While there is demand the autoscaler submits a new one."""
+        node = self.registry.get_node(node_id) if failed else None
         job = node.slurm_job_id if node is not None else None
-        if job is None or job not in self._spanning_jobs():
+        alloc = self.registry.get_allocation(job) if job else None
+        if alloc is None or alloc.state != "running" or job not in self._spanning_jobs():
             return
+        reason = f"instance {failed[0].instance_id} failed"
+        with self._placement_lock:
+            self.registry.update_allocation(job, state="cancelling", reason=reason)
         try:
-            self.allocator.cancel(job, f"instance {failed.instance_id} failed", self.clock())
-            log.warning("cancelled allocation %s: its spanning instance %s of %s failed", job, failed.instance_id,
-                        failed.model)
+            self.allocator.cancel(job, reason, self.clock())
+            log.warning("cancelled allocation %s: its spanning instance %s of %s failed", job, failed[0].instance_id,
+                        failed[0].model)
         except AllocationFailed as exc:
-            log.error("could not cancel allocation %s of the failed instance %s: %s", job, failed.instance_id, exc)
+            log.error("could not cancel allocation %s of the failed instance %s: %s", job, failed[0].instance_id, exc)
 
     def _stop_one(self, node: NodeRecord, instance_id: str) -> None:
         try:

@@ -87,3 +87,24 @@ def test_a_failed_spanning_instance_gives_its_allocation_back(make_harness, tiny
     h.agents.started.clear()
     again = h.controller.route_once("tp")
     assert again.status == "allocating" and again.job_id != job and h.agents.started == []
+
+
+def test_a_failed_spanning_instance_whose_allocation_cannot_be_cancelled_is_not_restarted_there(
+        make_harness, tiny_llama_dir):
+    """Slurm does not answer the cancel (or the autoscaler asks between the failure and the cancel): the allocation
+    still looks running, and still no new instance starts on it."""
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    job = h.controller.route_once("tp").job_id
+    start_job(h, job, ("n1", "n2"))
+    h.register("n1", gpus=0, job=job)
+    iid = h.controller.route_once("tp").instance_id
+    agent = h.agents.agents["http://n1:9000"]
+    agent.instances[iid] = agent.instances[iid].model_copy(update={"state": "failed", "error": "rank 1: corrupt"})
+    h.backend.down = True
+    h.heartbeat("n1")
+    assert h.registry.get_allocation(job).state == "cancelling"  # given up, although scancel did not get through
+    h.agents.started.clear()
+    h.backend.down = False
+    again = h.controller.route_once("tp")
+    assert again.status == "allocating" and h.agents.started == [], (again, h.agents.started)
