@@ -51,16 +51,20 @@ def _node_slice_copies(config, model: str, model_path: Path):
 @click.option("--tensor-parallel", is_flag=True,
               help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
                    "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
+@click.option("--stop-signal", default="TERM", show_default=True,
+              help="With --tensor-parallel: the signal that stops the instance. Under an srun step the node agent "
+                   "passes USR2 and every rank ignores SIGTERM, which Slurm may send to every step when it "
+                   "preempts the job (the agent migrates the streams first, then stops the instance).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
-           engine: str, cache_into: Path | None, tensor_parallel: bool) -> None:
+           engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if tensor_parallel:
         config = load_config(config_path)
         run_tensor_parallel_worker(config, model_path, model_name, host, port, device, max_model_len, url_file,
-                                   threads, slice_copy_for=_node_slice_copies(config, model_name or model_path.name,
-                                                                     model_path))
+                                   threads, stop_signal, slice_copy_for=_node_slice_copies(
+                                       config, model_name or model_path.name, model_path))
         return
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
                threads, engine, cache_into)

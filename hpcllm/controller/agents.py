@@ -58,10 +58,13 @@ class AgentClient:
 
     def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
                        max_model_len: int | None = None, engine: str = "hpcllm",
-                       cache_on_load: list[str] | None = None, tensor_parallel: int = 1) -> StartedInstance:
+                       cache_on_load: list[str] | None = None, tensor_parallel: int = 1,
+                       nodes: int = 1) -> StartedInstance:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"
         body = {"model": model, "source": source, "gpu_ids": gpu_ids, "max_model_len": max_model_len,
                 "engine": engine, "tensor_parallel": tensor_parallel}
+        if nodes > 1:  # absent: every rank on the agent's node (agents of older versions know no other way)
+            body["nodes"] = nodes
         if cache_on_load is not None:  # absent: the agent's node.cache_on_load
             body["cache_on_load"] = cache_on_load
         resp = self._call("POST", url, json=body)

@@ -169,8 +169,10 @@ class Allocator:
                       and n.gpus_free >= self.gpus_requested(model))
 
     def gpus_requested(self, model: DeployedModel) -> int:
-        """GPUs an allocation made for this model asks for: slurm.gpus_per_node, at least the model's; none for
-        a CPU model."""
+        """GPUs per node an allocation made for this model asks for: slurm.gpus_per_node, at least the model's; none
+        for a CPU model. An instance spanning nodes asks for exactly its share of each node (gpus / nodes)."""
+        if model.spans_nodes:
+            return model.gpus // model.nodes
         return max(model.gpus, self.config.slurm.gpus_per_node) if model.gpus else 0
 
     def _recently_busy_preferred_nodes(self) -> set[str]:
@@ -381,9 +383,13 @@ class Allocator:
         env = {CONTROLLER_URL_ENV: self.controller_url}
         if self.config_path:
             env["HPCLLM_CONFIG"] = self.config_path
+        # A model whose instance spans nodes gets an allocation of its own shape: nodes x ranks per node x its GPUs
+        # per node, with one agent (on the first node) that starts the ranks across them (docs/tensor-parallel.md).
         spec = node_agent_job_spec(
             self.config,
-            nodes=1,
+            nodes=model.nodes,
+            tasks_per_node=model.ranks_per_node if model.spans_nodes else 1,
+            spanning_instance=model.spans_nodes,
             gpus_per_node=self.gpus_requested(model),
             time=model.slurm.time,
             partition=model.slurm.partition,

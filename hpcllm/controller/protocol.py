@@ -191,6 +191,10 @@ class ModelSpec(Wire):
     gpus: int = Field(0, ge=0, le=64, description="GPUs per instance; 0 serves on CPU")
     tensor_parallel: int = Field(1, ge=1, le=64, description="ranks one instance runs on (GPUs, or CPU ranks when "
                                                               "gpus = 0); each holds 1/N of the model")
+    nodes: int | None = Field(None, ge=1, le=64, description="nodes one instance's ranks spread over, "
+                              "tensor_parallel / nodes ranks on each (one Slurm allocation of that many nodes, "
+                              "ranks started with srun --mpi=pmix); default: 1, or as many as the ranks need when "
+                              "one node cannot hold them (docs/tensor-parallel.md)")
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = Field("hpcllm", description='"vllm" serves it with vLLM (worker.vllm_python)')
     keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
@@ -205,6 +209,9 @@ class ModelSpec(Wire):
         if self.gpus and self.gpus % self.tensor_parallel:
             raise ValueError(f"gpus ({self.gpus}) must be a multiple of tensor_parallel ({self.tensor_parallel}): "
                              f"every rank gets gpus / tensor_parallel GPUs")
+        if self.nodes is not None and self.nodes > 1 and self.tensor_parallel % self.nodes:
+            raise ValueError(f"tensor_parallel ({self.tensor_parallel}) must be a multiple of nodes ({self.nodes}): "
+                             f"every node runs tensor_parallel / nodes ranks")
         return self
 
     @model_validator(mode="after")
@@ -221,6 +228,16 @@ class DeployedModel(ModelSpec):
     # tensor_parallel > 1: bytes each rank reads (planned from the checkpoint at deploy: ~size / N plus the replicated
     # tensors); placement's load estimate is the slowest rank's. None: every rank counts as reading the whole model.
     rank_bytes: list[int] | None = None
+    nodes: int = Field(1, ge=1, le=64, description="nodes per instance as resolved at deploy")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel // self.nodes
+
+    @property
+    def spans_nodes(self) -> bool:
+        """An instance of this model runs in an allocation of its own, its ranks across several nodes."""
+        return self.nodes > 1
 
 
 class ModelCard(Wire):
@@ -234,6 +251,7 @@ class ModelCard(Wire):
     created_at: float
     engine: EngineName = "hpcllm"
     tensor_parallel: int = 1
+    nodes: int = 1
 
 
 class ModelList(Wire):

@@ -49,6 +49,7 @@ from hpcllm.controller.protocol import (
     ModelSpec,
     NodeRegistration,
     NodeStatus,
+    PlacementBreakdown,
     RegisterResponse,
     RouteReady,
     RouteWaiting,
@@ -139,9 +140,37 @@ class Controller:
         max_model_len = self._max_model_len(spec)
         self._check_partition(spec)
         _check_tensor_parallel(spec, source)
-        return DeployedModel(**spec.model_dump(exclude={"size_bytes", "max_model_len"}), size_bytes=size_bytes,
-                             max_model_len=max_model_len, deployed_at=self.clock(),
-                             rank_bytes=_rank_bytes(spec, source))
+        return DeployedModel(**spec.model_dump(exclude={"size_bytes", "max_model_len", "nodes"}),
+                             size_bytes=size_bytes, max_model_len=max_model_len, nodes=self._nodes_per_instance(spec),
+                             deployed_at=self.clock(), rank_bytes=_rank_bytes(spec, source))
+
+    def _nodes_per_instance(self, spec: ModelSpec) -> int:
+        """The model config's `nodes`, else 1 when one node holds the instance, else the fewest nodes that hold it:
+        a tensor-parallel GPU model whose gpus exceed slurm.gpus_per_node (what an allocation gets of one node), a
+        CPU one whose ranks exceed controller.cpu_slots_per_node. The ranks must split evenly over the nodes."""
+        if spec.nodes is not None:
+            nodes = spec.nodes
+        elif spec.tensor_parallel == 1:
+            nodes = 1  # one rank cannot span nodes: its allocation asks one node for all its GPUs
+        elif spec.gpus:
+            per_node = self.config.slurm.gpus_per_node
+            nodes = -(-spec.gpus // per_node) if per_node and spec.gpus > per_node else 1
+        else:
+            nodes = -(-spec.tensor_parallel // self.settings.cpu_slots_per_node)
+        if nodes == 1:
+            return 1
+        what = (f"{spec.gpus} GPUs (slurm.gpus_per_node = {self.config.slurm.gpus_per_node})" if spec.gpus
+                else f"{spec.tensor_parallel} CPU ranks (controller.cpu_slots_per_node = "
+                     f"{self.settings.cpu_slots_per_node})")
+        if spec.tensor_parallel % nodes or spec.gpus % nodes:
+            raise InvalidModelConfig(
+                f"nodes: an instance of {what} needs {nodes} nodes, but tensor_parallel = {spec.tensor_parallel}"
+                f"{f' and gpus = {spec.gpus}' if spec.gpus else ''} do not split evenly over {nodes} nodes; "
+                f"set nodes (a divisor of tensor_parallel) or change tensor_parallel", param="nodes")
+        if spec.engine != "hpcllm":
+            raise InvalidModelConfig(f"nodes: an instance over {nodes} nodes runs on hpcllm's engine only, not "
+                                     f"engine = {spec.engine!r}", param="nodes")
+        return nodes
 
     @staticmethod
     def _max_model_len(spec: ModelSpec) -> int:
@@ -210,7 +239,7 @@ class Controller:
     def model_cards(self) -> list[ModelCard]:
         return [ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len, gpus=m.gpus,
                           size_bytes=m.size_bytes, created_at=m.deployed_at, engine=m.engine,
-                          tensor_parallel=m.tensor_parallel) for m in self.registry.models()]
+                          tensor_parallel=m.tensor_parallel, nodes=m.nodes) for m in self.registry.models()]
 
     def status(self) -> ClusterStatus:
         nodes = self.registry.nodes()
@@ -274,6 +303,8 @@ class Controller:
         return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds)
 
     def heartbeat(self, node_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        # Before the registry forgets a failed instance: its spanning allocation must not take another start.
+        self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         outcome = self.registry.heartbeat(node_id, hb, self.clock())
         for cold in outcome.became_ready:
             self.registry.clear_demand(cold.model)
@@ -358,17 +389,13 @@ class Controller:
     def start_instance(self, model: DeployedModel, exclude_nodes: frozenset[str] = frozenset()) -> RouteWaiting:
         """Place one new instance: start it on a running node, or wait for / submit a Slurm allocation.
         exclude_nodes: nodes that must not host it (a draining node asking where its requests can go)."""
+        if model.spans_nodes:
+            return self._start_spanning(model, exclude_nodes)
         with self._placement_lock:
             now = self.clock()
-            routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - exclude_nodes
-            active = [i for i in self.registry.instances(model=model.name)
-                      if i.state in ("ready", "loading") and i.node_id in routable]
-            loading = [i for i in active if i.state == "loading"]
-            if loading:  # one cold start at a time per model: concurrent requests wait for it
-                return self._starting(model.name, loading[0])
-            if len(active) >= model.max_instances:
-                raise NoCapacity(f"model {model.name!r} already runs max_instances={model.max_instances}",
-                                 retry_after=self.settings.route_retry_after_seconds)
+            waiting = self._one_start_at_a_time(model, exclude_nodes)
+            if waiting is not None:
+                return waiting
             candidates, holding, targets = self._candidates(model, now, exclude_nodes)
             decision = place(model.size_bytes, _slots(model), candidates, holding, model.rank_bytes,
                              self.settings.placement_policy, self._placement_rng)
@@ -399,12 +426,29 @@ class Controller:
         # The agent calls run outside the lock: the reservation already keeps other routes from double-booking.
         for victim in victims:
             self.move_instance(node, victim, trigger="placement")
+        return self._ask_agent(model, node, gpu_ids, reservation)
+
+    def _one_start_at_a_time(self, model: DeployedModel, exclude_nodes: frozenset[str]) -> RouteWaiting | None:
+        """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances."""
+        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - exclude_nodes
+        active = [i for i in self.registry.instances(model=model.name)
+                  if i.state in ("ready", "loading") and i.node_id in routable]
+        loading = [i for i in active if i.state == "loading"]
+        if loading:  # one cold start at a time per model: concurrent requests wait for it
+            return self._starting(model.name, loading[0])
+        if len(active) >= model.max_instances:
+            raise NoCapacity(f"model {model.name!r} already runs max_instances={model.max_instances}",
+                             retry_after=self.settings.route_retry_after_seconds)
+        return None
+
+    def _ask_agent(self, model: DeployedModel, node: NodeRecord, gpu_ids: list[int],
+                   reservation: str) -> RouteWaiting:
         try:
             # The deployed context length, so the worker refuses exactly what the gateway refuses.
             started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids,
                                                  max_model_len=model.max_model_len, engine=model.engine,
                                                  cache_on_load=model.cache_on_load,
-                                                 tensor_parallel=model.tensor_parallel)
+                                                 tensor_parallel=model.tensor_parallel, nodes=model.nodes)
         except AgentError:
             self.registry.delete_instance(reservation)
             raise
@@ -412,6 +456,85 @@ class Controller:
         log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
         return RouteWaiting(status="starting", model=model.name, instance_id=started.instance_id,
                             node_id=node.node_id, retry_after=self.settings.route_retry_after_seconds)
+
+    def _start_spanning(self, model: DeployedModel, exclude_nodes: frozenset[str]) -> RouteWaiting:
+        """An instance spanning nodes runs alone in an allocation made for it (nodes x ranks per node), started by
+        that allocation's agent on its first node: there when such an allocation of this model is up with no
+        instance; else RouteWaiting for the one being allocated or just submitted; NoCapacity when none may be
+        submitted. Its ranks read the checkpoint from the shared FS: no node is asked for by name."""
+        with self._placement_lock:
+            now = self.clock()
+            waiting = self._one_start_at_a_time(model, exclude_nodes)
+            if waiting is not None:
+                return waiting
+            picked = self._spanning_target(model, now, exclude_nodes)
+        return picked if isinstance(picked, RouteWaiting) else self._ask_agent(model, *picked)
+
+    def _spanning_target(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str]):
+        """(node, gpu_ids, reservation) of a spanning allocation of this model without an instance, else
+        RouteWaiting / NoCapacity (_start_spanning)."""
+        # Running allocations of this model (not one being cancelled, e.g. after its instance failed).
+        jobs = {a.job_id for a in self.registry.allocations(active_only=True)
+                if a.model == model.name and a.state == "running" and len(a.nodes) >= model.nodes}
+        occupied = {i.node_id for i in self.registry.instances() if i.state in ("loading", "ready", "draining")}
+        for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
+            if node.slurm_job_id in jobs and node.node_id not in exclude_nodes | occupied:
+                gpu_ids = list(range(model.gpus // model.nodes))  # the agent's node's share; srun gives the rest
+                # Every rank reads its slices from the origin; the whole checkpoint over the node's shared-FS
+                # bandwidth bounds the slowest rank's read.
+                gbps = self._bandwidths(node)["sharedfs"]
+                load = model.size_bytes / (gbps * 1e9)
+                placement = PlacementBreakdown(node=node.node_id, kind="running", total_seconds=load,
+                                               queue_wait_seconds=0.0, load_seconds=load, migration_seconds=0.0,
+                                               tier="sharedfs", bandwidth_gbps=gbps, considered=1,
+                                               queue_wait_source=f"allocation {node.slurm_job_id} of "
+                                                                 f"{model.nodes} nodes")
+                return node, gpu_ids, self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
+                                                                     placement.model_dump())
+        self.registry.note_demand(model.name, now)  # so the instance starts as soon as its allocation is up
+        pending = self.pending_allocations(model.name)
+        if pending:
+            return RouteWaiting(status="allocating", model=model.name, job_id=pending[0].job_id,
+                                retry_after=self.settings.route_retry_after_seconds)
+        why = self.allocator.why_not_submit(model)
+        if why is not None:
+            raise NoCapacity(f"no capacity for model {model.name!r} ({model.tensor_parallel} ranks over "
+                             f"{model.nodes} nodes, an allocation of its own): {why}",
+                             retry_after=self.settings.allocation_start_estimate_seconds)
+        log.info("placement of %s: a new allocation of %d nodes x %d ranks", model.name, model.nodes,
+                 model.ranks_per_node)
+        return self._allocate(model, Target("idle"), now)
+
+    def _spanning_jobs(self) -> dict[str, str]:
+        """{Slurm job id: model} of the active allocations made for an instance spanning nodes (their agent's node
+        hosts that instance only: it is never an ordinary placement candidate)."""
+        models = {m.name: m for m in self.registry.models()}
+        jobs = {}
+        for alloc in self.registry.allocations(active_only=True):
+            model = models.get(alloc.model)
+            if (model.spans_nodes if model is not None else len(alloc.nodes) > 1):
+                jobs[alloc.job_id] = alloc.model
+        return jobs
+
+    def _give_back_failed_spanning(self, node_id: str, failed: list) -> None:
+        """A spanning instance that failed (a rank's corrupt slice, a rank out of memory) gives its allocation back
+        at once: the allocation was made for it alone, and nothing must stay allocated after a failed start. The
+        allocation is marked cancelling first, under the placement lock, so no start picks it while scancel runs
+        (or when Slurm does not answer). While there is demand the autoscaler submits a new one."""
+        node = self.registry.get_node(node_id) if failed else None
+        job = node.slurm_job_id if node is not None else None
+        alloc = self.registry.get_allocation(job) if job else None
+        if alloc is None or alloc.state != "running" or job not in self._spanning_jobs():
+            return
+        reason = f"instance {failed[0].instance_id} failed"
+        with self._placement_lock:
+            self.registry.update_allocation(job, state="cancelling", reason=reason)
+        try:
+            self.allocator.cancel(job, reason, self.clock())
+            log.warning("cancelled allocation %s: its spanning instance %s of %s failed", job, failed[0].instance_id,
+                        failed[0].model)
+        except AllocationFailed as exc:
+            log.error("could not cancel allocation %s of the failed instance %s: %s", job, failed[0].instance_id, exc)
 
     def _stop_one(self, node: NodeRecord, instance_id: str) -> None:
         try:
@@ -533,7 +656,8 @@ class Controller:
     def _candidates(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str] = frozenset()):
         """Placement candidates with their targets: running nodes, this model's pending allocations, idle nodes
         (none of exclude_nodes). Model pools' nodes never are: their agents own their instances (the controller
-        only routes to them), so nothing is started there and nothing there is evicted or moved to make room."""
+        only routes to them), so nothing is started there and nothing there is evicted or moved to make room.
+        Nor are the agents' nodes of allocations made for an instance spanning nodes (they host that one only)."""
         holding: dict[str, set[str]] = defaultdict(set)
         for entry in self.registry.cache(model=model.name):
             if entry.tensor_parallel is None:
@@ -548,9 +672,10 @@ class Controller:
         known_nodes = {n.node_id: n for n in self.registry.nodes()}
         others = self._other_models_nodes(model, known_nodes.values(), by_node) \
             if self.settings.keep_alive_policy == "per-model" else set()
+        spanning = self._spanning_jobs()
         for node in known_nodes.values():
             if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool \
-                    or node.node_id in others:
+                    or node.node_id in others or node.slurm_job_id in spanning:
                 continue
             free, movable, young = self._room(model, node, by_node[node.node_id], now)
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable,

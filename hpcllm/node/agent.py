@@ -253,7 +253,7 @@ class NodeAgent:
         try:
             self.workers.start(StartInstance(model=card.name, source=card.source, gpu_ids=free[:card.gpus],
                                              max_model_len=card.max_model_len, engine=card.engine,
-                                             tensor_parallel=card.tensor_parallel))
+                                             tensor_parallel=card.tensor_parallel, nodes=card.nodes))
         except HpcllmError as exc:
             log.error("cannot start pinned model %s: %s", card.name, exc)
 

@@ -40,6 +40,8 @@ class StartInstance(Wire):
     engine: EngineName = "hpcllm"
     cache_on_load: list[CacheTier] | None = Field(None, description="overrides node.cache_on_load for this model")
     tensor_parallel: int = Field(1, ge=1, le=64, description="ranks of the instance (mpirun -n N on this node)")
+    nodes: int = Field(1, ge=1, le=64, description="nodes of this agent's Slurm job the ranks spread over "
+                       "(> 1: srun --mpi=pmix across them, tensor_parallel / nodes ranks each)")
 
 
 class StartedInstance(Wire):

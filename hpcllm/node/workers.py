@@ -16,6 +16,10 @@ A tensor-parallel instance (`tensor_parallel = N`) is one `mpirun -n N ... hpcll
 node: rank 0 writes the URL file and serves, the ranks exit together (a failed rank aborts the job; SIGTERM to
 mpirun reaches the lead, whose stop step ends the followers), and a SIGKILL goes to mpirun and every process under
 it (OpenMPI puts each rank in a process group of its own) so no rank outlives its instance (docs/tensor-parallel.md, "Started by the node agent").
+One whose ranks span nodes (`nodes` > 1, in an allocation made for it) is one `srun --mpi=pmix` step over the job's
+nodes instead: its ranks ignore SIGTERM (Slurm may send it to every step when it preempts the job), the agent stops
+it with SPANNING_STOP_SIGNAL (srun forwards it to every rank) and kills it with SIGTERM to srun (which SIGKILLs
+every rank on every node).
 
 Workers ignore the drain signal (SIGUSR1 by default): Slurm's `scancel --signal` reaches every process of the
 step, and a drain is the agent's business (it stops its workers with SIGTERM when it is ready to).
@@ -61,6 +65,21 @@ FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # 
 
 
 MPIRUN = "mpirun"
+SRUN = "srun"
+# What stops an instance whose ranks span nodes: srun forwards it to every rank (the lead shuts down, the followers
+# ignore it and end with the lead's stop step). Not TERM: Slurm may send SIGTERM to every task of every step when it
+# preempts the job (sites differ; it does when the grace period ends), before the agent has migrated the streams.
+SPANNING_STOP_SIGNAL = signal.SIGUSR2
+
+
+def srun_launch(ranks: int, nodes: int, gpus_per_node: int) -> list[str]:
+    """The launcher of a tensor-parallel instance whose ranks span `nodes` nodes of this agent's Slurm job: one
+    step, ranks / nodes tasks on each node, rank, size and rendezvous from PMIx (mpi4py). Task 0 (the lead, which
+    writes the URL file the agent reads) runs on the job's first node, the agent's. --overlap: the step may share
+    the job's CPUs with a previous instance's step that is still ending. A rank that fails ends the step."""
+    command = [SRUN, "--mpi=pmix", f"--nodes={nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={ranks // nodes}",
+               "--overlap", "--kill-on-bad-exit=1", "--export=ALL", "--quiet"]
+    return command + ([f"--gres=gpu:{gpus_per_node}"] if gpus_per_node else [])
 
 
 def mpi_launch(ranks: int, cpu: bool) -> list[str]:
@@ -171,6 +190,7 @@ class Instance:
     load_fill: Any = None  # hpcllm.node.cache.LoadFill: the staging copy its load writes (cache on load)
     promote_to: tuple[str, ...] = ()  # faster tiers to fill from the local copy it loaded, once it is ready
     ranks: int = 1  # tensor-parallel ranks: process is their mpirun
+    nodes: int = 1  # nodes the ranks span (> 1: process is their srun)
     rank_pids: list[int] = field(default_factory=list)  # the processes under mpirun when the stop began
     done: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
@@ -308,9 +328,29 @@ class WorkerManager:
         if req.gpu_ids and len(req.gpu_ids) % req.tensor_parallel:
             raise InstanceError(f"{len(req.gpu_ids)} GPUs cannot be shared by {req.tensor_parallel} tensor-parallel "
                                 f"ranks: give each rank the same number of GPUs")
-        if shutil.which(MPIRUN) is None:
+        if req.nodes > 1:
+            self._check_spanning(req)
+        elif shutil.which(MPIRUN) is None:
             raise InstanceError(f"tensor_parallel = {req.tensor_parallel} needs {MPIRUN!r} on this node's PATH "
                                 f"(OpenMPI: apt-get install openmpi-bin, or the site's MPI module)")
+
+    def _check_spanning(self, req: StartInstance) -> None:
+        """An instance over several nodes needs a Slurm job of that many nodes around this agent, and srun."""
+        if req.tensor_parallel % req.nodes:
+            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} ranks do not split evenly over "
+                                f"{req.nodes} nodes")
+        job_nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
+        if not os.environ.get("SLURM_JOB_ID") or not job_nodes:
+            raise InstanceError(f"an instance over {req.nodes} nodes starts its ranks with srun inside this agent's "
+                                f"Slurm allocation, and this agent runs outside Slurm")
+        if int(job_nodes) < req.nodes:
+            raise InstanceError(f"an instance over {req.nodes} nodes needs an allocation of {req.nodes} nodes; this "
+                                f"agent's job {os.environ['SLURM_JOB_ID']} has {job_nodes}")
+        if shutil.which(SRUN) is None:
+            raise InstanceError(f"an instance over {req.nodes} nodes needs {SRUN!r} on this node's PATH")
+        if self._drain_signal() == SPANNING_STOP_SIGNAL:
+            raise InstanceError(f"slurm.signal = {self.config.slurm.signal} is the signal that stops an instance "
+                                f"over several nodes ({SPANNING_STOP_SIGNAL.name}): drain with another one (USR1)")
 
     def _command(self, req: StartInstance, path: Path, url_file: Path) -> list[str]:
         worker = self.config.worker
@@ -323,6 +363,12 @@ class WorkerManager:
             command += ["--config", str(self.config_path)]
         if req.max_model_len is not None:
             command += ["--max-model-len", str(req.max_model_len)]
+        if req.nodes > 1:
+            ranks_here = req.tensor_parallel // req.nodes
+            # The allocation is the instance's own: each node's CPUs are its ranks' (Slurm binds the job to them).
+            threads = worker.cpu_threads or max(1, len(os.sched_getaffinity(0)) // ranks_here)
+            return (srun_launch(req.tensor_parallel, req.nodes, len(req.gpu_ids)) + command
+                    + ["--threads", str(threads), "--tensor-parallel", "--stop-signal", SPANNING_STOP_SIGNAL.name])
         command += ["--threads", str(self.threads_for(req.gpu_ids, req.tensor_parallel))]
         if req.tensor_parallel > 1:
             return mpi_launch(req.tensor_parallel, cpu=not req.gpu_ids) + command + ["--tensor-parallel"]
@@ -350,13 +396,25 @@ class WorkerManager:
         env["CUDA_VISIBLE_DEVICES"] = self.gpus.visible_devices(gpu_ids) if gpu_ids else ""
         return env
 
+    def _spanning_environment(self, gpu_ids: list[int]) -> dict[str, str]:
+        """srun's ranks: the agent's environment with the secret; a CPU instance's ranks see no GPU, a GPU one's
+        get theirs from Slurm on each node (the step's --gres)."""
+        env = dict(os.environ)
+        env[SECRET_ENV] = self.config.cluster.shared_secret
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        if not gpu_ids:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
     def _spawn(self, req: StartInstance, path: Path, url_file: Path, log_path: Path,
                cache_into: Path | None = None) -> subprocess.Popen:
         with open(log_path, "ab") as log_file:
             command = self._command(req, path, url_file)
             if cache_into is not None:  # cache on load: the worker tees what it reads there
                 command += ["--cache-into", str(cache_into)]
-            return subprocess.Popen(command, env=self._environment(req.gpu_ids, req.tensor_parallel),
+            env = (self._spanning_environment(req.gpu_ids) if req.nodes > 1
+                   else self._environment(req.gpu_ids, req.tensor_parallel))
+            return subprocess.Popen(command, env=env,
                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                     preexec_fn=self._ignore_drain_signal())
 
@@ -436,9 +494,12 @@ class WorkerManager:
                 spare.process.wait()
             spare.log_path.unlink(missing_ok=True)
 
-    def _ignore_drain_signal(self) -> Callable[[], None] | None:
+    def _drain_signal(self) -> int | None:
         name = self.config.slurm.signal.upper().removeprefix("SIG")
-        signum = getattr(signal, f"SIG{name}", None)
+        return getattr(signal, f"SIG{name}", None)
+
+    def _ignore_drain_signal(self) -> Callable[[], None] | None:
+        signum = self._drain_signal()
         if signum is None or signum == signal.SIGTERM:
             return None
         return lambda: signal.signal(signum, signal.SIG_IGN)
@@ -452,7 +513,8 @@ class WorkerManager:
             self._check_tensor_parallel(req)
             if req.engine == "vllm":
                 vllm_python(self.config)  # refuse now, with the reason, before anything is allocated
-            path, tier = self._resolve(req.model, source)
+            # Ranks on other nodes cannot read this node's cached copies: a spanning instance reads the origin.
+            path, tier = (source, "sharedfs") if req.nodes > 1 else self._resolve(req.model, source)
             if not path.exists():
                 raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
             if tier in LOCAL_TIERS and self.cache is not None:
@@ -480,10 +542,12 @@ class WorkerManager:
                 self.cache.release(req.model, tier)
             inst = Instance(instance_id, req.model, req.source, path, tier, list(req.gpu_ids), process, url_file,
                             log_path, time.time(), load_fill=fill, promote_to=promote_to,
-                            ranks=req.tensor_parallel)
+                            ranks=req.tensor_parallel, nodes=req.nodes)
             self._instances[instance_id] = inst
+        launcher = (f"srun of {req.tensor_parallel} tensor-parallel ranks over {req.nodes} nodes" if req.nodes > 1
+                    else f"mpirun of {req.tensor_parallel} tensor-parallel ranks")
         log.info("instance %s: worker pid %d%s loading %s from %s (%s)", instance_id, process.pid,
-                 f" (mpirun of {req.tensor_parallel} tensor-parallel ranks)" if req.tensor_parallel > 1 else "",
+                 f" ({launcher})" if req.tensor_parallel > 1 else "",
                  req.model, path, tier)
         threading.Thread(target=self._watch, args=(inst,), name=f"watch-{instance_id}", daemon=True).start()
         return inst
@@ -660,6 +724,11 @@ class WorkerManager:
 
     def _terminate(self, inst: Instance) -> None:
         inst.stopping = True
+        if inst.nodes > 1:  # srun forwards it to every rank: the lead shuts down and stops the followers
+            if inst.process.poll() is None:
+                inst.process.send_signal(SPANNING_STOP_SIGNAL)
+            inst.wake.set()
+            return
         if inst.ranks > 1 and not inst.rank_pids:
             # mpirun answers SIGTERM by signalling its ranks and exits without waiting for them: stop() waits.
             inst.rank_pids = descendants(inst.process.pid)
@@ -669,7 +738,18 @@ class WorkerManager:
 
     @staticmethod
     def _kill(inst: Instance) -> None:
-        """SIGKILL the worker; a tensor-parallel one's mpirun and every rank under it."""
+        """SIGKILL the worker; a tensor-parallel one's mpirun and every rank under it; a spanning one's ranks on
+        every node through srun (SIGTERM to srun SIGKILLs its step's tasks), then srun."""
+        if inst.nodes > 1:
+            if inst.process.poll() is None:
+                inst.process.send_signal(signal.SIGTERM)
+                try:
+                    inst.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+            if inst.process.poll() is None:
+                inst.process.kill()
+            return
         ranks = descendants(inst.process.pid) if inst.ranks > 1 else []
         for pid in [inst.process.pid, *ranks, *inst.rank_pids]:
             try:

@@ -175,6 +175,8 @@ def node_agent_job_spec(
     *,
     nodes: int = 1,
     gpus_per_node: int | None = None,
+    tasks_per_node: int = 1,
+    spanning_instance: bool = False,
     time: str | None = None,
     partition: str | None = None,
     account: str | None = None,
@@ -186,7 +188,11 @@ def node_agent_job_spec(
     env: dict[str, str] | None = None,
 ) -> JobSpec:
     """The allocation job that runs one `hpcllm node` per node (trap the configured signal and SIGTERM to drain;
-    requeue; append to one log). Unset arguments come from config.slurm."""
+    requeue; append to one log). Unset arguments come from config.slurm.
+
+    spanning_instance: the job holds one tensor-parallel instance whose ranks span its nodes (tasks_per_node ranks
+    on each): one agent, on the job's first node, under the batch shell; it starts the ranks on every node with
+    `srun --mpi=pmix` (docs/tensor-parallel.md, "Ranks across nodes")."""
     slurm = config.slurm
     job_env = dict(env or {})
     if os.environ.get("HPCLLM_CONFIG") and "HPCLLM_CONFIG" not in job_env:
@@ -200,13 +206,14 @@ def node_agent_job_spec(
             "agent_args": list(agent_args),
             "signal": signal,
             "nodes": nodes,
+            "agents_per_node": not spanning_instance,
         },
         partition=partition or slurm.partition,
         account=account or slurm.account,
         qos=qos or slurm.qos,
         time=time or slurm.time,
         nodes=nodes,
-        ntasks_per_node=1,
+        ntasks_per_node=tasks_per_node,
         gpus_per_node=slurm.gpus_per_node if gpus_per_node is None else gpus_per_node,
         signal=f"{signal}@{slurm.signal_seconds}" if slurm.signal_seconds else None,
         requeue=True,

@@ -26,14 +26,22 @@ SliceCopyFinder = Callable[[int, int], "Path | None"]  # (degree, rank) -> this 
 
 def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str | None, host: str | None, port: int,
                                device: str | None, max_model_len: int | None, url_file: Path | None,
-                               threads: int | None, slice_copy_for: SliceCopyFinder | None = None) -> None:
-    """`slice_copy_for`: where this rank's node keeps its slices (hpcllm cache warm --tensor-parallel); the rank
-    reads them from there and the rest from `model_path`."""
+                               threads: int | None, stop_signal: str = "TERM",
+                               slice_copy_for: SliceCopyFinder | None = None) -> None:
+    """stop_signal: what ends the instance (the lead's shutdown). Not TERM under an srun step: Slurm may send
+    SIGTERM to every task of every step when it preempts the job, which must not end the instance before the node
+    agent has migrated its streams, so then every rank ignores SIGTERM and the agent stops it with this signal (srun
+    forwards it to every rank; the followers ignore it and end with the lead's stop step).
+    `slice_copy_for`: where this rank's node keeps its slices (hpcllm cache warm --tensor-parallel); the rank reads
+    them from there and the rest from `model_path`."""
     from hpcllm.mpi import comm_world
 
+    stop = _signal_number(stop_signal)
     comm = comm_world()
     slice_copy = slice_copy_for(comm.Get_size(), comm.Get_rank()) if slice_copy_for else None
     _ignore_drain_signal(config)
+    if stop != signal.SIGTERM:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not model_path.exists():
         raise ConfigError(f"rank {comm.Get_rank()}: model checkpoint {model_path} does not exist; pass the converted "
                           f"checkpoint folder")
@@ -42,9 +50,17 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
         from hpcllm.worker.cli import run_worker
 
         run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads,
-                   loader=lambda: _load_lead(model_path, comm, device, slice_copy))
+                   loader=lambda: _load_lead(model_path, comm, device, slice_copy), stop_signals=(stop, signal.SIGINT))
     else:
+        signal.signal(stop, signal.SIG_IGN)
         _run_follower(model_path, comm, device, threads or config.worker.cpu_threads, slice_copy)
+
+
+def _signal_number(name: str) -> int:
+    signum = getattr(signal, f"SIG{name.upper().removeprefix('SIG')}", None)
+    if not isinstance(signum, signal.Signals) or signum in (signal.SIGKILL, signal.SIGSTOP):
+        raise ConfigError(f"--stop-signal {name!r} is not a signal a worker can catch; use e.g. TERM or USR2")
+    return signum
 
 
 def _ignore_drain_signal(config: Config) -> None:

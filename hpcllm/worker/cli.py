@@ -32,6 +32,7 @@ def run_worker(
     engine: str = "hpcllm",
     cache_into: Path | None = None,
     loader=None,
+    stop_signals: tuple[int, ...] | None = None,
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up.
 
@@ -72,6 +73,7 @@ def run_worker(
         url_file=url_file,
         http=config.internal_http,
         on_listening=lambda url: click.echo(f"hpcllm worker for {service.model_name} listening on {url}", err=True),
+        **({"stop_signals": stop_signals} if stop_signals else {}),
     )
 
 

@@ -302,8 +302,10 @@ def serve(
     on_listening: Callable[[str], None] | None = None,
     http: InternalHttpConfig | None = None,
     threads: int | None = None,
+    stop_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
-    """Bind, load in the background, serve until SIGTERM/SIGINT, then abort what is left and return.
+    """Bind, load in the background, serve until one of stop_signals (SIGTERM/SIGINT), then abort what is left and
+    return.
 
     If the load fails the server stops and the error is raised (the process exits non-zero with the reason).
     threads: HTTP threads (default: one per possible stream, service.stream_capacity(), plus CONTROL_THREADS).
@@ -331,7 +333,7 @@ def serve(
         log.info("signal %s: shutting down", signum)
         stop_serving()
 
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in stop_signals}
     try:
         server.serve_forever()
     finally:

@@ -463,12 +463,17 @@ def test_a_tensor_parallel_cpu_instance_takes_one_slot_per_rank_on_one_node(make
     assert [model for _, model, _ in h.agents.started] == ["tp", "one"]
     assert [iid for _, iid in h.agents.stopped] == [outcome.instance_id]
 
-    # One slot per node is too small for two ranks: the reason says what the model needs.
+    # One slot per node is too small for two ranks: the instance spans two nodes, in an allocation of its own (never
+    # on n1's agent, which has room for one); without allocations the reason says what the model needs.
     small = make_harness(cpu_slots_per_node=1, allocate_on_demand=False)
-    small.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000, tensor_parallel=2))
+    model, _ = small.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000,
+                                                 tensor_parallel=2))
+    assert (model.nodes, model.ranks_per_node) == (2, 1)
     small.register("n1", gpus=0)
     resp = small.app_client().get("/v1/internal/route?model=tp", headers=INTERNAL)
-    assert resp.status_code == 503 and "(2 cpu slots)" in resp.get_json()["error"]["message"]
+    message = resp.get_json()["error"]["message"]
+    assert resp.status_code == 503 and "(2 ranks over 2 nodes, an allocation of its own)" in message, message
+    assert "allocate_on_demand is off" in message
     assert small.agents.started == []
 
 

@@ -131,6 +131,28 @@ def test_tensor_parallel_starts_this_node_cannot_run_are_refused(client, tp_conv
     assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
 
 
+def test_starts_spanning_nodes_this_agent_cannot_run_are_refused(client, tp_converted, monkeypatch):
+    """Ranks over 2 nodes start with srun inside the agent's own allocation of (at least) 2 nodes; the agent's
+    drain signal must not be the one that stops them."""
+    body = {"model": "tp-llama", "source": str(tp_converted), "tensor_parallel": 2, "nodes": 2}
+    for name in ("SLURM_JOB_ID", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        monkeypatch.delenv(name, raising=False)
+
+    def refusal() -> str:
+        resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
+        assert resp.status_code == 400, resp.get_json()
+        return resp.get_json()["error"]["message"]
+
+    assert "this agent runs outside Slurm" in refusal()
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    assert "needs an allocation of 2 nodes; this agent's job 42 has 1" in refusal()
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "needs 'srun' on this node's PATH" in refusal()
+    assert client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"] == []
+
+
 
 def test_a_two_rank_instance_live_migrates_its_stream_to_a_one_rank_instance(agent, client, tp_converted):
     """The worker API of a TP instance is the same as one rank's: migrate-out moves a running greedy stream (its

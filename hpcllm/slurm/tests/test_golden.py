@@ -67,6 +67,19 @@ def test_node_agent_job(config, monkeypatch):
     assert_matches_golden(script, GOLDEN / "node-agent.sbatch")
 
 
+def test_node_agent_job_for_an_instance_spanning_nodes(config):
+    """4 ranks over 2 nodes: one job of 2 nodes x 2 tasks x 2 GPUs per node, one agent on the first node under the
+    batch shell (no srun for the agents: the agent starts the ranks as its own step)."""
+    spec = node_agent_job_spec(config, nodes=2, tasks_per_node=2, gpus_per_node=2, spanning_instance=True,
+                               hpcllm="/opt/hpcllm/.venv/bin/hpcllm")
+    script = render_batch_script(spec)
+    bash_syntax_ok(script)
+    assert "\n/opt/hpcllm/.venv/bin/hpcllm node &\n" in script
+    assert not [line for line in script.splitlines() if line.startswith(("srun", "    scancel"))]
+    assert "#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=2\n#SBATCH --gres=gpu:2\n" in script
+    assert_matches_golden(script, GOLDEN / "node-agent-spanning.sbatch")
+
+
 def test_node_agent_job_with_term_signal_traps_it_once(config):
     config.slurm.signal = "SIGTERM"
     script = render_batch_script(node_agent_job_spec(config, hpcllm="hpcllm"))

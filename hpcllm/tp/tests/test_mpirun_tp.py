@@ -181,3 +181,49 @@ def test_a_rank_with_a_slice_copy_reads_its_slices_there_and_the_other_rank_the_
     assert rank0["slice_copy"] == str(copy) and rank0["reads"] == rank0["cache_reads"] > 0
     assert rank1["slice_copy"] is None and rank1["cache_reads"] == 0 and rank1["bytes_read"] > 0
     assert result["tp_tokens"] == result["reference_tokens"]
+
+
+def test_with_a_stop_signal_every_rank_survives_sigterm_and_the_stop_signal_ends_them_all(tp_llama, tmp_path):
+    """`--stop-signal USR2` (how the node agent runs ranks under an srun step, where Slurm's preemption may SIGTERM
+    every task at once): SIGTERM to every rank leaves the instance serving; SIGUSR2 to every rank (what srun
+    forwards) stops the lead, whose stop step ends the follower."""
+    import signal
+
+    from hpcllm.node.workers import descendants
+    from hpcllm.worker.client import WorkerClient
+
+    url_file = tmp_path / "worker.url"
+    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
+               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file),
+               "--stop-signal", "USR2"]
+    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
+        client = WorkerClient(url_file.read_text().strip(), "tp-secret")
+        while client.ready() is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.3)
+        ranks = [pid for pid in descendants(process.pid)
+                 if b"--tensor-parallel" in open(f"/proc/{pid}/cmdline", "rb").read()]
+        assert len(ranks) == 2
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(2)
+        assert process.poll() is None
+        still_serving = time.monotonic() + 60  # /ready may be slow to answer on a loaded host
+        while client.ready() is None:
+            assert process.poll() is None and time.monotonic() < still_serving, "no longer serving after SIGTERM"
+            time.sleep(0.5)
+        for pid in ranks:
+            os.kill(pid, signal.SIGUSR2)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "signal 12: shutting down" in output and "rank 1: the lead stopped after" in output, output
+    assert "Traceback" not in output

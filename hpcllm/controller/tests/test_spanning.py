@@ -1,0 +1,110 @@
+"""A tensor-parallel instance whose ranks span nodes (docs/tensor-parallel.md, "Ranks across nodes"): deploy resolves
+how many nodes it needs, it gets one allocation of its own shaped nodes x ranks per node x GPUs per node, the agent
+of that allocation's first node starts it, nothing else is placed there, and a failed start gives the allocation
+back."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.controller.errors import InvalidModelConfig
+from hpcllm.controller.protocol import ModelSpec, RouteWaiting
+
+INTERNAL = {"X-Hpcllm-Secret": "test-secret"}
+
+
+def deploy(h, source, name: str = "tp", **fields):
+    return h.controller.deploy(ModelSpec(name=name, source=str(source), size_bytes=1000, **fields))[0]
+
+
+def start_job(h, job: str, nodes: tuple[str, ...]) -> None:
+    """Slurm starts the allocation on these nodes; the controller's next tick sees it running."""
+    h.backend.start(job, nodes[0], h.clock.now)
+    h.backend.jobs[job].nodes = nodes
+    h.tick(1)
+
+
+def test_deploy_resolves_the_nodes_an_instance_needs(make_harness, tiny_llama_dir):
+    h = make_harness(cpu_slots_per_node=2)  # slurm.gpus_per_node = 2
+    assert deploy(h, tiny_llama_dir, "fits", gpus=2, tensor_parallel=2).nodes == 1
+    assert deploy(h, tiny_llama_dir, "asked", gpus=2, tensor_parallel=2, nodes=2).nodes == 2
+    assert deploy(h, tiny_llama_dir, "one-rank", gpus=4, tensor_parallel=1).nodes == 1  # one rank never spans
+    small = make_harness(cpu_slots_per_node=1)
+    assert deploy(small, tiny_llama_dir, "cpu", tensor_parallel=2).ranks_per_node == 1
+    with pytest.raises(InvalidModelConfig, match="nodes: an instance over 2 nodes runs on hpcllm's engine only"):
+        deploy(h, tiny_llama_dir, "vllm", gpus=2, tensor_parallel=2, nodes=2, engine="vllm")
+    with pytest.raises(ValueError, match=r"tensor_parallel \(2\) must be a multiple of nodes \(4\)"):
+        ModelSpec(name="x", source="/x", tensor_parallel=2, nodes=4)
+
+
+def test_a_spanning_instance_gets_an_allocation_of_its_own_shape_and_its_first_node_starts_it(
+        make_harness, tiny_llama_dir):
+    h = make_harness(allocate_on_demand=True)
+    model = deploy(h, tiny_llama_dir, gpus=2, tensor_parallel=2, nodes=2)
+    deploy(h, tiny_llama_dir, "one", gpus=1)
+    h.register("n3", gpus=2)  # an ordinary agent with room: not where a 2-node instance can run
+
+    answers = [h.controller.route_once("tp") for _ in range(3)]
+    assert all(isinstance(a, RouteWaiting) and a.status == "allocating" for a in answers)
+    [spec] = h.backend.submitted()  # one allocation, however often the route is polled
+    assert (spec.nodes, spec.ntasks_per_node, spec.gpus_per_node) == (2, 1, 1)
+    assert spec.template_vars["agents_per_node"] is False and not spec.nodelist
+    assert "n3" in spec.exclude  # never where an agent of ours runs
+    job = answers[0].job_id
+
+    start_job(h, job, ("n1", "n2"))
+    h.register("n1", gpus=2, job=job)  # its agent, on the job's first node (given more GPUs than the job asked)
+    started = h.controller.route_once("tp")
+    assert started.status == "starting" and started.node_id == "n1"
+    assert (h.agents.started[-1], h.agents.tensor_parallel[-1], h.agents.nodes[-1]) == (
+        ("http://n1:9000", "tp", [0]), 2, 2)
+    [inst] = h.controller.status().instances
+    assert inst.placement.tier == "sharedfs" and f"allocation {job} of 2 nodes" in inst.placement.queue_wait_source
+
+    h.heartbeat("n1", tier="sharedfs")
+    ready = h.controller.route_once("tp")
+    assert ready.status == "ready" and ready.node_id == "n1"
+    # Another model never lands on the spanning allocation's node, although n1 has a free GPU and sorts first.
+    assert h.controller.route_once("one").node_id == "n3"
+    assert model.spans_nodes and [s[0] for s in h.agents.started] == ["http://n1:9000", "http://n3:9000"]
+
+
+def test_a_failed_spanning_instance_gives_its_allocation_back(make_harness, tiny_llama_dir):
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)  # CPU ranks, one slot per node: 2 nodes
+    job = h.controller.route_once("tp").job_id
+    start_job(h, job, ("n1", "n2"))
+    h.register("n1", gpus=0, job=job)
+    iid = h.controller.route_once("tp").instance_id
+    agent = h.agents.agents["http://n1:9000"]
+    agent.instances[iid] = agent.instances[iid].model_copy(update={
+        "state": "failed", "error": "worker exited with status 1: error: loading the 2-rank shards failed: rank 1: "
+                                    "... strip 50/64 along dim 1 is corrupt"})
+    h.heartbeat("n1")
+    assert ("cancel", job) in h.backend.calls
+    assert h.registry.get_allocation(job).state == "cancelling"
+    # Demand is still there: the next start waits for a new allocation, never on the one being cancelled.
+    h.agents.started.clear()
+    again = h.controller.route_once("tp")
+    assert again.status == "allocating" and again.job_id != job and h.agents.started == []
+
+
+def test_a_failed_spanning_instance_whose_allocation_cannot_be_cancelled_is_not_restarted_there(
+        make_harness, tiny_llama_dir):
+    """Slurm does not answer the cancel (or the autoscaler asks between the failure and the cancel): the allocation
+    still looks running, and still no new instance starts on it."""
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    job = h.controller.route_once("tp").job_id
+    start_job(h, job, ("n1", "n2"))
+    h.register("n1", gpus=0, job=job)
+    iid = h.controller.route_once("tp").instance_id
+    agent = h.agents.agents["http://n1:9000"]
+    agent.instances[iid] = agent.instances[iid].model_copy(update={"state": "failed", "error": "rank 1: corrupt"})
+    h.backend.down = True
+    h.heartbeat("n1")
+    assert h.registry.get_allocation(job).state == "cancelling"  # given up, although scancel did not get through
+    h.agents.started.clear()
+    h.backend.down = False
+    again = h.controller.route_once("tp")
+    assert again.status == "allocating" and h.agents.started == [], (again, h.agents.started)
