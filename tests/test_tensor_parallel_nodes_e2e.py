@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.converter import convert
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.gateway.tests.test_openai_api import hf_greedy
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
@@ -197,6 +197,7 @@ def gateway_total(gateway_url: str, name: str, model: str) -> float:
                if s.name == name and model in s.labels.values())
 
 
+@pytest.mark.long
 @pytest.mark.timeout(1500)  # two 2-node allocations start and load, the reference is computed: minutes when loaded
 def test_preempting_one_node_of_a_two_node_instance_moves_its_stream_live(slurm_cluster, small_llama_dir, tmp_path):
     """Two 2-node instances of the model (min_instances = 2: two allocations of 2 nodes). A `high` job asks for the
@@ -271,6 +272,7 @@ def test_preempting_one_node_of_a_two_node_instance_moves_its_stream_live(slurm_
         clean_up_e2e(root, tmp_path, f"tpn{TAG}")
 
 
+@pytest.mark.long
 def test_four_ranks_over_two_nodes_serve_transformers_greedy_text(slurm_cluster, tiny_llama_dir, tmp_path):
     """4 ranks, 2 on each of 2 nodes (an allocation of 2 nodes x 2 tasks): a tiny Llama with 4 KV heads (the dev
     models have 2), the dev Llama's tokenizer; the openai client's greedy text equals transformers'."""

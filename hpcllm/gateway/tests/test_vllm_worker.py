@@ -234,6 +234,7 @@ def test_live_migration_between_engines_keeps_the_text(vllm_server, hpcllm_worke
         assert found and int(found[1]) >= 128, found
 
 
+@pytest.mark.long
 def test_live_migration_between_two_vllm_workers_keeps_the_text(vllm_server, second_vllm_server, gateway_to,
                                                                 reference):
     source, _ = vllm_server
