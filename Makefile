@@ -58,7 +58,8 @@ bench-load: setup
 
 # Wheels of what the GPU `device` machine lacks (Python 3.12, no network), at the versions this venv tested, for
 # bench/gpu_check.sh (docs/gpu-checks.md).
-GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection flask itsdangerous blinker gunicorn
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection flask itsdangerous blinker gunicorn cheroot \
+	jaraco.functools more-itertools
 gpu-wheels: venv
 	@rm -rf .whl && mkdir -p .whl
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
