@@ -10,7 +10,7 @@ import re
 import pytest
 
 from hpcllm.controller.app import create_app as create_controller_app
-from hpcllm.controller.protocol import MigrationTargetRequest
+from hpcllm.controller.protocol import Heartbeat, InstanceInfo, MigrationTargetRequest
 from hpcllm.controller.tests.conftest import Harness
 
 from .browser import cells, dump_dom, rows, screenshot, summary
@@ -43,6 +43,9 @@ def cluster(tmp_path_factory):
         h.heartbeat(node, tier="dram", load_seconds=0.02)
     h.controller.migration_target(MigrationTargetRequest(model="llama-7b", exclude_node=leaving))
     h.allocator.submit(h.registry.get_model("qwen-72b"), [], h.clock.now)
+    failed = InstanceInfo(instance_id="bad-1", model="mistral-7b", state="failed", gpu_ids=[0],
+                          error="vLLM cannot be imported (make vllm-venv)")
+    h.controller.heartbeat("gpu0999", Heartbeat(instances=[failed]))
     server = ThreadServer(create_controller_app(h.controller))
     yield h, server.url, leaving
     server.stop()
@@ -109,6 +112,8 @@ def test_chromium_shows_a_1000_node_cluster_to_the_admin(status_gateway, cluster
     assert sorted(c[3] for c in cold) == ["dram", "nvme", "nvme"]
     [migration] = [cells(r) for r in rows(dom, "migrations")]
     assert migration[1:3] == ["llama-7b", leaving] and migration[4:6] == ["node_drain", "target_assigned"]
+    [failure] = [cells(r) for r in rows(dom, "failures")]
+    assert failure[1:] == ["bad-1", "mistral-7b", "gpu0999", "vLLM cannot be imported (make vllm-venv)"]
     [alloc] = [cells(r) for r in rows(dom, "allocations")]
     assert alloc[1:3] == ["pending", "qwen-72b"]
     shot = screenshot(url, "status-page-1000-nodes.png")
