@@ -48,8 +48,8 @@ class AuthenticationFailed(ApiError):
 class PermissionDenied(ApiError):
     """A valid key that may not do this (OpenAI's 403 "permission_error")."""
 
-    status = 403
-    type = "permission_error"
+    http_status = 403
+    error_type = "permission_error"
     code = "permission_denied"
 
 
