@@ -2,8 +2,9 @@
 
 The node agent (hpcllm/node/read_sweep.py) runs `sweep_read` over a probe file in each tier's folder (as fio does
 with jobs x block size) in the background after it registered, keeps the best configuration of every read mode,
-and writes them with `ReadTuning.save` into its run folder (and a copy that later agents on the node reuse); workers find the file through $HPCLLM_READ_TUNING and
-`load_model` reads with `choose_read_plan`'s answer instead of the fixed tier defaults (hpcllm/store/tiers.py).
+and writes them with `ReadTuning.save` into its run folder (and a copy that later agents on the node reuse);
+workers find the file through $HPCLLM_READ_TUNING and `load_model` reads with `choose_read_plan`'s answer instead of
+the fixed tier defaults (hpcllm/store/tiers.py).
 
 Read modes, each measured into memory that is already faulted in (what the device can do, not page faults):
   odirect   preadv with O_DIRECT into per-thread buffers (the disk tier's default reader)
