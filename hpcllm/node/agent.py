@@ -85,6 +85,9 @@ def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | 
 
 
 class NodeAgent:
+    # The background read sweep starts after the node has been quiet this long (read_sweep.IdleGate).
+    read_sweep_quiet_seconds = 5.0
+
     def __init__(self, config: Config, *, config_path: Path | None = None, controller_url: str | None = None,
                  pinned_model: str | None = None, cache=None, gpus: GpuInventory | None = None,
                  measurements: TierMeasurements | None = None,
@@ -165,7 +168,8 @@ class NodeAgent:
         if not self._sweep_pending or self._sweep_stop.is_set():
             return None
         self._sweep_pending = False
-        gate = IdleGate(self.workers.busy, lambda: self.workers.starts, self._sweep_stop)
+        gate = IdleGate(self.workers.busy, lambda: self.workers.starts, self._sweep_stop,
+                        quiet_seconds=self.read_sweep_quiet_seconds)
         self.read_sweep = BackgroundSweep(self._sweep_measure, gate, self._sweep_finished)
         self.read_sweep.start()
         return self.read_sweep

@@ -178,13 +178,15 @@ def sweep_read_settings(nvme_dir: Path, models_dir: Path, size: int, gate: Sweep
     """The read sweep of both file tiers over fresh probe files of `size` bytes (a read-only models folder: its
     largest file, as probe_sharedfs does). A tier that cannot be measured is logged and left out (its loads use the
     tier defaults); SweepCancelled from the gate goes to the caller, with the probe files removed."""
-    tuning = ReadTuning()
+    tuning, gate = ReadTuning(), gate or SweepGate()
     try:
+        gate.wait()  # writing a probe file is disk traffic too: not while a load reads
         with probe_file(nvme_dir, size) as path:
             tuning.tiers["disk"] = sweep_tier_folder(nvme_dir, [path], "disk", gate=gate)
     except OSError as exc:
         log.warning("read sweep of the NVMe folder %s failed: %s", nvme_dir, exc)
     try:
+        gate.wait()
         with probe_file(models_dir, size) as path:
             tuning.tiers["sharedfs"] = sweep_tier_folder(models_dir, [path], "sharedfs", gate=gate)
     except OSError as exc:

@@ -109,18 +109,26 @@ class SavedSweep:
 class IdleGate(SweepGate):
     """Lets the sweep run only while the node does not read for a load: `busy()` is the worker manager's answer
     (a worker loading, a spare importing, a loaded copy being cached) and `starts()` counts what began, so a
-    configuration measured while something started is measured again. `stop` set: SweepCancelled."""
+    configuration measured while something started is measured again. The node must have been quiet for
+    `quiet_seconds` (counted from the gate's creation, just after registering, and from the last start or busy
+    moment): the controller's first placement usually follows the registration within a second, and its load
+    should not share the disk with the sweep's first probe file. `stop` set: SweepCancelled."""
 
     def __init__(self, busy: Callable[[], bool], starts: Callable[[], int], stop: threading.Event,
-                 poll_seconds: float = 0.25):
-        self.busy, self.starts, self.stop, self.poll_seconds = busy, starts, stop, poll_seconds
+                 quiet_seconds: float = 0.0, poll_seconds: float = 0.25):
+        self.busy, self.starts, self.stop = busy, starts, stop
+        self.quiet_seconds, self.poll_seconds = quiet_seconds, poll_seconds
+        self._seen, self._quiet_since = starts(), time.monotonic()
 
     def wait(self) -> object:
         while True:
             if self.stop.is_set():
                 raise SweepCancelled("the agent is stopping")
-            if not self.busy():
-                return self.starts()
+            starts = self.starts()
+            if self.busy() or starts != self._seen:
+                self._seen, self._quiet_since = starts, time.monotonic()
+            elif time.monotonic() - self._quiet_since >= self.quiet_seconds:
+                return starts
             self.stop.wait(self.poll_seconds)
 
     def disturbed(self, token: object) -> bool:

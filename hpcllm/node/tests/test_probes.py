@@ -176,6 +176,7 @@ def test_the_agents_background_sweep_measures_each_tier_and_hands_the_result_to_
 
     (tmp_path / "models").mkdir()
     agent = make_agent(tmp_path)
+    agent.read_sweep_quiet_seconds = 0.0
     try:
         agent.measure()  # the real probes, 1 MiB files
         agent.prepare_read_settings()

@@ -16,7 +16,7 @@ from hpcllm.node.read_sweep import IdleGate
 from hpcllm.node.tests.test_agent import make_agent
 from hpcllm.node.tests.test_agent_controller import controllers, start_controller  # noqa: F401 (fixture)
 from hpcllm.store import tuning as tuning_module
-from hpcllm.store.tuning import TUNING_ENV, ReadConfig, ReadTuning, SweepGate, TierTuning
+from hpcllm.store.tuning import TUNING_ENV, ReadConfig, ReadTuning, SweepCancelled, SweepGate, TierTuning
 
 MiB = 1 << 20
 
@@ -52,6 +52,7 @@ def fail_if_swept(gate):
 
 def prepared(tmp_path, sweep, **node):
     agent = make_agent(tmp_path, sweep=sweep, **node)
+    agent.read_sweep_quiet_seconds = 0.0
     agent.measure()
     agent.prepare_read_settings()
     return agent
@@ -72,6 +73,7 @@ def test_the_agent_registers_without_waiting_for_the_sweep_and_saves_it_afterwar
     box = []
     sweep = SlowSweep(box, seconds=3.0)
     agent = make_agent(tmp_path, sweep=sweep)
+    agent.read_sweep_quiet_seconds = 0.5
     box.append(agent)
     agent.controller_url = url
     registered_at = []
@@ -187,6 +189,23 @@ def test_the_gate_waits_while_the_node_loads_and_a_load_that_began_remeasures_th
     finally:
         tuning_module._timed_read = real
     assert len(results) == 2 and len(reads) == 3  # the disturbed configuration was read twice
+
+
+def test_the_gate_opens_only_after_the_node_was_quiet_for_a_while():
+    starts, stop = [0], threading.Event()
+    created = time.monotonic()
+    gate = IdleGate(lambda: False, lambda: starts[0], stop, quiet_seconds=0.6, poll_seconds=0.02)
+    passed = []
+    waiting = threading.Thread(target=lambda: (gate.wait(), passed.append(time.monotonic())), daemon=True)
+    waiting.start()
+    time.sleep(0.3)
+    starts[0] += 1  # the controller's first placement right after registering: the quiet time starts again
+    changed = time.monotonic()
+    waiting.join(5)
+    assert passed and passed[0] - changed >= 0.55 and passed[0] - created >= 0.85
+    stop.set()
+    with pytest.raises(SweepCancelled):
+        gate.wait()
 
 
 def test_a_drain_cancels_a_waiting_sweep_and_nothing_is_saved(tmp_path, monkeypatch):
