@@ -73,9 +73,11 @@ class NodeConfig(Section):
     # Bytes of the start-up bandwidth probes (tier read: NVMe folder and shared FS; memcpy; host-to-device).
     probe_bytes: int = Field(128 * 1024**2, ge=4096)
     memcpy_probe_bytes: int = Field(64 * 1024**2, ge=4096)
-    # Also read the probe files with every (mode, threads, block size) of hpcllm.store.tuning's sweep; workers then
-    # load with the fastest (docs/loader.md, "Read settings from the node's probe"). About 60 reads of probe_bytes.
+    # Also read probe files with every (mode, threads, block size) of hpcllm.store.tuning's sweep; workers then load
+    # with the fastest (docs/loader.md, "Read settings from the node's probe"). About 60 reads of probe_bytes, in the
+    # background after registering; the result is saved on the node and reused by later agents for this long.
     read_sweep: bool = True
+    read_sweep_max_age_seconds: float = Field(7 * 24 * 3600.0, ge=0)
     # Worker processes: longest wait for a worker's /ready, and between SIGTERM and SIGKILL when stopping one.
     worker_start_timeout_seconds: float = Field(600.0, gt=0)
     worker_stop_timeout_seconds: float = Field(30.0, gt=0)

@@ -1,7 +1,8 @@
 """The node agent daemon: one per node, inside a Slurm job (docs/node-agent.md).
 
 Life: measure the tiers (probes.py) -> serve the agent API (app.py) -> register with the controller -> heartbeat
-(instances + cache lists; 404 unknown_node means register again) until the drain signal or SIGTERM -> drain
+(instances + cache lists; 404 unknown_node means register again), with the read sweep in the background unless a
+recent one was saved on this node (read_sweep.py), until the drain signal or SIGTERM -> drain
 (no new instances, tell the controller the instances are draining, live-migrate their running requests to
 instances on other nodes the controller names, within node.migrate_timeout_seconds, stop the workers gracefully,
 a last heartbeat with nothing left) -> exit 0. A repeated signal is part of the same drain.
@@ -16,6 +17,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -36,10 +38,12 @@ from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import error_of, internal_client
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.node.gpus import GpuInventory, detect_gpus
-from hpcllm.node.probes import TierMeasurements, measure_tiers
+from hpcllm.node.probes import TierMeasurements, measure_tiers, sweep_read_settings
+from hpcllm.node.read_sweep import BackgroundSweep, IdleGate, SavedSweep, saved_sweep_path, sweep_key
 from hpcllm.node.protocol import MigratedOut, StartInstance
 from hpcllm.node.workers import MigrationOutcome, WorkerManager
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
+from hpcllm.store.tuning import ReadTuning, SweepGate
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,13 @@ def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | 
 
 
 class NodeAgent:
+    # The background read sweep starts after the node has been quiet this long (read_sweep.IdleGate).
+    read_sweep_quiet_seconds = 5.0
+
     def __init__(self, config: Config, *, config_path: Path | None = None, controller_url: str | None = None,
                  pinned_model: str | None = None, cache=None, gpus: GpuInventory | None = None,
-                 measurements: TierMeasurements | None = None):
+                 measurements: TierMeasurements | None = None,
+                 sweep: Callable[[SweepGate], ReadTuning] | None = None):
         self.config = config
         self.config_path = config_path
         self.node_id = node_name()
@@ -85,6 +93,12 @@ class NodeAgent:
         self._wake = threading.Event()
         self.workers = WorkerManager(config, run_dir, self.gpus, self.cache, config_path, on_change=self._wake.set)
         self.measurements = measurements
+        # The read sweep (probes.sweep_read_settings unless a test gives another): reused when saved recently.
+        self._sweep_measure = sweep or self._sweep_read_settings
+        self.read_tuning: ReadTuning | None = None  # what this agent's workers load with (None: tier defaults)
+        self.read_sweep: BackgroundSweep | None = None  # started after registering when no saved one was fresh
+        self._sweep_pending = False
+        self._sweep_stop = threading.Event()
         self.state = "starting"
         self.agent_url: str | None = None
         self.registered = False
@@ -105,17 +119,61 @@ class NodeAgent:
         node = self.config.node
         self.measurements = measure_tiers(self.nvme_dir, self.config.paths.models_dir, node.probe_bytes,
                                           node.memcpy_probe_bytes, self.gpus.count,
-                                          gpu_device=self.gpus.names[0] if self.gpus.count else None,
-                                          read_sweep=node.read_sweep)
+                                          gpu_device=self.gpus.names[0] if self.gpus.count else None)
         m = self.measurements
-        if m.tuning is not None and m.tuning.tiers:
-            self.workers.set_read_tuning(m.tuning)
         log.info("tiers of %s: nvme %s GB/s (%s), sharedfs %s GB/s, dram %s GB/s, h2d %s GB/s; %d GPUs (%s)",
                  self.node_id, *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.nvme,)),
                  m.nvme.mode if m.nvme else "-",
                  *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.sharedfs, m.dram, m.h2d)),
                  self.gpus.count, self.gpus.source)
         return m
+
+    def saved_sweep(self) -> SavedSweep:
+        node = self.config.node
+        path = saved_sweep_path(self.nvme_dir, node.nvme_scope, self.config.paths.state_dir, self.node_id)
+        key = sweep_key(self.node_id, self.nvme_dir, self.config.paths.models_dir, node.probe_bytes)
+        return SavedSweep(path, key, node.read_sweep_max_age_seconds)
+
+    def prepare_read_settings(self) -> None:
+        """A fresh saved sweep: workers load with it from the start. Otherwise they load with the tier defaults
+        until the background sweep (start_read_sweep, after registering) writes its result."""
+        if not self.config.node.read_sweep:
+            return
+        saved = self.saved_sweep().load()
+        if saved is not None and saved.tiers:
+            self.use_read_tuning(saved)
+            return
+        self.workers.expect_read_tuning().unlink(missing_ok=True)  # an earlier agent's file of this job: re-measured
+        self._sweep_pending = True
+
+    def use_read_tuning(self, tuning: ReadTuning) -> None:
+        self.read_tuning = tuning
+        self.workers.set_read_tuning(tuning)
+
+    def start_read_sweep(self) -> BackgroundSweep | None:
+        """The sweep in a background thread, yielding to loads; never before registering (cold-start path)."""
+        if not self._sweep_pending or self._sweep_stop.is_set():
+            return None
+        self._sweep_pending = False
+        gate = IdleGate(self.workers.busy, lambda: self.workers.starts, self._sweep_stop,
+                        quiet_seconds=self.read_sweep_quiet_seconds)
+        self.read_sweep = BackgroundSweep(self._sweep_measure, gate, self._sweep_finished)
+        self.read_sweep.start()
+        return self.read_sweep
+
+    def _sweep_read_settings(self, gate: SweepGate) -> ReadTuning:
+        return sweep_read_settings(self.nvme_dir, self.config.paths.models_dir, self.config.node.probe_bytes, gate)
+
+    def _sweep_finished(self, tuning: ReadTuning, measured_at: float) -> None:
+        if not tuning.tiers:
+            return  # nothing measured: loads keep the defaults, and the next agent tries again
+        self.use_read_tuning(tuning)
+        saved = self.saved_sweep()
+        try:
+            saved.save(tuning, measured_at)
+            log.info("read sweep saved in %s for the next agents on %s", saved.path, self.node_id)
+        except OSError as exc:
+            log.warning("cannot save the read sweep in %s (%s): the next agent sweeps again", saved.path, exc)
 
     def _nvme_capacity(self) -> int:
         configured = int(self.config.node.nvme_capacity_gb * GB)
@@ -349,6 +407,7 @@ class NodeAgent:
             if self._drained.is_set():
                 return
             self._drain_requested.set()
+            self._sweep_stop.set()  # the disk is for the drain now; the next agent sweeps
             self.state = "draining"
             self.workers.accepting = False
             for inst in self.workers.instances():
@@ -388,6 +447,7 @@ class NodeAgent:
         self.install_signal_handlers()
         self.check_drain_budget()
         self.measure()
+        self.prepare_read_settings()
         self.start_server(app_factory(self))
         if self.register():
             self.state = "up"
@@ -395,6 +455,7 @@ class NodeAgent:
             heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeats", daemon=True)
             heartbeats.start()
             self._wake.set()  # first heartbeat (and pinned model) at once
+            self.start_read_sweep()  # waits while the first loads run (IdleGate)
         while not self._drain_requested.wait(1.0):
             pass
         self.drain()
@@ -402,6 +463,9 @@ class NodeAgent:
         return 0
 
     def shutdown(self) -> None:
+        self._sweep_stop.set()
+        if self.read_sweep is not None:
+            self.read_sweep.join(30.0)  # stops before its next configuration; its probe files are removed
         if self._server is not None:
             self._server.stop()
         self.workers.close()

@@ -12,10 +12,10 @@
 Each probe reads/copies `size` bytes in 16 MiB requests and reports GB/s (1e9 bytes/s) of the best of a few
 passes. Probe files are removed afterwards.
 
-Read tuning (`read_sweep`, on by default): the same probe files are also read with every (mode, parallelism,
-block size) of hpcllm.store.tuning's sweep - nvme in O_DIRECT, buffered and mapped (populated) mode, the shared FS
-buffered - and the fastest configuration of each mode is kept per tier (`TierMeasurements.tuning`). The agent
-saves it as `read-tuning.json` in its run folder and its workers' loads read that way ($HPCLLM_READ_TUNING).
+Read tuning (`sweep_read_settings`): probe files of the same size are read with every (mode, parallelism, block
+size) of hpcllm.store.tuning's sweep - nvme in O_DIRECT, buffered and mapped (populated) mode, the shared FS
+buffered - and the fastest configuration of each mode is kept per tier. About 60 reads of the probe size: the agent
+runs it in the background after registering, or reuses a recent result (hpcllm/node/read_sweep.py).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcllm.store.memory import HostBuffer, round_up
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
 from hpcllm.store.tiers import MMAP
-from hpcllm.store.tuning import ReadTuning, TierTuning, measure_tier
+from hpcllm.store.tuning import ReadTuning, SweepGate, TierTuning, measure_tier
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ class TierMeasurements:
     sharedfs: ProbeResult | None = None
     dram: ProbeResult | None = None
     h2d: ProbeResult | None = None
-    tuning: ReadTuning | None = None  # the fastest read configurations per tier (read_sweep)
     notes: list[str] = field(default_factory=list)
 
 
@@ -114,25 +114,33 @@ def read_bandwidth(path: Path, mode: str, size: int | None = None) -> ProbeResul
 SWEEP_MODES = {"disk": (ODIRECT, BUFFERED, MMAP), "sharedfs": (BUFFERED,)}
 
 
-def probe_folder(folder: Path, size: int, mode: str, sweep_tier: str | None = None,
-                 tuning: ReadTuning | None = None) -> ProbeResult:
-    """Write a probe file of `size` bytes into folder, read it back with `mode`, remove it. With sweep_tier, also
-    sweep the read configurations over the file and record the fastest ones in `tuning` under that tier."""
+@contextmanager
+def probe_file(folder: Path, size: int):
+    """A fresh file of `size` random bytes in folder, out of the page cache; removed afterwards."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / _probe_name()
     try:
         _write_probe_file(path, size)
         _drop_from_page_cache(path)
-        result = read_bandwidth(path, mode)
-        if sweep_tier is not None and tuning is not None:
-            tuning.tiers[sweep_tier] = sweep_tier_folder(folder, [path], sweep_tier)
-        return result
+        yield path
     finally:
         path.unlink(missing_ok=True)
 
 
-def sweep_tier_folder(folder: Path, files: list[Path], tier: str, max_bytes: int | None = None) -> TierTuning:
-    tuned = measure_tier(folder, files, SWEEP_MODES[tier], max_bytes=max_bytes)
+def probe_folder(folder: Path, size: int, mode: str, sweep_tier: str | None = None,
+                 tuning: ReadTuning | None = None) -> ProbeResult:
+    """Write a probe file of `size` bytes into folder, read it back with `mode`, remove it. With sweep_tier, also
+    sweep the read configurations over the file and record the fastest ones in `tuning` under that tier."""
+    with probe_file(folder, size) as path:
+        result = read_bandwidth(path, mode)
+        if sweep_tier is not None and tuning is not None:
+            tuning.tiers[sweep_tier] = sweep_tier_folder(folder, [path], sweep_tier)
+        return result
+
+
+def sweep_tier_folder(folder: Path, files: list[Path], tier: str, max_bytes: int | None = None,
+                      gate: SweepGate | None = None) -> TierTuning:
+    tuned = measure_tier(folder, files, SWEEP_MODES[tier], max_bytes=max_bytes, gate=gate)
     log.info("read tuning of %s (%s): %s", folder, tier,
              ", ".join(f"{c.label()} {c.gbps:.2f} GB/s" for c in tuned.best.values()) or "nothing measured")
     return tuned
@@ -151,10 +159,10 @@ def _largest_file(folder: Path, limit: int = 10_000) -> Path | None:
     return best[1] if best and best[0] > 0 else None
 
 
-def probe_sharedfs(models_dir: Path, size: int, tuning: ReadTuning | None = None) -> ProbeResult | None:
+def probe_sharedfs(models_dir: Path, size: int) -> ProbeResult | None:
     """Buffered read bandwidth of the shared models folder; None when nothing there can be read."""
     try:
-        return probe_folder(models_dir, size, BUFFERED, "sharedfs", tuning)
+        return probe_folder(models_dir, size, BUFFERED)
     except OSError as exc:
         existing = _largest_file(models_dir) if models_dir.is_dir() else None
         if existing is None:
@@ -163,9 +171,32 @@ def probe_sharedfs(models_dir: Path, size: int, tuning: ReadTuning | None = None
         _drop_from_page_cache(existing)
         result = read_bandwidth(existing, BUFFERED, size)
         result.note = f"{models_dir} is not writable ({exc.strerror}): read {existing.name} instead"
-        if tuning is not None:
-            tuning.tiers["sharedfs"] = sweep_tier_folder(models_dir, [existing], "sharedfs", max_bytes=size)
         return result
+
+
+def sweep_read_settings(nvme_dir: Path, models_dir: Path, size: int, gate: SweepGate | None = None) -> ReadTuning:
+    """The read sweep of both file tiers over fresh probe files of `size` bytes (a read-only models folder: its
+    largest file, as probe_sharedfs does). A tier that cannot be measured is logged and left out (its loads use the
+    tier defaults); SweepCancelled from the gate goes to the caller, with the probe files removed."""
+    tuning, gate = ReadTuning(), gate or SweepGate()
+    try:
+        gate.wait()  # writing a probe file is disk traffic too: not while a load reads
+        with probe_file(nvme_dir, size) as path:
+            tuning.tiers["disk"] = sweep_tier_folder(nvme_dir, [path], "disk", gate=gate)
+    except OSError as exc:
+        log.warning("read sweep of the NVMe folder %s failed: %s", nvme_dir, exc)
+    try:
+        gate.wait()
+        with probe_file(models_dir, size) as path:
+            tuning.tiers["sharedfs"] = sweep_tier_folder(models_dir, [path], "sharedfs", gate=gate)
+    except OSError as exc:
+        existing = _largest_file(models_dir) if models_dir.is_dir() else None
+        if existing is None:
+            log.warning("read sweep of the shared FS %s failed (%s) and it holds no file to read", models_dir, exc)
+        else:
+            tuning.tiers["sharedfs"] = sweep_tier_folder(models_dir, [existing], "sharedfs", max_bytes=size,
+                                                         gate=gate)
+    return tuning
 
 
 def memcpy_bandwidth(size: int, passes: int = 3) -> ProbeResult:
@@ -243,19 +274,19 @@ def cuda_may_exist(gpu_count: int) -> bool:
 
 
 def measure_tiers(nvme_dir: Path, models_dir: Path, probe_bytes: int, memcpy_bytes: int,
-                  gpu_count: int = 0, gpu_device: str | None = None, read_sweep: bool = True) -> TierMeasurements:
+                  gpu_count: int = 0, gpu_device: str | None = None) -> TierMeasurements:
     """Measure every tier; a probe that fails is logged and left out (the controller then uses its defaults).
     gpu_device: the CUDA_VISIBLE_DEVICES entry of the GPU whose host-to-device bandwidth is measured.
-    read_sweep: also find the fastest read configurations per tier (`tuning`; the loader's read settings)."""
-    out = TierMeasurements(tuning=ReadTuning() if read_sweep else None)
+    The read sweep is separate (sweep_read_settings): it takes many times longer."""
+    out = TierMeasurements()
     try:
-        out.nvme = probe_folder(nvme_dir, probe_bytes, ODIRECT, "disk", out.tuning)
+        out.nvme = probe_folder(nvme_dir, probe_bytes, ODIRECT)
         if out.nvme.note:
             out.notes.append(f"nvme: {out.nvme.note}")
     except OSError as exc:
         out.notes.append(f"nvme probe in {nvme_dir} failed: {exc}")
     try:
-        out.sharedfs = probe_sharedfs(models_dir, probe_bytes, out.tuning)
+        out.sharedfs = probe_sharedfs(models_dir, probe_bytes)
         if out.sharedfs and out.sharedfs.note:
             out.notes.append(f"sharedfs: {out.sharedfs.note}")
     except OSError as exc:

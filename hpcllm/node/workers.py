@@ -61,6 +61,7 @@ from hpcllm.checkpoint.errors import ChecksumMismatch
 log = logging.getLogger(__name__)
 
 LOCAL_TIERS = ("dram", "nvme")
+SPARE_IMPORT_SECONDS = 10.0  # a fresh spare imports torch/transformers for ~2.5-4 s (docs/node-agent.md)
 FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # what a load from a tier can fill
 
 
@@ -256,13 +257,28 @@ class WorkerManager:
                                      timeout=5.0)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.read_tuning_path: Path | None = None  # the node probe's read settings, passed to every worker
+        self.starts = 0  # workers and spares started: the read sweep measures again what one began during
+        self._caching = 0  # loaded copies being written into the cache tiers (cache on load)
 
     def set_read_tuning(self, tuning: ReadTuning) -> Path:
         """Save the probe's read tuning in the run folder; workers started from now on load with it."""
-        path = self.run_dir / "read-tuning.json"
+        path = self.expect_read_tuning()
         tuning.save(path)
-        self.read_tuning_path = path
         return path
+
+    def expect_read_tuning(self) -> Path:
+        """Point workers at the run folder's read-tuning.json before it exists (the sweep still runs): each load
+        reads the file when it begins, so even a spare started now loads with the sweep's result once it is there."""
+        self.read_tuning_path = self.run_dir / "read-tuning.json"
+        return self.read_tuning_path
+
+    def busy(self) -> bool:
+        """Something on this node reads for a load: a worker loading, a spare importing, a loaded copy being cached
+        (the read sweep waits, so it neither slows a cold start nor measures a disk shared with one)."""
+        with self._lock:
+            loading = any(inst.state == "loading" for inst in self._instances.values())
+            importing = any(time.time() - sp.started_at < SPARE_IMPORT_SECONDS for sp in self._spares)
+            return loading or importing or self._caching > 0
 
     # ------------------------------------------------------------------------------------------------ queries
 
@@ -441,6 +457,7 @@ class WorkerManager:
                                        stdout=log_file, stderr=subprocess.STDOUT,
                                        preexec_fn=self._ignore_drain_signal())
         log.info("spare worker pid %d started (log %s)", process.pid, log_path)
+        self.starts += 1
         return Spare(process, log_path, time.time())
 
     def _assign_spare(self, req: StartInstance, path: Path, url_file: Path, log_path: Path,
@@ -544,6 +561,7 @@ class WorkerManager:
                             log_path, time.time(), load_fill=fill, promote_to=promote_to,
                             ranks=req.tensor_parallel, nodes=req.nodes)
             self._instances[instance_id] = inst
+            self.starts += 1
         launcher = (f"srun of {req.tensor_parallel} tensor-parallel ranks over {req.nodes} nodes" if req.nodes > 1
                     else f"mpirun of {req.tensor_parallel} tensor-parallel ranks")
         log.info("instance %s: worker pid %d%s loading %s from %s (%s)", instance_id, process.pid,
@@ -636,6 +654,9 @@ class WorkerManager:
     def _keep_loaded_copy(self, inst: Instance) -> None:
         """Cache on load, once the instance is ready: commit the copy its load wrote (verified first), or fill the
         faster tiers from the local copy it loaded. Never affects the instance; failures are logged."""
+        with self._lock:
+            self._caching += 1
+            self.starts += 1
         try:
             fill = self._take_fill(inst)
             if fill is not None:
@@ -651,6 +672,9 @@ class WorkerManager:
             log.warning("instance %s: no cached copy of %s on load: %s", inst.instance_id, inst.model, exc)
         except Exception:
             log.exception("instance %s: cache on load of %s failed", inst.instance_id, inst.model)
+        finally:
+            with self._lock:
+                self._caching -= 1
         self.on_change()  # the next heartbeat tells the controller about the new copies
 
     def _replace_corrupt_copy(self, inst: Instance) -> None:

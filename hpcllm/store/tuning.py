@@ -1,9 +1,10 @@
 """Read settings measured on this node: how to read each tier fastest (mode, parallelism, block size).
 
-The node agent's start-up probe (hpcllm/node/probes.py) runs `sweep_read` over a probe file in each tier's folder
-(as fio does with jobs x block size), keeps the best configuration of every read mode, and writes them with
-`ReadTuning.save` next to its other probe results; workers find the file through $HPCLLM_READ_TUNING and
-`load_model` reads with `choose_read_plan`'s answer instead of the fixed tier defaults (hpcllm/store/tiers.py).
+The node agent (hpcllm/node/read_sweep.py) runs `sweep_read` over a probe file in each tier's folder (as fio does
+with jobs x block size) in the background after it registered, keeps the best configuration of every read mode,
+and writes them with `ReadTuning.save` into its run folder (and a copy that later agents on the node reuse);
+workers find the file through $HPCLLM_READ_TUNING and `load_model` reads with `choose_read_plan`'s answer instead of
+the fixed tier defaults (hpcllm/store/tiers.py).
 
 Read modes, each measured into memory that is already faulted in (what the device can do, not page faults):
   odirect   preadv with O_DIRECT into per-thread buffers (the disk tier's default reader)
@@ -70,12 +71,18 @@ class TierTuning:
 class ReadTuning:
     tiers: dict[str, TierTuning] = field(default_factory=dict)  # "disk" | "sharedfs" -> its sweep
 
+    def to_dict(self) -> dict:
+        return {"tiers": {name: asdict(t) for name, t in self.tiers.items()}}
+
     def to_json(self) -> str:
-        return json.dumps({"tiers": {name: asdict(t) for name, t in self.tiers.items()}}, indent=1)
+        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "ReadTuning":
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReadTuning":
         tiers = {}
         for name, t in data.get("tiers", {}).items():
             best = {mode: ReadConfig(**c) for mode, c in t.get("best", {}).items()}
@@ -97,31 +104,60 @@ class ReadTuning:
         """None when the file is missing or unreadable: the loader then uses the tier defaults (and says so)."""
         try:
             return cls.from_json(Path(path).read_text())
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
 
 # ------------------------------------------------------------------------------------------------- the sweep
 
 
+class SweepCancelled(Exception):
+    """A gate stopped the sweep (its agent is draining): nothing measured is kept."""
+
+
+class SweepGate:
+    """How a sweep shares the node with loads. `wait()` runs before each configuration and blocks while something
+    else reads (a worker loading), returning a token; `disturbed(token)` after it says whether something else
+    read meanwhile, and the configuration is measured again. Either may raise SweepCancelled. This default never
+    waits: a sweep alone on the node."""
+
+    def wait(self) -> object:
+        return None
+
+    def disturbed(self, token: object) -> bool:
+        return False
+
+
+MEASURE_ATTEMPTS = 3  # a configuration disturbed this often keeps its last figure (too low: it just does not win)
+
+
 def sweep_read(files: list[Path], modes=SWEEP_MODES, threads=SWEEP_THREADS, blocks=SWEEP_BLOCKS,
-               max_bytes: int | None = None, evict: bool = True) -> list[ReadConfig]:
+               max_bytes: int | None = None, evict: bool = True, gate: SweepGate | None = None) -> list[ReadConfig]:
     """Measure every (mode, threads, block) over the first `max_bytes` of `files` (all by default), each from a
     cold page cache. Modes the filesystem refuses (EINVAL for O_DIRECT, no MADV_POPULATE_READ) are left out."""
+    gate = gate or SweepGate()
     results = []
     for mode in modes:
         try:
             for n in threads:
                 for block in blocks:
-                    if evict:
-                        evict_from_page_cache(files)
-                    seconds, nbytes = _timed_read(files, mode, n, block, max_bytes)
-                    results.append(ReadConfig(mode, n, block, nbytes / max(seconds, 1e-9) / GB))
+                    results.append(_measure_config(files, mode, n, block, max_bytes, evict, gate))
         except _ModeUnsupported:
             continue  # e.g. O_DIRECT refused by this filesystem: the other modes are still measured
     if evict:
         evict_from_page_cache(files)
     return results
+
+
+def _measure_config(files, mode, threads, block, max_bytes, evict: bool, gate: SweepGate) -> ReadConfig:
+    for _ in range(MEASURE_ATTEMPTS):
+        token = gate.wait()
+        if evict:
+            evict_from_page_cache(files)
+        seconds, nbytes = _timed_read(files, mode, threads, block, max_bytes)
+        if not gate.disturbed(token):
+            break
+    return ReadConfig(mode, threads, block, nbytes / max(seconds, 1e-9) / GB)
 
 
 def best_per_mode(results: list[ReadConfig]) -> dict[str, ReadConfig]:
@@ -241,8 +277,8 @@ def _run(jobs, per_thread, work) -> float:
 
 
 def measure_tier(folder: Path, files: list[Path], modes, max_bytes: int | None = None, threads=SWEEP_THREADS,
-                 blocks=SWEEP_BLOCKS) -> TierTuning:
-    results = sweep_read(files, modes, threads, blocks, max_bytes)
+                 blocks=SWEEP_BLOCKS, gate: SweepGate | None = None) -> TierTuning:
+    results = sweep_read(files, modes, threads, blocks, max_bytes, gate=gate)
     return TierTuning(folder=str(folder), device=os.stat(folder).st_dev, best=best_per_mode(results),
                       bytes_per_config=max_bytes or sum(os.path.getsize(f) for f in files), measured_at=time.time())
 

@@ -34,7 +34,7 @@ def converted(tiny_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-def make_agent(tmp_path: Path, gpus: int = 0, **node) -> NodeAgent:
+def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, **node) -> NodeAgent:
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -48,7 +48,7 @@ def make_agent(tmp_path: Path, gpus: int = 0, **node) -> NodeAgent:
     measurements = TierMeasurements(nvme=ProbeResult(2.0, "odirect", 1, 1), sharedfs=ProbeResult(1.0, "buffered", 1, 1),
                                     dram=ProbeResult(20.0, "memcpy", 1, 1))
     return NodeAgent(config, cache=cache, gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
-                     measurements=measurements)
+                     measurements=measurements, sweep=sweep)
 
 
 @pytest.fixture

@@ -167,34 +167,45 @@ def test_gpu_discovery_agrees_with_cuda_on_a_real_gpu():
     assert narrowed.names == ("0",)
 
 
-def test_probe_sweeps_each_tier_and_the_agent_hands_the_result_to_its_workers(tmp_path):
+def test_the_agents_background_sweep_measures_each_tier_and_hands_the_result_to_its_workers(tmp_path):
     import json
 
+    from hpcllm.node.read_sweep import SAVED_NAME_IN_NVME
     from hpcllm.node.tests.test_agent import make_agent
     from hpcllm.store.tuning import TUNING_ENV, ReadTuning, choose_read_plan
 
     (tmp_path / "models").mkdir()
     agent = make_agent(tmp_path)
+    agent.read_sweep_quiet_seconds = 0.0
     try:
         agent.measure()  # the real probes, 1 MiB files
-        tuning = agent.measurements.tuning
+        agent.prepare_read_settings()
+        env = agent.workers._environment([])
+        assert not os.path.exists(env[TUNING_ENV])  # workers started before the sweep ends use the tier defaults
+        sweep = agent.start_read_sweep()  # the real sweep, in its thread
+        assert sweep.done.wait(120)
+        tuning = agent.read_tuning
         assert set(tuning.tiers) == {"disk", "sharedfs"}
         assert {"buffered", "mmap"} <= set(tuning.tiers["disk"].best)  # odirect too where the disk takes it
         assert set(tuning.tiers["sharedfs"].best) == {"buffered"}
         assert tuning.tiers["disk"].device == os.stat(agent.nvme_dir).st_dev
-        env = agent.workers._environment([])
-        saved = ReadTuning.load(env[TUNING_ENV])
+        saved = ReadTuning.load(env[TUNING_ENV])  # the path the workers were given before the file existed
         assert saved == tuning and json.loads(open(env[TUNING_ENV]).read())["tiers"]
         # a checkpoint in the NVMe folder is read the way the probe found fastest
         plan = choose_read_plan(saved, "disk", "odirect", 2, 16 * MiB, host_target=True,
                                 checkpoint_device=os.stat(agent.nvme_dir).st_dev)
         fastest = saved.tiers["disk"].fastest(("odirect", "mmap"))
         assert (plan.mode, plan.threads, plan.block_bytes) == (fastest.mode, fastest.threads, fastest.block_bytes)
-        assert list(agent.nvme_dir.iterdir()) == [] and list((tmp_path / "models").iterdir()) == []
+        # no probe file left; the NVMe folder keeps the result for the next agents on this node
+        assert [p.name for p in agent.nvme_dir.iterdir()] == [SAVED_NAME_IN_NVME]
+        assert list((tmp_path / "models").iterdir()) == []
     finally:
         agent.workers.close()
 
 
-def test_read_sweep_can_be_turned_off(tmp_path):
-    m = measure_tiers(tmp_path / "nvme", tmp_path / "models", MiB, MiB, read_sweep=False)
-    assert m.tuning is None and m.nvme.read_gbps > 0
+def test_the_start_up_probes_do_not_sweep(tmp_path, monkeypatch):
+    from hpcllm.store import tuning
+
+    monkeypatch.setattr(tuning, "sweep_read", lambda *a, **k: pytest.fail("measure_tiers swept"))
+    m = measure_tiers(tmp_path / "nvme", tmp_path / "models", MiB, MiB)
+    assert m.nvme.read_gbps > 0 and m.sharedfs.read_gbps > 0
