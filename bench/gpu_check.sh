@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of hpcllm in one run, for a machine with CUDA and no network: the `device` machine (one H200,
-# python3 3.12 with a CUDA torch and most of hpcllm's dependencies, no MPI launcher; docs/gpu-checks.md). What it
+# python3 3.12 with a CUDA torch and most of hpcllm's dependencies, no MPI launcher seen; docs/gpu-checks.md). What it
 # lacks comes as wheels that `make gpu-wheels` downloads here into .whl/ (MPICH among them, unpacked beside them).
 #
 #   here:   make gpu-wheels
