@@ -16,8 +16,8 @@ rank 0 drives greedy decoding through the step broadcast. Rank 0 then compares t
 Why MPI and not torchrun: hpcllm's TP ranks learn rank, size and the NCCL rendezvous from MPI and load through MPI
 collectives (rank 0 broadcasts the plan, the ranks exchange load status), as under `srun --mpi=pmix`. Launching with
 torch.multiprocessing would need a second, test-only rendezvous and leave the production path untested. The device
-machine is not known to have an MPI launcher, so `make gpu-wheels` carries MPICH as a wheel (`mpich`: mpiexec + libmpi) with mpi4py, and
-bench/gpu_check.sh unpacks it and points mpi4py at it (MPI4PY_LIBMPI).
+machine is not known to have an MPI launcher, so `make gpu-wheels` carries MPICH as a wheel (`mpich`: mpiexec +
+libmpi) with mpi4py, and bench/gpu_check.sh unpacks it and points mpi4py at it (MPI4PY_LIBMPI).
 
     python bench/tp_gpu_check.py [--ranks N] [--tokens 32] [--workdir /tmp/hpcllm-tp-gpu] [--device cpu]
 
