@@ -12,6 +12,11 @@ Test knobs: `--path-of-rank R=PATH` (that rank reads its data files from PATH: a
 R=DIR` (that rank's slice copy), `--memory-limit-rank
 R --memory-limit-mb M` (an address-space limit on that rank, so its allocations fail like out-of-memory),
 `--no-reference` (skip rank 0's whole-model load, e.g. in benchmarks).
+
+`--device cuda`: the GPU path of `hpcllm worker --tensor-parallel` (hpcllm.tp.worker.collective_and_device): every
+rank takes the GPU of its node-local rank and the collectives run over NCCL (torch.distributed, rendezvous through
+MPI); the check first all-reduces a vector over NCCL (size 1 too), and the reference runs on rank 0's GPU.
+bench/tp_gpu_check.py launches it on the GPU machine.
 """
 
 from __future__ import annotations
@@ -38,11 +43,14 @@ import click
 @click.option("--gap-bytes", type=int, default=None, help="Coalescing gap of the slice reads (default: reader's).")
 @click.option("--timeout", "timeout_s", type=float, default=120.0, show_default=True)
 @click.option("--reference/--no-reference", default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: one GPU per node-local rank, NCCL collectives (the GPU worker's path).")
 @click.option("--threads", type=int, default=0,
               help="Torch threads per rank; 0: the node's cores divided among the ranks on it.")
 def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, ...], rank_copies: tuple[str, ...],
          memory_limit_rank: int | None,
-         memory_limit_mb: int, gap_bytes: int | None, timeout_s: float, reference: bool, threads: int) -> None:
+         memory_limit_mb: int, gap_bytes: int | None, timeout_s: float, reference: bool, threads: int,
+         device: str) -> None:
     import torch
     from mpi4py import MPI
 
@@ -58,12 +66,32 @@ def main(checkpoint: str, new_tokens: int, prompt: str, rank_paths: tuple[str, .
     if memory_limit_rank == rank and memory_limit_mb:
         _limit_memory(checkpoint, memory_limit_mb)
     try:
-        loaded = load_shard(path, comm, timeout_s=timeout_s, gap_bytes=gap_bytes,
+        collective, device = _collective(comm, device)
+        loaded = load_shard(path, comm, timeout_s=timeout_s, gap_bytes=gap_bytes, device=device,
+                            collective=collective,
                             slice_copy=dict(item.split("=", 1) for item in rank_copies).get(str(rank)))
     except Exception as exc:  # noqa: BLE001 - every rank reports, then exits non-zero
         print(f"error: rank {rank} on {socket.gethostname()}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-    _serve_checks(comm, loaded, checkpoint, prompt, new_tokens, reference)
+    _serve_checks(comm, loaded, checkpoint, prompt, new_tokens, reference, device)
+
+
+def _collective(comm, device: str):
+    """The worker's own choice (hpcllm.tp.worker): mpi4py on CPU; on CUDA NCCL, proven by one all-reduce first so
+    that a broken NCCL set-up fails here, naming NCCL, rather than inside the model's first forward."""
+    import torch
+
+    from hpcllm.tp.worker import collective_and_device
+
+    collective, device = collective_and_device(comm, device)
+    if collective is not None:
+        probe = torch.full((1024,), float(comm.Get_rank() + 1), device=device)
+        collective.allreduce_sum_(probe)
+        expected = comm.Get_size() * (comm.Get_size() + 1) / 2
+        if not bool((probe == expected).all()):
+            raise RuntimeError(f"NCCL all-reduce over {comm.Get_size()} ranks gave {probe[0].item()}, "
+                               f"expected {expected}")
+    return collective, device
 
 
 def _limit_memory(checkpoint: str, megabytes: int) -> None:
@@ -82,7 +110,8 @@ def _limit_memory(checkpoint: str, megabytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _serve_checks(comm, loaded, checkpoint: str, prompt: str, new_tokens: int, reference: bool) -> None:
+def _serve_checks(comm, loaded, checkpoint: str, prompt: str, new_tokens: int, reference: bool,
+                  device: str) -> None:
     import torch
 
     from hpcllm.tp.serve import LeadRunner, ShardRunner, StepChannel, follow, greedy_generate
@@ -100,14 +129,16 @@ def _serve_checks(comm, loaded, checkpoint: str, prompt: str, new_tokens: int, r
         tp_seconds = time.perf_counter() - began
     finally:
         lead.stop()
-    result = {"ranks": loaded.size, "prompt_tokens": len(prompt_ids), "tp_tokens": tokens,
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    result = {"ranks": loaded.size, "device": device, "prompt_tokens": len(prompt_ids), "tp_tokens": tokens,
               "tp_tokens_per_s": round(len(tokens) / tp_seconds, 2), "stats": loaded.all_stats}
     if reference:
         from hpcllm.store import load_model
 
-        ref_model = load_model(checkpoint, tokenizer=False).model
+        ref_model = load_model(checkpoint, tokenizer=False, device=device).model
         with torch.inference_mode():
-            ids = torch.tensor([prompt_ids])
+            ids = torch.tensor([prompt_ids], device=device)
             ref_logits = ref_model(ids).logits[0, -1].float()
             ref_tokens = ref_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -72,7 +72,7 @@ def _ignore_drain_signal(config: Config) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _collective_and_device(comm, device: str):
+def collective_and_device(comm, device: str):
     """GPU ranks: NCCL through torch.distributed, one GPU per node-local rank; CPU ranks: mpi4py (None here)."""
     if device.startswith("cuda"):
         import torch
@@ -90,7 +90,7 @@ def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None):
     from hpcllm.tp.serve import LeadRunner, ShardRunner, StepChannel, tensor_parallel_engine_class
     from hpcllm.worker.server import ModelForServing
 
-    collective, device = _collective_and_device(comm, device)
+    collective, device = collective_and_device(comm, device)
     loaded = load_shard(model_path, comm, device=device, collective=collective, slice_copy=slice_copy)
     for stats in loaded.all_stats or []:
         log.info("tensor-parallel rank %s on %s read %d bytes in %s reads (%d bytes from its slice copy %s), "
@@ -122,7 +122,7 @@ def _run_follower(model_path: Path, comm, device: str, threads: int, slice_copy:
     # died first would leave the lead's last broadcast without a peer.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    collective, device = _collective_and_device(comm, device)
+    collective, device = collective_and_device(comm, device)
     loaded = load_shard(model_path, comm, device=device, collective=collective, tokenizer=False,
                         slice_copy=slice_copy)
     steps = follow(StepChannel(comm), ShardRunner(loaded.model))
