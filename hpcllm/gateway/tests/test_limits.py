@@ -103,3 +103,49 @@ def test_a_non_streaming_generation_stops_when_its_client_leaves(make_gateway):
     assert generation.completion_tokens < 499  # cancelled, not run to the end
     assert abort_count(gw) == before + 1
     assert_still_serving(gw)
+
+
+# ------------------------------------------------------------------ two gateway hosts, limits in one PostgreSQL
+
+
+def test_two_gateway_hosts_share_a_keys_token_bucket(make_gateway, empty_postgres):
+    """Two gateways (own state dirs, own processes' worth of state) on one PostgreSQL: what one used, the other
+    sees. With a bucket per host the second request would be served."""
+    keys = [{"key": USER_KEY, "tokens_per_minute": 500}]
+    host_a = make_gateway(api_keys=keys, limits_db=empty_postgres)
+    host_b = make_gateway(api_keys=keys, limits_db=empty_postgres)
+    assert host_a.config.paths.state_dir != host_b.config.paths.state_dir
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 300, "ignore_eos": True}
+    assert host_a.post("/v1/completions", json=body).status_code == 200  # ~301 of the key's 500 tokens used
+    resp = host_b.post("/v1/completions", json=body)
+    error = assert_error(resp, 429, "tokens_limit_exceeded")
+    assert "500 tokens per minute" in error["message"] and float(resp.headers["Retry-After"]) > 5
+    assert host_b.post("/v1/completions", json={**body, "max_tokens": 50}).status_code == 200  # what is left
+
+
+def test_two_gateway_hosts_share_a_keys_stream_cap_and_a_crashed_hosts_slots_come_back(
+        make_gateway, empty_postgres, tiny_model_dir):
+    from .conftest import ThreadServer
+    from .test_frontdoor import slow_worker_app
+
+    slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))
+    lease = 1.5
+    settings = dict(api_keys=[{"key": USER_KEY, "max_concurrent_streams": 1}], limits_db=empty_postgres,
+                    stream_lease_seconds=lease,
+                    static_models={MODEL: {"worker_url": slow.url, "source": str(tiny_model_dir)}})
+    host_a, host_b = make_gateway(**settings), make_gateway(**settings)
+    try:
+        with open_stream(host_a, max_tokens=200) as first:  # 20 s of tokens: open all through the test
+            lines = first.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            time.sleep(lease * 1.5)  # past one lease: host a renewed its slot meanwhile
+            with open_stream(host_b, max_tokens=2) as second:
+                second.read()
+                assert second.status_code == 429
+                assert json.loads(second.text)["error"]["code"] == "too_many_streams"
+            host_a.state.shared.stop_heartbeat()  # host a goes silent (crashed) with its stream slot taken
+            time.sleep(lease * 1.5)
+            with open_stream(host_b, max_tokens=2) as third:  # host a's slot was reclaimed after its lease
+                assert third.status_code == 200 and third.read().endswith(b"data: [DONE]\n\n")
+    finally:
+        slow.stop()
