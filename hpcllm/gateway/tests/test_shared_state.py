@@ -157,3 +157,17 @@ def test_an_unreachable_postgres_is_a_clear_error(tmp_path):
     with pytest.raises(DatabaseError, match=r"cannot connect to the gateway limits database "
                                             r"postgresql://gw:\*\*\*@127\.0\.0\.1"):
         SharedState(url)
+
+
+def test_the_limits_follow_a_postgresql_registry_unless_set(tmp_path):
+    from hpcllm.config import parse_config
+    from hpcllm.gateway.runtime import limits_db_url
+
+    def url(**sections) -> str:
+        return limits_db_url(parse_config({"paths": {"state_dir": str(tmp_path)}, **sections}))
+
+    assert url() == str(tmp_path / "gateway" / "limits.db")  # the default: this host's SQLite file
+    assert url(controller={"database_url": f"sqlite:///{tmp_path}/c.db"}) == str(tmp_path / "gateway" / "limits.db")
+    registry = "postgresql://hpcllm@db.example/hpcllm"
+    assert url(controller={"database_url": registry}) == registry  # every gateway host shares the registry's
+    assert url(controller={"database_url": registry}, gateway={"limits_db": "/var/tmp/l.db"}) == "/var/tmp/l.db"
