@@ -149,3 +149,13 @@ def test_two_gateway_hosts_share_a_keys_stream_cap_and_a_crashed_hosts_slots_com
                 assert third.status_code == 200 and third.read().endswith(b"data: [DONE]\n\n")
     finally:
         slow.stop()
+
+
+def test_a_lost_postgres_connection_is_a_503_then_reconnects(make_gateway, empty_postgres):
+    gw = make_gateway(limits_db=empty_postgres)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    assert gw.post("/v1/completions", json=body).status_code == 200
+    gw.state.shared._shared_db.conn._conn.close()  # as a server restart would leave it
+    error = assert_error(gw.post("/v1/completions", json=body), 503, "service_unavailable")
+    assert "limits database is unreachable" in error["message"]
+    assert gw.post("/v1/completions", json=body).status_code == 200  # a new connection
