@@ -108,19 +108,28 @@ def test_a_non_streaming_generation_stops_when_its_client_leaves(make_gateway):
 # ------------------------------------------------------------------ two gateway hosts, limits in one PostgreSQL
 
 
-def test_two_gateway_hosts_share_a_keys_token_bucket(make_gateway, empty_postgres):
-    """Two gateways (own state dirs, own processes' worth of state) on one PostgreSQL: what one used, the other
-    sees. With a bucket per host the second request would be served."""
-    keys = [{"key": USER_KEY, "tokens_per_minute": 500}]
-    host_a = make_gateway(api_keys=keys, limits_db=empty_postgres)
-    host_b = make_gateway(api_keys=keys, limits_db=empty_postgres)
+def test_two_gateway_hosts_share_a_keys_token_bucket(make_gateway, empty_postgres, tiny_model_dir):
+    """Two gateways (own state dirs) on one PostgreSQL: what one reserved, the other sees. With a bucket per host
+    the second request would be served."""
+    from .conftest import ThreadServer
+    from .test_frontdoor import slow_worker_app
+
+    slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))  # the reservation stays held while it streams
+    settings = dict(api_keys=[{"key": USER_KEY, "tokens_per_minute": 500}], limits_db=empty_postgres,
+                    static_models={MODEL: {"worker_url": slow.url, "source": str(tiny_model_dir)}})
+    host_a, host_b = make_gateway(**settings), make_gateway(**settings)
     assert host_a.config.paths.state_dir != host_b.config.paths.state_dir
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 300, "ignore_eos": True}
-    assert host_a.post("/v1/completions", json=body).status_code == 200  # ~301 of the key's 500 tokens used
-    resp = host_b.post("/v1/completions", json=body)
-    error = assert_error(resp, 429, "tokens_limit_exceeded")
-    assert "500 tokens per minute" in error["message"] and float(resp.headers["Retry-After"]) > 5
-    assert host_b.post("/v1/completions", json={**body, "max_tokens": 50}).status_code == 200  # what is left
+    try:
+        with open_stream(host_a, max_tokens=400) as first:  # reserves ~402 of the key's 500 tokens on host a
+            lines = first.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            resp = host_b.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 200})
+            error = assert_error(resp, 429, "tokens_limit_exceeded")
+            assert "500 tokens per minute" in error["message"] and float(resp.headers["Retry-After"]) > 5
+            small = host_b.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 5})
+            assert small.status_code == 200  # what is left is still usable from host b
+    finally:
+        slow.stop()
 
 
 def test_two_gateway_hosts_share_a_keys_stream_cap_and_a_crashed_hosts_slots_come_back(
@@ -129,7 +138,7 @@ def test_two_gateway_hosts_share_a_keys_stream_cap_and_a_crashed_hosts_slots_com
     from .test_frontdoor import slow_worker_app
 
     slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))
-    lease = 1.5
+    lease = 3.0  # renewed every 1 s: margin for a loaded machine
     settings = dict(api_keys=[{"key": USER_KEY, "max_concurrent_streams": 1}], limits_db=empty_postgres,
                     stream_lease_seconds=lease,
                     static_models={MODEL: {"worker_url": slow.url, "source": str(tiny_model_dir)}})
