@@ -222,8 +222,13 @@ class GatewayConfig(Section):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # /v1/completions default when max_tokens is absent (OpenAI's default is 16).
     default_completion_max_tokens: int = Field(16, ge=1)
-    # Rate-limit buckets (SQLite, shared by all gateway processes); empty: <paths.state_dir>/gateway/limits.db
-    limits_db: Path | None = None
+    # Where the limits (token buckets, stream slots) live, shared by every process that uses the same database:
+    # a path or sqlite:///path (one host's processes), or postgresql://user:pw@host/db (every gateway host). Empty:
+    # controller.database_url when that is PostgreSQL, else <paths.state_dir>/gateway/limits.db. See docs/gateway.md.
+    limits_db: str = ""
+    # A gateway process renews its stream slots every third of this; a host silent for longer (crashed, cut off)
+    # loses its slots to the others. Slots of a dead process on the same host are freed at once.
+    stream_lease_seconds: float = Field(30.0, gt=0)
     # Prometheus multiprocess directory used under gunicorn; empty: <paths.state_dir>/gateway/metrics
     metrics_dir: Path | None = None
     # The status page (GET /status) shows the cluster to the admin key; true: also to every API key, read-only and
@@ -405,8 +410,9 @@ def _secrets_in(data: dict) -> list[str]:
     held = [f"{section}.{key}" for section, key in (("cluster", "shared_secret"), ("controller", "admin_key"),
                                                     ("gateway", "admin_key"), ("gateway", "api_keys"))
             if sections[section].get(key)]
-    if "@" in str(sections["controller"].get("database_url", "")):  # postgresql://user:password@host/db
-        held.append("controller.database_url")
+    for section, key in (("controller", "database_url"), ("gateway", "limits_db")):
+        if "@" in str(sections[section].get(key, "")):  # postgresql://user:password@host/db
+            held.append(f"{section}.{key}")
     return held
 
 

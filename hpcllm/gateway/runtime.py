@@ -1,8 +1,8 @@
 """What one gateway process holds: config, its Router, the shared limiter, metrics, tokenizers, an HTTP pool.
 
 Nothing here decides placement: the Router is asked for every request. State that must agree across gunicorn
-worker processes (rate-limit buckets, which instances were counted as cold starts) lives in SharedState (SQLite);
-metrics go through prometheus_client's multiprocess files.
+worker processes (rate-limit buckets, stream slots, which instances were counted as cold starts) lives in SharedState
+(SQLite, or PostgreSQL shared by every gateway host); metrics go through prometheus_client's multiprocess files.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import httpx
 from flask import current_app
 
 from hpcllm.config import ApiKey, Config
+from hpcllm.controller.registry.databases import is_postgres_url
 from hpcllm.gateway.metrics import GatewayMetrics
 from hpcllm.gateway.ratelimit import RateLimiter
 from hpcllm.gateway.routing import Router, make_router
@@ -33,6 +34,22 @@ def gateway_state_dir(config: Config) -> Path:
     return Path(config.paths.state_dir) / "gateway"
 
 
+def limits_db_url(config: Config) -> str:
+    """gateway.limits_db; else the controller's database when it is PostgreSQL (every gateway host shares the
+    limits); else the local SQLite file <state_dir>/gateway/limits.db (this host's processes share them)."""
+    if config.gateway.limits_db:
+        return config.gateway.limits_db
+    if is_postgres_url(config.controller.database_url):
+        return config.controller.database_url
+    return str(gateway_state_dir(config) / "limits.db")
+
+
+def open_shared_state(config: Config) -> SharedState:
+    setting = "gateway.limits_db" if config.gateway.limits_db or not is_postgres_url(
+        config.controller.database_url) else "controller.database_url"
+    return SharedState(limits_db_url(config), lease_s=config.gateway.stream_lease_seconds, setting=setting)
+
+
 class Gateway:
     def __init__(self, config: Config, router: Router | None = None):
         self.config = config
@@ -40,7 +57,7 @@ class Gateway:
         self.router = router or make_router(config)
         self.metrics = GatewayMetrics()
         self.tokenizers = TokenizerCache()
-        self.shared = SharedState(gw.limits_db or gateway_state_dir(config) / "limits.db")
+        self.shared = open_shared_state(config)
         self.limiter = RateLimiter(self.shared)
         self.api_keys: dict[str, ApiKey] = {k.key: k for k in gw.api_keys}
         if not self.api_keys:

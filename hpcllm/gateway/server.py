@@ -205,11 +205,12 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _create_shared_state(config: Config) -> None:
     """Create the limits database (schema, WAL) once in the master, so workers never race to initialize it."""
-    from hpcllm.gateway.runtime import gateway_state_dir
-    from hpcllm.gateway.shared_state import SharedState
+    from hpcllm.controller.registry.databases import redact_password
+    from hpcllm.gateway.errors import ServiceUnavailable
+    from hpcllm.gateway.runtime import limits_db_url, open_shared_state
 
-    path = config.gateway.limits_db or gateway_state_dir(config) / "limits.db"
     try:
-        SharedState(path).close()
-    except (OSError, sqlite3.Error) as exc:
-        raise ConfigError(f"cannot create the gateway's limits database {path}: {exc}") from None
+        open_shared_state(config).close()
+    except (OSError, sqlite3.Error, ServiceUnavailable) as exc:
+        raise ConfigError(f"cannot create the gateway's limits database {redact_password(limits_db_url(config))}: "
+                          f"{exc}") from None

@@ -1,49 +1,145 @@
 """State every gateway process must share: rate-limit token buckets, stream slots per key, counted instances.
 
-gunicorn runs several gateway processes; limits kept in process memory would multiply by the number of workers
-and vanish on restart. This is a small SQLite database in WAL mode on the gateway's local state dir: each
-update is one short `BEGIN IMMEDIATE` transaction (a few tens of microseconds), which serializes the processes
-correctly without a server to run. One connection per thread (sqlite3 connections are not shared across threads).
+gunicorn runs several gateway processes, and a site may run several gateway hosts; limits kept in process memory
+would multiply by the number of processes and vanish on restart. They live in a database, through the registry's
+database layer (hpcllm.controller.registry.databases):
+
+- SQLite (the default): a small file in WAL mode on the gateway's local state dir, shared by one host's processes.
+  Each update is one short `BEGIN IMMEDIATE` transaction, which takes the file's write lock up front. One
+  connection per thread (sqlite3 connections are not shared across threads).
+- PostgreSQL: shared by every gateway host. Each update is one transaction that locks the rows it reads
+  (`SELECT ... FOR UPDATE`), so two hosts taking from one bucket serialize on that bucket's row. One connection
+  per process (per SharedState), used by one thread at a time: connections stay at processes x hosts.
+
+Stream slots name their holder (host, pid and a random tag per process). A holder renews its lease every third
+of `lease_s` from a background thread; the slots of a holder whose lease ran out (a crashed or cut-off host), or
+of a dead process on this host, are freed by the next process that opens a stream on that key.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import sqlite3
+import socket
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
+from hpcllm.controller.registry.databases import (Database, is_postgres_url, open_database, postgres_schema,
+                                                  redact_password)
+from hpcllm.controller.errors import DatabaseError
+from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.procs import pid_alive
 
+log = logging.getLogger(__name__)
+
+# Table names carry the gateway's prefix: on PostgreSQL they sit beside the registry's tables.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS seen_instances (instance_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS open_streams (id TEXT PRIMARY KEY, bucket TEXT NOT NULL, pid INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_buckets (name TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_seen_instances (instance_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_stream_holders (holder TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,
+                                                   renewed REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS gateway_stream_slots (id TEXT PRIMARY KEY, bucket TEXT NOT NULL, holder TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS gateway_stream_slots_bucket ON gateway_stream_slots (bucket);
 """
+# Several processes creating the tables at once race in PostgreSQL (CREATE TABLE IF NOT EXISTS is not atomic
+# there): they take this transaction-level advisory lock first.
+SCHEMA_LOCK_KEY = 0x68706C6C6D  # "hpllm"
+
+DEFAULT_LEASE_S = 30.0
 
 
 class SharedState:
-    def __init__(self, path: Path | str, *, busy_timeout_s: float = 10.0):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
+    def __init__(self, url: Path | str, *, lease_s: float = DEFAULT_LEASE_S, host: str | None = None,
+                 setting: str = "gateway.limits_db"):
+        """url: a path, sqlite:///path or postgresql://... . host: this gateway's name in stream-slot leases (the
+        hostname; tests name two "hosts" in one process)."""
+        self.url = str(url)
+        self.postgres = is_postgres_url(self.url)
+        self._setting = setting
+        self.lease_s = lease_s
+        self.host = host or socket.gethostname()
+        self._local = threading.local()  # SQLite: one connection per thread
+        self._shared_db: Database | None = None  # PostgreSQL: one connection per process...
+        self._shared_lock = threading.Lock()  # ...used by one thread at a time
+        self._holder: tuple[int, str] | None = None  # (pid, holder id), made again after a fork
+        self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
+        self._schema_ready = False
+        self._create_schema()
+        self._schema_ready = True
+
+    # ------------------------------------------------------------------------------------------- connections
+
+    def _open(self) -> Database:
+        return open_database(self.url, setting=self._setting, purpose="gateway limits database")
+
+    @contextmanager
+    def _connection(self) -> Iterator[Database]:
+        if not self.postgres:
+            db = getattr(self._local, "db", None)
+            if db is None:
+                db = self._local.db = self._open()
+            yield db
+            return
+        with self._shared_lock:
+            if self._shared_db is None:
+                try:
+                    self._shared_db = self._open()
+                except DatabaseError as exc:
+                    if not self._schema_ready:  # at start: the configuration's error, with its fix
+                        raise
+                    log.warning("%s", exc)
+                    raise ServiceUnavailable("the gateway's limits database is unreachable; retry shortly") from exc
+            try:
+                yield self._shared_db
+            except Exception as exc:
+                if _is_database_error(exc):  # the connection may be gone (server restart): reconnect next time
+                    self._drop_shared_connection()
+                    log.warning("gateway limits database %s: %s", self._shared_db_label(), exc)
+                    raise ServiceUnavailable("the gateway's limits database is unreachable; retry shortly") from exc
+                raise
+
+    def _drop_shared_connection(self) -> None:
+        db, self._shared_db = self._shared_db, None
+        if db is not None:
+            try:
+                db.close()
+            except Exception:  # already broken
+                pass
+
+    def _shared_db_label(self) -> str:
+        return redact_password(self.url)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Database]:
+        """One write transaction: SQLite takes the file's write lock at BEGIN; PostgreSQL locks rows as read
+        (`FOR UPDATE` via self._for_update). Rolled back on error."""
+        with self._connection() as db:
+            db.conn.execute(db.begin_write)
+            try:
+                yield db
+            except BaseException:
+                try:
+                    db.conn.execute("ROLLBACK")
+                except Exception:  # the connection itself failed; _connection handles it
+                    pass
+                raise
+            db.conn.execute("COMMIT")
+
+    def _for_update(self) -> str:
+        return " FOR UPDATE" if self.postgres else ""  # SQLite's BEGIN IMMEDIATE already holds the write lock
+
+    def _create_schema(self) -> None:
         with self._transaction() as db:
+            if self.postgres:
+                db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
             for statement in filter(str.strip, SCHEMA.split(";")):
-                db.execute(statement)
+                db.conn.execute(postgres_schema(statement) if self.postgres else statement)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
-
-    def _transaction(self):
-        return _Immediate(self._conn())
+    # ------------------------------------------------------------------------------------------- token buckets
 
     def take(self, bucket: str, *, capacity: float, per_second: float, cost: float,
              now: float | None = None) -> float | None:
@@ -62,8 +158,7 @@ class SharedState:
                 wait = None
             else:
                 wait = (need - tokens) / per_second
-            db.execute("INSERT OR REPLACE INTO buckets (name, tokens, updated) VALUES (?, ?, ?)",
-                       (bucket, tokens, now))
+            self._store(db, bucket, tokens, now)
         return wait
 
     def refund(self, bucket: str, *, capacity: float, per_second: float, amount: float,
@@ -76,63 +171,143 @@ class SharedState:
         now = time.time() if now is None else now
         with self._transaction() as db:
             tokens = self._refilled(db, bucket, capacity, per_second, now)
-            db.execute("INSERT OR REPLACE INTO buckets (name, tokens, updated) VALUES (?, ?, ?)",
-                       (bucket, min(capacity, tokens + amount), now))
+            self._store(db, bucket, min(capacity, tokens + amount), now)
 
     def level(self, bucket: str, *, capacity: float, per_second: float, now: float | None = None) -> float:
         now = time.time() if now is None else now
         with self._transaction() as db:
             return self._refilled(db, bucket, capacity, per_second, now)
 
-    @staticmethod
-    def _refilled(db: sqlite3.Connection, bucket: str, capacity: float, per_second: float, now: float) -> float:
-        row = db.execute("SELECT tokens, updated FROM buckets WHERE name = ?", (bucket,)).fetchone()
+    def _refilled(self, db: Database, bucket: str, capacity: float, per_second: float, now: float) -> float:
+        """The bucket's level now, its row locked until the transaction ends (a new bucket is full)."""
+        row = db.conn.execute(f"SELECT tokens, updated FROM gateway_buckets WHERE name = ?{self._for_update()}",
+                              (bucket,)).fetchone()
         if row is None:
-            return capacity
-        tokens, updated = row
-        return min(capacity, tokens + max(0.0, now - updated) * per_second)
+            if not self.postgres:
+                return capacity
+            # No row to lock yet: create it full, then lock it. A host doing the same at once waits on the insert.
+            db.conn.execute("INSERT INTO gateway_buckets (name, tokens, updated) VALUES (?, ?, ?) "
+                            "ON CONFLICT (name) DO NOTHING", (bucket, capacity, now))
+            row = db.conn.execute("SELECT tokens, updated FROM gateway_buckets WHERE name = ? FOR UPDATE",
+                                  (bucket,)).fetchone()
+        return min(capacity, row["tokens"] + max(0.0, now - row["updated"]) * per_second)
 
-    def open_stream(self, bucket: str, stream_id: str, limit: int) -> bool:
-        """Take one of `limit` stream slots of `bucket` for stream_id (False: all taken). Slots of processes that
-        died without closing their streams (a killed gunicorn worker) are freed here."""
+    @staticmethod
+    def _store(db: Database, bucket: str, tokens: float, now: float) -> None:
+        db.conn.execute("INSERT INTO gateway_buckets (name, tokens, updated) VALUES (?, ?, ?) ON CONFLICT (name) "
+                        "DO UPDATE SET tokens = excluded.tokens, updated = excluded.updated", (bucket, tokens, now))
+
+    # ------------------------------------------------------------------------------------------- stream slots
+
+    @property
+    def holder(self) -> str:
+        """This process's name on its stream slots: host/pid/random (a new one in a forked child)."""
+        pid = os.getpid()
+        if self._holder is None or self._holder[0] != pid:
+            self._holder = (pid, f"{self.host}/{pid}/{uuid.uuid4().hex[:8]}")
+            self._heartbeat = None  # a forked child has no copy of the parent's thread
+        return self._holder[1]
+
+    def open_stream(self, bucket: str, stream_id: str, limit: int, now: float | None = None) -> bool:
+        """Take one of `limit` stream slots of `bucket` for stream_id (False: all taken). Slots of holders whose
+        lease ran out (a crashed host) or of dead processes on this host (a killed gunicorn worker) are freed here."""
+        now = time.time() if now is None else now
+        holder = self.holder
+        self._start_heartbeat()
         with self._transaction() as db:
-            pids = {pid for (pid,) in db.execute("SELECT DISTINCT pid FROM open_streams WHERE bucket = ?", (bucket,))}
-            for pid in pids - {os.getpid()}:
-                if not pid_alive(pid):
-                    db.execute("DELETE FROM open_streams WHERE pid = ?", (pid,))
-            (held,) = db.execute("SELECT COUNT(*) FROM open_streams WHERE bucket = ?", (bucket,)).fetchone()
+            self._lock_stream_bucket(db, bucket, now)
+            self._free_abandoned_slots(db, bucket, holder, now)
+            held = db.conn.execute("SELECT COUNT(*) AS held FROM gateway_stream_slots WHERE bucket = ?",
+                                   (bucket,)).fetchone()["held"]
             if held >= limit:
                 return False
-            db.execute("INSERT INTO open_streams (id, bucket, pid) VALUES (?, ?, ?)", (stream_id, bucket, os.getpid()))
+            self._renew(db, now)
+            db.conn.execute("INSERT INTO gateway_stream_slots (id, bucket, holder) VALUES (?, ?, ?)",
+                            (stream_id, bucket, holder))
             return True
+
+    def _lock_stream_bucket(self, db: Database, bucket: str, now: float) -> None:
+        """PostgreSQL: count-then-insert must not interleave between hosts; they serialize on a row named for the
+        key's stream slots (in gateway_buckets, where each key's buckets are). SQLite's write lock covers it."""
+        if self.postgres:
+            db.conn.execute("INSERT INTO gateway_buckets (name, tokens, updated) VALUES (?, 0, ?) "
+                            "ON CONFLICT (name) DO NOTHING", (bucket, now))
+            db.conn.execute("SELECT name FROM gateway_buckets WHERE name = ? FOR UPDATE", (bucket,))
+
+    def _free_abandoned_slots(self, db: Database, bucket: str, holder: str, now: float) -> None:
+        rows = db.conn.execute(
+            "SELECT DISTINCT s.holder AS holder, h.host AS host, h.pid AS pid, h.renewed AS renewed "
+            "FROM gateway_stream_slots s LEFT JOIN gateway_stream_holders h ON h.holder = s.holder "
+            "WHERE s.bucket = ?", (bucket,)).fetchall()
+        for row in rows:
+            if row["holder"] == holder:
+                continue
+            expired = row["renewed"] is None or row["renewed"] < now - self.lease_s
+            dead_here = row["host"] == self.host and not pid_alive(row["pid"])
+            if expired or dead_here:
+                log.info("freeing the stream slots of %s (%s)", row["holder"],
+                         "process gone" if dead_here else f"lease expired {now - (row['renewed'] or 0):.0f} s ago")
+                db.conn.execute("DELETE FROM gateway_stream_slots WHERE holder = ?", (row["holder"],))
+                db.conn.execute("DELETE FROM gateway_stream_holders WHERE holder = ?", (row["holder"],))
+
+    def _renew(self, db: Database, now: float) -> None:
+        db.conn.execute("INSERT INTO gateway_stream_holders (holder, host, pid, renewed) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (holder) DO UPDATE SET renewed = excluded.renewed",
+                        (self.holder, self.host, os.getpid(), now))
+
+    def renew_lease(self) -> None:
+        """Tell the other gateway processes (and hosts) that this one's stream slots are still in use."""
+        with self._transaction() as db:
+            self._renew(db, time.time())
+
+    def _start_heartbeat(self) -> None:
+        """From the first stream on, a daemon thread renews this process's lease every lease_s / 3."""
+        if self._heartbeat is not None:
+            return
+        stop = threading.Event()
+        thread = threading.Thread(target=self._heartbeat_loop, args=(stop,), name="stream-slot-lease", daemon=True)
+        self._heartbeat = (thread, stop)
+        thread.start()
+
+    def _heartbeat_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(self.lease_s / 3):
+            try:
+                self.renew_lease()
+            except Exception as exc:  # the database is away for a while: the next beat tries again
+                log.warning("could not renew the stream-slot lease: %s", exc)
+
+    def stop_heartbeat(self) -> None:
+        """Stop renewing the lease (close(); tests also use it to play a host that crashed)."""
+        if self._heartbeat is not None:
+            thread, stop = self._heartbeat
+            stop.set()
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
+            self._heartbeat = None
 
     def close_stream(self, stream_id: str) -> None:
         with self._transaction() as db:
-            db.execute("DELETE FROM open_streams WHERE id = ?", (stream_id,))
+            db.conn.execute("DELETE FROM gateway_stream_slots WHERE id = ?", (stream_id,))
+
+    # ------------------------------------------------------------------------------------------- cold starts
 
     def first_sighting(self, instance_id: str) -> bool:
-        """True for exactly one caller across all gateway processes per instance id."""
+        """True for exactly one caller across all gateway processes (and hosts) per instance id."""
         with self._transaction() as db:
-            cur = db.execute("INSERT OR IGNORE INTO seen_instances (instance_id, seen_at) VALUES (?, ?)",
-                             (instance_id, time.time()))
+            cur = db.conn.execute("INSERT INTO gateway_seen_instances (instance_id, seen_at) VALUES (?, ?) "
+                                  "ON CONFLICT (instance_id) DO NOTHING", (instance_id, time.time()))
             return cur.rowcount == 1
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        self.stop_heartbeat()
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+        with self._shared_lock:
+            self._drop_shared_connection()
 
 
-class _Immediate:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): takes the write lock up front, so read-modify-write is atomic."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+def _is_database_error(exc: BaseException) -> bool:
+    """A psycopg error (imported only where PostgreSQL is used)."""
+    return type(exc).__module__.split(".")[0] == "psycopg"

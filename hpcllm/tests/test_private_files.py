@@ -37,6 +37,15 @@ def test_a_config_with_secrets_others_can_read_is_refused_with_the_fix(tmp_path,
     assert load_config(path, private=True).controller.admin_key == "adm1n-for-tests"
 
 
+def test_a_database_password_in_either_url_is_a_secret(tmp_path):
+    path = tmp_path / "hpcllm.toml"
+    path.write_text('[controller]\ndatabase_url = "postgresql://hpcllm:pw@db/hpcllm"\n'
+                    '[gateway]\nlimits_db = "postgresql://gateway:pw@db/limits"\n')
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"holds secrets \(controller.database_url, gateway.limits_db\)"):
+        load_config(path, private=True)
+
+
 def test_configs_without_secrets_and_the_dev_config_may_be_readable(tmp_path):
     plain = tmp_path / "plain.toml"
     plain.write_text('[gateway]\nport = 8001\n')

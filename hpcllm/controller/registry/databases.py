@@ -43,38 +43,45 @@ class Database:
         self.conn.close()
 
 
-def open_database(database_url: str) -> Database:
-    """sqlite:///relative, sqlite:////absolute, sqlite:///:memory:, a bare path, or postgresql://user@host/db."""
-    scheme = database_url.split("://", 1)[0].lower() if "://" in database_url else ""
-    if scheme in POSTGRES_SCHEMES:
-        return _open_postgres(database_url)
-    return _open_sqlite(sqlite_path_from_url(database_url))
+def open_database(database_url: str, *, setting: str = "controller.database_url",
+                  purpose: str = "controller database") -> Database:
+    """sqlite:///relative, sqlite:////absolute, sqlite:///:memory:, a bare path, or postgresql://user@host/db.
+
+    `setting` (the config key the URL came from) and `purpose` name the database in error messages: the gateway's
+    limits database opens through here too."""
+    if is_postgres_url(database_url):
+        return _open_postgres(database_url, setting, purpose)
+    return _open_sqlite(sqlite_path_from_url(database_url, setting), purpose)
 
 
-def sqlite_path_from_url(database_url: str) -> str:
+def is_postgres_url(database_url: str) -> bool:
+    return "://" in database_url and database_url.split("://", 1)[0].lower() in POSTGRES_SCHEMES
+
+
+def sqlite_path_from_url(database_url: str, setting: str = "controller.database_url") -> str:
     """sqlite:///relative/path, sqlite:////absolute/path (SQLAlchemy's convention), sqlite:///:memory:, or a path."""
     if database_url.startswith("sqlite:///"):
         path = database_url[len("sqlite:///"):]
     elif "://" in database_url:
         scheme = database_url.split("://", 1)[0]
         raise DatabaseError(
-            f"controller.database_url {database_url!r}: the {scheme!r} scheme is not supported; use "
+            f"{setting} {database_url!r}: the {scheme!r} scheme is not supported; use "
             f"sqlite:///relative/path, sqlite:////absolute/path or postgresql://user:password@host:port/database"
         )
     else:
         path = database_url
     if not path:
-        raise DatabaseError(f"controller.database_url {database_url!r} names no file")
+        raise DatabaseError(f"{setting} {database_url!r} names no file")
     return path
 
 
-def _open_sqlite(path: str) -> Database:
+def _open_sqlite(path: str, purpose: str) -> Database:
     if path != ":memory:":
         parent = Path(path).expanduser().resolve().parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DatabaseError(f"cannot create the folder {parent} for the controller database: {exc}") from None
+            raise DatabaseError(f"cannot create the folder {parent} for the {purpose}: {exc}") from None
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         conn.row_factory = sqlite3.Row
@@ -82,23 +89,23 @@ def _open_sqlite(path: str) -> Database:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
     except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"cannot open the controller database {path}: {exc}") from None
+        raise DatabaseError(f"cannot open the {purpose} {path}: {exc}") from None
     return Database("sqlite", conn, path, begin_write="BEGIN IMMEDIATE", begin_read="BEGIN")
 
 
-def _open_postgres(database_url: str) -> Database:
+def _open_postgres(database_url: str, setting: str, purpose: str) -> Database:
     label = redact_password(database_url)
     try:
         import psycopg
         from psycopg.rows import dict_row
     except ImportError:
-        raise DatabaseError(f"controller.database_url {label} needs psycopg 3 (PostgreSQL driver), which is not "
+        raise DatabaseError(f"{setting} {label} needs psycopg 3 (PostgreSQL driver), which is not "
                             f"installed: pip install 'hpcllm[postgres]' (or psycopg[binary])") from None
     conninfo = re.sub(r"^[^:]+://", "postgresql://", database_url)
     try:
         conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row, connect_timeout=30)
     except psycopg.Error as exc:
-        raise DatabaseError(f"cannot connect to the controller database {label}: {str(exc).strip()}") from None
+        raise DatabaseError(f"cannot connect to the {purpose} {label}: {str(exc).strip()}") from None
     # Explicit BEGIN/COMMIT in autocommit mode, like the SQLite connection. READ COMMITTED writes are enough: one
     # controller process, whose writes a lock serializes; reads see one snapshot.
     return Database("postgresql", _PostgresConnection(conn), label, begin_write="BEGIN",

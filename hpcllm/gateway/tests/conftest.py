@@ -152,3 +152,33 @@ def gateway(tmp_path_factory, worker_url, tiny_model_dir) -> Iterator[RunningGat
     factory = GatewayFactory(tmp_path_factory.mktemp("gateway"), worker_url, tiny_model_dir)
     yield factory()
     factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server for the session (the controller's tests' pg_server); skipped, with the reason,
+    where there is no server or no psycopg."""
+    from hpcllm.controller.tests import pg_server
+
+    reason = pg_server.missing_reason()
+    if reason:
+        pytest.skip(f"PostgreSQL tests need a local server: {reason}")
+    with pg_server.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def empty_postgres(postgres_url) -> str:
+    """The session's PostgreSQL server with no tables: each test starts from empty limits."""
+    from hpcllm.controller.tests import pg_server
+
+    pg_server.reset_database(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def limits_url(request, tmp_path) -> str:
+    """An empty limits database of each kind."""
+    if request.param == "sqlite":
+        return str(tmp_path / "limits.db")
+    return request.getfixturevalue("empty_postgres")

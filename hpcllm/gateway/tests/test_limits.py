@@ -103,3 +103,68 @@ def test_a_non_streaming_generation_stops_when_its_client_leaves(make_gateway):
     assert generation.completion_tokens < 499  # cancelled, not run to the end
     assert abort_count(gw) == before + 1
     assert_still_serving(gw)
+
+
+# ------------------------------------------------------------------ two gateway hosts, limits in one PostgreSQL
+
+
+def test_two_gateway_hosts_share_a_keys_token_bucket(make_gateway, empty_postgres, tiny_model_dir):
+    """Two gateways (own state dirs) on one PostgreSQL: what one reserved, the other sees. With a bucket per host
+    the second request would be served."""
+    from .conftest import ThreadServer
+    from .test_frontdoor import slow_worker_app
+
+    slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))  # the reservation stays held while it streams
+    settings = dict(api_keys=[{"key": USER_KEY, "tokens_per_minute": 500}], limits_db=empty_postgres,
+                    static_models={MODEL: {"worker_url": slow.url, "source": str(tiny_model_dir)}})
+    host_a, host_b = make_gateway(**settings), make_gateway(**settings)
+    assert host_a.config.paths.state_dir != host_b.config.paths.state_dir
+    try:
+        with open_stream(host_a, max_tokens=400) as first:  # reserves ~402 of the key's 500 tokens on host a
+            lines = first.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            resp = host_b.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 200})
+            error = assert_error(resp, 429, "tokens_limit_exceeded")
+            assert "500 tokens per minute" in error["message"] and float(resp.headers["Retry-After"]) > 5
+            small = host_b.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 5})
+            assert small.status_code == 200  # what is left is still usable from host b
+    finally:
+        slow.stop()
+
+
+def test_two_gateway_hosts_share_a_keys_stream_cap_and_a_crashed_hosts_slots_come_back(
+        make_gateway, empty_postgres, tiny_model_dir):
+    from .conftest import ThreadServer
+    from .test_frontdoor import slow_worker_app
+
+    slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))
+    lease = 3.0  # renewed every 1 s: margin for a loaded machine
+    settings = dict(api_keys=[{"key": USER_KEY, "max_concurrent_streams": 1}], limits_db=empty_postgres,
+                    stream_lease_seconds=lease,
+                    static_models={MODEL: {"worker_url": slow.url, "source": str(tiny_model_dir)}})
+    host_a, host_b = make_gateway(**settings), make_gateway(**settings)
+    try:
+        with open_stream(host_a, max_tokens=200) as first:  # 20 s of tokens: open all through the test
+            lines = first.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            time.sleep(lease * 1.5)  # past one lease: host a renewed its slot meanwhile
+            with open_stream(host_b, max_tokens=2) as second:
+                second.read()
+                assert second.status_code == 429
+                assert json.loads(second.text)["error"]["code"] == "too_many_streams"
+            host_a.state.shared.stop_heartbeat()  # host a goes silent (crashed) with its stream slot taken
+            time.sleep(lease * 1.5)
+            with open_stream(host_b, max_tokens=2) as third:  # host a's slot was reclaimed after its lease
+                assert third.status_code == 200 and third.read().endswith(b"data: [DONE]\n\n")
+    finally:
+        slow.stop()
+
+
+def test_a_lost_postgres_connection_is_a_503_then_reconnects(make_gateway, empty_postgres):
+    gw = make_gateway(limits_db=empty_postgres)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
+    assert gw.post("/v1/completions", json=body).status_code == 200
+    gw.state.shared._shared_db.conn._conn.close()  # as a server restart would leave it
+    error = assert_error(gw.post("/v1/completions", json=body), 503, "service_unavailable")
+    assert "limits database is unreachable" in error["message"]
+    assert gw.post("/v1/completions", json=body).status_code == 200  # a new connection

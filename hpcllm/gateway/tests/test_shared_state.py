@@ -1,14 +1,18 @@
-"""Token buckets in SQLite: correct arithmetic, and one limit shared by several processes (gunicorn workers)."""
+"""Token buckets and stream slots in SQLite and PostgreSQL: correct arithmetic, one limit shared by several
+processes (gunicorn workers) and, on PostgreSQL, by several gateway hosts."""
 
 from __future__ import annotations
 
 import multiprocessing
+import time
+
+import pytest
 
 from hpcllm.gateway.shared_state import SharedState
 
 
-def test_bucket_refills_over_time_and_says_how_long_to_wait(tmp_path):
-    state = SharedState(tmp_path / "limits.db")
+def test_bucket_refills_over_time_and_says_how_long_to_wait(limits_url):
+    state = SharedState(limits_url)
     kw = dict(capacity=10, per_second=1.0)
     assert state.take("b", cost=10, now=100.0, **kw) is None
     assert state.take("b", cost=1, now=100.0, **kw) == 1.0
@@ -17,15 +21,15 @@ def test_bucket_refills_over_time_and_says_how_long_to_wait(tmp_path):
     assert state.level("b", now=1000.0, **kw) == 10  # never above capacity
 
 
-def test_oversized_cost_waits_for_a_full_bucket_then_leaves_debt(tmp_path):
-    state = SharedState(tmp_path / "limits.db")
+def test_oversized_cost_waits_for_a_full_bucket_then_leaves_debt(limits_url):
+    state = SharedState(limits_url)
     kw = dict(capacity=10, per_second=1.0)
     assert state.take("b", cost=25, now=0.0, **kw) is None  # a full bucket admits it
     assert state.take("b", cost=1, now=10.0, **kw) == 6.0  # -15 + 10 = -5: six seconds to one token
 
 
-def test_refund_gives_back_unused_tokens_and_charges_overuse(tmp_path):
-    state = SharedState(tmp_path / "limits.db")
+def test_refund_gives_back_unused_tokens_and_charges_overuse(limits_url):
+    state = SharedState(limits_url)
     kw = dict(capacity=100, per_second=1.0)
     state.take("b", cost=80, now=0.0, **kw)
     state.refund("b", amount=50, now=0.0, **kw)
@@ -34,11 +38,11 @@ def test_refund_gives_back_unused_tokens_and_charges_overuse(tmp_path):
     assert state.level("b", now=0.0, **kw) == 40
 
 
-def test_first_sighting_is_true_once(tmp_path):
-    state = SharedState(tmp_path / "limits.db")
+def test_first_sighting_is_true_once(limits_url):
+    state = SharedState(limits_url)
     assert state.first_sighting("inst-1") is True
     assert state.first_sighting("inst-1") is False
-    assert SharedState(tmp_path / "limits.db").first_sighting("inst-1") is False
+    assert SharedState(limits_url).first_sighting("inst-1") is False
 
 
 def _hammer(path, results, n):
@@ -47,9 +51,10 @@ def _hammer(path, results, n):
     results.put(ok)
 
 
-def test_processes_share_one_limit(tmp_path):
-    """Four processes taking 15 each from a 20-request bucket: 20 succeed in all, not 20 each."""
-    path = tmp_path / "limits.db"
+def test_processes_share_one_limit(limits_url):
+    """Four processes taking 15 each from a 20-request bucket: 20 succeed in all, not 20 each (on PostgreSQL the
+    row lock serializes them as SQLite's file lock does)."""
+    path = limits_url
     SharedState(path).close()
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
@@ -60,3 +65,109 @@ def test_processes_share_one_limit(tmp_path):
         p.join(60)
     total = sum(results.get(timeout=5) for _ in procs)
     assert total == 20
+
+
+def test_stream_slots_are_counted_per_bucket_and_freed_on_close(limits_url):
+    state = SharedState(limits_url)
+    assert state.open_stream("streams:k", "s1", limit=2) and state.open_stream("streams:k", "s2", limit=2)
+    assert state.open_stream("streams:k", "s3", limit=2) is False
+    assert state.open_stream("streams:other", "s4", limit=2) is True  # another key's slots
+    state.close_stream("s1")
+    assert state.open_stream("streams:k", "s3", limit=2) is True
+    state.close()
+
+
+def _hold_a_slot(url, ready):
+    state = SharedState(url)
+    ready.put(state.open_stream("streams:k", "held-by-child", limit=1))
+    time.sleep(600)
+
+
+def test_a_killed_process_frees_its_slots_at_once(limits_url):
+    """A gunicorn worker killed with its streams open: its pid is gone on this host, no need to wait for a lease."""
+    state = SharedState(limits_url, lease_s=3600)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Queue()
+    child = ctx.Process(target=_hold_a_slot, args=(limits_url, ready))
+    child.start()
+    try:
+        assert ready.get(timeout=30) is True
+        assert state.open_stream("streams:k", "mine", limit=1) is False  # the child is alive and holds it
+    finally:
+        child.kill()
+        child.join(10)
+    assert state.open_stream("streams:k", "mine", limit=1) is True
+    state.close()
+
+
+# ------------------------------------------------------------------ several gateway hosts on one PostgreSQL server
+
+
+def test_two_hosts_share_one_bucket(empty_postgres):
+    kw = dict(capacity=100, per_second=100 / 60)
+    host_a, host_b = SharedState(empty_postgres, host="gw-a"), SharedState(empty_postgres, host="gw-b")
+    assert host_a.take("tokens:k", cost=70, **kw) is None
+    wait = host_b.take("tokens:k", cost=70, **kw)  # host b sees the 70 host a used
+    assert wait is not None and wait > 20
+    assert host_b.take("tokens:k", cost=25, **kw) is None
+    assert host_a.level("tokens:k", **kw) < 10
+    host_a.close(), host_b.close()
+
+
+def test_a_crashed_hosts_stream_slots_are_freed_after_its_lease(empty_postgres):
+    lease = 3.0  # renewed every 1 s: margin for a loaded machine
+    crashed = SharedState(empty_postgres, host="gw-crashed", lease_s=lease)
+    alive = SharedState(empty_postgres, host="gw-alive", lease_s=lease)
+    other = SharedState(empty_postgres, host="gw-other", lease_s=lease)
+    assert crashed.open_stream("streams:k", "c1", limit=2) is True
+    assert alive.open_stream("streams:k", "a1", limit=2) is True
+    assert other.open_stream("streams:k", "o1", limit=2) is False  # the two hosts hold the key's 2 slots
+    crashed.stop_heartbeat()  # the host goes silent with its stream open: no close_stream ever comes
+    time.sleep(lease * 1.6)  # past the crashed host's lease; the live host renewed twice meanwhile
+    assert other.open_stream("streams:k", "o1", limit=2) is True  # the crashed host's slot was freed...
+    assert other.open_stream("streams:k", "o2", limit=2) is False  # ...the live host's was not
+    for state in (crashed, alive, other):
+        state.close()
+
+
+def _take_from_a_host(url, host, results):
+    state = SharedState(url, host=host)
+    results.put(sum(state.take("shared", capacity=30, per_second=30 / 3600, cost=1) is None for _ in range(20)))
+
+
+def test_hosts_racing_on_one_bucket_take_exactly_its_capacity(empty_postgres):
+    """Three "hosts" (processes with their own connections) x 20 takes from a 30-request bucket: 30 in all."""
+    SharedState(empty_postgres).close()
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_take_from_a_host, args=(empty_postgres, f"gw-{i}", results)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sum(results.get(timeout=5) for _ in procs) == 30
+
+
+def test_an_unreachable_postgres_is_a_clear_error(tmp_path):
+    from hpcllm.controller.errors import DatabaseError
+    from hpcllm.controller.tests.pg_server import _free_port
+
+    pytest.importorskip("psycopg")
+    url = f"postgresql://gw:secret@127.0.0.1:{_free_port()}/limits"
+    with pytest.raises(DatabaseError, match=r"cannot connect to the gateway limits database "
+                                            r"postgresql://gw:\*\*\*@127\.0\.0\.1"):
+        SharedState(url)
+
+
+def test_the_limits_follow_a_postgresql_registry_unless_set(tmp_path):
+    from hpcllm.config import parse_config
+    from hpcllm.gateway.runtime import limits_db_url
+
+    def url(**sections) -> str:
+        return limits_db_url(parse_config({"paths": {"state_dir": str(tmp_path)}, **sections}))
+
+    assert url() == str(tmp_path / "gateway" / "limits.db")  # the default: this host's SQLite file
+    assert url(controller={"database_url": f"sqlite:///{tmp_path}/c.db"}) == str(tmp_path / "gateway" / "limits.db")
+    registry = "postgresql://hpcllm@db.example/hpcllm"
+    assert url(controller={"database_url": registry}) == registry  # every gateway host shares the registry's
+    assert url(controller={"database_url": registry}, gateway={"limits_db": "/var/tmp/l.db"}) == "/var/tmp/l.db"
