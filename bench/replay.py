@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/replay.py [--policies hpcllm,serverlessllm,no-locality,random,per-model]
         [--models 4] [--rate 0.5] [--duration 120] [--arrivals gamma --cv 2] [--seed 0] [--drain 180]
-        [--no-compare]
+        [--preempt-at 60 --policies hpcllm,restart] [--no-compare]
 
 For each policy (configuration of the real controller, docs/placement.md "Baseline policies"; the same table
 bench/simulate.py uses): a fresh `hpcllm controller` + gunicorn `hpcllm gateway` on the dev cluster
@@ -55,8 +55,9 @@ DEVCLUSTER = REPO / "slurm" / "devcluster.sh"
 DEVCLUSTER_DIR = Path(os.environ.get("HPCLLM_DEVCLUSTER_DIR", "/var/tmp/hpcllm-devcluster"))
 # The trace's size class -> the dev model size that stands for it (CPU-served, minutes of traffic on 2 cores).
 DEV_SIZE = {"7b": "tiny", "13b": "small", "34b": "small", "70b": "small"}
-# Without preemptions injected, "restart" (node.on_preempt) behaves as hpcllm: not replayed.
-REPLAY_POLICIES = ("hpcllm", "serverlessllm", "no-locality", "random", "per-model")
+# "restart" (node.on_preempt) differs from hpcllm only when a node is preempted: it needs --preempt-at.
+REPLAY_POLICIES = ("hpcllm", "serverlessllm", "no-locality", "random", "per-model", "restart")
+DEFAULT_POLICIES = REPLAY_POLICIES[:-1]
 SECRET, ADMIN, USER_KEY = "replay-secret", "replay-admin", "replay-user"
 SAMPLE_SECONDS = 2.0
 MAX_INSTANCES = 2  # per model
@@ -255,6 +256,34 @@ class AllocationTracker(threading.Thread):
         self.sample()
 
 
+def preempt_busiest_node(controller_url: str, env: dict[str, str], own_jobs: list[str]) -> dict:
+    """Slurm preemption as the dev cluster does it (docs/devcluster.md): a job in the `high` partition asking for
+    both GPUs of the node whose instances run the most requests, so Slurm preempts the controller's allocation there
+    (USR1 to its agent, which drains per node.on_preempt). Only a node that runs nothing but this replay's
+    allocations is preempted: other users' jobs on the shared dev cluster are never touched."""
+    from e2e_helpers import admin_status
+
+    status = admin_status(controller_url, ADMIN)
+    load: dict[str, int] = {}
+    for inst in status["instances"]:
+        if inst["state"] == "ready":
+            load[inst["node_id"]] = load.get(inst["node_id"], 0) + inst["running_requests"]
+    mine = {a["job_id"] for a in status["allocations"]}
+    for node in sorted(load, key=load.get, reverse=True):
+        on_node = subprocess.run(["squeue", "-h", "-w", node, "-o", "%i"], capture_output=True, text=True,
+                                 timeout=30, env=env).stdout.split()
+        if on_node and set(on_node) <= mine:
+            job = subprocess.run(["sbatch", "--parsable", "-p", "high", "-w", node, "--gres=gpu:2", "-t", "2",
+                                  "-J", f"hpcllm-replay{os.getpid()}-preemptor", "-o", "/dev/null", "--wrap",
+                                  "sleep 100"], capture_output=True, text=True, timeout=30, env=env)
+            if job.returncode != 0:
+                return {"node": node, "error": job.stderr.strip()}
+            own_jobs.append(job.stdout.strip().split(";")[0])
+            return {"node": node, "running_requests": load[node], "preemptor_job": own_jobs[-1],
+                    "victims": on_node}
+    return {"error": f"no node with a ready instance runs only this replay's jobs (busy nodes: {load})"}
+
+
 def send(client, req: Request, prompt: str, t0: float, deadline: float) -> dict:
     """One request at its arrival time: a streaming completion; TTFT and end-to-end seconds, or the error."""
     import openai
@@ -298,8 +327,10 @@ def write_config(root: Path, policy: str, models_dir: Path, controller_port: int
 
 
 def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request], sources: dict[str, Path],
-                  prompts: dict[int, str], env: dict[str, str], drain: float, walltime: str) -> tuple[dict, dict]:
-    """A fresh stack, the trace replayed through its gateway; (report, raw measurements)."""
+                  prompts: dict[int, str], env: dict[str, str], drain: float, walltime: str,
+                  preempt_at: float | None = None) -> tuple[dict, dict]:
+    """A fresh stack, the trace replayed through its gateway (and, with preempt_at, one node preempted that many
+    seconds into the trace); (report, raw measurements)."""
     import httpx
     import openai
 
@@ -315,9 +346,10 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
                                walltime)
     env = {**env, "HPCLLM_CONFIG": str(config_path)}
     model_fields = POLICIES[policy].get("model", {})
-    tracker = None
+    tracker, preemption, preemptors = None, {}, []
     try:
-        with control_plane(root, config_path, controller_port, gateway_port, env, ADMIN) as (gateway_url, ctl_url):
+        with control_plane(root, config_path, controller_port, gateway_port, env, ADMIN,
+                           extra_jobs=lambda: preemptors) as (gateway_url, ctl_url):
             for m in models:
                 deployed = httpx.post(f"{ctl_url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"},
                                       timeout=60, json={"name": m.name, "source": str(sources[m.name]), "gpus": 0,
@@ -332,6 +364,11 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
             with openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=USER_KEY, max_retries=0, timeout=600) as client:
                 with ThreadPoolExecutor(min(256, len(requests))) as pool:
                     futures = [pool.submit(send, client, r, prompts[r.id], t0, deadline) for r in requests]
+                    if preempt_at is not None:
+                        time.sleep(max(0.0, t0 + preempt_at - time.monotonic()))
+                        preemption = preempt_busiest_node(ctl_url, env, preemptors)
+                        preemption["at"] = round(time.monotonic() - t0, 1)
+                        print(f"    preemption: {preemption}", flush=True)
                     records = [f.result() for f in futures]
             tracker.stop()
             ended = time.monotonic() - t0
@@ -343,6 +380,7 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
     cold = list(tracker.cold_starts.values()) if tracker else []
     report = summarize(policy, records, cold, allocations, gpus_per_node=1)
     report["replay_seconds"] = round(ended, 1)
+    report["preemption"] = preemption
     return report, {"records": records, "cold_starts": cold, "allocations": allocations}
 
 
@@ -376,7 +414,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, WorkloadParams(models=4, rate=0.5, duration=120.0, arrivals="gamma", cv=2.0,
                                          lengths="dev", seed=0))
-    parser.add_argument("--policies", default=",".join(REPLAY_POLICIES))
+    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES),
+                        help=f"comma-separated, of {', '.join(REPLAY_POLICIES)} (restart needs --preempt-at)")
+    parser.add_argument("--preempt-at", type=float, help="seconds into the trace at which Slurm preempts the busiest "
+                        "node (a `high` partition job), in every policy's replay")
     parser.add_argument("--drain", type=float, default=180.0, help="seconds after the last arrival before a request "
                         "that has not finished counts as lost")
     parser.add_argument("--walltime", default="00:30:00", help="Slurm time of the controller's allocations")
@@ -389,6 +430,10 @@ def main() -> int:
         parser.error(f"--policies: unknown {unknown}; choose from {', '.join(REPLAY_POLICIES)}")
     if args.drain <= 0:
         parser.error("--drain must be positive")
+    if "restart" in policies and args.preempt_at is None:
+        parser.error("--policies restart differs from hpcllm only under preemption: add --preempt-at SECONDS")
+    if args.preempt_at is not None and not 0 <= args.preempt_at < args.duration:
+        parser.error("--preempt-at must be within the trace: 0 <= SECONDS < --duration")
     if args.lengths != "dev":
         parser.error("--lengths must be dev: the dev cluster's tiny CPU models have 512-1024 positions")
     try:
@@ -417,7 +462,7 @@ def main() -> int:
         for policy in policies:
             t = time.perf_counter()
             report, raw[policy] = replay_policy(policy, models, requests, sources, prompts, env, args.drain,
-                                                args.walltime)
+                                                args.walltime, args.preempt_at)
             reports.append(report)
             print(f"  {policy}: {report['served']}/{report['requests']} served, {report['allocations']} allocations, "
                   f"errors {report['errors'] or 'none'}; {time.perf_counter() - t:.0f} s", flush=True)
@@ -439,6 +484,7 @@ def main() -> int:
     result = {"workload": asdict(wparams), "models": [asdict(m) for m in dev_models],
               "requests": [asdict(r) for r in requests], "reports": reports, "calibration": calibration,
               "walltime": args.walltime, "drain": args.drain, "max_instances": MAX_INSTANCES,
+              "preempt_at": args.preempt_at,
               "load_average": {"before": load_before, "after": load_after},
               "raw": raw}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,7 @@ class SimParams:
     dram_capacity_gb: float = 512.0
     nvme_capacity_gb: float = 3000.0
     preempt_rate: float = 0.05  # preemptions per allocation-hour
+    preempt_at: float | None = None  # s after the start: one preemption of the busiest node (--compare)
     walltime: str = "04:00:00"
     max_instances: int = 4
     tail: float = 900.0  # s simulated after the last arrival, for requests to finish
@@ -613,6 +614,12 @@ class Simulation:
         self.slurm.end(job.job_id, JobState.PREEMPTED)
         self.slurm.hold_for_other(job.node, 3600.0)
 
+    def preempt_busiest(self) -> None:
+        """One preemption where bench/replay.py --preempt-at injects it: the node running the most requests."""
+        busy = [n for n in self.nodes.values() if self.slurm.jobs[n.job_id].state == JobState.RUNNING]
+        if busy:
+            self.preempt(self.slurm.jobs[max(busy, key=lambda n: n.load()).job_id])
+
     def _migrate_on_drain(self, node: SimNode, inst: SimInstance) -> None:
         try:
             target = self.controller.migration_target(MigrationTargetRequest(model=inst.model.name,
@@ -735,6 +742,8 @@ class Simulation:
         for req in self.requests:
             self.loop.at(self.start + req.req.t, self.arrive, req)
         self.loop.at(self.start, self.tick)
+        if self.params.preempt_at is not None:
+            self.loop.at(self.start + self.params.preempt_at, self.preempt_busiest)
         last = max((r.req.t for r in self.requests), default=0.0)
         end = self.start + last + self.params.tail
         self.loop.run(end)
@@ -944,6 +953,7 @@ def replay_sim_params(result: dict) -> SimParams:
     return SimParams(nodes=4, gpus_per_node=1, queue_wait=cal["queue_wait"], instance_overhead=cal["instance_overhead"],
                      preempt_rate=0.0, walltime=result["walltime"], max_instances=result.get("max_instances", 2),
                      tail=result.get("drain", 180.0), seed=result["workload"]["seed"],
+                     preempt_at=result.get("preempt_at"),
                      service={size: tuple(v) for size, v in cal["service"].items()},
                      controller={"tick_seconds": 1.0, "allocation_start_estimate_seconds": 5.0},
                      bandwidth_source="defaults (dev checkpoints are MBs: the instance start dominates)")

@@ -124,3 +124,14 @@ def test_compare_command_prints_the_table_and_refuses_a_file_that_is_not_a_resul
                          text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "not a readable bench/replay.py result" in run.stderr
+
+
+def test_compare_injects_the_replays_preemption_in_the_busiest_node():
+    # A long request on the tiny model is running at 40 s: the preemption injected there ends its node's job, and
+    # the request still finishes (resumed or live-migrated elsewhere).
+    requests = [Request(0, 0.0, TINY.name, 50, 10), Request(1, 30.0, TINY.name, 50, 400)]
+    result = replay_result(requests)
+    simulated = compare_with_replay({**result, "preempt_at": 40.0})
+    assert [s["preemptions"] for s in simulated] == [1, 1]
+    assert all(s["served"] == 2 for s in simulated)
+    assert [s["preemptions"] for s in compare_with_replay(result)] == [0, 0]
