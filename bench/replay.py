@@ -20,7 +20,8 @@ calibrated from this run: worker service rates from the fastest quarter of reque
 measured cold starts, queue wait from the measured allocations) and prints simulated vs measured side by side.
 `python bench/simulate.py --compare bench/results/replay-latest.json` repeats that comparison later.
 
-Writes bench/results/replay-<time>.json (+ replay-latest.json) and replay-<time>.png (TTFT and E2E CDFs).
+Writes bench/results/replay-<time>.json (+ replay-latest.json), replay-<time>.png (TTFT and E2E CDFs) and the
+services' logs under replay-<time>-logs/<policy>/.
 The dev cluster shares this host's 2 cores with whatever else runs: the load average is printed and recorded.
 """
 
@@ -328,7 +329,7 @@ def write_config(root: Path, policy: str, models_dir: Path, controller_port: int
 
 def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request], sources: dict[str, Path],
                   prompts: dict[int, str], env: dict[str, str], drain: float, walltime: str,
-                  preempt_at: float | None = None) -> tuple[dict, dict]:
+                  logs: Path, preempt_at: float | None = None) -> tuple[dict, dict]:
     """A fresh stack, the trace replayed through its gateway (and, with preempt_at, one node preempted that many
     seconds into the trace); (report, raw measurements)."""
     import httpx
@@ -339,7 +340,7 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
 
     root = Path(tempfile.mkdtemp(prefix=f"hpcllm-replay-{policy}-", dir="/var/tmp"))
     root.chmod(0o755)
-    logs = RESULTS / "replay-logs" / policy
+    logs = logs / policy
     logs.mkdir(parents=True, exist_ok=True)
     controller_port, gateway_port = free_port(), free_port()
     config_path = write_config(root, policy, next(iter(sources.values())).parent, controller_port, gateway_port,
@@ -450,6 +451,7 @@ def main() -> int:
     print(f"workload: {len(requests)} requests over {wparams.duration:.0f} s, {len(models)} models "
           f"({', '.join(f'{m.name}={DEV_SIZE[m.size_class]}' for m in models)}), {wparams.arrivals} arrivals, "
           f"seed {wparams.seed}", flush=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     env = ensure_cluster()
     build = Path(tempfile.mkdtemp(prefix="hpcllm-replay-models-", dir="/var/tmp"))
     build.chmod(0o755)
@@ -462,7 +464,7 @@ def main() -> int:
         for policy in policies:
             t = time.perf_counter()
             report, raw[policy] = replay_policy(policy, models, requests, sources, prompts, env, args.drain,
-                                                args.walltime, args.preempt_at)
+                                                args.walltime, args.out / f"replay-{stamp}-logs", args.preempt_at)
             reports.append(report)
             print(f"  {policy}: {report['served']}/{report['requests']} served, {report['allocations']} allocations, "
                   f"errors {report['errors'] or 'none'}; {time.perf_counter() - t:.0f} s", flush=True)
@@ -488,7 +490,6 @@ def main() -> int:
               "load_average": {"before": load_before, "after": load_after},
               "raw": raw}
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     name = args.out / f"replay-{stamp}"
     if not args.no_compare:
         from simulate import compare_with_replay, comparison_table
@@ -500,7 +501,7 @@ def main() -> int:
     name.with_suffix(".json").write_text(json.dumps(result))
     plot(reports, name.with_suffix(".png"), f"dev cluster replay: {len(requests)} requests, {len(models)} models, "
          f"{wparams.arrivals} arrivals (load average {load_before[0]:.1f})")
-    for made in args.out.glob(f"replay-{stamp}*"):
+    for made in args.out.glob(f"replay-{stamp}.*"):
         shutil.copyfile(made, args.out / made.name.replace(stamp, "latest"))
     print(f"wrote {name}.json and .png (and replay-latest.*)")
     return 0
