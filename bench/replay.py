@@ -13,7 +13,7 @@ at its arrival time with the official `openai` client (streaming completion, tem
 has the trace's length). Measured per request: TTFT (send to first streamed text) and end-to-end latency; an error
 or a stream that did not finish within --drain seconds after the last arrival counts as lost. Per policy: cold starts
 by load tier (the controller's /v1/admin/status cold_starts), slot-seconds held (running time of the controller's
-Slurm allocations, sampled every 2 s from the status, times slurm.gpus_per_node), requests lost.
+Slurm allocations, sampled every 2 s from the status, times the node's 2 GPUs each holds), requests lost.
 
 Then (unless --no-compare) bench/simulate.py runs the same trace at dev-cluster size (4 nodes, the same policies,
 calibrated from this run: worker service rates from the fastest quarter of requests, instance start from the
@@ -62,6 +62,7 @@ DEFAULT_POLICIES = REPLAY_POLICIES[:-1]
 SECRET, ADMIN, USER_KEY = "replay-secret", "replay-admin", "replay-user"
 SAMPLE_SECONDS = 2.0
 MAX_INSTANCES = 2  # per model
+GPUS_PER_NODE = 2  # of a dev cluster node: what each allocation holds (SBATCH_GRES below)
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -320,7 +321,7 @@ def write_config(root: Path, policy: str, models_dir: Path, controller_port: int
     return write_e2e_config(
         root, secret=SECRET, admin=ADMIN, controller_port=controller_port, namespace=f"replay{os.getpid()}{policy}",
         gateway_port=gateway_port, user_key=USER_KEY, paths={"models_dir": str(models_dir)},
-        slurm={"time": walltime, "gpus_per_node": 1},
+        slurm={"time": walltime, "gpus_per_node": GPUS_PER_NODE},
         node=overrides.get("node", {}),
         controller={"allocate_on_demand": True, "allocation_start_estimate_seconds": 5.0,
                     **overrides.get("controller", {})},
@@ -345,7 +346,10 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
     controller_port, gateway_port = free_port(), free_port()
     config_path = write_config(root, policy, next(iter(sources.values())).parent, controller_port, gateway_port,
                                walltime)
-    env = {**env, "HPCLLM_CONFIG": str(config_path)}
+    # Each allocation holds its node's 2 (fake) GPUs, as on a GPU cluster: the dev models are CPU-served (gpus = 0),
+    # so the controller's jobs ask for no GPU and Slurm would pack allocations submitted together onto one node,
+    # where only the first agent can register (one agent per node).
+    env = {**env, "HPCLLM_CONFIG": str(config_path), "SBATCH_GRES": f"gpu:{GPUS_PER_NODE}"}
     model_fields = POLICIES[policy].get("model", {})
     tracker, preemption, preemptors = None, {}, []
     try:
@@ -379,7 +383,7 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
         clean_up_e2e(root, logs, f"replay{os.getpid()}{policy}")
     allocations = tracker.allocations if tracker else {}
     cold = list(tracker.cold_starts.values()) if tracker else []
-    report = summarize(policy, records, cold, allocations, gpus_per_node=1)
+    report = summarize(policy, records, cold, allocations, gpus_per_node=GPUS_PER_NODE)
     report["replay_seconds"] = round(ended, 1)
     report["preemption"] = preemption
     return report, {"records": records, "cold_starts": cold, "allocations": allocations}

@@ -950,7 +950,7 @@ def replay_sim_params(result: dict) -> SimParams:
     """The dev cluster as bench/replay.py ran it (4 nodes, CPU-served dev models, its controller settings), with
     the service rates, instance start and queue wait that replay measured (its "calibration")."""
     cal = result["calibration"]
-    return SimParams(nodes=4, gpus_per_node=1, queue_wait=cal["queue_wait"], instance_overhead=cal["instance_overhead"],
+    return SimParams(nodes=4, gpus_per_node=2, queue_wait=cal["queue_wait"], instance_overhead=cal["instance_overhead"],
                      preempt_rate=0.0, walltime=result["walltime"], max_instances=result.get("max_instances", 2),
                      tail=result.get("drain", 180.0), seed=result["workload"]["seed"],
                      preempt_at=result.get("preempt_at"),
