@@ -271,7 +271,7 @@ def preempt_busiest_node(controller_url: str, env: dict[str, str], own_jobs: lis
         if inst["state"] == "ready":
             load[inst["node_id"]] = load.get(inst["node_id"], 0) + inst["running_requests"]
     mine = {a["job_id"] for a in status["allocations"]}
-    for node in sorted(load, key=load.get, reverse=True):
+    for node in sorted((n for n in load if load[n]), key=load.get, reverse=True):
         on_node = subprocess.run(["squeue", "-h", "-w", node, "-o", "%i"], capture_output=True, text=True,
                                  timeout=30, env=env).stdout.split()
         if on_node and set(on_node) <= mine:
@@ -283,7 +283,8 @@ def preempt_busiest_node(controller_url: str, env: dict[str, str], own_jobs: lis
             own_jobs.append(job.stdout.strip().split(";")[0])
             return {"node": node, "running_requests": load[node], "preemptor_job": own_jobs[-1],
                     "victims": on_node}
-    return {"error": f"no node with a ready instance runs only this replay's jobs (busy nodes: {load})"}
+    return {"error": f"no node running requests runs only this replay's jobs (ready instances' requests by node: "
+                     f"{load})"}
 
 
 def send(client, req: Request, prompt: str, t0: float, deadline: float) -> dict:
@@ -371,7 +372,10 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
                     futures = [pool.submit(send, client, r, prompts[r.id], t0, deadline) for r in requests]
                     if preempt_at is not None:
                         time.sleep(max(0.0, t0 + preempt_at - time.monotonic()))
-                        preemption = preempt_busiest_node(ctl_url, env, preemptors)
+                        # No node serves anything yet (cold starts): try again until the last arrival.
+                        while "error" in (preemption := preempt_busiest_node(ctl_url, env, preemptors)) \
+                                and time.monotonic() < t0 + last:
+                            time.sleep(SAMPLE_SECONDS)
                         preemption["at"] = round(time.monotonic() - t0, 1)
                         print(f"    preemption: {preemption}", flush=True)
                     records = [f.result() for f in futures]
