@@ -953,7 +953,6 @@ def replay_sim_params(result: dict) -> SimParams:
     return SimParams(nodes=4, gpus_per_node=2, queue_wait=cal["queue_wait"], instance_overhead=cal["instance_overhead"],
                      preempt_rate=0.0, walltime=result["walltime"], max_instances=result.get("max_instances", 2),
                      tail=result.get("drain", 180.0), seed=result["workload"]["seed"],
-                     preempt_at=result.get("preempt_at"),
                      service={size: tuple(v) for size, v in cal["service"].items()},
                      controller={"tick_seconds": 1.0, "allocation_start_estimate_seconds": 5.0},
                      bandwidth_source="defaults (dev checkpoints are MBs: the instance start dominates)")
@@ -964,9 +963,16 @@ def compare_with_replay(result: dict) -> list[dict]:
     models = [ModelInfo(**m) for m in result["models"]]
     requests = [Request(**r) for r in result["requests"]]
     params = replay_sim_params(result)
-    # Each policy's held slots count up to when its own replay ended.
-    return [simulate([r["policy"]], models, requests, replace(params, cost_horizon=r.get("replay_seconds")))[0]
+    # Each policy's held slots count up to when its own replay ended; its preemption (if one was made) comes when it
+    # came in its replay (the replay waits for a node that serves requests).
+    return [simulate([r["policy"]], models, requests,
+                     replace(params, cost_horizon=r.get("replay_seconds"), preempt_at=preempted_at(r)))[0]
             for r in result["reports"]]
+
+
+def preempted_at(report: dict) -> float | None:
+    preemption = report.get("preemption") or {}
+    return preemption.get("at") if "preemptor_job" in preemption else None
 
 
 COMPARED = (("TTFT mean", ("ttft", "mean")), ("TTFT p50", ("ttft", "p50")), ("TTFT p99", ("ttft", "p99")),

@@ -131,7 +131,12 @@ def test_compare_injects_the_replays_preemption_in_the_busiest_node():
     # the request still finishes (resumed or live-migrated elsewhere).
     requests = [Request(0, 0.0, TINY.name, 50, 10), Request(1, 30.0, TINY.name, 50, 400)]
     result = replay_result(requests)
-    simulated = compare_with_replay({**result, "preempt_at": 40.0})
+    preempted = {**result, "reports": [{**r, "preemption": {"node": "n1", "preemptor_job": "9", "at": 40.0}}
+                                       for r in result["reports"]]}
+    simulated = compare_with_replay(preempted)
     assert [s["preemptions"] for s in simulated] == [1, 1]
     assert all(s["served"] == 2 for s in simulated)
     assert [s["preemptions"] for s in compare_with_replay(result)] == [0, 0]
+    # A preemption the replay could not make (no node served anything only of its own) is not simulated either.
+    failed = {**result, "reports": [{**r, "preemption": {"error": "no node", "at": 89.0}} for r in result["reports"]]}
+    assert [s["preemptions"] for s in compare_with_replay(failed)] == [0, 0]
