@@ -61,6 +61,7 @@ REPLAY_POLICIES = ("hpcllm", "serverlessllm", "no-locality", "random", "per-mode
 DEFAULT_POLICIES = REPLAY_POLICIES[:-1]
 SECRET, ADMIN, USER_KEY = "replay-secret", "replay-admin", "replay-user"
 SAMPLE_SECONDS = 2.0
+AGENT_UP_MIN = 5.0  # s: a cold start longer than this waited for a new allocation's agent
 MAX_INSTANCES = 2  # per model
 GPUS_PER_NODE = 2  # of a dev cluster node: what each allocation holds (SBATCH_GRES below)
 
@@ -138,7 +139,8 @@ def calibrate(records: list[dict], cold_starts: list[dict], allocations: dict[st
       prefill tokens/s (median prompt_tokens / ttft over the fastest quarter of TTFTs: requests that met a ready,
       idle-ish instance);
     - instance start: the median cold-start load_seconds (tiny checkpoints: the worker start, not the bytes);
-    - queue wait: the mean of allocations' started_at - submitted_at.
+    - queue wait: the mean of allocations' started_at - submitted_at;
+    - agent start: the median cold start that waited for an allocation, less the two above.
     """
     service = {}
     for size in sorted(set(size_class.values())):
@@ -153,8 +155,16 @@ def calibrate(records: list[dict], cold_starts: list[dict], allocations: dict[st
     loads = [c["load_seconds"] for c in cold_starts if c.get("load_seconds")]
     waits = [a["started_at"] - a["submitted_at"] for a in allocations.values()
              if a.get("started_at") is not None and a.get("submitted_at") is not None]
-    return {"service": service, "instance_overhead": float(np.median(loads)) if loads else 2.0,
-            "queue_wait": float(np.mean(waits)) if waits else 1.0}
+    overhead = float(np.median(loads)) if loads else 2.0
+    queue_wait = float(np.mean(waits)) if waits else 1.0
+    # Cold starts that waited for a new allocation (longer than AGENT_UP_MIN: on a registered node they take about a
+    # second) minus the queue wait and the instance start: the job's start to a registered agent that can load.
+    on_new_allocation = [c["ready_at"] - c["requested_at"] for c in cold_starts
+                         if c.get("ready_at") is not None and c["ready_at"] - c["requested_at"] > AGENT_UP_MIN]
+    agent_start = (max(0.0, float(np.median(on_new_allocation)) - queue_wait - overhead) if on_new_allocation
+                   else None)
+    return {"service": service, "instance_overhead": overhead, "queue_wait": queue_wait,
+            "agent_start_seconds": agent_start}
 
 
 # ------------------------------------------------------------------------------------------ the dev cluster

@@ -954,7 +954,9 @@ def replay_sim_params(result: dict) -> SimParams:
                      preempt_rate=0.0, walltime=result["walltime"], max_instances=result.get("max_instances", 2),
                      tail=result.get("drain", 180.0), seed=result["workload"]["seed"],
                      service={size: tuple(v) for size, v in cal["service"].items()},
-                     controller={"tick_seconds": 1.0, "allocation_start_estimate_seconds": 5.0},
+                     controller={"tick_seconds": 1.0, "allocation_start_estimate_seconds": 5.0,
+                                 **({"agent_start_seconds": cal["agent_start_seconds"]}
+                                    if cal.get("agent_start_seconds") is not None else {})},
                      bandwidth_source="defaults (dev checkpoints are MBs: the instance start dominates)")
 
 

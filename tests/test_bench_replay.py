@@ -56,7 +56,10 @@ def test_calibration_takes_decode_rate_from_all_and_prefill_rate_from_the_fastes
     # gives 100 prefill tokens/s; the 30 s TTFT (a cold start) does not lower it.
     records = [record(i, float(i), TINY.name, ttft, ttft + 0.9) for i, ttft in enumerate([0.5, 0.5, 30.0, 1.0])]
     records.append(record(9, 9.0, TINY.name, None, None, tokens=0, error="APIError: x"))
-    cold = [{"load_seconds": 8.0}, {"load_seconds": 12.0}, {"load_seconds": None}]
+    # Two cold starts waited for a new allocation (30 s and 40 s from request to ready), one found a node up.
+    cold = [{"load_seconds": 8.0, "requested_at": 0.0, "ready_at": 30.0},
+            {"load_seconds": 12.0, "requested_at": 0.0, "ready_at": 40.0},
+            {"load_seconds": None, "requested_at": 0.0, "ready_at": 1.0}]
     allocations = {"a": {"submitted_at": 0.0, "started_at": 2.0}, "b": {"submitted_at": 0.0, "started_at": 4.0},
                    "c": {"submitted_at": 0.0, "started_at": None}}
     cal = calibrate(records, cold, allocations, {TINY.name: "tiny"})
@@ -65,6 +68,7 @@ def test_calibration_takes_decode_rate_from_all_and_prefill_rate_from_the_fastes
     assert prefill == pytest.approx(100.0)
     assert cal["instance_overhead"] == pytest.approx(10.0)
     assert cal["queue_wait"] == pytest.approx(3.0)
+    assert cal["agent_start_seconds"] == pytest.approx(35.0 - 3.0 - 10.0)
 
 
 def test_relative_error_and_comparison_rows():
