@@ -3,6 +3,7 @@
     .venv/bin/python bench/simulate.py [--nodes 1000] [--models 100] [--rate 2] [--duration 600] [--jobs 3]
         [--policies hpcllm,serverlessllm,no-locality,random,per-model,restart] [--preempt-rate 0.05] [--seed 0]
         [--trace trace.json] [--sweep [--sweep-nodes 100,300,1000] [--sweep-loads 1,3]]
+    .venv/bin/python bench/simulate.py --compare bench/results/replay-latest.json
 
 No second copy of the policy: every decision is made by hpcllm.controller's own Controller (routing, placement,
 migration of victims, migration targets) and Autoscaler (scale to zero, allocations, retirement, demand), on an
@@ -52,7 +53,7 @@ import shutil
 import time
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -124,11 +125,16 @@ class SimParams:
     dram_capacity_gb: float = 512.0
     nvme_capacity_gb: float = 3000.0
     preempt_rate: float = 0.05  # preemptions per allocation-hour
+    preempt_at: float | None = None  # s after the start: one preemption of the busiest node (--compare)
     walltime: str = "04:00:00"
     max_instances: int = 4
     tail: float = 900.0  # s simulated after the last arrival, for requests to finish
     seed: int = 0
     service: dict = field(default_factory=lambda: dict(SERVICE))
+    controller: dict = field(default_factory=dict)  # extra [controller] keys (--compare: the replay's)
+    # Seconds after the start up to which held slots count (None: to the end of the run). --compare: when the
+    # replay stopped its stack (its last request done), so both count the same span.
+    cost_horizon: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------- event loop
@@ -456,7 +462,7 @@ class Simulation:
                            # Ended allocations are kept for `hpcllm status` only (and 5 x preferred_node_wait_seconds
                            # for placement): a shorter history keeps the registry reads of a long run small.
                            "history_seconds": 600,
-                           **overrides.get("controller", {})}})
+                           **params.controller, **overrides.get("controller", {})}})
         self.nvme: dict[str, OrderedDict] = defaultdict(OrderedDict)
         self.slurm = SimSlurm(self)
         self.registry = Registry(self.config.controller.database_url)
@@ -608,6 +614,12 @@ class Simulation:
         self.slurm.end(job.job_id, JobState.PREEMPTED)
         self.slurm.hold_for_other(job.node, 3600.0)
 
+    def preempt_busiest(self) -> None:
+        """One preemption where bench/replay.py --preempt-at injects it: the node running the most requests."""
+        busy = [n for n in self.nodes.values() if self.slurm.jobs[n.job_id].state == JobState.RUNNING]
+        if busy:
+            self.preempt(self.slurm.jobs[max(busy, key=lambda n: n.load()).job_id])
+
     def _migrate_on_drain(self, node: SimNode, inst: SimInstance) -> None:
         try:
             target = self.controller.migration_target(MigrationTargetRequest(model=inst.model.name,
@@ -730,6 +742,8 @@ class Simulation:
         for req in self.requests:
             self.loop.at(self.start + req.req.t, self.arrive, req)
         self.loop.at(self.start, self.tick)
+        if self.params.preempt_at is not None:
+            self.loop.at(self.start + self.params.preempt_at, self.preempt_busiest)
         last = max((r.req.t for r in self.requests), default=0.0)
         end = self.start + last + self.params.tail
         self.loop.run(end)
@@ -743,8 +757,10 @@ class Simulation:
         served = [r for r in self.requests if r.done is not None]
         ttft = np.array([r.first_token - self.start - r.req.t for r in served])
         e2e = np.array([r.done - self.start - r.req.t for r in served])
-        slot_seconds = sum((min(j.end_time, end) - j.start_time) * self.params.gpus_per_node
-                           for j in self.slurm.jobs.values() if j.start_time is not None)
+        if self.params.cost_horizon is not None:
+            end = min(end, self.start + self.params.cost_horizon)
+        slot_seconds = sum(max(0.0, min(j.end_time, end) - j.start_time) * self.params.gpus_per_node
+                           for j in self.slurm.jobs.values() if j.start_time is not None and j.start_time < end)
         tiers = {t: sum(1 for c in self.cold_starts if c["tier"] == t) for t in ("dram", "nvme", "sharedfs")}
         return {
             "policy": self.policy,
@@ -927,6 +943,91 @@ def simulate(policies: list[str], models, requests, params: SimParams, jobs: int
         return [futures[p].result() for p in policies]
 
 
+# ----------------------------------------------------------------------------- checked against the dev cluster
+
+
+def replay_sim_params(result: dict) -> SimParams:
+    """The dev cluster as bench/replay.py ran it (4 nodes, CPU-served dev models, its controller settings), with
+    the service rates, instance start and queue wait that replay measured (its "calibration")."""
+    cal = result["calibration"]
+    return SimParams(nodes=4, gpus_per_node=2, queue_wait=cal["queue_wait"], instance_overhead=cal["instance_overhead"],
+                     preempt_rate=0.0, walltime=result["walltime"], max_instances=result.get("max_instances", 2),
+                     tail=result.get("drain", 180.0), seed=result["workload"]["seed"],
+                     service={size: tuple(v) for size, v in cal["service"].items()},
+                     controller={"tick_seconds": 1.0, "allocation_start_estimate_seconds": 5.0,
+                                 **({"agent_start_seconds": cal["agent_start_seconds"]}
+                                    if cal.get("agent_start_seconds") is not None else {})},
+                     bandwidth_source="defaults (dev checkpoints are MBs: the instance start dominates)")
+
+
+def compare_with_replay(result: dict) -> list[dict]:
+    """The replay's trace and policies simulated at dev-cluster size: one report per policy, as simulate() gives."""
+    models = [ModelInfo(**m) for m in result["models"]]
+    requests = [Request(**r) for r in result["requests"]]
+    params = replay_sim_params(result)
+    # Each policy's held slots count up to when its own replay ended; its preemption (if one was made) comes when it
+    # came in its replay (the replay waits for a node that serves requests).
+    return [simulate([r["policy"]], models, requests,
+                     replace(params, cost_horizon=r.get("replay_seconds"), preempt_at=preempted_at(r)))[0]
+            for r in result["reports"]]
+
+
+def preempted_at(report: dict) -> float | None:
+    preemption = report.get("preemption") or {}
+    return preemption.get("at") if "preemptor_job" in preemption else None
+
+
+COMPARED = (("TTFT mean", ("ttft", "mean")), ("TTFT p50", ("ttft", "p50")), ("TTFT p99", ("ttft", "p99")),
+            ("E2E mean", ("e2e", "mean")), ("E2E p50", ("e2e", "p50")), ("E2E p99", ("e2e", "p99")))
+
+
+def relative_error(measured: float | None, simulated: float | None) -> float | None:
+    """(simulated - measured) / measured; None when either is missing or measured is 0."""
+    if measured is None or simulated is None or measured == 0:
+        return None
+    return (simulated - measured) / measured
+
+
+def comparison_rows(measured: list[dict], simulated: list[dict]) -> list[dict]:
+    """Per policy and metric: measured, simulated and the relative error (latencies in s, slot-seconds, counts)."""
+    sims = {r["policy"]: r for r in simulated}
+    rows = []
+    for m in measured:
+        s = sims.get(m["policy"])
+        if s is None:
+            continue
+        pairs = [(name, m[a][b], s[a][b]) for name, (a, b) in COMPARED]
+        pairs += [("cold starts", sum(m["cold_starts"].values()), sum(s["cold_starts"].values())),
+                  ("slot-seconds", m["gpu_slot_hours"] * 3600, s["gpu_slot_hours"] * 3600),
+                  ("lost", m["lost"], s["lost"])]
+        rows += [{"policy": m["policy"], "metric": name, "measured": mv, "simulated": sv,
+                  "error": relative_error(mv, sv)} for name, mv, sv in pairs]
+    return rows
+
+
+def comparison_table(measured: list[dict], simulated: list[dict]) -> str:
+    head = f"{'policy':14s} {'metric':13s} {'measured':>10s} {'simulated':>10s} {'error':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in comparison_rows(measured, simulated):
+        err = "-" if r["error"] is None else f"{100 * r['error']:+.0f}%"
+        lines.append(f"{r['policy']:14s} {r['metric']:13s} {fmt(r['measured']):>10s} {fmt(r['simulated']):>10s} "
+                     f"{err:>8s}")
+    return "\n".join(lines)
+
+
+def compare_main(path: Path) -> int:
+    """--compare RESULT.json: simulate a bench/replay.py run's trace at its size and print both side by side."""
+    try:
+        result = json.loads(path.read_text())
+        simulated = compare_with_replay(result)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: --compare {path}: not a readable bench/replay.py result ({exc})", file=sys.stderr)
+        return 2
+    print()
+    print(comparison_table(result["reports"], simulated))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, WorkloadParams(models=100, rate=2.0, duration=600.0))
@@ -944,8 +1045,12 @@ def main() -> int:
     parser.add_argument("--sweep-loads", default="1,3", help="factors on --rate of the sweep")
     parser.add_argument("--jobs", type=int, default=3, help="policies simulated at once (processes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--compare", type=Path, metavar="RESULT.json",
+                        help="a bench/replay.py result: simulate its trace at dev-cluster size, print beside it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    if args.compare:
+        return compare_main(args.compare)
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
