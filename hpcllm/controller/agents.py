@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import SECRET_HEADER, InstanceInfo, MigratedOut
+from hpcllm.credentials import MigrationTicket
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,22 @@ class StartedInstance:
 class AgentClient:
     def __init__(self, shared_secret: str, timeout_seconds: float = 10.0):
         self._http = httpx.Client(headers={SECRET_HEADER: shared_secret}, timeout=timeout_seconds)
+        self._keys: dict[str, str] = {}  # agent URL -> its node key (token-registered agents; docs/security.md)
+
+    def set_key(self, agent_url: str, key: str | None) -> None:
+        """The key to call this agent with from now on (None: the cluster secret)."""
+        if key is None:
+            self._keys.pop(agent_url.rstrip("/"), None)
+        else:
+            self._keys[agent_url.rstrip("/")] = key
 
     def close(self) -> None:
         self._http.close()
 
     def _call(self, method: str, url: str, **kwargs) -> httpx.Response:
+        key = next((k for base, k in self._keys.items() if url.startswith(base + "/")), None)
+        if key is not None:
+            kwargs["headers"] = {SECRET_HEADER: key}
         try:
             return self._http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
@@ -63,11 +75,13 @@ class AgentClient:
             raise AgentError(f"node agent {url} refused to stop instance: HTTP {resp.status_code} "
                              f"{_error_message(resp)}")
 
-    def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float) -> MigratedOut:
+    def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float,
+                    ticket: MigrationTicket | None = None) -> MigratedOut:
         """Have the agent live-migrate an instance's requests to destination_url, then stop it (node agent's
-        POST .../migrate-out); timeout covers the migration and the stop."""
+        POST .../migrate-out); timeout covers the migration and the stop. ticket: ours, naming the destination."""
         url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}/migrate-out"
-        resp = self._call("POST", url, json={"destination_url": destination_url}, timeout=timeout)
+        body = {"destination_url": destination_url, "ticket": ticket.model_dump() if ticket else None}
+        resp = self._call("POST", url, json=body, timeout=timeout)
         if resp.status_code != 200:
             raise AgentError(f"node agent {url} refused to migrate the instance: HTTP {resp.status_code} "
                              f"{_error_message(resp)}")

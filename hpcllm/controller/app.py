@@ -1,8 +1,10 @@
 """The controller's HTTP API (Flask): internal routes for node agents and the gateway, admin routes for the CLI.
 
 Errors always have one shape, {"error": {"message", "type", "param", "code"}}, never an HTML page or a traceback.
-/v1/internal/* needs the cluster shared secret (X-Hpcllm-Secret); /v1/admin/* needs the admin key
-(Authorization: Bearer KEY), its own credential (never the secret; no key: the admin API is closed). /health and /metrics are open (bind the controller to an internal address).
+/v1/internal/* needs the cluster shared secret (X-Hpcllm-Secret) or, for what node agents call, a node token
+(X-Hpcllm-Token: an allocation's or a pool's, scoped by hpcllm.credentials; docs/security.md); /v1/admin/* needs
+the admin key (Authorization: Bearer KEY), its own credential (never the secret; no key: the admin API is closed).
+/health and /metrics are open (bind the controller to an internal address).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
@@ -19,15 +21,20 @@ from hpcllm.config import admin_key_of
 from hpcllm.controller.errors import ControllerError, InvalidRequest, NoCapacity, Unauthorized
 from hpcllm.controller.protocol import (
     SECRET_HEADER,
+    CredentialInfo,
+    CredentialList,
     Heartbeat,
+    IssuedPoolToken,
     MigrationTarget,
     MigrationTargetRequest,
     ModelList,
     ModelSpec,
     NodeRegistration,
+    PoolTokenRequest,
     RouteReady,
 )
 from hpcllm.controller.service import Controller
+from hpcllm.credentials import CLUSTER, TOKEN_HEADER, CredentialError, require_cluster, same_secret
 from hpcllm.httpjson import parse_json_body
 
 log = logging.getLogger(__name__)
@@ -114,6 +121,13 @@ def create_app(controller: Controller) -> Flask:
             resp.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
         return resp
 
+    @app.errorhandler(CredentialError)
+    def _credential_error(exc: CredentialError):
+        resp = jsonify(error_body(str(exc), "unauthorized" if exc.status == 401 else "forbidden",
+                                  "authentication_error" if exc.status == 401 else "permission_error"))
+        resp.status_code = exc.status
+        return resp
+
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         resp = jsonify(error_body(exc.description or exc.name, exc.name.lower().replace(" ", "_")))
@@ -130,9 +144,13 @@ def create_app(controller: Controller) -> Flask:
     @app.before_request
     def _authenticate():
         if request.path.startswith("/v1/internal/"):
-            given = request.headers.get(SECRET_HEADER, "")
-            if not hmac.compare_digest(given.encode(), secret.encode()):
-                raise Unauthorized(f"missing or wrong {SECRET_HEADER} header")
+            token = request.headers.get(TOKEN_HEADER)
+            if token:
+                g.principal = controller.authenticate_token(token)
+            elif same_secret(request.headers.get(SECRET_HEADER, ""), secret):
+                g.principal = CLUSTER
+            else:
+                raise Unauthorized(f"missing or wrong {SECRET_HEADER} (or {TOKEN_HEADER}) header")
         elif request.path.startswith("/v1/admin/"):
             if admin_key is None:
                 raise Unauthorized("the admin API is disabled: controller.admin_key is not set")
@@ -156,11 +174,11 @@ def create_app(controller: Controller) -> Flask:
 
     @app.post("/v1/internal/nodes/register")
     def register():
-        return controller.register(_parse(NodeRegistration)).model_dump()
+        return controller.register(_parse(NodeRegistration), g.principal).model_dump()
 
     @app.post("/v1/internal/nodes/<node_id>/heartbeat")
     def heartbeat(node_id: str):
-        return controller.heartbeat(node_id, _parse(Heartbeat)).model_dump()
+        return controller.heartbeat(node_id, _parse(Heartbeat), g.principal).model_dump()
 
     @app.get("/v1/internal/models")
     def models():
@@ -168,7 +186,9 @@ def create_app(controller: Controller) -> Flask:
 
     @app.get("/v1/internal/route")
     def route():
+        require_cluster(g.principal, "the route API (the gateway's)")
         name = request.args.get("model", "")
+        group = request.args.get("group") or None  # the API key's group: a group's own pool serves it alone
         if not name:
             raise InvalidRequest("query parameter 'model' is required", param="model")
         try:
@@ -176,7 +196,7 @@ def create_app(controller: Controller) -> Flask:
         except ValueError:
             raise InvalidRequest("query parameter 'wait' must be a number of seconds", param="wait") from None
         try:
-            outcome = controller.route(name, wait)
+            outcome = controller.route(name, wait, group)
         except ControllerError as exc:
             metrics.routes.labels(name if exc.code != "model_not_found" else "unknown", exc.code).inc()
             raise
@@ -191,7 +211,7 @@ def create_app(controller: Controller) -> Flask:
     def migration_target():
         req = _parse(MigrationTargetRequest)
         try:
-            outcome = controller.migration_target(req)
+            outcome = controller.migration_target(req, g.principal)
         except ControllerError as exc:
             if exc.code != "model_not_found":
                 metrics.migration_targets.labels(req.model, "none").inc()
@@ -220,5 +240,19 @@ def create_app(controller: Controller) -> Flask:
     @app.get("/v1/admin/status")
     def status():
         return controller.status().model_dump()
+
+    @app.post("/v1/admin/pool-tokens")
+    def issue_pool_token():
+        issued: IssuedPoolToken = controller.issue_pool_token(_parse(PoolTokenRequest))
+        return issued.model_dump(), 201
+
+    @app.get("/v1/admin/credentials")
+    def credentials():
+        return CredentialList(credentials=controller.credential_infos()).model_dump()
+
+    @app.delete("/v1/admin/credentials/<credential_id>")
+    def revoke(credential_id: str):
+        info: CredentialInfo = controller.revoke_credential(credential_id)
+        return info.model_dump()
 
     return app

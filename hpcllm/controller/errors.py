@@ -40,6 +40,12 @@ class UnknownModel(ControllerError):
     error_type = "invalid_request_error"
 
 
+class UnknownCredential(ControllerError):
+    http_status = 404
+    code = "credential_not_found"
+    error_type = "invalid_request_error"
+
+
 class UnknownNode(ControllerError):
     """A heartbeat from a node the controller does not know (or declared lost): the agent must register again."""
 

@@ -23,9 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hpcllm.credentials import SECRET_HEADER, MigrationTicket  # noqa: F401 (SECRET_HEADER: re-exported)
 from hpcllm.worker.protocol import MigrationFailure, MigrationResult
-
-SECRET_HEADER = "X-Hpcllm-Secret"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
@@ -107,6 +106,9 @@ class Heartbeat(Wire):
 class RegisterResponse(Wire):
     node_id: str
     heartbeat_seconds: float
+    # For an agent that registered with a token (docs/security.md): the key its own API and its workers accept, and
+    # that it uses to call them (the controller and the gateway derive the same). None: keep the cluster secret.
+    node_key: str | None = None
 
 
 class HeartbeatResponse(Wire):
@@ -126,6 +128,8 @@ class RouteReady(Wire):
     # How the instance was loaded (its cold start), so the gateway can report it.
     load_tier: str | None = None
     load_seconds: float | None = None
+    # The key the worker accepts (a token-registered node's node key); None: the cluster secret.
+    worker_key: str | None = None
 
 
 class RouteWaiting(Wire):
@@ -147,16 +151,19 @@ class MigrationTargetRequest(Wire):
 
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     exclude_node: str | None = Field(None, description="the asking node: its own instances are leaving too")
+    instance_id: str | None = Field(None, description="the instance whose requests move (named in the ticket)")
     # No ready instance elsewhere: start one through placement and answer 202 while it loads.
     start_if_missing: bool = True
 
 
 class MigrationTarget(Wire):
-    """A ready instance of the model on another routable node (the least loaded; ties by instance id)."""
+    """A ready instance of the model on another routable node (the least loaded; ties by instance id), with the
+    ticket the source worker needs to move requests there (hpcllm.credentials.MigrationTicket)."""
 
     worker_url: str
     instance_id: str
     node_id: str
+    ticket: MigrationTicket | None = None
 
 
 # ----------------------------------------------------------------------------------------------- admin (CLI) -> us
@@ -310,6 +317,36 @@ class ClusterStatus(Wire):
     instances: list[InstanceStatus]
     allocations: list[AllocationStatus]
     cold_starts: list[ColdStart]
+
+
+class PoolTokenRequest(Wire):
+    """An admin issues a pool token: it registers pools of `model` that serve only `group`'s API keys (every key
+    with shared = true)."""
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    group: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    shared: bool = False
+    note: str | None = Field(None, max_length=500)
+
+
+class CredentialInfo(Wire):
+    credential_id: str
+    kind: str
+    model: str | None = None
+    group: str | None = None
+    shared: bool = False
+    job_id: str | None = None
+    created_at: float
+    revoked_at: float | None = None
+    note: str | None = None
+
+
+class IssuedPoolToken(CredentialInfo):
+    token: str  # shown once: only its hash is stored
+
+
+class CredentialList(Wire):
+    credentials: list[CredentialInfo]
 
 
 class UndeployResult(Wire):

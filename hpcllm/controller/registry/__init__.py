@@ -5,11 +5,13 @@ from hpcllm.controller.registry.store import (
     AllocationRecord,
     CacheRecord,
     ColdStartRecord,
+    CredentialRecord,
     HeartbeatOutcome,
     InstanceRecord,
     NodeRecord,
     Registry,
 )
 
-__all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "HeartbeatOutcome", "InstanceRecord", "NodeRecord",
+__all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "CredentialRecord",
+           "HeartbeatOutcome", "InstanceRecord", "NodeRecord",
            "Registry"]
