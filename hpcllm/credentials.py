@@ -79,11 +79,10 @@ def hash_secret(secret: str) -> str:
 
 def parse_token(token: str) -> tuple[str, str]:
     """(credential_id, secret) of a token; CredentialError (401) when it does not look like one of ours."""
-    prefix, _, rest = token.strip().partition("_")
-    credential_id, _, secret = rest.rpartition("_")
-    if prefix != TOKEN_PREFIX or not credential_id or not secret:
+    parts = token.strip().split("_", 2)  # the id has no "_"; the secret (urlsafe base64) may
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX or not parts[1] or not parts[2]:
         raise CredentialError("malformed hpcllm token (expected hpcllm_<id>_<secret>)", status=401)
-    return credential_id, secret
+    return parts[1], parts[2]
 
 
 def secret_matches(secret: str, stored_hash: str) -> bool:
@@ -238,7 +237,7 @@ def issue_ticket(*, model: str, source_instance: str, source_key: str, destinati
                              destination_instance=destination_instance, expires_at=expires,
                              nonce=secrets.token_hex(8))
     grant_nonce = ticket.nonce
-    grant = f"{grant_nonce}.{expires:.3f}.{_mac(destination_key, _grant_text(grant_nonce, expires))}"
+    grant = f"{grant_nonce}:{expires:.3f}:{_mac(destination_key, _grant_text(grant_nonce, expires))}"
     return ticket.model_copy(update={"signature": _mac(source_key, ticket.signed_text()), "grant": grant})
 
 
@@ -263,8 +262,8 @@ def _grant_text(nonce: str, expires: float) -> str:
 
 def check_grant(grant: str, *, key: str, now: float | None = None) -> str:
     """Destination worker: the grant's nonce when `grant` was issued for this worker and is still good."""
-    nonce, _, rest = grant.partition(".")
-    expires_text, _, mac = rest.partition(".")
+    nonce, _, rest = grant.partition(":")
+    expires_text, _, mac = rest.partition(":")
     try:
         expires = float(expires_text)
     except ValueError:

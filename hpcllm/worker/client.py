@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from hpcllm.credentials import GRANT_HEADER
 from hpcllm.errors import HpcllmError
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
@@ -115,11 +116,14 @@ class WorkerClient:
         connect_timeout: float = 5.0,
         read_timeout: float | None = 600.0,
         client: httpx.Client | None = None,
+        grant: str | None = None,
     ) -> None:
+        """secret: the key the worker accepts; grant (instead): a migration ticket's grant, good on the destination
+        for the moved requests only (hpcllm.credentials)."""
         self.base_url = base_url.rstrip("/")
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=30.0)
         self._client = client or httpx.Client(timeout=timeout)
-        self._headers = {SECRET_HEADER: secret}
+        self._headers = {GRANT_HEADER: grant} if grant else {SECRET_HEADER: secret}
 
     def close(self) -> None:
         self._client.close()

@@ -13,21 +13,22 @@ The model loads in a background thread after the port is bound: /health answers 
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from pydantic import ValidationError
 from werkzeug.serving import make_server
 
+from hpcllm.credentials import GRANT_HEADER, TICKET_SECONDS, CredentialError, check_grant, check_ticket, same_secret
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable, InvalidRequest
 from hpcllm.worker.metrics import WorkerMetrics
@@ -62,6 +63,8 @@ from hpcllm.worker.protocol import (
 log = logging.getLogger(__name__)
 
 INTERNAL_PREFIX = "/v1/internal/"
+# What a migration grant opens (the destination side of a live migration: prepare, extend, attach, drop).
+GRANTED_PREFIX = "/v1/internal/migrations/"
 
 
 class WorkerLoadError(HpcllmError):
@@ -89,12 +92,26 @@ class WorkerService:
     def __init__(self, model_name: str, secret: str, keepalive_seconds: float = 1.0, **engine_options) -> None:
         self.model_name = model_name
         self.secret = secret
+        # Requests moved here under a migration grant: grant nonce -> (expiry, request ids). A grant opens only them.
+        self._granted: dict[str, tuple[float, set[str]]] = {}
+        self._granted_lock = threading.Lock()
         self.keepalive_seconds = keepalive_seconds
         self.engine_options = engine_options
         self.metrics = WorkerMetrics(model_name)
         self.engine: Engine | None = None
         self.loaded: ModelForServing | None = None
         self.load_error: str | None = None
+
+    def grant_request(self, nonce: str, request_id: str) -> None:
+        now = time.time()
+        with self._granted_lock:
+            for old in [n for n, (expires, _) in self._granted.items() if expires < now]:
+                del self._granted[old]
+            self._granted.setdefault(nonce, (now + TICKET_SECONDS, set()))[1].add(request_id)
+
+    def granted(self, nonce: str, request_id: str) -> bool:
+        with self._granted_lock:
+            return request_id in self._granted.get(nonce, (0.0, set()))[1]
 
     def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
@@ -172,11 +189,32 @@ def create_app(service: WorkerService) -> Flask:
 
     @app.before_request
     def check_secret():
-        if request.path.startswith(INTERNAL_PREFIX):
-            given = request.headers.get(SECRET_HEADER, "")
-            if not hmac.compare_digest(given.encode(), service.secret.encode()):
-                return error_response(401, f"missing or wrong {SECRET_HEADER} header", "authentication_error")
-        return None
+        g.grant = None
+        if not request.path.startswith(INTERNAL_PREFIX) or \
+                same_secret(request.headers.get(SECRET_HEADER, ""), service.secret):
+            return None
+        grant = request.headers.get(GRANT_HEADER)
+        if grant and request.path.startswith(GRANTED_PREFIX):  # a migration's destination side, nothing else
+            try:
+                g.grant = check_grant(grant, key=service.secret)
+            except CredentialError as exc:
+                return error_response(401, str(exc), "authentication_error")
+            return None
+        return error_response(401, f"missing or wrong {SECRET_HEADER} header", "authentication_error")
+
+    def check_granted(request_id: str) -> None:
+        """Under a grant, only the requests moved here with it."""
+        if g.grant is not None and not service.granted(g.grant, request_id):
+            raise CredentialError(f"the migration grant does not cover request {request_id}")
+
+    @app.errorhandler(CredentialError)
+    def credential_error(exc: CredentialError):
+        return error_response(exc.status, str(exc), "authentication_error" if exc.status == 401 else "permission_error")
+
+    def checked_migration(body: MigrateRequest) -> MigrateRequest:
+        """Moving requests away needs the controller's ticket naming this worker's model and the destination."""
+        check_ticket(body.ticket, key=service.secret, model=service.model_name, destination_url=body.destination_url)
+        return body
 
     @app.errorhandler(EngineError)
     def engine_error(exc: EngineError):
@@ -207,6 +245,8 @@ def create_app(service: WorkerService) -> Flask:
     def prepare_migration():
         body = _parse_body(PrepareMigration)
         engine = ready_engine()
+        if g.grant is not None:
+            service.grant_request(g.grant, body.request_id)
         engine.hold(body.generate, body.hold_seconds)
         cached, _ = engine.wait_prefilled(body.request_id)
         return Response(PrepareResult(request_id=body.request_id, cached_tokens=cached).model_dump_json(),
@@ -214,6 +254,7 @@ def create_app(service: WorkerService) -> Flask:
 
     @app.post(_route(EXTEND_MIGRATION_PATH))
     def extend_migration(request_id: str):
+        check_granted(request_id)
         body = _parse_body(ExtendMigration)
         engine = ready_engine()
         cached, output = engine.extend(request_id, body.token_ids)
@@ -224,23 +265,25 @@ def create_app(service: WorkerService) -> Flask:
 
     @app.post(_route(ATTACH_MIGRATION_PATH))
     def attach_migration(request_id: str):
+        check_granted(request_id)
         body = _parse_body(AttachMigration)
         return ndjson_response(ready_engine().attach(request_id, body.from_index))
 
     @app.delete(_route(HELD_MIGRATION_PATH))
     def drop_migration(request_id: str):
+        check_granted(request_id)
         return Response(ready_engine().drop_held(request_id).model_dump_json(), mimetype="application/json")
 
     @app.post(_route(MIGRATE_REQUEST_PATH))
     def migrate_one(request_id: str):
-        body = _parse_body(MigrateRequest)
-        result = migrate_request(ready_engine(), request_id, body, service.secret)
+        body = checked_migration(_parse_body(MigrateRequest))
+        result = migrate_request(ready_engine(), request_id, body)
         return Response(result.model_dump_json(), mimetype="application/json")
 
     @app.post(MIGRATE_ALL_PATH)
     def migrate_everything():
-        body = _parse_body(MigrateRequest)
-        return Response(migrate_all(ready_engine(), body, service.secret).model_dump_json(),
+        body = checked_migration(_parse_body(MigrateRequest))
+        return Response(migrate_all(ready_engine(), body).model_dump_json(),
                         mimetype="application/json")
 
     @app.get(_route(TOKENS_PATH))
