@@ -55,6 +55,8 @@ class Endpoint:
     # Seconds the request spent waiting for a ready instance (queue + cold start).
     waited_seconds: float = 0.0
     cold_start: ColdStart | None = None
+    # The key this worker accepts, when it is not the cluster secret (a token-registered node; docs/security.md).
+    worker_key: str | None = None
 
 
 class Router(ABC):
@@ -70,7 +72,7 @@ class Router(ABC):
         raise ModelNotFound(name, [card.name for card in cards])
 
     @abstractmethod
-    def resolve(self, model: str, wait_s: float) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
         """A ready worker for `model`, waiting up to wait_s for one to start; ModelNotFound / ServiceUnavailable."""
 
     @abstractmethod
@@ -105,7 +107,7 @@ class StaticRouter(Router):
     def list_models(self) -> list[ModelCard]:
         return list(self._cards.values())
 
-    def resolve(self, model: str, wait_s: float) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
         if model not in self._urls:
             raise ModelNotFound(model, list(self._urls))
         url = random.choice(self._urls[model])
@@ -168,12 +170,15 @@ class ControllerRouter(Router):
         created = record.get("created_at") or record.get("created") or time.time()
         return ModelCard(name=record["name"], source=source, max_model_len=max_len, created=int(created))
 
-    def resolve(self, model: str, wait_s: float) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
         start = time.monotonic()
         deadline = start + wait_s
         while True:
             remaining = deadline - time.monotonic()
-            resp = self._get("/v1/internal/route", model=model, wait=round(max(0.0, min(remaining, self.route_poll_s)), 1))
+            params = {"model": model, "wait": round(max(0.0, min(remaining, self.route_poll_s)), 1)}
+            if group:  # the API key's group: its own pools may serve it too
+                params["group"] = group
+            resp = self._get("/v1/internal/route", **params)
             body = _json(resp)
             if resp.status_code == 200:
                 return self._endpoint(model, body, time.monotonic() - start)
@@ -203,7 +208,7 @@ class ControllerRouter(Router):
             cold = ColdStart(instance_id=body["instance_id"], tier=str(tier),
                              load_seconds=body.get("load_seconds"))
         return Endpoint(model=model, instance_id=body["instance_id"], worker_url=body["worker_url"].rstrip("/"),
-                        waited_seconds=waited, cold_start=cold)
+                        waited_seconds=waited, cold_start=cold, worker_key=body.get("worker_key"))
 
     def check_ready(self) -> str | None:
         try:

@@ -6,7 +6,6 @@ the controller reaches, which other users of the cluster may reach too. Wire typ
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from flask import Flask, jsonify, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
-from hpcllm.controller.protocol import SECRET_HEADER
+from hpcllm.credentials import SECRET_HEADER, same_secret
 from hpcllm.errors import HpcllmError
 from hpcllm.httpjson import parse_json_body
 from hpcllm.node.protocol import (
@@ -83,7 +82,6 @@ def _plain(value):
 
 
 def create_app(agent) -> Flask:
-    secret = agent.config.cluster.shared_secret.encode()
     app = Flask("hpcllm.node")
 
     def cache():
@@ -93,8 +91,10 @@ def create_app(agent) -> Flask:
 
     @app.before_request
     def _authenticate():
-        given = request.headers.get(SECRET_HEADER, "").encode()
-        if not hmac.compare_digest(given, secret):
+        # The key its workers hold: the cluster secret, or (a token-registered agent) the node key the controller
+        # sent at registration, which the controller and the gateway derive too.
+        key = agent.workers.key
+        if key is None or not same_secret(request.headers.get(SECRET_HEADER, ""), key):
             return error_response(401, f"missing or wrong {SECRET_HEADER} header", "unauthorized",
                                   error_type="authentication_error")
 
@@ -151,7 +151,8 @@ def create_app(agent) -> Flask:
     @app.post("/v1/internal/instances/<instance_id>/migrate-out")
     def migrate_out(instance_id: str):
         agent.workers.get(instance_id)  # 404 before the body is looked at
-        return agent.migrate_out(instance_id, _parse(MigrateOut).destination_url).model_dump()
+        order = _parse(MigrateOut)
+        return agent.migrate_out(instance_id, order.destination_url, order.ticket).model_dump()
 
     # ----------------------------------------------------------------------------------------------- cache
 

@@ -40,6 +40,7 @@ class InProcessAgents(AgentClient):
         self.instances: dict[str, InstanceInfo] = {}
         self.started: list[tuple[str, int | None]] = []  # (model, max_model_len) of every start asked for
         self._ids = itertools.count(1)
+        self._keys: dict[str, str] = {}
 
     def close(self) -> None:
         pass
