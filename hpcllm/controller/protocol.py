@@ -261,6 +261,10 @@ class NodeStatus(Wire):
     last_heartbeat: float | None
     cached: list[CacheEntry]
     pool_model: str | None = None  # a model pool's node: the model its agent keeps running (never placed on)
+    # What its agent registered with (None/"cluster": the secret; else a token's id, from which the operator's
+    # tools derive the node key: hpcllm.credentials.worker_key), and the one group it serves (a group's pool).
+    credential_id: str | None = None
+    serves_group: str | None = None
 
 
 class InstanceStatus(Wire):

@@ -279,7 +279,8 @@ class Controller:
             nodes=[NodeStatus(node_id=n.node_id, state=n.state, agent_url=n.agent_url, slurm_job_id=n.slurm_job_id,
                               job_scoped=n.job_scoped, gpus=n.gpus, free_gpus=max(0, n.gpus - used[n.node_id]),
                               tiers=n.tiers, last_heartbeat=n.last_heartbeat, cached=cache[n.node_id],
-                              pool_model=n.pool_model)
+                              pool_model=n.pool_model, credential_id=n.credential_id,
+                              serves_group=n.serves_group)
                    for n in nodes],
             instances=[InstanceStatus(instance_id=i.instance_id, model=i.model, node_id=i.node_id, state=i.state,
                                       worker_url=i.worker_url, gpu_ids=i.gpu_ids, running_requests=i.running_requests,

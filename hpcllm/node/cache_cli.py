@@ -19,6 +19,7 @@ import click
 import httpx
 
 from hpcllm.config import Config, load_config
+from hpcllm.credentials import worker_key
 from hpcllm.errors import HpcllmError
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
 from hpcllm.node.hostlist import expand_nodes
@@ -49,6 +50,7 @@ class CorruptCopiesFound(CacheError):
 class Agent:
     node: str
     url: str
+    credential_id: str | None = None  # a token-registered agent accepts its node key, not the cluster secret
 
 
 # ------------------------------------------------------------------------------------------------ talking to agents
@@ -97,7 +99,8 @@ class Cluster:
             return [a for a in found if nodes is None or a.node in nodes] or _no_agents(nodes, found)
         known = {n["node_id"]: n for n in self.status().get("nodes", [])}
         if nodes is None:  # every node whose agent is alive; nodes that left are history, not errors
-            return [Agent(name, n["agent_url"]) for name, n in sorted(known.items()) if _live(n)]
+            return [Agent(name, n["agent_url"], n.get("credential_id")) for name, n in sorted(known.items())
+                    if _live(n)]
         missing = [n for n in nodes if n not in known]
         if missing:
             raise CacheError(f"node(s) {', '.join(missing)} have no registered agent (the controller knows "
@@ -107,7 +110,7 @@ class Cluster:
             raise NodeUnreachable("; ".join(f"node {n}'s agent is down (the controller marks it "
                                             f"{known[n].get('state')}{_silent_for(known[n], self.status())})"
                                             for n in down) + "; start `hpcllm node` there")
-        return [Agent(n, known[n]["agent_url"]) for n in nodes]
+        return [Agent(n, known[n]["agent_url"], known[n].get("credential_id")) for n in nodes]
 
     def _node_of(self, url: str) -> str:
         try:
@@ -146,7 +149,8 @@ def _no_agents(nodes, found):
 
 def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[AgentClient]:
     nodes = expand_nodes(node_expr) if node_expr else None
-    return [AgentClient(a, config.cluster.shared_secret) for a in cluster.agents(nodes)]
+    return [AgentClient(a, worker_key(config.cluster.shared_secret, a.credential_id, a.node))
+            for a in cluster.agents(nodes)]
 
 
 # ------------------------------------------------------------------------------------------------------- commands
