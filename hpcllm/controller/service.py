@@ -255,6 +255,10 @@ class Controller:
         if self.registry.get_credential(credential_id) is None:
             raise UnknownCredential(f"no credential {credential_id!r} (hpcllm pool token list shows them)")
         self.registry.revoke_credential(credential_id, self.clock())
+        for node in self.registry.nodes(states=("up", "draining")):
+            if node.credential_id == credential_id:  # no route to it from now on, not after node_timeout_seconds
+                self.registry.node_left(node.node_id, "lost")
+                self._notify()
         log.info("revoked credential %s", credential_id)
         return _credential_info(self.registry.get_credential(credential_id))
 
@@ -331,6 +335,7 @@ class Controller:
         job_nodes = self.allocator.job_nodes(principal.job_id) if principal.kind == "allocation" else None
         try:
             check_registration(principal, reg.node_id, reg.slurm_job_id, reg.pool_model, job_nodes)
+            self._refuse_a_takeover(reg.node_id, principal, now)
         except CredentialError as exc:
             log.warning("refused the registration of %s with %s %s: %s", reg.node_id, principal.kind,
                         principal.credential_id, exc)
@@ -350,6 +355,17 @@ class Controller:
         self.agents.set_key(node.agent_url, node_key)
         return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds,
                                 node_key=node_key)
+
+    def _refuse_a_takeover(self, node_id: str, principal: Principal, now: float) -> None:
+        """A token may not take over a node whose agent, registered with another credential, still heartbeats
+        (whatever job id it claims): it would take that node's instances and routes."""
+        node = self.registry.get_node(node_id)
+        if principal.is_cluster or node is None or node.state not in ("up", "draining") \
+                or node.credential_id == principal.credential_id or node.last_heartbeat is None \
+                or node.last_heartbeat <= now - self.settings.node_timeout_seconds:
+            return
+        raise CredentialError(f"node {node_id} is served by an agent registered with another credential; this "
+                              f"token cannot take it over while that agent lives", status=409)
 
     def heartbeat(self, node_id: str, hb: Heartbeat, principal: Principal = CLUSTER) -> HeartbeatResponse:
         known = self.registry.get_node(node_id)

@@ -209,6 +209,8 @@ def test_a_shared_pool_serves_everyone_and_a_revoked_one_nobody(harness):
 
     credential_id, _ = parse_token(token)
     assert client.delete(f"/v1/admin/credentials/{credential_id}", headers=ADMIN).status_code == 200
+    # At once: no more routes there (not only once its heartbeats have been missed for node_timeout_seconds).
+    assert harness.registry.get_node("n1").state == "lost" and harness.registry.instances(model="m") == []
     assert heartbeat(client, "n1", pool, ready("p1", "m", "n1")).status_code == 401
     assert client.delete("/v1/admin/credentials/nope", headers=ADMIN).status_code == 404
 
@@ -218,3 +220,18 @@ def test_internal_calls_without_a_credential_are_refused(harness, path):
     client = harness.app_client()
     resp = client.get(path) if "route" in path else client.post(path, json=registration("n1"))
     assert resp.status_code == 401
+
+
+def test_a_token_cannot_take_over_a_live_node_of_another_credential(harness):
+    """Claiming the node's own job id does not help: the live agent registered with another credential."""
+    harness.deploy("m", gpus=1)
+    client = harness.app_client()
+    assert client.post("/v1/internal/nodes/register", headers=INTERNAL, json=registration("n1", "42")).status_code \
+        == 200
+    pool = {TOKEN_HEADER: issue(client, "m", "physics")}
+    resp = client.post("/v1/internal/nodes/register", headers=pool, json=registration("n1", "42", "m"))
+    assert resp.status_code == 409 and "another credential" in resp.get_json()["error"]["message"]
+    assert harness.registry.get_node("n1").credential_id == "cluster"
+    harness.clock.advance(harness.config.controller.node_timeout_seconds + 1)  # that agent went silent
+    resp = client.post("/v1/internal/nodes/register", headers=pool, json=registration("n1", "42", "m"))
+    assert resp.status_code == 200
