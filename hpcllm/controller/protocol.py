@@ -3,10 +3,11 @@
 Every body is validated with these pydantic models; unknown fields are rejected so a typo in a client is an error
 that names the field. See docs/controller.md for the endpoints and status codes.
 
-Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`):
+Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`, or `X-Hpcllm-Token: <node token>` for the
+agents' calls: register, heartbeat, models, migration-target; docs/security.md):
     POST /v1/internal/nodes/register             NodeRegistration -> RegisterResponse
     POST /v1/internal/nodes/<node_id>/heartbeat  Heartbeat -> HeartbeatResponse (404 unknown_node: register again)
-    GET  /v1/internal/route?model=NAME&wait=S    200 RouteReady | 202 RouteWaiting | 404 | 503 (+ Retry-After)
+    GET  /v1/internal/route?model=NAME&wait=S&group=G  200 RouteReady | 202 RouteWaiting | 404 | 503 (+ Retry-After)
     GET  /v1/internal/models                     ModelList (deployed models, for the gateway's /v1/models)
     POST /v1/internal/migration-target           MigrationTargetRequest -> 200 MigrationTarget | 202 RouteWaiting
                                                  (+ Retry-After) | 404 no_migration_target
@@ -15,6 +16,8 @@ Admin endpoints (header `Authorization: Bearer <admin key>`):
     POST   /v1/admin/models          ModelSpec -> DeployedModel (201 new, 200 updated)
     DELETE /v1/admin/models/<name>   -> {"undeployed": name, "stopped_instances": n}
     GET    /v1/admin/status          -> ClusterStatus
+    POST   /v1/admin/pool-tokens     PoolTokenRequest -> 201 IssuedPoolToken (the token, once)
+    GET    /v1/admin/credentials     -> CredentialList;  DELETE /v1/admin/credentials/<id> -> CredentialInfo
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The node agent's HTTP API (Flask): instances and cache, thin handlers over WorkerManager and CacheManager.
 
-Every call needs the cluster shared secret (X-Hpcllm-Secret), /health included: the agent listens on an address
-the controller reaches, which other users of the cluster may reach too. Wire types: hpcllm/node/protocol.py.
+Every call needs the key its workers hold (X-Hpcllm-Secret), /health included: the cluster shared secret, or for an
+agent that registered with a node token the node key the controller sent (docs/security.md). The agent listens on
+an address the controller reaches, which other users of the cluster may reach too. Wire types:
+hpcllm/node/protocol.py.
 """
 
 from __future__ import annotations
