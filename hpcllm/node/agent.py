@@ -197,7 +197,7 @@ class NodeAgent:
                     self.registered = True
                     log.info("registered %s with the controller %s", self.node_id, self.controller_url)
                     return True
-                if resp.status_code in (400, 401, 403, 422):  # our mistake or the wrong credential: retrying will not help
+                if resp.status_code in (400, 401, 403, 422):  # our mistake or a wrong credential: retrying won't help
                     raise ConfigError(f"the controller {self.controller_url} refused the registration: "
                                       f"HTTP {resp.status_code} {error_of(resp)[1]}")
                 log.warning("controller %s answered HTTP %d to the registration (%s); retrying in %.1f s",

@@ -149,7 +149,8 @@ def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
     raw.close()
     Registry(url).close()
     raw = sqlite3.connect(tmp_path / "v1.db")
-    assert {"pool_model", "credential_id", "serves_group"} <= {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
+    columns = {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
+    assert {"pool_model", "credential_id", "serves_group"} <= columns
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     assert raw.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
     assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
