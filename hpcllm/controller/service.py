@@ -24,6 +24,7 @@ from hpcllm.controller.errors import (
     AgentError,
     ControllerError,
     InvalidModelConfig,
+    JobNotLocated,
     NoCapacity,
     NodeTaken,
     AllocationFailed,
@@ -332,7 +333,12 @@ class Controller:
 
     def register(self, reg: NodeRegistration, principal: Principal = CLUSTER) -> RegisterResponse:
         now = self.clock()
-        job_nodes = self.allocator.job_nodes(principal.job_id) if principal.kind == "allocation" else None
+        job_nodes = None
+        if principal.kind == "allocation":
+            job_nodes = self.allocator.job_nodes(principal.job_id)
+            if job_nodes is None:  # Slurm did not answer, or not yet with the nodes: retrying is right, not giving up
+                raise JobNotLocated(f"cannot tell yet where Slurm job {principal.job_id} runs (Slurm did not say); "
+                                    f"retry the registration")
         try:
             check_registration(principal, reg.node_id, reg.slurm_job_id, reg.pool_model, job_nodes)
             self._refuse_a_takeover(reg.node_id, principal, now)

@@ -65,9 +65,12 @@ def test_each_allocation_gets_its_own_token_in_its_environment_only(harness):
 def test_an_allocation_token_registers_its_own_node_only_and_dies_with_its_job(harness):
     harness.deploy("m", gpus=1)
     job_id, token = submitted_allocation(harness)
-    harness.backend.start(job_id, "n2", harness.clock.now)
     client = harness.app_client()
     with_token = {TOKEN_HEADER: token}
+    # Slurm cannot say where the job runs yet (still pending in its view, or not answering): retry, not refused.
+    resp = client.post("/v1/internal/nodes/register", headers=with_token, json=registration("n2", job_id))
+    assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "job_not_located"
+    harness.backend.start(job_id, "n2", harness.clock.now)
 
     # From another node, or claiming another job: refused.
     resp = client.post("/v1/internal/nodes/register", headers=with_token, json=registration("n1", job_id))
