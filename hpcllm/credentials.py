@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ class MintedToken:
 
 
 def mint_token(kind: str) -> MintedToken:
-    """A new random token `hpcllm_<kind>_<id>_<secret>`: the id is public, the secret is stored hashed."""
+    """A new random token `hpcllm_<id>_<secret>` (id: `alloc-` or `pool-` and 12 hex digits): the id is public,
+    the secret is stored hashed."""
     if kind not in KINDS:
         raise ValueError(f"unknown credential kind {kind!r}")
     credential_id = f"{kind[:5]}-{secrets.token_hex(6)}"
@@ -95,7 +97,8 @@ def same_secret(given: str, expected: str) -> bool:
 
 
 def read_token_from_environment(environ) -> str | None:
-    """A node agent's token: $HPCLLM_NODE_TOKEN, else the content of the file $HPCLLM_NODE_TOKEN_FILE names."""
+    """A node agent's token: $HPCLLM_NODE_TOKEN, else the content of the file $HPCLLM_NODE_TOKEN_FILE names (which
+    other users must not be able to read: refused with the fix)."""
     token = environ.get(TOKEN_ENV, "").strip()
     if token:
         return token
@@ -104,6 +107,10 @@ def read_token_from_environment(environ) -> str | None:
         return None
     try:
         with open(path) as handle:
+            mode = os.fstat(handle.fileno()).st_mode & 0o777
+            if mode & 0o077:
+                raise CredentialError(f"the node token file {path} may be read by other users (mode {mode:o}): "
+                                      f"run `chmod 600 {path}`", status=401)
             return handle.read().strip() or None
     except OSError as exc:
         raise CredentialError(f"cannot read the node token file {path} ({TOKEN_FILE_ENV}): {exc.strerror}",
