@@ -55,7 +55,7 @@ from hpcllm.gateway.errors import ModelNotFound  # noqa: E402
 from hpcllm.gateway.routing import Endpoint, ModelCard, Router  # noqa: E402
 from hpcllm.procs import stop_process  # noqa: E402
 from hpcllm.worker.client import WorkerClient, WorkerError  # noqa: E402
-from hpcllm.worker.protocol import MigrateRequest  # noqa: E402
+from hpcllm.worker.migration import ticketed_request  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 MODEL = "small-llama"
@@ -193,7 +193,7 @@ def one_run(method: str, gateway_url: str, router: SwitchRouter, a: WorkerProces
             started = time.perf_counter()
             try:
                 if method == "live":
-                    result = client.migrate(request_id, MigrateRequest(destination_url=b.url))
+                    result = client.migrate(request_id, ticketed_request(b.url, model=MODEL, key=SECRET))
                     outcome["migration"] = result.model_dump()
                 else:
                     client.cancel(request_id)

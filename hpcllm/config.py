@@ -168,6 +168,9 @@ class ControllerConfig(Section):
 class ApiKey(Section):
     key: str
     name: str = "user"
+    # The key's group (a lab, a course): requests may also go to that group's own model pools (pool tokens issued
+    # for the group, docs/security.md); empty: only to the service's instances and pools shared with everyone.
+    group: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     requests_per_minute: int = Field(600, ge=1)
     tokens_per_minute: int = Field(200_000, ge=1)
     # Streams this key may hold open at once; empty: gateway.max_streams_per_key.

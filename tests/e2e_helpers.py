@@ -191,6 +191,15 @@ def metric_samples(url: str, name: str) -> list:
     return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
 
 
+def node_key_in(status: dict, node_id: str, secret: str) -> str:
+    """The key node_id's agent and workers accept, as the operator derives it (the cluster secret for agents it runs
+    with the secret; a node key for the controller's allocations and groups' pools, docs/security.md)."""
+    from hpcllm.credentials import worker_key
+
+    node = next(n for n in status["nodes"] if n["node_id"] == node_id)
+    return worker_key(secret, node.get("credential_id"), node_id)
+
+
 def worker_running_requests(worker_url: str, secret: str) -> int:
     """Requests a worker runs or queues now, asked of the worker itself (the controller's view lags a heartbeat)."""
     ready = httpx.get(f"{worker_url}/ready", headers={"X-Hpcllm-Secret": secret}, timeout=5).json()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import HPCLLM, admin_status, controller_process, wait_for
+from e2e_helpers import HPCLLM, admin_status, controller_process, node_key_in, wait_for
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
@@ -96,8 +96,9 @@ def route(url: str, model: str) -> dict:
     return wait_for(ready, 90, f"{model} to become ready")
 
 
-def generate(worker_url: str, prompt: list[int], n: int) -> list[int]:
-    with WorkerClient(worker_url, SECRET) as worker:
+def generate(worker_url: str, prompt: list[int], n: int, key: str | None = None) -> list[int]:
+    """key: the route answer's worker_key (an allocation's worker takes its node key, not the secret)."""
+    with WorkerClient(worker_url, key or SECRET) as worker:
         with worker.generate(GenerateRequest(request_id="ctl-e2e", prompt_token_ids=prompt, max_tokens=n,
                                              temperature=0)) as stream:
             return [line.token_id for line in stream if line.type == "token"]
@@ -131,7 +132,8 @@ def test_on_demand_allocation_serves_two_models_then_scales_to_zero(backend, req
             # First request: no agent anywhere, so the controller submits an allocation and starts the model there.
             llama = route(url, "tiny-llama")
             prompt, tokens = expected["tiny-llama"]
-            assert generate(llama["worker_url"], prompt, len(tokens)) == tokens
+            assert llama["worker_key"], "an allocation's agent registers with its token and gets a node key"
+            assert generate(llama["worker_url"], prompt, len(tokens), llama["worker_key"]) == tokens
             node = llama["node_id"]
             status = admin_status(url, ADMIN)
             job_ids = {a["job_id"] for a in status["allocations"]}
@@ -139,7 +141,8 @@ def test_on_demand_allocation_serves_two_models_then_scales_to_zero(backend, req
 
             # Warm the second model into that node's DRAM: it is placed there and loads from the cache.
             agent_url = next(n["agent_url"] for n in status["nodes"] if n["node_id"] == node)
-            warmed = httpx.post(f"{agent_url}/v1/internal/cache/warm", headers={SECRET_HEADER: SECRET}, timeout=60,
+            agent_key = node_key_in(status, node, SECRET)  # the allocation's agent: its node key
+            warmed = httpx.post(f"{agent_url}/v1/internal/cache/warm", headers={SECRET_HEADER: agent_key}, timeout=60,
                                 json={"model": "tiny-gpt2", "source": str(sources["tiny-gpt2"]), "tier": "dram"})
             assert warmed.status_code == 200, warmed.text
             wait_for(lambda: any(c["model"] == "tiny-gpt2" for n in admin_status(url, ADMIN)["nodes"]
@@ -147,7 +150,7 @@ def test_on_demand_allocation_serves_two_models_then_scales_to_zero(backend, req
             gpt2 = route(url, "tiny-gpt2")
             assert (gpt2["node_id"], gpt2["load_tier"]) == (node, "dram"), gpt2
             prompt, tokens = expected["tiny-gpt2"]
-            assert generate(gpt2["worker_url"], prompt, len(tokens)) == tokens
+            assert generate(gpt2["worker_url"], prompt, len(tokens), gpt2["worker_key"]) == tokens
 
             # Scale to zero: idle instances stop after their keep-alive, then the empty allocation is cancelled.
             wait_for(lambda: not admin_status(url, ADMIN)["instances"], 30, "the idle instances to stop")

@@ -12,6 +12,11 @@ candidate, and the pool's instance is neither evicted nor moved; after keep-aliv
 is stopped while the pool's instance is still the same instance and ready; `hpcllm status` and `--json` name the
 pool; when the pool job is told to end (Slurm's USR1 to its batch shell), its agent drains and the controller
 forgets the pool's instance. Everything started here (jobs, processes) is stopped at the end, also on failure.
+
+The pool runs as a group would (docs/security.md): with a pool token the admin issued (`hpcllm pool token issue
+--model A --group physics --output FILE`) and a config whose cluster secret is wrong - a group never holds it. The
+controller routes the group's requests there and hands out the pool worker's node key; the worker refuses the
+cluster secret.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from hpcllm.config import load_config
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
-from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import GenerateRequest
 
 pytestmark = pytest.mark.slurm
 
 SECRET = "pool-e2e-secret"
 ADMIN = "pool-e2e-admin"
+GROUP = "physics"
 MODEL_A = f"tiny-pool-a-{os.getpid()}"
 MODEL_B = f"tiny-pool-b-{os.getpid()}"
 POOL_NODE, OTHER_NODE = "n1", "n2"
@@ -66,15 +72,16 @@ def instances_of(status: dict, model: str) -> list[dict]:
     return [i for i in status["instances"] if i["model"] == model]
 
 
-def route(controller_url: str, model: str, wait: float = 0) -> httpx.Response:
-    resp = httpx.get(f"{controller_url}/v1/internal/route", params={"model": model, "wait": wait},
-                     headers={SECRET_HEADER: SECRET}, timeout=wait + 30)
+def route(controller_url: str, model: str, wait: float = 0, group: str | None = None) -> httpx.Response:
+    params = {"model": model, "wait": wait, **({"group": group} if group else {})}
+    resp = httpx.get(f"{controller_url}/v1/internal/route", params=params, headers={SECRET_HEADER: SECRET},
+                     timeout=wait + 30)
     assert resp.status_code in (200, 202), resp.text
     return resp
 
 
-def generate(worker_url: str, request_id: str, max_tokens: int = 4) -> list[int]:
-    with WorkerClient(worker_url, SECRET) as worker:
+def generate(worker_url: str, request_id: str, max_tokens: int = 4, key: str | None = None) -> list[int]:
+    with WorkerClient(worker_url, key or SECRET) as worker:
         with worker.generate(GenerateRequest(request_id=request_id, prompt="hello world", max_tokens=max_tokens,
                                              temperature=0)) as stream:
             return [line.token_id for line in stream if line.type == "token"]
@@ -119,9 +126,21 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
                                   timeout=30, json={"name": model, "source": str(root / "models" / model), "gpus": 0,
                                                     "keep_alive_seconds": keep_alive, "max_instances": 1})
             assert deployed.status_code == 201, deployed.text
+        # The admin issues the group's pool token; the group's config holds no cluster secret (a wrong one here).
+        token_file = root / "group" / "pool-token"
+        token_file.parent.mkdir()
+        issued = run_hpcllm("pool", "token", "issue", "--model", MODEL_A, "--group", GROUP, "--output",
+                            str(token_file), env=env)
+        assert issued.returncode == 0 and token_file.stat().st_mode & 0o777 == 0o600, issued.stdout + issued.stderr
+        group_config = write_e2e_config(
+            root / "group", secret="the-group-does-not-know-the-secret", admin="not-the-admin",
+            controller_port=controller_port, namespace=f"pool{os.getpid()}", slurm={"gpus_per_node": 0},
+            node={"controller_url": f"http://127.0.0.1:{controller_port}", "spare_workers": 0,
+                  "migrate_timeout_seconds": 10, "worker_stop_timeout_seconds": 10})
         # The pool as a group submits it (the script's own #SBATCH lines, GPUS=1 of the node's two fake GPUs; the
         # model itself serves on CPU). OMP_NUM_THREADS=1: two CPU workers share this host's two cores.
-        exports = {"MODEL": MODEL_A, "HPCLLM": HPCLLM, "HPCLLM_CONFIG": str(config_path), "OMP_NUM_THREADS": "1"}
+        exports = {"MODEL": MODEL_A, "HPCLLM": HPCLLM, "HPCLLM_CONFIG": str(group_config), "OMP_NUM_THREADS": "1",
+                   "HPCLLM_NODE_TOKEN_FILE": str(token_file)}
         submitted = slurm_cluster.run(
             "sbatch", "--parsable", "-w", POOL_NODE, "--time", "00:10:00", "-J", f"hpcllm-pool{os.getpid()}",
             "-o", str(root / "slurm" / "pool-%j.out"),
@@ -161,11 +180,19 @@ def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):
     assert pooled["node_id"] == POOL_NODE
     nodes = {n["node_id"]: n for n in status["nodes"]}
     assert nodes[POOL_NODE]["pool_model"] == MODEL_A and nodes[OTHER_NODE]["pool_model"] is None
+    # It registered with its pool token and serves its group only; n2's agent is the operator's (the secret).
+    assert nodes[POOL_NODE]["credential_id"].startswith("pool-") and nodes[POOL_NODE]["serves_group"] == GROUP
+    assert nodes[OTHER_NODE]["credential_id"] == "cluster" and nodes[OTHER_NODE]["serves_group"] is None
 
-    # A request for A goes to the pool's instance and is answered there.
-    routed = route(controller_url, MODEL_A).json()
+    # A request of the group for A goes to the pool's instance and is answered there, with the worker's node key.
+    routed = route(controller_url, MODEL_A, group=GROUP).json()
     assert (routed["status"], routed["instance_id"], routed["node_id"]) == ("ready", pooled["instance_id"], POOL_NODE)
-    assert len(generate(routed["worker_url"], "pool-a-1")) == 4
+    assert routed["worker_key"] and routed["worker_key"] != SECRET
+    assert len(generate(routed["worker_url"], "pool-a-1", key=routed["worker_key"])) == 4
+    # The group's worker does not take the cluster secret (the group never had it).
+    with pytest.raises(WorkerError) as refused:
+        generate(routed["worker_url"], "pool-a-secret")
+    assert refused.value.status == 401
 
     # B's checkpoint in the pool node's DRAM: were n1 a candidate, evicting the idle pool instance (0 s) and
     # loading from DRAM would be B's fastest start.

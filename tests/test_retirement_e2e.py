@@ -31,8 +31,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process, wait_for,
-                         write_e2e_config)
+from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, node_key_in, start_logged, stop_process,
+                         wait_for, write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,9 +90,11 @@ def model_total(url: str, name: str, **labels: str) -> float:
                if MODEL in s.labels.values() and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def running_requests(worker_url: str) -> int:
-    """Asked of the worker itself (the controller's heartbeat view lags by a second)."""
-    ready = httpx.get(f"{worker_url}/ready", headers={SECRET_HEADER: SECRET}, timeout=5).json()
+def running_requests(instance: dict, controller_url: str) -> int:
+    """Asked of the worker itself (the controller's heartbeat view lags by a second), with its node's key (the
+    controller's allocations register with their own tokens)."""
+    key = node_key_in(admin_status(controller_url), instance["node_id"], SECRET)
+    ready = httpx.get(f"{instance['worker_url']}/ready", headers={SECRET_HEADER: key}, timeout=5).json()
     return int(ready.get("running_requests") or 0)
 
 
@@ -292,7 +294,7 @@ def _run_scenario(gateway_url, controller_url, root, backend, monitor, reference
         wait_for(lambda: streams[0].chunks or streams[0].error, 30, "the ballast stream's first chunk",
                  interval=0.05)
         assert streams[0].error is None, streams[0].error
-        assert running_requests(staying["worker_url"]) == 1, "the ballast stream did not go to the staying instance"
+        assert running_requests(staying, controller_url) == 1, "the ballast stream did not go to the staying instance"
         wait_for(lambda: any(i["instance_id"] == staying["instance_id"] and i["running_requests"]
                              for i in admin_status(controller_url)["instances"]), 10,
                  "a heartbeat to count the ballast stream's request", interval=0.1)
@@ -304,7 +306,7 @@ def _run_scenario(gateway_url, controller_url, root, backend, monitor, reference
     streams.append(main)
     wait_for(lambda: main.chunks or main.error, 30, "the stream's first chunk", interval=0.05)
     assert main.error is None, main.error
-    assert running_requests(retiring["worker_url"]) == 1, "the stream did not go to the retiring instance"
+    assert running_requests(retiring, controller_url) == 1, "the stream did not go to the retiring instance"
 
     # 4. The retirement: the allocation drains, its instance's stream moves live, a replacement is submitted.
     for stream in streams:

@@ -18,6 +18,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "deploy": "hpcllm.controller.cli:deploy",
     "undeploy": "hpcllm.controller.cli:undeploy",
     "status": "hpcllm.controller.cli:status",
+    "pool": "hpcllm.controller.cli:pool",
     "dev": "hpcllm.devmodels.cli:dev",
     "convert": "hpcllm.checkpoint.cli:convert",
     "checkpoint": "hpcllm.checkpoint.cli:checkpoint",

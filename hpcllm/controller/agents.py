@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from hpcllm.config import InternalHttpConfig
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import InstanceInfo, MigratedOut
+from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import error_of, internal_client, json_object, request_json
 
@@ -33,6 +34,19 @@ class AgentClient:
     def __init__(self, shared_secret: str, timeout_seconds: float | httpx.Timeout = 10.0,
                  http: InternalHttpConfig | None = None):
         self._http = internal_client(http, headers=secret_headers(shared_secret), timeout=timeout_seconds)
+        self._keys: dict[str, str] = {}  # agent URL -> its node key (token-registered agents; docs/security.md)
+
+    def set_key(self, agent_url: str, key: str | None) -> None:
+        """The key to call this agent with from now on (None: the cluster secret)."""
+        if key is None:
+            self._keys.pop(agent_url.rstrip("/"), None)
+        else:
+            self._keys[agent_url.rstrip("/")] = key
+
+    def _with_key(self, url: str, kwargs: dict) -> dict:
+        """kwargs for a call to url: with its agent's node key when it has one (else the client's cluster secret)."""
+        key = next((k for base, k in self._keys.items() if url.startswith(base + "/")), None)
+        return kwargs if key is None else {**kwargs, "headers": secret_headers(key)}
 
     def close(self) -> None:
         self._http.close()
@@ -48,11 +62,11 @@ class AgentClient:
             unreachable=unreachable or (lambda exc: AgentError(f"node agent {url}: {type(exc).__name__}: {exc}")),
             refused=refused or (lambda status, error, message: AgentError(f"node agent {url}: HTTP {status} "
                                                                           f"{message}")),
-            **kwargs)
+            **self._with_key(url, kwargs))
 
     def _call(self, method: str, url: str, **kwargs) -> httpx.Response:
         try:
-            return self._http.request(method, url, **kwargs)
+            return self._http.request(method, url, **self._with_key(url, kwargs))
         except httpx.HTTPError as exc:
             raise AgentError(f"node agent {url}: {type(exc).__name__}: {exc}") from None
 
@@ -85,11 +99,13 @@ class AgentClient:
             raise AgentError(f"node agent {url} refused to stop instance: HTTP {resp.status_code} "
                              f"{error_of(resp)[1]}")
 
-    def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float) -> MigratedOut:
+    def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float,
+                    ticket: MigrationTicket | None = None) -> MigratedOut:
         """Have the agent live-migrate an instance's requests to destination_url, then stop it (node agent's
-        POST .../migrate-out); timeout covers the migration and the stop."""
+        POST .../migrate-out); timeout covers the migration and the stop. ticket: ours, naming the destination."""
         url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}/migrate-out"
-        resp = self._call("POST", url, json={"destination_url": destination_url}, timeout=timeout)
+        body = {"destination_url": destination_url, "ticket": ticket.model_dump() if ticket else None}
+        resp = self._call("POST", url, json=body, timeout=timeout)
         if resp.status_code != 200:
             raise AgentError(f"node agent {url} refused to migrate the instance: HTTP {resp.status_code} "
                              f"{error_of(resp)[1]}")

@@ -27,6 +27,7 @@ from hpcllm.config import Config
 from hpcllm.controller.errors import AllocationFailed
 from hpcllm.controller.protocol import DeployedModel
 from hpcllm.controller.registry import Registry
+from hpcllm.credentials import TOKEN_ENV, mint_token
 from hpcllm.errors import ConfigError
 from hpcllm.slurm.base import (
     JobSpec,
@@ -243,8 +244,11 @@ class Allocator:
         if why is not None:
             raise AllocationFailed(f"cannot submit an allocation for {model.name!r}: {why}")
         tag = new_allocation_tag()
+        # The job's own token (docs/security.md): registers and heartbeats only that job's node, revoked when the job
+        # ends. It reaches the agent through the job's environment (never argv, never the script on disk).
+        minted = mint_token("allocation")
         try:
-            spec = self._job_spec(model, preferred_nodes, tag)
+            spec = self._job_spec(model, preferred_nodes, tag, minted.token)
             if spec.output:  # Slurm cannot create the log's folder itself: the job would fail at once
                 Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -257,6 +261,8 @@ class Allocator:
         try:
             self.registry.add_allocation_intent(tag, model.name, preferred_nodes, self._partition(model),
                                                 time_limit, now)
+            self.registry.add_credential(minted.credential_id, "allocation", minted.secret_hash, now,
+                                         model=model.name, job_tag=tag)
             job_id = self._sbatch(spec, model, tag)
             self.registry.settle_allocation_intent(tag, job_id)
         finally:
@@ -339,6 +345,9 @@ class Allocator:
     def _apply_status(self, alloc, status: JobStatus | None, now: float) -> str | None:
         if status is None or status.is_terminal:
             # Completed, cancelled, failed, timed out, preempted, node failure, or purged from Slurm's memory.
+            revoked = self.registry.revoke_job_credentials(alloc.job_id, now)
+            if revoked:
+                log.info("allocation %s ended: revoked its node token", alloc.job_id)
             self._nodes_left(alloc.job_id)
             state_word = "missing" if status is None or status.missing else (status.raw_state or status.state.value)
             self.registry.update_allocation(alloc.job_id, state="ended", ended_at=now,
@@ -374,13 +383,34 @@ class Allocator:
 
     # ----------------------------------------------------------------------------- the job we submit
 
-    def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str | None) -> JobSpec:
+    def job_nodes(self, job_id: str | None) -> list[str] | None:
+        """The nodes a job of ours runs on, as Slurm says now (a requeued job may come back elsewhere); the recorded
+        ones when Slurm cannot be asked; [] for a job that ended; None when unknown."""
+        if job_id is None:
+            return None
+        if self.backend is not None:
+            try:
+                status = self.backend.statuses([job_id]).get(job_id)
+            except SlurmError as exc:
+                log.warning("cannot ask Slurm where job %s runs (%s): using the recorded nodes", job_id, exc)
+            else:
+                if status is None or status.is_terminal:
+                    return []
+                if status.nodes:
+                    return sorted(status.nodes)
+        alloc = self.registry.get_allocation(job_id)
+        return alloc.nodes if alloc is not None and alloc.nodes else None
+
+    def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str | None,
+                  token: str | None = None) -> JobSpec:
         """The slurm package's node-agent job (one node) with the model's [slurm] overrides (partition, account,
         qos, time; else the [slurm] config), tagged with --comment=<tag>. A node holding the checkpoint is asked for
         by name (--nodelist; slurmrestd's "nodelist" key): placement proposes only nodes that are idle now. Any
         other node is left to Slurm, minus the nodes where an agent of ours runs (--exclude). The agent finds us
         through HPCLLM_CONTROLLER_URL."""
         env = {CONTROLLER_URL_ENV: self.controller_url}
+        if token:
+            env[TOKEN_ENV] = token
         if self.config_path:
             env["HPCLLM_CONFIG"] = self.config_path
         # A model whose instance spans nodes gets an allocation of its own shape: nodes x ranks per node x its GPUs

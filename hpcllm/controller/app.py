@@ -2,32 +2,39 @@
 admin routes for the CLI.
 
 Errors always have one shape, {"error": {"message", "type", "param", "code"}}, never an HTML page or a traceback.
-The internal blueprint (/v1/internal/*) needs the cluster shared secret (X-Hpcllm-Secret); the admin blueprint
-(/v1/admin/*) needs the admin key (Authorization: Bearer KEY), its own credential (never the secret; no key: the
-admin API is closed). /health and /metrics are open (bind the controller to an internal address).
+The internal blueprint (/v1/internal/*) needs the cluster shared secret (X-Hpcllm-Secret) or, for what node agents
+call, a node token (X-Hpcllm-Token: an allocation's or a pool's, scoped by hpcllm.credentials; docs/security.md);
+the route API takes the secret only. The admin blueprint (/v1/admin/*) needs the admin key (Authorization: Bearer
+KEY), its own credential (never the secret; no key: the admin API is closed). /health and /metrics are open (bind
+the controller to an internal address).
 """
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from hpcllm.config import admin_key_of
 from hpcllm.controller.errors import ControllerError, InvalidRequest
 from hpcllm.controller.protocol import (
+    CredentialInfo,
+    CredentialList,
     Heartbeat,
+    IssuedPoolToken,
     MigrationTarget,
     MigrationTargetRequest,
     ModelList,
     ModelSpec,
     NodeRegistration,
+    PoolTokenRequest,
     RouteReady,
 )
 from hpcllm.controller.service import Controller
+from hpcllm.credentials import ClusterOnly, TokenOrSecret
 from hpcllm.httpkit.app import service_app
-from hpcllm.httpkit.auth import BearerKey, SharedSecret, guard
+from hpcllm.httpkit.auth import BearerKey, guard, requires
 from hpcllm.httpkit.body import parse_body
 
 log = logging.getLogger(__name__)
@@ -63,7 +70,8 @@ def create_app(controller: Controller) -> Flask:
     admin_key = admin_key_of(config)
     metrics = Metrics()
     open_bp = Blueprint("open", __name__)
-    internal = guard(Blueprint("internal", __name__), SharedSecret(secret))
+    # Node agents (a node token or the secret: the caller's Principal in g.principal) and the gateway (the secret).
+    internal = guard(Blueprint("internal", __name__), TokenOrSecret(secret, controller.authenticate_token))
     admin = guard(Blueprint("admin", __name__), BearerKey(
         admin_key, what="admin key", disabled="the admin API is disabled: controller.admin_key is not set"))
 
@@ -96,19 +104,21 @@ def create_app(controller: Controller) -> Flask:
 
     @internal.post("/v1/internal/nodes/register")
     def register():
-        return controller.register(parse_body(NodeRegistration)).model_dump()
+        return controller.register(parse_body(NodeRegistration), g.principal).model_dump()
 
     @internal.post("/v1/internal/nodes/<node_id>/heartbeat")
     def heartbeat(node_id: str):
-        return controller.heartbeat(node_id, parse_body(Heartbeat)).model_dump()
+        return controller.heartbeat(node_id, parse_body(Heartbeat), g.principal).model_dump()
 
     @internal.get("/v1/internal/models")
     def models():
         return ModelList(models=controller.model_cards()).model_dump()
 
     @internal.get("/v1/internal/route")
+    @requires(ClusterOnly("the route API (the gateway's)"))
     def route():
         name = request.args.get("model", "")
+        group = request.args.get("group") or None  # the API key's group: a group's own pool serves it alone
         if not name:
             raise InvalidRequest("query parameter 'model' is required", param="model")
         try:
@@ -116,7 +126,7 @@ def create_app(controller: Controller) -> Flask:
         except ValueError:
             raise InvalidRequest("query parameter 'wait' must be a number of seconds", param="wait") from None
         try:
-            outcome = controller.route(name, wait)
+            outcome = controller.route(name, wait, group)
         except ControllerError as exc:
             metrics.routes.labels(name if exc.code != "model_not_found" else "unknown", exc.code).inc()
             raise
@@ -131,7 +141,7 @@ def create_app(controller: Controller) -> Flask:
     def migration_target():
         req = parse_body(MigrationTargetRequest)
         try:
-            outcome = controller.migration_target(req)
+            outcome = controller.migration_target(req, g.principal)
         except ControllerError as exc:
             if exc.code != "model_not_found":
                 metrics.migration_targets.labels(req.model, "none").inc()
@@ -160,6 +170,20 @@ def create_app(controller: Controller) -> Flask:
     @admin.get("/v1/admin/status")
     def status():
         return controller.status().model_dump()
+
+    @admin.post("/v1/admin/pool-tokens")
+    def issue_pool_token():
+        issued: IssuedPoolToken = controller.issue_pool_token(parse_body(PoolTokenRequest))
+        return issued.model_dump(), 201
+
+    @admin.get("/v1/admin/credentials")
+    def credentials():
+        return CredentialList(credentials=controller.credential_infos()).model_dump()
+
+    @admin.delete("/v1/admin/credentials/<credential_id>")
+    def revoke(credential_id: str):
+        info: CredentialInfo = controller.revoke_credential(credential_id)
+        return info.model_dump()
 
     app = service_app("hpcllm.controller", [open_bp, internal, admin],
                       max_request_bytes=config.internal_http.max_request_bytes)

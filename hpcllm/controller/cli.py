@@ -120,6 +120,72 @@ def status(config_path: Path | None, controller_url: str | None, as_json: bool) 
     print_status(ClusterStatus.model_validate(body))
 
 
+@click.group("pool")
+def pool() -> None:
+    """Model pools run by groups (slurm/model-pool.sbatch) and their tokens."""
+
+
+@pool.group("token")
+def pool_token() -> None:
+    """Pool tokens: each registers pools of one model that serve one group's API keys (docs/security.md)."""
+
+
+@pool_token.command("issue")
+@click.option("--model", required=True, help="The deployed model the pool may serve (and nothing else).")
+@click.option("--group", required=True, help="The group whose API keys (gateway.api_keys[].group) it serves.")
+@click.option("--shared", is_flag=True, help="Serve every API key, not only the group's.")
+@click.option("--note", default=None, help="A note kept with the token (who asked, a ticket number).")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Write the token to this new file (mode 0600) instead of printing it; hand it to the group, who "
+                   "run the pool with HPCLLM_NODE_TOKEN_FILE=FILE.")
+@config_option
+@url_option
+def issue_pool_token(model: str, group: str, shared: bool, note: str | None, output: Path | None,
+                     config_path: Path | None, controller_url: str | None) -> None:
+    """Issue a pool token for one model and one group (the token is shown once; only its hash is kept)."""
+    client = AdminClient(load_config(config_path), controller_url)
+    issued = client.call("POST", "/v1/admin/pool-tokens",
+                         json={"model": model, "group": group, "shared": shared, "note": note})
+    if output is None:
+        click.echo(issued["token"])
+    else:
+        try:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise click.ClickException(f"cannot create {output}: {exc.strerror} (it must not exist yet); the "
+                                       f"token {issued['credential_id']} was issued: revoke it with `hpcllm pool "
+                                       f"token revoke {issued['credential_id']}`") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(issued["token"] + "\n")
+    click.echo(f"issued {issued['credential_id']}: model {model}, group {group}"
+               f"{' (shared with every API key)' if shared else ''}" + (f"; token in {output}" if output else ""),
+               err=output is None)
+
+
+@pool_token.command("list")
+@config_option
+@url_option
+def list_pool_tokens(config_path: Path | None, controller_url: str | None) -> None:
+    """List the pool tokens and allocation tokens (ids, scopes, revocations; never the tokens)."""
+    client = AdminClient(load_config(config_path), controller_url)
+    for c in client.call("GET", "/v1/admin/credentials")["credentials"]:
+        scope = f"model {c['model']} group {c['group']}{' shared' if c['shared'] else ''}" if c["kind"] == "pool" \
+            else f"job {c['job_id'] or '(not submitted)'}"
+        click.echo(f"{c['credential_id']}  {c['kind']:<10}  {scope}  "
+                   f"{'revoked' if c['revoked_at'] else 'valid'}{'  ' + c['note'] if c['note'] else ''}")
+
+
+@pool_token.command("revoke")
+@click.argument("credential_id")
+@config_option
+@url_option
+def revoke_pool_token(credential_id: str, config_path: Path | None, controller_url: str | None) -> None:
+    """Revoke a token now: its pool's next heartbeat is refused, and it cannot register again."""
+    client = AdminClient(load_config(config_path), controller_url)
+    client.call("DELETE", f"/v1/admin/credentials/{credential_id}")
+    click.echo(f"revoked {credential_id}")
+
+
 def print_status(st: ClusterStatus) -> None:
     from rich.console import Console
     from rich.table import Table

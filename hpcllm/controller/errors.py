@@ -32,6 +32,20 @@ class UnknownModel(ControllerError):
     error_type = "invalid_request_error"
 
 
+class JobNotLocated(ControllerError):
+    """Slurm cannot say (yet) where an allocation token's job runs: the agent retries its registration."""
+
+    http_status = 503
+    code = "job_not_located"
+    error_type = "server_error"
+
+
+class UnknownCredential(ControllerError):
+    http_status = 404
+    code = "credential_not_found"
+    error_type = "invalid_request_error"
+
+
 class UnknownNode(ControllerError):
     """A heartbeat from a node the controller does not know (or declared lost): the agent must register again."""
 

@@ -3,10 +3,11 @@
 Every body is validated with these pydantic models; unknown fields are rejected so a typo in a client is an error
 that names the field. See docs/controller.md for the endpoints and status codes.
 
-Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`):
+Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`, or `X-Hpcllm-Token: <node token>` for the
+agents' calls: register, heartbeat, models, migration-target; docs/security.md):
     POST /v1/internal/nodes/register             NodeRegistration -> RegisterResponse
     POST /v1/internal/nodes/<node_id>/heartbeat  Heartbeat -> HeartbeatResponse (404 unknown_node: register again)
-    GET  /v1/internal/route?model=NAME&wait=S    200 RouteReady | 202 RouteWaiting | 404 | 503 (+ Retry-After)
+    GET  /v1/internal/route?model=NAME&wait=S&group=G  200 RouteReady | 202 RouteWaiting | 404 | 503 (+ Retry-After)
     GET  /v1/internal/models                     ModelList (deployed models, for the gateway's /v1/models)
     POST /v1/internal/migration-target           MigrationTargetRequest -> 200 MigrationTarget | 202 RouteWaiting
                                                  (+ Retry-After) | 404 no_migration_target
@@ -15,6 +16,8 @@ Admin endpoints (header `Authorization: Bearer <admin key>`):
     POST   /v1/admin/models          ModelSpec -> DeployedModel (201 new, 200 updated)
     DELETE /v1/admin/models/<name>   -> {"undeployed": name, "stopped_instances": n}
     GET    /v1/admin/status          -> ClusterStatus
+    POST   /v1/admin/pool-tokens     PoolTokenRequest -> 201 IssuedPoolToken (the token, once)
+    GET    /v1/admin/credentials     -> CredentialList;  DELETE /v1/admin/credentials/<id> -> CredentialInfo
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hpcllm.credentials import MigrationTicket
 from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -120,6 +124,9 @@ class Heartbeat(Wire):
 class RegisterResponse(Wire):
     node_id: str
     heartbeat_seconds: float
+    # For an agent that registered with a token (docs/security.md): the key its own API and its workers accept, and
+    # that it uses to call them (the controller and the gateway derive the same). None: keep the cluster secret.
+    node_key: str | None = None
 
 
 class HeartbeatResponse(Wire):
@@ -139,6 +146,8 @@ class RouteReady(Wire):
     # How the instance was loaded (its cold start), so the gateway can report it.
     load_tier: str | None = None
     load_seconds: float | None = None
+    # The key the worker accepts (a token-registered node's node key); None: the cluster secret.
+    worker_key: str | None = None
 
 
 class RouteWaiting(Wire):
@@ -160,16 +169,19 @@ class MigrationTargetRequest(Wire):
 
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     exclude_node: str | None = Field(None, description="the asking node: its own instances are leaving too")
+    instance_id: str | None = Field(None, description="the instance whose requests move (named in the ticket)")
     # No ready instance elsewhere: start one through placement and answer 202 while it loads.
     start_if_missing: bool = True
 
 
 class MigrationTarget(Wire):
-    """A ready instance of the model on another routable node (the least loaded; ties by instance id)."""
+    """A ready instance of the model on another routable node (the least loaded; ties by instance id), with the
+    ticket the source worker needs to move requests there (hpcllm.credentials.MigrationTicket)."""
 
     worker_url: str
     instance_id: str
     node_id: str
+    ticket: MigrationTicket | None = None
 
 
 # ----------------------------------------------------------------------------------------------- admin (CLI) -> us
@@ -290,6 +302,10 @@ class NodeStatus(Wire):
     last_heartbeat: float | None
     cached: list[CacheEntry]
     pool_model: str | None = None  # a model pool's node: the model its agent keeps running (never placed on)
+    # What its agent registered with (None/"cluster": the secret; else a token's id, from which the operator's
+    # tools derive the node key: hpcllm.credentials.worker_key), and the one group it serves (a group's pool).
+    credential_id: str | None = None
+    serves_group: str | None = None
 
 
 class InstanceStatus(Wire):
@@ -378,6 +394,36 @@ class ClusterStatus(Wire):
     migrations: list[MigrationEvent] = Field(default_factory=list)
     # The latest instance failures reported to this controller process (newest first, at most RECENT_FAILURES).
     failed_instances: list[InstanceFailure] = Field(default_factory=list)
+
+
+class PoolTokenRequest(Wire):
+    """An admin issues a pool token: it registers pools of `model` that serve only `group`'s API keys (every key
+    with shared = true)."""
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    group: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    shared: bool = False
+    note: str | None = Field(None, max_length=500)
+
+
+class CredentialInfo(Wire):
+    credential_id: str
+    kind: str
+    model: str | None = None
+    group: str | None = None
+    shared: bool = False
+    job_id: str | None = None
+    created_at: float
+    revoked_at: float | None = None
+    note: str | None = None
+
+
+class IssuedPoolToken(CredentialInfo):
+    token: str  # shown once: only its hash is stored
+
+
+class CredentialList(Wire):
+    credentials: list[CredentialInfo]
 
 
 class UndeployResult(Wire):

@@ -25,9 +25,11 @@ from hpcllm.controller.errors import (
     AgentError,
     ControllerError,
     InvalidModelConfig,
+    JobNotLocated,
     NoCapacity,
     NodeTaken,
     AllocationFailed,
+    UnknownCredential,
     UnknownModel,
 )
 from hpcllm.controller.placement import MovableInstance, NodeCandidate, place, slice_holding
@@ -36,6 +38,7 @@ from hpcllm.controller.protocol import (
     CacheEntry,
     ClusterStatus,
     ColdStart,
+    CredentialInfo,
     MigrationEvent,
     DeployedModel,
     Heartbeat,
@@ -43,6 +46,7 @@ from hpcllm.controller.protocol import (
     InstanceFailure,
     InstanceInfo,
     InstanceStatus,
+    IssuedPoolToken,
     MigrationTarget,
     MigrationTargetRequest,
     ModelCard,
@@ -50,12 +54,35 @@ from hpcllm.controller.protocol import (
     NodeRegistration,
     NodeStatus,
     PlacementBreakdown,
+    PoolTokenRequest,
     RegisterResponse,
     RouteReady,
     RouteWaiting,
     UndeployResult,
 )
-from hpcllm.controller.registry import AllocationRecord, InstanceRecord, MigrationRecord, NodeRecord, Registry
+from hpcllm.controller.registry import (
+    AllocationRecord,
+    CredentialRecord,
+    InstanceRecord,
+    MigrationRecord,
+    NodeRecord,
+    Registry,
+)
+from hpcllm.credentials import (
+    CLUSTER,
+    CredentialError,
+    MigrationTicket,
+    Principal,
+    check_models,
+    check_node_owner,
+    check_registration,
+    issue_ticket,
+    mint_token,
+    parse_token,
+    secret_matches,
+    visible_to,
+    worker_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +263,34 @@ class Controller:
             except AgentError as exc:
                 log.warning("could not stop instance %s: %s", inst.instance_id, exc)
 
+    def issue_pool_token(self, req: PoolTokenRequest) -> IssuedPoolToken:
+        """A new pool token for one deployed model and one group (the token is in the answer, once)."""
+        if self.registry.get_model(req.model) is None:
+            raise UnknownModel(f"model {req.model!r} is not deployed: deploy it before issuing pool tokens for it")
+        minted = mint_token("pool")
+        now = self.clock()
+        self.registry.add_credential(minted.credential_id, "pool", minted.secret_hash, now, model=req.model,
+                                     group=req.group, shared=req.shared, note=req.note)
+        log.info("issued pool token %s for model %s, group %s%s", minted.credential_id, req.model, req.group,
+                 " (shared with every API key)" if req.shared else "")
+        return IssuedPoolToken(**_credential_info(self.registry.get_credential(minted.credential_id)).model_dump(),
+                               token=minted.token)
+
+    def credential_infos(self) -> list[CredentialInfo]:
+        return [_credential_info(c) for c in self.registry.credentials()]
+
+    def revoke_credential(self, credential_id: str) -> CredentialInfo:
+        """Revoke a token at once: its agent's next heartbeat is refused (401)."""
+        if self.registry.get_credential(credential_id) is None:
+            raise UnknownCredential(f"no credential {credential_id!r} (hpcllm pool token list shows them)")
+        self.registry.revoke_credential(credential_id, self.clock())
+        for node in self.registry.nodes(states=("up", "draining")):
+            if node.credential_id == credential_id:  # no route to it from now on, not after node_timeout_seconds
+                self.registry.node_left(node.node_id, "lost")
+                self._notify()
+        log.info("revoked credential %s", credential_id)
+        return _credential_info(self.registry.get_credential(credential_id))
+
     def model_cards(self) -> list[ModelCard]:
         return [ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len, gpus=m.gpus,
                           size_bytes=m.size_bytes, created_at=m.deployed_at, engine=m.engine,
@@ -256,7 +311,8 @@ class Controller:
             nodes=[NodeStatus(node_id=n.node_id, state=n.state, agent_url=n.agent_url, slurm_job_id=n.slurm_job_id,
                               job_scoped=n.job_scoped, gpus=n.gpus, free_gpus=max(0, n.gpus - used[n.node_id]),
                               tiers=n.tiers, last_heartbeat=n.last_heartbeat, cached=cache[n.node_id],
-                              pool_model=n.pool_model)
+                              pool_model=n.pool_model, credential_id=n.credential_id,
+                              serves_group=n.serves_group)
                    for n in nodes],
             instances=[InstanceStatus(instance_id=i.instance_id, model=i.model, node_id=i.node_id, state=i.state,
                                       worker_url=i.worker_url, gpu_ids=i.gpu_ids, running_requests=i.running_requests,
@@ -289,10 +345,45 @@ class Controller:
 
     # ------------------------------------------------------------------------------------------ node agents
 
-    def register(self, reg: NodeRegistration) -> RegisterResponse:
+    def authenticate_token(self, token: str) -> Principal:
+        """The principal of an allocation or pool token (CredentialError 401: unknown, wrong or revoked)."""
+        credential_id, secret = parse_token(token)
+        record = self.registry.get_credential(credential_id)
+        if record is None or not secret_matches(secret, record.secret_hash):
+            raise CredentialError(f"unknown hpcllm token {credential_id}", status=401)
+        if record.revoked:
+            raise CredentialError(f"hpcllm token {credential_id} was revoked"
+                                  f"{' (its Slurm job ended)' if record.kind == 'allocation' else ''}", status=401)
+        return Principal(kind=record.kind, credential_id=record.credential_id, model=record.model,
+                         group=record.group, shared=record.shared, job_id=record.job_id)
+
+    def worker_key_of(self, node: NodeRecord) -> str:
+        """The key the node's agent and workers accept: the cluster secret, or a token-registered node's key."""
+        return worker_key(self.config.cluster.shared_secret, node.credential_id, node.node_id)
+
+    def _node_key_if_any(self, node: NodeRecord) -> str | None:
+        key = self.worker_key_of(node)
+        return None if key == self.config.cluster.shared_secret else key
+
+    def register(self, reg: NodeRegistration, principal: Principal = CLUSTER) -> RegisterResponse:
         now = self.clock()
+        job_nodes = None
+        if principal.kind == "allocation":
+            job_nodes = self.allocator.job_nodes(principal.job_id)
+            if job_nodes is None:  # Slurm did not answer, or not yet with the nodes: retrying is right, not giving up
+                raise JobNotLocated(f"cannot tell yet where Slurm job {principal.job_id} runs (Slurm did not say); "
+                                    f"retry the registration")
         try:
-            node = self.registry.register_node(reg, now, live_after=now - self.settings.node_timeout_seconds)
+            check_registration(principal, reg.node_id, reg.slurm_job_id, reg.pool_model, job_nodes)
+            self._refuse_a_takeover(reg.node_id, principal, now)
+        except CredentialError as exc:
+            log.warning("refused the registration of %s with %s %s: %s", reg.node_id, principal.kind,
+                        principal.credential_id, exc)
+            raise
+        try:
+            node = self.registry.register_node(reg, now, live_after=now - self.settings.node_timeout_seconds,
+                                               credential_id=principal.credential_id,
+                                               serves_group=principal.serves_group)
         except NodeTaken as exc:
             log.warning("refused the registration of %s: %s", reg.node_id, exc)
             raise
@@ -300,9 +391,27 @@ class Controller:
                  node.slurm_job_id, node.gpus, len(reg.cached),
                  f"; model pool of {node.pool_model}: routed to, never placed on" if node.is_pool else "")
         self._notify()
-        return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds)
+        node_key = self._node_key_if_any(node)
+        self.agents.set_key(node.agent_url, node_key)
+        return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds,
+                                node_key=node_key)
 
-    def heartbeat(self, node_id: str, hb: Heartbeat) -> HeartbeatResponse:
+    def _refuse_a_takeover(self, node_id: str, principal: Principal, now: float) -> None:
+        """A token may not take over a node whose agent, registered with another credential, still heartbeats
+        (whatever job id it claims): it would take that node's instances and routes."""
+        node = self.registry.get_node(node_id)
+        if principal.is_cluster or node is None or node.state not in ("up", "draining") \
+                or node.credential_id == principal.credential_id or node.last_heartbeat is None \
+                or node.last_heartbeat <= now - self.settings.node_timeout_seconds:
+            return
+        raise CredentialError(f"node {node_id} is served by an agent registered with another credential; this "
+                              f"token cannot take it over while that agent lives", status=409)
+
+    def heartbeat(self, node_id: str, hb: Heartbeat, principal: Principal = CLUSTER) -> HeartbeatResponse:
+        known = self.registry.get_node(node_id)
+        if known is not None:  # an unknown node gets 404 (register again) whoever asks
+            check_node_owner(principal, node_id, known.credential_id)
+            check_models(principal, [i.model for i in hb.instances])
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         outcome = self.registry.heartbeat(node_id, hb, self.clock())
@@ -343,24 +452,31 @@ class Controller:
 
     # --------------------------------------------------------------------------------------------- routing
 
-    def route(self, name: str, wait_seconds: float = 0.0) -> RouteReady | RouteWaiting:
-        """A ready instance of the model, or the cold start / allocation it waits for (long-polls up to wait)."""
+    def route(self, name: str, wait_seconds: float = 0.0, group: str | None = None) -> RouteReady | RouteWaiting:
+        """A ready instance of the model, or the cold start / allocation it waits for (long-polls up to wait).
+        group: the API key's group; a group's own pool only serves that group."""
         deadline = time.monotonic() + min(max(wait_seconds, 0.0), self.settings.route_max_wait_seconds)
         while True:
-            outcome = self.route_once(name)
+            outcome = self.route_once(name, group)
             remaining = deadline - time.monotonic()
             if isinstance(outcome, RouteReady) or remaining <= 0:
                 return outcome
             with self._changed:
                 self._changed.wait(timeout=min(remaining, 0.5))
 
-    def route_once(self, name: str) -> RouteReady | RouteWaiting:
+    def _routable_nodes(self, group: str | None, exclude: frozenset[str] = frozenset()) -> dict[str, NodeRecord]:
+        """Up nodes a request of `group` may go to (not a pool of another group), minus `exclude`."""
+        return {n.node_id: n for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)
+                if n.node_id not in exclude and visible_to(n.serves_group, group)}
+
+    def route_once(self, name: str, group: str | None = None) -> RouteReady | RouteWaiting:
         model = self.registry.get_model(name)
         if model is None:
             raise UnknownModel(f"model {name!r} is not deployed")
         now = self.clock()
         instances = self.registry.instances(model=name)
-        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
+        nodes = self._routable_nodes(group)
+        routable = set(nodes)
         ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
         loading = [i for i in instances if i.state == "loading" and i.node_id in routable]
         if ready:
@@ -368,32 +484,35 @@ class Controller:
             self.registry.note_routed(best.instance_id, now)
             if best.load + 1 >= self.settings.scale_out_running_requests and not loading \
                     and len(ready) < model.max_instances:
-                self._scale_out(model)
+                self._scale_out(model, group)
             return RouteReady(model=name, instance_id=best.instance_id, worker_url=best.worker_url,
-                              node_id=best.node_id, load_tier=best.load_tier, load_seconds=best.load_seconds)
+                              node_id=best.node_id, load_tier=best.load_tier, load_seconds=best.load_seconds,
+                              worker_key=self._node_key_if_any(nodes[best.node_id]))
         if loading:
             first = min(loading, key=lambda i: i.requested_at)
             return self._starting(name, first)
-        return self.start_instance(model)
+        return self.start_instance(model, group=group)
 
     def _starting(self, name: str, inst: InstanceRecord) -> RouteWaiting:
         return RouteWaiting(status="starting", model=name, retry_after=self.settings.route_retry_after_seconds,
                             instance_id=None if inst.reserved else inst.instance_id, node_id=inst.node_id)
 
-    def _scale_out(self, model: DeployedModel) -> None:
+    def _scale_out(self, model: DeployedModel, group: str | None = None) -> None:
         try:
-            self.start_instance(model)
+            self.start_instance(model, group=group)
         except (NoCapacity, AgentError) as exc:
             log.info("could not scale out %s: %s", model.name, exc)
 
-    def start_instance(self, model: DeployedModel, exclude_nodes: frozenset[str] = frozenset()) -> RouteWaiting:
+    def start_instance(self, model: DeployedModel, exclude_nodes: frozenset[str] = frozenset(),
+                       group: str | None = None) -> RouteWaiting:
         """Place one new instance: start it on a running node, or wait for / submit a Slurm allocation.
-        exclude_nodes: nodes that must not host it (a draining node asking where its requests can go)."""
+        exclude_nodes: nodes that must not host it (a draining node asking where its requests can go). group: whose
+        request asks (another group's own pool neither serves it nor counts towards max_instances)."""
         if model.spans_nodes:
             return self._start_spanning(model, exclude_nodes)
         with self._placement_lock:
             now = self.clock()
-            waiting = self._one_start_at_a_time(model, exclude_nodes)
+            waiting = self._one_start_at_a_time(model, exclude_nodes, group)
             if waiting is not None:
                 return waiting
             candidates, holding, targets = self._candidates(model, now, exclude_nodes)
@@ -428,9 +547,11 @@ class Controller:
             self.move_instance(node, victim, trigger="placement")
         return self._ask_agent(model, node, gpu_ids, reservation)
 
-    def _one_start_at_a_time(self, model: DeployedModel, exclude_nodes: frozenset[str]) -> RouteWaiting | None:
-        """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances."""
-        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - exclude_nodes
+    def _one_start_at_a_time(self, model: DeployedModel, exclude_nodes: frozenset[str],
+                             group: str | None = None) -> RouteWaiting | None:
+        """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances (counting
+        what `group` may be routed to: another group's pool does not count)."""
+        routable = set(self._routable_nodes(group, exclude_nodes))
         active = [i for i in self.registry.instances(model=model.name)
                   if i.state in ("ready", "loading") and i.node_id in routable]
         loading = [i for i in active if i.state == "loading"]
@@ -544,26 +665,37 @@ class Controller:
 
     # ------------------------------------------------------------------------------------ live migration
 
-    def migration_target(self, req: MigrationTargetRequest) -> MigrationTarget | RouteWaiting:
+    def migration_target(self, req: MigrationTargetRequest,
+                         principal: Principal = CLUSTER) -> MigrationTarget | RouteWaiting:
         """Where a draining node's requests of req.model should go: the least-loaded ready instance on another
-        routable node. With start_if_missing, when there is none, one is started through placement (never on the
-        excluded node) and the answer is RouteWaiting until it is ready. NoMigrationTarget when nothing can be."""
+        routable node that may serve them (a group's pool: its group's or a public one; anyone else's requests:
+        never a group's own pool), with a ticket for the source worker. With start_if_missing, when there is none,
+        one is started through placement (never on the excluded node) and the answer is RouteWaiting until it is
+        ready. NoMigrationTarget when nothing can be."""
+        source = self.registry.get_node(req.exclude_node) if req.exclude_node else None
+        if not principal.is_cluster:
+            if source is None:
+                raise CredentialError("a node token asks for migration targets of its own node only (exclude_node)")
+            check_node_owner(principal, source.node_id, source.credential_id)
+            check_models(principal, [req.model])
         model = self.registry.get_model(req.model)
         if model is None:
             raise UnknownModel(f"model {req.model!r} is not deployed")
         excluded = frozenset({req.exclude_node}) if req.exclude_node else frozenset()
-        target = self._ready_target(model.name, excluded)
+        group = source.serves_group if source else None
+        target = self._ready_target(model.name, excluded, group)
         if target is not None:
             self.registry.note_routed(target.instance_id, self.clock())  # its load counts for the next picks
             log.info("migration target for %s (leaving %s): %s on %s", model.name, req.exclude_node or "-",
                      target.instance_id, target.node_id)
             self._record_drain(model.name, req, "target_assigned", target.instance_id)
+            ticket = self.migration_ticket(source, req.instance_id or "", target) if source else None
             return MigrationTarget(worker_url=target.worker_url, instance_id=target.instance_id,
-                                   node_id=target.node_id)
+                                   node_id=target.node_id, ticket=ticket)
         if not req.start_if_missing:
             raise NoMigrationTarget(f"no ready instance of {model.name!r} on another node")
         try:
-            waiting = self.start_instance(model, exclude_nodes=excluded)
+            waiting = self.start_instance(model, exclude_nodes=excluded, group=group)
         except (NoCapacity, AgentError) as exc:
             raise NoMigrationTarget(f"no ready instance of {model.name!r} on another node, and none can start: "
                                     f"{exc}") from None
@@ -573,23 +705,33 @@ class Controller:
 
     def _record_drain(self, model: str, req: MigrationTargetRequest, outcome: str, target: str | None) -> None:
         """A draining node's agent moves its requests itself; the controller records the ready target it named (not
-        the 202 answers while one starts: the agent asks again until one is ready). The asking instance is not part
-        of the request, hence no instance id."""
-        self.registry.record_migration(MigrationRecord(model, "", req.exclude_node or "", "node_drain", outcome,
-                                                       target, at=self.clock()))
+        the 202 answers while one starts: the agent asks again until one is ready), with the asking instance when
+        the agent names it (it does for the ticket)."""
+        self.registry.record_migration(MigrationRecord(model, req.instance_id or "", req.exclude_node or "",
+                                                       "node_drain", outcome, target, at=self.clock()))
 
-    def _ready_target(self, model: str, excluded: frozenset[str]) -> InstanceRecord | None:
-        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - excluded
+    def _ready_target(self, model: str, excluded: frozenset[str], group: str | None = None) -> InstanceRecord | None:
+        routable = set(self._routable_nodes(group, excluded))
         ready = [i for i in self.registry.instances(model=model)
                  if i.state == "ready" and i.worker_url and i.node_id in routable and not i.reserved]
         return min(ready, key=lambda i: (i.load, i.instance_id)) if ready else None
+
+    def migration_ticket(self, source: NodeRecord, source_instance: str, target: InstanceRecord) -> MigrationTicket:
+        """The leave for source's worker to move requests to target (signed with the source worker's key; its
+        grant made with the destination worker's key), good for credentials.TICKET_SECONDS."""
+        destination = self.registry.get_node(target.node_id)
+        return issue_ticket(model=target.model, source_instance=source_instance,
+                            source_key=self.worker_key_of(source), destination_url=target.worker_url,
+                            destination_instance=target.instance_id,
+                            destination_key=self.worker_key_of(destination) if destination else "",
+                            now=time.time())
 
     def move_instance(self, node: NodeRecord, inst: InstanceRecord, trigger: str) -> MigrationRecord:
         """Take an instance off its node without losing its requests: live-migrate them to a ready instance of the
         same model elsewhere (the agent's migrate-out, which then stops it); with no target, or when that call
         fails, stop it (the gateway resumes its requests from their tokens). Logged and reported to listeners."""
         started = time.monotonic()
-        target = self._ready_target(inst.model, frozenset({node.node_id}))
+        target = self._ready_target(inst.model, frozenset({node.node_id}), node.serves_group)
         if target is None:
             self._stop_one(node, inst.instance_id)
             record = MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger,
@@ -604,7 +746,8 @@ class Controller:
                      trigger: str) -> MigrationRecord:
         timeout = self.config.node.migrate_timeout_seconds + self.config.node.worker_stop_timeout_seconds + 10
         try:
-            result = self.agents.migrate_out(node.agent_url, inst.instance_id, target.worker_url, timeout)
+            result = self.agents.migrate_out(node.agent_url, inst.instance_id, target.worker_url, timeout,
+                                             ticket=self.migration_ticket(node, inst.instance_id, target))
         except AgentError as exc:
             self._stop_one(node, inst.instance_id)  # still free the slots; the gateway resumes from tokens
             return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, "failed",
@@ -804,6 +947,7 @@ class Controller:
         now = self.clock()
         self.allocator.sync(now)
         for node in self.registry.nodes(states=("up", "draining")):
+            self.agents.set_key(node.agent_url, self._node_key_if_any(node))
             try:
                 instances = self.agents.list_instances(node.agent_url)
             except AgentError as exc:
@@ -819,6 +963,12 @@ class Controller:
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
                  len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
+
+
+def _credential_info(record: CredentialRecord) -> CredentialInfo:
+    return CredentialInfo(credential_id=record.credential_id, kind=record.kind, model=record.model, group=record.group,
+                          shared=record.shared, job_id=record.job_id, created_at=record.created_at,
+                          revoked_at=record.revoked_at, note=record.note)
 
 
 def allocation_agents(alloc: AllocationRecord, nodes: list[NodeRecord]) -> list[NodeRecord]:

@@ -5,7 +5,9 @@ its host down), requests for a model that has a ready instance must still be ser
 the instances the controller named ready recently, after checking that the worker still answers /ready for that
 model (so a port reused by another model's worker never gets this model's prompts). A model with no remembered
 instance (a cold start) waits for the controller to come back. Each gunicorn process remembers what it routed;
-the model list is remembered too (the last one fetched).
+the model list is remembered too (the last one fetched). A route is remembered with the key its worker accepts and
+the API key group it was made for, and reused for that group only: a group's own pool never gets another group's
+prompts from memory either (docs/security.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 class KnownInstance:
     instance_id: str
     worker_url: str
+    worker_key: str | None = None  # the key its worker accepts (None: the cluster secret)
+    group: str | None = None  # the API key group the controller routed it for
 
 
 class KnownRoutes:
@@ -42,14 +46,15 @@ class KnownRoutes:
             for instance in [i for i in self._seen.get(model, {}) if i.worker_url == worker_url]:
                 del self._seen[model][instance]
 
-    def candidates(self, model: str) -> list[KnownInstance]:
-        """The model's remembered instances still within ttl_s, in random order (spreads the load)."""
+    def candidates(self, model: str, group: str | None = None) -> list[KnownInstance]:
+        """The model's remembered instances routed for `group` still within ttl_s, in random order (spreads the
+        load)."""
         now = self._clock()
         with self._lock:
             seen = self._seen.get(model, {})
             for instance in [i for i, at in seen.items() if now - at > self._ttl_s]:
                 del seen[instance]
-            fresh = list(seen)
+            fresh = [i for i in seen if i.group == group]
         random.shuffle(fresh)
         return fresh
 

@@ -62,6 +62,8 @@ class Endpoint:
     # Seconds the request spent waiting for a ready instance (queue + cold start).
     waited_seconds: float = 0.0
     cold_start: ColdStart | None = None
+    # The key this worker accepts, when it is not the cluster secret (a token-registered node; docs/security.md).
+    worker_key: str | None = None
 
 
 class Router(ABC):
@@ -77,7 +79,7 @@ class Router(ABC):
         raise ModelNotFound(name, [card.name for card in cards])
 
     @abstractmethod
-    def resolve(self, model: str, wait_s: float) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
         """A ready worker for `model`, waiting up to wait_s for one to start; ModelNotFound / ServiceUnavailable."""
 
     @abstractmethod
@@ -116,7 +118,7 @@ class StaticRouter(Router):
     def list_models(self) -> list[ModelCard]:
         return list(self._cards.values())
 
-    def resolve(self, model: str, wait_s: float) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
         if model not in self._urls:
             raise ModelNotFound(model, list(self._urls))
         url = random.choice(self._urls[model])
@@ -164,6 +166,7 @@ class ControllerRouter(Router):
             http, base_url=self.controller_url, headers=secret_headers(shared_secret),
             timeout=httpx.Timeout(connect_timeout_s, read=route_poll_s + 30.0),
         )
+        self._workers_http = internal_client(http, timeout=2.0)  # workers' /ready checks during an outage
         # A short-lived copy of the model list so a burst of requests does not ask the controller for every one.
         # While the controller is unreachable the last copy is used, however old.
         self._models_ttl_s = models_ttl_s
@@ -241,16 +244,18 @@ class ControllerRouter(Router):
             raise ServiceUnavailable(f"the controller at {self.controller_url} sent an unreadable "
                                      f"{wire.__name__}: {exc}", code="controller_error", retry_after=5) from None
 
-    def resolve(self, model: str, wait_s: float) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
         start = time.monotonic()
         deadline = start + wait_s
         while True:
             remaining = deadline - time.monotonic()
+            params = {"model": model, "wait": round(max(0.0, min(remaining, self.route_poll_s)), 1)}
+            if group:  # the API key's group: its own pools may serve it too
+                params["group"] = group
             try:
-                resp = self._get("/v1/internal/route", model=model,
-                                 wait=round(max(0.0, min(remaining, self.route_poll_s)), 1))
+                resp = self._get("/v1/internal/route", **params)
             except ControllerUnreachable:
-                remembered = self._remembered(model, start)
+                remembered = self._remembered(model, start, group)
                 if remembered is not None:
                     return remembered
                 remaining = min(deadline, start + self.outage_wait_s) - time.monotonic()
@@ -262,7 +267,8 @@ class ControllerRouter(Router):
             if resp.status_code == 200:
                 endpoint = self._endpoint(model, self._read(controller_wire.RouteReady, resp),
                                           time.monotonic() - start)
-                self._known.remember(model, KnownInstance(endpoint.instance_id, endpoint.worker_url))
+                self._known.remember(model, KnownInstance(endpoint.instance_id, endpoint.worker_url,
+                                                          endpoint.worker_key, group))
                 return endpoint
             if resp.status_code == 404:
                 raise ModelNotFound(model)
@@ -283,18 +289,20 @@ class ControllerRouter(Router):
             raise ServiceUnavailable(f"the controller answered {resp.status_code} routing {model!r}: {message}",
                                      code="controller_error", retry_after=5)
 
-    def _remembered(self, model: str, start: float) -> Endpoint | None:
-        """A remembered instance of the model whose worker says, now, that it serves this model and is ready."""
-        for known in self._known.candidates(model):
+    def _remembered(self, model: str, start: float, group: str | None) -> Endpoint | None:
+        """A remembered instance of the model, routed for this group, whose worker says, now, that it serves this
+        model and is ready."""
+        for known in self._known.candidates(model, group):
             if self._worker_serves(known.worker_url, model):
                 return Endpoint(model=model, instance_id=known.instance_id, worker_url=known.worker_url,
-                                waited_seconds=time.monotonic() - start)
+                                waited_seconds=time.monotonic() - start, worker_key=known.worker_key)
             self._known.forget(model, known.worker_url)
         return None
 
     def _worker_serves(self, worker_url: str, model: str) -> bool:
         try:
-            resp = self._http.get(f"{worker_url}/ready", timeout=2.0)  # an absolute URL: not the controller's
+            # Without a credential (/ready is open): the cluster secret never goes to a URL a node reported.
+            resp = self._workers_http.get(f"{worker_url}/ready")
             return resp.status_code == 200 and json_object(resp).get("model") == model
         except httpx.HTTPError:
             return False
@@ -308,7 +316,7 @@ class ControllerRouter(Router):
         if route.load_tier:
             cold = ColdStart(instance_id=route.instance_id, tier=route.load_tier, load_seconds=route.load_seconds)
         return Endpoint(model=model, instance_id=route.instance_id, worker_url=route.worker_url.rstrip("/"),
-                        waited_seconds=waited, cold_start=cold)
+                        waited_seconds=waited, cold_start=cold, worker_key=route.worker_key)
 
     def check_ready(self) -> str | None:
         try:
@@ -321,6 +329,7 @@ class ControllerRouter(Router):
 
     def close(self) -> None:
         self._http.close()
+        self._workers_http.close()
 
 
 def _derived_or_none(source: Path) -> int | None:

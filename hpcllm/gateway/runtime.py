@@ -22,7 +22,6 @@ from hpcllm.gateway.ratelimit import RateLimiter
 from hpcllm.gateway.routing import Router, make_router
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.gateway.tokenization import TokenizerCache
-from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import internal_client
 
 log = logging.getLogger(__name__)
@@ -64,8 +63,10 @@ class Gateway:
             log.warning("gateway.api_keys is empty: /v1 endpoints are %s", "open to anyone who can reach the gateway"
                         if config.cluster.dev else "closed (every call gets 401)")
         threads = gw.threads
+        # No default credential: each worker call carries its worker's own key, or a migration grant for a
+        # destination another worker named (the cluster secret must never reach a URL a node agent chose).
         self.http = internal_client(
-            config.internal_http, headers=secret_headers(config.cluster.shared_secret),
+            config.internal_http,
             timeout=httpx.Timeout(gw.upstream_connect_timeout_seconds, read=gw.upstream_read_timeout_seconds),
             limits=httpx.Limits(max_connections=4 * threads, max_keepalive_connections=threads),
         )

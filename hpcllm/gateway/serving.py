@@ -159,7 +159,8 @@ class Generation:
         waiting = metrics.num_requests_waiting.labels(self.model)
         waiting.inc()
         try:
-            endpoint = self.gw.router.resolve(self.model, self.gw.config.gateway.route_timeout_seconds)
+            endpoint = self.gw.router.resolve(self.model, self.gw.config.gateway.route_timeout_seconds,
+                                              group=self.ctx.api_key.group if self.ctx.api_key else None)
         finally:
             waiting.dec()
         metrics.request_queue_time.labels(self.model).observe(endpoint.waited_seconds)
@@ -181,16 +182,18 @@ class Generation:
             seed=seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
             logprobs=opts.logprobs,
         )
-        secret = self.gw.config.cluster.shared_secret
         for attempt in range(1, OPEN_ATTEMPTS):
             try:
-                return open_generation(self.gw.http, self._endpoint.worker_url, secret, request)
+                return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request)
             except WorkerUnavailable as exc:
                 log.warning("request %s: %s; routing again", self.ctx.request_id, exc.message)
                 self.gw.router.forget(self._endpoint)
                 time.sleep(0.5 * attempt)
                 self._endpoint = self._route()
-        return open_generation(self.gw.http, self._endpoint.worker_url, secret, request)
+        return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request)
+
+    def _worker_key(self) -> str:
+        return self._endpoint.worker_key or self.gw.config.cluster.shared_secret
 
     # ------------------------------------------------------------------------------------------ generation
     def deltas(self) -> Iterator[Delta]:
@@ -251,9 +254,11 @@ class Generation:
         if moved.from_index != delivered:  # the destination would refuse; resume from what the client has
             return (f"worker {self._stream.worker_url} migrated the generation from index {moved.from_index}, "
                     f"but {delivered} tokens were delivered")
-        secret = self.gw.config.cluster.shared_secret
         try:
-            stream = open_attach(self.gw.http, moved.worker_url, secret, moved.request_id, delivered)
+            # The migration ticket's grant, from the source's stream: the destination is the one the controller
+            # named, and the grant opens only this request there. (Without one: a single-key setup.)
+            stream = open_attach(self.gw.http, moved.worker_url, self.gw.config.cluster.shared_secret,
+                                 moved.request_id, delivered, grant=moved.grant)
         except WorkerError as exc:
             return f"attaching to the migrated generation on {moved.worker_url} failed: {exc}"
         log.info("request %s choice %d: live-migrated to %s after %d tokens", self.ctx.request_id, index,

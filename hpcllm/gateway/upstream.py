@@ -63,10 +63,12 @@ def open_generation(http: httpx.Client, worker_url: str, secret: str, request: G
         raise _classify(worker_url, exc) from None
 
 
-def open_attach(http: httpx.Client, worker_url: str, secret: str, request_id: str, from_index: int) -> WorkerStream:
-    """Continue a live-migrated generation on its destination from output index from_index (docs/migration.md).
-    Raises WorkerError when the destination refuses or cannot be reached; the caller then resumes from tokens."""
-    client = WorkerClient(worker_url, secret, client=http)
+def open_attach(http: httpx.Client, worker_url: str, secret: str, request_id: str, from_index: int,
+                grant: str | None = None) -> WorkerStream:
+    """Continue a live-migrated generation on its destination from output index from_index (docs/migration.md),
+    with the migration's grant when the source passed one on (then the secret is not sent). Raises WorkerError when
+    the destination refuses or cannot be reached; the caller then resumes from tokens."""
+    client = WorkerClient(worker_url, secret, client=http, grant=grant)
     return WorkerStream(worker_url, client.attach(request_id, from_index))
 
 

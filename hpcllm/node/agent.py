@@ -30,9 +30,11 @@ from hpcllm.controller.protocol import (
     MigrationTargetRequest,
     ModelList,
     NodeRegistration,
+    RegisterResponse,
     TierInfo,
     Tiers,
 )
+from hpcllm.credentials import TOKEN_HEADER, MigrationTicket
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import error_of, internal_client
@@ -77,9 +79,12 @@ class NodeAgent:
 
     def __init__(self, config: Config, *, config_path: Path | None = None, controller_url: str | None = None,
                  pinned_model: str | None = None, cache=None, gpus: GpuInventory | None = None,
-                 measurements: TierMeasurements | None = None,
+                 measurements: TierMeasurements | None = None, token: str | None = None,
                  sweep: Callable[[SweepGate], ReadTuning] | None = None):
         self.config = config
+        # A node token (allocation or pool; docs/security.md): the agent then never uses the cluster secret, and
+        # its API and workers accept the node key the controller hands out at registration.
+        self.token = token
         self.config_path = config_path
         self.node_id = node_name()
         self.job_id = slurm_job_id()
@@ -108,8 +113,11 @@ class NodeAgent:
         self._drained = threading.Event()
         self._server = None
         self._pinned_last_start = 0.0
-        self._http = internal_client(config.internal_http, headers=secret_headers(config.cluster.shared_secret),
-                                     timeout=10.0)
+        # To the controller: its node token when it has one, never then the cluster secret.
+        credential = {TOKEN_HEADER: token} if token else secret_headers(config.cluster.shared_secret)
+        self._http = internal_client(config.internal_http, headers=credential, timeout=10.0)
+        if token:  # until it registered, nothing its workers or API accept is known
+            self.workers.set_key(None)
         # What the drain's live migrations did (one entry per instance that had requests), for logs and tests.
         self.migrations: list[MigrationOutcome] = []
 
@@ -237,11 +245,17 @@ class NodeAgent:
             try:
                 resp = self._post("/v1/internal/nodes/register", self.registration())
                 if resp.status_code == 200:
-                    self.heartbeat_seconds = float(resp.json().get("heartbeat_seconds") or self.heartbeat_seconds)
+                    answer = RegisterResponse.model_validate(resp.json())
+                    self.heartbeat_seconds = answer.heartbeat_seconds or self.heartbeat_seconds
+                    if self.token:
+                        if not answer.node_key:
+                            raise ConfigError(f"the controller {self.controller_url} accepted the token but sent no "
+                                              f"node key: it is older than this agent")
+                        self.workers.set_key(answer.node_key)
                     self.registered = True
                     log.info("registered %s with the controller %s", self.node_id, self.controller_url)
                     return True
-                if resp.status_code in (400, 401, 422):  # our mistake or the wrong secret: retrying will not help
+                if resp.status_code in (400, 401, 403, 422):  # our mistake or a wrong credential: retrying won't help
                     raise ConfigError(f"the controller {self.controller_url} refused the registration: "
                                       f"HTTP {resp.status_code} {error_of(resp)[1]}")
                 log.warning("controller %s answered HTTP %d to the registration (%s); retrying in %.1f s",
@@ -317,10 +331,10 @@ class NodeAgent:
 
     # ------------------------------------------------------------------------------------------- migration
 
-    def migration_target(self, model: str, deadline: float) -> MigrationTarget | None:
+    def migration_target(self, model: str, deadline: float, instance_id: str | None = None) -> MigrationTarget | None:
         """A ready instance of `model` on another node, as the controller picks it; while the controller starts
         one (202) ask again until the deadline. None when there is none (or the controller cannot be asked)."""
-        body = MigrationTargetRequest(model=model, exclude_node=self.node_id)
+        body = MigrationTargetRequest(model=model, exclude_node=self.node_id, instance_id=instance_id)
         while True:
             try:
                 resp = self._post("/v1/internal/migration-target", body)
@@ -343,14 +357,15 @@ class NodeAgent:
         """Drain step for one instance: ask the controller where its requests go, then have its worker move them.
         None when there was nowhere to go (the gateway then resumes the requests from their tokens)."""
         inst = self.workers.get(instance_id)
-        target = self.migration_target(inst.model, deadline)
+        target = self.migration_target(inst.model, deadline, inst.instance_id)
         if target is None:
             log.warning("instance %s (%s): no other instance to migrate its %d requests to; they resume from their "
                         "tokens through the gateway", inst.instance_id, inst.model, inst.running_requests)
             return None
         log.info("instance %s (%s): migrating its requests to %s on %s", inst.instance_id, inst.model,
                  target.instance_id, target.node_id)
-        outcome = self.workers.migrate_out(instance_id, target.worker_url, deadline - time.monotonic())
+        outcome = self.workers.migrate_out(instance_id, target.worker_url, deadline - time.monotonic(),
+                                           ticket=target.ticket)
         self.migrations.append(outcome)
         return outcome
 
@@ -375,13 +390,16 @@ class NodeAgent:
         except Exception:  # a drain must go on to stop the workers whatever one migration runs into
             log.exception("migrating instance %s failed", instance_id)
 
-    def migrate_out(self, instance_id: str, destination_url: str) -> MigratedOut:
-        """The controller's "move this instance" (placement needs its slots): move its requests, then stop it."""
+    def migrate_out(self, instance_id: str, destination_url: str,
+                    ticket: MigrationTicket | None = None) -> MigratedOut:
+        """The controller's "move this instance" (placement needs its slots): move its requests (to the destination
+        its ticket names), then stop it."""
         inst = self.workers.get(instance_id)
         if inst.active:
             inst.state = "draining"
             self.wake_heartbeat()  # the controller stops routing to it
-        outcome = self.workers.migrate_out(instance_id, destination_url, self.config.node.migrate_timeout_seconds)
+        outcome = self.workers.migrate_out(instance_id, destination_url, self.config.node.migrate_timeout_seconds,
+                                           ticket=ticket)
         stopped = self.workers.stop(instance_id)
         return MigratedOut(instance_id=instance_id, model=inst.model, destination_url=destination_url,
                            migrated=outcome.migrated, failed=outcome.failed, error=outcome.error,

@@ -1,8 +1,10 @@
 """The node agent's HTTP API (a Flask blueprint on hpcllm.httpkit): instances and cache, thin handlers over
 WorkerManager and CacheManager.
 
-Every call needs the cluster shared secret (X-Hpcllm-Secret), /health included: the agent listens on an address
-the controller reaches, which other users of the cluster may reach too. Wire types: hpcllm/node/protocol.py.
+Every call needs the key its workers hold (X-Hpcllm-Secret), /health included: the cluster shared secret, or for an
+agent that registered with a node token the node key the controller sent (docs/security.md). The agent listens on
+an address the controller reaches, which other users of the cluster may reach too. Wire types:
+hpcllm/node/protocol.py.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from pathlib import Path
 from flask import Blueprint, Flask, request
 from pydantic import BaseModel
 
+from hpcllm.credentials import AgentKey
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.app import service_app
-from hpcllm.httpkit.auth import SharedSecret, guard
+from hpcllm.httpkit.auth import guard
 from hpcllm.httpkit.body import parse_body
 from hpcllm.httpkit.errors import InvalidRequest, ServiceError, ServiceUnavailable, respond, service_error
 from hpcllm.node.protocol import (
@@ -57,7 +60,9 @@ def _plain(value):
 
 
 def create_app(agent) -> Flask:
-    api = guard(Blueprint("agent", __name__), SharedSecret(agent.config.cluster.shared_secret))
+    # The key its workers hold: the cluster secret, or (a token-registered agent) the node key the controller sent at
+    # registration, which the controller and the gateway derive too.
+    api = guard(Blueprint("agent", __name__), AgentKey(lambda: agent.workers.key))
 
     def cache():
         if agent.cache is None:
@@ -105,7 +110,8 @@ def create_app(agent) -> Flask:
     @api.post("/v1/internal/instances/<instance_id>/migrate-out")
     def migrate_out(instance_id: str):
         agent.workers.get(instance_id)  # 404 before the body is looked at
-        return agent.migrate_out(instance_id, parse_body(MigrateOut).destination_url).model_dump()
+        order = parse_body(MigrateOut)
+        return agent.migrate_out(instance_id, order.destination_url, order.ticket).model_dump()
 
     # ----------------------------------------------------------------------------------------------- cache
 

@@ -20,6 +20,7 @@ import httpx
 
 from hpcllm.config import Config, load_config
 from hpcllm.controller.agents import AgentClient
+from hpcllm.credentials import worker_key
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import internal_client
@@ -50,6 +51,7 @@ class CorruptCopiesFound(CacheError):
 class Agent:
     node: str
     url: str
+    credential_id: str | None = None  # a token-registered agent accepts its node key, not the cluster secret
 
 
 # ------------------------------------------------------------------------------------------------ talking to agents
@@ -99,7 +101,8 @@ class Cluster:
             return [a for a in found if nodes is None or a.node in nodes] or _no_agents(nodes, found)
         known = {n["node_id"]: n for n in self.status().get("nodes", [])}
         if nodes is None:  # every node whose agent is alive; nodes that left are history, not errors
-            return [Agent(name, n["agent_url"]) for name, n in sorted(known.items()) if _live(n)]
+            return [Agent(name, n["agent_url"], n.get("credential_id")) for name, n in sorted(known.items())
+                    if _live(n)]
         missing = [n for n in nodes if n not in known]
         if missing:
             raise CacheError(f"node(s) {', '.join(missing)} have no registered agent (the controller knows "
@@ -109,7 +112,7 @@ class Cluster:
             raise NodeUnreachable("; ".join(f"node {n}'s agent is down (the controller marks it "
                                             f"{known[n].get('state')}{_silent_for(known[n], self.status())})"
                                             for n in down) + "; start `hpcllm node` there")
-        return [Agent(n, known[n]["agent_url"]) for n in nodes]
+        return [Agent(n, known[n]["agent_url"], known[n].get("credential_id")) for n in nodes]
 
     def _node_of(self, url: str) -> str:
         try:
@@ -150,9 +153,13 @@ def _no_agents(nodes, found):
 
 def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[NodeCache]:
     nodes = expand_nodes(node_expr) if node_expr else None
+    secret = config.cluster.shared_secret
     # A warm copies a whole checkpoint: answers may take long, connecting must not.
-    agents = AgentClient(config.cluster.shared_secret, httpx.Timeout(3600.0, connect=10.0), config.internal_http)
-    return [NodeCache(a, agents) for a in cluster.agents(nodes)]
+    agents = AgentClient(secret, httpx.Timeout(3600.0, connect=10.0), config.internal_http)
+    found = cluster.agents(nodes)
+    for a in found:  # a token-registered agent accepts its node key (derived from the secret), not the secret
+        agents.set_key(a.url, worker_key(secret, a.credential_id, a.node))
+    return [NodeCache(a, agents) for a in found]
 
 
 # ------------------------------------------------------------------------------------------------------- commands

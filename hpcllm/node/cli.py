@@ -2,6 +2,9 @@
 slurm/model-pool.sbatch). It finds the controller at --controller-url, else node.controller_url, else
 $HPCLLM_CONTROLLER_URL, else http://controller.host:controller.port; the config comes from --config or
 $HPCLLM_CONFIG. It drains on the configured signal (slurm.signal, default USR1) and on SIGTERM, then exits 0.
+It authenticates with a node token when it has one ($HPCLLM_NODE_TOKEN: the controller's allocations; or the file
+$HPCLLM_NODE_TOKEN_FILE names: a group's pool token) and then never uses cluster.shared_secret; without one, with the
+cluster secret (an agent the operator runs by hand). docs/security.md.
 """
 
 from __future__ import annotations
@@ -37,14 +40,21 @@ def node(config_path: Path | None, model: str | None, controller_url: str | None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import os
 
+    from hpcllm.credentials import CredentialError, read_token_from_environment
+    from hpcllm.errors import ConfigError
     from hpcllm.node.agent import NodeAgent
     from hpcllm.node.app import create_app
 
     config = load_config(config_path, private=True)
-    check_service_credentials(config, "node")
+    try:
+        token = read_token_from_environment(os.environ)
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
+    if token is None:  # a token holder never uses (nor needs) the cluster secret
+        check_service_credentials(config, "node")
     private_state_dir(config)
     if port is not None:
         config.node.port = port
     path = config_path or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
-    agent = NodeAgent(config, config_path=path, controller_url=controller_url, pinned_model=model)
+    agent = NodeAgent(config, config_path=path, controller_url=controller_url, pinned_model=model, token=token)
     sys.exit(agent.run(create_app))

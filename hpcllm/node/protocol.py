@@ -30,6 +30,7 @@ from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate
     NodeRegistration,
     Wire,
 )
+from hpcllm.credentials import MigrationTicket
 
 
 class StartInstance(Wire):
@@ -100,3 +101,4 @@ class MigrateOut(Wire):
     """Move every running request of one instance to the worker at destination_url, then stop the instance."""
 
     destination_url: str = Field(pattern=r"^https?://", description="a ready worker of the same model")
+    ticket: MigrationTicket | None = None  # the controller's, naming this instance and destination_url

@@ -45,8 +45,9 @@ import httpx
 
 from hpcllm.config import Config
 from hpcllm.controller.protocol import InstanceInfo
+from hpcllm.credentials import TOKEN_ENV, TOKEN_FILE_ENV, MigrationTicket
 from hpcllm.errors import HpcllmError
-from hpcllm.httpkit.auth import secret_headers
+from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import internal_client
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
@@ -253,8 +254,8 @@ class WorkerManager:
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
         self._spares: list[Spare] = []
-        self._http = internal_client(config.internal_http, headers=secret_headers(config.cluster.shared_secret),
-                                     timeout=5.0)
+        self._http = internal_client(config.internal_http, timeout=5.0)
+        self.set_key(config.cluster.shared_secret)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.read_tuning_path: Path | None = None  # the node probe's read settings, passed to every worker
         self.starts = 0  # workers and spares started: the read sweep measures again what one began during
@@ -279,6 +280,15 @@ class WorkerManager:
             loading = any(inst.state == "loading" for inst in self._instances.values())
             importing = any(time.time() - sp.started_at < SPARE_IMPORT_SECONDS for sp in self._spares)
             return loading or importing or self._caching > 0
+
+    def set_key(self, key: str | None) -> None:
+        """The key the workers are started with and called with (and the agent's API accepts): the cluster secret,
+        or a token-registered node's key (docs/security.md). None: not known yet (nothing is accepted)."""
+        self.key = key
+        if key is None:
+            self._http.headers.pop(SECRET_HEADER, None)
+        else:
+            self._http.headers[SECRET_HEADER] = key
 
     # ------------------------------------------------------------------------------------------------ queries
 
@@ -405,7 +415,11 @@ class WorkerManager:
         env = dict(os.environ)
         if ranks > 1 and os.geteuid() == 0:  # OpenMPI refuses root without both (the dev cluster runs as root)
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        env[SECRET_ENV] = self.config.cluster.shared_secret
+        if self.key is None:
+            raise InstanceError("this node has no key for its workers yet (not registered with the controller)")
+        env[SECRET_ENV] = self.key
+        for name in (TOKEN_ENV, TOKEN_FILE_ENV):  # the agent's own credential: a worker never needs it
+            env.pop(name, None)
         if self.read_tuning_path is not None:  # loads read with the settings the node's probe found fastest
             env[TUNING_ENV] = str(self.read_tuning_path)
         # A CPU instance sees no GPU; a GPU instance only its own.
@@ -708,7 +722,8 @@ class WorkerManager:
             self._poll_ready(inst)
         return inst.running_requests
 
-    def migrate_out(self, instance_id: str, destination_url: str, timeout: float) -> MigrationOutcome:
+    def migrate_out(self, instance_id: str, destination_url: str, timeout: float,
+                    ticket: MigrationTicket | None = None) -> MigrationOutcome:
         """Ask an instance's worker to live-migrate every running and waiting request to destination_url (a worker
         of the same model on another node). Never raises for a failed migration: the outcome says what happened,
         and whatever did not move stays on the source worker."""
@@ -719,10 +734,10 @@ class WorkerManager:
         started = time.monotonic()
         timeout = max(timeout, 0.1)
         # Shares this manager's HTTP client (not closed here); the worker bounds each call to the destination too.
-        worker = WorkerClient(inst.worker_url, self.config.cluster.shared_secret, client=self._http)
+        worker = WorkerClient(inst.worker_url, self.key or "", client=self._http)
         try:
-            result = worker.migrate_all(MigrateRequest(destination_url=destination_url, timeout_seconds=timeout),
-                                        timeout=timeout)
+            result = worker.migrate_all(MigrateRequest(destination_url=destination_url, timeout_seconds=timeout,
+                                                       ticket=ticket), timeout=timeout)
         except WorkerError as exc:
             outcome.error = f"worker {inst.worker_url} did not migrate its requests: {exc}"
         else:

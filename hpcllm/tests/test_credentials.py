@@ -89,3 +89,19 @@ def test_the_commands_stop_with_the_message(tmp_path, capsys, service):
     assert main([service, "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"refusing to start the {service}" in err and "dev-secret-change-me" in err and "Traceback" not in err
+
+
+def test_a_node_token_comes_from_the_environment_or_a_private_file(tmp_path):
+    from hpcllm.credentials import CredentialError, read_token_from_environment
+
+    assert read_token_from_environment({}) is None
+    assert read_token_from_environment({"HPCLLM_NODE_TOKEN": " hpcllm_pool-0_x \n"}) == "hpcllm_pool-0_x"
+    token_file = tmp_path / "pool-token"
+    token_file.write_text("hpcllm_pool-1_y\n")
+    token_file.chmod(0o644)
+    with pytest.raises(CredentialError, match=f"may be read by other users .*chmod 600 {token_file}"):
+        read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(token_file)})
+    token_file.chmod(0o600)
+    assert read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(token_file)}) == "hpcllm_pool-1_y"
+    with pytest.raises(CredentialError, match="cannot read the node token file .*missing"):
+        read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(tmp_path / "missing")})

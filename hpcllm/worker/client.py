@@ -17,6 +17,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from hpcllm.config import InternalHttpConfig
+from hpcllm.credentials import GRANT_HEADER
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import internal_client
@@ -118,13 +119,15 @@ class WorkerClient:
         read_timeout: float | None = 600.0,
         client: httpx.Client | None = None,
         http: InternalHttpConfig | None = None,
+        grant: str | None = None,
     ) -> None:
-        """client: a shared connection pool to use (never closed here); else one of its own, verifying TLS
-        against http's site CA."""
+        """secret: the key the worker accepts; grant (instead): a migration ticket's grant, good on the destination
+        for the moved requests only (hpcllm.credentials). client: a shared connection pool to use (never closed
+        here); else one of its own, verifying TLS against http's site CA."""
         self.base_url = base_url.rstrip("/")
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=30.0)
         self._client = client or internal_client(http, timeout=timeout)
-        self._headers = {SECRET_HEADER: secret}
+        self._headers = {GRANT_HEADER: grant} if grant else {SECRET_HEADER: secret}
 
     def close(self) -> None:
         self._client.close()

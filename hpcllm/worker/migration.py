@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from hpcllm.config import InternalHttpConfig
+from hpcllm.credentials import issue_ticket
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.engine import Engine, EngineError, RequestConflict
 from hpcllm.worker.protocol import (
@@ -55,12 +56,15 @@ class DestinationFailed(EngineError):
     code = "destination_failed"
 
 
-def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secret: str,
+def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
                     http: InternalHttpConfig | None = None) -> MigrationResult:
-    """Move one running request to body.destination_url in rounds; raises EngineError if it stays here."""
+    """Move one running request to body.destination_url in rounds; raises EngineError if it stays here. The caller
+    checked body.ticket (the server: hpcllm.credentials.check_ticket); the destination gets its grant, never our
+    key, and so does the reader of the moved stream (MigratedTo.grant)."""
     started = time.monotonic()
     template = engine.begin_migration(request_id)  # 404 unknown, 409 finished / already migrating
-    destination = WorkerClient(body.destination_url, secret, read_timeout=body.timeout_seconds, http=http)
+    grant = body.ticket.grant if body.ticket else None
+    destination = WorkerClient(body.destination_url, "", read_timeout=body.timeout_seconds, http=http, grant=grant)
     held_on_destination = False
     try:
         known = list(template.resume_token_ids)  # output tokens the destination has
@@ -93,7 +97,8 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secre
                 tokens_per_round.append(len(delta))
             known = output
         engine.finish_migrated(
-            request_id, MigratedTo(worker_url=body.destination_url, request_id=request_id, from_index=len(known))
+            request_id, MigratedTo(worker_url=body.destination_url, request_id=request_id, from_index=len(known),
+                                   grant=grant)
         )
     except BaseException as exc:
         engine.abandon_migration(request_id)
@@ -120,6 +125,15 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest, secre
     return result
 
 
+def ticketed_request(destination_url: str, *, model: str, key: str, destination_key: str | None = None,
+                     **fields) -> MigrateRequest:
+    """A migration order with a ticket made by whoever holds the workers' keys (benches and tests: one key for
+    every worker); in a cluster the controller issues the tickets."""
+    ticket = issue_ticket(model=model, source_instance="", source_key=key, destination_url=destination_url,
+                          destination_instance="", destination_key=destination_key or key)
+    return MigrateRequest(destination_url=destination_url, ticket=ticket, **fields)
+
+
 def _drop_held(destination: WorkerClient, request_id: str) -> None:
     try:
         destination.drop_migration(request_id)
@@ -127,8 +141,7 @@ def _drop_held(destination: WorkerClient, request_id: str) -> None:
         log.info("could not drop held request %s on %s: %s", request_id, destination.base_url, exc)
 
 
-def migrate_all(engine: Engine, body: MigrateRequest, secret: str,
-                http: InternalHttpConfig | None = None) -> MigrateAllResult:
+def migrate_all(engine: Engine, body: MigrateRequest, http: InternalHttpConfig | None = None) -> MigrateAllResult:
     """Move every running and waiting request (node drain), concurrently. A request that finishes on its own
     meanwhile needs no migration and is in neither list."""
     request_ids = engine.migratable_request_ids()
@@ -138,7 +151,7 @@ def migrate_all(engine: Engine, body: MigrateRequest, secret: str,
     failed: list[MigrationFailure] = []
     with ThreadPoolExecutor(max_workers=min(len(request_ids), MAX_PARALLEL_MIGRATIONS),
                             thread_name_prefix="hpcllm-migrate") as pool:
-        futures = {rid: pool.submit(migrate_request, engine, rid, body, secret, http) for rid in request_ids}
+        futures = {rid: pool.submit(migrate_request, engine, rid, body, http) for rid in request_ids}
         for request_id, future in futures.items():
             try:
                 migrated.append(future.result())

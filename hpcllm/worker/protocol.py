@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from hpcllm.credentials import MigrationTicket
+
 GENERATE_PATH = "/v1/internal/generate"
 TOKENS_PATH = "/v1/internal/requests/{request_id}/tokens"
 CANCEL_PATH = "/v1/internal/requests/{request_id}/cancel"
@@ -132,6 +134,9 @@ class MigratedTo(WireModel):
     worker_url: str
     request_id: str = Field(pattern=REQUEST_ID_PATTERN)
     from_index: int = Field(ge=0)
+    # The migration ticket's grant: the destination lets the reader attach to this request with it (a node that
+    # is not the operator's never learns the destination's key).
+    grant: str | None = None
 
 
 class FinalLine(WireModel):
@@ -247,6 +252,9 @@ class MigrateRequest(WireModel):
     """Source: move one request (or, on POST /v1/internal/migrate, every running one) to destination_url."""
 
     destination_url: str = Field(min_length=1)
+    # The controller's ticket naming this worker's model and destination_url (hpcllm.credentials): without one,
+    # or for another destination, the worker refuses (403).
+    ticket: MigrationTicket | None = None
     # Rounds in all, the first (prepare with everything so far) and the hand-over included; 1 = stop-and-copy.
     max_rounds: int = Field(default=8, ge=1, le=64)
     # Hand over (pause here, send the last tokens) once a round leaves at most this many new tokens, or once the

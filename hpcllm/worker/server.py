@@ -7,8 +7,9 @@ model. httpkit's InternalServer (cheroot) keeps everything in the one process th
 and reports the real port, runs a fixed number of threads (a streaming response occupies one each, so there are
 enough for max_running_requests + max_waiting_requests streams and the migration and control calls besides), and
 closes connections that do not deliver their request in time. It is never exposed to clients (127.0.0.1 by
-default, shared secret on /v1/internal/*, TLS with [internal_http]); the gateway in front is the public server.
-See docs/worker.md.
+default, its key - the shared secret or its node's key - on /v1/internal/*, or a migration grant on the destination
+side of a migration; TLS with [internal_http]); the gateway in front is the public server. See docs/worker.md and
+docs/security.md.
 
 The model loads in a background thread after the port is bound: /health answers at once (liveness), /ready says
 503 until the engine runs.
@@ -19,17 +20,19 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flask import Blueprint, Flask, Response
+from flask import Blueprint, Flask, Response, g
 
 from hpcllm.config import InternalHttpConfig
+from hpcllm.credentials import TICKET_SECONDS, GrantCovers, KeyOrGrant, check_ticket
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.app import service_app
-from hpcllm.httpkit.auth import SharedSecret, guard
+from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.engine import Engine, EngineUnavailable
@@ -90,6 +93,9 @@ class WorkerService:
     def __init__(self, model_name: str, secret: str, keepalive_seconds: float = 1.0, **engine_options) -> None:
         self.model_name = model_name
         self.secret = secret
+        # Requests moved here under a migration grant: grant nonce -> (expiry, request ids). A grant opens only them.
+        self._granted: dict[str, tuple[float, set[str]]] = {}
+        self._granted_lock = threading.Lock()
         self.keepalive_seconds = keepalive_seconds
         self.engine_options = engine_options
         self.metrics = WorkerMetrics(model_name)
@@ -97,6 +103,17 @@ class WorkerService:
         self.loaded: ModelForServing | None = None
         self.load_error: str | None = None
         self.http: InternalHttpConfig | None = None  # how it serves and calls other workers (serve() sets it)
+
+    def grant_request(self, nonce: str, request_id: str) -> None:
+        now = time.time()
+        with self._granted_lock:
+            for old in [n for n, (expires, _) in self._granted.items() if expires < now]:
+                del self._granted[old]
+            self._granted.setdefault(nonce, (now + TICKET_SECONDS, set()))[1].add(request_id)
+
+    def granted(self, nonce: str, request_id: str) -> bool:
+        with self._granted_lock:
+            return request_id in self._granted.get(nonce, (0.0, set()))[1]
 
     def attach(self, loaded: ModelForServing) -> Engine:
         """Build and start the engine around a loaded model."""
@@ -144,6 +161,10 @@ def _route(path: str) -> str:
 
 def create_app(service: WorkerService, max_request_bytes: int | None = None) -> Flask:
     internal = guard(Blueprint("internal", __name__), SharedSecret(service.secret))
+    # The destination side of a live migration (/v1/internal/migrations/*): the key, or the grant of a ticket the
+    # controller issued for a migration to this worker - then only for the requests prepared with it.
+    migrations = guard(Blueprint("migrations", __name__), KeyOrGrant(service.secret))
+    granted = requires(GrantCovers(service.granted))
     open_bp = Blueprint("open", __name__)  # /health, /ready, /metrics
 
     def ready_engine() -> Engine:
@@ -151,6 +172,11 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
         if engine is None:
             raise EngineUnavailable(service.load_error or "model is still loading")
         return engine
+
+    def checked_migration(body: MigrateRequest) -> MigrateRequest:
+        """Moving requests away needs the controller's ticket naming this worker's model and the destination."""
+        check_ticket(body.ticket, key=service.secret, model=service.model_name, destination_url=body.destination_url)
+        return body
 
     def ndjson_response(stream) -> Response:
         return Response(
@@ -173,16 +199,19 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
 
     # ---- live migration (docs/migration.md) ----------------------------------------------------------------------
 
-    @internal.post(PREPARE_MIGRATION_PATH)
+    @migrations.post(PREPARE_MIGRATION_PATH)
     def prepare_migration():
         body = parse_body(PrepareMigration)
         engine = ready_engine()
+        if g.grant is not None:
+            service.grant_request(g.grant, body.request_id)
         engine.hold(body.generate, body.hold_seconds)
         cached, _ = engine.wait_prefilled(body.request_id)
         return Response(PrepareResult(request_id=body.request_id, cached_tokens=cached).model_dump_json(),
                         status=201, mimetype="application/json")
 
-    @internal.post(_route(EXTEND_MIGRATION_PATH))
+    @migrations.post(_route(EXTEND_MIGRATION_PATH))
+    @granted
     def extend_migration(request_id: str):
         body = parse_body(ExtendMigration)
         engine = ready_engine()
@@ -192,25 +221,27 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
         return Response(ExtendResult(cached_tokens=cached, output_tokens=output).model_dump_json(),
                         mimetype="application/json")
 
-    @internal.post(_route(ATTACH_MIGRATION_PATH))
+    @migrations.post(_route(ATTACH_MIGRATION_PATH))
+    @granted
     def attach_migration(request_id: str):
         body = parse_body(AttachMigration)
         return ndjson_response(ready_engine().attach(request_id, body.from_index))
 
-    @internal.delete(_route(HELD_MIGRATION_PATH))
+    @migrations.delete(_route(HELD_MIGRATION_PATH))
+    @granted
     def drop_migration(request_id: str):
         return Response(ready_engine().drop_held(request_id).model_dump_json(), mimetype="application/json")
 
     @internal.post(_route(MIGRATE_REQUEST_PATH))
     def migrate_one(request_id: str):
-        body = parse_body(MigrateRequest)
-        result = migrate_request(ready_engine(), request_id, body, service.secret, service.http)
+        body = checked_migration(parse_body(MigrateRequest))
+        result = migrate_request(ready_engine(), request_id, body, service.http)
         return Response(result.model_dump_json(), mimetype="application/json")
 
     @internal.post(MIGRATE_ALL_PATH)
     def migrate_everything():
-        body = parse_body(MigrateRequest)
-        return Response(migrate_all(ready_engine(), body, service.secret, service.http).model_dump_json(),
+        body = checked_migration(parse_body(MigrateRequest))
+        return Response(migrate_all(ready_engine(), body, service.http).model_dump_json(),
                         mimetype="application/json")
 
     @internal.get(_route(TOKENS_PATH))
@@ -257,7 +288,7 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
     def metrics():
         return Response(service.metrics.render(), mimetype="text/plain; version=0.0.4")
 
-    return service_app("hpcllm.worker", [open_bp, internal], max_request_bytes=max_request_bytes)
+    return service_app("hpcllm.worker", [open_bp, internal, migrations], max_request_bytes=max_request_bytes)
 
 
 def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:

@@ -5,6 +5,7 @@ from hpcllm.controller.registry.store import (
     AllocationRecord,
     CacheRecord,
     ColdStartRecord,
+    CredentialRecord,
     HeartbeatOutcome,
     InstanceRecord,
     MigrationRecord,
@@ -12,5 +13,5 @@ from hpcllm.controller.registry.store import (
     Registry,
 )
 
-__all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "HeartbeatOutcome", "InstanceRecord",
-           "MigrationRecord", "NodeRecord", "Registry"]
+__all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "CredentialRecord",
+           "HeartbeatOutcome", "InstanceRecord", "MigrationRecord", "NodeRecord", "Registry"]

@@ -35,7 +35,7 @@ from hpcllm.controller.registry.databases import open_database, sqlite_path_from
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -64,7 +64,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     state TEXT NOT NULL,
     registered_at REAL NOT NULL,
     last_heartbeat REAL,
-    pool_model TEXT
+    pool_model TEXT,
+    credential_id TEXT,
+    serves_group TEXT
 );
 CREATE TABLE IF NOT EXISTS cache (
     node_id TEXT NOT NULL,
@@ -146,6 +148,20 @@ CREATE TABLE IF NOT EXISTS migrations (
     seconds REAL NOT NULL,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS credentials (
+    credential_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    model TEXT,
+    group_name TEXT,
+    shared INTEGER NOT NULL DEFAULT 0,
+    job_tag TEXT,
+    job_id TEXT,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS credentials_by_job ON credentials (job_id);
 CREATE TABLE IF NOT EXISTS demand (
     model TEXT PRIMARY KEY,
     since REAL NOT NULL,
@@ -160,6 +176,10 @@ _MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     2: [("nodes", "pool_model", "ALTER TABLE nodes ADD COLUMN pool_model TEXT")],  # model pools (hpcllm node --model)
     # tensor parallelism: {"tensor_parallel": N, "nodes": [node of each rank]}; NULL: one rank
     3: [("instances", "ranks", "ALTER TABLE instances ADD COLUMN ranks TEXT")],
+    # Credentials by role (docs/security.md): the credential a node registered with, and the group it serves
+    # exclusively. The credentials table itself is new, so _SCHEMA's CREATE TABLE IF NOT EXISTS adds it.
+    4: [("nodes", "credential_id", "ALTER TABLE nodes ADD COLUMN credential_id TEXT"),
+        ("nodes", "serves_group", "ALTER TABLE nodes ADD COLUMN serves_group TEXT")],
 }
 
 
@@ -176,6 +196,8 @@ class NodeRecord:
     registered_at: float
     last_heartbeat: float | None
     pool_model: str | None = None  # a model pool's node: its agent owns its instances (never placed on)
+    credential_id: str | None = None  # what its agent registered with ("cluster": the secret; else a token's id)
+    serves_group: str | None = None  # a group's own pool: only that group's API keys are routed here
 
     @property
     def is_pool(self) -> bool:
@@ -263,6 +285,27 @@ class AllocationRecord:
     idle_since: float | None
     ended_at: float | None
     reason: str | None
+
+
+@dataclass(frozen=True)
+class CredentialRecord:
+    """A token the controller minted (allocation) or an admin issued (pool); only its secret's hash is kept."""
+
+    credential_id: str
+    kind: str
+    secret_hash: str
+    model: str | None
+    group: str | None
+    shared: bool
+    job_tag: str | None  # allocation: the intent tag of its job (known before sbatch answers)
+    job_id: str | None  # allocation: its Slurm job, once known
+    created_at: float
+    revoked_at: float | None
+    note: str | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
 
 
 @dataclass(frozen=True)
@@ -436,12 +479,15 @@ class Registry:
 
     # --------------------------------------------------------------------------------------------------- nodes
 
-    def register_node(self, reg: NodeRegistration, now: float, live_after: float | None = None) -> NodeRecord:
+    def register_node(self, reg: NodeRegistration, now: float, live_after: float | None = None,
+                      credential_id: str | None = None, serves_group: str | None = None) -> NodeRecord:
         """Record a node agent (new, restarted, or back in a new Slurm job) with its cache, atomically.
 
         A registration means the agent (re)started: instances we had for that node belong to its previous life
         and are dropped; the agent reports its live instances in its next heartbeat. With live_after, an agent of
-        another Slurm job is refused (NodeTaken) while the node's agent heartbeated after that time.
+        another Slurm job is refused (NodeTaken) while the node's agent heartbeated after that time. credential_id:
+        what the agent authenticated with (its heartbeats must use the same); serves_group: the only group whose
+        requests go there (a group's pool).
         """
         persistent_nvme = reg.tiers.nvme is not None and reg.tiers.nvme.scope == "persistent"
         with self._tx() as db:
@@ -450,14 +496,16 @@ class Registry:
             db.execute("DELETE FROM instances WHERE node_id = ?", (reg.node_id,))
             db.execute(
                 "INSERT INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
-                " state, registered_at, last_heartbeat, pool_model) VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?, ?)"
+                " state, registered_at, last_heartbeat, pool_model, credential_id, serves_group)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?, ?, ?, ?)"
                 " ON CONFLICT (node_id) DO UPDATE SET agent_url = excluded.agent_url,"
                 " slurm_job_id = excluded.slurm_job_id, job_scoped = excluded.job_scoped, gpus = excluded.gpus,"
                 " tiers = excluded.tiers, h2d_gbps = excluded.h2d_gbps, state = excluded.state,"
                 " registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat,"
-                " pool_model = excluded.pool_model",
+                " pool_model = excluded.pool_model, credential_id = excluded.credential_id,"
+                " serves_group = excluded.serves_group",
                 (reg.node_id, reg.agent_url, reg.slurm_job_id, int(reg.job_scoped), reg.gpus,
-                 reg.tiers.model_dump_json(), reg.h2d_gbps, now, now, reg.pool_model),
+                 reg.tiers.model_dump_json(), reg.h2d_gbps, now, now, reg.pool_model, credential_id, serves_group),
             )
             _replace_cache(db, reg.node_id, reg.cached, persistent_nvme)
             if reg.slurm_job_id:
@@ -639,8 +687,10 @@ class Registry:
             if row is None:
                 return False
             db.execute("DELETE FROM allocation_intents WHERE tag = ?", (tag,))
-            if job_id is None:
+            if job_id is None:  # nothing was submitted: its token will never be used
+                db.execute("DELETE FROM credentials WHERE kind = 'allocation' AND job_tag = ?", (tag,))
                 return False
+            db.execute("UPDATE credentials SET job_id = ? WHERE kind = 'allocation' AND job_tag = ?", (job_id, tag))
             db.execute("DELETE FROM allocations WHERE job_id = ?", (job_id,))
             _insert_allocation(db, job_id, row["model"], json.loads(row["preferred_nodes"]), row["partition"],
                                row["time_limit_seconds"], row["created_at"])
@@ -671,6 +721,42 @@ class Registry:
             else:
                 rows = db.execute("SELECT * FROM allocations ORDER BY submitted_at, job_id")
             return [_allocation(r) for r in rows]
+
+    # --------------------------------------------------------------------------------------------- credentials
+
+    def add_credential(self, credential_id: str, kind: str, secret_hash: str, now: float, *, model: str | None = None,
+                       group: str | None = None, shared: bool = False, job_tag: str | None = None,
+                       note: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO credentials (credential_id, kind, secret_hash, model, group_name, shared, job_tag,"
+                       " created_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (credential_id, kind, secret_hash, model, group, int(shared), job_tag, now, note))
+
+    def get_credential(self, credential_id: str) -> CredentialRecord | None:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM credentials WHERE credential_id = ?", (credential_id,)).fetchone()
+        return _credential(row) if row else None
+
+    def credentials(self, kind: str | None = None) -> list[CredentialRecord]:
+        with self._read() as db:
+            if kind:
+                rows = db.execute("SELECT * FROM credentials WHERE kind = ? ORDER BY created_at, credential_id",
+                                  (kind,))
+            else:
+                rows = db.execute("SELECT * FROM credentials ORDER BY created_at, credential_id")
+            return [_credential(r) for r in rows]
+
+    def revoke_credential(self, credential_id: str, now: float) -> bool:
+        """Revoke one credential; False when there is no such (unrevoked) credential."""
+        with self._tx() as db:
+            return db.execute("UPDATE credentials SET revoked_at = ? WHERE credential_id = ? AND revoked_at IS NULL",
+                              (now, credential_id)).rowcount > 0
+
+    def revoke_job_credentials(self, job_id: str | None, now: float, job_tag: str | None = None) -> int:
+        """Revoke the allocation tokens of a job that ended (or of a submission that never became one)."""
+        with self._tx() as db:
+            return db.execute("UPDATE credentials SET revoked_at = ? WHERE kind = 'allocation' AND revoked_at IS NULL"
+                              " AND (job_id = ? OR job_tag = ?)", (now, job_id, job_tag)).rowcount
 
     # ------------------------------------------------------------------------------------------ demand & stats
 
@@ -825,7 +911,7 @@ def _columns(db, table: str) -> set[str]:
 def _node(r) -> NodeRecord:
     return NodeRecord(r["node_id"], r["agent_url"], r["slurm_job_id"], bool(r["job_scoped"]), r["gpus"],
                       Tiers.model_validate_json(r["tiers"]), r["h2d_gbps"], r["state"], r["registered_at"],
-                      r["last_heartbeat"], r["pool_model"])
+                      r["last_heartbeat"], r["pool_model"], r["credential_id"], r["serves_group"])
 
 
 def _ranks_column(tensor_parallel: int, rank_nodes: list[str]) -> str | None:
@@ -851,3 +937,8 @@ def _allocation(r) -> AllocationRecord:
 def _cold_start(r) -> ColdStartRecord:
     return ColdStartRecord(r["model"], r["node_id"], r["instance_id"], r["tier"], r["load_seconds"],
                            r["requested_at"], r["ready_at"], r["estimate_seconds"])
+
+
+def _credential(r) -> CredentialRecord:
+    return CredentialRecord(r["credential_id"], r["kind"], r["secret_hash"], r["model"], r["group_name"],
+                            bool(r["shared"]), r["job_tag"], r["job_id"], r["created_at"], r["revoked_at"], r["note"])

@@ -146,6 +146,7 @@ class FakeAgents(AgentClient):
     """Node agents in memory, keyed by agent URL."""
 
     def __init__(self):  # no HTTP client: nothing leaves the process
+        self._keys: dict[str, str] = {}
         self.agents: dict[str, FakeNodeAgent] = {}
         self.started: list[tuple[str, str, list[int]]] = []  # (agent_url, model, gpu_ids)
         self.max_model_lens: list[int | None] = []  # the context length each start asked the worker for

@@ -150,3 +150,26 @@ def test_intents_survive_reopening_the_database(harness):
     assert harness.registry.settle_allocation_intent("hpcllm-alloc-x", "77")
     assert not harness.registry.settle_allocation_intent("hpcllm-alloc-x", "77")  # settled once
     assert [a.job_id for a in harness.registry.allocations()] == ["77"]
+
+
+def test_the_token_of_a_job_submitted_just_before_a_crash_is_bound_to_it_on_adoption(harness):
+    """The allocation's token is minted with its intent (before sbatch): adoption binds it to the job, so the job's
+    agent can register; a submission Slurm refused leaves no token behind."""
+    from hpcllm.credentials import TOKEN_ENV, parse_token
+
+    model = harness.deploy("m", gpus=1)
+    crash_after_sbatch(harness.backend)
+    with pytest.raises(ControllerKilled):
+        harness.allocator.submit(model, ["n2"], harness.clock.now)
+    [(job_id, job)] = harness.backend.jobs.items()
+    credential_id, _ = parse_token(job.spec.env[TOKEN_ENV])
+    assert harness.registry.get_credential(credential_id).job_id is None  # not known yet
+
+    allocator = restarted(harness)
+    assert allocator.sync(harness.clock.now) == {job_id: "adopted"}
+    assert harness.registry.get_credential(credential_id).job_id == job_id
+
+    harness.backend.refuse_submit = "Invalid partition"
+    with pytest.raises(AllocationFailed):
+        allocator.submit(model, [], harness.clock.now)
+    assert [c.credential_id for c in harness.registry.credentials()] == [credential_id]

@@ -11,6 +11,7 @@ from hpcllm.controller.cli import print_status
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.tests.doubles import FakeAgents
 from hpcllm.controller.tests.conftest import ADMIN_KEY
+from hpcllm.credentials import MigrationTicket, check_ticket
 from hpcllm.node.protocol import MigratedOut
 from hpcllm.worker.protocol import MigrationResult
 
@@ -27,7 +28,7 @@ class MigratingAgents(FakeAgents):
         self.moving = 2
         self.fail_migration: str | None = None
 
-    def migrate_out(self, agent_url, instance_id, destination_url, timeout):
+    def migrate_out(self, agent_url, instance_id, destination_url, timeout, ticket=None):
         agent = self._agent(agent_url)
         self.migrations.append((agent_url, instance_id, destination_url))
         if self.fail_migration:
@@ -82,8 +83,12 @@ def test_target_is_the_least_loaded_ready_instance_on_another_node(make_harness)
 
     resp = target(client, {"model": "m", "exclude_node": "n1"})
     assert resp.status_code == 200, resp.get_json()
-    assert resp.get_json() == {"worker_url": f"http://n3:9000/workers/{on['n3']}", "instance_id": on["n3"],
-                               "node_id": "n3"}
+    answer = resp.get_json()
+    ticket = MigrationTicket.model_validate(answer.pop("ticket"))
+    assert answer == {"worker_url": f"http://n3:9000/workers/{on['n3']}", "instance_id": on["n3"], "node_id": "n3"}
+    # The ticket names the destination, signed with the key n1's workers hold (here the cluster secret).
+    assert (ticket.destination_url, ticket.destination_instance, ticket.model) == (answer["worker_url"], on["n3"], "m")
+    check_ticket(ticket, key=h.config.cluster.shared_secret, model="m", destination_url=answer["worker_url"])
     # Each pick counts as load until the next heartbeat: n3 (1+1) against n2 (3) -> n3 again; then n3 (1+2) against
     # n2 (3): equal load, the smaller instance id wins (deterministic).
     second = target(client, {"model": "m", "exclude_node": "n1"}).get_json()["instance_id"]

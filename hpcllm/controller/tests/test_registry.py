@@ -94,13 +94,15 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     write_v1_database(database_url, tmp_path)
     registry = Registry(database_url)
     try:
-        assert SCHEMA_VERSION == 3 and registry.schema_version() == 3
+        assert SCHEMA_VERSION == 4 and registry.schema_version() == 4
         n1, n2 = registry.nodes()
         assert (n1.node_id, n1.agent_url, n1.slurm_job_id, n1.job_scoped, n1.gpus, n1.h2d_gbps, n1.state,
                 n1.registered_at, n1.last_heartbeat, n1.pool_model) == \
             ("n1", "http://n1:9000", "4242", False, 2, 20.0, "up", 1700000010.0, 1700000020.0, None)
         assert n1.tiers.dram.read_gbps == 12.5 and n1.tiers.nvme.scope == "persistent" and n1.persistent_nvme
         assert (n2.node_id, n2.slurm_job_id, n2.gpus, n2.tiers.nvme, n2.pool_model) == ("n2", "4243", 0, None, None)
+        # Nodes from before credentials registered with the cluster secret and serve every group.
+        assert (n1.credential_id, n1.serves_group) == (None, None)
         assert [m.name for m in registry.models()] == ["tiny-llama"]
         assert registry.get_model("tiny-llama").keep_alive_seconds == 300.0
         [entry] = registry.cache()
@@ -115,11 +117,14 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
 
         # The upgraded database takes the new field, and keeps working as before.
         registry.register_node(registration("n3", job="4244").model_copy(update={"pool_model": "tiny-llama"}),
-                               NOW)
+                               NOW, credential_id="pool-0123456789ab", serves_group="physics")
+        registry.add_credential("pool-0123456789ab", "pool", "hash", NOW, model="tiny-llama", group="physics")
         registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama", state="loading")]),
                            NOW + 1)
         registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama")]), NOW + 2)
-        assert registry.get_node("n3").pool_model == "tiny-llama"
+        n3 = registry.get_node("n3")
+        assert (n3.pool_model, n3.credential_id, n3.serves_group) == ("tiny-llama", "pool-0123456789ab", "physics")
+        assert [(c.credential_id, c.group) for c in registry.credentials()] == [("pool-0123456789ab", "physics")]
         registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama").model_copy(
             update={"tensor_parallel": 2, "rank_nodes": ["n3", "n3"]})]), NOW + 3)  # version 3: the ranks
         assert {i.instance_id: (i.tensor_parallel, i.rank_nodes) for i in registry.instances()}["pool-1"] == \
@@ -128,10 +133,11 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     finally:
         registry.close()
 
-    # Opening it again is a no-op: still version 3, nothing lost.
+    # Opening it again is a no-op: still version 4, nothing lost.
     registry = Registry(database_url)
     try:
-        assert registry.schema_version() == 3
+        assert registry.schema_version() == 4
+        assert registry.get_credential("pool-0123456789ab").model == "tiny-llama"
         assert [(n.node_id, n.pool_model) for n in registry.nodes()] == \
             [("n1", None), ("n2", None), ("n3", "tiny-llama")]
         assert len(registry.instances()) == 2
@@ -147,9 +153,11 @@ def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
     raw.close()
     Registry(url).close()
     raw = sqlite3.connect(tmp_path / "v1.db")
-    assert "pool_model" in {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
+    columns = {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
+    assert {"pool_model", "credential_id", "serves_group"} <= columns
     assert "ranks" in {row[1] for row in raw.execute("PRAGMA table_info(instances)")}
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
+    assert raw.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
     assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
     raw.close()
 

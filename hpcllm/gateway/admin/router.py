@@ -21,7 +21,6 @@ from hpcllm.controller.protocol import MODEL_NAME_PATTERN
 from hpcllm.gateway.errors import MethodNotAllowed, NotFound, NotImplementedByDeployment, ServiceUnavailable
 from hpcllm.gateway.routing import ControllerRouter
 from hpcllm.gateway.runtime import current_gateway
-from hpcllm.httpkit.auth import SECRET_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ def admin_proxy(rest: str):
     upstream_request = gw.http.build_request(
         request.method, f"{router.controller_url}/v1/admin/{quote(rest)}", params=request.args,
         content=request.get_data(), headers=headers, timeout=ADMIN_TIMEOUT_S)
-    upstream_request.headers.pop(SECRET_HEADER, None)  # the pool's default for internal calls; admin needs none
     try:
         upstream = gw.http.send(upstream_request)
     except httpx.HTTPError as exc:

@@ -21,8 +21,10 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
     if ctx.api_key is not None:
         gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)
     try:
-        endpoint = gw.router.resolve(req.model, gw.config.gateway.route_timeout_seconds)
-        embeddings = embed_on_worker(gw.http, endpoint.worker_url, gw.config.cluster.shared_secret, inputs)
+        endpoint = gw.router.resolve(req.model, gw.config.gateway.route_timeout_seconds,
+                                     group=ctx.api_key.group if ctx.api_key else None)
+        embeddings = embed_on_worker(gw.http, endpoint.worker_url,
+                                     endpoint.worker_key or gw.config.cluster.shared_secret, inputs)
     except BaseException:
         if ctx.api_key is not None:
             gw.limiter.settle_tokens(ctx.api_key, prompt_tokens, 0)

@@ -40,6 +40,7 @@ class InProcessAgents(AgentClient):
         self.instances: dict[str, InstanceInfo] = {}
         self.started: list[tuple[str, int | None]] = []  # (model, max_model_len) of every start asked for
         self._ids = itertools.count(1)
+        self._keys: dict[str, str] = {}
 
     def close(self) -> None:
         pass
@@ -299,3 +300,57 @@ def test_prompt_beyond_the_context_is_refused_before_any_cold_start(routed_gatew
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hello world " * 600, stream=True)
     assert agents.started == []  # no instance was started for requests that cannot fit
+
+
+# ------------------------------------------------------------------------------------------ groups and pools
+
+
+def test_a_groups_pool_gets_that_groups_prompts_only(make_gateway, controller_url, agents, tiny_model_dir, hf_pair):
+    """A pool registered with a pool token for group physics (docs/security.md): its worker holds only the node key
+    the controller handed out. A physics key's request is served there (the gateway calls it with that key); a
+    chemistry key's request never reaches it - the controller starts an instance of its own for chemistry."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.credentials import TOKEN_HEADER
+    from hpcllm.worker.engine import UnknownRequest
+    from hpcllm.worker.server import ModelForServing, WorkerService
+    from hpcllm.worker.server import create_app as create_worker_app
+
+    issued = httpx.post(f"{controller_url}/v1/admin/pool-tokens", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                        json={"model": MODEL, "group": "physics"})
+    assert issued.status_code == 201, issued.text
+    pool = {TOKEN_HEADER: issued.json()["token"]}
+    registered = httpx.post(f"{controller_url}/v1/internal/nodes/register", headers=pool,
+                            json={"node_id": "p1", "agent_url": "http://p1:9000", "pool_model": MODEL})
+    assert registered.status_code == 200, registered.text
+    node_key = registered.json()["node_key"]
+
+    service = WorkerService(MODEL, secret=node_key, keepalive_seconds=0.5)  # what the pool's agent starts
+    service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                   AutoTokenizer.from_pretrained(tiny_model_dir), tier="dram", load_seconds=0.1))
+    pool_worker = ThreadServer(create_worker_app(service))
+    try:
+        ready = InstanceInfo(instance_id="pool-1", model=MODEL, state="ready", worker_url=pool_worker.url)
+        beat = httpx.post(f"{controller_url}/v1/internal/nodes/p1/heartbeat", headers=pool,
+                          json={"instances": [ready.model_dump()]})
+        assert beat.status_code == 200, beat.text
+        gateway = make_gateway(static_models={}, controller_url=controller_url, route_poll_seconds=5, api_keys=[
+            {"key": "sk-physics", "name": "ada", "group": "physics"},
+            {"key": "sk-chemistry", "name": "marie", "group": "chemistry"}])
+        expected, _, _ = hf_greedy(hf_pair, hf_pair[1]("hello world")["input_ids"], 6)
+
+        physics = gateway.client("sk-physics").completions.create(model=MODEL, prompt="hello world", max_tokens=6,
+                                                                  temperature=0)
+        assert physics.choices[0].text == expected
+        assert agents.started == []  # served by the pool: nothing was started
+        assert service.engine.tokens(physics.id + "-0-0").finish_reason == "length"  # it ran on the pool's worker
+
+        chemistry = gateway.client("sk-chemistry").completions.create(model=MODEL, prompt="hello world",
+                                                                      max_tokens=6, temperature=0)
+        assert chemistry.choices[0].text == expected
+        assert [model for model, _ in agents.started] == [MODEL]  # its own instance, on the service's node
+        with pytest.raises(UnknownRequest):  # the chemistry request was never on the pool's worker
+            service.engine.tokens(chemistry.id + "-0-0")
+    finally:
+        pool_worker.stop()
+        service.shutdown()

@@ -180,7 +180,7 @@ class ExplodingRouter(Router):
     def list_models(self):
         raise RuntimeError("secret internal detail")
 
-    def resolve(self, model, wait_s):
+    def resolve(self, model, wait_s, group=None):
         raise RuntimeError("secret internal detail")
 
     def check_ready(self):

@@ -12,7 +12,7 @@ import pytest
 
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.engine import EngineUnavailable
-from hpcllm.worker.protocol import MigrateRequest
+from hpcllm.worker.migration import ticketed_request
 
 from .conftest import MODEL, SECRET, USER_KEY, ThreadServer
 from .test_resume import ScriptedRouter
@@ -48,7 +48,7 @@ class Worker:
 
     def migrate_everything_to(self, destination: "Worker"):
         with WorkerClient(self.url, SECRET) as client:
-            return client.migrate_all(MigrateRequest(destination_url=destination.url))
+            return client.migrate_all(ticketed_request(destination.url, model=MODEL, key=SECRET))
 
     def stop(self):
         self.server.stop()

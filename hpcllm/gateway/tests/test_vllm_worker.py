@@ -21,7 +21,8 @@ import pytest
 
 from hpcllm.config import Config
 from hpcllm.worker.client import WorkerClient
-from hpcllm.worker.protocol import GenerateRequest, MigrateRequest
+from hpcllm.worker.migration import ticketed_request
+from hpcllm.worker.protocol import GenerateRequest
 
 from .conftest import MODEL, SECRET, ThreadServer
 from .test_resume import ScriptedRouter
@@ -207,7 +208,8 @@ def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_toke
         finish = chunk.choices[0].finish_reason or finish
         if len(texts) == 3:
             with WorkerClient(source_url, SECRET, read_timeout=120) as source:
-                moved = source.migrate_all(MigrateRequest(destination_url=destination_url, timeout_seconds=60))
+                moved = source.migrate_all(ticketed_request(destination_url, model=MODEL, key=SECRET,
+                                                            timeout_seconds=60))
     return "".join(texts), usage, finish, moved
 
 

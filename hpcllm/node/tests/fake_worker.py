@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     def migrate():
         body = MigrateRequest.model_validate(request.get_json())
         destination = body.destination_url
-        record("migrate", destination_url=destination, requests=list(running), timeout_seconds=body.timeout_seconds)
+        record("migrate", destination_url=destination, requests=list(running), timeout_seconds=body.timeout_seconds,
+               ticket_destination=body.ticket.destination_url if body.ticket else None)
         if args.mode == "refuse":
             return {"error": {"message": f"destination {destination} refused: model not loaded",
                               "type": "server_error", "code": "destination_refused"}}, 502

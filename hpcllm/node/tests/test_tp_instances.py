@@ -13,6 +13,7 @@ import pytest
 
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.converter import convert
+from hpcllm.credentials import issue_ticket
 from hpcllm.node.app import create_app
 from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
 from hpcllm.node.workers import descendants, running
@@ -185,7 +186,10 @@ def test_a_two_rank_instance_live_migrates_its_stream_to_a_one_rank_instance(age
         with source.generate(request) as stream:
             lines = iter(stream)
             received = [next(lines) for _ in range(3)]
-            outcome = agent.workers.migrate_out(source_id, destination_url, timeout=60)
+            ticket = issue_ticket(model="tp-llama", source_instance=source_id, source_key=SECRET,
+                                  destination_url=destination_url, destination_instance=destination_id,
+                                  destination_key=SECRET)  # as the controller would
+            outcome = agent.workers.migrate_out(source_id, destination_url, timeout=60, ticket=ticket)
             received += list(lines)
         final = received.pop()
         assert isinstance(final, FinalLine) and final.finish_reason == "migrated", final

@@ -16,6 +16,14 @@ from hpcllm.worker.server import CONTROL_THREADS, ModelForServing, WorkerService
 
 ARCHS = list(ARCHITECTURES)
 SECRET = "s3cret"
+MODEL = "tiny-llama"  # the name test workers serve
+
+
+def ticketed(destination_url: str, **fields):
+    """A migration order with a valid ticket (every test worker holds SECRET)."""
+    from hpcllm.worker.migration import ticketed_request
+
+    return ticketed_request(destination_url, model=MODEL, key=SECRET, **fields)
 
 
 @pytest.fixture(scope="session")

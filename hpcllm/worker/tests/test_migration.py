@@ -7,14 +7,15 @@ the same tokens and text, with every output index delivered once (source stream,
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from hpcllm.worker.client import WorkerError
 from hpcllm.worker.engine import EngineUnavailable
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigrateRequest, PrepareMigration, TokenLine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, PrepareMigration, TokenLine
 
-from .conftest import slow_down, wait_until
+from .conftest import slow_down, ticketed, wait_until
 
 GREEDY = dict(temperature=0.0)
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234)
@@ -78,7 +79,7 @@ def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_
     stream = source.client.generate(request)
     lines = iter(stream)
     first = read_until(lines, 5)
-    result = source.client.migrate("live", MigrateRequest(destination_url=destination.url))
+    result = source.client.migrate("live", ticketed(destination.url))
     rest, source_final, final = finish_through_attach(lines, destination)
     received = first + rest
 
@@ -105,7 +106,7 @@ def test_rounds_shrink_while_the_source_decodes_during_a_slow_prefill(pair, star
     stream = source.client.generate(request)
     lines = iter(stream)
     first = read_until(lines, 3)
-    result = source.client.migrate("long", MigrateRequest(destination_url=destination.url, handover_tokens=2))
+    result = source.client.migrate("long", ticketed(destination.url, handover_tokens=2))
     restore_destination()
     rest, _, final = finish_through_attach(lines, destination)
 
@@ -133,7 +134,7 @@ def test_migrate_all_moves_every_running_and_waiting_request(pair, start_worker)
     firsts = [read_until(streams[0], 2), read_until(streams[1], 2), []]
     assert source.service.engine.counts() == (2, 1)
 
-    result = source.client.migrate_all(MigrateRequest(destination_url=destination.url))
+    result = source.client.migrate_all(ticketed(destination.url))
 
     assert sorted(m.request_id for m in result.migrated) == ["a", "b", "c"] and result.failed == []
     for first, lines, reference in zip(firsts, streams, references):
@@ -141,7 +142,7 @@ def test_migrate_all_moves_every_running_and_waiting_request(pair, start_worker)
         assert_same_generation(first + rest, reference)
         assert final.finish_reason == "length"
     assert source.service.engine.counts() == (0, 0)
-    assert source.client.migrate_all(MigrateRequest(destination_url=destination.url)).migrated == []
+    assert source.client.migrate_all(ticketed(destination.url)).migrated == []
 
 
 def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, start_worker):
@@ -159,10 +160,10 @@ def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, 
     lines = iter(stream)
     received = read_until(lines, 3)
     with pytest.raises(WorkerError) as down:
-        source.client.migrate("stay", MigrateRequest(destination_url="http://127.0.0.1:9", timeout_seconds=5))
+        source.client.migrate("stay", ticketed("http://127.0.0.1:9", timeout_seconds=5))
     assert down.value.status == 502 and "127.0.0.1:9" in str(down.value)
     with pytest.raises(WorkerError) as refused:
-        source.client.migrate("stay", MigrateRequest(destination_url=destination.url))
+        source.client.migrate("stay", ticketed(destination.url))
     assert refused.value.status == 502 and "already in progress" in str(refused.value)
 
     rest = list(lines)
@@ -188,7 +189,7 @@ def test_a_failure_after_the_pause_resumes_the_source_exactly(pair, start_worker
     received = read_until(lines, 4)
     with pytest.raises(WorkerError) as failed:
         # A huge handover_tokens makes round 2 the hand-over: the source pauses, then the extend fails.
-        source.client.migrate("pausing", MigrateRequest(destination_url=destination.url, handover_tokens=10_000))
+        source.client.migrate("pausing", ticketed(destination.url, handover_tokens=10_000))
     assert failed.value.status == 502 and "shutting down" in str(failed.value)
 
     rest = list(lines)
@@ -201,7 +202,7 @@ def test_a_failure_after_the_pause_resumes_the_source_exactly(pair, start_worker
 
 def test_migrating_an_unknown_or_finished_request_is_refused(pair, start_worker):
     source, destination = start_worker(pair), start_worker(pair)
-    target = MigrateRequest(destination_url=destination.url)
+    target = ticketed(destination.url)
     with pytest.raises(WorkerError) as unknown:
         source.client.migrate("nobody", target)
     assert unknown.value.status == 404
@@ -287,3 +288,76 @@ def test_a_held_request_waiting_for_a_slot_is_prefilled_once_admitted(pair, star
     thread.join(20)
     assert answer and answer[0].cached_tokens == 3
     assert worker.service.engine.tokens("queued").state == "held"
+
+
+# ---------------------------------------------------------------------------- only where the controller says
+
+
+def test_a_migration_to_a_destination_the_controller_did_not_name_is_refused(pair, start_worker):
+    from hpcllm.credentials import TICKET_SECONDS, issue_ticket
+    from hpcllm.worker.migration import ticketed_request
+    from hpcllm.worker.protocol import MigrateRequest
+
+    from .conftest import MODEL, SECRET
+
+    source, destination = start_worker(pair), start_worker(pair)
+    request = body("stays", max_tokens=30, **GREEDY)
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.01)
+    stream = source.client.generate(request)
+    lines = iter(stream)
+    first = read_until(lines, 3)
+
+    elsewhere = "http://127.0.0.1:9"  # e.g. a user's own server
+    stale = issue_ticket(model=MODEL, source_instance="", source_key=SECRET, destination_url=destination.url,
+                         destination_instance="", destination_key=SECRET, now=time.time() - TICKET_SECONDS - 1)
+    refusals = {
+        "no ticket": (MigrateRequest(destination_url=destination.url), "needs a ticket"),
+        "ticket for another destination": (MigrateRequest(destination_url=elsewhere,
+                                                          ticket=ticketed(destination.url).ticket), "names"),
+        "ticket not made with this worker's key": (ticketed_request(destination.url, model=MODEL, key="guessed"),
+                                                   "bad signature"),
+        "ticket for another model": (ticketed_request(destination.url, model="other-model", key=SECRET),
+                                     "other-model"),
+        "expired ticket": (MigrateRequest(destination_url=destination.url, ticket=stale), "expired"),
+    }
+    for what, (order, message) in refusals.items():
+        for migrate in (lambda: source.client.migrate("stays", order), lambda: source.client.migrate_all(order)):
+            with pytest.raises(WorkerError) as refused:
+                migrate()
+            assert refused.value.status == 403 and message in str(refused.value), what
+
+    # The request never left: it finishes on the source like an uninterrupted run.
+    rest = [line for line in lines]
+    final = rest.pop()
+    assert final.finish_reason == "length"
+    assert_same_generation(first + rest, reference)
+    assert destination.service.engine.counts() == (0, 0)
+
+
+def test_a_grant_opens_only_the_requests_moved_with_it(pair, start_worker):
+    from hpcllm.worker.client import WorkerClient
+
+    source, destination = start_worker(pair), start_worker(pair)
+    slow_down(source.service.engine, 0.01)
+    lines = iter(source.client.generate(body("moved", max_tokens=30, **GREEDY)))
+    read_until(lines, 3)
+    source.client.migrate("moved", ticketed(destination.url))
+    moved = [line for line in lines][-1].migrated_to
+    assert moved.grant  # what the reader (the gateway) attaches with: never the destination's key
+
+    with destination.client.generate(body("someone-else", max_tokens=200, **GREEDY)) as other:
+        next(iter(other))
+        granted = WorkerClient(destination.url, "", grant=moved.grant, read_timeout=60)
+        with pytest.raises(WorkerError) as foreign:
+            granted.attach("someone-else", 0)
+        assert foreign.value.status == 403 and "does not cover request someone-else" in str(foreign.value)
+        with pytest.raises(WorkerError) as generate:
+            list(granted.generate(body("new", max_tokens=3)))
+        assert generate.value.status == 401
+        forged = WorkerClient(destination.url, "", grant=moved.grant[:-4] + "0000", read_timeout=60)
+        with pytest.raises(WorkerError) as bad:
+            forged.attach("moved", moved.from_index)
+        assert bad.value.status == 401
+        with granted.attach("moved", moved.from_index) as stream:
+            assert list(stream)[-1].finish_reason == "length"

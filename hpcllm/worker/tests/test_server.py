@@ -6,10 +6,10 @@ import pytest
 from hpcllm.config import InternalHttpConfig
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.client import WorkerClient, WorkerError
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigrateRequest, TokenLine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.server import ModelForServing
 
-from .conftest import SECRET, slow_down, wait_until
+from .conftest import SECRET, slow_down, ticketed, wait_until
 
 PROMPT = "hello world, this"
 
@@ -100,7 +100,7 @@ def test_streams_and_live_migration_over_tls_with_the_site_ca(load_pair, start_w
     lines = iter(stream)
     next(lines)
     # The source calls the destination itself, verifying it against the site CA.
-    moved = source.client.migrate("moving", MigrateRequest(destination_url=destination.url))
+    moved = source.client.migrate("moving", ticketed(destination.url))
     assert moved.destination_url == destination.url
     final = [line for line in lines if isinstance(line, FinalLine)][-1]
     assert final.finish_reason == "migrated"
