@@ -30,6 +30,7 @@ from cheroot import errors as cheroot_errors
 from cheroot import server as cheroot_server
 from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
+from cheroot.workers import threadpool
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.errors import ConfigError
@@ -159,6 +160,19 @@ class _Server(wsgi.Server):
         log.log(level, "%s", msg, exc_info=traceback and level >= logging.ERROR)
 
 
+class _DaemonThreadPool(threadpool.ThreadPool):
+    """cheroot's pool with daemon worker threads. The server's owner stops it explicitly (serve() on a signal, a
+    test's teardown); one left unstopped (a failed start, a forgotten test server) must not keep the interpreter
+    from exiting: cheroot's own workers would, as its pool starts them as soon as the server binds."""
+
+    def _spawn_worker(self):
+        worker = threadpool.WorkerThread(self.server)
+        worker.name = f"CP Server {worker.name!s}"
+        worker.daemon = True
+        worker.start()
+        return worker
+
+
 class InternalServer:
     """One internal service's HTTP(S) server: bound at construction (port 0 picks one), then serve_forever() in
     this thread or start() in a background one; stop() from anywhere."""
@@ -170,6 +184,7 @@ class InternalServer:
                                timeout=http.socket_timeout_seconds, shutdown_timeout=5,
                                server_name=f"hpcllm-{name}")
         self._server.gateway = _Gateway
+        self._server.requests = _DaemonThreadPool(self._server, min=threads, max=threads)
         self._server.max_request_body_size = http.max_request_bytes
         self._server.read_deadlines = ReadDeadlines(http.request_read_timeout_seconds)
         if http.tls:

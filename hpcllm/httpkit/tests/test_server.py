@@ -178,3 +178,19 @@ def test_incomplete_tls_settings_are_a_config_error(site_ca):
     bad = InternalHttpConfig(tls_cert_file=site_ca.ca, tls_key_file=site_ca.ca, tls_ca_file=site_ca.ca)
     with pytest.raises(ConfigError, match="cannot load the certificate"):
         InternalServer(demo_app(), "127.0.0.1", 0, http=bad, threads=1, name="demo")
+
+
+def test_a_server_left_running_does_not_keep_the_process_from_exiting():
+    """A server bound and serving but never stopped (a failed start, a forgotten test server) must not hang the
+    interpreter's exit: cheroot's worker threads would, so ours are daemons."""
+    import subprocess
+    import sys
+
+    script = ("from flask import Flask\n"
+              "from hpcllm.config import InternalHttpConfig\n"
+              "from hpcllm.httpkit.server import InternalServer\n"
+              "server = InternalServer(Flask('left'), '127.0.0.1', 0, http=InternalHttpConfig(), threads=4, name='left')\n"
+              "server.start()\n"
+              "print(server.port)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().isdigit(), done.stderr
