@@ -393,12 +393,13 @@ class SimAgents(AgentClient):
     def __init__(self, sim: Simulation):  # no HTTP client
         self.sim = sim
         self._ids = itertools.count(1)
+        self._keys: dict[str, str] = {}  # AgentClient's per-agent node keys (none here)
 
     def close(self) -> None:
         pass
 
     def start_instance(self, agent_url, model, source, gpu_ids, max_model_len=None, engine="hpcllm",
-                       cache_on_load=None, tensor_parallel=1) -> StartedInstance:
+                       cache_on_load=None, tensor_parallel=1, nodes=1) -> StartedInstance:
         sim = self.sim
         node = sim.node_by_url[agent_url]
         info = sim.models[model]

@@ -50,7 +50,7 @@ class ReadDeadlines:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self.closed = 0  # connections closed for missing their deadline (tests, logs)
-        threading.Thread(target=self._watch, name="hpcllm-read-deadlines", daemon=True).start()
+        threading.Thread(target=self._watch, name="hpcllm-http-deadlines", daemon=True).start()
 
     def arm(self, conn, started: float) -> None:
         """The connection, whose request began at `started` (monotonic), has until started + seconds to send it

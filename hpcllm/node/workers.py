@@ -427,10 +427,9 @@ class WorkerManager:
         return env
 
     def _spanning_environment(self, gpu_ids: list[int]) -> dict[str, str]:
-        """srun's ranks: the agent's environment with the secret; a CPU instance's ranks see no GPU, a GPU one's
-        get theirs from Slurm on each node (the step's --gres)."""
-        env = dict(os.environ)
-        env[SECRET_ENV] = self.config.cluster.shared_secret
+        """srun's ranks: the workers' environment (the node's key, never the agent's token; the read settings), but
+        a CPU instance's ranks see no GPU and a GPU one's get theirs from Slurm on each node (the step's --gres)."""
+        env = self._environment([], ranks=2)
         env.pop("CUDA_VISIBLE_DEVICES", None)
         if not gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ""
