@@ -7,6 +7,8 @@ HTTP, real SSE and the official `openai` client.
 
 from __future__ import annotations
 
+import os
+
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -162,6 +164,8 @@ def postgres_url():
 
     reason = pg_server.missing_reason()
     if reason:
+        if os.environ.get("CI"):  # make test installs postgresql: under CI a missing server is a failure
+            pytest.fail(f"CI must run the PostgreSQL tests: {reason}", pytrace=False)
         pytest.skip(f"PostgreSQL tests need a local server: {reason}")
     with pg_server.postgres_server() as url:
         yield url
