@@ -35,6 +35,7 @@ numbers, and the machine's load average is recorded with them.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import json
 import os
@@ -106,21 +107,23 @@ class Setup:
         return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}
 
 
-class Target:
+class Target(abc.ABC):
     """start() -> the OpenAI base URL (ending in /v1); start_seconds: the engine's process start -> ready."""
 
     name = ""
     start_seconds = 0.0
 
+    @abc.abstractmethod
     def start(self) -> str:
-        raise NotImplementedError
+        """Start the target's processes; the OpenAI base URL once it serves."""
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop every process start() started."""
 
+    @abc.abstractmethod
     def processes(self) -> dict[str, int]:
         """Role -> pid of the target's processes (their children count with them: vLLM's engine core)."""
-        raise NotImplementedError
 
 
 class BehindGateway(Target):
