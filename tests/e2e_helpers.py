@@ -76,10 +76,11 @@ def control_plane(root: Path, config_path: Path, controller_port: int, gateway_p
                   admin_key: str, extra_jobs: Callable[[], list[str]] = list,
                   processes: dict[str, subprocess.Popen] | None = None) -> Iterator[tuple[str, str]]:
     """A real `hpcllm controller` and gunicorn `hpcllm gateway` (logs in root), yielded as (gateway_url,
-    controller_url) once both answer /health. At the end both stop and the Slurm jobs the controller held (plus
-    `extra_jobs()`) are cancelled, so no allocation outlives the test. `processes`, when given, is filled with
-    the two processes ("controller", "gateway"); a test that restarts one puts the new process there, and that
-    one is stopped at the end."""
+    controller_url) once both answer /health. At the end both stop, then every Slurm job the controller submitted
+    (read from its database: cancel_controller_jobs) and `extra_jobs()` are cancelled, so no allocation outlives
+    the test. `processes`, when given, is filled with the two processes ("controller", "gateway"); a test that
+    restarts one puts the new process there, and that one is stopped at the end. (admin_key: kept for the
+    callers; the teardown no longer asks the controller.)"""
     from hpcllm.config import load_config
     from hpcllm.slurm.cli_backend import CliBackend
 
@@ -97,17 +98,37 @@ def control_plane(root: Path, config_path: Path, controller_port: int, gateway_p
                  "the gateway to answer /health")
         yield gateway_url, controller_url
     finally:
-        jobs: list[str] = []
-        if "controller" in procs and procs["controller"].poll() is None:
-            try:
-                jobs = [a["job_id"] for a in admin_status(controller_url, admin_key)["allocations"]]
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
+        # The controller first: a tick may submit an allocation at any moment until it has stopped, so what it
+        # submitted is only known once it has (asking it earlier left such a job running in Slurm).
         for proc in reversed(list(procs.values())):
             stop_process(proc)
         backend = CliBackend(load_config(config_path).slurm, command_timeout=30)
-        for job in set(jobs) | set(extra_jobs()):
+        cancel_controller_jobs(config_path, backend)
+        for job in set(extra_jobs()):
             backend.cancel(job)
+
+
+def cancel_controller_jobs(config_path: Path, backend) -> list[str]:
+    """Cancels every live Slurm job a (stopped) controller submitted, as its database records them: its
+    allocations, and the jobs tagged (--comment) with any allocation it ever began to submit, also one whose sbatch
+    answer it never recorded. Jobs of other controllers on the shared dev cluster are left alone. Returns the
+    cancelled job ids."""
+    from hpcllm.config import load_config
+    from hpcllm.controller.registry import Registry
+    from hpcllm.controller.server import database_url_of
+
+    registry = Registry(database_url_of(load_config(config_path)))
+    try:
+        tags = {c.job_tag for c in registry.credentials("allocation") if c.job_tag}
+        tags |= {intent.tag for intent in registry.allocation_intents()}
+        recorded = {a.job_id for a in registry.allocations() if a.state != "ended"}
+    finally:
+        registry.close()
+    live = {job_id: status for job_id, status in backend.list_jobs().items() if not status.is_terminal}
+    doomed = sorted(job_id for job_id, status in live.items() if job_id in recorded or status.comment in tags)
+    for job_id in doomed:
+        backend.cancel(job_id)
+    return doomed
 
 
 @contextmanager
