@@ -64,12 +64,23 @@ class NodeTaken(ControllerError):
 
 
 class NoCapacity(ControllerError):
+    """No node can host the model now and no allocation may be submitted now (max_allocations in use, nodes full).
+    Capacity can free up (a queued allocation's agent registers, an idle instance or allocation is released), so a
+    route call with `wait` keeps trying until its wait is over."""
+
     http_status = 503
     code = "no_capacity"
     error_type = "server_error"
 
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message, retry_after=retry_after)
+
+
+class AllocationRefused(NoCapacity):
+    """The allocation the model needs was refused by Slurm or got no answer: answered at once, never waited on
+    (each try would sbatch again)."""
+
+    code = "allocation_failed"
 
 
 class AllocationFailed(ControllerError):

@@ -29,6 +29,7 @@ from hpcllm.controller.errors import (
     NoCapacity,
     NodeTaken,
     AllocationFailed,
+    AllocationRefused,
     UnknownCredential,
     UnknownModel,
 )
@@ -454,15 +455,24 @@ class Controller:
 
     def route(self, name: str, wait_seconds: float = 0.0, group: str | None = None) -> RouteReady | RouteWaiting:
         """A ready instance of the model, or the cold start / allocation it waits for (long-polls up to wait).
+        No capacity now (NoCapacity) is waited out too, like a job queued in Slurm: until capacity frees up or the
+        wait is over (then the NoCapacity). A refused allocation (AllocationRefused) is answered at once.
         group: the API key's group; a group's own pool only serves that group."""
         deadline = time.monotonic() + min(max(wait_seconds, 0.0), self.settings.route_max_wait_seconds)
         while True:
-            outcome = self.route_once(name, group)
+            try:
+                outcome = self.route_once(name, group)
+            except AllocationRefused:
+                raise
+            except NoCapacity:
+                if deadline - time.monotonic() <= 0:
+                    raise
+                outcome = None
             remaining = deadline - time.monotonic()
-            if isinstance(outcome, RouteReady) or remaining <= 0:
+            if isinstance(outcome, RouteReady) or (outcome is not None and remaining <= 0):
                 return outcome
             with self._changed:
-                self._changed.wait(timeout=min(remaining, 0.5))
+                self._changed.wait(timeout=max(0.0, min(remaining, 0.5)))
 
     def _routable_nodes(self, group: str | None, exclude: frozenset[str] = frozenset()) -> dict[str, NodeRecord]:
         """Up nodes a request of `group` may go to (not a pool of another group), minus `exclude`."""
@@ -782,8 +792,9 @@ class Controller:
             job_id = self.allocator.submit(model, preferred, now)
         except AllocationFailed as exc:
             self.registry.note_demand(model.name, now)
-            raise NoCapacity(f"no node can host model {model.name!r} now, and requesting an allocation failed: "
-                             f"{exc}", retry_after=self.settings.allocation_start_estimate_seconds) from None
+            raise AllocationRefused(f"no node can host model {model.name!r} now, and requesting an allocation "
+                                    f"failed: {exc}", retry_after=self.settings.allocation_start_estimate_seconds) \
+                from None
         return RouteWaiting(status="allocating", model=model.name, job_id=job_id,
                             retry_after=self.settings.route_retry_after_seconds)
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
 from hpcllm.config import InternalHttpConfig
 from hpcllm.controller import protocol as controller_wire
+from hpcllm.controller.errors import NoCapacity
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.errors import ModelNotFound, ServiceUnavailable
 from hpcllm.gateway.known_routes import KnownInstance, KnownRoutes
@@ -146,6 +147,8 @@ class ControllerUnreachable(ServiceUnavailable):
 
 # Controller answers that mean "the controller is in trouble", not "no such model" or "no capacity" (its 503).
 CONTROLLER_TROUBLE = frozenset({500, 502, 504})
+# The controller's 503 code for "no room now" (hpcllm.controller.errors.NoCapacity): worth waiting for.
+NO_CAPACITY = NoCapacity.code
 
 
 class ControllerRouter(Router):
@@ -252,6 +255,7 @@ class ControllerRouter(Router):
             params = {"model": model, "wait": round(max(0.0, min(remaining, self.route_poll_s)), 1)}
             if group:  # the API key's group: its own pools may serve it too
                 params["group"] = group
+            called = time.monotonic()
             try:
                 resp = self._get("/v1/internal/route", **params)
             except ControllerUnreachable:
@@ -282,8 +286,18 @@ class ControllerRouter(Router):
                 # The controller long-polls when it honours `wait`; sleep only if it answered at once.
                 time.sleep(min(remaining, waiting.retry_after or 1.0, 1.0))
                 continue
-            message = error_of(resp)[0].get("message")
-            if resp.status_code == 503:
+            error, message = error_of(resp)
+            if resp.status_code == 503 and error.get("code") == NO_CAPACITY:
+                # Like a job queued in Slurm: the request waits (the controller long-polled `wait` for capacity
+                # already) until capacity frees up or its budget is over.
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    time.sleep(max(0.0, min(remaining, 1.0 - (time.monotonic() - called))))  # >= 1 s per call
+                    continue
+                raise ServiceUnavailable(f"no capacity to serve model {model!r} after waiting {wait_s:g} s "
+                                         f"(gateway.route_timeout_seconds): {message}",
+                                         code="no_capacity", retry_after=_retry_after(resp, 10))
+            if resp.status_code == 503:  # e.g. Slurm refused the allocation the model needs: waiting cannot help
                 raise ServiceUnavailable(message or f"no capacity to serve model {model!r} now",
                                          code="no_capacity", retry_after=_retry_after(resp, 10))
             raise ServiceUnavailable(f"the controller answered {resp.status_code} routing {model!r}: {message}",

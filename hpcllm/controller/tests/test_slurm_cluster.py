@@ -126,7 +126,8 @@ def test_sbatch_refusal_is_reported_with_slurms_words_and_leaves_nothing(cluster
     with pytest.raises(AllocationFailed, match="(?i)invalid partition"):
         c.allocator.submit(model(tmp_path, slurm={"partition": "nope"}), [], time.time())
     assert c.registry.allocations() == []
-    # Through the route API the same refusal is a 503 no_capacity naming the cause.
+    # Through the route API the same refusal is a 503 (AllocationRefused, code allocation_failed: answered at once,
+    # never waited on) naming the cause.
     c.registry.put_model(model(tmp_path, slurm={"partition": "nope"}))
     with pytest.raises(NoCapacity, match="(?i)invalid partition"):
         c.route("m")

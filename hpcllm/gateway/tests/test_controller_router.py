@@ -354,3 +354,53 @@ def test_a_groups_pool_gets_that_groups_prompts_only(make_gateway, controller_ur
     finally:
         pool_worker.stop()
         service.shutdown()
+
+
+# ----------------------------------------------------------------------------------------- no capacity now
+
+
+@pytest.fixture
+def empty_cluster(tmp_path, agents, tiny_model_dir):
+    """A controller with the model deployed but no node agent yet, and no allocation it may submit: no capacity
+    until an agent registers (an allocation's, a group's pool, a node freed by another model)."""
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
+        "cluster": {"shared_secret": SECRET},
+        "controller": {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
+                       "allocate_on_demand": False, "allocation_start_estimate_seconds": 7},
+    })
+    registry = Registry(config.controller.database_url)
+    controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
+    agents.controller = controller
+    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=0))
+    server = ThreadServer(create_controller_app(controller))
+    yield server, controller
+    server.stop()
+    registry.close()
+
+
+def test_a_request_waits_for_capacity_then_is_served(make_gateway, empty_cluster, agents):
+    """Before, the gateway answered 503 no_capacity at once; now the request queues until a node can take it."""
+    server, controller = empty_cluster
+    gw = make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=1, route_timeout_seconds=30)
+    agent_up = threading.Timer(2.0, controller.register, args=(NodeRegistration(
+        node_id=NODE, agent_url="http://n1:9000", gpus=0, tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))),))
+    agent_up.start()
+    started = time.monotonic()
+    resp = gw.client().completions.create(model=MODEL, prompt="hello world", max_tokens=4)
+    assert resp.usage.completion_tokens == 4
+    assert time.monotonic() - started >= 2.0 + LOAD_DELAY_S  # waited for the node, then for the cold start
+    assert len(agents.started) == 1
+
+
+def test_no_capacity_within_the_budget_is_a_clear_503_with_retry_after(make_gateway, empty_cluster):
+    server, _ = empty_cluster
+    gw = make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=1, route_timeout_seconds=2.5)
+    started = time.monotonic()
+    resp = gw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert time.monotonic() - started >= 2.5  # it queued for its whole budget
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "no_capacity"
+    assert "after waiting 2.5 s" in error["message"] and "no Slurm backend" in error["message"], error
+    assert resp.headers["Retry-After"] == "7"
