@@ -39,7 +39,9 @@ def test_two_cpu_allocations_submitted_at_once_land_on_two_nodes_and_both_agents
     port = free_port()
     config_path = write_e2e_config(
         base, secret=SECRET, admin=ADMIN, controller_port=port, namespace=base.name,
-        controller={"agent_command": HPCLLM, "allocate_on_demand": True, "max_allocations": 2,
+        # No autoscaler tick (no Slurm poll) between the two submissions: neither allocation's node is known to the
+        # controller when the other is submitted, as when both are submitted in one tick.
+        controller={"agent_command": HPCLLM, "allocate_on_demand": True, "max_allocations": 2, "tick_seconds": 300,
                     "node_timeout_seconds": 15, "keep_alive_seconds": 120, "allocation_keep_alive_seconds": 120})
     log = base / "controller.log"
     jobs: list[str] = []
