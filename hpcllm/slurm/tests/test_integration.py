@@ -23,7 +23,9 @@ from hpcllm.slurm.watcher import StatusWatcher
 
 pytestmark = pytest.mark.slurm
 
-WAIT_S = 45
+# Node-agent jobs hold their nodes whole (--exclusive): on the shared dev cluster they may queue behind other
+# sessions' jobs until a node is idle.
+WAIT_S = 120
 
 
 def wait_for(backend, job_ids, until, timeout=WAIT_S):
