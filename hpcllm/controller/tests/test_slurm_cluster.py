@@ -26,7 +26,7 @@ from hpcllm.slurm.factory import get_backend
 
 pytestmark = pytest.mark.slurm
 
-WAIT_S = 60
+WAIT_S = 120  # allocations hold their nodes whole: on the shared dev cluster they may queue behind others
 
 
 def stand_in_agent(tmp_path: Path) -> Path:
