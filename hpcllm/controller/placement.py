@@ -246,9 +246,9 @@ def slurm_order(nodes: Collection[str]) -> list[str]:
 
 
 def spanning_holding(holding: Collection[str]) -> set[str]:
-    """What a spanning instance's rank can use on its node: its slice copy only (a rank resolves its node's slice
-    copy itself; a whole copy in the agent's node's cache is not given to ranks on other nodes)."""
-    return {t for t in holding if ":" in t}
+    """What a spanning instance's rank can use on its node: slice copies and a whole NVMe copy, which every rank
+    finds on its own node (hpcllm worker --tensor-parallel); not a DRAM copy (an agent's, in its memory)."""
+    return {t for t in holding if ":" in t or t == "nvme"}
 
 
 def spanning_rank_loads(candidate: NodeSetCandidate, size_bytes: int, degree: int,

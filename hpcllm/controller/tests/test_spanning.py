@@ -198,3 +198,23 @@ def test_without_a_slurm_estimate_the_constant_stands_in_and_the_slices_decide(m
     [spec] = h.backend.submitted()
     # n1 runs rank 0 (held) and n2 rank 1 (held): better than n1 + any other node, where rank 1 reads the shared FS.
     assert tuple(spec.nodelist) == ("n1", "n2")
+
+
+def test_a_whole_nvme_copy_serves_a_spanning_rank_on_its_node_but_not_a_dram_copy(make_harness, tiny_llama_dir):
+    """Each rank finds its own node's whole NVMe copy (hpcllm worker --tensor-parallel); a DRAM copy is an agent's."""
+    from hpcllm.controller.placement import NodeSetCandidate, spanning_estimate
+
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    h.register("n3", gpus=0, cached=(("tp", "nvme"),))
+    h.registry.node_left("n3", "gone")
+    slices_left_on(h, "n4", 1)
+    h.controller.route_once("tp")
+    [spec] = h.backend.submitted()
+    assert tuple(spec.nodelist) == ("n3", "n4")
+
+    bw = {"dram": 20.0, "nvme": 4.0, "sharedfs": 1.0}
+    on = NodeSetCandidate("a,b", ("a", "b"), "idle", 0.0, (bw, bw))
+    dram_on_a = spanning_estimate(on, 1000, 2, None, {"a": {"dram"}, "b": {"nvme"}})
+    assert (dram_on_a.tier, dram_on_a.bandwidth_gbps, dram_on_a.slowest_rank) == ("sharedfs", 1.0, 0)
+    assert spanning_estimate(on, 1000, 2, None, {"a": {"nvme"}, "b": {"nvme"}}).tier == "nvme"
