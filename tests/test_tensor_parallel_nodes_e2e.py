@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from e2e_helpers import HPCLLM as HPCLLM_CMD
 from e2e_helpers import clean_up_e2e, control_plane, free_port, wait_for, write_e2e_config
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
@@ -303,5 +304,95 @@ def test_four_ranks_over_two_nodes_serve_transformers_greedy_text(slurm_cluster,
                 assert stream(client, TP_MODEL) == expected
             [alloc] = [a for a in admin_status(controller_url)["allocations"] if a["model"] == TP_MODEL]
             assert rank_nodes(TP_MODEL) == sorted(alloc["nodes"] * 2)  # two ranks on each node
+    finally:
+        clean_up_e2e(root, tmp_path, f"tpn{TAG}")
+
+
+def idle_batch_nodes() -> list[str]:
+    result = subprocess.run(["sinfo", "-h", "-p", "batch", "-t", "idle", "-o", "%n"], capture_output=True, text=True,
+                            timeout=30)
+    return sorted(set(result.stdout.split()))
+
+
+def submit_cpu_agent(config_path: Path, controller_url: str, node: str, output_dir: Path) -> str:
+    """`hpcllm node` as a one-node CPU job on `node` (no GPUs asked: other sessions' jobs may hold the fake ones)."""
+    from hpcllm.config import load_config
+    from hpcllm.slurm.cli_backend import CliBackend
+    from hpcllm.slurm.templates import node_agent_job_spec
+
+    config = load_config(config_path)
+    spec = node_agent_job_spec(config, nodes=1, gpus_per_node=0, name=f"tpn-warm-{node}",
+                               agent_args=["--config", str(config_path)], hpcllm=HPCLLM_CMD,
+                               output=str(output_dir / f"agent-{node}-%j.out"),
+                               env={"HPCLLM_CONTROLLER_URL": controller_url, "HPCLLM_CONFIG": str(config_path)})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return CliBackend(config.slurm, command_timeout=30).submit(spec.model_copy(update={"nodelist": (node,)}))
+
+
+def test_ranks_across_nodes_read_the_slice_copies_warmed_on_their_own_nodes(slurm_cluster, tiny_llama_dir, tmp_path):
+    """`hpcllm cache warm --tensor-parallel 2 --nodes A,B` through agents on A and B, whose jobs then end; the cold
+    start of the 2-node model asks Slurm for exactly A and B (the slice copies' nodes, placement's estimate), each
+    rank reads its node's slice copy (the lead's per-rank report: nvme on both), and the text equals transformers'."""
+    import openai
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="hpcllm-tpn-e2e-", dir="/var/tmp"))
+    idle = idle_batch_nodes()
+    node_a, node_b = (idle if len(idle) >= 2 else ["n1", "n2"])[:2]
+    warm_jobs: list[str] = []
+    try:
+        # A tiny default shared-FS bandwidth: a set of nodes without the copies must not tie with the copies' set.
+        with make_stack(root, tmp_path, tiny_llama_dir, [TP_MODEL], max_allocations=1,
+                        extra_jobs=lambda: list(warm_jobs), default_sharedfs_gbps=0.001) as (gateway_url,
+                                                                                              controller_url):
+            config_path = root / "hpcllm.toml"
+            deploy(controller_url, TP_MODEL, root / "models" / TP_MODEL, 2, nodes=2)
+            for node in (node_a, node_b):
+                warm_jobs.append(submit_cpu_agent(config_path, controller_url, node, root / "slurm"))
+
+            def agents_up(states=("up",)):
+                up = {n["node_id"] for n in admin_status(controller_url)["nodes"] if n["state"] in states}
+                return {node_a, node_b} & up == {node_a, node_b}
+
+            def agents_left():  # not up, nor draining (the agents drain on their job's SIGTERM)
+                return not {n["node_id"] for n in admin_status(controller_url)["nodes"]
+                            if n["state"] in ("up", "draining")} & {node_a, node_b}
+
+            wait_for(agents_up, 180, f"agents on {node_a} and {node_b} to register")
+            env = {**os.environ, "HPCLLM_CONFIG": str(config_path), "COLUMNS": "300"}
+            warmed = subprocess.run([HPCLLM_CMD, "cache", "warm", TP_MODEL, "--tensor-parallel", "2", "--nodes",
+                                     f"{node_a},{node_b}"], env=env, capture_output=True, text=True, timeout=300)
+            assert warmed.returncode == 0, warmed.stdout + warmed.stderr
+
+            def slices_known():
+                held = {(n["node_id"], c["rank"]) for n in admin_status(controller_url)["nodes"]
+                        for c in n["cached"] if c["model"] == TP_MODEL and c.get("tensor_parallel") == 2}
+                return {(node_a, 0), (node_b, 1)} <= held
+
+            wait_for(slices_known, 30, "the controller to see each node's slice copy")
+            # The agents' jobs end; their persistent NVMe copies stay known to the controller.
+            for job in warm_jobs:
+                subprocess.run(["scancel", job], timeout=30, check=True)
+            wait_for(lambda: all(squeue_state(j) in ("", "COMPLETED", "CANCELLED") for j in warm_jobs), 90,
+                     "the warming agents' jobs to end")
+            wait_for(lambda: agents_left() and slices_known(), 120, "the warming agents to leave, copies known")
+
+            hf_pair = (AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(),
+                       AutoTokenizer.from_pretrained(tiny_llama_dir))
+            expected = hf_greedy(hf_pair, hf_pair[1](PROMPT)["input_ids"], 12)[:2]
+            with openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=USER_KEY, max_retries=0, timeout=300) as client:
+                assert stream(client, TP_MODEL) == expected
+
+            status = admin_status(controller_url)
+            [alloc] = [a for a in status["allocations"] if a["model"] == TP_MODEL]
+            assert alloc["preferred_nodes"] == [node_a, node_b] and alloc["nodes"] == [node_a, node_b], alloc
+            [inst] = [i for i in status["instances"] if i["model"] == TP_MODEL]
+            # Each rank on its node read its slice copy there (the lead's per-rank report, through the agent).
+            assert inst["rank_nodes"] == [node_a, node_b] and inst["rank_tiers"] == ["nvme", "nvme"], inst
+            assert inst["load_tier"] == "nvme", inst
+            placement = inst["placement"]
+            assert placement["tier"] == "nvme" and placement["slowest_rank"] in (0, 1), placement
+            shown = subprocess.run([HPCLLM_CMD, "status"], env=env, capture_output=True, text=True, timeout=60)
+            assert f"2 ({node_a} nvme, {node_b} nvme)" in " ".join(shown.stdout.split()), shown.stdout
     finally:
         clean_up_e2e(root, tmp_path, f"tpn{TAG}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from hpcllm.config import load_config
+from hpcllm.node.identity import node_name
 from hpcllm.tp.worker import run_tensor_parallel_worker
 from hpcllm.worker.cli import run_worker
 
@@ -25,6 +26,18 @@ def _node_slice_copies(config, model: str, model_path: Path):
     if detect_tier(model_path) == "dram":
         return None
     return lambda degree, rank: node_slice_copy(config.node, model, degree, rank)
+
+
+def _node_model_copy(config, model: str, model_path: Path) -> Path | None:
+    """A rank's own node's whole NVMe copy of the checkpoint at model_path (the origin the agent gives every rank of
+    an instance spanning nodes); None when the node has none, or model_path is a node copy already."""
+    from hpcllm.node.cache import node_model_copy
+    from hpcllm.store.tiers import detect_tier
+
+    if detect_tier(model_path) == "dram":
+        return None
+    copy = node_model_copy(config.node, model, model_path)
+    return copy if copy is not None and copy.resolve() != model_path.resolve() else None
 
 
 @click.command("worker")
@@ -62,9 +75,10 @@ def worker(model_path: Path, model_name: str | None, host: str | None, port: int
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if tensor_parallel:
         config = load_config(config_path)
+        name = model_name or model_path.name
         run_tensor_parallel_worker(config, model_path, model_name, host, port, device, max_model_len, url_file,
-                                   threads, stop_signal, slice_copy_for=_node_slice_copies(
-                                       config, model_name or model_path.name, model_path))
+                                   threads, stop_signal, slice_copy_for=_node_slice_copies(config, name, model_path),
+                                   node=node_name(), node_copy=_node_model_copy(config, name, model_path))
         return
     run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
                threads, engine, cache_into)

@@ -204,12 +204,15 @@ class Allocator:
 
     def new_allocation_wait(self, model: DeployedModel, preferred_nodes: list[str], now: float) -> QueueWait:
         """Queue wait of an allocation for this model submitted now (asking for preferred_nodes by name, else any
-        node but ours): Slurm's `sbatch --test-only` start plus agent_start_seconds; the constant when Slurm gives
+        node but ours), of the job's whole shape (a spanning instance's: nodes x ranks per node, preferred_nodes
+        its node set): Slurm's `sbatch --test-only` start plus agent_start_seconds; the constant when Slurm gives
         no estimate (backend without one, refused shape, unreachable, in back-off)."""
         def ask() -> StartEstimate | None:
             return self.backend.estimate_start(self._job_spec(model, preferred_nodes, None))
 
-        key = ("new", self._partition(model), self.gpus_requested(model), model.slurm.account, model.slurm.qos,
+        # The job's whole shape: a spanning instance's nodes x ranks per node, on exactly preferred_nodes.
+        key = ("new", self._partition(model), self.gpus_requested(model), model.nodes,
+               model.ranks_per_node if model.spans_nodes else 1, model.slurm.account, model.slurm.qos,
                model.slurm.time, tuple(preferred_nodes), () if preferred_nodes else tuple(self.nodes_in_use()))
         estimate = self._estimates.get(key, ask) if self.backend is not None else None
         if estimate is None:

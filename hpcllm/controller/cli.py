@@ -254,10 +254,14 @@ def print_status(st: ClusterStatus) -> None:
 
 
 def _ranks_cell(inst) -> str:
-    """Tensor-parallel ranks and where they run: `2 (n1, n1)`; `1` for a one-process instance."""
+    """Tensor-parallel ranks, where they run and, once loaded, what each read: `2 (n1 nvme, n2 sharedfs)`; `1` for
+    a one-process instance."""
     if inst.tensor_parallel == 1:
         return "1"
-    return f"{inst.tensor_parallel} ({', '.join(inst.rank_nodes)})" if inst.rank_nodes else str(inst.tensor_parallel)
+    if not inst.rank_nodes:
+        return str(inst.tensor_parallel)
+    tiers = inst.rank_tiers if len(inst.rank_tiers) == len(inst.rank_nodes) else [""] * len(inst.rank_nodes)
+    return f"{inst.tensor_parallel} ({', '.join(f'{n} {t}'.strip() for n, t in zip(inst.rank_nodes, tiers))})"
 
 
 def _wait_cell(seconds: float | None, source: str | None) -> str:

@@ -26,8 +26,10 @@ over thousands of nodes is a few vectorized numpy operations (bench/placement.py
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -217,6 +219,97 @@ def place_randomly(size_bytes: int, slots: int, candidates: Sequence[NodeCandida
     now = [e for e in feasible if e.kind == "running" and not e.migrate]
     pool = sorted(now or feasible, key=lambda e: e.node)  # sorted: the same seed draws the same node
     return Decision(rng.choice(pool) if pool else None, len(candidates))
+
+
+# ------------------------------------------------------------------------------ instances whose ranks span nodes
+
+ANY_NODES = "*"  # a spanning allocation on whichever nodes Slurm picks
+
+
+@dataclass(frozen=True)
+class NodeSetCandidate:
+    """Where an instance spanning nodes could run: a set of K nodes (in Slurm's order: node i runs ranks
+    [i*N/K, (i+1)*N/K), srun's block distribution), or ANY_NODES with K copies of the default bandwidths."""
+
+    name: str  # "n1,n2" or ANY_NODES
+    nodes: tuple[str, ...]  # () for ANY_NODES
+    kind: str  # "running" (its allocation is up), "idle" (a new allocation of this shape)
+    queue_wait_seconds: float
+    bandwidth_gbps: tuple[Mapping[str, float], ...]  # per node of the set, each including "sharedfs"
+    queue_wait_source: str = ""
+
+
+def slurm_order(nodes: Collection[str]) -> list[str]:
+    """Node names as Slurm orders a job's nodes (and srun's block distribution its tasks): by name, numbers by
+    value (n2 before n10)."""
+    return sorted(nodes, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+
+
+def spanning_holding(holding: Collection[str]) -> set[str]:
+    """What a spanning instance's rank can use on its node: slice copies and a whole NVMe copy, which every rank
+    finds on its own node (hpcllm worker --tensor-parallel); not a DRAM copy (an agent's, in its memory)."""
+    return {t for t in holding if ":" in t or t == "nvme"}
+
+
+def spanning_rank_loads(candidate: NodeSetCandidate, size_bytes: int, degree: int,
+                        rank_bytes: Sequence[int] | None, holding: Mapping[str, Collection[str]]
+                        ) -> list[tuple[str, float]]:
+    """(tier, seconds) of each rank of a spanning instance on a node set: rank r reads its bytes (the whole model
+    when they were not planned) from the best tier of its node (block r // (degree / nodes)) holding them."""
+    per_node = degree // len(candidate.bandwidth_gbps)
+    nbytes = list(rank_bytes) if rank_bytes and len(rank_bytes) == degree else [size_bytes] * degree
+    loads = []
+    for rank in range(degree):
+        node = rank // per_node
+        held = spanning_holding(holding.get(candidate.nodes[node], ())) if candidate.nodes else set()
+        loads.append(best_tier(nbytes[rank], candidate.bandwidth_gbps[node], rank_holding(held, rank)))
+    return loads
+
+
+def spanning_estimate(candidate: NodeSetCandidate, size_bytes: int, degree: int, rank_bytes: Sequence[int] | None,
+                      holding: Mapping[str, Collection[str]]) -> Estimate:
+    """Startup estimate of a spanning instance on a node set: the queue wait of an allocation of the whole shape
+    plus the load of its slowest rank (ties: the lowest rank), each rank reading from its own node."""
+    loads = spanning_rank_loads(candidate, size_bytes, degree, rank_bytes, holding)
+    rank = max(range(degree), key=lambda r: (loads[r][1], -r))
+    tier, seconds = loads[rank]
+    bandwidth = candidate.bandwidth_gbps[rank // (degree // len(candidate.bandwidth_gbps))][tier]
+    return Estimate(candidate.name, candidate.kind, candidate.queue_wait_seconds + seconds,
+                    candidate.queue_wait_seconds, seconds, 0.0, tier, bandwidth, (), candidate.queue_wait_source,
+                    rank)
+
+
+def node_sets_to_ask(idle: Collection[str], holding: Mapping[str, Collection[str]], nodes: int, degree: int,
+                     size_bytes: int, rank_bytes: Sequence[int] | None, bandwidths: Mapping[str, Mapping[str, float]],
+                     limit: int = 3, max_pool: int = 12) -> list[tuple[str, ...]]:
+    """The `limit` most promising sets of `nodes` idle nodes for a spanning instance (each in Slurm's order), by
+    their slowest rank's load, then the sum of every rank's load (more ranks on their slice copies), then name;
+    before queue waits, which cost a Slurm call per set. Sets are drawn from the idle nodes holding slices of the
+    model (at most max_pool) and, to fill sets, other idle nodes; each set has a node holding slices. Empty when no
+    idle node holds any (a new allocation anywhere is then as good)."""
+    holders = slurm_order(n for n in idle if spanning_holding(holding.get(n, ())))[:max_pool]
+    if not holders:
+        return []
+    others = [n for n in slurm_order(idle) if n not in holders]
+    pool = slurm_order(holders + others[: max(nodes - 1, max_pool - len(holders))])
+    scored = []
+    for combo in itertools.islice(itertools.combinations(pool, nodes), 500):
+        if not any(n in holders for n in combo):
+            continue
+        candidate = NodeSetCandidate(",".join(combo), combo, "idle", 0.0, tuple(bandwidths[n] for n in combo))
+        loads = [seconds for _, seconds in spanning_rank_loads(candidate, size_bytes, degree, rank_bytes, holding)]
+        scored.append((max(loads), sum(loads), combo))
+    return [combo for *_, combo in sorted(scored)[:limit]]
+
+
+def place_spanning(size_bytes: int, degree: int, rank_bytes: Sequence[int] | None,
+                   candidates: Sequence[NodeSetCandidate], holding: Mapping[str, Collection[str]]) -> Decision:
+    """The node set where a spanning instance could serve soonest. Ties go to the name that sorts first: ANY_NODES
+    ("*") before node names, so a named set wins only when strictly better (its nodes hold slices, or measured a
+    faster shared FS)."""
+    estimates = [spanning_estimate(c, size_bytes, degree, rank_bytes, holding) for c in candidates]
+    best = min(estimates, key=lambda e: (e.total_seconds, e.node), default=None)
+    return Decision(best, len(candidates))
 
 
 # ------------------------------------------------------------------------------------ the fast, precomputed form

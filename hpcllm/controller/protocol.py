@@ -112,6 +112,8 @@ class InstanceInfo(Wire):
     # Tensor parallelism: the instance's ranks, and the node each rank runs on where the agent knows it.
     tensor_parallel: int = Field(1, ge=1, le=64)
     rank_nodes: list[str] = Field(default_factory=list)
+    # Where each rank read its slices (its node's slice copy: nvme), once the lead reported its ranks' loads.
+    rank_tiers: list[Tier] = Field(default_factory=list)
 
 
 class Heartbeat(Wire):
@@ -327,6 +329,7 @@ class InstanceStatus(Wire):
     move_seconds: float | None = None
     tensor_parallel: int = 1  # ranks of the instance
     rank_nodes: list[str] = Field(default_factory=list)  # node of each rank, where its agent reported them
+    rank_tiers: list[str] = Field(default_factory=list)  # where each rank read its slices (nvme: its slice copy)
 
 
 class AllocationStatus(Wire):

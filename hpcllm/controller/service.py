@@ -33,7 +33,17 @@ from hpcllm.controller.errors import (
     UnknownCredential,
     UnknownModel,
 )
-from hpcllm.controller.placement import MovableInstance, NodeCandidate, place, slice_holding
+from hpcllm.controller.placement import (
+    ANY_NODES,
+    MovableInstance,
+    NodeCandidate,
+    NodeSetCandidate,
+    node_sets_to_ask,
+    place,
+    place_spanning,
+    slice_holding,
+    slurm_order,
+)
 from hpcllm.controller.protocol import (
     AllocationStatus,
     CacheEntry,
@@ -321,7 +331,8 @@ class Controller:
                                       placement=i.placement, tokens_in_flight=i.tokens_in_flight,
                                       prefill_tokens_per_second=i.prefill_tps,
                                       move_seconds=self._move_cost(i) if i.state == "ready" else None,
-                                      tensor_parallel=i.tensor_parallel, rank_nodes=i.rank_nodes)
+                                      tensor_parallel=i.tensor_parallel, rank_nodes=i.rank_nodes,
+                                      rank_tiers=i.rank_tiers)
                        for i in instances],
             allocations=[self._allocation_status(a, nodes) for a in self.registry.allocations()],
             cold_starts=[ColdStart(**vars(c)) for c in self.registry.cold_starts()],
@@ -591,8 +602,9 @@ class Controller:
     def _start_spanning(self, model: DeployedModel, exclude_nodes: frozenset[str]) -> RouteWaiting:
         """An instance spanning nodes runs alone in an allocation made for it (nodes x ranks per node), started by
         that allocation's agent on its first node: there when such an allocation of this model is up with no
-        instance; else RouteWaiting for the one being allocated or just submitted; NoCapacity when none may be
-        submitted. Its ranks read the checkpoint from the shared FS: no node is asked for by name."""
+        instance; else RouteWaiting for the one being allocated or just submitted (on the node set placement
+        prefers: where its ranks' slice copies are, weighed against Slurm's queue wait for the whole shape);
+        NoCapacity when none may be submitted."""
         with self._placement_lock:
             now = self.clock()
             waiting = self._one_start_at_a_time(model, exclude_nodes)
@@ -605,23 +617,16 @@ class Controller:
         """(node, gpu_ids, reservation) of a spanning allocation of this model without an instance, else
         RouteWaiting / NoCapacity (_start_spanning)."""
         # Running allocations of this model (not one being cancelled, e.g. after its instance failed).
-        jobs = {a.job_id for a in self.registry.allocations(active_only=True)
+        jobs = {a.job_id: a for a in self.registry.allocations(active_only=True)
                 if a.model == model.name and a.state == "running" and len(a.nodes) >= model.nodes}
         occupied = {i.node_id for i in self.registry.instances() if i.state in ("loading", "ready", "draining")}
+        holding = self._holding(model)
         for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
             if node.slurm_job_id in jobs and node.node_id not in exclude_nodes | occupied:
                 gpu_ids = list(range(model.gpus // model.nodes))  # the agent's node's share; srun gives the rest
-                # Every rank reads its slices from the origin; the whole checkpoint over the node's shared-FS
-                # bandwidth bounds the slowest rank's read.
-                gbps = self._bandwidths(node)["sharedfs"]
-                load = model.size_bytes / (gbps * 1e9)
-                placement = PlacementBreakdown(node=node.node_id, kind="running", total_seconds=load,
-                                               queue_wait_seconds=0.0, load_seconds=load, migration_seconds=0.0,
-                                               tier="sharedfs", bandwidth_gbps=gbps, considered=1,
-                                               queue_wait_source=f"allocation {node.slurm_job_id} of "
-                                                                 f"{model.nodes} nodes")
+                placement = self._spanning_breakdown(model, jobs[node.slurm_job_id], node, holding)
                 return node, gpu_ids, self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
-                                                                     placement.model_dump())
+                                                                     placement.model_dump(), model.tensor_parallel)
         self.registry.note_demand(model.name, now)  # so the instance starts as soon as its allocation is up
         pending = self.pending_allocations(model.name)
         if pending:
@@ -632,9 +637,42 @@ class Controller:
             raise NoCapacity(f"no capacity for model {model.name!r} ({model.tensor_parallel} ranks over "
                              f"{model.nodes} nodes, an allocation of its own): {why}",
                              retry_after=self.settings.allocation_start_estimate_seconds)
-        log.info("placement of %s: a new allocation of %d nodes x %d ranks", model.name, model.nodes,
-                 model.ranks_per_node)
-        return self._allocate(model, Target("idle"), now)
+        decision = self._spanning_decision(model, now, exclude_nodes, holding)
+        log.info("placement of %s: a new allocation of %d nodes x %d ranks: %s", model.name, model.nodes,
+                 model.ranks_per_node, decision.breakdown().model_dump_json())
+        chosen = decision.chosen.node
+        return self._allocate(model, Target("idle"), now, [] if chosen == ANY_NODES else chosen.split(","))
+
+    def _spanning_breakdown(self, model: DeployedModel, alloc: AllocationRecord, node: NodeRecord,
+                            holding: dict[str, set[str]]) -> PlacementBreakdown:
+        """The start-up estimate of a spanning instance on its allocation (up): its slowest rank's load, each rank
+        on its node of the job (srun's block distribution over the job's nodes in Slurm's order)."""
+        nodes = tuple(slurm_order(alloc.nodes)[: model.nodes])
+        known = {n.node_id: n for n in self.registry.nodes()}  # nodes without an agent now: their last measurement
+        candidate = NodeSetCandidate(node.node_id, nodes, "running", 0.0,
+                                     tuple(self._bandwidths(known.get(n)) for n in nodes),
+                                     f"allocation {alloc.job_id} of {model.nodes} nodes")
+        return place_spanning(model.size_bytes, model.tensor_parallel, model.rank_bytes, [candidate],
+                              holding).breakdown()
+
+    def _spanning_decision(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str],
+                           holding: dict[str, set[str]]):
+        """Where a new allocation for a spanning instance should go: any nodes Slurm picks (`*`), or one of the few
+        sets of idle nodes whose slice copies load it soonest, each with Slurm's `sbatch --test-only` wait for a
+        job of the whole shape on exactly those nodes (the constant when Slurm gives none)."""
+        known = {n.node_id: n for n in self.registry.nodes()}
+        any_wait = self.allocator.new_allocation_wait(model, [], now)
+        candidates = [NodeSetCandidate(ANY_NODES, (), "idle", any_wait.seconds,
+                                       (self._bandwidths(None),) * model.nodes, any_wait.source)]
+        busy = set(self.allocator.nodes_in_use()) | exclude_nodes
+        idle = [n for n in self.allocator.idle_nodes(model) if n not in busy]
+        bandwidths = {n: self._bandwidths(known.get(n)) for n in idle}
+        for nodes in node_sets_to_ask(idle, holding, model.nodes, model.tensor_parallel, model.size_bytes,
+                                      model.rank_bytes, bandwidths):
+            wait = self.allocator.new_allocation_wait(model, list(nodes), now)
+            candidates.append(NodeSetCandidate(",".join(nodes), nodes, "idle", wait.seconds,
+                                               tuple(bandwidths[n] for n in nodes), wait.source))
+        return place_spanning(model.size_bytes, model.tensor_parallel, model.rank_bytes, candidates, holding)
 
     def _spanning_jobs(self) -> dict[str, str]:
         """{Slurm job id: model} of the active allocations made for an instance spanning nodes (their agent's node
@@ -786,8 +824,11 @@ class Controller:
         for listener in self.migration_listeners:
             listener(record)
 
-    def _allocate(self, model: DeployedModel, target: Target, now: float) -> RouteWaiting:
-        preferred = [target.slurm_node] if target.slurm_node else []
+    def _allocate(self, model: DeployedModel, target: Target, now: float,
+                  preferred: list[str] | None = None) -> RouteWaiting:
+        """Submit an allocation for the model: on target's node, on `preferred` (a spanning instance's node set),
+        else anywhere."""
+        preferred = preferred or ([target.slurm_node] if target.slurm_node else [])
         try:
             job_id = self.allocator.submit(model, preferred, now)
         except AllocationFailed as exc:
@@ -812,12 +853,7 @@ class Controller:
         (none of exclude_nodes). Model pools' nodes never are: their agents own their instances (the controller
         only routes to them), so nothing is started there and nothing there is evicted or moved to make room.
         Nor are the agents' nodes of allocations made for an instance spanning nodes (they host that one only)."""
-        holding: dict[str, set[str]] = defaultdict(set)
-        for entry in self.registry.cache(model=model.name):
-            if entry.tensor_parallel is None:
-                holding[entry.node_id].add(entry.tier)
-            elif entry.tensor_parallel == model.tensor_parallel:  # slice copies of another degree hold other slices
-                holding[entry.node_id].add(slice_holding(entry.tier, entry.rank))
+        holding = self._holding(model)
         candidates: list[NodeCandidate] = []
         targets: dict[str, Target] = {}
         by_node: dict[str, list[InstanceRecord]] = defaultdict(list)
@@ -876,6 +912,17 @@ class Controller:
                                                 self._bandwidths(known_nodes.get(slurm_node)), (), wait.source))
                 targets[slurm_node] = Target("idle", slurm_node=slurm_node)
         return candidates, holding, targets
+
+    def _holding(self, model: DeployedModel) -> dict[str, set[str]]:
+        """node -> what it holds of the model: whole copies by tier, and slice_holding items for the slice copies
+        of the model's degree (a copy of another degree holds other slices)."""
+        holding: dict[str, set[str]] = defaultdict(set)
+        for entry in self.registry.cache(model=model.name):
+            if entry.tensor_parallel is None:
+                holding[entry.node_id].add(entry.tier)
+            elif entry.tensor_parallel == model.tensor_parallel:
+                holding[entry.node_id].add(slice_holding(entry.tier, entry.rank))
+        return holding
 
     def _other_models_nodes(self, model: DeployedModel, nodes, by_node: dict[str, list[InstanceRecord]]) -> set[str]:
         """keep_alive_policy "per-model" (a per-user launcher per model): nodes that are another model's, because

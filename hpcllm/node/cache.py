@@ -1025,8 +1025,26 @@ def node_slice_copy(node_config, model: str, degree: int, rank: int) -> Path | N
     node.nvme_dir with %n/%j expanded for the node this process runs on), held in use by this process so it is not
     evicted while the rank reads it (the reference goes with the process); None when the node has none.
     What a tensor-parallel rank calls before its load (hpcllm worker --tensor-parallel)."""
-    nvme_dir = Path(expand_node_pattern(str(node_config.nvme_dir), node_name(), slurm_job_id()))
-    key = slice_key(model, degree, rank)
+    return _hold_node_copy(node_config, slice_key(model, degree, rank), f"rank {rank} of {degree}: the slice copy")
+
+
+def node_model_copy(node_config, model: str, source: str | os.PathLike) -> Path | None:
+    """This node's whole NVMe copy of `model` holding the origin's checkpoint at `source`, held in use by this
+    process (as node_slice_copy); None when the node has none (or only one of other content). What a rank of an
+    instance spanning nodes reads its slices from on its node (the agent gives every rank the origin's path)."""
+    nvme_dir = _node_nvme_dir(node_config)
+    folder = nvme_dir / model
+    if not (folder / MARKER_FILE).is_file() or not CacheManager._same_content(folder, source):
+        return None
+    return _hold_node_copy(node_config, model, "the node's copy")
+
+
+def _node_nvme_dir(node_config) -> Path:
+    return Path(expand_node_pattern(str(node_config.nvme_dir), node_name(), slurm_job_id()))
+
+
+def _hold_node_copy(node_config, key: str, what: str) -> Path | None:
+    nvme_dir = _node_nvme_dir(node_config)
     if not (nvme_dir / key / MARKER_FILE).is_file():
         return None
     try:
@@ -1034,7 +1052,7 @@ def node_slice_copy(node_config, model: str, degree: int, rank: int) -> Path | N
                                nvme_scope=node_config.nvme_scope)
         return manager.acquire(key, NVME).path
     except CacheError as exc:  # evicted meanwhile, state file unreadable: the rank reads the origin
-        log.warning("rank %d of %d: not using the slice copy %s: %s", rank, degree, nvme_dir / key, exc)
+        log.warning("%s: not using %s %s: %s", node_name(), what, nvme_dir / key, exc)
         return None
 
 

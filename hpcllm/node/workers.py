@@ -62,6 +62,8 @@ from hpcllm.checkpoint.errors import ChecksumMismatch
 log = logging.getLogger(__name__)
 
 LOCAL_TIERS = ("dram", "nvme")
+NVME = "nvme"
+TIER_ORDER = ("dram", "nvme", "sharedfs")  # fastest first: an instance's load tier is its ranks' last
 SPARE_IMPORT_SECONDS = 10.0  # a fresh spare imports torch/transformers for ~2.5-4 s (docs/node-agent.md)
 FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # what a load from a tier can fill
 
@@ -194,6 +196,7 @@ class Instance:
     ranks: int = 1  # tensor-parallel ranks: process is their mpirun
     nodes: int = 1  # nodes the ranks span (> 1: process is their srun)
     rank_pids: list[int] = field(default_factory=list)  # the processes under mpirun when the stop began
+    rank_loads: list[dict] = field(default_factory=list)  # a tensor-parallel lead's /ready: how each rank loaded
     done: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
 
@@ -201,14 +204,25 @@ class Instance:
     def active(self) -> bool:
         return self.state in ("loading", "ready", "draining")
 
+    def rank_tiers(self) -> list[str]:
+        """Where each rank read its slices, once the lead reported it: its node's slice copy or whole NVMe copy
+        (nvme), else the instance's path (the tier the agent resolved)."""
+        return [NVME if r.get("slice_copy") or r.get("node_copy") else self.tier for r in self.rank_loads]
+
+    def load_tier(self) -> str:
+        """The tier the instance loaded from: for tensor-parallel ranks the slowest kind any rank read from."""
+        tiers = self.rank_tiers() or [self.tier]
+        return max(tiers, key=lambda t: TIER_ORDER.index(t) if t in TIER_ORDER else len(TIER_ORDER))
+
     def info(self) -> InstanceInfo:
         return InstanceInfo(instance_id=self.instance_id, model=self.model, state=self.state,
                             worker_url=self.worker_url, gpu_ids=list(self.gpu_ids),
                             running_requests=self.running_requests, started_at=self.started_at,
-                            load_tier=self.tier, load_seconds=self.load_seconds,
+                            load_tier=self.load_tier(), load_seconds=self.load_seconds,
                             tokens_in_flight=self.tokens_in_flight,
                             prefill_tokens_per_second=self.prefill_tokens_per_second, error=self.error,
-                            tensor_parallel=self.ranks)
+                            tensor_parallel=self.ranks, rank_nodes=[str(r["node"]) for r in self.rank_loads],
+                            rank_tiers=self.rank_tiers())
 
 
 @dataclass
@@ -618,6 +632,8 @@ class WorkerManager:
             inst.prefill_tokens_per_second = body.get("prefill_tokens_per_second") or None
             if inst.load_seconds is None and body.get("load_seconds") is not None:
                 inst.load_seconds = float(body["load_seconds"])
+            if not inst.rank_loads and len(body.get("rank_loads") or []) == inst.ranks:
+                inst.rank_loads = sorted(body["rank_loads"], key=lambda r: r["rank"])
             if inst.state == "loading":
                 self._set_state(inst, "ready")
                 if inst.load_fill is not None or inst.promote_to:

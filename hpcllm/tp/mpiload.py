@@ -66,13 +66,14 @@ class _Plan:
 def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, verify: bool = True,
                timeout_s: float = DEFAULT_TIMEOUT_S, bcast_max_bytes: int = DEFAULT_BCAST_MAX_BYTES,
                gap_bytes: int | None = None, tokenizer: bool = True, device: str = "cpu",
-               collective: Any = None, slice_copy: str | Path | None = None) -> ShardLoad:
+               collective: Any = None, slice_copy: str | Path | None = None, node: str | None = None) -> ShardLoad:
     """Load this rank's shard of the converted checkpoint at `path` (every rank of `comm` calls this).
 
     `path` matters on rank 0 (the plan) and on every rank (the data files): each rank reads its slices from its own
     view of the folder (a node-local cache or the shared filesystem). `collective` defaults to mpi4py on CPU.
     `slice_copy`: this rank's node's copy of its slices (hpcllm.tp.slicecache), used when it was made for this degree,
-    rank and checkpoint version; what it does not hold is read from `path`.
+    rank and checkpoint version; what it does not hold is read from `path`. `node`: this rank's node as Slurm names
+    it, in its stats (default: the host name; fake Slurm nodes share one host).
     """
     from hpcllm.mpi import comm_world
 
@@ -94,7 +95,8 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
 
     tensors = outcome["tensors"]
     _broadcast_replicated(comm, outcome["bcast_slices"], tensors, outcome["bcast_dtypes"])
-    stats = {**outcome["stats"], "rank": rank, "host": socket.gethostname()}
+    stats = {**outcome["stats"], "rank": rank, "host": socket.gethostname(), "node": node or socket.gethostname(),
+             "path": str(path)}
 
     error = _guarded(lambda: outcome.update(model=_build(plan, tensors, Path(path), size, comm, collective, device)))
     _exchange_status(comm, error, timeout_s)

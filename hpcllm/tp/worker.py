@@ -27,13 +27,16 @@ SliceCopyFinder = Callable[[int, int], "Path | None"]  # (degree, rank) -> this 
 def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str | None, host: str | None, port: int,
                                device: str | None, max_model_len: int | None, url_file: Path | None,
                                threads: int | None, stop_signal: str = "TERM",
-                               slice_copy_for: SliceCopyFinder | None = None) -> None:
+                               slice_copy_for: SliceCopyFinder | None = None, node: str | None = None,
+                               node_copy: Path | None = None) -> None:
     """stop_signal: what ends the instance (the lead's shutdown). Not TERM under an srun step: Slurm may send
     SIGTERM to every task of every step when it preempts the job, which must not end the instance before the node
     agent has migrated its streams, so then every rank ignores SIGTERM and the agent stops it with this signal (srun
     forwards it to every rank; the followers ignore it and end with the lead's stop step).
     `slice_copy_for`: where this rank's node keeps its slices (hpcllm cache warm --tensor-parallel); the rank reads
-    them from there and the rest from `model_path`."""
+    them from there and the rest from `model_path`, or from `node_copy`, this rank's node's whole copy of the
+    checkpoint, when it has one (ranks on other nodes than the agent's are given the origin's path). `node`: this
+    rank's node as Slurm names it (for the per-rank load report)."""
     from hpcllm.mpi import comm_world
 
     stop = _signal_number(stop_signal)
@@ -46,14 +49,16 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
         raise ConfigError(f"rank {comm.Get_rank()}: model checkpoint {model_path} does not exist; pass the converted "
                           f"checkpoint folder")
     device = device or config.worker.device
+    origin, model_path = model_path, node_copy or model_path
     if comm.Get_rank() == 0:
         from hpcllm.worker.cli import run_worker
 
         run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads,
-                   loader=lambda: _load_lead(model_path, comm, device, slice_copy), stop_signals=(stop, signal.SIGINT))
+                   loader=lambda: _load_lead(model_path, comm, device, slice_copy, node, origin),
+                   stop_signals=(stop, signal.SIGINT))
     else:
         signal.signal(stop, signal.SIG_IGN)
-        _run_follower(model_path, comm, device, threads or config.worker.cpu_threads, slice_copy)
+        _run_follower(model_path, comm, device, threads or config.worker.cpu_threads, slice_copy, node)
 
 
 def _signal_number(name: str) -> int:
@@ -84,17 +89,25 @@ def collective_and_device(comm, device: str):
     return None, "cpu"
 
 
-def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None):
+def rank_loads(all_stats: list[dict], origin: Path) -> list[dict]:
+    """What /ready reports of each rank's load: where it ran, whether it read its node's slice copy or its node's
+    whole copy instead of the path the instance was given (`origin`), bytes, time."""
+    return [{"rank": s["rank"], "node": s["node"], "slice_copy": bool(s["slice_copy"]),
+             "node_copy": s["path"] != str(origin), "bytes_read": s["bytes_read"], "cache_bytes": s["cache_bytes"],
+             "seconds": s["seconds"]} for s in all_stats]
+
+
+def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None, node: str | None, origin: Path):
     from hpcllm.store.tiers import detect_tier
     from hpcllm.tp.mpiload import load_shard
     from hpcllm.tp.serve import LeadRunner, ShardRunner, StepChannel, tensor_parallel_engine_class
     from hpcllm.worker.server import ModelForServing
 
     collective, device = collective_and_device(comm, device)
-    loaded = load_shard(model_path, comm, device=device, collective=collective, slice_copy=slice_copy)
+    loaded = load_shard(model_path, comm, device=device, collective=collective, slice_copy=slice_copy, node=node)
     for stats in loaded.all_stats or []:
         log.info("tensor-parallel rank %s on %s read %d bytes in %s reads (%d bytes from its slice copy %s), "
-                 "verified %d strips, ready in %.2f s", stats["rank"], stats["host"], stats["bytes_read"],
+                 "verified %d strips, ready in %.2f s", stats["rank"], stats["node"], stats["bytes_read"],
                  stats["reads"], stats["cache_bytes"], stats["slice_copy"] or "-", stats["strips_verified"],
                  stats["seconds"])
     lead = LeadRunner(StepChannel(comm), ShardRunner(loaded.model))
@@ -107,10 +120,12 @@ def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None):
         return engine_class(lead, tokenizer, **options)
 
     return ModelForServing(loaded.model, loaded.tokenizer, tier=detect_tier(model_path),
-                           load_seconds=loaded.stats["seconds"], owner=loaded, engine_factory=make_engine)
+                           load_seconds=loaded.stats["seconds"], owner=loaded, engine_factory=make_engine,
+                           rank_loads=rank_loads(loaded.all_stats or [], origin))
 
 
-def _run_follower(model_path: Path, comm, device: str, threads: int, slice_copy: Path | None) -> None:
+def _run_follower(model_path: Path, comm, device: str, threads: int, slice_copy: Path | None,
+                  node: str | None) -> None:
     import torch
 
     from hpcllm.tp.mpiload import load_shard
@@ -124,6 +139,6 @@ def _run_follower(model_path: Path, comm, device: str, threads: int, slice_copy:
         signal.signal(sig, signal.SIG_IGN)
     collective, device = collective_and_device(comm, device)
     loaded = load_shard(model_path, comm, device=device, collective=collective, tokenizer=False,
-                        slice_copy=slice_copy)
+                        slice_copy=slice_copy, node=node)
     steps = follow(StepChannel(comm), ShardRunner(loaded.model))
     log.info("rank %d: the lead stopped after %d steps", comm.Get_rank(), steps)

@@ -85,6 +85,8 @@ class ModelForServing:
     # Builds the engine (model, tokenizer, **engine options); None: Engine. A tensor-parallel lead passes one whose
     # forwards run on every rank (hpcllm.tp.serve).
     engine_factory: Callable[..., Engine] | None = None
+    # A tensor-parallel lead: how each rank loaded ({rank, node, slice_copy, bytes_read, cache_bytes, seconds}).
+    rank_loads: list[dict] | None = None
 
 
 class WorkerService:
@@ -281,6 +283,7 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
                 "torch_threads": torch.get_num_threads(),
                 "tokens_in_flight": engine.tokens_in_flight(),
                 "prefill_tokens_per_second": engine.prefill_tokens_per_second,
+                **({"rank_loads": service.loaded.rank_loads} if service.loaded.rank_loads else {}),
             }
         )
 

@@ -258,6 +258,7 @@ class InstanceRecord:
     placement: dict | None
     tensor_parallel: int = 1
     rank_nodes: list[str] = field(default_factory=list)
+    rank_tiers: list[str] = field(default_factory=list)
 
     @property
     def reserved(self) -> bool:
@@ -870,7 +871,7 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
             (info.instance_id, info.model, node_id, info.state, info.worker_url, json.dumps(info.gpu_ids),
              info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second,
              info.started_at or now, now, info.load_tier, info.load_seconds,
-             _ranks_column(info.tensor_parallel, info.rank_nodes)),
+             _ranks_column(info.tensor_parallel, info.rank_nodes, info.rank_tiers)),
         )
         return
     # Draining is our decision (retirement, migration): an agent still saying "ready" does not undo it.
@@ -883,7 +884,7 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
         " ranks = COALESCE(?, ranks) WHERE instance_id = ?",
         (state, info.worker_url or previous.worker_url, json.dumps(info.gpu_ids or previous.gpu_ids),
          info.running_requests, info.tokens_in_flight, info.prefill_tokens_per_second, last_used,
-         info.load_tier, info.load_seconds, _ranks_column(info.tensor_parallel, info.rank_nodes),
+         info.load_tier, info.load_seconds, _ranks_column(info.tensor_parallel, info.rank_nodes, info.rank_tiers),
          info.instance_id),
     )
 
@@ -914,8 +915,10 @@ def _node(r) -> NodeRecord:
                       r["last_heartbeat"], r["pool_model"], r["credential_id"], r["serves_group"])
 
 
-def _ranks_column(tensor_parallel: int, rank_nodes: list[str]) -> str | None:
-    return json.dumps({"tensor_parallel": tensor_parallel, "nodes": rank_nodes}) if tensor_parallel > 1 else None
+def _ranks_column(tensor_parallel: int, rank_nodes: list[str], rank_tiers: list[str] = ()) -> str | None:
+    if tensor_parallel == 1:
+        return None
+    return json.dumps({"tensor_parallel": tensor_parallel, "nodes": rank_nodes, "tiers": list(rank_tiers)})
 
 
 def _instance(r) -> InstanceRecord:
@@ -924,7 +927,7 @@ def _instance(r) -> InstanceRecord:
                           json.loads(r["gpu_ids"]), r["running_requests"], r["routed_since_heartbeat"],
                           r["tokens_in_flight"], r["prefill_tps"], r["requested_at"], r["last_used"], r["load_tier"],
                           r["load_seconds"], json.loads(r["placement"]) if r["placement"] else None,
-                          ranks.get("tensor_parallel", 1), ranks.get("nodes", []))
+                          ranks.get("tensor_parallel", 1), ranks.get("nodes", []), ranks.get("tiers", []))
 
 
 def _allocation(r) -> AllocationRecord:

@@ -546,6 +546,15 @@ def test_status_shows_a_tensor_parallel_instance_s_ranks_and_their_nodes(make_ha
     one = next(line for line in lines if status["one"].instance_id in line)
     assert " 1 " in one
 
+    # Once loaded, the agent reports where each rank read (the lead's per-rank report): kept and shown per rank.
+    info = h.agents.agents[url].instances[iid]
+    h.agents.agents[url].instances[iid] = info.model_copy(update={"rank_tiers": ["nvme", "sharedfs"]})
+    h.heartbeat("n1")
+    [tp] = [i for i in h.controller.status().instances if i.model == "tp"]
+    assert tp.rank_tiers == ["nvme", "sharedfs"]
+    print_status(h.controller.status())
+    assert "2 (n1 nvme, n1 sharedfs)" in next(line for line in capsys.readouterr().out.splitlines() if iid in line)
+
 
 def test_a_failed_instance_and_its_reason_show_in_status(client, harness, capsys, monkeypatch):
     """An instance whose worker failed (here a vLLM that cannot be imported) leaves the registry, nothing stays

@@ -108,3 +108,113 @@ def test_a_failed_spanning_instance_whose_allocation_cannot_be_cancelled_is_not_
     h.backend.down = False
     again = h.controller.route_once("tp")
     assert again.status == "allocating" and h.agents.started == [], (again, h.agents.started)
+
+
+# ---------------------------------------------------------------------------------- where a spanning instance goes
+
+
+def slices_left_on(h, node: str, *ranks: int, degree: int = 2) -> None:
+    """An agent on `node` kept the model's slice copies of `ranks` (hpcllm cache warm --tensor-parallel) on its
+    persistent NVMe (4 GB/s; shared FS 1 GB/s), then its job ended: the node is idle, its copies stay known."""
+    h.register(node, gpus=0, cached=tuple(("tp", "nvme", degree, r) for r in ranks))
+    h.registry.node_left(node, "gone")
+
+
+def slurm_says(h, waits: dict[tuple[str, ...], float], default: float = 0.0) -> None:
+    """sbatch --test-only: a job of the asked shape starts after waits[its nodelist] seconds (default otherwise)."""
+    from hpcllm.slurm.base import StartEstimate
+
+    h.backend.start_estimate_for = lambda spec: StartEstimate(
+        start_time=h.clock.now + waits.get(tuple(spec.nodelist or ()), default), source="test-only")
+
+
+def asked_shapes(h) -> list[tuple]:
+    return [(spec.nodes, spec.ntasks_per_node, tuple(spec.nodelist or ())) for call, spec in h.backend.calls
+            if call == "estimate_start"]
+
+
+def test_a_spanning_allocation_asks_for_the_nodes_holding_its_ranks_slices(make_harness, tiny_llama_dir):
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)  # CPU ranks, one slot per node: 2 nodes x 1 rank
+    slices_left_on(h, "n3", 0)
+    slices_left_on(h, "n4", 1)
+    slurm_says(h, {})  # every shape starts now
+
+    answer = h.controller.route_once("tp")
+    [spec] = h.backend.submitted()
+    assert answer.status == "allocating" and tuple(spec.nodelist) == ("n3", "n4")  # rank 0 on n3, rank 1 on n4
+    assert (spec.nodes, spec.ntasks_per_node) == (2, 1)
+    # Slurm was asked about the whole shape: anywhere, and on the node sets holding slices.
+    shapes = asked_shapes(h)
+    assert (2, 1, ()) in shapes and (2, 1, ("n3", "n4")) in shapes, shapes
+
+    # The allocation comes up there: the instance's estimate is its slowest rank's, each from its node's copy.
+    start_job(h, answer.job_id, ("n3", "n4"))
+    h.register("n3", gpus=0, job=answer.job_id, cached=(("tp", "nvme", 2, 0),))  # its agent reports its copy
+    assert h.controller.route_once("tp").status == "starting"
+    [inst] = h.controller.status().instances
+    p = inst.placement
+    assert (p.tier, p.bandwidth_gbps, p.slowest_rank) == ("nvme", 4.0, 0), p
+    assert p.load_seconds == pytest.approx(1000 / 4e9)
+    assert f"allocation {answer.job_id} of 2 nodes" in p.queue_wait_source
+
+
+def test_a_rank_without_its_slices_on_its_node_decides_the_estimate(make_harness, tiny_llama_dir):
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    slices_left_on(h, "n2", 0)  # only rank 0's slices, on n2
+    job = h.controller.route_once("tp").job_id
+    # Rank 0 runs on n2 (its first node) and reads its copy there; rank 1, on n3, reads the shared FS.
+    start_job(h, job, ("n2", "n3"))
+    h.register("n2", gpus=0, job=job, cached=(("tp", "nvme", 2, 0),))
+    h.controller.route_once("tp")
+    [inst] = h.controller.status().instances
+    assert (inst.placement.tier, inst.placement.slowest_rank) == ("sharedfs", 1)
+    # Slurm ordered the other way round (n3 first, numbers by value: n10 after n3), rank 0 would be on n3.
+    from hpcllm.controller.placement import slurm_order
+
+    assert slurm_order(["n10", "n3"]) == ["n3", "n10"]
+
+
+def test_slurm_queue_wait_for_the_whole_shape_outweighs_the_slice_copies(make_harness, tiny_llama_dir):
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    slices_left_on(h, "n3", 0)
+    slices_left_on(h, "n4", 1)
+    slurm_says(h, {("n3", "n4"): 300.0})  # those two nodes are busy for 5 minutes; any others start now
+
+    assert h.controller.route_once("tp").status == "allocating"
+    [spec] = h.backend.submitted()
+    assert not spec.nodelist and (spec.nodes, spec.ntasks_per_node) == (2, 1)
+
+
+def test_without_a_slurm_estimate_the_constant_stands_in_and_the_slices_decide(make_harness, tiny_llama_dir):
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)  # the backend gives no estimate
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    slices_left_on(h, "n1", 0, 1)  # both ranks' slices on n1: one of the two nodes of a set
+    slices_left_on(h, "n2", 1)
+
+    h.controller.route_once("tp")
+    [spec] = h.backend.submitted()
+    # n1 runs rank 0 (held) and n2 rank 1 (held): better than n1 + any other node, where rank 1 reads the shared FS.
+    assert tuple(spec.nodelist) == ("n1", "n2")
+
+
+def test_a_whole_nvme_copy_serves_a_spanning_rank_on_its_node_but_not_a_dram_copy(make_harness, tiny_llama_dir):
+    """Each rank finds its own node's whole NVMe copy (hpcllm worker --tensor-parallel); a DRAM copy is an agent's."""
+    from hpcllm.controller.placement import NodeSetCandidate, spanning_estimate
+
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    h.register("n3", gpus=0, cached=(("tp", "nvme"),))
+    h.registry.node_left("n3", "gone")
+    slices_left_on(h, "n4", 1)
+    h.controller.route_once("tp")
+    [spec] = h.backend.submitted()
+    assert tuple(spec.nodelist) == ("n3", "n4")
+
+    bw = {"dram": 20.0, "nvme": 4.0, "sharedfs": 1.0}
+    on = NodeSetCandidate("a,b", ("a", "b"), "idle", 0.0, (bw, bw))
+    dram_on_a = spanning_estimate(on, 1000, 2, None, {"a": {"dram"}, "b": {"nvme"}})
+    assert (dram_on_a.tier, dram_on_a.bandwidth_gbps, dram_on_a.slowest_rank) == ("sharedfs", 1.0, 0)
+    assert spanning_estimate(on, 1000, 2, None, {"a": {"nvme"}, "b": {"nvme"}}).tier == "nvme"

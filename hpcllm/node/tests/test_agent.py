@@ -373,3 +373,18 @@ def test_heartbeats_name_the_node_of_every_rank_of_a_tensor_parallel_instance(tm
         InstanceInfo(instance_id="b", model="m", state="ready")])
     assert [(i.tensor_parallel, i.rank_nodes) for i in agent.instance_infos()] == [(2, ["n3", "n3"]), (1, ["n3"])]
     agent.workers.close()
+
+
+def test_a_tensor_parallel_instance_reports_where_each_rank_loaded_and_its_slowest_tier():
+    """The lead's /ready says which ranks read their node's slice copy (hpcllm worker --tensor-parallel): the
+    heartbeat names each rank's node and tier, and the instance's tier is the slowest any rank read from."""
+    from hpcllm.node.workers import Instance
+
+    inst = Instance("i", "m", "/shared/m", Path("/shared/m"), "sharedfs", [], None, Path("u"), Path("l"), 0.0,
+                    ranks=2, nodes=2)
+    assert (inst.info().rank_tiers, inst.info().load_tier) == ([], "sharedfs")  # not loaded yet
+    inst.rank_loads = [{"rank": 0, "node": "n1", "slice_copy": True}, {"rank": 1, "node": "n2", "slice_copy": False}]
+    info = inst.info()
+    assert (info.rank_nodes, info.rank_tiers, info.load_tier) == (["n1", "n2"], ["nvme", "sharedfs"], "sharedfs")
+    inst.rank_loads[1]["slice_copy"] = True
+    assert (inst.info().rank_tiers, inst.info().load_tier) == (["nvme", "nvme"], "nvme")

@@ -10,7 +10,7 @@ import pytest
 
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.config import NodeConfig
-from hpcllm.node.cache import MARKER_FILE, CacheError, CacheManager, node_slice_copy, slice_key
+from hpcllm.node.cache import MARKER_FILE, CacheError, CacheManager, node_model_copy, node_slice_copy, slice_key
 from hpcllm.tp.slicecache import SLICES_DATA, open_slice_copy
 
 
@@ -126,6 +126,26 @@ def test_a_rank_finds_its_node_s_slice_copy_and_holds_it_in_use(manager, origin,
     assert manager.get("tiny+tp2.r1", "nvme").in_use == 1
     assert node_slice_copy(config, "tiny", 2, 0) is None
     assert node_slice_copy(NodeConfig(nvme_dir=str(manager.nvme_dir.parent / "%n")), "tiny", 2, 1) is None
+
+
+def test_a_rank_of_a_spanning_instance_finds_its_node_s_whole_copy_of_the_same_checkpoint(manager, origin, tmp_path,
+                                                                                           monkeypatch):
+    """The agent gives a spanning instance's ranks the origin's path; a rank whose node keeps a whole NVMe copy of
+    that checkpoint reads there (held in use), never a copy of other content."""
+    import shutil
+
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    config = NodeConfig(nvme_dir=str(manager.nvme_dir.parent / "%n"))
+    assert node_model_copy(config, "tiny", origin) is None  # nothing on n7 yet
+    on_n7 = CacheManager(tmp_path / "n7", 10**9, 10**9, None)
+    on_n7.warm("tiny", origin, "nvme")
+
+    found = node_model_copy(config, "tiny", origin)
+    assert found == tmp_path / "n7" / "tiny" and on_n7.get("tiny", "nvme").in_use == 1
+    other = tmp_path / "other"
+    shutil.copytree(origin, other)
+    (other / "manifest.json").write_text((other / "manifest.json").read_text() + "\n")  # another version
+    assert node_model_copy(config, "tiny", other) is None  # redeployed from another checkpoint: not this one
 
 
 def test_cache_warm_tensor_parallel_puts_each_rank_s_slices_on_the_node_that_runs_it(tmp_path, origin, capsys):

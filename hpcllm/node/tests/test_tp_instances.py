@@ -220,6 +220,9 @@ def test_each_rank_loads_from_its_slice_copy_on_the_node(tmp_path, tp_converted,
         info = wait_for(lambda: instance(client)["state"] == "ready" and instance(client), timeout=240,
                         what="the two-rank instance to become ready")
         assert info["tensor_parallel"] == 2 and info["rank_nodes"] == [agent.node_id] * 2
+        # The lead reports how each rank loaded: both from their slice copies, so the instance loaded from NVMe
+        # although the agent gave the ranks the origin's path.
+        assert (info["rank_tiers"], info["load_tier"]) == (["nvme", "nvme"], "nvme"), info
         assert [c.in_use for c in agent.cache.list()] == [1, 1]  # each rank holds its copy
 
         log = next(agent.workers.run_dir.glob(f"{iid}.log")).read_text()
