@@ -15,8 +15,8 @@ weight reordered once into its blocked layout (what vLLM's CPU backend does, `on
 Built from the model as loaded (no converted checkpoint), after tensor-parallel sharding: a rank fuses its own
 q/k/v (gate/up) slices, which hold the same heads (rows) in every projection, so the fused split sizes are the
 local ones. The original weights are dropped from the modules; their memory is freed where they own it
-(`from_pretrained`). Weights that are views of a larger load buffer (hpcllm's zero-copy CPU loader) stay in that
-buffer until the model is released (see docs/worker.md, "CPU fast path").
+(`from_pretrained`). Weights that are views of a larger load buffer (hpcllm's zero-copy CPU loader) are listed in
+`FastPath.dropped_ranges` for the buffer's owner to release (the worker: LoadedModel.discard).
 
 The rewritten forwards are the transformers forwards of those classes with the projections fused: nothing else
 changes (rotary, cache update, the attention function, `generate` on the same model). Results differ from the
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -55,6 +55,9 @@ class FastPath:
     fused_mlp: int = 0
     packed_linear: int = 0
     skipped: str | None = None  # why nothing was done (not CPU, no oneDNN)
+    # (address, bytes) of dropped weights that are views of a larger buffer (a loader's): freeing them is the
+    # buffer owner's job (LoadedModel.discard); no range overlaps a tensor the model still uses.
+    dropped_ranges: list[tuple[int, int]] = field(default_factory=list, compare=False, repr=False)
 
 
 def prepare(model: nn.Module) -> FastPath:
@@ -65,21 +68,37 @@ def prepare(model: nn.Module) -> FastPath:
     if not torch.backends.mkldnn.is_available():
         return FastPath(skipped="this torch has no oneDNN (mkldnn)")
     done = FastPath()
+    dropped: list[tuple[int, int]] = []  # ranges, not tensors: a dropped weight with its own storage is freed now
     with torch.no_grad():
         for module in list(model.modules()):
             kind = type(module).__name__
             if kind in FUSABLE_ATTENTION and _fusable(module, ("q_proj", "k_proj", "v_proj")):
-                _fuse_attention(module, FUSABLE_ATTENTION[kind](module))
+                dropped += _fuse_attention(module, FUSABLE_ATTENTION[kind](module))
                 done.fused_attention += 1
             elif kind in FUSABLE_MLP and _fusable(module, ("gate_proj", "up_proj")):
-                _fuse_mlp(module)
+                dropped += _fuse_mlp(module)
                 done.fused_mlp += 1
         shared = _shared_weights(model)
         for module in model.modules():
             if _packable(module, shared):
-                _pack(module)
+                dropped += _pack(module)
                 done.packed_linear += 1
+    done.dropped_ranges = _buffer_ranges(dropped, model)
     return done
+
+
+def _buffer_ranges(dropped: list[tuple[int, int]], model: nn.Module) -> list[tuple[int, int]]:
+    """The dropped ranges no tensor the model still uses overlaps (tied or aliased bytes stay)."""
+    live = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (*model.parameters(), *model.buffers())
+            if not t.is_mkldnn and t.device.type == "cpu"]
+    return [(start, length) for start, length in dropped
+            if not any(start < live_end and live_start < start + length for live_start, live_end in live)]
+
+
+def _view_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(address, bytes) of those tensors that are views of a larger storage (a loader's buffer); a tensor with its
+    own storage is freed with its last reference."""
+    return [(t.data_ptr(), t.nbytes) for t in tensors if t.untyped_storage().nbytes() > t.nbytes]
 
 
 # ---- fusion ------------------------------------------------------------------------------------------------------
@@ -106,7 +125,8 @@ def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _fuse_attention(attention: nn.Module, attention_kwargs: dict) -> None:
+def _fuse_attention(attention: nn.Module, attention_kwargs: dict) -> list[torch.Tensor]:
+    """Returns the dropped weights' and biases' ranges in a larger buffer (_view_ranges)."""
     parts = [attention.q_proj, attention.k_proj, attention.v_proj]
     attention.qkv_proj = _fused_linear(parts)
     # From the weights: under tensor parallelism a shard's Linear keeps the whole model's out_features attribute.
@@ -117,6 +137,11 @@ def _fuse_attention(attention: nn.Module, attention_kwargs: dict) -> None:
     attention.eager_attention_forward = modeling.eager_attention_forward
     del attention.q_proj, attention.k_proj, attention.v_proj
     attention.forward = types.MethodType(_fused_attention_forward, attention)
+    return _weights_of(parts)
+
+
+def _weights_of(linears: list[nn.Linear]) -> list[tuple[int, int]]:
+    return _view_ranges([t for linear in linears for t in (linear.weight, linear.bias) if t is not None])
 
 
 def _fused_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
@@ -147,11 +172,13 @@ def _fused_attention_forward(self, hidden_states, position_embeddings=None, atte
     return self.o_proj(attn_output), attn_weights
 
 
-def _fuse_mlp(mlp: nn.Module) -> None:
-    mlp.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj])
+def _fuse_mlp(mlp: nn.Module) -> list[torch.Tensor]:
+    parts = [mlp.gate_proj, mlp.up_proj]
+    mlp.gate_up_proj = _fused_linear(parts)
     mlp.gate_size = mlp.gate_proj.weight.shape[0]
     del mlp.gate_proj, mlp.up_proj
     mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+    return _weights_of(parts)
 
 
 def _fused_mlp_forward(self, x):
@@ -178,11 +205,14 @@ def _packable(module: nn.Module, shared: set[int]) -> bool:
     return weight.dtype in PACKED_DTYPES and weight.dim() == 2 and id(weight) not in shared
 
 
-def _pack(linear: nn.Linear) -> None:
+def _pack(linear: nn.Linear) -> list[tuple[int, int]]:
+    """Returns the dropped weight's range in a larger buffer (_view_ranges)."""
+    dropped = _view_ranges([linear.weight])
     # A plain attribute, not a parameter: an opaque oneDNN tensor cannot be moved by module.to() or saved.
     linear.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
     del linear.weight
     linear.forward = types.MethodType(_packed_linear_forward, linear)
+    return dropped
 
 
 def _packed_linear_forward(self, x):

@@ -97,3 +97,31 @@ def test_the_fast_path_can_be_turned_off_and_is_for_cpu_only(model_dirs, load_pa
     skipped = fastpath.prepare(on_meta)
     assert skipped.skipped == "the model is on meta, the fast path is for CPU"
     assert hasattr(on_meta.model.layers[0].self_attn, "q_proj")
+
+
+def test_the_worker_hands_back_the_load_buffers_pages_of_replaced_weights(tmp_path, model_dirs, load_pair,
+                                                                          reference_model):
+    """hpcllm's loader keeps weights as views of its buffers: dropping a module's weight frees nothing there, so
+    the worker releases the pages of the weights the fast path replaced (not twice the linear weights in memory)."""
+    from hpcllm.checkpoint import convert
+    from hpcllm.store import load_model
+    from hpcllm.worker.server import ModelForServing, WorkerService
+
+    convert(model_dirs["llama"], tmp_path / "ckpt", progress=False)
+    loaded = load_model(tmp_path / "ckpt")
+    service = WorkerService("tiny", "secret")
+    engine = service.attach(ModelForServing(loaded.model, loaded.tokenizer, owner=loaded))
+    try:
+        ranges = engine.runner.fast_path.dropped_ranges
+        layers = loaded.model.config.num_hidden_layers
+        assert len(ranges) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer; lm_head (untied)
+        assert loaded.discard(ranges) >= sum(length for _, length in ranges) // 2  # whole pages of each
+        _, tokenizer = load_pair("llama")
+        for number, prompt in enumerate(PROMPTS):  # nothing the model still reads was released
+            ids = tokenizer(prompt)["input_ids"]
+            result = engine.generate(GenerateRequest(request_id=f"d-{number}", prompt_token_ids=ids, max_tokens=20,
+                                                     temperature=0, ignore_eos=True))
+            assert result.token_ids == greedy(reference_model("llama"), ids, 20)
+    finally:
+        engine.shutdown()
+        loaded.release()
