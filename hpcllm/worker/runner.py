@@ -14,7 +14,8 @@ Two runners:
   similar context length, one SDPA call per group over contexts padded to the group's longest with the padding
   masked out (PADDING_ALLOWANCE bounds the padding). Attention sees exactly the keys/values a batch-of-one run would,
   with the same kernel; greedy output equals `generate` whatever else is in the batch (test_batching.py). Block
-  tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state.
+  tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state. On CPU it first
+  applies fastpath.prepare to the model (fused q/k/v and gate/up, oneDNN-packed linears).
 - `SequentialRunner`: the previous design, one forward per sequence with its own transformers DynamicCache. It
   serves models whose attention the paged runner cannot express (sliding windows, non-SDPA attention) and is the
   benchmark baseline (`batching="sequential"`).
