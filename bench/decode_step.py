@@ -1,12 +1,15 @@
 """Where one decode step of hpcllm's engine spends its time, at N running requests (no HTTP, no gateway).
 
     PYTHONPATH=$PWD .venv/bin/python bench/decode_step.py [--requests 16] [--threads 2] [--profile]
+                                                          [--fast-path on|off|compare [--rounds 3]]
 
 N requests from bench/serve.py's seeded prompt set run together in an Engine (paged batching) on the devmodels
 "small" Llama (float32). Once all of them decode (every chunk one token), steps are timed: the whole engine step
 (schedule, forward, sample, commit) in wall and in the engine thread's CPU time, the model forward, and inside it the paged attention function (KV writes,
 context gathers, SDPA), summed over the layers. --profile also prints torch.profiler's top operators of a few
-decode steps.
+decode steps and their aten op count per step. --fast-path compare runs the engine without and with the paged
+runner's CPU fast path (hpcllm/worker/fastpath.py: fused q/k/v and gate/up, oneDNN-packed linears), alternating, each
+on a freshly loaded model, and prints the ratio of the medians (same run, same load).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+PROFILED_STEPS = 5
 
 
 def main() -> int:
@@ -27,8 +31,36 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--fast-path", choices=("on", "off", "compare"), default="on",
+                        help="the paged runner's CPU fast path (fused, oneDNN-packed projections); compare: "
+                             "--rounds runs of each, alternating, and the ratio")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per mode with --fast-path compare")
     args = parser.parse_args()
 
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.fast_path != "compare":
+        print_result(measure(args, args.fast_path == "on"), args)
+        return 0
+    results: dict[bool, list[dict]] = {False: [], True: []}
+    for round_ in range(args.rounds):
+        for fast in ((False, True) if round_ % 2 == 0 else (True, False)):  # alternate who goes first
+            results[fast].append(measure(args, fast))
+            print(f"round {round_ + 1}, fast path {'on' if fast else 'off'}: "
+                  f"step {results[fast][-1]['step_ms']:.1f} ms, CPU {results[fast][-1]['cpu_ms']:.1f} ms", flush=True)
+    summary = {fast: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_ms")}
+               for fast, runs in results.items()}
+    for fast in (False, True):
+        print_result({**results[fast][0], **summary[fast]}, args, f"fast path {'on' if fast else 'off'}, "
+                                                                   f"median of {args.rounds} runs' medians")
+    print(f"fast path on / off, same run: engine step {summary[False]['step_ms'] / summary[True]['step_ms']:.2f}x "
+          f"faster, step CPU {summary[False]['cpu_ms'] / summary[True]['cpu_ms']:.2f}x less")
+    return 0
+
+
+def measure(args, fast_path: bool) -> dict:
+    """One engine on a freshly loaded model: the medians of its all-decode steps (and a profile if asked)."""
     import torch
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -38,7 +70,6 @@ def main() -> int:
     from hpcllm.worker.engine import Engine
     from hpcllm.worker.protocol import GenerateRequest
 
-    torch.set_num_threads(args.threads)
     coldstart.checkpoint("small")
     hf_dir = coldstart.WORK / "llama-small-hf"
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -56,7 +87,7 @@ def main() -> int:
 
     AttentionInterface.register(runner_module.PAGED_ATTENTION, timed_attention)
 
-    engine = Engine(model, tokenizer, max_running_requests=args.requests, batching="paged")
+    engine = Engine(model, tokenizer, max_running_requests=args.requests, batching="paged", fast_path=fast_path)
     samples: list[tuple[float, float, float, float]] = []  # (step, forward, attention, step CPU) of all-decode steps
     forward, step = engine._forward, engine._step
     current: dict = {}
@@ -84,9 +115,9 @@ def main() -> int:
                             time.thread_time() - began_cpu))
             if profiler is not None and len(samples) == args.steps:
                 profiler.start()  # profile 5 more decode steps, after the timed ones
-        elif profiler is not None and profiled[0] < 5:
+        elif profiler is not None and profiled[0] < PROFILED_STEPS:
             profiled[0] += 1
-            if profiled[0] == 5:
+            if profiled[0] == PROFILED_STEPS:
                 profiler.stop()
 
     engine._forward, engine._step = timed_forward, timed_step
@@ -101,21 +132,36 @@ def main() -> int:
             list(stream.events())
     finally:
         engine.shutdown()
+        AttentionInterface.register(runner_module.PAGED_ATTENTION, paged)
 
     if not samples:
         raise SystemExit("no step ran all requests as decodes")
     step_ms, forward_ms, attention_ms, cpu_ms = (1000 * statistics.median(column) for column in zip(*samples))
-    print(f"{args.requests} requests decoding, {args.threads} threads, median of {len(samples)} steps:")
+    result = {"fast_path": engine.runner.fast_path, "samples": len(samples), "step_ms": step_ms, "cpu_ms": cpu_ms,
+              "forward_ms": forward_ms, "attention_ms": attention_ms}
+    if profiler is not None and profiled[0] == PROFILED_STEPS:
+        averages = profiler.key_averages()
+        result["aten_ops_per_step"] = sum(e.count for e in averages if e.key.startswith("aten::")) / PROFILED_STEPS
+        result["profile"] = averages.table(sort_by="self_cpu_time_total", row_limit=20)
+    return result
+
+
+def print_result(result: dict, args, title: str | None = None) -> None:
+    step_ms, forward_ms, attention_ms = result["step_ms"], result["forward_ms"], result["attention_ms"]
+    print(title or f"median of {result['samples']} steps", f"({result['fast_path']}):")
+    print(f"{args.requests} requests decoding, {args.threads} threads:")
     print(f"  engine step   {step_ms:6.1f} ms  ({args.requests / step_ms * 1000:.0f} tokens/s)")
-    print(f"  step CPU time {cpu_ms:6.1f} ms  (the engine thread's own; less sensitive to other load than wall time)")
+    print(f"  step CPU time {result['cpu_ms']:6.1f} ms  (the engine thread's own; less sensitive to other load than "
+          "wall time)")
     print(f"  forward       {forward_ms:6.1f} ms")
     print(f"  attention     {attention_ms:6.1f} ms  (all layers: KV write, gather, SDPA)")
     print(f"  rest of fwd   {forward_ms - attention_ms:6.1f} ms  (embeddings, norms, projections, MLP, lm_head)")
     print(f"  outside fwd   {step_ms - forward_ms:6.1f} ms  (schedule, sample, commit, stream events)")
-    if profiler is not None and profiled[0] == 5:
-        print("torch.profiler, 5 decode steps:")
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    return 0
+    if "aten_ops_per_step" in result:
+        print(f"  aten ops      {result['aten_ops_per_step']:6.0f} per decode step (torch.profiler)")
+    if "profile" in result:
+        print(f"torch.profiler, {PROFILED_STEPS} decode steps:")
+        print(result["profile"])
 
 
 if __name__ == "__main__":

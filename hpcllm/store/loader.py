@@ -98,6 +98,10 @@ class LoadedModel:
     _pool: HostBufferPool | None = field(default=None, repr=False)
     _device_buffers: list = field(default_factory=list, repr=False)  # one uint8 tensor per (partition, GPU)
     _tee_thread: threading.Thread | None = field(default=None, repr=False)  # writing the tee_into copy
+    _mappings: list = field(default_factory=list, repr=False)  # MappedFile bases (zero-copy CPU loads)
+    _populate_thread: threading.Thread | None = field(default=None, repr=False)  # faulting the mappings in
+    _release_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # release() vs discard()
+    _released: bool = field(default=False, repr=False)
 
     def wait_for_tee(self, timeout: float | None = None) -> bool:
         """Wait until the tee_into copy is written (it finishes after the load on CPU); True when it is done."""
@@ -109,6 +113,34 @@ class LoadedModel:
     def __iter__(self):
         return iter((self.model, self.tokenizer, self.stats))
 
+    def discard(self, ranges: list[tuple[int, int]]) -> int:
+        """The model no longer reads these (address, length) byte ranges of its weights (e.g. the worker engine built
+        fused, packed copies of them): hand the whole pages of those inside its host buffers or file mappings back
+        to the OS. Ranges elsewhere (tensors with their own storage) are left alone. A tee_into copy still being
+        written from the buffers, and the background populate of the mappings, are waited for first, in a thread.
+        Returns the bytes that are (or will be) released.
+        """
+        picked = [(buffer, address, length) for address, length in ranges
+                  for buffer in (*self._host_buffers, *self._mappings) if buffer.holds(address, length)]
+        releasable = sum(len(range(-(-a // mmap.PAGESIZE), (a + n) // mmap.PAGESIZE)) * mmap.PAGESIZE
+                         for _, a, n in picked)
+
+        def discard_all() -> None:
+            self.wait_for_tee()
+            if self._populate_thread is not None:
+                self._populate_thread.join()  # it would fault the released pages in again
+            with self._release_lock:
+                if not self._released:
+                    for buffer, address, length in picked:
+                        buffer.discard(address, length)
+
+        if picked:
+            if any(t is not None and t.is_alive() for t in (self._tee_thread, self._populate_thread)):
+                threading.Thread(target=discard_all, name="hpcllm-discard", daemon=True).start()
+            else:
+                discard_all()
+        return releasable
+
     def release(self) -> None:
         """Drop the model's weights (moved to meta) and return its host buffers to the pool for reuse.
 
@@ -116,6 +148,8 @@ class LoadedModel:
         Waits for a tee_into copy being written from those buffers first.
         """
         self.wait_for_tee()
+        with self._release_lock:  # a discard() still waiting for the tee must not touch the buffers once pooled
+            self._released = True
         if self.model is not None:
             self.model.to("meta")
             self.model = None
@@ -252,7 +286,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
              ",".join(stats.devices), seconds, stats.gbps)
     return LoadedModel(model=model, tokenizer=tok, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
-                       _pool=pool, _device_buffers=load.device_buffers(), _tee_thread=tee_thread)
+                       _pool=pool, _device_buffers=load.device_buffers(), _tee_thread=tee_thread,
+                       _mappings=load.mappings(), _populate_thread=load.populate_thread)
 
 
 # ------------------------------------------------------------------------------------------------ devices
@@ -518,6 +553,9 @@ class _Load:
             self.pool.release(buffer)
         self.host_buffers = []
         self.bases = {}
+
+    def mappings(self) -> list:
+        return [base for base in self.bases.values() if isinstance(base, MappedFile)]
 
     def device_buffers(self) -> list:
         return [base for (_, device), base in self.bases.items() if device != "cpu"]

@@ -44,7 +44,28 @@ def buffer_address(obj) -> int:
         del anchor  # drop the buffer export so the mmap can still be closed later
 
 
-class HostBuffer:
+class _Discardable:
+    """Giving pages of a mapping back (a model's dropped weights): HostBuffer's and MappedFile's."""
+
+    address: int
+    capacity: int
+    populated: bool
+
+    def holds(self, address: int, length: int) -> bool:
+        return self.address <= address and address + length <= self.address + self.capacity
+
+    def discard(self, address: int, length: int) -> int:
+        """Release the whole pages of [address, address + length), inside this mapping (see discard_pages). A file
+        mapping's pages stay in the file (a tmpfs tier's copy, the page cache); only this process lets go of them."""
+        if not self.holds(address, length):
+            raise ValueError("the range is not inside this mapping")
+        released = discard_pages(address, length)
+        if released:
+            self.populated = False  # a later load from the pool faults those pages in again
+        return released
+
+
+class HostBuffer(_Discardable):
     """One page-aligned anonymous mapping of `capacity` bytes (at least the requested size, rounded to pages)."""
 
     def __init__(self, nbytes: int):
@@ -73,6 +94,18 @@ class HostBuffer:
         populate_range(self.address + start, end - start, self.mmap, start)
         if start == 0 and end == self.capacity:
             self.populated = True
+
+
+def discard_pages(address: int, length: int) -> int:
+    """madvise(MADV_DONTNEED) over the whole pages inside [address, address + length): their memory goes back to the
+    OS (anonymous memory reads as zeros afterwards). Returns the bytes released."""
+    start, end = round_up(address, PAGE_SIZE), (address + length) // PAGE_SIZE * PAGE_SIZE
+    if end <= start:
+        return 0
+    if _libc.madvise(start, end - start, mmap.MADV_DONTNEED) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_DONTNEED) failed: {errno.errorcode.get(err, err)}")
+    return end - start
 
 
 def populate_range(address: int, length: int, owner=None, owner_offset: int = 0) -> None:
@@ -173,7 +206,7 @@ def default_pool() -> HostBufferPool:
     return _default_pool
 
 
-class MappedFile:
+class MappedFile(_Discardable):
     """A file (on tmpfs, for the DRAM tier) mapped into memory, with HostBuffer's interface.
 
     shared=True: writes go to the file (filling the tier). shared=False: a private copy-on-write mapping, so a

@@ -81,7 +81,8 @@ class ShardRunner:
             self.batch_runner = make_runner(self.model, **dict(step.options))
             return None
         if step.kind == BATCH:
-            return self.batch_runner.step(step.batch)
+            with torch.inference_mode():  # as the lead's engine thread runs it (no autograd state per step)
+                return self.batch_runner.step(step.batch)
         if step.kind == EMBED:
             return self._embed(step.token_ids)
         if step.kind != FORWARD:
@@ -206,7 +207,7 @@ def tensor_parallel_engine_class():
             lead.runner.batch_runner = self.runner
             if isinstance(self.runner, PagedRunner):
                 runner_options = {"batching": "paged", "num_blocks": self.runner.pool.max_blocks,
-                                  "block_size": self.runner.block_size}
+                                  "block_size": self.runner.block_size, "fast_path": self.runner.use_fast_path}
             else:
                 runner_options = {"batching": "sequential", "num_blocks": 0, "block_size": self.runner.block_size}
             lead.channel.send(Step(RUNNER, options=tuple(runner_options.items())))

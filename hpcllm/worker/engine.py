@@ -138,6 +138,7 @@ class Engine(EngineBase):
         kv_block_size: int = DEFAULT_KV_BLOCK_SIZE,
         batching: str = "auto",
         prefix_caching: bool = True,
+        fast_path: bool = True,
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
@@ -166,8 +167,9 @@ class Engine(EngineBase):
                 f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
             )
         num_blocks = -(-self.kv_cache_tokens // kv_block_size)
+        # fast_path: the paged runner fuses and packs the model's projections on CPU (runner.py, fastpath.py).
         self.runner: ModelRunner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size,
-                                               batching=batching)
+                                               batching=batching, fast_path=fast_path)
         # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
         self.kv_pool = BlockPool(num_blocks, kv_block_size,
                                  prefix_caching=prefix_caching and isinstance(self.runner, PagedRunner))

@@ -14,7 +14,8 @@ Two runners:
   similar context length, one SDPA call per group over contexts padded to the group's longest with the padding
   masked out (PADDING_ALLOWANCE bounds the padding). Attention sees exactly the keys/values a batch-of-one run would,
   with the same kernel; greedy output equals `generate` whatever else is in the batch (test_batching.py). Block
-  tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state.
+  tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state. On CPU it first
+  applies fastpath.prepare to the model (fused q/k/v and gate/up, oneDNN-packed linears).
 - `SequentialRunner`: the previous design, one forward per sequence with its own transformers DynamicCache. It
   serves models whose attention the paged runner cannot express (sliding windows, non-SDPA attention) and is the
   benchmark baseline (`batching="sequential"`).
@@ -30,6 +31,8 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from hpcllm.worker import fastpath
 
 PAGED_ATTENTION = "hpcllm_paged"
 # Decodes of similar context length share one attention call; a group's padded positions may exceed the positions
@@ -197,11 +200,15 @@ class KVPool:
 
 
 class PagedRunner:
-    def __init__(self, model, *, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model, *, num_blocks: int, block_size: int, fast_path: bool = True) -> None:
+        """fast_path: fuse q/k/v and gate/up and pack the linears for oneDNN on CPU (fastpath.py; changes `model`
+        in place)."""
         self.model = model
         self.block_size = block_size
         self.pool = KVPool(num_blocks, block_size)
         self.device = model.get_input_embeddings().weight.device
+        self.use_fast_path = fast_path  # tensor-parallel followers build their runners with the lead's options
+        self.fast_path = fastpath.prepare(model) if fast_path else fastpath.FastPath(skipped="turned off")
         model.config._attn_implementation = PAGED_ATTENTION
         for module in model.modules():  # some models cache the implementation per sub-config
             config = getattr(module, "config", None)
@@ -317,13 +324,15 @@ class SequentialRunner:
         return torch.stack(rows)
 
 
-def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto") -> ModelRunner:
-    """batching: "auto" (paged if the model allows, else sequential), "paged" (or a clear error), "sequential"."""
+def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto",
+                fast_path: bool = True) -> ModelRunner:
+    """batching: "auto" (paged if the model allows, else sequential), "paged" (or a clear error), "sequential".
+    fast_path: the paged runner's CPU fast path (fastpath.py)."""
     if batching == "sequential":
         return SequentialRunner(model, block_size=block_size)
     why_not = paged_attention_supported(model)
     if why_not is None:
-        return PagedRunner(model, num_blocks=num_blocks, block_size=block_size)
+        return PagedRunner(model, num_blocks=num_blocks, block_size=block_size, fast_path=fast_path)
     if batching == "paged":
         raise ValueError(f"batching='paged' cannot serve this model: {why_not}")
     return SequentialRunner(model, block_size=block_size)

@@ -89,6 +89,15 @@ class ModelForServing:
     rank_loads: list[dict] | None = None
 
 
+def _discard_dropped_weights(engine, owner) -> None:
+    """The paged runner's CPU fast path replaced weights by fused, packed copies (worker/fastpath.py); where the
+    originals are views of the loader's host buffers, hand their pages back so the model is not held twice."""
+    fast_path = getattr(getattr(engine, "runner", None), "fast_path", None)
+    if fast_path is not None and fast_path.dropped_ranges and hasattr(owner, "discard"):
+        released = owner.discard(fast_path.dropped_ranges)
+        log.info("fast path: %s; %.1f MB of the load buffers released", fast_path, released / 1e6)
+
+
 class WorkerService:
     """The process's one engine and its lifecycle: loading -> ready, or failed / dead."""
 
@@ -124,6 +133,7 @@ class WorkerService:
         )
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)
         self.loaded = loaded
+        _discard_dropped_weights(engine, loaded.owner)
         self.engine = engine.start()
         return engine
 

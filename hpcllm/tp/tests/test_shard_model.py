@@ -120,3 +120,40 @@ def test_a_degree_that_cuts_kv_heads_is_refused_before_anything_is_read(tp_llama
                                                       r"'llama': KV heads \(num_key_value_heads\) = 2 is not "
                                                       r"divisible by 4"):
         load_shard(tp_llama, FourRanks())
+
+
+def test_shards_fuse_their_own_slices_and_the_batched_runner_keeps_the_whole_models_tokens(tp_llama):
+    """The paged runner's CPU fast path on TP ranks: each rank fuses its local q/k/v and gate/up slices (after
+    sharding), and the o_proj/down_proj/lm_head collectives still run on the packed linears."""
+    from hpcllm.tp.serve import BATCH, RUNNER
+    from hpcllm.worker.runner import SequenceChunk, StepBatch
+
+    torch.set_num_threads(1)
+    models = _shards(tp_llama, 2)
+    whole = load_model(tp_llama, tokenizer=False).model
+    prompt = [5, 17, 300, 42, 7, 900]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        expected = whole.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+                                  min_new_tokens=10)[0, len(prompt):].tolist()
+
+    runners = [ShardRunner(model) for model in models]
+    _run_all(runners, Step(RUNNER, options=(("batching", "paged"), ("num_blocks", 8), ("block_size", 4),
+                                            ("fast_path", True))))
+    config = models[0].config
+    for runner in runners:
+        assert runner.batch_runner.fast_path.fused_attention == config.num_hidden_layers
+        attention = runner.model.model.layers[0].self_attn
+        full = whole.model.layers[0].self_attn
+        assert attention.qkv_sizes == [full.q_proj.weight.shape[0] // 2, full.k_proj.weight.shape[0] // 2,
+                                       full.v_proj.weight.shape[0] // 2]  # this rank's heads of each
+
+    table = [0, 1, 2, 3]  # 16 positions: the prompt and the 10 new tokens
+    tokens: list[int] = []
+    chunk = SequenceChunk(seq_id=1, token_ids=prompt, start=0, block_table=table)
+    for _ in range(10):
+        logits = _run_all(runners, Step(BATCH, batch=StepBatch([chunk])))
+        tokens.append(int(torch.argmax(logits[0][0])))
+        chunk = SequenceChunk(seq_id=1, token_ids=[tokens[-1]], start=len(prompt) + len(tokens) - 1,
+                              block_table=table)
+    assert tokens == expected

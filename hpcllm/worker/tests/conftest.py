@@ -40,13 +40,28 @@ def model_dirs(tiny_models):
 
 @pytest.fixture(scope="session")
 def load_pair(model_dirs):
-    """load_pair(arch) -> (model, tokenizer), loaded once per session with from_pretrained. Do not modify them."""
+    """load_pair(arch) -> (model, tokenizer), loaded once per session with from_pretrained. An engine built on one
+    applies the paged runner's CPU fast path to it in place (fused, packed projections; idempotent): compare
+    outputs with `reference_model`, never with these."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     @functools.cache
     def load(arch):
         path = model_dirs[arch]
         return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def reference_model(model_dirs):
+    """reference_model(arch): the model as transformers loads it, never given to an engine: what `generate`
+    answers for the checkpoint. Do not modify it."""
+    from transformers import AutoModelForCausalLM
+
+    @functools.cache
+    def load(arch):
+        return AutoModelForCausalLM.from_pretrained(model_dirs[arch]).eval()
 
     return load
 

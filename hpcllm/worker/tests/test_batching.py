@@ -71,13 +71,13 @@ def hf_greedy(model, prompt_ids, max_new_tokens):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batched_greedy_equals_generate_for_requests_of_different_lengths(arch, load_pair, engines):
+def test_batched_greedy_equals_generate_for_requests_of_different_lengths(arch, load_pair, reference_model, engines):
     model, tokenizer = load_pair(arch)
     counting = engines(model, tokenizer, prefill_chunk_tokens=8)
     assert isinstance(counting.engine.runner, PagedRunner)  # every dev architecture is served batched
     lengths = [30, 12, 25, 40]
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    expected = [hf_greedy(model, ids, n) for ids, n in zip(prompt_ids, lengths)]
+    expected = [hf_greedy(reference_model(arch), ids, n) for ids, n in zip(prompt_ids, lengths)]
     results = counting.run_together(
         [request(prompt_token_ids=ids, max_tokens=n, temperature=0) for ids, n in zip(prompt_ids, lengths)]
     )
@@ -99,14 +99,14 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(load_pair, engines):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_preemption_under_a_tiny_kv_budget_keeps_greedy_output(arch, load_pair, engines):
+def test_preemption_under_a_tiny_kv_budget_keeps_greedy_output(arch, load_pair, reference_model, engines):
     model, tokenizer = load_pair(arch)
     # 64 tokens of KV for four requests that need ~45 each: they cannot all stay; the newest are preempted and
     # later recomputed from their token ids.
     counting = engines(model, tokenizer, max_model_len=64, kv_cache_tokens=64, kv_block_size=4,
                        max_running_requests=4)
     prompt_ids = [tokenizer(p)["input_ids"][:12] for p in PROMPTS]
-    expected = [hf_greedy(model, ids, 32) for ids in prompt_ids]
+    expected = [hf_greedy(reference_model(arch), ids, 32) for ids in prompt_ids]
     results = counting.run_together(
         [request(prompt_token_ids=ids, max_tokens=32, temperature=0, ignore_eos=True) for ids in prompt_ids]
     )
@@ -135,13 +135,13 @@ def test_requests_beyond_the_kv_budget_wait_and_all_finish(load_pair, engines):
     assert all(final.finish_reason == "length" and len(tokens) == 30 for tokens, final in results)
 
 
-def test_sequential_mode_is_the_unbatched_baseline_with_the_same_output(load_pair, engines):
+def test_sequential_mode_is_the_unbatched_baseline_with_the_same_output(load_pair, reference_model, engines):
     model, tokenizer = load_pair("qwen2")
     counting = engines(model, tokenizer, batching="sequential")
     assert isinstance(counting.engine.runner, SequentialRunner)
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     results = counting.run_together([request(prompt_token_ids=ids, max_tokens=15, temperature=0) for ids in prompt_ids])
-    assert [tokens for tokens, _ in results] == [hf_greedy(model, ids, 15) for ids in prompt_ids]
+    assert [tokens for tokens, _ in results] == [hf_greedy(reference_model("qwen2"), ids, 15) for ids in prompt_ids]
 
 
 def test_cancelled_request_leaves_the_batch_and_frees_its_blocks(load_pair, engines):
@@ -161,27 +161,28 @@ def test_cancelled_request_leaves_the_batch_and_frees_its_blocks(load_pair, engi
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_a_shared_prompt_prefix_is_prefilled_once(arch, load_pair, engines):
+def test_a_shared_prompt_prefix_is_prefilled_once(arch, load_pair, reference_model, engines):
     model, tokenizer = load_pair(arch)
     counting = engines(model, tokenizer, kv_block_size=4)
     system = tokenizer("You are a helpful assistant. Answer briefly and politely, in plain words.")["input_ids"]
     assert len(system) >= 12
     first, second = system + tokenizer("the")["input_ids"][-1:], system + tokenizer("hello world")["input_ids"][-2:]
     [(tokens, _)] = counting.run_together([request(prompt_token_ids=first, max_tokens=5, temperature=0)])
-    assert tokens == hf_greedy(model, first, 5)
+    assert tokens == hf_greedy(reference_model(arch), first, 5)
     fed_before = counting.tokens_fed
     [(tokens, _)] = counting.run_together([request(prompt_token_ids=second, max_tokens=5, temperature=0)])
-    assert tokens == hf_greedy(model, second, 5)
+    assert tokens == hf_greedy(reference_model(arch), second, 5)
     reused = (len(system) // 4) * 4  # the system prompt's full blocks
     assert counting.tokens_fed - fed_before == len(second) - reused + 4  # the rest, then 4 decode steps
     assert counting.engine.metrics.prefix_cache_hits._value.get() == reused
 
 
-def test_prefix_caching_keeps_outputs_under_preemption_and_is_off_for_the_sequential_runner(load_pair, engines):
+def test_prefix_caching_keeps_outputs_under_preemption_and_is_off_for_the_sequential_runner(load_pair, reference_model,
+                                                                                            engines):
     model, tokenizer = load_pair("llama")
     system = tokenizer("You are a helpful assistant. Answer briefly.")["input_ids"]
     prompts = [system + tokenizer(p)["input_ids"][-3:] for p in PROMPTS]
-    expected = [hf_greedy(model, ids, 24) for ids in prompts]
+    expected = [hf_greedy(reference_model("llama"), ids, 24) for ids in prompts]
     counting = engines(model, tokenizer, max_model_len=64, kv_cache_tokens=96, kv_block_size=4)
     results = counting.run_together(
         [request(prompt_token_ids=ids, max_tokens=24, temperature=0, ignore_eos=True) for ids in prompts])

@@ -18,7 +18,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_dirs, load_pair):
+def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_dirs, load_pair, reference_model):
     from hpcllm.checkpoint.converter import convert
 
     checkpoint = convert(model_dirs["llama"], tmp_path / "tiny-llama").root
@@ -40,11 +40,11 @@ def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_
         ready = client.ready()
         assert ready["model"] == "tiny-llama"
 
-        model, tokenizer = load_pair("llama")
+        _, tokenizer = load_pair("llama")
         prompt_ids = tokenizer("hello world, this")["input_ids"]
         import torch
 
-        expected = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
+        expected = reference_model("llama").generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
         with client.generate(GenerateRequest(request_id="cli", prompt_token_ids=prompt_ids, max_tokens=12,
                                              temperature=0)) as stream:
             got = [line.token_id for line in stream if isinstance(line, TokenLine)]

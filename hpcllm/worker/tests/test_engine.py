@@ -39,12 +39,12 @@ def hf_greedy(model, prompt_ids, max_new_tokens, **kwargs):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_equals_transformers_generate(arch, load_pair, make_engine):
+def test_greedy_equals_transformers_generate(arch, load_pair, reference_model, make_engine):
     model, tokenizer = load_pair(arch)
     engine = make_engine(model, tokenizer)
     for prompt in (PROMPT, "🙂 日本語", "the"):
         prompt_ids = tokenizer(prompt)["input_ids"]
-        expected = hf_greedy(model, prompt_ids, 40)
+        expected = hf_greedy(reference_model(arch), prompt_ids, 40)
         done = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=40, temperature=0))
         assert done.token_ids == expected
         assert done.text == tokenizer.decode(expected, skip_special_tokens=True)
@@ -52,16 +52,16 @@ def test_greedy_equals_transformers_generate(arch, load_pair, make_engine):
         assert done.usage.prompt_tokens == len(prompt_ids) and done.usage.completion_tokens == len(expected)
 
 
-def test_chunked_prefill_gives_the_same_greedy_output(load_pair, make_engine):
+def test_chunked_prefill_gives_the_same_greedy_output(load_pair, reference_model, make_engine):
     model, tokenizer = load_pair("llama")
     prompt_ids = tokenizer("hello world, this is a small test corpus. héllo")["input_ids"]
     assert len(prompt_ids) > 8
     engine = make_engine(model, tokenizer, prefill_chunk_tokens=3)
     done = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=20, temperature=0))
-    assert done.token_ids == hf_greedy(model, prompt_ids, 20)
+    assert done.token_ids == hf_greedy(reference_model("llama"), prompt_ids, 20)
 
 
-def test_text_prompt_and_chat_messages_are_tokenized_like_transformers(load_pair, make_engine):
+def test_text_prompt_and_chat_messages_are_tokenized_like_transformers(load_pair, reference_model, make_engine):
     model, tokenizer = load_pair("llama")
     engine = make_engine(model, tokenizer)
     by_text = engine.generate(request(prompt=PROMPT, max_tokens=5, temperature=0))
@@ -75,7 +75,7 @@ def test_text_prompt_and_chat_messages_are_tokenized_like_transformers(load_pair
     chat = engine.generate(request(messages=messages, max_tokens=5, temperature=0))
     expected_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert chat.usage.prompt_tokens == len(expected_ids)
-    assert chat.token_ids == hf_greedy(model, expected_ids, 5)
+    assert chat.token_ids == hf_greedy(reference_model("llama"), expected_ids, 5)
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(load_pair, make_engine):

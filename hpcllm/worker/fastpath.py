@@ -1,0 +1,219 @@
+"""The paged runner's CPU fast path: fused projections and oneDNN-packed linear layers, built once at engine start.
+
+Measured on this project's CPUs (docs/serving-bench.md): at 16 decoding requests the matmuls are most of a step, and
+torch's default CPU linear (MKL sgemm on a [out, in] weight) reaches ~15-45 GFLOP/s at 16 rows; oneDNN with the
+weight reordered once into its blocked layout (what vLLM's CPU backend does, `onednn_mm`) is ~1.3-1.8x faster at
+16-64 rows. So, on CPU, for float32 models:
+
+- fused projections: an attention module of the Llama family (Llama, Mistral, Qwen2: q/k/v as separate Linears,
+  Qwen2's with biases) gets one `qkv_proj` (weights and biases concatenated) and a forward that splits its output;
+  an MLP of the family gets one `gate_up_proj`. One matmul instead of three (two), and fewer small ops.
+- packed linears: every `nn.Linear` (the fused ones included) keeps its module (so forward hooks, e.g. the
+  tensor-parallel all-reduce on o_proj/down_proj, still run) but its weight is replaced by the oneDNN-packed copy
+  and its forward calls oneDNN. A linear whose weight is shared (tied embeddings) is left alone.
+
+Built from the model as loaded (no converted checkpoint), after tensor-parallel sharding: a rank fuses its own
+q/k/v (gate/up) slices, which hold the same heads (rows) in every projection, so the fused split sizes are the
+local ones. The original weights are dropped from the modules; their memory is freed where they own it
+(`from_pretrained`). Weights that are views of a larger load buffer (hpcllm's zero-copy CPU loader) are listed in
+`FastPath.dropped_ranges` for the buffer's owner to release (the worker: LoadedModel.discard).
+
+The rewritten forwards are the transformers forwards of those classes with the projections fused: nothing else
+changes (rotary, cache update, the attention function, `generate` on the same model). Results differ from the
+unfused model only by float rounding (a different matmul kernel); greedy equality with `generate` on an untouched
+model is tested per architecture (test_fastpath.py, test_batching.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# Attention classes whose forward is Llama's (q/k/v Linears, rotary, cache update, the attention interface) and what
+# each passes as `sliding_window` to the attention function (None: not passed).
+FUSABLE_ATTENTION: dict[str, Callable[[nn.Module], dict]] = {
+    "LlamaAttention": lambda attention: {},
+    "MistralAttention": lambda attention: {"sliding_window": getattr(attention.config, "sliding_window", None)},
+    "Qwen2Attention": lambda attention: {"sliding_window": attention.sliding_window},
+}
+# MLP classes computing down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+FUSABLE_MLP = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP"})
+PACKED_DTYPES = (torch.float32,)
+
+
+@dataclass
+class FastPath:
+    """What prepare() did to a model (the engine logs it; tests and bench/decode_step.py read it)."""
+
+    fused_attention: int = 0
+    fused_mlp: int = 0
+    packed_linear: int = 0
+    skipped: str | None = None  # why nothing was done (not CPU, no oneDNN)
+    # (address, bytes) of dropped weights that are views of a larger buffer (a loader's): freeing them is the
+    # buffer owner's job (LoadedModel.discard); no range overlaps a tensor the model still uses.
+    dropped_ranges: list[tuple[int, int]] = field(default_factory=list, compare=False, repr=False)
+
+
+def prepare(model: nn.Module) -> FastPath:
+    """Fuse and pack `model` in place for the CPU fast path; idempotent (a second call finds nothing to do)."""
+    weight = model.get_input_embeddings().weight
+    if weight.device.type != "cpu":
+        return FastPath(skipped=f"the model is on {weight.device}, the fast path is for CPU")
+    if not torch.backends.mkldnn.is_available():
+        return FastPath(skipped="this torch has no oneDNN (mkldnn)")
+    done = FastPath()
+    dropped: list[tuple[int, int]] = []  # ranges, not tensors: a dropped weight with its own storage is freed now
+    with torch.no_grad():
+        for module in list(model.modules()):
+            kind = type(module).__name__
+            if kind in FUSABLE_ATTENTION and _fusable(module, ("q_proj", "k_proj", "v_proj")):
+                dropped += _fuse_attention(module, FUSABLE_ATTENTION[kind](module))
+                done.fused_attention += 1
+            elif kind in FUSABLE_MLP and _fusable(module, ("gate_proj", "up_proj")):
+                dropped += _fuse_mlp(module)
+                done.fused_mlp += 1
+        shared = _shared_weights(model)
+        for module in model.modules():
+            if _packable(module, shared):
+                dropped += _pack(module)
+                done.packed_linear += 1
+    done.dropped_ranges = _buffer_ranges(dropped, model)
+    return done
+
+
+def _buffer_ranges(dropped: list[tuple[int, int]], model: nn.Module) -> list[tuple[int, int]]:
+    """The dropped ranges no tensor the model still uses overlaps (tied or aliased bytes stay)."""
+    live = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in (*model.parameters(), *model.buffers())
+            if not t.is_mkldnn and t.device.type == "cpu"]
+    return [(start, length) for start, length in dropped
+            if not any(start < live_end and live_start < start + length for live_start, live_end in live)]
+
+
+def _view_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(address, bytes) of those tensors that are views of a larger storage (a loader's buffer); a tensor with its
+    own storage is freed with its last reference."""
+    return [(t.data_ptr(), t.nbytes) for t in tensors if t.untyped_storage().nbytes() > t.nbytes]
+
+
+# ---- fusion ------------------------------------------------------------------------------------------------------
+
+def _fusable(module: nn.Module, names: tuple[str, ...]) -> bool:
+    """Plain Linears with one input size, dtype and device, and no hooks (nothing observes them one by one)."""
+    parts = [getattr(module, name, None) for name in names]
+    if not all(type(part) is nn.Linear and "weight" in part._parameters for part in parts):
+        return False
+    if any(part._forward_hooks or part._forward_pre_hooks for part in parts):
+        return False
+    first = parts[0].weight
+    return all(p.weight.shape[1] == first.shape[1] and p.weight.dtype == first.dtype
+               and p.weight.device == first.device and (p.bias is None) == (parts[0].bias is None) for p in parts)
+
+
+def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([part.weight for part in parts])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
+                      device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([part.bias for part in parts]), requires_grad=False)
+    return fused
+
+
+def _fuse_attention(attention: nn.Module, attention_kwargs: dict) -> list[torch.Tensor]:
+    """Returns the dropped weights' and biases' ranges in a larger buffer (_view_ranges)."""
+    parts = [attention.q_proj, attention.k_proj, attention.v_proj]
+    attention.qkv_proj = _fused_linear(parts)
+    # From the weights: under tensor parallelism a shard's Linear keeps the whole model's out_features attribute.
+    attention.qkv_sizes = [part.weight.shape[0] for part in parts]
+    attention.fused_attention_kwargs = attention_kwargs
+    modeling = sys.modules[type(attention).__module__]  # that model's own rotary and eager attention
+    attention.apply_rotary_pos_emb = modeling.apply_rotary_pos_emb
+    attention.eager_attention_forward = modeling.eager_attention_forward
+    del attention.q_proj, attention.k_proj, attention.v_proj
+    attention.forward = types.MethodType(_fused_attention_forward, attention)
+    return _weights_of(parts)
+
+
+def _weights_of(linears: list[nn.Linear]) -> list[tuple[int, int]]:
+    return _view_ranges([t for linear in linears for t in (linear.weight, linear.bias) if t is not None])
+
+
+def _fused_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                             **kwargs):
+    """transformers' LlamaAttention.forward (Mistral's, Qwen2's) with q/k/v from one matmul."""
+    if cache is None:  # the name before transformers 5.x's rename
+        cache = kwargs.pop("past_key_values", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query, key, value = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
+    query_states = query.view(hidden_shape).transpose(1, 2)
+    key_states = key.view(hidden_shape).transpose(1, 2)
+    value_states = value.view(hidden_shape).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    query_states, key_states = self.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+    if cache is not None:
+        key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                self.eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        self, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+        **self.fused_attention_kwargs, **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _fuse_mlp(mlp: nn.Module) -> list[torch.Tensor]:
+    parts = [mlp.gate_proj, mlp.up_proj]
+    mlp.gate_up_proj = _fused_linear(parts)
+    mlp.gate_size = mlp.gate_proj.weight.shape[0]
+    del mlp.gate_proj, mlp.up_proj
+    mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+    return _weights_of(parts)
+
+
+def _fused_mlp_forward(self, x):
+    gate, up = self.gate_up_proj(x).split(self.gate_size, dim=-1)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+# ---- oneDNN-packed linears ------------------------------------------------------------------------------------------
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """Ids of parameters held by more than one module (tied embeddings): packing would copy them."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for parameter in module._parameters.values():
+            if parameter is not None:
+                seen[id(parameter)] = seen.get(id(parameter), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _packable(module: nn.Module, shared: set[int]) -> bool:
+    if not isinstance(module, nn.Linear) or "weight" not in module._parameters:
+        return False  # not a Linear, or packed already
+    weight = module.weight
+    return weight.dtype in PACKED_DTYPES and weight.dim() == 2 and id(weight) not in shared
+
+
+def _pack(linear: nn.Linear) -> list[tuple[int, int]]:
+    """Returns the dropped weight's range in a larger buffer (_view_ranges)."""
+    dropped = _view_ranges([linear.weight])
+    # A plain attribute, not a parameter: an opaque oneDNN tensor cannot be moved by module.to() or saved.
+    linear.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+    del linear.weight
+    linear.forward = types.MethodType(_packed_linear_forward, linear)
+    return dropped
+
+
+def _packed_linear_forward(self, x):
+    return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
