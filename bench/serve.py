@@ -14,6 +14,7 @@ chunks carrying text).
 Targets (each started once; TARGETS below):
 - hpcllm: `hpcllm worker` (hpcllm's engine, continuous batching, paged KV) behind `hpcllm gateway`.
 - hpcllm-sequential: the same with `batching = "sequential"` (one forward per request per step; not by default).
+- hpcllm-model-process: the same with `model_process = true` (the forward in a child process; not by default).
 - vllm-behind-hpcllm: `hpcllm worker --engine vllm` (vLLM in the worker, weights via hpcllm's loader) behind
   `hpcllm gateway`.
 - vllm-direct: vLLM's own OpenAI server on the Hugging Face folder (the anchor); ratios are printed against it.
