@@ -10,8 +10,9 @@ threads (streams, HTTP, the engine's bookkeeping) run on another core.
 The split is at the existing seam: a StepBatch (plain ints) goes down the pipe, the child's runner (make_runner,
 unchanged: PagedRunner or SequentialRunner over the same model) runs it, and its logits come back through a shared
 float32 buffer of max_rows x vocab allocated once (no per-step shared-memory segment). The model's weights are not
-copied per process: the child is spawned with the model pickled by torch.multiprocessing, which moves CPU tensors
-into shared memory (once; the worker then uses the shared copy too) and passes CUDA tensors by IPC handle. The KV
+copied per process: the model goes down the pipe once, pickled by torch.multiprocessing, which moves CPU tensors
+into shared memory (once; the worker then uses the shared copy too) and passes CUDA tensors by IPC handle. The
+child is spawned first (ModelProcess), so its torch/transformers imports overlap the worker's model load. The KV
 cache lives in the child. The scheduler, block pool, sampling, detokenization and streams stay in the worker.
 
 launch(batch) returns at once; collect() waits for the logits: the engine delivers the previous step's stream
