@@ -14,6 +14,7 @@ chunks carrying text).
 Targets (each started once; TARGETS below):
 - hpcllm: `hpcllm worker` (hpcllm's engine, continuous batching, paged KV) behind `hpcllm gateway`.
 - hpcllm-sequential: the same with `batching = "sequential"` (one forward per request per step; not by default).
+- hpcllm-model-process: the same with `model_process = true` (the forward in a child process; not by default).
 - vllm-behind-hpcllm: `hpcllm worker --engine vllm` (vLLM in the worker, weights via hpcllm's loader) behind
   `hpcllm gateway`.
 - vllm-direct: vLLM's own OpenAI server on the Hugging Face folder (the anchor); ratios are printed against it.
@@ -129,14 +130,16 @@ class Target(abc.ABC):
 class BehindGateway(Target):
     """A worker (engine hpcllm or vllm) started as the node agent starts it, behind `hpcllm gateway`."""
 
-    def __init__(self, name: str, engine: str, setup: Setup, batching: str = "auto"):
+    def __init__(self, name: str, engine: str, setup: Setup, batching: str = "auto", model_process: bool = False):
         self.name, self.engine, self.setup, self.batching = name, engine, setup, batching
+        self.model_process = model_process
         self.worker: StartedServer | None = None
         self.gateway: StartedServer | None = None
 
     def start(self) -> str:
         s = self.setup
         settings = {"max_running_requests": s.max_running, "max_waiting_requests": 1024, "batching": self.batching,
+                    "model_process": self.model_process,
                     "vllm_max_num_seqs": s.max_running, "vllm_kv_cache_gb": 1.0, "keepalive_seconds": 1.0}
         self.worker = start_worker(s.checkpoint, engine=self.engine, name=MODEL, secret=SECRET,
                                    python=s.vllm_python if self.engine == "vllm" else None, threads=s.threads,
@@ -182,6 +185,7 @@ class VllmDirect(Target):
 TARGETS = {
     "hpcllm": lambda setup: BehindGateway("hpcllm", "hpcllm", setup),
     "hpcllm-sequential": lambda setup: BehindGateway("hpcllm-sequential", "hpcllm", setup, batching="sequential"),
+    "hpcllm-model-process": lambda setup: BehindGateway("hpcllm-model-process", "hpcllm", setup, model_process=True),
     "vllm-behind-hpcllm": lambda setup: BehindGateway("vllm-behind-hpcllm", "vllm", setup),
     ANCHOR: VllmDirect,
 }

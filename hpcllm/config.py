@@ -255,6 +255,10 @@ class WorkerConfig(Section):
     batching: Literal["auto", "paged", "sequential"] = "auto"
     # Share the KV blocks of common prompt prefixes (system prompts) between requests (paged batching only).
     prefix_caching: bool = True
+    # Run the model's forward in a child process of the worker (vLLM's engine core split): streaming and HTTP then
+    # run beside the model instead of taking the worker's GIL in the middle of each step. Costs the child's start
+    # (torch imports, seconds) at load; see docs/worker.md "The model process".
+    model_process: bool = False
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
     # Torch compute threads of one worker. 0: the node agent gives each worker its share of the CPUs it may use
     # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcllm.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 FORWARD, STOP = "forward", "stop"
@@ -202,6 +204,8 @@ def tensor_parallel_engine_class():
         same KV blocks of their own heads and compute their shard of the same forward."""
 
         def __init__(self, lead: LeadRunner, tokenizer, **options):
+            if options.pop("model_process", False):  # the forward is already spread over the ranks' processes
+                raise ConfigError("[worker] model_process cannot be combined with tensor parallelism; set it false")
             super().__init__(lead.runner.model, tokenizer, **options)
             self.lead = lead
             lead.runner.batch_runner = self.runner

@@ -60,6 +60,7 @@ def run_worker(
         kv_block_size=worker.kv_block_size,
         batching=worker.batching,
         prefix_caching=worker.prefix_caching,
+        model_process=worker.model_process,
     )
     if engine == "vllm":
         loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -54,6 +55,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     UnknownRequest,
 )
 from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, make_runner
+from hpcllm.worker.runner_process import ModelProcess, ProcessRunner
 from hpcllm.worker.sampling import sample_token
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,7 @@ class Engine(EngineBase):
         batching: str = "auto",
         prefix_caching: bool = True,
         fast_path: bool = True,
+        model_process: "bool | ModelProcess" = False,
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
@@ -168,13 +171,23 @@ class Engine(EngineBase):
             )
         num_blocks = -(-self.kv_cache_tokens // kv_block_size)
         # fast_path: the paged runner fuses and packs the model's projections on CPU (runner.py, fastpath.py).
-        self.runner: ModelRunner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size,
-                                               batching=batching, fast_path=fast_path)
+        if model_process:  # the forward in a child process (runner_process.py): streams run beside it
+            started = model_process if isinstance(model_process, ModelProcess) else None  # started during the load
+            self.runner: ModelRunner = ProcessRunner(model, num_blocks=num_blocks, block_size=kv_block_size,
+                                                     batching=batching, max_rows=max_running_requests,
+                                                     process=started, fast_path=fast_path)
+            paged = self.runner.paged
+        else:
+            self.runner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size, batching=batching,
+                                      fast_path=fast_path)
+            paged = isinstance(self.runner, PagedRunner)
         # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
-        self.kv_pool = BlockPool(num_blocks, kv_block_size,
-                                 prefix_caching=prefix_caching and isinstance(self.runner, PagedRunner))
+        self.kv_pool = BlockPool(num_blocks, kv_block_size, prefix_caching=prefix_caching and paged)
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
         self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
+        # Stream events the engine thread produced, handed to the streams together (_deliver_events): during the
+        # next forward, so the stream threads wake while the model computes, not in the middle of the bookkeeping.
+        self._outbox: list[tuple[queue.Queue, Event]] = []
         self._finished_history = finished_history
 
         self._lock = threading.Condition(threading.RLock())
@@ -288,6 +301,7 @@ class Engine(EngineBase):
                 if active is None:
                     break
                 if self._embed_jobs:
+                    self._deliver_events()
                     self._run_embed_jobs()
                 if active:
                     self._step(active)
@@ -304,6 +318,7 @@ class Engine(EngineBase):
                 active = [req for req in self._running if req.has_work()]
                 if active or self._embed_jobs:
                     return active
+                self._deliver_events()
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
 
     def _admit(self) -> None:
@@ -345,13 +360,15 @@ class Engine(EngineBase):
             )
             if chunks:
                 batch.free, self._to_free = self._to_free, []
+        if not chunks:
+            self._deliver_events()
         if not work:
             return
         logits = None
         if chunks:
             began = time.perf_counter()
             try:
-                logits = self._forward(batch)
+                logits = self._run_step(batch)
             except torch.OutOfMemoryError as exc:
                 self._out_of_memory([w.req for w in chunks], exc)
                 return
@@ -483,8 +500,34 @@ class Engine(EngineBase):
         previous = self._prefill_rate
         self._prefill_rate = rate if previous is None else previous + PREFILL_RATE_WEIGHT * (rate - previous)
 
+    def _run_step(self, batch: StepBatch) -> torch.Tensor:
+        """The step's forward; the previous step's stream events are delivered while it runs (with a model process)
+        or just before it (in this process, where the streams would wait for the GIL anyway)."""
+        if not isinstance(self.runner, ProcessRunner):
+            self._deliver_events()
+            return self._forward(batch)
+        self.runner.launch(batch)
+        self._deliver_events()
+        return self.runner.collect()
+
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)
+
+    def _emit(self, req: _Request, event: Event) -> None:
+        """Events of the engine thread wait in the outbox for the step's one hand-over; any other thread's (a
+        cancel, a migration's hand-over) go out at once, after what the outbox holds (a stream's order stays)."""
+        with self._lock:
+            if threading.current_thread() is self._thread:
+                self._outbox.append((req.events, event))
+                return
+            self._deliver_events()
+            req.events.put(event)
+
+    def _deliver_events(self) -> None:
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            for events, event in outbox:
+                events.put(event)
 
     # ---- EngineBase's hooks -------------------------------------------------------------------------------------
 
@@ -508,6 +551,9 @@ class Engine(EngineBase):
                 job.error = RuntimeError(self.error or "the engine shut down")
                 job.done.set()
         super()._end_all()
+        self._deliver_events()
+        if isinstance(self.runner, ProcessRunner):
+            self.runner.close()
 
 
 def _eos_token_ids(model, tokenizer) -> frozenset[int]:

@@ -546,7 +546,7 @@ class EngineBase:
                 text += req.detokenizer.flush()
                 finish_reason = "length"
         # Built without validation (engine-made ints and strings; one per token per request on the engine thread).
-        req.events.put(TokenLine.model_construct(index=index, token_id=token, text=text, logprobs=logprobs))
+        self._emit(req, TokenLine.model_construct(index=index, token_id=token, text=text, logprobs=logprobs))
         if finish_reason is not None:
             self._finish(req, finish_reason, stop_reason)
 
@@ -569,8 +569,12 @@ class EngineBase:
             self._lock.notify_all()
         self.metrics.request_finished(reason)
         self.metrics.e2e_request_latency.observe(time.monotonic() - req.arrival)
-        req.events.put(FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage(), error=error,
-                                 migrated_to=migrated_to))
+        self._emit(req, FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage(), error=error,
+                                  migrated_to=migrated_to))
+
+    def _emit(self, req: RequestState, event: Event) -> None:
+        """Hand an event to the request's stream (an engine may batch the hand-overs of a step)."""
+        req.events.put(event)
 
     def _end_all(self) -> None:
         """The loop ended: abort what is left, or fail it with the engine's error."""

@@ -36,6 +36,7 @@ from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.engine import Engine, EngineUnavailable
+from hpcllm.worker.runner_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
 from hpcllm.worker.protocol import (
@@ -126,10 +127,16 @@ class WorkerService:
         with self._granted_lock:
             return request_id in self._granted.get(nonce, (0.0, set()))[1]
 
-    def attach(self, loaded: ModelForServing) -> Engine:
-        """Build and start the engine around a loaded model."""
+    def attach(self, loaded: ModelForServing, model_process: ModelProcess | None = None) -> Engine:
+        """Build and start the engine around a loaded model (model_process: started while it loaded)."""
+        options = dict(self.engine_options)
+        if model_process is not None:
+            if loaded.engine is not None:  # an engine of its own (vLLM) has no use for it
+                model_process.close()
+            else:
+                options["model_process"] = model_process
         engine = loaded.engine or (loaded.engine_factory or Engine)(
-            loaded.model, loaded.tokenizer, model_name=self.model_name, metrics=self.metrics, **self.engine_options
+            loaded.model, loaded.tokenizer, model_name=self.model_name, metrics=self.metrics, **options
         )
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)
         self.loaded = loaded
@@ -141,9 +148,13 @@ class WorkerService:
         self, loader: Callable[[], ModelForServing], on_failure: Callable[[Exception], None] | None = None
     ) -> threading.Thread:
         def load() -> None:
+            # [worker] model_process: the child imports torch and transformers while the weights load.
+            ahead = ModelProcess() if self.engine_options.get("model_process") else None
             try:
-                self.attach(loader())
+                self.attach(loader(), model_process=ahead)
             except Exception as exc:  # reported by /health and /ready, and to on_failure
+                if ahead is not None:
+                    ahead.close()
                 if isinstance(exc, HpcllmError):  # a user error (bad checkpoint, bad option): its message suffices
                     log.error("loading the model failed: %s", exc)
                 else:

@@ -1,0 +1,161 @@
+"""The model step in its own process (`[worker] model_process = true`): the engine's ModelRunner seam over a pipe.
+
+Why: the engine thread shares the worker process's GIL with the HTTP threads (one per stream). Under load every
+token wakes a stream thread that takes the GIL in the middle of the model's forward (which releases and retakes it
+around every torch op), so the forward, mostly Python for small models, is stretched by the streaming work, and on
+a busy machine a GIL holder that the OS deschedules stalls the engine too. With the forward in a child process
+(vLLM's engine core does the same), the child has no other Python threads, and while it computes the worker's
+threads (streams, HTTP, the engine's bookkeeping) run on another core.
+
+The split is at the existing seam: a StepBatch (plain ints) goes down the pipe, the child's runner (make_runner,
+unchanged: PagedRunner or SequentialRunner over the same model) runs it, and its logits come back through a shared
+float32 buffer of max_rows x vocab allocated once (no per-step shared-memory segment). The model's weights are not
+copied per process: the model goes down the pipe once, pickled by torch.multiprocessing, which moves CPU tensors
+into shared memory (once; the worker then uses the shared copy too) and passes CUDA tensors by IPC handle. The
+child is spawned first (ModelProcess), so its torch/transformers imports overlap the worker's model load. The KV
+cache lives in the child. The scheduler, block pool, sampling, detokenization and streams stay in the worker.
+
+launch(batch) returns at once; collect() waits for the logits: the engine delivers the previous step's stream
+events in between, while the child computes (Engine._forward).
+"""
+
+from __future__ import annotations
+
+import signal
+import traceback
+
+import torch
+import torch.multiprocessing
+
+from hpcllm.worker.runner import PagedRunner, StepBatch, make_runner
+
+STOP_SECONDS = 10.0
+
+
+class ModelProcessError(RuntimeError):
+    """The model process failed or died: the engine is dead (its loop ends, /health answers 503)."""
+
+
+class ModelProcess:
+    """The spawned model process before it has a model: it imports torch and transformers at once, so a worker
+    starts it while it loads the weights (WorkerService) and the imports cost no extra time."""
+
+    def __init__(self) -> None:
+        context = torch.multiprocessing.get_context("spawn")  # never fork a process with OpenMP/CUDA threads
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=_serve_steps, args=(child_end,), name="hpcllm-model", daemon=True)
+        self.process.start()
+        child_end.close()
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(STOP_SECONDS)
+        if self.process.is_alive():  # it ignores SIGTERM (the worker's to act on)
+            self.process.kill()
+            self.process.join(STOP_SECONDS)
+        self.conn.close()
+
+
+class ProcessRunner:
+    """A ModelRunner whose steps run in a child process holding the model and its KV cache."""
+
+    def __init__(self, model, *, num_blocks: int, block_size: int, batching: str, max_rows: int,
+                 process: ModelProcess | None = None, fast_path: bool = True) -> None:
+        """process: one started ahead (while the model loaded); None starts one now. fast_path: make_runner's."""
+        self._model_process = process or ModelProcess()
+        self._conn, self._process = self._model_process.conn, self._model_process.process
+        setup = {"model": model, "num_blocks": num_blocks, "block_size": block_size, "batching": batching,
+                 "max_rows": max_rows, "threads": torch.get_num_threads(), "fast_path": fast_path}
+        try:
+            self._conn.send(("load", setup))  # torch.multiprocessing's pickler: weights by shared memory / IPC
+        except (BrokenPipeError, OSError) as exc:
+            raise ModelProcessError(f"the model process is gone (exit code {self._process.exitcode})") from exc
+        kind, payload = self._receive()
+        if kind == "error":
+            self.close()
+            raise ValueError(payload)  # make_runner's refusal (e.g. batching="paged" for a model it cannot serve)
+        self.paged: bool = payload["paged"]  # prefix caching needs the paged runner's shared blocks
+        self._logits: torch.Tensor = payload["logits"]  # [max_rows, vocab] float32 in shared memory
+        self._in_flight = False
+
+    def launch(self, batch: StepBatch) -> None:
+        """Start a step in the model process; collect() returns its logits."""
+        if self._in_flight:
+            raise RuntimeError("a step is already running in the model process")
+        try:
+            self._conn.send(("step", batch))
+        except (BrokenPipeError, OSError) as exc:
+            raise ModelProcessError(f"the model process is gone (exit code {self._process.exitcode})") from exc
+        self._in_flight = True
+
+    def collect(self) -> torch.Tensor:
+        """The launched step's logits, [rows, vocab] (a copy: the engine may keep rows past the next step)."""
+        self._in_flight = False
+        kind, payload = self._receive()
+        if kind == "oom":
+            raise torch.OutOfMemoryError(payload)
+        if kind == "error":
+            raise ModelProcessError(f"the model process failed: {payload}")
+        return self._logits[:payload].clone()
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        self.launch(batch)
+        return self.collect()
+
+    def close(self) -> None:
+        """Stop the model process (the engine's loop ended)."""
+        self._model_process.close()
+
+    def _receive(self) -> tuple[str, object]:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._process.join(1.0)
+            raise ModelProcessError(f"the model process died (exit code {self._process.exitcode})") from exc
+
+
+def _serve_steps(conn) -> None:
+    """The model process: wait for the model, build the runner, then run each step sent until "stop" (or until the
+    worker goes away). Spawning it imported this module, so torch and transformers are loaded by then."""
+    # Signals are the worker's to act on (SIGTERM starts a drain that may still need steps); this process ends
+    # when the worker says stop or exits (the pipe closes).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    try:
+        kind, setup = conn.recv()
+    except EOFError:  # the worker exited (its load failed)
+        return
+    if kind == "stop":
+        return
+    model, max_rows = setup["model"], setup["max_rows"]
+    torch.set_num_threads(setup["threads"])
+    try:
+        runner = make_runner(model, num_blocks=setup["num_blocks"], block_size=setup["block_size"],
+                             batching=setup["batching"], fast_path=setup["fast_path"])
+    except ValueError as exc:
+        conn.send(("error", str(exc)))
+        return
+    output = model.get_output_embeddings()
+    width = output.weight.shape[0] if output is not None else model.config.vocab_size
+    logits = torch.empty(max_rows, width, dtype=torch.float32).share_memory_()
+    conn.send(("ready", {"paged": isinstance(runner, PagedRunner), "logits": logits}))
+    with torch.inference_mode():
+        while True:
+            try:
+                kind, batch = conn.recv()
+            except EOFError:  # the worker exited
+                return
+            if kind == "stop":
+                return
+            try:
+                rows = runner.step(batch)
+                logits[:len(rows)].copy_(rows)
+                conn.send(("ok", len(rows)))
+            except torch.OutOfMemoryError as exc:
+                conn.send(("oom", str(exc)))
+            except Exception:  # the engine dies with this message; the process stays to be stopped
+                conn.send(("error", traceback.format_exc(limit=8)))

@@ -1,0 +1,126 @@
+"""[worker] model_process: the engine's forward runs in a child process (runner_process.ProcessRunner).
+
+The split must not change what a user gets: greedy output equals transformers' generate, seeded sampling equals the
+in-process engine's, prefix caching and cancel work, and a dead model process fails the engine like any engine
+failure. Each engine here spawns a process (torch imports: seconds), so one engine serves most tests."""
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from hpcllm.worker.engine import Engine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.runner_process import ProcessRunner
+from hpcllm.worker.server import ModelForServing
+
+from .conftest import wait_until
+
+_ids = itertools.count()
+PROMPTS = ["hello world, this", "the", "🙂 日本語 テスト and a longer prompt that takes a few chunks to prefill", "a b c"]
+
+
+def request(**fields) -> GenerateRequest:
+    fields.setdefault("request_id", f"p{next(_ids)}")
+    return GenerateRequest(**fields)
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens):
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def run_together(engine, requests):
+    with engine._lock:  # all submitted before the engine steps any
+        streams = [engine.submit(r) for r in requests]
+    return [list(stream.events()) for stream in streams]
+
+
+@pytest.fixture(scope="module")
+def process_engine(load_pair):
+    model, tokenizer = load_pair("llama")
+    engine = Engine(model, tokenizer, model_name="tiny", model_process=True, prefill_chunk_tokens=8,
+                    kv_block_size=4).start()
+    yield engine
+    engine.shutdown()
+
+
+def test_the_forward_runs_in_a_child_process_and_greedy_output_equals_generate(load_pair, process_engine):
+    model, tokenizer = load_pair("llama")
+    runner = process_engine.runner
+    assert isinstance(runner, ProcessRunner) and runner._process.pid != os.getpid() and runner._process.is_alive()
+    assert process_engine.kv_pool.prefix_caching  # the child runs the paged runner
+    lengths = [30, 12, 25, 40]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    results = run_together(process_engine, [request(prompt_token_ids=ids, max_tokens=n, temperature=0)
+                                            for ids, n in zip(prompt_ids, lengths)])
+    assert [[e.token_id for e in events[:-1]] for events in results] == [
+        hf_greedy(model, ids, n) for ids, n in zip(prompt_ids, lengths)]
+    # Every stream got its lines in order, then its final line.
+    for events, n in zip(results, lengths):
+        assert [e.index for e in events[:-1]] == list(range(len(events) - 1))
+        assert isinstance(events[-1], FinalLine) and events[-1].usage.completion_tokens == len(events) - 1
+
+
+def test_seeded_sampling_and_logprobs_equal_the_in_process_engine(load_pair, process_engine):
+    model, tokenizer = load_pair("llama")
+    sampled = [request(prompt=p, max_tokens=20, temperature=0.9, top_k=40, seed=i, ignore_eos=True, logprobs=2)
+               for i, p in enumerate(PROMPTS)]
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
+        expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"})
+                                        for r in sampled])
+    got = run_together(process_engine, sampled)
+    strip = lambda events: [(e.token_id, e.text, e.logprobs.top[0].token_id) for e in events[:-1]]  # noqa: E731
+    assert [strip(events) for events in got] == [strip(events) for events in expected]
+
+
+def test_a_shared_prefix_is_served_from_the_cache_and_cancel_ends_a_stream_in_order(load_pair, process_engine):
+    model, tokenizer = load_pair("llama")
+    system = tokenizer("You are a helpful assistant. Answer briefly and politely, in plain words.")["input_ids"]
+    hits = process_engine.metrics.prefix_cache_hits._value.get()
+    first, second = system + tokenizer("the")["input_ids"][-1:], system + tokenizer("hello world")["input_ids"][-2:]
+    for ids in (first, second):
+        [events] = run_together(process_engine, [request(prompt_token_ids=ids, max_tokens=5, temperature=0)])
+        assert [e.token_id for e in events[:-1]] == hf_greedy(model, ids, 5)
+    assert process_engine.metrics.prefix_cache_hits._value.get() - hits >= (len(system) // 4) * 4
+
+    stream = process_engine.submit(request(prompt=PROMPTS[0], max_tokens=200, ignore_eos=True))
+    events = stream.events()
+    assert isinstance(next(events), TokenLine)
+    tokens = process_engine.cancel(stream.request_id)
+    rest = list(events)
+    assert isinstance(rest[-1], FinalLine) and rest[-1].finish_reason == "abort"
+    token_lines = 1 + len(rest) - 1  # the first, then all but the final line
+    assert token_lines == len(tokens.output_token_ids)  # every token line the cancel reports, then the end
+    assert process_engine.kv_pool.used_blocks == 0
+
+
+def test_a_worker_started_with_model_process_streams_over_http_and_stops_the_process(load_pair, start_worker):
+    model, tokenizer = load_pair("llama")
+    worker = start_worker(loader=lambda: ModelForServing(model, tokenizer, tier="test"), model_process=True)
+    assert wait_until(lambda: worker.service.engine is not None and worker.service.engine.alive, timeout=120)
+    process = worker.service.engine.runner._process  # the one started while the model loaded
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    with worker.client.generate(request(prompt_token_ids=ids, max_tokens=12, temperature=0)) as stream:
+        lines = list(stream)
+    assert [line.token_id for line in lines[:-1]] == hf_greedy(model, ids, 12)
+    assert lines[-1].finish_reason == "length"
+    assert worker.client.ready()["status"] == "ready"
+    worker.stop()
+    assert not process.is_alive()
+
+
+def test_a_dead_model_process_fails_the_engine_and_its_requests(load_pair):
+    model, tokenizer = load_pair("llama")
+    engine = Engine(model, tokenizer, model_name="tiny", model_process=True).start()
+    try:
+        stream = engine.submit(request(prompt=PROMPTS[0], ignore_eos=True))  # until the context is full
+        events = stream.events()
+        next(events)
+        engine.runner._process.kill()
+        final = [e for e in events if isinstance(e, FinalLine)][-1]
+        assert final.finish_reason == "error" and "model process died" in final.error.message
+        assert not engine.alive and "model process died" in engine.error
+    finally:
+        engine.shutdown()
