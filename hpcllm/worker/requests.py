@@ -178,6 +178,26 @@ class RequestStream:
                 self.finished = True
             yield event
 
+    def event_batches(self, keepalive_seconds: float | None = None) -> Iterator[list[Event]]:
+        """Like events(), but everything already queued comes at once: a reader that fell behind the engine (its
+        thread waited for the CPU or the GIL) catches up with one write instead of one per token. An empty list
+        when keepalive_seconds pass without an event."""
+        events = self._request.events
+        while not self.finished:
+            try:
+                batch = [events.get(timeout=keepalive_seconds)]
+            except queue.Empty:
+                yield []
+                continue
+            while not isinstance(batch[-1], FinalLine):
+                try:
+                    batch.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            if isinstance(batch[-1], FinalLine):
+                self.finished = True
+            yield batch
+
     def close(self) -> None:
         if not self.finished and self._request.state != "finished":
             self._engine.cancel(self.request_id, wait=False)
