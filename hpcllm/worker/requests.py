@@ -10,15 +10,16 @@ the same checks (docs/migration.md). What differs is how tokens are produced: En
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hpcllm.httpkit.errors import ServiceError
-from hpcllm.worker.detokenizer import IncrementalDetokenizer
+from hpcllm.worker.detokenizer import IncrementalDetokenizer, text_decoder
 from hpcllm.worker.protocol import (
     ErrorInfo,
     FinalLine,
@@ -288,7 +289,11 @@ class EngineBase:
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            return self._decode_ids(ids)
+
+    @functools.cached_property
+    def _decode_ids(self) -> Callable[[list[int]], str]:
+        return text_decoder(self.tokenizer)
 
     # ---- live migration, destination side (held requests) ------------------------------------------------------
 
