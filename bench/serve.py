@@ -26,8 +26,10 @@ start), and hpcllm's engine from a fresh worker process vs a spare worker throug
 (bench/coldstart.py's measurement, --spare-runs rounds).
 
 Per level also the CPU seconds each target process spent (worker, gateway or vLLM's server, children such as vLLM's
-engine core included) and the client threads: on a shared machine whose load drifts, CPU time per generated token
-says where a target's cost lies better than wall time. --rounds N interleaves the targets (all up at once).
+engine core included), the worker's or vLLM server's process alone (HTTP and vLLM's front end, without vLLM's
+engine-core and model-runner processes) and the client threads: on a shared machine whose load drifts, CPU time per
+generated token says where a target's cost lies better than wall time. --rounds N interleaves the targets (all up at
+once).
 
 Output: a table on stdout, bench/results/serve-<time>.json (+ serve-latest.json) and a PNG plot next to each.
 On the shared 2-core dev machine targets, gateway and client threads share the cores; these are small-model CPU
@@ -125,6 +127,10 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def processes(self) -> dict[str, int]:
         """Role -> pid of the target's processes (their children count with them: vLLM's engine core)."""
+
+    # Roles whose process alone is also reported ("<role> alone": HTTP and vLLM's front end, without the engine-core
+    # and model-runner processes under it): where hpcllm's layer and vLLM's own server differ.
+    alone = ("worker", "server")
 
 
 class BehindGateway(Target):
@@ -308,6 +314,8 @@ def measured_level(target: Target, url: str, prompts: list[Prompt], concurrency:
 
     def sample() -> dict[str, float]:
         return {**{role: cpu_seconds(pid) for role, pid in pids.items()},
+                **{f"{role} alone": cpu_seconds(pid, children=False) for role, pid in pids.items()
+                   if role in target.alone},
                 "client": cpu_seconds(os.getpid(), children=False)}
 
     before = sample()

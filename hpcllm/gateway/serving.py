@@ -269,9 +269,17 @@ class Generation:
         return None
 
     def _read_stream(self, index: int, output_ids: list[int]):
-        """Yield deltas for the token lines of the current stream; return its FinalLine."""
+        """Yield deltas for the token lines of the current stream; return its FinalLine.
+
+        Tokens the worker sent in one write (they queued up while its stream thread waited for the CPU) become one
+        delta, hence one SSE event, as vLLM's own server merges the tokens a slow reader has not taken yet; text is
+        never held back waiting for a token that has not arrived. With logprobs every token keeps its own delta."""
         metrics = self.gw.metrics
+        # This model's series, looked up once per stream rather than per token.
+        inter_token_latency = metrics.inter_token_latency.labels(self.model)
+        generation_tokens = metrics.generation_tokens.labels(self.model)
         last_token_at: float | None = None
+        text = ""
         for item in self._stream:
             if isinstance(item, FinalLine):
                 return item
@@ -281,19 +289,22 @@ class Generation:
                 self._first_token_seen = True
                 metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.arrived)
             elif last_token_at is not None:
-                metrics.inter_token_latency.labels(self.model).observe(now - last_token_at)
+                inter_token_latency.observe(now - last_token_at)
             if self._migration_pause_from is not None:
                 metrics.migration_pause.labels(self.model).observe(now - self._migration_pause_from)
                 self._migration_pause_from = None
             last_token_at = self._last_token_at = now
             output_ids.append(item.token_id)
             self.completion_tokens += 1
-            metrics.generation_tokens.labels(self.model).inc()
+            generation_tokens.inc()
             if item.logprobs is not None:
                 self.cumulative_logprobs[index] += item.logprobs.logprob
                 yield Delta(index, item.text, logprobs=item.logprobs)
-            elif item.text:
-                yield Delta(index, item.text)
+            else:
+                text += item.text
+                if text and not self._stream.tokens_buffered:
+                    yield Delta(index, text)
+                    text = ""
             self._raise_if_aborted()
         raise WorkerLost("the worker stream ended without a final line")
 

@@ -40,6 +40,11 @@ class WorkerStream:
     def finished(self) -> bool:
         return self._stream.final is not None
 
+    @property
+    def tokens_buffered(self) -> int:
+        """Token lines the worker sent in one write with the one just read (they queued up on the worker)."""
+        return self._stream.tokens_buffered
+
     def __iter__(self) -> Iterator[TokenLine | FinalLine]:
         try:
             for item in self._stream:

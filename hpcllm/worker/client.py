@@ -77,28 +77,47 @@ def _raise_for_status(response: httpx.Response) -> None:
 
 
 class GenerationStream:
-    """Iterates a generate response's lines; the final line is also kept in `.final`."""
+    """Iterates a generate response's lines; the final line is also kept in `.final`.
+
+    `tokens_buffered` says how many token lines came behind the one just yielded in the same write of the worker
+    (it sends what queued up while its stream thread waited in one write): a reader can pass them on together."""
 
     def __init__(self, context, response: httpx.Response) -> None:
         self._context = context
         self._response = response
         self.final: FinalLine | None = None
+        self.tokens_buffered = 0
 
     def __iter__(self) -> Iterator[TokenLine | FinalLine]:
         try:
-            for raw in self._response.iter_lines():
-                line = parse_stream_line(raw)
-                if line is None:
-                    continue
-                if isinstance(line, FinalLine):
-                    self.final = line
-                yield line
-                if self.final is not None:
-                    return
+            for lines in self._line_batches():
+                tokens = sum(isinstance(line, TokenLine) for line in lines)
+                for line in lines:
+                    if isinstance(line, TokenLine):
+                        tokens -= 1
+                    self.tokens_buffered = tokens
+                    if isinstance(line, FinalLine):
+                        self.final = line
+                    yield line
+                    if self.final is not None:
+                        return
         except httpx.HTTPError as exc:
             raise WorkerError(0, f"worker stream broke: {exc}") from exc
         if self.final is None:
             raise WorkerError(0, "worker stream ended without a final line (worker died?)")
+
+    def _line_batches(self) -> Iterator[list[TokenLine | FinalLine]]:
+        """The stream's lines, parsed, as they arrived: the complete lines of one piece of the body (an HTTP chunk,
+        i.e. one write of the worker) together; keep-alives dropped."""
+        partial = b""
+        for data in self._response.iter_bytes():
+            *complete, partial = (partial + data).split(b"\n")
+            lines = [line for line in map(parse_stream_line, complete) if line is not None]
+            if lines:
+                yield lines
+        last = parse_stream_line(partial)
+        if last is not None:
+            yield [last]
 
     def close(self) -> None:
         self._context.__exit__(None, None, None)

@@ -12,9 +12,25 @@ back until it cannot; `flush` releases what is held when the generation ends for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
+
+
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """ids -> text with special tokens skipped and no clean-up of spaces, as `tokenizer.decode` gives it.
+
+    For a fast tokenizer whose decoding is transformers' own, that call is its Rust backend's decode wrapped in
+    ~9 us of Python: the backend is called directly (the detokenizer decodes twice per generated token, on the
+    engine thread). Any other tokenizer goes through `decode`."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: the plain call
+        TokenizersBackend = None
+    if TokenizersBackend is not None and type(tokenizer)._decode is TokenizersBackend._decode:
+        return functools.partial(tokenizer.backend_tokenizer.decode, skip_special_tokens=True)
+    return functools.partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 class IncrementalDetokenizer:

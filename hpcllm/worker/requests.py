@@ -10,15 +10,16 @@ the same checks (docs/migration.md). What differs is how tokens are produced: En
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hpcllm.httpkit.errors import ServiceError
-from hpcllm.worker.detokenizer import IncrementalDetokenizer
+from hpcllm.worker.detokenizer import IncrementalDetokenizer, text_decoder
 from hpcllm.worker.protocol import (
     ErrorInfo,
     FinalLine,
@@ -178,6 +179,26 @@ class RequestStream:
                 self.finished = True
             yield event
 
+    def event_batches(self, keepalive_seconds: float | None = None) -> Iterator[list[Event]]:
+        """Like events(), but everything already queued comes at once: a reader that fell behind the engine (its
+        thread waited for the CPU or the GIL) catches up with one write instead of one per token. An empty list
+        when keepalive_seconds pass without an event."""
+        events = self._request.events
+        while not self.finished:
+            try:
+                batch = [events.get(timeout=keepalive_seconds)]
+            except queue.Empty:
+                yield []
+                continue
+            while not isinstance(batch[-1], FinalLine):
+                try:
+                    batch.append(events.get_nowait())
+                except queue.Empty:
+                    break
+            if isinstance(batch[-1], FinalLine):
+                self.finished = True
+            yield batch
+
     def close(self) -> None:
         if not self.finished and self._request.state != "finished":
             self._engine.cancel(self.request_id, wait=False)
@@ -268,7 +289,11 @@ class EngineBase:
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            return self._decode_ids(ids)
+
+    @functools.cached_property
+    def _decode_ids(self) -> Callable[[list[int]], str]:
+        return text_decoder(self.tokenizer)
 
     # ---- live migration, destination side (held requests) ------------------------------------------------------
 

@@ -316,14 +316,15 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
 
 
 def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
-    """One JSON line per event; blank keep-alive lines while waiting let a dropped client be noticed.
+    """One JSON line per event; blank keep-alive lines while waiting let a dropped client be noticed. Events that
+    queued up while this thread waited go out in one write (one chunk, one syscall) rather than one each.
 
     When the client goes away, the server's next write fails and it closes this generator (GeneratorExit at the
     yield); the finally block then cancels the request so its slot and KV cache are freed.
     """
     try:
-        for event in stream.events(keepalive_seconds):
-            yield b"\n" if event is None else stream_line_json(event) + b"\n"
+        for batch in stream.event_batches(keepalive_seconds):
+            yield b"".join(stream_line_json(event) + b"\n" for event in batch) if batch else b"\n"
     finally:
         stream.close()
 

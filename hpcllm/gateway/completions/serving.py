@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from flask import Response
+from pydantic_core import to_json
 
 from hpcllm.gateway.completions.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                                  CompletionResponse, CompletionStreamResponse)
 from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext, collect,
                                     context_length_error, new_response_id, sse, stream_error_event)
@@ -87,15 +89,36 @@ def _logprobs(tokens: list[tuple[TokenLogprobs, int]], offset: int = 0) -> Compl
     )
 
 
+class StreamChunks:
+    """The SSE events of one streamed completion. Every chunk has the same envelope (id, object, created, model,
+    ...) and, per token, one choice with new text: the wire models render the envelope and each choice's shape
+    once, and a token's chunk is the text's JSON filled in (pydantic's own serializer), byte for byte what
+    rendering both models per token gives, at a fraction of the cost on the gateway's per-token path."""
+
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool):
+        self._envelope = {"id": response_id, "created": created, "model": model}
+        # OpenAI puts "usage": null on every chunk when include_usage is on, and leaves the key out otherwise.
+        self._exclude = None if include_usage else {"usage"}
+        self._head, self._tail = self.render([]).split(b'"choices":[]')
+        self._choice_shapes: dict[tuple[int, str | None], tuple[bytes, bytes]] = {}
+
+    def render(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> bytes:
+        """Any chunk, through the wire models."""
+        body = CompletionStreamResponse(**self._envelope, choices=choices, usage=usage)
+        return sse(body.model_dump_json(exclude=self._exclude))
+
+    def text(self, index: int, text: str, finish_reason: str | None = None) -> bytes:
+        """A chunk with one choice carrying text (no logprobs, no usage)."""
+        shape = self._choice_shapes.get((index, finish_reason))
+        if shape is None:
+            empty = CompletionChoice(index=index, text="", finish_reason=finish_reason).model_dump_json().encode()
+            shape = self._choice_shapes[(index, finish_reason)] = tuple(empty.split(b'"text":""'))
+        return b"".join((self._head, b'"choices":[', shape[0], b'"text":', to_json(text), shape[1], b"]",
+                         self._tail))
+
+
 def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext) -> Iterator[bytes]:
-    # OpenAI puts "usage": null on every chunk when include_usage is on, and leaves the key out otherwise.
-    exclude = None if req.include_usage else {"usage"}
-
-    def chunk(choices, usage=None) -> bytes:
-        body = CompletionStreamResponse(id=generation.response_id, created=ctx.created, model=req.model,
-                                        choices=choices, usage=usage)
-        return sse(body.model_dump_json(exclude=exclude))
-
+    chunks = StreamChunks(generation.response_id, ctx.created, req.model, req.include_usage)
     offsets = [0] * generation.num_choices  # text streamed so far per choice (logprobs' text_offset)
     try:
         for delta in generation.deltas():
@@ -103,11 +126,14 @@ def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext)
             if req.logprobs is not None and delta.logprobs is not None:
                 logprobs = _logprobs([(delta.logprobs, 0)], offsets[delta.index])
             offsets[delta.index] += len(delta.text)
+            if logprobs is None and not req.continuous_usage:
+                yield chunks.text(delta.index, delta.text, delta.finish_reason)
+                continue
             choice = CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason,
                                       logprobs=logprobs)
-            yield chunk([choice], generation.usage if req.continuous_usage else None)
+            yield chunks.render([choice], generation.usage if req.continuous_usage else None)
         if req.include_usage:
-            yield chunk([], generation.usage)
+            yield chunks.render([], generation.usage)
     except Exception as exc:
         yield stream_error_event(exc, ctx.request_id)
     yield SSE_DONE

@@ -59,3 +59,25 @@ def test_flush_emits_an_incomplete_trailing_character_like_a_full_decode():
     ids = list("ok".encode()) + list("🙂".encode())[:2]
     pieces, _ = stream("", tokens=ids)
     assert "".join(pieces) == byte_decode(ids)
+
+
+def test_the_text_decoder_gives_what_tokenizer_decode_gives(model_dirs):
+    """The engines' decode calls a fast tokenizer's Rust backend directly: the same text as tokenizer.decode
+    (special tokens skipped, spaces not cleaned up), for every dev architecture's tokenizer."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from hpcllm.devmodels import ARCHITECTURES
+    from hpcllm.worker.detokenizer import text_decoder
+
+    rng = random.Random(0)
+    for arch in ARCHITECTURES:
+        tokenizer = AutoTokenizer.from_pretrained(model_dirs[arch])
+        decode = text_decoder(tokenizer)
+        assert decode.func == tokenizer.backend_tokenizer.decode  # the fast path is the one taken
+        specials = list(tokenizer.all_special_ids)
+        for _ in range(300):
+            ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tokenizer))
+                   for _ in range(rng.randrange(1, 9))]
+            assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

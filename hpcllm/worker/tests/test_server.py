@@ -216,3 +216,17 @@ def test_metrics_count_requests_and_tokens(load_pair, start_worker):
     assert f"hpcllm_request_queue_time_seconds_count{{{label}}} 2.0" in text
     assert f"hpcllm_num_requests_running{{{label}}} 0.0" in text
     assert f"hpcllm_num_requests_waiting{{{label}}} 0.0" in text
+
+
+def test_a_stream_that_fell_behind_its_engine_sends_the_queued_tokens_in_one_write(load_pair, start_worker):
+    from hpcllm.worker.server import _ndjson
+
+    worker = start_worker(load_pair("llama"))
+    slow_down(worker.service.engine, 0.01)
+    body = GenerateRequest(request_id="behind", prompt=PROMPT, max_tokens=12, ignore_eos=True, temperature=0)
+    stream = worker.service.engine.submit(body)
+    writes = _ndjson(stream, keepalive_seconds=5.0)
+    first = next(writes)
+    wait_until(lambda: worker.service.engine.tokens("behind").state == "finished", timeout=30)
+    rest = list(writes)  # the engine finished while this reader slept: everything left is one write
+    assert first.count(b"\n") == 1 and len(rest) == 1 and rest[0].count(b"\n") == 12  # 11 tokens + the final line
