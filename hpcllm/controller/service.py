@@ -32,7 +32,7 @@ from hpcllm.controller.errors import (
     UnknownCredential,
     UnknownModel,
 )
-from hpcllm.controller.placement import MovableInstance, NodeCandidate, place, slice_holding
+from hpcllm.controller.placement import MovableInstance, NodeCandidate, load_time, place, slice_holding
 from hpcllm.controller.protocol import (
     AllocationStatus,
     CacheEntry,
@@ -816,11 +816,13 @@ class Controller:
         others = self._other_models_nodes(model, known_nodes.values(), by_node) \
             if self.settings.keep_alive_policy == "per-model" else set()
         spanning = self._spanning_jobs()
+        ready_on = self._ready_nodes_by_model(by_node, known_nodes)
+        restart_waits: dict[str, float] = {}
         for node in known_nodes.values():
             if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool \
                     or node.node_id in others or node.slurm_job_id in spanning:
                 continue
-            free, movable, young = self._room(model, node, by_node[node.node_id], now)
+            free, movable, young = self._room(model, node, by_node[node.node_id], now, ready_on, restart_waits)
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable,
                                             "agent up"))
             targets[node.node_id] = Target("running", node=node)
@@ -880,8 +882,23 @@ class Controller:
         return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
             a.state == "pending" or (a.state == "running" and not allocation_agents(a, live)))]
 
-    def _room(self, model: DeployedModel, node: NodeRecord, instances: list[InstanceRecord],
-              now: float) -> tuple[int, tuple[MovableInstance, ...], list[tuple[MovableInstance, float]]]:
+    @staticmethod
+    def _ready_nodes_by_model(by_node: dict[str, list[InstanceRecord]],
+                              known_nodes: dict[str, NodeRecord]) -> dict[str, set[str]]:
+        """Per model, the routable nodes running a ready instance of it (where a moved instance's requests can go)."""
+        ready_on: dict[str, set[str]] = defaultdict(set)
+        for node_id, instances in by_node.items():
+            node = known_nodes.get(node_id)
+            if node is None or node.state not in ROUTABLE_NODE_STATES:
+                continue
+            for inst in instances:
+                if inst.state == "ready":
+                    ready_on[inst.model].add(node_id)
+        return ready_on
+
+    def _room(self, model: DeployedModel, node: NodeRecord, instances: list[InstanceRecord], now: float,
+              ready_on: dict[str, set[str]], restart_waits: dict[str, float],
+              ) -> tuple[int, tuple[MovableInstance, ...], list[tuple[MovableInstance, float]]]:
         """Free slots on a node for this model, the instances that could be moved now to make more, and those that
         could be moved once they have served controller.min_residency_seconds (with the seconds left)."""
         same_kind = [i for i in instances if bool(i.gpu_ids) == bool(model.gpus)]
@@ -894,14 +911,33 @@ class Controller:
         for inst in same_kind:
             if inst.state != "ready" or inst.model == model.name:
                 continue
+            cost = self._move_cost(inst)
+            if inst.load and not ready_on.get(inst.model, set()) - {node.node_id}:
+                cost += self._restart_seconds(inst.model, now, restart_waits)
             option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else self._cpu_slots(inst),
-                                     self._move_cost(inst))
+                                     cost)
             seconds_left = inst.requested_at + self.settings.min_residency_seconds - now
             if seconds_left > 0:
                 young.append((option, seconds_left))
             else:
                 movable.append(option)
         return free, tuple(movable), young
+
+    def _restart_seconds(self, model_name: str, now: float, cache: dict[str, float]) -> float:
+        """What moving a busy instance with no ready instance of its model elsewhere costs its requests besides the
+        move: stopped, they resume only once a new instance of their model is up, at best on a new allocation
+        (its queue wait) loaded from the shared FS. Counted in the move's cost, so placement never pushes a cold
+        start onto running requests to spare the placed model the same wait (which made placement churn: each
+        moved model's requests moved another one). Where no allocation can be made the move may still be the only
+        way to start the placed model, and it is made."""
+        if model_name not in cache:
+            victim = self.registry.get_model(model_name)
+            if victim is None:
+                cache[model_name] = 0.0
+            else:
+                wait = self.allocator.new_allocation_wait(victim, [], now).seconds
+                cache[model_name] = wait + load_time(victim.size_bytes, self.settings.default_sharedfs_gbps)
+        return cache[model_name]
 
     def _cpu_slots(self, inst: InstanceRecord) -> int:
         """CPU slots a CPU instance holds: one per tensor-parallel rank (its model's degree; 1 once undeployed)."""
