@@ -85,7 +85,15 @@ from hpcllm.controller.protocol import (  # noqa: E402
 )
 from hpcllm.controller.registry import Registry  # noqa: E402
 from hpcllm.controller.service import Controller  # noqa: E402
-from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate  # noqa: E402
+from hpcllm.slurm.base import (  # noqa: E402
+    JobState,
+    JobStatus,
+    NodeInfo,
+    PartitionInfo,
+    SlurmBackend,
+    StartEstimate,
+)
+from hpcllm.slurm.errors import SlurmError  # noqa: E402
 from hpcllm.worker.protocol import MigrationResult  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -261,6 +269,7 @@ class SimJob:
     node: str | None = None
     start_time: float | None = None
     end_time: float | None = None
+    restarts: int = 0  # requeues: the job keeps its id; events of an earlier run are ignored
 
 
 class SimSlurm(SlurmBackend):
@@ -281,10 +290,15 @@ class SimSlurm(SlurmBackend):
 
     def submit(self, spec) -> str:
         job_id = str(next(self._ids))
-        wait = self.sim.rng.expovariate(1.0 / self.sim.params.queue_wait) if self.sim.params.queue_wait else 0.0
-        self.jobs[job_id] = SimJob(job_id, spec, self.loop.now, self.loop.now + wait)
-        self.loop.at(self.loop.now + wait, self._try_start, job_id)
+        self.jobs[job_id] = SimJob(job_id, spec, self.loop.now, self.loop.now)
+        self._queue(self.jobs[job_id])
         return job_id
+
+    def _queue(self, job: SimJob) -> None:
+        """A drawn queue wait, then the job starts where it can."""
+        wait = self.sim.rng.expovariate(1.0 / self.sim.params.queue_wait) if self.sim.params.queue_wait else 0.0
+        job.planned_start = self.loop.now + wait
+        self.loop.at(job.planned_start, self._try_start, job.job_id)
 
     def _free_node(self, spec) -> str | None:
         if spec.nodelist:
@@ -307,8 +321,12 @@ class SimSlurm(SlurmBackend):
         job.end_time = self.loop.now + self.walltime
         self.holder[node] = job_id
         self._node_infos = None
-        self.loop.at(job.end_time, self.end, job_id, JobState.TIMEOUT)
+        self.loop.at(job.end_time, self._walltime_over, job_id, job.restarts)
         self.loop.at(self.loop.now + self.sim.config.controller.agent_start_seconds, self.sim.agent_up, job)
+
+    def _walltime_over(self, job_id: str, run: int) -> None:
+        if self.jobs[job_id].restarts == run:  # not an earlier run of a requeued job
+            self.end(job_id, JobState.TIMEOUT)
 
     def end(self, job_id: str, state: JobState) -> None:
         job = self.jobs[job_id]
@@ -318,12 +336,16 @@ class SimSlurm(SlurmBackend):
         job.state = state
         if was_running:
             job.end_time = min(job.end_time, self.loop.now)
-            if self.holder.get(job.node) == job_id:
-                del self.holder[job.node]
-            self._node_infos = None
-            self.sim.agent_gone(job)
-            for waiting in list(self.waiting):
-                self._try_start(waiting)
+            self._node_freed(job)
+
+    def _node_freed(self, job: SimJob) -> None:
+        """A running job stopped (ended or requeued): its agent is gone, its node goes to a waiting job."""
+        if self.holder.get(job.node) == job.job_id:
+            del self.holder[job.node]
+        self._node_infos = None
+        self.sim.agent_gone(job)
+        for waiting in list(self.waiting):
+            self._try_start(waiting)
 
     def hold_for_other(self, node: str, seconds: float) -> None:
         self.holder[node] = "other"
@@ -340,7 +362,7 @@ class SimSlurm(SlurmBackend):
     def _status(self, job: SimJob) -> JobStatus:
         return JobStatus(job_id=job.job_id, state=job.state, raw_state=job.state.value,
                          nodes=(job.node,) if job.node else (), name=job.spec.name, start_time=job.start_time,
-                         end_time=job.end_time, comment=job.spec.comment)
+                         end_time=job.end_time, comment=job.spec.comment, restart_count=job.restarts)
 
     def statuses(self, job_ids):
         return {j: self._status(self.jobs[j]) if j in self.jobs else
@@ -355,7 +377,19 @@ class SimSlurm(SlurmBackend):
             self.end(job_id, JobState.CANCELLED)
 
     def requeue(self, job_id: str) -> None:
-        raise NotImplementedError("the simulation does not requeue")
+        """As `scontrol requeue`: a running job stops (its agent goes), keeps its id and queues again for a drawn
+        wait; a pending one stays queued. Slot-time already held counts (`runs`); a finished job cannot be
+        requeued."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state.is_terminal:
+            raise SlurmError(f"requeue of job {job_id}: {'unknown job' if job is None else 'job already finished'}")
+        if job.state != JobState.RUNNING:
+            return
+        self.sim.held_runs.append((job.start_time, self.loop.now))
+        job.state, job.restarts, job.start_time, job.end_time = JobState.PENDING, job.restarts + 1, None, None
+        self._node_freed(job)
+        job.node = None
+        self._queue(job)
 
     def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:
         pass
@@ -477,6 +511,7 @@ class Simulation:
         self.instance_by_url: dict[str, SimInstance] = {}
         self.waiting: dict[str, list[SimRequest]] = defaultdict(list)
         self.cold_starts: list[dict] = []
+        self.held_runs: list[tuple[float, float]] = []  # (start, stop) of runs of jobs requeued since
         self.preemptions = 0
         self.preempt_migrated = 0  # requests live-migrated by preempted agents' drains
         self.ticks = 0
@@ -760,8 +795,10 @@ class Simulation:
         e2e = np.array([r.done - self.start - r.req.t for r in served])
         if self.params.cost_horizon is not None:
             end = min(end, self.start + self.params.cost_horizon)
-        slot_seconds = sum(max(0.0, min(j.end_time, end) - j.start_time) * self.params.gpus_per_node
-                           for j in self.slurm.jobs.values() if j.start_time is not None and j.start_time < end)
+        runs = self.held_runs + [(j.start_time, j.end_time) for j in self.slurm.jobs.values()
+                                 if j.start_time is not None]
+        slot_seconds = sum(max(0.0, min(stop, end) - start) * self.params.gpus_per_node
+                           for start, stop in runs if start < end)
         tiers = {t: sum(1 for c in self.cold_starts if c["tier"] == t) for t in ("dram", "nvme", "sharedfs")}
         return {
             "policy": self.policy,
