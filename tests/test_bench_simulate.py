@@ -99,3 +99,16 @@ def test_a_requeued_allocation_queues_again_and_its_requests_resume(tmp_path):
             sim.slurm.requeue("999")
     finally:
         sim.registry.close()
+
+
+def test_instance_starts_sharing_the_host_take_longer_together(tmp_path):
+    # start_capacity 1 (the dev cluster's shared cores): four models cold-starting at once each need 10 s alone, so
+    # the last is ready after ~40 s; one model alone is ready after its 10 s.
+    models = [ModelInfo(f"m{i:03d}-7b", 1000, 1, "7b", 1, 0.25) for i in range(4)]
+    params = {"queue_wait": 0.0, "instance_start_samples": [10.0], "start_capacity": 1.0, "agent_start_samples": [1.0],
+              "gpus_per_node": 4, "nodes": 1}
+    together = run("hpcllm", [Request(i, 0.0, m.name, 10, 2) for i, m in enumerate(models)], tmp_path / "a",
+                   models=models, **params)
+    alone = run("hpcllm", [Request(0, 0.0, models[0].name, 10, 2)], tmp_path / "b", models=models, **params)
+    assert alone["ttft"]["p99"] == pytest.approx(1.0 + 10.0, abs=1.5)
+    assert together["ttft"]["p99"] == pytest.approx(1.0 + 40.0, abs=2.0)
