@@ -13,12 +13,15 @@ at its arrival time with the official `openai` client (streaming completion, tem
 has the trace's length). Measured per request: TTFT (send to first streamed text) and end-to-end latency; an error
 or a stream that did not finish within --drain seconds after the last arrival counts as lost. Per policy: cold starts
 by load tier (the controller's /v1/admin/status cold_starts), slot-seconds held (running time of the controller's
-Slurm allocations, sampled every 2 s from the status, times the node's 2 GPUs each holds), requests lost.
+Slurm allocations, sampled every second from the status, times the node's 2 GPUs each holds), requests lost. Kept
+for the simulation ("raw"): each allocation's submit and start, when its agent was first seen registered, each cold
+start's request, ready and load times, the instances over time, every request's timings.
 
-Then (unless --no-compare) bench/simulate.py runs the same trace at dev-cluster size (4 nodes, the same policies,
-calibrated from this run: worker service rates from the fastest quarter of requests, instance start from the
-measured cold starts, queue wait from the measured allocations) and prints simulated vs measured side by side.
-`python bench/simulate.py --compare bench/results/replay-latest.json` repeats that comparison later.
+Then (unless --no-compare) bench/simulate.py runs the same trace at dev-cluster size (4 nodes, the same policies)
+with the costs measured in this run (bench/calibration.py: queue waits, agent starts, instance starts sharing the
+host's CPU, decode under contention, warm prefill; never the latencies compared) and prints simulated vs measured
+side by side. `python bench/simulate.py --calibrate-from bench/results/replay-latest.json [--own-costs]` repeats
+that comparison later.
 
 Writes bench/results/replay-<time>.json (+ replay-latest.json), replay-<time>.png (TTFT and E2E CDFs) and the
 services' logs under replay-<time>-logs/<policy>/.

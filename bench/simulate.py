@@ -3,7 +3,7 @@
     .venv/bin/python bench/simulate.py [--nodes 1000] [--models 100] [--rate 2] [--duration 600] [--jobs 3]
         [--policies hpcllm,serverlessllm,no-locality,random,per-model,restart] [--preempt-rate 0.05] [--seed 0]
         [--trace trace.json] [--sweep [--sweep-nodes 100,300,1000] [--sweep-loads 1,3]]
-    .venv/bin/python bench/simulate.py --compare bench/results/replay-latest.json
+    .venv/bin/python bench/simulate.py --calibrate-from bench/results/replay-latest.json [--own-costs] [--seeds 5]
 
 No second copy of the policy: every decision is made by hpcllm.controller's own Controller (routing, placement,
 migration of victims, migration targets) and Autoscaler (scale to zero, allocations, retirement, demand), on an
@@ -12,9 +12,9 @@ in-memory SQLite registry, with a simulated clock. Only their collaborators are 
 - Slurm (`SimSlurm`, a SlurmBackend): `--nodes` nodes of `--gpus-per-node` GPUs; a submitted allocation starts
   after an exponential queue wait (mean `--queue-wait`) on the node it names if that node is free (else it waits
   for it), or on the first free node; `sbatch --test-only` answers the mean wait (or, for a busy named node, its
-  job's end); `squeue --start` answers each queued job's planned start. Jobs end at their walltime, when
-  cancelled, or when preempted (`--preempt-rate` per allocation-hour; the node then goes to the preemptor for an
-  hour).
+  job's end); `squeue --start` answers each queued job's planned start; `scontrol requeue` stops a running job,
+  which keeps its id and queues again. Jobs end at their walltime, when cancelled, or when preempted
+  (`--preempt-rate` per allocation-hour; the node then goes to the preemptor for an hour).
 - Node agents (`SimAgents`, an AgentClient): an agent registers `controller.agent_start_seconds` after its job
   starts, with the tier bandwidths below and its node's persistent NVMe cache; an instance is ready after
   `--instance-overhead` + size / bandwidth of the fastest tier holding the checkpoint (DRAM, NVMe, shared FS), and
@@ -30,6 +30,11 @@ in-memory SQLite registry, with a simulated clock. Only their collaborators are 
   again when an instance becomes ready, when an allocation made for its model registers, and every 20 s (the
   gateway's route long-poll); it is lost after
   gateway.route_timeout_seconds (600 s) without an instance.
+
+--calibrate-from: the dev cluster's shape and the costs a bench/replay.py run measured (bench/calibration.py;
+queue waits, agent and instance starts drawn from the measured lists, instance starts sharing the host's CPU,
+decode slowed by the requests decoding beside it), the replay's trace; prints simulated vs measured with the
+relative errors and writes bench/results/calibration-latest.json and .png.
 
 Measured inputs: tier bandwidths from bench/results/load-latest.json (hpcllm DRAM tier and cold disk GB/s) and the
 live-migration pause from bench/results/migration-latest.json, when present; otherwise the documented defaults
@@ -1129,7 +1134,34 @@ def mean_report(runs: list[dict]) -> dict:
                              for t in runs[0]["cold_starts"]}
     report["lost"] = float(np.mean([r["lost"] for r in runs]))
     report["seeds"] = len(runs)
+    report["ttft_by_arrival"] = [p for r in runs for p in r["ttft_by_arrival"]]  # every seed's, for the CDFs
     return report
+
+
+def plot_comparison(measured: list[dict], simulated: list[dict], path: Path, title: str) -> None:
+    """TTFT CDF per policy: measured on the dev cluster (solid) and simulated with its costs (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    sims = {r["policy"]: r for r in simulated}
+    for i, m in enumerate(measured):
+        color = f"C{i}"
+        for report, style, label in ((m, "-", "measured"), (sims.get(m["policy"]), "--", "simulated")):
+            values = np.sort([v for _, v in (report or {}).get("ttft_by_arrival", [])])
+            if len(values):
+                ax.plot(values, np.arange(1, len(values) + 1) / len(values), style, color=color,
+                        label=f"{m['policy']} {label}")
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s, log)")
+    ax.set_ylabel("fraction of served requests")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def preempted_at(report: dict) -> float | None:
@@ -1213,7 +1245,9 @@ def compare_main(path: Path, seeds: int, out: Path | None = None, own_costs: boo
         out.write_text(json.dumps({"replay": str(path), "own_costs": own_costs, "calibration": calibration,
                                    "simulated": simulated,
                                    "rows": comparison_rows(result["reports"], simulated), "error_bound": bound}))
-        print(f"wrote {out}")
+        plot_comparison(result["reports"], simulated, out.with_suffix(".png"),
+                        f"dev cluster: measured (replay) vs simulated with its costs ({seeds} seeds)")
+        print(f"wrote {out} and .png")
     return 0
 
 
