@@ -895,28 +895,20 @@ class Controller:
 
     @staticmethod
     def _ready_nodes_by_model(by_node: dict[str, list[InstanceRecord]],
-                              known_nodes: dict[str, NodeRecord]) -> dict[str, list[tuple[str, int]]]:
-        """Per model, (node, load) of its ready instances on routable nodes (where a moved instance's requests can
-        go, and how busy that is)."""
-        ready_on: dict[str, list[tuple[str, int]]] = defaultdict(list)
+                              known_nodes: dict[str, NodeRecord]) -> dict[str, set[str]]:
+        """Per model, the routable nodes running a ready instance of it (where a moved instance's requests can go)."""
+        ready_on: dict[str, set[str]] = defaultdict(set)
         for node_id, instances in by_node.items():
             node = known_nodes.get(node_id)
             if node is None or node.state not in ROUTABLE_NODE_STATES:
                 continue
             for inst in instances:
                 if inst.state == "ready":
-                    ready_on[inst.model].append((node_id, inst.load))
+                    ready_on[inst.model].add(node_id)
         return ready_on
 
-    def _relieved_elsewhere(self, inst: InstanceRecord, node_id: str, ready_on: dict[str, list[tuple[str, int]]]
-                            ) -> bool:
-        """Whether another ready instance of its model can take a busy instance's requests without itself reaching
-        the scale-out load (else the model needs a new instance: a cold start, as when there is none)."""
-        others = [load for other, load in ready_on.get(inst.model, ()) if other != node_id]
-        return bool(others) and min(others) + inst.load < self.settings.scale_out_running_requests
-
     def _room(self, model: DeployedModel, node: NodeRecord, instances: list[InstanceRecord], now: float,
-              restart_seconds: Callable[[str], float], ready_on: dict[str, list[tuple[str, int]]],
+              restart_seconds: Callable[[str], float], ready_on: dict[str, set[str]],
               ) -> tuple[int, tuple[MovableInstance, ...], list[tuple[MovableInstance, float]]]:
         """Free slots on a node for this model, the instances that could be moved now to make more, and those that
         could be moved once they have served controller.min_residency_seconds (with the seconds left)."""
@@ -931,7 +923,7 @@ class Controller:
             if inst.state != "ready" or inst.model == model.name:
                 continue
             cost = self._move_cost(inst)
-            if inst.load and not self._relieved_elsewhere(inst, node.node_id, ready_on):
+            if inst.load and not ready_on.get(inst.model, set()) - {node.node_id}:
                 cost += restart_seconds(inst.model)
             option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else self._cpu_slots(inst),
                                      cost)
@@ -943,12 +935,12 @@ class Controller:
         return free, tuple(movable), young
 
     def _restart_seconds(self, model_name: str, now: float, cache: dict[str, float], in_use: list[str]) -> float:
-        """What moving a busy instance that no other instance of its model can relieve (none, or the other would
-        reach the scale-out load) costs besides the move: its requests, or the model's next ones, wait for a new
-        instance of their model, at best on a new allocation (its queue wait) loaded from the shared FS. Counted in
-        the move's cost, so placement never pushes a cold start onto a running model to spare the placed model the
-        same wait (which made placement churn: each moved model's requests moved another one). Where no allocation
-        can be made the move may still be the only way to start the placed model, and it is made."""
+        """What moving a busy instance with no ready instance of its model elsewhere costs its requests besides the
+        move: stopped, they resume only once a new instance of their model is up, at best on a new allocation
+        (its queue wait) loaded from the shared FS. Counted in the move's cost, so placement never pushes a cold
+        start onto running requests to spare the placed model the same wait (which made placement churn: each
+        moved model's requests moved another one). Where no allocation can be made the move may still be the only
+        way to start the placed model, and it is made."""
         if model_name not in cache:
             victim = self.registry.get_model(model_name)
             if victim is None:
