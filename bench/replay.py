@@ -13,12 +13,15 @@ at its arrival time with the official `openai` client (streaming completion, tem
 has the trace's length). Measured per request: TTFT (send to first streamed text) and end-to-end latency; an error
 or a stream that did not finish within --drain seconds after the last arrival counts as lost. Per policy: cold starts
 by load tier (the controller's /v1/admin/status cold_starts), slot-seconds held (running time of the controller's
-Slurm allocations, sampled every 2 s from the status, times the node's 2 GPUs each holds), requests lost.
+Slurm allocations, sampled every second from the status, times the node's 2 GPUs each holds), requests lost. Kept
+for the simulation ("raw"): each allocation's submit and start, when its agent was first seen registered, each cold
+start's request, ready and load times, the instances over time, every request's timings.
 
-Then (unless --no-compare) bench/simulate.py runs the same trace at dev-cluster size (4 nodes, the same policies,
-calibrated from this run: worker service rates from the fastest quarter of requests, instance start from the
-measured cold starts, queue wait from the measured allocations) and prints simulated vs measured side by side.
-`python bench/simulate.py --compare bench/results/replay-latest.json` repeats that comparison later.
+Then (unless --no-compare) bench/simulate.py runs the same trace at dev-cluster size (4 nodes, the same policies)
+with the costs measured in this run (bench/calibration.py: queue waits, agent starts, instance starts sharing the
+host's CPU, decode under contention, warm prefill; never the latencies compared) and prints simulated vs measured
+side by side. `python bench/simulate.py --calibrate-from bench/results/replay-latest.json [--own-costs]` repeats
+that comparison later.
 
 Writes bench/results/replay-<time>.json (+ replay-latest.json), replay-<time>.png (TTFT and E2E CDFs) and the
 services' logs under replay-<time>-logs/<policy>/.
@@ -28,6 +31,7 @@ The dev cluster shares this host's 2 cores with whatever else runs: the load ave
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -49,6 +53,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
+from calibration import calibrate  # noqa: E402
 from workload import ModelInfo, Request, WorkloadParams, add_arguments, generate, params_from  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -60,10 +65,11 @@ DEV_SIZE = {"7b": "tiny", "13b": "small", "34b": "small", "70b": "small"}
 REPLAY_POLICIES = ("hpcllm", "serverlessllm", "no-locality", "random", "per-model", "restart")
 DEFAULT_POLICIES = REPLAY_POLICIES[:-1]
 SECRET, ADMIN, USER_KEY = "replay-secret", "replay-admin", "replay-user"
-SAMPLE_SECONDS = 2.0
+SAMPLE_SECONDS = 1.0
 AGENT_UP_MIN = 5.0  # s: a cold start longer than this waited for a new allocation's agent
 MAX_INSTANCES = 2  # per model
 GPUS_PER_NODE = 2  # of a dev cluster node: what each allocation holds (its whole node: --exclusive)
+SEEDS = 5  # simulations per policy in the comparison (draws of the measured costs)
 
 
 # ------------------------------------------------------------------------------------------ aggregation
@@ -128,57 +134,27 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-# ------------------------------------------------------------------------------------- calibration for the sim
-
-
-def calibrate(records: list[dict], cold_starts: list[dict], allocations: dict[str, dict],
-              size_class: dict[str, str]) -> dict:
-    """Simulation inputs measured in this replay (all policies' requests together):
-
-    - per dev size: seconds per output token (median over served requests of (e2e - ttft) / (tokens - 1)) and
-      prefill tokens/s (median prompt_tokens / ttft over the fastest quarter of TTFTs: requests that met a ready,
-      idle-ish instance);
-    - instance start: the median cold-start load_seconds (tiny checkpoints: the worker start, not the bytes);
-    - queue wait: the mean of allocations' started_at - submitted_at;
-    - agent start: the median cold start that waited for an allocation, less the two above.
-    """
-    service = {}
-    for size in sorted(set(size_class.values())):
-        mine = [r for r in records if r["error"] is None and size_class.get(r["model"]) == size]
-        if not mine:
-            continue
-        decoding = [(r["e2e"] - r["ttft"]) / (r["tokens"] - 1) for r in mine if r["tokens"] > 1]
-        tpot = float(np.median(decoding)) if decoding else 0.01
-        quarter = np.percentile([r["ttft"] for r in mine], 25)
-        fast = [r["prompt_tokens"] / max(r["ttft"], 1e-3) for r in mine if r["ttft"] <= quarter]
-        service[size] = (float(np.median(fast)), tpot)
-    loads = [c["load_seconds"] for c in cold_starts if c.get("load_seconds")]
-    waits = [a["started_at"] - a["submitted_at"] for a in allocations.values()
-             if a.get("started_at") is not None and a.get("submitted_at") is not None]
-    overhead = float(np.median(loads)) if loads else 2.0
-    queue_wait = float(np.mean(waits)) if waits else 1.0
-    # Cold starts that waited for a new allocation (longer than AGENT_UP_MIN: on a registered node they take about a
-    # second) minus the queue wait and the instance start: the job's start to a registered agent that can load.
-    on_new_allocation = [c["ready_at"] - c["requested_at"] for c in cold_starts
-                         if c.get("ready_at") is not None and c["ready_at"] - c["requested_at"] > AGENT_UP_MIN]
-    agent_start = (max(0.0, float(np.median(on_new_allocation)) - queue_wait - overhead) if on_new_allocation
-                   else None)
-    return {"service": service, "instance_overhead": overhead, "queue_wait": queue_wait,
-            "agent_start_seconds": agent_start}
-
-
 # ------------------------------------------------------------------------------------------ the dev cluster
 
 
 def ensure_cluster() -> dict[str, str]:
     """The dev cluster up (started if down), a lease taken as a test session's (conftest.py) so no session stops
     it meanwhile; the environment with SLURM_CONF."""
-    if subprocess.run(["bash", str(DEVCLUSTER), "status"], capture_output=True, timeout=120).returncode != 0:
-        started = subprocess.run(["bash", str(DEVCLUSTER), "start"], capture_output=True, text=True, timeout=240)
-        if started.returncode != 0:
-            raise SystemExit(f"error: slurm/devcluster.sh start failed:\n{started.stdout}{started.stderr}")
-    (DEVCLUSTER_DIR / "leases").mkdir(exist_ok=True)
-    (DEVCLUSTER_DIR / "leases" / str(os.getpid())).touch()
+    DEVCLUSTER_DIR.mkdir(parents=True, exist_ok=True)
+    # Under the test sessions' lock (conftest.py _ClusterLeases): a session ending meanwhile must see this lease,
+    # else it stops a cluster it started while the replay uses it.
+    with open(DEVCLUSTER_DIR / "fixture.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if subprocess.run(["bash", str(DEVCLUSTER), "status"], capture_output=True, timeout=120).returncode:
+                started = subprocess.run(["bash", str(DEVCLUSTER), "start"], capture_output=True, text=True,
+                                         timeout=240)
+                if started.returncode != 0:
+                    raise SystemExit(f"error: slurm/devcluster.sh start failed:\n{started.stdout}{started.stderr}")
+            (DEVCLUSTER_DIR / "leases").mkdir(exist_ok=True)
+            (DEVCLUSTER_DIR / "leases" / str(os.getpid())).touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["SLURM_CONF"] = str(DEVCLUSTER_DIR / "conf" / "slurm.conf")
     os.environ["SLURM_CONF"] = env["SLURM_CONF"]
@@ -235,6 +211,9 @@ class AllocationTracker(threading.Thread):
         self.url = controller_url
         self.allocations: dict[str, dict] = {}
         self.cold_starts: dict[str, dict] = {}
+        self.agents_seen: dict[str, float] = {}  # Slurm job id -> when its agent was first seen registered (epoch)
+        # (epoch, instances ready, instances loading, requests running on ready instances): the host's load over time
+        self.instance_samples: list[tuple[float, int, int, int]] = []
         self.stopped = threading.Event()
 
     def sample(self) -> None:
@@ -257,6 +236,13 @@ class AllocationTracker(threading.Thread):
         for c in status.get("cold_starts", []):
             if c.get("ready_at") is not None:
                 self.cold_starts[c["instance_id"]] = c
+        for n in status.get("nodes", []):
+            if n.get("slurm_job_id"):
+                self.agents_seen.setdefault(n["slurm_job_id"], now)
+        instances = status.get("instances", [])
+        ready = [i for i in instances if i["state"] == "ready"]
+        self.instance_samples.append((now, len(ready), sum(1 for i in instances if i["state"] == "loading"),
+                                      sum(i["running_requests"] for i in ready)))
 
     def run(self) -> None:
         while not self.stopped.wait(SAMPLE_SECONDS):
@@ -375,6 +361,7 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
             tracker.start()
             last = max(r.t for r in requests)
             t0 = time.monotonic() + 1.0
+            t0_epoch = time.time() + (t0 - time.monotonic())  # the controller's timestamps are epoch seconds
             deadline = t0 + last + drain
             with openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=USER_KEY, max_retries=0, timeout=600) as client:
                 with ThreadPoolExecutor(min(256, len(requests))) as pool:
@@ -399,7 +386,9 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
     report = summarize(policy, records, cold, allocations, gpus_per_node=GPUS_PER_NODE)
     report["replay_seconds"] = round(ended, 1)
     report["preemption"] = preemption
-    return report, {"records": records, "cold_starts": cold, "allocations": allocations}
+    return report, {"records": records, "cold_starts": cold, "allocations": allocations, "t0_epoch": t0_epoch,
+                    "agents_seen": tracker.agents_seen if tracker else {},
+                    "instance_samples": tracker.instance_samples if tracker else []}
 
 
 # --------------------------------------------------------------------------------------------------- output
@@ -496,9 +485,11 @@ def main() -> int:
           f"{load_after[0]:.1f} {load_after[1]:.1f} {load_after[2]:.1f}")
 
     size_class = {m.name: DEV_SIZE[m.size_class] for m in models}
-    all_records = [r for p in raw.values() for r in p["records"]]
-    calibration = calibrate(all_records, [c for p in raw.values() for c in p["cold_starts"]],
-                            {f"{p}:{j}": a for p, v in raw.items() for j, a in v["allocations"].items()}, size_class)
+    try:
+        calibration = calibrate(raw, size_class)
+    except ValueError as exc:  # e.g. every request lost: nothing to calibrate from; the measurements are kept
+        print(f"no calibration for the simulation: {exc}")
+        calibration, args.no_compare = None, True
     dev_models = [replace(m, size_class=size_class[m.name], size_bytes=sizes[m.name], gpus=0) for m in models]
     result = {"workload": asdict(wparams), "models": [asdict(m) for m in dev_models],
               "requests": [asdict(r) for r in requests], "reports": reports, "calibration": calibration,
@@ -511,9 +502,10 @@ def main() -> int:
     if not args.no_compare:
         from simulate import compare_with_replay, comparison_table
 
-        simulated = compare_with_replay(result)
+        simulated = compare_with_replay(result, SEEDS, calibration)
         result["simulated"] = simulated
-        print("\nsimulated (bench/simulate.py, 4 nodes, calibrated from this run) vs measured:")
+        print(f"\nsimulated (bench/simulate.py, 4 nodes, costs measured in this run, mean of {SEEDS} seeds) vs "
+              f"measured:")
         print(comparison_table(reports, simulated))
     name.with_suffix(".json").write_text(json.dumps(result))
     plot(reports, name.with_suffix(".png"), f"dev cluster replay: {len(requests)} requests, {len(models)} models, "

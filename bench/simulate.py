@@ -3,7 +3,7 @@
     .venv/bin/python bench/simulate.py [--nodes 1000] [--models 100] [--rate 2] [--duration 600] [--jobs 3]
         [--policies hpcllm,serverlessllm,no-locality,random,per-model,restart] [--preempt-rate 0.05] [--seed 0]
         [--trace trace.json] [--sweep [--sweep-nodes 100,300,1000] [--sweep-loads 1,3]]
-    .venv/bin/python bench/simulate.py --compare bench/results/replay-latest.json
+    .venv/bin/python bench/simulate.py --calibrate-from bench/results/replay-latest.json [--own-costs] [--seeds 5]
 
 No second copy of the policy: every decision is made by hpcllm.controller's own Controller (routing, placement,
 migration of victims, migration targets) and Autoscaler (scale to zero, allocations, retirement, demand), on an
@@ -12,9 +12,9 @@ in-memory SQLite registry, with a simulated clock. Only their collaborators are 
 - Slurm (`SimSlurm`, a SlurmBackend): `--nodes` nodes of `--gpus-per-node` GPUs; a submitted allocation starts
   after an exponential queue wait (mean `--queue-wait`) on the node it names if that node is free (else it waits
   for it), or on the first free node; `sbatch --test-only` answers the mean wait (or, for a busy named node, its
-  job's end); `squeue --start` answers each queued job's planned start. Jobs end at their walltime, when
-  cancelled, or when preempted (`--preempt-rate` per allocation-hour; the node then goes to the preemptor for an
-  hour).
+  job's end); `squeue --start` answers each queued job's planned start; `scontrol requeue` stops a running job,
+  which keeps its id and queues again. Jobs end at their walltime, when cancelled, or when preempted
+  (`--preempt-rate` per allocation-hour; the node then goes to the preemptor for an hour).
 - Node agents (`SimAgents`, an AgentClient): an agent registers `controller.agent_start_seconds` after its job
   starts, with the tier bandwidths below and its node's persistent NVMe cache; an instance is ready after
   `--instance-overhead` + size / bandwidth of the fastest tier holding the checkpoint (DRAM, NVMe, shared FS), and
@@ -30,6 +30,11 @@ in-memory SQLite registry, with a simulated clock. Only their collaborators are 
   again when an instance becomes ready, when an allocation made for its model registers, and every 20 s (the
   gateway's route long-poll); it is lost after
   gateway.route_timeout_seconds (600 s) without an instance.
+
+--calibrate-from: the dev cluster's shape and the costs a bench/replay.py run measured (bench/calibration.py;
+queue waits, agent and instance starts drawn from the measured lists, instance starts sharing the host's CPU,
+decode slowed by the requests decoding beside it), the replay's trace; prints simulated vs measured with the
+relative errors and writes bench/results/calibration-latest.json and .png.
 
 Measured inputs: tier bandwidths from bench/results/load-latest.json (hpcllm DRAM tier and cold disk GB/s) and the
 live-migration pause from bench/results/migration-latest.json, when present; otherwise the documented defaults
@@ -85,7 +90,15 @@ from hpcllm.controller.protocol import (  # noqa: E402
 )
 from hpcllm.controller.registry import Registry  # noqa: E402
 from hpcllm.controller.service import Controller  # noqa: E402
-from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate  # noqa: E402
+from hpcllm.slurm.base import (  # noqa: E402
+    JobState,
+    JobStatus,
+    NodeInfo,
+    PartitionInfo,
+    SlurmBackend,
+    StartEstimate,
+)
+from hpcllm.slurm.errors import SlurmError  # noqa: E402
 from hpcllm.worker.protocol import MigrationResult  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -135,6 +148,17 @@ class SimParams:
     # Seconds after the start up to which held slots count (None: to the end of the run). --compare: when the
     # replay stopped its stack (its last request done), so both count the same span.
     cost_horizon: float | None = None
+    # Measured costs (--calibrate-from, bench/calibration.py): each allocation's queue wait, job start to agent, and
+    # instance start besides the weights drawn from these lists instead of the exponential / constants above; and
+    # per size class, decode seconds per token = base + per_request * (requests decoding on the host - 1) (one
+    # shared host, as the dev cluster is).
+    queue_wait_samples: list[float] | None = None
+    agent_start_samples: list[float] | None = None
+    instance_start_samples: list[float] | None = None
+    decode_contention: dict | None = None  # size -> (base, per_request)
+    # Instance starts share the host's CPU (the dev cluster): with k starting at once each proceeds at
+    # min(1, start_capacity / k) of its own pace (instance_start_samples are then each start's time alone).
+    start_capacity: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------- event loop
@@ -176,15 +200,16 @@ class SimRequest:
     first_due: float | None = None  # when the first token comes, if the request stays where it runs
     resumes: int = 0
     migrations: int = 0
+    tpot: float = 0.0  # seconds per output token where it runs now (set when it starts running there)
 
-    def progress(self, now: float, tpot: float) -> None:
+    def progress(self, now: float) -> None:
         """Count the tokens generated on the current instance up to now."""
         if self.first_token is None and self.first_due is not None and now >= self.first_due:
             self.first_token = self.first_due
         if self.instance is not None and self.req.id in self.instance.running and now > self.decode_from:
-            made = int((now - self.decode_from) / tpot)
+            made = int((now - self.decode_from) / self.tpot)
             self.generated = min(self.req.output_tokens, self.generated + made)
-            self.decode_from += made * tpot
+            self.decode_from += made * self.tpot
 
 
 @dataclass
@@ -248,6 +273,54 @@ class SimNode:
         return sum(len(i.running) + len(i.queue) for i in self.instances.values())
 
 
+class SharedStarts:
+    """Instance starts sharing one host's CPU (processor sharing): each needs `work` seconds alone; with k in
+    progress each advances at min(1, capacity / k). Its ready event is re-planned whenever k changes."""
+
+    def __init__(self, sim: Simulation, capacity: float):
+        self.sim, self.capacity = sim, capacity
+        self.left: dict[str, float] = {}  # instance id -> seconds of work left
+        self.since = 0.0
+        self.version = 0
+
+    def rate(self) -> float:
+        return min(1.0, self.capacity / max(1, len(self.left)))
+
+    def _advance(self) -> None:
+        now = self.sim.loop.now
+        done = (now - self.since) * self.rate()
+        for key in self.left:
+            self.left[key] = max(0.0, self.left[key] - done)
+        self.since = now
+
+    def _replan(self) -> None:
+        self.version += 1
+        rate = self.rate()
+        for key, left in self.left.items():
+            self.sim.loop.at(self.sim.loop.now + left / rate, self._finish, key, self.version)
+
+    def add(self, inst: SimInstance, work: float) -> None:
+        self._advance()
+        self.left[inst.instance_id] = work
+        self._replan()
+
+    def _finish(self, key: str, version: int) -> None:
+        if version != self.version or key not in self.left:
+            return
+        self._advance()
+        del self.left[key]
+        self._replan()
+        inst = self.sim.instances.get(key)
+        if inst is not None:
+            self.sim.instance_ready(inst)
+
+    def drop(self, inst: SimInstance) -> None:
+        if inst.instance_id in self.left:
+            self._advance()
+            del self.left[inst.instance_id]
+            self._replan()
+
+
 # ------------------------------------------------------------------------------------------------ Slurm
 
 
@@ -261,6 +334,7 @@ class SimJob:
     node: str | None = None
     start_time: float | None = None
     end_time: float | None = None
+    restarts: int = 0  # requeues: the job keeps its id; events of an earlier run are ignored
 
 
 class SimSlurm(SlurmBackend):
@@ -281,10 +355,19 @@ class SimSlurm(SlurmBackend):
 
     def submit(self, spec) -> str:
         job_id = str(next(self._ids))
-        wait = self.sim.rng.expovariate(1.0 / self.sim.params.queue_wait) if self.sim.params.queue_wait else 0.0
-        self.jobs[job_id] = SimJob(job_id, spec, self.loop.now, self.loop.now + wait)
-        self.loop.at(self.loop.now + wait, self._try_start, job_id)
+        self.jobs[job_id] = SimJob(job_id, spec, self.loop.now, self.loop.now)
+        self._queue(self.jobs[job_id])
         return job_id
+
+    def _queue(self, job: SimJob) -> None:
+        """A drawn queue wait, then the job starts where it can."""
+        params = self.sim.params
+        if params.queue_wait_samples:
+            wait = self.sim.rng.choice(params.queue_wait_samples)
+        else:
+            wait = self.sim.rng.expovariate(1.0 / params.queue_wait) if params.queue_wait else 0.0
+        job.planned_start = self.loop.now + wait
+        self.loop.at(job.planned_start, self._try_start, job.job_id)
 
     def _free_node(self, spec) -> str | None:
         if spec.nodelist:
@@ -307,8 +390,14 @@ class SimSlurm(SlurmBackend):
         job.end_time = self.loop.now + self.walltime
         self.holder[node] = job_id
         self._node_infos = None
-        self.loop.at(job.end_time, self.end, job_id, JobState.TIMEOUT)
-        self.loop.at(self.loop.now + self.sim.config.controller.agent_start_seconds, self.sim.agent_up, job)
+        self.loop.at(job.end_time, self._walltime_over, job_id, job.restarts)
+        agent_start = self.sim.rng.choice(self.sim.params.agent_start_samples) \
+            if self.sim.params.agent_start_samples else self.sim.config.controller.agent_start_seconds
+        self.loop.at(self.loop.now + agent_start, self.sim.agent_up, job)
+
+    def _walltime_over(self, job_id: str, run: int) -> None:
+        if self.jobs[job_id].restarts == run:  # not an earlier run of a requeued job
+            self.end(job_id, JobState.TIMEOUT)
 
     def end(self, job_id: str, state: JobState) -> None:
         job = self.jobs[job_id]
@@ -318,12 +407,16 @@ class SimSlurm(SlurmBackend):
         job.state = state
         if was_running:
             job.end_time = min(job.end_time, self.loop.now)
-            if self.holder.get(job.node) == job_id:
-                del self.holder[job.node]
-            self._node_infos = None
-            self.sim.agent_gone(job)
-            for waiting in list(self.waiting):
-                self._try_start(waiting)
+            self._node_freed(job)
+
+    def _node_freed(self, job: SimJob) -> None:
+        """A running job stopped (ended or requeued): its agent is gone, its node goes to a waiting job."""
+        if self.holder.get(job.node) == job.job_id:
+            del self.holder[job.node]
+        self._node_infos = None
+        self.sim.agent_gone(job)
+        for waiting in list(self.waiting):
+            self._try_start(waiting)
 
     def hold_for_other(self, node: str, seconds: float) -> None:
         self.holder[node] = "other"
@@ -340,7 +433,7 @@ class SimSlurm(SlurmBackend):
     def _status(self, job: SimJob) -> JobStatus:
         return JobStatus(job_id=job.job_id, state=job.state, raw_state=job.state.value,
                          nodes=(job.node,) if job.node else (), name=job.spec.name, start_time=job.start_time,
-                         end_time=job.end_time, comment=job.spec.comment)
+                         end_time=job.end_time, comment=job.spec.comment, restart_count=job.restarts)
 
     def statuses(self, job_ids):
         return {j: self._status(self.jobs[j]) if j in self.jobs else
@@ -355,7 +448,19 @@ class SimSlurm(SlurmBackend):
             self.end(job_id, JobState.CANCELLED)
 
     def requeue(self, job_id: str) -> None:
-        raise NotImplementedError("the simulation does not requeue")
+        """As `scontrol requeue`: a running job stops (its agent goes), keeps its id and queues again for a drawn
+        wait; a pending one stays queued. Slot-time already held counts (`runs`); a finished job cannot be
+        requeued."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state.is_terminal:
+            raise SlurmError(f"requeue of job {job_id}: {'unknown job' if job is None else 'job already finished'}")
+        if job.state != JobState.RUNNING:
+            return
+        self.sim.held_runs.append((job.start_time, self.loop.now))
+        job.state, job.restarts, job.start_time, job.end_time = JobState.PENDING, job.restarts + 1, None, None
+        self._node_freed(job)
+        job.node = None
+        self._queue(job)
 
     def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:
         pass
@@ -408,9 +513,14 @@ class SimAgents(AgentClient):
         node.instances[instance_id] = inst
         sim.instances[instance_id] = inst
         tier = node.best_tier(model)
-        seconds = sim.params.instance_overhead + info.size_bytes / (sim.params.bandwidth[tier] * GB)
+        overhead = sim.rng.choice(sim.params.instance_start_samples) if sim.params.instance_start_samples \
+            else sim.params.instance_overhead
+        seconds = overhead + info.size_bytes / (sim.params.bandwidth[tier] * GB)
         inst.load_tier, inst.load_seconds = tier, round(seconds, 3)
-        sim.loop.at(max(sim.loop.now, node.busy_until) + seconds, sim.instance_ready, inst)
+        if sim.params.start_capacity:
+            sim.starts.add(inst, max(0.0, node.busy_until - sim.loop.now) + seconds)
+        else:
+            sim.loop.at(max(sim.loop.now, node.busy_until) + seconds, sim.instance_ready, inst)
         return StartedInstance(instance_id, inst.url)
 
     def stop_instance(self, agent_url, instance_id) -> None:
@@ -418,7 +528,7 @@ class SimAgents(AgentClient):
         if inst is not None:
             self.sim.stop_instance(inst)
 
-    def migrate_out(self, agent_url, instance_id, destination_url, timeout) -> MigratedOut:
+    def migrate_out(self, agent_url, instance_id, destination_url, timeout, ticket=None) -> MigratedOut:
         sim = self.sim
         source = sim.instances[instance_id]
         target = sim.instance_by_url.get(destination_url)
@@ -465,6 +575,7 @@ class Simulation:
                            "history_seconds": 600,
                            **params.controller, **overrides.get("controller", {})}})
         self.nvme: dict[str, OrderedDict] = defaultdict(OrderedDict)
+        self.starts = SharedStarts(self, params.start_capacity) if params.start_capacity else None
         self.slurm = SimSlurm(self)
         self.registry = Registry(self.config.controller.database_url)
         self.allocator = Allocator(self.config, self.registry, self.slurm, "http://controller:8700", clock=self.loop)
@@ -477,6 +588,7 @@ class Simulation:
         self.instance_by_url: dict[str, SimInstance] = {}
         self.waiting: dict[str, list[SimRequest]] = defaultdict(list)
         self.cold_starts: list[dict] = []
+        self.held_runs: list[tuple[float, float]] = []  # (start, stop) of runs of jobs requeued since
         self.preemptions = 0
         self.preempt_migrated = 0  # requests live-migrated by preempted agents' drains
         self.ticks = 0
@@ -562,12 +674,13 @@ class Simulation:
         """Stop a worker: requests still on it are aborted and resume through the gateway from their tokens."""
         if self.instances.pop(inst.instance_id, None) is None:
             return
+        if self.params.start_capacity:
+            self.starts.drop(inst)
         inst.node.instances.pop(inst.instance_id, None)
         self.instance_by_url.pop(inst.url, None)
         inst.state = "stopped"
-        _, tpot = self.params.service[inst.model.size_class]
         for req in list(inst.running.values()) + [r for r, _ in inst.queue]:
-            req.progress(self.loop.now, tpot)
+            req.progress(self.loop.now)
             self._detach(req)
             req.resumes += 1
             self.loop.at(self.loop.now, self.route, req)
@@ -578,10 +691,9 @@ class Simulation:
 
     def move_requests(self, source: SimInstance, target: SimInstance) -> list[MigrationResult]:
         """Live migration: the target prefilled their tokens while the source decoded; a short hand-over pause."""
-        _, tpot = self.params.service[source.model.size_class]
         moved = []
         for req in list(source.running.values()) + [r for r, _ in source.queue]:
-            req.progress(self.loop.now, tpot)
+            req.progress(self.loop.now)
             self._detach(req)
             req.migrations += 1
             self.live_migrated += 1
@@ -682,7 +794,11 @@ class Simulation:
 
     def _run(self, inst: SimInstance, req: SimRequest, migrated: bool) -> None:
         prefill_tps, tpot = self.params.service[inst.model.size_class]
+        if self.params.decode_contention:
+            base, per_request = self.params.decode_contention[inst.model.size_class]
+            tpot = base + per_request * sum(len(i.running) for i in self.instances.values())
         now = self.loop.now
+        req.tpot = tpot
         req.instance = inst
         req.version += 1
         inst.running[req.req.id] = req
@@ -697,7 +813,7 @@ class Simulation:
         if version != req.version or req.instance is None:
             return
         inst = req.instance
-        req.progress(self.loop.now, self.params.service[inst.model.size_class][1])
+        req.progress(self.loop.now)
         req.generated, req.done = req.req.output_tokens, self.loop.now
         self._detach(req)
         while inst.queue and len(inst.running) < MAX_BATCH:
@@ -760,8 +876,10 @@ class Simulation:
         e2e = np.array([r.done - self.start - r.req.t for r in served])
         if self.params.cost_horizon is not None:
             end = min(end, self.start + self.params.cost_horizon)
-        slot_seconds = sum(max(0.0, min(j.end_time, end) - j.start_time) * self.params.gpus_per_node
-                           for j in self.slurm.jobs.values() if j.start_time is not None and j.start_time < end)
+        runs = self.held_runs + [(j.start_time, j.end_time) for j in self.slurm.jobs.values()
+                                 if j.start_time is not None]
+        slot_seconds = sum(max(0.0, min(stop, end) - start) * self.params.gpus_per_node
+                           for start, stop in runs if start < end)
         tiers = {t: sum(1 for c in self.cold_starts if c["tier"] == t) for t in ("dram", "nvme", "sharedfs")}
         return {
             "policy": self.policy,
@@ -925,9 +1043,12 @@ def run_policy(policy: str, models, requests, params: SimParams) -> dict:
             sim.registry.close()
 
 
-def simulate(policies: list[str], models, requests, params: SimParams, jobs: int = 1) -> list[dict]:
+def simulate(policies: list[str], models, requests, params: SimParams, jobs: int = 1,
+             quiet: bool = False) -> list[dict]:
     """One simulation per policy (each its own controller and registry), `jobs` at a time in processes."""
     def done(r: dict) -> dict:
+        if quiet:
+            return r
         print(f"  {r['policy']}: {r['served']}/{r['requests']} served, {r['allocations']} allocations, "
               f"{r['preemptions']} preemptions, {r['live_migrated_requests']} live-migrated "
               f"({r['live_migrated_on_preemption']} at preemptions), "
@@ -947,30 +1068,100 @@ def simulate(policies: list[str], models, requests, params: SimParams, jobs: int
 # ----------------------------------------------------------------------------- checked against the dev cluster
 
 
-def replay_sim_params(result: dict) -> SimParams:
-    """The dev cluster as bench/replay.py ran it (4 nodes, CPU-served dev models, its controller settings), with
-    the service rates, instance start and queue wait that replay measured (its "calibration")."""
-    cal = result["calibration"]
-    return SimParams(nodes=4, gpus_per_node=2, queue_wait=cal["queue_wait"], instance_overhead=cal["instance_overhead"],
+def replay_sim_params(result: dict, calibration: dict | None = None) -> SimParams:
+    """The dev cluster as bench/replay.py ran it (4 nodes of 2 GPU slots, CPU-served dev models, the controller
+    settings it gave the real controller), with the costs that replay measured (bench/calibration.py: the queue
+    wait, agent start and instance start of each allocation and cold start drawn from the measured lists; prefill
+    and decode per size, decode slowed by the requests decoding beside it on the one shared host)."""
+    from calibration import calibrate
+
+    cal = calibration or calibrate(result["raw"], {m["name"]: m["size_class"] for m in result["models"]})
+    service = {size: (s["prefill_tokens_per_second"], s["decode"]["base"]) for size, s in cal["service"].items()}
+    contention = {size: (s["decode"]["base"], s["decode"]["per_request"]) for size, s in cal["service"].items()}
+    return SimParams(nodes=4, gpus_per_node=2, queue_wait=float(np.mean(cal["queue_waits"])),
+                     queue_wait_samples=cal["queue_waits"], agent_start_samples=cal["agent_starts"],
+                     instance_start_samples=cal["instance_starts_alone"], start_capacity=cal["start_capacity"],
+                     decode_contention=contention,
                      preempt_rate=0.0, walltime=result["walltime"], max_instances=result.get("max_instances", 2),
-                     tail=result.get("drain", 180.0), seed=result["workload"]["seed"],
-                     service={size: tuple(v) for size, v in cal["service"].items()},
-                     controller={"tick_seconds": 1.0, "allocation_start_estimate_seconds": 5.0,
-                                 **({"agent_start_seconds": cal["agent_start_seconds"]}
-                                    if cal.get("agent_start_seconds") is not None else {})},
+                     tail=result.get("drain", 180.0), seed=result["workload"]["seed"], service=service,
+                     controller={"tick_seconds": 1.0, "allocation_start_estimate_seconds": 5.0},
                      bandwidth_source="defaults (dev checkpoints are MBs: the instance start dominates)")
 
 
-def compare_with_replay(result: dict) -> list[dict]:
-    """The replay's trace and policies simulated at dev-cluster size: one report per policy, as simulate() gives."""
+def compare_with_replay(result: dict, seeds: int = 1, calibration: dict | None = None,
+                        own_costs: bool = False) -> list[dict]:
+    """The replay's trace and policies simulated at dev-cluster size: one report per policy, as simulate() gives;
+    with seeds > 1 each policy is simulated with that many seeds (draws of the measured costs) and each latency
+    statistic and the slot-seconds are the mean over them ("seed_range" holds their min and max). own_costs: each
+    policy with the costs measured in its own replay only (the host's load changes between replays), else with
+    `calibration` (default: all policies' measurements pooled)."""
+    from calibration import calibrate
+
     models = [ModelInfo(**m) for m in result["models"]]
     requests = [Request(**r) for r in result["requests"]]
-    params = replay_sim_params(result)
-    # Each policy's held slots count up to when its own replay ended; its preemption (if one was made) comes when it
-    # came in its replay (the replay waits for a node that serves requests).
-    return [simulate([r["policy"]], models, requests,
-                     replace(params, cost_horizon=r.get("replay_seconds"), preempt_at=preempted_at(r)))[0]
-            for r in result["reports"]]
+    size_class = {m.name: m.size_class for m in models}
+    params = replay_sim_params(result, calibration)
+    out = []
+    for r in result["reports"]:
+        if own_costs:
+            params = replay_sim_params(result, calibrate({r["policy"]: result["raw"][r["policy"]]}, size_class))
+        # Held slots count up to when the policy's own replay ended; its preemption (if one was made) comes when it
+        # came in its replay (the replay waits for a node that serves requests).
+        runs = [simulate([r["policy"]], models, requests,
+                         replace(params, seed=params.seed + k, cost_horizon=r.get("replay_seconds"),
+                                 preempt_at=preempted_at(r)), quiet=True)[0] for k in range(seeds)]
+        out.append(mean_report(runs))
+    return out
+
+
+def mean_report(runs: list[dict]) -> dict:
+    """The first run's report with its latency statistics, slot-hours and cold starts averaged over all runs."""
+    report = dict(runs[0])
+    if len(runs) == 1:
+        return report
+    report["seed_range"] = {}
+    for key in ("ttft", "e2e"):
+        report[key] = {}
+        for stat in ("mean", "p50", "p99"):
+            values = [r[key][stat] for r in runs if r[key][stat] is not None]
+            report[key][stat] = float(np.mean(values)) if values else None
+            if values:
+                report["seed_range"][f"{key} {stat}"] = [min(values), max(values)]
+    hours = [r["gpu_slot_hours"] for r in runs]
+    report["gpu_slot_hours"] = float(np.mean(hours))
+    report["seed_range"]["slot-seconds"] = [min(hours) * 3600, max(hours) * 3600]
+    report["cold_starts"] = {t: round(float(np.mean([r["cold_starts"][t] for r in runs])), 1)
+                             for t in runs[0]["cold_starts"]}
+    report["lost"] = float(np.mean([r["lost"] for r in runs]))
+    report["seeds"] = len(runs)
+    report["ttft_by_arrival"] = [p for r in runs for p in r["ttft_by_arrival"]]  # every seed's, for the CDFs
+    return report
+
+
+def plot_comparison(measured: list[dict], simulated: list[dict], path: Path, title: str) -> None:
+    """TTFT CDF per policy: measured on the dev cluster (solid) and simulated with its costs (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    sims = {r["policy"]: r for r in simulated}
+    for i, m in enumerate(measured):
+        color = f"C{i}"
+        for report, style, label in ((m, "-", "measured"), (sims.get(m["policy"]), "--", "simulated")):
+            values = np.sort([v for _, v in (report or {}).get("ttft_by_arrival", [])])
+            if len(values):
+                ax.plot(values, np.arange(1, len(values) + 1) / len(values), style, color=color,
+                        label=f"{m['policy']} {label}")
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s, log)")
+    ax.set_ylabel("fraction of served requests")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def preempted_at(report: dict) -> float | None:
@@ -1007,25 +1198,56 @@ def comparison_rows(measured: list[dict], simulated: list[dict]) -> list[dict]:
 
 
 def comparison_table(measured: list[dict], simulated: list[dict]) -> str:
-    head = f"{'policy':14s} {'metric':13s} {'measured':>10s} {'simulated':>10s} {'error':>8s}"
+    head = (f"{'policy':14s} {'metric':13s} {'measured':>10s} {'simulated':>10s} {'error':>8s}  "
+            f"{'simulated over seeds':>20s}")
     lines = [head, "-" * len(head)]
+    ranges = {s["policy"]: s.get("seed_range", {}) for s in simulated}
     for r in comparison_rows(measured, simulated):
         err = "-" if r["error"] is None else f"{100 * r['error']:+.0f}%"
+        low_high = ranges.get(r["policy"], {}).get(r["metric"].replace("TTFT", "ttft").replace("E2E", "e2e"))
+        spread = f"{low_high[0]:.1f}-{low_high[1]:.1f}" if low_high else ""
         lines.append(f"{r['policy']:14s} {r['metric']:13s} {fmt(r['measured']):>10s} {fmt(r['simulated']):>10s} "
-                     f"{err:>8s}")
+                     f"{err:>8s}  {spread:>20s}")
     return "\n".join(lines)
 
 
-def compare_main(path: Path) -> int:
-    """--compare RESULT.json: simulate a bench/replay.py run's trace at its size and print both side by side."""
+def error_bound(measured: list[dict], simulated: list[dict]) -> dict[str, float]:
+    """Per metric, the largest |relative error| over the policies."""
+    bound: dict[str, float] = {}
+    for r in comparison_rows(measured, simulated):
+        if r["error"] is not None and r["metric"] != "lost":
+            bound[r["metric"]] = max(bound.get(r["metric"], 0.0), abs(r["error"]))
+    return bound
+
+
+def compare_main(path: Path, seeds: int, out: Path | None = None, own_costs: bool = False) -> int:
+    """--calibrate-from RESULT.json: simulate a bench/replay.py run's trace at its size with the costs it measured
+    and print simulated and measured side by side (and write them to `out`)."""
+    from calibration import calibrate, summary
+
     try:
         result = json.loads(path.read_text())
-        simulated = compare_with_replay(result)
+        calibration = calibrate(result["raw"], {m["name"]: m["size_class"] for m in result["models"]})
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: --compare {path}: not a readable bench/replay.py result ({exc})", file=sys.stderr)
+        print(f"error: --calibrate-from {path}: not a usable bench/replay.py result ({exc})", file=sys.stderr)
         return 2
-    print()
+    print(f"costs measured by the replay ({path}):")
+    print("\n".join(f"  {line}" for line in summary(calibration)))
+    began, cpu = time.perf_counter(), time.process_time()
+    simulated = compare_with_replay(result, seeds, calibration, own_costs)
+    costs = "each policy with its own replay's costs" if own_costs else "all replays' costs pooled"
+    print(f"\nsimulated ({costs}; {seeds} seeds, {time.perf_counter() - began:.0f} s wall, "
+          f"{time.process_time() - cpu:.0f} s CPU) vs measured, error = (simulated - measured) / measured:")
     print(comparison_table(result["reports"], simulated))
+    bound = error_bound(result["reports"], simulated)
+    print("\nlargest |error| over the policies: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in bound.items()))
+    if out is not None:
+        out.write_text(json.dumps({"replay": str(path), "own_costs": own_costs, "calibration": calibration,
+                                   "simulated": simulated,
+                                   "rows": comparison_rows(result["reports"], simulated), "error_bound": bound}))
+        plot_comparison(result["reports"], simulated, out.with_suffix(".png"),
+                        f"dev cluster: measured (replay) vs simulated with its costs ({seeds} seeds)")
+        print(f"wrote {out} and .png")
     return 0
 
 
@@ -1046,12 +1268,20 @@ def main() -> int:
     parser.add_argument("--sweep-loads", default="1,3", help="factors on --rate of the sweep")
     parser.add_argument("--jobs", type=int, default=3, help="policies simulated at once (processes)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--compare", type=Path, metavar="RESULT.json",
-                        help="a bench/replay.py result: simulate its trace at dev-cluster size, print beside it")
+    parser.add_argument("--calibrate-from", "--compare", dest="compare", type=Path, metavar="RESULT.json",
+                        help="a bench/replay.py result: simulate its trace at dev-cluster size with the costs it "
+                             "measured (bench/calibration.py) and print simulated vs measured")
+    parser.add_argument("--own-costs", action="store_true",
+                        help="--calibrate-from: simulate each policy with the costs measured in its own replay")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="--calibrate-from: simulations per policy (draws of the measured costs), averaged")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     if args.compare:
-        return compare_main(args.compare)
+        if args.seeds < 1:
+            parser.error("--seeds must be >= 1")
+        args.out.mkdir(parents=True, exist_ok=True)
+        return compare_main(args.compare, args.seeds, args.out / "calibration-latest.json", args.own_costs)
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]

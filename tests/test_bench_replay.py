@@ -14,8 +14,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from replay import calibrate, slot_seconds, summarize, table  # noqa: E402
-from simulate import compare_with_replay, comparison_rows, comparison_table, relative_error  # noqa: E402
+from calibration import calibrate, fit_decode, fit_start_capacity  # noqa: E402
+from replay import slot_seconds, summarize, table  # noqa: E402
+from simulate import compare_with_replay, comparison_rows, comparison_table, error_bound, relative_error  # noqa: E402
 from workload import ModelInfo, Request  # noqa: E402
 
 TINY = ModelInfo("m000-7b", 2_000_000, 0, "tiny", 1, 0.7)
@@ -51,24 +52,49 @@ def test_slot_seconds_only_count_allocations_seen_running():
                          "2": {"started_at": 20.0, "last_running": 25.0}}, 1) == pytest.approx(35.0)
 
 
-def test_calibration_takes_decode_rate_from_all_and_prefill_rate_from_the_fastest_quarter():
-    # tiny: 9 tokens after the first in 0.9 s -> 0.1 s/token; the fastest quarter of TTFTs (0.5 s, 50 tokens)
-    # gives 100 prefill tokens/s; the 30 s TTFT (a cold start) does not lower it.
-    records = [record(i, float(i), TINY.name, ttft, ttft + 0.9) for i, ttft in enumerate([0.5, 0.5, 30.0, 1.0])]
-    records.append(record(9, 9.0, TINY.name, None, None, tokens=0, error="APIError: x"))
-    # Two cold starts waited for a new allocation (30 s and 40 s from request to ready), one found a node up.
-    cold = [{"load_seconds": 8.0, "requested_at": 0.0, "ready_at": 30.0},
-            {"load_seconds": 12.0, "requested_at": 0.0, "ready_at": 40.0},
-            {"load_seconds": None, "requested_at": 0.0, "ready_at": 1.0}]
-    allocations = {"a": {"submitted_at": 0.0, "started_at": 2.0}, "b": {"submitted_at": 0.0, "started_at": 4.0},
-                   "c": {"submitted_at": 0.0, "started_at": None}}
-    cal = calibrate(records, cold, allocations, {TINY.name: "tiny"})
-    prefill, tpot = cal["service"]["tiny"]
-    assert tpot == pytest.approx(0.1)
-    assert prefill == pytest.approx(100.0)
-    assert cal["instance_overhead"] == pytest.approx(10.0)
-    assert cal["queue_wait"] == pytest.approx(3.0)
-    assert cal["agent_start_seconds"] == pytest.approx(35.0 - 3.0 - 10.0)
+def measurements(records, cold, allocations, agents_seen, t0=1000.0):
+    return {"records": records, "cold_starts": cold, "allocations": allocations, "agents_seen": agents_seen,
+            "t0_epoch": t0}
+
+
+def test_calibration_measures_each_step_of_a_cold_start_and_the_service_rates():
+    t0 = 1000.0
+    # Allocation a: queued 2 s, its agent up 12 s after the job started; b: 4 s and 20 s; c never started.
+    allocations = {"a": {"submitted_at": t0, "started_at": t0 + 2}, "b": {"submitted_at": t0, "started_at": t0 + 4},
+                   "c": {"submitted_at": t0, "started_at": None}}
+    agents_seen = {"a": t0 + 14, "b": t0 + 24}
+    # Cold starts on registered agents: 30 s (1 s of it loading the weights) and 10 s, one after the other.
+    cold = [{"model": TINY.name, "requested_at": t0 + 14, "ready_at": t0 + 44, "load_seconds": 1.0},
+            {"model": TINY.name, "requested_at": t0 + 50, "ready_at": t0 + 60, "load_seconds": None}]
+    # Requests: two waited for the cold start (arrived before the instance was ready at 44 s), two did not; the
+    # warm ones prefilled 50 tokens in 0.5 s (100 tokens/s). Each decodes 9 tokens after the first.
+    records = [record(0, 0.0, TINY.name, 44.0, 44.9), record(1, 10.0, TINY.name, 34.0, 34.9),
+               record(2, 50.0, TINY.name, 0.5, 1.4), record(3, 70.0, TINY.name, 0.5, 1.4),
+               record(4, 80.0, TINY.name, None, None, tokens=0, error="APIError: x")]
+    cal = calibrate({"hpcllm": measurements(records, cold, allocations, agents_seen, t0)}, {TINY.name: "tiny"})
+    assert cal["queue_waits"] == [2.0, 4.0]
+    assert cal["agent_starts"] == [12.0, 20.0]
+    assert cal["instance_starts"] == [10.0, 29.0]  # less the weights' load
+    tiny = cal["service"]["tiny"]
+    assert tiny["prefill_tokens_per_second"] == pytest.approx(100.0)  # the cold-start waits do not lower it
+    assert tiny["decode"]["base"] == pytest.approx(0.1)
+    # A replay that did not record the cold-start phases is refused with what to do.
+    with pytest.raises(ValueError, match="run it again"):
+        calibrate({"hpcllm": {"records": records}}, {TINY.name: "tiny"})
+
+
+def test_decode_slows_with_the_requests_decoding_beside_it():
+    # 10 ms per token alone, +5 ms per other request decoding on the host.
+    fit = fit_decode([(n, 0.010 + 0.005 * (n - 1)) for n in (1, 2, 4, 8)])
+    assert fit["base"] == pytest.approx(0.010) and fit["per_request"] == pytest.approx(0.005)
+    assert fit_decode([(3.0, 0.02), (3.0, 0.04)])["per_request"] == 0.0  # n never varied: a flat median
+
+
+def test_start_capacity_explains_starts_slowed_by_each_other():
+    # Each start takes 10 s alone; the host runs 2 at full pace: 4 at once take 20 s each, 1 alone 10 s.
+    capacity, alone = fit_start_capacity([(20.0, 4.0)] * 4 + [(10.0, 1.0), (10.0, 2.0)])
+    assert capacity == pytest.approx(2.0, abs=0.06)
+    assert alone == pytest.approx([10.0] * 6, rel=0.03)
 
 
 def test_relative_error_and_comparison_rows():
@@ -85,20 +111,23 @@ def test_relative_error_and_comparison_rows():
     assert rows["slot-seconds"]["measured"] == pytest.approx(360.0)
     assert rows["lost"]["error"] is None  # nothing measured lost: no ratio
     assert "+50%" in comparison_table([measured], [simulated])
+    assert error_bound([measured], [simulated])["TTFT mean"] == pytest.approx(0.5)
 
 
 def replay_result(requests: list[Request]) -> dict:
     """A bench/replay.py result as it writes it, with hand-made measurements."""
-    reports = []
+    t0 = 1000.0
+    reports, raw = [], {}
     for policy in ("hpcllm", "no-locality"):
         records = [record(r.id, r.t, r.model, 5.0, 6.0) for r in requests]
         report = summarize(policy, records, [{"tier": "sharedfs"}], {}, 1)
         report["replay_seconds"] = 100.0
         reports.append(report)
+        raw[policy] = measurements(
+            records, [{"model": TINY.name, "requested_at": t0 + 3, "ready_at": t0 + 8, "load_seconds": 0.5}],
+            {"1": {"submitted_at": t0, "started_at": t0 + 1}}, {"1": t0 + 3}, t0)
     return {"workload": {"seed": 0}, "models": [asdict(TINY), asdict(SMALL)],
-            "requests": [asdict(r) for r in requests], "reports": reports,
-            "calibration": {"service": {"tiny": [1000.0, 0.02], "small": [500.0, 0.05]}, "instance_overhead": 5.0,
-                            "queue_wait": 2.0},
+            "requests": [asdict(r) for r in requests], "reports": reports, "raw": raw,
             "walltime": "00:30:00", "drain": 120.0, "max_instances": 2}
 
 
@@ -109,8 +138,9 @@ def test_compare_simulates_the_replayed_trace_at_dev_cluster_size():
     assert [s["policy"] for s in simulated] == ["hpcllm", "no-locality"]
     for s in simulated:
         assert s["served"] == 3 and s["lost"] == 0
-        # The first request of each model waits for an allocation (queue wait + agent start) and the instance start.
-        assert s["ttft"]["p99"] > 5.0
+        # The first request of each model waits for an allocation (1 s queue wait + 2 s agent start) and the
+        # instance start (4.5 s) as measured.
+        assert s["ttft"]["p99"] > 1.0 + 2.0 + 4.5
         # Held slots count to the replay's end (100 s), on at most 4 nodes.
         assert 0 < s["gpu_slot_hours"] * 3600 <= 4 * 100.0
 
@@ -118,16 +148,18 @@ def test_compare_simulates_the_replayed_trace_at_dev_cluster_size():
 def test_compare_command_prints_the_table_and_refuses_a_file_that_is_not_a_result(tmp_path):
     good = tmp_path / "replay.json"
     good.write_text(json.dumps(replay_result([Request(0, 0.0, TINY.name, 50, 10)])))
-    run = subprocess.run([sys.executable, str(BENCH / "simulate.py"), "--compare", str(good)], capture_output=True,
-                         text=True, timeout=300)
+    command = [sys.executable, str(BENCH / "simulate.py"), "--seeds", "2", "--out", str(tmp_path), "--calibrate-from"]
+    run = subprocess.run(command + [str(good)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "TTFT mean" in run.stdout and "no-locality" in run.stdout
+    assert "job start to registered agent: median 2.0 s" in run.stdout  # the costs it used, printed
+    written = json.loads((tmp_path / "calibration-latest.json").read_text())
+    assert {r["policy"] for r in written["rows"]} == {"hpcllm", "no-locality"} and "TTFT p99" in written["error_bound"]
     bad = tmp_path / "bad.json"
     bad.write_text('{"reports": []}')
-    run = subprocess.run([sys.executable, str(BENCH / "simulate.py"), "--compare", str(bad)], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(command + [str(bad)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "not a readable bench/replay.py result" in run.stderr
+    assert "not a usable bench/replay.py result" in run.stderr
 
 
 def test_compare_injects_the_replays_preemption_in_the_busiest_node():

@@ -72,3 +72,43 @@ def test_same_inputs_same_report(tmp_path):
     for report in (first, second):
         report.pop("wall_seconds"), report.pop("cpu_seconds")
     assert first == second
+
+
+def test_a_requeued_allocation_queues_again_and_its_requests_resume(tmp_path):
+    # A long request runs on an allocation that Slurm requeues (as `scontrol requeue`): the agent goes, the job keeps
+    # its id and starts again after a new queue wait; the controller sees it pending then running; the request
+    # resumes from its tokens and finishes; the first run's held time still counts.
+    requests = spaced(SMALL, [0.0], prompt=500, output=3000)
+    sim = Simulation("hpcllm", [SMALL], requests, SimParams(nodes=2, queue_wait=10.0, preempt_rate=0.0, tail=600.0),
+                     tmp_path / "requeue")
+    try:
+        def requeue_the_running_job():
+            (job,) = [j for j in sim.slurm.jobs.values() if j.state.value == "RUNNING"]
+            sim.slurm.requeue(job.job_id)
+            assert sim.slurm.statuses([job.job_id])[job.job_id].state.value == "PENDING"
+
+        sim.loop.at(sim.start + 60.0, requeue_the_running_job)
+        report = sim.run()
+        (job,) = sim.slurm.jobs.values()
+        assert job.restarts == 1 and job.state.value == "RUNNING"
+        assert sim.registry.get_allocation(job.job_id).state == "running"
+        assert report["served"] == 1 and report["resumed_requests"] == 1
+        assert report["allocations"] == 1
+        assert report["gpu_slot_hours"] * 3600 > 4 * (60.0 - 10.0)  # the first run (started by 60 s) is counted
+        with pytest.raises(Exception, match="unknown job"):
+            sim.slurm.requeue("999")
+    finally:
+        sim.registry.close()
+
+
+def test_instance_starts_sharing_the_host_take_longer_together(tmp_path):
+    # start_capacity 1 (the dev cluster's shared cores): four models cold-starting at once each need 10 s alone, so
+    # the last is ready after ~40 s; one model alone is ready after its 10 s.
+    models = [ModelInfo(f"m{i:03d}-7b", 1000, 1, "7b", 1, 0.25) for i in range(4)]
+    params = {"queue_wait": 0.0, "instance_start_samples": [10.0], "start_capacity": 1.0, "agent_start_samples": [1.0],
+              "gpus_per_node": 4, "nodes": 1}
+    together = run("hpcllm", [Request(i, 0.0, m.name, 10, 2) for i, m in enumerate(models)], tmp_path / "a",
+                   models=models, **params)
+    alone = run("hpcllm", [Request(0, 0.0, models[0].name, 10, 2)], tmp_path / "b", models=models, **params)
+    assert alone["ttft"]["p99"] == pytest.approx(1.0 + 10.0, abs=1.5)
+    assert together["ttft"]["p99"] == pytest.approx(1.0 + 40.0, abs=2.0)

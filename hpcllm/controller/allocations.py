@@ -166,9 +166,9 @@ class Allocator:
         partition = self._partition(model)
         nodes = self._slurm_nodes() or []
         avoid = self._recently_busy_preferred_nodes()
+        gpus = self.gpus_requested(model)
         return sorted(n.name for n in nodes if n.available and n.state in USABLE_NODE_STATES and n.name not in avoid
-                      and (partition is None or partition in n.partitions)
-                      and n.gpus_free >= self.gpus_requested(model))
+                      and (partition is None or partition in n.partitions) and n.gpus_free >= gpus)
 
     def gpus_requested(self, model: DeployedModel) -> int:
         """GPUs per node an allocation made for this model asks for: slurm.gpus_per_node, at least the model's; none
@@ -202,18 +202,23 @@ class Allocator:
 
     # ------------------------------------------------------------------------------------- queue waits
 
-    def new_allocation_wait(self, model: DeployedModel, preferred_nodes: list[str], now: float) -> QueueWait:
+    def new_allocation_wait(self, model: DeployedModel, preferred_nodes: list[str], now: float,
+                            in_use: list[str] | None = None) -> QueueWait:
         """Queue wait of an allocation for this model submitted now (asking for preferred_nodes by name, else any
         node but ours), of the job's whole shape (a spanning instance's: nodes x ranks per node, preferred_nodes
         its node set): Slurm's `sbatch --test-only` start plus agent_start_seconds; the constant when Slurm gives
-        no estimate (backend without one, refused shape, unreachable, in back-off)."""
+        no estimate (backend without one, refused shape, unreachable, in back-off). in_use: nodes_in_use() when the
+        caller already read it (placement asks for many candidates at once)."""
+        if not preferred_nodes and in_use is None:
+            in_use = self.nodes_in_use()
+
         def ask() -> StartEstimate | None:
-            return self.backend.estimate_start(self._job_spec(model, preferred_nodes, None))
+            return self.backend.estimate_start(self._job_spec(model, preferred_nodes, None, in_use=in_use))
 
         # The job's whole shape: a spanning instance's nodes x ranks per node, on exactly preferred_nodes.
         key = ("new", self._partition(model), self.gpus_requested(model), model.nodes,
                model.ranks_per_node if model.spans_nodes else 1, model.slurm.account, model.slurm.qos,
-               model.slurm.time, tuple(preferred_nodes), () if preferred_nodes else tuple(self.nodes_in_use()))
+               model.slurm.time, tuple(preferred_nodes), () if preferred_nodes else tuple(in_use))
         estimate = self._estimates.get(key, ask) if self.backend is not None else None
         if estimate is None:
             return QueueWait(self.settings.allocation_start_estimate_seconds, FROM_CONSTANT)
@@ -406,7 +411,7 @@ class Allocator:
         return alloc.nodes if alloc is not None and alloc.nodes else None
 
     def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str | None,
-                  token: str | None = None) -> JobSpec:
+                  token: str | None = None, in_use: list[str] | None = None) -> JobSpec:
         """The slurm package's node-agent job (one node) with the model's [slurm] overrides (partition, account,
         qos, time; else the [slurm] config), tagged with --comment=<tag>. A node holding the checkpoint is asked for
         by name (--nodelist; slurmrestd's "nodelist" key): placement proposes only nodes that are idle now. Any
@@ -437,7 +442,7 @@ class Allocator:
         if preferred_nodes:
             extra["nodelist"] = tuple(preferred_nodes)
         else:
-            busy = self.nodes_in_use()
+            busy = self.nodes_in_use() if in_use is None else in_use
             if busy:  # Slurm packs small jobs onto one node: a second agent there would share the first's node id
                 extra["exclude"] = tuple(busy)
         return make_job_spec(**{**spec.model_dump(), **extra})

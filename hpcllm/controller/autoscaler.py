@@ -210,9 +210,12 @@ class Autoscaler:
     def _ensure_min_and_demand(self, now: float, report: TickReport) -> None:
         routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
         demand = self.registry.demand()
+        active_by_model: dict[str, list] = defaultdict(list)  # one read for all models, not one per model
+        for inst in self.registry.instances():
+            if inst.state in ("ready", "loading") and inst.node_id in routable:
+                active_by_model[inst.model].append(inst)
         for model in self.registry.models():
-            active = [i for i in self.registry.instances(model=model.name)
-                      if i.state in ("ready", "loading") and i.node_id in routable]
+            active = active_by_model[model.name]
             wanted = model.name in demand
             if wanted:
                 keep_alive = model.keep_alive_seconds if model.keep_alive_seconds is not None \

@@ -38,6 +38,7 @@ from hpcllm.controller.placement import (
     MovableInstance,
     NodeCandidate,
     NodeSetCandidate,
+    load_time,
     node_sets_to_ask,
     place,
     place_spanning,
@@ -863,11 +864,18 @@ class Controller:
         others = self._other_models_nodes(model, known_nodes.values(), by_node) \
             if self.settings.keep_alive_policy == "per-model" else set()
         spanning = self._spanning_jobs()
+        ready_on = self._ready_nodes_by_model(by_node, known_nodes)
+        # Where an agent of ours runs or may soon: read once for every candidate and queue-wait estimate below.
+        in_use = self.allocator.nodes_in_use()
+        restart_waits: dict[str, float] = {}
         for node in known_nodes.values():
             if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool \
                     or node.node_id in others or node.slurm_job_id in spanning:
                 continue
-            free, movable, young = self._room(model, node, by_node[node.node_id], now)
+            free, movable, young = self._room(model, node, by_node[node.node_id], now,
+                                              lambda victim: self._restart_seconds(victim, now, restart_waits,
+                                                                                   in_use),
+                                              ready_on)
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable,
                                             "agent up"))
             targets[node.node_id] = Target("running", node=node)
@@ -894,15 +902,21 @@ class Controller:
         if not pending and self.allocator.why_not_submit(model) is None:
             # Not where an agent of ours runs, nor where an allocation (of any model) is queued for or starting on:
             # a second agent job there would be refused (one agent per node) and hold Slurm resources for nothing.
-            busy = set(self.allocator.nodes_in_use())
+            busy = set(in_use)
             # Any node Slurm picks (also when none is idle now: the job queues). Its name sorts before node
             # names, so when no listed node is better (no checkpoint there) Slurm is left free to choose.
-            any_wait = self.allocator.new_allocation_wait(model, [], now)
+            any_wait = self.allocator.new_allocation_wait(model, [], now, in_use)
             candidates.append(NodeCandidate(ANY_NODE, "idle", any_wait.seconds, self._slots_per_new_node(model),
                                             self._bandwidths(None), (), any_wait.source))
             targets[ANY_NODE] = Target("idle")
             for slurm_node in self.allocator.idle_nodes(model):
                 if slurm_node in busy or slurm_node in exclude_nodes:
+                    continue
+                if not holding.get(slurm_node) and slurm_node not in known_nodes \
+                        and self.settings.placement_policy != "random":
+                    # The same estimate as ANY_NODE (its wait, the default bandwidths, nothing held), which wins
+                    # the tie: at 1,000 nodes these candidates were most of placement's time. "random" draws
+                    # among nodes, so it keeps them.
                     continue
                 # Slurm is asked about the nodes holding the checkpoint (an allocation names them); any other
                 # node waits as long as a job left to Slurm would.
@@ -938,8 +952,23 @@ class Controller:
         return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
             a.state == "pending" or (a.state == "running" and not allocation_agents(a, live)))]
 
-    def _room(self, model: DeployedModel, node: NodeRecord, instances: list[InstanceRecord],
-              now: float) -> tuple[int, tuple[MovableInstance, ...], list[tuple[MovableInstance, float]]]:
+    @staticmethod
+    def _ready_nodes_by_model(by_node: dict[str, list[InstanceRecord]],
+                              known_nodes: dict[str, NodeRecord]) -> dict[str, set[str]]:
+        """Per model, the routable nodes running a ready instance of it (where a moved instance's requests can go)."""
+        ready_on: dict[str, set[str]] = defaultdict(set)
+        for node_id, instances in by_node.items():
+            node = known_nodes.get(node_id)
+            if node is None or node.state not in ROUTABLE_NODE_STATES:
+                continue
+            for inst in instances:
+                if inst.state == "ready":
+                    ready_on[inst.model].add(node_id)
+        return ready_on
+
+    def _room(self, model: DeployedModel, node: NodeRecord, instances: list[InstanceRecord], now: float,
+              restart_seconds: Callable[[str], float], ready_on: dict[str, set[str]],
+              ) -> tuple[int, tuple[MovableInstance, ...], list[tuple[MovableInstance, float]]]:
         """Free slots on a node for this model, the instances that could be moved now to make more, and those that
         could be moved once they have served controller.min_residency_seconds (with the seconds left)."""
         same_kind = [i for i in instances if bool(i.gpu_ids) == bool(model.gpus)]
@@ -952,14 +981,33 @@ class Controller:
         for inst in same_kind:
             if inst.state != "ready" or inst.model == model.name:
                 continue
+            cost = self._move_cost(inst)
+            if inst.load and not ready_on.get(inst.model, set()) - {node.node_id}:
+                cost += restart_seconds(inst.model)
             option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else self._cpu_slots(inst),
-                                     self._move_cost(inst))
+                                     cost)
             seconds_left = inst.requested_at + self.settings.min_residency_seconds - now
             if seconds_left > 0:
                 young.append((option, seconds_left))
             else:
                 movable.append(option)
         return free, tuple(movable), young
+
+    def _restart_seconds(self, model_name: str, now: float, cache: dict[str, float], in_use: list[str]) -> float:
+        """What moving a busy instance with no ready instance of its model elsewhere costs its requests besides the
+        move: stopped, they resume only once a new instance of their model is up, at best on a new allocation
+        (its queue wait) loaded from the shared FS. Counted in the move's cost, so placement never pushes a cold
+        start onto running requests to spare the placed model the same wait (which made placement churn: each
+        moved model's requests moved another one). Where no allocation can be made the move may still be the only
+        way to start the placed model, and it is made."""
+        if model_name not in cache:
+            victim = self.registry.get_model(model_name)
+            if victim is None:
+                cache[model_name] = 0.0
+            else:
+                wait = self.allocator.new_allocation_wait(victim, [], now, in_use).seconds
+                cache[model_name] = wait + load_time(victim.size_bytes, self.settings.default_sharedfs_gbps)
+        return cache[model_name]
 
     def _cpu_slots(self, inst: InstanceRecord) -> int:
         """CPU slots a CPU instance holds: one per tensor-parallel rank (its model's degree; 1 once undeployed)."""

@@ -245,12 +245,12 @@ def test_status_table_shows_the_move_cost_and_its_inputs(make_harness, capsys, m
 
 
 def test_placement_stops_the_victim_when_no_other_instance_can_take_its_requests(make_harness):
-    h = make_harness(cpu_slots_per_node=1)
+    # No allocation can be made (max_allocations 0): stopping a's busy instance is the only way to start b.
+    h = make_harness(cpu_slots_per_node=1, max_allocations=0)
     agents = use_migrating_agents(h)
     h.deploy("a")
     h.deploy("b")
     h.register("n1", gpus=0)
-    h.backend.down = True
     a1 = ready_instance(h, "n1", "a", running=1)
     client = h.app_client()
 
@@ -259,6 +259,29 @@ def test_placement_stops_the_victim_when_no_other_instance_can_take_its_requests
     assert agents.migrations == [] and agents.stopped == [("http://n1:9000", a1)]
     assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement",
                   outcome="no_target") == 1
+
+
+def test_placement_allocates_rather_than_stop_a_busy_instance_nothing_else_can_serve(make_harness):
+    # a's only instance runs a request; b could start at once in its place, but a's request would then wait for a
+    # cold start of a (a queue wait of its own): placement counts that and asks for an allocation for b instead.
+    # Stopping busy instances to avoid queue waits made placement churn (each stopped model stopped another).
+    h = make_harness(cpu_slots_per_node=1)
+    agents = use_migrating_agents(h)
+    h.deploy("a")
+    h.deploy("b")
+    h.register("n1", gpus=0)
+    a1 = ready_instance(h, "n1", "a", running=1)
+
+    assert h.controller.route("b").status == "allocating"
+    assert agents.migrations == [] and agents.stopped == []
+    assert h.registry.get_instance(a1).state == "ready"
+
+    # Once a's instance is idle, moving it costs nobody a wait: b takes its slot rather than wait for the queue.
+    h.agents.agents["http://n1:9000"].instances[a1] = \
+        h.agents.agents["http://n1:9000"].instances[a1].model_copy(update={"running_requests": 0})
+    h.heartbeat("n1")
+    assert h.controller.route("b").status == "starting"
+    assert agents.stopped == [("http://n1:9000", a1)]
 
 
 def test_a_failed_migration_still_frees_the_slots_and_is_counted(make_harness):

@@ -76,14 +76,17 @@ def test_a_waiting_model_starts_by_itself_once_the_residency_is_served(make_harn
     assert resident(h) == ["b"]
 
 
-def _a_serving_for_10_seconds(make_harness, min_residency_seconds: float):
-    """Models a and b (2 GPUs each), both cached on n1 (2 GPUs), where a has served for 10 s."""
+def _a_serving_for_10_seconds(make_harness, min_residency_seconds: float, idle: bool = True):
+    """Models a and b (2 GPUs each), both cached on n1 (2 GPUs), where a has served for 10 s (idle now: its
+    agent's heartbeat reports no request running, unless idle is False)."""
     h = make_harness(min_residency_seconds=min_residency_seconds)
     h.deploy("a", gpus=2, size_bytes=4 * GB)
     h.deploy("b", gpus=2, size_bytes=4 * GB)
     h.register("n1", gpus=2, cached=(("a", "dram"), ("b", "dram")))
     serve(h, "a")
     h.clock.advance(10)
+    if idle:
+        h.heartbeat("n1")
     return h
 
 
@@ -97,6 +100,9 @@ def test_with_allocations_allowed_the_other_model_goes_elsewhere_when_that_is_so
     h2 = _a_serving_for_10_seconds(make_harness, min_residency_seconds=20.0)
     assert h2.controller.route_once("b").status == "waiting"
     assert h2.backend.submitted() == []
+    # Unless a is busy with no other instance to take its requests: they would wait for a's own cold start.
+    h3 = _a_serving_for_10_seconds(make_harness, min_residency_seconds=20.0, idle=False)
+    assert h3.controller.route_once("b").status == "allocating"
 
 
 def test_an_instance_past_its_residency_is_evicted_at_once(make_harness):
