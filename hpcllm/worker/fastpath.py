@@ -215,5 +215,10 @@ def _pack(linear: nn.Linear) -> list[tuple[int, int]]:
     return dropped
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether a fast path packed some of the model's linears in place (oneDNN tensors: not shareable, not saved)."""
+    return any(hasattr(module, "packed_weight") for module in model.modules())
+
+
 def _packed_linear_forward(self, x):
     return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")

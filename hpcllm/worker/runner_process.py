@@ -21,12 +21,14 @@ events in between, while the child computes (Engine._forward).
 
 from __future__ import annotations
 
+
 import signal
 import traceback
 
 import torch
 import torch.multiprocessing
 
+from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, make_runner
 
 STOP_SECONDS = 10.0
@@ -66,6 +68,9 @@ class ProcessRunner:
     def __init__(self, model, *, num_blocks: int, block_size: int, batching: str, max_rows: int,
                  process: ModelProcess | None = None, fast_path: bool = True) -> None:
         """process: one started ahead (while the model loaded); None starts one now. fast_path: make_runner's."""
+        if fastpath.is_packed(model):  # oneDNN tensors cannot be shared with the child
+            raise ValueError("the model's weights were already packed by an in-process engine's fast path: give the "
+                             "model process a model as loaded")
         self._model_process = process or ModelProcess()
         self._conn, self._process = self._model_process.conn, self._model_process.process
         setup = {"model": model, "num_blocks": num_blocks, "block_size": block_size, "batching": batching,
@@ -139,8 +144,8 @@ def _serve_steps(conn) -> None:
     except ValueError as exc:
         conn.send(("error", str(exc)))
         return
-    output = model.get_output_embeddings()
-    width = output.weight.shape[0] if output is not None else model.config.vocab_size
+    output = model.get_output_embeddings()  # its weight may be packed by the fast path by now: out_features stays
+    width = output.out_features if isinstance(output, torch.nn.Linear) else model.config.vocab_size
     logits = torch.empty(max_rows, width, dtype=torch.float32).share_memory_()
     conn.send(("ready", {"paged": isinstance(runner, PagedRunner), "logits": logits}))
     with torch.inference_mode():

@@ -38,16 +38,27 @@ def run_together(engine, requests):
 
 
 @pytest.fixture(scope="module")
-def process_engine(load_pair):
-    model, tokenizer = load_pair("llama")
+def unpacked_pair(model_dirs):
+    """A model no in-process engine is given: the model process shares the parent's weights, and an in-process
+    engine's fast path packs them in place into oneDNN tensors, which cannot be shared (load_pair's are)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dirs["llama"]
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def process_engine(unpacked_pair):
+    model, tokenizer = unpacked_pair
     engine = Engine(model, tokenizer, model_name="tiny", model_process=True, prefill_chunk_tokens=8,
                     kv_block_size=4).start()
     yield engine
     engine.shutdown()
 
 
-def test_the_forward_runs_in_a_child_process_and_greedy_output_equals_generate(load_pair, process_engine):
-    model, tokenizer = load_pair("llama")
+def test_the_forward_runs_in_a_child_process_and_greedy_output_equals_generate(unpacked_pair, reference_model,
+                                                                              process_engine):
+    tokenizer, model = unpacked_pair[1], reference_model("llama")
     runner = process_engine.runner
     assert isinstance(runner, ProcessRunner) and runner._process.pid != os.getpid() and runner._process.is_alive()
     assert process_engine.kv_pool.prefix_caching  # the child runs the paged runner
@@ -64,7 +75,7 @@ def test_the_forward_runs_in_a_child_process_and_greedy_output_equals_generate(l
 
 
 def test_seeded_sampling_and_logprobs_equal_the_in_process_engine(load_pair, process_engine):
-    model, tokenizer = load_pair("llama")
+    model, tokenizer = load_pair("llama")  # the in-process engine's (packed in place by its fast path)
     sampled = [request(prompt=p, max_tokens=20, temperature=0.9, top_k=40, seed=i, ignore_eos=True, logprobs=2)
                for i, p in enumerate(PROMPTS)]
     with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
@@ -75,8 +86,9 @@ def test_seeded_sampling_and_logprobs_equal_the_in_process_engine(load_pair, pro
     assert [strip(events) for events in got] == [strip(events) for events in expected]
 
 
-def test_a_shared_prefix_is_served_from_the_cache_and_cancel_ends_a_stream_in_order(load_pair, process_engine):
-    model, tokenizer = load_pair("llama")
+def test_a_shared_prefix_is_served_from_the_cache_and_cancel_ends_a_stream_in_order(unpacked_pair, reference_model,
+                                                                                   process_engine):
+    tokenizer, model = unpacked_pair[1], reference_model("llama")
     system = tokenizer("You are a helpful assistant. Answer briefly and politely, in plain words.")["input_ids"]
     hits = process_engine.metrics.prefix_cache_hits._value.get()
     first, second = system + tokenizer("the")["input_ids"][-1:], system + tokenizer("hello world")["input_ids"][-2:]
@@ -96,9 +108,10 @@ def test_a_shared_prefix_is_served_from_the_cache_and_cancel_ends_a_stream_in_or
     assert process_engine.kv_pool.used_blocks == 0
 
 
-def test_a_worker_started_with_model_process_streams_over_http_and_stops_the_process(load_pair, start_worker):
-    model, tokenizer = load_pair("llama")
-    worker = start_worker(loader=lambda: ModelForServing(model, tokenizer, tier="test"), model_process=True)
+def test_a_worker_started_with_model_process_streams_over_http_and_stops_the_process(unpacked_pair, reference_model,
+                                                                                      start_worker):
+    (unpacked, tokenizer), model = unpacked_pair, reference_model("llama")
+    worker = start_worker(loader=lambda: ModelForServing(unpacked, tokenizer, tier="test"), model_process=True)
     assert wait_until(lambda: worker.service.engine is not None and worker.service.engine.alive, timeout=120)
     process = worker.service.engine.runner._process  # the one started while the model loaded
     ids = tokenizer(PROMPTS[0])["input_ids"]
@@ -111,8 +124,8 @@ def test_a_worker_started_with_model_process_streams_over_http_and_stops_the_pro
     assert not process.is_alive()
 
 
-def test_a_dead_model_process_fails_the_engine_and_its_requests(load_pair):
-    model, tokenizer = load_pair("llama")
+def test_a_dead_model_process_fails_the_engine_and_its_requests(unpacked_pair):
+    model, tokenizer = unpacked_pair
     engine = Engine(model, tokenizer, model_name="tiny", model_process=True).start()
     try:
         stream = engine.submit(request(prompt=PROMPTS[0], ignore_eos=True))  # until the context is full
@@ -124,3 +137,10 @@ def test_a_dead_model_process_fails_the_engine_and_its_requests(load_pair):
         assert not engine.alive and "model process died" in engine.error
     finally:
         engine.shutdown()
+
+
+def test_a_model_packed_by_an_in_process_engine_is_refused_with_a_reason(load_pair):
+    model, tokenizer = load_pair("llama")
+    Engine(model, tokenizer, model_name="tiny")  # its fast path packs the shared test model in place
+    with pytest.raises(ValueError, match="already packed"):
+        Engine(model, tokenizer, model_name="tiny", model_process=True)
