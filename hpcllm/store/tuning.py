@@ -329,19 +329,25 @@ def load_tuning(source) -> tuple["ReadTuning | None", str | None]:
 
 def choose_read_plan(tuning: "ReadTuning | None", tier: str, reader: str, threads: int, block_bytes: int,
                      host_target: bool, checkpoint_device: int | None, where: str | None = None,
-                     prefaulted: bool = True) -> ReadPlan:
+                     prefaulted: bool = False) -> ReadPlan:
     """The probe's fastest configuration among the modes this tier and target may use; the tier's defaults
     (reader, threads, block_bytes) when there is no probe for that tier, it was measured on another filesystem,
     or it measured none of the allowed modes.
 
-    `prefaulted`: a host target's destination memory is already faulted in (a worker's reserved pool). The probe
-    reads O_DIRECT into faulted memory, so its O_DIRECT figure is what such a load gets; into fresh memory the
-    page faults bound the load instead (docs/loader.md: 0.43 vs 1.2 GB/s here), so a host load without a
-    pre-faulted pool maps the files when the probe measured that mode."""
+    `prefaulted`: a host target's destination memory is already faulted in (a worker's reserved pool). Then the
+    load reads O_DIRECT into it whenever the probe measured O_DIRECT: the one mode that allocates no memory while
+    loading, so the probe's figure (read into faulted memory) holds at any model size. The mapped mode allocates
+    the model's size in page cache during the load, which a 128 MiB probe does not show: measured here, a mapped
+    2 GB load took 2.8-7.8 s where the probe promised ~1 s, while O_DIRECT into the reserved pool took 1.2-1.3 s
+    (docs/loader.md, "Where the cold load lost time"). Without a pre-faulted pool, O_DIRECT would fault fresh
+    memory (0.43 vs 1.2 GB/s into faulted memory here), so a host load maps the files when the probe measured
+    that mode."""
     allowed = ALLOWED_MODES.get((tier, host_target))
     measured_modes = tuning.tiers[tier].best if tuning is not None and tier in tuning.tiers else {}
-    if host_target and not prefaulted and allowed and MMAP in allowed and MMAP in measured_modes:
-        allowed = (MMAP,)
+    if host_target and allowed:
+        preferred = ODIRECT if prefaulted else MMAP
+        if preferred in allowed and preferred in measured_modes:
+            allowed = (preferred,)
     if allowed is None:
         return ReadPlan(reader, threads, block_bytes, f"default: tier {tier} is not read by threads")
     if tuning is None:

@@ -142,10 +142,11 @@ class RecordingPreadv:
 
 
 def test_load_reads_with_the_probes_threads_and_block_size(models, monkeypatch, expected_disk_mode):
-    """A worker with its pool reserved (a spare): O_DIRECT won the probe, and reads land in the reserved arena."""
+    """A worker with its pool reserved (a spare) reads O_DIRECT into the reserved arena, even where the probe
+    measured mapping faster."""
     hf, converted = models("llama")
     evict_from_page_cache(converted)
-    tuning = tuning_for(converted, odirect=(3, 32 * KiB, 5.0), mmap=(2, 16 * KiB, 1.0))
+    tuning = tuning_for(converted, odirect=(3, 32 * KiB, 5.0), mmap=(2, 16 * KiB, 9.0))
     pool = _fresh_pool()
     pool.reserve_bytes(2 * _checkpoint_bytes(converted))
     calls = RecordingPreadv(monkeypatch, delay=0.002)  # reads into faulted memory: else one thread may do them all
@@ -172,6 +173,18 @@ def test_host_load_into_fresh_memory_maps_even_when_odirect_measured_faster(mode
     assert (loaded.stats.reader_mode, loaded.stats.zero_copy, loaded.stats.threads) == ("mmap", True, 2)
     assert loaded.stats.read_plan.startswith("probe: mmap 2x16 KiB")
     assert calls.lengths == []  # nothing read into anonymous memory
+
+
+def test_plan_with_a_prefaulted_pool_reads_odirect_into_it_even_when_mapping_measured_faster(tmp_path):
+    tuning = tuning_for(tmp_path, odirect=(8, 4 * MiB, 1.2), mmap=(4, MiB, 1.6))
+    plan = choose_read_plan(tuning, "disk", host_target=True, checkpoint_device=os.stat(tmp_path).st_dev,
+                            prefaulted=True, **DEFAULTS)
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("odirect", 8, 4 * MiB)
+    assert plan.source == f"probe: odirect 8x4 MiB 1.20 GB/s ({tmp_path}) into the pre-faulted pool"
+    only_mapped = tuning_for(tmp_path, mmap=(4, MiB, 1.6))  # no O_DIRECT figure: the pool cannot help
+    plan = choose_read_plan(only_mapped, "disk", host_target=True, checkpoint_device=os.stat(tmp_path).st_dev,
+                            prefaulted=True, **DEFAULTS)
+    assert plan.mode == "mmap"
 
 
 def test_plan_without_a_prefaulted_pool_keeps_odirect_when_mmap_was_not_measured(tmp_path):
