@@ -337,9 +337,9 @@ def choose_read_plan(tuning: "ReadTuning | None", tier: str, reader: str, thread
     `prefaulted`: a host target's destination memory is already faulted in (a worker's reserved pool). Then the
     load reads O_DIRECT into it whenever the probe measured O_DIRECT: the one mode that allocates no memory while
     loading, so the probe's figure (read into faulted memory) holds at any model size. The mapped mode allocates
-    the model's size in page cache during the load, which a 128 MiB probe does not show: measured here, a mapped
-    2 GB load took 2.8-7.8 s where the probe promised ~1 s, while O_DIRECT into the reserved pool took 1.2-1.3 s
-    (docs/loader.md, "Where the cold load lost time"). Without a pre-faulted pool, O_DIRECT would fault fresh
+    the model's size in page cache during the load, which a 128 MiB probe does not show: measured here, mapped
+    2 GB loads took 2.1-7.8 s across three bench runs where the probe promised ~1 s, O_DIRECT into the reserved
+    pool 1.2-2.2 s (docs/loader.md, "Where the cold load lost time"). Without a pre-faulted pool, O_DIRECT would fault fresh
     memory (0.43 vs 1.2 GB/s into faulted memory here), so a host load maps the files when the probe measured
     that mode."""
     allowed = ALLOWED_MODES.get((tier, host_target))
