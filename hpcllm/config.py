@@ -85,8 +85,13 @@ class NodeConfig(Section):
     # before the workers are stopped; keep migrate + stop timeouts inside slurm.signal_seconds.
     migrate_timeout_seconds: float = Field(20.0, gt=0, le=3600)
     # Worker processes kept with torch/transformers already imported, so a cold start pays only the load (the
-    # imports take ~2.5-4 s, docs/node-agent.md). Each idle spare holds ~0.35 GB of host memory; 0 turns them off.
+    # imports take ~2.5-4 s, docs/node-agent.md). Each idle spare holds ~0.35 GB of host memory (plus its host pool,
+    # below); 0 turns them off.
     spare_workers: int = Field(1, ge=0, le=8)
+    # Host memory each spare reserves and faults in while it waits (like ServerlessLLM's pinned pool): the largest
+    # checkpoint cached on this node, at most this many GB. A CPU load then reads O_DIRECT straight into memory that
+    # is already faulted in (docs/loader.md, "Reserved host pool"); 0 turns it off. A GPU assignment frees it.
+    spare_host_pool_gb: float = Field(8.0, ge=0)
     # Cache on load: a worker loading from a slower tier writes what it read into these faster tiers (within their
     # capacities, LRU), so the next start on this node is local; [] turns it off. A model's cache_on_load overrides.
     cache_on_load: list[Literal["dram", "nvme"]] = ["dram", "nvme"]

@@ -51,6 +51,7 @@ from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import internal_client
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
+from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
@@ -479,6 +480,7 @@ class WorkerManager:
         log_path = self.run_dir / f"spare-{uuid.uuid4().hex[:8]}.log"
         env = self._environment([])  # no GPU until assigned: CUDA must not start before it knows its devices
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # torch.cuda.is_available() without initialising CUDA
+        env[HOST_POOL_ENV] = str(self._spare_pool_bytes())
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "hpcllm.worker.spare"], env=env, stdin=subprocess.PIPE,
                                        stdout=log_file, stderr=subprocess.STDOUT,
@@ -486,6 +488,19 @@ class WorkerManager:
         log.info("spare worker pid %d started (log %s)", process.pid, log_path)
         self.starts += 1
         return Spare(process, log_path, time.time())
+
+    def _spare_pool_bytes(self) -> int:
+        """Host memory a spare reserves pre-faulted: the largest checkpoint this node caches (what a CPU load of
+        any of its models needs), at most node.spare_host_pool_gb; 0 without a cache or with the option off."""
+        cap = int(self.config.node.spare_host_pool_gb * 1e9)
+        if cap <= 0 or self.cache is None:
+            return 0
+        try:
+            largest = max((copy.bytes for copy in self.cache.list() if copy.tensor_parallel is None), default=0)
+        except (OSError, HpcllmError) as exc:  # an optimisation: the spare then loads into fresh memory
+            log.warning("cannot size the spare's host pool from the cache: %s", exc)
+            return 0
+        return min(cap, largest)
 
     def _assign_spare(self, req: StartInstance, path: Path, url_file: Path, log_path: Path,
                       cache_into: Path | None = None) -> subprocess.Popen | None:

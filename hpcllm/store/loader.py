@@ -226,7 +226,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     phases = {"open": time.perf_counter() - started}
 
     host_target = devices == {"cpu"} and not staged
-    plan = _read_plan(read_tuning, tier_name, settings, host_target, ckpt.root, threads, unit_bytes)
+    prefaulted = host_target and pool.prefaulted_for([p.size for p in ckpt.partitions if p.size])
+    plan = _read_plan(read_tuning, tier_name, settings, host_target, ckpt.root, threads, unit_bytes, prefaulted)
     if staging_slots is None:  # enough slots for every reader thread to hold one while copies drain the others
         settings = settings.with_overrides(staging_slots=max(settings.staging_slots, plan.threads + 2))
     tee = LoadTee(ckpt, tee_into) if tee_into is not None else None
@@ -674,8 +675,9 @@ def _touch_pages(mapping, start: int, length: int) -> None:
 
 
 def _read_plan(read_tuning, tier: str, settings: TierSettings, host_target: bool, root: Path,
-               threads: int | None, unit_bytes: int | None) -> ReadPlan:
-    """How this load reads: explicit threads / unit_bytes win, then the node probe's tuning, then tier defaults."""
+               threads: int | None, unit_bytes: int | None, prefaulted: bool) -> ReadPlan:
+    """How this load reads: explicit threads / unit_bytes win, then the node probe's tuning, then tier defaults.
+    `prefaulted`: the pool holds faulted-in memory for every partition (a worker's reserved arena)."""
     if settings.reader == MMAP:
         return ReadPlan(MMAP, settings.threads, settings.unit_bytes, f"tier {tier}: the files are in memory")
     if threads is not None or unit_bytes is not None:
@@ -686,7 +688,7 @@ def _read_plan(read_tuning, tier: str, settings: TierSettings, host_target: bool
     except OSError:
         device = None
     return choose_read_plan(tuning, tier, settings.reader, settings.threads, settings.unit_bytes, host_target,
-                            device, where)
+                            device, where, prefaulted=prefaulted)
 
 
 def _verify_side_files(ckpt: Checkpoint) -> None:

@@ -7,7 +7,9 @@ that reads into freshly allocated memory is bound by page faults, not the disk. 
 * `HostBuffer.populate` pre-faults a range with one madvise(MADV_POPULATE_WRITE) call (Linux >= 5.14; falls back to
   touching one byte per page). The loader runs it in a thread *ahead* of the readers, so faults overlap with I/O.
 * `HostBufferPool` keeps buffers of finished/released models, already faulted, for the next load. A long-lived
-  worker can `reserve()` its pool at start-up so loads never page-fault.
+  worker can `reserve()` its pool at start-up so loads never page-fault; `reserve_bytes(n)` reserves one pre-faulted
+  arena that serves any model up to n bytes (partition buffers are carved out of it), which is what a spare
+  worker does before it knows its model (HPCLLM_HOST_POOL_BYTES, set by the node agent).
 
 Buffers are anonymous mmaps: page-aligned (O_DIRECT needs that; torch.empty is only 64-byte aligned) and marked
 MADV_NOHUGEPAGE (transparent huge pages fault at 0.6 GB/s after idle on these VMs).
@@ -29,6 +31,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 _populate_write_supported = True
+ARENA_SLACK_PAGES = 64  # a checkpoint of up to 64 partitions fits an arena reserved for its byte count
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -66,24 +69,37 @@ class _Discardable:
 
 
 class HostBuffer(_Discardable):
-    """One page-aligned anonymous mapping of `capacity` bytes (at least the requested size, rounded to pages)."""
+    """One page-aligned anonymous mapping of `capacity` bytes (at least the requested size, rounded to pages), or a
+    page-aligned range of one (`carve`: a partition buffer taken from a pool's reserved arena)."""
 
     def __init__(self, nbytes: int):
         self.capacity = max(round_up(nbytes, PAGE_SIZE), PAGE_SIZE)
         self.mmap = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_NOHUGEPAGE"):
             self.mmap.madvise(mmap.MADV_NOHUGEPAGE)
+        self.offset = 0  # of this buffer in self.mmap
         self.address = buffer_address(self.mmap)
         self.populated = False  # every page faulted in (set by populate over the whole range)
+        self.arena: HostBuffer | None = None  # the reserved arena this buffer was carved from
+
+    @classmethod
+    def carve(cls, arena: "HostBuffer", offset: int, nbytes: int) -> "HostBuffer":
+        """Bytes [offset, offset + nbytes) of `arena` (page-aligned) as a buffer of their own."""
+        part = cls.__new__(cls)
+        part.capacity, part.mmap, part.offset = nbytes, arena.mmap, arena.offset + offset
+        part.address = arena.address + offset
+        part.populated = arena.populated
+        part.arena = arena
+        return part
 
     def view(self) -> memoryview:
-        return memoryview(self.mmap)
+        return memoryview(self.mmap)[self.offset:self.offset + self.capacity]
 
     def tensor(self):
         """A torch uint8 tensor over the whole buffer (shares the memory; keeps the mapping alive)."""
         import torch
 
-        return torch.frombuffer(self.mmap, dtype=torch.uint8)
+        return torch.frombuffer(self.mmap, dtype=torch.uint8, count=self.capacity, offset=self.offset)
 
     def populate(self, start: int = 0, end: int | None = None) -> None:
         """Fault in [start, end) for writing so later reads into it cost no page faults."""
@@ -91,7 +107,7 @@ class HostBuffer(_Discardable):
         start = start // PAGE_SIZE * PAGE_SIZE
         if start >= end:
             return
-        populate_range(self.address + start, end - start, self.mmap, start)
+        populate_range(self.address + start, end - start, self.mmap, self.offset + start)
         if start == 0 and end == self.capacity:
             self.populated = True
 
@@ -140,14 +156,17 @@ class PoolStats:
     free_buffers: int
     bytes_total: int
     bytes_free: int
+    arena_bytes: int = 0  # the reserved arena (reserve_bytes), carved or not
+    arena_free_bytes: int = 0
 
 
 class HostBufferPool:
     """Reusable, pre-faulted host buffers; one per checkpoint partition of a loaded CPU model.
 
-    `acquire` hands out the smallest free buffer that fits (and wastes at most `max_waste` of it), else a new,
-    not yet faulted one (the loader faults it ahead of its readers). `release` returns a buffer once nothing uses
-    its memory any more (LoadedModel.release does that). Thread-safe.
+    `acquire` hands out the smallest free buffer that fits (and wastes at most `max_waste` of it), else a range
+    carved from the reserved arena (`reserve_bytes`) when one is free there, else a new, not yet faulted buffer (the
+    loader faults it ahead of its readers). `release` returns a buffer once nothing uses its memory any more
+    (LoadedModel.release does that); a carved range goes back to the arena. Thread-safe.
     """
 
     def __init__(self, max_waste: float = 0.25):
@@ -156,23 +175,73 @@ class HostBufferPool:
         self._all_bytes = 0
         self._all_count = 0
         self.max_waste = max_waste
+        self._arena: HostBuffer | None = None
+        self._extents: list[tuple[int, int]] = []  # free (offset, length) ranges of the arena, sorted by offset
 
     def acquire(self, nbytes: int) -> HostBuffer:
         need = max(round_up(nbytes, PAGE_SIZE), PAGE_SIZE)
         with self._lock:
-            fitting = [b for b in self._free if need <= b.capacity <= need * (1 + self.max_waste) + PAGE_SIZE]
-            if fitting:
-                best = min(fitting, key=lambda b: b.capacity)
+            best = _best_free(self._free, need, self.max_waste)
+            if best is not None:
                 self._free.remove(best)
                 return best
+            extent = _best_extent(self._extents, need)
+            if extent is not None:
+                offset, length = self._extents.pop(extent)
+                if length > need:
+                    self._extents.insert(extent, (offset + need, length - need))
+                return HostBuffer.carve(self._arena, offset, need)
             self._all_bytes += need
             self._all_count += 1
         return HostBuffer(need)
 
     def release(self, buffer: HostBuffer) -> None:
+        if buffer.arena is not None and not buffer.populated:
+            buffer.populate()  # its pages were discarded (LoadedModel.discard): the arena stays faulted in
         with self._lock:
-            if buffer not in self._free:
+            if buffer.arena is not None and buffer.arena is self._arena:
+                self._give_back_extent(buffer.address - self._arena.address, buffer.capacity)
+            elif buffer.arena is None and buffer not in self._free:
                 self._free.append(buffer)
+            # else: carved from an arena this pool dropped since; its memory goes when the last view does
+
+    def _give_back_extent(self, offset: int, length: int) -> None:
+        extents = sorted(self._extents + [(offset, length)])
+        merged: list[tuple[int, int]] = []
+        for start, size in extents:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + size)
+            else:
+                merged.append((start, size))
+        self._extents = merged
+
+    def reserve_bytes(self, nbytes: int) -> None:
+        """Allocate and fault in one arena of `nbytes` now (a worker before it knows its model); later loads carve
+        their partition buffers out of it, so any model up to `nbytes` (less page rounding per partition) lands
+        in memory that is already faulted in. Replaces an earlier arena (ranges carved from it stay valid)."""
+        arena = HostBuffer(nbytes + ARENA_SLACK_PAGES * PAGE_SIZE)  # each partition is rounded up to whole pages
+        arena.populate()
+        with self._lock:
+            self._arena, self._extents = arena, [(0, arena.capacity)]
+
+    def prefaulted_for(self, sizes: list[int]) -> bool:
+        """Would buffers of these sizes all come pre-faulted (free buffers, the arena) if acquired now?"""
+        with self._lock:
+            free = [b for b in self._free if b.populated]
+            extents = list(self._extents) if self._arena is not None and self._arena.populated else []
+        for size in sorted(sizes, reverse=True):
+            need = max(round_up(size, PAGE_SIZE), PAGE_SIZE)
+            best = _best_free(free, need, self.max_waste)
+            if best is not None:
+                free.remove(best)
+                continue
+            extent = _best_extent(extents, need)
+            if extent is None:
+                return False
+            offset, length = extents.pop(extent)
+            if length > need:
+                extents.insert(extent, (offset + need, length - need))
+        return True
 
     def reserve(self, sizes: list[int]) -> None:
         """Allocate and fault in buffers of these sizes now (e.g. at worker start), ready for later loads."""
@@ -183,27 +252,60 @@ class HostBufferPool:
             self.release(buffer)
 
     def trim(self) -> int:
-        """Drop every free buffer; returns their bytes. The memory goes back to the OS when the last reference
-        (the pool's, or a tensor's that torch.frombuffer keeps on the mapping) goes: never unmapped under a view."""
+        """Drop every free buffer, and the arena when nothing is carved from it; returns their bytes. The memory
+        goes back to the OS when the last reference (the pool's, or a tensor's that torch.frombuffer keeps on the
+        mapping) goes: never unmapped under a view."""
         with self._lock:
             freed, self._free = self._free, []
             released = sum(b.capacity for b in freed)
             self._all_bytes -= released
             self._all_count -= len(freed)
+            if self._arena is not None and self._extents == [(0, self._arena.capacity)]:
+                released += self._arena.capacity
+                self._arena, self._extents = None, []
         return released
 
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(buffers=self._all_count, free_buffers=len(self._free), bytes_total=self._all_bytes,
-                             bytes_free=sum(b.capacity for b in self._free))
+                             bytes_free=sum(b.capacity for b in self._free),
+                             arena_bytes=self._arena.capacity if self._arena is not None else 0,
+                             arena_free_bytes=sum(length for _, length in self._extents))
+
+
+def _best_free(free: list[HostBuffer], need: int, max_waste: float) -> HostBuffer | None:
+    fitting = [b for b in free if need <= b.capacity <= need * (1 + max_waste) + PAGE_SIZE]
+    return min(fitting, key=lambda b: b.capacity) if fitting else None
+
+
+def _best_extent(extents: list[tuple[int, int]], need: int) -> int | None:
+    """Index of the smallest free arena range that holds `need` bytes (best fit keeps large ranges whole)."""
+    fitting = [i for i, (_, length) in enumerate(extents) if length >= need]
+    return min(fitting, key=lambda i: extents[i][1]) if fitting else None
 
 
 _default_pool = HostBufferPool()
+HOST_POOL_ENV = "HPCLLM_HOST_POOL_BYTES"  # set by the node agent for its spare workers (hpcllm.node.workers)
 
 
 def default_pool() -> HostBufferPool:
     """The process-wide pool load_model uses unless given another."""
     return _default_pool
+
+
+def reserve_from_environment() -> int:
+    """Reserve the default pool's arena from $HPCLLM_HOST_POOL_BYTES (a spare worker at start-up); bytes reserved.
+    A malformed or non-positive value reserves nothing (the worker loads into fresh memory, as without a pool)."""
+    import os
+
+    try:
+        nbytes = int(os.environ.get(HOST_POOL_ENV, "0"))
+    except ValueError:
+        return 0
+    if nbytes <= 0:
+        return 0
+    _default_pool.reserve_bytes(nbytes)
+    return _default_pool.stats().arena_bytes
 
 
 class MappedFile(_Discardable):

@@ -11,7 +11,8 @@ Read modes, each measured into memory that is already faulted in (what the devic
   buffered  preadv through the page cache into per-thread buffers (the shared-FS reader)
   mmap      the file mapped read-only, threads madvise(MADV_POPULATE_READ) block-sized ranges of it: the kernel
             reads into the page cache and maps those pages, with no copy and no fresh anonymous memory to fault;
-            a CPU model then uses views of the mapping (the path a warm disk-tier load already takes)
+            then each thread reads one byte per page of its range (the first CPU access, which a mapped load makes
+            too); a CPU model then uses views of the mapping (the path a warm disk-tier load already takes)
 
 Each configuration starts from files evicted from the page cache (posix_fadvise DONTNEED after fsync).
 """
@@ -219,19 +220,29 @@ def _pread(fds, buffer: HostBuffer, job, mode) -> None:
 
 
 def _timed_populate(files, jobs, threads) -> float:
-    maps = []
+    import numpy as np
+
+    maps, arrays = [], []
     try:
         for path in files:
             with open(path, "rb") as f:
                 maps.append(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
         addresses = [_address(m) for m in maps]
 
+        arrays = [np.frombuffer(m, dtype=np.uint8) for m in maps]
+
         def populate(_, job):
             index, offset, length = job
             if not populate_read(addresses[index] + offset, length):
                 raise _ModeUnsupported("madvise(MADV_POPULATE_READ) is not supported")
+            # Read one byte per page, as a mapped load does (hpcllm.store.loader) and as fio's mmap engine reads
+            # every byte: populating alone leaves the pages unread by the CPU, and on these VMs the first access to
+            # freshly read page-cache pages can cost more than the read (docs/loader.md, measured 0.04-3.4 s for
+            # 2 GB): a mode is only as fast as the bytes it makes usable.
+            arrays[index][offset:offset + length:PAGE].sum()
         return _run(jobs, [None] * min(threads, max(1, len(jobs))), populate)
     finally:
+        arrays = []
         for m in maps:
             m.close()
 
@@ -317,11 +328,26 @@ def load_tuning(source) -> tuple["ReadTuning | None", str | None]:
 
 
 def choose_read_plan(tuning: "ReadTuning | None", tier: str, reader: str, threads: int, block_bytes: int,
-                     host_target: bool, checkpoint_device: int | None, where: str | None = None) -> ReadPlan:
+                     host_target: bool, checkpoint_device: int | None, where: str | None = None,
+                     prefaulted: bool = False) -> ReadPlan:
     """The probe's fastest configuration among the modes this tier and target may use; the tier's defaults
     (reader, threads, block_bytes) when there is no probe for that tier, it was measured on another filesystem,
-    or it measured none of the allowed modes."""
+    or it measured none of the allowed modes.
+
+    `prefaulted`: a host target's destination memory is already faulted in (a worker's reserved pool). Then the
+    load reads O_DIRECT into it whenever the probe measured O_DIRECT: the one mode that allocates no memory while
+    loading, so the probe's figure (read into faulted memory) holds at any model size. The mapped mode allocates
+    the model's size in page cache during the load, which a 128 MiB probe does not show: measured here, mapped
+    2 GB loads took 2.1-7.8 s across three bench runs where the probe promised ~1 s, O_DIRECT into the reserved
+    pool 1.2-2.2 s (docs/loader.md, "Where the cold load lost time"). Without a pre-faulted pool, O_DIRECT would fault fresh
+    memory (0.43 vs 1.2 GB/s into faulted memory here), so a host load maps the files when the probe measured
+    that mode."""
     allowed = ALLOWED_MODES.get((tier, host_target))
+    measured_modes = tuning.tiers[tier].best if tuning is not None and tier in tuning.tiers else {}
+    if host_target and allowed:
+        preferred = ODIRECT if prefaulted else MMAP
+        if preferred in allowed and preferred in measured_modes:
+            allowed = (preferred,)
     if allowed is None:
         return ReadPlan(reader, threads, block_bytes, f"default: tier {tier} is not read by threads")
     if tuning is None:
@@ -337,5 +363,6 @@ def choose_read_plan(tuning: "ReadTuning | None", tier: str, reader: str, thread
     if best is None:
         return ReadPlan(reader, threads, block_bytes,
                         f"default: the probe measured none of {', '.join(allowed)} on {measured.folder}")
+    into = " into the pre-faulted pool" if host_target and prefaulted and best.mode == ODIRECT else ""
     return ReadPlan(best.mode, best.threads, best.block_bytes,
-                    f"probe: {best.label()} {best.gbps:.2f} GB/s ({measured.folder})")
+                    f"probe: {best.label()} {best.gbps:.2f} GB/s ({measured.folder}){into}")

@@ -13,6 +13,11 @@ GPUs: the spare starts with CUDA_VISIBLE_DEVICES="" and PYTORCH_NVML_BASED_CUDA_
 initialise CUDA or pin the device list; the assignment sets the instance's CUDA_VISIBLE_DEVICES before the first
 CUDA call, which torch documents as honoured until CUDA is initialised. Should CUDA have been initialised anyway,
 the assignment fails with a clear error instead of serving on the wrong GPUs.
+
+Host memory: with $HPCLLM_HOST_POOL_BYTES (the agent sets it from node.spare_host_pool_gb and the checkpoints it
+caches) the spare reserves that much page-aligned memory and faults it in while it waits; its CPU load then reads
+O_DIRECT straight into it (hpcllm.store.memory.HostBufferPool.reserve_bytes, docs/loader.md). A GPU assignment
+gives it back.
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ def assume(assignment: SpareAssignment) -> None:
     if assignment.device.startswith("cuda"):
         import torch
 
+        from hpcllm.store.memory import default_pool
+
+        default_pool().trim()  # a GPU load stages through pinned slots: the reserved host memory is not needed
+
         if torch.cuda.is_initialized():
             raise ConfigError("this spare worker initialised CUDA before its assignment, so it cannot take GPUs "
                               f"{assignment.env.get('CUDA_VISIBLE_DEVICES')!r}; set node.spare_workers = 0")
@@ -81,7 +90,10 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     preimport()
-    print("spare worker ready", file=sys.stderr, flush=True)
+    from hpcllm.store.memory import reserve_from_environment
+
+    reserved = reserve_from_environment()
+    print(f"spare worker ready (host pool {reserved / 1e9:.2f} GB faulted in)", file=sys.stderr, flush=True)
     line = sys.stdin.readline()
     if not line.strip():
         return 0  # retired before it was needed

@@ -31,6 +31,43 @@ def test_pool_hands_back_the_best_fitting_buffer():
     assert pool.stats().buffers == 3
 
 
+def test_reserved_arena_serves_any_partition_sizes_prefaulted_and_takes_them_back():
+    from hpcllm.store.memory import ARENA_SLACK_PAGES
+
+    pool = HostBufferPool()
+    pool.reserve_bytes((100 - ARENA_SLACK_PAGES) * PAGE_SIZE)  # 100 pages with the slack for page rounding
+    assert pool.prefaulted_for([60 * PAGE_SIZE, 40 * PAGE_SIZE])
+    assert not pool.prefaulted_for([60 * PAGE_SIZE, 41 * PAGE_SIZE])  # does not fit: a load would fault fresh pages
+    first, second = pool.acquire(60 * PAGE_SIZE - 100), pool.acquire(40 * PAGE_SIZE)
+    assert first.populated and second.populated and first.arena is second.arena
+    assert first.capacity == 60 * PAGE_SIZE and second.address == first.address + first.capacity  # no overlap
+    assert not pool.prefaulted_for([PAGE_SIZE])  # the arena is used up
+    first.view()[:5] = b"hello"
+    assert bytes(first.tensor()[:5].numpy()) == b"hello" and first.tensor().numel() == first.capacity
+    second.view()[-1:] = b"z"
+    assert bytes(second.tensor()[-1:].numpy()) == b"z"
+    fresh = pool.acquire(PAGE_SIZE)
+    assert fresh.arena is None and not fresh.populated
+    pool.release(first)
+    pool.release(second)
+    assert pool.stats().arena_free_bytes == 100 * PAGE_SIZE  # the ranges merged back: one model of 100 pages fits
+    assert pool.prefaulted_for([100 * PAGE_SIZE])
+    assert pool.trim() == 100 * PAGE_SIZE and pool.stats().arena_bytes == 0
+
+
+def test_reserve_from_environment(monkeypatch):
+    from hpcllm.store import memory
+
+    pool = HostBufferPool()
+    monkeypatch.setattr(memory, "_default_pool", pool)
+    for value in ("", "0", "-5", "lots"):
+        monkeypatch.setenv(memory.HOST_POOL_ENV, value)
+        assert memory.reserve_from_environment() == 0
+    monkeypatch.setenv(memory.HOST_POOL_ENV, str(10 * PAGE_SIZE))
+    assert memory.reserve_from_environment() == (10 + memory.ARENA_SLACK_PAGES) * PAGE_SIZE
+    assert pool.prefaulted_for([4 * PAGE_SIZE + 1, 6 * PAGE_SIZE - 1])  # page-rounded partitions still fit
+
+
 def test_pool_reserve_prefaults_for_later_loads():
     pool = HostBufferPool()
     pool.reserve([8 * PAGE_SIZE, 16 * PAGE_SIZE])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
 import pytest
 
@@ -123,7 +124,8 @@ def test_sweep_leaves_out_a_mode_the_filesystem_refuses(disk_dir, monkeypatch):
 class RecordingPreadv:
     """os.preadv that records each request's length and the thread that made it."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, delay: float = 0.0):
+        self.delay = delay  # seconds per request, as a disk takes: other reader threads get to claim units meanwhile
         self.real = os.preadv
         self.lengths: list[int] = []
         self.threads: set[str] = set()
@@ -134,21 +136,69 @@ class RecordingPreadv:
         with self.lock:
             self.lengths.append(sum(len(b) for b in buffers))
             self.threads.add(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
         return self.real(fd, buffers, offset, *args)
 
 
 def test_load_reads_with_the_probes_threads_and_block_size(models, monkeypatch, expected_disk_mode):
+    """A worker with its pool reserved (a spare) reads O_DIRECT into the reserved arena, even where the probe
+    measured mapping faster."""
+    hf, converted = models("llama")
+    evict_from_page_cache(converted)
+    tuning = tuning_for(converted, odirect=(3, 32 * KiB, 5.0), mmap=(2, 16 * KiB, 9.0))
+    pool = _fresh_pool()
+    pool.reserve_bytes(2 * _checkpoint_bytes(converted))
+    calls = RecordingPreadv(monkeypatch, delay=0.002)  # reads into faulted memory: else one thread may do them all
+    loaded = load_model(converted, tier="disk", tokenizer=False, read_tuning=tuning, pool=pool)
+    assert_same_model(reference(hf), loaded.model)
+    stats = loaded.stats
+    assert (stats.reader_mode, stats.threads, stats.request_bytes) == (expected_disk_mode, 3, 32 * KiB)
+    assert stats.read_plan.startswith("probe: odirect 3x32 KiB 5.00 GB/s")
+    assert stats.read_plan.endswith("into the pre-faulted pool")
+    assert stats.pool_reused_bytes >= stats.bytes  # no fresh page faulted during the load
+    assert max(calls.lengths) == 32 * KiB and len(calls.lengths) > 10  # many requests, none larger than a block
+    assert len({t for t in calls.threads if t.startswith("hpcllm-read-")}) >= 2
+
+
+def test_host_load_into_fresh_memory_maps_even_when_odirect_measured_faster(models, monkeypatch):
+    """The probe's O_DIRECT figure is into faulted memory: without a reserved pool the page faults would bound the
+    load, so a CPU load without one maps the files (the mode whose figure includes its memory)."""
     hf, converted = models("llama")
     evict_from_page_cache(converted)
     tuning = tuning_for(converted, odirect=(3, 32 * KiB, 5.0), mmap=(2, 16 * KiB, 1.0))
     calls = RecordingPreadv(monkeypatch)
     loaded = load_model(converted, tier="disk", tokenizer=False, read_tuning=tuning, pool=_fresh_pool())
     assert_same_model(reference(hf), loaded.model)
-    stats = loaded.stats
-    assert (stats.reader_mode, stats.threads, stats.request_bytes) == (expected_disk_mode, 3, 32 * KiB)
-    assert stats.read_plan.startswith("probe: odirect 3x32 KiB 5.00 GB/s")
-    assert max(calls.lengths) == 32 * KiB and len(calls.lengths) > 10  # many requests, none larger than a block
-    assert len({t for t in calls.threads if t.startswith("hpcllm-read-")}) >= 2
+    assert (loaded.stats.reader_mode, loaded.stats.zero_copy, loaded.stats.threads) == ("mmap", True, 2)
+    assert loaded.stats.read_plan.startswith("probe: mmap 2x16 KiB")
+    assert calls.lengths == []  # nothing read into anonymous memory
+
+
+def test_plan_with_a_prefaulted_pool_reads_odirect_into_it_even_when_mapping_measured_faster(tmp_path):
+    tuning = tuning_for(tmp_path, odirect=(8, 4 * MiB, 1.2), mmap=(4, MiB, 1.6))
+    plan = choose_read_plan(tuning, "disk", host_target=True, checkpoint_device=os.stat(tmp_path).st_dev,
+                            prefaulted=True, **DEFAULTS)
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("odirect", 8, 4 * MiB)
+    assert plan.source == f"probe: odirect 8x4 MiB 1.20 GB/s ({tmp_path}) into the pre-faulted pool"
+    only_mapped = tuning_for(tmp_path, mmap=(4, MiB, 1.6))  # no O_DIRECT figure: the pool cannot help
+    plan = choose_read_plan(only_mapped, "disk", host_target=True, checkpoint_device=os.stat(tmp_path).st_dev,
+                            prefaulted=True, **DEFAULTS)
+    assert plan.mode == "mmap"
+
+
+def test_plan_without_a_prefaulted_pool_keeps_odirect_when_mmap_was_not_measured(tmp_path):
+    tuning = tuning_for(tmp_path, odirect=(8, 4 * MiB, 1.2))
+    plan = choose_read_plan(tuning, "disk", host_target=True, checkpoint_device=os.stat(tmp_path).st_dev,
+                            prefaulted=False, **DEFAULTS)
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("odirect", 8, 4 * MiB)
+    assert not plan.source.endswith("into the pre-faulted pool")
+
+
+def _checkpoint_bytes(folder) -> int:
+    from hpcllm.checkpoint import read_checkpoint
+
+    return read_checkpoint(folder).total_bytes
 
 
 def test_mmap_plan_maps_cold_files_and_faults_them_in_during_the_load(models):
