@@ -87,3 +87,24 @@ def test_unknown_tier_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown storage tier"):
         tier_settings("tape")
     assert tier_settings("disk").reader == "odirect" and tier_settings("sharedfs").reader == "buffered"
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+
+def test_a_carved_range_whose_pages_were_discarded_comes_back_faulted_in():
+    """A model's dropped weights give their pages back (LoadedModel.discard); the arena they go back to must still
+    be pre-faulted, or the next load into it pays the faults the arena exists to avoid."""
+    pool = HostBufferPool()
+    size = 64 * PAGE_SIZE * 16  # 4 MiB
+    pool.reserve_bytes(size)
+    part = pool.acquire(size)
+    assert part.populated
+    before = _resident_kib()
+    assert part.discard(part.address, part.capacity) == part.capacity
+    assert not part.populated and _resident_kib() <= before - size // 1024 // 2
+    pool.release(part)
+    assert _resident_kib() >= before - 256  # faulted in again (a little slack for other allocations)
+    assert pool.prefaulted_for([size]) and pool.acquire(size).populated
