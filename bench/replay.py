@@ -23,8 +23,8 @@ host's CPU, decode under contention, warm prefill; never the latencies compared)
 side by side. `python bench/simulate.py --calibrate-from bench/results/replay-latest.json [--own-costs]` repeats
 that comparison later.
 
-Writes bench/results/replay-<time>.json (+ replay-latest.json), replay-<time>.png (TTFT and E2E CDFs) and the
-services' logs under replay-<time>-logs/<policy>/.
+Writes bench/results/replay-<time>.json (+ replay-latest.json), replay-<time>.png (TTFT and E2E CDFs, TTFT over
+time) and the services' logs under replay-<time>-logs/<policy>/.
 The dev cluster shares this host's 2 cores with whatever else runs: the load average is printed and recorded.
 """
 
@@ -400,7 +400,7 @@ def plot(reports: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     for ax, key, label in ((axes[0], "ttft_by_arrival", "TTFT"), (axes[1], "e2e_by_arrival", "end-to-end latency")):
         for r in reports:
             values = np.sort([v for _, v in r[key]])
@@ -411,6 +411,17 @@ def plot(reports: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel("fraction of served requests")
         ax.set_title(f"{label} CDF")
         ax.legend(fontsize=8)
+    over_time = axes[2]  # latency over the trace: when the cold starts hit, and how each policy recovers
+    for r in reports:
+        points = sorted(r["ttft_by_arrival"])
+        if points:
+            over_time.plot([t for t, _ in points], [v for _, v in points], marker=".", linewidth=0.8,
+                           label=r["policy"])
+    over_time.set_yscale("log")
+    over_time.set_xlabel("arrival time in the trace (s)")
+    over_time.set_ylabel("TTFT (s, log)")
+    over_time.set_title("TTFT over time")
+    over_time.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

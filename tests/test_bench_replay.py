@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 from calibration import calibrate, fit_decode, fit_start_capacity  # noqa: E402
-from replay import slot_seconds, summarize, table  # noqa: E402
+from replay import plot, slot_seconds, summarize, table  # noqa: E402
 from simulate import compare_with_replay, comparison_rows, comparison_table, error_bound, relative_error  # noqa: E402
 from workload import ModelInfo, Request  # noqa: E402
 
@@ -176,3 +176,14 @@ def test_compare_injects_the_replays_preemption_in_the_busiest_node():
     # A preemption the replay could not make (no node served anything only of its own) is not simulated either.
     failed = {**result, "reports": [{**r, "preemption": {"error": "no node", "at": 89.0}} for r in result["reports"]]}
     assert [s["preemptions"] for s in compare_with_replay(failed)] == [0, 0]
+
+
+def test_the_plot_has_the_cdfs_and_latency_over_time(tmp_path):
+    import matplotlib.image
+
+    reports = [{"policy": policy, "ttft_by_arrival": [[t, 0.5 + t / 10] for t in range(5)],
+                "e2e_by_arrival": [[t, 1.0 + t / 10] for t in range(5)]} for policy in ("hpcllm", "per-model")]
+    path = tmp_path / "replay.png"
+    plot(reports, path, "two policies")
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width >= 3.5 * height  # three panels side by side: TTFT CDF, E2E CDF, TTFT over time
