@@ -109,6 +109,14 @@ def squeue_state(job: str) -> str:
     return result.stdout.strip()
 
 
+def transformers_stream(hf_dir) -> tuple[str, str]:
+    """What `stream` must return for PROMPT: transformers' greedy text and finish reason."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pair = (AutoModelForCausalLM.from_pretrained(hf_dir).eval(), AutoTokenizer.from_pretrained(hf_dir))
+    return hf_greedy(pair, pair[1](PROMPT)["input_ids"], 12)[:2]
+
+
 def stream(client, model: str, max_tokens: int = 12) -> tuple[str, str]:
     chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
                                             stream=True))
@@ -118,7 +126,6 @@ def stream(client, model: str, max_tokens: int = 12) -> tuple[str, str]:
 def test_a_two_rank_instance_across_two_nodes_serves_like_one_rank_and_a_corrupt_slice_names_rank_1(
         slurm_cluster, tiny_llama_dir, tmp_path):
     import openai
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(tempfile.mkdtemp(prefix="hpcllm-tpn-e2e-", dir="/var/tmp"))
     try:
@@ -142,7 +149,7 @@ def test_a_two_rank_instance_across_two_nodes_serves_like_one_rank_and_a_corrupt
                                   f"the controller to log {BAD_MODEL}'s failed start", interval=1)
             assert ("loading the 2-rank shards failed: rank 1: " in line
                     and "model.layers.1.mlp.down_proj.weight strip 50/64 along dim 1 is corrupt" in line), line
-            [cancel_line, *_] = wait_for(logged(f"its spanning instance"), 30, "the failed instance's allocation "
+            [cancel_line, *_] = wait_for(logged("its spanning instance"), 30, "the failed instance's allocation "
                                                                                "to be cancelled")
             job = cancel_line.split("cancelled allocation ", 1)[1].split(":")[0]
             wait_for(lambda: squeue_state(job) in ("", "COMPLETED", "CANCELLED"), 60,
@@ -160,9 +167,7 @@ def test_a_two_rank_instance_across_two_nodes_serves_like_one_rank_and_a_corrupt
             assert deployed["nodes"] == 2
             deploy(controller_url, ONE_MODEL, models / ONE_MODEL, 1)
 
-            hf_pair = (AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(),
-                       AutoTokenizer.from_pretrained(tiny_llama_dir))
-            expected = hf_greedy(hf_pair, hf_pair[1](PROMPT)["input_ids"], 12)[:2]
+            expected = transformers_stream(tiny_llama_dir)
 
             with openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=USER_KEY, max_retries=0, timeout=300) as client:
                 # Cold: one allocation of 2 nodes; its first node's agent starts the ranks with srun across both.
@@ -279,7 +284,7 @@ def test_four_ranks_over_two_nodes_serve_transformers_greedy_text(slurm_cluster,
     models have 2), the dev Llama's tokenizer; the openai client's greedy text equals transformers'."""
     import openai
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_dir = tmp_path / "llama-kv4"
     torch.manual_seed(0)
@@ -288,8 +293,7 @@ def test_four_ranks_over_two_nodes_serve_transformers_greedy_text(slurm_cluster,
                                  tie_word_embeddings=False)).save_pretrained(hf_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_llama_dir / name, hf_dir / name)
-    pair = (AutoModelForCausalLM.from_pretrained(hf_dir).eval(), AutoTokenizer.from_pretrained(hf_dir))
-    expected = hf_greedy(pair, pair[1](PROMPT)["input_ids"], 12)[:2]
+    expected = transformers_stream(hf_dir)
 
     root = Path(tempfile.mkdtemp(prefix="hpcllm-tpn-e2e-", dir="/var/tmp"))
     try:
@@ -334,7 +338,6 @@ def test_ranks_across_nodes_read_the_slice_copies_warmed_on_their_own_nodes(slur
     start of the 2-node model asks Slurm for exactly A and B (the slice copies' nodes, placement's estimate), each
     rank reads its node's slice copy (the lead's per-rank report: nvme on both), and the text equals transformers'."""
     import openai
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(tempfile.mkdtemp(prefix="hpcllm-tpn-e2e-", dir="/var/tmp"))
     idle = idle_batch_nodes()
@@ -377,9 +380,7 @@ def test_ranks_across_nodes_read_the_slice_copies_warmed_on_their_own_nodes(slur
                      "the warming agents' jobs to end")
             wait_for(lambda: agents_left() and slices_known(), 120, "the warming agents to leave, copies known")
 
-            hf_pair = (AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(),
-                       AutoTokenizer.from_pretrained(tiny_llama_dir))
-            expected = hf_greedy(hf_pair, hf_pair[1](PROMPT)["input_ids"], 12)[:2]
+            expected = transformers_stream(tiny_llama_dir)
             with openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=USER_KEY, max_retries=0, timeout=300) as client:
                 assert stream(client, TP_MODEL) == expected
 
