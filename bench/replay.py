@@ -68,7 +68,7 @@ SECRET, ADMIN, USER_KEY = "replay-secret", "replay-admin", "replay-user"
 SAMPLE_SECONDS = 1.0
 AGENT_UP_MIN = 5.0  # s: a cold start longer than this waited for a new allocation's agent
 MAX_INSTANCES = 2  # per model
-GPUS_PER_NODE = 2  # of a dev cluster node: what each allocation holds (its whole node: --exclusive)
+GPUS_PER_NODE = 2  # of a dev cluster node: what each allocation holds (SBATCH_GRES below)
 SEEDS = 5  # simulations per policy in the comparison (draws of the measured costs)
 
 
@@ -343,9 +343,10 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
     controller_port, gateway_port = free_port(), free_port()
     config_path = write_config(root, policy, next(iter(sources.values())).parent, controller_port, gateway_port,
                                walltime)
-    # The dev models are CPU-served (gpus = 0): their allocations ask for no GPU but, like every allocation, hold
-    # their node whole (--exclusive), so those submitted together land on a node each and count its 2 GPUs.
-    env = {**env, "HPCLLM_CONFIG": str(config_path)}
+    # Each allocation holds its node's 2 (fake) GPUs, as on a GPU cluster: the dev models are CPU-served (gpus = 0),
+    # so the controller's jobs ask for no GPU and Slurm would pack allocations submitted together onto one node,
+    # where only the first agent can register (one agent per node).
+    env = {**env, "HPCLLM_CONFIG": str(config_path), "SBATCH_GRES": f"gpu:{GPUS_PER_NODE}"}
     model_fields = POLICIES[policy].get("model", {})
     tracker, preemption, preemptors = None, {}, []
     try:

@@ -48,9 +48,8 @@ log = logging.getLogger(__name__)
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 # Reason recorded on an allocation cancelled because the node it asked for by name stayed busy.
 PREFERRED_NODE_BUSY = "preferred node busy"
-# Node states (sinfo) where a new allocation could start soon: an allocation holds its node whole (--exclusive,
-# hpcllm.slurm.templates.node_agent_job_spec), so a node running anyone's job (MIXED, ALLOCATED) cannot take it.
-USABLE_NODE_STATES = {"IDLE"}
+# Node states (sinfo) where a new job could start soon.
+USABLE_NODE_STATES = {"IDLE", "MIXED"}
 # Every allocation's job carries a comment TAG_PREFIX + uuid4 hex: how it is found after a crash.
 TAG_PREFIX = "hpcllm-alloc-"
 

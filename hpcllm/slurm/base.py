@@ -185,8 +185,6 @@ class JobSpec(BaseModel):
     mem: str | None = None
     nodelist: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    # The whole node for this job (--exclusive): no other job, ours or anyone's, shares it.
-    exclusive: bool = False
     # Node features: required (--constraint) and preferred if available (--prefer, Slurm >= 22.05).
     constraint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.&|,*\[\]()!:-]+$")
     prefer: str | None = Field(None, pattern=r"^[A-Za-z0-9_.&|,*\[\]()!:-]+$")

@@ -157,7 +157,6 @@ def submit_description_fields(spec: JobSpec) -> dict[str, Any]:
         "memory_per_node": spec.mem_mb,
         "required_nodes": list(spec.nodelist) or None,
         "excluded_nodes": list(spec.exclude) or None,
-        "exclusive": True if spec.exclusive else None,
         "constraints": spec.constraint,
         "standard_output": spec.output,
         "standard_error": spec.error,

@@ -200,8 +200,6 @@ def submission_body(spec: JobSpec) -> dict[str, Any]:
         "prefer": spec.prefer,
         "nodelist": ",".join(spec.nodelist) or None,
         "exclude_nodes": ",".join(spec.exclude) or None,
-        # Slurm's option parser reads the value: "exclusive" (22.05 refuses "true": "Invalid exclusive specification")
-        "exclusive": "exclusive" if spec.exclusive else None,
         "signal": spec.signal,  # "USR1@60": v0.0.38 takes no "B:" prefix
         "standard_output": spec.output,
         "standard_error": spec.error,

@@ -120,8 +120,6 @@ def sbatch_directives(spec: JobSpec) -> list[str]:
         ("signal", spec.batch_signal),
     ]
     options += [f"--{flag}={value}" for flag, value in optional if value is not None]
-    if spec.exclusive:
-        options.append("--exclusive")
     options.append("--requeue" if spec.requeue else "--no-requeue")
     optional = [("output", spec.output), ("error", spec.error), ("chdir", spec.chdir), ("comment", spec.comment)]
     options += [f"--{flag}={value}" for flag, value in optional if value is not None]
@@ -192,11 +190,6 @@ def node_agent_job_spec(
     """The allocation job that runs one `hpcllm node` per node (trap the configured signal and SIGTERM to drain;
     requeue; append to one log). Unset arguments come from config.slurm.
 
-    The job holds its nodes whole (--exclusive), whatever GPUs it asks for: an agent owns its node's cache tiers
-    (NVMe folder, DRAM) and is known by the node's name, so a second agent job on the node (Slurm packs jobs that
-    ask for no GPU, e.g. for CPU models, onto one node) could never register and would hold Slurm resources for
-    nothing; nor should another user's job share the node's memory and disks with the cache.
-
     spanning_instance: the job holds one tensor-parallel instance whose ranks span its nodes (tasks_per_node ranks
     on each): one agent, on the job's first node, under the batch shell; it starts the ranks on every node with
     `srun --mpi=pmix` (docs/tensor-parallel.md, "Ranks across nodes")."""
@@ -224,7 +217,6 @@ def node_agent_job_spec(
         gpus_per_node=slurm.gpus_per_node if gpus_per_node is None else gpus_per_node,
         signal=f"{signal}@{slurm.signal_seconds}" if slurm.signal_seconds else None,
         requeue=True,
-        exclusive=True,
         output=output or str(config.paths.state_dir / "slurm" / "%x-%j.out"),
         open_mode_append=True,
         env=job_env,

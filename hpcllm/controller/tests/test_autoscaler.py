@@ -6,7 +6,7 @@ import pytest
 
 from hpcllm.controller.autoscaler import RESERVATION_TIMEOUT_SECONDS
 from hpcllm.controller.tests.conftest import GB
-from hpcllm.slurm.base import JobState, NodeInfo
+from hpcllm.slurm.base import JobState
 
 
 def ready_instance(h, model="m", node="n1", tier="nvme"):
@@ -294,21 +294,6 @@ def test_an_allocation_for_any_node_excludes_the_nodes_our_agents_run_on(make_ha
     assert ("start_min", "m") in report.kinds()
     spec = h.backend.jobs[second].spec
     assert spec.nodelist == () and spec.exclude == ("n1", "n4"), spec
-
-
-def test_cpu_allocations_submitted_in_one_tick_each_hold_a_whole_node(make_harness):
-    """Two CPU models' allocations submitted together ask for no GPU: Slurm packed them onto one node (neither has
-    a node yet to exclude), where only one agent registers. Each asks for its node whole (--exclusive), and a node
-    where any job runs (MIXED) is not proposed for a new allocation: such a job would queue behind it."""
-    h = make_harness()
-    h.backend.node_infos[0] = NodeInfo(name="n1", state="MIXED", partitions=("debug",), gpus_total=2)
-    for name in ("a", "b"):
-        h.deploy(name, gpus=0)
-        assert h.controller.route(name).status == "allocating"
-    specs = [job.spec for job in h.backend.jobs.values()]
-    assert len(specs) == 2 and all(spec.exclusive and spec.gres_request is None for spec in specs), specs
-    assert "n1" not in h.allocator.idle_nodes(h.registry.get_model("a"))
-    assert "n2" in h.allocator.idle_nodes(h.registry.get_model("a"))
 
 
 def test_old_history_is_pruned(make_harness):

@@ -92,25 +92,6 @@ def test_allocation_lands_on_the_preferred_node_runs_and_ends(cluster_controller
     assert c.registry.get_allocation(job_id).reason == "test"
 
 
-@pytest.mark.parametrize("cluster_controller", ["cli", "rest"], indirect=True)
-def test_cpu_allocations_submitted_together_get_a_node_each(cluster_controller, tmp_path):
-    """Two CPU models' cold starts in the same instant: their jobs ask for no GPU, and Slurm packed such jobs onto
-    one node, where only one agent can register. Each allocation holds its node whole (--exclusive; through
-    slurmrestd v0.0.38 its "exclusive" key), so they run on two nodes."""
-    c = cluster_controller
-    for name in ("a", "b"):
-        source = tmp_path / "models" / name
-        source.mkdir(parents=True)
-        c.registry.put_model(DeployedModel(name=name, source=str(source), size_bytes=10**9, gpus=0,
-                                           deployed_at=time.time()))
-    jobs = [c.route(name).job_id for name in ("a", "b")]  # no Slurm poll in between: neither has a node yet
-    assert None not in jobs and len(set(jobs)) == 2
-    for job_id in jobs:
-        wait_for_state(c, job_id, "running")
-    nodes = [c.registry.get_allocation(job_id).nodes for job_id in jobs]
-    assert len(nodes[0]) == len(nodes[1]) == 1 and nodes[0] != nodes[1], nodes
-
-
 def test_partition_is_checked_against_the_cluster(cluster_controller, tmp_path):
     c = cluster_controller
     source = checkpoint_folder(tmp_path / "models" / "m")

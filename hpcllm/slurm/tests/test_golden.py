@@ -80,14 +80,6 @@ def test_node_agent_job_for_an_instance_spanning_nodes(config):
     assert_matches_golden(script, GOLDEN / "node-agent-spanning.sbatch")
 
 
-def test_node_agent_job_holds_its_node_whole_also_without_gpus(config):
-    """A CPU model's allocation asks for no GPU; it still takes the whole node, so Slurm cannot pack a second agent
-    job (which could never register there) beside it."""
-    script = render_batch_script(node_agent_job_spec(config, gpus_per_node=0, hpcllm="hpcllm"))
-    bash_syntax_ok(script)
-    assert "#SBATCH --exclusive\n" in script and "--gres" not in script
-
-
 def test_node_agent_job_with_term_signal_traps_it_once(config):
     config.slurm.signal = "SIGTERM"
     script = render_batch_script(node_agent_job_spec(config, hpcllm="hpcllm"))

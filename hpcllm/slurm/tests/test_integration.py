@@ -23,8 +23,7 @@ from hpcllm.slurm.watcher import StatusWatcher
 
 pytestmark = pytest.mark.slurm
 
-# Node-agent jobs hold their nodes whole (--exclusive): on the shared dev cluster they may queue behind other
-# sessions' jobs until a node is idle.
+# On the shared dev cluster jobs may queue behind other sessions' jobs.
 WAIT_S = 120
 
 

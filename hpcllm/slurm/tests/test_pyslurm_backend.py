@@ -125,7 +125,7 @@ def test_calls_map_onto_pyslurm_25_api():
     backend = PyslurmBackend(pyslurm=load_matching_pyslurm((22, 5), importer=lambda name: module))
     spec = make_job_spec(name="t", script="echo hi", partition="batch", time="00:10:00", gpus_per_node=2,
                          signal="USR1@60", requeue=True, mem="1G", nodelist=("n1",), output="/tmp/x-%j.out",
-                         env={"A": "1"}, exclusive=True)
+                         env={"A": "1"})
     assert backend.submit(spec) == "4242"
     (fields,) = log["submitted"]
     assert fields["partitions"] == "batch" and fields["time_limit"] == "00:10:00"
@@ -133,7 +133,6 @@ def test_calls_map_onto_pyslurm_25_api():
     assert fields["signal"] == {"signal": "SIGUSR1", "time": 60, "batch_only": True}
     assert fields["is_requeueable"] is True and fields["log_files_open_mode"] == "append"
     assert fields["required_nodes"] == ["n1"] and fields["environment"]["A"] == "1"
-    assert fields["exclusive"] is True
     assert fields["script"].startswith("#!/bin/bash\n#SBATCH --job-name=t")
 
     statuses = backend.statuses(["4242", "4243", "1"])

@@ -123,12 +123,6 @@ def test_node_lists_use_the_keys_slurmrestd_22_05_accepts():
     assert "nodelist" not in plain and "exclude_nodes" not in plain
 
 
-def test_exclusive_uses_the_value_slurmrestd_22_05_accepts():
-    # "true" is refused ("Invalid exclusive specification"); hpcllm/controller/tests/test_slurm_cluster.py submits it.
-    assert submission_body(make_job_spec(name="x", script="true", exclusive=True))["job"]["exclusive"] == "exclusive"
-    assert "exclusive" not in submission_body(make_job_spec(name="x", script="true"))["job"]
-
-
 def test_bad_token_names_the_user(server, monkeypatch):
     monkeypatch.setenv("SLURM_JWT", "wrong")
     backend = RestBackend(SlurmConfig(backend="rest", rest_user="svc"), transport=httpx.MockTransport(server))
