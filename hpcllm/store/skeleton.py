@@ -162,16 +162,31 @@ def _plain(value, depth: int = 0) -> bool:
 def _cloneable(model: nn.Module) -> bool:
     """Whether every module of `model` holds only what a clone can copy or map to its own config copy."""
     from_config = _config_memo(model)
-    for module in model.modules():
-        for name, value in module.__dict__.items():
-            if name in ("_parameters", "_buffers"):
-                if any(t is not None and not t.is_meta for t in value.values()):
-                    return False
-            elif name != "_modules" and id(value) not in from_config and not _plain(value):
-                log.debug("skeletons of %s are not cached: %s.%s is a %s", type(model).__name__,
-                          type(module).__name__, name, type(value).__name__)
+    return all(_module_cloneable(module, from_config, model) for module in model.modules())
+
+
+def _module_cloneable(module: nn.Module, from_config: dict[int, object], model: nn.Module) -> bool:
+    for name, value in module.__dict__.items():
+        if name in ("_parameters", "_buffers"):
+            if any(t is not None and not t.is_meta for t in value.values()):
                 return False
+        elif name != "_modules" and id(value) not in from_config and not _plain(value):
+            if _held_modules_cloneable(value, from_config, model):
+                continue
+            log.debug("skeletons of %s are not cached: %s.%s is a %s", type(model).__name__,
+                      type(module).__name__, name, type(value).__name__)
+            return False
     return True
+
+
+def _held_modules_cloneable(value, from_config: dict[int, object], model: nn.Module) -> bool:
+    """A dict or list of unregistered, parameterless helper modules (transformers >= 5.25 keeps its hub-kernel
+    functions so: `self._kernel_funcs = {"rotary_pos_emb": Func()}`), each cloneable itself."""
+    if not isinstance(value, (dict, list)) or not value:
+        return False
+    items = value.values() if isinstance(value, dict) else value
+    return all(isinstance(item, nn.Module) and not any(True for _ in item.children())
+               and _module_cloneable(item, from_config, model) for item in items)
 
 
 def _config_memo(model: nn.Module) -> dict[int, object]:
@@ -201,21 +216,26 @@ def _clone_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
         elif id(value) in memo:
             value = memo[id(value)]
         elif isinstance(value, _CONTAINERS):
-            value = _copy_container(value)
+            value = _copy_container(value, memo)
         state[name] = value
     new.__dict__ = state
     return new
 
 
-def _copy_container(value):
+def _copy_container(value, memo: dict[int, object]):
     copied = value.copy()
     if isinstance(copied, dict):
         for key, item in copied.items():
-            if isinstance(item, _CONTAINERS):
-                copied[key] = _copy_container(item)
+            copied[key] = _copy_item(item, memo)
     elif isinstance(copied, list):
-        copied[:] = [_copy_container(item) if isinstance(item, _CONTAINERS) else item for item in copied]
+        copied[:] = [_copy_item(item, memo) for item in copied]
     return copied
+
+
+def _copy_item(item, memo: dict[int, object]):
+    if isinstance(item, nn.Module):  # a held helper module (see _held_modules_cloneable): the clone gets its own
+        return _clone_module(item, memo)
+    return _copy_container(item, memo) if isinstance(item, _CONTAINERS) else item
 
 
 def attach(model, tensors: dict[str, torch.Tensor], aliases: dict[str, str], index_path: Path) -> list[str]:

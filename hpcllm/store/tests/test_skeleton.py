@@ -45,6 +45,11 @@ def test_clone_is_laid_out_like_a_fresh_build(arch):
             assert getattr(module, name) is not getattr(template.get_submodule(""), name)
     for (_, mine), (_, theirs) in zip(clone.named_modules(), template.named_modules()):
         assert mine._parameters is not theirs._parameters and mine._buffers is not theirs._buffers
+        # helper modules held in a plain dict (transformers >= 5.25: `_kernel_funcs`) are the clone's own too
+        for name, value in vars(mine).items():
+            if isinstance(value, dict) and value and all(isinstance(v, nn.Module) for v in value.values()):
+                assert value is not vars(theirs)[name]
+                assert not {id(v) for v in value.values()} & {id(v) for v in vars(theirs)[name].values()}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
