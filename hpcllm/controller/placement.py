@@ -251,18 +251,35 @@ def spanning_holding(holding: Collection[str]) -> set[str]:
     return {t for t in holding if ":" in t or t == "nvme"}
 
 
+NODE_COPY_TIER = "nvme"  # where a spanning rank's node copies are: its slice copy or the node's whole NVMe copy
+
+
+def spanning_rank_read(nbytes: int, bandwidths: Mapping[str, float], held: Collection[str], rank: int
+                       ) -> tuple[str, float, float]:
+    """(tier, seconds, GB/s) of what a spanning instance's rank reads on its node. It takes its node's copy (its
+    slice copy, else the node's whole NVMe copy) whenever there is one, without comparing bandwidths (hpcllm worker
+    --tensor-parallel: node_slice_copy, node_model_copy), so the estimate counts that copy at the node's measured
+    NVMe bandwidth even where the shared FS measured faster (the shared FS's when the node measured no NVMe);
+    without a copy, the origin on the shared FS."""
+    if NODE_COPY_TIER in rank_holding(spanning_holding(held), rank):
+        gbps = bandwidths.get(NODE_COPY_TIER) or bandwidths[ORIGIN_TIER]
+        return NODE_COPY_TIER, load_time(nbytes, gbps), gbps
+    gbps = bandwidths[ORIGIN_TIER]
+    return ORIGIN_TIER, load_time(nbytes, gbps), gbps
+
+
 def spanning_rank_loads(candidate: NodeSetCandidate, size_bytes: int, degree: int,
                         rank_bytes: Sequence[int] | None, holding: Mapping[str, Collection[str]]
-                        ) -> list[tuple[str, float]]:
-    """(tier, seconds) of each rank of a spanning instance on a node set: rank r reads its bytes (the whole model
-    when they were not planned) from the best tier of its node (block r // (degree / nodes)) holding them."""
+                        ) -> list[tuple[str, float, float]]:
+    """(tier, seconds, GB/s) of each rank of a spanning instance on a node set: rank r reads its bytes (the whole
+    model when they were not planned) on its node (block r // (degree / nodes)) as spanning_rank_read says."""
     per_node = degree // len(candidate.bandwidth_gbps)
     nbytes = list(rank_bytes) if rank_bytes and len(rank_bytes) == degree else [size_bytes] * degree
     loads = []
     for rank in range(degree):
         node = rank // per_node
-        held = spanning_holding(holding.get(candidate.nodes[node], ())) if candidate.nodes else set()
-        loads.append(best_tier(nbytes[rank], candidate.bandwidth_gbps[node], rank_holding(held, rank)))
+        held = holding.get(candidate.nodes[node], ()) if candidate.nodes else ()
+        loads.append(spanning_rank_read(nbytes[rank], candidate.bandwidth_gbps[node], held, rank))
     return loads
 
 
@@ -272,8 +289,7 @@ def spanning_estimate(candidate: NodeSetCandidate, size_bytes: int, degree: int,
     plus the load of its slowest rank (ties: the lowest rank), each rank reading from its own node."""
     loads = spanning_rank_loads(candidate, size_bytes, degree, rank_bytes, holding)
     rank = max(range(degree), key=lambda r: (loads[r][1], -r))
-    tier, seconds = loads[rank]
-    bandwidth = candidate.bandwidth_gbps[rank // (degree // len(candidate.bandwidth_gbps))][tier]
+    tier, seconds, bandwidth = loads[rank]
     return Estimate(candidate.name, candidate.kind, candidate.queue_wait_seconds + seconds,
                     candidate.queue_wait_seconds, seconds, 0.0, tier, bandwidth, (), candidate.queue_wait_source,
                     rank)
@@ -297,7 +313,8 @@ def node_sets_to_ask(idle: Collection[str], holding: Mapping[str, Collection[str
         if not any(n in holders for n in combo):
             continue
         candidate = NodeSetCandidate(",".join(combo), combo, "idle", 0.0, tuple(bandwidths[n] for n in combo))
-        loads = [seconds for _, seconds in spanning_rank_loads(candidate, size_bytes, degree, rank_bytes, holding)]
+        loads = [seconds for _, seconds, _ in spanning_rank_loads(candidate, size_bytes, degree, rank_bytes,
+                                                                   holding)]
         scored.append((max(loads), sum(loads), combo))
     return [combo for *_, combo in sorted(scored)[:limit]]
 

@@ -218,3 +218,43 @@ def test_a_whole_nvme_copy_serves_a_spanning_rank_on_its_node_but_not_a_dram_cop
     dram_on_a = spanning_estimate(on, 1000, 2, None, {"a": {"dram"}, "b": {"nvme"}})
     assert (dram_on_a.tier, dram_on_a.bandwidth_gbps, dram_on_a.slowest_rank) == ("sharedfs", 1.0, 0)
     assert spanning_estimate(on, 1000, 2, None, {"a": {"nvme"}, "b": {"nvme"}}).tier == "nvme"
+
+
+def test_the_record_names_the_node_copies_the_ranks_read_where_the_shared_fs_measured_faster(
+        make_harness, tiny_llama_dir):
+    """Issue 14's e2e failure: on the dev cluster the "NVMe" and the shared FS are one disk, and an agent's probes
+    measure either faster (seen: nvme 0.83 GB/s, sharedfs 1.16 GB/s). A rank takes its node's slice copy whatever
+    the probes said (hpcllm worker --tensor-parallel), so the instance's record must say nvme, at the NVMe's
+    bandwidth, not the shared FS that only measured faster."""
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    slices_left_on(h, "n3", 0)
+    slices_left_on(h, "n4", 1)
+    job = h.controller.route_once("tp").job_id
+    assert tuple(h.backend.submitted()[0].nodelist) == ("n3", "n4")
+
+    start_job(h, job, ("n3", "n4"))
+    # The allocation's agent on n3 measured its tiers afresh: the shared FS faster than the NVMe.
+    h.register("n3", gpus=0, job=job, cached=(("tp", "nvme", 2, 0),), nvme_gbps=0.83, sharedfs_gbps=1.16)
+    assert h.controller.route_once("tp").status == "starting"
+    [inst] = h.controller.status().instances
+    p = inst.placement
+    assert (p.tier, p.bandwidth_gbps, p.slowest_rank) == ("nvme", 0.83, 0), p
+    assert p.load_seconds == pytest.approx(1000 / 0.83e9)
+
+
+def test_a_spanning_rank_reads_its_node_copy_at_the_nvme_bandwidth_measured_or_not():
+    """The estimate follows what a rank reads: its node's copy when there is one (at the NVMe's measured bandwidth;
+    the shared FS's where the node measured none), else the origin."""
+    from hpcllm.controller.placement import NodeSetCandidate, spanning_estimate, spanning_rank_loads
+
+    fast_origin = {"nvme": 0.5, "sharedfs": 2.0}
+    unmeasured = {"sharedfs": 1.5}
+    on = NodeSetCandidate("a,b", ("a", "b"), "idle", 0.0, (fast_origin, unmeasured))
+    holding = {"a": {"nvme:r0"}, "b": {"nvme"}}
+    loads = spanning_rank_loads(on, 1000, 2, None, holding)
+    assert loads == [("nvme", pytest.approx(1000 / 0.5e9), 0.5), ("nvme", pytest.approx(1000 / 1.5e9), 1.5)]
+    slowest = spanning_estimate(on, 1000, 2, None, holding)
+    assert (slowest.tier, slowest.bandwidth_gbps, slowest.slowest_rank) == ("nvme", 0.5, 0)
+    # Without a copy on its node a rank reads the origin, however fast the node's NVMe.
+    assert spanning_rank_loads(on, 1000, 2, None, {"b": {"nvme"}})[0] == ("sharedfs", pytest.approx(1000 / 2e9), 2.0)
