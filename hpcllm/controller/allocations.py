@@ -425,6 +425,8 @@ class Allocator:
                 changes["nodes"] = sorted(status.nodes)
             if changes:
                 self.registry.update_allocation(alloc.job_id, **changes)
+            if changes.get("state") == "running" and status.nodes:
+                return self._give_back_if_sharing(alloc.job_id, status.nodes, now) or "running"
             return changes.get("state")
         if status.state in (JobState.PENDING, JobState.REQUEUED) and alloc.state == "running":
             # Preempted and requeued (same job id): its agents are gone; it will start (and register) again.
@@ -433,6 +435,31 @@ class Allocator:
                                             retire_at=None, idle_since=None, nodes=[], reason="requeued")
             return "pending"
         return None
+
+    def _give_back_if_sharing(self, job_id: str, nodes: tuple[str, ...], now: float) -> str | None:
+        """An allocation that just started where an agent of ours is registered or another allocation of ours runs
+        (Slurm packed it there: the --exclude fallback, when no distinct idle node was listed) can never get its
+        agent in (one agent per node): cancelled at once ("cancelling"), so demand submits another, instead of
+        holding the node until allocation_keep_alive_seconds. None when it has its nodes to itself, or when the
+        cancel fails (it is then released as idle, as before)."""
+        shared = [f"{n.node_id} (agent of job {n.slurm_job_id or '-'})"
+                  for n in self.registry.nodes(states=("up", "draining"))
+                  if n.node_id in nodes and n.slurm_job_id != job_id]
+        shared += [f"{node} (allocation {other.job_id})" for other in self.registry.allocations(active_only=True)
+                   if other.job_id != job_id and other.state in ("running", "draining")
+                   for node in sorted(set(other.nodes) & set(nodes))]
+        if not shared:
+            return None
+        reason = f"shares a node with ours: {', '.join(shared)}"
+        try:
+            self.cancel(job_id, reason, now)
+        except AllocationFailed as exc:
+            log.warning("allocation %s started on a node of ours (%s) and could not be cancelled: %s", job_id,
+                        ", ".join(shared), exc)
+            return None
+        log.warning("cancelled allocation %s: Slurm started it on a node of ours, %s; one agent per node",
+                    job_id, ", ".join(shared))
+        return "cancelling"
 
     def _nodes_left(self, job_id: str) -> None:
         for node in self.registry.nodes(states=("up", "draining", "lost")):

@@ -157,3 +157,37 @@ def test_slurm_not_listing_nodes_leaves_the_job_to_slurm_minus_our_nodes(make_ha
     assert h.controller.route("a").status == "allocating"
     [spec] = h.backend.submitted()
     assert spec.nodelist == () and spec.exclude == ("n2",)
+
+
+def test_an_allocation_slurm_starts_beside_one_of_ours_is_given_back_at_once(make_harness):
+    """The fallback's cost: with no idle node listed, two queued allocations left to Slurm can start on the node
+    that frees up first. The later one's agent could never register: it is cancelled at once (not held until
+    allocation_keep_alive_seconds) and the model's demand gets a new allocation."""
+    h = make_harness(cpu_slots_per_node=1)
+    h.backend.node_infos = [NodeInfo(name=n, state="ALLOCATED", partitions=("debug",)) for n in ("n1", "n2")]
+    h.deploy("a", gpus=0)
+    h.deploy("b", gpus=0)
+    first, second = (h.controller.route(m).job_id for m in ("a", "b"))
+    assert named(h) == [(), ()]  # both left to Slurm
+    h.backend.node_infos = [NodeInfo(name="n1", state="IDLE", partitions=("debug",)),
+                            NodeInfo(name="n2", state="ALLOCATED", partitions=("debug",))]
+    h.backend.start(first, "n1", h.clock.now)
+    h.backend.start(second, "n1", h.clock.now)  # Slurm packed both onto the node that freed up
+    report = h.tick()
+    assert ("allocation_running", first) in report.kinds()
+    assert ("allocation_cancelling", second) in report.kinds()
+    assert h.backend.jobs[second].state == JobState.CANCELLED
+    assert h.registry.get_allocation(second).reason == f"shares a node with ours: n1 (allocation {first})"
+    assert h.registry.get_allocation(first).state == "running"  # the first one keeps its node
+
+
+def test_an_allocation_starting_on_a_node_of_its_own_is_left_alone(make_harness):
+    h = make_harness(cpu_slots_per_node=1)
+    h.deploy("a", gpus=0)
+    h.deploy("b", gpus=0)
+    first, second = (h.controller.route(m).job_id for m in ("a", "b"))
+    h.backend.start(first, "n1", h.clock.now)
+    h.backend.start(second, "n2", h.clock.now)
+    report = h.tick()
+    assert {("allocation_running", first), ("allocation_running", second)} <= set(report.kinds())
+    assert all(job.state == JobState.RUNNING for job in h.backend.jobs.values())
