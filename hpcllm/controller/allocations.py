@@ -1,9 +1,10 @@
 """Slurm allocations the controller owns: the only module that talks to the Slurm backend (hpcllm.slurm).
 
 An allocation is one Slurm job running a node agent (the slurm package's node-agent template); the agent registers
-with the controller and serves instances until the job ends. This module submits such jobs (preferring nodes that
-hold the checkpoint), polls their states in one batched call, cancels them, and lists partitions / idle nodes for
-validation and placement. Every Slurm failure becomes an AllocationFailed carrying Slurm's own words.
+with the controller and serves instances until the job ends. This module submits such jobs (on nodes that hold the
+checkpoint, else on idle nodes no agent or allocation of ours has taken: one agent per node), polls their states in
+one batched call, cancels them, and lists partitions / idle nodes for validation and placement. Every Slurm failure
+becomes an AllocationFailed carrying Slurm's own words.
 
 Crash safety: before sbatch runs, an *intent* (model, preferred nodes, a unique tag `hpcllm-alloc-<uuid>`) is
 committed, and the job carries the tag as its --comment. Once sbatch answers, the intent becomes the allocation row
