@@ -191,3 +191,20 @@ def test_an_allocation_starting_on_a_node_of_its_own_is_left_alone(make_harness)
     report = h.tick()
     assert {("allocation_running", first), ("allocation_running", second)} <= set(report.kinds())
     assert all(job.state == JobState.RUNNING for job in h.backend.jobs.values())
+
+
+def test_an_allocation_requeued_after_the_preferred_node_wait_is_replaced_on_another_node(make_harness):
+    """Requeued (preempted: its node is the preemptor's now) long after its submission: the next tick cancels it
+    and asks for another idle node by name, not its old one."""
+    h = make_harness(cpu_slots_per_node=1, preferred_node_wait_seconds=120)
+    h.deploy("a", gpus=0, min_instances=1, keep_alive_seconds=3600)
+    h.tick()
+    [job] = [a.job_id for a in h.registry.allocations()]
+    h.backend.start(job, "n1", h.clock.now)
+    h.tick()
+    h.register("n1", gpus=0, job=job)
+    h.tick(300)
+    h.backend.jobs[job].state = JobState.PENDING  # requeued
+    report = h.tick()
+    assert ("cancel_stuck_allocation", job) in report.kinds()
+    assert named(h) == [("n1",), ("n2",)]
