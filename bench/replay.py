@@ -343,9 +343,10 @@ def replay_policy(policy: str, models: list[ModelInfo], requests: list[Request],
     controller_port, gateway_port = free_port(), free_port()
     config_path = write_config(root, policy, next(iter(sources.values())).parent, controller_port, gateway_port,
                                walltime)
-    # Each allocation holds its node's 2 (fake) GPUs, as on a GPU cluster: the dev models are CPU-served (gpus = 0),
-    # so the controller's jobs ask for no GPU and Slurm would pack allocations submitted together onto one node,
-    # where only the first agent can register (one agent per node).
+    # Each allocation holds its node's 2 (fake) GPUs, as on a GPU cluster, although the dev models are CPU-served
+    # (gpus = 0, so the controller's jobs ask for no GPU): --preempt-at's `high` job asks for those GPUs, and only an
+    # allocation holding them is preempted; slot-seconds count them. (Allocations submitted together no longer need
+    # it to land on distinct nodes: the controller asks for distinct idle nodes by name.)
     env = {**env, "HPCLLM_CONFIG": str(config_path), "SBATCH_GRES": f"gpu:{GPUS_PER_NODE}"}
     model_fields = POLICIES[policy].get("model", {})
     tracker, preemption, preemptors = None, {}, []

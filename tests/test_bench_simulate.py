@@ -44,7 +44,10 @@ def test_a_model_back_after_scale_to_zero_loads_from_the_node_cache_unless_local
 
 
 def test_per_model_keeps_an_allocation_per_model_alive_and_pays_for_it(tmp_path):
-    requests = sorted(spaced(SMALL, [0.0, 1500.0]) + spaced(OTHER, [10.0, 1510.0]), key=lambda r: r.t)
+    # A long idle gap (both allocations released after their keep-alive under hpcllm, held under per-model) makes
+    # the cost difference: with 1500 s it rested on hpcllm packing both first instances onto one allocation, which
+    # placement's tie-break by node name did only while Slurm happened to start the second job on the first node.
+    requests = sorted(spaced(SMALL, [0.0, 3000.0]) + spaced(OTHER, [10.0, 3010.0]), key=lambda r: r.t)
     requests = [Request(i, r.t, r.model, r.prompt_tokens, r.output_tokens) for i, r in enumerate(requests)]
     shared = run("hpcllm", requests, tmp_path)
     per_model = run("per-model", requests, tmp_path)

@@ -1,9 +1,10 @@
 """Slurm allocations the controller owns: the only module that talks to the Slurm backend (hpcllm.slurm).
 
 An allocation is one Slurm job running a node agent (the slurm package's node-agent template); the agent registers
-with the controller and serves instances until the job ends. This module submits such jobs (preferring nodes that
-hold the checkpoint), polls their states in one batched call, cancels them, and lists partitions / idle nodes for
-validation and placement. Every Slurm failure becomes an AllocationFailed carrying Slurm's own words.
+with the controller and serves instances until the job ends. This module submits such jobs (on nodes that hold the
+checkpoint, else on idle nodes no agent or allocation of ours has taken: one agent per node), polls their states in
+one batched call, cancels them, and lists partitions / idle nodes for validation and placement. Every Slurm failure
+becomes an AllocationFailed carrying Slurm's own words.
 
 Crash safety: before sbatch runs, an *intent* (model, preferred nodes, a unique tag `hpcllm-alloc-<uuid>`) is
 committed, and the job carries the tag as its --comment. Once sbatch answers, the intent becomes the allocation row
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from hpcllm.config import Config
 from hpcllm.controller.errors import AllocationFailed
+from hpcllm.controller.placement import slurm_order
 from hpcllm.controller.protocol import DeployedModel
 from hpcllm.controller.registry import Registry
 from hpcllm.credentials import TOKEN_ENV, mint_token
@@ -123,6 +125,9 @@ class Allocator:
         # Tags of intents this process is submitting right now: sync() leaves them to submit().
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
+        # Held from picking an allocation's nodes until its intent (naming them) is committed, so two submissions
+        # at once (a route call and the autoscaler) never pick the same node.
+        self._pick_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------- questions
 
@@ -162,12 +167,39 @@ class Allocator:
 
     def idle_nodes(self, model: DeployedModel) -> list[str]:
         """Slurm nodes of the model's partition where a new allocation could start soon."""
+        return sorted(n.name for n in self._usable_nodes(model))
+
+    def _usable_nodes(self, model: DeployedModel, fresh: bool = False) -> list[NodeInfo]:
+        """idle_nodes() with Slurm's view of each (fresh: sinfo asked now, not the cached answer)."""
         partition = self._partition(model)
-        nodes = self._slurm_nodes() or []
+        nodes = self._slurm_nodes(fresh) or []
         avoid = self._recently_busy_preferred_nodes()
         gpus = self.gpus_requested(model)
-        return sorted(n.name for n in nodes if n.available and n.state in USABLE_NODE_STATES and n.name not in avoid
-                      and (partition is None or partition in n.partitions) and n.gpus_free >= gpus)
+        return [n for n in nodes if n.available and n.state in USABLE_NODE_STATES and n.name not in avoid
+                and (partition is None or partition in n.partitions) and n.gpus_free >= gpus]
+
+    def distinct_nodes(self, model: DeployedModel, in_use: list[str]) -> list[str]:
+        """The nodes to ask for by name for an allocation placement left to Slurm: `model.nodes` idle or mixed
+        nodes of the model's partition (fresh from sinfo) that are not in in_use (nodes_in_use(): our agents',
+        our allocations', and the nodes our queued allocations and unsettled submissions asked for). So allocations
+        submitted close together (one autoscaler tick, or before the earlier ones started) land on distinct nodes:
+        Slurm would pack small jobs (a CPU model's, asking for no GPU) onto one node, where only the first agent can
+        register (agents are known by their node's name). Slurm's own pick for the job (`sbatch --test-only`,
+        which honours node weights) when it names such nodes; else the best fit on free GPUs (a CPU model does
+        not take a GPU node while a CPU node is free), idle before mixed, in Slurm's name order. [] when Slurm lists
+        too few (or cannot be asked): the job is then left to Slurm, minus in_use (--exclude)."""
+        taken = set(in_use)
+        free = [n for n in self._usable_nodes(model, fresh=True) if n.name not in taken]
+        if len(free) < model.nodes:
+            return []
+        names = {n.name for n in free}
+        estimate = self._estimate(model, [], in_use)
+        if estimate is not None and len(estimate.nodes) == model.nodes and set(estimate.nodes) <= names:
+            return slurm_order(estimate.nodes)
+        gpus = self.gpus_requested(model)
+        rank = {name: i for i, name in enumerate(slurm_order(names))}
+        best = sorted(free, key=lambda n: (n.gpus_free - gpus, n.state != "IDLE", rank[n.name]))[: model.nodes]
+        return slurm_order(n.name for n in best)
 
     def gpus_requested(self, model: DeployedModel) -> int:
         """GPUs per node an allocation made for this model asks for: slurm.gpus_per_node, at least the model's; none
@@ -182,11 +214,11 @@ class Allocator:
         return {node for a in self.registry.allocations() if a.reason == PREFERRED_NODE_BUSY and a.submitted_at >= since
                 for node in a.preferred_nodes}
 
-    def _slurm_nodes(self) -> list[NodeInfo] | None:
+    def _slurm_nodes(self, fresh: bool = False) -> list[NodeInfo] | None:
         if self.backend is None:
             return None
         now = time.monotonic()
-        if self._nodes_cache and now - self._nodes_cache[0] < self.settings.slurm_nodes_ttl_seconds:
+        if not fresh and self._nodes_cache and now - self._nodes_cache[0] < self.settings.slurm_nodes_ttl_seconds:
             return self._nodes_cache[1]
         try:
             nodes = list(self.backend.nodes())
@@ -210,6 +242,17 @@ class Allocator:
         caller already read it (placement asks for many candidates at once)."""
         if not preferred_nodes and in_use is None:
             in_use = self.nodes_in_use()
+        estimate = self._estimate(model, preferred_nodes, in_use)
+        if estimate is None:
+            return QueueWait(self.settings.allocation_start_estimate_seconds, FROM_CONSTANT)
+        return self._from_slurm(estimate, now, FROM_TEST_ONLY)
+
+    def _estimate(self, model: DeployedModel, preferred_nodes: list[str], in_use: list[str]) -> StartEstimate | None:
+        """Slurm's `sbatch --test-only` answer (when, and on which nodes) for an allocation of this model asking for
+        preferred_nodes by name, else any node but in_use; cached briefly (placement asks on every cold route poll,
+        and submit() asks the same question right after it)."""
+        if self.backend is None:
+            return None
 
         def ask() -> StartEstimate | None:
             return self.backend.estimate_start(self._job_spec(model, preferred_nodes, None, in_use=in_use))
@@ -218,10 +261,7 @@ class Allocator:
         key = ("new", self._partition(model), self.gpus_requested(model), model.nodes,
                model.ranks_per_node if model.spans_nodes else 1, model.slurm.account, model.slurm.qos,
                model.slurm.time, tuple(preferred_nodes), () if preferred_nodes else tuple(in_use))
-        estimate = self._estimates.get(key, ask) if self.backend is not None else None
-        if estimate is None:
-            return QueueWait(self.settings.allocation_start_estimate_seconds, FROM_CONSTANT)
-        return self._from_slurm(estimate, now, FROM_TEST_ONLY)
+        return self._estimates.get(key, ask)
 
     def pending_wait(self, alloc, now: float) -> QueueWait:
         """Queue wait of an allocation submitted earlier whose agent has not registered: job started -> what is left
@@ -246,7 +286,9 @@ class Allocator:
     # ------------------------------------------------------------------------------------------- actions
 
     def submit(self, model: DeployedModel, preferred_nodes: list[str], now: float) -> str:
-        """sbatch one node-agent allocation for this model. The intent is committed first and the job tagged with
+        """sbatch one node-agent allocation for this model, on preferred_nodes (placement's pick: they hold the
+        checkpoint) or else on distinct_nodes() (recorded as the allocation's preferred nodes, so later submissions
+        leave them alone until its agent registers there). The intent is committed first and the job tagged with
         it, so a crash between sbatch and the record loses nothing (module docstring)."""
         why = self.why_not_submit(model)
         if why is not None:
@@ -255,20 +297,15 @@ class Allocator:
         # The job's own token (docs/security.md): registers and heartbeats only that job's node, revoked when the job
         # ends. It reaches the agent through the job's environment (never argv, never the script on disk).
         minted = mint_token("allocation")
-        try:
-            spec = self._job_spec(model, preferred_nodes, tag, minted.token)
-            if spec.output:  # Slurm cannot create the log's folder itself: the job would fail at once
-                Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise AllocationFailed(f"cannot create the folder for the allocation's log: {exc}") from None
-        except ConfigError as exc:
-            raise AllocationFailed(f"cannot describe the allocation for {model.name!r}: {exc}") from None
-        time_limit = parse_walltime(model.slurm.time or self.config.slurm.time)
         with self._in_flight_lock:
             self._in_flight.add(tag)
         try:
-            self.registry.add_allocation_intent(tag, model.name, preferred_nodes, self._partition(model),
-                                                time_limit, now)
+            with self._pick_lock:  # until the intent names the picked nodes: nodes_in_use() counts them from then on
+                in_use = self.nodes_in_use()
+                nodes = list(preferred_nodes) or self.distinct_nodes(model, in_use)
+                spec = self._spec_for_submit(model, nodes, tag, minted.token, in_use)
+                time_limit = parse_walltime(model.slurm.time or self.config.slurm.time)  # valid: the spec has it
+                self.registry.add_allocation_intent(tag, model.name, nodes, self._partition(model), time_limit, now)
             self.registry.add_credential(minted.credential_id, "allocation", minted.secret_hash, now,
                                          model=model.name, job_tag=tag)
             job_id = self._sbatch(spec, model, tag)
@@ -278,9 +315,23 @@ class Allocator:
                 self._in_flight.discard(tag)
         self._nodes_cache = None  # a node just got busier
         self._estimates.forget()  # and so did the queue
-        log.info("submitted allocation %s (%s) for %s (prefer %s)", job_id, tag, model.name,
-                 preferred_nodes or "any node")
+        log.info("submitted allocation %s (%s) for %s (%s)", job_id, tag, model.name,
+                 f"prefer {preferred_nodes}" if preferred_nodes else f"on {nodes}, where no agent of ours is"
+                 if nodes else f"any node but {in_use or 'none'}: Slurm lists no other idle node")
         return job_id
+
+    def _spec_for_submit(self, model: DeployedModel, nodes: list[str], tag: str, token: str,
+                         in_use: list[str]) -> JobSpec:
+        """_job_spec(), with its log's folder made (AllocationFailed saying why when either fails)."""
+        try:
+            spec = self._job_spec(model, nodes, tag, token, in_use=in_use)
+            if spec.output:  # Slurm cannot create the log's folder itself: the job would fail at once
+                Path(spec.output).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AllocationFailed(f"cannot create the folder for the allocation's log: {exc}") from None
+        except ConfigError as exc:
+            raise AllocationFailed(f"cannot describe the allocation for {model.name!r}: {exc}") from None
+        return spec
 
     def _sbatch(self, spec: JobSpec, model: DeployedModel, tag: str) -> str:
         try:
@@ -375,6 +426,8 @@ class Allocator:
                 changes["nodes"] = sorted(status.nodes)
             if changes:
                 self.registry.update_allocation(alloc.job_id, **changes)
+            if changes.get("state") == "running" and status.nodes:
+                return self._give_back_if_sharing(alloc.job_id, status.nodes, now) or "running"
             return changes.get("state")
         if status.state in (JobState.PENDING, JobState.REQUEUED) and alloc.state == "running":
             # Preempted and requeued (same job id): its agents are gone; it will start (and register) again.
@@ -383,6 +436,31 @@ class Allocator:
                                             retire_at=None, idle_since=None, nodes=[], reason="requeued")
             return "pending"
         return None
+
+    def _give_back_if_sharing(self, job_id: str, nodes: tuple[str, ...], now: float) -> str | None:
+        """An allocation that just started where an agent of ours is registered or another allocation of ours runs
+        (Slurm packed it there: the --exclude fallback, when no distinct idle node was listed) can never get its
+        agent in (one agent per node): cancelled at once ("cancelling"), so demand submits another, instead of
+        holding the node until allocation_keep_alive_seconds. None when it has its nodes to itself, or when the
+        cancel fails (it is then released as idle, as before)."""
+        shared = [f"{n.node_id} (agent of job {n.slurm_job_id or '-'})"
+                  for n in self.registry.nodes(states=("up", "draining"))
+                  if n.node_id in nodes and n.slurm_job_id != job_id]
+        shared += [f"{node} (allocation {other.job_id})" for other in self.registry.allocations(active_only=True)
+                   if other.job_id != job_id and other.state in ("running", "draining")
+                   for node in sorted(set(other.nodes) & set(nodes))]
+        if not shared:
+            return None
+        reason = f"shares a node with ours: {', '.join(shared)}"
+        try:
+            self.cancel(job_id, reason, now)
+        except AllocationFailed as exc:
+            log.warning("allocation %s started on a node of ours (%s) and could not be cancelled: %s", job_id,
+                        ", ".join(shared), exc)
+            return None
+        log.warning("cancelled allocation %s: Slurm started it on a node of ours, %s; one agent per node",
+                    job_id, ", ".join(shared))
+        return "cancelling"
 
     def _nodes_left(self, job_id: str) -> None:
         for node in self.registry.nodes(states=("up", "draining", "lost")):
@@ -412,10 +490,10 @@ class Allocator:
     def _job_spec(self, model: DeployedModel, preferred_nodes: list[str], tag: str | None,
                   token: str | None = None, in_use: list[str] | None = None) -> JobSpec:
         """The slurm package's node-agent job (one node) with the model's [slurm] overrides (partition, account,
-        qos, time; else the [slurm] config), tagged with --comment=<tag>. A node holding the checkpoint is asked for
-        by name (--nodelist; slurmrestd's "nodelist" key): placement proposes only nodes that are idle now. Any
-        other node is left to Slurm, minus the nodes where an agent of ours runs (--exclude). The agent finds us
-        through HPCLLM_CONTROLLER_URL."""
+        qos, time; else the [slurm] config), tagged with --comment=<tag>. preferred_nodes are asked for by name
+        (--nodelist; slurmrestd's "nodelist" key): a node holding the checkpoint (placement proposes only nodes
+        that are idle now), or distinct_nodes()'s pick. With none the job is left to Slurm, minus the nodes where
+        an agent of ours runs or may soon (--exclude). The agent finds us through HPCLLM_CONTROLLER_URL."""
         env = {CONTROLLER_URL_ENV: self.controller_url}
         if token:
             env[TOKEN_ENV] = token
@@ -448,13 +526,17 @@ class Allocator:
 
     def nodes_in_use(self) -> list[str]:
         """Nodes where an agent of ours runs or may soon: registered agents (also of users' own pools), nodes of
-        active allocations, and the node a queued allocation asked for. A node agent is known by its Slurm node
-        name, so a second agent on such a node would take over the first one's registration."""
+        active allocations, the nodes a queued (or requeued) allocation asked for by name, and those of submissions
+        not settled yet (being submitted now, or left by a crash). A node agent is known by its Slurm node name, so
+        a second agent on such a node would take over the first one's registration. All of it is in the registry,
+        so a restarted controller sees the same."""
         busy = {n.node_id for n in self.registry.nodes(states=("up", "draining"))}
         for alloc in self.registry.allocations(active_only=True):
             busy.update(alloc.nodes)
             if alloc.state == "pending":
                 busy.update(alloc.preferred_nodes)
+        for intent in self.registry.allocation_intents():
+            busy.update(intent.preferred_nodes)
         return sorted(busy)
 
 

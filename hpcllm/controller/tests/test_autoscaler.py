@@ -6,7 +6,7 @@ import pytest
 
 from hpcllm.controller.autoscaler import RESERVATION_TIMEOUT_SECONDS
 from hpcllm.controller.tests.conftest import GB
-from hpcllm.slurm.base import JobState
+from hpcllm.slurm.base import JobState, NodeInfo
 
 
 def ready_instance(h, model="m", node="n1", tier="nvme"):
@@ -268,19 +268,19 @@ def test_allocation_stuck_on_its_preferred_node_is_resubmitted_for_any_node(make
     assert ("cancel_stuck_allocation", first) in report.kinds()
     [(_, second)] = [k for k in report.kinds() if k[0] == "resubmit_allocation"]
     assert h.backend.jobs[first].state == JobState.CANCELLED
-    assert h.backend.jobs[second].spec.nodelist == ()
+    assert h.backend.jobs[second].spec.nodelist == ("n1",)  # another idle node: Slurm's first, not n3 again
     # sinfo still shows n3 idle, but the controller does not ask for it by name again for a while.
     assert "n3" not in h.allocator.idle_nodes(h.registry.get_model("m"))
 
 
-def test_an_allocation_for_any_node_excludes_the_nodes_our_agents_run_on(make_harness):
+def test_an_allocation_for_any_node_asks_for_an_idle_node_where_no_agent_of_ours_runs(make_harness):
     """Slurm packs small jobs onto one node, and agents are known by their node's name: the dev cluster put both
     allocations of a CPU model on n1, where the second agent took over the first one's registration."""
     h = make_harness(cpu_slots_per_node=1)
     h.deploy("m", gpus=0, min_instances=2, max_instances=2, keep_alive_seconds=3600)
     assert ("start_min", "m") in h.tick().kinds()
     [first] = [a.job_id for a in h.registry.allocations()]
-    assert h.backend.jobs[first].spec.exclude == ()  # nothing of ours runs anywhere yet
+    assert h.backend.jobs[first].spec.nodelist == ("n1",)  # nothing of ours runs anywhere yet: Slurm's first
     h.backend.start(first, "n1", h.clock.now)
     h.tick()
     h.register("n1", gpus=0, job=first)
@@ -293,7 +293,23 @@ def test_an_allocation_for_any_node_excludes_the_nodes_our_agents_run_on(make_ha
     [second] = [a.job_id for a in h.registry.allocations() if a.job_id != first]
     assert ("start_min", "m") in report.kinds()
     spec = h.backend.jobs[second].spec
-    assert spec.nodelist == () and spec.exclude == ("n1", "n4"), spec
+    assert spec.nodelist == ("n2",) and spec.exclude == (), spec
+
+
+def test_with_no_other_idle_node_listed_the_allocation_excludes_the_nodes_our_agents_run_on(make_harness):
+    h = make_harness(cpu_slots_per_node=1)
+    h.backend.node_infos = [NodeInfo(name="n1", state="IDLE", partitions=("debug",)),
+                            NodeInfo(name="n2", state="ALLOCATED", partitions=("debug",)),
+                            NodeInfo(name="n3", state="IDLE", state_flags=("DRAIN",), partitions=("debug",))]
+    h.deploy("m", gpus=0, min_instances=2, max_instances=2, keep_alive_seconds=3600)
+    h.register("n1", gpus=0)  # a user's own agent, its only CPU slot taken
+    h.deploy("other", gpus=0)
+    h.agents.start_instance("http://n1:9000", "other", "/x", [])
+    assert ("start_min", "m") in h.tick().kinds()
+    [alloc] = h.registry.allocations()
+    spec = h.backend.jobs[alloc.job_id].spec
+    assert spec.nodelist == () and spec.exclude == ("n1",), spec  # queued for whatever node frees up first
+    assert alloc.preferred_nodes == []
 
 
 def test_old_history_is_pruned(make_harness):
