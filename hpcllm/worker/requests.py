@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hpcllm.httpkit.errors import ServiceError
-from hpcllm.worker.detokenizer import IncrementalDetokenizer, text_decoder
+from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, text_decoder
 from hpcllm.worker.protocol import (
     ErrorInfo,
     FinalLine,
@@ -295,6 +295,15 @@ class EngineBase:
     def _decode_ids(self) -> Callable[[list[int]], str]:
         return text_decoder(self.tokenizer)
 
+    def new_detokenizer(self, stop: list[str]) -> IncrementalDetokenizer:
+        """A request's detokenizer: incremental in the Rust tokenizer where it can be (detokenizer.decode_streams)."""
+        new_stream = self._decode_streams
+        return IncrementalDetokenizer(self.decode, stop, stream=new_stream() if new_stream is not None else None)
+
+    @functools.cached_property
+    def _decode_streams(self):
+        return decode_streams(self.tokenizer, self._tokenizer_lock)
+
     # ---- live migration, destination side (held requests) ------------------------------------------------------
 
     def hold(self, request: GenerateRequest, hold_seconds: float) -> None:
@@ -493,7 +502,7 @@ class EngineBase:
         stop_token_ids = frozenset(request.stop_token_ids) | (
             frozenset() if request.ignore_eos else self.eos_token_ids
         )
-        detokenizer = IncrementalDetokenizer(self.decode, request.stop)
+        detokenizer = self.new_detokenizer(request.stop)
         for position, token in enumerate(resumed):
             detokenizer.add(token)
             if token in stop_token_ids or detokenizer.stop_hit is not None:
