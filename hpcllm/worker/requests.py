@@ -118,7 +118,9 @@ class RequestState:
     arrival: float
     origin: GenerateRequest | None = None  # as submitted: stop strings, stop ids, ignore_eos (to migrate it)
     logprobs: int | None = None  # top alternatives per token line (None: no logprobs)
-    events: queue.Queue = field(default_factory=queue.Queue)
+    # Written by the engine thread, read by the stream's HTTP thread; SimpleQueue: its put and get are C calls
+    # (queue.Queue builds a Condition waiter per blocking get), once per stream per engine step.
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     state: str = "waiting"
     finish_reason: str | None = None
     last_token_time: float | None = None
@@ -579,8 +581,9 @@ class EngineBase:
             elif len(req.output_ids) >= req.max_tokens or req.known_tokens >= self.max_model_len:
                 text += req.detokenizer.flush()
                 finish_reason = "length"
-        # Built without validation (engine-made ints and strings; one per token per request on the engine thread).
-        self._emit(req, TokenLine.model_construct(index=index, token_id=token, text=text, logprobs=logprobs))
+        # One per token per request on the engine thread: the validating constructor (pydantic-core, ~3 us) is
+        # faster than model_construct (Python, ~7-9 us).
+        self._emit(req, TokenLine(index=index, token_id=token, text=text, logprobs=logprobs))
         if finish_reason is not None:
             self._finish(req, finish_reason, stop_reason)
 
