@@ -57,11 +57,15 @@ StreamStep = Callable[[int], "str | None"]  # one token in, the text it made fin
 def decode_streams(tokenizer, lock: threading.Lock) -> Callable[[], StreamStep] | None:
     """A factory of incremental decoders (one per request) over the tokenizer's Rust backend, each step taken
     under `lock` (fast tokenizers are not safe to share across threads). None where text_decoder does not call the
-    backend directly (a slow tokenizer, one whose decode is not transformers' own): the window scheme alone then."""
+    backend directly (a slow tokenizer, one whose decode is not transformers' own) or tokenizers has no
+    DecodeStream: the window scheme alone then."""
     backend = _fast_backend(tokenizer)
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # tokenizers before 0.21
+        return None
     if backend is None:
         return None
-    from tokenizers.decoders import DecodeStream
 
     def new_stream() -> StreamStep:
         step = DecodeStream(skip_special_tokens=True).step
@@ -87,7 +91,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix_offset = 0  # window start: decoded for context only
         self._read_offset = 0  # ids before this are already in self._text
-        self.text = ""  # final text so far (after a stop string matched: the text before it)
+        self.text = ""  # with stop strings: final text so far (after a stop string matched: the text before it)
         self.emitted = 0  # characters of self.text handed out
         self.stop_hit: str | None = None
 
@@ -158,12 +162,12 @@ class IncrementalDetokenizer:
         return delta + self._release(len(self.text))
 
     def _append(self, new: str) -> str:
+        if not self._stop:  # nothing is held back, and the text is not kept: += on it copies it whole every token
+            return new
         if not new:
             return ""
         search_from = max(0, len(self.text) - self._max_stop_len + 1)
         self.text += new
-        if not self._stop:
-            return self._release(len(self.text))
         match = self._find_stop(search_from)
         if match is not None:
             position, self.stop_hit = match
