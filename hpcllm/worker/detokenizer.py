@@ -11,8 +11,8 @@ back until it cannot; `flush` releases what is held when the generation ends for
 
 Where the tokenizer is a fast one decoding as transformers does, each token goes through a
 `tokenizers.decoders.DecodeStream` instead (vLLM's detokenizer): the same prefix-offset scheme run inside the Rust
-library, one Python call per token rather than two window slices and two decodes (~1.6 us instead of ~5.3 us per
-token on the dev tokenizer, bench/worker_stream.py). Its output is the window scheme's, token for token: a stream
+library, one Python call per token rather than two window slices and two decodes (a token through this class:
+~1.7-2.0 us instead of ~2.5-3.0 us on the dev tokenizer, bench/worker_stream.py). Its output is the window scheme's, token for token: a stream
 returns text only when its decode grew and starts with the previous one (then both schemes emit the same suffix and
 move the same offsets), and where it returns nothing the window scheme checks that it would emit nothing either. A
 decoder that rewrites earlier text (a Metaspace decoder dropping a leading space, say) makes the stream refuse a
