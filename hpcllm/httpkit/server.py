@@ -186,6 +186,9 @@ class InternalServer:
         self._server.gateway = _Gateway
         self._server.requests = _DaemonThreadPool(self._server, min=threads, max=threads)
         self._server.max_request_body_size = http.max_request_bytes
+        # cheroot listens with a backlog of 5: a burst of new connections (a gateway opening streams for 32 clients
+        # at once) overflows it, and the kernel resets some of them (SYN cookies that fail). The system's maximum.
+        self._server.request_queue_size = socket.SOMAXCONN
         self._server.read_deadlines = ReadDeadlines(http.request_read_timeout_seconds)
         if http.tls:
             self._server.ssl_adapter = _ssl_adapter(http)

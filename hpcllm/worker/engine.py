@@ -187,7 +187,7 @@ class Engine(EngineBase):
         self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
         # Stream events the engine thread produced, handed to the streams together (_deliver_events): during the
         # next forward, so the stream threads wake while the model computes, not in the middle of the bookkeeping.
-        self._outbox: list[tuple[queue.Queue, Event]] = []
+        self._outbox: list[tuple[queue.SimpleQueue, Event]] = []
         self._finished_history = finished_history
 
         self._lock = threading.Condition(threading.RLock())

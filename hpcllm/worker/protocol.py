@@ -7,6 +7,7 @@ sent while a request waits; readers skip them. See docs/worker.md for the full d
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
@@ -158,6 +159,19 @@ def stream_line_json(line: TokenLine | FinalLine) -> bytes:
     """A stream line as sent: a token line without logprobs leaves the key out (the common case stays short)."""
     exclude = {"logprobs"} if isinstance(line, TokenLine) and line.logprobs is None else None
     return line.model_dump_json(exclude=exclude).encode()
+
+
+# A token line without logprobs as stream_line_json writes it, filled in without pydantic (one per token per stream,
+# ~0.3 us instead of ~4 us): the same bytes, as hpcllm/worker/tests/test_protocol.py checks for every code point.
+_TOKEN_LINE = b'{"type":"token","index":%d,"token_id":%d,"text":%s}\n'
+_json_string = json.encoder.encode_basestring  # str -> JSON string literal, non-ASCII kept (pydantic's escaping)
+
+
+def stream_line_bytes(line: TokenLine | FinalLine) -> bytes:
+    """stream_line_json(line) plus the newline: one NDJSON line of a generate stream."""
+    if type(line) is TokenLine and line.logprobs is None:
+        return _TOKEN_LINE % (line.index, line.token_id, _json_string(line.text).encode())
+    return stream_line_json(line) + b"\n"
 
 
 def parse_stream_line(raw: str | bytes) -> TokenLine | FinalLine | None:

@@ -51,7 +51,7 @@ from hpcllm.worker.protocol import (
     NDJSON_MEDIA_TYPE,
     PREPARE_MIGRATION_PATH,
     TOKENS_PATH,
-    stream_line_json,
+    stream_line_bytes,
     AttachMigration,
     EmbedRequest,
     EmbedResult,
@@ -324,7 +324,7 @@ def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
     """
     try:
         for batch in stream.event_batches(keepalive_seconds):
-            yield b"".join(stream_line_json(event) + b"\n" for event in batch) if batch else b"\n"
+            yield b"".join(map(stream_line_bytes, batch)) if batch else b"\n"
     finally:
         stream.close()
 

@@ -81,3 +81,149 @@ def test_the_text_decoder_gives_what_tokenizer_decode_gives(model_dirs):
             ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tokenizer))
                    for _ in range(rng.randrange(1, 9))]
             assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+# ---- the incremental decoder of the Rust tokenizer (DecodeStream) gives the window scheme's text ----------------
+
+
+def metaspace_byte_fallback_tokenizer():
+    """A Llama-2-style tokenizer (Metaspace "▁", <0xNN> byte-fallback tokens, a decoder that strips the leading
+    space): the other common decoder family besides byte-level BPE, trained on the devmodels corpus."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hpcllm.devmodels.tokenizer import CORPUS_PATH
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").splitlines(), trainer=trainer)
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # the byte tokens are ordinary vocabulary, as in Llama's
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", clean_up_tokenization_spaces=False)
+
+
+def run_both(tokenizer, ids, stop=()):
+    """The same ids through the window scheme alone and through the stream: (pieces, stop_hit) of each, and
+    whether the stream was still in use at the end."""
+    import threading
+
+    from hpcllm.worker.detokenizer import decode_streams, text_decoder
+
+    new_stream = decode_streams(tokenizer, threading.Lock())
+    assert new_stream is not None  # a fast tokenizer: the stream is the path taken
+    results = []
+    for detok in (IncrementalDetokenizer(text_decoder(tokenizer), stop),
+                  IncrementalDetokenizer(text_decoder(tokenizer), stop, stream=new_stream())):
+        pieces = []
+        for token in ids:
+            pieces.append(detok.add(token))
+            if detok.stop_hit is not None:
+                break
+        streamed = detok._stream is not None
+        pieces.append(detok.flush())
+        results.append((pieces, detok.stop_hit))
+    return results[0], results[1], streamed
+
+
+def random_ids(rng, tokenizer, count):
+    specials = list(tokenizer.all_special_ids)
+    return [rng.choice(specials) if rng.random() < 0.05 else rng.randrange(len(tokenizer)) for _ in range(count)]
+
+
+def test_the_stream_gives_the_window_schemes_text_on_random_tokens(model_dirs):
+    """Random ids (special tokens among them, byte tokens that split characters), with and without stop strings,
+    for every dev architecture's tokenizer and a Metaspace byte-fallback one: piece for piece the same text."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from hpcllm.devmodels import ARCHITECTURES
+
+    rng = random.Random(1)
+    tokenizers = [AutoTokenizer.from_pretrained(model_dirs[arch]) for arch in ARCHITECTURES]
+    tokenizers.append(metaspace_byte_fallback_tokenizer())
+    for tokenizer in tokenizers:
+        streamed_to_the_end = 0
+        for trial in range(300):
+            ids = random_ids(rng, tokenizer, rng.randrange(1, 48))
+            stop = ["e", "th", "日"][: trial % 4]
+            window, stream, streamed = run_both(tokenizer, ids, stop)
+            assert stream == window, (ids, stop)
+            streamed_to_the_end += streamed
+        assert streamed_to_the_end > 150  # the stream, not the fallback, produced most of it
+
+
+def test_multibyte_text_through_the_stream_is_never_split(model_dirs):
+    from transformers import AutoTokenizer
+
+    text = "héllo 日本語 🙂🚀 ok ünïcödé ∑∫ 한국어"
+    for tokenizer in (AutoTokenizer.from_pretrained(model_dirs["llama"]), metaspace_byte_fallback_tokenizer()):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        window, (pieces, _), streamed = run_both(tokenizer, ids)
+        assert (pieces, None) == window
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert not any("\ufffd" in piece for piece in pieces)
+        assert streamed
+
+
+def test_special_tokens_are_skipped_through_the_stream(model_dirs):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    ids = tokenizer("hello there", add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.bos_token_id, *ids[:1], tokenizer.eos_token_id, tokenizer.pad_token_id, *ids[1:]]
+    window, (pieces, _), _ = run_both(tokenizer, ids)
+    assert (pieces, None) == window
+    assert "".join(pieces) == "hello there"
+
+
+def test_a_stream_that_refuses_a_step_hands_over_to_the_window_scheme():
+    """tokenizers raises when a decoder rewrote earlier text ("invalid prefix"); a stream that says "nothing yet"
+    where the window scheme has text is out of step: in both cases the text is the window scheme's."""
+    text = "héllo wörld 🙂 done"
+
+    def refusing(after):
+        calls = [0]
+
+        def step(token):
+            calls[0] += 1
+            if calls[0] > after:
+                raise Exception("Invalid prefix encountered")
+            return None  # holds back everything until it refuses
+
+        return step
+
+    expected, _ = stream(text)
+    for after in (0, 3, 9):
+        detok = IncrementalDetokenizer(byte_decode, stream=refusing(after))
+        pieces = [detok.add(b) for b in text.encode()] + [detok.flush()]
+        assert pieces == expected
+
+
+def test_a_resumed_request_rebuilds_the_same_detokenizer_from_its_tokens(model_dirs):
+    """Migration: the destination feeds the output so far through a new detokenizer, then goes on; the text from
+    the resume index on is what the source would have sent."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from hpcllm.worker.detokenizer import decode_streams, text_decoder
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    ids = tokenizer("résumé 🙂 of the stream, then more", add_special_tokens=False)["input_ids"]
+    new_stream = decode_streams(tokenizer, threading.Lock())
+    source = IncrementalDetokenizer(text_decoder(tokenizer), stream=new_stream())
+    source_pieces = [source.add(t) for t in ids]
+    for cut in range(len(ids)):
+        destination = IncrementalDetokenizer(text_decoder(tokenizer), stream=new_stream())
+        for token in ids[:cut]:
+            destination.add(token)
+        assert [destination.add(t) for t in ids[cut:]] == source_pieces[cut:]
