@@ -159,9 +159,11 @@ def gunicorn_worker_pid(gateway: Gateway) -> int:
     return int(children[0])
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def export_revision(rev: str, into: Path) -> str:
@@ -231,10 +233,12 @@ def run_level(gateway: Gateway, clients: int, per_client: int, tokens: int, rng:
         thread.start()
     for thread in threads:
         thread.join()
-    seconds, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu_before
+    seconds, cpu_after = time.monotonic() - started, cpu_seconds(pid)
     if errors:
         raise RuntimeError(f"the {gateway.name} gateway: {errors[0]}") from errors[0]
-    return {"cpu_s": cpu, "tokens": totals["tokens"], "events": totals["events"], "seconds": seconds}
+    user, system = (after - before for after, before in zip(cpu_after, cpu_before))
+    return {"cpu_s": user + system, "system_s": system, "tokens": totals["tokens"], "events": totals["events"],
+            "seconds": seconds}
 
 
 def main() -> int:
@@ -287,7 +291,8 @@ def main() -> int:
                         level = run_level(gateway, clients, args.requests_per_client, args.tokens, rng)
                         results.setdefault((gateway.name, clients), []).append(level)
                         print(f"round {round_ + 1} {gateway.name:>3} C={clients:<3} "
-                              f"{1000 * level['cpu_s'] / level['tokens']:.3f} ms CPU/token, "
+                              f"{1000 * level['cpu_s'] / level['tokens']:.3f} ms CPU/token "
+                              f"({100 * level['system_s'] / level['cpu_s']:.0f}% system), "
                               f"{level['tokens'] / level['events']:.2f} tokens/event, {level['seconds']:.1f} s, "
                               f"load {loads[-1]:.1f}", flush=True)
         finally:
@@ -307,19 +312,23 @@ def print_table(results: dict, args, baseline: str, loads: list[float]) -> None:
     print(f"\ngateway CPU per output token, old = {baseline}, new = this tree; fake worker every "
           f"{args.interval_ms:g} ms, {args.tokens} tokens/request, {args.requests_per_client} requests/client, "
           f"{args.rounds} rounds; load average {min(loads):.1f}-{max(loads):.1f}")
-    print("| clients | old ms/token (rounds) | new ms/token (rounds) | new/old | tokens/SSE event old, new |")
-    print("|---:|---|---|---:|---|")
+    print("| clients | old ms/token (rounds) | new ms/token (rounds) | new/old of the medians (per round) "
+          "| system share old, new "
+          "| tokens/SSE event old, new |")
+    print("|---:|---|---|---:|---|---|")
     for clients in args.clients:
         per = {}
         for name in ("old", "new"):
             levels = results[(name, clients)]
             per[name] = ([1000 * lv["cpu_s"] / lv["tokens"] for lv in levels],
+                         sum(lv["system_s"] for lv in levels) / sum(lv["cpu_s"] for lv in levels),
                          sum(lv["tokens"] for lv in levels) / sum(lv["events"] for lv in levels))
-        (old, old_merge), (new, new_merge) = per["old"], per["new"]
+        (old, old_system, old_merge), (new, new_system, new_merge) = per["old"], per["new"]
         ratio = statistics.median(new) / statistics.median(old)
+        per_round = ", ".join(f"{n / o:.2f}" for n, o in zip(new, old))
         print(f"| {clients} | {statistics.median(old):.3f} ({', '.join(f'{v:.3f}' for v in old)}) | "
-              f"{statistics.median(new):.3f} ({', '.join(f'{v:.3f}' for v in new)}) | {ratio:.2f}x | "
-              f"{old_merge:.2f}, {new_merge:.2f} |")
+              f"{statistics.median(new):.3f} ({', '.join(f'{v:.3f}' for v in new)}) | {ratio:.2f}x ({per_round}) | "
+              f"{100 * old_system:.0f}%, {100 * new_system:.0f}% | {old_merge:.2f}, {new_merge:.2f} |")
 
 
 if __name__ == "__main__":
