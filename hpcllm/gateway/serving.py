@@ -184,13 +184,15 @@ class Generation:
         )
         for attempt in range(1, OPEN_ATTEMPTS):
             try:
-                return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request)
+                return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request,
+                                       self.gw.config.internal_http)
             except WorkerUnavailable as exc:
                 log.warning("request %s: %s; routing again", self.ctx.request_id, exc.message)
                 self.gw.router.forget(self._endpoint)
                 time.sleep(0.5 * attempt)
                 self._endpoint = self._route()
-        return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request)
+        return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request,
+                               self.gw.config.internal_http)
 
     def _worker_key(self) -> str:
         return self._endpoint.worker_key or self.gw.config.cluster.shared_secret
@@ -258,7 +260,7 @@ class Generation:
             # The migration ticket's grant, from the source's stream: the destination is the one the controller
             # named, and the grant opens only this request there. (Without one: a single-key setup.)
             stream = open_attach(self.gw.http, moved.worker_url, self.gw.config.cluster.shared_secret,
-                                 moved.request_id, delivered, grant=moved.grant)
+                                 moved.request_id, delivered, grant=moved.grant, tls=self.gw.config.internal_http)
         except WorkerError as exc:
             return f"attaching to the migrated generation on {moved.worker_url} failed: {exc}"
         log.info("request %s choice %d: live-migrated to %s after %d tokens", self.ctx.request_id, index,
@@ -271,42 +273,52 @@ class Generation:
     def _read_stream(self, index: int, output_ids: list[int]):
         """Yield deltas for the token lines of the current stream; return its FinalLine.
 
-        Tokens the worker sent in one write (they queued up while its stream thread waited for the CPU) become one
-        delta, hence one SSE event, as vLLM's own server merges the tokens a slow reader has not taken yet; text is
-        never held back waiting for a token that has not arrived. With logprobs every token keeps its own delta."""
+        Tokens that arrived together (the worker sent them in one write, having queued up while its stream thread
+        waited for the CPU, or they piled up in this gateway's socket while its thread waited) become one delta,
+        hence one SSE event, as vLLM's own server merges the tokens a slow reader has not taken yet; text is never
+        held back waiting for a token that has not arrived. With logprobs every token keeps its own delta."""
         metrics = self.gw.metrics
         # This model's series, looked up once per stream rather than per token.
         inter_token_latency = metrics.inter_token_latency.labels(self.model)
         generation_tokens = metrics.generation_tokens.labels(self.model)
         last_token_at: float | None = None
         text = ""
-        for item in self._stream:
-            if isinstance(item, FinalLine):
-                return item
-            assert isinstance(item, TokenLine)
-            now = time.monotonic()
-            if not self._first_token_seen:
-                self._first_token_seen = True
-                metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.arrived)
-            elif last_token_at is not None:
-                inter_token_latency.observe(now - last_token_at)
-            if self._migration_pause_from is not None:
-                metrics.migration_pause.labels(self.model).observe(now - self._migration_pause_from)
-                self._migration_pause_from = None
-            last_token_at = self._last_token_at = now
-            output_ids.append(item.token_id)
-            self.completion_tokens += 1
-            generation_tokens.inc()
-            if item.logprobs is not None:
-                self.cumulative_logprobs[index] += item.logprobs.logprob
-                yield Delta(index, item.text, logprobs=item.logprobs)
-            else:
-                text += item.text
-                if text and not self._stream.tokens_buffered:
-                    yield Delta(index, text)
-                    text = ""
-            self._raise_if_aborted()
-        raise WorkerLost("the worker stream ended without a final line")
+        uncounted = 0  # tokens not in generation_tokens yet: added once per piece of the stream, not per token
+        try:
+            for item in self._stream:
+                if isinstance(item, FinalLine):
+                    return item
+                assert isinstance(item, TokenLine)
+                now = time.monotonic()
+                if not self._first_token_seen:
+                    self._first_token_seen = True
+                    metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.arrived)
+                elif last_token_at is not None:
+                    inter_token_latency.observe(now - last_token_at)
+                if self._migration_pause_from is not None:
+                    metrics.migration_pause.labels(self.model).observe(now - self._migration_pause_from)
+                    self._migration_pause_from = None
+                last_token_at = self._last_token_at = now
+                output_ids.append(item.token_id)
+                self.completion_tokens += 1
+                uncounted += 1
+                last_of_piece = not self._stream.tokens_buffered
+                if last_of_piece:
+                    generation_tokens.inc(uncounted)
+                    uncounted = 0
+                if item.logprobs is not None:
+                    self.cumulative_logprobs[index] += item.logprobs.logprob
+                    yield Delta(index, item.text, logprobs=item.logprobs)
+                else:
+                    text += item.text
+                    if text and last_of_piece:
+                        yield Delta(index, text)
+                        text = ""
+                self._raise_if_aborted()
+            raise WorkerLost("the worker stream ended without a final line")
+        finally:
+            if uncounted:  # stopped within a piece (aborted, the client left)
+                generation_tokens.inc(uncounted)
 
     def abort(self, reason: str) -> None:
         """Called from another thread (gateway shutdown): the generation stops at its next token with `reason`."""

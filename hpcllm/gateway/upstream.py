@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.gateway.errors import ApiError, InvalidRequest, ServiceUnavailable
 from hpcllm.worker.client import GenerationStream, WorkerClient, WorkerError
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
@@ -42,7 +43,8 @@ class WorkerStream:
 
     @property
     def tokens_buffered(self) -> int:
-        """Token lines the worker sent in one write with the one just read (they queued up on the worker)."""
+        """Token lines that arrived with the one just read, behind it (they queued up on the worker or in the
+        socket while this thread waited)."""
         return self._stream.tokens_buffered
 
     def __iter__(self) -> Iterator[TokenLine | FinalLine]:
@@ -60,8 +62,11 @@ class WorkerStream:
         self._stream.close()
 
 
-def open_generation(http: httpx.Client, worker_url: str, secret: str, request: GenerateRequest) -> WorkerStream:
-    client = WorkerClient(worker_url, secret, client=http)  # shares the process's connection pool; never closed here
+def open_generation(http: httpx.Client, worker_url: str, secret: str, request: GenerateRequest,
+                    tls: InternalHttpConfig | None = None) -> WorkerStream:
+    """tls: the [internal_http] section (the stream verifies an https worker against its site CA)."""
+    # The process's client: its timeouts for the stream, its pool for other calls; never closed here.
+    client = WorkerClient(worker_url, secret, client=http, http=tls)
     try:
         return WorkerStream(worker_url, client.generate(request))
     except WorkerError as exc:
@@ -69,11 +74,11 @@ def open_generation(http: httpx.Client, worker_url: str, secret: str, request: G
 
 
 def open_attach(http: httpx.Client, worker_url: str, secret: str, request_id: str, from_index: int,
-                grant: str | None = None) -> WorkerStream:
+                grant: str | None = None, tls: InternalHttpConfig | None = None) -> WorkerStream:
     """Continue a live-migrated generation on its destination from output index from_index (docs/migration.md),
     with the migration's grant when the source passed one on (then the secret is not sent). Raises WorkerError when
     the destination refuses or cannot be reached; the caller then resumes from tokens."""
-    client = WorkerClient(worker_url, secret, client=http, grant=grant)
+    client = WorkerClient(worker_url, secret, client=http, grant=grant, http=tls)
     return WorkerStream(worker_url, client.attach(request_id, from_index))
 
 

@@ -7,6 +7,9 @@
 
 Leaving the `with` block (or calling close) before the final line closes the connection, and the worker then
 cancels the request. HTTP errors become WorkerError with the worker's status and message.
+
+Generation streams (generate, attach) are read with hpcllm.httpkit.streaming (h11 straight on the socket, one
+connection per stream: the gateway's per-token hot path); the other calls go through the httpx client.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from hpcllm.config import InternalHttpConfig
 from hpcllm.credentials import GRANT_HEADER
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import SECRET_HEADER
-from hpcllm.httpkit.client import internal_client
+from hpcllm.httpkit.client import internal_client, verify_of
+from hpcllm.httpkit.streaming import StreamBroken, StreamingPost
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
@@ -30,6 +34,7 @@ from hpcllm.worker.protocol import (
     HELD_MIGRATION_PATH,
     MIGRATE_ALL_PATH,
     MIGRATE_REQUEST_PATH,
+    NDJSON_MEDIA_TYPE,
     PREPARE_MIGRATION_PATH,
     TOKENS_PATH,
     AttachMigration,
@@ -68,23 +73,27 @@ def _raise_for_status(response: httpx.Response) -> None:
     if response.is_success:
         return
     response.read()
+    _raise_error_answer(response.status_code, response.content, response.reason_phrase)
+
+
+def _raise_error_answer(status: int, content: bytes, reason: str) -> None:
     try:
-        info = ErrorResponse.model_validate_json(response.content).error
+        info = ErrorResponse.model_validate_json(content).error
         message = info.message
     except ValidationError:
-        info, message = None, response.text[:500] or response.reason_phrase
-    raise WorkerError(response.status_code, f"worker answered {response.status_code}: {message}", info)
+        info, message = None, content.decode("utf-8", "replace")[:500] or reason
+    raise WorkerError(status, f"worker answered {status}: {message}", info)
 
 
 class GenerationStream:
     """Iterates a generate response's lines; the final line is also kept in `.final`.
 
-    `tokens_buffered` says how many token lines came behind the one just yielded in the same write of the worker
-    (it sends what queued up while its stream thread waited in one write): a reader can pass them on together."""
+    `tokens_buffered` says how many token lines came behind the one just yielded in the same piece of the body
+    (what one receive got: the worker sends what queued up while its stream thread waited in one write, and what
+    piled up in the socket while this reader waited comes in one receive): a reader can pass them on together."""
 
-    def __init__(self, context, response: httpx.Response) -> None:
-        self._context = context
-        self._response = response
+    def __init__(self, post: StreamingPost) -> None:
+        self._post = post
         self.final: FinalLine | None = None
         self.tokens_buffered = 0
 
@@ -101,32 +110,41 @@ class GenerationStream:
                     yield line
                     if self.final is not None:
                         return
-        except httpx.HTTPError as exc:
+        except StreamBroken as exc:
             raise WorkerError(0, f"worker stream broke: {exc}") from exc
         if self.final is None:
             raise WorkerError(0, "worker stream ended without a final line (worker died?)")
 
     def _line_batches(self) -> Iterator[list[TokenLine | FinalLine]]:
-        """The stream's lines, parsed, as they arrived: the complete lines of one piece of the body (an HTTP chunk,
-        i.e. one write of the worker) together; keep-alives dropped."""
+        """The stream's lines, parsed, as they arrived: the complete lines of one piece of the body together;
+        keep-alives dropped."""
         partial = b""
-        for data in self._response.iter_bytes():
+        for data in self._post.pieces():
             *complete, partial = (partial + data).split(b"\n")
-            lines = [line for line in map(parse_stream_line, complete) if line is not None]
+            lines = [line for line in map(_parse_line, complete) if line is not None]
             if lines:
                 yield lines
-        last = parse_stream_line(partial)
+        last = _parse_line(partial)
         if last is not None:
             yield [last]
 
     def close(self) -> None:
-        self._context.__exit__(None, None, None)
+        """Close the connection (any thread): the worker cancels the request at its next write."""
+        self._post.close()
 
     def __enter__(self) -> "GenerationStream":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _parse_line(raw: bytes) -> TokenLine | FinalLine | None:
+    try:
+        return parse_stream_line(raw)
+    except ValidationError as exc:
+        raise WorkerError(0, f"worker sent a line that is not a stream line ({raw[:200]!r}): "
+                             f"{exc.errors()[0]['msg']}") from None
 
 
 class WorkerClient:
@@ -142,10 +160,13 @@ class WorkerClient:
     ) -> None:
         """secret: the key the worker accepts; grant (instead): a migration ticket's grant, good on the destination
         for the moved requests only (hpcllm.credentials). client: a shared connection pool to use (never closed
-        here); else one of its own, verifying TLS against http's site CA."""
+        here; generation streams take its timeouts); else one of its own, verifying TLS against http's site CA.
+        Generation streams verify TLS against http's site CA (pass it with a shared client too)."""
         self.base_url = base_url.rstrip("/")
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=30.0)
         self._client = client or internal_client(http, timeout=timeout)
+        self._stream_timeout = client.timeout if client is not None else timeout
+        self._verify = verify_of(http)
         self._headers = {GRANT_HEADER: grant} if grant else {SECRET_HEADER: secret}
 
     def close(self) -> None:
@@ -176,22 +197,22 @@ class WorkerClient:
 
     def _stream(self, path: str, body: BaseModel) -> GenerationStream:
         """POST that answers an NDJSON generation stream; the HTTP status is checked before this returns."""
-        context = self._client.stream(
-            "POST",
-            self.base_url + path,
-            content=body.model_dump_json(exclude_none=True),
-            headers={**self._headers, "Content-Type": "application/json"},
-        )
+        post = StreamingPost(self.base_url + path, body.model_dump_json(exclude_none=True).encode(),
+                             {**self._headers, "Content-Type": "application/json", "Accept": NDJSON_MEDIA_TYPE},
+                             self._stream_timeout, self._verify)
         try:
-            response = context.__enter__()
-        except httpx.HTTPError as exc:
+            post.open()
+        except StreamBroken as exc:
             raise WorkerError(0, f"worker {self.base_url} unreachable: {exc}") from exc
-        try:
-            _raise_for_status(response)
-        except BaseException:
-            context.__exit__(None, None, None)
-            raise
-        return GenerationStream(context, response)
+        if not 200 <= post.status < 300:
+            try:
+                content = post.read()
+            except StreamBroken:
+                content = b""
+            finally:
+                post.close()
+            _raise_error_answer(post.status, content, post.reason)
+        return GenerationStream(post)
 
     def generate(self, body: GenerateRequest) -> GenerationStream:
         """Start a generation; the HTTP status is checked before this returns."""

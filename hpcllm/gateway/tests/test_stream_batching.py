@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 
+import httpx
 from flask import Flask, Response, request
 
 from hpcllm.gateway.completions.protocol import CompletionChoice
@@ -93,3 +94,40 @@ def test_a_tokens_event_is_what_the_wire_models_render():
                     assert chunks.text(index, text, finish_reason) == expected
         event = json.loads(chunks.text(0, "x")[len(b"data: "):])
         assert ("usage" in event) == include_usage
+
+
+def test_the_worker_stream_is_read_over_tls_verified_against_the_site_ca(tmp_path, tmp_path_factory, tiny_model_dir):
+    """[internal_http] TLS: the gateway's stream reader (not httpx) verifies the worker against the site CA."""
+    from hpcllm.config import InternalHttpConfig, parse_config
+    from hpcllm.gateway.app import create_app, gateway_of
+    from hpcllm.httpkit.server import InternalServer
+    from hpcllm.httpkit.tests.site_ca import site_ca_or_skip
+
+    ca = site_ca_or_skip(tmp_path_factory)
+    tls = {"tls_cert_file": str(ca.cert), "tls_key_file": str(ca.key), "tls_ca_file": str(ca.ca)}
+    release_late = threading.Event()
+    release_late.set()
+    worker = InternalServer(bursty_worker(release_late), "127.0.0.1", 0, http=InternalHttpConfig(**tls), threads=4,
+                            name="tls-worker")
+    worker.start()
+    worker_url = f"https://localhost:{worker.port}"
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "state")},
+        "cluster": {"shared_secret": "tls-test-secret"},
+        "internal_http": tls,
+        "gateway": {"api_keys": [{"key": USER_KEY, "name": "alice"}],
+                    "static_models": {MODEL: {"worker_url": worker_url, "source": str(tiny_model_dir)}}},
+    })
+    app = create_app(config)
+    server = ThreadServer(app)
+    try:
+        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {USER_KEY}"}) as response:
+            texts = [json.loads(line[6:])["choices"][0]["text"] for line in response.iter_lines()
+                     if line.startswith("data: {")]
+    finally:
+        server.stop()
+        gateway_of(app).close()
+        worker.stop()
+    assert "".join(texts) == "".join(BURST) + LATE
