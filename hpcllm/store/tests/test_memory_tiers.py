@@ -55,6 +55,32 @@ def test_reserved_arena_serves_any_partition_sizes_prefaulted_and_takes_them_bac
     assert pool.trim() == 100 * PAGE_SIZE and pool.stats().arena_bytes == 0
 
 
+def _transparent_huge_pages() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def test_reserved_arena_is_backed_by_huge_pages_and_load_time_buffers_are_not():
+    """The arena is faulted in before any request, so it takes huge pages (a direct read into them is one large
+    request per 2 MiB instead of one segment per 4 KiB page); buffers faulted during a load never do (slow faults)."""
+    if _transparent_huge_pages() == "never":
+        pytest.skip("transparent huge pages are off on this kernel")
+    pool = HostBufferPool()
+    pool.reserve_bytes(32 << 20)
+    carved = pool.acquire(16 << 20)
+    assert carved.huge_page_bytes() >= 16 << 20  # most of the 32 MiB arena (alignment may leave its edges small)
+    assert carved.huge_page_bytes() == pool.acquire(8 << 20).huge_page_bytes()  # both report their arena's
+    fresh = HostBuffer(32 << 20)
+    fresh.populate()
+    assert fresh.huge_page_bytes() == 0
+    small_pages = HostBufferPool()
+    small_pages.reserve_bytes(32 << 20, huge_pages=False)
+    assert small_pages.acquire(16 << 20).huge_page_bytes() == 0
+
+
 def test_reserve_from_environment(monkeypatch):
     from hpcllm.store import memory
 
