@@ -15,8 +15,8 @@ CUDA call, which torch documents as honoured until CUDA is initialised. Should C
 the assignment fails with a clear error instead of serving on the wrong GPUs.
 
 Host memory: with $HPCLLM_HOST_POOL_BYTES (the agent sets it from node.spare_host_pool_gb and the checkpoints it
-caches) the spare reserves that much page-aligned memory and faults it in while it waits; its CPU load then reads
-O_DIRECT straight into it (hpcllm.store.memory.HostBufferPool.reserve_bytes, docs/loader.md). A GPU assignment
+caches) the spare reserves that much page-aligned memory (huge pages) and faults it in while it waits; its CPU load
+then reads O_DIRECT (or buffered, where the node's probe measured that faster) straight into it (hpcllm.store.memory.HostBufferPool.reserve_bytes, docs/loader.md). A GPU assignment
 gives it back.
 """
 

@@ -100,6 +100,35 @@ def test_sweep_measures_every_configuration_of_every_mode_from_a_cold_cache(disk
         path.unlink()
 
 
+def test_probe_keeps_the_configuration_that_stays_fast_not_a_lucky_first_read(tmp_path, monkeypatch):
+    """The node probe measures each mode's fastest configurations again and ranks them by their median: a
+    configuration that was fastest once (a quiet moment of a shared disk) loses to one that is fast every time."""
+    from hpcllm.store import tuning as tuning_module
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * MiB)
+    figures = {  # (mode, threads, block) -> GB/s of its successive reads
+        ("odirect", 1, 4 * MiB): [3.0, 1.0, 1.1],  # the lucky one
+        ("odirect", 16, 4 * MiB): [2.0, 2.1, 1.9],
+        ("odirect", 4, MiB): [1.5, 1.4, 1.6],
+        ("odirect", 2, MiB): [0.5],  # not among the three fastest: never measured again
+        ("buffered", 8, MiB): [1.2, 5.0, 1.3],
+    }
+    reads: list[tuple] = []
+
+    def measure(files, mode, threads, block, max_bytes, evict, gate, whole=None):
+        key = (mode, threads, block)
+        reads.append(key)
+        return ReadConfig(mode, threads, block, figures[key][sum(k == key for k in reads)])  # [0]: the sweep
+
+    monkeypatch.setattr(tuning_module, "_measure_config", measure)
+    first = [ReadConfig(mode, threads, block, gbps[0]) for (mode, threads, block), gbps in figures.items()]
+    best = tuning_module.confirmed_best([probe], first)
+    assert best["odirect"] == ReadConfig("odirect", 16, 4 * MiB, 2.0)  # median of 2.0, 2.1, 1.9
+    assert best["buffered"] == ReadConfig("buffered", 8, MiB, 1.3)  # its median, not its best read
+    assert ("odirect", 2, MiB) not in reads and len(reads) == 2 * 4
+
+
 def test_sweep_leaves_out_a_mode_the_filesystem_refuses(disk_dir, monkeypatch):
     path = disk_dir / "sweep-file-einval"
     path.write_bytes(os.urandom(MiB))
