@@ -39,6 +39,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.restype = ctypes.c_int
 _populate_write_supported = True
 HUGE_PAGE_SIZE = 2 << 20  # x86-64 / arm64 (4 KiB base pages) PMD size: what MADV_HUGEPAGE maps
+RESERVE_STEP = 64 << 20  # bytes faulted in per madvise while reserving: how soon a stop request is seen
 ARENA_SLACK_PAGES = 64  # a checkpoint of up to 64 partitions fits an arena reserved for its byte count
 
 
@@ -253,17 +254,25 @@ class HostBufferPool:
                 merged.append((start, size))
         self._extents = merged
 
-    def reserve_bytes(self, nbytes: int, huge_pages: bool = True) -> None:
+    def reserve_bytes(self, nbytes: int, huge_pages: bool = True, stop: threading.Event | None = None) -> bool:
         """Allocate and fault in one arena of `nbytes` now (a worker before it knows its model); later loads carve
         their partition buffers out of it, so any model up to `nbytes` (less page rounding per partition) lands
         in memory that is already faulted in. Replaces an earlier arena (ranges carved from it stay valid).
         The arena asks for transparent huge pages (module docstring: O_DIRECT into them reads ~1.6x faster here;
-        faulting them in takes longer, ~0.7 GB/s on this VM, which a spare pays before any request)."""
+        faulting them in takes longer, ~0.7 GB/s on this VM, which a spare pays before any request).
+        `stop` set meanwhile (a spare got its assignment first): the faulting stops within one step, nothing is
+        reserved (the pages go back) and False is returned, so a load never waits for a reservation."""
         # slack: each partition is rounded up to whole pages; a last partial huge page stays in base pages
         arena = HostBuffer(nbytes + ARENA_SLACK_PAGES * PAGE_SIZE, huge_pages=huge_pages)
-        arena.populate()
+        for start in range(0, arena.capacity, RESERVE_STEP):
+            if stop is not None and stop.is_set():
+                arena.mmap.close()
+                return False
+            arena.populate(start, start + RESERVE_STEP)
+        arena.populated = True
         with self._lock:
             self._arena, self._extents = arena, [(0, arena.capacity)]
+        return True
 
     def prefaulted_for(self, sizes: list[int]) -> bool:
         """Would buffers of these sizes all come pre-faulted (free buffers, the arena) if acquired now?"""
@@ -334,9 +343,10 @@ def default_pool() -> HostBufferPool:
     return _default_pool
 
 
-def reserve_from_environment() -> int:
+def reserve_from_environment(stop: threading.Event | None = None) -> int:
     """Reserve the default pool's arena from $HPCLLM_HOST_POOL_BYTES (a spare worker at start-up); bytes reserved.
-    A malformed or non-positive value reserves nothing (the worker loads into fresh memory, as without a pool)."""
+    A malformed or non-positive value reserves nothing (the worker loads into fresh memory, as without a pool), nor
+    does a reservation `stop`ped before it completed (HostBufferPool.reserve_bytes)."""
     import os
 
     try:
@@ -345,7 +355,8 @@ def reserve_from_environment() -> int:
         return 0
     if nbytes <= 0:
         return 0
-    _default_pool.reserve_bytes(nbytes)
+    if not _default_pool.reserve_bytes(nbytes, stop=stop):
+        return 0
     return _default_pool.stats().arena_bytes
 
 

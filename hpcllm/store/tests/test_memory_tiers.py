@@ -94,6 +94,38 @@ def test_reserve_from_environment(monkeypatch):
     assert pool.prefaulted_for([4 * PAGE_SIZE + 1, 6 * PAGE_SIZE - 1])  # page-rounded partitions still fit
 
 
+def test_a_stopped_reservation_reserves_nothing(monkeypatch):
+    """A spare assigned while it still faults its pool in stops the reservation: the load then finds no arena
+    (it uses fresh memory) instead of waiting, and the stop is seen between steps."""
+    import threading
+
+    from hpcllm.store import memory
+
+    pool, stop = HostBufferPool(), threading.Event()
+    stop.set()
+    assert pool.reserve_bytes(64 << 20, stop=stop) is False
+    assert pool.stats().arena_bytes == 0 and not pool.prefaulted_for([PAGE_SIZE])
+    steps = []
+    real_populate = HostBuffer.populate
+
+    def populate_then_stop(buffer, start=0, end=None):  # the assignment arrives during the second step
+        steps.append(start)
+        real_populate(buffer, start, end)
+        if len(steps) == 2:
+            stop.set()
+
+    stop.clear()
+    monkeypatch.setattr(memory, "RESERVE_STEP", 4 << 20)
+    monkeypatch.setattr(HostBuffer, "populate", populate_then_stop)
+    assert pool.reserve_bytes(64 << 20, stop=stop) is False
+    assert steps == [0, 4 << 20] and pool.stats().arena_bytes == 0
+    monkeypatch.setattr(memory, "_default_pool", pool)
+    monkeypatch.setenv(memory.HOST_POOL_ENV, str(64 << 20))
+    assert memory.reserve_from_environment(stop) == 0
+    stop.clear()
+    assert memory.reserve_from_environment(stop) >= 64 << 20 and pool.prefaulted_for([64 << 20])
+
+
 def test_pool_reserve_prefaults_for_later_loads():
     pool = HostBufferPool()
     pool.reserve([8 * PAGE_SIZE, 16 * PAGE_SIZE])
