@@ -23,7 +23,8 @@ speed-ups are also computed per round (paired) to cancel slow drifts of the shar
 
 The read limit is swept, as fio does with jobs x block size: first every (mode, threads, block size) of
 hpcllm.store.tuning's sweep - O_DIRECT, buffered and mapped (MADV_POPULATE_READ) reads; 1-16 threads; 1-16 MiB
-blocks; into memory already faulted in - over the first --sweep-bytes of the checkpoint's data files, each from a
+blocks; into per-thread block buffers already faulted in and backed by huge pages, as the reserved pool is, so a
+direct read is not split into small requests - over the first --sweep-bytes of the checkpoint's data files, each from a
 cold page cache; then, at the start and the end of every round, the three fastest configurations read the whole
 checkpoint and the round's limit is the best of them. Every loader is reported as x of that limit, and a loader
 run faster than its round's limit is listed (it would mean the sweep missed a faster way to read).

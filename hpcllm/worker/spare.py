@@ -15,15 +15,18 @@ CUDA call, which torch documents as honoured until CUDA is initialised. Should C
 the assignment fails with a clear error instead of serving on the wrong GPUs.
 
 Host memory: with $HPCLLM_HOST_POOL_BYTES (the agent sets it from node.spare_host_pool_gb and the checkpoints it
-caches) the spare reserves that much page-aligned memory and faults it in while it waits; its CPU load then reads
-O_DIRECT straight into it (hpcllm.store.memory.HostBufferPool.reserve_bytes, docs/loader.md). A GPU assignment
-gives it back.
+caches) the spare reserves that much page-aligned memory (huge pages) and faults it in, in a thread, while it
+waits; its CPU load then reads O_DIRECT (or buffered, where the node's probe measured that faster) straight into it
+(hpcllm.store.memory.HostBufferPool.reserve_bytes, docs/loader.md). An assignment that arrives before the memory is
+faulted in stops the reservation instead of waiting for it (huge pages fault slowly here: 2 GB took 3-16 s) and the
+load uses fresh memory. A GPU assignment gives the memory back.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -85,18 +88,45 @@ def assume(assignment: SpareAssignment) -> None:
                cache_into=Path(assignment.cache_into) if assignment.cache_into else None)
 
 
+class BackgroundReservation:
+    """Faults the host pool ($HPCLLM_HOST_POOL_BYTES) in on a thread while the spare waits for its assignment."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.reserved = 0
+        self.thread = threading.Thread(target=self._reserve, name="hpcllm-reserve", daemon=True)
+
+    def _reserve(self) -> None:
+        from hpcllm.store.memory import reserve_from_environment
+
+        self.reserved = reserve_from_environment(self.stop)
+        if self.reserved:
+            print(f"spare worker: host pool {self.reserved / 1e9:.2f} GB faulted in", file=sys.stderr, flush=True)
+
+    def start(self) -> "BackgroundReservation":
+        self.thread.start()
+        return self
+
+    def finish(self) -> int:
+        """Stop a reservation still in progress (within one step) and wait for the thread; bytes reserved."""
+        self.stop.set()
+        self.thread.join()
+        return self.reserved
+
+
 def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     preimport()
-    from hpcllm.store.memory import reserve_from_environment
-
-    reserved = reserve_from_environment()
-    print(f"spare worker ready (host pool {reserved / 1e9:.2f} GB faulted in)", file=sys.stderr, flush=True)
+    reservation = BackgroundReservation().start()
+    print("spare worker ready (imports done; host pool reserving in the background)", file=sys.stderr, flush=True)
     line = sys.stdin.readline()
+    reserved = reservation.finish()
     if not line.strip():
         return 0  # retired before it was needed
+    print(f"spare worker assigned (host pool {reserved / 1e9:.2f} GB faulted in; 0: none, or not finished in "
+          f"time - the load uses fresh memory)", file=sys.stderr, flush=True)
     try:
         assume(SpareAssignment.model_validate_json(line))
     except HpcllmError as exc:  # the same contract as `hpcllm worker`: one error line, the error's exit status

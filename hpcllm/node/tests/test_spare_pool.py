@@ -36,3 +36,36 @@ def test_spare_pool_is_the_largest_cached_checkpoint_within_the_cap(tmp_path):
     assert manager(tmp_path, cache, cap_gb=0.0)._spare_pool_bytes() == 0  # off
     assert manager(tmp_path, FakeCache([]), cap_gb=8.0)._spare_pool_bytes() == 0  # nothing cached yet
     assert manager(tmp_path, None, cap_gb=8.0)._spare_pool_bytes() == 0
+
+
+def test_spare_faults_its_pool_in_the_background_and_an_assignment_never_waits_for_it(monkeypatch):
+    import threading
+
+    from hpcllm.store import memory
+    from hpcllm.store.memory import HostBufferPool
+    from hpcllm.worker.spare import BackgroundReservation
+
+    pool = HostBufferPool()
+    monkeypatch.setattr(memory, "_default_pool", pool)
+    monkeypatch.setenv(memory.HOST_POOL_ENV, str(32 << 20))
+    done = BackgroundReservation().start()
+    done.thread.join()  # the spare waited long enough: the whole pool is there for its load
+    assert done.finish() >= 32 << 20 and pool.prefaulted_for([32 << 20])
+
+    pool = HostBufferPool()
+    monkeypatch.setattr(memory, "_default_pool", pool)
+    in_step, release = threading.Event(), threading.Event()
+    real_populate = memory.HostBuffer.populate
+
+    def slow_populate(buffer, start=0, end=None):  # faulting in takes long (huge pages on a busy VM)
+        in_step.set()
+        release.wait()
+        real_populate(buffer, start, end)
+
+    monkeypatch.setattr(memory.HostBuffer, "populate", slow_populate)
+    monkeypatch.setattr(memory, "RESERVE_STEP", 4 << 20)  # the 32 MiB pool takes several steps
+    early = BackgroundReservation().start()
+    assert in_step.wait(10)
+    threading.Timer(0.2, release.set).start()  # the step under way ends; the assignment came meanwhile
+    assert early.finish() == 0  # stopped after that step: nothing reserved, the load uses fresh memory
+    assert pool.stats().arena_bytes == 0

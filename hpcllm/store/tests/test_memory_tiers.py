@@ -55,6 +55,32 @@ def test_reserved_arena_serves_any_partition_sizes_prefaulted_and_takes_them_bac
     assert pool.trim() == 100 * PAGE_SIZE and pool.stats().arena_bytes == 0
 
 
+def _transparent_huge_pages() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def test_reserved_arena_is_backed_by_huge_pages_and_load_time_buffers_are_not():
+    """The arena is faulted in before any request, so it takes huge pages (a direct read into them is one large
+    request per 2 MiB instead of one segment per 4 KiB page); buffers faulted during a load never do (slow faults)."""
+    if _transparent_huge_pages() == "never":
+        pytest.skip("transparent huge pages are off on this kernel")
+    pool = HostBufferPool()
+    pool.reserve_bytes(32 << 20)
+    carved = pool.acquire(16 << 20)
+    assert carved.huge_page_bytes() >= 16 << 20  # most of the 32 MiB arena (alignment may leave its edges small)
+    assert carved.huge_page_bytes() == pool.acquire(8 << 20).huge_page_bytes()  # both report their arena's
+    fresh = HostBuffer(32 << 20)
+    fresh.populate()
+    assert fresh.huge_page_bytes() == 0
+    small_pages = HostBufferPool()
+    small_pages.reserve_bytes(32 << 20, huge_pages=False)
+    assert small_pages.acquire(16 << 20).huge_page_bytes() == 0
+
+
 def test_reserve_from_environment(monkeypatch):
     from hpcllm.store import memory
 
@@ -66,6 +92,38 @@ def test_reserve_from_environment(monkeypatch):
     monkeypatch.setenv(memory.HOST_POOL_ENV, str(10 * PAGE_SIZE))
     assert memory.reserve_from_environment() == (10 + memory.ARENA_SLACK_PAGES) * PAGE_SIZE
     assert pool.prefaulted_for([4 * PAGE_SIZE + 1, 6 * PAGE_SIZE - 1])  # page-rounded partitions still fit
+
+
+def test_a_stopped_reservation_reserves_nothing(monkeypatch):
+    """A spare assigned while it still faults its pool in stops the reservation: the load then finds no arena
+    (it uses fresh memory) instead of waiting, and the stop is seen between steps."""
+    import threading
+
+    from hpcllm.store import memory
+
+    pool, stop = HostBufferPool(), threading.Event()
+    stop.set()
+    assert pool.reserve_bytes(64 << 20, stop=stop) is False
+    assert pool.stats().arena_bytes == 0 and not pool.prefaulted_for([PAGE_SIZE])
+    steps = []
+    real_populate = HostBuffer.populate
+
+    def populate_then_stop(buffer, start=0, end=None):  # the assignment arrives during the second step
+        steps.append(start)
+        real_populate(buffer, start, end)
+        if len(steps) == 2:
+            stop.set()
+
+    stop.clear()
+    monkeypatch.setattr(memory, "RESERVE_STEP", 4 << 20)
+    monkeypatch.setattr(HostBuffer, "populate", populate_then_stop)
+    assert pool.reserve_bytes(64 << 20, stop=stop) is False
+    assert steps == [0, 4 << 20] and pool.stats().arena_bytes == 0
+    monkeypatch.setattr(memory, "_default_pool", pool)
+    monkeypatch.setenv(memory.HOST_POOL_ENV, str(64 << 20))
+    assert memory.reserve_from_environment(stop) == 0
+    stop.clear()
+    assert memory.reserve_from_environment(stop) >= 64 << 20 and pool.prefaulted_for([64 << 20])
 
 
 def test_pool_reserve_prefaults_for_later_loads():

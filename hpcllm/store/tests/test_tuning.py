@@ -100,6 +100,35 @@ def test_sweep_measures_every_configuration_of_every_mode_from_a_cold_cache(disk
         path.unlink()
 
 
+def test_probe_keeps_the_configuration_that_stays_fast_not_a_lucky_first_read(tmp_path, monkeypatch):
+    """The node probe measures each mode's fastest configurations again and ranks them by their median: a
+    configuration that was fastest once (a quiet moment of a shared disk) loses to one that is fast every time."""
+    from hpcllm.store import tuning as tuning_module
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x" * MiB)
+    figures = {  # (mode, threads, block) -> GB/s of its successive reads
+        ("odirect", 1, 4 * MiB): [3.0, 1.0, 1.1],  # the lucky one
+        ("odirect", 16, 4 * MiB): [2.0, 2.1, 1.9],
+        ("odirect", 4, MiB): [1.5, 1.4, 1.6],
+        ("odirect", 2, MiB): [0.5],  # not among the three fastest: never measured again
+        ("buffered", 8, MiB): [1.2, 5.0, 1.3],
+    }
+    reads: list[tuple] = []
+
+    def measure(files, mode, threads, block, max_bytes, evict, gate, whole=None):
+        key = (mode, threads, block)
+        reads.append(key)
+        return ReadConfig(mode, threads, block, figures[key][sum(k == key for k in reads)])  # [0]: the sweep
+
+    monkeypatch.setattr(tuning_module, "_measure_config", measure)
+    first = [ReadConfig(mode, threads, block, gbps[0]) for (mode, threads, block), gbps in figures.items()]
+    best = tuning_module.confirmed_best([probe], first)
+    assert best["odirect"] == ReadConfig("odirect", 16, 4 * MiB, 2.0)  # median of 2.0, 2.1, 1.9
+    assert best["buffered"] == ReadConfig("buffered", 8, MiB, 1.3)  # its median, not its best read
+    assert ("odirect", 2, MiB) not in reads and len(reads) == 2 * 4
+
+
 def test_sweep_leaves_out_a_mode_the_filesystem_refuses(disk_dir, monkeypatch):
     path = disk_dir / "sweep-file-einval"
     path.write_bytes(os.urandom(MiB))
@@ -193,6 +222,84 @@ def test_plan_without_a_prefaulted_pool_keeps_odirect_when_mmap_was_not_measured
                             prefaulted=False, **DEFAULTS)
     assert (plan.mode, plan.threads, plan.block_bytes) == ("odirect", 8, 4 * MiB)
     assert not plan.source.endswith("into the pre-faulted pool")
+
+
+def test_plan_with_a_prefaulted_pool_reads_buffered_into_it_where_the_page_cache_measured_faster(tmp_path):
+    device = os.stat(tmp_path).st_dev
+    tuning = tuning_for(tmp_path, odirect=(8, 4 * MiB, 1.2), buffered=(16, MiB, 2.0), mmap=(4, MiB, 3.0))
+    plan = choose_read_plan(tuning, "disk", host_target=True, checkpoint_device=device, prefaulted=True, **DEFAULTS)
+    assert (plan.mode, plan.threads, plan.block_bytes) == ("buffered", 16, MiB)
+    assert plan.source == f"probe: buffered 16x1 MiB 2.00 GB/s ({tmp_path}) into the pre-faulted pool"
+    # the same figures without a pool: buffered reads into fresh memory would fault it in (and copy): mapped
+    assert choose_read_plan(tuning, "disk", host_target=True, checkpoint_device=device, prefaulted=False,
+                            **DEFAULTS).mode == "mmap"
+    # a filesystem that refuses O_DIRECT (the sweep left the mode out): the pool is still read into, buffered
+    no_direct = tuning_for(tmp_path, buffered=(4, 4 * MiB, 0.8), mmap=(4, MiB, 3.0))
+    plan = choose_read_plan(no_direct, "disk", host_target=True, checkpoint_device=device, prefaulted=True,
+                            **DEFAULTS)
+    assert (plan.mode, plan.threads) == ("buffered", 4) and plan.source.endswith("into the pre-faulted pool")
+
+
+def test_buffered_load_into_the_reserved_pool(models, monkeypatch):
+    """Where the probe measured the page cache faster into model-sized memory, a spare reads buffered (page cache ->
+    its reserved arena): the weights are views of the arena, no fresh page is faulted in, the files end up in the
+    page cache (an O_DIRECT load leaves them out), the model is from_pretrained's."""
+    hf, converted = models("llama")
+    evict_from_page_cache(converted)
+    tuning = tuning_for(converted, odirect=(3, 32 * KiB, 1.0), buffered=(2, 64 * KiB, 5.0), mmap=(2, 16 * KiB, 9.0))
+    pool = _fresh_pool()
+    pool.reserve_bytes(2 * _checkpoint_bytes(converted))
+    arena = pool._arena
+    calls = RecordingPreadv(monkeypatch, delay=0.002)
+    loaded = load_model(converted, tier="disk", tokenizer=False, read_tuning=tuning, pool=pool)
+    assert_same_model(reference(hf), loaded.model)
+    stats = loaded.stats
+    assert (stats.reader_mode, stats.zero_copy, stats.threads, stats.request_bytes) == ("buffered", False, 2, 64 * KiB)
+    assert stats.read_plan == f"probe: buffered 2x64 KiB 5.00 GB/s ({converted}) into the pre-faulted pool"
+    assert stats.fallback_reason is None
+    assert stats.pool_reused_bytes >= stats.bytes
+    assert_views_of(loaded, [(arena.address, arena.address + arena.capacity)])
+    assert max(calls.lengths) <= 64 * KiB and len(calls.lengths) > 5
+    assert min(cached_fraction(p) for p in converted.glob("data-*")) > 0.9  # read through the page cache
+    loaded.release()
+    assert pool.stats().arena_free_bytes == arena.capacity  # every carved range went back
+
+
+def test_shared_fs_load_reads_buffered_into_the_reserved_pool(models):
+    """The shared FS is never mapped nor read O_DIRECT: with a reserved pool its buffered reads land in the arena."""
+    hf, converted = models("gpt2")
+    pool = _fresh_pool()
+    pool.reserve_bytes(_checkpoint_bytes(converted))
+    arena = pool._arena
+    loaded = load_model(converted, tier="sharedfs", tokenizer=False, pool=pool)
+    assert_same_model(reference(hf), loaded.model)
+    assert loaded.stats.reader_mode == "buffered" and loaded.stats.pool_reused_bytes >= loaded.stats.bytes
+    assert_views_of(loaded, [(arena.address, arena.address + arena.capacity)])
+
+
+def test_probe_reads_each_block_to_its_own_place_in_one_buffer(disk_dir):
+    """The node probe's destination (into_one_buffer): one model-sized buffer, every block where a load into the
+    pool puts it - after the read the buffer holds the file's bytes in order."""
+    from hpcllm.store.memory import HostBuffer
+    from hpcllm.store.tuning import _timed_read
+
+    path = disk_dir / f"probe-order-{os.getpid()}"
+    data = os.urandom(5 * MiB + 3 * KiB)  # not a multiple of the block: the last block is short
+    path.write_bytes(data)
+    try:
+        for mode in ("buffered", "odirect"):
+            whole = HostBuffer(8 * MiB, huge_pages=True)
+            whole.populate()
+            try:
+                _timed_read([path], mode, 3, MiB, None, whole)
+            except Exception as exc:  # O_DIRECT refused where the tests' folder is on tmpfs
+                assert mode == "odirect", exc
+                continue
+            assert bytes(whole.view()[:len(data)]) == data
+        results = sweep_read([path], modes=("buffered",), threads=(2,), blocks=(MiB,), into_one_buffer=True)
+        assert [(r.mode, r.threads, r.block_bytes) for r in results] == [("buffered", 2, MiB)]
+    finally:
+        path.unlink()
 
 
 def _checkpoint_bytes(folder) -> int:
