@@ -393,10 +393,12 @@ def serve(
     try:
         server.serve_forever()
     finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        service.shutdown()
-        server.stop()
+        try:  # a second signal while shutting down is logged, not fatal: the streams' final lines still go out
+            service.shutdown()
+            server.stop()
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
     if load_failure:
         exc = load_failure[0]
         if isinstance(exc, HpcllmError):
