@@ -270,6 +270,7 @@ class WorkerManager:
         self._instances: dict[str, Instance] = {}
         self._spares: list[Spare] = []
         self._http = internal_client(config.internal_http, timeout=5.0)
+        self._key_known = threading.Event()
         self.set_key(config.cluster.shared_secret)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.read_tuning_path: Path | None = None  # the node probe's read settings, passed to every worker
@@ -301,9 +302,18 @@ class WorkerManager:
         or a token-registered node's key (docs/security.md). None: not known yet (nothing is accepted)."""
         self.key = key
         if key is None:
+            self._key_known.clear()
             self._http.headers.pop(SECRET_HEADER, None)
         else:
             self._http.headers[SECRET_HEADER] = key
+            self._key_known.set()
+
+    def key_within(self, seconds: float) -> str | None:
+        """The key, waiting up to `seconds` for it while a token registration is under way: the controller counts
+        the node as registered (and a waiting cold start may call it) a moment before its answer, carrying the key,
+        reaches this agent."""
+        self._key_known.wait(seconds)
+        return self.key
 
     # ------------------------------------------------------------------------------------------------ queries
 

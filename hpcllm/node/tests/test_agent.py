@@ -388,3 +388,30 @@ def test_a_tensor_parallel_instance_reports_where_each_rank_loaded_and_its_slowe
     assert (info.rank_nodes, info.rank_tiers, info.load_tier) == (["n1", "n2"], ["nvme", "sharedfs"], "sharedfs")
     inst.rank_loads[1]["slice_copy"] = True
     assert (inst.info().rank_tiers, inst.info().load_tier) == (["nvme", "nvme"], "nvme")
+
+
+def test_a_token_agent_holds_a_call_that_comes_before_its_node_key_and_then_serves_it(tmp_path, monkeypatch):
+    """The controller counts a node registered (and a waiting cold start may call it) a moment before its answer,
+    with the node key, reaches the agent: that call waits for the key instead of getting 401."""
+    import hpcllm.node.app as agent_app
+
+    a = make_agent(tmp_path)
+    try:
+        a.workers.set_key(None)  # a token agent, registering
+        client = create_app(a).test_client()
+        monkeypatch.setattr(agent_app, "KEY_WAIT_SECONDS", 0.2)
+        refused = create_app(a).test_client().get("/v1/internal/instances", headers={SECRET_HEADER: "node-key"})
+        assert refused.status_code == 401 and "no key yet" in refused.get_json()["error"]["message"]
+        monkeypatch.setattr(agent_app, "KEY_WAIT_SECONDS", 30.0)
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(
+            client.get("/v1/internal/instances", headers={SECRET_HEADER: "node-key"})))
+        caller.start()
+        time.sleep(0.3)
+        assert not answers  # still waiting for the registration's answer
+        a.workers.set_key("node-key")
+        caller.join(10)
+        assert answers[0].status_code == 200
+        assert client.get("/v1/internal/instances", headers={SECRET_HEADER: SECRET}).status_code == 401
+    finally:
+        a.workers.close()
