@@ -102,14 +102,16 @@ def load_time(size_bytes: int, bandwidth_gbps: float) -> float:
 
 
 def best_tier(size_bytes: int, bandwidth_gbps: Mapping[str, float], holding: Collection[str]) -> tuple[str, float]:
-    """(tier, load seconds) of the fastest tier on a node that holds the checkpoint; the shared FS always does."""
-    best = (ORIGIN_TIER, load_time(size_bytes, bandwidth_gbps[ORIGIN_TIER]))
+    """(tier, load seconds) of what a node loads: its fastest cache tier holding the checkpoint in the tiers' order
+    (DRAM, then NVMe: the node agent's CacheManager.best_copy), else the shared FS, which always does. The time
+    counts that tier's measured bandwidth, even where the shared FS measured faster (a busy local disk): the agent
+    reads its own copy, which spares the shared FS everyone else reads, and the estimate says what will happen.
+    A held tier the node never measured counts at the shared FS's bandwidth."""
     for tier in TIERS:
-        if tier != ORIGIN_TIER and tier in holding and bandwidth_gbps.get(tier, 0) > 0:
-            seconds = load_time(size_bytes, bandwidth_gbps[tier])
-            if seconds < best[1] or (seconds == best[1] and TIERS.index(tier) < TIERS.index(best[0])):
-                best = (tier, seconds)
-    return best
+        if tier != ORIGIN_TIER and tier in holding:
+            gbps = bandwidth_gbps.get(tier) or bandwidth_gbps[ORIGIN_TIER]
+            return tier, load_time(size_bytes, gbps)
+    return ORIGIN_TIER, load_time(size_bytes, bandwidth_gbps[ORIGIN_TIER])
 
 
 def slice_holding(tier: str, rank: int) -> str:

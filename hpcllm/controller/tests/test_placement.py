@@ -34,10 +34,17 @@ def test_best_tier_holding_the_checkpoint_wins():
     assert best_tier(8 * GB, BW, set()) == ("sharedfs", pytest.approx(8.0))
 
 
-def test_measured_bandwidth_decides_not_the_tier_name():
-    # A node whose NVMe measured slower than its shared FS (a busy disk): 8/0.5 = 16 s vs 8/2 = 4 s.
+def test_the_estimate_is_the_copy_the_node_reads_at_its_measured_bandwidth():
+    # A node whose NVMe measured slower than its shared FS (a busy disk): the agent still reads its NVMe copy
+    # (CacheManager.best_copy), so the estimate is 8/0.5 = 16 s from NVMe, not 4 s from a shared FS it won't read.
     slow_disk = {"nvme": 0.5, "sharedfs": 2.0}
-    assert best_tier(8 * GB, slow_disk, {"nvme"}) == ("sharedfs", pytest.approx(4.0))
+    assert best_tier(8 * GB, slow_disk, {"nvme"}) == ("nvme", pytest.approx(16.0))
+    # and placement weighs that: a node without the copy but a fast shared FS wins over the busy disk
+    decision = place(8 * GB, 1, [node("busy", bw=slow_disk), node("free", bw={"nvme": 2.0, "sharedfs": 2.0})],
+                     {"busy": {"nvme"}})
+    assert (decision.chosen.node, decision.chosen.tier) == ("free", "sharedfs")
+    # a held tier the node never measured counts at its shared FS's bandwidth
+    assert best_tier(8 * GB, {"sharedfs": 2.0}, {"dram"}) == ("dram", pytest.approx(4.0))
 
 
 def test_locality_beats_a_free_node_loading_from_shared_fs():
