@@ -865,6 +865,7 @@ class Controller:
             if self.settings.keep_alive_policy == "per-model" else set()
         spanning = self._spanning_jobs()
         ready_on = self._ready_nodes_by_model(by_node, known_nodes)
+        claims = self._claims(model, known_nodes.values(), by_node, now)
         # Where an agent of ours runs or may soon: read once for every candidate and queue-wait estimate below.
         in_use = self.allocator.nodes_in_use()
         restart_waits: dict[str, float] = {}
@@ -876,6 +877,7 @@ class Controller:
                                               lambda victim: self._restart_seconds(victim, now, restart_waits,
                                                                                    in_use),
                                               ready_on)
+            free -= claims.get(node.node_id, 0)
             candidates.append(NodeCandidate(node.node_id, "running", 0.0, free, self._bandwidths(node), movable,
                                             "agent up"))
             targets[node.node_id] = Target("running", node=node)
@@ -937,6 +939,27 @@ class Controller:
             elif entry.tensor_parallel == model.tensor_parallel:
                 holding[entry.node_id].add(slice_holding(entry.tier, entry.rank))
         return holding
+
+    def _claims(self, model: DeployedModel, nodes, by_node: dict[str, list[InstanceRecord]], now: float
+                ) -> dict[str, int]:
+        """{node: slots kept} for the cold starts of other models: a node whose agent came up in an allocation made
+        for another deployed model that has no instance anywhere yet keeps that model's slots (of this model's kind,
+        GPU or CPU) for route_max_wait_seconds after the agent registered, the longest its waiting request waits.
+        Else whichever agent registers first takes the first cold start to route, and the other model's request asks
+        for one more allocation while its own comes up idle (the distinct-nodes e2e: 3 allocations for 2 models)."""
+        models = {m.name: m for m in self.registry.models()}
+        served = {inst.model for instances in by_node.values() for inst in instances}
+        live = [n for n in nodes if n.state in ROUTABLE_NODE_STATES]
+        claims: dict[str, int] = {}
+        for alloc in self.registry.allocations(active_only=True):
+            claimant = models.get(alloc.model)
+            if claimant is None or claimant.name == model.name or claimant.name in served \
+                    or bool(claimant.gpus) != bool(model.gpus):
+                continue
+            for node in allocation_agents(alloc, live):
+                if now - node.registered_at < self.settings.route_max_wait_seconds:
+                    claims[node.node_id] = claims.get(node.node_id, 0) + _slots(claimant)
+        return claims
 
     def _other_models_nodes(self, model: DeployedModel, nodes, by_node: dict[str, list[InstanceRecord]]) -> set[str]:
         """keep_alive_policy "per-model" (a per-user launcher per model): nodes that are another model's, because

@@ -208,3 +208,44 @@ def test_an_allocation_requeued_after_the_preferred_node_wait_is_replaced_on_ano
     report = h.tick()
     assert ("cancel_stuck_allocation", job) in report.kinds()
     assert named(h) == [("n1",), ("n2",)]
+
+
+def test_an_agent_up_for_one_models_cold_start_is_not_taken_by_another_whose_own_is_coming(make_harness):
+    """Both cold starts wait; b's agent registers first. a's route must not take b's node (b would then ask for a
+    third allocation while a's own comes up idle): a waits for its own allocation, b starts on its node."""
+    h = make_harness(cpu_slots_per_node=1)
+    h.deploy("a", gpus=0)
+    h.deploy("b", gpus=0)
+    job_a = h.controller.route("a").job_id
+    job_b = h.controller.route("b").job_id
+    h.backend.start(job_b, "n2", h.clock.now)
+    h.tick()
+    h.register("n2", gpus=0, job=job_b)
+    assert h.controller.route("a").status == "allocating"  # its own allocation, still coming
+    assert h.registry.instances() == []
+    b = h.controller.route("b")
+    assert [(i.model, i.node_id) for i in h.registry.instances()] == [("b", "n2")], b
+    h.backend.start(job_a, "n1", h.clock.now)
+    h.tick()
+    h.register("n1", gpus=0, job=job_a)
+    h.controller.route("a")
+    assert sorted((i.model, i.node_id) for i in h.registry.instances()) == [("a", "n1"), ("b", "n2")]
+    assert len(h.backend.submitted()) == 2
+
+
+def test_an_unclaimed_node_serves_any_model_once_the_claimants_wait_is_over(make_harness):
+    h = make_harness(cpu_slots_per_node=1)
+    h.deploy("a", gpus=0)
+    h.deploy("b", gpus=0)
+    job_b = h.controller.route("b").job_id
+    h.backend.start(job_b, "n2", h.clock.now)
+    h.tick()
+    h.register("n2", gpus=0, job=job_b)
+    assert h.controller.route("a").status == "allocating"  # n2 is kept for b's cold start: a asks for its own
+    h.clock.advance(h.config.controller.route_max_wait_seconds + 1)  # b's waiting request gave up long ago
+    h.heartbeat("n2")
+    [job_a] = [alloc.job_id for alloc in h.registry.allocations() if alloc.model == "a"]
+    h.backend.cancel(job_a)  # its allocation never came (here: cancelled); a's next request finds n2 free
+    h.tick()
+    answer = h.controller.route("a")
+    assert [(i.model, i.node_id) for i in h.registry.instances()] == [("a", "n2")], answer
