@@ -21,7 +21,6 @@ shared 2-core dev machine the numbers move with the other engineers' load: the l
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import socket
@@ -38,6 +37,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.serve import sse_chunks  # noqa: E402
 
 SECRET = "bench-gateway-stream-secret"
 MODEL = "fake-model"
@@ -188,19 +189,13 @@ def stream_one(http: httpx.Client, url: str, prompt: list[int], tokens: int) -> 
     body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "stream": True,
             "stream_options": {"include_usage": True}}
     text, events, usage, response_id = [], 0, None, None
-    with http.stream("POST", f"{url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{response.status_code}: {response.read()[:500]!r}")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            response_id = chunk["id"]
-            if chunk.get("choices") and chunk["choices"][0]["text"]:
-                text.append(chunk["choices"][0]["text"])
-                events += 1
-            if chunk.get("usage"):
-                usage = chunk["usage"]["completion_tokens"]
+    for chunk in sse_chunks(http, f"{url}/v1/completions", body):
+        response_id = chunk["id"]
+        if chunk.get("choices") and chunk["choices"][0]["text"]:
+            text.append(chunk["choices"][0]["text"])
+            events += 1
+        if chunk.get("usage"):
+            usage = chunk["usage"]["completion_tokens"]
     request_id = f"{response_id}-0-0"
     expected = "".join(token_text(request_id, i) for i in range(tokens))
     if usage != tokens or "".join(text) != expected:

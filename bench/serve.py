@@ -271,6 +271,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def sse_chunks(http: httpx.Client, url: str, body: dict):
+    """The JSON chunks of one streamed OpenAI completion (SSE `data:` lines, `[DONE]` left out), as they arrive."""
+    with http.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.read()[:500]!r}")
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
 def stream_completion(http: httpx.Client, base_url: str, prompt: Prompt) -> tuple[float, list[float], int]:
     """One streamed greedy completion: (send time, arrival times of chunks carrying text, usage completion tokens)."""
     body = {"model": MODEL, "prompt": prompt.token_ids, "max_tokens": prompt.max_tokens, "temperature": 0,
@@ -278,17 +288,11 @@ def stream_completion(http: httpx.Client, base_url: str, prompt: Prompt) -> tupl
     sent = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
-    with http.stream("POST", f"{base_url}/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{response.status_code}: {response.read()[:500]!r}")
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
-                arrivals.append(time.perf_counter())
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+    for chunk in sse_chunks(http, f"{base_url}/completions", body):
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            arrivals.append(time.perf_counter())
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
     if tokens != prompt.max_tokens or not arrivals:
         raise RuntimeError(f"got {tokens} tokens ({len(arrivals)} text chunks), asked for {prompt.max_tokens}")
     return sent, arrivals, tokens
