@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.serve import sse_chunks  # noqa: E402
+from hpcllm.worker.vllm_launch import wait_until_ready  # noqa: E402
 
 SECRET = "bench-gateway-stream-secret"
 MODEL = "fake-model"
@@ -117,20 +118,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, log: Path, what: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} was not ready after 120 s; log: {log}")
-
-
 def start_gateway(name: str, code: Path, worker_url: str, source: Path, threads: int, work: Path) -> Gateway:
     """`hpcllm gateway` from the tree at `code` (one gunicorn gthread process), the fake worker a static model."""
     work.mkdir(parents=True, exist_ok=True)
@@ -147,7 +134,7 @@ def start_gateway(name: str, code: Path, worker_url: str, source: Path, threads:
                                    env={**os.environ, "PYTHONPATH": str(code)}, cwd=code, stdout=out,
                                    stderr=subprocess.STDOUT)
     gateway = Gateway(name, process, f"http://127.0.0.1:{port}", log)
-    wait_ready(gateway.url + "/ready", process, log, f"the {name} gateway")
+    wait_until_ready(process, log, lambda: gateway.url, "/ready")
     return gateway
 
 
@@ -270,7 +257,7 @@ def main() -> int:
         gateways: list[Gateway] = []
         try:
             worker_url = f"http://127.0.0.1:{worker_port}"
-            wait_ready(worker_url + "/ready", worker, worker_log, "the fake worker")
+            wait_until_ready(worker, worker_log, lambda: worker_url, "/ready")
             threads = max_clients + 8
             gateways = [start_gateway("old", old_tree, worker_url, source, threads, work / "gw-old"),
                         start_gateway("new", REPO, worker_url, source, threads, work / "gw-new")]

@@ -102,7 +102,8 @@ def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name:
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT), "HPCLLM_SHARED_SECRET": secret}
     started = time.monotonic()
     process, log_path = _spawn(command, env, log_dir)
-    url = _wait(process, log_path, lambda: url_file.read_text().strip() if url_file.is_file() else None, "/ready")
+    url = wait_until_ready(process, log_path,
+                           lambda: url_file.read_text().strip() if url_file.is_file() else None, "/ready")
     return StartedServer(process, url, log_path, time.monotonic() - started)
 
 
@@ -133,7 +134,7 @@ def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT), KV_CACHE_ENV: f"{kv_cache_gb:g}"}
     started = time.monotonic()
     process, log_path = _spawn(command, env, log_dir)
-    url = _wait(process, log_path, lambda: f"http://127.0.0.1:{port}", "/health")
+    url = wait_until_ready(process, log_path, lambda: f"http://127.0.0.1:{port}", "/health")
     return StartedServer(process, url, log_path, time.monotonic() - started)
 
 
@@ -147,7 +148,9 @@ def _spawn(command: list[str], env: dict, log_dir: Path) -> tuple[subprocess.Pop
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=log_dir), log_path
 
 
-def _wait(process: subprocess.Popen, log_path: Path, url_of, ready_path: str) -> str:
+def wait_until_ready(process: subprocess.Popen, log_path: Path, url_of, ready_path: str) -> str:
+    """The server's URL once url_of() gives one whose ready_path answers 200; the log's end if the process exits
+    first; killed after START_TIMEOUT_S."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:

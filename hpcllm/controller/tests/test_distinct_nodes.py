@@ -22,6 +22,13 @@ def named(h) -> list[tuple[str, ...]]:
     return [spec.nodelist for spec in h.backend.submitted()]
 
 
+def agent_up(h, job: str, node: str) -> None:
+    """Slurm starts the allocation on `node`, the controller's poll sees it, and its agent registers."""
+    h.backend.start(job, node, h.clock.now)
+    h.tick()
+    h.register(node, gpus=0, job=job)
+
+
 def test_two_cpu_models_started_in_one_tick_get_two_distinct_nodes(make_harness):
     h = make_harness(cpu_slots_per_node=1)
     h.deploy("a", gpus=0, min_instances=1)
@@ -69,9 +76,7 @@ def test_a_requeued_allocation_keeps_its_node_taken(make_harness):
     h.deploy("a", gpus=0)
     h.deploy("b", gpus=0)
     job = h.controller.route("a").job_id
-    h.backend.start(job, "n1", h.clock.now)
-    h.tick()
-    h.register("n1", gpus=0, job=job)
+    agent_up(h, job, "n1")
     h.backend.jobs[job].state = JobState.PENDING  # requeued
     h.tick()
     alloc = h.registry.get_allocation(job)
@@ -200,9 +205,7 @@ def test_an_allocation_requeued_after_the_preferred_node_wait_is_replaced_on_ano
     h.deploy("a", gpus=0, min_instances=1, keep_alive_seconds=3600)
     h.tick()
     [job] = [a.job_id for a in h.registry.allocations()]
-    h.backend.start(job, "n1", h.clock.now)
-    h.tick()
-    h.register("n1", gpus=0, job=job)
+    agent_up(h, job, "n1")
     h.tick(300)
     h.backend.jobs[job].state = JobState.PENDING  # requeued
     report = h.tick()
@@ -218,16 +221,12 @@ def test_an_agent_up_for_one_models_cold_start_is_not_taken_by_another_whose_own
     h.deploy("b", gpus=0)
     job_a = h.controller.route("a").job_id
     job_b = h.controller.route("b").job_id
-    h.backend.start(job_b, "n2", h.clock.now)
-    h.tick()
-    h.register("n2", gpus=0, job=job_b)
+    agent_up(h, job_b, "n2")
     assert h.controller.route("a").status == "allocating"  # its own allocation, still coming
     assert h.registry.instances() == []
     b = h.controller.route("b")
     assert [(i.model, i.node_id) for i in h.registry.instances()] == [("b", "n2")], b
-    h.backend.start(job_a, "n1", h.clock.now)
-    h.tick()
-    h.register("n1", gpus=0, job=job_a)
+    agent_up(h, job_a, "n1")
     h.controller.route("a")
     assert sorted((i.model, i.node_id) for i in h.registry.instances()) == [("a", "n1"), ("b", "n2")]
     assert len(h.backend.submitted()) == 2
@@ -238,9 +237,7 @@ def test_an_unclaimed_node_serves_any_model_once_the_claimants_wait_is_over(make
     h.deploy("a", gpus=0)
     h.deploy("b", gpus=0)
     job_b = h.controller.route("b").job_id
-    h.backend.start(job_b, "n2", h.clock.now)
-    h.tick()
-    h.register("n2", gpus=0, job=job_b)
+    agent_up(h, job_b, "n2")
     assert h.controller.route("a").status == "allocating"  # n2 is kept for b's cold start: a asks for its own
     h.clock.advance(h.config.controller.route_max_wait_seconds + 1)  # b's waiting request gave up long ago
     h.heartbeat("n2")
