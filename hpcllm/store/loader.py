@@ -364,8 +364,8 @@ class _Load:
         host_only = devices == {"cpu"}
         self.staged = not host_only or staged
         in_memory = settings.reader == MMAP or (not self.staged and self._page_cache_holds_it())
-        # The probe found mapping + populating faster than reading into fresh memory: map the cold files and fault
-        # them in from the disk in `plan.threads` threads during the load (the page cache's pages become the weights).
+        # A mapped plan (the probe measured no O_DIRECT on this filesystem): map the cold files and fault them in
+        # from the disk in `plan.threads` threads during the load (the page cache's pages become the weights).
         self.populate_now = not self.staged and not in_memory and self.plan.mode == MMAP
         self.zero_copy = not self.staged and (in_memory or self.populate_now)
         self.reader_mode = MMAP if self.zero_copy else (BUFFERED if self.plan.mode == MMAP else self.plan.mode)

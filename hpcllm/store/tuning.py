@@ -385,10 +385,10 @@ ALLOWED_MODES = {
     ("sharedfs", False): (BUFFERED,),
 }
 # A host load into memory the pool holds faulted in reads into it: O_DIRECT, or buffered (page cache -> the pool)
-# where the probe measured that faster. Into fresh memory: mapped where the probe measured it, else O_DIRECT (a
+# where the probe measured that faster. Into fresh memory: O_DIRECT where the probe measured it, else mapped (a
 # buffered read into fresh memory pays the page faults O_DIRECT does, plus the page cache's copy).
 INTO_POOL = (ODIRECT, BUFFERED)
-INTO_FRESH_MEMORY = ((MMAP,), (ODIRECT,))
+INTO_FRESH_MEMORY = ((ODIRECT,), (MMAP,))
 
 
 def load_tuning(source) -> tuple["ReadTuning | None", str | None]:
@@ -414,9 +414,9 @@ def choose_read_plan(tuning: "ReadTuning | None", tier: str, reader: str, thread
     than direct requests, or where O_DIRECT is refused. Never mapped then: the mapped mode allocates the model's
     size in page cache during the load, which a 128 MiB probe does not show: measured here, mapped 2 GB loads took
     2.1-7.8 s across three bench runs where the probe promised ~1 s, O_DIRECT into the reserved pool 1.2-2.2 s
-    (docs/loader.md, "Where the cold load lost time"). Without a pre-faulted pool, O_DIRECT would fault fresh
-    memory (0.43 vs 1.2 GB/s into faulted memory here), so a host load maps the files when the probe measured
-    that mode."""
+    (docs/loader.md, "Where the cold load lost time"). Without a pre-faulted pool the same holds: O_DIRECT into
+    fresh memory (faulting it in as it goes) took 1.1-1.6 s where the probe's mapped plan took 3.2-4.1 s, in one
+    quiet bench run; so a host load maps the files only where the probe measured no O_DIRECT (it was refused)."""
     allowed = ALLOWED_MODES.get((tier, host_target))
     measured_modes = tuning.tiers[tier].best if tuning is not None and tier in tuning.tiers else {}
     if host_target and allowed:

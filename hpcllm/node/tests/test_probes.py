@@ -192,9 +192,10 @@ def test_the_agents_background_sweep_measures_each_tier_and_hands_the_result_to_
         saved = ReadTuning.load(env[TUNING_ENV])  # the path the workers were given before the file existed
         assert saved == tuning and json.loads(open(env[TUNING_ENV]).read())["tiers"]
         # a checkpoint in the NVMe folder is read with the probe's fastest settings of the mode its target takes:
-        # mapped into fresh memory, O_DIRECT into a worker's pre-faulted pool (where the disk takes O_DIRECT)
+        # O_DIRECT into fresh memory and into a worker's pre-faulted pool (mapped where the disk refuses O_DIRECT)
         disk = saved.tiers["disk"]
-        for prefaulted, mode in ((False, "mmap"), (True, "odirect" if "odirect" in disk.best else "mmap")):
+        direct = "odirect" if "odirect" in disk.best else "mmap"
+        for prefaulted, mode in ((False, direct), (True, direct)):
             plan = choose_read_plan(saved, "disk", "odirect", 2, 16 * MiB, host_target=True,
                                     checkpoint_device=os.stat(agent.nvme_dir).st_dev, prefaulted=prefaulted)
             fastest = disk.fastest((mode,))
