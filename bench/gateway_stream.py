@@ -1,13 +1,16 @@
-"""The gateway's CPU per streamed token: this tree's gateway against a baseline revision's, in the same run.
+"""The gateway's CPU per streamed token: this tree's gateway against a baseline revision's, or this tree's under
+two gunicorn worker classes, in the same run.
 
     PYTHONPATH=$PWD .venv/bin/python bench/gateway_stream.py [--clients 16 64] [--rounds 3] [--baseline REV]
-        [--tokens 128] [--requests-per-client 2] [--interval-ms 20] [--seed 0]
+        [--compare-worker-class OLD NEW] [--tokens 128] [--requests-per-client 2] [--interval-ms 20] [--seed 0]
 
 A fake worker (a real HTTP server speaking the worker's generate protocol: NDJSON token lines then a final line,
 HTTP chunked, served by cheroot as the worker is; lines that came due while its stream thread waited go out in
 one write, as the worker's do) feeds every stream a token every --interval-ms (0: as fast as it can). Two gateways
-run against it at once, both `hpcllm gateway` (gunicorn, one gthread process, as deployed): this tree's ("new")
-and the --baseline revision's ("old", exported with `git archive`; default: where this branch left main). C client
+run against it at once, both `hpcllm gateway` (gunicorn, one worker process): this tree's ("new") and the
+--baseline revision's ("old", exported with `git archive`; default: where this branch left main), each with its
+default worker class; or, with --compare-worker-class OLD NEW (gthread, gevent), both from this tree, "old" with
+gateway.worker_class = OLD and "new" with NEW. C client
 threads stream `/v1/completions` through one of them (prompt as seeded token ids, include_usage), the two taking
 turns level by level, --rounds times, so both see the same machine load. Per level: the gateway process's CPU
 seconds (user + system, /proc) divided by the output tokens its clients received, and new/old.
@@ -118,14 +121,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_gateway(name: str, code: Path, worker_url: str, source: Path, threads: int, work: Path) -> Gateway:
-    """`hpcllm gateway` from the tree at `code` (one gunicorn gthread process), the fake worker a static model."""
+def start_gateway(name: str, code: Path, worker_url: str, source: Path, threads: int, work: Path,
+                  worker_class: str | None = None) -> Gateway:
+    """`hpcllm gateway` from the tree at `code` (one gunicorn worker process; worker_class None: the tree's default),
+    the fake worker a static model."""
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = work / "gateway.toml"
+    worker_class_line = f'worker_class = "{worker_class}"\n' if worker_class else ""
     config.write_text(
         f'[paths]\nstate_dir = "{work / "state"}"\n[cluster]\ndev = true\nshared_secret = "{SECRET}"\n'
-        f'[gateway]\nhost = "127.0.0.1"\nport = {port}\nworkers = 1\nthreads = {threads}\n'
+        f'[gateway]\nhost = "127.0.0.1"\nport = {port}\nworkers = 1\nthreads = {threads}\n{worker_class_line}'
         f'[gateway.static_models.{MODEL}]\nworker_url = "{worker_url}"\nsource = "{source}"\n')
     config.chmod(0o600)
     log = work / "gateway.log"
@@ -139,7 +145,7 @@ def start_gateway(name: str, code: Path, worker_url: str, source: Path, threads:
 
 
 def gunicorn_worker_pid(gateway: Gateway) -> int:
-    """The gthread worker process (gunicorn's arbiter only supervises)."""
+    """The gunicorn worker process (gunicorn's arbiter only supervises)."""
     pid = gateway.process.pid
     children = [kid for task in Path(f"/proc/{pid}/task").iterdir() for kid in (task / "children").read_text().split()]
     if len(children) != 1:
@@ -234,8 +240,13 @@ def main() -> int:
                         help="the fake worker's time between a stream's tokens (0: as fast as it can)")
     parser.add_argument("--baseline", default=None, help="git revision of the old gateway (default: merge-base "
                         "of HEAD and main)")
+    parser.add_argument("--compare-worker-class", nargs=2, metavar=("OLD", "NEW"), default=None,
+                        choices=["gthread", "gevent"], help="instead of a baseline revision: this tree's gateway "
+                        "under two gateway.worker_class values, e.g. gthread gevent")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.compare_worker_class and args.baseline:
+        parser.error("--baseline and --compare-worker-class are two different comparisons: give one")
 
     from hpcllm.devmodels import make_model
 
@@ -244,9 +255,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gateway-stream-") as tmp:
         work = Path(tmp)
         source = make_model("llama", work / "model")  # the gateway reads the tokenizer (checks prompt token ids)
-        old_tree = work / "old"
-        old_tree.mkdir()
-        baseline = export_revision(args.baseline or default_baseline(), old_tree)
+        if args.compare_worker_class:
+            old_tree, (old_class, new_class) = REPO, args.compare_worker_class
+            baseline = f"this tree, worker_class {old_class}; new = worker_class {new_class}"
+        else:
+            old_tree, old_class, new_class = work / "old", None, None
+            old_tree.mkdir()
+            baseline = export_revision(args.baseline or default_baseline(), old_tree)
         worker_port = free_port()
         worker_log = work / "worker.log"
         with open(worker_log, "wb") as out:
@@ -259,8 +274,8 @@ def main() -> int:
             worker_url = f"http://127.0.0.1:{worker_port}"
             wait_until_ready(worker, worker_log, lambda: worker_url, "/ready")
             threads = max_clients + 8
-            gateways = [start_gateway("old", old_tree, worker_url, source, threads, work / "gw-old"),
-                        start_gateway("new", REPO, worker_url, source, threads, work / "gw-new")]
+            gateways = [start_gateway("old", old_tree, worker_url, source, threads, work / "gw-old", old_class),
+                        start_gateway("new", REPO, worker_url, source, threads, work / "gw-new", new_class)]
             for gateway in gateways:  # warm up: imports, tokenizer load, connection pools
                 run_level(gateway, 4, 1, 16, rng)
             results: dict[tuple[str, int], list[dict]] = {}
@@ -291,7 +306,8 @@ def main() -> int:
 
 
 def print_table(results: dict, args, baseline: str, loads: list[float]) -> None:
-    print(f"\ngateway CPU per output token, old = {baseline}, new = this tree; fake worker every "
+    new = "" if args.compare_worker_class else ", new = this tree"
+    print(f"\ngateway CPU per output token, old = {baseline}{new}; fake worker every "
           f"{args.interval_ms:g} ms, {args.tokens} tokens/request, {args.requests_per_client} requests/client, "
           f"{args.rounds} rounds; load average {min(loads):.1f}-{max(loads):.1f}")
     print("| clients | old ms/token (rounds) | new ms/token (rounds) | new/old of the medians (per round) "

@@ -205,10 +205,14 @@ class GatewayConfig(Section):
     drain_timeout_seconds: float = Field(30.0, ge=0)
     # Streams one API key may hold open at once (each holds a gateway thread); a key's max_concurrent_streams wins.
     max_streams_per_key: int = Field(16, ge=1)
-    # gunicorn: gthread workers, each thread holds one request (a stream holds its thread until it ends).
+    # gunicorn worker processes and their class: "gthread", each thread holds one request (a stream holds its thread
+    # until it ends); "gevent", one OS thread and a greenlet per connection (docs/gateway.md "Worker class").
     workers: int = Field(2, ge=1)
+    worker_class: Literal["gthread", "gevent"] = "gthread"
+    # Requests one process serves at once: gthread's threads; under gevent, gunicorn's worker_connections (a
+    # kept-alive idle connection counts too).
     threads: int = Field(32, ge=1)
-    # gunicorn worker heartbeat timeout (not a request timeout: gthread heartbeats from its main loop).
+    # gunicorn worker heartbeat timeout (not a request timeout: the heartbeat comes from the worker's main loop).
     worker_timeout_seconds: float = Field(60.0, gt=0)
     keepalive_seconds: float = Field(5.0, ge=0)
     # "controller": ask the controller's route API; "static": [gateway.static_models]; "auto": static when

@@ -15,14 +15,16 @@ from hpcllm.config import load_config, parse_config
 @click.option("--host", default=None, help="Address to bind. Default: gateway.host.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port to bind. Default: gateway.port.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="gunicorn worker processes.")
+@click.option("--worker-class", type=click.Choice(["gthread", "gevent"]), default=None,
+              help="gunicorn worker class. Default: gateway.worker_class (gthread).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Threads per worker (each holds one request or stream).")
+              help="Requests one worker serves at once (gthread: threads; gevent: connections).")
 def gateway(config_path: Path | None, host: str | None, port: int | None, workers: int | None,
-            threads: int | None) -> None:
+            worker_class: str | None, threads: int | None) -> None:
     """Serve /v1/completions, /v1/chat/completions, /v1/models, /health, /ready and /metrics."""
     config = load_config(config_path, private=True)
-    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "threads": threads}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "worker_class": worker_class,
+                                   "threads": threads}.items() if v is not None}
     if overrides:
         data = config.model_dump(mode="json")
         data["gateway"].update(overrides)
@@ -30,6 +32,7 @@ def gateway(config_path: Path | None, host: str | None, port: int | None, worker
     from hpcllm.gateway.server import run_gateway
 
     gw = config.gateway
-    click.echo(f"hpcllm gateway on http://{gw.host}:{gw.port} ({gw.workers} workers x {gw.threads} threads)",
-               err=True)
+    per_worker = "threads" if gw.worker_class == "gthread" else "connections"
+    click.echo(f"hpcllm gateway on http://{gw.host}:{gw.port} ({gw.workers} {gw.worker_class} workers x "
+               f"{gw.threads} {per_worker})", err=True)
     run_gateway(config)

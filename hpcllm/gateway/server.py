@@ -1,18 +1,23 @@
 """Running the gateway under gunicorn, configured from the hpcllm config (no gunicorn.conf.py to keep in sync).
 
 Settings and why:
-  gthread                each request holds one thread; a stream holds it until its last token. The worker's
-                         heartbeat comes from its main loop, not the request threads, so long streams and long
-                         cold-start waits never trip gunicorn's `timeout`.
-  workers x threads      concurrent requests per gateway = workers * threads (gateway.workers, gateway.threads).
+  worker class           gateway.worker_class: "gthread" (default) each request holds one OS thread; a stream holds
+                         it until its last token. "gevent": one OS thread per process, an event loop, a greenlet per
+                         connection (gunicorn monkey-patches the process right after fork, before the app loads).
+                         Either way the heartbeat comes from the worker's main loop, not the request threads, so
+                         long streams and long cold-start waits never trip gunicorn's `timeout`.
+  workers x threads      concurrent requests per gateway = workers * threads (gateway.workers, gateway.threads);
+                         under gevent gateway.threads is gunicorn's worker_connections (greenlets per process; a
+                         kept-alive idle connection holds one too).
   graceful_timeout       = gateway.drain_timeout_seconds. On SIGTERM to the master (shutdown) every worker sets
                          the app's draining flag and KEEPS ACCEPTING: new requests get a 503 with Retry-After
                          (instead of waiting unanswered in the listen backlog), running streams finish; a worker
                          stops once it has no running request, or just before the drain timeout. A worker that
                          gunicorn retires alone (TTOU, reload) stops accepting at once instead, since its siblings
                          still serve the shared socket.
-  worker_class           DrainingThreadWorker (gthread with the drain behaviour above), master GatewayArbiter
-                         (tells workers, through shared memory, that the whole gateway is stopping).
+  worker_class           DrainingThreadWorker / DrainingGeventWorker (gunicorn's worker with the drain behaviour
+                         above, DrainingMixin), master GatewayArbiter (tells workers, through shared memory, that
+                         the whole gateway is stopping).
   preload_app False      the app (HTTP pools, SQLite connections, metric files) is built after fork, per worker.
   PROMETHEUS_MULTIPROC_DIR  a fresh per-master directory, set before prometheus_client is imported anywhere, so
                          /metrics sums every worker; child_exit drops a dead worker's live gauges.
@@ -33,8 +38,10 @@ import threading
 import time
 from pathlib import Path
 
+import gevent
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
 
 from hpcllm.config import Config, check_service_credentials, private_state_dir
@@ -66,13 +73,20 @@ def prepare_metrics_dir(config: Config) -> Path:
 
 
 
+WORKER_CLASSES = {
+    "gthread": "hpcllm.gateway.server.DrainingThreadWorker",
+    "gevent": "hpcllm.gateway.server.DrainingGeventWorker",
+}
+
+
 def gunicorn_settings(config: Config) -> dict:
     gw = config.gateway
+    concurrency = {"threads": gw.threads} if gw.worker_class == "gthread" else {"worker_connections": gw.threads}
     return {
         "bind": [f"{gw.host}:{gw.port}"],
         "workers": gw.workers,
-        "worker_class": "hpcllm.gateway.server.DrainingThreadWorker",
-        "threads": gw.threads,
+        "worker_class": WORKER_CLASSES[gw.worker_class],
+        **concurrency,
         # gunicorn takes whole seconds; round up so a drain never gets less time than configured.
         "timeout": math.ceil(gw.worker_timeout_seconds),
         "graceful_timeout": math.ceil(gw.drain_timeout_seconds),
@@ -103,8 +117,9 @@ class GatewayArbiter(Arbiter):
         super().stop(graceful)
 
 
-class DrainingThreadWorker(ThreadWorker):
-    """gthread worker that answers 503 while the gateway drains, then stops when its requests are done."""
+class DrainingMixin:
+    """The drain behaviour of a gateway worker, mixed in before a gunicorn worker class: on SIGTERM answer 503 while
+    the gateway drains, then stop (gunicorn's graceful stop, super().handle_exit) when no request is running."""
 
     _drain_thread: threading.Thread | None = None
 
@@ -115,7 +130,7 @@ class DrainingThreadWorker(ThreadWorker):
         gateway.start_draining()
         if not _GATEWAY_STOPPING.value:
             return super().handle_exit(sig, frame)
-        if self._drain_thread is None:
+        if self._drain_thread is None:  # under gevent threading is monkey-patched: this is a greenlet
             self._drain_thread = threading.Thread(target=self._stop_when_idle, args=(gateway, sig),
                                                   name="hpcllm-drain", daemon=True)
             self._drain_thread.start()
@@ -135,7 +150,20 @@ class DrainingThreadWorker(ThreadWorker):
             log.warning("drain timeout: %d requests still running after %.0f s; ending them with an error",
                         gateway.in_flight, time.monotonic() - started)
             gateway.stop_generations(grace_s=ABORT_GRACE_S)
-        ThreadWorker.handle_exit(self, sig, None)  # gunicorn's graceful stop: flag + wake the main loop
+        super().handle_exit(sig, None)  # the gunicorn worker's graceful stop: stop accepting, end the main loop
+
+
+class DrainingThreadWorker(DrainingMixin, ThreadWorker):
+    """gthread worker that answers 503 while the gateway drains, then stops when its requests are done."""
+
+
+class DrainingGeventWorker(DrainingMixin, GeventWorker):
+    """gevent worker (one OS thread, a greenlet per connection) with the same drain behaviour. The signal handler
+    only spawns the drain work: a handler may run on the event loop's own greenlet, where anything that waits (a
+    lock, starting a thread) cannot switch away (gunicorn's GeventWorker defers SIGQUIT the same way)."""
+
+    def handle_exit(self, sig, frame) -> None:
+        gevent.spawn(DrainingMixin.handle_exit, self, sig, frame)
 
 
 def _child_exit(server, worker) -> None:

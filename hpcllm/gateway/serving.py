@@ -387,12 +387,21 @@ class ClientConnection:
         if self._sock is None or now - self._checked_at < self.CHECK_INTERVAL_S:
             return False
         self._checked_at = now
+        timeout = self._sock.gettimeout()
         try:
+            # A zero timeout, not only MSG_DONTWAIT: a gevent socket (gunicorn's gevent worker) would take the
+            # EAGAIN as "wait until readable" and hold the request until the client sent something.
+            self._sock.settimeout(0.0)
             return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""  # b"": the peer closed
         except (BlockingIOError, InterruptedError, ValueError):  # nothing to read (still there), or a TLS socket
             return False
         except OSError:  # reset by the peer
             return True
+        finally:
+            try:
+                self._sock.settimeout(timeout)
+            except OSError:  # closed meanwhile
+                pass
 
 
 def collect(generation: Generation) -> list[ChoiceResult]:

@@ -55,3 +55,11 @@ max_model_len = 2048
     err = capsys.readouterr().err
     assert "gateway.static_models.tiny-llama: max_model_len = 2048 is more than the model's context length of 512" \
         in err and "Traceback" not in err
+
+
+def test_unknown_worker_class_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n[gateway]\nworker_class = "eventlet"\n')
+    assert main(["gateway", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "gateway.worker_class" in err and "'gthread' or 'gevent'" in err and "Traceback" not in err

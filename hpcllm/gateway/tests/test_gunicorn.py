@@ -1,7 +1,9 @@
-"""`hpcllm gateway` for real: gunicorn with two gthread workers in a subprocess, in front of the real worker."""
+"""`hpcllm gateway` for real: gunicorn with two workers in a subprocess, in front of the real worker; each worker
+class (gthread, gevent)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,7 +29,8 @@ def free_port() -> int:
 DRAIN_S = 10
 
 
-def write_config(path: Path, state_dir: Path, port: int, worker_url: str, source: Path, stuck_url: str) -> Path:
+def write_config(path: Path, state_dir: Path, port: int, worker_url: str, source: Path, stuck_url: str,
+                 worker_class: str, slow_url: str) -> Path:
     path.write_text(f"""
 [paths]
 state_dir = "{state_dir}"
@@ -39,6 +42,7 @@ shared_secret = "{SECRET}"
 host = "127.0.0.1"
 port = {port}
 workers = 2
+worker_class = "{worker_class}"
 threads = 4
 drain_timeout_seconds = {DRAIN_S}
 
@@ -54,6 +58,11 @@ source = "{source}"
 [gateway.static_models.stuck]
 worker_url = "{stuck_url}"
 source = "{source}"
+
+# A worker that streams a token every 0.1 s: a generation that runs for seconds.
+[gateway.static_models.slow]
+worker_url = "{slow_url}"
+source = "{source}"
 """)
     path.chmod(0o600)  # holds the secret: the gateway refuses it otherwise
     return path
@@ -67,11 +76,23 @@ def blackhole_url():
         yield f"http://127.0.0.1:{hole.getsockname()[1]}"
 
 
-@pytest.fixture
-def gunicorn_gateway(tmp_path, worker_url, tiny_model_dir, blackhole_url):
+@pytest.fixture(scope="module")
+def slow_url():
+    from .conftest import ThreadServer
+    from .test_frontdoor import slow_worker_app
+
+    server = ThreadServer(slow_worker_app(seconds_per_token=0.1))
+    yield server.url
+    server.stop()
+
+
+@contextlib.contextmanager
+def running_gateway(tmp_path: Path, worker_url: str, source: Path, stuck_url: str, slow_url: str,
+                    worker_class: str):
+    """`hpcllm gateway` in a subprocess until it answers /health; SIGTERM (then kill) when the block ends."""
     port = free_port()
-    config = write_config(tmp_path / "gateway.toml", tmp_path / "state", port, worker_url, tiny_model_dir,
-                          blackhole_url)
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "state", port, worker_url, source, stuck_url,
+                          worker_class, slow_url)
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     log = open(tmp_path / "gateway.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "hpcllm.cli.main", "gateway", "--config", str(config)],
@@ -89,14 +110,22 @@ def gunicorn_gateway(tmp_path, worker_url, tiny_model_dir, blackhole_url):
     else:
         proc.kill()
         raise AssertionError(f"gateway did not come up: {(tmp_path / 'gateway.log').read_text()}")
-    yield proc, url, tmp_path
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    log.close()
+    try:
+        yield proc, url, tmp_path
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+@pytest.fixture(params=["gthread", "gevent"])
+def gunicorn_gateway(request, tmp_path, worker_url, tiny_model_dir, blackhole_url, slow_url):
+    with running_gateway(tmp_path, worker_url, tiny_model_dir, blackhole_url, slow_url, request.param) as running:
+        yield running
 
 
 def test_gunicorn_serves_aggregates_metrics_and_drains_on_sigterm(gunicorn_gateway):
@@ -176,3 +205,57 @@ def test_gunicorn_serves_aggregates_metrics_and_drains_on_sigterm(gunicorn_gatew
     assert proc.wait(30) == 0
     assert not list((tmp_path / "state" / "gateway" / "prometheus").glob("master-*")), \
         "the metrics directory of a stopped gateway was left behind"
+
+
+def abort_count(url: str, model: str) -> float:
+    line = f'hpcllm_request_success_total{{finished_reason="abort",model_name="{model}"}} '
+    found = [ln for ln in httpx.get(f"{url}/metrics", timeout=10).text.splitlines() if ln.startswith(line)]
+    return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+
+def wait_for_abort_count(url: str, model: str, count: float, within_s: float) -> None:
+    deadline = time.monotonic() + within_s
+    while abort_count(url, model) < count:
+        assert time.monotonic() < deadline, f"the generation was not cancelled within {within_s} s"
+        time.sleep(0.2)
+
+
+def test_gevent_gateway_serves_long_generations_side_by_side_and_cancels_those_whose_client_left(
+        tmp_path, worker_url, tiny_model_dir, blackhole_url, slow_url):
+    """Under gevent every request is a greenlet of one thread: a request that waits (on the worker, on its client)
+    must let the others run, and the checks for a client that left must not wait for the client."""
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    with running_gateway(tmp_path, worker_url, tiny_model_dir, blackhole_url, slow_url, "gevent") as (_, url, _):
+        # Non-streaming requests of ~1.5 s each, more at once than processes: each outlives the 0.5 s client-gone
+        # check (a check that waited for the client to send something would hold it forever), and they overlap.
+        results = []
+
+        def complete() -> None:
+            r = httpx.post(f"{url}/v1/completions", json={"model": "slow", "prompt": "hi", "max_tokens": 15},
+                           headers=headers, timeout=30)
+            results.append((r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text))
+
+        started = time.monotonic()
+        requests = [threading.Thread(target=complete) for _ in range(6)]
+        for thread in requests:
+            thread.start()
+        for thread in requests:
+            thread.join(60)
+        assert results == [(200, "x" * 15)] * 6
+        assert time.monotonic() - started < 6 * 1.5  # side by side, not one after the other per process
+
+        # A streaming client that leaves: its generation is cancelled long before its 20 s are up.
+        before = abort_count(url, "slow")
+        body = {"model": "slow", "prompt": "hi", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=30) as stream:
+            assert next(line for line in stream.iter_lines() if line).startswith("data: {")
+        wait_for_abort_count(url, "slow", before + 1, within_s=10)
+
+        # A non-streaming client that leaves mid-generation: noticed by the client-gone check, cancelled too.
+        payload = json.dumps({"model": "slow", "prompt": "hi", "max_tokens": 200}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Authorization: Bearer " + USER_KEY.encode() + b"\r\n"
+                           b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+            time.sleep(1.5)
+        wait_for_abort_count(url, "slow", before + 2, within_s=10)
