@@ -916,9 +916,10 @@ class Controller:
             largest = max(n.gpus for n in known)
             offered = (f"the largest node registered has {largest} GPUs "
                        f"({', '.join(sorted(n.node_id for n in known if n.gpus == largest))})")
-            fix = (f"deploy it with fewer gpus, spread its ranks over nodes (tensor_parallel with nodes = K: an "
-                   f"allocation of its own, which needs Slurm allocations), or register a node agent on a node with "
-                   f"{needs} GPUs")
+            fix = (f"deploy it with fewer gpus, start a node agent on a node with {needs} GPUs, or let the "
+                   f"controller submit allocations (a [slurm] backend, controller.allocate_on_demand on, "
+                   f"max_allocations >= 1: each asks one node for the model's GPUs; or spread its ranks over nodes "
+                   f"with tensor_parallel and nodes = K, an allocation of its own)")
         else:
             slots = self.settings.cpu_slots_per_node
             if slots >= needs:
