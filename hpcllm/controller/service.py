@@ -876,18 +876,17 @@ class Controller:
         The one rule telling "no capacity possible" (answered at once: NoCapacityPossible) from "no capacity now"
         (waited out like a job queued in Slurm). Conservative: what may change by itself while a request waits -
         busy or draining nodes, max_allocations in use, a submission not settled, an allocation on its way, an agent
-        that may still register - keeps it temporary. Permanent only when, with allocations that can never be
-        submitted meaning no Slurm backend, allocate_on_demand off or max_allocations = 0 (Allocator.
-        why_never_submit), and no model pool of this model that may serve it (a pool node of it known, or a pool
-        token for it not revoked: its agent starts the instance itself):
-        - an instance spanning nodes (it runs in an allocation of its own only): allocations can never be submitted,
-          no allocation of this model is active and none (of any model) is on its way;
-        - an instance on one node: it needs more slots (its GPUs; CPU: one slot per rank) than any node can offer:
-          a new allocation's node (slurm.gpus_per_node, at least the model's GPUs; controller.cpu_slots_per_node)
-          unless allocations can never be submitted, and every node the controller knows (up, draining or lost; not
-          another model's pool) even when empty. A CPU node offers controller.cpu_slots_per_node whichever node it
-          is; a GPU node's size only its agent tells, so for a GPU model at least one node must be known and no
-          allocation (of any model) may be on its way."""
+        that may still register - keeps it temporary. "Allocations never": no Slurm backend, allocate_on_demand off
+        or max_allocations = 0 (Allocator.why_never_submit). Permanent only where no model pool of the model may
+        serve it (a pool node of it known, or a pool token for it not revoked: a pool's agent starts its instance
+        itself), and:
+        - an instance spanning nodes (it runs in an allocation of its own only): allocations never, no allocation of
+          this model active, none of any model on its way;
+        - an instance on one node: it needs more slots (its GPUs; CPU: one per rank) than any node can offer even
+          when empty: a new allocation's node (at least the model's GPUs; controller.cpu_slots_per_node) unless
+          allocations never, and every node the controller knows (up, draining or lost; not another model's pool).
+          Every node offers controller.cpu_slots_per_node CPU slots; a GPU node's size only its agent tells, so for
+          a GPU model at least one node must be known and no allocation (of any model) be on its way."""
         never_allocate = self.allocator.why_never_submit()
         if model.spans_nodes:
             if never_allocate is None or self._allocations_on_their_way() or any(
@@ -914,8 +913,9 @@ class Controller:
             if not known or self._allocations_on_their_way() or max(n.gpus for n in known) >= needs:
                 return None  # a node of a size nobody knows yet may register, or one can host it once free
             largest = max(n.gpus for n in known)
-            offered = (f"the largest node registered has {largest} GPUs "
-                       f"({', '.join(sorted(n.node_id for n in known if n.gpus == largest))})")
+            biggest = sorted(n.node_id for n in known if n.gpus == largest)
+            more = f", {len(biggest) - 3} more" if len(biggest) > 3 else ""
+            offered = f"the largest node registered has {largest} GPUs ({', '.join(biggest[:3])}{more})"
             fix = (f"deploy it with fewer gpus, start a node agent on a node with {needs} GPUs, or let the "
                    f"controller submit allocations (a [slurm] backend, controller.allocate_on_demand on, "
                    f"max_allocations >= 1: each asks one node for the model's GPUs; or spread its ranks over nodes "
