@@ -131,12 +131,23 @@ class Allocator:
 
     # ----------------------------------------------------------------------------------------- questions
 
-    def why_not_submit(self, model: DeployedModel) -> str | None:
-        """None when a new allocation may be submitted for this model, else the reason it may not."""
+    def why_never_submit(self) -> str | None:
+        """None when allocations may be submitted at all, else why none ever is: the configuration, which nothing
+        while a request waits can change (Controller.why_never_capacity builds on it)."""
         if self.backend is None:
             return "no Slurm backend is configured"
         if not self.settings.allocate_on_demand:
             return "controller.allocate_on_demand is off"
+        if self.settings.max_allocations == 0:
+            return "controller.max_allocations = 0"
+        return None
+
+    def why_not_submit(self, model: DeployedModel) -> str | None:
+        """None when a new allocation may be submitted for this model now, else the reason it may not: never
+        (why_never_submit) or not now (max_allocations in use, an earlier submission not settled: both pass)."""
+        never = self.why_never_submit()
+        if never is not None:
+            return never
         active = len(self.registry.allocations(active_only=True))
         if active >= self.settings.max_allocations:
             return f"{active} allocations active, controller.max_allocations = {self.settings.max_allocations}"

@@ -76,6 +76,14 @@ class NoCapacity(ControllerError):
         super().__init__(message, retry_after=retry_after)
 
 
+class NoCapacityPossible(NoCapacity):
+    """No capacity can ever come for the model as deployed and configured (Controller.why_never_capacity: e.g. it
+    needs more GPUs or CPU slots on one node than any node offers and no allocation can be submitted). Answered at
+    once, never waited on, without Retry-After: asking again cannot help; the message says what to change."""
+
+    code = "no_capacity_possible"
+
+
 class AllocationRefused(NoCapacity):
     """The allocation the model needs was refused by Slurm or got no answer: answered at once, never waited on
     (each try would sbatch again)."""

@@ -7,7 +7,9 @@ Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`, or `X-Hpc
 agents' calls: register, heartbeat, models, migration-target; docs/security.md):
     POST /v1/internal/nodes/register             NodeRegistration -> RegisterResponse
     POST /v1/internal/nodes/<node_id>/heartbeat  Heartbeat -> HeartbeatResponse (404 unknown_node: register again)
-    GET  /v1/internal/route?model=NAME&wait=S&group=G  200 RouteReady | 202 RouteWaiting | 404 | 503 (+ Retry-After)
+    GET  /v1/internal/route?model=NAME&wait=S&group=G  200 RouteReady | 202 RouteWaiting | 404 | 503 no_capacity or
+                                                 allocation_failed (+ Retry-After) | 503 no_capacity_possible (never
+                                                 any capacity: no Retry-After; codes: hpcllm.controller.errors)
     GET  /v1/internal/models                     ModelList (deployed models, for the gateway's /v1/models)
     POST /v1/internal/migration-target           MigrationTargetRequest -> 200 MigrationTarget | 202 RouteWaiting
                                                  (+ Retry-After) | 404 no_migration_target

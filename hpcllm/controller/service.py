@@ -27,6 +27,7 @@ from hpcllm.controller.errors import (
     InvalidModelConfig,
     JobNotLocated,
     NoCapacity,
+    NoCapacityPossible,
     NodeTaken,
     AllocationFailed,
     AllocationRefused,
@@ -197,6 +198,7 @@ class Controller:
         else:
             nodes = -(-spec.tensor_parallel // self.settings.cpu_slots_per_node)
         if nodes == 1:
+            self._check_cpu_slots(spec)
             return 1
         what = (f"{spec.gpus} GPUs (slurm.gpus_per_node = {self.config.slurm.gpus_per_node})" if spec.gpus
                 else f"{spec.tensor_parallel} CPU ranks (controller.cpu_slots_per_node = "
@@ -210,6 +212,18 @@ class Controller:
             raise InvalidModelConfig(f"nodes: an instance over {nodes} nodes runs on hpcllm's engine only, not "
                                      f"engine = {spec.engine!r}", param="nodes")
         return nodes
+
+    def _check_cpu_slots(self, spec: ModelSpec) -> None:
+        """A CPU instance on one node holds one CPU slot per rank: more ranks than a node's slots never start
+        (placement would answer no capacity forever; the route-time rule is why_never_capacity)."""
+        slots = self.settings.cpu_slots_per_node
+        if spec.gpus or spec.tensor_parallel <= slots:
+            return
+        raise InvalidModelConfig(
+            f"nodes: an instance of {spec.tensor_parallel} CPU ranks on one node needs {spec.tensor_parallel} CPU "
+            f"slots, but a node offers {slots} (controller.cpu_slots_per_node): set nodes to a divisor of "
+            f"tensor_parallel leaving at most {slots} ranks per node (or leave nodes unset), or raise "
+            f"controller.cpu_slots_per_node", param="nodes")
 
     @staticmethod
     def _max_model_len(spec: ModelSpec) -> int:
@@ -468,13 +482,14 @@ class Controller:
     def route(self, name: str, wait_seconds: float = 0.0, group: str | None = None) -> RouteReady | RouteWaiting:
         """A ready instance of the model, or the cold start / allocation it waits for (long-polls up to wait).
         No capacity now (NoCapacity) is waited out too, like a job queued in Slurm: until capacity frees up or the
-        wait is over (then the NoCapacity). A refused allocation (AllocationRefused) is answered at once.
+        wait is over (then the NoCapacity). A refused allocation (AllocationRefused) and capacity that can never
+        come (NoCapacityPossible, why_never_capacity) are answered at once.
         group: the API key's group; a group's own pool only serves that group."""
         deadline = time.monotonic() + min(max(wait_seconds, 0.0), self.settings.route_max_wait_seconds)
         while True:
             try:
                 outcome = self.route_once(name, group)
-            except AllocationRefused:
+            except (AllocationRefused, NoCapacityPossible):
                 raise
             except NoCapacity:
                 if deadline - time.monotonic() <= 0:
@@ -541,6 +556,9 @@ class Controller:
             decision = place(model.size_bytes, _slots(model), candidates, holding, model.rank_bytes,
                              self.settings.placement_policy, self._placement_rng)
             if decision.chosen is None:
+                never = self.why_never_capacity(model)
+                if never is not None:  # no demand noted: nothing could ever serve it
+                    raise NoCapacityPossible(never)
                 self.registry.note_demand(model.name, now)
                 raise NoCapacity(self._no_capacity_reason(model, candidates),
                                  retry_after=self.settings.allocation_start_estimate_seconds)
@@ -628,6 +646,9 @@ class Controller:
                 placement = self._spanning_breakdown(model, jobs[node.slurm_job_id], node, holding)
                 return node, gpu_ids, self.registry.reserve_instance(model.name, node.node_id, gpu_ids, now,
                                                                      placement.model_dump(), model.tensor_parallel)
+        never = self.why_never_capacity(model)
+        if never is not None:
+            raise NoCapacityPossible(never)
         self.registry.note_demand(model.name, now)  # so the instance starts as soon as its allocation is up
         pending = self.pending_allocations(model.name)
         if pending:
@@ -846,6 +867,85 @@ class Controller:
             f"an allocation offers {self._slots_per_new_node(model)} slots (slurm.gpus_per_node)"
         return (f"no capacity for model {model.name!r} ({_slots(model)} {'gpus' if model.gpus else 'cpu slots'}): "
                 f"{running} node(s) up, none with room; no allocation possible: {why}")
+
+    # ------------------------------------------------------------------------ no capacity now, or never
+
+    def why_never_capacity(self, model: DeployedModel) -> str | None:
+        """Why no instance of the model can ever start as deployed and configured (what to change), else None.
+
+        The one rule telling "no capacity possible" (answered at once: NoCapacityPossible) from "no capacity now"
+        (waited out like a job queued in Slurm). Conservative: what may change by itself while a request waits -
+        busy or draining nodes, max_allocations in use, a submission not settled, an allocation on its way, an agent
+        that may still register - keeps it temporary. "Allocations never": no Slurm backend, allocate_on_demand off
+        or max_allocations = 0 (Allocator.why_never_submit). Permanent only where no model pool of the model may
+        serve it (a pool node of it known, or a pool token for it not revoked: a pool's agent starts its instance
+        itself), and:
+        - an instance spanning nodes (it runs in an allocation of its own only): allocations never, no allocation of
+          this model active, none of any model on its way;
+        - an instance on one node: it needs more slots (its GPUs; CPU: one per rank) than any node can offer even
+          when empty: a new allocation's node (at least the model's GPUs; controller.cpu_slots_per_node) unless
+          allocations never, and every node the controller knows (up, draining or lost; not another model's pool).
+          Every node offers controller.cpu_slots_per_node CPU slots; a GPU node's size only its agent tells, so for
+          a GPU model at least one node must be known and no allocation (of any model) be on its way."""
+        never_allocate = self.allocator.why_never_submit()
+        if model.spans_nodes:
+            if never_allocate is None or self._allocations_on_their_way() or any(
+                    a.model == model.name for a in self.registry.allocations(active_only=True)):
+                return None
+            why = self._never_spanning(model, never_allocate)
+        else:
+            why = self._never_on_one_node(model, never_allocate)
+        return None if why is None or self._pool_may_serve(model) else why
+
+    def _never_spanning(self, model: DeployedModel, never_allocate: str) -> str:
+        return (f"model {model.name!r} can never start here: an instance ({model.tensor_parallel} ranks over "
+                f"{model.nodes} nodes, an allocation of its own) runs only in a Slurm allocation made for it, and "
+                f"none can be submitted: {never_allocate}. Configure a Slurm backend with "
+                f"controller.allocate_on_demand on (and max_allocations >= 1), or deploy it on one node (nodes = 1, "
+                f"on nodes with {_slots(model)} {'GPUs' if model.gpus else 'CPU slots'})")
+
+    def _never_on_one_node(self, model: DeployedModel, never_allocate: str | None) -> str | None:
+        needs = _slots(model)
+        if never_allocate is None and self._slots_per_new_node(model) >= needs:
+            return None
+        if model.gpus:
+            known = [n for n in self.registry.nodes(states=("up", "draining", "lost")) if not n.is_pool]
+            if not known or self._allocations_on_their_way() or max(n.gpus for n in known) >= needs:
+                return None  # a node of a size nobody knows yet may register, or one can host it once free
+            largest = max(n.gpus for n in known)
+            biggest = sorted(n.node_id for n in known if n.gpus == largest)
+            more = f", {len(biggest) - 3} more" if len(biggest) > 3 else ""
+            offered = f"the largest node registered has {largest} GPUs ({', '.join(biggest[:3])}{more})"
+            fix = (f"deploy it with fewer gpus, start a node agent on a node with {needs} GPUs, or let the "
+                   f"controller submit allocations (a [slurm] backend, controller.allocate_on_demand on, "
+                   f"max_allocations >= 1: each asks one node for the model's GPUs; or spread its ranks over nodes "
+                   f"with tensor_parallel and nodes = K, an allocation of its own)")
+        else:
+            slots = self.settings.cpu_slots_per_node
+            if slots >= needs:
+                return None
+            offered = f"a node offers {slots} (controller.cpu_slots_per_node)"
+            needs_slurm = ", which needs Slurm allocations" if never_allocate else ""
+            fix = (f"raise controller.cpu_slots_per_node to {needs}, or deploy it with nodes = K (tensor_parallel / K "
+                   f"ranks per node, an allocation of its own{needs_slurm})")
+        what = f"{needs} GPUs" if model.gpus else f"{needs} CPU slots (one per rank: tensor_parallel = {needs})"
+        no_allocation = f"; no allocation can be submitted: {never_allocate}" if never_allocate else ""
+        return (f"model {model.name!r} can never start here: an instance needs {what} on one node; {offered}"
+                f"{no_allocation}. Fix: {fix}")
+
+    def _allocations_on_their_way(self) -> bool:
+        """An allocation (of any model) whose agent has not registered yet, or a submission not settled: a node may
+        still come."""
+        live = self.registry.nodes(states=("up", "draining"))
+        return bool(self.registry.allocation_intents()) or any(
+            a.state == "pending" or (a.state == "running" and not allocation_agents(a, live))
+            for a in self.registry.allocations(active_only=True))
+
+    def _pool_may_serve(self, model: DeployedModel) -> bool:
+        """A model pool of this model may serve it: one of its nodes is known (not gone), or a pool token for it is
+        not revoked (a user's pool job may still start)."""
+        return any(n.pool_model == model.name for n in self.registry.nodes(states=("up", "draining", "lost"))) or \
+            any(c.model == model.name and not c.revoked for c in self.registry.credentials(kind="pool"))
 
     # ------------------------------------------------------------------------------------ placement inputs
 

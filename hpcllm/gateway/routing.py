@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
 from hpcllm.config import InternalHttpConfig
 from hpcllm.controller import protocol as controller_wire
-from hpcllm.controller.errors import NoCapacity
+from hpcllm.controller.errors import NoCapacity, NoCapacityPossible
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.errors import ModelNotFound, ServiceUnavailable
 from hpcllm.gateway.known_routes import KnownInstance, KnownRoutes
@@ -149,6 +149,8 @@ class ControllerUnreachable(ServiceUnavailable):
 CONTROLLER_TROUBLE = frozenset({500, 502, 504})
 # The controller's 503 code for "no room now" (hpcllm.controller.errors.NoCapacity): worth waiting for.
 NO_CAPACITY = NoCapacity.code
+# Its 503 code for "no capacity can ever come" (NoCapacityPossible: the model as deployed fits no node): no waiting.
+NO_CAPACITY_POSSIBLE = NoCapacityPossible.code
 
 
 class ControllerRouter(Router):
@@ -287,6 +289,10 @@ class ControllerRouter(Router):
                 time.sleep(min(remaining, waiting.retry_after or 1.0, 1.0))
                 continue
             error, message = error_of(resp)
+            if resp.status_code == 503 and error.get("code") == NO_CAPACITY_POSSIBLE:
+                # Certain at the first call: the client learns at once what to change, and no Retry-After (asking
+                # again cannot help).
+                raise ServiceUnavailable(message, code=NO_CAPACITY_POSSIBLE)
             if resp.status_code == 503 and error.get("code") == NO_CAPACITY:
                 # Like a job queued in Slurm: the request waits (the controller long-polled `wait` for capacity
                 # already) until capacity frees up or its budget is over.

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hpcllm.controller.errors import AllocationRefused, NoCapacity
+from hpcllm.controller.errors import AllocationRefused, NoCapacity, NoCapacityPossible
 
 
 def route_in_thread(h, model: str, wait_seconds: float) -> dict:
@@ -80,3 +80,126 @@ def test_a_refused_allocation_is_answered_at_once(make_harness):
     assert time.monotonic() - started < 2
     assert raised.value.code == "allocation_failed"
     assert sum(1 for call, _ in h.backend.calls if call == "submit") == 1
+
+
+# ------------------------------------------------------------------ no capacity possible: answered at once
+
+def test_a_model_no_node_can_ever_hold_is_answered_at_once_with_what_to_change(make_harness):
+    """4 GPUs per instance, the only node has 2, and no allocation may be made: certain at the first call, so the
+    route answers at once (not after its wait), without Retry-After, saying why and what to change."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("big", gpus=4)
+    h.register("n1", gpus=2)
+    started = time.monotonic()
+    with pytest.raises(NoCapacityPossible) as raised:
+        h.controller.route("big", wait_seconds=10)
+    assert time.monotonic() - started < 1.0  # before: the whole wait, then the same NoCapacity
+    message = str(raised.value)
+    assert "needs 4 GPUs on one node" in message and "largest node registered has 2 GPUs (n1)" in message, message
+    assert "allocate_on_demand is off" in message and "Fix:" in message, message
+    assert raised.value.retry_after is None
+    assert h.registry.demand() == {}  # nothing will ever start it: no demand left for the autoscaler
+
+    resp = h.app_client().get("/v1/internal/route?model=big&wait=10", headers={"X-Hpcllm-Secret": "test-secret"})
+    assert resp.status_code == 503 and "Retry-After" not in resp.headers
+    assert resp.get_json()["error"]["code"] == "no_capacity_possible"
+    assert resp.get_json()["error"]["message"] == message
+
+
+def test_cpu_ranks_beyond_a_node_s_slots_are_answered_at_once_even_with_allocations(tmp_path, tiny_llama_dir):
+    """Deployed with 2 CPU slots per node, the controller restarted with 1: a new allocation's node offers 1 slot
+    for 2 ranks on one node, so neither a node nor an allocation can ever hold it; no sbatch is tried."""
+    from hpcllm.controller.protocol import ModelSpec
+    from hpcllm.controller.tests.conftest import Harness
+
+    before = Harness(tmp_path, cpu_slots_per_node=2)
+    model, _ = before.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000,
+                                                  tensor_parallel=2))
+    assert model.nodes == 1
+    before.registry.close()
+    h = Harness(tmp_path, cpu_slots_per_node=1)
+    try:
+        h.register("n1", gpus=0)
+        started = time.monotonic()
+        with pytest.raises(NoCapacityPossible, match=r"needs 2 CPU slots .* a node offers 1 "
+                                                     r"\(controller.cpu_slots_per_node\)") as raised:
+            h.controller.route("tp", wait_seconds=10)
+        assert time.monotonic() - started < 1.0
+        assert "raise controller.cpu_slots_per_node to 2" in str(raised.value)
+        assert h.backend.submitted() == [] and h.agents.started == []
+    finally:
+        h.registry.close()
+
+
+def test_a_spanning_model_without_allocations_is_answered_at_once(make_harness, tiny_llama_dir):
+    from hpcllm.controller.protocol import ModelSpec
+
+    h = make_harness(cpu_slots_per_node=1, max_allocations=0)
+    h.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000, tensor_parallel=2))
+    h.register("n1", gpus=0)
+    h.register("n2", gpus=0)
+    started = time.monotonic()
+    with pytest.raises(NoCapacityPossible, match=r"\(2 ranks over 2 nodes, an allocation of its own\) runs only in "
+                                                 r"a Slurm allocation .*controller.max_allocations = 0"):
+        h.controller.route("tp", wait_seconds=10)
+    assert time.monotonic() - started < 1.0
+
+
+def test_deploy_refuses_more_cpu_ranks_on_one_node_than_it_has_slots(make_harness, tiny_llama_dir):
+    from hpcllm.controller.errors import InvalidModelConfig
+    from hpcllm.controller.protocol import ModelSpec
+
+    h = make_harness(cpu_slots_per_node=1)
+    with pytest.raises(InvalidModelConfig, match=r"2 CPU ranks on one node needs 2 CPU slots, but a node offers 1 "
+                                                 r"\(controller.cpu_slots_per_node\)") as raised:
+        h.controller.deploy(ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000, tensor_parallel=2,
+                                      nodes=1))
+    assert raised.value.param == "nodes"
+    assert h.registry.models() == []
+
+
+def _no_node_yet(h):
+    pass  # an agent may still register (started by hand, a freed node)
+
+
+def _a_lost_node_big_enough(h):
+    h.register("n2", gpus=2)
+    h.register("n1", gpus=4)
+    h.registry.node_left("n1", "lost")  # its agent may come back
+
+
+def _a_pool_token_for_the_model(h):
+    from hpcllm.controller.protocol import PoolTokenRequest
+
+    h.register("n2", gpus=2)
+    h.controller.issue_pool_token(PoolTokenRequest(model="big", group="physics"))  # its pool job may still start
+
+
+def _an_allocation_on_its_way(h):
+    h.register("n2", gpus=2)
+    # A submission not settled yet (left by a crash, before allocate_on_demand was turned off): its node, of a size
+    # nobody knows yet, may register.
+    h.registry.add_allocation_intent("hpcllm-alloc-left", "other", [], "debug", 3600, h.clock.now)
+
+
+def _a_big_node_busy(h):
+    h.deploy("other", gpus=4)
+    h.register("n1", gpus=4)
+    assert h.controller.route("other").status == "starting"  # loading on n1: full until it is released
+
+
+@pytest.mark.parametrize("situation", [_no_node_yet, _a_lost_node_big_enough, _a_pool_token_for_the_model,
+                                       _an_allocation_on_its_way, _a_big_node_busy],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_no_capacity_that_may_still_come_is_waited_out(make_harness, situation):
+    """Without allocations, a 4-GPU model fits none of the nodes up (if any); but a node may still come or free up:
+    the route waits its whole wait, then answers the temporary NoCapacity, as before."""
+    h = make_harness(allocate_on_demand=False)
+    h.deploy("big", gpus=4)
+    situation(h)
+    started = time.monotonic()
+    with pytest.raises(NoCapacity) as raised:
+        h.controller.route("big", wait_seconds=1.2)
+    assert time.monotonic() - started >= 1.2
+    assert not isinstance(raised.value, NoCapacityPossible), raised.value
+    assert raised.value.code == "no_capacity" and raised.value.retry_after

@@ -404,3 +404,43 @@ def test_no_capacity_within_the_budget_is_a_clear_503_with_retry_after(make_gate
     assert error["code"] == "no_capacity"
     assert "after waiting 2.5 s" in error["message"] and "no Slurm backend" in error["message"], error
     assert resp.headers["Retry-After"] == "7"
+
+
+# --------------------------------------------------------------------------------- no capacity possible
+
+
+@pytest.fixture
+def unfit_cluster(tmp_path, agents, tiny_model_dir):
+    """A model of 4 GPUs per instance, one node agent up with 2, and no allocation the controller may submit: no
+    capacity can ever come for it."""
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
+        "cluster": {"shared_secret": SECRET},
+        "controller": {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
+                       "allocate_on_demand": False},
+    })
+    registry = Registry(config.controller.database_url)
+    controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
+    agents.controller = controller
+    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=4))
+    controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=2,
+                                         tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
+    server = ThreadServer(create_controller_app(controller))
+    yield server
+    server.stop()
+    registry.close()
+
+
+def test_no_capacity_possible_is_a_503_at_once_not_after_the_route_timeout(make_gateway, unfit_cluster, agents):
+    gw = make_gateway(static_models={}, controller_url=unfit_cluster.url, route_poll_seconds=5,
+                      route_timeout_seconds=60)
+    started = time.monotonic()
+    resp = gw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert time.monotonic() - started < 1.0  # before: 60 s of waiting for the same answer
+    assert resp.status_code == 503, resp.text
+    assert "Retry-After" not in resp.headers  # asking again cannot help
+    error = resp.json()["error"]
+    assert error["code"] == "no_capacity_possible" and error["type"] == "service_unavailable", error
+    assert "needs 4 GPUs on one node" in error["message"] and "largest node registered has 2 GPUs" in error["message"]
+    assert "no Slurm backend is configured" in error["message"] and "Fix:" in error["message"], error
+    assert agents.started == []
