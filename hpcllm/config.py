@@ -149,6 +149,13 @@ class ControllerConfig(Section):
     # An instance placed less than this long ago is not evicted to make room for another model: two models
     # alternating on one full node would otherwise reload each other. The other model waits (or goes elsewhere).
     min_residency_seconds: float = Field(30.0, ge=0)
+    # What a start costs beyond reading bytes (docs/placement.md "Start cost"), added to every placement estimate:
+    # learned as the median overhead of the last cold starts on running nodes ((ready - requested) - the worker's
+    # load time), per model, else per kind; these defaults until a kind has a record: one worker process
+    # (start_cost_seconds), a tensor-parallel instance's srun + MPI start + every rank's imports
+    # (tensor_parallel_start_cost_seconds).
+    start_cost_seconds: float = Field(5.0, ge=0)
+    tensor_parallel_start_cost_seconds: float = Field(10.0, ge=0)
     # Shared-FS read bandwidth (GB/s) assumed for nodes that never registered a measurement.
     default_sharedfs_gbps: float = Field(1.0, gt=0)
     # Seconds a node list from Slurm (sinfo) is reused.

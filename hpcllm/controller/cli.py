@@ -270,7 +270,8 @@ def _wait_cell(seconds: float | None, source: str | None) -> str:
 
 
 def _estimate_cell(placement) -> str:
-    """The placement estimate: tier and total, and the queue wait with its source when there was one."""
+    """The placement estimate: tier and total, the queue wait with its source when there was one, and the start's
+    fixed cost (process start, srun/MPI) the total includes."""
     if placement is None:
         return "-"
     cell = f"{placement.tier} {placement.total_seconds:.2f} s"
@@ -278,6 +279,8 @@ def _estimate_cell(placement) -> str:
         cell += f" (slowest rank {placement.slowest_rank})"
     if placement.queue_wait_seconds:
         cell += f", queue {_wait_cell(placement.queue_wait_seconds, placement.queue_wait_source)}"
+    if placement.start_seconds:
+        cell += f", start {placement.start_seconds:.1f} s"
     return cell
 
 

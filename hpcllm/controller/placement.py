@@ -8,6 +8,11 @@ For every candidate node (see docs/placement.md):
                                               (DRAM, node NVMe; the shared FS always holds it: it is the origin)
             + migration                       when slots must be freed: the cheapest set of other instances to move,
                                               each costing tokens_in_flight / prefill rate or a configured cost
+            + start                           what a start costs beyond reading bytes (worker process start; for a
+                                              tensor-parallel model srun, MPI start and every rank's imports): the
+                                              median measured overhead of this controller's recent cold starts of
+                                              the model (else its kind), the configured default before any
+                                              (StartCosts); one number per decision, the same for every candidate
 
 The smallest estimate wins; ties go to the node whose name sorts first. Every decision carries its breakdown.
 
@@ -30,6 +35,7 @@ import itertools
 import math
 import random
 import re
+import statistics
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -76,6 +82,7 @@ class Estimate:
     migrate: tuple[str, ...] = ()
     queue_wait_source: str = ""
     slowest_rank: int | None = None  # a tensor-parallel model: the rank whose load decides load_seconds
+    start_seconds: float = 0.0  # the start's fixed cost (StartCosts), in total_seconds
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class Decision:
                                   queue_wait_seconds=c.queue_wait_seconds, load_seconds=c.load_seconds,
                                   migration_seconds=c.migration_seconds, tier=c.tier, bandwidth_gbps=c.bandwidth_gbps,
                                   migrate=list(c.migrate), considered=self.considered,
-                                  queue_wait_source=c.queue_wait_source or None, slowest_rank=c.slowest_rank)
+                                  queue_wait_source=c.queue_wait_source or None, slowest_rank=c.slowest_rank,
+                                  start_seconds=c.start_seconds)
 
 
 # --------------------------------------------------------------------------------------- the specification
@@ -167,37 +175,39 @@ def cheapest_migration(movable: Sequence[MovableInstance], slots_to_free: int) -
 
 
 def estimate(candidate: NodeCandidate, size_bytes: int, slots: int, holding: Collection[str],
-             rank_bytes: Sequence[int] | None = None) -> Estimate | None:
+             rank_bytes: Sequence[int] | None = None, start_seconds: float = 0.0) -> Estimate | None:
     """Startup estimate of one node with its breakdown; None when the node cannot host the instance at all.
-    `rank_bytes`: a tensor-parallel model's bytes per rank (the slowest rank's load counts)."""
+    `rank_bytes`: a tensor-parallel model's bytes per rank (the slowest rank's load counts); `start_seconds`: the
+    start's fixed cost (StartCosts.seconds)."""
     migration = cheapest_migration(candidate.movable, slots - candidate.free_slots)
     if migration is None:
         return None
     migration_seconds, migrate = migration
     tier, load_seconds, rank = node_load(size_bytes, rank_bytes, candidate.bandwidth_gbps, holding)
-    total = candidate.queue_wait_seconds + load_seconds + migration_seconds
+    total = candidate.queue_wait_seconds + load_seconds + migration_seconds + start_seconds
     return Estimate(candidate.node, candidate.kind, total, candidate.queue_wait_seconds, load_seconds,
                     migration_seconds, tier, candidate.bandwidth_gbps[tier], migrate, candidate.queue_wait_source,
-                    rank)
+                    rank, start_seconds)
 
 
 def place(size_bytes: int, slots: int, candidates: Sequence[NodeCandidate],
           holding: Mapping[str, Collection[str]], rank_bytes: Sequence[int] | None = None, policy: str = "hpcllm",
-          rng: random.Random | None = None) -> Decision:
+          rng: random.Random | None = None, start_seconds: float = 0.0) -> Decision:
     """Place one instance of one model: `holding` maps node -> tiers holding its checkpoint (and slice_holding
     items for its ranks' slice copies); `rank_bytes` for a tensor-parallel model. `policy` is hpcllm's or one of
-    the baselines the benches compare it with (POLICIES); `rng` drives "random"."""
+    the baselines the benches compare it with (POLICIES); `rng` drives "random". `start_seconds`: the start's fixed
+    cost, added to every candidate (StartCosts.seconds)."""
     if policy == "no-locality":
         holding = {}  # every node is estimated (and ranked) as loading from the shared FS
     elif policy == "serverlessllm":
         candidates = serverlessllm_candidates(candidates, slots)
     elif policy == "random":
-        return place_randomly(size_bytes, slots, candidates, holding, rng or random.Random(0))
+        return place_randomly(size_bytes, slots, candidates, holding, rng or random.Random(0), start_seconds)
     elif policy != "hpcllm":
         raise ValueError(f"unknown placement policy {policy!r} (one of {', '.join(POLICIES)})")
     view = ClusterView(candidates, {"model": size_bytes}, {"model": holding},
                        {"model": rank_bytes} if rank_bytes else {})
-    return view.decide("model", slots)
+    return view.decide("model", slots, start_seconds)
 
 
 def serverlessllm_candidates(candidates: Sequence[NodeCandidate], slots: int) -> list[NodeCandidate]:
@@ -213,11 +223,12 @@ def serverlessllm_candidates(candidates: Sequence[NodeCandidate], slots: int) ->
 
 
 def place_randomly(size_bytes: int, slots: int, candidates: Sequence[NodeCandidate],
-                   holding: Mapping[str, Collection[str]], rng: random.Random) -> Decision:
+                   holding: Mapping[str, Collection[str]], rng: random.Random, start_seconds: float = 0.0
+                   ) -> Decision:
     """Any node that can host the instance now (free slots, no wait), drawn uniformly; when there is none, any
     candidate that can host it at all (moving instances, a pending or new allocation)."""
     feasible = [e for c in candidates if c.kind != "residency"
-                and (e := estimate(c, size_bytes, slots, holding.get(c.node, ()))) is not None]
+                and (e := estimate(c, size_bytes, slots, holding.get(c.node, ()), None, start_seconds)) is not None]
     now = [e for e in feasible if e.kind == "running" and not e.migrate]
     pool = sorted(now or feasible, key=lambda e: e.node)  # sorted: the same seed draws the same node
     return Decision(rng.choice(pool) if pool else None, len(candidates))
@@ -286,15 +297,16 @@ def spanning_rank_loads(candidate: NodeSetCandidate, size_bytes: int, degree: in
 
 
 def spanning_estimate(candidate: NodeSetCandidate, size_bytes: int, degree: int, rank_bytes: Sequence[int] | None,
-                      holding: Mapping[str, Collection[str]]) -> Estimate:
+                      holding: Mapping[str, Collection[str]], start_seconds: float = 0.0) -> Estimate:
     """Startup estimate of a spanning instance on a node set: the queue wait of an allocation of the whole shape
-    plus the load of its slowest rank (ties: the lowest rank), each rank reading from its own node."""
+    plus the load of its slowest rank (ties: the lowest rank), each rank reading from its own node, plus the start's
+    fixed cost."""
     loads = spanning_rank_loads(candidate, size_bytes, degree, rank_bytes, holding)
     rank = max(range(degree), key=lambda r: (loads[r][1], -r))
     tier, seconds, bandwidth = loads[rank]
-    return Estimate(candidate.name, candidate.kind, candidate.queue_wait_seconds + seconds,
+    return Estimate(candidate.name, candidate.kind, candidate.queue_wait_seconds + seconds + start_seconds,
                     candidate.queue_wait_seconds, seconds, 0.0, tier, bandwidth, (), candidate.queue_wait_source,
-                    rank)
+                    rank, start_seconds)
 
 
 def node_sets_to_ask(idle: Collection[str], holding: Mapping[str, Collection[str]], nodes: int, degree: int,
@@ -322,11 +334,12 @@ def node_sets_to_ask(idle: Collection[str], holding: Mapping[str, Collection[str
 
 
 def place_spanning(size_bytes: int, degree: int, rank_bytes: Sequence[int] | None,
-                   candidates: Sequence[NodeSetCandidate], holding: Mapping[str, Collection[str]]) -> Decision:
+                   candidates: Sequence[NodeSetCandidate], holding: Mapping[str, Collection[str]],
+                   start_seconds: float = 0.0) -> Decision:
     """The node set where a spanning instance could serve soonest. Ties go to the name that sorts first: ANY_NODES
     ("*") before node names, so a named set wins only when strictly better (its nodes hold slices, or measured a
     faster shared FS)."""
-    estimates = [spanning_estimate(c, size_bytes, degree, rank_bytes, holding) for c in candidates]
+    estimates = [spanning_estimate(c, size_bytes, degree, rank_bytes, holding, start_seconds) for c in candidates]
     best = min(estimates, key=lambda e: (e.total_seconds, e.node), default=None)
     return Decision(best, len(candidates))
 
@@ -388,15 +401,74 @@ class ClusterView:
                                            self.nodes[n].bandwidth_gbps, tiers)[1]
         return load
 
-    def decide(self, model: str, slots: int) -> Decision:
+    def decide(self, model: str, slots: int, start_seconds: float = 0.0) -> Decision:
+        """The node starting `model` soonest; `start_seconds` (the start's fixed cost) is in every total."""
         if not self.nodes or slots > self.max_slots:
             return Decision(None, len(self.nodes))
         m = self.model_index[model]
-        total = self.queue_wait + self.load_seconds[m] + self.migration_cost[:, slots]
+        total = self.queue_wait + self.load_seconds[m] + self.migration_cost[:, slots] + start_seconds
         n = int(np.argmin(total))
         if math.isinf(total[n]):
             return Decision(None, len(self.nodes))
         node = self.nodes[n]
         holding = self.residency.get(model, {}).get(node.node, ())
-        return Decision(estimate(node, self.model_sizes[model], slots, holding, self.rank_bytes.get(model)),
-                        len(self.nodes))
+        return Decision(estimate(node, self.model_sizes[model], slots, holding, self.rank_bytes.get(model),
+                                 start_seconds), len(self.nodes))
+
+
+# ------------------------------------------------------------------------------- the start's fixed cost, learned
+
+START_COST_WINDOW = 20  # the last cold starts whose median is the learned cost
+START_COST_MIN_MODEL_STARTS = 3  # a model's own median needs this many of its starts; else its kind's
+
+
+def start_kind(tensor_parallel: int) -> str:
+    """What a start's fixed cost depends on most: one worker process, or srun + MPI + every rank's imports."""
+    return "tensor-parallel" if tensor_parallel > 1 else "one-rank"
+
+
+@dataclass(frozen=True)
+class StartOverhead:
+    """One measured cold start on a running node: (ready - requested) - the worker's own load time."""
+
+    model: str
+    tensor_parallel: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StartCosts:
+    """What a start costs beyond reading bytes: per model and per kind (start_kind), learned from cold starts."""
+
+    by_model: Mapping[tuple[str, int], float]
+    by_kind: Mapping[str, float]
+    defaults: Mapping[str, float]  # start_kind -> configured seconds before any record of that kind
+
+    def seconds(self, model: str, tensor_parallel: int) -> float:
+        """The model's own median when it has START_COST_MIN_MODEL_STARTS starts of this degree, else its kind's,
+        else the configured default."""
+        kind = start_kind(tensor_parallel)
+        found = self.by_model.get((model, tensor_parallel))
+        if found is None:
+            found = self.by_kind.get(kind)
+        return self.defaults[kind] if found is None else found
+
+
+def learn_start_costs(overheads: Sequence[StartOverhead], defaults: Mapping[str, float],
+                      window: int = START_COST_WINDOW) -> StartCosts:
+    """The median of the last `window` overheads (newest first in `overheads`) of each model (and degree) and of each
+    kind; a negative median (clocks, a worker counting its start in its load) counts as 0."""
+    per_model: dict[tuple[str, int], list[float]] = {}
+    per_kind: dict[str, list[float]] = {}
+    for o in overheads:
+        model_starts = per_model.setdefault((o.model, o.tensor_parallel), [])
+        if len(model_starts) < window:
+            model_starts.append(o.seconds)
+        kind_starts = per_kind.setdefault(start_kind(o.tensor_parallel), [])
+        if len(kind_starts) < window:
+            kind_starts.append(o.seconds)
+    return StartCosts(
+        {key: max(0.0, statistics.median(v)) for key, v in per_model.items()
+         if len(v) >= START_COST_MIN_MODEL_STARTS},
+        {kind: max(0.0, statistics.median(v)) for kind, v in per_kind.items()},
+        dict(defaults))

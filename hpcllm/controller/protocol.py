@@ -292,6 +292,9 @@ class PlacementBreakdown(Wire):
     queue_wait_source: str | None = None
     # A tensor-parallel model: the rank whose load takes longest (load_seconds, tier and bandwidth are its).
     slowest_rank: int | None = None
+    # What the start costs beyond reading bytes (worker process start; srun, MPI and every rank's imports for a
+    # tensor-parallel model), learned from recent cold starts (docs/placement.md "Start cost"); in total_seconds.
+    start_seconds: float = 0.0
 
 
 class NodeStatus(Wire):
@@ -360,6 +363,12 @@ class ColdStart(Wire):
     requested_at: float
     ready_at: float | None
     estimate_seconds: float | None
+    # The placement's candidate kind ("running": the agent was up) and estimated queue wait and migration, and the
+    # model's ranks: what the learned start cost needs (hpcllm.controller.placement.StartCosts). None: not recorded.
+    placement_kind: str | None = None
+    queue_wait_seconds: float | None = None
+    migration_seconds: float | None = None
+    tensor_parallel: int = 1
 
 
 class MigrationEvent(Wire):

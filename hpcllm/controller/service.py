@@ -39,12 +39,16 @@ from hpcllm.controller.placement import (
     MovableInstance,
     NodeCandidate,
     NodeSetCandidate,
+    StartCosts,
+    StartOverhead,
+    learn_start_costs,
     load_time,
     node_sets_to_ask,
     place,
     place_spanning,
     slice_holding,
     slurm_order,
+    start_kind,
 )
 from hpcllm.controller.protocol import (
     AllocationStatus,
@@ -102,6 +106,7 @@ log = logging.getLogger(__name__)
 ROUTABLE_NODE_STATES = ("up",)
 RECENT_FAILURES = 20  # instance failures `hpcllm status` lists
 ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm picks
+START_COSTS_TTL_SECONDS = 30.0  # learned start costs are re-read from the registry at most this often
 
 
 class NoMigrationTarget(ControllerError):
@@ -134,6 +139,9 @@ class Controller:
         self._placement_lock = threading.Lock()
         # Draws of the "random" placement baseline (controller.placement_policy): seeded, so a bench run repeats.
         self._placement_rng = random.Random(0)
+        # The learned start costs and when they were read (_start_seconds): one registry read per
+        # START_COSTS_TTL_SECONDS, or after a cold start finished here, not one per placement.
+        self._start_costs: tuple[float, StartCosts] | None = None
         # Woken on every registration / heartbeat so long-polling route calls re-check at once.
         self._changed = threading.Condition()
         # Called with each finished cold start (ColdStartRecord), e.g. to update metrics.
@@ -442,6 +450,8 @@ class Controller:
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         outcome = self.registry.heartbeat(node_id, hb, self.clock())
+        if outcome.became_ready:
+            self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:
             self.registry.clear_demand(cold.model)
             for listener in self.cold_start_listeners:
@@ -554,7 +564,7 @@ class Controller:
                 return waiting
             candidates, holding, targets = self._candidates(model, now, exclude_nodes)
             decision = place(model.size_bytes, _slots(model), candidates, holding, model.rank_bytes,
-                             self.settings.placement_policy, self._placement_rng)
+                             self.settings.placement_policy, self._placement_rng, self._start_seconds(model, now))
             if decision.chosen is None:
                 never = self.why_never_capacity(model)
                 if never is not None:  # no demand noted: nothing could ever serve it
@@ -675,7 +685,7 @@ class Controller:
                                      tuple(self._bandwidths(known.get(n)) for n in nodes),
                                      f"allocation {alloc.job_id} of {model.nodes} nodes")
         return place_spanning(model.size_bytes, model.tensor_parallel, model.rank_bytes, [candidate],
-                              holding).breakdown()
+                              holding, self._start_seconds(model, self.clock())).breakdown()
 
     def _spanning_decision(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str],
                            holding: dict[str, set[str]]):
@@ -694,7 +704,21 @@ class Controller:
             wait = self.allocator.new_allocation_wait(model, list(nodes), now)
             candidates.append(NodeSetCandidate(",".join(nodes), nodes, "idle", wait.seconds,
                                                tuple(bandwidths[n] for n in nodes), wait.source))
-        return place_spanning(model.size_bytes, model.tensor_parallel, model.rank_bytes, candidates, holding)
+        return place_spanning(model.size_bytes, model.tensor_parallel, model.rank_bytes, candidates, holding,
+                              self._start_seconds(model, now))
+
+    def _start_seconds(self, model: DeployedModel, now: float) -> float:
+        """What starting `model` costs beyond reading its bytes (docs/placement.md "Start cost"): learned from this
+        controller's recent cold starts on running nodes, read from the registry at most every
+        START_COSTS_TTL_SECONDS (and after each finished cold start)."""
+        cached = self._start_costs
+        if cached is None or now - cached[0] >= START_COSTS_TTL_SECONDS or now < cached[0]:
+            overheads = [StartOverhead(c.model, c.tensor_parallel, c.start_overhead_seconds)
+                         for c in self.registry.running_node_cold_starts()]
+            defaults = {start_kind(1): self.settings.start_cost_seconds,
+                        start_kind(2): self.settings.tensor_parallel_start_cost_seconds}
+            cached = self._start_costs = (now, learn_start_costs(overheads, defaults))
+        return cached[1].seconds(model.name, model.tensor_parallel)
 
     def _spanning_jobs(self) -> dict[str, str]:
         """{Slurm job id: model} of the active allocations made for an instance spanning nodes (their agent's node

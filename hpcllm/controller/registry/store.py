@@ -36,7 +36,7 @@ from hpcllm.controller.registry.databases import open_database, sqlite_path_from
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -133,7 +133,11 @@ CREATE TABLE IF NOT EXISTS cold_starts (
     load_seconds REAL,
     requested_at REAL NOT NULL,
     ready_at REAL,
-    estimate_seconds REAL
+    estimate_seconds REAL,
+    placement_kind TEXT,
+    queue_wait_seconds REAL,
+    migration_seconds REAL,
+    tensor_parallel INTEGER
 );
 CREATE TABLE IF NOT EXISTS migrations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -181,6 +185,12 @@ _MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
     # exclusively. The credentials table itself is new, so _SCHEMA's CREATE TABLE IF NOT EXISTS adds it.
     4: [("nodes", "credential_id", "ALTER TABLE nodes ADD COLUMN credential_id TEXT"),
         ("nodes", "serves_group", "ALTER TABLE nodes ADD COLUMN serves_group TEXT")],
+    # The learned start cost (docs/placement.md "Start cost"): what placement estimated of each cold start, and its
+    # ranks. Older rows keep NULL: they never count as a start on a running node.
+    5: [("cold_starts", "placement_kind", "ALTER TABLE cold_starts ADD COLUMN placement_kind TEXT"),
+        ("cold_starts", "queue_wait_seconds", "ALTER TABLE cold_starts ADD COLUMN queue_wait_seconds REAL"),
+        ("cold_starts", "migration_seconds", "ALTER TABLE cold_starts ADD COLUMN migration_seconds REAL"),
+        ("cold_starts", "tensor_parallel", "ALTER TABLE cold_starts ADD COLUMN tensor_parallel INTEGER")],
 }
 
 
@@ -333,6 +343,19 @@ class ColdStartRecord:
     requested_at: float
     ready_at: float | None
     estimate_seconds: float | None
+    placement_kind: str | None = None  # the placement's candidate kind ("running": its agent was up, no queue)
+    queue_wait_seconds: float | None = None  # what the placement estimated
+    migration_seconds: float | None = None
+    tensor_parallel: int = 1
+
+    @property
+    def start_overhead_seconds(self) -> float | None:
+        """What the start cost beyond the worker's own load: process start, srun/MPI, registration lag. Only for a
+        start on a running node that moved nothing (otherwise a queue wait or migration is in it), else None."""
+        if self.placement_kind != "running" or self.migration_seconds or self.ready_at is None \
+                or self.load_seconds is None:
+            return None
+        return (self.ready_at - self.requested_at) - self.load_seconds
 
 
 @dataclass(frozen=True)
@@ -789,6 +812,16 @@ class Registry:
             rows = db.execute("SELECT * FROM cold_starts ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_cold_start(r) for r in rows]
 
+    def running_node_cold_starts(self, limit: int = 500) -> list[ColdStartRecord]:
+        """The latest cold starts on running nodes that moved nothing (newest first): the learned start cost's
+        input (ColdStartRecord.start_overhead_seconds)."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT * FROM cold_starts WHERE placement_kind = 'running' AND COALESCE(migration_seconds, 0) = 0"
+                " AND ready_at IS NOT NULL AND load_seconds IS NOT NULL ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_cold_start(r) for r in rows]
+
     def record_migration(self, record: MigrationRecord) -> None:
         with self._tx() as db:
             db.execute(
@@ -893,14 +926,18 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
 def _record_cold_start(db, node_id: str, info: InstanceInfo, previous: InstanceRecord | None,
                        now: float) -> ColdStartRecord:
     requested_at = previous.requested_at if previous else (info.started_at or now)
-    estimate = (previous.placement or {}).get("total_seconds") if previous else None
+    placement = (previous.placement if previous else None) or {}
     record = ColdStartRecord(info.model, node_id, info.instance_id, info.load_tier, info.load_seconds,
-                             requested_at, now, estimate)
+                             requested_at, now, placement.get("total_seconds"), placement.get("kind"),
+                             placement.get("queue_wait_seconds"), placement.get("migration_seconds"),
+                             max(info.tensor_parallel, previous.tensor_parallel if previous else 1))
     db.execute(
         "INSERT INTO cold_starts (model, node_id, instance_id, tier, load_seconds, requested_at, ready_at,"
-        " estimate_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " estimate_seconds, placement_kind, queue_wait_seconds, migration_seconds, tensor_parallel)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (record.model, record.node_id, record.instance_id, record.tier, record.load_seconds, record.requested_at,
-         record.ready_at, record.estimate_seconds),
+         record.ready_at, record.estimate_seconds, record.placement_kind, record.queue_wait_seconds,
+         record.migration_seconds, record.tensor_parallel),
     )
     return record
 
@@ -961,7 +998,8 @@ def _allocation(r) -> AllocationRecord:
 
 def _cold_start(r) -> ColdStartRecord:
     return ColdStartRecord(r["model"], r["node_id"], r["instance_id"], r["tier"], r["load_seconds"],
-                           r["requested_at"], r["ready_at"], r["estimate_seconds"])
+                           r["requested_at"], r["ready_at"], r["estimate_seconds"], r["placement_kind"],
+                           r["queue_wait_seconds"], r["migration_seconds"], r["tensor_parallel"] or 1)
 
 
 def _credential(r) -> CredentialRecord:

@@ -25,9 +25,11 @@ GB = 10**9
 
 def make_config(tmp_path: Path, **controller) -> Config:
     # min_residency_seconds 0: the eviction tests place a victim and evict it at the same fake instant; the
-    # residency tests (test_residency.py) set it.
+    # residency tests (test_residency.py) set it. Start costs 0 before any cold start: the estimates tests compute
+    # by hand are queue + load + migration; the start cost tests (test_start_cost.py) set them.
     settings = {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
-                "allocation_start_estimate_seconds": 30.0, "min_residency_seconds": 0.0, **controller}
+                "allocation_start_estimate_seconds": 30.0, "min_residency_seconds": 0.0,
+                "start_cost_seconds": 0.0, "tensor_parallel_start_cost_seconds": 0.0, **controller}
     return parse_config({"paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
                          "cluster": {"shared_secret": SECRET},
                          "slurm": {"partition": "debug", "time": "01:00:00", "gpus_per_node": 2},

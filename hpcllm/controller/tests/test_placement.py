@@ -123,7 +123,7 @@ def test_breakdown_is_a_wire_record():
     assert breakdown.model_dump() == {
         "node": "b", "kind": "running", "total_seconds": 2.5, "queue_wait_seconds": 0.0, "load_seconds": 2.5,
         "migration_seconds": 0.0, "tier": "nvme", "bandwidth_gbps": 4.0, "migrate": [], "considered": 2,
-        "queue_wait_source": None, "slowest_rank": None}
+        "queue_wait_source": None, "slowest_rank": None, "start_seconds": 0.0}
 
 
 def test_view_holds_many_models_and_answers_each():
@@ -156,11 +156,12 @@ def clusters(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(clusters())
-def test_fast_view_agrees_with_the_specification(cluster):
+@given(clusters(), st.sampled_from([0.0, 5.0]))  # the start cost (StartCosts) is in every total alike
+def test_fast_view_agrees_with_the_specification(cluster, start_seconds):
     nodes, holding, size, slots = cluster
-    expected = [e for e in (estimate(c, size, slots, holding[c.node]) for c in nodes) if e is not None]
-    decision = place(size, slots, nodes, holding)
+    expected = [e for e in (estimate(c, size, slots, holding[c.node], None, start_seconds) for c in nodes)
+                if e is not None]
+    decision = place(size, slots, nodes, holding, start_seconds=start_seconds)
     if not expected:
         assert decision.chosen is None
         return

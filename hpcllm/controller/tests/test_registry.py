@@ -94,7 +94,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     write_v1_database(database_url, tmp_path)
     registry = Registry(database_url)
     try:
-        assert SCHEMA_VERSION == 4 and registry.schema_version() == 4
+        assert SCHEMA_VERSION == 5 and registry.schema_version() == 5
         n1, n2 = registry.nodes()
         assert (n1.node_id, n1.agent_url, n1.slurm_job_id, n1.job_scoped, n1.gpus, n1.h2d_gbps, n1.state,
                 n1.registered_at, n1.last_heartbeat, n1.pool_model) == \
@@ -113,7 +113,12 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
                 instance.tensor_parallel, instance.rank_nodes) == ("inst-1", "n1", "ready", [0], "nvme", 1, [])
         [alloc] = registry.allocations()
         assert (alloc.job_id, alloc.state, alloc.nodes, alloc.time_limit_seconds) == ("4242", "running", ["n1"], 3600.0)
-        assert [c.instance_id for c in registry.cold_starts()] == ["inst-1"]
+        [old_start] = registry.cold_starts()
+        assert old_start.instance_id == "inst-1"
+        # Cold starts from before version 5 do not say what placement estimated: never counted as a start cost.
+        assert (old_start.placement_kind, old_start.tensor_parallel, old_start.start_overhead_seconds) == \
+            (None, 1, None)
+        assert registry.running_node_cold_starts() == []
 
         # The upgraded database takes the new field, and keeps working as before.
         registry.register_node(registration("n3", job="4244").model_copy(update={"pool_model": "tiny-llama"}),
@@ -133,10 +138,10 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     finally:
         registry.close()
 
-    # Opening it again is a no-op: still version 4, nothing lost.
+    # Opening it again is a no-op: still version 5, nothing lost.
     registry = Registry(database_url)
     try:
-        assert registry.schema_version() == 4
+        assert registry.schema_version() == 5
         assert registry.get_credential("pool-0123456789ab").model == "tiny-llama"
         assert [(n.node_id, n.pool_model) for n in registry.nodes()] == \
             [("n1", None), ("n2", None), ("n3", "tiny-llama")]
@@ -156,7 +161,9 @@ def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
     columns = {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
     assert {"pool_model", "credential_id", "serves_group"} <= columns
     assert "ranks" in {row[1] for row in raw.execute("PRAGMA table_info(instances)")}
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(4,)]
+    assert {"placement_kind", "queue_wait_seconds", "migration_seconds", "tensor_parallel"} <= \
+        {row[1] for row in raw.execute("PRAGMA table_info(cold_starts)")}
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
     assert raw.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
     assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
     raw.close()
