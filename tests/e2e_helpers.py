@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
+
+from hpcllm.procs import stop_process  # noqa: F401 - the e2e tests take it from here
 
 # The `hpcllm` command beside this Python (the venv's console script).
 HPCLLM = str(Path(sys.executable).parent / "hpcllm")
@@ -153,15 +154,6 @@ def start_logged(args: list[str], log: Path, env: dict[str, str]) -> subprocess.
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM (a graceful stop), SIGKILL after 30 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def answers(url: str, proc: subprocess.Popen, log: Path) -> bool:

@@ -72,8 +72,8 @@ def agents(worker_url) -> InProcessAgents:
     return InProcessAgents(worker_url)
 
 
-@pytest.fixture
-def controller_server(tmp_path, agents, tiny_model_dir):
+def serve_controller(tmp_path, agents, tiny_model_dir, model_gpus: int, node_gpus: int):
+    """A real controller app (no Slurm backend, no allocations) with MODEL deployed and one node agent up."""
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -83,13 +83,18 @@ def controller_server(tmp_path, agents, tiny_model_dir):
     registry = Registry(config.controller.database_url)
     controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
     agents.controller = controller
-    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=0))
-    controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=0,
+    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=model_gpus))
+    controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=node_gpus,
                                          tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
     server = ThreadServer(create_controller_app(controller))
     yield server
     server.stop()
     registry.close()
+
+
+@pytest.fixture
+def controller_server(tmp_path, agents, tiny_model_dir):
+    yield from serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=0, node_gpus=0)
 
 
 @pytest.fixture
@@ -413,22 +418,7 @@ def test_no_capacity_within_the_budget_is_a_clear_503_with_retry_after(make_gate
 def unfit_cluster(tmp_path, agents, tiny_model_dir):
     """A model of 4 GPUs per instance, one node agent up with 2, and no allocation the controller may submit: no
     capacity can ever come for it."""
-    config = parse_config({
-        "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
-        "cluster": {"shared_secret": SECRET},
-        "controller": {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
-                       "allocate_on_demand": False},
-    })
-    registry = Registry(config.controller.database_url)
-    controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
-    agents.controller = controller
-    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=4))
-    controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=2,
-                                         tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
-    server = ThreadServer(create_controller_app(controller))
-    yield server
-    server.stop()
-    registry.close()
+    yield from serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=4, node_gpus=2)
 
 
 def test_no_capacity_possible_is_a_503_at_once_not_after_the_route_timeout(make_gateway, unfit_cluster, agents):

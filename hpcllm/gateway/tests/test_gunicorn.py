@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hpcllm.procs import stop_process
+
 from .conftest import MODEL, SECRET, USER_KEY
 
 
@@ -113,12 +115,7 @@ def running_gateway(tmp_path: Path, worker_url: str, source: Path, stuck_url: st
     try:
         yield proc, url, tmp_path
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
         log.close()
 
 

@@ -164,7 +164,9 @@ def test_staged_units_stream_through_the_ring_before_finish_is_called(models):
 def test_abort_while_the_caller_is_still_building_stops_every_thread(models):
     _, converted = models("llama_sharded")
     ckpt = read_checkpoint(converted)
-    engine = AsyncCopyEngine(max_delay=0.02)  # slow copies: readers block on a full ring
+    # slow copies (0.25 s on average): readers block on a full ring, and even on a loaded machine, where the 0.05 s
+    # sleep below can last much longer, the abort comes before every unit went through (0.02 s did not, once)
+    engine = AsyncCopyEngine(max_delay=0.5)
     pipeline, _, _, ring, readers = staged_pipeline(ckpt, DeviceRouter({"cpu": engine}), slots=2)
     pipeline.start()
     time.sleep(0.05)

@@ -255,9 +255,10 @@ def test_held_requests_expire_and_refuse_ending_tokens(pair, start_worker):
     worker = start_worker(pair)
     engine = worker.service.engine
     generate = GenerateRequest(request_id="brief", prompt_token_ids=[5, 6, 7], max_tokens=10)
-    worker.client.prepare_migration(PrepareMigration(request_id="brief", generate=generate, hold_seconds=0.3))
+    # 2 s: long enough that a loaded machine still sees the hold before it expires (0.3 s lapsed once first)
+    worker.client.prepare_migration(PrepareMigration(request_id="brief", generate=generate, hold_seconds=2.0))
     assert engine.counts() == (1, 0)  # the held request keeps its slot and KV cache ...
-    assert wait_until(lambda: engine.tokens("brief").state == "finished", timeout=5)
+    assert wait_until(lambda: engine.tokens("brief").state == "finished", timeout=15)
     assert engine.counts() == (0, 0)  # ... until it expires
     with pytest.raises(WorkerError) as expired:
         worker.client.attach("brief", 0)
