@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.clients import run_clients  # noqa: E402
 
 PHASES = ("forward", "rest of step")
 
@@ -97,13 +98,8 @@ def run(mode: str, model, tokenizer, prompts, clients: int) -> dict:
                 stream_line_json(event)
                 lines[0] += 1
 
-    began, cpu = time.perf_counter(), time.process_time()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+    cpu = time.process_time()
+    wall = run_clients(client, clients)
     result = {"lines_per_s": lines[0] / wall, "process_cpu": time.process_time() - cpu, "splits": engine.splits}
     engine.shutdown()
     return result

@@ -41,6 +41,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.clients import run_clients  # noqa: E402
 from bench.serve import sse_chunks  # noqa: E402
 from hpcllm.worker.vllm_launch import wait_until_ready  # noqa: E402
 
@@ -215,13 +216,9 @@ def run_level(gateway: Gateway, clients: int, per_client: int, tokens: int, rng:
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    cpu_before, started = cpu_seconds(pid), time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds, cpu_after = time.monotonic() - started, cpu_seconds(pid)
+    cpu_before = cpu_seconds(pid)
+    seconds = run_clients(client, clients)
+    cpu_after = cpu_seconds(pid)
     if errors:
         raise RuntimeError(f"the {gateway.name} gateway: {errors[0]}") from errors[0]
     user, system = (after - before for after, before in zip(cpu_after, cpu_before))

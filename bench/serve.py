@@ -62,6 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import coldstart  # noqa: E402
+from bench.clients import run_clients  # noqa: E402
 from hpcllm.config import load_config  # noqa: E402
 from hpcllm.errors import ConfigError  # noqa: E402
 from hpcllm.worker.vllm_launch import StartedServer, start_vllm_openai_server, start_worker, vllm_python  # noqa: E402
@@ -348,13 +349,7 @@ def run_level(base_url: str, prompts: list[Prompt], concurrency: int, per_client
                     result.ttft.append(arrivals[0] - sent)
                     result.itl.extend(b - a for a, b in zip(arrivals, arrivals[1:]))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    result.seconds = time.perf_counter() - began
+    result.seconds = run_clients(client, concurrency)
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return result

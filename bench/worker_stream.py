@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.clients import run_clients  # noqa: E402
+
 WORK = Path("/var/tmp/hpcllm-bench/worker-stream")
 SECRET = "bench-secret"
 MODES = ("old", "new")
@@ -215,13 +217,7 @@ def run_round(worker: Worker, clients: int, per_client: int, max_tokens: int, ro
             errors.append(exc)
 
     before = worker.cpu()
-    began = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - began
+    wall = run_clients(client, clients)
     process, engine, forward = (after - before for after, before in zip(worker.cpu(), before))
     if errors:
         raise SystemExit(f"{worker.mode} worker: {errors[0]!r}")
