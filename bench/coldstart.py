@@ -5,8 +5,9 @@
 Both go through the node agent's WorkerManager, as a controller's start request does: from the start call until the
 worker's /ready says the model serves (load included). "fresh" = node.spare_workers = 0, a new
 `python -m hpcllm.cli.main worker` per instance (the agent before spares). "spare" = one spare started beforehand
-and given time to finish its imports (as on an agent that idled since its last cold start). Rounds alternate the
-two, each instance is stopped before the next; the printed ratio is fresh median / spare median of this run.
+and given time to finish its imports and its model process's (as on an agent that idled since its last cold start).
+Rounds alternate the two, each instance is stopped before the next; the printed ratio is fresh median / spare
+median of this run.
 The checkpoint is a dev model (hpcllm.devmodels) converted to hpcllm's format and cached in the chosen tier.
 """
 
@@ -29,6 +30,7 @@ from hpcllm.node.cache import CacheManager  # noqa: E402
 from hpcllm.node.gpus import GpuInventory  # noqa: E402
 from hpcllm.node.protocol import StartInstance  # noqa: E402
 from hpcllm.node.workers import WorkerManager  # noqa: E402
+from hpcllm.worker.spare import MODEL_PROCESS_READY  # noqa: E402
 
 WORK = Path("/var/tmp/hpcllm-bench/coldstart")
 
@@ -61,10 +63,14 @@ def time_to_ready(workers: WorkerManager, model: Path) -> tuple[float, float | N
 
 
 def wait_for_spare(workers: WorkerManager, timeout: float = 120) -> None:
+    """Until the spare is as prepared as one that waited long: its imports done, and its model process's where CPU
+    workers use one (worker.model_process)."""
+    worker = workers.config.worker
+    expected = ["spare worker ready"] + ([MODEL_PROCESS_READY] if worker.model_process_for(worker.device) else [])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         spares = workers._spares
-        if spares and "spare worker ready" in spares[0].log_path.read_text(errors="replace"):
+        if spares and all(line in spares[0].log_path.read_text(errors="replace") for line in expected):
             return
         time.sleep(0.1)
     raise SystemExit("the spare worker did not finish its imports")

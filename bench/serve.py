@@ -12,9 +12,11 @@ wall time of the level), time to first token and inter-token latency p50/p99 (cl
 chunks carrying text).
 
 Targets (each started once; TARGETS below):
-- hpcllm: `hpcllm worker` (hpcllm's engine, continuous batching, paged KV) behind `hpcllm gateway`.
+- hpcllm: `hpcllm worker` (hpcllm's engine, continuous batching, paged KV, the forward in a model process: the CPU
+  default) behind `hpcllm gateway`.
 - hpcllm-sequential: the same with `batching = "sequential"` (one forward per request per step; not by default).
-- hpcllm-model-process: the same with `model_process = true` (the forward in a child process; not by default).
+- hpcllm-in-process: the same with `model_process = false` (the forward in the worker process, as before the model
+  process became the CPU default).
 - vllm-behind-hpcllm: `hpcllm worker --engine vllm` (vLLM in the worker, weights via hpcllm's loader) behind
   `hpcllm gateway`.
 - vllm-direct: vLLM's own OpenAI server on the Hugging Face folder (the anchor); ratios are printed against it.
@@ -137,7 +139,8 @@ class Target(abc.ABC):
 class BehindGateway(Target):
     """A worker (engine hpcllm or vllm) started as the node agent starts it, behind `hpcllm gateway`."""
 
-    def __init__(self, name: str, engine: str, setup: Setup, batching: str = "auto", model_process: bool = False):
+    def __init__(self, name: str, engine: str, setup: Setup, batching: str = "auto",
+                 model_process: bool | str = "auto"):
         self.name, self.engine, self.setup, self.batching = name, engine, setup, batching
         self.model_process = model_process
         self.worker: StartedServer | None = None
@@ -192,7 +195,7 @@ class VllmDirect(Target):
 TARGETS = {
     "hpcllm": lambda setup: BehindGateway("hpcllm", "hpcllm", setup),
     "hpcllm-sequential": lambda setup: BehindGateway("hpcllm-sequential", "hpcllm", setup, batching="sequential"),
-    "hpcllm-model-process": lambda setup: BehindGateway("hpcllm-model-process", "hpcllm", setup, model_process=True),
+    "hpcllm-in-process": lambda setup: BehindGateway("hpcllm-in-process", "hpcllm", setup, model_process=False),
     "vllm-behind-hpcllm": lambda setup: BehindGateway("vllm-behind-hpcllm", "vllm", setup),
     ANCHOR: VllmDirect,
 }

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from hpcllm.errors import ConfigError
 from hpcllm.privatefs import private_dir
@@ -273,8 +273,10 @@ class WorkerConfig(Section):
     prefix_caching: bool = True
     # Run the model's forward in a child process of the worker (vLLM's engine core split): streaming and HTTP then
     # run beside the model instead of taking the worker's GIL in the middle of each step. Costs the child's start
-    # (torch imports, seconds) at load; see docs/worker.md "The model process".
-    model_process: bool = False
+    # (torch imports, seconds), which a spare worker pays while it waits. "auto": on for CPU workers of hpcllm's
+    # engine, off on GPUs (their forward already runs asynchronously) and with tensor parallelism (the ranks are the
+    # processes). See docs/worker.md "The model process".
+    model_process: StrictBool | Literal["auto"] = "auto"
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
     # Torch compute threads of one worker. 0: the node agent gives each worker its share of the CPUs it may use
     # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'
@@ -287,6 +289,12 @@ class WorkerConfig(Section):
     vllm_kv_cache_gb: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU (unset, vLLM takes most of the RAM)
     vllm_enforce_eager: bool = True  # no CUDA graphs / torch.compile: starts in ~30 s instead of minutes
     vllm_max_num_seqs: int = Field(64, ge=1)  # requests vLLM batches in one step
+
+    def model_process_for(self, device: str, engine: str = "hpcllm", tensor_parallel: bool = False) -> bool:
+        """Whether a worker on `device` runs its forward in a model process (model_process resolved)."""
+        if self.model_process != "auto":
+            return self.model_process
+        return engine == "hpcllm" and not tensor_parallel and device == "cpu"
 
 
 class ClusterConfig(Section):

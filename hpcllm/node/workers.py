@@ -57,7 +57,7 @@ from hpcllm.worker.cli import SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
 from hpcllm.worker import vllm_launch
-from hpcllm.worker.spare import SpareAssignment
+from hpcllm.worker.spare import MODEL_PROCESS_ENV, SpareAssignment
 from hpcllm.checkpoint.errors import ChecksumMismatch
 
 log = logging.getLogger(__name__)
@@ -491,6 +491,8 @@ class WorkerManager:
         env = self._environment([])  # no GPU until assigned: CUDA must not start before it knows its devices
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # torch.cuda.is_available() without initialising CUDA
         env[HOST_POOL_ENV] = str(self._spare_pool_bytes())
+        # The spare starts the model process too where a CPU worker of hpcllm's engine would use one.
+        env[MODEL_PROCESS_ENV] = "1" if self.config.worker.model_process_for(self.config.worker.device) else "0"
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "hpcllm.worker.spare"], env=env, stdin=subprocess.PIPE,
                                        stdout=log_file, stderr=subprocess.STDOUT,

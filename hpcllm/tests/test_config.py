@@ -26,3 +26,20 @@ def test_invalid_toml_is_clear(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_model_process_auto_is_on_for_cpu_workers_of_hpcllms_engine_only(tmp_path):
+    worker = load_config(None).worker
+    assert worker.model_process == "auto"
+    assert worker.model_process_for("cpu")
+    assert not worker.model_process_for("cuda") and not worker.model_process_for("cuda:1")
+    assert not worker.model_process_for("cpu", engine="vllm")  # vLLM has its own engine-core process
+    assert not worker.model_process_for("cpu", tensor_parallel=True)  # the ranks are the processes
+    path = tmp_path / "hpcllm.toml"
+    path.write_text("[worker]\nmodel_process = false\n")
+    assert not load_config(path).worker.model_process_for("cpu")
+    path.write_text("[worker]\nmodel_process = true\n")
+    assert load_config(path).worker.model_process_for("cuda")
+    path.write_text('[worker]\nmodel_process = "yes"\n')
+    with pytest.raises(ConfigError, match="model_process"):
+        load_config(path)

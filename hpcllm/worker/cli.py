@@ -33,21 +33,27 @@ def run_worker(
     cache_into: Path | None = None,
     loader=None,
     stop_signals: tuple[int, ...] | None = None,
+    started_model_process=None,
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up.
 
-    `loader` (returns a ModelForServing) replaces the tiered single-device load (tensor parallelism's lead)."""
+    `loader` (returns a ModelForServing) replaces the tiered single-device load (tensor parallelism's lead).
+    `started_model_process`: a ModelProcess a spare worker started while it waited; used when this worker runs its
+    forward in a model process ([worker] model_process), else stopped."""
     if not model_path.exists():
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
+    worker = config.worker
+    device = device or worker.device
+    # Before this process's own imports: the model process imports torch and transformers beside them.
+    model_process = _model_process(worker, device, engine, tensor_parallel=loader is not None,
+                                   started=started_model_process)
     import torch
 
     from hpcllm.worker.server import WorkerService, load_with_hpcllm, serve
 
-    worker = config.worker
     threads = threads or worker.cpu_threads
     if threads:  # set here, not via OMP_NUM_THREADS: a spare worker's OpenMP runtime started before its assignment
         torch.set_num_threads(threads)
-    device = device or worker.device
     service = WorkerService(
         model_name or model_path.name,
         secret=os.environ.get(SECRET_ENV) or config.cluster.shared_secret,
@@ -60,7 +66,7 @@ def run_worker(
         kv_block_size=worker.kv_block_size,
         batching=worker.batching,
         prefix_caching=worker.prefix_caching,
-        model_process=worker.model_process,
+        model_process=model_process,
     )
     if engine == "vllm":
         loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731
@@ -76,6 +82,22 @@ def run_worker(
         on_listening=lambda url: click.echo(f"hpcllm worker for {service.model_name} listening on {url}", err=True),
         **({"stop_signals": stop_signals} if stop_signals else {}),
     )
+
+
+def _model_process(worker, device: str, engine: str, tensor_parallel: bool, started):
+    """The engine's model_process option ([worker] model_process resolved for this worker): the ModelProcess a spare
+    started, else one started now; False without one."""
+    if tensor_parallel:  # the tensor-parallel engine refuses an explicit true, saying why
+        return worker.model_process is True
+    wanted = worker.model_process_for(device, engine)
+    if started is not None and (not wanted or not started.process.is_alive()):  # a dead one: start another
+        started.close()
+        started = None
+    if wanted and started is None:
+        from hpcllm.worker.model_process import ModelProcess
+
+        started = ModelProcess()
+    return started or False
 
 
 def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_model_len: int | None):

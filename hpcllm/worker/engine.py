@@ -55,7 +55,8 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     UnknownRequest,
 )
 from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, make_runner
-from hpcllm.worker.runner_process import ModelProcess, ProcessRunner
+from hpcllm.worker.model_process import ModelProcess
+from hpcllm.worker.runner_process import ProcessRunner
 from hpcllm.worker.sampling import sample_token
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,8 @@ class Engine(EngineBase):
         num_blocks = -(-self.kv_cache_tokens // kv_block_size)
         # fast_path: the paged runner fuses and packs the model's projections on CPU (runner.py, fastpath.py).
         if model_process:  # the forward in a child process (runner_process.py): streams run beside it
-            started = model_process if isinstance(model_process, ModelProcess) else None  # started during the load
+            # One started ahead (during the load, or by a spare worker), else one now.
+            started = model_process if isinstance(model_process, ModelProcess) else ModelProcess()
             self.runner: ModelRunner = ProcessRunner(model, num_blocks=num_blocks, block_size=kv_block_size,
                                                      batching=batching, max_rows=max_running_requests,
                                                      process=started, fast_path=fast_path)
@@ -285,6 +287,11 @@ class Engine(EngineBase):
         """(running, waiting)."""
         with self._lock:
             return len(self._running), len(self._waiting)
+
+    @property
+    def model_process_pid(self) -> int | None:
+        """The model process's pid ([worker] model_process); None when the forward runs in this process."""
+        return self.runner.pid if isinstance(self.runner, ProcessRunner) else None
 
     def tokens_in_flight(self) -> int:
         """Known token ids of the requests a drain would move: what a destination must prefill to take them."""

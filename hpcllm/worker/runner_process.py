@@ -12,7 +12,8 @@ unchanged: PagedRunner or SequentialRunner over the same model) runs it, and its
 float32 buffer of max_rows x vocab allocated once (no per-step shared-memory segment). The model's weights are not
 copied per process: the model goes down the pipe once, pickled by torch.multiprocessing, which moves CPU tensors
 into shared memory (once; the worker then uses the shared copy too) and passes CUDA tensors by IPC handle. The
-child is spawned first (ModelProcess), so its torch/transformers imports overlap the worker's model load. The KV
+child is spawned first (model_process.ModelProcess, torch-free), so its torch/transformers imports overlap the
+worker's own imports and model load. The KV
 cache lives in the child. The scheduler, block pool, sampling, detokenization and streams stay in the worker.
 
 launch(batch) returns at once; collect() waits for the logits: the engine delivers the previous step's stream
@@ -26,53 +27,32 @@ import signal
 import traceback
 
 import torch
-import torch.multiprocessing
+import torch.multiprocessing  # registers the pickling of tensors by shared memory / CUDA IPC used on the pipe
 
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, make_runner
 
-STOP_SECONDS = 10.0
-
-
 class ModelProcessError(RuntimeError):
     """The model process failed or died: the engine is dead (its loop ends, /health answers 503)."""
-
-
-class ModelProcess:
-    """The spawned model process before it has a model: it imports torch and transformers at once, so a worker
-    starts it while it loads the weights (WorkerService) and the imports cost no extra time."""
-
-    def __init__(self) -> None:
-        context = torch.multiprocessing.get_context("spawn")  # never fork a process with OpenMP/CUDA threads
-        self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=_serve_steps, args=(child_end,), name="hpcllm-model", daemon=True)
-        self.process.start()
-        child_end.close()
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.conn.send(("stop", None))
-            except (BrokenPipeError, OSError):
-                pass
-            self.process.join(STOP_SECONDS)
-        if self.process.is_alive():  # it ignores SIGTERM (the worker's to act on)
-            self.process.kill()
-            self.process.join(STOP_SECONDS)
-        self.conn.close()
 
 
 class ProcessRunner:
     """A ModelRunner whose steps run in a child process holding the model and its KV cache."""
 
     def __init__(self, model, *, num_blocks: int, block_size: int, batching: str, max_rows: int,
-                 process: ModelProcess | None = None, fast_path: bool = True) -> None:
-        """process: one started ahead (while the model loaded); None starts one now. fast_path: make_runner's."""
+                 process, fast_path: bool = True) -> None:
+        """process: the model_process.ModelProcess to hand the model (started ahead: while the model loaded, or by
+        a spare worker); the runner owns it from here (closes it when it fails to start, or at close()).
+        fast_path: make_runner's."""
         if fastpath.is_packed(model):  # oneDNN tensors cannot be shared with the child
+            process.close()
             raise ValueError("the model's weights were already packed by an in-process engine's fast path: give the "
                              "model process a model as loaded")
-        self._model_process = process or ModelProcess()
+        self._model_process = process
         self._conn, self._process = self._model_process.conn, self._model_process.process
+        if not self._model_process.wait_imported():
+            self.close()
+            raise ModelProcessError(f"the model process died while importing (exit code {self._process.exitcode})")
         setup = {"model": model, "num_blocks": num_blocks, "block_size": block_size, "batching": batching,
                  "max_rows": max_rows, "threads": torch.get_num_threads(), "fast_path": fast_path}
         try:
@@ -86,6 +66,10 @@ class ProcessRunner:
         self.paged: bool = payload["paged"]  # prefix caching needs the paged runner's shared blocks
         self._logits: torch.Tensor = payload["logits"]  # [max_rows, vocab] float32 in shared memory
         self._in_flight = False
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def launch(self, batch: StepBatch) -> None:
         """Start a step in the model process; collect() returns its logits."""
@@ -123,7 +107,7 @@ class ProcessRunner:
             raise ModelProcessError(f"the model process died (exit code {self._process.exitcode})") from exc
 
 
-def _serve_steps(conn) -> None:
+def serve_steps(conn) -> None:
     """The model process: wait for the model, build the runner, then run each step sent until "stop" (or until the
     worker goes away). Spawning it imported this module, so torch and transformers are loaded by then."""
     # Signals are the worker's to act on (SIGTERM starts a drain that may still need steps); this process ends

@@ -36,7 +36,7 @@ from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.engine import Engine, EngineUnavailable
-from hpcllm.worker.runner_process import ModelProcess
+from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
 from hpcllm.worker.protocol import (
@@ -148,8 +148,10 @@ class WorkerService:
         self, loader: Callable[[], ModelForServing], on_failure: Callable[[Exception], None] | None = None
     ) -> threading.Thread:
         def load() -> None:
-            # [worker] model_process: the child imports torch and transformers while the weights load.
-            ahead = ModelProcess() if self.engine_options.get("model_process") else None
+            # [worker] model_process: the child imports torch and transformers while the weights load (or a spare
+            # worker started it while it waited).
+            option = self.engine_options.get("model_process")
+            ahead = option if isinstance(option, ModelProcess) else ModelProcess() if option else None
             try:
                 self.attach(loader(), model_process=ahead)
             except Exception as exc:  # reported by /health and /ready, and to on_failure
@@ -302,6 +304,7 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
                 "waiting_requests": waiting,
                 "device": str(engine.device),
                 "torch_threads": torch.get_num_threads(),
+                "model_process_pid": getattr(engine, "model_process_pid", None),
                 "tokens_in_flight": engine.tokens_in_flight(),
                 "prefill_tokens_per_second": engine.prefill_tokens_per_second,
                 **({"rank_loads": service.loaded.rank_loads} if service.loaded.rank_loads else {}),

@@ -20,6 +20,11 @@ waits; its CPU load then reads O_DIRECT (or buffered, where the node's probe mea
 (hpcllm.store.memory.HostBufferPool.reserve_bytes, docs/loader.md). An assignment that arrives before the memory is
 faulted in stops the reservation instead of waiting for it (huge pages fault slowly here: 2 GB took 3-16 s) and the
 load uses fresh memory. A GPU assignment gives the memory back.
+
+Model process: with $HPCLLM_SPARE_MODEL_PROCESS=1 (the agent sets it where CPU workers run their forward in a model
+process, [worker] model_process) the spare also starts that child while it waits, so its imports are done when the
+assignment comes (docs/worker.md "The model process"); an assignment that does not use it (a GPU, vLLM, or
+model_process = false in the instance's config) stops it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ PREIMPORTS = (
 )
 
 
+MODEL_PROCESS_ENV = "HPCLLM_SPARE_MODEL_PROCESS"
+MODEL_PROCESS_READY = "spare worker: model process ready (imports done)"
+
+
 class SpareAssignment(BaseModel):
     """What the node agent writes to a spare's stdin: the `hpcllm worker` options plus the instance's environment."""
 
@@ -65,8 +74,9 @@ def preimport() -> None:
         importlib.import_module(module)
 
 
-def assume(assignment: SpareAssignment) -> None:
-    """Become the assigned worker: the instance's environment first (GPUs), then serve until SIGTERM."""
+def assume(assignment: SpareAssignment, model_process=None) -> None:
+    """Become the assigned worker: the instance's environment first (GPUs), then serve until SIGTERM.
+    model_process: the ModelProcess this spare started while it waited (run_worker uses or stops it)."""
     os.environ.update(assignment.env)
     if assignment.device.startswith("cuda"):
         import torch
@@ -85,7 +95,8 @@ def assume(assignment: SpareAssignment) -> None:
     run_worker(config, Path(assignment.model_path), assignment.model_name, port=0, device=assignment.device,
                max_model_len=assignment.max_model_len, url_file=Path(assignment.url_file),
                threads=assignment.threads,
-               cache_into=Path(assignment.cache_into) if assignment.cache_into else None)
+               cache_into=Path(assignment.cache_into) if assignment.cache_into else None,
+               started_model_process=model_process)
 
 
 class BackgroundReservation:
@@ -119,20 +130,43 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     preimport()
+    model_process = start_model_process()
     reservation = BackgroundReservation().start()
-    print("spare worker ready (imports done; host pool reserving in the background)", file=sys.stderr, flush=True)
+    print("spare worker ready (imports done; host pool reserving in the background"
+          f"{'; model process starting' if model_process else ''})", file=sys.stderr, flush=True)
     line = sys.stdin.readline()
     reserved = reservation.finish()
     if not line.strip():
+        if model_process is not None:
+            model_process.close()
         return 0  # retired before it was needed
     print(f"spare worker assigned (host pool {reserved / 1e9:.2f} GB faulted in; 0: none, or not finished in "
           f"time - the load uses fresh memory)", file=sys.stderr, flush=True)
     try:
-        assume(SpareAssignment.model_validate_json(line))
+        assume(SpareAssignment.model_validate_json(line), model_process)
     except HpcllmError as exc:  # the same contract as `hpcllm worker`: one error line, the error's exit status
+        if model_process is not None:
+            model_process.close()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     return 0
+
+
+def start_model_process():
+    """The model process, started now when the agent asked for it ($HPCLLM_SPARE_MODEL_PROCESS=1), else None; a
+    thread says in the log when its imports are done (MODEL_PROCESS_READY)."""
+    if os.environ.get(MODEL_PROCESS_ENV) != "1":
+        return None
+    from hpcllm.worker.model_process import ModelProcess
+
+    model_process = ModelProcess()
+
+    def report() -> None:
+        if model_process.wait_imported():
+            print(MODEL_PROCESS_READY, file=sys.stderr, flush=True)
+
+    threading.Thread(target=report, name="hpcllm-model-process-imports", daemon=True).start()
+    return model_process
 
 
 if __name__ == "__main__":

@@ -174,13 +174,31 @@ def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, con
     assert evicted.status_code == 200 and [c["model"] for c in evicted.get_json()["cached"]] == ["tiny-llama"]
 
 
+def model_processes(pid: int) -> set[int]:
+    """The live processes pid spawned with multiprocessing (the model process; not its resource tracker), from
+    /proc: the field after the command in /proc/N/stat is the parent."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and spawned:
+            children.add(int(stat.parent.name))
+    return children
+
+
 def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, converted, tiny_llama_dir):
-    agent = make_agent(tmp_path, spare_workers=1)
+    agent = make_agent(tmp_path, spare_workers=1)  # worker.model_process "auto": CPU workers use one
     client = create_app(agent).test_client()
     try:
         agent.workers.ensure_spares()
         [spare] = agent.workers._spares
         wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+        # The spare starts its model process while it waits: the worker it becomes keeps that one.
+        wait_for(lambda: model_processes(spare.process.pid), what="the spare's model process")
+        [model_process] = model_processes(spare.process.pid)
 
         resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted)},
                            headers=AUTH)
@@ -189,6 +207,7 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
         assert inst.process.pid == spare.process.pid  # no fresh process: the spare became the worker
         wait_for(lambda: inst.state == "ready", what="the spare to serve the model")
         assert "spare worker ready" in inst.log_path.read_text() and not spare.log_path.exists()
+        assert model_processes(inst.process.pid) == {model_process}
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -240,6 +259,7 @@ def test_a_gpu_instance_serves_on_its_gpu(tmp_path, converted, tiny_llama_dir, s
         assert (inst.process.pid == spare.process.pid) if spare_workers else True
         wait_for(lambda: inst.state in ("ready", "failed"), what="the GPU worker to load")
         assert inst.state == "ready", f"{inst.error}\n{inst.log_path.read_text()[-3000:]}"
+        assert model_processes(inst.process.pid) == set()  # a GPU worker has no model process (the spare's stopped)
 
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -40,6 +40,8 @@ def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_
             time.sleep(0.2)
         ready = client.ready()
         assert ready["model"] == "tiny-llama"
+        model_process = ready["model_process_pid"]  # a CPU worker's default ([worker] model_process = "auto")
+        assert model_process and os.path.exists(f"/proc/{model_process}")
 
         _, tokenizer = load_pair("llama")
         prompt_ids = tokenizer("hello world, this")["input_ids"]
@@ -65,6 +67,7 @@ def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert "listening on http://127.0.0.1:" in output
+    assert not os.path.exists(f"/proc/{model_process}")  # the worker stopped its model process
 
 
 def test_a_folder_that_is_not_a_converted_checkpoint_exits_with_the_loader_error(model_dirs, capsys):

@@ -12,7 +12,8 @@ import torch
 
 from hpcllm.worker.engine import Engine
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
-from hpcllm.worker.runner_process import ProcessRunner
+from hpcllm.worker.model_process import ModelProcess
+from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner
 from hpcllm.worker.server import ModelForServing
 
 from .conftest import wait_until
@@ -144,3 +145,24 @@ def test_a_model_packed_by_an_in_process_engine_is_refused_with_a_reason(load_pa
     Engine(model, tokenizer, model_name="tiny")  # its fast path packs the shared test model in place
     with pytest.raises(ValueError, match="already packed"):
         Engine(model, tokenizer, model_name="tiny", model_process=True)
+
+
+def test_an_engine_takes_a_model_process_started_ahead_and_one_dead_before_its_imports_is_a_clear_error(
+        unpacked_pair):
+    model, tokenizer = unpacked_pair
+    ahead = ModelProcess()  # what a spare worker starts while it waits
+    assert ahead.wait_imported()
+    engine = Engine(model, tokenizer, model_name="tiny", model_process=ahead).start()
+    try:
+        assert engine.model_process_pid == ahead.process.pid
+        stream = engine.submit(request(prompt=PROMPTS[0], max_tokens=3, temperature=0))
+        assert [e for e in stream.events() if isinstance(e, FinalLine)][-1].finish_reason == "length"
+    finally:
+        engine.shutdown()
+    assert not ahead.process.is_alive()
+
+    dead = ModelProcess()
+    dead.process.kill()
+    with pytest.raises(ModelProcessError, match="died while importing"):
+        Engine(model, tokenizer, model_name="tiny", model_process=dead)
+    dead.close()

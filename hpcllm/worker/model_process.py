@@ -1,0 +1,57 @@
+"""The model process before it has a model (`[worker] model_process`, runner_process.py has the rest).
+
+This module imports neither torch nor transformers, so a worker spawns the child first thing, before its own heavy
+imports: the two processes import torch and transformers side by side (on two cores, no longer than one), and the
+child waits for its model while the worker loads the weights. A spare worker starts it while it waits for an
+assignment (hpcllm.worker.spare).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+STOP_SECONDS = 10.0
+
+
+class ModelProcess:
+    """A spawned child that imports torch, transformers and the model runner at once, then waits on a pipe for the
+    model (runner_process.ProcessRunner sends it and drives the steps)."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")  # never fork a process with OpenMP/CUDA threads
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=_child_main, args=(child_end,), name="hpcllm-model", daemon=True)
+        self.process.start()
+        child_end.close()
+        self._imported = False
+        self._import_lock = threading.Lock()
+
+    def wait_imported(self) -> bool:
+        """Block until the child has imported what it runs (its first message); False if it died first."""
+        with self._import_lock:
+            if not self._imported:
+                try:
+                    self._imported = self.conn.recv() == ("imported", None)
+                except (EOFError, OSError):
+                    return False
+            return self._imported
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(STOP_SECONDS)
+        if self.process.is_alive():  # it ignores SIGTERM (the worker's to act on)
+            self.process.kill()
+            self.process.join(STOP_SECONDS)
+        self.conn.close()
+
+
+def _child_main(conn) -> None:
+    from hpcllm.worker.runner_process import serve_steps  # torch, transformers, the runner: the child's imports
+
+    conn.send(("imported", None))
+    serve_steps(conn)
