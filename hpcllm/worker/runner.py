@@ -222,28 +222,31 @@ class PagedRunner:
         positions: list[int] = []
         keep: list[int] = []
         write_slots: list[int] = []  # pool slots of every new token, in packed order
-        prefills: list[tuple[int, int, list[int], SequenceChunk]] = []  # (begin, end, context slots, chunk)
-        decodes: list[tuple[int, list[int]]] = []  # (row, context slots)
+        prefills: list[tuple[int, int, SequenceChunk]] = []  # (begin, end, chunk)
+        decodes: list[tuple[int, int, list[int]]] = []  # (row, context, the context's blocks)
         highest_block = 0
+        size = self.block_size
         for chunk in batch.chunks:
             begin, end = len(ids), len(ids) + len(chunk.token_ids)
             context = chunk.start + len(chunk.token_ids)
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, context))
-            # Slots as plain Python ints: one tensor per step below instead of a handful of small ops per sequence.
-            slots = self._slots(chunk.block_table, context)
-            highest_block = max(highest_block, max(chunk.block_table[: -(-context // self.block_size)]) + 1)
-            write_slots.extend(slots[chunk.start:])
+            blocks = chunk.block_table[: -(-context // size)]
+            highest_block = max(highest_block, max(blocks) + 1)
+            # The new tokens' slots as plain Python ints (one tensor per step below); a context's slots are only
+            # ever built from its blocks as a tensor (_context_slots), never position by position in Python.
+            write_slots.extend(blocks[p // size] * size + p % size for p in range(chunk.start, context))
             if end - begin == 1 and chunk.start > 0:
-                decodes.append((begin, slots))
+                decodes.append((begin, context, blocks))
             else:
-                prefills.append((begin, end, slots, chunk))
+                prefills.append((begin, end, chunk))
             if chunk.want_logits:
                 keep.append(end - 1)
         self.pool.reserve(highest_block)
         sequences = [
-            _SequenceView(begin, end, torch.tensor(slots, device=self.device), self._mask(chunk, end - begin))
-            for begin, end, slots, chunk in prefills
+            _SequenceView(begin, end, self._context_slots([chunk.block_table], chunk.start + end - begin)[0],
+                          self._mask(chunk, end - begin))
+            for begin, end, chunk in prefills
         ]
         _active.step = _StepContext(self.pool, torch.tensor(write_slots, device=self.device), sequences,
                                     self._decode_groups(decodes))
@@ -258,13 +261,14 @@ class PagedRunner:
             _active.step = None
         return out.logits[0]
 
-    def _decode_groups(self, decodes: list[tuple[int, list[int]]]) -> list[_DecodeGroup]:
-        """Batch the decodes' attention: sequences of similar context length (sorted, a group pads at most ~50%
-        more positions than it holds) share one SDPA call over contexts padded to the group's longest."""
-        groups: list[list[tuple[int, list[int]]]] = []
+    def _decode_groups(self, decodes: list[tuple[int, int, list[int]]]) -> list[_DecodeGroup]:
+        """Batch the decodes' attention: sequences of similar context length (sorted, a group pads at most
+        PADDING_ALLOWANCE more positions than it holds) share one SDPA call over contexts padded to the group's
+        longest."""
+        groups: list[list[tuple[int, int, list[int]]]] = []
         held = 0
-        for decode in sorted(decodes, key=lambda d: len(d[1])):
-            length = len(decode[1])
+        for decode in sorted(decodes, key=lambda d: d[1]):
+            length = decode[1]
             if groups and length * (len(groups[-1]) + 1) <= PADDING_ALLOWANCE * (held + length):
                 groups[-1].append(decode)
                 held += length
@@ -273,19 +277,25 @@ class PagedRunner:
                 held = length
         return [self._decode_group(group) for group in groups]
 
-    def _decode_group(self, decodes: list[tuple[int, list[int]]]) -> _DecodeGroup:
-        longest = len(decodes[-1][1])  # sorted by context length
-        read_slots = torch.tensor([slots + [0] * (longest - len(slots)) for _, slots in decodes], device=self.device)
+    def _decode_group(self, decodes: list[tuple[int, int, list[int]]]) -> _DecodeGroup:
+        longest = decodes[-1][1]  # sorted by context length
+        read_slots = self._context_slots([blocks for _, _, blocks in decodes], longest)
         padding = None
-        if len(decodes[0][1]) != longest:
-            lengths = torch.tensor([len(slots) for _, slots in decodes], device=self.device)
+        if decodes[0][1] != longest:
+            lengths = torch.tensor([context for _, context, _ in decodes], device=self.device)
             padding = (torch.arange(longest, device=self.device)[None] >= lengths[:, None])[:, None, None]
-        rows = torch.tensor([row for row, _ in decodes], device=self.device)
+        rows = torch.tensor([row for row, _, _ in decodes], device=self.device)
         return _DecodeGroup(rows, read_slots, padding)
 
-    def _slots(self, block_table: list[int], context: int) -> list[int]:
-        size = self.block_size
-        return [block_table[p // size] * size + p % size for p in range(context)]
+    def _context_slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
+        """[sequences, length] pool slots of positions 0..length-1 of each block table. A shorter table is padded
+        with block 0: the positions past a sequence's own context are masked out (their values, whatever they are,
+        weigh exactly 0)."""
+        blocks = -(-length // self.block_size)
+        table = torch.tensor([t[:blocks] + [0] * (blocks - len(t[:blocks])) for t in block_tables], device=self.device)
+        offsets = torch.arange(self.block_size, device=self.device)
+        slots = (table.unsqueeze(-1) * self.block_size + offsets).reshape(len(block_tables), -1)
+        return slots[:, :length].contiguous()  # contiguous: every layer's gather takes it as it is
 
     def _mask(self, chunk: SequenceChunk, length: int) -> torch.Tensor | None:
         context = chunk.start + length
