@@ -129,8 +129,8 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model_process = start_model_process()  # first: its imports run beside this process's own
     preimport()
-    model_process = start_model_process()
     reservation = BackgroundReservation().start()
     print("spare worker ready (imports done; host pool reserving in the background"
           f"{'; model process starting' if model_process else ''})", file=sys.stderr, flush=True)
