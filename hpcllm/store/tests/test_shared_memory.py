@@ -154,7 +154,7 @@ def test_a_reserved_shared_arena_serves_the_load_prefaulted(models, expected_dis
 def test_discard_frees_the_shared_pages_of_dropped_weights(models):
     _, converted = models("llama")
     loaded = load_model(converted, tier="disk", tokenizer=False, pool=HostBufferPool(), shared_memory=True)
-    weight = max(loaded.model.parameters(), key=lambda p: p.numel())
+    weight = max(loaded.model.parameters(), key=lambda p: p.numel()).detach()
     nbytes = weight.numel() * weight.element_size()
     assert nbytes >= 2 * mmap.PAGESIZE and weight.abs().sum() > 0
     assert loaded.discard([(weight.data_ptr(), nbytes)]) > 0
