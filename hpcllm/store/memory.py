@@ -31,14 +31,23 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
+import os
 import threading
 from dataclasses import dataclass
+
+from hpcllm.errors import HpcllmError
 
 PAGE_SIZE = mmap.PAGESIZE
 _MADV_POPULATE_READ = 22  # linux/mman.h (>= 5.14); not exported by Python's mmap module
 _MADV_POPULATE_WRITE = 23
 _MADV_REMOVE = 9  # frees the pages of a shared (shmem) mapping; MADV_DONTNEED would only unmap them
+SHM_DIR = "/dev/shm"  # where torch's shared memory lives (shm_open, glibc)
+
+
+class SharedMemoryFull(HpcllmError):
+    """The shared-memory filesystem cannot hold a buffer a model process's load needs."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -155,6 +164,7 @@ class SharedHostBuffer(HostBuffer):
         import torch
 
         self.capacity = max(round_up(nbytes, PAGE_SIZE), PAGE_SIZE)
+        _check_shm_space(self.capacity)
         self.storage = torch.UntypedStorage._new_shared(self.capacity)
         self.whole = torch.empty(0, dtype=torch.uint8).set_(self.storage)  # uint8 view of the whole segment
         self.offset = 0
@@ -206,6 +216,21 @@ class SharedHostBuffer(HostBuffer):
         if released:
             self.populated = False
         return released
+
+
+def _check_shm_space(nbytes: int) -> None:
+    """Refuse up front what the shm filesystem cannot hold: past its size, a write to the segment is a SIGBUS (the
+    process dies), and a read into it an EFAULT. Best effort: other processes may take the space meanwhile."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # no /dev/shm to check (torch will say what it can)
+    available = stat.f_bavail * stat.f_frsize
+    if nbytes > available:
+        raise SharedMemoryFull(
+            f"{SHM_DIR} has {available / 1e9:.2f} GB free, a shared-memory load needs {nbytes / 1e9:.2f} GB more for "
+            f"the model process's weights: enlarge {SHM_DIR} (its tmpfs size=), free it, or set [worker] "
+            f"model_process = false")
 
 
 def _advise_huge_pages(address: int, length: int, huge_pages: bool) -> None:
@@ -450,15 +475,17 @@ def reserve_from_environment(stop: threading.Event | None = None, shared: bool =
     A malformed or non-positive value reserves nothing (the worker loads into fresh memory, as without a pool), nor
     does a reservation `stop`ped before it completed (HostBufferPool.reserve_bytes). shared: in torch shared memory
     (a spare whose model will run in a model process)."""
-    import os
-
     try:
         nbytes = int(os.environ.get(HOST_POOL_ENV, "0"))
     except ValueError:
         return 0
     if nbytes <= 0:
         return 0
-    if not _default_pool.reserve_bytes(nbytes, stop=stop, shared=shared):
+    try:
+        if not _default_pool.reserve_bytes(nbytes, stop=stop, shared=shared):
+            return 0
+    except SharedMemoryFull as exc:  # the load will say so again if it still does not fit
+        logging.getLogger(__name__).warning("no host pool reserved: %s", exc)
         return 0
     return _default_pool.stats().arena_bytes
 
@@ -472,8 +499,6 @@ class MappedFile(_Discardable):
     """
 
     def __init__(self, path, shared: bool):
-        import os
-
         self.path = path
         fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
         try:

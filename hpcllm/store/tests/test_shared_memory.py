@@ -161,3 +161,23 @@ def test_discard_frees_the_shared_pages_of_dropped_weights(models):
     start = -(-weight.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # the whole pages inside the weight are gone
     inner = (start - weight.data_ptr()) // weight.element_size()
     assert float(weight.view(-1)[inner:inner + mmap.PAGESIZE // weight.element_size()].abs().sum()) == 0
+
+
+def test_a_full_shm_filesystem_is_a_clear_error_not_a_crash(monkeypatch):
+    """Past /dev/shm's size a write into the segment would kill the process (SIGBUS): refused up front, saying what
+    to change; a spare's reservation then reserves nothing instead of failing."""
+    import os
+
+    from hpcllm.errors import HpcllmError
+
+    real = os.statvfs(memory.SHM_DIR)
+    small = os.statvfs_result((real.f_bsize, PAGE_SIZE, 10, 4, 4, 100, 50, 50, 0, 255))  # 4 free pages
+    monkeypatch.setattr(memory.os, "statvfs", lambda path: small)
+    assert SharedHostBuffer(4 * PAGE_SIZE).capacity == 4 * PAGE_SIZE
+    with pytest.raises(memory.SharedMemoryFull, match="model_process = false") as refused:
+        SharedHostBuffer(5 * PAGE_SIZE)
+    assert isinstance(refused.value, HpcllmError) and "/dev/shm" in str(refused.value)
+    pool = HostBufferPool()
+    monkeypatch.setattr(memory, "_default_pool", pool)
+    monkeypatch.setenv(memory.HOST_POOL_ENV, str(16 * PAGE_SIZE))
+    assert memory.reserve_from_environment(shared=True) == 0 and pool.stats().arena_bytes == 0
