@@ -10,6 +10,8 @@ How the bytes travel (see docs/loader.md):
     faults fresh pages in ahead of them; the model's tensors are views of those buffers. No second copy.
   * CPU target, DRAM tier: the /dev/shm files are mapped copy-on-write and tensors are views of the mapping:
     nothing is read or copied, every process on the node shares the pages.
+  * CPU target, shared_memory=True (the model goes to a model process): the host buffers are torch shared memory
+    and every tier is read into them (no file mappings), so the model process gets the weights by fd, not a copy.
   * GPU (or device_map) target: reads go into a bounded ring of pinned staging slots, copied asynchronously on a
     dedicated CUDA stream into one device buffer per partition (and device); tensors are views of those.
 Meanwhile the main thread builds the model skeleton (parameters on meta) and verifies each chunk's xxh3 as it
@@ -186,7 +188,8 @@ def _gc_paused(func):
 def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bool | None = None, dtype=None,
                tokenizer: bool = True, threads: int | None = None, unit_bytes: int | None = None,
                staging_slots: int | None = None, pool: HostBufferPool | None = None,
-               staged: bool = False, tee_into: str | Path | None = None, read_tuning=None) -> LoadedModel:
+               staged: bool = False, tee_into: str | Path | None = None, read_tuning=None,
+               shared_memory: bool = False) -> LoadedModel:
     """Load a converted checkpoint into a ready transformers model.
 
     path            converted checkpoint folder (any tier; DramTier.open(model_id) for the DRAM tier)
@@ -206,6 +209,10 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     staged          route CPU loads through the staging ring too (the GPU path's machinery; for testing)
     tee_into        an empty folder: also write the bytes read there as a copy of the checkpoint (cache on load,
                     hpcllm.store.tee); a failed tee is logged and never fails the load
+    shared_memory   CPU weights in torch shared memory (SharedHostBuffer), read from any tier (never views of a
+                    file mapping), so pickling the model for another process (torch.multiprocessing: the worker's
+                    model process) passes them by fd without copying. Weights converted to another dtype are
+                    private memory (copied once more by that pickling). No effect on GPU weights.
     """
     started = time.perf_counter()
     ckpt = read_checkpoint(path)
@@ -226,12 +233,12 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     phases = {"open": time.perf_counter() - started}
 
     host_target = devices == {"cpu"} and not staged
-    prefaulted = host_target and pool.prefaulted_for([p.size for p in ckpt.partitions if p.size])
+    prefaulted = host_target and pool.prefaulted_for([p.size for p in ckpt.partitions if p.size], shared_memory)
     plan = _read_plan(read_tuning, tier_name, settings, host_target, ckpt.root, threads, unit_bytes, prefaulted)
     if staging_slots is None:  # enough slots for every reader thread to hold one while copies drain the others
         settings = settings.with_overrides(staging_slots=max(settings.staging_slots, plan.threads + 2))
     tee = LoadTee(ckpt, tee_into) if tee_into is not None else None
-    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged, tee, plan)
+    load = _Load(ckpt, settings, verify, device_of, devices, pool, staged, tee, plan, shared_memory)
     try:
         load.start()
         config_started = time.perf_counter()
@@ -343,7 +350,8 @@ class _Load:
     """The data movement of one load: mode choice, destination memory, pipeline, cleanup on failure."""
 
     def __init__(self, ckpt: Checkpoint, settings: TierSettings, verify: bool, device_of, devices: set[str],
-                 pool: HostBufferPool, staged: bool, tee: LoadTee | None = None, plan: ReadPlan | None = None):
+                 pool: HostBufferPool, staged: bool, tee: LoadTee | None = None, plan: ReadPlan | None = None,
+                 shared_memory: bool = False):
         self.ckpt = ckpt
         self.plan = plan or ReadPlan(settings.reader, settings.threads, settings.unit_bytes, "default")
         self.tee = tee
@@ -352,6 +360,7 @@ class _Load:
         self.device_of = device_of
         self.devices = devices
         self.pool = pool
+        self.shared_memory = shared_memory
         self.host_buffers: list[HostBuffer] = []
         self.pool_reused_bytes = 0
         self.pipeline: Pipeline | None = None
@@ -363,10 +372,14 @@ class _Load:
         self.fallback_reason = None
         host_only = devices == {"cpu"}
         self.staged = not host_only or staged
-        in_memory = settings.reader == MMAP or (not self.staged and self._page_cache_holds_it())
+        # Mapping a file instead of reading it is no saving for weights bound for shared memory: torch would copy a
+        # mapping's pages into a new segment when the model is pickled. Those loads read every tier (DRAM: a
+        # buffered copy out of tmpfs; a mapped plan: buffered reads) into shared buffers.
+        mappable = not self.staged and not shared_memory
+        in_memory = mappable and (settings.reader == MMAP or self._page_cache_holds_it())
         # A mapped plan (the probe measured no O_DIRECT on this filesystem): map the cold files and fault them in
         # from the disk in `plan.threads` threads during the load (the page cache's pages become the weights).
-        self.populate_now = not self.staged and not in_memory and self.plan.mode == MMAP
+        self.populate_now = mappable and not in_memory and self.plan.mode == MMAP
         self.zero_copy = not self.staged and (in_memory or self.populate_now)
         self.reader_mode = MMAP if self.zero_copy else (BUFFERED if self.plan.mode == MMAP else self.plan.mode)
         self.threads = self.plan.threads
@@ -476,7 +489,7 @@ class _Load:
         self.ckpt.verify_chunk(partition, chunk, self.bases[(partition, "cpu")].view()[start:start + length])
 
     def _host_buffer(self, nbytes: int) -> HostBuffer:
-        buffer = self.pool.acquire(nbytes)
+        buffer = self.pool.acquire(nbytes, shared=self.shared_memory)
         if buffer.populated:
             self.pool_reused_bytes += buffer.capacity
         self.host_buffers.append(buffer)
@@ -574,7 +587,8 @@ def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, 
     """
     import torch
 
-    uint8_bases = {key: (base.tensor() if hasattr(base, "mmap") else base) for key, base in bases.items()}
+    uint8_bases = {key: (base.tensor() if isinstance(base, (HostBuffer, MappedFile)) else base)
+                   for key, base in bases.items()}
     typed_bases: dict[tuple, Any] = {}
     tensors = {}
     for name, entry in ckpt.tensors.items():
@@ -592,7 +606,8 @@ def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, 
             if typed is None:
                 raw = uint8_bases[(entry.partition, device)]
                 typed = typed_bases[key] = raw[:raw.numel() // entry.itemsize * entry.itemsize].view(dtype)
-            tensor = typed.as_strided(entry.shape, entry.stride, offset // entry.itemsize)
+            # as_strided's offset counts from the storage's start: a carved shared buffer's view starts inside it
+            tensor = typed.as_strided(entry.shape, entry.stride, typed.storage_offset() + offset // entry.itemsize)
         tensors[name] = _converted(tensor, entry, dtype, target_dtypes(name))
     return tensors
 

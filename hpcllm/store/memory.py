@@ -20,19 +20,34 @@ request per run of physically contiguous memory, and this virtio disk takes at m
 in one process, minutes apart, 1.95 GB from a cold page cache: O_DIRECT into a pre-faulted 4 KiB-page arena
 1.50-1.73 GB/s for every threads x block tried (2-32 x 4-64 MiB), into a huge-page arena 2.56-2.64 GB/s, with a tenth
 of the CPU time (docs/loader.md, "Where the cold load lost time").
+
+`SharedHostBuffer` is the same in torch shared memory (`torch.UntypedStorage._new_shared`: an fd-backed shm
+segment), for a model that goes to a model process (hpcllm.worker.runner_process): torch.multiprocessing passes
+such a storage to the child by its fd, where it would copy any other CPU storage into a new segment first. Its
+huge pages are the shm mount's to grant (/dev/shm's `huge=` option; none by default), not MADV_HUGEPAGE's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import mmap
+import os
 import threading
 from dataclasses import dataclass
+
+from hpcllm.errors import HpcllmError
 
 PAGE_SIZE = mmap.PAGESIZE
 _MADV_POPULATE_READ = 22  # linux/mman.h (>= 5.14); not exported by Python's mmap module
 _MADV_POPULATE_WRITE = 23
+_MADV_REMOVE = 9  # frees the pages of a shared (shmem) mapping; MADV_DONTNEED would only unmap them
+SHM_DIR = "/dev/shm"  # where torch's shared memory lives (shm_open, glibc)
+
+
+class SharedMemoryFull(HpcllmError):
+    """The shared-memory filesystem cannot hold a buffer a model process's load needs."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -81,6 +96,8 @@ class HostBuffer(_Discardable):
     """One page-aligned anonymous mapping of `capacity` bytes (at least the requested size, rounded to pages), or a
     page-aligned range of one (`carve`: a partition buffer taken from a pool's reserved arena)."""
 
+    shared = False  # torch shared memory (SharedHostBuffer): a model process gets it without a copy
+
     def __init__(self, nbytes: int, huge_pages: bool = False):
         """huge_pages: back the buffer with transparent huge pages where the kernel grants them (faulting it in is
         slower, direct reads into it faster: for memory faulted in ahead of time); else never."""
@@ -110,6 +127,10 @@ class HostBuffer(_Discardable):
     def view(self) -> memoryview:
         return memoryview(self.mmap)[self.offset:self.offset + self.capacity]
 
+    def close(self) -> None:
+        """Unmap a buffer nothing views (a reservation stopped before it completed)."""
+        self.mmap.close()
+
     def huge_page_bytes(self) -> int:
         """Bytes of the underlying mapping backed by transparent huge pages now (AnonHugePages in smaps)."""
         return anon_huge_page_bytes(self.address - self.offset, len(self.mmap))
@@ -131,7 +152,94 @@ class HostBuffer(_Discardable):
             self.populated = True
 
 
-def anon_huge_page_bytes(start: int, length: int) -> int:
+class SharedHostBuffer(HostBuffer):
+    """A HostBuffer in torch shared memory: one `torch.UntypedStorage._new_shared` storage (an shm segment mapped
+    MAP_SHARED, page-aligned), or a page-aligned range of one (`carve`). Every tensor of it is a view of that one
+    storage, so pickling the model for a model process sends one fd and copies nothing (its `share_memory_()` finds
+    the storage shared already); the child maps the same pages."""
+
+    shared = True
+
+    def __init__(self, nbytes: int, huge_pages: bool = False):
+        import torch
+
+        self.capacity = max(round_up(nbytes, PAGE_SIZE), PAGE_SIZE)
+        _check_shm_space(self.capacity)
+        self.storage = torch.UntypedStorage._new_shared(self.capacity)
+        self.whole = torch.empty(0, dtype=torch.uint8).set_(self.storage)  # uint8 view of the whole segment
+        self.offset = 0
+        self.address = self.storage.data_ptr()
+        if self.address % PAGE_SIZE:  # mmap returns whole pages; O_DIRECT and madvise rely on it
+            raise RuntimeError(f"torch shared memory at {self.address:#x} is not page-aligned")
+        _advise_huge_pages(self.address, self.capacity, huge_pages)  # honoured where the shm mount allows them
+        self.populated = False
+        self.arena: HostBuffer | None = None
+        self.mmap = None
+
+    @classmethod
+    def carve(cls, arena: "HostBuffer", offset: int, nbytes: int) -> "HostBuffer":
+        part = super().carve(arena, offset, nbytes)
+        part.storage, part.whole = arena.storage, arena.whole
+        return part
+
+    def _array(self):
+        """This buffer's bytes as a writable numpy array (no copy)."""
+        return self.whole[self.offset:self.offset + self.capacity].numpy()
+
+    def view(self) -> memoryview:
+        return memoryview(self._array())
+
+    def close(self) -> None:
+        self.whole = self.storage = None  # torch unmaps the segment with its last reference
+
+    def huge_page_bytes(self) -> int:
+        return shmem_huge_page_bytes(self.address - self.offset, self.whole.numel())
+
+    def tensor(self):
+        """A uint8 tensor over this buffer: a view of the shared storage (keeps it alive)."""
+        return self.whole[self.offset:self.offset + self.capacity]
+
+    def populate(self, start: int = 0, end: int | None = None) -> None:
+        end = self.capacity if end is None else min(end, self.capacity)
+        start = start // PAGE_SIZE * PAGE_SIZE
+        if start >= end:
+            return
+        populate_range(self.address + start, end - start, self._array(), start)
+        if start == 0 and end == self.capacity:
+            self.populated = True
+
+    def discard(self, address: int, length: int) -> int:
+        """Free the whole pages of the range (MADV_REMOVE: the segment's pages go, for every process mapping it)."""
+        if not self.holds(address, length):
+            raise ValueError("the range is not inside this mapping")
+        released = discard_pages(address, length, advice=_MADV_REMOVE)
+        if released:
+            self.populated = False
+        return released
+
+
+def _check_shm_space(nbytes: int) -> None:
+    """Refuse up front what the shm filesystem cannot hold: past its size, a write to the segment is a SIGBUS (the
+    process dies), and a read into it an EFAULT. Best effort: other processes may take the space meanwhile."""
+    try:
+        stat = os.statvfs(SHM_DIR)
+    except OSError:
+        return  # no /dev/shm to check (torch will say what it can)
+    available = stat.f_bavail * stat.f_frsize
+    if nbytes > available:
+        raise SharedMemoryFull(
+            f"{SHM_DIR} has {available / 1e9:.2f} GB free, a shared-memory load needs {nbytes / 1e9:.2f} GB more for "
+            f"the model process's weights: enlarge {SHM_DIR} (its tmpfs size=), free it, or set [worker] "
+            f"model_process = false")
+
+
+def _advise_huge_pages(address: int, length: int, huge_pages: bool) -> None:
+    advice = getattr(mmap, "MADV_HUGEPAGE" if huge_pages else "MADV_NOHUGEPAGE", None)
+    if advice is not None:
+        _libc.madvise(address, length, advice)  # a kernel without transparent huge pages: base pages regardless
+
+
+def anon_huge_page_bytes(start: int, length: int, field: str = "AnonHugePages:") -> int:
     """Bytes of [start, start + length) backed by transparent huge pages now: the AnonHugePages of the memory areas
     of /proc/self/smaps overlapping that range (the kernel may split one mapping into several areas, or merge
     neighbouring mappings into one: then the count is the area's, capped at `length`). 0 where smaps cannot be
@@ -144,22 +252,28 @@ def anon_huge_page_bytes(start: int, length: int) -> int:
                 if not head.endswith(":"):  # "start-end perms ..." opens the next memory area
                     low, _, high = head.partition("-")
                     inside = int(low, 16) < start + length and start < int(high, 16)
-                elif inside and head == "AnonHugePages:":
+                elif inside and head == field:
                     total += int(line.split()[1]) * 1024
     except (OSError, ValueError):
         return 0
     return min(total, length)
 
 
-def discard_pages(address: int, length: int) -> int:
+def shmem_huge_page_bytes(start: int, length: int) -> int:
+    """anon_huge_page_bytes for a shared-memory mapping (ShmemPmdMapped in smaps)."""
+    return anon_huge_page_bytes(start, length, field="ShmemPmdMapped:")
+
+
+def discard_pages(address: int, length: int, advice: int = mmap.MADV_DONTNEED) -> int:
     """madvise(MADV_DONTNEED) over the whole pages inside [address, address + length): their memory goes back to the
-    OS (anonymous memory reads as zeros afterwards). Returns the bytes released."""
+    OS (anonymous memory reads as zeros afterwards); advice=MADV_REMOVE for a shared-memory mapping, whose pages
+    MADV_DONTNEED would only unmap. Returns the bytes released."""
     start, end = round_up(address, PAGE_SIZE), (address + length) // PAGE_SIZE * PAGE_SIZE
     if end <= start:
         return 0
-    if _libc.madvise(start, end - start, mmap.MADV_DONTNEED) != 0:
+    if _libc.madvise(start, end - start, advice) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"madvise(MADV_DONTNEED) failed: {errno.errorcode.get(err, err)}")
+        raise OSError(err, f"madvise({advice}) failed: {errno.errorcode.get(err, err)}")
     return end - start
 
 
@@ -204,7 +318,8 @@ class HostBufferPool:
 
     `acquire` hands out the smallest free buffer that fits (and wastes at most `max_waste` of it), else a range
     carved from the reserved arena (`reserve_bytes`) when one is free there, else a new, not yet faulted buffer (the
-    loader faults it ahead of its readers). `release` returns a buffer once nothing uses its memory any more
+    loader faults it ahead of its readers). `shared=True` asks for torch shared memory (SharedHostBuffer: a model
+    going to a model process): only shared buffers and a shared arena serve it; a plain request takes either. `release` returns a buffer once nothing uses its memory any more
     (LoadedModel.release does that); a carved range goes back to the arena. Thread-safe.
     """
 
@@ -217,22 +332,26 @@ class HostBufferPool:
         self._arena: HostBuffer | None = None
         self._extents: list[tuple[int, int]] = []  # free (offset, length) ranges of the arena, sorted by offset
 
-    def acquire(self, nbytes: int) -> HostBuffer:
+    def acquire(self, nbytes: int, shared: bool = False) -> HostBuffer:
         need = max(round_up(nbytes, PAGE_SIZE), PAGE_SIZE)
         with self._lock:
-            best = _best_free(self._free, need, self.max_waste)
+            best = _best_free(_serving(self._free, shared), need, self.max_waste)
             if best is not None:
                 self._free.remove(best)
                 return best
-            extent = _best_extent(self._extents, need)
+            extent = _best_extent(self._arena_extents(shared), need)
             if extent is not None:
                 offset, length = self._extents.pop(extent)
                 if length > need:
                     self._extents.insert(extent, (offset + need, length - need))
-                return HostBuffer.carve(self._arena, offset, need)
+                return type(self._arena).carve(self._arena, offset, need)
             self._all_bytes += need
             self._all_count += 1
-        return HostBuffer(need)
+        return SharedHostBuffer(need) if shared else HostBuffer(need)
+
+    def _arena_extents(self, shared: bool) -> list[tuple[int, int]]:
+        """The arena's free ranges, if it can serve this request (a plain arena never serves a shared one)."""
+        return self._extents if self._arena is not None and (self._arena.shared or not shared) else []
 
     def release(self, buffer: HostBuffer) -> None:
         if buffer.arena is not None and not buffer.populated:
@@ -254,19 +373,23 @@ class HostBufferPool:
                 merged.append((start, size))
         self._extents = merged
 
-    def reserve_bytes(self, nbytes: int, huge_pages: bool = True, stop: threading.Event | None = None) -> bool:
+    def reserve_bytes(self, nbytes: int, huge_pages: bool = True, stop: threading.Event | None = None,
+                      shared: bool = False) -> bool:
         """Allocate and fault in one arena of `nbytes` now (a worker before it knows its model); later loads carve
         their partition buffers out of it, so any model up to `nbytes` (less page rounding per partition) lands
         in memory that is already faulted in. Replaces an earlier arena (ranges carved from it stay valid).
         The arena asks for transparent huge pages (module docstring: O_DIRECT into them reads ~1.6x faster here;
         faulting them in takes longer, ~0.7 GB/s on this VM, which a spare pays before any request).
         `stop` set meanwhile (a spare got its assignment first): the faulting stops within one step, nothing is
-        reserved (the pages go back) and False is returned, so a load never waits for a reservation."""
+        reserved (the pages go back) and False is returned, so a load never waits for a reservation.
+        shared: the arena is torch shared memory (SharedHostBuffer), for loads that go to a model process; it serves
+        plain loads too."""
         # slack: each partition is rounded up to whole pages; a last partial huge page stays in base pages
-        arena = HostBuffer(nbytes + ARENA_SLACK_PAGES * PAGE_SIZE, huge_pages=huge_pages)
+        kind = SharedHostBuffer if shared else HostBuffer
+        arena = kind(nbytes + ARENA_SLACK_PAGES * PAGE_SIZE, huge_pages=huge_pages)
         for start in range(0, arena.capacity, RESERVE_STEP):
             if stop is not None and stop.is_set():
-                arena.mmap.close()
+                arena.close()
                 return False
             arena.populate(start, start + RESERVE_STEP)
         arena.populated = True
@@ -274,11 +397,11 @@ class HostBufferPool:
             self._arena, self._extents = arena, [(0, arena.capacity)]
         return True
 
-    def prefaulted_for(self, sizes: list[int]) -> bool:
+    def prefaulted_for(self, sizes: list[int], shared: bool = False) -> bool:
         """Would buffers of these sizes all come pre-faulted (free buffers, the arena) if acquired now?"""
         with self._lock:
-            free = [b for b in self._free if b.populated]
-            extents = list(self._extents) if self._arena is not None and self._arena.populated else []
+            free = [b for b in _serving(self._free, shared) if b.populated]
+            extents = list(self._arena_extents(shared)) if self._arena is not None and self._arena.populated else []
         for size in sorted(sizes, reverse=True):
             need = max(round_up(size, PAGE_SIZE), PAGE_SIZE)
             best = _best_free(free, need, self.max_waste)
@@ -293,9 +416,9 @@ class HostBufferPool:
                 extents.insert(extent, (offset + need, length - need))
         return True
 
-    def reserve(self, sizes: list[int]) -> None:
+    def reserve(self, sizes: list[int], shared: bool = False) -> None:
         """Allocate and fault in buffers of these sizes now (e.g. at worker start), ready for later loads."""
-        buffers = [self.acquire(size) for size in sizes]  # all held at once: distinct buffers, one per size
+        buffers = [self.acquire(size, shared=shared) for size in sizes]  # all held at once: distinct buffers, one per size
         for buffer in buffers:
             buffer.populate()
         for buffer in buffers:
@@ -323,6 +446,10 @@ class HostBufferPool:
                              arena_free_bytes=sum(length for _, length in self._extents))
 
 
+def _serving(free: list[HostBuffer], shared: bool) -> list[HostBuffer]:
+    return [b for b in free if b.shared] if shared else free
+
+
 def _best_free(free: list[HostBuffer], need: int, max_waste: float) -> HostBuffer | None:
     fitting = [b for b in free if need <= b.capacity <= need * (1 + max_waste) + PAGE_SIZE]
     return min(fitting, key=lambda b: b.capacity) if fitting else None
@@ -343,19 +470,22 @@ def default_pool() -> HostBufferPool:
     return _default_pool
 
 
-def reserve_from_environment(stop: threading.Event | None = None) -> int:
+def reserve_from_environment(stop: threading.Event | None = None, shared: bool = False) -> int:
     """Reserve the default pool's arena from $HPCLLM_HOST_POOL_BYTES (a spare worker at start-up); bytes reserved.
     A malformed or non-positive value reserves nothing (the worker loads into fresh memory, as without a pool), nor
-    does a reservation `stop`ped before it completed (HostBufferPool.reserve_bytes)."""
-    import os
-
+    does a reservation `stop`ped before it completed (HostBufferPool.reserve_bytes). shared: in torch shared memory
+    (a spare whose model will run in a model process)."""
     try:
         nbytes = int(os.environ.get(HOST_POOL_ENV, "0"))
     except ValueError:
         return 0
     if nbytes <= 0:
         return 0
-    if not _default_pool.reserve_bytes(nbytes, stop=stop):
+    try:
+        if not _default_pool.reserve_bytes(nbytes, stop=stop, shared=shared):
+            return 0
+    except SharedMemoryFull as exc:  # the load will say so again if it still does not fit
+        logging.getLogger(__name__).warning("no host pool reserved: %s", exc)
         return 0
     return _default_pool.stats().arena_bytes
 
@@ -369,8 +499,6 @@ class MappedFile(_Discardable):
     """
 
     def __init__(self, path, shared: bool):
-        import os
-
         self.path = path
         fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
         try:

@@ -71,7 +71,9 @@ def run_worker(
     if engine == "vllm":
         loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731
     elif loader is None:
-        loader = lambda: load_with_hpcllm(model_path, device, cache_into)  # noqa: E731
+        # weights bound for the model process go straight into shared memory: its pickling then copies nothing
+        shared_memory = bool(model_process)
+        loader = lambda: load_with_hpcllm(model_path, device, cache_into, shared_memory)  # noqa: E731
     serve(
         service,
         loader=loader,

@@ -335,12 +335,14 @@ def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
 # ---- process entry point ----------------------------------------------------------------------------------------
 
 
-def load_with_hpcllm(model_path: str | Path, device: str, cache_into: Path | None = None) -> ModelForServing:
+def load_with_hpcllm(model_path: str | Path, device: str, cache_into: Path | None = None,
+                     shared_memory: bool = False) -> ModelForServing:
     """Load a converted checkpoint through hpcllm's tiered loader (tier detected from where the path lives);
-    cache_into: also write what is read there (the node agent's cache-on-load staging folder)."""
+    cache_into: also write what is read there (the node agent's cache-on-load staging folder); shared_memory: CPU
+    weights in torch shared memory, for a model process to take without a copy (load_model's)."""
     import hpcllm
 
-    loaded = hpcllm.load_model(model_path, device=device, tee_into=cache_into)
+    loaded = hpcllm.load_model(model_path, device=device, tee_into=cache_into, shared_memory=shared_memory)
     if loaded.tokenizer is None:
         raise ConfigError(f"checkpoint {model_path} has no tokenizer files; convert it from a folder that has them")
     return ModelForServing(loaded.model, loaded.tokenizer, loaded.stats.tier, loaded.stats.seconds, owner=loaded)

@@ -110,7 +110,8 @@ class BackgroundReservation:
     def _reserve(self) -> None:
         from hpcllm.store.memory import reserve_from_environment
 
-        self.reserved = reserve_from_environment(self.stop)
+        # A spare with a model process loads into shared memory (run_worker): its arena is shared memory too.
+        self.reserved = reserve_from_environment(self.stop, shared=os.environ.get(MODEL_PROCESS_ENV) == "1")
         if self.reserved:
             print(f"spare worker: host pool {self.reserved / 1e9:.2f} GB faulted in", file=sys.stderr, flush=True)
 

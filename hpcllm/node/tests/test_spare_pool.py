@@ -69,3 +69,22 @@ def test_spare_faults_its_pool_in_the_background_and_an_assignment_never_waits_f
     threading.Timer(0.2, release.set).start()  # the step under way ends; the assignment came meanwhile
     assert early.finish() == 0  # stopped after that step: nothing reserved, the load uses fresh memory
     assert pool.stats().arena_bytes == 0
+
+
+def test_a_spare_with_a_model_process_reserves_its_pool_in_shared_memory(monkeypatch):
+    """Its load goes into shared memory (the model process takes the weights without a copy): a plain arena could
+    not serve it, so the spare reserves a shared one; without a model process the arena stays plain memory."""
+    from hpcllm.store import memory
+    from hpcllm.store.memory import HostBufferPool, SharedHostBuffer
+    from hpcllm.worker.spare import MODEL_PROCESS_ENV, BackgroundReservation
+
+    monkeypatch.setenv(memory.HOST_POOL_ENV, str(8 << 20))
+    for flag, shared in (("1", True), ("0", False)):
+        pool = HostBufferPool()
+        monkeypatch.setattr(memory, "_default_pool", pool)
+        monkeypatch.setenv(MODEL_PROCESS_ENV, flag)
+        reservation = BackgroundReservation().start()
+        reservation.thread.join()
+        assert reservation.finish() >= 8 << 20
+        assert pool.prefaulted_for([8 << 20], shared=True) is shared and pool.prefaulted_for([8 << 20])
+        assert isinstance(pool.acquire(8 << 20, shared=shared), SharedHostBuffer) is shared

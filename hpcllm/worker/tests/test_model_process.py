@@ -6,6 +6,9 @@ failure. Each engine here spawns a process (torch imports: seconds), so one engi
 
 import itertools
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from hpcllm.worker.engine import Engine
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner
-from hpcllm.worker.server import ModelForServing
+from hpcllm.worker.server import ModelForServing, load_with_hpcllm
 
 from .conftest import wait_until
 
@@ -166,3 +169,57 @@ def test_an_engine_takes_a_model_process_started_ahead_and_one_dead_before_its_i
     with pytest.raises(ModelProcessError, match="died while importing"):
         Engine(model, tokenizer, model_name="tiny", model_process=dead)
     dead.close()
+
+
+@pytest.fixture(scope="module")
+def converted_llama(model_dirs):
+    from hpcllm.checkpoint import convert
+
+    base = Path(tempfile.mkdtemp(prefix="hpcllm-model-process-", dir="/var/tmp"))
+    convert(model_dirs["llama"], base / "llama", partitions=2, progress=False)
+    yield base / "llama"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def shm_inode(pid: int | str, address: int) -> int:
+    """The inode of the shared-memory file mapped at `address` in process `pid` (0: anonymous memory)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            if low <= address < high:
+                return int(fields[4])
+    raise AssertionError(f"{address:#x} is not mapped in {pid}")
+
+
+def mapped_inodes(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/maps") as maps:
+        return {int(line.split()[4]) for line in maps}
+
+
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_weights_loaded_into_shared_memory_reach_the_model_process_without_a_copy(converted_llama, reference_model,
+                                                                                  shared_memory):
+    """The worker's load for a model process (shared_memory=True): pickling the model shares the loader's pages, so
+    the weights stay where they were loaded and the child maps those same pages; a plain load's weights are copied
+    into new segments (moved). Either way the child serves greedy output equal to generate."""
+    served = load_with_hpcllm(converted_llama, "cpu", shared_memory=shared_memory)
+    weights = dict(served.model.named_parameters())
+    before = {name: p.data_ptr() for name, p in weights.items()}
+    segments = {p.untyped_storage().data_ptr() for p in weights.values()}
+    engine = Engine(served.model, served.tokenizer, model_name="tiny", model_process=True,
+                    prefill_chunk_tokens=8, kv_block_size=4).start()
+    try:
+        after = {name: p.data_ptr() for name, p in weights.items()}
+        assert (after == before) is shared_memory
+        child = engine.runner.pid
+        inodes = {shm_inode(os.getpid(), address) for address in segments}
+        assert (0 not in inodes and inodes <= mapped_inodes(child)) is shared_memory
+        prompt_ids = [served.tokenizer(p)["input_ids"] for p in PROMPTS]
+        results = run_together(engine, [request(prompt_token_ids=ids, max_tokens=12, temperature=0)
+                                        for ids in prompt_ids])
+        assert [[e.token_id for e in events[:-1]] for events in results] == [
+            hf_greedy(reference_model("llama"), ids, 12) for ids in prompt_ids]
+    finally:
+        engine.shutdown()
+        served.owner.release()
