@@ -43,10 +43,16 @@ def checkpoint(size: str) -> Path:
     return converted
 
 
-def manager(root: Path, spares: int, cache: CacheManager) -> WorkerManager:
+def manager(root: Path, spares: int, cache: CacheManager, model_process: str = "auto") -> WorkerManager:
+    """A node agent's worker manager; its workers read [worker] model_process from a config file it points them at."""
+    setting = "false" if model_process == "false" else '"auto"'
+    config_path = root / f"worker-{model_process}.toml"
+    config_path.write_text(f"[worker]\nmodel_process = {setting}\n")
     config = parse_config({"paths": {"state_dir": str(root / "state")}, "cluster": {"shared_secret": "bench"},
-                           "node": {"spare_workers": spares}})
-    return WorkerManager(config, root / f"run-{spares}", GpuInventory((), "bench"), cache, poll_seconds=0.05)
+                           "node": {"spare_workers": spares},
+                           "worker": {"model_process": "auto" if model_process == "auto" else False}})
+    return WorkerManager(config, root / f"run-{spares}", GpuInventory((), "bench"), cache, config_path=config_path,
+                         poll_seconds=0.05)
 
 
 def time_to_ready(workers: WorkerManager, model: Path) -> tuple[float, float | None]:
@@ -76,14 +82,16 @@ def wait_for_spare(workers: WorkerManager, timeout: float = 120) -> None:
     raise SystemExit("the spare worker did not finish its imports")
 
 
-def measure(model: Path, tier: str, runs: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Seconds from start request to ready, and the worker's own load seconds, per kind ("fresh", "spare")."""
+def measure(model: Path, tier: str, runs: int,
+            model_process: str = "auto") -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Seconds from start request to ready, and the worker's own load seconds, per kind ("fresh", "spare").
+    model_process: the workers' [worker] model_process ("auto": the CPU default, a model process; "false")."""
     with tempfile.TemporaryDirectory(prefix="coldstart-", dir="/var/tmp") as tmp:
         root = Path(tmp)
         cache = CacheManager(root / "nvme", 10**12, 10**11, f"bench-coldstart-{root.name}", dram_root=root / "shm")
         if tier != "sharedfs":
             cache.warm("bench", model, tier)
-        fresh, spare = manager(root, 0, cache), manager(root, 1, cache)
+        fresh, spare = manager(root, 0, cache, model_process), manager(root, 1, cache, model_process)
         times: dict[str, list[float]] = {"fresh": [], "spare": []}
         loads: dict[str, list[float]] = {"fresh": [], "spare": []}
         try:
@@ -112,14 +120,17 @@ def main() -> int:
     parser.add_argument("--size", default="small", choices=("tiny", "small", "bench"))
     parser.add_argument("--tier", default="nvme", choices=("nvme", "dram", "sharedfs"))
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--model-process", default="auto", choices=("auto", "false"),
+                        help="the workers' [worker] model_process (auto: the CPU default, the forward in a child)")
     args = parser.parse_args()
 
     model = checkpoint(args.size)
-    times, loads = measure(model, args.tier, args.runs)
+    times, loads = measure(model, args.tier, args.runs, args.model_process)
 
     f, s = statistics.median(times["fresh"]), statistics.median(times["spare"])
     print(f"\nmodel llama-{args.size} ({sum(p.stat().st_size for p in model.glob('data-*')) / 1e6:.0f} MB) from "
-          f"{args.tier}, {args.runs} runs each, median time from start request to ready:")
+          f"{args.tier}, model_process {args.model_process}, {args.runs} runs each, median time from start request "
+          f"to ready:")
     print(f"  fresh worker process: {f:.2f} s (load inside the worker {statistics.median(loads['fresh']):.2f} s)")
     print(f"  spare worker:         {s:.2f} s (load inside the worker {statistics.median(loads['spare']):.2f} s)")
     print(f"  spare is {f / s:.1f}x faster to ready")
