@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcllm.worker.engine import Engine
+from hpcllm.worker.engine import Engine, EngineUnavailable
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner
@@ -146,6 +146,19 @@ def test_a_dead_model_process_fails_the_engine_and_its_requests(unpacked_pair):
         final = [e for e in events if isinstance(e, FinalLine)][-1]
         assert final.finish_reason == "error" and "model process died" in final.error.message
         assert not engine.alive and "model process died" in engine.error
+    finally:
+        engine.shutdown()
+
+
+def test_an_embedding_whose_model_process_died_fails_with_the_reason_and_so_does_the_engine(unpacked_pair):
+    model, tokenizer = unpacked_pair
+    engine = Engine(model, tokenizer, model_name="tiny", model_process=True).start()
+    try:
+        engine.runner._process.kill()
+        engine.runner._process.join(10)
+        with pytest.raises(EngineUnavailable, match="embedding failed: the model process"):
+            engine.embed([tokenizer(PROMPTS[0])["input_ids"]])
+        assert wait_until(lambda: not engine.alive) and "model process" in engine.error
     finally:
         engine.shutdown()
 
