@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hpcllm.checkpoint.context import max_model_len_for
+from hpcllm.worker import fastpath
 from hpcllm.worker.kvcache import BlockPool
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs, TopLogprob
@@ -54,7 +55,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     RequestStream,
     UnknownRequest,
 )
-from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, make_runner
+from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, embed_last_token, make_runner
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ProcessRunner
 from hpcllm.worker.sampling import sample_token
@@ -150,6 +151,9 @@ class Engine(EngineBase):
             raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
         if kv_block_size < 1:
             raise ValueError(f"kv_block_size must be >= 1, not {kv_block_size}")
+        if fastpath.weights_dropped(model):
+            raise ValueError("the model's weights were handed to a model process, whose fast path replaced them (this "
+                             "copy of the model keeps none of those): give the engine a model as loaded")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -245,20 +249,28 @@ class Engine(EngineBase):
     def _run_embed_jobs(self) -> None:
         with self._lock:
             jobs, self._embed_jobs = list(self._embed_jobs), deque()
-        for job in jobs:
+        for index, job in enumerate(jobs):
             try:
-                job.embeddings = [self._embed_one(ids) for ids in job.inputs]
+                job.embeddings = self._embed(job.inputs)
             except torch.OutOfMemoryError as exc:
                 job.error = exc
+            except Exception as exc:  # the engine dies of it (e.g. its model process did): the callers hear why
+                for failed in jobs[index:]:
+                    failed.error = exc
+                    failed.done.set()
+                raise
             finally:
                 job.done.set()
 
+    def _embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """With a model process the model runs there (the worker's copy no longer holds the weights its fast path
+        replaced: ProcessRunner); between steps either way, on the engine thread."""
+        if isinstance(self.runner, ProcessRunner):
+            return self.runner.embed(inputs)
+        return [self._embed_one(ids) for ids in inputs]
+
     def _embed_one(self, ids: list[int]) -> list[float]:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        position_ids = torch.arange(len(ids), device=self.device).unsqueeze(0)
-        hidden = self.model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        last = hidden.last_hidden_state[0, -1].to(torch.float32)
-        return torch.nn.functional.normalize(last, dim=-1).tolist()
+        return embed_last_token(self.model, ids)
 
     def cancel(self, request_id: str, wait: bool = True, timeout: float = 60.0) -> RequestTokens:
         """Stop a request; with wait, return its token ids once the engine has stopped touching it."""

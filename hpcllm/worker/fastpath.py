@@ -16,7 +16,8 @@ Built from the model as loaded (no converted checkpoint), after tensor-parallel 
 q/k/v (gate/up) slices, which hold the same heads (rows) in every projection, so the fused split sizes are the
 local ones. The original weights are dropped from the modules; their memory is freed where they own it
 (`from_pretrained`). Weights that are views of a larger load buffer (hpcllm's zero-copy CPU loader) are listed in
-`FastPath.dropped_ranges` for the buffer's owner to release (the worker: LoadedModel.discard).
+`FastPath.dropped_ranges` for the buffer's owner to release (the worker: LoadedModel.discard). In a model process
+the worker's own copy of the model drops the same weights by name (`FastPath.dropped_weights`, drop_weights).
 
 The rewritten forwards are the transformers forwards of those classes with the projections fused: nothing else
 changes (rotary, cache update, the attention function, `generate` on the same model). Results differ from the
@@ -58,6 +59,9 @@ class FastPath:
     # (address, bytes) of dropped weights that are views of a larger buffer (a loader's): freeing them is the
     # buffer owner's job (LoadedModel.discard); no range overlaps a tensor the model still uses.
     dropped_ranges: list[tuple[int, int]] = field(default_factory=list, compare=False, repr=False)
+    # Qualified names of the parameters the modules no longer hold: a model process reports them, so the worker can
+    # drop the same weights from its own copy of the model (drop_weights).
+    dropped_weights: list[str] = field(default_factory=list, compare=False, repr=False)
 
 
 def prepare(model: nn.Module) -> FastPath:
@@ -68,6 +72,7 @@ def prepare(model: nn.Module) -> FastPath:
     if not torch.backends.mkldnn.is_available():
         return FastPath(skipped="this torch has no oneDNN (mkldnn)")
     done = FastPath()
+    before = _parameter_names(model)
     dropped: list[tuple[int, int]] = []  # ranges, not tensors: a dropped weight with its own storage is freed now
     with torch.no_grad():
         for module in list(model.modules()):
@@ -84,7 +89,35 @@ def prepare(model: nn.Module) -> FastPath:
                 dropped += _pack(module)
                 done.packed_linear += 1
     done.dropped_ranges = _buffer_ranges(dropped, model)
+    done.dropped_weights = sorted(before - _parameter_names(model))
     return done
+
+
+def _parameter_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)}
+
+
+def drop_weights(model: nn.Module, names: list[str]) -> list[tuple[int, int]]:
+    """Replace the named parameters of `model` by meta tensors (same shape and dtype, no memory): the worker's copy
+    of a model whose model process built fused, packed copies of them (its FastPath.dropped_weights). A weight with
+    its own storage is freed with its last reference; returns the (address, bytes) ranges of those that were views
+    of a larger buffer and that no tensor the model still holds overlaps, for the buffer's owner to release
+    (LoadedModel.discard), like prepare()'s dropped_ranges."""
+    dropped: list[tuple[int, int]] = []
+    if names:
+        model.hpcllm_dropped_weights = list(names)  # weights_dropped(); meta alone could be accelerate's offload
+    for name in names:
+        owner_name, _, attribute = name.rpartition(".")
+        module = model.get_submodule(owner_name)
+        weight = module._parameters[attribute]
+        dropped += _view_ranges([weight])
+        module._parameters[attribute] = nn.Parameter(torch.empty_like(weight, device="meta"), requires_grad=False)
+    return _buffer_ranges(dropped, model)
+
+
+def weights_dropped(model: nn.Module) -> bool:
+    """Whether drop_weights left the model without some of its weights (it cannot run, or be handed on, any more)."""
+    return bool(getattr(model, "hpcllm_dropped_weights", None))
 
 
 def _buffer_ranges(dropped: list[tuple[int, int]], model: nn.Module) -> list[tuple[int, int]]:

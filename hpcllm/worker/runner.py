@@ -336,6 +336,18 @@ class SequentialRunner:
         return torch.stack(rows)
 
 
+def embed_last_token(model, ids: list[int]) -> list[float]:
+    """The embedding of one token id list: the model's final hidden state at the last token, L2-normalized (vLLM's
+    default pooling for decoder models). Run where the model's weights are: the engine thread, or the model
+    process (runner_process.py)."""
+    device = model.get_input_embeddings().weight.device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    position_ids = torch.arange(len(ids), device=device).unsqueeze(0)
+    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    last = hidden.last_hidden_state[0, -1].to(torch.float32)
+    return torch.nn.functional.normalize(last, dim=-1).tolist()
+
+
 def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto",
                 fast_path: bool = True) -> ModelRunner:
     """batching: "auto" (paged if the model allows, else sequential), "paged" (or a clear error), "sequential".

@@ -15,6 +15,9 @@ into shared memory (once; the worker then uses the shared copy too) and passes C
 child is spawned first (model_process.ModelProcess, torch-free), so its torch/transformers imports overlap the
 worker's own imports and model load. The KV
 cache lives in the child. The scheduler, block pool, sampling, detokenization and streams stay in the worker.
+The child's fast path replaces most weights by its own fused, packed copies: it names them, and the worker drops
+them from its copy of the model too (their shared pages go back to the OS: server._discard_dropped_weights), so
+embeddings run in the child as well ("embed", between steps): each weight is held once.
 
 launch(batch) returns at once; collect() waits for the logits: the engine delivers the previous step's stream
 events in between, while the child computes (Engine._forward).
@@ -23,6 +26,7 @@ events in between, while the child computes (Engine._forward).
 from __future__ import annotations
 
 
+import dataclasses
 import signal
 import traceback
 
@@ -30,7 +34,7 @@ import torch
 import torch.multiprocessing  # registers the pickling of tensors by shared memory / CUDA IPC used on the pipe
 
 from hpcllm.worker import fastpath
-from hpcllm.worker.runner import PagedRunner, StepBatch, make_runner
+from hpcllm.worker.runner import PagedRunner, StepBatch, embed_last_token, make_runner
 
 class ModelProcessError(RuntimeError):
     """The model process failed or died: the engine is dead (its loop ends, /health answers 503)."""
@@ -66,6 +70,11 @@ class ProcessRunner:
         self.paged: bool = payload["paged"]  # prefix caching needs the paged runner's shared blocks
         self._logits: torch.Tensor = payload["logits"]  # [max_rows, vocab] float32 in shared memory
         self._in_flight = False
+        # The child's fast path replaced these weights by its own fused, packed copies: this copy of the model lets
+        # them go too (meta tensors), and dropped_ranges (this process's addresses) is what the loader's shared
+        # buffers may give back (the worker: LoadedModel.discard, MADV_REMOVE: gone for both processes).
+        self.fast_path: fastpath.FastPath = payload["fast_path"]
+        self.fast_path.dropped_ranges = fastpath.drop_weights(model, self.fast_path.dropped_weights)
 
     @property
     def pid(self) -> int:
@@ -94,6 +103,21 @@ class ProcessRunner:
     def step(self, batch: StepBatch) -> torch.Tensor:
         self.launch(batch)
         return self.collect()
+
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Embeddings of token id lists (runner.embed_last_token), computed by the model process between steps."""
+        if self._in_flight:
+            raise RuntimeError("a step is running in the model process")
+        try:
+            self._conn.send(("embed", inputs))
+        except (BrokenPipeError, OSError) as exc:
+            raise ModelProcessError(f"the model process is gone (exit code {self._process.exitcode})") from exc
+        kind, payload = self._receive()
+        if kind == "oom":
+            raise torch.OutOfMemoryError(payload)
+        if kind == "error":
+            raise ModelProcessError(f"the model process failed: {payload}")
+        return payload
 
     def close(self) -> None:
         """Stop the model process (the engine's loop ended)."""
@@ -131,17 +155,24 @@ def serve_steps(conn) -> None:
     output = model.get_output_embeddings()  # its weight may be packed by the fast path by now: out_features stays
     width = output.out_features if isinstance(output, torch.nn.Linear) else model.config.vocab_size
     logits = torch.empty(max_rows, width, dtype=torch.float32).share_memory_()
-    conn.send(("ready", {"paged": isinstance(runner, PagedRunner), "logits": logits}))
+    paged = isinstance(runner, PagedRunner)
+    # Its dropped ranges are this process's addresses: the worker finds the same weights by name in its own copy.
+    fast_path = dataclasses.replace(runner.fast_path, dropped_ranges=[]) if paged else fastpath.FastPath(
+        skipped="sequential batching")
+    conn.send(("ready", {"paged": paged, "logits": logits, "fast_path": fast_path}))
     with torch.inference_mode():
         while True:
             try:
-                kind, batch = conn.recv()
+                kind, work = conn.recv()
             except EOFError:  # the worker exited
                 return
             if kind == "stop":
                 return
             try:
-                rows = runner.step(batch)
+                if kind == "embed":
+                    conn.send(("embedded", [embed_last_token(model, ids) for ids in work]))
+                    continue
+                rows = runner.step(work)
                 logits[:len(rows)].copy_(rows)
                 conn.send(("ok", len(rows)))
             except torch.OutOfMemoryError as exc:

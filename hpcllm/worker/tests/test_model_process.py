@@ -4,7 +4,9 @@ The split must not change what a user gets: greedy output equals transformers' g
 in-process engine's, prefix caching and cancel work, and a dead model process fails the engine like any engine
 failure. Each engine here spawns a process (torch imports: seconds), so one engine serves most tests."""
 
+import ctypes
 import itertools
+import mmap
 import os
 import shutil
 import tempfile
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcllm.worker.engine import Engine
+from hpcllm.worker.engine import Engine, EngineUnavailable
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner
@@ -41,19 +43,24 @@ def run_together(engine, requests):
     return [list(stream.events()) for stream in streams]
 
 
-@pytest.fixture(scope="module")
-def unpacked_pair(model_dirs):
-    """A model no in-process engine is given: the model process shares the parent's weights, and an in-process
-    engine's fast path packs them in place into oneDNN tensors, which cannot be shared (load_pair's are)."""
+def load_unpacked(model_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = model_dirs["llama"]
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
+@pytest.fixture
+def unpacked_pair(model_dirs):
+    """A model no engine was given yet: the model process shares the parent's weights, an in-process engine's fast
+    path packs them in place into oneDNN tensors, which cannot be shared (load_pair's are), and a model process's
+    fast path takes the weights it replaced from the worker's copy (one engine per model)."""
+    return load_unpacked(model_dirs)
+
+
 @pytest.fixture(scope="module")
-def process_engine(unpacked_pair):
-    model, tokenizer = unpacked_pair
+def process_engine(model_dirs):
+    model, tokenizer = load_unpacked(model_dirs)
     engine = Engine(model, tokenizer, model_name="tiny", model_process=True, prefill_chunk_tokens=8,
                     kv_block_size=4).start()
     yield engine
@@ -143,6 +150,19 @@ def test_a_dead_model_process_fails_the_engine_and_its_requests(unpacked_pair):
         engine.shutdown()
 
 
+def test_an_embedding_whose_model_process_died_fails_with_the_reason_and_so_does_the_engine(unpacked_pair):
+    model, tokenizer = unpacked_pair
+    engine = Engine(model, tokenizer, model_name="tiny", model_process=True).start()
+    try:
+        engine.runner._process.kill()
+        engine.runner._process.join(10)
+        with pytest.raises(EngineUnavailable, match="embedding failed: the model process"):
+            engine.embed([tokenizer(PROMPTS[0])["input_ids"]])
+        assert wait_until(lambda: not engine.alive) and "model process" in engine.error
+    finally:
+        engine.shutdown()
+
+
 def test_a_model_packed_by_an_in_process_engine_is_refused_with_a_reason(load_pair):
     model, tokenizer = load_pair("llama")
     Engine(model, tokenizer, model_name="tiny")  # its fast path packs the shared test model in place
@@ -151,7 +171,7 @@ def test_a_model_packed_by_an_in_process_engine_is_refused_with_a_reason(load_pa
 
 
 def test_an_engine_takes_a_model_process_started_ahead_and_one_dead_before_its_imports_is_a_clear_error(
-        unpacked_pair):
+        unpacked_pair, model_dirs):
     model, tokenizer = unpacked_pair
     ahead = ModelProcess()  # what a spare worker starts while it waits
     assert ahead.wait_imported()
@@ -163,11 +183,14 @@ def test_an_engine_takes_a_model_process_started_ahead_and_one_dead_before_its_i
     finally:
         engine.shutdown()
     assert not ahead.process.is_alive()
+    # The worker's copy gave the weights the child's fast path replaced up: it cannot serve again.
+    with pytest.raises(ValueError, match="handed to a model process"):
+        Engine(model, tokenizer, model_name="tiny", model_process=True)
 
     dead = ModelProcess()
     dead.process.kill()
     with pytest.raises(ModelProcessError, match="died while importing"):
-        Engine(model, tokenizer, model_name="tiny", model_process=dead)
+        Engine(load_unpacked(model_dirs)[0], tokenizer, model_name="tiny", model_process=dead)
     dead.close()
 
 
@@ -223,3 +246,71 @@ def test_weights_loaded_into_shared_memory_reach_the_model_process_without_a_cop
     finally:
         engine.shutdown()
         served.owner.release()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def resident_bytes(storages) -> int:
+    """Bytes of these shared-memory segments whose pages exist (mincore: a segment's pages are resident for every
+    process mapping it, or gone for all of them after MADV_REMOVE)."""
+    total = 0
+    for storage in storages:
+        pages = -(-storage.nbytes() // mmap.PAGESIZE)
+        vector = (ctypes.c_ubyte * pages)()
+        assert _libc.mincore(ctypes.c_void_p(storage.data_ptr()), ctypes.c_size_t(storage.nbytes()), vector) == 0
+        total += sum(1 for page in vector if page & 1) * mmap.PAGESIZE
+    return total
+
+
+def mapped_rss(pid: int, inodes: set[int]) -> int:
+    """Resident bytes of process `pid`'s mappings of these files (/proc/pid/smaps)."""
+    total, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):
+                inside = len(fields) >= 5 and int(fields[4]) in inodes
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+def test_with_a_model_process_each_weight_is_held_once_and_embeddings_run_there(converted_llama, reference_model,
+                                                                               load_pair, start_worker):
+    """The child's fast path replaces most weights by fused, packed copies: the worker's shared-memory originals of
+    those are given back (their pages gone for both processes), the worker's model holds none of them, and greedy
+    output and embeddings (computed in the child) still equal generate's and the in-process engine's."""
+    served = load_with_hpcllm(converted_llama, "cpu", shared_memory=True)
+    model, tokenizer = served.model, served.tokenizer
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage() for p in model.parameters()}.values()
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    resident_at_load = resident_bytes(storages)
+    assert resident_at_load >= weight_bytes  # the load wrote every weight into the segments
+    inodes = {shm_inode(os.getpid(), storage.data_ptr()) for storage in storages}
+
+    worker = start_worker(loader=lambda: served, model_process=True)
+    assert wait_until(lambda: worker.service.engine is not None and worker.service.engine.alive, timeout=120)
+    runner = worker.service.engine.runner
+    assert isinstance(runner, ProcessRunner) and runner.fast_path.fused_attention == model.config.num_hidden_layers
+    dropped = sum(length for _, length in runner.fast_path.dropped_ranges)
+    assert dropped > weight_bytes / 2  # q/k/v, gate/up, o/down projections and the (untied) lm_head: most of it
+    whole_pages = dropped - 2 * mmap.PAGESIZE * len(runner.fast_path.dropped_ranges)  # partial pages stay
+    assert wait_until(lambda: resident_at_load - resident_bytes(storages) >= whole_pages), (
+        f"released {resident_at_load - resident_bytes(storages)} of {dropped} bytes")
+    assert mapped_rss(runner.pid, inodes) <= resident_at_load - dropped + mmap.PAGESIZE * len(storages)
+    dropped_names = set(runner.fast_path.dropped_weights)
+    assert {name for name, p in model.named_parameters() if p.device.type == "meta"} == dropped_names
+
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    for ids in prompt_ids[:2]:
+        with worker.client.generate(request(prompt_token_ids=ids, max_tokens=12, temperature=0)) as stream:
+            assert [line.token_id for line in list(stream)[:-1]] == hf_greedy(reference_model("llama"), ids, 12)
+    embedded = worker.client.embed(prompt_ids).embeddings
+    local_model, local_tokenizer = load_pair("llama")
+    with Engine(local_model, local_tokenizer, model_name="tiny") as local:
+        expected = local.embed(prompt_ids)
+    for got, want in zip(embedded, expected):
+        assert got == pytest.approx(want, abs=1e-5)
+    worker.stop()
+    served.owner.release()
