@@ -38,16 +38,21 @@ class ModelProcess:
             return self._imported
 
     def close(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.conn.send(("stop", None))
-            except (BrokenPipeError, OSError):
-                pass
+        if self.process.is_alive() and self._say_stop():
             self.process.join(STOP_SECONDS)
-        if self.process.is_alive():  # it ignores SIGTERM (the worker's to act on)
+        if self.process.is_alive():  # it ignores SIGTERM (the worker's to act on), or its pipe is broken
             self.process.kill()
             self.process.join(STOP_SECONDS)
         self.conn.close()
+
+
+    def _say_stop(self) -> bool:
+        """Ask the child to stop; False when its pipe is already broken (then only a kill ends it)."""
+        try:
+            self.conn.send(("stop", None))
+        except (BrokenPipeError, OSError):
+            return False
+        return True
 
 
 def _child_main(conn) -> None:

@@ -59,10 +59,7 @@ class ProcessRunner:
             raise ModelProcessError(f"the model process died while importing (exit code {self._process.exitcode})")
         setup = {"model": model, "num_blocks": num_blocks, "block_size": block_size, "batching": batching,
                  "max_rows": max_rows, "threads": torch.get_num_threads(), "fast_path": fast_path}
-        try:
-            self._conn.send(("load", setup))  # torch.multiprocessing's pickler: weights by shared memory / IPC
-        except (BrokenPipeError, OSError) as exc:
-            raise ModelProcessError(f"the model process is gone (exit code {self._process.exitcode})") from exc
+        self._send(("load", setup))  # torch.multiprocessing's pickler: weights by shared memory / IPC
         kind, payload = self._receive()
         if kind == "error":
             self.close()
@@ -84,21 +81,13 @@ class ProcessRunner:
         """Start a step in the model process; collect() returns its logits."""
         if self._in_flight:
             raise RuntimeError("a step is already running in the model process")
-        try:
-            self._conn.send(("step", batch))
-        except (BrokenPipeError, OSError) as exc:
-            raise ModelProcessError(f"the model process is gone (exit code {self._process.exitcode})") from exc
+        self._send(("step", batch))
         self._in_flight = True
 
     def collect(self) -> torch.Tensor:
         """The launched step's logits, [rows, vocab] (a copy: the engine may keep rows past the next step)."""
         self._in_flight = False
-        kind, payload = self._receive()
-        if kind == "oom":
-            raise torch.OutOfMemoryError(payload)
-        if kind == "error":
-            raise ModelProcessError(f"the model process failed: {payload}")
-        return self._logits[:payload].clone()
+        return self._logits[:self._result()].clone()
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         self.launch(batch)
@@ -108,20 +97,27 @@ class ProcessRunner:
         """Embeddings of token id lists (runner.embed_last_token), computed by the model process between steps."""
         if self._in_flight:
             raise RuntimeError("a step is running in the model process")
+        self._send(("embed", inputs))
+        return self._result()
+
+    def close(self) -> None:
+        """Stop the model process (the engine's loop ended)."""
+        self._model_process.close()
+
+    def _send(self, message: tuple[str, object]) -> None:
         try:
-            self._conn.send(("embed", inputs))
+            self._conn.send(message)
         except (BrokenPipeError, OSError) as exc:
             raise ModelProcessError(f"the model process is gone (exit code {self._process.exitcode})") from exc
+
+    def _result(self):
+        """The payload of a step's or an embed job's reply; its failure raised (out of memory: the usual OOM)."""
         kind, payload = self._receive()
         if kind == "oom":
             raise torch.OutOfMemoryError(payload)
         if kind == "error":
             raise ModelProcessError(f"the model process failed: {payload}")
         return payload
-
-    def close(self) -> None:
-        """Stop the model process (the engine's loop ended)."""
-        self._model_process.close()
 
     def _receive(self) -> tuple[str, object]:
         try:
