@@ -14,10 +14,12 @@
 #      Llama through hpcllm.tp and decode greedily, tokens == generate; with one GPU, 1 rank (NCCL with world size
 #      1), saying so; fails, saying what to carry, without mpi4py or an MPI launcher;
 #   3. bench/load.py's GPU methods against the host-to-device limit measured in the same run (~2 GB checkpoint);
-#   4. vLLM's CUDA path behind hpcllm (bench/vllm_gpu_check.py): weights through hpcllm's loader plugin, greedy ==
+#   4. hpcllm's engine on the GPU (bench/engine_gpu.py): continuous batching against transformers' static-batch
+#      generate at 1, 16 and 64 requests arriving together, on the load bench's ~2 GB bf16 Llama;
+#   5. vLLM's CUDA path behind hpcllm (bench/vllm_gpu_check.py): weights through hpcllm's loader plugin, greedy ==
 #      generate on cuda, throughput at 1 and 16 prompts; skipped, saying so, when the interpreter has no vllm.
 # Results in $OUT (the device tool's folder) or bench/results/gpu-check/: gpu.txt, gpu-tests.log, tp.txt, load.txt,
-# load-latest.json/.png and vllm.txt. Exit status: the tests', else the TP check's, else the vLLM check's.
+# load-latest.json/.png, engine.txt and vllm.txt. Exit status: the tests', else the TP check's, else the vLLM check's.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/results/gpu-check}
@@ -62,6 +64,11 @@ read -r -a bench_args <<<"${BENCH_ARGS:-}"
 timeout "${BENCH_SECONDS:-300}" "$PY" bench/load.py --runs "${BENCH_RUNS:-3}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
     --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu 2>&1 | tee "$OUT/load.txt"
 cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
+
+bench_model=/tmp/hpcllm-bench/bench/hf
+[ -f "$bench_model/config.json" ] || bench_model=  # the load bench did not get to build it: the small dev Llama
+timeout "${ENGINE_SECONDS:-150}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} 2>&1 \
+    | tee "$OUT/engine.txt"
 
 timeout "${VLLM_SECONDS:-240}" "$PY" bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
 vllm=${PIPESTATUS[0]}

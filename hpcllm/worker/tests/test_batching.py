@@ -117,6 +117,38 @@ def test_preemption_under_a_tiny_kv_budget_keeps_greedy_output(arch, load_pair, 
     assert engine.kv_pool.used_blocks == 0  # everything freed at the end
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_greedy_and_preemption_on_cuda_equal_generate_on_cuda(arch, model_dirs, engines):
+    """The paged runner's KV pool, block tables and decode groups live on the model's GPU: four requests of
+    different lengths in one forward, the newest preempted under a tiny KV budget and recomputed, each equal to
+    transformers' generate on the same GPU; seeded sampling the same alone and in the batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs[arch]).to("cuda").eval()
+    reference = AutoModelForCausalLM.from_pretrained(model_dirs[arch]).to("cuda").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs[arch])
+    prompt_ids = [tokenizer(p)["input_ids"][:12] for p in PROMPTS]
+    with torch.no_grad():
+        expected = [reference.generate(torch.tensor([ids], device="cuda"), do_sample=False, max_new_tokens=32)
+                    [0, len(ids):].tolist() for ids in prompt_ids]
+    counting = engines(model, tokenizer, max_model_len=64, kv_cache_tokens=64, kv_block_size=4,
+                       max_running_requests=4, prefill_chunk_tokens=8)
+    assert isinstance(counting.engine.runner, PagedRunner)
+    results = counting.run_together(
+        [request(prompt_token_ids=ids, max_tokens=32, temperature=0, ignore_eos=True) for ids in prompt_ids])
+    assert [tokens for tokens, _ in results] == expected
+    assert max(counting.batch_sizes) > 1
+    assert counting.engine.metrics.preemptions._value.get() > 0
+    assert counting.engine.kv_pool.used_blocks == 0
+    sampled = dict(prompt_token_ids=prompt_ids[0], max_tokens=20, temperature=0.9, top_p=0.95, seed=7,
+                   ignore_eos=True)
+    [(alone, _)] = counting.run_together([request(**sampled)])
+    batched = counting.run_together([request(prompt_token_ids=prompt_ids[1], max_tokens=20, temperature=1.0, seed=1),
+                                     request(**sampled)])
+    assert batched[1][0] == alone
+
+
 def test_a_kv_budget_below_one_context_is_refused(load_pair):
     model, tokenizer = load_pair("llama")
     with pytest.raises(ValueError, match="kv_cache_tokens 32 cannot hold one full context of max_model_len 64"):

@@ -1,0 +1,148 @@
+"""hpcllm's engine on a GPU: output tokens/s of continuous batching against transformers' static batching.
+
+    PYTHONPATH=$PWD python bench/engine_gpu.py [--model-dir HF_DIR] [--device cuda] [--concurrency 1 16 64]
+                                               [--rounds 2]
+
+C requests from bench/serve.py's seeded prompt set (prompt lengths log-normal, median ~60 tokens; outputs 16..128
+tokens) arrive together, greedy, every request running to its own max_tokens. Two ways to serve them, alternating
+per round on the same loaded model (no HTTP, no gateway):
+- hpcllm: hpcllm's Engine (paged KV blocks, one forward per step over every running request, chunked prefill,
+  requests leave the batch as they finish);
+- generate: transformers' `generate` over all C prompts at once (left padding, as many new tokens as the longest
+  request wants): the static batch a plain script would run. Only the tokens each request asked for count.
+Prints output tokens/s per C for both and hpcllm's ratio to `generate` in the same run. The model is the HF folder
+given (bench/gpu_check.sh passes bench/load.py's ~2 GB bf16 Llama), else the devmodels "small" Llama in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.serve import Prompt, prompt_set  # noqa: E402
+
+TARGETS = ("hpcllm", "generate")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, help="a Hugging Face model folder (default: the small dev Llama)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-output", type=int, default=128, help="cap on each request's output tokens")
+    args = parser.parse_args()
+    if min(args.concurrency) < 1 or args.rounds < 1 or args.max_output < 1:
+        parser.error("--concurrency, --rounds and --max-output must be >= 1")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("skipped: torch sees no CUDA device (run with --device cpu to try it here)")
+        return 0
+    model_dir = args.model_dir or small_model()
+    began = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(args.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    print(f"engine bench: {model_dir} ({model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+          f"parameters) on {args.device}, loaded in {time.perf_counter() - began:.1f} s; {describe(args.device)}",
+          flush=True)
+
+    rates: dict[tuple[str, int], list[float]] = {}
+    for concurrency in args.concurrency:
+        prompts = [Prompt(p.token_ids, min(p.max_tokens, args.max_output))
+                   for p in prompt_set(concurrency, model.config.vocab_size, seed=0)]
+        run_hpcllm(model, tokenizer, prompts[:2], concurrency)  # warm-up: kernels, the allocator, the KV pool
+        run_generate(model, tokenizer, prompts[:2], concurrency)
+        for round_index in range(args.rounds):
+            order = TARGETS if round_index % 2 == 0 else TARGETS[::-1]
+            for target in order:
+                seconds = RUNS[target](model, tokenizer, prompts, concurrency)
+                tokens = sum(p.max_tokens for p in prompts)
+                rates.setdefault((target, concurrency), []).append(tokens / seconds)
+                print(f"  C={concurrency:3d} round {round_index + 1} {target:8s} {tokens:6d} tokens in "
+                      f"{seconds:6.2f} s = {tokens / seconds:8.1f} tok/s", flush=True)
+    print_table(rates, args.concurrency)
+    return 0
+
+
+def small_model() -> Path:
+    from bench import coldstart
+
+    coldstart.checkpoint("small")
+    return coldstart.WORK / "llama-small-hf"
+
+
+def describe(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+
+
+def run_hpcllm(model, tokenizer, prompts: list[Prompt], concurrency: int) -> float:
+    """All requests submitted before the first step, as clients arriving together; seconds until the last is done."""
+    from hpcllm.worker.engine import Engine
+    from hpcllm.worker.protocol import GenerateRequest
+
+    engine = Engine(model, tokenizer, max_running_requests=concurrency, batching="paged")
+    engine.start()
+    try:
+        began = time.perf_counter()
+        with engine._lock:
+            streams = [engine.submit(GenerateRequest(request_id=f"r{i}", prompt_token_ids=p.token_ids,
+                                                     max_tokens=p.max_tokens, temperature=0, ignore_eos=True))
+                       for i, p in enumerate(prompts)]
+        for stream, prompt in zip(streams, prompts):
+            produced = sum(1 for _ in stream.events()) - 1  # token lines, then the final line
+            if produced != prompt.max_tokens:
+                raise SystemExit(f"hpcllm produced {produced} tokens for a request of max_tokens {prompt.max_tokens}")
+        return time.perf_counter() - began
+    finally:
+        engine.shutdown()
+
+
+def run_generate(model, tokenizer, prompts: list[Prompt], concurrency: int) -> float:
+    """One generate call over every prompt (concurrency is the batch: all of them)."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    longest = max(len(p.token_ids) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (longest - len(p.token_ids)) + p.token_ids for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p.token_ids)) + [1] * len(p.token_ids) for p in prompts], device=device)
+    new_tokens = max(p.max_tokens for p in prompts)
+    began = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=pad)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    if out.shape[1] != longest + new_tokens:
+        raise SystemExit(f"generate produced {out.shape[1] - longest} new tokens, not {new_tokens}")
+    return seconds
+
+
+RUNS = {"hpcllm": run_hpcllm, "generate": run_generate}
+
+
+def print_table(rates: dict[tuple[str, int], list[float]], concurrency: list[int]) -> None:
+    print("\noutput tok/s (median of rounds) | " + " | ".join(f"C={c}" for c in concurrency))
+    for target in TARGETS:
+        print(f"{target:31s} | " + " | ".join(f"{statistics.median(rates[target, c]):8.1f}" for c in concurrency))
+    print(f"{'hpcllm / generate':31s} | " + " | ".join(
+        f"{statistics.median(rates['hpcllm', c]) / statistics.median(rates['generate', c]):7.2f}x"
+        for c in concurrency))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
