@@ -37,6 +37,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-output", type=int, default=128, help="cap on each request's output tokens")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: profile hpcllm's engine steps at each C (cProfile of the engine thread's "
+                             "steps, then torch.profiler's top operators and CUDA runtime calls of a few steps)")
     args = parser.parse_args()
     if min(args.concurrency) < 1 or args.rounds < 1 or args.max_output < 1:
         parser.error("--concurrency, --rounds and --max-output must be >= 1")
@@ -55,6 +58,12 @@ def main() -> int:
           f"parameters) on {args.device}, loaded in {time.perf_counter() - began:.1f} s; {describe(args.device)}",
           flush=True)
 
+    if args.profile:
+        for concurrency in args.concurrency:
+            profile_engine(model, tokenizer, [Prompt(p.token_ids, min(p.max_tokens, args.max_output))
+                                              for p in prompt_set(concurrency, model.config.vocab_size, seed=0)],
+                           concurrency)
+        return 0
     rates: dict[tuple[str, int], list[float]] = {}
     for concurrency in args.concurrency:
         prompts = [Prompt(p.token_ids, min(p.max_tokens, args.max_output))
@@ -130,6 +139,54 @@ def run_generate(model, tokenizer, prompts: list[Prompt], concurrency: int) -> f
     if out.shape[1] != longest + new_tokens:
         raise SystemExit(f"generate produced {out.shape[1] - longest} new tokens, not {new_tokens}")
     return seconds
+
+
+def profile_engine(model, tokenizer, prompts: list[Prompt], concurrency: int) -> None:
+    """Where the engine thread's step time goes: Python functions (blocking calls such as a GPU sync show up as
+    their tottime) and torch operators with the CUDA runtime calls (cudaStreamSynchronize, cudaMemcpy...)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from hpcllm.worker.engine import Engine
+
+    run_hpcllm(model, tokenizer, prompts, concurrency)  # warm-up
+    python_profile = cProfile.Profile()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    torch_profile = torch.profiler.profile(activities=activities)
+    steps = [0]
+    original = Engine._step
+
+    def profiled_step(engine, active):  # on the engine thread, where the profilers must run
+        steps[0] += 1
+        if steps[0] == 20:
+            torch_profile.start()
+        python_profile.enable()
+        try:
+            return original(engine, active)
+        finally:
+            python_profile.disable()
+            if steps[0] == 25:
+                torch_profile.stop()
+
+    Engine._step = profiled_step
+    try:
+        seconds = run_hpcllm(model, tokenizer, prompts, concurrency)
+    finally:
+        Engine._step = original
+    print(f"\n==== C={concurrency}: {steps[0]} steps in {seconds:.2f} s ({1000 * seconds / steps[0]:.1f} ms/step); "
+          f"torch.profiler over steps 20-25", flush=True)
+    for order in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(python_profile, stream=text).sort_stats(order).print_stats(25)
+        print(text.getvalue()[-6000:], flush=True)
+    if steps[0] >= 25:
+        print(torch_profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=48),
+              flush=True)
 
 
 RUNS = {"hpcllm": run_hpcllm, "generate": run_generate}
