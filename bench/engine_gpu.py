@@ -37,6 +37,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-output", type=int, default=128, help="cap on each request's output tokens")
+    parser.add_argument("--padding-allowance", type=float,
+                        help="the paged runner's PADDING_ALLOWANCE (how much padding lets decodes share one attention "
+                             "call; large: one call per layer for every decode)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: profile hpcllm's engine steps at each C (cProfile of the engine thread's "
                              "steps, then torch.profiler's top operators and CUDA runtime calls of a few steps)")
@@ -47,6 +50,10 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hpcllm.worker import runner
+
+    if args.padding_allowance is not None:
+        runner.PADDING_ALLOWANCE = args.padding_allowance
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: torch sees no CUDA device (run with --device cpu to try it here)")
         return 0
@@ -55,7 +62,8 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     print(f"engine bench: {model_dir} ({model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
-          f"parameters) on {args.device}, loaded in {time.perf_counter() - began:.1f} s; {describe(args.device)}",
+          f"parameters) on {args.device}, loaded in {time.perf_counter() - began:.1f} s; {describe(args.device)}; "
+          f"padding allowance {runner.PADDING_ALLOWANCE}",
           flush=True)
 
     if args.profile:

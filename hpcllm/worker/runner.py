@@ -23,11 +23,13 @@ Two runners:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -170,6 +172,17 @@ AttentionInterface.register(PAGED_ATTENTION, _paged_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(PAGED_ATTENTION, _paged_mask)
 
 
+# On CUDA, SDPA may pick cuDNN's attention, which builds an execution plan per distinct shape: ~1.7 ms of CPU per
+# call against ~4 us of GPU work (H200, torch 2.11, bench/engine_gpu.py --profile). A decode's context grows by one
+# every step, so every call of every layer was a new shape: 65 ms per token at batch 1 where generate took 15.
+# Flash and memory-efficient attention have no per-shape planning.
+_CUDA_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _attention_kernels(device: torch.device):
+    return sdpa_kernel(_CUDA_ATTENTION_KERNELS) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class KVPool:
     """Per layer, keys and values of every block: [kv_heads, num_blocks * block_size, head_dim] tensors.
 
@@ -251,12 +264,13 @@ class PagedRunner:
         _active.step = _StepContext(self.pool, torch.tensor(write_slots, device=self.device), sequences,
                                     self._decode_groups(decodes))
         try:
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device),
-                position_ids=torch.tensor([positions], device=self.device),
-                use_cache=False,
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
-            )
+            with _attention_kernels(self.device):
+                out = self.model(
+                    input_ids=torch.tensor([ids], device=self.device),
+                    position_ids=torch.tensor([positions], device=self.device),
+                    use_cache=False,
+                    logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
+                )
         finally:
             _active.step = None
         return out.logits[0]
