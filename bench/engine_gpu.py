@@ -9,7 +9,9 @@ per round on the same loaded model (no HTTP, no gateway):
 - hpcllm: hpcllm's Engine (paged KV blocks, one forward per step over every running request, chunked prefill,
   requests leave the batch as they finish);
 - generate: transformers' `generate` over all C prompts at once (left padding, as many new tokens as the longest
-  request wants): the static batch a plain script would run. Only the tokens each request asked for count.
+  request wants): the static batch a plain script would run. Only the tokens each request asked for count. It runs
+  under the attention kernels hpcllm's steps use on CUDA (flash / memory-efficient / math, not cuDNN, whose
+  per-shape planning would otherwise tax whichever side meets a shape first).
 Prints output tokens/s per C for both and hpcllm's ratio to `generate` in the same run. The model is the HF folder
 given (bench/gpu_check.sh passes bench/load.py's ~2 GB bf16 Llama), else the devmodels "small" Llama in float32.
 """
@@ -38,8 +40,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-output", type=int, default=128, help="cap on each request's output tokens")
     parser.add_argument("--padding-allowance", type=float,
-                        help="the paged runner's PADDING_ALLOWANCE (how much padding lets decodes share one attention "
-                             "call; large: one call per layer for every decode)")
+                        help="the paged runner's padding allowance (how much padding lets decodes share one "
+                             "attention call; inf: one call per layer for every decode, the GPU default)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: profile hpcllm's engine steps at each C (cProfile of the engine thread's "
                              "steps, then torch.profiler's top operators and CUDA runtime calls of a few steps)")
@@ -53,7 +55,7 @@ def main() -> int:
     from hpcllm.worker import runner
 
     if args.padding_allowance is not None:
-        runner.PADDING_ALLOWANCE = args.padding_allowance
+        runner.CPU_PADDING_ALLOWANCE = runner.GPU_PADDING_ALLOWANCE = args.padding_allowance
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("skipped: torch sees no CUDA device (run with --device cpu to try it here)")
         return 0
@@ -63,7 +65,7 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     print(f"engine bench: {model_dir} ({model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
           f"parameters) on {args.device}, loaded in {time.perf_counter() - began:.1f} s; {describe(args.device)}; "
-          f"padding allowance {runner.PADDING_ALLOWANCE}",
+          f"padding allowance {runner.padding_allowance_for(torch.device(args.device))}",
           flush=True)
 
     if args.profile:
@@ -138,7 +140,9 @@ def run_generate(model, tokenizer, prompts: list[Prompt], concurrency: int) -> f
     mask = torch.tensor([[0] * (longest - len(p.token_ids)) + [1] * len(p.token_ids) for p in prompts], device=device)
     new_tokens = max(p.max_tokens for p in prompts)
     began = time.perf_counter()
-    with torch.no_grad():
+    from hpcllm.worker.runner import attention_kernels
+
+    with torch.no_grad(), attention_kernels(device):  # the kernels hpcllm's steps use (no cuDNN planning per shape)
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, pad_token_id=pad)
     if device.type == "cuda":

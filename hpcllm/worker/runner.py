@@ -12,7 +12,7 @@ Two runners:
   the slots its block table names (one copy for all), gathers each sequence's whole context back from the pool, and
   runs transformers' own SDPA attention on it: a prefill chunk alone, the decodes (one new token each) in groups of
   similar context length, one SDPA call per group over contexts padded to the group's longest with the padding
-  masked out (PADDING_ALLOWANCE bounds the padding). Attention sees exactly the keys/values a batch-of-one run would,
+  masked out (the padding allowance bounds the padding on CPU; on a GPU all decodes share one call). Attention sees exactly the keys/values a batch-of-one run would,
   with the same kernel; greedy output equals `generate` whatever else is in the batch (test_batching.py). Block
   tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state. On CPU it first
   applies fastpath.prepare to the model (fused q/k/v and gate/up, oneDNN-packed linears).
@@ -24,6 +24,7 @@ Two runners:
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,7 +42,15 @@ PAGED_ATTENTION = "hpcllm_paged"
 # it holds by this factor (padding costs gather bandwidth, each extra group a call). 1.2: at 64 decoding requests
 # (bench/decode_step.py, alternating) attention took 15-20 ms per step against 19-23 ms at 1.5 and 26-30 ms at 2.0;
 # 1.05-1.1 was no better than 1.2 (more calls); at 16 requests no difference showed.
-PADDING_ALLOWANCE = 1.2
+CPU_PADDING_ALLOWANCE = 1.2
+# On a GPU the padded gather is cheap and each extra call costs its kernel launches: every decode in one call per
+# layer was 1.5x the output tokens/s of 1.2 at 16 requests and 1.16x at 64 (H200, ~1B bf16 Llama, one run each,
+# bench/engine_gpu.py --padding-allowance).
+GPU_PADDING_ALLOWANCE = math.inf
+
+
+def padding_allowance_for(device: torch.device) -> float:
+    return CPU_PADDING_ALLOWANCE if device.type == "cpu" else GPU_PADDING_ALLOWANCE
 
 
 @dataclass
@@ -179,7 +188,8 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(PAGED_ATTENTION, _paged_mask)
 _CUDA_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _attention_kernels(device: torch.device):
+def attention_kernels(device: torch.device):
+    """The SDPA kernels a step may use on `device` (a context manager; nothing changes on CPU)."""
     return sdpa_kernel(_CUDA_ATTENTION_KERNELS) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -222,6 +232,7 @@ class PagedRunner:
         self.block_size = block_size
         self.pool = KVPool(num_blocks, block_size)
         self.device = model.get_input_embeddings().weight.device
+        self.padding_allowance = padding_allowance_for(self.device)
         self.use_fast_path = fast_path  # tensor-parallel followers build their runners with the lead's options
         self.fast_path = fastpath.prepare(model) if fast_path else fastpath.FastPath(skipped="turned off")
         model.config._attn_implementation = PAGED_ATTENTION
@@ -264,7 +275,7 @@ class PagedRunner:
         _active.step = _StepContext(self.pool, torch.tensor(write_slots, device=self.device), sequences,
                                     self._decode_groups(decodes))
         try:
-            with _attention_kernels(self.device):
+            with attention_kernels(self.device):
                 out = self.model(
                     input_ids=torch.tensor([ids], device=self.device),
                     position_ids=torch.tensor([positions], device=self.device),
@@ -277,13 +288,13 @@ class PagedRunner:
 
     def _decode_groups(self, decodes: list[tuple[int, int, list[int]]]) -> list[_DecodeGroup]:
         """Batch the decodes' attention: sequences of similar context length (sorted, a group pads at most
-        PADDING_ALLOWANCE more positions than it holds) share one SDPA call over contexts padded to the group's
+        padding_allowance times the positions it holds) share one SDPA call over contexts padded to the group's
         longest."""
         groups: list[list[tuple[int, int, list[int]]]] = []
         held = 0
         for decode in sorted(decodes, key=lambda d: d[1]):
             length = decode[1]
-            if groups and length * (len(groups[-1]) + 1) <= PADDING_ALLOWANCE * (held + length):
+            if groups and length * (len(groups[-1]) + 1) <= self.padding_allowance * (held + length):
                 groups[-1].append(decode)
                 held += length
             else:

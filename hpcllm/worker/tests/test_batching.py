@@ -10,7 +10,7 @@ import torch
 
 from hpcllm.worker.engine import Engine
 from hpcllm.worker.protocol import FinalLine, GenerateRequest
-from hpcllm.worker.runner import PagedRunner, SequentialRunner
+from hpcllm.worker.runner import PagedRunner, SequentialRunner, attention_kernels, padding_allowance_for
 
 from .conftest import ARCHS
 
@@ -240,3 +240,23 @@ def test_models_the_paged_runner_cannot_express_fall_back_to_one_forward_per_req
         assert done.token_ids == hf_greedy(eager, ids, 10)
     finally:
         engine.shutdown()
+
+
+def test_decodes_share_attention_calls_by_context_length_on_cpu_and_one_call_on_a_gpu(load_pair):
+    model, _ = load_pair("llama")
+    runner = PagedRunner(model, num_blocks=64, block_size=4)
+    decodes = [(row, context, list(range(-(-context // 4)))) for row, context in enumerate([5, 6, 40, 44, 120])]
+    assert [len(g.rows) for g in runner._decode_groups(decodes)] == [2, 2, 1]  # padding bounded on CPU
+    runner.padding_allowance = padding_allowance_for(torch.device("cuda"))
+    [group] = runner._decode_groups(decodes)
+    assert group.read_slots.shape == (5, 120) and group.padding[:, 0, 0].sum(dim=1).tolist() == [115, 114, 80, 76, 0]
+
+
+def test_paged_steps_on_cuda_never_use_cudnn_attention():
+    """cuDNN's SDPA plans per shape (~1.7 ms of CPU a call on an H200) and a decode's shape changes every step."""
+    with attention_kernels(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored for the rest of the process
+    with attention_kernels(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()
