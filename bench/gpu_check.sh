@@ -50,24 +50,24 @@ done
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda,
 "available", torch.cuda.is_available(), "| transformers", transformers.__version__)'; } | tee "$OUT/gpu.txt"
 
-timeout "${TEST_SECONDS:-120}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider hpcllm/store hpcllm/worker hpcllm/node \
+timeout "${TEST_SECONDS:-110}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider hpcllm/store hpcllm/worker hpcllm/node \
     2>&1 | tee "$OUT/gpu-tests.log"
 tests=${PIPESTATUS[0]}
 
 # The MPI launch gets the step's limit less a margin, so that a hung rank is reported by the check itself.
-tp_seconds=${TP_SECONDS:-75}
+tp_seconds=${TP_SECONDS:-60}
 timeout "$tp_seconds" "$PY" bench/tp_gpu_check.py --timeout $((tp_seconds - 30)) 2>&1 | tee "$OUT/tp.txt"
 tp=${PIPESTATUS[0]}
 
 # BENCH_ARGS: extra bench/load.py arguments, split on spaces.
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
-timeout "${BENCH_SECONDS:-270}" "$PY" bench/load.py --runs "${BENCH_RUNS:-2}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
-    --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu 2>&1 | tee "$OUT/load.txt"
+timeout "${BENCH_SECONDS:-300}" "$PY" bench/load.py --runs "${BENCH_RUNS:-2}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
+    --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu,hpcllm_gpu_disk_sweep,hpcllm_gpu_dram_threads 2>&1 | tee "$OUT/load.txt"
 cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
 
 bench_model=/tmp/hpcllm-bench/bench/hf
 [ -f "$bench_model/config.json" ] || bench_model=  # the load bench did not get to build it: the small dev Llama
-timeout "${ENGINE_SECONDS:-90}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} 2>&1 \
+timeout "${ENGINE_SECONDS:-80}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} 2>&1 \
     | tee "$OUT/engine.txt"
 
 timeout "${VLLM_SECONDS:-240}" "$PY" bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
