@@ -352,8 +352,9 @@ class SequentialRunner:
             position_ids = torch.arange(
                 chunk.start, chunk.start + len(chunk.token_ids), dtype=torch.long, device=self.device
             ).unsqueeze(0)
-            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                             **self._forward_kwargs(cache))
+            with attention_kernels(self.device):  # a growing context is a new shape every step here too
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                                 **self._forward_kwargs(cache))
             if chunk.want_logits:
                 rows.append(out.logits[0, -1])
         if not rows:
