@@ -399,6 +399,8 @@ class Engine(EngineBase):
                 self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end)
         # Greedy rows in one argmax over the step's logits (same first-maximum rule as per row), not one per request.
         argmax = logits.argmax(dim=-1).tolist() if logits is not None and len(logits) else []
+        if logits is not None and logits.device.type != "cpu" and any(_needs_logits(w.req) for w in work):
+            logits = logits.float().cpu()  # one device-to-host copy per step, not one per sampled row
         row = 0
         for w in work:
             if w.end > w.start:
@@ -573,6 +575,11 @@ class Engine(EngineBase):
         self._deliver_events()
         if isinstance(self.runner, ProcessRunner):
             self.runner.close()
+
+
+def _needs_logits(req: _Request) -> bool:
+    """Whether a request's logits row is read beyond the step's argmax (sampled, logprobs, or kept while held)."""
+    return not req.params.greedy or req.logprobs is not None or req.held or req.paused
 
 
 def _eos_token_ids(model, tokenizer) -> frozenset[int]:
