@@ -81,10 +81,10 @@ METHODS = {
     "hpcllm_gpu_disk": ("hpcllm disk -> cuda:0 (pinned ring)", "ckpt", ("cold", "warm"), "cuda"),
     "hpcllm_gpu_dram": ("hpcllm DRAM tier -> cuda:0", None, ("shm",), "cuda"),
     # Not production choices: the questions of the first GPU run (docs/gpu-checks.md). Does the limit sweep's best
-    # O_DIRECT configuration (not the node probe's pick) bring the cold GPU load to the disk's limit? Does the DRAM
-    # tier -> GPU path, bound by its 2 reader threads' memcpy into the pinned ring, scale with more threads?
+    # O_DIRECT configuration (not the node probe's pick) bring the cold GPU load to the disk's limit? How much did
+    # the DRAM tier -> GPU gain from copying with a thread per CPU (up to 8) instead of the 2 it had?
     "hpcllm_gpu_disk_sweep": ("hpcllm disk -> cuda:0, the sweep's best O_DIRECT", "ckpt", ("cold",), "cuda"),
-    "hpcllm_gpu_dram_threads": ("hpcllm DRAM tier -> cuda:0, 8 reader threads", None, ("shm",), "cuda"),
+    "hpcllm_gpu_dram_2threads": ("hpcllm DRAM tier -> cuda:0, 2 copying threads (before)", None, ("shm",), "cuda"),
     "safetensors_gpu": ("safetensors load_file(device=cuda:0) + load_state_dict", "hf", ("cold", "warm"), "cuda"),
     "from_pretrained_gpu": ("transformers from_pretrained(device_map=cuda:0)", "hf", ("cold", "warm"), "cuda"),
 }
@@ -94,7 +94,6 @@ METHODS = {
 PRODUCTION = "hpcllm_disk_pool"
 PEERS = ["safetensors", "from_pretrained", "torch_load", "torch_load_mmap", "runai", "fastsafetensors"]
 GPU_PEERS = ["safetensors_gpu", "from_pretrained_gpu"]
-DRAM_GPU_THREADS = 8
 LIMITS = {"limit_read": "read limit: best of the sweep's top configurations",
           "limit_read_odirect": "O_DIRECT read limit: the sweep's best O_DIRECT configuration",
           "limit_memcpy": "memcpy into touched memory",
@@ -430,7 +429,7 @@ def prepare_method(method: str, workdir: Path, config):
             reserve_from_environment()
             pool = default_pool()
         kwargs = {"device": "cuda:0"} if METHODS[method][3] == "cuda" else {}
-        if method in ("hpcllm_dram", "hpcllm_dram_repeat", "hpcllm_gpu_dram", "hpcllm_gpu_dram_threads"):
+        if method in ("hpcllm_dram", "hpcllm_dram_repeat", "hpcllm_gpu_dram", "hpcllm_gpu_dram_2threads"):
             from hpcllm.store.dram import DramTier
 
             path = DramTier("bench").open(dram_model_id(workdir.name))
@@ -445,8 +444,8 @@ def prepare_method(method: str, workdir: Path, config):
             kwargs["read_tuning"] = _only_mode(workdir / TUNING_FILE, "odirect")
         if method == "hpcllm_gpu_disk_sweep":
             kwargs.update(_sweep_best_odirect(workdir))
-        if method == "hpcllm_gpu_dram_threads":
-            kwargs["threads"] = DRAM_GPU_THREADS
+        if method == "hpcllm_gpu_dram_2threads":
+            kwargs["threads"] = 2
         if method == "hpcllm_dram_repeat":  # a process that loaded this model before: its skeleton is cloned
             import threading
 

@@ -42,7 +42,7 @@ from hpcllm.store.pipeline import (DirectHostTarget, Pipeline, Placement, Staged
 from hpcllm.store.readers import BUFFERED, CACHED_ENOUGH, FileReader, cached_fraction
 from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
 from hpcllm.store.tee import LoadTee
-from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, tier_settings
+from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, memory_copy_threads, tier_settings
 from hpcllm.store.tuning import ReadPlan, choose_read_plan, load_tuning
 from hpcllm.store.verified import record_verified, verified_before
 
@@ -693,8 +693,9 @@ def _read_plan(read_tuning, tier: str, settings: TierSettings, host_target: bool
                threads: int | None, unit_bytes: int | None, prefaulted: bool) -> ReadPlan:
     """How this load reads: explicit threads / unit_bytes win, then the node probe's tuning, then tier defaults.
     `prefaulted`: the pool holds faulted-in memory for every partition (a worker's reserved arena)."""
-    if settings.reader == MMAP:
-        return ReadPlan(MMAP, settings.threads, settings.unit_bytes, f"tier {tier}: the files are in memory")
+    if settings.reader == MMAP:  # copied only by a staged or shared-memory load: as many threads as memcpy scales to
+        copiers = settings.threads if threads is not None else memory_copy_threads()
+        return ReadPlan(MMAP, copiers, settings.unit_bytes, f"tier {tier}: the files are in memory")
     if threads is not None or unit_bytes is not None:
         return ReadPlan(settings.reader, settings.threads, settings.unit_bytes, "arguments: threads / unit_bytes")
     tuning, where = load_tuning(read_tuning)

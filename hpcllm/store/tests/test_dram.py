@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -94,6 +95,20 @@ def test_dram_to_staged_path(models, dram_tier):
     loaded = load_model(dram_tier.open("qwen2"), staged=True, tokenizer=False)
     assert loaded.stats.reader_mode == "buffered" and not loaded.stats.zero_copy
     assert_same_model(reference(hf), loaded.model)
+
+
+def test_copies_out_of_the_dram_tier_use_a_thread_per_usable_cpu_up_to_eight(models, dram_tier, monkeypatch):
+    """A staged (GPU) load copies the DRAM copy with memcpy-bound threads: as many as the CPUs it may use, at most
+    MEMORY_COPY_THREADS; explicit threads still win."""
+    hf, converted = models("qwen2")
+    dram_tier.put(converted, "qwen2")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    many = load_model(dram_tier.open("qwen2"), staged=True, tokenizer=False, unit_bytes=8 << 10)
+    assert many.stats.threads == 8
+    assert_same_model(reference(hf), many.model)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert load_model(dram_tier.open("qwen2"), staged=True, tokenizer=False).stats.threads == 3
+    assert load_model(dram_tier.open("qwen2"), staged=True, tokenizer=False, threads=1).stats.threads == 1
 
 
 SECOND_PROCESS = textwrap.dedent("""
