@@ -2,7 +2,7 @@
 (docs/controller.md, "Allocations and autoscaling", autoscaler step 5).
 
 A real `hpcllm controller` with allocate_on_demand, a gunicorn `hpcllm gateway`, the official `openai` client. A
-small Llama (devmodels "small": 1024 positions, 5-20 ms a token here, so a 600-token stream outlasts the move; the
+small Llama (devmodels "small": 1024 positions, 4-20 ms a token here, so a 960-token stream outlasts the move; the
 tiny one streams its whole context in 1-2 s) with min_instances = max_instances = 2 and cpu_slots_per_node = 1
 makes the controller submit two node-agent allocations itself, one after the other (A, then B once A's instance is
 ready), each with a 2-minute walltime, so it knows their walltime ends. Their retirement times are checked by hand
@@ -49,10 +49,12 @@ ADMIN = "retire-e2e-admin"
 USER_KEY = "retire-e2e-user"
 MODEL = f"small-llama-ret{os.getpid()}"  # unique: the jobs the controller submits are named after it
 PROMPT = "hello world"
-# The model's context is 1024 positions: 600 tokens last 4-40 s on this 2-core host, depending on its load. The
-# stream starts STREAM_LEAD_IN seconds before the retirement, a ballast stream (when one is needed)
-# BALLAST_LEAD_IN seconds before it (time for a heartbeat to count the ballast).
-MAX_TOKENS = 600
+# The model's context is 1024 positions: 960 tokens last ~4-60 s on this 2-core host, depending on its load (600,
+# before the CPU fast path, once ended before the move on a quiet host: 530 tokens were out by then). Greedy from
+# PROMPT, the model's first eos is its 1000th token. The stream starts STREAM_LEAD_IN seconds before the
+# retirement, a ballast stream (when one is needed) BALLAST_LEAD_IN seconds before it (time for a heartbeat to count
+# the ballast).
+MAX_TOKENS = 960
 STREAM_LEAD_IN = 1.5
 BALLAST_LEAD_IN = 3.0
 WALLTIME = 120  # slurm.time "00:02:00" (Slurm counts whole minutes)
@@ -318,6 +320,9 @@ def _run_scenario(gateway_url, controller_url, root, backend, monitor, reference
     assert first["job_id"] in monitor.retired_seen, f"{first['job_id']} never drained: {monitor.last}"
     assert monitor.retired_seen[first["job_id"]] >= first["retire_at"]
 
+    # The stream can end on the destination before the controller's migrate-out call returns and counts the move.
+    wait_for(lambda: model_total(controller_url, "hpcllm_controller_migrations_total", trigger="retire",
+                                 outcome="migrated"), 30, "the controller to count the retirement's move")
     migrations = model_total(gateway_url, "hpcllm_request_migrations_total")
     controller_log = (root / "controller.log").read_text()
     assert migrations == 1, f"gateway counted {migrations} live migrations; controller log:\n{controller_log[-4000:]}"
