@@ -12,8 +12,9 @@ Two runners:
   the slots its block table names (one copy for all), gathers each sequence's whole context back from the pool, and
   runs transformers' own SDPA attention on it: a prefill chunk alone, the decodes (one new token each) in groups of
   similar context length, one SDPA call per group over contexts padded to the group's longest with the padding
-  masked out (the padding allowance bounds the padding on CPU; on a GPU all decodes share one call). Attention sees exactly the keys/values a batch-of-one run would,
-  with the same kernel; greedy output equals `generate` whatever else is in the batch (test_batching.py). Block
+  masked out (the padding allowance bounds the padding on CPU; on a GPU all decodes share one call). Attention
+  sees exactly the keys/values a batch-of-one run would; greedy output equals `generate` whatever else is in the
+  batch (test_batching.py; on CUDA, flash / memory-efficient kernels only: attention_kernels). Block
   tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state. On CPU it first
   applies fastpath.prepare to the model (fused q/k/v and gate/up, oneDNN-packed linears).
 - `SequentialRunner`: the previous design, one forward per sequence with its own transformers DynamicCache. It
