@@ -10,7 +10,8 @@ import torch
 
 from hpcllm.worker.engine import Engine
 from hpcllm.worker.protocol import FinalLine, GenerateRequest
-from hpcllm.worker.runner import PagedRunner, SequentialRunner, attention_kernels, padding_allowance_for
+from hpcllm.worker.runner import (PagedRunner, SequentialRunner, attention_kernels,
+                                  padding_allowance_for)
 
 from .conftest import ARCHS
 
