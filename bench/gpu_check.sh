@@ -61,13 +61,13 @@ tp=${PIPESTATUS[0]}
 
 # BENCH_ARGS: extra bench/load.py arguments, split on spaces.
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
-timeout "${BENCH_SECONDS:-300}" "$PY" bench/load.py --runs "${BENCH_RUNS:-2}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
+timeout "${BENCH_SECONDS:-270}" "$PY" bench/load.py --runs "${BENCH_RUNS:-2}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
     --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu,hpcllm_gpu_disk_sweep,hpcllm_gpu_dram_2threads 2>&1 | tee "$OUT/load.txt"
 cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
 
 bench_model=/tmp/hpcllm-bench/bench/hf
 [ -f "$bench_model/config.json" ] || bench_model=  # the load bench did not get to build it: the small dev Llama
-timeout "${ENGINE_SECONDS:-80}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} 2>&1 \
+timeout "${ENGINE_SECONDS:-120}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} 2>&1 \
     | tee "$OUT/engine.txt"
 
 timeout "${VLLM_SECONDS:-240}" "$PY" bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
