@@ -73,11 +73,19 @@ class MpiCollective:
 
     def allgather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         local = tensor.detach().contiguous()
+        if local.numel() == 0:
+            return _gathered_empty(local, self.size)
         raw = local.view(-1).view(torch.uint8).numpy()  # bytes: any dtype travels, nothing is summed
         gathered = torch.empty((self.size, raw.size), dtype=torch.uint8)
         self.comm.Allgather(raw, gathered.numpy())
         parts = gathered.view(local.dtype).reshape(self.size, *local.shape)
         return torch.cat(parts.unbind(0), dim=-1)
+
+
+def _gathered_empty(local: torch.Tensor, size: int) -> torch.Tensor:
+    """What gathering an empty tensor's last dimension gives, with no collective: every rank runs the same step, so
+    every rank's part is empty too (a step of prefill chunks that want no logits: lm_head over zero rows)."""
+    return local.new_empty((*local.shape[:-1], local.shape[-1] * size))
 
 
 class TorchDistCollective:
@@ -95,6 +103,8 @@ class TorchDistCollective:
 
     def allgather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
         local = tensor.contiguous()
+        if local.numel() == 0:
+            return _gathered_empty(local, self.size)
         gathered = torch.empty((self.size, *local.shape), dtype=local.dtype, device=local.device)
         self._dist.all_gather_into_tensor(gathered, local)
         return torch.cat(gathered.unbind(0), dim=-1)

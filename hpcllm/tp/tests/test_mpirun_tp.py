@@ -112,7 +112,8 @@ def test_a_rank_stuck_in_a_read_is_named_and_the_job_aborted(tp_llama, tmp_path)
 
 
 def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_llama, tmp_path):
-    """`mpirun -n 2 hpcllm worker --tensor-parallel`: the HTTP API on rank 0 gives transformers' greedy tokens;
+    """`mpirun -n 2 hpcllm worker --tensor-parallel`: the HTTP API on rank 0 gives transformers' greedy tokens, also
+    for a prompt prefilled over several steps that keep no logits (the output projection's all-gather of zero rows);
     SIGTERM ends every rank (the follower by the lead's stop step)."""
     import signal
 
@@ -123,9 +124,12 @@ def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_ll
     from hpcllm.worker.protocol import GenerateRequest, TokenLine
 
     url_file = tmp_path / "worker.url"
+    config = tmp_path / "worker.toml"
+    config.write_text("[worker]\nprefill_chunk_tokens = 4\n")  # "hello world, this": two steps with no logits
     command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
                "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file)]
-    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret"},
+    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret",
+                                             "HPCLLM_CONFIG": str(config)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180

@@ -157,3 +157,16 @@ def test_shards_fuse_their_own_slices_and_the_batched_runner_keeps_the_whole_mod
         chunk = SequenceChunk(seq_id=1, token_ids=[tokens[-1]], start=len(prompt) + len(tokens) - 1,
                               block_table=table)
     assert tokens == expected
+
+
+def test_gathering_an_empty_output_gives_the_empty_whole():
+    """A step whose chunks are all mid-prefill keeps no logits rows: the output projection's all-gather of zero rows
+    (it broke a migration's destination, whose prefill of a long context takes several steps)."""
+    from mpi4py import MPI
+
+    from hpcllm.tp.model import MpiCollective
+
+    collective = MpiCollective(MPI.COMM_SELF)
+    assert collective.allgather_last_dim(torch.zeros(1, 0, 6, dtype=torch.bfloat16)).shape == (1, 0, 6)
+    full = torch.arange(12.0).reshape(1, 2, 6)
+    assert torch.equal(collective.allgather_last_dim(full), full)
