@@ -48,6 +48,10 @@ def main() -> int:
     args = parser.parse_args()
     if min(args.concurrency) < 1 or args.rounds < 1 or args.max_output < 1:
         parser.error("--concurrency, --rounds and --max-output must be >= 1")
+    if args.model_dir is not None and not (args.model_dir / "config.json").is_file():
+        parser.error(f"--model-dir {args.model_dir} is not a Hugging Face model folder (no config.json)")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,6 +137,8 @@ def run_generate(model, tokenizer, prompts: list[Prompt], concurrency: int) -> f
     """One generate call over every prompt (concurrency is the batch: all of them)."""
     import torch
 
+    from hpcllm.worker.runner import attention_kernels
+
     device = model.get_input_embeddings().weight.device
     longest = max(len(p.token_ids) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -140,8 +146,6 @@ def run_generate(model, tokenizer, prompts: list[Prompt], concurrency: int) -> f
     mask = torch.tensor([[0] * (longest - len(p.token_ids)) + [1] * len(p.token_ids) for p in prompts], device=device)
     new_tokens = max(p.max_tokens for p in prompts)
     began = time.perf_counter()
-    from hpcllm.worker.runner import attention_kernels
-
     with torch.no_grad(), attention_kernels(device):  # the kernels hpcllm's steps use (no cuDNN planning per shape)
         out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, pad_token_id=pad)

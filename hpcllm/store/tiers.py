@@ -51,11 +51,7 @@ MEMORY_COPY_THREADS = 8
 
 
 def memory_copy_threads() -> int:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 1
-    return max(1, min(MEMORY_COPY_THREADS, usable))
+    return min(MEMORY_COPY_THREADS, len(os.sched_getaffinity(0)))  # a process may always use at least one CPU
 
 
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})

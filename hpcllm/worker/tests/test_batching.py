@@ -71,16 +71,16 @@ def hf_greedy(model, prompt_ids, max_new_tokens):
     return out[0, len(prompt_ids):].tolist()
 
 
-@pytest.mark.parametrize("grouping", ["cpu", "gpu"])
+@pytest.mark.parametrize("grouping_of", ["cpu", "cuda"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batched_greedy_equals_generate_for_requests_of_different_lengths(arch, grouping, load_pair, reference_model,
-                                                                          engines):
-    """gpu grouping: every decode in one attention call over contexts padded to the longest (the GPU default),
-    here on the CPU: the padding is masked out exactly."""
+def test_batched_greedy_equals_generate_for_requests_of_different_lengths(arch, grouping_of, load_pair,
+                                                                          reference_model, engines):
+    """The decode grouping of each device; cuda's (every decode in one attention call over contexts padded to the
+    longest) runs here on the CPU: the padding is masked out exactly."""
     model, tokenizer = load_pair(arch)
     counting = engines(model, tokenizer, prefill_chunk_tokens=8)
     assert isinstance(counting.engine.runner, PagedRunner)  # every dev architecture is served batched
-    counting.engine.runner.padding_allowance = padding_allowance_for(torch.device(grouping.replace("gpu", "cuda")))
+    counting.engine.runner.padding_allowance = padding_allowance_for(torch.device(grouping_of))
     lengths = [30, 12, 25, 40]
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     expected = [hf_greedy(reference_model(arch), ids, n) for ids, n in zip(prompt_ids, lengths)]
