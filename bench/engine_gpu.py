@@ -14,6 +14,13 @@ per round on the same loaded model (no HTTP, no gateway):
   per-shape planning would otherwise tax whichever side meets a shape first).
 Prints output tokens/s per C for both and hpcllm's ratio to `generate` in the same run. The model is the HF folder
 given (bench/gpu_check.sh passes bench/load.py's ~2 GB bf16 Llama), else the devmodels "small" Llama in float32.
+
+On CPU the load and every run happen in a thread of their own that ends with them, as a worker loads in a thread
+that ends and then computes only on its engine thread: each thread that runs a parallel torch op keeps an OpenMP
+pool while it lives, and with two pools libgomp's idle workers sleep instead of spinning (more managed threads
+than CPUs), so every parallel op of either pays a wake-up. Measured on the 2-core VM with 2 torch threads: a packed
+linear 35 us alone, 120 us while another thread held a pool; the engine at 1 request 237 tok/s after `generate` had
+run on the main thread, 357-378 tok/s otherwise (docs/worker.md, "One OpenMP pool per process").
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -65,7 +73,8 @@ def main() -> int:
         return 0
     model_dir = args.model_dir or small_model()
     began = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(args.device).eval()
+    model = in_own_thread(
+        lambda: AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(args.device).eval())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     print(f"engine bench: {model_dir} ({model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
           f"parameters) on {args.device}, loaded in {time.perf_counter() - began:.1f} s; {describe(args.device)}; "
@@ -82,18 +91,36 @@ def main() -> int:
     for concurrency in args.concurrency:
         prompts = [Prompt(p.token_ids, min(p.max_tokens, args.max_output))
                    for p in prompt_set(concurrency, model.config.vocab_size, seed=0)]
-        run_hpcllm(model, tokenizer, prompts[:2], concurrency)  # warm-up: kernels, the allocator, the KV pool
-        run_generate(model, tokenizer, prompts[:2], concurrency)
+        for run in (run_hpcllm, run_generate):  # warm-up: kernels, the allocator, the KV pool
+            in_own_thread(run, model, tokenizer, prompts[:2], concurrency)
         for round_index in range(args.rounds):
             order = TARGETS if round_index % 2 == 0 else TARGETS[::-1]
             for target in order:
-                seconds = RUNS[target](model, tokenizer, prompts, concurrency)
+                seconds = in_own_thread(RUNS[target], model, tokenizer, prompts, concurrency)
                 tokens = sum(p.max_tokens for p in prompts)
                 rates.setdefault((target, concurrency), []).append(tokens / seconds)
                 print(f"  C={concurrency:3d} round {round_index + 1} {target:8s} {tokens:6d} tokens in "
                       f"{seconds:6.2f} s = {tokens / seconds:8.1f} tok/s", flush=True)
     print_table(rates, args.concurrency)
     return 0
+
+
+def in_own_thread(function, *args):
+    """function(*args) on a new thread, which ends with it (and its OpenMP pool with it, see the module's doc)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # re-raised on the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"bench-{getattr(function, '__name__', 'run')}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def small_model() -> Path:
@@ -168,7 +195,7 @@ def profile_engine(model, tokenizer, prompts: list[Prompt], concurrency: int) ->
 
     from hpcllm.worker.engine import Engine
 
-    run_hpcllm(model, tokenizer, prompts, concurrency)  # warm-up
+    in_own_thread(run_hpcllm, model, tokenizer, prompts, concurrency)  # warm-up
     python_profile = cProfile.Profile()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():

@@ -165,6 +165,8 @@ class WorkerService:
                 if on_failure is not None:
                     on_failure(exc)
 
+        # A thread that ends after the load: the OpenMP pool its torch ops started (fast path, dtype casts) ends with
+        # it, so the engine thread's is the process's only one (docs/worker.md, "One OpenMP pool per process").
         thread = threading.Thread(target=load, name="hpcllm-worker-load", daemon=True)
         thread.start()
         return thread
