@@ -290,6 +290,21 @@ def warm_up(paths: dict[str, Path], which: str | None) -> None:
                 pass
 
 
+def _where_time_went(stats) -> str:
+    """A read load's time split (LoadStats.pipeline, per reader thread on average), where the GPU load's gap to the
+    disk limit would show: readers in the read calls (disk-bound) or waiting for staging slots (copy- or
+    consumer-bound), the one consumer thread's checksums and copy submissions."""
+    pipe = stats.pipeline
+    if not pipe or not pipe["units"]:
+        return ""
+    per_thread = max(1, pipe["threads"])
+    return (f"; read phase {pipe['read_seconds']:.3f} s: per reader io {pipe['io_thread_seconds'] / per_thread:.3f}, "
+            f"slot waits {pipe['acquire_thread_seconds'] / per_thread:.3f}; consumer verify "
+            f"{pipe['verify_seconds']:.3f}, commit {pipe['commit_seconds']:.3f}, "
+            f"idle {pipe['consumer_idle_seconds']:.3f}"
+            f"; skeleton {stats.phases.get('skeleton', 0):.3f} s, attach {stats.phases.get('attach', 0):.3f} s")
+
+
 def spawn(method: str, state: str, workdir: Path, cold: str, args) -> dict | None:
     env = dict(os.environ)
     env.pop("HPCLLM_READ_TUNING", None)  # hpcllm's methods name their read settings themselves
@@ -461,7 +476,7 @@ def prepare_method(method: str, workdir: Path, config):
             checked = "verified" if s.verified else "verified earlier" if s.verified_earlier else "not verified"
             reason = f" ({s.fallback_reason})" if s.fallback_reason else ""
             plan = f", {s.threads} threads x {s.request_bytes >> 10} KiB" if s.request_bytes else ""
-            return loaded.model, f"{s.reader_mode}{plan}, {checked}{reason}"
+            return loaded.model, f"{s.reader_mode}{plan}, {checked}{reason}{_where_time_went(s)}"
         return run
 
     if method in ("safetensors", "safetensors_gpu"):

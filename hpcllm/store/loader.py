@@ -72,6 +72,7 @@ class LoadStats:
     fallback_reason: str | None = None
     phases: dict[str, float] = field(default_factory=dict)  # open, config, skeleton, read, attach, tokenizer
     staging: dict[str, int] | None = None  # slots, slot_bytes, submitted, waits_for_copy (GPU / device_map)
+    pipeline: dict[str, float] | None = None  # where a read load's time went (pipeline.PipelineStats); None: no reads
     pool_reused_bytes: int = 0  # destination bytes that came pre-faulted from the buffer pool
     request_bytes: int = 0  # bytes per read request (0: no reads, the files were mapped already in memory)
     read_plan: str = ""  # where the reader mode, threads and request size came from (probe / default / arguments)
@@ -289,7 +290,8 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
                       bytes=ckpt.total_bytes, seconds=seconds, verified=verify, verified_earlier=verified_earlier,
                       threads=load.threads,
                       zero_copy=load.zero_copy, fallback_reason=load.fallback_reason, phases=phases,
-                      staging=load.staging_stats(), pool_reused_bytes=load.pool_reused_bytes,
+                      staging=load.staging_stats(), pipeline=load.pipeline_stats(),
+                      pool_reused_bytes=load.pool_reused_bytes,
                       request_bytes=load.request_bytes, read_plan=plan.source)
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
              ",".join(stats.devices), seconds, stats.gbps)
@@ -576,6 +578,9 @@ class _Load:
 
     def staging_stats(self) -> dict[str, int] | None:
         return None if self.ring is None else asdict(self.ring.stats)
+
+    def pipeline_stats(self) -> dict[str, float] | None:
+        return None if self.pipeline is None else self.pipeline.stats.as_dict()
 
 
 def _tensor_views(ckpt: Checkpoint, placement: Placement, bases, stored_dtypes, target_dtypes, device_of):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from hpcllm.checkpoint import ALIGNMENT, Checkpoint, TensorEntry
@@ -235,11 +235,24 @@ class StagedTarget:
 
 @dataclass
 class PipelineStats:
+    """Where a load's time went. The *_thread_seconds are summed over the reader threads (divide by `threads` for
+    the share of the wall time); the consumer's are its own (one thread verifies and commits in arrival order)."""
+
     bytes: int = 0
     units: int = 0
+    threads: int = 0
     read_seconds: float = 0.0  # from start() until the last unit was committed
-    verify_seconds: float = 0.0
+    verify_seconds: float = 0.0  # consumer: checksums
     prefault_seconds: float = 0.0
+    commit_seconds: float = 0.0  # consumer: handing units to the target (a staged load: submitting the copies)
+    consumer_idle_seconds: float = 0.0  # consumer: waiting for the next read unit
+    acquire_thread_seconds: float = 0.0  # readers: waiting for destination memory (a staging slot to free up)
+    io_thread_seconds: float = 0.0  # readers: in the read calls
+    handoff_thread_seconds: float = 0.0  # readers: queueing units for the consumer
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(value, 4) if isinstance(value, float) else value
+                for name, value in asdict(self).items()}
 
 
 _ABORTED = object()  # queued by abort() so the consuming thread stops waiting for units that will never come
@@ -261,7 +274,8 @@ class Pipeline:
         self.verify = verify
         self.threads = max(1, threads)
         self.prefault = prefault
-        self.stats = PipelineStats(bytes=sum(u.nbytes for u in units), units=len(units))
+        self.stats = PipelineStats(bytes=sum(u.nbytes for u in units), units=len(units),
+                                   threads=min(self.threads, max(1, len(units))))
         self._done: queue.Queue = queue.Queue()
         self._next = 0
         self._lock = threading.Lock()
@@ -292,23 +306,36 @@ class Pipeline:
             return unit
 
     def _read_loop(self) -> None:
-        while (unit := self._claim()) is not None:
-            try:
-                view = self.target.acquire(unit)
-            except RingClosed:
-                return
-            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
-                self._done.put(exc)
-                return
-            try:
-                reader = self.readers[unit.partition]
-                reader.read_into(unit.offset, view[:round_up(unit.nbytes, ALIGNMENT)], unit.nbytes,
-                                 max_request=self.request_bytes)
-            except BaseException as exc:  # noqa: BLE001
-                self.target.give_back(unit, view)
-                self._done.put(exc)
-                return
-            self._done.put((unit, view))
+        acquiring = reading = handing_off = 0.0
+        try:
+            while (unit := self._claim()) is not None:
+                began = time.perf_counter()
+                try:
+                    view = self.target.acquire(unit)
+                except RingClosed:
+                    return
+                except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+                    self._done.put(exc)
+                    return
+                acquired = time.perf_counter()
+                try:
+                    reader = self.readers[unit.partition]
+                    reader.read_into(unit.offset, view[:round_up(unit.nbytes, ALIGNMENT)], unit.nbytes,
+                                     max_request=self.request_bytes)
+                except BaseException as exc:  # noqa: BLE001
+                    self.target.give_back(unit, view)
+                    self._done.put(exc)
+                    return
+                read = time.perf_counter()
+                self._done.put((unit, view))
+                acquiring += acquired - began
+                reading += read - acquired
+                handing_off += time.perf_counter() - read
+        finally:
+            with self._lock:
+                self.stats.acquire_thread_seconds += acquiring
+                self.stats.io_thread_seconds += reading
+                self.stats.handoff_thread_seconds += handing_off
 
     def _prefault_loop(self) -> None:
         # Fault destination pages in ahead of the readers; skip units readers already claimed (they fault those
@@ -330,7 +357,9 @@ class Pipeline:
         """Verify + commit every unit in arrival order; on the first error stop the readers and keep the error."""
         try:
             for _ in range(len(self.units)):
+                began = time.perf_counter()
                 item = self._done.get()
+                self.stats.consumer_idle_seconds += time.perf_counter() - began
                 if item is _ABORTED:
                     return
                 if isinstance(item, BaseException):
@@ -340,7 +369,9 @@ class Pipeline:
                     self._verify(unit, view)
                 if self.tee is not None:  # before commit: a staged slot is reused once its copy is done
                     self.tee.write(unit.partition, unit.offset, view[:unit.nbytes])
+                began = time.perf_counter()
                 self.target.commit(unit, view)
+                self.stats.commit_seconds += time.perf_counter() - began
             self.target.finish()
             self.stats.read_seconds = time.perf_counter() - self._started_at
         except BaseException as exc:  # noqa: BLE001 - re-raised by finish() on the caller's thread

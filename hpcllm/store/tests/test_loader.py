@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +141,19 @@ def test_staged_path_streams_model_larger_than_staging(models):
     assert staging["slots"] == 2 and staging["slot_bytes"] == 16 << 10
     assert staging["submitted"] == sum(p.num_chunks for p in loaded.checkpoint.partitions)
     assert staging["slots"] * staging["slot_bytes"] < loaded.stats.bytes / 4
+    pipe = loaded.stats.pipeline  # where the read phase went: every unit read, verified and handed to the ring
+    assert pipe["units"] == staging["submitted"] and pipe["bytes"] == loaded.stats.bytes
+    assert pipe["io_thread_seconds"] > 0 and pipe["commit_seconds"] > 0
+    assert (pipe["verify_seconds"] > 0) == loaded.stats.verified
+    assert pipe["threads"] >= 1 and pipe["read_seconds"] <= loaded.stats.seconds
+
+
+def test_a_load_without_reads_has_no_pipeline_stats(models):
+    _, converted = models("llama")
+    for data in Path(converted).glob("*.h5"):
+        data.read_bytes()  # into the page cache: the load maps the files instead of reading them
+    stats = load_model(converted, tier="disk", tokenizer=False).stats
+    assert stats.zero_copy and stats.pipeline is None
 
 
 def test_device_map_places_modules(models):
