@@ -16,10 +16,16 @@
 #   3. bench/load.py's GPU methods against the host-to-device limit measured in the same run (~2 GB checkpoint);
 #   4. hpcllm's engine on the GPU (bench/engine_gpu.py): continuous batching against transformers' static-batch
 #      generate at 1, 16 and 64 requests arriving together, on the load bench's ~2 GB bf16 Llama;
-#   5. vLLM's CUDA path behind hpcllm (bench/vllm_gpu_check.py): weights through hpcllm's loader plugin, greedy ==
+#   5. cudaHostRegister of a tmpfs file against the DRAM tier's staged path (bench/host_register.py): can the tier
+#      feed the GPU at host-to-device speed, and must the registration happen ahead of a load;
+#   6. vLLM's CUDA path behind hpcllm (bench/vllm_gpu_check.py): weights through hpcllm's loader plugin, greedy ==
 #      generate on cuda, throughput at 1 and 16 prompts; skipped, saying so, when the interpreter has no vllm.
+# GPU_CHECK_STEPS picks steps (default: "tests tp load engine register vllm"); BENCH_ARGS / ENGINE_ARGS add arguments
+# to the load and engine benches (e.g. ENGINE_ARGS="--profile --concurrency 1"), BENCH_METHODS replaces the load
+# bench's method list.
 # Results in $OUT (the device tool's folder) or bench/results/gpu-check/: gpu.txt, gpu-tests.log, tp.txt, load.txt,
-# load-latest.json/.png, engine.txt and vllm.txt. Exit status: the tests', else the TP check's, else the vLLM check's.
+# load-latest.json/.png, engine.txt, register.txt and vllm.txt. Exit status: the tests', else the TP check's, else
+# the vLLM check's (0 for a step not run).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-bench/results/gpu-check}
@@ -50,29 +56,49 @@ done
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "CUDA", torch.version.cuda,
 "available", torch.cuda.is_available(), "| transformers", transformers.__version__)'; } | tee "$OUT/gpu.txt"
 
-timeout "${TEST_SECONDS:-110}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider hpcllm/store hpcllm/worker hpcllm/node \
-    2>&1 | tee "$OUT/gpu-tests.log"
-tests=${PIPESTATUS[0]}
+steps=" ${GPU_CHECK_STEPS:-tests tp load engine register vllm} "
+want() { [[ $steps == *" $1 "* ]]; }
+tests=0 tp=0 vllm=0
 
-# The MPI launch gets the step's limit less a margin, so that a hung rank is reported by the check itself.
-tp_seconds=${TP_SECONDS:-60}
-timeout "$tp_seconds" "$PY" bench/tp_gpu_check.py --timeout $((tp_seconds - 30)) 2>&1 | tee "$OUT/tp.txt"
-tp=${PIPESTATUS[0]}
+if want tests; then
+    timeout "${TEST_SECONDS:-110}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider hpcllm/store hpcllm/worker \
+        hpcllm/node 2>&1 | tee "$OUT/gpu-tests.log"
+    tests=${PIPESTATUS[0]}
+fi
 
-# BENCH_ARGS: extra bench/load.py arguments, split on spaces.
-read -r -a bench_args <<<"${BENCH_ARGS:-}"
-timeout "${BENCH_SECONDS:-270}" "$PY" bench/load.py --runs "${BENCH_RUNS:-2}" --workdir /tmp/hpcllm-bench "${bench_args[@]}" \
-    --methods hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu,hpcllm_gpu_disk_sweep,hpcllm_gpu_dram_2threads 2>&1 | tee "$OUT/load.txt"
-cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
+if want tp; then
+    # The MPI launch gets the step's limit less a margin, so that a hung rank is reported by the check itself.
+    tp_seconds=${TP_SECONDS:-60}
+    timeout "$tp_seconds" "$PY" bench/tp_gpu_check.py --timeout $((tp_seconds - 30)) 2>&1 | tee "$OUT/tp.txt"
+    tp=${PIPESTATUS[0]}
+fi
 
-bench_model=/tmp/hpcllm-bench/bench/hf
-[ -f "$bench_model/config.json" ] || bench_model=  # the load bench did not get to build it: the small dev Llama
-timeout "${ENGINE_SECONDS:-120}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} 2>&1 \
-    | tee "$OUT/engine.txt"
+if want load; then
+    # BENCH_ARGS: extra bench/load.py arguments, split on spaces.
+    read -r -a bench_args <<<"${BENCH_ARGS:-}"
+    methods=${BENCH_METHODS:-hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu,hpcllm_gpu_disk_sweep,hpcllm_gpu_dram_2threads}
+    timeout "${BENCH_SECONDS:-270}" "$PY" bench/load.py --runs "${BENCH_RUNS:-2}" --workdir /tmp/hpcllm-bench \
+        "${bench_args[@]}" --methods "$methods" 2>&1 | tee "$OUT/load.txt"
+    cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
+fi
 
-timeout "${VLLM_SECONDS:-240}" "$PY" bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
-vllm=${PIPESTATUS[0]}
-echo "gpu_check: tests exit status $tests, TP check $tp, vLLM check $vllm; results in $OUT"
+if want engine; then
+    bench_model=/tmp/hpcllm-bench/bench/hf
+    [ -f "$bench_model/config.json" ] || bench_model=  # the load bench did not build it: the small dev Llama
+    read -r -a engine_args <<<"${ENGINE_ARGS:-}"
+    timeout "${ENGINE_SECONDS:-120}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} \
+        "${engine_args[@]}" 2>&1 | tee "$OUT/engine.txt"
+fi
+
+if want register; then
+    timeout "${REGISTER_SECONDS:-60}" "$PY" bench/host_register.py 2>&1 | tee "$OUT/register.txt"
+fi
+
+if want vllm; then
+    timeout "${VLLM_SECONDS:-240}" "$PY" bench/vllm_gpu_check.py 2>&1 | tee "$OUT/vllm.txt"
+    vllm=${PIPESTATUS[0]}
+fi
+echo "gpu_check: steps${steps% }: tests exit status $tests, TP check $tp, vLLM check $vllm; results in $OUT"
 [ "$tests" -ne 0 ] && exit "$tests"
 [ "$tp" -ne 0 ] && exit "$tp"
 exit "$vllm"
