@@ -40,7 +40,7 @@ from hpcllm.store.memory import HostBuffer, HostBufferPool, MappedFile, default_
 from hpcllm.store.pipeline import (DirectHostTarget, Pipeline, Placement, StagedTarget, packed_placement,
                                    plan_units, whole_partition_placement)
 from hpcllm.store.readers import BUFFERED, CACHED_ENOUGH, FileReader, cached_fraction
-from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slots
+from hpcllm.store.ring import DeviceRouter, HostCopyEngine, StagingRing, host_slot
 from hpcllm.store.tee import LoadTee
 from hpcllm.store.tiers import MMAP, TierSettings, detect_tier, memory_copy_threads, tier_settings
 from hpcllm.store.tuning import ReadPlan, choose_read_plan, load_tuning
@@ -517,20 +517,25 @@ class _Load:
         dests = {key: (base if not isinstance(base, HostBuffer) else base.tensor())
                  for key, base in self.bases.items()}
         if gpus:
-            from hpcllm.store.cuda import pinned_slots
+            from hpcllm.store.cuda import pinned_slot
 
             # after the device buffers exist, on the caller's thread: the copy streams wait for their allocation
             engines.update({gpu: CudaCopyEngine(torch.device(gpu)) for gpu in gpus})
-            slots = pinned_slots(self.settings.staging_slots, slot_bytes)
+            make_slot = pinned_slot
         else:
-            slots = host_slots(self.settings.staging_slots, slot_bytes)
-        self.ring = StagingRing(slots, DeviceRouter(engines))
+            make_slot = host_slot
+        # One slot now, the rest while the readers use it (StagingRing.grow).
+        self.ring = StagingRing([make_slot(0, slot_bytes)], DeviceRouter(engines))
+        self.ring.grow(lambda index: make_slot(index, slot_bytes), self.settings.staging_slots)
         return StagedTarget(self.ring, self.placement, dests)
 
     def finish(self) -> dict[tuple[int, str], Any]:
         if self.pipeline is not None:
             stats = self.pipeline.finish()
             self.read_seconds = stats.read_seconds
+        if self.ring is not None and self.ring.grow_error is not None:
+            log.warning("loaded %s through %d of %d staging slots: allocating the others failed (%s)", self.ckpt.root,
+                        self.ring.stats.slots, self.settings.staging_slots, self.ring.grow_error)
         if self.verifier is not None:
             try:
                 for verification in self.verifications:

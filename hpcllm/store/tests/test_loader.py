@@ -148,6 +148,27 @@ def test_staged_path_streams_model_larger_than_staging(models):
     assert pipe["threads"] >= 1 and pipe["read_seconds"] <= loaded.stats.seconds
 
 
+def test_a_staged_load_whose_slot_allocation_fails_goes_on_with_fewer_slots(models, monkeypatch, caplog):
+    """Staging slots after the first are allocated while the readers run; a failure (no more pinned memory) only
+    costs parallelism, and the log says so."""
+    from hpcllm.store import loader as loader_module
+
+    real_slot = loader_module.host_slot
+
+    def failing_after_two(index, size):
+        if index >= 2:
+            raise RuntimeError("out of pinned memory")
+        return real_slot(index, size)
+
+    monkeypatch.setattr(loader_module, "host_slot", failing_after_two)
+    hf, converted = models("llama_sharded")
+    with caplog.at_level("WARNING", logger="hpcllm.store.loader"):
+        loaded = load_model(converted, staged=True, unit_bytes=16 << 10, staging_slots=6, tokenizer=False)
+    assert_same_model(reference(hf), loaded.model)
+    assert loaded.stats.staging["slots"] == 2
+    assert "through 2 of 6 staging slots" in caplog.text and "out of pinned memory" in caplog.text
+
+
 def test_a_load_without_reads_has_no_pipeline_stats(models):
     _, converted = models("llama")
     for data in Path(converted).glob("*.h5"):

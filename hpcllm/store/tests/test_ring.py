@@ -18,7 +18,8 @@ import torch
 from hpcllm.checkpoint import ChecksumMismatch, read_checkpoint
 from hpcllm.store.pipeline import Pipeline, StagedTarget, packed_placement, plan_units
 from hpcllm.store.readers import BUFFERED, FileReader
-from hpcllm.store.ring import Copy, DeviceRouter, HostCopyEngine, RingClosed, StagingRing, host_slots
+from hpcllm.store.ring import (Copy, DeviceRouter, HostCopyEngine, RingClosed, StagingRing, host_slot,
+                               host_slots)
 
 
 class ThreadFence:
@@ -80,6 +81,71 @@ def test_ring_never_reuses_a_slot_before_its_copy_finished():
     expected = torch.arange(200, dtype=torch.int64).remainder(251).to(torch.uint8).repeat_interleave(4096)
     assert torch.equal(dest, expected)
     assert ring.stats.submitted == 200 and ring.stats.waits_for_copy > 0
+
+
+def _copy_blocks(ring: StagingRing, blocks: int) -> torch.Tensor:
+    dest = torch.zeros(blocks * 4096, dtype=torch.uint8)
+    for block in range(blocks):
+        slot = ring.acquire()
+        slot.tensor.fill_(block % 251)
+        ring.submit(slot, [Copy(dest, block * 4096, 0, 4096)])
+    ring.drain()
+    return dest
+
+
+def _expected(blocks: int) -> torch.Tensor:
+    return torch.arange(blocks, dtype=torch.int64).remainder(251).to(torch.uint8).repeat_interleave(4096)
+
+
+def test_a_ring_grows_its_slots_while_it_is_used():
+    """The loader starts with one slot and allocates the rest in the background (pinning memory is slow)."""
+    engine = AsyncCopyEngine()
+    allocated = []
+
+    def slow_slot(index: int):
+        time.sleep(0.01)
+        allocated.append(index)
+        return host_slot(index, 4096)
+
+    ring = StagingRing([host_slot(0, 4096)], engine)
+    ring.grow(slow_slot, 4)
+    dest = _copy_blocks(ring, 100)
+    engine.stop()
+    assert torch.equal(dest, _expected(100))
+    assert allocated == [1, 2, 3] and ring.stats.slots == 4 and len(ring.slots) == 4 and ring.grow_error is None
+
+
+def test_a_ring_whose_growth_fails_keeps_working_with_the_slots_it_has():
+    engine = AsyncCopyEngine()
+
+    def third_slot_fails(index: int):
+        if index == 2:
+            raise RuntimeError("CUDA error: out of memory (pinned)")
+        return host_slot(index, 4096)
+
+    ring = StagingRing([host_slot(0, 4096)], engine)
+    ring.grow(third_slot_fails, 5)
+    dest = _copy_blocks(ring, 50)
+    engine.stop()
+    assert torch.equal(dest, _expected(50))
+    assert ring.stats.slots == 2 and "out of memory" in str(ring.grow_error)
+
+
+def test_a_closed_ring_stops_growing():
+    ring = StagingRing([host_slot(0, 4096)], HostCopyEngine())
+    release = threading.Event()
+    made = []
+
+    def slot_after_release(index: int):
+        release.wait(timeout=5)
+        made.append(index)
+        return host_slot(index, 4096)
+
+    ring.grow(slot_after_release, 10)
+    ring.close()
+    release.set()
+    ring.drain()  # joins the growing thread
+    assert made == [1] and ring.stats.slots == 1  # the slot being made when it closed is dropped, no more made
 
 
 def test_acquire_waits_for_a_slot_given_back_by_another_thread():
