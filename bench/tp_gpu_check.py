@@ -130,10 +130,12 @@ def run_ranks(launcher: str, ranks: int, checkpoint: Path, device: str, tokens: 
 def report(result: dict, seconds: float) -> int:
     print(f"tp_gpu_check: {result['ranks']} rank(s) on {result['device']} (rank 0's device), whole launch "
           f"{seconds:.1f} s")
-    print(f"{'rank':>4}  {'host':<20} {'imports s':>9} {'load s':>7} {'bytes read':>12} {'reads':>6}")
+    # build s: of the load, the model's assembly from the slices and its move to the device
+    print(f"{'rank':>4}  {'host':<20} {'imports s':>9} {'load s':>7} {'build s':>7} {'bytes read':>12} {'reads':>6}")
     for stats in result["stats"]:
         print(f"{stats['rank']:>4}  {stats['host']:<20} {stats.get('import_seconds', 0.0):>9.2f} "
-              f"{stats['seconds']:>7.2f} {stats['bytes_read']:>12} {stats['reads']:>6}")
+              f"{stats['seconds']:>7.2f} {stats.get('build_seconds', 0.0):>7.2f} {stats['bytes_read']:>12} "
+              f"{stats['reads']:>6}")
     print(f"TP greedy decode: {len(result['tp_tokens'])} tokens at {result['tp_tokens_per_s']} tokens/s "
           f"(prompt {result['prompt_tokens']} tokens, one step per token, batch 1)")
     print(f"max |logit difference| against the whole model on one device: {result['max_abs_logit_diff']:.3g}")

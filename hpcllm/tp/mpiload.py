@@ -103,7 +103,10 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
     stats = {**outcome["stats"], "rank": rank, "host": socket.gethostname(), "node": node or socket.gethostname(),
              "path": str(path)}
 
+    # The model's assembly from the slices and its move to the rank's device, timed apart from the reads.
+    build_began = time.perf_counter()
     error = _guarded(lambda: outcome.update(model=_build(plan, tensors, Path(path), size, comm, collective, device)))
+    stats["build_seconds"] = round(time.perf_counter() - build_began, 4)
     _exchange_status(comm, error, timeout_s)
     tok = _tokenizer(Path(path)) if tokenizer and rank == 0 else None  # only the lead tokenizes
     stats["seconds"] = round(time.perf_counter() - started, 4)
