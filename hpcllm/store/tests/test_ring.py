@@ -97,9 +97,20 @@ def _expected(blocks: int) -> torch.Tensor:
     return torch.arange(blocks, dtype=torch.int64).remainder(251).to(torch.uint8).repeat_interleave(4096)
 
 
+def _grown_ring_copies(make_slot, count: int, blocks: int) -> StagingRing:
+    """A ring of one slot growing to `count` through make_slot while `blocks` blocks go through it to an async engine;
+    every block must land where it belongs whatever the growth did."""
+    engine = AsyncCopyEngine()
+    ring = StagingRing([host_slot(0, 4096)], engine)
+    ring.grow(make_slot, count)
+    dest = _copy_blocks(ring, blocks)
+    engine.stop()
+    assert torch.equal(dest, _expected(blocks))
+    return ring
+
+
 def test_a_ring_grows_its_slots_while_it_is_used():
     """The loader starts with one slot and allocates the rest in the background (pinning memory is slow)."""
-    engine = AsyncCopyEngine()
     allocated = []
 
     def slow_slot(index: int):
@@ -107,27 +118,17 @@ def test_a_ring_grows_its_slots_while_it_is_used():
         allocated.append(index)
         return host_slot(index, 4096)
 
-    ring = StagingRing([host_slot(0, 4096)], engine)
-    ring.grow(slow_slot, 4)
-    dest = _copy_blocks(ring, 100)
-    engine.stop()
-    assert torch.equal(dest, _expected(100))
+    ring = _grown_ring_copies(slow_slot, 4, 100)
     assert allocated == [1, 2, 3] and ring.stats.slots == 4 and len(ring.slots) == 4 and ring.grow_error is None
 
 
 def test_a_ring_whose_growth_fails_keeps_working_with_the_slots_it_has():
-    engine = AsyncCopyEngine()
-
     def third_slot_fails(index: int):
         if index == 2:
             raise RuntimeError("CUDA error: out of memory (pinned)")
         return host_slot(index, 4096)
 
-    ring = StagingRing([host_slot(0, 4096)], engine)
-    ring.grow(third_slot_fails, 5)
-    dest = _copy_blocks(ring, 50)
-    engine.stop()
-    assert torch.equal(dest, _expected(50))
+    ring = _grown_ring_copies(third_slot_fails, 5, 50)
     assert ring.stats.slots == 2 and "out of memory" in str(ring.grow_error)
 
 
