@@ -26,6 +26,7 @@ run on the main thread, 357-378 tok/s otherwise (docs/worker.md, "One OpenMP poo
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import threading
@@ -38,6 +39,8 @@ sys.path.insert(0, str(REPO))
 from bench.serve import Prompt, prompt_set  # noqa: E402
 
 TARGETS = ("hpcllm", "generate")
+GRAPHS = "hpcllm-graphs"  # --cuda-graphs: hpcllm's engine with [worker] cuda_graphs
+_request_ids = itertools.count()
 
 
 def main() -> int:
@@ -50,6 +53,9 @@ def main() -> int:
     parser.add_argument("--padding-allowance", type=float,
                         help="the paged runner's padding allowance (how much padding lets decodes share one "
                              "attention call; inf: one call per layer for every decode, the GPU default)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help=f"also {GRAPHS}: decode steps replayed from CUDA graphs (one engine per level, its graphs "
+                             "captured in the warm-up; on a CPU the same static steps run uncaptured)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: profile hpcllm's engine steps at each C (cProfile of the engine thread's "
                              "steps, then torch.profiler's top operators and CUDA runtime calls of a few steps)")
@@ -87,21 +93,38 @@ def main() -> int:
                                               for p in prompt_set(concurrency, model.config.vocab_size, seed=0)],
                            concurrency)
         return 0
+    targets = TARGETS[:1] + (GRAPHS,) + TARGETS[1:] if args.cuda_graphs else TARGETS
     rates: dict[tuple[str, int], list[float]] = {}
     for concurrency in args.concurrency:
         prompts = [Prompt(p.token_ids, min(p.max_tokens, args.max_output))
                    for p in prompt_set(concurrency, model.config.vocab_size, seed=0)]
+        runs = dict(RUNS)
+        graphs_engine = None
+        if args.cuda_graphs and args.device.startswith("cuda"):
+            # One engine for the level: a worker captures each shape once; its warm-up serves the whole prompt set,
+            # so the rounds replay graphs captured before them.
+            graphs_engine = start_engine(model, tokenizer, concurrency, True)
+            serve_all(graphs_engine, prompts)
+            runs[GRAPHS] = lambda model, tokenizer, prompts, concurrency: serve_all(graphs_engine, prompts)
+        elif args.cuda_graphs:  # on a CPU the static steps, uncaptured, each run on a fresh engine (no idle pool)
+            runs[GRAPHS] = lambda model, tokenizer, prompts, concurrency: run_hpcllm(
+                model, tokenizer, prompts, concurrency, cuda_graphs="eager")
         for run in (run_hpcllm, run_generate):  # warm-up: kernels, the allocator, the KV pool
             in_own_thread(run, model, tokenizer, prompts[:2], concurrency)
         for round_index in range(args.rounds):
-            order = TARGETS if round_index % 2 == 0 else TARGETS[::-1]
+            order = targets if round_index % 2 == 0 else targets[::-1]
             for target in order:
-                seconds = in_own_thread(RUNS[target], model, tokenizer, prompts, concurrency)
+                seconds = in_own_thread(runs[target], model, tokenizer, prompts, concurrency)
                 tokens = sum(p.max_tokens for p in prompts)
                 rates.setdefault((target, concurrency), []).append(tokens / seconds)
-                print(f"  C={concurrency:3d} round {round_index + 1} {target:8s} {tokens:6d} tokens in "
+                print(f"  C={concurrency:3d} round {round_index + 1} {target:13s} {tokens:6d} tokens in "
                       f"{seconds:6.2f} s = {tokens / seconds:8.1f} tok/s", flush=True)
-    print_table(rates, args.concurrency)
+        if graphs_engine is not None:
+            graphs = graphs_engine.runner.decode_graphs
+            print(f"  C={concurrency:3d} {GRAPHS}: {len(graphs.steps)} shapes, {graphs.captures} captured, "
+                  f"{graphs.eager_steps} decode steps eager", flush=True)
+            graphs_engine.shutdown()
+    print_table(rates, args.concurrency, targets)
     return 0
 
 
@@ -138,26 +161,36 @@ def describe(device: str) -> str:
     return f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
-def run_hpcllm(model, tokenizer, prompts: list[Prompt], concurrency: int) -> float:
-    """All requests submitted before the first step, as clients arriving together; seconds until the last is done."""
+def start_engine(model, tokenizer, concurrency: int, cuda_graphs: bool | str = False):
     from hpcllm.worker.engine import Engine
-    from hpcllm.worker.protocol import GenerateRequest
 
-    engine = Engine(model, tokenizer, max_running_requests=concurrency, batching="paged")
-    engine.start()
+    return Engine(model, tokenizer, max_running_requests=concurrency, batching="paged",
+                  cuda_graphs=cuda_graphs).start()
+
+
+def run_hpcllm(model, tokenizer, prompts: list[Prompt], concurrency: int, cuda_graphs: bool | str = False) -> float:
+    """A fresh engine serving the prompts (serve_all)."""
+    engine = start_engine(model, tokenizer, concurrency, cuda_graphs)
     try:
-        began = time.perf_counter()
-        with engine._lock:
-            streams = [engine.submit(GenerateRequest(request_id=f"r{i}", prompt_token_ids=p.token_ids,
-                                                     max_tokens=p.max_tokens, temperature=0, ignore_eos=True))
-                       for i, p in enumerate(prompts)]
-        for stream, prompt in zip(streams, prompts):
-            produced = sum(1 for _ in stream.events()) - 1  # token lines, then the final line
-            if produced != prompt.max_tokens:
-                raise SystemExit(f"hpcllm produced {produced} tokens for a request of max_tokens {prompt.max_tokens}")
-        return time.perf_counter() - began
+        return serve_all(engine, prompts)
     finally:
         engine.shutdown()
+
+
+def serve_all(engine, prompts: list[Prompt]) -> float:
+    """All requests submitted before the first step, as clients arriving together; seconds until the last is done."""
+    from hpcllm.worker.protocol import GenerateRequest
+
+    began = time.perf_counter()
+    with engine._lock:
+        streams = [engine.submit(GenerateRequest(request_id=f"r{next(_request_ids)}", prompt_token_ids=p.token_ids,
+                                                 max_tokens=p.max_tokens, temperature=0, ignore_eos=True))
+                   for p in prompts]
+    for stream, prompt in zip(streams, prompts):
+        produced = sum(1 for _ in stream.events()) - 1  # token lines, then the final line
+        if produced != prompt.max_tokens:
+            raise SystemExit(f"hpcllm produced {produced} tokens for a request of max_tokens {prompt.max_tokens}")
+    return time.perf_counter() - began
 
 
 def run_generate(model, tokenizer, prompts: list[Prompt], concurrency: int) -> float:
@@ -235,13 +268,14 @@ def profile_engine(model, tokenizer, prompts: list[Prompt], concurrency: int) ->
 RUNS = {"hpcllm": run_hpcllm, "generate": run_generate}
 
 
-def print_table(rates: dict[tuple[str, int], list[float]], concurrency: list[int]) -> None:
+def print_table(rates: dict[tuple[str, int], list[float]], concurrency: list[int], targets=TARGETS) -> None:
     print("\noutput tok/s (median of rounds) | " + " | ".join(f"C={c}" for c in concurrency))
-    for target in TARGETS:
+    for target in targets:
         print(f"{target:31s} | " + " | ".join(f"{statistics.median(rates[target, c]):8.1f}" for c in concurrency))
-    print(f"{'hpcllm / generate':31s} | " + " | ".join(
-        f"{statistics.median(rates['hpcllm', c]) / statistics.median(rates['generate', c]):7.2f}x"
-        for c in concurrency))
+    for target in targets[:-1]:  # every hpcllm target against generate (the last)
+        print(f"{target + ' / generate':31s} | " + " | ".join(
+            f"{statistics.median(rates[target, c]) / statistics.median(rates['generate', c]):7.2f}x"
+            for c in concurrency))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@
 #      Llama through hpcllm.tp and decode greedily, tokens == generate; with one GPU, 1 rank (NCCL with world size
 #      1), saying so; fails, saying what to carry, without mpi4py or an MPI launcher;
 #   3. bench/load.py's GPU methods against the host-to-device limit measured in the same run (~2 GB checkpoint);
-#   4. hpcllm's engine on the GPU (bench/engine_gpu.py): continuous batching against transformers' static-batch
-#      generate at 1, 16 and 64 requests arriving together, on the load bench's ~2 GB bf16 Llama;
+#   4. hpcllm's engine on the GPU (bench/engine_gpu.py --cuda-graphs): continuous batching, eager and with decode
+#      steps replayed from CUDA graphs, against transformers' static-batch generate at 1, 16 and 64 requests
+#      arriving together, on the load bench's ~2 GB bf16 Llama;
 #   5. cudaHostRegister of a tmpfs file against the DRAM tier's staged path (bench/host_register.py): can the tier
 #      feed the GPU at host-to-device speed, and must the registration happen ahead of a load;
 #   6. vLLM's CUDA path behind hpcllm (bench/vllm_gpu_check.py): weights through hpcllm's loader plugin, greedy ==
@@ -77,7 +78,7 @@ if want load; then
     # BENCH_ARGS: extra bench/load.py arguments, split on spaces.
     read -r -a bench_args <<<"${BENCH_ARGS:-}"
     methods=${BENCH_METHODS:-hpcllm_gpu_disk,hpcllm_gpu_dram,safetensors_gpu,from_pretrained_gpu,hpcllm_gpu_disk_sweep,hpcllm_gpu_dram_2threads}
-    timeout "${BENCH_SECONDS:-270}" "$PY" bench/load.py --runs "${BENCH_RUNS:-2}" --workdir /tmp/hpcllm-bench \
+    timeout "${BENCH_SECONDS:-200}" "$PY" bench/load.py --runs "${BENCH_RUNS:-1}" --workdir /tmp/hpcllm-bench \
         "${bench_args[@]}" --methods "$methods" 2>&1 | tee "$OUT/load.txt"
     cp bench/results/load-latest.json bench/results/load-latest.png "$OUT/" 2>/dev/null
 fi
@@ -86,7 +87,7 @@ if want engine; then
     bench_model=/tmp/hpcllm-bench/bench/hf
     [ -f "$bench_model/config.json" ] || bench_model=  # the load bench did not build it: the small dev Llama
     read -r -a engine_args <<<"${ENGINE_ARGS:-}"
-    timeout "${ENGINE_SECONDS:-120}" "$PY" bench/engine_gpu.py ${bench_model:+--model-dir "$bench_model"} \
+    timeout "${ENGINE_SECONDS:-150}" "$PY" bench/engine_gpu.py --cuda-graphs ${bench_model:+--model-dir "$bench_model"} \
         "${engine_args[@]}" 2>&1 | tee "$OUT/engine.txt"
 fi
 

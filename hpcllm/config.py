@@ -277,6 +277,9 @@ class WorkerConfig(Section):
     # engine, off on GPUs (their forward already runs asynchronously) and with tensor parallelism (the ranks are the
     # processes). See docs/worker.md "The model process".
     model_process: StrictBool | Literal["auto"] = "auto"
+    # GPU workers of hpcllm's engine: replay decode-only steps from CUDA graphs (one per batch x context bucket,
+    # captured on first use; docs/worker.md "CUDA graphs"). Off until a GPU run has measured it.
+    cuda_graphs: StrictBool = False
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
     # Torch compute threads of one worker. 0: the node agent gives each worker its share of the CPUs it may use
     # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'

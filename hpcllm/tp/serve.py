@@ -206,6 +206,8 @@ def tensor_parallel_engine_class():
         def __init__(self, lead: LeadRunner, tokenizer, **options):
             if options.pop("model_process", False):  # the forward is already spread over the ranks' processes
                 raise ConfigError("[worker] model_process cannot be combined with tensor parallelism; set it false")
+            if options.pop("cuda_graphs", False):  # the followers' steps would have to be captured alike
+                raise ConfigError("[worker] cuda_graphs is not supported with tensor parallelism yet; set it false")
             super().__init__(lead.runner.model, tokenizer, **options)
             self.lead = lead
             lead.runner.batch_runner = self.runner

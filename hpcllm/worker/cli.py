@@ -67,6 +67,7 @@ def run_worker(
         batching=worker.batching,
         prefix_caching=worker.prefix_caching,
         model_process=model_process,
+        cuda_graphs=worker.cuda_graphs,
     )
     if engine == "vllm":
         loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731

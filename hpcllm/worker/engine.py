@@ -144,6 +144,7 @@ class Engine(EngineBase):
         prefix_caching: bool = True,
         fast_path: bool = True,
         model_process: "bool | ModelProcess" = False,
+        cuda_graphs: bool | str = False,
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
@@ -187,6 +188,8 @@ class Engine(EngineBase):
             self.runner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size, batching=batching,
                                       fast_path=fast_path)
             paged = isinstance(self.runner, PagedRunner)
+        if cuda_graphs:  # True: capture decode steps (a CUDA model); "eager": their static form, uncaptured
+            self._use_decode_graphs("eager" if cuda_graphs == "eager" else "cuda")
         # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
         self.kv_pool = BlockPool(num_blocks, kv_block_size, prefix_caching=prefix_caching and paged)
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
@@ -245,6 +248,15 @@ class Engine(EngineBase):
         if job.error is not None:
             raise EngineUnavailable(f"embedding failed: {job.error}")
         return job.embeddings
+
+    def _use_decode_graphs(self, mode: str) -> None:
+        from hpcllm.worker.graphs import DecodeGraphs
+
+        if not isinstance(self.runner, PagedRunner):
+            raise ValueError(f"cuda_graphs needs the paged runner in the worker process, not "
+                             f"{type(self.runner).__name__} (set batching to auto or paged, model_process to false)")
+        self.runner.decode_graphs = DecodeGraphs(self.runner, max_rows=self.max_running_requests,
+                                                 max_context=self.max_model_len, mode=mode)
 
     def _run_embed_jobs(self) -> None:
         with self._lock:

@@ -128,13 +128,13 @@ class _DecodeGroup:
     def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The padding as an additive mask (0 attend, -inf padding): what SDPA would convert a boolean mask to in
         every layer's call, built once per step."""
-        if self.padding is None:
-            return None
         mask = self._masks.get(dtype)
-        if mask is None:
+        if mask is None and self.padding is not None:
             mask = self._masks[dtype] = torch.zeros(self.padding.shape, dtype=dtype,
                                                     device=self.padding.device).masked_fill_(self.padding,
                                                                                              float("-inf"))
+        elif mask is None and self._masks:  # a static (graph) step gave its mask in another dtype
+            mask = self._masks[dtype] = next(iter(self._masks.values())).to(dtype)
         return mask
 
 
@@ -235,6 +235,7 @@ class PagedRunner:
         self.device = model.get_input_embeddings().weight.device
         self.padding_allowance = padding_allowance_for(self.device)
         self.use_fast_path = fast_path  # tensor-parallel followers build their runners with the lead's options
+        self.decode_graphs = None  # graphs.DecodeGraphs: decode-only steps replayed from CUDA graphs (Engine sets it)
         self.fast_path = fastpath.prepare(model) if fast_path else fastpath.FastPath(skipped="turned off")
         model.config._attn_implementation = PAGED_ATTENTION
         for module in model.modules():  # some models cache the implementation per sub-config
@@ -243,6 +244,10 @@ class PagedRunner:
                 config._attn_implementation = PAGED_ATTENTION
 
     def step(self, batch: StepBatch) -> torch.Tensor:
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.step(batch.chunks)
+            if logits is not None:
+                return logits
         ids: list[int] = []
         positions: list[int] = []
         keep: list[int] = []
