@@ -110,6 +110,7 @@ class DecodeGraphs:
         self.memory_pool = torch.cuda.graph_pool_handle() if mode == "cuda" else None
         self.captures = 0
         self.eager_steps = 0  # decode-only steps that did not fit a graph (past the buckets or MAX_GRAPHS)
+        self.disabled: str | None = None  # why graphs stopped (a capture failed): every step runs eagerly then
 
     def shape_for(self, rows: int, longest: int) -> tuple[int, int] | None:
         """The (rows, positions) bucket of a decode-only step, or None when none fits."""
@@ -121,7 +122,8 @@ class DecodeGraphs:
 
     def step(self, chunks) -> torch.Tensor | None:
         """The logits of a decode-only step ([len(chunks), vocab]), or None: run it eagerly."""
-        if not chunks or not all(len(c.token_ids) == 1 and c.start > 0 and c.want_logits for c in chunks):
+        if self.disabled or not chunks or not all(len(c.token_ids) == 1 and c.start > 0 and c.want_logits
+                                                  for c in chunks):
             return None
         shape = self.shape_for(len(chunks), max(c.start + 1 for c in chunks))
         static = None if shape is None else self.steps.get(shape)
@@ -134,8 +136,8 @@ class DecodeGraphs:
         if self.mode == "eager":
             logits = self._run(static)
         else:
-            if static.graph is None:
-                self._capture(static)
+            if static.graph is None and not self._capture(static):
+                return None
             static.graph.replay()
             logits = static.logits
         static.replays += 1
@@ -204,20 +206,29 @@ class DecodeGraphs:
             _active.step = None
         return out.logits[0]
 
-    def _capture(self, static: _StaticStep) -> None:
+    def _capture(self, static: _StaticStep) -> bool:
         """Warm the step up on a side stream (lazy initialisations must not happen inside the capture), then record
-        it. The inputs already hold this step's values, so the warm-up writes the same keys/values the replay will."""
-        current = torch.cuda.current_stream(self.runner.device)
-        side = torch.cuda.Stream(device=self.runner.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run(static)
-        current.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.memory_pool):
-            static.logits = self._run(static)
+        it. The inputs already hold this step's values, so the warm-up writes the same keys/values the replay will.
+        A failure (an operation a capture forbids, no memory) turns graphs off for this engine: it goes on eagerly,
+        which recomputes this step from the same inputs."""
+        try:
+            current = torch.cuda.current_stream(self.runner.device)
+            side = torch.cuda.Stream(device=self.runner.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run(static)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.memory_pool):
+                static.logits = self._run(static)
+        except Exception as exc:  # noqa: BLE001 - the engine serves on without graphs; the log says why
+            self.disabled = f"{type(exc).__name__}: {exc}"
+            log.exception("capturing the decode step for %d rows x %d positions failed; decode steps run eagerly "
+                          "from now on", static.rows, static.positions)
+            return False
         static.graph = graph
         self.captures += 1
         log.info("captured the decode step for %d rows x %d positions (%d graphs)", static.rows, static.positions,
                  self.captures)
+        return True

@@ -96,3 +96,17 @@ def test_captured_decode_steps_on_cuda_equal_generate_on_cuda(arch, model_dirs, 
         tokens, expected, decode_graphs = _greedy_through_static_steps(engines, model, tokenizer, reference, "cuda")
     assert tokens == expected
     assert decode_graphs.captures >= 3 and decode_graphs.eager_steps == 0
+
+
+def test_a_failed_capture_turns_graphs_off_and_the_engine_serves_on(load_pair, reference_model, engines, caplog):
+    """Here a capture fails for want of CUDA; on a GPU it would be an operation a capture forbids, or no memory."""
+    model, tokenizer = load_pair("llama")
+    counting = engines(model, tokenizer, max_running_requests=2, cuda_graphs="eager")
+    decode_graphs = counting.engine.runner.decode_graphs
+    decode_graphs.mode = "cuda"  # the next new shape is captured
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    with caplog.at_level("ERROR", logger="hpcllm.worker.graphs"):
+        [(tokens, final)] = counting.run_together([request(prompt_token_ids=ids, max_tokens=12, temperature=0)])
+    assert tokens == hf_greedy(reference_model("llama"), ids, 12) and final.finish_reason == "length"
+    assert decode_graphs.disabled and decode_graphs.captures == 0
+    assert "decode steps run eagerly from now on" in caplog.text
