@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hpcllm.worker.runner import _active, _DecodeGroup, _StepContext, attention_kernels
+
 log = logging.getLogger(__name__)
 
 CONTEXT_BUCKET = 256  # positions: a context of 1..256 replays the 256-position graph of its row bucket
@@ -194,8 +196,6 @@ class DecodeGraphs:
 
     def _run(self, static: _StaticStep) -> torch.Tensor:
         """The step's forward over the static buffers: what a graph records and replays."""
-        from hpcllm.worker.runner import _active, _DecodeGroup, _StepContext, attention_kernels
-
         group = _DecodeGroup(static.row_index, static.read_slots, None, _masks={static.mask.dtype: static.mask})
         _active.step = _StepContext(self.runner.pool, static.write_slots, [], [group])
         try:
