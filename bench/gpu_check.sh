@@ -87,7 +87,7 @@ if want engine; then
     bench_model=/tmp/hpcllm-bench/bench/hf
     [ -f "$bench_model/config.json" ] || bench_model=  # the load bench did not build it: the small dev Llama
     read -r -a engine_args <<<"${ENGINE_ARGS:-}"
-    timeout "${ENGINE_SECONDS:-150}" "$PY" bench/engine_gpu.py --cuda-graphs ${bench_model:+--model-dir "$bench_model"} \
+    timeout "${ENGINE_SECONDS:-180}" "$PY" bench/engine_gpu.py --cuda-graphs ${bench_model:+--model-dir "$bench_model"} \
         "${engine_args[@]}" 2>&1 | tee "$OUT/engine.txt"
 fi
 
