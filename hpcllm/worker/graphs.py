@@ -114,6 +114,12 @@ class DecodeGraphs:
         self.eager_steps = 0  # decode-only steps that did not fit a graph (past the buckets or MAX_GRAPHS)
         self.disabled: str | None = None  # why graphs stopped (a capture failed): every step runs eagerly then
 
+    def summary(self) -> dict:
+        """What /ready reports: graphs captured (or static shapes in eager mode), decode steps that ran eagerly, and
+        why graphs stopped if a capture failed."""
+        return {"mode": self.mode, "shapes": len(self.steps), "captured": self.captures,
+                "eager_decode_steps": self.eager_steps, "disabled": self.disabled}
+
     def shape_for(self, rows: int, longest: int) -> tuple[int, int] | None:
         """The (rows, positions) bucket of a decode-only step, or None when none fits."""
         bucket = next((b for b in self.buckets if b >= rows), None)

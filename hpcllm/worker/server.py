@@ -310,6 +310,7 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
                 "tokens_in_flight": engine.tokens_in_flight(),
                 "prefill_tokens_per_second": engine.prefill_tokens_per_second,
                 **({"rank_loads": service.loaded.rank_loads} if service.loaded.rank_loads else {}),
+                **({"cuda_graphs": graphs.summary()} if (graphs := _decode_graphs(engine)) is not None else {}),
             }
         )
 
@@ -318,6 +319,11 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
         return Response(service.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return service_app("hpcllm.worker", [open_bp, internal, migrations], max_request_bytes=max_request_bytes)
+
+
+def _decode_graphs(engine):
+    """The engine's graphs.DecodeGraphs ([worker] cuda_graphs), or None."""
+    return getattr(getattr(engine, "runner", None), "decode_graphs", None)
 
 
 def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:

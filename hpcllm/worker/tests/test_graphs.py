@@ -110,3 +110,19 @@ def test_a_failed_capture_turns_graphs_off_and_the_engine_serves_on(load_pair, r
     assert tokens == hf_greedy(reference_model("llama"), ids, 12) and final.finish_reason == "length"
     assert decode_graphs.disabled and decode_graphs.captures == 0
     assert "decode steps run eagerly from now on" in caplog.text
+
+
+def test_ready_reports_the_decode_graphs(load_pair, start_worker):
+    """An operator sees whether graphs are in use: the shapes, captures, decode steps that ran eagerly, and why graphs
+    stopped if a capture failed; a worker without them reports nothing."""
+    from hpcllm.worker.protocol import GenerateRequest
+
+    plain = start_worker(load_pair("llama"))
+    assert "cuda_graphs" not in plain.client.ready()
+    worker = start_worker(load_pair("llama"), cuda_graphs="eager", max_running_requests=2)
+    events = list(worker.client.generate(GenerateRequest(request_id="g1", prompt=PROMPTS[0], max_tokens=6,
+                                                         temperature=0)))
+    assert events[-1].finish_reason == "length"
+    graphs_state = worker.client.ready()["cuda_graphs"]
+    assert graphs_state["mode"] == "eager" and graphs_state["shapes"] == 1 and graphs_state["disabled"] is None
+    assert graphs_state["captured"] == 0 and graphs_state["eager_decode_steps"] == 0
