@@ -170,32 +170,34 @@ class DecodeGraphs:
         )
 
     def _fill(self, static: _StaticStep, chunks) -> None:
-        """Write this step's tokens, positions, slots and mask into the static buffers (padding: the scratch slot)."""
-        size, scratch = self.runner.block_size, self.scratch_slot
-        ids, slots, mask = static.host["ids"], static.host["slots"], static.host["mask"]
-        ids.zero_()
-        slots.fill_(scratch)
-        mask.fill_(float("-inf"))
-        mask[len(chunks):] = 0  # a padded row attends to the scratch slot everywhere: finite, and dropped
-        blocks_needed = 0
-        for row, chunk in enumerate(chunks):
-            context = chunk.start + 1
-            blocks = torch.tensor(chunk.block_table[: -(-context // size)], dtype=torch.long)
-            blocks_needed = max(blocks_needed, int(blocks.max()) + 1)
-            context_slots = (blocks[:, None] * size + torch.arange(size)).reshape(-1)[:context]
-            ids[0, row] = chunk.token_ids[0]
-            ids[1, row] = chunk.start
-            slots[row, 0] = context_slots[-1]  # where the new token's keys and values go
-            slots[row, 1:context + 1] = context_slots
-            mask[row, :context] = 0
-        if blocks_needed > self.runner.pool.max_blocks - 1:
-            raise ValueError(f"a block table names block {blocks_needed - 1}, past the KV pool's "
+        """Write this step's tokens, positions, slots and mask into the static buffers (padding: the scratch slot).
+        A few tensor operations for the whole batch, whatever its rows: this runs on the CPU before every replay."""
+        size, scratch, count = self.runner.block_size, self.scratch_slot, len(chunks)
+        contexts = [c.start + 1 for c in chunks]
+        tables = [c.block_table[: -(-context // size)] for c, context in zip(chunks, contexts)]
+        highest = max(max(table) for table in tables)
+        if highest >= self.runner.pool.max_blocks - 1:  # the last block is the scratch block
+            raise ValueError(f"a block table names block {highest}, past the KV pool's "
                              f"{self.runner.pool.max_blocks - 1} blocks")
+        width = -(-static.positions // size)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+        slots = (table[:, :, None] * size + torch.arange(size)).reshape(count, -1)[:, :static.positions]
+        context = torch.tensor(contexts, dtype=torch.long)
+        valid = torch.arange(static.positions)[None, :] < context[:, None]
+        ids, host_slots, mask = static.host["ids"], static.host["slots"], static.host["mask"]
+        ids.zero_()
+        ids[0, :count] = torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long)
+        ids[1, :count] = context - 1
+        host_slots.fill_(scratch)
+        host_slots[:count, 0] = slots.gather(1, (context - 1)[:, None])[:, 0]  # where the new keys/values go
+        host_slots[:count, 1:] = torch.where(valid, slots, scratch)
+        mask.zero_()  # a padded row attends to the scratch slot everywhere: finite, and dropped
+        mask[:count].masked_fill_(~valid, float("-inf"))
         non_blocking = static.input_ids.device.type == "cuda"
         static.input_ids[0].copy_(ids[0], non_blocking=non_blocking)
         static.position_ids[0].copy_(ids[1], non_blocking=non_blocking)
-        static.write_slots.copy_(slots[:, 0], non_blocking=non_blocking)
-        static.read_slots.copy_(slots[:, 1:], non_blocking=non_blocking)
+        static.write_slots.copy_(host_slots[:, 0], non_blocking=non_blocking)
+        static.read_slots.copy_(host_slots[:, 1:], non_blocking=non_blocking)
         static.mask[:, 0, 0].copy_(mask, non_blocking=non_blocking)
 
     # ---- running and capturing ---------------------------------------------------------------------------------
