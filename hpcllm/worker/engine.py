@@ -145,6 +145,7 @@ class Engine(EngineBase):
         fast_path: bool = True,
         model_process: "bool | ModelProcess" = False,
         cuda_graphs: bool | str = False,
+        model_process_threads: int | None = None,
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
@@ -182,7 +183,8 @@ class Engine(EngineBase):
             started = model_process if isinstance(model_process, ModelProcess) else ModelProcess()
             self.runner: ModelRunner = ProcessRunner(model, num_blocks=num_blocks, block_size=kv_block_size,
                                                      batching=batching, max_rows=max_running_requests,
-                                                     process=started, fast_path=fast_path)
+                                                     process=started, fast_path=fast_path,
+                                                     threads=model_process_threads)
             paged = self.runner.paged
         else:
             self.runner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size, batching=batching,
@@ -311,6 +313,11 @@ class Engine(EngineBase):
         """(running, waiting)."""
         with self._lock:
             return len(self._running), len(self._waiting)
+
+    @property
+    def compute_threads(self) -> int:
+        """torch's compute threads where the forward runs: the model process's, else this process's."""
+        return self.runner.threads if isinstance(self.runner, ProcessRunner) else torch.get_num_threads()
 
     @property
     def model_process_pid(self) -> int | None:

@@ -44,7 +44,7 @@ class ProcessRunner:
     """A ModelRunner whose steps run in a child process holding the model and its KV cache."""
 
     def __init__(self, model, *, num_blocks: int, block_size: int, batching: str, max_rows: int,
-                 process, fast_path: bool = True) -> None:
+                 process, fast_path: bool = True, threads: int | None = None) -> None:
         """process: the model_process.ModelProcess to hand the model (started ahead: while the model loaded, or by
         a spare worker); the runner owns it from here (closes it when it fails to start, or at close()).
         fast_path: make_runner's."""
@@ -58,13 +58,14 @@ class ProcessRunner:
             self.close()
             raise ModelProcessError(f"the model process died while importing (exit code {self._process.exitcode})")
         setup = {"model": model, "num_blocks": num_blocks, "block_size": block_size, "batching": batching,
-                 "max_rows": max_rows, "threads": torch.get_num_threads(), "fast_path": fast_path}
+                 "max_rows": max_rows, "threads": threads or torch.get_num_threads(), "fast_path": fast_path}
         self._send(("load", setup))  # torch.multiprocessing's pickler: weights by shared memory / IPC
         kind, payload = self._receive()
         if kind == "error":
             self.close()
             raise ValueError(payload)  # make_runner's refusal (e.g. batching="paged" for a model it cannot serve)
         self.paged: bool = payload["paged"]  # prefix caching needs the paged runner's shared blocks
+        self.threads: int = payload["threads"]  # the child's torch compute threads
         self._logits: torch.Tensor = payload["logits"]  # [max_rows, vocab] float32 in shared memory
         self._in_flight = False
         # The child's fast path replaced these weights by its own fused, packed copies: this copy of the model lets
@@ -155,7 +156,7 @@ def serve_steps(conn) -> None:
     # Its dropped ranges are this process's addresses: the worker finds the same weights by name in its own copy.
     fast_path = dataclasses.replace(runner.fast_path, dropped_ranges=[]) if paged else fastpath.FastPath(
         skipped="sequential batching")
-    conn.send(("ready", {"paged": paged, "logits": logits, "fast_path": fast_path}))
+    conn.send(("ready", {"paged": paged, "logits": logits, "fast_path": fast_path, "threads": torch.get_num_threads()}))
     with torch.inference_mode():
         while True:
             try:

@@ -305,7 +305,7 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
                 "running_requests": running,
                 "waiting_requests": waiting,
                 "device": str(engine.device),
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": getattr(engine, "compute_threads", None) or torch.get_num_threads(),
                 "model_process_pid": getattr(engine, "model_process_pid", None),
                 "tokens_in_flight": engine.tokens_in_flight(),
                 "prefill_tokens_per_second": engine.prefill_tokens_per_second,

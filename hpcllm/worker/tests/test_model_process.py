@@ -314,3 +314,23 @@ def test_with_a_model_process_each_weight_is_held_once_and_embeddings_run_there(
         assert got == pytest.approx(want, abs=1e-5)
     worker.stop()
     served.owner.release()
+
+
+def test_the_model_process_gets_the_compute_threads_and_the_worker_keeps_one(unpacked_pair):
+    """The worker's own torch (sampling) stays single-threaded so its OpenMP workers never spin on the model process's
+    cores; the model process computes with the threads the worker was given, and /ready's torch_threads says so."""
+    from hpcllm.worker.cli import _leave_the_threads_to
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _leave_the_threads_to(False) is None and torch.get_num_threads() == 2  # in-process: unchanged
+        assert _leave_the_threads_to(True) == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    model, tokenizer = unpacked_pair
+    engine = Engine(model, tokenizer, model_process=True, model_process_threads=2)
+    try:
+        assert engine.compute_threads == 2  # what the model process reported after setting it
+    finally:
+        engine.shutdown()
