@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
-import queue
 import statistics
 import sys
 import threading
@@ -75,14 +74,18 @@ def write_file(path: Path, nbytes: int) -> None:
 def run(torch, path: Path, nbytes: int, args) -> int:
     device = torch.device("cuda:0")
     dest = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    slots = [torch.empty(SLOT_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(args.threads + 2)]
+    # The ring a staged load gets (threads + 2 slots), allocated before any timer as a spare's would be.
+    from hpcllm.store.cuda import CudaCopyEngine, pinned_slots
+    from hpcllm.store.ring import StagingRing
+
+    ring = StagingRing(pinned_slots(args.threads + 2, SLOT_BYTES), CudaCopyEngine(device))
     pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     pinned.fill_(1)
     reference = torch.frombuffer(bytearray(path.read_bytes()[:1 << 20]), dtype=torch.uint8)
     print(f"host_register: {nbytes / 1e9:.2f} GB in {path.parent}, {torch.cuda.get_device_name(device)}, "
           f"torch {torch.__version__}; staged path with {args.threads} threads x 16 MiB slots", flush=True)
     methods = {
-        "staged": lambda: staged(torch, path, nbytes, dest, slots, args.threads),
+        "staged": lambda: staged(path, nbytes, dest, ring, args.threads),
         "register+copy": lambda: register_and_copy(torch, path, nbytes, dest, nbytes),
         "chunked": lambda: register_and_copy(torch, path, nbytes, dest, args.chunk_mib << 20),
         "registered": lambda: registered_copy(torch, path, nbytes, dest),
@@ -108,50 +111,40 @@ def run(torch, path: Path, nbytes: int, args) -> int:
     return 0
 
 
-def staged(torch, path: Path, nbytes: int, dest, slots, threads: int) -> dict:
-    """Reader threads fill pinned slots with preadv (as the loader's buffered reads of /dev/shm do); each filled
-    slot is DMA'd on one side stream and reused once its event has fired."""
-    stream = torch.cuda.Stream()
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    for slot in slots:
-        free.put((slot, None))
+def staged(path: Path, nbytes: int, dest, ring, threads: int) -> dict:
+    """The loader's staged path reduced to its copies, with its own pieces: reader threads fill the ring's slots
+    with FileReader's buffered preadv (as a load of the DRAM tier's /dev/shm files does), and each filled slot goes to
+    the ring's copy engine (on a GPU: CudaCopyEngine's side stream), reused once its fence has signalled."""
+    from hpcllm.store.readers import BUFFERED, FileReader
+    from hpcllm.store.ring import Copy
+
     offsets = iter(range(0, nbytes, SLOT_BYTES))
     lock = threading.Lock()
     errors: list[BaseException] = []
-    fd = os.open(path, os.O_RDONLY)
 
-    def reader() -> None:
+    def reader(file: FileReader) -> None:
         try:
             while True:
                 with lock:
                     offset = next(offsets, None)
                 if offset is None:
                     return
-                slot, event = free.get()
-                if event is not None:
-                    event.synchronize()
                 size = min(SLOT_BYTES, nbytes - offset)
-                view = memoryview(slot.numpy())[:size]
-                done = 0
-                while done < size:
-                    done += os.preadv(fd, [view[done:]], offset + done)
-                with torch.cuda.stream(stream):
-                    dest[offset:offset + size].copy_(slot[:size], non_blocking=True)
-                    event = torch.cuda.Event(blocking=True)
-                    event.record(stream)
-                free.put((slot, event))
+                slot = ring.acquire()
+                file.read_into(offset, slot.view[:size], size)
+                ring.submit(slot, [Copy(dest, offset, 0, size)])
         except BaseException as error:  # noqa: BLE001 - reported on the main thread
             errors.append(error)
 
-    began = time.perf_counter()
-    workers = [threading.Thread(target=reader) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    stream.synchronize()
-    seconds = time.perf_counter() - began
-    os.close(fd)
+    with FileReader(path, BUFFERED, expected_size=nbytes) as file:
+        began = time.perf_counter()
+        workers = [threading.Thread(target=reader, args=(file,)) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        ring.drain()
+        seconds = time.perf_counter() - began
     if errors:
         raise errors[0]
     return {"seconds": seconds}

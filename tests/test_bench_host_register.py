@@ -1,5 +1,6 @@
-"""bench/host_register.py (gpu_check.sh's register step) on a machine without a GPU: it says why it did not run, and
-refuses bad arguments with a one-line error instead of a traceback."""
+"""bench/host_register.py (gpu_check.sh's register step) on a machine without a GPU: it says why it did not run,
+refuses bad arguments with a one-line error instead of a traceback, and its staged baseline (the loader's ring,
+reader and copy engine) copies a file exactly, here through host slots."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "host_register.py"
+sys.path.insert(0, str(ROOT / "bench"))
+import host_register  # noqa: E402
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -30,3 +33,20 @@ def test_bad_arguments_are_refused_in_one_line(tmp_path):
         completed = _run(*args)
         assert completed.returncode == 2 and message in completed.stderr
         assert "Traceback" not in completed.stderr
+
+
+def test_the_staged_baseline_copies_the_whole_file_through_the_loaders_ring(tmp_path, monkeypatch):
+    import torch
+
+    from hpcllm.store.ring import HostCopyEngine, StagingRing, host_slots
+
+    monkeypatch.setattr(host_register, "SLOT_BYTES", 64 << 10)
+    path = tmp_path / "tier.bin"
+    nbytes = 40 * (64 << 10) + 4096  # a last piece shorter than a slot
+    host_register.write_file(path, nbytes)
+    dest = torch.zeros(nbytes, dtype=torch.uint8)
+    ring = StagingRing(host_slots(3, 64 << 10), HostCopyEngine())
+    for _ in range(2):  # the ring is reused round after round, as on the GPU
+        dest.zero_()
+        assert host_register.staged(path, nbytes, dest, ring, threads=2)["seconds"] > 0
+        assert bytes(dest.numpy()) == path.read_bytes()
