@@ -92,9 +92,8 @@ def run_worker(
 def _leave_the_threads_to(model_process) -> int | None:
     """With a model process, its torch gets this worker's compute threads and the worker keeps one: the worker's own
     torch work is sampling over a step's logits, and a multi-threaded OpenMP pool here spins after every such op on
-    the cores the model process computes on. Measured with bench/serve.py (2 threads, 16 clients, two A/B pairs):
-    1001 -> 1194 and 1150 -> 1282 output tok/s, the worker and its model process using 17% and 11% less CPU (at 1
-    client, one pair: 311 -> 281). Returns the model process's threads (None without one)."""
+    the cores the model process computes on (measured: docs/worker.md, "The model process"). Returns the model
+    process's threads (None without one)."""
     import torch
 
     if not model_process:

@@ -55,6 +55,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     RequestStream,
     UnknownRequest,
 )
+from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, embed_last_token, make_runner
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ProcessRunner
@@ -252,8 +253,6 @@ class Engine(EngineBase):
         return job.embeddings
 
     def _use_decode_graphs(self, mode: str) -> None:
-        from hpcllm.worker.graphs import DecodeGraphs
-
         if not isinstance(self.runner, PagedRunner):
             raise ValueError(f"cuda_graphs needs the paged runner in the worker process, not "
                              f"{type(self.runner).__name__} (set batching to auto or paged, model_process to false)")

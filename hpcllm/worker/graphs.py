@@ -9,7 +9,7 @@ that has a context, every chunk wanting logits) runs here through a *static* ste
 - the batch is padded to a bucket of rows (1, 2, 4, 8, ... up to max_rows) and every context to a bucket of
   positions (multiples of CONTEXT_BUCKET tokens): one graph per (rows, positions) pair, captured on first use;
 - its inputs live in buffers allocated once per graph (token ids, positions, the new tokens' KV slots, each row's
-  context slots, the additive padding mask) and are filled before each replay; the logits come out of a buffer
+  context slots, which positions are padding) and are filled before each replay; the logits come out of a buffer
   the graph owns, copied out at once (the next replay overwrites it);
 - padded rows and padded positions point at a scratch KV slot one block past the scheduler's blocks (the pool gets
   one more block, allocated in full before the first step so no graph ever sees it move); a padded row attends to
@@ -57,7 +57,7 @@ class _StaticStep:
     position_ids: torch.Tensor  # [1, rows]
     write_slots: torch.Tensor  # [rows]
     read_slots: torch.Tensor  # [rows, positions]
-    mask: torch.Tensor  # [rows, 1, 1, positions] additive: 0 attend, -inf padding
+    padding: torch.Tensor  # [rows, 1, 1, positions] True = padding (the runner builds its additive mask from it)
     row_index: torch.Tensor  # [rows] 0..rows-1: the rows of the packed input and of the kept logits
     graph: object | None = None
     logits: torch.Tensor | None = None  # the captured step's output: [rows, vocab]
@@ -73,7 +73,7 @@ def kv_pool_bytes(config, dtype: torch.dtype, slots: int) -> int | None:
         return None
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return layers * 2 * kv_heads * head_dim * slots * torch.empty(0, dtype=dtype).element_size()
+    return layers * 2 * kv_heads * head_dim * slots * dtype.itemsize
 
 
 def _check_kv_pool_fits(runner) -> None:
@@ -155,56 +155,52 @@ class DecodeGraphs:
 
     def _buffers(self, rows: int, positions: int) -> _StaticStep:
         device = self.runner.device
-        dtype = self.runner.model.get_input_embeddings().weight.dtype
         long = {"dtype": torch.long, "device": device}
         pin = device.type == "cuda"
         return _StaticStep(
             rows=rows, positions=positions,
             input_ids=torch.zeros(1, rows, **long), position_ids=torch.zeros(1, rows, **long),
             write_slots=torch.zeros(rows, **long), read_slots=torch.zeros(rows, positions, **long),
-            mask=torch.zeros(rows, 1, 1, positions, dtype=dtype, device=device),
+            padding=torch.zeros(rows, 1, 1, positions, dtype=torch.bool, device=device),
             row_index=torch.arange(rows, **long),
             host={"ids": torch.zeros(2, rows, dtype=torch.long, pin_memory=pin),
                   "slots": torch.zeros(rows, positions + 1, dtype=torch.long, pin_memory=pin),
-                  "mask": torch.zeros(rows, positions, dtype=dtype, pin_memory=pin)},
+                  "padding": torch.zeros(rows, positions, dtype=torch.bool, pin_memory=pin)},
         )
 
     def _fill(self, static: _StaticStep, chunks) -> None:
-        """Write this step's tokens, positions, slots and mask into the static buffers (padding: the scratch slot).
+        """Write this step's tokens, positions, slots and padding into the static buffers (padded: the scratch slot).
         A few tensor operations for the whole batch, whatever its rows: this runs on the CPU before every replay."""
         size, scratch, count = self.runner.block_size, self.scratch_slot, len(chunks)
         contexts = [c.start + 1 for c in chunks]
         tables = [c.block_table[: -(-context // size)] for c, context in zip(chunks, contexts)]
-        highest = max(max(table) for table in tables)
-        if highest >= self.runner.pool.max_blocks - 1:  # the last block is the scratch block
-            raise ValueError(f"a block table names block {highest}, past the KV pool's "
-                             f"{self.runner.pool.max_blocks - 1} blocks")
         width = -(-static.positions // size)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         slots = (table[:, :, None] * size + torch.arange(size)).reshape(count, -1)[:, :static.positions]
         context = torch.tensor(contexts, dtype=torch.long)
         valid = torch.arange(static.positions)[None, :] < context[:, None]
-        ids, host_slots, mask = static.host["ids"], static.host["slots"], static.host["mask"]
+        ids, host_slots, padding = static.host["ids"], static.host["slots"], static.host["padding"]
         ids.zero_()
         ids[0, :count] = torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.long)
         ids[1, :count] = context - 1
         host_slots.fill_(scratch)
         host_slots[:count, 0] = slots.gather(1, (context - 1)[:, None])[:, 0]  # where the new keys/values go
         host_slots[:count, 1:] = torch.where(valid, slots, scratch)
-        mask.zero_()  # a padded row attends to the scratch slot everywhere: finite, and dropped
-        mask[:count].masked_fill_(~valid, float("-inf"))
+        padding.zero_()  # a padded row attends to the scratch slot everywhere: finite, and dropped
+        padding[:count] = ~valid
         non_blocking = static.input_ids.device.type == "cuda"
         static.input_ids[0].copy_(ids[0], non_blocking=non_blocking)
         static.position_ids[0].copy_(ids[1], non_blocking=non_blocking)
         static.write_slots.copy_(host_slots[:, 0], non_blocking=non_blocking)
         static.read_slots.copy_(host_slots[:, 1:], non_blocking=non_blocking)
-        static.mask[:, 0, 0].copy_(mask, non_blocking=non_blocking)
+        static.padding[:, 0, 0].copy_(padding, non_blocking=non_blocking)
 
     # ---- running and capturing ---------------------------------------------------------------------------------
 
     def _run(self, static: _StaticStep) -> torch.Tensor:
         """The step's forward over the static buffers: what a graph records and replays."""
-        group = _DecodeGroup(static.row_index, static.read_slots, None, _masks={static.mask.dtype: static.mask})
+        # The group is made here, so its additive mask is built from the static padding inside every replay.
+        group = _DecodeGroup(static.row_index, static.read_slots, static.padding)
         _active.step = _StepContext(self.runner.pool, static.write_slots, [], [group])
         try:
             with attention_kernels(self.runner.device):

@@ -128,13 +128,13 @@ class _DecodeGroup:
     def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The padding as an additive mask (0 attend, -inf padding): what SDPA would convert a boolean mask to in
         every layer's call, built once per step."""
+        if self.padding is None:
+            return None
         mask = self._masks.get(dtype)
-        if mask is None and self.padding is not None:
+        if mask is None:
             mask = self._masks[dtype] = torch.zeros(self.padding.shape, dtype=dtype,
                                                     device=self.padding.device).masked_fill_(self.padding,
                                                                                              float("-inf"))
-        elif mask is None and self._masks:  # a static (graph) step gave its mask in another dtype
-            mask = self._masks[dtype] = next(iter(self._masks.values())).to(dtype)
         return mask
 
 

@@ -1,7 +1,7 @@
 """Decode steps through static buffers (graphs.py): what a CUDA graph replays must be what the eager step computes.
 
 On a CPU the static step runs uncaptured (`cuda_graphs="eager"`): the same buckets, padded rows, scratch KV slot and
-static mask a replay uses, checked against transformers' generate. On CUDA the step is captured and replayed."""
+static padding a replay uses, checked against transformers' generate. On CUDA the step is captured and replayed."""
 
 import pytest
 import torch
