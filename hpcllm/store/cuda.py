@@ -82,7 +82,8 @@ def pinned_slot(index: int, size: int) -> Slot:
     torch's pinned-memory allocator hands out whole cudaHostAlloc blocks (page-aligned) rounded up to a power of
     two, so `size` is asked for as is (a 16 MiB slot is one 16 MiB block); only a misaligned block - a different
     allocator - is given back for one a page larger to align inside. A first allocation in a process pins fresh
-    pages (~2.4 GB/s measured on the H200 machine); blocks freed by an earlier load come from torch's cache.
+    pages (~2.5 GB/s on the H200 machine, from a cold load's time split); blocks an earlier load freed come from
+    torch's cache.
     """
     raw = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     if raw.data_ptr() % PAGE_SIZE:

@@ -248,7 +248,6 @@ class PipelineStats:
     consumer_idle_seconds: float = 0.0  # consumer: waiting for the next read unit
     acquire_thread_seconds: float = 0.0  # readers: waiting for destination memory (a staging slot to free up)
     io_thread_seconds: float = 0.0  # readers: in the read calls
-    handoff_thread_seconds: float = 0.0  # readers: queueing units for the consumer
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(value, 4) if isinstance(value, float) else value
@@ -306,7 +305,7 @@ class Pipeline:
             return unit
 
     def _read_loop(self) -> None:
-        acquiring = reading = handing_off = 0.0
+        acquiring = reading = 0.0
         try:
             while (unit := self._claim()) is not None:
                 began = time.perf_counter()
@@ -326,16 +325,13 @@ class Pipeline:
                     self.target.give_back(unit, view)
                     self._done.put(exc)
                     return
-                read = time.perf_counter()
-                self._done.put((unit, view))
                 acquiring += acquired - began
-                reading += read - acquired
-                handing_off += time.perf_counter() - read
+                reading += time.perf_counter() - acquired
+                self._done.put((unit, view))
         finally:
             with self._lock:
                 self.stats.acquire_thread_seconds += acquiring
                 self.stats.io_thread_seconds += reading
-                self.stats.handoff_thread_seconds += handing_off
 
     def _prefault_loop(self) -> None:
         # Fault destination pages in ahead of the readers; skip units readers already claimed (they fault those
