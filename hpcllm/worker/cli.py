@@ -44,6 +44,7 @@ def run_worker(
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
     worker = config.worker
     device = device or worker.device
+    _check_cuda_graphs(worker, device, engine)
     # Before this process's own imports: the model process imports torch and transformers beside them.
     model_process = _model_process(worker, device, engine, tensor_parallel=loader is not None,
                                    started=started_model_process)
@@ -87,6 +88,17 @@ def run_worker(
         on_listening=lambda url: click.echo(f"hpcllm worker for {service.model_name} listening on {url}", err=True),
         **({"stop_signals": stop_signals} if stop_signals else {}),
     )
+
+
+def _check_cuda_graphs(worker, device: str, engine: str) -> None:
+    """[worker] cuda_graphs is for hpcllm's engine on a GPU, forward in the worker process: say so before loading."""
+    if not worker.cuda_graphs or engine != "hpcllm":
+        return
+    model_process = worker.model_process_for(device, engine)
+    if not device.startswith("cuda") or model_process:
+        raise ConfigError(f"[worker] cuda_graphs needs a GPU worker whose forward runs in the worker process; this one "
+                          f"has device {device!r}{' and a model process' if model_process else ''}: set cuda_graphs "
+                          f"false, or device cuda with model_process false")
 
 
 def _leave_the_threads_to(model_process) -> int | None:

@@ -17,6 +17,15 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("error: model checkpoint") and "does not exist" in err and "Traceback" not in err
 
 
+def test_cuda_graphs_on_a_cpu_worker_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    config = tmp_path / "worker.toml"
+    config.write_text("[worker]\ncuda_graphs = true\nmodel_process = false\n")
+    assert main(["worker", "--model", str(tmp_path / "ckpt"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "[worker] cuda_graphs needs a GPU worker" in err and "device 'cpu'" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_dirs, load_pair, reference_model):
     from hpcllm.checkpoint.converter import convert
