@@ -1,15 +1,17 @@
 """Where one decode step of hpcllm's engine spends its time, at N running requests (no HTTP, no gateway).
 
     PYTHONPATH=$PWD .venv/bin/python bench/decode_step.py [--requests 16] [--threads 2] [--profile]
-                                                          [--fast-path on|off|compare [--rounds 3]]
+                                                          [--fast-path on|off|fused|compare [--rounds 3]
+                                                           [--modes off on]]
 
 N requests from bench/serve.py's seeded prompt set run together in an Engine (paged batching) on the devmodels
 "small" Llama (float32). Once all of them decode (every chunk one token), steps are timed: the whole engine step
 (schedule, forward, sample, commit) in wall and in the engine thread's CPU time, the model forward, and inside it the paged attention function (KV writes,
 context gathers, SDPA), summed over the layers. --profile also prints torch.profiler's top operators of a few
-decode steps and their aten op count per step. --fast-path compare runs the engine without and with the paged
-runner's CPU fast path (hpcllm/worker/fastpath.py: fused q/k/v and gate/up, oneDNN-packed linears), alternating, each
-on a freshly loaded model, and prints the ratio of the medians (same run, same load).
+decode steps and their aten op count per step. Fast-path modes (hpcllm/worker/fastpath.py): `on` (the default:
+fused q/k/v and gate/up, oneDNN-packed linears, and the lean step, the forward as one plain loop), `fused` (the
+same model, stepped through transformers' modules), `off`. --fast-path compare runs two modes (--modes, default
+off on), alternating, each on a freshly loaded model, and prints the ratio of the medians (same run, same load).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PROFILED_STEPS = 5
+MODES = ("on", "fused", "off")
 
 
 def main() -> int:
@@ -31,9 +34,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--fast-path", choices=("on", "off", "compare"), default="on",
-                        help="the paged runner's CPU fast path (fused, oneDNN-packed projections); compare: "
-                             "--rounds runs of each, alternating, and the ratio")
+    parser.add_argument("--fast-path", choices=(*MODES, "compare"), default="on",
+                        help="the paged runner's CPU fast path: on (fused, oneDNN-packed projections, lean step), "
+                             "fused (without the lean step), off; compare: --rounds runs of two --modes, "
+                             "alternating, and the ratio")
+    parser.add_argument("--modes", nargs=2, choices=MODES, default=["off", "on"], help="what --fast-path compare "
+                        "compares: the baseline, then the candidate")
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode with --fast-path compare")
     args = parser.parse_args()
 
@@ -41,26 +47,29 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     if args.fast_path != "compare":
-        print_result(measure(args, args.fast_path == "on"), args)
+        print_result(measure(args, args.fast_path), args)
         return 0
-    results: dict[bool, list[dict]] = {False: [], True: []}
+    baseline, candidate = args.modes
+    results: dict[str, list[dict]] = {baseline: [], candidate: []}
     for round_ in range(args.rounds):
-        for fast in ((False, True) if round_ % 2 == 0 else (True, False)):  # alternate who goes first
-            results[fast].append(measure(args, fast))
-            print(f"round {round_ + 1}, fast path {'on' if fast else 'off'}: "
-                  f"step {results[fast][-1]['step_ms']:.1f} ms, CPU {results[fast][-1]['cpu_ms']:.1f} ms", flush=True)
-    summary = {fast: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_ms")}
-               for fast, runs in results.items()}
-    for fast in (False, True):
-        print_result({**results[fast][0], **summary[fast]}, args, f"fast path {'on' if fast else 'off'}, "
-                                                                   f"median of {args.rounds} runs' medians")
-    print(f"fast path on / off, same run: engine step {summary[False]['step_ms'] / summary[True]['step_ms']:.2f}x "
-          f"faster, step CPU {summary[False]['cpu_ms'] / summary[True]['cpu_ms']:.2f}x less")
+        for mode in (args.modes if round_ % 2 == 0 else args.modes[::-1]):  # alternate who goes first
+            results[mode].append(measure(args, mode))
+            print(f"round {round_ + 1}, fast path {mode}: "
+                  f"step {results[mode][-1]['step_ms']:.1f} ms, CPU {results[mode][-1]['cpu_ms']:.1f} ms", flush=True)
+    summary = {mode: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key.endswith("_ms")}
+               for mode, runs in results.items()}
+    for mode in args.modes:
+        print_result({**results[mode][0], **summary[mode]}, args, f"fast path {mode}, "
+                                                                  f"median of {args.rounds} runs' medians")
+    print(f"fast path {candidate} / {baseline}, same run: engine step "
+          f"{summary[baseline]['step_ms'] / summary[candidate]['step_ms']:.2f}x faster, step CPU "
+          f"{summary[baseline]['cpu_ms'] / summary[candidate]['cpu_ms']:.2f}x less")
     return 0
 
 
-def measure(args, fast_path: bool) -> dict:
-    """One engine on a freshly loaded model: the medians of its all-decode steps (and a profile if asked)."""
+def measure(args, mode: str) -> dict:
+    """One engine on a freshly loaded model (fast-path mode: MODES): the medians of its all-decode steps (and a
+    profile if asked)."""
     import torch
     from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +96,11 @@ def measure(args, fast_path: bool) -> dict:
 
     AttentionInterface.register(runner_module.PAGED_ATTENTION, timed_attention)
 
-    engine = Engine(model, tokenizer, max_running_requests=args.requests, batching="paged", fast_path=fast_path)
+    engine = Engine(model, tokenizer, max_running_requests=args.requests, batching="paged", fast_path=mode != "off")
+    if mode == "fused":
+        engine.runner.lean_step, engine.runner.fast_path.lean_step = None, "turned off (--fast-path fused)"
+    elif engine.runner.lean_step is not None:  # it calls the attention function itself
+        engine.runner.lean_step.attention = timed_attention
     samples: list[tuple[float, float, float, float]] = []  # (step, forward, attention, step CPU) of all-decode steps
     forward, step = engine._forward, engine._step
     current: dict = {}

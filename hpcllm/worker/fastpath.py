@@ -56,6 +56,7 @@ class FastPath:
     fused_mlp: int = 0
     packed_linear: int = 0
     skipped: str | None = None  # why nothing was done (not CPU, no oneDNN)
+    lean_step: str | None = None  # "on" when the paged runner steps the model by LeanStep, else why not
     # (address, bytes) of dropped weights that are views of a larger buffer (a loader's): freeing them is the
     # buffer owner's job (LoadedModel.discard); no range overlaps a tensor the model still uses.
     dropped_ranges: list[tuple[int, int]] = field(default_factory=list, compare=False, repr=False)
@@ -255,3 +256,114 @@ def is_packed(model: nn.Module) -> bool:
 
 def _packed_linear_forward(self, x):
     return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+# ---- the lean step: the fused model's forward as one plain loop -----------------------------------------------------
+
+# Causal LMs whose forward is Llama's: embed, rotary, decoder layers (RMSNorm, attention, residual, RMSNorm, MLP,
+# residual), final RMSNorm, lm_head over the kept rows. Their RMSNorm and rotary functions are the same code.
+LEAN_MODELS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+LEAN_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+
+
+class LeanStep:
+    """One paged step of a fused Llama-family model without transformers' module machinery.
+
+    What a step's forward does is the transformers forward of these classes, in the same order of float operations,
+    minus what only costs time there: the nn.Module calls (hook checks, kwargs plumbing) of ~10 modules per layer,
+    the model-level decorators and output classes, the causal-mask construction the paged attention ignores, and
+    the separate rotary passes over q and k (here one pass over both: they are adjacent in the fused q/k/v output,
+    and the rotation is elementwise). On the dev machine's small Llama at 16 decoding requests that is several
+    hundred Python-level calls per step (docs/worker.md, "The lean step"). Nothing is observed per module, so the
+    engine uses it only where no module has hooks (not under tensor parallelism: the all-reduce is a hook)."""
+
+    def __init__(self, model: nn.Module, attention: Callable) -> None:
+        inner = model.model
+        self.embed, self.rotary, self.norm, self.lm_head = inner.embed_tokens, inner.rotary_emb, inner.norm, model.lm_head
+        self.layers = list(inner.layers[: model.config.num_hidden_layers])
+        self.attention = attention  # the paged attention function (runner.py)
+        modeling = sys.modules[type(self.layers[0].self_attn).__module__]
+        self.rotate_half = modeling.rotate_half
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed(input_ids)
+        cos, sin = self.rotary(hidden, position_ids=position_ids)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, tokens, 1, dim]: broadcast over the heads
+        for layer in self.layers:
+            hidden = self._layer(layer, hidden, cos, sin)
+        return _linear(self.lm_head, _rms_norm(self.norm, hidden[:, keep]))[0]
+
+    def _layer(self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        attention, mlp = layer.self_attn, layer.mlp
+        tokens, head_dim = hidden.shape[1], attention.head_dim
+        q_size, k_size, v_size = attention.qkv_sizes
+        q_and_k, value = _linear(attention.qkv_proj, _rms_norm(layer.input_layernorm, hidden)).split(
+            [q_size + k_size, v_size], dim=-1)
+        q_and_k = q_and_k.view(1, tokens, -1, head_dim)
+        q_and_k = (q_and_k * cos) + (self.rotate_half(q_and_k) * sin)  # apply_rotary_pos_emb's formula, q and k at once
+        query_heads = q_size // head_dim
+        query = q_and_k[:, :, :query_heads].transpose(1, 2)
+        key = q_and_k[:, :, query_heads:].transpose(1, 2)
+        value = value.view(1, tokens, -1, head_dim).transpose(1, 2)
+        out, _ = self.attention(attention, query, key, value, None, dropout=0.0, scaling=attention.scaling,
+                                **attention.fused_attention_kwargs)
+        hidden = hidden + _linear(attention.o_proj, out.reshape(1, tokens, -1))
+        gate, up = _linear(mlp.gate_up_proj, _rms_norm(layer.post_attention_layernorm, hidden)).split(
+            mlp.gate_size, dim=-1)
+        return hidden + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
+
+
+def lean_step(model: nn.Module, attention: Callable) -> tuple[LeanStep | None, str]:
+    """A LeanStep for a model prepare() fused, or None and why not."""
+    if type(model).__name__ not in LEAN_MODELS:
+        return None, f"{type(model).__name__} is not of the Llama family"
+    inner = getattr(model, "model", None)
+    layers = list(getattr(inner, "layers", []))[: model.config.num_hidden_layers]
+    if not layers or not all(hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")
+                             for layer in layers):
+        return None, "not every layer's projections are fused"
+    norms = [inner.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if any(type(norm).__name__ not in LEAN_NORMS for norm in norms):
+        return None, "a norm is not the family's RMSNorm"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or _global_hooks():
+        return None, "modules have hooks (tensor parallelism?)"
+    if not _rotation_matches(layers[0].self_attn):
+        return None, "the model's rotary embedding is not the q*cos + rotate_half(q)*sin of the family"
+    return LeanStep(model, attention), "on"
+
+
+def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    packed = getattr(linear, "packed_weight", None)
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+    return torch.nn.functional.linear(x, linear.weight, linear.bias)
+
+
+def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm.forward, without the module call."""
+    x = hidden.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x.to(hidden.dtype)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def _rotation_matches(attention: nn.Module) -> bool:
+    """Whether the model's apply_rotary_pos_emb is the elementwise q*cos + rotate_half(q)*sin the lean step applies
+    to q and k together (checked on numbers, once: a future transformers may change it)."""
+    modeling = sys.modules[type(attention).__module__]
+    apply = getattr(modeling, "apply_rotary_pos_emb", None)
+    rotate_half = getattr(modeling, "rotate_half", None)
+    if apply is None or rotate_half is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, heads, 3, 8, generator=generator) for heads in (4, 2))
+    cos, sin = (torch.randn(1, 3, 8, generator=generator) for _ in range(2))
+    expected_q, expected_k = apply(q, k, cos, sin)
+    both = torch.cat([q, k], dim=1).transpose(1, 2)  # [1, tokens, heads, dim], as the lean step holds them
+    rotated = ((both * cos.unsqueeze(2)) + (rotate_half(both) * sin.unsqueeze(2))).transpose(1, 2)
+    return torch.equal(rotated[:, :4], expected_q) and torch.equal(rotated[:, 4:], expected_k)

@@ -200,8 +200,8 @@ class DecodeGraphs:
     def _run(self, static: _StaticStep) -> torch.Tensor:
         """The step's forward over the static buffers: what a graph records and replays."""
         # The group is made here, so its additive mask is built from the static padding inside every replay.
-        group = _DecodeGroup(static.row_index, static.read_slots, static.padding)
-        _active.step = _StepContext(self.runner.pool, static.write_slots, [], [group])
+        group = _DecodeGroup(0, static.rows, 0, static.positions, static.padding)
+        _active.step = _StepContext(self.runner.pool, static.write_slots, [], [group], static.read_slots.view(-1))
         try:
             with attention_kernels(self.runner.device):
                 out = self.runner.model(input_ids=static.input_ids, position_ids=static.position_ids,

@@ -118,11 +118,15 @@ class _SequenceView:
 
 @dataclass
 class _DecodeGroup:
-    """Decode sequences of a step (one new token each), attended in ONE SDPA call over their padded contexts."""
+    """Decode sequences of a step (one new token each) with similar contexts, attended in ONE SDPA call over their
+    contexts padded to the group's longest. The runner packs the step's decodes first, sorted by context length,
+    so a group is a range of the packed row and its context slots a range of the step's decode_slots."""
 
-    rows: torch.Tensor  # their positions in the packed row
-    read_slots: torch.Tensor  # [sequences, longest context] pool slots, padded with slot 0
-    padding: torch.Tensor | None  # [sequences, 1, 1, longest context], True = padding; None when no row is padded
+    begin: int  # its rows in the packed row: begin..end-1
+    end: int
+    offset: int  # its slots in the step's decode_slots: (end - begin) x longest from here, row by row
+    longest: int
+    padding: torch.Tensor | None  # [sequences, 1, 1, longest], True = padding; None when no row is padded
     _masks: dict = field(default_factory=dict)  # dtype -> additive mask, built by the first layer, reused by the rest
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -144,6 +148,7 @@ class _StepContext:
     write_slots: torch.Tensor  # pool slots of every new token, in packed order
     sequences: list[_SequenceView]  # attended one by one: prefill chunks
     decode_groups: list[_DecodeGroup] = field(default_factory=list)
+    decode_slots: torch.Tensor | None = None  # every group's context slots, one flat tensor: one gather per layer
 
 
 def _paged_attention(module, query, key, value, attention_mask, **kwargs):
@@ -153,23 +158,40 @@ def _paged_attention(module, query, key, value, attention_mask, **kwargs):
     k_pool, v_pool = step.pool.layer(module.layer_idx, key)
     k_pool.index_copy_(1, step.write_slots, key[0])  # every sequence's new keys/values, one copy each
     v_pool.index_copy_(1, step.write_slots, value[0])
-    heads, tokens, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    heads, tokens = query.shape[1], query.shape[2]
     output = query.new_empty(1, tokens, heads, value.shape[3])  # sdpa_attention_forward's [batch, q, heads, dim]
     for seq in step.sequences:
         keys = k_pool.index_select(1, seq.read_slots).unsqueeze(0)
         values = v_pool.index_select(1, seq.read_slots).unsqueeze(0)
         out, _ = sdpa_attention_forward(module, query[:, :, seq.begin:seq.end], keys, values, seq.mask, **kwargs)
         output[:, seq.begin:seq.end] = out
-    for group in step.decode_groups:
-        count, longest = group.read_slots.shape
-        kv_heads = k_pool.shape[0]
-        slots = group.read_slots.reshape(-1)
-        keys = k_pool.index_select(1, slots).view(kv_heads, count, longest, head_dim).transpose(0, 1)
-        values = v_pool.index_select(1, slots).view(kv_heads, count, longest, -1).transpose(0, 1)
-        queries = query[0].index_select(1, group.rows).transpose(0, 1).unsqueeze(2)  # [count, heads, 1, dim]
-        out, _ = sdpa_attention_forward(module, queries, keys, values, group.mask(queries.dtype), **kwargs)
-        output[0].index_copy_(0, group.rows, out[:, 0])
+    if step.decode_groups:
+        _decode_attention(step, query[0], k_pool, v_pool, output[0], kwargs.get("scaling"))
     return output, None
+
+
+def _decode_attention(step: _StepContext, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                      output: torch.Tensor, scaling: float | None) -> None:
+    """The step's decodes, a group per SDPA call, into output ([tokens, heads, dim]; query [heads, tokens, dim]).
+
+    Every group's keys and values come from one gather per pool, and each group's rows are a slice of the packed
+    row: per group only views and the SDPA call. The query heads that share a key/value head are that head's
+    queries (transformers' pack_gqa for a single query token: [rows, kv_heads, heads per kv head, dim]), so grouped-
+    query attention needs no repeated keys."""
+    kv_heads, head_dim = k_pool.shape[0], k_pool.shape[2]
+    heads = query.shape[0]
+    keys_all = k_pool.index_select(1, step.decode_slots)
+    values_all = v_pool.index_select(1, step.decode_slots)
+    for group in step.decode_groups:
+        count, longest = group.end - group.begin, group.longest
+        span = slice(group.offset, group.offset + count * longest)
+        keys = keys_all[:, span].view(kv_heads, count, longest, head_dim).transpose(0, 1)
+        values = values_all[:, span].view(kv_heads, count, longest, -1).transpose(0, 1)
+        queries = query[:, group.begin:group.end].transpose(0, 1).reshape(count, kv_heads, heads // kv_heads,
+                                                                         head_dim)
+        out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask(query.dtype),
+                                                               scale=scaling)
+        output[group.begin:group.end] = out.view(count, heads, -1)
 
 
 def _paged_mask(*args, **kwargs):
@@ -237,6 +259,9 @@ class PagedRunner:
         self.use_fast_path = fast_path  # tensor-parallel followers build their runners with the lead's options
         self.decode_graphs = None  # graphs.DecodeGraphs: decode-only steps replayed from CUDA graphs (Engine sets it)
         self.fast_path = fastpath.prepare(model) if fast_path else fastpath.FastPath(skipped="turned off")
+        self.lean_step = None  # fastpath.LeanStep: the fused model's step without transformers' module calls
+        if self.fast_path.skipped is None:
+            self.lean_step, self.fast_path.lean_step = fastpath.lean_step(model, _paged_attention)
         model.config._attn_implementation = PAGED_ATTENTION
         for module in model.modules():  # some models cache the implementation per sub-config
             config = getattr(module, "config", None)
@@ -248,75 +273,82 @@ class PagedRunner:
             logits = self.decode_graphs.step(batch.chunks)
             if logits is not None:
                 return logits
+        size = self.block_size
+        decodes: list[tuple[int, int]] = []  # (context, chunk index)
+        prefills: list[int] = []  # chunk indices
+        highest_block = 0
+        for index, chunk in enumerate(batch.chunks):
+            context = chunk.start + len(chunk.token_ids)
+            highest_block = max(highest_block, max(chunk.block_table[: -(-context // size)]) + 1)
+            if len(chunk.token_ids) == 1 and chunk.start > 0:
+                decodes.append((context, index))
+            else:
+                prefills.append(index)
+        # Decodes first, sorted by context: a decode group is then a range of the packed row (_decode_attention).
+        decodes.sort()
         ids: list[int] = []
         positions: list[int] = []
-        keep: list[int] = []
         write_slots: list[int] = []  # pool slots of every new token, in packed order
-        prefills: list[tuple[int, int, SequenceChunk]] = []  # (begin, end, chunk)
-        decodes: list[tuple[int, int, list[int]]] = []  # (row, context, the context's blocks)
-        highest_block = 0
-        size = self.block_size
-        for chunk in batch.chunks:
-            begin, end = len(ids), len(ids) + len(chunk.token_ids)
-            context = chunk.start + len(chunk.token_ids)
+        last_row = [0] * len(batch.chunks)  # each chunk's last position in the packed row
+        sequences: list[_SequenceView] = []
+        for index in [index for _, index in decodes] + prefills:
+            chunk = batch.chunks[index]
+            begin, context = len(ids), chunk.start + len(chunk.token_ids)
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, context))
-            blocks = chunk.block_table[: -(-context // size)]
-            highest_block = max(highest_block, max(blocks) + 1)
             # The new tokens' slots as plain Python ints (one tensor per step below); a context's slots are only
             # ever built from its blocks as a tensor (_context_slots), never position by position in Python.
-            write_slots.extend(blocks[p // size] * size + p % size for p in range(chunk.start, context))
-            if end - begin == 1 and chunk.start > 0:
-                decodes.append((begin, context, blocks))
-            else:
-                prefills.append((begin, end, chunk))
-            if chunk.want_logits:
-                keep.append(end - 1)
+            table = chunk.block_table
+            write_slots.extend(table[p // size] * size + p % size for p in range(chunk.start, context))
+            last_row[index] = len(ids) - 1
+            if begin >= len(decodes):  # a prefill chunk (the decodes hold the first rows, one each)
+                sequences.append(_SequenceView(begin, len(ids), self._context_slots([table], context)[0],
+                                               self._mask(chunk, len(ids) - begin)))
+        keep = [last_row[index] for index, chunk in enumerate(batch.chunks) if chunk.want_logits]
         self.pool.reserve(highest_block)
-        sequences = [
-            _SequenceView(begin, end, self._context_slots([chunk.block_table], chunk.start + end - begin)[0],
-                          self._mask(chunk, end - begin))
-            for begin, end, chunk in prefills
-        ]
-        _active.step = _StepContext(self.pool, torch.tensor(write_slots, device=self.device), sequences,
-                                    self._decode_groups(decodes))
+        groups, decode_slots = self._decode_groups([(context, batch.chunks[index].block_table)
+                                                    for context, index in decodes])
+        _active.step = _StepContext(self.pool, torch.tensor(write_slots, device=self.device), sequences, groups,
+                                    decode_slots)
+        input_ids = torch.tensor([ids], device=self.device)
+        position_ids = torch.tensor([positions], device=self.device)
+        keep_rows = torch.tensor(keep, dtype=torch.long, device=self.device)
         try:
+            if self.lean_step is not None:
+                return self.lean_step(input_ids, position_ids, keep_rows)
             with attention_kernels(self.device):
-                out = self.model(
-                    input_ids=torch.tensor([ids], device=self.device),
-                    position_ids=torch.tensor([positions], device=self.device),
-                    use_cache=False,
-                    logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
-                )
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 logits_to_keep=keep_rows)
         finally:
             _active.step = None
         return out.logits[0]
 
-    def _decode_groups(self, decodes: list[tuple[int, int, list[int]]]) -> list[_DecodeGroup]:
-        """Batch the decodes' attention: sequences of similar context length (sorted, a group pads at most
-        padding_allowance times the positions it holds) share one SDPA call over contexts padded to the group's
-        longest."""
-        groups: list[list[tuple[int, int, list[int]]]] = []
+    def _decode_groups(self, decodes: list[tuple[int, list[int]]]) -> tuple[list[_DecodeGroup], torch.Tensor | None]:
+        """Batch the decodes' attention: the decodes (context, block table), sorted by context and packed in this
+        order, split into groups that pad at most padding_allowance times the positions they hold, each attended in
+        one SDPA call over contexts padded to its longest; and all groups' context slots in one tensor."""
+        ranges: list[tuple[int, int]] = []  # [begin, end) in decodes
         held = 0
-        for decode in sorted(decodes, key=lambda d: d[1]):
-            length = decode[1]
-            if groups and length * (len(groups[-1]) + 1) <= self.padding_allowance * (held + length):
-                groups[-1].append(decode)
+        for row, (length, _) in enumerate(decodes):
+            begin = ranges[-1][0] if ranges else 0
+            if ranges and length * (row - begin + 1) <= self.padding_allowance * (held + length):
+                ranges[-1] = (begin, row + 1)
                 held += length
             else:
-                groups.append([decode])
+                ranges.append((row, row + 1))
                 held = length
-        return [self._decode_group(group) for group in groups]
-
-    def _decode_group(self, decodes: list[tuple[int, int, list[int]]]) -> _DecodeGroup:
-        longest = decodes[-1][1]  # sorted by context length
-        read_slots = self._context_slots([blocks for _, _, blocks in decodes], longest)
-        padding = None
-        if decodes[0][1] != longest:
-            lengths = torch.tensor([context for _, context, _ in decodes], device=self.device)
-            padding = (torch.arange(longest, device=self.device)[None] >= lengths[:, None])[:, None, None]
-        rows = torch.tensor([row for row, _, _ in decodes], device=self.device)
-        return _DecodeGroup(rows, read_slots, padding)
+        groups, slots, offset = [], [], 0
+        for begin, end in ranges:
+            members = decodes[begin:end]
+            longest = members[-1][0]
+            slots.append(self._context_slots([table for _, table in members], longest).reshape(-1))
+            padding = None
+            if members[0][0] != longest:
+                lengths = torch.tensor([context for context, _ in members], device=self.device)
+                padding = (torch.arange(longest, device=self.device)[None] >= lengths[:, None])[:, None, None]
+            groups.append(_DecodeGroup(begin, end, offset, longest, padding))
+            offset += (end - begin) * longest
+        return groups, (torch.cat(slots) if len(slots) > 1 else slots[0]) if slots else None
 
     def _context_slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
         """[sequences, length] pool slots of positions 0..length-1 of each block table. A shorter table is padded

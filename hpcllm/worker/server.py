@@ -94,9 +94,13 @@ def _discard_dropped_weights(engine, owner) -> None:
     """The paged runner's CPU fast path replaced weights by fused, packed copies (worker/fastpath.py); where the
     originals are views of the loader's host buffers, hand their pages back so the model is not held twice."""
     fast_path = getattr(getattr(engine, "runner", None), "fast_path", None)
-    if fast_path is not None and fast_path.dropped_ranges and hasattr(owner, "discard"):
+    if fast_path is None:
+        return
+    if fast_path.dropped_ranges and hasattr(owner, "discard"):
         released = owner.discard(fast_path.dropped_ranges)
         log.info("fast path: %s; %.1f MB of the load buffers released", fast_path, released / 1e6)
+    else:
+        log.info("fast path: %s", fast_path)
 
 
 class WorkerService:

@@ -251,11 +251,13 @@ def test_models_the_paged_runner_cannot_express_fall_back_to_one_forward_per_req
 def test_decodes_share_attention_calls_by_context_length_on_cpu_and_one_call_on_a_gpu(load_pair):
     model, _ = load_pair("llama")
     runner = PagedRunner(model, num_blocks=64, block_size=4)
-    decodes = [(row, context, list(range(-(-context // 4)))) for row, context in enumerate([5, 6, 40, 44, 120])]
-    assert [len(g.rows) for g in runner._decode_groups(decodes)] == [2, 2, 1]  # padding bounded on CPU
+    decodes = [(context, list(range(-(-context // 4)))) for context in [5, 6, 40, 44, 120]]
+    groups, slots = runner._decode_groups(decodes)
+    assert [(g.begin, g.end) for g in groups] == [(0, 2), (2, 4), (4, 5)]  # padding bounded on CPU
+    assert [g.offset for g in groups] == [0, 2 * 6, 2 * 6 + 2 * 44] and slots.shape == (2 * 6 + 2 * 44 + 120,)
     runner.padding_allowance = padding_allowance_for(torch.device("cuda"))
-    [group] = runner._decode_groups(decodes)
-    assert group.read_slots.shape == (5, 120) and group.padding[:, 0, 0].sum(dim=1).tolist() == [115, 114, 80, 76, 0]
+    [group], slots = runner._decode_groups(decodes)
+    assert slots.shape == (5 * 120,) and group.padding[:, 0, 0].sum(dim=1).tolist() == [115, 114, 80, 76, 0]
 
 
 def test_paged_steps_on_cuda_never_use_cudnn_attention():

@@ -40,7 +40,8 @@ def test_llama_family_projections_are_fused_packed_and_the_originals_dropped(arc
     engine = Engine(model, tokenizer, batching="paged").start()
     try:
         done = fastpath.FastPath(fused_attention=len(layers), fused_mlp=len(layers),
-                                 packed_linear=4 * len(layers) + 1)  # qkv, o, gate_up, down per layer; lm_head
+                                 packed_linear=4 * len(layers) + 1,  # qkv, o, gate_up, down per layer; lm_head
+                                 lean_step="on")
         assert engine.runner.fast_path == done
         attention, mlp = layers[0].self_attn, layers[0].mlp
         assert not hasattr(attention, "q_proj") and not hasattr(mlp, "gate_proj")
@@ -125,3 +126,58 @@ def test_the_worker_hands_back_the_load_buffers_pages_of_replaced_weights(tmp_pa
     finally:
         engine.shutdown()
         loaded.release()
+
+
+def _mixed_batch(vocab: int):
+    """Two prefills (a first chunk and a later one) and three decodes of different contexts, out of order."""
+    from hpcllm.worker.runner import SequenceChunk, StepBatch
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, vocab, (200,), generator=generator).tolist()
+    blocks = iter(range(1000))
+    chunk = lambda seq, tokens, start: SequenceChunk(seq, tokens, start, [next(blocks) for _ in range(-(-(start + len(tokens)) // 4))])  # noqa: E731
+    return StepBatch([chunk(0, ids[40:41], 40), chunk(1, ids[:17], 0), chunk(2, ids[5:6], 5),
+                      chunk(3, ids[30:38], 30), chunk(4, ids[90:91], 90)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_lean_step_gives_the_module_path_s_logits(arch, model_dirs):
+    """Same step (prefills and decodes mixed, prefix KV written by an earlier step), once through the lean step and
+    once through transformers' modules: the logits agree to float rounding and pick the same tokens."""
+    from hpcllm.worker.runner import PagedRunner
+
+    results = []
+    for lean in (True, False):
+        runner = PagedRunner(fresh(model_dirs, arch), num_blocks=1000, block_size=4)
+        assert runner.fast_path.lean_step == "on"
+        if not lean:
+            runner.lean_step = None
+        batch = _mixed_batch(runner.model.config.vocab_size)
+        with torch.inference_mode():
+            # The chunks' earlier positions: each sequence's prefix, run first as prefills (the KV the step reads).
+            from hpcllm.worker.runner import SequenceChunk, StepBatch
+            prefix = StepBatch([SequenceChunk(c.seq_id, [7] * c.start, 0, c.block_table) for c in batch.chunks
+                                if c.start])
+            runner.step(prefix)
+            results.append(runner.step(batch))
+    lean_logits, module_logits = results
+    assert lean_logits.shape == module_logits.shape == (5, fresh(model_dirs, arch).config.vocab_size)
+    torch.testing.assert_close(lean_logits, module_logits, rtol=1e-4, atol=1e-4)
+    assert lean_logits.argmax(-1).tolist() == module_logits.argmax(-1).tolist()
+
+
+def test_the_lean_step_is_not_used_where_modules_have_hooks_or_another_rotation(model_dirs, monkeypatch):
+    from hpcllm.worker import runner as runner_module
+
+    model = fresh(model_dirs, "llama")
+    model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda *_: None)  # e.g. the TP all-reduce
+    runner = runner_module.PagedRunner(model, num_blocks=64, block_size=4)
+    assert runner.lean_step is None and "hooks" in runner.fast_path.lean_step
+
+    modeling = __import__(type(model.model.layers[0].self_attn).__module__, fromlist=["x"])
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", lambda q, k, cos, sin: (q * cos.unsqueeze(1), k))
+    runner = runner_module.PagedRunner(fresh(model_dirs, "llama"), num_blocks=64, block_size=4)
+    assert runner.lean_step is None and "rotary" in runner.fast_path.lean_step
+
+    runner = runner_module.PagedRunner(fresh(model_dirs, "gpt2"), num_blocks=64, block_size=4)
+    assert runner.lean_step is None and "Llama family" in runner.fast_path.lean_step
