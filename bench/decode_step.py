@@ -10,8 +10,11 @@ N requests from bench/serve.py's seeded prompt set run together in an Engine (pa
 context gathers, SDPA), summed over the layers. --profile also prints torch.profiler's top operators of a few
 decode steps and their aten op count per step. Fast-path modes (hpcllm/worker/fastpath.py): `on` (the default:
 fused q/k/v and gate/up, oneDNN-packed linears, and the lean step, the forward as one plain loop), `fused` (the
-same model, stepped through transformers' modules), `off`. --fast-path compare runs two modes (--modes, default
-off on), alternating, each on a freshly loaded model, and prints the ratio of the medians (same run, same load).
+same model, stepped through transformers' modules), `off`, `fresh-gather` (`on`, but each layer's decode keys and
+values gathered into a fresh tensor instead of the pool's kept buffers). --fast-path compare runs two modes (--modes,
+default off on), alternating, each on a freshly loaded model, and prints the ratio of the medians (same run, same
+load). --context LO HI gives the requests seeded random prompts of LO..HI tokens instead of the serve bench's prompt
+set (whose contexts are mostly short): long contexts make the decode attention's gathers large.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PROFILED_STEPS = 5
-MODES = ("on", "fused", "off")
+MODES = ("on", "fused", "off", "fresh-gather")
 
 
 def main() -> int:
@@ -41,6 +44,8 @@ def main() -> int:
     parser.add_argument("--modes", nargs=2, choices=MODES, default=["off", "on"], help="what --fast-path compare "
                         "compares: the baseline, then the candidate")
     parser.add_argument("--rounds", type=int, default=3, help="runs per mode with --fast-path compare")
+    parser.add_argument("--context", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="prompt lengths drawn uniformly from LO..HI (seeded) instead of the serve prompt set")
     args = parser.parse_args()
 
     import torch
@@ -99,7 +104,9 @@ def measure(args, mode: str) -> dict:
     engine = Engine(model, tokenizer, max_running_requests=args.requests, batching="paged", fast_path=mode != "off")
     if mode == "fused":
         engine.runner.lean_step, engine.runner.fast_path.lean_step = None, "turned off (--fast-path fused)"
-    elif engine.runner.lean_step is not None:  # it calls the attention function itself
+    if mode == "fresh-gather":
+        engine.runner.pool.keep_gather_buffers = False
+    if engine.runner.lean_step is not None:  # it calls the attention function itself
         engine.runner.lean_step.attention = timed_attention
     samples: list[tuple[float, float, float, float]] = []  # (step, forward, attention, step CPU) of all-decode steps
     forward, step = engine._forward, engine._step
@@ -136,7 +143,8 @@ def measure(args, mode: str) -> dict:
     engine._forward, engine._step = timed_forward, timed_step
     engine.start()
     try:
-        prompts = prompt_set(args.requests, model.config.vocab_size, seed=0)
+        prompts = (prompt_set(args.requests, model.config.vocab_size, seed=0) if args.context is None
+                   else long_prompts(args.requests, model.config.vocab_size, *args.context))
         with engine._lock:  # submit all before the first step, as concurrent clients that arrive together
             streams = [engine.submit(GenerateRequest(request_id=f"p{i}", prompt_token_ids=p.token_ids,
                                                      max_tokens=args.steps + 30, temperature=0, ignore_eos=True))
@@ -157,6 +165,16 @@ def measure(args, mode: str) -> dict:
         result["aten_ops_per_step"] = sum(e.count for e in averages if e.key.startswith("aten::")) / PROFILED_STEPS
         result["profile"] = averages.table(sort_by="self_cpu_time_total", row_limit=20)
     return result
+
+
+def long_prompts(count: int, vocab: int, shortest: int, longest: int) -> list:
+    """`count` seeded prompts of random token ids, lengths uniform in shortest..longest."""
+    import random
+    from types import SimpleNamespace
+
+    rng = random.Random(0)
+    return [SimpleNamespace(token_ids=[rng.randrange(4, vocab) for _ in range(rng.randint(shortest, longest))])
+            for _ in range(count)]
 
 
 def print_result(result: dict, args, title: str | None = None) -> None:

@@ -180,8 +180,7 @@ def _decode_attention(step: _StepContext, query: torch.Tensor, k_pool: torch.Ten
     query attention needs no repeated keys."""
     kv_heads, head_dim = k_pool.shape[0], k_pool.shape[2]
     heads = query.shape[0]
-    keys_all = k_pool.index_select(1, step.decode_slots)
-    values_all = v_pool.index_select(1, step.decode_slots)
+    keys_all, values_all = step.pool.gather(k_pool, v_pool, step.decode_slots)
     for group in step.decode_groups:
         count, longest = group.end - group.begin, group.longest
         span = slice(group.offset, group.offset + count * longest)
@@ -229,6 +228,8 @@ class KVPool:
         self.capacity_blocks = 0
         self.needed_blocks = 0  # set per step: highest block id in use + 1
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # gather(): CPU buffers for keys, values
+        self.keep_gather_buffers = True  # False: a fresh tensor per gather (bench/decode_step.py's baseline)
 
     def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self._layers.get(layer_idx)
@@ -241,6 +242,20 @@ class KVPool:
                 grown[1][:, : pair[1].shape[1]].copy_(pair[1])
             self._layers[layer_idx] = pair = grown
         return pair
+
+    def gather(self, k_pool: torch.Tensor, v_pool: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A layer's keys and values at `slots` ([kv_heads, len(slots), head_dim] each). On CPU into two buffers kept
+        across layers and steps: a gather of several MB per layer into a fresh tensor is a fresh allocation that
+        glibc may map anew and the copy then faults in page by page. On a GPU the caching allocator keeps its memory
+        anyway, and a captured graph must not see a buffer that a later, larger step replaces."""
+        if k_pool.device.type != "cpu" or not self.keep_gather_buffers:
+            return k_pool.index_select(1, slots), v_pool.index_select(1, slots)
+        shape = (k_pool.shape[0], slots.shape[0], k_pool.shape[2])
+        needed = shape[0] * shape[1] * shape[2]
+        if self._gathered is None or self._gathered[0].numel() < needed or self._gathered[0].dtype != k_pool.dtype:
+            self._gathered = tuple(torch.empty(needed + needed // 2, dtype=k_pool.dtype) for _ in range(2))
+        k_out, v_out = (buffer[:needed].view(shape) for buffer in self._gathered)
+        return torch.index_select(k_pool, 1, slots, out=k_out), torch.index_select(v_pool, 1, slots, out=v_out)
 
     def reserve(self, needed_blocks: int) -> None:
         if needed_blocks > self.capacity_blocks:

@@ -10,7 +10,7 @@ import torch
 
 from hpcllm.worker.engine import Engine
 from hpcllm.worker.protocol import FinalLine, GenerateRequest
-from hpcllm.worker.runner import (PagedRunner, SequentialRunner, attention_kernels,
+from hpcllm.worker.runner import (PagedRunner, SequenceChunk, SequentialRunner, StepBatch, attention_kernels,
                                   padding_allowance_for)
 
 from .conftest import ARCHS
@@ -268,3 +268,30 @@ def test_paged_steps_on_cuda_never_use_cudnn_attention():
     assert torch.backends.cuda.cudnn_sdp_enabled()  # restored for the rest of the process
     with attention_kernels(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_decode_gathers_reuse_the_pools_buffers_and_compute_the_same(load_pair):
+    """A layer's decode keys/values are gathered into buffers the KV pool keeps (a fresh multi-MB tensor per layer
+    was mapped and faulted in anew: ~2x slower steps at 64 long contexts, bench/decode_step.py --context); same
+    logits as fresh gathers, and the buffers are not reallocated while the steps fit them."""
+    model, _ = load_pair("llama")
+    results = {}
+    for keep in (True, False):
+        runner = PagedRunner(model, num_blocks=64, block_size=4)
+        runner.pool.keep_gather_buffers = keep
+        prompts = [list(range(10 + n, 30 + 3 * n)) for n in range(3)]
+        tables = [list(range(16 * n, 16 * n + 16)) for n in range(3)]
+        with torch.inference_mode():
+            runner.step(StepBatch([SequenceChunk(n, p, 0, t) for n, (p, t) in enumerate(zip(prompts, tables))]))
+            logits, buffers = [], []
+            for step in range(3):
+                chunks = [SequenceChunk(n, [5 + step], len(p) + step, t)
+                          for n, (p, t) in enumerate(zip(prompts, tables))]
+                logits.append(runner.step(StepBatch(chunks)))
+                buffers.append(runner.pool._gathered)
+        results[keep] = torch.stack(logits)
+        if keep:
+            assert buffers[0] is not None and all(b is buffers[0] for b in buffers)  # one allocation for 3 steps
+        else:
+            assert buffers == [None] * 3
+    torch.testing.assert_close(results[True], results[False], rtol=0, atol=0)
