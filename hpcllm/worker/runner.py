@@ -36,7 +36,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from hpcllm.worker import fastpath
+from hpcllm.worker import cpumem, fastpath
 
 PAGED_ATTENTION = "hpcllm_paged"
 # Decodes of similar context length share one attention call; a group's padded positions may exceed the positions
@@ -273,6 +273,8 @@ class PagedRunner:
         self.padding_allowance = padding_allowance_for(self.device)
         self.use_fast_path = fast_path  # tensor-parallel followers build their runners with the lead's options
         self.decode_graphs = None  # graphs.DecodeGraphs: decode-only steps replayed from CUDA graphs (Engine sets it)
+        if self.device.type == "cpu":
+            cpumem.keep_freed_memory()  # this process steps a CPU model: its activations stay mapped between steps
         self.fast_path = fastpath.prepare(model) if fast_path else fastpath.FastPath(skipped="turned off")
         self.lean_step = None  # fastpath.LeanStep: the fused model's step without transformers' module calls
         if self.fast_path.skipped is None:
