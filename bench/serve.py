@@ -84,12 +84,13 @@ class Prompt:
     max_tokens: int
 
 
-def prompt_set(count: int, vocab_size: int, seed: int) -> list[Prompt]:
-    """Seeded prompts: lengths log-normal (median ~60 tokens, clipped 8..400), outputs uniform 16..128."""
+def prompt_set(count: int, vocab_size: int, seed: int, lengths: tuple[int, int] | None = None) -> list[Prompt]:
+    """Seeded prompts: lengths log-normal (median ~60 tokens, clipped 8..400), or uniform in `lengths` (long-context
+    runs); outputs uniform 16..128."""
     rng = random.Random(seed)
     prompts = []
     for _ in range(count):
-        length = int(min(400, max(8, rng.lognormvariate(4.1, 0.8))))
+        length = (rng.randint(*lengths) if lengths else int(min(400, max(8, rng.lognormvariate(4.1, 0.8)))))
         ids = [rng.randrange(3, vocab_size) for _ in range(length)]
         prompts.append(Prompt(ids, rng.randint(16, 128)))
     return prompts
@@ -501,6 +502,9 @@ def main() -> int:
                         help="hpcllm config whose worker.vllm_python names the vLLM interpreter (default: "
                         "$HPCLLM_CONFIG, else <checkout>/.venv-vllm)")
     parser.add_argument("--vllm-python", default=None, help="the vLLM interpreter (overrides the config's)")
+    parser.add_argument("--prompt-lengths", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                        help="prompt lengths uniform in LO..HI tokens (long-context runs) instead of the default "
+                        "log-normal set (median ~60)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the started servers on the way out
 
@@ -512,7 +516,11 @@ def main() -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(hf_dir)
-    prompts = prompt_set(max(args.concurrency) * args.requests_per_client, config.vocab_size, args.seed)
+    lengths = tuple(args.prompt_lengths) if args.prompt_lengths else None
+    if lengths and not 1 <= lengths[0] <= lengths[1] <= config.max_position_embeddings - 128:
+        parser.error(f"--prompt-lengths must be 1 <= LO <= HI <= {config.max_position_embeddings - 128} (the model's "
+                     "context less the longest output)")
+    prompts = prompt_set(max(args.concurrency) * args.requests_per_client, config.vocab_size, args.seed, lengths)
     report = {
         "model": MODEL, "dtype": str(config.dtype), "prompts": len(prompts), "seed": args.seed,
         "prompt_tokens_median": statistics.median(len(p.token_ids) for p in prompts),
@@ -529,7 +537,7 @@ def main() -> int:
         if args.rounds:
             report["rounds"] = args.rounds
             report["targets"] = measure_interleaved(setup, args, [prompts] + [
-                prompt_set(len(prompts), config.vocab_size, args.seed + r) for r in range(1, args.rounds)])
+                prompt_set(len(prompts), config.vocab_size, args.seed + r, lengths) for r in range(1, args.rounds)])
         else:
             for name in args.targets:
                 target = TARGETS[name](setup)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +36,20 @@ def test_every_benchmarked_target_implements_the_interface(tmp_path):
     for name, make in serve.TARGETS.items():
         target = make(setup)  # TypeError if a target left an abstract method out
         assert isinstance(target, serve.Target) and target.name == name
+
+
+def test_long_context_prompt_sets_keep_their_lengths_and_seeds():
+    """--prompt-lengths: every prompt within LO..HI, the same set for the same seed, the default set otherwise."""
+    long = serve.prompt_set(50, 1000, seed=3, lengths=(300, 800))
+    assert all(300 <= len(p.token_ids) <= 800 for p in long)
+    assert [p.token_ids for p in long] == [p.token_ids for p in serve.prompt_set(50, 1000, seed=3, lengths=(300, 800))]
+    assert max(len(p.token_ids) for p in serve.prompt_set(50, 1000, seed=3)) <= 400  # the log-normal default
+
+
+def test_prompt_lengths_the_model_cannot_hold_are_refused_in_one_line():
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--targets", "hpcllm",
+                                "--prompt-lengths", "500", "2000"], capture_output=True, text=True, timeout=600,
+                               env={**os.environ, "PYTHONPATH": str(root)})
+    assert completed.returncode == 2 and "--prompt-lengths must be" in completed.stderr
+    assert "Traceback" not in completed.stderr
