@@ -143,8 +143,8 @@ def measure(args, mode: str) -> dict:
     engine._forward, engine._step = timed_forward, timed_step
     engine.start()
     try:
-        prompts = (prompt_set(args.requests, model.config.vocab_size, seed=0) if args.context is None
-                   else long_prompts(args.requests, model.config.vocab_size, *args.context))
+        prompts = prompt_set(args.requests, model.config.vocab_size, seed=0,
+                             lengths=tuple(args.context) if args.context else None)
         with engine._lock:  # submit all before the first step, as concurrent clients that arrive together
             streams = [engine.submit(GenerateRequest(request_id=f"p{i}", prompt_token_ids=p.token_ids,
                                                      max_tokens=args.steps + 30, temperature=0, ignore_eos=True))
@@ -165,16 +165,6 @@ def measure(args, mode: str) -> dict:
         result["aten_ops_per_step"] = sum(e.count for e in averages if e.key.startswith("aten::")) / PROFILED_STEPS
         result["profile"] = averages.table(sort_by="self_cpu_time_total", row_limit=20)
     return result
-
-
-def long_prompts(count: int, vocab: int, shortest: int, longest: int) -> list:
-    """`count` seeded prompts of random token ids, lengths uniform in shortest..longest."""
-    import random
-    from types import SimpleNamespace
-
-    rng = random.Random(0)
-    return [SimpleNamespace(token_ids=[rng.randrange(4, vocab) for _ in range(rng.randint(shortest, longest))])
-            for _ in range(count)]
 
 
 def print_result(result: dict, args, title: str | None = None) -> None:

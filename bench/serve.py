@@ -84,15 +84,18 @@ class Prompt:
     max_tokens: int
 
 
+MAX_OUTPUT_TOKENS = 128  # a prompt's output length is drawn from 16..this
+
+
 def prompt_set(count: int, vocab_size: int, seed: int, lengths: tuple[int, int] | None = None) -> list[Prompt]:
     """Seeded prompts: lengths log-normal (median ~60 tokens, clipped 8..400), or uniform in `lengths` (long-context
-    runs); outputs uniform 16..128."""
+    runs); outputs uniform 16..MAX_OUTPUT_TOKENS."""
     rng = random.Random(seed)
     prompts = []
     for _ in range(count):
         length = (rng.randint(*lengths) if lengths else int(min(400, max(8, rng.lognormvariate(4.1, 0.8)))))
         ids = [rng.randrange(3, vocab_size) for _ in range(length)]
-        prompts.append(Prompt(ids, rng.randint(16, 128)))
+        prompts.append(Prompt(ids, rng.randint(16, MAX_OUTPUT_TOKENS)))
     return prompts
 
 
@@ -517,9 +520,10 @@ def main() -> int:
 
     config = AutoConfig.from_pretrained(hf_dir)
     lengths = tuple(args.prompt_lengths) if args.prompt_lengths else None
-    if lengths and not 1 <= lengths[0] <= lengths[1] <= config.max_position_embeddings - 128:
-        parser.error(f"--prompt-lengths must be 1 <= LO <= HI <= {config.max_position_embeddings - 128} (the model's "
-                     "context less the longest output)")
+    longest_prompt = config.max_position_embeddings - MAX_OUTPUT_TOKENS
+    if lengths and not 1 <= lengths[0] <= lengths[1] <= longest_prompt:
+        parser.error(f"--prompt-lengths must be 1 <= LO <= HI <= {longest_prompt} (the model's context less the "
+                     "longest output)")
     prompts = prompt_set(max(args.concurrency) * args.requests_per_client, config.vocab_size, args.seed, lengths)
     report = {
         "model": MODEL, "dtype": str(config.dtype), "prompts": len(prompts), "seed": args.seed,

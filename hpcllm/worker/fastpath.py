@@ -261,16 +261,16 @@ def _packed_linear_forward(self, x):
 # ---- the lean step: the fused model's forward as one plain loop -----------------------------------------------------
 
 # Causal LMs whose forward is Llama's: embed, rotary, decoder layers (RMSNorm, attention, residual, RMSNorm, MLP,
-# residual), final RMSNorm, lm_head over the kept rows. Their RMSNorm and rotary functions are the same code.
+# residual), final RMSNorm, lm_head over the kept rows. Their rotary functions are the same code.
 LEAN_MODELS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-LEAN_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 
 
 class LeanStep:
     """One paged step of a fused Llama-family model without transformers' module machinery.
 
     What a step's forward does is the transformers forward of these classes, in the same order of float operations,
-    minus what only costs time there: the nn.Module calls (hook checks, kwargs plumbing) of ~10 modules per layer,
+    minus what only costs time there: the nn.Module calls (hook checks, kwargs plumbing) of ~10 modules per layer
+    (each module's own forward is called directly: the norms', the fast path's packed linears'),
     the model-level decorators and output classes, the causal-mask construction the paged attention ignores, and
     the separate rotary passes over q and k (here one pass over both: they are adjacent in the fused q/k/v output,
     and the rotation is elementwise). On the dev machine's small Llama at 16 decoding requests that is several
@@ -291,13 +291,13 @@ class LeanStep:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, tokens, 1, dim]: broadcast over the heads
         for layer in self.layers:
             hidden = self._layer(layer, hidden, cos, sin)
-        return _linear(self.lm_head, _rms_norm(self.norm, hidden[:, keep]))[0]
+        return self.lm_head.forward(self.norm.forward(hidden[:, keep]))[0]
 
     def _layer(self, layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         attention, mlp = layer.self_attn, layer.mlp
         tokens, head_dim = hidden.shape[1], attention.head_dim
         q_size, k_size, v_size = attention.qkv_sizes
-        q_and_k, value = _linear(attention.qkv_proj, _rms_norm(layer.input_layernorm, hidden)).split(
+        q_and_k, value = attention.qkv_proj.forward(layer.input_layernorm.forward(hidden)).split(
             [q_size + k_size, v_size], dim=-1)
         q_and_k = q_and_k.view(1, tokens, -1, head_dim)
         q_and_k = (q_and_k * cos) + (self.rotate_half(q_and_k) * sin)  # apply_rotary_pos_emb's formula, q and k at once
@@ -307,10 +307,9 @@ class LeanStep:
         value = value.view(1, tokens, -1, head_dim).transpose(1, 2)
         out, _ = self.attention(attention, query, key, value, None, dropout=0.0, scaling=attention.scaling,
                                 **attention.fused_attention_kwargs)
-        hidden = hidden + _linear(attention.o_proj, out.reshape(1, tokens, -1))
-        gate, up = _linear(mlp.gate_up_proj, _rms_norm(layer.post_attention_layernorm, hidden)).split(
-            mlp.gate_size, dim=-1)
-        return hidden + _linear(mlp.down_proj, mlp.act_fn(gate) * up)
+        hidden = hidden + attention.o_proj.forward(out.reshape(1, tokens, -1))
+        gate, up = mlp.gate_up_proj.forward(layer.post_attention_layernorm.forward(hidden)).split(mlp.gate_size, dim=-1)
+        return hidden + mlp.down_proj.forward(mlp.act_fn(gate) * up)
 
 
 def lean_step(model: nn.Module, attention: Callable) -> tuple[LeanStep | None, str]:
@@ -322,28 +321,11 @@ def lean_step(model: nn.Module, attention: Callable) -> tuple[LeanStep | None, s
     if not layers or not all(hasattr(layer.self_attn, "qkv_proj") and hasattr(layer.mlp, "gate_up_proj")
                              for layer in layers):
         return None, "not every layer's projections are fused"
-    norms = [inner.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-    if any(type(norm).__name__ not in LEAN_NORMS for norm in norms):
-        return None, "a norm is not the family's RMSNorm"
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()) or _global_hooks():
         return None, "modules have hooks (tensor parallelism?)"
     if not _rotation_matches(layers[0].self_attn):
         return None, "the model's rotary embedding is not the q*cos + rotate_half(q)*sin of the family"
     return LeanStep(model, attention), "on"
-
-
-def _linear(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    packed = getattr(linear, "packed_weight", None)
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
-    return torch.nn.functional.linear(x, linear.weight, linear.bias)
-
-
-def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The family's RMSNorm.forward, without the module call."""
-    x = hidden.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x.to(hidden.dtype)
 
 
 def _global_hooks() -> bool:

@@ -226,7 +226,6 @@ class KVPool:
         self.max_blocks = max_blocks
         self.block_size = block_size
         self.capacity_blocks = 0
-        self.needed_blocks = 0  # set per step: highest block id in use + 1
         self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # gather(): CPU buffers for keys, values
         self.keep_gather_buffers = True  # False: a fresh tensor per gather (bench/decode_step.py's baseline)
@@ -365,7 +364,7 @@ class PagedRunner:
                 padding = (torch.arange(longest, device=self.device)[None] >= lengths[:, None])[:, None, None]
             groups.append(_DecodeGroup(begin, end, offset, longest, padding))
             offset += (end - begin) * longest
-        return groups, (torch.cat(slots) if len(slots) > 1 else slots[0]) if slots else None
+        return groups, torch.cat(slots) if slots else None
 
     def _context_slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
         """[sequences, length] pool slots of positions 0..length-1 of each block table. A shorter table is padded
