@@ -223,8 +223,9 @@ def test_gevent_gateway_serves_long_generations_side_by_side_and_cancels_those_w
     must let the others run, and the checks for a client that left must not wait for the client."""
     headers = {"Authorization": f"Bearer {USER_KEY}"}
     with running_gateway(tmp_path, worker_url, tiny_model_dir, blackhole_url, slow_url, "gevent") as (_, url, _):
-        # Non-streaming requests of ~1.5 s each, more at once than processes: each outlives the 0.5 s client-gone
-        # check (a check that waited for the client to send something would hold it forever), and they overlap.
+        # Non-streaming requests of ~1.5 s each, more at once than processes: each is checked for a client that
+        # left at every token (a check that waited for the client to send something would hold it forever), and
+        # they overlap.
         results = []
 
         def complete() -> None:
