@@ -1,14 +1,17 @@
 """Where hpcllm's engine thread spends its wall time under concurrent streams (no HTTP, no gateway).
 
     PYTHONPATH=$PWD .venv/bin/python bench/engine_loop.py [--clients 16] [--rounds 2]
-        [--modes outbox put-per-token model-process]
+        [--modes outbox put-per-token model-process model-process-sync]
 
 C reader threads (one per stream, like the worker's HTTP threads: each event turned into its JSON line) run the
 seeded prompt set of bench/serve.py against an Engine on the devmodels "small" Llama, 2 requests per client back to
 back, greedy. Modes, interleaved per round (order reversed every other round):
 - outbox: the engine as it is (stream events handed over once per step, docs/worker.md);
 - put-per-token: the same engine with each event put into its queue as it is produced (the engine before);
-- model-process: `model_process=True` (the forward in a child process).
+- model-process: `model_process=True` (the forward in a child process, with asynchronous scheduling: the next step
+  is sent while one runs);
+- model-process-sync: the same, each step scheduled after the previous one's tokens are committed (the engine
+  before asynchronous scheduling).
 Per mode: token lines per second and, from the engine thread's /proc/thread-self/schedstat read around each phase,
 how its wall time splits into on-CPU, waiting for a CPU (run queue: other load) and blocked (the GIL, or the model
 process's pipe), for the forward and for the rest of the step (sampling, detokenizing, events). Linux only.
@@ -58,6 +61,18 @@ def instrumented_engine_class(mode: str):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.splits = {phase: Split() for phase in PHASES}
+            if self.async_scheduling:  # no _run_step: the wait for the model process is the collect
+                self.runner.collect = self._timed(self.runner.collect)
+
+        def _timed(self, collect):
+            def timed():
+                began, (cpu, queued) = time.perf_counter(), schedstat()
+                try:
+                    return collect()
+                finally:
+                    cpu_after, queued_after = schedstat()
+                    self.splits["forward"].add(time.perf_counter() - began, cpu_after - cpu, queued_after - queued)
+            return timed
 
         def _step(self, active) -> None:
             began, (cpu, queued) = time.perf_counter(), schedstat()
@@ -87,7 +102,8 @@ def run(mode: str, model, tokenizer, prompts, clients: int) -> dict:
     from hpcllm.worker.protocol import GenerateRequest, stream_line_json
 
     engine = instrumented_engine_class(mode)(model, tokenizer, max_running_requests=clients, batching="paged",
-                                             model_process=mode == "model-process").start()
+                                             model_process=mode.startswith("model-process"),
+                                             async_scheduling=mode != "model-process-sync").start()
     lines = [0]
 
     def client(index: int) -> None:
@@ -111,7 +127,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", nargs="+", default=["outbox", "put-per-token", "model-process"],
-                        choices=["outbox", "put-per-token", "model-process"])
+                        choices=["outbox", "put-per-token", "model-process", "model-process-sync"])
     args = parser.parse_args()
 
     import os

@@ -17,6 +17,8 @@ Targets (each started once; TARGETS below):
 - hpcllm-sequential: the same with `batching = "sequential"` (one forward per request per step; not by default).
 - hpcllm-in-process: the same with `model_process = false` (the forward in the worker process, as before the model
   process became the CPU default).
+- hpcllm-sync: the same with `async_scheduling = false` (each step scheduled once the previous one's tokens are
+  committed, as before asynchronous scheduling).
 - vllm-behind-hpcllm: `hpcllm worker --engine vllm` (vLLM in the worker, weights via hpcllm's loader) behind
   `hpcllm gateway`.
 - vllm-direct: vLLM's own OpenAI server on the Hugging Face folder (the anchor); ratios are printed against it.
@@ -144,16 +146,16 @@ class BehindGateway(Target):
     """A worker (engine hpcllm or vllm) started as the node agent starts it, behind `hpcllm gateway`."""
 
     def __init__(self, name: str, engine: str, setup: Setup, batching: str = "auto",
-                 model_process: bool | str = "auto"):
+                 model_process: bool | str = "auto", async_scheduling: bool = True):
         self.name, self.engine, self.setup, self.batching = name, engine, setup, batching
-        self.model_process = model_process
+        self.model_process, self.async_scheduling = model_process, async_scheduling
         self.worker: StartedServer | None = None
         self.gateway: StartedServer | None = None
 
     def start(self) -> str:
         s = self.setup
         settings = {"max_running_requests": s.max_running, "max_waiting_requests": 1024, "batching": self.batching,
-                    "model_process": self.model_process,
+                    "model_process": self.model_process, "async_scheduling": self.async_scheduling,
                     "vllm_max_num_seqs": s.max_running, "vllm_kv_cache_gb": 1.0, "keepalive_seconds": 1.0}
         self.worker = start_worker(s.checkpoint, engine=self.engine, name=MODEL, secret=SECRET,
                                    python=s.vllm_python if self.engine == "vllm" else None, threads=s.threads,
@@ -200,6 +202,7 @@ TARGETS = {
     "hpcllm": lambda setup: BehindGateway("hpcllm", "hpcllm", setup),
     "hpcllm-sequential": lambda setup: BehindGateway("hpcllm-sequential", "hpcllm", setup, batching="sequential"),
     "hpcllm-in-process": lambda setup: BehindGateway("hpcllm-in-process", "hpcllm", setup, model_process=False),
+    "hpcllm-sync": lambda setup: BehindGateway("hpcllm-sync", "hpcllm", setup, async_scheduling=False),
     "vllm-behind-hpcllm": lambda setup: BehindGateway("vllm-behind-hpcllm", "vllm", setup),
     ANCHOR: VllmDirect,
 }

@@ -277,6 +277,10 @@ class WorkerConfig(Section):
     # engine, off on GPUs (their forward already runs asynchronously) and with tensor parallelism (the ranks are the
     # processes). See docs/worker.md "The model process".
     model_process: StrictBool | Literal["auto"] = "auto"
+    # With a model process: schedule and send the next step while one runs (vLLM's asynchronous scheduling); the
+    # model process picks each row's token itself by the same seeded rule, so outputs do not change. Off: each step
+    # waits for the previous one's tokens to be committed (docs/worker.md "Asynchronous scheduling").
+    async_scheduling: StrictBool = True
     # GPU workers of hpcllm's engine: replay decode-only steps from CUDA graphs (one per batch x context bucket,
     # captured on first use; docs/worker.md "CUDA graphs"). Off until a GPU run has measured it.
     cuda_graphs: StrictBool = False

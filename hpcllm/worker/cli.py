@@ -69,6 +69,7 @@ def run_worker(
         batching=worker.batching,
         prefix_caching=worker.prefix_caching,
         model_process=model_process,
+        async_scheduling=worker.async_scheduling,
         cuda_graphs=worker.cuda_graphs,
         **({"model_process_threads": model_process_threads} if model_process_threads else {}),
     )

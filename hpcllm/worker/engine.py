@@ -58,7 +58,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
 from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, embed_last_token, make_runner
 from hpcllm.worker.model_process import ModelProcess
-from hpcllm.worker.runner_process import ProcessRunner
+from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
 from hpcllm.worker.sampling import sample_token
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ log = logging.getLogger(__name__)
 # or longer (shorter ones time the per-call overhead, not prefill), averaged with this weight for the newest chunk.
 PREFILL_RATE_MIN_TOKENS = 16
 PREFILL_RATE_WEIGHT = 0.3
+# Asynchronous scheduling sends the next step this long before the running one should end (its predicted compute
+# time): late enough that requests arriving meanwhile still join it, early enough that the model process need not
+# wait for it (the worker's thread may have to wait for a CPU first).
+AHEAD_MARGIN_S = 0.001
+AHEAD_MARGIN_SHARE = 0.2
 DEFAULT_KV_BLOCK_SIZE = 16
 BATCHING_MODES = ("auto", "paged", "sequential")
 
@@ -81,6 +86,33 @@ class _Work:
     start: int
     end: int
     known: int
+    # Scheduled ahead (asynchronous scheduling): the one token fed is the one chosen for this logits row of the
+    # step still running; `fed` is that token once the running step's result is in.
+    previous_row: int | None = None
+    fed: int | None = None
+    index: int = -1  # the output index of the token this row's logits choose (set at launch)
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A step sent to the model process: its work (chunks, and requests sampled from kept logits)."""
+
+    work: list[_Work]
+    started: float = field(default_factory=time.perf_counter)  # when the model process could begin it
+
+    @property
+    def tokens(self) -> int:
+        return sum(w.end - w.start for w in self.work)
+
+    @property
+    def chunks(self) -> list[_Work]:
+        return [w for w in self.work if w.end > w.start]
+
+    def resolve(self, previous_chosen: list[int]) -> None:
+        """The step before this one ended: the tokens its rows chose are what this one's ahead chunks fed."""
+        for w in self.work:
+            if w.previous_row is not None:
+                w.fed = previous_chosen[w.previous_row]
 
 
 @dataclass(eq=False)
@@ -147,6 +179,7 @@ class Engine(EngineBase):
         model_process: "bool | ModelProcess" = False,
         cuda_graphs: bool | str = False,
         model_process_threads: int | None = None,
+        async_scheduling: bool = True,
     ) -> None:
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
@@ -195,6 +228,10 @@ class Engine(EngineBase):
             self._use_decode_graphs("eager" if cuda_graphs == "eager" else "cuda")
         # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
         self.kv_pool = BlockPool(num_blocks, kv_block_size, prefix_caching=prefix_caching and paged)
+        # With a paged model process, the next step is scheduled and sent while this one runs (_step_pipelined).
+        self.async_scheduling = async_scheduling and isinstance(self.runner, ProcessRunner) and paged
+        self._ahead: _Launched | None = None  # the step sent while the one being collected ran
+        self._step_times = _StepTimes()
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
         self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
         # Stream events the engine thread produced, handed to the streams together (_deliver_events): during the
@@ -334,18 +371,18 @@ class Engine(EngineBase):
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
-                active = self._next_round()
+                active = self._next_round(wait=self._ahead is None)
                 if active is None:
                     break
-                if self._embed_jobs:
+                if self._embed_jobs and self._ahead is None:
                     self._deliver_events()
                     self._run_embed_jobs()
-                if active:
+                if active or self._ahead is not None:
                     self._step(active)
 
-    def _next_round(self) -> list[_Request] | None:
+    def _next_round(self, wait: bool = True) -> list[_Request] | None:
         """Drop expired held requests, admit waiting ones into free slots, and return those with work to do;
-        block while there is none (until a call or the next hold deadline); None when shutting down."""
+        block while there is none (until a call or the next hold deadline) if `wait`; None when shutting down."""
         with self._lock:
             while True:
                 if self._stopping:
@@ -353,7 +390,7 @@ class Engine(EngineBase):
                 next_deadline = self._expire_held(time.monotonic())
                 self._admit()
                 active = [req for req in self._running if req.has_work()]
-                if active or self._embed_jobs:
+                if active or self._embed_jobs or not wait:
                     return active
                 self._deliver_events()
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
@@ -388,20 +425,18 @@ class Engine(EngineBase):
         for req in active:
             if req.cancel_requested:
                 self._finish(req, "abort")
+        if self.async_scheduling:
+            self._step_pipelined(active)
+            return
         with self._lock:
             work = self._schedule([r for r in active if r.state == "running" and r.has_work()])
             chunks = [w for w in work if w.end > w.start]
-            batch = StepBatch(
-                chunks=[SequenceChunk(w.req.seq_id, w.req.all_ids[w.start:w.end], w.start,
-                                      self.kv_pool.table(w.req.seq_id), w.end == w.known) for w in chunks],
-            )
-            if chunks:
-                batch.free, self._to_free = self._to_free, []
+            batch = self._batch(chunks)
         if not chunks:
             self._deliver_events()
         if not work:
             return
-        logits = None
+        logits = argmax = None
         if chunks:
             began = time.perf_counter()
             try:
@@ -409,26 +444,167 @@ class Engine(EngineBase):
             except torch.OutOfMemoryError as exc:
                 self._out_of_memory([w.req for w in chunks], exc)
                 return
-            prefilled = sum(w.end - w.start for w in chunks if w.end - w.start > 1)
-            if prefilled >= PREFILL_RATE_MIN_TOKENS:
-                self._observe_prefill(sum(w.end - w.start for w in chunks), began)
+            self._observe_prefill(chunks, began)
+            # Greedy rows in one argmax over the step's logits (same first-maximum rule as per row), not one each.
+            argmax = logits.argmax(dim=-1).tolist() if len(logits) else []
+            if logits.device.type != "cpu" and any(_needs_logits(w.req) for w in work):
+                logits = logits.float().cpu()  # one device-to-host copy per step, not one per sampled row
+        self._commit(work, logits, argmax)
+
+    def _step_pipelined(self, active: list[_Request]) -> None:
+        """Asynchronous scheduling (vLLM's): while a step runs in the model process, the next one is scheduled as
+        if each of its sampling rows had taken its token, and sent; the model process chooses that token itself
+        (runner_process.choose_tokens) and goes on without waiting for this thread to sample, commit and schedule.
+        Tokens reach the streams when this thread commits them, a step behind the model as before. A row whose
+        request ended meanwhile (a stop, a cancel, a pause) is dropped at its commit, and what its step wrote to the
+        cache is not counted: the next step that feeds that position writes it again."""
+        current, self._ahead = self._ahead, None
+        if current is None:
+            with self._lock:
+                work = self._schedule([r for r in active if r.state == "running" and r.has_work()])
+                current = self._launch(work) if any(w.end > w.start for w in work) else None
+            if current is None:  # only requests sampled from kept logits (attached, unpaused), or nothing
+                self._deliver_events()
+                self._commit(work, None)
+                return
+        self._deliver_events()
+        if not self._embed_jobs:  # an embedding job runs between steps: none is sent ahead of it
+            self.runner.wait(self._time_to_send_ahead(current))
+            with self._lock:
+                ahead = self._schedule_ahead(current)
+                self._ahead = self._launch(ahead) if ahead else None
+        try:
+            result = self.runner.collect()
+        except torch.OutOfMemoryError as exc:
+            self._discard_ahead()
+            self._out_of_memory([w.req for w in current.chunks], exc)
+            return
+        if self._ahead is not None:
+            self._ahead.resolve(result.chosen)
+            self._ahead.started = max(self._ahead.started, time.perf_counter())
+        self._step_times.observe(current.tokens, result.seconds)
+        self._observe_prefill(current.chunks, seconds=result.seconds)
+        self._commit(current.work, result.logits, chosen=result.chosen)
+
+    def _batch(self, chunks: list[_Work]) -> StepBatch:
+        """The runner's view of a step's chunks, with the KV states it may forget (under the lock)."""
+        batch = StepBatch(chunks=[SequenceChunk(w.req.seq_id, [0] if w.previous_row is not None
+                                                else w.req.all_ids[w.start:w.end], w.start,
+                                                self.kv_pool.table(w.req.seq_id), w.end == w.known,
+                                                previous_row=w.previous_row) for w in chunks])
+        if chunks:
+            batch.free, self._to_free = self._to_free, []
+        return batch
+
+    def _launch(self, work: list[_Work]) -> _Launched:
+        """Send a step to the model process, with how each row's token is chosen (under the lock)."""
+        launched = _Launched(work)
+        chunks = launched.chunks
+        batch = self._batch(chunks)
+        batch.choices = []
+        for w in chunks:
+            if w.end == w.known:
+                w.index = len(w.req.output_ids) + (w.previous_row is not None)
+                batch.choices.append(None if w.req.held or w.req.paused else (w.req.params, w.index))
+        self.runner.launch(batch)
+        return launched
+
+    def _time_to_send_ahead(self, current: _Launched) -> float:
+        """Seconds to wait before sending the step after `current`: until shortly before it should end."""
+        predicted = self._step_times.predict(current.tokens)
+        if predicted is None:
+            return 0.0
+        margin = max(AHEAD_MARGIN_S, AHEAD_MARGIN_SHARE * predicted)
+        return max(0.0, current.started + predicted - margin - time.perf_counter())
+
+    def _discard_ahead(self) -> None:
+        """The running step failed: collect the one sent ahead (skipped, or run on stale input) and drop it."""
+        if self._ahead is None:
+            return
+        self._ahead = None
+        try:
+            self.runner.collect()
+        except (StepSkipped, torch.OutOfMemoryError):
+            pass
+
+    def _schedule_ahead(self, current: _Launched) -> list[_Work] | None:
+        """The step after `current`, scheduled while it runs, as if each of its sampling rows took its token (under
+        the lock; the step before `current` is committed). None when the next step needs a step boundary: a request
+        samples from kept logits, or KV blocks are only to be had by preemption."""
+        self._admit()  # requests that arrived while `current` ran join the next step, as they would without this
+        in_current, rows = {}, {}
+        for w in current.work:
+            in_current[w.req.seq_id] = w
+            if w.end > w.start and w.end == w.known:
+                rows[w.req.seq_id] = len(rows)
+        work: list[_Work] = []
+        prefill_budget = self.prefill_chunk_tokens
+        for req in self._running:
+            if req.state != "running" or req.cancel_requested or req.paused:
+                continue
+            previous_row = None
+            w = in_current.get(req.seq_id)
+            if w is not None and w.end == w.start:
+                continue  # samples from kept logits at current's end: it decodes the step after next
+            if w is not None and _still_matches(w):  # current's chunk will count: go on from its end
+                if req.seq_id in rows:  # its row samples at the end of `current`: feed that token next
+                    if req.held or not self._continues(req):
+                        continue
+                    start, previous_row = w.end, rows[req.seq_id]
+                    end = known = start + 1
+                else:  # mid-prefill: its next chunk
+                    start, known = w.end, len(req.all_ids)
+            else:  # not in current, or its chunk there will be dropped (the request changed): from what is cached
+                if not req.has_work():
+                    continue
+                start, known = req.num_cached, len(req.all_ids)
+                if start == known:
+                    return None  # samples from kept logits: at a step boundary
+            if previous_row is None:
+                end = known
+                if known - start > 1:  # prefill
+                    end = start + min(known - start, prefill_budget)
+                    if end == start:
+                        continue
+                    prefill_budget -= end - start
+            if not self.kv_pool.grow(req.seq_id, end):
+                return None  # blocks only by preemption, which waits for a step boundary
+            self._note_scheduled(req)
+            work.append(_Work(req, start, end, known, previous_row=previous_row))
+        return work or None
+
+    def _continues(self, req: _Request) -> bool:
+        """Whether req goes on after its next token, unless that token stops it (a stop token, a stop string)."""
+        return len(req.output_ids) + 1 < req.max_tokens and len(req.all_ids) + 1 < self.max_model_len
+
+    def _commit(self, work: list[_Work], logits: torch.Tensor | None, argmax: list[int] | None = None,
+                chosen: list[int] | None = None) -> None:
+        """A step's results: count the cached ids, register full blocks, sample and emit. argmax: each row's
+        maximum (greedy rows take it); chosen: each row's token as the model process chose it (_step_pipelined),
+        whose chunks may have been scheduled before their request changed: one that no longer matches its request
+        is dropped."""
+        chunks = [w for w in work if w.end > w.start]
         with self._lock:
+            valid = {id(w): chosen is None or _still_matches(w) for w in chunks}
             for w in chunks:
-                self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end)
-        # Greedy rows in one argmax over the step's logits (same first-maximum rule as per row), not one per request.
-        argmax = logits.argmax(dim=-1).tolist() if logits is not None and len(logits) else []
-        if logits is not None and logits.device.type != "cpu" and any(_needs_logits(w.req) for w in work):
-            logits = logits.float().cpu()  # one device-to-host copy per step, not one per sampled row
+                if valid[id(w)]:
+                    self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end)
         row = 0
         for w in work:
-            if w.end > w.start:
-                w.req.num_cached = w.end
-                if w.end < w.known:
-                    continue  # mid-prefill: no logits for this one
-                self._sample_and_commit(w.req, logits[row], argmax[row])
-                row += 1
-            else:
+            if w.end == w.start:
                 self._sample_and_commit(w.req, w.req.pending_logits)
+                continue
+            samples = w.end == w.known
+            if valid[id(w)]:
+                w.req.num_cached = w.end
+                if samples and chosen is None:
+                    self._sample_and_commit(w.req, logits[row], argmax[row])
+                elif samples:
+                    # -1: held or paused at launch (no token asked for); a changed index: extended since.
+                    token = chosen[row] if chosen[row] >= 0 and len(w.req.output_ids) == w.index else None
+                    self._sample_and_commit(w.req, logits[row], chosen=token)
+            if samples:
+                row += 1
 
     def _schedule(self, candidates: list[_Request]) -> list["_Work"]:
         """Pick each request's chunk (decodes whole, prefills within prefill_chunk_tokens per step) and give it KV
@@ -438,10 +614,7 @@ class Engine(EngineBase):
         for req in candidates:
             if req.state != "running":  # preempted for an older request's blocks in this very loop
                 continue
-            if req.first_scheduled is None:
-                req.first_scheduled = time.monotonic()
-                self.metrics.request_queue_time.observe(req.first_scheduled - req.arrival)
-                self.metrics.prompt_tokens.inc(len(req.prompt_ids))
+            self._note_scheduled(req)
             start, known = req.num_cached, len(req.all_ids)
             end = known
             if known - start > 1:  # prefill (a decode feeds the one token sampled last)
@@ -453,6 +626,12 @@ class Engine(EngineBase):
                 continue  # req itself was preempted
             work.append(_Work(req, start, end, known))
         return work
+
+    def _note_scheduled(self, req: _Request) -> None:
+        if req.first_scheduled is None:
+            req.first_scheduled = time.monotonic()
+            self.metrics.request_queue_time.observe(req.first_scheduled - req.arrival)
+            self.metrics.prompt_tokens.inc(len(req.prompt_ids))
 
     def _make_room(self, req: _Request, tokens: int) -> bool:
         """Grow req's blocks to `tokens`, preempting the newest running requests while none are free; False if
@@ -493,13 +672,17 @@ class Engine(EngineBase):
             newest = max(requests, key=self._running.index)
             self._preempt(newest)
 
-    def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None) -> None:
-        """Sample req's next token from its logits (argmax: their maximum, computed for the whole step) and emit it."""
+    def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,
+                           chosen: int | None = None) -> None:
+        """Sample req's next token from its logits (argmax: their maximum, computed for the whole step; chosen: the
+        token already chosen by the same rule, by the model process) and emit it."""
         if logits is None:
             raise RuntimeError(f"request {req.request_id}: nothing to sample from (no prefilled logits)")
         # Sample outside the lock; the commit below re-checks that the request may still take a token.
         if req.held or req.paused:
             token = None
+        elif chosen is not None:
+            token = chosen
         elif req.params.greedy and argmax is not None:
             token = argmax
         else:
@@ -532,10 +715,16 @@ class Engine(EngineBase):
         ]
         return TokenLogprobs(token=texts[0], logprob=float(logprobs[token]), top=alternatives)
 
-    def _observe_prefill(self, tokens: int, began: float) -> None:
-        if self.device.type == "cuda":  # the forward only queued the kernels
-            torch.cuda.synchronize(self.device)
-        rate = tokens / max(time.perf_counter() - began, 1e-6)
+    def _observe_prefill(self, chunks: list[_Work], began: float | None = None, seconds: float | None = None) -> None:
+        """The prefill rate from a step with enough prefill in it: its tokens over `seconds` (the model process's
+        compute time), else over the time since `began`."""
+        if sum(w.end - w.start for w in chunks if w.end - w.start > 1) < PREFILL_RATE_MIN_TOKENS:
+            return
+        if seconds is None:
+            if self.device.type == "cuda":  # the forward only queued the kernels
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - began
+        rate = sum(w.end - w.start for w in chunks) / max(seconds, 1e-6)
         previous = self._prefill_rate
         self._prefill_rate = rate if previous is None else previous + PREFILL_RATE_WEIGHT * (rate - previous)
 
@@ -547,7 +736,7 @@ class Engine(EngineBase):
             return self._forward(batch)
         self.runner.launch(batch)
         self._deliver_events()
-        return self.runner.collect()
+        return self.runner.collect().logits
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)
@@ -593,6 +782,41 @@ class Engine(EngineBase):
         self._deliver_events()
         if isinstance(self.runner, ProcessRunner):
             self.runner.close()
+
+
+class _StepTimes:
+    """A step's compute time predicted as a + b x tokens, fitted to recent steps (exponentially weighted least
+    squares): when to send the next step ahead of the running one (Engine._step_pipelined)."""
+
+    WEIGHT = 0.1
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.mean_x = self.mean_y = self.mean_xx = self.mean_xy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        weight = self.WEIGHT if self.steps else 1.0
+        self.steps += 1
+        self.mean_x += weight * (tokens - self.mean_x)
+        self.mean_y += weight * (seconds - self.mean_y)
+        self.mean_xx += weight * (tokens * tokens - self.mean_xx)
+        self.mean_xy += weight * (tokens * seconds - self.mean_xy)
+
+    def predict(self, tokens: int) -> float | None:
+        if self.steps < 2:
+            return None
+        variance = self.mean_xx - self.mean_x ** 2
+        slope = max(0.0, (self.mean_xy - self.mean_x * self.mean_y) / variance) if variance > 1e-9 else 0.0
+        return max(0.0, self.mean_y + slope * (tokens - self.mean_x))
+
+
+def _still_matches(w: _Work) -> bool:
+    """Whether a chunk scheduled ahead still fits its request: running, cached up to where the chunk starts, and
+    (a chunk that fed the previous row's token) that token taken as its next id."""
+    req = w.req
+    if req.state != "running" or req.num_cached != w.start:
+        return False
+    return w.previous_row is None or (len(req.all_ids) == w.end and req.all_ids[w.start] == w.fed)
 
 
 def _needs_logits(req: _Request) -> bool:

@@ -37,6 +37,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from hpcllm.worker import cpumem, fastpath
+from hpcllm.worker.sampling import SamplingParams
 
 PAGED_ATTENTION = "hpcllm_paged"
 # Decodes of similar context length share one attention call; a group's padded positions may exceed the positions
@@ -67,6 +68,10 @@ class SequenceChunk:
     start: int
     block_table: list[int] = field(default_factory=list)
     want_logits: bool = True
+    # A step sent to the model process while the previous one still ran (the engine's asynchronous scheduling):
+    # this chunk's one token is the one the model process chose for this logits row of the previous step, filled
+    # in there before the step runs (token_ids holds a placeholder until then).
+    previous_row: int | None = None
 
 
 @dataclass
@@ -76,6 +81,9 @@ class StepBatch:
 
     chunks: list[SequenceChunk]
     free: list[int] = field(default_factory=list)
+    # For a model process (runner_process.py), per logits row: how the engine would choose that row's token
+    # (sampling params, output index), for the model process to choose it the same way; None: no token wanted.
+    choices: list[tuple[SamplingParams, int] | None] | None = None
 
 
 class ModelRunner(Protocol):

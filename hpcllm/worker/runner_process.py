@@ -21,6 +21,13 @@ embeddings run in the child as well ("embed", between steps): each weight is hel
 
 launch(batch) returns at once; collect() waits for the logits: the engine delivers the previous step's stream
 events in between, while the child computes (Engine._forward).
+
+Asynchronous scheduling (Engine, docs/worker.md): the child also chooses each logits row's token by the engine's
+own rule (greedy argmax, or the seeded draw for that output index: sampling.py), so the engine can send the next
+step while this one runs, its decode chunks naming the row whose token they feed (SequenceChunk.previous_row). The
+child then goes from one step to the next without waiting for the worker to sample, commit and schedule. Two steps
+may be in flight; their logits go to two shared buffers in turn. A step that follows a failed one (out of memory)
+and needs its tokens is answered "skipped".
 """
 
 from __future__ import annotations
@@ -28,16 +35,32 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import time
 import traceback
+from typing import NamedTuple
 
 import torch
 import torch.multiprocessing  # registers the pickling of tensors by shared memory / CUDA IPC used on the pipe
 
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, embed_last_token, make_runner
+from hpcllm.worker.sampling import sample_token
+
+MAX_STEPS_IN_FLIGHT = 2  # the step running and the one sent ahead of it (one logits buffer each)
+
 
 class ModelProcessError(RuntimeError):
     """The model process failed or died: the engine is dead (its loop ends, /health answers 503)."""
+
+
+class StepSkipped(RuntimeError):
+    """The model process did not run a step that fed tokens of a step that failed before it."""
+
+
+class StepResult(NamedTuple):
+    logits: torch.Tensor  # [rows, vocab] float32, a copy
+    chosen: list[int]  # per row, the token chosen by batch.choices (-1 where none was asked for)
+    seconds: float  # the step's compute time in the model process
 
 
 class ProcessRunner:
@@ -66,8 +89,8 @@ class ProcessRunner:
             raise ValueError(payload)  # make_runner's refusal (e.g. batching="paged" for a model it cannot serve)
         self.paged: bool = payload["paged"]  # prefix caching needs the paged runner's shared blocks
         self.threads: int = payload["threads"]  # the child's torch compute threads
-        self._logits: torch.Tensor = payload["logits"]  # [max_rows, vocab] float32 in shared memory
-        self._in_flight = False
+        self._logits: list[torch.Tensor] = payload["logits"]  # two [max_rows, vocab] float32 in shared memory
+        self._in_flight = 0  # steps launched and not collected yet
         # The child's fast path replaced these weights by its own fused, packed copies: this copy of the model lets
         # them go too (meta tensors), and dropped_ranges (this process's addresses) is what the loader's shared
         # buffers may give back (the worker: LoadedModel.discard, MADV_REMOVE: gone for both processes).
@@ -79,20 +102,26 @@ class ProcessRunner:
         return self._process.pid
 
     def launch(self, batch: StepBatch) -> None:
-        """Start a step in the model process; collect() returns its logits."""
-        if self._in_flight:
-            raise RuntimeError("a step is already running in the model process")
+        """Start a step in the model process (after the one in flight, if any); collect() returns its result."""
+        if self._in_flight >= MAX_STEPS_IN_FLIGHT:
+            raise RuntimeError(f"{self._in_flight} steps are already in flight in the model process")
         self._send(("step", batch))
-        self._in_flight = True
+        self._in_flight += 1
 
-    def collect(self) -> torch.Tensor:
-        """The launched step's logits, [rows, vocab] (a copy: the engine may keep rows past the next step)."""
-        self._in_flight = False
-        return self._logits[:self._result()].clone()
+    def collect(self) -> StepResult:
+        """The oldest launched step's result; StepSkipped if it was not run (it fed a failed step's tokens)."""
+        self._in_flight -= 1
+        rows, buffer, chosen, seconds = self._result()
+        # A copy: the buffer takes the step after next, and the engine may keep rows past it.
+        return StepResult(self._logits[buffer][:rows].clone(), chosen, seconds)
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         self.launch(batch)
-        return self.collect()
+        return self.collect().logits
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to `seconds` for the oldest launched step's result; whether it is in."""
+        return self._conn.poll(seconds) if seconds > 0 else self._conn.poll()
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Embeddings of token id lists (runner.embed_last_token), computed by the model process between steps."""
@@ -116,6 +145,8 @@ class ProcessRunner:
         kind, payload = self._receive()
         if kind == "oom":
             raise torch.OutOfMemoryError(payload)
+        if kind == "skipped":
+            raise StepSkipped("the step fed tokens of a step that failed")
         if kind == "error":
             raise ModelProcessError(f"the model process failed: {payload}")
         return payload
@@ -151,12 +182,15 @@ def serve_steps(conn) -> None:
         return
     output = model.get_output_embeddings()  # its weight may be packed by the fast path by now: out_features stays
     width = output.out_features if isinstance(output, torch.nn.Linear) else model.config.vocab_size
-    logits = torch.empty(max_rows, width, dtype=torch.float32).share_memory_()
+    buffers = [torch.empty(max_rows, width, dtype=torch.float32).share_memory_() for _ in range(MAX_STEPS_IN_FLIGHT)]
     paged = isinstance(runner, PagedRunner)
     # Its dropped ranges are this process's addresses: the worker finds the same weights by name in its own copy.
     fast_path = dataclasses.replace(runner.fast_path, dropped_ranges=[]) if paged else fastpath.FastPath(
         skipped="sequential batching")
-    conn.send(("ready", {"paged": paged, "logits": logits, "fast_path": fast_path, "threads": torch.get_num_threads()}))
+    conn.send(("ready", {"paged": paged, "logits": buffers, "fast_path": fast_path,
+                         "threads": torch.get_num_threads()}))
+    chosen: list[int] | None = []  # the tokens chosen for the last step's rows; None after a failed step
+    steps = 0
     with torch.inference_mode():
         while True:
             try:
@@ -169,10 +203,39 @@ def serve_steps(conn) -> None:
                 if kind == "embed":
                     conn.send(("embedded", [embed_last_token(model, ids) for ids in work]))
                     continue
+                if not _feed_previous_tokens(work, chosen):
+                    conn.send(("skipped", None))
+                    continue
+                chosen = None
+                began = time.perf_counter()
                 rows = runner.step(work)
-                logits[:len(rows)].copy_(rows)
-                conn.send(("ok", len(rows)))
+                buffer = steps % len(buffers)
+                steps += 1
+                buffers[buffer][:len(rows)].copy_(rows)
+                seconds = time.perf_counter() - began
+                chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices)
+                conn.send(("ok", (len(rows), buffer, chosen, seconds)))
             except torch.OutOfMemoryError as exc:
                 conn.send(("oom", str(exc)))
             except Exception:  # the engine dies with this message; the process stays to be stopped
                 conn.send(("error", traceback.format_exc(limit=8)))
+
+
+def _feed_previous_tokens(batch: StepBatch, chosen: list[int] | None) -> bool:
+    """Fill in the tokens a step sent ahead feeds from the previous step's rows; False if that step failed."""
+    for chunk in batch.chunks:
+        if chunk.previous_row is not None:
+            if chosen is None:
+                return False
+            chunk.token_ids = [chosen[chunk.previous_row]]
+    return True
+
+
+def choose_tokens(logits: torch.Tensor, choices) -> list[int]:
+    """Each row's token as the engine would choose it (Engine._sample_and_commit: greedy rows by one argmax, the
+    others by sample_token at their output index, from the same float32 rows); -1 where no token is asked for."""
+    if not choices:
+        return [-1] * len(logits)
+    argmax = logits.argmax(dim=-1).tolist()
+    return [-1 if choice is None else argmax[row] if choice[0].greedy else sample_token(logits[row], *choice)
+            for row, choice in enumerate(choices)]

@@ -324,3 +324,21 @@ def test_embeddings_are_the_normalized_last_hidden_state_while_generating(arch, 
     assert [e for e in busy.events() if isinstance(e, FinalLine)][0].finish_reason == "length"
     with pytest.raises(InvalidRequest, match="outside this model's vocabulary"):
         engine.embed([[10**9]])
+
+
+def test_step_times_are_predicted_from_recent_steps_token_counts():
+    """Asynchronous scheduling sends the next step shortly before the running one should end: its compute time is
+    predicted from its tokens (decode-only steps are short, steps with a prefill chunk long)."""
+    from hpcllm.worker.engine import _StepTimes
+
+    times = _StepTimes()
+    assert times.predict(16) is None  # nothing measured yet: the next step goes at once
+    for _ in range(30):
+        times.observe(16, 0.006)
+        times.observe(120, 0.020)
+    assert times.predict(16) == pytest.approx(0.006, rel=0.05)
+    assert times.predict(120) == pytest.approx(0.020, rel=0.05)
+    for _ in range(60):  # the machine got slower: recent steps count
+        times.observe(16, 0.012)
+        times.observe(120, 0.040)
+    assert times.predict(16) == pytest.approx(0.012, rel=0.05)

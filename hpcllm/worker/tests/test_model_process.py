@@ -15,10 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpcllm.worker import engine as engine_module
 from hpcllm.worker.engine import Engine, EngineUnavailable
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
-from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner
+from hpcllm.worker.runner import SequenceChunk, StepBatch
+from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner, _feed_previous_tokens, choose_tokens
+from hpcllm.worker.sampling import SamplingParams, sample_token
 from hpcllm.worker.server import ModelForServing, load_with_hpcllm
 
 from .conftest import wait_until
@@ -95,6 +98,57 @@ def test_seeded_sampling_and_logprobs_equal_the_in_process_engine(load_pair, pro
     got = run_together(process_engine, sampled)
     strip = lambda events: [(e.token_id, e.text, e.logprobs.top[0].token_id) for e in events[:-1]]  # noqa: E731
     assert [strip(events) for events in got] == [strip(events) for events in expected]
+
+
+def test_steps_sent_ahead_change_no_token_and_requests_that_stop_meanwhile_end_where_they_should(
+        load_pair, process_engine, monkeypatch):
+    """Asynchronous scheduling: the model process runs the next step, fed its own choice of each row's token,
+    before the worker has committed this one. Requests that end meanwhile (a stop string, max_tokens of 1 or 2,
+    a stop token id) must end exactly where the in-process engine (one step at a time) ends them, sampled ones
+    with the same draws, and leave no KV blocks behind."""
+    assert process_engine.async_scheduling
+    sent_ahead, matched = [], []
+    schedule_ahead = process_engine._schedule_ahead
+    monkeypatch.setattr(process_engine, "_schedule_ahead",
+                        lambda current: sent_ahead.append(schedule_ahead(current)) or sent_ahead[-1])
+    monkeypatch.setattr(engine_module, "_still_matches",
+                        lambda w, still=engine_module._still_matches: matched.append(still(w)) or matched[-1])
+    model, tokenizer = load_pair("llama")
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
+        [probe] = run_together(local, [request(prompt=PROMPTS[0], max_tokens=30, temperature=0, ignore_eos=True)])
+        text = "".join(e.text for e in probe[:-1])
+        stop = text[len(text) // 2:len(text) // 2 + 2]
+        cases = [
+            request(prompt=PROMPTS[0], max_tokens=30, temperature=0, ignore_eos=True, stop=[stop]),
+            request(prompt=PROMPTS[1], max_tokens=1, temperature=0),
+            request(prompt=PROMPTS[2], max_tokens=2, temperature=0.8, seed=3),
+            request(prompt=PROMPTS[3], max_tokens=40, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True),
+            request(prompt=PROMPTS[1], max_tokens=40, temperature=0, ignore_eos=True,
+                    stop_token_ids=[probe[5].token_id]),
+            request(prompt=PROMPTS[0], max_tokens=25, temperature=0, ignore_eos=True),
+        ]
+        expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"})
+                                        for r in cases])
+    got = run_together(process_engine, cases)
+    outcome = lambda events: ([(e.token_id, e.text) for e in events[:-1]], events[-1].finish_reason)  # noqa: E731
+    assert [outcome(events) for events in got] == [outcome(events) for events in expected]
+    assert outcome(got[0])[1] == "stop" and len(got[0]) - 1 < 30  # the stop string ended it early
+    assert [len(events) - 1 for events in got[1:3]] == [1, 2]
+    assert sum(1 for work in sent_ahead if work) >= 20  # most steps were sent ahead
+    assert matched.count(False) <= len(cases)  # and their rows were taken: dropped only for requests that ended
+    assert process_engine.kv_pool.used_blocks == 0 and process_engine.counts() == (0, 0)
+
+
+def test_the_model_process_chooses_tokens_by_the_engines_rule_and_skips_steps_that_follow_a_failed_one():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    choices = [(SamplingParams(temperature=0.0), 3), (SamplingParams(temperature=0.7, top_k=10, seed=5), 2), None,
+               (SamplingParams(temperature=1.0, top_p=0.5, seed=9), 0)]
+    assert choose_tokens(logits, choices) == [int(logits[0].argmax()), sample_token(logits[1], *choices[1]), -1,
+                                              sample_token(logits[3], *choices[3])]
+    batch = StepBatch(chunks=[SequenceChunk(1, [0], 5, previous_row=2), SequenceChunk(2, [7, 8], 0)])
+    assert _feed_previous_tokens(batch, [11, 12, 13])
+    assert [chunk.token_ids for chunk in batch.chunks] == [[13], [7, 8]]
+    assert not _feed_previous_tokens(batch, None)  # the step it follows failed: nothing to feed
 
 
 def test_a_shared_prefix_is_served_from_the_cache_and_cancel_ends_a_stream_in_order(unpacked_pair, reference_model,
