@@ -47,7 +47,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from hpcllm.config import Config, check_service_credentials, private_state_dir
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.routing import make_router
-from hpcllm.procs import pid_alive
+from hpcllm.procs import freeze_startup_heap, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,9 @@ class GatewayApplication(BaseApplication):
     def load(self):
         from hpcllm.gateway.app import create_app
 
-        return create_app(self.config)
+        app = create_app(self.config)
+        freeze_startup_heap()  # in each gunicorn worker (the app is built after fork): before it serves
+        return app
 
     def run(self) -> None:
         try:

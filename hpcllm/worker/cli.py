@@ -60,6 +60,7 @@ def run_worker(
         model_name or model_path.name,
         secret=os.environ.get(SECRET_ENV) or config.cluster.shared_secret,
         keepalive_seconds=worker.keepalive_seconds,
+        freeze_heap=True,
         max_model_len=max_model_len,
         max_running_requests=worker.max_running_requests,
         max_waiting_requests=worker.max_waiting_requests,

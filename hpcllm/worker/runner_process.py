@@ -42,6 +42,7 @@ from typing import NamedTuple
 import torch
 import torch.multiprocessing  # registers the pickling of tensors by shared memory / CUDA IPC used on the pipe
 
+from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, embed_last_token, make_runner
 from hpcllm.worker.sampling import sample_token
@@ -189,6 +190,7 @@ def serve_steps(conn) -> None:
         skipped="sequential batching")
     conn.send(("ready", {"paged": paged, "logits": buffers, "fast_path": fast_path,
                          "threads": torch.get_num_threads()}))
+    freeze_startup_heap()  # the model and the imports: no full collection walks them between steps
     chosen: list[int] | None = []  # the tokens chosen for the last step's rows; None after a failed step
     steps = 0
     with torch.inference_mode():

@@ -36,6 +36,7 @@ from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.engine import Engine, EngineUnavailable
+from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
@@ -106,8 +107,12 @@ def _discard_dropped_weights(engine, owner) -> None:
 class WorkerService:
     """The process's one engine and its lifecycle: loading -> ready, or failed / dead."""
 
-    def __init__(self, model_name: str, secret: str, keepalive_seconds: float = 1.0, **engine_options) -> None:
+    def __init__(self, model_name: str, secret: str, keepalive_seconds: float = 1.0, freeze_heap: bool = False,
+                 **engine_options) -> None:
+        """freeze_heap: the process is the worker's own (run_worker): once the engine is built, what start-up made
+        is frozen out of the garbage collector's walks (procs.freeze_startup_heap)."""
         self.model_name = model_name
+        self.freeze_heap = freeze_heap
         self.secret = secret
         # Requests moved here under a migration grant: grant nonce -> (expiry, request ids). A grant opens only them.
         self._granted: dict[str, tuple[float, set[str]]] = {}
@@ -145,6 +150,8 @@ class WorkerService:
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)
         self.loaded = loaded
         _discard_dropped_weights(engine, loaded.owner)
+        if self.freeze_heap:
+            freeze_startup_heap()  # before the engine's thread allocates per token
         self.engine = engine.start()
         return engine
 

@@ -7,7 +7,8 @@ from hpcllm.config import InternalHttpConfig
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
-from hpcllm.worker.server import ModelForServing
+import hpcllm.worker.server as server_module
+from hpcllm.worker.server import ModelForServing, WorkerService
 
 from .conftest import SECRET, slow_down, ticketed, wait_until
 
@@ -230,3 +231,15 @@ def test_a_stream_that_fell_behind_its_engine_sends_the_queued_tokens_in_one_wri
     wait_until(lambda: worker.service.engine.tokens("behind").state == "finished", timeout=30)
     rest = list(writes)  # the engine finished while this reader slept: everything left is one write
     assert first.count(b"\n") == 1 and len(rest) == 1 and rest[0].count(b"\n") == 12  # 11 tokens + the final line
+
+
+def test_a_worker_process_freezes_its_heap_once_its_engine_is_built_and_an_embedded_service_does_not(
+        load_pair, monkeypatch):
+    frozen = []
+    monkeypatch.setattr(server_module, "freeze_startup_heap", lambda: frozen.append(True))
+    model, tokenizer = load_pair("llama")
+    for freeze_heap in (False, True):
+        service = WorkerService("tiny", "secret", freeze_heap=freeze_heap, batching="sequential")
+        service.attach(ModelForServing(model, tokenizer, tier="test"))
+        service.shutdown()
+    assert frozen == [True]  # only the one that owns its process (run_worker's)
