@@ -28,6 +28,18 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_the_prefill_chunk_is_smaller_on_cpu_unless_set(tmp_path):
+    worker = load_config(None).worker
+    assert worker.prefill_chunk_tokens == "auto"
+    assert (worker.prefill_chunk_tokens_for("cpu"), worker.prefill_chunk_tokens_for("cuda:1")) == (256, 512)
+    path = tmp_path / "hpcllm.toml"
+    path.write_text("[worker]\nprefill_chunk_tokens = 1024\n")
+    assert load_config(path).worker.prefill_chunk_tokens_for("cpu") == 1024
+    path.write_text("[worker]\nprefill_chunk_tokens = 0\n")
+    with pytest.raises(ConfigError, match="prefill_chunk_tokens"):
+        load_config(path)
+
+
 def test_model_process_auto_is_on_for_cpu_workers_of_hpcllms_engine_only(tmp_path):
     worker = load_config(None).worker
     assert worker.model_process == "auto"

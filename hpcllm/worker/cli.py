@@ -64,7 +64,7 @@ def run_worker(
         max_model_len=max_model_len,
         max_running_requests=worker.max_running_requests,
         max_waiting_requests=worker.max_waiting_requests,
-        prefill_chunk_tokens=worker.prefill_chunk_tokens,
+        prefill_chunk_tokens=worker.prefill_chunk_tokens_for(device),
         kv_cache_tokens=worker.kv_cache_tokens or None,
         kv_block_size=worker.kv_block_size,
         batching=worker.batching,
