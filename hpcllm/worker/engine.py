@@ -25,6 +25,7 @@ not lost, because sampling is seeded per (seed, output index) and the destinatio
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import queue
@@ -522,10 +523,8 @@ class Engine(EngineBase):
         if self._ahead is None:
             return
         self._ahead = None
-        try:
+        with contextlib.suppress(StepSkipped, torch.OutOfMemoryError):  # its result is dropped either way
             self.runner.collect()
-        except (StepSkipped, torch.OutOfMemoryError):
-            pass
 
     def _schedule_ahead(self, current: _Launched) -> list[_Work] | None:
         """The step after `current`, scheduled while it runs, as if each of its sampling rows took its token (under
@@ -561,12 +560,10 @@ class Engine(EngineBase):
                 if start == known:
                     return None  # samples from kept logits: at a step boundary
             if previous_row is None:
-                end = known
-                if known - start > 1:  # prefill
-                    end = start + min(known - start, prefill_budget)
-                    if end == start:
-                        continue
-                    prefill_budget -= end - start
+                chunk = _chunk_end(start, known, prefill_budget)
+                if chunk is None:
+                    continue
+                end, prefill_budget = chunk
             if not self.kv_pool.grow(req.seq_id, end):
                 return None  # blocks only by preemption, which waits for a step boundary
             self._note_scheduled(req)
@@ -616,12 +613,10 @@ class Engine(EngineBase):
                 continue
             self._note_scheduled(req)
             start, known = req.num_cached, len(req.all_ids)
-            end = known
-            if known - start > 1:  # prefill (a decode feeds the one token sampled last)
-                end = start + min(known - start, prefill_budget)
-                if end == start:
-                    continue
-                prefill_budget -= end - start
+            chunk = _chunk_end(start, known, prefill_budget)
+            if chunk is None:
+                continue
+            end, prefill_budget = chunk
             if not self._make_room(req, end):
                 continue  # req itself was preempted
             work.append(_Work(req, start, end, known))
@@ -808,6 +803,16 @@ class _StepTimes:
         variance = self.mean_xx - self.mean_x ** 2
         slope = max(0.0, (self.mean_xy - self.mean_x * self.mean_y) / variance) if variance > 1e-9 else 0.0
         return max(0.0, self.mean_y + slope * (tokens - self.mean_x))
+
+
+def _chunk_end(start: int, known: int, prefill_budget: int) -> tuple[int, int] | None:
+    """(end, prefill budget left) of a request's chunk from `start`: a decode feeds the one token sampled last (a
+    request sampling from kept logits feeds none), a prefill at most the step's prefill budget; None when that is
+    spent."""
+    if known - start <= 1:
+        return known, prefill_budget
+    end = start + min(known - start, prefill_budget)
+    return (end, prefill_budget - (end - start)) if end > start else None
 
 
 def _still_matches(w: _Work) -> bool:

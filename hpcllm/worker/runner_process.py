@@ -122,7 +122,7 @@ class ProcessRunner:
 
     def wait(self, seconds: float) -> bool:
         """Wait up to `seconds` for the oldest launched step's result; whether it is in."""
-        return self._conn.poll(seconds) if seconds > 0 else self._conn.poll()
+        return self._conn.poll(max(0.0, seconds))
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """Embeddings of token id lists (runner.embed_last_token), computed by the model process between steps."""

@@ -34,9 +34,9 @@ from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.app import service_app
 from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
+from hpcllm.procs import freeze_startup_heap
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.worker.engine import Engine, EngineUnavailable
-from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request

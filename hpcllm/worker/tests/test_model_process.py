@@ -388,3 +388,72 @@ def test_the_model_process_gets_the_compute_threads_and_the_worker_keeps_one(unp
         assert engine.compute_threads == 2  # what the model process reported after setting it
     finally:
         engine.shutdown()
+
+
+def test_out_of_memory_with_a_step_sent_ahead_drops_that_step_and_outputs_stay_exact(unpacked_pair, reference_model,
+                                                                                      process_engine, monkeypatch):
+    """A step fails while the next one is already in the model process: the engine collects and drops the one sent
+    ahead, preempts the newest request as for any OOM, and every request still gets generate's tokens."""
+    tokenizer, model = unpacked_pair[1], reference_model("llama")
+    runner, collect, failed = process_engine.runner, process_engine.runner.collect, []
+
+    def collect_failing_once():
+        result = collect()  # the reply is read either way: the pipe stays in step
+        if not failed and process_engine._ahead is not None:
+            failed.append(True)
+            raise torch.OutOfMemoryError("injected")
+        return result
+
+    monkeypatch.setattr(runner, "collect", collect_failing_once)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    results = run_together(process_engine, [request(prompt_token_ids=ids, max_tokens=12, temperature=0)
+                                            for ids in prompt_ids])
+    assert failed
+    assert [[e.token_id for e in events[:-1]] for events in results] == [hf_greedy(model, ids, 12) for ids in prompt_ids]
+    assert process_engine.metrics.preemptions._value.get() >= 1
+    assert process_engine.kv_pool.used_blocks == 0
+
+
+class _Head(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(4, 10)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+class _FailingRunner:
+    """Logits of zeros but for token 7, whose step runs out of memory."""
+
+    fast_path = None
+
+    def step(self, batch):
+        if any(7 in chunk.token_ids for chunk in batch.chunks):
+            raise torch.OutOfMemoryError("injected")
+        return torch.zeros(len(batch.chunks), 10)
+
+
+def test_the_model_process_answers_skipped_for_a_step_fed_by_a_failed_one_and_runs_the_next_plain_one(monkeypatch):
+    import multiprocessing
+    import threading
+
+    import hpcllm.worker.runner_process as runner_process
+
+    monkeypatch.setattr(runner_process, "make_runner", lambda model, **options: _FailingRunner())
+    monkeypatch.setattr(runner_process.signal, "signal", lambda *args: None)  # not the main thread here
+    monkeypatch.setattr(runner_process, "freeze_startup_heap", lambda: None)  # not this test process's heap
+    ours, theirs = multiprocessing.Pipe()
+    child = threading.Thread(target=runner_process.serve_steps, args=(theirs,), daemon=True)
+    child.start()
+    ours.send(("load", {"model": _Head(), "num_blocks": 4, "block_size": 4, "batching": "auto", "max_rows": 2,
+                        "threads": 1, "fast_path": False}))
+    assert ours.recv()[0] == "ready"
+    greedy = (SamplingParams(temperature=0.0), 0)
+    ours.send(("step", StepBatch(chunks=[SequenceChunk(1, [7], 0)], choices=[greedy])))  # fails
+    ours.send(("step", StepBatch(chunks=[SequenceChunk(1, [0], 1, previous_row=0)], choices=[greedy])))
+    ours.send(("step", StepBatch(chunks=[SequenceChunk(1, [3], 0)], choices=[greedy])))
+    assert [ours.recv()[0] for _ in range(3)] == ["oom", "skipped", "ok"]
+    ours.send(("stop", None))
+    child.join(10)
+    assert not child.is_alive()
