@@ -426,7 +426,7 @@ def test_no_capacity_possible_is_a_503_at_once_not_after_the_route_timeout(make_
                       route_timeout_seconds=60)
     started = time.monotonic()
     resp = gw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
-    assert time.monotonic() - started < 1.0  # before: 60 s of waiting for the same answer
+    assert time.monotonic() - started < 4.0  # under one 5 s route poll; before: 60 s of waiting for the same answer
     assert resp.status_code == 503, resp.text
     assert "Retry-After" not in resp.headers  # asking again cannot help
     error = resp.json()["error"]

@@ -206,7 +206,7 @@ def test_a_silent_worker_hits_the_read_timeout():
         started = time.monotonic()
         with pytest.raises(WorkerError, match="within 0.5 s"):
             next(lines)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 1.8  # the timeout, not the worker's 2 s of silence ending
 
 
 def test_closing_from_another_thread_wakes_the_reader_and_the_worker_sees_the_connection_go():
