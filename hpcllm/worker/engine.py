@@ -235,9 +235,7 @@ class Engine(EngineBase):
         self._step_times = _StepTimes()
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
         self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
-        # Stream events the engine thread produced, handed to the streams together (_deliver_events): during the
-        # next forward, so the stream threads wake while the model computes, not in the middle of the bookkeeping.
-        self._outbox: list[tuple[queue.SimpleQueue, Event]] = []
+        self._outbox: list[tuple[queue.SimpleQueue, Event]] = []  # EngineBase._emit: delivered during the next forward
         self._finished_history = finished_history
 
         self._lock = threading.Condition(threading.RLock())
@@ -736,22 +734,6 @@ class Engine(EngineBase):
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)
 
-    def _emit(self, req: _Request, event: Event) -> None:
-        """Events of the engine thread wait in the outbox for the step's one hand-over; any other thread's (a
-        cancel, a migration's hand-over) go out at once, after what the outbox holds (a stream's order stays)."""
-        with self._lock:
-            if threading.current_thread() is self._thread:
-                self._outbox.append((req.events, event))
-                return
-            self._deliver_events()
-            req.events.put(event)
-
-    def _deliver_events(self) -> None:
-        with self._lock:
-            outbox, self._outbox = self._outbox, []
-            for events, event in outbox:
-                events.put(event)
-
     # ---- EngineBase's hooks -------------------------------------------------------------------------------------
 
     def _release(self, req: _Request) -> None:
@@ -774,7 +756,6 @@ class Engine(EngineBase):
                 job.error = RuntimeError(self.error or "the engine shut down")
                 job.done.set()
         super()._end_all()
-        self._deliver_events()
         if isinstance(self.runner, ProcessRunner):
             self.runner.close()
 

@@ -208,9 +208,9 @@ class RequestStream:
 
 class EngineBase:
     """The engine interface's engine-independent methods, over the state each engine keeps: _lock (a Condition
-    over an RLock), _tokenizer_lock, _live and _finished (request id -> RequestState), _finished_history,
-    _thread, _stopping, error, _prefill_rate, metrics, tokenizer, model_name, vocab_size, max_model_len and
-    eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its thread's work) and the hooks below.
+    over an RLock), _tokenizer_lock, _live and _finished (request id -> RequestState), _outbox (a list),
+    _finished_history, _thread, _stopping, error, _prefill_rate, metrics, tokenizer, model_name, vocab_size,
+    max_model_len and eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its thread's work) and the hooks below.
     """
 
     request_type: type[RequestState] = RequestState
@@ -610,8 +610,24 @@ class EngineBase:
                                   migrated_to=migrated_to))
 
     def _emit(self, req: RequestState, event: Event) -> None:
-        """Hand an event to the request's stream (an engine may batch the hand-overs of a step)."""
-        req.events.put(event)
+        """Events of the engine thread wait in the outbox (_outbox, a list each engine creates) for the step's one
+        hand-over, _deliver_events: the engine calls it when the step's bookkeeping is done, before it waits for the
+        next step, so the stream threads wake while the model computes. Each put wakes a stream thread, which then
+        wants the GIL the engine thread holds; woken in the middle of the bookkeeping they preempt it a token at a
+        time. Any other thread's events (a cancel, a migration's hand-over) go out at once, after what the outbox
+        holds (a stream's order stays)."""
+        with self._lock:
+            if threading.current_thread() is self._thread:
+                self._outbox.append((req.events, event))
+                return
+            self._deliver_events()
+            req.events.put(event)
+
+    def _deliver_events(self) -> None:
+        with self._lock:
+            outbox, self._outbox = self._outbox, []
+            for events, event in outbox:
+                events.put(event)
 
     def _end_all(self) -> None:
         """The loop ended: abort what is left, or fail it with the engine's error."""
@@ -623,6 +639,7 @@ class EngineBase:
             else:
                 info = ErrorInfo(message=f"engine failed: {self.error}", type="engine_unavailable")
                 self._finish(req, "error", error=info)
+        self._deliver_events()
 
     # ---- what each engine does its own way ---------------------------------------------------------------------
 

@@ -6,8 +6,11 @@ Only the model steps differ: vLLM schedules, batches and pages the KV cache; its
 tiered store (hpcllm.worker.vllm_loader, load_format "hpcllm").
 
 How requests map onto vLLM (docs/vllm.md):
-- One thread owns the LLMEngine (its client sockets are not thread-safe): HTTP threads queue add/abort commands
-  under the lock; the thread applies them, then calls step() while vLLM has unfinished requests.
+- One lock guards the LLMEngine (its client sockets and output processor are not thread-safe). HTTP threads queue
+  add/abort commands; the engine thread sends them, then calls step() while vLLM has unfinished requests. With
+  vLLM's engine core in its own process, the engine thread waits for the core's next output without that lock, and
+  a new request is sent by the thread that submitted it at once: vLLM's core takes it at its next step boundary, as
+  vLLM's own server does, instead of after the worker has processed the step in flight (~1 step of TTFT).
 - vLLM produces token ids only (detokenize=False, DELTA outputs). Text, stop strings and the token/final lines are
   hpcllm's own (IncrementalDetokenizer), so a stream reads the same whichever engine serves it. vLLM is given the
   stop tokens (EOS unless ignore_eos, plus stop_token_ids) so it stops by itself; a stop string ends the request
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from hpcllm.errors import ConfigError
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import GenerateRequest, RequestTokens
+from hpcllm.worker.protocol import ErrorInfo, GenerateRequest, RequestTokens
 from hpcllm.worker.requests import (
     DuplicateRequest,
     EngineBase,
@@ -144,6 +147,9 @@ class VllmEngine(EngineBase):
         self._live: dict[str, _Request] = {}
         self._finished: OrderedDict[str, _Request] = OrderedDict()
         self._commands: list[tuple] = []  # ("add", vllm_id, ids, params) | ("abort", vllm_id)
+        self._outbox: list = []  # EngineBase._emit: a step's events, delivered once its outputs are processed
+        self._llm_lock = threading.Lock()  # whoever calls into self.llm; taken before self._lock, never after
+        self._core_outputs = _CoreOutputs.install(llm)  # None: an in-process core, whose get_output runs the step
         self._vllm_ids: dict[str, tuple[_Request, int | None]] = {}  # vllm id -> (request, warm-up length)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -175,6 +181,8 @@ class VllmEngine(EngineBase):
         with self._lock:
             self._admit(req)
             (self._warm if req.held else self._generate)(req)
+        if self._core_outputs is not None:
+            self._send_commands(wait=False)  # now, unless the engine thread is in step(): it sends them next
 
     def cancel(self, request_id: str, wait: bool = True, timeout: float = 60.0) -> RequestTokens:
         """End a request now (its stream gets "abort"); vLLM drops it before its next step."""
@@ -258,33 +266,64 @@ class VllmEngine(EngineBase):
     # ---- engine thread -------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            commands = self._next_commands()
-            if commands is None:
-                break
-            for command in commands:
-                if command[0] == "add":
-                    _, vllm_id, ids, params = command
-                    self.llm.add_request(vllm_id, {"prompt_token_ids": ids}, params)
-                else:
-                    self.llm.abort_request([command[1]])
-            if self.llm.has_unfinished_requests():
+        while self._wait_for_work():
+            self._send_commands(wait=True)
+            self._deliver_events()  # what ended before this step: expired held requests, a request vLLM refused
+            with self._llm_lock:
+                if not self.llm.has_unfinished_requests():
+                    continue
+            if self._core_outputs is not None:
+                # Aborts are sent only here, so what vLLM still runs produces this output: the wait ends.
+                self._core_outputs.wait()
+            with self._llm_lock:
                 outputs = self.llm.step()
-                with self._lock:
-                    for output in outputs:
-                        self._on_output(output)
+            with self._lock:
+                for output in outputs:
+                    self._on_output(output)
+            self._deliver_events()
 
-    def _next_commands(self) -> list[tuple] | None:
-        """Expire held requests and take the queued commands; block while vLLM is idle and nothing is queued."""
+    def _wait_for_work(self) -> bool:
+        """Expire held requests; block while vLLM is idle and nothing is queued. False once stopping."""
         with self._lock:
             while True:
                 if self._stopping:
-                    return None
+                    return False
                 next_deadline = self._expire_held(time.monotonic())
                 if self._commands or self.llm.has_unfinished_requests():
-                    commands, self._commands = self._commands, []
-                    return commands
+                    return True
+                self._deliver_events()  # the final lines of held requests that just expired
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
+
+    def _send_commands(self, wait: bool) -> None:
+        """Apply the queued commands to vLLM in order. wait=False (a submitting thread, maybe holding self._lock)
+        leaves them to the engine thread when it holds the LLMEngine."""
+        if not self._llm_lock.acquire(blocking=wait):
+            return
+        try:
+            with self._lock:
+                commands, self._commands = self._commands, []
+            for command in commands:
+                if command[0] == "add":
+                    self._add_to_vllm(*command[1:])
+                else:
+                    self.llm.abort_request([command[1]])
+        finally:
+            self._llm_lock.release()
+        if commands and not wait:
+            with self._lock:
+                self._lock.notify_all()  # the engine thread may be waiting for work: vLLM has some now
+
+    def _add_to_vllm(self, vllm_id: str, ids: list[int], params) -> None:
+        """Submit one request to vLLM (holding the LLMEngine); one vLLM refuses fails that request, not the engine."""
+        try:
+            self.llm.add_request(vllm_id, {"prompt_token_ids": ids}, params)
+        except Exception as exc:
+            log.exception("vLLM refused request %s", vllm_id)
+            with self._lock:
+                req, _ = self._vllm_ids.pop(vllm_id, (None, None))
+                if req is not None and req.state != "finished":
+                    self._finish(req, "error", error=ErrorInfo(message=f"vLLM refused the request: {exc}",
+                                                               type="server_error"))
 
     def _on_output(self, output) -> None:
         entry = self._vllm_ids.get(output.request_id)
@@ -346,6 +385,36 @@ class VllmEngine(EngineBase):
 
     def _on_first_token(self, req: _Request) -> None:
         self._observe_prefill(req.known_tokens, req.arrival)
+
+
+class _CoreOutputs:
+    """The next output of vLLM's engine-core process, awaited without holding the LLMEngine.
+
+    LLMEngine.step() blocks in engine_core.get_output() until the core's next step is done; held under the engine's
+    lock, that wait would keep new requests out of vLLM for a whole step. The engine thread waits here instead, and
+    step() then takes the output from here without blocking."""
+
+    def __init__(self, core) -> None:
+        self._receive = core.get_output  # blocks on the client's queue, filled by its own socket thread
+        self._ready: list = []
+
+    @classmethod
+    def install(cls, llm) -> "_CoreOutputs | None":
+        core = getattr(llm, "engine_core", None)
+        if core is None or not hasattr(core, "outputs_queue"):  # in-process core (or an unknown client): as is
+            return None
+        outputs = cls(core)
+        core.get_output = outputs.take
+        return outputs
+
+    def wait(self) -> None:
+        """Block until the core's next output is here (engine thread, without the LLMEngine's lock)."""
+        if not self._ready:
+            self._ready.append(self._receive())
+
+    def take(self):
+        """engine_core.get_output, as step() calls it."""
+        return self._ready.pop() if self._ready else self._receive()
 
 
 def _eos_token_ids(hf_config, model_dir: Path, tokenizer) -> frozenset[int]:

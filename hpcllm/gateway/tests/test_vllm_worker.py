@@ -10,6 +10,7 @@ builds it (make vllm-venv).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -293,3 +294,21 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_a_request_reaches_vllm_while_the_step_in_flight_computes(checkpoint, reference, tmp_path):
+    """A request submitted while vLLM's core computes a step is in vLLM at once, added by the submitting thread:
+    vLLM's core takes it at the next step boundary, as vLLM's own server does, instead of a step later (the worker
+    used to add it only once it had processed the step in flight: ~1 step of TTFT at 16 clients). The engine
+    thread is held in its wait for the core's output, so this does not depend on timing."""
+    script = REPO_ROOT / "hpcllm" / "worker" / "tests" / "vllm_join_script.py"
+    result = subprocess.run([_vllm_python(), str(script), str(checkpoint)], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))  # vLLM logs too
+    added = dict(out["added_while_waiting"])
+    assert set(added) == {"a#gen1", "b#gen1"}, out
+    assert added["b#gen1"] == out["main_thread"]  # the submitting thread, not the engine thread
+    # both then generate as alone: greedy, transformers' tokens
+    assert out["a"] == {"tokens": reference("hello world", 8)[0], "finish_reason": "length"}
+    assert out["b"] == {"tokens": reference("the quick brown fox", 4)[0], "finish_reason": "length"}
