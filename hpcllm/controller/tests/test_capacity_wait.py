@@ -77,7 +77,7 @@ def test_a_refused_allocation_is_answered_at_once(make_harness):
     started = time.monotonic()
     with pytest.raises(AllocationRefused, match="Invalid account") as raised:
         h.controller.route("a", wait_seconds=10)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5  # not the 10 s wait
     assert raised.value.code == "allocation_failed"
     assert sum(1 for call, _ in h.backend.calls if call == "submit") == 1
 
@@ -93,7 +93,7 @@ def test_a_model_no_node_can_ever_hold_is_answered_at_once_with_what_to_change(m
     started = time.monotonic()
     with pytest.raises(NoCapacityPossible) as raised:
         h.controller.route("big", wait_seconds=10)
-    assert time.monotonic() - started < 1.0  # before: the whole wait, then the same NoCapacity
+    assert time.monotonic() - started < 5  # before: the whole 10 s wait, then the same NoCapacity
     message = str(raised.value)
     assert "needs 4 GPUs on one node" in message and "largest node registered has 2 GPUs (n1)" in message, message
     assert "allocate_on_demand is off" in message and "Fix:" in message, message
