@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.clients import run_clients  # noqa: E402
+from bench.revisions import default_baseline, export_revision  # noqa: E402
 from bench.serve import sse_chunks  # noqa: E402
 from hpcllm.worker.vllm_launch import wait_until_ready  # noqa: E402
 
@@ -159,20 +160,6 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def export_revision(rev: str, into: Path) -> str:
-    """The revision's hpcllm package under `into`; returns its short commit id."""
-    commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True, capture_output=True,
-                            text=True).stdout.strip()
-    archive = subprocess.run(["git", "archive", commit, "hpcllm"], cwd=REPO, check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return commit
-
-
-def default_baseline() -> str:
-    return subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=REPO, check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 # ---- the clients -------------------------------------------------------------------------------------------------

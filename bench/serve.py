@@ -1,7 +1,8 @@
 """Serving throughput and latency under concurrent clients: hpcllm's engine, vLLM behind hpcllm, vLLM direct.
 
     PYTHONPATH=$PWD .venv/bin/python bench/serve.py [--concurrency 1 4 16 64] [--requests-per-client 2]
-        [--targets hpcllm vllm-behind-hpcllm vllm-direct] [--threads N] [--spare-runs 2]
+        [--targets hpcllm vllm-behind-hpcllm vllm-direct] [--threads N] [--spare-runs 2] [--rounds N]
+        [--baseline REV]
 
 One model (devmodels "small" Llama: 384 hidden, 6 layers, head size 64, float32 everywhere), one seeded prompt set
 with a realistic length spread (prompt lengths log-normal around ~60 tokens, 8..400; output lengths 16..128, EOS
@@ -33,7 +34,9 @@ Per level also the CPU seconds each target process spent (worker, gateway or vLL
 engine core included), the worker's or vLLM server's process alone (HTTP and vLLM's front end, without vLLM's
 engine-core and model-runner processes) and the client threads: on a shared machine whose load drifts, CPU time per
 generated token says where a target's cost lies better than wall time. --rounds N interleaves the targets (all up at
-once).
+once). --baseline REV adds each hpcllm target as run by revision REV's hpcllm ("<target>@<commit>") and prints this
+tree's throughput against it: a change's effect measured under the same load, which two separate runs cannot show
+on a shared machine (vLLM direct alone moved 1381-1735 tok/s between runs of one hour).
 
 Output: a table on stdout, bench/results/serve-<time>.json (+ serve-latest.json) and a PNG plot next to each.
 On the shared 2-core dev machine targets, gateway and client threads share the cores; these are small-model CPU
@@ -67,6 +70,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import coldstart  # noqa: E402
 from bench.clients import run_clients  # noqa: E402
+from bench.revisions import export_revision  # noqa: E402
 from hpcllm.config import load_config  # noqa: E402
 from hpcllm.errors import ConfigError  # noqa: E402
 from hpcllm.worker.vllm_launch import StartedServer, start_vllm_openai_server, start_worker, vllm_python  # noqa: E402
@@ -149,6 +153,7 @@ class BehindGateway(Target):
                  model_process: bool | str = "auto", async_scheduling: bool = True):
         self.name, self.engine, self.setup, self.batching = name, engine, setup, batching
         self.model_process, self.async_scheduling = model_process, async_scheduling
+        self.tree = REPO  # whose hpcllm the worker and the gateway run (--baseline: another revision's)
         self.worker: StartedServer | None = None
         self.gateway: StartedServer | None = None
 
@@ -159,9 +164,11 @@ class BehindGateway(Target):
                     "vllm_max_num_seqs": s.max_running, "vllm_kv_cache_gb": 1.0, "keepalive_seconds": 1.0}
         self.worker = start_worker(s.checkpoint, engine=self.engine, name=MODEL, secret=SECRET,
                                    python=s.vllm_python if self.engine == "vllm" else None, threads=s.threads,
-                                   worker_settings=settings, env=s.cpu_env(), log_dir=make_dir(s.work / self.name))
+                                   worker_settings=settings, env=s.cpu_env(), log_dir=make_dir(s.work / self.name),
+                                   source_tree=self.tree)
         self.start_seconds = self.worker.start_seconds
-        self.gateway = start_gateway(self.worker.url, s.checkpoint, s.max_running, s.work / f"{self.name}-gateway")
+        self.gateway = start_gateway(self.worker.url, s.checkpoint, s.max_running, s.work / f"{self.name}-gateway",
+                                     self.tree)
         return self.gateway.url + "/v1"
 
     def stop(self) -> None:
@@ -208,8 +215,9 @@ TARGETS = {
 }
 
 
-def start_gateway(worker_url: str, source: Path, max_running: int, work: Path) -> StartedServer:
-    """`hpcllm gateway` (gunicorn, one process, a thread per stream) with the worker as a static model."""
+def start_gateway(worker_url: str, source: Path, max_running: int, work: Path, tree: Path = REPO) -> StartedServer:
+    """`hpcllm gateway` (gunicorn, one process, a thread per stream) with the worker as a static model; tree: the
+    folder whose hpcllm it runs."""
     work = make_dir(work)
     port = free_port()
     config = work / "gateway.toml"
@@ -223,7 +231,7 @@ def start_gateway(worker_url: str, source: Path, max_running: int, work: Path) -
     started = time.monotonic()
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "hpcllm.cli.main", "gateway", "--config", str(config)],
-                                   env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT)
+                                   env={**os.environ, "PYTHONPATH": str(tree)}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = started + 120
     while time.monotonic() < deadline:
@@ -388,6 +396,41 @@ def print_table(report: dict) -> None:
                   f"{level['itl_p99_ms']:>8.1f}   {cpu} (wall {level['seconds']:.1f})")
     for name, ratios in report.get("throughput_vs_anchor", {}).items():
         print(f"throughput {name} / {ANCHOR}: " + ", ".join(f"{c} clients {r:.2f}x" for c, r in ratios.items()))
+    for pair, ratios in report.get("throughput_vs_baseline", {}).items():
+        print(f"throughput {pair}: " + ", ".join(f"{c} clients {r:.2f}x" for c, r in ratios.items()))
+
+
+def add_baseline_targets(names: list[str], tree: Path, commit: str) -> list[str]:
+    """For each hpcllm target (worker and gateway from this tree), the same target running `tree`'s hpcllm, named
+    "<target>@<commit>"; returns the names to measure, each baseline after its target."""
+    measured = []
+    for name in names:
+        measured.append(name)
+        if name == ANCHOR:
+            continue
+        baseline = f"{name}@{commit}"
+
+        def make(setup: Setup, name=name, baseline=baseline) -> Target:
+            target = TARGETS[name](setup)
+            target.name, target.tree = baseline, tree
+            return target
+
+        TARGETS[baseline] = make
+        measured.append(baseline)
+    return measured
+
+
+def baseline_ratios(targets: dict) -> dict:
+    """Per target with a baseline twin ("<target>@<commit>"), output tokens/s / the twin's at each concurrency."""
+    ratios = {}
+    for name, data in targets.items():
+        twin = next((other for other in targets if other.startswith(name + "@")), None)
+        if twin is None:
+            continue
+        base = {lv["concurrency"]: lv["output_tokens_per_s"] for lv in targets[twin]["levels"]}
+        ratios[f"{name} / {twin}"] = {lv["concurrency"]: round(lv["output_tokens_per_s"] / base[lv["concurrency"]], 3)
+                                      for lv in data["levels"] if lv["concurrency"] in base}
+    return ratios
 
 
 def throughput_ratios(targets: dict) -> dict:
@@ -503,6 +546,10 @@ def main() -> int:
                         help="start all targets at once and run each level this many times per target, the targets "
                         "taking turns (fairer ratios while other users' load drifts; needs the memory of all targets "
                         "together). 0 (default): one target after the other, each level once")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run each hpcllm target from git revision REV (worker and gateway, exported with "
+                        "git archive), named <target>@<commit>, and print this tree's throughput against it; best "
+                        "with --rounds, so both see the same load")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None,
                         help="hpcllm config whose worker.vllm_python names the vLLM interpreter (default: "
@@ -540,6 +587,10 @@ def main() -> int:
     if args.spare_runs:
         report["hpcllm_engine_start"] = engine_start(args.spare_runs)
     with tempfile.TemporaryDirectory(prefix="hpcllm-bench-serve-") as tmp:
+        if args.baseline:
+            commit = export_revision(args.baseline, Path(tmp) / "baseline")
+            args.targets = add_baseline_targets(args.targets, Path(tmp) / "baseline", commit)
+            report["baseline"] = commit
         setup = Setup(checkpoint, hf_dir, max(args.concurrency), args.threads, Path(tmp), vllm_interpreter)
         if args.rounds:
             report["rounds"] = args.rounds
@@ -560,6 +611,8 @@ def main() -> int:
                 finally:
                     target.stop()
     report["throughput_vs_anchor"] = throughput_ratios(report["targets"])
+    if args.baseline:
+        report["throughput_vs_baseline"] = baseline_ratios(report["targets"])
     report["host"]["load_average_at_end"] = load_average()
     print_table(report)
     RESULTS.mkdir(parents=True, exist_ok=True)

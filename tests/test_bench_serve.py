@@ -53,3 +53,31 @@ def test_prompt_lengths_the_model_cannot_hold_are_refused_in_one_line():
                                env={**os.environ, "PYTHONPATH": str(root)})
     assert completed.returncode == 2 and "--prompt-lengths must be" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_a_baseline_revision_runs_as_a_twin_of_each_hpcllm_target(tmp_path, monkeypatch):
+    """--baseline REV: every hpcllm target also runs from REV's exported hpcllm (its worker and gateway put that
+    folder on PYTHONPATH), vLLM direct once; this tree's throughput is printed against the twin's."""
+    from bench.revisions import export_revision
+
+    monkeypatch.setattr(serve, "TARGETS", dict(serve.TARGETS))
+    commit = export_revision("HEAD", tmp_path / "baseline")
+    root = Path(__file__).resolve().parents[1]
+    exported = (tmp_path / "baseline" / "hpcllm" / "version.py").read_text()
+    committed = subprocess.run(["git", "show", "HEAD:hpcllm/version.py"], cwd=root, capture_output=True, text=True,
+                               check=True).stdout
+    assert exported == committed
+
+    names = serve.add_baseline_targets(["vllm-behind-hpcllm", serve.ANCHOR], tmp_path / "baseline", commit)
+    assert names == ["vllm-behind-hpcllm", f"vllm-behind-hpcllm@{commit}", serve.ANCHOR]
+    setup = serve.Setup(checkpoint=tmp_path, hf_dir=tmp_path, max_running=2, threads=1, work=tmp_path,
+                        vllm_python=sys.executable)
+    twin, ours = serve.TARGETS[names[1]](setup), serve.TARGETS[names[0]](setup)
+    assert (twin.name, twin.tree) == (names[1], tmp_path / "baseline") and ours.tree == root
+
+    def levels(*tok_s):
+        return {"levels": [{"concurrency": c, "output_tokens_per_s": t} for c, t in zip((1, 16), tok_s)]}
+
+    ratios = serve.baseline_ratios({names[0]: levels(110.0, 1500.0), names[1]: levels(100.0, 1200.0),
+                                    serve.ANCHOR: levels(120.0, 1600.0)})
+    assert ratios == {f"vllm-behind-hpcllm / {names[1]}": {1: 1.1, 16: 1.25}}

@@ -89,9 +89,10 @@ class StartedServer:
 def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name: str = "model",
                  secret: str = "bench-secret", python: str | None = None, log_dir: Path | None = None,
                  threads: int | None = None, worker_settings: dict | None = None,
-                 env: dict | None = None) -> StartedServer:
+                 env: dict | None = None, source_tree: Path = REPO_ROOT) -> StartedServer:
     """`hpcllm worker --engine ENGINE` on a converted checkpoint, as the node agent starts it; ready when returned.
-    worker_settings: [worker] config keys (e.g. max_running_requests); env: extra environment variables."""
+    worker_settings: [worker] config keys (e.g. max_running_requests); env: extra environment variables;
+    source_tree: the folder whose hpcllm package it runs (a benchmark's other revision)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix=f"hpcllm-{engine}-worker-"))
     config, url_file = log_dir / "hpcllm.toml", log_dir / "url"
     config.write_text("[worker]\n" + "".join(f"{key} = {json.dumps(value)}\n"
@@ -99,7 +100,7 @@ def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name:
     command = [python or (_vllm_python() if engine == "vllm" else sys.executable), "-m", "hpcllm.cli.main", "worker",
                "--engine", engine, "--model", str(checkpoint), "--name", name, "--port", "0", "--url-file",
                str(url_file), "--config", str(config)] + (["--threads", str(threads)] if threads else [])
-    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT), "HPCLLM_SHARED_SECRET": secret}
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(source_tree), "HPCLLM_SHARED_SECRET": secret}
     started = time.monotonic()
     process, log_path = _spawn(command, env, log_dir)
     url = wait_until_ready(process, log_path,
