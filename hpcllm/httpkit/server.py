@@ -110,6 +110,24 @@ class _Connection(cheroot_server.HTTPConnection):
             self.server.read_deadlines.disarm(self)
 
 
+# WSGI environ key of the request's RawConnection (this server's own; an app run elsewhere does not get it).
+RAW_CONNECTION_KEY = "hpcllm.raw_connection"
+
+
+class RawConnection:
+    """The socket under a response being served, for an app that writes its body from another thread (the worker's
+    stream writer). Valid while the app's body iterator runs; `chunked`: the head sent says chunked transfer
+    encoding, so the body goes on as HTTP chunks."""
+
+    def __init__(self, request) -> None:
+        self._request = request
+        self.socket = request.conn.socket
+
+    @property
+    def chunked(self) -> bool:
+        return bool(self._request.sent_headers and self._request.chunked_write)
+
+
 class _Gateway(wsgi.Gateway_10):
     """Reads the whole body (still under the read deadline) before the app runs."""
 
@@ -125,6 +143,7 @@ class _Gateway(wsgi.Gateway_10):
             return
         finally:
             req.server.read_deadlines.disarm(req.conn)
+        self.env[RAW_CONNECTION_KEY] = RawConnection(req)
         self.env["wsgi.input"] = io.BytesIO(body)
         self.env["CONTENT_LENGTH"] = str(len(body))
         self.env.pop("HTTP_TRANSFER_ENCODING", None)

@@ -201,6 +201,18 @@ class RequestStream:
                 self.finished = True
             yield batch
 
+    def take_ready(self) -> list[Event]:
+        """Every event queued now, without waiting (the stream writer's read); marks the stream finished at its
+        final line."""
+        events, ready = self._request.events, []
+        while not self.finished:
+            try:
+                ready.append(events.get_nowait())
+            except queue.Empty:
+                break
+            self.finished = isinstance(ready[-1], FinalLine)
+        return ready
+
     def close(self) -> None:
         if not self.finished and self._request.state != "finished":
             self._engine.cancel(self.request_id, wait=False)
@@ -215,6 +227,9 @@ class EngineBase:
 
     request_type: type[RequestState] = RequestState
     thread_name = "hpcllm-engine"
+    # Called after events were handed to streams (maybe under the engine lock: it must not take it): the worker's
+    # stream writer wakes (stream_writer.py).
+    on_events_delivered: Callable[[], None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -622,12 +637,19 @@ class EngineBase:
                 return
             self._deliver_events()
             req.events.put(event)
+        self._events_delivered()
 
     def _deliver_events(self) -> None:
         with self._lock:
             outbox, self._outbox = self._outbox, []
             for events, event in outbox:
                 events.put(event)
+        if outbox:
+            self._events_delivered()
+
+    def _events_delivered(self) -> None:
+        if self.on_events_delivered is not None:
+            self.on_events_delivered()
 
     def _end_all(self) -> None:
         """The loop ended: abort what is left, or fail it with the engine's error."""

@@ -21,12 +21,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flask import Blueprint, Flask, Response, g
+from flask import Blueprint, Flask, Response, g, request
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.credentials import TICKET_SECONDS, GrantCovers, KeyOrGrant, check_ticket
@@ -35,11 +35,12 @@ from hpcllm.httpkit.app import service_app
 from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
 from hpcllm.procs import freeze_startup_heap
-from hpcllm.httpkit.server import InternalServer
+from hpcllm.httpkit.server import RAW_CONNECTION_KEY, InternalServer
 from hpcllm.worker.engine import Engine, EngineUnavailable
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
+from hpcllm.worker.stream_writer import StreamWriter
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
@@ -118,6 +119,7 @@ class WorkerService:
         self._granted: dict[str, tuple[float, set[str]]] = {}
         self._granted_lock = threading.Lock()
         self.keepalive_seconds = keepalive_seconds
+        self.stream_writer = StreamWriter(keepalive_seconds)
         self.engine_options = engine_options
         self.metrics = WorkerMetrics(model_name)
         self.engine: Engine | None = None
@@ -150,6 +152,7 @@ class WorkerService:
         self.metrics.model_loaded(loaded.tier, loaded.load_seconds)
         self.loaded = loaded
         _discard_dropped_weights(engine, loaded.owner)
+        engine.on_events_delivered = self.stream_writer.wake
         if self.freeze_heap:
             freeze_startup_heap()  # before the engine's thread allocates per token
         self.engine = engine.start()
@@ -217,8 +220,10 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
         return body
 
     def ndjson_response(stream) -> Response:
+        # Blank keep-alive lines while waiting let a dropped client be noticed; when the client goes away the next
+        # write fails and the request is cancelled, its slot and KV cache freed (stream_writer.StreamWriter.body).
         return Response(
-            _ndjson(stream, service.keepalive_seconds),
+            service.stream_writer.body(stream, request.environ.get(RAW_CONNECTION_KEY), _render_lines),
             mimetype=NDJSON_MEDIA_TYPE,
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -337,18 +342,10 @@ def _decode_graphs(engine):
     return getattr(getattr(engine, "runner", None), "decode_graphs", None)
 
 
-def _ndjson(stream, keepalive_seconds: float) -> Iterator[bytes]:
-    """One JSON line per event; blank keep-alive lines while waiting let a dropped client be noticed. Events that
-    queued up while this thread waited go out in one write (one chunk, one syscall) rather than one each.
-
-    When the client goes away, the server's next write fails and it closes this generator (GeneratorExit at the
-    yield); the finally block then cancels the request so its slot and KV cache are freed.
-    """
-    try:
-        for batch in stream.event_batches(keepalive_seconds):
-            yield b"".join(map(stream_line_bytes, batch)) if batch else b"\n"
-    finally:
-        stream.close()
+def _render_lines(batch) -> bytes:
+    """A batch of stream events as NDJSON: one JSON line each, one write for all (events that queued up while the
+    stream waited go out together)."""
+    return b"".join(map(stream_line_bytes, batch))
 
 
 # ---- process entry point ----------------------------------------------------------------------------------------

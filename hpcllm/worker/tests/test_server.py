@@ -220,13 +220,14 @@ def test_metrics_count_requests_and_tokens(load_pair, start_worker):
 
 
 def test_a_stream_that_fell_behind_its_engine_sends_the_queued_tokens_in_one_write(load_pair, start_worker):
-    from hpcllm.worker.server import _ndjson
+    """On its own HTTP thread (no connection to hand to the stream writer: a TLS one, say)."""
+    from hpcllm.worker.server import _render_lines
 
     worker = start_worker(load_pair("llama"))
     slow_down(worker.service.engine, 0.01)
     body = GenerateRequest(request_id="behind", prompt=PROMPT, max_tokens=12, ignore_eos=True, temperature=0)
     stream = worker.service.engine.submit(body)
-    writes = _ndjson(stream, keepalive_seconds=5.0)
+    writes = worker.service.stream_writer.body(stream, None, _render_lines)
     first = next(writes)
     wait_until(lambda: worker.service.engine.tokens("behind").state == "finished", timeout=30)
     rest = list(writes)  # the engine finished while this reader slept: everything left is one write

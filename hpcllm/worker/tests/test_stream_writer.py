@@ -1,0 +1,126 @@
+"""The worker's stream writer (stream_writer.py): one thread writes the generation streams after their first lines;
+a slow reader is handed back to its HTTP thread; a client that leaves still cancels its request."""
+
+import json
+import socket
+import threading
+
+from hpcllm.httpkit.auth import SECRET_HEADER
+from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.requests import UnknownRequest
+from hpcllm.worker.stream_writer import StreamWriter
+
+from .conftest import SECRET, slow_down, wait_until
+
+PROMPT = "hello world, this"
+
+
+def _generate(worker, request_id: str, max_tokens: int):
+    body = GenerateRequest(request_id=request_id, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                           ignore_eos=True)
+    with worker.client.generate(body) as stream:
+        return list(stream)
+
+
+def test_concurrent_streams_are_written_by_the_writer_and_read_as_the_engine_generated(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=24,
+                                                              temperature=0, ignore_eos=True))
+    slow_down(worker.service.engine, 0.005)  # the streams stay open for many steps
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"w{i}", 24)))
+               for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for lines in results.values():
+        tokens = [line for line in lines if isinstance(line, TokenLine)]
+        assert [t.index for t in tokens] == list(range(24))
+        assert [t.token_id for t in tokens] == expected.token_ids
+        assert "".join(t.text for t in tokens) == expected.text
+        assert isinstance(lines[-1], FinalLine) and lines[-1].finish_reason == "length"
+    assert len(results) == 4
+    assert worker.service.stream_writer.handed_over == 4 and worker.service.stream_writer.handed_back == 0
+
+
+def _raw_generate(worker, request_id: str, max_tokens: int, receive_buffer: int = 2048) -> socket.socket:
+    """A generate request on a plain socket with a small receive buffer, left unread by the caller."""
+    body = GenerateRequest(request_id=request_id, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                           ignore_eos=True).model_dump_json(exclude_none=True).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", worker.server.port))
+    sock.sendall(b"POST " + GENERATE_PATH.encode() + b" HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
+                 + SECRET_HEADER.encode() + b": " + SECRET.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    return sock
+
+
+def _finished(worker, request_id: str) -> bool:
+    try:
+        return worker.service.engine.tokens(request_id).state == "finished"
+    except UnknownRequest:  # not submitted yet
+        return False
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    sock.settimeout(60)
+    while not data.endswith(b"0\r\n\r\n"):
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return data
+
+
+def _ndjson_lines(response: bytes) -> list[dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"chunked" in head.lower(), head
+    payload = b""
+    while body:
+        size, _, rest = body.partition(b"\r\n")
+        length = int(size, 16)
+        payload, body = payload + rest[:length], rest[length + 2:]
+        if length == 0:
+            break
+    return [json.loads(line) for line in payload.split(b"\n") if line.strip()]
+
+
+def test_a_client_that_stops_reading_is_handed_back_and_still_gets_every_line(load_pair, start_worker, monkeypatch):
+    """The writer never waits on one client: once a socket takes no more, the rest goes back to the stream's HTTP
+    thread, which sends it blocking, and the client, reading late, gets every line in order."""
+    small_send_buffer = StreamWriter._hand_over
+
+    def hand_over(self, stream, sock, render):  # a slow network: little room on the way to this client
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return small_send_buffer(self, stream, sock, render)
+
+    monkeypatch.setattr(StreamWriter, "_hand_over", hand_over)
+    worker = start_worker(load_pair("llama"))
+    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=300,
+                                                              temperature=0, ignore_eos=True))
+    sock = _raw_generate(worker, "slow", 300)
+    try:
+        assert wait_until(lambda: _finished(worker, "slow"), timeout=60)
+        lines = _ndjson_lines(_read_all(sock))
+    finally:
+        sock.close()
+    assert [line["token_id"] for line in lines[:-1]] == expected.token_ids
+    assert lines[-1]["finish_reason"] == "length"
+    assert worker.service.stream_writer.handed_back == 1
+
+
+def test_a_client_that_leaves_a_written_stream_cancels_its_request(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    slow_down(worker.service.engine, 0.02)
+    sock = _raw_generate(worker, "leaves", 400, receive_buffer=65536)
+    try:
+        sock.settimeout(30)
+        assert sock.recv(4096)  # the head and the first lines: then the writer has the stream
+        assert wait_until(lambda: worker.service.stream_writer.handed_over == 1)
+    finally:
+        sock.close()
+    assert wait_until(lambda: _finished(worker, "leaves"), timeout=20)
+    tokens = worker.service.engine.tokens("leaves")
+    assert tokens.finish_reason == "abort" and len(tokens.output_token_ids) < 400
