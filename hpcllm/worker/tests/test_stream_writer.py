@@ -24,11 +24,11 @@ def _generate(worker, request_id: str, max_tokens: int):
 
 def test_concurrent_streams_are_written_by_the_writer_and_read_as_the_engine_generated(load_pair, start_worker):
     worker = start_worker(load_pair("llama"))
-    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=24,
+    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=48,
                                                               temperature=0, ignore_eos=True))
-    slow_down(worker.service.engine, 0.005)  # the streams stay open for many steps
+    slow_down(worker.service.engine, 0.01)  # the streams stay open for ~0.5 s: each is handed over after its first line
     results = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"w{i}", 24)))
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"w{i}", 48)))
                for i in range(4)]
     for thread in threads:
         thread.start()
@@ -36,7 +36,7 @@ def test_concurrent_streams_are_written_by_the_writer_and_read_as_the_engine_gen
         thread.join(60)
     for lines in results.values():
         tokens = [line for line in lines if isinstance(line, TokenLine)]
-        assert [t.index for t in tokens] == list(range(24))
+        assert [t.index for t in tokens] == list(range(48))
         assert [t.token_id for t in tokens] == expected.token_ids
         assert "".join(t.text for t in tokens) == expected.text
         assert isinstance(lines[-1], FinalLine) and lines[-1].finish_reason == "length"
@@ -51,8 +51,9 @@ def _raw_generate(worker, request_id: str, max_tokens: int, receive_buffer: int 
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", worker.server.port))
-    sock.sendall(b"POST " + GENERATE_PATH.encode() + b" HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
-                 + SECRET_HEADER.encode() + b": " + SECRET.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    head = (f"POST {GENERATE_PATH} HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
+            f"{SECRET_HEADER}: {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n")
+    sock.sendall(head.encode() + body)
     return sock
 
 
@@ -98,9 +99,9 @@ def test_a_client_that_stops_reading_is_handed_back_and_still_gets_every_line(lo
 
     monkeypatch.setattr(StreamWriter, "_hand_over", hand_over)
     worker = start_worker(load_pair("llama"))
-    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=300,
+    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=480,
                                                               temperature=0, ignore_eos=True))
-    sock = _raw_generate(worker, "slow", 300)
+    sock = _raw_generate(worker, "slow", 480)
     try:
         assert wait_until(lambda: _finished(worker, "slow"), timeout=60)
         lines = _ndjson_lines(_read_all(sock))
