@@ -188,18 +188,12 @@ class RequestStream:
         events = self._request.events
         while not self.finished:
             try:
-                batch = [events.get(timeout=keepalive_seconds)]
+                first = events.get(timeout=keepalive_seconds)
             except queue.Empty:
                 yield []
                 continue
-            while not isinstance(batch[-1], FinalLine):
-                try:
-                    batch.append(events.get_nowait())
-                except queue.Empty:
-                    break
-            if isinstance(batch[-1], FinalLine):
-                self.finished = True
-            yield batch
+            self.finished = isinstance(first, FinalLine)
+            yield [first, *self.take_ready()]
 
     def take_ready(self) -> list[Event]:
         """Every event queued now, without waiting (the stream writer's read); marks the stream finished at its
@@ -222,7 +216,8 @@ class EngineBase:
     """The engine interface's engine-independent methods, over the state each engine keeps: _lock (a Condition
     over an RLock), _tokenizer_lock, _live and _finished (request id -> RequestState), _outbox (a list),
     _finished_history, _thread, _stopping, error, _prefill_rate, metrics, tokenizer, model_name, vocab_size,
-    max_model_len and eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its thread's work) and the hooks below.
+    max_model_len and eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its thread's work) and
+    the hooks below.
     """
 
     request_type: type[RequestState] = RequestState
@@ -632,12 +627,10 @@ class EngineBase:
         time. Any other thread's events (a cancel, a migration's hand-over) go out at once, after what the outbox
         holds (a stream's order stays)."""
         with self._lock:
+            self._outbox.append((req.events, event))
             if threading.current_thread() is self._thread:
-                self._outbox.append((req.events, event))
                 return
-            self._deliver_events()
-            req.events.put(event)
-        self._events_delivered()
+        self._deliver_events()
 
     def _deliver_events(self) -> None:
         with self._lock:

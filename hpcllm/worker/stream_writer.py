@@ -69,23 +69,22 @@ class StreamWriter:
     def body(self, stream: RequestStream, connection: RawConnection | None,
              render: Callable[[list[Event]], bytes]) -> Iterator[bytes]:
         """The WSGI body of one stream: its first lines through the server, the rest by the writer when it can."""
-        try:
-            batches = stream.event_batches(self.keepalive_seconds)
-            for batch in batches:  # keep-alives until the first events, which send the head
+        def writes():  # on this thread: a batch of lines per write, a keep-alive line while none come
+            for batch in stream.event_batches(self.keepalive_seconds):
                 yield render(batch) if batch else KEEPALIVE
-                if batch:
+
+        try:
+            for data in writes():  # keep-alives until the first lines, which also send the head
+                yield data
+                if data is not KEEPALIVE:
                     break
-            if stream.finished or not self._can_hand_over(connection):
-                yield from (render(batch) if batch else KEEPALIVE for batch in batches)
-                return
-            handed = self._hand_over(stream, connection.socket, render)
-            handed.done.wait()
-            if handed.gone:
-                return
-            if handed.unsent is not None:
+            if not stream.finished and self._can_hand_over(connection):
+                handed = self._hand_over(stream, connection.socket, render)
+                handed.done.wait()
+                if handed.gone or handed.unsent is None:
+                    return
                 connection.socket.sendall(handed.unsent)  # blocking, under the server's socket timeout
-                yield from (render(batch) if batch else KEEPALIVE for batch in stream.event_batches(
-                    self.keepalive_seconds))
+            yield from writes()  # after the hand-back, or never handed over (TLS, not chunked)
         finally:
             stream.close()  # cancels the request unless it finished
 
