@@ -257,3 +257,49 @@ def test_gevent_gateway_serves_long_generations_side_by_side_and_cancels_those_w
                            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
             time.sleep(1.5)
         wait_for_abort_count(url, "slow", before + 2, within_s=10)
+
+
+def relay_handovers(url: str, returned: str) -> float:
+    line = f'hpcllm_stream_relay_handovers_total{{returned="{returned}"}} '
+    found = [ln for ln in httpx.get(f"{url}/metrics", timeout=10).text.splitlines() if ln.startswith(line)]
+    return float(found[0].rsplit(" ", 1)[1]) if found else 0.0
+
+
+def test_gthread_gateway_relays_concurrent_streams_exactly_and_cancels_one_whose_client_left(
+        tmp_path, worker_url, tiny_model_dir, blackhole_url, slow_url):
+    """Under gthread the streams' bodies run on the stream relay between their first chunk and their end: several
+    streams at once (the worker's steps feed them together) each deliver exactly the text of the same request
+    answered whole, and a streaming client that leaves is noticed by the relay's next write."""
+    import openai
+
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    prompts = [f"stream number {i} says" for i in range(6)]
+    with running_gateway(tmp_path, worker_url, tiny_model_dir, blackhole_url, slow_url, "gthread") as (_, url, _):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=USER_KEY, max_retries=0, timeout=60) as client:
+            whole = [client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0,
+                                               extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+        streamed: dict[int, str] = {}
+
+        def stream(i: int) -> None:
+            with openai.OpenAI(base_url=f"{url}/v1", api_key=USER_KEY, max_retries=0, timeout=60) as client:
+                events = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0,
+                                                   stream=True, extra_body={"ignore_eos": True})
+                streamed[i] = "".join(e.choices[0].text for e in events if e.choices)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [streamed.get(i) for i in range(len(prompts))] == whole
+        # Each stream's body went to the relay and came back to its thread (at its end), in either process.
+        assert relay_handovers(url, "request_thread") >= len(prompts)
+
+        before = abort_count(url, "slow")
+        body = {"model": "slow", "prompt": "hi", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            assert next(line for line in lines if line).startswith("data: {")  # the relay wrote this one
+        wait_for_abort_count(url, "slow", before + 1, within_s=10)
+        assert relay_handovers(url, "client_gone") == 1
