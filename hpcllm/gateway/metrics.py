@@ -89,12 +89,6 @@ class GatewayMetrics:
             "hpcllm_migration_pause_seconds",
             "Seconds between the last token from a live migration's source and the first from its destination.",
             model, buckets=PAUSE_BUCKETS, registry=reg)
-        self.stream_relay_handovers = Counter(
-            "hpcllm_stream_relay_handovers",
-            "Stream bodies the stream relay took from their request thread, by why it gave them back: "
-            "request_thread (a choice ended or the body has blocking work), slow_client, client_gone, "
-            "worker_timeout (the worker stream past its read timeout or closed elsewhere).",
-            ["returned"], registry=reg)
         self.model_load_seconds = Histogram(
             "hpcllm_model_load_seconds", "Seconds a model instance took to load, by storage tier.",
             ["tier"], buckets=LOAD_BUCKETS, registry=reg)

@@ -19,7 +19,6 @@ from hpcllm.config import ApiKey, Config
 from hpcllm.controller.registry.databases import is_postgres_url
 from hpcllm.gateway.metrics import GatewayMetrics
 from hpcllm.gateway.ratelimit import RateLimiter
-from hpcllm.gateway.relay import StreamRelay
 from hpcllm.gateway.routing import Router, make_router
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.gateway.tokenization import TokenizerCache
@@ -71,8 +70,6 @@ class Gateway:
             timeout=httpx.Timeout(gw.upstream_connect_timeout_seconds, read=gw.upstream_read_timeout_seconds),
             limits=httpx.Limits(max_connections=4 * threads, max_keepalive_connections=threads),
         )
-        # Streams are relayed by one thread only under gthread (gevent: the request greenlets wait cheaply already).
-        self.relay = StreamRelay(self.metrics.stream_relay_handovers) if gw.worker_class == "gthread" else None
         self._draining = threading.Event()
         self._generations: set = set()  # serving.Generation objects between start() and close()
         self._generations_lock = threading.Lock()

@@ -20,20 +20,18 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from flask import Response, g, request
+from flask import g, request
 
 from hpcllm.config import ApiKey
 from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError, InvalidRequest,
                                    ServiceUnavailable)
 from hpcllm.gateway.protocol import SEED_RANGE, SamplingOptions, UsageInfo
-from hpcllm.gateway.relay import HAND_BACK, HandBack, client_socket
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
-from hpcllm.httpkit.streaming import ReadWait
 from hpcllm.worker.client import WorkerError
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs
 
@@ -118,7 +116,6 @@ class Generation:
         self._close_lock = threading.Lock()
         self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
         self._stream_slot: str | None = None  # the key's stream slot this generation holds (a streaming request)
-        self._relayed = False  # deltas() runs for the stream relay (non-blocking reads, HAND_BACK)
 
     @property
     def usage(self) -> UsageInfo:
@@ -201,21 +198,12 @@ class Generation:
         return self._endpoint.worker_key or self.gw.config.cluster.shared_secret
 
     # ------------------------------------------------------------------------------------------ generation
-    def deltas(self, relayed: bool = False) -> Iterator[Delta | ReadWait | HandBack]:
-        """The generation's text as it comes. relayed: for the stream relay (hpcllm.gateway.relay), which may run
-        this iterator on its own thread: the worker streams are read without blocking (a ReadWait when nothing
-        has come) and HAND_BACK comes before anything that may block (the end of a choice: routing, resuming,
-        accounting), so that runs on the request's thread again."""
-        self._relayed = relayed
+    def deltas(self) -> Iterator[Delta]:
         try:
             for index in range(self.num_choices):
                 self._raise_if_aborted()
                 self._stream = self._opened.pop(index, None) or self._open(index, resume_ids=[], attempt_tag=0)
                 yield from self._run_choice(index)
-        except Exception:
-            if relayed:
-                yield HAND_BACK
-            raise
         finally:
             self.close()
 
@@ -230,12 +218,9 @@ class Generation:
                 try:
                     final = yield from self._read_stream(index, output_ids)
                 except WorkerLost as exc:
+                    self._raise_if_aborted()
                     final = None
                     reason = str(exc)
-                if self._relayed:
-                    yield HAND_BACK
-                if final is None:
-                    self._raise_if_aborted()
                 else:
                     if final.finish_reason in ("stop", "length"):
                         self.gw.metrics.request_success.labels(self.model, final.finish_reason).inc()
@@ -299,14 +284,8 @@ class Generation:
         last_token_at: float | None = None
         text = ""
         uncounted = 0  # tokens not in generation_tokens yet: added once per piece of the stream, not per token
-        if self._relayed:
-            self._stream.yield_when_idle()
         try:
             for item in self._stream:
-                if item.__class__ is ReadWait:
-                    self._raise_if_aborted()
-                    yield item
-                    continue
                 if isinstance(item, FinalLine):
                     return item
                 assert isinstance(item, TokenLine)
@@ -450,21 +429,6 @@ def sse(data) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def sse_response(generation: Generation, events: Callable[[bool], Iterator[bytes | ReadWait | HandBack]]) -> Response:
-    """The streamed answer of a started generation: `events(relayed)` is its SSE body (relayed: the body may run on
-    the stream relay, hpcllm.gateway.relay; else it is iterated on the request thread alone)."""
-    relay = generation.gw.relay
-    sock = client_socket(request.environ) if relay is not None else None
-    if sock is None:
-        body = events(False)  # bytes only: its worker streams are read blocking
-    else:
-        body = relay.body(events(True), sock, request.environ.get("SERVER_PROTOCOL", ""))
-    response = Response(body, mimetype="text/event-stream", headers=SSE_HEADERS)
-    # Runs even when the client leaves before the first chunk (a never-started generator runs no finally).
-    response.call_on_close(generation.close)
-    return response
 
 
 def stream_error_event(exc: BaseException, request_id: str) -> bytes:

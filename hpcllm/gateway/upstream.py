@@ -16,7 +16,6 @@ import httpx
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.gateway.errors import ApiError, InvalidRequest, ServiceUnavailable
-from hpcllm.httpkit.streaming import ReadWait
 from hpcllm.worker.client import GenerationStream, WorkerClient, WorkerError
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 
@@ -48,11 +47,7 @@ class WorkerStream:
         socket while this thread waited)."""
         return self._stream.tokens_buffered
 
-    def yield_when_idle(self) -> None:
-        """Iterating yields a ReadWait instead of blocking for the worker (hpcllm.httpkit.streaming)."""
-        self._stream.yield_when_idle()
-
-    def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait]:
+    def __iter__(self) -> Iterator[TokenLine | FinalLine]:
         try:
             for item in self._stream:
                 if isinstance(item, FinalLine):

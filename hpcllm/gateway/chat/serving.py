@@ -10,10 +10,8 @@ from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatComp
                                           ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob,
                                           ChatTopLogprob, DeltaMessage)
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.relay import HandBack
-from hpcllm.gateway.serving import (SSE_DONE, Delta, Generation, RequestContext, collect, context_length_error,
-                                    new_response_id, sse, sse_response, stream_error_event)
-from hpcllm.httpkit.streaming import ReadWait
+from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, Generation, RequestContext, collect,
+                                    context_length_error, new_response_id, sse, stream_error_event)
 from hpcllm.worker.protocol import TokenLogprobs
 
 
@@ -34,7 +32,9 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
                             n=req.choices_per_prompt)
     generation.start(stream=bool(req.stream))
     if req.stream:
-        return sse_response(generation, lambda relayed: _stream(generation, req, ctx, relayed))
+        response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
+        response.call_on_close(generation.close)
+        return response
     return ChatCompletionResponse(
         id=response_id, created=ctx.created, model=req.model,
         choices=[ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
@@ -56,8 +56,7 @@ def _logprobs(tokens: list[TokenLogprobs]) -> ChatLogprobs:
     ])
 
 
-def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestContext,
-            relayed: bool) -> Iterator[bytes | ReadWait | HandBack]:
+def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestContext) -> Iterator[bytes]:
     def chunk(choices, usage=None) -> bytes:
         body = ChatCompletionChunk(id=generation.response_id, created=ctx.created, model=req.model,
                                    choices=choices, usage=usage)
@@ -70,10 +69,7 @@ def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestCont
     announced = {0}
     try:
         yield role(0)
-        for delta in generation.deltas(relayed):
-            if delta.__class__ is not Delta:  # the relay's ReadWait / HAND_BACK
-                yield delta
-                continue
+        for delta in generation.deltas():
             if delta.index not in announced:
                 announced.add(delta.index)
                 yield role(delta.index)

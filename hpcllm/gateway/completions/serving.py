@@ -12,10 +12,8 @@ from hpcllm.gateway.completions.protocol import (CompletionChoice, CompletionLog
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.relay import HandBack
-from hpcllm.gateway.serving import (SSE_DONE, ChoiceResult, Delta, Generation, RequestContext, collect,
-                                    context_length_error, new_response_id, sse, sse_response, stream_error_event)
-from hpcllm.httpkit.streaming import ReadWait
+from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext, collect,
+                                    context_length_error, new_response_id, sse, stream_error_event)
 from hpcllm.worker.protocol import TokenLogprobs
 
 
@@ -56,7 +54,10 @@ def create_completion(gw: Gateway, ctx: RequestContext, req: CompletionRequest) 
                             n=req.generated_per_prompt)
     generation.start(stream=bool(req.stream))
     if req.stream:
-        return sse_response(generation, lambda relayed: _stream(generation, req, ctx, relayed))
+        response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
+        # Runs even when the client leaves before the first chunk (a never-started generator runs no finally).
+        response.call_on_close(generation.close)
+        return response
     results = best_choices(collect(generation), req.generated_per_prompt, req.choices_per_prompt)
     return CompletionResponse(
         id=response_id, created=ctx.created, model=req.model,
@@ -116,15 +117,11 @@ class StreamChunks:
                          self._tail))
 
 
-def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext,
-            relayed: bool) -> Iterator[bytes | ReadWait | HandBack]:
+def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext) -> Iterator[bytes]:
     chunks = StreamChunks(generation.response_id, ctx.created, req.model, req.include_usage)
     offsets = [0] * generation.num_choices  # text streamed so far per choice (logprobs' text_offset)
     try:
-        for delta in generation.deltas(relayed):
-            if delta.__class__ is not Delta:  # the relay's ReadWait / HAND_BACK
-                yield delta
-                continue
+        for delta in generation.deltas():
             logprobs = None
             if req.logprobs is not None and delta.logprobs is not None:
                 logprobs = _logprobs([(delta.logprobs, 0)], offsets[delta.index])
