@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/serve.py [--concurrency 1 4 16 64] [--requests-per-client 2]
         [--targets hpcllm vllm-behind-hpcllm vllm-direct] [--threads N] [--spare-runs 2] [--rounds N]
-        [--baseline REV]
+        [--baseline REV] [--isolate-engine]
 
 One model (devmodels "small" Llama: 384 hidden, 6 layers, head size 64, float32 everywhere), one seeded prompt set
 with a realistic length spread (prompt lengths log-normal around ~60 tokens, 8..400; output lengths 16..128, EOS
@@ -36,7 +36,12 @@ engine-core and model-runner processes) and the client threads: on a shared mach
 generated token says where a target's cost lies better than wall time. --rounds N interleaves the targets (all up at
 once). --baseline REV adds each hpcllm target as run by revision REV's hpcllm ("<target>@<commit>") and prints this
 tree's throughput against it: a change's effect measured under the same load, which two separate runs cannot show
-on a shared machine (vLLM direct alone moved 1381-1735 tok/s between runs of one hour).
+on a shared machine (vLLM direct alone moved 1381-1735 tok/s between runs of one hour). --isolate-engine (with
+--rounds; hpcllm, vllm-behind-hpcllm, vllm-direct and their baselines) gives the processes that run the forward
+passes (vLLM's model-runner worker, hpcllm's model process) the first --threads CPUs to themselves and every other
+process (gateways, hpcllm workers, vLLM's API server and engine-core scheduler, the clients) the rest: a front's CPU
+(a gateway hop, an API server) then no longer comes out of the engine's, as on a node whose engine has cores (or a
+GPU) of its own.
 
 Output: a table on stdout, bench/results/serve-<time>.json (+ serve-latest.json) and a PNG plot next to each.
 On the shared 2-core dev machine targets, gateway and client threads share the cores; these are small-model CPU
@@ -116,11 +121,72 @@ class Setup:
     threads: int
     work: Path
     vllm_python: str  # the interpreter with vllm (docs/vllm.md)
+    engine_cpus: list[int]  # the first --threads CPUs of the bench's own
+    front_cpus: list[int] | None = None  # --isolate-engine: every other process's CPUs (None: all CPUs)
 
     def cpu_env(self) -> dict:
         """vLLM binds its OpenMP threads itself (auto may reserve a core): the same cores as hpcllm's threads."""
-        cpus = sorted(os.sched_getaffinity(0))[:self.threads]
-        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, self.engine_cpus))}
+
+
+def engine_and_front_cpus(threads: int) -> tuple[list[int], list[int]]:
+    """--isolate-engine: the first `threads` CPUs for the engines, the rest for everything else (a clear error when
+    none are left)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) <= threads:
+        raise ConfigError(f"--isolate-engine needs more CPUs than the engine's {threads} (lower --threads)")
+    return cpus[:threads], cpus[threads:]
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants alive now."""
+    try:
+        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
+                for k in (task / "children").read_text().split()]
+    except OSError:  # gone
+        return []
+    return [pid] + [p for kid in kids for p in process_tree(kid)]
+
+
+def is_engine_process(pid: int) -> bool:
+    """Where the forward passes run: vLLM's model-runner worker (it names itself VLLM::Worker; its engine core,
+    VLLM::EngineCore, schedules and stays with the front, as vLLM's own CPU binding reserves a core for it) or
+    hpcllm's model process (a multiprocessing child spawned by the worker)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return comm.startswith("VLLM::Worker") or b"spawn_main" in cmdline
+
+
+def pin_process(pid: int, cpus: list[int]) -> None:
+    """Every thread of pid on cpus (threads started later inherit their starter's CPUs)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
+def isolate_engines(roots: dict[str, list[int]], engine_cpus: list[int],
+                    front_cpus: list[int]) -> dict[str, list[str]]:
+    """--isolate-engine, once the targets serve: their engine processes (and every thread of them) on engine_cpus,
+    their other processes and this one (the client threads) on front_cpus, so a front's CPU no longer comes out of
+    an engine's. Started unpinned, vLLM binds its OpenMP threads itself (VLLM_CPU_OMP_THREADS_BIND); a process
+    restricted before it started would not be allowed to. roots: per target, its processes' pids. Returns, per
+    target, its processes as 'pid:engine' or 'pid:front'."""
+    placed: dict[str, list[str]] = {}
+    for name, pids in roots.items():
+        tree = [pid for root in pids for pid in process_tree(root)]
+        engines = [pid for pid in tree if is_engine_process(pid)]
+        if not engines:
+            raise RuntimeError(f"--isolate-engine: found no engine process under {name} (pids {pids})")
+        for pid in tree:
+            pin_process(pid, engine_cpus if pid in engines else front_cpus)
+        placed[name] = [f"{pid}:{'engine' if pid in engines else 'front'}" for pid in tree]
+    pin_process(os.getpid(), front_cpus)
+    return placed
 
 
 class Target(abc.ABC):
@@ -204,6 +270,9 @@ class VllmDirect(Target):
     def processes(self) -> dict[str, int]:
         return {"server": self.server.process.pid}
 
+
+# Targets whose forward passes run in processes of their own (vLLM's engine core, hpcllm's model process).
+ISOLATABLE = ("hpcllm", "vllm-behind-hpcllm", ANCHOR)
 
 TARGETS = {
     "hpcllm": lambda setup: BehindGateway("hpcllm", "hpcllm", setup),
@@ -492,7 +561,7 @@ def start(name: str, target: Target, prompts: list[Prompt]) -> str:
     return url
 
 
-def measure_interleaved(setup: Setup, args, prompt_sets: list[list[Prompt]]) -> dict:
+def measure_interleaved(setup: Setup, args, report: dict, prompt_sets: list[list[Prompt]]) -> dict:
     """All targets up at once; per concurrency level, `rounds` rounds, each running the level on every target in
     turn (round r with prompt set r, so prefix caches do not serve a repeated prompt). On a machine whose load
     drifts (other users), every target then sees the same load mix. A target's level pools its rounds: tokens and
@@ -502,6 +571,13 @@ def measure_interleaved(setup: Setup, args, prompt_sets: list[list[Prompt]]) -> 
     try:
         for name, target in targets.items():
             urls[name] = start(name, target, prompt_sets[0])
+        if setup.front_cpus is not None:
+            placed = isolate_engines({name: list(target.processes().values()) for name, target in targets.items()},
+                                     setup.engine_cpus, setup.front_cpus)
+            report["isolate_engine"] = {"engine_cpus": setup.engine_cpus, "front_cpus": setup.front_cpus,
+                                        "processes": placed}
+            print(f"isolated: engines on CPUs {setup.engine_cpus}, the rest on {setup.front_cpus}: {placed}",
+                  flush=True)
         results: dict[str, list[dict]] = {name: [] for name in targets}
         for concurrency in args.concurrency:
             pooled = {name: LevelResult(concurrency, 0, 0, 0.0) for name in targets}
@@ -550,6 +626,12 @@ def main() -> int:
                         help="also run each hpcllm target from git revision REV (worker and gateway, exported with "
                         "git archive), named <target>@<commit>, and print this tree's throughput against it; best "
                         "with --rounds, so both see the same load")
+    parser.add_argument("--isolate-engine", action="store_true",
+                        help="with --rounds: the processes running the forward passes (vLLM's model runner, hpcllm's "
+                        "model process) get the first --threads CPUs to themselves, every other process (gateways, "
+                        "workers, vLLM's API server and scheduler, the clients) the others, as a CPU node set up for "
+                        "serving would (default: all processes on all CPUs, the engines' OpenMP threads bound to the "
+                        "first --threads)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=None,
                         help="hpcllm config whose worker.vllm_python names the vLLM interpreter (default: "
@@ -559,6 +641,15 @@ def main() -> int:
                         help="prompt lengths uniform in LO..HI tokens (long-context runs) instead of the default "
                         "log-normal set (median ~60)")
     args = parser.parse_args()
+    if args.isolate_engine:
+        if not args.rounds:
+            parser.error("--isolate-engine needs --rounds (the targets start unpinned, all before the first level)")
+        if not set(args.targets) <= set(ISOLATABLE):
+            parser.error(f"--isolate-engine takes {', '.join(ISOLATABLE)}: targets whose forward passes run in a "
+                         "process of their own")
+        engine_cpus, front_cpus = engine_and_front_cpus(args.threads)
+    else:
+        engine_cpus, front_cpus = sorted(os.sched_getaffinity(0))[:args.threads], None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the started servers on the way out
 
     vllm_interpreter = args.vllm_python
@@ -591,10 +682,11 @@ def main() -> int:
             commit = export_revision(args.baseline, Path(tmp) / "baseline")
             args.targets = add_baseline_targets(args.targets, Path(tmp) / "baseline", commit)
             report["baseline"] = commit
-        setup = Setup(checkpoint, hf_dir, max(args.concurrency), args.threads, Path(tmp), vllm_interpreter)
+        setup = Setup(checkpoint, hf_dir, max(args.concurrency), args.threads, Path(tmp), vllm_interpreter,
+                      engine_cpus, front_cpus)
         if args.rounds:
             report["rounds"] = args.rounds
-            report["targets"] = measure_interleaved(setup, args, [prompts] + [
+            report["targets"] = measure_interleaved(setup, args, report, [prompts] + [
                 prompt_set(len(prompts), config.vocab_size, args.seed + r, lengths) for r in range(1, args.rounds)])
         else:
             for name in args.targets:

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import serve  # noqa: E402
+from hpcllm.errors import ConfigError  # noqa: E402
 
 
 def test_a_target_missing_a_method_cannot_be_made():
@@ -32,7 +33,7 @@ def test_a_target_missing_a_method_cannot_be_made():
 
 def test_every_benchmarked_target_implements_the_interface(tmp_path):
     setup = serve.Setup(checkpoint=tmp_path, hf_dir=tmp_path, max_running=2, threads=1, work=tmp_path,
-                        vllm_python=sys.executable)
+                        vllm_python=sys.executable, engine_cpus=[0])
     for name, make in serve.TARGETS.items():
         target = make(setup)  # TypeError if a target left an abstract method out
         assert isinstance(target, serve.Target) and target.name == name
@@ -55,6 +56,60 @@ def test_prompt_lengths_the_model_cannot_hold_are_refused_in_one_line():
     assert "Traceback" not in completed.stderr
 
 
+def test_isolate_engine_refuses_targets_without_an_engine_process_in_one_line():
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--targets", "hpcllm-in-process",
+                                "vllm-direct", "--isolate-engine", "--rounds", "1"], capture_output=True, text=True,
+                               timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert completed.returncode == 2 and "--isolate-engine takes hpcllm, vllm-behind-hpcllm" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+ENGINE_LIKE = """
+import multiprocessing, sys, time
+
+def engine(ready):
+    ready.set()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")  # as hpcllm's worker starts its model process
+    ready = context.Event()
+    context.Process(target=engine, args=(ready,), daemon=True).start()
+    ready.wait(60)
+    print("up", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_isolate_engine_puts_engine_processes_on_their_cpus_and_the_rest_elsewhere(tmp_path):
+    """A worker-like process with a spawned model-process-like child: the child's threads go to the engine CPUs,
+    the parent's (and the bench's own) to the others."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        with pytest.raises(ConfigError, match="lower --threads"):
+            serve.engine_and_front_cpus(1)
+        return
+    engine_cpus, front_cpus = serve.engine_and_front_cpus(1)
+    assert (engine_cpus, front_cpus) == (cpus[:1], cpus[1:])
+    (tmp_path / "worker_like.py").write_text(ENGINE_LIKE)
+    worker = subprocess.Popen([sys.executable, str(tmp_path / "worker_like.py")], stdout=subprocess.PIPE, text=True)
+    bench_cpus = os.sched_getaffinity(0)
+    try:
+        assert worker.stdout.readline().strip() == "up"
+        placed = serve.isolate_engines({"worker-like": [worker.pid]}, engine_cpus, front_cpus)
+        kinds = dict(entry.split(":") for entry in placed["worker-like"])
+        assert kinds[str(worker.pid)] == "front" and list(kinds.values()).count("engine") == 1
+        for pid, kind in kinds.items():
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                assert sorted(os.sched_getaffinity(int(task.name))) == (engine_cpus if kind == "engine" else front_cpus)
+        assert sorted(os.sched_getaffinity(0)) == front_cpus  # the client threads' process
+    finally:
+        serve.pin_process(os.getpid(), sorted(bench_cpus))  # every thread of this process back
+        worker.kill()
+        worker.wait()
+
+
 def test_a_baseline_revision_runs_as_a_twin_of_each_hpcllm_target(tmp_path, monkeypatch):
     """--baseline REV: every hpcllm target also runs from REV's exported hpcllm (its worker and gateway put that
     folder on PYTHONPATH), vLLM direct once; this tree's throughput is printed against the twin's."""
@@ -71,7 +126,7 @@ def test_a_baseline_revision_runs_as_a_twin_of_each_hpcllm_target(tmp_path, monk
     names = serve.add_baseline_targets(["vllm-behind-hpcllm", serve.ANCHOR], tmp_path / "baseline", commit)
     assert names == ["vllm-behind-hpcllm", f"vllm-behind-hpcllm@{commit}", serve.ANCHOR]
     setup = serve.Setup(checkpoint=tmp_path, hf_dir=tmp_path, max_running=2, threads=1, work=tmp_path,
-                        vllm_python=sys.executable)
+                        vllm_python=sys.executable, engine_cpus=[0])
     twin, ours = serve.TARGETS[names[1]](setup), serve.TARGETS[names[0]](setup)
     assert (twin.name, twin.tree) == (names[1], tmp_path / "baseline") and ours.tree == root
 
