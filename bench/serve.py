@@ -138,11 +138,15 @@ def engine_and_front_cpus(threads: int) -> tuple[list[int], list[int]]:
     return cpus[:threads], cpus[threads:]
 
 
+def children_of(pid: int) -> list[int]:
+    """The children of pid, started by any of its threads (vLLM's engine core is a child of the worker or server)."""
+    return [int(k) for task in Path(f"/proc/{pid}/task").iterdir() for k in (task / "children").read_text().split()]
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants alive now."""
     try:
-        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
-                for k in (task / "children").read_text().split()]
+        kids = children_of(pid)
     except OSError:  # gone
         return []
     return [pid] + [p for kid in kids for p in process_tree(kid)]
@@ -271,7 +275,7 @@ class VllmDirect(Target):
         return {"server": self.server.process.pid}
 
 
-# Targets whose forward passes run in processes of their own (vLLM's engine core, hpcllm's model process).
+# Targets whose forward passes run in processes of their own (vLLM's model runner, hpcllm's model process).
 ISOLATABLE = ("hpcllm", "vllm-behind-hpcllm", ANCHOR)
 
 TARGETS = {
@@ -388,12 +392,11 @@ def stream_completion(http: httpx.Client, base_url: str, prompt: Prompt) -> tupl
 
 def cpu_seconds(pid: int, children: bool = True) -> float:
     """User + system CPU time of a process (threads that ended included) and, with children, of all its
-    descendants alive now (vLLM's engine core is a child of the worker or server, started by any of its threads)."""
+    descendants alive now."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
-                for k in (task / "children").read_text().split()] if children else []
+        kids = children_of(pid) if children else []
     except OSError:  # gone
         return 0.0
     return total + sum(cpu_seconds(kid) for kid in kids)
