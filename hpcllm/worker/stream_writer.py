@@ -14,7 +14,10 @@ takes every handed-over stream's new lines and writes them as HTTP chunks, witho
 - A write that fails (the client went away) ends the hand-over; the HTTP thread returns and the request is
   cancelled, as before. Idle handed-over streams get a keep-alive line every keepalive_seconds, so a dropped client
   is still noticed while its request waits.
-- TLS connections and answers that are not chunked stay on their HTTP thread (the classic path).
+- TLS connections too. A TLS write that finds no room raises "want write"; OpenSSL may have sent part of the
+  record already and finishes it when the same bytes are written again, so the whole chunk goes back to the HTTP
+  thread, which writes it again, blocking (nothing goes out twice). Answers that are not chunked stay on their HTTP
+  thread (the classic path).
 """
 
 from __future__ import annotations
@@ -90,8 +93,7 @@ class StreamWriter:
 
     @staticmethod
     def _can_hand_over(connection: RawConnection | None) -> bool:
-        return (connection is not None and connection.chunked
-                and not isinstance(connection.socket, ssl.SSLSocket))
+        return connection is not None and connection.chunked
 
     def _hand_over(self, stream: RequestStream, sock: socket.socket,
                    render: Callable[[list[Event]], bytes]) -> _HandedOver:
@@ -148,9 +150,9 @@ class StreamWriter:
         chunk = b"%x\r\n%s\r\n" % (len(data), data)
         try:
             sent = handed.sock.send(chunk)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):  # no room now (TLS: none taken)
             sent = 0
-        except OSError:  # reset, broken pipe: the client went away
+        except OSError:  # reset, broken pipe, a TLS error: the client went away
             handed.gone = True
             return False
         handed.last_write = time.monotonic()

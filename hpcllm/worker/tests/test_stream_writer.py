@@ -3,8 +3,10 @@ a slow reader is handed back to its HTTP thread; a client that leaves still canc
 
 import json
 import socket
+import ssl
 import threading
 
+from hpcllm.config import InternalHttpConfig
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.requests import UnknownRequest
@@ -125,3 +127,54 @@ def test_a_client_that_leaves_a_written_stream_cancels_its_request(load_pair, st
     assert wait_until(lambda: _finished(worker, "leaves"), timeout=20)
     tokens = worker.service.engine.tokens("leaves")
     assert tokens.finish_reason == "abort" and len(tokens.output_token_ids) < 400
+
+
+def _tls_client(site_ca, port: int, receive_buffer: int) -> ssl.SSLSocket:
+    context = ssl.create_default_context(cafile=str(site_ca.ca))
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    raw.connect(("127.0.0.1", port))
+    return context.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_tls_streams_are_written_by_the_writer_and_a_slow_tls_reader_gets_every_line(load_pair, start_worker, site_ca,
+                                                                                     monkeypatch):
+    """Over TLS ([internal_http]) the writer takes the streams too; a TLS write that finds no room goes back whole
+    to the HTTP thread (OpenSSL finishes the record it began), and the late reader gets every line once, in order."""
+    tls = InternalHttpConfig(tls_cert_file=site_ca.cert, tls_key_file=site_ca.key, tls_ca_file=site_ca.ca)
+    worker = start_worker(load_pair("llama"), http=tls)
+    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=480,
+                                                              temperature=0, ignore_eos=True))
+    slow_down(worker.service.engine, 0.005)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"t{i}", 48)))
+               for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for lines in results.values():
+        assert [line.token_id for line in lines if isinstance(line, TokenLine)] == expected.token_ids[:48]
+        assert lines[-1].finish_reason == "length"
+    assert len(results) == 3 and worker.service.stream_writer.handed_over == 3
+
+    small_send_buffer = StreamWriter._hand_over
+
+    def hand_over(self, stream, sock, render):  # a slow network: little room on the way to this client
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return small_send_buffer(self, stream, sock, render)
+
+    monkeypatch.setattr(StreamWriter, "_hand_over", hand_over)
+    body = GenerateRequest(request_id="slow-tls", prompt=PROMPT, max_tokens=480, temperature=0,
+                           ignore_eos=True).model_dump_json(exclude_none=True).encode()
+    sock = _tls_client(site_ca, worker.server.port, receive_buffer=2048)
+    try:
+        sock.sendall(f"POST {GENERATE_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     f"{SECRET_HEADER}: {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        assert wait_until(lambda: _finished(worker, "slow-tls"), timeout=60)
+        lines = _ndjson_lines(_read_all(sock))
+    finally:
+        sock.close()
+    assert [line["token_id"] for line in lines[:-1]] == expected.token_ids
+    assert lines[-1]["finish_reason"] == "length"
+    assert worker.service.stream_writer.handed_over == 4 and worker.service.stream_writer.handed_back == 1
