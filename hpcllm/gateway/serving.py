@@ -5,7 +5,8 @@ j-th sample, as vLLM numbers them). `start()` does everything that can still
 become an HTTP error - the token-limit reservation, routing (which may wait for a cold start) and opening the
 first worker stream - so the endpoint answers 4xx/5xx with a proper status instead of a broken stream. `deltas()`
 then yields text as the worker produces it, choice after choice; every choice's worker stream is opened at the
-start, so the worker generates them together (one batch) while the gateway reads them in order. If a worker goes away mid-generation (it was
+start, so the worker generates them together (one batch), and the gateway reads them as they come (several
+choices interleave in the answer, as with OpenAI's and vLLM's servers). If a worker goes away mid-generation (it was
 drained, preempted or died) the generation resumes on another instance from the tokens already received
 (token-based migration: the worker's `resume_token_ids`), so the client sees one uninterrupted answer. A worker that
 live-migrated the generation (docs/migration.md) ends its stream with finish_reason "migrated" and names the
@@ -32,6 +33,7 @@ from hpcllm.gateway.protocol import SEED_RANGE, SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
+from hpcllm.httpkit.streaming import ReadWait, wait_for_any
 from hpcllm.worker.client import WorkerError
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs
 
@@ -55,6 +57,19 @@ class RequestContext:
     @classmethod
     def current(cls) -> RequestContext:
         return cls(request_id=g.request_id, api_key=g.get("api_key"), arrived=g.arrived)
+
+
+@dataclass
+class Choice:
+    """One choice's generation: the instance it runs on, its current worker stream (a new one after a resume or a
+    live migration), the token ids delivered so far and its latency bookkeeping."""
+
+    index: int
+    endpoint: Endpoint
+    stream: WorkerStream | None = None
+    output_ids: list[int] = field(default_factory=list)
+    last_token_at: float | None = None  # across streams
+    migration_pause_from: float | None = None  # set when attached; the next token ends the pause
 
 
 @dataclass
@@ -106,12 +121,9 @@ class Generation:
         self.completion_tokens = 0
         self.cumulative_logprobs = [0.0] * self.num_choices  # of each choice's tokens (best_of ranks by it)
         self._reserved = 0
-        self._endpoint: Endpoint | None = None
-        self._stream: WorkerStream | None = None
-        self._opened: dict[int, WorkerStream] = {}  # choices' streams opened at the start, not read yet
+        self._choices: list[Choice] = []  # all opened at the start
+        self._interleaved = False  # several choices read on this thread as they come (non-blocking reads)
         self._first_token_seen = False
-        self._last_token_at: float | None = None  # of the current choice, across streams
-        self._migration_pause_from: float | None = None  # set when attached; the next token ends the pause
         self._closed = False
         self._close_lock = threading.Lock()
         self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
@@ -130,9 +142,11 @@ class Generation:
                 self._hold_stream_slot()
             self._reserve_tokens()
             self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
-            self._endpoint = self._route()
+            endpoint = self._route()
             for index in range(self.num_choices):
-                self._opened[index] = self._open(index, resume_ids=[], attempt_tag=0)
+                choice = Choice(index, endpoint)
+                self._choices.append(choice)
+                choice.stream = self._open(choice, resume_ids=[], attempt_tag=0)
         except BaseException:
             self.close()
             raise
@@ -171,8 +185,11 @@ class Generation:
                 metrics.model_load_seconds.labels(cold.tier).observe(cold.load_seconds)
         return endpoint
 
-    def _open(self, index: int, resume_ids: list[int], attempt_tag: int) -> WorkerStream:
+    def _open(self, choice: Choice, resume_ids: list[int], attempt_tag: int) -> WorkerStream:
+        """A worker stream for the choice on its endpoint (routing again, and moving the choice, when that worker
+        refuses or is unreachable)."""
         opts = self.options
+        index = choice.index
         sample = index % self.n
         # n samples of one prompt with one seed must still differ: sample j draws with seed + j.
         seed = None if opts.seed is None else (opts.seed + sample) % SEED_RANGE
@@ -184,39 +201,63 @@ class Generation:
         )
         for attempt in range(1, OPEN_ATTEMPTS):
             try:
-                return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request,
-                                       self.gw.config.internal_http)
+                return self._open_on(choice.endpoint, request)
             except WorkerUnavailable as exc:
                 log.warning("request %s: %s; routing again", self.ctx.request_id, exc.message)
-                self.gw.router.forget(self._endpoint)
+                self.gw.router.forget(choice.endpoint)
                 time.sleep(0.5 * attempt)
-                self._endpoint = self._route()
-        return open_generation(self.gw.http, self._endpoint.worker_url, self._worker_key(), request,
-                               self.gw.config.internal_http)
+                choice.endpoint = self._route()
+        return self._open_on(choice.endpoint, request)
 
-    def _worker_key(self) -> str:
-        return self._endpoint.worker_key or self.gw.config.cluster.shared_secret
+    def _open_on(self, endpoint: Endpoint, request: GenerateRequest) -> WorkerStream:
+        key = endpoint.worker_key or self.gw.config.cluster.shared_secret
+        return open_generation(self.gw.http, endpoint.worker_url, key, request, self.gw.config.internal_http)
 
     # ------------------------------------------------------------------------------------------ generation
     def deltas(self) -> Iterator[Delta]:
+        """The choices' text as it comes: one choice read blocking; several read together, without blocking,
+        each delta as soon as its worker sent it."""
         try:
-            for index in range(self.num_choices):
-                self._raise_if_aborted()
-                self._stream = self._opened.pop(index, None) or self._open(index, resume_ids=[], attempt_tag=0)
-                yield from self._run_choice(index)
+            self._raise_if_aborted()
+            if len(self._choices) == 1:
+                yield from self._run_choice(self._choices[0])
+            else:
+                yield from self._interleave()
         finally:
             self.close()
 
-    def _run_choice(self, index: int) -> Iterator[Delta]:
-        output_ids: list[int] = []
+    def _interleave(self) -> Iterator[Delta]:
+        self._interleaved = True
+        running = {choice.index: self._run_choice(choice) for choice in self._choices}
+        waits: dict[int, ReadWait] = {}
+        ready = list(running)
+        try:
+            while running:
+                for index in ready:
+                    waits.pop(index, None)
+                    for item in running[index]:
+                        if item.__class__ is ReadWait:  # nothing more from this choice's worker yet
+                            waits[index] = item
+                            break
+                        yield item
+                    else:
+                        del running[index]
+                if running:
+                    woken = wait_for_any(list(waits.values()))
+                    ready = [index for index, wait in waits.items() if wait in woken]
+        finally:
+            for choice_run in running.values():  # one choice failed, or the client left: end the others now
+                choice_run.close()
+
+    def _run_choice(self, choice: Choice) -> Iterator[Delta | ReadWait]:
+        index, output_ids = choice.index, choice.output_ids
         resumes = migrations = 0
-        self._last_token_at = None
         running = self.gw.metrics.num_requests_running.labels(self.model)
         running.inc()
         try:
             while True:
                 try:
-                    final = yield from self._read_stream(index, output_ids)
+                    final = yield from self._read_stream(choice)
                 except WorkerLost as exc:
                     self._raise_if_aborted()
                     final = None
@@ -233,28 +274,29 @@ class Generation:
                     if (final.finish_reason == "migrated" and final.migrated_to is not None
                             and migrations < MAX_MIGRATIONS):
                         migrations += 1
-                        failure = self._attach(index, final.migrated_to, len(output_ids))
+                        failure = self._attach(choice, final.migrated_to)
                         if failure is None:
                             continue
                         reason = failure
                     else:
-                        reason = f"worker {self._stream.worker_url} ended the generation ({final.finish_reason})"
+                        reason = f"worker {choice.stream.worker_url} ended the generation ({final.finish_reason})"
                 if resumes >= MAX_RESUMES:
                     raise ServiceUnavailable(f"generation interrupted: {reason}", code="worker_lost", retry_after=2)
                 resumes += 1
                 self.gw.metrics.resumes.labels(self.model).inc()
                 log.warning("request %s choice %d: %s; resuming elsewhere after %d tokens",
                             self.ctx.request_id, index, reason, len(output_ids))
-                self.gw.router.forget(self._endpoint)
-                self._endpoint = self._route()
-                self._stream = self._open(index, resume_ids=list(output_ids), attempt_tag=resumes)
+                self.gw.router.forget(choice.endpoint)
+                choice.endpoint = self._route()
+                choice.stream = self._open(choice, resume_ids=list(output_ids), attempt_tag=resumes)
         finally:
             running.dec()
 
-    def _attach(self, index: int, moved: MigratedTo, delivered: int) -> str | None:
+    def _attach(self, choice: Choice, moved: MigratedTo) -> str | None:
         """Follow a live migration: stream on from the destination. None on success, else why it failed."""
+        delivered = len(choice.output_ids)
         if moved.from_index != delivered:  # the destination would refuse; resume from what the client has
-            return (f"worker {self._stream.worker_url} migrated the generation from index {moved.from_index}, "
+            return (f"worker {choice.stream.worker_url} migrated the generation from index {moved.from_index}, "
                     f"but {delivered} tokens were delivered")
         try:
             # The migration ticket's grant, from the source's stream: the destination is the one the controller
@@ -263,15 +305,16 @@ class Generation:
                                  moved.request_id, delivered, grant=moved.grant, tls=self.gw.config.internal_http)
         except WorkerError as exc:
             return f"attaching to the migrated generation on {moved.worker_url} failed: {exc}"
-        log.info("request %s choice %d: live-migrated to %s after %d tokens", self.ctx.request_id, index,
+        log.info("request %s choice %d: live-migrated to %s after %d tokens", self.ctx.request_id, choice.index,
                  moved.worker_url, delivered)
-        self._stream = stream
+        choice.stream = stream
         self.gw.metrics.migrations.labels(self.model).inc()
-        self._migration_pause_from = self._last_token_at or time.monotonic()
+        choice.migration_pause_from = choice.last_token_at or time.monotonic()
         return None
 
-    def _read_stream(self, index: int, output_ids: list[int]):
-        """Yield deltas for the token lines of the current stream; return its FinalLine.
+    def _read_stream(self, choice: Choice):
+        """Yield deltas for the token lines of the choice's current stream (and, interleaving, a ReadWait whenever
+        it has nothing more yet); return its FinalLine.
 
         Tokens that arrived together (the worker sent them in one write, having queued up while its stream thread
         waited for the CPU, or they piled up in this gateway's socket while its thread waited) become one delta,
@@ -284,8 +327,15 @@ class Generation:
         last_token_at: float | None = None
         text = ""
         uncounted = 0  # tokens not in generation_tokens yet: added once per piece of the stream, not per token
+        index, stream, output_ids = choice.index, choice.stream, choice.output_ids
+        if self._interleaved:
+            stream.yield_when_idle()
         try:
-            for item in self._stream:
+            for item in stream:
+                if item.__class__ is ReadWait:
+                    self._raise_if_aborted()
+                    yield item
+                    continue
                 if isinstance(item, FinalLine):
                     return item
                 assert isinstance(item, TokenLine)
@@ -295,14 +345,14 @@ class Generation:
                     metrics.time_to_first_token.labels(self.model).observe(now - self.ctx.arrived)
                 elif last_token_at is not None:
                     inter_token_latency.observe(now - last_token_at)
-                if self._migration_pause_from is not None:
-                    metrics.migration_pause.labels(self.model).observe(now - self._migration_pause_from)
-                    self._migration_pause_from = None
-                last_token_at = self._last_token_at = now
+                if choice.migration_pause_from is not None:
+                    metrics.migration_pause.labels(self.model).observe(now - choice.migration_pause_from)
+                    choice.migration_pause_from = None
+                last_token_at = choice.last_token_at = now
                 output_ids.append(item.token_id)
                 self.completion_tokens += 1
                 uncounted += 1
-                last_of_piece = not self._stream.tokens_buffered
+                last_of_piece = not stream.tokens_buffered
                 if last_of_piece:
                     generation_tokens.inc(uncounted)
                     uncounted = 0
@@ -329,17 +379,16 @@ class Generation:
             raise ServiceUnavailable(self._aborted, code="gateway_shutdown", retry_after=5)
 
     def close(self) -> None:
-        """Cancel an unfinished worker stream, give back unused reserved tokens, record the request's latency."""
+        """Cancel the unfinished worker streams, give back unused reserved tokens, record the request's latency."""
         with self._close_lock:  # the request's thread, or the shutdown settling a stuck generation
             if self._closed:
                 return
             self._closed = True
         self.gw.untrack(self)
-        for stream in [self._stream, *self._opened.values()]:
-            if stream is not None and not stream.finished:
-                stream.cancel()
+        for choice in self._choices:
+            if choice.stream is not None and not choice.stream.finished:
+                choice.stream.cancel()
                 self.gw.metrics.request_success.labels(self.model, "abort").inc()
-        self._opened.clear()
         if self._first_token_seen:
             self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
         if self._stream_slot is not None:

@@ -16,6 +16,7 @@ import httpx
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.gateway.errors import ApiError, InvalidRequest, ServiceUnavailable
+from hpcllm.httpkit.streaming import ReadWait
 from hpcllm.worker.client import GenerationStream, WorkerClient, WorkerError
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 
@@ -47,7 +48,11 @@ class WorkerStream:
         socket while this thread waited)."""
         return self._stream.tokens_buffered
 
-    def __iter__(self) -> Iterator[TokenLine | FinalLine]:
+    def yield_when_idle(self) -> None:
+        """Iterating yields a ReadWait instead of blocking for the worker (hpcllm.httpkit.streaming)."""
+        self._stream.yield_when_idle()
+
+    def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait]:
         try:
             for item in self._stream:
                 if isinstance(item, FinalLine):

@@ -13,15 +13,24 @@ Same as the internal httpx client (hpcllm.httpkit.client): TLS verified against 
 connect / write / read timeouts from an httpx.Timeout. Unlike it, one connection per stream, closed at the end
 (no pool): a stream lasts as long as a generation, so a connect per stream is a small cost, and closing is how a
 reader cancels the request on the worker anyway.
+
+A reader of several streams on one thread (the gateway reading the n choices of one request as they come) reads
+their chunked bodies without blocking: after `yield_when_idle()`, `pieces()` yields the stream's ReadWait instead
+of waiting in a receive, and the consumer waits for any of its streams (`wait_for_any`) before iterating on the
+ones that have something.
 """
 
 from __future__ import annotations
 
+import math
 import re
+import select
 import socket
 import ssl
 from collections.abc import Iterator
 from functools import lru_cache
+
+import time
 
 import h11
 import httpx
@@ -32,6 +41,10 @@ RECEIVE_BYTES = 64 * 1024
 
 class StreamBroken(Exception):
     """The stream could not be opened or broke: no connection, a timeout, the peer closed mid-answer, bad HTTP."""
+
+
+class _NothingYet(Exception):
+    """A receive on a non-blocking stream found nothing to read."""
 
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
@@ -99,6 +112,62 @@ def tls_context(verify: ssl.SSLContext | bool) -> ssl.SSLContext:
     return verify if isinstance(verify, ssl.SSLContext) else _default_tls()
 
 
+class ReadWait:
+    """Yielded by a non-blocking stream's body in place of data: wait until `fileno()` is readable, then iterate
+    on. The stream keeps the read timeout: iterated on past it with nothing to read, it raises StreamBroken."""
+
+    def __init__(self, sock: socket.socket, timeout: float | None, host: str) -> None:
+        self._sock = sock
+        self.timeout = timeout
+        self._host = host
+        self._since: float | None = None  # when the stream began waiting (its last data before)
+        self.closed = False  # the stream was closed (from any thread): a waiter stops waiting for it
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def remaining(self) -> float | None:
+        """Seconds left of the read timeout (None: no timeout)."""
+        if self.timeout is None:
+            return None
+        if self._since is None:
+            self._since = time.monotonic()
+        return max(0.0, self._since + self.timeout - time.monotonic())
+
+    def data_came(self) -> None:
+        self._since = None
+
+    def nothing_came(self) -> None:
+        """A receive found nothing: StreamBroken once the read timeout has passed since the last data."""
+        if self.remaining() == 0.0:
+            raise StreamBroken(f"no data from {self._host} within {self.timeout} s")
+
+
+def wait_for_any(waits: list[ReadWait]) -> list[ReadWait]:
+    """Block until one of the waits' sockets is readable; those that are, or, when a read timeout passed first or a
+    stream was closed meanwhile, those (their next iteration raises). poll, not select: a gateway process may hold
+    more than FD_SETSIZE sockets (gevent patches poll as it does select)."""
+    closed = [wait for wait in waits if wait.closed]
+    if closed:
+        return closed
+    poller = select.poll()
+    by_fd = {}
+    for wait in waits:
+        try:
+            fd = wait.fileno()
+        except OSError:
+            return [wait]
+        if fd < 0:  # closed meanwhile
+            return [wait]
+        by_fd[fd] = wait
+        poller.register(fd, select.POLLIN)
+    timeouts = [left for left in (wait.remaining() for wait in waits) if left is not None]
+    events = poller.poll(None if not timeouts else math.ceil(max(0.0, min(timeouts)) * 1000))
+    if events:
+        return [by_fd[fd] for fd, _ in events if fd in by_fd]
+    return [wait for wait in waits if wait.remaining() == 0.0]
+
+
 class StreamingPost:
     """One POST and its answer. open() sends the request and reads the answer's status and headers; then
     `pieces()` yields the body as it arrives, or `read()` returns all of it (an error answer)."""
@@ -115,6 +184,7 @@ class StreamingPost:
         self.status = 0
         self.reason = ""
         self.headers: dict[str, str] = {}
+        self.wait: ReadWait | None = None  # set by yield_when_idle(): the body is read without blocking
 
     # ------------------------------------------------------------------------------------------------- opening
     def open(self) -> StreamingPost:
@@ -166,10 +236,22 @@ class StreamingPost:
                 return
             # an h11.InformationalResponse (1xx): the real answer follows
 
+    def yield_when_idle(self) -> bool:
+        """From now on `pieces()` never blocks: when the socket has nothing, it yields `self.wait` (a ReadWait)
+        instead. Only for a chunked body (the streams a worker answers); False, and nothing changed, otherwise."""
+        if self.wait is not None:
+            return True
+        if self._sock is None or "chunked" not in self.headers.get("transfer-encoding", "").lower():
+            return False
+        self.wait = ReadWait(self._sock, self._timeout.read, self.url.host)
+        self._sock.settimeout(0.0)
+        return True
+
     # ------------------------------------------------------------------------------------------------- the body
-    def pieces(self) -> Iterator[bytes]:
+    def pieces(self) -> Iterator[bytes | ReadWait]:
         """The body as it arrives: per receive, all the data it brought (every HTTP chunk in it), joined; ends
-        at the end of the answer. A connection that breaks before raises StreamBroken."""
+        at the end of the answer. A connection that breaks before raises StreamBroken. After yield_when_idle(),
+        a ReadWait between pieces: the socket is to be waited for before the next receive."""
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             yield from self._chunked_pieces()
             return
@@ -200,7 +282,10 @@ class StreamingPost:
                 yield body
             if decoder.done:
                 return
-            data = self._receive_bytes()
+            if self.wait is not None:
+                data = yield from self._receive_when_readable()
+            else:
+                data = self._receive_bytes()
             while isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
                 data += self._receive_bytes()  # the rest of a TLS record the last receive did not take
             if not data:
@@ -219,6 +304,21 @@ class StreamingPost:
     def _receive(self) -> None:
         self._http.receive_data(self._receive_bytes())  # b"": closed; the next event says if that was too early
 
+    def _receive_when_readable(self):
+        """One receive on the non-blocking socket, the consumer waiting for it to be readable first (a selector
+        says so at once when data is there; a receive that finds nothing would cost a system call and an
+        exception per piece)."""
+        wait = self.wait
+        while True:
+            yield wait
+            try:
+                data = self._receive_bytes()
+            except _NothingYet:
+                wait.nothing_came()  # woken without data (or past the timeout: raises)
+                continue
+            wait.data_came()
+            return data
+
     def _receive_bytes(self) -> bytes:
         sock = self._sock
         if sock is None:
@@ -227,12 +327,16 @@ class StreamingPost:
             return sock.recv(RECEIVE_BYTES)
         except socket.timeout as exc:
             raise StreamBroken(f"no data from {self.url.host} within {self._timeout.read} s") from exc
+        except (BlockingIOError, ssl.SSLWantReadError):  # a non-blocking socket (yield_when_idle) with nothing
+            raise _NothingYet from None
         except (OSError, ssl.SSLError) as exc:
             raise StreamBroken(f"reading from {self.url.host} failed: {exc}") from exc
 
     def close(self) -> None:
         """Close the connection (from any thread: a reader waiting in a receive wakes up with StreamBroken)."""
         sock, self._sock = self._sock, None
+        if self.wait is not None:
+            self.wait.closed = True
         if sock is None:
             return
         try:

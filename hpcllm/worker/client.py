@@ -24,7 +24,7 @@ from hpcllm.credentials import GRANT_HEADER
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import internal_client, verify_of
-from hpcllm.httpkit.streaming import StreamBroken, StreamingPost
+from hpcllm.httpkit.streaming import ReadWait, StreamBroken, StreamingPost
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
     CANCEL_PATH,
@@ -97,9 +97,17 @@ class GenerationStream:
         self.final: FinalLine | None = None
         self.tokens_buffered = 0
 
-    def __iter__(self) -> Iterator[TokenLine | FinalLine]:
+    def yield_when_idle(self) -> None:
+        """Read without blocking from now on: iterating yields a ReadWait when nothing has come (see
+        hpcllm.httpkit.streaming); the caller waits for it and iterates on."""
+        self._post.yield_when_idle()
+
+    def __iter__(self) -> Iterator[TokenLine | FinalLine | ReadWait]:
         try:
             for lines in self._line_batches():
+                if lines.__class__ is ReadWait:
+                    yield lines
+                    continue
                 tokens = sum(isinstance(line, TokenLine) for line in lines)
                 for line in lines:
                     if isinstance(line, TokenLine):
@@ -115,11 +123,14 @@ class GenerationStream:
         if self.final is None:
             raise WorkerError(0, "worker stream ended without a final line (worker died?)")
 
-    def _line_batches(self) -> Iterator[list[TokenLine | FinalLine]]:
+    def _line_batches(self) -> Iterator[list[TokenLine | FinalLine] | ReadWait]:
         """The stream's lines, parsed, as they arrived: the complete lines of one piece of the body together;
-        keep-alives dropped."""
+        keep-alives dropped (and the body's ReadWaits passed on)."""
         partial = b""
         for data in self._post.pieces():
+            if data.__class__ is ReadWait:
+                yield data
+                continue
             *complete, partial = (partial + data).split(b"\n")
             lines = [line for line in map(_parse_line, complete) if line is not None]
             if lines:

@@ -55,6 +55,28 @@ def test_chat_n_streams_every_choice_with_its_role_chunk(gateway):
         assert mine[-1].finish_reason == whole.choices[index].finish_reason
 
 
+def test_streamed_choices_interleave_as_their_worker_streams_come(make_gateway, tiny_model_dir):
+    """n > 1 streamed: each choice's text goes out as its worker sends it, not one whole choice after the other (a
+    stand-in worker producing one token per 50 ms per choice: the second choice's first chunk comes long before the
+    first choice's last)."""
+    from .conftest import ThreadServer
+    from .test_frontdoor import slow_worker_app
+
+    slow = ThreadServer(slow_worker_app(seconds_per_token=0.05))
+    try:
+        running = make_gateway(static_models={"slow": {"worker_url": slow.url, "source": str(tiny_model_dir)}})
+        chunks = list(running.client().completions.create(model="slow", prompt="hi", n=2, max_tokens=8,
+                                                           stream=True))
+    finally:
+        slow.stop()
+    order = [c.choices[0].index for c in chunks if c.choices and c.choices[0].text]
+    assert sorted(order) == [0] * 8 + [1] * 8  # one event per token, none lost or merged across choices
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)  # choice 1 began before choice 0 ended
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == "x" * 8 and mine[-1].finish_reason == "length"
+
+
 def test_completion_logprobs_match_the_model_and_streaming_gives_the_same(gateway, hf_pair):
     client = gateway.client()
     prompt_ids = hf_pair[1](PROMPT)["input_ids"]

@@ -222,3 +222,51 @@ def test_closing_from_another_thread_wakes_the_reader_and_the_worker_sees_the_co
             next(lines)
         assert time.monotonic() - started < 5
     assert worker.closed_by_client.wait(5)
+
+
+def read_without_blocking(stream) -> list:
+    """What the gateway does with several choices: iterate a stream read without blocking, waiting for its socket
+    (wait_for_any) whenever it yields a ReadWait. The lines, and 'wait' for every ReadWait."""
+    from hpcllm.httpkit.streaming import ReadWait, wait_for_any
+
+    stream.yield_when_idle()
+    seen = []
+    for item in stream:
+        if isinstance(item, ReadWait):
+            assert wait_for_any([item]) == [item]
+            seen.append("wait")
+        else:
+            seen.append(item)
+    return seen
+
+
+def test_read_without_blocking_yields_waits_between_pieces_and_the_same_lines():
+    def script(send):
+        send(CHUNKED_HEAD + chunk(token(0)))
+        time.sleep(0.2)
+        send(chunk(token(1) + token(2)[:9]))
+        time.sleep(0.2)
+        send(chunk(token(2)[9:] + final(3)) + END)
+
+    worker = ScriptedWorker(script)
+    with WorkerClient(worker.url, SECRET) as client, client.generate(REQUEST) as stream:
+        seen = read_without_blocking(stream)
+    lines = [item for item in seen if item != "wait"]
+    assert [line.index for line in lines[:-1]] == [0, 1, 2] and isinstance(lines[-1], FinalLine)
+    assert seen.index("wait") < seen.index(lines[1])  # it waited for the worker instead of blocking in a receive
+
+
+def test_read_without_blocking_keeps_the_read_timeout_and_sees_a_close_from_another_thread():
+    worker = ScriptedWorker(lambda send: (send(CHUNKED_HEAD + chunk(token(0))), time.sleep(2)))
+    with WorkerClient(worker.url, SECRET, read_timeout=0.5) as client, client.generate(REQUEST) as stream:
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="within 0.5 s"):
+            read_without_blocking(stream)
+        assert time.monotonic() - started < 1.8
+    worker = ScriptedWorker(lambda send: send(CHUNKED_HEAD + chunk(token(0))))  # then silence
+    with WorkerClient(worker.url, SECRET) as client:
+        stream = client.generate(REQUEST)
+        threading.Timer(0.3, stream.close).start()
+        with pytest.raises(WorkerError):
+            read_without_blocking(stream)
+    assert worker.closed_by_client.wait(5)
