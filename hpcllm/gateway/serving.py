@@ -3,10 +3,10 @@
 A Generation is one client request with one or more prompts, each sampled n times (choice i*n + j is prompt i's
 j-th sample, as vLLM numbers them). `start()` does everything that can still
 become an HTTP error - the token-limit reservation, routing (which may wait for a cold start) and opening the
-first worker stream - so the endpoint answers 4xx/5xx with a proper status instead of a broken stream. `deltas()`
-then yields text as the worker produces it, choice after choice; every choice's worker stream is opened at the
-start, so the worker generates them together (one batch), and the gateway reads them as they come (several
-choices interleave in the answer, as with OpenAI's and vLLM's servers). If a worker goes away mid-generation (it was
+worker streams - so the endpoint answers 4xx/5xx with a proper status instead of a broken stream. `deltas()`
+then yields text as the worker produces it; every choice's worker stream is opened at the start, so the worker
+generates them together (one batch), and the gateway reads them as they come (several choices interleave in the
+answer, as with OpenAI's and vLLM's servers). If a worker goes away mid-generation (it was
 drained, preempted or died) the generation resumes on another instance from the tokens already received
 (token-based migration: the worker's `resume_token_ids`), so the client sees one uninterrupted answer. A worker that
 live-migrated the generation (docs/migration.md) ends its stream with finish_reason "migrated" and names the

@@ -27,10 +27,9 @@ import re
 import select
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from functools import lru_cache
-
-import time
 
 import h11
 import httpx
@@ -286,8 +285,7 @@ class StreamingPost:
                 data = yield from self._receive_when_readable()
             else:
                 data = self._receive_bytes()
-            while isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
-                data += self._receive_bytes()  # the rest of a TLS record the last receive did not take
+            data += self._receive_pending()
             if not data:
                 raise StreamBroken(f"{self.url.host} closed the connection before the end of the answer")
 
@@ -303,6 +301,16 @@ class StreamingPost:
 
     def _receive(self) -> None:
         self._http.receive_data(self._receive_bytes())  # b"": closed; the next event says if that was too early
+
+    def _receive_pending(self) -> bytes:
+        """Decrypted bytes of a TLS record the last receive did not take: there already, no wait."""
+        data = b""
+        try:
+            while isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+                data += self._receive_bytes()
+        except _NothingYet:  # a non-blocking socket whose pending bytes were not whole after all
+            pass
+        return data
 
     def _receive_when_readable(self):
         """One receive on the non-blocking socket, the consumer waiting for it to be readable first (a selector
