@@ -24,35 +24,54 @@ def _generate(worker, request_id: str, max_tokens: int):
         return list(stream)
 
 
+def _generate_concurrently(worker, prefix: str, streams: int, max_tokens: int) -> dict[int, list]:
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"{prefix}{i}",
+                                                                                     max_tokens)))
+               for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(results) == streams
+    return results
+
+
+def _small_send_buffer(monkeypatch) -> None:
+    """A slow network: little room on the way to each client the writer takes."""
+    hand_over = StreamWriter._hand_over
+
+    def with_small_buffer(self, stream, sock, render):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return hand_over(self, stream, sock, render)
+
+    monkeypatch.setattr(StreamWriter, "_hand_over", with_small_buffer)
+
+
 def test_concurrent_streams_are_written_by_the_writer_and_read_as_the_engine_generated(load_pair, start_worker):
     worker = start_worker(load_pair("llama"))
     expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=48,
                                                               temperature=0, ignore_eos=True))
     slow_down(worker.service.engine, 0.01)  # the streams stay open for ~0.5 s: each is handed over after its first line
-    results = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"w{i}", 48)))
-               for i in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for lines in results.values():
+    for lines in _generate_concurrently(worker, "w", 4, 48).values():
         tokens = [line for line in lines if isinstance(line, TokenLine)]
         assert [t.index for t in tokens] == list(range(48))
         assert [t.token_id for t in tokens] == expected.token_ids
         assert "".join(t.text for t in tokens) == expected.text
         assert isinstance(lines[-1], FinalLine) and lines[-1].finish_reason == "length"
-    assert len(results) == 4
     assert worker.service.stream_writer.handed_over == 4 and worker.service.stream_writer.handed_back == 0
 
 
-def _raw_generate(worker, request_id: str, max_tokens: int, receive_buffer: int = 2048) -> socket.socket:
-    """A generate request on a plain socket with a small receive buffer, left unread by the caller."""
+def _raw_generate(worker, request_id: str, max_tokens: int, receive_buffer: int = 2048,
+                  tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A generate request on a plain (or TLS) socket with a small receive buffer, left unread by the caller."""
     body = GenerateRequest(request_id=request_id, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
                            ignore_eos=True).model_dump_json(exclude_none=True).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", worker.server.port))
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname="localhost")
     head = (f"POST {GENERATE_PATH} HTTP/1.1\r\nHost: w\r\nContent-Type: application/json\r\n"
             f"{SECRET_HEADER}: {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n")
     sock.sendall(head.encode() + body)
@@ -90,27 +109,26 @@ def _ndjson_lines(response: bytes) -> list[dict]:
     return [json.loads(line) for line in payload.split(b"\n") if line.strip()]
 
 
-def test_a_client_that_stops_reading_is_handed_back_and_still_gets_every_line(load_pair, start_worker, monkeypatch):
-    """The writer never waits on one client: once a socket takes no more, the rest goes back to the stream's HTTP
-    thread, which sends it blocking, and the client, reading late, gets every line in order."""
-    small_send_buffer = StreamWriter._hand_over
-
-    def hand_over(self, stream, sock, render):  # a slow network: little room on the way to this client
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        return small_send_buffer(self, stream, sock, render)
-
-    monkeypatch.setattr(StreamWriter, "_hand_over", hand_over)
-    worker = start_worker(load_pair("llama"))
-    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=480,
-                                                              temperature=0, ignore_eos=True))
-    sock = _raw_generate(worker, "slow", 480)
+def _read_late_and_check(worker, request_id: str, expected_ids: list[int], tls: ssl.SSLContext | None = None) -> None:
+    """A client that reads nothing until its 480-token request has finished, then every line, once, in order."""
+    sock = _raw_generate(worker, request_id, 480, tls=tls)
     try:
-        assert wait_until(lambda: _finished(worker, "slow"), timeout=60)
+        assert wait_until(lambda: _finished(worker, request_id), timeout=60)
         lines = _ndjson_lines(_read_all(sock))
     finally:
         sock.close()
-    assert [line["token_id"] for line in lines[:-1]] == expected.token_ids
+    assert [line["token_id"] for line in lines[:-1]] == expected_ids
     assert lines[-1]["finish_reason"] == "length"
+
+
+def test_a_client_that_stops_reading_is_handed_back_and_still_gets_every_line(load_pair, start_worker, monkeypatch):
+    """The writer never waits on one client: once a socket takes no more, the rest goes back to the stream's HTTP
+    thread, which sends it blocking, and the client, reading late, gets every line in order."""
+    _small_send_buffer(monkeypatch)
+    worker = start_worker(load_pair("llama"))
+    expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=480,
+                                                              temperature=0, ignore_eos=True))
+    _read_late_and_check(worker, "slow", expected.token_ids)
     assert worker.service.stream_writer.handed_back == 1
 
 
@@ -129,14 +147,6 @@ def test_a_client_that_leaves_a_written_stream_cancels_its_request(load_pair, st
     assert tokens.finish_reason == "abort" and len(tokens.output_token_ids) < 400
 
 
-def _tls_client(site_ca, port: int, receive_buffer: int) -> ssl.SSLSocket:
-    context = ssl.create_default_context(cafile=str(site_ca.ca))
-    raw = socket.socket()
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    raw.connect(("127.0.0.1", port))
-    return context.wrap_socket(raw, server_hostname="localhost")
-
-
 def test_tls_streams_are_written_by_the_writer_and_a_slow_tls_reader_gets_every_line(load_pair, start_worker, site_ca,
                                                                                      monkeypatch):
     """Over TLS ([internal_http]) the writer takes the streams too; a TLS write that finds no room goes back whole
@@ -146,35 +156,11 @@ def test_tls_streams_are_written_by_the_writer_and_a_slow_tls_reader_gets_every_
     expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=480,
                                                               temperature=0, ignore_eos=True))
     slow_down(worker.service.engine, 0.005)
-    results = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"t{i}", 48)))
-               for i in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for lines in results.values():
+    for lines in _generate_concurrently(worker, "t", 3, 48).values():
         assert [line.token_id for line in lines if isinstance(line, TokenLine)] == expected.token_ids[:48]
         assert lines[-1].finish_reason == "length"
-    assert len(results) == 3 and worker.service.stream_writer.handed_over == 3
+    assert worker.service.stream_writer.handed_over == 3
 
-    small_send_buffer = StreamWriter._hand_over
-
-    def hand_over(self, stream, sock, render):  # a slow network: little room on the way to this client
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        return small_send_buffer(self, stream, sock, render)
-
-    monkeypatch.setattr(StreamWriter, "_hand_over", hand_over)
-    body = GenerateRequest(request_id="slow-tls", prompt=PROMPT, max_tokens=480, temperature=0,
-                           ignore_eos=True).model_dump_json(exclude_none=True).encode()
-    sock = _tls_client(site_ca, worker.server.port, receive_buffer=2048)
-    try:
-        sock.sendall(f"POST {GENERATE_PATH} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                     f"{SECRET_HEADER}: {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        assert wait_until(lambda: _finished(worker, "slow-tls"), timeout=60)
-        lines = _ndjson_lines(_read_all(sock))
-    finally:
-        sock.close()
-    assert [line["token_id"] for line in lines[:-1]] == expected.token_ids
-    assert lines[-1]["finish_reason"] == "length"
+    _small_send_buffer(monkeypatch)
+    _read_late_and_check(worker, "slow-tls", expected.token_ids, tls=ssl.create_default_context(cafile=str(site_ca.ca)))
     assert worker.service.stream_writer.handed_over == 4 and worker.service.stream_writer.handed_back == 1
