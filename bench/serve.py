@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -165,12 +166,13 @@ def is_engine_process(pid: int) -> bool:
 
 
 def pin_process(pid: int, cpus: list[int]) -> None:
-    """Every thread of pid on cpus (threads started later inherit their starter's CPUs)."""
+    """Every thread of pid on cpus (threads started later inherit their starter's CPUs); a thread that ended
+    meanwhile is skipped, any other refusal raises. Checked on the process's main thread."""
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.sched_setaffinity(int(task.name), cpus)
-        except OSError:  # the thread ended meanwhile
-            pass
+    if sorted(os.sched_getaffinity(pid)) != sorted(cpus):
+        raise RuntimeError(f"--isolate-engine: process {pid} did not move to CPUs {cpus}")
 
 
 def isolate_engines(roots: dict[str, list[int]], engine_cpus: list[int],

@@ -152,16 +152,13 @@ def wait_for_any(waits: list[ReadWait]) -> list[ReadWait]:
     poller = select.poll()
     by_fd = {}
     for wait in waits:
-        try:
-            fd = wait.fileno()
-        except OSError:
-            return [wait]
-        if fd < 0:  # closed meanwhile
+        fd = wait.fileno()
+        if fd < 0:  # closed since the check above
             return [wait]
         by_fd[fd] = wait
         poller.register(fd, select.POLLIN)
     timeouts = [left for left in (wait.remaining() for wait in waits) if left is not None]
-    events = poller.poll(None if not timeouts else math.ceil(max(0.0, min(timeouts)) * 1000))
+    events = poller.poll(math.ceil(min(timeouts) * 1000) if timeouts else None)
     if events:
         return [by_fd[fd] for fd, _ in events if fd in by_fd]
     return [wait for wait in waits if wait.remaining() == 0.0]
@@ -285,7 +282,8 @@ class StreamingPost:
                 data = yield from self._receive_when_readable()
             else:
                 data = self._receive_bytes()
-            data += self._receive_pending()
+            while isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+                data += self._receive_bytes()  # the rest of a TLS record the last receive did not take (no wait)
             if not data:
                 raise StreamBroken(f"{self.url.host} closed the connection before the end of the answer")
 
@@ -302,20 +300,10 @@ class StreamingPost:
     def _receive(self) -> None:
         self._http.receive_data(self._receive_bytes())  # b"": closed; the next event says if that was too early
 
-    def _receive_pending(self) -> bytes:
-        """Decrypted bytes of a TLS record the last receive did not take: there already, no wait."""
-        data = b""
-        try:
-            while isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
-                data += self._receive_bytes()
-        except _NothingYet:  # a non-blocking socket whose pending bytes were not whole after all
-            pass
-        return data
-
     def _receive_when_readable(self):
-        """One receive on the non-blocking socket, the consumer waiting for it to be readable first (a selector
-        says so at once when data is there; a receive that finds nothing would cost a system call and an
-        exception per piece)."""
+        """One receive on the non-blocking socket, the consumer waiting for it to be readable first (its poll says
+        so at once when data is there; a receive that finds nothing would cost a system call and an exception per
+        piece)."""
         wait = self.wait
         while True:
             yield wait

@@ -59,7 +59,7 @@ class StreamWriter:
         self._streams: list[_HandedOver] = []
         self._woken = False
         self._thread: threading.Thread | None = None
-        self.handed_over = 0  # streams the writer took (tests, /ready)
+        self.handed_over = 0  # streams the writer took (tests)
         self.handed_back = 0  # of them, given back to their HTTP thread for a slow client
 
     def wake(self) -> None:
@@ -87,7 +87,7 @@ class StreamWriter:
                 if handed.gone or handed.unsent is None:
                     return
                 connection.socket.sendall(handed.unsent)  # blocking, under the server's socket timeout
-            yield from writes()  # after the hand-back, or never handed over (TLS, not chunked)
+            yield from writes()  # after the hand-back, or never handed over (no raw connection, not chunked)
         finally:
             stream.close()  # cancels the request unless it finished
 
@@ -150,7 +150,7 @@ class StreamWriter:
         chunk = b"%x\r\n%s\r\n" % (len(data), data)
         try:
             sent = handed.sock.send(chunk)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):  # no room now (TLS: none taken)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):  # no room (TLS: resend all of it)
             sent = 0
         except OSError:  # reset, broken pipe, a TLS error: the client went away
             handed.gone = True

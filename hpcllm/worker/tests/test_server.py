@@ -220,7 +220,7 @@ def test_metrics_count_requests_and_tokens(load_pair, start_worker):
 
 
 def test_a_stream_that_fell_behind_its_engine_sends_the_queued_tokens_in_one_write(load_pair, start_worker):
-    """On its own HTTP thread (no connection to hand to the stream writer: a TLS one, say)."""
+    """On its own HTTP thread (no raw connection to hand to the stream writer: a server other than hpcllm's)."""
     from hpcllm.worker.server import _render_lines
 
     worker = start_worker(load_pair("llama"))
