@@ -266,12 +266,10 @@ class HttpNodeAgent:
     or lists instances. Tests drive registration and heartbeats themselves."""
 
     def __init__(self, node_id: str, secret: str):
-        import threading
-
         from flask import Flask, abort, request
-        from werkzeug.serving import make_server
 
         from hpcllm.httpkit.auth import SECRET_HEADER
+        from hpcllm.httpkit.tests.thread_server import ThreadServer
 
         self.node_id = node_id
         self.instances: dict[str, InstanceInfo] = {}
@@ -301,10 +299,8 @@ class HttpNodeAgent:
             self.instances.pop(instance_id, None)
             return {"stopped": instance_id}
 
-        self._server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._server = ThreadServer(app)
+        self.url = self._server.url
 
     def finish_loading(self, tier: str = "nvme", load_seconds: float = 0.8) -> None:
         for instance_id, info in list(self.instances.items()):
@@ -313,8 +309,7 @@ class HttpNodeAgent:
                     update={"state": "ready", "load_tier": tier, "load_seconds": load_seconds})
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._thread.join(timeout=5)
+        self._server.stop()
 
 
 def checkpoint_folder(path: Path, positions: int = 4096) -> Path:

@@ -8,17 +8,15 @@ HTTP, real SSE and the official `openai` client.
 from __future__ import annotations
 
 import os
-
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from werkzeug.serving import make_server
 
 from hpcllm.config import Config, parse_config
+from hpcllm.httpkit.tests.thread_server import ThreadServer
 
 SECRET = "gateway-test-secret"
 MODEL = "tiny-llama"
@@ -40,25 +38,6 @@ def hf_pair(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-class ThreadServer:
-    """A WSGI app on 127.0.0.1:<free port> in a daemon thread (werkzeug's threaded server)."""
-
-    def __init__(self, app, port: int = 0):
-        self.app = app
-        self.server = make_server("127.0.0.1", port, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def start_again(self) -> None:
-        """After stop(): the same app on the same port again (a restarted service)."""
-        self.__init__(self.app, self.server.port)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,11 @@ from __future__ import annotations
 import threading
 
 import pytest
-from werkzeug.serving import make_server
 
 from hpcllm.config import parse_config
 from hpcllm.controller.server import build_service
 from hpcllm.controller.tests.doubles import RecordingBackend
+from hpcllm.httpkit.tests.thread_server import ThreadServer
 from hpcllm.node.app import create_app
 from hpcllm.node.tests.test_agent import SECRET, make_agent
 
@@ -20,9 +20,8 @@ def start_controller(tmp_path, name: str):
                            "paths": {"state_dir": str(tmp_path / name)},
                            "controller": {"database_url": f"sqlite:///{tmp_path / (name + '.db')}"}})
     service = build_service(config, backend=RecordingBackend())
-    server = make_server("127.0.0.1", 0, service.app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return service, server, f"http://127.0.0.1:{server.server_port}"
+    server = ThreadServer(service.app)
+    return service, server, server.url
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def controllers(tmp_path):
     started = [start_controller(tmp_path, "first"), start_controller(tmp_path, "second")]
     yield started
     for _, server, _ in started:
-        server.shutdown()
+        server.stop()
 
 
 def test_agent_registers_heartbeats_and_registers_again_when_forgotten(tmp_path, controllers, monkeypatch):

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from werkzeug.serving import make_server
 
 from hpcllm.config import parse_config
 from hpcllm.controller.agents import AgentClient
@@ -23,6 +21,7 @@ from hpcllm.controller.protocol import Heartbeat, InstanceInfo, ModelSpec, NodeR
 from hpcllm.controller.server import build_service
 from hpcllm.controller.tests.doubles import RecordingBackend, checkpoint_folder
 from hpcllm.httpkit.auth import SECRET_HEADER
+from hpcllm.httpkit.tests.thread_server import ThreadServer
 from hpcllm.node.app import create_app
 from hpcllm.node.protocol import StartInstance
 from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
@@ -40,16 +39,15 @@ def controller(tmp_path):
         config = parse_config({"cluster": {"shared_secret": SECRET}, "paths": {"state_dir": str(tmp_path / "ctl")},
                                "controller": {"database_url": f"sqlite:///{tmp_path / 'ctl.db'}", **settings}})
         service = build_service(config, backend=RecordingBackend())
-        server = make_server("127.0.0.1", 0, service.app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = ThreadServer(service.app)
         source = checkpoint_folder(tmp_path / "models" / MODEL)
         service.controller.deploy(ModelSpec(name=MODEL, source=str(source), size_bytes=10**6, max_instances=2))
         started.append((service, server))
-        return service, f"http://127.0.0.1:{server.server_port}", source
+        return service, server.url, source
 
     yield make
     for service, server in started:
-        server.shutdown()
+        server.stop()
         service.controller.registry.close()
 
 
