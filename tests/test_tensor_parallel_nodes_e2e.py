@@ -177,7 +177,7 @@ def test_a_two_rank_instance_across_two_nodes_serves_like_one_rank_and_a_corrupt
                 # new allocation leaves ended ones behind: the status shows them, the assertion message too)
                 ready = [i for i in status["instances"] if i["model"] == TP_MODEL and i["state"] == "ready"]
                 live = [a for a in status["allocations"] if a["model"] == TP_MODEL and a["state"] != "ended"]
-                assert len(ready) == 1 and len(live) == 1, status
+                assert len(ready) == 1 and len(live) == 1, "\n".join([*logged("allocation")(), str(status)])
                 [tp], [alloc] = ready, live
                 assert len(alloc["nodes"]) == 2, (tp, alloc)
                 assert tp["node_id"] == alloc["nodes"][0]

@@ -408,6 +408,10 @@ class Controller:
             if job_nodes is None:  # Slurm did not answer, or not yet with the nodes: retrying is right, not giving up
                 raise JobNotLocated(f"cannot tell yet where Slurm job {principal.job_id} runs (Slurm did not say); "
                                     f"retry the registration")
+        elif reg.slurm_job_id and self.registry.get_allocation(reg.slurm_job_id) is not None:
+            # An allocation of ours: all its nodes recorded now (a spanning one has an agent on its first node only,
+            # and must not look like a one-node allocation until the next Slurm poll). None: the poll tells.
+            job_nodes = self.allocator.job_nodes(reg.slurm_job_id)
         try:
             check_registration(principal, reg.node_id, reg.slurm_job_id, reg.pool_model, job_nodes)
             self._refuse_a_takeover(reg.node_id, principal, now)
@@ -418,7 +422,7 @@ class Controller:
         try:
             node = self.registry.register_node(reg, now, live_after=now - self.settings.node_timeout_seconds,
                                                credential_id=principal.credential_id,
-                                               serves_group=principal.serves_group)
+                                               serves_group=principal.serves_group, job_nodes=job_nodes)
         except NodeTaken as exc:
             log.warning("refused the registration of %s: %s", reg.node_id, exc)
             raise
@@ -645,9 +649,12 @@ class Controller:
     def _spanning_target(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str]):
         """(node, gpu_ids, reservation) of a spanning allocation of this model without an instance, else
         RouteWaiting / NoCapacity (_start_spanning)."""
-        # Running allocations of this model (not one being cancelled, e.g. after its instance failed).
-        jobs = {a.job_id: a for a in self.registry.allocations(active_only=True)
-                if a.model == model.name and a.state == "running" and len(a.nodes) >= model.nodes}
+        # Running allocations of this model (not one being cancelled, e.g. after its instance failed); one whose
+        # nodes are not all known yet (Slurm not asked since its agent registered) is waited for, not doubled.
+        running = [a for a in self.registry.allocations(active_only=True)
+                   if a.model == model.name and a.state == "running"]
+        jobs = {a.job_id: a for a in running if len(a.nodes) >= model.nodes}
+        locating = [a for a in running if len(a.nodes) < model.nodes]
         occupied = {i.node_id for i in self.registry.instances() if i.state in ("loading", "ready", "draining")}
         holding = self._holding(model)
         for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
@@ -660,7 +667,7 @@ class Controller:
         if never is not None:
             raise NoCapacityPossible(never)
         self.registry.note_demand(model.name, now)  # so the instance starts as soon as its allocation is up
-        pending = self.pending_allocations(model.name)
+        pending = self.pending_allocations(model.name) + locating
         if pending:
             return RouteWaiting(status="allocating", model=model.name, job_id=pending[0].job_id,
                                 retry_after=self.settings.route_retry_after_seconds)

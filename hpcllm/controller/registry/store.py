@@ -505,14 +505,17 @@ class Registry:
     # --------------------------------------------------------------------------------------------------- nodes
 
     def register_node(self, reg: NodeRegistration, now: float, live_after: float | None = None,
-                      credential_id: str | None = None, serves_group: str | None = None) -> NodeRecord:
+                      credential_id: str | None = None, serves_group: str | None = None,
+                      job_nodes: list[str] | None = None) -> NodeRecord:
         """Record a node agent (new, restarted, or back in a new Slurm job) with its cache, atomically.
 
         A registration means the agent (re)started: instances we had for that node belong to its previous life
         and are dropped; the agent reports its live instances in its next heartbeat. With live_after, an agent of
         another Slurm job is refused (NodeTaken) while the node's agent heartbeated after that time. credential_id:
         what the agent authenticated with (its heartbeats must use the same); serves_group: the only group whose
-        requests go there (a group's pool).
+        requests go there (a group's pool); job_nodes: every node of its Slurm job, as Slurm said just now (an
+        allocation spanning nodes has an agent on its first node only), else the allocation learns its nodes from
+        its agents and the next Slurm poll.
         """
         persistent_nvme = reg.tiers.nvme is not None and reg.tiers.nvme.scope == "persistent"
         with self._tx() as db:
@@ -534,7 +537,7 @@ class Registry:
             )
             _replace_cache(db, reg.node_id, reg.cached, persistent_nvme)
             if reg.slurm_job_id:
-                _attach_node_to_allocation(db, reg.slurm_job_id, reg.node_id, now)
+                _attach_node_to_allocation(db, reg.slurm_job_id, reg.node_id, now, job_nodes or [])
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (reg.node_id,)).fetchone()
         return _node(row)
 
@@ -875,7 +878,7 @@ def _insert_allocation(db, job_id: str, model: str | None, preferred_nodes: list
     )
 
 
-def _attach_node_to_allocation(db, job_id: str, node_id: str, now: float) -> None:
+def _attach_node_to_allocation(db, job_id: str, node_id: str, now: float, job_nodes: list[str]) -> None:
     row = db.execute("SELECT state, nodes, started_at FROM allocations WHERE job_id = ?", (job_id,)).fetchone()
     if row is None:
         return  # an agent started by hand (a user's sbatch): it serves, but no allocation of ours owns it
@@ -884,11 +887,11 @@ def _attach_node_to_allocation(db, job_id: str, node_id: str, now: float) -> Non
         # so it is ours to manage (retire, release when idle) once more.
         db.execute("UPDATE allocations SET state = 'running', nodes = ?, started_at = ?, walltime_end = NULL,"
                    " retire_at = NULL, idle_since = NULL, ended_at = NULL, reason = 'requeued' WHERE job_id = ?",
-                   (json.dumps([node_id]), now, job_id))
+                   (json.dumps(sorted({node_id, *job_nodes})), now, job_id))
         return
-    nodes = json.loads(row["nodes"])
-    if node_id not in nodes:
-        nodes.append(node_id)
+    # Slurm's list when given (a pending allocation has none recorded yet), else what the agents told so far.
+    nodes = set(job_nodes) if job_nodes else set(json.loads(row["nodes"]))
+    nodes.add(node_id)
     state = "running" if row["state"] == "pending" else row["state"]
     db.execute("UPDATE allocations SET nodes = ?, state = ?, started_at = COALESCE(started_at, ?), idle_since = NULL"
                " WHERE job_id = ?",

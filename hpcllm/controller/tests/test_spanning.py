@@ -69,6 +69,40 @@ def test_a_spanning_instance_gets_an_allocation_of_its_own_shape_and_its_first_n
     assert model.spans_nodes and [s[0] for s in h.agents.started] == ["http://n1:9000", "http://n3:9000"]
 
 
+def test_an_agent_registering_before_the_next_slurm_poll_gets_the_instance_not_a_second_allocation(
+        make_harness, tiny_llama_dir):
+    """The agent of a 2-node allocation (on its first node only) registers before the controller has polled Slurm
+    since the job started: the registration records the job's nodes from Slurm, and the instance starts there."""
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    job = h.controller.route_once("tp").job_id
+    h.backend.start(job, "n1", h.clock.now)
+    h.backend.jobs[job].nodes = ("n1", "n2")
+    h.register("n1", gpus=0, job=job)  # no tick in between
+    assert h.registry.get_allocation(job).nodes == ["n1", "n2"]
+    started = h.controller.route_once("tp")
+    assert started.status == "starting" and started.node_id == "n1"
+    assert len(h.backend.submitted()) == 1
+
+
+def test_an_allocation_whose_nodes_slurm_has_not_said_yet_is_waited_for_not_doubled(make_harness, tiny_llama_dir):
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    job = h.controller.route_once("tp").job_id
+    h.backend.start(job, "n1", h.clock.now)
+    h.backend.jobs[job].nodes = ()  # running, its node list not out yet
+    h.register("n1", gpus=0, job=job)
+    assert h.registry.get_allocation(job).nodes == ["n1"]  # what its agent said: one of its 2 nodes
+    waiting = [h.controller.route_once("tp") for _ in range(3)]
+    assert all(w.status == "allocating" and w.job_id == job for w in waiting), waiting
+    h.tick(1)  # the autoscaler neither submits another
+    assert len(h.backend.submitted()) == 1 and h.agents.started == []
+    h.backend.jobs[job].nodes = ("n1", "n2")
+    h.tick(1)  # the poll brings the nodes
+    started = h.controller.route_once("tp")
+    assert started.status == "starting" and started.node_id == "n1" and len(h.backend.submitted()) == 1
+
+
 def test_a_failed_spanning_instance_gives_its_allocation_back(make_harness, tiny_llama_dir):
     h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
     deploy(h, tiny_llama_dir, tensor_parallel=2)  # CPU ranks, one slot per node: 2 nodes
