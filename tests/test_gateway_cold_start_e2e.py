@@ -100,7 +100,9 @@ def test_cold_stream_then_warm_chat_and_cold_start_metrics(stack, tiny_llama_dir
         # Cold: the controller submits the node-agent job, the agent registers and loads the model, tokens stream.
         chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0,
                                                 stream=True))
-        assert len(chunks) > 2
+        # Streamed: text, then the finish (tokens that reach the gateway together share an event: on a busy host
+        # a tiny model's 12 tokens can all be in the socket by the time the gateway reads, one event).
+        assert len(chunks) >= 2 and chunks[0].choices[0].text and chunks[-1].choices[0].finish_reason
         assert "".join(c.choices[0].text for c in chunks) == expected_text
         assert chunks[-1].choices[0].finish_reason == expected_finish
         allocations = [a for a in admin_status(controller_url)["allocations"] if a["model"] == MODEL]

@@ -45,7 +45,7 @@ def test_completion_stream_gives_the_same_text_in_chunks(gateway, hf_pair):
     client = gateway.client()
     expected_text, expected_finish, _ = hf_greedy(hf_pair, hf_pair[1](PROMPT)["input_ids"], 20)
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, temperature=0, stream=True))
-    assert len(chunks) > 2
+    assert len(chunks) >= 2  # text and the finish (tokens that reach the gateway together share an event)
     assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
     assert "".join(c.choices[0].text for c in chunks) == expected_text
     assert [c.choices[0].finish_reason for c in chunks][-1] == expected_finish
