@@ -480,21 +480,28 @@ class Allocator:
 
     # ----------------------------------------------------------------------------- the job we submit
 
+    def slurm_job_nodes(self, job_id: str) -> list[str] | None:
+        """The nodes Slurm says the job runs on now; [] for a job that ended; None when Slurm cannot say (no
+        backend, no answer, or no nodes listed yet)."""
+        if self.backend is None:
+            return None
+        try:
+            status = self.backend.statuses([job_id]).get(job_id)
+        except SlurmError as exc:
+            log.warning("cannot ask Slurm where job %s runs (%s)", job_id, exc)
+            return None
+        if status is None or status.is_terminal:
+            return []
+        return sorted(status.nodes) or None
+
     def job_nodes(self, job_id: str | None) -> list[str] | None:
         """The nodes a job of ours runs on, as Slurm says now (a requeued job may come back elsewhere); the recorded
-        ones when Slurm cannot be asked; [] for a job that ended; None when unknown."""
+        ones when Slurm cannot say; [] for a job that ended; None when unknown."""
         if job_id is None:
             return None
-        if self.backend is not None:
-            try:
-                status = self.backend.statuses([job_id]).get(job_id)
-            except SlurmError as exc:
-                log.warning("cannot ask Slurm where job %s runs (%s): using the recorded nodes", job_id, exc)
-            else:
-                if status is None or status.is_terminal:
-                    return []
-                if status.nodes:
-                    return sorted(status.nodes)
+        nodes = self.slurm_job_nodes(job_id)
+        if nodes is not None:
+            return nodes
         alloc = self.registry.get_allocation(job_id)
         return alloc.nodes if alloc is not None and alloc.nodes else None
 

@@ -649,12 +649,7 @@ class Controller:
     def _spanning_target(self, model: DeployedModel, now: float, exclude_nodes: frozenset[str]):
         """(node, gpu_ids, reservation) of a spanning allocation of this model without an instance, else
         RouteWaiting / NoCapacity (_start_spanning)."""
-        # Running allocations of this model (not one being cancelled, e.g. after its instance failed); one whose
-        # nodes are not all known yet (Slurm not asked since its agent registered) is waited for, not doubled.
-        running = [a for a in self.registry.allocations(active_only=True)
-                   if a.model == model.name and a.state == "running"]
-        jobs = {a.job_id: a for a in running if len(a.nodes) >= model.nodes}
-        locating = [a for a in running if len(a.nodes) < model.nodes]
+        jobs, locating = self._spanning_allocations(model)
         occupied = {i.node_id for i in self.registry.instances() if i.state in ("loading", "ready", "draining")}
         holding = self._holding(model)
         for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
@@ -681,6 +676,29 @@ class Controller:
                  model.ranks_per_node, decision.breakdown().model_dump_json())
         chosen = decision.chosen.node
         return self._allocate(model, Target("idle"), now, [] if chosen == ANY_NODES else chosen.split(","))
+
+    def _spanning_allocations(self, model: DeployedModel
+                              ) -> tuple[dict[str, AllocationRecord], list[AllocationRecord]]:
+        """The running allocations of this model with its number of nodes ({job id: allocation}), and those whose
+        nodes Slurm has not listed yet (to wait for, not to double). Not one being cancelled (its instance failed).
+        An allocation recorded with fewer nodes (its agent registered before the controller heard them from Slurm)
+        is asked about once more here; one that really has fewer (made before the model was redeployed over more
+        nodes) is not this model's to start on."""
+        jobs, locating = {}, []
+        for alloc in self.registry.allocations(active_only=True):
+            if alloc.model != model.name or alloc.state != "running":
+                continue
+            if len(alloc.nodes) < model.nodes:
+                nodes = self.allocator.slurm_job_nodes(alloc.job_id)
+                if nodes is None:
+                    locating.append(alloc)
+                    continue
+                if nodes and nodes != alloc.nodes:
+                    self.registry.update_allocation(alloc.job_id, nodes=nodes)
+                    alloc = dataclasses.replace(alloc, nodes=nodes)
+            if len(alloc.nodes) >= model.nodes:
+                jobs[alloc.job_id] = alloc
+        return jobs, locating
 
     def _spanning_breakdown(self, model: DeployedModel, alloc: AllocationRecord, node: NodeRecord,
                             holding: dict[str, set[str]]) -> PlacementBreakdown:

@@ -103,6 +103,20 @@ def test_an_allocation_whose_nodes_slurm_has_not_said_yet_is_waited_for_not_doub
     assert started.status == "starting" and started.node_id == "n1" and len(h.backend.submitted()) == 1
 
 
+def test_an_allocation_with_fewer_nodes_than_a_redeployed_model_needs_is_not_waited_for(make_harness, tiny_llama_dir):
+    """Its 1-node allocation runs when the model is redeployed over 2 nodes: Slurm lists 1 node, so it is not one
+    still being located; a 2-node allocation goes in."""
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=2)
+    assert deploy(h, tiny_llama_dir, tensor_parallel=2).nodes == 1
+    job = h.controller.route_once("tp").job_id
+    start_job(h, job, ("n1",))
+    h.register("n1", gpus=0, job=job)
+    assert deploy(h, tiny_llama_dir, tensor_parallel=2, nodes=2).nodes == 2  # before any instance started
+    again = h.controller.route_once("tp")
+    assert again.status == "allocating" and again.job_id != job, again
+    assert [spec.nodes for spec in h.backend.submitted()] == [1, 2] and h.agents.started == []
+
+
 def test_a_failed_spanning_instance_gives_its_allocation_back(make_harness, tiny_llama_dir):
     h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
     deploy(h, tiny_llama_dir, tensor_parallel=2)  # CPU ranks, one slot per node: 2 nodes
