@@ -58,19 +58,63 @@ def test_the_openai_client_streams_through_nginx_with_tls_verification(front):
     assert "CERTIFICATE_VERIFY_FAILED" in str(exc.value)
 
 
-def test_tokens_arrive_as_they_are_generated(front):
-    """No response buffering in nginx: the first event arrives long before the last."""
-    gw, door, url = front
-    body = {"model": MODEL, "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, verify=trusting(door), timeout=60,
-                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
-        lines = stream.iter_lines()
-        next(line for line in lines if line)
-        first_at = time.monotonic()
-        rest = [line for line in lines if line]
-        last_at = time.monotonic()
-    assert rest[-1] == "data: [DONE]" and len(rest) > 100
-    assert last_at - first_at > 0.2  # the rest was still being generated when the first event came
+def gated_worker_app(release: threading.Event, finished: threading.Event):
+    """A stand-in worker that streams one token, then the rest once `release` is set (or after 20 s), then sets
+    `finished`."""
+    from flask import Flask, Response, request
+
+    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
+
+    app = Flask("gated-worker")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        req = GenerateRequest.model_validate_json(request.get_data())
+        total = req.max_tokens or 16
+
+        def lines():
+            for index in range(total):
+                yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
+                if index == 0:
+                    release.wait(20)
+            usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=total,
+                          total_tokens=len(req.prompt_token_ids) + total)
+            finished.set()
+            yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
+
+        return Response(lines(), mimetype="application/x-ndjson")
+
+    return app
+
+
+def test_tokens_arrive_as_they_are_generated(tmp_path, tiny_model_dir):
+    """No response buffering in nginx: the first token's event reaches the client while the worker still holds the
+    rest (a buffering proxy would hold it until the answer ended, or its buffer filled)."""
+    from .conftest import GatewayFactory, ThreadServer
+
+    release, finished = threading.Event(), threading.Event()
+    worker = ThreadServer(gated_worker_app(release, finished))
+    factory = GatewayFactory(tmp_path, worker.url, tiny_model_dir)
+    gw = factory()
+    port = free_port()
+    door = frontdoor.start(gw.config, tmp_path / "nginx", f"127.0.0.1:{port}", upstream=gw.url.removeprefix("http://"))
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 8, "stream": True}
+    try:
+        with httpx.stream("POST", f"https://localhost:{port}/v1/completions", json=body, verify=trusting(door),
+                          timeout=60, headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line)
+            worker_still_generating = not finished.is_set()  # a buffering proxy: the worker ended 20 s later
+            release.set()
+            rest = [line for line in lines if line]
+        assert worker_still_generating and json.loads(first.removeprefix("data: "))["choices"][0]["text"] == "x"
+        assert rest[-1] == "data: [DONE]" and "".join(json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                                                     for line in rest[:-1]) == "x" * 7
+    finally:
+        release.set()
+        assert frontdoor.stop(door.run_dir)
+        factory.stop_all()
+        worker.stop()
 
 
 def test_size_limit_and_slow_headers_stop_at_nginx(front):
