@@ -171,7 +171,8 @@ def main() -> None:
         base_gw = statistics.median(g for g, _ in results["per-stream"])
         base_wk = statistics.median(w for _, w in results["per-stream"])
         print(f"\n{streams} streams, {args.steps} steps, median of {args.rounds} rounds:")
-        print(f"  {'way':12s} {'gateway us/line':>16s} {'vs per-stream':>14s} {'worker us/line':>15s} {'vs per-stream':>14s}")
+        header = ("way", "gateway us/line", "vs per-stream", "worker us/line", "vs per-stream")
+        print("  {:12s} {:>16s} {:>14s} {:>15s} {:>14s}".format(*header))
         for way in WAYS:
             gw = statistics.median(g for g, _ in results[way])
             wk = statistics.median(w for _, w in results[way])
