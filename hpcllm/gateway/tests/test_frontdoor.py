@@ -61,30 +61,7 @@ def test_the_openai_client_streams_through_nginx_with_tls_verification(front):
 def gated_worker_app(release: threading.Event, finished: threading.Event):
     """A stand-in worker that streams one token, then the rest once `release` is set (or after 20 s), then sets
     `finished`."""
-    from flask import Flask, Response, request
-
-    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
-
-    app = Flask("gated-worker")
-
-    @app.post(GENERATE_PATH)
-    def generate():
-        req = GenerateRequest.model_validate_json(request.get_data())
-        total = req.max_tokens or 16
-
-        def lines():
-            for index in range(total):
-                yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
-                if index == 0:
-                    release.wait(20)
-            usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=total,
-                          total_tokens=len(req.prompt_token_ids) + total)
-            finished.set()
-            yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
-
-        return Response(lines(), mimetype="application/x-ndjson")
-
-    return app
+    return stand_in_worker_app("gated-worker", lambda index: index == 0 and release.wait(20), finished)
 
 
 def test_tokens_arrive_as_they_are_generated(tmp_path, tiny_model_dir):
@@ -213,13 +190,19 @@ def test_200_slow_clients_do_not_stop_a_stream(front):
 
 
 def slow_worker_app(seconds_per_token: float):
-    """A stand-in worker that streams one token per seconds_per_token (the generate API's NDJSON lines): a
-    generation that is still running when the gateway's drain time runs out."""
+    """A stand-in worker that streams one token per seconds_per_token: a generation that is still running when the
+    gateway's drain time runs out."""
+    return stand_in_worker_app("slow-worker", lambda index: time.sleep(seconds_per_token))
+
+
+def stand_in_worker_app(name: str, after_token, finished: threading.Event | None = None):
+    """A stand-in worker streaming the generate API's NDJSON lines: max_tokens tokens "x", after_token(index) called
+    after each, then `finished` set and the final line."""
     from flask import Flask, Response, request
 
     from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
 
-    app = Flask("slow-worker")
+    app = Flask(name)
 
     @app.post(GENERATE_PATH)
     def generate():
@@ -229,9 +212,11 @@ def slow_worker_app(seconds_per_token: float):
         def lines():
             for index in range(total):
                 yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
-                time.sleep(seconds_per_token)
+                after_token(index)
             usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=total,
                           total_tokens=len(req.prompt_token_ids) + total)
+            if finished is not None:
+                finished.set()
             yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
 
         return Response(lines(), mimetype="application/x-ndjson")
