@@ -178,6 +178,11 @@ def test_a_two_rank_instance_across_two_nodes_serves_like_one_rank_and_a_corrupt
                 ready = [i for i in status["instances"] if i["model"] == TP_MODEL and i["state"] == "ready"]
                 live = [a for a in status["allocations"] if a["model"] == TP_MODEL and a["state"] != "ended"]
                 assert len(ready) == 1 and len(live) == 1, "\n".join([*logged("allocation")(), str(status)])
+                # Never a second allocation for the same start (it would be cancelled once Slurm put it beside the
+                # first: "shares a node with ours"), as when its agent registered before the controller's Slurm poll.
+                doubled = [a for a in status["allocations"] if a["model"] == TP_MODEL and "shares a node" in
+                           (a["reason"] or "")]
+                assert not doubled, "\n".join([*logged("allocation")(), str(doubled)])
                 [tp], [alloc] = ready, live
                 assert len(alloc["nodes"]) == 2, (tp, alloc)
                 assert tp["node_id"] == alloc["nodes"][0]
