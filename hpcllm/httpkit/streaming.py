@@ -232,23 +232,22 @@ class StreamingPost:
                 return
             # an h11.InformationalResponse (1xx): the real answer follows
 
-    def yield_when_idle(self) -> bool:
+    def yield_when_idle(self) -> None:
         """From now on `pieces()` never blocks: when the socket has nothing, it yields `self.wait` (a ReadWait)
-        instead. Only for a chunked body (the streams a worker answers); False, and nothing changed, otherwise."""
-        if self.wait is not None:
-            return True
-        if self._sock is None or "chunked" not in self.headers.get("transfer-encoding", "").lower():
-            return False
-        self.wait = ReadWait(self._sock, self._timeout.read, self.url.host)
-        self._sock.settimeout(0.0)
-        return True
+        instead. Only for a chunked body (the streams a worker answers); any other body is still read blocking."""
+        if self.wait is None and self._sock is not None and self._chunked():
+            self.wait = ReadWait(self._sock, self._timeout.read, self.url.host)
+            self._sock.settimeout(0.0)
+
+    def _chunked(self) -> bool:
+        return "chunked" in self.headers.get("transfer-encoding", "").lower()
 
     # ------------------------------------------------------------------------------------------------- the body
     def pieces(self) -> Iterator[bytes | ReadWait]:
         """The body as it arrives: per receive, all the data it brought (every HTTP chunk in it), joined; ends
         at the end of the answer. A connection that breaks before raises StreamBroken. After yield_when_idle(),
         a ReadWait between pieces: the socket is to be waited for before the next receive."""
-        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+        if self._chunked():
             yield from self._chunked_pieces()
             return
         while True:
