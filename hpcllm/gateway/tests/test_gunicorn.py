@@ -81,7 +81,7 @@ def blackhole_url():
 @pytest.fixture(scope="module")
 def slow_url():
     from .conftest import ThreadServer
-    from .test_frontdoor import slow_worker_app
+    from .stand_in_worker import slow_worker_app
 
     server = ThreadServer(slow_worker_app(seconds_per_token=0.1))
     yield server.url

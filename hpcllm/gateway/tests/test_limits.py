@@ -112,7 +112,7 @@ def test_two_gateway_hosts_share_a_keys_token_bucket(make_gateway, empty_postgre
     """Two gateways (own state dirs) on one PostgreSQL: what one reserved, the other sees. With a bucket per host
     the second request would be served."""
     from .conftest import ThreadServer
-    from .test_frontdoor import slow_worker_app
+    from .stand_in_worker import slow_worker_app
 
     slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))  # the reservation stays held while it streams
     settings = dict(api_keys=[{"key": USER_KEY, "tokens_per_minute": 500}], limits_db=empty_postgres,
@@ -135,7 +135,7 @@ def test_two_gateway_hosts_share_a_keys_token_bucket(make_gateway, empty_postgre
 def test_two_gateway_hosts_share_a_keys_stream_cap_and_a_crashed_hosts_slots_come_back(
         make_gateway, empty_postgres, tiny_model_dir):
     from .conftest import ThreadServer
-    from .test_frontdoor import slow_worker_app
+    from .stand_in_worker import slow_worker_app
 
     slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))
     lease = 3.0  # renewed every 1 s: margin for a loaded machine

@@ -60,7 +60,7 @@ def test_streamed_choices_interleave_as_their_worker_streams_come(make_gateway, 
     stand-in worker producing one token per 100 ms per choice: the second choice's first chunk comes long before the
     first choice's last; read one choice after the other, the second's tokens would come after, in one chunk)."""
     from .conftest import ThreadServer
-    from .test_frontdoor import slow_worker_app
+    from .stand_in_worker import slow_worker_app
 
     slow = ThreadServer(slow_worker_app(seconds_per_token=0.1))
     try:
