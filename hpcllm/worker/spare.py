@@ -37,6 +37,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from hpcllm.errors import ConfigError, HpcllmError
+from hpcllm.procs import freeze_startup_heap
 
 # Imported before the assignment arrives: what a fresh worker would pay for on its first load.
 PREIMPORTS = (
@@ -132,6 +133,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model_process = start_model_process()  # first: its imports run beside this process's own
     preimport()
+    # The imports' heap leaves the collector's walks before the assignment: the worker's freeze once its engine is
+    # built (WorkerService.attach) then walks only what the load made, not ~385k objects (0.1-0.2 s of start time).
+    freeze_startup_heap()
     reservation = BackgroundReservation().start()
     print("spare worker ready (imports done; host pool reserving in the background"
           f"{'; model process starting' if model_process else ''})", file=sys.stderr, flush=True)
