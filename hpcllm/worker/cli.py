@@ -42,6 +42,8 @@ def run_worker(
     forward in a model process ([worker] model_process), else stopped."""
     if not model_path.exists():
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
+    if url_file is not None and not os.access(url_file.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--url-file {url_file}: its folder {url_file.parent} does not exist or is not writable")
     worker = config.worker
     device = device or worker.device
     _check_cuda_graphs(worker, device, engine)

@@ -189,6 +189,13 @@ class WorkerService:
         if self.engine is not None:
             self.engine.shutdown()
 
+    def close_unused_model_process(self) -> None:
+        """Stop a model process started ahead for a load that never began (serving failed first): the child ignores
+        SIGTERM and waits for its model, so left running it would hang this process's exit."""
+        option = self.engine_options.get("model_process")
+        if isinstance(option, ModelProcess):
+            option.close()
+
     def stream_capacity(self) -> int:
         """Generations that may hold a stream at once (running + waiting requests, the engine's defaults when not
         set)."""
@@ -370,6 +377,14 @@ def write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _publish_url(server: InternalServer, url_file: Path, url: str) -> None:
+    try:
+        write_atomically(url_file, url + "\n")
+    except OSError as exc:
+        server.stop()
+        raise ConfigError(f"cannot write the worker's URL to {url_file}: {exc.strerror or exc}") from None
+
+
 def serve(
     service: WorkerService,
     loader: Callable[[], ModelForServing],
@@ -388,11 +403,15 @@ def serve(
     threads: HTTP threads (default: one per possible stream, service.stream_capacity(), plus CONTROL_THREADS).
     """
     http = service.http = http or InternalHttpConfig()
-    server = InternalServer(create_app(service, http.max_request_bytes), host, port, http=http,
-                            threads=threads or service.stream_capacity() + CONTROL_THREADS, name="worker")
-    url = f"{server.scheme}://{host}:{server.port}"
-    if url_file is not None:
-        write_atomically(url_file, url + "\n")
+    try:
+        server = InternalServer(create_app(service, http.max_request_bytes), host, port, http=http,
+                                threads=threads or service.stream_capacity() + CONTROL_THREADS, name="worker")
+        url = f"{server.scheme}://{host}:{server.port}"
+        if url_file is not None:
+            _publish_url(server, url_file, url)
+    except BaseException:
+        service.close_unused_model_process()
+        raise
     if on_listening is not None:
         on_listening(url)
 

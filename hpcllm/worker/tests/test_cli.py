@@ -26,6 +26,30 @@ def test_cuda_graphs_on_a_cpu_worker_is_a_clear_error(tmp_path, capsys):
     assert "[worker] cuda_graphs needs a GPU worker" in err and "device 'cpu'" in err and "Traceback" not in err
 
 
+def test_url_file_in_a_missing_folder_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    assert main(["worker", "--model", str(tmp_path / "ckpt"), "--url-file", str(tmp_path / "no" / "url")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --url-file {tmp_path / 'no' / 'url'}: its folder") and "Traceback" not in err
+
+
+def test_a_url_file_that_cannot_be_written_ends_the_worker_with_its_model_process(tmp_path, model_dirs):
+    """Serving fails after the model process started (the URL cannot be published: a folder is in its way): one
+    error line, and the process exits - the model process (which ignores SIGTERM, waiting for its model) is stopped
+    instead of hanging the worker's exit."""
+    from hpcllm.checkpoint.converter import convert
+
+    checkpoint = convert(model_dirs["llama"], tmp_path / "tiny-llama").root
+    (tmp_path / "url").mkdir()
+    env = {**os.environ, "HPCLLM_SHARED_SECRET": "cli-secret"}
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(checkpoint), "--url-file",
+         str(tmp_path / "url")], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot write the worker's URL to {tmp_path / 'url'}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_dirs, load_pair, reference_model):
     from hpcllm.checkpoint.converter import convert
