@@ -43,20 +43,21 @@ cm.warm("bench", sys.argv[1], "nvme")
 
 
 def make_origin(work: Path, size_mb: int) -> Path:
-    """A synthetic converted checkpoint of about size_mb MB (random float32 weights)."""
+    """A converted Llama of about size_mb MB (seeded random float32 weights): the converter takes only checkpoints
+    transformers can build, so the layers are what scales."""
     import torch
-    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from hpcllm.checkpoint import convert
 
+    hidden, ffn, vocab = 1024, 2816, 1024
+    per_layer = 4 * hidden * hidden + 3 * hidden * ffn + 2 * hidden  # attention, MLP, norms (float32 parameters)
+    layers = max(1, (size_mb * 1_000_000 // 4 - 2 * vocab * hidden) // per_layer)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=vocab, tie_word_embeddings=False)
+    torch.manual_seed(0)
     hf = work / "hf"
-    hf.mkdir()
-    n_tensors = 8
-    per = size_mb * 1_000_000 // 4 // n_tensors
-    g = torch.Generator().manual_seed(0)
-    save_file({f"layer{i}.weight": torch.rand(per, generator=g) for i in range(n_tensors)},
-              hf / "model.safetensors")
-    (hf / "config.json").write_text('{"model_type": "bench", "architectures": ["Bench"]}')
+    LlamaForCausalLM(config).save_pretrained(hf)
     out = work / "origin"
     convert(hf, out, progress=False)
     shutil.rmtree(hf)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from hpcllm.checkpoint.layout import CONVERT_TARGET_DTYPES, DEFAULT_CHUNK_SIZE, read_checkpoint
+from hpcllm.checkpoint.layout import (CONVERT_TARGET_DTYPES, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, SLICE_HASHES_FILE,
+                                      read_checkpoint)
 
 
 def _human(nbytes: int) -> str:
@@ -29,9 +30,11 @@ def _human(nbytes: int) -> str:
               help="Number of data files (read in parallel by the loader). Default: one per GiB, 1 to 8.")
 @click.option("--dtype", type=click.Choice(CONVERT_TARGET_DTYPES), default=None,
               help="Cast floating tensors to this dtype (recorded in the copied config.json). Default: keep.")
-@click.option("--chunk-size-mib", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE >> 20, show_default=True,
+@click.option("--chunk-size-mib", type=click.IntRange(min=1, max=MAX_CHUNK_SIZE >> 20),
+              default=DEFAULT_CHUNK_SIZE >> 20, show_default=True,
               help="Checksum chunk size in MiB (the loader verifies each chunk as it reads).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT_DIR if it is a converted checkpoint or an empty folder (once the new one is complete).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal, large models).")
 def convert(hf_dir: Path, out_dir: Path, partitions: int | None, dtype: str | None, chunk_size_mib: int,
             overwrite: bool, progress: bool | None) -> None:
@@ -88,8 +91,9 @@ def verify(path: Path) -> None:
     ckpt = read_checkpoint(path)
     ckpt.verify_files()
     chunks = sum(p.num_chunks for p in ckpt.partitions)
-    click.echo(f"{ckpt.root}: ok ({chunks} chunk(s) in {len(ckpt.partitions)} data file(s) and "
-               f"{len(ckpt.side_files)} side file(s) match their checksums)")
+    slice_hashes = f" and {SLICE_HASHES_FILE}" if SLICE_HASHES_FILE in ckpt.metadata_files else ""
+    click.echo(f"{ckpt.root}: ok ({chunks} chunk(s) in {len(ckpt.partitions)} data file(s), "
+               f"{len(ckpt.side_files)} side file(s){slice_hashes} match their checksums)")
 
 
 @checkpoint.command("add-slice-hashes")

@@ -35,9 +35,14 @@ from hpcllm.checkpoint.layout import (
     ALIGNMENT,
     CONVERT_TARGET_DTYPES,
     FLOATING_DTYPES,
+    FORMAT_NAME,
     INDEX_FILE,
     MANIFEST_FILE,
+    MAX_CHUNK_SIZE,
+    SLICE_HASHES_FILE,
     Checkpoint,
+    creation_mode,
+    why_not_replaceable,
     dtype_name,
     read_checkpoint,
 )
@@ -122,15 +127,51 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
         raise CheckpointError(f"--partitions must be at least 1, got {partitions}")
     if dtype is not None and dtype not in CONVERT_TARGET_DTYPES:
         raise UnsupportedDtype(f"--dtype {dtype!r} is not one of {', '.join(CONVERT_TARGET_DTYPES)}")
-    if chunk_size <= 0 or chunk_size % ALIGNMENT:
-        raise CheckpointError(f"chunk size {chunk_size} must be a positive multiple of {ALIGNMENT}")
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % ALIGNMENT:
+        raise CheckpointError(f"chunk size {chunk_size} must be a multiple of {ALIGNMENT} from {ALIGNMENT} to "
+                              f"{MAX_CHUNK_SIZE} ({MAX_CHUNK_SIZE >> 20} MiB)")
     _refuse_links_leaving(source)
     real_source, real_out = source.resolve(), out.resolve()
     if real_out == real_source or real_out in real_source.parents or real_source in real_out.parents:
         raise CheckpointError(f"{out}: the output folder must not be the source folder, contain it or lie in it")
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise OutputExists(f"{out}: already exists; pass --overwrite to replace it or choose another folder")
+    _check_output(out, overwrite)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """OutputExists unless out is free, or may be replaced and overwrite is given."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    why = _why_not_replaceable(out)
+    if why:
+        raise OutputExists(f"{out}: already exists and {why}; --overwrite replaces only a converted checkpoint or an "
+                           f"empty folder: choose another output folder")
+    if not overwrite:
+        raise OutputExists(f"{out}: already exists; pass --overwrite to replace it or choose another folder")
+
+
+def _why_not_replaceable(out: Path) -> str | None:
+    """Why --overwrite must not delete out, or None: only an empty folder or one a conversion made (hpcllm's
+    manifest and the files it lists) is replaced; anything else may be someone's work."""
+    return why_not_replaceable(out, lambda entries: _not_of_a_checkpoint(out, entries))
+
+
+def _not_of_a_checkpoint(out: Path, entries: list[Path]) -> str | None:
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError, RecursionError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return f"is not a converted checkpoint (it has no hpcllm {MANIFEST_FILE})"
+    listed = {MANIFEST_FILE, INDEX_FILE, SLICE_HASHES_FILE}
+    for key in ("partitions", "side_files"):
+        items = manifest.get(key)
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("file"), str):
+                listed.add(item["file"])
+    others = sorted(p.name for p in entries if p.name not in listed or p.is_dir() and not p.is_symlink())
+    if others:
+        return f"holds files that are not part of the checkpoint ({', '.join(others[:3])})"
+    return None
 
 
 def _refuse_links_leaving(source: Path) -> None:
@@ -161,11 +202,12 @@ def _link_roots(source: Path) -> list[Path]:
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished folder into place; with overwrite, the old one is swapped out and then removed."""
+    # mkdtemp made it 0700; others (service accounts, node agents) read checkpoints like any folder of the user's.
+    tmp.chmod(creation_mode(directory=True))
+    _check_output(out, overwrite)  # again: out may have appeared or changed while converting
     if not (out.exists() or out.is_symlink()):
         os.rename(tmp, out)
         return
-    if not overwrite:
-        raise OutputExists(f"{out}: appeared while converting; pass --overwrite to replace it")
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
     os.rename(out, trash / "old")
     os.rename(tmp, out)
@@ -213,14 +255,7 @@ def _convert_into(source_dir: Path, out: Path, partitions: int | None, dtype: st
 
 
 def _as_the_model_holds_it(source_dir: Path, config: dict, files: "WeightSource"):
-    """(the tensors to store, tie groups): the model's tensors as from_pretrained would load them.
-
-    A config.json without model_type describes no model (a bare collection of tensors): stored as it is, no ties.
-    """
-    if config.get("model_type") is None:
-        log.warning("%s: config.json has no model_type; storing the tensors as they are (hpcllm.load_model needs a "
-                    "transformers model_type to build a model)", source_dir)
-        return files, []
+    """(the tensors to store, tie groups): the model's tensors as from_pretrained would load them."""
     model = hfload.build_meta_model(source_dir)
     plan = hfload.make_plan(model, files.names, files.spec, files.tensor)
     source = ConvertedSource(files, plan, model)
@@ -529,9 +564,21 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     return shards
 
 
+def _check_readable(path: Path) -> None:
+    """Open the file first: safetensors reports any file it cannot open as "No such file or directory"."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        hint = "; let the user running hpcllm read it" if isinstance(exc, PermissionError) else ""
+        raise InvalidSource(f"{path}: is not readable ({exc.strerror or exc}){hint}") from None
+
+
 @contextmanager
 def open_weights(source_dir: Path) -> Iterator[WeightSource]:
     kind, files = find_weight_files(source_dir)
+    for path in files:
+        _check_readable(path)
     source = SafetensorsSource(files) if kind == "safetensors" else TorchBinSource(files)
     try:
         if not source.names:

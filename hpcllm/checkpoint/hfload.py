@@ -44,12 +44,16 @@ def check_servable(source_dir: Path, config: dict[str, Any]) -> None:
                                 f"hpcllm serves unquantized weights only: convert the original (unquantized) "
                                 f"checkpoint, optionally with --dtype bfloat16")
     model_type = config.get("model_type")
+    if model_type is None:  # transformers (so every loader) cannot build a model without it
+        raise InvalidSource(f"{source_dir / 'config.json'}: has no \"model_type\"; add the architecture's "
+                            f"transformers name (e.g. \"model_type\": \"llama\"), as in the model's original "
+                            f"config.json")
     if config.get("auto_map") and not _transformers_knows(model_type):
         raise UnsupportedSource(f"{source_dir}: config.json's auto_map asks for the model's own Python code "
                                 f"(trust_remote_code) and transformers has no built-in class for model_type "
                                 f"{model_type!r}; hpcllm does not run remote code: use a checkpoint of an "
                                 f"architecture transformers implements")
-    if model_type is not None and not _transformers_knows(model_type):
+    if not _transformers_knows(model_type):
         import transformers
 
         raise UnsupportedSource(f"{source_dir}: model_type {model_type!r} in config.json is unknown to the "

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import xxhash
 
@@ -46,10 +46,15 @@ INDEX_FILE = "index.json"
 # Optional strip hashes for tensor-parallel slice verification (hpcllm.checkpoint.slicehashes), listed in the
 # manifest's "slice_hashes" field when present.
 SLICE_HASHES_FILE = "slice-hashes.json"
+SLICE_HASHES_FIELD = "slice_hashes"  # the manifest's record of it: {file, size, xxh3_64}
 # O_DIRECT needs file offsets (and lengths) that are multiples of the logical block size; 4 KiB covers every
 # device here and is the page size, so an aligned tensor can be read straight into a page-aligned buffer.
 ALIGNMENT = 4096
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+# Readers hold and verify whole chunks: every staging slot of a load (6 pinned ones per GPU load), the node cache's
+# copy buffer and an MPI broadcast message is at least one chunk. Larger chunks only cost memory (the loader groups
+# chunks into read units anyway); 256 MiB keeps a load's staging at 1.5 GiB.
+MAX_CHUNK_SIZE = 256 * 1024 * 1024
 CHECKSUM_ALGORITHM = "xxh3_64"
 
 # torch dtype name -> bytes per element. Every dtype a transformers checkpoint realistically holds.
@@ -116,21 +121,25 @@ def num_chunks(size: int, chunk_size: int) -> int:
 
 
 def file_chunk_checksums(path: Path, chunk_size: int) -> list[str]:
-    """Checksums of every chunk_size slice of a file (the last one short)."""
+    """Checksums of every chunk_size slice of a file (the last one short).
+
+    Each chunk is hashed as it streams through a buffer no larger than the file nor than the default chunk: a
+    chunk size far above the file size (a manifest's, or --chunk-size-mib) costs no memory.
+    """
     sums = []
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk_size)
-        view = memoryview(buf)
+        view = memoryview(bytearray(max(1, min(chunk_size, DEFAULT_CHUNK_SIZE, os.fstat(f.fileno()).st_size))))
         while True:
-            n = f.readinto(view)
+            hasher, n = xxhash.xxh3_64(), 0
+            while n < chunk_size:  # short reads (pipes, network FS) just take another turn
+                got = f.readinto(view[:min(len(view), chunk_size - n)])
+                if not got:
+                    break
+                hasher.update(view[:got])
+                n += got
             if not n:
                 break
-            while n < chunk_size:  # a short read before EOF (pipes, network FS): fill the chunk up
-                more = f.readinto(view[n:])
-                if not more:
-                    break
-                n += more
-            sums.append(checksum(view[:n]))
+            sums.append(hasher.hexdigest())
             if n < chunk_size:
                 break
     return sums
@@ -213,9 +222,28 @@ class Checkpoint:
     def metadata_files(self) -> list[str]:
         """The JSON files a copy of the checkpoint needs besides data and side files (slice-hashes.json only where
         the manifest lists it)."""
-        ref = self.manifest.get("slice_hashes")
+        ref = self.manifest.get(SLICE_HASHES_FIELD)
         listed = isinstance(ref, dict) and ref.get("file") == SLICE_HASHES_FILE
         return [MANIFEST_FILE, INDEX_FILE] + ([SLICE_HASHES_FILE] if listed else [])
+
+    def slice_hashes_bytes(self) -> bytes | None:
+        """slice-hashes.json's bytes, checked against the size and checksum the manifest records for it; None when the
+        manifest lists none (hpcllm.checkpoint.slicehashes parses them)."""
+        ref = self.manifest.get(SLICE_HASHES_FIELD)
+        if ref is None:
+            return None
+        where = f"{self.root / MANIFEST_FILE}: {SLICE_HASHES_FIELD}"
+        if not isinstance(ref, dict) or ref.get("file") != SLICE_HASHES_FILE:
+            raise InvalidManifest(f"{where} must be {{file: {SLICE_HASHES_FILE!r}, size, xxh3_64}}")
+        path = self.root / SLICE_HASHES_FILE
+        redo = f"re-run `hpcllm checkpoint add-slice-hashes {self.root}`"
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise MissingFile(f"{path}: cannot be read ({exc.strerror or exc}); the manifest lists it: {redo}") from None
+        if len(data) != ref.get("size") or checksum(data) != ref.get("xxh3_64"):
+            raise ChecksumMismatch(f"{path}: does not match the size/xxh3_64 in {MANIFEST_FILE}; {redo}")
+        return data
 
     @property
     def config_path(self) -> Path:
@@ -260,8 +288,11 @@ class Checkpoint:
         for side in self.side_files:
             _check_size(self.root / side.file, side.size)
 
-    def verify_files(self) -> None:
-        """Read every data file and side file and compare all checksums (slow: reads the whole checkpoint)."""
+    def verify_files(self, slice_hashes: bool = True) -> None:
+        """Read every data file, side file and (where the manifest lists it, unless slice_hashes is False: it is
+        about to be rewritten) slice-hashes.json and compare all checksums (slow: reads the whole checkpoint)."""
+        if slice_hashes:
+            self.slice_hashes_bytes()  # small: checked first, so a broken one fails fast
         self.check_files_present()
         for partition in self.partitions:
             actual = _read_checksums(partition.path, partition.chunk_size)
@@ -290,6 +321,35 @@ class Checkpoint:
         return self.partitions[partition_index]
 
 
+def why_not_replaceable(out: Path, foreign: Callable[[list[Path]], str | None]) -> str | None:
+    """Why --overwrite must not delete the existing `out`, or None. Never a link, a file, or the current folder (or
+    one holding it: swapped out, it would leave the shell in a void); an empty folder may go; a full one only when
+    `foreign(entries)` names nothing that is someone's work."""
+    if out.is_symlink():
+        return "is a symbolic link"
+    if not out.is_dir():
+        return "is not a folder"
+    try:
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            return "is the current folder (or contains it)"
+        entries = list(out.iterdir())
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror or exc})"
+    return foreign(entries) if entries else None
+
+
+def creation_mode(directory: bool) -> int:
+    """The mode open() / mkdir() would give a new file / folder under this process's umask (0644 / 0755 under the
+    usual 022): what a published checkpoint should have, not the 0600 / 0700 of a temporary one."""
+    try:  # read, not set and restored: os.umask would change it for every thread for a moment
+        status = Path("/proc/self/status").read_text()
+        umask = int(re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE).group(1), 8)
+    except (OSError, AttributeError):  # no /proc, or a kernel before 4.7
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def torch_dtype(name: str):
     """The torch.dtype for a format dtype name ('bfloat16' -> torch.bfloat16)."""
     import torch
@@ -311,6 +371,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Parse and validate manifest.json and index.json of a converted checkpoint (no tensor data is read)."""
     root = Path(path)
     if not root.is_dir():
+        if root.exists():
+            raise NotAConvertedCheckpoint(f"{root}: is not a folder; a converted checkpoint is a folder holding "
+                                          f"{MANIFEST_FILE}")
         raise MissingFile(f"{root}: no such checkpoint folder")
     manifest_path = root / MANIFEST_FILE
     if not manifest_path.is_file():

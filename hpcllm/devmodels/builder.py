@@ -12,6 +12,7 @@ that is renamed into place when complete.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hpcllm.checkpoint.layout import creation_mode, why_not_replaceable
 from hpcllm.devmodels.tokenizer import make_tokenizer
 from hpcllm.errors import HpcllmError
 
@@ -48,6 +50,11 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# What a build writes (save_pretrained's side files vary a little between transformers versions): --overwrite
+# replaces a folder holding only such files, or an empty one, never anything else.
+BUILT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "chat_template.jinja", "model*.safetensors", SAFE_INDEX,
+               "pytorch_model*.bin", BIN_INDEX)
 
 
 class DevModelError(HpcllmError):
@@ -259,13 +266,13 @@ def make_model(
 
     dtype defaults to float32 for tiny/small and bfloat16 for bench. fmt="bin" writes legacy pytorch_model*.bin
     files instead of safetensors. show_progress (default: only for bench) prints tqdm progress on stderr.
-    Returns the output directory. Raises DevModelError for bad arguments or an existing out_dir without overwrite.
+    Returns the output directory. Raises DevModelError for bad arguments, an existing out_dir without overwrite,
+    or one that overwrite must not replace (anything but an empty folder or an earlier build).
     """
     dtype = dtype or DEFAULT_DTYPE.get(size, "float32")
     _check_args(arch, size, shards, seed, dtype, fmt)
     out_path = Path(out_dir).absolute()
-    if out_path.exists() and not overwrite:
-        raise DevModelError(f"{out_path} already exists: pass overwrite=True (--overwrite) or choose another path")
+    _check_output(out_path, overwrite)
     if show_progress is None:
         show_progress = size == "bench"
 
@@ -287,6 +294,11 @@ def make_model(
             _rewrite_weights(staging, shards, fmt)
         tokenizer.save_pretrained(staging)
         _check_written(staging, shards, fmt)
+        # Readable like any other folder and file: mkdtemp made the folder 0700 and safetensors its files 0600.
+        staging.chmod(creation_mode(directory=True))
+        file_mode = creation_mode(directory=False)
+        for path in staging.iterdir():
+            path.chmod(file_mode)
         _publish(staging, out_path, overwrite)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -342,15 +354,41 @@ def _check_written(directory: Path, shards: int, fmt: str) -> None:
         raise DevModelError(f"building the model wrote no {', '.join(missing)} in {directory}")
 
 
+def _check_output(out_path: Path, overwrite: bool) -> None:
+    """DevModelError unless out_path is free, or may be replaced and overwrite is given."""
+    if not (out_path.exists() or out_path.is_symlink()):
+        return
+    why = _why_not_replaceable(out_path)
+    if why:
+        raise DevModelError(f"{out_path} already exists and {why}; --overwrite replaces only a model this command "
+                            f"built or an empty folder: choose another path")
+    if not overwrite:
+        raise DevModelError(f"{out_path} already exists: pass --overwrite or choose another path")
+
+
+def _why_not_replaceable(out_path: Path) -> str | None:
+    """Why --overwrite must not delete out_path, or None (an empty folder, or one holding only what a build
+    writes)."""
+    return why_not_replaceable(out_path, lambda entries: _not_of_a_build(out_path, entries))
+
+
+def _not_of_a_build(out_path: Path, entries: list[Path]) -> str | None:
+    others = sorted(p.name for p in entries if not p.is_file() or p.is_symlink()
+                    or not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in BUILT_FILES))
+    if others:
+        return f"holds files a model build does not write ({', '.join(others[:3])})"
+    if not (out_path / "config.json").is_file():
+        return "holds no config.json (it is not a model)"
+    return None
+
+
 def _publish(staging: Path, out_path: Path, overwrite: bool) -> None:
     """Renames the finished directory into place; an overwritten one is moved aside first, then deleted."""
+    _check_output(out_path, overwrite)  # again: it may have appeared or changed while building
     if out_path.exists() or out_path.is_symlink():
-        if not overwrite:
-            raise DevModelError(f"{out_path} appeared while building: pass overwrite=True or choose another path")
         trash = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".old", dir=out_path.parent))
         os.replace(out_path, trash / out_path.name)
         os.replace(staging, out_path)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staging, out_path)
-    out_path.chmod(0o755)  # mkdtemp creates 0700; a checkpoint directory should be readable like any other

@@ -26,7 +26,8 @@ def dev() -> None:
               help="Weight dtype [default: float32, bfloat16 for --size bench].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors", show_default=True,
               help="safetensors, or legacy torch pytorch_model*.bin files.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT_DIR if it is an earlier build or an empty folder.")
 def make_model_command(arch: str, out_dir: Path, size: str, shards: int, seed: int, dtype: str | None, fmt: str,
                        overwrite: bool) -> None:
     """Build a Hugging Face checkpoint of architecture ARCH (seeded weights + tokenizer) in OUT_DIR."""

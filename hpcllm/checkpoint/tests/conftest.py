@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcllm.checkpoint.layout import Checkpoint, TensorEntry
+from hpcllm.checkpoint.layout import DEFAULT_CHUNK_SIZE, Checkpoint, TensorEntry, dtype_name
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +55,27 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def write_json(path: Path, value) -> None:
     path.write_text(json.dumps(value))
 
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], out: Path, partitions: int = 1,
+                     chunk_size: int = DEFAULT_CHUNK_SIZE, side_files: dict[str, str] | None = None) -> Path:
+    """A checkpoint of arbitrary tensors (every dtype, odd shapes) that no transformers model holds, written with the
+    converter's own writer: the converter takes only folders transformers can build a model from."""
+    from hpcllm.checkpoint.converter import _model_info
+    from hpcllm.checkpoint.slicehashes import write_slice_hashes
+    from hpcllm.checkpoint.writer import (TensorSpec, assign_partitions, describe_side_file, finish_partition,
+                                          partition_path, write_index, write_manifest, write_partition)
+
+    out.mkdir()
+    specs = [TensorSpec(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in tensors.items()]
+    entries, written = [], []
+    for index, group in enumerate(assign_partitions(specs, partitions)):
+        path = partition_path(out, index)
+        entries.extend(write_partition(path, group, tensors.__getitem__, index).values())
+        written.append(finish_partition(path, index, chunk_size))
+    for name, text in (side_files or {}).items():
+        (out / name).write_text(text)
+    write_manifest(out, written, write_index(out, entries, {}), [describe_side_file(out / n) for n in side_files or {}],
+                   _model_info({}, entries, {}, None), {"format": "safetensors", "files": []})
+    write_slice_hashes(out, verify=False)
+    return out

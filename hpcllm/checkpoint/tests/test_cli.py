@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,11 +55,11 @@ def test_convert_inspect_verify(hf_models, tmp_path, capsys):
 
 @pytest.mark.parametrize("setup, fragments", [
     (lambda hf: None, ["no such folder"]),
-    (lambda hf: (hf.mkdir(), (hf / "config.json").write_text("{}")), ["has no weights"]),
-    (lambda hf: (hf.mkdir(), (hf / "config.json").write_text("{}"),
+    (lambda hf: (hf.mkdir(), (hf / "config.json").write_text('{"model_type": "llama"}')), ["has no weights"]),
+    (lambda hf: (hf.mkdir(), (hf / "config.json").write_text('{"model_type": "llama"}'),
                  (hf / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")),
      ["model.safetensors", "not a readable safetensors file"]),
-    (lambda hf: (hf.mkdir(), (hf / "config.json").write_text("{}"),
+    (lambda hf: (hf.mkdir(), (hf / "config.json").write_text('{"model_type": "llama"}'),
                  (hf / "pytorch_model.bin").write_bytes(b"garbage")),
      ["pytorch_model.bin", "cannot be loaded"]),
 ])
@@ -74,7 +77,7 @@ def test_bad_input_gives_one_error_line(tmp_path, capsys, setup, fragments):
 def test_subprocess_error_for_a_corrupt_source_has_no_traceback(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    (hf / "config.json").write_text('{"model_type": "llama"}')
     (hf / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     assert_clean_error(hpcllm("convert", hf, tmp_path / "out"), str(hf / "model.safetensors"))
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]
@@ -82,3 +85,59 @@ def test_subprocess_error_for_a_corrupt_source_has_no_traceback(tmp_path):
 
 def test_inspect_of_an_hf_folder_says_to_convert(hf_models):
     assert_clean_error(hpcllm("checkpoint", "inspect", hf_models["llama"]), "hpcllm convert")
+
+
+def run_main(capsys, *args) -> subprocess.CompletedProcess:
+    """The real entry point in-process (a subprocess per case would mostly time `import torch`)."""
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_overwrite_keeps_a_folder_of_the_users(hf_models, tmp_path, capsys):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("x")
+    assert_clean_error(run_main(capsys, "convert", hf_models["llama"], tmp_path / "precious", "--overwrite"),
+                       str(tmp_path / "precious"), "is not a converted checkpoint")
+    assert (tmp_path / "precious" / "thesis.tex").read_text() == "x"
+
+
+def test_a_chunk_size_beyond_the_maximum_is_a_usage_error(hf_models, tmp_path, capsys):
+    result = run_main(capsys, "convert", hf_models["llama"], tmp_path / "out", "--chunk-size-mib", "99999999999")
+    assert result.returncode == 2 and "'--chunk-size-mib': 99999999999 is not in the range 1<=x<=256" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, fragment", [(lambda path: path.write_text("garbage\n"), "does not match"),
+                                              (Path.unlink, "cannot be read")])
+def test_verify_checks_slice_hashes(hf_models, tmp_path, capsys, damage, fragment):
+    out = tmp_path / "out"
+    assert run_main(capsys, "convert", hf_models["llama"], out).returncode == 0
+    damage(out / "slice-hashes.json")
+    assert_clean_error(run_main(capsys, "checkpoint", "verify", out), "slice-hashes.json", fragment,
+                       "add-slice-hashes")
+    assert run_main(capsys, "checkpoint", "add-slice-hashes", out).returncode == 0
+    assert ": ok" in run_main(capsys, "checkpoint", "verify", out).stdout
+
+
+def test_verify_of_a_file_says_it_is_not_a_folder(tmp_path, capsys):
+    (tmp_path / "model.tar").write_text("x")
+    assert_clean_error(run_main(capsys, "checkpoint", "verify", tmp_path / "model.tar"), "is not a folder")
+
+
+def test_an_unreadable_weight_file_is_reported_as_such(hf_models):
+    # safetensors says "No such file or directory" for a file it may not open. Root reads anything: as root (the
+    # test sandbox) the conversion runs as nobody (setpriv, as the audit did), in a folder nobody can reach.
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    if as_nobody and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: no way to make a file unreadable")
+    root = Path(tempfile.mkdtemp(prefix="hpcllm-unreadable-"))
+    try:
+        root.chmod(0o777)
+        shutil.copytree(hf_models["llama"], root / "hf")
+        (root / "hf" / "model.safetensors").chmod(0)
+        result = subprocess.run([*as_nobody, sys.executable, "-m", "hpcllm.cli.main", "convert", root / "hf",
+                                 root / "out"], capture_output=True, text=True, timeout=300, cwd=root)
+        assert_clean_error(result, str(root / "hf" / "model.safetensors"), "is not readable (Permission denied)")
+    finally:
+        shutil.rmtree(root)

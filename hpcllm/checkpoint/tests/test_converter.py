@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from hpcllm.checkpoint.converter import convert
 from hpcllm.checkpoint.tests.conftest import read_raw, same_bits, source_state_dict
 
 ARCHS = ["llama", "gpt2", "qwen2", "opt", "sharded", "bin", "sharded_bin"]
+LLAMA_CONFIG = '{"model_type": "llama"}'  # for sources whose weights are what is wrong
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +86,12 @@ def test_bin_shared_storage_is_stored_once(hf_models, converted):
     assert ckpt.model["num_tensors"] == len(ckpt.tensors)
 
 
-def test_identical_untied_bytes_are_not_aliased(tmp_path):
-    # Two zero biases in a model without ties must stay separate tensors: only real ties become aliases.
-    from safetensors.torch import save_file
-
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    save_file({"a.bias": torch.zeros(8), "b.bias": torch.zeros(8)}, hf / "model.safetensors")
-    ckpt = convert(hf, tmp_path / "out")
-    assert ckpt.aliases == {} and set(ckpt.tensors) == {"a.bias", "b.bias"}
+def test_identical_untied_bytes_are_not_aliased(hf_models, converted):
+    # Every norm weight of a dev model is all ones; untied, each stays its own tensor: only real ties become aliases.
+    norms = [name for name in source_state_dict(hf_models["llama"]) if name.endswith("layernorm.weight")]
+    assert len(norms) > 1
+    ckpt = read_checkpoint(converted["llama"])
+    assert ckpt.aliases == {} and set(norms) <= set(ckpt.tensors)
 
 
 def test_side_files_are_copied_with_checksums(hf_models, converted):
@@ -130,6 +130,50 @@ def test_existing_output_is_an_error_unless_overwrite(hf_models, tmp_path):
     ckpt = convert(hf_models["llama"], out, partitions=2, overwrite=True)
     assert len(ckpt.partitions) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "empty").mkdir()
+    assert convert(hf_models["llama"], tmp_path / "empty", overwrite=True).tensors  # an empty folder is free too
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda out: (out.mkdir(), (out / "thesis.tex").write_text("x")), "not a converted checkpoint"),
+    (lambda out: out.write_text("x"), "not a folder"),
+    (lambda out: out.symlink_to(out.parent), "symbolic link"),
+    (lambda out: (out.mkdir(), (out / "thesis.tex").write_text("x"), (out / "manifest.json").write_text(
+        json.dumps({"format": "hpcllm-checkpoint", "partitions": [{"file": "data-00000.h5"}]}))),
+     r"not part of the checkpoint \(thesis.tex\)"),
+])
+def test_overwrite_never_replaces_what_a_conversion_did_not_make(hf_models, tmp_path, make, why):
+    out = tmp_path / "out"
+    make(out)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(OutputExists, match=why):
+        convert(hf_models["llama"], out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_never_replaces_the_current_folder(hf_models, tmp_path, monkeypatch):
+    out = convert(hf_models["llama"], tmp_path / "out").root
+    monkeypatch.chdir(out)
+    with pytest.raises(OutputExists, match="current folder"):
+        convert(hf_models["llama"], ".", overwrite=True)
+    read_checkpoint(out).verify_files()
+
+
+def test_the_published_folder_is_readable_as_the_umask_allows(hf_models, tmp_path):
+    old = os.umask(0o027)
+    try:
+        ckpt = convert(hf_models["llama"], tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(ckpt.root.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in ckpt.root.iterdir()} == {0o640}
+
+
+@pytest.mark.parametrize("chunk_size", [1 << 40, 512 << 20])
+def test_a_chunk_size_beyond_the_maximum_is_refused(hf_models, tmp_path, chunk_size):
+    with pytest.raises(CheckpointError, match="multiple of 4096 from 4096 to 268435456"):
+        convert(hf_models["llama"], tmp_path / "out", chunk_size=chunk_size)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failure_mid_conversion_leaves_nothing_behind(hf_models, tmp_path, monkeypatch):
@@ -174,10 +218,22 @@ def test_missing_source_folder(tmp_path):
 
 def test_folder_without_weights(tmp_path):
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "config.json").write_text(LLAMA_CONFIG)
     with pytest.raises(InvalidSource, match="has no weights"):
         convert(tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_config_without_model_type_is_refused(hf_models, tmp_path):
+    # Converted anyway, such a checkpoint failed in every loader with transformers' "Unrecognized model" traceback.
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_models["llama"], hf)
+    config = json.loads((hf / "config.json").read_text())
+    del config["model_type"]
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidSource, match='config.json: has no "model_type"; add .*"model_type": "llama"'):
+        convert(hf, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_folder_without_config(hf_models, tmp_path):
@@ -196,7 +252,7 @@ def test_folder_without_config(hf_models, tmp_path):
 def test_corrupt_safetensors_header_names_the_file(tmp_path, payload):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    (hf / "config.json").write_text(LLAMA_CONFIG)
     (hf / "model.safetensors").write_bytes(payload)
     with pytest.raises(InvalidSource, match="model.safetensors"):
         convert(hf, tmp_path / "out")
@@ -206,7 +262,7 @@ def test_corrupt_safetensors_header_names_the_file(tmp_path, payload):
 def test_truncated_safetensors_names_the_file(hf_models, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    (hf / "config.json").write_text(LLAMA_CONFIG)
     data = (hf_models["llama"] / "model.safetensors").read_bytes()
     (hf / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(InvalidSource, match="model.safetensors"):
@@ -217,7 +273,7 @@ def test_truncated_safetensors_names_the_file(hf_models, tmp_path):
 def test_bin_that_fails_to_load_names_the_file(tmp_path, payload):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    (hf / "config.json").write_text(LLAMA_CONFIG)
     (hf / "pytorch_model.bin").write_bytes(payload)
     with pytest.raises(InvalidSource, match="pytorch_model.bin"):
         convert(hf, tmp_path / "out")
@@ -226,15 +282,13 @@ def test_bin_that_fails_to_load_names_the_file(tmp_path, payload):
 def test_bin_with_non_tensor_values_is_rejected(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    (hf / "config.json").write_text(LLAMA_CONFIG)
     torch.save({"weight": torch.ones(2), "step": 3}, hf / "pytorch_model.bin")
     with pytest.raises(InvalidSource, match="not a tensor"):
         convert(hf, tmp_path / "out")
 
 
 def test_sharded_index_naming_a_missing_shard(hf_models, tmp_path):
-    import shutil
-
     hf = tmp_path / "hf"
     shutil.copytree(hf_models["sharded"], hf)
     shard = sorted(hf.glob("*.safetensors"))[-1]

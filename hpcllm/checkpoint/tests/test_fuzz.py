@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
 from hpcllm.checkpoint import CheckpointError, ChecksumMismatch, TruncatedFile, read_checkpoint
 from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE, checksum
+from hpcllm.checkpoint.tests.conftest import write_checkpoint
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -42,17 +42,11 @@ json_values = st.recursive(
 def valid_checkpoint(tmp_path_factory) -> Path:
     import torch
 
-    from hpcllm.checkpoint.converter import convert
-
-    root = tmp_path_factory.mktemp("fuzz")
-    hf = root / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
     g = torch.Generator().manual_seed(0)
-    save_file({"a.weight": torch.randn(48, 40, generator=g).to(torch.bfloat16),
-               "b.weight": torch.randn(30, 30, generator=g),
-               "c.bias": torch.arange(7), "d": torch.tensor(1.0)}, hf / "model.safetensors")
-    return convert(hf, root / "ckpt", partitions=2, chunk_size=4096).root
+    return write_checkpoint({"a.weight": torch.randn(48, 40, generator=g).to(torch.bfloat16),
+                             "b.weight": torch.randn(30, 30, generator=g),
+                             "c.bias": torch.arange(7), "d": torch.tensor(1.0)},
+                            tmp_path_factory.mktemp("fuzz") / "ckpt", partitions=2, chunk_size=4096)
 
 
 @contextmanager

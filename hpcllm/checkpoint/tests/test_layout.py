@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ from hpcllm.checkpoint import (
     UnsupportedFormatVersion,
     read_checkpoint,
 )
-from hpcllm.checkpoint.converter import convert
-from hpcllm.checkpoint.layout import checksum, contiguous_stride
-from hpcllm.checkpoint.tests.conftest import read_raw, same_bits
+from hpcllm.checkpoint.layout import checksum, contiguous_stride, file_chunk_checksums
+from hpcllm.checkpoint.slicehashes import write_slice_hashes
+from hpcllm.checkpoint.tests.conftest import read_raw, same_bits, write_checkpoint
 
 CHUNK = 8192
 
@@ -47,12 +48,8 @@ def mixed_tensors() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def mixed_checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mixed")
-    hf = root / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text('{"note": "no model_type: transformers cannot build it"}')
-    (hf / "tokenizer.json").write_text('{"vocab": {}}')
-    save_file(mixed_tensors(), hf / "model.safetensors")
-    return convert(hf, root / "ckpt", partitions=2, chunk_size=CHUNK).root
+    return write_checkpoint(mixed_tensors(), root / "ckpt", partitions=2, chunk_size=CHUNK,
+                            side_files={"tokenizer.json": '{"vocab": {}}'})
 
 
 @pytest.fixture
@@ -120,6 +117,33 @@ def test_verify_files_finds_a_modified_side_file(ckpt_copy):
         read_checkpoint(ckpt_copy).verify_files()
 
 
+@pytest.mark.parametrize("damage", [lambda path: path.write_text("garbage\n"), Path.unlink])
+def test_verify_files_checks_the_slice_hashes_the_manifest_lists(ckpt_copy, damage):
+    # Tensor-parallel ranks verify their slices against this file: a broken one must not pass verification.
+    damage(ckpt_copy / "slice-hashes.json")
+    with pytest.raises((ChecksumMismatch, MissingFile), match="slice-hashes.json"):
+        read_checkpoint(ckpt_copy).verify_files()
+    write_slice_hashes(ckpt_copy)  # the repair (`hpcllm checkpoint add-slice-hashes`) still runs
+    read_checkpoint(ckpt_copy).verify_files()
+
+
+def test_chunk_checksums_never_buffer_more_than_the_file(ckpt_copy):
+    # A chunk size far beyond the file (a manifest's, or --chunk-size-mib) once allocated a whole chunk.
+    path = read_checkpoint(ckpt_copy).partitions[0].path
+    tracemalloc.start()
+    try:
+        sums = file_chunk_checksums(path, 1 << 40)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sums == [checksum(path.read_bytes())] and peak < 2 * path.stat().st_size
+    assert file_chunk_checksums(path, 4096) == [checksum(piece) for piece in chunks_of(path.read_bytes(), 4096)]
+
+
+def chunks_of(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
 def test_truncated_and_missing_data_files(ckpt_copy):
     ckpt = read_checkpoint(ckpt_copy)
     path = ckpt.partitions[1].path
@@ -133,11 +157,20 @@ def test_truncated_and_missing_data_files(ckpt_copy):
         ckpt.check_files_present()
 
 
-def test_hf_folder_is_not_a_converted_checkpoint(mixed_checkpoint):
+def test_hf_folder_is_not_a_converted_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")
     with pytest.raises(NotAConvertedCheckpoint, match="hpcllm convert"):
-        read_checkpoint(mixed_checkpoint.parent / "hf")
+        read_checkpoint(tmp_path)
     with pytest.raises(MissingFile, match="no such checkpoint folder"):
-        read_checkpoint(mixed_checkpoint.parent / "absent")
+        read_checkpoint(tmp_path / "absent")
+
+
+def test_a_file_is_not_a_checkpoint_folder(tmp_path):
+    # Not "no such checkpoint folder": the file is there, it is just not a folder.
+    (tmp_path / "model.tar").write_text("x")
+    with pytest.raises(NotAConvertedCheckpoint, match="model.tar: is not a folder"):
+        read_checkpoint(tmp_path / "model.tar")
 
 
 def test_index_edited_without_the_manifest_is_detected(ckpt_copy):

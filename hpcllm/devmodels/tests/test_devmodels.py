@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -149,17 +151,54 @@ def test_bfloat16_weights_are_the_float32_weights_rounded(tmp_path, tiny_qwen2_d
     assert greedy(model, tokenizer) == greedy(model, tokenizer)
 
 
-def test_existing_directory_is_kept_unless_overwrite(tiny_models_root, tmp_path):
-    target = tmp_path / "model"
-    target.mkdir()
-    (target / "precious.txt").write_text("keep me")
-    with pytest.raises(DevModelError, match="already exists"):
-        make_model("gpt2", target)
-    assert (target / "precious.txt").read_text() == "keep me"
-    make_model("gpt2", target, overwrite=True)
-    assert not (target / "precious.txt").exists()
-    assert (target / "model.safetensors").is_file()
+def test_existing_directory_is_kept_unless_overwrite(tmp_path):
+    target = make_model("gpt2", tmp_path / "model")
+    before = file_digest(target / "model.safetensors")
+    with pytest.raises(DevModelError, match="already exists: pass --overwrite or"):  # what the CLI user can pass
+        make_model("gpt2", target, seed=1)
+    assert file_digest(target / "model.safetensors") == before
+    make_model("gpt2", target, seed=1, overwrite=True)  # an earlier build is replaced
+    assert file_digest(target / "model.safetensors") != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or trash left behind
+    (tmp_path / "empty").mkdir()
+    assert (make_model("gpt2", tmp_path / "empty", overwrite=True) / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda out: (out.mkdir(), (out / "thesis.tex").write_text("x")), "files a model build does not write"),
+    (lambda out: (out.mkdir(), (out / "config.json").write_text("{}"), (out / "thesis.tex").write_text("x")),
+     r"files a model build does not write \(thesis.tex\)"),
+    (lambda out: (out.mkdir(), (out / "tokenizer.json").write_text("{}")), "holds no config.json"),
+    (lambda out: out.write_text("x"), "is not a folder"),
+    (lambda out: out.symlink_to(out.parent), "is a symbolic link"),
+])
+def test_overwrite_never_replaces_what_a_build_did_not_make(tmp_path, make, why):
+    out = tmp_path / "out"
+    make(out)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(DevModelError, match=why):
+        make_model("llama", out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_overwrite_never_replaces_the_current_folder(tmp_path, monkeypatch):
+    out = make_model("llama", tmp_path / "out")
+    monkeypatch.chdir(out)
+    with pytest.raises(DevModelError, match="current folder"):
+        make_model("llama", ".", overwrite=True)
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_files_and_folder_are_readable_as_the_umask_allows(tmp_path, shards):
+    old = os.umask(0o027)
+    try:
+        out = make_model("llama", tmp_path / "out", shards=shards)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert set(modes.values()) == {0o640}, modes  # safetensors wrote its files 0600
 
 
 def test_unwritable_destination_is_a_clear_error(tmp_path):
