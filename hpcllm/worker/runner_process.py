@@ -32,8 +32,8 @@ and needs its tokens is answered "skipped".
 
 from __future__ import annotations
 
-
 import dataclasses
+import logging
 import signal
 import time
 import traceback
@@ -46,6 +46,8 @@ from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, embed_last_token, make_runner
 from hpcllm.worker.sampling import sample_token
+
+log = logging.getLogger(__name__)
 
 MAX_STEPS_IN_FLIGHT = 2  # the step running and the one sent ahead of it (one logits buffer each)
 
@@ -149,7 +151,7 @@ class ProcessRunner:
         if kind == "skipped":
             raise StepSkipped("the step fed tokens of a step that failed")
         if kind == "error":
-            raise ModelProcessError(f"the model process failed: {payload}")
+            raise step_failure(payload)
         return payload
 
     def _receive(self) -> tuple[str, object]:
@@ -221,6 +223,14 @@ def serve_steps(conn) -> None:
                 conn.send(("oom", str(exc)))
             except Exception:  # the engine dies with this message; the process stays to be stopped
                 conn.send(("error", traceback.format_exc(limit=8)))
+
+
+def step_failure(child_traceback: str) -> ModelProcessError:
+    """The error a failed step fails the engine (and its requests, and their clients) with: the exception's own line;
+    the child's traceback goes to the worker's log, not to the clients."""
+    log.error("the model process failed:\n%s", child_traceback)
+    lines = child_traceback.strip().splitlines()
+    return ModelProcessError(f"the model process failed: {lines[-1] if lines else 'no reason given'}")
 
 
 def _feed_previous_tokens(batch: StepBatch, chosen: list[int] | None) -> bool:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 
 _MASK64 = (1 << 64) - 1
+# Below this temperature sampling is greedy (vLLM's rule): logits / 1e-40 overflow float32 to inf, and the softmax of
+# inf is NaN, which torch.multinomial refuses - one request with a tiny temperature would fail the engine's step.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def random_seed() -> int:
@@ -58,7 +61,9 @@ def top_p_probs(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         return probs
     sorted_probs, order = torch.sort(probs, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    beyond = mass_before >= top_p  # a top_p below float32's range compares as 0.0: the first token must stay anyway
+    beyond[..., 0] = False
+    sorted_probs = sorted_probs.masked_fill(beyond, 0.0)
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return kept / kept.sum()
 

@@ -96,6 +96,12 @@ def test_tiny_top_p_samples_the_greedy_tokens(load_pair, make_engine):
     nucleus = engine.generate(request(prompt=PROMPT, max_tokens=16, temperature=1.0, top_p=1e-6, seed=5,
                                       ignore_eos=True))
     assert nucleus.token_ids == greedy.token_ids
+    # Below float32's range (top_p 1e-300 compares as 0.0) and a temperature whose division overflows: both used to
+    # make NaN probabilities that failed the engine's step for every request; they are greedy.
+    for extreme in ({"top_p": 1e-300, "temperature": 1.0}, {"temperature": 1e-40}, {"temperature": 1e-320}):
+        assert engine.generate(request(prompt=PROMPT, max_tokens=16, seed=5, ignore_eos=True,
+                                       **extreme)).token_ids == greedy.token_ids, extreme
+    assert engine.generate(request(prompt=PROMPT, max_tokens=4, temperature=0, ignore_eos=True)).token_ids
 
 
 def test_max_tokens_ends_with_length(load_pair, make_engine):

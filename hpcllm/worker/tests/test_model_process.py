@@ -431,10 +431,13 @@ class _FailingRunner:
     def step(self, batch):
         if any(7 in chunk.token_ids for chunk in batch.chunks):
             raise torch.OutOfMemoryError("injected")
+        if any(9 in chunk.token_ids for chunk in batch.chunks):
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return torch.zeros(len(batch.chunks), 10)
 
 
-def test_the_model_process_answers_skipped_for_a_step_fed_by_a_failed_one_and_runs_the_next_plain_one(monkeypatch):
+def test_the_model_process_answers_skipped_for_a_step_fed_by_a_failed_one_and_runs_the_next_plain_one(monkeypatch,
+                                                                                                    caplog):
     import multiprocessing
     import threading
 
@@ -454,6 +457,16 @@ def test_the_model_process_answers_skipped_for_a_step_fed_by_a_failed_one_and_ru
     ours.send(("step", StepBatch(chunks=[SequenceChunk(1, [0], 1, previous_row=0)], choices=[greedy])))
     ours.send(("step", StepBatch(chunks=[SequenceChunk(1, [3], 0)], choices=[greedy])))
     assert [ours.recv()[0] for _ in range(3)] == ["oom", "skipped", "ok"]
+    # A step that raises: the child sends its traceback; what the engine (its requests, their clients) fails with
+    # is the exception's line, the traceback is logged.
+    ours.send(("step", StepBatch(chunks=[SequenceChunk(1, [9], 0)], choices=[greedy])))
+    kind, child_traceback = ours.recv()
+    assert kind == "error" and child_traceback.startswith("Traceback")
+    with caplog.at_level("ERROR", logger=runner_process.__name__):
+        failure = runner_process.step_failure(child_traceback)
+    assert str(failure) == ("the model process failed: RuntimeError: probability tensor contains either `inf`, "
+                            "`nan` or element < 0")
+    assert "Traceback" in caplog.text and "in serve_steps" in caplog.text
     ours.send(("stop", None))
     child.join(10)
     assert not child.is_alive()

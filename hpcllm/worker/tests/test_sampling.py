@@ -45,3 +45,11 @@ def test_temperature_zero_is_argmax_and_low_temperature_sharpens():
     cold = sampling_probs(logits, SamplingParams(temperature=0.05))
     hot = sampling_probs(logits, SamplingParams(temperature=5.0))
     assert cold[1] > 0.85 and hot[1] < 0.4
+
+
+def test_extreme_top_p_and_temperature_choose_the_most_likely_token():
+    logits = torch.tensor([0.1, 2.0, 1.9])
+    assert top_p_probs(torch.softmax(logits, -1), 1e-300).tolist() == [0.0, 1.0, 0.0]
+    for params in (SamplingParams(top_p=1e-300, seed=3), SamplingParams(temperature=1e-40, seed=3),
+                   SamplingParams(temperature=1e-320, seed=3)):
+        assert sample_token(logits, params, 0) == 1, params
