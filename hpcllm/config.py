@@ -12,16 +12,19 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
-from hpcllm.errors import ConfigError
+from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.privatefs import private_dir
 
 CONFIG_ENV = "HPCLLM_CONFIG"
+# A model's name as deployed (conf/models/NAME.toml) and everywhere it travels: URLs, file names, batch scripts.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # TOML allows inf and nan; inf passes ge/gt bounds and would then hang a timer or break JSON: refuse both.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PathsConfig(Section):
@@ -29,6 +32,16 @@ class PathsConfig(Section):
     state_dir: Path = Path("/var/tmp/hpcllm")
     # Shared-filesystem origin of converted checkpoints (the slowest tier, visible from every node).
     models_dir: Path = Path("/var/tmp/hpcllm/models")
+
+    @field_validator("state_dir", "models_dir", mode="before")
+    @classmethod
+    def _absolute(cls, path: str | Path) -> str | Path:
+        # Both are shared by processes started elsewhere (Slurm jobs, node agents, workers) in other folders, so a
+        # relative path (and "", which is ".") would name a different folder in each; state_dir would also chmod
+        # the current folder 0700.
+        if isinstance(path, (str, Path)) and not Path(path).is_absolute():
+            raise ValueError(f"must be an absolute path, not {str(path)!r}")
+        return path
 
 
 class SlurmConfig(Section):
@@ -39,7 +52,7 @@ class SlurmConfig(Section):
     time: str = "01:00:00"
     gpus_per_node: int = Field(1, ge=0)
     # Signal Slurm sends before preemption / walltime; some sites reserve SIGUSR1 for NCCL.
-    signal: str = "USR1"
+    signal: str = Field("USR1", pattern="^[A-Za-z0-9]+$")  # a name (USR1, SIGUSR1) or number: it goes into scripts
     signal_seconds: int = Field(60, ge=0)
     rest_url: str = "http://127.0.0.1:6820"
     rest_api_version: str = "v0.0.38"
@@ -436,6 +449,23 @@ def parse_config(data: dict, source: Path | str = "<config>") -> Config:
         raise ConfigError(_format_validation_error(source, exc)) from None
 
 
+def read_toml(path: Path, what: str = "config file", error: type[HpcllmError] = ConfigError) -> dict:
+    """The TOML table in `path`. Whatever keeps it from being read (missing, a folder, no permission, not UTF-8,
+    not TOML) is one `error` naming `what` and the path, never an OSError traceback."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def load_config(path: Path | str | None = None, *, private: bool = False) -> Config:
     """Load and validate a config file; None means $HPCLLM_CONFIG, else the embedded defaults. private (the
     services): refuse a file that holds secrets and that other users may read or change (check_private_file)."""
@@ -444,12 +474,7 @@ def load_config(path: Path | str | None = None, *, private: bool = False) -> Con
     if path is None:
         return Config()
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = read_toml(path)
     config = parse_config(data, path)
     if private:
         check_private_file(path, data, config)

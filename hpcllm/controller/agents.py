@@ -62,6 +62,7 @@ class AgentClient:
             unreachable=unreachable or (lambda exc: AgentError(f"node agent {url}: {type(exc).__name__}: {exc}")),
             refused=refused or (lambda status, error, message: AgentError(f"node agent {url}: HTTP {status} "
                                                                           f"{message}")),
+            unexpected=lambda what: AgentError(f"node agent {url} did not answer like an hpcllm node agent ({what})"),
             **self._with_key(url, kwargs))
 
     def _call(self, method: str, url: str, **kwargs) -> httpx.Response:

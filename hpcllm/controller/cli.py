@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tomllib
 from pathlib import Path
 
 import click
 from pydantic import ValidationError
 
-from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir
+from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir, read_toml
 from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
-from hpcllm.controller.protocol import ClusterStatus, ModelSpec
-from hpcllm.httpkit.client import internal_client, request_json
+from hpcllm.controller.protocol import (ClusterStatus, CredentialInfo, CredentialList, DeployedModel, IssuedPoolToken,
+                                       ModelSpec, UndeployResult, Wire)
+from hpcllm.httpkit.client import check_url, internal_client, request_json
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 
@@ -27,7 +27,8 @@ url_option = click.option("--url", "controller_url", default=None,
 @click.command("controller")
 @config_option
 @click.option("--host", default=None, help="Listen address (default: controller.host).")
-@click.option("--port", type=int, default=None, help="Listen port (default: controller.port; 0 picks a free one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Listen port (default: controller.port; 0 picks a free one).")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="Write the listening URL here once serving (for scripts).")
 def controller(config_path: Path | None, host: str | None, port: int | None, ready_file: Path | None) -> None:
@@ -45,12 +46,7 @@ def controller(config_path: Path | None, host: str | None, port: int | None, rea
 
 def read_model_file(path: Path) -> ModelSpec:
     """Parse and validate conf/models/NAME.toml; errors name the file and the field."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidModelConfig(f"model config {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidModelConfig(f"model config {path} is not valid TOML: {exc}") from None
+    data = read_toml(path, "model config", InvalidModelConfig)
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as exc:
@@ -64,20 +60,39 @@ class AdminClient:
     def __init__(self, config: Config, url: str | None):
         from hpcllm.controller.server import controller_url_of
 
-        self.url = (url or os.environ.get(CONTROLLER_URL_ENV) or controller_url_of(config)).rstrip("/")
+        if url is None:  # an explicit --url "" is a mistake, not a request for the default
+            url = os.environ.get(CONTROLLER_URL_ENV) or controller_url_of(config)
+        self.url = check_url(url, f"the controller URL (--url or ${CONTROLLER_URL_ENV})")
         admin_key = admin_key_of(config)
         self._http = internal_client(config.internal_http, base_url=self.url, timeout=30.0,
                                      headers={"Authorization": f"Bearer {admin_key}"} if admin_key else {})
 
-    def call(self, method: str, path: str, **kwargs) -> dict:
-        return request_json(
+    def call(self, method: str, path: str, answer: type[Wire], **kwargs) -> dict:
+        """The JSON answer, checked against its wire type `answer`: a URL that leads to another service (a web
+        server, a proxy) is an error that says so, not a traceback or an empty listing."""
+        body = request_json(
             self._http, method, path,
             unreachable=lambda exc: ControllerUnreachable(
                 f"cannot reach the controller at {self.url} ({exc}); is `hpcllm controller` running? "
                 f"(set --url or ${CONTROLLER_URL_ENV})"),
-            refused=lambda status, error, message: ControllerError(
-                f"the controller refused ({status} {error.get('code', '')}): {message}"),
+            refused=self._refused,
+            unexpected=self._not_a_controller,
             **kwargs)
+        try:
+            answer.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise self._not_a_controller(f"{'.'.join(map(str, first['loc'])) or 'answer'}: {first['msg']}") from None
+        return body
+
+    def _refused(self, status: int, error: dict, message: str) -> ControllerError:
+        if not error:  # the controller's errors are JSON {"error": {...}}: a bare page comes from something else
+            return self._not_a_controller(f"HTTP {status}: {message[:60]!r}")
+        return ControllerError(f"the controller refused ({status} {error.get('code', '')}): {message}")
+
+    def _not_a_controller(self, what: str) -> ControllerError:
+        return ControllerError(f"{self.url} did not answer like an hpcllm controller ({what}); check --url or "
+                               f"${CONTROLLER_URL_ENV}")
 
 
 @click.command("deploy")
@@ -88,7 +103,7 @@ def deploy(model_file: Path, config_path: Path | None, controller_url: str | Non
     """Deploy (or update) the model described by MODEL_FILE (conf/models/NAME.toml)."""
     spec = read_model_file(model_file)
     client = AdminClient(load_config(config_path), controller_url)
-    model = client.call("POST", "/v1/admin/models", json=spec.model_dump())
+    model = client.call("POST", "/v1/admin/models", DeployedModel, json=spec.model_dump())
     click.echo(f"deployed {model['name']}: {model['source']} ({_size(model['size_bytes'])}, "
                f"{model['gpus'] or 'no'} GPU{'s' if model['gpus'] != 1 else ''}, "
                f"instances {model['min_instances']}..{model['max_instances']}, "
@@ -102,7 +117,7 @@ def deploy(model_file: Path, config_path: Path | None, controller_url: str | Non
 def undeploy(name: str, config_path: Path | None, controller_url: str | None) -> None:
     """Remove model NAME and stop its instances."""
     client = AdminClient(load_config(config_path), controller_url)
-    result = client.call("DELETE", f"/v1/admin/models/{name}")
+    result = client.call("DELETE", f"/v1/admin/models/{name}", UndeployResult)
     click.echo(f"undeployed {result['undeployed']} ({result['stopped_instances']} instances stopped)")
 
 
@@ -113,7 +128,7 @@ def undeploy(name: str, config_path: Path | None, controller_url: str | None) ->
 def status(config_path: Path | None, controller_url: str | None, as_json: bool) -> None:
     """Show models, nodes, instances and allocations."""
     client = AdminClient(load_config(config_path), controller_url)
-    body = client.call("GET", "/v1/admin/status")
+    body = client.call("GET", "/v1/admin/status", ClusterStatus)
     if as_json:
         click.echo(json.dumps(body, indent=2))
         return
@@ -144,22 +159,32 @@ def issue_pool_token(model: str, group: str, shared: bool, note: str | None, out
                      config_path: Path | None, controller_url: str | None) -> None:
     """Issue a pool token for one model and one group (the token is shown once; only its hash is kept)."""
     client = AdminClient(load_config(config_path), controller_url)
-    issued = client.call("POST", "/v1/admin/pool-tokens",
-                         json={"model": model, "group": group, "shared": shared, "note": note})
-    if output is None:
+    # The file is created before the token is issued: a live token must never be left without a place to go.
+    fd = None if output is None else _create_private_file(output)
+    try:
+        issued = client.call("POST", "/v1/admin/pool-tokens", IssuedPoolToken,
+                             json={"model": model, "group": group, "shared": shared, "note": note})
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+            output.unlink()
+        raise
+    if fd is None:
         click.echo(issued["token"])
     else:
-        try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except OSError as exc:
-            raise click.ClickException(f"cannot create {output}: {exc.strerror} (it must not exist yet); the "
-                                       f"token {issued['credential_id']} was issued: revoke it with `hpcllm pool "
-                                       f"token revoke {issued['credential_id']}`") from None
         with os.fdopen(fd, "w") as handle:
             handle.write(issued["token"] + "\n")
     click.echo(f"issued {issued['credential_id']}: model {model}, group {group}"
                f"{' (shared with every API key)' if shared else ''}" + (f"; token in {output}" if output else ""),
                err=output is None)
+
+
+def _create_private_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {path}: {exc.strerror} (give a new file in an existing folder); "
+                                 f"no token was issued", param_hint="--output") from None
 
 
 @pool_token.command("list")
@@ -168,7 +193,7 @@ def issue_pool_token(model: str, group: str, shared: bool, note: str | None, out
 def list_pool_tokens(config_path: Path | None, controller_url: str | None) -> None:
     """List the pool tokens and allocation tokens (ids, scopes, revocations; never the tokens)."""
     client = AdminClient(load_config(config_path), controller_url)
-    for c in client.call("GET", "/v1/admin/credentials")["credentials"]:
+    for c in client.call("GET", "/v1/admin/credentials", CredentialList)["credentials"]:
         scope = f"model {c['model']} group {c['group']}{' shared' if c['shared'] else ''}" if c["kind"] == "pool" \
             else f"job {c['job_id'] or '(not submitted)'}"
         click.echo(f"{c['credential_id']}  {c['kind']:<10}  {scope}  "
@@ -182,7 +207,7 @@ def list_pool_tokens(config_path: Path | None, controller_url: str | None) -> No
 def revoke_pool_token(credential_id: str, config_path: Path | None, controller_url: str | None) -> None:
     """Revoke a token now: its pool's next heartbeat is refused, and it cannot register again."""
     client = AdminClient(load_config(config_path), controller_url)
-    client.call("DELETE", f"/v1/admin/credentials/{credential_id}")
+    client.call("DELETE", f"/v1/admin/credentials/{credential_id}", CredentialInfo)
     click.echo(f"revoked {credential_id}")
 
 

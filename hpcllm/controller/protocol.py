@@ -28,10 +28,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from hpcllm.config import MODEL_NAME_PATTERN
 from hpcllm.credentials import MigrationTicket
 from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
 
@@ -200,6 +200,9 @@ class SlurmOverrides(Wire):
 
 class ModelSpec(Wire):
     """A model config (conf/models/NAME.toml) as deployed; also the body of POST /v1/admin/models."""
+
+    # TOML's inf passes ge=0 and then cannot be sent as JSON (nan fails the bound but is refused here all the same).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     source: str = Field(min_length=1, description="converted checkpoint folder on the shared filesystem")

@@ -22,6 +22,7 @@ from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.errors import ControllerError
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
+from hpcllm.errors import ConfigError
 from hpcllm.httpkit.server import InternalServer
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,23 @@ def serve(service: ControllerService, host: str, port: int, ready_file: Path | N
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     log.info("controller listening on %s (database %s)", url, service.controller.registry.path)
-    if ready_file is not None:
-        tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(f"{url}\n")
-        tmp.rename(ready_file)
     try:
+        if ready_file is not None:
+            _write_ready_file(ready_file, url)
         server.serve_forever()
     finally:
         stop.set()
         server.stop()
         service.controller.registry.close()
+
+
+def _write_ready_file(path: Path, url: str) -> None:
+    """Write the URL atomically (a script polling the file never reads half of it); a path that cannot be written
+    is the user's to fix: one error line, and the controller that just started stops."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(f"{url}\n")
+        tmp.rename(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the ready file {path} ({exc.strerror}); give --ready-file a path in an "
+                          f"existing folder you may write to") from None

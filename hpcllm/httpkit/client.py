@@ -15,11 +15,25 @@ import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import httpx
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.errors import ConfigError
+
+
+def check_url(url: str, what: str) -> str:
+    """`url` without its trailing / when it is an http(s) URL with a host, else a ConfigError naming `what`: a
+    malformed URL must not read as a service that is down (or be retried forever)."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0  # .port raises ValueError: not a number, or above 65535
+    except ValueError:  # also a malformed [IPv6] host
+        parts, port_ok = None, False
+    if not (port_ok and parts.scheme in ("http", "https") and parts.hostname):
+        raise ConfigError(f"{what} {url!r} is not a URL like http://HOST:PORT")
+    return url.rstrip("/")
 
 
 @lru_cache(maxsize=8)
@@ -65,12 +79,16 @@ def error_of(resp: httpx.Response) -> tuple[dict, str]:
 
 def request_json(http: httpx.Client, method: str, path: str, *,
                  unreachable: Callable[[httpx.HTTPError], Exception],
-                 refused: Callable[[int, dict, str], Exception], **kwargs) -> Any:
+                 refused: Callable[[int, dict, str], Exception],
+                 unexpected: Callable[[str], Exception], **kwargs) -> Any:
     """Send one request and return its JSON body ({} when it has none).
 
     unreachable(exc)                     -> the error to raise when the service cannot be reached
     refused(status, error_obj, message)  -> the error to raise on a 4xx/5xx answer; error_obj is the
                                             OpenAI-shaped {"message", "code", ...} (empty when absent)
+    unexpected(what)                     -> the error to raise on a body that is not JSON: the URL leads to
+                                            something else (a web server, a proxy's page), which must not pass
+                                            for an empty answer
     """
     try:
         resp = http.request(method, path, **kwargs)
@@ -78,7 +96,10 @@ def request_json(http: httpx.Client, method: str, path: str, *,
         raise unreachable(exc) from None
     if resp.status_code >= 400:
         raise refused(resp.status_code, *error_of(resp))
+    if not resp.content:
+        return {}
     try:
         return resp.json()
     except ValueError:
-        return {}
+        raise unexpected(f"HTTP {resp.status_code} {resp.headers.get('content-type', 'without a content type')}, "
+                         f"not JSON: {resp.text[:60]!r}") from None

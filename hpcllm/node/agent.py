@@ -37,7 +37,7 @@ from hpcllm.controller.protocol import (
 from hpcllm.credentials import TOKEN_HEADER, MigrationTicket
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.auth import secret_headers
-from hpcllm.httpkit.client import error_of, internal_client
+from hpcllm.httpkit.client import check_url, error_of, internal_client
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers, sweep_read_settings
@@ -56,7 +56,7 @@ GB = 1e9
 def controller_url_of(config: Config, override: str | None = None) -> str:
     url = override or config.node.controller_url or os.environ.get(CONTROLLER_URL_ENV) or \
         f"{config.internal_http.scheme}://{config.controller.host}:{config.controller.port}"
-    return url.rstrip("/")
+    return check_url(url, f"the controller URL (--controller-url, node.controller_url or ${CONTROLLER_URL_ENV})")
 
 
 def _tier(probe, capacity: int | None = None, scope: str | None = None) -> TierInfo | None:

@@ -91,8 +91,10 @@ class Cluster:
     def status(self) -> dict:
         if self._status is None:
             from hpcllm.controller.cli import AdminClient
+            from hpcllm.controller.protocol import ClusterStatus
 
-            self._status = AdminClient(self.config, self.controller_url).call("GET", "/v1/admin/status")
+            self._status = AdminClient(self.config, self.controller_url).call("GET", "/v1/admin/status",
+                                                                              ClusterStatus)
         return self._status
 
     def agents(self, nodes: list[str] | None) -> list[Agent]:
@@ -179,7 +181,7 @@ def cache() -> None:
 @click.option("--mpi", is_flag=True, help="One MPI job broadcasts the checkpoint to all nodes (reads it once).")
 @click.option("--nvme-dir-template", default=None,
               help="--mpi: each node's NVMe cache folder; {node} or %n = node name (default: [node] nvme_dir).")
-@click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
               help="Longest wait for the warm (seconds).")
 @click.option("--tensor-parallel", "degree", type=click.IntRange(2, 64), default=None,
               help="Keep on each node only the slices its ranks of a tensor_parallel = N instance read: the nodes, "
@@ -292,10 +294,10 @@ def ls(node_expr, as_json, config_path, controller_url, agent_urls) -> None:
             errors.append(str(exc))
     if as_json:
         click.echo(json.dumps({"cached": rows, "errors": errors}, indent=1))
-    else:
+    elif rows or not errors:  # "no cached copies" is not known when a node did not answer
         _print_table(rows)
-    for message in errors:
-        click.echo(f"warning: {message}", err=True)
+    if errors:  # the listing shows what could be asked; a node that did not answer still fails the command
+        raise NodeUnreachable("; ".join(errors))
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -218,7 +218,7 @@ class JobSpec(BaseModel):
     @field_validator("mem")
     @classmethod
     def _valid_mem(cls, value: str | None) -> str | None:
-        if value is not None and not _MEMORY.match(value):
+        if value is not None and not _MEMORY.fullmatch(value):
             raise ValueError(f"mem {value!r} must be a number of MB or have a K/M/G/T suffix, e.g. 4G")
         return value
 
@@ -226,7 +226,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _valid_node_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:
-            if not re.match(r"^[A-Za-z0-9_.\[\],-]+$", name):
+            if not re.fullmatch(r"[A-Za-z0-9_.\[\],-]+", name):
                 raise ValueError(f"node name {name!r} has characters Slurm does not allow")
         return value
 
@@ -282,14 +282,14 @@ class JobSpec(BaseModel):
     def mem_mb(self) -> int | None:
         if self.mem is None:
             return None
-        number, unit = _MEMORY.match(self.mem).groups()
+        number, unit = _MEMORY.fullmatch(self.mem).groups()
         scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit.upper()]
         return max(int(int(number) * scale), 1)
 
 
 def parse_walltime(text: str) -> int:
     """Slurm walltime text -> seconds. Formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
-    if not re.match(WALLTIME_PATTERN, text):
+    if not re.fullmatch(WALLTIME_PATTERN, text):  # fullmatch: "$" would let a final newline in
         raise ValueError(f"walltime {text!r} is not one of Slurm's formats (MM, HH:MM:SS, D-HH:MM:SS, ...)")
     days = 0
     if "-" in text:

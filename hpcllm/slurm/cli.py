@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
 
 import click
 
 from hpcllm.config import load_config
+from hpcllm.errors import ConfigError
 from hpcllm.slurm.factory import get_backend
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -36,6 +39,10 @@ def nodes(config_path: str | None) -> None:
 @click.argument("job_ids", nargs=-1, required=True)
 def jobs(config_path: str | None, job_ids: tuple[str, ...]) -> None:
     """State of jobs (one Slurm call for all of them)."""
+    bad = [job_id for job_id in job_ids if not re.fullmatch(r"\d+([_+]\d+)?", job_id)]
+    if bad:  # squeue would answer with an error of its own, or not at all
+        raise click.BadParameter(f"{', '.join(map(repr, bad))}: a Slurm job id is a number (array task 12_3, "
+                                 f"heterogeneous component 12+1)", param_hint="JOB_IDS")
     backend = get_backend(load_config(config_path).slurm)
     rows = [("JOB", "STATE", "SLURM STATE", "NODES", "RESTARTS", "REASON")]
     for job_id, status in backend.statuses(list(job_ids)).items():
@@ -83,9 +90,15 @@ def _emit(text: str, output_file: str | None) -> None:
         return
     path = Path(output_file)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # a half-written script must not stay behind
+            tmp.unlink()
+        raise ConfigError(f"cannot write {path} ({exc.strerror}); choose an output file in an existing folder you "
+                          f"may write to") from None
     click.echo(f"wrote {path}", err=True)
 
 

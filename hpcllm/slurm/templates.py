@@ -12,19 +12,18 @@ Templates live in slurm/templates/ of the source tree (HPCLLM_SLURM_TEMPLATES ov
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 
+from hpcllm.config import MODEL_NAME_PATTERN, Config
 from hpcllm.errors import ConfigError
 from hpcllm.slurm.base import JobSpec, make_job_spec
-
-if TYPE_CHECKING:
-    from hpcllm.config import Config
 
 TEMPLATES_ENV = "HPCLLM_SLURM_TEMPLATES"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -230,6 +229,10 @@ def render_model_pool(**overrides: Any) -> str:
         raise ConfigError(f"unknown model pool setting(s): {', '.join(sorted(unknown))} "
                           f"(known: {', '.join(MODEL_POOL_DEFAULTS)})")
     variables = {**MODEL_POOL_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+    # The name is written into the script (a comment, MODEL=...): only a deployable name, never a line of shell.
+    if not re.fullmatch(MODEL_NAME_PATTERN, str(variables["model"])):
+        raise ConfigError(f"model {variables['model']!r} is not a model name (a letter or digit, then letters, "
+                          f"digits, '.', '_' or '-'; at most 128 characters): the name it was deployed under")
     spec_check = make_job_spec(name=variables["job_name"], script="true", time=str(variables["time"]),
                                gpus_per_node=int(variables["gpus"]), nodes=int(variables["nodes"]),
                                partition=variables["partition"], output=variables["output"],

@@ -55,3 +55,53 @@ def test_model_process_auto_is_on_for_cpu_workers_of_hpcllms_engine_only(tmp_pat
     path.write_text('[worker]\nmodel_process = "yes"\n')
     with pytest.raises(ConfigError, match="model_process"):
         load_config(path)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00"), "is not UTF-8 text"),
+], ids=["folder", "not-utf8"])
+def test_a_config_path_that_is_no_text_file_is_one_clear_error(tmp_path, make, words):
+    path = tmp_path / "hpcllm.toml"
+    make(path)
+    with pytest.raises(ConfigError, match=f"config file {path} {words}"):
+        load_config(path)
+
+
+def test_an_unreadable_config_file_says_so(tmp_path, monkeypatch):
+    path = tmp_path / "hpcllm.toml"
+    path.write_text("")
+    monkeypatch.setenv("HPCLLM_CONFIG", str(path))
+
+    def denied(self, *args, **kwargs):  # what another user meets (the tests may run as root, who reads anything)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "read_text", denied)
+    with pytest.raises(ConfigError, match=r"cannot be read \(Permission denied\)"):
+        load_config()
+
+
+@pytest.mark.parametrize("value", ["", "state", "~/hpcllm"])
+def test_paths_must_be_absolute(tmp_path, value):
+    path = tmp_path / "hpcllm.toml"
+    for key in ("state_dir", "models_dir"):
+        path.write_text(f'[paths]\n{key} = "{value}"\n')
+        with pytest.raises(ConfigError, match=f"paths.{key}: .*must be an absolute path, not '{value}'"):
+            load_config(path)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_numbers_must_be_finite(tmp_path, value):
+    path = tmp_path / "hpcllm.toml"
+    path.write_text(f"[node]\nread_sweep_max_age_seconds = {value}\n")
+    with pytest.raises(ConfigError, match="read_sweep_max_age_seconds: Input should be a finite number"):
+        load_config(path)
+
+
+def test_the_slurm_signal_is_a_name_not_shell(tmp_path):
+    path = tmp_path / "hpcllm.toml"
+    path.write_text('[slurm]\nsignal = "USR1\\ntouch /tmp/x"\nsignal_seconds = 0\n')
+    with pytest.raises(ConfigError, match="slurm.signal"):
+        load_config(path)
+    path.write_text('[slurm]\nsignal = "SIGUSR2"\n')
+    assert load_config(path).slurm.signal == "SIGUSR2"

@@ -37,6 +37,7 @@ def test_example_model_configs_are_valid(example):
     ('name = "m"\nsource = "/x"\n[slurm]\npartion = "gpu"\n', "slurm.partion: Extra inputs"),
     ('name = "m"\nsource = "/x"\nmin_instances = 2\nmax_instances = 1\n', "must not exceed max_instances"),
     ('name = "m"\nsource = [\n', "is not valid TOML"),
+    ('name = "m"\nsource = "/x"\nkeep_alive_seconds = inf\n', "keep_alive_seconds: Input should be a finite number"),
 ])
 def test_deploy_validates_the_file_before_calling_the_controller(tmp_path, capsys, text, words):
     path = write(tmp_path / "m.toml", text)
@@ -51,6 +52,102 @@ def test_deploy_validates_the_file_before_calling_the_controller(tmp_path, capsy
 def test_deploy_of_a_missing_file(tmp_path, capsys):
     assert main(["deploy", str(tmp_path / "nope.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00"), "is not UTF-8 text"),
+], ids=["folder", "not-utf8"])
+def test_deploy_of_a_model_file_that_is_no_text_file(tmp_path, capsys, make, words):
+    path = tmp_path / "m.toml"
+    make(path)
+    assert main(["deploy", str(path), "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: model config {path} {words}") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--port", "70000"], ["--port", "-1"]])
+def test_controller_refuses_a_port_out_of_range(tmp_path, capsys, args):
+    assert main(["controller", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '--port'" in err and "Traceback" not in err
+
+
+def test_a_ready_file_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
+    from hpcllm.controller.server import _write_ready_file
+    from hpcllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"cannot write the ready file .*/nowhere/ready \(No such file"):
+        _write_ready_file(tmp_path / "nowhere" / "ready", "http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize("url", ["abc", "127.0.0.1:8700", "", "http://:80", "http://127.0.0.1:99999"])
+def test_a_malformed_controller_url_is_named_as_such(capsys, url):
+    assert main(["status", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert f"the controller URL (--url or $HPCLLM_CONTROLLER_URL) {url!r} is not a URL like http://HOST:PORT" in err
+
+
+@pytest.fixture
+def not_a_controller():
+    """An HTTP server that is not the controller: answers every GET with `answer` (content type, body)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        answer = ("text/html", b"<html>hello</html>")
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", self.answer[0])
+            self.send_header("Content-Length", str(len(self.answer[1])))
+            self.end_headers()
+            self.wfile.write(self.answer[1])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield Handler, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("answer, words", [(("text/html", b"<html>hello</html>"), "not JSON: '<html>hello</html>'"),
+                                           (("application/json", b"{}"), "now: Field required")],
+                         ids=["html", "empty-object"])
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["cache", "ls"]])
+def test_a_url_that_leads_elsewhere_is_not_taken_for_the_controller(capsys, not_a_controller, answer, words,
+                                                                      command):
+    handler, url = not_a_controller
+    handler.answer = answer
+    assert main([*command, "--url", url]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {url} did not answer like an hpcllm controller (") and words in captured.err
+    assert "Traceback" not in captured.err and "no cached copies" not in captured.out
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["existing-file", "missing-folder"])
+def test_pool_token_output_is_checked_before_a_token_is_issued(tmp_path, capsys, monkeypatch, existing):
+    from hpcllm.controller import cli
+
+    issued = []
+    monkeypatch.setattr(cli.AdminClient, "call", lambda self, *args, **kwargs: issued.append(args))
+    output = tmp_path / "tok" if existing else tmp_path / "nowhere" / "tok"
+    if existing:
+        output.write_text("keep me\n")
+    assert main(["pool", "token", "issue", "--model", "m", "--group", "g", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for --output" in err and "no token was issued" in err and issued == []
+    assert (output.read_text() == "keep me\n") if existing else not output.parent.exists()
+
+
+def test_pool_token_output_is_removed_when_the_token_is_not_issued(tmp_path, capsys):
+    output = tmp_path / "tok"
+    assert main(["pool", "token", "issue", "--model", "m", "--group", "g", "--output", str(output),
+                 "--url", "http://127.0.0.1:9"]) == 3
+    assert "cannot reach the controller" in capsys.readouterr().err and not output.exists()
 
 
 def test_unreachable_controller_is_one_clear_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ import pytest
 
 from hpcllm.config import load_config
 from hpcllm.controller.cli import AdminClient
+from hpcllm.controller.protocol import ClusterStatus
 from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.routing import ControllerRouter
 
@@ -67,7 +68,7 @@ def test_the_controller_serves_https_verified_against_the_site_ca(controller):
     assert url.startswith("https://127.0.0.1:")
     trusting = ControllerRouter(url, shared_secret=SECRET, http=config.internal_http)
     assert trusting.list_models() == [] and trusting.check_ready() is None
-    assert AdminClient(config, url).call("GET", "/v1/admin/status")["nodes"] == []
+    assert AdminClient(config, url).call("GET", "/v1/admin/status", ClusterStatus)["nodes"] == []
     untrusting = ControllerRouter(url, shared_secret=SECRET)  # public roots only: the site's certificate is refused
     with pytest.raises(ServiceUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
         untrusting.list_models()

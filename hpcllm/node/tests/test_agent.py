@@ -435,3 +435,16 @@ def test_a_token_agent_holds_a_call_that_comes_before_its_node_key_and_then_serv
         assert client.get("/v1/internal/instances", headers={SECRET_HEADER: SECRET}).status_code == 401
     finally:
         a.workers.close()
+
+
+@pytest.mark.parametrize("url", ["abc", "controller:8700", "http://", "http://host:0"])
+def test_a_malformed_controller_url_is_refused_at_start_not_retried(url, monkeypatch):
+    from hpcllm.errors import ConfigError
+    from hpcllm.node.agent import controller_url_of
+
+    monkeypatch.delenv("HPCLLM_CONTROLLER_URL", raising=False)
+    with pytest.raises(ConfigError, match=f"the controller URL .* {url!r} is not a URL like http://HOST:PORT"):
+        controller_url_of(parse_config({}), url)
+    with pytest.raises(ConfigError, match="is not a URL"):
+        controller_url_of(parse_config({"node": {"controller_url": url}}))
+    assert controller_url_of(parse_config({}), "https://ctl.example:8700/") == "https://ctl.example:8700"

@@ -18,9 +18,10 @@ def test_unreachable_agent_names_the_node_and_url(capsys):
 
     code = main(["cache", "ls", "--agent-url", url])
 
-    err = capsys.readouterr().err
-    assert code == 0  # ls lists what it can and warns about the rest
-    assert f"agent at {url} is not reachable" in err
+    captured = capsys.readouterr()
+    assert code == 4  # ls lists what it can, and a node it could not ask fails it (never a false "no copies")
+    assert captured.err.startswith("error: ") and f"agent at {url} is not reachable" in captured.err
+    assert "no cached copies" not in captured.out
 
     code = main(["cache", "evict", "llama", "--agent-url", url])
     assert code != 0 and f"agent at {url} is not reachable" in capsys.readouterr().err
@@ -40,6 +41,11 @@ def test_bad_node_list_and_mpi_dram_are_refused(capsys, tmp_path):
     assert main(["cache", "warm", "llama", "--nodes", "n1", "--mpi", "--tier", "dram",
                  "--source", str(tmp_path)]) != 0
     assert "--mpi warms the NVMe tier" in capsys.readouterr().err
+
+
+def test_warm_refuses_a_timeout_that_is_not_positive(capsys, tmp_path):
+    assert main(["cache", "warm", "llama", "--nodes", "n1", "--source", str(tmp_path), "--timeout", "-5"]) == 2
+    assert "Invalid value for '--timeout'" in capsys.readouterr().err
 
 
 def test_mpi_warm_of_a_missing_origin_fails_before_submitting(capsys, tmp_path):
