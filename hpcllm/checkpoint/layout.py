@@ -307,7 +307,7 @@ class Checkpoint:
                 raise TruncatedFile(f"{partition.path}: changed size while being verified")
         for side in self.side_files:
             path = self.root / side.file
-            got = _read_file_checksum(path)
+            got = read_file_checksum(path)
             if got != side.checksum:
                 raise ChecksumMismatch(
                     f"{path}: xxh3_64 {got}, manifest says {side.checksum}; the file was modified or is corrupt"
@@ -682,7 +682,7 @@ def _read_checksums(path: Path, chunk_size: int) -> list[str]:
         raise MissingFile(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
-def _read_file_checksum(path: Path) -> str:
+def read_file_checksum(path: Path) -> str:
     try:
         return file_checksum(path)
     except FileNotFoundError:

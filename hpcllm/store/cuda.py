@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from hpcllm.errors import ConfigError
 from hpcllm.store.memory import PAGE_SIZE
 from hpcllm.store.ring import Copy, Fence, Slot
 
 
-class CudaUnavailable(RuntimeError):
-    pass
+class CudaUnavailable(ConfigError):
+    """A CUDA device was asked for where this process has none (or not that one): the device setting is to fix."""
 
 
 def require_cuda(device: torch.device) -> None:

@@ -720,11 +720,11 @@ def _read_plan(read_tuning, tier: str, settings: TierSettings, host_target: bool
 def _verify_side_files(ckpt: Checkpoint) -> None:
     """config.json, tokenizer files...: small, but they define the model as much as the weights do."""
     from hpcllm.checkpoint import ChecksumMismatch
-    from hpcllm.checkpoint.layout import file_checksum
+    from hpcllm.checkpoint.layout import read_file_checksum
 
     for side in ckpt.side_files:
         path = ckpt.root / side.file
-        if file_checksum(path) != side.checksum:
+        if read_file_checksum(path) != side.checksum:  # an unreadable or missing file: a clear MissingFile
             raise ChecksumMismatch(f"{path}: xxh3_64 differs from the manifest; the file was modified or is "
                                    f"corrupt, re-copy or re-convert the checkpoint")
 

@@ -22,6 +22,49 @@ def test_store_load_of_an_hf_folder_is_one_clear_line(models, capsys):
     assert err.startswith("error: ") and "hpcllm convert" in err and "Traceback" not in err
 
 
+def test_a_cuda_device_without_cuda_is_one_clear_line(models, capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, converted = models("llama")
+    assert main(["store", "load", str(converted), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device cuda:0 requested but CUDA is not available") and "Traceback" not in err
+
+
+def test_a_side_file_that_cannot_be_read_is_one_clear_line(models):
+    # Root reads anything: as root (the test sandbox) the load runs as nobody (setpriv), in a folder nobody reaches.
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    if as_nobody and not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: no way to make a file unreadable")
+    _, converted = models("llama")
+    root = Path(tempfile.mkdtemp(prefix="hpcllm-unreadable-"))
+    try:
+        root.chmod(0o755)
+        copy = shutil.copytree(converted, root / "copy")
+        for path in (copy, *copy.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        (copy / "config.json").chmod(0)
+        result = subprocess.run([*as_nobody, sys.executable, "-m", "hpcllm.cli.main", "store", "load", str(copy)],
+                                capture_output=True, text=True, timeout=300, cwd=root)
+        assert result.returncode == 3, result.stderr  # a checkpoint error's status
+        assert result.stderr.startswith(f"error: {copy / 'config.json'}: cannot be read (Permission denied)")
+        assert "Traceback" not in result.stderr
+    finally:
+        shutil.rmtree(root)
+
+
 def test_store_dram_put_list_rm(models, dram_tier, capsys):
     _, converted = models("gpt2")
     ns = ["--namespace", dram_tier.namespace]
