@@ -130,6 +130,19 @@ def prompt_list(value: Any, name: str) -> list[str | list[int]]:
 
 
 MAX_STOP_STRINGS = 16
+# vLLM's sampling extensions that change the output and that hpcllm's engine does not implement: (neutral value,
+# what is refused). Sent with the neutral value (clients that send every field) they are accepted; any other value
+# is a 400, never silently ignored.
+UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
+    "repetition_penalty": (1.0, "a repetition penalty other than 1.0"),
+    "min_p": (0.0, "a min_p other than 0"),
+    "min_tokens": (0, "a minimum number of tokens"),
+    "stop_token_ids": ([], "stop token ids"),
+    "guided_json": (None, "guided decoding"),
+    "guided_regex": (None, "guided decoding"),
+    "guided_choice": (None, "guided decoding"),
+    "guided_grammar": (None, "guided decoding"),
+}
 # The worker takes seeds in [0, 2**63); OpenAI accepts any integer, so negative seeds are folded into that range.
 SEED_RANGE = 2**63
 
@@ -153,6 +166,15 @@ class SamplingRequest(OpenAIRequest):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
+    repetition_penalty: Any = None
+    min_p: Any = None
+    min_tokens: Any = None
+    stop_token_ids: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -174,6 +196,10 @@ class SamplingRequest(OpenAIRequest):
                 raise unsupported(name, "a non-zero penalty")
         if self.logit_bias:
             raise unsupported("logit_bias", "logit bias")
+        for name, (neutral, what) in UNIMPLEMENTED_VLLM_PARAMETERS.items():
+            value = getattr(self, name)
+            if value is not None and value != neutral:
+                raise unsupported(name, what)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options",
                                  code="invalid_request")

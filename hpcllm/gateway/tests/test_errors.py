@@ -81,13 +81,18 @@ def test_422_messages_say_what_is_expected(gateway):
 @pytest.mark.parametrize("extra, param", [
     ({"echo": True}, "echo"), ({"best_of": 3, "n": 2, "stream": True}, "best_of"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    # vLLM's extensions that would change the output (they were silently ignored)
+    ({"repetition_penalty": 2.0}, "repetition_penalty"), ({"min_p": 0.1}, "min_p"), ({"min_tokens": 5}, "min_tokens"),
+    ({"stop_token_ids": [7]}, "stop_token_ids"), ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice"),
 ])
 def test_unsupported_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/completions", json={**GOOD, **extra}), 400, "unsupported_parameter", param)
 
 
 def test_unknown_fields_are_ignored_and_defaults_accepted(gateway):
-    resp = gateway.post("/v1/completions", json={**GOOD, "n": 1, "presence_penalty": 0, "some_new_field": 1})
+    resp = gateway.post("/v1/completions", json={**GOOD, "n": 1, "presence_penalty": 0, "some_new_field": 1,
+                                                 "repetition_penalty": 1.0, "min_p": 0.0, "stop_token_ids": []})
     assert resp.status_code == 200, resp.text
 
 
