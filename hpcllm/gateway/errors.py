@@ -78,6 +78,10 @@ class PayloadTooLarge(ApiError):
     error_type = "invalid_request_error"
     code = "request_too_large"
 
+    @classmethod
+    def over(cls, limit: int | None) -> "PayloadTooLarge":
+        return cls(f"the request body is larger than the {limit} bytes this server accepts")
+
 
 class RateLimited(ApiError):
     http_status = 429

@@ -79,8 +79,7 @@ def _from_http_exception(exc: HTTPException) -> errors.ApiError:
     if exc.code == 405:
         return errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
     if exc.code == 413:
-        limit = request.max_content_length
-        return errors.PayloadTooLarge(f"the request body is larger than the {limit} bytes this server accepts")
+        return errors.PayloadTooLarge.over(request.max_content_length)
     if exc.code is not None and 400 <= exc.code < 500:
         error = errors.InvalidRequest(exc.description or exc.name)
         error.http_status = exc.code

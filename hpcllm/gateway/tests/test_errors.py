@@ -163,6 +163,14 @@ def test_body_over_the_size_limit_is_413(make_gateway):
                    headers={"Content-Type": "application/json"})
     assert_error(resp, 413, "request_too_large")
     assert_still_serving(gw)
+    # Chunked (no Content-Length): werkzeug stops reading at the limit without a word; the rest is not JSON to parse.
+    body = json.dumps({**GOOD, "prompt": "x" * 4000}).encode()
+    resp = gw.post("/v1/completions", content=iter([body[:1500], body[1500:]]),
+                   headers={"Content-Type": "application/json"})
+    assert_error(resp, 413, "request_too_large")
+    small = json.dumps(GOOD).encode()
+    assert gw.post("/v1/completions", content=iter([small[:10], small[10:]]),
+                   headers={"Content-Type": "application/json"}).status_code == 200
 
 
 def test_unknown_url_and_wrong_method_use_the_error_shape(gateway):

@@ -144,6 +144,12 @@ def test_gunicorn_serves_aggregates_metrics_and_drains_on_sigterm(gunicorn_gatew
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    # A chunked body (no Content-Length) over gateway.max_request_bytes (4 MiB): 413, not a JSON error about the text
+    # werkzeug cut off at the limit.
+    big = json.dumps({"model": MODEL, "prompt": "x" * (5 << 20)}).encode()
+    resp = httpx.post(f"{url}/v1/completions", content=iter([big[:3 << 20], big[3 << 20:]]), timeout=60,
+                      headers={"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"})
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large", resp.text
 
     # Every scrape, whichever process answers it, reports the sum over all worker processes.
     for _ in range(4):
