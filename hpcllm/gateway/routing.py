@@ -133,8 +133,9 @@ class StaticRouter(Router):
                         break
                 except httpx.HTTPError:
                     pass
-            else:
-                return f"no worker of model {name!r} is ready ({', '.join(urls)})"
+            else:  # /ready is open: no internal addresses in its answer
+                log.debug("no worker of model %r is ready (%s)", name, ", ".join(urls))
+                return f"no worker of model {name!r} is ready"
         return None
 
     def close(self) -> None:
@@ -143,6 +144,10 @@ class StaticRouter(Router):
 
 class ControllerUnreachable(ServiceUnavailable):
     code = "controller_unreachable"
+
+
+# What clients are told while the controller cannot be asked; where and why go to the gateway's log.
+CONTROLLER_DOWN = "hpcllm's controller cannot be reached just now; retry shortly"
 
 
 # Controller answers that mean "the controller is in trouble", not "no such model" or "no capacity" (its 503).
@@ -184,7 +189,7 @@ class ControllerRouter(Router):
 
     def _get(self, path: str, **params) -> httpx.Response:
         if self._outage is not None and time.monotonic() < self._skip_controller_until:
-            raise ControllerUnreachable(self._outage, retry_after=5)
+            raise ControllerUnreachable(CONTROLLER_DOWN, retry_after=5)
         try:
             resp = self._http.get(path, params=params or None)
         except httpx.HTTPError as exc:
@@ -201,7 +206,7 @@ class ControllerRouter(Router):
             log.warning("%s: serving the instances it named ready, new cold starts wait for it", reason)
         self._outage = reason
         self._skip_controller_until = time.monotonic() + 2.0
-        return ControllerUnreachable(reason, retry_after=5)
+        return ControllerUnreachable(CONTROLLER_DOWN, retry_after=5)
 
     def list_models(self) -> list[ModelCard]:
         return self._list_models(wait_s=0.0)
@@ -344,7 +349,8 @@ class ControllerRouter(Router):
         except httpx.HTTPError as exc:
             if self._known:
                 return None  # the instances it named ready are served from memory meanwhile
-            return f"the controller at {self.controller_url} is unreachable ({exc})"
+            log.debug("the controller at %s is unreachable (%s)", self.controller_url, exc)
+            return CONTROLLER_DOWN  # /ready is open: no internal addresses in its answer
         return None if resp.status_code == 200 else f"the controller answered {resp.status_code} on /health"
 
     def close(self) -> None:

@@ -280,8 +280,11 @@ class Generation:
                         reason = failure
                     else:
                         reason = f"worker {choice.stream.worker_url} ended the generation ({final.finish_reason})"
-                if resumes >= MAX_RESUMES:
-                    raise ServiceUnavailable(f"generation interrupted: {reason}", code="worker_lost", retry_after=2)
+                if resumes >= MAX_RESUMES:  # the reason names internal addresses: the log has it, not the client
+                    log.warning("request %s choice %d: %s; resumed %d times already, giving up",
+                                self.ctx.request_id, index, reason, resumes)
+                    raise ServiceUnavailable(f"generation interrupted: the model's worker was lost {resumes + 1} "
+                                             f"times in a row", code="worker_lost", retry_after=2)
                 resumes += 1
                 self.gw.metrics.resumes.labels(self.model).inc()
                 log.warning("request %s choice %d: %s; resuming elsewhere after %d tokens",

@@ -98,8 +98,9 @@ def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: li
 def _classify(worker_url: str, exc: WorkerError) -> ApiError:
     info = exc.info
     message = info.message if info else str(exc)
-    if exc.status == 0:
-        return WorkerUnavailable(f"the model's worker at {worker_url} is unreachable ({message})", retry_after=2)
+    if exc.status == 0:  # where and why go to the log: clients are not told internal addresses
+        log.warning("worker %s is unreachable: %s", worker_url, message)
+        return WorkerUnavailable("the model's worker cannot be reached just now; retry shortly", retry_after=2)
     if exc.status in (400, 413, 422):
         # The worker's own validation (e.g. a prompt its context cannot hold): the caller's request is at fault.
         return InvalidRequest(message, param=info.param if info else None,
