@@ -41,6 +41,8 @@ def _tokenize(gw: Gateway, req: EmbeddingRequest, card) -> list[list[int]]:
     inputs = []
     for i, text_or_ids in enumerate(req.input):
         param = "input" if len(req.input) == 1 else f"input[{i}]"
+        if isinstance(text_or_ids, str):  # a text too long for the context whatever its tokens: refused untokenized
+            encoder.check_fits(len(text_or_ids), card.max_model_len, param)
         ids = encoder.encode(text_or_ids) if isinstance(text_or_ids, str) else encoder.check_token_ids(
             text_or_ids, param)
         if not ids:

@@ -24,7 +24,8 @@ def test_a_4mb_prompt_is_refused_without_tokenizing_it(make_gateway, monkeypatch
     monkeypatch.setattr(PromptEncoder, "encode", lambda self, text: encoded.append(len(text)) or original(self, text))
     prompt = "hello world " * (4 * 1024 * 1024 // 12 - 100)
     for path, body in (("/v1/completions", {"model": MODEL, "prompt": prompt}),
-                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": prompt}]})):
+                       ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}),
+                       ("/v1/embeddings", {"model": MODEL, "input": prompt})):
         error = assert_error(gw.post(path, json=body), 400, "context_length_exceeded")
         assert "maximum context length is 512 tokens" in error["message"]
         assert f"({len(prompt)} characters)" in error["message"]
