@@ -73,12 +73,13 @@ def worker(model_path: Path, model_name: str | None, host: str | None, port: int
            engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # A service like the gateway and the agent: a config holding the cluster's secret must be this user's alone.
+    config = load_config(config_path, private=True)
     if tensor_parallel:
-        config = load_config(config_path)
         name = model_name or model_path.name
         run_tensor_parallel_worker(config, model_path, model_name, host, port, device, max_model_len, url_file,
                                    threads, stop_signal, slice_copy_for=_node_slice_copies(config, name, model_path),
                                    node=node_name(), node_copy=_node_model_copy(config, name, model_path))
         return
-    run_worker(load_config(config_path), model_path, model_name, host, port, device, max_model_len, url_file,
-               threads, engine, cache_into)
+    run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads, engine,
+               cache_into)

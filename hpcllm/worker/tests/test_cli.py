@@ -26,6 +26,16 @@ def test_cuda_graphs_on_a_cpu_worker_is_a_clear_error(tmp_path, capsys):
     assert "[worker] cuda_graphs needs a GPU worker" in err and "device 'cpu'" in err and "Traceback" not in err
 
 
+def test_a_config_with_the_secret_that_others_may_read_is_refused(tmp_path, capsys):
+    (tmp_path / "ckpt").mkdir()
+    config = tmp_path / "worker.toml"
+    config.write_text('[cluster]\nshared_secret = "s3cret-s3cret-s3cret"\n')
+    config.chmod(0o644)
+    assert main(["worker", "--model", str(tmp_path / "ckpt"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"config file {config} holds secrets" in err and f"chmod 600 {config}" in err and "Traceback" not in err
+
+
 def test_url_file_in_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     assert main(["worker", "--model", str(tmp_path / "ckpt"), "--url-file", str(tmp_path / "no" / "url")]) == 2
