@@ -165,12 +165,17 @@ class Controller:
 
     def resolve_model(self, spec: ModelSpec) -> DeployedModel:
         source = Path(spec.source)
+        if not source.is_absolute():  # gateways, node agents and Slurm jobs resolve it in folders of their own
+            raise InvalidModelConfig(f"source: {source} is a relative path; give the checkpoint folder's absolute "
+                                     f"path on the shared filesystem", param="source")
         if not source.is_dir():
             raise InvalidModelConfig(f"source: checkpoint folder {source} does not exist (or is not a folder)",
                                      param="source")
         if (source / MANIFEST_FILE).is_file():
             try:
-                size_bytes = read_checkpoint(source).total_bytes
+                checkpoint = read_checkpoint(source)
+                checkpoint.check_files_present()  # sizes only: a missing or cut-short data file fails here, not
+                size_bytes = checkpoint.total_bytes  # on a node after an allocation was paid for
             except CheckpointError as exc:
                 raise InvalidModelConfig(f"source: {exc}", param="source") from None
         elif spec.size_bytes is not None:

@@ -312,6 +312,22 @@ def test_deploy_checks_the_source_and_partition(client, harness, tmp_path):
     assert client.post("/v1/admin/models", json=bad_partition, headers=ADMIN).status_code == 201
 
 
+def test_deploy_refuses_a_relative_source_and_a_checkpoint_missing_data(client, tmp_path, converted_checkpoint):
+    import shutil
+
+    relative = client.post("/v1/admin/models", json={"name": "m", "source": "models/tiny"}, headers=ADMIN)
+    assert relative.status_code == 400 and "is a relative path" in relative.get_json()["error"]["message"]
+    broken = shutil.copytree(converted_checkpoint, tmp_path / "broken")
+    data = sorted(broken.glob("data-*"))[0]
+    data.write_bytes(data.read_bytes()[:100])  # a copy cut short: caught at deploy, not on a node later
+    resp = client.post("/v1/admin/models", json={"name": "m", "source": str(broken)}, headers=ADMIN)
+    message = resp.get_json()["error"]["message"]
+    assert resp.status_code == 400 and f"{data.name}: has 100 bytes, the manifest says" in message
+    data.unlink()
+    resp = client.post("/v1/admin/models", json={"name": "m", "source": str(broken)}, headers=ADMIN)
+    assert resp.status_code == 400 and "is missing from the checkpoint" in resp.get_json()["error"]["message"]
+
+
 def test_a_models_cache_on_load_reaches_the_agent_and_bad_tiers_are_refused(client, harness):
     src = harness.source("m", positions=512)
     body = {"name": "m", "source": str(src), "size_bytes": 1, "gpus": 1}
