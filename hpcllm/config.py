@@ -18,8 +18,10 @@ from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.privatefs import private_dir
 
 CONFIG_ENV = "HPCLLM_CONFIG"
-# A model's name as deployed (conf/models/NAME.toml) and everywhere it travels: URLs, file names, batch scripts.
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# A model's name as deployed (conf/models/NAME.toml) and everywhere it travels: URLs, file names (node caches),
+# batch scripts. MODEL_NAME is the bare expression, for patterns that embed a name.
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+MODEL_NAME_PATTERN = rf"^{MODEL_NAME}$"
 
 
 class Section(BaseModel):

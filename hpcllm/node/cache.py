@@ -44,6 +44,7 @@ from typing import Callable, Iterator
 from hpcllm.checkpoint import (CheckpointError, ChecksumMismatch, MissingFile,
                                NotAConvertedCheckpoint, read_checkpoint)
 from hpcllm.checkpoint.layout import MANIFEST_FILE, Checkpoint, file_checksum
+from hpcllm.config import MODEL_NAME
 from hpcllm.errors import HpcllmError
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
 from hpcllm.privatefs import NotPrivate, private_dir
@@ -57,9 +58,9 @@ NVME, DRAM, SHAREDFS = "nvme", "dram", "sharedfs"
 CACHE_TIERS = (DRAM, NVME)  # fastest first
 MARKER_FILE = ".hpcllm-cache.json"
 STATE_DB = ".hpcllm-cache.db"
-_SAFE_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SAFE_MODEL = re.compile(MODEL_NAME)  # fullmatch: a cache entry is named after the model it holds
 # A slice copy's entry: rank R of a degree-N tensor-parallel instance of MODEL ('+' is never in a model name).
-_SLICE_KEY = re.compile(r"^(?P<model>[A-Za-z0-9][A-Za-z0-9._-]{0,199})\+tp(?P<degree>\d{1,2})\.r(?P<rank>\d{1,2})$")
+_SLICE_KEY = re.compile(rf"(?P<model>{MODEL_NAME})\+tp(?P<degree>\d{{1,2}})\.r(?P<rank>\d{{1,2}})")
 _FILLING = re.compile(r"^\.(?P<model>.+)\.filling-(?P<pid>\d+)-[0-9a-f]{8}$")
 _TRASH = re.compile(r"^\.(?P<model>.+)\.evicted-[0-9a-f]{8}$")
 COPY_CHUNK_BYTES = 16 << 20
@@ -148,9 +149,9 @@ class VerifyResult:
 
 
 def check_model_name(model: str) -> str:
-    if not isinstance(model, str) or not _SAFE_MODEL.match(model):
+    if not isinstance(model, str) or not _SAFE_MODEL.fullmatch(model):
         raise CacheError(f"model name {model!r} must start with a letter or digit and contain only letters, digits, "
-                         f"'.', '_' or '-' (at most 200 characters)")
+                         f"'.', '_' or '-' (at most 128 characters)")
     return model
 
 
@@ -164,7 +165,7 @@ def slice_key(model: str, degree: int, rank: int) -> str:
 
 def parse_entry_key(key: str) -> tuple[str, int | None, int | None]:
     """(model, degree, rank) of an entry name; degree and rank are None for a whole copy."""
-    found = _SLICE_KEY.match(key)
+    found = _SLICE_KEY.fullmatch(key)
     if found:
         return found.group("model"), int(found.group("degree")), int(found.group("rank"))
     return check_model_name(key), None, None
@@ -432,7 +433,7 @@ class CacheManager:
         found = {}
         if self.nvme_dir.is_dir():
             for child in self.nvme_dir.iterdir():
-                named = _SAFE_MODEL.match(child.name) or _SLICE_KEY.match(child.name)
+                named = _SAFE_MODEL.fullmatch(child.name) or _SLICE_KEY.fullmatch(child.name)
                 if not child.name.startswith(".") and named and (child / MARKER_FILE).is_file():
                     found[(child.name, NVME)] = child
         for entry in self.dram.list() if self.dram is not None else []:
