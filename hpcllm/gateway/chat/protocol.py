@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, SamplingRequest, UsageInfo, unsupported
@@ -16,14 +16,19 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 class ChatMessage(OpenAIRequest):
     role: Role
     # A string, or a list of content parts ({"type": "text", "text": ...}; other part types are rejected later).
-    content: Any = None
+    content: Any = Field(None, validate_default=True)
     name: str | None = None
     tool_calls: list[Any] | None = None
 
     @field_validator("content")
     @classmethod
-    def _content_shape(cls, value: Any) -> str | list[dict] | None:
-        if value is None or isinstance(value, str):
+    def _content_shape(cls, value: Any, info: ValidationInfo) -> str | list[dict] | None:
+        if value is None:
+            role = info.data.get("role")  # absent when the role itself was invalid: that error is the one to report
+            if role is not None and role != "assistant":  # as OpenAI: only an assistant's (tool-calling) may be none
+                raise ValueError(f"a {role} message needs content")
+            return value
+        if isinstance(value, str):
             return value
         if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in value):
             return value

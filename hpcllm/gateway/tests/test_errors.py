@@ -64,6 +64,9 @@ def test_missing_fields_are_400_naming_the_field(gateway, path, body, param):
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]},
      "messages[0].role"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": None},
+                                                           {"role": "user", "content": "hi"}]}, "messages[0].content"),
 ])
 def test_wrong_types_and_out_of_range_values_are_422(gateway, path, body, param):
     assert_error(gateway.post(path, json=body), 422, "invalid_value", param)
