@@ -32,6 +32,7 @@ from hpcllm.node.protocol import (
     StartInstance,
     StoppedInstance,
     VerifyRequest,
+    VerifyResults,
     WarmRequest,
 )
 
@@ -153,6 +154,6 @@ def create_app(agent) -> Flask:
         req = parse_body(VerifyRequest) if request.content_length else VerifyRequest()
         results = cache().verify(req.model)
         agent.wake_heartbeat()
-        return {"results": _plain(results)}
+        return VerifyResults(results=_plain(results)).model_dump()
 
     return service_app("hpcllm.node", [api], max_request_bytes=agent.config.internal_http.max_request_bytes)

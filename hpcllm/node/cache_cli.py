@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 import httpx
+from pydantic import ValidationError
 
 from hpcllm.config import Config, load_config
 from hpcllm.controller.agents import AgentClient
@@ -27,6 +28,7 @@ from hpcllm.httpkit.client import internal_client
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
 from hpcllm.node.hostlist import expand_nodes
 from hpcllm.node.mpiwarm import RESULT_PREFIX
+from hpcllm.node.protocol import CachedCopyInfo, CacheList, VerifyResults, Wire
 
 LIVE_NODE_STATES = ("up", "draining")  # the controller's other states: lost (silent agent), gone (job ended)
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
@@ -64,14 +66,23 @@ class NodeCache:
         self.agent = agent
         self._agents = agents
 
-    def call(self, method: str, path: str, **kwargs) -> dict:
-        return self._agents.call(
+    def call(self, method: str, path: str, answer: type[Wire], **kwargs) -> dict:
+        """The agent's JSON answer, checked against its wire type `answer`: a URL that leads to something else is an
+        error that says so, not a KeyError traceback."""
+        body = self._agents.call(
             self.agent.url, method, path,
             unreachable=lambda exc: NodeUnreachable(
                 f"node {self.agent.node}'s agent at {self.agent.url} is not reachable "
                 f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?"),
             refused=self._refused,
             **kwargs)
+        try:
+            answer.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise CacheError(f"node {self.agent.node}: {self.agent.url} did not answer like an hpcllm node agent "
+                             f"({'.'.join(map(str, first['loc'])) or 'answer'}: {first['msg']})") from None
+        return body
 
     def _refused(self, status: int, error: dict, message: str) -> Exception:
         kind = {"NotEnoughSpace": NotEnoughSpace, "UnknownModel": UnknownModel}.get(str(error.get("code") or ""),
@@ -240,7 +251,7 @@ def warm_slices_through_agents(clients: list[NodeCache], model: str, origin: str
     for client in clients:
         for rank in ranks[client.agent.node]:
             try:
-                copy = client.call("POST", "/v1/internal/cache/warm",
+                copy = client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo,
                                    json={"model": model, "source": origin, "tier": "nvme", "tensor_parallel": degree,
                                          "rank": rank})
                 click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: {_size(copy['bytes'])} of slices "
@@ -264,7 +275,7 @@ def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier:
         for client in clients:
             task = tasks[client.agent.node]
             try:
-                copy = client.call("POST", "/v1/internal/cache/warm",
+                copy = client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo,
                                    json={"model": model, "source": origin, "tier": tier})
                 progress.update(task, completed=1, state=f"{copy['bytes'] / 1e9:.2f} GB verified")
             except HpcllmError as exc:
@@ -288,7 +299,7 @@ def ls(node_expr, as_json, config_path, controller_url, agent_urls) -> None:
     rows, errors = [], []
     for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
         try:
-            for copy in client.call("GET", "/v1/internal/cache")["cached"]:
+            for copy in client.call("GET", "/v1/internal/cache", CacheList)["cached"]:
                 rows.append({"node": client.agent.node, **copy})
         except NodeUnreachable as exc:
             errors.append(str(exc))
@@ -335,7 +346,7 @@ def evict(model, node_expr, tier, config_path, controller_url, agent_urls) -> No
     removed, failures = 0, []
     for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
         try:
-            gone = client.call("DELETE", f"/v1/internal/cache/{model}", params={"tier": tier} if tier else None)
+            gone = client.call("DELETE", f"/v1/internal/cache/{model}", CacheList, params={"tier": tier} if tier else None)
         except HpcllmError as exc:
             failures.append(str(exc))
             continue
@@ -360,7 +371,7 @@ def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
     bad, failures = 0, []
     for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
         try:
-            results = client.call("POST", "/v1/internal/cache/verify", json={"model": model})["results"]
+            results = client.call("POST", "/v1/internal/cache/verify", VerifyResults, json={"model": model})["results"]
         except HpcllmError as exc:
             failures.append(str(exc))
             continue

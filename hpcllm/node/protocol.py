@@ -10,7 +10,7 @@ Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Err
     POST   /v1/internal/cache/warm             WarmRequest -> CachedCopyInfo
     GET    /v1/internal/cache                  -> CacheList
     DELETE /v1/internal/cache/<model>?tier=T   -> CacheList (the evicted copies)
-    POST   /v1/internal/cache/verify           VerifyRequest -> {"results": [...]}
+    POST   /v1/internal/cache/verify           VerifyRequest -> VerifyResults
     GET    /v1/internal/node                   -> NodeInfo (what the agent registered, its state)
     GET    /health                             -> {"status": "ok", "state": "up"|"draining"}
 """
@@ -89,6 +89,18 @@ class CachedCopyInfo(Wire):
 
 class CacheList(Wire):
     cached: list[CachedCopyInfo]
+
+
+class VerifyResultInfo(Wire):
+    model: str
+    tier: str
+    ok: bool
+    action: Literal["ok", "refilled", "dropped"]
+    message: str = ""
+
+
+class VerifyResults(Wire):
+    results: list[VerifyResultInfo]
 
 
 class NodeInfo(Wire):

@@ -80,3 +80,38 @@ def test_nodes_the_controller_lost_are_skipped_by_ls_and_named_when_asked_for(ca
     err = capsys.readouterr().err
     assert code == 4 and "node n2's agent is down (the controller marks it lost, no heartbeat for 45 s)" in err
     assert err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_an_agent_url_that_leads_elsewhere_is_not_taken_for_an_agent(capsys):
+    """A URL answering JSON that is not the agent's (a proxy, another service): the command says so, per node,
+    instead of a KeyError traceback or a false listing."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            body = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for command, field in ((["cache", "ls"], "cached"), (["cache", "evict", "llama"], "cached"),
+                               (["cache", "verify"], "results")):
+            assert main([*command, "--agent-url", url]) != 0
+            err = capsys.readouterr().err
+            assert f"{url} did not answer like an hpcllm node agent ({field}: Field required)" in err, err
+            assert "Traceback" not in err
+    finally:
+        server.shutdown()
+        server.server_close()
