@@ -24,6 +24,7 @@ transformers import), so the gateway and the controller can call it cheaply.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +151,7 @@ def _rope_scaled(config: Mapping[str, Any], length: int, derived_from: str) -> t
         longrope = longrope or rope_type in ("longrope", "su")
         if rope_type in _ROPE_TYPES_ALREADY_EXTENDED:
             continue
-        factor = float(params.get("factor", factor) or 1.0)
+        factor = _positive_float(params.get("factor", factor)) or 1.0
         original = _positive_int(params.get("original_max_position_embeddings"))
         if rope_type == "yarn" and original is not None:
             length, derived_from = original, f"original_max_position_embeddings={original}"
@@ -159,15 +160,35 @@ def _rope_scaled(config: Mapping[str, Any], length: int, derived_from: str) -> t
     return int(length * factor), f"{derived_from} x rope factor {factor:g}", longrope
 
 
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+def _positive_float(value: Any) -> float | None:
+    """A finite positive number, else None (a config's strings, lists, Infinity and NaN are no length or factor)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         return None
-    return int(value)
+    return float(value)
+
+
+# No model has a context of 2**31 tokens; Hugging Face tokenizers write 1e30 for "no limit".
+NO_LENGTH_FROM = 2**31
+
+
+def _positive_int(value: Any) -> int | None:
+    number = _positive_float(value)
+    return None if number is None or number >= NO_LENGTH_FROM else int(value)
+
+
+# config.json and tokenizer_config.json are small: a bigger one is not a model's (and is not read into memory).
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def _read_json(path: Path, *, required: bool) -> dict | None:
     try:
-        data = json.loads(path.read_text())
+        if path.exists() and not path.is_file():  # a FIFO would block the read; a folder or device is no config
+            raise ContextLengthError(f"{path} is not a regular file: the model's context length is read from it")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ContextLengthError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a model's config")
+        data = json.loads(raw)
     except FileNotFoundError:
         if not required:
             return None
@@ -176,7 +197,7 @@ def _read_json(path: Path, *, required: bool) -> dict | None:
             f"folder, and readable from here?)") from None
     except OSError as exc:
         raise ContextLengthError(f"cannot read {path} for the model's context length: {exc}") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ContextLengthError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ContextLengthError(f"{path} does not hold a JSON object")

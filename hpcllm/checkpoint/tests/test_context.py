@@ -116,3 +116,39 @@ def test_unreadable_config_says_which_file(tmp_path, content, message):
     with pytest.raises(ContextLengthError, match=message) as error:
         source_max_model_len(tmp_path)
     assert str(tmp_path / "config.json") in str(error.value)
+
+
+@pytest.mark.parametrize("config", [
+    '{"max_position_embeddings": Infinity}', '{"max_position_embeddings": NaN}',
+    '{"text_config": {"max_position_embeddings": 1e400}}', '{"max_position_embeddings": 1e30}',
+    '{"max_position_embeddings": "4096"}',
+])
+def test_a_length_that_is_no_number_of_tokens_is_no_length(tmp_path, config):
+    # Before: OverflowError / ValueError tracebacks (500s at deploy); now the config names no length.
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ContextLengthError, match="set max_model_len"):
+        source_max_model_len(tmp_path)
+    assert source_max_model_len(tmp_path, 2048) == 2048
+
+
+@pytest.mark.parametrize("factor", ['"abc"', "Infinity", "[1]", "NaN", "-2"])
+def test_a_rope_factor_that_is_no_factor_is_ignored(factor):
+    config = json.loads(f'{{"max_position_embeddings": 2048, "rope_scaling": {{"type": "linear", "factor": {factor}}}}}')
+    assert context_window(config).limit == 2048
+
+
+def test_a_config_that_is_a_fifo_or_deeply_nested_is_refused_without_blocking(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "config.json")  # a read would wait for a writer forever
+    with pytest.raises(ContextLengthError, match="is not a regular file"):
+        source_max_model_len(tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 64}')
+    os.mkfifo(tmp_path / "tokenizer_config.json")
+    with pytest.raises(ContextLengthError, match="tokenizer_config.json is not a regular file"):
+        source_max_model_len(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "config.json").write_text("[" * 100_000)
+    with pytest.raises(ContextLengthError, match="is not valid JSON"):
+        source_max_model_len(tmp_path)
