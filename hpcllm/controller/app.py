@@ -12,6 +12,7 @@ the controller to an internal address).
 from __future__ import annotations
 
 import logging
+import math
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -124,7 +125,9 @@ def create_app(controller: Controller) -> Flask:
         try:
             wait = float(request.args.get("wait", "0"))
         except ValueError:
-            raise InvalidRequest("query parameter 'wait' must be a number of seconds", param="wait") from None
+            wait = math.nan
+        if not math.isfinite(wait):  # nan would never reach its deadline: a route spinning on a thread
+            raise InvalidRequest("query parameter 'wait' must be a number of seconds", param="wait")
         try:
             outcome = controller.route(name, wait, group)
         except ControllerError as exc:

@@ -42,15 +42,22 @@ CacheTier = Literal["dram", "nvme"]
 InstanceState = Literal["loading", "ready", "draining", "stopped", "failed"]
 
 
+MAX_INSTANCES = 10_000  # of one model: far beyond any cluster, and a number the registry and the autoscaler take
+# The largest integer SQLite stores (the registry's columns): a byte count beyond it is no byte count.
+INT64_MAX = 2**63 - 1
+
+
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # JSON has no Infinity or NaN, but Python's parser takes them (and 1e400 is inf): refused on every message, or
+    # one registration with an infinite bandwidth is stored as null and fails every later read of the registry.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------------------------ node agent -> us
 
 
 class TierInfo(Wire):
-    capacity_bytes: int | None = Field(None, ge=0)
+    capacity_bytes: int | None = Field(None, ge=0, le=INT64_MAX)
     read_gbps: float = Field(gt=0, description="measured sequential read bandwidth, GB/s (1e9 bytes/s)")
     # Only meaningful for nvme: "persistent" node-local disk survives the Slurm job, "job" scratch does not.
     scope: Literal["persistent", "job"] | None = None
@@ -65,7 +72,7 @@ class Tiers(Wire):
 class CacheEntry(Wire):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     tier: CacheTier
-    bytes: int = Field(ge=0)
+    bytes: int = Field(ge=0, le=INT64_MAX)
     verified: bool = False
     last_used: float = 0.0
     # A slice copy (`hpcllm cache warm --tensor-parallel`): only rank `rank` of a tensor_parallel = N instance's
@@ -82,11 +89,12 @@ class CacheEntry(Wire):
 
 
 class NodeRegistration(Wire):
-    node_id: str = Field(min_length=1, max_length=256, description="the Slurm node name")
+    node_id: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                         description="the Slurm node name")
     agent_url: str = Field(pattern=r"^https?://")
     slurm_job_id: str | None = None
     job_scoped: bool = True
-    gpus: int = Field(0, ge=0)
+    gpus: int = Field(0, ge=0, le=1024)
     tiers: Tiers = Field(default_factory=Tiers)
     h2d_gbps: float | None = Field(None, gt=0)
     cached: list[CacheEntry] = Field(default_factory=list)
@@ -201,12 +209,10 @@ class SlurmOverrides(Wire):
 class ModelSpec(Wire):
     """A model config (conf/models/NAME.toml) as deployed; also the body of POST /v1/admin/models."""
 
-    # TOML's inf passes ge=0 and then cannot be sent as JSON (nan fails the bound but is refused here all the same).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     source: str = Field(min_length=1, description="converted checkpoint folder on the shared filesystem")
-    size_bytes: int | None = Field(None, gt=0, description="only needed when the source has no manifest.json")
+    size_bytes: int | None = Field(None, gt=0, le=INT64_MAX,
+                                   description="only needed when the source has no manifest.json")
     gpus: int = Field(0, ge=0, le=64, description="GPUs per instance; 0 serves on CPU")
     tensor_parallel: int = Field(1, ge=1, le=64, description="ranks one instance runs on (GPUs, or CPU ranks when "
                                                               "gpus = 0); each holds 1/N of the model")
@@ -219,8 +225,8 @@ class ModelSpec(Wire):
     keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
     cache_on_load: list[CacheTier] | None = Field(None, description="tiers a load from a slower one fills; "
                                                   "default: the node's node.cache_on_load; [] never")
-    min_instances: int = Field(0, ge=0)
-    max_instances: int = Field(1, ge=1)
+    min_instances: int = Field(0, ge=0, le=MAX_INSTANCES)
+    max_instances: int = Field(1, ge=1, le=MAX_INSTANCES)
     slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)
 
     @model_validator(mode="after")

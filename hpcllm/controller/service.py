@@ -168,7 +168,12 @@ class Controller:
         if not source.is_absolute():  # gateways, node agents and Slurm jobs resolve it in folders of their own
             raise InvalidModelConfig(f"source: {source} is a relative path; give the checkpoint folder's absolute "
                                      f"path on the shared filesystem", param="source")
-        if not source.is_dir():
+        try:
+            is_dir = source.is_dir()
+        except OSError as exc:  # a name too long, a path through a file...
+            raise InvalidModelConfig(f"source: {str(source)[:200]} cannot be looked up ({exc.strerror or exc})",
+                                     param="source") from None
+        if not is_dir:
             raise InvalidModelConfig(f"source: checkpoint folder {source} does not exist (or is not a folder)",
                                      param="source")
         if (source / MANIFEST_FILE).is_file():

@@ -59,6 +59,9 @@ def test_route_errors(client, harness):
     harness.deploy("m")
     resp = client.get("/v1/internal/route?model=m&wait=soon", headers=INTERNAL)
     assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "wait"
+    for wait in ("nan", "inf"):  # nan never reached its deadline: the route spun on a thread at 100% CPU
+        resp = client.get(f"/v1/internal/route?model=m&wait={wait}", headers=INTERNAL)
+        assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "wait"
 
 
 def test_bad_registration_names_the_field(client):
@@ -70,6 +73,37 @@ def test_bad_registration_names_the_field(client):
     assert "gpus" in resp.get_json()["error"]["message"]
     resp = client.post("/v1/internal/nodes/register", data="not json", headers=INTERNAL)
     assert resp.status_code == 400
+
+
+@pytest.mark.parametrize("change, param", [
+    # An infinite bandwidth was stored (as null) before the answer failed: every later read of the registry, and
+    # every controller start, failed on it.
+    (lambda body: body["tiers"]["dram"].update(read_gbps=float("inf")), "tiers.dram.read_gbps"),
+    (lambda body: body["tiers"]["nvme"].update(capacity_bytes=2**63), "tiers.nvme.capacity_bytes"),
+    (lambda body: body.update(gpus=10**30), "gpus"),  # SQLite's integers end at 2**63 - 1
+    (lambda body: body.update(node_id="n/../x"), "node_id"),
+])
+def test_a_registration_the_registry_cannot_hold_is_refused_and_nothing_is_stored(client, harness, change, param):
+    import json
+
+    body = registration_body()
+    change(body)
+    resp = client.post("/v1/internal/nodes/register", data=json.dumps(body), headers=INTERNAL,
+                       content_type="application/json")
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == param
+    assert harness.registry.nodes() == []
+    assert client.get("/v1/admin/status", headers=ADMIN).status_code == 200
+    assert client.post("/v1/internal/nodes/register", json=registration_body(), headers=INTERNAL).status_code == 200
+
+
+def test_deploy_refuses_what_the_registry_cannot_hold(client, harness):
+    too_big = client.post("/v1/admin/models", json={"name": "m", "source": str(harness.source("m")),
+                                                   "size_bytes": 2**63}, headers=ADMIN)
+    assert too_big.status_code in (400, 422) and too_big.get_json()["error"]["param"] == "size_bytes"
+    long_path = client.post("/v1/admin/models", json={"name": "m", "source": "/" + "a" * 10_000, "size_bytes": 1},
+                            headers=ADMIN)
+    assert long_path.status_code == 400 and "cannot be looked up" in long_path.get_json()["error"]["message"]
+    assert harness.registry.models() == []
 
 
 def test_a_second_agent_on_a_node_is_refused_while_the_first_lives(client, harness):
