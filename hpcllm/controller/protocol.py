@@ -26,14 +26,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from hpcllm.config import MODEL_NAME_PATTERN
 from hpcllm.credentials import MigrationTicket
+from hpcllm.slurm.base import SLURM_TOKEN_PATTERN, WALLTIME_PATTERN
 from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
-# Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
 
 Tier = Literal["dram", "nvme", "sharedfs"]
 # What steps a model instance: hpcllm's own engine, or vLLM behind hpcllm's worker API (docs/vllm.md).
@@ -200,9 +199,11 @@ class MigrationTarget(Wire):
 
 
 class SlurmOverrides(Wire):
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
+    # What sbatch would refuse (or a newline that would end a #SBATCH line) is refused at deploy, not at the first
+    # allocation the model needs.
+    partition: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
+    account: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
+    qos: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
     time: str | None = Field(None, pattern=WALLTIME_PATTERN, description="walltime of allocations for this model")
 
 
@@ -425,7 +426,7 @@ class PoolTokenRequest(Wire):
 
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     group: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    shared: bool = False
+    shared: StrictBool = False  # it decides whose requests a pool serves: "yes" or 1 is no answer
     note: str | None = Field(None, max_length=500)
 
 

@@ -23,7 +23,7 @@ from hpcllm.errors import ConfigError
 
 # Values that end up on an `#SBATCH` line or in a REST field: no whitespace, no newline, nothing a shell or the
 # directive parser would split.
-_TOKEN = r"^[A-Za-z0-9_.,:+@%/=-]+$"
+SLURM_TOKEN_PATTERN = r"^[A-Za-z0-9_.,:+@%/=-]+$"
 # Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
 _SIGNAL = re.compile(r"^(?:SIG)?([A-Z0-9]+)@(\d+)$")
@@ -170,9 +170,9 @@ class JobSpec(BaseModel):
     script: str | None = None
     template: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     template_vars: dict[str, Any] = Field(default_factory=dict)
-    partition: str | None = Field(None, pattern=_TOKEN)
-    account: str | None = Field(None, pattern=_TOKEN)
-    qos: str | None = Field(None, pattern=_TOKEN)
+    partition: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
+    account: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
+    qos: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
     time: str | None = None
     nodes: int = Field(1, ge=1)
     ntasks: int | None = Field(None, ge=1)
@@ -180,7 +180,7 @@ class JobSpec(BaseModel):
     cpus_per_task: int | None = Field(None, ge=1)
     # GPUs per node (--gres=gpu:N); `gres` takes a raw GRES string instead, e.g. "gpu:a100:2".
     gpus_per_node: int = Field(0, ge=0)
-    gres: str | None = Field(None, pattern=_TOKEN)
+    gres: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
     # Memory per node: "4096" (MB), "512M", "4G".
     mem: str | None = None
     nodelist: tuple[str, ...] = ()
@@ -196,7 +196,7 @@ class JobSpec(BaseModel):
     open_mode_append: bool = True
     env: dict[str, str] = Field(default_factory=dict)
     chdir: str | None = None
-    comment: str | None = Field(None, max_length=256, pattern=_TOKEN)
+    comment: str | None = Field(None, max_length=256, pattern=SLURM_TOKEN_PATTERN)
 
     @field_validator("signal")
     @classmethod

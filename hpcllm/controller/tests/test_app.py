@@ -96,6 +96,16 @@ def test_a_registration_the_registry_cannot_hold_is_refused_and_nothing_is_store
     assert client.post("/v1/internal/nodes/register", json=registration_body(), headers=INTERNAL).status_code == 200
 
 
+@pytest.mark.parametrize("slurm", [{"account": "x\n#SBATCH --wrap=id"}, {"qos": "a b --uid=0"},
+                                   {"partition": "x\n#SBATCH --foo"}])
+def test_deploy_refuses_slurm_settings_sbatch_would_refuse(client, harness, slurm):
+    # Accepted before, the model was stored and could never be allocated (refused at its first allocation).
+    resp = client.post("/v1/admin/models", json={"name": "m", "source": str(harness.source("m")), "size_bytes": 1,
+                                                "slurm": slurm}, headers=ADMIN)
+    assert resp.status_code in (400, 422) and resp.get_json()["error"]["param"] == f"slurm.{next(iter(slurm))}"
+    assert harness.registry.models() == []
+
+
 def test_deploy_refuses_what_the_registry_cannot_hold(client, harness):
     too_big = client.post("/v1/admin/models", json={"name": "m", "source": str(harness.source("m")),
                                                    "size_bytes": 2**63}, headers=ADMIN)

@@ -135,6 +135,10 @@ def test_pool_tokens_are_issued_by_admins_for_a_deployed_model(harness):
     assert resp.status_code == 401  # the cluster secret is not the admin key
     resp = client.post("/v1/admin/pool-tokens", headers=ADMIN, json={"model": "nope", "group": "physics"})
     assert resp.status_code == 404 and "deploy it before" in resp.get_json()["error"]["message"]
+    for loose in ("yes", 1):  # `shared` decides whose requests the pool serves: only true or false
+        resp = client.post("/v1/admin/pool-tokens", headers=ADMIN, json={"model": "m", "group": "physics",
+                                                                          "shared": loose})
+        assert resp.status_code in (400, 422) and resp.get_json()["error"]["param"] == "shared"
     token = issue(client, "m", "physics")
     [listed] = client.get("/v1/admin/credentials", headers=ADMIN).get_json()["credentials"]
     assert (listed["kind"], listed["model"], listed["group"], listed["shared"]) == ("pool", "m", "physics", False)
