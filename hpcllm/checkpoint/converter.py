@@ -41,8 +41,8 @@ from hpcllm.checkpoint.layout import (
     MAX_CHUNK_SIZE,
     SLICE_HASHES_FILE,
     Checkpoint,
+    check_replaceable,
     creation_mode,
-    why_not_replaceable,
     dtype_name,
     read_checkpoint,
 )
@@ -138,21 +138,10 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    """OutputExists unless out is free, or may be replaced and overwrite is given."""
-    if not (out.exists() or out.is_symlink()):
-        return
-    why = _why_not_replaceable(out)
-    if why:
-        raise OutputExists(f"{out}: already exists and {why}; --overwrite replaces only a converted checkpoint or an "
-                           f"empty folder: choose another output folder")
-    if not overwrite:
-        raise OutputExists(f"{out}: already exists; pass --overwrite to replace it or choose another folder")
-
-
-def _why_not_replaceable(out: Path) -> str | None:
-    """Why --overwrite must not delete out, or None: only an empty folder or one a conversion made (hpcllm's
-    manifest and the files it lists) is replaced; anything else may be someone's work."""
-    return why_not_replaceable(out, lambda entries: _not_of_a_checkpoint(out, entries))
+    """OutputExists unless out is free, or may be replaced and overwrite is given: only an empty folder or one a
+    conversion made (hpcllm's manifest and the files it lists) is replaced; anything else may be someone's work."""
+    check_replaceable(out, overwrite, lambda entries: _not_of_a_checkpoint(out, entries), OutputExists,
+                      "a converted checkpoint")
 
 
 def _not_of_a_checkpoint(out: Path, entries: list[Path]) -> str | None:

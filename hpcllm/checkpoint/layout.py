@@ -338,6 +338,20 @@ def why_not_replaceable(out: Path, foreign: Callable[[list[Path]], str | None]) 
     return foreign(entries) if entries else None
 
 
+def check_replaceable(out: Path, overwrite: bool, foreign: Callable[[list[Path]], str | None],
+                      error: type[Exception], what: str) -> None:
+    """`error` unless `out` is free, or may be replaced (why_not_replaceable with `foreign`) and overwrite is given;
+    `what` names what --overwrite replaces besides an empty folder."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    why = why_not_replaceable(out, foreign)
+    if why:
+        raise error(f"{out}: already exists and {why}; --overwrite replaces only {what} or an empty folder: choose "
+                    f"another output folder")
+    if not overwrite:
+        raise error(f"{out}: already exists; pass --overwrite to replace it or choose another output folder")
+
+
 def creation_mode(directory: bool) -> int:
     """The mode open() / mkdir() would give a new file / folder under this process's umask (0644 / 0755 under the
     usual 022): what a published checkpoint should have, not the 0600 / 0700 of a temporary one."""

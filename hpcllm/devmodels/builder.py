@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hpcllm.checkpoint.layout import creation_mode, why_not_replaceable
+from hpcllm.checkpoint.layout import check_replaceable, creation_mode
 from hpcllm.devmodels.tokenizer import make_tokenizer
 from hpcllm.errors import HpcllmError
 
@@ -355,21 +355,10 @@ def _check_written(directory: Path, shards: int, fmt: str) -> None:
 
 
 def _check_output(out_path: Path, overwrite: bool) -> None:
-    """DevModelError unless out_path is free, or may be replaced and overwrite is given."""
-    if not (out_path.exists() or out_path.is_symlink()):
-        return
-    why = _why_not_replaceable(out_path)
-    if why:
-        raise DevModelError(f"{out_path} already exists and {why}; --overwrite replaces only a model this command "
-                            f"built or an empty folder: choose another path")
-    if not overwrite:
-        raise DevModelError(f"{out_path} already exists: pass --overwrite or choose another path")
-
-
-def _why_not_replaceable(out_path: Path) -> str | None:
-    """Why --overwrite must not delete out_path, or None (an empty folder, or one holding only what a build
-    writes)."""
-    return why_not_replaceable(out_path, lambda entries: _not_of_a_build(out_path, entries))
+    """DevModelError unless out_path is free, or may be replaced (an empty folder, or one holding only what a build
+    writes) and overwrite is given."""
+    check_replaceable(out_path, overwrite, lambda entries: _not_of_a_build(out_path, entries), DevModelError,
+                      "a model this command built")
 
 
 def _not_of_a_build(out_path: Path, entries: list[Path]) -> str | None:

@@ -154,7 +154,7 @@ def test_bfloat16_weights_are_the_float32_weights_rounded(tmp_path, tiny_qwen2_d
 def test_existing_directory_is_kept_unless_overwrite(tmp_path):
     target = make_model("gpt2", tmp_path / "model")
     before = file_digest(target / "model.safetensors")
-    with pytest.raises(DevModelError, match="already exists: pass --overwrite or"):  # what the CLI user can pass
+    with pytest.raises(DevModelError, match="already exists; pass --overwrite to replace it or"):  # what the CLI user can pass
         make_model("gpt2", target, seed=1)
     assert file_digest(target / "model.safetensors") == before
     make_model("gpt2", target, seed=1, overwrite=True)  # an earlier build is replaced
