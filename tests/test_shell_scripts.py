@@ -84,7 +84,7 @@ def rendered_templates() -> dict[str, str]:
                                        hpcllm="/opt/hpc llm/.venv/bin/hpcllm")
             rendered[f"node-agent nodes={nodes} signal={signal}"] = render_batch_script(spec)
     rendered["model-pool defaults"] = render_model_pool()
-    rendered["model-pool partition signal=TERM"] = render_model_pool(model="it's-a-model", partition="high",
+    rendered["model-pool partition signal=TERM"] = render_model_pool(model="my.model_2-a", partition="high",
                                                                      signal="TERM", gpus=4, nodes=2)
     return rendered
 
