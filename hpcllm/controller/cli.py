@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir, read_toml
 from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
 from hpcllm.controller.protocol import (ClusterStatus, CredentialInfo, CredentialList, DeployedModel, IssuedPoolToken,
-                                       ModelSpec, UndeployResult, Wire)
+                                       ModelSpec, UndeployResult, Wire, not_an_answer)
 from hpcllm.httpkit.client import check_url, internal_client, request_json
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
@@ -78,11 +78,9 @@ class AdminClient:
             refused=self._refused,
             unexpected=self._not_a_controller,
             **kwargs)
-        try:
-            answer.model_validate(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise self._not_a_controller(f"{'.'.join(map(str, first['loc'])) or 'answer'}: {first['msg']}") from None
+        problem = not_an_answer(answer, body)
+        if problem:
+            raise self._not_a_controller(problem)
         return body
 
     def _refused(self, status: int, error: dict, message: str) -> ControllerError:

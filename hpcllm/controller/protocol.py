@@ -52,6 +52,15 @@ class Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def not_an_answer(answer: type[BaseModel], body: object) -> str | None:
+    """Why `body` is not an `answer` from an hpcllm service, or None. Only the top level's required fields are
+    checked, and fields this version does not know are allowed: a newer controller or agent may add some."""
+    if not isinstance(body, dict):
+        return f"a JSON {type(body).__name__}, not an object"
+    missing = [name for name, field in answer.model_fields.items() if field.is_required() and name not in body]
+    return f"{missing[0]}: Field required" if missing else None
+
+
 # ------------------------------------------------------------------------------------------------ node agent -> us
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import click
 import httpx
-from pydantic import ValidationError
 
 from hpcllm.config import Config, load_config
 from hpcllm.controller.agents import AgentClient
+from hpcllm.controller.protocol import not_an_answer
 from hpcllm.credentials import worker_key
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import secret_headers
@@ -76,12 +76,10 @@ class NodeCache:
                 f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?"),
             refused=self._refused,
             **kwargs)
-        try:
-            answer.model_validate(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
+        problem = not_an_answer(answer, body)
+        if problem:
             raise CacheError(f"node {self.agent.node}: {self.agent.url} did not answer like an hpcllm node agent "
-                             f"({'.'.join(map(str, first['loc'])) or 'answer'}: {first['msg']})") from None
+                             f"({problem})")
         return body
 
     def _refused(self, status: int, error: dict, message: str) -> Exception:

@@ -128,6 +128,17 @@ def test_a_url_that_leads_elsewhere_is_not_taken_for_the_controller(capsys, not_
     assert "Traceback" not in captured.err and "no cached copies" not in captured.out
 
 
+def test_an_answer_from_a_newer_controller_with_fields_this_cli_does_not_know_is_taken(capsys, not_a_controller):
+    import json
+
+    handler, url = not_a_controller
+    status = {"now": 1.0, "models": [], "nodes": [], "instances": [], "allocations": [], "cold_starts": [],
+              "field_of_a_newer_version": 1}
+    handler.answer = ("application/json", json.dumps(status).encode())
+    assert main(["status", "--json", "--url", url]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["field_of_a_newer_version"] == 1
+
+
 @pytest.mark.parametrize("existing", [True, False], ids=["existing-file", "missing-folder"])
 def test_pool_token_output_is_checked_before_a_token_is_issued(tmp_path, capsys, monkeypatch, existing):
     from hpcllm.controller import cli
