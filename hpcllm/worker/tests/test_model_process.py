@@ -480,9 +480,14 @@ def test_a_waiting_model_process_and_spare_have_frozen_their_imports(monkeypatch
     import io
     import multiprocessing
 
+    import signal
+
     from hpcllm.worker import spare
     from hpcllm.worker.model_process import _child_main
 
+    # serve_steps ignores SIGINT/SIGTERM (the worker's to act on): not in this test process, whose later
+    # subprocesses would inherit it
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
     gc.unfreeze()
     try:
         parent, child = multiprocessing.Pipe()
