@@ -43,6 +43,16 @@ def _matching_key(token: str, keys: dict[str, ApiKey]) -> ApiKey | None:
     return found
 
 
+def _key_hint(token: str) -> str:
+    """Enough of a wrong key for its owner to recognise it (OpenAI's form), never the whole key.
+
+    HTTP headers reach us decoded as Latin-1, so a key typed with non-ASCII characters would be echoed garbled;
+    API keys are ASCII, and the answer says so instead."""
+    if not (token.isascii() and token.isprintable()):
+        return "the key has characters other than printable ASCII, which no API key has (check how it was copied)"
+    return f"{token[:3]}...{token[-2:]}"
+
+
 def _authenticate_user(gw: Gateway) -> None:
     g.api_key = None
     if not gw.api_keys:
@@ -57,7 +67,7 @@ def _authenticate_user(gw: Gateway) -> None:
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", code="missing_api_key")
     key = _matching_key(token, gw.api_keys)
     if key is None:
-        raise errors.AuthenticationFailed(f"Incorrect API key provided: {token[:3]}...{token[-2:]}")
+        raise errors.AuthenticationFailed(f"Incorrect API key provided: {_key_hint(token)}")
     g.api_key = key
     gw.limiter.take_request(key)
 

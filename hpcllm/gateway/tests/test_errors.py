@@ -123,6 +123,14 @@ def test_missing_and_bad_keys_are_401_and_probes_stay_open(gateway):
     assert_error(gateway.post("/v1/completions", key=None, json=GOOD), 401, "missing_api_key")
     assert_error(gateway.post("/v1/completions", key="sk-wrong", json=GOOD), 401, "invalid_api_key")
     assert_error(gateway.get("/v1/models", key="sk-wrong"), 401, "invalid_api_key")
+    wrong = assert_error(gateway.post("/v1/completions", key="sk-wrong-key", json=GOOD), 401, "invalid_api_key")
+    assert "sk-...ey" in wrong["message"] and "wrong" not in wrong["message"]  # recognisable, never echoed whole
+    # A key pasted with non-ASCII characters (UTF-8 bytes, read as Latin-1 by HTTP) is named as such, not echoed
+    # garbled.
+    utf8_key = {"Authorization": "Bearer sk-clé-du-labo".encode()}
+    garbled = assert_error(gateway.post("/v1/completions", key=None, headers=utf8_key, json=GOOD), 401,
+                           "invalid_api_key")
+    assert "printable ASCII" in garbled["message"] and "Ã" not in garbled["message"]
     # Admin endpoints need the admin key, not a user key.
     assert_error(gateway.get("/v1/admin/status", key=USER_KEY), 401, "invalid_admin_key")
     for path in ("/health", "/ready", "/metrics"):
