@@ -40,6 +40,19 @@ def _node_model_copy(config, model: str, model_path: Path) -> Path | None:
     return copy if copy is not None and copy.resolve() != model_path.resolve() else None
 
 
+def _check_mode_options(tensor_parallel: bool, engine: str, cache_into: Path | None, stop_signal: str | None) -> None:
+    """Options that one mode would silently ignore are refused, so a worker never runs other than asked."""
+    if tensor_parallel and engine != "hpcllm":
+        raise click.UsageError("--tensor-parallel runs hpcllm's engine only; leave out --engine vllm (a vLLM model "
+                               "runs as one process)")
+    if tensor_parallel and cache_into is not None:
+        raise click.UsageError("--cache-into fills a node cache from a single worker's load; a tensor-parallel "
+                               "instance's ranks read slices (warm them with `hpcllm cache warm --tensor-parallel`)")
+    if not tensor_parallel and stop_signal is not None:
+        raise click.UsageError("--stop-signal only applies with --tensor-parallel (a single worker stops on "
+                               "SIGTERM or SIGINT)")
+
+
 @click.command("worker")
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="Converted checkpoint folder (hpcllm convert), loaded through hpcllm's tiered loader.")
@@ -64,21 +77,22 @@ def _node_model_copy(config, model: str, model_path: Path) -> Path | None:
 @click.option("--tensor-parallel", is_flag=True,
               help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
                    "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
-@click.option("--stop-signal", default="TERM", show_default=True,
-              help="With --tensor-parallel: the signal that stops the instance. Under an srun step the node agent "
+@click.option("--stop-signal", default=None,
+              help="With --tensor-parallel: the signal that stops the instance (default TERM). Under an srun step the node agent "
                    "passes USR2 and every rank ignores SIGTERM, which Slurm may send to every step when it "
                    "preempts the job (the agent migrates the streams first, then stops the instance).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
-           engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str) -> None:
+           engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str | None) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
+    _check_mode_options(tensor_parallel, engine, cache_into, stop_signal)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # A service like the gateway and the agent: a config holding the cluster's secret must be this user's alone.
     config = load_config(config_path, private=True)
     if tensor_parallel:
         name = model_name or model_path.name
         run_tensor_parallel_worker(config, model_path, model_name, host, port, device, max_model_len, url_file,
-                                   threads, stop_signal, slice_copy_for=_node_slice_copies(config, name, model_path),
+                                   threads, stop_signal or "TERM", slice_copy_for=_node_slice_copies(config, name, model_path),
                                    node=node_name(), node_copy=_node_model_copy(config, name, model_path))
         return
     run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads, engine,

@@ -36,6 +36,19 @@ def test_a_config_with_the_secret_that_others_may_read_is_refused(tmp_path, caps
     assert f"config file {config} holds secrets" in err and f"chmod 600 {config}" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("options, named", [
+    (["--stop-signal", "USR2"], "--stop-signal only applies with --tensor-parallel"),
+    (["--tensor-parallel", "--engine", "vllm"], "--tensor-parallel runs hpcllm's engine only"),
+    (["--tensor-parallel", "--cache-into", "{tmp}"], "--cache-into fills a node cache from a single worker"),
+], ids=["stop-signal-alone", "vllm-tensor-parallel", "cache-into-tensor-parallel"])
+def test_options_the_mode_would_ignore_are_refused(tmp_path, capsys, options, named):
+    (tmp_path / "ckpt").mkdir()
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    assert main(["worker", "--model", str(tmp_path / "ckpt"), *options]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+
+
 def test_url_file_in_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "ckpt").mkdir()
     assert main(["worker", "--model", str(tmp_path / "ckpt"), "--url-file", str(tmp_path / "no" / "url")]) == 2
