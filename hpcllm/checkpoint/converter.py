@@ -257,6 +257,12 @@ def _as_the_model_holds_it(source_dir: Path, config: dict, files: "WeightSource"
         raise InvalidSource(f"{source_dir}: the weights lack {len(lacking)} tensor(s) that {type(model).__name__} "
                             f"(built from config.json) needs, e.g. {', '.join(lacking[:3])}; the weight files and "
                             f"config.json are of different models")
+    if plan.mismatched:
+        name, stored, wanted = plan.mismatched[0]
+        raise InvalidSource(f"{source_dir}: {len(plan.mismatched)} tensor(s) of the weights do not have the shape "
+                            f"that {type(model).__name__} (built from config.json) needs, e.g. {name} is "
+                            f"{list(stored)} where the model needs {list(wanted)}; the weight files and config.json "
+                            f"are of different models")
     if plan.unused:
         log.warning("%s: %d tensor(s) are not used by %s and are not stored (as from_pretrained drops them), "
                     "e.g. %s", source_dir, len(plan.unused), type(model).__name__, plan.unused[0])

@@ -171,6 +171,8 @@ class Plan:
     groups: list[Group]
     unused: list[str]  # checkpoint tensors the model does not take (from_pretrained drops them too)
     missing: list[str]  # model parameters nothing produces (before ties)
+    # (name, checkpoint's shape, the model's shape) of tensors whose shapes differ: from_pretrained refuses those
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
 
     def outputs(self) -> dict[str, Group]:
         return {name: group for group in self.groups for name in group.outputs}
@@ -213,7 +215,10 @@ def make_plan(model, names: list[str], spec_of: Callable[[str], TensorSpec],
         dropped = [name for name in group.outputs if name not in expected]
         for name in dropped:
             del group.outputs[name]
-    return Plan([g for g in groups.values() if g.outputs], unused, missing)
+    mismatched = [(name, spec.shape, tuple(expected[name].shape))
+                  for group in groups.values() for name, spec in group.outputs.items()
+                  if tuple(spec.shape) != tuple(expected[name].shape)]
+    return Plan([g for g in groups.values() if g.outputs], unused, missing, mismatched)
 
 
 def _plan_outputs(group: Group, model, expected, spec_of, read) -> None:

@@ -121,6 +121,20 @@ def test_checkpoint_lacking_a_tensor_fails_at_convert_time(mixtral_dir, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
+def test_weights_of_another_size_than_config_json_fail_at_convert_time(model_type, tmp_path):
+    """A config.json copied from another size of the model: the weights would fail every load (from_pretrained
+    refuses mismatched shapes), so the conversion fails and names a tensor, instead of publishing a checkpoint."""
+    hf = tmp_path / "hf"
+    save_tiny(model_type, hf)
+    config = json.loads((hf / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (hf / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidSource, match=r"do not have the shape.*mlp.* is \[[\d, ]+\] where the model needs"):
+        convert(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unused_checkpoint_tensors_are_dropped_and_recorded(mixtral_dir, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
