@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue, PayloadTooLarge
 from hpcllm.httpkit.body import parse_json_body
+from hpcllm.worker.protocol import SEED_MAX, SEED_MIN
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -149,8 +150,6 @@ UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
     "guided_choice": (None, "guided decoding"),
     "guided_grammar": (None, "guided decoding"),
 }
-# The worker takes seeds in [0, 2**63); OpenAI accepts any integer, so negative seeds are folded into that range.
-SEED_RANGE = 2**63
 
 
 class SamplingRequest(OpenAIRequest):
@@ -167,7 +166,7 @@ class SamplingRequest(OpenAIRequest):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Any = Field(None, validate_default=True)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -229,7 +228,7 @@ class SamplingRequest(OpenAIRequest):
             temperature, top_p = 0.0, 1.0
         return SamplingOptions(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, self.top_k or 0),
-            seed=None if self.seed is None else self.seed % SEED_RANGE, stop=list(self.stop),
+            seed=self.seed, stop=list(self.stop),
             ignore_eos=self.ignore_eos, logprobs=logprobs,
         )
 

@@ -29,13 +29,13 @@ from flask import g, request
 from hpcllm.config import ApiKey
 from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError, InvalidRequest,
                                    ServiceUnavailable)
-from hpcllm.gateway.protocol import SEED_RANGE, SamplingOptions, UsageInfo
+from hpcllm.gateway.protocol import SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
 from hpcllm.worker.client import WorkerError
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs, offset_seed
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Generation:
         index = choice.index
         sample = index % self.n
         # n samples of one prompt with one seed must still differ: sample j draws with seed + j.
-        seed = None if opts.seed is None else (opts.seed + sample) % SEED_RANGE
+        seed = None if opts.seed is None else offset_seed(opts.seed, sample)
         request = GenerateRequest(
             request_id=f"{self.response_id}-{index}-{attempt_tag}", prompt_token_ids=self.prompts[index // self.n],
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,

@@ -50,6 +50,15 @@ class ChatMessage(WireModel):
     content: str
 
 
+# Seeds are signed 64-bit integers, as vLLM's OpenAI server takes them (its engine is given them unchanged).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def offset_seed(seed: int, offset: int) -> int:
+    """seed + offset, wrapped around within the seed range (sample j of n draws with offset_seed(seed, j))."""
+    return (seed - SEED_MIN + offset) % 2**64 + SEED_MIN
+
+
 class GenerateRequest(WireModel):
     """One generation. Give exactly one of prompt_token_ids, prompt (text) or messages (chat)."""
 
@@ -66,7 +75,7 @@ class GenerateRequest(WireModel):
     # 0 disables top-k.
     top_k: int = Field(default=0, ge=0)
     # Sampling is reproducible for a given seed; None picks a random seed (reported by the tokens endpoint).
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: list[str] = Field(default_factory=list, max_length=16)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False

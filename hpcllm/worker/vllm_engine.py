@@ -49,6 +49,7 @@ from hpcllm.worker.requests import (
     RequestState,
     RequestStream,
 )
+from hpcllm.worker.sampling import step_seed
 from hpcllm.worker.vllm_launch import KV_CACHE_ENV, checkpoint_dtype
 from hpcllm.worker.vllm_loader import load_error
 
@@ -56,6 +57,12 @@ log = logging.getLogger(__name__)
 
 PREFILL_RATE_MIN_TOKENS = 16
 PREFILL_RATE_WEIGHT = 0.3
+
+
+def _vllm_seed(seed: int) -> int:
+    """A request's seed as vLLM takes it: vLLM reads seed -1 as "no seed" (random), so every seed is hashed into
+    [0, 2**63) first (splitmix64; distinct seeds stay distinct but for a 2**-63 chance)."""
+    return step_seed(seed, -1)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -235,7 +242,7 @@ class VllmEngine(EngineBase):
         known = req.all_ids
         params = SamplingParams(
             n=1, temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
-            seed=req.params.seed,
+            seed=_vllm_seed(req.params.seed),
             max_tokens=min(req.max_tokens - len(req.output_ids), self.max_model_len - len(known)),
             ignore_eos=True, stop_token_ids=sorted(req.stop_token_ids), detokenize=False,
             output_kind=RequestOutputKind.DELTA,

@@ -41,6 +41,27 @@ def test_n_seeded_samples_differ_from_each_other_and_repeat_across_calls(gateway
     assert texts() == first
 
 
+def test_every_64_bit_seed_is_its_own_and_others_are_refused(gateway):
+    """Seeds are vLLM's signed 64-bit range: seeds 2**63 apart are different samples (they were folded onto one),
+    n samples wrap at the top of the range, and a seed outside it is a 422 naming the parameter."""
+    import openai
+
+    client = gateway.client()
+
+    def text(seed: int, n: int = 1) -> list[str]:
+        resp = client.completions.create(model=MODEL, prompt=PROMPT, n=n, max_tokens=16, temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True})
+        return [c.text for c in resp.choices]
+
+    assert text(-1) != text(2**63 - 1) and text(-(2**63)) != text(0)
+    top = text(2**63 - 1, n=2)  # the second sample draws with the seed after the top one: the bottom of the range
+    assert top == [text(2**63 - 1)[0], text(-(2**63))[0]]
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            text(seed)
+        assert refused.value.body["param"] == "seed"
+
+
 def test_chat_n_streams_every_choice_with_its_role_chunk(gateway):
     client = gateway.client()
     messages = [{"role": "user", "content": "hi there"}]

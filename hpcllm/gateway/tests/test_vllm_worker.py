@@ -23,7 +23,7 @@ import pytest
 from hpcllm.config import Config
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.migration import ticketed_request
-from hpcllm.worker.protocol import GenerateRequest
+from hpcllm.worker.protocol import GenerateRequest, TokenLine
 
 from .conftest import MODEL, SECRET, ThreadServer
 from .test_resume import ScriptedRouter
@@ -166,6 +166,20 @@ def test_openai_client_through_the_gateway(vllm_worker, gateway_to, reference):
     assert whole.usage.completion_tokens == 24
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
     assert chunks[-1].usage.completion_tokens == 24
+
+
+def test_seeded_sampling_repeats_for_every_seed(vllm_worker):
+    """vLLM takes seed -1 for "no seed": through hpcllm every seed, -1 included, gives the same text each time."""
+
+    def sample(seed: int) -> list[int]:
+        with WorkerClient(vllm_worker, SECRET, read_timeout=120) as client:
+            with client.generate(GenerateRequest(request_id=f"seeded{seed}", prompt=PROMPT, max_tokens=24,
+                                                 temperature=1.0, seed=seed, ignore_eos=True)) as stream:
+                return [line.token_id for line in stream if isinstance(line, TokenLine)]
+
+    for seed in (-1, 7):
+        assert sample(seed) == sample(seed)
+    assert sample(-1) != sample(7)
 
 
 def test_what_the_vllm_engine_does_not_serve_yet_is_refused_by_name(vllm_worker, gateway_to):
