@@ -17,11 +17,13 @@ from flask import Blueprint, Flask, request
 from pydantic import BaseModel
 
 from hpcllm.credentials import AgentKey
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.app import service_app
 from hpcllm.httpkit.auth import guard
 from hpcllm.httpkit.body import parse_body
+from hpcllm.httpkit.client import check_url
 from hpcllm.httpkit.errors import InvalidRequest, ServiceError, ServiceUnavailable, respond, service_error
+from hpcllm.node.cache import CacheError, check_model_name
 from hpcllm.node.protocol import (
     CachedCopyInfo,
     CacheList,
@@ -58,6 +60,33 @@ def _plain(value):
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _check_slice_request(req: WarmRequest) -> None:
+    """A slice copy is rank `rank` of a tensor_parallel = N instance on the NVMe tier; a rank alone would silently
+    cache the whole model (and evict other copies to make room for it)."""
+    if req.tensor_parallel is None:
+        if req.rank is not None:
+            raise InvalidRequest("rank is only for a slice copy: give tensor_parallel too, or leave rank out to cache "
+                                 "the whole model", "rank")
+        return
+    if req.tier != "nvme":
+        raise InvalidRequest(f"a slice copy (tensor_parallel) is kept on the nvme tier, not {req.tier}", "tier")
+    if req.rank is None or req.rank >= req.tensor_parallel:
+        raise InvalidRequest(f"a slice copy is one rank (0..{req.tensor_parallel - 1}) of the NVMe tier", "rank")
+
+
+def _evict_tier() -> str | None:
+    """The tier of an eviction; None (no tier parameter) is every tier. An empty or misspelt parameter is an error,
+    not a wider eviction than asked for."""
+    unknown = sorted(set(request.args) - {"tier"})
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter {unknown[0]!r}; the only one is tier (dram or nvme)",
+                             unknown[0])
+    tier = request.args.get("tier")
+    if tier not in (None, "dram", "nvme"):
+        raise InvalidRequest(f"tier must be dram or nvme, not {tier!r} (leave it out to evict every tier)", "tier")
+    return tier
 
 
 # How long a call that comes before a token-registered agent has its node key waits for it (the registration's
@@ -117,6 +146,10 @@ def create_app(agent) -> Flask:
     def migrate_out(instance_id: str):
         agent.workers.get(instance_id)  # 404 before the body is looked at
         order = parse_body(MigrateOut)
+        try:  # a URL nothing can be moved to must not stop the instance: refused before anything happens
+            check_url(order.destination_url, "destination_url")
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc), "destination_url") from None
         return agent.migrate_out(instance_id, order.destination_url, order.ticket).model_dump()
 
     # ----------------------------------------------------------------------------------------------- cache
@@ -126,12 +159,10 @@ def create_app(agent) -> Flask:
         req = parse_body(WarmRequest)
         if not Path(req.source).is_dir():
             raise InvalidRequest(f"source {req.source} is not a folder on this node", "source")
+        _check_slice_request(req)
         if req.tensor_parallel is None:
             copy = cache().warm(req.model, Path(req.source), req.tier)
         else:
-            if req.tier != "nvme" or req.rank is None or req.rank >= req.tensor_parallel:
-                raise InvalidRequest(f"a slice copy is one rank (0..{req.tensor_parallel - 1}) of the NVMe tier",
-                                     "rank")
             copy = cache().warm_slices(req.model, Path(req.source), req.tensor_parallel, req.rank)
         agent.wake_heartbeat()
         return _copy_info(copy).model_dump()
@@ -142,10 +173,11 @@ def create_app(agent) -> Flask:
 
     @api.delete("/v1/internal/cache/<model>")
     def evict(model: str):
-        tier = request.args.get("tier") or None
-        if tier not in (None, "dram", "nvme"):
-            raise InvalidRequest(f"tier must be dram or nvme, not {tier!r}", "tier")
-        evicted = cache().evict(model, tier)
+        try:  # the name comes from the path: bad input (400), not a cache conflict (409)
+            check_model_name(model)
+        except CacheError as exc:
+            raise InvalidRequest(str(exc), "model") from None
+        evicted = cache().evict(model, _evict_tier())
         agent.wake_heartbeat()
         return CacheList(cached=[_copy_info(c) for c in evicted]).model_dump()
 

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -368,6 +369,8 @@ class CacheManager:
         except OSError as exc:
             raise CacheError(f"cannot create the NVMe cache folder {self.nvme_dir}: {exc.strerror}") from None
         self._db_path = self.nvme_dir / STATE_DB
+        self._warm_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._warm_locks_guard = threading.Lock()
         try:
             db = self._connect()
             try:
@@ -586,6 +589,16 @@ class CacheManager:
 
     # ------------------------------------------------------------------------------------------------- warming
 
+    @contextmanager
+    def _one_warm(self, key: str, tier: str) -> Iterator[None]:
+        """Warms of one entry (a model or slice key) in one tier take turns in this process: the second then finds
+        the first's copy. Side by side, each reserved room for a whole copy, evicting other models' copies to hold
+        the same model twice."""
+        with self._warm_locks_guard:
+            lock = self._warm_locks.setdefault((key, tier), threading.Lock())
+        with lock:
+            yield
+
     def warm(self, model: str, source: str | os.PathLike, tier: str = NVME, progress: Progress | None = None, *,
              force: bool = False) -> CachedCopy:
         """Copy the checkpoint at `source` into a tier (verified, atomic); a present copy is reused unless force.
@@ -595,6 +608,11 @@ class CacheManager:
         check_model_name(model)
         self._check_tier(tier)
         ckpt = open_origin(model, source)
+        with self._one_warm(model, tier):
+            return self._warm(model, ckpt, source, tier, progress, force)
+
+    def _warm(self, model: str, ckpt: Checkpoint, source: str | os.PathLike, tier: str, progress: Progress | None,
+              force: bool) -> CachedCopy:
         origin = str(Path(source).resolve())
         existing = self.get(model, tier)
         if existing is not None and not force and self._same_content(existing.path, source):
@@ -626,10 +644,16 @@ class CacheManager:
         (hpcllm.tp.slicecache: each piece one contiguous read, verified with the strip hashes before and after it is
         written; visible only once complete). A present copy of the same checkpoint version is reused unless force.
         """
+        key = slice_key(model, degree, rank)
+        ckpt = open_origin(model, source)
+        with self._one_warm(key, NVME):
+            return self._warm_slices(model, ckpt, source, degree, rank, force)
+
+    def _warm_slices(self, model: str, ckpt: Checkpoint, source: str | os.PathLike, degree: int, rank: int,
+                     force: bool) -> CachedCopy:
         from hpcllm.tp.slicecache import manifest_fingerprint, planned_copy_bytes, usable_slice_copy
 
         key = slice_key(model, degree, rank)
-        ckpt = open_origin(model, source)
         origin = str(Path(source).resolve())
         existing = self.get(key, NVME)
         if existing is not None and not force and usable_slice_copy(existing.path, degree, rank,

@@ -17,12 +17,12 @@ Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Err
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
+from hpcllm.config import MODEL_NAME_PATTERN
 from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate-out answer, defined there)
-    MODEL_NAME_PATTERN,
     CacheTier,
     EngineName,
     InstanceInfo,
@@ -33,9 +33,19 @@ from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate
 from hpcllm.credentials import MigrationTicket
 
 
+def _no_nul(path: str) -> str:
+    # A NUL byte is no path: the OS refuses it, and Python answers ValueError (not OSError) wherever it is opened.
+    if "\0" in path:
+        raise ValueError("a path must not contain a NUL byte")
+    return path
+
+
+NodePath = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+
+
 class StartInstance(Wire):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
-    source: str = Field(min_length=1, description="converted checkpoint folder on the shared FS (origin)")
+    source: NodePath = Field(description="converted checkpoint folder on the shared FS (origin)")
     gpu_ids: list[int] = Field(default_factory=list, description="agent GPU indices 0..gpus-1; empty: CPU")
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = "hpcllm"
@@ -64,7 +74,7 @@ class InstanceList(Wire):
 
 class WarmRequest(Wire):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
-    source: str = Field(min_length=1)
+    source: NodePath
     tier: CacheTier = "nvme"
     # Only one rank's slices (hpcllm.tp.slicecache) of a tensor_parallel = N instance, instead of the whole model.
     tensor_parallel: int | None = Field(None, ge=2, le=64)

@@ -371,6 +371,9 @@ class WorkerManager:
 
     def _check_tensor_parallel(self, req: StartInstance) -> None:
         """Refuse a tensor-parallel start this node cannot run, before a copy or GPU is taken."""
+        if req.tensor_parallel % req.nodes:  # also tensor_parallel = 1 over 2 nodes: no rank for the second
+            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} ranks do not split evenly over "
+                                f"{req.nodes} nodes: nodes must divide tensor_parallel")
         if req.tensor_parallel == 1:
             return
         if req.engine != "hpcllm":
@@ -387,9 +390,6 @@ class WorkerManager:
 
     def _check_spanning(self, req: StartInstance) -> None:
         """An instance over several nodes needs a Slurm job of that many nodes around this agent, and srun."""
-        if req.tensor_parallel % req.nodes:
-            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} ranks do not split evenly over "
-                                f"{req.nodes} nodes")
         job_nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
         if not os.environ.get("SLURM_JOB_ID") or not job_nodes:
             raise InstanceError(f"an instance over {req.nodes} nodes starts its ranks with srun inside this agent's "

@@ -196,6 +196,42 @@ def test_lru_eviction_keeps_in_use_models(manager, origin, model_bytes):
     assert sorted(c.model for c in cm.list()) == ["c", "d"]
 
 
+def test_two_warms_of_one_model_at_once_evict_no_other_copy(manager, origin, model_bytes, monkeypatch):
+    import threading
+
+    import hpcllm.node.cache as cache_module
+
+    cm = _manager_like(manager, nvme_cap=int(model_bytes * 2.5))
+    cm.warm("other", origin)
+    # Both warms copy at the same time when nothing keeps them apart (the barrier gives up when one waits alone).
+    both = threading.Barrier(2, timeout=3)
+    copy = cache_module.copy_checkpoint
+
+    def copy_side_by_side(*args, **kwargs):
+        try:
+            both.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return copy(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "copy_checkpoint", copy_side_by_side)
+    errors = []
+    threads = [threading.Thread(target=lambda: _record_errors(errors, cm.warm, "m", origin)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {(c.model, c.tier) for c in cm.list()} == {("other", "nvme"), ("m", "nvme")}
+
+
+def _record_errors(errors: list, call, *args) -> None:
+    try:
+        call(*args)
+    except Exception as exc:  # noqa: BLE001 (the test reports it)
+        errors.append(exc)
+
+
 def test_not_enough_space_names_sizes_and_holders(manager, origin, model_bytes):
     cm = _manager_like(manager, nvme_cap=int(model_bytes * 1.5))
     cm.warm("a", origin, "nvme")

@@ -236,6 +236,19 @@ def test_migrate_out_says_what_to_fix(make_node, tmp_path):
     assert resp.status_code == 200 and resp.get_json()["migrated"] == [] and resp.get_json()["state"] == "stopped"
 
 
+@pytest.mark.parametrize("url", ["http://", "http://n2:99999", "https://[::1"])
+def test_migrate_out_to_a_malformed_url_is_a_400_and_leaves_the_instance_running(make_node, tmp_path, url):
+    agent, record = make_node(None, requests=("a",))
+    source = tmp_path / "src"
+    source.mkdir()
+    inst = start_ready(agent, source)
+    resp = create_app(agent).test_client().post(f"/v1/internal/instances/{inst.instance_id}/migrate-out",
+                                                json={"destination_url": url}, headers=AUTH)
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == "destination_url"
+    assert "http://HOST:PORT" in resp.get_json()["error"]["message"]
+    assert agent.workers.get(inst.instance_id).state == "ready" and events(record) == []
+
+
 def test_migration_target_over_http_needs_the_secret(controller):
     _, url, _ = controller()
     resp = httpx.post(f"{url}/v1/internal/migration-target", json={"model": MODEL})

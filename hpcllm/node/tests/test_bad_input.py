@@ -1,0 +1,79 @@
+"""Bad input to the node agent's API is a 4xx that says what to fix, and never evicts, caches or stops more than
+asked for (the Flask test client, a real CacheManager in a temporary folder)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.node.app import create_app
+from hpcllm.node.tests.test_agent import AUTH, converted, make_agent  # noqa: F401 (converted: a fixture)
+
+CACHE = "/v1/internal/cache"
+
+
+@pytest.fixture
+def agent(tmp_path):
+    a = make_agent(tmp_path)
+    yield a
+    a.workers.close()
+
+
+@pytest.fixture
+def client(agent):
+    return create_app(agent).test_client()
+
+
+def cached(client) -> set[tuple[str, str]]:
+    return {(c["model"], c["tier"]) for c in client.get(CACHE, headers=AUTH).get_json()["cached"]}
+
+
+def warm(client, **body):
+    return client.post(f"{CACHE}/warm", json=body, headers=AUTH)
+
+
+def error(resp) -> dict:
+    return resp.get_json()["error"]
+
+
+@pytest.mark.parametrize("name", ["..", ".hpcllm-cache.db", "a%00b", "m+tp2.r0", "a" * 129])
+def test_evicting_a_name_that_is_no_model_name_is_a_400_naming_the_model(client, name):
+    resp = client.delete(f"{CACHE}/{name}", headers=AUTH)
+    assert resp.status_code == 400, resp.get_json()
+    assert error(resp)["param"] == "model" and "model name" in error(resp)["message"]
+
+
+@pytest.mark.parametrize("query, param", [("tier=", "tier"), ("tier=all", "tier"), ("teir=dram", "teir")])
+def test_an_empty_or_misspelt_evict_tier_evicts_nothing(client, converted, query, param):
+    for tier in ("nvme", "dram"):
+        assert warm(client, model="m", source=str(converted), tier=tier).status_code == 200
+    resp = client.delete(f"{CACHE}/m?{query}", headers=AUTH)
+    assert resp.status_code == 400 and error(resp)["param"] == param
+    assert "tier" in error(resp)["message"]
+    assert cached(client) == {("m", "nvme"), ("m", "dram")}
+
+
+def test_a_rank_without_tensor_parallel_is_refused_not_warmed_as_a_whole_copy(client, converted):
+    resp = warm(client, model="m", source=str(converted), rank=1)
+    assert resp.status_code == 400 and error(resp)["param"] == "rank"
+    assert "tensor_parallel" in error(resp)["message"]
+    assert cached(client) == set()
+
+
+def test_a_slice_copy_outside_nvme_names_the_tier(client, converted):
+    resp = warm(client, model="m", source=str(converted), tier="dram", tensor_parallel=2, rank=0)
+    assert resp.status_code == 400 and error(resp)["param"] == "tier" and "nvme" in error(resp)["message"]
+
+
+def test_a_nul_byte_in_a_source_path_is_a_400(client, converted):
+    assert warm(client, model="m", source=str(converted)).status_code == 200  # a copy to compare the source with
+    for path, body in [("/v1/internal/instances", {}), (f"{CACHE}/warm", {"tier": "dram"})]:
+        resp = client.post(path, json={"model": "m", "source": f"{converted}\0x", **body}, headers=AUTH)
+        assert resp.status_code == 400, (path, resp.get_json())
+        assert error(resp)["param"] == "source" and "NUL" in error(resp)["message"]
+
+
+def test_one_rank_over_two_nodes_is_a_400_not_a_500(client, tmp_path):
+    resp = client.post("/v1/internal/instances", json={"model": "m", "source": str(tmp_path), "nodes": 2},
+                       headers=AUTH)
+    assert resp.status_code == 400, resp.get_json()
+    assert "nodes must divide tensor_parallel" in error(resp)["message"]
