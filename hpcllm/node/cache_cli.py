@@ -365,8 +365,10 @@ def evict(model, node_expr, tier, config_path, controller_url, agent_urls) -> No
 @agent_option
 def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
     """Re-hash cached copies; corrupt ones are dropped and refilled from their origin. Exit 1 if any was corrupt."""
+    if model is not None:
+        check_model_name(model)
     config = load_config(config_path)
-    bad, failures = 0, []
+    checked, bad, failures = 0, 0, []
     for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
         try:
             results = client.call("POST", "/v1/internal/cache/verify", VerifyResults, json={"model": model})["results"]
@@ -374,11 +376,15 @@ def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
             failures.append(str(exc))
             continue
         for r in results:
+            checked += 1
             bad += not r["ok"]
             click.echo(f"{client.agent.node}: {r['model']} {r['tier']}: {r['action']}"
                        + (f" ({r['message']})" if r["message"] else ""))
     if failures:
         raise CacheError("; ".join(failures))
+    if not checked:  # say so: an empty output read as "all verified" for a model that was never cached
+        what = f"{model} is not cached" if model else "no cached copies"
+        click.echo(f"nothing to verify: {what}" + (f" on {node_expr}" if node_expr else ""))
     if bad:
         raise CorruptCopiesFound(f"{bad} corrupt cop{'y' if bad == 1 else 'ies'} found (see above)")
 

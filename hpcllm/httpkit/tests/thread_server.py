@@ -68,3 +68,23 @@ class ThreadServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+
+class CannedServer(ThreadServer):
+    """A server that is not the service a client expects: every request (any path, any method) gets `answer`,
+    (content type, body bytes), which a test may change between requests."""
+
+    METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+    def __init__(self, answer: tuple[str, bytes] = ("application/json", b"{}")):
+        from flask import Flask, Response
+
+        self.answer = answer
+        app = Flask("canned")
+
+        @app.route("/", defaults={"path": ""}, methods=self.METHODS)
+        @app.route("/<path:path>", methods=self.METHODS)
+        def any_path(path: str):
+            return Response(self.answer[1], content_type=self.answer[0])
+
+        super().__init__(app)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from hpcllm.cli.main import main
+from hpcllm.httpkit.tests.thread_server import CannedServer
 
 
 def _free_port() -> int:
@@ -82,36 +85,33 @@ def test_nodes_the_controller_lost_are_skipped_by_ls_and_named_when_asked_for(ca
     assert err.count("error:") == 1 and "Traceback" not in err
 
 
-def test_an_agent_url_that_leads_elsewhere_is_not_taken_for_an_agent(capsys):
+@pytest.fixture
+def canned_agent():
+    server = CannedServer()
+    yield server
+    server.stop()
+
+
+def test_an_agent_url_that_leads_elsewhere_is_not_taken_for_an_agent(capsys, canned_agent):
     """A URL answering JSON that is not the agent's (a proxy, another service): the command says so, per node,
     instead of a KeyError traceback or a false listing."""
-    import http.server
-    import threading
+    for command, field in ((["cache", "ls"], "cached"), (["cache", "evict", "llama"], "cached"),
+                           (["cache", "verify"], "results")):
+        assert main([*command, "--agent-url", canned_agent.url]) != 0
+        err = capsys.readouterr().err
+        assert f"{canned_agent.url} did not answer like an hpcllm node agent ({field}: Field required)" in err, err
+        assert "Traceback" not in err
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def _answer(self):
-            body = b"{}"
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        do_GET = do_POST = do_DELETE = _answer
+@pytest.mark.parametrize("model, said", [("llama", "nothing to verify: llama is not cached"),
+                                         (None, "nothing to verify: no cached copies")])
+def test_verify_with_nothing_cached_says_so(capsys, canned_agent, model, said):
+    """An empty output read as "every copy verified" for a model that was never cached (a typo)."""
+    canned_agent.answer = ("application/json", b'{"results": []}')
+    assert main(["cache", "verify", *(["--model", model] if model else []), "--agent-url", canned_agent.url]) == 0
+    assert said in capsys.readouterr().out
 
-        def log_message(self, *args):
-            pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        for command, field in ((["cache", "ls"], "cached"), (["cache", "evict", "llama"], "cached"),
-                               (["cache", "verify"], "results")):
-            assert main([*command, "--agent-url", url]) != 0
-            err = capsys.readouterr().err
-            assert f"{url} did not answer like an hpcllm node agent ({field}: Field required)" in err, err
-            assert "Traceback" not in err
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_verify_of_a_name_that_is_no_model_name_is_refused(capsys):
+    assert main(["cache", "verify", "--model", "../x", "--agent-url", "http://127.0.0.1:9"]) != 0
+    assert "model name" in capsys.readouterr().err
