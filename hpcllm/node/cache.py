@@ -81,6 +81,10 @@ class NotEnoughSpace(CacheError):
     """The model does not fit in the tier even after evicting every copy not in use."""
 
 
+class FillInProgress(CacheError):
+    """Another fill of the same model and tier is under way (a warm or a load's copy): one copy is enough."""
+
+
 class UnknownModel(CacheError):
     """The model is not cached (for evict/verify) or its origin is missing / not a converted checkpoint."""
 
@@ -735,7 +739,7 @@ class CacheManager:
             try:
                 fill_ids.append(self.reserve_fill(model, tier, need))
                 kept.append(tier)
-            except NotEnoughSpace as exc:
+            except (NotEnoughSpace, FillInProgress) as exc:
                 log.info("no %s copy of %s on load: %s", tier, model, exc)
         if not kept:
             return None
@@ -877,11 +881,20 @@ class CacheManager:
         with self._transaction() as db:
             db.execute("DELETE FROM fills WHERE id=?", (fill_id,))
 
+    @staticmethod
+    def _check_no_fill_of(db, model: str, tier: str) -> None:
+        """Two fills of one copy side by side would each reserve room for it, evicting other models' copies."""
+        other = db.execute("SELECT pid FROM fills WHERE model=? AND tier=?", (model, tier)).fetchone()
+        if other is not None:
+            raise FillInProgress(f"model {model!r} is being copied into the {tier} tier already (process "
+                                 f"{other[0]}); wait for that copy to finish, then retry")
+
     def reserve_fill(self, model: str, tier: str, need: int) -> str:
         """Evict LRU copies not in use until `need` bytes fit, and record the fill so concurrent fills count it."""
         evicted: list[Path] = []
         with self._transaction() as db:
             self._sync(db)
+            self._check_no_fill_of(db, model, tier)
             capacity = self.capacity[tier]
             used = self._used(db, tier)
             free_disk = self._free_disk(tier)

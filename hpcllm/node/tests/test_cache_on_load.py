@@ -12,7 +12,7 @@ import pytest
 
 import hpcllm
 from hpcllm.checkpoint import ChecksumMismatch, read_checkpoint
-from hpcllm.node.cache import CacheCorrupt, CacheManager, checkpoint_bytes
+from hpcllm.node.cache import CacheCorrupt, CacheManager, FillInProgress, checkpoint_bytes
 from hpcllm.store import readers
 
 CHUNK = 16 * 1024
@@ -195,6 +195,22 @@ def test_a_model_in_use_is_not_evicted_to_make_room(tmp_path, origin, converted,
         with cm.using("llama", "nvme"):
             assert cm.begin_load_fill("other", origin, ("nvme",)) is None
             assert sorted(c.model for c in cm.list()) == ["held", "llama"]
+
+
+def test_a_load_while_a_warm_copies_the_model_fills_no_second_copy(tmp_path, origin, converted, model_bytes):
+    """A model started while `cache warm` still copies it: each fill reserved a whole copy's room, so another
+    model's copy was evicted to hold this one twice. The load now leaves that tier to the warm."""
+    cm = make_manager(tmp_path, nvme=int(model_bytes * 2.5), dram=10**9)
+    cm.warm("other", converted, "nvme")
+    warming = cm.reserve_fill("llama", "nvme", model_bytes)  # what a warm in progress holds
+    fill = cm.begin_load_fill("llama", origin, ("dram", "nvme"))
+    assert fill.tiers == ("dram",)
+    assert [c.model for c in cm.list()] == ["other"]
+    with pytest.raises(FillInProgress, match="being copied into the nvme tier already"):
+        cm.reserve_fill("llama", "nvme", model_bytes)
+    cm.end_fill(warming)
+    cm.end_fill(fill.fill_ids[0])
+    assert cm.reserve_fill("llama", "nvme", model_bytes)  # once the warm is over, a fill may start
 
 
 # ------------------------------------------------------------------------------ through the node agent's workers
