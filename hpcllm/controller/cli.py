@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import click
 from pydantic import ValidationError
 
-from hpcllm.config import Config, admin_key_of, check_service_credentials, load_config, private_state_dir, read_toml
+from hpcllm.config import (MODEL_NAME_PATTERN, Config, admin_key_of, check_service_credentials, load_config,
+                           private_state_dir, read_toml)
 from hpcllm.controller.errors import ControllerError, ControllerUnreachable, InvalidModelConfig
 from hpcllm.controller.protocol import (ClusterStatus, CredentialInfo, CredentialList, DeployedModel, IssuedPoolToken,
                                        ModelSpec, UndeployResult, Wire, not_an_answer)
@@ -114,6 +117,9 @@ def deploy(model_file: Path, config_path: Path | None, controller_url: str | Non
 @url_option
 def undeploy(name: str, config_path: Path | None, controller_url: str | None) -> None:
     """Remove model NAME and stop its instances."""
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):  # "m?x" or "m/x" in the URL would name another model, or none
+        raise click.BadParameter(f"{name!r} is not a model name (letters, digits, '.', '_', '-'; `hpcllm status` "
+                                 f"lists the deployed ones)", param_hint="NAME")
     client = AdminClient(load_config(config_path), controller_url)
     result = client.call("DELETE", f"/v1/admin/models/{name}", UndeployResult)
     click.echo(f"undeployed {result['undeployed']} ({result['stopped_instances']} instances stopped)")
@@ -204,8 +210,12 @@ def list_pool_tokens(config_path: Path | None, controller_url: str | None) -> No
 @url_option
 def revoke_pool_token(credential_id: str, config_path: Path | None, controller_url: str | None) -> None:
     """Revoke a token now: its pool's next heartbeat is refused, and it cannot register again."""
+    if not credential_id.strip():
+        raise click.BadParameter("give the id of the token to revoke (`hpcllm pool token list` shows them)",
+                                 param_hint="CREDENTIAL_ID")
     client = AdminClient(load_config(config_path), controller_url)
-    client.call("DELETE", f"/v1/admin/credentials/{credential_id}", CredentialInfo)
+    # Quoted: a '?' or '#' in it would otherwise cut the URL and revoke the credential named by what comes before.
+    client.call("DELETE", f"/v1/admin/credentials/{quote(credential_id, safe='')}", CredentialInfo)
     click.echo(f"revoked {credential_id}")
 
 

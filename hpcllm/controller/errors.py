@@ -63,6 +63,41 @@ class NodeTaken(ControllerError):
     error_type = "invalid_request_error"
 
 
+class InstanceTaken(ControllerError):
+    """A heartbeat reports an instance id the registry holds for another node: instance ids are the cluster's, one
+    node's each. The heartbeat is refused whole (nothing of it recorded); the message names both nodes."""
+
+    http_status = 409
+    code = "instance_taken"
+    error_type = "invalid_request_error"
+
+
+class UnknownEndpoint(ControllerError):
+    """No such path (or an empty name in it: DELETE /v1/admin/models/)."""
+
+    http_status = 404
+    code = "unknown_url"
+    error_type = "invalid_request_error"
+
+
+class MethodNotAllowed(ControllerError):
+    http_status = 405
+    code = "method_not_allowed"
+    error_type = "invalid_request_error"
+
+
+class RequestTooLarge(ControllerError):
+    """A request body above the controller's limit (protocol.MAX_REQUEST_BYTES, or internal_http's if lower)."""
+
+    http_status = 413
+    code = "request_too_large"
+    error_type = "invalid_request_error"
+
+    @classmethod
+    def over(cls, limit: int | None) -> RequestTooLarge:
+        return cls(f"the request body is larger than the {limit} bytes the controller accepts")
+
+
 class NoCapacity(ControllerError):
     """No node can host the model now and no allocation may be submitted now (max_allocations in use, nodes full).
     Capacity can free up (a queued allocation's agent registers, an idle instance or allocation is released), so a

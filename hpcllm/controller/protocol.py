@@ -1,7 +1,8 @@
 """Wire types of the controller's HTTP API (the controller owns them; node agents, the gateway and the CLI import them).
 
 Every body is validated with these pydantic models; unknown fields are rejected so a typo in a client is an error
-that names the field. See docs/controller.md for the endpoints and status codes.
+that names the field. A body above MAX_REQUEST_BYTES is a 413 request_too_large; an unknown path a 404 unknown_url.
+See docs/controller.md for the endpoints and status codes.
 
 Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`, or `X-Hpcllm-Token: <node token>` for the
 agents' calls: register, heartbeat, models, migration-target; docs/security.md):
@@ -24,9 +25,9 @@ Admin endpoints (header `Authorization: Bearer <admin key>`):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from hpcllm.config import MODEL_NAME_PATTERN
 from hpcllm.credentials import MigrationTicket
@@ -44,6 +45,29 @@ InstanceState = Literal["loading", "ready", "draining", "stopped", "failed"]
 MAX_INSTANCES = 10_000  # of one model: far beyond any cluster, and a number the registry and the autoscaler take
 # The largest integer SQLite stores (the registry's columns): a byte count beyond it is no byte count.
 INT64_MAX = 2**63 - 1
+# A node as its agent names it (the Slurm node name): in registrations, heartbeat URLs, ranks' nodes, exclude_node.
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+NodeId = Annotated[str, Field(min_length=1, max_length=256, pattern=NODE_ID_PATTERN)]
+# An instance as its node agent names it (hpcllm.node.workers: MODEL-8 hex digits). No ':', so no reported instance
+# can pass for one of the registry's reservations (registry.store.RESERVED_PREFIX).
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$"
+InstanceId = Annotated[str, Field(pattern=INSTANCE_ID_PATTERN)]
+MAX_NODE_GPUS = 1024  # GPUs one node registers with: GPU ids are 0..MAX_NODE_GPUS-1
+# What one heartbeat (or registration) may list: far beyond any node (an instance holds a GPU or a CPU slot; a cache
+# entry is a model's copy in a tier, or one rank's slices), and what bounds a heartbeat's body (MAX_REQUEST_BYTES).
+MAX_NODE_INSTANCES = 1024
+MAX_CACHE_ENTRIES = 10_000
+MAX_ERROR_CHARS = 2000  # an instance's error as kept (a worker's log tail can be any length): the rest is cut
+MAX_URL_CHARS = 2048
+# The largest request body the controller reads (413 request_too_large beyond; internal_http.max_request_bytes can
+# only lower it). The largest legitimate one is a heartbeat or registration at the bounds above: MAX_CACHE_ENTRIES
+# entries of ~300 bytes (3 MB) and MAX_NODE_INSTANCES instances of at most ~7 KB each (a 2,000-character error, 64
+# ranks' nodes) - about 10 MB (test_hardening checks it fits); a deploy is a few KB.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+def _cut_error(text: str | None) -> str | None:
+    return text if text is None or len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 3] + "..."
 
 
 class Wire(BaseModel):
@@ -81,8 +105,8 @@ class CacheEntry(Wire):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     tier: CacheTier
     bytes: int = Field(ge=0, le=INT64_MAX)
-    verified: bool = False
-    last_used: float = 0.0
+    verified: StrictBool = False
+    last_used: float = Field(0.0, ge=0)
     # A slice copy (`hpcllm cache warm --tensor-parallel`): only rank `rank` of a tensor_parallel = N instance's
     # slices of the model, on NVMe. A rank placed on this node reads them from there (placement counts it).
     tensor_parallel: int | None = Field(None, ge=2, le=64)
@@ -97,15 +121,14 @@ class CacheEntry(Wire):
 
 
 class NodeRegistration(Wire):
-    node_id: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                         description="the Slurm node name")
+    node_id: NodeId = Field(description="the Slurm node name")
     agent_url: str = Field(pattern=r"^https?://")
     slurm_job_id: str | None = None
     job_scoped: bool = True
-    gpus: int = Field(0, ge=0, le=1024)
+    gpus: int = Field(0, ge=0, le=MAX_NODE_GPUS)
     tiers: Tiers = Field(default_factory=Tiers)
     h2d_gbps: float | None = Field(None, gt=0)
-    cached: list[CacheEntry] = Field(default_factory=list)
+    cached: list[CacheEntry] = Field(default_factory=list, max_length=MAX_CACHE_ENTRIES)
     # A group's model pool (`hpcllm node --model NAME`): the agent keeps NAME running here for its job's whole life.
     # The controller routes to its instances but never places anything on the node, never moves or evicts its
     # instances, and never stops them for idleness.
@@ -113,32 +136,44 @@ class NodeRegistration(Wire):
 
 
 class InstanceInfo(Wire):
-    instance_id: str = Field(min_length=1)
-    model: str
+    instance_id: InstanceId
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
     state: InstanceState
-    worker_url: str | None = None
-    gpu_ids: list[int] = Field(default_factory=list)
-    running_requests: int = Field(0, ge=0)
-    started_at: float = 0.0
+    worker_url: str | None = Field(None, pattern=r"^https?://", max_length=MAX_URL_CHARS)
+    gpu_ids: list[Annotated[int, Field(ge=0, lt=MAX_NODE_GPUS)]] = Field(default_factory=list,
+                                                                          max_length=MAX_NODE_GPUS)
+    running_requests: int = Field(0, ge=0, le=INT64_MAX)
+    started_at: float = Field(0.0, ge=0)
     load_tier: Tier | None = None
     load_seconds: float | None = Field(None, ge=0)
     # Optional inputs to the migration-cost estimate: tokens the running requests hold (to recompute on another
     # instance) and the prefill rate the worker measured.
-    tokens_in_flight: int | None = Field(None, ge=0)
+    tokens_in_flight: int | None = Field(None, ge=0, le=INT64_MAX)
     prefill_tokens_per_second: float | None = Field(None, gt=0)
-    error: str | None = None
+    error: Annotated[str | None, AfterValidator(_cut_error)] = None
     # Tensor parallelism: the instance's ranks, and the node each rank runs on where the agent knows it.
     tensor_parallel: int = Field(1, ge=1, le=64)
-    rank_nodes: list[str] = Field(default_factory=list)
+    rank_nodes: list[NodeId] = Field(default_factory=list, max_length=64)
     # Where each rank read its slices (its node's slice copy: nvme), once the lead reported its ranks' loads.
-    rank_tiers: list[Tier] = Field(default_factory=list)
+    rank_tiers: list[Tier] = Field(default_factory=list, max_length=64)
 
 
 class Heartbeat(Wire):
-    cached: list[CacheEntry] = Field(default_factory=list)
-    instances: list[InstanceInfo] = Field(default_factory=list)
+    cached: list[CacheEntry] = Field(default_factory=list, max_length=MAX_CACHE_ENTRIES)
+    instances: list[InstanceInfo] = Field(default_factory=list, max_length=MAX_NODE_INSTANCES)
     # The agent is draining (Slurm's signal: preemption, time limit): nothing new is placed or routed there.
-    draining: bool = False
+    draining: StrictBool = False
+
+    @field_validator("instances")
+    @classmethod
+    def _one_report_per_instance(cls, instances: list[InstanceInfo]) -> list[InstanceInfo]:
+        first: dict[str, int] = {}
+        for i, info in enumerate(instances):
+            if info.instance_id in first:  # the registry would take both as new: one instance, two rows
+                raise ValueError(f"instance {info.instance_id!r} is listed twice (instances {first[info.instance_id]}"
+                                 f" and {i}); report each instance once")
+            first[info.instance_id] = i
+        return instances
 
 
 class RegisterResponse(Wire):
@@ -188,10 +223,12 @@ class MigrationTargetRequest(Wire):
     """Where should the running requests of an instance of `model` go? (A draining node agent asks.)"""
 
     model: str = Field(pattern=MODEL_NAME_PATTERN)
-    exclude_node: str | None = Field(None, description="the asking node: its own instances are leaving too")
-    instance_id: str | None = Field(None, description="the instance whose requests move (named in the ticket)")
+    # "" is no node: it would exclude none, and a target could be picked on the draining node itself.
+    exclude_node: NodeId | None = Field(None, description="the asking node: its own instances are leaving too")
+    instance_id: InstanceId | None = Field(None, description="the instance whose requests move (named in the "
+                                                             "ticket)")
     # No ready instance elsewhere: start one through placement and answer 202 while it loads.
-    start_if_missing: bool = True
+    start_if_missing: StrictBool = True
 
 
 class MigrationTarget(Wire):
@@ -217,27 +254,38 @@ class SlurmOverrides(Wire):
 
 
 class ModelSpec(Wire):
-    """A model config (conf/models/NAME.toml) as deployed; also the body of POST /v1/admin/models."""
+    """A model config (conf/models/NAME.toml) as deployed; also the body of POST /v1/admin/models.
+
+    Its numbers are strict: "2" or true for gpus is refused, not read as 2 or 1 (TOML and the CLI give real numbers;
+    an integer is still a float's value)."""
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     source: str = Field(min_length=1, description="converted checkpoint folder on the shared filesystem")
-    size_bytes: int | None = Field(None, gt=0, le=INT64_MAX,
+    size_bytes: int | None = Field(None, gt=0, le=INT64_MAX, strict=True,
                                    description="only needed when the source has no manifest.json")
-    gpus: int = Field(0, ge=0, le=64, description="GPUs per instance; 0 serves on CPU")
-    tensor_parallel: int = Field(1, ge=1, le=64, description="ranks one instance runs on (GPUs, or CPU ranks when "
-                                                              "gpus = 0); each holds 1/N of the model")
-    nodes: int | None = Field(None, ge=1, le=64, description="nodes one instance's ranks spread over, "
+    gpus: int = Field(0, ge=0, le=64, strict=True, description="GPUs per instance; 0 serves on CPU")
+    tensor_parallel: int = Field(1, ge=1, le=64, strict=True,
+                                 description="ranks one instance runs on (GPUs, or CPU ranks when "
+                                             "gpus = 0); each holds 1/N of the model")
+    nodes: int | None = Field(None, ge=1, le=64, strict=True, description="nodes one instance's ranks spread over, "
                               "tensor_parallel / nodes ranks on each (one Slurm allocation of that many nodes, "
                               "ranks started with srun --mpi=pmix); default: 1, or as many as the ranks need when "
                               "one node cannot hold them (docs/tensor-parallel.md)")
-    max_model_len: int | None = Field(None, gt=0)
+    max_model_len: int | None = Field(None, gt=0, strict=True)
     engine: EngineName = Field("hpcllm", description='"vllm" serves it with vLLM (worker.vllm_python)')
-    keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
+    keep_alive_seconds: float | None = Field(None, ge=0, strict=True, description="idle time before scale-to-zero")
     cache_on_load: list[CacheTier] | None = Field(None, description="tiers a load from a slower one fills; "
                                                   "default: the node's node.cache_on_load; [] never")
-    min_instances: int = Field(0, ge=0, le=MAX_INSTANCES)
-    max_instances: int = Field(1, ge=1, le=MAX_INSTANCES)
+    min_instances: int = Field(0, ge=0, le=MAX_INSTANCES, strict=True)
+    max_instances: int = Field(1, ge=1, le=MAX_INSTANCES, strict=True)
     slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)
+
+    @model_validator(mode="after")
+    def _engine_runs_the_ranks(self) -> ModelSpec:
+        if self.engine != "hpcllm" and self.tensor_parallel > 1:  # the agent would refuse every start of it
+            raise ValueError(f"tensor_parallel = {self.tensor_parallel} runs on hpcllm's engine only, not engine = "
+                             f"{self.engine!r}: deploy with engine = \"hpcllm\", or tensor_parallel = 1")
+        return self
 
     @model_validator(mode="after")
     def _gpus_fit_ranks(self) -> ModelSpec:

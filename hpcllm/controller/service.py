@@ -226,9 +226,6 @@ class Controller:
                 f"nodes: an instance of {what} needs {nodes} nodes, but tensor_parallel = {spec.tensor_parallel}"
                 f"{f' and gpus = {spec.gpus}' if spec.gpus else ''} do not split evenly over {nodes} nodes; "
                 f"set nodes (a divisor of tensor_parallel) or change tensor_parallel", param="nodes")
-        if spec.engine != "hpcllm":
-            raise InvalidModelConfig(f"nodes: an instance over {nodes} nodes runs on hpcllm's engine only, not "
-                                     f"engine = {spec.engine!r}", param="nodes")
         return nodes
 
     def _check_cpu_slots(self, spec: ModelSpec) -> None:

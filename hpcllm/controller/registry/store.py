@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpcllm.controller.errors import DatabaseError, NodeTaken, UnknownNode
+from hpcllm.controller.errors import DatabaseError, InstanceTaken, NodeTaken, UnknownNode
 from hpcllm.controller.protocol import (
     CacheEntry,
     DeployedModel,
@@ -553,6 +553,8 @@ class Registry:
             _replace_cache(db, node_id, hb.cached, node.persistent_nvme)
             known = {r["instance_id"]: _instance(r)
                      for r in db.execute("SELECT * FROM instances WHERE node_id = ?", (node_id,))}
+            _refuse_other_nodes_instances(db, node_id, [i.instance_id for i in hb.instances
+                                                        if i.instance_id not in known])
             reported = set()
             for info in hb.instances:
                 reported.add(info.instance_id)
@@ -896,6 +898,20 @@ def _attach_node_to_allocation(db, job_id: str, node_id: str, now: float, job_no
     db.execute("UPDATE allocations SET nodes = ?, state = ?, started_at = COALESCE(started_at, ?), idle_since = NULL"
                " WHERE job_id = ?",
                (json.dumps(sorted(nodes)), state, now, job_id))
+
+
+def _refuse_other_nodes_instances(db, node_id: str, new_ids: list[str]) -> None:
+    """InstanceTaken when an id a heartbeat reports as new on node_id is another node's instance: its row would be
+    deleted (reported stopped) or inserted twice (a unique-id failure of the whole heartbeat)."""
+    for start in range(0, len(new_ids), 500):  # a bounded number of parameters per statement
+        chunk = new_ids[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        row = db.execute(f"SELECT instance_id, node_id FROM instances WHERE instance_id IN ({marks}) AND node_id <> ?"
+                         f" LIMIT 1", (*chunk, node_id)).fetchone()
+        if row is not None:
+            raise InstanceTaken(f"instances: instance {row['instance_id']!r} is registered on node "
+                                f"{row['node_id']!r}, not on {node_id!r}; an instance id names one instance on one "
+                                f"node (is another agent reporting the same instances?)", param="instances")
 
 
 def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from hpcllm.controller.errors import InvalidModelConfig
 from hpcllm.controller.protocol import ModelSpec, RouteWaiting
 
 INTERNAL = {"X-Hpcllm-Secret": "test-secret"}
@@ -31,7 +30,7 @@ def test_deploy_resolves_the_nodes_an_instance_needs(make_harness, tiny_llama_di
     assert deploy(h, tiny_llama_dir, "one-rank", gpus=4, tensor_parallel=1).nodes == 1  # one rank never spans
     small = make_harness(cpu_slots_per_node=1)
     assert deploy(small, tiny_llama_dir, "cpu", tensor_parallel=2).ranks_per_node == 1
-    with pytest.raises(InvalidModelConfig, match="nodes: an instance over 2 nodes runs on hpcllm's engine only"):
+    with pytest.raises(ValueError, match="tensor_parallel = 2 runs on hpcllm's engine only, not engine = 'vllm'"):
         deploy(h, tiny_llama_dir, "vllm", gpus=2, tensor_parallel=2, nodes=2, engine="vllm")
     with pytest.raises(ValueError, match=r"tensor_parallel \(2\) must be a multiple of nodes \(4\)"):
         ModelSpec(name="x", source="/x", tensor_parallel=2, nodes=4)
