@@ -16,11 +16,9 @@ import math
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from werkzeug.exceptions import HTTPException
 
 from hpcllm.config import admin_key_of
-from hpcllm.controller.errors import (ControllerError, InvalidRequest, MethodNotAllowed, RequestTooLarge,
-                                      UnknownEndpoint)
+from hpcllm.controller.errors import ControllerError, InvalidRequest
 from hpcllm.controller.protocol import (
     MAX_REQUEST_BYTES,
     CredentialInfo,
@@ -40,7 +38,6 @@ from hpcllm.credentials import ClusterOnly, TokenOrSecret
 from hpcllm.httpkit.app import service_app
 from hpcllm.httpkit.auth import BearerKey, guard, requires
 from hpcllm.httpkit.body import parse_body
-from hpcllm.httpkit.errors import respond
 
 log = logging.getLogger(__name__)
 
@@ -200,35 +197,5 @@ def create_app(controller: Controller) -> Flask:
     app = service_app("hpcllm.controller", [open_bp, internal, admin],
                       max_request_bytes=min(MAX_REQUEST_BYTES, config.internal_http.max_request_bytes))
     app.config["controller"] = controller
-    install_request_errors(app)
     return app
 
-
-def install_request_errors(app: Flask) -> None:
-    """The controller's words for werkzeug's 404, 405 and 413 (the one error shape, a message that says what was
-    wrong), and the body limit for chunked bodies too."""
-
-    @app.before_request
-    def chunked_body_limit() -> None:
-        limit = request.max_content_length
-        if limit is None or request.content_length is not None:
-            return  # werkzeug refuses a declared length above the limit before reading it
-        # A chunked body is cut at the limit without a word (werkzeug's LimitedStream): more behind it is a 413, not
-        # a JSON error about the cut-off text. (hpcllm.httpkit.server reads it whole and declares its length.)
-        if len(request.get_data(cache=True)) >= limit and request.environ["wsgi.input"].read(1):
-            raise RequestTooLarge.over(limit)
-
-    @app.errorhandler(404)
-    def unknown_endpoint(exc: HTTPException):
-        return respond(UnknownEndpoint(f"no such endpoint: {request.method} {request.path} (the controller's API: "
-                                       f"docs/controller.md)"))
-
-    @app.errorhandler(405)
-    def method_not_allowed(exc: HTTPException):
-        allowed = ", ".join(sorted(getattr(exc, "valid_methods", None) or ()))
-        return respond(MethodNotAllowed(f"{request.method} is not allowed on {request.path}"
-                                        f"{f' (allowed: {allowed})' if allowed else ''}"))
-
-    @app.errorhandler(413)
-    def too_large(exc: HTTPException):
-        return respond(RequestTooLarge.over(request.max_content_length))

@@ -72,32 +72,6 @@ class InstanceTaken(ControllerError):
     error_type = "invalid_request_error"
 
 
-class UnknownEndpoint(ControllerError):
-    """No such path (or an empty name in it: DELETE /v1/admin/models/)."""
-
-    http_status = 404
-    code = "unknown_url"
-    error_type = "invalid_request_error"
-
-
-class MethodNotAllowed(ControllerError):
-    http_status = 405
-    code = "method_not_allowed"
-    error_type = "invalid_request_error"
-
-
-class RequestTooLarge(ControllerError):
-    """A request body above the controller's limit (protocol.MAX_REQUEST_BYTES, or internal_http's if lower)."""
-
-    http_status = 413
-    code = "request_too_large"
-    error_type = "invalid_request_error"
-
-    @classmethod
-    def over(cls, limit: int | None) -> RequestTooLarge:
-        return cls(f"the request body is larger than the {limit} bytes the controller accepts")
-
-
 class NoCapacity(ControllerError):
     """No node can host the model now and no allocation may be submitted now (max_allocations in use, nodes full).
     Capacity can free up (a queued allocation's agent registers, an idle instance or allocation is released), so a

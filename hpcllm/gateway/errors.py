@@ -73,16 +73,6 @@ class MethodNotAllowed(ApiError):
     code = "method_not_allowed"
 
 
-class PayloadTooLarge(ApiError):
-    http_status = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
-
-    @classmethod
-    def over(cls, limit: int | None) -> "PayloadTooLarge":
-        return cls(f"the request body is larger than the {limit} bytes this server accepts")
-
-
 class RateLimited(ApiError):
     http_status = 429
     error_type = "rate_limit_error"

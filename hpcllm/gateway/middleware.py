@@ -21,7 +21,7 @@ from hpcllm.config import ApiKey
 from hpcllm.gateway import errors
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.httpkit.auth import bearer_token
-from hpcllm.httpkit.errors import install_error_handlers
+from hpcllm.httpkit.errors import ServiceError, from_http_exception, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,9 @@ def _authenticate_admin(gw: Gateway) -> None:
                                           code="invalid_admin_key")
 
 
-def _from_http_exception(exc: HTTPException) -> errors.ApiError:
-    if exc.code == 404:
-        return errors.NotFound(f"no such endpoint: {request.method} {request.path}", code="unknown_url")
-    if exc.code == 405:
-        return errors.MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
-    if exc.code == 413:
-        return errors.PayloadTooLarge.over(request.max_content_length)
+def _from_http_exception(exc: HTTPException) -> ServiceError:
+    if exc.code in (404, 405, 413):  # worded as every hpcllm service words them
+        return from_http_exception(exc)
     if exc.code is not None and 400 <= exc.code < 500:
         error = errors.InvalidRequest(exc.description or exc.name)
         error.http_status = exc.code

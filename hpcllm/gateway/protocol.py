@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from hpcllm.gateway.errors import InvalidRequest, InvalidValue, PayloadTooLarge
-from hpcllm.httpkit.body import parse_json_body
+from hpcllm.gateway.errors import InvalidRequest, InvalidValue
+from hpcllm.httpkit.body import parse_json_body, request_bytes
 from hpcllm.worker.protocol import SEED_MAX, SEED_MIN
 
 M = TypeVar("M", bound=BaseModel)
@@ -86,13 +86,7 @@ def validation_error(exc: ValidationError) -> InvalidRequest | InvalidValue:
 
 
 def json_body() -> dict[str, Any]:
-    raw = request.get_data(cache=True)
-    limit = request.max_content_length
-    if limit is not None and request.content_length is None and len(raw) >= limit:
-        # A chunked body is cut at the limit without a word (werkzeug's LimitedStream): more behind it is a 413,
-        # not a JSON error about the cut-off text.
-        if request.environ["wsgi.input"].read(1):
-            raise PayloadTooLarge.over(limit)
+    raw = request_bytes()
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")
     try:

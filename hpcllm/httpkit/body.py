@@ -2,7 +2,8 @@
 
 parse_json_body uses pydantic-core's parser: it nests at most 200 levels and never recurses in Python, so a deeply
 nested body is a clear 400, not a RecursionError, a 500 and a traceback in the log. Its size is bounded before it
-is read: each app's MAX_CONTENT_LENGTH (413 request_entity_too_large), set by hpcllm.httpkit.app.service_app.
+is read: each app's MAX_CONTENT_LENGTH (413 request_too_large), set by hpcllm.httpkit.app.service_app; a chunked
+body (no declared length) is a 413 too when more follows the limit (request_bytes).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pydantic_core
 from flask import request
 from pydantic import BaseModel, ValidationError
 
-from hpcllm.httpkit.errors import InvalidRequest, validation_message
+from hpcllm.httpkit.errors import InvalidRequest, RequestTooLarge, validation_message
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -28,11 +29,22 @@ def parse_json_body(raw: bytes) -> Any:
         raise ValueError(f"the request body is not valid JSON: {exc}{nested}") from None
 
 
+def request_bytes() -> bytes:
+    """The current request's body. werkzeug refuses a declared length over the limit before reading, but cuts a
+    chunked body at the limit without a word: more behind the cut is a 413, not a JSON error about cut-off text."""
+    raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if limit is not None and request.content_length is None and len(raw) >= limit:
+        if request.environ["wsgi.input"].read(1):
+            raise RequestTooLarge.over(limit)
+    return raw
+
+
 def parse_body(model: type[M], raw: bytes | None = None) -> M:
     """The current request's body (or raw) as `model`: 400 invalid_json when it is not a JSON object, 400
     invalid_request naming the first bad field when it does not validate."""
     try:
-        body = parse_json_body(request.get_data() if raw is None else raw)
+        body = parse_json_body(request_bytes() if raw is None else raw)
     except ValueError as exc:
         raise InvalidRequest(str(exc), code="invalid_json") from None
     if not isinstance(body, dict):

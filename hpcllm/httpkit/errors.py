@@ -96,8 +96,27 @@ def service_error(status: int, message: str, code: str | None, param: str | None
     return error
 
 
+class RequestTooLarge(ServiceError):
+    http_status = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+    @classmethod
+    def over(cls, limit: int | None) -> RequestTooLarge:
+        return cls(f"the request body is larger than the {limit} bytes this server accepts")
+
+
 def from_http_exception(exc: HTTPException) -> ServiceError:
-    """werkzeug's 404 / 405 / 413 ... as a ServiceError with the same status."""
+    """werkzeug's HTTP errors as ServiceErrors with the same status; an unknown path or method, and a body over the
+    limit, in words that name what was asked (every service's, the gateway's included)."""
+    if exc.code == 404:
+        return service_error(404, f"no such endpoint: {request.method} {request.path}", "unknown_url")
+    if exc.code == 405:
+        allowed = ", ".join(sorted(getattr(exc, "valid_methods", None) or ()))
+        return service_error(405, f"{request.method} is not allowed on {request.path}"
+                                  + (f" (allowed: {allowed})" if allowed else ""), "method_not_allowed")
+    if exc.code == 413:
+        return RequestTooLarge.over(request.max_content_length)
     return service_error(exc.code or 500, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
 
 

@@ -139,7 +139,7 @@ def test_errors_have_the_one_shape(serve):
     server = serve()
     resp = httpx.get(f"http://127.0.0.1:{server.port}/nowhere")
     assert resp.status_code == 404
-    assert resp.json()["error"]["code"] == "not_found" and resp.json()["error"]["type"] == "invalid_request_error"
+    assert resp.json()["error"]["code"] == "unknown_url" and resp.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_tls_with_the_site_ca(serve, site_ca):
