@@ -13,6 +13,7 @@ from hpcllm.cli.main import main
 from hpcllm.controller.cli import read_model_file
 from hpcllm.controller.errors import InvalidModelConfig
 from hpcllm.controller.tests.conftest import ADMIN_KEY, SECRET
+from hpcllm.httpkit.tests.thread_server import CannedServer
 from hpcllm.controller.tests.test_restart import free_port
 
 REPO = Path(__file__).resolve().parents[3]
@@ -90,28 +91,10 @@ def test_a_malformed_controller_url_is_named_as_such(capsys, url):
 
 @pytest.fixture
 def not_a_controller():
-    """An HTTP server that is not the controller: answers every GET with `answer` (content type, body)."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        answer = ("text/html", b"<html>hello</html>")
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", self.answer[0])
-            self.send_header("Content-Length", str(len(self.answer[1])))
-            self.end_headers()
-            self.wfile.write(self.answer[1])
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield Handler, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    """An HTTP server that is not the controller: answers every request with its `answer` (content type, body)."""
+    server = CannedServer(("text/html", b"<html>hello</html>"))
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize("answer, words", [(("text/html", b"<html>hello</html>"), "not JSON: '<html>hello</html>'"),
@@ -120,8 +103,8 @@ def not_a_controller():
 @pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["cache", "ls"]])
 def test_a_url_that_leads_elsewhere_is_not_taken_for_the_controller(capsys, not_a_controller, answer, words,
                                                                       command):
-    handler, url = not_a_controller
-    handler.answer = answer
+    url = not_a_controller.url
+    not_a_controller.answer = answer
     assert main([*command, "--url", url]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {url} did not answer like an hpcllm controller (") and words in captured.err
@@ -131,10 +114,10 @@ def test_a_url_that_leads_elsewhere_is_not_taken_for_the_controller(capsys, not_
 def test_an_answer_from_a_newer_controller_with_fields_this_cli_does_not_know_is_taken(capsys, not_a_controller):
     import json
 
-    handler, url = not_a_controller
+    url = not_a_controller.url
     status = {"now": 1.0, "models": [], "nodes": [], "instances": [], "allocations": [], "cold_starts": [],
               "field_of_a_newer_version": 1}
-    handler.answer = ("application/json", json.dumps(status).encode())
+    not_a_controller.answer = ("application/json", json.dumps(status).encode())
     assert main(["status", "--json", "--url", url]) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["field_of_a_newer_version"] == 1
 
