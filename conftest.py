@@ -22,6 +22,7 @@ import importlib.util
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -216,6 +217,24 @@ def slurm_rest(slurm_cluster: DevCluster) -> DevCluster:
 def _slurm_marked_tests_get_the_cluster(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("slurm") is not None:
         request.getfixturevalue("slurm_cluster")
+
+
+# Signals whose disposition child processes inherit when ignored: a test that leaves one ignored breaks every later
+# test that interrupts a subprocess, far from the cause (it happened: three tests failed a session apart).
+_INHERITED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@pytest.fixture(autouse=True)
+def _no_test_leaves_signal_handlers_changed() -> Iterator[None]:
+    before = {signum: signal.getsignal(signum) for signum in _INHERITED_SIGNALS}
+    yield
+    changed = [signal.Signals(signum).name for signum, handler in before.items()
+               if signal.getsignal(signum) != handler]
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+    if changed:
+        pytest.fail(f"the test left the handlers of {', '.join(changed)} changed in the pytest process; restore them "
+                    f"(or patch signal.signal) so later tests and their subprocesses are not affected", pytrace=False)
 
 
 @functools.lru_cache(maxsize=None)
