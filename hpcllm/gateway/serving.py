@@ -301,11 +301,14 @@ class Generation:
         if moved.from_index != delivered:  # the destination would refuse; resume from what the client has
             return (f"worker {choice.stream.worker_url} migrated the generation from index {moved.from_index}, "
                     f"but {delivered} tokens were delivered")
+        if not moved.grant:
+            # The URL came from the source worker's stream, which a group's own pool controls: the gateway's
+            # credentials never go there, only the grant of the controller's ticket (every real migration has one).
+            return f"worker {choice.stream.worker_url} migrated the generation without a migration grant"
         try:
-            # The migration ticket's grant, from the source's stream: the destination is the one the controller
-            # named, and the grant opens only this request there. (Without one: a single-key setup.)
-            stream = open_attach(self.gw.http, moved.worker_url, self.gw.config.cluster.shared_secret,
-                                 moved.request_id, delivered, grant=moved.grant, tls=self.gw.config.internal_http)
+            # The grant opens only this request, on the destination the controller named in the ticket.
+            stream = open_attach(self.gw.http, moved.worker_url, moved.request_id, delivered, moved.grant,
+                                 tls=self.gw.config.internal_http)
         except WorkerError as exc:
             return f"attaching to the migrated generation on {moved.worker_url} failed: {exc}"
         log.info("request %s choice %d: live-migrated to %s after %d tokens", self.ctx.request_id, choice.index,

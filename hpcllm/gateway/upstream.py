@@ -78,12 +78,12 @@ def open_generation(http: httpx.Client, worker_url: str, secret: str, request: G
         raise _classify(worker_url, exc) from None
 
 
-def open_attach(http: httpx.Client, worker_url: str, secret: str, request_id: str, from_index: int,
-                grant: str | None = None, tls: InternalHttpConfig | None = None) -> WorkerStream:
+def open_attach(http: httpx.Client, worker_url: str, request_id: str, from_index: int, grant: str,
+                tls: InternalHttpConfig | None = None) -> WorkerStream:
     """Continue a live-migrated generation on its destination from output index from_index (docs/migration.md),
-    with the migration's grant when the source passed one on (then the secret is not sent). Raises WorkerError when
-    the destination refuses or cannot be reached; the caller then resumes from tokens."""
-    client = WorkerClient(worker_url, secret, client=http, grant=grant, http=tls)
+    with the migration's grant and no other credential. Raises WorkerError when the destination refuses or cannot be
+    reached; the caller then resumes from tokens."""
+    client = WorkerClient(worker_url, "", client=http, grant=grant, http=tls)
     return WorkerStream(worker_url, client.attach(request_id, from_index))
 
 

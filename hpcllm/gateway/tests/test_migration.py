@@ -127,3 +127,49 @@ def test_a_failed_attach_falls_back_to_resuming_from_tokens(make_gateway, two_wo
     assert router.resolved[-2:] == [source.url, destination.url]  # routed again for the resume
     assert metric(gateway, f"hpcllm_request_resumes_total{{{LABEL}}} 1.0")
     assert not metric(gateway, f"hpcllm_request_migrations_total{{{LABEL}}} 1.0")
+
+
+def test_a_migration_without_a_grant_is_resumed_and_never_gets_the_gateways_secret(make_gateway, tiny_model_dir,
+                                                                                  two_workers):
+    """A source worker's stream names where its generation went: a group's own pool controls that stream. Without
+    the grant of the controller's ticket the gateway must not attach there with its cluster secret (that would
+    hand the secret to any URL a pool names); it resumes from tokens on a worker the router gives instead."""
+    from flask import Flask, Response, request
+
+    from hpcllm.httpkit.auth import SECRET_HEADER
+    from hpcllm.worker.protocol import FinalLine, MigratedTo, TokenLine, Usage
+
+    seen_headers: list[dict] = []
+    elsewhere = Flask("elsewhere")
+
+    @elsewhere.route("/<path:path>", methods=["GET", "POST"])
+    def record(path: str):
+        seen_headers.append(dict(request.headers))
+        return Response("{}", status=404, mimetype="application/json")
+
+    elsewhere_server = ThreadServer(elsewhere)
+    pool = Flask("pool")
+
+    @pool.post("/v1/internal/generate")
+    def generate():
+        body = request.get_json()
+        first = TokenLine(index=0, token_id=100, text="x")
+        moved = FinalLine(finish_reason="migrated", usage=Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3),
+                          migrated_to=MigratedTo(worker_url=elsewhere_server.url, request_id=body["request_id"],
+                                                 from_index=1, grant=None))
+        lines = first.model_dump_json() + "\n" + moved.model_dump_json() + "\n"
+        return Response(lines, mimetype="application/x-ndjson")
+
+    pool_server = ThreadServer(pool)
+    honest = two_workers[0]
+    try:
+        gateway = make_gateway(router=ScriptedRouter(tiny_model_dir, [pool_server.url, honest.url]))
+        resp = gateway.client().completions.create(model=MODEL, prompt="hello world", max_tokens=8, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+    finally:
+        pool_server.stop()
+        elsewhere_server.stop()
+    assert resp.usage.completion_tokens == 8 and resp.choices[0].text.startswith("x")  # resumed after the pool's token
+    assert not any(SECRET_HEADER.lower() in {k.lower() for k in h} for h in seen_headers)
+    assert seen_headers == []  # no attach at all
+    assert metric(gateway, f"hpcllm_request_resumes_total{{{LABEL}}} 1.0")
