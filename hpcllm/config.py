@@ -7,6 +7,7 @@ embedded default (conf/hpcllm.toml's values) is used, so `hpcllm` runs on a fres
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from pathlib import Path
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.privatefs import private_dir
+
+log = logging.getLogger(__name__)
 
 CONFIG_ENV = "HPCLLM_CONFIG"
 # A model's name as deployed (conf/models/NAME.toml) and everywhere it travels: URLs, file names (node caches),
@@ -394,6 +397,8 @@ KNOWN_DEFAULT_SECRETS = frozenset({
     "dev-secret-change-me", "dev-admin-key", "dev-key", "change-me-admin", "sk-change-me-alice", "sk-change-me-bob",
 })
 SECRET_HINT = "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+# Shorter secrets and keys are easier to guess: a service warns at start (secrets.token_urlsafe(32) gives 43).
+MIN_SECRET_CHARS = 16
 
 
 def admin_key_of(config: Config) -> str | None:
@@ -401,19 +406,33 @@ def admin_key_of(config: Config) -> str | None:
     return config.controller.admin_key or config.gateway.admin_key or None
 
 
-def credential_problems(config: Config, service: str) -> list[str]:
-    """What is wrong with the credentials `service` ("controller", "gateway", "node") would start with."""
-    problems = []
-    secret = config.cluster.shared_secret
-    named = {"cluster.shared_secret": secret}
+def _service_credentials(config: Config, service: str) -> dict[str, str | None]:
+    """The secrets and keys `service` ("controller", "gateway", "node") holds, by config key."""
+    named = {"cluster.shared_secret": config.cluster.shared_secret}
     if service == "controller":
         named["controller.admin_key" if config.controller.admin_key else "gateway.admin_key"] = admin_key_of(config)
     if service == "gateway":  # the gateway checks its own admin key
         named["gateway.admin_key"] = config.gateway.admin_key
         named.update({f"gateway.api_keys[{i}].key": k.key for i, k in enumerate(config.gateway.api_keys)})
+    return named
+
+
+def short_credentials(config: Config, service: str) -> list[str]:
+    """Config keys of the service's secrets shorter than MIN_SECRET_CHARS (warned about at start)."""
+    return [where for where, value in _service_credentials(config, service).items()
+            if value and len(value) < MIN_SECRET_CHARS]
+
+
+def credential_problems(config: Config, service: str) -> list[str]:
+    """What is wrong with the credentials `service` ("controller", "gateway", "node") would start with."""
+    problems = []
+    secret = config.cluster.shared_secret
+    named = _service_credentials(config, service)
     for where, value in named.items():
         if value in KNOWN_DEFAULT_SECRETS:
             problems.append(f"{where} is {value!r}, a default published with hpcllm; {SECRET_HINT}")
+        elif value == "":
+            problems.append(f"{where} is empty: it would match a request that sends none; {SECRET_HINT}")
         elif value is not None and where != "cluster.shared_secret" and value == secret:
             problems.append(f"{where} is the cluster secret: users must never hold it; give it its own value")
     if service == "controller" and admin_key_of(config) is None:
@@ -430,6 +449,10 @@ def check_service_credentials(config: Config, service: str) -> None:
     (cluster.dev = true), whose secrets are public anyway."""
     if config.cluster.dev:
         return
+    short = short_credentials(config, service)
+    if short:
+        log.warning("%s shorter than %d characters: easier to guess; %s", ", ".join(short), MIN_SECRET_CHARS,
+                    SECRET_HINT)
     problems = credential_problems(config, service)
     if problems:
         raise ConfigError(f"refusing to start the {service}:\n  " + "\n  ".join(problems)

@@ -269,7 +269,7 @@ def check_ticket(ticket: MigrationTicket | None, *, key: str, model: str, destin
     """Source worker: refuse a migration the controller did not name (CredentialError, 403)."""
     if ticket is None:
         raise CredentialError("a migration needs a ticket from the controller naming its destination")
-    if not hmac.compare_digest(ticket.signature, _mac(key, ticket.signed_text())):
+    if not hmac.compare_digest(ticket.signature.encode(), _mac(key, ticket.signed_text()).encode()):
         raise CredentialError("the migration ticket was not issued for this worker (bad signature)")
     if ticket.model != model:
         raise CredentialError(f"the migration ticket is for model {ticket.model!r}, this worker serves {model!r}")
@@ -291,7 +291,8 @@ def check_grant(grant: str, *, key: str, now: float | None = None) -> str:
         expires = float(expires_text)
     except ValueError:
         raise CredentialError("malformed migration grant", status=401) from None
-    if not nonce or not hmac.compare_digest(mac, _mac(key, _grant_text(nonce, expires))):
+    # Bytes: a header's non-ASCII characters are a wrong grant (compare_digest refuses non-ASCII str with TypeError).
+    if not nonce or not hmac.compare_digest(mac.encode(), _mac(key, _grant_text(nonce, expires)).encode()):
         raise CredentialError("the migration grant was not issued for this worker", status=401)
     if (time.time() if now is None else now) > expires:
         raise CredentialError("the migration grant has expired", status=401)

@@ -29,7 +29,8 @@ class Credential(Protocol):
 
 
 def same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
+    """given == expected in constant time; an empty expected value matches nothing (an unset secret opens nothing)."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def bearer_token(req: Request) -> str | None:

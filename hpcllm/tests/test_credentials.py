@@ -10,7 +10,7 @@ from hpcllm.cli.main import main
 from hpcllm.config import check_service_credentials, load_config, parse_config
 from hpcllm.errors import ConfigError
 
-GOOD = {"cluster": {"shared_secret": "s3cret-for-tests"}, "controller": {"admin_key": "adm1n-for-tests"},
+GOOD = {"cluster": {"shared_secret": "s3cret-for-tests"}, "controller": {"admin_key": "adm1n-key-for-tests"},
         "gateway": {"api_keys": [{"key": "sk-user-for-tests"}]}}
 
 
@@ -48,6 +48,48 @@ def test_published_keys_are_refused():
     # The gateway's own admin key counts for the gateway, whatever the controller's is.
     message = refusal(config(gateway={"admin_key": "dev-admin-key"}), "gateway")
     assert "gateway.admin_key is 'dev-admin-key'" in message
+
+
+@pytest.mark.parametrize("where, section, values", [
+    ("cluster.shared_secret", "cluster", {"shared_secret": ""}),
+    ("gateway.admin_key", "gateway", {"admin_key": ""}),
+    ("gateway.api_keys[0].key", "gateway", {"api_keys": [{"key": ""}]}),
+], ids=["secret", "admin-key", "api-key"])
+def test_empty_secrets_are_refused(where, section, values):
+    service = "gateway" if section == "gateway" else "controller"
+    assert f"{where} is empty: it would match a request that sends none" in refusal(config(**{section: values}),
+                                                                                    service)
+
+
+def test_short_secrets_are_warned_about(caplog):
+    check_service_credentials(config(cluster={"shared_secret": "short"}), "node")
+    assert "cluster.shared_secret shorter than 16 characters" in caplog.text
+
+
+def test_an_empty_secret_opens_nothing():
+    """An empty expected secret (a dev config with shared_secret = "") matched a request without the header."""
+    from flask import Blueprint
+
+    from hpcllm.httpkit.app import service_app
+    from hpcllm.httpkit.auth import SharedSecret, guard
+
+    bp = guard(Blueprint("internal", __name__), SharedSecret(""))
+    bp.get("/v1/internal/x")(lambda: {"ok": True})
+    client = service_app("t", [bp]).test_client()
+    assert client.get("/v1/internal/x").status_code == 401
+    assert client.get("/v1/internal/x", headers={"X-Hpcllm-Secret": ""}).status_code == 401
+
+
+def test_a_grant_or_ticket_with_non_ascii_characters_is_refused_not_a_crash():
+    from hpcllm.credentials import CredentialError, check_grant, check_ticket, issue_ticket
+
+    with pytest.raises(CredentialError, match="not issued for this worker"):
+        check_grant("nonce:1e20:\u00e9\u00e9", key="k" * 20)
+    ticket = issue_ticket(model="m", source_instance="m-1", source_key="s" * 20, destination_url="http://d:1",
+                          destination_instance="m-2", destination_key="d" * 20)
+    with pytest.raises(CredentialError, match="bad signature"):
+        check_ticket(ticket.model_copy(update={"signature": "\u00e9"}), key="s" * 20, model="m",
+                     destination_url="http://d:1")
 
 
 def test_the_controller_needs_its_own_admin_key():
