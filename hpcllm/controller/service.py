@@ -416,12 +416,16 @@ class Controller:
                 raise JobNotLocated(f"cannot tell yet where Slurm job {principal.job_id} runs (Slurm did not say); "
                                     f"retry the registration")
         elif reg.slurm_job_id and self.registry.get_allocation(reg.slurm_job_id) is not None:
+            if principal.kind == "pool":  # a pool's job is its group's own: it may not rewrite our allocation's record
+                raise CredentialError(f"Slurm job {reg.slurm_job_id} is one of the service's allocations; a model "
+                                      f"pool registers with its own job's id")
             # An allocation of ours: all its nodes recorded now (a spanning one has an agent on its first node only,
             # and must not look like a one-node allocation until the next Slurm poll). None: the poll tells.
             job_nodes = self.allocator.job_nodes(reg.slurm_job_id)
         try:
             check_registration(principal, reg.node_id, reg.slurm_job_id, reg.pool_model, job_nodes)
             self._refuse_a_takeover(reg.node_id, principal, now)
+            self._refuse_a_borrowed_agent_url(reg, now)
         except CredentialError as exc:
             log.warning("refused the registration of %s with %s %s: %s", reg.node_id, principal.kind,
                         principal.credential_id, exc)
@@ -436,9 +440,9 @@ class Controller:
         log.info("node %s registered (agent %s, job %s, %d gpus, %d cached%s)", node.node_id, node.agent_url,
                  node.slurm_job_id, node.gpus, len(reg.cached),
                  f"; model pool of {node.pool_model}: routed to, never placed on" if node.is_pool else "")
-        self._notify()
         node_key = self._node_key_if_any(node)
-        self.agents.set_key(node.agent_url, node_key)
+        self.agents.set_key(node.agent_url, node_key)  # before any route it wakes calls the agent
+        self._notify()
         return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds,
                                 node_key=node_key)
 
@@ -452,6 +456,17 @@ class Controller:
             return
         raise CredentialError(f"node {node_id} is served by an agent registered with another credential; this "
                               f"token cannot take it over while that agent lives", status=409)
+
+    def _refuse_a_borrowed_agent_url(self, reg: NodeRegistration, now: float) -> None:
+        """One agent URL, one live node: the controller calls an agent with its node's key, looked up by URL, so a
+        registration naming another live node's agent would have that node called with the wrong key."""
+        live_after = now - self.settings.node_timeout_seconds
+        for node in self.registry.nodes():
+            if node.node_id != reg.node_id and node.state in ("up", "draining") \
+                    and node.agent_url.rstrip("/") == reg.agent_url.rstrip("/") \
+                    and node.last_heartbeat is not None and node.last_heartbeat > live_after:
+                raise CredentialError(f"agent URL {reg.agent_url} is the agent of live node {node.node_id}; each "
+                                      f"node registers its own agent's URL", status=409)
 
     def heartbeat(self, node_id: str, hb: Heartbeat, principal: Principal = CLUSTER) -> HeartbeatResponse:
         known = self.registry.get_node(node_id)
@@ -804,6 +819,9 @@ class Controller:
                 raise CredentialError("a node token asks for migration targets of its own node only (exclude_node)")
             check_node_owner(principal, source.node_id, source.credential_id)
             check_models(principal, [req.model])
+            if source.state != "draining":  # a ticket's grant opens another worker; an allocation may be submitted
+                raise CredentialError(f"node {source.node_id} is not draining: a node token gets migration targets "
+                                      f"only while its node drains (heartbeat draining = true first)")
         model = self.registry.get_model(req.model)
         if model is None:
             raise UnknownModel(f"model {req.model!r} is not deployed")

@@ -169,6 +169,26 @@ def test_a_pool_token_cannot_register_or_announce_another_model(harness):
     assert resp.status_code == 403
 
 
+def test_a_pool_cannot_claim_the_services_job_nor_another_nodes_agent(harness):
+    """A pool registering with one of the service's allocation job ids rewrote that allocation's record (state,
+    nodes); one naming a live node's agent URL had the controller call that agent with the pool's key (by URL)."""
+    harness.deploy("m", gpus=1, max_instances=1)
+    client = harness.app_client()
+    job_id, _ = submitted_allocation(harness)
+    before = harness.registry.get_allocation(job_id)
+    pool = {TOKEN_HEADER: issue(client, "m", "physics")}
+    resp = client.post("/v1/internal/nodes/register", headers=pool, json=registration("px", job_id, "m"))
+    assert resp.status_code == 403 and "one of the service's allocations" in resp.get_json()["error"]["message"]
+    assert harness.registry.get_allocation(job_id) == before
+
+    assert client.post("/v1/internal/nodes/register", headers=INTERNAL, json=registration("svc1")).status_code == 200
+    heartbeat(client, "svc1", INTERNAL)
+    borrowed = {**registration("p1", "77", "m"), "agent_url": "http://svc1:9000"}
+    resp = client.post("/v1/internal/nodes/register", headers=pool, json=borrowed)
+    assert resp.status_code == 409 and "agent of live node svc1" in resp.get_json()["error"]["message"]
+    assert "http://svc1:9000" not in harness.agents._keys  # svc1's agent is still called with the cluster secret
+
+
 def test_a_groups_pool_serves_only_that_groups_keys(harness):
     harness.deploy("m", gpus=1, max_instances=1)
     client = harness.app_client()
@@ -192,9 +212,13 @@ def test_a_groups_pool_serves_only_that_groups_keys(harness):
     resp = client.post("/v1/internal/migration-target", headers=INTERNAL,
                        json={"model": "m", "exclude_node": "n2", "start_if_missing": False})
     assert resp.status_code == 404, resp.get_json()
-    # The pool's own requests may go to the service's instance, with a ticket its worker accepts.
-    resp = client.post("/v1/internal/migration-target", headers=pool,
-                       json={"model": "m", "exclude_node": "n1", "instance_id": "p1", "start_if_missing": False})
+    # The pool's own requests may go to the service's instance, with a ticket its worker accepts - while the pool
+    # drains: a ticket's grant opens the service's worker, so a live pool gets none.
+    ask = {"model": "m", "exclude_node": "n1", "instance_id": "p1", "start_if_missing": False}
+    resp = client.post("/v1/internal/migration-target", headers=pool, json=ask)
+    assert resp.status_code == 403 and "not draining" in resp.get_json()["error"]["message"]
+    heartbeat(client, "n1", pool, ready("p1", "m", "n1"), draining=True)
+    resp = client.post("/v1/internal/migration-target", headers=pool, json=ask)
     assert resp.status_code == 200 and resp.get_json()["instance_id"] == "s1"
     target = resp.get_json()
     from hpcllm.credentials import MigrationTicket
