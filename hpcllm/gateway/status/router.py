@@ -4,7 +4,8 @@ The page itself is one static file (HTML, CSS and JS inline, no build step) and 
 without a key. Its script asks for a key and polls:
 - /v1/admin/status with the admin key (the admin proxy: the controller's whole status), or, when
 - `gateway.status_page_users` is true, GET /v1/status with any API key: the same status without the internal
-  addresses (agent and worker URLs), fetched by the gateway with the controller's admin key.
+  addresses (agent and worker URLs) and credential ids, and without other groups' own model pools (their nodes,
+  instances, failures and migrations), fetched by the gateway with the controller's admin key.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from importlib import resources
 
 import httpx
-from flask import Blueprint, Response
+from flask import Blueprint, Response, g
 
 from hpcllm.config import admin_key_of
 from hpcllm.gateway.errors import NotImplementedByDeployment, PermissionDenied, ServiceUnavailable
@@ -22,8 +23,10 @@ from hpcllm.gateway.runtime import current_gateway
 bp = Blueprint("status", __name__)
 
 STATUS_TIMEOUT_S = 30.0
-# What users never see of the cluster: where its internal services listen.
-INTERNAL_FIELDS = {"nodes": ("agent_url",), "instances": ("worker_url",)}
+# What users never see of the cluster: where its internal services listen, and which credential a node holds.
+INTERNAL_FIELDS = {"nodes": ("agent_url", "credential_id"), "instances": ("worker_url",)}
+# Sections whose rows belong to a node (hidden with another group's pool node).
+NODE_SECTIONS = ("instances", "cold_starts", "migrations", "failed_instances")
 
 
 def _page() -> bytes:
@@ -63,7 +66,17 @@ def user_status():
     except (httpx.HTTPError, ValueError) as exc:
         raise ServiceUnavailable(f"the controller at {router.controller_url} did not give its status ({exc})",
                                  code="controller_unreachable", retry_after=5) from None
-    return without_internal_addresses(status)
+    return without_internal_addresses(without_other_groups_pools(status, g.api_key.group if g.api_key else None))
+
+
+def without_other_groups_pools(status: dict, group: str | None) -> dict:
+    """A user's view: a group's own pool (a node serving one group) is that group's business only."""
+    hidden = {node["node_id"] for node in status.get("nodes", [])
+              if node.get("serves_group") is not None and node["serves_group"] != group}
+    status["nodes"] = [node for node in status.get("nodes", []) if node["node_id"] not in hidden]
+    for section in NODE_SECTIONS:
+        status[section] = [row for row in status.get(section, []) if row.get("node_id") not in hidden]
+    return status
 
 
 def without_internal_addresses(status: dict) -> dict:

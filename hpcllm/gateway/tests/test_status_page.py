@@ -10,7 +10,7 @@ import re
 import pytest
 
 from hpcllm.controller.app import create_app as create_controller_app
-from hpcllm.controller.protocol import Heartbeat, InstanceInfo, MigrationTargetRequest
+from hpcllm.controller.protocol import Heartbeat, InstanceInfo, MigrationTargetRequest, NodeRegistration
 from hpcllm.controller.tests.conftest import Harness
 
 from .browser import cells, dump_dom, rows, screenshot, summary
@@ -156,3 +156,34 @@ def test_chromium_shows_users_the_status_without_addresses_when_allowed(status_g
     assert 'data-state="ok"' in dom and 'data-view="user"' in dom
     assert summary(dom, "nodes up") == f"{NODES} / {NODES}"
     assert "http://gpu" not in dom
+
+
+def test_users_see_no_other_groups_pools_nor_credential_ids(make_gateway, tmp_path):
+    """A group's own model pool is that group's business: another group's users see neither its node nor what runs
+    there; nobody but the admin sees which credential a node holds."""
+    from hpcllm.controller.protocol import PoolTokenRequest
+    from hpcllm.credentials import parse_token
+    from hpcllm.gateway.tests.conftest import USER_KEY
+
+    h = Harness(tmp_path, admin_key=ADMIN_KEY)
+    h.deploy("llama-7b")
+    h.register("svc1")
+    token = h.controller.issue_pool_token(PoolTokenRequest(model="llama-7b", group="physics")).token
+    h.controller.register(NodeRegistration(node_id="phys1", agent_url="http://phys1:9000", pool_model="llama-7b",
+                                           slurm_job_id="77"), principal=h.controller.authenticate_token(token))
+    server = ThreadServer(create_controller_app(h.controller))
+    try:
+        keys = [{"key": USER_KEY, "name": "alice", "group": "chemistry"},
+                {"key": "sk-physics-user", "name": "bob", "group": "physics"}]
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True,
+                          api_keys=keys)
+        chemistry = gw.get("/v1/status", key=USER_KEY).json()
+        physics = gw.get("/v1/status", key="sk-physics-user").json()
+        admin = gw.get("/v1/admin/status", key=ADMIN_KEY).json()
+    finally:
+        server.stop()
+        h.registry.close()
+    assert [n["node_id"] for n in chemistry["nodes"]] == ["svc1"]
+    assert sorted(n["node_id"] for n in physics["nodes"]) == ["phys1", "svc1"]
+    assert all("credential_id" not in n for n in chemistry["nodes"] + physics["nodes"])
+    assert any(n.get("credential_id") == parse_token(token)[0] for n in admin["nodes"])
