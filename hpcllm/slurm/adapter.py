@@ -12,12 +12,16 @@ rather than a crash.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, parse_walltime
+
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------- hostlists
 
@@ -28,8 +32,18 @@ def expand_hostlist(text: str | None) -> list[str]:
         return []
     names: list[str] = []
     for item in _split_top_level(text.strip()):
-        names.extend(_expand_item(item))
+        try:
+            names.extend(_expand_item(item))
+        except ValueError:  # "n[a-c]", "n[]", "n[1-2,,4]": keep the name as Slurm printed it
+            _log_unreadable_hostlist(item)
+            names.append(item)
     return names
+
+
+@functools.lru_cache(maxsize=256)  # once per item: statuses are asked every few seconds
+def _log_unreadable_hostlist(item: str) -> None:
+    log.warning("cannot expand the Slurm hostlist %r (expected a name or prefix[1-3,7]); using it as one name",
+                item)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -207,15 +221,24 @@ def _node_names(value: Any) -> list[str]:
     return []
 
 
+def exit_code(code: Any, signal: Any = None) -> int | None:
+    """A job's exit code as a shell reports it: the script's own, or 128+N when signal N killed it (Slurm then
+    reports exit code 0 with the signal beside it)."""
+    code, signal = number(code), number(signal)
+    if signal is not None and signal != math.inf and 0 < signal < 128:
+        return 128 + int(signal)
+    return None if code is None or code == math.inf or code < 0 else int(code)
+
+
 def _exit_code(value: Any) -> int | None:
-    if isinstance(value, Mapping):  # 23.02+: {"status": [...], "return_code": {...}, "signal": {...}}
-        code = number(value.get("return_code"))
-        return None if code is None or code == math.inf else int(code)
-    code = number(value)
-    if code is None or code == math.inf:
+    if isinstance(value, Mapping):  # 23.02+: {"status": [...], "return_code": {...}, "signal": {"id": ...}}
+        signal = value.get("signal")
+        signal = signal.get("id", signal.get("signal_id")) if isinstance(signal, Mapping) else None
+        return exit_code(value.get("return_code"), signal)
+    status = number(value)  # 22.05: a wait status, the exit code in the high byte, a signal in the low 7 bits
+    if status is None or status == math.inf or status < 0:
         return None
-    code = int(code)
-    return (code >> 8) & 0xFF if code > 0xFF else code  # a wait status: the exit code is in the high byte
+    return exit_code((int(status) >> 8) & 0xFF, int(status) & 0x7F)
 
 
 def job_status_from_json(job: Mapping[str, Any]) -> JobStatus:
@@ -323,9 +346,10 @@ def _walltime_text_to_seconds(text: str) -> int | None:
         return None
 
 
-# sacct -X -n -P -o <SACCT_FIELDS> with SLURM_TIME_FORMAT=%s.
-SACCT_FIELDS = ("JobIDRaw", "State", "Reason", "NodeList", "Start", "End", "TimelimitRaw", "ExitCode", "JobName",
-                "Partition")
+# sacct -X -n -P -o <SACCT_FIELDS> with SLURM_TIME_FORMAT=%s. JobName goes last: it is the one field that may
+# hold the separator.
+SACCT_FIELDS = ("JobIDRaw", "State", "Reason", "NodeList", "Start", "End", "TimelimitRaw", "ExitCode", "Partition",
+                "JobName")
 
 
 def jobs_from_sacct_text(text: str) -> dict[str, JobStatus]:
@@ -337,10 +361,11 @@ def jobs_from_sacct_text(text: str) -> dict[str, JobStatus]:
         fields = line.split("|")
         if len(fields) < len(SACCT_FIELDS) or not fields[0].strip():
             continue
-        job_id, state, reason, nodelist, start, end, limit, exit_code, name, partition = fields[:10]
+        job_id, state, reason, nodelist, start, end, limit, code_and_signal, partition = fields[:9]
+        name = "|".join(fields[9:])
         word = slurm_state_word(state)
         runs[job_id] = runs.get(job_id, -1) + 1
-        code = exit_code.split(":")[0] if exit_code else ""
+        code, _, signal = code_and_signal.partition(":")  # "exit:signal"
         statuses[job_id] = JobStatus(
             job_id=job_id,
             state=_STATE_MAP.get(word, JobState.UNKNOWN),
@@ -353,7 +378,7 @@ def jobs_from_sacct_text(text: str) -> dict[str, JobStatus]:
             end_time=_timestamp(end),
             time_limit=_minutes_to_seconds(limit),
             restart_count=runs[job_id],
-            exit_code=int(code) if code.isdigit() else None,
+            exit_code=exit_code(code, signal),
         )
     return statuses
 

@@ -1,7 +1,8 @@
 """The default backend: Slurm's own commands (sbatch, squeue, sacct, scancel, scontrol, sinfo).
 
-- submit: the rendered batch script on sbatch's stdin, `sbatch --parsable` (prints `jobid` or `jobid;cluster`;
-  the last line counts);
+- submit: the rendered batch script on sbatch's stdin, `sbatch --parsable <its #SBATCH options>` (prints `jobid`
+  or `jobid;cluster`; the last such line counts). The options go on the command line too because there they beat
+  SBATCH_* variables of the controller's environment, which beat #SBATCH lines (sbatch(1));
 - statuses: ONE `squeue --json` for all jobs (falling back to a pinned `squeue -O` text format when --json fails),
   then ONE `sacct` for the jobs squeue no longer lists when accounting is on;
 - list_jobs: the same squeue call (comments are in the JSON; the text fallback asks a second `squeue -O
@@ -25,9 +26,9 @@ from typing import TYPE_CHECKING
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate, signal_name
-from hpcllm.slurm.environment import clean_environment
-from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
-from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
+from hpcllm.slurm.environment import inherited_sbatch_options, run_slurm_command
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done
+from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script, sbatch_directives
 
 if TYPE_CHECKING:
     from hpcllm.config import SlurmConfig
@@ -43,8 +44,6 @@ _UNAVAILABLE_PATTERNS = re.compile(
 )
 _ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|Problem talking to the database|"
                              r"slurmdbd|AccountingStorageType", re.IGNORECASE)
-_ALREADY_DONE = re.compile(r"already completing or completed|Invalid job id specified|Job has already finished",
-                           re.IGNORECASE)
 
 
 class CliBackend(SlurmBackend):
@@ -56,6 +55,7 @@ class CliBackend(SlurmBackend):
         self._accounting: bool | None = None
         self._squeue_json = True
         self._sinfo_json = True
+        self._inherited_logged: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------- commands
 
@@ -63,10 +63,7 @@ class CliBackend(SlurmBackend):
              ) -> subprocess.CompletedProcess[str]:
         command = " ".join(args[:2])
         try:
-            # Never let a Slurm command read our terminal: no input means /dev/null.
-            feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
-            result = subprocess.run(args, **feed, capture_output=True, text=True, timeout=self._timeout,
-                                    env=clean_environment(env))
+            result = run_slurm_command(args, stdin=stdin, env=env, timeout=self._timeout)
         except FileNotFoundError:
             raise SlurmUnavailable(
                 f"{args[0]}: command not found; install Slurm's client commands (Debian: slurm-client) and put "
@@ -85,10 +82,8 @@ class CliBackend(SlurmBackend):
     # ------------------------------------------------------------------------------------------ interface
 
     def submit(self, spec: JobSpec) -> str:
-        script = render_batch_script(spec)
         ensure_log_dirs(spec)
-        result = self._run(["sbatch", "--parsable"], stdin=script, env=dict(spec.env))
-        return parse_parsable(result.stdout)
+        return parse_parsable(self._sbatch("--parsable", spec).stdout)
 
     def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
         wanted = [str(job_id) for job_id in job_ids]
@@ -119,7 +114,7 @@ class CliBackend(SlurmBackend):
         try:
             self._run(["scancel", str(job_id)])
         except SlurmError as exc:
-            if isinstance(exc, SlurmUnavailable) or not _ALREADY_DONE.search(exc.slurm_message):
+            if not already_done(exc):
                 raise
 
     def requeue(self, job_id: str) -> None:
@@ -145,7 +140,7 @@ class CliBackend(SlurmBackend):
         return adapter.partitions_from_scontrol_text(self._run(["scontrol", "-o", "show", "partition"]).stdout)
 
     def estimate_start(self, spec: JobSpec) -> StartEstimate | None:
-        result = self._run(["sbatch", "--test-only"], stdin=render_batch_script(spec), env=dict(spec.env))
+        result = self._sbatch("--test-only", spec)
         return parse_test_only(result.stderr + "\n" + result.stdout)
 
     def pending_start_times(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, StartEstimate]:
@@ -156,6 +151,18 @@ class CliBackend(SlurmBackend):
         return parse_squeue_start(result.stdout)
 
     # ------------------------------------------------------------------------------------------- internals
+
+    def _sbatch(self, mode: str, spec: JobSpec) -> subprocess.CompletedProcess[str]:
+        """sbatch with the script on stdin and its #SBATCH options repeated on the command line, where they beat
+        the SBATCH_* variables of our environment (an option hpcllm leaves unset may still come from there)."""
+        inherited = inherited_sbatch_options()
+        if inherited and inherited != self._inherited_logged:
+            self._inherited_logged = inherited
+            log.warning("sbatch takes %s from hpcllm's environment for every job it submits (where hpcllm sets no "
+                        "such option itself); unset them where that is not meant",
+                        ", ".join(f"{name}={value}" for name, value in inherited.items()))
+        return self._run(["sbatch", mode, *sbatch_directives(spec)], stdin=render_batch_script(spec),
+                         env=dict(spec.env))
 
     def _json(self, args: list[str]) -> dict | None:
         """Run a --json command; None when this Slurm cannot (old version, no data_parser plugin)."""
@@ -203,15 +210,22 @@ class CliBackend(SlurmBackend):
         return adapter.jobs_from_sacct_text(result.stdout)
 
 
+# A job id line: "jobid" or "jobid;cluster" (--parsable), or "Submitted batch job N" where a site's sbatch wrapper
+# drops --parsable.
+_JOB_ID_LINE = re.compile(r"^(\d+(?:_\d+)?)(?:;\S+)?$|^Submitted batch job (\d+)(?: on cluster \S+)?$")
+
+
 def parse_parsable(stdout: str) -> str:
-    """`sbatch --parsable` output -> job id: the last non-empty line, "jobid" or "jobid;cluster"."""
-    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
-    if not lines:
-        raise SlurmError("sbatch printed no job id", stdout)
-    job_id = lines[-1].split(";", 1)[0]
-    if not re.match(r"^\d+(_\d+)?$", job_id):
-        raise SlurmError(f"sbatch printed {lines[-1]!r} where a job id was expected", stdout)
-    return job_id
+    """What sbatch printed when it exited 0 -> the job id, from the last job id line (site wrappers add notices).
+
+    No such line is SlurmUnavailable, not a refusal: sbatch succeeded, so the job most likely exists and only its
+    id is lost; the controller keeps its intent and finds the job by its comment."""
+    for line in reversed(stdout.splitlines()):
+        match = _JOB_ID_LINE.match(line.strip())
+        if match:
+            return match[1] or match[2]
+    raise SlurmUnavailable(f"sbatch succeeded but printed no job id ({stdout.strip()[:200] or 'nothing'!r}); the "
+                           f"job may exist: look for it with squeue --me", stdout)
 
 
 _TEST_ONLY = re.compile(r"Job (?P<job>\d+) to start at (?P<time>\S+) using (?P<cpus>\d+) processors on nodes? "

@@ -1,24 +1,38 @@
-"""The environment Slurm commands and submitted jobs get, shared by the CLI, REST and pyslurm backends."""
+"""The environment Slurm commands and submitted jobs get, and the one way hpcllm runs a Slurm command; shared by
+the CLI, REST and pyslurm backends."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 # Variables that change what Slurm's commands print (formats, default filters, time format).
 _OUTPUT_VARIABLE_PREFIXES = ("SQUEUE_", "SINFO_", "SACCT_", "SCONTROL_")
-_OUTPUT_VARIABLES = {"SLURM_TIME_FORMAT"}
+# Variables no option of hpcllm's can undo (sbatch has no --no-wait, no "not an array"): SBATCH_WAIT holds every
+# submit until the job ends, SBATCH_ARRAY_INX makes N jobs of which one is tracked, *_CLUSTERS sends the jobs
+# (and squeue's and scancel's questions) to another cluster than slurm.conf's. The other SBATCH_* variables are
+# beaten by hpcllm's options on sbatch's command line (CliBackend._sbatch) or apply where hpcllm sets nothing
+# (bench/replay.py gives CPU-served allocations GPUs with SBATCH_GRES).
+_UNDOABLE_VARIABLES = {"SBATCH_WAIT", "SBATCH_ARRAY_INX", "SBATCH_CLUSTERS", "SLURM_CLUSTERS"}
+_DROPPED_VARIABLES = {"SLURM_TIME_FORMAT"} | _UNDOABLE_VARIABLES
 
 
 def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """os.environ without the user's output-format settings, with epoch times, plus `extra`."""
+    """os.environ without the user's output-format settings and the submission settings hpcllm cannot undo, with
+    epoch times, plus `extra`."""
     env = {
         key: value for key, value in os.environ.items()
-        if not key.startswith(_OUTPUT_VARIABLE_PREFIXES) and key not in _OUTPUT_VARIABLES
+        if not key.startswith(_OUTPUT_VARIABLE_PREFIXES) and key not in _DROPPED_VARIABLES
     }
     env["SLURM_TIME_FORMAT"] = "%s"
     if extra:
         env.update(extra)
     return env
+
+
+def inherited_sbatch_options() -> dict[str, str]:
+    """The SBATCH_* variables sbatch still reads from our environment after clean_environment(), sorted."""
+    return {key: value for key, value in sorted(clean_environment().items()) if key.startswith("SBATCH_")}
 
 
 def job_environment(extra: dict[str, str]) -> dict[str, str]:
@@ -28,3 +42,15 @@ def job_environment(extra: dict[str, str]) -> dict[str, str]:
            if not key.startswith("SLURM_") or key == "SLURM_CONF"}
     env.update(extra)
     return env
+
+
+def run_slurm_command(args: list[str], *, timeout: float, stdin: str | None = None,
+                      env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one Slurm command with clean_environment(env); no input means /dev/null (never our terminal).
+
+    Output is read as UTF-8 with undecodable bytes replaced (U+FFFD): `squeue --all` prints every user's job
+    names and comments, and sbatch relays site messages, in whatever encoding each was written; one such byte must
+    not make the whole answer unreadable. FileNotFoundError and subprocess.TimeoutExpired reach the caller."""
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run(args, **feed, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout,
+                          env=clean_environment(env))

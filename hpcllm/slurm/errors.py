@@ -7,6 +7,8 @@ missing, controller down, slurmrestd unreachable) and says how to check.
 
 from __future__ import annotations
 
+import re
+
 from hpcllm.errors import HpcllmError
 
 
@@ -22,7 +24,8 @@ class SlurmError(HpcllmError):
 
 
 class SlurmUnavailable(SlurmError):
-    """Slurm could not be asked: command missing, controller down, REST endpoint unreachable or timed out."""
+    """Slurm could not be asked, or its answer was lost: command missing, controller down, REST endpoint
+    unreachable or timed out, a submission accepted without a readable job id (the job may exist)."""
 
     exit_code = 5
 
@@ -31,3 +34,13 @@ class SlurmBackendUnsupported(HpcllmError):
     """The configured backend cannot work on this site (e.g. pyslurm does not match the installed Slurm)."""
 
     exit_code = 2
+
+
+# Slurm's words (scancel, slurmrestd, libslurm alike) for a job that has already ended.
+_ALREADY_DONE = re.compile(r"already completing or completed|Invalid job id specified|Job has already finished",
+                           re.IGNORECASE)
+
+
+def already_done(exc: SlurmError) -> bool:
+    """Slurm refused because the job has already ended: for a cancel, the wanted outcome, not an error."""
+    return not isinstance(exc, SlurmUnavailable) and bool(_ALREADY_DONE.search(exc.slurm_message))

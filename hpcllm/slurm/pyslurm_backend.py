@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
-from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError, SlurmUnavailable
-from hpcllm.slurm.environment import clean_environment, job_environment
+from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError, SlurmUnavailable, already_done
+from hpcllm.slurm.environment import job_environment, run_slurm_command
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
@@ -34,8 +34,7 @@ _ALTERNATIVES = 'set [slurm] backend = "cli" (Slurm\'s commands; the default) or
 def site_slurm_version() -> tuple[int, int] | None:
     """The site's Slurm major.minor from `sinfo --version` ("slurm-wlm 22.05.8" -> (22, 5)); None if unknown."""
     try:
-        result = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, timeout=15,
-                                env=clean_environment())
+        result = run_slurm_command(["sinfo", "--version"], timeout=15)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_version(result.stdout)
@@ -118,7 +117,11 @@ class PyslurmBackend(SlurmBackend):
         return {str(job.id): job_status_from_pyslurm(job) for job in jobs.values()}
 
     def cancel(self, job_id: str) -> None:
-        self._rpc(f"cancel job {job_id}", self.pyslurm.Job(int(job_id)).cancel)
+        try:
+            self._rpc(f"cancel job {job_id}", self.pyslurm.Job(int(job_id)).cancel)
+        except SlurmError as exc:
+            if not already_done(exc):
+                raise
 
     def requeue(self, job_id: str) -> None:
         self._rpc(f"requeue job {job_id}", self.pyslurm.Job(int(job_id)).requeue)
@@ -188,7 +191,7 @@ def job_status_from_pyslurm(job: Any) -> JobStatus:
         end_time=adapter._timestamp(job.end_time),
         time_limit=int(limit) * 60 if isinstance(limit, (int, float)) and limit > 0 else None,
         restart_count=int(job.requeue_count or 0),
-        exit_code=job.exit_code if isinstance(job.exit_code, int) else None,
+        exit_code=adapter.exit_code(job.exit_code, getattr(job, "exit_code_signal", None)),
         comment=adapter._text(getattr(job, "comment", None)),
     )
 

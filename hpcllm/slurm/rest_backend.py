@@ -14,6 +14,7 @@ its batch shell (no batch-only choice); the signal on submit has no "B:" prefix.
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import subprocess
@@ -26,8 +27,8 @@ import httpx
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
-from hpcllm.slurm.environment import clean_environment, job_environment
-from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
+from hpcllm.slurm.environment import job_environment, run_slurm_command
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
@@ -112,8 +113,11 @@ class RestBackend(SlurmBackend):
                 raise SlurmUnavailable(f"slurmrestd cannot reach slurmctld: {message}", message)
             raise SlurmError(f"slurmrestd {method} {url}: {message}", message)
         if payload is None:
-            raise SlurmError(f"slurmrestd {method} {url} answered HTTP {response.status_code} without JSON: "
-                             f"{response.text[:200]!r}")
+            # A POST or DELETE may have taken effect before its answer was garbled: its answer is lost, as after
+            # a timeout (a submitting caller keeps its intent and finds the job by its comment).
+            lost = SlurmError if method == "GET" else SlurmUnavailable
+            raise lost(f"slurmrestd {method} {url} answered HTTP {response.status_code} without JSON: "
+                       f"{response.text[:200]!r}")
         return payload
 
     # ------------------------------------------------------------------------------------------- interface
@@ -122,9 +126,9 @@ class RestBackend(SlurmBackend):
         body = submission_body(spec)
         ensure_log_dirs(spec)  # slurmrestd's jobs usually share this filesystem; Slurm creates no folders
         payload = self._request("POST", "/job/submit", json=body)
-        job_id = payload.get("job_id")
-        if job_id is None:
-            raise SlurmError(f"slurmrestd accepted the job but returned no job_id: {payload}")
+        job_id = adapter.number(payload.get("job_id"))
+        if not isinstance(job_id, int):  # accepted, so the job likely exists: its answer is lost, not refused
+            raise SlurmUnavailable(f"slurmrestd accepted the job but returned no job_id: {str(payload)[:300]}")
         return str(job_id)
 
     def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
@@ -144,11 +148,8 @@ class RestBackend(SlurmBackend):
     def cancel(self, job_id: str) -> None:
         try:
             self._request("DELETE", f"/job/{job_id}")
-        except SlurmUnavailable:
-            raise
         except SlurmError as exc:
-            if "already completing or completed" not in exc.slurm_message and \
-                    "Invalid job id" not in exc.slurm_message:
+            if not already_done(exc):
                 raise
 
     def requeue(self, job_id: str) -> None:
@@ -213,8 +214,10 @@ def submission_body(spec: JobSpec) -> dict[str, Any]:
 
 
 def _json_body(response: httpx.Response) -> dict[str, Any] | None:
+    """The answer's JSON object; None when there is none. Undecodable bytes become U+FFFD: GET /jobs lists every
+    user's job names, in whatever encoding each was submitted with, and one must not hide all the others."""
     try:
-        payload = response.json()
+        payload = json.loads(response.content.decode("utf-8", errors="replace"))
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
@@ -222,8 +225,7 @@ def _json_body(response: httpx.Response) -> dict[str, Any] | None:
 
 def _scontrol_token(lifespan: int) -> str:
     try:
-        result = subprocess.run(["scontrol", "token", f"lifespan={lifespan}"], capture_output=True, text=True,
-                                timeout=30, env=clean_environment())
+        result = run_slurm_command(["scontrol", "token", f"lifespan={lifespan}"], timeout=30)
     except FileNotFoundError:
         raise SlurmUnavailable("no JWT for slurmrestd: set SLURM_JWT or [slurm] rest_token_file (scontrol, which "
                                "could make one, is not installed here)") from None

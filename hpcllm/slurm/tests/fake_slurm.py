@@ -28,8 +28,9 @@ joined = " ".join(args)
 for rule in rules:
     if rule["command"] == command and rule["contains"] in joined:
         time.sleep(rule.get("sleep", 0))
-        sys.stdout.write(rule.get("stdout", ""))
-        sys.stderr.write(rule.get("stderr", ""))
+        encoding = rule.get("encoding", "utf-8")
+        sys.stdout.buffer.write(rule.get("stdout", "").encode(encoding))
+        sys.stderr.buffer.write(rule.get("stderr", "").encode(encoding))
         sys.exit(rule.get("rc", 0))
 sys.stderr.write(f"fake {command}: no rule for {joined!r}\\n")
 sys.exit(99)
@@ -52,9 +53,10 @@ class FakeSlurm:
             path.chmod(0o755)
 
     def on(self, command: str, contains: str = "", *, stdout: str = "", stderr: str = "", rc: int = 0,
-           sleep: float = 0.0) -> FakeSlurm:
+           sleep: float = 0.0, encoding: str = "utf-8") -> FakeSlurm:
+        """`encoding`: how the answer's text becomes bytes ("latin-1" for a site's non-UTF-8 output)."""
         self.rules.append({"command": command, "contains": contains, "stdout": stdout, "stderr": stderr, "rc": rc,
-                           "sleep": sleep})
+                           "sleep": sleep, "encoding": encoding})
         self._save()
         return self
 

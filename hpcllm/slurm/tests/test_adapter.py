@@ -101,16 +101,36 @@ def test_squeue_text_name_may_hold_the_separator():
 
 def test_sacct_text_counts_requeued_runs_and_reads_states():
     text = (
-        "55|REQUEUED|None|n1|1700000000|1700000100|60|0:0|pool|batch\n"
-        "55|RUNNING|None|n2|1700000200|Unknown|60|0:0|pool|batch\n"
-        "56|CANCELLED by 1000|None|None assigned|Unknown|1700000300|UNLIMITED|0:0|x|batch\n"
-        "57|FAILED|NonZeroExitCode|n3|1700000000|1700000010|5|2:0|y|batch\n"
+        "55|REQUEUED|None|n1|1700000000|1700000100|60|0:0|batch|pool\n"
+        "55|RUNNING|None|n2|1700000200|Unknown|60|0:0|batch|pool\n"
+        "56|CANCELLED by 1000|None|None assigned|Unknown|1700000300|UNLIMITED|0:0|batch|x\n"
+        "57|FAILED|NonZeroExitCode|n3|1700000000|1700000010|5|2:0|batch|y\n"
     )
     jobs = adapter.jobs_from_sacct_text(text)
     assert jobs["55"].state is JobState.RUNNING and jobs["55"].restart_count == 1 and jobs["55"].nodes == ("n2",)
     assert jobs["55"].end_time is None and jobs["55"].time_limit == 3600
     assert jobs["56"].state is JobState.CANCELLED and jobs["56"].nodes == () and jobs["56"].time_limit is None
-    assert jobs["57"].exit_code == 2
+    assert jobs["57"].exit_code == 2 and jobs["57"].name == "y" and jobs["57"].partition == "batch"
+
+
+def test_sacct_job_name_may_hold_the_separator():
+    status = adapter.jobs_from_sacct_text("7|FAILED|None|n1|1|2|60|1:0|gpu|my|name\n")["7"]
+    assert (status.name, status.partition, status.exit_code, status.nodes) == ("my|name", "gpu", 1, ("n1",))
+
+
+@pytest.mark.parametrize("exit_code", [
+    9,  # 22.05: the wait status of a job killed by SIGKILL
+    {"status": ["SIGNALED"], "return_code": {"set": True, "infinite": False, "number": 0},
+     "signal": {"id": {"set": True, "number": 9}, "name": "KILL"}},  # 24.05
+])
+def test_a_job_killed_by_a_signal_reports_128_plus_the_signal(exit_code):
+    status = adapter.jobs_from_json({"jobs": [{"job_id": 1, "job_state": "FAILED", "exit_code": exit_code}]})["1"]
+    assert status.exit_code == 137  # as a shell reports it; not 9 (an exit code) nor 0 (success)
+
+
+def test_sacct_signal_deaths_report_128_plus_the_signal():
+    jobs = adapter.jobs_from_sacct_text("7|FAILED|None|n1|1|2|60|0:9|gpu|x\n8|CANCELLED by 0|None|n1|1|2|60|0:15|gpu|y\n")
+    assert (jobs["7"].exit_code, jobs["8"].exit_code) == (137, 143)
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -205,9 +225,22 @@ def test_real_partitions_text_and_rest_json():
     ("node009,node[010-011]", ["node009", "node010", "node011"]),
     ("", []),
     ("(null)", []),
+    # Unreadable ranges stay as Slurm printed them (the audit's inputs): never an exception through statuses().
+    ("n[a-c]", ["n[a-c]"]),
+    ("n[]", ["n[]"]),
+    ("n[1-2,,4],m1", ["n[1-2,,4]", "m1"]),
 ])
 def test_expand_hostlist(hostlist, names):
     assert adapter.expand_hostlist(hostlist) == names
+
+
+def test_an_unreadable_hostlist_does_not_break_the_job_list(caplog):
+    adapter._log_unreadable_hostlist.cache_clear()
+    jobs = adapter.jobs_from_json({"jobs": [{"job_id": 1, "job_state": "RUNNING", "nodes": "n[a-b]"},
+                                            {"job_id": 2, "job_state": "RUNNING", "nodes": "n[1-2]"}]})
+    assert jobs["1"].nodes == ("n[a-b]",) and jobs["2"].nodes == ("n1", "n2")
+    adapter.jobs_from_json({"jobs": [{"job_id": 1, "job_state": "RUNNING", "nodes": "n[a-b]"}]})
+    assert sum("n[a-b]" in r.getMessage() for r in caplog.records) == 1  # logged once, not every poll
 
 
 def test_json_errors_are_read_in_both_shapes():

@@ -116,6 +116,23 @@ def test_user_format_variables_do_not_break_parsing(cli, tmp_path, monkeypatch, 
         assert status.start_time and abs(status.start_time - time.time()) < 600
 
 
+def test_sbatch_variables_of_the_environment_do_not_change_what_hpcllm_submits(cli, tmp_path, monkeypatch,
+                                                                               cancel_after):
+    # sbatch(1): SBATCH_* variables beat #SBATCH lines; hpcllm's options on the command line beat both.
+    for name, value in {"SBATCH_PARTITION": "high", "SBATCH_JOB_NAME": "theirs", "SBATCH_EXPORT": "NONE",
+                        "SBATCH_WAIT": "1", "SBATCH_ARRAY_INX": "0-3"}.items():
+        monkeypatch.setenv(name, value)
+    tag = f"hpcllm-it-env-{os.getpid()}"
+    spec = make_job_spec(name="it-env", script='echo "got=$HPCLLM_IT"', partition="batch", time="00:01:00",
+                         output=f"{tmp_path}/%j.out", env={"HPCLLM_IT": "yes"}, comment=tag)
+    job_id = cli.submit(spec)
+    cancel_after.append((cli, job_id))
+    assert [j for j, s in cli.list_jobs().items() if s.comment == tag] == [job_id]  # one job, not an array
+    status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
+    assert (status.state, status.partition, status.name) == (JobState.COMPLETED, "batch", "it-env")
+    _wait_for_text(tmp_path / f"{job_id}.out", "got=yes")  # --export=ALL kept the job's environment
+
+
 def test_nodes_and_partitions(cli):
     nodes = {n.name: n for n in cli.nodes()}
     assert sorted(nodes) == ["n1", "n2", "n3", "n4"]

@@ -11,7 +11,8 @@ from hpcllm.config import SlurmConfig
 from hpcllm.slurm.base import JobState, make_job_spec
 from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError
-from hpcllm.slurm.pyslurm_backend import PyslurmBackend, load_matching_pyslurm, parse_version
+from hpcllm.slurm.pyslurm_backend import (PyslurmBackend, job_status_from_pyslurm, load_matching_pyslurm,
+                                          parse_version)
 
 
 def _no_pyslurm(name):
@@ -163,3 +164,29 @@ def test_pyslurm_errors_become_slurm_errors():
         backend.submit(make_job_spec(name="t", script="true", partition="nope"))
     with pytest.raises(SlurmError, match="--prefer"):
         backend.submit(make_job_spec(name="t", script="true", prefer="nvme"))
+
+
+def test_cancel_of_a_finished_job_is_not_an_error():
+    module, _ = make_fake_pyslurm()
+
+    def cancel_finished(self):
+        raise FakeRPCError("Job/step already completing or completed")
+
+    module.Job.cancel = cancel_finished
+    backend = PyslurmBackend(pyslurm=module)
+    backend.cancel("4242")  # as with scancel: the job is gone, which is what a cancel wants
+
+    def controller_down(self):
+        raise FakeRPCError("Unable to contact slurm controller (connect failure)")
+
+    module.Job.cancel = controller_down
+    with pytest.raises(SlurmError, match="not reachable"):
+        backend.cancel("4242")
+
+
+def test_a_job_killed_by_a_signal_reports_128_plus_the_signal():
+    module, _ = make_fake_pyslurm()
+    killed = module.Job(7, name="k", state="CANCELLED", state_reason="None", allocated_nodes="n1",
+                        partition="batch", start_time=1, end_time=2, time_limit=1, requeue_count=0, exit_code=0,
+                        exit_code_signal=9)
+    assert job_status_from_pyslurm(killed).exit_code == 137

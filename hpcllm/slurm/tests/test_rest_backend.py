@@ -152,3 +152,33 @@ def test_unreachable_slurmrestd_is_unavailable(monkeypatch):
 def test_unsupported_api_version_is_refused():
     with pytest.raises(SlurmError, match="rest_api_version = 'v0.0.40' is not supported"):
         RestBackend(SlurmConfig(backend="rest", rest_api_version="v0.0.40"))
+
+
+# ------------------------------------------------------------------------- answers that are not UTF-8 (Latin-1)
+
+# The audit's answers (/tmp/audit-wk/s4.py): a job name and a submit warning written in Latin-1.
+LATIN1_JOBS = b'{"jobs":[{"job_id":1,"job_state":"RUNNING","name":"caf\xe9"},{"job_id":2,"job_state":"RUNNING"}],"errors":[]}'
+LATIN1_SUBMIT = b'{"job_id":5,"step_id":"batch","errors":[],"warnings":[{"description":"caf\xe9"}]}'
+
+
+def answering(content: bytes, monkeypatch) -> RestBackend:
+    monkeypatch.setenv("SLURM_JWT", "tok")
+    return RestBackend(SlurmConfig(backend="rest"),
+                       transport=httpx.MockTransport(lambda request: httpx.Response(200, content=content)))
+
+
+def test_a_latin1_job_name_does_not_break_statuses(monkeypatch):
+    statuses = answering(LATIN1_JOBS, monkeypatch).statuses(["1", "2"])
+    assert statuses["1"].name == "caf\ufffd" and statuses["2"].state is JobState.RUNNING
+
+
+def test_a_latin1_submit_warning_still_gives_the_job_id(monkeypatch):
+    assert answering(LATIN1_SUBMIT, monkeypatch).submit(make_job_spec(name="x", script="true")) == "5"
+
+
+@pytest.mark.parametrize("content", [b"<html>proxy error</html>", b'{"errors":[],"step_id":"batch"}'])
+def test_an_unreadable_submit_answer_is_lost_not_refused(content, monkeypatch):
+    # HTTP 200: the job may exist. SlurmUnavailable keeps the controller's intent (it adopts the job by its
+    # comment); a SlurmError would drop it as refused and leave the job running untracked.
+    with pytest.raises(SlurmUnavailable):
+        answering(content, monkeypatch).submit(make_job_spec(name="x", script="true"))
