@@ -101,8 +101,8 @@ def expand_nodes(expr: str, timeout: float = 10.0) -> list[str]:
     if scontrol is None:
         return fallback
     try:
-        result = subprocess.run([scontrol, "show", "hostnames", expr], capture_output=True, text=True,
-                                timeout=timeout, env=os.environ.copy())
+        result = subprocess.run([scontrol, "show", "hostnames", expr], capture_output=True, encoding="utf-8",
+                                errors="replace", timeout=timeout, env=os.environ.copy())
     except (OSError, subprocess.TimeoutExpired):
         return fallback
     names = result.stdout.split()
