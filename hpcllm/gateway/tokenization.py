@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
 
 log = logging.getLogger(__name__)
-
-
-# Normalizers (NFKC and the like) may shorten text before it is split into tokens; the bound below allows this much.
-NORMALIZATION_SLACK = 2
 
 
 @dataclass
@@ -35,12 +32,11 @@ class PromptEncoder:
 
     @cached_property
     def max_token_chars(self) -> int:
-        """Characters of the longest token in the vocabulary (special tokens included): no token covers more."""
-        return max(1, max((len(token) for token in self.tokenizer.get_vocab()), default=1))
+        return longest_token_chars(self.tokenizer)
 
     def min_tokens(self, chars: int) -> int:
-        """A lower bound on the tokens of any text of `chars` characters, known without tokenizing it."""
-        return chars // (self.max_token_chars * NORMALIZATION_SLACK)
+        """A lower bound on the tokens of any text of `chars` characters (hpcllm.checkpoint.promptbound)."""
+        return min_tokens(chars, self.max_token_chars)
 
     def check_fits(self, chars: int, max_model_len: int | None, param: str) -> None:
         """400 before tokenizing a prompt too long for the context whatever its tokens: tokenizing a 4 MB prompt

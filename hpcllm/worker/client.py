@@ -203,6 +203,8 @@ class WorkerClient:
             response = self._client.request(method, self.base_url + path, **kwargs)
         except httpx.HTTPError as exc:
             raise WorkerError(0, f"worker {self.base_url} unreachable: {exc}") from exc
+        except httpx.InvalidURL as exc:  # not an HTTPError
+            raise WorkerError(0, f"worker URL {self.base_url!r} is not a valid URL: {exc}") from exc
         _raise_for_status(response)
         return response
 

@@ -120,8 +120,18 @@ class _Launched:
 class _EmbedJob:
     inputs: list[list[int]]
     done: threading.Event = field(default_factory=threading.Event)
-    embeddings: list[list[float]] | None = None
+    embeddings: list[list[float]] = field(default_factory=list)  # of the first len(embeddings) inputs
     error: BaseException | None = None
+    abandoned: bool = False  # its caller stopped waiting: the engine skips what is left of it
+
+    def next_piece(self, max_tokens: int) -> list[list[int]]:
+        """The inputs after those embedded: as many as fit in max_tokens, at least one."""
+        start = len(self.embeddings)
+        end, tokens = start + 1, len(self.inputs[start])
+        while end < len(self.inputs) and tokens + len(self.inputs[end]) <= max_tokens:
+            tokens += len(self.inputs[end])
+            end += 1
+        return self.inputs[start:end]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -283,6 +293,7 @@ class Engine(EngineBase):
             self._embed_jobs.append(job)
             self._lock.notify_all()
         if not job.done.wait(timeout):
+            job.abandoned = True
             raise EngineOverloaded(f"embedding did not finish within {timeout:g}s")
         if job.error is not None:
             raise EngineUnavailable(f"embedding failed: {job.error}")
@@ -295,21 +306,32 @@ class Engine(EngineBase):
         self.runner.decode_graphs = DecodeGraphs(self.runner, max_rows=self.max_running_requests,
                                                  max_context=self.max_model_len, mode=mode)
 
-    def _run_embed_jobs(self) -> None:
+    def _run_embed_piece(self) -> None:
+        """The next piece of the oldest embedding job: inputs of at most prefill_chunk_tokens tokens (one input at
+        least), so the running streams' next step waits no longer for it than for a prefill chunk. A failure other
+        than running out of memory kills the engine (its model process died): the job's caller hears why, the
+        others' from _end_all."""
         with self._lock:
-            jobs, self._embed_jobs = list(self._embed_jobs), deque()
-        for index, job in enumerate(jobs):
-            try:
-                job.embeddings = self._embed(job.inputs)
-            except torch.OutOfMemoryError as exc:
-                job.error = exc
-            except Exception as exc:  # the engine dies of it (e.g. its model process did): the callers hear why
-                for failed in jobs[index:]:
-                    failed.error = exc
-                    failed.done.set()
-                raise
-            finally:
-                job.done.set()
+            while self._embed_jobs and self._embed_jobs[0].abandoned:
+                self._embed_jobs.popleft()
+            if not self._embed_jobs:
+                return
+            job = self._embed_jobs[0]
+        try:
+            job.embeddings.extend(self._embed(job.next_piece(self.prefill_chunk_tokens)))
+        except torch.OutOfMemoryError as exc:
+            self._end_embed_job(job, exc)
+        except Exception as exc:
+            self._end_embed_job(job, exc)
+            raise
+        if len(job.embeddings) == len(job.inputs):
+            self._end_embed_job(job)
+
+    def _end_embed_job(self, job: _EmbedJob, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._embed_jobs.remove(job)
+        job.error = error
+        job.done.set()
 
     def _embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """With a model process the model runs there (the worker's copy no longer holds the weights its fast path
@@ -375,7 +397,7 @@ class Engine(EngineBase):
                     break
                 if self._embed_jobs and self._ahead is None:
                     self._deliver_events()
-                    self._run_embed_jobs()
+                    self._run_embed_piece()
                 if active or self._ahead is not None:
                     self._step(active)
 
@@ -587,19 +609,29 @@ class Engine(EngineBase):
         row = 0
         for w in work:
             if w.end == w.start:
-                self._sample_and_commit(w.req, w.req.pending_logits)
+                self._sample_or_fail(w.req, w.req.pending_logits)
                 continue
             samples = w.end == w.known
             if valid[id(w)]:
                 w.req.num_cached = w.end
                 if samples and chosen is None:
-                    self._sample_and_commit(w.req, logits[row], argmax[row])
+                    self._sample_or_fail(w.req, logits[row], argmax[row])
                 elif samples:
                     # -1: held or paused at launch (no token asked for); a changed index: extended since.
                     token = chosen[row] if chosen[row] >= 0 and len(w.req.output_ids) == w.index else None
-                    self._sample_and_commit(w.req, logits[row], chosen=token)
+                    self._sample_or_fail(w.req, logits[row], chosen=token)
             if samples:
                 row += 1
+
+    def _sample_or_fail(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,
+                        chosen: int | None = None) -> None:
+        """_sample_and_commit, where a failure is the request's alone (its logits, sampling, logprobs, detokenizing):
+        it ends that request with an error and the traceback goes to the log; the other requests go on."""
+        try:
+            self._sample_and_commit(req, logits, argmax, chosen)
+        except Exception as exc:
+            log.exception("request %s failed while sampling its next token", req.request_id)
+            self._finish(req, "error", error=ErrorInfo(message=f"{type(exc).__name__}: {exc}", type="server_error"))
 
     def _schedule(self, candidates: list[_Request]) -> list["_Work"]:
         """Pick each request's chunk (decodes whole, prefills within prefill_chunk_tokens per step) and give it KV

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from hpcllm.credentials import MigrationTicket
+from hpcllm.errors import ConfigError
+from hpcllm.httpkit.client import check_url
 
 GENERATE_PATH = "/v1/internal/generate"
 TOKENS_PATH = "/v1/internal/requests/{request_id}/tokens"
@@ -42,7 +44,8 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: true is not token 1, "2" not max_tokens 2 (every caller builds these with real types); no inf/nan.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ChatMessage(WireModel):
@@ -285,8 +288,17 @@ class MigrateRequest(WireModel):
     handover_tokens: int = Field(default=2, ge=0)
     hold_seconds: float = Field(default=60.0, gt=0, le=3600)
     # Bound on each call to the destination (a prepare waits for the whole prefill); once half of it has passed
-    # since the migration began, the next round is the hand-over.
-    timeout_seconds: float = Field(default=120.0, gt=0)
+    # since the migration began, the next round is the hand-over. At most node.migrate_timeout_seconds' own bound.
+    timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+
+    @field_validator("destination_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        try:
+            check_url(url, "destination_url")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return url
 
 
 class MigrationResult(WireModel):

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
 from hpcllm.httpkit.errors import ServiceError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, text_decoder
 from hpcllm.worker.protocol import (
@@ -216,8 +217,8 @@ class EngineBase:
     """The engine interface's engine-independent methods, over the state each engine keeps: _lock (a Condition
     over an RLock), _tokenizer_lock, _live and _finished (request id -> RequestState), _outbox (a list),
     _finished_history, _thread, _stopping, error, _prefill_rate, metrics, tokenizer, model_name, vocab_size,
-    max_model_len and eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its thread's work) and
-    the hooks below.
+    max_model_len, max_running_requests and eos_token_ids. An engine implements _enqueue, cancel, counts, _loop (its
+    thread's work) and the hooks below.
     """
 
     request_type: type[RequestState] = RequestState
@@ -289,6 +290,7 @@ class EngineBase:
     def tokenize_prompt(self, request: GenerateRequest) -> list[int]:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
+        self._check_prompt_chars(request)
         with self._tokenizer_lock:  # fast tokenizers are not safe to share across threads
             if request.prompt is not None:
                 return list(self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
@@ -298,6 +300,26 @@ class EngineBase:
                 [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
             )
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_prompt_chars(self, request: GenerateRequest) -> None:
+        """Refuse a text prompt too long for the context whatever its tokens, before tokenizing it: tokenizing
+        megabytes takes seconds under the tokenizer lock, which the engine thread's detokenizing waits for (every
+        stream would stall). The gateway's rule (hpcllm.checkpoint.promptbound), so both refuse the same prompts."""
+        if request.prompt is not None:
+            chars, param = len(request.prompt), "prompt"
+        else:
+            chars, param = sum(len(m.content) for m in request.messages), "messages"
+        at_least = min_tokens(chars, self._longest_token_chars)
+        if at_least >= self.max_model_len:
+            raise PromptTooLong(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has at least "
+                f"{at_least} tokens ({chars} characters); shorten the prompt", param,
+            )
+
+    @functools.cached_property
+    def _longest_token_chars(self) -> int:
+        with self._tokenizer_lock:  # reads the vocabulary once
+            return longest_token_chars(self.tokenizer)
 
     def decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
@@ -491,6 +513,9 @@ class EngineBase:
         self._check_token_ids(prompt_ids, "prompt_token_ids")
         self._check_token_ids(resumed, "resume_token_ids")
         prompt_param = "messages" if request.messages is not None else "prompt"
+        if not prompt_ids:  # nothing to prefill: no logits to sample the first token from
+            raise InvalidRequest(f"the {prompt_param} is empty once tokenized; give at least one token of text",
+                                 prompt_param)
         if len(prompt_ids) + len(resumed) >= self.max_model_len:
             raise PromptTooLong(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "

@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
 from hpcllm.procs import freeze_startup_heap
 from hpcllm.httpkit.server import RAW_CONNECTION_KEY, InternalServer
-from hpcllm.worker.engine import Engine, EngineUnavailable
+from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable, RequestConflict, UnknownRequest
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
@@ -115,8 +115,8 @@ class WorkerService:
         self.model_name = model_name
         self.freeze_heap = freeze_heap
         self.secret = secret
-        # Requests moved here under a migration grant: grant nonce -> (expiry, request ids). A grant opens only them.
-        self._granted: dict[str, tuple[float, set[str]]] = {}
+        # Requests moved here under migration grants, by grant nonce. A grant opens only its own.
+        self._granted: dict[str, _Grant] = {}
         self._granted_lock = threading.Lock()
         self.keepalive_seconds = keepalive_seconds
         self.stream_writer = StreamWriter(keepalive_seconds)
@@ -127,16 +127,43 @@ class WorkerService:
         self.load_error: str | None = None
         self.http: InternalHttpConfig | None = None  # how it serves and calls other workers (serve() sets it)
 
-    def grant_request(self, nonce: str, request_id: str) -> None:
-        now = time.time()
+    def reserve_grant(self, nonce: str, request_id: str, engine: Engine) -> None:
+        """Before a prepare under a grant: refuse an id the grant prepared before (a replayed prepare) and a grant
+        that holds a slot's worth of held requests already (max_running_requests: what one worker's drain can move
+        here at once; more would only keep other requests out of the slots)."""
         with self._granted_lock:
-            for old in [n for n, (expires, _) in self._granted.items() if expires < now]:
+            now = time.time()
+            for old in [n for n, grant in self._granted.items() if grant.expires < now]:
                 del self._granted[old]
-            self._granted.setdefault(nonce, (now + TICKET_SECONDS, set()))[1].add(request_id)
+            grant = self._granted.setdefault(nonce, _Grant(now + TICKET_SECONDS))
+            if request_id in grant.prepared or request_id in grant.pending:
+                raise RequestConflict(f"request {request_id!r} was already prepared with this migration grant; a "
+                                      "grant moves a request once", "request_id")
+            held = len(grant.pending) + sum(_is_held(engine, r) for r in grant.covers)
+            if held >= engine.max_running_requests:
+                raise TooManyHeld(f"this migration grant already holds {held} requests, as many as this worker runs "
+                                  "at once; attach or drop some first", "request_id")
+            grant.pending.add(request_id)
+
+    def grant_request(self, nonce: str, request_id: str, held: bool) -> None:
+        """The prepare reserved with reserve_grant ended: if it holds the request now, the request is this grant's
+        alone (another grant that prepared the same id earlier no longer opens it)."""
+        with self._granted_lock:
+            grant = self._granted.get(nonce)
+            if grant is None:
+                return
+            grant.pending.discard(request_id)
+            if not held:
+                return
+            for other in self._granted.values():
+                other.covers.discard(request_id)
+            grant.prepared.add(request_id)
+            grant.covers.add(request_id)
 
     def granted(self, nonce: str, request_id: str) -> bool:
         with self._granted_lock:
-            return request_id in self._granted.get(nonce, (0.0, set()))[1]
+            grant = self._granted.get(nonce)
+            return grant is not None and request_id in grant.covers
 
     def attach(self, loaded: ModelForServing, model_process: ModelProcess | None = None) -> Engine:
         """Build and start the engine around a loaded model (model_process: started while it loaded)."""
@@ -203,6 +230,29 @@ class WorkerService:
         return options.get("max_running_requests", 8) + options.get("max_waiting_requests", 256)
 
 
+@dataclass
+class _Grant:
+    """What one migration grant (by its nonce) moved here."""
+
+    expires: float
+    covers: set[str] = field(default_factory=set)  # the ids it opens: held with it, not re-prepared by another
+    prepared: set[str] = field(default_factory=set)  # every id held with it: a grant prepares an id once
+    pending: set[str] = field(default_factory=set)  # prepares under way
+
+
+class TooManyHeld(EngineError):
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "too_many_held_requests"
+
+
+def _is_held(engine: Engine, request_id: str) -> bool:
+    try:
+        return engine.tokens(request_id).state == "held"
+    except UnknownRequest:  # finished long ago
+        return False
+
+
 def _route(path: str) -> str:
     return path.replace("{request_id}", "<request_id>")
 
@@ -253,9 +303,16 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
     def prepare_migration():
         body = parse_body(PrepareMigration)
         engine = ready_engine()
-        if g.grant is not None:
-            service.grant_request(g.grant, body.request_id)
-        engine.hold(body.generate, body.hold_seconds)
+        if g.grant is None:
+            engine.hold(body.generate, body.hold_seconds)
+        else:  # recorded for the grant only once held: an id another grant holds stays that grant's
+            service.reserve_grant(g.grant, body.request_id, engine)
+            held = False
+            try:  # no longer than the grant's ticket lives: past it, nobody with the grant can attach
+                engine.hold(body.generate, min(body.hold_seconds, TICKET_SECONDS))
+                held = True
+            finally:
+                service.grant_request(g.grant, body.request_id, held)
         cached, _ = engine.wait_prefilled(body.request_id)
         return Response(PrepareResult(request_id=body.request_id, cached_tokens=cached).model_dump_json(),
                         status=201, mimetype="application/json")

@@ -146,6 +146,7 @@ class VllmEngine(EngineBase):
         self.max_model_len = int(llm.model_config.max_model_len)
         self.vocab_size = int(hf_config.vocab_size)
         self.eos_token_ids = _eos_token_ids(hf_config, Path(llm.model_config.model), tokenizer)
+        self.max_running_requests = max_running_requests
         self.max_requests = max_running_requests + max_waiting_requests
         self.metrics = metrics or WorkerMetrics(model_name)
         self._finished_history = finished_history

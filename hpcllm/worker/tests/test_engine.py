@@ -348,3 +348,98 @@ def test_step_times_are_predicted_from_recent_steps_token_counts():
         times.observe(16, 0.012)
         times.observe(120, 0.040)
     assert times.predict(16) == pytest.approx(0.012, rel=0.05)
+
+
+def test_a_prompt_that_tokenizes_to_nothing_is_refused_and_the_engine_goes_on(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    assert tokenizer("")["input_ids"] == []  # this tokenizer adds no BOS: an empty prompt has nothing to prefill
+    engine = make_engine(model, tokenizer)
+    for submit in (engine.submit, lambda generate: engine.hold(generate, 60)):
+        with pytest.raises(InvalidRequest, match="empty once tokenized") as refused:
+            submit(request(prompt="", max_tokens=3))
+        assert refused.value.param == "prompt"
+    assert engine.alive and engine.counts() == (0, 0)
+    assert engine.generate(request(prompt=PROMPT, max_tokens=3, ignore_eos=True)).finish_reason == "length"
+
+
+def test_a_failure_sampling_one_request_ends_it_alone(load_pair, make_engine, monkeypatch):
+    import hpcllm.worker.engine as engine_module
+
+    sample = engine_module.sample_token
+
+    def failing_for_seed_13(logits, params, index):
+        if params.seed == 13:
+            raise ValueError("bad row")
+        return sample(logits, params, index)
+
+    monkeypatch.setattr(engine_module, "sample_token", failing_for_seed_13)
+    engine = make_engine(*load_pair("llama"))
+    bad = engine.submit(request(prompt=PROMPT, max_tokens=20, seed=13, ignore_eos=True))
+    good = engine.submit(request(prompt=PROMPT, max_tokens=20, seed=14, ignore_eos=True))
+    bad_final = [e for e in bad.events() if isinstance(e, FinalLine)][0]
+    assert bad_final.finish_reason == "error" and bad_final.error.message == "ValueError: bad row"
+    assert [e for e in good.events() if isinstance(e, FinalLine)][0].finish_reason == "length"
+    assert engine.alive
+    assert engine.generate(request(prompt=PROMPT, max_tokens=3, seed=1, ignore_eos=True)).finish_reason == "length"
+
+
+class CountingTokenizer:
+    """The tokenizer, noting the length of each text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_text_prompt_too_long_for_any_tokenization_is_refused_without_tokenizing_it(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    engine.generate(request(prompt=PROMPT, max_tokens=1))  # its detokenizers are made with the tokenizer's type
+    engine.tokenizer = counting = CountingTokenizer(tokenizer)
+    huge = "hello world " * 200_000
+    for fields, param in (({"prompt": huge}, "prompt"), ({"messages": [{"role": "user", "content": huge}]},
+                                                          "messages")):
+        with pytest.raises(PromptTooLong, match=f"at least .* tokens \\({len(huge)} characters\\)") as refused:
+            engine.submit(request(max_tokens=3, **fields))
+        assert refused.value.param == param
+    assert counting.lengths == []
+    assert engine.generate(request(prompt=PROMPT, max_tokens=3, ignore_eos=True)).finish_reason == "length"
+    assert counting.lengths == [len(PROMPT)]  # a prompt that may fit is tokenized as before
+
+
+def test_a_large_embedding_job_runs_in_pieces_between_decode_steps(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer, prefill_chunk_tokens=8)
+    inputs = [[5, 6, 7], [8, 9, 10], [11] * 20, [12, 13]]
+    alone = [engine.embed([ids])[0] for ids in inputs]
+    calls: list = []
+    embed, forward = engine._embed, engine._forward
+    engine._embed = lambda piece: calls.append(len(piece)) or embed(piece)
+    engine._forward = lambda batch: calls.append("step") or forward(batch)
+    stream = engine.submit(request(prompt=PROMPT, max_tokens=200, ignore_eos=True))
+    next(stream.events())  # it is running: it steps as long as the job lasts
+    assert engine.embed(inputs) == alone  # the same embeddings as one at a time
+    stream.close()
+    pieces = [i for i, call in enumerate(calls) if call != "step"]
+    assert [calls[i] for i in pieces] == [2, 1, 1]  # at most prefill_chunk_tokens tokens, one input at least
+    assert all("step" in calls[a:b] for a, b in zip(pieces, pieces[1:])), calls
+
+
+def test_an_embedding_job_its_caller_gave_up_on_is_skipped(load_pair, make_engine):
+    from hpcllm.worker.engine import EngineOverloaded
+
+    engine = make_engine(*load_pair("llama"))
+    embedded: list = []
+    embed = engine._embed
+    engine._embed = lambda piece: embedded.append(piece) or embed(piece)
+    with engine._lock:  # the engine thread cannot take the job before its caller gives up
+        with pytest.raises(EngineOverloaded, match="did not finish within 0s"):
+            engine.embed([[5, 6, 7]], timeout=0)
+    assert len(engine.embed([[8, 9]])) == 1
+    assert embedded == [[[8, 9]]]

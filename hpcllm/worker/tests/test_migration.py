@@ -362,3 +362,90 @@ def test_a_grant_opens_only_the_requests_moved_with_it(pair, start_worker):
         assert bad.value.status == 401
         with granted.attach("moved", moved.from_index) as stream:
             assert list(stream)[-1].finish_reason == "length"
+
+
+def grant_client(worker):
+    """A client holding a fresh migration grant for worker (as a source would, from its own ticket)."""
+    from hpcllm.credentials import issue_ticket
+    from hpcllm.worker.client import WorkerClient
+
+    from .conftest import MODEL, SECRET
+
+    ticket = issue_ticket(model=MODEL, source_instance="", source_key=SECRET, destination_url=worker.url,
+                          destination_instance="", destination_key=SECRET)
+    return WorkerClient(worker.url, "", grant=ticket.grant, read_timeout=60)
+
+
+def held(request_id: str, **fields) -> PrepareMigration:
+    generate = GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6, 7], max_tokens=10)
+    return PrepareMigration(request_id=request_id, generate=generate, **fields)
+
+
+def test_a_grant_cannot_take_a_request_another_grant_holds(pair, start_worker):
+    worker = start_worker(pair)
+    a, b = grant_client(worker), grant_client(worker)
+    a.prepare_migration(held("X"))
+    with pytest.raises(WorkerError) as duplicate:
+        b.prepare_migration(held("X"))
+    assert duplicate.value.status == 409
+    for call in (lambda: b.extend_migration("X", [8]), lambda: b.drop_migration("X"), lambda: b.attach("X", 0)):
+        with pytest.raises(WorkerError) as foreign:
+            call()
+        assert foreign.value.status == 403 and "does not cover request X" in str(foreign.value)
+    with a.attach("X", 0) as stream:
+        assert list(stream)[-1].finish_reason == "length"
+
+
+def test_a_grant_prepares_a_request_once(pair, start_worker):
+    worker = start_worker(pair)
+    grant = grant_client(worker)
+    grant.prepare_migration(held("attached"))
+    with grant.attach("attached", 0) as stream:
+        list(stream)
+    grant.prepare_migration(held("dropped"))
+    grant.drop_migration("dropped")
+    for request_id in ("attached", "dropped"):
+        with pytest.raises(WorkerError) as replayed:
+            grant.prepare_migration(held(request_id))
+        assert replayed.value.status == 409 and "already prepared with this migration grant" in str(replayed.value)
+    assert worker.service.engine.counts() == (0, 0)
+    worker.client.prepare_migration(held("dropped"))  # the key is no grant: it may
+
+
+def test_a_grant_holds_at_most_a_slot_each_for_at_most_its_tickets_lifetime(pair, start_worker):
+    from hpcllm.credentials import TICKET_SECONDS
+
+    worker = start_worker(pair, max_running_requests=2)
+    engine = worker.service.engine
+    grant = grant_client(worker)
+    for request_id in ("h0", "h1"):
+        grant.prepare_migration(held(request_id, hold_seconds=3600))
+        assert engine._live[request_id].hold_seconds == TICKET_SECONDS
+    with pytest.raises(WorkerError) as full:
+        grant.prepare_migration(held("h2"))
+    assert full.value.status == 429 and "already holds 2 requests" in str(full.value)
+    assert "h2" not in engine._live
+    grant.drop_migration("h0")
+    grant.prepare_migration(held("h2"))
+
+
+def test_migrate_orders_with_a_bad_timeout_or_url_are_refused_and_the_request_stays(pair, start_worker):
+    import httpx
+
+    from hpcllm.httpkit.auth import SECRET_HEADER
+
+    from .conftest import SECRET
+
+    source, destination = start_worker(pair), start_worker(pair)
+    slow_down(source.service.engine, 0.01)
+    lines = iter(source.client.generate(body("stays", max_tokens=30, **GREEDY)))
+    read_until(lines, 1)
+    order = ticketed(destination.url).model_dump_json()
+    bad = {"timeout_seconds": [order[:-1] + f',"timeout_seconds":{value}}}' for value in ("1e12", "Infinity", "NaN")],
+           "destination_url": [order.replace(destination.url, "http://[::1")]}
+    for param, raw_bodies in bad.items():
+        for raw in raw_bodies:
+            response = httpx.post(source.url + "/v1/internal/requests/stays/migrate", content=raw,
+                                  headers={SECRET_HEADER: SECRET, "Content-Type": "application/json"})
+            assert response.status_code == 400 and param in response.json()["error"]["message"], raw
+    assert [line for line in lines][-1].finish_reason == "length"

@@ -244,3 +244,44 @@ def test_a_worker_process_freezes_its_heap_once_its_engine_is_built_and_an_embed
         service.attach(ModelForServing(model, tokenizer, tier="test"))
         service.shutdown()
     assert frozen == [True]  # only the one that owns its process (run_worker's)
+
+
+def test_an_empty_prompt_is_a_400_and_the_worker_serves_on(load_pair, start_worker):
+    from hpcllm.worker.protocol import PrepareMigration
+
+    worker = start_worker(load_pair("llama"))
+    empty = GenerateRequest(request_id="e", prompt="", max_tokens=3)
+    for call in (lambda: list(worker.client.generate(empty)),
+                 lambda: worker.client.prepare_migration(PrepareMigration(request_id="e", generate=empty))):
+        with pytest.raises(WorkerError) as refused:
+            call()
+        assert refused.value.status == 400 and "prompt is empty once tokenized" in str(refused.value)
+    with pytest.raises(WorkerError) as attach:
+        list(worker.client.attach("e", 0))
+    assert attach.value.status == 404
+    with worker.client.generate(GenerateRequest(request_id="after", prompt=PROMPT, max_tokens=3)) as stream:
+        assert list(stream)[-1].finish_reason in ("length", "stop")
+    assert httpx.get(worker.url + "/health").status_code == 200
+
+
+def test_loosely_typed_fields_are_a_400_naming_the_field(load_pair, start_worker):
+    worker = start_worker(load_pair("llama"))
+    post = lambda raw: httpx.post(worker.url + "/v1/internal/generate", content=raw,
+                                  headers={SECRET_HEADER: SECRET, "Content-Type": "application/json"})
+    for fields, field in (('"prompt_token_ids":[true]', "prompt_token_ids"),
+                          ('"prompt_token_ids":["5"]', "prompt_token_ids"),
+                          ('"prompt_token_ids":[5],"ignore_eos":"yes"', "ignore_eos"),
+                          ('"prompt_token_ids":[5],"max_tokens":"2"', "max_tokens"),
+                          ('"prompt_token_ids":[5],"max_tokens":2.0', "max_tokens"),
+                          ('"prompt_token_ids":[5],"temperature":Infinity', "temperature"),
+                          ('"prompt_token_ids":[5],"top_p":NaN', "top_p")):
+        response = post('{"request_id":"a",' + fields + "}")
+        assert response.status_code == 400 and field in response.json()["error"]["message"], fields
+    with worker.client.generate(GenerateRequest(request_id="b", prompt_token_ids=[5], max_tokens=2,
+                                                temperature=1, ignore_eos=True)) as stream:  # an int for a float
+        assert list(stream)[-1].finish_reason == "length"
+
+
+def test_a_malformed_worker_url_is_a_worker_error():
+    with pytest.raises(WorkerError, match="is not a valid URL"):
+        WorkerClient("http://[::1", SECRET).tokens("r")
