@@ -416,13 +416,12 @@ class Controller:
                 raise JobNotLocated(f"cannot tell yet where Slurm job {principal.job_id} runs (Slurm did not say); "
                                     f"retry the registration")
         elif reg.slurm_job_id and self.registry.get_allocation(reg.slurm_job_id) is not None:
-            if principal.kind == "pool":  # a pool's job is its group's own: it may not rewrite our allocation's record
-                raise CredentialError(f"Slurm job {reg.slurm_job_id} is one of the service's allocations; a model "
-                                      f"pool registers with its own job's id")
             # An allocation of ours: all its nodes recorded now (a spanning one has an agent on its first node only,
             # and must not look like a one-node allocation until the next Slurm poll). None: the poll tells.
             job_nodes = self.allocator.job_nodes(reg.slurm_job_id)
         try:
+            if principal.kind == "pool":
+                self._check_pool_job(reg)
             check_registration(principal, reg.node_id, reg.slurm_job_id, reg.pool_model, job_nodes)
             self._refuse_a_takeover(reg.node_id, principal, now)
             self._refuse_a_borrowed_agent_url(reg, now)
@@ -445,6 +444,27 @@ class Controller:
         self._notify()
         return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds,
                                 node_key=node_key)
+
+    def _check_pool_job(self, reg: NodeRegistration) -> None:
+        """A pool registers from inside its group's own Slurm job, as a node Slurm says that job runs on: a pool
+        token may not take a node id where it does not run (the service's next allocation there would be refused
+        while the pool heartbeats), nor one of the service's allocations (its record would be rewritten)."""
+        job = reg.slurm_job_id
+        if job and self.registry.get_allocation(job) is not None:
+            raise CredentialError(f"Slurm job {job} is one of the service's allocations; a model pool registers with "
+                                  f"its own job's id")
+        if self.allocator.backend is None:
+            return  # no Slurm to ask (a controller serving fixed nodes)
+        if not job:
+            raise CredentialError("a model pool registers from inside its Slurm job (sbatch slurm/model-pool.sbatch): "
+                                  "the registration names no slurm_job_id")
+        nodes = self.allocator.slurm_job_nodes(job)
+        if nodes is None:  # Slurm did not answer, or lists no nodes yet: retrying is right
+            raise JobNotLocated(f"cannot tell yet where Slurm job {job} runs (Slurm did not say); retry the "
+                                f"registration")
+        if reg.node_id not in nodes:
+            raise CredentialError(f"Slurm job {job} runs on {', '.join(nodes) or 'no node (it ended)'}, not on "
+                                  f"{reg.node_id}: a model pool registers the node its job runs on")
 
     def _refuse_a_takeover(self, node_id: str, principal: Principal, now: float) -> None:
         """A token may not take over a node whose agent, registered with another credential, still heartbeats

@@ -129,6 +129,11 @@ class RecordingBackend(SlurmBackend):
         job = self.jobs[job_id]
         job.state, job.nodes, job.start_time, job.end_time = JobState.RUNNING, (node,), now, now + walltime
 
+    def run_job(self, job_id: str, node: str, now: float = 0.0) -> None:
+        """Someone else's job (a group's model pool) running on `node`, as squeue would list it."""
+        self.jobs[job_id] = FakeJob(JobSpec(name=f"job-{job_id}", script="true\n"))
+        self.start(job_id, node, now)
+
     def finish(self, job_id: str, state: JobState = JobState.COMPLETED) -> None:
         self.jobs[job_id].state = state
 

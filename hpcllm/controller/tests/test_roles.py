@@ -149,6 +149,7 @@ def test_a_pool_token_cannot_register_or_announce_another_model(harness):
     harness.deploy("m", gpus=1)
     harness.deploy("other", gpus=1)
     client = harness.app_client()
+    harness.backend.run_job("77", "n1")  # the group's pool job
     pool = {TOKEN_HEADER: issue(client, "m", "physics")}
 
     for wrong in (registration("n1", "77", "other"), registration("n1", "77")):  # another model, or no pool
@@ -174,6 +175,7 @@ def test_a_pool_cannot_claim_the_services_job_nor_another_nodes_agent(harness):
     nodes); one naming a live node's agent URL had the controller call that agent with the pool's key (by URL)."""
     harness.deploy("m", gpus=1, max_instances=1)
     client = harness.app_client()
+    harness.backend.run_job("77", "p1")
     job_id, _ = submitted_allocation(harness)
     before = harness.registry.get_allocation(job_id)
     pool = {TOKEN_HEADER: issue(client, "m", "physics")}
@@ -189,9 +191,30 @@ def test_a_pool_cannot_claim_the_services_job_nor_another_nodes_agent(harness):
     assert "http://svc1:9000" not in harness.agents._keys  # svc1's agent is still called with the cluster secret
 
 
+def test_a_pool_registers_only_a_node_its_own_slurm_job_runs_on(harness):
+    """A pool token could name any node: the service's next allocation on that node was then refused while the
+    pool heartbeated. Slurm says where the pool's job runs (503 to retry while it cannot say)."""
+    harness.deploy("m", gpus=1, max_instances=1)
+    client = harness.app_client()
+    pool = {TOKEN_HEADER: issue(client, "m", "physics")}
+    harness.backend.run_job("77", "n1")
+    resp = client.post("/v1/internal/nodes/register", headers=pool, json=registration("n2", "77", "m"))
+    assert resp.status_code == 403 and "Slurm job 77 runs on n1, not on n2" in resp.get_json()["error"]["message"]
+    resp = client.post("/v1/internal/nodes/register", headers=pool, json=registration("n2", None, "m"))
+    assert resp.status_code == 403 and "names no slurm_job_id" in resp.get_json()["error"]["message"]
+    harness.backend.down = True
+    resp = client.post("/v1/internal/nodes/register", headers=pool, json=registration("n1", "77", "m"))
+    assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "job_not_located"
+    harness.backend.down = False
+    assert client.post("/v1/internal/nodes/register", headers=pool,
+                       json=registration("n1", "77", "m")).status_code == 200
+    assert harness.registry.get_node("n2") is None
+
+
 def test_a_groups_pool_serves_only_that_groups_keys(harness):
     harness.deploy("m", gpus=1, max_instances=1)
     client = harness.app_client()
+    harness.backend.run_job("77", "n1")
     pool = {TOKEN_HEADER: issue(client, "m", "physics")}
     client.post("/v1/internal/nodes/register", headers=pool, json=registration("n1", "77", "m"))
     heartbeat(client, "n1", pool, ready("p1", "m", "n1"))
@@ -231,6 +254,7 @@ def test_a_groups_pool_serves_only_that_groups_keys(harness):
 def test_a_shared_pool_serves_everyone_and_a_revoked_one_nobody(harness):
     harness.deploy("m", gpus=1, max_instances=1)
     client = harness.app_client()
+    harness.backend.run_job("77", "n1")
     token = issue(client, "m", "physics", shared=True)
     pool = {TOKEN_HEADER: token}
     client.post("/v1/internal/nodes/register", headers=pool, json=registration("n1", "77", "m"))
@@ -257,6 +281,7 @@ def test_a_token_cannot_take_over_a_live_node_of_another_credential(harness):
     """Claiming the node's own job id does not help: the live agent registered with another credential."""
     harness.deploy("m", gpus=1)
     client = harness.app_client()
+    harness.backend.run_job("42", "n1")
     assert client.post("/v1/internal/nodes/register", headers=INTERNAL, json=registration("n1", "42")).status_code \
         == 200
     pool = {TOKEN_HEADER: issue(client, "m", "physics")}

@@ -169,6 +169,7 @@ def test_users_see_no_other_groups_pools_nor_credential_ids(make_gateway, tmp_pa
     h.deploy("llama-7b")
     h.register("svc1")
     token = h.controller.issue_pool_token(PoolTokenRequest(model="llama-7b", group="physics")).token
+    h.backend.run_job("77", "phys1")  # the group's pool job
     h.controller.register(NodeRegistration(node_id="phys1", agent_url="http://phys1:9000", pool_model="llama-7b",
                                            slurm_job_id="77"), principal=h.controller.authenticate_token(token))
     server = ThreadServer(create_controller_app(h.controller))
