@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, f
 
 from hpcllm.config import MODEL_NAME_PATTERN
 from hpcllm.credentials import MigrationTicket
-from hpcllm.slurm.base import SLURM_TOKEN_PATTERN, WALLTIME_PATTERN
+from hpcllm.slurm.base import JOB_ID_PATTERN, SLURM_TOKEN_PATTERN, WALLTIME_PATTERN
 from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
 
@@ -122,8 +122,8 @@ class CacheEntry(Wire):
 
 class NodeRegistration(Wire):
     node_id: NodeId = Field(description="the Slurm node name")
-    agent_url: str = Field(pattern=r"^https?://")
-    slurm_job_id: str | None = None
+    agent_url: str = Field(pattern=r"^https?://", max_length=MAX_URL_CHARS)
+    slurm_job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, max_length=64)
     job_scoped: bool = True
     gpus: int = Field(0, ge=0, le=MAX_NODE_GPUS)
     tiers: Tiers = Field(default_factory=Tiers)

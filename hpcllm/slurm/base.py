@@ -26,6 +26,8 @@ from hpcllm.errors import ConfigError
 SLURM_TOKEN_PATTERN = r"^[A-Za-z0-9_.,:+@%/=-]+$"
 # Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
+# A Slurm job id as programs see it: a number, an array task (12_3) or a heterogeneous component (12+1).
+JOB_ID_PATTERN = r"^\d+([_+]\d+)?$"
 _SIGNAL = re.compile(r"^(?:SIG)?([A-Z0-9]+)@(\d+)$")
 _MEMORY = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

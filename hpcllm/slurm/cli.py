@@ -10,6 +10,7 @@ import click
 
 from hpcllm.config import load_config
 from hpcllm.errors import ConfigError
+from hpcllm.slurm.base import JOB_ID_PATTERN
 from hpcllm.slurm.factory import get_backend
 
 config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -39,7 +40,7 @@ def nodes(config_path: str | None) -> None:
 @click.argument("job_ids", nargs=-1, required=True)
 def jobs(config_path: str | None, job_ids: tuple[str, ...]) -> None:
     """State of jobs (one Slurm call for all of them)."""
-    bad = [job_id for job_id in job_ids if not re.fullmatch(r"\d+([_+]\d+)?", job_id)]
+    bad = [job_id for job_id in job_ids if not re.fullmatch(JOB_ID_PATTERN, job_id)]
     if bad:  # squeue would answer with an error of its own, or not at all
         raise click.BadParameter(f"{', '.join(map(repr, bad))}: a Slurm job id is a number (array task 12_3, "
                                  f"heterogeneous component 12+1)", param_hint="JOB_IDS")

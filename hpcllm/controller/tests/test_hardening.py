@@ -87,6 +87,19 @@ def test_a_bad_instance_in_a_heartbeat_is_a_400_naming_the_field(tmp_path, field
     assert h.registry.instances() == []  # nothing of it recorded
 
 
+@pytest.mark.parametrize("field, value", [
+    ("slurm_job_id", "42; scancel -u everyone"), ("slurm_job_id", "4" * 100_000), ("slurm_job_id", ""),
+    ("agent_url", "http://n1:9000/" + "x" * 5000),
+])
+def test_a_registration_with_no_job_id_or_url_is_a_400_naming_it(tmp_path, field, value):
+    """Both are kept in the registry and shown in every status: a job id is a Slurm job id, a URL a URL's length."""
+    h = Harness(tmp_path)
+    body = {"node_id": "n1", "agent_url": "http://n1:9000", field: value}
+    resp = h.app_client().post("/v1/internal/nodes/register", json=body, headers={SECRET_HEADER: SECRET})
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == field
+    assert h.registry.get_node("n1") is None
+
+
 @pytest.mark.parametrize("body, param", [
     ({"draining": "yes"}, "draining"),  # it decides whether anything is placed there: "yes" or 1 is no answer
     ({"draining": 1}, "draining"),
