@@ -445,6 +445,11 @@ class Controller:
         return RegisterResponse(node_id=node.node_id, heartbeat_seconds=self.config.node.heartbeat_seconds,
                                 node_key=node_key)
 
+    def _agent_lives(self, node: NodeRecord, now: float) -> bool:
+        """Its agent is up (or draining) and heartbeated within node_timeout_seconds."""
+        return node.state in ("up", "draining") and node.last_heartbeat is not None \
+            and node.last_heartbeat > now - self.settings.node_timeout_seconds
+
     def _check_pool_job(self, reg: NodeRegistration) -> None:
         """A pool registers from inside its group's own Slurm job, as a node Slurm says that job runs on: a pool
         token may not take a node id where it does not run (the service's next allocation there would be refused
@@ -470,9 +475,8 @@ class Controller:
         """A token may not take over a node whose agent, registered with another credential, still heartbeats
         (whatever job id it claims): it would take that node's instances and routes."""
         node = self.registry.get_node(node_id)
-        if principal.is_cluster or node is None or node.state not in ("up", "draining") \
-                or node.credential_id == principal.credential_id or node.last_heartbeat is None \
-                or node.last_heartbeat <= now - self.settings.node_timeout_seconds:
+        if principal.is_cluster or node is None or node.credential_id == principal.credential_id \
+                or not self._agent_lives(node, now):
             return
         raise CredentialError(f"node {node_id} is served by an agent registered with another credential; this "
                               f"token cannot take it over while that agent lives", status=409)
@@ -480,11 +484,9 @@ class Controller:
     def _refuse_a_borrowed_agent_url(self, reg: NodeRegistration, now: float) -> None:
         """One agent URL, one live node: the controller calls an agent with its node's key, looked up by URL, so a
         registration naming another live node's agent would have that node called with the wrong key."""
-        live_after = now - self.settings.node_timeout_seconds
-        for node in self.registry.nodes():
-            if node.node_id != reg.node_id and node.state in ("up", "draining") \
-                    and node.agent_url.rstrip("/") == reg.agent_url.rstrip("/") \
-                    and node.last_heartbeat is not None and node.last_heartbeat > live_after:
+        for node in self.registry.nodes(states=("up", "draining")):
+            if node.node_id != reg.node_id and node.agent_url.rstrip("/") == reg.agent_url.rstrip("/") \
+                    and self._agent_lives(node, now):
                 raise CredentialError(f"agent URL {reg.agent_url} is the agent of live node {node.node_id}; each "
                                       f"node registers its own agent's URL", status=409)
 

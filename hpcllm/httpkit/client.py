@@ -14,10 +14,11 @@ from __future__ import annotations
 import ssl
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import AfterValidator
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.errors import ConfigError
@@ -34,6 +35,18 @@ def check_url(url: str, what: str) -> str:
     if not (port_ok and parts.scheme in ("http", "https") and parts.hostname):
         raise ConfigError(f"{what} {url!r} is not a URL like http://HOST:PORT")
     return url.rstrip("/")
+
+
+def _http_url_value(url: str) -> str:
+    try:
+        check_url(url, "")
+    except ConfigError as exc:  # a ValueError: pydantic names the field in front of it
+        raise ValueError(str(exc).lstrip()) from None
+    return url
+
+
+# A wire field holding a URL another service will call: check_url's rule, answered as the field's 400.
+HttpUrl = Annotated[str, AfterValidator(_http_url_value)]
 
 
 @lru_cache(maxsize=8)

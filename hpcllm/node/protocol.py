@@ -31,6 +31,7 @@ from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate
     Wire,
 )
 from hpcllm.credentials import MigrationTicket
+from hpcllm.httpkit.client import HttpUrl
 
 
 def _no_nul(path: str) -> str:
@@ -122,5 +123,5 @@ class NodeInfo(Wire):
 class MigrateOut(Wire):
     """Move every running request of one instance to the worker at destination_url, then stop the instance."""
 
-    destination_url: str = Field(pattern=r"^https?://", description="a ready worker of the same model")
+    destination_url: HttpUrl = Field(description="a ready worker of the same model")
     ticket: MigrationTicket | None = None  # the controller's, naming this instance and destination_url

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from hpcllm.credentials import MigrationTicket
-from hpcllm.errors import ConfigError
-from hpcllm.httpkit.client import check_url
+from hpcllm.httpkit.client import HttpUrl
 
 GENERATE_PATH = "/v1/internal/generate"
 TOKENS_PATH = "/v1/internal/requests/{request_id}/tokens"
@@ -277,7 +276,7 @@ class AttachMigration(WireModel):
 class MigrateRequest(WireModel):
     """Source: move one request (or, on POST /v1/internal/migrate, every running one) to destination_url."""
 
-    destination_url: str = Field(min_length=1)
+    destination_url: HttpUrl
     # The controller's ticket naming this worker's model and destination_url (hpcllm.credentials): without one,
     # or for another destination, the worker refuses (403).
     ticket: MigrationTicket | None = None
@@ -290,15 +289,6 @@ class MigrateRequest(WireModel):
     # Bound on each call to the destination (a prepare waits for the whole prefill); once half of it has passed
     # since the migration began, the next round is the hand-over. At most node.migrate_timeout_seconds' own bound.
     timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
-
-    @field_validator("destination_url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        try:
-            check_url(url, "destination_url")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        return url
 
 
 class MigrationResult(WireModel):

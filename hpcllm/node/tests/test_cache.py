@@ -203,15 +203,18 @@ def test_two_warms_of_one_model_at_once_evict_no_other_copy(manager, origin, mod
 
     cm = _manager_like(manager, nvme_cap=int(model_bytes * 2.5))
     cm.warm("other", origin)
-    # Both warms copy at the same time when nothing keeps them apart (the barrier gives up when one waits alone).
+    # Each copy waits for a second one to start beside it: when nothing keeps the warms apart they meet there; when
+    # they take turns the first waits alone until the barrier gives up, and the second finds its copy.
     both = threading.Barrier(2, timeout=3)
     copy = cache_module.copy_checkpoint
+    met: list[bool] = []
 
     def copy_side_by_side(*args, **kwargs):
         try:
             both.wait()
+            met.append(True)
         except threading.BrokenBarrierError:
-            pass
+            met.append(False)
         return copy(*args, **kwargs)
 
     monkeypatch.setattr(cache_module, "copy_checkpoint", copy_side_by_side)
@@ -222,6 +225,7 @@ def test_two_warms_of_one_model_at_once_evict_no_other_copy(manager, origin, mod
     for t in threads:
         t.join()
     assert errors == []
+    assert met == [False]  # one copy, never two side by side
     assert {(c.model, c.tier) for c in cm.list()} == {("other", "nvme"), ("m", "nvme")}
 
 
