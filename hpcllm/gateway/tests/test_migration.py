@@ -136,7 +136,6 @@ def test_a_migration_without_a_grant_is_resumed_and_never_gets_the_gateways_secr
     hand the secret to any URL a pool names); it resumes from tokens on a worker the router gives instead."""
     from flask import Flask, Response, request
 
-    from hpcllm.httpkit.auth import SECRET_HEADER
     from hpcllm.worker.protocol import FinalLine, MigratedTo, TokenLine, Usage
 
     seen_headers: list[dict] = []
@@ -170,6 +169,5 @@ def test_a_migration_without_a_grant_is_resumed_and_never_gets_the_gateways_secr
         pool_server.stop()
         elsewhere_server.stop()
     assert resp.usage.completion_tokens == 8 and resp.choices[0].text.startswith("x")  # resumed after the pool's token
-    assert not any(SECRET_HEADER.lower() in {k.lower() for k in h} for h in seen_headers)
-    assert seen_headers == []  # no attach at all
+    assert seen_headers == []  # no attach there at all, so no X-Hpcllm-Secret either
     assert metric(gateway, f"hpcllm_request_resumes_total{{{LABEL}}} 1.0")
