@@ -1,3 +1,4 @@
+import copy
 import itertools
 import threading
 
@@ -383,25 +384,24 @@ def test_a_failure_sampling_one_request_ends_it_alone(load_pair, make_engine, mo
     assert engine.generate(request(prompt=PROMPT, max_tokens=3, seed=1, ignore_eos=True)).finish_reason == "length"
 
 
-class CountingTokenizer:
-    """The tokenizer, noting the length of each text it is asked to tokenize."""
+def counting_tokenizer(tokenizer):
+    """A copy of the tokenizer, of a subclass of its type (so the engine's decoding takes the same path), noting
+    the length of each text it is asked to tokenize in `.lengths`."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.lengths = tokenizer, []
+    class Counting(type(tokenizer)):
+        def __call__(self, text, **kwargs):
+            self.lengths.append(len(text))
+            return super().__call__(text, **kwargs)
 
-    def __call__(self, text, **kwargs):
-        self.lengths.append(len(text))
-        return self.tokenizer(text, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
+    counting = copy.copy(tokenizer)
+    counting.__class__, counting.lengths = Counting, []
+    return counting
 
 
 def test_a_text_prompt_too_long_for_any_tokenization_is_refused_without_tokenizing_it(load_pair, make_engine):
     model, tokenizer = load_pair("llama")
     engine = make_engine(model, tokenizer)
-    engine.generate(request(prompt=PROMPT, max_tokens=1))  # its detokenizers are made with the tokenizer's type
-    engine.tokenizer = counting = CountingTokenizer(tokenizer)
+    engine.tokenizer = counting = counting_tokenizer(tokenizer)
     huge = "hello world " * 200_000
     for fields, param in (({"prompt": huge}, "prompt"), ({"messages": [{"role": "user", "content": huge}]},
                                                           "messages")):
