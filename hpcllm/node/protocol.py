@@ -1,7 +1,8 @@
 """Wire types of the node agent's HTTP API (the agent owns them; the controller and `hpcllm cache` import them).
 
 Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Errors look like the controller's:
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}. Request bodies are strict, like the worker's (WireModel): true is
+not GPU 1 and "2" not tensor_parallel 2; every caller builds them with real types.
 
     POST   /v1/internal/instances              StartInstance -> 202 StartedInstance
     GET    /v1/internal/instances              -> InstanceList{instances: [InstanceInfo]}
@@ -32,6 +33,7 @@ from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate
 )
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.client import HttpUrl
+from hpcllm.worker.protocol import WireModel
 
 
 def _no_nul(path: str) -> str:
@@ -44,7 +46,7 @@ def _no_nul(path: str) -> str:
 NodePath = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
 
 
-class StartInstance(Wire):
+class StartInstance(WireModel):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     source: NodePath = Field(description="converted checkpoint folder on the shared FS (origin)")
     gpu_ids: list[int] = Field(default_factory=list, description="agent GPU indices 0..gpus-1; empty: CPU")
@@ -73,7 +75,7 @@ class InstanceList(Wire):
     instances: list[InstanceInfo]
 
 
-class WarmRequest(Wire):
+class WarmRequest(WireModel):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     source: NodePath
     tier: CacheTier = "nvme"
@@ -82,7 +84,7 @@ class WarmRequest(Wire):
     rank: int | None = Field(None, ge=0, lt=64)
 
 
-class VerifyRequest(Wire):
+class VerifyRequest(WireModel):
     model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
 
 
@@ -120,7 +122,7 @@ class NodeInfo(Wire):
     notes: list[str] = Field(default_factory=list)
 
 
-class MigrateOut(Wire):
+class MigrateOut(WireModel):
     """Move every running request of one instance to the worker at destination_url, then stop the instance."""
 
     destination_url: HttpUrl = Field(description="a ready worker of the same model")

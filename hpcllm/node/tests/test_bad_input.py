@@ -77,3 +77,22 @@ def test_one_rank_over_two_nodes_is_a_400_not_a_500(client, tmp_path):
                        headers=AUTH)
     assert resp.status_code == 400, resp.get_json()
     assert "nodes must divide tensor_parallel" in error(resp)["message"]
+
+
+def instances(client) -> list[dict]:
+    return client.get("/v1/internal/instances", headers=AUTH).get_json()["instances"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/internal/instances", {"gpu_ids": [True]}, "gpu_ids.0"),
+    ("/v1/internal/instances", {"max_model_len": "64"}, "max_model_len"),
+    ("/v1/internal/instances", {"tensor_parallel": True}, "tensor_parallel"),
+    (f"{CACHE}/warm", {"tensor_parallel": 2, "rank": False}, "rank"),
+    (f"{CACHE}/warm", {"tier": "nvme", "tensor_parallel": "2", "rank": 0}, "tensor_parallel"),
+])
+def test_a_boolean_or_a_string_is_no_number_to_the_agent(client, converted, path, body, param):
+    resp = client.post(path, json={"model": "m", "source": str(converted), **body}, headers=AUTH)
+    assert resp.status_code == 400, resp.get_json()
+    assert error(resp)["param"] == param and "valid integer" in error(resp)["message"]
+    assert instances(client) == [] and cached(client) == set()
+
