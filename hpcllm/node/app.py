@@ -112,7 +112,8 @@ def create_app(agent) -> Flask:
         status = getattr(exc, "http_status", None)
         if status is None:
             status = 404 if type(exc).__name__ == "UnknownModel" else 409
-        return respond(service_error(status, str(exc), str(getattr(exc, "code", None) or type(exc).__name__)))
+        return respond(service_error(status, str(exc), str(getattr(exc, "code", None) or type(exc).__name__),
+                                     getattr(exc, "param", None)))
 
     @api.get("/health")
     def health():

@@ -58,6 +58,7 @@ from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
 from hpcllm.worker import vllm_launch
 from hpcllm.worker.spare import MODEL_PROCESS_ENV, SpareAssignment
+from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
 from hpcllm.checkpoint.errors import ChecksumMismatch
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,15 @@ def running(pids: list[int]) -> list[int]:
 
 
 class InstanceError(HpcllmError):
-    """A request about instances that cannot be done; http_status says how the API answers it."""
+    """A request about instances that cannot be done; http_status says how the API answers it, param (if any)
+    which field of the request to fix."""
 
     http_status = 400
     code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class UnknownInstance(InstanceError):
@@ -575,6 +581,16 @@ class WorkerManager:
             return None
         return lambda: signal.signal(signum, signal.SIG_IGN)
 
+    def _check_context_length(self, req: StartInstance, path: Path) -> None:
+        """A max_model_len over the model's context length is refused here (400), by the rule the controller, the
+        gateway and the worker share, not left to a worker that fails its load and shows the instance failed."""
+        if req.max_model_len is None:
+            return
+        try:
+            source_max_model_len(path, req.max_model_len)
+        except ContextLengthError as exc:
+            raise InstanceError(str(exc), "max_model_len") from None
+
     def start(self, req: StartInstance) -> Instance:
         source = Path(req.source)
         with self._lock:
@@ -588,6 +604,7 @@ class WorkerManager:
             path, tier = (source, "sharedfs") if req.nodes > 1 else self._resolve(req.model, source)
             if not path.exists():
                 raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
+            self._check_context_length(req, path)
             if tier in LOCAL_TIERS and self.cache is not None:
                 self.cache.acquire(req.model, tier)
             promote_to, fill = self._cache_on_load(req, tier)

@@ -96,3 +96,12 @@ def test_a_boolean_or_a_string_is_no_number_to_the_agent(client, converted, path
     assert error(resp)["param"] == param and "valid integer" in error(resp)["message"]
     assert instances(client) == [] and cached(client) == set()
 
+
+def test_a_max_model_len_over_the_models_context_is_a_400_before_any_worker(client, agent, converted):
+    resp = client.post("/v1/internal/instances", json={"model": "m", "source": str(converted),
+                                                        "max_model_len": 10**9}, headers=AUTH)
+    assert resp.status_code == 400, resp.get_json()
+    assert error(resp)["param"] == "max_model_len"
+    assert "context length of 512 tokens" in error(resp)["message"]
+    assert instances(client) == [] and agent.workers.starts == 0
+
