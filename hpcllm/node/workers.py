@@ -591,6 +591,38 @@ class WorkerManager:
         except ContextLengthError as exc:
             raise InstanceError(str(exc), "max_model_len") from None
 
+    def _launch(self, req: StartInstance, path: Path, tier: str) -> Instance:
+        """Start the worker of one instance (a spare, else a fresh process) from `path`; whatever goes wrong, no
+        copy on load is left behind, and a worker that started is not left running without its instance."""
+        promote_to, fill = self._cache_on_load(req, tier)
+        instance_id = f"{req.model}-{uuid.uuid4().hex[:8]}"
+        url_file = self.run_dir / f"{instance_id}.url"
+        log_path = self.run_dir / f"{instance_id}.log"
+        inst = None
+        try:
+            cache_into = fill.staging if fill is not None else None
+            # Spares run this interpreter with hpcllm's engine imported; vLLM workers start fresh.
+            # Spares are single processes: tensor-parallel ranks start fresh under mpirun; vLLM workers too.
+            use_spare = req.engine == "hpcllm" and req.tensor_parallel == 1
+            spare = self._assign_spare(req, path, url_file, log_path, cache_into) if use_spare else None
+            process = spare or self._spawn(req, path, url_file, log_path, cache_into)
+            inst = Instance(instance_id, req.model, req.source, path, tier, list(req.gpu_ids), process, url_file,
+                            log_path, time.time(), load_fill=fill, promote_to=promote_to,
+                            ranks=req.tensor_parallel, nodes=req.nodes)
+            if tier in LOCAL_TIERS and self.cache is not None:
+                # The worker holds the copy from now on: if this agent dies, the reference dies with the worker.
+                self.cache.acquire(req.model, tier, pid=process.pid)
+        except BaseException as exc:
+            if inst is not None:
+                self._kill(inst)
+                inst.process.wait()
+            if fill is not None:
+                self.cache.discard_load_fill(fill)
+            if isinstance(exc, OSError):
+                raise InstanceError(f"cannot start a worker for {req.model!r}: {exc}") from None
+            raise
+        return inst
+
     def start(self, req: StartInstance) -> Instance:
         source = Path(req.source)
         with self._lock:
@@ -605,40 +637,22 @@ class WorkerManager:
             if not path.exists():
                 raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
             self._check_context_length(req, path)
-            if tier in LOCAL_TIERS and self.cache is not None:
-                self.cache.acquire(req.model, tier)
-            promote_to, fill = self._cache_on_load(req, tier)
-            cache_into = fill.staging if fill is not None else None
-            instance_id = f"{req.model}-{uuid.uuid4().hex[:8]}"
-            url_file = self.run_dir / f"{instance_id}.url"
-            log_path = self.run_dir / f"{instance_id}.log"
+            held = tier in LOCAL_TIERS and self.cache is not None
+            if held:
+                self.cache.acquire(req.model, tier)  # not evicted while its worker starts
             try:
-                # Spares run this interpreter with hpcllm's engine imported; vLLM workers start fresh.
-                # Spares are single processes: tensor-parallel ranks start fresh under mpirun; vLLM workers too.
-                use_spare = req.engine == "hpcllm" and req.tensor_parallel == 1
-                spare = self._assign_spare(req, path, url_file, log_path, cache_into) if use_spare else None
-                process = spare or self._spawn(req, path, url_file, log_path, cache_into)
-            except OSError as exc:
-                if tier in LOCAL_TIERS and self.cache is not None:
+                inst = self._launch(req, path, tier)
+            finally:  # started or not: a started worker holds the copy with a reference of its own
+                if held:
                     self.cache.release(req.model, tier)
-                if fill is not None:
-                    self.cache.discard_load_fill(fill)
-                raise InstanceError(f"cannot start a worker for {req.model!r}: {exc}") from None
-            if tier in LOCAL_TIERS and self.cache is not None:
-                # The worker holds the copy from now on: if this agent dies, the reference dies with the worker.
-                self.cache.acquire(req.model, tier, pid=process.pid)
-                self.cache.release(req.model, tier)
-            inst = Instance(instance_id, req.model, req.source, path, tier, list(req.gpu_ids), process, url_file,
-                            log_path, time.time(), load_fill=fill, promote_to=promote_to,
-                            ranks=req.tensor_parallel, nodes=req.nodes)
-            self._instances[instance_id] = inst
+            self._instances[inst.instance_id] = inst
             self.starts += 1
         launcher = (f"srun of {req.tensor_parallel} tensor-parallel ranks over {req.nodes} nodes" if req.nodes > 1
                     else f"mpirun of {req.tensor_parallel} tensor-parallel ranks")
-        log.info("instance %s: worker pid %d%s loading %s from %s (%s)", instance_id, process.pid,
+        log.info("instance %s: worker pid %d%s loading %s from %s (%s)", inst.instance_id, inst.process.pid,
                  f" ({launcher})" if req.tensor_parallel > 1 else "",
                  req.model, path, tier)
-        threading.Thread(target=self._watch, args=(inst,), name=f"watch-{instance_id}", daemon=True).start()
+        threading.Thread(target=self._watch, args=(inst,), name=f"watch-{inst.instance_id}", daemon=True).start()
         return inst
 
     # ------------------------------------------------------------------------------------------------- watch

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from hpcllm.errors import HpcllmError
 from hpcllm.node.app import create_app
+from hpcllm.node.protocol import StartInstance
 from hpcllm.node.tests.test_agent import AUTH, converted, make_agent  # noqa: F401 (converted: a fixture)
 
 CACHE = "/v1/internal/cache"
@@ -105,3 +107,11 @@ def test_a_max_model_len_over_the_models_context_is_a_400_before_any_worker(clie
     assert "context length of 512 tokens" in error(resp)["message"]
     assert instances(client) == [] and agent.workers.starts == 0
 
+
+def test_a_start_that_fails_otherwise_than_with_oserror_lets_the_cached_copy_go(agent, client, converted):
+    assert warm(client, model="m", source=str(converted), tier="nvme").status_code == 200
+    agent.workers.set_key(None)  # its workers' key is unknown: spawning one fails with InstanceError
+    with pytest.raises(HpcllmError, match="no key for its workers"):
+        agent.workers.start(StartInstance(model="m", source=str(converted)))
+    assert [(c.tier, c.in_use) for c in agent.cache.evict("m", "nvme")] == [("nvme", 0)]
+    assert agent.cache.list() == [] and agent.workers.instances() == []
