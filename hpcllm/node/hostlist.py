@@ -3,6 +3,8 @@
 `expand_nodes` asks Slurm (`scontrol show hostnames`) when it can, so site-specific forms behave exactly as in
 Slurm; `expand_hostlist` is the pure-Python fallback: comma-separated items, each with any number of bracket groups
 of comma-separated numbers or `lo-hi` ranges (zero padding kept from `lo`), expanded as a cartesian product in order.
+As in Slurm's hostlist.c, a range that goes backwards (`n[3-1]`) is an error and one range holds at most
+MAX_RANGE names. `expand_item` is also how hpcllm.slurm.adapter reads the hostlists Slurm prints.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import subprocess
 
 from hpcllm.errors import HpcllmError
 
-MAX_HOSTS = 100_000
+MAX_HOSTS = 100_000  # names in one node list
+MAX_RANGE = 64 * 1024  # names in one lo-hi range: Slurm's own limit (MAX_RANGE in src/common/hostlist.c)
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -24,7 +27,7 @@ class HostlistError(HpcllmError):
     exit_code = 2
 
 
-def _split_top_level(expr: str) -> list[str]:
+def split_top_level(expr: str) -> list[str]:
     items, depth, current = [], 0, []
     for char in expr:
         if char == "[":
@@ -57,15 +60,22 @@ def _expand_group(body: str, expr: str) -> list[str]:
             values.append(low)
             continue
         if int(high) < int(low):
-            raise HostlistError(f"node list {expr!r}: range {low}-{high} goes backwards")
-        if int(high) - int(low) >= MAX_HOSTS:
-            raise HostlistError(f"node list {expr!r}: range {low}-{high} is too large")
+            raise HostlistError(f"node list {expr!r}: range {low}-{high} goes backwards; write it {high}-{low}")
+        if int(high) - int(low) + 1 > MAX_RANGE:
+            raise HostlistError(f"node list {expr!r}: range {low}-{high} is too large: {int(high) - int(low) + 1} "
+                                f"names, and Slurm takes at most {MAX_RANGE} in one range")
         width = len(low)
         values.extend(str(n).zfill(width) for n in range(int(low), int(high) + 1))
     return values
 
 
-def _expand_item(item: str, expr: str) -> list[str]:
+def expand_item(item: str, expr: str | None = None) -> list[str]:
+    """One item of a node list (no top-level comma) -> its names; HostlistError names `expr` (default: the item)."""
+    expr = item if expr is None else expr
+    if len(split_top_level(item)) != 1:  # also raises for unbalanced or nested brackets
+        raise HostlistError(f"node list {expr!r}: {item!r} is more than one item")
+    if "[]" in item:
+        raise HostlistError(f"node list {expr!r}: empty []")
     names = [""]
     for text, group in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
         names = [name + text for name in names]
@@ -84,12 +94,10 @@ def expand_hostlist(expr: str) -> list[str]:
     if re.search(r"\s", expr):
         raise HostlistError(f"node list {expr!r} must not contain spaces")
     names: list[str] = []
-    for item in _split_top_level(expr):
+    for item in split_top_level(expr):
         if not item:
             raise HostlistError(f"node list {expr!r} has an empty item (two commas, or a trailing comma)")
-        if "[]" in item:
-            raise HostlistError(f"node list {expr!r}: empty []")
-        names.extend(_expand_item(item, expr))
+        names.extend(expand_item(item, expr))
     seen: set[str] = set()
     return [n for n in names if not (n in seen or seen.add(n))]
 

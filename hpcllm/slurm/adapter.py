@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from hpcllm.node.hostlist import HostlistError, expand_item, split_top_level
 from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, parse_walltime
 
 log = logging.getLogger(__name__)
@@ -27,59 +28,30 @@ log = logging.getLogger(__name__)
 
 
 def expand_hostlist(text: str | None) -> list[str]:
-    """Slurm hostlist -> names: "n[1-3,7],gpu[01-02]-x,login" -> n1 n2 n3 n7 gpu01-x gpu02-x login."""
+    """Slurm hostlist -> names: "n[1-3,7],gpu[01-02]-x,login" -> n1 n2 n3 n7 gpu01-x gpu02-x login, by the rule of
+    hpcllm.node.hostlist (Slurm's: a range going backwards or holding more than 64Ki names is no hostlist)."""
     if not text or text in ("(null)", "None", "N/A"):
         return []
+    try:
+        items = split_top_level(text.strip())
+    except HostlistError as exc:  # unbalanced brackets
+        _log_unreadable_hostlist(text.strip(), str(exc))
+        return [text.strip()]
     names: list[str] = []
-    for item in _split_top_level(text.strip()):
+    for item in (item.strip() for item in items):
+        if not item:
+            continue
         try:
-            names.extend(_expand_item(item))
-        except ValueError:  # "n[a-c]", "n[]", "n[1-2,,4]": keep the name as Slurm printed it
-            _log_unreadable_hostlist(item)
+            names.extend(expand_item(item))
+        except HostlistError as exc:  # "n[a-c]", "n[]", "n[3-1]": keep the name as Slurm printed it
+            _log_unreadable_hostlist(item, str(exc))
             names.append(item)
     return names
 
 
 @functools.lru_cache(maxsize=256)  # once per item: statuses are asked every few seconds
-def _log_unreadable_hostlist(item: str) -> None:
-    log.warning("cannot expand the Slurm hostlist %r (expected a name or prefix[1-3,7]); using it as one name",
-                item)
-
-
-def _split_top_level(text: str) -> list[str]:
-    items, depth, current = [], 0, []
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    items.append("".join(current))
-    return [item.strip() for item in items if item.strip()]
-
-
-def _expand_item(item: str) -> list[str]:
-    match = re.match(r"^([^\[]*)\[([^\]]*)\](.*)$", item)
-    if not match:
-        return [item]
-    prefix, ranges, rest = match.groups()
-    tails = _expand_item(rest) if rest else [""]
-    names = []
-    for part in ranges.split(","):
-        if "-" in part:
-            start_text, end_text = part.split("-", 1)
-            width = len(start_text)
-            numbers = range(int(start_text), int(end_text) + 1)
-        else:
-            width, numbers = len(part), [int(part)]
-        for number in numbers:
-            for tail in tails:
-                names.append(f"{prefix}{number:0{width}d}{tail}")
-    return names
+def _log_unreadable_hostlist(item: str, reason: str) -> None:
+    log.warning("cannot expand the Slurm hostlist %r (%s); using it as one name", item, reason)
 
 
 # -------------------------------------------------------------------------------------------- scalar values

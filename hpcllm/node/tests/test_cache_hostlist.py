@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from hpcllm.node.hostlist import HostlistError, expand_hostlist, expand_nodes
+from hpcllm.node.hostlist import MAX_RANGE, HostlistError, expand_hostlist, expand_nodes
 
 
 @pytest.mark.parametrize("expr, names", [
@@ -29,17 +29,24 @@ def test_expands(expr, names):
     ("n[1-", "without a matching ']'"),
     ("n]", "without a matching '['"),
     ("n[]", "empty []"),
-    ("n[4-1]", "backwards"),
+    ("n[4-1]", "goes backwards; write it 1-4"),
     ("n[a-b]", "numbers or ranges"),
     ("n1,,n2", "empty item"),
     ("n1,", "empty item"),
     ("n[[1]]", "nested"),
     ("n1 n2", "spaces"),
     ("n[1-1000000]", "too large"),
+    ("n[1-100000]", "100000 names, and Slurm takes at most 65536 in one range"),
+    ("n[0-65536]", "too large"),
 ])
 def test_rejects_with_a_clear_message(expr, message):
     with pytest.raises(HostlistError, match=message.replace("[", r"\[").replace("]", r"\]")):
         expand_hostlist(expr)
+
+
+def test_a_range_as_large_as_slurm_takes_expands():
+    names = expand_hostlist("n[1-65536]")
+    assert len(names) == MAX_RANGE == 65536 and names[-1] == "n65536"
 
 
 def test_expand_nodes_validates_even_when_slurm_would_answer():

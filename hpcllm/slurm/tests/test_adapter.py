@@ -229,6 +229,11 @@ def test_real_partitions_text_and_rest_json():
     ("n[a-c]", ["n[a-c]"]),
     ("n[]", ["n[]"]),
     ("n[1-2,,4],m1", ["n[1-2,,4]", "m1"]),
+    # What Slurm's own hostlist refuses (hostlist.c: "Invalid range", "Too many hosts in range") is no list of names
+    # either: not nothing (a job on no node), not 100,000 names.
+    ("n[3-1],m1", ["n[3-1]", "m1"]),
+    ("n[1-100000]", ["n[1-100000]"]),
+    ("n[1-2", ["n[1-2"]),
 ])
 def test_expand_hostlist(hostlist, names):
     assert adapter.expand_hostlist(hostlist) == names
