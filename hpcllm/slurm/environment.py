@@ -4,7 +4,9 @@ the CLI, REST and pyslurm backends."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import tempfile
 
 # Variables that change what Slurm's commands print (formats, default filters, time format).
 _OUTPUT_VARIABLE_PREFIXES = ("SQUEUE_", "SINFO_", "SACCT_", "SCONTROL_")
@@ -48,9 +50,36 @@ def run_slurm_command(args: list[str], *, timeout: float, stdin: str | None = No
                       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run one Slurm command with clean_environment(env); no input means /dev/null (never our terminal).
 
+    The answer is what the command wrote until it exited. Its output goes to files, not pipes, so a child it leaves
+    in the background (a site wrapper's logger, a daemon it starts) that keeps them open does not hold the answer
+    back until the timeout. It runs in a session of its own: at the timeout the whole group is killed, children too.
     Output is read as UTF-8 with undecodable bytes replaced (U+FFFD): `squeue --all` prints every user's job
     names and comments, and sbatch relays site messages, in whatever encoding each was written; one such byte must
-    not make the whole answer unreadable. FileNotFoundError and subprocess.TimeoutExpired reach the caller."""
-    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
-    return subprocess.run(args, **feed, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout,
-                          env=clean_environment(env))
+    not make the whole answer unreadable. OSError (FileNotFoundError: no such command) and
+    subprocess.TimeoutExpired reach the caller."""
+    with tempfile.TemporaryFile() as feed, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        if stdin is not None:
+            feed.write(stdin.encode("utf-8", "replace"))
+            feed.seek(0)
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL if stdin is None else feed, stdout=out,
+                                   stderr=err, env=clean_environment(env), start_new_session=True)
+        try:
+            returncode = process.wait(timeout)
+        except BaseException:  # the timeout, or an interrupt: nothing of the command outlives it
+            _kill_session(process)
+            raise
+        return subprocess.CompletedProcess(args, returncode, _text(out), _text(err))
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # its session's group: start_new_session made it the leader
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _text(file) -> str:
+    """What the command wrote, as subprocess.run(encoding="utf-8", errors="replace") reads it (universal newlines)."""
+    file.seek(0)
+    return file.read().decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")

@@ -27,6 +27,12 @@ with open(os.path.join(here, "rules.json")) as f:
 joined = " ".join(args)
 for rule in rules:
     if rule["command"] == command and rule["contains"] in joined:
+        if rule.get("linger"):  # a child left in the background, holding our stdout and stderr open
+            import subprocess
+            child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({rule['linger']})"],
+                                     stdin=subprocess.DEVNULL)
+            with open(os.path.join(here, "lingering.pids"), "a") as pids:
+                pids.write(f"{child.pid}\\n")
         time.sleep(rule.get("sleep", 0))
         encoding = rule.get("encoding", "utf-8")
         sys.stdout.buffer.write(rule.get("stdout", "").encode(encoding))
@@ -53,10 +59,11 @@ class FakeSlurm:
             path.chmod(0o755)
 
     def on(self, command: str, contains: str = "", *, stdout: str = "", stderr: str = "", rc: int = 0,
-           sleep: float = 0.0, encoding: str = "utf-8") -> FakeSlurm:
-        """`encoding`: how the answer's text becomes bytes ("latin-1" for a site's non-UTF-8 output)."""
+           sleep: float = 0.0, encoding: str = "utf-8", linger: float = 0.0) -> FakeSlurm:
+        """`encoding`: how the answer's text becomes bytes ("latin-1" for a site's non-UTF-8 output); `linger`: the
+        command leaves a child that sleeps this long holding its stdout and stderr (a site wrapper's logger)."""
         self.rules.append({"command": command, "contains": contains, "stdout": stdout, "stderr": stderr, "rc": rc,
-                           "sleep": sleep, "encoding": encoding})
+                           "sleep": sleep, "encoding": encoding, "linger": linger})
         self._save()
         return self
 
@@ -69,6 +76,11 @@ class FakeSlurm:
             return []
         entries = [json.loads(line) for line in log.read_text().splitlines() if line]
         return [e for e in entries if command is None or e["command"] == command]
+
+    def lingering(self) -> list[int]:
+        """Pids of the children `linger` left (alive or not)."""
+        pids = self.dir / "lingering.pids"
+        return [int(line) for line in pids.read_text().split()] if pids.exists() else []
 
     def path_env(self) -> str:
         return f"{self.dir}{os.pathsep}{os.environ.get('PATH', '')}"

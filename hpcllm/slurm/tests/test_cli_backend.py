@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from hpcllm.config import SlurmConfig
+from hpcllm.procs import pid_alive
 from hpcllm.slurm.base import JobState, make_job_spec
 from hpcllm.slurm.factory import get_backend
 from hpcllm.slurm.cli_backend import CliBackend, parse_parsable
@@ -25,7 +29,10 @@ ACCOUNTING_OFF = "Slurm accounting storage is disabled\n"
 def fake(tmp_path, monkeypatch) -> FakeSlurm:
     fake = FakeSlurm(tmp_path / "bin")
     monkeypatch.setenv("PATH", fake.path_env())
-    return fake
+    yield fake
+    for pid in fake.lingering():  # what a test's commands left in the background
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -176,6 +183,25 @@ def test_hung_command_times_out_as_unavailable(fake):
     fake.on("squeue", "", sleep=5)
     with pytest.raises(SlurmUnavailable, match="did not answer within 1 s"):
         CliBackend(SlurmConfig(), command_timeout=1).statuses(["1"])
+
+
+def test_a_child_left_holding_the_output_does_not_hold_the_answer(fake, backend):
+    # A site's sbatch wrapper that starts a logger in the background: sbatch itself answered at once.
+    fake.on("sbatch", "--parsable", stdout="77\n", linger=60)
+    assert backend.submit(make_job_spec(name="t", script="true")) == "77"
+    assert [pid_alive(pid) for pid in fake.lingering()] == [True]  # left alone: it is not ours to end
+
+
+def test_a_command_past_its_timeout_is_ended_with_what_it_started(fake):
+    fake.on("squeue", "", sleep=30, linger=60)
+    with pytest.raises(SlurmUnavailable, match="did not answer within 1 s"):
+        CliBackend(SlurmConfig(), command_timeout=1).statuses(["1"])
+    lingering = fake.lingering()
+    assert len(lingering) == 1
+    deadline = time.monotonic() + 30  # SIGKILL is sent; the orphan is reaped by init a moment later
+    while pid_alive(lingering[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(lingering[0])
 
 
 def test_cancel_of_a_finished_job_is_not_an_error(fake, backend):
