@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate, signal_name
 from hpcllm.slurm.environment import inherited_sbatch_options, run_slurm_command
-from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done, with_setting_hint
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script, sbatch_directives
 
 if TYPE_CHECKING:
@@ -161,8 +161,11 @@ class CliBackend(SlurmBackend):
             log.warning("sbatch takes %s from hpcllm's environment for every job it submits (where hpcllm sets no "
                         "such option itself); unset them where that is not meant",
                         ", ".join(f"{name}={value}" for name, value in inherited.items()))
-        return self._run(["sbatch", mode, *sbatch_directives(spec)], stdin=render_batch_script(spec),
-                         env=dict(spec.env))
+        try:
+            return self._run(["sbatch", mode, *sbatch_directives(spec)], stdin=render_batch_script(spec),
+                             env=dict(spec.env))
+        except SlurmError as exc:
+            raise with_setting_hint(exc, spec) from None
 
     def _json(self, args: list[str]) -> dict | None:
         """Run a --json command; None when this Slurm cannot (old version, no data_parser plugin)."""

@@ -1,15 +1,20 @@
 """Errors of the Slurm backends.
 
 SlurmError carries Slurm's own words (e.g. "sbatch: error: invalid partition specified: nope") so the user sees
-what Slurm refused and can fix the request; SlurmUnavailable means Slurm could not be asked at all (command
-missing, controller down, slurmrestd unreachable) and says how to check.
+what Slurm refused and can fix the request; a submission refused over a setting hpcllm chose (partition, account,
+qos, GPUs, time) also names the [slurm] key that chose it (with_setting_hint). SlurmUnavailable means Slurm could
+not be asked at all (command missing, controller down, slurmrestd unreachable) and says how to check.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from hpcllm.errors import HpcllmError
+
+if TYPE_CHECKING:
+    from hpcllm.slurm.base import JobSpec
 
 
 class SlurmError(HpcllmError):
@@ -44,3 +49,43 @@ _ALREADY_DONE = re.compile(r"already completing or completed|Invalid job id spec
 def already_done(exc: SlurmError) -> bool:
     """Slurm refused because the job has already ended: for a cancel, the wanted outcome, not an error."""
     return not isinstance(exc, SlurmUnavailable) and bool(_ALREADY_DONE.search(exc.slurm_message))
+
+
+# Slurm's words for a job refused over a setting hpcllm chose (slurm_errno.c; the same in 22.05 and later), the
+# [slurm] keys that chose it, and where the user finds what the site allows.
+_SETTING_REFUSALS = (
+    ("Invalid partition name specified", ("partition",), "`sinfo -s` lists the partitions"),
+    ("No partition specified or system default partition", ("partition",), "`sinfo -s` lists the partitions"),
+    ("Invalid account or account/partition combination specified", ("account", "partition"),
+     "`sacctmgr show assoc user=$USER format=account,partition` lists yours"),
+    ("Invalid qos specification", ("qos",), "`sacctmgr show assoc user=$USER format=account,qos` lists yours"),
+    ("Invalid generic resource (gres) specification", ("gpus_per_node",),
+     "`sinfo -o '%P %G'` shows each partition's GRES (an allocation for a model asks at least its gpus)"),
+    ("Requested time limit is invalid", ("time",), "`sinfo -o '%P %l'` shows each partition's time limit"),
+)
+# The keys a model's own [slurm] table may override (controller.protocol.SlurmOverrides).
+_MODEL_OVERRIDES = ("partition", "account", "qos", "time")
+
+
+def with_setting_hint(exc: SlurmError, spec: JobSpec) -> SlurmError:
+    """A refused submission, with the [slurm] key(s) behind Slurm's refusal and what this job asked for named after
+    Slurm's own words; `exc` itself for another refusal, or when Slurm could not be asked."""
+    if isinstance(exc, SlurmUnavailable):
+        return exc
+    said = exc.slurm_message.lower()
+    for words, keys, where in _SETTING_REFUSALS:
+        if words.lower() in said:
+            asked = ", ".join(f"{key} {_asked(spec, key)}" for key in keys)
+            overrides = " or ".join(f"the model's slurm.{key}" for key in keys if key in _MODEL_OVERRIDES)
+            settings = " and ".join(f"[slurm] {key}" for key in keys) + (f" (or {overrides})" if overrides else "")
+            return SlurmError(f"{exc} -- the job asked for {asked}: set {settings} in hpcllm's config to what this "
+                              f"site allows; {where}", exc.slurm_message)
+    return exc
+
+
+def _asked(spec: JobSpec, key: str) -> str:
+    if key == "gpus_per_node":
+        value = spec.gres or (f"gpu:{spec.gpus_per_node}" if spec.gpus_per_node else None)
+    else:
+        value = getattr(spec, key)
+    return repr(value) if value is not None else "unset (Slurm's default)"

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
-from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError, SlurmUnavailable, already_done
+from hpcllm.slurm.errors import (SlurmBackendUnsupported, SlurmError, SlurmUnavailable, already_done,
+                                 with_setting_hint)
 from hpcllm.slurm.environment import job_environment, run_slurm_command
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
@@ -99,7 +100,10 @@ class PyslurmBackend(SlurmBackend):
     def submit(self, spec: JobSpec) -> str:
         description = self.pyslurm.JobSubmitDescription(**submit_description_fields(spec))
         ensure_log_dirs(spec)
-        return str(self._rpc("submit", description.submit))
+        try:
+            return str(self._rpc("submit", description.submit))
+        except SlurmError as exc:
+            raise with_setting_hint(exc, spec) from None
 
     def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
         wanted = [str(job_id) for job_id in job_ids]

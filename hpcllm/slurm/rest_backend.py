@@ -28,7 +28,7 @@ import httpx
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
 from hpcllm.slurm.environment import job_environment, run_slurm_command
-from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done, with_setting_hint
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
@@ -125,7 +125,10 @@ class RestBackend(SlurmBackend):
     def submit(self, spec: JobSpec) -> str:
         body = submission_body(spec)
         ensure_log_dirs(spec)  # slurmrestd's jobs usually share this filesystem; Slurm creates no folders
-        payload = self._request("POST", "/job/submit", json=body)
+        try:
+            payload = self._request("POST", "/job/submit", json=body)
+        except SlurmError as exc:
+            raise with_setting_hint(exc, spec) from None
         job_id = adapter.number(payload.get("job_id"))
         if not isinstance(job_id, int):  # accepted, so the job likely exists: its answer is lost, not refused
             raise SlurmUnavailable(f"slurmrestd accepted the job but returned no job_id: {str(payload)[:300]}")

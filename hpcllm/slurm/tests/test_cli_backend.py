@@ -185,6 +185,41 @@ def test_hung_command_times_out_as_unavailable(fake):
         CliBackend(SlurmConfig(), command_timeout=1).statuses(["1"])
 
 
+# Slurm 22.05's words (slurm_errno.c) for a job refused over a setting hpcllm chose, as sbatch prints them.
+SETTING_REFUSALS = [
+    ("Invalid partition name specified", {"partition": "nope"}, "[slurm] partition", "partition 'nope'"),
+    ("Invalid account or account/partition combination specified", {"account": "other", "partition": "p"},
+     "[slurm] account and [slurm] partition", "account 'other', partition 'p'"),
+    ("Invalid qos specification", {"qos": "fast"}, "[slurm] qos", "qos 'fast'"),
+    ("Invalid generic resource (gres) specification", {"gpus_per_node": 8}, "[slurm] gpus_per_node",
+     "gpus_per_node 'gpu:8'"),
+    ("Requested time limit is invalid (missing or exceeds some limit)", {"time": "99:00:00"}, "[slurm] time",
+     "time '99:00:00'"),
+]
+
+
+@pytest.mark.parametrize("words, fields, keys, asked", SETTING_REFUSALS)
+def test_a_refusal_over_a_setting_names_its_config_key_after_slurms_words(fake, backend, words, fields, keys, asked):
+    stderr = f"sbatch: error: Batch job submission failed: {words}\n"
+    fake.on("sbatch", "", stderr=stderr, rc=1)
+    for mode in ("submit", "estimate_start"):
+        with pytest.raises(SlurmError) as refused:
+            getattr(backend, mode)(make_job_spec(name="t", script="true", **fields))
+        assert not isinstance(refused.value, SlurmUnavailable)
+        message = str(refused.value)
+        assert message.startswith(f"sbatch --{'parsable' if mode == 'submit' else 'test-only'} failed: {stderr.strip()}")
+        assert f"set {keys}" in message and f"asked for {asked}:" in message
+        assert refused.value.slurm_message == stderr.strip()
+
+
+def test_a_refusal_over_nothing_hpcllm_chose_is_slurms_words_alone(fake, backend):
+    stderr = "sbatch: error: Batch job submission failed: Job dependency problem\n"
+    fake.on("sbatch", "", stderr=stderr, rc=1)
+    with pytest.raises(SlurmError) as refused:
+        backend.submit(make_job_spec(name="t", script="true"))
+    assert str(refused.value) == f"sbatch --parsable failed: {stderr.strip()}"
+
+
 def test_a_child_left_holding_the_output_does_not_hold_the_answer(fake, backend):
     # A site's sbatch wrapper that starts a logger in the background: sbatch itself answered at once.
     fake.on("sbatch", "--parsable", stdout="77\n", linger=60)

@@ -160,7 +160,7 @@ def test_calls_map_onto_pyslurm_25_api():
 def test_pyslurm_errors_become_slurm_errors():
     module, _ = make_fake_pyslurm()
     backend = PyslurmBackend(pyslurm=module)
-    with pytest.raises(SlurmError, match="Invalid partition name specified"):
+    with pytest.raises(SlurmError, match=r"Invalid partition name specified -- .* set \[slurm\] partition"):
         backend.submit(make_job_spec(name="t", script="true", partition="nope"))
     with pytest.raises(SlurmError, match="--prefer"):
         backend.submit(make_job_spec(name="t", script="true", prefer="nvme"))

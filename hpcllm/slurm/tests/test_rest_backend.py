@@ -89,6 +89,7 @@ def test_refusal_carries_slurms_message(backend):
     with pytest.raises(SlurmError, match="Invalid partition name specified") as refused:
         backend.submit(make_job_spec(name="x", script="true", partition="nope"))
     assert not isinstance(refused.value, SlurmUnavailable)
+    assert "asked for partition 'nope': set [slurm] partition" in str(refused.value)
 
 
 def test_statuses_nodes_partitions_use_the_shared_adapter(backend, server):
