@@ -202,12 +202,12 @@ SETTING_REFUSALS = [
 def test_a_refusal_over_a_setting_names_its_config_key_after_slurms_words(fake, backend, words, fields, keys, asked):
     stderr = f"sbatch: error: Batch job submission failed: {words}\n"
     fake.on("sbatch", "", stderr=stderr, rc=1)
-    for mode in ("submit", "estimate_start"):
+    for mode, option in (("submit", "--parsable"), ("estimate_start", "--test-only")):
         with pytest.raises(SlurmError) as refused:
             getattr(backend, mode)(make_job_spec(name="t", script="true", **fields))
         assert not isinstance(refused.value, SlurmUnavailable)
         message = str(refused.value)
-        assert message.startswith(f"sbatch --{'parsable' if mode == 'submit' else 'test-only'} failed: {stderr.strip()}")
+        assert message.startswith(f"sbatch {option} failed: {stderr.strip()}")
         assert f"set {keys}" in message and f"asked for {asked}:" in message
         assert refused.value.slurm_message == stderr.strip()
 
