@@ -68,6 +68,9 @@ class CliBackend(SlurmBackend):
             raise SlurmUnavailable(
                 f"{args[0]}: command not found; install Slurm's client commands (Debian: slurm-client) and put "
                 f'them on PATH, or set [slurm] backend = "rest" to use slurmrestd') from None
+        except OSError as exc:  # not executable, a broken interpreter line, no memory to start it
+            raise SlurmUnavailable(f"{args[0]} cannot be run: {exc.strerror or exc} (check it with: "
+                                   f"type {args[0]}; ls -l \"$(command -v {args[0]})\")") from None
         except subprocess.TimeoutExpired:
             raise SlurmUnavailable(f"{command} did not answer within {self._timeout:.0f} s; is slurmctld up? "
                                    f"(check with: scontrol ping)") from None

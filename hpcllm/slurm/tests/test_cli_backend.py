@@ -179,6 +179,13 @@ def test_missing_command_is_unavailable(tmp_path, monkeypatch, backend):
         backend.submit(make_job_spec(name="t", script="true"))
 
 
+def test_a_slurm_command_that_cannot_be_run_is_unavailable_not_a_traceback(backend, tmp_path, monkeypatch):
+    (tmp_path / "sbatch").write_text("#!/bin/sh\necho 1\n")  # not executable
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SlurmUnavailable, match="sbatch cannot be run: Permission denied"):
+        backend.submit(make_job_spec(name="t", script="true"))
+
+
 def test_hung_command_times_out_as_unavailable(fake):
     fake.on("squeue", "", sleep=5)
     with pytest.raises(SlurmUnavailable, match="did not answer within 1 s"):
