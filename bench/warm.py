@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from hpcllm.checkpoint import read_checkpoint  # noqa: E402
 from hpcllm.config import load_config  # noqa: E402
 from hpcllm.node.cache_cli import mpi_warm  # noqa: E402
-from hpcllm.node.hostlist import expand_nodes  # noqa: E402
+from hpcllm.slurm.hostlist import expand_nodes  # noqa: E402
 
 COPY_TASK = """
 import os, sys

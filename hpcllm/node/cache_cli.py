@@ -26,7 +26,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import internal_client
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
-from hpcllm.node.hostlist import expand_nodes
+from hpcllm.slurm.hostlist import expand_nodes
 from hpcllm.node.mpiwarm import RESULT_PREFIX
 from hpcllm.node.protocol import CachedCopyInfo, CacheList, VerifyResults, Wire
 

@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hpcllm.node.hostlist import HostlistError, expand_item, split_top_level
+from hpcllm.slurm.hostlist import HostlistError, expand_item, split_top_level
 from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, parse_walltime
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def expand_hostlist(text: str | None) -> list[str]:
     """Slurm hostlist -> names: "n[1-3,7],gpu[01-02]-x,login" -> n1 n2 n3 n7 gpu01-x gpu02-x login, by the rule of
-    hpcllm.node.hostlist (Slurm's: a range going backwards or holding more than 64Ki names is no hostlist)."""
+    hpcllm.slurm.hostlist (Slurm's: a range going backwards or holding more than 64Ki names is no hostlist)."""
     if not text or text in ("(null)", "None", "N/A"):
         return []
     try:

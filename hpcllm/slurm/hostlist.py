@@ -9,12 +9,12 @@ MAX_RANGE names. `expand_item` is also how hpcllm.slurm.adapter reads the hostli
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 
 from hpcllm.errors import HpcllmError
+from hpcllm.slurm.environment import run_slurm_command
 
 MAX_HOSTS = 100_000  # names in one node list
 MAX_RANGE = 64 * 1024  # names in one lo-hi range: Slurm's own limit (MAX_RANGE in src/common/hostlist.c)
@@ -109,8 +109,7 @@ def expand_nodes(expr: str, timeout: float = 10.0) -> list[str]:
     if scontrol is None:
         return fallback
     try:
-        result = subprocess.run([scontrol, "show", "hostnames", expr], capture_output=True, encoding="utf-8",
-                                errors="replace", timeout=timeout, env=os.environ.copy())
+        result = run_slurm_command([scontrol, "show", "hostnames", expr], timeout=timeout)
     except (OSError, subprocess.TimeoutExpired):
         return fallback
     names = result.stdout.split()

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from hpcllm.node.hostlist import MAX_RANGE, HostlistError, expand_hostlist, expand_nodes
+from hpcllm.slurm.hostlist import MAX_RANGE, HostlistError, expand_hostlist, expand_nodes
 
 
 @pytest.mark.parametrize("expr, names", [
