@@ -63,8 +63,9 @@ _SETTING_REFUSALS = (
      "`sinfo -o '%P %G'` shows each partition's GRES (an allocation for a model asks at least its gpus)"),
     ("Requested time limit is invalid", ("time",), "`sinfo -o '%P %l'` shows each partition's time limit"),
 )
-# The keys a model's own [slurm] table may override (controller.protocol.SlurmOverrides).
-_MODEL_OVERRIDES = ("partition", "account", "qos", "time")
+# The keys a model's own [slurm] table may override: controller.protocol.SlurmOverrides' fields (a controller test
+# holds the two together; the controller imports this package, not the reverse).
+MODEL_OVERRIDES = ("partition", "account", "qos", "time")
 
 
 def with_setting_hint(exc: SlurmError, spec: JobSpec) -> SlurmError:
@@ -76,7 +77,7 @@ def with_setting_hint(exc: SlurmError, spec: JobSpec) -> SlurmError:
     for words, keys, where in _SETTING_REFUSALS:
         if words.lower() in said:
             asked = ", ".join(f"{key} {_asked(spec, key)}" for key in keys)
-            overrides = " or ".join(f"the model's slurm.{key}" for key in keys if key in _MODEL_OVERRIDES)
+            overrides = " or ".join(f"the model's slurm.{key}" for key in keys if key in MODEL_OVERRIDES)
             settings = " and ".join(f"[slurm] {key}" for key in keys) + (f" (or {overrides})" if overrides else "")
             return SlurmError(f"{exc} -- the job asked for {asked}: set {settings} in hpcllm's config to what this "
                               f"site allows; {where}", exc.slurm_message)

@@ -309,3 +309,12 @@ def test_the_cli_refuses_a_name_that_is_no_name_before_calling(capsys, args, wor
     assert main([*args, "--url", "http://127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_the_slurm_refusal_hints_name_exactly_the_keys_a_model_may_override():
+    # A refused submission's hint tells the admin which model-level key to change (hpcllm.slurm.errors); the keys
+    # it may name are the model's [slurm] table's own.
+    from hpcllm.controller.protocol import SlurmOverrides
+    from hpcllm.slurm.errors import MODEL_OVERRIDES
+
+    assert set(MODEL_OVERRIDES) == set(SlurmOverrides.model_fields)
