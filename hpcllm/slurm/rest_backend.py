@@ -232,6 +232,9 @@ def _scontrol_token(lifespan: int) -> str:
     except FileNotFoundError:
         raise SlurmUnavailable("no JWT for slurmrestd: set SLURM_JWT or [slurm] rest_token_file (scontrol, which "
                                "could make one, is not installed here)") from None
+    except OSError as exc:  # not executable, a broken interpreter line
+        raise SlurmUnavailable(f"no JWT for slurmrestd: scontrol, which would make one, cannot be run "
+                               f"({exc.strerror or exc}); set SLURM_JWT or [slurm] rest_token_file") from None
     except subprocess.TimeoutExpired:
         raise SlurmUnavailable("scontrol token did not answer within 30 s; is slurmctld up?") from None
     out = result.stdout.strip()

@@ -140,6 +140,16 @@ def test_token_file_wins_over_the_environment(server, monkeypatch, tmp_path):
     assert backend.statuses(["1"])["1"].state is JobState.COMPLETED
 
 
+def test_an_scontrol_that_cannot_be_run_for_a_token_is_unavailable_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JWT", raising=False)
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho SLURM_JWT=x\n")  # not executable
+    monkeypatch.setenv("PATH", str(tmp_path))
+    backend = RestBackend(SlurmConfig(backend="rest"), transport=httpx.MockTransport(Server()))
+    with pytest.raises(SlurmUnavailable, match="scontrol, which would make one, cannot be run .Permission denied.; "
+                                               "set SLURM_JWT or \\[slurm\\] rest_token_file"):
+        backend.statuses(["1"])
+
+
 def test_unreachable_slurmrestd_is_unavailable(monkeypatch):
     monkeypatch.setenv("SLURM_JWT", "tok")
     with socket.socket() as probe:  # a port nobody listens on
