@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from flask import Request, g
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from hpcllm.httpkit.auth import SECRET_HEADER, SharedSecret, same
 from hpcllm.httpkit.errors import ServiceError, Unauthorized
+from hpcllm.httpkit.wire import WireModel
 
 # Request headers. The cluster secret (and a node key) travel in httpkit's SECRET_HEADER; tokens and grants have
 # their own.
@@ -226,12 +227,10 @@ def worker_key(cluster_secret: str, credential_id: str | None, node_id: str) -> 
 # ------------------------------------------------------------------------------------- migration tickets
 
 
-class MigrationTicket(BaseModel):
+class MigrationTicket(WireModel):
     """The controller's leave for one live migration: a worker serving `model` may move its requests to
     `destination_url` (instance `destination_instance`) until `expires_at`. `signature` is made with the source
     worker's key; `grant` lets the destination accept the moved requests (and the gateway attach to them)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str
     source_instance: str

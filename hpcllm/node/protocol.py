@@ -1,7 +1,7 @@
 """Wire types of the node agent's HTTP API (the agent owns them; the controller and `hpcllm cache` import them).
 
 Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Errors look like the controller's:
-{"error": {"message", "type", "param", "code"}}. Request bodies are strict, like the worker's (WireModel): true is
+{"error": {"message", "type", "param", "code"}}. Request bodies are strict, like the worker's (httpkit.wire.WireModel): true is
 not GPU 1 and "2" not tensor_parallel 2; every caller builds them with real types.
 
     POST   /v1/internal/instances              StartInstance -> 202 StartedInstance
@@ -33,7 +33,7 @@ from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate
 )
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.client import HttpUrl
-from hpcllm.worker.protocol import WireModel
+from hpcllm.httpkit.wire import WireModel
 
 
 def _no_nul(path: str) -> str:

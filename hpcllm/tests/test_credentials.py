@@ -147,3 +147,18 @@ def test_a_node_token_comes_from_the_environment_or_a_private_file(tmp_path):
     assert read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(token_file)}) == "hpcllm_pool-1_y"
     with pytest.raises(CredentialError, match="cannot read the node token file .*missing"):
         read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize("expires_at", ["99999999999", float("inf"), True])
+def test_a_migration_ticket_takes_real_types_only(expires_at):
+    # A ticket reaches the source worker and the node agent inside JSON bodies: a string or a boolean for its expiry
+    # is a refused body (400), not a time that pydantic reads for the caller.
+    from pydantic import ValidationError
+
+    from hpcllm.credentials import MigrationTicket, issue_ticket
+
+    ticket = issue_ticket(model="m", source_instance="m-1", source_key="s" * 20, destination_url="http://d:1",
+                          destination_instance="m-2", destination_key="d" * 20)
+    MigrationTicket.model_validate(ticket.model_dump())  # as issued: taken
+    with pytest.raises(ValidationError):
+        MigrationTicket.model_validate(ticket.model_dump() | {"expires_at": expires_at})

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.client import HttpUrl
+from hpcllm.httpkit.wire import WireModel
 
 GENERATE_PATH = "/v1/internal/generate"
 TOKENS_PATH = "/v1/internal/requests/{request_id}/tokens"
@@ -40,11 +41,6 @@ RequestState = Literal["waiting", "running", "held", "finished"]
 
 # Request ids appear in URL paths, so keep them to characters that need no escaping.
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
-
-
-class WireModel(BaseModel):
-    # Strict: true is not token 1, "2" not max_tokens 2 (every caller builds these with real types); no inf/nan.
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ChatMessage(WireModel):
