@@ -288,7 +288,10 @@ class HttpNodeAgent:
 
         @app.post("/v1/internal/instances")
         def start():
+            from hpcllm.node.protocol import StartInstance
+
             body = request.get_json()
+            StartInstance.model_validate(body)  # the real agent's strict body: the controller must send real types
             instance_id = f"{node_id}-i{next(self._ids)}"
             self.instances[instance_id] = InstanceInfo(
                 instance_id=instance_id, model=body["model"], state="loading", gpu_ids=body["gpu_ids"],
