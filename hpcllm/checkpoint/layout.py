@@ -313,6 +313,30 @@ class Checkpoint:
                     f"{path}: xxh3_64 {got}, manifest says {side.checksum}; the file was modified or is corrupt"
                 )
 
+    def copy_small_files(self, dest: Path) -> "Checkpoint":
+        """Copy the JSON files and side files into `dest`, beside data files copied and verified with this manifest,
+        each checked against it; returns the copy, parsed. The folder is read again here, and it may have been
+        re-converted in place since this manifest was read: its new manifest beside the old data would make a copy
+        that claims the new checkpoint's content and holds the old weights. ChecksumMismatch instead (nothing to
+        keep, copy again); a write error (disk full) is the OSError."""
+        manifest_path = self.root / MANIFEST_FILE
+        manifest = _read_bytes(manifest_path)
+        if _parse_json_bytes(manifest, manifest_path, InvalidManifest) != self.manifest:
+            raise ChecksumMismatch(f"{manifest_path}: the checkpoint changed while it was being copied (re-converted "
+                                   f"or replaced in place); the copy was discarded, copy it again")
+        (dest / MANIFEST_FILE).write_bytes(manifest)
+        for name in (n for n in self.metadata_files if n != MANIFEST_FILE):
+            (dest / name).write_bytes(_read_bytes(self.root / name))
+        for side in self.side_files:
+            data = _read_bytes(self.root / side.file)
+            if checksum(data) != side.checksum:
+                raise ChecksumMismatch(f"{self.root / side.file}: xxh3_64 differs from the manifest; the file was "
+                                       f"modified or is corrupt, re-copy or re-convert the checkpoint")
+            (dest / side.file).write_bytes(data)
+        copy = read_checkpoint(dest)  # the index (checked against the manifest) parses
+        copy.slice_hashes_bytes()
+        return copy
+
     def _partition(self, partition_index: int) -> Partition:
         if not isinstance(partition_index, int) or not 0 <= partition_index < len(self.partitions):
             raise OffsetOutOfRange(

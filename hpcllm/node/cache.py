@@ -44,7 +44,7 @@ from typing import Callable, Iterator
 
 from hpcllm.checkpoint import (CheckpointError, ChecksumMismatch, MissingFile,
                                NotAConvertedCheckpoint, read_checkpoint)
-from hpcllm.checkpoint.layout import MANIFEST_FILE, Checkpoint, file_checksum
+from hpcllm.checkpoint.layout import MANIFEST_FILE, Checkpoint
 from hpcllm.config import MODEL_NAME
 from hpcllm.errors import HpcllmError
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
@@ -271,18 +271,9 @@ def copy_checkpoint(ckpt: Checkpoint, dest: Path, progress: Progress | None = No
                 buf.close()
             except BufferError:  # a slice is still referenced by an exception's traceback: the GC unmaps it
                 pass
-    for name in ckpt.metadata_files:
-        shutil.copyfile(ckpt.root / name, dest / name)
-        done += (dest / name).stat().st_size
-    for side in ckpt.side_files:
-        src = ckpt.root / side.file
-        shutil.copyfile(src, dest / side.file)
-        if file_checksum(dest / side.file) != side.checksum:
-            raise ChecksumMismatch(f"{src}: xxh3_64 differs from the manifest; the origin was modified or is corrupt")
-        done += side.size
+    ckpt.copy_small_files(dest).check_files_present()
     if progress:
         progress(total, total)
-    read_checkpoint(dest).check_files_present()  # the copy parses and its index matches its manifest
 
 
 def write_marker(folder: Path, model: str, source: str, nbytes: int, verified_at: float) -> None:

@@ -30,8 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcllm.checkpoint import (ChecksumMismatch, MissingFile, read_checkpoint)
-from hpcllm.checkpoint.layout import file_checksum
+from hpcllm.checkpoint import read_checkpoint
 from hpcllm.errors import HpcllmError
 from hpcllm.privatefs import NotPrivate, owned_by_us, private_dir
 from hpcllm.store.memory import MappedFile, round_up
@@ -135,7 +134,7 @@ class DramTier:
         tmp.mkdir(mode=0o700)
         try:
             self._fill_data(ckpt, tmp, threads)
-            self._copy_small_files(ckpt, tmp)
+            ckpt.copy_small_files(tmp)
             for file in tmp.iterdir():
                 file.chmod(0o600)
             info = {"model_id": model_id, "source": str(source.resolve()), "bytes": ckpt.total_bytes,
@@ -214,19 +213,6 @@ class DramTier:
                     pass
         for part in ckpt.partitions:
             os.truncate(tmp / part.file, part.size)
-
-    def _copy_small_files(self, ckpt, tmp: Path) -> None:
-        for name in ckpt.metadata_files:
-            shutil.copyfile(ckpt.root / name, tmp / name)
-        for side in ckpt.side_files:
-            src = ckpt.root / side.file
-            if not src.is_file():
-                raise MissingFile(f"{src}: side file is missing from the checkpoint")
-            shutil.copyfile(src, tmp / side.file)
-            if file_checksum(tmp / side.file) != side.checksum:
-                raise ChecksumMismatch(f"{src}: xxh3_64 differs from the manifest; the file was modified or is "
-                                       f"corrupt, re-copy or re-convert the checkpoint")
-        read_checkpoint(tmp)  # the copy parses and its index matches the manifest
 
 
 def copy_intact(folder: str | os.PathLike) -> bool:

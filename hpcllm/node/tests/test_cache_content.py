@@ -6,14 +6,16 @@ the cache folders belong to the service user alone."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import uuid
 from pathlib import Path
 
 import pytest
 
-from hpcllm.checkpoint import convert
-from hpcllm.node.cache import CacheError, CacheManager, content_id
+from hpcllm.checkpoint import convert, read_checkpoint
+from hpcllm.node.cache import CacheCorrupt, CacheError, CacheManager, content_id
+from hpcllm.store.dram import DramTier
 
 CHUNK = 16 * 1024
 
@@ -68,6 +70,30 @@ def test_a_warm_replaces_a_copy_of_another_checkpoint(manager, checkpoints):
     # DRAM is filled from the node's NVMe copy only when it holds the same checkpoint.
     manager.warm("llama", new, "dram")
     assert content_id(manager.best_copy("llama").path) == content_id(new)
+
+
+@pytest.mark.parametrize("tier", ["nvme", "dram"])
+def test_an_origin_reconverted_while_it_is_copied_leaves_no_copy(manager, checkpoints, tmp_path, tier, monkeypatch):
+    """The data files were copied and verified with the old manifest; the small files are read afterwards. A copy
+    holding the new manifest beside the old weights would be taken for the new checkpoint (and a DRAM copy is loaded
+    without a checksum pass)."""
+    old, new = checkpoints
+    origin = tmp_path / "origin"
+    shutil.copytree(old, origin)
+    data_bytes = read_checkpoint(origin).total_bytes
+
+    def reconvert():  # `hpcllm convert --overwrite` renames the new checkpoint into place
+        if not (tmp_path / "replaced").exists():
+            os.rename(origin, tmp_path / "replaced")
+            shutil.copytree(new, origin)
+
+    fill_data = DramTier._fill_data
+    monkeypatch.setattr(DramTier, "_fill_data", lambda *args: (fill_data(*args), reconvert()))
+    with pytest.raises(CacheCorrupt, match="changed while it was being copied"):
+        manager.warm("llama", origin, tier, progress=lambda done, total: done >= data_bytes and reconvert())
+    assert manager.list() == [] and manager.usage_bytes(tier) == 0
+    assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
+    assert weights_of(manager.warm("llama", origin, tier).path) == weights_of(new)
 
 
 def test_a_stale_copy_in_use_is_kept_for_its_instance_but_not_loaded(manager, checkpoints):
