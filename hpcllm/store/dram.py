@@ -21,6 +21,7 @@ eviction policy belong to the node agent, which builds on `list()`, `usage_bytes
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -149,6 +150,12 @@ class DramTier:
                 if not self.has(model_id):  # not a concurrent put of the same model winning the race
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise DramTierError(f"{self.dir}: no shared memory left for {model_id} "
+                                f"({ckpt.total_bytes / 1e9:.2f} GB); remove models from the tier first") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -197,7 +204,10 @@ class DramTier:
             for part in ckpt.partitions:
                 target = tmp / part.file
                 with open(target, "wb") as f:
-                    f.truncate(round_up(part.size, 4096))
+                    # Taken now, not sparse: a page fault in a mapping of a full /dev/shm (another fill took the
+                    # room after _check_space) fails the read with EFAULT, or is a SIGBUS if the CPU writes it.
+                    if part.size:
+                        os.posix_fallocate(f.fileno(), 0, round_up(part.size, 4096))
                 if part.size:
                     mapped[part.index] = MappedFile(target, shared=True)
                     readers[part.index] = FileReader(part.path, mode, expected_size=part.size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -53,6 +54,32 @@ def test_corrupt_source_is_never_published(copy_checkpoint, dram_tier):
         dram_tier.put(damaged, "damaged")
     assert not dram_tier.has("damaged")
     assert not list(dram_tier.dir.iterdir())  # the temporary fill was removed
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 256 KiB tmpfs: shared memory that runs out (mounting needs root)."""
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_shared_memory_running_out_during_a_fill_is_a_clear_error(models, small_tmpfs, monkeypatch):
+    """The room is taken by another fill after the free-space check: the fill fails naming the tier, not the
+    origin (a read into a mapping of a full tmpfs fails with EFAULT), and leaves nothing behind."""
+    _, converted = models("llama")
+    tier = DramTier("full", small_tmpfs)
+    monkeypatch.setattr(DramTier, "_check_space", lambda self, nbytes: None)
+    with pytest.raises(DramTierError, match=f"{tier.dir}: no shared memory left for llama"):
+        tier.put(converted, "llama")
+    assert not tier.has("llama") and list(tier.dir.iterdir()) == []
+    assert shutil.disk_usage(small_tmpfs).used == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
