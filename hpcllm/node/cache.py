@@ -512,13 +512,35 @@ class CacheManager:
         return None
 
     def path_for_load(self, model: str, source: str | os.PathLike) -> tuple[Path, str]:
-        """Where to load a model from: its best cached copy of the origin's content, else the origin (tier
-        "sharedfs"). Copies of other content (the name was redeployed from a new checkpoint) are dropped."""
+        """Where to load a model from: its fastest cached copy that holds the origin's content and is whole, marked
+        as just used, else the origin (tier "sharedfs"). Copies of other content (the name was redeployed from a new
+        checkpoint) and broken copies are dropped (kept, but never chosen, while instances use them)."""
         self.drop_stale(model, source)
-        copy = self.best_copy(model)
-        if copy is not None and self._same_content(copy.path, source):
-            return copy.path, copy.tier
+        for tier in self.tiers:
+            path = self._present(model, tier)
+            if path is not None and self._same_content(path, source) and self._whole(model, tier, path):
+                with self._transaction() as db:
+                    used = db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?",
+                                      (time.time(), model, tier))
+                    if used.rowcount:
+                        return path, tier
         return Path(source), SHAREDFS
+
+    def _whole(self, model: str, tier: str, path: Path) -> bool:
+        """The copy's manifest and index parse and every file is there with its size (no hashing: the loader checks
+        the bytes). A load of a broken copy fails as a corrupt one does not (TruncatedFile, MissingFile), so the
+        agent would never replace it and every start of the model on this node would fail: it is dropped here."""
+        try:
+            read_checkpoint(path).check_files_present()
+            return True
+        except CheckpointError as exc:
+            log.warning("the %s copy of %s is broken, not loading it: %s", tier, model, exc)
+        try:
+            self.evict(model, tier)
+        except CacheInUse:
+            with self._transaction() as db:
+                db.execute("UPDATE entries SET verified_at=NULL WHERE model=? AND tier=?", (model, tier))
+        return False
 
     @staticmethod
     def _same_content(copy: Path, source: str | os.PathLike) -> bool:

@@ -161,6 +161,41 @@ def test_flipped_byte_is_caught_by_verify_and_refilled(manager, origin):
     assert manager.verify("llama")[0].action == "ok"
 
 
+def _break(copy_path: Path, damage: str) -> None:
+    data_file = copy_path / "data-00001.h5"
+    if damage == "truncated":
+        os.truncate(data_file, data_file.stat().st_size // 2)
+    elif damage == "file missing":
+        data_file.unlink()
+    else:
+        (copy_path / "index.json").write_text("{}")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "file missing", "index damaged"])
+def test_a_broken_copy_is_not_loaded_and_is_dropped(manager, origin, damage):
+    """A load of a broken copy fails with TruncatedFile/MissingFile, which the agent does not take for a corrupt copy
+    to replace: every start of the model on the node would fail."""
+    nvme = manager.warm("llama", origin, "nvme")
+    dram = manager.warm("llama", origin, "dram")
+    _break(dram.path, damage)
+    assert manager.path_for_load("llama", origin) == (nvme.path, "nvme")
+    assert [(c.model, c.tier) for c in manager.list()] == [("llama", "nvme")]
+    _break(nvme.path, damage)
+    assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
+    assert manager.list() == []
+
+
+def test_a_broken_copy_in_use_is_kept_for_its_instance_but_not_loaded(manager, origin):
+    copy = manager.warm("llama", origin, "nvme")
+    with manager.using("llama", "nvme"):
+        _break(copy.path, "truncated")
+        assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
+        [kept] = manager.list()
+        assert kept.path == copy.path and not kept.verified
+    assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
+    assert manager.list() == []
+
+
 def test_corrupt_copy_whose_origin_is_gone_is_dropped(manager, origin, tmp_path):
     movable = _copy_model(origin, tmp_path / "movable")
     copy = manager.warm("llama", movable, "nvme")
