@@ -536,7 +536,7 @@ class CacheManager:
         except CheckpointError as exc:
             log.warning("the %s copy of %s is broken, not loading it: %s", tier, model, exc)
         try:
-            self.evict(model, tier)
+            self._drop(model, tier)
         except CacheInUse:
             with self._transaction() as db:
                 db.execute("UPDATE entries SET verified_at=NULL WHERE model=? AND tier=?", (model, tier))
@@ -562,7 +562,7 @@ class CacheManager:
             if path is None or self._same_content(path, source):
                 continue
             try:
-                self.evict(model, tier)
+                self._drop(model, tier)
                 dropped.append(tier)
                 log.info("dropped the %s copy of %s: its content is not that of %s (redeployed?)", tier, model,
                          source)
@@ -637,7 +637,7 @@ class CacheManager:
         if existing is not None and not self._same_content(existing.path, source):
             force = True  # a copy of another checkpoint under this name: replace it (CacheInUse while it is used)
         if existing is not None:
-            self.evict(model, tier)
+            self._drop(model, tier)
         fill_id = self.reserve_fill(model, tier, checkpoint_bytes(ckpt))
         try:
             if tier == NVME:
@@ -895,19 +895,20 @@ class CacheManager:
             db.execute("DELETE FROM fills WHERE id=?", (fill_id,))
 
     @staticmethod
-    def _check_no_fill_of(db, model: str, tier: str) -> None:
-        """Two fills of one copy side by side would each reserve room for it, evicting other models' copies."""
-        other = db.execute("SELECT pid FROM fills WHERE model=? AND tier=?", (model, tier)).fetchone()
-        if other is not None:
-            raise FillInProgress(f"model {model!r} is being copied into the {tier} tier already (process "
-                                 f"{other[0]}); wait for that copy to finish, then retry")
+    def _check_no_fill_of(db, model: str, tiers: tuple[str, ...], then: str = "retry", slices: bool = False) -> None:
+        """FillInProgress when the entry `model` (and with `slices`, a slice copy of it) is being filled in `tiers`.
+        Two fills of one copy side by side would each reserve room for it, evicting other models' copies."""
+        for key, tier, pid in db.execute("SELECT model, tier, pid FROM fills"):
+            if tier in tiers and (key == model or (slices and parse_entry_key(key)[0] == model)):
+                raise FillInProgress(f"model {model!r} is being copied into the {tier} tier already (process {pid}); "
+                                     f"wait for that copy to finish, then {then}")
 
     def reserve_fill(self, model: str, tier: str, need: int) -> str:
         """Evict LRU copies not in use until `need` bytes fit, and record the fill so concurrent fills count it."""
         evicted: list[Path] = []
         with self._transaction() as db:
             self._sync(db)
-            self._check_no_fill_of(db, model, tier)
+            self._check_no_fill_of(db, model, (tier,))
             capacity = self.capacity[tier]
             used = self._used(db, tier)
             free_disk = self._free_disk(tier)
@@ -968,12 +969,23 @@ class CacheManager:
         return trash
 
     def evict(self, model: str, tier: str | None = None, *, force: bool = False) -> list[CachedCopy]:
-        """Remove a model's copies (one tier or all); CacheInUse when one is held (unless force)."""
+        """Remove a model's copies (one tier or all); CacheInUse when one is held (unless force), FillInProgress
+        while one is being copied in (it would appear after the eviction, which had found nothing to remove)."""
+        return self._evict(model, tier, force=force, refuse_fills=True)
+
+    def _drop(self, model: str, tier: str) -> list[CachedCopy]:
+        """Remove the copy in a tier (stale, corrupt, broken, or about to be replaced); CacheInUse when it is held.
+        A fill of the model going on meanwhile is another copy, not this one's concern."""
+        return self._evict(model, tier, force=False, refuse_fills=False)
+
+    def _evict(self, model: str, tier: str | None, *, force: bool, refuse_fills: bool) -> list[CachedCopy]:
         check_model_name(model)
         tiers = (self._check_tier(tier),) if tier else self.tiers
         trash = []
         with self._transaction() as db:
             self._sync(db)
+            if refuse_fills:
+                self._check_no_fill_of(db, model, tiers, "evict it", slices=True)
             # its whole copies and (NVMe) its slice copies of every degree
             copies = [c for c in self._copies(db, "WHERE model=? OR model LIKE ?", (model, f"{model}+tp%"))
                       if c.tier in tiers and c.model == model]
@@ -1061,7 +1073,7 @@ class CacheManager:
                 db.execute("UPDATE entries SET verified_at=NULL WHERE model=? AND tier=?", (model, tier))
             return VerifyResult(model, tier, False, "kept-in-use",
                                 f"corrupt but in use by {copy.in_use} instance(s); evict it once they stop: {reason}")
-        self.evict(model, tier)
+        self._drop(model, tier)
         if not copy.source:
             return VerifyResult(model, tier, False, "dropped", f"corrupt and its origin is unknown: {reason}")
         try:

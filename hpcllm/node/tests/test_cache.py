@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from hpcllm.checkpoint import read_checkpoint
-from hpcllm.node.cache import (CacheInUse, CacheManager, CacheCorrupt, NotEnoughSpace, UnknownModel,
-                               checkpoint_bytes)
+from hpcllm.node.cache import (CacheCorrupt, CacheInUse, CacheManager, FillInProgress, NotEnoughSpace,
+                               UnknownModel, checkpoint_bytes)
 
 CHUNK = 16 * 1024  # small chunks so a tiny model has many of them
 
@@ -262,6 +262,33 @@ def test_two_warms_of_one_model_at_once_evict_no_other_copy(manager, origin, mod
     assert errors == []
     assert met == [False]  # one copy, never two side by side
     assert {(c.model, c.tier) for c in cm.list()} == {("other", "nvme"), ("m", "nvme")}
+
+
+def test_an_evict_while_the_model_is_being_copied_in_is_refused(manager, origin):
+    """The eviction found nothing to remove and answered so, then the copy appeared: the model was cached after all."""
+    import threading
+
+    copying, go_on = threading.Event(), threading.Event()
+
+    def hold_the_copy(done: int, total: int) -> None:
+        copying.set()
+        go_on.wait(timeout=60)
+
+    errors = []
+    warm = threading.Thread(target=lambda: _record_errors(errors, manager.warm, "llama", origin, "nvme",
+                                                          hold_the_copy))
+    warm.start()
+    try:
+        assert copying.wait(timeout=60)
+        for tier in ("nvme", None):
+            with pytest.raises(FillInProgress, match="'llama' is being copied into the nvme tier .* then evict it"):
+                manager.evict("llama", tier)
+        assert manager.evict("llama", "dram") == []  # another tier than the copy's: nothing to wait for
+    finally:
+        go_on.set()
+        warm.join()
+    assert errors == [] and [c.tier for c in manager.list()] == ["nvme"]
+    assert [c.tier for c in manager.evict("llama")] == ["nvme"] and manager.list() == []
 
 
 def _record_errors(errors: list, call, *args) -> None:
