@@ -362,7 +362,8 @@ class CacheManager:
         except (NotPrivate, DramTierError) as exc:
             raise CacheError(str(exc)) from None
         except OSError as exc:
-            raise CacheError(f"cannot create the NVMe cache folder {self.nvme_dir}: {exc.strerror}") from None
+            raise CacheError(f"cannot create the NVMe cache folder {self.nvme_dir}: {exc.strerror}; set "
+                             f"node.nvme_dir to a writable folder") from None
         self._db_path = self.nvme_dir / STATE_DB
         self._warm_locks: dict[tuple[str, str], threading.Lock] = {}
         self._warm_locks_guard = threading.Lock()
@@ -373,7 +374,7 @@ class CacheManager:
             finally:
                 db.close()
         except sqlite3.Error as exc:
-            raise CacheError(f"cannot open the cache state file {self._db_path}: {exc}") from None
+            raise self._state_error(exc) from None
         self.clean_stale()
 
     @classmethod
@@ -396,7 +397,7 @@ class CacheManager:
         try:
             db = self._connect()
         except sqlite3.Error as exc:
-            raise CacheError(f"cannot open the cache state file {self._db_path}: {exc}") from None
+            raise self._state_error(exc) from None
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -405,8 +406,14 @@ class CacheManager:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+        except sqlite3.Error as exc:  # a disk gone read-only or full: a CacheError, not a traceback
+            raise self._state_error(exc) from None
         finally:
             db.close()
+
+    def _state_error(self, exc: sqlite3.Error) -> CacheError:
+        return CacheError(f"cannot use the cache state file {self._db_path}: {exc}; the NVMe cache folder must be "
+                          f"a writable local folder (node.nvme_dir)")
 
     # ------------------------------------------------------------------------------------------------- queries
 
@@ -514,7 +521,16 @@ class CacheManager:
     def path_for_load(self, model: str, source: str | os.PathLike) -> tuple[Path, str]:
         """Where to load a model from: its fastest cached copy that holds the origin's content and is whole, marked
         as just used, else the origin (tier "sharedfs"). Copies of other content (the name was redeployed from a new
-        checkpoint) and broken copies are dropped (kept, but never chosen, while instances use them)."""
+        checkpoint) and broken copies are dropped (kept, but never chosen, while instances use them). A cache that
+        cannot be used (its disk gone read-only or failing) loads from the origin: the cache only makes loads faster.
+        """
+        try:
+            return self._cached_for_load(model, source)
+        except CacheError as exc:
+            log.warning("loading %s from its origin %s: %s", model, source, exc)
+            return Path(source), SHAREDFS
+
+    def _cached_for_load(self, model: str, source: str | os.PathLike) -> tuple[Path, str]:
         self.drop_stale(model, source)
         for tier in self.tiers:
             path = self._present(model, tier)
@@ -852,8 +868,8 @@ class CacheManager:
         """Fill the NVMe entry `model` (a model or a slice key): `write` fills a hidden folder, which gets its marker
         and is renamed into place; on any failure the folder goes and nothing was visible."""
         tmp = self.nvme_dir / filling_name(model)
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             write(tmp)
             write_marker(tmp, model, origin, folder_bytes(tmp), time.time())
             fsync_dir(tmp)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hpcllm.checkpoint import read_checkpoint
-from hpcllm.node.cache import (CacheCorrupt, CacheInUse, CacheManager, FillInProgress, NotEnoughSpace,
+from hpcllm.node.cache import (CacheCorrupt, CacheError, CacheInUse, CacheManager, FillInProgress, NotEnoughSpace,
                                UnknownModel, checkpoint_bytes)
 
 CHUNK = 16 * 1024  # small chunks so a tiny model has many of them
@@ -194,6 +194,17 @@ def test_a_broken_copy_in_use_is_kept_for_its_instance_but_not_loaded(manager, o
         assert kept.path == copy.path and not kept.verified
     assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
     assert manager.list() == []
+
+
+def test_a_cache_whose_state_cannot_be_used_loads_from_the_origin(manager, origin):
+    """The cache's disk failing (here its state file is garbage) must not stop the model's starts on the node."""
+    manager.warm("llama", origin, "nvme")
+    for state in manager.nvme_dir.glob(".hpcllm-cache.db*"):
+        state.unlink()
+    (manager.nvme_dir / ".hpcllm-cache.db").write_bytes(b"\xff" * 4096)
+    assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
+    with pytest.raises(CacheError, match=r"\.hpcllm-cache\.db: file is not a database; .* \(node\.nvme_dir\)"):
+        manager.list()
 
 
 def test_corrupt_copy_whose_origin_is_gone_is_dropped(manager, origin, tmp_path):
