@@ -518,28 +518,34 @@ class CacheManager:
                     return CachedCopy(**{**asdict(copy), "last_used": now})
         return None
 
-    def path_for_load(self, model: str, source: str | os.PathLike) -> tuple[Path, str]:
+    def path_for_load(self, model: str, source: str | os.PathLike, *, hold: bool = False) -> tuple[Path, str]:
         """Where to load a model from: its fastest cached copy that holds the origin's content and is whole, marked
         as just used, else the origin (tier "sharedfs"). Copies of other content (the name was redeployed from a new
         checkpoint) and broken copies are dropped (kept, but never chosen, while instances use them). A cache that
         cannot be used (its disk gone read-only or failing) loads from the origin: the cache only makes loads faster.
+        With `hold`, the copy is also acquired by this process (release() it) in the transaction that found it: one
+        evicted after it was chosen and before a separate acquire() failed the start instead of loading elsewhere.
         """
         try:
-            return self._cached_for_load(model, source)
+            return self._cached_for_load(model, source, hold)
         except CacheError as exc:
             log.warning("loading %s from its origin %s: %s", model, source, exc)
             return Path(source), SHAREDFS
 
-    def _cached_for_load(self, model: str, source: str | os.PathLike) -> tuple[Path, str]:
+    def _cached_for_load(self, model: str, source: str | os.PathLike, hold: bool) -> tuple[Path, str]:
         self.drop_stale(model, source)
         for tier in self.tiers:
             path = self._present(model, tier)
             if path is not None and self._same_content(path, source) and self._whole(model, tier, path):
                 with self._transaction() as db:
+                    self._sync(db)
                     used = db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?",
                                       (time.time(), model, tier))
-                    if used.rowcount:
-                        return path, tier
+                    if not used.rowcount:  # evicted meanwhile: the next tier, or the origin
+                        continue
+                    if hold:
+                        self._add_ref(db, model, tier, os.getpid())
+                    return path, tier
         return Path(source), SHAREDFS
 
     def _whole(self, model: str, tier: str, path: Path) -> bool:
@@ -599,10 +605,14 @@ class CacheManager:
             self._sync(db)
             if not self._copies(db, "WHERE model=? AND tier=?", (model, tier)):
                 raise UnknownModel(f"model {model!r} is not in this node's {tier} cache; warm it first")
-            db.execute("INSERT INTO refs VALUES (?,?,?,1) ON CONFLICT(model, tier, pid) DO UPDATE SET count=count+1",
-                       (model, tier, pid))
+            self._add_ref(db, model, tier, pid)
             db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?", (time.time(), model, tier))
             return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
+
+    @staticmethod
+    def _add_ref(db: sqlite3.Connection, model: str, tier: str, pid: int) -> None:
+        db.execute("INSERT INTO refs VALUES (?,?,?,1) ON CONFLICT(model, tier, pid) DO UPDATE SET count=count+1",
+                   (model, tier, pid))
 
     def release(self, model: str, tier: str, pid: int | None = None) -> None:
         """Drop one reference taken by acquire (a release without an acquire is ignored)."""

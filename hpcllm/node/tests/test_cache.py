@@ -207,6 +207,29 @@ def test_a_cache_whose_state_cannot_be_used_loads_from_the_origin(manager, origi
         manager.list()
 
 
+def test_a_copy_evicted_while_a_load_chooses_it_is_not_handed_out(manager, origin, monkeypatch):
+    """A start chose a copy, an eviction removed it, then the start acquired it: UnknownModel (a 404) instead of a
+    load from the next tier or the origin. hold=True acquires in the transaction that finds the copy."""
+    nvme = manager.warm("llama", origin, "nvme")
+    manager.warm("llama", origin, "dram")
+    whole = manager._whole
+
+    def evicted_after_the_check(model, tier, path):
+        ok = whole(model, tier, path)
+        if tier == "dram":
+            _manager_like(manager).evict("llama", "dram")  # the agent's API, another thread or process
+        return ok
+
+    monkeypatch.setattr(manager, "_whole", evicted_after_the_check)
+    assert manager.path_for_load("llama", origin, hold=True) == (nvme.path, "nvme")
+    assert [(c.tier, c.in_use) for c in manager.list()] == [("nvme", 1)]
+    with pytest.raises(CacheInUse):
+        manager.evict("llama")
+    manager.release("llama", "nvme")
+    assert manager.path_for_load("llama", origin) == (nvme.path, "nvme")
+    assert [(c.tier, c.in_use) for c in manager.list()] == [("nvme", 0)]  # no hold without hold=True
+
+
 def test_corrupt_copy_whose_origin_is_gone_is_dropped(manager, origin, tmp_path):
     movable = _copy_model(origin, tmp_path / "movable")
     copy = manager.warm("llama", movable, "nvme")
