@@ -489,6 +489,8 @@ class CacheManager:
 
     def list(self) -> list[CachedCopy]:
         self._remove_dead_fills()  # a killed fill (SIGKILL, a cancelled MPI warm) goes as soon as anyone looks
+        if self.dram is not None:
+            self.dram.clean_stale()  # a killed DRAM fill holds memory
         with self._transaction() as db:
             self._sync(db)
             return self._copies(db)

@@ -146,6 +146,19 @@ cm.warm("llama", {str(origin)!r}, "nvme", progress=hang)
     assert fresh.warm("llama", origin, "nvme").verified
 
 
+def test_a_killed_dram_fill_is_cleaned_on_list(manager, origin):
+    """A SIGKILLed `hpcllm store dram put` into the agent's namespace leaves its temporary folder in /dev/shm, memory
+    that a long-lived agent would otherwise keep until it restarts."""
+    manager.warm("llama", origin, "dram")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = manager.dram.dir / f".tmp-other-{dead.pid}-0123abcd"
+    leftover.mkdir()
+    (leftover / "data-00000.h5").write_bytes(b"\0" * 4096)
+    assert [(c.model, c.tier) for c in manager.list()] == [("llama", "dram")]
+    assert sorted(p.name for p in manager.dram.dir.iterdir()) == ["llama"]
+
+
 def test_flipped_byte_is_caught_by_verify_and_refilled(manager, origin):
     copy = manager.warm("llama", origin, "nvme")
     data_file = copy.path / "data-00001.h5"
