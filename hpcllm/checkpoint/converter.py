@@ -13,11 +13,14 @@ out_dir and renamed into place only when complete and re-validated, so an interr
 from __future__ import annotations
 
 import abc
+import glob
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -57,6 +60,7 @@ from hpcllm.checkpoint.writer import (
     write_manifest,
     write_partition,
 )
+from hpcllm.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,8 @@ def convert(
     _check_arguments(source_dir, out, partitions, dtype, chunk_size, overwrite)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+        _remove_killed_conversions(out)
+        tmp = Path(tempfile.mkdtemp(prefix=_converting_prefix(out, os.getpid()), dir=out.parent))
     except OSError as exc:
         raise CheckpointError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     try:
@@ -114,6 +119,24 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return read_checkpoint(out)
+
+
+def _converting_prefix(out: Path, pid: int) -> str:
+    """The temporary folder's name up to mkdtemp's random part: whose conversion it is (pid@host)."""
+    return f".{out.name}.converting-{pid}@{socket.gethostname()}."
+
+
+def _remove_killed_conversions(out: Path) -> None:
+    """A SIGKILLed conversion into `out` (OOM, scancel, power loss) leaves its hidden temporary folder, as large as
+    the checkpoint, on the shared FS. The next conversion into `out` removes those of this host's dead processes
+    (another host's pid means nothing here: that conversion may be running)."""
+    ours = re.compile(re.escape(f".{out.name}.converting-") + r"(\d+)" + re.escape(f"@{socket.gethostname()}.")
+                      + "[a-z0-9_]+")
+    for leftover in out.parent.glob(glob.escape(f".{out.name}.converting-") + "*"):
+        killed = ours.fullmatch(leftover.name)
+        if killed and not pid_alive(int(killed.group(1))) and leftover.is_dir() and not leftover.is_symlink():
+            log.info("removing %s, left by a conversion that was killed", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str | None, chunk_size: int,

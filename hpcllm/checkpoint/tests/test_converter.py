@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -206,6 +210,38 @@ def test_interrupt_mid_conversion_keeps_the_old_output(hf_models, tmp_path, monk
         convert(hf_models["llama"], out, overwrite=True)
     assert read_checkpoint(out).manifest == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_killed_conversions_leftover_is_removed_by_the_next_one(hf_models, tmp_path):
+    """SIGKILL (OOM, scancel) leaves the hidden temporary folder, as large as the checkpoint, on the shared FS."""
+    out, started = tmp_path / "out", tmp_path / "started"
+    script = f"""
+import time
+from pathlib import Path
+from hpcllm.checkpoint import converter
+def hang(*args, **kwargs):
+    Path({str(started)!r}).touch()
+    time.sleep(120)
+converter.write_index = hang
+converter.convert({str(hf_models["llama"])!r}, {str(out)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        while not started.exists():
+            assert proc.poll() is None, "the conversion exited early"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    [killed] = [p.name for p in tmp_path.iterdir() if ".converting-" in p.name]
+    # Not ours to remove: a live conversion here, and any on another host (its pid means nothing here).
+    running = [f".out.converting-{os.getpid()}@{socket.gethostname()}.abc_12",
+               f".out.converting-{proc.pid}@elsewhere.x1"]
+    for name in running:
+        (tmp_path / name).mkdir()
+    convert(hf_models["llama"], out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != started.name) == sorted(running + ["out"])
+    assert killed not in running
 
 
 # ----------------------------------------------------------------------------------------------------- bad input
