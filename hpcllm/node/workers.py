@@ -354,8 +354,10 @@ class WorkerManager:
             raise GpusBusy(f"GPUs {sorted(busy)} are used by another instance on this node")
 
     def _resolve(self, model: str, source: Path) -> tuple[Path, str]:
+        """Where to load from; a cached copy chosen is acquired by this process in the same step (release() it), so
+        an evict cannot take it between the choice and the start: one evicted just before is passed over."""
         if self.cache is not None:
-            path, tier = self.cache.path_for_load(model, source)
+            path, tier = self.cache.path_for_load(model, source, hold=True)
             return Path(path), tier
         return source, "sharedfs"
 
@@ -634,13 +636,11 @@ class WorkerManager:
                 vllm_python(self.config)  # refuse now, with the reason, before anything is allocated
             # Ranks on other nodes cannot read this node's cached copies: a spanning instance reads the origin.
             path, tier = (source, "sharedfs") if req.nodes > 1 else self._resolve(req.model, source)
-            if not path.exists():
-                raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
-            self._check_context_length(req, path)
-            held = tier in LOCAL_TIERS and self.cache is not None
-            if held:
-                self.cache.acquire(req.model, tier)  # not evicted while its worker starts
+            held = tier in LOCAL_TIERS  # _resolve acquired the copy: not evicted while its worker starts
             try:
+                if not path.exists():
+                    raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
+                self._check_context_length(req, path)
                 inst = self._launch(req, path, tier)
             finally:  # started or not: a started worker holds the copy with a reference of its own
                 if held:

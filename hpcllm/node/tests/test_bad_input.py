@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hpcllm.errors import HpcllmError
+from hpcllm.node.cache import CacheInUse
 from hpcllm.node.app import create_app
 from hpcllm.node.protocol import StartInstance
 from hpcllm.node.tests.test_agent import AUTH, converted, make_agent  # noqa: F401 (converted: a fixture)
@@ -106,6 +107,29 @@ def test_a_max_model_len_over_the_models_context_is_a_400_before_any_worker(clie
     assert error(resp)["param"] == "max_model_len"
     assert "context length of 512 tokens" in error(resp)["message"]
     assert instances(client) == [] and agent.workers.starts == 0
+
+
+def test_an_evict_right_after_a_start_chose_the_cached_copy_cannot_take_it(agent, client, converted, monkeypatch):
+    # The start's choice of a copy holds it: an evict in between finds it in use (before: the evict went through
+    # and the start failed with a 404, the copy gone, instead of starting).
+    assert warm(client, model="m", source=str(converted), tier="nvme").status_code == 200
+    choose, evicts = agent.cache.path_for_load, []
+
+    def choose_then_evict(model, source, **options):
+        chosen = choose(model, source, **options)
+        try:
+            agent.cache.evict(model, "nvme")
+            evicts.append("evicted")
+        except CacheInUse:
+            evicts.append("in use")
+        return chosen
+
+    monkeypatch.setattr(agent.cache, "path_for_load", choose_then_evict)
+    agent.workers.set_key(None)  # the start then stops at spawning its worker (no key for it), past the copy's use
+    with pytest.raises(HpcllmError, match="no key for its workers"):
+        agent.workers.start(StartInstance(model="m", source=str(converted)))
+    assert evicts == ["in use"]
+    assert [(c.tier, c.in_use) for c in agent.cache.list()] == [("nvme", 0)]
 
 
 def test_a_start_that_fails_otherwise_than_with_oserror_lets_the_cached_copy_go(agent, client, converted):
