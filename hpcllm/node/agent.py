@@ -39,6 +39,7 @@ from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import check_url, error_of, internal_client
 from hpcllm.httpkit.server import InternalServer
+from hpcllm.node.cache import CacheError
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers, sweep_read_settings
 from hpcllm.node.read_sweep import BackgroundSweep, IdleGate, SavedSweep, saved_sweep_path, sweep_key
@@ -197,9 +198,14 @@ class NodeAgent:
     def cache_entries(self) -> list[CacheEntry]:
         if self.cache is None:
             return []
+        try:
+            copies = self.cache.list()
+        except CacheError as exc:  # its disk gone read-only or failing: loads read the origin, so report no copies
+            log.warning("reporting no cached copies: %s", exc)
+            return []
         return [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified, last_used=c.last_used,
                            tensor_parallel=c.tensor_parallel, rank=c.rank)
-                for c in self.cache.list()]
+                for c in copies]
 
     def instance_infos(self) -> list[InstanceInfo]:
         """The instances this agent runs; a tensor-parallel one's ranks all run on this node (mpirun here)."""
@@ -290,8 +296,11 @@ class NodeAgent:
             self._wake.clear()
             if self._drain_requested.is_set():
                 return
-            self._keep_pinned_model()
-            self.heartbeat()
+            try:
+                self._keep_pinned_model()
+                self.heartbeat()
+            except Exception:  # one bad beat must not end them all (the controller would declare the node lost)
+                log.exception("heartbeat of %s failed; trying again in %.0f s", self.node_id, self.heartbeat_seconds)
 
     # ------------------------------------------------------------------------------------------ pinned model
 

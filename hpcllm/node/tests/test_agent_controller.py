@@ -108,3 +108,27 @@ def test_a_second_agent_on_the_node_waits_with_the_controllers_reason(tmp_path, 
     finally:
         for agent in agents:
             agent.shutdown()
+
+
+def test_a_cache_that_cannot_be_read_keeps_the_node_beating(tmp_path, controllers, monkeypatch):
+    # A cache disk gone read-only or failing (CacheError from its state file): loads read the origin, and the node
+    # reports no copies; its heartbeats go on (a raised error ended the heartbeat thread: the node was declared lost).
+    from hpcllm.node.cache import CacheError
+
+    (first, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    agent = make_agent(tmp_path)
+    agent.controller_url = url
+    try:
+        agent.start_server(create_app(agent))
+        assert agent.register()
+
+        def unreadable():
+            raise CacheError("cannot use the cache state file: disk I/O error")
+
+        monkeypatch.setattr(agent.cache, "list", unreadable)
+        assert agent.heartbeat()
+        [node] = first.controller.status().nodes
+        assert (node.node_id, node.state, node.cached) == ("n7", "up", [])
+    finally:
+        agent.shutdown()
