@@ -1,8 +1,8 @@
 """hpcllm configuration: one TOML file, validated with pydantic.
 
 Each sub-package owns one section (a pydantic model below). Unknown keys are rejected so a typo in a config file
-is an error that names the key, not a silently ignored setting. Load with `load_config(path)`; with no path the
-embedded default (conf/hpcllm.toml's values) is used, so `hpcllm` runs on a fresh machine without a config file.
+is an error that names the key, not a silently ignored setting. Load with `load_config(path)`; with no path
+$HPCLLM_CONFIG, else the defaults below, so `hpcllm` runs on a fresh machine without a config file.
 """
 
 from __future__ import annotations
