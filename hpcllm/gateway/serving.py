@@ -35,7 +35,8 @@ from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
 from hpcllm.worker.client import WorkerError
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs, offset_seed
+from hpcllm.worker.protocol import (ENGINE_UNAVAILABLE, FinalLine, GenerateRequest, MigratedTo, TokenLine,
+                                   TokenLogprobs, offset_seed)
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,8 @@ class Generation:
                         self.gw.metrics.request_success.labels(self.model, final.finish_reason).inc()
                         yield Delta(index, "", final.finish_reason)
                         return
-                    if final.finish_reason == "error":
-                        message = final.error.message if final.error else "unknown error"
+                    message = final.error.message if final.error else "unknown error"
+                    if final.finish_reason == "error" and not _worker_died(final):
                         raise InternalError(f"the model's worker failed while generating: {message}",
                                             code="generation_failed")
                     if (final.finish_reason == "migrated" and final.migrated_to is not None
@@ -278,6 +279,8 @@ class Generation:
                         if failure is None:
                             continue
                         reason = failure
+                    elif final.finish_reason == "error":
+                        reason = f"worker {choice.stream.worker_url} failed: {message}"
                     else:
                         reason = f"worker {choice.stream.worker_url} ended the generation ({final.finish_reason})"
                 if resumes >= MAX_RESUMES:  # the reason names internal addresses: the log has it, not the client
@@ -408,6 +411,12 @@ class Generation:
                                               self.prompt_tokens + self.completion_tokens)
             except Exception:  # never let bookkeeping hide the request's own outcome
                 log.exception("request %s: could not settle its token reservation", self.ctx.request_id)
+
+
+def _worker_died(final: FinalLine) -> bool:
+    """The generation failed because its worker's engine died (its model process was killed, a step hung), not
+    because of the request: another worker can continue it from the tokens delivered."""
+    return final.error is not None and final.error.type == ENGINE_UNAVAILABLE
 
 
 @dataclass

@@ -136,6 +136,11 @@ class ErrorInfo(WireModel):
     code: str | None = None
 
 
+# ErrorInfo.type of a refusal or a final "error" line when the worker's engine is not running or died (its model
+# process was killed, a step hung): the worker's trouble, not the request's; the gateway continues elsewhere.
+ENGINE_UNAVAILABLE = "engine_unavailable"
+
+
 class MigratedTo(WireModel):
     """Where a migrated generation goes on: attach to request_id on worker_url from output index from_index."""
 

@@ -22,6 +22,7 @@ from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
 from hpcllm.httpkit.errors import ServiceError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, text_decoder
 from hpcllm.worker.protocol import (
+    ENGINE_UNAVAILABLE,
     ErrorInfo,
     FinalLine,
     GenerateRequest,
@@ -86,7 +87,7 @@ class EngineUnavailable(EngineError):
     """The engine is not running (not started, shut down, or its thread died)."""
 
     http_status = 503
-    error_type = "engine_unavailable"
+    error_type = ENGINE_UNAVAILABLE
 
 
 
@@ -677,7 +678,7 @@ class EngineBase:
             if self.error is None:
                 self._finish(req, "abort")
             else:
-                info = ErrorInfo(message=f"engine failed: {self.error}", type="engine_unavailable")
+                info = ErrorInfo(message=f"engine failed: {self.error}", type=ENGINE_UNAVAILABLE)
                 self._finish(req, "error", error=info)
         self._deliver_events()
 

@@ -81,3 +81,56 @@ def test_stream_resumes_on_another_worker_when_its_worker_shuts_down(make_gatewa
     assert "".join(texts) == uninterrupted["choices"][0]["text"]
     assert uninterrupted["usage"]["completion_tokens"] == 200
     assert f'hpcllm_request_resumes_total{{model_name="{MODEL}"}} 1.0' in httpx.get(f"{gateway.url}/metrics").text
+
+
+@pytest.fixture
+def worker_with_model_process(tiny_model_dir):
+    """A second real worker whose forward runs in a model process (the CPU default), which the test kills."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5, model_process=True)
+    service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                   AutoTokenizer.from_pretrained(tiny_model_dir)))
+    server = ThreadServer(create_app(service))
+    yield service, server.url
+    server.stop()
+    service.shutdown()
+
+
+def test_stream_resumes_on_another_worker_when_its_workers_model_process_is_killed(make_gateway, worker_url,
+                                                                                  worker_with_model_process,
+                                                                                  tiny_model_dir):
+    """The worker lives on, but its engine died (its final line: finish_reason "error", engine_unavailable): that is
+    the worker's failure, not the request's, so the generation goes on elsewhere instead of ending in an error."""
+    import os
+    import signal
+
+    service, dying_url = worker_with_model_process
+    router = ScriptedRouter(tiny_model_dir, [dying_url, worker_url])
+    gateway = make_gateway(router=router)
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 480, "temperature": 0.9, "seed": 11,
+            "ignore_eos": True}
+
+    texts = []
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
+        lines = (line for line in stream.iter_lines() if line)
+        for line in lines:
+            texts.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+            if len(texts) == 3:
+                os.kill(service.engine.model_process_pid, signal.SIGKILL)
+                break
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in rest[:-1]]
+    assert "error" not in events[-1], events[-1]
+    texts += [e["choices"][0]["text"] for e in events]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    assert router.resolved[:2] == [dying_url, worker_url]
+    assert not service.engine.alive  # it was the engine's death, not the end of the generation, that moved it
+
+    uninterrupted = gateway.post("/v1/completions", json=body).json()
+    assert "".join(texts) == uninterrupted["choices"][0]["text"]
+    assert f'hpcllm_request_resumes_total{{model_name="{MODEL}"}} 1.0' in httpx.get(f"{gateway.url}/metrics").text
