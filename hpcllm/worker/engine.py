@@ -191,7 +191,10 @@ class Engine(EngineBase):
         cuda_graphs: bool | str = False,
         model_process_threads: int | None = None,
         async_scheduling: bool = True,
+        step_timeout: float | None = None,
     ) -> None:
+        """step_timeout: seconds a model step (or an embedding piece) may take before the engine counts as hung and
+        fails (None: never; _watch_steps)."""
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
         if batching not in BATCHING_MODES:
@@ -258,6 +261,8 @@ class Engine(EngineBase):
         self._stopping = False
         self.error: str | None = None
         self._prefill_rate: float | None = None  # tokens/s of prefill chunks, moving average (migration cost)
+        self.step_timeout = step_timeout
+        self._model_busy_since: float | None = None  # when the engine thread began waiting for the model
 
     # ---- public API (any thread; submit, generate, tokens and migration are EngineBase's) ----------------------
 
@@ -318,7 +323,8 @@ class Engine(EngineBase):
                 return
             job = self._embed_jobs[0]
         try:
-            job.embeddings.extend(self._embed(job.next_piece(self.prefill_chunk_tokens)))
+            with self._model_busy():
+                job.embeddings.extend(self._embed(job.next_piece(self.prefill_chunk_tokens)))
         except torch.OutOfMemoryError as exc:
             self._end_embed_job(job, exc)
         except Exception as exc:
@@ -386,6 +392,48 @@ class Engine(EngineBase):
         with self._lock:
             return sum(len(r.all_ids) for r in [*self._running, *self._waiting]
                        if not (r.held or r.paused or r.migrating))
+
+    def start(self):
+        super().start()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch_steps, name=f"hpcllm-step-watch-{self.model_name}",
+                             daemon=True).start()
+        return self
+
+    # ---- a hung step -----------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _model_busy(self):
+        """Around the engine thread's waits for the model (a step's forward or result, an embedding piece)."""
+        self._model_busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._model_busy_since = None
+
+    def _watch_steps(self) -> None:
+        """A step that never ends (a hung GPU or collective, a stopped model process) would hold its requests
+        forever: their streams' keep-alives hide it from the gateway's read timeout and /health stays 200. Past
+        step_timeout the engine fails instead: its requests end with an engine_unavailable error (the gateway
+        resumes them elsewhere), /health turns 503 (the node agent restarts the worker)."""
+        interval = min(1.0, self.step_timeout / 4)
+        while self.alive and not self._stopping:
+            since = self._model_busy_since
+            if since is not None and time.monotonic() - since > self.step_timeout:
+                self._fail_hung_step(time.monotonic() - since)
+                return
+            time.sleep(interval)
+
+    def _fail_hung_step(self, seconds: float) -> None:
+        self.error = (f"EngineHung: the model has not finished a step in {seconds:.1f} s (the step timeout is "
+                      f"{self.step_timeout:g} s)")
+        log.error("%s; failing the engine's requests", self.error)
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if isinstance(self.runner, ProcessRunner):
+            self.runner.kill()  # the engine thread, waiting on its pipe, wakes and ends
+        self._end_all()  # an engine thread stuck in an in-process forward may never come back to do it
 
     # ---- engine thread -------------------------------------------------------------------------------------------
 
@@ -495,7 +543,8 @@ class Engine(EngineBase):
                 ahead = self._schedule_ahead(current)
                 self._ahead = self._launch(ahead) if ahead else None
         try:
-            result = self.runner.collect()
+            with self._model_busy():
+                result = self.runner.collect()
         except torch.OutOfMemoryError as exc:
             self._discard_ahead()
             self._out_of_memory([w.req for w in current.chunks], exc)
@@ -758,10 +807,12 @@ class Engine(EngineBase):
         or just before it (in this process, where the streams would wait for the GIL anyway)."""
         if not isinstance(self.runner, ProcessRunner):
             self._deliver_events()
-            return self._forward(batch)
+            with self._model_busy():
+                return self._forward(batch)
         self.runner.launch(batch)
         self._deliver_events()
-        return self.runner.collect().logits
+        with self._model_busy():
+            return self.runner.collect().logits
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)

@@ -581,7 +581,8 @@ class EngineBase:
             self._loop()
         except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
             log.exception("%s loop died", self.thread_name)
-            self.error = f"{type(exc).__name__}: {exc}"
+            # The first reason stays: a hung step's (Engine._fail_hung_step), not the kill that ended it.
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
         finally:
             self._end_all()
 

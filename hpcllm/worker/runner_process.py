@@ -137,6 +137,11 @@ class ProcessRunner:
         """Stop the model process (the engine's loop ended)."""
         self._model_process.close()
 
+    def kill(self) -> None:
+        """End a model process that stopped answering (a hung step): whoever waits for its reply gets
+        ModelProcessError."""
+        self._process.kill()
+
     def _send(self, message: tuple[str, object]) -> None:
         try:
             self._conn.send(message)

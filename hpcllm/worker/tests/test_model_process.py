@@ -204,6 +204,38 @@ def test_a_dead_model_process_fails_the_engine_and_its_requests(unpacked_pair):
         engine.shutdown()
 
 
+def test_a_model_process_that_stops_answering_is_killed_and_fails_the_engine_and_its_streams(unpacked_pair,
+                                                                                            start_worker):
+    """A stopped (or hung) model process: past step_timeout it is killed, the stream ends with an engine_unavailable
+    error instead of keep-alives forever, and /health turns 503 (the node agent restarts the worker)."""
+    import signal
+    import threading
+
+    unpacked, tokenizer = unpacked_pair
+    worker = start_worker(loader=lambda: ModelForServing(unpacked, tokenizer, tier="test"), model_process=True,
+                          step_timeout=1.0)
+    assert wait_until(lambda: worker.service.engine is not None and worker.service.engine.alive, timeout=120)
+    process = worker.service.engine.runner._process
+    # Continued after 30 s if still there: then the stream would end normally, and the test fail, rather than hang.
+    wake = threading.Timer(30, lambda: process.is_alive() and os.kill(process.pid, signal.SIGCONT))
+    try:
+        body = request(prompt=PROMPTS[0], ignore_eos=True)  # until the context is full
+        with worker.client.generate(body) as stream:
+            lines = iter(stream)
+            assert isinstance(next(lines), TokenLine)
+            os.kill(process.pid, signal.SIGSTOP)
+            wake.start()
+            final = list(lines)[-1]
+        assert final.finish_reason == "error" and final.error.type == "engine_unavailable"
+        assert "has not finished a step" in final.error.message
+        assert not worker.client.health()
+        assert wait_until(lambda: not process.is_alive())
+    finally:
+        wake.cancel()
+        if process.is_alive():
+            process.kill()
+
+
 def test_an_embedding_whose_model_process_died_fails_with_the_reason_and_so_does_the_engine(unpacked_pair):
     model, tokenizer = unpacked_pair
     engine = Engine(model, tokenizer, model_name="tiny", model_process=True).start()

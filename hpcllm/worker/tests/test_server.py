@@ -200,6 +200,39 @@ def test_health_turns_503_when_the_engine_dies(load_pair, start_worker):
     assert httpx.get(worker.url + "/ready").status_code == 503
 
 
+def test_a_step_that_never_ends_fails_the_engine_its_streams_and_health(load_pair, start_worker):
+    """A forward that hangs (a GPU or a collective that never returns) must not hold its streams forever - their
+    keep-alives would hide it from the gateway's read timeout - nor leave /health at 200: past step_timeout the
+    stream ends with an engine_unavailable error (the gateway resumes it elsewhere) and the worker says it is dead."""
+    worker = start_worker(load_pair("llama"), step_timeout=0.5)
+    engine = worker.service.engine
+    forward, hung, release = engine._forward, threading.Event(), threading.Event()
+
+    def forward_that_hangs(*args, **kwargs):
+        if hung.is_set():
+            hung.clear()
+            release.wait(60)  # a kernel that does not return (let go when the test ends)
+        return forward(*args, **kwargs)
+
+    engine._forward = forward_that_hangs
+    try:
+        body = GenerateRequest(request_id="stuck", prompt=PROMPT, max_tokens=400, ignore_eos=True)
+        with worker.client.generate(body) as stream:
+            lines = iter(stream)
+            assert isinstance(next(lines), TokenLine)
+            hung.set()
+            final = list(lines)[-1]
+        assert final.finish_reason == "error" and final.error.type == "engine_unavailable"
+        assert "has not finished a step" in final.error.message
+        health = httpx.get(worker.url + "/health")
+        assert health.status_code == 503 and "has not finished a step" in health.json()["error"]["message"]
+        with pytest.raises(WorkerError) as refused:
+            worker.client.generate(GenerateRequest(request_id="after", prompt=PROMPT, max_tokens=3))
+        assert refused.value.status == 503
+    finally:
+        release.set()
+
+
 def test_metrics_count_requests_and_tokens(load_pair, start_worker):
     worker = start_worker(load_pair("llama"))
     for i in range(2):
