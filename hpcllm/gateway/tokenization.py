@@ -79,19 +79,30 @@ class TokenizerCache:
         self._max_loaded = max_loaded
         self._loaded: OrderedDict[Path, PromptEncoder] = OrderedDict()
         self._lock = threading.Lock()
+        # One load at a time: the first requests for a model arrive together, and each loading its own copy cost
+        # CPU for nothing, while transformers' lazy imports, raced from two threads, failed one with an ImportError.
+        self._load_lock = threading.Lock()
 
     def get(self, card: ModelCard) -> PromptEncoder:
         source = Path(card.source)
+        encoder = self._cached(source)
+        if encoder is not None:
+            return encoder
+        with self._load_lock:
+            encoder = self._cached(source)  # loaded while this thread waited
+            if encoder is None:
+                encoder = PromptEncoder(self._load(card.name, source))
+                with self._lock:
+                    self._loaded[source] = encoder
+                    while len(self._loaded) > self._max_loaded:
+                        self._loaded.popitem(last=False)
+        return encoder
+
+    def _cached(self, source: Path) -> PromptEncoder | None:
         with self._lock:
             if source in self._loaded:
                 self._loaded.move_to_end(source)
-                return self._loaded[source]
-        encoder = PromptEncoder(self._load(card.name, source))
-        with self._lock:
-            self._loaded[source] = encoder
-            while len(self._loaded) > self._max_loaded:
-                self._loaded.popitem(last=False)
-        return encoder
+            return self._loaded.get(source)
 
     @staticmethod
     def _load(name: str, source: Path):
