@@ -434,6 +434,7 @@ class Engine(EngineBase):
         if isinstance(self.runner, ProcessRunner):
             self.runner.kill()  # the engine thread, waiting on its pipe, wakes and ends
         self._end_all()  # an engine thread stuck in an in-process forward may never come back to do it
+        self._report_death()
 
     # ---- engine thread -------------------------------------------------------------------------------------------
 

@@ -227,6 +227,10 @@ class EngineBase:
     # Called after events were handed to streams (maybe under the engine lock: it must not take it): the worker's
     # stream writer wakes (stream_writer.py).
     on_events_delivered: Callable[[], None] | None = None
+    # Called once with the reason when the engine dies (self.error set; its requests have their final lines): a dead
+    # engine never serves again, so the worker's process stops (server.serve) and its supervisor starts another.
+    on_died: Callable[[str], None] | None = None
+    _death_reported = False
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -585,6 +589,16 @@ class EngineBase:
             self.error = self.error or f"{type(exc).__name__}: {exc}"
         finally:
             self._end_all()
+            if self.error is not None:
+                self._report_death()
+
+    def _report_death(self) -> None:
+        with self._lock:
+            if self._death_reported:
+                return
+            self._death_reported = True
+        if self.on_died is not None:
+            self.on_died(self.error)
 
     def _loop(self) -> None:
         """Run requests until shutdown (the engine's own)."""

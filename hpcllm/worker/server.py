@@ -75,6 +75,10 @@ class WorkerLoadError(HpcllmError):
     """The worker could not load its model for a reason that is not a known user error."""
 
 
+class EngineDied(HpcllmError):
+    """The worker's engine died while serving (its model process was killed, a step hung): the process exits."""
+
+
 @dataclass
 class ModelForServing:
     """What a loader hands the worker: the model, its tokenizer, and how the load went (for metrics)."""
@@ -126,6 +130,7 @@ class WorkerService:
         self.loaded: ModelForServing | None = None
         self.load_error: str | None = None
         self.http: InternalHttpConfig | None = None  # how it serves and calls other workers (serve() sets it)
+        self.on_engine_died: Callable[[str], None] | None = None  # the engine's on_died (serve() sets it)
 
     def reserve_grant(self, nonce: str, request_id: str, engine: Engine) -> None:
         """Before a prepare under a grant: refuse an id the grant prepared before (a replayed prepare) and a grant
@@ -180,6 +185,7 @@ class WorkerService:
         self.loaded = loaded
         _discard_dropped_weights(engine, loaded.owner)
         engine.on_events_delivered = self.stream_writer.wake
+        engine.on_died = self.on_engine_died
         if self.freeze_heap:
             freeze_startup_heap()  # before the engine's thread allocates per token
         self.engine = engine.start()
@@ -480,6 +486,11 @@ def serve(
         threading.Thread(target=stop, name="hpcllm-worker-stop", daemon=True).start()
 
     load_failure: list[Exception] = []
+    # A dead engine never serves again: rather than answer 503 until someone notices, the process ends (its requests
+    # got their final error lines first, and the gateway resumes them), and its supervisor - the node agent, which
+    # reports the instance failed, or systemd - starts another.
+    engine_death: list[str] = []
+    service.on_engine_died = lambda reason: (engine_death.append(reason), stop_serving())
     service.load_in_background(loader, on_failure=lambda exc: (load_failure.append(exc), stop_serving()))
 
     def on_signal(signum, frame) -> None:
@@ -501,3 +512,5 @@ def serve(
         if isinstance(exc, HpcllmError):
             raise exc
         raise WorkerLoadError(f"loading the model failed: {type(exc).__name__}: {exc}") from exc
+    if engine_death:
+        raise EngineDied(f"the engine died, so the worker stops: {engine_death[0]}")

@@ -132,3 +132,41 @@ def test_a_folder_that_is_not_a_converted_checkpoint_exits_with_the_loader_error
     assert "listening on http://127.0.0.1:" in err
     assert err.strip().splitlines()[-1].startswith("error: ") and "hpcllm convert" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_worker_whose_engine_dies_ends_its_streams_and_exits_with_the_reason(tmp_path, model_dirs):
+    """Its model process killed (the kernel's OOM killer, say), the engine can never serve again: the worker ends the
+    stream in flight with an error line and exits non-zero, saying why, so its supervisor (the node agent reports
+    the instance failed) starts another, instead of answering 503 for ever while counted as ready."""
+    from hpcllm.checkpoint.converter import convert
+
+    checkpoint = convert(model_dirs["llama"], tmp_path / "tiny-llama").root
+    url_file = tmp_path / "worker.url"
+    env = {**os.environ, "HPCLLM_SHARED_SECRET": "cli-secret"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(checkpoint), "--url-file", str(url_file)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        client = WorkerClient(url_file.read_text().strip(), "cli-secret")
+        while client.ready() is None and time.monotonic() < deadline:
+            assert process.poll() is None
+            time.sleep(0.2)
+        model_process = client.ready()["model_process_pid"]
+        with client.generate(GenerateRequest(request_id="doomed", prompt="hello world", ignore_eos=True)) as stream:
+            lines = iter(stream)
+            next(lines)
+            os.kill(model_process, signal.SIGKILL)
+            final = list(lines)[-1]
+        assert final.finish_reason == "error" and final.error.type == "engine_unavailable"
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, output
+    assert "error: the engine died, so the worker stops: ModelProcessError: the model process" in output
