@@ -21,8 +21,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from flask import g, request
 
@@ -39,6 +40,7 @@ from hpcllm.worker.protocol import (ENGINE_UNAVAILABLE, FinalLine, GenerateReque
                                    TokenLogprobs, offset_seed)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # How often one choice may move to another instance after its worker went away mid-generation.
 MAX_RESUMES = 2
@@ -86,6 +88,22 @@ class Delta:
 
 def new_response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def on_a_worker(gw: Gateway, ctx: RequestContext, endpoint: Endpoint, route: Callable[[], Endpoint],
+                call: Callable[[Endpoint], T]) -> tuple[Endpoint, T]:
+    """call(endpoint); while that worker refuses or cannot be reached (WorkerUnavailable: it died, drains, is full),
+    forget it and try where route() sends the request now, OPEN_ATTEMPTS in all. The endpoint that answered, and
+    its answer."""
+    for attempt in range(1, OPEN_ATTEMPTS):
+        try:
+            return endpoint, call(endpoint)
+        except WorkerUnavailable as exc:
+            log.warning("request %s: %s; routing again", ctx.request_id, exc.message)
+            gw.router.forget(endpoint)
+            time.sleep(0.5 * attempt)
+            endpoint = route()
+    return endpoint, call(endpoint)
 
 
 def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
@@ -200,15 +218,9 @@ class Generation:
             seed=seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
             logprobs=opts.logprobs,
         )
-        for attempt in range(1, OPEN_ATTEMPTS):
-            try:
-                return self._open_on(choice.endpoint, request)
-            except WorkerUnavailable as exc:
-                log.warning("request %s: %s; routing again", self.ctx.request_id, exc.message)
-                self.gw.router.forget(choice.endpoint)
-                time.sleep(0.5 * attempt)
-                choice.endpoint = self._route()
-        return self._open_on(choice.endpoint, request)
+        choice.endpoint, stream = on_a_worker(self.gw, self.ctx, choice.endpoint, self._route,
+                                              lambda endpoint: self._open_on(endpoint, request))
+        return stream
 
     def _open_on(self, endpoint: Endpoint, request: GenerateRequest) -> WorkerStream:
         key = endpoint.worker_key or self.gw.config.cluster.shared_secret

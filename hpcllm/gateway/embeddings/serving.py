@@ -9,7 +9,8 @@ import struct
 from hpcllm.gateway.embeddings.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.serving import RequestContext
+from hpcllm.gateway.routing import Endpoint
+from hpcllm.gateway.serving import RequestContext, on_a_worker
 from hpcllm.gateway.upstream import embed_on_worker
 
 
@@ -20,11 +21,16 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
     prompt_tokens = sum(len(ids) for ids in inputs)
     if ctx.api_key is not None:
         gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)
+    def route() -> Endpoint:
+        return gw.router.resolve(req.model, gw.config.gateway.route_timeout_seconds,
+                                 group=ctx.api_key.group if ctx.api_key else None)
+
+    def embed(endpoint: Endpoint) -> list[list[float]]:
+        return embed_on_worker(gw.http, endpoint.worker_url,
+                               endpoint.worker_key or gw.config.cluster.shared_secret, inputs)
+
     try:
-        endpoint = gw.router.resolve(req.model, gw.config.gateway.route_timeout_seconds,
-                                     group=ctx.api_key.group if ctx.api_key else None)
-        embeddings = embed_on_worker(gw.http, endpoint.worker_url,
-                                     endpoint.worker_key or gw.config.cluster.shared_secret, inputs)
+        _, embeddings = on_a_worker(gw, ctx, route(), route, embed)  # a worker that died meanwhile: another
     except BaseException:
         if ctx.api_key is not None:
             gw.limiter.settle_tokens(ctx.api_key, prompt_tokens, 0)

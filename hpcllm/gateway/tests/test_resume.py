@@ -134,3 +134,19 @@ def test_stream_resumes_on_another_worker_when_its_workers_model_process_is_kill
     uninterrupted = gateway.post("/v1/completions", json=body).json()
     assert "".join(texts) == uninterrupted["choices"][0]["text"]
     assert f'hpcllm_request_resumes_total{{model_name="{MODEL}"}} 1.0' in httpx.get(f"{gateway.url}/metrics").text
+
+
+def test_embeddings_go_to_another_worker_when_the_routed_one_is_gone(make_gateway, worker_url, tiny_model_dir):
+    """As a generation does: a worker that died before the controller noticed is forgotten and the request routed
+    again (an embedding was a 503 at once)."""
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on: the dead worker's
+        unused.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    router = ScriptedRouter(tiny_model_dir, [gone, worker_url])
+    gateway = make_gateway(router=router)
+    answer = gateway.post("/v1/embeddings", json={"model": MODEL, "input": ["hello world", "the"]})
+    assert answer.status_code == 200, answer.text
+    assert [len(item["embedding"]) for item in answer.json()["data"]] == [64, 64]
+    assert router.resolved == [gone, worker_url]
