@@ -428,11 +428,11 @@ class Engine(EngineBase):
         self.error = (f"EngineHung: the model has not finished a step in {seconds:.1f} s (the step timeout is "
                       f"{self.step_timeout:g} s)")
         log.error("%s; failing the engine's requests", self.error)
+        if isinstance(self.runner, ProcessRunner):  # first: the engine thread may be blocked on it holding the lock
+            self.runner.kill()  # it wakes (the pipe breaks) and ends
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        if isinstance(self.runner, ProcessRunner):
-            self.runner.kill()  # the engine thread, waiting on its pipe, wakes and ends
         self._end_all()  # an engine thread stuck in an in-process forward may never come back to do it
         self._report_death()
 
@@ -510,15 +510,16 @@ class Engine(EngineBase):
         if chunks:
             began = time.perf_counter()
             try:
-                logits = self._run_step(batch)
+                with self._model_busy():  # a GPU's work ends at the host copies below: they wait for it too
+                    logits = self._run_step(batch)
+                    # Greedy rows in one argmax over the step's logits (same first-maximum rule as per row).
+                    argmax = logits.argmax(dim=-1).tolist() if len(logits) else []
+                    if logits.device.type != "cpu" and any(_needs_logits(w.req) for w in work):
+                        logits = logits.float().cpu()  # one device-to-host copy per step, not one per sampled row
             except torch.OutOfMemoryError as exc:
                 self._out_of_memory([w.req for w in chunks], exc)
                 return
             self._observe_prefill(chunks, began)
-            # Greedy rows in one argmax over the step's logits (same first-maximum rule as per row), not one each.
-            argmax = logits.argmax(dim=-1).tolist() if len(logits) else []
-            if logits.device.type != "cpu" and any(_needs_logits(w.req) for w in work):
-                logits = logits.float().cpu()  # one device-to-host copy per step, not one per sampled row
         self._commit(work, logits, argmax)
 
     def _step_pipelined(self, active: list[_Request]) -> None:
@@ -577,7 +578,8 @@ class Engine(EngineBase):
             if w.end == w.known:
                 w.index = len(w.req.output_ids) + (w.previous_row is not None)
                 batch.choices.append(None if w.req.held or w.req.paused else (w.req.params, w.index))
-        self.runner.launch(batch)
+        with self._model_busy():  # a model process that stopped reading leaves the send blocked once its pipe is full
+            self.runner.launch(batch)
         return launched
 
     def _time_to_send_ahead(self, current: _Launched) -> float:
@@ -808,12 +810,10 @@ class Engine(EngineBase):
         or just before it (in this process, where the streams would wait for the GIL anyway)."""
         if not isinstance(self.runner, ProcessRunner):
             self._deliver_events()
-            with self._model_busy():
-                return self._forward(batch)
+            return self._forward(batch)
         self.runner.launch(batch)
         self._deliver_events()
-        with self._model_busy():
-            return self.runner.collect().logits
+        return self.runner.collect().logits
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)

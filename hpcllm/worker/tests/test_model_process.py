@@ -236,6 +236,52 @@ def test_a_model_process_that_stops_answering_is_killed_and_fails_the_engine_and
             process.kill()
 
 
+def test_a_step_send_blocked_on_a_stopped_model_process_under_the_engine_lock_still_fails_the_engine(unpacked_pair):
+    """A step is sent under the engine lock; a model process that stopped reading leaves the send blocked once its
+    pipe is full (a large batch). The watchdog kills the process before it takes the lock, so the send fails and the
+    engine ends instead of both waiting for ever."""
+    import signal
+    import threading
+
+    model, tokenizer = unpacked_pair
+    engine = Engine(model, tokenizer, model_name="tiny", model_process=True, step_timeout=1.0).start()
+    runner, process = engine.runner, engine.runner._process
+    launch, stop, stopped = runner.launch, threading.Event(), threading.Event()
+
+    def launch_into_a_full_pipe(batch):
+        if stop.is_set() and not stopped.is_set():  # the next step's send, under the engine lock
+            stopped.set()
+            os.kill(process.pid, signal.SIGSTOP)
+            runner._conn.send_bytes(bytes(8 << 20))  # more than the pipe holds: blocks while the child is stopped
+        return launch(batch)
+
+    runner.launch = launch_into_a_full_pipe
+    woken = threading.Event()
+
+    def continue_it():  # after 30 s if still there: the test then fails rather than hang
+        woken.set()
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGCONT)
+
+    wake = threading.Timer(30, continue_it)
+    try:
+        stream = engine.submit(request(prompt=PROMPTS[0], ignore_eos=True))
+        events = stream.events()
+        next(events)
+        stop.set()
+        wake.start()
+        final = [e for e in events if isinstance(e, FinalLine)][-1]
+        assert stopped.is_set() and not woken.is_set()  # it ended while the process was stopped, not once continued
+        assert final.finish_reason == "error" and "has not finished a step" in final.error.message
+        assert wait_until(lambda: not process.is_alive())
+        assert engine.counts() == (0, 0)  # the lock is free again
+    finally:
+        wake.cancel()
+        if process.is_alive():
+            process.kill()
+        engine.shutdown()
+
+
 def test_an_embedding_whose_model_process_died_fails_with_the_reason_and_so_does_the_engine(unpacked_pair):
     model, tokenizer = unpacked_pair
     engine = Engine(model, tokenizer, model_name="tiny", model_process=True).start()
