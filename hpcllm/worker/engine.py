@@ -150,7 +150,7 @@ class _Request(RequestState):
         self.resumed_tokens = len(self.output_ids)
 
     def append_output(self, token: int) -> None:
-        self.output_ids.append(token)
+        super().append_output(token)
         self.all_ids.append(token)
 
     @property
@@ -577,7 +577,8 @@ class Engine(EngineBase):
         for w in chunks:
             if w.end == w.known:
                 w.index = len(w.req.output_ids) + (w.previous_row is not None)
-                batch.choices.append(None if w.req.held or w.req.paused else (w.req.params, w.index))
+                wanted = not (w.req.held or w.req.paused or w.req.params.penalized)  # penalized: sampled here
+                batch.choices.append((w.req.params, w.index) if wanted else None)
         with self._model_busy():  # a model process that stopped reading leaves the send blocked once its pipe is full
             self.runner.launch(batch)
         return launched
@@ -619,7 +620,9 @@ class Engine(EngineBase):
                 continue  # samples from kept logits at current's end: it decodes the step after next
             if w is not None and _still_matches(w):  # current's chunk will count: go on from its end
                 if req.seq_id in rows:  # its row samples at the end of `current`: feed that token next
-                    if req.held or not self._continues(req):
+                    # A penalized request's token depends on its counts, which only this thread keeps: it is
+                    # sampled at the commit, so its next step waits for that (it decodes every other step).
+                    if req.held or req.params.penalized or not self._continues(req):
                         continue
                     start, previous_row = w.end, rows[req.seq_id]
                     end = known = start + 1
@@ -760,10 +763,11 @@ class Engine(EngineBase):
             token = None
         elif chosen is not None:
             token = chosen
-        elif req.params.greedy and argmax is not None:
+        elif req.params.raw_argmax and argmax is not None:
             token = argmax
         else:
-            token = sample_token(logits, req.params, len(req.output_ids))
+            counts = req.counts_for_sampling(logits.shape[-1])
+            token = sample_token(logits, req.params, len(req.output_ids), counts)
         logprobs = None if token is None or req.logprobs is None else self._logprobs(logits, token, req.logprobs)
         with self._lock:
             if req.state != "running":  # finished meanwhile (handed over, expired): keep nothing
@@ -891,7 +895,7 @@ def _still_matches(w: _Work) -> bool:
 
 def _needs_logits(req: _Request) -> bool:
     """Whether a request's logits row is read beyond the step's argmax (sampled, logprobs, or kept while held)."""
-    return not req.params.greedy or req.logprobs is not None or req.held or req.paused
+    return not req.params.raw_argmax or req.logprobs is not None or req.held or req.paused
 
 
 def _eos_token_ids(model, tokenizer) -> frozenset[int]:

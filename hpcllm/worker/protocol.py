@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter, model_validator
+from pydantic import Field, Strict, TypeAdapter, model_validator
 
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.client import HttpUrl
@@ -52,6 +52,11 @@ class ChatMessage(WireModel):
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
+# OpenAI's bounds on logit_bias: a bias is within -100..100, for at most 300 token ids.
+LOGIT_BIAS_MAX = 100.0
+LOGIT_BIAS_MAX_TOKENS = 300
+
+
 def offset_seed(seed: int, offset: int) -> int:
     """seed + offset, wrapped around within the seed range (sample j of n draws with offset_seed(seed, j))."""
     return (seed - SEED_MIN + offset) % 2**64 + SEED_MIN
@@ -72,6 +77,18 @@ class GenerateRequest(WireModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     # 0 disables top-k.
     top_k: int = Field(default=0, ge=0)
+    # vLLM's min-p: after temperature, drop tokens less likely than min_p times the most likely one (0: off).
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    # OpenAI's penalties over the OUTPUT tokens (resumed ones included): logit -= frequency_penalty * count +
+    # presence_penalty * (count > 0).
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # vLLM's, over prompt and output tokens: a positive logit is divided by it, another multiplied (1: off).
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    # Added to the logits of these token ids before the penalties (OpenAI's logit_bias; ids are checked against
+    # the model's vocabulary). JSON keys are strings: a key is the token id's decimal digits.
+    logit_bias: dict[Annotated[int, Strict(False)], Annotated[float, Field(ge=-LOGIT_BIAS_MAX, le=LOGIT_BIAS_MAX)]] = (
+        Field(default_factory=dict, max_length=LOGIT_BIAS_MAX_TOKENS))
     # Sampling is reproducible for a given seed; None picks a random seed (reported by the tokens endpoint).
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: list[str] = Field(default_factory=list, max_length=16)

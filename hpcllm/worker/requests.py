@@ -32,7 +32,7 @@ from hpcllm.worker.protocol import (
     TokenLogprobs,
     Usage,
 )
-from hpcllm.worker.sampling import SamplingParams, random_seed
+from hpcllm.worker.sampling import SamplingParams, TokenCounts, random_seed
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ class RequestState:
     # Live migration, source side.
     migrating: bool = False
     paused: bool = False
+    # A penalized request's token counts (hpcllm's engine): built from its ids when it is first sampled, then
+    # updated per output token; None for every other request (they pay nothing per token).
+    token_counts: TokenCounts | None = None
 
     @property
     def known_tokens(self) -> int:
@@ -142,6 +145,14 @@ class RequestState:
 
     def append_output(self, token: int) -> None:
         self.output_ids.append(token)
+        if self.token_counts is not None:
+            self.token_counts.add(token)
+
+    def counts_for_sampling(self, vocab_size: int) -> TokenCounts | None:
+        """What the penalties read (None for a request without them)."""
+        if self.params.penalized and self.token_counts is None:
+            self.token_counts = TokenCounts(vocab_size, self.prompt_ids, self.output_ids)
+        return self.token_counts
 
     def snapshot(self) -> RequestTokens:
         return RequestTokens(
@@ -462,7 +473,9 @@ class EngineBase:
             return GenerateRequest(
                 request_id=req.request_id, prompt_token_ids=list(req.prompt_ids), max_tokens=req.max_tokens,
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-                stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
+                min_p=params.min_p, presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
+                logit_bias=dict(params.logit_bias), stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
             )
 
@@ -517,6 +530,7 @@ class EngineBase:
         resumed = list(request.resume_token_ids)
         self._check_token_ids(prompt_ids, "prompt_token_ids")
         self._check_token_ids(resumed, "resume_token_ids")
+        self._check_token_ids(list(request.logit_bias), "logit_bias")
         prompt_param = "messages" if request.messages is not None else "prompt"
         if not prompt_ids:  # nothing to prefill: no logits to sample the first token from
             raise InvalidRequest(f"the {prompt_param} is empty once tokenized; give at least one token of text",
@@ -557,7 +571,11 @@ class EngineBase:
             request_id=request.request_id,
             prompt_ids=prompt_ids,
             output_ids=resumed,
-            params=SamplingParams(request.temperature, request.top_p, request.top_k, seed),
+            params=SamplingParams(request.temperature, request.top_p, request.top_k, seed, min_p=request.min_p,
+                                  presence_penalty=request.presence_penalty,
+                                  frequency_penalty=request.frequency_penalty,
+                                  repetition_penalty=request.repetition_penalty,
+                                  logit_bias=tuple(sorted(request.logit_bias.items()))),
             max_tokens=max_tokens,
             stop_token_ids=stop_token_ids,
             detokenizer=detokenizer,

@@ -254,5 +254,5 @@ def choose_tokens(logits: torch.Tensor, choices) -> list[int]:
     if not choices:
         return [-1] * len(logits)
     argmax = logits.argmax(dim=-1).tolist()
-    return [-1 if choice is None else argmax[row] if choice[0].greedy else sample_token(logits[row], *choice)
+    return [-1 if choice is None else argmax[row] if choice[0].raw_argmax else sample_token(logits[row], *choice)
             for row, choice in enumerate(choices)]

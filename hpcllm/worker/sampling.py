@@ -1,4 +1,9 @@
-"""Choosing the next token from the model's logits: greedy, temperature, top-k, top-p.
+"""Choosing the next token from the model's logits: logit bias, penalties, greedy, temperature, min-p, top-k, top-p.
+
+The order is vLLM's (v1 sampler): logit_bias is added and the repetition, frequency and presence penalties applied
+to the float32 logits; greedy takes their argmax; otherwise temperature scales them, min_p, top_k and top_p filter
+them, and the token is drawn. Penalties read the request's token history (TokenCounts, kept per request and updated
+per accepted token); the other steps read only the logits and the parameters.
 
 Randomness is stateless per step: the token at output index i is drawn with a torch.Generator seeded from
 (request seed, i). A request resumed on another worker from its token ids therefore draws exactly the numbers the
@@ -25,10 +30,41 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # (token id, bias) pairs added to the logits: a tuple, so the parameters stay immutable and cheap to pickle
+    # (the model process gets them with every step it chooses tokens for).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the choice depends on the tokens so far (a penalty): the request keeps TokenCounts."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def raw_argmax(self) -> bool:
+        """Whether the token is the argmax of the model's logits as they are (greedy, nothing added to them): one
+        argmax over a whole step's logits serves every such request."""
+        return self.greedy and not self.logit_bias and not self.penalized
+
+
+class TokenCounts:
+    """What the penalties read about a request's tokens (vLLM's prompt mask and output bin counts): built once from
+    its token ids (a new, resumed or migrated-in request alike), then updated per accepted output token."""
+
+    def __init__(self, vocab_size: int, prompt_ids: list[int], output_ids: list[int]) -> None:
+        self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool)
+        self.in_prompt[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.output = torch.bincount(torch.tensor(output_ids, dtype=torch.long), minlength=vocab_size).float()
+
+    def add(self, token: int) -> None:
+        self.output[token] += 1
 
 
 def random_seed() -> int:
@@ -68,18 +104,54 @@ def top_p_probs(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum()
 
 
-def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Set to -inf the logits of tokens less likely than min_p times the most likely token."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: TokenCounts) -> torch.Tensor:
+    """vLLM's penalties (new tensor; float32 logits): repetition over prompt and output tokens (a positive logit is
+    divided by it, another multiplied), then frequency (times the count) and presence over output tokens only."""
+    in_output = counts.output > 0
+    if params.repetition_penalty != 1.0:
+        penalties = torch.where(counts.in_prompt | in_output, params.repetition_penalty, 1.0)
+        logits = logits * torch.where(logits > 0, 1.0 / penalties, penalties)
+    if params.frequency_penalty != 0.0:
+        logits = logits - params.frequency_penalty * counts.output
+    if params.presence_penalty != 0.0:
+        logits = logits - params.presence_penalty * in_output.float()
+    return logits
+
+
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, counts: TokenCounts | None = None) -> torch.Tensor:
+    """The float32 CPU logits the token is chosen from: logit_bias added, then the penalties (never in place: the
+    caller's logits also give the logprobs, which are of the raw distribution)."""
+    logits = logits.detach().to("cpu", torch.float32)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits = logits.index_add(0, torch.tensor(ids), torch.tensor(biases, dtype=torch.float32))
+    if params.penalized:
+        if counts is None:
+            raise ValueError("penalties need the request's TokenCounts")
+        logits = apply_penalties(logits, params, counts)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams, counts: TokenCounts | None = None) -> torch.Tensor:
     """The distribution sample_token draws from (1-D logits in, 1-D float32 probabilities out)."""
-    scaled = logits.detach().to("cpu", torch.float32) / params.temperature
+    scaled = filter_min_p(adjusted_logits(logits, params, counts) / params.temperature, params.min_p)
     probs = torch.softmax(filter_top_k(scaled, params.top_k), dim=-1)
     return top_p_probs(probs, params.top_p)
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
-    """Next token id from 1-D logits for output position `index`."""
+def sample_token(logits: torch.Tensor, params: SamplingParams, index: int, counts: TokenCounts | None = None) -> int:
+    """Next token id from 1-D logits for output position `index` (counts: the request's, when it is penalized)."""
     if params.greedy:
-        return int(torch.argmax(logits))
+        return int(torch.argmax(logits if params.raw_argmax else adjusted_logits(logits, params, counts)))
     generator = torch.Generator(device="cpu")
     generator.manual_seed(step_seed(params.seed, index))
-    probs = sampling_probs(logits, params)
+    probs = sampling_probs(logits, params, counts)
     return int(torch.multinomial(probs, num_samples=1, generator=generator))

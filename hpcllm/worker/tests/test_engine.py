@@ -209,11 +209,16 @@ def test_bad_token_ids_and_duplicate_ids_are_refused(load_pair, make_engine):
         engine.tokens("nope")
 
 
+# Every parameter whose effect depends on the request's token history (and some that do not), seeded.
+PENALIZED = {"temperature": 0.9, "seed": 78, "presence_penalty": 1.5, "frequency_penalty": 0.7,
+             "repetition_penalty": 1.4, "min_p": 0.02, "logit_bias": {5: 2.0, 9: -3.0}}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_resume_from_tokens_on_another_engine_continues_exactly(arch, load_pair, make_engine):
     model, tokenizer = load_pair(arch)
     first, second = make_engine(model, tokenizer), make_engine(model, tokenizer)
-    for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 77}):
+    for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 77}, PENALIZED):
         body = dict(prompt="🙂 hello wörld", max_tokens=30, ignore_eos=True, **sampling)
         whole = first.generate(request(**body))
 
@@ -443,3 +448,73 @@ def test_an_embedding_job_its_caller_gave_up_on_is_skipped(load_pair, make_engin
             engine.embed([[5, 6, 7]], timeout=0)
     assert len(engine.embed([[8, 9]])) == 1
     assert embedded == [[[8, 9]]]
+
+
+def penalized_greedy_reference(model, prompt_ids, max_new_tokens, **penalties):
+    """Greedy decoding over transformers' logits with vLLM's logit bias and penalties (test_sampling's reference)."""
+    from .test_sampling import vllm_reference_logits
+
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(vllm_reference_logits(logits, prompt_ids, ids[len(prompt_ids):],
+                                                              **penalties))))
+    return ids[len(prompt_ids):]
+
+
+def test_a_frequency_penalty_stops_greedy_decoding_from_repeating_tokens(load_pair, reference_model, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+
+    def greedy(**penalties) -> list[int]:
+        done = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=40, temperature=0, ignore_eos=True,
+                                       **penalties))
+        return done.token_ids
+
+    plain = greedy()
+    assert len(set(plain)) < 40  # the tiny model repeats tokens
+    penalized = greedy(frequency_penalty=2.0, presence_penalty=2.0)
+    assert len(set(penalized)) == 40
+    assert penalized == penalized_greedy_reference(reference_model("llama"), prompt_ids, 40, frequency=2.0,
+                                                   presence=2.0)
+    rewarded = greedy(frequency_penalty=-2.0)  # a negative penalty: the first tokens are repeated ever more
+    assert len(set(rewarded)) <= len(set(plain)) // 3
+    assert rewarded == penalized_greedy_reference(reference_model("llama"), prompt_ids, 40, frequency=-2.0)
+    repeated = greedy(repetition_penalty=1.8, frequency_penalty=-0.5)
+    assert repeated == penalized_greedy_reference(reference_model("llama"), prompt_ids, 40, repetition=1.8,
+                                                  frequency=-0.5)
+
+
+def test_logit_bias_forces_a_token_bans_one_and_checks_token_ids(load_pair, make_engine):
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    plain = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=8, temperature=0, ignore_eos=True))
+    forced = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=8, temperature=0.8, seed=3,
+                                     ignore_eos=True, logit_bias={17: 100.0}))
+    assert forced.token_ids == [17] * 8
+    banned = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=8, temperature=0, ignore_eos=True,
+                                     logit_bias={plain.token_ids[0]: -100.0}))
+    assert banned.token_ids[0] != plain.token_ids[0] and plain.token_ids[0] not in banned.token_ids
+    with pytest.raises(InvalidRequest, match="logit_bias contains token id 1000000, outside") as refused:
+        engine.submit(request(prompt_token_ids=prompt_ids, logit_bias={1: 1.0, 10**6: 5.0}))
+    assert refused.value.param == "logit_bias"
+
+
+def test_logprobs_of_a_biased_request_stay_the_models_raw_distribution(load_pair, make_engine):
+    """As vLLM's default (raw logprobs): what logit_bias and the penalties change is the choice, not the report."""
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    stream = engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=3, temperature=0, logprobs=1,
+                                   logit_bias={17: 100.0}, frequency_penalty=1.0))
+    lines = [e for e in stream.events() if isinstance(e, TokenLine)]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt_ids + [17, 17]])).logits[0].float(), dim=-1)
+    for i, line in enumerate(lines):
+        row = expected[len(prompt_ids) - 1 + i]
+        assert line.token_id == 17
+        assert line.logprobs.logprob == pytest.approx(float(row[17]), abs=1e-4)
+        assert line.logprobs.top[0].token_id == int(torch.argmax(row))

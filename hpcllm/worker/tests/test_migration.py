@@ -19,6 +19,9 @@ from .conftest import slow_down, ticketed, wait_until
 
 GREEDY = dict(temperature=0.0)
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234)
+# Penalties read the token history, which the destination rebuilds from the token ids it is given.
+PENALIZED = dict(temperature=0.9, seed=1234, presence_penalty=1.2, frequency_penalty=0.6, repetition_penalty=1.3,
+                 min_p=0.02, logit_bias={17: 2.5, 5: -4.0})
 # A prompt long enough that a destination prefilling 4 tokens per step needs many steps.
 LONG_PROMPT = [(7 * i) % 300 + 5 for i in range(120)]
 
@@ -69,7 +72,7 @@ def assert_same_generation(received: list[TokenLine], reference: list[TokenLine]
     assert "".join(line.text for line in received) == "".join(line.text for line in reference)
 
 
-@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED, PENALIZED], ids=["greedy", "seeded", "penalized"])
 def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_worker, sampling):
     source, destination = start_worker(pair), start_worker(pair)
     request = body("live", max_tokens=40, stop=["zzz"], **sampling)

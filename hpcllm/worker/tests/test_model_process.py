@@ -100,6 +100,28 @@ def test_seeded_sampling_and_logprobs_equal_the_in_process_engine(load_pair, pro
     assert [strip(events) for events in got] == [strip(events) for events in expected]
 
 
+def test_penalized_and_biased_requests_equal_the_in_process_engine_beside_plain_ones(load_pair, process_engine):
+    """A greedy request with a penalty or a logit bias must not take the model process's plain argmax, and a
+    penalized one's token depends on counts only the worker keeps: steps sent ahead must not change any token."""
+    model, tokenizer = load_pair("llama")
+    both = [
+        request(prompt=PROMPTS[0], max_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=2.0),
+        request(prompt=PROMPTS[1], max_tokens=24, temperature=0, ignore_eos=True, logit_bias={17: 8.0, 3: -5.0}),
+        request(prompt=PROMPTS[2], max_tokens=24, temperature=0.9, seed=4, ignore_eos=True, presence_penalty=1.0,
+                repetition_penalty=1.5, min_p=0.05, logit_bias={17: 2.0}),
+        request(prompt=PROMPTS[3], max_tokens=24, temperature=0, ignore_eos=True),
+        request(prompt=PROMPTS[0], max_tokens=24, temperature=0.8, seed=6, ignore_eos=True, min_p=0.1),
+    ]
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
+        expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"}) for r in both])
+    got = run_together(process_engine, both)
+    ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
+    assert [ids(events) for events in got] == [ids(events) for events in expected]
+    plain_first = run_together(process_engine, [request(prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                                        ignore_eos=True)])[0]
+    assert ids(got[0]) != ids(plain_first)  # the penalty did change the greedy tokens
+
+
 def test_steps_sent_ahead_change_no_token_and_requests_that_stop_meanwhile_end_where_they_should(
         load_pair, process_engine, monkeypatch):
     """Asynchronous scheduling: the model process runs the next step, fed its own choice of each row's token,
@@ -145,6 +167,8 @@ def test_the_model_process_chooses_tokens_by_the_engines_rule_and_skips_steps_th
                (SamplingParams(temperature=1.0, top_p=0.5, seed=9), 0)]
     assert choose_tokens(logits, choices) == [int(logits[0].argmax()), sample_token(logits[1], *choices[1]), -1,
                                               sample_token(logits[3], *choices[3])]
+    low = int(logits[0].argmin())  # a greedy row with a logit bias is not the plain argmax
+    assert choose_tokens(logits[:1], [(SamplingParams(temperature=0.0, logit_bias=((low, 100.0),)), 0)]) == [low]
     batch = StepBatch(chunks=[SequenceChunk(1, [0], 5, previous_row=2), SequenceChunk(2, [7, 8], 0)])
     assert _feed_previous_tokens(batch, [11, 12, 13])
     assert [chunk.token_ids for chunk in batch.chunks] == [[13], [7, 8]]

@@ -1,6 +1,7 @@
 import torch
 
-from hpcllm.worker.sampling import SamplingParams, filter_top_k, sample_token, sampling_probs, step_seed, top_p_probs
+from hpcllm.worker.sampling import (SamplingParams, TokenCounts, adjusted_logits, filter_top_k, sample_token,
+                                    sampling_probs, step_seed, top_p_probs)
 
 
 def test_step_seed_is_deterministic_and_differs_between_steps_and_seeds():
@@ -53,3 +54,116 @@ def test_extreme_top_p_and_temperature_choose_the_most_likely_token():
     for params in (SamplingParams(top_p=1e-300, seed=3), SamplingParams(temperature=1e-40, seed=3),
                    SamplingParams(temperature=1e-320, seed=3)):
         assert sample_token(logits, params, 0) == 1, params
+
+
+# ---- logit bias, penalties, min_p against vLLM's formulas ----------------------------------------------------------
+
+
+def vllm_reference_logits(logits, prompt_ids, output_ids, *, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
+    """vLLM's v1 sampler on one row, written as it is there: logit bias, then apply_penalties (bin counts and masks
+    over a padded batch of one)."""
+    vocab = logits.shape[-1]
+    logits = logits.float().clone()[None]
+    for token, value in (bias or {}).items():
+        logits[0, token] += value
+    prompt_mask = torch.zeros(1, vocab + 1, dtype=torch.long).scatter_add_(
+        1, torch.tensor([prompt_ids]), torch.ones(1, len(prompt_ids), dtype=torch.long))[:, :vocab] > 0
+    output_counts = torch.zeros(1, vocab + 1, dtype=torch.long).scatter_add_(
+        1, torch.tensor([output_ids or [vocab]]), torch.ones(1, len(output_ids or [vocab]), dtype=torch.long))[:, :vocab]
+    output_mask = output_counts > 0
+    penalties = torch.tensor([repetition])[:, None].repeat(1, vocab)
+    penalties = torch.where(prompt_mask | output_mask, penalties, 1.0)
+    logits *= torch.where(logits > 0, 1.0 / penalties, penalties)
+    logits -= torch.tensor([frequency])[:, None] * output_counts
+    logits -= torch.tensor([presence])[:, None] * output_mask
+    return logits[0]
+
+
+def vllm_reference_min_p(logits, min_p):
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def penalized(vocab, prompt_ids, output_ids, **fields):
+    params = SamplingParams(**fields)
+    return params, TokenCounts(vocab, prompt_ids, output_ids)
+
+
+def test_bias_and_penalties_equal_vllms_formulas_on_random_logits():
+    generator = torch.Generator().manual_seed(0)
+    vocab = 64
+    for trial in range(30):
+        logits = torch.randn(vocab, generator=generator) * 4
+        prompt_ids = torch.randint(0, vocab, (12,), generator=generator).tolist()
+        output_ids = torch.randint(0, vocab, (trial,), generator=generator).tolist()  # none in the first trial
+        presence, frequency = (torch.rand(2, generator=generator) * 4 - 2).tolist()
+        repetition = float(torch.rand(1, generator=generator) * 2 + 0.1)
+        bias = {int(t): float(b) for t, b in zip(torch.randint(0, vocab, (5,), generator=generator),
+                                                  torch.rand(5, generator=generator) * 200 - 100)}
+        params, counts = penalized(vocab, prompt_ids, output_ids, presence_penalty=presence,
+                                   frequency_penalty=frequency, repetition_penalty=repetition,
+                                   logit_bias=tuple(bias.items()))
+        expected = vllm_reference_logits(logits, prompt_ids, output_ids, presence=presence, frequency=frequency,
+                                         repetition=repetition, bias=bias)
+        assert torch.allclose(adjusted_logits(logits, params, counts), expected, atol=1e-5), trial
+        greedy = SamplingParams(temperature=0.0, presence_penalty=presence, frequency_penalty=frequency,
+                                repetition_penalty=repetition, logit_bias=tuple(bias.items()))
+        assert sample_token(logits, greedy, 0, counts) == int(torch.argmax(expected))
+
+
+def test_token_counts_updated_per_token_equal_counts_built_from_the_ids():
+    """A resumed or migrated request builds its counts from its ids: they must equal the counts an uninterrupted
+    request reached token by token, or its tokens would differ."""
+    prompt_ids, output_ids = [3, 5, 5, 9], [1, 5, 1, 7, 1]
+    grown = TokenCounts(16, prompt_ids, [])
+    for token in output_ids:
+        grown.add(token)
+    built = TokenCounts(16, prompt_ids, output_ids)
+    assert torch.equal(grown.output, built.output) and torch.equal(grown.in_prompt, built.in_prompt)
+    assert built.output[1] == 3 and built.output[5] == 1 and built.output[3] == 0  # output only: 3, 9 in the prompt
+    assert built.in_prompt.nonzero().flatten().tolist() == [3, 5, 9]
+
+
+def test_frequency_and_presence_penalize_output_tokens_only_and_repetition_prompt_ones_too():
+    logits = torch.tensor([2.0, -2.0, 2.0, 1.0])
+    params, counts = penalized(4, [0, 1], [2, 2], frequency_penalty=0.5, presence_penalty=0.25)
+    assert adjusted_logits(logits, params, counts).tolist() == [2.0, -2.0, 2.0 - 2 * 0.5 - 0.25, 1.0]
+    params, counts = penalized(4, [0, 1], [2, 2], repetition_penalty=2.0)
+    assert adjusted_logits(logits, params, counts).tolist() == [1.0, -4.0, 1.0, 1.0]
+
+
+def test_min_p_after_temperature_equals_vllms_and_keeps_only_tokens_near_the_most_likely():
+    generator = torch.Generator().manual_seed(1)
+    for min_p in (0.05, 0.3, 0.9):
+        for temperature in (0.5, 1.0, 2.0):
+            logits = torch.randn(40, generator=generator) * 3
+            probs = sampling_probs(logits, SamplingParams(temperature=temperature, min_p=min_p))
+            expected = torch.softmax(vllm_reference_min_p(logits / temperature, min_p), dim=-1)
+            assert torch.allclose(probs, expected, atol=1e-6)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    drawn = {sample_token(logits, SamplingParams(temperature=1.0, min_p=0.5, seed=2), i) for i in range(300)}
+    assert drawn == {0, 1}  # 0.15 and 0.05 are below half the top probability
+    assert sampling_probs(logits, SamplingParams(min_p=0.0)).gt(0).all()
+
+
+def test_logit_bias_forces_or_bans_a_token_and_leaves_the_callers_logits_alone():
+    logits = torch.tensor([3.0, 1.0, 0.0, -1.0])
+    kept = logits.clone()
+    assert sample_token(logits, SamplingParams(temperature=0.0, logit_bias=((3, 100.0),)), 0) == 3
+    assert sample_token(logits, SamplingParams(temperature=0.0, logit_bias=((0, -100.0),)), 0) == 1
+    banned = {sample_token(logits, SamplingParams(temperature=1.0, seed=4, logit_bias=((0, -100.0), (1, -100.0))), i)
+              for i in range(200)}
+    assert banned == {2, 3}
+    params, counts = penalized(4, [0], [0, 1], repetition_penalty=3.0, frequency_penalty=1.0, logit_bias=((2, 5.0),))
+    sample_token(logits, params, 0, counts)
+    assert torch.equal(logits, kept)  # the engine's logprobs are computed from the same tensor
+
+
+def test_which_parameters_need_the_history_and_which_leave_the_raw_argmax():
+    assert SamplingParams(temperature=0.0).raw_argmax
+    assert SamplingParams(temperature=0.0, min_p=0.5).raw_argmax  # min_p keeps the most likely token
+    assert not SamplingParams(temperature=0.0, logit_bias=((1, 1.0),)).raw_argmax
+    for fields in ({"presence_penalty": 0.1}, {"frequency_penalty": -0.1}, {"repetition_penalty": 1.1}):
+        params = SamplingParams(temperature=0.0, **fields)
+        assert params.penalized and not params.raw_argmax
+    assert not SamplingParams(logit_bias=((1, 1.0),), min_p=0.2).penalized
