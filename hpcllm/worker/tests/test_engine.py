@@ -373,10 +373,10 @@ def test_a_failure_sampling_one_request_ends_it_alone(load_pair, make_engine, mo
 
     sample = engine_module.sample_token
 
-    def failing_for_seed_13(logits, params, index):
+    def failing_for_seed_13(logits, params, index, counts=None):
         if params.seed == 13:
             raise ValueError("bad row")
-        return sample(logits, params, index)
+        return sample(logits, params, index, counts)
 
     monkeypatch.setattr(engine_module, "sample_token", failing_for_seed_13)
     engine = make_engine(*load_pair("llama"))
