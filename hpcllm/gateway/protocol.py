@@ -10,7 +10,7 @@ Validation is strict: "10" is not accepted where an integer is expected, as Open
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from flask import request
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
 from hpcllm.httpkit.body import parse_json_body, request_bytes
-from hpcllm.worker.protocol import SEED_MAX, SEED_MIN
+from hpcllm.worker.protocol import LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -135,8 +135,6 @@ MAX_STOP_STRINGS = 16
 # what is refused). Sent with the neutral value (clients that send every field) they are accepted; any other value
 # is a 400, never silently ignored.
 UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
-    "repetition_penalty": (1.0, "a repetition penalty other than 1.0"),
-    "min_p": (0.0, "a min_p other than 0"),
     "min_tokens": (0, "a minimum number of tokens"),
     "stop_token_ids": ([], "stop token ids"),
     "guided_json": (None, "guided decoding"),
@@ -164,10 +162,12 @@ class SamplingRequest(OpenAIRequest):
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # After validation: token id -> bias (JSON keys are strings: each must be a token id's digits).
     logit_bias: dict[str, float] | None = None
+    # vLLM extensions, passed to the worker: repetition_penalty (over prompt and output tokens) and min_p.
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
-    repetition_penalty: Any = None
-    min_p: Any = None
     min_tokens: Any = None
     stop_token_ids: Any = None
     guided_json: Any = None
@@ -188,13 +188,27 @@ class SamplingRequest(OpenAIRequest):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
         return [s for s in value if s]
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_biases(cls, value: dict[str, float] | None) -> dict[int, float]:
+        """OpenAI's rules: token ids as keys, biases within -100..100, at most 300 of them (the worker checks the
+        ids against the model's vocabulary)."""
+        if not value:
+            return {}
+        if len(value) > LOGIT_BIAS_MAX_TOKENS:
+            raise ValueError(f"logit_bias may hold at most {LOGIT_BIAS_MAX_TOKENS} token ids, not {len(value)}")
+        biases = {}
+        for key, bias in value.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers as strings), not {key!r}")
+            if not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
+                raise ValueError(f"the bias of token {key} is {bias:g}; biases must be within "
+                                 f"{-LOGIT_BIAS_MAX:g}..{LOGIT_BIAS_MAX:g}")
+            biases[int(key)] = bias
+        return biases
+
     def check_supported(self) -> None:
         """Reject parameter values this server cannot honour (400), instead of silently ignoring them."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise unsupported(name, "a non-zero penalty")
-        if self.logit_bias:
-            raise unsupported("logit_bias", "logit bias")
         for name, (neutral, what) in UNIMPLEMENTED_VLLM_PARAMETERS.items():
             value = getattr(self, name)
             if value is not None and value != neutral:
@@ -224,6 +238,9 @@ class SamplingRequest(OpenAIRequest):
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, self.top_k or 0),
             seed=self.seed, stop=list(self.stop),
             ignore_eos=self.ignore_eos, logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0, logit_bias=self.logit_bias or {},
         )
 
 
@@ -237,3 +254,8 @@ class SamplingOptions:
     stop: list[str]
     ignore_eos: bool
     logprobs: int | None = None  # top alternatives per token the worker reports (None: no logprobs)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)

@@ -83,9 +83,8 @@ def test_422_messages_say_what_is_expected(gateway):
 
 @pytest.mark.parametrize("extra, param", [
     ({"echo": True}, "echo"), ({"best_of": 3, "n": 2, "stream": True}, "best_of"),
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     # vLLM's extensions that would change the output (they were silently ignored)
-    ({"repetition_penalty": 2.0}, "repetition_penalty"), ({"min_p": 0.1}, "min_p"), ({"min_tokens": 5}, "min_tokens"),
+    ({"min_tokens": 5}, "min_tokens"),
     ({"stop_token_ids": [7]}, "stop_token_ids"), ({"guided_json": {"type": "object"}}, "guided_json"),
     ({"guided_choice": ["a", "b"]}, "guided_choice"),
 ])

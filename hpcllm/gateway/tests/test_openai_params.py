@@ -1,9 +1,12 @@
-"""n > 1, logprobs / top_logprobs and best_of through the gateway, with the official openai client."""
+"""n > 1, logprobs / top_logprobs, best_of, penalties, logit_bias and min_p through the gateway, with the official
+openai client."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from hpcllm.worker.protocol import TokenLine
 
 from .conftest import MODEL
 from .test_openai_api import PROMPT, chat_prompt_ids, hf_greedy
@@ -188,3 +191,71 @@ def test_embeddings_bad_input_is_refused(gateway):
     assert resp.status_code == 422 and resp.json()["error"]["param"] == "input"
     resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "x", "dimensions": 8})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "dimensions"
+
+
+PENALTIES = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={"17": 4.0, "3": -100})
+VLLM_PENALTIES = {"repetition_penalty": 1.3, "min_p": 0.1}
+
+
+def test_penalties_logit_bias_and_min_p_reach_the_worker(gateway, worker_url, hf_pair):
+    """The completion equals the worker's own answer to the same parameters, and differs from a plain one."""
+    from hpcllm.worker.client import WorkerClient
+    from hpcllm.worker.protocol import GenerateRequest
+
+    from .conftest import SECRET
+
+    client = gateway.client()
+    for sampling in ({"temperature": 0}, {"temperature": 0.9, "seed": 3}):
+        got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, **sampling, **PENALTIES,
+                                        extra_body={"ignore_eos": True, **VLLM_PENALTIES})
+        with WorkerClient(worker_url, SECRET, read_timeout=60) as worker:
+            with worker.generate(GenerateRequest(
+                    request_id=f"direct-{len(sampling)}", prompt_token_ids=hf_pair[1](PROMPT)["input_ids"],
+                    max_tokens=16, ignore_eos=True, **sampling, **VLLM_PENALTIES, frequency_penalty=1.5,
+                    presence_penalty=0.5, logit_bias={17: 4.0, 3: -100.0})) as direct:
+                expected = "".join(line.text for line in direct if isinstance(line, TokenLine))
+        plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, **sampling,
+                                          extra_body={"ignore_eos": True})
+        assert got.choices[0].text == expected != plain.choices[0].text
+
+
+def test_logit_bias_forces_a_token_in_chat_and_streams(gateway, hf_pair):
+    tokenizer = hf_pair[1]
+    client = gateway.client()
+    messages = [{"role": "user", "content": "hi there"}]
+    forced = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0.7, seed=1,
+                                            logit_bias={"17": 100})
+    assert forced.choices[0].message.content == tokenizer.decode([17] * 5, skip_special_tokens=True)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, stream=True,
+                                            logit_bias={"17": 100}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == tokenizer.decode([17] * 5)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logit_bias": {"seven": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"-3": 1.0}}, "logit_bias"),
+    ({"logit_bias": {"7": 101}}, "logit_bias"),
+    ({"logit_bias": {"7": "1"}}, "logit_bias.7"),
+    ({"logit_bias": {str(i): 1.0 for i in range(301)}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+])
+def test_bad_penalty_and_bias_values_are_refused_naming_the_parameter(gateway, extra, param):
+    from .test_errors import assert_error
+
+    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **extra})
+    error = assert_error(resp, 422, "invalid_value", param)
+    if param == "logit_bias":
+        assert any(word in error["message"] for word in ("token ids", "within", "at most")), error
+
+
+def test_a_logit_bias_token_beyond_the_vocabulary_is_the_workers_400_relayed(gateway, hf_pair):
+    from .test_errors import assert_error
+
+    vocab = hf_pair[0].get_input_embeddings().num_embeddings
+    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                                 "logit_bias": {"3": 1.0, str(vocab): 1.0}})
+    error = assert_error(resp, 400, "invalid_request", "logit_bias")
+    assert f"token id {vocab}, outside this model's vocabulary 0..{vocab - 1}" in error["message"]

@@ -52,12 +52,19 @@ def doomed_worker(tiny_model_dir):
     service.shutdown()
 
 
+# Seeded sampling whose every draw depends on the tokens so far (the penalties): the resumed worker must count the
+# tokens received before the shutdown as its own output.
+PENALIZED = {"temperature": 0.9, "seed": 5, "frequency_penalty": 1.0, "presence_penalty": 0.5,
+             "repetition_penalty": 1.2, "min_p": 0.05, "logit_bias": {"17": 2.0}}
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, PENALIZED], ids=["greedy", "penalized"])
 def test_stream_resumes_on_another_worker_when_its_worker_shuts_down(make_gateway, doomed_worker, worker_url,
-                                                                     tiny_model_dir):
+                                                                     tiny_model_dir, sampling):
     service, doomed_url = doomed_worker
     router = ScriptedRouter(tiny_model_dir, [doomed_url, worker_url])
     gateway = make_gateway(router=router)
-    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 200, "ignore_eos": True, **sampling}
 
     texts = []
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=120,
