@@ -243,7 +243,9 @@ class VllmEngine(EngineBase):
         known = req.all_ids
         params = SamplingParams(
             n=1, temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
-            seed=_vllm_seed(req.params.seed),
+            min_p=req.params.min_p, presence_penalty=req.params.presence_penalty,
+            frequency_penalty=req.params.frequency_penalty, repetition_penalty=req.params.repetition_penalty,
+            logit_bias=dict(req.params.logit_bias) or None, seed=_vllm_seed(req.params.seed),
             max_tokens=min(req.max_tokens - len(req.output_ids), self.max_model_len - len(known)),
             ignore_eos=True, stop_token_ids=sorted(req.stop_token_ids), detokenize=False,
             output_kind=RequestOutputKind.DELTA,

@@ -209,6 +209,22 @@ def test_chat_and_stop_string_through_the_gateway(vllm_worker, hpcllm_worker, ga
     assert stopped.choices[0].finish_reason == "stop"
 
 
+def test_penalties_logit_bias_and_min_p_choose_the_same_tokens_on_either_engine(vllm_worker, hpcllm_worker):
+    """They reach vLLM's SamplingParams, and hpcllm's engine applies them as vLLM does (greedy: no draws to differ)."""
+    fields = dict(prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=1.5,
+                  presence_penalty=0.5, repetition_penalty=1.3, min_p=0.1, logit_bias={17: 3.0, 100: -100.0})
+    tokens = []
+    for url in (vllm_worker, hpcllm_worker.url):
+        with WorkerClient(url, SECRET, read_timeout=120) as client:
+            with client.generate(GenerateRequest(request_id="penalized", **fields)) as stream:
+                tokens.append([line.token_id for line in stream if isinstance(line, TokenLine)])
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 24
+    plain = dict(fields, frequency_penalty=0.0, presence_penalty=0.0, repetition_penalty=1.0, logit_bias={})
+    with WorkerClient(vllm_worker, SECRET, read_timeout=120) as client:
+        with client.generate(GenerateRequest(request_id="plain", **plain)) as stream:
+            assert [line.token_id for line in stream if isinstance(line, TokenLine)] != tokens[0]
+
+
 def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):
     texts, usage, finish, moved = [], None, None, None
     client = gateway.client().with_options(timeout=120)
