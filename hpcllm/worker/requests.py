@@ -475,7 +475,8 @@ class EngineBase:
                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=params.seed,
                 min_p=params.min_p, presence_penalty=params.presence_penalty,
                 frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty,
-                logit_bias=dict(params.logit_bias), stop=list(origin.stop), stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
+                logit_bias=dict(params.logit_bias), stop=list(origin.stop),
+                stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
             )
 

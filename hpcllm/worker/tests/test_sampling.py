@@ -68,8 +68,9 @@ def vllm_reference_logits(logits, prompt_ids, output_ids, *, presence=0.0, frequ
         logits[0, token] += value
     prompt_mask = torch.zeros(1, vocab + 1, dtype=torch.long).scatter_add_(
         1, torch.tensor([prompt_ids]), torch.ones(1, len(prompt_ids), dtype=torch.long))[:, :vocab] > 0
+    padded_output = output_ids or [vocab]  # vLLM pads with vocab_size, a column cut off below
     output_counts = torch.zeros(1, vocab + 1, dtype=torch.long).scatter_add_(
-        1, torch.tensor([output_ids or [vocab]]), torch.ones(1, len(output_ids or [vocab]), dtype=torch.long))[:, :vocab]
+        1, torch.tensor([padded_output]), torch.ones(1, len(padded_output), dtype=torch.long))[:, :vocab]
     output_mask = output_counts > 0
     penalties = torch.tensor([repetition])[:, None].repeat(1, vocab)
     penalties = torch.where(prompt_mask | output_mask, penalties, 1.0)
