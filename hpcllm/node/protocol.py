@@ -1,8 +1,8 @@
 """Wire types of the node agent's HTTP API (the agent owns them; the controller and `hpcllm cache` import them).
 
 Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Errors look like the controller's:
-{"error": {"message", "type", "param", "code"}}. Request bodies are strict, like the worker's (httpkit.wire.WireModel): true is
-not GPU 1 and "2" not tensor_parallel 2; every caller builds them with real types.
+{"error": {"message", "type", "param", "code"}}. Request bodies are strict, like the worker's
+(httpkit.wire.WireModel): true is not GPU 1 and "2" not tensor_parallel 2; every caller builds them with real types.
 
     POST   /v1/internal/instances              StartInstance -> 202 StartedInstance
     GET    /v1/internal/instances              -> InstanceList{instances: [InstanceInfo]}
