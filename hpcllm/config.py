@@ -311,6 +311,10 @@ class WorkerConfig(Section):
     # captured on first use; docs/worker.md "CUDA graphs"). Off until a GPU run has measured it.
     cuda_graphs: StrictBool = False
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
+    # A model step (or embedding piece) running longer than this counts as hung (a GPU or collective that hangs, a
+    # stopped model process): the engine fails and the worker exits, so its streams resume elsewhere. Streams' keep-
+    # alives hide a hung step from the gateway's read timeout; a slow first step (a compile) must still fit.
+    step_timeout_seconds: float = Field(300.0, gt=0)
     # Torch compute threads of one worker. 0: the node agent gives each worker its share of the CPUs it may use
     # (Slurm's CPU binding): a CPU instance 1/controller.cpu_slots_per_node of them, a GPU instance its GPUs'
     # fraction. Torch's default (every core per process) makes co-located CPU workers fight for cores.

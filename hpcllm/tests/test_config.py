@@ -102,3 +102,14 @@ def test_values_that_are_no_numbers_or_names_are_refused(tmp_path, text, match):
         load_config(path)
     path.write_text('[slurm]\nsignal = "SIGUSR2"\n[node]\nread_sweep_max_age_seconds = 3600\n')
     assert load_config(path).slurm.signal == "SIGUSR2"
+
+
+def test_the_worker_step_timeout_is_its_own_setting(tmp_path):
+    # How long a model step may run before the worker counts its engine as hung (not the gateway's read timeout:
+    # a site that lets silent streams live long must not let a hung GPU hold them as long).
+    path = tmp_path / "hpcllm.toml"
+    path.write_text("[gateway]\nupstream_read_timeout_seconds = 900\n")
+    assert load_config(path).worker.step_timeout_seconds == 300.0
+    path.write_text("[worker]\nstep_timeout_seconds = 0\n")
+    with pytest.raises(ConfigError, match="step_timeout_seconds"):
+        load_config(path)

@@ -74,9 +74,7 @@ def run_worker(
         model_process=model_process,
         async_scheduling=worker.async_scheduling,
         cuda_graphs=worker.cuda_graphs,
-        # A step longer than the gateway waits for a token is hung (Engine._watch_steps): the stream's keep-alives
-        # would hide it from that wait.
-        step_timeout=config.gateway.upstream_read_timeout_seconds,
+        step_timeout=worker.step_timeout_seconds,  # a longer step is hung (Engine._watch_steps)
         **({"model_process_threads": model_process_threads} if model_process_threads else {}),
     )
     if engine == "vllm":
