@@ -26,6 +26,8 @@ class ModelProcess:
         child_end.close()
         self._imported = False
         self._import_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._closed = False
 
     def wait_imported(self) -> bool:
         """Block until the child has imported what it runs (its first message); False if it died first."""
@@ -38,12 +40,18 @@ class ModelProcess:
             return self._imported
 
     def close(self) -> None:
-        if self.process.is_alive() and self._say_stop():
-            self.process.join(STOP_SECONDS)
-        if self.process.is_alive():  # it ignores SIGTERM (the worker's to act on), or its pipe is broken
-            self.process.kill()
-            self.process.join(STOP_SECONDS)
-        self.conn.close()
+        """Stop the child and close its pipe, once: the engine thread and the step watchdog (a hung step) may both
+        end the engine at the same moment, and a pipe closed from two threads fails one with EBADF."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self.process.is_alive() and self._say_stop():
+                self.process.join(STOP_SECONDS)
+            if self.process.is_alive():  # it ignores SIGTERM (the worker's to act on), or its pipe is broken
+                self.process.kill()
+                self.process.join(STOP_SECONDS)
+            self.conn.close()
 
 
     def _say_stop(self) -> bool:

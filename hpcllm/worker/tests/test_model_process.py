@@ -10,6 +10,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -606,3 +607,34 @@ def test_a_waiting_model_process_and_spare_have_frozen_their_imports(monkeypatch
         assert gc.get_freeze_count() > 0, "the spare waits for its assignment with its imports unfrozen"
     finally:
         gc.unfreeze()
+
+
+def test_a_model_process_closed_from_two_threads_at_once_is_closed_once():
+    # The engine thread and the step watchdog both end a hung engine (Engine._end_all): the pipe was closed from
+    # both, and one failed with EBADF (an exception in the watchdog thread, seen in a full test run).
+    import threading
+
+    child = ModelProcess()
+    pipe_closes, slow_join = [], child.process.join
+
+    def join_slowly(timeout=None):  # hold the first close where the second would overtake it
+        time.sleep(0.3)
+        slow_join(timeout)
+
+    real_close = child.conn.close
+    child.conn.close = lambda: (pipe_closes.append(threading.current_thread().name), real_close())
+    child.process.join = join_slowly
+    failures = []
+
+    def close():
+        try:
+            child.close()
+        except Exception as exc:  # noqa: BLE001 (recorded: the assertion below names it)
+            failures.append(exc)
+
+    closers = [threading.Thread(target=close, name=f"closer-{i}") for i in range(2)]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join(30)
+    assert failures == [] and len(pipe_closes) == 1 and not child.process.is_alive()
