@@ -36,18 +36,24 @@ class ScriptedRouter(Router):
         return None
 
 
-@pytest.fixture
-def doomed_worker(tiny_model_dir):
-    """A second real worker on the same model, which the test shuts down mid-generation."""
+def second_worker(tiny_model_dir, **options):
+    """A second real worker on the same model, served over HTTP in a thread: (service, url, server)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hpcllm.worker.server import ModelForServing, WorkerService, create_app
 
-    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5)
+    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5, **options)
     service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
                                    AutoTokenizer.from_pretrained(tiny_model_dir)))
     server = ThreadServer(create_app(service))
-    yield service, server.url
+    return service, server.url, server
+
+
+@pytest.fixture
+def doomed_worker(tiny_model_dir):
+    """A second real worker on the same model, which the test shuts down mid-generation."""
+    service, url, server = second_worker(tiny_model_dir)
+    yield service, url
     server.stop()
     service.shutdown()
 
@@ -58,6 +64,26 @@ PENALIZED = {"temperature": 0.9, "seed": 5, "frequency_penalty": 1.0, "presence_
              "repetition_penalty": 1.2, "min_p": 0.05, "logit_bias": {"17": 2.0}}
 
 
+def stream_interrupted_after_three_events(gateway, body: dict, interrupt) -> list[str]:
+    """Stream a completion, call interrupt() after its third event, read the rest; the texts of every event. The
+    stream must still end whole: its last event has finish_reason "length" and no error, then [DONE]."""
+    texts = []
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
+        lines = (line for line in stream.iter_lines() if line)
+        for line in lines:
+            texts.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
+            if len(texts) == 3:
+                interrupt()
+                break
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in rest[:-1]]
+    assert "error" not in events[-1], events[-1]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    return texts + [e["choices"][0]["text"] for e in events]
+
+
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, PENALIZED], ids=["greedy", "penalized"])
 def test_stream_resumes_on_another_worker_when_its_worker_shuts_down(make_gateway, doomed_worker, worker_url,
                                                                      tiny_model_dir, sampling):
@@ -66,21 +92,8 @@ def test_stream_resumes_on_another_worker_when_its_worker_shuts_down(make_gatewa
     gateway = make_gateway(router=router)
     body = {"model": MODEL, "prompt": "hello world", "max_tokens": 200, "ignore_eos": True, **sampling}
 
-    texts = []
-    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=120,
-                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
-        lines = (line for line in stream.iter_lines() if line)
-        for line in lines:
-            texts.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
-            if len(texts) == 3:
-                service.shutdown()  # the engine aborts the running generation: finish_reason "abort"
-                break
-        rest = list(lines)
-    assert rest[-1] == "data: [DONE]"
-    events = [json.loads(line.removeprefix("data: ")) for line in rest[:-1]]
-    assert "error" not in events[-1], events[-1]
-    texts += [e["choices"][0]["text"] for e in events]
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    # The engine aborts the running generation: finish_reason "abort".
+    texts = stream_interrupted_after_three_events(gateway, body, service.shutdown)
     assert router.resolved[:2] == [doomed_url, worker_url]
 
     # Same text as one uninterrupted greedy run on the surviving worker.
@@ -93,15 +106,8 @@ def test_stream_resumes_on_another_worker_when_its_worker_shuts_down(make_gatewa
 @pytest.fixture
 def worker_with_model_process(tiny_model_dir):
     """A second real worker whose forward runs in a model process (the CPU default), which the test kills."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
-
-    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5, model_process=True)
-    service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
-                                   AutoTokenizer.from_pretrained(tiny_model_dir)))
-    server = ThreadServer(create_app(service))
-    yield service, server.url
+    service, url, server = second_worker(tiny_model_dir, model_process=True)
+    yield service, url
     server.stop()
     service.shutdown()
 
@@ -120,21 +126,8 @@ def test_stream_resumes_on_another_worker_when_its_workers_model_process_is_kill
     body = {"model": MODEL, "prompt": "hello world", "max_tokens": 480, "temperature": 0.9, "seed": 11,
             "ignore_eos": True}
 
-    texts = []
-    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=120,
-                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
-        lines = (line for line in stream.iter_lines() if line)
-        for line in lines:
-            texts.append(json.loads(line.removeprefix("data: "))["choices"][0]["text"])
-            if len(texts) == 3:
-                os.kill(service.engine.model_process_pid, signal.SIGKILL)
-                break
-        rest = list(lines)
-    assert rest[-1] == "data: [DONE]"
-    events = [json.loads(line.removeprefix("data: ")) for line in rest[:-1]]
-    assert "error" not in events[-1], events[-1]
-    texts += [e["choices"][0]["text"] for e in events]
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    texts = stream_interrupted_after_three_events(
+        gateway, body, lambda: os.kill(service.engine.model_process_pid, signal.SIGKILL))
     assert router.resolved[:2] == [dying_url, worker_url]
     assert not service.engine.alive  # it was the engine's death, not the end of the generation, that moved it
 

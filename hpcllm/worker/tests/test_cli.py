@@ -73,8 +73,9 @@ def test_a_url_file_that_cannot_be_written_ends_the_worker_with_its_model_proces
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_dirs, load_pair, reference_model):
+def started_cli_worker(tmp_path, model_dirs) -> tuple[subprocess.Popen, WorkerClient]:
+    """`hpcllm worker` in a subprocess on the tiny Llama, converted; returned once it is ready (killed if it is not
+    within 120 s). Its output (stdout and stderr) is the process's stdout."""
     from hpcllm.checkpoint.converter import convert
 
     checkpoint = convert(model_dirs["llama"], tmp_path / "tiny-llama").root
@@ -84,7 +85,6 @@ def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_
         [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(checkpoint), "--url-file", str(url_file)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    stopping = False
     try:
         deadline = time.monotonic() + 120
         while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -94,6 +94,19 @@ def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_
         while client.ready() is None and time.monotonic() < deadline:
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.2)
+        assert client.ready() is not None, "the worker was not ready within 120 s"
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+    return process, client
+
+
+@pytest.mark.slow
+def test_worker_process_loads_a_converted_checkpoint_and_serves(tmp_path, model_dirs, load_pair, reference_model):
+    process, client = started_cli_worker(tmp_path, model_dirs)
+    stopping = False
+    try:
         ready = client.ready()
         assert ready["model"] == "tiny-llama"
         model_process = ready["model_process_pid"]  # a CPU worker's default ([worker] model_process = "auto")
@@ -139,23 +152,8 @@ def test_a_worker_whose_engine_dies_ends_its_streams_and_exits_with_the_reason(t
     """Its model process killed (the kernel's OOM killer, say), the engine can never serve again: the worker ends the
     stream in flight with an error line and exits non-zero, saying why, so its supervisor (the node agent reports
     the instance failed) starts another, instead of answering 503 for ever while counted as ready."""
-    from hpcllm.checkpoint.converter import convert
-
-    checkpoint = convert(model_dirs["llama"], tmp_path / "tiny-llama").root
-    url_file = tmp_path / "worker.url"
-    env = {**os.environ, "HPCLLM_SHARED_SECRET": "cli-secret"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hpcllm.cli.main", "worker", "--model", str(checkpoint), "--url-file", str(url_file)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    process, client = started_cli_worker(tmp_path, model_dirs)
     try:
-        deadline = time.monotonic() + 120
-        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        client = WorkerClient(url_file.read_text().strip(), "cli-secret")
-        while client.ready() is None and time.monotonic() < deadline:
-            assert process.poll() is None
-            time.sleep(0.2)
         model_process = client.ready()["model_process_pid"]
         with client.generate(GenerateRequest(request_id="doomed", prompt="hello world", ignore_eos=True)) as stream:
             lines = iter(stream)
