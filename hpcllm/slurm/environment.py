@@ -3,6 +3,7 @@ the CLI, REST and pyslurm backends."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -72,10 +73,8 @@ def run_slurm_command(args: list[str], *, timeout: float, stdin: str | None = No
 
 
 def _kill_session(process: subprocess.Popen) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has already exited
         os.killpg(process.pid, signal.SIGKILL)  # its session's group: start_new_session made it the leader
-    except ProcessLookupError:
-        pass
     process.wait()
 
 

@@ -21,6 +21,7 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
     prompt_tokens = sum(len(ids) for ids in inputs)
     if ctx.api_key is not None:
         gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)
+
     def route() -> Endpoint:
         return gw.router.resolve(req.model, gw.config.gateway.route_timeout_seconds,
                                  group=ctx.api_key.group if ctx.api_key else None)
