@@ -535,10 +535,11 @@ class CacheManager:
             return Path(source), SHAREDFS
 
     def _cached_for_load(self, model: str, source: str | os.PathLike, hold: bool) -> tuple[Path, str]:
-        self.drop_stale(model, source)
+        origin = content_id(source)  # read once per load: the origin is on the shared FS
+        self.drop_stale(model, source, origin=origin)
         for tier in self.tiers:
             path = self._present(model, tier)
-            if path is not None and self._same_content(path, source) and self._whole(model, tier, path):
+            if path is not None and self._same_content(path, source, origin) and self._whole(model, tier, path):
                 with self._transaction() as db:
                     self._sync(db)
                     used = db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?",
@@ -567,23 +568,25 @@ class CacheManager:
         return False
 
     @staticmethod
-    def _same_content(copy: Path, source: str | os.PathLike) -> bool:
-        """The copy holds the origin's checkpoint. An origin whose manifest cannot be read now (the shared FS is
-        away) cannot tell: the copy is used, as it was the last time the origin could be compared."""
-        origin = content_id(source)
+    def _same_content(copy: Path, source: str | os.PathLike, origin: str | None = None) -> bool:
+        """The copy holds the origin's checkpoint (`origin`: its content_id, when the caller read it already). An
+        origin whose manifest cannot be read now (the shared FS is away) cannot tell: the copy is used, as it was the
+        last time the origin could be compared."""
+        origin = origin or content_id(source)
         if origin is None:
             log.warning("cannot read %s to compare with the cached copy %s: using the copy", source, copy)
             return True
         return content_id(copy) == origin
 
-    def drop_stale(self, model: str, source: str | os.PathLike, tiers: tuple[str, ...] | None = None) -> list[str]:
+    def drop_stale(self, model: str, source: str | os.PathLike, tiers: tuple[str, ...] | None = None,
+                   origin: str | None = None) -> list[str]:
         """Drop the model's copies whose content is not the origin's at `source` (a redeploy of the name from a new
-        checkpoint); a stale copy still in use stays until its instances stop, but is never chosen for a load.
-        Returns the tiers dropped."""
+        checkpoint; `origin`: its content_id, when the caller read it already); a stale copy still in use stays until
+        its instances stop, but is never chosen for a load. Returns the tiers dropped."""
         dropped = []
         for tier in tiers or self.tiers:
             path = self._present(model, tier)
-            if path is None or self._same_content(path, source):
+            if path is None or self._same_content(path, source, origin):
                 continue
             try:
                 self._drop(model, tier)

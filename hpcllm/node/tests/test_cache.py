@@ -243,6 +243,19 @@ def test_a_copy_evicted_while_a_load_chooses_it_is_not_handed_out(manager, origi
     assert [(c.tier, c.in_use) for c in manager.list()] == [("nvme", 0)]  # no hold without hold=True
 
 
+def test_choosing_where_to_load_reads_the_origins_manifest_once(manager, origin, monkeypatch):
+    # On a start's path: the origin is on the shared FS, where each small read is a round trip. It was read twice
+    # per cached tier (once to drop stale copies, once to choose).
+    from hpcllm.node import cache as cache_module
+
+    manager.warm("llama", origin, "nvme")
+    manager.warm("llama", origin, "dram")
+    reads, read = [], cache_module.content_id
+    monkeypatch.setattr(cache_module, "content_id", lambda root: (reads.append(Path(root)), read(root))[1])
+    assert manager.path_for_load("llama", origin)[1] == "dram"
+    assert reads.count(Path(origin)) == 1
+
+
 def test_corrupt_copy_whose_origin_is_gone_is_dropped(manager, origin, tmp_path):
     movable = _copy_model(origin, tmp_path / "movable")
     copy = manager.warm("llama", movable, "nvme")
