@@ -13,14 +13,7 @@ import click
 
 from hpcllm.checkpoint.layout import (CONVERT_TARGET_DTYPES, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, SLICE_HASHES_FILE,
                                       read_checkpoint)
-
-
-def _human(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
-        nbytes /= 1024
-    return f"{nbytes} B"
+from hpcllm.present import human_size
 
 
 @click.command("convert")
@@ -48,7 +41,7 @@ def convert(hf_dir: Path, out_dir: Path, partitions: int | None, dtype: str | No
     ckpt = run_convert(hf_dir, out_dir, partitions=partitions, dtype=dtype, chunk_size=chunk_size_mib << 20,
                        overwrite=overwrite, progress=progress)
     click.echo(f"converted {hf_dir} -> {ckpt.root}: {len(ckpt.tensors)} tensors, {len(ckpt.aliases)} aliases, "
-               f"{_human(ckpt.total_bytes)} in {len(ckpt.partitions)} partition(s)")
+               f"{human_size(ckpt.total_bytes)} in {len(ckpt.partitions)} partition(s)")
 
 
 @click.group("checkpoint")
@@ -75,11 +68,11 @@ def inspect(path: Path, as_json: bool) -> None:
     model = ckpt.model
     click.echo(f"{ckpt.root}: hpcllm checkpoint format {ckpt.format_version}, model_type "
                f"{model.get('model_type')}, dtype {model.get('dtype')}")
-    click.echo(f"  {len(ckpt.tensors)} tensors, {len(ckpt.aliases)} aliases, {_human(ckpt.total_bytes)}")
+    click.echo(f"  {len(ckpt.tensors)} tensors, {len(ckpt.aliases)} aliases, {human_size(ckpt.total_bytes)}")
     for p in ckpt.partitions:
         count = sum(1 for e in ckpt.tensors.values() if e.partition == p.index)
-        click.echo(f"  {p.file}: {_human(p.size)}, {count} tensors, {p.num_chunks} chunk(s) of "
-                   f"{_human(p.chunk_size)}")
+        click.echo(f"  {p.file}: {human_size(p.size)}, {count} tensors, {p.num_chunks} chunk(s) of "
+                   f"{human_size(p.chunk_size)}")
     for alias, target in sorted(ckpt.aliases.items()):
         click.echo(f"  alias {alias} -> {target}")
 

@@ -18,6 +18,7 @@ from hpcllm.controller.errors import ControllerError, ControllerUnreachable, Inv
 from hpcllm.controller.protocol import (ClusterStatus, CredentialInfo, CredentialList, DeployedModel, IssuedPoolToken,
                                        ModelSpec, UndeployResult, Wire, not_an_answer)
 from hpcllm.httpkit.client import check_url, internal_client, request_json
+from hpcllm.present import human_size, table_console
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 
@@ -105,7 +106,7 @@ def deploy(model_file: Path, config_path: Path | None, controller_url: str | Non
     spec = read_model_file(model_file)
     client = AdminClient(load_config(config_path), controller_url)
     model = client.call("POST", "/v1/admin/models", DeployedModel, json=spec.model_dump())
-    click.echo(f"deployed {model['name']}: {model['source']} ({_size(model['size_bytes'])}, "
+    click.echo(f"deployed {model['name']}: {model['source']} ({human_size(model['size_bytes'])}, "
                f"{model['gpus'] or 'no'} GPU{'s' if model['gpus'] != 1 else ''}, "
                f"instances {model['min_instances']}..{model['max_instances']}, "
                f"context {model['max_model_len']} tokens)")
@@ -220,10 +221,9 @@ def revoke_pool_token(credential_id: str, config_path: Path | None, controller_u
 
 
 def print_status(st: ClusterStatus) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = table_console()
     models = Table(title="models")
     for col in ("name", "size", "gpus", "context", "instances", "keep-alive", "source"):
         models.add_column(col)
@@ -232,14 +232,14 @@ def print_status(st: ClusterStatus) -> None:
         counts[inst.model] = counts.get(inst.model, 0) + 1
     for m in st.models:
         context = "?" if m.max_model_len is None else str(m.max_model_len)
-        models.add_row(m.name, _size(m.size_bytes), str(m.gpus), context,
+        models.add_row(m.name, human_size(m.size_bytes), str(m.gpus), context,
                        f"{counts.get(m.name, 0)} ({m.min_instances}..{m.max_instances})",
                        "default" if m.keep_alive_seconds is None else f"{m.keep_alive_seconds:g} s", m.source)
     nodes = Table(title="nodes")
     for col in ("node", "state", "job", "pool", "gpus free", "tiers GB/s", "cached", "heartbeat"):
         nodes.add_column(col)
     for n in st.nodes:
-        tiers = ", ".join(f"{t} {getattr(n.tiers, t).read_gbps:g}" for t in ("dram", "nvme", "sharedfs")
+        tiers = ", ".join(f"{t} {getattr(n.tiers, t).read_gbps:.3g}" for t in ("dram", "nvme", "sharedfs")
                           if getattr(n.tiers, t) is not None)
         cached = ", ".join(f"{c.model}@{c.tier}" + (f"[rank {c.rank}/{c.tensor_parallel}]" if c.tensor_parallel else "")
                            for c in n.cached)
@@ -316,13 +316,6 @@ def _estimate_cell(placement) -> str:
         cell += f", start {placement.start_seconds:.1f} s"
     return cell
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def _move_cost_cell(inst) -> str:

@@ -26,6 +26,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import internal_client
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
+from hpcllm.present import human_size, table_console
 from hpcllm.slurm.hostlist import expand_nodes
 from hpcllm.node.mpiwarm import RESULT_PREFIX
 from hpcllm.node.protocol import CachedCopyInfo, CacheList, VerifyResults, Wire
@@ -252,7 +253,7 @@ def warm_slices_through_agents(clients: list[NodeCache], model: str, origin: str
                 copy = client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo,
                                    json={"model": model, "source": origin, "tier": "nvme", "tensor_parallel": degree,
                                          "rank": rank})
-                click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: {_size(copy['bytes'])} of slices "
+                click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: {human_size(copy['bytes'])} of slices "
                            f"verified in {copy['path']}")
             except HpcllmError as exc:
                 click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: failed", err=True)
@@ -310,24 +311,18 @@ def ls(node_expr, as_json, config_path, controller_url, agent_urls) -> None:
 
 
 def _print_table(rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("node", "model", "tier", "size", "last use", "verified", "in use")
     for r in rows:
         model = r["model"] if r.get("tensor_parallel") is None else \
             f"{r['model']} (slices: rank {r['rank']} of {r['tensor_parallel']})"
-        table.add_row(r["node"], model, r["tier"], _size(r["bytes"]),
+        table.add_row(r["node"], model, r["tier"], human_size(r["bytes"]),
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_used"])),
                       "yes" if r["verified"] else "NO", str(r.get("in_use", 0)))
-    Console(width=120).print(table if rows else "no cached copies")
+    table_console().print(table if rows else "no cached copies")
 
 
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 @cache.command("evict")
@@ -349,7 +344,7 @@ def evict(model, node_expr, tier, config_path, controller_url, agent_urls) -> No
             failures.append(str(exc))
             continue
         for copy in gone["cached"]:
-            click.echo(f"{client.agent.node}: evicted {model} from {copy['tier']} ({_size(copy['bytes'])})")
+            click.echo(f"{client.agent.node}: evicted {model} from {copy['tier']} ({human_size(copy['bytes'])})")
             removed += 1
     if failures:
         raise CacheError("; ".join(failures))
