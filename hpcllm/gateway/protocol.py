@@ -1,6 +1,7 @@
 """Wire types shared by the OpenAI endpoints, and how request bodies become validated models.
 
 Status mapping for bad bodies (documented in docs/gateway.md):
+  400 unsupported_media_type  the Content-Type is not application/json (vLLM's answer too: a 400, not a 415)
   400 invalid_json       the body is not JSON or not a JSON object
   400 missing_field      a required field is absent (param names it)
   422 invalid_value      a field is present with the wrong type or outside its range (param names it)
@@ -85,7 +86,21 @@ def validation_error(exc: ValidationError) -> InvalidRequest | InvalidValue:
     return InvalidValue(f"invalid value for '{where}': {reason}{more}", param=where, code="invalid_value")
 
 
+JSON_MEDIA_TYPE = "application/json"
+
+
+def check_json_content_type() -> None:
+    """A body sent as form data (curl -d without -H) or text is refused, as vLLM does, not parsed anyway: the client
+    learns what to send instead of a JSON error about a body it did not mean as JSON. Parameters (charset) are fine."""
+    got = request.mimetype
+    if got != JSON_MEDIA_TYPE:
+        named = f"'{got[:100]}'" if got.isascii() and got.isprintable() else "another"  # never echo raw bytes
+        raise InvalidRequest(f"the request body must be JSON sent with the header 'Content-Type: {JSON_MEDIA_TYPE}' "
+                             f"(got {named if got else 'no'} Content-Type)", code="unsupported_media_type")
+
+
 def json_body() -> dict[str, Any]:
+    check_json_content_type()
     raw = request_bytes()
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object", code="invalid_json")

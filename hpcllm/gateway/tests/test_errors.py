@@ -41,6 +41,23 @@ def test_malformed_json_is_400(gateway, body):
     assert_still_serving(gateway)
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/embeddings"])
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_not_sent_as_json_is_400_saying_what_to_send(gateway, path, content_type):
+    # curl -d without -H sends a JSON text as form data: refused (as vLLM does), not parsed anyway.
+    headers = {"Content-Type": content_type} if content_type else {}
+    resp = gateway.post(path, content=json.dumps(GOOD), headers=headers)
+    error = assert_error(resp, 400, "unsupported_media_type")
+    assert "Content-Type: application/json" in error["message"]
+    assert_still_serving(gateway)
+
+
+def test_a_json_content_type_with_parameters_is_accepted(gateway):
+    resp = gateway.post("/v1/completions", content=json.dumps(GOOD),
+                        headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert resp.status_code == 200, resp.text
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", {"prompt": "hi"}, "model"),
     ("/v1/completions", {"model": MODEL}, "prompt"),
