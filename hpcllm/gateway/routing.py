@@ -65,6 +65,22 @@ class Endpoint:
     cold_start: ColdStart | None = None
     # The key this worker accepts, when it is not the cluster secret (a token-registered node; docs/security.md).
     worker_key: str | None = None
+    # A live migration's destination, named by the source worker's stream and reached with the migration's grant
+    # alone: the gateway sends it no key of its own (a group's pool may have named it).
+    grant_only: bool = False
+
+    def key(self, shared_secret: str) -> str:
+        """The key requests are opened with on this worker: its own, else the cluster secret."""
+        if self.grant_only:
+            raise RuntimeError(f"{self.worker_url} was reached through a migration grant: no key of the gateway's "
+                               f"may go there")
+        return self.worker_key or shared_secret
+
+    def migrated_to(self, worker_url: str) -> Endpoint:
+        """Where a live migration moved a generation: the destination (so a worker lost later is the one forgotten),
+        with none of this endpoint's credentials."""
+        return Endpoint(model=self.model, instance_id=f"migrated:{worker_url}", worker_url=worker_url,
+                        grant_only=True)
 
 
 class Router(ABC):

@@ -225,8 +225,8 @@ class Generation:
         return stream
 
     def _open_on(self, endpoint: Endpoint, request: GenerateRequest) -> WorkerStream:
-        key = endpoint.worker_key or self.gw.config.cluster.shared_secret
-        return open_generation(self.gw.http, endpoint.worker_url, key, request, self.gw.config.internal_http)
+        return open_generation(self.gw.http, endpoint.worker_url, endpoint.key(self.gw.config.cluster.shared_secret),
+                               request, self.gw.config.internal_http)
 
     # ------------------------------------------------------------------------------------------ generation
     def deltas(self) -> Iterator[Delta]:
@@ -331,6 +331,7 @@ class Generation:
         log.info("request %s choice %d: live-migrated to %s after %d tokens", self.ctx.request_id, choice.index,
                  moved.worker_url, delivered)
         choice.stream = stream
+        choice.endpoint = choice.endpoint.migrated_to(moved.worker_url)
         self.gw.metrics.migrations.labels(self.model).inc()
         choice.migration_pause_from = choice.last_token_at or time.monotonic()
         return None

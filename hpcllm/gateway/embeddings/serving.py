@@ -27,8 +27,7 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
                                  group=ctx.api_key.group if ctx.api_key else None)
 
     def embed(endpoint: Endpoint) -> list[list[float]]:
-        return embed_on_worker(gw.http, endpoint.worker_url,
-                               endpoint.worker_key or gw.config.cluster.shared_secret, inputs)
+        return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs)
 
     try:
         _, embeddings = on_a_worker(gw, ctx, route(), route, embed)  # a worker that died meanwhile: another

@@ -171,3 +171,73 @@ def test_a_migration_without_a_grant_is_resumed_and_never_gets_the_gateways_secr
     assert resp.usage.completion_tokens == 8 and resp.choices[0].text.startswith("x")  # resumed after the pool's token
     assert seen_headers == []  # no attach there at all, so no X-Hpcllm-Secret either
     assert metric(gateway, f"hpcllm_request_resumes_total{{{LABEL}}} 1.0")
+
+
+class ForgetfulRouter(ScriptedRouter):
+    """Records the workers the gateway gave up on (a ControllerRouter forgets them from its known routes)."""
+
+    def __init__(self, source, urls):
+        super().__init__(source, urls)
+        self.forgotten: list[str] = []
+
+    def forget(self, endpoint):
+        self.forgotten.append(endpoint.worker_url)
+
+
+def test_a_destination_lost_after_the_attach_is_the_worker_forgotten(make_gateway, tiny_model_dir, two_workers):
+    """The gateway followed a live migration, then the destination died: it gives up on the destination (with the
+    controller down, a known route that would fail again), not on the source it was first routed to - and the
+    destination, which it reached with the migration's grant, still never gets a key of the gateway's."""
+    from flask import Flask, Response, request
+
+    from hpcllm.credentials import GRANT_HEADER
+    from hpcllm.httpkit.auth import SECRET_HEADER
+    from hpcllm.worker.protocol import ATTACH_MIGRATION_PATH, FinalLine, MigratedTo, TokenLine, Usage
+
+    destination_headers: list[dict] = []
+    destination = Flask("destination")
+
+    @destination.post(ATTACH_MIGRATION_PATH.replace("{request_id}", "<request_id>"))
+    def attach(request_id: str):
+        destination_headers.append(dict(request.headers))
+        return Response(TokenLine(index=1, token_id=101, text="y").model_dump_json() + "\n",  # then it dies
+                        mimetype="application/x-ndjson")
+
+    destination_server = ThreadServer(destination)
+    source = Flask("source")
+
+    @source.post("/v1/internal/generate")
+    def generate():
+        body = request.get_json()
+        moved = FinalLine(finish_reason="migrated", usage=Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3),
+                          migrated_to=MigratedTo(worker_url=destination_server.url, request_id=body["request_id"],
+                                                 from_index=1, grant="the-grant"))
+        lines = TokenLine(index=0, token_id=100, text="x").model_dump_json() + "\n" + moved.model_dump_json() + "\n"
+        return Response(lines, mimetype="application/x-ndjson")
+
+    source_server = ThreadServer(source)
+    honest = two_workers[0]
+    router = ForgetfulRouter(tiny_model_dir, [source_server.url, honest.url])
+    try:
+        gateway = make_gateway(router=router)
+        resp = gateway.client().completions.create(model=MODEL, prompt="hello world", max_tokens=8, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+    finally:
+        source_server.stop()
+        destination_server.stop()
+    assert resp.usage.completion_tokens == 8 and resp.choices[0].text.startswith("xy")  # resumed after both
+    assert router.forgotten == [destination_server.url]
+    assert router.resolved == [source_server.url, honest.url]
+    assert [h.get(GRANT_HEADER) for h in destination_headers] == ["the-grant"]
+    assert not any(SECRET_HEADER in h for h in destination_headers)
+
+
+def test_a_migration_destination_carries_none_of_the_routed_workers_credentials():
+    from hpcllm.gateway.routing import Endpoint
+
+    routed = Endpoint(model=MODEL, instance_id="i-1", worker_url="http://source:1", worker_key="the-pools-key")
+    moved = routed.migrated_to("http://destination:2")
+    assert (moved.worker_url, moved.worker_key) == ("http://destination:2", None)
+    assert routed.key(SECRET) == "the-pools-key"
+    with pytest.raises(RuntimeError, match="migration grant"):  # not even the cluster secret
+        moved.key(SECRET)
