@@ -252,6 +252,9 @@ class GatewayConfig(Section):
     # While the controller is unreachable: requests go to instances it routed to within this many seconds (checked
     # with the worker's /ready); requests with none wait up to controller_outage_wait_seconds for it to come back.
     known_route_ttl_seconds: float = Field(600.0, gt=0)
+    # ... but a model pool's instances only this long (0: never from memory): a pool's token may be revoked just
+    # before the outage, and a revoked pool must not keep getting its group's prompts until the controller is back.
+    known_pool_route_ttl_seconds: float = Field(30.0, ge=0)
     controller_outage_wait_seconds: float = Field(60.0, ge=0)
     upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
     # Longest silence allowed between two tokens from a worker.

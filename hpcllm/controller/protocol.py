@@ -203,6 +203,9 @@ class RouteReady(Wire):
     load_seconds: float | None = None
     # The key the worker accepts (a token-registered node's node key); None: the cluster secret.
     worker_key: str | None = None
+    # A model pool's node (a group's, or a shared one): its token may be revoked at any time, so a gateway serves
+    # it from the routes it remembers for a controller outage only briefly (gateway.known_pool_route_ttl_seconds).
+    pool: bool = False
 
 
 class RouteWaiting(Wire):

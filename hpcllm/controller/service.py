@@ -580,9 +580,10 @@ class Controller:
             if best.load + 1 >= self.settings.scale_out_running_requests and not loading \
                     and len(ready) < model.max_instances:
                 self._scale_out(model, group)
+            node = nodes[best.node_id]
             return RouteReady(model=name, instance_id=best.instance_id, worker_url=best.worker_url,
                               node_id=best.node_id, load_tier=best.load_tier, load_seconds=best.load_seconds,
-                              worker_key=self._node_key_if_any(nodes[best.node_id]))
+                              worker_key=self._node_key_if_any(node), pool=node.is_pool)
         if loading:
             first = min(loading, key=lambda i: i.requested_at)
             return self._starting(name, first)

@@ -178,13 +178,15 @@ class ControllerRouter(Router):
     """Asks the controller: GET /v1/internal/route?model=&wait= (200 ready, 202 starting, 404, 503).
 
     While the controller cannot be asked (unreachable, or answering 500/502/504), requests go to the instances it
-    routed this model to within known_route_ttl_s (KnownRoutes), each checked with the worker's /ready; a model
+    routed this model to within known_route_ttl_s (a model pool's: known_pool_route_ttl_s; KnownRoutes), each
+    checked with the worker's /ready; a model
     with none (a cold start) and the model list of a process that never fetched one wait for the controller, up
     to outage_wait_s."""
 
     def __init__(self, controller_url: str, *, shared_secret: str, route_poll_s: float = 20.0,
                  connect_timeout_s: float = 5.0, models_ttl_s: float = 2.0, known_route_ttl_s: float = 600.0,
-                 outage_wait_s: float = 60.0, http: InternalHttpConfig | None = None):
+                 known_pool_route_ttl_s: float = 30.0, outage_wait_s: float = 60.0,
+                 http: InternalHttpConfig | None = None):
         self.controller_url = controller_url.rstrip("/")
         self.route_poll_s = route_poll_s
         self.outage_wait_s = outage_wait_s
@@ -197,7 +199,7 @@ class ControllerRouter(Router):
         # While the controller is unreachable the last copy is used, however old.
         self._models_ttl_s = models_ttl_s
         self._models: tuple[float, list[ModelCard]] | None = None
-        self._known = KnownRoutes(known_route_ttl_s)
+        self._known = KnownRoutes(known_route_ttl_s, known_pool_route_ttl_s)
         # After a failed call the controller is not asked again for 2 s (a controller host that drops packets
         # would otherwise cost every request the connect timeout).
         self._skip_controller_until = 0.0
@@ -292,10 +294,10 @@ class ControllerRouter(Router):
                 time.sleep(min(1.0, remaining))
                 continue
             if resp.status_code == 200:
-                endpoint = self._endpoint(model, self._read(controller_wire.RouteReady, resp),
-                                          time.monotonic() - start)
+                route = self._read(controller_wire.RouteReady, resp)
+                endpoint = self._endpoint(model, route, time.monotonic() - start)
                 self._known.remember(model, KnownInstance(endpoint.instance_id, endpoint.worker_url,
-                                                          endpoint.worker_key, group))
+                                                          endpoint.worker_key, group, pool=route.pool))
                 return endpoint
             if resp.status_code == 404:
                 raise ModelNotFound(model)
@@ -403,5 +405,6 @@ def make_router(config) -> Router:
     return ControllerRouter(url, shared_secret=config.cluster.shared_secret, route_poll_s=gw.route_poll_seconds,
                             connect_timeout_s=gw.upstream_connect_timeout_seconds,
                             known_route_ttl_s=gw.known_route_ttl_seconds,
+                            known_pool_route_ttl_s=gw.known_pool_route_ttl_seconds,
                             outage_wait_s=min(gw.route_timeout_seconds, gw.controller_outage_wait_seconds),
                             http=config.internal_http)

@@ -313,55 +313,116 @@ def test_prompt_beyond_the_context_is_refused_before_any_cold_start(routed_gatew
 # ------------------------------------------------------------------------------------------ groups and pools
 
 
-def test_a_groups_pool_gets_that_groups_prompts_only(make_gateway, controller_url, agents, tiny_model_dir, hf_pair):
-    """A pool registered with a pool token for group physics (docs/security.md): its worker holds only the node key
-    the controller handed out. A physics key's request is served there (the gateway calls it with that key); a
-    chemistry key's request never reaches it - the controller starts an instance of its own for chemistry."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class PhysicsPool:
+    """A pool registered with a pool token for group physics (docs/security.md), its worker (real, in a thread)
+    holding only the node key the controller handed out and heartbeated ready."""
 
-    from hpcllm.credentials import TOKEN_HEADER
-    from hpcllm.worker.engine import UnknownRequest
-    from hpcllm.worker.server import ModelForServing, WorkerService
-    from hpcllm.worker.server import create_app as create_worker_app
+    def __init__(self, controller_url: str, tiny_model_dir):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    issued = httpx.post(f"{controller_url}/v1/admin/pool-tokens", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                        json={"model": MODEL, "group": "physics"})
-    assert issued.status_code == 201, issued.text
-    pool = {TOKEN_HEADER: issued.json()["token"]}
-    registered = httpx.post(f"{controller_url}/v1/internal/nodes/register", headers=pool,
-                            json={"node_id": "p1", "agent_url": "http://p1:9000", "pool_model": MODEL})
-    assert registered.status_code == 200, registered.text
-    node_key = registered.json()["node_key"]
+        from hpcllm.credentials import TOKEN_HEADER
+        from hpcllm.worker.server import ModelForServing, WorkerService
+        from hpcllm.worker.server import create_app as create_worker_app
 
-    service = WorkerService(MODEL, secret=node_key, keepalive_seconds=0.5)  # what the pool's agent starts
-    service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
-                                   AutoTokenizer.from_pretrained(tiny_model_dir), tier="dram", load_seconds=0.1))
-    pool_worker = ThreadServer(create_worker_app(service))
-    try:
-        ready = InstanceInfo(instance_id="pool-1", model=MODEL, state="ready", worker_url=pool_worker.url)
-        beat = httpx.post(f"{controller_url}/v1/internal/nodes/p1/heartbeat", headers=pool,
+        issued = httpx.post(f"{controller_url}/v1/admin/pool-tokens", json={"model": MODEL, "group": "physics"},
+                            headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert issued.status_code == 201, issued.text
+        self.credential_id = issued.json()["credential_id"]
+        token = {TOKEN_HEADER: issued.json()["token"]}
+        registered = httpx.post(f"{controller_url}/v1/internal/nodes/register", headers=token,
+                                json={"node_id": "p1", "agent_url": "http://p1:9000", "pool_model": MODEL})
+        assert registered.status_code == 200, registered.text
+        self.service = WorkerService(MODEL, secret=registered.json()["node_key"], keepalive_seconds=0.5)
+        self.service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                                            AutoTokenizer.from_pretrained(tiny_model_dir), tier="dram",
+                                            load_seconds=0.1))
+        self.worker = ThreadServer(create_worker_app(self.service))
+        ready = InstanceInfo(instance_id="pool-1", model=MODEL, state="ready", worker_url=self.worker.url)
+        beat = httpx.post(f"{controller_url}/v1/internal/nodes/p1/heartbeat", headers=token,
                           json={"instances": [ready.model_dump()]})
         assert beat.status_code == 200, beat.text
-        gateway = make_gateway(static_models={}, controller_url=controller_url, route_poll_seconds=5, api_keys=[
-            {"key": "sk-physics", "name": "ada", "group": "physics"},
-            {"key": "sk-chemistry", "name": "marie", "group": "chemistry"}])
-        expected, _, _ = hf_greedy(hf_pair, hf_pair[1]("hello world")["input_ids"], 6)
 
-        physics = gateway.client("sk-physics").completions.create(model=MODEL, prompt="hello world", max_tokens=6,
-                                                                  temperature=0)
-        assert physics.choices[0].text == expected
-        assert agents.started == []  # served by the pool: nothing was started
-        assert service.engine.tokens(physics.id + "-0-0").finish_reason == "length"  # it ran on the pool's worker
+    def served(self, response_id: str) -> bool:
+        from hpcllm.worker.engine import UnknownRequest
 
-        chemistry = gateway.client("sk-chemistry").completions.create(model=MODEL, prompt="hello world",
-                                                                      max_tokens=6, temperature=0)
-        assert chemistry.choices[0].text == expected
-        assert [model for model, _ in agents.started] == [MODEL]  # its own instance, on the service's node
-        with pytest.raises(UnknownRequest):  # the chemistry request was never on the pool's worker
-            service.engine.tokens(chemistry.id + "-0-0")
-    finally:
-        pool_worker.stop()
-        service.shutdown()
+        try:
+            return self.service.engine.tokens(response_id + "-0-0").finish_reason is not None
+        except UnknownRequest:
+            return False
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.service.shutdown()
+
+
+@pytest.fixture
+def physics_pool(controller_url, tiny_model_dir):
+    pool = PhysicsPool(controller_url, tiny_model_dir)
+    yield pool
+    pool.stop()
+
+
+GROUP_KEYS = [{"key": "sk-physics", "name": "ada", "group": "physics"},
+              {"key": "sk-chemistry", "name": "marie", "group": "chemistry"}]
+
+
+def test_a_groups_pool_gets_that_groups_prompts_only(make_gateway, controller_url, agents, physics_pool, hf_pair):
+    """A physics key's request is served by physics' pool (the gateway calls it with the pool's node key); a
+    chemistry key's request never reaches it - the controller starts an instance of its own for chemistry."""
+    gateway = make_gateway(static_models={}, controller_url=controller_url, route_poll_seconds=5,
+                           api_keys=GROUP_KEYS)
+    expected, _, _ = hf_greedy(hf_pair, hf_pair[1]("hello world")["input_ids"], 6)
+
+    physics = gateway.client("sk-physics").completions.create(model=MODEL, prompt="hello world", max_tokens=6,
+                                                              temperature=0)
+    assert physics.choices[0].text == expected
+    assert agents.started == []  # served by the pool: nothing was started
+    assert physics_pool.served(physics.id)  # it ran on the pool's worker
+
+    chemistry = gateway.client("sk-chemistry").completions.create(model=MODEL, prompt="hello world",
+                                                                  max_tokens=6, temperature=0)
+    assert chemistry.choices[0].text == expected
+    assert [model for model, _ in agents.started] == [MODEL]  # its own instance, on the service's node
+    assert not physics_pool.served(chemistry.id)  # the chemistry request was never on the pool's worker
+
+
+def test_a_pool_revoked_before_a_controller_outage_is_not_served_from_memory(make_gateway, controller_server,
+                                                                            physics_pool):
+    """An admin revokes physics' pool token, then the controller goes down before the gateway could learn of it.
+    The service's own instance goes on serving from memory; the pool is remembered only for
+    known_pool_route_ttl_seconds (here 0): physics' requests wait for the controller instead of reaching it."""
+    gateway = make_gateway(static_models={}, controller_url=controller_server.url, route_poll_seconds=5,
+                           api_keys=GROUP_KEYS, known_pool_route_ttl_seconds=0, controller_outage_wait_seconds=0.5)
+    physics, chemistry = gateway.client("sk-physics"), gateway.client("sk-chemistry")
+    request = dict(model=MODEL, prompt="hello world", max_tokens=4, temperature=0)
+    assert physics_pool.served(physics.completions.create(**request).id)
+    assert not physics_pool.served(chemistry.completions.create(**request).id)  # the service's instance
+    revoked = httpx.delete(f"{controller_server.url}/v1/admin/credentials/{physics_pool.credential_id}",
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert revoked.status_code == 200, revoked.text
+    controller_server.stop()
+
+    assert chemistry.completions.create(**request).usage.completion_tokens == 4  # shared: served on
+    with pytest.raises(openai.InternalServerError) as waited:
+        physics.with_options(max_retries=0).completions.create(**request)
+    assert waited.value.status_code == 503 and waited.value.code == "controller_unreachable"
+
+
+def test_a_pools_route_is_remembered_for_the_shorter_pool_ttl():
+    from hpcllm.gateway.known_routes import KnownInstance, KnownRoutes
+
+    now = 0.0
+    known = KnownRoutes(600.0, 30.0, clock=lambda: now)
+    service = KnownInstance("inst-1", "http://n1:9001", "node-key", "physics")
+    pool = KnownInstance("pool-1", "http://p1:9001", "pool-node-key", "physics", pool=True)
+    known.remember(MODEL, service)
+    known.remember(MODEL, pool)
+    now = 30.0
+    assert set(known.candidates(MODEL, "physics")) == {service, pool}
+    now = 30.5
+    assert known.candidates(MODEL, "physics") == [service]
+    now = 600.5
+    assert known.candidates(MODEL, "physics") == []
 
 
 # ----------------------------------------------------------------------------------------- no capacity now
