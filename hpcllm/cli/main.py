@@ -49,6 +49,16 @@ def cli() -> None:
     """hpcllm: serve LLMs on a Slurm cluster behind one OpenAI-compatible URL."""
 
 
+def click_error_line(exc: click.ClickException) -> str:
+    """click's error as one line, like the CLI's other errors (click prints 'Usage:' and 'Error:' lines); a usage
+    error says where the command's help is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message = f"{message.rstrip('.')} (see '{ctx.command_path} --help')"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one clear line on stderr and a non-zero exit code."""
     try:
@@ -60,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 130
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {click_error_line(exc)}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code

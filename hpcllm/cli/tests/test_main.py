@@ -42,3 +42,25 @@ def test_python_dash_m_hpcllm_behaves_as_the_hpcllm_command(args):
         (as_command.returncode, as_command.stdout, as_command.stderr)
     assert as_module.stdout or as_module.stderr
     assert "Traceback" not in as_module.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (("deploy",), "error: Missing argument 'MODEL_FILE' (see 'hpcllm deploy --help')"),
+    (("deploy", "--no-such-option", "x"), "error: No such option '--no-such-option' (see 'hpcllm deploy --help')"),
+    (("no-such-command",), "error: No such command 'no-such-command' (see 'hpcllm --help')"),
+    (("slurm", "render", "model-pool", "--gpus", "x"), "error: Invalid value for '--gpus': 'x' is not a valid "
+                                                       "integer range (see 'hpcllm slurm render model-pool --help')"),
+])
+def test_a_usage_error_is_one_error_line_like_the_clis_other_errors(capsys, args, says):
+    from hpcllm.cli.main import main
+
+    assert main(list(args)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [says] and captured.out == ""
+
+
+def test_help_still_shows_usage(capsys):
+    from hpcllm.cli.main import main
+
+    assert main(["deploy", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("Usage: hpcllm deploy [OPTIONS] MODEL_FILE")
