@@ -13,7 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.privatefs import private_dir
@@ -25,6 +26,18 @@ CONFIG_ENV = "HPCLLM_CONFIG"
 # batch scripts. MODEL_NAME is the bare expression, for patterns that embed a name.
 MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 MODEL_NAME_PATTERN = rf"^{MODEL_NAME}$"
+
+
+def _header_safe(value: str) -> str:
+    """Keys and secrets travel in HTTP headers, which carry printable ASCII only: a client (httpx) cannot send another
+    character, and a server reads the UTF-8 bytes as Latin-1, so such a key could never match."""
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError("must be printable ASCII: keys travel in HTTP headers, which carry no other characters")
+    return value
+
+
+# A key or secret as the config holds it (admin keys, API keys, the cluster secret).
+HeaderKey = Annotated[str, AfterValidator(_header_safe)]
 
 
 class Section(BaseModel):
@@ -126,7 +139,7 @@ class ControllerConfig(Section):
     # Idle seconds before an instance is stopped (scale to zero); a model's keep_alive_seconds overrides it.
     keep_alive_seconds: float = Field(300.0, ge=0)
     # Key of the admin API (deploy / undeploy / status); empty: gateway.admin_key (never the cluster secret).
-    admin_key: str | None = None
+    admin_key: HeaderKey | None = None
     # Threads serving HTTP (each long-polling route call holds one).
     threads: int = Field(32, ge=1)
     # Seconds between autoscaler ticks (Slurm polling, scale to zero, retirement).
@@ -196,7 +209,7 @@ class ControllerConfig(Section):
 
 
 class ApiKey(Section):
-    key: str
+    key: HeaderKey
     name: str = "user"
     # The key's group (a lab, a course): requests may also go to that group's own model pools (pool tokens issued
     # for the group, docs/security.md); empty: only to the service's instances and pools shared with everyone.
@@ -226,7 +239,7 @@ class GatewayConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[ApiKey] = Field(default_factory=list)
-    admin_key: str | None = None
+    admin_key: HeaderKey | None = None
     drain_timeout_seconds: float = Field(30.0, ge=0)
     # Streams one API key may hold open at once (each holds a gateway thread); a key's max_concurrent_streams wins.
     max_streams_per_key: int = Field(16, ge=1)
@@ -345,7 +358,7 @@ class WorkerConfig(Section):
 
 class ClusterConfig(Section):
     # Shared secret every agent / worker / controller call carries; never exposed to clients.
-    shared_secret: str = "dev-secret-change-me"
+    shared_secret: HeaderKey = "dev-secret-change-me"
     # A development cluster (conf/dev.toml, `make up`): its secrets are public, so only there do the services start
     # with the known default secrets, without an admin key or API keys (see check_service_credentials).
     dev: bool = False

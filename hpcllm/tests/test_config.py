@@ -113,3 +113,28 @@ def test_the_worker_step_timeout_is_its_own_setting(tmp_path):
     path.write_text("[worker]\nstep_timeout_seconds = 0\n")
     with pytest.raises(ConfigError, match="step_timeout_seconds"):
         load_config(path)
+
+
+@pytest.mark.parametrize("text, where", [
+    ('[controller]\nadmin_key = "clé-admin"\n', "controller.admin_key"),
+    ('[gateway]\nadmin_key = "admin\\tkey"\n', "gateway.admin_key"),
+    ('[[gateway.api_keys]]\nkey = "sk-clé-du-labo"\n', "gateway.api_keys.0.key"),
+    ('[cluster]\nshared_secret = "sécret"\n', "cluster.shared_secret"),
+])
+def test_a_key_that_no_http_header_can_carry_is_refused(tmp_path, text, where):
+    """An HTTP client cannot send it (the CLI died in httpx with a UnicodeEncodeError traceback) and a server reads
+    its UTF-8 bytes as Latin-1, so it could never match: the config names it instead."""
+    path = tmp_path / "hpcllm.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"{where}: .*must be printable ASCII"):
+        load_config(path)
+
+
+def test_a_cli_with_a_non_ascii_admin_key_in_its_config_says_so_in_one_line(tmp_path, capsys):
+    from hpcllm.cli.main import main
+
+    path = tmp_path / "hpcllm.toml"
+    path.write_text('[controller]\nadmin_key = "clé-admin"\n', encoding="utf-8")
+    assert main(["status", "--config", str(path), "--url", "http://127.0.0.1:9"]) != 0
+    err = capsys.readouterr().err
+    assert "controller.admin_key" in err and "printable ASCII" in err and "Traceback" not in err
