@@ -6,12 +6,12 @@ neither package imports the other back.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from hpcllm.config import load_config
+from hpcllm.logs import setup_service_logging
 from hpcllm.node.identity import node_name
 from hpcllm.tp.worker import run_tensor_parallel_worker
 from hpcllm.worker.cli import run_worker
@@ -86,7 +86,7 @@ def worker(model_path: Path, model_name: str | None, host: str | None, port: int
            engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str | None) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
     _check_mode_options(tensor_parallel, engine, cache_into, stop_signal)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_service_logging()
     # A service like the gateway and the agent: a config holding the cluster's secret must be this user's alone.
     config = load_config(config_path, private=True)
     if tensor_parallel:

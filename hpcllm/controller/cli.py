@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ from hpcllm.controller.errors import ControllerError, ControllerUnreachable, Inv
 from hpcllm.controller.protocol import (ClusterStatus, CredentialInfo, CredentialList, DeployedModel, IssuedPoolToken,
                                        ModelSpec, UndeployResult, Wire, not_an_answer)
 from hpcllm.httpkit.client import check_url, internal_client, request_json
+from hpcllm.logs import setup_service_logging
 from hpcllm.present import human_size, table_console
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
@@ -42,7 +42,7 @@ def controller(config_path: Path | None, host: str | None, port: int | None, rea
     config = load_config(config_path, private=True)
     check_service_credentials(config, "controller")
     private_state_dir(config)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_service_logging()
     service = build_service(config, backend=slurm_backend_of(config),
                             config_path=str(config_path) if config_path else os.environ.get("HPCLLM_CONFIG"))
     serve(service, host or config.controller.host, config.controller.port if port is None else port, ready_file)

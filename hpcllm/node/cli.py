@@ -9,7 +9,6 @@ cluster secret (an agent the operator runs by hand). docs/security.md.
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import click
 
 from hpcllm.config import CONFIG_ENV, check_service_credentials, load_config, private_state_dir
 from hpcllm.controller.protocol import MODEL_NAME_PATTERN
+from hpcllm.logs import setup_service_logging
 
 
 def _model_name(ctx, param, value: str | None) -> str | None:
@@ -37,7 +37,7 @@ def _model_name(ctx, param, value: str | None) -> str | None:
               help="Port of the agent API (default: node.port; 0 picks a free one).")
 def node(config_path: Path | None, model: str | None, controller_url: str | None, port: int | None) -> None:
     """Run this node's agent: measure tiers, register, serve instances and cache until drained."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_service_logging()
     import os
 
     from hpcllm.credentials import CredentialError, read_token_from_environment

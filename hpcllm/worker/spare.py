@@ -128,9 +128,9 @@ class BackgroundReservation:
 
 
 def main() -> int:
-    import logging
+    from hpcllm.logs import setup_service_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_service_logging()
     model_process = start_model_process()  # first: its imports run beside this process's own
     preimport()
     # The imports' heap leaves the collector's walks before the assignment: the worker's freeze once its engine is
