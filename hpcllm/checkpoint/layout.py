@@ -414,6 +414,8 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
                                           f"{MANIFEST_FILE}")
         raise MissingFile(f"{root}: no such checkpoint folder")
     manifest_path = root / MANIFEST_FILE
+    if os.path.lexists(manifest_path) and not manifest_path.is_file():  # a folder, FIFO, device or broken link
+        raise InvalidManifest(f"{manifest_path}: is not a regular file; re-convert the checkpoint with `hpcllm convert`")
     if not manifest_path.is_file():
         hint = " (it looks like a Hugging Face model folder: convert it with `hpcllm convert`)" if _looks_like_hf(
             root) else ""

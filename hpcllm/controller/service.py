@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import threading
 import time
@@ -176,7 +177,7 @@ class Controller:
         if not is_dir:
             raise InvalidModelConfig(f"source: checkpoint folder {source} does not exist (or is not a folder)",
                                      param="source")
-        if (source / MANIFEST_FILE).is_file():
+        if os.path.lexists(source / MANIFEST_FILE):  # a manifest that is a folder or FIFO is an error, not "absent"
             try:
                 checkpoint = read_checkpoint(source)
                 checkpoint.check_files_present()  # sizes only: a missing or cut-short data file fails here, not

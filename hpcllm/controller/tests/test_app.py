@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -442,6 +443,24 @@ def test_deploy_refuses_a_corrupt_manifest(client, harness, converted_checkpoint
     resp = client.post("/v1/admin/models", json={"name": "tiny", "source": str(broken)}, headers=ADMIN)
     assert resp.status_code == 400
     assert "manifest.json" in resp.get_json()["error"]["message"]
+    assert harness.registry.models() == []
+
+
+@pytest.mark.parametrize("make_odd", [lambda p: p.mkdir(), lambda p: os.mkfifo(p)], ids=["folder", "fifo"])
+def test_deploy_refuses_a_manifest_that_is_not_a_file_even_with_size_bytes(client, harness, converted_checkpoint,
+                                                                           tmp_path, make_odd):
+    """size_bytes stands in only for a checkpoint without a manifest: a manifest.json that is a folder or a FIFO is a
+    broken checkpoint to say so about, not a missing manifest (the deploy went through and every load failed)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(converted_checkpoint, broken)
+    (broken / "manifest.json").unlink()
+    make_odd(broken / "manifest.json")
+    body = {"name": "tiny", "source": str(broken), "size_bytes": 5}
+    resp = client.post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 400
+    assert "manifest.json: is not a regular file" in resp.get_json()["error"]["message"]
     assert harness.registry.models() == []
 
 
