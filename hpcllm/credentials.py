@@ -17,7 +17,8 @@ Roles:
   the cluster secret, derived from the secret, the credential and the node (`node_key`), handed out at registration.
 - migration ticket: the controller names the destination of a live migration; a worker moves requests only to the
   destination of a valid ticket signed with its own key, and the destination accepts the moved requests (and the
-  gateway's attach to them) with the ticket's grant, good for those requests only.
+  gateway's attach to them) with the ticket's grant, good for those requests only and for at most the number the
+  ticket covers (the source instance's requests when it was issued).
 
 The HTTP side stands on hpcllm.httpkit: the role checks are Credential classes (the end of this module) that the
 services put on their blueprints with httpkit.auth.guard / requires, and a CredentialError is a ServiceError, so it
@@ -29,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from pydantic import Field
 
 from hpcllm.httpkit.auth import SECRET_HEADER, SharedSecret, same
 from hpcllm.httpkit.errors import ServiceError, Unauthorized
-from hpcllm.httpkit.wire import WireModel
+from hpcllm.httpkit.wire import MAX_CLOCK_SKEW_SECONDS, UnixTime, WireModel
 
 # Request headers. The cluster secret (and a node key) travel in httpkit's SECRET_HEADER; tokens and grants have
 # their own.
@@ -55,6 +57,8 @@ KINDS = ("allocation", "pool")
 CLUSTER_CREDENTIAL = "cluster"
 # How long a migration ticket (and the grant in it) is good for after the controller issued it.
 TICKET_SECONDS = 600.0
+# The most requests one ticket covers: what one worker holds at most (max_running + max_waiting requests), with room.
+MAX_TICKET_REQUESTS = 100_000
 
 
 class CredentialError(ServiceError):
@@ -228,22 +232,34 @@ def worker_key(cluster_secret: str, credential_id: str | None, node_id: str) -> 
 
 
 class MigrationTicket(WireModel):
-    """The controller's leave for one live migration: a worker serving `model` may move its requests to
-    `destination_url` (instance `destination_instance`) until `expires_at`. `signature` is made with the source
-    worker's key; `grant` lets the destination accept the moved requests (and the gateway attach to them)."""
+    """The controller's leave for one live migration: a worker serving `model` may move the requests of instance
+    `source_instance` (at most `max_requests` of them) to `destination_url` (instance `destination_instance`) until
+    `expires_at`. `signature` is made with the source worker's key; `grant` lets the destination accept the moved
+    requests (and the gateway attach to them)."""
 
     model: str
     source_instance: str
     destination_url: str
     destination_instance: str
-    expires_at: float
+    expires_at: UnixTime
+    max_requests: int = Field(ge=1, le=MAX_TICKET_REQUESTS)
     nonce: str = Field(min_length=8)
     signature: str = ""
     grant: str = ""
 
     def signed_text(self) -> str:
         return "\0".join(["hpcllm-migration", self.model, self.source_instance, self.destination_url.rstrip("/"),
-                          self.destination_instance, f"{self.expires_at:.3f}", self.nonce])
+                          self.destination_instance, f"{self.expires_at:.3f}", str(self.max_requests), self.nonce])
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A checked migration grant: its nonce names it on the destination, which prepares at most max_requests
+    requests with it until expires."""
+
+    nonce: str
+    expires: float
+    max_requests: int
 
 
 def _mac(key: str, text: str) -> str:
@@ -251,15 +267,16 @@ def _mac(key: str, text: str) -> str:
 
 
 def issue_ticket(*, model: str, source_instance: str, source_key: str, destination_url: str,
-                 destination_instance: str, destination_key: str, now: float | None = None,
-                 seconds: float = TICKET_SECONDS) -> MigrationTicket:
-    """A signed ticket (the controller's, or a test's holding both workers' keys)."""
+                 destination_instance: str, destination_key: str, max_requests: int = MAX_TICKET_REQUESTS,
+                 now: float | None = None, seconds: float = TICKET_SECONDS) -> MigrationTicket:
+    """A signed ticket (the controller's, or a test's holding both workers' keys) for moving at most max_requests
+    requests."""
     expires = round((time.time() if now is None else now) + seconds, 3)
     ticket = MigrationTicket(model=model, source_instance=source_instance, destination_url=destination_url,
                              destination_instance=destination_instance, expires_at=expires,
-                             nonce=secrets.token_hex(8))
-    grant_nonce = ticket.nonce
-    grant = f"{grant_nonce}:{expires:.3f}:{_mac(destination_key, _grant_text(grant_nonce, expires))}"
+                             max_requests=max_requests, nonce=secrets.token_hex(8))
+    text = _grant_text(ticket.nonce, expires, max_requests)
+    grant = f"{ticket.nonce}:{expires:.3f}:{max_requests}:{_mac(destination_key, text)}"
     return ticket.model_copy(update={"signature": _mac(source_key, ticket.signed_text()), "grant": grant})
 
 
@@ -274,28 +291,38 @@ def check_ticket(ticket: MigrationTicket | None, *, key: str, model: str, destin
         raise CredentialError(f"the migration ticket is for model {ticket.model!r}, this worker serves {model!r}")
     if ticket.destination_url.rstrip("/") != destination_url.rstrip("/"):
         raise CredentialError(f"the migration ticket names {ticket.destination_url}, not {destination_url}")
-    if (time.time() if now is None else now) > ticket.expires_at:
-        raise CredentialError("the migration ticket has expired")
+    _check_lifetime(ticket.expires_at, "ticket", 403, now)
 
 
-def _grant_text(nonce: str, expires: float) -> str:
-    return f"hpcllm-migration-grant\0{nonce}\0{expires:.3f}"
+def _check_lifetime(expires: float, what: str, status: int, now: float | None) -> None:
+    """Expired, or good for longer than any ticket the controller issues (TICKET_SECONDS, plus clock skew)."""
+    now = time.time() if now is None else now
+    if now > expires:
+        raise CredentialError(f"the migration {what} has expired", status=status)
+    if expires - now > TICKET_SECONDS + MAX_CLOCK_SKEW_SECONDS:
+        raise CredentialError(f"the migration {what} claims to be good for {expires - now:.0f} s; the controller "
+                              f"issues them for {TICKET_SECONDS:.0f} s", status=status)
 
 
-def check_grant(grant: str, *, key: str, now: float | None = None) -> str:
-    """Destination worker: the grant's nonce when `grant` was issued for this worker and is still good."""
-    nonce, _, rest = grant.partition(":")
-    expires_text, _, mac = rest.partition(":")
-    try:
-        expires = float(expires_text)
-    except ValueError:
-        raise CredentialError("malformed migration grant", status=401) from None
+_GRANT = re.compile(r"(?P<nonce>[^:]+):(?P<expires>\d{1,15}\.\d{3}):(?P<max>\d{1,9}):(?P<mac>[^:]*)", re.ASCII)
+
+
+def _grant_text(nonce: str, expires: float, max_requests: int) -> str:
+    return f"hpcllm-migration-grant\0{nonce}\0{expires:.3f}\0{max_requests}"
+
+
+def check_grant(grant: str, *, key: str, now: float | None = None) -> Grant:
+    """Destination worker: the grant (`nonce:expires:max_requests:mac`) when it was issued for this worker and is
+    still good."""
+    parts = _GRANT.fullmatch(grant)
+    if parts is None:  # as issue_ticket writes it: no inf, nan, 1e400 or -1
+        raise CredentialError("malformed migration grant (expected nonce:expires:max_requests:mac)", status=401)
+    nonce, expires, max_requests, mac = parts["nonce"], float(parts["expires"]), int(parts["max"]), parts["mac"]
     # Bytes: a header's non-ASCII characters are a wrong grant (compare_digest refuses non-ASCII str with TypeError).
-    if not nonce or not hmac.compare_digest(mac.encode(), _mac(key, _grant_text(nonce, expires)).encode()):
+    if not hmac.compare_digest(mac.encode(), _mac(key, _grant_text(nonce, expires, max_requests)).encode()):
         raise CredentialError("the migration grant was not issued for this worker", status=401)
-    if (time.time() if now is None else now) > expires:
-        raise CredentialError("the migration grant has expired", status=401)
-    return nonce
+    _check_lifetime(expires, "grant", 401, now)
+    return Grant(nonce, expires, max_requests)
 
 
 # -------------------------------------------------------------------------- the role checks (httpkit Credentials)
@@ -347,7 +374,7 @@ class AgentKey:
 
 class KeyOrGrant:
     """A worker's migration-destination API (/v1/internal/migrations/*): its key, or a migration ticket's grant
-    (X-Hpcllm-Grant) made with that key. flask.g.grant: the grant's nonce (None with the key); GrantCovers then
+    (X-Hpcllm-Grant) made with that key. flask.g.grant: the checked Grant (None with the key); GrantCovers then
     limits a grant to the requests prepared with it."""
 
     def __init__(self, key: str):
@@ -372,5 +399,5 @@ class GrantCovers:
 
     def check(self, req: Request) -> None:
         request_id = (req.view_args or {}).get("request_id", "")
-        if g.grant is not None and not self.granted(g.grant, request_id):
+        if g.grant is not None and not self.granted(g.grant.nonce, request_id):
             raise CredentialError(f"the migration grant does not cover request {request_id}")

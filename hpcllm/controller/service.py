@@ -88,6 +88,7 @@ from hpcllm.controller.registry import (
 )
 from hpcllm.credentials import (
     CLUSTER,
+    MAX_TICKET_REQUESTS,
     CredentialError,
     MigrationTicket,
     Principal,
@@ -846,6 +847,7 @@ class Controller:
             if source.state != "draining":  # a ticket's grant opens another worker; an allocation may be submitted
                 raise CredentialError(f"node {source.node_id} is not draining: a node token gets migration targets "
                                       f"only while its node drains (heartbeat draining = true first)")
+        leaving = self._leaving_instance(source, req, principal) if source else None
         model = self.registry.get_model(req.model)
         if model is None:
             raise UnknownModel(f"model {req.model!r} is not deployed")
@@ -857,7 +859,7 @@ class Controller:
             log.info("migration target for %s (leaving %s): %s on %s", model.name, req.exclude_node or "-",
                      target.instance_id, target.node_id)
             self._record_drain(model.name, req, "target_assigned", target.instance_id)
-            ticket = self.migration_ticket(source, req.instance_id or "", target) if source else None
+            ticket = self.migration_ticket(source, leaving or req.instance_id or "", target) if source else None
             return MigrationTarget(worker_url=target.worker_url, instance_id=target.instance_id,
                                    node_id=target.node_id, ticket=ticket)
         if not req.start_if_missing:
@@ -884,15 +886,35 @@ class Controller:
                  if i.state == "ready" and i.worker_url and i.node_id in routable and not i.reserved]
         return min(ready, key=lambda i: (i.load, i.instance_id)) if ready else None
 
-    def migration_ticket(self, source: NodeRecord, source_instance: str, target: InstanceRecord) -> MigrationTicket:
+    def _leaving_instance(self, source: NodeRecord, req: MigrationTargetRequest,
+                          principal: Principal) -> InstanceRecord | None:
+        """The instance of source whose requests move (req.instance_id), as registered: a token must name one of
+        its node's instances of req.model (its ticket covers that instance's requests only); the cluster secret may
+        name none, or one the registry does not know yet."""
+        inst = self.registry.get_instance(req.instance_id) if req.instance_id else None
+        if inst is not None and inst.node_id == source.node_id and inst.model == req.model:
+            return inst
+        if principal.is_cluster:
+            return None
+        raise CredentialError(f"a node token asks for a migration target for one of its node's instances of "
+                              f"{req.model!r}: instance_id {req.instance_id or '(none)'} is not one on {source.node_id}")
+
+    def migration_ticket(self, source: NodeRecord, source_instance: InstanceRecord | str,
+                         target: InstanceRecord) -> MigrationTicket:
         """The leave for source's worker to move requests to target (signed with the source worker's key; its
-        grant made with the destination worker's key), good for credentials.TICKET_SECONDS."""
+        grant made with the destination worker's key), good for credentials.TICKET_SECONDS. It covers the source
+        instance's requests as counted here (its heartbeat's running and waiting ones, plus those routed there
+        since) and one batch (worker.max_running_requests) more for any the count missed; an instance known only
+        by name (the cluster secret's callers), as many as a ticket may."""
         destination = self.registry.get_node(target.node_id)
-        return issue_ticket(model=target.model, source_instance=source_instance,
+        named = isinstance(source_instance, str)
+        covers = MAX_TICKET_REQUESTS if named else source_instance.load + self.config.worker.max_running_requests
+        return issue_ticket(model=target.model,
+                            source_instance=source_instance if named else source_instance.instance_id,
                             source_key=self.worker_key_of(source), destination_url=target.worker_url,
                             destination_instance=target.instance_id,
                             destination_key=self.worker_key_of(destination) if destination else "",
-                            now=time.time())
+                            max_requests=min(covers, MAX_TICKET_REQUESTS), now=time.time())
 
     def move_instance(self, node: NodeRecord, inst: InstanceRecord, trigger: str) -> MigrationRecord:
         """Take an instance off its node without losing its requests: live-migrate them to a ready instance of the
@@ -915,7 +937,7 @@ class Controller:
         timeout = self.config.node.migrate_timeout_seconds + self.config.node.worker_stop_timeout_seconds + 10
         try:
             result = self.agents.migrate_out(node.agent_url, inst.instance_id, target.worker_url, timeout,
-                                             ticket=self.migration_ticket(node, inst.instance_id, target))
+                                             ticket=self.migration_ticket(node, inst, target))
         except AgentError as exc:
             self._stop_one(node, inst.instance_id)  # still free the slots; the gateway resumes from tokens
             return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, "failed",

@@ -84,7 +84,7 @@ def test_a_grant_or_ticket_with_non_ascii_characters_is_refused_not_a_crash():
     from hpcllm.credentials import CredentialError, check_grant, check_ticket, issue_ticket
 
     with pytest.raises(CredentialError, match="not issued for this worker"):
-        check_grant("nonce:1e20:\u00e9\u00e9", key="k" * 20)
+        check_grant("nonce:1000.000:4:\u00e9\u00e9", key="k" * 20)
     ticket = issue_ticket(model="m", source_instance="m-1", source_key="s" * 20, destination_url="http://d:1",
                           destination_instance="m-2", destination_key="d" * 20)
     with pytest.raises(CredentialError, match="bad signature"):
@@ -149,7 +149,7 @@ def test_a_node_token_comes_from_the_environment_or_a_private_file(tmp_path):
         read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(tmp_path / "missing")})
 
 
-@pytest.mark.parametrize("expires_at", ["99999999999", float("inf"), True])
+@pytest.mark.parametrize("expires_at", ["99999999999", float("inf"), True, -1.0, 1e12])
 def test_a_migration_ticket_takes_real_types_only(expires_at):
     # A ticket reaches the source worker and the node agent inside JSON bodies: a string or a boolean for its expiry
     # is a refused body (400), not a time that pydantic reads for the caller.
@@ -160,5 +160,38 @@ def test_a_migration_ticket_takes_real_types_only(expires_at):
     ticket = issue_ticket(model="m", source_instance="m-1", source_key="s" * 20, destination_url="http://d:1",
                           destination_instance="m-2", destination_key="d" * 20)
     MigrationTicket.model_validate(ticket.model_dump())  # as issued: taken
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="expires_at"):
         MigrationTicket.model_validate(ticket.model_dump() | {"expires_at": expires_at})
+
+
+def test_a_grant_with_an_unwritten_expiry_or_size_is_refused_and_one_lives_no_longer_than_a_ticket():
+    """A grant's expiry was read with float(): "inf" or "nan" (never past) were taken as far as the MAC check; the
+    grant's fields are what issue_ticket writes, and a grant (or ticket) good for longer than the controller makes
+    them is refused even when its MAC is right."""
+    import time
+
+    from hpcllm.credentials import MAX_CLOCK_SKEW_SECONDS, TICKET_SECONDS, CredentialError, check_grant, \
+        check_ticket, issue_ticket
+
+    key = "d" * 20
+    grant = issue_ticket(model="m", source_instance="m-1", source_key="s" * 20, destination_url="http://d:1",
+                         destination_instance="m-2", destination_key=key, max_requests=3).grant
+    checked = check_grant(grant, key=key)
+    assert checked.max_requests == 3 and checked.nonce == grant.split(":")[0]
+    nonce, expires, size, mac = grant.split(":")
+    for bad in (f"{nonce}:inf:{size}:{mac}", f"{nonce}:nan:{size}:{mac}", f"{nonce}:-1.000:{size}:{mac}",
+                f"{nonce}:{expires}:-3:{mac}", f"{nonce}:{expires}:{mac}", f"{nonce}:{expires}:1e3:{mac}"):
+        with pytest.raises(CredentialError, match="malformed migration grant") as refused:
+            check_grant(bad, key=key)
+        assert refused.value.status == 401
+    with pytest.raises(CredentialError, match="not issued for this worker"):  # the size is signed
+        check_grant(f"{nonce}:{expires}:300:{mac}", key=key)
+
+    # Checked a day and more before the controller issued it (or made to last that long): refused.
+    ticket = issue_ticket(model="m", source_instance="m-1", source_key="s" * 20, destination_url="http://d:1",
+                          destination_instance="m-2", destination_key=key)
+    early = time.time() - MAX_CLOCK_SKEW_SECONDS - 60
+    with pytest.raises(CredentialError, match=f"claims to be good for .* issues them for {TICKET_SECONDS:.0f} s"):
+        check_grant(ticket.grant, key=key, now=early)
+    with pytest.raises(CredentialError, match="claims to be good for"):
+        check_ticket(ticket, key="s" * 20, model="m", destination_url="http://d:1", now=early)

@@ -29,7 +29,7 @@ import torch
 from flask import Blueprint, Flask, Response, g, request
 
 from hpcllm.config import InternalHttpConfig
-from hpcllm.credentials import TICKET_SECONDS, GrantCovers, KeyOrGrant, check_ticket
+from hpcllm.credentials import TICKET_SECONDS, CredentialError, Grant, GrantCovers, KeyOrGrant, check_ticket
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.app import service_app
 from hpcllm.httpkit.auth import SharedSecret, guard, requires
@@ -132,23 +132,28 @@ class WorkerService:
         self.http: InternalHttpConfig | None = None  # how it serves and calls other workers (serve() sets it)
         self.on_engine_died: Callable[[str], None] | None = None  # the engine's on_died (serve() sets it)
 
-    def reserve_grant(self, nonce: str, request_id: str, engine: Engine) -> None:
-        """Before a prepare under a grant: refuse an id the grant prepared before (a replayed prepare) and a grant
-        that holds a slot's worth of held requests already (max_running_requests: what one worker's drain can move
-        here at once; more would only keep other requests out of the slots)."""
+    def reserve_grant(self, grant: Grant, request_id: str, engine: Engine) -> None:
+        """Before a prepare under a grant: refuse an id the grant prepared before (a replayed prepare), a grant that
+        prepared as many requests as its ticket covers (max_requests: the source instance's requests; attached ones
+        run here, so without it one grant could fill every slot over its life), and one that holds a slot's worth of
+        held requests already (max_running_requests: what one worker's drain can move here at once; more would only
+        keep other requests out of the slots)."""
         with self._granted_lock:
             now = time.time()
-            for old in [n for n, grant in self._granted.items() if grant.expires < now]:
+            for old in [n for n, record in self._granted.items() if record.expires < now]:
                 del self._granted[old]
-            grant = self._granted.setdefault(nonce, _Grant(now + TICKET_SECONDS))
-            if request_id in grant.prepared or request_id in grant.pending:
+            record = self._granted.setdefault(grant.nonce, _Grant(grant.expires))
+            if request_id in record.prepared or request_id in record.pending:
                 raise RequestConflict(f"request {request_id!r} was already prepared with this migration grant; a "
                                       "grant moves a request once", "request_id")
-            held = len(grant.pending) + sum(_is_held(engine, r) for r in grant.covers)
+            if len(record.prepared) + len(record.pending) >= grant.max_requests:
+                raise CredentialError(f"this migration grant covers {grant.max_requests} requests (its ticket's), "
+                                      "and prepared as many; the controller issues another ticket for more")
+            held = len(record.pending) + sum(_is_held(engine, r) for r in record.covers)
             if held >= engine.max_running_requests:
                 raise TooManyHeld(f"this migration grant already holds {held} requests, as many as this worker runs "
                                   "at once; attach or drop some first", "request_id")
-            grant.pending.add(request_id)
+            record.pending.add(request_id)
 
     def grant_request(self, nonce: str, request_id: str, held: bool) -> None:
         """The prepare reserved with reserve_grant ended: if it holds the request now, the request is this grant's
@@ -238,7 +243,7 @@ class WorkerService:
 
 @dataclass
 class _Grant:
-    """What one migration grant (by its nonce) moved here."""
+    """What one migration grant (by its nonce) moved here; forgotten once the grant expires."""
 
     expires: float
     covers: set[str] = field(default_factory=set)  # the ids it opens: held with it, not re-prepared by another
@@ -318,7 +323,7 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
                 engine.hold(body.generate, min(body.hold_seconds, TICKET_SECONDS))
                 held = True
             finally:
-                service.grant_request(g.grant, body.request_id, held)
+                service.grant_request(g.grant.nonce, body.request_id, held)
         cached, _ = engine.wait_prefilled(body.request_id)
         return Response(PrepareResult(request_id=body.request_id, cached_tokens=cached).model_dump_json(),
                         status=201, mimetype="application/json")

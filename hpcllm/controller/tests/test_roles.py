@@ -251,6 +251,36 @@ def test_a_groups_pool_serves_only_that_groups_keys(harness):
     assert ticket.source_instance == "p1"
 
 
+def test_a_draining_pools_ticket_covers_one_of_its_instances_and_its_requests_only(harness):
+    """A draining pool got a ticket (whose grant opens the service's worker) naming any instance, or none: its grant
+    prepared requests there without end. Now it names one of its node's instances of the model, and the ticket
+    covers that instance's requests (heartbeat count, routes since, one batch more)."""
+    from hpcllm.credentials import MigrationTicket, check_grant
+
+    harness.deploy("m", gpus=1, max_instances=1)
+    client = harness.app_client()
+    harness.backend.run_job("77", "n1")
+    pool = {TOKEN_HEADER: issue(client, "m", "physics", shared=True)}
+    client.post("/v1/internal/nodes/register", headers=pool, json=registration("n1", "77", "m"))
+    client.post("/v1/internal/nodes/register", headers=INTERNAL, json=registration("n2"))
+    heartbeat(client, "n2", INTERNAL, ready("s1", "m", "n2"))
+    busy = ready("p1", "m", "n1").model_copy(update={"running_requests": 5})
+    heartbeat(client, "n1", pool, busy, draining=True)
+
+    for instance in ({}, {"instance_id": "s1"}, {"instance_id": "nope"}):  # none, another node's, unknown
+        resp = client.post("/v1/internal/migration-target", headers=pool,
+                           json={"model": "m", "exclude_node": "n1", "start_if_missing": False, **instance})
+        assert resp.status_code == 403, instance
+        assert "is not one on n1" in resp.get_json()["error"]["message"]
+    resp = client.post("/v1/internal/migration-target", headers=pool,
+                       json={"model": "m", "exclude_node": "n1", "instance_id": "p1", "start_if_missing": False})
+    ticket = MigrationTicket.model_validate(resp.get_json()["ticket"])
+    batch = harness.config.worker.max_running_requests
+    assert (ticket.source_instance, ticket.max_requests) == ("p1", 5 + batch)
+    destination_key = harness.config.cluster.shared_secret  # s1 runs on an operator-run node
+    assert check_grant(ticket.grant, key=destination_key).max_requests == 5 + batch
+
+
 def test_a_shared_pool_serves_everyone_and_a_revoked_one_nobody(harness):
     harness.deploy("m", gpus=1, max_instances=1)
     client = harness.app_client()

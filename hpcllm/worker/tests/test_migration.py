@@ -367,7 +367,7 @@ def test_a_grant_opens_only_the_requests_moved_with_it(pair, start_worker):
             assert list(stream)[-1].finish_reason == "length"
 
 
-def grant_client(worker):
+def grant_client(worker, **ticket_fields):
     """A client holding a fresh migration grant for worker (as a source would, from its own ticket)."""
     from hpcllm.credentials import issue_ticket
     from hpcllm.worker.client import WorkerClient
@@ -375,7 +375,7 @@ def grant_client(worker):
     from .conftest import MODEL, SECRET
 
     ticket = issue_ticket(model=MODEL, source_instance="", source_key=SECRET, destination_url=worker.url,
-                          destination_instance="", destination_key=SECRET)
+                          destination_instance="", destination_key=SECRET, **ticket_fields)
     return WorkerClient(worker.url, "", grant=ticket.grant, read_timeout=60)
 
 
@@ -430,6 +430,23 @@ def test_a_grant_holds_at_most_a_slot_each_for_at_most_its_tickets_lifetime(pair
     assert "h2" not in engine._live
     grant.drop_migration("h0")
     grant.prepare_migration(held("h2"))
+
+
+def test_a_grant_prepares_no_more_requests_than_its_ticket_covers(pair, start_worker):
+    """An attached request no longer counts as held, so one grant could prepare, attach and prepare again until its
+    requests filled every slot; it prepares as many as its ticket covers (the source's requests), failed ones too."""
+    worker = start_worker(pair, max_running_requests=2)
+    grant = grant_client(worker, max_requests=2)
+    grant.prepare_migration(held("first"))
+    with grant.attach("first", 0) as stream:
+        assert list(stream)[-1].finish_reason == "length"
+    grant.prepare_migration(held("second"))
+    grant.drop_migration("second")
+    with pytest.raises(WorkerError) as spent:
+        grant.prepare_migration(held("third"))
+    assert spent.value.status == 403 and "covers 2 requests" in str(spent.value)
+    assert "third" not in worker.service.engine._live
+    grant_client(worker, max_requests=2).prepare_migration(held("third"))  # another ticket's grant may
 
 
 def test_migrate_orders_with_a_bad_timeout_or_url_are_refused_and_the_request_stays(pair, start_worker):
