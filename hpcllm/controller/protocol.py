@@ -1,7 +1,8 @@
 """Wire types of the controller's HTTP API (the controller owns them; node agents, the gateway and the CLI import them).
 
 Every body is validated with these pydantic models; unknown fields are rejected so a typo in a client is an error
-that names the field. A body above MAX_REQUEST_BYTES is a 413 request_too_large; an unknown path a 404 unknown_url.
+that names the field, and the bodies it takes are strict (httpkit.wire.WireModel): "2" is no GPU count and "yes" no
+boolean, and a Unix time is at most a day ahead of the controller's clock (httpkit.wire.UnixTime). A body above MAX_REQUEST_BYTES is a 413 request_too_large; an unknown path a 404 unknown_url.
 See docs/controller.md for the endpoints and status codes.
 
 Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`, or `X-Hpcllm-Token: <node token>` for the
@@ -25,12 +26,13 @@ Admin endpoints (header `Authorization: Bearer <admin key>`):
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hpcllm.config import MODEL_NAME_PATTERN
 from hpcllm.credentials import MigrationTicket
+from hpcllm.httpkit.wire import UnixTime, WireModel
 from hpcllm.slurm.base import JOB_ID_PATTERN, SLURM_TOKEN_PATTERN, WALLTIME_PATTERN
 from hpcllm.worker.protocol import MigrationFailure, MigrationResult
 
@@ -59,6 +61,7 @@ MAX_NODE_INSTANCES = 1024
 MAX_CACHE_ENTRIES = 10_000
 MAX_ERROR_CHARS = 2000  # an instance's error as kept (a worker's log tail can be any length): the rest is cut
 MAX_URL_CHARS = 2048
+MAX_SLURM_TOKEN_CHARS = 256  # a partition, account or QOS name (Slurm's own are far shorter)
 # The largest request body the controller reads (413 request_too_large beyond; internal_http.max_request_bytes can
 # only lower it). The largest legitimate one is a heartbeat or registration at the bounds above: MAX_CACHE_ENTRIES
 # entries of ~300 bytes (3 MB) and MAX_NODE_INSTANCES instances of at most ~7 KB each (a 2,000-character error, 64
@@ -71,6 +74,7 @@ def _cut_error(text: str | None) -> str | None:
 
 
 class Wire(BaseModel):
+    # The controller's answers (and what its clients read back); the bodies it takes are WireModel, strict.
     # JSON has no Infinity or NaN, but Python's parser takes them (and 1e400 is inf): refused on every message, or
     # one registration with an infinite bandwidth is stored as null and fails every later read of the registry.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -88,25 +92,25 @@ def not_an_answer(answer: type[BaseModel], body: object) -> str | None:
 # ------------------------------------------------------------------------------------------------ node agent -> us
 
 
-class TierInfo(Wire):
+class TierInfo(WireModel):
     capacity_bytes: int | None = Field(None, ge=0, le=INT64_MAX)
     read_gbps: float = Field(gt=0, description="measured sequential read bandwidth, GB/s (1e9 bytes/s)")
     # Only meaningful for nvme: "persistent" node-local disk survives the Slurm job, "job" scratch does not.
     scope: Literal["persistent", "job"] | None = None
 
 
-class Tiers(Wire):
+class Tiers(WireModel):
     dram: TierInfo | None = None
     nvme: TierInfo | None = None
     sharedfs: TierInfo | None = None
 
 
-class CacheEntry(Wire):
+class CacheEntry(WireModel):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     tier: CacheTier
     bytes: int = Field(ge=0, le=INT64_MAX)
-    verified: StrictBool = False
-    last_used: float = Field(0.0, ge=0)
+    verified: bool = False
+    last_used: UnixTime = 0.0
     # A slice copy (`hpcllm cache warm --tensor-parallel`): only rank `rank` of a tensor_parallel = N instance's
     # slices of the model, on NVMe. A rank placed on this node reads them from there (placement counts it).
     tensor_parallel: int | None = Field(None, ge=2, le=64)
@@ -120,7 +124,7 @@ class CacheEntry(Wire):
         return self
 
 
-class NodeRegistration(Wire):
+class NodeRegistration(WireModel):
     node_id: NodeId = Field(description="the Slurm node name")
     agent_url: str = Field(pattern=r"^https?://", max_length=MAX_URL_CHARS)
     slurm_job_id: str | None = Field(None, pattern=JOB_ID_PATTERN, max_length=64)
@@ -135,7 +139,7 @@ class NodeRegistration(Wire):
     pool_model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
 
 
-class InstanceInfo(Wire):
+class InstanceInfo(WireModel):
     instance_id: InstanceId
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     state: InstanceState
@@ -143,7 +147,7 @@ class InstanceInfo(Wire):
     gpu_ids: list[Annotated[int, Field(ge=0, lt=MAX_NODE_GPUS)]] = Field(default_factory=list,
                                                                           max_length=MAX_NODE_GPUS)
     running_requests: int = Field(0, ge=0, le=INT64_MAX)
-    started_at: float = Field(0.0, ge=0)
+    started_at: UnixTime = 0.0
     load_tier: Tier | None = None
     load_seconds: float | None = Field(None, ge=0)
     # Optional inputs to the migration-cost estimate: tokens the running requests hold (to recompute on another
@@ -158,11 +162,11 @@ class InstanceInfo(Wire):
     rank_tiers: list[Tier] = Field(default_factory=list, max_length=64)
 
 
-class Heartbeat(Wire):
+class Heartbeat(WireModel):
     cached: list[CacheEntry] = Field(default_factory=list, max_length=MAX_CACHE_ENTRIES)
     instances: list[InstanceInfo] = Field(default_factory=list, max_length=MAX_NODE_INSTANCES)
     # The agent is draining (Slurm's signal: preemption, time limit): nothing new is placed or routed there.
-    draining: StrictBool = False
+    draining: bool = False
 
     @field_validator("instances")
     @classmethod
@@ -222,7 +226,7 @@ class RouteWaiting(Wire):
 # ------------------------------------------------------------------------------------ live migration (node agents)
 
 
-class MigrationTargetRequest(Wire):
+class MigrationTargetRequest(WireModel):
     """Where should the running requests of an instance of `model` go? (A draining node agent asks.)"""
 
     model: str = Field(pattern=MODEL_NAME_PATTERN)
@@ -231,7 +235,7 @@ class MigrationTargetRequest(Wire):
     instance_id: InstanceId | None = Field(None, description="the instance whose requests move (named in the "
                                                              "ticket)")
     # No ready instance elsewhere: start one through placement and answer 202 while it loads.
-    start_if_missing: StrictBool = True
+    start_if_missing: bool = True
 
 
 class MigrationTarget(Wire):
@@ -247,16 +251,17 @@ class MigrationTarget(Wire):
 # ----------------------------------------------------------------------------------------------- admin (CLI) -> us
 
 
-class SlurmOverrides(Wire):
+class SlurmOverrides(WireModel):
     # What sbatch would refuse (or a newline that would end a #SBATCH line) is refused at deploy, not at the first
     # allocation the model needs.
-    partition: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
-    account: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
-    qos: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
-    time: str | None = Field(None, pattern=WALLTIME_PATTERN, description="walltime of allocations for this model")
+    partition: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN, max_length=MAX_SLURM_TOKEN_CHARS)
+    account: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN, max_length=MAX_SLURM_TOKEN_CHARS)
+    qos: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN, max_length=MAX_SLURM_TOKEN_CHARS)
+    time: str | None = Field(None, pattern=WALLTIME_PATTERN, max_length=32,
+                             description="walltime of allocations for this model")
 
 
-class ModelSpec(Wire):
+class ModelSpec(WireModel):
     """A model config (conf/models/NAME.toml) as deployed; also the body of POST /v1/admin/models.
 
     Its numbers are strict: "2" or true for gpus is refused, not read as 2 or 1 (TOML and the CLI give real numbers;
@@ -264,23 +269,23 @@ class ModelSpec(Wire):
 
     name: str = Field(pattern=MODEL_NAME_PATTERN)
     source: str = Field(min_length=1, description="converted checkpoint folder on the shared filesystem")
-    size_bytes: int | None = Field(None, gt=0, le=INT64_MAX, strict=True,
+    size_bytes: int | None = Field(None, gt=0, le=INT64_MAX,
                                    description="only needed when the source has no manifest.json")
-    gpus: int = Field(0, ge=0, le=64, strict=True, description="GPUs per instance; 0 serves on CPU")
-    tensor_parallel: int = Field(1, ge=1, le=64, strict=True,
+    gpus: int = Field(0, ge=0, le=64, description="GPUs per instance; 0 serves on CPU")
+    tensor_parallel: int = Field(1, ge=1, le=64,
                                  description="ranks one instance runs on (GPUs, or CPU ranks when "
                                              "gpus = 0); each holds 1/N of the model")
-    nodes: int | None = Field(None, ge=1, le=64, strict=True, description="nodes one instance's ranks spread over, "
+    nodes: int | None = Field(None, ge=1, le=64, description="nodes one instance's ranks spread over, "
                               "tensor_parallel / nodes ranks on each (one Slurm allocation of that many nodes, "
                               "ranks started with srun --mpi=pmix); default: 1, or as many as the ranks need when "
                               "one node cannot hold them (docs/tensor-parallel.md)")
-    max_model_len: int | None = Field(None, gt=0, strict=True)
+    max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = Field("hpcllm", description='"vllm" serves it with vLLM (worker.vllm_python)')
-    keep_alive_seconds: float | None = Field(None, ge=0, strict=True, description="idle time before scale-to-zero")
-    cache_on_load: list[CacheTier] | None = Field(None, description="tiers a load from a slower one fills; "
+    keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
+    cache_on_load: list[CacheTier] | None = Field(None, max_length=len(get_args(CacheTier)), description="tiers a load from a slower one fills; "
                                                   "default: the node's node.cache_on_load; [] never")
-    min_instances: int = Field(0, ge=0, le=MAX_INSTANCES, strict=True)
-    max_instances: int = Field(1, ge=1, le=MAX_INSTANCES, strict=True)
+    min_instances: int = Field(0, ge=0, le=MAX_INSTANCES)
+    max_instances: int = Field(1, ge=1, le=MAX_INSTANCES)
     slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)
 
     @model_validator(mode="after")
@@ -480,13 +485,13 @@ class ClusterStatus(Wire):
     failed_instances: list[InstanceFailure] = Field(default_factory=list)
 
 
-class PoolTokenRequest(Wire):
+class PoolTokenRequest(WireModel):
     """An admin issues a pool token: it registers pools of `model` that serve only `group`'s API keys (every key
     with shared = true)."""
 
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     group: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    shared: StrictBool = False  # it decides whose requests a pool serves: "yes" or 1 is no answer
+    shared: bool = False  # it decides whose requests a pool serves: "yes" or 1 is no answer
     note: str | None = Field(None, max_length=500)
 
 

@@ -76,6 +76,12 @@ def _heartbeat(client, node: str, body: dict):
     ("gpu_ids", [MAX_NODE_GPUS], "instances.0.gpu_ids.0"),
     ("worker_url", "n1:9100", "instances.0.worker_url"),
     ("started_at", -1.0, "instances.0.started_at"),
+    ("started_at", 1.7e12, "instances.0.started_at"),  # milliseconds, or a made-up time: stored and obeyed
+    ("running_requests", "5", "instances.0.running_requests"),  # text or booleans were read as numbers
+    ("running_requests", True, "instances.0.running_requests"),
+    ("gpu_ids", ["1"], "instances.0.gpu_ids.0"),
+    ("tensor_parallel", 2.0, "instances.0.tensor_parallel"),
+    ("load_seconds", "3", "instances.0.load_seconds"),
     ("rank_nodes", [""], "instances.0.rank_nodes.0"),
     ("rank_nodes", ["n1"] * 65, "instances.0.rank_nodes"),
 ])
@@ -90,13 +96,15 @@ def test_a_bad_instance_in_a_heartbeat_is_a_400_naming_the_field(tmp_path, field
 @pytest.mark.parametrize("field, value", [
     ("slurm_job_id", "42; scancel -u everyone"), ("slurm_job_id", "4" * 100_000), ("slurm_job_id", ""),
     ("agent_url", "http://n1:9000/" + "x" * 5000),
+    ("gpus", "2"), ("gpus", True), ("job_scoped", "no"),  # text and booleans were read as numbers and booleans
+    ("tiers", {"dram": {"read_gbps": "12.5"}}),
 ])
 def test_a_registration_with_no_job_id_or_url_is_a_400_naming_it(tmp_path, field, value):
     """Both are kept in the registry and shown in every status: a job id is a Slurm job id, a URL a URL's length."""
     h = Harness(tmp_path)
     body = {"node_id": "n1", "agent_url": "http://n1:9000", field: value}
     resp = h.app_client().post("/v1/internal/nodes/register", json=body, headers={SECRET_HEADER: SECRET})
-    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == field
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"].split(".")[0] == field
     assert h.registry.get_node("n1") is None
 
 
@@ -105,6 +113,9 @@ def test_a_registration_with_no_job_id_or_url_is_a_400_naming_it(tmp_path, field
     ({"draining": 1}, "draining"),
     ({"cached": [{"model": "m", "tier": "dram", "bytes": 1, "verified": "true"}]}, "cached.0.verified"),
     ({"cached": [{"model": "m", "tier": "dram", "bytes": 1, "last_used": -5.0}]}, "cached.0.last_used"),
+    # A copy "used" in the year 50000 would never be the least recently used one.
+    ({"cached": [{"model": "m", "tier": "dram", "bytes": 1, "last_used": 1.5e12}]}, "cached.0.last_used"),
+    ({"cached": [{"model": "m", "tier": "dram", "bytes": "1"}]}, "cached.0.bytes"),
     ({"instances": [INSTANCE] * (MAX_NODE_INSTANCES + 1)}, "instances"),
 ])
 def test_a_bad_heartbeat_field_is_a_400_naming_it(tmp_path, body, param):
@@ -185,6 +196,18 @@ def test_a_model_spec_number_given_as_text_or_boolean_is_refused_naming_the_fiel
     assert resp.status_code == 400, resp.get_data(as_text=True)
     error = resp.get_json()["error"]
     assert error["param"] == field and error["message"].startswith(f"{field}: Input should be a valid")
+    assert h.registry.models() == []
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("name", 7, "name"), ("engine", 1, "engine"),
+    ("cache_on_load", ["dram"] * 1000, "cache_on_load"), ("slurm", {"partition": "p" * 300}, "slurm.partition"),
+])
+def test_a_model_spec_with_an_unbounded_or_mistyped_value_is_refused_naming_it(tmp_path, field, value, param):
+    h = Harness(tmp_path)
+    body = {"name": "m", "source": str(h.source("m")), "size_bytes": 1000, field: value}
+    resp = h.app_client().post("/v1/admin/models", json=body, headers=ADMIN)
+    assert resp.status_code == 400 and resp.get_json()["error"]["param"] == param, resp.get_data(as_text=True)
     assert h.registry.models() == []
 
 
