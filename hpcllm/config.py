@@ -78,6 +78,9 @@ class SlurmConfig(Section):
     # else `scontrol token`).
     rest_user: str | None = None
     rest_token_file: Path | None = None
+    # Variables of the submitter's environment a node agent's job gets besides hpcllm.slurm.templates.AGENT_VARIABLES
+    # (what the agent needs; secrets stay out): names, or "NAME*" for every variable the name begins.
+    export_variables: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\*?$")]] = Field(default_factory=list)
     # Longest wait for one Slurm command or REST call before Slurm counts as unavailable.
     command_timeout_seconds: float = Field(60.0, gt=0)
     # Job status polling: back-off from the minimum (after a change) doubling up to the maximum.

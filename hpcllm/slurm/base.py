@@ -163,7 +163,8 @@ class JobSpec(BaseModel):
     Give either `script` (the body of a batch script; `#SBATCH` lines are generated from the fields) or `template`
     (a name in slurm/templates/, rendered with `template_vars`). `signal="USR1@60"` asks Slurm to send SIGUSR1 to
     the batch shell 60 s before the time limit (and at preemption where the site sends it); `env` is added to the
-    job's environment on top of the submitter's (sbatch's default --export=ALL).
+    job's environment on top of the submitter's (sbatch's default --export=ALL), or of the submitter's variables
+    `inherit` names (names; "NAME*" a prefix).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -197,6 +198,7 @@ class JobSpec(BaseModel):
     # Append to output files instead of truncating them: a requeued job reruns its script and keeps its log.
     open_mode_append: bool = True
     env: dict[str, str] = Field(default_factory=dict)
+    inherit: tuple[str, ...] | None = None
     chdir: str | None = None
     comment: str | None = Field(None, max_length=256, pattern=SLURM_TOKEN_PATTERN)
 
@@ -238,6 +240,14 @@ class JobSpec(BaseModel):
         for name in value:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"environment variable name {name!r} is not a valid shell name")
+        return value
+
+    @field_validator("inherit")
+    @classmethod
+    def _valid_inherit(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for pattern in value or ():
+            if not _ENV_NAME.match(pattern.removesuffix("*")):
+                raise ValueError(f"{pattern!r} is no environment variable name (or NAME* for a prefix)")
         return value
 
     @field_validator("output", "error", "chdir")

@@ -60,10 +60,10 @@ class CliBackend(SlurmBackend):
     # ------------------------------------------------------------------------------------------- commands
 
     def _run(self, args: list[str], *, stdin: str | None = None, env: dict[str, str] | None = None,
-             ) -> subprocess.CompletedProcess[str]:
+             inherit: tuple[str, ...] | None = None) -> subprocess.CompletedProcess[str]:
         command = " ".join(args[:2])
         try:
-            result = run_slurm_command(args, stdin=stdin, env=env, timeout=self._timeout)
+            result = run_slurm_command(args, stdin=stdin, env=env, inherit=inherit, timeout=self._timeout)
         except FileNotFoundError:
             raise SlurmUnavailable(
                 f"{args[0]}: command not found; install Slurm's client commands (Debian: slurm-client) and put "
@@ -166,7 +166,7 @@ class CliBackend(SlurmBackend):
                         ", ".join(f"{name}={value}" for name, value in inherited.items()))
         try:
             return self._run(["sbatch", mode, *sbatch_directives(spec)], stdin=render_batch_script(spec),
-                             env=dict(spec.env))
+                             env=dict(spec.env), inherit=spec.inherit)  # --export=ALL: sbatch's environment
         except SlurmError as exc:
             raise with_setting_hint(exc, spec) from None
 

@@ -20,12 +20,19 @@ _UNDOABLE_VARIABLES = {"SBATCH_WAIT", "SBATCH_ARRAY_INX", "SBATCH_CLUSTERS", "SL
 _DROPPED_VARIABLES = {"SLURM_TIME_FORMAT"} | _UNDOABLE_VARIABLES
 
 
-def clean_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+def inherited(name: str, inherit: tuple[str, ...] | None) -> bool:
+    """Does a job that inherits `inherit` (variable names; "NAME*" a prefix; None: every one) get variable `name`?"""
+    return inherit is None or any(name.startswith(p[:-1]) if p.endswith("*") else name == p for p in inherit)
+
+
+def clean_environment(extra: dict[str, str] | None = None, inherit: tuple[str, ...] | None = None) -> dict[str, str]:
     """os.environ without the user's output-format settings and the submission settings hpcllm cannot undo, with
-    epoch times, plus `extra`."""
+    epoch times, plus `extra`. inherit: only those variables (see `inherited`), and the SBATCH_* ones and
+    SLURM_CONF, which Slurm's commands read themselves - sbatch's environment for a job that inherits no more."""
     env = {
         key: value for key, value in os.environ.items()
         if not key.startswith(_OUTPUT_VARIABLE_PREFIXES) and key not in _DROPPED_VARIABLES
+        and (key.startswith("SBATCH_") or key == "SLURM_CONF" or inherited(key, inherit))
     }
     env["SLURM_TIME_FORMAT"] = "%s"
     if extra:
@@ -38,18 +45,18 @@ def inherited_sbatch_options() -> dict[str, str]:
     return {key: value for key, value in sorted(clean_environment().items()) if key.startswith("SBATCH_")}
 
 
-def job_environment(extra: dict[str, str]) -> dict[str, str]:
-    """Like sbatch's default --export=ALL: the submitter's environment (without output-format settings and
-    without another job's SLURM_* variables) plus the job's own."""
-    env = {key: value for key, value in clean_environment().items()
+def job_environment(extra: dict[str, str], inherit: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Like sbatch's --export=ALL: the submitter's environment (without output-format settings and without another
+    job's SLURM_* variables; inherit: only those variables) plus the job's own."""
+    env = {key: value for key, value in clean_environment(inherit=inherit).items()
            if not key.startswith("SLURM_") or key == "SLURM_CONF"}
     env.update(extra)
     return env
 
 
-def run_slurm_command(args: list[str], *, timeout: float, stdin: str | None = None,
-                      env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run one Slurm command with clean_environment(env); no input means /dev/null (never our terminal).
+def run_slurm_command(args: list[str], *, timeout: float, stdin: str | None = None, env: dict[str, str] | None = None,
+                      inherit: tuple[str, ...] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one Slurm command with clean_environment(env, inherit); no input means /dev/null (never our terminal).
 
     The answer is what the command wrote until it exited. Its output goes to files, not pipes, so a child it leaves
     in the background (a site wrapper's logger, a daemon it starts) that keeps them open does not hold the answer
@@ -63,7 +70,7 @@ def run_slurm_command(args: list[str], *, timeout: float, stdin: str | None = No
             feed.write(stdin.encode("utf-8", "replace"))
             feed.seek(0)
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL if stdin is None else feed, stdout=out,
-                                   stderr=err, env=clean_environment(env), start_new_session=True)
+                                   stderr=err, env=clean_environment(env, inherit), start_new_session=True)
         try:
             returncode = process.wait(timeout)
         except BaseException:  # the timeout, or an interrupt: nothing of the command outlives it

@@ -149,7 +149,7 @@ def submit_description_fields(spec: JobSpec) -> dict[str, Any]:
         "script": render_batch_script(spec),
         "nodes": spec.nodes,
         "is_requeueable": spec.requeue,
-        "environment": job_environment(spec.env),
+        "environment": job_environment(spec.env, spec.inherit),
         "log_files_open_mode": "append" if spec.open_mode_append else "truncate",
     }
     optional = {

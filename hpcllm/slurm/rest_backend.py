@@ -187,7 +187,7 @@ def submission_body(spec: JobSpec) -> dict[str, Any]:
         "name": spec.name,
         "nodes": [spec.nodes, spec.nodes],
         "requeue": spec.requeue,
-        "environment": job_environment(spec.env),
+        "environment": job_environment(spec.env, spec.inherit),
         "current_working_directory": spec.chdir or os.getcwd(),
     }
     optional = {

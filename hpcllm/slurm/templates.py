@@ -21,7 +21,7 @@ from typing import Any
 
 import jinja2
 
-from hpcllm.config import MODEL_NAME_PATTERN, Config
+from hpcllm.config import CONFIG_ENV, MODEL_NAME_PATTERN, Config
 from hpcllm.errors import ConfigError
 from hpcllm.slurm.base import JobSpec, make_job_spec
 
@@ -169,6 +169,17 @@ def hpcllm_command() -> str:
     return shutil.which("hpcllm") or "hpcllm"
 
 
+# What a node agent's job takes from its submitter's environment (the controller's, or the shell of whoever renders
+# the job): where programs, libraries and Python packages are, the locale and time zone, the home and scratch
+# folders, environment modules, hpcllm's config and read tuning (hpcllm.store.tuning.TUNING_ENV). Nothing else - the
+# cluster secret, SLURM_JWT, the controller's or gateway's own settings and credentials - reaches the jobs (Slurm
+# logs and may store a job's environment); [slurm] export_variables adds what a site's nodes need.
+AGENT_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR",
+                   "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "CUDA_HOME",
+                   "CUDA_PATH", "MODULEPATH", "MODULESHOME", "LOADEDMODULES", "_LMFILES_", CONFIG_ENV,
+                   "HPCLLM_READ_TUNING")
+
+
 def node_agent_job_spec(
     config: Config,
     *,
@@ -194,8 +205,8 @@ def node_agent_job_spec(
     `srun --mpi=pmix` (docs/tensor-parallel.md, "Ranks across nodes")."""
     slurm = config.slurm
     job_env = dict(env or {})
-    if os.environ.get("HPCLLM_CONFIG") and "HPCLLM_CONFIG" not in job_env:
-        job_env["HPCLLM_CONFIG"] = os.environ["HPCLLM_CONFIG"]
+    if os.environ.get(CONFIG_ENV) and CONFIG_ENV not in job_env:
+        job_env[CONFIG_ENV] = os.environ[CONFIG_ENV]
     signal = slurm.signal.upper().removeprefix("SIG")
     return make_job_spec(
         name=name,
@@ -219,6 +230,7 @@ def node_agent_job_spec(
         output=output or str(config.paths.state_dir / "slurm" / "%x-%j.out"),
         open_mode_append=True,
         env=job_env,
+        inherit=AGENT_VARIABLES + tuple(slurm.export_variables),
     )
 
 

@@ -81,6 +81,29 @@ def test_submit_feeds_the_rendered_script_and_env(fake, backend):
     assert call["env"]["HPCLLM_X"] == "a,b=c"  # reaches the job through --export=ALL
 
 
+def test_a_node_agents_job_gets_only_the_variables_the_agent_needs(fake, backend, monkeypatch):
+    """sbatch ran with the controller's whole environment and --export=ALL: the cluster secret, SLURM_JWT and
+    anything else the service was started with reached every job (Slurm logs and may store a job's environment)."""
+    from hpcllm.config import Config
+    from hpcllm.slurm.templates import node_agent_job_spec
+
+    for name, value in {"HPCLLM_SHARED_SECRET": "s3cret", "SLURM_JWT": "jwt", "AWS_SECRET_ACCESS_KEY": "aws",
+                        "LC_ALL": "C.UTF-8", "SBATCH_ACCOUNT": "lab",
+                        "SITE_SCRATCH": "/scratch", "SITE_LICENSE": "x"}.items():
+        monkeypatch.setenv(name, value)
+    fake.on("sbatch", "--parsable", stdout="77\n")
+    config = Config.model_validate({"slurm": {"export_variables": ["SITE_SCR*"]}})
+    backend.submit(node_agent_job_spec(config, hpcllm="hpcllm", env={"HPCLLM_NODE_TOKEN": "job-token"}))
+    env = fake.calls("sbatch")[0]["env"]
+    for kept in ("PATH", "LC_ALL", "SITE_SCRATCH", "HPCLLM_NODE_TOKEN", "SBATCH_ACCOUNT"):  # sbatch reads SBATCH_*
+        assert kept in env, kept
+    for left in ("HPCLLM_SHARED_SECRET", "SLURM_JWT", "AWS_SECRET_ACCESS_KEY", "SITE_LICENSE"):
+        assert left not in env, left
+    # Any other job (JobSpec.inherit unset) still gets the submitter's environment, as sbatch's --export=ALL does.
+    backend.submit(make_job_spec(name="t", script="true"))
+    assert fake.calls("sbatch")[1]["env"]["SITE_LICENSE"] == "x"
+
+
 def test_user_format_settings_do_not_reach_the_commands(fake, backend, monkeypatch):
     for name, value in {"SQUEUE_FORMAT": "%i %garbage", "SQUEUE_FORMAT2": "JobID:3", "SINFO_FORMAT": "%N",
                         "SACCT_FORMAT": "jobid", "SLURM_TIME_FORMAT": "relative", "SQUEUE_STATES": "R"}.items():

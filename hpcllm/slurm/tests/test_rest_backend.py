@@ -85,6 +85,16 @@ def test_submit_sends_script_and_properties_with_jwt_headers(backend, server, tm
     assert not any(k.startswith("SLURM_") and k != "SLURM_CONF" for k in job["environment"])
 
 
+def test_a_job_that_inherits_a_list_of_variables_gets_only_those(backend, server, monkeypatch):
+    monkeypatch.setenv("HPCLLM_SHARED_SECRET", "s3cret")
+    monkeypatch.setenv("LC_CTYPE", "C.UTF-8")
+    backend.submit(make_job_spec(name="agent", script="true", inherit=("PATH", "LC_*"), env={"HPCLLM_X": "1"}))
+    environment = json.loads(server.requests[-1].content)["job"]["environment"]
+    assert {"PATH", "LC_CTYPE", "HPCLLM_X"} <= set(environment) and "HPCLLM_SHARED_SECRET" not in environment
+    backend.submit(make_job_spec(name="any", script="true"))
+    assert json.loads(server.requests[-1].content)["job"]["environment"]["HPCLLM_SHARED_SECRET"] == "s3cret"
+
+
 def test_refusal_carries_slurms_message(backend):
     with pytest.raises(SlurmError, match="Invalid partition name specified") as refused:
         backend.submit(make_job_spec(name="x", script="true", partition="nope"))
