@@ -2,8 +2,9 @@
 
 Every body is validated with these pydantic models; unknown fields are rejected so a typo in a client is an error
 that names the field, and the bodies it takes are strict (httpkit.wire.WireModel): "2" is no GPU count and "yes" no
-boolean, and a Unix time is at most a day ahead of the controller's clock (httpkit.wire.UnixTime). A body above MAX_REQUEST_BYTES is a 413 request_too_large; an unknown path a 404 unknown_url.
-See docs/controller.md for the endpoints and status codes.
+boolean, and a Unix time is at most a day ahead of the controller's clock (httpkit.wire.UnixTime). A body above
+MAX_REQUEST_BYTES is a 413 request_too_large; an unknown path a 404 unknown_url. See docs/controller.md for the
+endpoints and status codes.
 
 Internal endpoints (header `X-Hpcllm-Secret: <cluster.shared_secret>`, or `X-Hpcllm-Token: <node token>` for the
 agents' calls: register, heartbeat, models, migration-target; docs/security.md):
@@ -282,7 +283,8 @@ class ModelSpec(WireModel):
     max_model_len: int | None = Field(None, gt=0)
     engine: EngineName = Field("hpcllm", description='"vllm" serves it with vLLM (worker.vllm_python)')
     keep_alive_seconds: float | None = Field(None, ge=0, description="idle time before scale-to-zero")
-    cache_on_load: list[CacheTier] | None = Field(None, max_length=len(get_args(CacheTier)), description="tiers a load from a slower one fills; "
+    cache_on_load: list[CacheTier] | None = Field(None, max_length=len(get_args(CacheTier)),
+                                                  description="tiers a load from a slower one fills; "
                                                   "default: the node's node.cache_on_load; [] never")
     min_instances: int = Field(0, ge=0, le=MAX_INSTANCES)
     max_instances: int = Field(1, ge=1, le=MAX_INSTANCES)

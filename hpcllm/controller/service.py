@@ -897,7 +897,8 @@ class Controller:
         if principal.is_cluster:
             return None
         raise CredentialError(f"a node token asks for a migration target for one of its node's instances of "
-                              f"{req.model!r}: instance_id {req.instance_id or '(none)'} is not one on {source.node_id}")
+                              f"{req.model!r}: instance_id {req.instance_id or '(none)'} is not one on "
+                              f"{source.node_id}")
 
     def migration_ticket(self, source: NodeRecord, source_instance: InstanceRecord | str,
                          target: InstanceRecord) -> MigrationTicket:
