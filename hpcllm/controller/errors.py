@@ -72,6 +72,14 @@ class InstanceTaken(ControllerError):
     error_type = "invalid_request_error"
 
 
+class TooManyTickets(ControllerError):
+    """A node token asked for more live migration tickets for one instance than it may hold at once."""
+
+    http_status = 429
+    code = "too_many_migration_tickets"
+    error_type = "rate_limit_error"
+
+
 class NoCapacity(ControllerError):
     """No node can host the model now and no allocation may be submitted now (max_allocations in use, nodes full).
     Capacity can free up (a queued allocation's agent registers, an idle instance or allocation is released), so a

@@ -32,6 +32,7 @@ from hpcllm.controller.errors import (
     NodeTaken,
     AllocationFailed,
     AllocationRefused,
+    TooManyTickets,
     UnknownCredential,
     UnknownModel,
 )
@@ -89,6 +90,7 @@ from hpcllm.controller.registry import (
 from hpcllm.credentials import (
     CLUSTER,
     MAX_TICKET_REQUESTS,
+    TICKET_SECONDS,
     CredentialError,
     MigrationTicket,
     Principal,
@@ -109,6 +111,7 @@ ROUTABLE_NODE_STATES = ("up",)
 RECENT_FAILURES = 20  # instance failures `hpcllm status` lists
 ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm picks
 START_COSTS_TTL_SECONDS = 30.0  # learned start costs are re-read from the registry at most this often
+MAX_LIVE_TICKETS = 4  # live migration tickets a node token may hold for one instance (_count_ticket)
 
 
 class NoMigrationTarget(ControllerError):
@@ -154,6 +157,9 @@ class Controller:
         # `hpcllm status`: the registry drops failed instances, their reason would be lost otherwise.
         self._failures: OrderedDict[str, InstanceFailure] = OrderedDict()
         self._failures_lock = threading.Lock()
+        # The expiries of the live migration tickets issued to node tokens, by source instance (MAX_LIVE_TICKETS).
+        self._live_tickets: dict[str, list[float]] = {}
+        self._live_tickets_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -859,6 +865,8 @@ class Controller:
             log.info("migration target for %s (leaving %s): %s on %s", model.name, req.exclude_node or "-",
                      target.instance_id, target.node_id)
             self._record_drain(model.name, req, "target_assigned", target.instance_id)
+            if not principal.is_cluster:
+                self._count_ticket(leaving.instance_id)
             ticket = self.migration_ticket(source, leaving or req.instance_id or "", target) if source else None
             return MigrationTarget(worker_url=target.worker_url, instance_id=target.instance_id,
                                    node_id=target.node_id, ticket=ticket)
@@ -899,6 +907,18 @@ class Controller:
         raise CredentialError(f"a node token asks for a migration target for one of its node's instances of "
                               f"{req.model!r}: instance_id {req.instance_id or '(none)'} is not one on "
                               f"{source.node_id}")
+
+    def _count_ticket(self, instance_id: str) -> None:
+        """A node token holds at most MAX_LIVE_TICKETS live tickets for one instance: each grant is bounded by the
+        instance's requests, and so is their number (a drain asks once per instance; a retry or two more)."""
+        now = time.time()
+        with self._live_tickets_lock:
+            live = [t for t in self._live_tickets.get(instance_id, []) if t > now]
+            if len(live) >= MAX_LIVE_TICKETS:
+                raise TooManyTickets(f"instance {instance_id} already holds {len(live)} live migration tickets; the "
+                                     f"next expires in {min(live) - now:.0f} s")
+            self._live_tickets = {i: t for i, t in self._live_tickets.items() if any(e > now for e in t)}
+            self._live_tickets[instance_id] = live + [now + TICKET_SECONDS]
 
     def migration_ticket(self, source: NodeRecord, source_instance: InstanceRecord | str,
                          target: InstanceRecord) -> MigrationTicket:

@@ -254,7 +254,7 @@ def test_a_groups_pool_serves_only_that_groups_keys(harness):
 def test_a_draining_pools_ticket_covers_one_of_its_instances_and_its_requests_only(harness):
     """A draining pool got a ticket (whose grant opens the service's worker) naming any instance, or none: its grant
     prepared requests there without end. Now it names one of its node's instances of the model, and the ticket
-    covers that instance's requests (heartbeat count, routes since, one batch more)."""
+    covers that instance's requests (heartbeat count, routes since, one batch more); it holds a few at a time."""
     from hpcllm.credentials import MigrationTicket, check_grant
 
     harness.deploy("m", gpus=1, max_instances=1)
@@ -279,6 +279,16 @@ def test_a_draining_pools_ticket_covers_one_of_its_instances_and_its_requests_on
     assert (ticket.source_instance, ticket.max_requests) == ("p1", 5 + batch)
     destination_key = harness.config.cluster.shared_secret  # s1 runs on an operator-run node
     assert check_grant(ticket.grant, key=destination_key).max_requests == 5 + batch
+
+    # Nor does asking again and again give it grants without end: a few live tickets per instance (a retry or two).
+    from hpcllm.controller.service import MAX_LIVE_TICKETS
+
+    ask = {"model": "m", "exclude_node": "n1", "instance_id": "p1", "start_if_missing": False}
+    for _ in range(MAX_LIVE_TICKETS - 1):
+        assert client.post("/v1/internal/migration-target", headers=pool, json=ask).status_code == 200
+    resp = client.post("/v1/internal/migration-target", headers=pool, json=ask)
+    assert resp.status_code == 429 and resp.get_json()["error"]["code"] == "too_many_migration_tickets"
+    assert "p1 already holds 4 live migration tickets" in resp.get_json()["error"]["message"]
 
 
 def test_a_shared_pool_serves_everyone_and_a_revoked_one_nobody(harness):
