@@ -62,6 +62,10 @@ MAX_NODE_INSTANCES = 1024
 MAX_CACHE_ENTRIES = 10_000
 MAX_ERROR_CHARS = 2000  # an instance's error as kept (a worker's log tail can be any length): the rest is cut
 MAX_URL_CHARS = 2048
+# Measured rates an agent reports, which placement and the migration-cost estimate divide by: far beyond any node
+# (HBM is a few TB/s), so a made-up one cannot make a node's loads or migrations look free.
+MAX_GBPS = 100_000.0
+MAX_TOKENS_PER_SECOND = 1e9
 MAX_SLURM_TOKEN_CHARS = 256  # a partition, account or QOS name (Slurm's own are far shorter)
 # The largest request body the controller reads (413 request_too_large beyond; internal_http.max_request_bytes can
 # only lower it). The largest legitimate one is a heartbeat or registration at the bounds above: MAX_CACHE_ENTRIES
@@ -95,7 +99,7 @@ def not_an_answer(answer: type[BaseModel], body: object) -> str | None:
 
 class TierInfo(WireModel):
     capacity_bytes: int | None = Field(None, ge=0, le=INT64_MAX)
-    read_gbps: float = Field(gt=0, description="measured sequential read bandwidth, GB/s (1e9 bytes/s)")
+    read_gbps: float = Field(gt=0, le=MAX_GBPS, description="measured sequential read bandwidth, GB/s (1e9 bytes/s)")
     # Only meaningful for nvme: "persistent" node-local disk survives the Slurm job, "job" scratch does not.
     scope: Literal["persistent", "job"] | None = None
 
@@ -132,7 +136,7 @@ class NodeRegistration(WireModel):
     job_scoped: bool = True
     gpus: int = Field(0, ge=0, le=MAX_NODE_GPUS)
     tiers: Tiers = Field(default_factory=Tiers)
-    h2d_gbps: float | None = Field(None, gt=0)
+    h2d_gbps: float | None = Field(None, gt=0, le=MAX_GBPS)
     cached: list[CacheEntry] = Field(default_factory=list, max_length=MAX_CACHE_ENTRIES)
     # A group's model pool (`hpcllm node --model NAME`): the agent keeps NAME running here for its job's whole life.
     # The controller routes to its instances but never places anything on the node, never moves or evicts its
@@ -154,7 +158,7 @@ class InstanceInfo(WireModel):
     # Optional inputs to the migration-cost estimate: tokens the running requests hold (to recompute on another
     # instance) and the prefill rate the worker measured.
     tokens_in_flight: int | None = Field(None, ge=0, le=INT64_MAX)
-    prefill_tokens_per_second: float | None = Field(None, gt=0)
+    prefill_tokens_per_second: float | None = Field(None, gt=0, le=MAX_TOKENS_PER_SECOND)
     error: Annotated[str | None, AfterValidator(_cut_error)] = None
     # Tensor parallelism: the instance's ranks, and the node each rank runs on where the agent knows it.
     tensor_parallel: int = Field(1, ge=1, le=64)

@@ -82,6 +82,7 @@ def _heartbeat(client, node: str, body: dict):
     ("gpu_ids", ["1"], "instances.0.gpu_ids.0"),
     ("tensor_parallel", 2.0, "instances.0.tensor_parallel"),
     ("load_seconds", "3", "instances.0.load_seconds"),
+    ("prefill_tokens_per_second", 1e200, "instances.0.prefill_tokens_per_second"),
     ("rank_nodes", [""], "instances.0.rank_nodes.0"),
     ("rank_nodes", ["n1"] * 65, "instances.0.rank_nodes"),
 ])
@@ -98,6 +99,7 @@ def test_a_bad_instance_in_a_heartbeat_is_a_400_naming_the_field(tmp_path, field
     ("agent_url", "http://n1:9000/" + "x" * 5000),
     ("gpus", "2"), ("gpus", True), ("job_scoped", "no"),  # text and booleans were read as numbers and booleans
     ("tiers", {"dram": {"read_gbps": "12.5"}}),
+    ("tiers", {"nvme": {"read_gbps": 1e200}}), ("h2d_gbps", 1e200),  # every load there would look free
 ])
 def test_a_registration_with_no_job_id_or_url_is_a_400_naming_it(tmp_path, field, value):
     """Both are kept in the registry and shown in every status: a job id is a Slurm job id, a URL a URL's length."""
