@@ -281,14 +281,18 @@ def issue_ticket(*, model: str, source_instance: str, source_key: str, destinati
 
 
 def check_ticket(ticket: MigrationTicket | None, *, key: str, model: str, destination_url: str,
-                 now: float | None = None) -> None:
-    """Source worker: refuse a migration the controller did not name (CredentialError, 403)."""
+                 source_instance: str | None = None, now: float | None = None) -> None:
+    """Source worker: refuse a migration the controller did not name (CredentialError, 403). source_instance: the
+    instance whose requests move, where the caller knows it (the node agent does; a worker does not know its id)."""
     if ticket is None:
         raise CredentialError("a migration needs a ticket from the controller naming its destination")
     if not hmac.compare_digest(ticket.signature.encode(), _mac(key, ticket.signed_text()).encode()):
         raise CredentialError("the migration ticket was not issued for this worker (bad signature)")
     if ticket.model != model:
         raise CredentialError(f"the migration ticket is for model {ticket.model!r}, this worker serves {model!r}")
+    if source_instance is not None and ticket.source_instance != source_instance:
+        named = ticket.source_instance or "(none named)"
+        raise CredentialError(f"the migration ticket moves the requests of instance {named}, not of {source_instance}")
     if ticket.destination_url.rstrip("/") != destination_url.rstrip("/"):
         raise CredentialError(f"the migration ticket names {ticket.destination_url}, not {destination_url}")
     _check_lifetime(ticket.expires_at, "ticket", 403, now)

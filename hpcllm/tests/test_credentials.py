@@ -195,3 +195,22 @@ def test_a_grant_with_an_unwritten_expiry_or_size_is_refused_and_one_lives_no_lo
         check_grant(ticket.grant, key=key, now=early)
     with pytest.raises(CredentialError, match="claims to be good for"):
         check_ticket(ticket, key="s" * 20, model="m", destination_url="http://d:1", now=early)
+
+
+def test_a_ticket_moves_only_the_requests_of_the_instance_it_names():
+    """Where the caller knows the instance it moves (the node agent), a ticket issued for another one - or for none
+    named - is refused; a worker, which does not know its instance id, checks the rest."""
+    from hpcllm.credentials import CredentialError, check_ticket, issue_ticket
+
+    fields = dict(source_key="s" * 20, destination_url="http://d:1", destination_instance="m-2",
+                  destination_key="d" * 20)
+    ticket = issue_ticket(model="m", source_instance="m-1", **fields)
+    check = dict(key="s" * 20, model="m", destination_url="http://d:1")
+    check_ticket(ticket, source_instance="m-1", **check)
+    check_ticket(ticket, **check)
+    for instance, issued_for in (("m-3", ticket), ("m-1", issue_ticket(model="m", source_instance="", **fields))):
+        with pytest.raises(CredentialError, match="moves the requests of instance") as refused:
+            check_ticket(issued_for, source_instance=instance, **check)
+        assert refused.value.status == 403
+    with pytest.raises(CredentialError, match="bad signature"):  # the instance is signed: renaming it breaks it
+        check_ticket(ticket.model_copy(update={"source_instance": "m-3"}), source_instance="m-3", **check)
