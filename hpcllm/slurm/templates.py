@@ -177,7 +177,11 @@ def hpcllm_command() -> str:
 AGENT_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR",
                    "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX", "CUDA_HOME",
                    "CUDA_PATH", "MODULEPATH", "MODULESHOME", "LOADEDMODULES", "_LMFILES_", CONFIG_ENV,
-                   "HPCLLM_READ_TUNING")
+                   "HPCLLM_READ_TUNING", TEMPLATES_ENV) + (
+    # The settings of the libraries the agent's workers run (threads, collectives, MPI, the engines, offline model
+    # files) - a site that tunes them where the service starts expects its jobs to run with them. Not HF_TOKEN.
+    "OMP_*", "KMP_*", "MKL_*", "OPENBLAS_*", "NCCL_*", "OMPI_*", "PMIX_*", "UCX_*", "VLLM_*", "TORCH_*",
+    "PYTORCH_*", "TOKENIZERS_*", "TRANSFORMERS_*", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
 
 
 def node_agent_job_spec(

@@ -89,15 +89,17 @@ def test_a_node_agents_job_gets_only_the_variables_the_agent_needs(fake, backend
 
     for name, value in {"HPCLLM_SHARED_SECRET": "s3cret", "SLURM_JWT": "jwt", "AWS_SECRET_ACCESS_KEY": "aws",
                         "LC_ALL": "C.UTF-8", "SBATCH_ACCOUNT": "lab",
-                        "SITE_SCRATCH": "/scratch", "SITE_LICENSE": "x"}.items():
+                        "SITE_SCRATCH": "/scratch", "SITE_LICENSE": "x", "HF_TOKEN": "hf",
+                        "OMP_NUM_THREADS": "8", "VLLM_CPU_KVCACHE_SPACE": "40", "NCCL_SOCKET_IFNAME": "ib0"}.items():
         monkeypatch.setenv(name, value)
     fake.on("sbatch", "--parsable", stdout="77\n")
     config = Config.model_validate({"slurm": {"export_variables": ["SITE_SCR*"]}})
     backend.submit(node_agent_job_spec(config, hpcllm="hpcllm", env={"HPCLLM_NODE_TOKEN": "job-token"}))
     env = fake.calls("sbatch")[0]["env"]
-    for kept in ("PATH", "LC_ALL", "SITE_SCRATCH", "HPCLLM_NODE_TOKEN", "SBATCH_ACCOUNT"):  # sbatch reads SBATCH_*
+    for kept in ("PATH", "LC_ALL", "SITE_SCRATCH", "HPCLLM_NODE_TOKEN", "SBATCH_ACCOUNT",  # sbatch reads SBATCH_*
+                 "OMP_NUM_THREADS", "VLLM_CPU_KVCACHE_SPACE", "NCCL_SOCKET_IFNAME"):  # the workers' libraries' settings
         assert kept in env, kept
-    for left in ("HPCLLM_SHARED_SECRET", "SLURM_JWT", "AWS_SECRET_ACCESS_KEY", "SITE_LICENSE"):
+    for left in ("HPCLLM_SHARED_SECRET", "SLURM_JWT", "AWS_SECRET_ACCESS_KEY", "SITE_LICENSE", "HF_TOKEN"):
         assert left not in env, left
     # Any other job (JobSpec.inherit unset) still gets the submitter's environment, as sbatch's --export=ALL does.
     backend.submit(make_job_spec(name="t", script="true"))
