@@ -115,6 +115,12 @@ class NodeConfig(Section):
     # Worker processes: longest wait for a worker's /ready, and between SIGTERM and SIGKILL when stopping one.
     worker_start_timeout_seconds: float = Field(600.0, gt=0)
     worker_stop_timeout_seconds: float = Field(30.0, gt=0)
+    # Health of a ready worker: its /ready is probed every worker_health_seconds (each probe waits at most
+    # worker_health_timeout_seconds); after worker_health_failures failed probes in a row (503: its engine died or
+    # hung; no answer) the worker is stopped and its instance reported failed, so the controller routes elsewhere.
+    worker_health_seconds: float = Field(1.0, gt=0)
+    worker_health_timeout_seconds: float = Field(5.0, gt=0)
+    worker_health_failures: int = Field(3, ge=1)
     # Drain (Slurm's signal, SIGTERM): at most this long moving running requests to other nodes (live migration)
     # before the workers are stopped; keep migrate + stop timeouts inside slurm.signal_seconds.
     migrate_timeout_seconds: float = Field(20.0, gt=0, le=3600)

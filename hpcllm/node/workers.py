@@ -48,7 +48,7 @@ from hpcllm.controller.protocol import InstanceInfo
 from hpcllm.credentials import TOKEN_ENV, TOKEN_FILE_ENV, MigrationTicket
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import SECRET_HEADER
-from hpcllm.httpkit.client import internal_client
+from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import StartInstance
 from hpcllm.store.memory import HOST_POOL_ENV
@@ -204,6 +204,9 @@ class Instance:
     nodes: int = 1  # nodes the ranks span (> 1: process is their srun)
     rank_pids: list[int] = field(default_factory=list)  # the processes under mpirun when the stop began
     rank_loads: list[dict] = field(default_factory=list)  # a tensor-parallel lead's /ready: how each rank loaded
+    failed_probes: int = 0  # health probes of its /ready that failed in a row while it was ready
+    probe_error: str | None = None  # how the last one failed
+    kill_at: float | None = None  # monotonic time the watcher SIGKILLs a worker it stopped (unhealthy, start timeout)
     done: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
 
@@ -338,7 +341,9 @@ class WorkerManager:
         return inst
 
     def gpus_in_use(self) -> set[int]:
-        return {g for inst in self.instances() if inst.active for g in inst.gpu_ids}
+        """GPUs of active instances, and of failed ones whose worker still runs (an unhealthy worker being stopped
+        holds its GPU memory until it is gone)."""
+        return {g for inst in self.instances() if inst.active or inst.process.poll() is None for g in inst.gpu_ids}
 
     # ------------------------------------------------------------------------------------------------- start
 
@@ -670,6 +675,8 @@ class WorkerManager:
         self.on_change()
 
     def _poll_ready(self, inst: Instance) -> None:
+        """Ask the worker's /ready: loading -> ready, its request counts; a ready worker's failed answers are
+        counted (inst.failed_probes) for the watcher's health check."""
         if inst.worker_url is None:
             try:
                 inst.worker_url = inst.url_file.read_text().strip() or None
@@ -679,41 +686,69 @@ class WorkerManager:
                 self.on_change()
         if inst.worker_url is None:
             return
+        checking = inst.state == "ready"  # a loading worker answers 503 until its engine runs; a draining one stops
         try:
-            resp = self._http.get(f"{inst.worker_url}/ready")
-        except httpx.HTTPError:
+            resp = self._http.get(f"{inst.worker_url}/ready", timeout=self.config.node.worker_health_timeout_seconds)
+        except httpx.HTTPError as exc:
+            if checking:
+                self._probe_failed(inst, f"no answer ({type(exc).__name__}: {exc})")
             return
-        if resp.status_code == 200:
-            body = resp.json()
-            inst.running_requests = int(body.get("running_requests") or 0) + int(body.get("waiting_requests") or 0)
-            inst.tokens_in_flight = body.get("tokens_in_flight")
-            inst.prefill_tokens_per_second = body.get("prefill_tokens_per_second") or None
-            if inst.load_seconds is None and body.get("load_seconds") is not None:
-                inst.load_seconds = float(body["load_seconds"])
-            if not inst.rank_loads and len(body.get("rank_loads") or []) == inst.ranks:
-                inst.rank_loads = sorted(body["rank_loads"], key=lambda r: r["rank"])
-            if inst.state == "loading":
-                self._set_state(inst, "ready")
-                if inst.load_fill is not None or inst.promote_to:
-                        threading.Thread(target=self._keep_loaded_copy, args=(inst,),
-                                     name=f"cache-{inst.instance_id}", daemon=True).start()
+        body = json_object(resp) if resp.status_code == 200 else None
+        if not body:  # a 503 (engine dead or hung), another error, or an answer that is not /ready's
+            if checking:
+                self._probe_failed(inst, f"HTTP {resp.status_code}: {error_of(resp)[1]}")
+            return
+        inst.failed_probes = 0
+        inst.running_requests = int(body.get("running_requests") or 0) + int(body.get("waiting_requests") or 0)
+        inst.tokens_in_flight = body.get("tokens_in_flight")
+        inst.prefill_tokens_per_second = body.get("prefill_tokens_per_second") or None
+        if inst.load_seconds is None and body.get("load_seconds") is not None:
+            inst.load_seconds = float(body["load_seconds"])
+        if not inst.rank_loads and len(body.get("rank_loads") or []) == inst.ranks:
+            inst.rank_loads = sorted(body["rank_loads"], key=lambda r: r["rank"])
+        if inst.state == "loading":
+            self._set_state(inst, "ready")
+            if inst.load_fill is not None or inst.promote_to:
+                threading.Thread(target=self._keep_loaded_copy, args=(inst,),
+                                 name=f"cache-{inst.instance_id}", daemon=True).start()
+
+    def _probe_failed(self, inst: Instance, reason: str) -> None:
+        inst.failed_probes += 1
+        inst.probe_error = reason
+        log.warning("instance %s (%s): health probe %d of %d of %s/ready failed: %s", inst.instance_id, inst.model,
+                    inst.failed_probes, self.config.node.worker_health_failures, inst.worker_url, reason)
+
+    def _unhealthy(self, inst: Instance) -> bool:
+        """A ready worker whose last node.worker_health_failures probes failed (one slow answer is not a death)."""
+        if inst.state != "ready" or inst.failed_probes < self.config.node.worker_health_failures:
+            return False
+        inst.error = (f"unhealthy: {inst.failed_probes} health probes of its /ready failed in a row "
+                      f"(node.worker_health_failures), the last: {inst.probe_error}")
+        return True
 
     def _watch(self, inst: Instance) -> None:
-        deadline = inst.started_at + self.config.node.worker_start_timeout_seconds
+        node = self.config.node
+        deadline = inst.started_at + node.worker_start_timeout_seconds
         try:
             while True:
                 code = inst.process.poll()
                 if code is not None:
                     self._exited(inst, code)
                     return
-                if not inst.stopping:
+                if inst.stopping:
+                    self._kill_when_overdue(inst)
+                else:
                     self._poll_ready(inst)
                     if inst.state == "loading" and time.time() > deadline:
-                        inst.error = (f"not ready after {self.config.node.worker_start_timeout_seconds:.0f} s "
+                        inst.error = (f"not ready after {node.worker_start_timeout_seconds:.0f} s "
                                       f"(node.worker_start_timeout_seconds)")
-                        self._terminate(inst)
+                        self._stop_failed(inst)
                         continue
-                inst.wake.wait(self.poll_seconds if inst.state == "loading" else max(self.poll_seconds, 1.0))
+                    if self._unhealthy(inst):
+                        self._stop_failed(inst)
+                        continue
+                inst.wake.wait(self.poll_seconds if inst.state == "loading" else
+                               max(self.poll_seconds, node.worker_health_seconds))
                 inst.wake.clear()
         finally:
             self._release(inst)
@@ -723,6 +758,21 @@ class WorkerManager:
             if inst.corrupt_copy:
                 self._replace_corrupt_copy(inst)
             inst.done.set()
+
+    def _stop_failed(self, inst: Instance) -> None:
+        """A worker that will not serve (not ready in time, unhealthy): reported failed at once, so the controller
+        routes elsewhere while it stops; SIGTERM now, SIGKILL after node.worker_stop_timeout_seconds (a hung engine
+        may not end on SIGTERM). Its copy and GPUs are released once the process is gone."""
+        self._set_state(inst, "failed", inst.error)
+        inst.kill_at = time.monotonic() + self.config.node.worker_stop_timeout_seconds
+        self._terminate(inst)
+
+    def _kill_when_overdue(self, inst: Instance) -> None:
+        if inst.kill_at is not None and time.monotonic() > inst.kill_at and inst.process.poll() is None:
+            log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", inst.instance_id,
+                        self.config.node.worker_stop_timeout_seconds)
+            self._kill(inst)
+            inst.kill_at = None
 
     def _exited(self, inst: Instance, code: int) -> None:
         inst.exit_code = code

@@ -2,6 +2,7 @@
 (docs: /work/notes/migration-contract.md) without a model, so agent tests run in a second.
 
     python -m hpcllm.node.tests.fake_worker --url-file F --record R --requests r1,r2 [--mode ok|refuse|partial|slow]
+        [--ignore-sigterm]
 
 It binds 127.0.0.1:0, writes its URL to F (as the real worker does), answers /health and /ready (running_requests =
 the requests it still holds), and POST /v1/internal/migrate (secret checked) as the contract says:
@@ -10,6 +11,11 @@ the requests it still holds), and POST /v1/internal/migrate (secret checked) as 
 - refuse: 502 with the destination's reason, nothing moves;
 - slow: sleeps --slow-seconds before answering like ok.
 Every call and SIGTERM are appended to R as JSON lines ({"event", "t", ...}) so tests can check the order of events.
+
+Health (the node agent's watch of ready workers): POST /fake/ready {"answer": 503 | "hang", "count": N} makes the
+next N /ready calls (every one when count is null) answer 503 as a worker whose engine died does, or never answer
+(a hung server); each /ready after it is recorded ("ready", with the answer). --ignore-sigterm: SIGTERM is recorded
+and ignored (a hung worker only SIGKILL ends).
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", default="")
     parser.add_argument("--mode", choices=("ok", "partial", "refuse", "slow"), default="ok")
     parser.add_argument("--slow-seconds", type=float, default=30.0)
+    parser.add_argument("--ignore-sigterm", action="store_true")
     args, _ = parser.parse_known_args(argv)
     secret = os.environ.get(SECRET_ENV, "")
     running = [r for r in args.requests.split(",") if r]
     lock = threading.Lock()
+    sick = {"answer": None, "count": None}  # what /ready answers instead of ready, how many more times
+    never = threading.Event()
 
     def record(event: str, **fields) -> None:
         with lock, open(args.record, "a") as f:
@@ -60,8 +69,28 @@ def main(argv: list[str] | None = None) -> int:
     def health():
         return {"status": "ok", "state": "ready"}
 
+    @app.post("/fake/ready")
+    def make_sick():
+        body = request.get_json()
+        with lock:
+            sick.update(answer=body["answer"], count=body.get("count"))
+        return {}
+
     @app.get("/ready")
     def ready():
+        with lock:
+            answer = sick["answer"]
+            if sick["count"] is not None:
+                sick["count"] -= 1
+                if sick["count"] < 0:
+                    answer = None
+        if sick["answer"] is not None:
+            record("ready", answer=answer or 200)
+        if answer == "hang":
+            never.wait()
+        if answer == 503:
+            return {"error": {"message": "not ready: engine died: step timed out", "type": "server_error",
+                              "code": "engine_unavailable"}}, 503
         return {"status": "ready", "running_requests": len(running), "waiting_requests": 0, "load_seconds": 0.01,
                 "load_tier": "sharedfs"}
 
@@ -88,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_sigterm(signum, frame):
         record("sigterm", requests=list(running))
-        os._exit(0)
+        if not args.ignore_sigterm:
+            os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
     tmp = args.url_file.with_name(args.url_file.name + ".tmp")

@@ -1,0 +1,114 @@
+"""The agent's watch of ready workers: a worker whose /ready turns 503 (its engine died or hung) or stops answering
+is stopped (SIGTERM, then SIGKILL), reported failed in the agent's instance list (what the heartbeat carries, so the
+controller routes elsewhere) and its cached copy and GPUs are released; one failed answer is not a death. Workers
+are `fake_worker.py` processes switched unhealthy over HTTP; the agent, its cache and its watcher are real."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hpcllm.node.protocol import StartInstance
+from hpcllm.node.tests.test_agent import converted, make_agent, wait_for  # noqa: F401 (converted: a fixture)
+
+MODEL = "tiny-llama"
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    """make(*fake worker options, **node settings): an agent with 2 GPUs whose workers are fake ones."""
+    made = []
+
+    def make(*worker_options: str, **node):
+        node = {"worker_health_seconds": 0.05, "worker_health_timeout_seconds": 0.5, **node}
+        agent = make_agent(tmp_path / f"agent{len(made)}", gpus=2, **node)
+        record = tmp_path / f"worker{len(made)}.jsonl"
+        agent.workers._command = lambda req, path, url_file: [
+            sys.executable, "-m", "hpcllm.node.tests.fake_worker", "--url-file", str(url_file), "--record",
+            str(record), *worker_options]
+        made.append(agent)
+        return agent, record
+
+    yield make
+    for agent in made:
+        agent.workers.stop_all(timeout=5)
+        agent.workers.close()
+
+
+def start_ready(agent, source: Path):
+    """An instance on both GPUs, loading from the node's NVMe copy (which its worker then holds), once ready."""
+    agent.cache.warm(MODEL, source, "nvme")
+    inst = agent.workers.start(StartInstance(model=MODEL, source=str(source), gpu_ids=[0, 1]))
+    assert inst.tier == "nvme"
+    wait_for(lambda: inst.state == "ready", 30, "the fake worker to be ready")
+    assert agent.cache.get(MODEL, "nvme").in_use == 1
+    return inst
+
+
+def turn(inst, answer, count: int | None = None) -> None:
+    httpx.post(f"{inst.worker_url}/fake/ready", json={"answer": answer, "count": count}).raise_for_status()
+
+
+def events(record: Path, name: str) -> list[dict]:
+    lines = record.read_text().splitlines() if record.exists() else []
+    return [e for e in map(json.loads, lines) if e["event"] == name]
+
+
+def reported(agent, inst) -> dict:
+    """The instance as the agent reports it to the controller (heartbeat)."""
+    [info] = [i for i in agent.instance_infos() if i.instance_id == inst.instance_id]
+    return info.model_dump()
+
+
+def assert_released(agent, inst) -> None:
+    assert inst.done.wait(30), "the watcher did not finish with the stopped worker"
+    assert agent.cache.get(MODEL, "nvme").in_use == 0, "the stopped worker's copy is still held"
+    assert agent.workers.gpus_in_use() == set()
+
+
+def test_a_worker_whose_ready_turns_503_is_stopped_reported_failed_and_releases_its_copy_and_gpus(make_node,
+                                                                                                   converted):
+    agent, record = make_node(worker_health_failures=3)
+    inst = start_ready(agent, converted)
+
+    turn(inst, 503)
+
+    wait_for(lambda: inst.state == "failed", 30, "the unhealthy worker to be reported failed")
+    info = reported(agent, inst)
+    assert info["state"] == "failed"
+    assert "unhealthy: 3 health probes" in info["error"] and "HTTP 503" in info["error"], info["error"]
+    assert "engine died" in info["error"]
+    assert inst.process.wait(30) == 0  # stopped by SIGTERM (the fake worker exits 0 on it)
+    assert events(record, "sigterm")
+    assert_released(agent, inst)
+    again = agent.workers.start(StartInstance(model=MODEL, source=str(converted), gpu_ids=[0, 1]))
+    assert again.gpu_ids == [0, 1]  # its GPUs are free for the next instance
+
+
+def test_a_worker_that_stops_answering_and_ignores_sigterm_is_killed(make_node, converted):
+    agent, record = make_node("--ignore-sigterm", worker_health_failures=2, worker_stop_timeout_seconds=1)
+    inst = start_ready(agent, converted)
+
+    turn(inst, "hang")
+
+    wait_for(lambda: inst.state == "failed", 30, "the hung worker to be reported failed")
+    assert "unhealthy: 2 health probes" in inst.error and "no answer" in inst.error, inst.error
+    assert inst.process.wait(30) == -9  # SIGTERM was ignored: SIGKILL after node.worker_stop_timeout_seconds
+    assert events(record, "sigterm")
+    assert_released(agent, inst)
+
+
+def test_fewer_failed_probes_than_the_limit_are_not_a_death(make_node, converted):
+    agent, record = make_node(worker_health_failures=3)
+    inst = start_ready(agent, converted)
+
+    turn(inst, 503, count=2)  # two failed answers, then healthy again
+
+    wait_for(lambda: any(e["answer"] == 200 for e in events(record, "ready")), 30, "a healthy answer again")
+    wait_for(lambda: inst.failed_probes == 0, 30, "the watcher to count the healthy answer")
+    assert [e["answer"] for e in events(record, "ready")][:3] == [503, 503, 200]
+    assert inst.state == "ready" and inst.process.poll() is None and not events(record, "sigterm")
