@@ -59,7 +59,7 @@ from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationRe
 from hpcllm.worker import vllm_launch
 from hpcllm.worker.spare import MODEL_PROCESS_ENV, SpareAssignment
 from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
-from hpcllm.checkpoint.errors import ChecksumMismatch
+from hpcllm.checkpoint.errors import CheckpointError, ChecksumMismatch
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ NVME = "nvme"
 TIER_ORDER = ("dram", "nvme", "sharedfs")  # fastest first: an instance's load tier is its ranks' last
 SPARE_IMPORT_SECONDS = 10.0  # a fresh spare imports torch/transformers for ~2.5-4 s (docs/node-agent.md)
 FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # what a load from a tier can fill
+# A worker exiting with these failed its load on the copy's bytes (ChecksumMismatch) or files (a file cut short or
+# gone while it read: TruncatedFile, MissingFile, any CheckpointError): a cached copy it loaded is replaced, else
+# every later start on the node would load it and fail the same way.
+BAD_COPY_EXITS = (ChecksumMismatch.exit_code, CheckpointError.exit_code)
 
 
 MPIRUN = "mpirun"
@@ -197,7 +201,7 @@ class Instance:
     exit_code: int | None = None
     stopping: bool = False
     released: bool = False
-    corrupt_copy: bool = False  # the worker's load failed a checksum of the local copy it read
+    corrupt_copy: bool = False  # the worker's load failed on the local copy it read (BAD_COPY_EXITS)
     load_fill: Any = None  # hpcllm.node.cache.LoadFill: the staging copy its load writes (cache on load)
     promote_to: tuple[str, ...] = ()  # faster tiers to fill from the local copy it loaded, once it is ready
     ranks: int = 1  # tensor-parallel ranks: process is their mpirun
@@ -780,7 +784,7 @@ class WorkerManager:
             self._set_state(inst, "stopped")
             return
         reason = inst.error or log_tail(inst.log_path) or "no output"
-        inst.corrupt_copy = code == ChecksumMismatch.exit_code and inst.tier in LOCAL_TIERS
+        inst.corrupt_copy = code in BAD_COPY_EXITS and inst.tier in LOCAL_TIERS
         self._set_state(inst, "failed", f"worker exited with status {code}: {reason}")
 
     def _take_fill(self, inst: Instance):
@@ -815,8 +819,9 @@ class WorkerManager:
         self.on_change()  # the next heartbeat tells the controller about the new copies
 
     def _replace_corrupt_copy(self, inst: Instance) -> None:
-        """The loader caught a checksum mismatch in a cached copy: drop it and refill it from the origin, so the
-        next instance loads good bytes (and never from the corrupt copy)."""
+        """The load failed on a cached copy (a checksum mismatch, a file cut short or missing): drop it and refill
+        it from the origin (the origin is never dropped), so the next instance loads good bytes, or from the origin
+        when the refill fails, and never from the broken copy."""
         if self.cache is None:
             return
         try:

@@ -20,6 +20,7 @@ from hpcllm.node.app import create_app
 from hpcllm.node.cache import CacheManager
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.probes import ProbeResult, TierMeasurements
+from hpcllm.node.protocol import StartInstance
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.protocol import GenerateRequest
 
@@ -381,6 +382,31 @@ def test_a_corrupt_cached_copy_fails_the_load_and_is_refilled(agent, client, con
         return any(i["state"] == "ready" for i in infos)
 
     wait_for(ready, what="an instance from the refilled copy to become ready")
+
+
+def test_a_cached_copy_cut_short_while_loading_is_replaced_like_a_corrupt_one(agent, converted):
+    """A data file of the NVMe copy cut short after the agent chose the copy (the start's size check passed): the
+    worker's load stops with TruncatedFile (exit 3, a CheckpointError), the agent drops that copy and refills it
+    from the origin (never touched), and the next instance loads from the refilled copy."""
+    agent.cache.warm("tiny-llama", converted, "nvme")
+    start = StartInstance(model="tiny-llama", source=str(converted))
+    inst = agent.workers.start(start)
+    assert inst.tier == "nvme"
+    data_file = sorted(inst.path.glob("data-*.h5"))[0]
+    os.truncate(data_file, data_file.stat().st_size // 2)  # the fresh worker is still importing: it reads it cut
+
+    wait_for(lambda: inst.state == "failed", what="the load from the cut copy to fail")
+    assert "exited with status 3" in inst.error and "the copy is incomplete" in inst.error, inst.error
+    assert inst.done.wait(60)
+
+    refilled = agent.cache.get("tiny-llama", "nvme")
+    assert refilled is not None and refilled.verified and refilled.in_use == 0
+    assert data_file.read_bytes() == (converted / data_file.name).read_bytes()
+    agent.workers.stop(inst.instance_id)
+
+    again = agent.workers.start(start)
+    assert again.tier == "nvme"
+    wait_for(lambda: again.state == "ready", what="an instance from the refilled copy to become ready")
 
 
 def test_heartbeats_name_the_node_of_every_rank_of_a_tensor_parallel_instance(tmp_path, monkeypatch):
