@@ -136,6 +136,7 @@ class LoadFill:
     staging: Path
     tiers: tuple[str, ...]
     fill_ids: tuple[str, ...]
+    dram_staging: Path | None = None  # the DRAM tier's temporary folder its commit fills (DramTier.put)
 
 
 @dataclass(frozen=True)
@@ -333,8 +334,11 @@ CREATE TABLE IF NOT EXISTS refs (
     model TEXT NOT NULL, tier TEXT NOT NULL, pid INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (model, tier, pid));
 CREATE TABLE IF NOT EXISTS fills (
-    id TEXT PRIMARY KEY, model TEXT NOT NULL, tier TEXT NOT NULL, pid INTEGER NOT NULL, bytes INTEGER NOT NULL);
+    id TEXT PRIMARY KEY, model TEXT NOT NULL, tier TEXT NOT NULL, pid INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    folder TEXT);
 """
+# Added to the fills of a state file written before it: the folder a fill writes (what it has written so far).
+_FILLS_FOLDER = "ALTER TABLE fills ADD COLUMN folder TEXT"
 
 
 class CacheManager:
@@ -371,6 +375,8 @@ class CacheManager:
             db = self._connect()
             try:
                 db.executescript(_SCHEMA)
+                if "folder" not in {row[1] for row in db.execute("PRAGMA table_info(fills)")}:
+                    db.execute(_FILLS_FOLDER)
             finally:
                 db.close()
         except sqlite3.Error as exc:
@@ -669,12 +675,13 @@ class CacheManager:
             force = True  # a copy of another checkpoint under this name: replace it (CacheInUse while it is used)
         if existing is not None:
             self._drop(model, tier)
-        fill_id = self.reserve_fill(model, tier, checkpoint_bytes(ckpt))
+        folder = self.nvme_dir / filling_name(model) if tier == NVME else self.dram.staging_path(model)
+        fill_id = self.reserve_fill(model, tier, checkpoint_bytes(ckpt), folder)
         try:
             if tier == NVME:
-                self._fill_nvme(model, ckpt, origin, progress)
+                self._fill_nvme(model, ckpt, origin, progress, folder)
             else:
-                self._fill_dram(model, ckpt, origin, progress)
+                self._fill_dram(model, ckpt, progress, folder)
         finally:
             self.end_fill(fill_id)
         with self._transaction() as db:
@@ -713,9 +720,10 @@ class CacheManager:
             need = planned_copy_bytes(ckpt.root, degree, rank)
         except HpcllmError as exc:  # the degree does not split the model, no strip hashes: say what to fix
             raise CacheError(f"model {model!r}: cannot keep rank {rank} of {degree}'s slices: {exc}") from None
-        fill_id = self.reserve_fill(key, NVME, need)
+        tmp = self.nvme_dir / filling_name(key)
+        fill_id = self.reserve_fill(key, NVME, need, tmp)
         try:
-            self._fill_nvme_with(key, origin, lambda folder: self._write_slices(model, ckpt, degree, rank, folder))
+            self._fill_nvme_with(key, origin, lambda folder: self._write_slices(model, ckpt, degree, rank, folder), tmp)
         finally:
             self.end_fill(fill_id)
         with self._transaction() as db:
@@ -777,17 +785,20 @@ class CacheManager:
         need = checkpoint_bytes(ckpt)
         self.drop_stale(model, source, tuple(t for t in tiers if t in self.tiers))
         kept, fill_ids = [], []
+        # What each tier's fill writes: the worker's tee writes the staging folder, the NVMe copy once renamed;
+        # the DRAM copy is written at the commit (the free-space checks of other fills count what is not written).
+        staging = self.nvme_dir / filling_name(model)
+        dram_staging = self.dram.staging_path(model) if self.dram is not None else None
         for tier in tiers:
             if tier not in self.tiers or tier in kept or self._present(model, tier) is not None:
                 continue
             try:
-                fill_ids.append(self.reserve_fill(model, tier, need))
+                fill_ids.append(self.reserve_fill(model, tier, need, staging if tier == NVME else dram_staging))
                 kept.append(tier)
             except (NotEnoughSpace, FillInProgress) as exc:
                 log.info("no %s copy of %s on load: %s", tier, model, exc)
         if not kept:
             return None
-        staging = self.nvme_dir / filling_name(model)
         try:
             staging.mkdir()
         except OSError as exc:
@@ -795,7 +806,7 @@ class CacheManager:
                 self.end_fill(fill_id)
             log.warning("no copy of %s on load: cannot create %s: %s", model, staging, exc.strerror or exc)
             return None
-        return LoadFill(model, str(Path(source).resolve()), staging, tuple(kept), tuple(fill_ids))
+        return LoadFill(model, str(Path(source).resolve()), staging, tuple(kept), tuple(fill_ids), dram_staging)
 
     @staticmethod
     def wait_for_tee(fill: LoadFill, alive: Callable[[], bool], timeout: float, poll: float = 0.1) -> None:
@@ -833,7 +844,7 @@ class CacheManager:
             if DRAM in fill.tiers:
                 try:
                     self.dram.dir.mkdir(parents=True, exist_ok=True)
-                    self.dram.put(fill.staging, fill.model)
+                    self.dram.put(fill.staging, fill.model, staging=fill.dram_staging)
                     committed.append(DRAM)
                 except (DramTierError, OSError) as exc:
                     log.warning("no DRAM copy of %s on load: %s", fill.model, exc)
@@ -870,19 +881,19 @@ class CacheManager:
             db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?", (time.time(), model, tier))
             return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
 
-    def _fill_nvme(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None) -> None:
+    def _fill_nvme(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None, tmp: Path) -> None:
         def copy(folder: Path) -> None:
             try:
                 copy_checkpoint(ckpt, folder, progress)
             except ChecksumMismatch as exc:
                 raise CacheCorrupt(f"model {model!r}: the origin {origin} does not match its manifest: {exc}") from None
 
-        self._fill_nvme_with(model, origin, copy)
+        self._fill_nvme_with(model, origin, copy, tmp)
 
-    def _fill_nvme_with(self, model: str, origin: str, write: Callable[[Path], None]) -> None:
-        """Fill the NVMe entry `model` (a model or a slice key): `write` fills a hidden folder, which gets its marker
-        and is renamed into place; on any failure the folder goes and nothing was visible."""
-        tmp = self.nvme_dir / filling_name(model)
+    def _fill_nvme_with(self, model: str, origin: str, write: Callable[[Path], None], tmp: Path) -> None:
+        """Fill the NVMe entry `model` (a model or a slice key): `write` fills the hidden folder `tmp` (a
+        filling_name, the one its reservation names), which gets its marker and is renamed into place; on any
+        failure the folder goes and nothing was visible."""
         try:
             tmp.mkdir()
             write(tmp)
@@ -903,7 +914,7 @@ class CacheManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _fill_dram(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None) -> None:
+    def _fill_dram(self, model: str, ckpt: Checkpoint, progress: Progress | None, staging: Path) -> None:
         # The node's NVMe copy, when there is one of this content, is a faster source than the shared FS.
         local = self._present(model, NVME)
         source = local if local is not None and self._same_content(local, ckpt.root) else ckpt.root
@@ -912,7 +923,7 @@ class CacheManager:
             progress(0, total)
         try:
             self.dram.dir.mkdir(parents=True, exist_ok=True)
-            self.dram.put(source, model)
+            self.dram.put(source, model, staging=staging)
         except DramTierError as exc:
             raise NotEnoughSpace(f"model {model!r}: {exc}") from None
         except ChecksumMismatch as exc:
@@ -934,15 +945,18 @@ class CacheManager:
                 raise FillInProgress(f"model {model!r} is being copied into the {tier} tier already (process {pid}); "
                                      f"wait for that copy to finish, then {then}")
 
-    def reserve_fill(self, model: str, tier: str, need: int) -> str:
-        """Evict LRU copies not in use until `need` bytes fit, and record the fill so concurrent fills count it."""
+    def reserve_fill(self, model: str, tier: str, need: int, folder: Path | None = None) -> str:
+        """Evict LRU copies not in use until `need` bytes fit, and record the fill so concurrent fills count it
+        (in every process on the node: the row goes with end_fill, or with its process). `folder`: where the fill
+        writes, so others count only what it has not written yet against the filesystem's free space."""
         evicted: list[Path] = []
         with self._transaction() as db:
             self._sync(db)
             self._check_no_fill_of(db, model, (tier,))
             capacity = self.capacity[tier]
             used = self._used(db, tier)
-            free_disk = self._free_disk(tier)
+            unwritten = self._unwritten(db, tier)
+            free_disk = self._free_disk(tier) - unwritten
             candidates = [c for c in self._copies(db, "WHERE tier=? AND model<>?", (tier, model)) if not c.in_use]
             candidates.sort(key=lambda c: c.last_used)
             evictable = sum(c.bytes for c in candidates)
@@ -954,8 +968,9 @@ class CacheManager:
                     f"model {model!r} needs {_gb(need)} in the {tier} tier: capacity {_gb(capacity)}, "
                     f"{_gb(used)} used ({_gb(used - evictable)} by copies in use or fills in progress"
                     + (f": {', '.join(c.model for c in in_use)}" if in_use else "")
-                    + f"), {_gb(free_disk)} free on the filesystem; free space or raise the "
-                    f"{tier}_capacity_gb setting")
+                    + f"), {_gb(max(free_disk, 0))} free on the filesystem"
+                    + (f" once the fills in progress have written their last {_gb(unwritten)}" if unwritten else "")
+                    + f"; free space or raise the {tier}_capacity_gb setting")
             for copy in candidates:
                 if used + need <= capacity and free_disk >= need:
                     break
@@ -963,7 +978,8 @@ class CacheManager:
                 used -= copy.bytes
                 free_disk += copy.bytes
             fill_id = uuid.uuid4().hex
-            db.execute("INSERT INTO fills VALUES (?,?,?,?,?)", (fill_id, model, tier, os.getpid(), need))
+            db.execute("INSERT INTO fills (id, model, tier, pid, bytes, folder) VALUES (?,?,?,?,?,?)",
+                       (fill_id, model, tier, os.getpid(), need, str(folder) if folder is not None else None))
         for path in evicted:
             shutil.rmtree(path, ignore_errors=True)
         return fill_id
@@ -973,6 +989,15 @@ class CacheManager:
         held = db.execute("SELECT COALESCE(SUM(bytes),0) FROM entries WHERE tier=?", (tier,)).fetchone()[0]
         filling = db.execute("SELECT COALESCE(SUM(bytes),0) FROM fills WHERE tier=?", (tier,)).fetchone()[0]
         return int(held) + int(filling)
+
+    @staticmethod
+    def _unwritten(db: sqlite3.Connection, tier: str) -> int:
+        """Bytes the fills in progress in a tier have reserved but not written yet: the filesystem's free space
+        still shows them, and a fill counting them as free would run out of room midway (ENOSPC)."""
+        pending = 0
+        for nbytes, folder in db.execute("SELECT bytes, folder FROM fills WHERE tier=?", (tier,)).fetchall():
+            pending += max(0, nbytes - (folder_bytes(Path(folder)) if folder else 0))
+        return pending
 
     def _free_disk(self, tier: str) -> int:
         root = self.nvme_dir if tier == NVME else self.dram.dir

@@ -84,8 +84,9 @@ class RankFill:
                 return
             if existing is not None:
                 self.cache.evict(self.model, NVME)  # CacheInUse while an instance still runs from it
-            self.fill_id = self.cache.reserve_fill(self.model, NVME, need)
-            self.tmp = self.nvme_dir / filling_name(self.model)
+            tmp = self.nvme_dir / filling_name(self.model)
+            self.fill_id = self.cache.reserve_fill(self.model, NVME, need, tmp)
+            self.tmp = tmp
             _REMOVE_ON_CANCEL.add(self.tmp)
             self.tmp.mkdir()
         except (HpcllmError, OSError) as exc:

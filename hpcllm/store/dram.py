@@ -117,8 +117,15 @@ class DramTier:
 
     # ----------------------------------------------------------------------------------------------- mutations
 
-    def put(self, checkpoint_dir: str | os.PathLike, model_id: str | None = None, *, threads: int = 2) -> DramEntry:
-        """Copy a converted checkpoint into shared memory, verifying every chunk; returns the entry.
+    def staging_path(self, model_id: str) -> Path:
+        """A fresh temporary folder name for a fill of `model_id` (put's `staging`): the node cache records it with
+        the fill's reservation, to count what the fill has written so far."""
+        return self.dir / f".tmp-{_check_id(model_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def put(self, checkpoint_dir: str | os.PathLike, model_id: str | None = None, *, threads: int = 2,
+            staging: Path | None = None) -> DramEntry:
+        """Copy a converted checkpoint into shared memory, verifying every chunk; returns the entry. `staging`: the
+        temporary folder to fill (a staging_path), else a fresh one.
 
         A model already present is left as it is (ids name immutable checkpoints).
         """
@@ -131,7 +138,7 @@ class DramTier:
             return self.entry(model_id)
         self._check_space(ckpt.total_bytes)
         self.ensure_private()
-        tmp = self.dir / f".tmp-{model_id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = staging or self.staging_path(model_id)
         tmp.mkdir(mode=0o700)
         try:
             self._fill_data(ckpt, tmp, threads)

@@ -15,6 +15,7 @@ import pytest
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.node.cache import (CacheCorrupt, CacheError, CacheInUse, CacheManager, FillInProgress, NotEnoughSpace,
                                UnknownModel, checkpoint_bytes)
+from hpcllm.store.tests.tmpfs import mounted_tmpfs
 
 CHUNK = 16 * 1024  # small chunks so a tiny model has many of them
 
@@ -375,6 +376,89 @@ def test_not_enough_space_names_sizes_and_holders(manager, origin, model_bytes):
     tiny.release("a", "nvme")
     with pytest.raises(NotEnoughSpace, match="capacity"):
         tiny.warm("b", origin, "nvme")
+
+
+@pytest.fixture
+def small_nvme(tmp_path, model_bytes):
+    """An NVMe cache folder on a filesystem with room for 1.7 copies of the model (and the state file), a capacity
+    setting far above it: only the free space on the disk limits the fills."""
+    with mounted_tmpfs(tmp_path / "small", f"{int(model_bytes * 1.7) // 1024 + 256}k") as mount:
+        yield CacheManager(mount / "nvme", 10**9, 10**9, f"test-{uuid.uuid4().hex[:8]}", dram_root=tmp_path / "shm")
+
+
+def assert_second_fill_refused(cm: CacheManager, origin: Path) -> None:
+    """A fill of another model while the first is a third written: the free space the filesystem shows holds a
+    copy, but not once the first has written the rest, so the second is refused before it writes a byte."""
+    with pytest.raises(NotEnoughSpace, match="once the fills in progress have written their last"):
+        cm.warm("second", origin, "nvme")
+    assert not [p for p in cm.nvme_dir.iterdir() if p.name.startswith(".second.")]
+
+
+def test_two_fills_at_once_do_not_count_the_same_free_space_twice(small_nvme, origin):
+    """Two warms side by side on one disk: each checked the free space without the other's bytes still to come, so
+    one ran out of room (ENOSPC) midway."""
+    import threading
+
+    a_third, go_on = threading.Event(), threading.Event()
+
+    def hold_after_a_third(done: int, total: int) -> None:
+        if done > total // 3:
+            a_third.set()
+            go_on.wait(timeout=60)
+
+    errors = []
+    first = threading.Thread(target=lambda: _record_errors(errors, small_nvme.warm, "first", origin, "nvme",
+                                                           hold_after_a_third))
+    first.start()
+    try:
+        assert a_third.wait(timeout=60)
+        assert_second_fill_refused(small_nvme, origin)
+    finally:
+        go_on.set()
+        first.join()
+    assert errors == []
+    assert small_nvme.verify("first")[0].ok
+
+
+def test_a_fill_in_another_process_holds_its_room_until_it_ends_or_dies(small_nvme, origin, tmp_path):
+    """`hpcllm cache warm` in another process: its unwritten bytes count against the free space here too, and once
+    it is killed its reservation does not outlive it."""
+    started = tmp_path / "started"
+    script = f"""
+import time
+from pathlib import Path
+from hpcllm.node.cache import CacheManager
+cm = CacheManager({str(small_nvme.nvme_dir)!r}, 10**9, 0, None)
+def hang(done, total):
+    if done > total // 3:
+        Path({str(started)!r}).touch()
+        time.sleep(60)
+cm.warm("first", {str(origin)!r}, "nvme", progress=hang)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None, "the filling process exited early"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert_second_fill_refused(small_nvme, origin)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert small_nvme.warm("second", origin, "nvme").verified  # the dead fill's folder and reservation are gone
+
+
+def test_a_state_file_from_before_fill_folders_were_recorded_is_upgraded(tmp_path, origin):
+    import sqlite3
+
+    nvme = tmp_path / "nvme"
+    nvme.mkdir(mode=0o700)
+    with sqlite3.connect(nvme / ".hpcllm-cache.db") as db:
+        db.execute("CREATE TABLE fills (id TEXT PRIMARY KEY, model TEXT NOT NULL, tier TEXT NOT NULL, "
+                   "pid INTEGER NOT NULL, bytes INTEGER NOT NULL)")
+    cm = CacheManager(nvme, 10**9, 10**9, f"test-{uuid.uuid4().hex[:8]}", dram_root=tmp_path / "shm")
+    assert cm.warm("llama", origin, "nvme").verified
 
 
 def test_unknown_origin_and_not_converted_are_clear_errors(manager, tmp_path, tiny_llama_dir):

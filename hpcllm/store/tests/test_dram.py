@@ -16,6 +16,7 @@ from hpcllm.store.dram import MARKER_FILE, DramTier, DramTierError
 from hpcllm.store.loader import load_model
 from hpcllm.store.tests.conftest import ARCHS, reference
 from hpcllm.store.tests.test_loader import assert_same_model, assert_views_of, file_mappings
+from hpcllm.store.tests.tmpfs import mounted_tmpfs
 
 
 def test_put_has_open_list_remove(models, dram_tier):
@@ -58,17 +59,9 @@ def test_corrupt_source_is_never_published(copy_checkpoint, dram_tier):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 256 KiB tmpfs: shared memory that runs out. Mounting needs root, as the test suite does (README: as root;
-    the dev Slurm cluster too): a machine where it fails is a failed set-up, said as such, not a skipped test."""
-    mount = tmp_path / "shm"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"cannot mount a tmpfs for this test (the suite runs as root): {mounted.stderr}"
-    try:
+    """A 256 KiB tmpfs: shared memory that runs out."""
+    with mounted_tmpfs(tmp_path / "shm", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_shared_memory_running_out_during_a_fill_is_a_clear_error(models, small_tmpfs, monkeypatch):
