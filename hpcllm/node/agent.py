@@ -34,7 +34,7 @@ from hpcllm.controller.protocol import (
     TierInfo,
     Tiers,
 )
-from hpcllm.credentials import TOKEN_HEADER, MigrationTicket
+from hpcllm.credentials import TOKEN_HEADER, MigrationTicket, check_ticket
 from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import check_url, error_of, internal_client
@@ -402,8 +402,11 @@ class NodeAgent:
     def migrate_out(self, instance_id: str, destination_url: str,
                     ticket: MigrationTicket | None = None) -> MigratedOut:
         """The controller's "move this instance" (placement needs its slots): move its requests (to the destination
-        its ticket names), then stop it."""
+        its ticket names), then stop it. The ticket must name this instance: the controller issues it for one
+        instance's requests, and a ticket for another of the node's instances is refused (403) before anything moves."""
         inst = self.workers.get(instance_id)
+        check_ticket(ticket, key=self.workers.key or "", model=inst.model, destination_url=destination_url,
+                     source_instance=instance_id)
         if inst.active:
             inst.state = "draining"
             self.wake_heartbeat()  # the controller stops routing to it

@@ -20,6 +20,7 @@ from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import Heartbeat, InstanceInfo, ModelSpec, NodeRegistration
 from hpcllm.controller.server import build_service
 from hpcllm.controller.tests.doubles import RecordingBackend, checkpoint_folder
+from hpcllm.credentials import issue_ticket
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 from hpcllm.node.app import create_app
@@ -28,6 +29,12 @@ from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
 
 MODEL = "m"
 DESTINATION = "http://127.0.0.1:9/n2-worker"  # never called: the fake source worker only reports it
+
+
+def ticket_for(instance_id: str, destination_url: str = DESTINATION) -> dict:
+    """The controller's ticket for moving instance_id's requests to destination_url (these agents' key: SECRET)."""
+    return issue_ticket(model=MODEL, source_instance=instance_id, source_key=SECRET, destination_url=destination_url,
+                        destination_instance="n2-instance", destination_key=SECRET).model_dump()
 
 
 @pytest.fixture
@@ -205,7 +212,9 @@ def test_migrate_out_moves_one_instance_then_stops_it(controller, make_node):
     inst = start_ready(agent, source)
     agents = AgentClient(SECRET)
     try:
-        result = agents.migrate_out(agent.agent_url, inst.instance_id, DESTINATION, timeout=30)
+        ticket = issue_ticket(model=MODEL, source_instance=inst.instance_id, source_key=SECRET,
+                              destination_url=DESTINATION, destination_instance="n2-instance", destination_key=SECRET)
+        result = agents.migrate_out(agent.agent_url, inst.instance_id, DESTINATION, timeout=30, ticket=ticket)
         assert [m.request_id for m in result.migrated] == ["a"]
         assert [f.request_id for f in result.failed] == ["b", "c"]
         assert result.error is None and result.state == "stopped" and result.model == MODEL
@@ -213,7 +222,7 @@ def test_migrate_out_moves_one_instance_then_stops_it(controller, make_node):
         assert agent.workers.instances() == []
 
         with pytest.raises(AgentError, match="HTTP 404"):
-            agents.migrate_out(agent.agent_url, inst.instance_id, DESTINATION, timeout=30)
+            agents.migrate_out(agent.agent_url, inst.instance_id, DESTINATION, timeout=30, ticket=ticket)
     finally:
         agents.close()
 
@@ -232,8 +241,27 @@ def test_migrate_out_says_what_to_fix(make_node, tmp_path):
                        headers=AUTH)
     assert resp.status_code == 404 and "nope" in resp.get_json()["error"]["message"]
     # Nothing runs on it (loading or idle): nothing moves, it is just stopped.
-    resp = client.post(path, json={"destination_url": DESTINATION}, headers=AUTH)
+    resp = client.post(path, json={"destination_url": DESTINATION, "ticket": ticket_for(inst.instance_id)},
+                       headers=AUTH)
     assert resp.status_code == 200 and resp.get_json()["migrated"] == [] and resp.get_json()["state"] == "stopped"
+
+
+def test_migrate_out_needs_a_ticket_for_that_instance_and_moves_nothing_without_one(make_node, tmp_path):
+    """The controller's ticket covers one instance's requests: without a ticket, with one issued for another of the
+    node's instances, or for another destination, the agent refuses (403) and the instance keeps serving."""
+    agent, record = make_node(None, requests=("a",))
+    source = tmp_path / "src"
+    source.mkdir()
+    inst = start_ready(agent, source)
+    path = f"/v1/internal/instances/{inst.instance_id}/migrate-out"
+    client = create_app(agent).test_client()
+    for ticket in (None, ticket_for("another-instance"), ticket_for(inst.instance_id, "http://127.0.0.1:9/elsewhere")):
+        resp = client.post(path, json={"destination_url": DESTINATION, "ticket": ticket}, headers=AUTH)
+        assert resp.status_code == 403, resp.get_json()
+        assert agent.workers.get(inst.instance_id).state == "ready" and events(record) == []
+    resp = client.post(path, json={"destination_url": DESTINATION, "ticket": ticket_for(inst.instance_id)},
+                       headers=AUTH)
+    assert resp.status_code == 200 and [m["request_id"] for m in resp.get_json()["migrated"]] == ["a"]
 
 
 @pytest.mark.parametrize("url", ["http://", "http://n2:99999", "https://[::1"])
