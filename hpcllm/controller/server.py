@@ -20,6 +20,7 @@ from hpcllm.controller.allocations import Allocator
 from hpcllm.controller.app import create_app
 from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.errors import ControllerError
+from hpcllm.controller.protocol import MAX_REQUEST_BYTES
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
 from hpcllm.errors import ConfigError
@@ -79,7 +80,7 @@ def serve(service: ControllerService, host: str, port: int, ready_file: Path | N
         log.warning("reconcile at start incomplete: %s", exc)
     config = service.controller.config
     server = InternalServer(service.app, host, port, http=config.internal_http, threads=config.controller.threads,
-                            name="controller")
+                            name="controller", max_request_bytes=MAX_REQUEST_BYTES)
     url = f"{server.scheme}://{host}:{server.port}"
     # Allocations tell their agents the port actually bound (--port 0 picks a free one).
     service.controller.allocator.controller_url = f"{server.scheme}://{service.controller.settings.host}:{server.port}"

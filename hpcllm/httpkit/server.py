@@ -194,9 +194,11 @@ class _DaemonThreadPool(threadpool.ThreadPool):
 
 class InternalServer:
     """One internal service's HTTP(S) server: bound at construction (port 0 picks one), then serve_forever() in
-    this thread or start() in a background one; stop() from anywhere."""
+    this thread or start() in a background one; stop() from anywhere. max_request_bytes: a service whose messages
+    are small reads no more than that of a body (else internal_http.max_request_bytes)."""
 
-    def __init__(self, app, host: str, port: int, *, http: InternalHttpConfig, threads: int, name: str):
+    def __init__(self, app, host: str, port: int, *, http: InternalHttpConfig, threads: int, name: str,
+                 max_request_bytes: int | None = None):
         self.name = name
         self.http = http
         self._server = _Server((host, port), app, numthreads=threads, max=threads,
@@ -204,7 +206,7 @@ class InternalServer:
                                server_name=f"hpcllm-{name}")
         self._server.gateway = _Gateway
         self._server.requests = _DaemonThreadPool(self._server, min=threads, max=threads)
-        self._server.max_request_body_size = http.max_request_bytes
+        self._server.max_request_body_size = min(http.max_request_bytes, max_request_bytes or http.max_request_bytes)
         # cheroot listens with a backlog of 5: a burst of new connections (a gateway opening streams for 32 clients
         # at once) overflows it, and the kernel resets some of them (SYN cookies that fail). The system's maximum.
         self._server.request_queue_size = socket.SOMAXCONN

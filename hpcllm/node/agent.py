@@ -43,7 +43,7 @@ from hpcllm.node.cache import CacheError
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import TierMeasurements, measure_tiers, sweep_read_settings
 from hpcllm.node.read_sweep import BackgroundSweep, IdleGate, SavedSweep, saved_sweep_path, sweep_key
-from hpcllm.node.protocol import MigratedOut, StartInstance
+from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
 from hpcllm.node.workers import MigrationOutcome, WorkerManager
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
 from hpcllm.store.tuning import ReadTuning, SweepGate
@@ -229,7 +229,8 @@ class NodeAgent:
         host, port = self.config.node.listen_host, self.config.node.port
         try:
             self._server = InternalServer(app, host, port, http=self.config.internal_http,
-                                          threads=self.config.node.threads, name="node agent")
+                                          threads=self.config.node.threads, name="node agent",
+                                          max_request_bytes=MAX_REQUEST_BYTES)
         except ConfigError as exc:
             raise ConfigError(f"{exc}; change node.listen_host / node.port") from None
         advertised = host if host not in ("0.0.0.0", "::", "") else socket.getfqdn()

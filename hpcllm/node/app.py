@@ -24,6 +24,7 @@ from hpcllm.httpkit.body import parse_body
 from hpcllm.httpkit.errors import InvalidRequest, ServiceError, ServiceUnavailable, respond, service_error
 from hpcllm.node.cache import CACHE_TIERS, CacheError, check_model_name
 from hpcllm.node.protocol import (
+    MAX_REQUEST_BYTES,
     CachedCopyInfo,
     CacheList,
     InstanceList,
@@ -184,4 +185,5 @@ def create_app(agent) -> Flask:
         agent.wake_heartbeat()
         return VerifyResults(results=_plain(results)).model_dump()
 
-    return service_app("hpcllm.node", [api], max_request_bytes=agent.config.internal_http.max_request_bytes)
+    return service_app("hpcllm.node", [api],
+                       max_request_bytes=min(MAX_REQUEST_BYTES, agent.config.internal_http.max_request_bytes))

@@ -43,16 +43,23 @@ def _no_nul(path: str) -> str:
     return path
 
 
-NodePath = Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+# PATH_MAX: a longer path cannot be opened anyway.
+NodePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
+
+# The agent's largest real body (a migrate-out order with its ticket, a start request) is a few KB; the internal
+# services' default limit (internal_http.max_request_bytes, 64 MiB) would have an agent buffer 64 MiB per call.
+MAX_REQUEST_BYTES = 1 << 20
 
 
 class StartInstance(WireModel):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     source: NodePath = Field(description="converted checkpoint folder on the shared FS (origin)")
-    gpu_ids: list[int] = Field(default_factory=list, description="agent GPU indices 0..gpus-1; empty: CPU")
-    max_model_len: int | None = Field(None, gt=0)
+    gpu_ids: list[Annotated[int, Field(ge=0, le=1023)]] = Field(
+        default_factory=list, max_length=64, description="agent GPU indices 0..gpus-1; empty: CPU")
+    max_model_len: int | None = Field(None, gt=0, le=1 << 31)
     engine: EngineName = "hpcllm"
-    cache_on_load: list[CacheTier] | None = Field(None, description="overrides node.cache_on_load for this model")
+    cache_on_load: list[CacheTier] | None = Field(None, max_length=2,
+                                                  description="overrides node.cache_on_load for this model")
     tensor_parallel: int = Field(1, ge=1, le=64, description="ranks of the instance (mpirun -n N on this node)")
     nodes: int = Field(1, ge=1, le=64, description="nodes of this agent's Slurm job the ranks spread over "
                        "(> 1: srun --mpi=pmix across them, tensor_parallel / nodes ranks each)")

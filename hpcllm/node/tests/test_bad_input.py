@@ -139,3 +139,21 @@ def test_a_start_that_fails_otherwise_than_with_oserror_lets_the_cached_copy_go(
         agent.workers.start(StartInstance(model="m", source=str(converted)))
     assert [(c.tier, c.in_use) for c in agent.cache.evict("m", "nvme")] == [("nvme", 0)]
     assert agent.cache.list() == [] and agent.workers.instances() == []
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"gpu_ids": list(range(65))}, "gpu_ids"), ({"gpu_ids": [-1]}, "gpu_ids"),
+    ({"max_model_len": 1 << 40}, "max_model_len"),
+    ({"cache_on_load": ["dram", "nvme", "dram"]}, "cache_on_load"), ({"source": "/" + "a" * 5000}, "source")])
+def test_a_start_request_out_of_any_real_bounds_is_a_400_naming_the_field(client, agent, converted, change, param):
+    resp = client.post("/v1/internal/instances", json={"model": "m", "source": str(converted), **change}, headers=AUTH)
+    assert resp.status_code == 400 and error(resp)["param"].startswith(param), resp.get_json()
+    assert agent.workers.instances() == []
+
+
+def test_a_body_larger_than_any_agent_message_is_a_413_before_it_is_parsed(client, agent, converted):
+    """The agent's messages are a few KB: a 2 MiB one is refused whole (internal_http allows 64 MiB per body)."""
+    body = {"model": "m", "source": str(converted), "padding": "x" * (2 << 20)}
+    resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
+    assert resp.status_code == 413 and error(resp)["code"] == "request_too_large"
+    assert agent.workers.instances() == []
