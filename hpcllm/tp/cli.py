@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from hpcllm.checkpoint import read_checkpoint
-from hpcllm.checkpoint.cli import _human
+from hpcllm.present import human_size
 
 
 @click.group("tp")
@@ -29,12 +29,12 @@ def plan(path: Path, degree: int, gap_bytes: int | None) -> None:
     ckpt = read_checkpoint(path)
     for p in rank_read_plans(ckpt.root, degree, gap_bytes):
         nbytes, reads = p.total
-        click.echo(f"tensor_parallel = {degree}: rank {p.rank} reads {_human(nbytes)} "
+        click.echo(f"tensor_parallel = {degree}: rank {p.rank} reads {human_size(nbytes)} "
                    f"({nbytes / max(ckpt.total_bytes, 1):.0%} of the data files) in {reads} read(s)")
-        dim1 = f"{_human(p.dim1[0])} in {p.dim1[1]} read(s)"
+        dim1 = f"{human_size(p.dim1[0])} in {p.dim1[1]} read(s)"
         if p.dim1_share_bytes:
-            dim1 += f", {p.dim1[0] / p.dim1_share_bytes:.1f}x its share of {_human(p.dim1_share_bytes)}"
-        click.echo(f"  dim 0 (colwise) {_human(p.dim0[0])} in {p.dim0[1]} read(s); dim 1 (rowwise) {dim1}; "
-                   f"replicated {_human(p.replicated[0])} in {p.replicated[1]} read(s)")
+            dim1 += f", {p.dim1[0] / p.dim1_share_bytes:.1f}x its share of {human_size(p.dim1_share_bytes)}"
+        click.echo(f"  dim 0 (colwise) {human_size(p.dim0[0])} in {p.dim0[1]} read(s); dim 1 (rowwise) {dim1}; "
+                   f"replicated {human_size(p.replicated[0])} in {p.replicated[1]} read(s)")
         click.echo(f"  from its slice copy (hpcllm cache warm --tensor-parallel {degree}): "
-                   f"{_human(p.slice_copy[0])} in {p.slice_copy[1]} read(s), one per tensor")
+                   f"{human_size(p.slice_copy[0])} in {p.slice_copy[1]} read(s), one per tensor")
