@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.checkpoint.layout import check_replaceable, creation_mode
-from hpcllm.devmodels.tokenizer import make_tokenizer
+from hpcllm.devmodels.tokenizer import CHAT_TEMPLATES, make_tokenizer
 from hpcllm.errors import HpcllmError
 
 ARCHITECTURES: tuple[str, ...] = ("llama", "gpt2", "qwen2", "opt")
@@ -235,7 +235,9 @@ def _rewrite_weights(directory: Path, shards: int, fmt: str) -> None:
         (directory / index_name).write_text(json.dumps(index_doc, indent=2, sort_keys=True) + "\n")
 
 
-def _check_args(arch: str, size: str, shards: int, seed: int, dtype: str, fmt: str) -> None:
+def _check_args(arch: str, size: str, shards: int, seed: int, dtype: str, fmt: str, chat_template: str) -> None:
+    if chat_template not in CHAT_TEMPLATES:
+        raise DevModelError(f"unknown chat template {chat_template!r}: choose one of {', '.join(CHAT_TEMPLATES)}")
     if arch not in ARCHITECTURES:
         raise DevModelError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     if size not in SIZES:
@@ -261,22 +263,24 @@ def make_model(
     overwrite: bool = False,
     fmt: str = "safetensors",
     show_progress: bool | None = None,
+    chat_template: str = "plain",
 ) -> Path:
     """Builds a real HF checkpoint directory (config, seeded weights, tokenizer, generation config) at out_dir.
 
     dtype defaults to float32 for tiny/small and bfloat16 for bench. fmt="bin" writes legacy pytorch_model*.bin
     files instead of safetensors. show_progress (default: only for bench) prints tqdm progress on stderr.
+    chat_template: "plain", or "hermes-tools" (OpenAI tools rendered in the Hermes/Qwen2.5 format).
     Returns the output directory. Raises DevModelError for bad arguments, an existing out_dir without overwrite,
     or one that overwrite must not replace (anything but an empty folder or an earlier build).
     """
     dtype = dtype or DEFAULT_DTYPE.get(size, "float32")
-    _check_args(arch, size, shards, seed, dtype, fmt)
+    _check_args(arch, size, shards, seed, dtype, fmt, chat_template)
     out_path = Path(out_dir).absolute()
     _check_output(out_path, overwrite)
     if show_progress is None:
         show_progress = size == "bench"
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(chat_template)
     special_ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

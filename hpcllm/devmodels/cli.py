@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from hpcllm.devmodels.builder import ARCHITECTURES, DTYPES, FORMATS, MAX_SHARDS, SIZES, make_model
+from hpcllm.devmodels.tokenizer import CHAT_TEMPLATES
 
 
 @click.group()
@@ -26,12 +27,15 @@ def dev() -> None:
               help="Weight dtype [default: float32, bfloat16 for --size bench].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors", show_default=True,
               help="safetensors, or legacy torch pytorch_model*.bin files.")
+@click.option("--chat-template", type=click.Choice(list(CHAT_TEMPLATES)), default="plain", show_default=True,
+              help="plain, or hermes-tools: OpenAI tools rendered in the Hermes/Qwen2.5 tool-call format.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT_DIR if it is an earlier build or an empty folder.")
 def make_model_command(arch: str, out_dir: Path, size: str, shards: int, seed: int, dtype: str | None, fmt: str,
-                       overwrite: bool) -> None:
+                       chat_template: str, overwrite: bool) -> None:
     """Build a Hugging Face checkpoint of architecture ARCH (seeded weights + tokenizer) in OUT_DIR."""
-    path = make_model(arch, out_dir, size=size, shards=shards, seed=seed, dtype=dtype, overwrite=overwrite, fmt=fmt)
+    path = make_model(arch, out_dir, size=size, shards=shards, seed=seed, dtype=dtype, overwrite=overwrite, fmt=fmt,
+                      chat_template=chat_template)
     click.echo(str(path))
 
 

@@ -30,6 +30,30 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
+# The plain template with OpenAI tools in the Hermes / Qwen2.5 format: the tools' JSON in a system turn inside
+# <tools></tools>, an assistant's calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, a tool's answer
+# in <tool_response>. The gateway reads "<tool_call>" in it as the hermes tool-call format.
+HERMES_TOOLS_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+    "XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+    "{{ eos_token }}\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] %}<|assistant|>\n{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] %}<tool_call>\n"
+    "{\"name\": \"{{ call['function']['name'] }}\", \"arguments\": {{ call['function']['arguments'] | tojson }}}"
+    "\n</tool_call>{% endfor %}{{ eos_token }}\n"
+    "{% elif message['role'] == 'tool' %}<|tool|>\n<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{{ eos_token }}\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CHAT_TEMPLATES = {"plain": CHAT_TEMPLATE, "hermes-tools": HERMES_TOOLS_CHAT_TEMPLATE}
+
 MODEL_MAX_LENGTH = 2048
 
 
@@ -52,8 +76,9 @@ def _trained_tokenizer_json() -> str:
     return tokenizer.to_str()
 
 
-def make_tokenizer():
-    """Returns a fresh PreTrainedTokenizerFast (bos/eos/unk/pad and a chat template) over the cached trained BPE."""
+def make_tokenizer(chat_template: str = "plain"):
+    """Returns a fresh PreTrainedTokenizerFast (bos/eos/unk/pad and CHAT_TEMPLATES[chat_template]) over the cached
+    trained BPE."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -66,5 +91,5 @@ def make_tokenizer():
         model_max_length=MODEL_MAX_LENGTH,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = CHAT_TEMPLATES[chat_template]
     return tokenizer

@@ -123,6 +123,28 @@ def test_chat_template_renders_role_tagged_turns_ending_with_the_assistant_promp
     assert tokenizer.decode(ids) == text
 
 
+def test_hermes_tools_template_renders_tools_calls_and_tool_answers(tmp_path, tiny_llama_dir):
+    out = tmp_path / "tools"
+    result = run_cli("make-model", "llama", str(out), "--chat-template", "hermes-tools")
+    assert result.returncode == 0, result.stderr
+    assert all_tensors(out).keys() == all_tensors(tiny_llama_dir).keys()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "Time?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "get_time", "arguments": {"tz": "UTC"}}}]},
+                {"role": "tool", "content": "12:00"}]
+    text = tokenizer.apply_chat_template(messages, tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s><|system|>\n# Tools\n") and f"<tools>\n{json.dumps(tool)}\n</tools>" in text
+    assert text.endswith("<|user|>\nTime?</s>\n<|assistant|>\n<tool_call>\n"
+                         '{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call></s>\n'
+                         "<|tool|>\n<tool_response>\n12:00\n</tool_response></s>\n<|assistant|>\n")
+    # Without tools it is the plain template.
+    plain = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    assert (tokenizer.apply_chat_template(messages[:1], tokenize=False)
+            == plain.apply_chat_template(messages[:1], tokenize=False))
+
+
 def test_tokenizer_round_trips_any_text_without_unknown_tokens():
     tokenizer = make_tokenizer()
     text = "naïve café 日本語 🚀 def f(x): return {'a': 1}\n\ttabs and  spaces \x00"
@@ -214,6 +236,7 @@ def test_unwritable_destination_is_a_clear_error(tmp_path):
         ({"size": "huge"}, "unknown size 'huge'"),
         ({"dtype": "int8"}, "unknown dtype 'int8'"),
         ({"fmt": "gguf"}, "unknown format 'gguf'"),
+        ({"chat_template": "chatml"}, "unknown chat template 'chatml': choose one of plain, hermes-tools"),
         ({"shards": 0}, "shards must be an integer from 1"),
         ({"shards": 40}, "has only 21 tensors: ask for at most 21 shards"),
     ],
