@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
+from hpcllm.gateway.chat.tool_calls import ToolCallParser, parser_for_template
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
 
@@ -61,17 +62,32 @@ class PromptEncoder:
                                  param=param, code="invalid_token_id")
         return ids
 
-    def render_chat(self, messages: list[dict]) -> list[int]:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt's token ids: the messages (and the tools' definitions, if any) through the chat template."""
+        text = self._render(messages, tools)
+        if tools and text == self._render(messages, None):
+            # transformers hands a template tools= whether it reads them or not: a model told of no tools would
+            # answer as if there were none, and the client would never know why.
+            raise InvalidRequest("this model's chat template does not support tools; send the request without "
+                                 "'tools'", param="tools", code="unsupported_parameter")
+        # The template already holds the special tokens (BOS, role markers): add none.
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def tool_call_parser(self) -> ToolCallParser:
+        """How this model writes tool calls, read from its chat template (a 400 when that is not clear)."""
+        template = self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, where a model has several
+        return parser_for_template(template)
+
+    def _render(self, messages: list[dict], tools: list[dict] | None) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions with a plain prompt",
                                  param="messages", code="no_chat_template")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=True)
         except Exception as exc:  # templates raise their own errors (e.g. "roles must alternate")
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}",
                                  param="messages", code="invalid_messages") from None
-        # The template already holds the special tokens (BOS, role markers): add none.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class TokenizerCache:

@@ -3,14 +3,58 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, SamplingRequest, UsageInfo, unsupported
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+# OpenAI's rule for function names.
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class FunctionDefinition(OpenAIRequest):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; handed to the chat template as it is
+    # Accepted (the openai Agents SDK sends true by default) but not enforced: no constrained decoding here.
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _openai_name(cls, value: str) -> str:
+        if not FUNCTION_NAME.fullmatch(value):
+            raise ValueError(f"function names must be 1 to 64 letters, digits, '_' or '-', not {value[:80]!r}")
+        return value
+
+
+class ToolDefinition(OpenAIRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionCall(OpenAIRequest):
+    name: str
+    arguments: str  # a JSON object, as the model's answer gave it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            if isinstance(json.loads(value), dict):
+                return value
+        except ValueError:
+            pass
+        raise ValueError("arguments must be a JSON object encoded as a string, like '{\"city\": \"Paris\"}'")
+
+
+class ToolCallIn(OpenAIRequest):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class ChatMessage(OpenAIRequest):
@@ -18,7 +62,16 @@ class ChatMessage(OpenAIRequest):
     # A string, or a list of content parts ({"type": "text", "text": ...}; other part types are rejected later).
     content: Any = Field(None, validate_default=True)
     name: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message's answer to that call
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages may hold tool_calls, not {self.role} ones")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -48,6 +101,20 @@ class ChatMessage(OpenAIRequest):
             texts.append(part["text"])
         return "".join(texts)
 
+    def for_template(self, where: str) -> dict[str, Any]:
+        """The message as chat templates expect it: role and string content ('developer' is the newer 'system'),
+        tool calls with their arguments as objects (templates write them with `tojson`, as vLLM hands them)."""
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                               "content": self.text(where)}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": call.id, "type": "function",
+                                  "function": {"name": call.function.name,
+                                               "arguments": json.loads(call.function.arguments)}}
+                                 for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -55,22 +122,56 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    # "auto" (the default with tools), "none", or what is refused: "required", {"type": "function", ...}
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # false: only the first call is returned (as vLLM)
+    functions: list[Any] | None = None  # the deprecated forms of tools and tool_choice: refused
+    function_call: Any = None
     response_format: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [tool.function.name for tool in tools or []]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ValueError(f"function {twice!r} is defined twice")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_shape(cls, value: Any) -> Any:
+        if value in (None, "auto", "none", "required") or _is_named_function(value):
+            return value
+        raise ValueError("tool_choice must be 'auto', 'none', 'required' or "
+                         "{\"type\": \"function\", \"function\": {\"name\": ...}}")
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs",
                                  code="invalid_value")
-        if self.tools or self.functions:
-            raise unsupported("tools" if self.tools else "functions", "tool / function calling")
+        if self.functions or self.function_call is not None:
+            raise unsupported("functions" if self.functions else "function_call",
+                              "the deprecated 'functions' / 'function_call' (send 'tools' and 'tool_choice')")
+        if self.tool_choice == "required" or _is_named_function(self.tool_choice):
+            forced = json.dumps(self.tool_choice)[:100]
+            raise unsupported("tool_choice", f"tool_choice {forced} (forcing a call needs constrained decoding; "
+                                             f"'auto' and 'none' are supported)")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise unsupported("response_format", f"response_format {self.response_format.get('type')!r}")
-        for i, message in enumerate(self.messages):
-            if message.tool_calls:
-                raise unsupported(f"messages[{i}].tool_calls", "tool calls")
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Tool calls are read out of the answer: tools given and tool_choice "auto" (its default with tools)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates expect them (OpenAI's shape, fields not given left out)."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": _without_none(tool.function.model_dump())} for tool in self.tools]
 
     @property
     def worker_logprobs(self) -> int | None:
@@ -80,19 +181,43 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as chat templates expect them (role + string content); 'developer' is the newer 'system'."""
-        out = []
-        for i, message in enumerate(self.messages):
-            role = "system" if message.role == "developer" else message.role
-            out.append({"role": role, "content": message.text(f"messages[{i}]")})
-        return out
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [message.for_template(f"messages[{i}]") for i, message in enumerate(self.messages)]
+
+
+def _is_named_function(choice: Any) -> bool:
+    return (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+            and isinstance(choice["function"].get("name"), str))
+
+
+def _without_none(fields: dict[str, Any]) -> dict[str, Any]:
+    """Top-level fields that were given (a schema's own nulls, e.g. "default": null, are kept)."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+class FunctionCallOut(OpenAIResponse):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(OpenAIResponse):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class DeltaToolCall(ToolCallOut):
+    index: int  # the call's place among the choice's calls
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class AssistantMessage(OpenAIResponse):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
     refusal: None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatTopLogprob(OpenAIResponse):
@@ -114,7 +239,7 @@ class ChatChoice(OpenAIResponse):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletionResponse(OpenAIResponse):
@@ -130,13 +255,14 @@ class ChatCompletionResponse(OpenAIResponse):
 class DeltaMessage(OpenAIResponse):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(OpenAIResponse):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(OpenAIResponse):

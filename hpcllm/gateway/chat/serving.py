@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: render the chat template, generate, answer as chat.completion(.chunk)."""
+"""POST /v1/chat/completions: render the chat template (with the tools), generate, answer as chat.completion(.chunk)
+(tool calls parsed out of the answer: hpcllm.gateway.chat.tool_calls)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from flask import Response
 
 from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                           ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob,
-                                          ChatTopLogprob, DeltaMessage)
+                                          ChatTopLogprob, DeltaMessage, DeltaToolCall, FunctionCallOut, ToolCallOut)
+from hpcllm.gateway.chat.tool_calls import ParsedOutput, ToolCallParser, ToolCallStream, new_tool_call_id
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, Generation, RequestContext, collect,
+from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Delta, Generation, RequestContext, collect,
                                     context_length_error, new_response_id, sse, stream_error_event)
 from hpcllm.worker.protocol import TokenLogprobs
 
@@ -21,7 +23,8 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
     card = gw.router.get_model(req.model)
     encoder = gw.tokenizers.get(card)
     encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
-    prompt = encoder.render_chat(messages)
+    prompt = encoder.render_chat(messages, req.template_tools())
+    parser = encoder.tool_call_parser() if req.parses_tool_calls else None
     max_tokens = req.requested_max_tokens
     context_length_error(card, len(prompt), max_tokens, "messages")
     if max_tokens is None and card.max_model_len is not None:
@@ -32,16 +35,59 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
                             n=req.choices_per_prompt)
     generation.start(stream=bool(req.stream))
     if req.stream:
-        response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
+        response = Response(_stream(generation, req, ctx, parser), mimetype="text/event-stream", headers=SSE_HEADERS)
         response.call_on_close(generation.close)
         return response
     return ChatCompletionResponse(
         id=response_id, created=ctx.created, model=req.model,
-        choices=[ChatChoice(index=r.index, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                            logprobs=_logprobs([lp for lp, _ in r.logprobs]) if req.logprobs else None)
-                 for r in collect(generation)],
+        choices=[chat_choice(result, parser, req) for result in collect(generation)],
         usage=generation.usage,
     ).model_dump()
+
+
+def chat_choice(result: ChoiceResult, parser: ToolCallParser | None, req: ChatCompletionRequest) -> ChatChoice:
+    """A whole choice's answer: its text, or (parsing tool calls) the text outside the calls and the calls."""
+    logprobs = _logprobs([lp for lp, _ in result.logprobs]) if req.logprobs else None
+    parsed = parser.parse(result.text) if parser is not None else ParsedOutput(result.text)
+    calls = _tool_calls(parsed, req)
+    return ChatChoice(index=result.index, message=AssistantMessage(content=parsed.content, tool_calls=calls),
+                      finish_reason="tool_calls" if calls else result.finish_reason, logprobs=logprobs)
+
+
+def _tool_calls(parsed: ParsedOutput, req: ChatCompletionRequest) -> list[ToolCallOut]:
+    calls = parsed.calls if req.parallel_tool_calls is not False else parsed.calls[:1]
+    return [ToolCallOut(id=new_tool_call_id(), function=FunctionCallOut(name=call.name, arguments=call.arguments))
+            for call in calls]
+
+
+class ChatChoiceStream:
+    """One streamed choice's chunks: its text as it comes; parsing tool calls, the text that may begin a call held
+    back, and the calls sent at the end, one chunk each (ToolCallStream)."""
+
+    def __init__(self, parser: ToolCallParser | None, req: ChatCompletionRequest):
+        self.req = req
+        self.text = ToolCallStream(parser) if parser is not None else None
+
+    def choices(self, delta: Delta) -> Iterator[ChatStreamChoice]:
+        index = delta.index
+        logprobs = _logprobs([delta.logprobs]) if self.req.logprobs and delta.logprobs is not None else None
+        content = delta.text if self.text is None else self.text.feed(delta.text)
+        if not delta.finish_reason:
+            if content or logprobs is not None or self.text is None:
+                yield ChatStreamChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)
+            return
+        calls: list[ToolCallOut] = []
+        if self.text is not None:
+            rest = self.text.finish()
+            content += rest.content or ""
+            calls = _tool_calls(rest, self.req)
+        if content:
+            yield ChatStreamChoice(index=index, delta=DeltaMessage(content=content))
+        for i, call in enumerate(calls):
+            yield ChatStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
+                DeltaToolCall(index=i, **call.model_dump())]))
+        yield ChatStreamChoice(index=index, delta=DeltaMessage(),
+                               finish_reason="tool_calls" if calls else delta.finish_reason)
 
 
 def _token_logprob(token: str, logprob: float) -> dict:
@@ -56,7 +102,8 @@ def _logprobs(tokens: list[TokenLogprobs]) -> ChatLogprobs:
     ])
 
 
-def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestContext) -> Iterator[bytes]:
+def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestContext,
+            parser: ToolCallParser | None) -> Iterator[bytes]:
     def chunk(choices, usage=None) -> bytes:
         body = ChatCompletionChunk(id=generation.response_id, created=ctx.created, model=req.model,
                                    choices=choices, usage=usage)
@@ -67,21 +114,15 @@ def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestCont
                      generation.usage if req.continuous_usage else None)
 
     announced = {0}
+    streams = [ChatChoiceStream(parser, req) for _ in range(generation.num_choices)]
     try:
         yield role(0)
         for delta in generation.deltas():
             if delta.index not in announced:
                 announced.add(delta.index)
                 yield role(delta.index)
-            logprobs = _logprobs([delta.logprobs]) if req.logprobs and delta.logprobs is not None else None
-            if delta.finish_reason:
-                if delta.text:
-                    yield chunk([ChatStreamChoice(index=delta.index, delta=DeltaMessage(content=delta.text))])
-                choice = ChatStreamChoice(index=delta.index, delta=DeltaMessage(), finish_reason=delta.finish_reason)
-            else:
-                choice = ChatStreamChoice(index=delta.index, delta=DeltaMessage(content=delta.text),
-                                          logprobs=logprobs)
-            yield chunk([choice], generation.usage if req.continuous_usage else None)
+            for choice in streams[delta.index].choices(delta):
+                yield chunk([choice], generation.usage if req.continuous_usage else None)
         if req.include_usage:
             yield chunk([], generation.usage)
     except Exception as exc:

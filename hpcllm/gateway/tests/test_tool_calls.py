@@ -1,0 +1,217 @@
+"""Tool calls read out of model answers (hpcllm.gateway.chat.tool_calls) and the chat answers built from them.
+
+The answers are written as Qwen2.5/Hermes and Llama 3.1 models write their calls; streamed answers are cut into the
+devmodel tokenizer's tokens (as a worker sends them) and at every character, and must read as the whole answer does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpcllm.devmodels import make_tokenizer
+from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE
+from hpcllm.gateway.chat.protocol import ChatCompletionRequest
+from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice
+from hpcllm.gateway.chat.tool_calls import PARSERS, ParsedCall, ToolCallStream, parser_for_template
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.serving import ChoiceResult, Delta
+
+HERMES, LLAMA = PARSERS["hermes"], PARSERS["llama3_json"]
+
+WEATHER = ParsedCall("get_weather", '{"city": "Paris", "unit": "celsius"}')
+TIME = ParsedCall("get_time", '{"timezone": "Europe/Paris"}')
+
+QWEN_TWO_CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+                  '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n'
+                  '</tool_call>')
+TEXT_THEN_CALL = ('Let me look that up for you.\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+                  '{"city": "Paris", "unit": "celsius"}}\n</tool_call>')
+LLAMA_TWO_CALLS = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+                   '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}')
+
+# (parser, answer, content, calls) - what a whole answer reads as.
+ANSWERS = [
+    (HERMES, QWEN_TWO_CALLS, None, (WEATHER, TIME)),
+    (HERMES, TEXT_THEN_CALL, "Let me look that up for you.", (WEATHER,)),
+    # max_tokens (or a stop) right after the JSON: the block is not closed, the call is whole.
+    (HERMES, '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}', None, (TIME,)),
+    (HERMES, "The weather in Paris is sunny, 21 °C. <tool_ isn't a call", None, ()),
+    (HERMES, "", None, ()),
+    (LLAMA, LLAMA_TWO_CALLS, None, (WEATHER, TIME)),
+    (LLAMA, '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}', None, (TIME,)),
+    (LLAMA, '\n\n{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}\n', None, (WEATHER,)),
+    (LLAMA, 'Sure! As JSON: {"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}', None, ()),
+    (LLAMA, "<|python", None, ()),
+]
+# Calls begun but unreadable: the whole answer is the content, as vLLM returns it.
+BROKEN = [
+    (HERMES, 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'),
+    (HERMES, QWEN_TWO_CALLS.replace('"name": "get_time", ', "")),  # the second call has no name
+    (HERMES, '<tool_call>\n{"name": "get_time", "arguments": "Europe/Paris"}\n</tool_call>'),  # not an object
+    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),  # cut off by max_tokens
+    (LLAMA, '{"name": "get_weather", "parameters": {"city": "Paris"}'),
+    (LLAMA, '{"city": "Paris"}'),
+    (LLAMA, '{"name": "get_time", "parameters": {}} and then some text'),
+    (LLAMA, "<|python_tag|>print(get_time())"),
+]
+SAMPLES = [(parser, text) for parser, text, _, _ in ANSWERS] + BROKEN
+
+
+@pytest.mark.parametrize("parser, text, content, calls", ANSWERS)
+def test_whole_answers(parser, text, content, calls):
+    parsed = parser.parse(text)
+    assert parsed.calls == calls
+    assert parsed.content == (content if calls else text)
+
+
+@pytest.mark.parametrize("parser, text", BROKEN)
+def test_a_call_that_does_not_parse_is_returned_as_content(parser, text):
+    parsed = parser.parse(text)
+    assert parsed.calls == () and parsed.content == text
+
+
+def _streamed(parser, pieces: list[str]) -> tuple[str, tuple]:
+    stream = ToolCallStream(parser)
+    sent = "".join(stream.feed(piece) for piece in pieces)
+    rest = stream.finish()
+    return sent + (rest.content or ""), rest.calls
+
+
+def _whole(parser, text: str) -> tuple[str, tuple]:
+    parsed = parser.parse(text)
+    return parsed.content or "", parsed.calls
+
+
+@pytest.mark.parametrize("parser, text", SAMPLES)
+def test_a_stream_cut_anywhere_reads_as_the_whole_answer(parser, text):
+    whole = _whole(parser, text)
+    for cut in range(len(text) + 1):
+        assert _streamed(parser, [text[:cut], text[cut:]]) == whole, cut
+    assert _streamed(parser, list(text)) == whole
+
+
+def test_text_before_a_call_streams_at_once_and_only_a_possible_marker_is_held():
+    stream = ToolCallStream(HERMES)
+    assert stream.feed("Let me look") == "Let me look"
+    assert stream.feed(" that up.") == " that up."
+    assert stream.feed("\n\n<tool") == ""  # may be a call's start: held, with the whitespace before it
+    assert stream.feed("box> is a tag") == "\n\n<toolbox> is a tag"  # it was not
+    assert stream.feed(" <tool_call>\n{") == ""
+    assert stream.finish().content == ' <tool_call>\n{'  # a broken call: the held text comes as content
+
+    llama = ToolCallStream(LLAMA)
+    assert llama.feed(" ") == "" and llama.feed("<|python") == ""  # a call may start the answer
+    assert llama.feed("ic|> snake") == " <|pythonic|> snake"
+
+
+def test_parsers_are_chosen_from_the_chat_template():
+    assert parser_for_template(HERMES_TOOLS_CHAT_TEMPLATE) is HERMES
+    # Llama 3.1's template: JSON calls with "parameters", built-in tools after <|python_tag|>.
+    llama31 = ('{{- "<|start_header_id|>" + message.role + "<|end_header_id|>\\n\\n" }}{{- "<|python_tag|>" }}'
+               '{{- \'Respond in the format {"name": function name, "parameters": dictionary of argument name and '
+               'its value}.\' }}')
+    assert parser_for_template(llama31) is LLAMA
+    # Llama 3.2's has no <|python_tag|> but the same JSON format.
+    assert parser_for_template(llama31.replace('{{- "<|python_tag|>" }}', "")) is LLAMA
+
+
+@pytest.mark.parametrize("template", [
+    CHAT_TEMPLATE,
+    # Qwen3-Coder's XML calls inside <tool_call>: not the hermes JSON
+    "{{ tools | tojson }}<tool_call>\n<function={{ name }}>\n<parameter=city>\nParis\n</parameter>\n</function>",
+    # both formats named: which one the model writes is a guess
+    HERMES_TOOLS_CHAT_TEMPLATE + '<|start_header_id|>{"name": ..., "parameters": ...}',
+])
+def test_a_template_with_no_known_call_format_is_refused(template):
+    with pytest.raises(InvalidRequest) as refused:
+        parser_for_template(template)
+    assert refused.value.param == "tools" and "no format this server knows" in refused.value.message
+
+
+# ----------------------------------------------------------------------------------- answers built for clients
+TOOLS = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+         for name in ("get_weather", "get_time")]
+
+
+def _request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "weather and time in Paris?"}], "tools": TOOLS,
+         **fields})
+
+
+def _token_deltas(text: str, finish_reason: str) -> list[Delta]:
+    """The answer as a worker streams it: one delta per token of the devmodel tokenizer, then the finish."""
+    tokenizer = make_tokenizer("hermes-tools")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces, sent = [], ""
+    for n in range(1, len(ids) + 1):  # decoded so far, minus what was sent (a token may end inside a character)
+        so_far = tokenizer.decode(ids[:n])
+        pieces.append(so_far[len(sent):])
+        sent = so_far
+    assert "".join(pieces) == text
+    return [Delta(0, piece) for piece in pieces] + [Delta(0, "", finish_reason)]
+
+
+def _streamed_message(req: ChatCompletionRequest, deltas: list[Delta]) -> dict:
+    stream = ChatChoiceStream(HERMES if req.parses_tool_calls else None, req)
+    chunks = [choice.model_dump(exclude_none=True) for delta in deltas[:-1] for choice in stream.choices(delta)]
+    before_the_end = "".join(c["delta"]["content"] for c in chunks)
+    chunks += [choice.model_dump(exclude_none=True) for choice in stream.choices(deltas[-1])]
+    content = [c["delta"]["content"] for c in chunks if "content" in c["delta"]]
+    calls = [call for c in chunks for call in c["delta"].get("tool_calls", [])]
+    assert [c.get("finish_reason") for c in chunks][:-1] == [None] * (len(chunks) - 1)
+    return {"content": "".join(content) if content else None, "tool_calls": calls,
+            "finish_reason": chunks[-1]["finish_reason"], "before_the_end": before_the_end}
+
+
+def _without_ids(calls: list[dict]) -> list[dict]:
+    for call in calls:
+        assert call["id"].startswith("call_") and call["type"] == "function"
+    return [{"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}
+            for call in calls]
+
+
+@pytest.mark.parametrize("finish_reason", ["stop", "length"])
+def test_calls_answer_as_openais_tool_calls_streamed_or_not(finish_reason):
+    req = _request()
+    text = "Let me check both.\n" + QWEN_TWO_CALLS
+    choice = chat_choice(ChoiceResult(0, text, finish_reason), HERMES, req).model_dump()
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["content"] == "Let me check both."
+    assert _without_ids(message["tool_calls"]) == [
+        {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+        {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]
+    assert len({call["id"] for call in message["tool_calls"]}) == 2
+
+    streamed = _streamed_message(req, _token_deltas(text, finish_reason))
+    assert streamed["content"] == message["content"]
+    assert _without_ids(streamed["tool_calls"]) == _without_ids(message["tool_calls"])
+    assert [call["index"] for call in streamed["tool_calls"]] == [0, 1]
+    assert streamed["finish_reason"] == "tool_calls"
+    assert streamed["before_the_end"] == "Let me check both."  # sent as generated, not held to the end
+
+
+def test_parallel_tool_calls_false_returns_the_first_call_only():
+    req = _request(parallel_tool_calls=False)
+    message = chat_choice(ChoiceResult(0, QWEN_TWO_CALLS, "stop"), HERMES, req).model_dump()["message"]
+    assert message["content"] is None and [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+    streamed = _streamed_message(req, _token_deltas(QWEN_TWO_CALLS, "stop"))
+    assert [c["function"]["name"] for c in streamed["tool_calls"]] == ["get_weather"]
+
+
+@pytest.mark.parametrize("fields, text", [
+    ({"tool_choice": "none"}, QWEN_TWO_CALLS),  # calls are not read with tool_choice "none" (as vLLM)
+    ({}, BROKEN[0][1]),
+    ({}, "It is sunny in Paris."),
+])
+def test_answers_without_calls_are_plain_content(fields, text):
+    req = _request(**fields)
+    parser = HERMES if req.parses_tool_calls else None
+    choice = chat_choice(ChoiceResult(0, text, "length"), parser, req).model_dump()
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["content"] == text and choice["message"]["tool_calls"] == []
+    streamed = _streamed_message(req, _token_deltas(text, "length"))
+    assert (streamed["content"], streamed["tool_calls"], streamed["finish_reason"]) == (text, [], "length")
