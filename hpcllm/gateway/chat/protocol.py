@@ -101,9 +101,11 @@ class ChatMessage(OpenAIRequest):
             texts.append(part["text"])
         return "".join(texts)
 
-    def for_template(self, where: str) -> dict[str, Any]:
+    def for_template(self, where: str, called: dict[str, str]) -> dict[str, Any]:
         """The message as chat templates expect it: role and string content ('developer' is the newer 'system'),
-        tool calls with their arguments as objects (templates write them with `tojson`, as vLLM hands them)."""
+        tool calls with their arguments as objects (templates write them with `tojson`, as vLLM hands them), a tool
+        answer with the name of the function it answers (`called`: call id -> name; Hermes templates need it, and
+        OpenAI clients do not send it)."""
         out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                                "content": self.text(where)}
         if self.tool_calls:
@@ -111,8 +113,11 @@ class ChatMessage(OpenAIRequest):
                                   "function": {"name": call.function.name,
                                                "arguments": json.loads(call.function.arguments)}}
                                  for call in self.tool_calls]
-        if self.tool_call_id is not None:
+        if self.role == "tool":
             out["tool_call_id"] = self.tool_call_id
+            name = self.name or called.get(self.tool_call_id)
+            if name is not None:
+                out["name"] = name
         return out
 
 
@@ -182,7 +187,8 @@ class ChatCompletionRequest(SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [message.for_template(f"messages[{i}]") for i, message in enumerate(self.messages)]
+        called = {call.id: call.function.name for message in self.messages for call in message.tool_calls or []}
+        return [message.for_template(f"messages[{i}]", called) for i, message in enumerate(self.messages)]
 
 
 def _is_named_function(choice: Any) -> bool:

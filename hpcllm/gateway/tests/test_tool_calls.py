@@ -215,3 +215,30 @@ def test_answers_without_calls_are_plain_content(fields, text):
     assert choice["message"]["content"] == text and choice["message"]["tool_calls"] == []
     streamed = _streamed_message(req, _token_deltas(text, "length"))
     assert (streamed["content"], streamed["tool_calls"], streamed["finish_reason"]) == (text, [], "length")
+
+
+def test_messages_reach_the_template_as_templates_read_them():
+    """Arguments as objects (templates `tojson` them), no tool_calls key on other messages (Llama's and Hermes'
+    templates test `'tool_calls' in message`), a tool answer named after the call it answers (Hermes' templates
+    require the name; OpenAI clients do not send it)."""
+    req = _request(messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_b", "content": "12:00"},
+        {"role": "tool", "tool_call_id": "call_a", "content": [{"type": "text", "text": "sunny"}]},
+        {"role": "tool", "tool_call_id": "call_x", "name": "lookup", "content": "?"},
+    ])
+    assert req.template_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": {}}}]},
+        {"role": "tool", "content": "12:00", "tool_call_id": "call_b", "name": "get_time"},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_a", "name": "get_weather"},
+        {"role": "tool", "content": "?", "tool_call_id": "call_x", "name": "lookup"},
+    ]
+    assert req.template_tools() == TOOLS
