@@ -64,8 +64,9 @@ class ToolCallParser:
     def parse(self, text: str) -> ParsedOutput:
         raise NotImplementedError
 
-    def sendable(self, text: str) -> int | None:
-        """How much of `text` (an answer so far) is content for sure; None once a call has started."""
+    def sendable(self, text: str, sent: int) -> int | None:
+        """How much of `text` (an answer so far, whose first `sent` characters were content for sure) is content for
+        sure; None once a call has started. Asked at every token: it looks at the new text only."""
         raise NotImplementedError
 
 
@@ -89,10 +90,13 @@ class HermesParser(ToolCallParser):
             calls.append(call)
         return ParsedOutput(text[:start].rstrip() or None, tuple(calls))
 
-    def sendable(self, text: str) -> int | None:
-        if self.START in text:
+    def sendable(self, text: str, sent: int) -> int | None:
+        if self.START in text[max(0, sent - len(self.START)):]:
             return None
-        return len(text[:len(text) - _partial_suffix(text, self.START)].rstrip())
+        end = len(text) - _partial_suffix(text, self.START)
+        while end > sent and text[end - 1].isspace():
+            end -= 1
+        return end
 
 
 class Llama3JsonParser(ToolCallParser):
@@ -121,7 +125,9 @@ class Llama3JsonParser(ToolCallParser):
             return ParsedOutput(text)
         return ParsedOutput(None, tuple(calls))
 
-    def sendable(self, text: str) -> int | None:
+    def sendable(self, text: str, sent: int) -> int | None:
+        if sent:  # the answer began with text: it is no call
+            return len(text)
         body = text.lstrip()
         if body.startswith("{") or body.startswith(self.PYTHON_TAG):
             return None
@@ -171,7 +177,7 @@ class ToolCallStream:
         self.text += delta
         if self.in_call:
             return ""
-        sendable = self.parser.sendable(self.text)
+        sendable = self.parser.sendable(self.text, self.sent)
         if sendable is None:
             self.in_call = True
             return ""
