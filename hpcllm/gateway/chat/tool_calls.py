@@ -72,7 +72,7 @@ class ToolCallParser:
 
 class HermesParser(ToolCallParser):
     name = "hermes"
-    START, END = "<tool_call>", "</tool_call>"
+    START = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 
     def parse(self, text: str) -> ParsedOutput:
