@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -97,18 +98,22 @@ def test_interrupted_fill_leaves_nothing_visible(manager, origin):
     assert manager.list() == [] and manager.usage_bytes("nvme") == 0
 
 
-def test_killed_fill_is_invisible_and_cleaned_on_start_and_on_list(manager, origin, tmp_path):
+@contextlib.contextmanager
+def fill_hanging_in_another_process(manager_args: str, model: str, origin, tmp_path):
+    """`hpcllm cache warm` in another process (a CacheManager(manager_args)), stopped a third of the way into its NVMe
+    fill until the block ends, then SIGKILLed."""
     started = tmp_path / "started"
+    started.unlink(missing_ok=True)
     script = f"""
 import time
 from pathlib import Path
 from hpcllm.node.cache import CacheManager
-cm = CacheManager({str(manager.nvme_dir)!r}, 10**9, 10**9, {manager.dram.namespace!r}, dram_root={str(tmp_path / 'shm')!r})
+cm = CacheManager({manager_args})
 def hang(done, total):
     if done > total // 3:
         Path({str(started)!r}).touch()
         time.sleep(60)
-cm.warm("llama", {str(origin)!r}, "nvme", progress=hang)
+cm.warm({model!r}, {str(origin)!r}, "nvme", progress=hang)
 """
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -117,12 +122,19 @@ cm.warm("llama", {str(origin)!r}, "nvme", progress=hang)
             assert proc.poll() is None, "the filling process exited early"
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        leftovers = [p.name for p in manager.nvme_dir.iterdir() if ".filling-" in p.name]
-        assert len(leftovers) == 1
-        assert manager.list() == []  # a fill in progress is not a cache entry
+        yield proc
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_killed_fill_is_invisible_and_cleaned_on_start_and_on_list(manager, origin, tmp_path):
+    args = (f"{str(manager.nvme_dir)!r}, 10**9, 10**9, {manager.dram.namespace!r}, "
+            f"dram_root={str(tmp_path / 'shm')!r}")
+    with fill_hanging_in_another_process(args, "llama", origin, tmp_path):
+        leftovers = [p.name for p in manager.nvme_dir.iterdir() if ".filling-" in p.name]
+        assert len(leftovers) == 1
+        assert manager.list() == []  # a fill in progress is not a cache entry
 
     # A long-lived manager (the node agent) removes it the next time it lists the cache.
     assert [p for p in manager.nvme_dir.iterdir() if ".filling-" in p.name]
@@ -130,17 +142,8 @@ cm.warm("llama", {str(origin)!r}, "nvme", progress=hang)
     assert manager.usage_bytes("nvme") == 0  # the dead fill's reservation is gone too
 
     # Start-up removes such a folder too (a fill killed while no manager was running).
-    started.unlink()
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert proc.poll() is None, "the filling process exited early"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    with fill_hanging_in_another_process(args, "llama", origin, tmp_path):
+        pass
     fresh = _manager_like(manager)
     assert _visible(fresh.nvme_dir) == []
     assert fresh.list() == []
@@ -327,29 +330,37 @@ def test_two_warms_of_one_model_at_once_evict_no_other_copy(manager, origin, mod
 
 def test_an_evict_while_the_model_is_being_copied_in_is_refused(manager, origin):
     """The eviction found nothing to remove and answered so, then the copy appeared: the model was cached after all."""
-    import threading
-
-    copying, go_on = threading.Event(), threading.Event()
-
-    def hold_the_copy(done: int, total: int) -> None:
-        copying.set()
-        go_on.wait(timeout=60)
-
-    errors = []
-    warm = threading.Thread(target=lambda: _record_errors(errors, manager.warm, "llama", origin, "nvme",
-                                                          hold_the_copy))
-    warm.start()
-    try:
-        assert copying.wait(timeout=60)
+    with warm_held_in_a_thread(manager, "llama", origin, after=0) as errors:
         for tier in ("nvme", None):
             with pytest.raises(FillInProgress, match="'llama' is being copied into the nvme tier .* then evict it"):
                 manager.evict("llama", tier)
         assert manager.evict("llama", "dram") == []  # another tier than the copy's: nothing to wait for
+    assert errors == [] and [c.tier for c in manager.list()] == ["nvme"]
+    assert [c.tier for c in manager.evict("llama")] == ["nvme"] and manager.list() == []
+
+
+@contextlib.contextmanager
+def warm_held_in_a_thread(manager, model: str, origin, after: float):
+    """A warm into the NVMe tier in a thread, held once more than `after` of its bytes are copied until the block
+    ends; yields the list its errors go to."""
+    import threading
+
+    holding, go_on = threading.Event(), threading.Event()
+
+    def hold(done: int, total: int) -> None:
+        if done > total * after:
+            holding.set()
+            go_on.wait(timeout=60)
+
+    errors = []
+    warm = threading.Thread(target=lambda: _record_errors(errors, manager.warm, model, origin, "nvme", hold))
+    warm.start()
+    try:
+        assert holding.wait(timeout=60)
+        yield errors
     finally:
         go_on.set()
         warm.join()
-    assert errors == [] and [c.tier for c in manager.list()] == ["nvme"]
-    assert [c.tier for c in manager.evict("llama")] == ["nvme"] and manager.list() == []
 
 
 def _record_errors(errors: list, call, *args) -> None:
@@ -397,25 +408,8 @@ def assert_second_fill_refused(cm: CacheManager, origin: Path) -> None:
 def test_two_fills_at_once_do_not_count_the_same_free_space_twice(small_nvme, origin):
     """Two warms side by side on one disk: each checked the free space without the other's bytes still to come, so
     one ran out of room (ENOSPC) midway."""
-    import threading
-
-    a_third, go_on = threading.Event(), threading.Event()
-
-    def hold_after_a_third(done: int, total: int) -> None:
-        if done > total // 3:
-            a_third.set()
-            go_on.wait(timeout=60)
-
-    errors = []
-    first = threading.Thread(target=lambda: _record_errors(errors, small_nvme.warm, "first", origin, "nvme",
-                                                           hold_after_a_third))
-    first.start()
-    try:
-        assert a_third.wait(timeout=60)
+    with warm_held_in_a_thread(small_nvme, "first", origin, after=1 / 3) as errors:
         assert_second_fill_refused(small_nvme, origin)
-    finally:
-        go_on.set()
-        first.join()
     assert errors == []
     assert small_nvme.verify("first")[0].ok
 
@@ -423,29 +417,8 @@ def test_two_fills_at_once_do_not_count_the_same_free_space_twice(small_nvme, or
 def test_a_fill_in_another_process_holds_its_room_until_it_ends_or_dies(small_nvme, origin, tmp_path):
     """`hpcllm cache warm` in another process: its unwritten bytes count against the free space here too, and once
     it is killed its reservation does not outlive it."""
-    started = tmp_path / "started"
-    script = f"""
-import time
-from pathlib import Path
-from hpcllm.node.cache import CacheManager
-cm = CacheManager({str(small_nvme.nvme_dir)!r}, 10**9, 0, None)
-def hang(done, total):
-    if done > total // 3:
-        Path({str(started)!r}).touch()
-        time.sleep(60)
-cm.warm("first", {str(origin)!r}, "nvme", progress=hang)
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert proc.poll() is None, "the filling process exited early"
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with fill_hanging_in_another_process(f"{str(small_nvme.nvme_dir)!r}, 10**9, 0, None", "first", origin, tmp_path):
         assert_second_fill_refused(small_nvme, origin)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
     assert small_nvme.warm("second", origin, "nvme").verified  # the dead fill's folder and reservation are gone
 
 
