@@ -26,6 +26,8 @@ from hpcllm.httpkit.errors import ServiceError, from_http_exception, install_err
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+# Outside /v1 but a user's API like /v1/* (vLLM serves them at the root): an API key is needed.
+USER_PATHS = frozenset({"/tokenize", "/detokenize"})
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DRAIN_RETRY_AFTER_S = 5
 
@@ -109,7 +111,7 @@ def install(app: Flask, gw: Gateway) -> None:
         g.counted_in_flight = True
         if path.startswith("/v1/admin/"):
             _authenticate_admin(gw)
-        elif path.startswith("/v1/"):
+        elif path.startswith("/v1/") or path in USER_PATHS:
             _authenticate_user(gw)
 
     @app.after_request

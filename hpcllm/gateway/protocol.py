@@ -50,6 +50,8 @@ class ModelCardOut(OpenAIResponse):
     object: str = "model"
     created: int
     owned_by: str
+    # vLLM's extra field: clients (LiteLLM, Open WebUI) read a model's context length from it.
+    max_model_len: int | None = None
 
 
 class ModelList(OpenAIResponse):

@@ -51,9 +51,9 @@ class PromptEncoder:
                 f"{at_least} tokens ({chars} characters). Please reduce the length of the prompt.",
                 param=param, code="context_length_exceeded")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # Like vLLM and `tokenizer(prompt)` in transformers: the model's BOS (if any) is added.
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def check_token_ids(self, ids: list[int], param: str) -> list[int]:
         bad = [i for i in ids if i < 0 or i >= self.vocab_size]
@@ -62,29 +62,30 @@ class PromptEncoder:
                                  param=param, code="invalid_token_id")
         return ids
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The prompt's token ids: the messages (and the tools' definitions, if any) through the chat template."""
-        text = self._render(messages, tools)
-        if tools and text == self._render(messages, None):
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]:
+        """The prompt's token ids: the messages (and the tools' definitions, if any) through the chat template. The
+        template holds the special tokens (BOS, role markers): none are added unless asked (/tokenize may)."""
+        text = self._render(messages, tools, add_generation_prompt)
+        if tools and text == self._render(messages, None, add_generation_prompt):
             # transformers hands a template tools= whether it reads them or not: a model told of no tools would
             # answer as if there were none, and the client would never know why.
             raise InvalidRequest("this model's chat template does not support tools; send the request without "
                                  "'tools'", param="tools", code="unsupported_parameter")
-        # The template already holds the special tokens (BOS, role markers): add none.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def tool_call_parser(self) -> ToolCallParser:
         """How this model writes tool calls, read from its chat template (a 400 when that is not clear)."""
         template = self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, where a model has several
         return parser_for_template(template)
 
-    def _render(self, messages: list[dict], tools: list[dict] | None) -> str:
+    def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions with a plain prompt",
                                  param="messages", code="no_chat_template")
         try:
             return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=True)
+                                                      add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # templates raise their own errors (e.g. "roles must alternate")
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}",
                                  param="messages", code="invalid_messages") from None

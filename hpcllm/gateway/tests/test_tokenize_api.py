@@ -1,0 +1,84 @@
+"""POST /tokenize and /detokenize (vLLM's extra API) through a real gateway: the ids a generation would count, from
+the model's own tokenizer and chat template; nothing is routed to a worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import MODEL, USER_KEY, GatewayFactory
+from .test_errors import assert_error
+from .test_tool_calling_api import ASK, ROUND, TOOLS_MODEL, WEATHER_TOOL, tools_model_dir  # noqa: F401 (a fixture)
+
+TEXT = "Once upon a time, a tokenizer met a gateway."
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, worker_url, tiny_model_dir, tools_model_dir):  # noqa: F811 (the imported fixture)
+    factory = GatewayFactory(tmp_path_factory.mktemp("tokenize-gateway"), worker_url, tiny_model_dir)
+    yield factory(static_models={MODEL: {"worker_url": worker_url, "source": str(tiny_model_dir)},
+                                 TOOLS_MODEL: {"worker_url": worker_url, "source": str(tools_model_dir)}})
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def ok(resp) -> dict:
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_a_prompt_s_tokens_are_the_model_s_and_its_context_is_named(gw, tokenizer):
+    body = ok(gw.post("/tokenize", json={"model": MODEL, "prompt": TEXT, "return_token_strs": True}))
+    ids = tokenizer(TEXT)["input_ids"]
+    assert body["tokens"] == ids and body["count"] == len(ids)
+    assert body["token_strs"] == tokenizer.convert_ids_to_tokens(ids)
+    assert body["max_model_len"] == ok(gw.get(f"/v1/models/{MODEL}"))["max_model_len"] is not None
+    bare = ok(gw.post("/tokenize", json={"model": MODEL, "prompt": TEXT, "add_special_tokens": False}))
+    assert bare["tokens"] == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert bare["token_strs"] is None
+
+
+@pytest.mark.parametrize("model, messages, tools", [(MODEL, ASK, None), (TOOLS_MODEL, ROUND, [WEATHER_TOOL])])
+def test_chat_messages_count_what_a_chat_completion_counts(gw, model, messages, tools):
+    """The point of /tokenize: a client learns a conversation's length as the generation will count it."""
+    extra = {"tools": tools} if tools else {}
+    body = ok(gw.post("/tokenize", json={"model": model, "messages": messages, **extra}))
+    chat = ok(gw.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 1, **extra}))
+    assert body["count"] == chat["usage"]["prompt_tokens"] == len(body["tokens"])
+    without_prompt = ok(gw.post("/tokenize", json={"model": model, "messages": messages, "add_generation_prompt": False,
+                                                   **extra}))
+    assert without_prompt["count"] < body["count"]  # the assistant header is left out
+
+
+def test_detokenize_gives_back_the_text(gw, tokenizer):
+    ids = ok(gw.post("/tokenize", json={"model": MODEL, "prompt": TEXT, "add_special_tokens": False}))["tokens"]
+    assert ok(gw.post("/detokenize", json={"model": MODEL, "tokens": ids})) == {"prompt": TEXT}
+    assert_error(gw.post("/detokenize", json={"model": MODEL, "tokens": [len(tokenizer) + 5]}), 400,
+                 "invalid_token_id", "tokens")
+
+
+@pytest.mark.parametrize("path, body, status, code, param", [
+    ("/tokenize", {"model": MODEL, "prompt": TEXT, "messages": ASK}, 422, "invalid_value", None),
+    ("/tokenize", {"model": MODEL}, 422, "invalid_value", None),
+    ("/tokenize", {"model": MODEL, "prompt": TEXT, "tools": [WEATHER_TOOL]}, 422, "invalid_value", None),
+    ("/tokenize", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 422, "invalid_value",
+     "messages[0].role"),
+    ("/tokenize", {"model": MODEL, "messages": ASK, "tools": [WEATHER_TOOL]}, 400, "unsupported_parameter", "tools"),
+    ("/tokenize", {"model": "nope", "prompt": TEXT}, 404, "model_not_found", "model"),
+    ("/detokenize", {"model": MODEL, "tokens": "1 2 3"}, 422, "invalid_value", "tokens"),
+])
+def test_bad_tokenize_requests_say_what_to_fix(gw, path, body, status, code, param):
+    error = assert_error(gw.post(path, json=body), status, code, param)
+    assert error["message"]
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+def test_tokenize_needs_an_api_key(gw, path):
+    assert gw.post(path, key=None, json={"model": MODEL, "prompt": TEXT, "tokens": [1]}).status_code == 401
+    assert gw.post(path, key="sk-wrong", json={"model": MODEL, "prompt": TEXT, "tokens": [1]}).status_code == 401
+    assert gw.post(path, key=USER_KEY, json={"model": MODEL, "prompt": TEXT, "tokens": [1]}).status_code == 200

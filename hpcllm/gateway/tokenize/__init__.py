@@ -1,0 +1,1 @@
+"""tokenize / detokenize endpoints of the gateway (vLLM's extra API)."""

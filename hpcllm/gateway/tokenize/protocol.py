@@ -1,0 +1,46 @@
+"""Wire types of POST /tokenize and POST /detokenize (vLLM's shapes: a client written for vLLM reads ours)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
+
+
+class TokenizeRequest(OpenAIRequest):
+    model: str = Field(min_length=1)
+    # One of: a plain prompt, or chat messages (and tools) rendered through the model's chat template - checked as
+    # /v1/chat/completions checks them.
+    prompt: str | None = None
+    messages: list[Any] | None = Field(None, min_length=1)
+    tools: list[Any] | None = None
+    add_generation_prompt: bool = True
+    # vLLM's defaults: the model's BOS for a prompt, none for messages (the template holds its special tokens).
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either 'prompt' or 'messages'")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("'tools' go with 'messages'")
+        return self
+
+
+class TokenizeResponse(OpenAIResponse):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(OpenAIRequest):
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
+class DetokenizeResponse(OpenAIResponse):
+    prompt: str
