@@ -60,7 +60,7 @@ from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, embed_last_token, make_runner
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
-from hpcllm.worker.sampling import sample_token
+from hpcllm.worker.sampling import TokenCounts, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,10 @@ class _Request(RequestState):
     resumed_tokens: int = 0
     # Logits of the last known id when it was prefilled but not sampled (held or paused): the next step samples.
     pending_logits: torch.Tensor | None = None
+    # Penalized, asynchronous scheduling: the model process holds this request's token counts, in step with the
+    # output ids as of the rows sent (Engine._launch seeds them when not; _note_counts_taken, _release_kv and
+    # _discard_ahead clear it when a token is not the one it chose).
+    counts_in_child: bool = False
 
     def __post_init__(self) -> None:
         self.all_ids = self.prompt_ids + self.output_ids
@@ -576,9 +580,13 @@ class Engine(EngineBase):
         batch.choices = []
         for w in chunks:
             if w.end == w.known:
-                w.index = len(w.req.output_ids) + (w.previous_row is not None)
-                wanted = not (w.req.held or w.req.paused or w.req.params.penalized)  # penalized: sampled here
-                batch.choices.append((w.req.params, w.index) if wanted else None)
+                req = w.req
+                w.index = len(req.output_ids) + (w.previous_row is not None)
+                wanted = not (req.held or req.paused)
+                if wanted and req.params.penalized and not req.counts_in_child:
+                    batch.count_seeds[req.seq_id] = (list(req.prompt_ids), list(req.output_ids))
+                    req.counts_in_child = True
+                batch.choices.append((req.params, w.index) if wanted else None)
         with self._model_busy():  # a model process that stopped reading leaves the send blocked once its pipe is full
             self.runner.launch(batch)
         return launched
@@ -595,6 +603,8 @@ class Engine(EngineBase):
         """The running step failed: collect the one sent ahead (skipped, or run on stale input) and drop it."""
         if self._ahead is None:
             return
+        for w in self._ahead.work:
+            w.req.counts_in_child = False  # its rows' tokens, if chosen, are not taken
         self._ahead = None
         with contextlib.suppress(StepSkipped, torch.OutOfMemoryError):  # its result is dropped either way
             self.runner.collect()
@@ -620,9 +630,7 @@ class Engine(EngineBase):
                 continue  # samples from kept logits at current's end: it decodes the step after next
             if w is not None and _still_matches(w):  # current's chunk will count: go on from its end
                 if req.seq_id in rows:  # its row samples at the end of `current`: feed that token next
-                    # A penalized request's token depends on its counts, which only this thread keeps: it is
-                    # sampled at the commit, so its next step waits for that (it decodes every other step).
-                    if req.held or req.params.penalized or not self._continues(req):
+                    if req.held or not self._continues(req):
                         continue
                     start, previous_row = w.end, rows[req.seq_id]
                     end = known = start + 1
@@ -675,8 +683,19 @@ class Engine(EngineBase):
                     # -1: held or paused at launch (no token asked for); a changed index: extended since.
                     token = chosen[row] if chosen[row] >= 0 and len(w.req.output_ids) == w.index else None
                     self._sample_or_fail(w.req, logits[row], chosen=token)
+            if samples and chosen is not None:
+                self._note_counts_taken(w, chosen[row])
             if samples:
                 row += 1
+
+    @staticmethod
+    def _note_counts_taken(w: _Work, chosen: int) -> None:
+        """After a pipelined row's commit: the model process counted its choice at output index w.index; unless
+        that is now the request's last output token, its counts there are off (the token was dropped, or the
+        worker sampled another) and the request's next row sends them again (_launch)."""
+        req = w.req
+        if req.counts_in_child and not (len(req.output_ids) == w.index + 1 and req.output_ids[-1] == chosen):
+            req.counts_in_child = False
 
     def _sample_or_fail(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,
                         chosen: int | None = None) -> None:
@@ -737,9 +756,12 @@ class Engine(EngineBase):
         self.metrics.preemptions.inc()
 
     def _release_kv(self, req: _Request) -> None:
+        """Free req's KV blocks; the runner forgets its KV state (the model process its token counts too) at the
+        next step."""
         if self.kv_pool.holds(req.seq_id) or req.num_cached:
             self._to_free.append(req.seq_id)
         self.kv_pool.free(req.seq_id)
+        req.counts_in_child = False
 
     def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
         """The device ran out of memory in a step: alone, the request fails; in a batch, the newest is preempted
@@ -766,8 +788,7 @@ class Engine(EngineBase):
         elif req.params.raw_argmax and argmax is not None:
             token = argmax
         else:
-            counts = req.counts_for_sampling(logits.shape[-1])
-            token = sample_token(logits, req.params, len(req.output_ids), counts)
+            token = sample_token(logits, req.params, len(req.output_ids), self._counts_for_sampling(req, logits))
         logprobs = None if token is None or req.logprobs is None else self._logprobs(logits, token, req.logprobs)
         with self._lock:
             if req.state != "running":  # finished meanwhile (handed over, expired): keep nothing
@@ -781,6 +802,15 @@ class Engine(EngineBase):
                 return
             req.pending_logits = None
             self._accept(req, token, logprobs)
+
+    def _counts_for_sampling(self, req: _Request, logits: torch.Tensor) -> TokenCounts | None:
+        """A penalized request's counts: kept by the request where this thread samples its every token, built for
+        this one token under asynchronous scheduling (the model process keeps them and chooses the others; this
+        thread samples only after a step boundary: attached, unpaused, extended)."""
+        if self.async_scheduling and req.params.penalized:
+            req.counts_in_child = False  # nor does the model process count the token sampled here
+            return TokenCounts(logits.shape[-1], req.prompt_ids, req.output_ids)
+        return req.counts_for_sampling(logits.shape[-1])
 
     def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
         """The sampled token's log probability and the `top` most likely tokens' (raw model distribution)."""
@@ -837,6 +867,7 @@ class Engine(EngineBase):
 
     def _on_extended(self, req: _Request) -> None:
         req.pending_logits = None  # they were for the old last position
+        req.counts_in_child = False  # the model process did not count the tokens given
 
     def _end_all(self) -> None:
         with self._lock:

@@ -135,8 +135,9 @@ class RequestState:
     # Live migration, source side.
     migrating: bool = False
     paused: bool = False
-    # A penalized request's token counts (hpcllm's engine): built from its ids when it is first sampled, then
-    # updated per output token; None for every other request (they pay nothing per token).
+    # A penalized request's token counts (hpcllm's engine, where the worker samples its tokens; under asynchronous
+    # scheduling the model process keeps them): built from its ids when it is first sampled, then updated per
+    # output token; None for every other request (they pay nothing per token).
     token_counts: TokenCounts | None = None
 
     @property

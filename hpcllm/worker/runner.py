@@ -84,6 +84,10 @@ class StepBatch:
     # For a model process (runner_process.py), per logits row: how the engine would choose that row's token
     # (sampling params, output index), for the model process to choose it the same way; None: no token wanted.
     choices: list[tuple[SamplingParams, int] | None] | None = None
+    # Penalized sequences whose token counts the model process builds before choosing this step's tokens (their
+    # first row there, or their counts there went stale): seq id -> (prompt ids, output ids known at launch; a
+    # chunk with previous_row adds the token it feeds). runner_process.PenaltyCounts.
+    count_seeds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
 
 
 class ModelRunner(Protocol):

@@ -25,7 +25,8 @@ events in between, while the child computes (Engine._forward).
 Asynchronous scheduling (Engine, docs/worker.md): the child also chooses each logits row's token by the engine's
 own rule (greedy argmax, or the seeded draw for that output index: sampling.py), so the engine can send the next
 step while this one runs, its decode chunks naming the row whose token they feed (SequenceChunk.previous_row). The
-child then goes from one step to the next without waiting for the worker to sample, commit and schedule. Two steps
+child then goes from one step to the next without waiting for the worker to sample, commit and schedule. A penalized
+request's token counts live here too (PenaltyCounts), so its rows are chosen here like the others. Two steps
 may be in flight; their logits go to two shared buffers in turn. A step that follows a failed one (out of memory)
 and needs its tokens is answered "skipped".
 """
@@ -45,7 +46,7 @@ import torch.multiprocessing  # registers the pickling of tensors by shared memo
 from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, embed_last_token, make_runner
-from hpcllm.worker.sampling import sample_token
+from hpcllm.worker.sampling import TokenCounts, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ def serve_steps(conn) -> None:
                          "threads": torch.get_num_threads()}))
     freeze_startup_heap()  # the model and the imports: no full collection walks them between steps
     chosen: list[int] | None = []  # the tokens chosen for the last step's rows; None after a failed step
+    penalty_counts = PenaltyCounts(width)
     steps = 0
     with torch.inference_mode():
         while True:
@@ -212,9 +214,11 @@ def serve_steps(conn) -> None:
                 if kind == "embed":
                     conn.send(("embedded", [embed_last_token(model, ids) for ids in work]))
                     continue
+                penalty_counts.forget(work.free)
                 if not _feed_previous_tokens(work, chosen):
-                    conn.send(("skipped", None))
+                    conn.send(("skipped", None))  # the engine drops it: its count seeds are sent again
                     continue
+                penalty_counts.seed(work)
                 chosen = None
                 began = time.perf_counter()
                 rows = runner.step(work)
@@ -222,7 +226,7 @@ def serve_steps(conn) -> None:
                 steps += 1
                 buffers[buffer][:len(rows)].copy_(rows)
                 seconds = time.perf_counter() - began
-                chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices)
+                chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices, penalty_counts.rows(work))
                 conn.send(("ok", (len(rows), buffer, chosen, seconds)))
             except torch.OutOfMemoryError as exc:
                 conn.send(("oom", str(exc)))
@@ -248,11 +252,60 @@ def _feed_previous_tokens(batch: StepBatch, chosen: list[int] | None) -> bool:
     return True
 
 
-def choose_tokens(logits: torch.Tensor, choices) -> list[int]:
+def choose_tokens(logits: torch.Tensor, choices, counts: list[TokenCounts | None] | None = None) -> list[int]:
     """Each row's token as the engine would choose it (Engine._sample_and_commit: greedy rows by one argmax, the
-    others by sample_token at their output index, from the same float32 rows); -1 where no token is asked for."""
+    others by sample_token at their output index, from the same float32 rows); -1 where no token is asked for.
+    counts: per row, a penalized request's TokenCounts (PenaltyCounts.rows), which take the token chosen."""
     if not choices:
         return [-1] * len(logits)
     argmax = logits.argmax(dim=-1).tolist()
-    return [-1 if choice is None else argmax[row] if choice[0].raw_argmax else sample_token(logits[row], *choice)
-            for row, choice in enumerate(choices)]
+    chosen = []
+    for row, choice in enumerate(choices):
+        row_counts = counts[row] if counts else None
+        if choice is None:
+            chosen.append(-1)
+        elif choice[0].raw_argmax:
+            chosen.append(argmax[row])
+        else:
+            chosen.append(sample_token(logits[row], *choice, row_counts))
+        if row_counts is not None:
+            row_counts.add(chosen[-1])
+    return chosen
+
+
+class PenaltyCounts:
+    """The penalized requests' TokenCounts in the model process, by sequence id: kept where their tokens are
+    chosen, so a penalized row is chosen here and its next step sent ahead like any other's. Built from the ids
+    the engine sends with a request's first row here (StepBatch.count_seeds: new, resumed, migrated in, preempted,
+    or after a token chosen here was not taken), updated with each token chosen for it (choose_tokens), forgotten
+    with its KV state (StepBatch.free: it finished, was preempted or handed over)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._by_seq: dict[int, TokenCounts] = {}
+
+    def forget(self, seq_ids: list[int]) -> None:
+        for seq_id in seq_ids:
+            self._by_seq.pop(seq_id, None)
+
+    def seed(self, batch: StepBatch) -> None:
+        """Build the counts batch.count_seeds sends (after _feed_previous_tokens: a chunk sent ahead adds the
+        token it feeds, which the engine did not know yet)."""
+        for chunk in batch.chunks:
+            history = batch.count_seeds.get(chunk.seq_id)
+            if history is not None:
+                prompt_ids, output_ids = history
+                fed = chunk.token_ids if chunk.previous_row is not None else []
+                self._by_seq[chunk.seq_id] = TokenCounts(self.vocab_size, prompt_ids, output_ids + fed)
+
+    def rows(self, batch: StepBatch) -> list[TokenCounts | None]:
+        """Per logits row (chunks with want_logits), the counts of a penalized row that asks for a token."""
+        rows = [chunk for chunk in batch.chunks if chunk.want_logits]
+        return [self._row(chunk.seq_id) if choice is not None and choice[0].penalized else None
+                for chunk, choice in zip(rows, batch.choices or [None] * len(rows))]
+
+    def _row(self, seq_id: int) -> TokenCounts:
+        counts = self._by_seq.get(seq_id)
+        if counts is None:
+            raise RuntimeError(f"no token counts for penalized sequence {seq_id}: the engine sent none")
+        return counts

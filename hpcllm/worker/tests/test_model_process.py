@@ -28,6 +28,8 @@ from hpcllm.worker.server import ModelForServing, load_with_hpcllm
 from .conftest import wait_until
 
 _ids = itertools.count()
+PENALIZED = dict(temperature=0.9, presence_penalty=1.2, frequency_penalty=0.6, repetition_penalty=1.3, min_p=0.02,
+                 ignore_eos=True)
 PROMPTS = ["hello world, this", "the", "🙂 日本語 テスト and a longer prompt that takes a few chunks to prefill", "a b c"]
 
 
@@ -121,6 +123,96 @@ def test_penalized_and_biased_requests_equal_the_in_process_engine_beside_plain_
     plain_first = run_together(process_engine, [request(prompt=PROMPTS[0], max_tokens=24, temperature=0,
                                                         ignore_eos=True)])[0]
     assert ids(got[0]) != ids(plain_first)  # the penalty did change the greedy tokens
+
+
+def test_a_penalized_request_decodes_every_step_like_a_plain_one_beside_it(load_pair, process_engine, monkeypatch):
+    """Asynchronous scheduling sends a penalized request's next decode ahead like any other: the model process keeps
+    its token counts and chooses its token, so it gets a token per step, not one every other step, and the same
+    tokens as the in-process engine."""
+    launched = []
+    launch = process_engine._launch
+    monkeypatch.setattr(process_engine, "_launch", lambda work: launched.append(
+        [(w.req.request_id, w.previous_row is not None) for w in work if w.end > w.start]) or launch(work))
+    penalized = dict(max_tokens=20, ignore_eos=True, presence_penalty=1.0, frequency_penalty=0.5,
+                     repetition_penalty=1.3)
+    both = [request(prompt=PROMPTS[1], max_tokens=20, temperature=0, ignore_eos=True),
+            request(prompt=PROMPTS[1], temperature=0.9, seed=11, **penalized),
+            request(prompt=PROMPTS[1], temperature=0, **penalized)]
+    got = run_together(process_engine, both)
+    steps = [sum(1 for step in launched if any(rid == r.request_id for rid, _ in step)) for r in both]
+    ahead = [sum(1 for step in launched for rid, sent_ahead in step if rid == r.request_id and sent_ahead)
+             for r in both]
+    assert steps == [len(launched)] * 3 and ahead[1:] == ahead[:1] * 2, (steps, ahead, len(launched))
+    model, tokenizer = load_pair("llama")
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
+        expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"}) for r in both])
+    ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
+    assert [ids(events) for events in got] == [ids(events) for events in expected]
+
+
+def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load_pair, process_engine, monkeypatch):
+    """The model process's counts of a penalized request are rebuilt from its ids whenever a token it chose is not
+    taken or the worker sampled one itself: a step sent ahead dropped after an out-of-memory failure (and the
+    newest request preempted), a request paused for a migration and then resumed here, a request resumed from
+    token ids. Every token still equals the in-process engine's uninterrupted run."""
+    runner, collect, failed = process_engine.runner, process_engine.runner.collect, []
+
+    def collect_failing_once():
+        result = collect()
+        if not failed and process_engine._ahead is not None and len(launched_steps) > 6:
+            failed.append(True)
+            raise torch.OutOfMemoryError("injected")
+        return result
+
+    launched_steps = []
+    launch = process_engine._launch
+    monkeypatch.setattr(process_engine, "_launch", lambda work: launched_steps.append(1) or launch(work))
+    monkeypatch.setattr(runner, "collect", collect_failing_once)
+    sampling = dict(max_tokens=24, **PENALIZED)
+    cases = [request(prompt=p, seed=i, **sampling) for i, p in enumerate(PROMPTS)]
+    model, tokenizer = load_pair("llama")
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
+        expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"}) for r in cases])
+    preemptions = process_engine.metrics.preemptions._value.get()
+    got = run_together(process_engine, cases)
+    ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
+    assert failed and process_engine.metrics.preemptions._value.get() > preemptions
+    assert [ids(events) for events in got] == [ids(events) for events in expected]
+
+    # Paused mid-run (its token drawn meanwhile dropped), then going on here: the worker samples from kept logits.
+    monkeypatch.undo()
+    paused = request(prompt=PROMPTS[2], seed=2, **sampling)
+    stream = process_engine.submit(paused)
+    lines = stream.events()
+    first = [next(lines) for _ in range(6)]
+    process_engine.begin_migration(paused.request_id)
+    process_engine.pause(paused.request_id)
+    process_engine.abandon_migration(paused.request_id)
+    assert [e.token_id for e in first + list(lines)[:-1]] == ids(expected[2])
+    # Resumed from its first 9 tokens: the model process's counts start from the resumed ids.
+    resumed = request(prompt_token_ids=process_engine.tokens(cases[3].request_id).prompt_token_ids,
+                      resume_token_ids=ids(expected[3])[:9], seed=3,
+                      **sampling)
+    [events] = run_together(process_engine, [resumed])
+    assert ids(events) == ids(expected[3])[9:]
+    assert process_engine.kv_pool.used_blocks == 0
+
+
+def test_penalized_requests_preempted_under_a_tiny_kv_budget_stay_exact(unpacked_pair, load_pair):
+    """A preempted request's KV state and its token counts in the model process are forgotten together; when it
+    is recomputed its counts are rebuilt from its ids, and its tokens equal an uninterrupted run's."""
+    model, tokenizer = unpacked_pair
+    cases = [request(prompt_token_ids=tokenizer(p)["input_ids"][:12], max_tokens=32, seed=i, **PENALIZED)
+             for i, p in enumerate(PROMPTS)]
+    with Engine(model, tokenizer, model_name="tiny", model_process=True, max_model_len=64, kv_cache_tokens=64,
+                kv_block_size=4, max_running_requests=4, prefill_chunk_tokens=8) as engine:
+        got = run_together(engine, cases)
+        assert engine.metrics.preemptions._value.get() > 0 and engine.kv_pool.used_blocks == 0
+    local_model, local_tokenizer = load_pair("llama")
+    with Engine(local_model, local_tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
+        expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"}) for r in cases])
+    ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
+    assert [ids(events) for events in got] == [ids(events) for events in expected]
 
 
 def test_steps_sent_ahead_change_no_token_and_requests_that_stop_meanwhile_end_where_they_should(
