@@ -74,7 +74,7 @@ def run_worker(
         model_process=model_process,
         async_scheduling=worker.async_scheduling,
         cuda_graphs=worker.cuda_graphs,
-        step_timeout=worker.step_timeout_seconds,  # a longer step is hung (Engine._watch_steps)
+        step_timeout=worker.step_timeout_seconds,  # a longer step is hung (EngineBase._watch_steps)
         **({"model_process_threads": model_process_threads} if model_process_threads else {}),
     )
     if engine == "vllm":
@@ -144,4 +144,5 @@ def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_mo
                             max_num_seqs=worker.vllm_max_num_seqs)
     return load_with_vllm(model_path, service.model_name, device, max_model_len, settings, metrics=service.metrics,
                           max_running_requests=worker.max_running_requests,
-                          max_waiting_requests=worker.max_waiting_requests)
+                          max_waiting_requests=worker.max_waiting_requests,
+                          step_timeout=worker.step_timeout_seconds)  # as hpcllm's engine (EngineBase._watch_steps)

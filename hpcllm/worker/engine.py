@@ -198,7 +198,7 @@ class Engine(EngineBase):
         step_timeout: float | None = None,
     ) -> None:
         """step_timeout: seconds a model step (or an embedding piece) may take before the engine counts as hung and
-        fails (None: never; _watch_steps)."""
+        fails (None: never; EngineBase._watch_steps)."""
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
         if batching not in BATCHING_MODES:
@@ -266,7 +266,6 @@ class Engine(EngineBase):
         self.error: str | None = None
         self._prefill_rate: float | None = None  # tokens/s of prefill chunks, moving average (migration cost)
         self.step_timeout = step_timeout
-        self._model_busy_since: float | None = None  # when the engine thread began waiting for the model
 
     # ---- public API (any thread; submit, generate, tokens and migration are EngineBase's) ----------------------
 
@@ -397,48 +396,11 @@ class Engine(EngineBase):
             return sum(len(r.all_ids) for r in [*self._running, *self._waiting]
                        if not (r.held or r.paused or r.migrating))
 
-    def start(self):
-        super().start()
-        if self.step_timeout is not None:
-            threading.Thread(target=self._watch_steps, name=f"hpcllm-step-watch-{self.model_name}",
-                             daemon=True).start()
-        return self
+    # ---- a hung step (EngineBase._watch_steps) ----------------------------------------------------------------------
 
-    # ---- a hung step -----------------------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _model_busy(self):
-        """Around the engine thread's waits for the model (a step's forward or result, an embedding piece)."""
-        self._model_busy_since = time.monotonic()
-        try:
-            yield
-        finally:
-            self._model_busy_since = None
-
-    def _watch_steps(self) -> None:
-        """A step that never ends (a hung GPU or collective, a stopped model process) would hold its requests
-        forever: their streams' keep-alives hide it from the gateway's read timeout and /health stays 200. Past
-        step_timeout the engine fails instead: its requests end with an engine_unavailable error (the gateway
-        resumes them elsewhere), /health turns 503 (the node agent restarts the worker)."""
-        interval = min(1.0, self.step_timeout / 4)
-        while self.alive and not self._stopping:
-            since = self._model_busy_since
-            if since is not None and time.monotonic() - since > self.step_timeout:
-                self._fail_hung_step(time.monotonic() - since)
-                return
-            time.sleep(interval)
-
-    def _fail_hung_step(self, seconds: float) -> None:
-        self.error = (f"EngineHung: the model has not finished a step in {seconds:.1f} s (the step timeout is "
-                      f"{self.step_timeout:g} s)")
-        log.error("%s; failing the engine's requests", self.error)
-        if isinstance(self.runner, ProcessRunner):  # first: the engine thread may be blocked on it holding the lock
+    def _stop_hung_model(self) -> None:
+        if isinstance(self.runner, ProcessRunner):  # the engine thread may be blocked on it holding the lock
             self.runner.kill()  # it wakes (the pipe breaks) and ends
-        with self._lock:
-            self._stopping = True
-            self._lock.notify_all()
-        self._end_all()  # an engine thread stuck in an in-process forward may never come back to do it
-        self._report_death()
 
     # ---- engine thread -------------------------------------------------------------------------------------------
 

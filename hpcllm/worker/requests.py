@@ -4,12 +4,14 @@ hpcllm.worker.vllm_engine.VllmEngine, backed by vLLM).
 
 Both engines validate and tokenize a request with the same rules and messages, turn each generated token into the
 same token line with the same stop rules, finish requests the same way, and run live migration by tokens with
-the same checks (docs/migration.md). What differs is how tokens are produced: EngineBase calls a few hooks
-(_release, _cached_tokens, _resume, _suspend, _on_extended, _on_first_token) that each engine implements.
+the same checks (docs/migration.md), and fail the same way when the model hangs (the step watchdog,
+_watch_steps). What differs is how tokens are produced: EngineBase calls a few hooks (_release, _cached_tokens,
+_resume, _suspend, _on_extended, _on_first_token, _stop_hung_model) that each engine implements.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -243,6 +245,10 @@ class EngineBase:
     # engine never serves again, so the worker's process stops (server.serve) and its supervisor starts another.
     on_died: Callable[[str], None] | None = None
     _death_reported = False
+    # Seconds the engine thread may wait for the model (a step, an embedding piece) before the engine counts as hung
+    # and fails ([worker] step_timeout_seconds; None: never): _watch_steps.
+    step_timeout: float | None = None
+    _model_busy_since: float | None = None  # when the engine thread began waiting for the model
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -251,6 +257,9 @@ class EngineBase:
             raise RuntimeError("engine already started")
         self._thread = threading.Thread(target=self._run, name=f"{self.thread_name}-{self.model_name}", daemon=True)
         self._thread.start()
+        if self.step_timeout is not None:
+            threading.Thread(target=self._watch_steps, name=f"hpcllm-step-watch-{self.model_name}",
+                             daemon=True).start()
         return self
 
     @property
@@ -605,7 +614,7 @@ class EngineBase:
             self._loop()
         except BaseException as exc:  # the engine is dead: fail everything, /health turns 503
             log.exception("%s loop died", self.thread_name)
-            # The first reason stays: a hung step's (Engine._fail_hung_step), not the kill that ended it.
+            # The first reason stays: a hung step's (_fail_hung_step), not the kill that ended it.
             self.error = self.error or f"{type(exc).__name__}: {exc}"
         finally:
             self._end_all()
@@ -623,6 +632,41 @@ class EngineBase:
     def _loop(self) -> None:
         """Run requests until shutdown (the engine's own)."""
         raise NotImplementedError
+
+    # ---- a hung step -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _model_busy(self):
+        """Around the engine thread's waits for the model (a step's forward or result, an embedding piece)."""
+        self._model_busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._model_busy_since = None
+
+    def _watch_steps(self) -> None:
+        """A step that never ends (a hung GPU or collective, a stopped model process or engine core) would hold its
+        requests forever: their streams' keep-alives hide it from the gateway's read timeout and /health stays 200.
+        Past step_timeout the engine fails instead: its requests end with an engine_unavailable error (the gateway
+        resumes them elsewhere), /health turns 503 and the worker exits (its supervisor starts another)."""
+        interval = min(1.0, self.step_timeout / 4)
+        while self.alive and not self._stopping:
+            since = self._model_busy_since
+            if since is not None and time.monotonic() - since > self.step_timeout:
+                self._fail_hung_step(time.monotonic() - since)
+                return
+            time.sleep(interval)
+
+    def _fail_hung_step(self, seconds: float) -> None:
+        self.error = (f"EngineHung: the model has not finished a step in {seconds:.1f} s (the step timeout is "
+                      f"{self.step_timeout:g} s)")
+        log.error("%s; failing the engine's requests", self.error)
+        self._stop_hung_model()  # first: the engine thread may be blocked on the model holding the lock
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self._end_all()  # an engine thread stuck in an in-process forward may never come back to do it
+        self._report_death()
 
     # ---- tokens and finishing (engine thread, under the lock) --------------------------------------------------
 
@@ -737,3 +781,6 @@ class EngineBase:
 
     def _on_first_token(self, req: RequestState) -> None:
         """req produced its first token (not a migrated-in one's)."""
+
+    def _stop_hung_model(self) -> None:
+        """The model hung (_fail_hung_step): wake the engine thread from its wait for it, where the engine can."""

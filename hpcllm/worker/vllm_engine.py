@@ -21,6 +21,8 @@ How requests map onto vLLM (docs/vllm.md):
   the real request that `attach` submits (same ids) skips that prefill. `extend` warms again with the longer
   list. Source: `pause` aborts the vLLM request (tokens still in flight are dropped and redrawn on the
   destination); `abandon_migration` resubmits it here, again from cache.
+- A step that never ends (a hung GPU, a stopped engine core) fails the engine past step_timeout, as hpcllm's engine
+  (EngineBase._watch_steps): the engine thread's wait for the core's output is woken with the error.
 - Greedy output continues exactly. Seeded sampling is reproducible within one vLLM run, but vLLM seeds a request's
   generator once, so a sampled request moved to or from vLLM continues with a valid sample, not the identical one.
 """
@@ -136,7 +138,9 @@ class VllmEngine(EngineBase):
 
     def __init__(self, llm, tokenizer, hf_config, *, model_name: str = "model", device: str = "cpu",
                  max_running_requests: int = 64, max_waiting_requests: int = 256, finished_history: int = 256,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, step_timeout: float | None = None) -> None:
+        """step_timeout: seconds a vLLM step may take before the engine counts as hung and fails (None: never;
+        EngineBase._watch_steps)."""
         import torch
 
         self.llm = llm
@@ -163,6 +167,7 @@ class VllmEngine(EngineBase):
         self._stopping = False
         self.error: str | None = None
         self._prefill_rate: float | None = None
+        self.step_timeout = step_timeout
 
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
 
@@ -282,11 +287,12 @@ class VllmEngine(EngineBase):
             with self._llm_lock:
                 if not self.llm.has_unfinished_requests():
                     continue
-            if self._core_outputs is not None:
-                # Aborts are sent only here, so what vLLM still runs produces this output: the wait ends.
-                self._core_outputs.wait()
-            with self._llm_lock:
-                outputs = self.llm.step()
+            with self._model_busy():
+                if self._core_outputs is not None:
+                    # Aborts are sent only here, so what vLLM still runs produces this output: the wait ends.
+                    self._core_outputs.wait()
+                with self._llm_lock:  # an in-process core computes the step in here
+                    outputs = self.llm.step()
             with self._lock:
                 for output in outputs:
                     self._on_output(output)
@@ -396,6 +402,12 @@ class VllmEngine(EngineBase):
     def _on_first_token(self, req: _Request) -> None:
         self._observe_prefill(req.known_tokens, req.arrival)
 
+    def _stop_hung_model(self) -> None:
+        """The engine thread waits for the core's output: it wakes with the engine's error and ends (shutdown then
+        stops the core process). An in-process core's step cannot be interrupted: the worker exits without it."""
+        if self._core_outputs is not None:
+            self._core_outputs.interrupt(EngineUnavailable(self.error))
+
 
 class _CoreOutputs:
     """The next output of vLLM's engine-core process, awaited without holding the LLMEngine.
@@ -406,6 +418,7 @@ class _CoreOutputs:
 
     def __init__(self, core) -> None:
         self._receive = core.get_output  # blocks on the client's queue, filled by its own socket thread
+        self._queue = core.outputs_queue
         self._ready: list = []
 
     @classmethod
@@ -425,6 +438,11 @@ class _CoreOutputs:
     def take(self):
         """engine_core.get_output, as step() calls it."""
         return self._ready.pop() if self._ready else self._receive()
+
+    def interrupt(self, error: Exception) -> None:
+        """Wake the wait for the next output with `error` (raised there: vLLM's get_output raises an exception
+        it finds in the queue, as its socket thread's own failures)."""
+        self._queue.put_nowait(error)
 
 
 def _eos_token_ids(hf_config, model_dir: Path, tokenizer) -> frozenset[int]:
