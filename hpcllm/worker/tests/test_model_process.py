@@ -10,6 +10,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -152,9 +153,9 @@ def test_a_penalized_request_decodes_every_step_like_a_plain_one_beside_it(load_
 
 def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load_pair, process_engine, monkeypatch):
     """The model process's counts of a penalized request are rebuilt from its ids whenever a token it chose is not
-    taken or the worker sampled one itself: a step sent ahead dropped after an out-of-memory failure (and the
-    newest request preempted), a request paused for a migration and then resumed here, a request resumed from
-    token ids. Every token still equals the in-process engine's uninterrupted run."""
+    taken: a step sent ahead dropped after an out-of-memory failure (and the newest request preempted); and they
+    start from the resumed ids of a request resumed from token ids. Every token still equals the in-process
+    engine's uninterrupted run."""
     runner, collect, failed = process_engine.runner, process_engine.runner.collect, []
 
     def collect_failing_once():
@@ -179,22 +180,58 @@ def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load
     assert failed and process_engine.metrics.preemptions._value.get() > preemptions
     assert [ids(events) for events in got] == [ids(events) for events in expected]
 
-    # Paused mid-run (its token drawn meanwhile dropped), then going on here: the worker samples from kept logits.
     monkeypatch.undo()
-    paused = request(prompt=PROMPTS[2], seed=2, **sampling)
-    stream = process_engine.submit(paused)
-    lines = stream.events()
-    first = [next(lines) for _ in range(6)]
-    process_engine.begin_migration(paused.request_id)
-    process_engine.pause(paused.request_id)
-    process_engine.abandon_migration(paused.request_id)
-    assert [e.token_id for e in first + list(lines)[:-1]] == ids(expected[2])
     # Resumed from its first 9 tokens: the model process's counts start from the resumed ids.
     resumed = request(prompt_token_ids=process_engine.tokens(cases[3].request_id).prompt_token_ids,
                       resume_token_ids=ids(expected[3])[:9], seed=3,
                       **sampling)
     [events] = run_together(process_engine, [resumed])
     assert ids(events) == ids(expected[3])[9:]
+    assert process_engine.kv_pool.used_blocks == 0
+
+
+def test_a_penalized_request_migrated_between_model_process_engines_continues_exactly(load_pair, process_engine,
+                                                                                     monkeypatch):
+    """Live migration by tokens (here within one engine, under another request id): the source is paused while its
+    next token is being chosen (the model process counted it; it is dropped), the destination holds the request, is
+    extended with the tokens produced since, and after attach samples from kept logits in the worker; its counts in
+    the model process start from the ids it was given. The source's migration is then abandoned: it goes on here
+    from kept logits, and its counts in the model process are sent again. Both continue exactly as an uninterrupted
+    run. The engine thread is held at chosen points (before committing a step), so nothing depends on timing."""
+    source = request(prompt=PROMPTS[0], max_tokens=30, seed=21, **PENALIZED)
+    model, tokenizer = load_pair("llama")
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
+        [expected] = run_together(local, [source.model_copy(update={"request_id": "migrated-local"})])
+    gates = {5: (threading.Event(), threading.Event()), 8: (threading.Event(), threading.Event())}
+    commit = process_engine._commit
+
+    def commit_at_gates(*args, **kwargs):
+        live = process_engine._live.get(source.request_id)
+        gate = gates.pop(len(live.output_ids), None) if live is not None else None
+        if gate is not None:
+            gate[0].set()  # reached: the test acts on the engine while its thread waits here
+            gate[1].wait(60)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(process_engine, "_commit", commit_at_gates)
+    source_stream = process_engine.submit(source)
+    reached, release = gates[5]
+    assert reached.wait(60)
+    moved = process_engine.begin_migration(source.request_id).model_copy(update={"request_id": "migrated"})
+    process_engine.hold(moved, 60.0)
+    reached, release_second = gates[8][0], gates[8][1]
+    release.set()
+    assert reached.wait(60)
+    final = process_engine.pause(source.request_id)  # the token being chosen now is dropped
+    release_second.set()
+    process_engine.wait_prefilled("migrated")
+    process_engine.extend("migrated", final[len(moved.resume_token_ids):])
+    process_engine.wait_prefilled("migrated")
+    rest = [e.token_id for e in list(process_engine.attach("migrated", len(final)).events())[:-1]]
+    process_engine.abandon_migration(source.request_id)
+    stayed = [e.token_id for e in list(source_stream.events())[:-1]]
+    assert len(moved.resume_token_ids) == 5 and len(final) == 8
+    assert final + rest == stayed == [e.token_id for e in expected[:-1]]
     assert process_engine.kv_pool.used_blocks == 0
 
 
