@@ -145,8 +145,9 @@ class _Request(RequestState):
     # Logits of the last known id when it was prefilled but not sampled (held or paused): the next step samples.
     pending_logits: torch.Tensor | None = None
     # Penalized, asynchronous scheduling: the model process holds this request's token counts, in step with the
-    # output ids as of the rows sent (Engine._launch seeds them when not; _note_counts_taken, _release_kv and
-    # _discard_ahead clear it when a token is not the one it chose).
+    # output ids as of the rows sent (Engine._launch seeds them when not). Cleared whenever they may be off: a
+    # token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose taken
+    # (_counts_for_sampling, _on_extended), its KV state freed (_release_kv: the model process drops them too).
     counts_in_child: bool = False
 
     def __post_init__(self) -> None:
