@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/serve.py [--concurrency 1 4 16 64] [--requests-per-client 2]
         [--targets hpcllm vllm-behind-hpcllm vllm-direct] [--threads N] [--spare-runs 2] [--rounds N]
-        [--baseline REV] [--isolate-engine]
+        [--baseline REV] [--isolate-engine] [--sampling JSON]
 
 One model (devmodels "small" Llama: 384 hidden, 6 layers, head size 64, float32 everywhere), one seeded prompt set
 with a realistic length spread (prompt lengths log-normal around ~60 tokens, 8..400; output lengths 16..128, EOS
@@ -94,12 +94,14 @@ ANCHOR = "vllm-direct"
 class Prompt:
     token_ids: list[int]
     max_tokens: int
+    sampling: dict = field(default_factory=dict)  # --sampling: OpenAI parameters added to the request
 
 
 MAX_OUTPUT_TOKENS = 128  # a prompt's output length is drawn from 16..this
 
 
-def prompt_set(count: int, vocab_size: int, seed: int, lengths: tuple[int, int] | None = None) -> list[Prompt]:
+def prompt_set(count: int, vocab_size: int, seed: int, lengths: tuple[int, int] | None = None,
+               sampling: dict | None = None) -> list[Prompt]:
     """Seeded prompts: lengths log-normal (median ~60 tokens, clipped 8..400), or uniform in `lengths` (long-context
     runs); outputs uniform 16..MAX_OUTPUT_TOKENS."""
     rng = random.Random(seed)
@@ -107,7 +109,7 @@ def prompt_set(count: int, vocab_size: int, seed: int, lengths: tuple[int, int] 
     for _ in range(count):
         length = (rng.randint(*lengths) if lengths else int(min(400, max(8, rng.lognormvariate(4.1, 0.8)))))
         ids = [rng.randrange(3, vocab_size) for _ in range(length)]
-        prompts.append(Prompt(ids, rng.randint(16, MAX_OUTPUT_TOKENS)))
+        prompts.append(Prompt(ids, rng.randint(16, MAX_OUTPUT_TOKENS), dict(sampling or {})))
     return prompts
 
 
@@ -378,7 +380,7 @@ def sse_chunks(http: httpx.Client, url: str, body: dict):
 def stream_completion(http: httpx.Client, base_url: str, prompt: Prompt) -> tuple[float, list[float], int]:
     """One streamed greedy completion: (send time, arrival times of chunks carrying text, usage completion tokens)."""
     body = {"model": MODEL, "prompt": prompt.token_ids, "max_tokens": prompt.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **prompt.sampling}
     sent = time.perf_counter()
     arrivals: list[float] = []
     tokens = 0
@@ -642,6 +644,9 @@ def main() -> int:
                         help="hpcllm config whose worker.vllm_python names the vLLM interpreter (default: "
                         "$HPCLLM_CONFIG, else <checkout>/.venv-vllm)")
     parser.add_argument("--vllm-python", default=None, help="the vLLM interpreter (overrides the config's)")
+    parser.add_argument("--sampling", type=json.loads, default={}, metavar="JSON",
+                        help="OpenAI parameters added to every request, e.g. '{\"frequency_penalty\": 0.5}' (requests "
+                        "stay greedy: temperature 0)")
     parser.add_argument("--prompt-lengths", type=int, nargs=2, metavar=("LO", "HI"), default=None,
                         help="prompt lengths uniform in LO..HI tokens (long-context runs) instead of the default "
                         "log-normal set (median ~60)")
@@ -670,11 +675,14 @@ def main() -> int:
     if lengths and not 1 <= lengths[0] <= lengths[1] <= longest_prompt:
         parser.error(f"--prompt-lengths must be 1 <= LO <= HI <= {longest_prompt} (the model's context less the "
                      "longest output)")
-    prompts = prompt_set(max(args.concurrency) * args.requests_per_client, config.vocab_size, args.seed, lengths)
+    if not isinstance(args.sampling, dict):
+        parser.error("--sampling takes a JSON object of OpenAI request parameters")
+    prompts = prompt_set(max(args.concurrency) * args.requests_per_client, config.vocab_size, args.seed, lengths,
+                         args.sampling)
     report = {
         "model": MODEL, "dtype": str(config.dtype), "prompts": len(prompts), "seed": args.seed,
         "prompt_tokens_median": statistics.median(len(p.token_ids) for p in prompts),
-        "requests_per_client": args.requests_per_client, "threads": args.threads,
+        "requests_per_client": args.requests_per_client, "threads": args.threads, "sampling": args.sampling,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                  "load_average_at_start": load_average()},
@@ -692,7 +700,8 @@ def main() -> int:
         if args.rounds:
             report["rounds"] = args.rounds
             report["targets"] = measure_interleaved(setup, args, report, [prompts] + [
-                prompt_set(len(prompts), config.vocab_size, args.seed + r, lengths) for r in range(1, args.rounds)])
+                prompt_set(len(prompts), config.vocab_size, args.seed + r, lengths, args.sampling)
+                for r in range(1, args.rounds)])
         else:
             for name in args.targets:
                 target = TARGETS[name](setup)

@@ -136,3 +136,31 @@ def test_a_baseline_revision_runs_as_a_twin_of_each_hpcllm_target(tmp_path, monk
     ratios = serve.baseline_ratios({names[0]: levels(110.0, 1500.0), names[1]: levels(100.0, 1200.0),
                                     serve.ANCHOR: levels(120.0, 1600.0)})
     assert ratios == {f"vllm-behind-hpcllm / {names[1]}": {1: 1.1, 16: 1.25}}
+
+
+def test_sampling_parameters_reach_every_request_and_bad_ones_are_one_line():
+    """--sampling '{"frequency_penalty": 0.5}': each streamed request carries them (a penalized run measures the
+    penalized path), greedy still."""
+    import json
+
+    import httpx
+
+    prompts = serve.prompt_set(3, 1000, seed=1, sampling={"frequency_penalty": 0.5})
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        body = json.loads(request.content)
+        events = [{"choices": [{"text": "x"}]}, {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}]
+        return httpx.Response(200, text="".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n")
+
+    with httpx.Client(transport=httpx.MockTransport(answer)) as http:
+        for prompt in prompts:
+            serve.stream_completion(http, "http://bench.invalid/v1", prompt)
+    assert [(b["frequency_penalty"], b["temperature"]) for b in seen] == [(0.5, 0)] * 3
+
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--sampling", "[0.5]"],
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert completed.returncode == 2 and "--sampling takes a JSON object" in completed.stderr
+    assert "Traceback" not in completed.stderr
