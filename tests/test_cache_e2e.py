@@ -32,6 +32,7 @@ from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
 from hpcllm.httpkit.auth import SECRET_HEADER
+from hpcllm.present import human_size
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
 
@@ -214,7 +215,7 @@ def test_mpi_warm_to_four_nodes_then_ls_and_verify(cluster):
     for column in ("node", "model", "tier", "size", "last use", "verified"):
         assert column in header
     rows = [line for line in table.stdout.splitlines() if model in line]
-    assert len(rows) == 4 and all("nvme" in r and f"{origin_bytes / 1e6:.2f} MB" in r and "yes" in r for r in rows), table.stdout
+    assert len(rows) == 4 and all("nvme" in r and human_size(origin_bytes) in r and "yes" in r for r in rows), table.stdout
 
     verified = cluster.cli("cache", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr

@@ -48,6 +48,7 @@ from hpcllm.checkpoint.layout import MANIFEST_FILE, Checkpoint
 from hpcllm.config import MODEL_NAME
 from hpcllm.errors import HpcllmError
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
+from hpcllm.present import human_size
 from hpcllm.privatefs import NotPrivate, private_dir
 from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
@@ -965,11 +966,11 @@ class CacheManager:
             if not (fits_capacity and fits_disk):
                 in_use = [c for c in self._copies(db, "WHERE tier=?", (tier,)) if c.in_use]
                 raise NotEnoughSpace(
-                    f"model {model!r} needs {_gb(need)} in the {tier} tier: capacity {_gb(capacity)}, "
-                    f"{_gb(used)} used ({_gb(used - evictable)} by copies in use or fills in progress"
+                    f"model {model!r} needs {human_size(need)} in the {tier} tier: capacity {human_size(capacity)}, "
+                    f"{human_size(used)} used ({human_size(used - evictable)} by copies in use or fills in progress"
                     + (f": {', '.join(c.model for c in in_use)}" if in_use else "")
-                    + f"), {_gb(max(free_disk, 0))} free on the filesystem"
-                    + (f" once the fills in progress have written their last {_gb(unwritten)}" if unwritten else "")
+                    + f"), {human_size(max(free_disk, 0))} free on the filesystem"
+                    + (f" once the fills in progress have written their last {human_size(unwritten)}" if unwritten else "")
                     + f"; free space or raise the {tier}_capacity_gb setting")
             for copy in candidates:
                 if used + need <= capacity and free_disk >= need:
@@ -1173,7 +1174,3 @@ def _hold_node_copy(node_config, key: str, what: str) -> Path | None:
     except CacheError as exc:  # evicted meanwhile, state file unreadable: the rank reads the origin
         log.warning("%s: not using %s %s: %s", node_name(), what, nvme_dir / key, exc)
         return None
-
-
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e7 else f"{nbytes / 1e6:.3f} MB"

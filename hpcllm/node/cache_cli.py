@@ -276,7 +276,7 @@ def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier:
             try:
                 copy = client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo,
                                    json={"model": model, "source": origin, "tier": tier})
-                progress.update(task, completed=1, state=f"{copy['bytes'] / 1e9:.2f} GB verified")
+                progress.update(task, completed=1, state=f"{human_size(copy['bytes'])} verified")
             except HpcllmError as exc:
                 progress.update(task, state="failed")
                 failures.append(str(exc))

@@ -10,6 +10,8 @@ import json
 
 import click
 
+from hpcllm.present import human_size
+
 
 @click.group()
 def store() -> None:
@@ -58,7 +60,7 @@ def dram_put(checkpoint: str, model_id: str | None, namespace: str) -> None:
     from hpcllm.store.dram import DramTier
 
     entry = DramTier(namespace).put(checkpoint, model_id)
-    click.echo(f"{entry.model_id}: {entry.bytes / 1e9:.2f} GB at {entry.path} ({entry.fill_seconds:.2f} s)")
+    click.echo(f"{entry.model_id}: {human_size(entry.bytes)} at {entry.path} ({entry.fill_seconds:.2f} s)")
 
 
 @dram.command("list")
@@ -69,7 +71,7 @@ def dram_list(namespace: str) -> None:
 
     tier = DramTier(namespace)
     for entry in tier.list():
-        click.echo(f"{entry.model_id}\t{entry.bytes / 1e9:.2f} GB\t{entry.path}")
+        click.echo(f"{entry.model_id}\t{human_size(entry.bytes)}\t{entry.path}")
     click.echo(f"total {tier.usage_bytes() / 1e9:.2f} GB in {tier.dir}")
 
 
