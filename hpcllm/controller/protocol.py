@@ -172,6 +172,16 @@ class Heartbeat(WireModel):
     instances: list[InstanceInfo] = Field(default_factory=list, max_length=MAX_NODE_INSTANCES)
     # The agent is draining (Slurm's signal: preemption, time limit): nothing new is placed or routed there.
     draining: bool = False
+    # The node's tiers measured again (its agent probed them in the background after registering with saved rates,
+    # or its read sweep ended): they replace the registration's tiers and h2d_gbps (null there: none measured).
+    tiers: Tiers | None = None
+    h2d_gbps: float | None = Field(None, gt=0, le=MAX_GBPS)
+
+    @model_validator(mode="after")
+    def _h2d_with_the_tiers(self) -> Heartbeat:
+        if self.h2d_gbps is not None and self.tiers is None:
+            raise ValueError("h2d_gbps comes with the tiers it was measured with: send tiers too")
+        return self
 
     @field_validator("instances")
     @classmethod

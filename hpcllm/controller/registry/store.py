@@ -542,7 +542,8 @@ class Registry:
         return _node(row)
 
     def heartbeat(self, node_id: str, hb: Heartbeat, now: float) -> HeartbeatOutcome:
-        """Replace a node's cache list and instance list with what its agent reports, atomically."""
+        """Replace a node's cache list and instance list (and its tiers' rates, when given) with what its agent
+        reports, atomically."""
         outcome = HeartbeatOutcome()
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
@@ -550,6 +551,9 @@ class Registry:
                 raise UnknownNode(f"node {node_id!r} is not registered (or was declared lost): register again")
             node = _node(row)
             db.execute("UPDATE nodes SET last_heartbeat = ? WHERE node_id = ?", (now, node_id))
+            if hb.tiers is not None:  # measured again: placement counts with the new rates
+                db.execute("UPDATE nodes SET tiers = ?, h2d_gbps = ? WHERE node_id = ?",
+                           (hb.tiers.model_dump_json(), hb.h2d_gbps, node_id))
             _replace_cache(db, node_id, hb.cached, node.persistent_nvme)
             known = {r["instance_id"]: _instance(r)
                      for r in db.execute("SELECT * FROM instances WHERE node_id = ?", (node_id,))}

@@ -119,6 +119,10 @@ def test_a_registration_with_no_job_id_or_url_is_a_400_naming_it(tmp_path, field
     ({"cached": [{"model": "m", "tier": "dram", "bytes": 1, "last_used": 1.5e12}]}, "cached.0.last_used"),
     ({"cached": [{"model": "m", "tier": "dram", "bytes": "1"}]}, "cached.0.bytes"),
     ({"instances": [INSTANCE] * (MAX_NODE_INSTANCES + 1)}, "instances"),
+    # A node's tiers measured again: bounded as at registration, and a host-to-device rate only with them.
+    ({"tiers": {"nvme": {"read_gbps": 1e200}}}, "tiers.nvme.read_gbps"),
+    ({"tiers": {}, "h2d_gbps": "12"}, "h2d_gbps"),
+    ({"h2d_gbps": 12.0}, None),
 ])
 def test_a_bad_heartbeat_field_is_a_400_naming_it(tmp_path, body, param):
     h, client = _agents(tmp_path)

@@ -290,6 +290,19 @@ def test_heartbeat_merges_instances_and_records_cold_starts(registry):
     assert registry.instances() == []
 
 
+def test_a_heartbeat_with_tiers_measured_again_replaces_the_nodes_rates_and_keeps_its_instances(registry):
+    registry.register_node(registration(), NOW)
+    reservation = registry.reserve_instance("m", "n1", [1], NOW, None)
+    registry.heartbeat("n1", Heartbeat(instances=[inst("i1")]), NOW + 1)
+    remeasured = Tiers(dram=TierInfo(read_gbps=12), nvme=TierInfo(read_gbps=5.5, scope="persistent"))
+    registry.heartbeat("n1", Heartbeat(instances=[inst("i1")], tiers=remeasured, h2d_gbps=20.0), NOW + 2)
+    node = registry.get_node("n1")
+    assert (node.tiers, node.h2d_gbps) == (remeasured, 20.0)
+    assert sorted(i.instance_id for i in registry.instances()) == sorted(["i1", reservation])
+    registry.heartbeat("n1", Heartbeat(instances=[inst("i1")]), NOW + 3)  # no tiers: the rates stay
+    assert registry.get_node("n1").tiers == remeasured
+
+
 def test_heartbeat_keeps_unconfirmed_reservations_and_drops_failed_instances(registry):
     registry.register_node(registration(), NOW)
     reservation = registry.reserve_instance("m", "n1", [1], NOW, None)
