@@ -107,6 +107,9 @@ class NodeConfig(Section):
     # Bytes of the start-up bandwidth probes (tier read: NVMe folder and shared FS; memcpy; host-to-device).
     probe_bytes: int = Field(128 * 1024**2, ge=4096)
     memcpy_probe_bytes: int = Field(64 * 1024**2, ge=4096)
+    # The probes' result is saved on the node: a later agent there registers with it at once (no probe on its start
+    # path) while it is this recent, and probes again in the background once the node is idle; 0: probe at start.
+    probe_max_age_seconds: float = Field(7 * 24 * 3600.0, ge=0)
     # Also read probe files with every (mode, threads, block size) of hpcllm.store.tuning's sweep; workers then load
     # with the fastest (docs/loader.md, "Read settings from the node's probe"). About 60 reads of probe_bytes, in the
     # background after registering; the result is saved on the node and reused by later agents for this long.

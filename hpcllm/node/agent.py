@@ -1,8 +1,10 @@
 """The node agent daemon: one per node, inside a Slurm job (docs/node-agent.md).
 
-Life: measure the tiers (probes.py) -> serve the agent API (app.py) -> register with the controller -> heartbeat
-(instances + cache lists; 404 unknown_node means register again), with the read sweep in the background unless a
-recent one was saved on this node (read_sweep.py), until the drain signal or SIGTERM -> drain
+Life: the tiers' rates (saved on this node by an earlier agent, else measured now: probes.py) -> serve the agent API
+(app.py) -> start the spare workers -> register with the controller -> heartbeat (instances + cache lists, new tier
+rates; 404 unknown_node means register again), with the tier probes (when saved ones were used) and the read sweep
+(unless a recent one was saved) in the background once the node is idle (read_sweep.py), until the drain signal or
+SIGTERM -> drain
 (no new instances, tell the controller the instances are draining, live-migrate their running requests to
 instances on other nodes the controller names, within node.migrate_timeout_seconds, stop the workers gracefully,
 a last heartbeat with nothing left) -> exit 0. A repeated signal is part of the same drain.
@@ -41,17 +43,27 @@ from hpcllm.httpkit.client import check_url, error_of, internal_client
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.node.cache import CacheError
 from hpcllm.node.gpus import GpuInventory, detect_gpus
-from hpcllm.node.probes import TierMeasurements, measure_tiers, sweep_read_settings
-from hpcllm.node.read_sweep import BackgroundSweep, IdleGate, SavedSweep, saved_sweep_path, sweep_key
+from hpcllm.node.probes import PROBE_FORMAT, ProbeResult, TierMeasurements, measure_tiers, sweep_read_settings
+from hpcllm.node.read_sweep import (
+    BackgroundMeasurements,
+    IdleGate,
+    Measurement,
+    SavedResult,
+    SavedSweep,
+    measurement_key,
+    saved_sweep_path,
+)
 from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
 from hpcllm.node.workers import MigrationOutcome, WorkerManager
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
-from hpcllm.store.tuning import ReadTuning, SweepGate
+from hpcllm.store.tuning import ALLOWED_MODES, ReadTuning, SweepGate
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 GB = 1e9
+# Tier probes in the background are taken again when a start began during them, at most this many times.
+REMEASURE_TRIES = 3
 
 
 def controller_url_of(config: Config, override: str | None = None) -> str:
@@ -60,10 +72,21 @@ def controller_url_of(config: Config, override: str | None = None) -> str:
     return check_url(url, f"the controller URL (--controller-url, node.controller_url or ${CONTROLLER_URL_ENV})")
 
 
-def _tier(probe, capacity: int | None = None, scope: str | None = None) -> TierInfo | None:
-    if probe is None or probe.read_gbps <= 0:
+def _tier(read_gbps: float | None, capacity: int | None = None, scope: str | None = None) -> TierInfo | None:
+    if read_gbps is None or read_gbps <= 0:
         return None
-    return TierInfo(capacity_bytes=capacity, read_gbps=round(probe.read_gbps, 4), scope=scope)
+    return TierInfo(capacity_bytes=capacity, read_gbps=round(read_gbps, 4), scope=scope)
+
+
+def load_gbps(probe: ProbeResult | None, tuning: ReadTuning | None, swept_tier: str) -> float | None:
+    """The rate a load reads a tier at, for placement: the read sweep's best of the modes a load onto a GPU or into
+    a worker's reserved pool reads that tier with, where this node swept it (loads read with those settings:
+    several requests in flight, into one model-sized buffer), else the tier probe's one-request-at-a-time read."""
+    tuned = tuning.tiers.get(swept_tier) if tuning is not None else None
+    best = tuned.fastest(ALLOWED_MODES[(swept_tier, False)]) if tuned is not None else None
+    if best is not None:
+        return best.gbps
+    return probe.read_gbps if probe is not None else None
 
 
 def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | None):
@@ -75,13 +98,14 @@ def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | 
 
 
 class NodeAgent:
-    # The background read sweep starts after the node has been quiet this long (read_sweep.IdleGate).
+    # The background measurements start after the node has been quiet this long (read_sweep.IdleGate).
     read_sweep_quiet_seconds = 5.0
 
     def __init__(self, config: Config, *, config_path: Path | None = None, controller_url: str | None = None,
                  pinned_model: str | None = None, cache=None, gpus: GpuInventory | None = None,
                  measurements: TierMeasurements | None = None, token: str | None = None,
-                 sweep: Callable[[SweepGate], ReadTuning] | None = None):
+                 sweep: Callable[[SweepGate], ReadTuning] | None = None,
+                 probe: Callable[[bool], TierMeasurements] | None = None):
         self.config = config
         # A node token (allocation or pool; docs/security.md): the agent then never uses the cluster secret, and
         # its API and workers accept the node key the controller hands out at registration.
@@ -99,12 +123,18 @@ class NodeAgent:
         self._wake = threading.Event()
         self.workers = WorkerManager(config, run_dir, self.gpus, self.cache, config_path, on_change=self._wake.set)
         self.measurements = measurements
-        # The read sweep (probes.sweep_read_settings unless a test gives another): reused when saved recently.
+        # The tier probes (probes.measure_tiers unless a test gives another; its argument: measure host-to-device)
+        # and the read sweep (probes.sweep_read_settings): each reused when saved recently.
+        self._probe = probe or self._probe_tiers
         self._sweep_measure = sweep or self._sweep_read_settings
         self.read_tuning: ReadTuning | None = None  # what this agent's workers load with (None: tier defaults)
-        self.read_sweep: BackgroundSweep | None = None  # started after registering when no saved one was fresh
+        self.background: BackgroundMeasurements | None = None  # started after registering, when one is pending
+        self._tiers_pending = False  # saved tier rates registered with: probe again once the node is idle
         self._sweep_pending = False
-        self._sweep_stop = threading.Event()
+        self._background_stop = threading.Event()
+        # The tier rates the controller has (a registration or heartbeat it accepted carried version _rates_sent).
+        self._rates_version = 0
+        self._rates_sent = -1
         self.state = "starting"
         self.agent_url: str | None = None
         self.registered = False
@@ -125,27 +155,95 @@ class NodeAgent:
     # ------------------------------------------------------------------------------------------ measurement
 
     def measure(self) -> TierMeasurements:
-        node = self.config.node
-        self.measurements = measure_tiers(self.nvme_dir, self.config.paths.models_dir, node.probe_bytes,
-                                          node.memcpy_probe_bytes, self.gpus.count,
-                                          gpu_device=self.gpus.names[0] if self.gpus.count else None)
+        """The tier probes now (the start path without a fresh saved result), saved for the next agents."""
+        started = time.time()
+        self.measurements = self._probe(True)
+        self._log_tiers("measured")
+        self._save_tiers(self.measurements, started)
+        return self.measurements
+
+    def _probe_tiers(self, with_h2d: bool) -> TierMeasurements:
+        node, gpus = self.config.node, self.gpus.count if with_h2d else 0
+        return measure_tiers(self.nvme_dir, self.config.paths.models_dir, node.probe_bytes, node.memcpy_probe_bytes,
+                             gpus, gpu_device=self.gpus.names[0] if gpus else None)
+
+    def _log_tiers(self, how: str) -> None:
         m = self.measurements
-        log.info("tiers of %s: nvme %s GB/s (%s), sharedfs %s GB/s, dram %s GB/s, h2d %s GB/s; %d GPUs (%s)",
-                 self.node_id, *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.nvme,)),
+        log.info("tiers of %s (%s): nvme %s GB/s (%s), sharedfs %s GB/s, dram %s GB/s, h2d %s GB/s; %d GPUs (%s)",
+                 self.node_id, how, *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.nvme,)),
                  m.nvme.mode if m.nvme else "-",
                  *(f"{p.read_gbps:.2f}" if p else "-" for p in (m.sharedfs, m.dram, m.h2d)),
                  self.gpus.count, self.gpus.source)
-        return m
+
+    def saved_tiers(self) -> SavedResult:
+        """This node's saved tier probes: of the same folders (and filesystems), probe sizes, first GPU and version."""
+        node, models_dir = self.config.node, self.config.paths.models_dir
+        path = saved_sweep_path(self.nvme_dir, node.nvme_scope, self.config.paths.state_dir, self.node_id,
+                                "tier-probe.json")
+        # The configured NVMe folder, not its expansion: a job-scoped one (/scratch/%j) is new in every job.
+        key = {**measurement_key(self.node_id, self.nvme_dir, models_dir, node.probe_bytes, fmt=PROBE_FORMAT),
+               "nvme_dir": str(node.nvme_dir), "models_dir": str(models_dir),
+               "memcpy_probe_bytes": node.memcpy_probe_bytes,
+               "h2d_gpu": self.gpus.names[0] if self.gpus.count else None}
+        return SavedResult(path, key, node.probe_max_age_seconds, what="tier probes", field="tiers",
+                           max_age_key="node.probe_max_age_seconds", again="probing the tiers at start",
+                           decode=self._registrable_tiers, encode=TierMeasurements.to_dict)
+
+    def _registrable_tiers(self, data: dict) -> TierMeasurements:
+        """Saved tier rates the controller takes (a pydantic ValidationError, a ValueError, for one it would not)."""
+        measured = TierMeasurements.from_dict(data)
+        self.rates(measured)
+        return measured
+
+    def prepare_tiers(self) -> bool:
+        """The tiers' rates to register with: a fresh saved measurement at once (probed again in the background once
+        the node is idle), else the probes now. True when they were probed now."""
+        try:  # the probe would make it: the keys of saved results name its filesystem (a job's scratch is new)
+            self.nvme_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("cannot make the NVMe folder %s: %s", self.nvme_dir, exc)
+        saved = self.saved_tiers().load()
+        if saved is None:
+            self.measure()
+            return True
+        self.measurements = saved
+        self._tiers_pending = True
+        self._log_tiers("saved by an earlier agent")
+        return False
+
+    def _save_tiers(self, measured: TierMeasurements, measured_at: float) -> None:
+        saved = self.saved_tiers()
+        try:
+            saved.save(measured, measured_at)
+        except OSError as exc:
+            log.warning("cannot save the tier probes in %s (%s): the next agent probes at start", saved.path, exc)
+
+    def _remeasure_tiers(self, gate: SweepGate) -> TierMeasurements:
+        """The tier probes again once the node is idle, again when a start began during them. Host-to-device only
+        while no worker holds a GPU (the probe's CUDA context and copy would take its memory and PCIe bandwidth)."""
+        for _ in range(REMEASURE_TRIES):
+            token = gate.wait()
+            measured = self._probe(not self.workers.gpus_in_use())
+            if not gate.disturbed(token):
+                break
+            log.info("a start began during the tier probes: probing again")
+        return measured
+
+    def _tiers_remeasured(self, measured: TierMeasurements, measured_at: float) -> None:
+        self.measurements = measured.keeping(self.measurements or TierMeasurements())  # a skipped probe: kept
+        self._log_tiers("measured again in the background")
+        self._save_tiers(self.measurements, measured_at)
+        self._rates_changed()
 
     def saved_sweep(self) -> SavedSweep:
         node = self.config.node
         path = saved_sweep_path(self.nvme_dir, node.nvme_scope, self.config.paths.state_dir, self.node_id)
-        key = sweep_key(self.node_id, self.nvme_dir, self.config.paths.models_dir, node.probe_bytes)
+        key = measurement_key(self.node_id, self.nvme_dir, self.config.paths.models_dir, node.probe_bytes)
         return SavedSweep(path, key, node.read_sweep_max_age_seconds)
 
     def prepare_read_settings(self) -> None:
         """A fresh saved sweep: workers load with it from the start. Otherwise they load with the tier defaults
-        until the background sweep (start_read_sweep, after registering) writes its result."""
+        until the background sweep (start_background_measurements, after registering) writes its result."""
         if not self.config.node.read_sweep:
             return
         saved = self.saved_sweep().load()
@@ -159,24 +257,32 @@ class NodeAgent:
         self.read_tuning = tuning
         self.workers.set_read_tuning(tuning)
 
-    def start_read_sweep(self) -> BackgroundSweep | None:
-        """The sweep in a background thread, yielding to loads; never before registering (cold-start path)."""
-        if not self._sweep_pending or self._sweep_stop.is_set():
+    def start_background_measurements(self) -> BackgroundMeasurements | None:
+        """The pending measurements (tier probes, then the read sweep) in a background thread, yielding to loads;
+        never before registering (cold-start path)."""
+        steps = []
+        if self._tiers_pending:
+            steps.append(Measurement("tier probes", self._remeasure_tiers, self._tiers_remeasured))
+        if self._sweep_pending:
+            steps.append(Measurement("read sweep", self._sweep_measure, self._sweep_finished))
+        if not steps or self._background_stop.is_set():
             return None
-        self._sweep_pending = False
-        gate = IdleGate(self.workers.busy, lambda: self.workers.starts, self._sweep_stop,
+        self._tiers_pending = self._sweep_pending = False
+        gate = IdleGate(self.workers.busy, lambda: self.workers.starts, self._background_stop,
                         quiet_seconds=self.read_sweep_quiet_seconds)
-        self.read_sweep = BackgroundSweep(self._sweep_measure, gate, self._sweep_finished)
-        self.read_sweep.start()
-        return self.read_sweep
+        self.background = BackgroundMeasurements(steps, gate)
+        self.background.start()
+        return self.background
 
     def _sweep_read_settings(self, gate: SweepGate) -> ReadTuning:
         return sweep_read_settings(self.nvme_dir, self.config.paths.models_dir, self.config.node.probe_bytes, gate)
 
     def _sweep_finished(self, tuning: ReadTuning, measured_at: float) -> None:
         if not tuning.tiers:
-            return  # nothing measured: loads keep the defaults, and the next agent tries again
+            log.info("the read sweep measured no tier: loads keep the tier defaults")
+            return  # the next agent tries again
         self.use_read_tuning(tuning)
+        self._rates_changed()  # placement now counts with the rates its loads read at
         saved = self.saved_sweep()
         try:
             saved.save(tuning, measured_at)
@@ -213,14 +319,26 @@ class NodeAgent:
                                                                      info.tensor_parallel})
                 for info in self.workers.infos()]
 
+    def rates(self, measured: TierMeasurements | None = None) -> tuple[Tiers, float | None]:
+        """(tiers, h2d_gbps) as the controller places with them: the tier probes' figures (`measured`, else this
+        agent's), the file tiers' read rates from the read sweep where there is one (load_gbps)."""
+        m = measured or self.measurements or TierMeasurements()
+        node, tuning = self.config.node, self.read_tuning
+        tiers = Tiers(dram=_tier(m.dram and m.dram.read_gbps, int(node.dram_capacity_gb * GB)),
+                      nvme=_tier(load_gbps(m.nvme, tuning, "disk"), self._nvme_capacity(), node.nvme_scope),
+                      sharedfs=_tier(load_gbps(m.sharedfs, tuning, "sharedfs")))
+        return tiers, round(m.h2d.read_gbps, 4) if m.h2d else None
+
+    def _rates_changed(self) -> None:
+        """New tier rates: the next heartbeat carries them (sent now)."""
+        self._rates_version += 1
+        self.wake_heartbeat()
+
     def registration(self) -> NodeRegistration:
-        m = self.measurements or TierMeasurements()
-        scope = self.config.node.nvme_scope
-        tiers = Tiers(dram=_tier(m.dram, int(self.config.node.dram_capacity_gb * GB)),
-                      nvme=_tier(m.nvme, self._nvme_capacity(), scope), sharedfs=_tier(m.sharedfs))
-        return NodeRegistration(node_id=self.node_id, agent_url=self.agent_url or "http://unbound", slurm_job_id=self.job_id,
-                                job_scoped=scope == "job", gpus=self.gpus.count, tiers=tiers,
-                                h2d_gbps=round(m.h2d.read_gbps, 4) if m.h2d else None, cached=self.cache_entries(),
+        tiers, h2d_gbps = self.rates()
+        return NodeRegistration(node_id=self.node_id, agent_url=self.agent_url or "http://unbound",
+                                slurm_job_id=self.job_id, job_scoped=self.config.node.nvme_scope == "job",
+                                gpus=self.gpus.count, tiers=tiers, h2d_gbps=h2d_gbps, cached=self.cache_entries(),
                                 pool_model=self.pinned_model)
 
     # ----------------------------------------------------------------------------------------------- server
@@ -250,9 +368,11 @@ class NodeAgent:
         delay = 0.5
         while not self._drain_requested.is_set():
             try:
+                version = self._rates_version
                 resp = self._post("/v1/internal/nodes/register", self.registration())
                 if resp.status_code == 200:
                     answer = RegisterResponse.model_validate(resp.json())
+                    self._rates_sent = version
                     self.heartbeat_seconds = answer.heartbeat_seconds or self.heartbeat_seconds
                     if self.token:
                         if not answer.node_key:
@@ -275,8 +395,11 @@ class NodeAgent:
 
     def heartbeat(self) -> bool:
         """One heartbeat; registers again when the controller does not know this node. False if it failed."""
+        version, rates = self._rates_version, {}
+        if version != self._rates_sent:  # measured again since the controller last heard: it places with these
+            rates = dict(zip(("tiers", "h2d_gbps"), self.rates()))
         body = Heartbeat(cached=self.cache_entries(), instances=self.instance_infos(),
-                         draining=self.state in ("draining", "stopped"))
+                         draining=self.state in ("draining", "stopped"), **rates)
         try:
             resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body)
         except httpx.HTTPError as exc:
@@ -289,6 +412,8 @@ class NodeAgent:
         if resp.status_code != 200:
             log.warning("heartbeat answered HTTP %d: %s", resp.status_code, resp.text[:300])
             return False
+        if rates:
+            self._rates_sent = version
         return True
 
     def _heartbeat_loop(self) -> None:
@@ -438,7 +563,7 @@ class NodeAgent:
             if self._drained.is_set():
                 return
             self._drain_requested.set()
-            self._sweep_stop.set()  # the disk is for the drain now; the next agent sweeps
+            self._background_stop.set()  # the disk is for the drain now; the next agent measures
             self.state = "draining"
             self.workers.accepting = False
             for inst in self.workers.instances():
@@ -474,19 +599,22 @@ class NodeAgent:
                         "slurm.signal_seconds = %d s: a drain at the time limit may be cut short", needed, lead)
 
     def run(self, app_factory) -> int:
-        """Measure, serve, register, heartbeat until a drain; returns the exit status (0 after a clean drain)."""
+        """Measure (or take saved rates), serve, start spares, register, heartbeat until a drain; returns the exit
+        status (0 after a clean drain)."""
         self.install_signal_handlers()
         self.check_drain_budget()
-        self.measure()
+        self.prepare_tiers()  # saved: no probe now, they run again in the background once the node is idle
         self.prepare_read_settings()
         self.start_server(app_factory(self))
+        # Spares import while the agent registers: the probes a spare's imports would disturb are done by now (or
+        # were not needed), and the first placement follows the registration within a second.
+        self.workers.ensure_spares()
         if self.register():
             self.state = "up"
-            self.workers.ensure_spares()  # after the probes, which a spare's imports would disturb
             heartbeats = threading.Thread(target=self._heartbeat_loop, name="heartbeats", daemon=True)
             heartbeats.start()
             self._wake.set()  # first heartbeat (and pinned model) at once
-            self.start_read_sweep()  # waits while the first loads run (IdleGate)
+            self.start_background_measurements()  # waits while the first loads run (IdleGate)
         while not self._drain_requested.wait(1.0):
             pass
         self.drain()
@@ -494,9 +622,9 @@ class NodeAgent:
         return 0
 
     def shutdown(self) -> None:
-        self._sweep_stop.set()
-        if self.read_sweep is not None:
-            self.read_sweep.join(30.0)  # stops before its next configuration; its probe files are removed
+        self._background_stop.set()
+        if self.background is not None:
+            self.background.join(30.0)  # stops before its next configuration; its probe files are removed
         if self._server is not None:
             self._server.stop()
         self.workers.close()

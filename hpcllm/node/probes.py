@@ -23,13 +23,14 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from hpcllm.store.memory import HostBuffer, round_up
@@ -40,6 +41,7 @@ from hpcllm.store.tuning import ReadTuning, SweepGate, TierTuning, measure_tier
 log = logging.getLogger(__name__)
 
 BLOCK = 16 * 1024 * 1024
+PROBE_FORMAT = 1  # of the saved tier measurements (TierMeasurements.to_dict): bump when the probes measure differently
 PAGE = 4096
 GB = 1e9
 
@@ -52,6 +54,21 @@ class ProbeResult:
     seconds: float
     note: str | None = None
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProbeResult":
+        """A saved result; ValueError or TypeError for what no probe measured (a corrupt or edited file)."""
+        numbers = [data["read_gbps"], data["seconds"], data["bytes"]]
+        if any(isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) for n in numbers):
+            raise ValueError(f"read_gbps, seconds and bytes are finite numbers, not {numbers}")
+        if not data["read_gbps"] > 0 or not isinstance(data["mode"], str) or \
+                not isinstance(data.get("note"), (str, type(None))):
+            raise ValueError("a probe result has read_gbps > 0, a mode and a note that is text or null")
+        return cls(float(data["read_gbps"]), data["mode"], int(data["bytes"]), float(data["seconds"]),
+                   data.get("note"))
+
+
+TIERS = ("nvme", "sharedfs", "dram", "h2d")
+
 
 @dataclass
 class TierMeasurements:
@@ -60,6 +77,21 @@ class TierMeasurements:
     dram: ProbeResult | None = None
     h2d: ProbeResult | None = None
     notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TierMeasurements":
+        notes = data.get("notes", [])
+        if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+            raise ValueError("notes is a list of texts")
+        return cls(**{t: ProbeResult.from_dict(data[t]) if data.get(t) is not None else None for t in TIERS},
+                   notes=notes)
+
+    def keeping(self, previous: "TierMeasurements") -> "TierMeasurements":
+        """These figures, with `previous`'s where this measurement has none (a probe that failed or was skipped)."""
+        return TierMeasurements(**{t: getattr(self, t) or getattr(previous, t) for t in TIERS}, notes=self.notes)
 
 
 def _probe_name() -> str:

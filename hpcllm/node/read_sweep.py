@@ -1,17 +1,20 @@
-"""The read-settings sweep off the cold-start path (docs/node-agent.md, "Read tuning").
+"""The node's measurements off the cold-start path (docs/node-agent.md, "Start-up measurements", "Read tuning").
 
-The sweep (probes.sweep_read_settings: ~60 reads of node.probe_bytes, 3-20 s) finds how this node's tiers read
-fastest. A cold start must not wait for it, so the agent:
-  1. looks for a saved result of an earlier agent on this node (`SavedSweep`): one measured with the same key (the
-     folders' filesystems, the probe size, the node, the file format) no older than node.read_sweep_max_age_seconds
-     is used at once, and nothing is swept;
-  2. otherwise registers and serves with the tier defaults, and sweeps in a background thread (`BackgroundSweep`)
-     that yields to loads (`IdleGate`): it waits while a worker loads, a spare imports or a loaded copy is cached,
-     and measures a configuration again when one of those began during it; then it saves the result for the next
-     workers (the run folder's read-tuning.json) and the next agents (`SavedSweep`).
+The read sweep (probes.sweep_read_settings: ~60 reads of node.probe_bytes, 3-20 s) finds how this node's tiers read
+fastest; the tier probes (probes.measure_tiers, about a second, more under load) give placement the tiers' rates. A
+cold start should wait for neither, so the agent:
+  1. looks for saved results of an earlier agent on this node (`SavedResult`, `SavedSweep`): one measured with the
+     same key (the folders and their filesystems, the probe sizes, the node, hpcllm's version, the file format) no
+     older than its max age is used at once, and measured again only in the background;
+  2. measures in a background thread (`BackgroundMeasurements`: tier probes first, then the sweep) that yields to
+     loads (`IdleGate`): it waits while a worker loads, a spare imports or a loaded copy is cached, and measures
+     again what one of those began during; then it saves the results for the next workers (the run folder's
+     read-tuning.json) and the next agents.
+Tier probes without a fresh saved result run on the start path, before the agent serves (and before its spares).
 
-Where the saved result lives: `<nvme_dir>/.hpcllm-read-tuning.json` when the NVMe folder is persistent (it survives
-the job, and the cache manager ignores dot files), else `<state_dir>/node/<node>/read-tuning.json`.
+Where a saved result lives: `<nvme_dir>/.hpcllm-<name>` when the NVMe folder is persistent (it survives the job, and
+the cache manager ignores dot files), else `<state_dir>/node/<node>/<name>`; names read-tuning.json (the sweep) and
+tier-probe.json (the tier probes).
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from hpcllm.store.tuning import ReadTuning, SweepCancelled, SweepGate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SWEEP_FORMAT = 1  # bump when the sweep measures differently: older saved results are then measured again
-SAVED_NAME_IN_NVME = ".hpcllm-read-tuning.json"
 
 
 def folder_device(folder: Path) -> int | None:
@@ -39,18 +43,22 @@ def folder_device(folder: Path) -> int | None:
         return None
 
 
-def sweep_key(node: str, nvme_dir: Path, models_dir: Path, probe_bytes: int) -> dict:
-    """What a saved result must match to be reused: a sweep of other filesystems or sizes says nothing here."""
+def measurement_key(node: str, nvme_dir: Path, models_dir: Path, probe_bytes: int, fmt: int = SWEEP_FORMAT) -> dict:
+    """What a saved result must match to be reused: a measurement of other filesystems or sizes (or by another
+    version, or format `fmt`) says nothing here."""
     from hpcllm.version import __version__
 
-    return {"format": SWEEP_FORMAT, "hpcllm": __version__, "node": node, "probe_bytes": probe_bytes,
+    return {"format": fmt, "hpcllm": __version__, "node": node, "probe_bytes": probe_bytes,
             "disk_device": folder_device(nvme_dir), "sharedfs_device": folder_device(models_dir)}
 
 
-def saved_sweep_path(nvme_dir: Path, nvme_scope: str, state_dir: Path, node: str) -> Path:
+def saved_sweep_path(nvme_dir: Path, nvme_scope: str, state_dir: Path, node: str,
+                     name: str = "read-tuning.json") -> Path:
+    """Where a node's saved result `name` lives: beside the cache on persistent NVMe (as a dot file), else in the
+    state folder (job-scoped scratch vanishes with the job)."""
     if nvme_scope == "persistent":
-        return nvme_dir / SAVED_NAME_IN_NVME
-    return state_dir / "node" / node / "read-tuning.json"  # job-scoped scratch vanishes with the job
+        return nvme_dir / f".hpcllm-{name}"
+    return state_dir / "node" / node / name
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -64,46 +72,62 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class SavedSweep:
-    """One node's saved sweep result: {"format", "key", "measured_at", "tuning"}."""
+class SavedResult:
+    """One node's saved measurement: {"format", "key", "measured_at", field: encode(result)}, reused by later
+    agents on the node while it is of their key and no older than max_age_seconds. decode raises ValueError,
+    KeyError or TypeError on what it cannot take (the file is then ignored as corrupt)."""
 
-    def __init__(self, path: Path, key: dict, max_age_seconds: float):
+    def __init__(self, path: Path, key: dict, max_age_seconds: float, *, what: str, field: str, max_age_key: str,
+                 again: str, decode: Callable[[dict], T], encode: Callable[[T], dict]):
         self.path, self.key, self.max_age_seconds = Path(path), key, max_age_seconds
+        self.what, self.field, self.max_age_key, self.again = what, field, max_age_key, again
+        self.decode, self.encode = decode, encode
 
-    def load(self, now: float | None = None) -> ReadTuning | None:
-        """The saved tuning when it is fresh and of this key; None (with a log line saying why) otherwise."""
+    def load(self, now: float | None = None) -> T | None:
+        """The saved result when it is fresh and of this key; None (with a log line saying why) otherwise."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
-            log.info("no saved read sweep at %s: sweeping in the background after registering", self.path)
+            log.info("no saved %s at %s: %s", self.what, self.path, self.again)
             return None
         except OSError as exc:
-            log.warning("cannot read the saved read sweep %s (%s): sweeping again", self.path, exc)
+            log.warning("cannot read the saved %s %s (%s): %s", self.what, self.path, exc, self.again)
             return None
         try:
             data = json.loads(text)
             key, measured_at = data["key"], float(data["measured_at"])
-            tuning = ReadTuning.from_dict(data["tuning"])
+            result = self.decode(data[self.field])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("ignoring the corrupt saved read sweep %s (%s: %s): sweeping again", self.path,
-                        type(exc).__name__, exc)
+            log.warning("ignoring the corrupt saved %s %s (%s: %s): %s", self.what, self.path,
+                        type(exc).__name__, exc, self.again)
             return None
         if key != self.key:
             changed = sorted(k for k in set(key) | set(self.key) if key.get(k) != self.key.get(k))
-            log.info("the saved read sweep %s measured something else (%s differ): sweeping again", self.path,
-                     ", ".join(changed))
+            log.info("the saved %s %s measured something else (%s differ): %s", self.what, self.path,
+                     ", ".join(changed), self.again)
             return None
         age = (time.time() if now is None else now) - measured_at
         if not 0 <= age <= self.max_age_seconds:
-            log.info("the saved read sweep %s is %.0f s old (node.read_sweep_max_age_seconds = %.0f): sweeping again",
-                     self.path, age, self.max_age_seconds)
+            log.info("the saved %s %s is %.0f s old (%s = %.0f): %s", self.what, self.path, age, self.max_age_key,
+                     self.max_age_seconds, self.again)
             return None
-        log.info("using the read sweep saved %.0f s ago in %s", age, self.path)
-        return tuning
+        log.info("using the %s saved %.0f s ago in %s", self.what, age, self.path)
+        return result
 
-    def save(self, tuning: ReadTuning, measured_at: float) -> None:
-        body = {"format": SWEEP_FORMAT, "key": self.key, "measured_at": measured_at, "tuning": tuning.to_dict()}
+    def save(self, result: T, measured_at: float) -> None:
+        body = {"format": self.key.get("format"), "key": self.key, "measured_at": measured_at,
+                self.field: self.encode(result)}
         write_atomically(self.path, json.dumps(body, indent=1))
+
+
+class SavedSweep(SavedResult):
+    """The read sweep's saved result (node.read_sweep_max_age_seconds)."""
+
+    def __init__(self, path: Path, key: dict, max_age_seconds: float):
+        super().__init__(path, key, max_age_seconds, what="read sweep", field="tuning",
+                         max_age_key="node.read_sweep_max_age_seconds",
+                         again="sweeping in the background after registering",
+                         decode=ReadTuning.from_dict, encode=ReadTuning.to_dict)
 
 
 class IdleGate(SweepGate):
@@ -135,31 +159,41 @@ class IdleGate(SweepGate):
         return self.starts() != token or self.busy()
 
 
-class BackgroundSweep:
-    """Runs `measure(gate)` once in a daemon thread, then `on_result(tuning, measured_at)`. Errors are logged:
-    loads keep the tier defaults."""
+@dataclass
+class Measurement:
+    """One background measurement: `measure(gate)`, then `on_result(result, measured_at)` (Unix time it began)."""
 
-    def __init__(self, measure: Callable[[SweepGate], ReadTuning], gate: SweepGate,
-                 on_result: Callable[[ReadTuning, float], None]):
-        self.measure, self.gate, self.on_result = measure, gate, on_result
+    what: str  # for the logs: "tier probes", "read sweep"
+    measure: Callable[[SweepGate], object]
+    on_result: Callable[[object, float], None]
+
+
+class BackgroundMeasurements:
+    """Runs measurements one after another in a daemon thread (two never share the disk), all behind one gate.
+    Errors are logged and the next one runs (loads keep what they had); a cancelled one (SweepCancelled: the
+    agent drains) ends them all."""
+
+    def __init__(self, steps: list[Measurement], gate: SweepGate):
+        self.steps, self.gate = steps, gate
         self.done = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="read-sweep", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="background-measurements", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        started = time.time()
         try:
-            tuning = self.measure(self.gate)
-            self.on_result(tuning, started)
-            log.info("read sweep done in %.1f s: %s", time.time() - started,
-                     ", ".join(sorted(tuning.tiers)) or "no tier could be measured")
-        except SweepCancelled as exc:
-            log.info("read sweep cancelled: %s", exc)
-        except Exception:
-            log.exception("read sweep failed: loads keep the tier defaults")
+            for step in self.steps:
+                started = time.time()
+                try:
+                    step.on_result(step.measure(self.gate), started)
+                    log.info("%s done in %.1f s", step.what, time.time() - started)
+                except SweepCancelled as exc:
+                    log.info("%s cancelled: %s", step.what, exc)
+                    return
+                except Exception:
+                    log.exception("%s failed: loads and placement keep the figures they had", step.what)
         finally:
             self.done.set()
 

@@ -453,13 +453,20 @@ class WorkerManager:
             return max(1, cpus * len(gpu_ids) // max(1, self.gpus.count) // ranks)
         return max(1, cpus // self.config.controller.cpu_slots_per_node // ranks)
 
-    def _environment(self, gpu_ids: list[int], ranks: int = 1) -> dict[str, str]:
+    def _worker_key(self) -> str:
+        if self.key is None:
+            raise InstanceError("this node has no key for its workers yet (not registered with the controller)")
+        return self.key
+
+    def _environment(self, gpu_ids: list[int], ranks: int = 1, key_later: bool = False) -> dict[str, str]:
+        """key_later: a spare's, which may start before the agent registered; its assignment carries the key."""
         env = dict(os.environ)
         if ranks > 1 and os.geteuid() == 0:  # OpenMPI refuses root without both (the dev cluster runs as root)
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        if self.key is None:
-            raise InstanceError("this node has no key for its workers yet (not registered with the controller)")
-        env[SECRET_ENV] = self.key
+        env.pop(SECRET_ENV, None)
+        key = self.key if key_later else self._worker_key()
+        if key is not None:
+            env[SECRET_ENV] = key
         for name in (TOKEN_ENV, TOKEN_FILE_ENV):  # the agent's own credential: a worker never needs it
             env.pop(name, None)
         if self.read_tuning_path is not None:  # loads read with the settings the node's probe found fastest
@@ -505,7 +512,9 @@ class WorkerManager:
 
     def _spawn_spare(self) -> Spare:
         log_path = self.run_dir / f"spare-{uuid.uuid4().hex[:8]}.log"
-        env = self._environment([])  # no GPU until assigned: CUDA must not start before it knows its devices
+        # No GPU until assigned: CUDA must not start before it knows its devices. No key where the agent has not
+        # registered yet (its spare starts while it registers): the assignment brings it.
+        env = self._environment([], key_later=True)
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # torch.cuda.is_available() without initialising CUDA
         env[HOST_POOL_ENV] = str(self._spare_pool_bytes())
         # The spare starts the model process too where a CPU worker of hpcllm's engine would use one.
@@ -533,7 +542,9 @@ class WorkerManager:
 
     def _assign_spare(self, req: StartInstance, path: Path, url_file: Path, log_path: Path,
                       cache_into: Path | None = None) -> subprocess.Popen | None:
-        """Hand the instance to a live spare (its log becomes the instance's log); None when there is none."""
+        """Hand the instance to a live spare (its log becomes the instance's log); None when there is none. The key
+        goes with the assignment: the spare may have started before the agent registered and knew it."""
+        key = self._worker_key()
         while self._spares:
             spare = self._spares[0]
             if spare.process.poll() is not None:
@@ -545,7 +556,8 @@ class WorkerManager:
                 url_file=str(url_file), config_path=str(self.config_path) if self.config_path else None,
                 max_model_len=req.max_model_len, threads=self.threads_for(req.gpu_ids),
                 cache_into=str(cache_into) if cache_into is not None else None,
-                env={"CUDA_VISIBLE_DEVICES": self.gpus.visible_devices(req.gpu_ids) if req.gpu_ids else ""})
+                env={"CUDA_VISIBLE_DEVICES": self.gpus.visible_devices(req.gpu_ids) if req.gpu_ids else "",
+                     SECRET_ENV: key})
             try:
                 spare.process.stdin.write(assignment.model_dump_json().encode() + b"\n")
                 spare.process.stdin.close()

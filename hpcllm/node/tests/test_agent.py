@@ -35,7 +35,7 @@ def converted(tiny_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, **node) -> NodeAgent:
+def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, probe=None, **node) -> NodeAgent:
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -49,7 +49,7 @@ def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, **node) -> NodeAgent:
     measurements = TierMeasurements(nvme=ProbeResult(2.0, "odirect", 1, 1), sharedfs=ProbeResult(1.0, "buffered", 1, 1),
                                     dram=ProbeResult(20.0, "memcpy", 1, 1))
     return NodeAgent(config, cache=cache, gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
-                     measurements=measurements, sweep=sweep)
+                     measurements=measurements, sweep=sweep, probe=probe)
 
 
 @pytest.fixture

@@ -170,7 +170,6 @@ def test_gpu_discovery_agrees_with_cuda_on_a_real_gpu():
 def test_the_agents_background_sweep_measures_each_tier_and_hands_the_result_to_its_workers(tmp_path):
     import json
 
-    from hpcllm.node.read_sweep import SAVED_NAME_IN_NVME
     from hpcllm.node.tests.test_agent import make_agent
     from hpcllm.store.tuning import TUNING_ENV, ReadTuning, choose_read_plan
 
@@ -182,7 +181,7 @@ def test_the_agents_background_sweep_measures_each_tier_and_hands_the_result_to_
         agent.prepare_read_settings()
         env = agent.workers._environment([])
         assert not os.path.exists(env[TUNING_ENV])  # workers started before the sweep ends use the tier defaults
-        sweep = agent.start_read_sweep()  # the real sweep, in its thread
+        sweep = agent.start_background_measurements()  # the real sweep, in its thread
         assert sweep.done.wait(120)
         tuning = agent.read_tuning
         assert set(tuning.tiers) == {"disk", "sharedfs"}
@@ -201,7 +200,8 @@ def test_the_agents_background_sweep_measures_each_tier_and_hands_the_result_to_
             fastest = disk.fastest((mode,))
             assert (plan.mode, plan.threads, plan.block_bytes) == (mode, fastest.threads, fastest.block_bytes)
         # no probe file left; the NVMe folder keeps the result for the next agents on this node
-        assert [p.name for p in agent.nvme_dir.iterdir()] == [SAVED_NAME_IN_NVME]
+        assert sorted(p.name for p in agent.nvme_dir.iterdir()) == [".hpcllm-read-tuning.json",
+                                                                    ".hpcllm-tier-probe.json"]
         assert list((tmp_path / "models").iterdir()) == []
     finally:
         agent.workers.close()

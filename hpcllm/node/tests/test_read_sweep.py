@@ -84,7 +84,7 @@ def test_the_agent_registers_without_waiting_for_the_sweep_and_saves_it_afterwar
             time.sleep(0.02)
         registered_at.append(time.monotonic())
         deadline = time.monotonic() + 60
-        while (agent.read_sweep is None or not agent.read_sweep.done.is_set()) and time.monotonic() < deadline:
+        while (agent.background is None or not agent.background.done.is_set()) and time.monotonic() < deadline:
             time.sleep(0.05)
         agent.request_drain("test over")
 
@@ -108,12 +108,12 @@ def test_a_second_agent_uses_the_saved_sweep_at_once(tmp_path, monkeypatch):
     box = []
     first = prepared(tmp_path, SlowSweep(box, seconds=0.0))
     box.append(first)
-    assert first.start_read_sweep().done.wait(30)
+    assert first.start_background_measurements().done.wait(30)
 
     second = prepared(tmp_path, fail_if_swept)  # the next job's agent on the same node
     try:
         assert second.read_tuning == first.read_tuning
-        assert second.start_read_sweep() is None
+        assert second.start_background_measurements() is None
         # its workers load with it from the start
         assert ReadTuning.load(second.workers._environment([])[TUNING_ENV]) == first.read_tuning
     finally:
@@ -133,7 +133,7 @@ def test_an_expired_foreign_or_corrupt_saved_sweep_is_measured_again(tmp_path, m
     box = []
     first = prepared(tmp_path, SlowSweep(box, seconds=0.0))
     box.append(first)
-    assert first.start_read_sweep().done.wait(30)
+    assert first.start_background_measurements().done.wait(30)
     path = first.saved_sweep().path
     spoiled = spoil(json.loads(path.read_text()))
     path.write_text(spoiled if isinstance(spoiled, str) else json.dumps(spoiled))
@@ -146,7 +146,7 @@ def test_an_expired_foreign_or_corrupt_saved_sweep_is_measured_again(tmp_path, m
     try:
         assert reason in caplog.text
         assert second.read_tuning is None  # the tier defaults until the sweep is done
-        assert second.start_read_sweep().done.wait(30) and sweep.calls == 1
+        assert second.start_background_measurements().done.wait(30) and sweep.calls == 1
         assert json.loads(path.read_text())["key"] == second.saved_sweep().key  # saved again, readable
         assert second.read_tuning is not None
     finally:
@@ -157,7 +157,7 @@ def test_an_expired_foreign_or_corrupt_saved_sweep_is_measured_again(tmp_path, m
 def test_the_sweep_is_off_when_read_sweep_is_false(tmp_path):
     agent = prepared(tmp_path, fail_if_swept, read_sweep=False)
     try:
-        assert agent.start_read_sweep() is None and TUNING_ENV not in agent.workers._environment([])
+        assert agent.start_background_measurements() is None and TUNING_ENV not in agent.workers._environment([])
     finally:
         agent.workers.close()
 
@@ -216,7 +216,7 @@ def test_a_drain_cancels_a_waiting_sweep_and_nothing_is_saved(tmp_path, monkeypa
     box.append(agent)
     monkeypatch.setattr(agent.workers, "busy", lambda: True)  # a load that does not end
     try:
-        running = agent.start_read_sweep()
+        running = agent.start_background_measurements()
         assert not running.done.wait(0.5)
         agent.drain()
         assert running.done.wait(10)

@@ -1,0 +1,247 @@
+"""A node agent's start on a node an agent ran on before: it registers with the tier rates saved there (no probe on
+its start path), its spare starts before it registers, and it probes again in the background once the node is idle,
+sending the controller the new rates; a stale, foreign or corrupt saved result is probed at start as before."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcllm.node.app import create_app
+from hpcllm.node.probes import ProbeResult, TierMeasurements
+from hpcllm.node.protocol import StartInstance
+from hpcllm.node.tests.test_agent import SECRET, converted, make_agent, wait_for  # noqa: F401 (fixture)
+from hpcllm.node.tests.test_agent_controller import controllers  # noqa: F401 (fixture)
+from hpcllm.node.tests.test_read_sweep import restore_signals  # noqa: F401 (fixture)
+from hpcllm.store.tuning import ReadConfig, ReadTuning, TierTuning
+
+MiB = 1 << 20
+
+
+def rates(nvme: float, sharedfs: float = 1.25, dram: float = 30.0) -> TierMeasurements:
+    return TierMeasurements(nvme=ProbeResult(nvme, "odirect", MiB, 0.1),
+                            sharedfs=ProbeResult(sharedfs, "buffered", MiB, 1),
+                            dram=ProbeResult(dram, "memcpy", MiB, 0.01))
+
+
+class CountingProbe:
+    """The tier probes of a test: counts its calls, notes what the agent had done when each began, and returns
+    `figures` (the next of them on each call)."""
+
+    def __init__(self, *figures: TierMeasurements):
+        self.figures, self.calls, self.spares_during, self.registered_during = list(figures), 0, [], []
+        self.agent = None
+
+    def __call__(self, with_h2d: bool) -> TierMeasurements:
+        self.calls += 1
+        self.spares_during.append(len(self.agent.workers._spares))
+        self.registered_during.append(self.agent.registered)
+        return self.figures[min(self.calls, len(self.figures)) - 1]
+
+
+def agent_with(tmp_path, probe: CountingProbe, **node):
+    agent = make_agent(tmp_path, probe=probe, read_sweep=False, **node)
+    agent.read_sweep_quiet_seconds = 0.0
+    probe.agent = agent
+    return agent
+
+
+def save_rates(tmp_path, figures: TierMeasurements, **node) -> None:
+    """What an earlier agent on the node left: its tier probes, saved."""
+    earlier = agent_with(tmp_path, CountingProbe(figures), **node)
+    try:
+        assert earlier.prepare_tiers() is True  # nothing saved before it: it probed
+    finally:
+        earlier.workers.close()
+
+
+def controller_rates(service, node_id: str) -> tuple[float | None, float | None]:
+    [node] = [n for n in service.controller.status().nodes if n.node_id == node_id]
+    return node.tiers.nvme.read_gbps, node.tiers.sharedfs.read_gbps
+
+
+@pytest.mark.parametrize("saved", [True, False], ids=["saved-rates", "probes-at-start"])
+def test_the_spare_starts_before_registering_and_saved_rates_skip_the_probes(
+        tmp_path, controllers, monkeypatch, restore_signals, saved):  # noqa: F811
+    (service, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n5")
+    if saved:
+        save_rates(tmp_path, rates(nvme=3.5))
+    probe = CountingProbe(rates(nvme=2.5))
+    agent = agent_with(tmp_path, probe, spare_workers=1)
+    agent.controller_url = url
+    seen_at_registration = []
+    register = service.controller.register
+
+    def register_and_note(reg, *args, **kwargs):  # what the agent had done when the controller got its registration
+        seen_at_registration.append((probe.calls, len(agent.workers._spares)))
+        return register(reg, *args, **kwargs)
+
+    monkeypatch.setattr(service.controller, "register", register_and_note)
+    agent.start_background_measurements = lambda: None  # this test is about the start path alone
+
+    def drain_once_registered():
+        try:
+            wait_for(lambda: agent.registered, 60, "the registration")
+        finally:
+            agent.request_drain("test over")
+
+    watcher = threading.Thread(target=drain_once_registered, daemon=True)
+    watcher.start()
+    assert agent.run(create_app) == 0  # in the main thread: it installs its signal handlers
+    watcher.join(10)
+
+    [(probes, spares)] = seen_at_registration
+    assert spares == 1  # the spare imported while the agent registered
+    if saved:
+        assert probes == 0 and controller_rates(service, "n5") == (3.5, 1.25)  # the earlier agent's rates
+    else:
+        assert probes == 1 and probe.spares_during == [0]  # probed before any spare imported
+        assert controller_rates(service, "n5") == (2.5, 1.25)
+    assert agent.workers._spares == []  # the drain retired it
+
+
+def test_the_background_probes_update_the_rates_the_controller_places_with_and_are_saved(
+        tmp_path, controllers, monkeypatch):  # noqa: F811
+    (service, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n6")
+    save_rates(tmp_path, rates(nvme=3.5))
+    probe = CountingProbe(rates(nvme=6.0, sharedfs=0.75))
+    agent = agent_with(tmp_path, probe)
+    agent.controller_url = url
+    try:
+        assert agent.prepare_tiers() is False and probe.calls == 0
+        agent.start_server(create_app(agent))
+        assert agent.register() and controller_rates(service, "n6") == (3.5, 1.25)
+        assert agent.start_background_measurements().done.wait(30)
+        assert probe.calls == 1 and probe.registered_during == [True]  # after registering, never before
+        assert agent.heartbeat()  # the next heartbeat (woken at once by run's loop) carries the new rates
+        assert controller_rates(service, "n6") == (6.0, 0.75)
+        saved = json.loads(agent.saved_tiers().path.read_text())
+        assert saved["tiers"]["nvme"]["read_gbps"] == 6.0  # for the next agent on the node
+    finally:
+        agent.shutdown()
+
+    again = agent_with(tmp_path, CountingProbe(rates(nvme=1.0)))  # the next job's agent on the node
+    try:
+        assert again.prepare_tiers() is False and again.registration().tiers.nvme.read_gbps == 6.0
+    finally:
+        again.workers.close()
+
+
+@pytest.mark.parametrize("spoil, reason", [
+    (lambda body: {**body, "measured_at": body["measured_at"] - 8 * 24 * 3600}, "old"),
+    (lambda body: {**body, "key": {**body["key"], "probe_bytes": 64 * MiB}}, "measured something else"),
+    (lambda body: {**body, "key": {**body["key"], "nvme_dir": "/elsewhere/%j"}}, "measured something else"),
+    (lambda body: {**body, "key": {**body["key"], "hpcllm": "0.0.1"}}, "measured something else"),
+    (lambda body: {**body, "key": {**body["key"], "h2d_gpu": "3"}}, "measured something else"),
+    (lambda body: {**body, "tiers": {**body["tiers"], "nvme": {**body["tiers"]["nvme"], "read_gbps": "fast"}}},
+     "corrupt"),
+    (lambda body: {**body, "tiers": {**body["tiers"], "nvme": {**body["tiers"]["nvme"], "read_gbps": 1e9}}},
+     "corrupt"),  # beyond what the controller takes (MAX_GBPS): registering with it would fail
+    (lambda body: "{not json", "corrupt"),
+])
+def test_a_stale_foreign_or_corrupt_saved_result_is_probed_at_start(tmp_path, monkeypatch, caplog, spoil, reason):
+    monkeypatch.setenv("SLURMD_NODENAME", "n4")
+    save_rates(tmp_path, rates(nvme=3.5))
+    probe = CountingProbe(rates(nvme=2.5))
+    agent = agent_with(tmp_path, probe)
+    path = agent.saved_tiers().path
+    spoiled = spoil(json.loads(path.read_text()))
+    path.write_text(spoiled if isinstance(spoiled, str) else json.dumps(spoiled))
+    try:
+        with caplog.at_level("INFO", logger="hpcllm.node.read_sweep"):
+            assert agent.prepare_tiers() is True
+        assert reason in caplog.text and probe.calls == 1
+        assert agent.registration().tiers.nvme.read_gbps == 2.5
+        assert agent.start_background_measurements() is None  # probed at start: nothing to probe again
+        assert json.loads(path.read_text())["key"] == agent.saved_tiers().key  # saved again, with this key
+    finally:
+        agent.workers.close()
+
+
+def test_the_next_job_reuses_the_rates_with_job_scoped_scratch(tmp_path, monkeypatch):
+    """Each job's scratch folder (/scratch/%j) is new, on the same filesystem: the saved rates (in the state
+    folder) are the next job's."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n3")
+    scratch = {"nvme_dir": str(tmp_path / "scratch" / "%j"), "nvme_scope": "job"}
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    save_rates(tmp_path, rates(nvme=3.5), **scratch)
+    monkeypatch.setenv("SLURM_JOB_ID", "102")
+    probe = CountingProbe(rates(nvme=2.5))
+    agent = agent_with(tmp_path, probe, **scratch)
+    try:
+        assert agent.prepare_tiers() is False and probe.calls == 0
+        assert agent.registration().tiers.nvme.read_gbps == 3.5 and agent.nvme_dir.name == "102"
+    finally:
+        agent.workers.close()
+
+
+def test_probe_max_age_zero_probes_at_every_start(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURMD_NODENAME", "n3")
+    save_rates(tmp_path, rates(nvme=3.5), probe_max_age_seconds=0)
+    probe = CountingProbe(rates(nvme=2.5))
+    agent = agent_with(tmp_path, probe, probe_max_age_seconds=0)
+    try:
+        assert agent.prepare_tiers() is True and probe.calls == 1
+    finally:
+        agent.workers.close()
+
+
+def swept(folder, **gbps_by_mode) -> ReadTuning:
+    import os
+
+    best = {mode: ReadConfig(mode, 8, 4 * MiB, gbps) for mode, gbps in gbps_by_mode.items()}
+    return ReadTuning({"disk": TierTuning(str(folder), os.stat(folder).st_dev, best, MiB, time.time())})
+
+
+def test_placement_gets_the_read_sweeps_rate_of_the_modes_loads_read_a_tier_with(tmp_path, monkeypatch):
+    """Loads read with the sweep's best settings (several requests in flight): its figure, not the probe's one
+    request at a time, is the rate a load reads at. Mapped reads are left out: a load onto a GPU or into a
+    worker's reserved pool never maps the files."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n2")
+    agent = agent_with(tmp_path, CountingProbe(rates(nvme=2.5)))
+    try:
+        agent.prepare_tiers()
+        assert agent.registration().tiers.nvme.read_gbps == 2.5  # no sweep yet: the probe's figure
+        agent.use_read_tuning(swept(agent.nvme_dir, odirect=5.5, buffered=4.0, mmap=9.0))
+        tiers = agent.registration().tiers
+        assert (tiers.nvme.read_gbps, tiers.sharedfs.read_gbps) == (5.5, 1.25)  # the shared FS was not swept
+        agent.use_read_tuning(swept(agent.nvme_dir, mmap=9.0))  # O_DIRECT and buffered not measured: the probe's
+        assert agent.registration().tiers.nvme.read_gbps == 2.5
+    finally:
+        agent.workers.close()
+
+
+def test_a_spare_started_before_the_node_key_was_known_serves_with_it(tmp_path, converted):  # noqa: F811
+    """A token agent's spare starts while the agent registers, before the controller sent the node key: it starts
+    without any key (never the cluster secret), and its assignment brings the key its worker then accepts."""
+    from hpcllm.worker.cli import SECRET_ENV
+    from hpcllm.worker.client import WorkerClient, WorkerError
+
+    agent = make_agent(tmp_path, spare_workers=1)
+    try:
+        agent.workers.set_key(None)  # a token agent, registering
+        agent.workers.ensure_spares()
+        [spare] = agent.workers._spares
+        environ = (Path("/proc") / str(spare.process.pid) / "environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith(SECRET_ENV.encode() + b"=")]
+        wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+
+        agent.workers.set_key("node-key")  # the registration's answer
+        inst = agent.workers.start(StartInstance(model="tiny-llama", source=str(converted)))
+        assert inst.process.pid == spare.process.pid  # the spare became the worker
+        wait_for(lambda: inst.state == "ready", what="the spare to serve the model")  # the agent asks with the key
+        statuses = []
+        for key in ("node-key", SECRET):
+            with WorkerClient(inst.worker_url, key) as worker, pytest.raises(WorkerError) as answer:
+                worker.tokens("no-such-request")
+            statuses.append(answer.value.status)
+        assert statuses == [404, 401]  # the node key is let in (no such request), the cluster secret is not
+    finally:
+        agent.drain()
+        agent.workers.close()
