@@ -51,7 +51,7 @@ from hpcllm.node.read_sweep import (
     SavedResult,
     SavedSweep,
     measurement_key,
-    saved_sweep_path,
+    saved_result_path,
 )
 from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
 from hpcllm.node.workers import MigrationOutcome, WorkerManager
@@ -178,7 +178,7 @@ class NodeAgent:
     def saved_tiers(self) -> SavedResult:
         """This node's saved tier probes: of the same folders (and filesystems), probe sizes, first GPU and version."""
         node, models_dir = self.config.node, self.config.paths.models_dir
-        path = saved_sweep_path(self.nvme_dir, node.nvme_scope, self.config.paths.state_dir, self.node_id,
+        path = saved_result_path(self.nvme_dir, node.nvme_scope, self.config.paths.state_dir, self.node_id,
                                 "tier-probe.json")
         # The configured NVMe folder, not its expansion: a job-scoped one (/scratch/%j) is new in every job.
         key = {**measurement_key(self.node_id, self.nvme_dir, models_dir, node.probe_bytes, fmt=PROBE_FORMAT),
@@ -237,7 +237,7 @@ class NodeAgent:
 
     def saved_sweep(self) -> SavedSweep:
         node = self.config.node
-        path = saved_sweep_path(self.nvme_dir, node.nvme_scope, self.config.paths.state_dir, self.node_id)
+        path = saved_result_path(self.nvme_dir, node.nvme_scope, self.config.paths.state_dir, self.node_id)
         key = measurement_key(self.node_id, self.nvme_dir, self.config.paths.models_dir, node.probe_bytes)
         return SavedSweep(path, key, node.read_sweep_max_age_seconds)
 

@@ -52,7 +52,7 @@ def measurement_key(node: str, nvme_dir: Path, models_dir: Path, probe_bytes: in
             "disk_device": folder_device(nvme_dir), "sharedfs_device": folder_device(models_dir)}
 
 
-def saved_sweep_path(nvme_dir: Path, nvme_scope: str, state_dir: Path, node: str,
+def saved_result_path(nvme_dir: Path, nvme_scope: str, state_dir: Path, node: str,
                      name: str = "read-tuning.json") -> Path:
     """Where a node's saved result `name` lives: beside the cache on persistent NVMe (as a dot file), else in the
     state folder (job-scoped scratch vanishes with the job)."""
