@@ -164,6 +164,36 @@ def test_a_stale_foreign_or_corrupt_saved_result_is_probed_at_start(tmp_path, mo
         agent.workers.close()
 
 
+@pytest.mark.parametrize("saved", [True, False], ids=["saved-rates", "probes-at-start"])
+def test_the_background_probes_run_before_the_sweep_whose_rate_then_reaches_the_controller(
+        tmp_path, controllers, monkeypatch, saved):  # noqa: F811
+    (service, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    if saved:
+        save_rates(tmp_path, rates(nvme=3.5))
+    probe, order = CountingProbe(rates(nvme=6.0, sharedfs=0.75)), []
+
+    def sweep(gate):
+        order.append(("sweep", probe.calls))
+        return swept(agent.nvme_dir, odirect=8.0, mmap=12.0)
+
+    agent = make_agent(tmp_path, probe=probe, sweep=sweep)
+    agent.read_sweep_quiet_seconds = 0.0
+    probe.agent = agent
+    agent.controller_url = url
+    try:
+        agent.prepare_tiers()
+        agent.prepare_read_settings()  # no saved sweep: it runs in the background too
+        agent.start_server(create_app(agent))
+        assert agent.register() and controller_rates(service, "n7") == ((3.5, 1.25) if saved else (6.0, 0.75))
+        assert agent.start_background_measurements().done.wait(30)
+        assert order == [("sweep", 1)]  # saved: one after the other, the probes first, never sharing the disk
+        assert agent.heartbeat()
+        assert controller_rates(service, "n7") == (8.0, 0.75)  # nvme: the sweep's O_DIRECT rate; the rest probed
+    finally:
+        agent.shutdown()
+
+
 def test_the_next_job_reuses_the_rates_with_job_scoped_scratch(tmp_path, monkeypatch):
     """Each job's scratch folder (/scratch/%j) is new, on the same filesystem: the saved rates (in the state
     folder) are the next job's."""
