@@ -359,8 +359,8 @@ class NodeAgent:
 
     # ----------------------------------------------------------------------------------- controller calls
 
-    def _post(self, path: str, body) -> httpx.Response:
-        return self._http.post(f"{self.controller_url}{path}", content=body.model_dump_json(),
+    def _post(self, path: str, body, **dump) -> httpx.Response:
+        return self._http.post(f"{self.controller_url}{path}", content=body.model_dump_json(**dump),
                                headers={"Content-Type": "application/json"})
 
     def register(self) -> bool:
@@ -401,7 +401,9 @@ class NodeAgent:
         body = Heartbeat(cached=self.cache_entries(), instances=self.instance_infos(),
                          draining=self.state in ("draining", "stopped"), **rates)
         try:
-            resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body)
+            # Without rates, none of their fields: a controller older than this agent would refuse them, even null.
+            resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body,
+                              exclude=None if rates else {"tiers", "h2d_gbps"})
         except httpx.HTTPError as exc:
             log.warning("heartbeat to %s failed: %s", self.controller_url, exc)
             return False
@@ -409,6 +411,13 @@ class NodeAgent:
             log.warning("the controller does not know %s (declared lost, or a new database): registering again",
                         self.node_id)
             return self.register()
+        if resp.status_code == 400 and rates:
+            # A controller older than this agent takes no rates in a heartbeat: it keeps the registered ones, and
+            # the heartbeat goes again without them (else it fails until the node is declared lost).
+            log.warning("the controller %s refused the tier rates measured again (%s): it places with the "
+                        "registered ones", self.controller_url, error_of(resp)[1])
+            self._rates_sent = version
+            return self.heartbeat()
         if resp.status_code != 200:
             log.warning("heartbeat answered HTTP %d: %s", resp.status_code, resp.text[:300])
             return False

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import model_validator
 
 from hpcllm.node.app import create_app
 from hpcllm.node.probes import ProbeResult, TierMeasurements
@@ -162,6 +163,39 @@ def test_a_stale_foreign_or_corrupt_saved_result_is_probed_at_start(tmp_path, mo
         assert json.loads(path.read_text())["key"] == agent.saved_tiers().key  # saved again, with this key
     finally:
         agent.workers.close()
+
+
+def test_a_controller_that_takes_no_rates_in_heartbeats_keeps_the_registered_ones_and_the_node_alive(
+        tmp_path, controllers, monkeypatch):  # noqa: F811
+    import hpcllm.controller.app as controller_app
+    from hpcllm.controller.protocol import Heartbeat
+
+    class OlderHeartbeat(Heartbeat):  # a controller of the version before heartbeats carried tiers
+        @model_validator(mode="before")
+        @classmethod
+        def _no_rates(cls, data):
+            if isinstance(data, dict) and {"tiers", "h2d_gbps"} & set(data):
+                raise ValueError("Extra inputs are not permitted")
+            return data
+
+    (service, _, url), _ = controllers
+    monkeypatch.setattr(controller_app, "Heartbeat", OlderHeartbeat)
+    monkeypatch.setenv("SLURMD_NODENAME", "n6")
+    save_rates(tmp_path, rates(nvme=3.5))
+    agent = agent_with(tmp_path, CountingProbe(rates(nvme=6.0)))
+    agent.controller_url = url
+    try:
+        agent.prepare_tiers()
+        agent.start_server(create_app(agent))
+        assert agent.register()
+        assert agent.start_background_measurements().done.wait(30)
+        last_heartbeat = service.controller.status().nodes[0].last_heartbeat
+        assert agent.heartbeat()  # refused with the rates, sent again without them
+        [node] = service.controller.status().nodes
+        assert node.last_heartbeat > last_heartbeat and controller_rates(service, "n6") == (3.5, 1.25)
+        assert agent.heartbeat()  # the next ones carry no rates
+    finally:
+        agent.shutdown()
 
 
 @pytest.mark.parametrize("saved", [True, False], ids=["saved-rates", "probes-at-start"])
