@@ -57,7 +57,8 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     UnknownRequest,
 )
 from hpcllm.worker.graphs import DecodeGraphs
-from hpcllm.worker.runner import ModelRunner, PagedRunner, SequenceChunk, StepBatch, embed_last_token, make_runner
+from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StepBatch,
+                                  embed_last_token, make_runner)
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
 from hpcllm.worker.sampling import TokenCounts, sample_token
@@ -161,6 +162,16 @@ class _Request(RequestState):
     @property
     def fully_cached(self) -> bool:
         return self.num_cached == len(self.all_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prefill keeps every prompt position's log probabilities (until its first token is out)."""
+        return self.prompt_logprobs is not None and not self.output_ids
+
+    def prompt_targets(self, start: int, end: int) -> list[int]:
+        """The prompt ids a chunk feeding positions start..end-1 scores: each position's next token, while that is
+        a prompt token."""
+        return self.prompt_ids[start + 1:min(end, len(self.prompt_ids) - 1) + 1]
 
     def has_work(self) -> bool:
         """Whether the engine thread must step this request now."""
@@ -440,7 +451,9 @@ class Engine(EngineBase):
             if req.cancel_requested:
                 self._finish(req, "abort")
                 continue
-            shared = self.kv_pool.share_prefix(req.seq_id, req.all_ids) if req.num_cached == 0 else 0
+            # A prompt scored position by position needs every position's logits: no cached prefix (vLLM's rule).
+            shared = (self.kv_pool.share_prefix(req.seq_id, req.all_ids)
+                      if req.num_cached == 0 and not req.scores_prompt else 0)
             if not self.kv_pool.grow(req.seq_id, len(req.all_ids) + 1):
                 self.kv_pool.free(req.seq_id)
                 if self._running:
@@ -487,7 +500,7 @@ class Engine(EngineBase):
                 self._out_of_memory([w.req for w in chunks], exc)
                 return
             self._observe_prefill(chunks, began)
-        self._commit(work, logits, argmax)
+        self._commit(work, logits, argmax, scores=batch.scores)
 
     def _step_pipelined(self, active: list[_Request]) -> None:
         """Asynchronous scheduling (vLLM's): while a step runs in the model process, the next one is scheduled as
@@ -523,7 +536,7 @@ class Engine(EngineBase):
             self._ahead.started = max(self._ahead.started, time.perf_counter())
         self._step_times.observe(current.tokens, result.seconds)
         self._observe_prefill(current.chunks, seconds=result.seconds)
-        self._commit(current.work, result.logits, chosen=result.chosen)
+        self._commit(current.work, result.logits, chosen=result.chosen, scores=result.scores)
 
     def _batch(self, chunks: list[_Work]) -> StepBatch:
         """The runner's view of a step's chunks, with the KV states it may forget (under the lock)."""
@@ -531,6 +544,9 @@ class Engine(EngineBase):
                                                 else w.req.all_ids[w.start:w.end], w.start,
                                                 self.kv_pool.table(w.req.seq_id), w.end == w.known,
                                                 previous_row=w.previous_row) for w in chunks])
+        for chunk, w in zip(batch.chunks, chunks):
+            if w.req.scores_prompt and w.previous_row is None:
+                chunk.score_ids, chunk.score_top = w.req.prompt_targets(w.start, w.end), w.req.prompt_logprobs
         if chunks:
             batch.free, self._to_free = self._to_free, []
         return batch
@@ -621,11 +637,11 @@ class Engine(EngineBase):
         return len(req.output_ids) + 1 < req.max_tokens and len(req.all_ids) + 1 < self.max_model_len
 
     def _commit(self, work: list[_Work], logits: torch.Tensor | None, argmax: list[int] | None = None,
-                chosen: list[int] | None = None) -> None:
-        """A step's results: count the cached ids, register full blocks, sample and emit. argmax: each row's
-        maximum (greedy rows take it); chosen: each row's token as the model process chose it (_step_pipelined),
-        whose chunks may have been scheduled before their request changed: one that no longer matches its request
-        is dropped."""
+                chosen: list[int] | None = None, scores: dict[int, PositionScores] | None = None) -> None:
+        """A step's results: count the cached ids, register full blocks, keep prompt scores, sample and emit.
+        argmax: each row's maximum (greedy rows take it); chosen: each row's token as the model process chose it
+        (_step_pipelined), whose chunks may have been scheduled before their request changed: one that no longer
+        matches its request is dropped; scores: StepBatch.scores."""
         chunks = [w for w in work if w.end > w.start]
         with self._lock:
             valid = {id(w): chosen is None or _still_matches(w) for w in chunks}
@@ -640,6 +656,8 @@ class Engine(EngineBase):
             samples = w.end == w.known
             if valid[id(w)]:
                 w.req.num_cached = w.end
+                if scores and w.req.seq_id in scores:
+                    self._keep_prompt_scores(w, scores[w.req.seq_id])
                 if samples and chosen is None:
                     self._sample_or_fail(w.req, logits[row], argmax[row])
                 elif samples:
@@ -779,15 +797,34 @@ class Engine(EngineBase):
         """The sampled token's log probability and the `top` most likely tokens' (raw model distribution)."""
         logprobs = torch.log_softmax(logits.detach().to("cpu", torch.float32), dim=-1)
         best = torch.topk(logprobs, top) if top else None
-        ids = [token] + (best.indices.tolist() if best is not None else [])
+        if best is None:
+            return self._token_logprobs([token], [float(logprobs[token])], [[]], [[]])[0]
+        return self._token_logprobs([token], [float(logprobs[token])], [best.indices.tolist()],
+                                    [best.values.tolist()])[0]
+
+    def _token_logprobs(self, tokens: list[int], logprobs: list[float], top_ids: list[list[int]],
+                        top_logprobs: list[list[float]]) -> list[TokenLogprobs]:
+        """Wire entries of tokens' log probabilities and their alternatives, every token decoded alone (one
+        tokenizer call for all)."""
+        ids = tokens + [i for row in top_ids for i in row]
         with self._tokenizer_lock:
             texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
                                                 clean_up_tokenization_spaces=False)
-        alternatives = [] if best is None else [
-            TopLogprob(token_id=i, token=t, logprob=lp)
-            for i, t, lp in zip(ids[1:], texts[1:], best.values.tolist())
-        ]
-        return TokenLogprobs(token=texts[0], logprob=float(logprobs[token]), top=alternatives)
+        alternatives = iter(zip(ids[len(tokens):], texts[len(tokens):]))
+        entries = []
+        for text, logprob, row_logprobs in zip(texts, logprobs, top_logprobs):
+            # The row's own list first: zip stops on it before taking one of the next row's alternatives.
+            top = [TopLogprob(token_id=i, token=t, logprob=lp) for lp, (i, t) in zip(row_logprobs, alternatives)]
+            entries.append(TokenLogprobs(token=text, logprob=logprob, top=top))
+        return entries
+
+    def _keep_prompt_scores(self, w: _Work, scores: PositionScores) -> None:
+        """A prefill chunk's prompt scores, as the entries of the positions after it (a chunk prefilled again after
+        a preemption replaces what it scored before)."""
+        req = w.req
+        del req.prompt_logprobs_result[w.start + 1:]
+        req.prompt_logprobs_result.extend(self._token_logprobs(req.prompt_targets(w.start, w.end), scores.logprobs,
+                                                               scores.top_ids, scores.top_logprobs))
 
     def _observe_prefill(self, chunks: list[_Work], began: float | None = None, seconds: float | None = None) -> None:
         """The prefill rate from a step with enough prefill in it: its tokens over `seconds` (the model process's
@@ -810,7 +847,9 @@ class Engine(EngineBase):
             return self._forward(batch)
         self.runner.launch(batch)
         self._deliver_events()
-        return self.runner.collect().logits
+        result = self.runner.collect()
+        batch.scores.update(result.scores)
+        return result.logits
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
         return self.runner.step(batch)

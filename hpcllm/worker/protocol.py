@@ -99,6 +99,10 @@ class GenerateRequest(WireModel):
     # Log probabilities: None = none; k >= 0 = each token line carries the sampled token's log probability and the
     # k most likely tokens' (of the model's raw distribution, before temperature / top-k / top-p, as vLLM).
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Prompt log probabilities (vLLM's SamplingParams.prompt_logprobs): None = none; k >= 0 = the first token line
+    # (index 0) carries, per prompt token, its log probability given the tokens before it and the k most likely
+    # tokens' (None for the first prompt token). A request resumed after index 0 gets none (they were delivered).
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> "GenerateRequest":
@@ -138,6 +142,8 @@ class TokenLine(WireModel):
     token_id: int
     text: str
     logprobs: TokenLogprobs | None = None  # only when the request asked for logprobs
+    # Only on index 0 when the request asked for prompt_logprobs: one entry per prompt token (None for the first).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class Usage(WireModel):
@@ -185,8 +191,11 @@ _STREAM_LINE = TypeAdapter(StreamLine)
 
 
 def stream_line_json(line: TokenLine | FinalLine) -> bytes:
-    """A stream line as sent: a token line without logprobs leaves the key out (the common case stays short)."""
-    exclude = {"logprobs"} if isinstance(line, TokenLine) and line.logprobs is None else None
+    """A stream line as sent: a token line leaves out the logprobs keys it has no values for (the common case stays
+    short)."""
+    exclude = None
+    if isinstance(line, TokenLine):
+        exclude = {name for name in ("logprobs", "prompt_logprobs") if getattr(line, name) is None} or None
     return line.model_dump_json(exclude=exclude).encode()
 
 
@@ -198,7 +207,7 @@ _json_string = json.encoder.encode_basestring  # str -> JSON string literal, non
 
 def stream_line_bytes(line: TokenLine | FinalLine) -> bytes:
     """stream_line_json(line) plus the newline: one NDJSON line of a generate stream."""
-    if type(line) is TokenLine and line.logprobs is None:
+    if type(line) is TokenLine and line.logprobs is None and line.prompt_logprobs is None:
         return _TOKEN_LINE % (line.index, line.token_id, _json_string(line.text).encode())
     return stream_line_json(line) + b"\n"
 

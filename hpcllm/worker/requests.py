@@ -122,6 +122,11 @@ class RequestState:
     arrival: float
     origin: GenerateRequest | None = None  # as submitted: stop strings, stop ids, ignore_eos (to migrate it)
     logprobs: int | None = None  # top alternatives per token line (None: no logprobs)
+    # Prompt log probabilities (GenerateRequest.prompt_logprobs): top alternatives per prompt position, None when
+    # not asked for or already delivered (a resumed request's first token line went out on an earlier worker).
+    prompt_logprobs: int | None = None
+    # What the first token line (index 0) carries: None for position 0, then one entry per prompt token as scored.
+    prompt_logprobs_result: list[TokenLogprobs | None] | None = None
     # Written by the engine thread, read by the stream's HTTP thread; SimpleQueue: its put and get are C calls
     # (queue.Queue builds a Condition waiter per blocking get), once per stream per engine step.
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -488,6 +493,7 @@ class EngineBase:
                 logit_bias=dict(params.logit_bias), stop=list(origin.stop),
                 stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
+                prompt_logprobs=req.prompt_logprobs,
             )
 
     def migration_output(self, request_id: str) -> list[int]:
@@ -593,6 +599,9 @@ class EngineBase:
             arrival=time.monotonic(),
             origin=request,
             logprobs=request.logprobs,
+            # Delivered with output index 0: a request resumed after it needs them no more.
+            prompt_logprobs=None if resumed else request.prompt_logprobs,
+            prompt_logprobs_result=None if resumed or request.prompt_logprobs is None else [None],
         )
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
@@ -698,7 +707,8 @@ class EngineBase:
                 finish_reason = "length"
         # One per token per request on the engine thread: the validating constructor (pydantic-core, ~3 us) is
         # faster than model_construct (Python, ~7-9 us).
-        self._emit(req, TokenLine(index=index, token_id=token, text=text, logprobs=logprobs))
+        self._emit(req, TokenLine(index=index, token_id=token, text=text, logprobs=logprobs,
+                                  prompt_logprobs=req.prompt_logprobs_result if index == 0 else None))
         if finish_reason is not None:
             self._finish(req, finish_reason, stop_reason)
 

@@ -72,6 +72,10 @@ class SequenceChunk:
     # this chunk's one token is the one the model process chose for this logits row of the previous step, filled
     # in there before the step runs (token_ids holds a placeholder until then).
     previous_row: int | None = None
+    # Prompt log probabilities (GenerateRequest.prompt_logprobs): the chunk's positions from its first one are
+    # scored against these ids (each position's logits against the token after it), with score_top alternatives.
+    score_ids: list[int] = field(default_factory=list)
+    score_top: int = 0
 
 
 @dataclass
@@ -88,6 +92,33 @@ class StepBatch:
     # first row there, or their counts there went stale): seq id -> (prompt ids, output ids known at launch; a
     # chunk with previous_row adds the token it feeds). runner_process.PenaltyCounts.
     count_seeds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # Filled in by the runner: per chunk with score_ids, its positions' scores (a few numbers each, never whole
+    # vocabulary rows: they cross the model process's pipe).
+    scores: dict[int, "PositionScores"] = field(default_factory=dict)
+
+
+@dataclass
+class PositionScores:
+    """Per scored position: the log probability of the token after it, and the top most likely tokens' ids and log
+    probabilities (of the raw distribution, float32, -inf clamped to -9999 as vLLM does for JSON)."""
+
+    logprobs: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+# vLLM's stand-in for a log probability of -inf (JSON has no infinity).
+LOGPROB_FLOOR = -9999.0
+
+
+def score_positions(logits: torch.Tensor, targets: list[int], top: int) -> PositionScores:
+    """Scores of [positions, vocab] logits against the token after each position (float32 log_softmax, as the
+    engine's generated-token logprobs)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_(min=LOGPROB_FLOOR)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1))[:, 0]
+    best = torch.topk(logprobs, top) if top else None
+    return PositionScores(chosen.tolist(), best.indices.tolist() if best is not None else [[] for _ in targets],
+                          best.values.tolist() if best is not None else [[] for _ in targets])
 
 
 class ModelRunner(Protocol):
@@ -297,7 +328,8 @@ class PagedRunner:
                 config._attn_implementation = PAGED_ATTENTION
 
     def step(self, batch: StepBatch) -> torch.Tensor:
-        if self.decode_graphs is not None:
+        scored = [index for index, chunk in enumerate(batch.chunks) if chunk.score_ids]
+        if self.decode_graphs is not None and not scored:
             logits = self.decode_graphs.step(batch.chunks)
             if logits is not None:
                 return logits
@@ -318,10 +350,12 @@ class PagedRunner:
         positions: list[int] = []
         write_slots: list[int] = []  # pool slots of every new token, in packed order
         last_row = [0] * len(batch.chunks)  # each chunk's last position in the packed row
+        first_row = [0] * len(batch.chunks)
         sequences: list[_SequenceView] = []
         for index in [index for _, index in decodes] + prefills:
             chunk = batch.chunks[index]
             begin, context = len(ids), chunk.start + len(chunk.token_ids)
+            first_row[index] = begin
             ids.extend(chunk.token_ids)
             positions.extend(range(chunk.start, context))
             # The new tokens' slots as plain Python ints (one tensor per step below); a context's slots are only
@@ -333,6 +367,9 @@ class PagedRunner:
                 sequences.append(_SequenceView(begin, len(ids), self._context_slots([table], context)[0],
                                                self._mask(chunk, len(ids) - begin)))
         keep = [last_row[index] for index, chunk in enumerate(batch.chunks) if chunk.want_logits]
+        rows = len(keep)
+        for index in scored:  # only a scored chunk keeps more than its last position's logits
+            keep.extend(range(first_row[index], first_row[index] + len(batch.chunks[index].score_ids)))
         self.pool.reserve(highest_block)
         groups, decode_slots = self._decode_groups([(context, batch.chunks[index].block_table)
                                                     for context, index in decodes])
@@ -343,13 +380,16 @@ class PagedRunner:
         keep_rows = torch.tensor(keep, dtype=torch.long, device=self.device)
         try:
             if self.lean_step is not None:
-                return self.lean_step(input_ids, position_ids, keep_rows)
-            with attention_kernels(self.device):
-                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                 logits_to_keep=keep_rows)
+                logits = self.lean_step(input_ids, position_ids, keep_rows)
+            else:
+                with attention_kernels(self.device):
+                    logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                        logits_to_keep=keep_rows).logits[0]
         finally:
             _active.step = None
-        return out.logits[0]
+        if scored:
+            _keep_scores(batch, scored, logits[rows:])
+        return logits[:rows]
 
     def _decode_groups(self, decodes: list[tuple[int, list[int]]]) -> tuple[list[_DecodeGroup], torch.Tensor | None]:
         """Batch the decodes' attention: the decodes (context, block table), sorted by context and packed in this
@@ -396,6 +436,16 @@ class PagedRunner:
         return (torch.arange(context, device=self.device).unsqueeze(0) <= rows)[None, None]
 
 
+def _keep_scores(batch: StepBatch, scored: list[int], rows: torch.Tensor) -> None:
+    """batch.scores of the scored chunks, whose positions' logits are `rows`, chunk after chunk."""
+    at = 0
+    for index in scored:
+        chunk = batch.chunks[index]
+        count = len(chunk.score_ids)
+        batch.scores[chunk.seq_id] = score_positions(rows[at:at + count], chunk.score_ids, chunk.score_top)
+        at += count
+
+
 class SequentialRunner:
     """One forward per chunk, each sequence with its own DynamicCache (the engine's design before batching)."""
 
@@ -418,9 +468,14 @@ class SequentialRunner:
             position_ids = torch.arange(
                 chunk.start, chunk.start + len(chunk.token_ids), dtype=torch.long, device=self.device
             ).unsqueeze(0)
+            kwargs = self._forward_kwargs(cache)
+            if chunk.score_ids:
+                kwargs.pop("logits_to_keep", None)  # every position's logits
             with attention_kernels(self.device):  # a growing context is a new shape every step here too
-                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                                 **self._forward_kwargs(cache))
+                out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **kwargs)
+            if chunk.score_ids:
+                batch.scores[chunk.seq_id] = score_positions(out.logits[0, :len(chunk.score_ids)], chunk.score_ids,
+                                                             chunk.score_top)
             if chunk.want_logits:
                 rows.append(out.logits[0, -1])
         if not rows:

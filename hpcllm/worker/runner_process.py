@@ -65,6 +65,7 @@ class StepResult(NamedTuple):
     logits: torch.Tensor  # [rows, vocab] float32, a copy
     chosen: list[int]  # per row, the token chosen by batch.choices (-1 where none was asked for)
     seconds: float  # the step's compute time in the model process
+    scores: dict  # StepBatch.scores: the scored chunks' prompt log probabilities (runner.PositionScores)
 
 
 class ProcessRunner:
@@ -115,13 +116,15 @@ class ProcessRunner:
     def collect(self) -> StepResult:
         """The oldest launched step's result; StepSkipped if it was not run (it fed a failed step's tokens)."""
         self._in_flight -= 1
-        rows, buffer, chosen, seconds = self._result()
+        rows, buffer, chosen, seconds, scores = self._result()
         # A copy: the buffer takes the step after next, and the engine may keep rows past it.
-        return StepResult(self._logits[buffer][:rows].clone(), chosen, seconds)
+        return StepResult(self._logits[buffer][:rows].clone(), chosen, seconds, scores)
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         self.launch(batch)
-        return self.collect().logits
+        result = self.collect()
+        batch.scores.update(result.scores)
+        return result.logits
 
     def wait(self, seconds: float) -> bool:
         """Wait up to `seconds` for the oldest launched step's result; whether it is in."""
@@ -227,7 +230,7 @@ def serve_steps(conn) -> None:
                 buffers[buffer][:len(rows)].copy_(rows)
                 seconds = time.perf_counter() - began
                 chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices, penalty_counts.rows(work))
-                conn.send(("ok", (len(rows), buffer, chosen, seconds)))
+                conn.send(("ok", (len(rows), buffer, chosen, seconds, work.scores)))
             except torch.OutOfMemoryError as exc:
                 conn.send(("oom", str(exc)))
             except Exception:  # the engine dies with this message; the process stays to be stopped
