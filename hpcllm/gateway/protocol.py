@@ -246,7 +246,8 @@ class SamplingRequest(OpenAIRequest):
     def choices_per_prompt(self) -> int:
         return self.n or 1
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingOptions:
+    def sampling(self, max_tokens: int | None, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None) -> SamplingOptions:
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
         if top_p == 0.0:  # OpenAI accepts top_p=0: only the most likely token is kept, i.e. greedy
@@ -254,7 +255,7 @@ class SamplingRequest(OpenAIRequest):
         return SamplingOptions(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, self.top_k or 0),
             seed=self.seed, stop=list(self.stop),
-            ignore_eos=self.ignore_eos, logprobs=logprobs,
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_p=self.min_p or 0.0, logit_bias=self.logit_bias or {},
@@ -271,6 +272,7 @@ class SamplingOptions:
     stop: list[str]
     ignore_eos: bool
     logprobs: int | None = None  # top alternatives per token the worker reports (None: no logprobs)
+    prompt_logprobs: int | None = None  # top alternatives per prompt token (None: the prompt is not scored)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

@@ -84,6 +84,8 @@ class Delta:
     text: str
     finish_reason: str | None = None
     logprobs: TokenLogprobs | None = None
+    # With the choice's first token, when prompt log probabilities were asked for: one entry per prompt token.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 def new_response_id(prefix: str) -> str:
@@ -216,7 +218,7 @@ class Generation:
             request_id=f"{self.response_id}-{index}-{attempt_tag}", prompt_token_ids=self.prompts[index // self.n],
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
             seed=seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
-            logprobs=opts.logprobs, min_p=opts.min_p, presence_penalty=opts.presence_penalty,
+            logprobs=opts.logprobs, prompt_logprobs=opts.prompt_logprobs, min_p=opts.min_p, presence_penalty=opts.presence_penalty,
             frequency_penalty=opts.frequency_penalty, repetition_penalty=opts.repetition_penalty,
             logit_bias=opts.logit_bias,
         )
@@ -380,9 +382,10 @@ class Generation:
                 if last_of_piece:
                     generation_tokens.inc(uncounted)
                     uncounted = 0
-                if item.logprobs is not None:
-                    self.cumulative_logprobs[index] += item.logprobs.logprob
-                    yield Delta(index, item.text, logprobs=item.logprobs)
+                if item.logprobs is not None or item.prompt_logprobs is not None:
+                    if item.logprobs is not None:
+                        self.cumulative_logprobs[index] += item.logprobs.logprob
+                    yield Delta(index, item.text, logprobs=item.logprobs, prompt_logprobs=item.prompt_logprobs)
                 else:
                     text += item.text
                     if text and last_of_piece:
@@ -444,6 +447,7 @@ class ChoiceResult:
     finish_reason: str = "stop"
     logprobs: list[tuple[TokenLogprobs, int]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # when asked for: one entry per prompt token
 
 
 class ClientConnection:
@@ -488,6 +492,8 @@ def collect(generation: Generation) -> list[ChoiceResult]:
         choice = choices[delta.index]
         if delta.logprobs is not None:
             choice.logprobs.append((delta.logprobs, len(choice.text)))
+        if delta.prompt_logprobs is not None:
+            choice.prompt_logprobs = delta.prompt_logprobs
         choice.text += delta.text
         if delta.finish_reason:
             choice.finish_reason = delta.finish_reason

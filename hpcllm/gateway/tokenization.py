@@ -55,6 +55,10 @@ class PromptEncoder:
         # Like vLLM and `tokenizer(prompt)` in transformers: the model's BOS (if any) is added.
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
+    def decode(self, ids: list[int]) -> str:
+        """Token ids' text, special tokens kept (an echoed token-id prompt, vLLM's prompt text)."""
+        return self.tokenizer.decode(ids)
+
     def check_token_ids(self, ids: list[int], param: str) -> list[int]:
         bad = [i for i in ids if i < 0 or i >= self.vocab_size]
         if bad:

@@ -12,6 +12,9 @@ from hpcllm.gateway.protocol import OpenAIResponse, SamplingRequest, UsageInfo, 
 class CompletionRequest(SamplingRequest):
     # After validation: a list of prompts, each a str or a list of token ids (one choice per prompt).
     prompt: Any
+    # 0 only with echo: the answer is the prompt alone (vLLM generates one token and drops it).
+    max_tokens: int | None = Field(None, ge=0)
+    # Prepend the prompt to each choice's text; with logprobs, its tokens' log probabilities lead the choice's.
     echo: bool | None = False
     suffix: str | None = None
     # Generate best_of choices per prompt and return the n with the highest cumulative log probability (vLLM).
@@ -26,8 +29,9 @@ class CompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise unsupported("echo", "echoing the prompt")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("max_tokens must be at least 1, got 0 (0 is only allowed with echo)",
+                                 param="max_tokens", code="invalid_value")
         if self.suffix:
             raise unsupported("suffix", "a suffix (insertion)")
         if self.best_of is not None and self.best_of < self.choices_per_prompt:
@@ -40,6 +44,16 @@ class CompletionRequest(SamplingRequest):
     def generated_per_prompt(self) -> int:
         """Choices generated per prompt: best_of of them, of which n are returned."""
         return max(self.best_of or 1, self.choices_per_prompt)
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt alone is the answer (the one token generated is dropped)."""
+        return bool(self.echo) and self.max_tokens == 0
+
+    @property
+    def worker_prompt_logprobs(self) -> int | None:
+        """The prompt's log probabilities the worker must report: echo's logprobs cover the prompt too (vLLM)."""
+        return self.logprobs if self.echo else None
 
     @property
     def worker_logprobs(self) -> int | None:

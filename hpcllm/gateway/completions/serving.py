@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from flask import Response
@@ -9,9 +10,10 @@ from pydantic_core import to_json
 
 from hpcllm.gateway.completions.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                                  CompletionResponse, CompletionStreamResponse)
-from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext, collect,
                                     context_length_error, new_response_id, sse, stream_error_event)
 from hpcllm.worker.protocol import TokenLogprobs
@@ -36,7 +38,7 @@ def completion_max_tokens(gw: Gateway, req: CompletionRequest, card, prompts: li
     for prompt in prompts:
         context_length_error(card, len(prompt), req.max_tokens, "prompt")
     if req.max_tokens is not None:
-        return req.max_tokens
+        return req.max_tokens or 1  # echo's max_tokens 0: one token generated and dropped (vLLM)
     default = gw.config.gateway.default_completion_max_tokens
     if card.max_model_len is None:
         return default
@@ -50,22 +52,69 @@ def create_completion(gw: Gateway, ctx: RequestContext, req: CompletionRequest) 
     prompts = tokenize_prompts(gw, req, card)
     max_tokens = completion_max_tokens(gw, req, card, prompts)
     response_id = new_response_id("cmpl")
-    generation = Generation(gw, ctx, card, prompts, req.sampling(max_tokens, req.worker_logprobs), response_id,
+    echo = Echo(gw.tokenizers.get(card), req, prompts) if req.echo else None
+    generation = Generation(gw, ctx, card, prompts,
+                            req.sampling(max_tokens, req.worker_logprobs, req.worker_prompt_logprobs), response_id,
                             n=req.generated_per_prompt)
     generation.start(stream=bool(req.stream))
     if req.stream:
-        response = Response(_stream(generation, req, ctx), mimetype="text/event-stream", headers=SSE_HEADERS)
+        response = Response(_stream(generation, req, ctx, echo), mimetype="text/event-stream",
+                            headers=SSE_HEADERS)
         # Runs even when the client leaves before the first chunk (a never-started generator runs no finally).
         response.call_on_close(generation.close)
         return response
     results = best_choices(collect(generation), req.generated_per_prompt, req.choices_per_prompt)
     return CompletionResponse(
         id=response_id, created=ctx.created, model=req.model,
-        choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason,
-                                  logprobs=_logprobs(r.logprobs) if req.logprobs is not None else None)
-                 for i, r in enumerate(results)],
+        choices=[_choice(i, r, req, echo) for i, r in enumerate(results)],
         usage=generation.usage,  # every generated choice counts, the best_of ones not returned too (as OpenAI)
     ).model_dump()
+
+
+def _choice(index: int, result: ChoiceResult, req: CompletionRequest, echo: Echo | None) -> CompletionChoice:
+    text, logprobs = result.text, None
+    if req.logprobs is not None:
+        logprobs = _logprobs(result.logprobs, len(echo.text(result.index)) if echo is not None else 0)
+    if echo is not None:
+        text = echo.text(result.index) + ("" if echo.only else text)
+        if logprobs is not None:
+            prompt = echo.logprobs(result.index, result.prompt_logprobs)
+            logprobs = prompt if echo.only else _joined(prompt, logprobs)
+    return CompletionChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs)
+
+
+class Echo:
+    """What `echo` puts before each choice: its prompt's text (a token-id prompt decoded) and, with logprobs, the
+    prompt tokens' log probabilities (vLLM's shape: the first token's logprob and alternatives are None)."""
+
+    def __init__(self, encoder: PromptEncoder, req: CompletionRequest, prompts: list[list[int]]):
+        self._encoder = encoder
+        self._prompts = prompts
+        self._texts = [p if isinstance(p, str) else encoder.decode(ids) for p, ids in zip(req.prompt, prompts)]
+        self._choices_per_prompt = req.generated_per_prompt
+        self.only = req.echo_only  # max_tokens 0: the prompt alone, the generated token dropped
+
+    def text(self, choice: int) -> str:
+        return self._texts[choice // self._choices_per_prompt]
+
+    def logprobs(self, choice: int, entries: list[TokenLogprobs | None] | None) -> CompletionLogprobs:
+        ids = self._prompts[choice // self._choices_per_prompt]
+        if entries is None or len(entries) != len(ids):
+            raise InternalError("the model's worker did not report the prompt's log probabilities",
+                                code="generation_failed")
+        tokens = [self._encoder.decode(ids[:1])] + [entry.token for entry in entries[1:]]
+        return CompletionLogprobs(
+            text_offset=list(itertools.accumulate([len(token) for token in tokens[:-1]], initial=0)),
+            token_logprobs=[None] + [entry.logprob for entry in entries[1:]],
+            tokens=tokens,
+            top_logprobs=[None] + [{top.token: top.logprob for top in entry.top} for entry in entries[1:]],
+        )
+
+
+def _joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(text_offset=first.text_offset + then.text_offset,
+                              token_logprobs=first.token_logprobs + then.token_logprobs,
+                              tokens=first.tokens + then.tokens, top_logprobs=first.top_logprobs + then.top_logprobs)
 
 
 def best_choices(results: list[ChoiceResult], generated: int, wanted: int) -> list[ChoiceResult]:
@@ -117,19 +166,35 @@ class StreamChunks:
                          self._tail))
 
 
-def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext) -> Iterator[bytes]:
+def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext,
+            echo: Echo | None = None) -> Iterator[bytes]:
     chunks = StreamChunks(generation.response_id, ctx.created, req.model, req.include_usage)
     offsets = [0] * generation.num_choices  # text streamed so far per choice (logprobs' text_offset)
+    echoed = [False] * generation.num_choices
     try:
         for delta in generation.deltas():
+            index = delta.index
+            text, generated = ("", None) if echo is not None and echo.only else (delta.text, delta.logprobs)
+            prefix, prompt_logprobs = "", None
+            if echo is not None and not echoed[index]:  # the prompt goes out with the choice's first chunk
+                echoed[index] = True
+                prefix = echo.text(index)
+                if req.logprobs is not None:
+                    prompt_logprobs = echo.logprobs(index, delta.prompt_logprobs)
+            offsets[index] += len(prefix)
             logprobs = None
-            if req.logprobs is not None and delta.logprobs is not None:
-                logprobs = _logprobs([(delta.logprobs, 0)], offsets[delta.index])
-            offsets[delta.index] += len(delta.text)
+            if req.logprobs is not None and generated is not None:
+                logprobs = _logprobs([(generated, 0)], offsets[index])
+            if prompt_logprobs is not None:
+                logprobs = prompt_logprobs if logprobs is None else _joined(prompt_logprobs, logprobs)
+            offsets[index] += len(text)
+            text = prefix + text
+            if not text and logprobs is None and delta.finish_reason is None:
+                continue  # echo only: the dropped token's delta
             if logprobs is None and not req.continuous_usage:
-                yield chunks.text(delta.index, delta.text, delta.finish_reason)
+                yield chunks.text(delta.index, text, delta.finish_reason)
                 continue
-            choice = CompletionChoice(index=delta.index, text=delta.text, finish_reason=delta.finish_reason,
+            choice = CompletionChoice(index=delta.index, text=text, finish_reason=delta.finish_reason,
                                       logprobs=logprobs)
             yield chunks.render([choice], generation.usage if req.continuous_usage else None)
         if req.include_usage:
