@@ -82,3 +82,17 @@ def test_a_request_resumed_after_its_first_token_gets_no_prompt_logprobs(load_pa
                                         resume_token_ids=first.token_ids, prompt_logprobs=1))
         lines = [e for e in resumed.events() if isinstance(e, TokenLine)]
     assert lines[0].index == 2 and all(line.prompt_logprobs is None for line in lines)
+
+
+def test_a_request_migrated_before_its_first_token_gets_them_from_the_destination(load_pair, reference_model):
+    """The source delivered no token yet: the held request the destination prefills scores the prompt, and its
+    first token line, the stream's first, carries them."""
+    model, tokenizer = load_pair("llama")
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=5) as destination:
+        held = request(prompt_token_ids=prompt_ids, max_tokens=3, temperature=0, prompt_logprobs=1)
+        destination.hold(held, hold_seconds=60)
+        destination.wait_prefilled(held.request_id)
+        lines = [e for e in destination.attach(held.request_id, 0).events() if isinstance(e, TokenLine)]
+    check_prompt_logprobs(lines[0].prompt_logprobs, prompt_ids, reference_logprobs(reference_model("llama"),
+                                                                                   prompt_ids), 1, tokenizer)
