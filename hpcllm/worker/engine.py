@@ -40,7 +40,7 @@ from hpcllm.checkpoint.context import max_model_len_for
 from hpcllm.worker import fastpath
 from hpcllm.worker.kvcache import BlockPool
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs, TopLogprob
+from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and RequestStream are this API's too)
     Completion,
     DuplicateRequest,
@@ -801,22 +801,6 @@ class Engine(EngineBase):
             return self._token_logprobs([token], [float(logprobs[token])], [[]], [[]])[0]
         return self._token_logprobs([token], [float(logprobs[token])], [best.indices.tolist()],
                                     [best.values.tolist()])[0]
-
-    def _token_logprobs(self, tokens: list[int], logprobs: list[float], top_ids: list[list[int]],
-                        top_logprobs: list[list[float]]) -> list[TokenLogprobs]:
-        """Wire entries of tokens' log probabilities and their alternatives, every token decoded alone (one
-        tokenizer call for all)."""
-        ids = tokens + [i for row in top_ids for i in row]
-        with self._tokenizer_lock:
-            texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
-                                                clean_up_tokenization_spaces=False)
-        alternatives = iter(zip(ids[len(tokens):], texts[len(tokens):]))
-        entries = []
-        for text, logprob, row_logprobs in zip(texts, logprobs, top_logprobs):
-            # The row's own list first: zip stops on it before taking one of the next row's alternatives.
-            top = [TopLogprob(token_id=i, token=t, logprob=lp) for lp, (i, t) in zip(row_logprobs, alternatives)]
-            entries.append(TokenLogprobs(token=text, logprob=logprob, top=top))
-        return entries
 
     def _keep_prompt_scores(self, w: _Work, scores: PositionScores) -> None:
         """A prefill chunk's prompt scores, as the entries of the positions after it (a chunk prefilled again after

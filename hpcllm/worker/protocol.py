@@ -120,6 +120,10 @@ class GenerateRequest(WireModel):
         return self
 
 
+# vLLM's stand-in for a log probability of -inf (JSON has no infinity): reported log probabilities are at least this.
+LOGPROB_FLOOR = -9999.0
+
+
 class TopLogprob(WireModel):
     token_id: int
     token: str  # the token decoded alone (special tokens kept)

@@ -25,6 +25,7 @@ from hpcllm.httpkit.errors import ServiceError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, text_decoder
 from hpcllm.worker.protocol import (
     ENGINE_UNAVAILABLE,
+    LOGPROB_FLOOR,
     ErrorInfo,
     FinalLine,
     GenerateRequest,
@@ -32,6 +33,7 @@ from hpcllm.worker.protocol import (
     RequestTokens,
     TokenLine,
     TokenLogprobs,
+    TopLogprob,
     Usage,
 )
 from hpcllm.worker.sampling import SamplingParams, TokenCounts, random_seed
@@ -359,6 +361,23 @@ class EngineBase:
     @functools.cached_property
     def _decode_ids(self) -> Callable[[list[int]], str]:
         return text_decoder(self.tokenizer)
+
+    def _token_logprobs(self, tokens: list[int], logprobs: list[float], top_ids: list[list[int]],
+                        top_logprobs: list[list[float]]) -> list[TokenLogprobs]:
+        """Wire entries of tokens' log probabilities and their alternatives, every token decoded alone (one
+        tokenizer call for all), -inf as LOGPROB_FLOOR."""
+        ids = tokens + [i for row in top_ids for i in row]
+        with self._tokenizer_lock:
+            texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+        alternatives = iter(zip(ids[len(tokens):], texts[len(tokens):]))
+        entries = []
+        for text, logprob, row_logprobs in zip(texts, logprobs, top_logprobs):
+            # The row's own list first: zip stops on it before taking one of the next row's alternatives.
+            top = [TopLogprob(token_id=i, token=t, logprob=max(lp, LOGPROB_FLOOR))
+                   for lp, (i, t) in zip(row_logprobs, alternatives)]
+            entries.append(TokenLogprobs(token=text, logprob=max(logprob, LOGPROB_FLOOR), top=top))
+        return entries
 
     def new_detokenizer(self, stop: list[str]) -> IncrementalDetokenizer:
         """A request's detokenizer: incremental in the Rust tokenizer where it can be (detokenizer.decode_streams)."""

@@ -100,21 +100,17 @@ class StepBatch:
 @dataclass
 class PositionScores:
     """Per scored position: the log probability of the token after it, and the top most likely tokens' ids and log
-    probabilities (of the raw distribution, float32, -inf clamped to -9999 as vLLM does for JSON)."""
+    probabilities (of the raw distribution, float32)."""
 
     logprobs: list[float]
     top_ids: list[list[int]]
     top_logprobs: list[list[float]]
 
 
-# vLLM's stand-in for a log probability of -inf (JSON has no infinity).
-LOGPROB_FLOOR = -9999.0
-
-
 def score_positions(logits: torch.Tensor, targets: list[int], top: int) -> PositionScores:
     """Scores of [positions, vocab] logits against the token after each position (float32 log_softmax, as the
     engine's generated-token logprobs)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_(min=LOGPROB_FLOOR)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1))[:, 0]
     best = torch.topk(logprobs, top) if top else None
     return PositionScores(chosen.tolist(), best.indices.tolist() if best is not None else [[] for _ in targets],

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from hpcllm.errors import ConfigError
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import ErrorInfo, GenerateRequest, RequestTokens
+from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (
     DuplicateRequest,
     EngineBase,
@@ -73,9 +73,6 @@ class _Request(RequestState):
     generating: str | None = None  # the vLLM request id producing its tokens now
     submissions: int = 0
     warmed: int = 0  # known ids covered by a finished warm-up request (migration, destination side)
-
-    def __post_init__(self) -> None:
-        self.logprobs = None  # not passed through to vLLM (docs/vllm.md), so not asked of a migration destination
 
     @property
     def all_ids(self) -> list[int]:
@@ -171,12 +168,6 @@ class VllmEngine(EngineBase):
 
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
 
-    def _prepare(self, request: GenerateRequest) -> RequestState:
-        if request.logprobs is not None:  # not passed through to vLLM yet: refuse rather than answer without them
-            raise InvalidRequest('logprobs are not served by models with engine = "vllm" yet; ask without logprobs, '
-                                 "or deploy the model on hpcllm's engine", "logprobs")
-        return super()._prepare(request)
-
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
         raise InvalidRequest('embeddings are not served by models with engine = "vllm" yet; deploy the model on '
                              "hpcllm's engine for /v1/embeddings", "input")
@@ -253,7 +244,9 @@ class VllmEngine(EngineBase):
             logit_bias=dict(req.params.logit_bias) or None, seed=_vllm_seed(req.params.seed),
             max_tokens=min(req.max_tokens - len(req.output_ids), self.max_model_len - len(known)),
             ignore_eos=True, stop_token_ids=sorted(req.stop_token_ids), detokenize=False,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA, logprobs=req.logprobs,
+            # Over the known ids: the prompt's, until the first token is out (then they were delivered).
+            prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None and not req.output_ids else None,
         )
         vllm_id = self._vllm_id(req, "gen")
         req.generating = vllm_id
@@ -359,8 +352,17 @@ class VllmEngine(EngineBase):
         if req.attached and req.last_token_time is None:
             log.info("migrated-in request %s: %s of %d known tokens came from vLLM's prefix cache", req.request_id,
                      output.num_cached_tokens, len(req.prompt_ids) + len(req.output_ids))
-        for token in output.outputs[0].token_ids if output.outputs else ():
-            self._accept(req, token)
+        if output.prompt_logprobs and req.prompt_logprobs is not None and not req.output_ids:
+            prompt = req.prompt_ids
+            scored = output.prompt_logprobs[-len(prompt) + 1:] if len(prompt) > 1 else []  # vLLM's: None first
+            req.prompt_logprobs_result = [None] + self._from_vllm(prompt[1:], scored, req.prompt_logprobs)
+        completion = output.outputs[0] if output.outputs else None
+        tokens = completion.token_ids if completion is not None else ()
+        logprobs = [None] * len(tokens)
+        if req.logprobs is not None and completion.logprobs:
+            logprobs = self._from_vllm(list(tokens), completion.logprobs[-len(tokens):], req.logprobs)
+        for token, token_logprobs in zip(tokens, logprobs):
+            self._accept(req, token, token_logprobs)
             if req.state == "finished":
                 break
         if req.state == "finished":
@@ -369,6 +371,15 @@ class VllmEngine(EngineBase):
             reason = output.outputs[0].finish_reason if output.outputs else None
             req.generating = None
             self._finish(req, "stop" if reason == "stop" else "length")
+
+    def _from_vllm(self, tokens: list[int], positions: list[dict], top: int) -> list[TokenLogprobs]:
+        """hpcllm's entries of vLLM's per-position logprobs (token id -> Logprob: the position's token and its top
+        most likely, ranked from 1)."""
+        best = [sorted(((i, lp) for i, lp in ranked.items() if lp.rank <= top), key=lambda item: item[1].rank)[:top]
+                for ranked in positions]
+        return self._token_logprobs(tokens, [ranked[token].logprob for token, ranked in zip(tokens, positions)],
+                                    [[i for i, _ in row] for row in best],
+                                    [[lp.logprob for _, lp in row] for row in best])
 
     def _observe_prefill(self, tokens: int, began: float) -> None:
         if tokens < PREFILL_RATE_MIN_TOKENS:

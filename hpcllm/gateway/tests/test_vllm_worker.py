@@ -182,15 +182,29 @@ def test_seeded_sampling_repeats_for_every_seed(vllm_worker):
     assert sample(-1) != sample(7)
 
 
-def test_what_the_vllm_engine_does_not_serve_yet_is_refused_by_name(vllm_worker, gateway_to):
-    """logprobs and embeddings are not passed through to vLLM: a clear 400, never an answer without them."""
+def test_embeddings_are_refused_by_name(vllm_worker, gateway_to):
+    """Embeddings are not passed through to vLLM: a clear 400, never an answer without them."""
     import openai
 
     client = gateway_to(vllm_worker).client().with_options(timeout=120)
-    with pytest.raises(openai.BadRequestError, match='logprobs are not served by models with engine = "vllm"'):
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=2)
     with pytest.raises(openai.BadRequestError, match='embeddings are not served by models with engine = "vllm"'):
         client.embeddings.create(model=MODEL, input="hello")
+
+
+@pytest.mark.parametrize("max_tokens", [4, 0])
+def test_echo_and_logprobs_read_the_same_from_either_engine(vllm_worker, hpcllm_worker, gateway_to, max_tokens):
+    """lm-eval's loglikelihood request (echo, logprobs, greedy): vLLM's prompt and output logprobs, mapped onto
+    hpcllm's stream, answer as hpcllm's engine does (max_tokens 0: the prompt alone)."""
+    request = dict(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0, echo=True, logprobs=2,
+                   extra_body={"ignore_eos": True})
+    answers = [gateway_to(url).client().with_options(timeout=120).completions.create(**request).choices[0]
+               for url in (vllm_worker, hpcllm_worker.url)]
+    (vllm, hpcllm) = (answer.logprobs for answer in answers)
+    assert answers[0].text == answers[1].text and answers[0].text.startswith(PROMPT)
+    assert vllm.tokens == hpcllm.tokens and vllm.text_offset == hpcllm.text_offset
+    assert vllm.token_logprobs[0] is None and hpcllm.token_logprobs[0] is None
+    assert vllm.token_logprobs[1:] == pytest.approx(hpcllm.token_logprobs[1:], abs=2e-3)
+    assert [list(top) for top in vllm.top_logprobs[1:]] == [list(top) for top in hpcllm.top_logprobs[1:]]
 
 
 def test_chat_and_stop_string_through_the_gateway(vllm_worker, hpcllm_worker, gateway_to):
