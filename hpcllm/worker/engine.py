@@ -808,7 +808,7 @@ class Engine(EngineBase):
         req = w.req
         del req.prompt_logprobs_result[w.start + 1:]
         req.prompt_logprobs_result.extend(self._token_logprobs(req.prompt_targets(w.start, w.end), scores.logprobs,
-                                                               scores.top_ids, scores.top_logprobs))
+                                                               scores.top_ids, scores.top_logprobs, scores.ranks))
 
     def _observe_prefill(self, chunks: list[_Work], began: float | None = None, seconds: float | None = None) -> None:
         """The prefill rate from a step with enough prefill in it: its tokens over `seconds` (the model process's

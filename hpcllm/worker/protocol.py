@@ -136,6 +136,7 @@ class TokenLogprobs(WireModel):
     token: str
     logprob: float
     top: list[TopLogprob] = Field(default_factory=list)
+    rank: int | None = None  # prompt entries only: how many tokens were at least as likely (vLLM's Logprob.rank)
 
 
 class TokenLine(WireModel):
@@ -199,8 +200,10 @@ def stream_line_json(line: TokenLine | FinalLine) -> bytes:
     short)."""
     exclude = None
     if isinstance(line, TokenLine):
-        exclude = {name for name in ("logprobs", "prompt_logprobs") if getattr(line, name) is None} or None
-    return line.model_dump_json(exclude=exclude).encode()
+        exclude = {name: True for name in ("logprobs", "prompt_logprobs") if getattr(line, name) is None}
+        if line.logprobs is not None and line.logprobs.rank is None:
+            exclude["logprobs"] = {"rank"}  # a generated token's entry has none
+    return line.model_dump_json(exclude=exclude or None).encode()
 
 
 # A token line without logprobs as stream_line_json writes it, filled in without pydantic (one per token per stream,

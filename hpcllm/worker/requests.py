@@ -363,7 +363,7 @@ class EngineBase:
         return text_decoder(self.tokenizer)
 
     def _token_logprobs(self, tokens: list[int], logprobs: list[float], top_ids: list[list[int]],
-                        top_logprobs: list[list[float]]) -> list[TokenLogprobs]:
+                        top_logprobs: list[list[float]], ranks: list[int] | None = None) -> list[TokenLogprobs]:
         """Wire entries of tokens' log probabilities and their alternatives, every token decoded alone (one
         tokenizer call for all), -inf as LOGPROB_FLOOR."""
         ids = tokens + [i for row in top_ids for i in row]
@@ -372,11 +372,12 @@ class EngineBase:
                                                 clean_up_tokenization_spaces=False)
         alternatives = iter(zip(ids[len(tokens):], texts[len(tokens):]))
         entries = []
-        for text, logprob, row_logprobs in zip(texts, logprobs, top_logprobs):
+        for position, (text, logprob, row_logprobs) in enumerate(zip(texts, logprobs, top_logprobs)):
             # The row's own list first: zip stops on it before taking one of the next row's alternatives.
             top = [TopLogprob(token_id=i, token=t, logprob=max(lp, LOGPROB_FLOOR))
                    for lp, (i, t) in zip(row_logprobs, alternatives)]
-            entries.append(TokenLogprobs(token=text, logprob=max(logprob, LOGPROB_FLOOR), top=top))
+            entries.append(TokenLogprobs(token=text, logprob=max(logprob, LOGPROB_FLOOR), top=top,
+                                         rank=ranks[position] if ranks is not None else None))
         return entries
 
     def new_detokenizer(self, stop: list[str]) -> IncrementalDetokenizer:

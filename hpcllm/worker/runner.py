@@ -105,6 +105,7 @@ class PositionScores:
     logprobs: list[float]
     top_ids: list[list[int]]
     top_logprobs: list[list[float]]
+    ranks: list[int]  # of the token after each position: how many tokens are at least as likely (vLLM's rank)
 
 
 def score_positions(logits: torch.Tensor, targets: list[int], top: int) -> PositionScores:
@@ -113,8 +114,9 @@ def score_positions(logits: torch.Tensor, targets: list[int], top: int) -> Posit
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1))[:, 0]
     best = torch.topk(logprobs, top) if top else None
+    ranks = (logprobs >= chosen.unsqueeze(1)).sum(dim=1)
     return PositionScores(chosen.tolist(), best.indices.tolist() if best is not None else [[] for _ in targets],
-                          best.values.tolist() if best is not None else [[] for _ in targets])
+                          best.values.tolist() if best is not None else [[] for _ in targets], ranks.tolist())
 
 
 class ModelRunner(Protocol):

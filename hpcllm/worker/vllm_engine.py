@@ -355,12 +355,12 @@ class VllmEngine(EngineBase):
         if output.prompt_logprobs and req.prompt_logprobs is not None and not req.output_ids:
             prompt = req.prompt_ids
             scored = output.prompt_logprobs[-len(prompt) + 1:] if len(prompt) > 1 else []  # vLLM's: None first
-            req.prompt_logprobs_result = [None] + self._from_vllm(prompt[1:], scored, req.prompt_logprobs)
+            req.prompt_logprobs_result = [None] + self._from_vllm(prompt[1:], scored, req.prompt_logprobs, ranked=True)
         completion = output.outputs[0] if output.outputs else None
         tokens = completion.token_ids if completion is not None else ()
         logprobs = [None] * len(tokens)
         if req.logprobs is not None and completion.logprobs:
-            logprobs = self._from_vllm(list(tokens), completion.logprobs[-len(tokens):], req.logprobs)
+            logprobs = self._from_vllm(list(tokens), completion.logprobs[-len(tokens):], req.logprobs, ranked=False)
         for token, token_logprobs in zip(tokens, logprobs):
             self._accept(req, token, token_logprobs)
             if req.state == "finished":
@@ -372,14 +372,15 @@ class VllmEngine(EngineBase):
             req.generating = None
             self._finish(req, "stop" if reason == "stop" else "length")
 
-    def _from_vllm(self, tokens: list[int], positions: list[dict], top: int) -> list[TokenLogprobs]:
+    def _from_vllm(self, tokens: list[int], positions: list[dict], top: int, ranked: bool) -> list[TokenLogprobs]:
         """hpcllm's entries of vLLM's per-position logprobs (token id -> Logprob: the position's token and its top
-        most likely, ranked from 1)."""
+        most likely, ranked from 1); ranked: with the token's rank (prompt entries, as hpcllm's engine)."""
         best = [sorted(((i, lp) for i, lp in ranked.items() if lp.rank <= top), key=lambda item: item[1].rank)[:top]
                 for ranked in positions]
         return self._token_logprobs(tokens, [ranked[token].logprob for token, ranked in zip(tokens, positions)],
                                     [[i for i, _ in row] for row in best],
-                                    [[lp.logprob for _, lp in row] for row in best])
+                                    [[lp.logprob for _, lp in row] for row in best],
+                                    [ranks[token].rank for token, ranks in zip(tokens, positions)] if ranked else None)
 
     def _observe_prefill(self, tokens: int, began: float) -> None:
         if tokens < PREFILL_RATE_MIN_TOKENS:

@@ -21,6 +21,9 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = Field(None, ge=1, le=128)
     # Return the sampled tokens' log probabilities and this many most likely alternatives per token (vLLM: <= 20).
     logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extension: choices[].prompt_logprobs, each prompt token's log probability and rank and this many most
+    # likely alternatives (vLLM's shape; not streamed, as vLLM).
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("prompt")
     @classmethod
@@ -32,6 +35,9 @@ class CompletionRequest(SamplingRequest):
         if self.max_tokens == 0 and not self.echo:
             raise InvalidRequest("max_tokens must be at least 1, got 0 (0 is only allowed with echo)",
                                  param="max_tokens", code="invalid_value")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequest("prompt_logprobs are not available when stream is true", param="prompt_logprobs",
+                                 code="invalid_value")
         if self.suffix:
             raise unsupported("suffix", "a suffix (insertion)")
         if self.best_of is not None and self.best_of < self.choices_per_prompt:
@@ -52,8 +58,10 @@ class CompletionRequest(SamplingRequest):
 
     @property
     def worker_prompt_logprobs(self) -> int | None:
-        """The prompt's log probabilities the worker must report: echo's logprobs cover the prompt too (vLLM)."""
-        return self.logprobs if self.echo else None
+        """The alternatives per prompt token the worker must report: echo's logprobs cover the prompt too (vLLM),
+        as prompt_logprobs asks."""
+        wanted = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(wanted) if wanted else None
 
     @property
     def worker_logprobs(self) -> int | None:
@@ -79,12 +87,27 @@ class CompletionChoice(OpenAIResponse):
     finish_reason: Literal["stop", "length"] | None
 
 
+class PromptLogprob(OpenAIResponse):
+    """vLLM's Logprob, as its prompt_logprobs report it."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class CompletionResponseChoice(CompletionChoice):
+    """A whole answer's choice (vLLM's): per prompt token, {token id: PromptLogprob} for the token and its most
+    likely alternatives (None for the first token), when prompt_logprobs were asked for."""
+
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+
 class CompletionResponse(OpenAIResponse):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionResponseChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
 

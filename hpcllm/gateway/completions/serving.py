@@ -9,13 +9,14 @@ from flask import Response
 from pydantic_core import to_json
 
 from hpcllm.gateway.completions.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
-                                                 CompletionResponse, CompletionStreamResponse)
+                                                 CompletionResponse, CompletionResponseChoice,
+                                                 CompletionStreamResponse, PromptLogprob)
 from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext, collect,
                                     context_length_error, new_response_id, sse, stream_error_event)
+from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.worker.protocol import TokenLogprobs
 
 
@@ -66,13 +67,14 @@ def create_completion(gw: Gateway, ctx: RequestContext, req: CompletionRequest) 
     results = best_choices(collect(generation), req.generated_per_prompt, req.choices_per_prompt)
     return CompletionResponse(
         id=response_id, created=ctx.created, model=req.model,
-        choices=[_choice(i, r, req, echo) for i, r in enumerate(results)],
+        choices=[_choice(i, r, req, echo, prompts) for i, r in enumerate(results)],
         usage=generation.usage,  # every generated choice counts, the best_of ones not returned too (as OpenAI)
     ).model_dump()
 
 
-def _choice(index: int, result: ChoiceResult, req: CompletionRequest, echo: Echo | None) -> CompletionChoice:
-    text, logprobs = result.text, None
+def _choice(index: int, result: ChoiceResult, req: CompletionRequest, echo: Echo | None,
+            prompts: list[list[int]]) -> CompletionResponseChoice:
+    text, logprobs, prompt_logprobs = result.text, None, None
     if req.logprobs is not None:
         logprobs = _logprobs(result.logprobs, len(echo.text(result.index)) if echo is not None else 0)
     if echo is not None:
@@ -80,7 +82,32 @@ def _choice(index: int, result: ChoiceResult, req: CompletionRequest, echo: Echo
         if logprobs is not None:
             prompt = echo.logprobs(result.index, result.prompt_logprobs)
             logprobs = prompt if echo.only else _joined(prompt, logprobs)
-    return CompletionChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs)
+    if req.prompt_logprobs is not None:
+        prompt_logprobs = _vllm_prompt_logprobs(prompts[result.index // req.generated_per_prompt],
+                                                result.prompt_logprobs, req.prompt_logprobs)
+    return CompletionResponseChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs,
+                                    prompt_logprobs=prompt_logprobs)
+
+
+def _vllm_prompt_logprobs(ids: list[int], entries: list[TokenLogprobs | None] | None,
+                          top: int) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's prompt_logprobs: per prompt token after the first, the token's {logprob, rank, decoded_token} and its
+    `top` most likely alternatives' (ranked 1..top), keyed by token id."""
+    _check_prompt_logprobs(ids, entries)
+    shaped: list[dict[str, PromptLogprob] | None] = [None]
+    for token_id, entry in zip(ids[1:], entries[1:]):
+        ranked = {str(token_id): PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=entry.token)}
+        for rank, alternative in enumerate(entry.top[:top], start=1):
+            ranked[str(alternative.token_id)] = PromptLogprob(logprob=alternative.logprob, rank=rank,
+                                                              decoded_token=alternative.token)
+        shaped.append(ranked)
+    return shaped
+
+
+def _check_prompt_logprobs(ids: list[int], entries: list[TokenLogprobs | None] | None) -> None:
+    if entries is None or len(entries) != len(ids):
+        raise InternalError("the model's worker did not report the prompt's log probabilities",
+                            code="generation_failed")
 
 
 class Echo:
@@ -93,21 +120,20 @@ class Echo:
         self._texts = [p if isinstance(p, str) else encoder.decode(ids) for p, ids in zip(req.prompt, prompts)]
         self._choices_per_prompt = req.generated_per_prompt
         self.only = req.echo_only  # max_tokens 0: the prompt alone, the generated token dropped
+        self._top = req.logprobs or 0  # the worker may report more alternatives, for prompt_logprobs
 
     def text(self, choice: int) -> str:
         return self._texts[choice // self._choices_per_prompt]
 
     def logprobs(self, choice: int, entries: list[TokenLogprobs | None] | None) -> CompletionLogprobs:
         ids = self._prompts[choice // self._choices_per_prompt]
-        if entries is None or len(entries) != len(ids):
-            raise InternalError("the model's worker did not report the prompt's log probabilities",
-                                code="generation_failed")
+        _check_prompt_logprobs(ids, entries)
         tokens = [self._encoder.decode(ids[:1])] + [entry.token for entry in entries[1:]]
         return CompletionLogprobs(
             text_offset=list(itertools.accumulate([len(token) for token in tokens[:-1]], initial=0)),
             token_logprobs=[None] + [entry.logprob for entry in entries[1:]],
             tokens=tokens,
-            top_logprobs=[None] + [{top.token: top.logprob for top in entry.top} for entry in entries[1:]],
+            top_logprobs=[None] + [{top.token: top.logprob for top in entry.top[:self._top]} for entry in entries[1:]],
         )
 
 

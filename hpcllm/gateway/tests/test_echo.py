@@ -96,3 +96,29 @@ def test_max_tokens_0_without_echo_is_a_400_and_requests_without_echo_are_unchan
                                                  "logprobs": 1})
     lp = resp.json()["choices"][0]["logprobs"]
     assert len(lp["tokens"]) == 3 and None not in lp["token_logprobs"]
+
+
+def test_vllms_prompt_logprobs_parameter_gives_its_shape(gateway, hf_pair):
+    """vLLM's extension: choices[].prompt_logprobs, per prompt token {token id: {logprob, rank, decoded_token}} for
+    the token and its most likely alternatives; refused when streaming (as vLLM)."""
+    tokenizer = hf_pair[1]
+    ids = tokenizer(PROMPT)["input_ids"]
+    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 2, "temperature": 0,
+                                                 "prompt_logprobs": 2})
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    assert choice["logprobs"] is None and choice["prompt_logprobs"][0] is None
+    with torch.no_grad():
+        rows = torch.log_softmax(hf_pair[0](torch.tensor([ids])).logits[0].float(), dim=-1)
+    for position, ranked in enumerate(choice["prompt_logprobs"][1:], start=1):
+        row, token = rows[position - 1], ids[position]
+        own = ranked[str(token)]
+        assert own["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
+        assert own["rank"] == int((row >= row[token]).sum())  # vLLM's rank: itself and every token as likely
+        assert own["decoded_token"] == tokenizer.decode([token])
+        best = torch.topk(row, 2).indices.tolist()
+        assert {int(key) for key in ranked} == {token, *best}
+        assert [ranked[str(i)]["rank"] for i in best] == [1, 2]
+    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                                 "prompt_logprobs": 1, "stream": True})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs"

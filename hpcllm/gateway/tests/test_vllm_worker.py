@@ -194,9 +194,10 @@ def test_embeddings_are_refused_by_name(vllm_worker, gateway_to):
 @pytest.mark.parametrize("max_tokens", [4, 0])
 def test_echo_and_logprobs_read_the_same_from_either_engine(vllm_worker, hpcllm_worker, gateway_to, max_tokens):
     """lm-eval's loglikelihood request (echo, logprobs, greedy): vLLM's prompt and output logprobs, mapped onto
-    hpcllm's stream, answer as hpcllm's engine does (max_tokens 0: the prompt alone)."""
+    hpcllm's stream, answer as hpcllm's engine does (max_tokens 0: the prompt alone); vLLM's prompt_logprobs
+    parameter too."""
     request = dict(model=MODEL, prompt=PROMPT, max_tokens=max_tokens, temperature=0, echo=True, logprobs=2,
-                   extra_body={"ignore_eos": True})
+                   extra_body={"ignore_eos": True, "prompt_logprobs": 3})
     answers = [gateway_to(url).client().with_options(timeout=120).completions.create(**request).choices[0]
                for url in (vllm_worker, hpcllm_worker.url)]
     (vllm, hpcllm) = (answer.logprobs for answer in answers)
@@ -205,6 +206,13 @@ def test_echo_and_logprobs_read_the_same_from_either_engine(vllm_worker, hpcllm_
     assert vllm.token_logprobs[0] is None and hpcllm.token_logprobs[0] is None
     assert vllm.token_logprobs[1:] == pytest.approx(hpcllm.token_logprobs[1:], abs=2e-3)
     assert [list(top) for top in vllm.top_logprobs[1:]] == [list(top) for top in hpcllm.top_logprobs[1:]]
+    vllm_prompt, hpcllm_prompt = (answer.model_extra["prompt_logprobs"] for answer in answers)
+    assert vllm_prompt[0] is None and hpcllm_prompt[0] is None
+    for from_vllm, from_hpcllm in zip(vllm_prompt[1:], hpcllm_prompt[1:]):
+        assert from_vllm.keys() == from_hpcllm.keys()
+        assert {k: v["rank"] for k, v in from_vllm.items()} == {k: v["rank"] for k, v in from_hpcllm.items()}
+        assert [v["logprob"] for v in from_vllm.values()] == pytest.approx(
+            [v["logprob"] for v in from_hpcllm.values()], abs=2e-3)
 
 
 def test_chat_and_stop_string_through_the_gateway(vllm_worker, hpcllm_worker, gateway_to):
