@@ -45,12 +45,14 @@ def fake_agent(tmp_path: Path) -> Path:
     script = tmp_path / "hpcllm"
     script.write_text(
         "#!/bin/bash\n"
-        'echo "agent $SLURMD_NODENAME started: $*"\n'
         # Slurm and the batch shell may both deliver the signal: a drain takes repeats as one (the contract).
         'drain() { trap "" USR1 TERM; echo "agent $SLURMD_NODENAME drained on $1"; kill "$child" 2>/dev/null; '
         "exit 0; }\n"
         "trap 'drain USR1' USR1\n"
         "trap 'drain TERM' TERM\n"
+        # Only now: a test signals once it reads this line, and a USR1 before the trap would kill the agent
+        # silently (bash's default), as it did under load.
+        'echo "agent $SLURMD_NODENAME started: $*"\n'
         "sleep 120 & child=$!\n"
         "wait\n"
     )
