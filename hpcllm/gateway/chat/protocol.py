@@ -44,10 +44,11 @@ class FunctionCall(OpenAIRequest):
     @classmethod
     def _json_object(cls, value: str) -> str:
         try:
-            if isinstance(json.loads(value), dict):
-                return value
+            parsed = json.loads(value)
         except ValueError:
-            pass
+            parsed = None
+        if isinstance(parsed, dict):
+            return value
         raise ValueError("arguments must be a JSON object encoded as a string, like '{\"city\": \"Paris\"}'")
 
 

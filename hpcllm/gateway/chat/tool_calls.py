@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from hpcllm.gateway.errors import InvalidRequest
@@ -58,16 +59,17 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-class ToolCallParser:
+class ToolCallParser(ABC):
     name = ""
 
+    @abstractmethod
     def parse(self, text: str) -> ParsedOutput:
-        raise NotImplementedError
+        """The whole answer's content and calls (a call that does not parse leaves it all content)."""
 
+    @abstractmethod
     def sendable(self, text: str, sent: int) -> int | None:
         """How much of `text` (an answer so far, whose first `sent` characters were content for sure) is content for
         sure; None once a call has started. Asked at every token: it looks at the new text only."""
-        raise NotImplementedError
 
 
 class HermesParser(ToolCallParser):

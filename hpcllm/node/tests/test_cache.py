@@ -143,7 +143,7 @@ def test_killed_fill_is_invisible_and_cleaned_on_start_and_on_list(manager, orig
 
     # Start-up removes such a folder too (a fill killed while no manager was running).
     with fill_hanging_in_another_process(args, "llama", origin, tmp_path):
-        pass
+        assert [p for p in manager.nvme_dir.iterdir() if ".filling-" in p.name]  # a new fill, killed on leaving
     fresh = _manager_like(manager)
     assert _visible(fresh.nvme_dir) == []
     assert fresh.list() == []
