@@ -518,7 +518,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def stream_error_event(exc: BaseException, request_id: str) -> bytes:
     """An error after the stream started can no longer change the status: send it as an event (as vLLM does)."""
+    return f"data: {json.dumps(stream_error(exc, request_id).body())}\n\n".encode()
+
+
+def stream_error(exc: BaseException, request_id: str) -> ApiError:
+    """The error a stream reports: an API error as it is; anything else logged, and told as an internal error."""
     if not isinstance(exc, ApiError):
         log.exception("request %s failed while streaming", request_id, exc_info=exc)
         exc = InternalError("internal error while streaming; see the gateway log for request " + request_id)
-    return f"data: {json.dumps(exc.body())}\n\n".encode()
+    return exc

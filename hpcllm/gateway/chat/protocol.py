@@ -43,13 +43,18 @@ class FunctionCall(OpenAIRequest):
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = None
-        if isinstance(parsed, dict):
-            return value
-        raise ValueError("arguments must be a JSON object encoded as a string, like '{\"city\": \"Paris\"}'")
+        return json_object_arguments(value)
+
+
+def json_object_arguments(value: str) -> str:
+    """A call's arguments as the model's answer gave them (also the Responses API's function_call items')."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        return value
+    raise ValueError("arguments must be a JSON object encoded as a string, like '{\"city\": \"Paris\"}'")
 
 
 class ToolCallIn(OpenAIRequest):

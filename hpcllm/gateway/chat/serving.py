@@ -18,6 +18,23 @@ from hpcllm.worker.protocol import TokenLogprobs
 
 
 def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest) -> Response | dict:
+    generation, parser = start_chat(gw, ctx, req, new_response_id("chatcmpl"))
+    if req.stream:
+        response = Response(_stream(generation, req, ctx, parser), mimetype="text/event-stream", headers=SSE_HEADERS)
+        response.call_on_close(generation.close)
+        return response
+    return ChatCompletionResponse(
+        id=generation.response_id, created=ctx.created, model=req.model,
+        choices=[chat_choice(result, parser, req) for result in collect(generation)],
+        usage=generation.usage,
+    ).model_dump()
+
+
+def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
+               response_id: str) -> tuple[Generation, ToolCallParser | None]:
+    """Check the request, render its prompt and start generating: everything that can still be a 4xx/5xx (the
+    Responses API, hpcllm.gateway.responses, starts its generations here too). The parser reads tool calls out of
+    the answer (None: no tools, or tool_choice "none")."""
     req.check_supported()
     messages = req.template_messages()
     card = gw.router.get_model(req.model)
@@ -30,19 +47,10 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
     if max_tokens is None and card.max_model_len is not None:
         # OpenAI's chat default: as much as the context still holds.
         max_tokens = card.max_model_len - len(prompt)
-    response_id = new_response_id("chatcmpl")
     generation = Generation(gw, ctx, card, [prompt], req.sampling(max_tokens, req.worker_logprobs), response_id,
                             n=req.choices_per_prompt)
     generation.start(stream=bool(req.stream))
-    if req.stream:
-        response = Response(_stream(generation, req, ctx, parser), mimetype="text/event-stream", headers=SSE_HEADERS)
-        response.call_on_close(generation.close)
-        return response
-    return ChatCompletionResponse(
-        id=response_id, created=ctx.created, model=req.model,
-        choices=[chat_choice(result, parser, req) for result in collect(generation)],
-        usage=generation.usage,
-    ).model_dump()
+    return generation, parser
 
 
 def chat_choice(result: ChoiceResult, parser: ToolCallParser | None, req: ChatCompletionRequest) -> ChatChoice:
