@@ -1,0 +1,340 @@
+"""Wire types of POST /v1/responses (OpenAI's Responses API) and their translation to a chat completions request.
+
+The request becomes a ChatCompletionRequest (instructions a system message first, input items messages, function
+tools chat tools, text.format chat's response_format); the answer is built from chat's choice or chunks. Shapes as
+OpenAI's (openai-python's types/responses) and vLLM's serving_responses.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from hpcllm.gateway.chat.protocol import (FUNCTION_NAME, ChatCompletionRequest, ChatMessage, FunctionCall,
+                                          FunctionDefinition, ToolCallIn, ToolCallOut, ToolDefinition,
+                                          json_object_arguments)
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, UsageInfo, unsupported
+
+InputRole = Literal["user", "system", "developer", "assistant"]
+# Content part types whose text reaches the prompt (what a user sends, what the model answered before).
+TEXT_PARTS = ("input_text", "output_text")
+ITEM_TYPES = ("message", "function_call", "function_call_output")
+NOT_STORED = "this server stores no responses; send the whole conversation in 'input'"
+
+
+def _content_shape(value: Any, what: str) -> str | list[dict]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in value):
+        return value
+    raise ValueError(f"{what} must be a string or a list of content parts like "
+                     f"{{\"type\": \"input_text\", \"text\": ...}}")
+
+
+def _text_of(value: str | list[dict], where: str) -> str:
+    if isinstance(value, str):
+        return value
+    texts = []
+    for i, part in enumerate(value):
+        if part["type"] not in TEXT_PARTS:
+            raise unsupported(f"{where}[{i}].type", f"content of type {part['type']!r}")
+        if not isinstance(part.get("text"), str):
+            raise unsupported(f"{where}[{i}].text", "a text part without a string 'text'")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+class InputItem(OpenAIRequest):
+    """One item of `input`: a message (`type` may be left out), an earlier function call, or its output. The fields
+    of the other types are checked by type (check_supported refuses unknown types with a 400)."""
+
+    type: str = "message"
+    role: InputRole | None = None
+    content: Any = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: Any = None
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> InputItem:
+        needed = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
+                  "function_call_output": ("call_id", "output")}.get(self.type, ())
+        missing = next((name for name in needed if getattr(self, name) is None), None)
+        if missing is not None:
+            raise ValueError(f"a {self.type} item needs '{missing}'")
+        if self.type == "message":
+            _content_shape(self.content, "content")
+        elif self.type == "function_call":
+            json_object_arguments(self.arguments)
+        elif self.type == "function_call_output":
+            _content_shape(self.output, "output")
+        return self
+
+
+class FunctionTool(OpenAIRequest):
+    """A tool: Responses' function tools have name, description, parameters and strict at the top level; other
+    types are OpenAI's built-in tools (web_search, file_search, ...), refused by check_supported."""
+
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _named_function(self) -> FunctionTool:
+        if self.type == "function":
+            if self.name is None:
+                raise ValueError("a function tool needs a 'name'")
+            if not FUNCTION_NAME.fullmatch(self.name):
+                raise ValueError(f"function names must be 1 to 64 letters, digits, '_' or '-', not {self.name[:80]!r}")
+        return self
+
+    def for_chat(self) -> ToolDefinition:
+        return ToolDefinition(type="function", function=FunctionDefinition(
+            name=self.name, description=self.description, parameters=self.parameters, strict=self.strict))
+
+
+class TextConfig(OpenAIRequest):
+    format: dict[str, Any] | None = None
+
+    @field_validator("format")
+    @classmethod
+    def _typed(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and not isinstance(value.get("type"), str):
+            raise ValueError("format needs a 'type': 'text', 'json_object' or 'json_schema'")
+        return value
+
+    def response_format(self) -> dict[str, Any] | None:
+        """chat's response_format: json_schema's name/schema/strict/description are nested there, flat here."""
+        if self.format is None:
+            return None
+        kind = self.format["type"]
+        if kind == "json_schema":
+            return {"type": kind, "json_schema": {k: v for k, v in self.format.items() if k != "type"}}
+        return {"type": kind}
+
+
+# What a chat request's errors call the Responses fields they come from.
+PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+class ResponsesRequest(OpenAIRequest):
+    model: str = Field(min_length=1)
+    input: list[InputItem] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    stream: bool | None = False
+    tools: list[FunctionTool] | None = None
+    # "auto" (the default), "none"; "required" and a named function are refused as chat refuses them
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None  # accepted (OpenAI's default is true), nothing is stored
+    truncation: Literal["auto", "disabled"] | None = None
+    # Declared to be refused when set (unknown fields are dropped silently)
+    previous_response_id: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
+    max_tool_calls: int | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _string_is_one_user_message(cls, value: Any) -> Any:
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_names(cls, tools: list[FunctionTool] | None) -> list[FunctionTool] | None:
+        names = [tool.name for tool in tools or [] if tool.type == "function"]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ValueError(f"function {twice!r} is defined twice")
+        return tools
+
+    def check_supported(self) -> None:
+        """400s for what this server cannot do, naming the field (chat's own checks follow in to_chat's request)."""
+        for name in ("previous_response_id", "conversation"):
+            if getattr(self, name) is not None:
+                raise unsupported(name, f"'{name}' ({NOT_STORED})")
+        if self.prompt is not None:
+            raise unsupported("prompt", "a stored prompt template")
+        if self.background:
+            raise unsupported("background", "background: true (answers are streamed or returned at once)")
+        if self.reasoning and any(v is not None for v in self.reasoning.values()):
+            raise unsupported("reasoning", "reasoning settings (the served models do not reason separately)")
+        if self.include:
+            raise unsupported("include", f"include {self.include[0][:80]!r}")
+        if self.top_logprobs:
+            raise unsupported("top_logprobs", "log probabilities in the Responses API (use /v1/chat/completions)")
+        if self.max_tool_calls is not None:
+            raise unsupported("max_tool_calls", "a limit on tool calls")
+        if self.truncation == "auto":
+            raise unsupported("truncation", "truncation 'auto' (a prompt too long is a 400 with its length)")
+        for i, tool in enumerate(self.tools or []):
+            if tool.type != "function":
+                raise unsupported(f"tools[{i}].type", f"the built-in tool {tool.type[:80]!r} (only function tools)")
+        for i, item in enumerate(self.input):
+            if item.type not in ITEM_TYPES:
+                hint = f" ({NOT_STORED})" if item.type == "item_reference" else ""
+                raise unsupported(f"input[{i}].type", f"an input item of type {item.type[:80]!r}{hint}")
+        if not (self.tool_choice in (None, "auto", "none", "required") or _is_named_function(self.tool_choice)):
+            raise unsupported("tool_choice", f"tool_choice {json.dumps(self.tool_choice)[:100]}")
+
+    def to_chat(self) -> ChatCompletionRequest:
+        """The chat completions request that answers this one."""
+        return ChatCompletionRequest(
+            model=self.model, messages=self._messages(), max_completion_tokens=self.max_output_tokens,
+            temperature=self.temperature, top_p=self.top_p, stream=self.stream, user=self.user,
+            tools=[tool.for_chat() for tool in self.tools] if self.tools else None,
+            tool_choice=_chat_tool_choice(self.tool_choice), parallel_tool_calls=self.parallel_tool_calls,
+            response_format=self.text.response_format() if self.text else None,
+        )
+
+    def _messages(self) -> list[ChatMessage]:
+        """instructions first (a system message), then the items; function calls join the assistant message just
+        before them (the text the model wrote with them), as a chat assistant message holds its calls."""
+        messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
+        for i, item in enumerate(self.input):
+            where = f"input[{i}]"
+            if item.type == "message":
+                messages.append(ChatMessage(role=item.role, content=_text_of(item.content, f"{where}.content")))
+            elif item.type == "function_call":
+                call = ToolCallIn(id=item.call_id, type="function",
+                                  function=FunctionCall(name=item.name, arguments=item.arguments))
+                last = messages[-1] if messages else None
+                if last is not None and last.role == "assistant":
+                    last.tool_calls = [*(last.tool_calls or []), call]
+                else:
+                    messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+            else:
+                messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
+                                            content=_text_of(item.output, f"{where}.output")))
+        return messages
+
+    def echo(self) -> dict[str, Any]:
+        """The request's settings as a response repeats them (OpenAI's defaults where not given)."""
+        tools = [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
+                  "strict": t.strict} for t in self.tools or []]
+        return {
+            "instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "tools": tools, "tool_choice": self.tool_choice or "auto",
+            "text": {"format": (self.text.format if self.text else None) or {"type": "text"}},
+            "parallel_tool_calls": self.parallel_tool_calls is not False, "metadata": self.metadata or {},
+            "store": False,  # whatever was asked: nothing is stored
+            "user": self.user, "truncation": self.truncation or "disabled",
+            "background": False, "previous_response_id": None, "reasoning": None,
+        }
+
+
+def _is_named_function(choice: Any) -> bool:
+    return isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str)
+
+
+def _chat_tool_choice(choice: Any) -> Any:
+    """Responses names a function at the top level ({"type": "function", "name": ...}), chat one level down."""
+    if _is_named_function(choice):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def renamed_for_responses(exc: InvalidRequest) -> InvalidRequest:
+    """A chat request's error about a field, naming the Responses field it came from."""
+    if exc.param in PARAM_NAMES:
+        new = PARAM_NAMES[exc.param]
+        exc.message = exc.message.replace(f"'{exc.param}'", f"'{new}'").replace(f" {exc.param}.", f" {new}.")
+        exc.param = new
+    return exc
+
+
+# ------------------------------------------------------------------------------------------------- the answer
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class OutputText(OpenAIResponse):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+
+
+class OutputMessage(OpenAIResponse):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: ItemStatus
+    content: list[OutputText]
+
+
+class FunctionCallItem(OpenAIResponse):
+    id: str
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus = "completed"
+
+    @classmethod
+    def of(cls, item_id: str, call: ToolCallOut) -> FunctionCallItem:
+        return cls(id=item_id, call_id=call.id, name=call.function.name, arguments=call.function.arguments)
+
+
+class InputTokensDetails(OpenAIResponse):
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+class OutputTokensDetails(OpenAIResponse):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(OpenAIResponse):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+
+    @classmethod
+    def of(cls, usage: UsageInfo) -> ResponseUsage:
+        return cls(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens)
+
+
+class IncompleteDetails(OpenAIResponse):
+    reason: Literal["max_output_tokens"]
+
+
+ResponseStatus = Literal["in_progress", "completed", "incomplete"]
+
+
+class ResponseObject(OpenAIResponse):
+    """The `response` object; the request's settings (ResponsesRequest.echo) are added to it as OpenAI repeats
+    them."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    model: str
+    status: ResponseStatus
+    output: list[OutputMessage | FunctionCallItem] = Field(default_factory=list)
+    usage: ResponseUsage | None = None
+    incomplete_details: IncompleteDetails | None = None
+    error: None = None
+
+    def body(self, req: ResponsesRequest) -> dict[str, Any]:
+        return {**self.model_dump(), **req.echo()}

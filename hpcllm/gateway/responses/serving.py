@@ -1,0 +1,151 @@
+"""POST /v1/responses: a chat completion (hpcllm.gateway.chat.serving, so routing, limits, migration, resume and tool
+calling are chat's own) answered as OpenAI's `response` object, or streamed as its typed events.
+
+Output items: a `message` with the answer's text (left out when the answer is only tool calls), then one
+`function_call` per tool call. A chat finish_reason "length" makes the response (and its message) "incomplete".
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from flask import Response
+
+from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, ToolCallOut
+from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, start_chat
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.protocol import UsageInfo
+from hpcllm.gateway.responses.protocol import (FunctionCallItem, IncompleteDetails, OutputMessage, OutputText,
+                                               ResponseObject, ResponsesRequest, ResponseUsage, renamed_for_responses)
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.serving import SSE_HEADERS, Delta, RequestContext, collect, stream_error
+
+
+def new_item_id(prefix: str) -> str:
+    """OpenAI's ids: resp_..., msg_..., fc_..."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> Response | dict:
+    req.check_supported()
+    chat_req = req.to_chat()
+    try:
+        generation, parser = start_chat(gw, ctx, chat_req, new_item_id("resp"))
+    except InvalidRequest as exc:
+        raise renamed_for_responses(exc) from None
+    answer = ResponseBuilder(req, generation.response_id, ctx.created)
+    if req.stream:
+        events = answer.events(generation.deltas(), ChatChoiceStream(parser, chat_req), lambda: generation.usage,
+                               ctx.request_id)
+        response = Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
+        response.call_on_close(generation.close)
+        return response
+    result, = collect(generation)
+    return answer.whole(chat_choice(result, parser, chat_req), generation.usage)
+
+
+def status_of(finish_reason: str) -> str:
+    return "incomplete" if finish_reason == "length" else "completed"
+
+
+class ResponseBuilder:
+    """One response's `response` objects: whole (from chat's choice) or streamed as OpenAI's `event:` + `data:`
+    events, numbered (sequence_number), from chat's streamed choice (ChatChoiceStream: text as it comes, tool
+    calls at the end)."""
+
+    def __init__(self, req: ResponsesRequest, response_id: str, created: int):
+        self.req, self.response_id, self.created = req, response_id, created
+        self.sequence_number = 0
+        self.output: list[OutputMessage | FunctionCallItem] = []
+        self.message: OutputMessage | None = None  # the message item being streamed
+
+    def response(self, status: str, usage: UsageInfo | None = None) -> dict[str, Any]:
+        incomplete = IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
+        return ResponseObject(id=self.response_id, created_at=self.created, model=self.req.model, status=status,
+                              output=self.output, usage=ResponseUsage.of(usage) if usage else None,
+                              incomplete_details=incomplete).body(self.req)
+
+    def whole(self, choice: ChatChoice, usage: UsageInfo) -> dict[str, Any]:
+        """A whole chat choice: its text a message item (none for an answer of calls only), its calls
+        function_call items."""
+        message, status = choice.message, status_of(choice.finish_reason)
+        if message.content or not message.tool_calls:
+            self.output.append(OutputMessage(id=new_item_id("msg"), status=status,
+                                             content=[OutputText(text=message.content or "")]))
+        self.output += [FunctionCallItem.of(new_item_id("fc"), call) for call in message.tool_calls]
+        return self.response(status, usage)
+
+    # ------------------------------------------------------------------------------------------------ streamed
+    def events(self, deltas: Iterator[Delta], choice: ChatChoiceStream, usage: Callable[[], UsageInfo],
+               request_id: str) -> Iterator[bytes]:
+        started = self.response("in_progress")
+        try:
+            yield self._event("response.created", response=started)
+            yield self._event("response.in_progress", response=started)
+            for delta in deltas:
+                for chunk in choice.choices(delta):
+                    yield from self._chunk(chunk, usage)
+        except Exception as exc:
+            error = stream_error(exc, request_id)
+            yield self._event("error", code=error.code, message=error.message, param=error.param)
+
+    def _event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+    def _chunk(self, chunk: ChatStreamChoice, usage: Callable[[], UsageInfo]) -> Iterator[bytes]:
+        if chunk.delta.content:
+            yield from self._text(chunk.delta.content)
+        for call in chunk.delta.tool_calls or []:
+            yield from self._function_call(call)
+        if chunk.finish_reason is None:
+            return
+        status = status_of(chunk.finish_reason)
+        if not self.output and self.message is None:  # an empty answer is still a message, as answered whole
+            yield from self._open_message()
+        yield from self._close_message(status)
+        yield self._event(f"response.{status}", response=self.response(status, usage()))
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.message.id, "output_index": len(self.output), "content_index": 0}
+
+    def _open_message(self) -> Iterator[bytes]:
+        self.message = OutputMessage(id=new_item_id("msg"), status="in_progress", content=[])
+        yield self._event("response.output_item.added", output_index=len(self.output),
+                          item=self.message.model_dump())
+        self.message.content.append(OutputText(text=""))
+        yield self._event("response.content_part.added", **self._where(), part=OutputText(text="").model_dump())
+
+    def _text(self, text: str) -> Iterator[bytes]:
+        if self.message is None:
+            yield from self._open_message()
+        self.message.content[0].text += text
+        yield self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+
+    def _close_message(self, status: str) -> Iterator[bytes]:
+        if self.message is None:
+            return
+        part = self.message.content[0]
+        yield self._event("response.output_text.done", **self._where(), text=part.text, logprobs=[])
+        yield self._event("response.content_part.done", **self._where(), part=part.model_dump())
+        self.message.status = status
+        yield self._event("response.output_item.done", output_index=len(self.output),
+                          item=self.message.model_dump())
+        self.output.append(self.message)
+        self.message = None
+
+    def _function_call(self, call: ToolCallOut) -> Iterator[bytes]:
+        yield from self._close_message("completed")  # the text before the calls is whole
+        item = FunctionCallItem.of(new_item_id("fc"), call)
+        where = {"item_id": item.id, "output_index": len(self.output)}
+        yield self._event("response.output_item.added", output_index=len(self.output),
+                          item={**item.model_dump(), "arguments": "", "status": "in_progress"})
+        yield self._event("response.function_call_arguments.delta", **where, delta=item.arguments)
+        yield self._event("response.function_call_arguments.done", **where, arguments=item.arguments,
+                          name=item.name)
+        yield self._event("response.output_item.done", output_index=len(self.output), item=item.model_dump())
+        self.output.append(item)

@@ -1,0 +1,277 @@
+"""POST /v1/responses (OpenAI's Responses API) with the official openai client, through a real gateway and worker:
+the answer is the chat completion of the same conversation (greedy text as transformers generates it on the chat
+template, the same prompt token count), streamed as OpenAI's typed events; tool calls become function_call items
+(built from constructed chat answers, as test_tool_calls does: the tiny model writes random text, never a call)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pydantic
+import pytest
+
+from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice
+from hpcllm.gateway.chat.tool_calls import PARSERS
+from hpcllm.gateway.errors import ServiceUnavailable
+from hpcllm.gateway.protocol import UsageInfo
+from hpcllm.gateway.responses.protocol import ResponsesRequest
+from hpcllm.gateway.responses.serving import ResponseBuilder
+from hpcllm.gateway.serving import ChoiceResult, Delta
+
+from .conftest import MODEL
+from .test_errors import assert_error
+from .test_openai_api import chat_prompt_ids, hf_greedy
+# gw: a gateway serving TOOLS_MODEL too, whose chat template renders tools (and the fixtures it needs)
+from .test_tool_calling_api import ROUND, TOOLS_MODEL, WEATHER_TOOL, gw, prompt_tokens, tools_model_dir  # noqa: F401
+from .test_tool_calling_api import tools_tokenizer  # noqa: F401
+from .test_tool_calls import QWEN_TWO_CALLS, _token_deltas
+
+INSTRUCTIONS = "be brief"
+QUESTION = "hello world"
+MESSAGES = [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": QUESTION}]
+FUNCTION_TOOL = {"type": "function", **WEATHER_TOOL["function"]}  # the Responses shape: no "function" level
+
+
+def test_a_response_is_the_chat_answer_of_its_instructions_and_input(gateway, hf_pair):
+    prompt_ids = chat_prompt_ids(hf_pair, MESSAGES)
+    text, finish, tokens = hf_greedy(hf_pair, prompt_ids, 20)
+    resp = gateway.client().responses.create(model=MODEL, instructions=INSTRUCTIONS, input=QUESTION,
+                                             max_output_tokens=20, temperature=0, metadata={"run": "1"})
+    assert resp.object == "response" and resp.id.startswith("resp_") and resp.model == MODEL
+    assert resp.output_text == text and text
+    assert resp.status == ("completed" if finish == "stop" else "incomplete")
+    message, = resp.output
+    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    assert [part.type for part in message.content] == ["output_text"] and message.content[0].annotations == []
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (len(prompt_ids), tokens)
+    assert resp.usage.total_tokens == len(prompt_ids) + tokens
+    assert resp.usage.input_tokens_details.cached_tokens == 0
+    assert resp.usage.output_tokens_details.reasoning_tokens == 0
+    assert (resp.instructions, resp.max_output_tokens, resp.temperature) == (INSTRUCTIONS, 20, 0)
+    assert resp.metadata == {"run": "1"} and resp.tools == [] and resp.tool_choice == "auto"
+
+    chat = gateway.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, temperature=0)
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens  # the same rendering of the same conversation
+    assert resp.output_text == chat.choices[0].message.content
+
+
+def test_input_items_are_the_chat_messages_they_name(gateway, hf_pair):
+    messages = [{"role": "system", "content": "answer in French"}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "bonjour"}, {"role": "user", "content": "and again"}]
+    items = [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "answer in French"}]},
+             {"role": "user", "content": [{"type": "input_text", "text": "hel"}, {"type": "input_text", "text": "lo"}]},
+             {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+              "content": [{"type": "output_text", "text": "bonjour", "annotations": []}]},
+             {"role": "user", "content": "and again"}]
+    text, _, _ = hf_greedy(hf_pair, chat_prompt_ids(hf_pair, messages), 12)
+    resp = gateway.client().responses.create(model=MODEL, input=items, max_output_tokens=12, temperature=0)
+    assert resp.usage.input_tokens == len(chat_prompt_ids(hf_pair, messages))
+    assert resp.output_text == text
+
+
+def test_max_output_tokens_reached_is_an_incomplete_response(gateway, hf_pair):
+    assert hf_greedy(hf_pair, chat_prompt_ids(hf_pair, MESSAGES), 2)[1] == "length"  # the model goes on past 2
+    resp = gateway.client().responses.create(model=MODEL, instructions=INSTRUCTIONS, input=QUESTION,
+                                             max_output_tokens=2, temperature=0)
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.output[0].status == "incomplete" and resp.usage.output_tokens == 2
+
+
+def _stream_events(gateway, **body) -> list:
+    return list(gateway.client().responses.create(model=MODEL, instructions=INSTRUCTIONS, input=QUESTION,
+                                                  temperature=0, stream=True, **body))
+
+
+def test_a_streamed_response_sends_openais_events_and_the_same_answer(gateway, hf_pair):
+    prompt_ids = chat_prompt_ids(hf_pair, MESSAGES)
+    text, finish, tokens = hf_greedy(hf_pair, prompt_ids, 16)
+    events = _stream_events(gateway, max_output_tokens=16)
+    kinds = [event.type for event in events]
+    deltas = kinds.count("response.output_text.delta")
+    status = "completed" if finish == "stop" else "incomplete"
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added"] + ["response.output_text.delta"] * deltas + [
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                     f"response.{status}"]
+    assert deltas >= 1 and [event.sequence_number for event in events] == list(range(len(events)))
+    assert events[0].response.status == "in_progress" and events[0].response.output == []
+    item_id = events[2].item.id
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed == text and events[-4].text == text
+    assert all(e.item_id == item_id for e in events if e.type.startswith("response.output_text"))
+    final = events[-1].response
+    assert final.id == events[0].response.id and final.status == status
+    assert final.output_text == text and final.output[0].id == item_id
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (len(prompt_ids), tokens)
+
+
+def test_the_clients_stream_helper_reads_the_events(gateway, hf_pair):
+    """responses.stream() checks each event against what it accumulated (an item's identity, its output index); it
+    hands out the final response for response.completed only, and the tiny model never stops on its own."""
+    text, _, _ = hf_greedy(hf_pair, chat_prompt_ids(hf_pair, MESSAGES), 10)
+    with gateway.client().responses.stream(model=MODEL, instructions=INSTRUCTIONS, input=QUESTION,
+                                           max_output_tokens=10, temperature=0) as stream:
+        events = list(stream)
+    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == text
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == text
+
+
+def test_a_streamed_response_is_raw_sse_with_event_lines(gateway):
+    resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2,
+                                               "stream": True})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    events = resp.text.split("\n\n")
+    assert events[-1] == ""
+    for event in events[:-1]:
+        name, data = event.split("\n")
+        assert name.startswith("event: ") and data.startswith("data: {")
+        assert json.loads(data.removeprefix("data: "))["type"] == name.removeprefix("event: ")
+
+
+def test_function_call_outputs_reach_the_chat_template(gw, tools_tokenizer):  # noqa: F811
+    items = [{"role": "user", "content": ROUND[0]["content"]},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"}]
+    resp = gw.post("/v1/responses", json={"model": TOOLS_MODEL, "input": items, "tools": [FUNCTION_TOOL],
+                                                     "max_output_tokens": 4, "temperature": 0})
+    assert resp.status_code == 200, resp.text
+    text, expected = prompt_tokens(tools_tokenizer, ROUND, [WEATHER_TOOL])
+    assert "sunny, 21 C" in text and '"name": "get_weather"' in text
+    assert resp.json()["usage"]["input_tokens"] == expected
+    chat = gw.post("/v1/chat/completions", json={"model": TOOLS_MODEL, "messages": ROUND,
+                                                            "tools": [WEATHER_TOOL], "max_tokens": 4})
+    assert chat.json()["usage"]["prompt_tokens"] == expected
+    assert resp.json()["tools"] == [{**FUNCTION_TOOL, "strict": None}]
+
+
+def _request(**fields) -> ResponsesRequest:
+    return ResponsesRequest.model_validate({"model": "m", "input": "weather and time in Paris?",
+                                            "tools": [FUNCTION_TOOL, {**FUNCTION_TOOL, "name": "get_time"}],
+                                            **fields})
+
+
+CALLS = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+         {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]
+
+
+def _calls(items: list[dict]) -> list[dict]:
+    for item in items:
+        assert item["id"].startswith("fc_") and item["call_id"].startswith("call_") and item["status"] == "completed"
+    return [{"name": item["name"], "arguments": json.loads(item["arguments"])} for item in items]
+
+
+def test_tool_calls_in_the_answer_are_function_call_items():
+    req = _request()
+    text = "Let me check both.\n" + QWEN_TWO_CALLS
+    choice = chat_choice(ChoiceResult(0, text, "stop"), PARSERS["hermes"], req.to_chat())
+    body = ResponseBuilder(req, "resp_1", 0).whole(choice, UsageInfo(prompt_tokens=5, completion_tokens=7,
+                                                                       total_tokens=12))
+    message, *calls = body["output"]
+    assert message["type"] == "message" and message["content"][0]["text"] == "Let me check both."
+    assert [item["type"] for item in calls] == ["function_call"] * 2 and _calls(calls) == CALLS
+    assert body["status"] == "completed" and body["usage"]["total_tokens"] == 12
+    openai.types.responses.Response.model_validate(body)  # the client's own type reads it
+
+    only_calls = chat_choice(ChoiceResult(0, QWEN_TWO_CALLS, "stop"), PARSERS["hermes"], req.to_chat())
+    assert [item["type"] for item in ResponseBuilder(req, "resp_2", 0).whole(only_calls, UsageInfo())["output"]] == [
+        "function_call", "function_call"]
+
+
+def _events(stream: bytes) -> list[dict]:
+    return [json.loads(event.split("\ndata: ")[1]) for event in stream.decode().split("\n\n") if event]
+
+
+def test_streamed_tool_calls_are_function_call_events_after_the_text():
+    req = _request(stream=True)
+    chat_req = req.to_chat()
+    text = "Let me check both.\n" + QWEN_TWO_CALLS
+    stream = ResponseBuilder(req, "resp_1", 0).events(
+        iter(_token_deltas(text, "stop")), ChatChoiceStream(PARSERS["hermes"], chat_req), UsageInfo, "request-1")
+    events = _events(b"".join(stream))
+    kinds = [event["type"] for event in events]
+    message_done = kinds.index("response.output_item.done")
+    assert "".join(e["delta"] for e in events[:message_done] if e["type"] == "response.output_text.delta") == (
+        "Let me check both.")
+    call_events = ["response.output_item.added", "response.function_call_arguments.delta",
+                   "response.function_call_arguments.done", "response.output_item.done"]
+    assert kinds[message_done + 1:] == call_events * 2 + ["response.completed"]
+    added = [e["item"] for e in events[message_done + 1:] if e["type"] == "response.output_item.added"]
+    assert [(item["type"], item["arguments"], item["status"]) for item in added] == [
+        ("function_call", "", "in_progress")] * 2
+    done = [e["item"] for e in events[message_done + 1:] if e["type"] == "response.output_item.done"]
+    assert _calls(done) == CALLS
+    assert [e["output_index"] for e in events if e["type"].endswith("arguments.done")] == [1, 2]
+    final = events[-1]["response"]
+    assert final["output"][1:] == done and final["output"][0]["content"][0]["text"] == "Let me check both."
+    for event in events:  # each as the client's own event types read it
+        pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent).validate_python(event)
+
+
+def test_an_error_mid_stream_is_an_error_event():
+    req = _request(stream=True)
+
+    def failing_deltas():
+        yield Delta(0, "Let me")
+        raise ServiceUnavailable("generation interrupted", code="worker_lost")
+
+    events = _events(b"".join(ResponseBuilder(req, "resp_1", 0).events(
+        failing_deltas(), ChatChoiceStream(None, req.to_chat()), UsageInfo, "request-1")))
+    assert events[-1] == {"type": "error", "sequence_number": len(events) - 1, "code": "worker_lost",
+                          "message": "generation interrupted", "param": None}
+    assert [e["type"] for e in events][-2] == "response.output_text.delta"
+
+
+def test_text_format_is_chats_response_format():
+    schema = {"type": "json_schema", "name": "city", "schema": {"type": "object"}, "strict": True}
+    assert _request(text={"format": schema}).to_chat().response_format == {
+        "type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}, "strict": True}}
+    assert _request(text={"format": {"type": "json_object"}}).to_chat().response_format == {"type": "json_object"}
+    assert _request(text={"format": {"type": "text"}}).to_chat().response_format == {"type": "text"}
+
+
+@pytest.mark.parametrize("body, status, code, param", [
+    ({"previous_response_id": "resp_123"}, 400, "unsupported_parameter", "previous_response_id"),
+    ({"conversation": "conv_1"}, 400, "unsupported_parameter", "conversation"),
+    ({"tools": [{"type": "web_search"}]}, 400, "unsupported_parameter", "tools[0].type"),
+    ({"tools": [FUNCTION_TOOL, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, 400,
+     "unsupported_parameter", "tools[1].type"),
+    ({"background": True}, 400, "unsupported_parameter", "background"),
+    ({"reasoning": {"effort": "high"}}, 400, "unsupported_parameter", "reasoning"),
+    ({"include": ["file_search_call.results"]}, 400, "unsupported_parameter", "include"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "unsupported_parameter", "input[0].type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, 400,
+     "unsupported_parameter", "input[0].content[0].type"),
+    ({"tools": [FUNCTION_TOOL], "tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
+    ({"tools": [{"type": "function", "description": "no name"}]}, 422, "invalid_value", "tools[0]"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "city=Paris"}]}, 422,
+     "invalid_value", "input[0]"),
+    ({"input": [{"type": "function_call_output", "output": "sunny"}]}, 422, "invalid_value", "input[0]"),
+    ({"input": []}, 422, "invalid_value", "input"),
+    ({"max_output_tokens": 100_000}, 400, "context_length_exceeded", "max_output_tokens"),
+    ({"input": "hello " * 5000}, 400, "context_length_exceeded", "input"),
+])
+def test_what_cannot_be_done_is_a_4xx_naming_the_field(gateway, body, status, code, param):
+    resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})
+    error = assert_error(resp, status, code, param)
+    if param == "previous_response_id":
+        assert "send the whole conversation in 'input'" in error["message"]
+    if code == "context_length_exceeded":  # chat's check, worded with the Responses field
+        assert "max_tokens" not in error["message"]
+
+
+def test_settings_that_change_nothing_are_accepted(gateway):
+    resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, "store": True,
+                                               "reasoning": {"effort": None}, "include": [], "truncation": "disabled",
+                                               "parallel_tool_calls": False, "user": "u1"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["parallel_tool_calls"], body["user"], body["store"], body["truncation"]) == (False, "u1", False,
+                                                                                             "disabled")
+
+
+def test_responses_need_an_api_key_as_chat_does(gateway):
+    assert_error(gateway.post("/v1/responses", key=None, json={"model": MODEL, "input": "hi"}), 401,
+                 "missing_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(key="sk-wrong").responses.create(model=MODEL, input="hi")
