@@ -26,9 +26,14 @@ class FunctionDefinition(OpenAIRequest):
     @field_validator("name")
     @classmethod
     def _openai_name(cls, value: str) -> str:
-        if not FUNCTION_NAME.fullmatch(value):
-            raise ValueError(f"function names must be 1 to 64 letters, digits, '_' or '-', not {value[:80]!r}")
-        return value
+        return function_name(value)
+
+
+def function_name(value: str) -> str:
+    """A function's name as OpenAI allows it (also the Responses API's function tools')."""
+    if not FUNCTION_NAME.fullmatch(value):
+        raise ValueError(f"function names must be 1 to 64 letters, digits, '_' or '-', not {value[:80]!r}")
+    return value
 
 
 class ToolDefinition(OpenAIRequest):
