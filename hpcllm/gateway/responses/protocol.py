@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hpcllm.gateway.chat.protocol import (FUNCTION_NAME, ChatCompletionRequest, ChatMessage, FunctionCall,
-                                          FunctionDefinition, ToolCallIn, ToolCallOut, ToolDefinition,
+from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, FunctionCall, FunctionDefinition,
+                                          ToolCallIn, ToolCallOut, ToolDefinition, function_name,
                                           json_object_arguments)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, UsageInfo, unsupported
@@ -90,8 +90,7 @@ class FunctionTool(OpenAIRequest):
         if self.type == "function":
             if self.name is None:
                 raise ValueError("a function tool needs a 'name'")
-            if not FUNCTION_NAME.fullmatch(self.name):
-                raise ValueError(f"function names must be 1 to 64 letters, digits, '_' or '-', not {self.name[:80]!r}")
+            function_name(self.name)
         return self
 
     def for_chat(self) -> ToolDefinition:

@@ -244,6 +244,7 @@ def test_text_format_is_chats_response_format():
      "unsupported_parameter", "input[0].content[0].type"),
     ({"tools": [FUNCTION_TOOL], "tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
     ({"tools": [{"type": "function", "description": "no name"}]}, 422, "invalid_value", "tools[0]"),
+    ({"tools": [{"type": "function", "name": "get weather"}]}, 422, "invalid_value", "tools[0]"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "city=Paris"}]}, 422,
      "invalid_value", "input[0]"),
     ({"input": [{"type": "function_call_output", "output": "sunny"}]}, 422, "invalid_value", "input[0]"),
