@@ -19,7 +19,7 @@ from hpcllm.gateway.responses.protocol import ResponsesRequest
 from hpcllm.gateway.responses.serving import ResponseBuilder
 from hpcllm.gateway.serving import ChoiceResult, Delta
 
-from .conftest import MODEL
+from .conftest import MODEL, GatewayFactory
 from .test_errors import assert_error
 from .test_openai_api import chat_prompt_ids, hf_greedy
 # gw: a gateway serving TOOLS_MODEL too, whose chat template renders tools (and the fixtures it needs)
@@ -143,6 +143,65 @@ def test_function_call_outputs_reach_the_chat_template(gw, tools_tokenizer):  # 
                                                             "tools": [WEATHER_TOOL], "max_tokens": 4})
     assert chat.json()["usage"]["prompt_tokens"] == expected
     assert resp.json()["tools"] == [{**FUNCTION_TOOL, "strict": None}]
+
+
+CALL_ANSWER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+FINAL_ANSWER = "It is sunny in Paris."
+
+
+@pytest.fixture
+def calling_gateway(tmp_path, tools_model_dir, tools_tokenizer):  # noqa: F811
+    """A gateway serving TOOLS_MODEL from a stand-in worker that answers as a tool-calling model would (the tiny
+    model never writes a call): a call of get_weather, or once the prompt holds the tool's answer, the final text,
+    in 5-character tokens ending with "stop"."""
+    from flask import Flask, Response, request
+
+    from hpcllm.httpkit.tests.thread_server import ThreadServer
+    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
+
+    app = Flask("calling-worker")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        req = GenerateRequest.model_validate_json(request.get_data())
+        answer = FINAL_ANSWER if "sunny" in tools_tokenizer.decode(req.prompt_token_ids) else CALL_ANSWER
+        pieces = [answer[i:i + 5] for i in range(0, len(answer), 5)]
+        usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(pieces),
+                      total_tokens=len(req.prompt_token_ids) + len(pieces))
+        lines = [TokenLine(index=i, token_id=100, text=piece) for i, piece in enumerate(pieces)]
+        body = "".join(line.model_dump_json() + "\n" for line in [*lines, FinalLine(finish_reason="stop",
+                                                                                    usage=usage)])
+        return Response(body, mimetype="application/x-ndjson")
+
+    @app.get("/ready")
+    def ready():
+        return {"status": "ready"}
+
+    worker = ThreadServer(app)
+    factory = GatewayFactory(tmp_path, worker.url, tools_model_dir)
+    yield factory(static_models={TOOLS_MODEL: {"worker_url": worker.url, "source": str(tools_model_dir)}})
+    factory.stop_all()
+    worker.stop()
+
+
+def test_a_tool_round_with_the_openai_client(calling_gateway):
+    """The Agents SDK's loop: the answer's call as a function_call item, sent back with the tool's output, then
+    the final answer; streamed, the client's stream helper reads the events into the completed response."""
+    client = calling_gateway.client()
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.responses.create(model=TOOLS_MODEL, input=ask, tools=[FUNCTION_TOOL])
+    call, = first.output
+    assert (call.type, call.name, json.loads(call.arguments), first.status) == (
+        "function_call", "get_weather", {"city": "Paris"}, "completed")
+    round_trip = ask + [call.model_dump(exclude_none=True),
+                        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}]
+    with client.responses.stream(model=TOOLS_MODEL, input=round_trip, tools=[FUNCTION_TOOL]) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text == FINAL_ANSWER
+    with client.responses.stream(model=TOOLS_MODEL, input=ask, tools=[FUNCTION_TOOL]) as stream:
+        streamed_call, = stream.get_final_response().output
+    assert (streamed_call.type, streamed_call.name, streamed_call.arguments) == ("function_call", call.name,
+                                                                                 call.arguments)
 
 
 def _request(**fields) -> ResponsesRequest:
