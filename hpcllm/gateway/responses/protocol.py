@@ -8,6 +8,7 @@ OpenAI's (openai-python's types/responses) and vLLM's serving_responses.py.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -255,7 +256,7 @@ def renamed_for_responses(exc: InvalidRequest) -> InvalidRequest:
     """A chat request's error about a field, naming the Responses field it came from."""
     if exc.param in PARAM_NAMES:
         new = PARAM_NAMES[exc.param]
-        exc.message = exc.message.replace(f"'{exc.param}'", f"'{new}'").replace(f" {exc.param}.", f" {new}.")
+        exc.message = re.sub(rf"\b{re.escape(exc.param)}\b", new, exc.message)
         exc.param = new
     return exc
 

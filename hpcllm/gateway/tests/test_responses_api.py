@@ -14,8 +14,8 @@ import pytest
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice
 from hpcllm.gateway.chat.tool_calls import PARSERS
 from hpcllm.gateway.errors import ServiceUnavailable
-from hpcllm.gateway.protocol import UsageInfo
-from hpcllm.gateway.responses.protocol import ResponsesRequest
+from hpcllm.gateway.protocol import UsageInfo, unsupported
+from hpcllm.gateway.responses.protocol import ResponsesRequest, renamed_for_responses
 from hpcllm.gateway.responses.serving import ResponseBuilder
 from hpcllm.gateway.serving import ChoiceResult, Delta
 
@@ -287,6 +287,12 @@ def test_text_format_is_chats_response_format():
         "type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}, "strict": True}}
     assert _request(text={"format": {"type": "json_object"}}).to_chat().response_format == {"type": "json_object"}
     assert _request(text={"format": {"type": "text"}}).to_chat().response_format == {"type": "text"}
+
+
+def test_chats_errors_name_the_responses_field():
+    error = renamed_for_responses(unsupported("response_format", "response_format 'json_schema'"))
+    assert error.param == "text.format" and "response_format" not in error.message
+    assert renamed_for_responses(unsupported("tools", "tools here")).param == "tools"
 
 
 @pytest.mark.parametrize("body, status, code, param", [
