@@ -65,7 +65,7 @@ class ResponseBuilder:
     def response(self, status: str, usage: UsageInfo | None = None) -> dict[str, Any]:
         incomplete = IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
         return ResponseObject(id=self.response_id, created_at=self.created, model=self.req.model, status=status,
-                              output=self.output, usage=ResponseUsage.of(usage) if usage else None,
+                              output=self.output, usage=ResponseUsage.of(usage) if usage is not None else None,
                               incomplete_details=incomplete).body(self.req)
 
     def whole(self, choice: ChatChoice, usage: UsageInfo) -> dict[str, Any]:
