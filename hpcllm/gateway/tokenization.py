@@ -78,6 +78,16 @@ class PromptEncoder:
                                  "'tools'", param="tools", code="unsupported_parameter")
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
+    @property
+    def chat_template(self) -> str | None:
+        """The template a chat without tools renders with; None when the model has none (or only named ones)."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        try:
+            return self.tokenizer.get_chat_template()
+        except ValueError:  # a dict of named templates without a default one
+            return None
+
     def tool_call_parser(self) -> ToolCallParser:
         """How this model writes tool calls, read from its chat template (a 400 when that is not clear)."""
         template = self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, where a model has several

@@ -1,8 +1,9 @@
-"""POST /tokenize and /detokenize (vLLM's extra API) through a real gateway: the ids a generation would count, from
-the model's own tokenizer and chat template; nothing is routed to a worker."""
+"""POST /tokenize, /detokenize and GET /tokenizer_info (vLLM's extra API) through a real gateway: the ids a generation
+would count, from the model's own tokenizer and chat template; nothing is routed to a worker."""
 
 from __future__ import annotations
 
+import jinja2
 import pytest
 
 from .conftest import MODEL, USER_KEY, GatewayFactory
@@ -82,3 +83,56 @@ def test_tokenize_needs_an_api_key(gw, path):
     assert gw.post(path, key=None, json={"model": MODEL, "prompt": TEXT, "tokens": [1]}).status_code == 401
     assert gw.post(path, key="sk-wrong", json={"model": MODEL, "prompt": TEXT, "tokens": [1]}).status_code == 401
     assert gw.post(path, key=USER_KEY, json={"model": MODEL, "prompt": TEXT, "tokens": [1]}).status_code == 200
+
+
+def test_tokenizer_info_needs_an_api_key(gw):
+    assert gw.get(f"/tokenizer_info?model={MODEL}", key=None).status_code == 401
+    assert gw.get(f"/tokenizer_info?model={MODEL}", key="sk-wrong").status_code == 401
+
+
+def test_tokenizer_info_names_the_model_s_special_tokens_template_and_context(gw, tokenizer, tiny_model_dir):
+    resp = gw.get(f"/tokenizer_info?model={MODEL}")
+    info = ok(resp)
+    assert info["model"] == MODEL
+    assert [info[f"{kind}_token"] for kind in ("bos", "eos", "pad", "unk")] == [
+        tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token]
+    assert info["chat_template"] == tokenizer.chat_template
+    assert info["model_max_length"] == ok(gw.get(f"/v1/models/{MODEL}"))["max_model_len"] is not None
+    assert str(tiny_model_dir) not in resp.text  # the checkpoint's path on the shared filesystem stays private
+    assert ok(gw.get(f"/tokenizer_info?model={TOOLS_MODEL}"))["chat_template"] != info["chat_template"]
+
+
+@pytest.mark.parametrize("request_of", [
+    lambda gw: gw.get("/tokenizer_info"),
+    lambda gw: gw.post("/tokenize", json={"prompt": TEXT}),
+    lambda gw: gw.post("/detokenize", json={"tokens": [1]}),
+])
+def test_a_gateway_of_several_models_asks_which(gw, request_of):
+    error = assert_error(request_of(gw), 400, "missing_field", "model")
+    assert MODEL in error["message"] and TOOLS_MODEL in error["message"]
+
+
+def test_tokenizer_info_of_an_unknown_model_is_a_404(gw):
+    assert_error(gw.get("/tokenizer_info?model=nope"), 404, "model_not_found", "model")
+
+
+def test_lm_eval_s_remote_tokenizer_reads_a_one_model_gateway_as_a_vllm_server(gateway, tokenizer):
+    """lm-evaluation-harness's tokenizer_backend=remote (lm_eval.utils.RemoteTokenizer) derives the server's root
+    from base_url, sends no model, and reads eos/bos/pad and chat_template from GET /tokenizer_info; each token's id
+    is the first of `/tokenize` of its string without special tokens; /detokenize gives text back."""
+    info = ok(gateway.get("/tokenizer_info"))
+    assert "eos_token" in info  # what its auto-detection checks
+
+    def encode(text: str) -> list[int]:
+        return ok(gateway.post("/tokenize", json={"prompt": text, "add_special_tokens": False}))["tokens"]
+
+    assert encode(info["eos_token"])[0] == tokenizer.eos_token_id
+    assert encode(info["bos_token"])[0] == tokenizer.bos_token_id
+    ids = encode(TEXT)
+    assert ids == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert ok(gateway.post("/detokenize", json={"tokens": ids}))["prompt"] == TEXT
+    # Rendered by the client with the served special tokens, the template gives the prompt a chat completion counts.
+    rendered = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True).from_string(
+        info["chat_template"]).render(messages=ASK, add_generation_prompt=True, bos_token=info["bos_token"],
+                                      eos_token=info["eos_token"])
+    assert len(encode(rendered)) == ok(gateway.post("/tokenize", json={"messages": ASK}))["count"]

@@ -10,7 +10,8 @@ from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
 
 
 class TokenizeRequest(OpenAIRequest):
-    model: str = Field(min_length=1)
+    # Optional as in vLLM: none names the gateway's only model (lm-eval's remote tokenizer sends none).
+    model: str | None = Field(None, min_length=1)
     # One of: a plain prompt, or chat messages (and tools) rendered through the model's chat template - checked as
     # /v1/chat/completions checks them.
     prompt: str | None = None
@@ -38,9 +39,25 @@ class TokenizeResponse(OpenAIResponse):
 
 
 class DetokenizeRequest(OpenAIRequest):
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)
     tokens: list[int]
 
 
 class DetokenizeResponse(OpenAIResponse):
     prompt: str
+
+
+class TokenizerInfoResponse(OpenAIResponse):
+    """GET /tokenizer_info: vLLM's fields that clients read (lm-eval's remote tokenizer: the special tokens and the
+    chat template), not vLLM's whole tokenizer_config.json, which holds the checkpoint's path and can run to
+    megabytes of added tokens."""
+
+    model: str
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    # The context the gateway enforces (as /v1/models' max_model_len), not tokenizer_config.json's own value.
+    model_max_length: int | None

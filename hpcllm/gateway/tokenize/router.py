@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+from flask import Blueprint, request
 
 from hpcllm.gateway.protocol import parse_body
 from hpcllm.gateway.runtime import current_gateway
 from hpcllm.gateway.tokenize.protocol import DetokenizeRequest, TokenizeRequest
-from hpcllm.gateway.tokenize.serving import detokenize, tokenize
+from hpcllm.gateway.tokenize.serving import detokenize, tokenize, tokenizer_info
 
 bp = Blueprint("tokenize", __name__)
 
@@ -20,3 +20,9 @@ def tokenize_route():
 @bp.post("/detokenize")
 def detokenize_route():
     return detokenize(current_gateway(), parse_body(DetokenizeRequest))
+
+
+@bp.get("/tokenizer_info")
+def tokenizer_info_route():
+    # The model as a query parameter (?model=NAME): a GET has no body; vLLM's takes none, serving one model.
+    return tokenizer_info(current_gateway(), request.args.get("model"))

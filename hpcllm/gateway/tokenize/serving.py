@@ -1,23 +1,32 @@
-"""POST /tokenize and /detokenize: the model's own tokenizer and chat template, as the gateway uses them for a
-generation - how long a prompt is against the model's context, before sending it. Nothing is routed to a worker."""
+"""POST /tokenize, /detokenize and GET /tokenizer_info: the model's own tokenizer and chat template, as the gateway
+uses them for a generation - how long a prompt is against the model's context, before sending it; what a client
+needs to tokenize as the server does (lm-eval's remote tokenizer). Nothing is routed to a worker."""
 
 from __future__ import annotations
 
 from pydantic import ValidationError
 
 from hpcllm.gateway.chat.protocol import ChatCompletionRequest
+from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import validation_error
+from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.tokenize.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from hpcllm.gateway.tokenize.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+)
 
 
 def tokenize(gw: Gateway, req: TokenizeRequest) -> dict:
-    card = gw.router.get_model(req.model)
+    card = _card(gw, req.model)
     encoder = gw.tokenizers.get(card)
     if req.prompt is not None:
         ids = encoder.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
-        chat = _chat(req)
+        chat = _chat(req, card.name)
         ids = encoder.render_chat(chat.template_messages(), chat.template_tools(),
                                   add_generation_prompt=req.add_generation_prompt,
                                   add_special_tokens=bool(req.add_special_tokens))
@@ -27,15 +36,39 @@ def tokenize(gw: Gateway, req: TokenizeRequest) -> dict:
 
 
 def detokenize(gw: Gateway, req: DetokenizeRequest) -> dict:
-    encoder = gw.tokenizers.get(gw.router.get_model(req.model))
+    encoder = gw.tokenizers.get(_card(gw, req.model))
     ids = encoder.check_token_ids(req.tokens, "tokens")
     return DetokenizeResponse(prompt=encoder.tokenizer.decode(ids)).model_dump()
 
 
-def _chat(req: TokenizeRequest) -> ChatCompletionRequest:
+def tokenizer_info(gw: Gateway, model: str | None) -> dict:
+    card = _card(gw, model)
+    encoder = gw.tokenizers.get(card)
+    special = encoder.tokenizer.special_tokens_map  # only the tokens the tokenizer has (no warning for a missing one)
+    return TokenizerInfoResponse(
+        model=card.name, tokenizer_class=type(encoder.tokenizer).__name__,
+        bos_token=special.get("bos_token"), eos_token=special.get("eos_token"), pad_token=special.get("pad_token"),
+        unk_token=special.get("unk_token"), chat_template=encoder.chat_template,
+        model_max_length=card.max_model_len).model_dump()
+
+
+def _card(gw: Gateway, model: str | None) -> ModelCard:
+    """The named model; when none is named, the gateway's only model, as vLLM (serving one) answers: clients written
+    for vLLM (lm-eval's remote tokenizer) name none. With several, the client must choose."""
+    if model is not None:
+        return gw.router.get_model(model)
+    cards = gw.router.list_models()
+    if len(cards) == 1:
+        return cards[0]
+    names = ", ".join(sorted(card.name for card in cards)) or "none"
+    raise InvalidRequest(f"'model' is a required property: this gateway serves {len(cards)} models ({names}); name "
+                         f"one", param="model", code="missing_field")
+
+
+def _chat(req: TokenizeRequest, model: str) -> ChatCompletionRequest:
     """The messages and tools as /v1/chat/completions reads them (the same checks, the same 4xx)."""
     try:
-        chat = ChatCompletionRequest.model_validate({"model": req.model, "messages": req.messages,
+        chat = ChatCompletionRequest.model_validate({"model": model, "messages": req.messages,
                                                      **({"tools": req.tools} if req.tools is not None else {})})
     except ValidationError as exc:
         raise validation_error(exc) from None
