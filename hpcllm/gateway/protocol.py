@@ -39,6 +39,19 @@ class StreamOptions(OpenAIRequest):
     continuous_usage_stats: bool = False
 
 
+class PromptLogprob(OpenAIResponse):
+    """vLLM's Logprob, as its prompt_logprobs report it."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, {token id: PromptLogprob} for the token and its most likely alternatives
+# (None for the first token, which nothing comes before).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class UsageInfo(OpenAIResponse):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -184,6 +197,9 @@ class SamplingRequest(OpenAIRequest):
     # vLLM extensions, passed to the worker: repetition_penalty (over prompt and output tokens) and min_p.
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
+    # vLLM extension: each prompt token's log probability and rank and this many most likely alternatives
+    # (PromptLogprob; not streamed, as vLLM).
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
     min_tokens: Any = None
     stop_token_ids: Any = None
@@ -233,6 +249,9 @@ class SamplingRequest(OpenAIRequest):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options",
                                  code="invalid_request")
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidRequest("prompt_logprobs are not available when stream is true", param="prompt_logprobs",
+                                 code="invalid_value")
 
     @property
     def include_usage(self) -> bool:

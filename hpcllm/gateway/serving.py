@@ -30,7 +30,7 @@ from flask import g, request
 from hpcllm.config import ApiKey
 from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError, InvalidRequest,
                                    ServiceUnavailable)
-from hpcllm.gateway.protocol import SamplingOptions, UsageInfo
+from hpcllm.gateway.protocol import PromptLogprob, PromptLogprobs, SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
@@ -504,6 +504,26 @@ def collect(generation: Generation) -> list[ChoiceResult]:
     for choice in choices:
         choice.cumulative_logprob = generation.cumulative_logprobs[choice.index]
     return choices
+
+
+def vllm_prompt_logprobs(ids: list[int], entries: list[TokenLogprobs | None] | None, top: int) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token after the first, the token's {logprob, rank, decoded_token} and its
+    `top` most likely alternatives' (ranked 1..top), keyed by token id."""
+    check_prompt_logprobs(ids, entries)
+    shaped: PromptLogprobs = [None]
+    for token_id, entry in zip(ids[1:], entries[1:]):
+        ranked = {str(token_id): PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=entry.token)}
+        for rank, alternative in enumerate(entry.top[:top], start=1):
+            ranked[str(alternative.token_id)] = PromptLogprob(logprob=alternative.logprob, rank=rank,
+                                                              decoded_token=alternative.token)
+        shaped.append(ranked)
+    return shaped
+
+
+def check_prompt_logprobs(ids: list[int], entries: list[TokenLogprobs | None] | None) -> None:
+    if entries is None or len(entries) != len(ids):
+        raise InternalError("the model's worker did not report the prompt's log probabilities",
+                            code="generation_failed")
 
 
 def sse(data) -> bytes:

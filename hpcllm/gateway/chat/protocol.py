@@ -9,7 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, SamplingRequest, UsageInfo, unsupported
+from hpcllm.gateway.protocol import (OpenAIRequest, OpenAIResponse, PromptLogprobs, SamplingRequest, UsageInfo,
+                                     unsupported)
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 # OpenAI's rule for function names.
@@ -267,6 +268,8 @@ class ChatCompletionResponse(OpenAIResponse):
     choices: list[ChatChoice]
     usage: UsageInfo
     system_fingerprint: str | None = None
+    # vLLM's extension: the prompt's (the rendered messages') prompt_logprobs, when they were asked for.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIResponse):

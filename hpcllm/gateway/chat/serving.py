@@ -13,7 +13,8 @@ from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatComp
 from hpcllm.gateway.chat.tool_calls import ParsedOutput, ToolCallParser, ToolCallStream, new_tool_call_id
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Delta, Generation, RequestContext, collect,
-                                    context_length_error, new_response_id, sse, stream_error_event)
+                                    context_length_error, new_response_id, sse, stream_error_event,
+                                    vllm_prompt_logprobs)
 from hpcllm.worker.protocol import TokenLogprobs
 
 
@@ -23,10 +24,14 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
         response = Response(_stream(generation, req, ctx, parser), mimetype="text/event-stream", headers=SSE_HEADERS)
         response.call_on_close(generation.close)
         return response
+    results = collect(generation)
+    prompt, = generation.prompts
     return ChatCompletionResponse(
         id=generation.response_id, created=ctx.created, model=req.model,
-        choices=[chat_choice(result, parser, req) for result in collect(generation)],
+        choices=[chat_choice(result, parser, req) for result in results],
         usage=generation.usage,
+        prompt_logprobs=None if req.prompt_logprobs is None else vllm_prompt_logprobs(
+            prompt, results[0].prompt_logprobs, req.prompt_logprobs),  # one prompt: the worker scores it once
     ).model_dump()
 
 
@@ -47,7 +52,8 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     if max_tokens is None and card.max_model_len is not None:
         # OpenAI's chat default: as much as the context still holds.
         max_tokens = card.max_model_len - len(prompt)
-    generation = Generation(gw, ctx, card, [prompt], req.sampling(max_tokens, req.worker_logprobs), response_id,
+    generation = Generation(gw, ctx, card, [prompt], req.sampling(max_tokens, req.worker_logprobs,
+                                                                  req.prompt_logprobs), response_id,
                             n=req.choices_per_prompt)
     generation.start(stream=bool(req.stream))
     return generation, parser

@@ -7,7 +7,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import OpenAIResponse, SamplingRequest, UsageInfo, prompt_list, unsupported
+from hpcllm.gateway.protocol import (OpenAIResponse, PromptLogprobs, SamplingRequest, UsageInfo, prompt_list,
+                                     unsupported)
 
 class CompletionRequest(SamplingRequest):
     # After validation: a list of prompts, each a str or a list of token ids (one choice per prompt).
@@ -21,9 +22,6 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = Field(None, ge=1, le=128)
     # Return the sampled tokens' log probabilities and this many most likely alternatives per token (vLLM: <= 20).
     logprobs: int | None = Field(None, ge=0, le=20)
-    # vLLM's extension: choices[].prompt_logprobs, each prompt token's log probability and rank and this many most
-    # likely alternatives (vLLM's shape; not streamed, as vLLM).
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("prompt")
     @classmethod
@@ -35,9 +33,6 @@ class CompletionRequest(SamplingRequest):
         if self.max_tokens == 0 and not self.echo:
             raise InvalidRequest("max_tokens must be at least 1, got 0 (0 is only allowed with echo)",
                                  param="max_tokens", code="invalid_value")
-        if self.prompt_logprobs is not None and self.stream:
-            raise InvalidRequest("prompt_logprobs are not available when stream is true", param="prompt_logprobs",
-                                 code="invalid_value")
         if self.suffix:
             raise unsupported("suffix", "a suffix (insertion)")
         if self.best_of is not None and self.best_of < self.choices_per_prompt:
@@ -87,19 +82,10 @@ class CompletionChoice(OpenAIResponse):
     finish_reason: Literal["stop", "length"] | None
 
 
-class PromptLogprob(OpenAIResponse):
-    """vLLM's Logprob, as its prompt_logprobs report it."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
-
-
 class CompletionResponseChoice(CompletionChoice):
-    """A whole answer's choice (vLLM's): per prompt token, {token id: PromptLogprob} for the token and its most
-    likely alternatives (None for the first token), when prompt_logprobs were asked for."""
+    """A whole answer's choice (vLLM's): its prompt's prompt_logprobs, when they were asked for."""
 
-    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(OpenAIResponse):

@@ -10,12 +10,13 @@ from pydantic_core import to_json
 
 from hpcllm.gateway.completions.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                                  CompletionResponse, CompletionResponseChoice,
-                                                 CompletionStreamResponse, PromptLogprob)
-from hpcllm.gateway.errors import InternalError, InvalidRequest
+                                                 CompletionStreamResponse)
+from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext, collect,
-                                    context_length_error, new_response_id, sse, stream_error_event)
+from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext,
+                                    check_prompt_logprobs, collect, context_length_error, new_response_id, sse,
+                                    stream_error_event, vllm_prompt_logprobs)
 from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.worker.protocol import TokenLogprobs
 
@@ -83,31 +84,10 @@ def _choice(index: int, result: ChoiceResult, req: CompletionRequest, echo: Echo
             prompt = echo.logprobs(result.index, result.prompt_logprobs)
             logprobs = prompt if echo.only else _joined(prompt, logprobs)
     if req.prompt_logprobs is not None:
-        prompt_logprobs = _vllm_prompt_logprobs(prompts[result.index // req.generated_per_prompt],
+        prompt_logprobs = vllm_prompt_logprobs(prompts[result.index // req.generated_per_prompt],
                                                 result.prompt_logprobs, req.prompt_logprobs)
     return CompletionResponseChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs,
                                     prompt_logprobs=prompt_logprobs)
-
-
-def _vllm_prompt_logprobs(ids: list[int], entries: list[TokenLogprobs | None] | None,
-                          top: int) -> list[dict[str, PromptLogprob] | None]:
-    """vLLM's prompt_logprobs: per prompt token after the first, the token's {logprob, rank, decoded_token} and its
-    `top` most likely alternatives' (ranked 1..top), keyed by token id."""
-    _check_prompt_logprobs(ids, entries)
-    shaped: list[dict[str, PromptLogprob] | None] = [None]
-    for token_id, entry in zip(ids[1:], entries[1:]):
-        ranked = {str(token_id): PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=entry.token)}
-        for rank, alternative in enumerate(entry.top[:top], start=1):
-            ranked[str(alternative.token_id)] = PromptLogprob(logprob=alternative.logprob, rank=rank,
-                                                              decoded_token=alternative.token)
-        shaped.append(ranked)
-    return shaped
-
-
-def _check_prompt_logprobs(ids: list[int], entries: list[TokenLogprobs | None] | None) -> None:
-    if entries is None or len(entries) != len(ids):
-        raise InternalError("the model's worker did not report the prompt's log probabilities",
-                            code="generation_failed")
 
 
 class Echo:
@@ -127,7 +107,7 @@ class Echo:
 
     def logprobs(self, choice: int, entries: list[TokenLogprobs | None] | None) -> CompletionLogprobs:
         ids = self._prompts[choice // self._choices_per_prompt]
-        _check_prompt_logprobs(ids, entries)
+        check_prompt_logprobs(ids, entries)
         tokens = [self._encoder.decode(ids[:1])] + [entry.token for entry in entries[1:]]
         return CompletionLogprobs(
             text_offset=list(itertools.accumulate([len(token) for token in tokens[:-1]], initial=0)),

@@ -1,5 +1,6 @@
 """echo and prompt log probabilities on /v1/completions, as lm-evaluation-harness's local-completions model scores
-a context and its continuation (loglikelihood tasks: MMLU, HellaSwag, ...), through a real gateway and worker."""
+a context and its continuation (loglikelihood tasks: MMLU, HellaSwag, ...), and vLLM's prompt_logprobs on chat,
+through a real gateway and worker."""
 
 from __future__ import annotations
 
@@ -107,18 +108,44 @@ def test_vllms_prompt_logprobs_parameter_gives_its_shape(gateway, hf_pair):
                                                  "prompt_logprobs": 2})
     assert resp.status_code == 200, resp.text
     choice = resp.json()["choices"][0]
-    assert choice["logprobs"] is None and choice["prompt_logprobs"][0] is None
+    assert choice["logprobs"] is None
+    assert_vllm_prompt_logprobs(hf_pair, ids, choice["prompt_logprobs"], 2)
+    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
+                                                 "prompt_logprobs": 1, "stream": True})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_chat_prompt_logprobs_score_the_rendered_messages(gateway, hf_pair):
+    """vLLM's extension on chat too: the response's top-level prompt_logprobs, over the prompt the chat template
+    renders (the ids /tokenize counts for the messages), once whatever n; refused when streaming (as vLLM)."""
+    messages = [{"role": "user", "content": PROMPT}]
+    ids = gateway.post("/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    resp = gateway.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2, "n": 2,
+                                                      "prompt_logprobs": 3})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert len(body["choices"]) == 2 and all("prompt_logprobs" not in choice for choice in body["choices"])
+    assert_vllm_prompt_logprobs(hf_pair, ids, body["prompt_logprobs"], 3)
+    plain = gateway.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert plain.json()["prompt_logprobs"] is None
+    resp = gateway.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                      "prompt_logprobs": 0, "stream": True})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs"
+
+
+def assert_vllm_prompt_logprobs(hf_pair, ids: list[int], prompt_logprobs: list, k: int) -> None:
+    """vLLM's shape: per prompt token {token id: {logprob, rank, decoded_token}} for the token and its k most likely
+    alternatives (None for the first), each as transformers scores the prompt."""
+    model, tokenizer = hf_pair
+    assert len(prompt_logprobs) == len(ids) and prompt_logprobs[0] is None
     with torch.no_grad():
-        rows = torch.log_softmax(hf_pair[0](torch.tensor([ids])).logits[0].float(), dim=-1)
-    for position, ranked in enumerate(choice["prompt_logprobs"][1:], start=1):
+        rows = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for position, ranked in enumerate(prompt_logprobs[1:], start=1):
         row, token = rows[position - 1], ids[position]
         own = ranked[str(token)]
         assert own["logprob"] == pytest.approx(float(row[token]), abs=1e-4)
         assert own["rank"] == int((row >= row[token]).sum())  # vLLM's rank: itself and every token as likely
         assert own["decoded_token"] == tokenizer.decode([token])
-        best = torch.topk(row, 2).indices.tolist()
+        best = torch.topk(row, k).indices.tolist()
         assert {int(key) for key in ranked} == {token, *best}
-        assert [ranked[str(i)]["rank"] for i in best] == [1, 2]
-    resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
-                                                 "prompt_logprobs": 1, "stream": True})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "prompt_logprobs"
+        assert [ranked[str(i)]["rank"] for i in best] == list(range(1, k + 1))

@@ -206,22 +206,29 @@ def test_echo_and_logprobs_read_the_same_from_either_engine(vllm_worker, hpcllm_
     assert vllm.token_logprobs[0] is None and hpcllm.token_logprobs[0] is None
     assert vllm.token_logprobs[1:] == pytest.approx(hpcllm.token_logprobs[1:], abs=2e-3)
     assert [list(top) for top in vllm.top_logprobs[1:]] == [list(top) for top in hpcllm.top_logprobs[1:]]
-    vllm_prompt, hpcllm_prompt = (answer.model_extra["prompt_logprobs"] for answer in answers)
-    assert vllm_prompt[0] is None and hpcllm_prompt[0] is None
-    for from_vllm, from_hpcllm in zip(vllm_prompt[1:], hpcllm_prompt[1:]):
-        assert from_vllm.keys() == from_hpcllm.keys()
-        assert {k: v["rank"] for k, v in from_vllm.items()} == {k: v["rank"] for k, v in from_hpcllm.items()}
-        assert [v["logprob"] for v in from_vllm.values()] == pytest.approx(
-            [v["logprob"] for v in from_hpcllm.values()], abs=2e-3)
+    assert_same_prompt_logprobs(*(answer.model_extra["prompt_logprobs"] for answer in answers))
+
+
+def assert_same_prompt_logprobs(from_vllm: list, from_hpcllm: list) -> None:
+    """vLLM's prompt_logprobs shape read the same from either engine: the same tokens, ranks, log probabilities."""
+    assert len(from_vllm) == len(from_hpcllm) and from_vllm[0] is None and from_hpcllm[0] is None
+    for by_vllm, by_hpcllm in zip(from_vllm[1:], from_hpcllm[1:]):
+        assert by_vllm.keys() == by_hpcllm.keys()
+        assert {k: v["rank"] for k, v in by_vllm.items()} == {k: v["rank"] for k, v in by_hpcllm.items()}
+        assert [v["logprob"] for v in by_vllm.values()] == pytest.approx(
+            [v["logprob"] for v in by_hpcllm.values()], abs=2e-3)
 
 
 def test_chat_and_stop_string_through_the_gateway(vllm_worker, hpcllm_worker, gateway_to):
-    """The same chat request with a stop string reads the same from either engine."""
+    """The same chat request with a stop string reads the same from either engine, vLLM's prompt_logprobs too."""
     request = dict(model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=20, temperature=0)
-    answers = []
+    answers, prompt_logprobs = [], []
     for url in (vllm_worker, hpcllm_worker.url):
-        answer = gateway_to(url).client().with_options(timeout=120).chat.completions.create(**request)
+        answer = gateway_to(url).client().with_options(timeout=120).chat.completions.create(
+            **request, extra_body={"prompt_logprobs": 2})
         answers.append((answer.choices[0].message.content, answer.choices[0].finish_reason))
+        prompt_logprobs.append(answer.model_extra["prompt_logprobs"])
+    assert_same_prompt_logprobs(*prompt_logprobs)
     text = answers[0][0]
     assert answers[0] == answers[1] and text
     stop = text[len(text) // 2:len(text) // 2 + 2]
