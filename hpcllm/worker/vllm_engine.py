@@ -107,6 +107,7 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
     from vllm.platforms import current_platform
 
     from hpcllm.worker.vllm_loader import LOAD_FORMAT, STATS_FILE_KEY, register
+    from hpcllm.worker.vllm_penalties import PriorOutputPenalties
 
     if device.startswith("cuda") and not current_platform.is_cuda_alike():
         raise ConfigError(f"this instance has GPUs, but the vLLM of {sys.executable} is a "
@@ -124,7 +125,11 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         "disable_log_stats": True,
         **settings.extra,
     })  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
-    return LLMEngine.from_engine_args(args)
+    config = args.create_engine_config()
+    if not config.use_v2_model_runner and not config.speculative_config:  # V1's processor interface, no drafts
+        config.model_config.logits_processors = [*(config.model_config.logits_processors or []),
+                                                 PriorOutputPenalties]
+    return LLMEngine.from_vllm_config(config, disable_log_stats=args.disable_log_stats)
 
 
 class VllmEngine(EngineBase):
@@ -236,6 +241,8 @@ class VllmEngine(EngineBase):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        from hpcllm.worker.vllm_penalties import prior_output_args
+
         known = req.all_ids
         params = SamplingParams(
             n=1, temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
@@ -247,6 +254,8 @@ class VllmEngine(EngineBase):
             output_kind=RequestOutputKind.DELTA, logprobs=req.logprobs,
             # Over the known ids: the prompt's, until the first token is out (then they were delivered).
             prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None and not req.output_ids else None,
+            # vLLM takes the output so far for prompt: its penalties must count it still (vllm_penalties).
+            extra_args=prior_output_args(req.output_ids, req.params.presence_penalty, req.params.frequency_penalty),
         )
         vllm_id = self._vllm_id(req, "gen")
         req.generating = vllm_id

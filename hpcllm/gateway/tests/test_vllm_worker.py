@@ -254,6 +254,21 @@ def test_penalties_logit_bias_and_min_p_choose_the_same_tokens_on_either_engine(
             assert [line.token_id for line in stream if isinstance(line, TokenLine)] != tokens[0]
 
 
+def test_a_request_resumed_on_vllm_still_penalises_its_earlier_output(vllm_worker, hpcllm_worker):
+    """vLLM takes a resumed request's earlier output for prompt, and counts frequency and presence penalties over
+    its own output only; the worker's logits processor (vllm_penalties) adds them back, the repetition penalty
+    applied after it. Greedy, so the resumed run must give the uninterrupted run's tokens: with these penalties
+    and this resume point, vLLM alone would pick another token (its continuation of prompt + the earlier output)."""
+    fields = dict(prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True, frequency_penalty=1.0,
+                  presence_penalty=1.0, repetition_penalty=1.1)
+    with WorkerClient(hpcllm_worker.url, SECRET, read_timeout=120) as client:
+        with client.generate(GenerateRequest(request_id="whole", **fields)) as stream:
+            whole = [line.token_id for line in stream if isinstance(line, TokenLine)]
+    with WorkerClient(vllm_worker, SECRET, read_timeout=120) as client:
+        with client.generate(GenerateRequest(request_id="resumed", resume_token_ids=whole[:5], **fields)) as stream:
+            assert whole[:5] + [line.token_id for line in stream if isinstance(line, TokenLine)] == whole
+
+
 def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):
     texts, usage, finish, moved = [], None, None, None
     client = gateway.client().with_options(timeout=120)
