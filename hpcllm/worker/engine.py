@@ -61,7 +61,7 @@ from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, Sequ
                                   embed_last_token, make_runner)
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
-from hpcllm.worker.sampling import TokenCounts, sample_token
+from hpcllm.worker.sampling import TokenState, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,11 @@ class _Request(RequestState):
     resumed_tokens: int = 0
     # Logits of the last known id when it was prefilled but not sampled (held or paused): the next step samples.
     pending_logits: torch.Tensor | None = None
-    # Penalized, asynchronous scheduling: the model process holds this request's token counts, in step with the
-    # output ids as of the rows sent (Engine._launch seeds them when not). Cleared whenever they may be off: a
+    # Penalized or constrained, asynchronous scheduling: the model process holds this request's TokenState, in step
+    # with the output ids as of the rows sent (Engine._launch seeds it when not). Cleared whenever they may be off: a
     # token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose taken
-    # (_counts_for_sampling, _on_extended), its KV state freed (_release_kv: the model process drops them too).
-    counts_in_child: bool = False
+    # (_state_for_sampling, _on_extended), its KV state freed (_release_kv: the model process drops them too).
+    state_in_child: bool = False
 
     def __post_init__(self) -> None:
         self.all_ids = self.prompt_ids + self.output_ids
@@ -248,7 +248,7 @@ class Engine(EngineBase):
             self.runner: ModelRunner = ProcessRunner(model, num_blocks=num_blocks, block_size=kv_block_size,
                                                      batching=batching, max_rows=max_running_requests,
                                                      process=started, fast_path=fast_path,
-                                                     threads=model_process_threads)
+                                                     threads=model_process_threads, tokenizer=tokenizer)
             paged = self.runner.paged
         else:
             self.runner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size, batching=batching,
@@ -562,9 +562,9 @@ class Engine(EngineBase):
                 req = w.req
                 w.index = len(req.output_ids) + (w.previous_row is not None)
                 wanted = not (req.held or req.paused)
-                if wanted and req.params.penalized and not req.counts_in_child:
-                    batch.count_seeds[req.seq_id] = (list(req.prompt_ids), list(req.output_ids))
-                    req.counts_in_child = True
+                if wanted and req.params.reads_tokens and not req.state_in_child:
+                    batch.state_seeds[req.seq_id] = (list(req.prompt_ids), list(req.output_ids))
+                    req.state_in_child = True
                 batch.choices.append((req.params, w.index) if wanted else None)
         with self._model_busy():  # a model process that stopped reading leaves the send blocked once its pipe is full
             self.runner.launch(batch)
@@ -583,7 +583,7 @@ class Engine(EngineBase):
         if self._ahead is None:
             return
         for w in self._ahead.work:
-            w.req.counts_in_child = False  # its rows' tokens, if chosen, are not taken
+            w.req.state_in_child = False  # its rows' tokens, if chosen, are not taken
         self._ahead = None
         with contextlib.suppress(StepSkipped, torch.OutOfMemoryError):  # its result is dropped either way
             self.runner.collect()
@@ -671,12 +671,12 @@ class Engine(EngineBase):
 
     @staticmethod
     def _note_counts_taken(w: _Work, chosen: int) -> None:
-        """After a pipelined row's commit: the model process counted its choice at output index w.index; unless
-        that is now the request's last output token, its counts there are off (the token was dropped, or the
-        worker sampled another) and the request's next row sends them again (_launch)."""
+        """After a pipelined row's commit: the model process's TokenState took its choice at output index w.index;
+        unless that is now the request's last output token, its state there is off (the token was dropped, or the
+        worker sampled another) and the request's next row sends it again (_launch)."""
         req = w.req
-        if req.counts_in_child and not (len(req.output_ids) == w.index + 1 and req.output_ids[-1] == chosen):
-            req.counts_in_child = False
+        if req.state_in_child and not (len(req.output_ids) == w.index + 1 and req.output_ids[-1] == chosen):
+            req.state_in_child = False
 
     def _sample_or_fail(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,
                         chosen: int | None = None) -> None:
@@ -737,12 +737,12 @@ class Engine(EngineBase):
         self.metrics.preemptions.inc()
 
     def _release_kv(self, req: _Request) -> None:
-        """Free req's KV blocks; the runner forgets its KV state (the model process its token counts too) at the
+        """Free req's KV blocks; the runner forgets its KV state (the model process its TokenStates too) at the
         next step."""
         if self.kv_pool.holds(req.seq_id) or req.num_cached:
             self._to_free.append(req.seq_id)
         self.kv_pool.free(req.seq_id)
-        req.counts_in_child = False
+        req.state_in_child = False
 
     def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
         """The device ran out of memory in a step: alone, the request fails; in a batch, the newest is preempted
@@ -769,7 +769,7 @@ class Engine(EngineBase):
         elif req.params.raw_argmax and argmax is not None:
             token = argmax
         else:
-            token = sample_token(logits, req.params, len(req.output_ids), self._counts_for_sampling(req, logits))
+            token = sample_token(logits, req.params, len(req.output_ids), self._state_for_sampling(req, logits))
         logprobs = None if token is None or req.logprobs is None else self._logprobs(logits, token, req.logprobs)
         with self._lock:
             if req.state != "running":  # finished meanwhile (handed over, expired): keep nothing
@@ -784,14 +784,15 @@ class Engine(EngineBase):
             req.pending_logits = None
             self._accept(req, token, logprobs)
 
-    def _counts_for_sampling(self, req: _Request, logits: torch.Tensor) -> TokenCounts | None:
-        """A penalized request's counts: kept by the request where this thread samples its every token, built for
-        this one token under asynchronous scheduling (the model process keeps them and chooses the others; this
-        thread samples only after a step boundary: attached, unpaused, extended)."""
-        if self.async_scheduling and req.params.penalized:
-            req.counts_in_child = False  # nor does the model process count the token sampled here
-            return TokenCounts(logits.shape[-1], req.prompt_ids, req.output_ids)
-        return req.counts_for_sampling(logits.shape[-1])
+    def _state_for_sampling(self, req: _Request, logits: torch.Tensor) -> TokenState | None:
+        """A penalized or constrained request's TokenState: kept by the request where this thread samples its every
+        token, built for this one token under asynchronous scheduling (the model process keeps it and chooses the
+        others; this thread samples only after a step boundary: attached, unpaused, extended)."""
+        grammar_tokenizer = self.grammar_tokenizer if req.params.constrained else None
+        if self.async_scheduling and req.params.reads_tokens:
+            req.state_in_child = False  # nor does the model process take the token sampled here
+            return TokenState.build(req.params, logits.shape[-1], req.prompt_ids, req.output_ids, grammar_tokenizer)
+        return req.state_for_sampling(logits.shape[-1], grammar_tokenizer)
 
     def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
         """The sampled token's log probability and the `top` most likely tokens' (raw model distribution)."""
@@ -853,7 +854,7 @@ class Engine(EngineBase):
 
     def _on_extended(self, req: _Request) -> None:
         req.pending_logits = None  # they were for the old last position
-        req.counts_in_child = False  # the model process did not count the tokens given
+        req.state_in_child = False  # the model process did not count the tokens given
 
     def _end_all(self) -> None:
         with self._lock:

@@ -36,7 +36,8 @@ from hpcllm.worker.protocol import (
     TopLogprob,
     Usage,
 )
-from hpcllm.worker.sampling import SamplingParams, TokenCounts, random_seed
+from hpcllm.worker.grammar import GrammarState, InvalidGrammar, json_grammar, ll_tokenizer
+from hpcllm.worker.sampling import SamplingParams, TokenState, random_seed
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,10 @@ class RequestState:
     # Live migration, source side.
     migrating: bool = False
     paused: bool = False
-    # A penalized request's token counts (hpcllm's engine, where the worker samples its tokens; under asynchronous
-    # scheduling the model process keeps them): built from its ids when it is first sampled, then updated per
-    # output token; None for every other request (they pay nothing per token).
-    token_counts: TokenCounts | None = None
+    # What a penalized or constrained request's choice reads of its tokens (hpcllm's engine, where the worker
+    # samples its tokens; under asynchronous scheduling the model process keeps it): built from its ids when it is
+    # first sampled, then updated per output token; None for every other request (they pay nothing per token).
+    token_state: TokenState | None = None
 
     @property
     def known_tokens(self) -> int:
@@ -155,14 +156,15 @@ class RequestState:
 
     def append_output(self, token: int) -> None:
         self.output_ids.append(token)
-        if self.token_counts is not None:
-            self.token_counts.add(token)
+        if self.token_state is not None:
+            self.token_state.add(token)
 
-    def counts_for_sampling(self, vocab_size: int) -> TokenCounts | None:
-        """What the penalties read (None for a request without them)."""
-        if self.params.penalized and self.token_counts is None:
-            self.token_counts = TokenCounts(vocab_size, self.prompt_ids, self.output_ids)
-        return self.token_counts
+    def state_for_sampling(self, vocab_size: int, grammar_tokenizer) -> TokenState | None:
+        """What the penalties and the grammar read (None for a request without them)."""
+        if self.params.reads_tokens and self.token_state is None:
+            self.token_state = TokenState.build(self.params, vocab_size, self.prompt_ids, self.output_ids,
+                                                grammar_tokenizer)
+        return self.token_state
 
     def snapshot(self) -> RequestTokens:
         return RequestTokens(
@@ -256,6 +258,11 @@ class EngineBase:
     # and fails ([worker] step_timeout_seconds; None: never): _watch_steps.
     step_timeout: float | None = None
     _model_busy_since: float | None = None  # when the engine thread began waiting for the model
+    # Whether a constrained request (json_schema) can go on from output tokens produced before (resume_token_ids, a
+    # held request, a migration abandoned after its pause): hpcllm's engine replays them through the grammar; vLLM
+    # cannot (it would read them as prompt and start the grammar over), so there such a request finishes where it
+    # began.
+    continues_grammars = True
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -394,6 +401,9 @@ class EngineBase:
     def hold(self, request: GenerateRequest, hold_seconds: float) -> None:
         """Queue a HELD request: prefill prompt + resume_token_ids, then wait (no sampling) to be attached."""
         req = self._prepare(request)
+        if req.params.constrained and not self.continues_grammars:
+            raise InvalidRequest("this worker's engine cannot continue a json_schema-constrained request from "
+                                 "another worker's output; it finishes where it runs", "json_schema")
         req.held, req.hold_seconds = True, hold_seconds
         req.hold_deadline = time.monotonic() + hold_seconds
         self._enqueue(req)
@@ -422,6 +432,8 @@ class EngineBase:
         self._check_token_ids(token_ids, "token_ids")
         with self._lock:
             req = self._held(request_id)
+            if req.params.constrained:
+                self._check_grammar(req.params.grammar, req.output_ids, token_ids, "token_ids")
             for position, token in enumerate(token_ids):
                 req.detokenizer.add(token)
                 req.append_output(token)
@@ -503,6 +515,9 @@ class EngineBase:
                 raise RequestConflict(f"request {request_id!r} is a held migration request, not attached yet")
             if req.migrating or req.cancel_requested:
                 raise RequestConflict(f"request {request_id!r} is already being migrated or cancelled")
+            if req.params.constrained and not self.continues_grammars:
+                raise RequestConflict(f"request {request_id!r} follows a json_schema, which this engine cannot "
+                                      "continue after a pause: it finishes here")
             req.migrating = True
             origin, params = req.origin, req.params
             return GenerateRequest(
@@ -513,7 +528,7 @@ class EngineBase:
                 logit_bias=dict(params.logit_bias), stop=list(origin.stop),
                 stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
-                prompt_logprobs=req.prompt_logprobs,
+                prompt_logprobs=req.prompt_logprobs, json_schema=origin.json_schema,
             )
 
     def migration_output(self, request_id: str) -> list[int]:
@@ -595,6 +610,16 @@ class EngineBase:
         stop_token_ids = frozenset(request.stop_token_ids) | (
             frozenset() if request.ignore_eos else self.eos_token_ids
         )
+        grammar = None
+        if request.json_schema is not None:
+            grammar = self._grammar(request.json_schema)
+            if resumed and not self.continues_grammars:
+                raise InvalidRequest("this worker's engine cannot resume a json_schema-constrained request from "
+                                     "output tokens (it would start the schema over)", "resume_token_ids")
+            if resumed:
+                self._check_grammar(grammar, [], resumed, "resume_token_ids")
+            # A complete grammar allows only end-of-sequence, which ends the request (ignore_eos or not).
+            stop_token_ids |= {self.grammar_tokenizer.eos_token}
         detokenizer = self.new_detokenizer(request.stop)
         for position, token in enumerate(resumed):
             detokenizer.add(token)
@@ -612,7 +637,7 @@ class EngineBase:
                                   presence_penalty=request.presence_penalty,
                                   frequency_penalty=request.frequency_penalty,
                                   repetition_penalty=request.repetition_penalty,
-                                  logit_bias=tuple(sorted(request.logit_bias.items()))),
+                                  logit_bias=tuple(sorted(request.logit_bias.items())), grammar=grammar),
             max_tokens=max_tokens,
             stop_token_ids=stop_token_ids,
             detokenizer=detokenizer,
@@ -623,6 +648,25 @@ class EngineBase:
             prompt_logprobs=None if resumed else request.prompt_logprobs,
             prompt_logprobs_result=None if resumed or request.prompt_logprobs is None else [None],
         )
+
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        """llguidance's view of the tokenizer (grammar.ll_tokenizer), for constrained requests."""
+        with self._tokenizer_lock:
+            return ll_tokenizer(self.tokenizer)
+
+    def _grammar(self, json_schema: dict) -> str:
+        try:
+            return json_grammar(json_schema, self.grammar_tokenizer)
+        except InvalidGrammar as exc:
+            raise InvalidRequest(f"json_schema cannot be compiled: {exc}", "json_schema") from None
+
+    def _check_grammar(self, grammar: str, output_ids: list[int], token_ids: list[int], param: str) -> None:
+        """InvalidRequest unless token_ids, after output_ids, follow the grammar."""
+        state = GrammarState(grammar, self.grammar_tokenizer, output_ids)
+        refused = state.extend(token_ids)
+        if refused is not None:
+            raise InvalidRequest(f"{param}[{refused}] does not follow the json_schema's grammar: {state.error}", param)
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)

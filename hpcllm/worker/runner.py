@@ -88,10 +88,10 @@ class StepBatch:
     # For a model process (runner_process.py), per logits row: how the engine would choose that row's token
     # (sampling params, output index), for the model process to choose it the same way; None: no token wanted.
     choices: list[tuple[SamplingParams, int] | None] | None = None
-    # Penalized sequences whose token counts the model process builds before choosing this step's tokens (their
-    # first row there, or their counts there went stale): seq id -> (prompt ids, output ids known at launch; a
-    # chunk with previous_row adds the token it feeds). runner_process.PenaltyCounts.
-    count_seeds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # Penalized or constrained sequences whose TokenState the model process builds before choosing this step's
+    # tokens (their first row there, or their state there went stale): seq id -> (prompt ids, output ids known at launch; a
+    # chunk with previous_row adds the token it feeds). runner_process.TokenStates.
+    state_seeds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
     # Filled in by the runner: per chunk with score_ids, its positions' scores (a few numbers each, never whole
     # vocabulary rows: they cross the model process's pipe).
     scores: dict[int, "PositionScores"] = field(default_factory=dict)

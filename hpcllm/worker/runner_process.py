@@ -26,7 +26,8 @@ Asynchronous scheduling (Engine, docs/worker.md): the child also chooses each lo
 own rule (greedy argmax, or the seeded draw for that output index: sampling.py), so the engine can send the next
 step while this one runs, its decode chunks naming the row whose token they feed (SequenceChunk.previous_row). The
 child then goes from one step to the next without waiting for the worker to sample, commit and schedule. A penalized
-request's token counts live here too (PenaltyCounts), so its rows are chosen here like the others. Two steps
+request's token counts and a constrained one's grammar state live here too (TokenStates), so their rows are chosen
+here like the others. Two steps
 may be in flight; their logits go to two shared buffers in turn. A step that follows a failed one (out of memory)
 and needs its tokens is answered "skipped".
 """
@@ -46,7 +47,8 @@ import torch.multiprocessing  # registers the pickling of tensors by shared memo
 from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, embed_last_token, make_runner
-from hpcllm.worker.sampling import TokenCounts, sample_token
+from hpcllm.worker.grammar import ll_tokenizer
+from hpcllm.worker.sampling import TokenState, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,10 @@ class ProcessRunner:
     """A ModelRunner whose steps run in a child process holding the model and its KV cache."""
 
     def __init__(self, model, *, num_blocks: int, block_size: int, batching: str, max_rows: int,
-                 process, fast_path: bool = True, threads: int | None = None) -> None:
+                 process, fast_path: bool = True, threads: int | None = None, tokenizer=None) -> None:
         """process: the model_process.ModelProcess to hand the model (started ahead: while the model loaded, or by
         a spare worker); the runner owns it from here (closes it when it fails to start, or at close()).
-        fast_path: make_runner's."""
+        fast_path: make_runner's. tokenizer: the model's, for constrained requests' grammars (grammar.py)."""
         if fastpath.is_packed(model):  # oneDNN tensors cannot be shared with the child
             process.close()
             raise ValueError("the model's weights were already packed by an in-process engine's fast path: give the "
@@ -86,7 +88,8 @@ class ProcessRunner:
             self.close()
             raise ModelProcessError(f"the model process died while importing (exit code {self._process.exitcode})")
         setup = {"model": model, "num_blocks": num_blocks, "block_size": block_size, "batching": batching,
-                 "max_rows": max_rows, "threads": threads or torch.get_num_threads(), "fast_path": fast_path}
+                 "max_rows": max_rows, "threads": threads or torch.get_num_threads(), "fast_path": fast_path,
+                 "tokenizer": tokenizer}
         self._send(("load", setup))  # torch.multiprocessing's pickler: weights by shared memory / IPC
         kind, payload = self._receive()
         if kind == "error":
@@ -203,7 +206,7 @@ def serve_steps(conn) -> None:
                          "threads": torch.get_num_threads()}))
     freeze_startup_heap()  # the model and the imports: no full collection walks them between steps
     chosen: list[int] | None = []  # the tokens chosen for the last step's rows; None after a failed step
-    penalty_counts = PenaltyCounts(width)
+    token_states = TokenStates(width, setup.get("tokenizer"))
     steps = 0
     with torch.inference_mode():
         while True:
@@ -217,11 +220,11 @@ def serve_steps(conn) -> None:
                 if kind == "embed":
                     conn.send(("embedded", [embed_last_token(model, ids) for ids in work]))
                     continue
-                penalty_counts.forget(work.free)
+                token_states.forget(work.free)
                 if not _feed_previous_tokens(work, chosen):
                     conn.send(("skipped", None))  # the engine drops it: its count seeds are sent again
                     continue
-                penalty_counts.seed(work)
+                token_states.seed(work)
                 chosen = None
                 began = time.perf_counter()
                 rows = runner.step(work)
@@ -229,7 +232,7 @@ def serve_steps(conn) -> None:
                 steps += 1
                 buffers[buffer][:len(rows)].copy_(rows)
                 seconds = time.perf_counter() - began
-                chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices, penalty_counts.rows(work))
+                chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices, token_states.rows(work))
                 conn.send(("ok", (len(rows), buffer, chosen, seconds, work.scores)))
             except torch.OutOfMemoryError as exc:
                 conn.send(("oom", str(exc)))
@@ -255,60 +258,71 @@ def _feed_previous_tokens(batch: StepBatch, chosen: list[int] | None) -> bool:
     return True
 
 
-def choose_tokens(logits: torch.Tensor, choices, counts: list[TokenCounts | None] | None = None) -> list[int]:
+def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None] | None = None) -> list[int]:
     """Each row's token as the engine would choose it (Engine._sample_and_commit: greedy rows by one argmax, the
     others by sample_token at their output index, from the same float32 rows); -1 where no token is asked for.
-    counts: per row, a penalized request's TokenCounts (PenaltyCounts.rows), which take the token chosen."""
+    states: per row, the TokenState of a request whose choice reads its tokens (TokenStates.rows), which takes the
+    token chosen."""
     if not choices:
         return [-1] * len(logits)
     argmax = logits.argmax(dim=-1).tolist()
     chosen = []
     for row, choice in enumerate(choices):
-        row_counts = counts[row] if counts else None
+        row_state = states[row] if states else None
         if choice is None:
             chosen.append(-1)
         elif choice[0].raw_argmax:
             chosen.append(argmax[row])
         else:
-            chosen.append(sample_token(logits[row], *choice, row_counts))
-        if row_counts is not None:
-            row_counts.add(chosen[-1])
+            chosen.append(sample_token(logits[row], *choice, row_state))
+        if row_state is not None:
+            row_state.add(chosen[-1])
     return chosen
 
 
-class PenaltyCounts:
-    """The penalized requests' TokenCounts in the model process, by sequence id: kept where their tokens are
-    chosen, so a penalized row is chosen here and its next step sent ahead like any other's. Built from the ids
-    the engine sends with a request's first row here (StepBatch.count_seeds: new, resumed, migrated in, preempted,
-    or after a token chosen here was not taken), updated with each token chosen for it (choose_tokens), forgotten
-    with its KV state (StepBatch.free: it finished, was preempted or handed over)."""
+class TokenStates:
+    """The TokenStates of requests whose choice reads their tokens (penalized, constrained) in the model process, by
+    sequence id: kept where their tokens are chosen, so such a row is chosen here and its next step sent ahead like
+    any other's. Built from the ids the engine sends with a request's first row here (StepBatch.state_seeds: new,
+    resumed, migrated in, preempted, or after a token chosen here was not taken), updated with each token chosen
+    for it (choose_tokens), forgotten with its KV state (StepBatch.free: it finished, was preempted or handed
+    over)."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, tokenizer=None) -> None:
         self.vocab_size = vocab_size
-        self._by_seq: dict[int, TokenCounts] = {}
+        self._tokenizer = tokenizer  # grammars need it (grammar.ll_tokenizer: built at the first)
+        self._by_seq: dict[int, TokenState] = {}
 
     def forget(self, seq_ids: list[int]) -> None:
         for seq_id in seq_ids:
             self._by_seq.pop(seq_id, None)
 
     def seed(self, batch: StepBatch) -> None:
-        """Build the counts batch.count_seeds sends (after _feed_previous_tokens: a chunk sent ahead adds the
+        """Build the states batch.state_seeds sends (after _feed_previous_tokens: a chunk sent ahead adds the
         token it feeds, which the engine did not know yet)."""
-        for chunk in batch.chunks:
-            history = batch.count_seeds.get(chunk.seq_id)
-            if history is not None:
+        for chunk, choice in self._choices(batch):
+            history = batch.state_seeds.get(chunk.seq_id)
+            if history is not None and choice is not None:
                 prompt_ids, output_ids = history
                 fed = chunk.token_ids if chunk.previous_row is not None else []
-                self._by_seq[chunk.seq_id] = TokenCounts(self.vocab_size, prompt_ids, output_ids + fed)
+                params = choice[0]
+                self._by_seq[chunk.seq_id] = TokenState.build(
+                    params, self.vocab_size, prompt_ids, output_ids + fed,
+                    ll_tokenizer(self._tokenizer) if params.constrained else None)
 
-    def rows(self, batch: StepBatch) -> list[TokenCounts | None]:
-        """Per logits row (chunks with want_logits), the counts of a penalized row that asks for a token."""
+    def rows(self, batch: StepBatch) -> list[TokenState | None]:
+        """Per logits row (chunks with want_logits), the state of a row that asks for a token and reads them."""
+        return [self._row(chunk.seq_id) if choice is not None and choice[0].reads_tokens else None
+                for chunk, choice in self._choices(batch)]
+
+    @staticmethod
+    def _choices(batch: StepBatch):
+        """(chunk, choice) per logits row."""
         rows = [chunk for chunk in batch.chunks if chunk.want_logits]
-        return [self._row(chunk.seq_id) if choice is not None and choice[0].penalized else None
-                for chunk, choice in zip(rows, batch.choices or [None] * len(rows))]
+        return zip(rows, batch.choices or [None] * len(rows))
 
-    def _row(self, seq_id: int) -> TokenCounts:
-        counts = self._by_seq.get(seq_id)
-        if counts is None:
-            raise RuntimeError(f"no token counts for penalized sequence {seq_id}: the engine sent none")
-        return counts
+    def _row(self, seq_id: int) -> TokenState:
+        state = self._by_seq.get(seq_id)
+        if state is None:
+            raise RuntimeError(f"no token state for sequence {seq_id}: the engine sent none")
+        return state

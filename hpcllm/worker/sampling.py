@@ -1,8 +1,10 @@
-"""Choosing the next token from the model's logits: logit bias, penalties, greedy, temperature, min-p, top-k, top-p.
+"""Choosing the next token from the model's logits: logit bias, penalties, grammar, greedy, temperature, min-p,
+top-k, top-p.
 
 The order is vLLM's (v1 sampler): logit_bias is added and the repetition, frequency and presence penalties applied
-to the float32 logits; greedy takes their argmax; otherwise temperature scales them, min_p, top_k and top_p filter
-them, and the token is drawn. Penalties read the request's token history (TokenCounts, kept per request and updated
+to the float32 logits, and a constrained request's grammar (structured outputs) sets the tokens it does not allow
+to -inf; greedy takes their argmax; otherwise temperature scales them, min_p, top_k and top_p filter them, and the
+token is drawn. Penalties and grammar read the request's tokens so far (TokenState, kept per request and updated
 per accepted token); the other steps read only the logits and the parameters.
 
 Randomness is stateless per step: the token at output index i is drawn with a torch.Generator seeded from
@@ -17,6 +19,8 @@ import random
 from dataclasses import dataclass
 
 import torch
+
+from hpcllm.worker.grammar import GrammarState
 
 _MASK64 = (1 << 64) - 1
 # Below this temperature sampling is greedy (vLLM's rule): logits / 1e-40 overflow float32 to inf, and the softmax of
@@ -37,6 +41,8 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits: a tuple, so the parameters stay immutable and cheap to pickle
     # (the model process gets them with every step it chooses tokens for).
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Structured outputs: the llguidance grammar (its JSON string, grammar.json_grammar) the output must follow.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -48,10 +54,20 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
+    def constrained(self) -> bool:
+        """Whether a grammar limits the tokens: the request keeps a GrammarState."""
+        return self.grammar is not None
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether the choice depends on the tokens so far (penalties, a grammar): the request keeps a TokenState."""
+        return self.penalized or self.constrained
+
+    @property
     def raw_argmax(self) -> bool:
         """Whether the token is the argmax of the model's logits as they are (greedy, nothing added to them): one
         argmax over a whole step's logits serves every such request."""
-        return self.greedy and not self.logit_bias and not self.penalized
+        return self.greedy and not self.logit_bias and not self.reads_tokens
 
 
 class TokenCounts:
@@ -65,6 +81,29 @@ class TokenCounts:
 
     def add(self, token: int) -> None:
         self.output[token] += 1
+
+
+@dataclass
+class TokenState:
+    """What choosing a request's next token reads of its tokens so far: a penalized request's TokenCounts and a
+    constrained one's GrammarState. Built from its token ids (a new, resumed, preempted or migrated-in request alike),
+    then updated per accepted output token."""
+
+    counts: TokenCounts | None = None
+    grammar: GrammarState | None = None
+
+    @classmethod
+    def build(cls, params: SamplingParams, vocab_size: int, prompt_ids: list[int], output_ids: list[int],
+              grammar_tokenizer=None) -> "TokenState":
+        """grammar_tokenizer: grammar.ll_tokenizer's, for a constrained request."""
+        return cls(TokenCounts(vocab_size, prompt_ids, output_ids) if params.penalized else None,
+                   GrammarState(params.grammar, grammar_tokenizer, output_ids) if params.constrained else None)
+
+    def add(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts.add(token)
+        if self.grammar is not None:
+            self.grammar.add(token)
 
 
 def random_seed() -> int:
@@ -126,32 +165,45 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: TokenC
     return logits
 
 
-def adjusted_logits(logits: torch.Tensor, params: SamplingParams, counts: TokenCounts | None = None) -> torch.Tensor:
-    """The float32 CPU logits the token is chosen from: logit_bias added, then the penalties (never in place: the
-    caller's logits also give the logprobs, which are of the raw distribution)."""
+def apply_grammar(logits: torch.Tensor, grammar: GrammarState) -> torch.Tensor:
+    """Set to -inf the logits of the tokens the grammar does not allow next (new tensor; 1-D float32 logits). Rows
+    wider than the grammar's vocabulary (padded embeddings) allow none of the extra tokens."""
+    bits = torch.frombuffer(bytearray(grammar.bitmask()), dtype=torch.uint8)
+    allowed = ((bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().bool()
+    width = logits.shape[-1]
+    if len(allowed) < width:
+        allowed = torch.cat([allowed, allowed.new_zeros(width - len(allowed))])
+    return logits.masked_fill(~allowed[:width], float("-inf"))
+
+
+def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
+    """The float32 CPU logits the token is chosen from: logit_bias added, then the penalties, then the grammar's
+    mask (never in place: the caller's logits also give the logprobs, which are of the raw distribution)."""
     logits = logits.detach().to("cpu", torch.float32)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
         logits = logits.index_add(0, torch.tensor(ids), torch.tensor(biases, dtype=torch.float32))
+    if params.reads_tokens and state is None:
+        raise ValueError("penalties and grammars need the request's TokenState")
     if params.penalized:
-        if counts is None:
-            raise ValueError("penalties need the request's TokenCounts")
-        logits = apply_penalties(logits, params, counts)
+        logits = apply_penalties(logits, params, state.counts)
+    if params.constrained:
+        logits = apply_grammar(logits, state.grammar)
     return logits
 
 
-def sampling_probs(logits: torch.Tensor, params: SamplingParams, counts: TokenCounts | None = None) -> torch.Tensor:
+def sampling_probs(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
     """The distribution sample_token draws from (1-D logits in, 1-D float32 probabilities out)."""
-    scaled = filter_min_p(adjusted_logits(logits, params, counts) / params.temperature, params.min_p)
+    scaled = filter_min_p(adjusted_logits(logits, params, state) / params.temperature, params.min_p)
     probs = torch.softmax(filter_top_k(scaled, params.top_k), dim=-1)
     return top_p_probs(probs, params.top_p)
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, index: int, counts: TokenCounts | None = None) -> int:
-    """Next token id from 1-D logits for output position `index` (counts: the request's, when it is penalized)."""
+def sample_token(logits: torch.Tensor, params: SamplingParams, index: int, state: TokenState | None = None) -> int:
+    """Next token id from 1-D logits for output position `index` (state: the request's, when params.reads_tokens)."""
     if params.greedy:
-        return int(torch.argmax(logits if params.raw_argmax else adjusted_logits(logits, params, counts)))
+        return int(torch.argmax(logits if params.raw_argmax else adjusted_logits(logits, params, state)))
     generator = torch.Generator(device="cpu")
     generator.manual_seed(step_seed(params.seed, index))
-    probs = sampling_probs(logits, params, counts)
+    probs = sampling_probs(logits, params, state)
     return int(torch.multinomial(probs, num_samples=1, generator=generator))

@@ -23,6 +23,10 @@ How requests map onto vLLM (docs/vllm.md):
   destination); `abandon_migration` resubmits it here, again from cache.
 - A step that never ends (a hung GPU, a stopped engine core) fails the engine past step_timeout, as hpcllm's engine
   (EngineBase._watch_steps): the engine thread's wait for the core's output is woken with the error.
+- Structured outputs (json_schema): vLLM's guidance backend, llguidance as in hpcllm's engine, with the same
+  compact-JSON option. vLLM cannot start a grammar mid-output (it would read the output so far as prompt), so a
+  constrained request is neither resumed nor migrated here (EngineBase.continues_grammars): it finishes where it
+  began.
 - Greedy output continues exactly. Seeded sampling is reproducible within one vLLM run, but vLLM seeds a request's
   generator once, so a sampled request moved to or from vLLM continues with a valid sample, not the identical one.
 """
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcllm.errors import ConfigError
+from hpcllm.worker.grammar import JSON_OPTIONS
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (
@@ -100,6 +105,7 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
     os.environ.setdefault(KV_CACHE_ENV, f"{settings.kv_cache_gb:g}")
     try:
         from vllm import EngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.llm_engine import LLMEngine
     except ImportError as exc:
         raise ConfigError(f"vLLM cannot be imported by {sys.executable} ({exc}); start vLLM workers with the "
@@ -123,6 +129,9 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         # hpcllm's worker keeps its own metrics: vLLM's stat collection and loggers would cost the front and the
         # engine core CPU every step for a log line nobody reads (VllmSettings.extra can turn them back on)
         "disable_log_stats": True,
+        # json_schema requests: llguidance, as hpcllm's engine, with its grammar options (hpcllm.worker.grammar)
+        "structured_outputs_config": StructuredOutputsConfig(
+            backend="guidance", disable_any_whitespace=not JSON_OPTIONS["whitespace_flexible"]),
         **settings.extra,
     })  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
     config = args.create_engine_config()
@@ -137,6 +146,7 @@ class VllmEngine(EngineBase):
 
     request_type = _Request
     thread_name = "hpcllm-vllm"
+    continues_grammars = False
 
     def __init__(self, llm, tokenizer, hf_config, *, model_name: str = "model", device: str = "cpu",
                  max_running_requests: int = 64, max_waiting_requests: int = 256, finished_history: int = 256,
@@ -213,7 +223,8 @@ class VllmEngine(EngineBase):
 
     def migratable_request_ids(self) -> list[str]:
         with self._lock:
-            return [r.request_id for r in self._live.values() if not (r.held or r.paused or r.migrating)]
+            return [r.request_id for r in self._live.values()
+                    if not (r.held or r.paused or r.migrating or r.params.constrained)]
 
     # ---- requests (under the lock) -----------------------------------------------------------------------------
 
@@ -239,7 +250,7 @@ class VllmEngine(EngineBase):
     def _generate(self, req: _Request) -> None:
         """Have vLLM generate the rest of req from its known ids (prefix-cached blocks are not recomputed)."""
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         from hpcllm.worker.vllm_penalties import prior_output_args
 
@@ -256,6 +267,8 @@ class VllmEngine(EngineBase):
             prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None and not req.output_ids else None,
             # vLLM takes the output so far for prompt: its penalties must count it still (vllm_penalties).
             extra_args=prior_output_args(req.output_ids, req.params.presence_penalty, req.params.frequency_penalty),
+            structured_outputs=(StructuredOutputsParams(json=req.origin.json_schema) if req.params.constrained
+                                else None),
         )
         vllm_id = self._vllm_id(req, "gen")
         req.generating = vllm_id

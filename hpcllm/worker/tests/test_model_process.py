@@ -27,6 +27,7 @@ from hpcllm.worker.sampling import SamplingParams, sample_token
 from hpcllm.worker.server import ModelForServing, load_with_hpcllm
 
 from .conftest import wait_until
+from .schemas import CONSTRAINED, check_person
 
 _ids = itertools.count()
 PENALIZED = dict(temperature=0.9, presence_penalty=1.2, frequency_penalty=0.6, repetition_penalty=1.3, min_p=0.02,
@@ -151,7 +152,9 @@ def test_a_penalized_request_decodes_every_step_like_a_plain_one_beside_it(load_
     assert [ids(events) for events in got] == [ids(events) for events in expected]
 
 
-def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load_pair, process_engine, monkeypatch):
+@pytest.mark.parametrize("penalty_or_schema", [PENALIZED, CONSTRAINED], ids=["penalized", "constrained"])
+def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load_pair, process_engine, monkeypatch,
+                                                                           penalty_or_schema):
     """The model process's counts of a penalized request are rebuilt from its ids whenever a token it chose is not
     taken: a step sent ahead dropped after an out-of-memory failure (and the newest request preempted); and they
     start from the resumed ids of a request resumed from token ids. Every token still equals the in-process
@@ -169,7 +172,7 @@ def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load
     launch = process_engine._launch
     monkeypatch.setattr(process_engine, "_launch", lambda work: launched_steps.append(1) or launch(work))
     monkeypatch.setattr(runner, "collect", collect_failing_once)
-    sampling = dict(max_tokens=24, **PENALIZED)
+    sampling = dict(max_tokens=24, **penalty_or_schema)
     cases = [request(prompt=p, seed=i, **sampling) for i, p in enumerate(PROMPTS)]
     model, tokenizer = load_pair("llama")
     with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
@@ -179,6 +182,8 @@ def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load
     ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
     assert failed and process_engine.metrics.preemptions._value.get() > preemptions
     assert [ids(events) for events in got] == [ids(events) for events in expected]
+    if "json_schema" in sampling:
+        assert_complete_answers_are_valid(got)
 
     monkeypatch.undo()
     # Resumed from its first 9 tokens: the model process's counts start from the resumed ids.
@@ -190,15 +195,17 @@ def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load
     assert process_engine.kv_pool.used_blocks == 0
 
 
+@pytest.mark.parametrize("sampling", [PENALIZED, CONSTRAINED], ids=["penalized", "constrained"])
 def test_a_penalized_request_migrated_between_model_process_engines_continues_exactly(load_pair, process_engine,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, sampling):
     """Live migration by tokens (here within one engine, under another request id): the source is paused while its
     next token is being chosen (the model process counted it; it is dropped), the destination holds the request, is
     extended with the tokens produced since, and after attach samples from kept logits in the worker; its counts in
     the model process start from the ids it was given. The source's migration is then abandoned: it goes on here
     from kept logits, and its counts in the model process are sent again. Both continue exactly as an uninterrupted
-    run. The engine thread is held at chosen points (before committing a step), so nothing depends on timing."""
-    source = request(prompt=PROMPTS[0], max_tokens=30, seed=21, **PENALIZED)
+    run. The engine thread is held at chosen points (before committing a step), so nothing depends on timing. A
+    constrained request's grammar state (a json_schema) is rebuilt from its ids the same way: its JSON stays valid."""
+    source = request(prompt=PROMPTS[0], max_tokens=30, seed=21, **sampling)
     model, tokenizer = load_pair("llama")
     with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
         [expected] = run_together(local, [source.model_copy(update={"request_id": "migrated-local"})])
@@ -233,13 +240,16 @@ def test_a_penalized_request_migrated_between_model_process_engines_continues_ex
     assert len(moved.resume_token_ids) == 5 and len(final) == 8
     assert final + rest == stayed == [e.token_id for e in expected[:-1]]
     assert process_engine.kv_pool.used_blocks == 0
+    if "json_schema" in sampling:
+        check_person(tokenizer.decode(stayed, skip_special_tokens=True))
 
 
-def test_penalized_requests_preempted_under_a_tiny_kv_budget_stay_exact(unpacked_pair, load_pair):
-    """A preempted request's KV state and its token counts in the model process are forgotten together; when it
-    is recomputed its counts are rebuilt from its ids, and its tokens equal an uninterrupted run's."""
+@pytest.mark.parametrize("sampling", [PENALIZED, CONSTRAINED], ids=["penalized", "constrained"])
+def test_penalized_requests_preempted_under_a_tiny_kv_budget_stay_exact(unpacked_pair, load_pair, sampling):
+    """A preempted request's KV state and its token counts (or grammar state) in the model process are forgotten
+    together; when it is recomputed they are rebuilt from its ids, and its tokens equal an uninterrupted run's."""
     model, tokenizer = unpacked_pair
-    cases = [request(prompt_token_ids=tokenizer(p)["input_ids"][:12], max_tokens=32, seed=i, **PENALIZED)
+    cases = [request(prompt_token_ids=tokenizer(p)["input_ids"][:12], max_tokens=32, seed=i, **sampling)
              for i, p in enumerate(PROMPTS)]
     with Engine(model, tokenizer, model_name="tiny", model_process=True, max_model_len=64, kv_cache_tokens=64,
                 kv_block_size=4, max_running_requests=4, prefill_chunk_tokens=8) as engine:
@@ -250,6 +260,16 @@ def test_penalized_requests_preempted_under_a_tiny_kv_budget_stay_exact(unpacked
         expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"}) for r in cases])
     ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
     assert [ids(events) for events in got] == [ids(events) for events in expected]
+    if "json_schema" in sampling:
+        assert_complete_answers_are_valid(got)
+
+
+def assert_complete_answers_are_valid(streams) -> None:
+    """Constrained streams that ended with "stop" (at least one) hold JSON valid against the schema."""
+    complete = ["".join(e.text for e in events[:-1]) for events in streams if events[-1].finish_reason == "stop"]
+    assert complete
+    for text in complete:
+        check_person(text)
 
 
 def test_steps_sent_ahead_change_no_token_and_requests_that_stop_meanwhile_end_where_they_should(

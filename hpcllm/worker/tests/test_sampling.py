@@ -1,7 +1,7 @@
 import torch
 
-from hpcllm.worker.sampling import (SamplingParams, TokenCounts, adjusted_logits, filter_top_k, sample_token,
-                                    sampling_probs, step_seed, top_p_probs)
+from hpcllm.worker.sampling import (SamplingParams, TokenCounts, TokenState, adjusted_logits, filter_top_k,
+                                    sample_token, sampling_probs, step_seed, top_p_probs)
 
 
 def test_step_seed_is_deterministic_and_differs_between_steps_and_seeds():
@@ -87,7 +87,7 @@ def vllm_reference_min_p(logits, min_p):
 
 def penalized(vocab, prompt_ids, output_ids, **fields):
     params = SamplingParams(**fields)
-    return params, TokenCounts(vocab, prompt_ids, output_ids)
+    return params, TokenState.build(params, vocab, prompt_ids, output_ids)
 
 
 def test_bias_and_penalties_equal_vllms_formulas_on_random_logits():

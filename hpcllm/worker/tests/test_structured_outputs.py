@@ -1,0 +1,96 @@
+"""Structured outputs in hpcllm's engine (GenerateRequest.json_schema, llguidance): the tiny model's random weights
+never write JSON by themselves, so output that parses and validates shows the grammar at work, greedy and sampled,
+in the engine's own thread and in a model process that chooses tokens a step ahead."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpcllm.worker.engine import Engine, InvalidRequest
+from hpcllm.worker.protocol import GenerateRequest
+
+from .schemas import CONSTRAINED, PERSON_SCHEMA, check_person
+from .test_model_process import PROMPTS, process_engine, request, run_together  # noqa: F401 (a fixture)
+
+def outcome(events) -> tuple[list[int], str, str]:
+    """(token ids, text, finish reason) of a stream's events."""
+    return [e.token_id for e in events[:-1]], "".join(e.text for e in events[:-1]), events[-1].finish_reason
+
+
+@pytest.fixture(scope="module")
+def local_engine(load_pair):
+    model, tokenizer = load_pair("llama")
+    with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as engine:
+        yield engine
+
+
+def constrained_cases() -> list[GenerateRequest]:
+    return [request(prompt=PROMPTS[0], max_tokens=64, temperature=0, json_schema=PERSON_SCHEMA),
+            *[request(prompt=p, max_tokens=64, seed=i, **CONSTRAINED) for i, p in enumerate(PROMPTS)],
+            request(prompt=PROMPTS[1], max_tokens=64, seed=7, presence_penalty=1.0, repetition_penalty=1.2,
+                    logprobs=1, **CONSTRAINED)]
+
+
+def test_json_schema_output_validates_greedy_sampled_and_penalized_in_either_process(local_engine, process_engine):
+    """Greedy, seeded temperature 1 and penalized requests, batched, all end with "stop" and JSON valid against the
+    schema; the model process (asynchronous scheduling) chooses every token as the engine's thread does."""
+    cases = constrained_cases()
+    local = run_together(local_engine, [r.model_copy(update={"request_id": f"{r.request_id}-local"})
+                                        for r in cases])
+    remote = run_together(process_engine, cases)
+    assert [outcome(events) for events in remote] == [outcome(events) for events in local]
+    names = set()
+    for events in local:
+        _, text, finish_reason = outcome(events)
+        assert finish_reason == "stop"
+        names.add(check_person(text)["name"])
+    assert len(names) > 1  # sampled: different answers, each valid
+    # The same seeded request without the schema: the random weights' text is no JSON.
+    [free] = run_together(local_engine, [cases[1].model_copy(update={"request_id": "free", "json_schema": None})])
+    with pytest.raises(ValueError):
+        json.loads(outcome(free)[1])
+
+
+def test_json_object_gives_a_json_object(local_engine):
+    """{"type": "object"}: any object; a bias towards quotes and braces closes its random keys soon."""
+    tokenizer = local_engine.tokenizer
+    closers = {tokenizer.convert_tokens_to_ids(t): 10.0 for t in ('"', "}")}
+    for sampling in (dict(temperature=0), dict(temperature=1.0, seed=1)):
+        completion = local_engine.generate(request(prompt="hello", max_tokens=64, json_schema={"type": "object"},
+                                                   logit_bias=closers, **sampling))
+        assert completion.finish_reason == "stop"
+        assert isinstance(json.loads(completion.text), dict)
+
+
+def test_max_tokens_too_small_ends_with_length_and_the_schema_ends_the_request_even_with_ignore_eos(local_engine):
+    cut = local_engine.generate(request(prompt=PROMPTS[0], max_tokens=5, temperature=0, json_schema=PERSON_SCHEMA))
+    whole = local_engine.generate(request(prompt=PROMPTS[0], max_tokens=64, temperature=0, ignore_eos=True,
+                                          json_schema=PERSON_SCHEMA))
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 5
+    assert whole.text.startswith(cut.text) and whole.finish_reason == "stop"
+    check_person(whole.text)  # complete: ignore_eos does not make it go on past the schema
+
+
+def test_invalid_schemas_and_resumed_tokens_outside_the_schema_are_refused(local_engine):
+    with pytest.raises(InvalidRequest) as refused:
+        local_engine.submit(request(prompt="hi", json_schema={"type": "objekt"}))
+    assert refused.value.param == "json_schema" and "objekt" in str(refused.value)
+    plain = local_engine.generate(request(prompt="hi", max_tokens=4, temperature=0, ignore_eos=True))
+    with pytest.raises(InvalidRequest) as refused:
+        local_engine.submit(request(prompt="hi", resume_token_ids=plain.token_ids, json_schema=PERSON_SCHEMA))
+    assert refused.value.param == "resume_token_ids" and "resume_token_ids[0]" in str(refused.value)
+
+
+def test_a_constrained_request_resumed_from_its_tokens_continues_exactly(local_engine, process_engine):
+    """Resumed (another worker's output so far): the grammar is replayed from the resumed ids, in the engine's
+    thread and in the model process alike."""
+    original = request(prompt=PROMPTS[2], max_tokens=64, seed=5, **CONSTRAINED)
+    [events] = run_together(local_engine, [original])
+    ids, text, _ = outcome(events)
+    check_person(text)
+    for engine in (local_engine, process_engine):
+        resumed = original.model_copy(update={"request_id": f"resumed-{id(engine)}", "resume_token_ids": ids[:7]})
+        [rest] = run_together(engine, [resumed])
+        assert outcome(rest)[0] == ids[7:] and outcome(rest)[2] == "stop"
