@@ -12,13 +12,14 @@ Validation is strict: "10" is not accepted where an integer is expected, as Open
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
 from hpcllm.httpkit.body import parse_json_body, request_bytes
+from hpcllm.worker.grammar import ANY_JSON_OBJECT, InvalidGrammar, json_grammar
 from hpcllm.worker.protocol import LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN
 
 M = TypeVar("M", bound=BaseModel)
@@ -174,6 +175,29 @@ UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
 }
 
 
+class JsonSchemaFormat(OpenAIRequest):
+    """response_format.json_schema: OpenAI's structured outputs. strict is accepted either way: the output always
+    follows the schema (vLLM's rule too)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # OpenAI's default: {} (any JSON)
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIRequest):
+    """What the answer must be: text (the default), any JSON object, or JSON valid against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output is constrained to; None for text."""
+        if self.type == "json_object":
+            return ANY_JSON_OBJECT
+        return self.json_schema.schema_ if self.type == "json_schema" else None
+
+
 class SamplingRequest(OpenAIRequest):
     """Fields /v1/completions and /v1/chat/completions share."""
 
@@ -200,6 +224,8 @@ class SamplingRequest(OpenAIRequest):
     # vLLM extension: each prompt token's log probability and rank and this many most likely alternatives
     # (PromptLogprob; not streamed, as vLLM).
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    # Structured outputs: json_object / json_schema constrain the answer (hpcllm.worker.grammar, both engines).
+    response_format: ResponseFormat | None = None
     # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
     min_tokens: Any = None
     stop_token_ids: Any = None
@@ -252,6 +278,22 @@ class SamplingRequest(OpenAIRequest):
         if self.prompt_logprobs is not None and self.stream:
             raise InvalidRequest("prompt_logprobs are not available when stream is true", param="prompt_logprobs",
                                  code="invalid_value")
+        self._check_response_format()
+
+    def _check_response_format(self) -> None:
+        """A json_schema response format needs its schema, one llguidance compiles (checked here, before any
+        worker is asked: the worker compiles it again against the model's tokenizer)."""
+        response_format = self.response_format
+        if response_format is None or response_format.type != "json_schema":
+            return
+        if response_format.json_schema is None:
+            raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' object",
+                                 param="response_format.json_schema", code="missing_field")
+        try:
+            json_grammar(response_format.output_schema())
+        except InvalidGrammar as exc:
+            raise InvalidRequest(f"invalid JSON schema in 'response_format.json_schema.schema': {exc}",
+                                 param="response_format.json_schema.schema", code="invalid_value") from None
 
     @property
     def include_usage(self) -> bool:
@@ -278,6 +320,7 @@ class SamplingRequest(OpenAIRequest):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_p=self.min_p or 0.0, logit_bias=self.logit_bias or {},
+            json_schema=self.response_format.output_schema() if self.response_format else None,
         )
 
 
@@ -297,3 +340,4 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    json_schema: dict[str, Any] | None = None  # structured outputs: the output is JSON valid against it

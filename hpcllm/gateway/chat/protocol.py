@@ -145,7 +145,6 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None  # false: only the first call is returned (as vLLM)
     functions: list[Any] | None = None  # the deprecated forms of tools and tool_choice: refused
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("tools")
     @classmethod
@@ -176,8 +175,6 @@ class ChatCompletionRequest(SamplingRequest):
             forced = json.dumps(self.tool_choice)[:100]
             raise unsupported("tool_choice", f"tool_choice {forced} (forcing a call needs constrained decoding; "
                                              f"'auto' and 'none' are supported)")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", f"response_format {self.response_format.get('type')!r}")
 
     @property
     def parses_tool_calls(self) -> bool:
