@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from hpcllm.config import Config
-from hpcllm.worker.client import WorkerClient
+from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.migration import ticketed_request
 from hpcllm.worker.protocol import GenerateRequest, TokenLine
+from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
 
 from .conftest import MODEL, SECRET, ThreadServer
 from .test_resume import ScriptedRouter
@@ -267,6 +268,29 @@ def test_a_request_resumed_on_vllm_still_penalises_its_earlier_output(vllm_worke
     with WorkerClient(vllm_worker, SECRET, read_timeout=120) as client:
         with client.generate(GenerateRequest(request_id="resumed", resume_token_ids=whole[:5], **fields)) as stream:
             assert whole[:5] + [line.token_id for line in stream if isinstance(line, TokenLine)] == whole
+
+
+def test_json_schema_gives_the_same_valid_json_on_either_engine_and_vllm_refuses_to_resume_it(vllm_worker,
+                                                                                              hpcllm_worker):
+    """Both engines constrain by llguidance with the same grammar (vLLM's guidance backend, compact JSON): greedy,
+    the same tokens, JSON valid against the schema, ended by the grammar. vLLM cannot start a grammar mid-output:
+    a constrained request resumed from output tokens is refused (400 naming resume_token_ids), not garbled."""
+    fields = dict(prompt=PROMPT, max_tokens=64, temperature=0, json_schema=PERSON_SCHEMA)
+    answers = []
+    for url in (vllm_worker, hpcllm_worker.url):
+        with WorkerClient(url, SECRET, read_timeout=120) as client:
+            with client.generate(GenerateRequest(request_id="constrained", **fields)) as stream:
+                lines = [line for line in stream if isinstance(line, TokenLine)]
+            assert stream.final.finish_reason == "stop"
+            answers.append(([line.token_id for line in lines], "".join(line.text for line in lines)))
+    assert answers[0] == answers[1]
+    check_person(answers[0][1])
+    with WorkerClient(vllm_worker, SECRET, read_timeout=120) as client:
+        with pytest.raises(WorkerError) as refused:
+            with client.generate(GenerateRequest(request_id="resumed", resume_token_ids=answers[0][0][:3],
+                                                 **fields)) as stream:
+                list(stream)
+    assert refused.value.status == 400 and refused.value.info.param == "resume_token_ids"
 
 
 def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):

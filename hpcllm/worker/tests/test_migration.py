@@ -16,6 +16,7 @@ from hpcllm.worker.engine import EngineUnavailable
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, PrepareMigration, TokenLine
 
 from .conftest import slow_down, ticketed, wait_until
+from .schemas import PERSON_SCHEMA, check_person
 
 GREEDY = dict(temperature=0.0)
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234)
@@ -95,6 +96,36 @@ def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_
     assert result.tokens_per_round[0] - prompt_tokens + sum(result.tokens_per_round[1:]) == result.output_tokens_at_handover
     assert source.service.engine.tokens("live").finish_reason == "migrated"
     assert source.service.engine.counts() == (0, 0)
+
+
+def test_a_json_schema_request_migrates_mid_answer_and_tokens_outside_the_schema_are_refused(pair, start_worker):
+    """The destination rebuilds the request's grammar state from the tokens it is given (prepare, extend) and goes
+    on exactly: the answer is the uninterrupted run's valid JSON. A token the schema does not allow there is a 400
+    naming token_ids, the held request left as it was."""
+    source, destination = start_worker(pair), start_worker(pair)
+    request = body("json", max_tokens=64, temperature=1.0, seed=9, json_schema=PERSON_SCHEMA)
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.05)  # still answering when the migration runs
+
+    stream = source.client.generate(request)
+    lines = iter(stream)
+    first = read_until(lines, 5)
+    source.client.migrate("json", ticketed(destination.url))
+    rest, _, final = finish_through_attach(lines, destination)
+    assert_same_generation(first + rest, reference)
+    assert final.finish_reason == "stop"
+    check_person("".join(line.text for line in reference))
+
+    resume = [line.token_id for line in reference[:5]]
+    destination.client.prepare_migration(PrepareMigration(
+        request_id="held-json", generate=request.model_copy(update={"request_id": "held-json",
+                                                                    "resume_token_ids": resume})))
+    end_of_answer = reference[-1].token_id  # not allowed mid-answer
+    with pytest.raises(WorkerError) as refused:
+        destination.client.extend_migration("held-json", [reference[5].token_id, end_of_answer])
+    assert refused.value.status == 400 and refused.value.info.param == "token_ids"
+    assert "token_ids[1]" in str(refused.value)
+    assert destination.service.engine.tokens("held-json").output_token_ids == resume
 
 
 def test_rounds_shrink_while_the_source_decodes_during_a_slow_prefill(pair, start_worker):
