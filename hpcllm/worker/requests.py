@@ -657,7 +657,12 @@ class EngineBase:
 
     def _grammar(self, json_schema: dict) -> str:
         try:
-            return json_grammar(json_schema, self.grammar_tokenizer)
+            tokenizer = self.grammar_tokenizer
+        except ValueError as exc:  # llguidance reads fast (Rust) tokenizers only
+            raise InvalidRequest(f"model {self.model_name}'s tokenizer cannot constrain output to a json_schema: "
+                                 f"{exc}", "json_schema") from None
+        try:
+            return json_grammar(json_schema, tokenizer)
         except InvalidGrammar as exc:
             raise InvalidRequest(f"json_schema cannot be compiled: {exc}", "json_schema") from None
 
