@@ -65,7 +65,7 @@ class GrammarState:
     def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer, output_ids: list[int]) -> None:
         self._matcher = llguidance.LLMatcher(tokenizer, grammar)
         self._eos = tokenizer.eos_token
-        self.refused: int | None = self.extend(output_ids)  # the index of the first output id refused, if one was
+        self.extend(output_ids)
 
     def extend(self, token_ids: list[int]) -> int | None:
         """Take tokens (an output's so far, or a migration's next ones); the index of the first one the grammar

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hpcllm.worker.engine import Engine, InvalidRequest
+from hpcllm.worker.grammar import GrammarState, json_grammar
 from hpcllm.worker.protocol import GenerateRequest
+from hpcllm.worker.sampling import apply_grammar
 
 from .schemas import CONSTRAINED, PERSON_SCHEMA, check_person
 from .test_model_process import PROMPTS, process_engine, request, run_together  # noqa: F401 (a fixture)
@@ -94,3 +97,18 @@ def test_a_constrained_request_resumed_from_its_tokens_continues_exactly(local_e
         resumed = original.model_copy(update={"request_id": f"resumed-{id(engine)}", "resume_token_ids": ids[:7]})
         [rest] = run_together(engine, [resumed])
         assert outcome(rest)[0] == ids[7:] and outcome(rest)[2] == "stop"
+
+
+def test_the_mask_allows_only_what_the_grammar_does_and_none_of_a_padded_vocabulary(local_engine):
+    """A model's output rows may be wider than its tokenizer's vocabulary (padded embeddings): those tokens are
+    never allowed. At the start of a JSON object only tokens that begin one are."""
+    tokenizer, grammar_tokenizer = local_engine.tokenizer, local_engine.grammar_tokenizer
+    state = GrammarState(json_grammar(PERSON_SCHEMA, grammar_tokenizer), grammar_tokenizer, [])
+    width = len(tokenizer) + 40
+    logits = torch.zeros(width)
+    logits[len(tokenizer):] = 100.0  # the padding would win an unmasked argmax
+    masked = apply_grammar(logits, state)
+    allowed = (masked > float("-inf")).nonzero().flatten().tolist()
+    assert allowed and max(allowed) < len(tokenizer)
+    assert all(tokenizer.decode([token]).startswith("{") for token in allowed)
+    assert torch.equal(logits[allowed], masked[allowed])
