@@ -18,6 +18,7 @@ from hpcllm.gateway.protocol import UsageInfo, unsupported
 from hpcllm.gateway.responses.protocol import ResponsesRequest, renamed_for_responses
 from hpcllm.gateway.responses.serving import ResponseBuilder
 from hpcllm.gateway.serving import ChoiceResult, Delta
+from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
 
 from .conftest import MODEL, GatewayFactory
 from .test_errors import assert_error
@@ -281,12 +282,21 @@ def test_an_error_mid_stream_is_an_error_event():
     assert [e["type"] for e in events][-2] == "response.output_text.delta"
 
 
-def test_text_format_is_chats_response_format():
-    schema = {"type": "json_schema", "name": "city", "schema": {"type": "object"}, "strict": True}
-    assert _request(text={"format": schema}).to_chat().response_format == {
-        "type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}, "strict": True}}
-    assert _request(text={"format": {"type": "json_object"}}).to_chat().response_format == {"type": "json_object"}
-    assert _request(text={"format": {"type": "text"}}).to_chat().response_format == {"type": "text"}
+def test_text_format_json_schema_constrains_the_answer_whole_and_streamed(gateway):
+    """text.format is chat's response_format (its json_schema fields flat): the answer is JSON valid against the
+    schema, which the tiny model's random weights never write by themselves."""
+    person = {"type": "json_schema", "name": "person", "schema": PERSON_SCHEMA, "strict": True}
+    client = gateway.client()
+    resp = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=64, temperature=0,
+                                   text={"format": person})
+    assert resp.status == "completed" and resp.text.format.type == "json_schema"
+    check_person(resp.output_text)
+    events = list(client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=64, temperature=0,
+                                          text={"format": person}, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == resp.output_text
+    any_object = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=8, temperature=0,
+                                         text={"format": {"type": "json_object"}})
+    assert any_object.output_text.startswith("{")  # an object begun (its random keys do not end in 8 tokens)
 
 
 def test_chats_errors_name_the_responses_field():
