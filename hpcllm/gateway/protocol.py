@@ -11,6 +11,7 @@ Validation is strict: "10" is not accepted where an integer is expected, as Open
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -168,7 +169,6 @@ MAX_STOP_STRINGS = 16
 UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
     "min_tokens": (0, "a minimum number of tokens"),
     "stop_token_ids": ([], "stop token ids"),
-    "guided_json": (None, "guided decoding"),
     "guided_regex": (None, "guided decoding"),
     "guided_choice": (None, "guided decoding"),
     "guided_grammar": (None, "guided decoding"),
@@ -196,6 +196,51 @@ class ResponseFormat(OpenAIRequest):
         if self.type == "json_object":
             return ANY_JSON_OBJECT
         return self.json_schema.schema_ if self.type == "json_schema" else None
+
+
+class StructuredOutputs(OpenAIRequest):
+    """vLLM's `structured_outputs` extension (StructuredOutputsParams): `json` (a schema, or its JSON text) and
+    `json_object` are the constraints response_format gives too; the others are refused (check)."""
+
+    json_: Any = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: Any = None
+    choice: Any = None
+    grammar: Any = None
+    structural_tag: Any = None
+    # vLLM's options: compact JSON is what this server always writes, so disable_any_whitespace changes nothing.
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Any = None
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output is constrained to (None: no constraint); a 400 when `json` is no schema."""
+        if self.json_object:
+            return ANY_JSON_OBJECT
+        if self.json_ is None:
+            return None
+        schema = self.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError:
+                schema = None
+        if not isinstance(schema, dict):
+            raise InvalidRequest("'structured_outputs.json' must be a JSON schema: an object, or its JSON text",
+                                 param="structured_outputs.json", code="invalid_value")
+        return schema
+
+    def check(self) -> None:
+        for name in ("regex", "choice", "grammar", "structural_tag", "whitespace_pattern"):
+            if getattr(self, name) is not None:
+                raise unsupported(f"structured_outputs.{name}",
+                                  f"a {name} constraint (only 'json' and 'json_object' are)")
+        if self.disable_additional_properties:
+            raise unsupported("structured_outputs.disable_additional_properties", "disable_additional_properties")
+        if self.json_ is not None and self.json_object:
+            raise InvalidRequest("structured_outputs takes one constraint: 'json' or 'json_object', not both",
+                                 param="structured_outputs", code="invalid_value")
+        self.output_schema()
 
 
 class SamplingRequest(OpenAIRequest):
@@ -226,10 +271,12 @@ class SamplingRequest(OpenAIRequest):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # Structured outputs: json_object / json_schema constrain the answer (hpcllm.worker.grammar, both engines).
     response_format: ResponseFormat | None = None
+    # vLLM's extension (StructuredOutputs), and its older guided_json: the same constraint as response_format's.
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | None = None
     # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
     min_tokens: Any = None
     stop_token_ids: Any = None
-    guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
@@ -281,19 +328,44 @@ class SamplingRequest(OpenAIRequest):
         self._check_response_format()
 
     def _check_response_format(self) -> None:
-        """A json_schema response format needs its schema, one llguidance compiles (checked here, before any
-        worker is asked: the worker compiles it again against the model's tokenizer)."""
+        """One constraint at most (response_format, structured_outputs or guided_json), and a schema llguidance
+        compiles (checked here, before any worker is asked: the worker compiles it again against the model's
+        tokenizer)."""
+        given = self.constraints_given()
+        if len(given) > 1:
+            raise InvalidRequest(f"'{given[0]}' and '{given[1]}' both constrain the answer; send one of them",
+                                 param=given[1], code="invalid_value")
         response_format = self.response_format
-        if response_format is None or response_format.type != "json_schema":
-            return
-        if response_format.json_schema is None:
-            raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' object",
-                                 param="response_format.json_schema", code="missing_field")
-        try:
-            json_grammar(response_format.output_schema())
-        except InvalidGrammar as exc:
-            raise InvalidRequest(f"invalid JSON schema in 'response_format.json_schema.schema': {exc}",
-                                 param="response_format.json_schema.schema", code="invalid_value") from None
+        if self.structured_outputs is not None:
+            self.structured_outputs.check()
+        if response_format is not None and response_format.type == "json_schema":
+            if response_format.json_schema is None:
+                raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' object",
+                                     param="response_format.json_schema", code="missing_field")
+            check_schema(response_format.output_schema(), "response_format.json_schema.schema")
+        elif given:
+            check_schema(self.output_schema(), "structured_outputs.json" if given == ["structured_outputs"]
+                         else given[0])
+
+    def constraints_given(self) -> list[str]:
+        """The fields that constrain the answer, as the request names them."""
+        given = []
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if self.structured_outputs is not None and (self.structured_outputs.json_ is not None
+                                                    or self.structured_outputs.json_object):
+            given.append("structured_outputs")
+        if self.guided_json is not None:
+            given.append("guided_json")
+        return given
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer is constrained to (None: free text); after check_supported."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return self.response_format.output_schema()
+        if self.structured_outputs is not None:
+            return self.structured_outputs.output_schema()
+        return self.guided_json
 
     @property
     def include_usage(self) -> bool:
@@ -320,8 +392,16 @@ class SamplingRequest(OpenAIRequest):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_p=self.min_p or 0.0, logit_bias=self.logit_bias or {},
-            json_schema=self.response_format.output_schema() if self.response_format else None,
+            json_schema=self.output_schema(),
         )
+
+
+def check_schema(schema: dict[str, Any], param: str) -> None:
+    """A 400 naming `param` when llguidance cannot compile the schema."""
+    try:
+        json_grammar(schema)
+    except InvalidGrammar as exc:
+        raise InvalidRequest(f"invalid JSON schema in '{param}': {exc}", param=param, code="invalid_value") from None
 
 
 @dataclass(frozen=True)

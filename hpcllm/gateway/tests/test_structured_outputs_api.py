@@ -1,6 +1,7 @@
 """response_format (OpenAI's structured outputs) through the gateway, with the official openai client: json_schema
 and json_object answers parse (the tiny model's random weights write no JSON by themselves), on chat and on
-completions (vLLM's extension), and schemas llguidance cannot compile are a 400 naming the field."""
+completions (vLLM's extension), and schemas llguidance cannot compile are a 400 naming the field; vLLM's
+structured_outputs (json, json_object) and older guided_json constrain the answer the same way."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
 
 from .conftest import MODEL
+from .test_errors import assert_error
 
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
 MESSAGES = [{"role": "user", "content": "who are you?"}]
@@ -63,3 +65,48 @@ def test_bad_response_formats_are_refused_naming_the_field(gateway):
     assert body["param"] == "response_format.json_schema.schema" and "nowhere" in body["message"]
     assert refused({"type": "json_schema"}, openai.BadRequestError)["param"] == "response_format.json_schema"
     assert refused({"type": "yaml"}, openai.UnprocessableEntityError)["param"] == "response_format.type"
+
+
+@pytest.mark.parametrize("constraint", [
+    {"structured_outputs": {"json": PERSON_SCHEMA}},
+    {"structured_outputs": {"json": json.dumps(PERSON_SCHEMA), "disable_any_whitespace": True}},  # vLLM takes both
+    {"guided_json": PERSON_SCHEMA},
+], ids=["structured_outputs", "as-json-text", "guided_json"])
+def test_vllms_structured_outputs_json_on_chat_and_completions(gateway, constraint):
+    client = gateway.client()
+    answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, seed=2,
+                                            extra_body=constraint)
+    assert answer.choices[0].finish_reason == "stop"
+    check_person(answer.choices[0].message.content)
+    completion = client.completions.create(model=MODEL, prompt="hello", max_tokens=64, temperature=0,
+                                           extra_body=constraint)
+    assert completion.choices[0].finish_reason == "stop"
+    check_person(completion.choices[0].text)
+
+
+def test_structured_outputs_json_object(gateway, hf_pair):
+    closers = {str(hf_pair[1].convert_tokens_to_ids(t)): 10 for t in ('"', "}")}
+    answer = gateway.client().completions.create(model=MODEL, prompt="hello", max_tokens=64, temperature=0,
+                                                 logit_bias=closers,
+                                                 extra_body={"structured_outputs": {"json_object": True}})
+    assert isinstance(json.loads(answer.choices[0].text), dict)
+
+
+@pytest.mark.parametrize("body, status, code, param", [
+    ({"structured_outputs": {"regex": "[a-z]+"}}, 400, "unsupported_parameter", "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, 400, "unsupported_parameter", "structured_outputs.choice"),
+    ({"structured_outputs": {"grammar": "root ::= 'a'"}}, 400, "unsupported_parameter",
+     "structured_outputs.grammar"),
+    ({"structured_outputs": {"json": "{not json"}}, 400, "invalid_value", "structured_outputs.json"),
+    ({"structured_outputs": {"json": {"type": "objekt"}}}, 400, "invalid_value", "structured_outputs.json"),
+    ({"structured_outputs": {"json": {"type": "object"}, "json_object": True}}, 400, "invalid_value",
+     "structured_outputs"),
+    ({"structured_outputs": {"json": {"type": "object"}}, "response_format": {"type": "json_object"}}, 400,
+     "invalid_value", "structured_outputs"),
+    ({"guided_json": {"type": "objekt"}}, 400, "invalid_value", "guided_json"),
+    ({"guided_regex": "[a-z]+"}, 400, "unsupported_parameter", "guided_regex"),
+])
+def test_structured_outputs_that_cannot_be_done_are_refused_naming_the_field(gateway, body, status, code, param):
+    for path, request in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hi"})):
+        assert_error(gateway.post(path, json={"model": MODEL, "max_tokens": 4, **request, **body}), status, code,
+                     param)
