@@ -10,7 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import (OpenAIRequest, OpenAIResponse, PromptLogprobs, SamplingRequest, UsageInfo,
-                                     unsupported)
+                                     check_schema, unsupported)
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 # OpenAI's rule for function names.
@@ -21,7 +21,8 @@ class FunctionDefinition(OpenAIRequest):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema; handed to the chat template as it is
-    # Accepted (the openai Agents SDK sends true by default) but not enforced: no constrained decoding here.
+    # Accepted either way (the openai Agents SDK sends true by default): a forced call (tool_choice "required" or
+    # this function) always follows the schema, an "auto" one is read out of free text (vLLM's rule too).
     strict: bool | None = None
 
     @field_validator("name")
@@ -140,7 +141,8 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ToolDefinition] | None = None
-    # "auto" (the default with tools), "none", or what is refused: "required", {"type": "function", ...}
+    # "auto" (the default with tools), "none", or a forced call: "required" or {"type": "function", ...} (the answer
+    # constrained to calls by a JSON schema: forced_calls_schema)
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None  # false: only the first call is returned (as vLLM)
     functions: list[Any] | None = None  # the deprecated forms of tools and tool_choice: refused
@@ -171,15 +173,77 @@ class ChatCompletionRequest(SamplingRequest):
         if self.functions or self.function_call is not None:
             raise unsupported("functions" if self.functions else "function_call",
                               "the deprecated 'functions' / 'function_call' (send 'tools' and 'tool_choice')")
-        if self.tool_choice == "required" or _is_named_function(self.tool_choice):
-            forced = json.dumps(self.tool_choice)[:100]
-            raise unsupported("tool_choice", f"tool_choice {forced} (forcing a call needs constrained decoding; "
-                                             f"'auto' and 'none' are supported)")
+        self._check_forced_calls()
+
+    def _check_forced_calls(self) -> None:
+        """A forced call names a function in tools, constrains the answer alone, and its schema compiles."""
+        if self.forced_function is None and self.tool_choice != "required":
+            return
+        if not self.tools:
+            raise InvalidRequest(f"tool_choice {json.dumps(self.tool_choice)[:100]} needs the functions in 'tools'",
+                                 param="tool_choice", code="invalid_value")
+        if self.forced_function is not None and self.forced_function not in self._parameters_by_name():
+            raise InvalidRequest(f"tool_choice names function {self.forced_function[:64]!r}, which is not in "
+                                 f"'tools'", param="tool_choice", code="invalid_value")
+        given = self.constraints_given()
+        if given:
+            raise InvalidRequest(f"'{given[0]}' cannot be combined with tool_choice "
+                                 f"{json.dumps(self.tool_choice)[:100]}: a forced call's answer is the call's JSON; "
+                                 f"send one of them", param=given[0], code="invalid_value")
+        check_schema(self.forced_calls_schema(), "tools")
+
+    @property
+    def forced_function(self) -> str | None:
+        """The function tool_choice names (None: "auto", "none" or "required")."""
+        return self.tool_choice["function"]["name"] if _is_named_function(self.tool_choice) else None
+
+    def _parameters_by_name(self) -> dict[str, dict[str, Any]]:
+        """Each function's parameters schema; one without any takes any object (vLLM's
+        _params_or_empty_object)."""
+        return {tool.function.name: tool.function.parameters or {"type": "object", "properties": {}}
+                for tool in self.tools or []}
+
+    def forced_calls_schema(self) -> dict[str, Any]:
+        """The answer's JSON schema for a forced call (vLLM's get_json_schema_from_tools): the named function's
+        parameters; for "required", a list of one or more {"name": <a function>, "parameters": <its parameters>}
+        (one at most when parallel_tool_calls is false), each function's $defs moved to the top so that their
+        "#/$defs/..." references still resolve. Unlike vLLM's, a call object holds no other keys: they would mean
+        nothing, and a model could pad the answer with them until max_tokens."""
+        parameters = self._parameters_by_name()
+        if self.forced_function is not None:
+            return parameters[self.forced_function]
+        defs: dict[str, Any] = {}
+        calls = []
+        for i, (name, schema) in enumerate(parameters.items()):
+            schema = dict(schema)
+            own_defs = schema.pop("$defs", {})
+            if not isinstance(own_defs, dict):
+                raise InvalidRequest(f"'$defs' in the parameters of function {name!r} must be an object",
+                                     param=f"tools[{i}].function.parameters", code="invalid_value")
+            for def_name, definition in own_defs.items():
+                if defs.setdefault(def_name, definition) != definition:
+                    raise InvalidRequest(f"tools define '$defs/{def_name}' twice, differently; with tool_choice "
+                                         f"'required' their definitions must agree", param=f"tools[{i}]",
+                                         code="invalid_value")
+            calls.append({"properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                          "required": ["name", "parameters"], "additionalProperties": False})
+        schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": calls}}
+        if self.parallel_tool_calls is False:
+            schema["maxItems"] = 1
+        if defs:
+            schema["$defs"] = defs
+        return schema
+
+    def output_schema(self) -> dict[str, Any] | None:
+        if self.forced_function is not None or (self.tool_choice == "required" and self.tools):
+            return self.forced_calls_schema()
+        return super().output_schema()
 
     @property
     def parses_tool_calls(self) -> bool:
-        """Tool calls are read out of the answer: tools given and tool_choice "auto" (its default with tools)."""
-        return bool(self.tools) and self.tool_choice != "none"
+        """Tool calls are read out of the answer in the model's own format: tools given and tool_choice "auto" (its
+        default with tools)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as chat templates expect them (OpenAI's shape, fields not given left out)."""

@@ -10,8 +10,10 @@ from flask import Response
 from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                           ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob,
                                           ChatTopLogprob, DeltaMessage, DeltaToolCall, FunctionCallOut, ToolCallOut)
-from hpcllm.gateway.chat.tool_calls import ParsedOutput, ToolCallParser, ToolCallStream, new_tool_call_id
+from hpcllm.gateway.chat.tool_calls import (NamedCall, ParsedOutput, RequiredCalls, ToolCallParser, ToolCallStream,
+                                            new_tool_call_id)
 from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Delta, Generation, RequestContext, collect,
                                     context_length_error, new_response_id, sse, stream_error_event,
                                     vllm_prompt_logprobs)
@@ -46,7 +48,7 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     encoder = gw.tokenizers.get(card)
     encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
     prompt = encoder.render_chat(messages, req.template_tools())
-    parser = encoder.tool_call_parser() if req.parses_tool_calls else None
+    parser = _parser(req, encoder) if req.tools else None
     max_tokens = req.requested_max_tokens
     context_length_error(card, len(prompt), max_tokens, "messages")
     if max_tokens is None and card.max_model_len is not None:
@@ -59,13 +61,26 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     return generation, parser
 
 
+def _parser(req: ChatCompletionRequest, encoder: PromptEncoder) -> ToolCallParser | None:
+    """What reads the calls out of the answer: a forced call's own JSON, else the model's format (None: "none")."""
+    if req.forced_function is not None:
+        return NamedCall(req.forced_function)
+    if req.tool_choice == "required":
+        return RequiredCalls()
+    return encoder.tool_call_parser() if req.parses_tool_calls else None
+
+
 def chat_choice(result: ChoiceResult, parser: ToolCallParser | None, req: ChatCompletionRequest) -> ChatChoice:
     """A whole choice's answer: its text, or (parsing tool calls) the text outside the calls and the calls."""
     logprobs = _logprobs([lp for lp, _ in result.logprobs]) if req.logprobs else None
     parsed = parser.parse(result.text) if parser is not None else ParsedOutput(result.text)
     calls = _tool_calls(parsed, req)
     return ChatChoice(index=result.index, message=AssistantMessage(content=parsed.content, tool_calls=calls),
-                      finish_reason="tool_calls" if calls else result.finish_reason, logprobs=logprobs)
+                      finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs)
+
+
+def _finish_reason(calls: list[ToolCallOut], parser: ToolCallParser | None, finish_reason: str) -> str:
+    return (parser.finish_reason or finish_reason) if calls else finish_reason
 
 
 def _tool_calls(parsed: ParsedOutput, req: ChatCompletionRequest) -> list[ToolCallOut]:
@@ -91,6 +106,7 @@ class ChatChoiceStream:
                 yield ChatStreamChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)
             return
         calls: list[ToolCallOut] = []
+        parser = self.text.parser if self.text is not None else None
         if self.text is not None:
             rest = self.text.finish()
             content += rest.content or ""
@@ -101,7 +117,7 @@ class ChatChoiceStream:
             yield ChatStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
                 DeltaToolCall(index=i, **call.model_dump())]))
         yield ChatStreamChoice(index=index, delta=DeltaMessage(),
-                               finish_reason="tool_calls" if calls else delta.finish_reason)
+                               finish_reason=_finish_reason(calls, parser, delta.finish_reason))
 
 
 def _token_logprob(token: str, logprob: float) -> dict:

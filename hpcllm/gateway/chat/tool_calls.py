@@ -9,6 +9,11 @@ The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen he
                reads it so, and streamed and whole answers must agree (vLLM's non-streaming one looks anywhere).
 Output that starts a call but does not parse (bad JSON, no name) is returned as plain content, as vLLM does.
 
+A forced call (tool_choice a named function, or "required") is no format of the model's: the answer was constrained
+to JSON by the request's schema (ChatCompletionRequest.forced_calls_schema), read here as vLLM's serving_chat reads
+it: NamedCall takes the whole answer for the function's arguments, RequiredCalls a JSON list of {"name",
+"parameters"} objects.
+
 Streaming (ToolCallStream): text is sent as it comes until a call could be starting; only the tail that may still
 become a call's start marker (and the whitespace before it, which a call's answer leaves out) is held back. Once a
 call has started, the rest is held to the end and parsed whole, so a streamed answer is always the non-streamed one.
@@ -61,6 +66,9 @@ def _partial_suffix(text: str, marker: str) -> int:
 
 class ToolCallParser(ABC):
     name = ""
+    # An answer with calls ends with this finish_reason (None: the generation's own, as OpenAI and vLLM end a named
+    # function's call with "stop").
+    finish_reason: str | None = "tool_calls"
 
     @abstractmethod
     def parse(self, text: str) -> ParsedOutput:
@@ -142,6 +150,43 @@ def _skip(text: str, at: int, chars: str) -> int:
     while at < len(text) and text[at] in chars:
         at += 1
     return at
+
+
+class NamedCall(ToolCallParser):
+    """tool_choice {"type": "function", "function": {"name": ...}}: the answer is that function's arguments (cut
+    short when the answer hit max_tokens: finish_reason "length" says so, as vLLM returns it)."""
+
+    name = "named"
+    finish_reason = None
+
+    def __init__(self, function: str):
+        self.function = function
+
+    def parse(self, text: str) -> ParsedOutput:
+        return ParsedOutput(None, (ParsedCall(self.function, text),))
+
+    def sendable(self, text: str, sent: int) -> int | None:
+        return None  # all of it is the call
+
+
+class RequiredCalls(ToolCallParser):
+    """tool_choice "required": the answer is a JSON list of {"name": ..., "parameters": {...}}; one cut short (at
+    max_tokens) is no list: it is returned as content, with finish_reason "length"."""
+
+    name = "required"
+
+    def parse(self, text: str) -> ParsedOutput:
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return ParsedOutput(text)
+        calls = [_call_of(item, ("parameters",)) for item in items] if isinstance(items, list) else [None]
+        if not calls or None in calls:
+            return ParsedOutput(text)
+        return ParsedOutput(None, tuple(calls))
+
+    def sendable(self, text: str, sent: int) -> int | None:
+        return None
 
 
 PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesParser(), Llama3JsonParser())}

@@ -132,7 +132,7 @@ class ResponsesRequest(OpenAIRequest):
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     stream: bool | None = False
     tools: list[FunctionTool] | None = None
-    # "auto" (the default), "none"; "required" and a named function are refused as chat refuses them
+    # "auto" (the default), "none", "required" or a named function {"type": "function", "name": ...} (chat's)
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None

@@ -25,6 +25,7 @@ from .test_errors import assert_error
 from .test_openai_api import chat_prompt_ids, hf_greedy
 # gw: a gateway serving TOOLS_MODEL too, whose chat template renders tools (and the fixtures it needs)
 from .test_tool_calling_api import ROUND, TOOLS_MODEL, WEATHER_TOOL, gw, prompt_tokens, tools_model_dir  # noqa: F401
+from .test_tool_calling_api import ASK, PAINT_TOOL, TRIP_TOOL, check_arguments
 from .test_tool_calling_api import tools_tokenizer  # noqa: F401
 from .test_tool_calls import QWEN_TWO_CALLS, _token_deltas
 
@@ -205,6 +206,24 @@ def test_a_tool_round_with_the_openai_client(calling_gateway):
                                                                                  call.arguments)
 
 
+@pytest.mark.parametrize("tool_choice, name", [("required", None), ({"type": "function", "name": "paint"}, "paint")])
+def test_a_forced_tool_choice_answers_with_function_call_items(gw, tool_choice, name):  # noqa: F811
+    """tool_choice "required" or a named function: chat's forced calls (test_tool_calling_api), whole and streamed."""
+    tools = [{"type": "function", **tool["function"]} for tool in (TRIP_TOOL, PAINT_TOOL)]
+    args = dict(model=TOOLS_MODEL, input=ASK, tools=tools, tool_choice=tool_choice, temperature=0)  # no seed here
+    client = gw.client()
+    whole = client.responses.create(**args)
+    assert whole.status == "completed" and whole.output
+    for item in whole.output:
+        assert item.type == "function_call" and item.name == (name or item.name)
+        check_arguments(item.name, item.arguments)
+    with client.responses.stream(**args) as stream:
+        streamed = stream.get_final_response()
+    assert [item.type for item in streamed.output] == ["function_call"] * len(streamed.output)
+    for item in streamed.output:
+        check_arguments(item.name, item.arguments)
+
+
 def _request(**fields) -> ResponsesRequest:
     return ResponsesRequest.model_validate({"model": "m", "input": "weather and time in Paris?",
                                             "tools": [FUNCTION_TOOL, {**FUNCTION_TOOL, "name": "get_time"}],
@@ -317,7 +336,10 @@ def test_chats_errors_name_the_responses_field():
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "unsupported_parameter", "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, 400,
      "unsupported_parameter", "input[0].content[0].type"),
-    ({"tools": [FUNCTION_TOOL], "tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
+    ({"tools": [FUNCTION_TOOL], "tool_choice": {"type": "function", "name": "get_time"}}, 400, "invalid_value",
+     "tool_choice"),
+    ({"tools": [FUNCTION_TOOL], "tool_choice": "required", "text": {"format": {"type": "json_object"}}}, 400,
+     "invalid_value", "text.format"),
     ({"tools": [{"type": "function", "description": "no name"}]}, 422, "invalid_value", "tools[0]"),
     ({"tools": [{"type": "function", "name": "get weather"}]}, 422, "invalid_value", "tools[0]"),
     ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "city=Paris"}]}, 422,

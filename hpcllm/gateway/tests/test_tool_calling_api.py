@@ -1,6 +1,8 @@
 """Tools on /v1/chat/completions through a real gateway and worker: request validation, tools reaching the prompt
 of a model whose chat template renders them (a tiny Llama with the devmodels' hermes-tools template), the answer's
-shape. The tiny model writes random text, never a call: reading calls is tested in test_tool_calls.py."""
+shape. The tiny model writes random text, never a call by itself: reading calls is tested in test_tool_calls.py; a forced
+call (tool_choice "required" or a named function) is one whatever the weights, its JSON constrained by the tools'
+schemas."""
 
 from __future__ import annotations
 
@@ -74,9 +76,15 @@ def prompt_tokens(tokenizer, messages, tools=None) -> tuple[str, int]:
      "tools[0].function.parameters"),
     ({"tools": [WEATHER_TOOL, WEATHER_TOOL]}, 422, "invalid_value", "tools"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, 422, "invalid_value", "tool_choice"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, 400, "unsupported_parameter", "tool_choice"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, 400,
-     "unsupported_parameter", "tool_choice"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400,
+     "invalid_value", "tool_choice"),
+    ({"tool_choice": "required"}, 400, "invalid_value", "tool_choice"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, 400,
+     "invalid_value", "response_format"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+      "structured_outputs": {"json": {"type": "object"}}}, 400, "invalid_value", "structured_outputs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+      "tool_choice": "required"}, 400, "invalid_value", "tools"),
     ({"functions": [WEATHER_TOOL["function"]]}, 400, "unsupported_parameter", "functions"),
     ({"messages": ROUND[:2] + [{"role": "tool", "content": "sunny"}]}, 422, "invalid_value", "messages[2]"),
     ({"messages": [{**ROUND[1], "role": "user", "content": "hi"}]}, 422, "invalid_value", "messages[0]"),
@@ -133,3 +141,83 @@ def test_openai_client_with_tools_streamed_and_not(gw):
     assert streamed == message.content  # greedy: the same answer, held back only where a call could start
     assert [c.choices[0].finish_reason for c in chunks][-1] == whole.choices[0].finish_reason
     assert not any(c.choices[0].delta.tool_calls for c in chunks)
+
+
+# Forced calls: functions whose schemas bound their arguments (the random weights would otherwise write a string to
+# max_tokens), small enough for the tiny model's 512 tokens with the template's tool instructions (the answer gets
+# what the context has left).
+TRIP_SCHEMA = {"type": "object", "properties": {"days": {"enum": [1, 2, 3]}}, "required": ["days"],
+               "additionalProperties": False}
+PAINT_SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"],
+                "additionalProperties": False}
+TRIP_TOOL = {"type": "function", "function": {"name": "trip", "parameters": TRIP_SCHEMA}}
+PAINT_TOOL = {"type": "function", "function": {"name": "paint", "parameters": PAINT_SCHEMA}}
+ALLOWED_ARGUMENTS = {"trip": [{"days": 1}, {"days": 2}, {"days": 3}], "paint": [{"color": "red"}, {"color": "green"}]}
+
+
+def check_arguments(name: str, arguments: str) -> None:
+    """The call's arguments valid against its function's schema (jsonschema is not a dependency)."""
+    assert json.loads(arguments) in ALLOWED_ARGUMENTS[name], (name, arguments)
+
+
+SAMPLINGS = pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3)],
+                                    ids=["greedy", "seeded"])
+
+
+def _forced(gw, tool_choice, sampling, tools=(TRIP_TOOL, PAINT_TOOL), **extra):
+    """The whole answer's choice and the streamed one's chunks' choices."""
+    args = dict(model=TOOLS_MODEL, messages=ASK, tools=list(tools), tool_choice=tool_choice, **sampling, **extra)
+    client = gw.client(USER_KEY)
+    whole = client.chat.completions.create(**args).choices[0]
+    streamed = [c.choices[0] for c in client.chat.completions.create(**args, stream=True) if c.choices]
+    return whole, streamed
+
+
+def _streamed_calls(streamed) -> list[tuple[int, str, str]]:
+    """The calls of a streamed answer (one chunk each, as the non-streamed answer's), which has no text."""
+    assert not "".join(choice.delta.content or "" for choice in streamed)
+    for call in (call for choice in streamed for call in choice.delta.tool_calls or []):
+        assert call.id.startswith("call_") and call.type == "function"
+    return [(call.index, call.function.name, call.function.arguments)
+            for choice in streamed for call in choice.delta.tool_calls or []]
+
+
+@SAMPLINGS
+def test_a_named_function_is_called_with_arguments_its_schema_allows(gw, sampling):
+    choice = {"type": "function", "function": {"name": "trip"}}
+    whole, streamed = _forced(gw, choice, sampling)
+    assert whole.finish_reason == "stop"  # as OpenAI and vLLM end a named function's call
+    assert whole.message.content is None
+    call, = whole.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "trip"
+    check_arguments("trip", call.function.arguments)
+    assert _streamed_calls(streamed) == [(0, "trip", call.function.arguments)]
+    assert streamed[-1].finish_reason == "stop"
+
+
+@SAMPLINGS
+def test_required_answers_with_calls_of_the_given_functions(gw, sampling):
+    whole, streamed = _forced(gw, "required", sampling)
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None, whole.message
+    calls = whole.message.tool_calls
+    assert calls
+    for call in calls:
+        check_arguments(call.function.name, call.function.arguments)
+    assert _streamed_calls(streamed) == [(i, c.function.name, c.function.arguments) for i, c in enumerate(calls)]
+    assert streamed[-1].finish_reason == "tool_calls"
+
+
+def test_required_without_parallel_calls_is_one_call(gw):
+    whole, streamed = _forced(gw, "required", dict(temperature=1.0, seed=5), parallel_tool_calls=False)
+    call, = whole.message.tool_calls
+    assert whole.finish_reason == "tool_calls"
+    check_arguments(call.function.name, call.function.arguments)
+    assert len(_streamed_calls(streamed)) == 1
+
+
+def test_a_function_without_parameters_is_called_with_an_object(gw):
+    tool = {"type": "function", "function": {"name": "ping"}}
+    whole, _ = _forced(gw, {"type": "function", "function": {"name": "ping"}}, dict(temperature=0), tools=[tool],
+                       logit_bias={"96": 10})  # "}" (the tiny tokenizer's): closes the object soon
+    call, = whole.message.tool_calls
+    assert call.function.name == "ping" and isinstance(json.loads(call.function.arguments), dict)

@@ -14,7 +14,8 @@ from hpcllm.devmodels import make_tokenizer
 from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE
 from hpcllm.gateway.chat.protocol import ChatCompletionRequest
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice
-from hpcllm.gateway.chat.tool_calls import PARSERS, ParsedCall, ToolCallStream, parser_for_template
+from hpcllm.gateway.chat.tool_calls import (PARSERS, NamedCall, ParsedCall, RequiredCalls, ToolCallStream,
+                                            parser_for_template)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.serving import ChoiceResult, Delta
 
@@ -154,8 +155,8 @@ def _token_deltas(text: str, finish_reason: str) -> list[Delta]:
     return [Delta(0, piece) for piece in pieces] + [Delta(0, "", finish_reason)]
 
 
-def _streamed_message(req: ChatCompletionRequest, deltas: list[Delta]) -> dict:
-    stream = ChatChoiceStream(HERMES if req.parses_tool_calls else None, req)
+def _streamed_message(req: ChatCompletionRequest, deltas: list[Delta], parser=None) -> dict:
+    stream = ChatChoiceStream(parser or (HERMES if req.parses_tool_calls else None), req)
     chunks = [choice.model_dump(exclude_none=True) for delta in deltas[:-1] for choice in stream.choices(delta)]
     before_the_end = "".join(c["delta"]["content"] for c in chunks)
     chunks += [choice.model_dump(exclude_none=True) for choice in stream.choices(deltas[-1])]
@@ -215,6 +216,57 @@ def test_answers_without_calls_are_plain_content(fields, text):
     assert choice["message"]["content"] == text and choice["message"]["tool_calls"] == []
     streamed = _streamed_message(req, _token_deltas(text, "length"))
     assert (streamed["content"], streamed["tool_calls"], streamed["finish_reason"]) == (text, [], "length")
+
+
+# tool_choice "required": the answer constrained to a list of {"name", "parameters"} (as ChatCompletionRequest's
+# forced_calls_schema writes it).
+REQUIRED_TWO_CALLS = ('[{"name":"get_weather","parameters":{"city":"Paris","unit":"celsius"}},'
+                      '{"name":"get_time","parameters":{"timezone":"Europe/Paris"}}]')
+
+
+@pytest.mark.parametrize("tool_choice, parser, text, finish_reason, calls", [
+    ("required", RequiredCalls(), REQUIRED_TWO_CALLS, "tool_calls",
+     [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+      {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]),
+    # a named function's answer is its arguments; its finish_reason stays "stop" (OpenAI's and vLLM's)
+    ({"type": "function", "function": {"name": "get_time"}}, NamedCall("get_time"), '{"timezone":"UTC"}', "stop",
+     [{"name": "get_time", "arguments": {"timezone": "UTC"}}]),
+])
+def test_a_forced_answer_is_its_calls_streamed_or_not(tool_choice, parser, text, finish_reason, calls):
+    req = _request(tool_choice=tool_choice)
+    choice = chat_choice(ChoiceResult(0, text, "stop"), parser, req).model_dump()
+    assert choice["finish_reason"] == finish_reason and choice["message"]["content"] is None
+    assert _without_ids(choice["message"]["tool_calls"]) == calls
+    streamed = _streamed_message(req, _token_deltas(text, "stop"), parser)
+    assert (streamed["content"], streamed["finish_reason"]) == (None, finish_reason)
+    assert _without_ids(streamed["tool_calls"]) == calls
+
+
+def test_a_forced_answer_cut_by_max_tokens_ends_with_length():
+    cut = REQUIRED_TWO_CALLS[:40]
+    choice = chat_choice(ChoiceResult(0, cut, "length"), RequiredCalls(), _request(tool_choice="required"))
+    assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == ("length", cut, [])
+    named = _request(tool_choice={"type": "function", "function": {"name": "get_time"}})
+    choice = chat_choice(ChoiceResult(0, '{"timezone":"Eur', "length"), NamedCall("get_time"), named)
+    assert choice.finish_reason == "length"  # as vLLM: the call's arguments as far as they came
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("get_time", '{"timezone":"Eur')]
+
+
+DEFS_TOOL = {"type": "function", "function": {"name": "move", "parameters": {
+    "type": "object", "properties": {"to": {"$ref": "#/$defs/place"}}, "$defs": {"place": {"enum": ["a", "b"]}}}}}
+
+
+def test_required_with_functions_that_use_defs():
+    req = _request(tools=[*TOOLS, DEFS_TOOL], tool_choice="required")
+    req.check_supported()  # the $defs moved to the top of the list's schema: its $ref still resolves
+    assert req.forced_calls_schema()["$defs"] == {"place": {"enum": ["a", "b"]}}
+    assert "$defs" in DEFS_TOOL["function"]["parameters"]  # the request's tools are left as they were
+    other = {"type": "function", "function": {"name": "jump", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/place"}}, "$defs": {"place": {"enum": ["c"]}}}}}
+    with pytest.raises(InvalidRequest) as caught:
+        _request(tools=[DEFS_TOOL, other], tool_choice="required").check_supported()
+    assert caught.value.param == "tools[1]" and "place" in caught.value.message
 
 
 def test_messages_reach_the_template_as_templates_read_them():
