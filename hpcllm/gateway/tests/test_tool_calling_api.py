@@ -1,8 +1,8 @@
 """Tools on /v1/chat/completions through a real gateway and worker: request validation, tools reaching the prompt
 of a model whose chat template renders them (a tiny Llama with the devmodels' hermes-tools template), the answer's
-shape. The tiny model writes random text, never a call by itself: reading calls is tested in test_tool_calls.py; a forced
-call (tool_choice "required" or a named function) is one whatever the weights, its JSON constrained by the tools'
-schemas."""
+shape. The tiny model writes random text, never a call by itself: reading calls is tested in test_tool_calls.py; a
+forced call (tool_choice "required" or a named function) is one whatever the weights, its JSON constrained by the
+tools' schemas."""
 
 from __future__ import annotations
 
