@@ -285,8 +285,19 @@ class ToolCallOut(OpenAIResponse):
     function: FunctionCallOut
 
 
-class DeltaToolCall(ToolCallOut):
+class DeltaFunctionCall(OpenAIResponse):
+    name: str | None = None  # in the call's first chunk
+    arguments: str
+
+
+class DeltaToolCall(OpenAIResponse):
+    """A streamed call: whole in one chunk, or (a named function's, as vLLM streams it) its arguments in pieces as
+    they are generated, the first chunk with its id, type and name."""
+
     index: int  # the call's place among the choice's calls
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 FinishReason = Literal["stop", "length", "tool_calls"]

@@ -9,7 +9,8 @@ from flask import Response
 
 from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                           ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob,
-                                          ChatTopLogprob, DeltaMessage, DeltaToolCall, FunctionCallOut, ToolCallOut)
+                                          ChatTopLogprob, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
+                                          FunctionCallOut, ToolCallOut)
 from hpcllm.gateway.chat.tool_calls import (NamedCall, ParsedOutput, RequiredCalls, ToolCallParser, ToolCallStream,
                                             new_tool_call_id)
 from hpcllm.gateway.runtime import Gateway
@@ -91,15 +92,21 @@ def _tool_calls(parsed: ParsedOutput, req: ChatCompletionRequest) -> list[ToolCa
 
 class ChatChoiceStream:
     """One streamed choice's chunks: its text as it comes; parsing tool calls, the text that may begin a call held
-    back, and the calls sent at the end, one chunk each (ToolCallStream)."""
+    back, and the calls sent at the end, one chunk each (ToolCallStream); a named function's call (tool_choice)
+    streamed as it is generated."""
 
     def __init__(self, parser: ToolCallParser | None, req: ChatCompletionRequest):
         self.req = req
         self.text = ToolCallStream(parser) if parser is not None else None
+        self.named = parser if isinstance(parser, NamedCall) else None
+        self.call_id: str | None = None  # the named call's, once its first chunk is sent
 
     def choices(self, delta: Delta) -> Iterator[ChatStreamChoice]:
         index = delta.index
         logprobs = _logprobs([delta.logprobs]) if self.req.logprobs and delta.logprobs is not None else None
+        if self.named is not None:
+            yield from self._named_call(delta, logprobs)
+            return
         content = delta.text if self.text is None else self.text.feed(delta.text)
         if not delta.finish_reason:
             if content or logprobs is not None or self.text is None:
@@ -118,6 +125,20 @@ class ChatChoiceStream:
                 DeltaToolCall(index=i, **call.model_dump())]))
         yield ChatStreamChoice(index=index, delta=DeltaMessage(),
                                finish_reason=_finish_reason(calls, parser, delta.finish_reason))
+
+    def _named_call(self, delta: Delta, logprobs: ChatLogprobs | None) -> Iterator[ChatStreamChoice]:
+        """The answer is the call's arguments: each piece sent as it comes (vLLM's way), the first with the call's id,
+        type and name (also for an empty answer, as the whole one has its call)."""
+        if delta.text or logprobs is not None or (delta.finish_reason and self.call_id is None):
+            if self.call_id is None:
+                self.call_id = new_tool_call_id()
+                call = DeltaToolCall(index=0, id=self.call_id, type="function",
+                                     function=DeltaFunctionCall(name=self.named.function, arguments=delta.text))
+            else:
+                call = DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=delta.text))
+            yield ChatStreamChoice(index=delta.index, delta=DeltaMessage(tool_calls=[call]), logprobs=logprobs)
+        if delta.finish_reason:
+            yield ChatStreamChoice(index=delta.index, delta=DeltaMessage(), finish_reason=delta.finish_reason)
 
 
 def _token_logprob(token: str, logprob: float) -> dict:

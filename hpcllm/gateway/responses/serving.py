@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Response
 
-from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, ToolCallOut
+from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaToolCall
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, start_chat
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import UsageInfo
@@ -54,13 +54,14 @@ def status_of(finish_reason: str) -> str:
 class ResponseBuilder:
     """One response's `response` objects: whole (from chat's choice) or streamed as OpenAI's `event:` + `data:`
     events, numbered (sequence_number), from chat's streamed choice (ChatChoiceStream: text as it comes, tool
-    calls at the end)."""
+    calls at the end, a named function's call as it comes)."""
 
     def __init__(self, req: ResponsesRequest, response_id: str, created: int):
         self.req, self.response_id, self.created = req, response_id, created
         self.sequence_number = 0
         self.output: list[OutputMessage | FunctionCallItem] = []
         self.message: OutputMessage | None = None  # the message item being streamed
+        self.call: FunctionCallItem | None = None  # the function_call item being streamed
 
     def response(self, status: str, usage: UsageInfo | None = None) -> dict[str, Any]:
         incomplete = IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
@@ -105,9 +106,10 @@ class ResponseBuilder:
         if chunk.finish_reason is None:
             return
         status = status_of(chunk.finish_reason)
-        if not self.output and self.message is None:  # an empty answer is still a message, as answered whole
+        if not self.output and self.message is None and self.call is None:  # an empty answer is still a message
             yield from self._open_message()
         yield from self._close_message(status)
+        yield from self._close_call()
         yield self._event(f"response.{status}", response=self.response(status, usage()))
 
     def _where(self) -> dict[str, Any]:
@@ -138,13 +140,26 @@ class ResponseBuilder:
         self.output.append(self.message)
         self.message = None
 
-    def _function_call(self, call: ToolCallOut) -> Iterator[bytes]:
-        yield from self._close_message("completed")  # the text before the calls is whole
-        item = FunctionCallItem.of(new_item_id("fc"), call)
+    def _function_call(self, call: DeltaToolCall) -> Iterator[bytes]:
+        """A call's chunk: a new call (it has an id: whole, or a named function's first piece) or more of the
+        arguments of the one streamed."""
+        if call.id is not None:
+            yield from self._close_message("completed")  # the text before the calls is whole
+            yield from self._close_call()
+            self.call = FunctionCallItem(id=new_item_id("fc"), call_id=call.id, name=call.function.name,
+                                         arguments="", status="in_progress")
+            yield self._event("response.output_item.added", output_index=len(self.output),
+                              item=self.call.model_dump())
+        self.call.arguments += call.function.arguments
+        yield self._event("response.function_call_arguments.delta", item_id=self.call.id,
+                          output_index=len(self.output), delta=call.function.arguments)
+
+    def _close_call(self) -> Iterator[bytes]:
+        if self.call is None:
+            return
+        item, self.call = self.call, None
+        item.status = "completed"
         where = {"item_id": item.id, "output_index": len(self.output)}
-        yield self._event("response.output_item.added", output_index=len(self.output),
-                          item={**item.model_dump(), "arguments": "", "status": "in_progress"})
-        yield self._event("response.function_call_arguments.delta", **where, delta=item.arguments)
         yield self._event("response.function_call_arguments.done", **where, arguments=item.arguments,
                           name=item.name)
         yield self._event("response.output_item.done", output_index=len(self.output), item=item.model_dump())

@@ -218,10 +218,13 @@ def test_a_forced_tool_choice_answers_with_function_call_items(gw, tool_choice, 
         assert item.type == "function_call" and item.name == (name or item.name)
         check_arguments(item.name, item.arguments)
     with client.responses.stream(**args) as stream:
+        argument_deltas = sum(event.type == "response.function_call_arguments.delta" for event in stream)
         streamed = stream.get_final_response()
     assert [item.type for item in streamed.output] == ["function_call"] * len(streamed.output)
     for item in streamed.output:
         check_arguments(item.name, item.arguments)
+    # "required": each call whole in one delta; a named function's arguments as they are generated
+    assert argument_deltas == len(streamed.output) if name is None else argument_deltas > 3
 
 
 def _request(**fields) -> ResponsesRequest:

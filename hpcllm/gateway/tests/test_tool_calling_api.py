@@ -174,12 +174,17 @@ def _forced(gw, tool_choice, sampling, tools=(TRIP_TOOL, PAINT_TOOL), **extra):
 
 
 def _streamed_calls(streamed) -> list[tuple[int, str, str]]:
-    """The calls of a streamed answer (one chunk each, as the non-streamed answer's), which has no text."""
+    """The calls of a streamed answer, which has no text: each starts with a chunk holding its id, type and name;
+    chunks without an id add to its arguments (a named function's, streamed as they come)."""
     assert not "".join(choice.delta.content or "" for choice in streamed)
+    calls = []
     for call in (call for choice in streamed for call in choice.delta.tool_calls or []):
-        assert call.id.startswith("call_") and call.type == "function"
-    return [(call.index, call.function.name, call.function.arguments)
-            for choice in streamed for call in choice.delta.tool_calls or []]
+        if call.id is not None:
+            assert call.id.startswith("call_") and call.type == "function"
+            calls.append([call.index, call.function.name, ""])
+        assert call.index == calls[-1][0]
+        calls[-1][2] += call.function.arguments
+    return [tuple(call) for call in calls]
 
 
 @SAMPLINGS
@@ -192,6 +197,7 @@ def test_a_named_function_is_called_with_arguments_its_schema_allows(gw, samplin
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "trip"
     check_arguments("trip", call.function.arguments)
     assert _streamed_calls(streamed) == [(0, "trip", call.function.arguments)]
+    assert sum(bool(choice.delta.tool_calls) for choice in streamed) > 3  # the arguments as they are generated
     assert streamed[-1].finish_reason == "stop"
 
 

@@ -224,22 +224,38 @@ REQUIRED_TWO_CALLS = ('[{"name":"get_weather","parameters":{"city":"Paris","unit
                       '{"name":"get_time","parameters":{"timezone":"Europe/Paris"}}]')
 
 
-@pytest.mark.parametrize("tool_choice, parser, text, finish_reason, calls", [
-    ("required", RequiredCalls(), REQUIRED_TWO_CALLS, "tool_calls",
-     [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
-      {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]),
-    # a named function's answer is its arguments; its finish_reason stays "stop" (OpenAI's and vLLM's)
-    ({"type": "function", "function": {"name": "get_time"}}, NamedCall("get_time"), '{"timezone":"UTC"}', "stop",
-     [{"name": "get_time", "arguments": {"timezone": "UTC"}}]),
-])
-def test_a_forced_answer_is_its_calls_streamed_or_not(tool_choice, parser, text, finish_reason, calls):
-    req = _request(tool_choice=tool_choice)
-    choice = chat_choice(ChoiceResult(0, text, "stop"), parser, req).model_dump()
-    assert choice["finish_reason"] == finish_reason and choice["message"]["content"] is None
+def test_a_required_answer_is_its_calls_streamed_or_not():
+    req = _request(tool_choice="required")
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
+             {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]
+    choice = chat_choice(ChoiceResult(0, REQUIRED_TWO_CALLS, "stop"), RequiredCalls(), req).model_dump()
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     assert _without_ids(choice["message"]["tool_calls"]) == calls
-    streamed = _streamed_message(req, _token_deltas(text, "stop"), parser)
-    assert (streamed["content"], streamed["finish_reason"]) == (None, finish_reason)
+    streamed = _streamed_message(req, _token_deltas(REQUIRED_TWO_CALLS, "stop"), RequiredCalls())
+    assert (streamed["content"], streamed["finish_reason"]) == (None, "tool_calls")
     assert _without_ids(streamed["tool_calls"]) == calls
+
+
+def test_a_named_functions_call_streams_its_arguments_as_they_come():
+    """As vLLM: one call, its arguments the answer, each token's text a chunk; the first with id, type and name;
+    finish_reason "stop" (OpenAI's and vLLM's for a named function)."""
+    req = _request(tool_choice={"type": "function", "function": {"name": "get_time"}})
+    text = '{"timezone":"Europe/Paris"}'
+    choice = chat_choice(ChoiceResult(0, text, "stop"), NamedCall("get_time"), req).model_dump()
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None
+    assert _without_ids(choice["message"]["tool_calls"]) == [{"name": "get_time", "arguments": json.loads(text)}]
+    deltas = _token_deltas(text, "stop")
+    stream = ChatChoiceStream(NamedCall("get_time"), req)
+    chunks = [[c.model_dump(exclude_none=True) for c in stream.choices(delta)] for delta in deltas]
+    assert all(len(sent) == 1 for sent in chunks[:-1]) and len(deltas) > 3  # a chunk per token, not held
+    pieces = [sent[0]["delta"]["tool_calls"][0] for sent in chunks[:-1]]
+    first, *rest = pieces
+    assert first["id"].startswith("call_") and first["type"] == "function" and first["function"]["name"] == "get_time"
+    assert all(set(piece) == {"index", "function"} and set(piece["function"]) == {"arguments"} for piece in rest)
+    assert "".join(piece["function"]["arguments"] for piece in pieces) == text
+    assert chunks[-1] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    empty = list(ChatChoiceStream(NamedCall("get_time"), req).choices(Delta(0, "", "length")))
+    assert empty[0].delta.tool_calls[0].function.name == "get_time" and empty[-1].finish_reason == "length"
 
 
 def test_a_forced_answer_cut_by_max_tokens_ends_with_length():
