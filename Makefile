@@ -59,13 +59,14 @@ bench-load: setup
 # Wheels of what the GPU `device` machine lacks (Python 3.12, no network), at the versions this venv tested, for
 # bench/gpu_check.sh (docs/gpu-checks.md). mpi4py and MPICH (its `mpich` wheel: mpiexec + libmpi, ~13 MB, pinned
 # here as this venv links Debian's OpenMPI instead) let bench/tp_gpu_check.py launch tensor-parallel ranks there.
+# llguidance (structured outputs; the worker imports it) ships manylinux_2_31 wheels only.
 GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection flask itsdangerous blinker gunicorn cheroot \
-	jaraco.functools more-itertools mpi4py
+	jaraco.functools more-itertools mpi4py llguidance
 GPU_PINNED_WHEELS := mpich==5.0.2
 gpu-wheels: venv
 	@rm -rf .whl && mkdir -p .whl
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		--platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 		$$($(BIN)/python -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS)) \
 		$(GPU_PINNED_WHEELS)
 	@ls .whl
