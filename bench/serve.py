@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/serve.py [--concurrency 1 4 16 64] [--requests-per-client 2]
         [--targets hpcllm vllm-behind-hpcllm vllm-direct] [--threads N] [--spare-runs 2] [--rounds N]
-        [--baseline REV] [--isolate-engine] [--sampling JSON]
+        [--baseline REV] [--worker-setting KEY=VALUE ...] [--isolate-engine] [--sampling JSON]
 
 One model (devmodels "small" Llama: 384 hidden, 6 layers, head size 64, float32 everywhere), one seeded prompt set
 with a realistic length spread (prompt lengths log-normal around ~60 tokens, 8..400; output lengths 16..128, EOS
@@ -36,7 +36,9 @@ engine-core and model-runner processes) and the client threads: on a shared mach
 generated token says where a target's cost lies better than wall time. --rounds N interleaves the targets (all up at
 once). --baseline REV adds each hpcllm target as run by revision REV's hpcllm ("<target>@<commit>") and prints this
 tree's throughput against it: a change's effect measured under the same load, which two separate runs cannot show
-on a shared machine (vLLM direct alone moved 1381-1735 tok/s between runs of one hour). --isolate-engine (with
+on a shared machine (vLLM direct alone moved 1381-1735 tok/s between runs of one hour). --worker-setting KEY=VALUE
+sets a [worker] config key of this tree's hpcllm targets only (not the baseline's, which may not know the key): a
+setting's effect against the baseline's default, in the same run. --isolate-engine (with
 --rounds; hpcllm, vllm-behind-hpcllm, vllm-direct and their baselines) gives the processes that run the forward
 passes (vLLM's model-runner worker, hpcllm's model process) the first --threads CPUs to themselves and every other
 process (gateways, hpcllm workers, vLLM's API server and engine-core scheduler, the clients) the rest: a front's CPU
@@ -126,6 +128,7 @@ class Setup:
     vllm_python: str  # the interpreter with vllm (docs/vllm.md)
     engine_cpus: list[int]  # the first --threads CPUs of the bench's own
     front_cpus: list[int] | None = None  # --isolate-engine: every other process's CPUs (None: all CPUs)
+    worker_settings: dict = field(default_factory=dict)  # --worker-setting: this tree's hpcllm workers only
 
     def cpu_env(self) -> dict:
         """vLLM binds its OpenMP threads itself (auto may reserve a core): the same cores as hpcllm's threads."""
@@ -236,6 +239,8 @@ class BehindGateway(Target):
         settings = {"max_running_requests": s.max_running, "max_waiting_requests": 1024, "batching": self.batching,
                     "model_process": self.model_process, "async_scheduling": self.async_scheduling,
                     "vllm_max_num_seqs": s.max_running, "vllm_kv_cache_gb": 1.0, "keepalive_seconds": 1.0}
+        if self.tree == REPO:
+            settings.update(s.worker_settings)
         self.worker = start_worker(s.checkpoint, engine=self.engine, name=MODEL, secret=SECRET,
                                    python=s.vllm_python if self.engine == "vllm" else None, threads=s.threads,
                                    worker_settings=settings, env=s.cpu_env(), log_dir=make_dir(s.work / self.name),
@@ -633,6 +638,9 @@ def main() -> int:
                         help="also run each hpcllm target from git revision REV (worker and gateway, exported with "
                         "git archive), named <target>@<commit>, and print this tree's throughput against it; best "
                         "with --rounds, so both see the same load")
+    parser.add_argument("--worker-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="a [worker] config key for this tree's hpcllm targets (not --baseline's), VALUE as JSON "
+                        "where it parses (else a string); repeatable, e.g. --worker-setting prefill_chunk_tokens=128")
     parser.add_argument("--isolate-engine", action="store_true",
                         help="with --rounds: the processes running the forward passes (vLLM's model runner, hpcllm's "
                         "model process) get the first --threads CPUs to themselves, every other process (gateways, "
@@ -660,6 +668,14 @@ def main() -> int:
         engine_cpus, front_cpus = engine_and_front_cpus(args.threads)
     else:
         engine_cpus, front_cpus = sorted(os.sched_getaffinity(0))[:args.threads], None
+    worker_settings = {}
+    for setting in args.worker_setting:
+        key, equals, value = setting.partition("=")
+        if not equals or not key:
+            parser.error(f"--worker-setting takes KEY=VALUE, not {setting!r}")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        worker_settings[key] = value
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the started servers on the way out
 
     vllm_interpreter = args.vllm_python
@@ -683,6 +699,7 @@ def main() -> int:
         "model": MODEL, "dtype": str(config.dtype), "prompts": len(prompts), "seed": args.seed,
         "prompt_tokens_median": statistics.median(len(p.token_ids) for p in prompts),
         "requests_per_client": args.requests_per_client, "threads": args.threads, "sampling": args.sampling,
+        "worker_settings": worker_settings,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
                  "load_average_at_start": load_average()},
@@ -696,7 +713,7 @@ def main() -> int:
             args.targets = add_baseline_targets(args.targets, Path(tmp) / "baseline", commit)
             report["baseline"] = commit
         setup = Setup(checkpoint, hf_dir, max(args.concurrency), args.threads, Path(tmp), vllm_interpreter,
-                      engine_cpus, front_cpus)
+                      engine_cpus, front_cpus, worker_settings)
         if args.rounds:
             report["rounds"] = args.rounds
             report["targets"] = measure_interleaved(setup, args, report, [prompts] + [
