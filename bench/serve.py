@@ -619,6 +619,20 @@ def measure_interleaved(setup: Setup, args, report: dict, prompt_sets: list[list
             target.stop()
 
 
+def parse_worker_settings(pairs: list[str]) -> dict:
+    """--worker-setting KEY=VALUE pairs as [worker] settings: VALUE as JSON where it parses (128, true, "auto"),
+    else the string."""
+    settings = {}
+    for setting in pairs:
+        key, equals, value = setting.partition("=")
+        if not equals or not key:
+            raise ValueError(f"--worker-setting takes KEY=VALUE, not {setting!r}")
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(value)
+        settings[key] = value
+    return settings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1,
@@ -668,14 +682,10 @@ def main() -> int:
         engine_cpus, front_cpus = engine_and_front_cpus(args.threads)
     else:
         engine_cpus, front_cpus = sorted(os.sched_getaffinity(0))[:args.threads], None
-    worker_settings = {}
-    for setting in args.worker_setting:
-        key, equals, value = setting.partition("=")
-        if not equals or not key:
-            parser.error(f"--worker-setting takes KEY=VALUE, not {setting!r}")
-        with contextlib.suppress(json.JSONDecodeError):
-            value = json.loads(value)
-        worker_settings[key] = value
+    try:
+        worker_settings = parse_worker_settings(args.worker_setting)
+    except ValueError as exc:
+        parser.error(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the started servers on the way out
 
     vllm_interpreter = args.vllm_python

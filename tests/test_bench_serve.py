@@ -164,3 +164,14 @@ def test_sampling_parameters_reach_every_request_and_bad_ones_are_one_line():
                                capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
     assert completed.returncode == 2 and "--sampling takes a JSON object" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_worker_settings_parse_as_json_where_they_can_and_a_pair_without_a_key_is_one_line():
+    assert serve.parse_worker_settings(["prefill_chunk_tokens=128", "batching=paged", "model_process=false"]) == {
+        "prefill_chunk_tokens": 128, "batching": "paged", "model_process": False}
+    root = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--worker-setting", "128"],
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert completed.returncode == 2 and "--worker-setting takes KEY=VALUE, not '128'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
