@@ -43,12 +43,13 @@ class ScriptedWorker:
     """Accepts one connection, reads the request, then runs script(send) where send(bytes) writes to the socket
     (a pause between two sends puts them in two receives of the reader). Keeps what it received."""
 
-    def __init__(self, script: Callable[[Callable[[bytes], None]], None]):
+    def __init__(self, script: Callable[[Callable[[bytes], None]], None], close_after_script: bool = False):
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self.request = b""
         self.closed_by_client = threading.Event()
         self._script = script
+        self._close_after_script = close_after_script  # a worker that dies mid-stream: the reader sees EOF now
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -64,6 +65,8 @@ class ScriptedWorker:
                 body += conn.recv(65536)
             self.request = head + b"\r\n\r\n" + body
             self._script(conn.sendall)
+            if self._close_after_script:
+                conn.shutdown(socket.SHUT_WR)
             conn.settimeout(10)
             try:  # the reader closes its end: recv sees EOF (or a reset)
                 while conn.recv(65536):
@@ -156,7 +159,8 @@ def test_a_body_with_content_length_instead_of_chunks_reads_the_same():
 
 
 def test_a_stream_broken_mid_line_is_a_worker_error_after_the_lines_before():
-    worker = ScriptedWorker(lambda send: send(CHUNKED_HEAD + chunk(token(0) + token(1)[:9])))  # then it closes
+    worker = ScriptedWorker(lambda send: send(CHUNKED_HEAD + chunk(token(0) + token(1)[:9])),
+                            close_after_script=True)  # the worker dies mid-line
     got = []
     with WorkerClient(worker.url, SECRET) as client, client.generate(REQUEST) as stream:
         with pytest.raises(WorkerError, match="worker stream broke") as raised:
