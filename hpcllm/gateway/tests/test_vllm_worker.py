@@ -394,21 +394,30 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _run_vllm_script(name: str, checkpoint: Path, cwd: Path) -> dict:
-    """Run hpcllm/worker/tests/<name> over the checkpoint with the vLLM interpreter: the JSON line it prints."""
-    script = REPO_ROOT / "hpcllm" / "worker" / "tests" / name
+@pytest.fixture(scope="module")
+def engine_checks(checkpoint, tmp_path_factory) -> dict:
+    """hpcllm/worker/tests/vllm_join_and_hang_script.py run over the checkpoint by the vLLM interpreter: the JSON
+    line it prints, one part per check (both on one vLLM start: each start costs 25-50 s here)."""
+    script = REPO_ROOT / "hpcllm" / "worker" / "tests" / "vllm_join_and_hang_script.py"
     result = subprocess.run([_vllm_python(), str(script), str(checkpoint)], capture_output=True, text=True,
-                            timeout=600, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                            timeout=600, cwd=tmp_path_factory.mktemp("vllm-checks"),
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))  # vLLM logs too
 
 
-def test_a_request_reaches_vllm_while_the_step_in_flight_computes(checkpoint, reference, tmp_path):
+def _check(engine_checks: dict, name: str) -> dict:
+    out = engine_checks[name]
+    assert "failed" not in out, out["failed"]
+    return out
+
+
+def test_a_request_reaches_vllm_while_the_step_in_flight_computes(engine_checks, reference):
     """A request submitted while vLLM's core computes a step is in vLLM at once, added by the submitting thread:
     vLLM's core takes it at the next step boundary, as vLLM's own server does, instead of a step later (the worker
     used to add it only once it had processed the step in flight: ~1 step of TTFT at 16 clients). The engine
     thread is held in its wait for the core's output, so this does not depend on timing."""
-    out = _run_vllm_script("vllm_join_script.py", checkpoint, tmp_path)
+    out = _check(engine_checks, "join")
     added = dict(out["added_while_waiting"])
     assert set(added) == {"a#gen1", "b#gen1"}, out
     assert added["b#gen1"] == out["main_thread"]  # the submitting thread, not the engine thread
@@ -417,12 +426,12 @@ def test_a_request_reaches_vllm_while_the_step_in_flight_computes(checkpoint, re
     assert out["b"] == {"tokens": reference("the quick brown fox", 4)[0], "finish_reason": "length"}
 
 
-def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(checkpoint, tmp_path):
+def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(engine_checks):
     """As hpcllm's engine: a vLLM step that never ends (its engine core stopped) must not hold its streams forever.
     Past step_timeout the stream ends with an engine_unavailable error (the gateway resumes it elsewhere), the engine
     is dead (/health 503) and the worker's death handler hears why (the worker exits), and the engine thread, which
     waited for the core's output, ends."""
-    out = _run_vllm_script("vllm_hang_script.py", checkpoint, tmp_path)
+    out = _check(engine_checks, "hang")
     assert out["finish_reason"] == "error" and out["error"]["type"] == "engine_unavailable", out
     assert "has not finished a step" in out["error"]["message"] and "step timeout is 2 s" in out["error"]["message"]
     assert out["tokens"] < 1000 and len(out["died"]) == 1 and "has not finished a step" in out["died"][0]

@@ -1,0 +1,127 @@
+"""Run by the vLLM interpreter (test_vllm_worker.py): two checks of hpcllm's vLLM engine on one vLLM start (each
+start costs 25-50 s on the shared 2 cores), the hang last since it leaves the engine dead.
+
+join: a request submitted while vLLM's engine core computes a step reaches vLLM at once, from the submitting thread,
+instead of after the worker processed that step. The engine thread is held in its wait for the core's output (the
+step of request "a" in flight); request "b" is submitted meanwhile. Reports which vLLM ids were added while the engine
+thread waited and by which thread, and each request's tokens and finish reason once released.
+
+hang: vLLM's engine core stops answering while a request streams (SIGSTOP: to the worker a hung GPU or collective
+looks the same); past the step timeout the engine fails like hpcllm's engine does (EngineBase._watch_steps). Reports
+the stream's token count and final line, the error the worker's death handler got, whether the engine is alive and
+whether its thread ended. The engine starts with a generous step timeout (the join check holds a step on purpose,
+and this host may be slow); the hang check lowers it to HANG_STEP_TIMEOUT, which the watch reads at every look.
+
+Prints one JSON line {"join": {...}, "hang": {...}}; a check that raised has {"failed": its traceback} instead.
+hpcllm is imported inside the functions only: vLLM spawns its engine processes from this file, and its kernel
+registration trips over Flask's context proxies if they were imported.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+START_STEP_TIMEOUT = 60.0
+HANG_STEP_TIMEOUT = 2.0
+
+
+def collect(stream) -> dict:
+    from hpcllm.worker.protocol import FinalLine
+
+    tokens, final = [], None
+    for event in stream.events(keepalive_seconds=60):
+        if isinstance(event, FinalLine):
+            final = event
+        elif event is not None:
+            tokens.append(event.token_id)
+    return {"tokens": tokens, "finish_reason": final.finish_reason}
+
+
+def join_check(engine) -> dict:
+    from hpcllm.worker.protocol import GenerateRequest
+
+    outputs = engine._core_outputs
+    receive, waiting, release = outputs._receive, threading.Event(), threading.Event()
+
+    def held():
+        waiting.set()
+        release.wait(120)
+        return receive()
+
+    added = []
+    add_request = engine.llm.add_request
+
+    def recording_add(vllm_id, *args, **kwargs):
+        added.append((vllm_id, threading.current_thread().name))
+        return add_request(vllm_id, *args, **kwargs)
+
+    engine.llm.add_request = recording_add
+    outputs._receive = held
+    try:
+        first = engine.submit(GenerateRequest(request_id="a", prompt="hello world", max_tokens=8, temperature=0,
+                                              ignore_eos=True))
+        assert waiting.wait(120), "the engine thread never waited for vLLM's output"
+        second = engine.submit(GenerateRequest(request_id="b", prompt="the quick brown fox", max_tokens=4,
+                                               temperature=0, ignore_eos=True))
+        added_while_waiting = list(added)
+    finally:
+        outputs._receive = receive
+        release.set()
+        engine.llm.add_request = add_request
+    return {"added_while_waiting": added_while_waiting, "main_thread": threading.main_thread().name,
+            "a": collect(first), "b": collect(second)}
+
+
+def hang_check(engine, died: list) -> dict:
+    from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+
+    engine.step_timeout = HANG_STEP_TIMEOUT
+    core = engine.llm.engine_core.resources.engine_manager.processes[0]
+    try:
+        stream = engine.submit(GenerateRequest(request_id="stuck", prompt="hello world", max_tokens=1000,
+                                               temperature=0, ignore_eos=True))
+        events = stream.events(keepalive_seconds=60)
+        assert isinstance(next(events), TokenLine), "no first token"
+        os.kill(core.pid, signal.SIGSTOP)
+        tokens, final = 0, None
+        for event in events:  # None: a minute without a line (the engine hangs on): the test fails saying so
+            if event is None or isinstance(event, FinalLine):
+                final = event
+                break
+            tokens += 1
+        engine._thread.join(60)
+        return {"tokens": tokens, "finish_reason": final and final.finish_reason,
+                "error": final.error.model_dump() if final and final.error else None, "died": died,
+                "alive": engine.alive, "thread_ended": not engine._thread.is_alive()}
+    finally:
+        os.kill(core.pid, signal.SIGCONT)
+
+
+def checked(check, *args) -> dict:
+    try:
+        return check(*args)
+    except Exception:  # noqa: BLE001 - reported to the test, which names the check that failed
+        return {"failed": traceback.format_exc()}
+
+
+def main(checkpoint: str) -> None:
+    from hpcllm.worker.vllm_engine import load_with_vllm
+
+    engine = load_with_vllm(Path(checkpoint), "m", step_timeout=START_STEP_TIMEOUT).engine
+    died = []
+    engine.on_died = died.append
+    engine.start()
+    try:
+        out = {"join": checked(join_check, engine)}
+        out["hang"] = checked(hang_check, engine, died)
+        print(json.dumps(out))
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
