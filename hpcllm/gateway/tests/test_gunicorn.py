@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-DRAIN_S = 10
+DRAIN_S = 6  # the stuck request waits it out (twice: gthread, gevent); the stream and the probes take ~1 s
 
 
 def write_config(path: Path, state_dir: Path, port: int, worker_url: str, source: Path, stuck_url: str,
