@@ -92,7 +92,10 @@ def test_slow_connections_do_not_stop_a_normal_client(serve):
         waited = time.monotonic() - started
         assert [a.status_code for a in answers] == [200, 200, 200]
         assert waited < 4.0, f"a normal client waited {waited:.1f} s behind slow senders"
-        time.sleep(1.0)
+        # Each sender returns once it sees its connection closed (it looks every ~0.5 s; under load, later).
+        give_up = time.monotonic() + 15.0
+        for sender in senders:
+            sender.join(timeout=max(0.0, give_up - time.monotonic()))
         assert len(closed) == 8, "the server closes connections that do not finish their request in time"
         assert server.deadline_closes >= 8
     finally:

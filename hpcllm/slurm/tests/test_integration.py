@@ -46,8 +46,9 @@ def fake_agent(tmp_path: Path) -> Path:
     script.write_text(
         "#!/bin/bash\n"
         # Slurm and the batch shell may both deliver the signal: a drain takes repeats as one (the contract).
-        'drain() { trap "" USR1 TERM; echo "agent $SLURMD_NODENAME drained on $1"; kill "$child" 2>/dev/null; '
-        "exit 0; }\n"
+        # Each drain is also kept in drained.log beside the script: what the agent did, whatever srun relays.
+        'drain() { trap "" USR1 TERM; echo "agent $SLURMD_NODENAME drained on $1"; '
+        f'echo "$SLURMD_NODENAME $1" >> {tmp_path / "drained.log"}; kill "$child" 2>/dev/null; exit 0; }}\n'
         "trap 'drain USR1' USR1\n"
         "trap 'drain TERM' TERM\n"
         # Only now: a test signals once it reads this line, and a USR1 before the trap would kill the agent
@@ -58,6 +59,15 @@ def fake_agent(tmp_path: Path) -> Path:
     )
     script.chmod(0o755)
     return script
+
+
+def _drains(tmp_path: Path) -> list[str]:
+    """The drains fake_agent's agents recorded ("<node> <signal>", sorted), read from their own file: srun's relay
+    of an agent's last line before it exits was seen to drop one of two (the job's log said "drained on USR1" once
+    while both agents had exited 0)."""
+    drained = tmp_path / "drained.log"
+    lines = drained.read_text().splitlines() if drained.exists() else []
+    return sorted(line.strip() for line in lines)
 
 
 @pytest.fixture
@@ -173,7 +183,7 @@ def test_node_agent_job_drains_on_the_signal(cli, tmp_path, cancel_after):
     final = job.wait(timeout=WAIT_S)
     text = log.read_text()
     assert final.state is JobState.COMPLETED, text
-    assert "SIGUSR1" in text and text.count("drained on USR1") == 2, text
+    assert "SIGUSR1" in text and _drains(tmp_path) == sorted(f"{node} USR1" for node in status.nodes), text
 
 
 def test_single_node_agent_job_drains_on_sigterm(cli, tmp_path, cancel_after):
@@ -208,7 +218,9 @@ def test_model_pool_script_serves_the_model_and_drains(cli, tmp_path, cancel_aft
     cli.signal(job_id, "USR1")  # what Slurm sends ahead of the time limit (--signal=B:USR1@60)
     status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
     text = log.read_text()
-    assert status.state is JobState.COMPLETED and text.count("drained on USR1") == 2, text
+    drains = [line.split() for line in _drains(tmp_path)]
+    assert status.state is JobState.COMPLETED, text
+    assert [signal for _, signal in drains] == ["USR1", "USR1"] and len({node for node, _ in drains}) == 2, text
 
 
 def test_pyslurm_is_refused_on_this_slurm(slurm_cluster):
