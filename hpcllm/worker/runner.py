@@ -61,7 +61,8 @@ class SequenceChunk:
 
     block_table lists the KV blocks holding positions 0.. of this sequence (block i holds positions
     i*block_size .. (i+1)*block_size-1); it covers at least start + len(token_ids) positions.
-    want_logits: return the logits of the chunk's last position (it reached the last known token)."""
+    want_logits: return the logits of the chunk's last position (it reached the last known token); with
+    logits_positions > 1, of its last logits_positions positions, one row each (speculative verification)."""
 
     seq_id: int
     token_ids: list[int]
@@ -76,12 +77,14 @@ class SequenceChunk:
     # scored against these ids (each position's logits against the token after it), with score_top alternatives.
     score_ids: list[int] = field(default_factory=list)
     score_top: int = 0
+    logits_positions: int = 1
 
 
 @dataclass
 class StepBatch:
     """One engine step: the chunks to run, and sequences whose KV state the runner may forget (finished,
-    preempted) before it runs them. Logits come back in chunk order, one row per chunk with want_logits."""
+    preempted) before it runs them. Logits come back in chunk order, logits_positions rows per chunk with
+    want_logits."""
 
     chunks: list[SequenceChunk]
     free: list[int] = field(default_factory=list)
@@ -364,7 +367,8 @@ class PagedRunner:
             if begin >= len(decodes):  # a prefill chunk (the decodes hold the first rows, one each)
                 sequences.append(_SequenceView(begin, len(ids), self._context_slots([table], context)[0],
                                                self._mask(chunk, len(ids) - begin)))
-        keep = [last_row[index] for index, chunk in enumerate(batch.chunks) if chunk.want_logits]
+        keep = [row for index, chunk in enumerate(batch.chunks) if chunk.want_logits
+                for row in range(last_row[index] - chunk.logits_positions + 1, last_row[index] + 1)]
         rows = len(keep)
         for index in scored:  # only a scored chunk keeps more than its last position's logits
             keep.extend(range(first_row[index], first_row[index] + len(batch.chunks[index].score_ids)))
@@ -467,7 +471,7 @@ class SequentialRunner:
                 chunk.start, chunk.start + len(chunk.token_ids), dtype=torch.long, device=self.device
             ).unsqueeze(0)
             kwargs = self._forward_kwargs(cache)
-            if chunk.score_ids:
+            if chunk.score_ids or chunk.logits_positions > 1:
                 kwargs.pop("logits_to_keep", None)  # every position's logits
             with attention_kernels(self.device):  # a growing context is a new shape every step here too
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **kwargs)
@@ -475,7 +479,7 @@ class SequentialRunner:
                 batch.scores[chunk.seq_id] = score_positions(out.logits[0, :len(chunk.score_ids)], chunk.score_ids,
                                                              chunk.score_top)
             if chunk.want_logits:
-                rows.append(out.logits[0, -1])
+                rows.extend(out.logits[0, -chunk.logits_positions:])
         if not rows:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
         return torch.stack(rows)

@@ -317,8 +317,8 @@ class TokenStates:
 
     @staticmethod
     def _choices(batch: StepBatch):
-        """(chunk, choice) per logits row."""
-        rows = [chunk for chunk in batch.chunks if chunk.want_logits]
+        """(chunk, choice) per logits row (a chunk verifying a speculation has several)."""
+        rows = [chunk for chunk in batch.chunks if chunk.want_logits for _ in range(chunk.logits_positions)]
         return zip(rows, batch.choices or [None] * len(rows))
 
     def _row(self, seq_id: int) -> TokenState:
