@@ -74,6 +74,7 @@ def run_worker(
         model_process=model_process,
         async_scheduling=worker.async_scheduling,
         cuda_graphs=worker.cuda_graphs,
+        speculative_ngram_tokens=worker.speculative_ngram_tokens,
         step_timeout=worker.step_timeout_seconds,  # a longer step is hung (EngineBase._watch_steps)
         **({"model_process_threads": model_process_threads} if model_process_threads else {}),
     )

@@ -60,6 +60,7 @@ from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StepBatch,
                                   embed_last_token, make_runner)
 from hpcllm.worker.model_process import ModelProcess
+from hpcllm.worker.ngram import NgramProposer
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
 from hpcllm.worker.sampling import TokenState, sample_token
 
@@ -93,6 +94,9 @@ class _Work:
     previous_row: int | None = None
     fed: int | None = None
     index: int = -1  # the output index of the token this row's logits choose (set at launch)
+    # Speculative decoding (Engine._speculate): ids proposed to follow all_ids[:end], fed after it in this chunk;
+    # its logits come back at every fed position, and the commit keeps what greedy decoding would have produced.
+    proposal: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -104,7 +108,7 @@ class _Launched:
 
     @property
     def tokens(self) -> int:
-        return sum(w.end - w.start for w in self.work)
+        return sum(w.end - w.start + len(w.proposal) for w in self.work)
 
     @property
     def chunks(self) -> list[_Work]:
@@ -208,9 +212,11 @@ class Engine(EngineBase):
         model_process_threads: int | None = None,
         async_scheduling: bool = True,
         step_timeout: float | None = None,
+        speculative_ngram_tokens: int = 0,
     ) -> None:
         """step_timeout: seconds a model step (or an embedding piece) may take before the engine counts as hung and
-        fails (None: never; EngineBase._watch_steps)."""
+        fails (None: never; EngineBase._watch_steps). speculative_ngram_tokens: k of n-gram speculative decoding
+        for greedy requests (ngram.py, _speculate); 0: off."""
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
         if batching not in BATCHING_MODES:
@@ -241,12 +247,14 @@ class Engine(EngineBase):
                 f"{self.max_model_len} tokens; raise kv_cache_tokens or lower max_model_len"
             )
         num_blocks = -(-self.kv_cache_tokens // kv_block_size)
+        self.proposer = NgramProposer(speculative_ngram_tokens) if speculative_ngram_tokens else None
         # fast_path: the paged runner fuses and packs the model's projections on CPU (runner.py, fastpath.py).
         if model_process:  # the forward in a child process (runner_process.py): streams run beside it
             # One started ahead (during the load, or by a spare worker), else one now.
             started = model_process if isinstance(model_process, ModelProcess) else ModelProcess()
             self.runner: ModelRunner = ProcessRunner(model, num_blocks=num_blocks, block_size=kv_block_size,
-                                                     batching=batching, max_rows=max_running_requests,
+                                                     batching=batching,
+                                                     max_rows=max_running_requests * (1 + speculative_ngram_tokens),
                                                      process=started, fast_path=fast_path,
                                                      threads=model_process_threads, tokenizer=tokenizer)
             paged = self.runner.paged
@@ -479,7 +487,7 @@ class Engine(EngineBase):
             self._step_pipelined(active)
             return
         with self._lock:
-            work = self._schedule([r for r in active if r.state == "running" and r.has_work()])
+            work = self._speculate(self._schedule([r for r in active if r.state == "running" and r.has_work()]))
             chunks = [w for w in work if w.end > w.start]
             batch = self._batch(chunks)
         if not chunks:
@@ -512,7 +520,7 @@ class Engine(EngineBase):
         current, self._ahead = self._ahead, None
         if current is None:
             with self._lock:
-                work = self._schedule([r for r in active if r.state == "running" and r.has_work()])
+                work = self._speculate(self._schedule([r for r in active if r.state == "running" and r.has_work()]))
                 current = self._launch(work) if any(w.end > w.start for w in work) else None
             if current is None:  # only requests sampled from kept logits (attached, unpaused), or nothing
                 self._deliver_events()
@@ -541,9 +549,10 @@ class Engine(EngineBase):
     def _batch(self, chunks: list[_Work]) -> StepBatch:
         """The runner's view of a step's chunks, with the KV states it may forget (under the lock)."""
         batch = StepBatch(chunks=[SequenceChunk(w.req.seq_id, [0] if w.previous_row is not None
-                                                else w.req.all_ids[w.start:w.end], w.start,
+                                                else w.req.all_ids[w.start:w.end] + w.proposal, w.start,
                                                 self.kv_pool.table(w.req.seq_id), w.end == w.known,
-                                                previous_row=w.previous_row) for w in chunks])
+                                                previous_row=w.previous_row, logits_positions=1 + len(w.proposal))
+                                  for w in chunks])
         for chunk, w in zip(batch.chunks, chunks):
             if w.req.scores_prompt and w.previous_row is None:
                 chunk.score_ids, chunk.score_top = w.req.prompt_targets(w.start, w.end), w.req.prompt_logprobs
@@ -558,7 +567,9 @@ class Engine(EngineBase):
         batch = self._batch(chunks)
         batch.choices = []
         for w in chunks:
-            if w.end == w.known:
+            if w.proposal:  # greedy: the engine compares each row's argmax with the proposal (_commit_speculative)
+                batch.choices.extend([None] * (1 + len(w.proposal)))
+            elif w.end == w.known:
                 req = w.req
                 w.index = len(req.output_ids) + (w.previous_row is not None)
                 wanted = not (req.held or req.paused)
@@ -592,6 +603,8 @@ class Engine(EngineBase):
         """The step after `current`, scheduled while it runs, as if each of its sampling rows took its token (under
         the lock; the step before `current` is committed). None when the next step needs a step boundary: a request
         samples from kept logits, or KV blocks are only to be had by preemption."""
+        if self.proposer is not None and any(self._may_speculate(r) for r in self._running):
+            return None  # its ids after `current` (how many a speculation accepted) are known only at its commit
         self._admit()  # requests that arrived while `current` ran join the next step, as they would without this
         in_current, rows = {}, {}
         for w in current.work:
@@ -658,7 +671,11 @@ class Engine(EngineBase):
                 w.req.num_cached = w.end
                 if scores and w.req.seq_id in scores:
                     self._keep_prompt_scores(w, scores[w.req.seq_id])
-                if samples and chosen is None:
+                if w.proposal:
+                    rows = logits[row:row + 1 + len(w.proposal)]
+                    self._commit_speculative(w, rows, argmax[row:row + len(rows)] if argmax is not None
+                                             else rows.argmax(dim=-1).tolist())
+                elif samples and chosen is None:
                     self._sample_or_fail(w.req, logits[row], argmax[row])
                 elif samples:
                     # -1: held or paused at launch (no token asked for); a changed index: extended since.
@@ -667,7 +684,58 @@ class Engine(EngineBase):
             if samples and chosen is not None:
                 self._note_counts_taken(w, chosen[row])
             if samples:
-                row += 1
+                row += 1 + len(w.proposal)  # a speculative chunk's rows: every fed position's
+
+    def _commit_speculative(self, w: _Work, logits: torch.Tensor, argmax: list[int]) -> None:
+        """A speculative chunk's result (greedy: each fed position's argmax is the token decoding would choose
+        there): the proposal's prefix that matches those, then the argmax after it, emitted one by one, each after
+        the ids before it count as cached (the keys/values of rejected positions are overwritten when their positions
+        are fed again). A request that may not take tokens now (cancelled, paused) gets the first row, as a plain
+        decode would."""
+        req, proposal = w.req, w.proposal
+        accepted = 0
+        while accepted < len(proposal) and argmax[accepted] == proposal[accepted]:
+            accepted += 1
+        self.metrics.spec_proposed_tokens.inc(len(proposal))
+        self.metrics.spec_accepted_tokens.inc(accepted)
+        with self._lock:
+            takes = req.state == "running" and not (req.cancel_requested or req.paused or req.held)
+            if takes and len(req.all_ids) == w.end:
+                try:
+                    for token in proposal[:accepted] + [argmax[accepted]]:
+                        req.num_cached = len(req.all_ids)
+                        self._accept(req, token)
+                        if req.state != "running":  # a stop token or string, max_tokens, the context's end
+                            break
+                except Exception as exc:
+                    log.exception("request %s failed while taking its tokens", req.request_id)
+                    self._finish(req, "error", error=ErrorInfo(message=f"{type(exc).__name__}: {exc}",
+                                                               type="server_error"))
+                return
+        self._sample_or_fail(req, logits[0], argmax[0])
+
+    def _may_speculate(self, req: _Request) -> bool:
+        """Whether req's decodes are speculated: greedy on the raw logits (its token at every fed position is their
+        argmax, exactly as one-by-one decoding chooses it), no logprobs, not held or paused."""
+        return (self.proposer is not None and req.params.raw_argmax and req.logprobs is None
+                and not (req.held or req.paused or req.cancel_requested))
+
+    def _speculate(self, work: list[_Work]) -> list[_Work]:
+        """Give the step's greedy decodes an n-gram proposal each (ngram.py) where one matches and KV blocks for
+        it are free: speculation never preempts, and runs after every chunk of the step has its blocks (under the
+        lock)."""
+        if self.proposer is None:
+            return work
+        for w in work:
+            req = w.req
+            if w.end - w.start != 1 or w.end != w.known or not self._may_speculate(req):
+                continue
+            # No position past the context, no token past max_tokens: at most what one-by-one decoding would emit.
+            limit = min(req.max_tokens - len(req.output_ids), self.max_model_len - len(req.all_ids)) - 1
+            proposal = self.proposer.propose(req.all_ids, limit)
+            if proposal and self.kv_pool.grow(req.seq_id, w.end + len(proposal)):
+                w.proposal = proposal
+        return work
 
     @staticmethod
     def _note_counts_taken(w: _Work, chosen: int) -> None:

@@ -58,6 +58,15 @@ class WorkerMetrics:
             "hpcllm_prefix_cache_hits", "Tokens whose KV came from the prefix cache instead of a prefill.", labels,
             registry=self.registry,
         ).labels(model_name)
+        # Speculative decoding (vLLM's spec_decode_num_draft_tokens / num_accepted_tokens): acceptance = their ratio.
+        self.spec_proposed_tokens = Counter(
+            "hpcllm_spec_decode_num_draft_tokens", "Tokens proposed by n-gram speculation and verified.", labels,
+            registry=self.registry,
+        ).labels(model_name)
+        self.spec_accepted_tokens = Counter(
+            "hpcllm_spec_decode_num_accepted_tokens", "Proposed tokens that greedy decoding confirmed.", labels,
+            registry=self.registry,
+        ).labels(model_name)
         self._request_success = Counter(
             "hpcllm_request_success",
             "Finished requests by finish reason.",
