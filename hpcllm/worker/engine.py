@@ -15,6 +15,10 @@ ids is therefore just a request whose known ids are prompt + already-generated t
 (seeded per output index), and the paged runner's attention sees exactly a batch-of-one's keys and values, so a
 request's tokens do not depend on what else runs.
 
+Speculative decoding (speculative_ngram_tokens, ngram.py): a greedy decode may also feed ids proposed by n-gram
+lookup in its own ids; the step returns every fed position's logits and the commit keeps the proposal's prefix
+that greedy decoding confirms plus one token (_speculate, _commit_speculative).
+
 Live migration (docs/migration.md) adds two request modes. HELD (destination): the request prefills its known ids
 chunk-wise like any other but does not sample; `extend` appends tokens the source produced since (replayed through
 the detokenizer and stop state as if generated here), and `attach` releases it: the next step samples from the

@@ -1,0 +1,143 @@
+"""N-gram speculative decoding ([worker] speculative_ngram_tokens) against plain decoding, in the same run.
+
+    PYTHONPATH=$PWD .venv/bin/python bench/spec_decode.py [--size small] [--tokens 4] [--requests 1 8]
+                                                          [--rounds 3] [--max-tokens 128] [--threads 2]
+                                                          [--model-process on|off]
+
+Random weights never copy their prompt, so the model is the devmodels Llama rewired to copy
+(hpcllm/worker/tests/copying_model.py: its greedy successor of each token is fixed, every layer still computed):
+its output reproduces any stretch of one token cycle that its prompt holds. Three workloads, N greedy requests
+submitted together, each on its own prompt:
+
+- copy: a 256-token stretch of the cycle, 16 other tokens, then the stretch's first token: the output copies the
+  stretch (every proposal accepted: the best case, summaries/edits/RAG that quote their input).
+- partial: the same with every 4th token of the stretch replaced: proposals are accepted up to a replaced token.
+- none: 256 random tokens: the output matches nothing (no proposals: the worst case, the lookup and, with a model
+  process, the steps not sent ahead).
+
+Two engines on two copies of the model, one plain and one speculating, run each workload in turn, the order
+alternating per round; each round prints both output tokens/s and their ratio (spec / plain), plus the acceptance
+(accepted / proposed tokens) and the tokens per step of the speculating engine, and each workload the median ratio
+of its rounds. Outputs are checked equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DOCUMENT_TOKENS = 256
+WORKLOADS = ("copy", "partial", "none")
+
+
+def prompts(workload: str, successor: list[int], count: int, rng: random.Random) -> list[list[int]]:
+    from hpcllm.worker.tests.copying_model import cycle_from
+
+    vocab = len(successor)
+    made = []
+    for _ in range(count):
+        if workload == "none":
+            made.append([rng.randrange(4, vocab) for _ in range(DOCUMENT_TOKENS)])
+            continue
+        document = cycle_from(successor, rng.randrange(4, vocab), DOCUMENT_TOKENS)
+        if workload == "partial":
+            document = [rng.randrange(4, vocab) if i % 4 == 3 else t for i, t in enumerate(document)]
+        made.append(document + [rng.randrange(4, vocab) for _ in range(16)] + document[:1])
+    return made
+
+
+def run(engine, batch: list[list[int]], max_tokens: int, tag: str) -> tuple[float, list[list[int]]]:
+    """Seconds for the batch's requests, submitted together, to finish; their outputs."""
+    from hpcllm.worker.protocol import GenerateRequest
+
+    began = time.perf_counter()
+    with engine._lock:
+        streams = [engine.submit(GenerateRequest(request_id=f"{tag}-{i}", prompt_token_ids=ids, max_tokens=max_tokens,
+                                                 temperature=0, ignore_eos=True)) for i, ids in enumerate(batch)]
+    outputs = [[e.token_id for e in list(stream.events())[:-1]] for stream in streams]
+    return time.perf_counter() - began, outputs
+
+
+def counts(engine) -> tuple[float, float]:
+    return engine.metrics.spec_proposed_tokens._value.get(), engine.metrics.spec_accepted_tokens._value.get()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", choices=("tiny", "small", "bench"))
+    parser.add_argument("--tokens", type=int, default=4, help="speculative_ngram_tokens of the speculating engine")
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model-process", choices=("on", "off"), default="on",
+                        help="on: as CPU workers run (forward in a child process, asynchronous scheduling)")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.devmodels import make_model
+    from hpcllm.worker.engine import Engine
+    from hpcllm.worker.tests.copying_model import rewire_to_copy
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as folder:
+        path = make_model("llama", Path(folder) / "llama", size=args.size, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+
+        def engine(tokens: int) -> Engine:
+            model = AutoModelForCausalLM.from_pretrained(path).eval()
+            rewire_to_copy(model)
+            return Engine(model, tokenizer, speculative_ngram_tokens=tokens, max_running_requests=max(args.requests),
+                          model_process=args.model_process == "on",
+                          model_process_threads=args.threads).start()
+
+        successor = rewire_to_copy(AutoModelForCausalLM.from_pretrained(path))
+        engines = {"plain": engine(0), "spec": engine(args.tokens)}
+        try:
+            for name, warming in engines.items():  # first steps (allocations, oneDNN primitives) are not timed
+                run(warming, prompts("copy", successor, max(args.requests), random.Random(0)), 16, f"warm-{name}")
+            print(f"llama {args.size}, k={args.tokens}, model process {args.model_process}, {args.threads} threads, "
+                  f"{args.max_tokens} tokens per request")
+            print(f"{'workload':8} {'N':>3} {'round':>5} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} "
+                  f"{'accepted':>8} {'tok/step':>8}")
+            for workload in args.workloads:
+                for count in args.requests:
+                    ratios = []
+                    for round_ in range(args.rounds):
+                        batch = prompts(workload, successor, count, random.Random(f"{workload}{count}{round_}"))
+                        order = ["plain", "spec"] if round_ % 2 == 0 else ["spec", "plain"]
+                        seconds, outputs = {}, {}
+                        before = counts(engines["spec"])
+                        for name in order:
+                            seconds[name], outputs[name] = run(engines[name], batch, args.max_tokens,
+                                                               f"{name}-{workload}-{count}-{round_}")
+                        if outputs["plain"] != outputs["spec"]:
+                            raise SystemExit(f"{workload} N={count} round {round_}: outputs differ")
+                        proposed, accepted = (after - was for after, was in zip(counts(engines["spec"]), before))
+                        tokens = sum(len(o) for o in outputs["spec"])
+                        rate = {name: tokens / seconds[name] for name in seconds}
+                        # Per request, a step emits its accepted tokens and one more (the prefill's token aside).
+                        per_step = tokens / max(1.0, tokens - accepted)
+                        ratios.append(rate["spec"] / rate["plain"])
+                        print(f"{workload:8} {count:>3} {round_:>5} {rate['plain']:>11.1f} {rate['spec']:>10.1f} "
+                              f"{ratios[-1]:>6.2f} {(f'{accepted / proposed:.0%}' if proposed else '-'):>8} "
+                              f"{per_step:>8.2f}")
+                    print(f"{workload:8} {count:>3} {'median':>5} {'':>11} {'':>10} {statistics.median(ratios):>6.2f}")
+        finally:
+            for running in engines.values():
+                running.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
