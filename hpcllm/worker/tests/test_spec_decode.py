@@ -105,9 +105,9 @@ def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, 
         assert accepted > 0
 
 
-@pytest.mark.parametrize("model_process", [False, True])
+@pytest.mark.parametrize("model_process,batching", [(False, "auto"), (True, "auto"), (False, "sequential")])
 def test_a_prompt_the_output_copies_takes_several_tokens_per_step_and_the_same_tokens(copying, model_process,
-                                                                                      engines):
+                                                                                      batching, engines):
     load, tokenizer, successor, reference = copying
     document = cycle_from(successor, 500, 120)
     # The document, something else, then its first token: the output copies the document from its second token.
@@ -115,7 +115,7 @@ def test_a_prompt_the_output_copies_takes_several_tokens_per_step_and_the_same_t
     expected = hf_greedy(reference, prompt, 100)
     assert expected == document[1:101]  # the rewired model copies
     plain = engines(load(), tokenizer)
-    engine = engines(load(), tokenizer, speculative_ngram_tokens=5, model_process=model_process)
+    engine = engines(load(), tokenizer, speculative_ngram_tokens=5, model_process=model_process, batching=batching)
     [(off, _)] = run_together(plain, [request(prompt_token_ids=prompt, max_tokens=100)])
     [(on, final)] = run_together(engine, [request(prompt_token_ids=prompt, max_tokens=100)])
     assert on == off == expected and final.finish_reason == "length"
