@@ -1,0 +1,26 @@
+"""bench/spec_decode.py runs a plain and a speculating engine on the same copying model and prints their ratio,
+the acceptance and the tokens per step (the outputs checked equal by the bench itself)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_small_run_accepts_every_copy_proposal_and_none_where_nothing_matches():
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "spec_decode.py"), "--size", "tiny", "--rounds", "1", "--requests", "1",
+         "--max-tokens", "24", "--model-process", "off", "--workloads", "copy", "none"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    copy = re.search(r"^copy\s+1\s+0\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\S+)\s+([\d.]+)$", completed.stdout, re.M)
+    none = re.search(r"^none\s+1\s+0\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\S+)\s+([\d.]+)$", completed.stdout, re.M)
+    assert copy and none, completed.stdout
+    assert copy.group(1) == "100%" and float(copy.group(2)) > 2  # the copying model takes every proposal
+    assert none.group(1) == "-" and float(none.group(2)) == 1.0  # random tokens: nothing proposed
+    assert re.search(r"^copy\s+1\s+median\s+[\d.]+$", completed.stdout, re.M), completed.stdout
