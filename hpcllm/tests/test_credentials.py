@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
 from hpcllm.cli.main import main
 from hpcllm.config import check_service_credentials, load_config, parse_config
 from hpcllm.errors import ConfigError
+from hpcllm.tests.ports import free_port
 
 GOOD = {"cluster": {"shared_secret": "s3cret-for-tests"}, "controller": {"admin_key": "adm1n-key-for-tests"},
         "gateway": {"api_keys": [{"key": "sk-user-for-tests"}]}}
@@ -115,12 +115,6 @@ def test_the_shipped_configs(tmp_path):
     conf = Path(__file__).resolve().parents[2] / "conf"
     check_service_credentials(load_config(conf / "dev.toml"), "gateway")  # marked dev
     assert "sk-change-me-alice" in refusal(load_config(conf / "gateway.toml"), "gateway")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("service", ["controller", "gateway", "node"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,16 +20,11 @@ from hpcllm.controller.protocol import InstanceInfo
 from hpcllm.controller.tests.conftest import ADMIN_KEY, GB, SECRET
 from hpcllm.controller.tests.doubles import FileBackend, HttpNodeAgent, checkpoint_folder
 from hpcllm.httpkit.auth import SECRET_HEADER
+from hpcllm.tests.ports import free_port
 
 INTERNAL = {SECRET_HEADER: SECRET}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 START_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ControllerProcess:

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from hpcllm.gateway import frontdoor
+from hpcllm.tests.ports import free_port
 
 from .conftest import MODEL, USER_KEY
 
@@ -25,12 +26,6 @@ pytestmark = pytest.mark.skipif(shutil.which("nginx") is None and not frontdoor.
 
 def trusting(door) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(door.ca))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

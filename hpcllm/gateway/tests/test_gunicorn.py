@@ -18,14 +18,9 @@ import httpx
 import pytest
 
 from hpcllm.procs import stop_process
+from hpcllm.tests.ports import free_port
 
 from .conftest import MODEL, SECRET, USER_KEY
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DRAIN_S = 6  # the stuck request waits it out (twice: gthread, gevent); the stream and the probes take ~1 s
