@@ -125,3 +125,21 @@ def slow_down(engine, seconds_per_step):
         engine._forward = forward
 
     return restore
+
+
+@pytest.fixture
+def make_engine():
+    """make(model, tokenizer, **options): a started Engine ("tiny"), shut down after the test."""
+    from hpcllm.worker.engine import Engine
+
+    engines = []
+
+    def make(model, tokenizer, **options):
+        engine = Engine(model, tokenizer, model_name="tiny", **options).start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+

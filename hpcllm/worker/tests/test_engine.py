@@ -20,20 +20,6 @@ def request(**fields) -> GenerateRequest:
     return GenerateRequest(**fields)
 
 
-@pytest.fixture
-def make_engine():
-    engines = []
-
-    def make(model, tokenizer, **options) -> Engine:
-        engine = Engine(model, tokenizer, model_name="tiny", **options).start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown()
-
-
 def hf_greedy(model, prompt_ids, max_new_tokens, **kwargs):
     out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
     return out[0, len(prompt_ids):].tolist()

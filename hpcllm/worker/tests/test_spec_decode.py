@@ -41,20 +41,6 @@ def spec_counts(engine: Engine) -> tuple[int, int]:
     return int(metrics.spec_proposed_tokens._value.get()), int(metrics.spec_accepted_tokens._value.get())
 
 
-@pytest.fixture
-def engines():
-    made = []
-
-    def make(model, tokenizer, **options) -> Engine:
-        engine = Engine(model, tokenizer, model_name="tiny", **options).start()
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.shutdown()
-
-
 @pytest.fixture(scope="module")
 def copying(model_dirs):
     """(model factory, tokenizer, successor table) of the tiny Llama rewired to copy (copying_model.py)."""
@@ -85,7 +71,7 @@ def test_the_proposal_follows_the_earliest_occurrence_of_the_longest_matching_su
 @pytest.mark.parametrize("model_process", [False, True])
 @pytest.mark.parametrize("arch", ["opt", "gpt2", "llama"])
 def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, model_process, model_dirs,
-                                                                          reference_model, engines):
+                                                                          reference_model, make_engine):
     """Random weights: proposals are made and mostly rejected (some accepted): the output must not change."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,7 +80,7 @@ def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, 
     prompt_ids = [tokenizer(p)["input_ids"] for p in MORE_PROMPTS]
     lengths = [40 + 7 * i for i in range(len(prompt_ids))]
     expected = [hf_greedy(reference_model(arch), ids, n) for ids, n in zip(prompt_ids, lengths)]
-    engine = engines(model, tokenizer, speculative_ngram_tokens=4, model_process=model_process,
+    engine = make_engine(model, tokenizer, speculative_ngram_tokens=4, model_process=model_process,
                      prefill_chunk_tokens=8)
     results = run_together(engine, [request(prompt_token_ids=ids, max_tokens=n)
                                      for ids, n in zip(prompt_ids, lengths)])
@@ -107,15 +93,15 @@ def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, 
 
 @pytest.mark.parametrize("model_process,batching", [(False, "auto"), (True, "auto"), (False, "sequential")])
 def test_a_prompt_the_output_copies_takes_several_tokens_per_step_and_the_same_tokens(copying, model_process,
-                                                                                      batching, engines):
+                                                                                      batching, make_engine):
     load, tokenizer, successor, reference = copying
     document = cycle_from(successor, 500, 120)
     # The document, something else, then its first token: the output copies the document from its second token.
     prompt = document + cycle_from(successor, 7, 10)[::-1] + document[:1]
     expected = hf_greedy(reference, prompt, 100)
     assert expected == document[1:101]  # the rewired model copies
-    plain = engines(load(), tokenizer)
-    engine = engines(load(), tokenizer, speculative_ngram_tokens=5, model_process=model_process, batching=batching)
+    plain = make_engine(load(), tokenizer)
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=5, model_process=model_process, batching=batching)
     [(off, _)] = run_together(plain, [request(prompt_token_ids=prompt, max_tokens=100)])
     [(on, final)] = run_together(engine, [request(prompt_token_ids=prompt, max_tokens=100)])
     assert on == off == expected and final.finish_reason == "length"
@@ -126,11 +112,11 @@ def test_a_prompt_the_output_copies_takes_several_tokens_per_step_and_the_same_t
     assert 100 - accepted <= 2 + -(-98 // 6)
 
 
-def test_a_request_ends_mid_proposal_at_max_tokens_and_at_a_stop_token(copying, engines):
+def test_a_request_ends_mid_proposal_at_max_tokens_and_at_a_stop_token(copying, make_engine):
     load, tokenizer, successor, _ = copying
     document = cycle_from(successor, 42, 60)
     prompt = document + document[:1]
-    engine = engines(load(), tokenizer, speculative_ngram_tokens=8)
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=8)
     by_length, by_stop = run_together(engine, [request(prompt_token_ids=prompt, max_tokens=13),
                                                request(prompt_token_ids=prompt, max_tokens=50,
                                                        stop_token_ids=[document[20]])])
@@ -139,13 +125,13 @@ def test_a_request_ends_mid_proposal_at_max_tokens_and_at_a_stop_token(copying, 
     assert engine.kv_pool.used_blocks == 0
 
 
-def test_speculation_under_preemption_and_resumed_from_token_ids_keeps_the_output(copying, engines):
+def test_speculation_under_preemption_and_resumed_from_token_ids_keeps_the_output(copying, make_engine):
     """A tiny KV budget preempts and recomputes requests mid-copy; a request resumed from its first tokens (as a
     migrated or failed-over one is) continues exactly."""
     load, tokenizer, successor, reference = copying
     prompts = [cycle_from(successor, start, 24) + [start] for start in (3, 300, 600, 900)]
     expected = [hf_greedy(reference, ids, 30) for ids in prompts]
-    engine = engines(load(), tokenizer, speculative_ngram_tokens=4, max_model_len=64, kv_cache_tokens=80,
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=4, max_model_len=64, kv_cache_tokens=80,
                      kv_block_size=4, max_running_requests=4)
     results = run_together(engine, [request(prompt_token_ids=ids, max_tokens=30) for ids in prompts])
     assert [tokens for tokens, _ in results] == expected
@@ -155,10 +141,10 @@ def test_speculation_under_preemption_and_resumed_from_token_ids_keeps_the_outpu
     assert resumed == expected[0][5:]
 
 
-def test_sampled_requests_and_logprobs_are_not_speculated(copying, engines):
+def test_sampled_requests_and_logprobs_are_not_speculated(copying, make_engine):
     load, tokenizer, successor, _ = copying
     prompt = cycle_from(successor, 11, 40) + [11]
-    engine = engines(load(), tokenizer, speculative_ngram_tokens=4)
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=4)
     run_together(engine, [request(prompt_token_ids=prompt, max_tokens=20, logprobs=1),
                           GenerateRequest(request_id=f"s{next(_ids)}", prompt_token_ids=prompt, max_tokens=20,
                                           temperature=0.8, seed=3)])
