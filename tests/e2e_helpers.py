@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Callable, Iterator
 import httpx
 
 from hpcllm.procs import stop_process  # noqa: F401 - the e2e tests take it from here
+from hpcllm.tests.ports import free_port  # noqa: F401 - the e2e tests take it from here too
 
 # The `hpcllm` command beside this Python (the venv's console script).
 HPCLLM = str(Path(sys.executable).parent / "hpcllm")
@@ -171,13 +171,6 @@ def admin_status(url: str, admin_key: str) -> dict:
     resp = httpx.get(f"{url}/v1/admin/status", headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
     resp.raise_for_status()
     return resp.json()
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (for services whose port must be known before they start)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_hpcllm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

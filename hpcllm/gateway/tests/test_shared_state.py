@@ -150,10 +150,10 @@ def test_hosts_racing_on_one_bucket_take_exactly_its_capacity(empty_postgres):
 
 def test_an_unreachable_postgres_is_a_clear_error(tmp_path):
     from hpcllm.controller.errors import DatabaseError
-    from hpcllm.controller.tests.pg_server import _free_port
+    from hpcllm.tests.ports import free_port
 
     pytest.importorskip("psycopg")
-    url = f"postgresql://gw:secret@127.0.0.1:{_free_port()}/limits"
+    url = f"postgresql://gw:secret@127.0.0.1:{free_port()}/limits"
     with pytest.raises(DatabaseError, match=r"cannot connect to the gateway limits database "
                                             r"postgresql://gw:\*\*\*@127\.0\.0\.1"):
         SharedState(url)

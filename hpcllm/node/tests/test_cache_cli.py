@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
 from hpcllm.cli.main import main
 from hpcllm.httpkit.tests.thread_server import CannedServer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hpcllm.tests.ports import free_port
 
 
 def test_unreachable_agent_names_the_node_and_url(capsys):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
 
     code = main(["cache", "ls", "--agent-url", url])
 
@@ -31,7 +25,7 @@ def test_unreachable_agent_names_the_node_and_url(capsys):
 
 
 def test_unknown_model_without_controller_or_source_is_a_clear_error(capsys):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     code = main(["cache", "warm", "llama", "--nodes", "n1", "--url", url])
 
     err = capsys.readouterr().err
@@ -68,7 +62,7 @@ def test_nodes_the_controller_lost_are_skipped_by_ls_and_named_when_asked_for(ca
     ones without warnings about history, and naming a dead node says so instead of trying its old URL."""
     from hpcllm.node import cache_cli
 
-    dead_url = f"http://127.0.0.1:{_free_port()}"
+    dead_url = f"http://127.0.0.1:{free_port()}"
     status = {"now": 1000.0, "models": [], "nodes": [
         {"node_id": "n1", "state": "gone", "agent_url": dead_url, "last_heartbeat": 400.0},
         {"node_id": "n2", "state": "lost", "agent_url": dead_url, "last_heartbeat": 955.0},
