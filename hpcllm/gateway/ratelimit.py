@@ -19,9 +19,14 @@ from hpcllm.gateway.shared_state import SharedState
 STREAM_RETRY_AFTER_S = 2.0
 
 
+def key_digest(key: ApiKey) -> str:
+    """What the limits database names a key by (its buckets, the owner of its stored responses): a digest of the
+    key, never the key itself."""
+    return hashlib.sha256(key.key.encode()).hexdigest()[:24]
+
+
 def _bucket_id(key: ApiKey, kind: str) -> str:
-    # Bucket names hold a digest of the key, never the key itself.
-    return f"{kind}:{hashlib.sha256(key.key.encode()).hexdigest()[:24]}"
+    return f"{kind}:{key_digest(key)}"
 
 
 class RateLimiter:

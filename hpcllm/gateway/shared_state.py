@@ -68,7 +68,7 @@ class SharedState:
         self._holder: tuple[int, str] | None = None  # (pid, holder id), made again after a fork
         self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
         self._schema_ready = False
-        self._create_schema()
+        self.create_tables(SCHEMA)
         self._schema_ready = True
 
     # ------------------------------------------------------------------------------------------- connections
@@ -77,7 +77,8 @@ class SharedState:
         return open_database(self.url, setting=self._setting, purpose="gateway limits database")
 
     @contextmanager
-    def _connection(self) -> Iterator[Database]:
+    def connection(self) -> Iterator[Database]:
+        """The connection for statements outside a transaction (each its own, autocommit), e.g. one SELECT."""
         if not self.postgres:
             db = getattr(self._local, "db", None)
             if db is None:
@@ -114,17 +115,17 @@ class SharedState:
         return redact_password(self.url)
 
     @contextmanager
-    def _transaction(self) -> Iterator[Database]:
+    def transaction(self) -> Iterator[Database]:
         """One write transaction: SQLite takes the file's write lock at BEGIN; PostgreSQL locks rows as read
         (`FOR UPDATE` via self._for_update). Rolled back on error."""
-        with self._connection() as db:
+        with self.connection() as db:
             db.conn.execute(db.begin_write)
             try:
                 yield db
             except BaseException:
                 try:
                     db.conn.execute("ROLLBACK")
-                except Exception:  # the connection itself failed; _connection handles it
+                except Exception:  # the connection itself failed; connection() handles it
                     pass
                 raise
             db.conn.execute("COMMIT")
@@ -132,11 +133,13 @@ class SharedState:
     def _for_update(self) -> str:
         return " FOR UPDATE" if self.postgres else ""  # SQLite's BEGIN IMMEDIATE already holds the write lock
 
-    def _create_schema(self) -> None:
-        with self._transaction() as db:
+    def create_tables(self, schema: str) -> None:
+        """Create a schema's tables and indexes where missing (the limits' here, the stored responses' in
+        hpcllm.gateway.response_store: one database, one connection per process)."""
+        with self.transaction() as db:
             if self.postgres:
                 db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
-            for statement in filter(str.strip, SCHEMA.split(";")):
+            for statement in filter(str.strip, schema.split(";")):
                 db.conn.execute(postgres_schema(statement) if self.postgres else statement)
 
     # ------------------------------------------------------------------------------------------- token buckets
@@ -150,7 +153,7 @@ class SharedState:
         success, else the seconds until enough tokens will be there.
         """
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.transaction() as db:
             tokens = self._refilled(db, bucket, capacity, per_second, now)
             need = min(cost, capacity)
             if tokens + 1e-9 >= need:
@@ -169,13 +172,13 @@ class SharedState:
         if amount == 0:
             return
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.transaction() as db:
             tokens = self._refilled(db, bucket, capacity, per_second, now)
             self._store(db, bucket, min(capacity, tokens + amount), now)
 
     def level(self, bucket: str, *, capacity: float, per_second: float, now: float | None = None) -> float:
         now = time.time() if now is None else now
-        with self._transaction() as db:
+        with self.transaction() as db:
             return self._refilled(db, bucket, capacity, per_second, now)
 
     def _refilled(self, db: Database, bucket: str, capacity: float, per_second: float, now: float) -> float:
@@ -214,7 +217,7 @@ class SharedState:
         now = time.time() if now is None else now
         holder = self.holder
         self._start_heartbeat()
-        with self._transaction() as db:
+        with self.transaction() as db:
             self._lock_stream_bucket(db, bucket, now)
             self._free_abandoned_slots(db, bucket, holder, now)
             held = db.conn.execute("SELECT COUNT(*) AS held FROM gateway_stream_slots WHERE bucket = ?",
@@ -257,7 +260,7 @@ class SharedState:
 
     def renew_lease(self) -> None:
         """Tell the other gateway processes (and hosts) that this one's stream slots are still in use."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             self._renew(db, time.time())
 
     def _start_heartbeat(self) -> None:
@@ -286,14 +289,14 @@ class SharedState:
             self._heartbeat = None
 
     def close_stream(self, stream_id: str) -> None:
-        with self._transaction() as db:
+        with self.transaction() as db:
             db.conn.execute("DELETE FROM gateway_stream_slots WHERE id = ?", (stream_id,))
 
     # ------------------------------------------------------------------------------------------- cold starts
 
     def first_sighting(self, instance_id: str) -> bool:
         """True for exactly one caller across all gateway processes (and hosts) per instance id."""
-        with self._transaction() as db:
+        with self.transaction() as db:
             cur = db.conn.execute("INSERT INTO gateway_seen_instances (instance_id, seen_at) VALUES (?, ?) "
                                   "ON CONFLICT (instance_id) DO NOTHING", (instance_id, time.time()))
             return cur.rowcount == 1
