@@ -294,6 +294,12 @@ class GatewayConfig(Section):
     # A gateway process renews its stream slots every third of this; a host silent for longer (crashed, cut off)
     # loses its slots to the others. Slots of a dead process on the same host are freed at once.
     stream_lease_seconds: float = Field(30.0, gt=0)
+    # Responses API: responses made with `store` (OpenAI's default) are kept this long in the limits database, for
+    # previous_response_id and GET /v1/responses/{id} (OpenAI keeps 30 days; a week covers a working session's
+    # chains without holding conversations for a month).
+    responses_ttl_hours: float = Field(168.0, gt=0)
+    # ... and in at most this many bytes (their JSON), the oldest dropped first; 0: nothing is stored (store: false).
+    responses_max_bytes: int = Field(1024 ** 3, ge=0)
     # Prometheus multiprocess directory used under gunicorn; empty: <paths.state_dir>/gateway/metrics
     metrics_dir: Path | None = None
     # The status page (GET /status) shows the cluster to the admin key; true: also to every API key, read-only and

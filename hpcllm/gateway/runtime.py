@@ -1,8 +1,9 @@
 """What one gateway process holds: config, its Router, the shared limiter, metrics, tokenizers, an HTTP pool.
 
 Nothing here decides placement: the Router is asked for every request. State that must agree across gunicorn
-worker processes (rate-limit buckets, stream slots, which instances were counted as cold starts) lives in SharedState
-(SQLite, or PostgreSQL shared by every gateway host); metrics go through prometheus_client's multiprocess files.
+worker processes (rate-limit buckets, stream slots, which instances were counted as cold starts, stored responses)
+lives in SharedState's database (SQLite, or PostgreSQL shared by every gateway host); metrics go through
+prometheus_client's multiprocess files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hpcllm.config import ApiKey, Config
 from hpcllm.controller.registry.databases import is_postgres_url
 from hpcllm.gateway.metrics import GatewayMetrics
 from hpcllm.gateway.ratelimit import RateLimiter
+from hpcllm.gateway.response_store import ResponseStore
 from hpcllm.gateway.routing import Router, make_router
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.gateway.tokenization import TokenizerCache
@@ -58,6 +60,7 @@ class Gateway:
         self.tokenizers = TokenizerCache()
         self.shared = open_shared_state(config)
         self.limiter = RateLimiter(self.shared)
+        self.responses = ResponseStore.of(config, self.shared)
         self.api_keys: dict[str, ApiKey] = {k.key: k for k in gw.api_keys}
         if not self.api_keys:
             log.warning("gateway.api_keys is empty: /v1 endpoints are %s", "open to anyone who can reach the gateway"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -23,7 +24,15 @@ InputRole = Literal["user", "system", "developer", "assistant"]
 # Content part types whose text reaches the prompt (what a user sends, what the model answered before).
 TEXT_PARTS = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output")
-NOT_STORED = "this server stores no responses; send the whole conversation in 'input'"
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+NO_CONVERSATIONS = "the Conversations API is not served: chain turns with previous_response_id, or send the whole " \
+                   "conversation in 'input'"
+NO_REFERENCES = "items are not looked up by id: send the item itself, or chain turns with previous_response_id"
+
+
+def new_item_id(prefix: str) -> str:
+    """OpenAI's ids: resp_..., msg_..., fc_..."""
+    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def _content_shape(value: Any, what: str) -> str | list[dict]:
@@ -53,6 +62,7 @@ class InputItem(OpenAIRequest):
     of the other types are checked by type (check_supported refuses unknown types with a 400)."""
 
     type: str = "message"
+    id: str | None = None
     role: InputRole | None = None
     content: Any = None
     call_id: str | None = None
@@ -74,6 +84,18 @@ class InputItem(OpenAIRequest):
         elif self.type == "function_call_output":
             _content_shape(self.output, "output")
         return self
+
+    def listed(self) -> dict[str, Any]:
+        """This item as it is stored and listed (GET /v1/responses/{id}/input_items): OpenAI's item shape, with an
+        id and a status, a message's content as parts. Read back as an InputItem, it is the same message again."""
+        item = {"id": self.id or new_item_id(ITEM_ID_PREFIXES[self.type]), "type": self.type, "status": "completed"}
+        if self.type == "message":
+            kind = "output_text" if self.role == "assistant" else "input_text"
+            content = [{"type": kind, "text": self.content}] if isinstance(self.content, str) else self.content
+            return {**item, "role": self.role, "content": content}
+        if self.type == "function_call":
+            return {**item, "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        return {**item, "call_id": self.call_id, "output": self.output}
 
 
 class FunctionTool(OpenAIRequest):
@@ -138,10 +160,10 @@ class ResponsesRequest(OpenAIRequest):
     text: TextConfig | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
-    store: bool | None = None  # accepted (OpenAI's default is true), nothing is stored
+    store: bool | None = None  # OpenAI's default is true: kept (hpcllm.gateway.response_store)
+    previous_response_id: str | None = Field(None, min_length=1)
     truncation: Literal["auto", "disabled"] | None = None
     # Declared to be refused when set (unknown fields are dropped silently)
-    previous_response_id: Any = None
     conversation: Any = None
     prompt: Any = None
     background: bool | None = None
@@ -166,9 +188,8 @@ class ResponsesRequest(OpenAIRequest):
 
     def check_supported(self) -> None:
         """400s for what this server cannot do, naming the field (chat's own checks follow in to_chat's request)."""
-        for name in ("previous_response_id", "conversation"):
-            if getattr(self, name) is not None:
-                raise unsupported(name, f"'{name}' ({NOT_STORED})")
+        if self.conversation is not None:
+            raise unsupported("conversation", f"'conversation' ({NO_CONVERSATIONS})")
         if self.prompt is not None:
             raise unsupported("prompt", "a stored prompt template")
         if self.background:
@@ -188,10 +209,18 @@ class ResponsesRequest(OpenAIRequest):
                 raise unsupported(f"tools[{i}].type", f"the built-in tool {tool.type[:80]!r} (only function tools)")
         for i, item in enumerate(self.input):
             if item.type not in ITEM_TYPES:
-                hint = f" ({NOT_STORED})" if item.type == "item_reference" else ""
+                hint = f" ({NO_REFERENCES})" if item.type == "item_reference" else ""
                 raise unsupported(f"input[{i}].type", f"an input item of type {item.type[:80]!r}{hint}")
         if not (self.tool_choice in (None, "auto", "none", "required") or _is_named_function(self.tool_choice)):
             raise unsupported("tool_choice", f"tool_choice {json.dumps(self.tool_choice)[:100]}")
+
+    def continuing(self, conversation: list[dict[str, Any]]) -> ResponsesRequest:
+        """This request with a stored conversation (an earlier response's input and output items) before its input:
+        what previous_response_id asks for. Items of other types than the input's (an output item this server
+        does not read back) are left out, as the chat template would drop them."""
+        earlier = [InputItem.model_validate(item) for item in conversation
+                   if item["type"] in ITEM_TYPES]
+        return self.model_copy(update={"input": [*earlier, *self.input]})
 
     def to_chat(self) -> ChatCompletionRequest:
         """The chat completions request that answers this one."""
@@ -235,9 +264,8 @@ class ResponsesRequest(OpenAIRequest):
             "tools": tools, "tool_choice": self.tool_choice or "auto",
             "text": {"format": (self.text.format if self.text else None) or {"type": "text"}},
             "parallel_tool_calls": self.parallel_tool_calls is not False, "metadata": self.metadata or {},
-            "store": False,  # whatever was asked: nothing is stored
-            "user": self.user, "truncation": self.truncation or "disabled",
-            "background": False, "previous_response_id": None, "reasoning": None,
+            "store": self.store is not False, "previous_response_id": self.previous_response_id,
+            "user": self.user, "truncation": self.truncation or "disabled", "background": False, "reasoning": None,
         }
 
 
@@ -259,6 +287,28 @@ def renamed_for_responses(exc: InvalidRequest) -> InvalidRequest:
         exc.message = re.sub(rf"\b{re.escape(exc.param)}\b", new, exc.message)
         exc.param = new
     return exc
+
+
+class InputItemsQuery(OpenAIRequest):
+    """GET /v1/responses/{id}/input_items' query (OpenAI's): a page of `limit` items in `order`, after item `after`."""
+
+    limit: int = Field(20, ge=1, le=100)
+    order: Literal["asc", "desc"] = "desc"
+    after: str | None = None
+
+    def page(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """OpenAI's list object of the page."""
+        ordered = items if self.order == "asc" else items[::-1]
+        start = 0
+        if self.after is not None:
+            ids = [item["id"] for item in ordered]
+            if self.after not in ids:
+                raise InvalidRequest(f"'after': no item with id {self.after[:80]!r} in this response's input",
+                                     param="after")
+            start = ids.index(self.after) + 1
+        data = ordered[start:start + self.limit]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": start + self.limit < len(ordered)}
 
 
 # ------------------------------------------------------------------------------------------------- the answer

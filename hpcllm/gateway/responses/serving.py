@@ -1,5 +1,6 @@
 """POST /v1/responses: a chat completion (hpcllm.gateway.chat.serving, so routing, limits, migration, resume and tool
-calling are chat's own) answered as OpenAI's `response` object, or streamed as its typed events.
+calling are chat's own) answered as OpenAI's `response` object, or streamed as its typed events; kept (with `store`,
+the default) for previous_response_id and GET/DELETE /v1/responses/{id} (hpcllm.gateway.response_store).
 
 Output items: a `message` with the answer's text (left out when the answer is only tool calls), then one
 `function_call` per tool call. A chat finish_reason "length" makes the response (and its message) "incomplete".
@@ -8,35 +9,39 @@ Output items: a `message` with the answer's text (left out when the answer is on
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from flask import Response
+from pydantic import ValidationError
 
 from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaToolCall
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, start_chat
-from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import UsageInfo
-from hpcllm.gateway.responses.protocol import (FunctionCallItem, IncompleteDetails, OutputMessage, OutputText,
-                                               ResponseObject, ResponsesRequest, ResponseUsage, renamed_for_responses)
+from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
+from hpcllm.gateway.protocol import UsageInfo, validation_error
+from hpcllm.gateway.response_store import StoredResponse, owner_of
+from hpcllm.gateway.responses.protocol import (FunctionCallItem, IncompleteDetails, InputItemsQuery, OutputMessage,
+                                               OutputText, ResponseObject, ResponsesRequest, ResponseUsage,
+                                               new_item_id, renamed_for_responses)
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import SSE_HEADERS, Delta, RequestContext, collect, stream_error
 
-
-def new_item_id(prefix: str) -> str:
-    """OpenAI's ids: resp_..., msg_..., fc_..."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+log = logging.getLogger(__name__)
 
 
 def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> Response | dict:
     req.check_supported()
-    chat_req = req.to_chat()
+    owner = owner_of(ctx.api_key)
+    req.store = req.store is not False and gw.responses.enabled  # what the response will say
+    asked = continued(gw, owner, req)
+    chat_req = asked.to_chat()
     try:
         generation, parser = start_chat(gw, ctx, chat_req, new_item_id("resp"))
     except InvalidRequest as exc:
         raise renamed_for_responses(exc) from None
-    answer = ResponseBuilder(req, generation.response_id, ctx.created)
+    keep = keeper(gw, owner, [item.listed() for item in asked.input]) if req.store else None
+    answer = ResponseBuilder(req, generation.response_id, ctx.created, keep)
     if req.stream:
         events = answer.events(generation.deltas(), ChatChoiceStream(parser, chat_req), lambda: generation.usage,
                                ctx.request_id)
@@ -45,6 +50,60 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
         return response
     result, = collect(generation)
     return answer.whole(chat_choice(result, parser, chat_req), generation.usage)
+
+
+def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> ResponsesRequest:
+    """The request with its previous response's conversation before its input (OpenAI's previous_response_id; the
+    previous instructions are not carried over). An id this key cannot see is OpenAI's 400."""
+    if req.previous_response_id is None:
+        return req
+    req.to_chat()  # errors in this request's own items, named by their place in its input
+    previous = gw.responses.get(owner, req.previous_response_id)
+    if previous is None:
+        raise InvalidRequest(f"Previous response with id '{req.previous_response_id[:100]}' not found.",
+                             param="previous_response_id", code="previous_response_not_found")
+    return req.continuing(previous.conversation())
+
+
+def keeper(gw: Gateway, owner: str, input_items: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
+    """Stores a finished response with its conversation's input items. When it cannot be kept (the database is
+    away, or it is larger than responses_max_bytes), the answer still goes out, saying `store: false`."""
+    def keep(body: dict[str, Any]) -> None:
+        try:
+            kept = gw.responses.put(owner, StoredResponse(input=input_items, response=body))
+        except ServiceUnavailable:  # logged where the database failed
+            kept = False
+        if not kept:
+            log.warning("response %s was not stored (database unreachable, or over gateway.responses_max_bytes)",
+                        body["id"])
+            body["store"] = False
+    return keep
+
+
+def stored_response(gw: Gateway, ctx: RequestContext, response_id: str) -> StoredResponse:
+    """The key's stored response; 404 for any id it cannot see (another key's too: its existence is not told)."""
+    stored = gw.responses.get(owner_of(ctx.api_key), response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    return stored
+
+
+def delete_response(gw: Gateway, ctx: RequestContext, response_id: str) -> dict[str, Any]:
+    if not gw.responses.delete(owner_of(ctx.api_key), response_id):
+        raise _not_found(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def _not_found(response_id: str) -> NotFound:
+    return NotFound(f"Response with id '{response_id[:100]}' not found.", param="response_id")
+
+
+def list_input_items(gw: Gateway, ctx: RequestContext, response_id: str, query: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        asked = InputItemsQuery.model_validate(dict(query), strict=False)  # query values are strings
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    return asked.page(stored_response(gw, ctx, response_id).input)
 
 
 def status_of(finish_reason: str) -> str:
@@ -56,8 +115,10 @@ class ResponseBuilder:
     events, numbered (sequence_number), from chat's streamed choice (ChatChoiceStream: text as it comes, tool
     calls at the end, a named function's call as it comes)."""
 
-    def __init__(self, req: ResponsesRequest, response_id: str, created: int):
+    def __init__(self, req: ResponsesRequest, response_id: str, created: int,
+                 keep: Callable[[dict[str, Any]], None] | None = None):
         self.req, self.response_id, self.created = req, response_id, created
+        self.keep = keep or (lambda body: None)  # called with the finished response (stored responses)
         self.sequence_number = 0
         self.output: list[OutputMessage | FunctionCallItem] = []
         self.message: OutputMessage | None = None  # the message item being streamed
@@ -77,7 +138,9 @@ class ResponseBuilder:
             self.output.append(OutputMessage(id=new_item_id("msg"), status=status,
                                              content=[OutputText(text=message.content or "")]))
         self.output += [FunctionCallItem.of(new_item_id("fc"), call) for call in message.tool_calls]
-        return self.response(status, usage)
+        body = self.response(status, usage)
+        self.keep(body)
+        return body
 
     # ------------------------------------------------------------------------------------------------ streamed
     def events(self, deltas: Iterator[Delta], choice: ChatChoiceStream, usage: Callable[[], UsageInfo],
@@ -110,7 +173,9 @@ class ResponseBuilder:
             yield from self._open_message()
         yield from self._close_message(status)
         yield from self._close_call()
-        yield self._event(f"response.{status}", response=self.response(status, usage()))
+        final = self.response(status, usage())
+        self.keep(final)  # before the event: a client may chain on the id as soon as it reads it
+        yield self._event(f"response.{status}", response=final)
 
     def _where(self) -> dict[str, Any]:
         return {"item_id": self.message.id, "output_index": len(self.output), "content_index": 0}

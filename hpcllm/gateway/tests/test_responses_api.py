@@ -155,17 +155,19 @@ FINAL_ANSWER = "It is sunny in Paris."
 def calling_gateway(tmp_path, tools_model_dir, tools_tokenizer):  # noqa: F811
     """A gateway serving TOOLS_MODEL from a stand-in worker that answers as a tool-calling model would (the tiny
     model never writes a call): a call of get_weather, or once the prompt holds the tool's answer, the final text,
-    in 5-character tokens ending with "stop"."""
+    in 5-character tokens ending with "stop". The prompts it was sent are in the gateway's `worker_prompts`."""
     from flask import Flask, Response, request
 
     from hpcllm.httpkit.tests.thread_server import ThreadServer
     from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
 
     app = Flask("calling-worker")
+    prompts: list[list[int]] = []
 
     @app.post(GENERATE_PATH)
     def generate():
         req = GenerateRequest.model_validate_json(request.get_data())
+        prompts.append(req.prompt_token_ids)
         answer = FINAL_ANSWER if "sunny" in tools_tokenizer.decode(req.prompt_token_ids) else CALL_ANSWER
         pieces = [answer[i:i + 5] for i in range(0, len(answer), 5)]
         usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(pieces),
@@ -181,7 +183,9 @@ def calling_gateway(tmp_path, tools_model_dir, tools_tokenizer):  # noqa: F811
 
     worker = ThreadServer(app)
     factory = GatewayFactory(tmp_path, worker.url, tools_model_dir)
-    yield factory(static_models={TOOLS_MODEL: {"worker_url": worker.url, "source": str(tools_model_dir)}})
+    gateway = factory(static_models={TOOLS_MODEL: {"worker_url": worker.url, "source": str(tools_model_dir)}})
+    gateway.worker_prompts = prompts
+    yield gateway
     factory.stop_all()
     worker.stop()
 
@@ -328,7 +332,7 @@ def test_chats_errors_name_the_responses_field():
 
 
 @pytest.mark.parametrize("body, status, code, param", [
-    ({"previous_response_id": "resp_123"}, 400, "unsupported_parameter", "previous_response_id"),
+    ({"previous_response_id": "resp_123"}, 400, "previous_response_not_found", "previous_response_id"),
     ({"conversation": "conv_1"}, 400, "unsupported_parameter", "conversation"),
     ({"tools": [{"type": "web_search"}]}, 400, "unsupported_parameter", "tools[0].type"),
     ({"tools": [FUNCTION_TOOL, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, 400,
@@ -355,14 +359,14 @@ def test_chats_errors_name_the_responses_field():
 def test_what_cannot_be_done_is_a_4xx_naming_the_field(gateway, body, status, code, param):
     resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})
     error = assert_error(resp, status, code, param)
-    if param == "previous_response_id":
+    if param == "conversation":
         assert "send the whole conversation in 'input'" in error["message"]
     if code == "context_length_exceeded":  # chat's check, worded with the Responses field
         assert "max_tokens" not in error["message"]
 
 
 def test_settings_that_change_nothing_are_accepted(gateway):
-    resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, "store": True,
+    resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, "store": False,
                                                "reasoning": {"effort": None}, "include": [], "truncation": "disabled",
                                                "parallel_tool_calls": False, "user": "u1"})
     assert resp.status_code == 200, resp.text

@@ -1,0 +1,224 @@
+"""Stored responses of the Responses API with the official openai client, through real gateways: previous_response_id
+continues a stored conversation exactly as sending it whole does (the same prompt tokens at the worker), GET, DELETE
+and input_items, a key sees only its own responses, store=false keeps nothing, expiry and the byte bound
+(ResponseStore with a test clock), two gateways on one database see each other's responses."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from hpcllm.gateway.response_store import ResponseStore, StoredResponse
+from hpcllm.gateway.shared_state import SharedState
+
+from .conftest import MODEL, USER_KEY
+from .test_errors import assert_error
+from .test_openai_api import chat_prompt_ids, hf_greedy
+from .test_responses_api import FINAL_ANSWER, FUNCTION_TOOL, INSTRUCTIONS, QUESTION, calling_gateway  # noqa: F401
+from .test_tool_calling_api import TOOLS_MODEL, tools_model_dir, tools_tokenizer  # noqa: F401
+
+AGAIN = "and again"
+OTHER_KEY = "sk-test-bob"
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def test_a_turn_after_a_previous_response_is_its_whole_conversation(gateway, hf_pair):
+    """The second turn's prompt is the first's input, its answer and the new input (not its instructions), rendered
+    as chat renders them: transformers' greedy answer to those messages, their token count; whole and streamed."""
+    client = gateway.client()
+    first = client.responses.create(model=MODEL, instructions=INSTRUCTIONS, input=QUESTION, max_output_tokens=6,
+                                    temperature=0)
+    assert first.store is True and first.previous_response_id is None
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input=AGAIN, max_output_tokens=6,
+                                     temperature=0)
+    messages = [_user(QUESTION), {"role": "assistant", "content": first.output_text}, _user(AGAIN)]
+    prompt_ids = chat_prompt_ids(hf_pair, messages)
+    text, _, _ = hf_greedy(hf_pair, prompt_ids, 6)
+    assert (second.usage.input_tokens, second.output_text) == (len(prompt_ids), text)
+    assert second.previous_response_id == first.id and second.instructions is None
+
+    whole = client.responses.create(model=MODEL, input=[_user(QUESTION), *[item.model_dump() for item in first.output],
+                                                        _user(AGAIN)], max_output_tokens=6, temperature=0)
+    assert (whole.usage.input_tokens, whole.output_text) == (second.usage.input_tokens, second.output_text)
+
+    events = list(client.responses.create(model=MODEL, previous_response_id=second.id, input="once more",
+                                          max_output_tokens=6, temperature=0, stream=True))
+    final = events[-1].response
+    messages += [{"role": "assistant", "content": second.output_text}, _user("once more")]
+    prompt_ids = chat_prompt_ids(hf_pair, messages)
+    assert (final.usage.input_tokens, final.output_text) == (len(prompt_ids), hf_greedy(hf_pair, prompt_ids, 6)[0])
+    assert client.responses.retrieve(final.id) == final  # a streamed response is stored too, before its last event
+
+
+def test_a_tool_round_by_previous_response_id_sends_the_worker_the_same_prompt(calling_gateway):  # noqa: F811
+    """The Agents SDK's loop with server-side state: the call's output sent with previous_response_id reaches the
+    worker as the same token ids as the whole round sent in `input`, whole and streamed."""
+    client, prompts = calling_gateway.client(), calling_gateway.worker_prompts
+    ask = [_user("What is the weather in Paris?")]
+    first = client.responses.create(model=TOOLS_MODEL, input=ask, tools=[FUNCTION_TOOL])
+    call, = first.output
+    answer = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}
+    chained = client.responses.create(model=TOOLS_MODEL, previous_response_id=first.id, input=[answer],
+                                      tools=[FUNCTION_TOOL])
+    whole = client.responses.create(model=TOOLS_MODEL, input=[*ask, call.model_dump(exclude_none=True), answer],
+                                    tools=[FUNCTION_TOOL])
+    with client.responses.stream(model=TOOLS_MODEL, previous_response_id=first.id, input=[answer],
+                                 tools=[FUNCTION_TOOL]) as stream:
+        streamed = stream.get_final_response()
+    assert chained.output_text == whole.output_text == streamed.output_text == FINAL_ANSWER
+    assert len(prompts) == 4 and prompts[1] == prompts[2] == prompts[3] != prompts[0]
+
+
+def _delete(gateway, response_id: str, key: str = USER_KEY):
+    return gateway.client(key=key).responses.with_raw_response.delete(response_id)
+
+
+def test_a_stored_response_is_read_listed_and_deleted(gateway):
+    client = gateway.client()
+    items = [{"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be brief"}]},
+             _user("hello"), {"role": "assistant", "content": "hi"}, _user(AGAIN)]
+    first = client.responses.create(model=MODEL, input=items, max_output_tokens=2)
+    assert client.responses.retrieve(first.id) == first
+    assert_error(gateway.get(f"/v1/responses/{first.id}", params={"stream": "true"}), 400, "unsupported_parameter",
+                 "stream")
+
+    listed = client.responses.input_items.list(first.id)  # OpenAI's default order: newest first
+    assert [(item.type, item.role, item.content[0].type, item.content[0].text) for item in listed.data] == [
+        ("message", "user", "input_text", AGAIN), ("message", "assistant", "output_text", "hi"),
+        ("message", "user", "input_text", "hello"), ("message", "developer", "input_text", "be brief")]
+    assert all(item.id.startswith("msg_") and item.status == "completed" for item in listed.data)
+    assert (listed.first_id, listed.last_id, listed.has_more) == (listed.data[0].id, listed.data[-1].id, False)
+    ids = [item.id for item in listed.data]
+    page = client.responses.input_items.list(first.id, order="asc", limit=2, after=ids[-1])
+    assert [item.id for item in page.data] == ids[::-1][1:3] and page.has_more is True
+
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input="more", max_output_tokens=2)
+    chained = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.id for item in chained] == [*ids[::-1], first.output[0].id, chained[-1].id]
+    assert chained[-1].content[0].text == "more"
+
+    deleted = _delete(gateway, first.id)
+    assert deleted.http_response.json() == {"id": first.id, "object": "response", "deleted": True}
+    for path in (f"/v1/responses/{first.id}", f"/v1/responses/{first.id}/input_items"):
+        assert_error(gateway.get(path), 404, "not_found", "response_id")
+    assert_error(gateway.post("/v1/responses", json={"model": MODEL, "previous_response_id": first.id, "input": "x"}),
+                 400, "previous_response_not_found", "previous_response_id")
+    with pytest.raises(openai.NotFoundError):
+        _delete(gateway, first.id)
+    assert client.responses.retrieve(second.id) == second  # its conversation was copied, not referenced
+
+
+@pytest.mark.parametrize("query, param", [({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
+                                          ({"order": "up"}, "order"), ({"after": "msg_unknown"}, "after")])
+def test_a_bad_input_items_query_is_a_4xx_naming_it(gateway, query, param):
+    response_id = gateway.client().responses.create(model=MODEL, input="hi", max_output_tokens=1).id
+    resp = gateway.get(f"/v1/responses/{response_id}/input_items", params=query)
+    assert_error(resp, 400 if param == "after" else 422, "invalid_request" if param == "after" else "invalid_value",
+                 param)
+
+
+def test_other_paths_and_methods_are_refused_as_elsewhere(gateway):
+    response_id = gateway.client().responses.create(model=MODEL, input="hi", max_output_tokens=1).id
+    assert_error(gateway.get("/v1/responses"), 405, "method_not_allowed")
+    assert_error(gateway.post(f"/v1/responses/{response_id}", json={}), 405, "method_not_allowed")
+    assert_error(gateway.get(f"/v1/responses/{response_id}/output_items"), 404, "unknown_url")
+    assert_error(gateway.get(f"/v1/responses/{response_id}", key=None), 401, "missing_api_key")
+
+
+def test_another_keys_response_does_not_exist_for_it(make_gateway):
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "name": "alice"}, {"key": OTHER_KEY, "name": "bob"}])
+    mine = gw.client().responses.create(model=MODEL, input="a secret", max_output_tokens=2)
+    unknown = "resp_" + "0" * 32
+    for response_id in (mine.id, unknown):  # told the same as an id that never existed
+        for path in (f"/v1/responses/{response_id}", f"/v1/responses/{response_id}/input_items"):
+            assert_error(gw.get(path, key=OTHER_KEY), 404, "not_found", "response_id")
+        with pytest.raises(openai.NotFoundError):
+            _delete(gw, response_id, key=OTHER_KEY)
+        with pytest.raises(openai.BadRequestError) as refused:
+            gw.client(key=OTHER_KEY).responses.create(model=MODEL, previous_response_id=response_id, input="tell")
+        assert refused.value.code == "previous_response_not_found"
+    assert gw.client().responses.retrieve(mine.id) == mine
+
+
+def test_store_false_keeps_nothing(make_gateway):
+    gw = make_gateway()
+    client = gw.client()
+    unstored = client.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, previous_response_id=unstored.id, input="hi")
+    rows = _rows(gw.state.shared)
+    assert rows == []
+
+    off = make_gateway(responses_max_bytes=0)  # storing turned off: every answer says so
+    assert off.client().responses.create(model=MODEL, input="hi", max_output_tokens=2).store is False
+    small = make_gateway(responses_max_bytes=500)  # one larger than the whole bound: answered, said unstored
+    too_big = small.client().responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    assert too_big.store is False and _rows(small.state.shared) == []
+
+
+def _rows(shared: SharedState) -> list[str]:
+    with shared.connection() as db:
+        return [row["id"] for row in db.conn.execute("SELECT id FROM gateway_responses ORDER BY created")]
+
+
+def _response(number: int, text: str = "x") -> StoredResponse:
+    return StoredResponse(input=[{"id": f"msg_{number}", "type": "message", "role": "user", "status": "completed",
+                                  "content": [{"type": "input_text", "text": text}]}],
+                          response={"id": f"resp_{number}", "output": []})
+
+
+@pytest.fixture
+def store_at(limits_url):
+    """A ResponseStore on each kind of database, read with a clock the test sets (now[0])."""
+    shared = SharedState(limits_url)
+    now = [1_000_000.0]
+    yield lambda **bounds: ResponseStore(shared, clock=lambda: now[0], **bounds), now
+    shared.close()
+
+
+def test_responses_expire_after_the_ttl_and_are_deleted_by_a_later_store(store_at):
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 6)
+    assert store.put("alice", _response(1))
+    now[0] += 3599
+    assert store.get("alice", "resp_1") == _response(1) and store.get("bob", "resp_1") is None
+    now[0] += 2
+    assert store.get("alice", "resp_1") is None and not store.delete("alice", "resp_1")
+    assert _rows(store.shared) == ["resp_1"]  # lazily: the next store deletes it
+    store.put("alice", _response(2))
+    assert _rows(store.shared) == ["resp_2"]
+
+
+def test_beyond_the_byte_bound_the_oldest_responses_go_first(store_at):
+    make, now = store_at
+    one = len(json.dumps(_response(1).input)) + len(json.dumps(_response(1).response))
+    store = make(ttl_s=3600, max_bytes=3 * one)
+    for number in range(1, 6):
+        now[0] += 1
+        assert store.put("alice", _response(number))
+    assert _rows(store.shared) == ["resp_3", "resp_4", "resp_5"]
+    assert not store.put("alice", _response(6, text="x" * 3 * one))  # larger than the whole bound: not kept
+    assert _rows(store.shared) == ["resp_3", "resp_4", "resp_5"]
+
+
+def test_two_gateways_on_one_database_share_the_stored_responses(make_gateway, limits_url):
+    """Two gateway apps (as two processes or hosts would) with one limits database: a response stored through one
+    is read, listed, continued and deleted through the other."""
+    one, two = make_gateway(limits_db=limits_url), make_gateway(limits_db=limits_url)
+    first = one.client().responses.create(model=MODEL, input=QUESTION, max_output_tokens=2)
+    assert two.client().responses.retrieve(first.id) == first
+    assert [item.content[0].text for item in two.client().responses.input_items.list(first.id).data] == [QUESTION]
+    second = two.client().responses.create(model=MODEL, previous_response_id=first.id, input=AGAIN,
+                                           max_output_tokens=2)
+    assert len(one.client().responses.input_items.list(second.id).data) == 3
+    assert _delete(one, second.id).http_response.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        two.client().responses.retrieve(second.id)
