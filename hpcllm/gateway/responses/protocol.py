@@ -88,14 +88,17 @@ class InputItem(OpenAIRequest):
     def listed(self) -> dict[str, Any]:
         """This item as it is stored and listed (GET /v1/responses/{id}/input_items): OpenAI's item shape, with an
         id and a status, a message's content as parts. Read back as an InputItem, it is the same message again."""
-        item = {"id": self.id or new_item_id(ITEM_ID_PREFIXES[self.type]), "type": self.type, "status": "completed"}
+        item = {"id": self.id or new_item_id(ITEM_ID_PREFIXES.get(self.type, "item")), "type": self.type,
+                "status": "completed"}
         if self.type == "message":
             kind = "output_text" if self.role == "assistant" else "input_text"
             content = [{"type": kind, "text": self.content}] if isinstance(self.content, str) else self.content
             return {**item, "role": self.role, "content": content}
         if self.type == "function_call":
             return {**item, "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
-        return {**item, "call_id": self.call_id, "output": self.output}
+        if self.type == "function_call_output":
+            return {**item, "call_id": self.call_id, "output": self.output}
+        return {**self.model_dump(exclude_none=True), **item}
 
 
 class FunctionTool(OpenAIRequest):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -71,7 +72,10 @@ def keeper(gw: Gateway, owner: str, input_items: list[dict[str, Any]]) -> Callab
     def keep(body: dict[str, Any]) -> None:
         try:
             kept = gw.responses.put(owner, StoredResponse(input=input_items, response=body))
-        except ServiceUnavailable:  # logged where the database failed
+        except ServiceUnavailable:  # PostgreSQL away: logged where it failed
+            kept = False
+        except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
+            log.warning("the gateway's limits database: %s", exc)
             kept = False
         if not kept:
             log.warning("response %s was not stored (database unreachable, or over gateway.responses_max_bytes)",

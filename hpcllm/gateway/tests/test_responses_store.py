@@ -164,6 +164,21 @@ def test_store_false_keeps_nothing(make_gateway):
     assert too_big.store is False and _rows(small.state.shared) == []
 
 
+def test_a_response_the_database_refuses_is_still_answered_unstored(make_gateway):
+    """An insert that fails (here a trigger raising as a full disk would) loses no answer, whole or streamed."""
+    gw = make_gateway()
+    with gw.state.shared.connection() as db:
+        db.conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON gateway_responses "
+                        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    client = gw.client()
+    whole = client.responses.create(model=MODEL, input="hi", max_output_tokens=3)
+    events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=3, stream=True))
+    for response in (whole, events[-1].response):
+        assert response.status == "incomplete" and response.usage.output_tokens == 3 and response.store is False
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(response.id)
+
+
 def _rows(shared: SharedState) -> list[str]:
     with shared.connection() as db:
         return [row["id"] for row in db.conn.execute("SELECT id FROM gateway_responses ORDER BY created")]
