@@ -403,7 +403,9 @@ def test_ranks_across_nodes_read_the_slice_copies_warmed_on_their_own_nodes(slur
             status = admin_status(controller_url)
             [alloc] = [a for a in status["allocations"] if a["model"] == TP_MODEL]
             assert alloc["preferred_nodes"] == [node_a, node_b] and alloc["nodes"] == [node_a, node_b], alloc
-            [inst] = [i for i in status["instances"] if i["model"] == TP_MODEL]
+            instances = [i for i in status["instances"] if i["model"] == TP_MODEL]
+            assert len(instances) == 1, instances
+            [inst] = instances
             # Each rank on its node read its slice copy there (the lead's per-rank report, through the agent).
             assert inst["rank_nodes"] == [node_a, node_b] and inst["rank_tiers"] == ["nvme", "nvme"], inst
             assert inst["load_tier"] == "nvme", inst
