@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
 from hpcllm.httpkit.body import parse_json_body, request_bytes
-from hpcllm.worker.grammar import ANY_JSON_OBJECT, InvalidGrammar, json_grammar
+from hpcllm.worker.grammar import ANY_JSON_OBJECT, GRAMMAR_KINDS, InvalidGrammar, compile_grammar
 from hpcllm.worker.protocol import LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN
 
 M = TypeVar("M", bound=BaseModel)
@@ -169,10 +169,32 @@ MAX_STOP_STRINGS = 16
 UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
     "min_tokens": (0, "a minimum number of tokens"),
     "stop_token_ids": ([], "stop token ids"),
-    "guided_regex": (None, "guided decoding"),
-    "guided_choice": (None, "guided decoding"),
-    "guided_grammar": (None, "guided decoding"),
 }
+# How an error names each kind of constraint (hpcllm.worker.grammar.GRAMMAR_KINDS).
+CONSTRAINT_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must follow: a kind of grammar.compile_grammar's and its spec, and the request field that
+    gives it (param, which an error names)."""
+
+    param: str
+    kind: str
+    spec: Any
+
+    @property
+    def field(self) -> str:
+        """The top-level request field that gives it."""
+        return self.param.split(".")[0]
+
+    def grammar(self) -> str:
+        """Its llguidance grammar (what the worker gets); a 400 naming param when llguidance cannot compile it."""
+        try:
+            return compile_grammar(self.kind, self.spec)
+        except InvalidGrammar as exc:
+            raise InvalidRequest(f"invalid {CONSTRAINT_NAMES[self.kind]} in '{self.param}': {exc}", param=self.param,
+                                 code="invalid_value") from None
 
 
 class JsonSchemaFormat(OpenAIRequest):
@@ -191,34 +213,44 @@ class ResponseFormat(OpenAIRequest):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
-    def output_schema(self) -> dict[str, Any] | None:
+    def constraint(self) -> Constraint | None:
         """The JSON schema the output is constrained to; None for text."""
         if self.type == "json_object":
-            return ANY_JSON_OBJECT
-        return self.json_schema.schema_ if self.type == "json_schema" else None
+            return Constraint("response_format", "json", ANY_JSON_OBJECT)
+        if self.type == "text":
+            return None
+        if self.json_schema is None:
+            raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' object",
+                                 param="response_format.json_schema", code="missing_field")
+        return Constraint("response_format.json_schema.schema", "json", self.json_schema.schema_)
 
 
 class StructuredOutputs(OpenAIRequest):
-    """vLLM's `structured_outputs` extension (StructuredOutputsParams): `json` (a schema, or its JSON text) and
-    `json_object` are the constraints response_format gives too; the others are refused (check)."""
+    """vLLM's `structured_outputs` extension (StructuredOutputsParams): one constraint of `json` (a schema, or its
+    JSON text), `json_object`, `regex`, `choice` (strings) and `grammar` (Lark or GBNF, as vLLM's guidance backend
+    reads it); `structural_tag` and the options that change a schema are refused (check)."""
 
     json_: Any = Field(None, alias="json")
     json_object: bool | None = None
-    regex: Any = None
-    choice: Any = None
-    grammar: Any = None
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
     structural_tag: Any = None
     # vLLM's options: compact JSON is what this server always writes, so disable_any_whitespace changes nothing.
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: Any = None
 
-    def output_schema(self) -> dict[str, Any] | None:
-        """The JSON schema the output is constrained to (None: no constraint); a 400 when `json` is no schema."""
-        if self.json_object:
-            return ANY_JSON_OBJECT
-        if self.json_ is None:
-            return None
+    def constraints(self) -> list[Constraint]:
+        """The constraints given (check: one at most); a 400 when `json` is no schema."""
+        given = [Constraint("structured_outputs.json_object", "json", ANY_JSON_OBJECT)] if self.json_object else []
+        if self.json_ is not None:
+            given.append(Constraint("structured_outputs.json", "json", self._schema()))
+        given += [Constraint(f"structured_outputs.{kind}", kind, getattr(self, kind))
+                  for kind in ("regex", "choice", "grammar") if getattr(self, kind) is not None]
+        return given
+
+    def _schema(self) -> dict[str, Any]:
         schema = self.json_
         if isinstance(schema, str):
             try:
@@ -231,16 +263,17 @@ class StructuredOutputs(OpenAIRequest):
         return schema
 
     def check(self) -> None:
-        for name in ("regex", "choice", "grammar", "structural_tag", "whitespace_pattern"):
+        for name in ("structural_tag", "whitespace_pattern"):
             if getattr(self, name) is not None:
-                raise unsupported(f"structured_outputs.{name}",
-                                  f"a {name} constraint (only 'json' and 'json_object' are)")
+                raise unsupported(f"structured_outputs.{name}", f"a {name} (json, json_object, regex, choice and "
+                                                               "grammar are)")
         if self.disable_additional_properties:
             raise unsupported("structured_outputs.disable_additional_properties", "disable_additional_properties")
-        if self.json_ is not None and self.json_object:
-            raise InvalidRequest("structured_outputs takes one constraint: 'json' or 'json_object', not both",
+        given = self.constraints()
+        if len(given) > 1:
+            names = " and ".join(f"'{c.param.split('.')[1]}'" for c in given)
+            raise InvalidRequest(f"structured_outputs takes one constraint, not {names}",
                                  param="structured_outputs", code="invalid_value")
-        self.output_schema()
 
 
 class SamplingRequest(OpenAIRequest):
@@ -271,15 +304,16 @@ class SamplingRequest(OpenAIRequest):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # Structured outputs: json_object / json_schema constrain the answer (hpcllm.worker.grammar, both engines).
     response_format: ResponseFormat | None = None
-    # vLLM's extension (StructuredOutputs), and its older guided_json: the same constraint as response_format's.
+    # vLLM's extension (StructuredOutputs), and its older guided_<kind> fields: a JSON schema, a regex, a choice, a
+    # grammar (GRAMMAR_KINDS).
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
     # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
     min_tokens: Any = None
     stop_token_ids: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
 
     @field_validator("stop")
     @classmethod
@@ -328,44 +362,30 @@ class SamplingRequest(OpenAIRequest):
         self._check_response_format()
 
     def _check_response_format(self) -> None:
-        """One constraint at most (response_format, structured_outputs or guided_json), and a schema llguidance
-        compiles (checked here, before any worker is asked: the worker compiles it again against the model's
-        tokenizer)."""
-        given = self.constraints_given()
-        if len(given) > 1:
-            raise InvalidRequest(f"'{given[0]}' and '{given[1]}' both constrain the answer; send one of them",
-                                 param=given[1], code="invalid_value")
-        response_format = self.response_format
+        """One constraint at most (response_format, structured_outputs or a guided_* field), which llguidance
+        compiles (here, before any worker is asked: the worker checks the grammar against the model's tokenizer)."""
         if self.structured_outputs is not None:
             self.structured_outputs.check()
-        if response_format is not None and response_format.type == "json_schema":
-            if response_format.json_schema is None:
-                raise InvalidRequest("response_format of type 'json_schema' needs a 'json_schema' object",
-                                     param="response_format.json_schema", code="missing_field")
-            check_schema(response_format.output_schema(), "response_format.json_schema.schema")
-        elif given:
-            check_schema(self.output_schema(), "structured_outputs.json" if given == ["structured_outputs"]
-                         else given[0])
+        given = self.constraints_given()
+        if len(given) > 1:
+            raise InvalidRequest(f"'{given[0].field}' and '{given[1].field}' both constrain the answer; send one of "
+                                 "them", param=given[1].field, code="invalid_value")
+        if given:
+            given[0].grammar()
 
-    def constraints_given(self) -> list[str]:
-        """The fields that constrain the answer, as the request names them."""
-        given = []
-        if self.response_format is not None and self.response_format.type != "text":
-            given.append("response_format")
-        if self.structured_outputs is not None and (self.structured_outputs.json_ is not None
-                                                    or self.structured_outputs.json_object):
-            given.append("structured_outputs")
-        if self.guided_json is not None:
-            given.append("guided_json")
-        return given
-
-    def output_schema(self) -> dict[str, Any] | None:
-        """The JSON schema the answer is constrained to (None: free text); after check_supported."""
-        if self.response_format is not None and self.response_format.type != "text":
-            return self.response_format.output_schema()
+    def constraints_given(self) -> list[Constraint]:
+        """The request's constraints on the answer (check_supported: one at most)."""
+        given = [self.response_format.constraint()] if self.response_format is not None else []
         if self.structured_outputs is not None:
-            return self.structured_outputs.output_schema()
-        return self.guided_json
+            given += self.structured_outputs.constraints()
+        given += [Constraint(f"guided_{kind}", kind, getattr(self, f"guided_{kind}"))
+                  for kind in GRAMMAR_KINDS if getattr(self, f"guided_{kind}") is not None]
+        return [constraint for constraint in given if constraint is not None]
+
+    def constraint(self) -> Constraint | None:
+        """What the answer must follow (None: free text); after check_supported."""
+        given = self.constraints_given()
+        return given[0] if given else None
 
     @property
     def include_usage(self) -> bool:
@@ -392,16 +412,8 @@ class SamplingRequest(OpenAIRequest):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_p=self.min_p or 0.0, logit_bias=self.logit_bias or {},
-            json_schema=self.output_schema(),
+            grammar=constraint.grammar() if (constraint := self.constraint()) is not None else None,
         )
-
-
-def check_schema(schema: dict[str, Any], param: str) -> None:
-    """A 400 naming `param` when llguidance cannot compile the schema."""
-    try:
-        json_grammar(schema)
-    except InvalidGrammar as exc:
-        raise InvalidRequest(f"invalid JSON schema in '{param}': {exc}", param=param, code="invalid_value") from None
 
 
 @dataclass(frozen=True)
@@ -420,4 +432,4 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
-    json_schema: dict[str, Any] | None = None  # structured outputs: the output is JSON valid against it
+    grammar: str | None = None  # structured outputs: the llguidance grammar the output follows (Constraint.grammar)

@@ -220,7 +220,7 @@ class Generation:
             seed=seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
             logprobs=opts.logprobs, prompt_logprobs=opts.prompt_logprobs, min_p=opts.min_p,
             presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
-            repetition_penalty=opts.repetition_penalty, logit_bias=opts.logit_bias, json_schema=opts.json_schema,
+            repetition_penalty=opts.repetition_penalty, logit_bias=opts.logit_bias, grammar=opts.grammar,
         )
         choice.endpoint, stream = on_a_worker(self.gw, self.ctx, choice.endpoint, self._route,
                                               lambda endpoint: self._open_on(endpoint, request))

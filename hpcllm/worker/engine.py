@@ -61,7 +61,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     UnknownRequest,
 )
 from hpcllm.worker.graphs import DecodeGraphs
-from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StepBatch,
+from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StateSeed, StepBatch,
                                   embed_last_token, make_runner)
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.ngram import NgramProposer
@@ -578,7 +578,8 @@ class Engine(EngineBase):
                 w.index = len(req.output_ids) + (w.previous_row is not None)
                 wanted = not (req.held or req.paused)
                 if wanted and req.params.reads_tokens and not req.state_in_child:
-                    batch.state_seeds[req.seq_id] = (list(req.prompt_ids), list(req.output_ids))
+                    batch.state_seeds[req.seq_id] = StateSeed(list(req.prompt_ids), list(req.output_ids),
+                                                              req.grammar)
                     req.state_in_child = True
                 batch.choices.append((req.params, w.index) if wanted else None)
         with self._model_busy():  # a model process that stopped reading leaves the send blocked once its pipe is full
@@ -863,7 +864,8 @@ class Engine(EngineBase):
         grammar_tokenizer = self.grammar_tokenizer if req.params.constrained else None
         if self.async_scheduling and req.params.reads_tokens:
             req.state_in_child = False  # nor does the model process take the token sampled here
-            return TokenState.build(req.params, logits.shape[-1], req.prompt_ids, req.output_ids, grammar_tokenizer)
+            return TokenState.build(req.params, logits.shape[-1], req.prompt_ids, req.output_ids, req.grammar,
+                                    grammar_tokenizer)
         return req.state_for_sampling(logits.shape[-1], grammar_tokenizer)
 
     def _logprobs(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:

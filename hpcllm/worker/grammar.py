@@ -1,46 +1,91 @@
-"""Structured outputs (OpenAI's response_format json_object / json_schema) by llguidance: a JSON schema becomes a
-grammar, and a constrained request's matcher says which tokens may come next (sampling.apply_grammar masks the
-others' logits).
+"""Structured outputs (OpenAI's response_format, vLLM's structured_outputs) by llguidance: a JSON schema, a regular
+expression, a choice of strings or a Lark / GBNF grammar becomes one llguidance grammar, and a constrained request's
+matcher says which tokens may come next (sampling.apply_grammar masks the others' logits).
 
-The schema is compiled once, when the request is validated (the gateway's check, then the engine's _prepare, which
-keeps the grammar's JSON string in the request's SamplingParams); a matcher is built from that string wherever the
-request's tokens are chosen, replaying its output ids, so a resumed, migrated or preempted request goes on exactly
-where it was. When the grammar is complete the matcher allows only the tokenizer's end-of-sequence token, which
-ends the request (finish_reason "stop").
+The gateway compiles the request's constraint once (compile_grammar; a bad one is a 400 before any worker is
+asked) and the worker gets the grammar's text (GenerateRequest.grammar), which it checks against the model's
+tokenizer. The text is Lark, llguidance's own grammar syntax, which both engines take unchanged: hpcllm's builds its
+matcher from it, vLLM's guidance backend gets it as StructuredOutputsParams.grammar (a Lark text passes its
+conversion as it is), so the two constrain every token alike. Each kind is written as vLLM's guidance backend writes
+it (serialize_guidance_grammar): a JSON schema as `%json` (with compact JSON, below), a regex as llguidance's
+grammar_from_regex, a choice and a grammar by llguidance.grammar_from.
 
-Torch-free: the gateway imports it to check schemas.
+A matcher is built from the text wherever the request's tokens are chosen, replaying its output ids, so a resumed,
+migrated or preempted request goes on exactly where it was. When the grammar is complete the matcher allows only
+the tokenizer's end-of-sequence token, which ends the request (finish_reason "stop").
+
+Torch-free: the gateway imports it to compile constraints.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 import threading
 from typing import Any
 
 import llguidance
 
 # Compact JSON (no whitespace between tokens): llguidance's default admits any whitespace there, and a model can
-# then pad the answer with it until max_tokens (vLLM's disable_any_whitespace; the vLLM engine runs with it too,
-# so both engines produce the same grammar from a schema).
+# then pad the answer with it until max_tokens (vLLM's disable_any_whitespace). A schema's own "x-guidance"
+# options win, as with llguidance's grammar_from_json_schema defaults.
 JSON_OPTIONS = {"whitespace_flexible": False}
 # response_format {"type": "json_object"}: any JSON object (vLLM's guidance backend compiles the same schema).
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
+# The kinds of constraint compile_grammar takes: a JSON schema, a regular expression, a list of strings, a Lark or
+# GBNF grammar (vLLM's StructuredOutputsParams json, regex, choice, grammar).
+GRAMMAR_KINDS = ("json", "regex", "choice", "grammar")
 
 
 class InvalidGrammar(ValueError):
-    """A schema llguidance cannot compile (the message is llguidance's), or output tokens its grammar refuses."""
+    """A constraint llguidance cannot compile (the message is llguidance's), or output tokens its grammar refuses."""
 
 
-def json_grammar(schema: dict[str, Any], tokenizer: llguidance.LLTokenizer | None = None) -> str:
-    """The llguidance grammar (its JSON string) constraining output to JSON valid against `schema`; checked against
-    the tokenizer when one is given."""
+def compile_grammar(kind: str, spec: Any) -> str:
+    """The llguidance grammar (Lark text) constraining output to `spec`, a constraint of `kind` (GRAMMAR_KINDS):
+    a JSON schema (a dict), a regex, a list of strings, a Lark or GBNF grammar text. InvalidGrammar when llguidance
+    cannot compile it."""
+    if kind == "json":
+        return json_grammar(spec)
+    if kind == "regex":
+        text = "start: /" + llguidance.regex_to_lark(spec) + "/"
+    elif kind in ("choice", "grammar"):
+        try:
+            text = llguidance.grammar_from(kind, spec)
+        except ValueError as exc:  # a GBNF grammar its converter cannot read
+            raise InvalidGrammar(str(exc)) from None
+    else:
+        raise ValueError(f"unknown kind of grammar {kind!r}: one of {', '.join(GRAMMAR_KINDS)}")
+    return checked_grammar(text)
+
+
+def json_grammar(schema: dict[str, Any]) -> str:
+    """compile_grammar of a JSON schema."""
+    options = schema.get("x-guidance", {}) if isinstance(schema, dict) else None
+    if not isinstance(options, dict):
+        raise InvalidGrammar("a JSON schema is an object, and its 'x-guidance' options too")
     try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
-        raise InvalidGrammar(str(exc)) from None
-    error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        return checked_grammar("start: %json " + json.dumps({**schema, "x-guidance": {**JSON_OPTIONS, **options}}))
+    except InvalidGrammar as exc:
+        # Its first line says what is wrong; the others quote the grammar's line, the whole schema
+        raise InvalidGrammar(re.sub(r"^at \d+\(\d+\): ", "", str(exc).splitlines()[0])) from None
+    except (TypeError, ValueError) as exc:  # not JSON (json.dumps)
+        raise InvalidGrammar(f"the schema is no JSON: {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)  # the same schema (a client's tools, its response format) comes again and again
+def checked_grammar(text: str) -> str:
+    """The grammar text, once llguidance compiled it (without a tokenizer: the worker checks it against its own)."""
+    check_grammar(text)
+    return text
+
+
+def check_grammar(text: str, tokenizer: llguidance.LLTokenizer | None = None) -> None:
+    """InvalidGrammar (llguidance's message) unless the grammar text compiles, against the tokenizer if given."""
+    error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
     if error:
-        raise InvalidGrammar(error)
-    return grammar
+        raise InvalidGrammar(error.strip())
 
 
 _tokenizers: dict[int, tuple[object, llguidance.LLTokenizer]] = {}

@@ -8,7 +8,7 @@ sent while a request waits; readers skip them. See docs/worker.md for the full d
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, Strict, TypeAdapter, model_validator
 
@@ -103,9 +103,10 @@ class GenerateRequest(WireModel):
     # (index 0) carries, per prompt token, its log probability given the tokens before it and the k most likely
     # tokens' (None for the first prompt token). A request resumed after index 0 gets none (they were delivered).
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
-    # Structured outputs (OpenAI's response_format): the output is JSON valid against this JSON schema ({"type":
-    # "object"}: any JSON object), by llguidance; an ungrammatical schema is a 400 naming json_schema.
-    json_schema: dict[str, Any] | None = None
+    # Structured outputs: the output follows this llguidance grammar, Lark text (the gateway's JSON schema, regex,
+    # choice or grammar as hpcllm.worker.grammar.compile_grammar writes it); one the model's tokenizer cannot take
+    # is a 400 naming grammar.
+    grammar: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> "GenerateRequest":

@@ -36,7 +36,7 @@ from hpcllm.worker.protocol import (
     TopLogprob,
     Usage,
 )
-from hpcllm.worker.grammar import GrammarState, InvalidGrammar, json_grammar, ll_tokenizer
+from hpcllm.worker.grammar import GrammarState, InvalidGrammar, check_grammar, ll_tokenizer
 from hpcllm.worker.sampling import SamplingParams, TokenState, random_seed
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,16 @@ class RequestState:
         if self.token_state is not None:
             self.token_state.add(token)
 
+    @property
+    def grammar(self) -> str | None:
+        """A constrained request's grammar (GenerateRequest.grammar, grammar.py)."""
+        return self.origin.grammar if self.origin is not None else None
+
     def state_for_sampling(self, vocab_size: int, grammar_tokenizer) -> TokenState | None:
         """What the penalties and the grammar read (None for a request without them)."""
         if self.params.reads_tokens and self.token_state is None:
             self.token_state = TokenState.build(self.params, vocab_size, self.prompt_ids, self.output_ids,
-                                                grammar_tokenizer)
+                                                self.grammar, grammar_tokenizer)
         return self.token_state
 
     def snapshot(self) -> RequestTokens:
@@ -258,7 +263,7 @@ class EngineBase:
     # and fails ([worker] step_timeout_seconds; None: never): _watch_steps.
     step_timeout: float | None = None
     _model_busy_since: float | None = None  # when the engine thread began waiting for the model
-    # Whether a constrained request (json_schema) can go on from output tokens produced before (resume_token_ids, a
+    # Whether a constrained request (grammar) can go on from output tokens produced before (resume_token_ids, a
     # held request, a migration abandoned after its pause): hpcllm's engine replays them through the grammar; vLLM
     # cannot (it would read them as prompt and start the grammar over), so there such a request finishes where it
     # began.
@@ -402,8 +407,8 @@ class EngineBase:
         """Queue a HELD request: prefill prompt + resume_token_ids, then wait (no sampling) to be attached."""
         req = self._prepare(request)
         if req.params.constrained and not self.continues_grammars:
-            raise InvalidRequest("this worker's engine cannot continue a json_schema-constrained request from "
-                                 "another worker's output; it finishes where it runs", "json_schema")
+            raise InvalidRequest("this worker's engine cannot continue a grammar-constrained request from "
+                                 "another worker's output; it finishes where it runs", "grammar")
         req.held, req.hold_seconds = True, hold_seconds
         req.hold_deadline = time.monotonic() + hold_seconds
         self._enqueue(req)
@@ -433,7 +438,7 @@ class EngineBase:
         with self._lock:
             req = self._held(request_id)
             if req.params.constrained:
-                self._check_grammar(req.params.grammar, req.output_ids, token_ids, "token_ids")
+                self._check_grammar(req.grammar, req.output_ids, token_ids, "token_ids")
             for position, token in enumerate(token_ids):
                 req.detokenizer.add(token)
                 req.append_output(token)
@@ -516,7 +521,7 @@ class EngineBase:
             if req.migrating or req.cancel_requested:
                 raise RequestConflict(f"request {request_id!r} is already being migrated or cancelled")
             if req.params.constrained and not self.continues_grammars:
-                raise RequestConflict(f"request {request_id!r} follows a json_schema, which this engine cannot "
+                raise RequestConflict(f"request {request_id!r} follows a grammar, which this engine cannot "
                                       "continue after a pause: it finishes here")
             req.migrating = True
             origin, params = req.origin, req.params
@@ -528,7 +533,7 @@ class EngineBase:
                 logit_bias=dict(params.logit_bias), stop=list(origin.stop),
                 stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
-                prompt_logprobs=req.prompt_logprobs, json_schema=origin.json_schema,
+                prompt_logprobs=req.prompt_logprobs, grammar=origin.grammar,
             )
 
     def migration_output(self, request_id: str) -> list[int]:
@@ -610,14 +615,13 @@ class EngineBase:
         stop_token_ids = frozenset(request.stop_token_ids) | (
             frozenset() if request.ignore_eos else self.eos_token_ids
         )
-        grammar = None
-        if request.json_schema is not None:
-            grammar = self._grammar(request.json_schema)
+        if request.grammar is not None:
+            self._validate_grammar(request.grammar)
             if resumed and not self.continues_grammars:
-                raise InvalidRequest("this worker's engine cannot resume a json_schema-constrained request from "
-                                     "output tokens (it would start the schema over)", "resume_token_ids")
+                raise InvalidRequest("this worker's engine cannot resume a grammar-constrained request from "
+                                     "output tokens (it would start the grammar over)", "resume_token_ids")
             if resumed:
-                self._check_grammar(grammar, [], resumed, "resume_token_ids")
+                self._check_grammar(request.grammar, [], resumed, "resume_token_ids")
             # A complete grammar allows only end-of-sequence, which ends the request (ignore_eos or not).
             stop_token_ids |= {self.grammar_tokenizer.eos_token}
         detokenizer = self.new_detokenizer(request.stop)
@@ -637,7 +641,8 @@ class EngineBase:
                                   presence_penalty=request.presence_penalty,
                                   frequency_penalty=request.frequency_penalty,
                                   repetition_penalty=request.repetition_penalty,
-                                  logit_bias=tuple(sorted(request.logit_bias.items())), grammar=grammar),
+                                  logit_bias=tuple(sorted(request.logit_bias.items())),
+                                  constrained=request.grammar is not None),
             max_tokens=max_tokens,
             stop_token_ids=stop_token_ids,
             detokenizer=detokenizer,
@@ -655,23 +660,24 @@ class EngineBase:
         with self._tokenizer_lock:
             return ll_tokenizer(self.tokenizer)
 
-    def _grammar(self, json_schema: dict) -> str:
+    def _validate_grammar(self, grammar: str) -> None:
+        """InvalidRequest unless the grammar compiles against the model's tokenizer."""
         try:
             tokenizer = self.grammar_tokenizer
         except ValueError as exc:  # llguidance reads fast (Rust) tokenizers only
-            raise InvalidRequest(f"model {self.model_name}'s tokenizer cannot constrain output to a json_schema: "
-                                 f"{exc}", "json_schema") from None
+            raise InvalidRequest(f"model {self.model_name}'s tokenizer cannot constrain output to a grammar: "
+                                 f"{exc}", "grammar") from None
         try:
-            return json_grammar(json_schema, tokenizer)
+            check_grammar(grammar, tokenizer)
         except InvalidGrammar as exc:
-            raise InvalidRequest(f"json_schema cannot be compiled: {exc}", "json_schema") from None
+            raise InvalidRequest(f"grammar cannot be compiled: {exc}", "grammar") from None
 
     def _check_grammar(self, grammar: str, output_ids: list[int], token_ids: list[int], param: str) -> None:
         """InvalidRequest unless token_ids, after output_ids, follow the grammar."""
         state = GrammarState(grammar, self.grammar_tokenizer, output_ids)
         refused = state.extend(token_ids)
         if refused is not None:
-            raise InvalidRequest(f"{param}[{refused}] does not follow the json_schema's grammar: {state.error}", param)
+            raise InvalidRequest(f"{param}[{refused}] does not follow the grammar: {state.error}", param)
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)

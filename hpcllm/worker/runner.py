@@ -28,7 +28,7 @@ import contextlib
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -80,6 +80,14 @@ class SequenceChunk:
     logits_positions: int = 1
 
 
+class StateSeed(NamedTuple):
+    """What the model process builds a request's TokenState from, sent once (not with every step's choices)."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]  # known at launch (a chunk with previous_row adds the token it feeds)
+    grammar: str | None  # a constrained request's (GenerateRequest.grammar)
+
+
 @dataclass
 class StepBatch:
     """One engine step: the chunks to run, and sequences whose KV state the runner may forget (finished,
@@ -92,9 +100,8 @@ class StepBatch:
     # (sampling params, output index), for the model process to choose it the same way; None: no token wanted.
     choices: list[tuple[SamplingParams, int] | None] | None = None
     # Penalized or constrained sequences whose TokenState the model process builds before choosing this step's
-    # tokens (their first row there, or their state there went stale): seq id -> (prompt ids, output ids known at launch; a
-    # chunk with previous_row adds the token it feeds). runner_process.TokenStates.
-    state_seeds: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # tokens (their first row there, or their state there went stale): seq id -> StateSeed. runner_process.TokenStates.
+    state_seeds: dict[int, StateSeed] = field(default_factory=dict)
     # Filled in by the runner: per chunk with score_ids, its positions' scores (a few numbers each, never whole
     # vocabulary rows: they cross the model process's pipe).
     scores: dict[int, "PositionScores"] = field(default_factory=dict)

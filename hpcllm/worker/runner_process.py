@@ -27,7 +27,7 @@ own rule (greedy argmax, or the seeded draw for that output index: sampling.py),
 step while this one runs, its decode chunks naming the row whose token they feed (SequenceChunk.previous_row). The
 child then goes from one step to the next without waiting for the worker to sample, commit and schedule. A penalized
 request's token counts and a constrained one's grammar state live here too (TokenStates), so their rows are chosen
-here like the others. Two steps
+here like the others; a grammar comes once, with the request's state seed, never with the per-step choices. Two steps
 may be in flight; their logits go to two shared buffers in turn. A step that follows a failed one (out of memory)
 and needs its tokens is answered "skipped".
 """
@@ -301,13 +301,12 @@ class TokenStates:
         """Build the states batch.state_seeds sends (after _feed_previous_tokens: a chunk sent ahead adds the
         token it feeds, which the engine did not know yet)."""
         for chunk, choice in self._choices(batch):
-            history = batch.state_seeds.get(chunk.seq_id)
-            if history is not None and choice is not None:
-                prompt_ids, output_ids = history
+            state_seed = batch.state_seeds.get(chunk.seq_id)
+            if state_seed is not None and choice is not None:
                 fed = chunk.token_ids if chunk.previous_row is not None else []
                 params = choice[0]
                 self._by_seq[chunk.seq_id] = TokenState.build(
-                    params, self.vocab_size, prompt_ids, output_ids + fed,
+                    params, self.vocab_size, state_seed.prompt_ids, state_seed.output_ids + fed, state_seed.grammar,
                     ll_tokenizer(self._tokenizer) if params.constrained else None)
 
     def rows(self, batch: StepBatch) -> list[TokenState | None]:

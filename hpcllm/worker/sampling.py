@@ -41,8 +41,10 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits: a tuple, so the parameters stay immutable and cheap to pickle
     # (the model process gets them with every step it chooses tokens for).
     logit_bias: tuple[tuple[int, float], ...] = ()
-    # Structured outputs: the llguidance grammar (its JSON string, grammar.json_grammar) the output must follow.
-    grammar: str | None = None
+    # Structured outputs: a grammar limits the tokens (the request keeps a GrammarState). The grammar itself is not
+    # here: these parameters go to the model process with every step's choices, the grammar (KBs for a large schema)
+    # once, with the request's state seed (TokenState.build).
+    constrained: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -52,11 +54,6 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether the choice depends on the tokens so far (a penalty): the request keeps TokenCounts."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-
-    @property
-    def constrained(self) -> bool:
-        """Whether a grammar limits the tokens: the request keeps a GrammarState."""
-        return self.grammar is not None
 
     @property
     def reads_tokens(self) -> bool:
@@ -94,10 +91,13 @@ class TokenState:
 
     @classmethod
     def build(cls, params: SamplingParams, vocab_size: int, prompt_ids: list[int], output_ids: list[int],
-              grammar_tokenizer=None) -> "TokenState":
-        """grammar_tokenizer: grammar.ll_tokenizer's, for a constrained request."""
+              grammar: str | None = None, grammar_tokenizer=None) -> "TokenState":
+        """grammar, grammar_tokenizer: a constrained request's grammar text and grammar.ll_tokenizer's view of the
+        model's tokenizer."""
+        if params.constrained and grammar is None:
+            raise ValueError("a constrained request's TokenState needs its grammar")
         return cls(TokenCounts(vocab_size, prompt_ids, output_ids) if params.penalized else None,
-                   GrammarState(params.grammar, grammar_tokenizer, output_ids) if params.constrained else None)
+                   GrammarState(grammar, grammar_tokenizer, output_ids) if params.constrained else None)
 
     def add(self, token: int) -> None:
         if self.counts is not None:

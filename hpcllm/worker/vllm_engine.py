@@ -23,10 +23,10 @@ How requests map onto vLLM (docs/vllm.md):
   destination); `abandon_migration` resubmits it here, again from cache.
 - A step that never ends (a hung GPU, a stopped engine core) fails the engine past step_timeout, as hpcllm's engine
   (EngineBase._watch_steps): the engine thread's wait for the core's output is woken with the error.
-- Structured outputs (json_schema): vLLM's guidance backend, llguidance as in hpcllm's engine, with the same
-  compact-JSON option. vLLM cannot start a grammar mid-output (it would read the output so far as prompt), so a
-  constrained request is neither resumed nor migrated here (EngineBase.continues_grammars): it finishes where it
-  began.
+- Structured outputs (GenerateRequest.grammar, Lark text): vLLM's guidance backend, llguidance as in hpcllm's
+  engine, given the same grammar text (StructuredOutputsParams.grammar, vllm_grammar). vLLM cannot start a grammar
+  mid-output (it would read the output so far as prompt), so a constrained request is neither resumed nor migrated
+  here (EngineBase.continues_grammars): it finishes where it began.
 - Greedy output continues exactly. Seeded sampling is reproducible within one vLLM run, but vLLM seeds a request's
   generator once, so a sampled request moved to or from vLLM continues with a valid sample, not the identical one.
 """
@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcllm.errors import ConfigError
-from hpcllm.worker.grammar import JSON_OPTIONS
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (
@@ -70,6 +69,15 @@ def _vllm_seed(seed: int) -> int:
     """A request's seed as vLLM takes it: vLLM reads seed -1 as "no seed" (random), so every seed is hashed into
     [0, 2**63) first (splitmix64; distinct seeds stay distinct but for a 2**-63 chance)."""
     return step_seed(seed, -1)
+
+
+def vllm_grammar(grammar: str) -> str:
+    """A request's grammar (Lark text) as vLLM's StructuredOutputsParams.grammar. vLLM's guidance backend reads a
+    text with a line that begins `start:` or `%llguidance` as Lark and gives it to llguidance unchanged
+    (any_to_lark), any other as GBNF to convert: an empty options line marks the others Lark, changing nothing."""
+    from llguidance.gbnf_to_lark import is_lark_syntax
+
+    return grammar if is_lark_syntax(grammar) else "%llguidance {}\n" + grammar
 
 
 @dataclass(eq=False, kw_only=True)
@@ -129,9 +137,8 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         # hpcllm's worker keeps its own metrics: vLLM's stat collection and loggers would cost the front and the
         # engine core CPU every step for a log line nobody reads (VllmSettings.extra can turn them back on)
         "disable_log_stats": True,
-        # json_schema requests: llguidance, as hpcllm's engine, with its grammar options (hpcllm.worker.grammar)
-        "structured_outputs_config": StructuredOutputsConfig(
-            backend="guidance", disable_any_whitespace=not JSON_OPTIONS["whitespace_flexible"]),
+        # Constrained requests: llguidance, as hpcllm's engine (their grammar text carries its options: grammar.py)
+        "structured_outputs_config": StructuredOutputsConfig(backend="guidance"),
         **settings.extra,
     })  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
     config = args.create_engine_config()
@@ -267,7 +274,7 @@ class VllmEngine(EngineBase):
             prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None and not req.output_ids else None,
             # vLLM takes the output so far for prompt: its penalties must count it still (vllm_penalties).
             extra_args=prior_output_args(req.output_ids, req.params.presence_penalty, req.params.frequency_penalty),
-            structured_outputs=(StructuredOutputsParams(json=req.origin.json_schema) if req.params.constrained
+            structured_outputs=(StructuredOutputsParams(grammar=vllm_grammar(req.grammar)) if req.params.constrained
                                 else None),
         )
         vllm_id = self._vllm_id(req, "gen")

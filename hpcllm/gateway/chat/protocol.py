@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import (OpenAIRequest, OpenAIResponse, PromptLogprobs, SamplingRequest, UsageInfo,
-                                     check_schema, unsupported)
+from hpcllm.gateway.protocol import (Constraint, OpenAIRequest, OpenAIResponse, PromptLogprobs, SamplingRequest,
+                                     UsageInfo, unsupported)
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 # OpenAI's rule for function names.
@@ -187,10 +187,10 @@ class ChatCompletionRequest(SamplingRequest):
                                  f"'tools'", param="tool_choice", code="invalid_value")
         given = self.constraints_given()
         if given:
-            raise InvalidRequest(f"'{given[0]}' cannot be combined with tool_choice "
+            raise InvalidRequest(f"'{given[0].field}' cannot be combined with tool_choice "
                                  f"{json.dumps(self.tool_choice)[:100]}: a forced call's answer is the call's JSON; "
-                                 f"send one of them", param=given[0], code="invalid_value")
-        check_schema(self.forced_calls_schema(), "tools")
+                                 f"send one of them", param=given[0].field, code="invalid_value")
+        self.constraint().grammar()
 
     @property
     def forced_function(self) -> str | None:
@@ -234,10 +234,10 @@ class ChatCompletionRequest(SamplingRequest):
             schema["$defs"] = defs
         return schema
 
-    def output_schema(self) -> dict[str, Any] | None:
+    def constraint(self) -> Constraint | None:
         if self.forced_function is not None or (self.tool_choice == "required" and self.tools):
-            return self.forced_calls_schema()
-        return super().output_schema()
+            return Constraint("tools", "json", self.forced_calls_schema())
+        return super().constraint()
 
     @property
     def parses_tool_calls(self) -> bool:

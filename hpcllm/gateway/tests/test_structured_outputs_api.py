@@ -1,7 +1,8 @@
 """response_format (OpenAI's structured outputs) through the gateway, with the official openai client: json_schema
 and json_object answers parse (the tiny model's random weights write no JSON by themselves), on chat and on
 completions (vLLM's extension), and schemas llguidance cannot compile are a 400 naming the field; vLLM's
-structured_outputs (json, json_object) and older guided_json constrain the answer the same way."""
+structured_outputs (json, json_object, regex, choice, grammar) and older guided_* fields constrain the answer the
+same way; a regex or grammar llguidance cannot compile is a 400 naming its field."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import openai
 import pytest
 
-from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
+from hpcllm.worker.tests.schemas import OTHER_CONSTRAINTS, PERSON_SCHEMA, check_person
 
 from .conftest import MODEL
 from .test_errors import assert_error
@@ -92,11 +93,40 @@ def test_structured_outputs_json_object(gateway, hf_pair):
     assert isinstance(json.loads(answer.choices[0].text), dict)
 
 
+# vLLM's other constraints (OTHER_CONSTRAINTS' names), through structured_outputs and the older guided_* fields.
+SPECS = {name: spec for name, (_, spec, _) in OTHER_CONSTRAINTS.items()}
+CONSTRAINTS = {
+    "regex": {"structured_outputs": {"regex": SPECS["regex"]}}, "guided_regex": {"guided_regex": SPECS["regex"]},
+    "choice": {"structured_outputs": {"choice": SPECS["choice"]}}, "guided_choice": {"guided_choice": SPECS["choice"]},
+    "lark": {"structured_outputs": {"grammar": SPECS["lark"]}}, "gbnf": {"guided_grammar": SPECS["gbnf"]},
+}
+
+
+@pytest.mark.parametrize("name", CONSTRAINTS)
+def test_regex_choice_and_grammar_constrain_chat_and_completions(gateway, name):
+    constraint, matches = CONSTRAINTS[name], OTHER_CONSTRAINTS[name.removeprefix("guided_")][2]
+    client = gateway.client()
+    for sampling in (dict(temperature=0), dict(temperature=1.0, seed=4)):
+        answer = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32, extra_body=constraint,
+                                                **sampling)
+        assert answer.choices[0].finish_reason == "stop" and matches(answer.choices[0].message.content)
+        completion = client.completions.create(model=MODEL, prompt="hello", max_tokens=32, extra_body=constraint,
+                                               **sampling)
+        assert completion.choices[0].finish_reason == "stop" and matches(completion.choices[0].text)
+
+
 @pytest.mark.parametrize("body, status, code, param", [
-    ({"structured_outputs": {"regex": "[a-z]+"}}, 400, "unsupported_parameter", "structured_outputs.regex"),
-    ({"structured_outputs": {"choice": ["yes", "no"]}}, 400, "unsupported_parameter", "structured_outputs.choice"),
-    ({"structured_outputs": {"grammar": "root ::= 'a'"}}, 400, "unsupported_parameter",
-     "structured_outputs.grammar"),
+    ({"structured_outputs": {"regex": "[a-z"}}, 400, "invalid_value", "structured_outputs.regex"),
+    ({"guided_regex": "(open"}, 400, "invalid_value", "guided_regex"),
+    ({"structured_outputs": {"grammar": "start: missing_rule"}}, 400, "invalid_value", "structured_outputs.grammar"),
+    ({"guided_grammar": "root ::= \"a\" undefined"}, 400, "invalid_value", "guided_grammar"),
+    ({"structured_outputs": {"grammar": "no grammar at all"}}, 400, "invalid_value", "structured_outputs.grammar"),
+    ({"structured_outputs": {"choice": []}}, 422, "invalid_value", "structured_outputs.choice"),
+    ({"guided_choice": ["yes", 1]}, 422, "invalid_value", "guided_choice[1]"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, 400, "invalid_value", "structured_outputs"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, 400, "invalid_value", "guided_regex"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, 400, "unsupported_parameter",
+     "structured_outputs.structural_tag"),
     ({"structured_outputs": {"json": "{not json"}}, 400, "invalid_value", "structured_outputs.json"),
     ({"structured_outputs": {"json": {"type": "objekt"}}}, 400, "invalid_value", "structured_outputs.json"),
     ({"structured_outputs": {"json": {"type": "object"}, "json_object": True}}, 400, "invalid_value",
@@ -104,7 +134,6 @@ def test_structured_outputs_json_object(gateway, hf_pair):
     ({"structured_outputs": {"json": {"type": "object"}}, "response_format": {"type": "json_object"}}, 400,
      "invalid_value", "structured_outputs"),
     ({"guided_json": {"type": "objekt"}}, 400, "invalid_value", "guided_json"),
-    ({"guided_regex": "[a-z]+"}, 400, "unsupported_parameter", "guided_regex"),
 ])
 def test_structured_outputs_that_cannot_be_done_are_refused_naming_the_field(gateway, body, status, code, param):
     for path, request in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hi"})):

@@ -24,7 +24,8 @@ from hpcllm.config import Config
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.migration import ticketed_request
 from hpcllm.worker.protocol import GenerateRequest, TokenLine
-from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
+from hpcllm.worker.grammar import compile_grammar
+from hpcllm.worker.tests.schemas import OTHER_CONSTRAINTS, PERSON_GRAMMAR, check_person
 
 from .conftest import MODEL, SECRET, ThreadServer
 from .test_resume import ScriptedRouter
@@ -270,19 +271,22 @@ def test_a_request_resumed_on_vllm_still_penalises_its_earlier_output(vllm_worke
             assert whole[:5] + [line.token_id for line in stream if isinstance(line, TokenLine)] == whole
 
 
+def constrained_answer(url: str, **fields) -> tuple[list[int], str]:
+    """(token ids, text) of a constrained request the worker ended with "stop"."""
+    with WorkerClient(url, SECRET, read_timeout=120) as client:
+        with client.generate(GenerateRequest(request_id="constrained", **fields)) as stream:
+            lines = [line for line in stream if isinstance(line, TokenLine)]
+        assert stream.final.finish_reason == "stop"
+        return [line.token_id for line in lines], "".join(line.text for line in lines)
+
+
 def test_json_schema_gives_the_same_valid_json_on_either_engine_and_vllm_refuses_to_resume_it(vllm_worker,
                                                                                               hpcllm_worker):
     """Both engines constrain by llguidance with the same grammar (vLLM's guidance backend, compact JSON): greedy,
     the same tokens, JSON valid against the schema, ended by the grammar. vLLM cannot start a grammar mid-output:
     a constrained request resumed from output tokens is refused (400 naming resume_token_ids), not garbled."""
-    fields = dict(prompt=PROMPT, max_tokens=64, temperature=0, json_schema=PERSON_SCHEMA)
-    answers = []
-    for url in (vllm_worker, hpcllm_worker.url):
-        with WorkerClient(url, SECRET, read_timeout=120) as client:
-            with client.generate(GenerateRequest(request_id="constrained", **fields)) as stream:
-                lines = [line for line in stream if isinstance(line, TokenLine)]
-            assert stream.final.finish_reason == "stop"
-            answers.append(([line.token_id for line in lines], "".join(line.text for line in lines)))
+    fields = dict(prompt=PROMPT, max_tokens=64, temperature=0, grammar=PERSON_GRAMMAR)
+    answers = [constrained_answer(url, **fields) for url in (vllm_worker, hpcllm_worker.url)]
     assert answers[0] == answers[1]
     check_person(answers[0][1])
     with WorkerClient(vllm_worker, SECRET, read_timeout=120) as client:
@@ -291,6 +295,18 @@ def test_json_schema_gives_the_same_valid_json_on_either_engine_and_vllm_refuses
                                                  **fields)) as stream:
                 list(stream)
     assert refused.value.status == 400 and refused.value.info.param == "resume_token_ids"
+
+
+@pytest.mark.parametrize("name", OTHER_CONSTRAINTS)
+def test_regex_choice_and_grammars_give_the_same_tokens_on_either_engine(vllm_worker, hpcllm_worker, name):
+    """vLLM's structured_outputs regex, choice and grammar (Lark, GBNF) as the gateway compiles them: greedy, the
+    same tokens on both engines, matching the constraint; sampled on vLLM, matching it too."""
+    kind, spec, matches = OTHER_CONSTRAINTS[name]
+    fields = dict(prompt=PROMPT, max_tokens=32, grammar=compile_grammar(kind, spec))
+    answers = [constrained_answer(url, temperature=0, **fields) for url in (vllm_worker, hpcllm_worker.url)]
+    assert answers[0] == answers[1] and matches(answers[0][1]), answers
+    sampled = constrained_answer(vllm_worker, temperature=1.0, seed=3, **fields)
+    assert matches(sampled[1]), sampled
 
 
 def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):

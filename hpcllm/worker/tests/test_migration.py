@@ -16,7 +16,7 @@ from hpcllm.worker.engine import EngineUnavailable
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, PrepareMigration, TokenLine
 
 from .conftest import slow_down, ticketed, wait_until
-from .schemas import PERSON_SCHEMA, check_person
+from .schemas import PERSON_GRAMMAR, check_person
 
 GREEDY = dict(temperature=0.0)
 SEEDED = dict(temperature=0.9, top_p=0.95, seed=1234)
@@ -98,12 +98,12 @@ def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_
     assert source.service.engine.counts() == (0, 0)
 
 
-def test_a_json_schema_request_migrates_mid_answer_and_tokens_outside_the_schema_are_refused(pair, start_worker):
+def test_a_constrained_request_migrates_mid_answer_and_tokens_outside_the_schema_are_refused(pair, start_worker):
     """The destination rebuilds the request's grammar state from the tokens it is given (prepare, extend) and goes
     on exactly: the answer is the uninterrupted run's valid JSON. A token the schema does not allow there is a 400
     naming token_ids, the held request left as it was."""
     source, destination = start_worker(pair), start_worker(pair)
-    request = body("json", max_tokens=64, temperature=1.0, seed=9, json_schema=PERSON_SCHEMA)
+    request = body("json", max_tokens=64, temperature=1.0, seed=9, grammar=PERSON_GRAMMAR)
     reference = uninterrupted(source, request)
     slow_down(source.service.engine, 0.05)  # still answering when the migration runs
 

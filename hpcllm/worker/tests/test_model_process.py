@@ -182,7 +182,7 @@ def test_penalized_tokens_stay_exact_when_the_model_process_counts_go_stale(load
     ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
     assert failed and process_engine.metrics.preemptions._value.get() > preemptions
     assert [ids(events) for events in got] == [ids(events) for events in expected]
-    if "json_schema" in sampling:
+    if "grammar" in sampling:
         assert_complete_answers_are_valid(got)
 
     monkeypatch.undo()
@@ -204,7 +204,7 @@ def test_a_penalized_request_migrated_between_model_process_engines_continues_ex
     the model process start from the ids it was given. The source's migration is then abandoned: it goes on here
     from kept logits, and its counts in the model process are sent again. Both continue exactly as an uninterrupted
     run. The engine thread is held at chosen points (before committing a step), so nothing depends on timing. A
-    constrained request's grammar state (a json_schema) is rebuilt from its ids the same way: its JSON stays valid."""
+    constrained request's grammar state is rebuilt from its ids the same way: its JSON stays valid."""
     source = request(prompt=PROMPTS[0], max_tokens=30, seed=21, **sampling)
     model, tokenizer = load_pair("llama")
     with Engine(model, tokenizer, model_name="tiny", prefill_chunk_tokens=8, kv_block_size=4) as local:
@@ -240,7 +240,7 @@ def test_a_penalized_request_migrated_between_model_process_engines_continues_ex
     assert len(moved.resume_token_ids) == 5 and len(final) == 8
     assert final + rest == stayed == [e.token_id for e in expected[:-1]]
     assert process_engine.kv_pool.used_blocks == 0
-    if "json_schema" in sampling:
+    if "grammar" in sampling:
         check_person(tokenizer.decode(stayed, skip_special_tokens=True))
 
 
@@ -260,7 +260,7 @@ def test_penalized_requests_preempted_under_a_tiny_kv_budget_stay_exact(unpacked
         expected = run_together(local, [r.model_copy(update={"request_id": f"{r.request_id}-local"}) for r in cases])
     ids = lambda events: [e.token_id for e in events[:-1]]  # noqa: E731
     assert [ids(events) for events in got] == [ids(events) for events in expected]
-    if "json_schema" in sampling:
+    if "grammar" in sampling:
         assert_complete_answers_are_valid(got)
 
 
