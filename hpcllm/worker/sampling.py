@@ -165,15 +165,24 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: TokenC
     return logits
 
 
+# Per byte value, which of its 8 bits are 0, lowest first: llguidance's bitmask (token i: bit i % 8 of byte i // 8)
+# becomes the tokens to block by one gather (a shift and mask per bit cost more than the masking itself).
+_REFUSED_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1) == 0
+
+
 def apply_grammar(logits: torch.Tensor, grammar: GrammarState) -> torch.Tensor:
     """Set to -inf the logits of the tokens the grammar does not allow next (new tensor; 1-D float32 logits). Rows
-    wider than the grammar's vocabulary (padded embeddings) allow none of the extra tokens."""
+    wider than the grammar's vocabulary (padded embeddings) allow none of the extra tokens.
+
+    Not llguidance.torch's apply_token_bitmask_inplace: no faster than this on the CPU, and its kernel is
+    torch.compile'd, which stalls the first constrained step of every process for seconds and needs a C++ compiler
+    on each node (docs/worker.md, structured outputs)."""
     bits = torch.frombuffer(bytearray(grammar.bitmask()), dtype=torch.uint8)
-    allowed = ((bits.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).flatten().bool()
+    refused = _REFUSED_BITS.index_select(0, bits.int()).flatten()
     width = logits.shape[-1]
-    if len(allowed) < width:
-        allowed = torch.cat([allowed, allowed.new_zeros(width - len(allowed))])
-    return logits.masked_fill(~allowed[:width], float("-inf"))
+    if len(refused) < width:
+        refused = torch.cat([refused, refused.new_ones(width - len(refused))])
+    return logits.masked_fill(refused[:width], float("-inf"))
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
