@@ -214,7 +214,7 @@ class ResponseFormat(OpenAIRequest):
     json_schema: JsonSchemaFormat | None = None
 
     def constraint(self) -> Constraint | None:
-        """The JSON schema the output is constrained to; None for text."""
+        """The JSON schema the output is constrained to (None for text); a 400 for json_schema without its object."""
         if self.type == "json_object":
             return Constraint("response_format", "json", ANY_JSON_OBJECT)
         if self.type == "text":
