@@ -28,7 +28,8 @@ def dev() -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors", show_default=True,
               help="safetensors, or legacy torch pytorch_model*.bin files.")
 @click.option("--chat-template", type=click.Choice(list(CHAT_TEMPLATES)), default="plain", show_default=True,
-              help="plain, or hermes-tools: OpenAI tools rendered in the Hermes/Qwen2.5 tool-call format.")
+              help="plain; hermes-tools: OpenAI tools rendered in the Hermes/Qwen2.5 tool-call format; "
+                   "qwen3-think: hermes-tools with Qwen3's <think> blocks and enable_thinking.")
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT_DIR if it is an earlier build or an empty folder.")
 def make_model_command(arch: str, out_dir: Path, size: str, shards: int, seed: int, dtype: str | None, fmt: str,

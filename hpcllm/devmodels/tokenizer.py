@@ -30,29 +30,43 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
-# The plain template with OpenAI tools in the Hermes / Qwen2.5 format: the tools' JSON in a system turn inside
-# <tools></tools>, an assistant's calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, a tool's answer
-# in <tool_response>. The gateway reads "<tool_call>" in it as the hermes tool-call format.
-HERMES_TOOLS_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% if tools %}<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
-    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
-    "XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
-    "{{ eos_token }}\n{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' and message['tool_calls'] %}<|assistant|>\n{{ message['content'] or '' }}"
-    "{% for call in message['tool_calls'] %}<tool_call>\n"
-    "{\"name\": \"{{ call['function']['name'] }}\", \"arguments\": {{ call['function']['arguments'] | tojson }}}"
-    "\n</tool_call>{% endfor %}{{ eos_token }}\n"
-    "{% elif message['role'] == 'tool' %}<|tool|>\n<tool_response>\n{{ message['content'] }}\n</tool_response>"
-    "{{ eos_token }}\n"
-    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-CHAT_TEMPLATES = {"plain": CHAT_TEMPLATE, "hermes-tools": HERMES_TOOLS_CHAT_TEMPLATE}
+
+def _hermes_tools_template(thinking: bool) -> str:
+    """The plain template with OpenAI tools in the Hermes / Qwen2.5 format: the tools' JSON in a system turn inside
+    <tools></tools>, an assistant's calls as <tool_call>{"name": ..., "arguments": {...}}</tool_call>, a tool's
+    answer in <tool_response>. The gateway reads "<tool_call>" in it as the hermes tool-call format.
+    thinking: Qwen3's way of thinking, which the gateway reads from "<think>" in it: an assistant's earlier thinking
+    (reasoning_content) rendered in a <think></think> block before its answer; with enable_thinking=false the
+    generation prompt holds an empty block, so the model answers without thinking."""
+    earlier_thinking = ("{% if message['reasoning_content'] %}<think>\n{{ message['reasoning_content'] }}\n</think>"
+                        "\n\n{% endif %}") if thinking else ""
+    no_thinking = ("{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+                   if thinking else "")
+    return (
+        "{{ bos_token }}"
+        "{% if tools %}<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n\n"
+        "For each function call, return a json object with function name and arguments within <tool_call></tool_call> "
+        "XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"
+        "{{ eos_token }}\n{% endif %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}<|assistant|>\n" + earlier_thinking + "{{ message['content'] or '' }}"
+        "{% for call in message['tool_calls'] or [] %}<tool_call>\n"
+        "{\"name\": \"{{ call['function']['name'] }}\", \"arguments\": {{ call['function']['arguments'] | tojson }}}"
+        "\n</tool_call>{% endfor %}{{ eos_token }}\n"
+        "{% elif message['role'] == 'tool' %}<|tool|>\n<tool_response>\n{{ message['content'] }}\n</tool_response>"
+        "{{ eos_token }}\n"
+        "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n" + no_thinking + "{% endif %}"
+    )
+
+
+HERMES_TOOLS_CHAT_TEMPLATE = _hermes_tools_template(thinking=False)
+QWEN3_THINK_CHAT_TEMPLATE = _hermes_tools_template(thinking=True)
+CHAT_TEMPLATES = {"plain": CHAT_TEMPLATE, "hermes-tools": HERMES_TOOLS_CHAT_TEMPLATE,
+                  "qwen3-think": QWEN3_THINK_CHAT_TEMPLATE}
 
 MODEL_MAX_LENGTH = 2048
 

@@ -236,7 +236,7 @@ def test_unwritable_destination_is_a_clear_error(tmp_path):
         ({"size": "huge"}, "unknown size 'huge'"),
         ({"dtype": "int8"}, "unknown dtype 'int8'"),
         ({"fmt": "gguf"}, "unknown format 'gguf'"),
-        ({"chat_template": "chatml"}, "unknown chat template 'chatml': choose one of plain, hermes-tools"),
+        ({"chat_template": "chatml"}, "unknown chat template 'chatml': choose one of plain, hermes-tools, qwen3-think"),
         ({"shards": 0}, "shards must be an integer from 1"),
         ({"shards": 40}, "has only 21 tensors: ask for at most 21 shards"),
     ],

@@ -49,3 +49,59 @@ def gated_worker_app(release: threading.Event, finished: threading.Event):
     """A stand-in worker that streams one token, then the rest once `release` is set (or after 20 s), then sets
     `finished`."""
     return stand_in_worker_app("gated-worker", lambda index: index == 0 and release.wait(20), finished)
+
+
+def token_pieces(tokenizer, text: str) -> list[tuple[int, str]]:
+    """`text` as a worker streams it: each token's id and the text it adds (decoded so far, minus what was sent: a
+    token may end inside a character)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces, sent = [], ""
+    for n in range(1, len(ids) + 1):
+        so_far = tokenizer.decode(ids[:n])
+        pieces.append((ids[n - 1], so_far[len(sent):]))
+        sent = so_far
+    assert "".join(piece for _, piece in pieces) == text
+    return pieces
+
+
+class Script:
+    """What a scripted worker answers: `answer` (set by the test before its request), token by token; the prompts
+    of the requests it was sent, in order."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.answer = ""
+        self.prompts: list[list[int]] = []
+
+
+def scripted_worker_app(script: Script):
+    """A stand-in worker answering every request with script.answer, one token line per token (cut at max_tokens:
+    finish_reason "length", else "stop"), each request's prompt recorded in script.prompts."""
+    from flask import Flask, Response, request
+
+    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
+
+    app = Flask("scripted-worker")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        req = GenerateRequest.model_validate_json(request.get_data())
+        script.prompts.append(list(req.prompt_token_ids))
+        pieces = token_pieces(script.tokenizer, script.answer)
+        sent = pieces[:req.max_tokens] if req.max_tokens is not None else pieces
+
+        def lines():
+            for index, (token_id, text) in enumerate(sent):
+                yield TokenLine(index=index, token_id=token_id, text=text).model_dump_json() + "\n"
+            usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(sent),
+                          total_tokens=len(req.prompt_token_ids) + len(sent))
+            finish = "length" if len(sent) < len(pieces) else "stop"
+            yield FinalLine(finish_reason=finish, usage=usage).model_dump_json() + "\n"
+
+        return Response(lines(), mimetype="application/x-ndjson")
+
+    @app.get("/ready")
+    def ready():
+        return {"status": "ready"}
+
+    return app
