@@ -8,19 +8,24 @@ directory on the shared filesystem (the converter copies the tokenizer files) an
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
+from typing import Any
 
 from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
+from hpcllm.gateway.chat.reasoning import ReasoningParser, template_thinks
 from hpcllm.gateway.chat.tool_calls import ToolCallParser, parser_for_template
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
 
 log = logging.getLogger(__name__)
+# apply_chat_template's parameters that are also request fields of /v1/chat/completions and /tokenize.
+REQUEST_FIELDS = ("tools", "documents", "add_generation_prompt", "continue_final_message")
 
 
 @dataclass
@@ -66,17 +71,22 @@ class PromptEncoder:
                                  param=param, code="invalid_token_id")
         return ids
 
-    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                    add_special_tokens: bool = False) -> list[int]:
-        """The prompt's token ids: the messages (and the tools' definitions, if any) through the chat template. The
-        template holds the special tokens (BOS, role markers): none are added unless asked (/tokenize may)."""
-        text = self._render(messages, tools, add_generation_prompt)
-        if tools and text == self._render(messages, None, add_generation_prompt):
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None, *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, documents: list[dict] | None = None,
+                    template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> RenderedChat:
+        """The prompt: the messages (and the tools' definitions, if any) through the chat template, with the
+        request's template_kwargs (chat_template_kwargs) as the template's variables. The template holds the special
+        tokens (BOS, role markers): none are added unless asked (/tokenize may)."""
+        check_template_kwargs(template_kwargs or {})
+        arguments = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                     "documents": documents, **(template_kwargs or {})}
+        text = self._render(messages, tools, arguments)
+        if tools and text == self._render(messages, None, arguments):
             # transformers hands a template tools= whether it reads them or not: a model told of no tools would
             # answer as if there were none, and the client would never know why.
             raise InvalidRequest("this model's chat template does not support tools; send the request without "
                                  "'tools'", param="tools", code="unsupported_parameter")
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return RenderedChat(text, list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]))
 
     @property
     def chat_template(self) -> str | None:
@@ -93,16 +103,51 @@ class PromptEncoder:
         template = self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, where a model has several
         return parser_for_template(template)
 
-    def _render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
+    def reasoning_parser(self, prompt: RenderedChat) -> ReasoningParser | None:
+        """How this model's thinking is read out of its answer to `prompt` (None: its template writes none)."""
+        return ReasoningParser.for_prompt(prompt.text) if self._thinks else None
+
+    @cached_property
+    def _thinks(self) -> bool:
+        return template_thinks(self.chat_template)
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, arguments: dict[str, Any]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions with a plain prompt",
                                  param="messages", code="no_chat_template")
         try:
-            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **arguments)
         except Exception as exc:  # templates raise their own errors (e.g. "roles must alternate")
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}",
                                  param="messages", code="invalid_messages") from None
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    text: str
+    token_ids: list[int]
+
+
+@cache
+def renderer_arguments() -> frozenset[str]:
+    """The names chat_template_kwargs must not take: apply_chat_template's own parameters (tokenize, tools,
+    add_generation_prompt, ...: the request's own fields, or nothing a client may set) and the template's
+    `messages`."""
+    from transformers import PreTrainedTokenizerBase
+
+    parameters = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)) - {"self"} | {
+        "messages"}
+
+
+def check_template_kwargs(template_kwargs: dict[str, Any]) -> None:
+    clash = sorted(set(template_kwargs) & renderer_arguments())
+    if clash:
+        own = [name for name in clash if name in REQUEST_FIELDS]
+        hint = f"send {', '.join(repr(n) for n in own)} as the request's own field" if own else "leave them out"
+        raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(repr(n) for n in clash)}: the server "
+                             f"passes it to the chat template itself; {hint}", param="chat_template_kwargs",
+                             code="invalid_value")
 
 
 class TokenizerCache:

@@ -13,6 +13,8 @@ from hpcllm.gateway.protocol import (Constraint, OpenAIRequest, OpenAIResponse, 
                                      UsageInfo, unsupported)
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+# OpenAI's reasoning efforts (and vLLM's "max")
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 # OpenAI's rule for function names.
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -77,6 +79,10 @@ class ChatMessage(OpenAIRequest):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # an assistant's calls
     tool_call_id: str | None = None  # a tool message's answer to that call
+    # An assistant's thinking, as this server returns it (vLLM's `reasoning`; `reasoning_content` its older name):
+    # templates that render earlier thinking (Qwen3's, within a tool-calling turn) read it.
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _tool_fields(self) -> ChatMessage:
@@ -126,6 +132,9 @@ class ChatMessage(OpenAIRequest):
                                   "function": {"name": call.function.name,
                                                "arguments": json.loads(call.function.arguments)}}
                                  for call in self.tool_calls]
+        thinking = self.reasoning if self.reasoning is not None else self.reasoning_content
+        if self.role == "assistant" and thinking is not None:
+            out["reasoning"] = out["reasoning_content"] = thinking  # both names, as vLLM hands them on
         if self.role == "tool":
             out["tool_call_id"] = self.tool_call_id
             name = self.name or called.get(self.tool_call_id)
@@ -147,6 +156,16 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None  # false: only the first call is returned (as vLLM)
     functions: list[Any] | None = None  # the deprecated forms of tools and tool_choice: refused
     function_call: Any = None
+    # vLLM's chat template fields: arguments the template reads (Qwen3's {"enable_thinking": false}), whether the
+    # prompt ends with the assistant's turn opened, or continues the last (assistant) message, RAG documents.
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: Any = None  # a template of the client's: refused (vLLM takes one only with a server flag)
+    # OpenAI's: "none" turns a model's thinking off (enable_thinking=false for its template, as vLLM maps it), any
+    # other effort leaves it on; the served models have no other levels of effort.
+    reasoning_effort: ReasoningEffort | None = None
 
     @field_validator("tools")
     @classmethod
@@ -173,6 +192,13 @@ class ChatCompletionRequest(SamplingRequest):
         if self.functions or self.function_call is not None:
             raise unsupported("functions" if self.functions else "function_call",
                               "the deprecated 'functions' / 'function_call' (send 'tools' and 'tool_choice')")
+        if self.chat_template is not None:
+            raise unsupported("chat_template", "a chat template sent with the request (the model's own is used; "
+                              "pass the values it reads in 'chat_template_kwargs')")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequest("continue_final_message continues the last message instead of opening a new turn: "
+                                 "send add_generation_prompt false with it", param="add_generation_prompt",
+                                 code="invalid_value")
         self._check_forced_calls()
 
     def _check_forced_calls(self) -> None:
@@ -259,6 +285,20 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def template_arguments(self) -> dict[str, Any]:
+        """How the chat template renders the prompt (PromptEncoder.render_chat's keyword arguments)."""
+        template_kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            template_kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, "documents": self.documents,
+                "template_kwargs": template_kwargs}
+
+    @property
+    def constrained(self) -> bool:
+        """The answer is constrained from its first token (a schema, a forced call)."""
+        return bool(self.constraints_given()) or self.output_schema() is not None
+
     def template_messages(self) -> list[dict[str, Any]]:
         called = {call.id: call.function.name for message in self.messages for call in message.tool_calls or []}
         return [message.for_template(f"messages[{i}]", called) for i, message in enumerate(self.messages)]
@@ -308,6 +348,7 @@ class AssistantMessage(OpenAIResponse):
     content: str | None
     refusal: None = None
     tool_calls: list[ToolCallOut] = Field(default_factory=list)
+    reasoning: str | None = None  # vLLM's field: a reasoning model's thinking (hpcllm.gateway.chat.reasoning)
 
 
 class ChatTopLogprob(OpenAIResponse):
@@ -347,6 +388,7 @@ class ChatCompletionResponse(OpenAIResponse):
 class DeltaMessage(OpenAIResponse):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -1,9 +1,11 @@
 """POST /v1/chat/completions: render the chat template (with the tools), generate, answer as chat.completion(.chunk)
-(tool calls parsed out of the answer: hpcllm.gateway.chat.tool_calls)."""
+(a reasoning model's thinking split off the answer: hpcllm.gateway.chat.reasoning; tool calls parsed out of the
+rest: hpcllm.gateway.chat.tool_calls)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from flask import Response
 
@@ -11,6 +13,7 @@ from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatComp
                                           ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob,
                                           ChatTopLogprob, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
                                           FunctionCallOut, ToolCallOut)
+from hpcllm.gateway.chat.reasoning import ReasoningParser
 from hpcllm.gateway.chat.tool_calls import (NamedCall, ParsedOutput, RequiredCalls, ToolCallParser, ToolCallStream,
                                             new_tool_call_id)
 from hpcllm.gateway.runtime import Gateway
@@ -21,17 +24,27 @@ from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Delta, 
 from hpcllm.worker.protocol import TokenLogprobs
 
 
+@dataclass(frozen=True)
+class AnswerReader:
+    """How one request's answers are read: the thinking split off (None: the model does not think, or the answer
+    was constrained from its first token), then the tool calls parsed out of the rest (None: no tools, or
+    tool_choice "none")."""
+
+    tools: ToolCallParser | None = None
+    reasoning: ReasoningParser | None = None
+
+
 def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest) -> Response | dict:
-    generation, parser = start_chat(gw, ctx, req, new_response_id("chatcmpl"))
+    generation, reader = start_chat(gw, ctx, req, new_response_id("chatcmpl"))
     if req.stream:
-        response = Response(_stream(generation, req, ctx, parser), mimetype="text/event-stream", headers=SSE_HEADERS)
+        response = Response(_stream(generation, req, ctx, reader), mimetype="text/event-stream", headers=SSE_HEADERS)
         response.call_on_close(generation.close)
         return response
     results = collect(generation)
     prompt, = generation.prompts
     return ChatCompletionResponse(
         id=generation.response_id, created=ctx.created, model=req.model,
-        choices=[chat_choice(result, parser, req) for result in results],
+        choices=[chat_choice(result, reader, req) for result in results],
         usage=generation.usage,
         prompt_logprobs=None if req.prompt_logprobs is None else vllm_prompt_logprobs(
             prompt, results[0].prompt_logprobs, req.prompt_logprobs),  # one prompt: the worker scores it once
@@ -39,17 +52,20 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
 
 
 def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
-               response_id: str) -> tuple[Generation, ToolCallParser | None]:
+               response_id: str) -> tuple[Generation, AnswerReader]:
     """Check the request, render its prompt and start generating: everything that can still be a 4xx/5xx (the
-    Responses API, hpcllm.gateway.responses, starts its generations here too). The parser reads tool calls out of
-    the answer (None: no tools, or tool_choice "none")."""
+    Responses API, hpcllm.gateway.responses, starts its generations here too); and how to read the answer."""
     req.check_supported()
     messages = req.template_messages()
     card = gw.router.get_model(req.model)
     encoder = gw.tokenizers.get(card)
     encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
-    prompt = encoder.render_chat(messages, req.template_tools())
-    parser = _parser(req, encoder) if req.tools else None
+    rendered = encoder.render_chat(messages, req.template_tools(), **req.template_arguments())
+    prompt = rendered.token_ids
+    # A constrained answer is what its constraint allows from the first token (the worker cannot hold a grammar
+    # back until thinking ends, as vLLM does): the model does not think, and its whole answer is the content.
+    reader = AnswerReader(_parser(req, encoder) if req.tools else None,
+                          None if req.constrained else encoder.reasoning_parser(rendered))
     max_tokens = req.requested_max_tokens
     context_length_error(card, len(prompt), max_tokens, "messages")
     if max_tokens is None and card.max_model_len is not None:
@@ -59,7 +75,7 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
                                                                   req.prompt_logprobs), response_id,
                             n=req.choices_per_prompt)
     generation.start(stream=bool(req.stream))
-    return generation, parser
+    return generation, reader
 
 
 def _parser(req: ChatCompletionRequest, encoder: PromptEncoder) -> ToolCallParser | None:
@@ -71,12 +87,19 @@ def _parser(req: ChatCompletionRequest, encoder: PromptEncoder) -> ToolCallParse
     return encoder.tool_call_parser() if req.parses_tool_calls else None
 
 
-def chat_choice(result: ChoiceResult, parser: ToolCallParser | None, req: ChatCompletionRequest) -> ChatChoice:
-    """A whole choice's answer: its text, or (parsing tool calls) the text outside the calls and the calls."""
+def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionRequest) -> ChatChoice:
+    """A whole choice's answer: its text, or (a reasoning model) its thinking and the rest, or (parsing tool calls)
+    the text outside the calls and the calls."""
     logprobs = _logprobs([lp for lp, _ in result.logprobs]) if req.logprobs else None
-    parsed = parser.parse(result.text) if parser is not None else ParsedOutput(result.text)
+    reasoning, text = reader.reasoning.split(result.text) if reader.reasoning is not None else (None, result.text)
+    parser = reader.tools
+    parsed = parser.parse(text) if parser is not None else ParsedOutput(text)
+    content = parsed.content
+    if reader.reasoning is not None and not content:
+        content = None  # all thinking (vLLM's null), or thinking and calls
     calls = _tool_calls(parsed, req)
-    return ChatChoice(index=result.index, message=AssistantMessage(content=parsed.content, tool_calls=calls),
+    return ChatChoice(index=result.index, message=AssistantMessage(content=content, tool_calls=calls,
+                                                                   reasoning=reasoning),
                       finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs)
 
 
@@ -91,12 +114,15 @@ def _tool_calls(parsed: ParsedOutput, req: ChatCompletionRequest) -> list[ToolCa
 
 
 class ChatChoiceStream:
-    """One streamed choice's chunks: its text as it comes; parsing tool calls, the text that may begin a call held
-    back, and the calls sent at the end, one chunk each (ToolCallStream); a named function's call (tool_choice)
-    streamed as it is generated."""
+    """One streamed choice's chunks: its text as it comes; a reasoning model's thinking as `reasoning` deltas, a
+    marker that may be coming held back (ReasoningStream); parsing tool calls (in the text after the thinking), the
+    text that may begin a call held back, and the calls sent at the end, one chunk each (ToolCallStream); a named
+    function's call (tool_choice) streamed as it is generated."""
 
-    def __init__(self, parser: ToolCallParser | None, req: ChatCompletionRequest):
+    def __init__(self, reader: AnswerReader, req: ChatCompletionRequest):
         self.req = req
+        parser = reader.tools
+        self.thinking = reader.reasoning.stream() if reader.reasoning is not None else None
         self.text = ToolCallStream(parser) if parser is not None else None
         self.named = parser if isinstance(parser, NamedCall) else None
         self.call_id: str | None = None  # the named call's, once its first chunk is sent
@@ -107,10 +133,14 @@ class ChatChoiceStream:
         if self.named is not None:
             yield from self._named_call(delta, logprobs)
             return
-        content = delta.text if self.text is None else self.text.feed(delta.text)
+        reasoning, text = self.thinking.feed(delta.text) if self.thinking is not None else ("", delta.text)
+        if delta.finish_reason and self.thinking is not None:
+            rest_reasoning, rest_text = self.thinking.finish()
+            reasoning, text = reasoning + rest_reasoning, text + rest_text
+        content = text if self.text is None else self.text.feed(text)
         if not delta.finish_reason:
-            if content or logprobs is not None or self.text is None:
-                yield ChatStreamChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)
+            if reasoning or content or logprobs is not None or (self.text is None and self.thinking is None):
+                yield ChatStreamChoice(index=index, delta=_delta(reasoning, content), logprobs=logprobs)
             return
         calls: list[ToolCallOut] = []
         parser = self.text.parser if self.text is not None else None
@@ -118,8 +148,8 @@ class ChatChoiceStream:
             rest = self.text.finish()
             content += rest.content or ""
             calls = _tool_calls(rest, self.req)
-        if content:
-            yield ChatStreamChoice(index=index, delta=DeltaMessage(content=content))
+        if reasoning or content:
+            yield ChatStreamChoice(index=index, delta=_delta(reasoning, content))
         for i, call in enumerate(calls):
             yield ChatStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
                 DeltaToolCall(index=i, **call.model_dump())]))
@@ -141,6 +171,12 @@ class ChatChoiceStream:
             yield ChatStreamChoice(index=delta.index, delta=DeltaMessage(), finish_reason=delta.finish_reason)
 
 
+def _delta(reasoning: str, content: str) -> DeltaMessage:
+    """A chunk's text: its thinking and its content (an empty content only when there is no thinking either: a token
+    chunk carrying logprobs)."""
+    return DeltaMessage(reasoning=reasoning or None, content=content if content or not reasoning else None)
+
+
 def _token_logprob(token: str, logprob: float) -> dict:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
@@ -154,7 +190,7 @@ def _logprobs(tokens: list[TokenLogprobs]) -> ChatLogprobs:
 
 
 def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestContext,
-            parser: ToolCallParser | None) -> Iterator[bytes]:
+            reader: AnswerReader) -> Iterator[bytes]:
     def chunk(choices, usage=None) -> bytes:
         body = ChatCompletionChunk(id=generation.response_id, created=ctx.created, model=req.model,
                                    choices=choices, usage=usage)
@@ -165,7 +201,7 @@ def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestCont
                      generation.usage if req.continuous_usage else None)
 
     announced = {0}
-    streams = [ChatChoiceStream(parser, req) for _ in range(generation.num_choices)]
+    streams = [ChatChoiceStream(reader, req) for _ in range(generation.num_choices)]
     try:
         yield role(0)
         for delta in generation.deltas():

@@ -56,7 +56,7 @@ def _call_of(obj: object, arguments_keys: tuple[str, ...]) -> ParsedCall | None:
     return ParsedCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of `text` that is a proper start of `marker` (it may still become the marker)."""
     for length in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-length:]):
@@ -103,7 +103,7 @@ class HermesParser(ToolCallParser):
     def sendable(self, text: str, sent: int) -> int | None:
         if self.START in text[max(0, sent - len(self.START)):]:
             return None
-        end = len(text) - _partial_suffix(text, self.START)
+        end = len(text) - partial_suffix(text, self.START)
         while end > sent and text[end - 1].isspace():
             end -= 1
         return end

@@ -11,7 +11,7 @@ import openai
 import pydantic
 import pytest
 
-from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice
+from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
 from hpcllm.gateway.chat.tool_calls import PARSERS
 from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, unsupported
@@ -250,7 +250,7 @@ def _calls(items: list[dict]) -> list[dict]:
 def test_tool_calls_in_the_answer_are_function_call_items():
     req = _request()
     text = "Let me check both.\n" + QWEN_TWO_CALLS
-    choice = chat_choice(ChoiceResult(0, text, "stop"), PARSERS["hermes"], req.to_chat())
+    choice = chat_choice(ChoiceResult(0, text, "stop"), AnswerReader(PARSERS["hermes"]), req.to_chat())
     body = ResponseBuilder(req, "resp_1", 0).whole(choice, UsageInfo(prompt_tokens=5, completion_tokens=7,
                                                                        total_tokens=12))
     message, *calls = body["output"]
@@ -259,7 +259,8 @@ def test_tool_calls_in_the_answer_are_function_call_items():
     assert body["status"] == "completed" and body["usage"]["total_tokens"] == 12
     openai.types.responses.Response.model_validate(body)  # the client's own type reads it
 
-    only_calls = chat_choice(ChoiceResult(0, QWEN_TWO_CALLS, "stop"), PARSERS["hermes"], req.to_chat())
+    only_calls = chat_choice(ChoiceResult(0, QWEN_TWO_CALLS, "stop"), AnswerReader(PARSERS["hermes"]),
+                             req.to_chat())
     assert [item["type"] for item in ResponseBuilder(req, "resp_2", 0).whole(only_calls, UsageInfo())["output"]] == [
         "function_call", "function_call"]
 
@@ -273,7 +274,8 @@ def test_streamed_tool_calls_are_function_call_events_after_the_text():
     chat_req = req.to_chat()
     text = "Let me check both.\n" + QWEN_TWO_CALLS
     stream = ResponseBuilder(req, "resp_1", 0).events(
-        iter(_token_deltas(text, "stop")), ChatChoiceStream(PARSERS["hermes"], chat_req), UsageInfo, "request-1")
+        iter(_token_deltas(text, "stop")), ChatChoiceStream(AnswerReader(PARSERS["hermes"]), chat_req), UsageInfo,
+        "request-1")
     events = _events(b"".join(stream))
     kinds = [event["type"] for event in events]
     message_done = kinds.index("response.output_item.done")
@@ -302,7 +304,7 @@ def test_an_error_mid_stream_is_an_error_event():
         raise ServiceUnavailable("generation interrupted", code="worker_lost")
 
     events = _events(b"".join(ResponseBuilder(req, "resp_1", 0).events(
-        failing_deltas(), ChatChoiceStream(None, req.to_chat()), UsageInfo, "request-1")))
+        failing_deltas(), ChatChoiceStream(AnswerReader(), req.to_chat()), UsageInfo, "request-1")))
     assert events[-1] == {"type": "error", "sequence_number": len(events) - 1, "code": "worker_lost",
                           "message": "generation interrupted", "param": None}
     assert [e["type"] for e in events][-2] == "response.output_text.delta"

@@ -13,11 +13,13 @@ import pytest
 from hpcllm.devmodels import make_tokenizer
 from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE
 from hpcllm.gateway.chat.protocol import ChatCompletionRequest
-from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice
+from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
 from hpcllm.gateway.chat.tool_calls import (PARSERS, NamedCall, ParsedCall, RequiredCalls, ToolCallStream,
                                             parser_for_template)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.serving import ChoiceResult, Delta
+
+from .stand_in_worker import token_pieces
 
 HERMES, LLAMA = PARSERS["hermes"], PARSERS["llama3_json"]
 
@@ -142,21 +144,14 @@ def _request(**fields) -> ChatCompletionRequest:
          **fields})
 
 
-def _token_deltas(text: str, finish_reason: str) -> list[Delta]:
+def _token_deltas(text: str, finish_reason: str, template: str = "hermes-tools") -> list[Delta]:
     """The answer as a worker streams it: one delta per token of the devmodel tokenizer, then the finish."""
-    tokenizer = make_tokenizer("hermes-tools")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    pieces, sent = [], ""
-    for n in range(1, len(ids) + 1):  # decoded so far, minus what was sent (a token may end inside a character)
-        so_far = tokenizer.decode(ids[:n])
-        pieces.append(so_far[len(sent):])
-        sent = so_far
-    assert "".join(pieces) == text
-    return [Delta(0, piece) for piece in pieces] + [Delta(0, "", finish_reason)]
+    return [Delta(0, piece) for _, piece in token_pieces(make_tokenizer(template), text)] + [
+        Delta(0, "", finish_reason)]
 
 
 def _streamed_message(req: ChatCompletionRequest, deltas: list[Delta], parser=None) -> dict:
-    stream = ChatChoiceStream(parser or (HERMES if req.parses_tool_calls else None), req)
+    stream = ChatChoiceStream(AnswerReader(parser or (HERMES if req.parses_tool_calls else None)), req)
     chunks = [choice.model_dump(exclude_none=True) for delta in deltas[:-1] for choice in stream.choices(delta)]
     before_the_end = "".join(c["delta"]["content"] for c in chunks)
     chunks += [choice.model_dump(exclude_none=True) for choice in stream.choices(deltas[-1])]
@@ -178,7 +173,7 @@ def _without_ids(calls: list[dict]) -> list[dict]:
 def test_calls_answer_as_openais_tool_calls_streamed_or_not(finish_reason):
     req = _request()
     text = "Let me check both.\n" + QWEN_TWO_CALLS
-    choice = chat_choice(ChoiceResult(0, text, finish_reason), HERMES, req).model_dump()
+    choice = chat_choice(ChoiceResult(0, text, finish_reason), AnswerReader(HERMES), req).model_dump()
     assert choice["finish_reason"] == "tool_calls"
     message = choice["message"]
     assert message["content"] == "Let me check both."
@@ -197,7 +192,8 @@ def test_calls_answer_as_openais_tool_calls_streamed_or_not(finish_reason):
 
 def test_parallel_tool_calls_false_returns_the_first_call_only():
     req = _request(parallel_tool_calls=False)
-    message = chat_choice(ChoiceResult(0, QWEN_TWO_CALLS, "stop"), HERMES, req).model_dump()["message"]
+    message = chat_choice(ChoiceResult(0, QWEN_TWO_CALLS, "stop"), AnswerReader(HERMES),
+                          req).model_dump()["message"]
     assert message["content"] is None and [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
     streamed = _streamed_message(req, _token_deltas(QWEN_TWO_CALLS, "stop"))
     assert [c["function"]["name"] for c in streamed["tool_calls"]] == ["get_weather"]
@@ -211,7 +207,7 @@ def test_parallel_tool_calls_false_returns_the_first_call_only():
 def test_answers_without_calls_are_plain_content(fields, text):
     req = _request(**fields)
     parser = HERMES if req.parses_tool_calls else None
-    choice = chat_choice(ChoiceResult(0, text, "length"), parser, req).model_dump()
+    choice = chat_choice(ChoiceResult(0, text, "length"), AnswerReader(parser), req).model_dump()
     assert choice["finish_reason"] == "length"
     assert choice["message"]["content"] == text and choice["message"]["tool_calls"] == []
     streamed = _streamed_message(req, _token_deltas(text, "length"))
@@ -228,7 +224,8 @@ def test_a_required_answer_is_its_calls_streamed_or_not():
     req = _request(tool_choice="required")
     calls = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}},
              {"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]
-    choice = chat_choice(ChoiceResult(0, REQUIRED_TWO_CALLS, "stop"), RequiredCalls(), req).model_dump()
+    choice = chat_choice(ChoiceResult(0, REQUIRED_TWO_CALLS, "stop"), AnswerReader(RequiredCalls()),
+                         req).model_dump()
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     assert _without_ids(choice["message"]["tool_calls"]) == calls
     streamed = _streamed_message(req, _token_deltas(REQUIRED_TWO_CALLS, "stop"), RequiredCalls())
@@ -241,11 +238,11 @@ def test_a_named_functions_call_streams_its_arguments_as_they_come():
     finish_reason "stop" (OpenAI's and vLLM's for a named function)."""
     req = _request(tool_choice={"type": "function", "function": {"name": "get_time"}})
     text = '{"timezone":"Europe/Paris"}'
-    choice = chat_choice(ChoiceResult(0, text, "stop"), NamedCall("get_time"), req).model_dump()
+    choice = chat_choice(ChoiceResult(0, text, "stop"), AnswerReader(NamedCall("get_time")), req).model_dump()
     assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None
     assert _without_ids(choice["message"]["tool_calls"]) == [{"name": "get_time", "arguments": json.loads(text)}]
     deltas = _token_deltas(text, "stop")
-    stream = ChatChoiceStream(NamedCall("get_time"), req)
+    stream = ChatChoiceStream(AnswerReader(NamedCall("get_time")), req)
     chunks = [[c.model_dump(exclude_none=True) for c in stream.choices(delta)] for delta in deltas]
     assert all(len(sent) == 1 for sent in chunks[:-1]) and len(deltas) > 3  # a chunk per token, not held
     pieces = [sent[0]["delta"]["tool_calls"][0] for sent in chunks[:-1]]
@@ -254,16 +251,18 @@ def test_a_named_functions_call_streams_its_arguments_as_they_come():
     assert all(set(piece) == {"index", "function"} and set(piece["function"]) == {"arguments"} for piece in rest)
     assert "".join(piece["function"]["arguments"] for piece in pieces) == text
     assert chunks[-1] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
-    empty = list(ChatChoiceStream(NamedCall("get_time"), req).choices(Delta(0, "", "length")))
+    empty = list(ChatChoiceStream(AnswerReader(NamedCall("get_time")), req).choices(Delta(0, "", "length")))
     assert empty[0].delta.tool_calls[0].function.name == "get_time" and empty[-1].finish_reason == "length"
 
 
 def test_a_forced_answer_cut_by_max_tokens_ends_with_length():
     cut = REQUIRED_TWO_CALLS[:40]
-    choice = chat_choice(ChoiceResult(0, cut, "length"), RequiredCalls(), _request(tool_choice="required"))
+    choice = chat_choice(ChoiceResult(0, cut, "length"), AnswerReader(RequiredCalls()),
+                         _request(tool_choice="required"))
     assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == ("length", cut, [])
     named = _request(tool_choice={"type": "function", "function": {"name": "get_time"}})
-    choice = chat_choice(ChoiceResult(0, '{"timezone":"Eur', "length"), NamedCall("get_time"), named)
+    choice = chat_choice(ChoiceResult(0, '{"timezone":"Eur', "length"), AnswerReader(NamedCall("get_time")),
+                         named)
     assert choice.finish_reason == "length"  # as vLLM: the call's arguments as far as they came
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
         ("get_time", '{"timezone":"Eur')]

@@ -9,6 +9,11 @@ from pydantic import Field, model_validator
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
 
 
+# The fields of /v1/chat/completions that change how the chat template renders messages.
+CHAT_TEMPLATE_FIELDS = ("chat_template_kwargs", "continue_final_message", "documents", "chat_template",
+                        "reasoning_effort")
+
+
 class TokenizeRequest(OpenAIRequest):
     # Optional as in vLLM: none names the gateway's only model (lm-eval's remote tokenizer sends none).
     model: str | None = Field(None, min_length=1)
@@ -18,6 +23,12 @@ class TokenizeRequest(OpenAIRequest):
     messages: list[Any] | None = Field(None, min_length=1)
     tools: list[Any] | None = None
     add_generation_prompt: bool = True
+    # With messages: the chat template fields of /v1/chat/completions (ChatCompletionRequest), checked as it does.
+    chat_template_kwargs: Any = None
+    continue_final_message: Any = None
+    documents: Any = None
+    chat_template: Any = None
+    reasoning_effort: Any = None
     # vLLM's defaults: the model's BOS for a prompt, none for messages (the template holds its special tokens).
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
@@ -26,9 +37,13 @@ class TokenizeRequest(OpenAIRequest):
     def _prompt_or_messages(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either 'prompt' or 'messages'")
-        if self.tools is not None and self.messages is None:
-            raise ValueError("'tools' go with 'messages'")
+        if self.messages is None and (self.tools is not None or self.chat_fields()):
+            raise ValueError(f"'{next(iter(self.chat_fields()), 'tools')}' needs 'messages'")
         return self
+
+    def chat_fields(self) -> dict[str, Any]:
+        """The chat template fields given (the chat request's defaults for the others)."""
+        return {name: getattr(self, name) for name in CHAT_TEMPLATE_FIELDS if getattr(self, name) is not None}
 
 
 class TokenizeResponse(OpenAIResponse):

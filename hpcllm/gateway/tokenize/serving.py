@@ -27,9 +27,8 @@ def tokenize(gw: Gateway, req: TokenizeRequest) -> dict:
         ids = encoder.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
         chat = _chat(req, card.name)
-        ids = encoder.render_chat(chat.template_messages(), chat.template_tools(),
-                                  add_generation_prompt=req.add_generation_prompt,
-                                  add_special_tokens=bool(req.add_special_tokens))
+        ids = encoder.render_chat(chat.template_messages(), chat.template_tools(), **chat.template_arguments(),
+                                  add_special_tokens=bool(req.add_special_tokens)).token_ids
     strs = encoder.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=card.max_model_len, tokens=ids,
                             token_strs=strs).model_dump()
@@ -66,10 +65,13 @@ def _card(gw: Gateway, model: str | None) -> ModelCard:
 
 
 def _chat(req: TokenizeRequest, model: str) -> ChatCompletionRequest:
-    """The messages and tools as /v1/chat/completions reads them (the same checks, the same 4xx)."""
+    """The messages, tools and chat template fields as /v1/chat/completions reads them (the same checks, the same
+    4xx)."""
     try:
         chat = ChatCompletionRequest.model_validate({"model": model, "messages": req.messages,
-                                                     **({"tools": req.tools} if req.tools is not None else {})})
+                                                     "add_generation_prompt": req.add_generation_prompt,
+                                                     **({"tools": req.tools} if req.tools is not None else {}),
+                                                     **req.chat_fields()})
     except ValidationError as exc:
         raise validation_error(exc) from None
     chat.check_supported()

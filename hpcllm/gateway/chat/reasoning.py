@@ -1,0 +1,102 @@
+"""A reasoning model's thinking in its answer: `<think>...</think>` separated from the content, as vLLM's
+`--reasoning-parser deepseek_r1` / `qwen3` separate it (returned as `reasoning`, vLLM's field).
+
+A model gets a reasoning parser when its chat template writes `<think>` or `</think>` (Qwen3, QwQ, the DeepSeek-R1
+distills), as hpcllm.gateway.chat.tool_calls chooses the tool-call format. Per request, where its output starts:
+  inside thinking   the rendered prompt ends with `<think>` (R1 distills, QwQ and Qwen3-Thinking-2507 open the
+                    block in the generation prompt): everything up to the first `</think>` is reasoning.
+  outside           otherwise (Qwen3: the model writes `<think>` itself; with enable_thinking=false its template
+                    writes an empty block into the prompt and the model answers at once): an answer whose first text
+                    (after whitespace) is `<think>` is reasoning up to `</think>`; any other answer is all content.
+Reasoning never closed (the answer hit max_tokens while thinking) is all reasoning, with no content, as vLLM returns
+it. The text after `</think>` is the content as the model wrote it (vLLM strips nothing either); tool calls are read
+from it alone.
+Unlike vLLM's qwen3 parser, an answer that does not start with `<think>` is content, not reasoning: the parser is
+chosen here from the template, not by the operator per model, and a model that does not think but shares a
+thinking model's template (Qwen3-Instruct-2507) must not have its answers taken for reasoning.
+
+Streaming (ReasoningStream): the text is sent as it comes, only a tail that may still become `<think>` (at the start)
+or `</think>` (while thinking) held back, so a marker split across tokens never reaches the client in pieces; the
+whole answer is split by the same code, so streamed and whole answers agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from hpcllm.gateway.chat.tool_calls import partial_suffix
+
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+
+def template_thinks(template: str | None) -> bool:
+    """A chat template of a reasoning model: it writes (or strips from earlier turns) a think block."""
+    return template is not None and (THINK_START in template or THINK_END in template)
+
+
+@dataclass(frozen=True)
+class ReasoningParser:
+    """One request's: whether its output starts inside thinking (the prompt opened the block)."""
+
+    starts_inside: bool
+
+    @classmethod
+    def for_prompt(cls, prompt: str) -> ReasoningParser:
+        return cls(starts_inside=prompt.rstrip().endswith(THINK_START))
+
+    def stream(self) -> ReasoningStream:
+        return ReasoningStream(self.starts_inside)
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """A whole answer's reasoning (None: it has none) and content."""
+        stream = self.stream()
+        reasoning, content = stream.feed(text)
+        rest_reasoning, rest_content = stream.finish()
+        return (reasoning + rest_reasoning) or None, content + rest_content
+
+
+class _State(Enum):
+    START = "start"  # nothing but whitespace yet: the answer may still open a think block
+    THINKING = "thinking"
+    CONTENT = "content"
+
+
+class ReasoningStream:
+    """One answer's text through the parser: feed() gives the (reasoning, content) that can be sent now, finish()
+    what was held back once the answer ended."""
+
+    def __init__(self, starts_inside: bool):
+        self.starts_inside = starts_inside
+        self.state = _State.START
+        self.held = ""  # text not sent yet: it may still be (part of) a marker
+
+    def feed(self, text: str) -> tuple[str, str]:
+        self.held += text
+        if self.state is _State.START:
+            begun = self.held.lstrip()
+            if len(begun) < len(THINK_START) and THINK_START.startswith(begun):  # nothing yet, or <think> in pieces
+                return "", ""
+            if begun.startswith(THINK_START):
+                self.held = begun[len(THINK_START):]
+                self.state = _State.THINKING
+            else:
+                self.state = _State.THINKING if self.starts_inside else _State.CONTENT
+        if self.state is _State.CONTENT:
+            out, self.held = self.held, ""
+            return "", out
+        end = self.held.find(THINK_END)
+        if end >= 0:
+            reasoning, content = self.held[:end], self.held[end + len(THINK_END):]
+            self.held, self.state = "", _State.CONTENT
+            return reasoning, content
+        keep = len(self.held) - partial_suffix(self.held, THINK_END)
+        out, self.held = self.held[:keep], self.held[keep:]
+        return out, ""
+
+    def finish(self) -> tuple[str, str]:
+        """What was held back: reasoning while thinking (or starting inside it), else content."""
+        rest, self.held = self.held, ""
+        thinking = self.state is _State.THINKING or (self.state is _State.START and self.starts_inside)
+        return (rest, "") if thinking else ("", rest)

@@ -1,0 +1,109 @@
+"""A reasoning model through a real gateway, with the official openai client: a tiny model with Qwen3's way of
+thinking in its chat template (devmodels' qwen3-think), on a scripted stand-in worker that answers what the test sets
+(token by token, as the devmodel tokenizer cuts it: the <think> markers come in several tokens) and records the
+prompts it was sent. Chat answers carry the thinking as `reasoning` whole and streamed; chat_template_kwargs reach the
+template (/tokenize renders the same)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.httpkit.tests.thread_server import ThreadServer
+
+from .conftest import GatewayFactory
+from .stand_in_worker import Script, scripted_worker_app
+from .test_errors import assert_error
+from .test_tool_calls import QWEN_TWO_CALLS, TOOLS
+
+THINKER = "tiny-thinker"
+ASK = [{"role": "user", "content": "hello"}]
+THOUGHT = "<think>\nThe user greets me. I greet back.\n</think>\n\nHello!"
+REASONING, CONTENT = "\nThe user greets me. I greet back.\n", "\n\nHello!"
+
+
+@pytest.fixture(scope="module")
+def script() -> Script:
+    from hpcllm.devmodels import make_tokenizer
+
+    return Script(make_tokenizer("qwen3-think"))
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, script):
+    """A gateway serving THINKER (its tokenizer and template from a devmodel's directory) on the scripted worker."""
+    from hpcllm.devmodels import make_model
+
+    model_dir = make_model("llama", tmp_path_factory.mktemp("thinker") / THINKER, chat_template="qwen3-think")
+    worker = ThreadServer(scripted_worker_app(script))
+    factory = GatewayFactory(tmp_path_factory.mktemp("thinker-gateway"), worker.url, model_dir)
+    yield factory(static_models={THINKER: {"worker_url": worker.url, "source": str(model_dir)}})
+    factory.stop_all()
+    worker.stop()
+
+
+def _prompt(script: Script) -> str:
+    return script.tokenizer.decode(script.prompts[-1])
+
+
+def test_the_thinking_is_reasoning_whole_and_streamed(gw, script):
+    script.answer = THOUGHT
+    client = gw.client()
+    message = client.chat.completions.create(model=THINKER, messages=ASK).choices[0].message
+    assert (message.reasoning, message.content) == (REASONING, CONTENT)
+    chunks = list(client.chat.completions.create(model=THINKER, messages=ASK, stream=True))
+    deltas = [chunk.choices[0].delta for chunk in chunks]
+    reasoning = [d.reasoning for d in deltas if getattr(d, "reasoning", None)]
+    content = [d.content for d in deltas if d.content]
+    assert ("".join(reasoning), "".join(content)) == (REASONING, CONTENT)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_tool_calls_after_the_thinking(gw, script):
+    script.answer = "<think>\nI need both.\n</think>\n\n" + QWEN_TWO_CALLS
+    choice = gw.client().chat.completions.create(model=THINKER, messages=ASK, tools=TOOLS).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.reasoning == "\nI need both.\n"
+    assert [call.function.name for call in choice.message.tool_calls] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("body", [{"chat_template_kwargs": {"enable_thinking": False}},
+                                  {"reasoning_effort": "none"}])
+def test_thinking_turned_off_reaches_the_template(gw, script, body):
+    script.answer = "Hello!"
+    message = gw.client().chat.completions.create(model=THINKER, messages=ASK, extra_body=body).choices[0].message
+    assert _prompt(script).endswith("<|assistant|>\n<think>\n\n</think>\n\n")  # the template's empty block
+    assert (message.reasoning, message.content) == (None, "Hello!")
+    gw.client().chat.completions.create(model=THINKER, messages=ASK)
+    assert _prompt(script).endswith("<|assistant|>\n")
+    tokenized = gw.post("/tokenize", json={"model": THINKER, "messages": ASK, **body}).json()
+    gw.client().chat.completions.create(model=THINKER, messages=ASK, extra_body=body)
+    assert tokenized["tokens"] == script.prompts[-1]  # /tokenize renders as chat does
+
+
+def test_earlier_thinking_and_a_continued_message_reach_the_template(gw, script):
+    script.answer = "lo!"
+    history = [*ASK, {"role": "assistant", "content": "Hi!", "reasoning_content": "a greeting"},
+               {"role": "user", "content": "again"}, {"role": "assistant", "content": "Hel"}]
+    gw.client().chat.completions.create(model=THINKER, messages=history, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+    prompt = _prompt(script)
+    assert "<|assistant|>\n<think>\na greeting\n</think>\n\nHi!</s>" in prompt
+    assert prompt.endswith("<|assistant|>\nHel")  # no end of turn: the model goes on with the message
+
+
+@pytest.mark.parametrize("body, status, code, param, says", [
+    ({"chat_template_kwargs": {"tokenize": True}}, 400, "invalid_value", "chat_template_kwargs", "'tokenize'"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, 400, "invalid_value", "chat_template_kwargs",
+     "send 'add_generation_prompt' as the request's own field"),
+    ({"chat_template_kwargs": {"messages": []}}, 400, "invalid_value", "chat_template_kwargs", "'messages'"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, 422, "invalid_value", "chat_template_kwargs", None),
+    ({"chat_template": "{{ messages }}"}, 400, "unsupported_parameter", "chat_template", None),
+    ({"continue_final_message": True}, 400, "invalid_value", "add_generation_prompt", "add_generation_prompt false"),
+    ({"reasoning_effort": "extreme"}, 422, "invalid_value", "reasoning_effort", None),
+])
+def test_chat_template_fields_that_cannot_be_honoured_say_why(gw, script, body, status, code, param, says):
+    for path, extra in (("/v1/chat/completions", {}), ("/tokenize", {})):
+        if path == "/tokenize" and param == "reasoning_effort":
+            continue
+        error = assert_error(gw.post(path, json={"model": THINKER, "messages": ASK, **body, **extra}), status, code,
+                             param)
+        assert says is None or says in error["message"], error
