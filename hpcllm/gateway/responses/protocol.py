@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
 from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, FunctionCall, FunctionDefinition,
-                                          ToolCallIn, ToolCallOut, ToolDefinition, function_name,
+                                          ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition, function_name,
                                           json_object_arguments)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, UsageInfo, unsupported
@@ -23,15 +23,15 @@ from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, UsageInfo, un
 InputRole = Literal["user", "system", "developer", "assistant"]
 # Content part types whose text reaches the prompt (what a user sends, what the model answered before).
 TEXT_PARTS = ("input_text", "output_text")
-ITEM_TYPES = ("message", "function_call", "function_call_output")
-ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 NO_CONVERSATIONS = "the Conversations API is not served: chain turns with previous_response_id, or send the whole " \
                    "conversation in 'input'"
 NO_REFERENCES = "items are not looked up by id: send the item itself, or chain turns with previous_response_id"
 
 
 def new_item_id(prefix: str) -> str:
-    """OpenAI's ids: resp_..., msg_..., fc_..."""
+    """OpenAI's ids: resp_..., rs_..., msg_..., fc_..."""
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
@@ -58,8 +58,9 @@ def _text_of(value: str | list[dict], where: str) -> str:
 
 
 class InputItem(OpenAIRequest):
-    """One item of `input`: a message (`type` may be left out), an earlier function call, or its output. The fields
-    of the other types are checked by type (check_supported refuses unknown types with a 400)."""
+    """One item of `input`: a message (`type` may be left out), an earlier function call, or its output, or an
+    earlier answer's reasoning. The fields of the other types are checked by type (check_supported refuses unknown
+    types with a 400)."""
 
     type: str = "message"
     id: str | None = None
@@ -69,6 +70,23 @@ class InputItem(OpenAIRequest):
     name: str | None = None
     arguments: str | None = None
     output: Any = None
+    summary: Any = None  # a reasoning item's
+    encrypted_content: Any = None
+
+    def reasoning_text(self, where: str) -> str:
+        """A reasoning item's text: its reasoning_text parts (as this server returns them), else its summary's (as
+        vLLM reads them); an encrypted one (OpenAI's) is a 400: only OpenAI can read it."""
+        if self.encrypted_content is not None:
+            raise unsupported(f"{where}.encrypted_content", "encrypted reasoning (send its text in 'content')")
+        for name, kind in (("content", "reasoning_text"), ("summary", "summary_text")):
+            parts = getattr(self, name)
+            if parts:
+                if not (isinstance(parts, list) and all(isinstance(p, dict) and p.get("type") == kind
+                                                        and isinstance(p.get("text"), str) for p in parts)):
+                    raise InvalidRequest(f"a reasoning item's {name} must be a list of {{\"type\": \"{kind}\", "
+                                         f"\"text\": ...}} parts", param=f"{where}.{name}", code="invalid_value")
+                return "".join(part["text"] for part in parts)
+        return ""
 
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> InputItem:
@@ -144,6 +162,8 @@ class TextConfig(OpenAIRequest):
         return {"type": kind}
 
 
+# The keys of `reasoning` (OpenAI's Reasoning; generate_summary is summary's older name).
+REASONING_SETTINGS = ("effort", "summary", "generate_summary")
 # What a chat request's errors call the Responses fields they come from.
 PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
@@ -165,12 +185,16 @@ class ResponsesRequest(OpenAIRequest):
     metadata: dict[str, str] | None = None
     store: bool | None = None  # OpenAI's default is true: kept (hpcllm.gateway.response_store)
     previous_response_id: str | None = Field(None, min_length=1)
+    # vLLM's extension, as chat's: variables of the chat template ({"enable_thinking": false})
+    chat_template_kwargs: dict[str, Any] | None = None
+    # {"effort": ...}: "none" turns thinking off, as chat's reasoning_effort; "summary" is accepted, and none is
+    # written (the reasoning item holds the whole thinking)
+    reasoning: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     # Declared to be refused when set (unknown fields are dropped silently)
     conversation: Any = None
     prompt: Any = None
     background: bool | None = None
-    reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
     top_logprobs: int | None = None
     max_tool_calls: int | None = None
@@ -197,10 +221,16 @@ class ResponsesRequest(OpenAIRequest):
             raise unsupported("prompt", "a stored prompt template")
         if self.background:
             raise unsupported("background", "background: true (answers are streamed or returned at once)")
-        if self.reasoning and any(v is not None for v in self.reasoning.values()):
-            raise unsupported("reasoning", "reasoning settings (the served models do not reason separately)")
-        if self.include:
-            raise unsupported("include", f"include {self.include[0][:80]!r}")
+        unknown = next((key for key in self.reasoning or {} if key not in REASONING_SETTINGS), None)
+        if unknown is not None:
+            raise unsupported(f"reasoning.{unknown[:40]}", f"the reasoning setting {unknown[:40]!r}")
+        effort = (self.reasoning or {}).get("effort")
+        if effort is not None and effort not in get_args(ReasoningEffort):
+            raise InvalidRequest(f"reasoning.effort must be one of {', '.join(get_args(ReasoningEffort))}",
+                                 param="reasoning.effort", code="invalid_value")
+        extra = next((name for name in self.include or [] if name != "reasoning.encrypted_content"), None)
+        if extra is not None:  # reasoning items come with their text (Codex asks for encrypted ones with store false)
+            raise unsupported("include", f"include {extra[:80]!r}")
         if self.top_logprobs:
             raise unsupported("top_logprobs", "log probabilities in the Responses API (use /v1/chat/completions)")
         if self.max_tool_calls is not None:
@@ -233,6 +263,7 @@ class ResponsesRequest(OpenAIRequest):
             tools=[tool.for_chat() for tool in self.tools] if self.tools else None,
             tool_choice=_chat_tool_choice(self.tool_choice), parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.text.response_format() if self.text else None,
+            chat_template_kwargs=self.chat_template_kwargs, reasoning_effort=(self.reasoning or {}).get("effort"),
         )
 
     def _messages(self) -> list[ChatMessage]:
@@ -241,7 +272,13 @@ class ResponsesRequest(OpenAIRequest):
         messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
         for i, item in enumerate(self.input):
             where = f"input[{i}]"
-            if item.type == "message":
+            last = messages[-1] if messages else None
+            thought = last if last is not None and last.role == "assistant" and last.reasoning is not None else None
+            if item.type == "reasoning":  # the thinking of the assistant message that follows (vLLM's reading)
+                messages.append(ChatMessage(role="assistant", content=None, reasoning=item.reasoning_text(where)))
+            elif item.type == "message" and item.role == "assistant" and thought is not None and not thought.content:
+                thought.content = _text_of(item.content, f"{where}.content")
+            elif item.type == "message":
                 messages.append(ChatMessage(role=item.role, content=_text_of(item.content, f"{where}.content")))
             elif item.type == "function_call":
                 call = ToolCallIn(id=item.call_id, type="function",
@@ -268,7 +305,8 @@ class ResponsesRequest(OpenAIRequest):
             "text": {"format": (self.text.format if self.text else None) or {"type": "text"}},
             "parallel_tool_calls": self.parallel_tool_calls is not False, "metadata": self.metadata or {},
             "store": self.store is not False, "previous_response_id": self.previous_response_id,
-            "user": self.user, "truncation": self.truncation or "disabled", "background": False, "reasoning": None,
+            "user": self.user, "truncation": self.truncation or "disabled", "background": False,
+            "reasoning": self.reasoning,
         }
 
 
@@ -333,6 +371,21 @@ class OutputMessage(OpenAIResponse):
     content: list[OutputText]
 
 
+class ReasoningText(OpenAIResponse):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(OpenAIResponse):
+    """A reasoning model's thinking (vLLM's item: the text in content, no summary)."""
+
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+    status: ItemStatus
+
+
 class FunctionCallItem(OpenAIResponse):
     id: str
     type: Literal["function_call"] = "function_call"
@@ -384,7 +437,7 @@ class ResponseObject(OpenAIResponse):
     created_at: int
     model: str
     status: ResponseStatus
-    output: list[OutputMessage | FunctionCallItem] = Field(default_factory=list)
+    output: list[ReasoningItem | OutputMessage | FunctionCallItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None
     incomplete_details: IncompleteDetails | None = None
     error: None = None

@@ -2,8 +2,9 @@
 calling are chat's own) answered as OpenAI's `response` object, or streamed as its typed events; kept (with `store`,
 the default) for previous_response_id and GET/DELETE /v1/responses/{id} (hpcllm.gateway.response_store).
 
-Output items: a `message` with the answer's text (left out when the answer is only tool calls), then one
-`function_call` per tool call. A chat finish_reason "length" makes the response (and its message) "incomplete".
+Output items: a reasoning model's thinking as a `reasoning` item (its text in content, as vLLM's), a `message` with
+the answer's text (left out when the answer is only thinking or tool calls), then one `function_call` per tool call.
+A chat finish_reason "length" makes the response (and its last item) "incomplete".
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, validation_error
 from hpcllm.gateway.response_store import StoredResponse, owner_of
 from hpcllm.gateway.responses.protocol import (FunctionCallItem, IncompleteDetails, InputItemsQuery, OutputMessage,
-                                               OutputText, ResponseObject, ResponsesRequest, ResponseUsage,
-                                               new_item_id, renamed_for_responses)
+                                               OutputText, ReasoningItem, ReasoningText, ResponseObject,
+                                               ResponsesRequest, ResponseUsage, new_item_id, renamed_for_responses)
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import SSE_HEADERS, Delta, RequestContext, collect, stream_error
 
@@ -124,7 +125,8 @@ class ResponseBuilder:
         self.req, self.response_id, self.created = req, response_id, created
         self.keep = keep or (lambda body: None)  # called with the finished response (stored responses)
         self.sequence_number = 0
-        self.output: list[OutputMessage | FunctionCallItem] = []
+        self.output: list[ReasoningItem | OutputMessage | FunctionCallItem] = []
+        self.thought: ReasoningItem | None = None  # the reasoning item being streamed
         self.message: OutputMessage | None = None  # the message item being streamed
         self.call: FunctionCallItem | None = None  # the function_call item being streamed
 
@@ -135,10 +137,14 @@ class ResponseBuilder:
                               incomplete_details=incomplete).body(self.req)
 
     def whole(self, choice: ChatChoice, usage: UsageInfo) -> dict[str, Any]:
-        """A whole chat choice: its text a message item (none for an answer of calls only), its calls
-        function_call items."""
+        """A whole chat choice: its thinking a reasoning item, its text a message item (none for an answer of only
+        thinking or calls), its calls function_call items."""
         message, status = choice.message, status_of(choice.finish_reason)
-        if message.content or not message.tool_calls:
+        if message.reasoning:
+            thinking_ended = bool(message.content or message.tool_calls)
+            self.output.append(ReasoningItem(id=new_item_id("rs"), content=[ReasoningText(text=message.reasoning)],
+                                             status="completed" if thinking_ended else status))
+        if message.content or not (message.tool_calls or message.reasoning):
             self.output.append(OutputMessage(id=new_item_id("msg"), status=status,
                                              content=[OutputText(text=message.content or "")]))
         self.output += [FunctionCallItem.of(new_item_id("fc"), call) for call in message.tool_calls]
@@ -166,6 +172,8 @@ class ResponseBuilder:
         return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
     def _chunk(self, chunk: ChatStreamChoice, usage: Callable[[], UsageInfo]) -> Iterator[bytes]:
+        if chunk.delta.reasoning:
+            yield from self._reasoning(chunk.delta.reasoning)
         if chunk.delta.content:
             yield from self._text(chunk.delta.content)
         for call in chunk.delta.tool_calls or []:
@@ -173,6 +181,7 @@ class ResponseBuilder:
         if chunk.finish_reason is None:
             return
         status = status_of(chunk.finish_reason)
+        yield from self._close_reasoning(status)  # still thinking at the end: cut short, or the whole answer
         if not self.output and self.message is None and self.call is None:  # an empty answer is still a message
             yield from self._open_message()
         yield from self._close_message(status)
@@ -181,28 +190,53 @@ class ResponseBuilder:
         self.keep(final)  # before the event: a client may chain on the id as soon as it reads it
         yield self._event(f"response.{status}", response=final)
 
-    def _where(self) -> dict[str, Any]:
-        return {"item_id": self.message.id, "output_index": len(self.output), "content_index": 0}
+    def _reasoning(self, text: str) -> Iterator[bytes]:
+        if self.thought is None:
+            self.thought = ReasoningItem(id=new_item_id("rs"), content=[], status="in_progress")
+            yield self._event("response.output_item.added", output_index=len(self.output),
+                              item=self.thought.model_dump())
+            self.thought.content.append(ReasoningText(text=""))
+            yield self._event("response.content_part.added", **self._at(self.thought),
+                              part=ReasoningText(text="").model_dump())
+        self.thought.content[0].text += text
+        yield self._event("response.reasoning_text.delta", **self._at(self.thought), delta=text)
+
+    def _close_reasoning(self, status: str = "completed") -> Iterator[bytes]:
+        if self.thought is None:
+            return
+        item, self.thought = self.thought, None
+        part = item.content[0]
+        yield self._event("response.reasoning_text.done", **self._at(item), text=part.text)
+        yield self._event("response.content_part.done", **self._at(item), part=part.model_dump())
+        item.status = status
+        yield self._event("response.output_item.done", output_index=len(self.output), item=item.model_dump())
+        self.output.append(item)
+
+    def _at(self, item: ReasoningItem | OutputMessage) -> dict[str, Any]:
+        """Where a content part's events point: the item being streamed (the next in output) and its part."""
+        return {"item_id": item.id, "output_index": len(self.output), "content_index": 0}
 
     def _open_message(self) -> Iterator[bytes]:
+        yield from self._close_reasoning()  # the answer's text follows the thinking
         self.message = OutputMessage(id=new_item_id("msg"), status="in_progress", content=[])
         yield self._event("response.output_item.added", output_index=len(self.output),
                           item=self.message.model_dump())
         self.message.content.append(OutputText(text=""))
-        yield self._event("response.content_part.added", **self._where(), part=OutputText(text="").model_dump())
+        yield self._event("response.content_part.added", **self._at(self.message),
+                          part=OutputText(text="").model_dump())
 
     def _text(self, text: str) -> Iterator[bytes]:
         if self.message is None:
             yield from self._open_message()
         self.message.content[0].text += text
-        yield self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
+        yield self._event("response.output_text.delta", **self._at(self.message), delta=text, logprobs=[])
 
     def _close_message(self, status: str) -> Iterator[bytes]:
         if self.message is None:
             return
         part = self.message.content[0]
-        yield self._event("response.output_text.done", **self._where(), text=part.text, logprobs=[])
-        yield self._event("response.content_part.done", **self._where(), part=part.model_dump())
+        yield self._event("response.output_text.done", **self._at(self.message), text=part.text, logprobs=[])
+        yield self._event("response.content_part.done", **self._at(self.message), part=part.model_dump())
         self.message.status = status
         yield self._event("response.output_item.done", output_index=len(self.output),
                           item=self.message.model_dump())
@@ -213,6 +247,7 @@ class ResponseBuilder:
         """A call's chunk: a new call (it has an id: whole, or a named function's first piece) or more of the
         arguments of the one streamed."""
         if call.id is not None:
+            yield from self._close_reasoning()
             yield from self._close_message("completed")  # the text before the calls is whole
             yield from self._close_call()
             self.call = FunctionCallItem(id=new_item_id("fc"), call_id=call.id, name=call.function.name,

@@ -2,7 +2,7 @@
 thinking in its chat template (devmodels' qwen3-think), on a scripted stand-in worker that answers what the test sets
 (token by token, as the devmodel tokenizer cuts it: the <think> markers come in several tokens) and records the
 prompts it was sent. Chat answers carry the thinking as `reasoning` whole and streamed; chat_template_kwargs reach the
-template (/tokenize renders the same)."""
+template (/tokenize renders the same); the Responses API answers with reasoning items and events."""
 
 from __future__ import annotations
 
@@ -107,3 +107,49 @@ def test_chat_template_fields_that_cannot_be_honoured_say_why(gw, script, body, 
         error = assert_error(gw.post(path, json={"model": THINKER, "messages": ASK, **body, **extra}), status, code,
                              param)
         assert says is None or says in error["message"], error
+
+
+def test_responses_answer_with_a_reasoning_item(gw, script):
+    script.answer = THOUGHT
+    resp = gw.client().responses.create(model=THINKER, input="hello")
+    thought, message = resp.output
+    assert thought.type == "reasoning" and thought.id.startswith("rs_") and thought.summary == []
+    assert [(part.type, part.text) for part in thought.content] == [("reasoning_text", REASONING)]
+    assert message.type == "message" and resp.output_text == CONTENT and resp.status == "completed"
+
+
+def test_responses_stream_the_reasoning_as_openais_events(gw, script):
+    script.answer = THOUGHT
+    events = list(gw.client().responses.create(model=THINKER, input="hello", stream=True))
+    kinds = [event.type for event in events]
+    thinking = kinds[kinds.index("response.output_item.added"):kinds.index("response.output_item.done") + 1]
+    assert thinking[:2] == ["response.output_item.added", "response.content_part.added"]
+    assert set(thinking[2:-3]) == {"response.reasoning_text.delta"}
+    assert thinking[-3:] == ["response.reasoning_text.done", "response.content_part.done",
+                             "response.output_item.done"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == REASONING
+    done = next(e for e in events if e.type == "response.reasoning_text.done")
+    assert (done.text, done.output_index) == (REASONING, 0)
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == CONTENT
+    assert next(e for e in events if e.type == "response.output_text.delta").output_index == 1
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_a_second_turn_sends_the_reasoning_item_back(gw, script):
+    """The first answer's output items as the second request's input (how clients keep a conversation without
+    stored responses): the reasoning item is accepted and its text reaches the template as the assistant's
+    reasoning_content."""
+    script.answer = THOUGHT
+    first = gw.client().responses.create(model=THINKER, input="hello")
+    script.answer = "Fine."
+    second = gw.client().responses.create(model=THINKER, input=[
+        {"role": "user", "content": "hello"}, *[item.model_dump(exclude_none=True) for item in first.output],
+        {"role": "user", "content": "how are you?"}], extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert second.output_text == "Fine." and [item.type for item in second.output] == ["message"]
+    prompt = _prompt(script)
+    assert f"<|assistant|>\n<think>\n{REASONING}\n</think>\n\n{CONTENT}</s>\n<|user|>\nhow are you?" in prompt
+    assert prompt.endswith("<think>\n\n</think>\n\n")  # chat_template_kwargs reached the template
+    gw.client().responses.create(model=THINKER, input="hello", reasoning={"effort": "none", "summary": "auto"})
+    assert _prompt(script).endswith("<think>\n\n</think>\n\n")

@@ -340,7 +340,12 @@ def test_chats_errors_name_the_responses_field():
     ({"tools": [FUNCTION_TOOL, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, 400,
      "unsupported_parameter", "tools[1].type"),
     ({"background": True}, 400, "unsupported_parameter", "background"),
-    ({"reasoning": {"effort": "high"}}, 400, "unsupported_parameter", "reasoning"),
+    ({"reasoning": {"effort": "extreme"}}, 400, "invalid_value", "reasoning.effort"),
+    ({"reasoning": {"budget_tokens": 500}}, 400, "unsupported_parameter", "reasoning.budget_tokens"),
+    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"}]}, 400,
+     "unsupported_parameter", "input[0].encrypted_content"),
+    ({"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "content": "thought"}]}, 400,
+     "invalid_value", "input[0].content"),
     ({"include": ["file_search_call.results"]}, 400, "unsupported_parameter", "include"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "unsupported_parameter", "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, 400,
@@ -369,7 +374,8 @@ def test_what_cannot_be_done_is_a_4xx_naming_the_field(gateway, body, status, co
 
 def test_settings_that_change_nothing_are_accepted(gateway):
     resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, "store": False,
-                                               "reasoning": {"effort": None}, "include": [], "truncation": "disabled",
+                                               "reasoning": {"effort": None, "summary": "auto"},
+                                               "include": ["reasoning.encrypted_content"], "truncation": "disabled",
                                                "parallel_tool_calls": False, "user": "u1"})
     assert resp.status_code == 200, resp.text
     body = resp.json()
