@@ -77,7 +77,8 @@ class PromptEncoder:
         """The prompt: the messages (and the tools' definitions, if any) through the chat template, with the
         request's template_kwargs (chat_template_kwargs) as the template's variables. The template holds the special
         tokens (BOS, role markers): none are added unless asked (/tokenize may)."""
-        check_template_kwargs(template_kwargs or {})
+        if template_kwargs:
+            check_template_kwargs(template_kwargs)
         arguments = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                      "documents": documents, **(template_kwargs or {})}
         text = self._render(messages, tools, arguments)
