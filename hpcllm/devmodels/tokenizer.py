@@ -37,7 +37,8 @@ def _hermes_tools_template(thinking: bool) -> str:
     answer in <tool_response>. The gateway reads "<tool_call>" in it as the hermes tool-call format.
     thinking: Qwen3's way of thinking, which the gateway reads from "<think>" in it: an assistant's earlier thinking
     (reasoning_content) rendered in a <think></think> block before its answer; with enable_thinking=false the
-    generation prompt holds an empty block, so the model answers without thinking."""
+    generation prompt holds an empty block, so the model answers without thinking; its tokenizer has <think> and
+    </think> as tokens (THINK_TOKENS)."""
     earlier_thinking = ("{% if message['reasoning_content'] %}<think>\n{{ message['reasoning_content'] }}\n</think>"
                         "\n\n{% endif %}") if thinking else ""
     no_thinking = ("{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
@@ -64,6 +65,8 @@ def _hermes_tools_template(thinking: bool) -> str:
 
 
 HERMES_TOOLS_CHAT_TEMPLATE = _hermes_tools_template(thinking=False)
+# The qwen3-think tokenizer's added tokens.
+THINK_TOKENS = ("<think>", "</think>")
 QWEN3_THINK_CHAT_TEMPLATE = _hermes_tools_template(thinking=True)
 CHAT_TEMPLATES = {"plain": CHAT_TEMPLATE, "hermes-tools": HERMES_TOOLS_CHAT_TEMPLATE,
                   "qwen3-think": QWEN3_THINK_CHAT_TEMPLATE}
@@ -106,4 +109,6 @@ def make_tokenizer(chat_template: str = "plain"):
         clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = CHAT_TEMPLATES[chat_template]
+    if chat_template == "qwen3-think":
+        tokenizer.add_tokens(list(THINK_TOKENS))  # one token each, as in Qwen3's vocabulary (not special: decoded)
     return tokenizer

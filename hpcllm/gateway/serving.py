@@ -150,6 +150,10 @@ class Generation:
         self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
         self._stream_slot: str | None = None  # the key's stream slot this generation holds (a streaming request)
 
+    def output_ids(self, index: int) -> list[int]:
+        """The token ids choice `index` has generated so far."""
+        return self._choices[index].output_ids
+
     @property
     def usage(self) -> UsageInfo:
         return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,

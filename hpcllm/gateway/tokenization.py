@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
-from hpcllm.gateway.chat.reasoning import ReasoningParser, template_thinks
+from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
 from hpcllm.gateway.chat.tool_calls import ToolCallParser, parser_for_template
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
@@ -106,11 +106,19 @@ class PromptEncoder:
 
     def reasoning_parser(self, prompt: RenderedChat) -> ReasoningParser | None:
         """How this model's thinking is read out of its answer to `prompt` (None: its template writes none)."""
-        return ReasoningParser.for_prompt(prompt.text) if self._thinks else None
+        return ReasoningParser.for_prompt(prompt.text, self._think_marker_ids) if self._thinks else None
 
     @cached_property
     def _thinks(self) -> bool:
         return template_thinks(self.chat_template)
+
+    @cached_property
+    def _think_marker_ids(self) -> tuple[int, int] | None:
+        """<think>'s and </think>'s token ids, where the vocabulary holds them as tokens (reasoning tokens are
+        counted by them)."""
+        vocab = self.tokenizer.get_vocab()
+        start, end = vocab.get(THINK_START), vocab.get(THINK_END)
+        return (start, end) if start is not None and end is not None else None
 
     def _render(self, messages: list[dict], tools: list[dict] | None, arguments: dict[str, Any]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationInfo, field_validator, model_validator
 
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import (Constraint, OpenAIRequest, OpenAIResponse, PromptLogprobs, SamplingRequest,
@@ -166,6 +166,8 @@ class ChatCompletionRequest(SamplingRequest):
     # OpenAI's: "none" turns a model's thinking off (enable_thinking=false for its template, as vLLM maps it), any
     # other effort leaves it on; the served models have no other levels of effort.
     reasoning_effort: ReasoningEffort | None = None
+    # vLLM's: false leaves a reasoning model's thinking out of the answer (and its logprobs, which would show it)
+    include_reasoning: bool = True
 
     @field_validator("tools")
     @classmethod
@@ -373,13 +375,23 @@ class ChatChoice(OpenAIResponse):
     finish_reason: FinishReason
 
 
+class CompletionTokensDetails(OpenAIResponse):
+    reasoning_tokens: int
+
+
+class ChatUsage(UsageInfo):
+    """A reasoning model's usage, as vLLM's with a reasoning parser: how many completion tokens were thinking."""
+
+    completion_tokens_details: CompletionTokensDetails
+
+
 class ChatCompletionResponse(OpenAIResponse):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: UsageInfo
+    usage: SerializeAsAny[UsageInfo]  # a ChatUsage for a reasoning model
     system_fingerprint: str | None = None
     # vLLM's extension: the prompt's (the rendered messages') prompt_logprobs, when they were asked for.
     prompt_logprobs: PromptLogprobs | None = None
@@ -406,7 +418,7 @@ class ChatCompletionChunk(OpenAIResponse):
     model: str
     choices: list[ChatStreamChoice]
     system_fingerprint: str | None = None
-    usage: UsageInfo | None = None
+    usage: SerializeAsAny[UsageInfo] | None = None
 
     def to_sse_json(self, include_usage: bool) -> str:
         """OpenAI's chunk shape: delta carries only the fields that are set; usage is there only when asked."""

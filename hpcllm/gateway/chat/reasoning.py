@@ -15,6 +15,11 @@ Unlike vLLM's qwen3 parser, an answer that does not start with `<think>` is cont
 chosen here from the template, not by the operator per model, and a model that does not think but shares a
 thinking model's template (Qwen3-Instruct-2507) must not have its answers taken for reasoning.
 
+Reasoning tokens (usage's completion_tokens_details.reasoning_tokens, the Responses API's reasoning_tokens) are counted
+as vLLM counts them, on the output's token ids: those between <think> and </think>, the markers not counted; where
+the model's vocabulary does not hold both markers as single tokens (every reasoning model's does) they are not
+counted (0).
+
 Streaming (ReasoningStream): the text is sent as it comes, only a tail that may still become `<think>` (at the start)
 or `</think>` (while thinking) held back, so a marker split across tokens never reaches the client in pieces; the
 whole answer is split by the same code, so streamed and whole answers agree.
@@ -38,13 +43,29 @@ def template_thinks(template: str | None) -> bool:
 
 @dataclass(frozen=True)
 class ReasoningParser:
-    """One request's: whether its output starts inside thinking (the prompt opened the block)."""
+    """One request's: whether its output starts inside thinking (the prompt opened the block); the marker tokens'
+    ids (None: the vocabulary does not hold both as single tokens)."""
 
     starts_inside: bool
+    marker_ids: tuple[int, int] | None = None
 
     @classmethod
-    def for_prompt(cls, prompt: str) -> ReasoningParser:
-        return cls(starts_inside=prompt.rstrip().endswith(THINK_START))
+    def for_prompt(cls, prompt: str, marker_ids: tuple[int, int] | None = None) -> ReasoningParser:
+        return cls(starts_inside=prompt.rstrip().endswith(THINK_START), marker_ids=marker_ids)
+
+    def reasoning_tokens(self, output_ids: list[int]) -> int:
+        """The output tokens inside the think block: after an opening <think> (or from the start, the prompt having
+        opened it) up to the first </think> (or the end: thinking cut off)."""
+        if self.marker_ids is None or not output_ids:
+            return 0
+        start_id, end_id = self.marker_ids
+        begin = 1 if output_ids[0] == start_id else 0
+        if not (begin or self.starts_inside):
+            return 0
+        try:
+            return output_ids.index(end_id, begin) - begin
+        except ValueError:  # never closed
+            return len(output_ids) - begin
 
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self.starts_inside)

@@ -11,11 +11,12 @@ from flask import Response
 
 from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                                           ChatCompletionResponse, ChatLogprobs, ChatStreamChoice, ChatTokenLogprob,
-                                          ChatTopLogprob, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
-                                          FunctionCallOut, ToolCallOut)
+                                          ChatTopLogprob, ChatUsage, CompletionTokensDetails, DeltaFunctionCall,
+                                          DeltaMessage, DeltaToolCall, FunctionCallOut, ToolCallOut)
 from hpcllm.gateway.chat.reasoning import ReasoningParser
 from hpcllm.gateway.chat.tool_calls import (NamedCall, ParsedOutput, RequiredCalls, ToolCallParser, ToolCallStream,
                                             new_tool_call_id)
+from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Delta, Generation, RequestContext, collect,
@@ -33,6 +34,11 @@ class AnswerReader:
     tools: ToolCallParser | None = None
     reasoning: ReasoningParser | None = None
 
+    def hides_thinking(self, req: ChatCompletionRequest) -> bool:
+        """include_reasoning false for a model that thinks: no reasoning, and no logprobs (their tokens would show
+        the thinking), as vLLM answers it."""
+        return self.reasoning is not None and not req.include_reasoning
+
 
 def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest) -> Response | dict:
     generation, reader = start_chat(gw, ctx, req, new_response_id("chatcmpl"))
@@ -45,7 +51,7 @@ def create_chat_completion(gw: Gateway, ctx: RequestContext, req: ChatCompletion
     return ChatCompletionResponse(
         id=generation.response_id, created=ctx.created, model=req.model,
         choices=[chat_choice(result, reader, req) for result in results],
-        usage=generation.usage,
+        usage=chat_usage(generation, reader),
         prompt_logprobs=None if req.prompt_logprobs is None else vllm_prompt_logprobs(
             prompt, results[0].prompt_logprobs, req.prompt_logprobs),  # one prompt: the worker scores it once
     ).model_dump()
@@ -78,6 +84,17 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     return generation, reader
 
 
+def chat_usage(generation: Generation, reader: AnswerReader) -> UsageInfo:
+    """The generation's usage; a reasoning model's with the tokens its choices thought (vLLM's
+    completion_tokens_details), counted once the generation ended (not in continuous usage: it would mean a pass
+    over every choice's tokens at every chunk)."""
+    usage = generation.usage
+    if reader.reasoning is None:
+        return usage
+    thought = sum(reader.reasoning.reasoning_tokens(generation.output_ids(i)) for i in range(generation.num_choices))
+    return ChatUsage(**usage.model_dump(), completion_tokens_details=CompletionTokensDetails(reasoning_tokens=thought))
+
+
 def _parser(req: ChatCompletionRequest, encoder: PromptEncoder) -> ToolCallParser | None:
     """What reads the calls out of the answer: a forced call's own JSON, else the model's format (None: "none")."""
     if req.forced_function is not None:
@@ -90,7 +107,8 @@ def _parser(req: ChatCompletionRequest, encoder: PromptEncoder) -> ToolCallParse
 def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionRequest) -> ChatChoice:
     """A whole choice's answer: its text, or (a reasoning model) its thinking and the rest, or (parsing tool calls)
     the text outside the calls and the calls."""
-    logprobs = _logprobs([lp for lp, _ in result.logprobs]) if req.logprobs else None
+    hidden = reader.hides_thinking(req)
+    logprobs = _logprobs([lp for lp, _ in result.logprobs]) if req.logprobs and not hidden else None
     reasoning, text = reader.reasoning.split(result.text) if reader.reasoning is not None else (None, result.text)
     parser = reader.tools
     parsed = parser.parse(text) if parser is not None else ParsedOutput(text)
@@ -99,7 +117,7 @@ def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionR
         content = None  # all thinking (vLLM's null), or thinking and calls
     calls = _tool_calls(parsed, req)
     return ChatChoice(index=result.index, message=AssistantMessage(content=content, tool_calls=calls,
-                                                                   reasoning=reasoning),
+                                                                   reasoning=None if hidden else reasoning),
                       finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs)
 
 
@@ -121,6 +139,7 @@ class ChatChoiceStream:
 
     def __init__(self, reader: AnswerReader, req: ChatCompletionRequest):
         self.req = req
+        self.hidden = reader.hides_thinking(req)
         parser = reader.tools
         self.thinking = reader.reasoning.stream() if reader.reasoning is not None else None
         self.text = ToolCallStream(parser) if parser is not None else None
@@ -129,7 +148,8 @@ class ChatChoiceStream:
 
     def choices(self, delta: Delta) -> Iterator[ChatStreamChoice]:
         index = delta.index
-        logprobs = _logprobs([delta.logprobs]) if self.req.logprobs and delta.logprobs is not None else None
+        logprobs = (_logprobs([delta.logprobs]) if self.req.logprobs and delta.logprobs is not None and not self.hidden
+                    else None)
         if self.named is not None:
             yield from self._named_call(delta, logprobs)
             return
@@ -137,6 +157,8 @@ class ChatChoiceStream:
         if delta.finish_reason and self.thinking is not None:
             rest_reasoning, rest_text = self.thinking.finish()
             reasoning, text = reasoning + rest_reasoning, text + rest_text
+        if self.hidden:
+            reasoning = ""
         content = text if self.text is None else self.text.feed(text)
         if not delta.finish_reason:
             if reasoning or content or logprobs is not None or (self.text is None and self.thinking is None):
@@ -211,7 +233,7 @@ def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestCont
             for choice in streams[delta.index].choices(delta):
                 yield chunk([choice], generation.usage if req.continuous_usage else None)
         if req.include_usage:
-            yield chunk([], generation.usage)
+            yield chunk([], chat_usage(generation, reader))
     except Exception as exc:
         yield stream_error_event(exc, ctx.request_id)
     yield SSE_DONE

@@ -14,9 +14,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, FunctionCall, FunctionDefinition,
-                                          ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition, function_name,
-                                          json_object_arguments)
+from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, ChatUsage, FunctionCall,
+                                          FunctionDefinition, ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition,
+                                          function_name, json_object_arguments)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, UsageInfo, unsupported
 
@@ -190,6 +190,7 @@ class ResponsesRequest(OpenAIRequest):
     # {"effort": ...}: "none" turns thinking off, as chat's reasoning_effort; "summary" is accepted, and none is
     # written (the reasoning item holds the whole thinking)
     reasoning: dict[str, Any] | None = None
+    include_reasoning: bool = True  # vLLM's extension, as chat's: false leaves the reasoning item out
     truncation: Literal["auto", "disabled"] | None = None
     # Declared to be refused when set (unknown fields are dropped silently)
     conversation: Any = None
@@ -264,6 +265,7 @@ class ResponsesRequest(OpenAIRequest):
             tool_choice=_chat_tool_choice(self.tool_choice), parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.text.response_format() if self.text else None,
             chat_template_kwargs=self.chat_template_kwargs, reasoning_effort=(self.reasoning or {}).get("effort"),
+            include_reasoning=self.include_reasoning,
         )
 
     def _messages(self) -> list[ChatMessage]:
@@ -417,8 +419,9 @@ class ResponseUsage(OpenAIResponse):
 
     @classmethod
     def of(cls, usage: UsageInfo) -> ResponseUsage:
+        thought = usage.completion_tokens_details.reasoning_tokens if isinstance(usage, ChatUsage) else 0
         return cls(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
-                   total_tokens=usage.total_tokens)
+                   total_tokens=usage.total_tokens, output_tokens_details=OutputTokensDetails(reasoning_tokens=thought))
 
 
 class IncompleteDetails(OpenAIResponse):

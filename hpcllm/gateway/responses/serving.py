@@ -19,7 +19,7 @@ from flask import Response
 from pydantic import ValidationError
 
 from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaToolCall
-from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, start_chat
+from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, validation_error
 from hpcllm.gateway.response_store import StoredResponse, owner_of
@@ -45,13 +45,13 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     keep = keeper(gw, owner, [item.listed() for item in asked.input]) if req.store else None
     answer = ResponseBuilder(req, generation.response_id, ctx.created, keep)
     if req.stream:
-        events = answer.events(generation.deltas(), ChatChoiceStream(parser, chat_req), lambda: generation.usage,
-                               ctx.request_id)
+        events = answer.events(generation.deltas(), ChatChoiceStream(parser, chat_req),
+                               lambda: chat_usage(generation, parser), ctx.request_id)
         response = Response(events, mimetype="text/event-stream", headers=SSE_HEADERS)
         response.call_on_close(generation.close)
         return response
     result, = collect(generation)
-    return answer.whole(chat_choice(result, parser, chat_req), generation.usage)
+    return answer.whole(chat_choice(result, parser, chat_req), chat_usage(generation, parser))
 
 
 def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> ResponsesRequest:

@@ -13,12 +13,14 @@ from hpcllm.gateway.chat.reasoning import ReasoningParser, template_thinks
 from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
 from hpcllm.gateway.chat.tool_calls import PARSERS
 from hpcllm.gateway.serving import ChoiceResult, Delta
+from hpcllm.worker.protocol import TokenLogprobs
 
 from .test_tool_calls import QWEN_TWO_CALLS, TOOLS, _token_deltas
 
 QWEN3 = ReasoningParser(starts_inside=False)  # the model writes <think> itself
 R1 = ReasoningParser(starts_inside=True)  # the prompt opened the block
 THOUGHT = "<think>\nThe user greets me. I greet back.\n</think>\n\nHello!"
+REASONING_TEXT = "\nThe user greets me. I greet back.\n"
 
 
 def test_templates_that_write_think_blocks_get_a_parser():
@@ -71,9 +73,25 @@ def test_streamed_pieces_split_as_the_whole_answer_for_every_cut(parser, text):
             assert "</" not in r and "<think" not in r, (pieces, r)
 
 
+def test_reasoning_tokens_are_the_tokens_between_the_markers():
+    start, end = 7, 8
+    qwen3, r1 = (ReasoningParser(inside, (start, end)) for inside in (False, True))
+    assert qwen3.reasoning_tokens([start, 1, 2, 3, end, 4]) == 3
+    assert qwen3.reasoning_tokens([start, 1, 2]) == 2  # never closed
+    assert qwen3.reasoning_tokens([1, 2, end, 3]) == 0  # no thinking opened: content
+    assert r1.reasoning_tokens([1, 2, end, 3]) == 2 and r1.reasoning_tokens([start, 1, end]) == 1
+    assert r1.reasoning_tokens([]) == 0
+    assert ReasoningParser(True).reasoning_tokens([1, 2, 3]) == 0  # markers not single tokens: not counted
+
+
 def _request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                                                  **fields})
+
+
+def _character_deltas(text: str, finish_reason: str) -> list[Delta]:
+    """The answer a character at a time: every marker split (the qwen3-think tokenizer has them as single tokens)."""
+    return [Delta(0, character) for character in text] + [Delta(0, "", finish_reason)]
 
 
 def _streamed(reader: AnswerReader, req: ChatCompletionRequest, deltas: list[Delta]) -> dict:
@@ -89,7 +107,8 @@ def _streamed(reader: AnswerReader, req: ChatCompletionRequest, deltas: list[Del
     assert all("reasoning" not in d for d in deltas_sent[first_content + 1:])  # thinking comes first
     return {"reasoning": joined("reasoning"), "content": joined("content"),
             "tool_calls": [call for d in deltas_sent for call in d.get("tool_calls", [])],
-            "finish_reason": chunks[-1]["finish_reason"]}
+            "finish_reason": chunks[-1]["finish_reason"]} | (
+        {"logprobs": any("logprobs" in c for c in chunks)} if req.logprobs else {})
 
 
 def test_chat_answers_carry_the_thinking_as_reasoning_whole_and_streamed():
@@ -97,9 +116,10 @@ def test_chat_answers_carry_the_thinking_as_reasoning_whole_and_streamed():
     reader = AnswerReader(reasoning=QWEN3)
     message = chat_choice(ChoiceResult(0, THOUGHT, "stop"), reader, req).message
     assert (message.reasoning, message.content) == ("\nThe user greets me. I greet back.\n", "\n\nHello!")
-    streamed = _streamed(reader, req, _token_deltas(THOUGHT, "stop", "qwen3-think"))
-    assert streamed == {"reasoning": message.reasoning, "content": message.content, "tool_calls": [],
-                        "finish_reason": "stop"}
+    for deltas in _token_deltas(THOUGHT, "stop", "qwen3-think"), _character_deltas(THOUGHT, "stop"):
+        streamed = _streamed(reader, req, deltas)
+        assert streamed == {"reasoning": message.reasoning, "content": message.content, "tool_calls": [],
+                            "finish_reason": "stop"}
 
 
 def test_an_answer_cut_off_while_thinking_has_no_content():
@@ -123,10 +143,27 @@ def test_tool_calls_are_read_after_the_thinking_only():
     assert choice.message.reasoning.startswith("\nMaybe <tool_call>")
     calls = [(call.function.name, call.function.arguments) for call in choice.message.tool_calls]
     assert [name for name, _ in calls] == ["get_weather", "get_time"]
-    streamed = _streamed(reader, req, _token_deltas(text, "stop", "qwen3-think"))
-    assert streamed["reasoning"] == choice.message.reasoning and streamed["content"] is None
-    assert [(c["function"]["name"], c["function"]["arguments"]) for c in streamed["tool_calls"]] == calls
-    assert streamed["finish_reason"] == "tool_calls"
+    for deltas in _token_deltas(text, "stop", "qwen3-think"), _character_deltas(text, "stop"):
+        streamed = _streamed(reader, req, deltas)
+        assert streamed["reasoning"] == choice.message.reasoning and streamed["content"] is None
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in streamed["tool_calls"]] == calls
+        assert streamed["finish_reason"] == "tool_calls"
+
+
+def test_include_reasoning_false_leaves_the_thinking_and_its_logprobs_out():
+    """vLLM's include_reasoning: the thinking is not sent, nor the logprobs (their tokens would show it)."""
+    req = _request(include_reasoning=False, logprobs=True)
+    reader = AnswerReader(reasoning=QWEN3)
+    pieces = _character_deltas(THOUGHT, "stop")
+    result = ChoiceResult(0, THOUGHT, "stop", logprobs=[(TokenLogprobs(token=d.text, logprob=-1.0), i)
+                                                        for i, d in enumerate(pieces[:-1])])
+    choice = chat_choice(result, reader, req)
+    assert (choice.message.reasoning, choice.message.content, choice.logprobs) == (None, "\n\nHello!", None)
+    with_logprobs = [Delta(0, d.text, d.finish_reason, lp) for d, (lp, _) in zip(pieces, result.logprobs)]
+    streamed = _streamed(reader, req, with_logprobs + pieces[-1:])
+    assert (streamed["reasoning"], streamed["content"], streamed["logprobs"]) == (None, "\n\nHello!", False)
+    shown = chat_choice(result, reader, _request(logprobs=True))  # the default: both sent
+    assert shown.message.reasoning == REASONING_TEXT and len(shown.logprobs.content) == len(THOUGHT)
 
 
 def test_without_a_reasoning_parser_think_tags_stay_in_the_content():

@@ -1,7 +1,6 @@
 """A reasoning model through a real gateway, with the official openai client: a tiny model with Qwen3's way of
-thinking in its chat template (devmodels' qwen3-think), on a scripted stand-in worker that answers what the test sets
-(token by token, as the devmodel tokenizer cuts it: the <think> markers come in several tokens) and records the
-prompts it was sent. Chat answers carry the thinking as `reasoning` whole and streamed; chat_template_kwargs reach the
+thinking in its chat template and its <think> tokens (devmodels' qwen3-think), on a scripted stand-in worker that
+answers what the test sets (token by token, as the tokenizer cuts it) and records the prompts it was sent. Chat answers carry the thinking as `reasoning` whole and streamed; chat_template_kwargs reach the
 template (/tokenize renders the same); the Responses API answers with reasoning items and events."""
 
 from __future__ import annotations
@@ -45,12 +44,24 @@ def _prompt(script: Script) -> str:
     return script.tokenizer.decode(script.prompts[-1])
 
 
+def _thought_tokens(script: Script) -> int:
+    """THOUGHT's tokens between <think> and </think> (one token each in this tokenizer, as in Qwen3's)."""
+    ids = script.tokenizer(THOUGHT, add_special_tokens=False)["input_ids"]
+    return ids.index(script.tokenizer.convert_tokens_to_ids("</think>")) - 1
+
+
 def test_the_thinking_is_reasoning_whole_and_streamed(gw, script):
     script.answer = THOUGHT
     client = gw.client()
-    message = client.chat.completions.create(model=THINKER, messages=ASK).choices[0].message
+    whole = client.chat.completions.create(model=THINKER, messages=ASK, n=2)
+    message = whole.choices[0].message
     assert (message.reasoning, message.content) == (REASONING, CONTENT)
-    chunks = list(client.chat.completions.create(model=THINKER, messages=ASK, stream=True))
+    assert _thought_tokens(script) > 5  # vLLM's count, over both choices
+    assert whole.usage.completion_tokens_details.reasoning_tokens == 2 * _thought_tokens(script)
+    chunks = list(client.chat.completions.create(model=THINKER, messages=ASK, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == _thought_tokens(script)
+    chunks = chunks[:-1]
     deltas = [chunk.choices[0].delta for chunk in chunks]
     reasoning = [d.reasoning for d in deltas if getattr(d, "reasoning", None)]
     content = [d.content for d in deltas if d.content]
@@ -72,6 +83,8 @@ def test_thinking_turned_off_reaches_the_template(gw, script, body):
     message = gw.client().chat.completions.create(model=THINKER, messages=ASK, extra_body=body).choices[0].message
     assert _prompt(script).endswith("<|assistant|>\n<think>\n\n</think>\n\n")  # the template's empty block
     assert (message.reasoning, message.content) == (None, "Hello!")
+    usage = gw.client().chat.completions.create(model=THINKER, messages=ASK, extra_body=body).usage
+    assert usage.completion_tokens_details.reasoning_tokens == 0
     gw.client().chat.completions.create(model=THINKER, messages=ASK)
     assert _prompt(script).endswith("<|assistant|>\n")
     tokenized = gw.post("/tokenize", json={"model": THINKER, "messages": ASK, **body}).json()
@@ -116,6 +129,9 @@ def test_responses_answer_with_a_reasoning_item(gw, script):
     assert thought.type == "reasoning" and thought.id.startswith("rs_") and thought.summary == []
     assert [(part.type, part.text) for part in thought.content] == [("reasoning_text", REASONING)]
     assert message.type == "message" and resp.output_text == CONTENT and resp.status == "completed"
+    assert resp.usage.output_tokens_details.reasoning_tokens == _thought_tokens(script)
+    hidden = gw.client().responses.create(model=THINKER, input="hello", extra_body={"include_reasoning": False})
+    assert [item.type for item in hidden.output] == ["message"] and hidden.output_text == CONTENT
 
 
 def test_responses_stream_the_reasoning_as_openais_events(gw, script):
@@ -134,6 +150,7 @@ def test_responses_stream_the_reasoning_as_openais_events(gw, script):
     assert next(e for e in events if e.type == "response.output_text.delta").output_index == 1
     final = events[-1].response
     assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.usage.output_tokens_details.reasoning_tokens == _thought_tokens(script)
     assert [e.sequence_number for e in events] == list(range(len(events)))
 
 
