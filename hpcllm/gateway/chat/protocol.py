@@ -299,7 +299,7 @@ class ChatCompletionRequest(SamplingRequest):
     @property
     def constrained(self) -> bool:
         """The answer is constrained from its first token (a schema, a forced call)."""
-        return bool(self.constraints_given()) or self.output_schema() is not None
+        return self.constraint() is not None
 
     def template_messages(self) -> list[dict[str, Any]]:
         called = {call.id: call.function.name for message in self.messages for call in message.tool_calls or []}
