@@ -208,6 +208,9 @@ def tensor_parallel_engine_class():
                 raise ConfigError("[worker] model_process cannot be combined with tensor parallelism; set it false")
             if options.pop("cuda_graphs", False):  # the followers' steps would have to be captured alike
                 raise ConfigError("[worker] cuda_graphs is not supported with tensor parallelism yet; set it false")
+            if options.get("lora_adapters"):  # the followers' shards would need the adapters' slices
+                raise ConfigError("LoRA adapters are not supported with tensor parallelism yet; serve them on a "
+                                  "tensor_parallel = 1 deployment")
             super().__init__(lead.runner.model, tokenizer, **options)
             self.lead = lead
             lead.runner.batch_runner = self.runner

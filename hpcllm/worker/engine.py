@@ -217,10 +217,12 @@ class Engine(EngineBase):
         async_scheduling: bool = True,
         step_timeout: float | None = None,
         speculative_ngram_tokens: int = 0,
+        lora_adapters: dict[str, str] | None = None,
     ) -> None:
         """step_timeout: seconds a model step (or an embedding piece) may take before the engine counts as hung and
         fails (None: never; EngineBase._watch_steps). speculative_ngram_tokens: k of n-gram speculative decoding
-        for greedy requests (ngram.py, _speculate); 0: off."""
+        for greedy requests (ngram.py, _speculate); 0: off. lora_adapters: name -> PEFT folder, each request may
+        name one (GenerateRequest.lora; lora.py)."""
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
         if batching not in BATCHING_MODES:
@@ -252,6 +254,10 @@ class Engine(EngineBase):
             )
         num_blocks = -(-self.kv_cache_tokens // kv_block_size)
         self.proposer = NgramProposer(speculative_ngram_tokens) if speculative_ngram_tokens else None
+        self.lora_adapters = dict(lora_adapters or {})
+        if self.lora_adapters and cuda_graphs:
+            raise ValueError("LoRA adapters are not applied in CUDA graph replays: set cuda_graphs false to serve "
+                             "adapters")
         # fast_path: the paged runner fuses and packs the model's projections on CPU (runner.py, fastpath.py).
         if model_process:  # the forward in a child process (runner_process.py): streams run beside it
             # One started ahead (during the load, or by a spare worker), else one now.
@@ -260,11 +266,12 @@ class Engine(EngineBase):
                                                      batching=batching,
                                                      max_rows=max_running_requests * (1 + speculative_ngram_tokens),
                                                      process=started, fast_path=fast_path,
-                                                     threads=model_process_threads, tokenizer=tokenizer)
+                                                     threads=model_process_threads, tokenizer=tokenizer,
+                                                     lora_adapters=self.lora_adapters)
             paged = self.runner.paged
         else:
             self.runner = make_runner(model, num_blocks=num_blocks, block_size=kv_block_size, batching=batching,
-                                      fast_path=fast_path)
+                                      fast_path=fast_path, lora_adapters=self.lora_adapters)
             paged = isinstance(self.runner, PagedRunner)
         if cuda_graphs:  # True: capture decode steps (a CUDA model); "eager": their static form, uncaptured
             self._use_decode_graphs("eager" if cuda_graphs == "eager" else "cuda")
@@ -464,7 +471,7 @@ class Engine(EngineBase):
                 self._finish(req, "abort")
                 continue
             # A prompt scored position by position needs every position's logits: no cached prefix (vLLM's rule).
-            shared = (self.kv_pool.share_prefix(req.seq_id, req.all_ids)
+            shared = (self.kv_pool.share_prefix(req.seq_id, req.all_ids, req.cache_salt)
                       if req.num_cached == 0 and not req.scores_prompt else 0)
             if not self.kv_pool.grow(req.seq_id, len(req.all_ids) + 1):
                 self.kv_pool.free(req.seq_id)
@@ -555,7 +562,8 @@ class Engine(EngineBase):
         batch = StepBatch(chunks=[SequenceChunk(w.req.seq_id, [0] if w.previous_row is not None
                                                 else w.req.all_ids[w.start:w.end] + w.proposal, w.start,
                                                 self.kv_pool.table(w.req.seq_id), w.end == w.known,
-                                                previous_row=w.previous_row, logits_positions=1 + len(w.proposal))
+                                                previous_row=w.previous_row, logits_positions=1 + len(w.proposal),
+                                                lora=w.req.lora)
                                   for w in chunks])
         for chunk, w in zip(batch.chunks, chunks):
             if w.req.scores_prompt and w.previous_row is None:
@@ -665,7 +673,7 @@ class Engine(EngineBase):
             valid = {id(w): chosen is None or _still_matches(w) for w in chunks}
             for w in chunks:
                 if valid[id(w)]:
-                    self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end)
+                    self.kv_pool.register(w.req.seq_id, w.req.all_ids, w.end, w.req.cache_salt)
         row = 0
         for w in work:
             if w.end == w.start:

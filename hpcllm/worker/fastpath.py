@@ -27,6 +27,7 @@ model is tested per architecture (test_fastpath.py, test_batching.py).
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 from dataclasses import dataclass, field
@@ -149,20 +150,25 @@ def _fusable(module: nn.Module, names: tuple[str, ...]) -> bool:
                and p.weight.device == first.device and (p.bias is None) == (parts[0].bias is None) for p in parts)
 
 
-def _fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+def _fused_linear(parts: list[nn.Linear], names: tuple[str, ...]) -> nn.Linear:
+    """One linear of the parts' weights (and biases) concatenated; `fused_parts` names each part's output columns
+    (name -> (start, stop)): where a LoRA adapter of a part adds its delta (lora.py)."""
     weight = torch.cat([part.weight for part in parts])
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
                       device="meta", dtype=weight.dtype)
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if parts[0].bias is not None:
         fused.bias = nn.Parameter(torch.cat([part.bias for part in parts]), requires_grad=False)
+    stops = list(itertools.accumulate(part.weight.shape[0] for part in parts))
+    fused.fused_parts = {name: (stop - part.weight.shape[0], stop) for name, part, stop in zip(names, parts, stops)}
     return fused
 
 
 def _fuse_attention(attention: nn.Module, attention_kwargs: dict) -> list[torch.Tensor]:
     """Returns the dropped weights' and biases' ranges in a larger buffer (_view_ranges)."""
-    parts = [attention.q_proj, attention.k_proj, attention.v_proj]
-    attention.qkv_proj = _fused_linear(parts)
+    names = ("q_proj", "k_proj", "v_proj")
+    parts = [getattr(attention, name) for name in names]
+    attention.qkv_proj = _fused_linear(parts, names)
     # From the weights: under tensor parallelism a shard's Linear keeps the whole model's out_features attribute.
     attention.qkv_sizes = [part.weight.shape[0] for part in parts]
     attention.fused_attention_kwargs = attention_kwargs
@@ -207,8 +213,9 @@ def _fused_attention_forward(self, hidden_states, position_embeddings=None, atte
 
 
 def _fuse_mlp(mlp: nn.Module) -> list[torch.Tensor]:
-    parts = [mlp.gate_proj, mlp.up_proj]
-    mlp.gate_up_proj = _fused_linear(parts)
+    names = ("gate_proj", "up_proj")
+    parts = [getattr(mlp, name) for name in names]
+    mlp.gate_up_proj = _fused_linear(parts, names)
     mlp.gate_size = mlp.gate_proj.weight.shape[0]
     del mlp.gate_proj, mlp.up_proj
     mlp.forward = types.MethodType(_fused_mlp_forward, mlp)

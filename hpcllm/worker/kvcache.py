@@ -8,7 +8,8 @@ far as the load needs.
 Prefix caching (vLLM's automatic prefix caching): a full block whose keys/values have been computed is registered
 under the hash of every token up to its end (a chain: the previous block's hash plus this block's tokens). A new
 request first looks up its prompt's full blocks and shares the ones found (reference counts), so a common system
-prompt is prefilled once. A freed block keeps its content and registration until its memory is needed again
+prompt is prefilled once. A chain starts from a salt: sequences whose keys/values differ for the same tokens (another
+LoRA adapter) never share blocks. A freed block keeps its content and registration until its memory is needed again
 (blocks without content are used first, then the least recently freed cached ones).
 """
 
@@ -77,13 +78,13 @@ class BlockPool:
 
     # ---- prefix caching ------------------------------------------------------------------------------------------
 
-    def share_prefix(self, seq_id: int, token_ids: list[int]) -> int:
-        """Give a new sequence the cached blocks of its longest registered prefix; the tokens they hold. At least
-        the last token is left to compute (its logits are needed)."""
+    def share_prefix(self, seq_id: int, token_ids: list[int], salt: bytes = b"") -> int:
+        """Give a new sequence the cached blocks of its longest registered prefix under `salt` (register's); the
+        tokens they hold. At least the last token is left to compute (its logits are needed)."""
         if not self.prefix_caching or seq_id in self._tables:
             return 0
         blocks: list[int] = []
-        parent = b""
+        parent = salt
         for index in range((len(token_ids) - 1) // self.block_size):
             parent = self._hash(parent, token_ids, index)
             block = self._block_of.get(parent)
@@ -99,11 +100,12 @@ class BlockPool:
             self._registered[seq_id] = (len(blocks), parent)
         return len(blocks) * self.block_size
 
-    def register(self, seq_id: int, token_ids: list[int], computed: int) -> None:
-        """Register seq_id's full blocks whose keys/values are computed (its first `computed` tokens)."""
+    def register(self, seq_id: int, token_ids: list[int], computed: int, salt: bytes = b"") -> None:
+        """Register seq_id's full blocks whose keys/values are computed (its first `computed` tokens); salt: what
+        else than the tokens the keys/values depend on (the LoRA adapter), b"" for the base model."""
         if not self.prefix_caching:
             return
-        done, parent = self._registered.get(seq_id, (0, b""))
+        done, parent = self._registered.get(seq_id, (0, salt))
         table = self._tables.get(seq_id, [])
         full = min(computed // self.block_size, len(table))
         for index in range(done, full):

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, Strict, TypeAdapter, model_validator
 
+from hpcllm.config import MODEL_NAME_PATTERN
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.client import HttpUrl
 from hpcllm.httpkit.wire import WireModel
@@ -107,6 +108,8 @@ class GenerateRequest(WireModel):
     # choice or grammar as hpcllm.worker.grammar.compile_grammar writes it); one the model's tokenizer cannot take
     # is a 400 naming grammar.
     grammar: str | None = Field(default=None, min_length=1)
+    # The LoRA adapter to run with (vLLM's lora_request; one the worker was started with, else a 400 naming lora).
+    lora: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> "GenerateRequest":

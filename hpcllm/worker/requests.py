@@ -149,6 +149,12 @@ class RequestState:
     # samples its tokens; under asynchronous scheduling the model process keeps it): built from its ids when it is
     # first sampled, then updated per output token; None for every other request (they pay nothing per token).
     token_state: TokenState | None = None
+    lora: str | None = None  # the LoRA adapter it runs with (GenerateRequest.lora); None: the base model
+
+    @property
+    def cache_salt(self) -> bytes:
+        """What its KV blocks' prefix-cache keys start from: an adapter's keys/values are not the base model's."""
+        return b"" if self.lora is None else b"lora\0" + self.lora.encode()
 
     @property
     def known_tokens(self) -> int:
@@ -268,6 +274,7 @@ class EngineBase:
     # cannot (it would read them as prompt and start the grammar over), so there such a request finishes where it
     # began.
     continues_grammars = True
+    lora_adapters: dict[str, str] = {}  # the LoRA adapters it serves (name -> folder); a request names one or none
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -533,7 +540,7 @@ class EngineBase:
                 logit_bias=dict(params.logit_bias), stop=list(origin.stop),
                 stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
-                prompt_logprobs=req.prompt_logprobs, grammar=origin.grammar,
+                prompt_logprobs=req.prompt_logprobs, grammar=origin.grammar, lora=req.lora,
             )
 
     def migration_output(self, request_id: str) -> list[int]:
@@ -632,6 +639,7 @@ class EngineBase:
                     f"resume_token_ids already end the generation (stop at index {position}): nothing to resume",
                     "resume_token_ids",
                 )
+        self._check_lora(request.lora)
         seed = request.seed if request.seed is not None else random_seed()
         return self.request_type(
             request_id=request.request_id,
@@ -652,7 +660,15 @@ class EngineBase:
             # Delivered with output index 0: a request resumed after it needs them no more.
             prompt_logprobs=None if resumed else request.prompt_logprobs,
             prompt_logprobs_result=None if resumed or request.prompt_logprobs is None else [None],
+            lora=request.lora,
         )
+
+    def _check_lora(self, name: str | None) -> None:
+        """A request's adapter must be one this worker was started with (a migration's destination too)."""
+        if name is not None and name not in self.lora_adapters:
+            loaded = ", ".join(sorted(self.lora_adapters)) or "none"
+            raise InvalidRequest(f"LoRA adapter {name!r} is not loaded on this worker of model {self.model_name} "
+                                 f"(loaded: {loaded}); start the worker with it, or name one of these", "lora")
 
     @functools.cached_property
     def grammar_tokenizer(self):

@@ -36,7 +36,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from hpcllm.worker import cpumem, fastpath
+from hpcllm.worker import cpumem, fastpath, lora
 from hpcllm.worker.sampling import SamplingParams
 
 PAGED_ATTENTION = "hpcllm_paged"
@@ -78,6 +78,7 @@ class SequenceChunk:
     score_ids: list[int] = field(default_factory=list)
     score_top: int = 0
     logits_positions: int = 1
+    lora: str | None = None  # the LoRA adapter the sequence runs with (lora.py); None: the base model
 
 
 class StateSeed(NamedTuple):
@@ -313,9 +314,10 @@ class KVPool:
 
 
 class PagedRunner:
-    def __init__(self, model, *, num_blocks: int, block_size: int, fast_path: bool = True) -> None:
+    def __init__(self, model, *, num_blocks: int, block_size: int, fast_path: bool = True,
+                 lora_adapters: dict[str, str] | None = None) -> None:
         """fast_path: fuse q/k/v and gate/up and pack the linears for oneDNN on CPU (fastpath.py; changes `model`
-        in place)."""
+        in place). lora_adapters: name -> PEFT folder, read and installed on the model's linear layers (lora.py)."""
         self.model = model
         self.block_size = block_size
         self.pool = KVPool(num_blocks, block_size)
@@ -329,6 +331,8 @@ class PagedRunner:
         self.lean_step = None  # fastpath.LeanStep: the fused model's step without transformers' module calls
         if self.fast_path.skipped is None:
             self.lean_step, self.fast_path.lean_step = fastpath.lean_step(model, _paged_attention)
+        # After the fast path: an adapter of q_proj (gate_proj...) adds its delta to that slice of the fused layer.
+        self.lora = lora.LoraLayers(model, lora_adapters) if lora_adapters else None
         model.config._attn_implementation = PAGED_ATTENTION
         for module in model.modules():  # some models cache the implementation per sub-config
             config = getattr(module, "config", None)
@@ -360,11 +364,14 @@ class PagedRunner:
         last_row = [0] * len(batch.chunks)  # each chunk's last position in the packed row
         first_row = [0] * len(batch.chunks)
         sequences: list[_SequenceView] = []
+        adapter_rows: list[tuple[str, int, int]] = []  # (adapter, begin, end) of each chunk run with an adapter
         for index in [index for _, index in decodes] + prefills:
             chunk = batch.chunks[index]
             begin, context = len(ids), chunk.start + len(chunk.token_ids)
             first_row[index] = begin
             ids.extend(chunk.token_ids)
+            if chunk.lora is not None:
+                adapter_rows.append((chunk.lora, begin, len(ids)))
             positions.extend(range(chunk.start, context))
             # The new tokens' slots as plain Python ints (one tensor per step below); a context's slots are only
             # ever built from its blocks as a tensor (_context_slots), never position by position in Python.
@@ -388,17 +395,30 @@ class PagedRunner:
         position_ids = torch.tensor([positions], device=self.device)
         keep_rows = torch.tensor(keep, dtype=torch.long, device=self.device)
         try:
-            if self.lean_step is not None:
-                logits = self.lean_step(input_ids, position_ids, keep_rows)
-            else:
-                with attention_kernels(self.device):
-                    logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                                        logits_to_keep=keep_rows).logits[0]
+            with self._adapters(adapter_rows):
+                logits = self._forward(input_ids, position_ids, keep_rows)
         finally:
             _active.step = None
         if scored:
             _keep_scores(batch, scored, logits[rows:])
         return logits[:rows]
+
+    def _adapters(self, adapter_rows: list[tuple[str, int, int]]):
+        """The step's LoRA row groups (a context manager; nothing when no chunk runs with an adapter)."""
+        if not adapter_rows:
+            return contextlib.nullcontext()
+        known = self.lora.names if self.lora is not None else []
+        unknown = sorted({name for name, _, _ in adapter_rows} - set(known))
+        if unknown:
+            raise ValueError(f"LoRA adapter(s) {', '.join(unknown)} not loaded (loaded: {', '.join(known) or 'none'})")
+        return self.lora.rows(adapter_rows, self.device)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
+        if self.lean_step is not None:
+            return self.lean_step(input_ids, position_ids, keep_rows)
+        with attention_kernels(self.device):
+            return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                              logits_to_keep=keep_rows).logits[0]
 
     def _decode_groups(self, decodes: list[tuple[int, list[int]]]) -> tuple[list[_DecodeGroup], torch.Tensor | None]:
         """Batch the decodes' attention: the decodes (context, block table), sorted by context and packed in this
@@ -505,14 +525,16 @@ def embed_last_token(model, ids: list[int]) -> list[float]:
 
 
 def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto",
-                fast_path: bool = True) -> ModelRunner:
+                fast_path: bool = True, lora_adapters: dict[str, str] | None = None) -> ModelRunner:
     """batching: "auto" (paged if the model allows, else sequential), "paged" (or a clear error), "sequential".
-    fast_path: the paged runner's CPU fast path (fastpath.py)."""
-    if batching == "sequential":
-        return SequentialRunner(model, block_size=block_size)
-    why_not = paged_attention_supported(model)
+    fast_path: the paged runner's CPU fast path (fastpath.py). lora_adapters: the paged runner's (lora.py); the
+    sequential runner has none, so with adapters it is refused."""
+    why_not = "batching='sequential' was asked for" if batching == "sequential" else paged_attention_supported(model)
     if why_not is None:
-        return PagedRunner(model, num_blocks=num_blocks, block_size=block_size, fast_path=fast_path)
+        return PagedRunner(model, num_blocks=num_blocks, block_size=block_size, fast_path=fast_path,
+                           lora_adapters=lora_adapters)
+    if lora_adapters:
+        raise ValueError(f"LoRA adapters need the paged runner, which cannot serve this model: {why_not}")
     if batching == "paged":
         raise ValueError(f"batching='paged' cannot serve this model: {why_not}")
     return SequentialRunner(model, block_size=block_size)

@@ -74,10 +74,12 @@ class ProcessRunner:
     """A ModelRunner whose steps run in a child process holding the model and its KV cache."""
 
     def __init__(self, model, *, num_blocks: int, block_size: int, batching: str, max_rows: int,
-                 process, fast_path: bool = True, threads: int | None = None, tokenizer=None) -> None:
+                 process, fast_path: bool = True, threads: int | None = None, tokenizer=None,
+                 lora_adapters: dict[str, str] | None = None) -> None:
         """process: the model_process.ModelProcess to hand the model (started ahead: while the model loaded, or by
         a spare worker); the runner owns it from here (closes it when it fails to start, or at close()).
-        fast_path: make_runner's. tokenizer: the model's, for constrained requests' grammars (grammar.py)."""
+        fast_path, lora_adapters: make_runner's (the adapters are read there). tokenizer: the model's, for
+        constrained requests' grammars (grammar.py)."""
         if fastpath.is_packed(model):  # oneDNN tensors cannot be shared with the child
             process.close()
             raise ValueError("the model's weights were already packed by an in-process engine's fast path: give the "
@@ -89,7 +91,7 @@ class ProcessRunner:
             raise ModelProcessError(f"the model process died while importing (exit code {self._process.exitcode})")
         setup = {"model": model, "num_blocks": num_blocks, "block_size": block_size, "batching": batching,
                  "max_rows": max_rows, "threads": threads or torch.get_num_threads(), "fast_path": fast_path,
-                 "tokenizer": tokenizer}
+                 "tokenizer": tokenizer, "lora_adapters": lora_adapters}
         self._send(("load", setup))  # torch.multiprocessing's pickler: weights by shared memory / IPC
         kind, payload = self._receive()
         if kind == "error":
@@ -191,7 +193,8 @@ def serve_steps(conn) -> None:
     torch.set_num_threads(setup["threads"])
     try:
         runner = make_runner(model, num_blocks=setup["num_blocks"], block_size=setup["block_size"],
-                             batching=setup["batching"], fast_path=setup["fast_path"])
+                             batching=setup["batching"], fast_path=setup["fast_path"],
+                             lora_adapters=setup.get("lora_adapters"))
     except ValueError as exc:
         conn.send(("error", str(exc)))
         return

@@ -1,0 +1,255 @@
+"""LoRA adapters on the paged runner's base model (multi-LoRA, vLLM's `--enable-lora --lora-modules name=path`).
+
+A worker is started with adapters (name -> PEFT folder: adapter_config.json + adapter_model.safetensors); each
+request may name one (GenerateRequest.lora). The base weights stay as they are: on every targeted linear layer a
+batched step adds, for the rows (packed tokens) of each adapter in the batch, scale * (x @ A^T) @ B^T, one gather and
+two small matmuls per adapter and layer (a loop over the few adapters of the step); rows without adapter, and every
+step without one, run the base layer alone.
+
+Targets: the linear layers inside the model's decoder (Llama-like q/k/v/o/gate/up/down_proj). The CPU fast path
+fuses q/k/v and gate/up into one linear (fastpath.py): an adapter of q_proj then adds its delta to q's slice of the
+fused output (the fused module's `fused_parts`). Refused with the reason: DoRA, modules_to_save, embedding or
+lm_head targets, trained biases, fan_in_fan_out (GPT-2's Conv1D layers), per-layer rank or alpha patterns, and
+shapes that do not fit the base model. The adapters are read from the folders given, once, where the forward runs
+(the model process, or the engine's process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import threading
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hpcllm.config import MODEL_NAME_PATTERN
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
+# Config keys whose non-default value changes what the adapter computes beyond scale * B @ A.
+_UNSUPPORTED = {
+    "use_dora": (False, "DoRA (use_dora = true)"),
+    "fan_in_fan_out": (False, "fan_in_fan_out = true (GPT-2 style Conv1D layers)"),
+    "bias": ("none", "trained biases (bias other than \"none\")"),
+    "modules_to_save": (None, "modules_to_save (fully trained extra modules)"),
+    "rank_pattern": ({}, "per-layer ranks (rank_pattern)"),
+    "alpha_pattern": ({}, "per-layer alphas (alpha_pattern)"),
+}
+
+
+class AdapterError(ValueError):
+    """An adapter the worker cannot serve (make_runner's refusals are ValueErrors too: the worker does not start)."""
+
+
+@dataclass
+class LoraWeights:
+    a_t: torch.Tensor  # [in, r]: A transposed
+    b_t: torch.Tensor  # [r, out]: (scale * B) transposed
+
+
+@dataclass
+class Adapter:
+    name: str
+    rank: int
+    scale: float
+    weights: dict[str, LoraWeights]  # by module name in the model as loaded (PEFT's key without its prefix)
+
+
+def check_adapter_names(adapters: dict[str, str]) -> None:
+    for name in adapters:
+        if not re.match(MODEL_NAME_PATTERN, name):
+            raise AdapterError(f"LoRA adapter name {name!r} is not a valid model name (letters, digits, '.', '_', "
+                               f"'-', as model names)")
+
+
+def read_adapter(name: str, folder: str | Path) -> Adapter:
+    """A PEFT LoRA adapter from its folder, refused with the reason when it is one this runner cannot apply."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterError(f"LoRA adapter {name!r}: {path} does not exist (a PEFT adapter folder holds "
+                               f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"LoRA adapter {name!r}: {config_path} is not readable JSON: {exc}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"LoRA adapter {name!r}: peft_type is {config.get('peft_type')!r}, only LORA is served")
+    for key, (default, what) in _UNSUPPORTED.items():
+        if config.get(key, default) not in (default, None, [], {}):
+            raise AdapterError(f"LoRA adapter {name!r}: {what} is not supported; merge it into the base model or "
+                               "retrain without it")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"LoRA adapter {name!r}: {ADAPTER_CONFIG} needs r (a positive integer) and lora_alpha")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as exc:  # safetensors' own error types vary by version
+        raise AdapterError(f"LoRA adapter {name!r}: {weights_path} is not a readable safetensors file: {exc}") from None
+    return Adapter(name, rank, scale, _pair_weights(name, tensors, rank, scale))
+
+
+def _pair_weights(name: str, tensors: dict[str, torch.Tensor], rank: int, scale: float) -> dict[str, LoraWeights]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key.removeprefix(PEFT_PREFIX))
+        if match is None:
+            what = "an embedding target" if "lora_embedding" in key else "not a LoRA A/B weight"
+            raise AdapterError(f"LoRA adapter {name!r}: tensor {key!r} is {what}; only linear layers' lora_A/lora_B "
+                               "weights are supported")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    weights = {}
+    for module, pair in parts.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(f"LoRA adapter {name!r}: {module} has lora_{''.join(pair)} without its other half")
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(f"LoRA adapter {name!r}: {module}'s lora_A {tuple(a.shape)} and lora_B "
+                               f"{tuple(b.shape)} do not have rank r = {rank}")
+        weights[module] = LoraWeights(a.t().contiguous(), (b.float() * scale).t().contiguous())
+    if not weights:
+        raise AdapterError(f"LoRA adapter {name!r}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+    return weights
+
+
+# ---- applying them ---------------------------------------------------------------------------------------------
+
+_active = threading.local()  # the step's row groups on this thread: [(adapter name, rows)], or None
+
+
+@dataclass
+class _Segment:
+    """Output columns start..stop of a linear layer (all of it, or one projection of a fused one) and the adapters'
+    weights for it."""
+
+    start: int
+    stop: int
+    by_adapter: dict[str, LoraWeights]
+
+
+class LoraLayers:
+    """Adapters installed on a model's linear layers (after the fast path fused them): each targeted layer's forward
+    adds its adapters' deltas to the rows of the step's row groups (rows())."""
+
+    def __init__(self, model: nn.Module, adapters: dict[str, str]) -> None:
+        check_adapter_names(adapters)
+        self.names = sorted(adapters)
+        self.max_rank = 0
+        _uninstall(model)
+        segments: dict[nn.Module, list[_Segment]] = {}
+        for name, folder in sorted(adapters.items()):
+            adapter = read_adapter(name, folder)
+            self.max_rank = max(self.max_rank, adapter.rank)
+            for module_name, weights in adapter.weights.items():
+                module, start, stop = _target(model, name, module_name)
+                _check_shapes(name, module_name, weights, module.in_features, stop - start)
+                dtype, device = _dtype_device(model)
+                weights = LoraWeights(weights.a_t.to(device, dtype), weights.b_t.to(device, dtype))
+                at = next((s for s in segments.setdefault(module, []) if s.start == start), None)
+                if at is None:
+                    segments[module].append(at := _Segment(start, stop, {}))
+                at.by_adapter[name] = weights
+        for module, module_segments in segments.items():
+            module.lora_base_forward = module.forward
+            module.lora_segments = module_segments
+            module.forward = types.MethodType(_lora_forward, module)
+
+    @contextlib.contextmanager
+    def rows(self, spans: list[tuple[str | None, int, int]], device: torch.device):
+        """Within: the adapters of a step whose packed rows begin..end-1 belong to each span's adapter (None: the
+        base model's)."""
+        _active.groups = _row_groups(spans, device)
+        try:
+            yield
+        finally:
+            _active.groups = None
+
+
+def _row_groups(spans: list[tuple[str | None, int, int]], device: torch.device) -> list | None:
+    """Per adapter in the step, its rows: a slice when they are one range (a view, no gather), else an index."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for name, begin, end in spans:
+        if name is not None and end > begin:
+            ranges.setdefault(name, []).append((begin, end))
+    groups = []
+    for name, spans_of in ranges.items():
+        spans_of.sort()
+        if all(spans_of[i][1] == spans_of[i + 1][0] for i in range(len(spans_of) - 1)):
+            groups.append((name, slice(spans_of[0][0], spans_of[-1][1])))
+        else:
+            groups.append((name, torch.tensor([r for b, e in spans_of for r in range(b, e)], device=device)))
+    return groups or None
+
+
+def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = self.lora_base_forward(x)
+    groups = getattr(_active, "groups", None)
+    if groups is None:
+        return out
+    rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+    for name, rows in groups:
+        selected = None
+        for segment in self.lora_segments:
+            weights = segment.by_adapter.get(name)
+            if weights is None:
+                continue
+            if selected is None:
+                selected = rows_in[rows]
+            rows_out[rows, segment.start:segment.stop] += (selected @ weights.a_t) @ weights.b_t
+    return out
+
+
+def _uninstall(model: nn.Module) -> None:
+    """Undo an earlier install (the same model given to another runner): each layer's base forward again."""
+    for module in model.modules():
+        if hasattr(module, "lora_base_forward"):
+            module.forward = module.lora_base_forward
+            del module.lora_base_forward, module.lora_segments
+
+
+def _target(model: nn.Module, adapter: str, module_name: str) -> tuple[nn.Module, int, int]:
+    """The linear layer an adapter's module name targets and its output columns (a slice of a fused layer)."""
+    leaf = module_name.rpartition(".")[2]
+    if leaf in ("lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out"):
+        raise AdapterError(f"LoRA adapter {adapter!r} targets {module_name}: embedding and lm_head targets are not "
+                           "supported (only the decoder's linear layers)")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    if isinstance(module, nn.Linear):
+        return module, 0, module.out_features
+    if module is None:
+        parent_name = module_name.rpartition(".")[0]
+        with contextlib.suppress(AttributeError):
+            for fused in model.get_submodule(parent_name).children():
+                part = getattr(fused, "fused_parts", {}).get(leaf)
+                if part is not None:
+                    return fused, *part
+    kind = "does not exist in" if module is None else f"is a {type(module).__name__}, not a linear layer of"
+    raise AdapterError(f"LoRA adapter {adapter!r} targets {module_name}, which {kind} this base model "
+                       f"({type(model).__name__}): was it trained for another model?")
+
+
+def _check_shapes(adapter: str, module_name: str, weights: LoraWeights, in_features: int, out_features: int) -> None:
+    if weights.a_t.shape[0] != in_features or weights.b_t.shape[1] != out_features:
+        raise AdapterError(f"LoRA adapter {adapter!r}: {module_name} takes {in_features} inputs and gives "
+                           f"{out_features} outputs in this base model, the adapter's weights "
+                           f"{weights.a_t.shape[0]} and {weights.b_t.shape[1]}: was it trained for another model?")
+
+
+def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    weight = model.get_input_embeddings().weight
+    return weight.dtype, weight.device

@@ -1,0 +1,177 @@
+"""LoRA adapters (lora.py): a request naming an adapter gets what the base model with that adapter merged into its
+weights (W + scale * B @ A) gives, alone or batched with base rows and other adapters' rows, in the engine's process
+and in the model process; what cannot be served is refused with the reason."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hpcllm.worker.engine import Engine, InvalidRequest
+from hpcllm.worker.protocol import GenerateRequest
+
+_ids = itertools.count()
+PROMPTS = ["hello world, this", "the", "🙂 日本語 テスト and a longer prompt that takes a few chunks to prefill"]
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def request(**fields) -> GenerateRequest:
+    fields.setdefault("request_id", f"l{next(_ids)}")
+    fields.setdefault("temperature", 0)
+    fields.setdefault("max_tokens", 12)
+    fields.setdefault("ignore_eos", True)
+    return GenerateRequest(**fields)
+
+
+def write_adapter(folder, model, seed: int, rank: int = 4, alpha: float = 8.0, targets=TARGETS, **config):
+    """A PEFT LoRA folder with seeded A and B for `targets` of every layer (PEFT's key names); its config's extra
+    keys from `config`. Returns {module name: scale * B @ A} (what merging adds to the module's weight)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] not in targets:
+            continue
+        a = torch.randn(rank, module.in_features, generator=generator) * 0.3
+        b = torch.randn(module.out_features, rank, generator=generator) * 0.3
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+        deltas[name] = scale * b @ a
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets), "bias": "none",
+         "use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, **config}))
+    return deltas
+
+
+def load(model_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dirs["llama"]
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def merged_greedy(model_dirs, deltas, prompt_ids, max_new_tokens=12):
+    """transformers' generate on the base model with an adapter's deltas merged into its weights (None: base)."""
+    model, _ = load(model_dirs)
+    with torch.no_grad():
+        for name, delta in (deltas or {}).items():
+            model.get_submodule(name).weight += delta
+    out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
+    return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dirs, tmp_path_factory):
+    """Two adapters, X (every projection) and Y (attention only, rsLoRA): (folders by name, deltas by name)."""
+    model, _ = load(model_dirs)
+    root = tmp_path_factory.mktemp("adapters")
+    deltas = {"x": write_adapter(root / "x", model, seed=1),
+              "y": write_adapter(root / "y", model, seed=2, rank=2, alpha=4.0,
+                                 targets=("q_proj", "v_proj", "o_proj"), use_rslora=True)}
+    return {name: str(root / name) for name in deltas}, deltas
+
+
+@pytest.fixture(scope="module")
+def references(model_dirs, adapters):
+    """Per adapter (None: base), per prompt, the merged model's greedy tokens."""
+    _, tokenizer = load(model_dirs)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    return prompt_ids, {name: [merged_greedy(model_dirs, adapters[1].get(name), ids) for ids in prompt_ids]
+                        for name in (None, "x", "y")}
+
+
+def run_together(engine, requests):
+    with engine._lock:  # all submitted before the engine steps any
+        streams = [engine.submit(r) for r in requests]
+    return [[e.token_id for e in list(stream.events())[:-1]] for stream in streams]
+
+
+@pytest.mark.parametrize("model_process, fast_path", [(False, True), (False, False), (True, True)],
+                         ids=["in-process", "unfused-linears", "model-process"])
+def test_each_request_gets_its_adapters_merged_output_alone_and_mixed_in_one_batch(model_dirs, adapters, references,
+                                                                                   model_process, fast_path):
+    folders, _ = adapters
+    prompt_ids, expected = references
+    assert expected["x"] != expected[None] and expected["y"] != expected[None]  # the adapters change the output
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters=folders, model_process=model_process,
+                fast_path=fast_path, prefill_chunk_tokens=8, kv_block_size=4) as engine:
+        for name in (None, "x", "y"):
+            alone = [engine.generate(request(prompt_token_ids=ids, lora=name)).token_ids for ids in prompt_ids]
+            assert alone == expected[name], name
+        mixed = [(name, i) for i in range(len(prompt_ids)) for name in (None, "x", "y")]
+        outputs = run_together(engine, [request(prompt_token_ids=prompt_ids[i], lora=name) for name, i in mixed])
+        assert outputs == [expected[name][i] for name, i in mixed]
+
+
+def test_a_cached_prompt_prefix_is_not_shared_between_adapters(model_dirs, adapters, references):
+    folders, _ = adapters
+    prompt_ids, expected = references
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters=folders, kv_block_size=4) as engine:
+        long_prompt = prompt_ids[2]
+        assert engine.generate(request(prompt_token_ids=long_prompt)).token_ids == expected[None][2]
+        hits = engine.metrics.prefix_cache_hits._value.get()
+        assert engine.generate(request(prompt_token_ids=long_prompt, lora="x")).token_ids == expected["x"][2]
+        assert engine.metrics.prefix_cache_hits._value.get() == hits  # the base model's blocks were not taken
+        assert engine.generate(request(prompt_token_ids=long_prompt, lora="x")).token_ids == expected["x"][2]
+        assert engine.metrics.prefix_cache_hits._value.get() > hits  # the adapter's own blocks are
+
+
+def test_a_request_naming_an_adapter_the_worker_lacks_is_refused_naming_the_loaded_ones(model_dirs, adapters):
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": adapters[0]["x"]}) as engine:
+        with pytest.raises(InvalidRequest, match=r"'y' is not loaded .*loaded: x") as refused:
+            engine.submit(request(prompt_token_ids=[1, 2, 3], lora="y"))
+        assert refused.value.http_status == 400 and refused.value.param == "lora"
+        with pytest.raises(InvalidRequest, match="not loaded"):  # a migration's destination checks it too
+            engine.hold(request(prompt_token_ids=[1, 2, 3], lora="y", resume_token_ids=[4]), hold_seconds=5)
+
+
+def test_a_migrated_request_carries_its_adapter(model_dirs, adapters):
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters=adapters[0]) as engine:
+        stream = engine.submit(request(prompt_token_ids=[1, 2, 3], lora="y", max_tokens=200))
+        assert engine.begin_migration(stream.request_id).lora == "y"
+        stream.close()
+
+
+@pytest.mark.parametrize("config, tensors, reason", [
+    ({"use_dora": True}, None, "DoRA"),
+    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+    ({"bias": "all"}, None, "biases"),
+    ({"fan_in_fan_out": True}, None, "fan_in_fan_out"),
+    ({}, {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 8)}, "embedding target"),
+    ({}, {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64),
+          "base_model.model.lm_head.lora_B.weight": torch.zeros(8, 4)}, "lm_head targets are not supported"),
+    ({}, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+          "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)},
+     "trained for another model"),
+    ({}, {"base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+          "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)},
+     "does not exist in this base model"),
+])
+def test_adapters_the_runner_cannot_apply_are_refused_at_start_with_the_reason(model_dirs, tmp_path, config, tensors,
+                                                                               reason):
+    model, tokenizer = load(model_dirs)
+    write_adapter(tmp_path / "bad", model, seed=3, **config)
+    if tensors is not None:
+        save_file(tensors, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=reason):
+        Engine(model, tokenizer, model_name="tiny", lora_adapters={"bad": str(tmp_path / "bad")})
+
+
+def test_adapters_are_refused_where_they_are_not_applied(model_dirs, adapters, tmp_path):
+    model, tokenizer = load(model_dirs)
+    with pytest.raises(ValueError, match="LoRA adapters need the paged runner"):
+        Engine(model, tokenizer, model_name="tiny", lora_adapters=adapters[0], batching="sequential")
+    with pytest.raises(ValueError, match="cuda_graphs false"):
+        Engine(model, tokenizer, model_name="tiny", lora_adapters=adapters[0], cuda_graphs="eager")
+    with pytest.raises(ValueError, match="does not exist"):
+        Engine(model, tokenizer, model_name="tiny", lora_adapters={"z": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="not a valid model name"):
+        Engine(model, tokenizer, model_name="tiny", lora_adapters={"a b": adapters[0]["x"]})
