@@ -40,8 +40,26 @@ def _node_model_copy(config, model: str, model_path: Path) -> Path | None:
     return copy if copy is not None and copy.resolve() != model_path.resolve() else None
 
 
-def _check_mode_options(tensor_parallel: bool, engine: str, cache_into: Path | None, stop_signal: str | None) -> None:
+def _lora_modules(values: tuple[str, ...]) -> dict[str, str]:
+    """--lora-module NAME=PATH options (vLLM's --lora-modules) as {name: folder}."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise click.BadParameter(f"{value!r} is not NAME=PATH (an adapter name and its PEFT folder)",
+                                     param_hint="--lora-module")
+        if name in adapters:
+            raise click.BadParameter(f"adapter {name!r} is given twice", param_hint="--lora-module")
+        adapters[name] = folder
+    return adapters
+
+
+def _check_mode_options(tensor_parallel: bool, engine: str, cache_into: Path | None, stop_signal: str | None,
+                        lora_adapters: dict[str, str] | None = None) -> None:
     """Options that one mode would silently ignore are refused, so a worker never runs other than asked."""
+    if tensor_parallel and lora_adapters:
+        raise click.UsageError("--lora-module is not supported with --tensor-parallel yet (serve adapters on a "
+                               "single-process worker)")
     if tensor_parallel and engine != "hpcllm":
         raise click.UsageError("--tensor-parallel runs hpcllm's engine only; leave out --engine vllm (a vLLM model "
                                "runs as one process)")
@@ -77,15 +95,20 @@ def _check_mode_options(tensor_parallel: bool, engine: str, cache_into: Path | N
 @click.option("--tensor-parallel", is_flag=True,
               help="Run as one rank of a tensor-parallel instance started by mpirun / srun --mpi=pmix: the MPI world "
                    "size is the degree; rank 0 serves HTTP, the other ranks follow its steps (docs/tensor-parallel.md).")
+@click.option("--lora-module", "lora_modules", multiple=True, metavar="NAME=PATH",
+              help="Serve the PEFT LoRA adapter in folder PATH as NAME (repeatable); a request names it in its "
+                   "`lora` field (docs/worker.md, \"LoRA adapters\").")
 @click.option("--stop-signal", default=None,
               help="With --tensor-parallel: the signal that stops the instance (default TERM). Under an srun step the node agent "
                    "passes USR2 and every rank ignores SIGTERM, which Slurm may send to every step when it "
                    "preempts the job (the agent migrates the streams first, then stops the instance).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
-           engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str | None) -> None:
+           engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str | None,
+           lora_modules: tuple[str, ...] = ()) -> None:
     """Serve one model: internal NDJSON generate API, /health, /ready, /metrics."""
-    _check_mode_options(tensor_parallel, engine, cache_into, stop_signal)
+    lora_adapters = _lora_modules(lora_modules)
+    _check_mode_options(tensor_parallel, engine, cache_into, stop_signal, lora_adapters)
     setup_service_logging()
     # A service like the gateway and the agent: a config holding the cluster's secret must be this user's alone.
     config = load_config(config_path, private=True)
@@ -96,4 +119,4 @@ def worker(model_path: Path, model_name: str | None, host: str | None, port: int
                                    node=node_name(), node_copy=_node_model_copy(config, name, model_path))
         return
     run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads, engine,
-               cache_into)
+               cache_into, lora_adapters=lora_adapters)

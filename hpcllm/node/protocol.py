@@ -63,6 +63,8 @@ class StartInstance(WireModel):
     tensor_parallel: int = Field(1, ge=1, le=64, description="ranks of the instance (mpirun -n N on this node)")
     nodes: int = Field(1, ge=1, le=64, description="nodes of this agent's Slurm job the ranks spread over "
                        "(> 1: srun --mpi=pmix across them, tensor_parallel / nodes ranks each)")
+    lora_adapters: dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], NodePath] = Field(
+        default_factory=dict, max_length=256, description="LoRA adapters served on the model: name -> PEFT folder")
 
 
 class StartedInstance(Wire):

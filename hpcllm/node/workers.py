@@ -431,6 +431,8 @@ class WorkerManager:
             command += ["--config", str(self.config_path)]
         if req.max_model_len is not None:
             command += ["--max-model-len", str(req.max_model_len)]
+        for name, folder in sorted(req.lora_adapters.items()):
+            command += ["--lora-module", f"{name}={folder}"]
         if req.nodes > 1:
             ranks_here = req.tensor_parallel // req.nodes
             # The allocation is the instance's own: each node's CPUs are its ranks' (Slurm binds the job to them).
@@ -556,6 +558,7 @@ class WorkerManager:
                 url_file=str(url_file), config_path=str(self.config_path) if self.config_path else None,
                 max_model_len=req.max_model_len, threads=self.threads_for(req.gpu_ids),
                 cache_into=str(cache_into) if cache_into is not None else None,
+                lora_adapters=dict(req.lora_adapters),
                 env={"CUDA_VISIBLE_DEVICES": self.gpus.visible_devices(req.gpu_ids) if req.gpu_ids else "",
                      SECRET_ENV: key})
             try:

@@ -34,12 +34,14 @@ def run_worker(
     loader=None,
     stop_signals: tuple[int, ...] | None = None,
     started_model_process=None,
+    lora_adapters: dict[str, str] | None = None,
 ) -> None:
     """Serve model_path until SIGTERM. Imports torch/transformers here, so callers can pre-import to warm up.
 
     `loader` (returns a ModelForServing) replaces the tiered single-device load (tensor parallelism's lead).
     `started_model_process`: a ModelProcess a spare worker started while it waited; used when this worker runs its
-    forward in a model process ([worker] model_process), else stopped."""
+    forward in a model process ([worker] model_process), else stopped. lora_adapters: name -> PEFT folder
+    (`--lora-module`), served on the base model (hpcllm.worker.lora; vLLM's LoRA with engine "vllm")."""
     if not model_path.exists():
         raise ConfigError(f"model checkpoint {model_path} does not exist; pass the converted checkpoint folder")
     if url_file is not None and not os.access(url_file.parent, os.W_OK | os.X_OK):
@@ -76,6 +78,7 @@ def run_worker(
         cuda_graphs=worker.cuda_graphs,
         speculative_ngram_tokens=worker.speculative_ngram_tokens,
         step_timeout=worker.step_timeout_seconds,  # a longer step is hung (EngineBase._watch_steps)
+        lora_adapters=lora_adapters or {},
         **({"model_process_threads": model_process_threads} if model_process_threads else {}),
     )
     if engine == "vllm":

@@ -65,6 +65,7 @@ class SpareAssignment(BaseModel):
     max_model_len: int | None = None
     threads: int | None = None
     cache_into: str | None = None  # `hpcllm worker --cache-into`
+    lora_adapters: dict[str, str] = {}  # `hpcllm worker --lora-module NAME=PATH`
     env: dict[str, str] = {}
 
 
@@ -97,7 +98,7 @@ def assume(assignment: SpareAssignment, model_process=None) -> None:
                max_model_len=assignment.max_model_len, url_file=Path(assignment.url_file),
                threads=assignment.threads,
                cache_into=Path(assignment.cache_into) if assignment.cache_into else None,
-               started_model_process=model_process)
+               started_model_process=model_process, lora_adapters=assignment.lora_adapters)
 
 
 class BackgroundReservation:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from hpcllm.worker.engine import Engine, InvalidRequest
-from hpcllm.worker.protocol import GenerateRequest
+from hpcllm.worker.protocol import GenerateRequest, TokenLine
 
 _ids = itertools.count()
 PROMPTS = ["hello world, this", "the", "🙂 日本語 テスト and a longer prompt that takes a few chunks to prefill"]
@@ -82,6 +82,10 @@ def references(model_dirs, adapters):
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
     return prompt_ids, {name: [merged_greedy(model_dirs, adapters[1].get(name), ids) for ids in prompt_ids]
                         for name in (None, "x", "y")}
+
+
+def token_ids(lines) -> list[int]:
+    return [line.token_id for line in lines if isinstance(line, TokenLine)]
 
 
 def run_together(engine, requests):
@@ -175,3 +179,41 @@ def test_adapters_are_refused_where_they_are_not_applied(model_dirs, adapters, t
         Engine(model, tokenizer, model_name="tiny", lora_adapters={"z": str(tmp_path / "missing")})
     with pytest.raises(ValueError, match="not a valid model name"):
         Engine(model, tokenizer, model_name="tiny", lora_adapters={"a b": adapters[0]["x"]})
+
+
+def test_workers_serve_adapters_over_http_and_migrate_a_request_only_where_its_adapter_is(model_dirs, adapters,
+                                                                                         references, start_worker):
+    from hpcllm.worker.client import WorkerError
+
+    from .conftest import slow_down, ticketed
+
+    folders, _ = adapters
+    prompt_ids, expected = references
+    source = start_worker(load(model_dirs), lora_adapters=folders)
+    destination = start_worker(load(model_dirs), lora_adapters={"x": folders["x"]})
+    with source.client.generate(request(prompt_token_ids=prompt_ids[0], lora="x")) as stream:
+        assert token_ids(stream) == expected["x"][0]
+    with pytest.raises(WorkerError) as refused:
+        destination.client.generate(request(prompt_token_ids=prompt_ids[0], lora="y"))
+    assert refused.value.status == 400 and "'y' is not loaded" in str(refused.value)
+
+    lengths = {"x": 30, "y": 150}  # y's request is still decoding after x's migration
+    reference = {name: token_ids(source.client.generate(request(prompt_token_ids=prompt_ids[0], lora=name,
+                                                                max_tokens=lengths[name])))
+                 for name in ("x", "y")}
+    slow_down(source.service.engine, 0.01)  # still decoding when the migrations run
+    moving, staying = (iter(source.client.generate(request(request_id=name, prompt_token_ids=prompt_ids[0],
+                                                           lora=name, max_tokens=lengths[name])))
+                       for name in ("x", "y"))
+    moved_first, stayed_first = token_ids(next(moving) for _ in range(3)), token_ids(next(staying) for _ in range(3))
+    source.client.migrate("x", ticketed(destination.url))
+    at_source = list(moving)
+    final = at_source[-1]
+    assert final.finish_reason == "migrated"
+    with destination.client.attach("x", final.migrated_to.from_index) as rest:
+        assert moved_first + token_ids(at_source) + token_ids(rest) == reference["x"]
+
+    with pytest.raises(WorkerError) as no_adapter:
+        source.client.migrate("y", ticketed(destination.url))
+    assert no_adapter.value.status == 502 and "'y' is not loaded" in str(no_adapter.value)
+    assert stayed_first + token_ids(staying) == reference["y"]  # went on at the source
