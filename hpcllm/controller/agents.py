@@ -74,7 +74,7 @@ class AgentClient:
     def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
                        max_model_len: int | None = None, engine: str = "hpcllm",
                        cache_on_load: list[str] | None = None, tensor_parallel: int = 1,
-                       nodes: int = 1) -> StartedInstance:
+                       nodes: int = 1, lora_adapters: dict[str, str] | None = None) -> StartedInstance:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"
         body = {"model": model, "source": source, "gpu_ids": gpu_ids, "max_model_len": max_model_len,
                 "engine": engine, "tensor_parallel": tensor_parallel}
@@ -82,6 +82,8 @@ class AgentClient:
             body["nodes"] = nodes
         if cache_on_load is not None:  # absent: the agent's node.cache_on_load
             body["cache_on_load"] = cache_on_load
+        if lora_adapters:  # absent without: agents of older versions know no such field
+            body["lora_adapters"] = lora_adapters
         resp = self._call("POST", url, json=body)
         if resp.status_code not in (200, 201, 202):
             raise AgentError(f"node agent {url} refused to start {model!r}: HTTP {resp.status_code} "

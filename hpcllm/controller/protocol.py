@@ -303,6 +303,24 @@ class ModelSpec(WireModel):
     min_instances: int = Field(0, ge=0, le=MAX_INSTANCES)
     max_instances: int = Field(1, ge=1, le=MAX_INSTANCES)
     slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)
+    lora_adapters: dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], str] = Field(
+        default_factory=dict, max_length=256,
+        description="PEFT LoRA adapters every instance serves on this base model: name -> adapter folder on the "
+                    "shared filesystem; a request for model NAME runs the base model with that adapter")
+
+    @model_validator(mode="after")
+    def _adapters_served_here(self) -> ModelSpec:
+        if not self.lora_adapters:
+            return self
+        if self.name in self.lora_adapters:
+            raise ValueError(f"lora_adapters: adapter {self.name!r} has the model's own name; requests name either")
+        if self.tensor_parallel > 1:
+            raise ValueError("lora_adapters are not served with tensor_parallel > 1 yet: deploy the adapters on a "
+                             "tensor_parallel = 1 model")
+        if self.engine != "hpcllm":
+            raise ValueError(f"lora_adapters are served by hpcllm's engine only, not engine = {self.engine!r}: deploy "
+                             "with engine = \"hpcllm\"")
+        return self
 
     @model_validator(mode="after")
     def _engine_runs_the_ranks(self) -> ModelSpec:
@@ -359,6 +377,7 @@ class ModelCard(Wire):
     engine: EngineName = "hpcllm"
     tensor_parallel: int = 1
     nodes: int = 1
+    lora_adapters: dict[str, str] = Field(default_factory=dict)  # name -> folder; each is served as a model too
 
 
 class ModelList(Wire):

@@ -104,6 +104,7 @@ from hpcllm.credentials import (
     visible_to,
     worker_key,
 )
+from hpcllm.worker.lora_config import AdapterError, read_adapter_config
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +205,34 @@ class Controller:
                 f"source: {source} has no {CONFIG_FILE}: the controller reads the model's context length from it "
                 f"(is {source} a checkpoint folder, readable from the controller's host?)", param="source")
         max_model_len = self._max_model_len(spec)
+        self._check_adapters(spec)
         self._check_partition(spec)
         _check_tensor_parallel(spec, source)
         return DeployedModel(**spec.model_dump(exclude={"size_bytes", "max_model_len", "nodes"}),
                              size_bytes=size_bytes, max_model_len=max_model_len, nodes=self._nodes_per_instance(spec),
                              deployed_at=self.clock(), rank_bytes=_rank_bytes(spec, source))
+
+    def _check_adapters(self, spec: ModelSpec) -> None:
+        """Adapter folders must be readable PEFT LoRA adapters the worker can serve (the worker's own config check,
+        lora_config), and adapter names must not be another deployed model's or another model's adapter's: a request
+        names either."""
+        for name, folder in spec.lora_adapters.items():
+            if not Path(folder).is_absolute():
+                raise InvalidModelConfig(f"lora_adapters.{name}: {folder} is a relative path; give the adapter "
+                                         f"folder's absolute path on the shared filesystem", param="lora_adapters")
+            try:
+                read_adapter_config(name, folder)
+            except AdapterError as exc:
+                raise InvalidModelConfig(f"lora_adapters.{name}: {exc}", param="lora_adapters") from None
+        for other in self.registry.models():
+            if other.name == spec.name:
+                continue
+            taken = ({other.name} | set(other.lora_adapters)) & ({spec.name} | set(spec.lora_adapters))
+            if taken:
+                field = "name" if spec.name in taken else "lora_adapters"
+                raise InvalidModelConfig(f"{field}: {', '.join(sorted(taken))} is already a name of model "
+                                         f"{other.name!r} (the model or one of its adapters); choose another",
+                                         param=field)
 
     def _nodes_per_instance(self, spec: ModelSpec) -> int:
         """The model config's `nodes`, else 1 when one node holds the instance, else the fewest nodes that hold it:
@@ -343,7 +367,8 @@ class Controller:
     def model_cards(self) -> list[ModelCard]:
         return [ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len, gpus=m.gpus,
                           size_bytes=m.size_bytes, created_at=m.deployed_at, engine=m.engine,
-                          tensor_parallel=m.tensor_parallel, nodes=m.nodes) for m in self.registry.models()]
+                          tensor_parallel=m.tensor_parallel, nodes=m.nodes, lora_adapters=m.lora_adapters)
+                for m in self.registry.models()]
 
     def status(self) -> ClusterStatus:
         nodes = self.registry.nodes()
@@ -676,7 +701,8 @@ class Controller:
             started = self.agents.start_instance(node.agent_url, model.name, model.source, gpu_ids,
                                                  max_model_len=model.max_model_len, engine=model.engine,
                                                  cache_on_load=model.cache_on_load,
-                                                 tensor_parallel=model.tensor_parallel, nodes=model.nodes)
+                                                 tensor_parallel=model.tensor_parallel, nodes=model.nodes,
+                                                 lora_adapters=model.lora_adapters)
         except AgentError:
             self.registry.delete_instance(reservation)
             raise

@@ -67,6 +67,10 @@ class ModelCardOut(OpenAIResponse):
     owned_by: str
     # vLLM's extra field: clients (LiteLLM, Open WebUI) read a model's context length from it.
     max_model_len: int | None = None
+    # vLLM's: the model a LoRA adapter is served on (`parent`, null for a model) and what it was made from (`root`:
+    # the model's own name, the adapter's for an adapter: no filesystem paths go to clients).
+    root: str | None = None
+    parent: str | None = None
 
 
 class ModelList(OpenAIResponse):

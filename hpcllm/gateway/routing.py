@@ -8,6 +8,7 @@ controller). Both describe models with a ModelCard so the gateway can tokenize a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -42,6 +43,19 @@ class ModelCard:
     max_model_len: int | None
     created: int
     owned_by: str = "hpcllm"
+    # A LoRA adapter served on a deployed model (its lora_adapters): that model's name. Requests for the adapter go
+    # to the base model's instances and name the adapter (GenerateRequest.lora).
+    parent: str | None = None
+
+    @property
+    def base_model(self) -> str:
+        """The deployed model whose instances serve this card's requests."""
+        return self.parent or self.name
+
+    @property
+    def lora(self) -> str | None:
+        """The adapter a request for this card runs with (None: the model itself)."""
+        return self.name if self.parent is not None else None
 
 
 @dataclass(frozen=True)
@@ -254,15 +268,17 @@ class ControllerRouter(Router):
         if resp.status_code != 200:
             raise ServiceUnavailable(f"the controller answered {resp.status_code} listing models",
                                      code="controller_error", retry_after=5)
-        cards = [self._card(card) for card in self._read(controller_wire.ModelList, resp).models]
+        cards = [card for model in self._read(controller_wire.ModelList, resp).models for card in self._cards(model)]
         self._models = (now, cards)
         return cards
 
     @staticmethod
-    def _card(card: controller_wire.ModelCard) -> ModelCard:
+    def _cards(card: controller_wire.ModelCard) -> list[ModelCard]:
+        """A deployed model's card, and one per LoRA adapter it serves (same tokenizer and context length)."""
         source = Path(card.source)
-        return ModelCard(name=card.name, source=source, max_model_len=card.max_model_len or _derived_or_none(source),
+        base = ModelCard(name=card.name, source=source, max_model_len=card.max_model_len or _derived_or_none(source),
                          created=int(card.created_at))
+        return [base, *(dataclasses.replace(base, name=name, parent=card.name) for name in sorted(card.lora_adapters))]
 
     def _read(self, wire: type[WireT], resp: httpx.Response) -> WireT:
         """The controller's answer as its wire type; an unreadable one is the controller's fault: 503."""

@@ -198,7 +198,7 @@ class Generation:
         waiting = metrics.num_requests_waiting.labels(self.model)
         waiting.inc()
         try:
-            endpoint = self.gw.router.resolve(self.model, self.gw.config.gateway.route_timeout_seconds,
+            endpoint = self.gw.router.resolve(self.card.base_model, self.gw.config.gateway.route_timeout_seconds,
                                               group=self.ctx.api_key.group if self.ctx.api_key else None)
         finally:
             waiting.dec()
@@ -225,6 +225,7 @@ class Generation:
             logprobs=opts.logprobs, prompt_logprobs=opts.prompt_logprobs, min_p=opts.min_p,
             presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
             repetition_penalty=opts.repetition_penalty, logit_bias=opts.logit_bias, grammar=opts.grammar,
+            lora=self.card.lora,
         )
         choice.endpoint, stream = on_a_worker(self.gw, self.ctx, choice.endpoint, self._route,
                                               lambda endpoint: self._open_on(endpoint, request))

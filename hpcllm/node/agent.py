@@ -469,7 +469,8 @@ class NodeAgent:
         try:
             self.workers.start(StartInstance(model=card.name, source=card.source, gpu_ids=free[:card.gpus],
                                              max_model_len=card.max_model_len, engine=card.engine,
-                                             tensor_parallel=card.tensor_parallel, nodes=card.nodes))
+                                             tensor_parallel=card.tensor_parallel, nodes=card.nodes,
+                                             lora_adapters=card.lora_adapters))
         except HpcllmError as exc:
             log.error("cannot start pinned model %s: %s", card.name, exc)
 

@@ -17,8 +17,6 @@ shapes that do not fit the base model. The adapters are read from the folders gi
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import re
 import threading
 import types
@@ -28,25 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hpcllm.config import MODEL_NAME_PATTERN
+from hpcllm.worker.lora_config import ADAPTER_WEIGHTS, AdapterError, check_adapter_names, read_adapter_config
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
-# Config keys whose non-default value changes what the adapter computes beyond scale * B @ A.
-_UNSUPPORTED = {
-    "use_dora": (False, "DoRA (use_dora = true)"),
-    "fan_in_fan_out": (False, "fan_in_fan_out = true (GPT-2 style Conv1D layers)"),
-    "bias": ("none", "trained biases (bias other than \"none\")"),
-    "modules_to_save": (None, "modules_to_save (fully trained extra modules)"),
-    "rank_pattern": ({}, "per-layer ranks (rank_pattern)"),
-    "alpha_pattern": ({}, "per-layer alphas (alpha_pattern)"),
-}
-
-
-class AdapterError(ValueError):
-    """An adapter the worker cannot serve (make_runner's refusals are ValueErrors too: the worker does not start)."""
 
 
 @dataclass
@@ -63,42 +46,17 @@ class Adapter:
     weights: dict[str, LoraWeights]  # by module name in the model as loaded (PEFT's key without its prefix)
 
 
-def check_adapter_names(adapters: dict[str, str]) -> None:
-    for name in adapters:
-        if not re.match(MODEL_NAME_PATTERN, name):
-            raise AdapterError(f"LoRA adapter name {name!r} is not a valid model name (letters, digits, '.', '_', "
-                               f"'-', as model names)")
-
-
 def read_adapter(name: str, folder: str | Path) -> Adapter:
     """A PEFT LoRA adapter from its folder, refused with the reason when it is one this runner cannot apply."""
-    folder = Path(folder)
-    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise AdapterError(f"LoRA adapter {name!r}: {path} does not exist (a PEFT adapter folder holds "
-                               f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AdapterError(f"LoRA adapter {name!r}: {config_path} is not readable JSON: {exc}") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"LoRA adapter {name!r}: peft_type is {config.get('peft_type')!r}, only LORA is served")
-    for key, (default, what) in _UNSUPPORTED.items():
-        if config.get(key, default) not in (default, None, [], {}):
-            raise AdapterError(f"LoRA adapter {name!r}: {what} is not supported; merge it into the base model or "
-                               "retrain without it")
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
-        raise AdapterError(f"LoRA adapter {name!r}: {ADAPTER_CONFIG} needs r (a positive integer) and lora_alpha")
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    config = read_adapter_config(name, folder)
+    weights_path = Path(folder) / ADAPTER_WEIGHTS
     from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(weights_path))
     except Exception as exc:  # safetensors' own error types vary by version
         raise AdapterError(f"LoRA adapter {name!r}: {weights_path} is not a readable safetensors file: {exc}") from None
-    return Adapter(name, rank, scale, _pair_weights(name, tensors, rank, scale))
+    return Adapter(name, config.rank, config.scale, _pair_weights(name, tensors, config.rank, config.scale))
 
 
 def _pair_weights(name: str, tensors: dict[str, torch.Tensor], rank: int, scale: float) -> dict[str, LoraWeights]:

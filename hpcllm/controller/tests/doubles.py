@@ -158,6 +158,7 @@ class FakeAgents(AgentClient):
         self.cache_on_loads: list[list[str] | None] = []  # each start's model cache_on_load (None: the node's)
         self.tensor_parallel: list[int] = []  # the ranks each start asked for
         self.nodes: list[int] = []  # the nodes each start asked the ranks to span
+        self.lora_adapters: list[dict[str, str] | None] = []  # the adapters each start asked the worker to serve
         self.stopped: list[tuple[str, str]] = []
         self.unreachable: set[str] = set()
         self.refuse_start = False
@@ -174,7 +175,7 @@ class FakeAgents(AgentClient):
     def start_instance(self, agent_url: str, model: str, source: str, gpu_ids: list[int],
                        max_model_len: int | None = None, engine: str = "hpcllm",
                        cache_on_load: list[str] | None = None, tensor_parallel: int = 1,
-                       nodes: int = 1) -> StartedInstance:
+                       nodes: int = 1, lora_adapters: dict[str, str] | None = None) -> StartedInstance:
         agent = self._agent(agent_url)
         if self.refuse_start:
             raise AgentError(f"node agent {agent_url} refused to start {model!r}: HTTP 500 out of memory")
@@ -187,6 +188,7 @@ class FakeAgents(AgentClient):
         self.cache_on_loads.append(cache_on_load)
         self.tensor_parallel.append(tensor_parallel)
         self.nodes.append(nodes)
+        self.lora_adapters.append(lora_adapters)
         return StartedInstance(instance_id, worker_url)
 
     def stop_instance(self, agent_url: str, instance_id: str) -> None:

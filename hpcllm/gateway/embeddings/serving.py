@@ -17,6 +17,9 @@ from hpcllm.gateway.upstream import embed_on_worker
 def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) -> dict:
     req.check_supported()
     card = gw.router.get_model(req.model)
+    if card.lora is not None:
+        raise InvalidRequest(f"model {req.model!r} is a LoRA adapter of {card.parent!r}: embeddings are served by "
+                             f"models, not adapters; ask {card.parent!r}", param="model")
     inputs = _tokenize(gw, req, card)
     prompt_tokens = sum(len(ids) for ids in inputs)
     if ctx.api_key is not None:

@@ -12,7 +12,8 @@ bp = Blueprint("models", __name__)
 
 
 def _out(card: ModelCard) -> ModelCardOut:
-    return ModelCardOut(id=card.name, created=card.created, owned_by=card.owned_by, max_model_len=card.max_model_len)
+    return ModelCardOut(id=card.name, created=card.created, owned_by=card.owned_by, max_model_len=card.max_model_len,
+                        root=card.name, parent=card.parent)
 
 
 @bp.get("/v1/models")

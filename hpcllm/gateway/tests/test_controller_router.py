@@ -46,7 +46,7 @@ class InProcessAgents(AgentClient):
         pass
 
     def start_instance(self, agent_url, model, source, gpu_ids, max_model_len=None, engine="hpcllm",
-                       cache_on_load=None, tensor_parallel=1, nodes=1) -> StartedInstance:
+                       cache_on_load=None, tensor_parallel=1, nodes=1, lora_adapters=None) -> StartedInstance:
         self.started.append((model, max_model_len))
         instance_id = f"inst-{next(self._ids)}"
         self.instances[instance_id] = InstanceInfo(instance_id=instance_id, model=model, state="loading",

@@ -1,0 +1,95 @@
+"""LoRA adapters through the gateway: each adapter of a deployed model is listed as a model (vLLM's shape: `parent`
+the base model), and a request naming it runs on the base model's instance with that adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpcllm.config import parse_config
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.app import create_app as create_controller_app
+from hpcllm.controller.protocol import ModelSpec, NodeRegistration, TierInfo, Tiers
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.service import Controller
+from hpcllm.worker.tests.test_lora import load, merged_greedy, write_adapter
+
+from .conftest import ADMIN_KEY, MODEL, SECRET, ThreadServer
+from .test_controller_router import NODE, InProcessAgents
+
+ADAPTER = "tiny-legal"
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    """A PEFT adapter folder for the tiny model and what merging it adds to each weight."""
+    folder = tmp_path_factory.mktemp("adapters") / ADAPTER
+    model, _ = load({"llama": tiny_model_dir})
+    return folder, write_adapter(folder, model, seed=5)
+
+
+@pytest.fixture(scope="module")
+def adapter_worker(tiny_model_dir, adapter):
+    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+    service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5, lora_adapters={ADAPTER: str(adapter[0])})
+    service.attach(ModelForServing(*load({"llama": tiny_model_dir}), tier="dram", load_seconds=0.1))
+    server = ThreadServer(create_app(service))
+    yield server.url
+    server.stop()
+    service.shutdown()
+
+
+@pytest.fixture
+def agents(adapter_worker):
+    return InProcessAgents(adapter_worker)
+
+
+@pytest.fixture
+def gateway(tmp_path, agents, tiny_model_dir, adapter, make_gateway):
+    config = parse_config({
+        "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
+        "cluster": {"shared_secret": SECRET},
+        "controller": {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
+                       "allocate_on_demand": False},
+    })
+    registry = Registry(config.controller.database_url)
+    controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
+    agents.controller = controller
+    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6,
+                                lora_adapters={ADAPTER: str(adapter[0])}))
+    controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=0,
+                                         tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
+    server = ThreadServer(create_controller_app(controller))
+    yield make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=5)
+    server.stop()
+    registry.close()
+
+
+def test_an_adapter_is_listed_as_a_model_of_its_base_and_served_by_the_bases_instance(gateway, agents, adapter,
+                                                                                     tiny_model_dir, hf_pair):
+    listed = gateway.get("/v1/models").json()["data"]
+    assert [(m["id"], m["root"], m["parent"]) for m in listed] == [(ADAPTER, ADAPTER, MODEL), (MODEL, MODEL, None)]
+    assert gateway.get(f"/v1/models/{ADAPTER}").json()["parent"] == MODEL
+
+    tokenizer = hf_pair[1]
+    prompt_ids = tokenizer("hello world")["input_ids"]
+    client = gateway.client()
+    texts = {}
+    for model in (ADAPTER, MODEL):
+        resp = client.completions.create(model=model, prompt="hello world", max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert resp.model == model
+        texts[model] = resp.choices[0].text
+    with torch.no_grad():
+        merged = merged_greedy({"llama": tiny_model_dir}, adapter[1], prompt_ids, max_new_tokens=8)
+        base = merged_greedy({"llama": tiny_model_dir}, None, prompt_ids, max_new_tokens=8)
+    assert merged != base
+    assert texts == {ADAPTER: tokenizer.decode(merged, skip_special_tokens=True),
+                     MODEL: tokenizer.decode(base, skip_special_tokens=True)}
+    assert [model for model, _ in agents.started] == [MODEL]  # one instance of the base serves both
+
+
+def test_embeddings_of_an_adapter_are_refused_naming_the_base_model(gateway):
+    resp = gateway.post("/v1/embeddings", json={"model": ADAPTER, "input": "hello"})
+    assert resp.status_code == 400 and f"ask '{MODEL}'" in resp.json()["error"]["message"]
