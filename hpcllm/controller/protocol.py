@@ -317,9 +317,6 @@ class ModelSpec(WireModel):
         if self.tensor_parallel > 1:
             raise ValueError("lora_adapters are not served with tensor_parallel > 1 yet: deploy the adapters on a "
                              "tensor_parallel = 1 model")
-        if self.engine != "hpcllm":
-            raise ValueError(f"lora_adapters are served by hpcllm's engine only, not engine = {self.engine!r}: deploy "
-                             "with engine = \"hpcllm\"")
         return self
 
     @model_validator(mode="after")

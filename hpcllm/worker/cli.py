@@ -82,7 +82,8 @@ def run_worker(
         **({"model_process_threads": model_process_threads} if model_process_threads else {}),
     )
     if engine == "vllm":
-        loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len)  # noqa: E731
+        loader = lambda: load_with_vllm_engine(service, worker, model_path, device, max_model_len,  # noqa: E731
+                                               lora_adapters or {})
     elif loader is None:
         # weights bound for the model process go straight into shared memory: its pickling then copies nothing
         shared_memory = bool(model_process)
@@ -140,7 +141,8 @@ def _model_process(worker, device: str, engine: str, tensor_parallel: bool, star
     return started or False
 
 
-def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_model_len: int | None):
+def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_model_len: int | None,
+                          lora_adapters: dict[str, str] | None = None):
     """The vLLM engine (hpcllm.worker.vllm_engine) with the worker's settings, reporting into its metrics."""
     from hpcllm.worker.vllm_engine import VllmSettings, load_with_vllm
 
@@ -149,4 +151,5 @@ def load_with_vllm_engine(service, worker, model_path: Path, device: str, max_mo
     return load_with_vllm(model_path, service.model_name, device, max_model_len, settings, metrics=service.metrics,
                           max_running_requests=worker.max_running_requests,
                           max_waiting_requests=worker.max_waiting_requests,
-                          step_timeout=worker.step_timeout_seconds)  # as hpcllm's engine (EngineBase._watch_steps)
+                          step_timeout=worker.step_timeout_seconds,  # as hpcllm's engine (EngineBase._watch_steps)
+                          lora_adapters=lora_adapters or {})

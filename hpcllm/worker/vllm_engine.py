@@ -40,10 +40,11 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hpcllm.errors import ConfigError
+from hpcllm.worker.lora_config import AdapterError, check_adapter_names, read_adapter_config
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (
@@ -157,9 +158,11 @@ class VllmEngine(EngineBase):
 
     def __init__(self, llm, tokenizer, hf_config, *, model_name: str = "model", device: str = "cpu",
                  max_running_requests: int = 64, max_waiting_requests: int = 256, finished_history: int = 256,
-                 metrics: WorkerMetrics | None = None, step_timeout: float | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, step_timeout: float | None = None,
+                 lora_adapters: dict[str, str] | None = None) -> None:
         """step_timeout: seconds a vLLM step may take before the engine counts as hung and fails (None: never;
-        EngineBase._watch_steps)."""
+        EngineBase._watch_steps). lora_adapters: name -> PEFT folder, vLLM's LoRARequests (the engine built with
+        lora_engine_args)."""
         import torch
 
         self.llm = llm
@@ -177,7 +180,7 @@ class VllmEngine(EngineBase):
         self._tokenizer_lock = threading.Lock()
         self._live: dict[str, _Request] = {}
         self._finished: OrderedDict[str, _Request] = OrderedDict()
-        self._commands: list[tuple] = []  # ("add", vllm_id, ids, params) | ("abort", vllm_id)
+        self._commands: list[tuple] = []  # ("add", vllm_id, ids, params, lora request) | ("abort", vllm_id)
         self._outbox: list = []  # EngineBase._emit: a step's events, delivered once its outputs are processed
         self._llm_lock = threading.Lock()  # whoever calls into self.llm; taken before self._lock, never after
         self._core_outputs = _CoreOutputs.install(llm)  # None: an in-process core, whose get_output runs the step
@@ -187,6 +190,8 @@ class VllmEngine(EngineBase):
         self.error: str | None = None
         self._prefill_rate: float | None = None
         self.step_timeout = step_timeout
+        self.lora_adapters = dict(lora_adapters or {})
+        self._lora_requests = _lora_requests(self.lora_adapters)
 
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
 
@@ -280,7 +285,7 @@ class VllmEngine(EngineBase):
         vllm_id = self._vllm_id(req, "gen")
         req.generating = vllm_id
         self._vllm_ids[vllm_id] = (req, None)
-        self._commands.append(("add", vllm_id, known, params))
+        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora)))
         self._lock.notify_all()
 
     def _warm(self, req: _Request) -> None:
@@ -291,7 +296,8 @@ class VllmEngine(EngineBase):
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
         vllm_id = self._vllm_id(req, "warm")
         self._vllm_ids[vllm_id] = (req, len(known))
-        self._commands.append(("add", vllm_id, known, params))
+        # Under its adapter: vLLM's prefix cache keys blocks by it, as the generation after the warm-up looks them up.
+        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora)))
         self._lock.notify_all()
 
     def _stop_generating(self, req: _Request) -> None:
@@ -351,10 +357,10 @@ class VllmEngine(EngineBase):
             with self._lock:
                 self._lock.notify_all()  # the engine thread may be waiting for work: vLLM has some now
 
-    def _add_to_vllm(self, vllm_id: str, ids: list[int], params) -> None:
+    def _add_to_vllm(self, vllm_id: str, ids: list[int], params, lora_request=None) -> None:
         """Submit one request to vLLM (holding the LLMEngine); one vLLM refuses fails that request, not the engine."""
         try:
-            self.llm.add_request(vllm_id, {"prompt_token_ids": ids}, params)
+            self.llm.add_request(vllm_id, {"prompt_token_ids": ids}, params, lora_request=lora_request)
         except Exception as exc:
             log.exception("vLLM refused request %s", vllm_id)
             with self._lock:
@@ -502,6 +508,32 @@ def _eos_token_ids(hf_config, model_dir: Path, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+# vLLM's max_lora_rank takes one of these (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_engine_args(adapters: dict[str, str]) -> dict:
+    """vLLM's EngineArgs for serving these adapters (vLLM's --enable-lora): every adapter resident at once, the rank
+    bound the smallest vLLM allows that holds the largest adapter's (each adapter's config checked as hpcllm's
+    engine checks it: lora_config)."""
+    check_adapter_names(adapters)
+    largest = max(read_adapter_config(name, folder).rank for name, folder in adapters.items())
+    rank = next((r for r in VLLM_LORA_RANKS if r >= largest), None)
+    if rank is None:
+        raise AdapterError(f"a LoRA adapter has rank {largest}; vLLM serves ranks up to {VLLM_LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_loras": len(adapters), "max_cpu_loras": len(adapters), "max_lora_rank": rank}
+
+
+def _lora_requests(adapters: dict[str, str]) -> dict:
+    """vLLM's LoRARequest per adapter name (ids from 1, fixed for the engine's life)."""
+    if not adapters:
+        return {}
+    from vllm.lora.request import LoRARequest
+
+    return {name: LoRARequest(name, index, str(Path(folder).resolve()))
+            for index, (name, folder) in enumerate(sorted(adapters.items()), start=1)}
+
+
 def load_with_vllm(model_path: Path, model_name: str, device: str = "cpu", max_model_len: int | None = None,
                    settings: VllmSettings | None = None, metrics: WorkerMetrics | None = None,
                    **engine_options):
@@ -513,6 +545,9 @@ def load_with_vllm(model_path: Path, model_name: str, device: str = "cpu", max_m
     from hpcllm.worker.server import ModelForServing
 
     settings = settings or VllmSettings()
+    lora_adapters = engine_options.get("lora_adapters")
+    if lora_adapters:
+        settings = replace(settings, extra={**settings.extra, **lora_engine_args(lora_adapters)})
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hpcllm-vllm-") as scratch:
         stats_file = Path(scratch) / "load-stats.json"

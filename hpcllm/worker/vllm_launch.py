@@ -89,10 +89,12 @@ class StartedServer:
 def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name: str = "model",
                  secret: str = "bench-secret", python: str | None = None, log_dir: Path | None = None,
                  threads: int | None = None, worker_settings: dict | None = None,
-                 env: dict | None = None, source_tree: Path = REPO_ROOT) -> StartedServer:
+                 env: dict | None = None, source_tree: Path = REPO_ROOT,
+                 lora_modules: dict[str, str] | None = None) -> StartedServer:
     """`hpcllm worker --engine ENGINE` on a converted checkpoint, as the node agent starts it; ready when returned.
     worker_settings: [worker] config keys (e.g. max_running_requests); env: extra environment variables;
-    source_tree: the folder whose hpcllm package it runs (a benchmark's other revision)."""
+    source_tree: the folder whose hpcllm package it runs (a benchmark's other revision); lora_modules: LoRA adapters
+    it serves (`--lora-module NAME=PATH`)."""
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix=f"hpcllm-{engine}-worker-"))
     config, url_file = log_dir / "hpcllm.toml", log_dir / "url"
     config.write_text("[worker]\n" + "".join(f"{key} = {json.dumps(value)}\n"
@@ -100,6 +102,7 @@ def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name:
     command = [python or (_vllm_python() if engine == "vllm" else sys.executable), "-m", "hpcllm.cli.main", "worker",
                "--engine", engine, "--model", str(checkpoint), "--name", name, "--port", "0", "--url-file",
                str(url_file), "--config", str(config)] + (["--threads", str(threads)] if threads else [])
+    command += [arg for name, folder in (lora_modules or {}).items() for arg in ("--lora-module", f"{name}={folder}")]
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(source_tree), "HPCLLM_SHARED_SECRET": secret}
     started = time.monotonic()
     process, log_path = _spawn(command, env, log_dir)
@@ -111,12 +114,13 @@ def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name:
 def start_vllm_worker(checkpoint: str | os.PathLike, *, name: str = "model", secret: str = "bench-secret",
                       kv_cache_gb: float = 1.0, device: str = "cpu", python: str | None = None,
                       log_dir: Path | None = None, keepalive_seconds: float = 1.0,
-                      worker_settings: dict | None = None, env: dict | None = None) -> StartedServer:
+                      worker_settings: dict | None = None, env: dict | None = None,
+                      lora_modules: dict[str, str] | None = None) -> StartedServer:
     """`hpcllm worker --engine vllm` on a converted checkpoint, as the node agent starts it; ready when returned."""
     settings = {"vllm_kv_cache_gb": kv_cache_gb, "device": device, "keepalive_seconds": keepalive_seconds,
                 **(worker_settings or {})}
     return start_worker(checkpoint, engine="vllm", name=name, secret=secret, python=python, log_dir=log_dir,
-                        worker_settings=settings, env=env)
+                        worker_settings=settings, env=env, lora_modules=lora_modules)
 
 
 def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model", port: int | None = None,

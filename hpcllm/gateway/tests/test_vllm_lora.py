@@ -1,0 +1,45 @@
+"""LoRA adapters on a vLLM worker (`hpcllm worker --engine vllm --lora-module NAME=PATH`): vLLM's LoRARequest per
+adapter, a request naming one gets the base model with that adapter merged, one naming none the base model. Slow:
+a vLLM worker takes 30-120 s to start here (test_vllm_worker.py's rule: skipped only without the vLLM venv)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcllm.worker.client import WorkerClient, WorkerError
+from hpcllm.worker.protocol import GenerateRequest
+from hpcllm.worker.tests.test_lora import load, merged_greedy, token_ids, write_adapter
+
+from .conftest import MODEL, SECRET
+from .test_vllm_worker import _vllm_python, checkpoint  # noqa: F401  (checkpoint is a fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(checkpoint, small_llama_dir,  # noqa: F811
+                                                              tmp_path):
+    from hpcllm.worker.vllm_launch import start_vllm_worker
+
+    model_dirs = {"llama": small_llama_dir}
+    model, tokenizer = load(model_dirs)
+    deltas = write_adapter(tmp_path / "x", model, seed=7)
+    prompt_ids = tokenizer("hello world")["input_ids"]
+    expected = {name: merged_greedy(model_dirs, delta, prompt_ids, max_new_tokens=8)
+                for name, delta in (("x", deltas), (None, None))}
+    assert expected["x"] != expected[None]
+    try:
+        server = start_vllm_worker(checkpoint, name=MODEL, secret=SECRET, kv_cache_gb=1, python=_vllm_python(),
+                                   log_dir=tmp_path, lora_modules={"x": str(tmp_path / "x")})
+    except RuntimeError as exc:
+        pytest.fail(f"vLLM worker did not start: {exc}")
+    try:
+        with WorkerClient(server.url, SECRET, read_timeout=120) as worker:
+            for name in ("x", None):
+                request = GenerateRequest(request_id=f"r-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
+                                          temperature=0, ignore_eos=True, lora=name)
+                with worker.generate(request) as stream:
+                    assert token_ids(stream) == expected[name], name
+            with pytest.raises(WorkerError, match="'y' is not loaded"):
+                worker.generate(GenerateRequest(request_id="r-y", prompt_token_ids=prompt_ids, lora="y"))
+    finally:
+        server.stop()
