@@ -84,7 +84,7 @@ def _pair_weights(name: str, tensors: dict[str, torch.Tensor], rank: int, scale:
 
 # ---- applying them ---------------------------------------------------------------------------------------------
 
-_active = threading.local()  # the step's row groups on this thread: [(adapter name, rows)], or None
+_active = threading.local()  # the running step's row groups on this thread: [(adapter name, rows)], or None
 
 
 @dataclass
@@ -98,18 +98,17 @@ class _Segment:
 
 
 class LoraLayers:
-    """Adapters installed on a model's linear layers (after the fast path fused them): each targeted layer's forward
-    adds its adapters' deltas to the rows of the step's row groups (rows())."""
+    """Adapters installed on a model's linear layers (after the fast path fused them). Within a step with adapters
+    (rows()) each targeted layer's forward is _lora_forward, which adds its adapters' deltas to their rows; outside,
+    and in every step without one, the layer's own forward runs as if no adapter were loaded."""
 
     def __init__(self, model: nn.Module, adapters: dict[str, str]) -> None:
         check_adapter_names(adapters)
         self.names = sorted(adapters)
-        self.max_rank = 0
         _uninstall(model)
         segments: dict[nn.Module, list[_Segment]] = {}
         for name, folder in sorted(adapters.items()):
             adapter = read_adapter(name, folder)
-            self.max_rank = max(self.max_rank, adapter.rank)
             for module_name, weights in adapter.weights.items():
                 module, start, stop = _target(model, name, module_name)
                 _check_shapes(name, module_name, weights, module.in_features, stop - start)
@@ -121,17 +120,23 @@ class LoraLayers:
                 at.by_adapter[name] = weights
         for module, module_segments in segments.items():
             module.lora_base_forward = module.forward
+            module.lora_forward = types.MethodType(_lora_forward, module)
             module.lora_segments = module_segments
-            module.forward = types.MethodType(_lora_forward, module)
+        self.modules = list(segments)
 
     @contextlib.contextmanager
     def rows(self, spans: list[tuple[str | None, int, int]], device: torch.device):
         """Within: the adapters of a step whose packed rows begin..end-1 belong to each span's adapter (None: the
-        base model's)."""
+        base model's). The targeted layers' forwards are swapped for the step (one attribute each), not wrapped
+        for good: a step without adapters pays nothing."""
         _active.groups = _row_groups(spans, device)
+        for module in self.modules:
+            module.forward = module.lora_forward
         try:
             yield
         finally:
+            for module in self.modules:
+                module.forward = module.lora_base_forward
             _active.groups = None
 
 
@@ -153,9 +158,7 @@ def _row_groups(spans: list[tuple[str | None, int, int]], device: torch.device) 
 
 def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
     out = self.lora_base_forward(x)
-    groups = getattr(_active, "groups", None)
-    if groups is None:
-        return out
+    groups = getattr(_active, "groups", None) or ()
     rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
     for name, rows in groups:
         selected = None
@@ -170,11 +173,11 @@ def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _uninstall(model: nn.Module) -> None:
-    """Undo an earlier install (the same model given to another runner): each layer's base forward again."""
+    """Forget an earlier install (the same model given to another runner)."""
     for module in model.modules():
         if hasattr(module, "lora_base_forward"):
             module.forward = module.lora_base_forward
-            del module.lora_base_forward, module.lora_segments
+            del module.lora_base_forward, module.lora_forward, module.lora_segments
 
 
 def _target(model: nn.Module, adapter: str, module_name: str) -> tuple[nn.Module, int, int]:
