@@ -217,3 +217,26 @@ def test_workers_serve_adapters_over_http_and_migrate_a_request_only_where_its_a
         source.client.migrate("y", ticketed(destination.url))
     assert no_adapter.value.status == 502 and "'y' is not loaded" in str(no_adapter.value)
     assert stayed_first + token_ids(staying) == reference["y"]  # went on at the source
+
+
+@pytest.mark.gpu
+def test_adapters_on_cuda_give_the_merged_models_output_mixed_in_one_batch(model_dirs, adapters):
+    """On a GPU the paged runner has no fast path (transformers' forward, plain Linears): each adapter's rows and
+    weights live on the model's device."""
+    folders, deltas = adapters
+    model, tokenizer = load(model_dirs)
+    prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    expected = {}
+    for name in (None, "x", "y"):
+        reference, _ = load(model_dirs)
+        with torch.no_grad():
+            for module, delta in deltas.get(name, {}).items():
+                reference.get_submodule(module).weight += delta
+        reference.to("cuda")
+        expected[name] = [reference.generate(torch.tensor([ids], device="cuda"), do_sample=False,
+                                             max_new_tokens=12)[0, len(ids):].tolist() for ids in prompt_ids]
+    with Engine(model.to("cuda"), tokenizer, model_name="tiny", lora_adapters=folders, kv_block_size=4,
+                prefill_chunk_tokens=8) as engine:
+        mixed = [(name, i) for i in range(len(prompt_ids)) for name in (None, "x", "y")]
+        outputs = run_together(engine, [request(prompt_token_ids=prompt_ids[i], lora=name) for name, i in mixed])
+    assert outputs == [expected[name][i] for name, i in mixed]
