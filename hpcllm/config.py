@@ -241,6 +241,9 @@ class StaticModel(Section):
     source: Path
     # Context window; empty: the model's own, from source/config.json (hpcllm.checkpoint.context); never more.
     max_model_len: int | None = Field(None, ge=1)
+    # LoRA adapters its workers were started with (`hpcllm worker --lora-module NAME=PATH`): each is listed as a
+    # model, and a request naming one goes to these workers with that adapter.
+    lora_adapters: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(default_factory=list)
 
     @property
     def worker_urls(self) -> list[str]:

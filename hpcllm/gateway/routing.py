@@ -138,11 +138,15 @@ class StaticRouter(Router):
     def __init__(self, static_models: dict, *, shared_secret: str, timeout_s: float = 2.0,
                  http: InternalHttpConfig | None = None):
         created = int(time.time())
-        self._cards = {
-            name: ModelCard(name=name, source=Path(spec.source),
-                            max_model_len=_static_max_model_len(name, spec), created=created)
-            for name, spec in static_models.items()
-        }
+        self._cards: dict[str, ModelCard] = {}
+        for name, spec in static_models.items():
+            card = self._cards[name] = ModelCard(name=name, source=Path(spec.source),
+                                                 max_model_len=_static_max_model_len(name, spec), created=created)
+            for adapter in spec.lora_adapters:
+                if adapter in static_models or adapter in self._cards:
+                    raise ConfigError(f"gateway.static_models.{name}.lora_adapters: {adapter!r} is already the name "
+                                      "of a model or adapter; requests name either")
+                self._cards[adapter] = dataclasses.replace(card, name=adapter, parent=name)
         self._urls = {name: [url.rstrip("/") for url in spec.worker_urls] for name, spec in static_models.items()}
         self._http = internal_client(http, timeout=timeout_s, headers=secret_headers(shared_secret))
 

@@ -93,3 +93,29 @@ def test_an_adapter_is_listed_as_a_model_of_its_base_and_served_by_the_bases_ins
 def test_embeddings_of_an_adapter_are_refused_naming_the_base_model(gateway):
     resp = gateway.post("/v1/embeddings", json={"model": ADAPTER, "input": "hello"})
     assert resp.status_code == 400 and f"ask '{MODEL}'" in resp.json()["error"]["message"]
+
+
+def test_a_static_models_adapters_are_listed_and_served_by_its_workers(make_gateway, adapter_worker, adapter,
+                                                                       tiny_model_dir, hf_pair):
+    gateway = make_gateway(static_models={MODEL: {"worker_url": adapter_worker, "source": str(tiny_model_dir),
+                                                  "lora_adapters": [ADAPTER]}})
+    assert [(m["id"], m["parent"]) for m in gateway.get("/v1/models").json()["data"]] == [(ADAPTER, MODEL),
+                                                                                         (MODEL, None)]
+    tokenizer = hf_pair[1]
+    resp = gateway.client().completions.create(model=ADAPTER, prompt="hello world", max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True})
+    with torch.no_grad():
+        merged = merged_greedy({"llama": tiny_model_dir}, adapter[1], tokenizer("hello world")["input_ids"],
+                               max_new_tokens=8)
+    assert resp.choices[0].text == tokenizer.decode(merged, skip_special_tokens=True)
+
+
+def test_a_static_adapter_named_like_a_model_is_a_config_error(tiny_model_dir):
+    from hpcllm.config import StaticModel
+    from hpcllm.errors import ConfigError
+    from hpcllm.gateway.routing import StaticRouter
+
+    models = {name: StaticModel(worker_url="http://w:1", source=tiny_model_dir, lora_adapters=adapters)
+              for name, adapters in (("a", ["b"]), ("b", []))}
+    with pytest.raises(ConfigError, match="'b' is already the name of a model or adapter"):
+        StaticRouter(models, shared_secret=SECRET)
