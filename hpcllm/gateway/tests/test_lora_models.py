@@ -119,3 +119,27 @@ def test_a_static_adapter_named_like_a_model_is_a_config_error(tiny_model_dir):
               for name, adapters in (("a", ["b"]), ("b", []))}
     with pytest.raises(ConfigError, match="'b' is already the name of a model or adapter"):
         StaticRouter(models, shared_secret=SECRET)
+
+
+def test_a_stream_for_an_adapter_resumes_with_it_when_its_worker_shuts_down(make_gateway, adapter_worker, adapter,
+                                                                           tiny_model_dir, hf_pair):
+    import dataclasses
+
+    from .test_resume import ScriptedRouter, second_worker, stream_interrupted_after_three_events
+
+    service, doomed_url, server = second_worker(tiny_model_dir, lora_adapters={ADAPTER: str(adapter[0])})
+    try:
+        router = ScriptedRouter(tiny_model_dir, [doomed_url, adapter_worker])
+        router.list_models = lambda: [router.card, dataclasses.replace(router.card, name=ADAPTER, parent=MODEL)]
+        gateway = make_gateway(router=router)
+        body = {"model": ADAPTER, "prompt": "hello world", "max_tokens": 60, "ignore_eos": True, "temperature": 0}
+        texts = stream_interrupted_after_three_events(gateway, body, service.shutdown)
+        assert router.resolved[:2] == [doomed_url, adapter_worker]  # resolved by the base model's name
+    finally:
+        server.stop()
+        service.shutdown()
+    tokenizer = hf_pair[1]
+    with torch.no_grad():
+        merged = merged_greedy({"llama": tiny_model_dir}, adapter[1], tokenizer("hello world")["input_ids"],
+                               max_new_tokens=60)
+    assert "".join(texts) == tokenizer.decode(merged, skip_special_tokens=True)
