@@ -182,7 +182,7 @@ def test_adapters_are_refused_where_they_are_not_applied(model_dirs, adapters, t
     dora = tmp_path / "dora"
     write_adapter(dora, model, seed=3, use_dora=True)
     with pytest.raises(ValueError, match="DoRA"):  # read where the forward runs: the model process says why
-        Engine(model, tokenizer, model_name="tiny", lora_adapters={"d": str(dora)}, model_process=True)
+        Engine(load(model_dirs)[0], tokenizer, model_name="tiny", lora_adapters={"d": str(dora)}, model_process=True)
 
 
 def test_workers_serve_adapters_over_http_and_migrate_a_request_only_where_its_adapter_is(model_dirs, adapters,
