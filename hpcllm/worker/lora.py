@@ -38,16 +38,9 @@ class LoraWeights:
     b_t: torch.Tensor  # [r, out]: (scale * B) transposed
 
 
-@dataclass
-class Adapter:
-    name: str
-    rank: int
-    scale: float
-    weights: dict[str, LoraWeights]  # by module name in the model as loaded (PEFT's key without its prefix)
-
-
-def read_adapter(name: str, folder: str | Path) -> Adapter:
-    """A PEFT LoRA adapter from its folder, refused with the reason when it is one this runner cannot apply."""
+def read_adapter(name: str, folder: str | Path) -> dict[str, LoraWeights]:
+    """A PEFT LoRA adapter's weights from its folder, by module name in the model as loaded (PEFT's key without its
+    prefix); refused with the reason when it is one this runner cannot apply."""
     config = read_adapter_config(name, folder)
     weights_path = Path(folder) / ADAPTER_WEIGHTS
     from safetensors.torch import load_file
@@ -56,7 +49,7 @@ def read_adapter(name: str, folder: str | Path) -> Adapter:
         tensors = load_file(str(weights_path))
     except Exception as exc:  # safetensors' own error types vary by version
         raise AdapterError(f"LoRA adapter {name!r}: {weights_path} is not a readable safetensors file: {exc}") from None
-    return Adapter(name, config.rank, config.scale, _pair_weights(name, tensors, config.rank, config.scale))
+    return _pair_weights(name, tensors, config.rank, config.scale)
 
 
 def _pair_weights(name: str, tensors: dict[str, torch.Tensor], rank: int, scale: float) -> dict[str, LoraWeights]:
@@ -108,8 +101,7 @@ class LoraLayers:
         _uninstall(model)
         segments: dict[nn.Module, list[_Segment]] = {}
         for name, folder in sorted(adapters.items()):
-            adapter = read_adapter(name, folder)
-            for module_name, weights in adapter.weights.items():
+            for module_name, weights in read_adapter(name, folder).items():
                 module, start, stop = _target(model, name, module_name)
                 _check_shapes(name, module_name, weights, module.in_features, stop - start)
                 dtype, device = _dtype_device(model)
