@@ -112,6 +112,21 @@ def test_each_request_gets_its_adapters_merged_output_alone_and_mixed_in_one_bat
         assert outputs == [expected[name][i] for name, i in mixed]
 
 
+def test_requests_preempted_and_recomputed_keep_their_adapter(model_dirs, adapters):
+    folders, deltas = adapters
+    model, tokenizer = load(model_dirs)
+    prompt_ids = [tokenizer(p)["input_ids"][:12] for p in PROMPTS]
+    names = [None, "x", "y", "x"]
+    expected = [merged_greedy(model_dirs, deltas.get(name), prompt_ids[i % 3], max_new_tokens=32)
+                for i, name in enumerate(names)]
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters=folders, max_model_len=64, kv_cache_tokens=64,
+                kv_block_size=4, max_running_requests=4, prefill_chunk_tokens=8) as engine:
+        outputs = run_together(engine, [request(prompt_token_ids=prompt_ids[i % 3], lora=name, max_tokens=32)
+                                        for i, name in enumerate(names)])
+        assert engine.metrics.preemptions._value.get() > 0
+    assert outputs == expected
+
+
 def test_a_cached_prompt_prefix_is_not_shared_between_adapters(model_dirs, adapters, references):
     folders, _ = adapters
     prompt_ids, expected = references
