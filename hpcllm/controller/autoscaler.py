@@ -7,9 +7,10 @@ Each tick, in order:
 2. Node agents silent for node_timeout_seconds are lost (their instances forgotten).
 3. Reservations the agent never confirmed (the controller died mid-start, the agent hung) are dropped.
 4. Instances of undeployed models are stopped.
-5. Retirement: allocations reaching retire_at drain (no new routes; instances moved off - their requests
-   live-migrated to an instance elsewhere when there is one, else stopped -; replacements started elsewhere) and
-   are cancelled once empty or after drain_seconds.
+5. Retirement, make before break: from retire_at an allocation serves on but gets no new instance, while a
+   replacement of each of its models starts elsewhere; once every one has a ready instance outside retiring
+   allocations it drains (no new routes; instances moved off, their requests live-migrated there), at its drain
+   deadline without (stopped: requests resume from tokens); it is cancelled once empty or after drain_seconds.
 6. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
    below min_instances; never those of a model pool's node: its agent keeps them for its job's whole life).
 7. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
-from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents
+from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents, is_retiring
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +134,47 @@ class Autoscaler:
 
     def _retire_allocations(self, now: float, report: TickReport) -> None:
         for alloc in self.registry.allocations(active_only=True):
-            if alloc.state == "running" and alloc.retire_at is not None and now >= alloc.retire_at:
-                self._begin_drain(alloc, "walltime", report)
+            if is_retiring(alloc, now):
+                self._hand_over(alloc, now, report)
             elif alloc.state == "draining":
                 instances = self._instances_of(alloc)
-                drain_started = alloc.retire_at if alloc.retire_at is not None else now
+                drain_started = alloc.retire_at if alloc.retire_at is not None else now  # _begin_drain's time
                 if not instances or now >= drain_started + self.settings.drain_seconds:
                     self.allocator.cancel(alloc.job_id, alloc.reason or "retired", now)
                     report.actions.append(Action("cancel_drained_allocation", alloc.job_id,
                                                  f"{len(instances)} instances left"))
 
-    def _begin_drain(self, alloc: AllocationRecord, reason: str, report: TickReport) -> None:
-        self.registry.update_allocation(alloc.job_id, state="draining", reason=reason)
+    def _hand_over(self, alloc: AllocationRecord, now: float, report: TickReport) -> None:
+        """Make before break: a retiring allocation serves on while a replacement of each of its models starts
+        elsewhere, and drains (its requests live-migrate) once every one of them has a ready instance outside the
+        retiring allocations; at the drain deadline it drains without (requests resume from their tokens)."""
+        leaving = self.controller.retiring_nodes(now)
+        models = sorted({inst.model for inst in self._instances_of(alloc)})
+        missing = [name for name in models if self.controller.ready_target(name, leaving) is None]
+        if not missing:
+            self._begin_drain(alloc, now, "walltime", report)
+        elif now >= self.controller.drain_deadline(alloc):
+            report.actions.append(Action("retire_without_replacement", alloc.job_id,
+                                         f"no ready instance of {missing} elsewhere by the drain deadline: their "
+                                         f"requests resume from their tokens"))
+            self._begin_drain(alloc, now, "walltime", report)
+        else:
+            self._start_replacements(missing, leaving, report)
+
+    def _start_replacements(self, names: list[str], leaving: frozenset[str], report: TickReport) -> None:
+        """Start an instance of each model off the leaving nodes, unless one is on its way there (loading, or an
+        allocation made for it whose agent has not registered): one at a time per model, as for demand."""
+        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - leaving
+        for name in names:
+            model = self.registry.get_model(name)
+            if model is None or self.controller.pending_allocations(name) or any(
+                    i.state == "loading" and i.node_id in routable for i in self.registry.instances(model=name)):
+                continue
+            self._start(model, "start_replacement", report, exclude_nodes=leaving)
+
+    def _begin_drain(self, alloc: AllocationRecord, now: float, reason: str, report: TickReport) -> None:
+        # retire_at becomes the drain's start: drain_seconds count from it, and status shows when it left.
+        self.registry.update_allocation(alloc.job_id, state="draining", reason=reason, retire_at=now)
         affected_models = set()
         for node in self._nodes_of(alloc):
             self.registry.set_node_state(node.node_id, "draining")
@@ -153,10 +183,10 @@ class Autoscaler:
             self.registry.set_instance_state(inst.instance_id, "draining")
             self._move(inst)
         report.actions.append(Action("retire", alloc.job_id, f"{reason}; models {sorted(affected_models)}"))
-        for name in sorted(affected_models):  # start replacements elsewhere before this pool leaves
-            model = self.registry.get_model(name)
-            if model is not None:
-                self._start(model, "start_replacement", report)
+        # Models left with no ready instance (the deadline came first) get one started elsewhere, as before.
+        leaving = self.controller.retiring_nodes(now)
+        self._start_replacements([name for name in sorted(affected_models)
+                                  if self.controller.ready_target(name, leaving) is None], leaving, report)
 
     def _release_idle_allocations(self, now: float, report: TickReport) -> None:
         if self.settings.keep_alive_policy == "per-model":
@@ -236,9 +266,9 @@ class Autoscaler:
 
     # ---------------------------------------------------------------------------------------------- helpers
 
-    def _start(self, model, kind: str, report: TickReport) -> None:
+    def _start(self, model, kind: str, report: TickReport, exclude_nodes: frozenset[str] = frozenset()) -> None:
         try:
-            outcome = self.controller.start_instance(model)
+            outcome = self.controller.start_instance(model, exclude_nodes=exclude_nodes)
         except (ControllerError, AgentError) as exc:
             report.errors.append(f"{kind} {model.name}: {exc}")
             return

@@ -262,7 +262,10 @@ def print_status(st: ClusterStatus) -> None:
         if a.state == "ended":
             continue
         retire = f"{a.retire_at - st.now:.0f} s" if a.retire_at else "-"
-        allocations.add_row(a.job_id, a.state, a.model or "-", ",".join(a.nodes) or
+        if a.drain_deadline is not None:  # retiring: it drains once replacements are ready, by the deadline
+            retire = f"drains within {max(0.0, a.drain_deadline - st.now):.0f} s"
+        allocations.add_row(a.job_id, f"{a.state}, {a.phase}" if a.phase else a.state, a.model or "-",
+                            ",".join(a.nodes) or
                             (f"prefer {','.join(a.preferred_nodes)}" if a.preferred_nodes else "-"),
                             _ago(st.now, a.submitted_at), _wait_cell(a.queue_wait_seconds, a.queue_wait_source),
                             retire, a.reason or "")

@@ -459,6 +459,10 @@ class AllocationStatus(Wire):
     # (PlacementBreakdown.queue_wait_source).
     queue_wait_seconds: float | None = None
     queue_wait_source: str | None = None
+    # Past retire_at, serving while replacements of its instances start elsewhere: "retiring, replacement
+    # starting", and the latest time it drains (replacements ready or not); None otherwise.
+    phase: str | None = None
+    drain_deadline: float | None = None
 
 
 class ColdStart(Wire):

@@ -111,6 +111,8 @@ log = logging.getLogger(__name__)
 ROUTABLE_NODE_STATES = ("up",)
 RECENT_FAILURES = 20  # instance failures `hpcllm status` lists
 ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm picks
+# AllocationStatus.phase of an allocation past its retire_at that has not drained yet (is_retiring).
+RETIRING_PHASE = "retiring, replacement starting"
 START_COSTS_TTL_SECONDS = 30.0  # learned start costs are re-read from the registry at most this often
 MAX_LIVE_TICKETS = 4  # live migration tickets a node token may hold for one instance (_count_ticket)
 
@@ -410,13 +412,17 @@ class Controller:
     def _allocation_status(self, alloc: AllocationRecord, nodes: list[NodeRecord]) -> AllocationStatus:
         waiting = alloc.state == "pending" or (alloc.state == "running" and not allocation_agents(
             alloc, [n for n in nodes if n.state in ("up", "draining")]))
-        wait = self.allocator.pending_wait(alloc, self.clock()) if waiting else None
+        now = self.clock()
+        wait = self.allocator.pending_wait(alloc, now) if waiting else None
+        retiring = is_retiring(alloc, now)
         return AllocationStatus(job_id=alloc.job_id, state=alloc.state, model=alloc.model, nodes=alloc.nodes,
                                 preferred_nodes=alloc.preferred_nodes, submitted_at=alloc.submitted_at,
                                 started_at=alloc.started_at, walltime_end=alloc.walltime_end,
                                 retire_at=alloc.retire_at, reason=alloc.reason,
                                 queue_wait_seconds=wait.seconds if wait else None,
-                                queue_wait_source=wait.source if wait else None)
+                                queue_wait_source=wait.source if wait else None,
+                                phase=RETIRING_PHASE if retiring else None,
+                                drain_deadline=self.drain_deadline(alloc) if retiring else None)
 
     # ------------------------------------------------------------------------------------------ node agents
 
@@ -885,7 +891,7 @@ class Controller:
             raise UnknownModel(f"model {req.model!r} is not deployed")
         excluded = frozenset({req.exclude_node}) if req.exclude_node else frozenset()
         group = source.serves_group if source else None
-        target = self._ready_target(model.name, excluded, group)
+        target = self.ready_target(model.name, excluded, group)
         if target is not None:
             self.registry.note_routed(target.instance_id, self.clock())  # its load counts for the next picks
             log.info("migration target for %s (leaving %s): %s on %s", model.name, req.exclude_node or "-",
@@ -914,11 +920,33 @@ class Controller:
         self.registry.record_migration(MigrationRecord(model, req.instance_id or "", req.exclude_node or "",
                                                        "node_drain", outcome, target, at=self.clock()))
 
-    def _ready_target(self, model: str, excluded: frozenset[str], group: str | None = None) -> InstanceRecord | None:
+    def ready_target(self, model: str, excluded: frozenset[str], group: str | None = None) -> InstanceRecord | None:
+        """The least-loaded ready instance of the model on a routable node not in excluded; one on a retiring
+        allocation's node (it moves again soon) only when there is no other."""
         routable = set(self._routable_nodes(group, excluded))
         ready = [i for i in self.registry.instances(model=model)
                  if i.state == "ready" and i.worker_url and i.node_id in routable and not i.reserved]
-        return min(ready, key=lambda i: (i.load, i.instance_id)) if ready else None
+        leaving = self.retiring_nodes(self.clock()) if ready else frozenset()
+        return min(ready, key=lambda i: (i.node_id in leaving, i.load, i.instance_id)) if ready else None
+
+    # ------------------------------------------------------------------------------------------- retirement
+
+    def retiring_nodes(self, now: float) -> frozenset[str]:
+        """The agents' nodes of allocations retiring now (is_retiring): they serve on, but get no new instance."""
+        retiring = [a for a in self.registry.allocations(active_only=True) if is_retiring(a, now)]
+        if not retiring:
+            return frozenset()
+        live = self.registry.nodes(states=("up", "draining"))
+        return frozenset(n.node_id for alloc in retiring for n in allocation_agents(alloc, live))
+
+    def drain_deadline(self, alloc: AllocationRecord) -> float:
+        """The latest time a retiring allocation starts draining, replacements ready or not: early enough that the
+        drain (drain_seconds) ends before Slurm's own signal (slurm.signal_seconds before the walltime end); never
+        before retire_at."""
+        if alloc.walltime_end is None:
+            return alloc.retire_at
+        latest = alloc.walltime_end - self.config.slurm.signal_seconds - self.settings.drain_seconds
+        return max(alloc.retire_at, latest)
 
     def _leaving_instance(self, source: NodeRecord, req: MigrationTargetRequest,
                           principal: Principal) -> InstanceRecord | None:
@@ -968,7 +996,7 @@ class Controller:
         same model elsewhere (the agent's migrate-out, which then stops it); with no target, or when that call
         fails, stop it (the gateway resumes its requests from their tokens). Logged and reported to listeners."""
         started = time.monotonic()
-        target = self._ready_target(inst.model, frozenset({node.node_id}), node.serves_group)
+        target = self.ready_target(inst.model, frozenset({node.node_id}), node.serves_group)
         if target is None:
             self._stop_one(node, inst.instance_id)
             record = MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger,
@@ -1136,9 +1164,10 @@ class Controller:
         # Where an agent of ours runs or may soon: read once for every candidate and queue-wait estimate below.
         in_use = self.allocator.nodes_in_use()
         restart_waits: dict[str, float] = {}
+        leaving = self.retiring_nodes(now)  # they serve until their replacements are ready: nothing new goes there
         for node in known_nodes.values():
             if node.state not in ROUTABLE_NODE_STATES or node.node_id in exclude_nodes or node.is_pool \
-                    or node.node_id in others or node.slurm_job_id in spanning:
+                    or node.node_id in others or node.slurm_job_id in spanning or node.node_id in leaving:
                 continue
             free, movable, young = self._room(model, node, by_node[node.node_id], now,
                                               lambda victim: self._restart_seconds(victim, now, restart_waits,
@@ -1365,6 +1394,12 @@ def _credential_info(record: CredentialRecord) -> CredentialInfo:
     return CredentialInfo(credential_id=record.credential_id, kind=record.kind, model=record.model, group=record.group,
                           shared=record.shared, job_id=record.job_id, created_at=record.created_at,
                           revoked_at=record.revoked_at, note=record.note)
+
+
+def is_retiring(alloc: AllocationRecord, now: float) -> bool:
+    """Past its retire_at and not draining yet: replacements of its instances start elsewhere while it serves on
+    (make before break, the autoscaler's step 5)."""
+    return alloc.state == "running" and alloc.retire_at is not None and now >= alloc.retire_at
 
 
 def allocation_agents(alloc: AllocationRecord, nodes: list[NodeRecord]) -> list[NodeRecord]:

@@ -132,36 +132,6 @@ def test_a_retirement_moves_only_as_early_as_the_stagger_needs(make_harness):
     assert h.registry.get_allocation(c).retire_at == end - 420
 
 
-def test_retirement_drains_starts_a_replacement_and_cancels(make_harness):
-    h = make_harness(retire_lead_seconds=300, drain_seconds=60, max_allocations=2)
-    h.deploy("m", keep_alive_seconds=3600)
-    job = h.controller.route("m").job_id
-    h.backend.start(job, "n1", h.clock.now, walltime=1000)
-    h.tick()
-    h.register("n1", job=job)
-    h.register("n9")  # another node, up and empty, outside the retiring allocation
-    h.tick()  # demand: the model starts on n1 (its allocation was made for it; both are free, n1 sorts first)
-    h.heartbeat("n1", tier="sharedfs")
-    h.heartbeat("n9")
-    [old] = h.registry.instances()
-    assert old.node_id == "n1"
-
-    report = h.tick(700)  # now = start + 700 = walltime_end - retire_lead
-    assert ("retire", job) in report.kinds()
-    assert h.registry.get_node("n1").state == "draining"
-    assert ("http://n1:9000", old.instance_id) in h.agents.stopped
-    assert ("start_replacement", "m") in report.kinds()
-    assert h.agents.started[-1] == ("http://n9:9000", "m", []), report  # the replacement goes to n9
-
-    h.heartbeat("n1")  # the drained instance has stopped
-    report = h.tick(1)
-    assert ("cancel_drained_allocation", job) in report.kinds()
-    assert h.backend.jobs[job].state == JobState.CANCELLED
-    report = h.tick(1)
-    assert ("allocation_ended", job) in report.kinds()
-    assert h.registry.get_node("n1").state == "gone"
-
-
 def test_idle_allocation_is_released_after_its_keep_alive(make_harness):
     h = make_harness(allocation_keep_alive_seconds=600, keep_alive_seconds=60)
     h.deploy("m")
