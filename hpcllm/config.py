@@ -181,10 +181,12 @@ class ControllerConfig(Section):
     # Release an allocation whose nodes have held no instance for this long (scale to zero at node level).
     allocation_keep_alive_seconds: float = Field(600.0, ge=0)
     # Retire allocations this long before their walltime ends, spread by retire_stagger_seconds per allocation
-    # ending at about the same time so pools do not all leave at once.
+    # ending at about the same time so pools do not all leave at once. Retiring, an allocation serves on while
+    # replacements of its models start elsewhere and drains once they are ready (docs/controller.md "Retirement"):
+    # they get retire_lead_seconds - slurm.signal_seconds - drain_seconds to start.
     retire_lead_seconds: float = Field(300.0, ge=0)
     retire_stagger_seconds: float = Field(60.0, ge=0)
-    # Give a retiring allocation's instances this long to finish before the job is cancelled.
+    # Give a retiring allocation's instances this long to finish before the job is cancelled (from the drain's start).
     drain_seconds: float = Field(60.0, ge=0)
     # Cost of moving one busy instance when its prefill rate is unknown (seconds), and of evicting an idle one.
     migration_seconds_per_instance: float = Field(5.0, ge=0)
