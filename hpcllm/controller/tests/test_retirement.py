@@ -10,18 +10,18 @@ from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.cli import print_status
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
-from hpcllm.controller.tests.test_migration import metric, use_migrating_agents
+from hpcllm.controller.tests.test_migration import metric, ready_instance, target, use_migrating_agents
 from hpcllm.slurm.base import JobState
 
 WALLTIME = 1000  # the allocation's; retire_lead_seconds = 300: it retires 700 s after it started
 
 
-def retiring_cluster(make_harness, other_nodes=("n9",), cpu_slots_per_node=1, **settings):
+def retiring_cluster(make_harness, other_nodes=("n9",), cpu_slots_per_node=1, max_instances=1, **settings):
     """A model with one instance, on n1 in an allocation made for it (walltime 1000 s), running two requests;
     other_nodes registered and empty, outside the allocation. (harness, agents, job, old instance id)"""
     h = make_harness(retire_lead_seconds=300, drain_seconds=60, cpu_slots_per_node=cpu_slots_per_node, **settings)
     agents = use_migrating_agents(h)
-    h.deploy("m", keep_alive_seconds=3600)
+    h.deploy("m", keep_alive_seconds=3600, max_instances=max_instances)
     job = h.controller.route("m").job_id
     h.backend.start(job, "n1", h.clock.now, walltime=WALLTIME)
     h.tick()
@@ -150,3 +150,26 @@ def test_a_controller_restarted_between_the_phases_waits_for_the_same_replacemen
     assert ("retire", job) in report.kinds()
     [replacement] = [i.instance_id for i in h.registry.instances(model="m") if i.node_id == "n9"]
     assert agents.migrations == [("http://n1:9000", old, f"http://n9:9000/workers/{replacement}")]
+
+
+def test_a_retiring_instance_is_a_migration_target_only_when_there_is_no_other(make_harness):
+    # n1 (retiring) runs m and k; m also runs on n9, busier than n1's; k has no other instance, so n1 stays in its
+    # retiring phase while k's replacement loads on n8.
+    h, agents, job, old = retiring_cluster(make_harness, other_nodes=(), cpu_slots_per_node=2, max_instances=2)
+    h.deploy("k", keep_alive_seconds=3600)
+    h.backend.down = True  # placement may only use the registered nodes
+    h.controller.route("k")
+    h.heartbeat("n1", tier="sharedfs")
+    h.register("n9", gpus=0)
+    busy = ready_instance(h, "n9", "m", running=3)
+    h.register("n8", gpus=0)
+    h.backend.down = False
+    report = h.tick(700 - h.clock.now + h.registry.get_allocation(job).started_at)
+    assert report.kinds() == [("start_replacement", "k")] and h.agents.started[-1][:2] == ("http://n8:9000", "k")
+
+    # A node leaving (its agent's drain) asks where m's requests go: n9's instance, although n1's is less loaded.
+    answer = target(h.app_client(), {"model": "m", "exclude_node": "n8"}).get_json()
+    assert answer["instance_id"] == busy, answer
+    # With no other, the retiring one still takes them (better than a resume).
+    h.registry.set_instance_state(busy, "draining")
+    assert target(h.app_client(), {"model": "m", "exclude_node": "n8"}).get_json()["instance_id"] == old
