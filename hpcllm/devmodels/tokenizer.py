@@ -64,12 +64,36 @@ def _hermes_tools_template(thinking: bool) -> str:
     )
 
 
+# Qwen3-Coder's tool format (its chat template, cut down): the tools listed as XML in a system turn, the call format
+# shown by example, an assistant's calls as <tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>...
+# (objects and lists as JSON, everything else as its text), a tool's answer in <tool_response>. The gateway reads
+# "<function=" in it as the qwen3_coder tool-call format.
+QWEN3_CODER_TOOLS_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|system|>\n# Tools\n\nYou have access to the following functions:\n\n<tools>"
+    "{% for tool in tools %}\n<function>\n<name>{{ tool['function']['name'] }}</name>"
+    "\n<parameters>{{ tool['function']['parameters'] | tojson }}</parameters>\n</function>{% endfor %}\n</tools>"
+    "\n\nIf you choose to call a function ONLY reply in the following format with NO suffix:\n\n<tool_call>\n"
+    "<function=example_function_name>\n<parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n"
+    "</tool_call>{{ eos_token }}\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>\n{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}\n<tool_call>\n<function={{ call['function']['name'] }}>\n"
+    "{% for key, value in call['function']['arguments'] | items %}<parameter={{ key }}>\n"
+    "{{ value | tojson if value is mapping or (value is sequence and value is not string) else value | string }}"
+    "\n</parameter>\n{% endfor %}</function>\n</tool_call>{% endfor %}{{ eos_token }}\n"
+    "{% elif message['role'] == 'tool' %}<|tool|>\n<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{{ eos_token }}\n"
+    "{% else %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 HERMES_TOOLS_CHAT_TEMPLATE = _hermes_tools_template(thinking=False)
 # The qwen3-think tokenizer's added tokens.
 THINK_TOKENS = ("<think>", "</think>")
 QWEN3_THINK_CHAT_TEMPLATE = _hermes_tools_template(thinking=True)
 CHAT_TEMPLATES = {"plain": CHAT_TEMPLATE, "hermes-tools": HERMES_TOOLS_CHAT_TEMPLATE,
-                  "qwen3-think": QWEN3_THINK_CHAT_TEMPLATE}
+                  "qwen3-think": QWEN3_THINK_CHAT_TEMPLATE, "qwen3-coder-tools": QWEN3_CODER_TOOLS_CHAT_TEMPLATE}
 
 MODEL_MAX_LENGTH = 2048
 

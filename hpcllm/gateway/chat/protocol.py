@@ -210,7 +210,7 @@ class ChatCompletionRequest(SamplingRequest):
         if not self.tools:
             raise InvalidRequest(f"tool_choice {json.dumps(self.tool_choice)[:100]} needs the functions in 'tools'",
                                  param="tool_choice", code="invalid_value")
-        if self.forced_function is not None and self.forced_function not in self._parameters_by_name():
+        if self.forced_function is not None and self.forced_function not in self.parameters_by_name():
             raise InvalidRequest(f"tool_choice names function {self.forced_function[:64]!r}, which is not in "
                                  f"'tools'", param="tool_choice", code="invalid_value")
         given = self.constraints_given()
@@ -225,7 +225,7 @@ class ChatCompletionRequest(SamplingRequest):
         """The function tool_choice names (None: "auto", "none" or "required")."""
         return self.tool_choice["function"]["name"] if _is_named_function(self.tool_choice) else None
 
-    def _parameters_by_name(self) -> dict[str, dict[str, Any]]:
+    def parameters_by_name(self) -> dict[str, dict[str, Any]]:
         """Each function's parameters schema; one without any takes any object (vLLM's
         _params_or_empty_object)."""
         return {tool.function.name: tool.function.parameters or {"type": "object", "properties": {}}
@@ -237,7 +237,7 @@ class ChatCompletionRequest(SamplingRequest):
         (one at most when parallel_tool_calls is false), each function's $defs moved to the top so that their
         "#/$defs/..." references still resolve. Unlike vLLM's, a call object holds no other keys: they would mean
         nothing, and a model could pad the answer with them until max_tokens."""
-        parameters = self._parameters_by_name()
+        parameters = self.parameters_by_name()
         if self.forced_function is not None:
             return parameters[self.forced_function]
         defs: dict[str, Any] = {}

@@ -101,7 +101,9 @@ def _parser(req: ChatCompletionRequest, encoder: PromptEncoder) -> ToolCallParse
         return NamedCall(req.forced_function)
     if req.tool_choice == "required":
         return RequiredCalls()
-    return encoder.tool_call_parser() if req.parses_tool_calls else None
+    if not req.parses_tool_calls:
+        return None
+    return encoder.tool_call_parser().for_tools(req.parameters_by_name())
 
 
 def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionRequest) -> ChatChoice:

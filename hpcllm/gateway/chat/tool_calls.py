@@ -7,6 +7,12 @@ The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen he
   llama3_json  Llama 3.1/3.2: the answer is `{"name": ..., "parameters": {...}}` (or "arguments"), possibly after
                `<|python_tag|>`, several separated by ';'. A call must start the answer: vLLM's streaming parser
                reads it so, and streamed and whole answers must agree (vLLM's non-streaming one looks anywhere).
+  qwen3_coder  Qwen3-Coder, Qwen3-Next, Qwen3.5: XML calls, `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>
+               </function></tool_call>` with newlines between the tags (a `<function=` without `<tool_call>` counts
+               too, as in vLLM), after optional text. Values are text: each is read as its parameter's schema type
+               (vLLM's coerce_to_schema_type); a parameter the schema does not describe stays a string.
+  pythonic     Llama 3.2 / Llama 4 with vLLM's pythonic templates: the answer is a Python list of calls,
+               `[get_weather(city="Paris"), get_time()]` (keyword arguments, literal values), nothing else.
 Output that starts a call but does not parse (bad JSON, no name) is returned as plain content, as vLLM does.
 
 A forced call (tool_choice a named function, or "required") is no format of the model's: the answer was constrained
@@ -21,7 +27,9 @@ call has started, the rest is held to the end and parsed whole, so a streamed an
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -79,6 +87,24 @@ class ToolCallParser(ABC):
         """How much of `text` (an answer so far, whose first `sent` characters were content for sure) is content for
         sure; None once a call has started. Asked at every token: it looks at the new text only."""
 
+    def for_tools(self, parameters: dict[str, dict]) -> ToolCallParser:
+        """The parser for one request, whose functions take these parameters (schemas by function name): a format
+        whose values are text reads them by their schema types."""
+        return self
+
+
+def sendable_before(text: str, sent: int, markers: tuple[str, ...]) -> int | None:
+    """For a format whose calls start with one of `markers`, anywhere after some text: None once one is in `text`;
+    else all of it but a tail that may still become one (and the whitespace before it, which the content of an
+    answer with calls leaves out)."""
+    new = text[max(0, sent - max(map(len, markers))):]
+    if any(marker in new for marker in markers):
+        return None
+    end = len(text) - max(partial_suffix(text, marker) for marker in markers)
+    while end > sent and text[end - 1].isspace():
+        end -= 1
+    return end
+
 
 class HermesParser(ToolCallParser):
     name = "hermes"
@@ -93,7 +119,7 @@ class HermesParser(ToolCallParser):
         for closed, unclosed in self._BLOCK.findall(text, start):
             try:
                 call = _call_of(json.loads(closed or unclosed), ("arguments",))
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
                 call = None
             if call is None:
                 return ParsedOutput(text)
@@ -101,12 +127,7 @@ class HermesParser(ToolCallParser):
         return ParsedOutput(text[:start].rstrip() or None, tuple(calls))
 
     def sendable(self, text: str, sent: int) -> int | None:
-        if self.START in text[max(0, sent - len(self.START)):]:
-            return None
-        end = len(text) - partial_suffix(text, self.START)
-        while end > sent and text[end - 1].isspace():
-            end -= 1
-        return end
+        return sendable_before(text, sent, (self.START,))
 
 
 class Llama3JsonParser(ToolCallParser):
@@ -131,19 +152,201 @@ class Llama3JsonParser(ToolCallParser):
                     at = _skip(body, at + 1, " \t\r\n")
                 elif at < len(body):
                     return ParsedOutput(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             return ParsedOutput(text)
         return ParsedOutput(None, tuple(calls))
 
     def sendable(self, text: str, sent: int) -> int | None:
-        if sent:  # the answer began with text: it is no call
-            return len(text)
-        body = text.lstrip()
-        if body.startswith("{") or body.startswith(self.PYTHON_TAG):
-            return None
-        if self.PYTHON_TAG.startswith(body):  # nothing yet, or the tag coming in pieces
-            return 0
+        return sendable_unless_starting(text, sent, "{", self.PYTHON_TAG)
+
+
+def sendable_unless_starting(text: str, sent: int, opening: str, tag: str) -> int | None:
+    """For a format whose calls are the whole answer (after whitespace, and `tag` where the model writes one),
+    beginning with `opening`: None when the answer begins so, else all of it once it cannot."""
+    if sent:  # the answer began with text: it is no call
         return len(text)
+    body = text.lstrip()
+    if body.startswith(opening) or body.startswith(tag):
+        return None
+    if tag.startswith(body):  # nothing yet, or the tag coming in pieces
+        return 0
+    return len(text)
+
+
+class PythonicParser(ToolCallParser):
+    name = "pythonic"
+    START, END = "<|python_start|>", "<|python_end|>"  # Llama 4's, when its special tokens are kept
+
+    def parse(self, text: str) -> ParsedOutput:
+        body = text.strip().removeprefix(self.START).replace(self.END, "").strip()
+        if not body.startswith("["):
+            return ParsedOutput(text)
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return ParsedOutput(text)
+            calls = tuple(_python_call(call) for call in tree.elts)
+        except (SyntaxError, ValueError, RecursionError):  # RecursionError: nested too deep for ast
+            return ParsedOutput(text)
+        return ParsedOutput(None, calls)
+
+    def sendable(self, text: str, sent: int) -> int | None:
+        return sendable_unless_starting(text, sent, "[", self.START)
+
+
+def _python_call(node: ast.expr) -> ParsedCall:
+    """`name(key=value, ...)` (a dotted name too, and positional arguments ignored, as vLLM's handle_single_tool
+    reads it); a ValueError for anything else."""
+    if not isinstance(node, ast.Call):
+        raise ValueError("not a call")
+    arguments = {keyword.arg: _python_value(keyword.value) for keyword in node.keywords}
+    if None in arguments:
+        raise ValueError("**arguments")
+    return ParsedCall(_dotted_name(node.func), json.dumps(arguments, ensure_ascii=False))
+
+
+def _dotted_name(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted_name(node.value)}.{node.attr}"
+    raise ValueError("a call of no function name")
+
+
+_JSON_NAMES = {"true": True, "false": False, "null": None}
+
+
+def _python_value(node: ast.expr) -> object:
+    """A literal argument as JSON takes it (vLLM's get_parameter_value): constants, lists, tuples and sets as
+    lists, dicts with literal keys, JSON's true/false/null, signed numbers; a ValueError for anything else."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float))):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return [_python_value(item) for item in node.elts]
+    if isinstance(node, ast.Dict) and all(isinstance(key, ast.Constant) for key in node.keys):
+        return {key.value: _python_value(value) for key, value in zip(node.keys, node.values)}
+    if isinstance(node, ast.Name) and node.id in _JSON_NAMES:
+        return _JSON_NAMES[node.id]
+    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+            and isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float)):
+        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+    raise ValueError(f"{type(node).__name__} is no literal")
+
+
+class Qwen3CoderParser(ToolCallParser):
+    name = "qwen3_coder"
+    MARKERS = ("<tool_call>", "<function=")
+    _FUNCTION = re.compile(r"<function=([^>]*)>(.*?)</function>", re.DOTALL)
+    # vLLM's: a value ends at its closing tag or where the next parameter opens.
+    _PARAMETER = re.compile(r"<\s*parameter\s*=\s*([^>]*)>(.*?)(?:<\s*/\s*parameter\s*>|(?=<\s*parameter\s*=))",
+                            re.DOTALL)
+
+    def __init__(self, parameters: dict[str, dict] | None = None):
+        self.parameters = parameters or {}
+
+    def for_tools(self, parameters: dict[str, dict]) -> ToolCallParser:
+        return Qwen3CoderParser(parameters)
+
+    def parse(self, text: str) -> ParsedOutput:
+        start = min((at for at in map(text.find, self.MARKERS) if at >= 0), default=-1)
+        if start < 0:
+            return ParsedOutput(text)
+        calls, end = [], start
+        for function in self._FUNCTION.finditer(text, start):
+            name = function[1].strip()
+            if not name:
+                return ParsedOutput(text)
+            calls.append(ParsedCall(name, json.dumps(self._arguments(name, function[2]), ensure_ascii=False)))
+            end = function.end()
+        if not calls or "<function=" in text[end:]:  # no function, or the last one cut off before </function>
+            return ParsedOutput(text)
+        return ParsedOutput(text[:start].rstrip() or None, tuple(calls))
+
+    def _arguments(self, function: str, body: str) -> dict[str, object]:
+        properties = self.parameters.get(function, {}).get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        arguments = {}
+        for parameter in self._PARAMETER.finditer(body):
+            value = parameter[2].removeprefix("\n").removesuffix("\n")  # the template's own newlines
+            schema = properties.get(parameter[1])
+            arguments[parameter[1]] = value if schema is None else _as_schema_type(value, _schema_types(schema))
+        return arguments
+
+    def sendable(self, text: str, sent: int) -> int | None:
+        return sendable_before(text, sent, self.MARKERS)
+
+
+def _schema_types(schema: object) -> set[str]:
+    """The JSON types a schema allows (`type`, an enum's values, anyOf/oneOf/allOf), as vLLM's
+    extract_types_from_schema reads them; "string" when it names none."""
+    if not isinstance(schema, dict):
+        return {"string"}
+    kinds = schema.get("type")
+    types = {kinds} if isinstance(kinds, str) else {t for t in _list(kinds) if isinstance(t, str)}
+    types |= {_JSON_TYPE_OF.get(type(value), "string") for value in _list(schema.get("enum"))}
+    for choice in ("anyOf", "oneOf", "allOf"):
+        for option in _list(schema.get(choice)):
+            types |= _schema_types(option)
+    return types or {"string"}
+
+
+def _list(value: object) -> list:
+    return value if isinstance(value, list) else []
+
+
+_JSON_TYPE_OF = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+                 dict: "object"}
+_NOT_JSON = object()
+
+
+def _as_schema_type(value: str, types: set[str]) -> object:
+    """A parameter's text as the first of its types it reads as (vLLM's coerce_to_schema_type: null, integer,
+    number, boolean, object, array, string); JSON, else the text itself, when it reads as none."""
+    for kind in ("null", "integer", "number", "boolean", "object", "array"):
+        if kind not in types:
+            continue
+        if kind == "null" and value.lower() == "null":
+            return None
+        if kind == "integer":
+            try:
+                return int(value)
+            except ValueError:
+                continue
+        if kind == "number":
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                return int(number) if number == int(number) else number
+        if kind == "boolean" and value.strip().lower() in ("true", "1", "false", "0"):
+            return value.strip().lower() in ("true", "1")
+        if kind in ("object", "array") and (parsed := _finite_json(value)) is not _NOT_JSON:
+            return parsed
+    if "string" in types:
+        return value
+    parsed = _finite_json(value)
+    return value if parsed is _NOT_JSON else parsed
+
+
+def _finite_json(text: str) -> object:
+    """The JSON value `text` holds; _NOT_JSON when it is none, or holds a number JSON cannot write back (NaN,
+    1e999)."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(name)
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(text)
+    return number
 
 
 def _skip(text: str, at: int, chars: str) -> int:
@@ -189,23 +392,26 @@ class RequiredCalls(ToolCallParser):
         return None
 
 
-PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (HermesParser(), Llama3JsonParser())}
-# Formats that also hold "<tool_call>" but write something else inside (Qwen3-Coder's XML calls).
-_OTHER_FORMAT_MARKERS = ("<function=",)
+PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (
+    HermesParser(), Llama3JsonParser(), Qwen3CoderParser(), PythonicParser())}
+# vLLM's pythonic templates (Llama 3.2, Llama 4) tell the model to answer so.
+_PYTHONIC_EXAMPLE = "[func_name1(params_name1=params_value1"
 
 
 def parser_for_template(template: str) -> ToolCallParser:
     """The tool-call format of a chat template (that renders tools) when its text names exactly one known format;
     else a 400: guessing wrong would return a model's calls as plain text."""
     found = []
-    if "<tool_call>" in template and not any(marker in template for marker in _OTHER_FORMAT_MARKERS):
-        found.append(PARSERS["hermes"])
-    if "<|start_header_id|>" in template and ("<|python_tag|>" in template or '"parameters"' in template):
+    if "<tool_call>" in template:  # Qwen3-Coder's XML calls are inside <tool_call> too
+        found.append(PARSERS["qwen3_coder" if "<function=" in template else "hermes"])
+    if _PYTHONIC_EXAMPLE in template:
+        found.append(PARSERS["pythonic"])
+    elif "<|start_header_id|>" in template and ("<|python_tag|>" in template or '"parameters"' in template):
         found.append(PARSERS["llama3_json"])
     if len(found) != 1:
         raise InvalidRequest(
             "this model's chat template renders tools but writes tool calls in no format this server knows "
-            f"(it reads {' and '.join(PARSERS)}); send the request without 'tools'", param="tools",
+            f"(it reads {', '.join(PARSERS)}); send the request without 'tools'", param="tools",
             code="unsupported_parameter")
     return found[0]
 

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from hpcllm.devmodels import make_tokenizer
-from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE
+from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE, QWEN3_CODER_TOOLS_CHAT_TEMPLATE
 from hpcllm.gateway.chat.protocol import ChatCompletionRequest
 from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
 from hpcllm.gateway.chat.tool_calls import (PARSERS, NamedCall, ParsedCall, RequiredCalls, ToolCallStream,
@@ -21,7 +21,14 @@ from hpcllm.gateway.serving import ChoiceResult, Delta
 
 from .stand_in_worker import token_pieces
 
-HERMES, LLAMA = PARSERS["hermes"], PARSERS["llama3_json"]
+HERMES, LLAMA, PYTHONIC = PARSERS["hermes"], PARSERS["llama3_json"], PARSERS["pythonic"]
+# Qwen3-Coder's values are text, read by the schema of the request's functions.
+WEATHER_PARAMETERS = {"type": "object", "properties": {
+    "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}, "days": {"type": "integer"},
+    "hourly": {"type": "boolean"}, "spots": {"type": "array", "items": {"type": "string"}},
+    "radius": {"anyOf": [{"type": "number"}, {"type": "null"}]}, "zip": {"type": "string"}}}
+QWEN3_CODER = PARSERS["qwen3_coder"].for_tools({"get_weather": WEATHER_PARAMETERS,
+                                                "get_time": {"type": "object", "properties": {}}})
 
 WEATHER = ParsedCall("get_weather", '{"city": "Paris", "unit": "celsius"}')
 TIME = ParsedCall("get_time", '{"timezone": "Europe/Paris"}')
@@ -31,6 +38,18 @@ QWEN_TWO_CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "P
                   '</tool_call>')
 TEXT_THEN_CALL = ('Let me look that up for you.\n\n<tool_call>\n{"name": "get_weather", "arguments": '
                   '{"city": "Paris", "unit": "celsius"}}\n</tool_call>')
+# As Qwen3-Coder writes them: the format its template shows, values one per line.
+CODER_TWO_CALLS = ('<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=unit>\n'
+                   'celsius\n</parameter>\n</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n'
+                   '<parameter=timezone>\nEurope/Paris\n</parameter>\n</function>\n</tool_call>')
+CODER_TYPED = ('I will check the forecast.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSaint-Denis\nde la '
+               'Réunion\n</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=hourly>\ntrue\n</parameter>\n'
+               '<parameter=spots>\n["beach", "port"]\n</parameter>\n<parameter=radius>\nnull\n</parameter>\n'
+               '<parameter=zip>\n97400\n</parameter>\n<parameter=note>\n42\n</parameter>\n</function>\n</tool_call>')
+CODER_TYPED_CALL = ParsedCall("get_weather", json.dumps(
+    {"city": "Saint-Denis\nde la Réunion", "days": 3, "hourly": True, "spots": ["beach", "port"], "radius": None,
+     "zip": "97400", "note": "42"}, ensure_ascii=False))
+PYTHONIC_TWO_CALLS = '[get_weather(city="Paris", unit="celsius"), get_time(timezone="Europe/Paris")]'
 LLAMA_TWO_CALLS = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
                    '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}')
 
@@ -47,6 +66,23 @@ ANSWERS = [
     (LLAMA, '\n\n{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}\n', None, (WEATHER,)),
     (LLAMA, 'Sure! As JSON: {"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}', None, ()),
     (LLAMA, "<|python", None, ()),
+    (QWEN3_CODER, CODER_TWO_CALLS, None, (WEATHER, TIME)),
+    # types from the schema: integer, boolean, array, null; a string stays one though it reads as a number, and a
+    # parameter the schema does not name stays text (vLLM's rule)
+    (QWEN3_CODER, CODER_TYPED, "I will check the forecast.", (CODER_TYPED_CALL,)),
+    # a <function= without <tool_call> (vLLM reads it too); the answer cut off right after </function>
+    (QWEN3_CODER, 'Sure.\n<function=get_time>\n<parameter=timezone>\nEurope/Paris\n</parameter>\n</function>', "Sure.",
+     (TIME,)),
+    (QWEN3_CODER, "<tool_call>\n<function=get_time>\n<parameter=timezone>\nEurope/Paris\n</parameter>\n</function>",
+     None, (TIME,)),
+    (QWEN3_CODER, "Use <tool_c carefully: <functional> programming is fine.", None, ()),
+    (PYTHONIC, PYTHONIC_TWO_CALLS, None, (WEATHER, TIME)),
+    (PYTHONIC, '<|python_start|>[get_time(timezone="Europe/Paris")]<|python_end|>', None, (TIME,)),  # Llama 4's tags
+    (PYTHONIC, '\n[get_weather(city="Paris", unit="celsius", days=-2, hourly=true, spots=("a", "b"), radius=None)]\n',
+     None, (ParsedCall("get_weather", '{"city": "Paris", "unit": "celsius", "days": -2, "hourly": true, '
+                                      '"spots": ["a", "b"], "radius": null}'),)),
+    (PYTHONIC, "[Note] Paris is sunny today.", None, ()),
+    (PYTHONIC, 'Calling [get_time(timezone="Europe/Paris")]', None, ()),
 ]
 # Calls begun but unreadable: the whole answer is the content, as vLLM returns it.
 BROKEN = [
@@ -58,6 +94,15 @@ BROKEN = [
     (LLAMA, '{"city": "Paris"}'),
     (LLAMA, '{"name": "get_time", "parameters": {}} and then some text'),
     (LLAMA, "<|python_tag|>print(get_time())"),
+    (QWEN3_CODER, "Checking.\n<tool_call>\n<function=get_time>\n<parameter=timezone>\nEurope/Par"),  # max_tokens
+    (QWEN3_CODER, CODER_TWO_CALLS[:-40]),  # the second call cut off: no call is returned, as for hermes
+    (QWEN3_CODER, '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call>'),  # JSON
+    (QWEN3_CODER, "<tool_call>\n<function=>\n</function>\n</tool_call>"),  # no name
+    (PYTHONIC, PYTHONIC_TWO_CALLS[:-20]),
+    (PYTHONIC, "[get_time(timezone=tz)]"),  # a variable, not a literal
+    (PYTHONIC, '[get_time("Europe/Paris"), 42]'),  # not a list of calls
+    (PYTHONIC, '[get_time(timezone="Europe/Paris")] and the weather next'),
+    (PYTHONIC, "[" * 500),
 ]
 SAMPLES = [(parser, text) for parser, text, _, _ in ANSWERS] + BROKEN
 
@@ -118,12 +163,18 @@ def test_parsers_are_chosen_from_the_chat_template():
     assert parser_for_template(llama31) is LLAMA
     # Llama 3.2's has no <|python_tag|> but the same JSON format.
     assert parser_for_template(llama31.replace('{{- "<|python_tag|>" }}', "")) is LLAMA
+    assert parser_for_template(QWEN3_CODER_TOOLS_CHAT_TEMPLATE).name == "qwen3_coder"
+    # vLLM's Llama 3.2 / Llama 4 pythonic templates (a Llama header, and the calls' format shown by example)
+    pythonic = ('{{- "<|start_header_id|>" + message.role + "<|end_header_id|>\\n\\n" }}{{- "If you decide to invoke '
+                'any of the function(s), you MUST put it in the format of [func_name1(params_name1=params_value1, '
+                'params_name2=params_value2...), func_name2(params)]" }}')
+    assert parser_for_template(pythonic) is PYTHONIC
 
 
 @pytest.mark.parametrize("template", [
     CHAT_TEMPLATE,
-    # Qwen3-Coder's XML calls inside <tool_call>: not the hermes JSON
-    "{{ tools | tojson }}<tool_call>\n<function={{ name }}>\n<parameter=city>\nParis\n</parameter>\n</function>",
+    # Mistral's [TOOL_CALLS]: a special token the worker leaves out of the text (docs/gateway.md, Tool calling)
+    "{{ tools | tojson }}{% for call in message.tool_calls %}[TOOL_CALLS]{{ call.name }}[ARGS]{{ call.arguments }}",
     # both formats named: which one the model writes is a guess
     HERMES_TOOLS_CHAT_TEMPLATE + '<|start_header_id|>{"name": ..., "parameters": ...}',
 ])
