@@ -26,6 +26,9 @@ CONFIG_ENV = "HPCLLM_CONFIG"
 # batch scripts. MODEL_NAME is the bare expression, for patterns that embed a name.
 MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 MODEL_NAME_PATTERN = rf"^{MODEL_NAME}$"
+# The tool-call formats the gateway reads (vLLM's --tool-call-parser names; hpcllm.gateway.chat.tool_calls): a model's
+# `tool_call_parser` names one when its chat template does not say, or says wrong.
+ToolCallFormat = Literal["hermes", "llama3_json", "qwen3_coder", "pythonic"]
 
 
 def _header_safe(value: str) -> str:
@@ -246,6 +249,8 @@ class StaticModel(Section):
     # LoRA adapters its workers were started with (`hpcllm worker --lora-module NAME=PATH`): each is listed as a
     # model, and a request naming one goes to these workers with that adapter.
     lora_adapters: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(default_factory=list)
+    # How the model writes tool calls; empty: read from its chat template (docs/gateway.md, Tool calling).
+    tool_call_parser: ToolCallFormat | None = None
 
     @property
     def worker_urls(self) -> list[str]:

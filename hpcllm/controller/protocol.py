@@ -31,7 +31,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hpcllm.config import MODEL_NAME_PATTERN
+from hpcllm.config import MODEL_NAME_PATTERN, ToolCallFormat
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.wire import UnixTime, WireModel
 from hpcllm.slurm.base import JOB_ID_PATTERN, SLURM_TOKEN_PATTERN, WALLTIME_PATTERN
@@ -303,6 +303,8 @@ class ModelSpec(WireModel):
     min_instances: int = Field(0, ge=0, le=MAX_INSTANCES)
     max_instances: int = Field(1, ge=1, le=MAX_INSTANCES)
     slurm: SlurmOverrides = Field(default_factory=SlurmOverrides)
+    tool_call_parser: ToolCallFormat | None = Field(None, description="how the model writes tool calls, for the "
+                                                    "gateway; default: read from its chat template")
     lora_adapters: dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], str] = Field(
         default_factory=dict, max_length=256,
         description="PEFT LoRA adapters every instance serves on this base model: name -> adapter folder on the "
@@ -375,6 +377,7 @@ class ModelCard(Wire):
     tensor_parallel: int = 1
     nodes: int = 1
     lora_adapters: dict[str, str] = Field(default_factory=dict)  # name -> folder; each is served as a model too
+    tool_call_parser: ToolCallFormat | None = None
 
 
 class ModelList(Wire):

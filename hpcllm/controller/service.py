@@ -369,7 +369,8 @@ class Controller:
     def model_cards(self) -> list[ModelCard]:
         return [ModelCard(name=m.name, source=m.source, max_model_len=m.max_model_len, gpus=m.gpus,
                           size_bytes=m.size_bytes, created_at=m.deployed_at, engine=m.engine,
-                          tensor_parallel=m.tensor_parallel, nodes=m.nodes, lora_adapters=m.lora_adapters)
+                          tensor_parallel=m.tensor_parallel, nodes=m.nodes, lora_adapters=m.lora_adapters,
+                          tool_call_parser=m.tool_call_parser)
                 for m in self.registry.models()]
 
     def status(self) -> ClusterStatus:

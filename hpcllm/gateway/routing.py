@@ -21,7 +21,7 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
-from hpcllm.config import InternalHttpConfig
+from hpcllm.config import InternalHttpConfig, ToolCallFormat
 from hpcllm.controller import protocol as controller_wire
 from hpcllm.controller.errors import NoCapacity, NoCapacityPossible
 from hpcllm.errors import ConfigError
@@ -43,6 +43,7 @@ class ModelCard:
     max_model_len: int | None
     created: int
     owned_by: str = "hpcllm"
+    tool_call_parser: ToolCallFormat | None = None  # the model config's; None: read from the chat template
     # A LoRA adapter served on a deployed model (its lora_adapters): that model's name. Requests for the adapter go
     # to the base model's instances and name the adapter (GenerateRequest.lora).
     parent: str | None = None
@@ -141,7 +142,8 @@ class StaticRouter(Router):
         self._cards: dict[str, ModelCard] = {}
         for name, spec in static_models.items():
             card = self._cards[name] = ModelCard(name=name, source=Path(spec.source),
-                                                 max_model_len=_static_max_model_len(name, spec), created=created)
+                                                 max_model_len=_static_max_model_len(name, spec), created=created,
+                                                 tool_call_parser=spec.tool_call_parser)
             for adapter in spec.lora_adapters:
                 if adapter in static_models or adapter in self._cards:
                     raise ConfigError(f"gateway.static_models.{name}.lora_adapters: {adapter!r} is already the name "
@@ -281,7 +283,7 @@ class ControllerRouter(Router):
         """A deployed model's card, and one per LoRA adapter it serves (same tokenizer and context length)."""
         source = Path(card.source)
         base = ModelCard(name=card.name, source=source, max_model_len=card.max_model_len or _derived_or_none(source),
-                         created=int(card.created_at))
+                         created=int(card.created_at), tool_call_parser=card.tool_call_parser)
         return [base, *(dataclasses.replace(base, name=name, parent=card.name) for name in sorted(card.lora_adapters))]
 
     def _read(self, wire: type[WireT], resp: httpx.Response) -> WireT:

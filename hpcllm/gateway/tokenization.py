@@ -19,7 +19,7 @@ from typing import Any
 
 from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
 from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
-from hpcllm.gateway.chat.tool_calls import ToolCallParser, parser_for_template
+from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, parser_for_template
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
 
@@ -99,8 +99,11 @@ class PromptEncoder:
         except ValueError:  # a dict of named templates without a default one
             return None
 
-    def tool_call_parser(self) -> ToolCallParser:
-        """How this model writes tool calls, read from its chat template (a 400 when that is not clear)."""
+    def tool_call_parser(self, configured: str | None = None) -> ToolCallParser:
+        """How this model writes tool calls: its config's tool_call_parser, else read from its chat template (a 400
+        when that is not clear)."""
+        if configured is not None:
+            return PARSERS[configured]
         template = self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, where a model has several
         return parser_for_template(template)
 

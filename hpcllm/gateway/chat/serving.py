@@ -17,6 +17,7 @@ from hpcllm.gateway.chat.reasoning import ReasoningParser
 from hpcllm.gateway.chat.tool_calls import (NamedCall, ParsedOutput, RequiredCalls, ToolCallParser, ToolCallStream,
                                             new_tool_call_id)
 from hpcllm.gateway.protocol import UsageInfo
+from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Delta, Generation, RequestContext, collect,
@@ -70,7 +71,7 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     prompt = rendered.token_ids
     # A constrained answer is what its constraint allows from the first token (the worker cannot hold a grammar
     # back until thinking ends, as vLLM does): the model does not think, and its whole answer is the content.
-    reader = AnswerReader(_parser(req, encoder) if req.tools else None,
+    reader = AnswerReader(_parser(req, encoder, card) if req.tools else None,
                           None if req.constrained else encoder.reasoning_parser(rendered))
     max_tokens = req.requested_max_tokens
     context_length_error(card, len(prompt), max_tokens, "messages")
@@ -95,15 +96,16 @@ def chat_usage(generation: Generation, reader: AnswerReader) -> UsageInfo:
     return ChatUsage(**usage.model_dump(), completion_tokens_details=CompletionTokensDetails(reasoning_tokens=thought))
 
 
-def _parser(req: ChatCompletionRequest, encoder: PromptEncoder) -> ToolCallParser | None:
-    """What reads the calls out of the answer: a forced call's own JSON, else the model's format (None: "none")."""
+def _parser(req: ChatCompletionRequest, encoder: PromptEncoder, card: ModelCard) -> ToolCallParser | None:
+    """What reads the calls out of the answer: a forced call's own JSON, else the model's format (its config's, or its
+    template's; None: "none")."""
     if req.forced_function is not None:
         return NamedCall(req.forced_function)
     if req.tool_choice == "required":
         return RequiredCalls()
     if not req.parses_tool_calls:
         return None
-    return encoder.tool_call_parser().for_tools(req.parameters_by_name())
+    return encoder.tool_call_parser(card.tool_call_parser).for_tools(req.parameters_by_name())
 
 
 def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionRequest) -> ChatChoice:

@@ -35,6 +35,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from hpcllm.config import ToolCallFormat
 from hpcllm.gateway.errors import InvalidRequest
 
 
@@ -392,7 +393,7 @@ class RequiredCalls(ToolCallParser):
         return None
 
 
-PARSERS: dict[str, ToolCallParser] = {p.name: p for p in (
+PARSERS: dict[ToolCallFormat, ToolCallParser] = {p.name: p for p in (
     HermesParser(), Llama3JsonParser(), Qwen3CoderParser(), PythonicParser())}
 # vLLM's pythonic templates (Llama 3.2, Llama 4) tell the model to answer so.
 _PYTHONIC_EXAMPLE = "[func_name1(params_name1=params_value1"

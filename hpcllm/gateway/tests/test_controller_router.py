@@ -72,8 +72,9 @@ def agents(worker_url) -> InProcessAgents:
     return InProcessAgents(worker_url)
 
 
-def serve_controller(tmp_path, agents, tiny_model_dir, model_gpus: int, node_gpus: int):
-    """A real controller app (no Slurm backend, no allocations) with MODEL deployed and one node agent up."""
+def serve_controller(tmp_path, agents, tiny_model_dir, model_gpus: int, node_gpus: int, **model_config):
+    """A real controller app (no Slurm backend, no allocations) with MODEL deployed (with model_config's other
+    fields) and one node agent up."""
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -83,7 +84,8 @@ def serve_controller(tmp_path, agents, tiny_model_dir, model_gpus: int, node_gpu
     registry = Registry(config.controller.database_url)
     controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
     agents.controller = controller
-    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=model_gpus))
+    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6, gpus=model_gpus,
+                                **model_config))
     controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=node_gpus,
                                          tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
     server = ThreadServer(create_controller_app(controller))

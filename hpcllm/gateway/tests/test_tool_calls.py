@@ -7,8 +7,11 @@ devmodel tokenizer's tokens (as a worker sends them) and at every character, and
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 import pytest
+
+from hpcllm.config import ToolCallFormat
 
 from hpcllm.devmodels import make_tokenizer
 from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE, QWEN3_CODER_TOOLS_CHAT_TEMPLATE
@@ -152,6 +155,10 @@ def test_text_before_a_call_streams_at_once_and_only_a_possible_marker_is_held()
     llama = ToolCallStream(LLAMA)
     assert llama.feed(" ") == "" and llama.feed("<|python") == ""  # a call may start the answer
     assert llama.feed("ic|> snake") == " <|pythonic|> snake"
+
+
+def test_every_format_a_model_config_may_name_is_read():
+    assert sorted(PARSERS) == sorted(get_args(ToolCallFormat))
 
 
 def test_parsers_are_chosen_from_the_chat_template():

@@ -1,7 +1,8 @@
 """Tool-call formats through a real gateway, with the official openai client: a tiny model with Qwen3-Coder's way of
 calling tools in its chat template (devmodels' qwen3-coder-tools), on a scripted stand-in worker that answers what
-the test sets (token by token, as the tokenizer cuts it). The format is read from the template; the calls' values
-are typed by the request's function schemas."""
+the test sets (token by token, as the tokenizer cuts it). The format is read from the template (the calls' values
+typed by the request's function schemas), or set by the model's config (tool_call_parser), static or deployed
+through a real controller."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 
-from .conftest import GatewayFactory
+from .conftest import MODEL, GatewayFactory
 from .stand_in_worker import Script, scripted_worker_app
+from .test_controller_router import InProcessAgents, serve_controller
+from .test_tool_calls import QWEN_TWO_CALLS
 
 CODER = "tiny-coder"
 ASK = [{"role": "user", "content": "Weather in Paris for three days?"}]
@@ -29,17 +32,32 @@ def script() -> Script:
     return Script(make_tokenizer("qwen3-coder-tools"))
 
 
+CODER_AS_HERMES = "tiny-coder-as-hermes"  # the same model, its config saying it writes hermes calls
+
+
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, script):
-    """A gateway serving CODER (its tokenizer and template from a devmodel's directory) on the scripted worker."""
+def model_dir(tmp_path_factory):
     from hpcllm.devmodels import make_model
 
-    model_dir = make_model("llama", tmp_path_factory.mktemp("coder") / CODER, chat_template="qwen3-coder-tools")
-    worker = ThreadServer(scripted_worker_app(script))
+    return make_model("llama", tmp_path_factory.mktemp("coder") / CODER, chat_template="qwen3-coder-tools")
+
+
+@pytest.fixture(scope="module")
+def worker(script):
+    server = ThreadServer(scripted_worker_app(script))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, model_dir, worker):
+    """A gateway serving CODER (its tokenizer and template from a devmodel's directory) on the scripted worker, and
+    the same model as CODER_AS_HERMES."""
     factory = GatewayFactory(tmp_path_factory.mktemp("coder-gateway"), worker.url, model_dir)
-    yield factory(static_models={CODER: {"worker_url": worker.url, "source": str(model_dir)}})
+    yield factory(static_models={
+        CODER: {"worker_url": worker.url, "source": str(model_dir)},
+        CODER_AS_HERMES: {"worker_url": worker.url, "source": str(model_dir), "tool_call_parser": "hermes"}})
     factory.stop_all()
-    worker.stop()
 
 
 EXPECTED_ARGUMENTS = {"city": "Paris", "days": 3}  # days an integer, as its schema says
@@ -60,3 +78,41 @@ def test_qwen3_coder_calls_whole_and_streamed(gw, script):
     streamed, = [c for d in deltas for c in d.tool_calls or []]
     assert (streamed.function.name, json.loads(streamed.function.arguments)) == ("get_weather", EXPECTED_ARGUMENTS)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def _calls(choice) -> list[tuple[str, dict]]:
+    return [(call.function.name, json.loads(call.function.arguments)) for call in choice.message.tool_calls or []]
+
+
+HERMES_CALLS = [("get_weather", {"city": "Paris", "unit": "celsius"}), ("get_time", {"timezone": "Europe/Paris"})]
+
+
+def test_a_models_configured_format_wins_over_its_template(gw, script):
+    """The template says qwen3_coder; a model configured with tool_call_parser = "hermes" reads hermes calls, whole
+    and streamed, and the same answer from the model without the setting is plain content."""
+    script.answer = QWEN_TWO_CALLS
+    client = gw.client()
+    choice = client.chat.completions.create(model=CODER_AS_HERMES, messages=ASK, tools=TOOLS).choices[0]
+    assert choice.finish_reason == "tool_calls" and _calls(choice) == HERMES_CALLS
+    chunks = list(client.chat.completions.create(model=CODER_AS_HERMES, messages=ASK, tools=TOOLS, stream=True))
+    streamed = [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or []]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == HERMES_CALLS
+    unset = client.chat.completions.create(model=CODER, messages=ASK, tools=TOOLS).choices[0]
+    assert (unset.finish_reason, unset.message.content, unset.message.tool_calls) == ("stop", QWEN_TWO_CALLS, [])
+
+
+def test_a_deployed_models_format_reaches_the_gateway(tmp_path, model_dir, worker, script):
+    """Deployed through a real controller with tool_call_parser = "hermes" (a model config's field): the gateway's
+    card of it says so, and its calls are read as hermes ones."""
+    agents = InProcessAgents(worker.url)
+    controller = serve_controller(tmp_path, agents, model_dir, model_gpus=0, node_gpus=0, tool_call_parser="hermes")
+    factory = GatewayFactory(tmp_path / "gw", worker.url, model_dir)
+    try:
+        server = next(controller)
+        gateway = factory(static_models={}, controller_url=server.url, route_poll_seconds=5)
+        script.answer = QWEN_TWO_CALLS
+        choice = gateway.client().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices[0]
+        assert choice.finish_reason == "tool_calls" and _calls(choice) == HERMES_CALLS
+    finally:
+        factory.stop_all()
+        controller.close()
