@@ -28,7 +28,7 @@ MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 MODEL_NAME_PATTERN = rf"^{MODEL_NAME}$"
 # The tool-call formats the gateway reads (vLLM's --tool-call-parser names; hpcllm.gateway.chat.tool_calls): a model's
 # `tool_call_parser` names one when its chat template does not say, or says wrong.
-ToolCallFormat = Literal["hermes", "llama3_json", "qwen3_coder", "pythonic"]
+ToolCallFormat = Literal["hermes", "llama3_json", "qwen3_coder", "pythonic", "mistral"]
 
 
 def _header_safe(value: str) -> str:

@@ -270,7 +270,8 @@ def make_model(
     dtype defaults to float32 for tiny/small and bfloat16 for bench. fmt="bin" writes legacy pytorch_model*.bin
     files instead of safetensors. show_progress (default: only for bench) prints tqdm progress on stderr.
     chat_template: "plain", "hermes-tools" (OpenAI tools rendered in the Hermes/Qwen2.5 format), "qwen3-think"
-    (hermes-tools with Qwen3's <think> blocks and enable_thinking) or "qwen3-coder-tools" (Qwen3-Coder's XML calls).
+    (hermes-tools with Qwen3's <think> blocks and enable_thinking), "qwen3-coder-tools" (Qwen3-Coder's XML calls) or
+    "mistral-tools" (Mistral's [TOOL_CALLS] calls, its markers special tokens).
     Returns the output directory. Raises DevModelError for bad arguments, an existing out_dir without overwrite,
     or one that overwrite must not replace (anything but an empty folder or an earlier build).
     """

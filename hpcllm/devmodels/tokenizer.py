@@ -88,12 +88,31 @@ QWEN3_CODER_TOOLS_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# Mistral's tool format (Mistral Small 3.2's template, cut down): the tools' JSON in [AVAILABLE_TOOLS] before the last
+# user turn, an assistant's calls as [TOOL_CALLS]NAME[ARGS]{...}, a tool's answer in [TOOL_RESULTS]. Its tokenizer
+# has [TOOL_CALLS] and [ARGS] as special tokens (MISTRAL_TOOL_TOKENS), as Mistral's has: decoding skips them. The
+# gateway reads "[TOOL_CALLS]" in it as the mistral tool-call format.
+MISTRAL_TOOLS_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if tools and loop.last %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST]{{ message['content'] }}[/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] or '' }}"
+    "{% for call in message['tool_calls'] or [] %}[TOOL_CALLS]{{ call['function']['name'] }}[ARGS]"
+    "{{ call['function']['arguments'] | tojson }}{% endfor %}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}[TOOL_RESULTS]{{ message['content'] }}[/TOOL_RESULTS]"
+    "{% else %}[SYSTEM_PROMPT]{{ message['content'] }}[/SYSTEM_PROMPT]{% endif %}"
+    "{% endfor %}"
+)
+MISTRAL_TOOL_TOKENS = ("[TOOL_CALLS]", "[ARGS]")
 HERMES_TOOLS_CHAT_TEMPLATE = _hermes_tools_template(thinking=False)
 # The qwen3-think tokenizer's added tokens.
 THINK_TOKENS = ("<think>", "</think>")
 QWEN3_THINK_CHAT_TEMPLATE = _hermes_tools_template(thinking=True)
 CHAT_TEMPLATES = {"plain": CHAT_TEMPLATE, "hermes-tools": HERMES_TOOLS_CHAT_TEMPLATE,
-                  "qwen3-think": QWEN3_THINK_CHAT_TEMPLATE, "qwen3-coder-tools": QWEN3_CODER_TOOLS_CHAT_TEMPLATE}
+                  "qwen3-think": QWEN3_THINK_CHAT_TEMPLATE, "qwen3-coder-tools": QWEN3_CODER_TOOLS_CHAT_TEMPLATE,
+                  "mistral-tools": MISTRAL_TOOLS_CHAT_TEMPLATE}
 
 MODEL_MAX_LENGTH = 2048
 
@@ -135,4 +154,6 @@ def make_tokenizer(chat_template: str = "plain"):
     tokenizer.chat_template = CHAT_TEMPLATES[chat_template]
     if chat_template == "qwen3-think":
         tokenizer.add_tokens(list(THINK_TOKENS))  # one token each, as in Qwen3's vocabulary (not special: decoded)
+    if chat_template == "mistral-tools":
+        tokenizer.add_tokens(list(MISTRAL_TOOL_TOKENS), special_tokens=True)
     return tokenizer

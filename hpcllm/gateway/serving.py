@@ -128,7 +128,7 @@ def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | 
 
 class Generation:
     def __init__(self, gw: Gateway, ctx: RequestContext, card: ModelCard, prompts: list[list[int]],
-                 options: SamplingOptions, response_id: str, n: int = 1):
+                 options: SamplingOptions, response_id: str, n: int = 1, kept_tokens: dict[int, str] | None = None):
         self.gw = gw
         self.ctx = ctx
         self.card = card
@@ -138,6 +138,9 @@ class Generation:
         self.num_choices = len(prompts) * n
         self.options = options
         self.response_id = response_id
+        # Special tokens whose text the answer keeps (a tool-call format's markers, Mistral's [TOOL_CALLS]): workers
+        # decode skipping special tokens, as vLLM does unless a parser asks it to keep them.
+        self.kept_tokens = kept_tokens or None
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
         self.cumulative_logprobs = [0.0] * self.num_choices  # of each choice's tokens (best_of ranks by it)
@@ -359,6 +362,7 @@ class Generation:
         text = ""
         uncounted = 0  # tokens not in generation_tokens yet: added once per piece of the stream, not per token
         index, stream, output_ids = choice.index, choice.stream, choice.output_ids
+        kept = self.kept_tokens
         if self._interleaved:
             stream.yield_when_idle()
         try:
@@ -387,12 +391,13 @@ class Generation:
                 if last_of_piece:
                     generation_tokens.inc(uncounted)
                     uncounted = 0
+                piece = item.text if kept is None else kept.get(item.token_id, "") + item.text
                 if item.logprobs is not None or item.prompt_logprobs is not None:
                     if item.logprobs is not None:
                         self.cumulative_logprobs[index] += item.logprobs.logprob
-                    yield Delta(index, item.text, logprobs=item.logprobs, prompt_logprobs=item.prompt_logprobs)
+                    yield Delta(index, piece, logprobs=item.logprobs, prompt_logprobs=item.prompt_logprobs)
                 else:
-                    text += item.text
+                    text += piece
                     if text and last_of_piece:
                         yield Delta(index, text)
                         text = ""

@@ -107,6 +107,15 @@ class PromptEncoder:
         template = self.tokenizer.get_chat_template(tools=[{}])  # the tool-use one, where a model has several
         return parser_for_template(template)
 
+    def special_token_ids(self, texts: tuple[str, ...]) -> dict[int, str]:
+        """The ids of those of `texts` that are special tokens of this tokenizer (decoding skips them)."""
+        return {self._special_tokens[text]: text for text in texts if text in self._special_tokens}
+
+    @cached_property
+    def _special_tokens(self) -> dict[str, int]:
+        return {token.content: token_id for token_id, token in self.tokenizer.added_tokens_decoder.items()
+                if token.special}
+
     def reasoning_parser(self, prompt: RenderedChat) -> ReasoningParser | None:
         """How this model's thinking is read out of its answer to `prompt` (None: its template writes none)."""
         return ReasoningParser.for_prompt(prompt.text, self._think_marker_ids) if self._thinks else None

@@ -39,8 +39,8 @@ def test_example_model_configs_are_valid(example):
     ('name = "m"\nsource = "/x"\nmin_instances = 2\nmax_instances = 1\n', "must not exceed max_instances"),
     ('name = "m"\nsource = [\n', "is not valid TOML"),
     ('name = "m"\nsource = "/x"\nkeep_alive_seconds = inf\n', "keep_alive_seconds: Input should be a finite number"),
-    ('name = "m"\nsource = "/x"\ntool_call_parser = "mistral"\n',
-     "tool_call_parser: Input should be 'hermes', 'llama3_json', 'qwen3_coder' or 'pythonic'"),
+    ('name = "m"\nsource = "/x"\ntool_call_parser = "qwen3"\n',
+     "tool_call_parser: Input should be 'hermes', 'llama3_json', 'qwen3_coder', 'pythonic' or 'mistral'"),
 ])
 def test_deploy_validates_the_file_before_calling_the_controller(tmp_path, capsys, text, words):
     path = write(tmp_path / "m.toml", text)

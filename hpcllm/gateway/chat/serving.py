@@ -78,9 +78,10 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     if max_tokens is None and card.max_model_len is not None:
         # OpenAI's chat default: as much as the context still holds.
         max_tokens = card.max_model_len - len(prompt)
+    kept = encoder.special_token_ids(reader.tools.special_markers) if reader.tools is not None else None
     generation = Generation(gw, ctx, card, [prompt], req.sampling(max_tokens, req.worker_logprobs,
                                                                   req.prompt_logprobs), response_id,
-                            n=req.choices_per_prompt)
+                            n=req.choices_per_prompt, kept_tokens=kept)
     generation.start(stream=bool(req.stream))
     return generation, reader
 

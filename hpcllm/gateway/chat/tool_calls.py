@@ -11,6 +11,11 @@ The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen he
                </function></tool_call>` with newlines between the tags (a `<function=` without `<tool_call>` counts
                too, as in vLLM), after optional text. Values are text: each is read as its parameter's schema type
                (vLLM's coerce_to_schema_type); a parameter the schema does not describe stays a string.
+  mistral      Mistral (7B v0.3, Small 3.x, Devstral, Magistral): `[TOOL_CALLS]` before the calls, after optional
+               text: a JSON list of {"name", "arguments"} (tokenizers before v11), or `NAME[ARGS]{...}` (also
+               `NAME{...}`) after each marker (v11 on). The markers are special tokens, which workers decode without:
+               the gateway puts their text back into the answer (special_markers, Generation's kept_tokens), as vLLM
+               keeps special tokens for this parser.
   pythonic     Llama 3.2 / Llama 4 with vLLM's pythonic templates: the answer is a Python list of calls,
                `[get_weather(city="Paris"), get_time()]` (keyword arguments, literal values), nothing else.
 Output that starts a call but does not parse (bad JSON, no name) is returned as plain content, as vLLM does.
@@ -78,6 +83,8 @@ class ToolCallParser(ABC):
     # An answer with calls ends with this finish_reason (None: the generation's own, as OpenAI and vLLM end a named
     # function's call with "stop").
     finish_reason: str | None = "tool_calls"
+    # Special tokens of the format, which the answer's text must keep (workers decode skipping special tokens).
+    special_markers: tuple[str, ...] = ()
 
     @abstractmethod
     def parse(self, text: str) -> ParsedOutput:
@@ -172,6 +179,47 @@ def sendable_unless_starting(text: str, sent: int, opening: str, tag: str) -> in
     if tag.startswith(body):  # nothing yet, or the tag coming in pieces
         return 0
     return len(text)
+
+
+class MistralParser(ToolCallParser):
+    name = "mistral"
+    START, ARGS = "[TOOL_CALLS]", "[ARGS]"
+    special_markers = (START, ARGS)
+    _decoder = json.JSONDecoder()
+
+    def parse(self, text: str) -> ParsedOutput:
+        content, *segments = text.split(self.START)
+        if not segments:
+            return ParsedOutput(text)
+        calls = []
+        try:
+            for segment in filter(str.strip, segments):  # markers with nothing between them count as one
+                calls.extend(self._calls(segment.strip()))
+        except (ValueError, RecursionError):
+            return ParsedOutput(text)
+        if not calls:
+            return ParsedOutput(text)
+        return ParsedOutput(content.rstrip() or None, tuple(calls))
+
+    def _calls(self, segment: str) -> list[ParsedCall]:
+        """One marker's calls: a JSON list of them (or one object), or NAME[ARGS]{...} / NAME{...}; the text after
+        the JSON is dropped (vLLM's raw_decode); a ValueError when they do not parse."""
+        if segment[0] in "[{":
+            value, _ = self._decoder.raw_decode(segment)
+            calls = [_call_of(item, ("arguments",)) for item in (value if isinstance(value, list) else [value])]
+        else:
+            name, _, arguments = segment.partition(self.ARGS) if self.ARGS in segment else segment.partition("{")
+            if not name or any(c.isspace() for c in name.strip()):
+                raise ValueError(f"{name!r} is no function name")
+            arguments = arguments.lstrip() if self.ARGS in segment else "{" + arguments
+            calls = [_call_of({"name": name.strip(), "arguments": self._decoder.raw_decode(arguments)[0]},
+                              ("arguments",))]
+        if not calls or None in calls:
+            raise ValueError("not a call")
+        return calls
+
+    def sendable(self, text: str, sent: int) -> int | None:
+        return sendable_before(text, sent, (self.START,))
 
 
 class PythonicParser(ToolCallParser):
@@ -394,7 +442,7 @@ class RequiredCalls(ToolCallParser):
 
 
 PARSERS: dict[ToolCallFormat, ToolCallParser] = {p.name: p for p in (
-    HermesParser(), Llama3JsonParser(), Qwen3CoderParser(), PythonicParser())}
+    HermesParser(), Llama3JsonParser(), Qwen3CoderParser(), PythonicParser(), MistralParser())}
 # vLLM's pythonic templates (Llama 3.2, Llama 4) tell the model to answer so.
 _PYTHONIC_EXAMPLE = "[func_name1(params_name1=params_value1"
 
@@ -405,6 +453,8 @@ def parser_for_template(template: str) -> ToolCallParser:
     found = []
     if "<tool_call>" in template:  # Qwen3-Coder's XML calls are inside <tool_call> too
         found.append(PARSERS["qwen3_coder" if "<function=" in template else "hermes"])
+    if "[TOOL_CALLS]" in template:
+        found.append(PARSERS["mistral"])
     if _PYTHONIC_EXAMPLE in template:
         found.append(PARSERS["pythonic"])
     elif "<|start_header_id|>" in template and ("<|python_tag|>" in template or '"parameters"' in template):

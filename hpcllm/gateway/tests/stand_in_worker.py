@@ -51,16 +51,16 @@ def gated_worker_app(release: threading.Event, finished: threading.Event):
     return stand_in_worker_app("gated-worker", lambda index: index == 0 and release.wait(20), finished)
 
 
-def token_pieces(tokenizer, text: str) -> list[tuple[int, str]]:
+def token_pieces(tokenizer, text: str, skip_special_tokens: bool = False) -> list[tuple[int, str]]:
     """`text` as a worker streams it: each token's id and the text it adds (decoded so far, minus what was sent: a
-    token may end inside a character)."""
+    token may end inside a character); skip_special_tokens: as a worker decodes (a special token adds no text)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces, sent = [], ""
     for n in range(1, len(ids) + 1):
-        so_far = tokenizer.decode(ids[:n])
+        so_far = tokenizer.decode(ids[:n], skip_special_tokens=skip_special_tokens)
         pieces.append((ids[n - 1], so_far[len(sent):]))
         sent = so_far
-    assert "".join(piece for _, piece in pieces) == text
+    assert "".join(piece for _, piece in pieces) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     return pieces
 
 
@@ -76,7 +76,8 @@ class Script:
 
 def scripted_worker_app(script: Script):
     """A stand-in worker answering every request with script.answer, one token line per token (cut at max_tokens:
-    finish_reason "length", else "stop"), each request's prompt recorded in script.prompts."""
+    finish_reason "length", else "stop"; a special token's line without its text, as workers decode), each request's
+    prompt recorded in script.prompts."""
     from flask import Flask, Response, request
 
     from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
@@ -87,7 +88,7 @@ def scripted_worker_app(script: Script):
     def generate():
         req = GenerateRequest.model_validate_json(request.get_data())
         script.prompts.append(list(req.prompt_token_ids))
-        pieces = token_pieces(script.tokenizer, script.answer)
+        pieces = token_pieces(script.tokenizer, script.answer, skip_special_tokens=True)
         sent = pieces[:req.max_tokens] if req.max_tokens is not None else pieces
 
         def lines():

@@ -14,7 +14,8 @@ import pytest
 from hpcllm.config import ToolCallFormat
 
 from hpcllm.devmodels import make_tokenizer
-from hpcllm.devmodels.tokenizer import CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE, QWEN3_CODER_TOOLS_CHAT_TEMPLATE
+from hpcllm.devmodels.tokenizer import (CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLATE, MISTRAL_TOOLS_CHAT_TEMPLATE,
+                                        QWEN3_CODER_TOOLS_CHAT_TEMPLATE)
 from hpcllm.gateway.chat.protocol import ChatCompletionRequest
 from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
 from hpcllm.gateway.chat.tool_calls import (PARSERS, NamedCall, ParsedCall, RequiredCalls, ToolCallStream,
@@ -24,7 +25,7 @@ from hpcllm.gateway.serving import ChoiceResult, Delta
 
 from .stand_in_worker import token_pieces
 
-HERMES, LLAMA, PYTHONIC = PARSERS["hermes"], PARSERS["llama3_json"], PARSERS["pythonic"]
+HERMES, LLAMA, PYTHONIC, MISTRAL = PARSERS["hermes"], PARSERS["llama3_json"], PARSERS["pythonic"], PARSERS["mistral"]
 # Qwen3-Coder's values are text, read by the schema of the request's functions.
 WEATHER_PARAMETERS = {"type": "object", "properties": {
     "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}, "days": {"type": "integer"},
@@ -52,6 +53,11 @@ CODER_TYPED = ('I will check the forecast.\n<tool_call>\n<function=get_weather>\
 CODER_TYPED_CALL = ParsedCall("get_weather", json.dumps(
     {"city": "Saint-Denis\nde la Réunion", "days": 3, "hourly": True, "spots": ["beach", "port"], "radius": None,
      "zip": "97400", "note": "42"}, ensure_ascii=False))
+# Mistral's, its markers' text put back by the gateway: tokenizers from v11 on, and before (a JSON list).
+MISTRAL_TWO_CALLS = ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}[TOOL_CALLS]get_time[ARGS]'
+                     '{"timezone": "Europe/Paris"}')
+MISTRAL_V3_TWO_CALLS = ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
+                        '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}]')
 PYTHONIC_TWO_CALLS = '[get_weather(city="Paris", unit="celsius"), get_time(timezone="Europe/Paris")]'
 LLAMA_TWO_CALLS = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
                    '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}')
@@ -79,6 +85,11 @@ ANSWERS = [
     (QWEN3_CODER, "<tool_call>\n<function=get_time>\n<parameter=timezone>\nEurope/Paris\n</parameter>\n</function>",
      None, (TIME,)),
     (QWEN3_CODER, "Use <tool_c carefully: <functional> programming is fine.", None, ()),
+    (MISTRAL, MISTRAL_TWO_CALLS, None, (WEATHER, TIME)),
+    (MISTRAL, MISTRAL_V3_TWO_CALLS, None, (WEATHER, TIME)),
+    (MISTRAL, "Let me look.\n\n" + MISTRAL_TWO_CALLS + "</s> and text after", "Let me look.", (WEATHER, TIME)),
+    (MISTRAL, '[TOOL_CALLS]get_time{"timezone": "Europe/Paris"}', None, (TIME,)),  # no [ARGS]: vLLM reads it too
+    (MISTRAL, "Paris [TOOL is sunny; [ARGS] and [TOOL_CALL are no markers", None, ()),
     (PYTHONIC, PYTHONIC_TWO_CALLS, None, (WEATHER, TIME)),
     (PYTHONIC, '<|python_start|>[get_time(timezone="Europe/Paris")]<|python_end|>', None, (TIME,)),  # Llama 4's tags
     (PYTHONIC, '\n[get_weather(city="Paris", unit="celsius", days=-2, hourly=true, spots=("a", "b"), radius=None)]\n',
@@ -101,6 +112,11 @@ BROKEN = [
     (QWEN3_CODER, CODER_TWO_CALLS[:-40]),  # the second call cut off: no call is returned, as for hermes
     (QWEN3_CODER, '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call>'),  # JSON
     (QWEN3_CODER, "<tool_call>\n<function=>\n</function>\n</tool_call>"),  # no name
+    (MISTRAL, MISTRAL_TWO_CALLS[:-10]),  # cut off by max_tokens
+    (MISTRAL, MISTRAL_V3_TWO_CALLS.replace('"name": "get_time", ', "")),
+    (MISTRAL, "[TOOL_CALLS]Sure, here it is{}"),  # no function's name
+    (MISTRAL, '[TOOL_CALLS]get_time[ARGS]["Europe/Paris"]'),  # arguments not an object
+    (MISTRAL, "Nothing to call. [TOOL_CALLS]"),
     (PYTHONIC, PYTHONIC_TWO_CALLS[:-20]),
     (PYTHONIC, "[get_time(timezone=tz)]"),  # a variable, not a literal
     (PYTHONIC, '[get_time("Europe/Paris"), 42]'),  # not a list of calls
@@ -176,12 +192,13 @@ def test_parsers_are_chosen_from_the_chat_template():
                 'any of the function(s), you MUST put it in the format of [func_name1(params_name1=params_value1, '
                 'params_name2=params_value2...), func_name2(params)]" }}')
     assert parser_for_template(pythonic) is PYTHONIC
+    assert parser_for_template(MISTRAL_TOOLS_CHAT_TEMPLATE) is MISTRAL
 
 
 @pytest.mark.parametrize("template", [
     CHAT_TEMPLATE,
-    # Mistral's [TOOL_CALLS]: a special token the worker leaves out of the text (docs/gateway.md, Tool calling)
-    "{{ tools | tojson }}{% for call in message.tool_calls %}[TOOL_CALLS]{{ call.name }}[ARGS]{{ call.arguments }}",
+    # Mistral's calls and hermes' named together
+    MISTRAL_TOOLS_CHAT_TEMPLATE + "<tool_call>",
     # both formats named: which one the model writes is a guess
     HERMES_TOOLS_CHAT_TEMPLATE + '<|start_header_id|>{"name": ..., "parameters": ...}',
 ])

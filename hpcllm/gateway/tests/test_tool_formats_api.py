@@ -1,8 +1,9 @@
 """Tool-call formats through a real gateway, with the official openai client: a tiny model with Qwen3-Coder's way of
-calling tools in its chat template (devmodels' qwen3-coder-tools), on a scripted stand-in worker that answers what
-the test sets (token by token, as the tokenizer cuts it). The format is read from the template (the calls' values
-typed by the request's function schemas), or set by the model's config (tool_call_parser), static or deployed
-through a real controller."""
+calling tools in its chat template (devmodels' qwen3-coder-tools), and one with Mistral's (mistral-tools: its
+markers special tokens), on scripted stand-in workers that answer what the test sets (token by token, as the
+tokenizer cuts it, special tokens' text left out as workers decode). The format is read from the template (the
+calls' values typed by the request's function schemas), or set by the model's config (tool_call_parser), static
+or deployed through a real controller."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hpcllm.httpkit.tests.thread_server import ThreadServer
 from .conftest import MODEL, GatewayFactory
 from .stand_in_worker import Script, scripted_worker_app
 from .test_controller_router import InProcessAgents, serve_controller
-from .test_tool_calls import QWEN_TWO_CALLS
+from .test_tool_calls import MISTRAL_TWO_CALLS, QWEN_TWO_CALLS
 
 CODER = "tiny-coder"
 ASK = [{"role": "user", "content": "Weather in Paris for three days?"}]
@@ -116,3 +117,50 @@ def test_a_deployed_models_format_reaches_the_gateway(tmp_path, model_dir, worke
     finally:
         factory.stop_all()
         controller.close()
+
+
+MISTRAL = "tiny-mistral"
+
+
+@pytest.fixture(scope="module")
+def mistral_script() -> Script:
+    from hpcllm.devmodels import make_tokenizer
+
+    return Script(make_tokenizer("mistral-tools"))
+
+
+@pytest.fixture(scope="module")
+def mistral_gw(tmp_path_factory, mistral_script):
+    from hpcllm.devmodels import make_model
+
+    model_dir = make_model("llama", tmp_path_factory.mktemp("mistral") / MISTRAL, chat_template="mistral-tools")
+    worker = ThreadServer(scripted_worker_app(mistral_script))
+    factory = GatewayFactory(tmp_path_factory.mktemp("mistral-gateway"), worker.url, model_dir)
+    yield factory(static_models={MISTRAL: {"worker_url": worker.url, "source": str(model_dir)}})
+    factory.stop_all()
+    worker.stop()
+
+
+def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_script):
+    """The worker's text has no [TOOL_CALLS] nor [ARGS] (special tokens); the gateway puts them back from the token
+    ids, so the calls are read, whole and streamed. With tool_choice "none" they stay out, as vLLM leaves them."""
+    mistral_script.answer = "Checking.\n" + MISTRAL_TWO_CALLS
+    weather = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+               for name in ("get_weather", "get_time")]
+    client = mistral_gw.client()
+    choice = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather).choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", "Checking.")
+    assert _calls(choice) == HERMES_CALLS
+    chunks = list(client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, stream=True))
+    deltas = [chunk.choices[0].delta for chunk in chunks]
+    assert "".join(d.content or "" for d in deltas) == "Checking."
+    streamed = [c for d in deltas for c in d.tool_calls or []]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == HERMES_CALLS
+    assert "[AVAILABLE_TOOLS]" in mistral_script.tokenizer.decode(mistral_script.prompts[-1])
+
+    plain = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, tool_choice="none").choices[0]
+    tokenizer = mistral_script.tokenizer
+    worker_text = tokenizer.decode(tokenizer(mistral_script.answer, add_special_tokens=False)["input_ids"],
+                                   skip_special_tokens=True)
+    assert plain.message.content == worker_text
+    assert "[TOOL_CALLS]" not in plain.message.content and plain.message.tool_calls == []
