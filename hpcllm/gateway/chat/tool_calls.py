@@ -4,7 +4,7 @@ The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen he
   hermes       Qwen2.5/Qwen3, Hermes 2 Pro/3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block
                per call, possibly after some text (the content). A last block cut off before its closing tag still
                counts when its JSON is whole (the model stopped, or hit max_tokens, right after it).
-  llama3_json  Llama 3.1/3.2: the answer is `{"name": ..., "parameters": {...}}` (or "arguments"), possibly after
+  llama3_json  Llama 3.1/3.2 and Llama 4 (vLLM's llama4_json): the answer is `{"name": ..., "parameters": {...}}` (or "arguments"), possibly after
                `<|python_tag|>`, several separated by ';'. A call must start the answer: vLLM's streaming parser
                reads it so, and streamed and whole answers must agree (vLLM's non-streaming one looks anywhere).
   qwen3_coder  Qwen3-Coder, Qwen3-Next, Qwen3.5: XML calls, `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>
@@ -443,6 +443,8 @@ class RequiredCalls(ToolCallParser):
 
 PARSERS: dict[ToolCallFormat, ToolCallParser] = {p.name: p for p in (
     HermesParser(), Llama3JsonParser(), Qwen3CoderParser(), PythonicParser(), MistralParser())}
+# Llama 3's turn headers, Llama 4's (whose JSON calls vLLM's llama4_json reads as llama3_json does).
+_LLAMA_HEADERS = ("<|start_header_id|>", "<|header_start|>")
 # vLLM's pythonic templates (Llama 3.2, Llama 4) tell the model to answer so.
 _PYTHONIC_EXAMPLE = "[func_name1(params_name1=params_value1"
 
@@ -457,7 +459,8 @@ def parser_for_template(template: str) -> ToolCallParser:
         found.append(PARSERS["mistral"])
     if _PYTHONIC_EXAMPLE in template:
         found.append(PARSERS["pythonic"])
-    elif "<|start_header_id|>" in template and ("<|python_tag|>" in template or '"parameters"' in template):
+    elif any(header in template for header in _LLAMA_HEADERS) and (
+            "<|python_tag|>" in template or '"parameters"' in template):
         found.append(PARSERS["llama3_json"])
     if len(found) != 1:
         raise InvalidRequest(

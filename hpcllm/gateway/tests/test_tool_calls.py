@@ -186,6 +186,10 @@ def test_parsers_are_chosen_from_the_chat_template():
     assert parser_for_template(llama31) is LLAMA
     # Llama 3.2's has no <|python_tag|> but the same JSON format.
     assert parser_for_template(llama31.replace('{{- "<|python_tag|>" }}', "")) is LLAMA
+    # Llama 4's (its JSON calls after <|python_start|>, a special token the worker leaves out)
+    llama4 = ('{{- \'<|header_start|>\' + message[\'role\'] + \'<|header_end|>\\n\\n\' }}{{- \'Respond in the format '
+              '{"name": function name, "parameters": dictionary of argument name and its value}.\' }}')
+    assert parser_for_template(llama4) is LLAMA
     assert parser_for_template(QWEN3_CODER_TOOLS_CHAT_TEMPLATE).name == "qwen3_coder"
     # vLLM's Llama 3.2 / Llama 4 pythonic templates (a Llama header, and the calls' format shown by example)
     pythonic = ('{{- "<|start_header_id|>" + message.role + "<|end_header_id|>\\n\\n" }}{{- "If you decide to invoke '
