@@ -186,6 +186,7 @@ class MistralParser(ToolCallParser):
     START, ARGS = "[TOOL_CALLS]", "[ARGS]"
     special_markers = (START, ARGS)
     _decoder = json.JSONDecoder()
+    _NAME_END = re.compile(r"\[ARGS\]|\{")  # a call's name ends at [ARGS], or (vLLM's fallback) at its arguments' {
 
     def parse(self, text: str) -> ParsedOutput:
         content, *segments = text.split(self.START)
@@ -208,12 +209,12 @@ class MistralParser(ToolCallParser):
             value, _ = self._decoder.raw_decode(segment)
             calls = [_call_of(item, ("arguments",)) for item in (value if isinstance(value, list) else [value])]
         else:
-            name, _, arguments = segment.partition(self.ARGS) if self.ARGS in segment else segment.partition("{")
-            if not name or any(c.isspace() for c in name.strip()):
-                raise ValueError(f"{name!r} is no function name")
-            arguments = arguments.lstrip() if self.ARGS in segment else "{" + arguments
-            calls = [_call_of({"name": name.strip(), "arguments": self._decoder.raw_decode(arguments)[0]},
-                              ("arguments",))]
+            end = self._NAME_END.search(segment)
+            name = segment[:end.start()].strip() if end else ""
+            if not name or any(c.isspace() for c in name):
+                raise ValueError(f"no function's name in {segment[:64]!r}")
+            arguments = segment[end.end():].lstrip() if end[0] == self.ARGS else segment[end.start():]
+            calls = [_call_of({"name": name, "arguments": self._decoder.raw_decode(arguments)[0]}, ("arguments",))]
         if not calls or None in calls:
             raise ValueError("not a call")
         return calls

@@ -89,6 +89,7 @@ ANSWERS = [
     (MISTRAL, MISTRAL_V3_TWO_CALLS, None, (WEATHER, TIME)),
     (MISTRAL, "Let me look.\n\n" + MISTRAL_TWO_CALLS + "</s> and text after", "Let me look.", (WEATHER, TIME)),
     (MISTRAL, '[TOOL_CALLS]get_time{"timezone": "Europe/Paris"}', None, (TIME,)),  # no [ARGS]: vLLM reads it too
+    (MISTRAL, '[TOOL_CALLS]get_time{"timezone": "[ARGS]"}', None, (ParsedCall("get_time", '{"timezone": "[ARGS]"}'),)),
     (MISTRAL, "Paris [TOOL is sunny; [ARGS] and [TOOL_CALL are no markers", None, ()),
     (PYTHONIC, PYTHONIC_TWO_CALLS, None, (WEATHER, TIME)),
     (PYTHONIC, '<|python_start|>[get_time(timezone="Europe/Paris")]<|python_end|>', None, (TIME,)),  # Llama 4's tags
