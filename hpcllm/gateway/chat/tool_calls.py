@@ -1,12 +1,14 @@
 """Tool calls in a chat model's output: which format a model writes them in, and parsing them out of its text.
 
-The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen here from the chat template's text:
+The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen here from the chat template's text
+(parser_for_template), or named by the model's config (tool_call_parser, hpcllm.config.ToolCallFormat):
   hermes       Qwen2.5/Qwen3, Hermes 2 Pro/3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block
                per call, possibly after some text (the content). A last block cut off before its closing tag still
                counts when its JSON is whole (the model stopped, or hit max_tokens, right after it).
-  llama3_json  Llama 3.1/3.2 and Llama 4 (vLLM's llama4_json): the answer is `{"name": ..., "parameters": {...}}` (or "arguments"), possibly after
-               `<|python_tag|>`, several separated by ';'. A call must start the answer: vLLM's streaming parser
-               reads it so, and streamed and whole answers must agree (vLLM's non-streaming one looks anywhere).
+  llama3_json  Llama 3.1/3.2 and Llama 4 (vLLM's llama4_json): the answer is `{"name": ..., "parameters": {...}}`
+               (or "arguments"), possibly after `<|python_tag|>`, several separated by ';'. A call must start the
+               answer: vLLM's streaming parser reads it so, and streamed and whole answers must agree (vLLM's
+               non-streaming one looks anywhere).
   qwen3_coder  Qwen3-Coder, Qwen3-Next, Qwen3.5: XML calls, `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>
                </function></tool_call>` with newlines between the tags (a `<function=` without `<tool_call>` counts
                too, as in vLLM), after optional text. Values are text: each is read as its parameter's schema type
