@@ -504,7 +504,8 @@ class SimAgents(AgentClient):
         pass
 
     def start_instance(self, agent_url, model, source, gpu_ids, max_model_len=None, engine="hpcllm",
-                       cache_on_load=None, tensor_parallel=1, nodes=1) -> StartedInstance:
+                       cache_on_load=None, tensor_parallel=1, nodes=1, lora_adapters=None) -> StartedInstance:
+        # lora_adapters: the simulated models have none (an adapter's few MB would not change a start's time)
         sim = self.sim
         node = sim.node_by_url[agent_url]
         info = sim.models[model]
