@@ -15,9 +15,11 @@ ids is therefore just a request whose known ids are prompt + already-generated t
 (seeded per output index), and the paged runner's attention sees exactly a batch-of-one's keys and values, so a
 request's tokens do not depend on what else runs.
 
-Speculative decoding (speculative_ngram_tokens, ngram.py): a greedy decode may also feed ids proposed by n-gram
-lookup in its own ids; the step returns every fed position's logits and the commit keeps the proposal's prefix
-that greedy decoding confirms plus one token (_speculate, _commit_speculative).
+Speculative decoding (speculative_ngram_tokens, ngram.py): a decode may also feed ids proposed by n-gram lookup in
+its own ids; the step returns every fed position's logits and the commit keeps the proposal's prefix that decoding
+one by one confirms (each position's token chosen as it would be there: the argmax, or drawn with the seed of its
+output index) plus one token (_speculate, _commit_speculative). Each request's acceptance decides how much it
+proposes, and whether (ngram.SpeculationRecord).
 
 Live migration (docs/migration.md) adds two request modes. HELD (destination): the request prefills its known ids
 chunk-wise like any other but does not sample; `extend` appends tokens the source produced since (replayed through
@@ -64,9 +66,9 @@ from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StateSeed, StepBatch,
                                   embed_last_token, make_runner)
 from hpcllm.worker.model_process import ModelProcess
-from hpcllm.worker.ngram import NgramProposer
+from hpcllm.worker.ngram import NgramProposer, SpeculationRecord
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
-from hpcllm.worker.sampling import TokenState, sample_token
+from hpcllm.worker.sampling import TokenState, sample_token, verify_proposal
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +101,9 @@ class _Work:
     fed: int | None = None
     index: int = -1  # the output index of the token this row's logits choose (set at launch)
     # Speculative decoding (Engine._speculate): ids proposed to follow all_ids[:end], fed after it in this chunk;
-    # its logits come back at every fed position, and the commit keeps what greedy decoding would have produced.
+    # its logits come back at every fed position, and the commit keeps what decoding one by one would have produced.
     proposal: list[int] = field(default_factory=list)
+    decodes: int = 0  # the decodes in the step the proposal was made for: what its positions cost (ngram.py)
 
 
 @dataclass(eq=False)
@@ -158,6 +161,7 @@ class _Request(RequestState):
     # token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose taken
     # (_state_for_sampling, _on_extended), its KV state freed (_release_kv: the model process drops them too).
     state_in_child: bool = False
+    speculation: SpeculationRecord = field(default_factory=SpeculationRecord)  # its acceptance (Engine._speculate)
 
     def __post_init__(self) -> None:
         self.all_ids = self.prompt_ids + self.output_ids
@@ -281,6 +285,7 @@ class Engine(EngineBase):
         self.async_scheduling = async_scheduling and isinstance(self.runner, ProcessRunner) and paged
         self._ahead: _Launched | None = None  # the step sent while the one being collected ran
         self._step_times = _StepTimes()
+        self._spec_step = 0  # steps scheduled: when backed-off requests look up proposals (SpeculationRecord.due)
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
         self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
         self._outbox: list[tuple[queue.SimpleQueue, Event]] = []  # EngineBase._emit: delivered during the next forward
@@ -579,7 +584,7 @@ class Engine(EngineBase):
         batch = self._batch(chunks)
         batch.choices = []
         for w in chunks:
-            if w.proposal:  # greedy: the engine compares each row's argmax with the proposal (_commit_speculative)
+            if w.proposal:  # chosen at the commit, up to the first rejected position (_commit_speculative)
                 batch.choices.extend([None] * (1 + len(w.proposal)))
             elif w.end == w.known:
                 req = w.req
@@ -616,8 +621,11 @@ class Engine(EngineBase):
         """The step after `current`, scheduled while it runs, as if each of its sampling rows took its token (under
         the lock; the step before `current` is committed). None when the next step needs a step boundary: a request
         samples from kept logits, or KV blocks are only to be had by preemption."""
-        if self.proposer is not None and any(self._may_speculate(r) for r in self._running):
-            return None  # its ids after `current` (how many a speculation accepted) are known only at its commit
+        if self.proposer is not None and (any(w.proposal for w in current.work) or any(
+                self._may_speculate(r) and r.speculation.due(self._spec_step + 1) for r in self._running)):
+            # How many tokens a speculation accepts is known only at its commit, and a proposal follows the ids
+            # after it: a step where a request speculates, or looks up a proposal, waits for a step boundary.
+            return None
         self._admit()  # requests that arrived while `current` ran join the next step, as they would without this
         in_current, rows = {}, {}
         for w in current.work:
@@ -656,6 +664,8 @@ class Engine(EngineBase):
                 return None  # blocks only by preemption, which waits for a step boundary
             self._note_scheduled(req)
             work.append(_Work(req, start, end, known, previous_row=previous_row))
+        if work:
+            self._spec_step += 1
         return work or None
 
     def _continues(self, req: _Request) -> bool:
@@ -686,8 +696,11 @@ class Engine(EngineBase):
                     self._keep_prompt_scores(w, scores[w.req.seq_id])
                 if w.proposal:
                     rows = logits[row:row + 1 + len(w.proposal)]
-                    self._commit_speculative(w, rows, argmax[row:row + len(rows)] if argmax is not None
-                                             else rows.argmax(dim=-1).tolist())
+                    if not w.req.params.raw_argmax:
+                        picks = None  # sampled position by position, up to the first rejected one
+                    else:
+                        picks = argmax[row:row + len(rows)] if argmax is not None else rows.argmax(dim=-1).tolist()
+                    self._commit_speculative(w, rows, picks)
                 elif samples and chosen is None:
                     self._sample_or_fail(w.req, logits[row], argmax[row])
                 elif samples:
@@ -699,23 +712,30 @@ class Engine(EngineBase):
             if samples:
                 row += 1 + len(w.proposal)  # a speculative chunk's rows: every fed position's
 
-    def _commit_speculative(self, w: _Work, logits: torch.Tensor, argmax: list[int]) -> None:
-        """A speculative chunk's result (greedy: each fed position's argmax is the token decoding would choose
-        there): the proposal's prefix that matches those, then the argmax after it, emitted one by one, each after
-        the ids before it count as cached (the keys/values of rejected positions are overwritten when their positions
-        are fed again). A request that may not take tokens now (cancelled, paused) gets the first row, as a plain
-        decode would."""
+    def _commit_speculative(self, w: _Work, logits: torch.Tensor, picks: list[int] | None) -> None:
+        """A speculative chunk's result: the tokens sampling.verify_proposal keeps (picks: per row, the argmax; None:
+        each drawn with the seed of its output index, which for a sampled request is rejection sampling), emitted
+        one by one, each after the ids before it count as cached (the keys/values of rejected positions are
+        overwritten when their positions are fed again). A request that may not take tokens now (cancelled, paused)
+        gets the first row, as a plain decode would."""
         req, proposal = w.req, w.proposal
-        accepted = 0
-        while accepted < len(proposal) and argmax[accepted] == proposal[accepted]:
-            accepted += 1
+        base = len(req.output_ids)
+        try:
+            tokens = verify_proposal(proposal, picks.__getitem__ if picks is not None
+                                     else lambda at: sample_token(logits[at], req.params, base + at))
+        except Exception as exc:
+            log.exception("request %s failed while sampling its next tokens", req.request_id)
+            self._finish(req, "error", error=ErrorInfo(message=f"{type(exc).__name__}: {exc}", type="server_error"))
+            return
+        accepted = len(tokens) - 1
         self.metrics.spec_proposed_tokens.inc(len(proposal))
         self.metrics.spec_accepted_tokens.inc(accepted)
+        req.speculation.observe(len(proposal), accepted, w.decodes)
         with self._lock:
             takes = req.state == "running" and not (req.cancel_requested or req.paused or req.held)
             if takes and len(req.all_ids) == w.end:
                 try:
-                    for token in proposal[:accepted] + [argmax[accepted]]:
+                    for token in tokens:
                         req.num_cached = len(req.all_ids)
                         self._accept(req, token)
                         if req.state != "running":  # a stop token or string, max_tokens, the context's end
@@ -725,29 +745,37 @@ class Engine(EngineBase):
                     self._finish(req, "error", error=ErrorInfo(message=f"{type(exc).__name__}: {exc}",
                                                                type="server_error"))
                 return
-        self._sample_or_fail(req, logits[0], argmax[0])
+        self._sample_or_fail(req, logits[0], tokens[0])
 
     def _may_speculate(self, req: _Request) -> bool:
-        """Whether req's decodes are speculated: greedy on the raw logits (its token at every fed position is their
-        argmax, exactly as one-by-one decoding chooses it), no logprobs, not held or paused."""
-        return (self.proposer is not None and req.params.raw_argmax and req.logprobs is None
+        """Whether req's decodes may be speculated: its token at every fed position is chosen from that position's
+        logits alone (greedy or sampled, with logit bias; not penalties or a grammar, whose state would have to
+        advance through the proposal), no logprobs, not held or paused."""
+        return (self.proposer is not None and not req.params.reads_tokens and req.logprobs is None
                 and not (req.held or req.paused or req.cancel_requested))
 
     def _speculate(self, work: list[_Work]) -> list[_Work]:
-        """Give the step's greedy decodes an n-gram proposal each (ngram.py) where one matches and KV blocks for
-        it are free: speculation never preempts, and runs after every chunk of the step has its blocks (under the
-        lock)."""
+        """Give the step's decodes an n-gram proposal each (ngram.py) where the request is due to look one up, one
+        matches and KV blocks for it are free, as long as its acceptance pays for at this many decodes
+        (SpeculationRecord): speculation never preempts, and runs after every chunk of the step has its blocks
+        (under the lock)."""
         if self.proposer is None:
             return work
-        for w in work:
+        self._spec_step += 1
+        decodes = [w for w in work if w.end - w.start == 1 and w.end == w.known]
+        for w in decodes:
             req = w.req
-            if w.end - w.start != 1 or w.end != w.known or not self._may_speculate(req):
+            record = req.speculation
+            if not self._may_speculate(req) or not record.due(self._spec_step):
                 continue
             # No position past the context, no token past max_tokens: at most what one-by-one decoding would emit.
-            limit = min(req.max_tokens - len(req.output_ids), self.max_model_len - len(req.all_ids)) - 1
+            limit = min(record.length(self.proposer.tokens, len(decodes)), req.max_tokens - len(req.output_ids) - 1,
+                        self.max_model_len - len(req.all_ids) - 1)
             proposal = self.proposer.propose(req.all_ids, limit)
-            if proposal and self.kv_pool.grow(req.seq_id, w.end + len(proposal)):
-                w.proposal = proposal
+            if not proposal and self.async_scheduling:  # a lookup costs the step sent ahead, not the lookup's time
+                record.back_off()
+            elif proposal and self.kv_pool.grow(req.seq_id, w.end + len(proposal)):
+                w.proposal, w.decodes = proposal, len(decodes)
         return work
 
     @staticmethod

@@ -5,6 +5,12 @@ the ids that followed that occurrence, up to k of them. The engine feeds the req
 one chunk and keeps the proposal's longest prefix that greedy decoding would have produced (Engine, docs/worker.md
 "Speculative decoding"): outputs that copy their input (summaries, edits, retrieval answers) then take several tokens
 per step. The earliest occurrence is used: a looping output's first loop has the most ids after it.
+
+SpeculationRecord is the per-request rule that keeps speculation from costing where proposals are not accepted
+(docs/worker.md "Speculative decoding"): each request's acceptance rate, the proposal length it pays for at the
+step's batch size, and an exponential back-off for requests whose lookups find nothing or whose proposals do not
+pay (vLLM's ngram has no such rule; TensorRT-LLM's acceptance_rate_threshold and SGLang's adaptive EAGLE steps are
+the same idea).
 """
 
 from __future__ import annotations
@@ -13,6 +19,17 @@ from array import array
 from dataclasses import dataclass
 
 _ITEM = array("i").itemsize
+# What one proposed position costs, in output tokens of the request (so a position must be accepted with at least
+# this probability to pay), per decode in the step: a verification chunk's extra positions are cheap beside one
+# request's decode (the step reads the weights anyway) and dearer as a batch already shares that read. Fitted to
+# bench/spec_decode.py on the CPU (docs/worker.md); on a GPU extra positions cost less, so the rule errs on the
+# side of proposing too little.
+POSITION_COST_PER_DECODE = 0.08
+# The acceptance record: decayed sums of accepted and verified positions (this weight per proposal), starting from
+# one accepted position (a new request speculates at once).
+ACCEPTANCE_DECAY = 0.25
+MAX_BACKOFF_STEPS = 16  # a request whose proposals do not pay probes again at least this often
+MAX_LOOKUP_BACKOFF_STEPS = 4  # a request whose lookups find nothing looks again at least this often
 
 
 @dataclass(frozen=True)
@@ -46,3 +63,45 @@ def _first_occurrence(packed: bytes, pattern: bytes, before: int) -> int | None:
     while at >= 0 and at % _ITEM:  # a match straddling two ids: look further on
         at = packed.find(pattern, at + 1, (before - 1) * _ITEM + len(pattern))
     return at // _ITEM if at >= 0 else None
+
+
+@dataclass
+class SpeculationRecord:
+    """One request's speculation: its acceptance rate (decayed sums of accepted and verified positions: a position
+    is verified when it is accepted or is the first rejected one) and its back-off (it looks up a proposal only at
+    steps that are multiples of `backoff`, so requests backed off alike look up at the same steps)."""
+
+    accepted: float = 1.0
+    verified: float = 1.0
+    backoff: int = 1
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.verified
+
+    def due(self, step: int) -> bool:
+        return step % self.backoff == 0
+
+    def length(self, tokens: int, decodes: int) -> int:
+        """How many positions to propose at most: the i-th pays while its chance of being reached and accepted
+        (rate^i, each position accepted independently) beats the cost of a position at this many decodes per step;
+        at least 1 (a due request with a low rate probes, to notice when its output starts to copy)."""
+        cost, rate = POSITION_COST_PER_DECODE * max(1, decodes), self.rate
+        return max(1, sum(1 for i in range(1, tokens + 1) if rate ** i > cost))
+
+    def pays(self, decodes: int) -> bool:
+        return self.rate > POSITION_COST_PER_DECODE * max(1, decodes)
+
+    def observe(self, proposed: int, accepted: int, decodes: int) -> None:
+        """A verified proposal: update the rate; back off while proposing does not pay, else propose every step."""
+        verified = accepted + (accepted < proposed)
+        self.accepted += ACCEPTANCE_DECAY * (accepted - self.accepted)
+        self.verified += ACCEPTANCE_DECAY * (verified - self.verified)
+        if self.pays(decodes):
+            self.backoff = 1
+        else:
+            self.back_off(MAX_BACKOFF_STEPS)
+
+    def back_off(self, most: int = MAX_LOOKUP_BACKOFF_STEPS) -> None:
+        """Nothing worth proposing this time (no match, or a rate that does not pay): look again half as often."""
+        self.backoff = max(self.backoff, min(most, 2 * self.backoff))

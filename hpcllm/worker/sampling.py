@@ -16,6 +16,7 @@ same seed gives the same choice on a CPU node and a GPU node (given the same log
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -216,3 +217,18 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, index: int, state
     generator.manual_seed(step_seed(params.seed, index))
     probs = sampling_probs(logits, params, state)
     return int(torch.multinomial(probs, num_samples=1, generator=generator))
+
+
+def verify_proposal(proposal: list[int], choose: Callable[[int], int]) -> list[int]:
+    """The tokens a speculative chunk emits (Engine._commit_speculative): fed position i's token chosen as decoding
+    one by one chooses it there (choose(i): the argmax, or sample_token with the seed of its output index), kept
+    while it equals proposal[i], then the first that differs (or the one after the whole proposal).
+
+    For a sampled request this is rejection sampling for a draft that proposes its token for sure (q(x) = 1):
+    x is kept with probability p(x), else the token is y != x with probability p(y) / (1 - p(x)), p with x removed
+    and renormalized - exactly the target distribution, drawn with the very random numbers of decoding one by one,
+    so a seed gives the same output with speculation on or off."""
+    tokens = [choose(0)]
+    while len(tokens) <= len(proposal) and tokens[-1] == proposal[len(tokens) - 1]:
+        tokens.append(choose(len(tokens)))
+    return tokens
