@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/spec_decode.py [--size small] [--tokens 4] [--requests 1 8]
                                                           [--rounds 3] [--max-tokens 128] [--threads 2]
-                                                          [--model-process on|off]
+                                                          [--model-process on|off] [--fixed]
 
 Random weights never copy their prompt, so the model is the devmodels Llama rewired to copy
 (hpcllm/worker/tests/copying_model.py: its greedy successor of each token is fixed, every layer still computed):
@@ -16,9 +16,11 @@ submitted together, each on its own prompt:
   process, the steps not sent ahead).
 
 Two engines on two copies of the model, one plain and one speculating, run each workload in turn, the order
-alternating per round; each round prints both output tokens/s and their ratio (spec / plain), plus the acceptance
+rotating per round; each round prints both output tokens/s and their ratio (spec / plain), plus the acceptance
 (accepted / proposed tokens) and the tokens per step of the speculating engine, and each workload the median ratio
-of its rounds. Outputs are checked equal.
+of its rounds and their range. --fixed adds a third engine that speculates with the adaptive rule off (every lookup
+proposes k, as before ngram.SpeculationRecord): its tokens/s and ratio to plain close each line. Outputs are checked
+equal.
 """
 
 from __future__ import annotations
@@ -35,6 +37,35 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DOCUMENT_TOKENS = 256
 WORKLOADS = ("copy", "partial", "none")
+
+
+def always_propose_k():
+    """The engine class with the adaptive rule off: every request looks up a proposal at every decode and proposes
+    k whatever its acceptance (the engine as it was before ngram.SpeculationRecord)."""
+    from hpcllm.worker.engine import Engine
+    from hpcllm.worker.ngram import SpeculationRecord
+
+    class AlwaysPropose(SpeculationRecord):
+        def due(self, step: int) -> bool:
+            return True
+
+        def length(self, tokens: int, decodes: int) -> int:
+            return tokens
+
+        def observe(self, proposed: int, accepted: int, decodes: int) -> None:
+            pass
+
+        def back_off(self, most: int = 0) -> None:
+            pass
+
+    class FixedK(Engine):
+        def _speculate(self, work):
+            for w in work:
+                if not isinstance(w.req.speculation, AlwaysPropose):
+                    w.req.speculation = AlwaysPropose()
+            return super()._speculate(work)
+
+    return FixedK
 
 
 def prompts(workload: str, successor: list[int], count: int, rng: random.Random) -> list[list[int]]:
@@ -65,6 +96,11 @@ def run(engine, batch: list[list[int]], max_tokens: int, tag: str) -> tuple[floa
     return time.perf_counter() - began, outputs
 
 
+def summary(ratios: list[float]) -> str:
+    """The median of a workload's ratios and their range."""
+    return f"{statistics.median(ratios):>6.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def counts(engine) -> tuple[float, float]:
     return engine.metrics.spec_proposed_tokens._value.get(), engine.metrics.spec_accepted_tokens._value.get()
 
@@ -80,6 +116,8 @@ def main() -> int:
     parser.add_argument("--model-process", choices=("on", "off"), default="on",
                         help="on: as CPU workers run (forward in a child process, asynchronous scheduling)")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--fixed", action="store_true",
+                        help="also run an engine speculating with the adaptive rule off (k proposed at every match)")
     args = parser.parse_args()
 
     import torch
@@ -94,34 +132,37 @@ def main() -> int:
         path = make_model("llama", Path(folder) / "llama", size=args.size, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(path)
 
-        def engine(tokens: int) -> Engine:
+        def engine(tokens: int, kind=Engine) -> Engine:
             model = AutoModelForCausalLM.from_pretrained(path).eval()
             rewire_to_copy(model)
-            return Engine(model, tokenizer, speculative_ngram_tokens=tokens, max_running_requests=max(args.requests),
+            return kind(model, tokenizer, speculative_ngram_tokens=tokens, max_running_requests=max(args.requests),
                           model_process=args.model_process == "on",
                           model_process_threads=args.threads).start()
 
         successor = rewire_to_copy(AutoModelForCausalLM.from_pretrained(path))
         engines = {"plain": engine(0), "spec": engine(args.tokens)}
+        if args.fixed:
+            engines["fixed"] = engine(args.tokens, always_propose_k())
         try:
             for name, warming in engines.items():  # first steps (allocations, oneDNN primitives) are not timed
                 run(warming, prompts("copy", successor, max(args.requests), random.Random(0)), 16, f"warm-{name}")
             print(f"llama {args.size}, k={args.tokens}, model process {args.model_process}, {args.threads} threads, "
                   f"{args.max_tokens} tokens per request")
             print(f"{'workload':8} {'N':>3} {'round':>5} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} "
-                  f"{'accepted':>8} {'tok/step':>8}")
+                  f"{'accepted':>8} {'tok/step':>8}" + (f" {'fixed tok/s':>11} {'ratio':>6}" if args.fixed else ""))
             for workload in args.workloads:
                 for count in args.requests:
-                    ratios = []
+                    ratios, fixed_ratios = [], []
                     for round_ in range(args.rounds):
                         batch = prompts(workload, successor, count, random.Random(f"{workload}{count}{round_}"))
-                        order = ["plain", "spec"] if round_ % 2 == 0 else ["spec", "plain"]
+                        names = list(engines)
+                        order = names[round_ % len(names):] + names[:round_ % len(names)]
                         seconds, outputs = {}, {}
                         before = counts(engines["spec"])
                         for name in order:
                             seconds[name], outputs[name] = run(engines[name], batch, args.max_tokens,
                                                                f"{name}-{workload}-{count}-{round_}")
-                        if outputs["plain"] != outputs["spec"]:
+                        if any(outputs[name] != outputs["plain"] for name in names):
                             raise SystemExit(f"{workload} N={count} round {round_}: outputs differ")
                         proposed, accepted = (after - was for after, was in zip(counts(engines["spec"]), before))
                         tokens = sum(len(o) for o in outputs["spec"])
@@ -129,10 +170,15 @@ def main() -> int:
                         # Per request, a step emits its accepted tokens and one more (the prefill's token aside).
                         per_step = tokens / max(1.0, tokens - accepted)
                         ratios.append(rate["spec"] / rate["plain"])
+                        fixed = ""
+                        if args.fixed:
+                            fixed_ratios.append(rate["fixed"] / rate["plain"])
+                            fixed = f" {rate['fixed']:>11.1f} {fixed_ratios[-1]:>6.2f}"
                         print(f"{workload:8} {count:>3} {round_:>5} {rate['plain']:>11.1f} {rate['spec']:>10.1f} "
                               f"{ratios[-1]:>6.2f} {(f'{accepted / proposed:.0%}' if proposed else '-'):>8} "
-                              f"{per_step:>8.2f}")
-                    print(f"{workload:8} {count:>3} {'median':>5} {'':>11} {'':>10} {statistics.median(ratios):>6.2f}")
+                              f"{per_step:>8.2f}{fixed}")
+                    print(f"{workload:8} {count:>3} {'median':>5} {'':>11} {'':>10} {summary(ratios)}"
+                          + (f" fixed {summary(fixed_ratios)}" if args.fixed else ""))
         finally:
             for running in engines.values():
                 running.shutdown()

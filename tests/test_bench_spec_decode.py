@@ -23,4 +23,4 @@ def test_a_small_run_accepts_every_copy_proposal_and_none_where_nothing_matches(
     assert copy and none, completed.stdout
     assert copy.group(1) == "100%" and float(copy.group(2)) > 2  # the copying model takes every proposal
     assert none.group(1) == "-" and float(none.group(2)) == 1.0  # random tokens: nothing proposed
-    assert re.search(r"^copy\s+1\s+median\s+[\d.]+$", completed.stdout, re.M), completed.stdout
+    assert re.search(r"^copy\s+1\s+median\s+[\d.]+ \([\d.]+-[\d.]+\)$", completed.stdout, re.M), completed.stdout
