@@ -55,7 +55,7 @@ def always_propose_k():
         def observe(self, proposed: int, accepted: int, decodes: int) -> None:
             pass
 
-        def back_off(self, most: int = 0) -> None:
+        def missed(self) -> None:
             pass
 
     class FixedK(Engine):

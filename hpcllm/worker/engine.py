@@ -773,7 +773,7 @@ class Engine(EngineBase):
                         self.max_model_len - len(req.all_ids) - 1)
             proposal = self.proposer.propose(req.all_ids, limit)
             if not proposal and self.async_scheduling:  # a lookup costs the step sent ahead, not the lookup's time
-                record.back_off()
+                record.missed()
             elif proposal and self.kv_pool.grow(req.seq_id, w.end + len(proposal)):
                 w.proposal, w.decodes = proposal, len(decodes)
         return work

@@ -30,6 +30,8 @@ POSITION_COST_PER_DECODE = 0.08
 ACCEPTANCE_DECAY = 0.25
 MAX_BACKOFF_STEPS = 16  # a request whose proposals do not pay probes again at least this often
 MAX_LOOKUP_BACKOFF_STEPS = 4  # a request whose lookups find nothing looks again at least this often
+LOOKUP_MISSES = 3  # lookups in a row that find nothing before a request backs off (an output that copies in
+#                   short runs misses every other lookup, and must not back off into the misses' phase)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class SpeculationRecord:
     accepted: float = 1.0
     verified: float = 1.0
     backoff: int = 1
+    misses: int = 0  # lookups in a row that found nothing
 
     @property
     def rate(self) -> float:
@@ -95,6 +98,7 @@ class SpeculationRecord:
     def observe(self, proposed: int, accepted: int, decodes: int) -> None:
         """A verified proposal: update the rate; back off while proposing does not pay, else propose every step."""
         verified = accepted + (accepted < proposed)
+        self.misses = 0
         self.accepted += ACCEPTANCE_DECAY * (accepted - self.accepted)
         self.verified += ACCEPTANCE_DECAY * (verified - self.verified)
         if self.pays(decodes):
@@ -102,6 +106,12 @@ class SpeculationRecord:
         else:
             self.back_off(MAX_BACKOFF_STEPS)
 
-    def back_off(self, most: int = MAX_LOOKUP_BACKOFF_STEPS) -> None:
-        """Nothing worth proposing this time (no match, or a rate that does not pay): look again half as often."""
+    def missed(self) -> None:
+        """A lookup found nothing: after LOOKUP_MISSES in a row, look again half as often."""
+        self.misses += 1
+        if self.misses >= LOOKUP_MISSES:
+            self.back_off(MAX_LOOKUP_BACKOFF_STEPS)
+
+    def back_off(self, most: int) -> None:
+        """Nothing worth proposing (no match, or a rate that does not pay): look again half as often."""
         self.backoff = max(self.backoff, min(most, 2 * self.backoff))

@@ -11,7 +11,8 @@ import torch
 
 from hpcllm.config import WorkerConfig
 from hpcllm.worker.engine import Engine
-from hpcllm.worker.ngram import MAX_BACKOFF_STEPS, NgramProposer, SpeculationRecord
+from hpcllm.worker.ngram import (LOOKUP_MISSES, MAX_BACKOFF_STEPS, MAX_LOOKUP_BACKOFF_STEPS, NgramProposer,
+                                 SpeculationRecord)
 from hpcllm.worker.protocol import GenerateRequest
 from hpcllm.worker.sampling import SamplingParams, sample_token, sampling_probs, verify_proposal
 
@@ -90,7 +91,7 @@ def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, 
     assert [tokens for tokens, _ in results] == expected
     proposed, accepted = spec_counts(engine)
     # The tiny llama's output matches its earlier ids twice in ~500 lookups; with a model process a request whose
-    # lookups find nothing looks up only every 4th step (SpeculationRecord.back_off), and may miss both.
+    # lookups find nothing looks up only every 4th step (SpeculationRecord.missed), and may miss both.
     assert proposed > 0 or (arch == "llama" and model_process)
     if arch == "opt":  # the one whose random greedy output repeats itself enough to accept proposals
         assert accepted > 0
@@ -251,9 +252,12 @@ def test_the_acceptance_record_sizes_proposals_by_batch_and_backs_off_where_they
     while record.backoff > 1:  # its output starts to copy: every probe accepted
         record.observe(proposed=1, accepted=1, decodes=8)
     assert record.pays(8) and record.length(4, decodes=1) == 4
-    record.back_off()  # a lookup that found nothing: looks again within MAX_LOOKUP_BACKOFF_STEPS
-    record.back_off(), record.back_off()
-    assert record.backoff == 4
+    for _ in range(LOOKUP_MISSES - 1):  # lookups that find nothing: a few in a row are not enough to back off
+        record.missed()
+    assert record.backoff == 1
+    for _ in range(5):
+        record.missed()
+    assert record.backoff == MAX_LOOKUP_BACKOFF_STEPS == 4
 
 
 def test_the_worker_config_key_is_off_by_default_and_refuses_negatives():
