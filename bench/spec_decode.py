@@ -52,7 +52,7 @@ def always_propose_k():
         def length(self, tokens: int, decodes: int) -> int:
             return tokens
 
-        def observe(self, proposed: int, accepted: int, decodes: int) -> None:
+        def observe(self, proposed: int, accepted: int, tokens: int, decodes: int) -> None:
             pass
 
         def missed(self) -> None:

@@ -730,7 +730,7 @@ class Engine(EngineBase):
         accepted = len(tokens) - 1
         self.metrics.spec_proposed_tokens.inc(len(proposal))
         self.metrics.spec_accepted_tokens.inc(accepted)
-        req.speculation.observe(len(proposal), accepted, w.decodes)
+        req.speculation.observe(len(proposal), accepted, self.proposer.tokens, w.decodes)
         with self._lock:
             takes = req.state == "running" and not (req.cancel_requested or req.paused or req.held)
             if takes and len(req.all_ids) == w.end:
@@ -769,8 +769,9 @@ class Engine(EngineBase):
             if not self._may_speculate(req) or not record.due(self._spec_step):
                 continue
             # No position past the context, no token past max_tokens: at most what one-by-one decoding would emit.
-            limit = min(record.length(self.proposer.tokens, len(decodes)), req.max_tokens - len(req.output_ids) - 1,
-                        self.max_model_len - len(req.all_ids) - 1)
+            # A due request whose proposals do not pay probes one position, to notice when its output starts to copy.
+            limit = min(max(1, record.length(self.proposer.tokens, len(decodes))),
+                        req.max_tokens - len(req.output_ids) - 1, self.max_model_len - len(req.all_ids) - 1)
             proposal = self.proposer.propose(req.all_ids, limit)
             if not proposal and self.async_scheduling:  # a lookup costs the step sent ahead, not the lookup's time
                 record.missed()

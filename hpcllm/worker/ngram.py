@@ -19,12 +19,13 @@ from array import array
 from dataclasses import dataclass
 
 _ITEM = array("i").itemsize
-# What one proposed position costs, in output tokens of the request (so a position must be accepted with at least
-# this probability to pay), per decode in the step: a verification chunk's extra positions are cheap beside one
-# request's decode (the step reads the weights anyway) and dearer as a batch already shares that read. Fitted to
-# bench/spec_decode.py on the CPU (docs/worker.md); on a GPU extra positions cost less, so the rule errs on the
-# side of proposing too little.
-POSITION_COST_PER_DECODE = 0.08
+# What a verification chunk costs, in output tokens of the request (the expected accepted tokens must beat it),
+# per decode in the step: each proposed position, and the chunk itself per other decode (it is attended on its own,
+# out of the decodes' grouped call). Cheap beside a lone decode (the step reads the weights anyway), dear in a batch
+# that already shares that read. Fitted to bench/spec_decode.py on the CPU (docs/worker.md); on a GPU proposed
+# positions cost less, so there the rule errs on the side of proposing too little.
+POSITION_COST_PER_DECODE = 0.05
+CHUNK_COST_PER_OTHER_DECODE = 0.07
 # The acceptance record: decayed sums of accepted and verified positions (this weight per proposal), starting from
 # one accepted position (a new request speculates at once).
 ACCEPTANCE_DECAY = 0.25
@@ -86,22 +87,27 @@ class SpeculationRecord:
         return step % self.backoff == 0
 
     def length(self, tokens: int, decodes: int) -> int:
-        """How many positions to propose at most: the i-th pays while its chance of being reached and accepted
-        (rate^i, each position accepted independently) beats the cost of a position at this many decodes per step;
-        at least 1 (a due request with a low rate probes, to notice when its output starts to copy)."""
-        cost, rate = POSITION_COST_PER_DECODE * max(1, decodes), self.rate
-        return max(1, sum(1 for i in range(1, tokens + 1) if rate ** i > cost))
+        """The proposal length (at most `tokens`) whose expected accepted tokens (rate + rate^2 + ...: each position
+        reached and accepted independently) beat its cost at this many decodes in the step by the most; 0 where
+        none pays."""
+        position, chunk = POSITION_COST_PER_DECODE * decodes, CHUNK_COST_PER_OTHER_DECODE * max(0, decodes - 1)
+        best, best_net, expected, reached = 0, 0.0, 0.0, 1.0
+        for length in range(1, tokens + 1):
+            reached *= self.rate
+            expected += reached
+            net = expected - position * length - chunk
+            if net > best_net:
+                best, best_net = length, net
+        return best
 
-    def pays(self, decodes: int) -> bool:
-        return self.rate > POSITION_COST_PER_DECODE * max(1, decodes)
-
-    def observe(self, proposed: int, accepted: int, decodes: int) -> None:
-        """A verified proposal: update the rate; back off while proposing does not pay, else propose every step."""
+    def observe(self, proposed: int, accepted: int, tokens: int, decodes: int) -> None:
+        """A verified proposal (k = tokens): update the rate; back off while proposing does not pay, else propose
+        every step."""
         verified = accepted + (accepted < proposed)
         self.misses = 0
         self.accepted += ACCEPTANCE_DECAY * (accepted - self.accepted)
         self.verified += ACCEPTANCE_DECAY * (verified - self.verified)
-        if self.pays(decodes):
+        if self.length(tokens, decodes):
             self.backoff = 1
         else:
             self.back_off(MAX_BACKOFF_STEPS)

@@ -239,19 +239,19 @@ def test_the_acceptance_record_sizes_proposals_by_batch_and_backs_off_where_they
     record = SpeculationRecord()
     assert record.length(4, decodes=1) == record.length(4, decodes=8) == 4  # a new request: every position pays
     for _ in range(3):
-        record.observe(proposed=4, accepted=1, decodes=1)  # accepted 1 of 2 verified positions each time
-    assert record.length(4, decodes=1) > record.length(4, decodes=4) > 1  # a busier step pays for fewer positions
+        record.observe(proposed=4, accepted=1, tokens=4, decodes=1)  # 1 of 2 verified positions accepted each time
+    assert record.length(4, decodes=1) > record.length(4, decodes=4) > 0  # a busier step pays for fewer positions
+    assert record.length(4, decodes=8) == 0  # and at 8 decodes for none: the chunk's own cost is not earned back
     assert record.backoff == 1 and all(record.due(step) for step in range(5))
     backoffs = []
     for _ in range(6):  # rejected probes at 8 decodes a step
-        record.observe(proposed=1, accepted=0, decodes=8)
+        record.observe(proposed=1, accepted=0, tokens=4, decodes=8)
         backoffs.append(record.backoff)
     assert backoffs == [2, 4, 8, 16, 16, 16] and MAX_BACKOFF_STEPS == 16
     assert record.due(32) and not record.due(33)  # backed-off requests look up at the same steps
-    assert record.length(4, decodes=8) == 1  # when due, it probes one position
     while record.backoff > 1:  # its output starts to copy: every probe accepted
-        record.observe(proposed=1, accepted=1, decodes=8)
-    assert record.pays(8) and record.length(4, decodes=1) == 4
+        record.observe(proposed=1, accepted=1, tokens=4, decodes=8)
+    assert record.length(4, decodes=8) > 0 and record.length(4, decodes=1) == 4
     for _ in range(LOOKUP_MISSES - 1):  # lookups that find nothing: a few in a row are not enough to back off
         record.missed()
     assert record.backoff == 1
