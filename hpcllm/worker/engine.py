@@ -756,26 +756,30 @@ class Engine(EngineBase):
 
     def _speculate(self, work: list[_Work]) -> list[_Work]:
         """Give the step's decodes an n-gram proposal each (ngram.py) where the request is due to look one up, one
-        matches and KV blocks for it are free, as long as its acceptance pays for at this many decodes
-        (SpeculationRecord): speculation never preempts, and runs after every chunk of the step has its blocks
-        (under the lock)."""
+        matches and KV blocks for it are free, as long as its acceptance pays for verifying one at this many decodes
+        (SpeculationRecord; else the proposal is only watched): speculation never preempts, and runs after every
+        chunk of the step has its blocks (under the lock)."""
         if self.proposer is None:
             return work
         self._spec_step += 1
         decodes = [w for w in work if w.end - w.start == 1 and w.end == w.known]
         for w in decodes:
             req = w.req
-            record = req.speculation
+            record, tokens = req.speculation, self.proposer.tokens
             if not self._may_speculate(req) or not record.due(self._spec_step):
                 continue
+            record.score_watched(req.all_ids, tokens, len(decodes))
+            length = record.length(tokens, len(decodes))
             # No position past the context, no token past max_tokens: at most what one-by-one decoding would emit.
-            # A due request whose proposals do not pay probes one position, to notice when its output starts to copy.
-            limit = min(max(1, record.length(self.proposer.tokens, len(decodes))),
-                        req.max_tokens - len(req.output_ids) - 1, self.max_model_len - len(req.all_ids) - 1)
+            limit = min(length or tokens, req.max_tokens - len(req.output_ids) - 1,
+                        self.max_model_len - len(req.all_ids) - 1)
             proposal = self.proposer.propose(req.all_ids, limit)
-            if not proposal and self.async_scheduling:  # a lookup costs the step sent ahead, not the lookup's time
-                record.missed()
-            elif proposal and self.kv_pool.grow(req.seq_id, w.end + len(proposal)):
+            if not proposal:
+                if self.async_scheduling:  # a lookup costs the step sent ahead, not the lookup's time
+                    record.missed()
+            elif not length:  # verifying would not pay: watch it instead, to notice when the output starts to copy
+                record.watch(proposal, len(req.all_ids))
+            elif self.kv_pool.grow(req.seq_id, w.end + len(proposal)):
                 w.proposal, w.decodes = proposal, len(decodes)
         return work
 

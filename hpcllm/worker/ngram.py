@@ -8,15 +8,15 @@ per step. The earliest occurrence is used: a looping output's first loop has the
 
 SpeculationRecord is the per-request rule that keeps speculation from costing where proposals are not accepted
 (docs/worker.md "Speculative decoding"): each request's acceptance rate, the proposal length it pays for at the
-step's batch size, and an exponential back-off for requests whose lookups find nothing or whose proposals do not
-pay (vLLM's ngram has no such rule; TensorRT-LLM's acceptance_rate_threshold and SGLang's adaptive EAGLE steps are
-the same idea).
+step's batch size, proposals only watched (scored against the tokens decoded next, never verified) while none
+pays, and an exponential back-off of the lookups while none pays or they find nothing (vLLM's ngram has no such
+rule; TensorRT-LLM's acceptance_rate_threshold and SGLang's adaptive EAGLE steps are the same idea).
 """
 
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ITEM = array("i").itemsize
 # What a verification chunk costs, in output tokens of the request (the expected accepted tokens must beat it),
@@ -27,9 +27,10 @@ _ITEM = array("i").itemsize
 POSITION_COST_PER_DECODE = 0.05
 CHUNK_COST_PER_OTHER_DECODE = 0.07
 # The acceptance record: decayed sums of accepted and verified positions (this weight per proposal), starting from
-# one accepted position (a new request speculates at once).
+# 0.75 of one position (a new request speculates at once unless many decode beside it).
 ACCEPTANCE_DECAY = 0.25
-MAX_BACKOFF_STEPS = 16  # a request whose proposals do not pay probes again at least this often
+PRIOR_RATE = 0.75
+MAX_BACKOFF_STEPS = 16  # a request whose proposals do not pay looks one up (to watch it) at least this often
 MAX_LOOKUP_BACKOFF_STEPS = 4  # a request whose lookups find nothing looks again at least this often
 LOOKUP_MISSES = 3  # lookups in a row that find nothing before a request backs off (an output that copies in
 #                   short runs misses every other lookup, and must not back off into the misses' phase)
@@ -74,10 +75,13 @@ class SpeculationRecord:
     is verified when it is accepted or is the first rejected one) and its back-off (it looks up a proposal only at
     steps that are multiples of `backoff`, so requests backed off alike look up at the same steps)."""
 
-    accepted: float = 1.0
+    accepted: float = PRIOR_RATE
     verified: float = 1.0
     backoff: int = 1
     misses: int = 0  # lookups in a row that found nothing
+    # A proposal not verified (none paid) but watched: the ids proposed to follow the first `watched_at` ids.
+    watched: list[int] = field(default_factory=list)
+    watched_at: int = 0
 
     @property
     def rate(self) -> float:
@@ -111,6 +115,23 @@ class SpeculationRecord:
             self.backoff = 1
         else:
             self.back_off(MAX_BACKOFF_STEPS)
+
+    def watch(self, proposal: list[int], at: int) -> None:
+        """Keep a proposal that no length paid to verify, to score it against the ids decoded after `at`."""
+        if not self.watched:
+            self.watched, self.watched_at = proposal, at
+
+    def score_watched(self, ids: list[int], tokens: int, decodes: int) -> None:
+        """Score the watched proposal once the ids decoded since differ from it or cover it, as if verified: its
+        acceptance, measured without a verification chunk's cost (greedy: exactly the verification's; sampled:
+        the same draws)."""
+        if not self.watched:
+            return
+        decoded = ids[self.watched_at:self.watched_at + len(self.watched)]
+        accepted = next((i for i, (a, b) in enumerate(zip(decoded, self.watched)) if a != b), len(decoded))
+        if accepted < len(decoded) or len(decoded) == len(self.watched):
+            proposed, self.watched = len(self.watched), []
+            self.observe(proposed, accepted, tokens, decodes)
 
     def missed(self) -> None:
         """A lookup found nothing: after LOOKUP_MISSES in a row, look again half as often."""

@@ -237,7 +237,7 @@ def test_eight_copying_requests_keep_speculating(copying, model_process, make_en
 
 def test_the_acceptance_record_sizes_proposals_by_batch_and_backs_off_where_they_do_not_pay():
     record = SpeculationRecord()
-    assert record.length(4, decodes=1) == record.length(4, decodes=8) == 4  # a new request: every position pays
+    assert record.length(4, decodes=1) == 4 > record.length(4, decodes=8) > 0  # a new request speculates at once
     for _ in range(3):
         record.observe(proposed=4, accepted=1, tokens=4, decodes=1)  # 1 of 2 verified positions accepted each time
     assert record.length(4, decodes=1) > record.length(4, decodes=4) > 0  # a busier step pays for fewer positions
@@ -258,6 +258,15 @@ def test_the_acceptance_record_sizes_proposals_by_batch_and_backs_off_where_they
     for _ in range(5):
         record.missed()
     assert record.backoff == MAX_LOOKUP_BACKOFF_STEPS == 4
+
+
+def test_a_watched_proposal_is_scored_against_the_ids_decoded_after_it():
+    record = SpeculationRecord(accepted=0.5, verified=1.0)
+    record.watch([5, 6, 7], at=2)
+    record.score_watched([1, 2, 5, 6], tokens=4, decodes=8)  # matching so far: not scored yet
+    assert record.watched and record.rate == 0.5
+    record.score_watched([1, 2, 5, 6, 9, 4], tokens=4, decodes=8)  # 2 accepted, the third rejected
+    assert not record.watched and record.rate == (0.5 + 0.25 * (2 - 0.5)) / (1 + 0.25 * (3 - 1))
 
 
 def test_the_worker_config_key_is_off_by_default_and_refuses_negatives():
