@@ -355,10 +355,11 @@ class WorkerConfig(Section):
     # captured on first use; docs/worker.md "CUDA graphs"). Off until a GPU run has measured it.
     cuda_graphs: StrictBool = False
     # hpcllm's engine: speculative decoding by n-gram prompt lookup (vLLM's method "ngram", prompt_lookup_max 4,
-    # min 2) for greedy requests: up to this many tokens proposed from an earlier occurrence of the last few ids and
-    # verified in one forward; the output is what one token per step gives. 0: off (docs/worker.md "Speculative
-    # decoding": it pays where outputs copy their prompt, and steps with greedy requests are not sent ahead).
-    speculative_ngram_tokens: int = Field(0, ge=0)
+    # min 2): up to this many tokens proposed from an earlier occurrence of the last few ids and verified in one
+    # forward, per request only while its acceptance pays for it; greedy output is what one token per step gives,
+    # sampled output the same tokens for a seed. 5 (vLLM's documented ngram example); 0: off (docs/worker.md
+    # "Speculative decoding").
+    speculative_ngram_tokens: int = Field(5, ge=0)
     keepalive_seconds: float = Field(1.0, gt=0)  # blank NDJSON line while a request waits
     # A model step (or embedding piece) running longer than this counts as hung (a GPU or collective that hangs, a
     # stopped model process): the engine fails and the worker exits, so its streams resume elsewhere. Streams' keep-

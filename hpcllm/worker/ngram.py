@@ -31,7 +31,7 @@ CHUNK_COST_PER_OTHER_DECODE = 0.07
 ACCEPTANCE_DECAY = 0.25
 PRIOR_RATE = 0.75
 MAX_BACKOFF_STEPS = 16  # a request whose proposals do not pay looks one up (to watch it) at least this often
-MAX_LOOKUP_BACKOFF_STEPS = 4  # a request whose lookups find nothing looks again at least this often
+MAX_LOOKUP_BACKOFF_STEPS = 8  # a request whose lookups find nothing looks again at least this often
 LOOKUP_MISSES = 3  # lookups in a row that find nothing before a request backs off (an output that copies in
 #                   short runs misses every other lookup, and must not back off into the misses' phase)
 
