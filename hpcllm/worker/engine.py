@@ -225,8 +225,8 @@ class Engine(EngineBase):
     ) -> None:
         """step_timeout: seconds a model step (or an embedding piece) may take before the engine counts as hung and
         fails (None: never; EngineBase._watch_steps). speculative_ngram_tokens: k of n-gram speculative decoding
-        for greedy requests (ngram.py, _speculate); 0: off. lora_adapters: name -> PEFT folder, each request may
-        name one (GenerateRequest.lora; lora.py)."""
+        (ngram.py, _speculate); 0: off. lora_adapters: name -> PEFT folder, each request may name one
+        (GenerateRequest.lora; lora.py)."""
         if max_running_requests < 1 or max_waiting_requests < 0 or prefill_chunk_tokens < 1:
             raise ValueError("max_running_requests and prefill_chunk_tokens must be >= 1, max_waiting >= 0")
         if batching not in BATCHING_MODES:

@@ -2,9 +2,9 @@
 
 A decoding request whose last n ids (n from max_n down to min_n) occurred earlier in its prompt + output proposes
 the ids that followed that occurrence, up to k of them. The engine feeds the request's last id and the proposal in
-one chunk and keeps the proposal's longest prefix that greedy decoding would have produced (Engine, docs/worker.md
-"Speculative decoding"): outputs that copy their input (summaries, edits, retrieval answers) then take several tokens
-per step. The earliest occurrence is used: a looping output's first loop has the most ids after it.
+one chunk and keeps the proposal's longest prefix that decoding one by one would have produced (Engine,
+docs/worker.md "Speculative decoding"): outputs that copy their input (summaries, edits, retrieval answers) then
+take several tokens per step. The earliest occurrence is used: a looping output's first loop has the most ids after it.
 
 SpeculationRecord is the per-request rule that keeps speculation from costing where proposals are not accepted
 (docs/worker.md "Speculative decoding"): each request's acceptance rate, the proposal length it pays for at the
