@@ -94,22 +94,29 @@ def run_together(engine, requests):
     return [[e.token_id for e in list(stream.events())[:-1]] for stream in streams]
 
 
-@pytest.mark.parametrize("model_process, fast_path", [(False, True), (False, False), (True, True)],
-                         ids=["in-process", "unfused-linears", "model-process"])
+@pytest.mark.parametrize("model_process, fast_path, speculative", [(False, True, 0), (False, False, 0), (True, True, 0),
+                                                                  (False, True, 5)],
+                         ids=["in-process", "unfused-linears", "model-process", "speculating"])
 def test_each_request_gets_its_adapters_merged_output_alone_and_mixed_in_one_batch(model_dirs, adapters, references,
-                                                                                   model_process, fast_path):
+                                                                                   model_process, fast_path,
+                                                                                   speculative):
+    """speculating: verification chunks (several positions of one request) carry its adapter too (workers speculate
+    by default)."""
     folders, _ = adapters
     prompt_ids, expected = references
     assert expected["x"] != expected[None] and expected["y"] != expected[None]  # the adapters change the output
     model, tokenizer = load(model_dirs)
     with Engine(model, tokenizer, model_name="tiny", lora_adapters=folders, model_process=model_process,
-                fast_path=fast_path, prefill_chunk_tokens=8, kv_block_size=4) as engine:
+                fast_path=fast_path, prefill_chunk_tokens=8, kv_block_size=4,
+                speculative_ngram_tokens=speculative) as engine:
         for name in (None, "x", "y"):
             alone = [engine.generate(request(prompt_token_ids=ids, lora=name)).token_ids for ids in prompt_ids]
             assert alone == expected[name], name
         mixed = [(name, i) for i in range(len(prompt_ids)) for name in (None, "x", "y")]
         outputs = run_together(engine, [request(prompt_token_ids=prompt_ids[i], lora=name) for name, i in mixed])
         assert outputs == [expected[name][i] for name, i in mixed]
+        if speculative:
+            assert engine.metrics.spec_proposed_tokens._value.get() > 0  # proposals were verified
 
 
 def test_requests_preempted_and_recomputed_keep_their_adapter(model_dirs, adapters):
