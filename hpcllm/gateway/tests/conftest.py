@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +118,24 @@ class GatewayFactory:
         for server, app in self.running:
             server.stop()
             gateway_of(app).close()
+
+
+@contextmanager
+def scripted_gateway(root: Path, name: str, chat_template: str, script) -> Iterator[RunningGateway]:
+    """A gateway serving `name`, a devmodels Llama with `chat_template` (its tokenizer and template), on a scripted
+    stand-in worker answering what `script` (stand_in_worker.Script) is set to; all stopped on leaving."""
+    from hpcllm.devmodels import make_model
+
+    from .stand_in_worker import scripted_worker_app
+
+    model_dir = make_model("llama", root / name, chat_template=chat_template)
+    worker = ThreadServer(scripted_worker_app(script))
+    factory = GatewayFactory(root / "gateway", worker.url, model_dir)
+    try:
+        yield factory(static_models={name: {"worker_url": worker.url, "source": str(model_dir)}})
+    finally:
+        factory.stop_all()
+        worker.stop()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -72,9 +73,10 @@ def agents(worker_url) -> InProcessAgents:
     return InProcessAgents(worker_url)
 
 
+@contextmanager
 def serve_controller(tmp_path, agents, tiny_model_dir, model_gpus: int, node_gpus: int, **model_config):
     """A real controller app (no Slurm backend, no allocations) with MODEL deployed (with model_config's other
-    fields) and one node agent up."""
+    fields) and one node agent up; stopped on leaving."""
     config = parse_config({
         "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
         "cluster": {"shared_secret": SECRET},
@@ -89,14 +91,17 @@ def serve_controller(tmp_path, agents, tiny_model_dir, model_gpus: int, node_gpu
     controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=node_gpus,
                                          tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
     server = ThreadServer(create_controller_app(controller))
-    yield server
-    server.stop()
-    registry.close()
+    try:
+        yield server
+    finally:
+        server.stop()
+        registry.close()
 
 
 @pytest.fixture
 def controller_server(tmp_path, agents, tiny_model_dir):
-    yield from serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=0, node_gpus=0)
+    with serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=0, node_gpus=0) as server:
+        yield server
 
 
 @pytest.fixture
@@ -484,7 +489,8 @@ def test_no_capacity_within_the_budget_is_a_clear_503_with_retry_after(make_gate
 def unfit_cluster(tmp_path, agents, tiny_model_dir):
     """A model of 4 GPUs per instance, one node agent up with 2, and no allocation the controller may submit: no
     capacity can ever come for it."""
-    yield from serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=4, node_gpus=2)
+    with serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=4, node_gpus=2) as server:
+        yield server
 
 
 def test_no_capacity_possible_is_a_503_at_once_not_after_the_route_timeout(make_gateway, unfit_cluster, agents):

@@ -6,16 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpcllm.config import parse_config
-from hpcllm.controller.allocations import Allocator
-from hpcllm.controller.app import create_app as create_controller_app
-from hpcllm.controller.protocol import ModelSpec, NodeRegistration, TierInfo, Tiers
-from hpcllm.controller.registry import Registry
-from hpcllm.controller.service import Controller
 from hpcllm.worker.tests.test_lora import load, merged_greedy, write_adapter
 
 from .conftest import ADMIN_KEY, MODEL, SECRET, ThreadServer
-from .test_controller_router import NODE, InProcessAgents
+from .test_controller_router import InProcessAgents, serve_controller
 
 ADAPTER = "tiny-legal"
 
@@ -47,23 +41,9 @@ def agents(adapter_worker):
 
 @pytest.fixture
 def gateway(tmp_path, agents, tiny_model_dir, adapter, make_gateway):
-    config = parse_config({
-        "paths": {"state_dir": str(tmp_path / "cstate"), "models_dir": str(tmp_path / "models")},
-        "cluster": {"shared_secret": SECRET},
-        "controller": {"admin_key": ADMIN_KEY, "database_url": f"sqlite:///{tmp_path / 'controller.db'}",
-                       "allocate_on_demand": False},
-    })
-    registry = Registry(config.controller.database_url)
-    controller = Controller(config, registry, agents, Allocator(config, registry, None, "http://unused"))
-    agents.controller = controller
-    controller.deploy(ModelSpec(name=MODEL, source=str(tiny_model_dir), size_bytes=10**6,
-                                lora_adapters={ADAPTER: str(adapter[0])}))
-    controller.register(NodeRegistration(node_id=NODE, agent_url="http://n1:9000", gpus=0,
-                                         tiers=Tiers(sharedfs=TierInfo(read_gbps=1.0))))
-    server = ThreadServer(create_controller_app(controller))
-    yield make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=5)
-    server.stop()
-    registry.close()
+    with serve_controller(tmp_path, agents, tiny_model_dir, model_gpus=0, node_gpus=0,
+                          lora_adapters={ADAPTER: str(adapter[0])}) as server:
+        yield make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=5)
 
 
 def test_an_adapter_is_listed_as_a_model_of_its_base_and_served_by_the_bases_instance(gateway, agents, adapter,

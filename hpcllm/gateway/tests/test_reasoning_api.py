@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from hpcllm.httpkit.tests.thread_server import ThreadServer
-
-from .conftest import GatewayFactory
-from .stand_in_worker import Script, scripted_worker_app
+from .conftest import scripted_gateway
+from .stand_in_worker import Script
 from .test_errors import assert_error
 from .test_tool_calls import QWEN_TWO_CALLS, TOOLS
 
@@ -30,14 +28,8 @@ def script() -> Script:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, script):
     """A gateway serving THINKER (its tokenizer and template from a devmodel's directory) on the scripted worker."""
-    from hpcllm.devmodels import make_model
-
-    model_dir = make_model("llama", tmp_path_factory.mktemp("thinker") / THINKER, chat_template="qwen3-think")
-    worker = ThreadServer(scripted_worker_app(script))
-    factory = GatewayFactory(tmp_path_factory.mktemp("thinker-gateway"), worker.url, model_dir)
-    yield factory(static_models={THINKER: {"worker_url": worker.url, "source": str(model_dir)}})
-    factory.stop_all()
-    worker.stop()
+    with scripted_gateway(tmp_path_factory.mktemp("thinker"), THINKER, "qwen3-think", script) as gateway:
+        yield gateway
 
 
 def _prompt(script: Script) -> str:

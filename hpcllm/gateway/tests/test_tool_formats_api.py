@@ -13,7 +13,7 @@ import pytest
 
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 
-from .conftest import MODEL, GatewayFactory
+from .conftest import MODEL, GatewayFactory, scripted_gateway
 from .stand_in_worker import Script, scripted_worker_app
 from .test_controller_router import InProcessAgents, serve_controller
 from .test_tool_calls import MISTRAL_TWO_CALLS, QWEN_TWO_CALLS
@@ -106,17 +106,16 @@ def test_a_deployed_models_format_reaches_the_gateway(tmp_path, model_dir, worke
     """Deployed through a real controller with tool_call_parser = "hermes" (a model config's field): the gateway's
     card of it says so, and its calls are read as hermes ones."""
     agents = InProcessAgents(worker.url)
-    controller = serve_controller(tmp_path, agents, model_dir, model_gpus=0, node_gpus=0, tool_call_parser="hermes")
     factory = GatewayFactory(tmp_path / "gw", worker.url, model_dir)
-    try:
-        server = next(controller)
-        gateway = factory(static_models={}, controller_url=server.url, route_poll_seconds=5)
-        script.answer = QWEN_TWO_CALLS
-        choice = gateway.client().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices[0]
-        assert choice.finish_reason == "tool_calls" and _calls(choice) == HERMES_CALLS
-    finally:
-        factory.stop_all()
-        controller.close()
+    with serve_controller(tmp_path, agents, model_dir, model_gpus=0, node_gpus=0,
+                          tool_call_parser="hermes") as server:
+        try:
+            gateway = factory(static_models={}, controller_url=server.url, route_poll_seconds=5)
+            script.answer = QWEN_TWO_CALLS
+            choice = gateway.client().chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices[0]
+            assert choice.finish_reason == "tool_calls" and _calls(choice) == HERMES_CALLS
+        finally:
+            factory.stop_all()
 
 
 MISTRAL = "tiny-mistral"
@@ -131,14 +130,8 @@ def mistral_script() -> Script:
 
 @pytest.fixture(scope="module")
 def mistral_gw(tmp_path_factory, mistral_script):
-    from hpcllm.devmodels import make_model
-
-    model_dir = make_model("llama", tmp_path_factory.mktemp("mistral") / MISTRAL, chat_template="mistral-tools")
-    worker = ThreadServer(scripted_worker_app(mistral_script))
-    factory = GatewayFactory(tmp_path_factory.mktemp("mistral-gateway"), worker.url, model_dir)
-    yield factory(static_models={MISTRAL: {"worker_url": worker.url, "source": str(model_dir)}})
-    factory.stop_all()
-    worker.stop()
+    with scripted_gateway(tmp_path_factory.mktemp("mistral"), MISTRAL, "mistral-tools", mistral_script) as gateway:
+        yield gateway
 
 
 def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_script):
