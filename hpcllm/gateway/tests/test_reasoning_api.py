@@ -1,7 +1,8 @@
 """A reasoning model through a real gateway, with the official openai client: a tiny model with Qwen3's way of
 thinking in its chat template and its <think> tokens (devmodels' qwen3-think), on a scripted stand-in worker that
-answers what the test sets (token by token, as the tokenizer cuts it) and records the prompts it was sent. Chat answers carry the thinking as `reasoning` whole and streamed; chat_template_kwargs reach the
-template (/tokenize renders the same); the Responses API answers with reasoning items and events."""
+answers what the test sets (token by token, as the tokenizer cuts it) and records the prompts it was sent. Chat
+answers carry the thinking as `reasoning` whole and streamed; chat_template_kwargs reach the template (/tokenize
+renders the same); the Responses API answers with reasoning items and events."""
 
 from __future__ import annotations
 

@@ -75,6 +75,14 @@ def wait_for(predicate, timeout: float = 90.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def ready_spare(agent):
+    """The agent's one spare worker, once it has done its imports (it then takes the next instance)."""
+    agent.workers.ensure_spares()
+    [spare] = agent.workers._spares
+    wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+    return spare
+
+
 def test_every_call_needs_the_shared_secret(client):
     for method, path in [("get", "/health"), ("get", "/v1/internal/instances"), ("post", "/v1/internal/instances"),
                          ("get", "/v1/internal/cache"), ("delete", "/v1/internal/instances/x")]:
@@ -194,9 +202,7 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
     agent = make_agent(tmp_path, spare_workers=1)  # worker.model_process "auto": CPU workers use one
     client = create_app(agent).test_client()
     try:
-        agent.workers.ensure_spares()
-        [spare] = agent.workers._spares
-        wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+        spare = ready_spare(agent)
         # The spare starts its model process while it waits: the worker it becomes keeps that one.
         wait_for(lambda: model_processes(spare.process.pid), what="the spare's model process")
         [model_process] = model_processes(spare.process.pid)
@@ -250,9 +256,7 @@ def test_a_gpu_instance_serves_on_its_gpu(tmp_path, converted, tiny_llama_dir, s
     client = create_app(agent).test_client()
     try:
         if spare_workers:
-            agent.workers.ensure_spares()
-            [spare] = agent.workers._spares
-            wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+            spare = ready_spare(agent)
         resp = client.post("/v1/internal/instances", json={"model": "tiny-llama", "source": str(converted),
                                                            "gpu_ids": [0]}, headers=AUTH)
         assert resp.status_code == 202, resp.get_json()

@@ -11,7 +11,8 @@ from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import GenerateRequest
 from hpcllm.worker.tests.test_lora import load, merged_greedy, token_ids, write_adapter
 
-from .test_agent import AUTH, SECRET, converted, make_agent, wait_for  # noqa: F401  (converted is a fixture)
+from .test_agent import (AUTH, SECRET, converted, make_agent, ready_spare,  # noqa: F401  (converted is a fixture)
+                         wait_for)
 
 
 @pytest.mark.parametrize("spare_workers", [0, 1], ids=["fresh-worker", "spare-worker"])
@@ -26,9 +27,7 @@ def test_an_instance_started_with_adapters_serves_them(tmp_path, converted, tiny
     client = create_app(agent).test_client()
     try:
         if spare_workers:
-            agent.workers.ensure_spares()
-            [spare] = agent.workers._spares
-            wait_for(lambda: "spare worker ready" in spare.log_path.read_text(), what="the spare's imports")
+            spare = ready_spare(agent)
         resp = client.post("/v1/internal/instances", headers=AUTH, json={
             "model": "tiny-llama", "source": str(converted), "lora_adapters": {"x": str(tmp_path / "adapter-x")}})
         assert resp.status_code == 202, resp.get_json()
