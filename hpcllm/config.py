@@ -310,6 +310,9 @@ class GatewayConfig(Section):
     responses_ttl_hours: float = Field(168.0, gt=0)
     # ... and in at most this many bytes (their JSON), the oldest dropped first; 0: nothing is stored (store: false).
     responses_max_bytes: int = Field(1024 ** 3, ge=0)
+    # Usage accounting (GET /v1/admin/usage, `hpcllm usage`): daily rows per key name, group, model and endpoint are
+    # kept this many days in the limits database (400: a year's reports and the same month a year before).
+    usage_retention_days: int = Field(400, ge=1)
     # Prometheus multiprocess directory used under gunicorn; empty: <paths.state_dir>/gateway/metrics
     metrics_dir: Path | None = None
     # The status page (GET /status) shows the cluster to the admin key; true: also to every API key, read-only and

@@ -25,6 +25,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "worker": "hpcllm.cli.worker:worker",
     "tp": "hpcllm.tp.cli:tp",
     "gateway": "hpcllm.gateway.cli:gateway",
+    "usage": "hpcllm.gateway.cli:usage",
     "slurm": "hpcllm.slurm.cli:slurm",
     "cache": "hpcllm.node.cache_cli:cache",
     "node": "hpcllm.node.cli:node",

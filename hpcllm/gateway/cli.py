@@ -36,3 +36,92 @@ def gateway(config_path: Path | None, host: str | None, port: int | None, worker
     click.echo(f"hpcllm gateway on http://{gw.host}:{gw.port} ({gw.workers} {gw.worker_class} workers x "
                f"{gw.threads} {per_worker})", err=True)
     run_gateway(config)
+
+
+GATEWAY_URL_ENV = "HPCLLM_GATEWAY_URL"
+USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
+@click.command("usage")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="hpcllm TOML config (default: $HPCLLM_CONFIG, else built-in defaults); gives the admin key.")
+@click.option("--url", "gateway_url", default=None,
+              help=f"Gateway URL (default: ${GATEWAY_URL_ENV}, else http://gateway.host:gateway.port).")
+@click.option("--since", default=None, help="First UTC day, YYYY-MM-DD or Nd (the last N days; default 30d).")
+@click.option("--until", default=None, help="Last UTC day, YYYY-MM-DD (default: today).")
+@click.option("--by", type=click.Choice(["key", "group", "model", "day"]), default=None,
+              help="One row per key (the default), group, model or day.")
+@click.option("--group", default=None, help="Only this group's keys.")
+@click.option("--key", "key_name", default=None, help="Only this API key (by its name).")
+@click.option("--model", default=None, help="Only this model (an adapter by its own name).")
+@click.option("--format", "output_format", type=click.Choice(["table", "csv", "json"]), default="table",
+              help="A table, CSV (for spreadsheets) or the API's JSON.")
+def usage(config_path: Path | None, gateway_url: str | None, since: str | None, until: str | None, by: str | None,
+          group: str | None, key_name: str | None, model: str | None, output_format: str) -> None:
+    """Requests and tokens used per key, group, model or day (GET /v1/admin/usage, with the gateway's admin key)."""
+    import json
+    import os
+
+    config = load_config(config_path)
+    url = gateway_url if gateway_url is not None else (
+        os.environ.get(GATEWAY_URL_ENV) or f"http://{config.gateway.host}:{config.gateway.port}")
+    query = {name: value for name, value in {"since": since, "until": until, "by": by, "group": group,
+                                             "key": key_name, "model": model}.items() if value is not None}
+    report = _get_usage(config, url, query)
+    if output_format == "json":
+        click.echo(json.dumps(report, indent=2))
+    elif output_format == "csv":
+        _print_usage_csv(report)
+    else:
+        _print_usage_table(report)
+
+
+def _get_usage(config, url: str, query: dict[str, str]) -> dict:
+    from hpcllm.errors import HpcllmError
+    from hpcllm.httpkit.client import check_url, internal_client, request_json
+
+    url = check_url(url, f"the gateway URL (--url or ${GATEWAY_URL_ENV})")
+    admin_key = config.gateway.admin_key
+    if not admin_key:
+        raise HpcllmError("gateway.admin_key is not set in the config: the usage report needs the gateway's admin key")
+    with internal_client(config.internal_http, base_url=url, timeout=60.0,
+                         headers={"Authorization": f"Bearer {admin_key}"}) as http:
+        report = request_json(
+            http, "GET", "/v1/admin/usage", params=query,
+            unreachable=lambda exc: HpcllmError(f"cannot reach the gateway at {url} ({exc}); set --url or "
+                                                f"${GATEWAY_URL_ENV}"),
+            refused=lambda status, error, message: HpcllmError(f"the gateway refused ({status}): {message}"),
+            unexpected=lambda what: HpcllmError(f"{url} did not answer like an hpcllm gateway ({what})"))
+    if not isinstance(report, dict) or report.get("object") != "usage":
+        raise HpcllmError(f"{url} did not answer like an hpcllm gateway (no usage report); check --url")
+    return report
+
+
+def _usage_rows(report: dict) -> list[list[str]]:
+    by = report["by"]
+    return [[item[by] or "-", *(str(item[column]) for column in USAGE_COLUMNS)] for item in report["data"]]
+
+
+def _print_usage_csv(report: dict) -> None:
+    import csv
+    import sys
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow([report["by"], *USAGE_COLUMNS])
+    writer.writerows(_usage_rows(report))
+
+
+def _print_usage_table(report: dict) -> None:
+    from rich.table import Table
+
+    from hpcllm.present import table_console
+
+    table = Table(title=f"usage {report['since']} .. {report['until']} (UTC)")
+    table.add_column(report["by"])
+    for column in USAGE_COLUMNS:
+        table.add_column(column.replace("_", " "), justify="right")
+    for row in _usage_rows(report):
+        table.add_row(*row)
+    total = report["total"]
+    table.add_row("total", *(str(total[column]) for column in USAGE_COLUMNS), style="bold")
+    table_console().print(table)

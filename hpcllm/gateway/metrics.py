@@ -67,6 +67,17 @@ class GatewayMetrics:
             "hpcllm_prompt_tokens", "Prompt tokens of admitted requests.", model, registry=reg)
         self.generation_tokens = Counter(
             "hpcllm_generation_tokens", "Generated tokens sent to clients.", model, registry=reg)
+        # By the key's group ("" without one), not by key: a site's keys would be too many series.
+        self.group_prompt_tokens = Counter(
+            "hpcllm_group_prompt_tokens", "Prompt tokens of finished requests, by the API key's group.",
+            model + ["group"], registry=reg)
+        self.group_generation_tokens = Counter(
+            "hpcllm_group_generation_tokens", "Generated tokens of finished requests, by the API key's group.",
+            model + ["group"], registry=reg)
+        self.usage_records_dropped = Counter(
+            "hpcllm_usage_records_dropped",
+            "Finished requests left out of usage accounting (the limits database refused or was away).",
+            registry=reg)
         self.request_success = Counter(
             "hpcllm_request_success", "Requests that finished generating, by finish reason.",
             model + ["finished_reason"], registry=reg)

@@ -24,6 +24,7 @@ from hpcllm.gateway.response_store import ResponseStore
 from hpcllm.gateway.routing import Router, make_router
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.gateway.tokenization import TokenizerCache
+from hpcllm.gateway.usage import UsageLog
 from hpcllm.httpkit.client import internal_client
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Gateway:
         self.shared = open_shared_state(config)
         self.limiter = RateLimiter(self.shared)
         self.responses = ResponseStore.of(config, self.shared)
+        self.usage = UsageLog.of(config, self.shared, self.metrics)
         self.api_keys: dict[str, ApiKey] = {k.key: k for k in gw.api_keys}
         if not self.api_keys:
             log.warning("gateway.api_keys is empty: /v1 endpoints are %s", "open to anyone who can reach the gateway"

@@ -56,10 +56,12 @@ class RequestContext:
     api_key: ApiKey | None
     arrived: float  # time.monotonic() when the request reached the gateway
     created: int = field(default_factory=lambda: int(time.time()))
+    endpoint: str = ""  # the API it came to (its blueprint: completions, chat, responses...), for usage accounting
 
     @classmethod
     def current(cls) -> RequestContext:
-        return cls(request_id=g.request_id, api_key=g.get("api_key"), arrived=g.arrived)
+        return cls(request_id=g.request_id, api_key=g.get("api_key"), arrived=g.arrived,
+                   endpoint=request.blueprint or "")
 
 
 @dataclass
@@ -426,6 +428,9 @@ class Generation:
             if choice.stream is not None and not choice.stream.finished:
                 choice.stream.cancel()
                 self.gw.metrics.request_success.labels(self.model, "abort").inc()
+        if any(choice.stream is not None for choice in self._choices):  # a worker took it: what it used counts
+            self.gw.usage.record(self.ctx.api_key, self.model, self.ctx.endpoint, self.prompt_tokens,
+                                 self.completion_tokens)
         if self._first_token_seen:
             self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
         if self._stream_slot is not None:

@@ -1,4 +1,4 @@
-"""/v1/admin/*: deploy, undeploy and status, proxied to the controller.
+"""/v1/admin/*: deploy, undeploy and status, proxied to the controller; usage, answered by the gateway itself.
 
 Callers authenticate with the admin key (checked in middleware); the gateway forwards the call with the caller's
 admin bearer header only - never the cluster secret - and relays the controller's status and body unchanged.
@@ -42,6 +42,14 @@ def _allowed_methods(rest: str) -> frozenset[str] | None:
         if pattern.fullmatch(rest):
             return methods
     return None
+
+
+@bp.route("/v1/admin/usage", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def usage_report():
+    """Requests and tokens per day, key, group or model (hpcllm.gateway.usage); a static gateway has them too."""
+    if request.method != "GET":
+        raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    return current_gateway().usage.report(request.args)
 
 
 @bp.route("/v1/admin/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

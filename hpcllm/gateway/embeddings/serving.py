@@ -39,6 +39,7 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
             gw.limiter.settle_tokens(ctx.api_key, prompt_tokens, 0)
         raise
     gw.metrics.prompt_tokens.labels(card.name).inc(prompt_tokens)
+    gw.usage.record(ctx.api_key, card.name, ctx.endpoint, prompt_tokens, 0)
     return EmbeddingResponse(
         data=[Embedding(embedding=_encode(e, req.encoding_format), index=i) for i, e in enumerate(embeddings)],
         model=req.model, usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),

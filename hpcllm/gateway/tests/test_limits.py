@@ -171,6 +171,7 @@ def test_a_lost_postgres_connection_is_a_503_then_reconnects(make_gateway, empty
     gw = make_gateway(limits_db=empty_postgres)
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
     assert gw.post("/v1/completions", json=body).status_code == 200
+    gw.state.usage.flush()  # its usage row written: the next statement on the connection is the request's
     gw.state.shared._shared_db.conn._conn.close()  # as a server restart would leave it
     error = assert_error(gw.post("/v1/completions", json=body), 503, "service_unavailable")
     assert "limits database is unreachable" in error["message"]
