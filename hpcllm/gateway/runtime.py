@@ -137,6 +137,7 @@ class Gateway:
     def close(self) -> None:
         self.http.close()
         self.router.close()
+        self.usage.close()
         self.shared.close()
 
 

@@ -68,7 +68,7 @@ class UsageLog:
                  clock: Callable[[], float] = time.time):
         self.shared, self.metrics, self.retention_days, self.clock = shared, metrics, retention_days, clock
         shared.create_tables(SCHEMA)
-        self._queue: queue.Queue[UsageRecord] = queue.Queue(MAX_PENDING)
+        self._queue: queue.Queue[UsageRecord | None] = queue.Queue(MAX_PENDING)
         self._pending = 0  # records put and not yet written (or dropped)
         self._settled = threading.Condition()
         self._writer_pid: int | None = None  # a forked gunicorn worker starts its own writer
@@ -103,6 +103,16 @@ class UsageLog:
         with self._settled:
             return self._settled.wait_for(lambda: self._pending == 0, timeout=timeout_s)
 
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is queued, then end the writer (gateway shutdown)."""
+        if self._writer_pid == os.getpid():
+            self.flush(timeout_s)
+            self._writer_pid = None
+            try:
+                self._queue.put(None, timeout=timeout_s)
+            except queue.Full:  # the database stalls the writer: it is a daemon thread, gone with the process
+                pass
+
     def _start_writer(self) -> None:
         pid = os.getpid()
         if self._writer_pid == pid:
@@ -113,6 +123,8 @@ class UsageLog:
     def _write_loop(self) -> None:
         while True:
             entry = self._queue.get()
+            if entry is None:  # close()
+                return
             try:
                 self._write_retrying(entry)
             except Exception as exc:  # the database refuses or is away: this record is lost, counted
