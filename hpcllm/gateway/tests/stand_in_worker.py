@@ -12,12 +12,13 @@ def slow_worker_app(seconds_per_token: float):
     return stand_in_worker_app("slow-worker", lambda index: time.sleep(seconds_per_token))
 
 
-def stand_in_worker_app(name: str, after_token, finished: threading.Event | None = None):
+def stand_in_worker_app(name: str, after_token, finished: threading.Event | None = None, fail_with: str | None = None):
     """A stand-in worker streaming the generate API's NDJSON lines: max_tokens tokens "x", after_token(index) called
-    after each, then `finished` set and the final line."""
+    after each, then `finished` set and the final line (with fail_with: a final "error" line with that message, as a
+    request its engine could not go on with)."""
     from flask import Flask, Response, request
 
-    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
+    from hpcllm.worker.protocol import GENERATE_PATH, ErrorInfo, FinalLine, GenerateRequest, TokenLine, Usage
 
     app = Flask(name)
 
@@ -34,6 +35,10 @@ def stand_in_worker_app(name: str, after_token, finished: threading.Event | None
                           total_tokens=len(req.prompt_token_ids) + total)
             if finished is not None:
                 finished.set()
+            if fail_with is not None:
+                error = ErrorInfo(message=fail_with, type="internal_error")
+                yield FinalLine(finish_reason="error", usage=usage, error=error).model_dump_json() + "\n"
+                return
             yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
 
         return Response(lines(), mimetype="application/x-ndjson")

@@ -99,6 +99,24 @@ def test_a_stream_its_client_closes_counts_the_tokens_generated(make_gateway):
     assert 1 <= row["completion_tokens"] < 500  # cancelled, not run to the end
 
 
+def test_a_request_that_failed_counts_what_it_used(make_gateway, tiny_model_dir):
+    from .conftest import ThreadServer
+    from .stand_in_worker import stand_in_worker_app
+
+    worker = ThreadServer(stand_in_worker_app("failing-worker", lambda index: None, fail_with="a bad step"))
+    try:
+        gw = make_gateway(api_keys=KEYS, static_models={MODEL: {"worker_url": worker.url,
+                                                                "source": str(tiny_model_dir)}})
+        resp = gw.post("/v1/completions", key=BOB, json={"model": MODEL, "prompt": "one two", "max_tokens": 3})
+        assert resp.status_code == 500 and resp.json()["error"]["code"] == "generation_failed"
+        row, = admin_usage(gw).json()["data"]
+        assert (row["key"], row["requests"], row["completion_tokens"]) == ("bob", 1, 3)
+        assert row["prompt_tokens"] == gw.post("/tokenize", key=BOB, json={"model": MODEL,
+                                                                          "prompt": "one two"}).json()["count"]
+    finally:
+        worker.stop()
+
+
 def test_a_database_that_refuses_usage_rows_does_not_fail_the_request(make_gateway):
     gw = make_gateway(api_keys=KEYS)
     with sqlite3.connect(limits_db_url(gw.config)) as db:
