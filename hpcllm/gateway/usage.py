@@ -89,8 +89,8 @@ class UsageLog:
         self.metrics.group_generation_tokens.labels(model, group).inc(completion_tokens)
         entry = UsageRecord(utc_day(self.clock()).isoformat(), key.name if key is not None else "", group, model,
                             endpoint, prompt_tokens, completion_tokens)
-        self._start_writer()
-        with self._settled:
+        with self._settled:  # one writer per process, however many request threads end at once
+            self._start_writer()
             try:
                 self._queue.put_nowait(entry)
             except queue.Full:
