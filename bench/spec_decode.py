@@ -46,17 +46,14 @@ def always_propose_k():
     from hpcllm.worker.ngram import SpeculationRecord
 
     class AlwaysPropose(SpeculationRecord):
+        """The rule off: a lookup at every step and k proposed at every match (the rate and back-off it still keeps
+        are read only by these two)."""
+
         def due(self, step: int) -> bool:
             return True
 
         def length(self, tokens: int, decodes: int) -> int:
             return tokens
-
-        def observe(self, proposed: int, accepted: int, tokens: int, decodes: int) -> None:
-            pass
-
-        def missed(self) -> None:
-            pass
 
     class FixedK(Engine):
         def _speculate(self, work):
