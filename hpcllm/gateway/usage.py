@@ -105,13 +105,15 @@ class UsageLog:
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Write what is queued, then end the writer (gateway shutdown)."""
-        if self._writer_pid == os.getpid():
-            self.flush(timeout_s)
-            self._writer_pid = None
-            try:
-                self._queue.put(None, timeout=timeout_s)
-            except queue.Full:  # the database stalls the writer: it is a daemon thread, gone with the process
-                pass
+        if self._writer_pid != os.getpid():
+            return
+        settled = self.flush(timeout_s)
+        self._writer_pid = None
+        if settled:
+            self._queue.put_nowait(None)  # the writer's end (the queue was just emptied)
+        else:  # the database stalls the writer, a daemon thread: it ends with the process
+            log.warning("gateway shutdown: %d usage records not written after %.0f s (the limits database is slow "
+                        "or away); they are lost", self._pending, timeout_s)
 
     def _start_writer(self) -> None:
         pid = os.getpid()
