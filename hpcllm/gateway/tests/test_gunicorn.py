@@ -20,7 +20,7 @@ import pytest
 from hpcllm.procs import stop_process
 from hpcllm.tests.ports import free_port
 
-from .conftest import MODEL, SECRET, USER_KEY
+from .conftest import ADMIN_KEY, MODEL, SECRET, USER_KEY
 
 
 DRAIN_S = 6  # the stuck request waits it out (twice: gthread, gevent); the stream and the probes take ~1 s
@@ -42,6 +42,7 @@ workers = 2
 worker_class = "{worker_class}"
 threads = 4
 drain_timeout_seconds = {DRAIN_S}
+admin_key = "{ADMIN_KEY}"
 
 [[gateway.api_keys]]
 key = "{USER_KEY}"
@@ -153,6 +154,7 @@ def test_gunicorn_serves_aggregates_metrics_and_drains_on_sigterm(gunicorn_gatew
             in text, text
     assert list((tmp_path / "state" / "gateway" / "prometheus").glob("master-*/*.db")), \
         "metrics were not written in multiprocess mode"
+    check_shared_by_the_worker_processes(url)
 
     # Two requests in flight at SIGTERM: a real stream, and one stuck on a worker that never answers.
     stuck_outcome = {}
@@ -206,6 +208,32 @@ def test_gunicorn_serves_aggregates_metrics_and_drains_on_sigterm(gunicorn_gatew
     assert proc.wait(30) == 0
     assert not list((tmp_path / "state" / "gateway" / "prometheus").glob("master-*")), \
         "the metrics directory of a stopped gateway was left behind"
+
+
+def check_shared_by_the_worker_processes(url: str) -> None:
+    """What one gunicorn worker process writes to the gateway's database the others read: a stored response (each
+    process opens it on its first use) and the usage records (each process has its own writer thread, started after
+    the fork)."""
+    import openai
+
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=USER_KEY, max_retries=0, timeout=60) as client:
+        stored = client.responses.create(model=MODEL, input="hello", max_output_tokens=2)
+    for _ in range(4):  # a fresh connection each: either process answers
+        got = httpx.get(f"{url}/v1/responses/{stored.id}", headers={"Authorization": f"Bearer {USER_KEY}"},
+                        timeout=10)
+        assert got.status_code == 200 and got.json()["output"][0]["content"][0]["text"] == stored.output_text
+    # 4 completions of 3 tokens, a streamed chat of 3 and the response of 2 (the 413 never reached a worker), each
+    # written by whichever process served it: a report from either sees all once their writers ran.
+    want = {"requests": 6, "completion_tokens": 4 * 3 + 3 + 2}
+    deadline = time.monotonic() + 30
+    while True:
+        report = httpx.get(f"{url}/v1/admin/usage", params={"by": "key"}, timeout=10,
+                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+        got = {name: report["total"][name] for name in want}
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert got == want and [row["key"] for row in report["data"]] == ["alice"], report
 
 
 def abort_count(url: str, model: str) -> float:
