@@ -11,6 +11,8 @@ Each tick, in order:
    replacement of each of its models starts elsewhere; once every one has a ready instance outside retiring
    allocations it drains (no new routes; instances moved off, their requests live-migrated there), at its drain
    deadline without (stopped: requests resume from tokens); it is cancelled once empty or after drain_seconds.
+   A model pool whose agent reported its job's end is handed over the same way from retire_lead_seconds before that
+   end, to an instance its requests may go to; without one ready it serves on until Slurm's signal, as before.
 6. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
    below min_instances; never those of a model pool's node: its agent keeps them for its job's whole life).
 7. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
@@ -31,6 +33,7 @@ from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
 from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents, is_retiring
+from hpcllm.credentials import visible_to
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,8 @@ class Autoscaler:
         report = TickReport(now)
         for step in (self._sync_slurm, self._unstick_pending_allocations, self._lose_silent_nodes,
                      self._drop_stale_reservations, self._stop_orphans, self._retire_allocations,
-                     self._stop_idle_instances, self._release_idle_allocations, self._ensure_min_and_demand,
-                     self._prune_history):
+                     self._retire_pools, self._stop_idle_instances, self._release_idle_allocations,
+                     self._ensure_min_and_demand, self._prune_history):
             try:
                 step(now, report)
             except ControllerError as exc:
@@ -161,16 +164,38 @@ class Autoscaler:
         else:
             self._start_replacements(missing, leaving, report)
 
-    def _start_replacements(self, names: list[str], leaving: frozenset[str], report: TickReport) -> None:
+    def _start_replacements(self, names: list[str], leaving: frozenset[str], report: TickReport,
+                            group: str | None = None) -> None:
         """Start an instance of each model off the leaving nodes, unless one is on its way there (loading, or an
-        allocation made for it whose agent has not registered): one at a time per model, as for demand."""
-        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)} - leaving
+        allocation made for it whose agent has not registered): one at a time per model, as for demand. group: the
+        one group a retiring pool serves (only where its requests may go counts)."""
+        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)
+                    if visible_to(n.serves_group, group)} - leaving
         for name in names:
             model = self.registry.get_model(name)
             if model is None or self.controller.pending_allocations(name) or any(
                     i.state == "loading" and i.node_id in routable for i in self.registry.instances(model=name)):
                 continue
-            self._start(model, "start_replacement", report, exclude_nodes=leaving)
+            self._start(model, "start_replacement", report, exclude_nodes=leaving, group=group)
+
+    def _retire_pools(self, now: float, report: TickReport) -> None:
+        """A model pool's job ends too: its agent reports when. From retire_lead_seconds before that end the pool
+        serves on while an instance of its model starts where its requests may go (public nodes, or its own group's
+        pools: never another group's), and once one is ready the pool drains - its agent, told so by its next
+        heartbeat's answer, live-migrates its requests there (the migration target) and exits. No drain deadline:
+        with none ready the pool serves until Slurm's signal, whose drain takes the replacement if it is ready then."""
+        for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
+            if not self.controller.is_retiring_pool(node, now):
+                continue
+            leaving = self.controller.retiring_nodes(now)
+            target = self.controller.ready_target(node.pool_model, leaving, node.serves_group)
+            if target is None:
+                self._start_replacements([node.pool_model], leaving, report, group=node.serves_group)
+                continue
+            self.registry.set_node_state(node.node_id, "draining")
+            report.actions.append(Action("retire_pool", node.node_id,
+                                         f"job ends at {node.job_end:.0f}; {node.pool_model} ready on "
+                                         f"{target.node_id}: its agent drains into it"))
 
     def _begin_drain(self, alloc: AllocationRecord, now: float, reason: str, report: TickReport) -> None:
         # retire_at becomes the drain's start: drain_seconds count from it, and status shows when it left.
@@ -266,9 +291,10 @@ class Autoscaler:
 
     # ---------------------------------------------------------------------------------------------- helpers
 
-    def _start(self, model, kind: str, report: TickReport, exclude_nodes: frozenset[str] = frozenset()) -> None:
+    def _start(self, model, kind: str, report: TickReport, exclude_nodes: frozenset[str] = frozenset(),
+               group: str | None = None) -> None:
         try:
-            outcome = self.controller.start_instance(model, exclude_nodes=exclude_nodes)
+            outcome = self.controller.start_instance(model, exclude_nodes=exclude_nodes, group=group)
         except (ControllerError, AgentError) as exc:
             report.errors.append(f"{kind} {model.name}: {exc}")
             return

@@ -236,15 +236,17 @@ def print_status(st: ClusterStatus) -> None:
                        f"{counts.get(m.name, 0)} ({m.min_instances}..{m.max_instances})",
                        "default" if m.keep_alive_seconds is None else f"{m.keep_alive_seconds:g} s", m.source)
     nodes = Table(title="nodes")
-    for col in ("node", "state", "job", "pool", "gpus free", "tiers GB/s", "cached", "heartbeat"):
+    for col in ("node", "state", "job", "pool", "gpus free", "tiers GB/s", "cached", "heartbeat", "job ends"):
         nodes.add_column(col)
     for n in st.nodes:
         tiers = ", ".join(f"{t} {getattr(n.tiers, t).read_gbps:.3g}" for t in ("dram", "nvme", "sharedfs")
                           if getattr(n.tiers, t) is not None)
         cached = ", ".join(f"{c.model}@{c.tier}" + (f"[rank {c.rank}/{c.tensor_parallel}]" if c.tensor_parallel else "")
                            for c in n.cached)
-        nodes.add_row(n.node_id, n.state, n.slurm_job_id or "-", n.pool_model or "-", f"{n.free_gpus}/{n.gpus}",
-                      tiers or "-", cached or "-", _ago(st.now, n.last_heartbeat))
+        nodes.add_row(n.node_id, f"{n.state}, {n.phase}" if n.phase else n.state, n.slurm_job_id or "-",
+                      n.pool_model or "-", f"{n.free_gpus}/{n.gpus}", tiers or "-", cached or "-",
+                      _ago(st.now, n.last_heartbeat),
+                      "-" if n.job_end is None else f"in {max(0.0, n.job_end - st.now):.0f} s")
     instances = Table(title="instances")
     for col in ("instance", "model", "node", "ranks", "state", "gpus", "running", "loaded from", "estimated",
                 "move cost", "idle"):

@@ -176,6 +176,9 @@ class Heartbeat(WireModel):
     # or its read sweep ended): they replace the registration's tiers and h2d_gbps (null there: none measured).
     tiers: Tiers | None = None
     h2d_gbps: float | None = Field(None, gt=0, le=MAX_GBPS)
+    # A model pool's Slurm job ends then (Unix time, as Slurm says now: `scontrol update TimeLimit` moves it); None:
+    # no time limit, or not known. The controller hands the pool over before it (docs/controller.md "Model pools").
+    job_end: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _h2d_with_the_tiers(self) -> Heartbeat:
@@ -423,6 +426,10 @@ class NodeStatus(Wire):
     # tools derive the node key: hpcllm.credentials.worker_key), and the one group it serves (a group's pool).
     credential_id: str | None = None
     serves_group: str | None = None
+    # A model pool's: when its Slurm job ends (its agent's report), and from job_end - retire_lead_seconds the phase
+    # "retiring, replacement starting" until it hands over (then its state is draining).
+    job_end: float | None = None
+    phase: str | None = None
 
 
 class InstanceStatus(Wire):

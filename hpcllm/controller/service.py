@@ -374,6 +374,7 @@ class Controller:
                 for m in self.registry.models()]
 
     def status(self) -> ClusterStatus:
+        now = self.clock()
         nodes = self.registry.nodes()
         instances = self.registry.instances()
         cache = defaultdict(list)
@@ -383,13 +384,14 @@ class Controller:
         for inst in instances:
             used[inst.node_id] += len(inst.gpu_ids)
         return ClusterStatus(
-            now=self.clock(),
+            now=now,
             models=self.registry.models(),
             nodes=[NodeStatus(node_id=n.node_id, state=n.state, agent_url=n.agent_url, slurm_job_id=n.slurm_job_id,
                               job_scoped=n.job_scoped, gpus=n.gpus, free_gpus=max(0, n.gpus - used[n.node_id]),
                               tiers=n.tiers, last_heartbeat=n.last_heartbeat, cached=cache[n.node_id],
                               pool_model=n.pool_model, credential_id=n.credential_id,
-                              serves_group=n.serves_group)
+                              serves_group=n.serves_group, job_end=n.job_end,
+                              phase=RETIRING_PHASE if self.is_retiring_pool(n, now) else None)
                    for n in nodes],
             instances=[InstanceStatus(instance_id=i.instance_id, model=i.model, node_id=i.node_id, state=i.state,
                                       worker_url=i.worker_url, gpu_ids=i.gpu_ids, running_requests=i.running_requests,
@@ -933,12 +935,18 @@ class Controller:
     # ------------------------------------------------------------------------------------------- retirement
 
     def retiring_nodes(self, now: float) -> frozenset[str]:
-        """The agents' nodes of allocations retiring now (is_retiring): they serve on, but get no new instance."""
+        """The agents' nodes of allocations retiring now (is_retiring), and the model pools retiring now
+        (is_retiring_pool): they serve on, but get no new instance, and are migration targets of last resort."""
         retiring = [a for a in self.registry.allocations(active_only=True) if is_retiring(a, now)]
-        if not retiring:
-            return frozenset()
         live = self.registry.nodes(states=("up", "draining"))
-        return frozenset(n.node_id for alloc in retiring for n in allocation_agents(alloc, live))
+        return frozenset([n.node_id for alloc in retiring for n in allocation_agents(alloc, live)]
+                         + [n.node_id for n in live if self.is_retiring_pool(n, now)])
+
+    def is_retiring_pool(self, node: NodeRecord, now: float) -> bool:
+        """A model pool up past retire_lead_seconds before the end of its Slurm job (as its agent reported it; a
+        job without a time limit has none): a replacement starts elsewhere, and it hands over once that is ready."""
+        return node.is_pool and node.state == "up" and node.job_end is not None \
+            and now >= node.job_end - self.settings.retire_lead_seconds
 
     def drain_deadline(self, alloc: AllocationRecord) -> float:
         """The latest time a retiring allocation starts draining, replacements ready or not: early enough that the
@@ -1385,7 +1393,9 @@ class Controller:
             for inst in self.registry.instances(node_id=node.node_id):
                 if inst.reserved:
                     self.registry.delete_instance(inst.instance_id)
-            self.registry.heartbeat(node.node_id, Heartbeat(cached=cached, instances=instances), now)
+            # The job end stays what the agent last reported (a pool's hand-over plan): the instance list has none.
+            self.registry.heartbeat(node.node_id, Heartbeat(cached=cached, instances=instances, job_end=node.job_end),
+                                    now)
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
                  len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))

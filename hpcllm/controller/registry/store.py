@@ -36,7 +36,7 @@ from hpcllm.controller.registry.databases import open_database, sqlite_path_from
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     last_heartbeat REAL,
     pool_model TEXT,
     credential_id TEXT,
-    serves_group TEXT
+    serves_group TEXT,
+    job_end REAL
 );
 CREATE TABLE IF NOT EXISTS cache (
     node_id TEXT NOT NULL,
@@ -191,6 +192,8 @@ _MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("cold_starts", "queue_wait_seconds", "ALTER TABLE cold_starts ADD COLUMN queue_wait_seconds REAL"),
         ("cold_starts", "migration_seconds", "ALTER TABLE cold_starts ADD COLUMN migration_seconds REAL"),
         ("cold_starts", "tensor_parallel", "ALTER TABLE cold_starts ADD COLUMN tensor_parallel INTEGER")],
+    # A model pool's job end as its agent reports it (the pool is handed over before it; docs/controller.md).
+    6: [("nodes", "job_end", "ALTER TABLE nodes ADD COLUMN job_end REAL")],
 }
 
 
@@ -209,6 +212,7 @@ class NodeRecord:
     pool_model: str | None = None  # a model pool's node: its agent owns its instances (never placed on)
     credential_id: str | None = None  # what its agent registered with ("cluster": the secret; else a token's id)
     serves_group: str | None = None  # a group's own pool: only that group's API keys are routed here
+    job_end: float | None = None  # when its Slurm job ends, as its agent (a model pool's) last reported it
 
     @property
     def is_pool(self) -> bool:
@@ -524,14 +528,14 @@ class Registry:
             db.execute("DELETE FROM instances WHERE node_id = ?", (reg.node_id,))
             db.execute(
                 "INSERT INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
-                " state, registered_at, last_heartbeat, pool_model, credential_id, serves_group)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?, ?, ?, ?)"
+                " state, registered_at, last_heartbeat, pool_model, credential_id, serves_group, job_end)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?, ?, ?, ?, NULL)"
                 " ON CONFLICT (node_id) DO UPDATE SET agent_url = excluded.agent_url,"
                 " slurm_job_id = excluded.slurm_job_id, job_scoped = excluded.job_scoped, gpus = excluded.gpus,"
                 " tiers = excluded.tiers, h2d_gbps = excluded.h2d_gbps, state = excluded.state,"
                 " registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat,"
                 " pool_model = excluded.pool_model, credential_id = excluded.credential_id,"
-                " serves_group = excluded.serves_group",
+                " serves_group = excluded.serves_group, job_end = excluded.job_end",
                 (reg.node_id, reg.agent_url, reg.slurm_job_id, int(reg.job_scoped), reg.gpus,
                  reg.tiers.model_dump_json(), reg.h2d_gbps, now, now, reg.pool_model, credential_id, serves_group),
             )
@@ -550,7 +554,7 @@ class Registry:
             if row is None or row["state"] not in NODE_LIVE_STATES:
                 raise UnknownNode(f"node {node_id!r} is not registered (or was declared lost): register again")
             node = _node(row)
-            db.execute("UPDATE nodes SET last_heartbeat = ? WHERE node_id = ?", (now, node_id))
+            db.execute("UPDATE nodes SET last_heartbeat = ?, job_end = ? WHERE node_id = ?", (now, hb.job_end, node_id))
             if hb.tiers is not None:  # measured again: placement counts with the new rates
                 db.execute("UPDATE nodes SET tiers = ?, h2d_gbps = ? WHERE node_id = ?",
                            (hb.tiers.model_dump_json(), hb.h2d_gbps, node_id))
@@ -988,7 +992,7 @@ def _tiers(text: str) -> Tiers:
 def _node(r) -> NodeRecord:
     return NodeRecord(r["node_id"], r["agent_url"], r["slurm_job_id"], bool(r["job_scoped"]), r["gpus"],
                       _tiers(r["tiers"]), r["h2d_gbps"], r["state"], r["registered_at"],
-                      r["last_heartbeat"], r["pool_model"], r["credential_id"], r["serves_group"])
+                      r["last_heartbeat"], r["pool_model"], r["credential_id"], r["serves_group"], r["job_end"])
 
 
 def _ranks_column(tensor_parallel: int, rank_nodes: list[str], rank_tiers: list[str] = ()) -> str | None:

@@ -55,6 +55,7 @@ class Harness:
                                    clock=self.clock)
         self.controller = Controller(self.config, self.registry, self.agents, self.allocator, clock=self.clock)
         self.autoscaler = Autoscaler(self.controller)
+        self.job_ends: dict[str, float] = {}  # what a node's agent reports as its Slurm job's end (model pools)
 
     def source(self, name: str, positions: int = 4096) -> Path:
         return checkpoint_folder(self.tmp_path / "models" / name, positions)
@@ -85,7 +86,8 @@ class Harness:
         cached = [CacheEntry(model=c.model, tier=c.tier, bytes=c.bytes, verified=c.verified,
                              tensor_parallel=c.tensor_parallel, rank=c.rank)
                   for c in self.registry.cache(node_id=node_id)]
-        self.controller.heartbeat(node_id, Heartbeat(cached=cached, instances=instances))
+        self.controller.heartbeat(node_id, Heartbeat(cached=cached, instances=instances,
+                                                     job_end=self.job_ends.get(node_id)))
 
     def tick(self, seconds: float = 0.0, heartbeats: bool = True):
         """Move the clock and run one autoscaler tick; live agents heartbeat first unless told not to."""

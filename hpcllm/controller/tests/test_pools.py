@@ -2,8 +2,9 @@
 
 A pool's agent registers with `pool_model` and keeps NAME running for its job's whole life. The controller routes
 to the pool's instances (and may name them as migration targets) but never places anything on a pool node, never
-evicts or moves a pool's instance to make room, and never stops one for idleness. Registrations are hand-made
-(conftest.Harness); the pool's own instance is what its agent would report in a heartbeat.
+evicts or moves a pool's instance to make room, and never stops one for idleness; before the pool's job ends (its
+agent reports when) it hands over to an instance started elsewhere. Registrations are hand-made (conftest.Harness);
+the pool's own instance is what its agent would report in a heartbeat.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import json
 import pytest
 
 from hpcllm.cli.main import main
+from hpcllm.controller.allocations import Allocator
+from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.cli import print_status
-from hpcllm.controller.protocol import ClusterStatus, Heartbeat, InstanceInfo
+from hpcllm.controller.protocol import ClusterStatus, Heartbeat, InstanceInfo, NodeRegistration, PoolTokenRequest
+from hpcllm.controller.registry import Registry
+from hpcllm.controller.service import Controller
 from hpcllm.controller.tests.conftest import ADMIN_KEY, GB
 from hpcllm.controller.tests.test_migration import use_migrating_agents
+from hpcllm.credentials import TOKEN_HEADER
 
 INTERNAL = {"X-Hpcllm-Secret": "test-secret"}
 
@@ -275,3 +281,151 @@ def test_node_cli_refuses_a_bad_model_name_without_a_traceback(capsys):
     assert main(["node", "--model", "bad name!"]) == 2
     err = capsys.readouterr().err
     assert "is not a model name" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------ the pool's job ends: make before break
+
+JOB_END = 1000  # seconds after the pool registered; retire_lead_seconds = 300: it retires 700 s in
+
+
+def ending_pool(make_harness, job_end: float | None = JOB_END, running: int = 2, **settings):
+    """A pool of m on pool1 (its agent reports its job's end, job_end s from now; None: no time limit) serving
+    `running` requests, and an empty ordinary node n2. (harness, the pool's instance id)"""
+    h = make_harness(retire_lead_seconds=300, **settings)
+    h.deploy("m", keep_alive_seconds=3600, max_instances=1)
+    h.register("pool1", pool_model="m")
+    if job_end is not None:
+        h.job_ends["pool1"] = h.clock.now + job_end
+    pooled = pool_instance(h, "pool1", "m", "pool-m-1", running=running)
+    h.register("n2")
+    return h, pooled
+
+
+def ask_target(h, node: str, instance_id: str, headers=None):
+    """What the pool's agent asks when it drains: where do the requests of instance_id go?"""
+    return h.app_client().post("/v1/internal/migration-target", headers=headers or INTERNAL,
+                               json={"model": "m", "exclude_node": node, "instance_id": instance_id})
+
+
+def test_a_pool_gets_a_replacement_before_its_job_ends_and_drains_into_it_once_ready(make_harness, capsys,
+                                                                                    monkeypatch):
+    h, pooled = ending_pool(make_harness)
+    assert h.tick(699).kinds() == []  # not yet: retire_lead_seconds before the end
+    assert h.controller.status().nodes[0].phase is None
+
+    report = h.tick(1)
+    # The replacement starts first (max_instances = 1: the leaving pool does not count); the pool serves on.
+    assert report.kinds() == [("start_replacement", "m")], report
+    assert [(url, model) for url, model, _ in h.agents.started] == [("http://n2:9000", "m")]
+    assert h.registry.get_node("pool1").state == "up"
+    assert h.controller.route("m").instance_id == pooled
+    pool_status = next(n for n in h.controller.status().nodes if n.node_id == "pool1")
+    assert (pool_status.job_end, pool_status.phase) == (h.job_ends["pool1"], "retiring, replacement starting")
+    monkeypatch.setenv("COLUMNS", "250")
+    print_status(h.controller.status())
+    row = next(line for line in capsys.readouterr().out.splitlines() if "pool1" in line)
+    assert "up, retiring, replacement starting" in row and "in 300 s" in row, row
+
+    assert h.tick(5).kinds() == []  # loading: one replacement at a time, no drain
+    [replacement] = [i.instance_id for i in h.registry.instances(model="m") if i.node_id == "n2"]
+    h.heartbeat("n2", tier="sharedfs")
+    report = h.tick(1)
+    assert report.kinds() == [("retire_pool", "pool1")], report
+    # No route goes to the pool any more, and its agent learns from its heartbeat's answer that it drains: it asks
+    # where its running requests go (the replacement), migrates them, and exits.
+    assert h.registry.get_node("pool1").state == "draining"
+    assert h.controller.route("m").instance_id == replacement
+    answer = h.controller.heartbeat("pool1", Heartbeat(instances=h.agents.list_instances("http://pool1:9000"),
+                                                       job_end=h.job_ends["pool1"]))
+    assert answer.state == "draining"
+    resp = ask_target(h, "pool1", pooled)
+    assert resp.status_code == 200 and resp.get_json()["instance_id"] == replacement, resp.get_json()
+    assert ("retire_pool", "pool1") not in h.tick(1).kinds()  # once
+
+
+def test_a_pool_without_a_time_limit_is_left_alone(make_harness):
+    h, pooled = ending_pool(make_harness, job_end=None)
+    for _ in range(10):
+        assert h.tick(3600).kinds() == []
+    assert h.registry.get_node("pool1").state == "up" and h.agents.started == []
+    assert h.controller.status().nodes[0].phase is None
+
+
+def test_an_extended_job_end_postpones_the_hand_over(make_harness):
+    h, pooled = ending_pool(make_harness)
+    assert h.tick(700).kinds() == [("start_replacement", "m")]
+    # `scontrol update TimeLimit=...`: the agent reads the new end and reports it; the pool is not retiring now.
+    h.job_ends["pool1"] += 1800
+    h.heartbeat("n2", tier="sharedfs")  # the replacement is ready, but the pool serves on
+    for _ in range(3):
+        assert h.tick(1).kinds() == []
+    assert h.registry.get_node("pool1").state == "up"
+    assert next(n for n in h.controller.status().nodes if n.node_id == "pool1").phase is None
+    assert h.tick(1800 - 3 - 1).kinds() == []  # a second before the new retirement time
+
+    report = h.tick(1)  # the (still ready) instance on n2 takes over
+    assert report.kinds() == [("retire_pool", "pool1")], report
+    assert len(h.agents.started) == 1
+
+
+def test_a_controller_restarted_while_a_pool_retires_waits_for_the_same_replacement(make_harness):
+    h, pooled = ending_pool(make_harness)
+    assert h.tick(700).kinds() == [("start_replacement", "m")]
+    h.registry.close()
+    h.registry = Registry(h.config.controller.database_url)
+    h.allocator = Allocator(h.config, h.registry, h.backend, "http://controller:8700", clock=h.clock)
+    h.controller = Controller(h.config, h.registry, h.agents, h.allocator, clock=h.clock)
+    h.autoscaler = Autoscaler(h.controller)
+    h.controller.reconcile()
+    assert h.registry.get_node("pool1").job_end == h.job_ends["pool1"]
+    assert h.tick(5).kinds() == []  # no second replacement, no drain
+    h.heartbeat("n2", tier="sharedfs")
+    assert h.tick(1).kinds() == [("retire_pool", "pool1")]
+    assert len(h.agents.started) == 1
+
+
+def group_pool(h, node: str, job: str, group: str, shared: bool = False) -> dict:
+    """A group's pool of m on node (registered with a pool token, as slurm/model-pool.sbatch does); its headers."""
+    token = h.controller.issue_pool_token(PoolTokenRequest(model="m", group=group, shared=shared)).token
+    h.backend.run_job(job, node)
+    h.controller.register(NodeRegistration(node_id=node, agent_url=f"http://{node}:9000", slurm_job_id=job,
+                                           pool_model="m"), h.controller.authenticate_token(token))
+    return {TOKEN_HEADER: token}
+
+
+@pytest.mark.parametrize("leaving_group, other_group", [("physics", "chemistry"), (None, "physics")])
+def test_a_pool_hands_over_only_where_its_requests_may_go(make_harness, leaving_group, other_group):
+    """A group's pool's requests may go to service nodes and its own group's pools, a shared pool's to service
+    nodes only: another group's ready pool of the model is no replacement, and never their migration target."""
+    h = make_harness(retire_lead_seconds=300)
+    h.deploy("m", keep_alive_seconds=3600, max_instances=1)
+    leaving = group_pool(h, "pool1", "71", leaving_group or "physics", shared=leaving_group is None)
+    h.job_ends["pool1"] = h.clock.now + JOB_END
+    pooled = pool_instance(h, "pool1", "m", "pool-m-1", running=2)
+    group_pool(h, "pool2", "72", other_group)
+    pool_instance(h, "pool2", "m", "pool-m-2")
+    h.register("n3")
+
+    report = h.tick(700)
+    assert report.kinds() == [("start_replacement", "m")], report
+    assert [(url, model) for url, model, _ in h.agents.started] == [("http://n3:9000", "m")]
+    assert h.registry.get_node("pool1").state == "up"
+    h.heartbeat("n3", tier="sharedfs")
+    assert h.tick(1).kinds() == [("retire_pool", "pool1")]
+    [public] = [i.instance_id for i in h.registry.instances(model="m") if i.node_id == "n3"]
+    resp = ask_target(h, "pool1", pooled, headers=leaving)
+    assert resp.status_code == 200 and resp.get_json()["instance_id"] == public, resp.get_json()
+
+
+def test_a_groups_pool_may_hand_over_to_its_own_groups_other_pool(make_harness):
+    h = make_harness(retire_lead_seconds=300)
+    h.deploy("m", keep_alive_seconds=3600, max_instances=1)
+    group_pool(h, "pool1", "71", "physics")
+    h.job_ends["pool1"] = h.clock.now + JOB_END
+    pool_instance(h, "pool1", "m", "pool-m-1", running=2)
+    group_pool(h, "pool2", "72", "physics")  # the group's second pool, with more time left
+    h.job_ends["pool2"] = h.clock.now + 10 * JOB_END
+    pool_instance(h, "pool2", "m", "pool-m-2")
+    h.register("n3")
+    assert h.tick(700).kinds() == [("retire_pool", "pool1")]  # at once: nothing to start
+    assert h.agents.started == []

@@ -94,7 +94,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     write_v1_database(database_url, tmp_path)
     registry = Registry(database_url)
     try:
-        assert SCHEMA_VERSION == 5 and registry.schema_version() == 5
+        assert SCHEMA_VERSION == 6 and registry.schema_version() == 6
         n1, n2 = registry.nodes()
         assert (n1.node_id, n1.agent_url, n1.slurm_job_id, n1.job_scoped, n1.gpus, n1.h2d_gbps, n1.state,
                 n1.registered_at, n1.last_heartbeat, n1.pool_model) == \
@@ -103,6 +103,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         assert (n2.node_id, n2.slurm_job_id, n2.gpus, n2.tiers.nvme, n2.pool_model) == ("n2", "4243", 0, None, None)
         # Nodes from before credentials registered with the cluster secret and serve every group.
         assert (n1.credential_id, n1.serves_group) == (None, None)
+        assert n1.job_end is None  # version 6: no job end reported (no pool hand-over planned)
         assert [m.name for m in registry.models()] == ["tiny-llama"]
         assert registry.get_model("tiny-llama").keep_alive_seconds == 300.0
         [entry] = registry.cache()
@@ -126,9 +127,11 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         registry.add_credential("pool-0123456789ab", "pool", "hash", NOW, model="tiny-llama", group="physics")
         registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama", state="loading")]),
                            NOW + 1)
-        registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama")]), NOW + 2)
+        registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama")], job_end=NOW + 3600),
+                           NOW + 2)
         n3 = registry.get_node("n3")
         assert (n3.pool_model, n3.credential_id, n3.serves_group) == ("tiny-llama", "pool-0123456789ab", "physics")
+        assert n3.job_end == NOW + 3600
         assert [(c.credential_id, c.group) for c in registry.credentials()] == [("pool-0123456789ab", "physics")]
         registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama").model_copy(
             update={"tensor_parallel": 2, "rank_nodes": ["n3", "n3"]})]), NOW + 3)  # version 3: the ranks
@@ -138,10 +141,10 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     finally:
         registry.close()
 
-    # Opening it again is a no-op: still version 5, nothing lost.
+    # Opening it again is a no-op: still version 6, nothing lost.
     registry = Registry(database_url)
     try:
-        assert registry.schema_version() == 5
+        assert registry.schema_version() == 6
         assert registry.get_credential("pool-0123456789ab").model == "tiny-llama"
         assert [(n.node_id, n.pool_model) for n in registry.nodes()] == \
             [("n1", None), ("n2", None), ("n3", "tiny-llama")]
@@ -159,11 +162,11 @@ def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
     Registry(url).close()
     raw = sqlite3.connect(tmp_path / "v1.db")
     columns = {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
-    assert {"pool_model", "credential_id", "serves_group"} <= columns
+    assert {"pool_model", "credential_id", "serves_group", "job_end"} <= columns
     assert "ranks" in {row[1] for row in raw.execute("PRAGMA table_info(instances)")}
     assert {"placement_kind", "queue_wait_seconds", "migration_seconds", "tensor_parallel"} <= \
         {row[1] for row in raw.execute("PRAGMA table_info(cold_starts)")}
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(5,)]
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(6,)]
     assert raw.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
     assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
     raw.close()
