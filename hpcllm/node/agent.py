@@ -30,6 +30,7 @@ from hpcllm.controller.protocol import (
     InstanceInfo,
     MigrationTarget,
     MigrationTargetRequest,
+    HeartbeatResponse,
     ModelList,
     NodeRegistration,
     RegisterResponse,
@@ -43,6 +44,7 @@ from hpcllm.httpkit.client import check_url, error_of, internal_client
 from hpcllm.httpkit.server import InternalServer
 from hpcllm.node.cache import CacheError
 from hpcllm.node.gpus import GpuInventory, detect_gpus
+from hpcllm.node.job_end import read_job_end
 from hpcllm.node.probes import PROBE_FORMAT, ProbeResult, TierMeasurements, measure_tiers, sweep_read_settings
 from hpcllm.node.read_sweep import (
     BackgroundMeasurements,
@@ -56,6 +58,7 @@ from hpcllm.node.read_sweep import (
 from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
 from hpcllm.node.workers import MigrationOutcome, WorkerManager
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
+from hpcllm.slurm.errors import SlurmError
 from hpcllm.store.tuning import ALLOWED_MODES, ReadTuning, SweepGate
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ CONTROLLER_URL_ENV = "HPCLLM_CONTROLLER_URL"
 GB = 1e9
 # Tier probes in the background are taken again when a start began during them, at most this many times.
 REMEASURE_TRIES = 3
+# squeue reading the job's end runs in the heartbeat thread: at most this long (the node timeout is longer).
+JOB_END_READ_TIMEOUT_SECONDS = 10.0
 
 
 def controller_url_of(config: Config, override: str | None = None) -> str:
@@ -100,6 +105,9 @@ def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | 
 class NodeAgent:
     # The background measurements start after the node has been quiet this long (read_sweep.IdleGate).
     read_sweep_quiet_seconds = 5.0
+    # A model pool reads its job's end again this often (`scontrol update TimeLimit=` moves it): one squeue call a
+    # minute, not one per heartbeat.
+    job_end_refresh_seconds = 60.0
 
     def __init__(self, config: Config, *, config_path: Path | None = None, controller_url: str | None = None,
                  pinned_model: str | None = None, cache=None, gpus: GpuInventory | None = None,
@@ -144,6 +152,11 @@ class NodeAgent:
         self._drained = threading.Event()
         self._server = None
         self._pinned_last_start = 0.0
+        # A model pool's Slurm job end as last read (None: no time limit, or never read), when to read it next, and
+        # whether the controller takes it (one older than this agent refuses the field).
+        self.job_end: float | None = None
+        self._job_end_due = 0.0
+        self._send_job_end = True
         # To the controller: its node token when it has one, never then the cluster secret.
         credential = {TOKEN_HEADER: token} if token else secret_headers(config.cluster.shared_secret)
         self._http = internal_client(config.internal_http, headers=credential, timeout=10.0)
@@ -398,12 +411,13 @@ class NodeAgent:
         version, rates = self._rates_version, {}
         if version != self._rates_sent:  # measured again since the controller last heard: it places with these
             rates = dict(zip(("tiers", "h2d_gbps"), self.rates()))
+        job_end = self.job_end if self._send_job_end else None
         body = Heartbeat(cached=self.cache_entries(), instances=self.instance_infos(),
-                         draining=self.state in ("draining", "stopped"), **rates)
+                         draining=self.state in ("draining", "stopped"), job_end=job_end, **rates)
+        # Without rates or a job end, none of their fields: a controller older than this agent would refuse them.
+        exclude = ({"tiers", "h2d_gbps"} if not rates else set()) | ({"job_end"} if job_end is None else set())
         try:
-            # Without rates, none of their fields: a controller older than this agent would refuse them, even null.
-            resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body,
-                              exclude=None if rates else {"tiers", "h2d_gbps"})
+            resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body, exclude=exclude or None)
         except httpx.HTTPError as exc:
             log.warning("heartbeat to %s failed: %s", self.controller_url, exc)
             return False
@@ -418,12 +432,48 @@ class NodeAgent:
                         "registered ones", self.controller_url, error_of(resp)[1])
             self._rates_sent = version
             return self.heartbeat()
+        if resp.status_code == 400 and job_end is not None:
+            log.warning("the controller %s refused this pool's job end (%s): it cannot hand the pool over before "
+                        "the job ends; Slurm's signal drains it", self.controller_url, error_of(resp)[1])
+            self._send_job_end = False
+            return self.heartbeat()
         if resp.status_code != 200:
             log.warning("heartbeat answered HTTP %d: %s", resp.status_code, resp.text[:300])
             return False
         if rates:
             self._rates_sent = version
+        if self.pinned_model is not None:
+            self._follow_the_controller(resp)
         return True
+
+    def _follow_the_controller(self, resp: httpx.Response) -> None:
+        """A model pool's node the controller drains (it retires the pool before its job ends, a replacement ready
+        elsewhere): drain - live-migrate the running requests there, stop, exit - as at Slurm's signal."""
+        try:
+            answer = HeartbeatResponse.model_validate(resp.json())
+        except ValueError:  # not the controller's answer (a proxy's page): nothing to follow
+            log.warning("the heartbeat's answer is no HeartbeatResponse: %s", resp.text[:300])
+            return
+        if answer.state == "draining" and self.state == "up":
+            self.request_drain("the controller hands this pool over before its Slurm job ends")
+
+    def refresh_job_end(self) -> None:
+        """A model pool in a Slurm job: read when the job ends, at most every job_end_refresh_seconds. A failure is
+        logged and the last end read is kept (none: the controller plans no hand-over; Slurm's signal still drains)."""
+        if self.pinned_model is None or self.job_id is None or time.monotonic() < self._job_end_due:
+            return
+        self._job_end_due = time.monotonic() + self.job_end_refresh_seconds
+        try:
+            end = read_job_end(self.job_id, JOB_END_READ_TIMEOUT_SECONDS)
+        except SlurmError as exc:
+            kept = "no end" if self.job_end is None else f"the end read before, {self.job_end:.0f}"
+            log.warning("cannot read when Slurm job %s ends: %s; the controller keeps %s (trying again in %.0f s)",
+                        self.job_id, exc, kept, self.job_end_refresh_seconds)
+            return
+        if end != self.job_end:
+            log.info("Slurm job %s ends %s", self.job_id, "never (no time limit)" if end is None else
+                     time.strftime("at %Y-%m-%dT%H:%M:%S%z", time.localtime(end)))
+        self.job_end = end
 
     def _heartbeat_loop(self) -> None:
         while not self._drain_requested.is_set():
@@ -432,6 +482,7 @@ class NodeAgent:
             if self._drain_requested.is_set():
                 return
             try:
+                self.refresh_job_end()
                 self._keep_pinned_model()
                 self.heartbeat()
             except Exception:  # one bad beat must not end them all (the controller would declare the node lost)

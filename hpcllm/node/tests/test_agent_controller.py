@@ -132,3 +132,87 @@ def test_a_cache_that_cannot_be_read_keeps_the_node_beating(tmp_path, controller
         assert (node.node_id, node.state, node.cached) == ("n7", "up", [])
     finally:
         agent.shutdown()
+
+
+# --------------------------------------------------------------------------- a pool's job end (make before break)
+
+
+def squeue_line(job: str, end: int, limit: str = "1:00:00") -> str:
+    """One line of `squeue -h -O <adapter.SQUEUE_TEXT_FORMAT>` (SLURM_TIME_FORMAT=%s) for a running job."""
+    return f"{job}|RUNNING|None|n8|{end - 3600}|{end}|{limit}|0|debug|hpcllm-pool|\n"
+
+
+@pytest.fixture
+def pool_agent(tmp_path, controllers, monkeypatch):
+    """A pool agent (`hpcllm node --model tiny-llama` in Slurm job 77) registered with the first controller, with
+    Slurm's commands faked; (agent, controller service, fake Slurm)."""
+    from hpcllm.slurm.tests.fake_slurm import FakeSlurm
+
+    fake = FakeSlurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", fake.path_env())
+    monkeypatch.setenv("SLURMD_NODENAME", "n8")
+    (first, _, url), _ = controllers
+    agent = make_agent(tmp_path)
+    agent.pinned_model, agent.job_id, agent.controller_url = "tiny-llama", "77", url
+    agent.start_server(create_app(agent))
+    assert agent.register()
+    agent.state = "up"  # as run() sets it after registering
+    yield agent, first, fake
+    agent.shutdown()
+
+
+def test_a_pool_agent_reports_its_jobs_end_as_squeue_says_it_now_and_then(pool_agent):
+    agent, first, fake = pool_agent
+    fake.on("squeue", "--jobs=77", stdout=squeue_line("77", 1_900_000_000))
+    agent.refresh_job_end()
+    assert agent.heartbeat()
+    assert first.controller.registry.get_node("n8").job_end == 1_900_000_000
+    [node] = first.controller.status().nodes
+    assert node.job_end == 1_900_000_000
+    [call] = fake.calls("squeue")
+    assert call["env"]["SLURM_TIME_FORMAT"] == "%s"  # epoch times whatever the user's setting
+
+    # `scontrol update TimeLimit=...` extends the job: read again after job_end_refresh_seconds, not per heartbeat.
+    fake.rules.clear()
+    fake.on("squeue", "--jobs=77", stdout=squeue_line("77", 1_900_003_600, limit="2:00:00"))
+    agent.refresh_job_end()
+    assert len(fake.calls("squeue")) == 1 and agent.job_end == 1_900_000_000
+    agent._job_end_due = 0.0  # the minute has passed
+    agent.refresh_job_end()
+    assert agent.heartbeat()
+    assert first.controller.registry.get_node("n8").job_end == 1_900_003_600
+
+    # A job without a time limit has no end: none reported.
+    fake.rules.clear()
+    fake.on("squeue", "--jobs=77", stdout=squeue_line("77", 1_931_536_000, limit="UNLIMITED"))
+    agent._job_end_due = 0.0
+    agent.refresh_job_end()
+    assert agent.heartbeat()
+    assert agent.job_end is None and first.controller.registry.get_node("n8").job_end is None
+
+
+def test_a_slurm_failure_to_say_the_jobs_end_is_logged_not_fatal(pool_agent, caplog):
+    agent, first, fake = pool_agent
+    fake.on("squeue", "--jobs=77", stdout=squeue_line("77", 1_900_000_000))
+    agent.refresh_job_end()
+    fake.rules.clear()
+    fake.on("squeue", "--jobs=77", stderr="squeue: error: Unable to contact slurm controller (connect failure)\n",
+            rc=1)
+    agent._job_end_due = 0.0
+    agent.refresh_job_end()  # no exception: the heartbeat thread goes on
+    assert "cannot read when Slurm job 77 ends: squeue failed: squeue: error: Unable to contact slurm controller" \
+        in caplog.text
+    assert agent.heartbeat()
+    assert first.controller.registry.get_node("n8").job_end == 1_900_000_000  # the last end read is kept
+    assert first.controller.registry.get_node("n8").state == "up"
+
+
+def test_a_pool_agent_drains_when_the_controller_hands_its_pool_over(pool_agent):
+    agent, first, _ = pool_agent
+    assert agent.heartbeat() and not agent._drain_requested.is_set()
+    # The controller's autoscaler found a replacement ready before the pool's job ends (action retire_pool).
+    first.controller.registry.set_node_state("n8", "draining")
+    assert agent.heartbeat()
+    assert agent._drain_requested.is_set()  # run() drains: requests migrate to the replacement, then it exits
+    agent._keep_pinned_model()  # and its model is not started again meanwhile
+    assert agent.workers.instances() == []
