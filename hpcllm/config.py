@@ -145,6 +145,9 @@ class NodeConfig(Section):
     # instance on another node first (hpcllm's behaviour), or "restart": stop the workers at once, and the gateway
     # resumes each request elsewhere by prefilling it again (the baseline bench/replay.py compares against).
     on_preempt: Literal["migrate", "restart"] = "migrate"
+    # A model pool's agent reads its Slurm job's end (squeue) this often: `scontrol update TimeLimit=` moves it, and
+    # the controller hands the pool over retire_lead_seconds before it (docs/controller.md "Model pools").
+    job_end_refresh_seconds: float = Field(60.0, gt=0)
 
 
 class ControllerConfig(Section):

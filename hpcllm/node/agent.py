@@ -105,9 +105,6 @@ def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | 
 class NodeAgent:
     # The background measurements start after the node has been quiet this long (read_sweep.IdleGate).
     read_sweep_quiet_seconds = 5.0
-    # A model pool reads its job's end again this often (`scontrol update TimeLimit=` moves it): one squeue call a
-    # minute, not one per heartbeat.
-    job_end_refresh_seconds = 60.0
 
     def __init__(self, config: Config, *, config_path: Path | None = None, controller_url: str | None = None,
                  pinned_model: str | None = None, cache=None, gpus: GpuInventory | None = None,
@@ -458,17 +455,18 @@ class NodeAgent:
             self.request_drain("the controller hands this pool over before its Slurm job ends")
 
     def refresh_job_end(self) -> None:
-        """A model pool in a Slurm job: read when the job ends, at most every job_end_refresh_seconds. A failure is
-        logged and the last end read is kept (none: the controller plans no hand-over; Slurm's signal still drains)."""
+        """A model pool in a Slurm job: read when the job ends, at most every node.job_end_refresh_seconds (not per
+        heartbeat: one squeue call a minute by default). A failure is logged and the last end read is kept (none:
+        the controller plans no hand-over; Slurm's signal still drains)."""
         if self.pinned_model is None or self.job_id is None or time.monotonic() < self._job_end_due:
             return
-        self._job_end_due = time.monotonic() + self.job_end_refresh_seconds
+        self._job_end_due = time.monotonic() + self.config.node.job_end_refresh_seconds
         try:
             end = read_job_end(self.job_id, JOB_END_READ_TIMEOUT_SECONDS)
         except SlurmError as exc:
             kept = "no end" if self.job_end is None else f"the end read before, {self.job_end:.0f}"
             log.warning("cannot read when Slurm job %s ends: %s; the controller keeps %s (trying again in %.0f s)",
-                        self.job_id, exc, kept, self.job_end_refresh_seconds)
+                        self.job_id, exc, kept, self.config.node.job_end_refresh_seconds)
             return
         if end != self.job_end:
             log.info("Slurm job %s ends %s", self.job_id, "never (no time limit)" if end is None else
