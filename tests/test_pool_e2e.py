@@ -11,7 +11,10 @@ Checks: a request for A is routed to the pool's instance and answered; B is plac
 candidate, and the pool's instance is neither evicted nor moved; after keep-alive the ordinary idle instance (B's)
 is stopped while the pool's instance is still the same instance and ready; `hpcllm status` and `--json` name the
 pool; when the pool job is told to end (Slurm's USR1 to its batch shell), its agent drains and the controller
-forgets the pool's instance. Everything started here (jobs, processes) is stopped at the end, also on failure.
+forgets the pool's instance. Then a second pool of A on n3 whose time limit is cut (`scontrol update TimeLimit=`)
+below retire_lead_seconds hands over before its end: its agent reports the new end, the controller starts A on n2
+and, once that is ready, drains the pool, whose agent exits by itself (the job COMPLETED). Everything started here
+(jobs, processes) is stopped at the end, also on failure.
 
 The pool runs as a group would (docs/security.md): with a pool token the admin issued (`hpcllm pool token issue
 --model A --group physics --output FILE`) and a config whose cluster secret is wrong - a group never holds it. The
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from e2e_helpers import admin_status as e2e_admin_status
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
 from hpcllm.httpkit.auth import SECRET_HEADER
+from hpcllm.node.job_end import read_job_end
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
 from hpcllm.worker.client import WorkerClient, WorkerError
@@ -48,7 +53,7 @@ ADMIN = "pool-e2e-admin"
 GROUP = "physics"
 MODEL_A = f"tiny-pool-a-{os.getpid()}"
 MODEL_B = f"tiny-pool-b-{os.getpid()}"
-POOL_NODE, OTHER_NODE = "n1", "n2"
+POOL_NODE, OTHER_NODE, SECOND_POOL_NODE = "n1", "n2", "n3"
 KEEP_ALIVE = 3.0  # A's (the pool's model), and the controller's default
 B_KEEP_ALIVE = 8.0  # long enough to read B's placement after its request, even on a busy host
 POOL_SBATCH = Path(__file__).resolve().parents[1] / "slurm" / "model-pool.sbatch"
@@ -136,17 +141,21 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
             root / "group", secret="the-group-does-not-know-the-secret", admin="not-the-admin",
             controller_port=controller_port, namespace=f"pool{os.getpid()}", slurm={"gpus_per_node": 0},
             node={"controller_url": f"http://127.0.0.1:{controller_port}", "spare_workers": 0,
-                  "migrate_timeout_seconds": 10, "worker_stop_timeout_seconds": 10})
+                  "migrate_timeout_seconds": 10, "worker_stop_timeout_seconds": 10, "job_end_refresh_seconds": 1})
         # The pool as a group submits it (the script's own #SBATCH lines, GPUS=1 of the node's two fake GPUs; the
         # model itself serves on CPU). OMP_NUM_THREADS=1: two CPU workers share this host's two cores.
         exports = {"MODEL": MODEL_A, "HPCLLM": HPCLLM, "HPCLLM_CONFIG": str(group_config), "OMP_NUM_THREADS": "1",
                    "HPCLLM_NODE_TOKEN_FILE": str(token_file)}
-        submitted = slurm_cluster.run(
-            "sbatch", "--parsable", "-w", POOL_NODE, "--time", "00:10:00", "-J", f"hpcllm-pool{os.getpid()}",
-            "-o", str(root / "slurm" / "pool-%j.out"),
-            "--export", "ALL," + ",".join(f"{k}={v}" for k, v in exports.items()), str(POOL_SBATCH))
-        pool_job = submitted.stdout.strip().split(";")[0]
-        jobs.append(pool_job)
+
+        def submit_pool(node: str, name: str) -> str:
+            submitted = slurm_cluster.run(
+                "sbatch", "--parsable", "-w", node, "--time", "00:10:00", "-J", f"hpcllm-pool{os.getpid()}",
+                "-o", str(root / "slurm" / f"{name}-%j.out"),
+                "--export", "ALL," + ",".join(f"{k}={v}" for k, v in exports.items()), str(POOL_SBATCH))
+            jobs.append(submitted.stdout.strip().split(";")[0])
+            return jobs[-1]
+
+        pool_job = submit_pool(POOL_NODE, "pool")
         spec = node_agent_job_spec(config, gpus_per_node=0, name=f"hpcllm-pool{os.getpid()}-{OTHER_NODE}",
                                    agent_args=["--config", str(config_path)], hpcllm=HPCLLM,
                                    output=str(root / "slurm" / f"agent-{OTHER_NODE}-%j.out"),
@@ -158,7 +167,7 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
             return up if {POOL_NODE, OTHER_NODE} <= set(up) else None
 
         wait_for(registered, 90, f"the agents on {POOL_NODE} and {OTHER_NODE} to register")
-        yield controller_url, root, env, pool_job
+        yield controller_url, root, env, pool_job, submit_pool
     finally:
         for job in jobs:
             backend.cancel(job)
@@ -168,7 +177,7 @@ def stack(slurm_cluster, tiny_llama_dir, tmp_path):
 
 
 def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):
-    controller_url, root, env, pool_job = stack
+    controller_url, root, env, pool_job, submit_pool = stack
 
     # The pool's agent starts A by itself and registers as A's pool.
     def pool_ready():
@@ -256,3 +265,65 @@ def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):
 
     log = wait_for(drained, 45, "the pool's agent to finish draining")
     assert "node agents exited with status 0" in log, log[-3000:]
+
+    # Before its job ends a pool hands over (docs/controller.md "A pool's job end"): a second pool of the group, on
+    # n3, whose time limit is then cut to 4 minutes - less than retire_lead_seconds (300 s) left. Its agent reads the
+    # new end (squeue, every second here); the controller starts A on n2 (the group's requests may go to a service
+    # node), and once that is ready marks the pool draining: its agent drains into it and exits, the job COMPLETED
+    # long before its limit.
+    second_job = submit_pool(SECOND_POOL_NODE, "pool2")
+
+    def second_pool_ready():
+        st = admin_status(controller_url)
+        return st if any(i["node_id"] == SECOND_POOL_NODE and i["state"] == "ready"
+                         for i in instances_of(st, MODEL_A)) else None
+
+    status = wait_for(second_pool_ready, 90, f"the second pool's instance of {MODEL_A} on {SECOND_POOL_NODE}")
+    pool2 = next(n for n in status["nodes"] if n["node_id"] == SECOND_POOL_NODE)
+    assert pool2["job_end"] is not None and pool2["phase"] is None, pool2  # 10 minutes left: not retiring
+    slurm_cluster.run("scontrol", "update", f"JobId={second_job}", "TimeLimit=00:04:00")
+
+    def retiring():
+        node = next(n for n in admin_status(controller_url)["nodes"] if n["node_id"] == SECOND_POOL_NODE)
+        return node if node["phase"] or node["state"] != "up" else None
+
+    pool2_now = wait_for(retiring, 20, f"{SECOND_POOL_NODE} to retire", interval=0.2)
+    assert pool2_now["job_end"] < pool2["job_end"] - 300, (pool2, pool2_now)  # the cut end, as the agent read it
+
+    def handed_over():
+        log = next((root / "slurm").glob("pool2-*.out")).read_text()
+        return "node agents exited with status" in log and log
+
+    log = wait_for(handed_over, 60, "the second pool to hand over and exit", interval=0.5)
+    assert "hands this pool over before its Slurm job ends" in log and "exited with status 0" in log, log[-3000:]
+    controller_log = (root / "controller.log").read_text()
+    assert f"retire_pool {SECOND_POOL_NODE}" in controller_log, logs(root)
+    status = admin_status(controller_url)
+    assert any(c["model"] == MODEL_A and c["node_id"] == OTHER_NODE for c in status["cold_starts"]), status
+    wait_for(lambda: slurm_cluster.run("squeue", "--noheader", f"--jobs={second_job}", "--states=all",
+                                       "--format=%T").stdout.strip() == "COMPLETED", 20,
+             f"the second pool's job {second_job} to complete (not to run into its time limit)")
+
+
+
+def test_a_pool_agent_reads_its_jobs_end_from_the_real_squeue_as_the_limit_changes(slurm_cluster):
+    """What a pool's agent reports as its job's end (hpcllm.node.job_end: the controller's hand-over plan) from the
+    real squeue: start + time limit, moved by `scontrol update TimeLimit=`, none once the limit is UNLIMITED."""
+    job = slurm_cluster.run("sbatch", "--parsable", "--time", "00:10:00", "-J", f"hpcllm-job-end{os.getpid()}",
+                            "-o", "/dev/null", "--wrap", "sleep 300").stdout.strip().split(";")[0]
+    epoch = {**slurm_cluster.env, "SLURM_TIME_FORMAT": "%s"}
+
+    def started() -> float | None:
+        shown = subprocess.run(["squeue", "--noheader", f"--jobs={job}", "--format=%T %S"], env=epoch, text=True,
+                               capture_output=True, timeout=30, check=True).stdout.split()
+        return float(shown[1]) if shown[:1] == ["RUNNING"] else None
+
+    try:
+        start = wait_for(started, 60, f"job {job} to start")
+        assert read_job_end(job, 10) == start + 600
+        slurm_cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=00:20:00")
+        assert read_job_end(job, 10) == start + 1200
+        slurm_cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=UNLIMITED")
+        assert read_job_end(job, 10) is None
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
