@@ -216,3 +216,30 @@ def test_a_pool_agent_drains_when_the_controller_hands_its_pool_over(pool_agent)
     assert agent._drain_requested.is_set()  # run() drains: requests migrate to the replacement, then it exits
     agent._keep_pinned_model()  # and its model is not started again meanwhile
     assert agent.workers.instances() == []
+
+
+def test_a_controller_older_than_the_pool_agent_gets_heartbeats_without_the_job_end(tmp_path, caplog):
+    """An older controller refuses the unknown field (400): the pool keeps beating without it, not declared lost."""
+    import json
+
+    import httpx
+
+    bodies = []
+
+    def older_controller(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        if "job_end" in body:
+            return httpx.Response(400, json={"error": {"message": "job_end: Extra inputs are not permitted"}})
+        return httpx.Response(200, json={"node_id": "n8", "state": "up"})
+
+    agent = make_agent(tmp_path)
+    agent.pinned_model, agent.job_end, agent.controller_url = "tiny-llama", 1_900_000_000.0, "http://controller"
+    agent._http = httpx.Client(transport=httpx.MockTransport(older_controller))
+    agent._rates_sent = agent._rates_version  # registered with these rates: the heartbeats carry none
+    try:
+        assert agent.heartbeat() and agent.heartbeat()
+        assert ["job_end" in b for b in bodies] == [True, False, False]
+        assert "refused this pool's job end (job_end: Extra inputs are not permitted)" in caplog.text
+    finally:
+        agent.shutdown()
