@@ -14,6 +14,7 @@ from hpcllm.gateway.health.router import bp as health_bp
 from hpcllm.gateway.models.router import bp as models_bp
 from hpcllm.gateway.responses.router import bp as responses_bp
 from hpcllm.gateway.routing import Router
+from hpcllm.gateway.score.router import rerank_bp, score_bp
 from hpcllm.gateway.status.router import bp as status_bp
 from hpcllm.gateway.tokenize.router import bp as tokenize_bp
 from hpcllm.gateway.runtime import EXTENSION_KEY, Gateway
@@ -28,8 +29,8 @@ def create_app(config: Config | None = None, *, router: Router | None = None) ->
     app.json.compact = True
     app.extensions[EXTENSION_KEY] = gateway
     middleware.install(app, gateway)
-    for blueprint in (health_bp, models_bp, completions_bp, chat_bp, responses_bp, embeddings_bp, tokenize_bp, admin_bp,
-                      status_bp):
+    for blueprint in (health_bp, models_bp, completions_bp, chat_bp, responses_bp, embeddings_bp, score_bp, rerank_bp,
+                      tokenize_bp, admin_bp, status_bp):
         app.register_blueprint(blueprint)
     return app
 

@@ -31,6 +31,7 @@ MIGRATE_REQUEST_PATH = "/v1/internal/requests/{request_id}/migrate"
 MIGRATE_ALL_PATH = "/v1/internal/migrate"
 # Embeddings of token id lists (the model's last-token hidden state, L2-normalized: vLLM's default for decoders).
 EMBED_PATH = "/v1/internal/embed"
+MAX_EMBED_INPUTS = 2048  # token id lists per embed call (the gateway checks a request against it)
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 # Why a generation ended. "stop": eos, a stop token id or a stop string; "length": max_tokens or the model's context
@@ -245,7 +246,7 @@ class RequestTokens(WireModel):
 
 
 class EmbedRequest(WireModel):
-    inputs: list[list[int]] = Field(min_length=1, max_length=2048)
+    inputs: list[list[int]] = Field(min_length=1, max_length=MAX_EMBED_INPUTS)
 
     @model_validator(mode="after")
     def _not_empty(self) -> "EmbedRequest":

@@ -70,9 +70,13 @@ def test_an_adapter_is_listed_as_a_model_of_its_base_and_served_by_the_bases_ins
     assert [model for model, _ in agents.started] == [MODEL]  # one instance of the base serves both
 
 
-def test_embeddings_of_an_adapter_are_refused_naming_the_base_model(gateway):
+def test_embeddings_and_scores_of_an_adapter_are_refused_naming_the_base_model(gateway):
     resp = gateway.post("/v1/embeddings", json={"model": ADAPTER, "input": "hello"})
     assert resp.status_code == 400 and f"ask '{MODEL}'" in resp.json()["error"]["message"]
+    for path, body in (("/v1/score", {"text_1": "a", "text_2": "b"}),
+                       ("/v1/rerank", {"query": "a", "documents": ["b"]})):
+        resp = gateway.post(path, json={"model": ADAPTER, **body})
+        assert resp.status_code == 400 and f"ask '{MODEL}'" in resp.json()["error"]["message"], path
 
 
 def test_a_static_models_adapters_are_listed_and_served_by_its_workers(make_gateway, adapter_worker, adapter,

@@ -1,0 +1,85 @@
+"""Scores of text pairs as vLLM computes them for an embedding (bi-encoder) model: each query and document is
+embedded on the model's worker (one call, hpcllm.gateway.embeddings.serving), and a pair's score is the cosine
+similarity of its two embeddings. Pairs are 1:N (one query, each document) or N:N (the i-th of each), as vLLM's."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from hpcllm.gateway.embeddings.serving import embed_on_a_worker, pooling_model, tokenize_input
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.protocol import UsageInfo
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.score.protocol import (RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage,
+                                           ScoreData, ScoreRequest, ScoreResponse, Side)
+from hpcllm.gateway.serving import RequestContext, new_response_id
+from hpcllm.worker.protocol import MAX_EMBED_INPUTS
+
+RESPONSE_ID_PREFIX = "score"  # vLLM's for both APIs
+
+
+def create_score(gw: Gateway, ctx: RequestContext, req: ScoreRequest) -> dict:
+    req.check_supported()
+    scores, prompt_tokens = score_pairs(gw, ctx, req.model, *req.sides())
+    return ScoreResponse(
+        id=new_response_id(RESPONSE_ID_PREFIX), created=int(time.time()), model=req.model,
+        data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
+        usage=UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
+    ).model_dump()
+
+
+def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
+    """The documents by relevance to the query, best first (ties in the documents' order), the first top_n."""
+    req.check_supported()
+    query, documents = req.sides()
+    scores, prompt_tokens = score_pairs(gw, ctx, req.model, query, documents)
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:req.top_n or None]
+    results = [RerankResult(index=i, relevance_score=scores[i],
+                            document=RerankDocument(text=documents.texts[i]) if req.return_documents else None)
+               for i in ranked]
+    answer = RerankResponse(id=new_response_id(RESPONSE_ID_PREFIX), model=req.model, results=results,
+                            usage=RerankUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)).model_dump()
+    if not req.return_documents:  # Cohere's answer then has no document at all
+        for result in answer["results"]:
+            del result["document"]
+    return answer
+
+
+def score_pairs(gw: Gateway, ctx: RequestContext, model: str, queries: Side, documents: Side) -> tuple[list[float],
+                                                                                                     int]:
+    """The score of each (query, document) pair, in the documents' order, and the prompt tokens it took (every
+    query's and document's tokens once, as vLLM counts them)."""
+    _check_pairing(queries, documents)
+    card = pooling_model(gw, model, "scores")
+    encoder = gw.tokenizers.get(card)
+    inputs = [tokenize_input(encoder, card, text, side.param(i))
+              for side in (queries, documents) for i, text in enumerate(side.texts)]
+    embeddings = embed_on_a_worker(gw, ctx, card, inputs)
+    query_embeddings = embeddings[:len(queries.texts)]
+    if len(query_embeddings) == 1:
+        query_embeddings *= len(documents.texts)
+    scores = [_cosine(q, d) for q, d in zip(query_embeddings, embeddings[len(queries.texts):])]
+    return scores, sum(len(ids) for ids in inputs)
+
+
+def _check_pairing(queries: Side, documents: Side) -> None:
+    """vLLM's rules (and words) for the two sides' lengths, and hpcllm's limit on a request's texts."""
+    if not queries.texts:
+        raise InvalidRequest("At least one text element must be given", param=queries.name)
+    if not documents.texts:
+        raise InvalidRequest("At least one text_pair element must be given", param=documents.name)
+    if len(queries.texts) > 1 and len(queries.texts) != len(documents.texts):
+        raise InvalidRequest(f"Input lengths must be either 1:1, 1:N or N:N (got {len(queries.texts)} "
+                             f"{queries.name} and {len(documents.texts)} {documents.name})", param=documents.name)
+    if len(queries.texts) + len(documents.texts) > MAX_EMBED_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} texts (queries and documents together) are scored in one "
+                             f"request; this one has {len(queries.texts) + len(documents.texts)}: split it",
+                             param=documents.name)
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    """torch's cosine_similarity (what vLLM applies), in float64."""
+    dot = sum(x * y for x, y in zip(a, b))
+    norms = math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+    return dot / max(norms, 1e-8)

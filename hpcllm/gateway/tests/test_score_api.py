@@ -1,0 +1,118 @@
+"""vLLM's scoring APIs on an embedding (bi-encoder) model, through a real gateway and the tiny model's worker:
+/v1/score and /v1/rerank (/v2/rerank, /score, /rerank) score a pair by the cosine similarity of its texts'
+/v1/embeddings vectors, rerank orders by it, and bad requests are 400s naming the field."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+
+from .conftest import MODEL
+from .test_errors import assert_error
+from .test_usage import ALICE, KEYS, admin_usage
+
+QUERY = "what is the capital of france"
+DOCUMENTS = ["paris is the capital of france", "the cat sat on the mat", "france", "berlin is in germany"]
+
+
+def embeddings(gateway, texts: list[str]) -> list[list[float]]:
+    resp = gateway.post("/v1/embeddings", json={"model": MODEL, "input": texts, "encoding_format": "float"})
+    return [item["embedding"] for item in resp.json()["data"]]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def prompt_tokens(hf_pair, texts: list[str]) -> int:
+    return sum(len(hf_pair[1](text)["input_ids"]) for text in texts)
+
+
+def test_scores_are_the_cosine_of_the_embeddings_one_query_to_many_or_pairwise(gateway, hf_pair):
+    query_vector, *document_vectors = embeddings(gateway, [QUERY, *DOCUMENTS])
+    want = [cosine(query_vector, d) for d in document_vectors]
+    resp = gateway.post("/v1/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS})
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["object"] == "list" and answer["model"] == MODEL and answer["id"].startswith("score-")
+    assert [(d["index"], d["object"]) for d in answer["data"]] == [(i, "score") for i in range(len(DOCUMENTS))]
+    assert [d["score"] for d in answer["data"]] == pytest.approx(want, abs=1e-5)
+    assert len(set(round(s, 4) for s in want)) == len(want)  # the documents' scores differ: the order is tested
+    tokens = prompt_tokens(hf_pair, [QUERY, *DOCUMENTS])  # the query once, each document once (vLLM's count)
+    assert answer["usage"] == {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
+
+    for spelling in ({"queries": [QUERY], "documents": DOCUMENTS}, {"data_1": QUERY, "data_2": DOCUMENTS},
+                     {"queries": QUERY, "items": DOCUMENTS}):
+        same = gateway.post("/score", json={"model": MODEL, **spelling}).json()
+        assert [d["score"] for d in same["data"]] == pytest.approx(want, abs=1e-6)
+
+    pairwise = gateway.post("/v1/score", json={"model": MODEL, "text_1": DOCUMENTS[:2], "text_2": DOCUMENTS[2:]})
+    assert [d["score"] for d in pairwise.json()["data"]] == pytest.approx(
+        [cosine(document_vectors[0], document_vectors[2]), cosine(document_vectors[1], document_vectors[3])],
+        abs=1e-5)
+
+
+def test_rerank_orders_the_documents_by_score_and_keeps_the_top_n(gateway, hf_pair):
+    query_vector, *document_vectors = embeddings(gateway, [QUERY, *DOCUMENTS])
+    scores = [cosine(query_vector, d) for d in document_vectors]
+    best_first = sorted(range(len(DOCUMENTS)), key=lambda i: -scores[i])
+    body = {"model": MODEL, "query": QUERY, "documents": DOCUMENTS}
+    answer = gateway.post("/v1/rerank", json=body).json()
+    assert answer["id"].startswith("score-") and answer["model"] == MODEL
+    assert [r["index"] for r in answer["results"]] == best_first
+    assert [r["relevance_score"] for r in answer["results"]] == pytest.approx(
+        [scores[i] for i in best_first], abs=1e-5)
+    assert [r["document"] for r in answer["results"]] == [
+        {"text": DOCUMENTS[i], "multi_modal": None} for i in best_first]
+    tokens = prompt_tokens(hf_pair, [QUERY, *DOCUMENTS])
+    assert answer["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+    top = gateway.post("/v2/rerank", json={**body, "top_n": 2, "return_documents": False}).json()
+    assert [(r["index"], "document" in r) for r in top["results"]] == [(best_first[0], False), (best_first[1], False)]
+    assert gateway.post("/rerank", json={**body, "top_n": 10}).json()["results"] == answer["results"]
+
+
+def test_bad_score_and_rerank_requests_are_400_naming_the_field(gateway, tiny_model_dir):
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    too_long = "hello world " * context
+    rerank = {"model": MODEL, "query": QUERY}
+    assert_error(gateway.post("/v1/rerank", json={**rerank, "documents": []}), 400, "invalid_request", "documents")
+    assert_error(gateway.post("/v1/rerank", json={**rerank, "documents": ["a", too_long]}), 400,
+                 "context_length_exceeded", "documents[1]")
+    assert_error(gateway.post("/v1/rerank", json={**rerank, "query": ["a", "b"], "documents": ["c"]}), 400,
+                 "invalid_value", "query")
+    assert_error(gateway.post("/v1/rerank", json={"model": MODEL, "documents": ["a"]}), 400, "missing_field", "query")
+    assert_error(gateway.post("/v1/rerank", json={**rerank, "documents": [{"content": [{"type": "image_url"}]}]}),
+                 400, "unsupported_parameter", "documents[0]")
+    assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": too_long, "text_2": "a"}), 400,
+                 "context_length_exceeded", "text_1")
+    error = assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": ["a", "b"],
+                                                         "text_2": ["c", "d", "e"]}), 400, "invalid_request", "text_2")
+    assert "1:1, 1:N or N:N" in error["message"]
+    assert_error(gateway.post("/v1/score", json={"model": MODEL, "queries": "a"}), 400, "missing_field", "documents")
+    assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": [3]}), 400,
+                 "invalid_value", "text_2[0]")
+    assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": "b",
+                                                 "truncate_prompt_tokens": 8}), 400, "unsupported_parameter",
+                 "truncate_prompt_tokens")
+    error = assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": ["b"] * 2048}),
+                         400, "invalid_request", "text_2")
+    assert "at most 2048 texts" in error["message"]
+
+
+def test_the_root_paths_need_an_api_key(gateway):
+    for path in ("/score", "/rerank", "/v2/rerank"):
+        assert_error(gateway.post(path, key=None, json={"model": MODEL}), 401, "missing_api_key")
+
+
+def test_scores_and_reranks_are_counted_in_usage(make_gateway, hf_pair):
+    gw = make_gateway(api_keys=KEYS)
+    gw.post("/v1/score", key=ALICE, json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS}).raise_for_status()
+    gw.post("/v2/rerank", key=ALICE, json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS[:2]}
+            ).raise_for_status()
+    row, = admin_usage(gw, by="key").json()["data"]
+    assert (row["requests"], row["prompt_tokens"]) == (
+        2, prompt_tokens(hf_pair, [QUERY, *DOCUMENTS]) + prompt_tokens(hf_pair, [QUERY, *DOCUMENTS[:2]]))
