@@ -154,15 +154,16 @@ def _seeded_init(model, seed: int, arch: str, progress: Callable[[int, int], Non
             future.result()
 
 
-def _build_model(config, arch: str, dtype_name: str, seed: int, show_progress: bool):
+def _build_model(config, arch: str, dtype_name: str, seed: int, show_progress: bool, classifier: bool = False):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.initialization import no_init_weights
 
     # Allocated in the target dtype directly (the bench model is 2 GB in bf16, 4 GB in float32) and left
     # uninitialised: _seeded_init fills every parameter.
+    auto_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
+        model = auto_class.from_config(config, dtype=getattr(torch, dtype_name))
     model.tie_weights()  # no_init_weights also skips tying: tie first so a tied pair is one parameter, filled once
     _seeded_init(model, seed, arch, progress=_progress_bar("init weights", show_progress))
     return model.eval()
@@ -264,6 +265,7 @@ def make_model(
     fmt: str = "safetensors",
     show_progress: bool | None = None,
     chat_template: str = "plain",
+    num_labels: int | None = None,
 ) -> Path:
     """Builds a real HF checkpoint directory (config, seeded weights, tokenizer, generation config) at out_dir.
 
@@ -272,11 +274,17 @@ def make_model(
     chat_template: "plain", "hermes-tools" (OpenAI tools rendered in the Hermes/Qwen2.5 format), "qwen3-think"
     (hermes-tools with Qwen3's <think> blocks and enable_thinking), "qwen3-coder-tools" (Qwen3-Coder's XML calls) or
     "mistral-tools" (Mistral's [TOOL_CALLS] calls, its markers special tokens).
+    num_labels: a *ForSequenceClassification model (its `score` head, num_labels outputs: 1 is a reranker's) instead
+    of the causal LM (llama and qwen2 only).
     Returns the output directory. Raises DevModelError for bad arguments, an existing out_dir without overwrite,
     or one that overwrite must not replace (anything but an empty folder or an earlier build).
     """
     dtype = dtype or DEFAULT_DTYPE.get(size, "float32")
     _check_args(arch, size, shards, seed, dtype, fmt, chat_template)
+    if num_labels is not None and (arch not in ("llama", "qwen2") or isinstance(num_labels, bool)
+                                   or not isinstance(num_labels, int) or num_labels < 1):
+        raise DevModelError(f"num_labels (a classification head) is for llama and qwen2, at least 1; got {arch!r}, "
+                            f"{num_labels!r}")
     out_path = Path(out_dir).absolute()
     _check_output(out_path, overwrite)
     if show_progress is None:
@@ -289,17 +297,19 @@ def make_model(
         "pad_token_id": tokenizer.pad_token_id,
     }
     config = _config(arch, size, special_ids, vocab_size=len(tokenizer))
+    if num_labels is not None:
+        config.num_labels = num_labels
     started = time.monotonic()
     staging = _make_staging_dir(out_path)  # before the (bench: long) build, so an unwritable place fails fast
     try:
-        model = _build_model(config, arch, dtype, seed, show_progress)
+        model = _build_model(config, arch, dtype, seed, show_progress, classifier=num_labels is not None)
         with _transformers_progress_bars(show_progress):
             model.save_pretrained(staging, max_shard_size=_no_sharding_limit(model))
         del model
         if shards > 1 or fmt != "safetensors":
             _rewrite_weights(staging, shards, fmt)
         tokenizer.save_pretrained(staging)
-        _check_written(staging, shards, fmt)
+        _check_written(staging, shards, fmt, generates=num_labels is None)
         # Readable like any other folder and file: mkdtemp made the folder 0700 and safetensors its files 0600.
         staging.chmod(creation_mode(directory=True))
         file_mode = creation_mode(directory=False)
@@ -348,9 +358,11 @@ def _no_sharding_limit(model) -> int:
     return max(2 * size, 1 << 30)
 
 
-def _check_written(directory: Path, shards: int, fmt: str) -> None:
-    """Guards against transformers changing what save_pretrained writes: fail loudly, not with a wrong layout."""
-    expected = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+def _check_written(directory: Path, shards: int, fmt: str, generates: bool = True) -> None:
+    """Guards against transformers changing what save_pretrained writes: fail loudly, not with a wrong layout.
+    generates: a causal LM (a classifier has no generation_config.json)."""
+    expected = ["config.json", *(["generation_config.json"] if generates else []), "tokenizer.json",
+                "tokenizer_config.json"]
     if shards == 1:
         expected.append(SAFE_WEIGHTS if fmt == "safetensors" else BIN_WEIGHTS)
     else:

@@ -8,6 +8,7 @@ from hpcllm.config import Config, load_config
 from hpcllm.gateway import middleware
 from hpcllm.gateway.admin.router import bp as admin_bp
 from hpcllm.gateway.chat.router import bp as chat_bp
+from hpcllm.gateway.classify.router import bp as classify_bp
 from hpcllm.gateway.completions.router import bp as completions_bp
 from hpcllm.gateway.embeddings.router import bp as embeddings_bp
 from hpcllm.gateway.health.router import bp as health_bp
@@ -30,7 +31,7 @@ def create_app(config: Config | None = None, *, router: Router | None = None) ->
     app.extensions[EXTENSION_KEY] = gateway
     middleware.install(app, gateway)
     for blueprint in (health_bp, models_bp, completions_bp, chat_bp, responses_bp, embeddings_bp, score_bp, rerank_bp,
-                      tokenize_bp, admin_bp, status_bp):
+                      classify_bp, tokenize_bp, admin_bp, status_bp):
         app.register_blueprint(blueprint)
     return app
 

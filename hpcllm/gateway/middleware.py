@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 # Outside /v1 but a user's API like /v1/* (vLLM serves them at the root): an API key is needed.
-USER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info", "/score", "/rerank", "/v2/rerank"})
+USER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info", "/score", "/rerank", "/v2/rerank",
+                        "/classify"})
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DRAIN_RETRY_AFTER_S = 5
 

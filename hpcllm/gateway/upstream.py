@@ -18,7 +18,7 @@ from hpcllm.config import InternalHttpConfig
 from hpcllm.gateway.errors import ApiError, InvalidRequest, ServiceUnavailable
 from hpcllm.httpkit.streaming import ReadWait
 from hpcllm.worker.client import GenerationStream, WorkerClient, WorkerError
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.protocol import EmbedResult, FinalLine, GenerateRequest, TokenLine
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,11 @@ def open_attach(http: httpx.Client, worker_url: str, request_id: str, from_index
     return WorkerStream(worker_url, client.attach(request_id, from_index))
 
 
-def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]]) -> list[list[float]]:
-    """Embeddings of token id lists from the worker (one call; refusals classified like a generation's)."""
+def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]]) -> EmbedResult:
+    """The pooled outputs of token id lists from the worker (embeddings, or a classifier's logits: its `pooling`
+    says which; one call; refusals classified like a generation's)."""
     try:
-        return WorkerClient(worker_url, secret, client=http).embed(inputs).embeddings
+        return WorkerClient(worker_url, secret, client=http).embed(inputs)
     except WorkerError as exc:
         raise _classify(worker_url, exc) from None
 

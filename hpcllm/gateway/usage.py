@@ -54,7 +54,7 @@ class UsageRecord:
     key_name: str  # "" on an open gateway (no keys)
     group: str  # "" for a key without a group
     model: str  # as asked for: an adapter is itself
-    endpoint: str  # completions, chat, responses, embeddings, score, rerank
+    endpoint: str  # completions, chat, responses, embeddings, score, rerank, classify
     prompt_tokens: int
     completion_tokens: int
 

@@ -46,7 +46,7 @@ from hpcllm.checkpoint.context import max_model_len_for
 from hpcllm.worker import fastpath
 from hpcllm.worker.kvcache import BlockPool
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
+from hpcllm.worker.protocol import ErrorInfo, GenerateRequest, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and RequestStream are this API's too)
     Completion,
     DuplicateRequest,
@@ -64,7 +64,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
 )
 from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StateSeed, StepBatch,
-                                  embed_last_token, make_runner)
+                                  classifier_head, make_runner, pool_last_token)
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.ngram import NgramProposer, SpeculationRecord
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
@@ -239,6 +239,7 @@ class Engine(EngineBase):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.classifies = classifier_head(model) is not None  # a *ForSequenceClassification: pools, never generates
         self.device = model.get_input_embeddings().weight.device  # where input ids go, also under a device_map
         # The same rule as the controller's deploy check and the gateway's (hpcllm.checkpoint.context).
         self.max_model_len = max_model_len_for(model.config.to_dict(), max_model_len,
@@ -322,9 +323,16 @@ class Engine(EngineBase):
             self.metrics.num_requests_waiting.set(len(self._waiting))
             self._lock.notify_all()
 
+    def submit(self, request: GenerateRequest) -> RequestStream:
+        if self.classifies:
+            raise InvalidRequest(f"model {self.model_name!r} is a classification model ({type(self.model).__name__}): "
+                                 "it answers /v1/score, /v1/rerank and /v1/classify, it does not generate", "model")
+        return super().submit(request)
+
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
-        """Embeddings of token id lists: the model's final hidden state at the last token, L2-normalized (vLLM's
-        default pooling for decoder models). Runs on the engine thread between steps."""
+        """The pooled outputs of token id lists (runner.pool_last_token): the model's final hidden state at the last
+        token, L2-normalized (vLLM's default pooling for decoder models); a classifier's head logits at that token.
+        Runs on the engine thread between steps."""
         for i, ids in enumerate(inputs):
             self._check_token_ids(ids, f"input[{i}]")
             if len(ids) > self.max_model_len:
@@ -386,7 +394,7 @@ class Engine(EngineBase):
         return [self._embed_one(ids) for ids in inputs]
 
     def _embed_one(self, ids: list[int]) -> list[float]:
-        return embed_last_token(self.model, ids)
+        return pool_last_token(self.model, ids)
 
     def cancel(self, request_id: str, wait: bool = True, timeout: float = 60.0) -> RequestTokens:
         """Stop a request; with wait, return its token ids once the engine has stopped touching it."""

@@ -257,8 +257,10 @@ class EmbedRequest(WireModel):
 
 
 class EmbedResult(WireModel):
-    embeddings: list[list[float]]  # one per input, in order
+    embeddings: list[list[float]]  # one per input, in order: what `pooling` says
     prompt_tokens: int
+    # "embed": L2-normalized last hidden states; "classify": a *ForSequenceClassification head's logits (raw)
+    pooling: Literal["embed", "classify"] = "embed"
 
 
 class ErrorResponse(WireModel):

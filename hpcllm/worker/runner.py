@@ -512,16 +512,27 @@ class SequentialRunner:
         return torch.stack(rows)
 
 
-def embed_last_token(model, ids: list[int]) -> list[float]:
-    """The embedding of one token id list: the model's final hidden state at the last token, L2-normalized (vLLM's
-    default pooling for decoder models). Run where the model's weights are: the engine thread, or the model
-    process (runner_process.py)."""
+def classifier_head(model):
+    """The classification head of a *ForSequenceClassification model (transformers' `score` linear, the hidden state
+    to num_labels logits: a reranker's one relevance logit); None for any other model."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return None
+    return getattr(model, "score", None)
+
+
+def pool_last_token(model, ids: list[int]) -> list[float]:
+    """The pooled output of one token id list at its last token (vLLM's default pooling for decoder models): a
+    classifier's head logits (classifier_head, no activation), else the final hidden state L2-normalized (the
+    embedding). Run where the model's weights are: the engine thread, or the model process (runner_process.py)."""
     device = model.get_input_embeddings().weight.device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     position_ids = torch.arange(len(ids), device=device).unsqueeze(0)
     hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    last = hidden.last_hidden_state[0, -1].to(torch.float32)
-    return torch.nn.functional.normalize(last, dim=-1).tolist()
+    last = hidden.last_hidden_state[0, -1]
+    head = classifier_head(model)
+    if head is not None:
+        return head(last).to(torch.float32).tolist()
+    return torch.nn.functional.normalize(last.to(torch.float32), dim=-1).tolist()
 
 
 def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto",

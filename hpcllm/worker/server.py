@@ -304,8 +304,9 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
     @internal.post(EMBED_PATH)
     def embed():
         body = parse_body(EmbedRequest)
-        embeddings = ready_engine().embed(body.inputs)
-        result = EmbedResult(embeddings=embeddings, prompt_tokens=sum(len(ids) for ids in body.inputs))
+        engine = ready_engine()
+        result = EmbedResult(embeddings=engine.embed(body.inputs), prompt_tokens=sum(len(ids) for ids in body.inputs),
+                             pooling="classify" if getattr(engine, "classifies", False) else "embed")
         return Response(result.model_dump_json(), mimetype="application/json")
 
     # ---- live migration (docs/migration.md) ----------------------------------------------------------------------

@@ -196,8 +196,9 @@ class VllmEngine(EngineBase):
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
 
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
-        raise InvalidRequest('embeddings are not served by models with engine = "vllm" yet; deploy the model on '
-                             "hpcllm's engine for /v1/embeddings", "input")
+        raise InvalidRequest(f'model {self.model_name!r}: embeddings are not served by models with engine = "vllm" '
+                             "yet, nor the scores and classifications computed from them; deploy the model on "
+                             "hpcllm's engine for /v1/embeddings, /v1/score, /v1/rerank and /v1/classify", "input")
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is left (finish_reason "abort"), stop the loop and vLLM's engine-core process."""

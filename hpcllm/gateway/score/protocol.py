@@ -48,6 +48,7 @@ class ScoringRequest(OpenAIRequest):
     truncate_prompt_tokens: int | None = None
     max_tokens_per_query: int = 0
     max_tokens_per_doc: int = 0
+    use_activation: bool | None = None  # a cross-encoder's sigmoid (None: the model's default, on)
 
     def check_supported(self) -> None:
         if self.truncate_prompt_tokens is not None:

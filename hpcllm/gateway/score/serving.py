@@ -1,15 +1,18 @@
-"""Scores of text pairs as vLLM computes them for an embedding (bi-encoder) model: each query and document is
-embedded on the model's worker (one call, hpcllm.gateway.embeddings.serving), and a pair's score is the cosine
-similarity of its two embeddings. Pairs are 1:N (one query, each document) or N:N (the i-th of each), as vLLM's."""
+"""Scores of text pairs as vLLM computes them. An embedding (bi-encoder) model: each query and document is embedded
+on the model's worker (one call), a pair's score the cosine similarity of its two embeddings. A cross-encoder (a
+*ForSequenceClassification with one label, a reranker): each pair tokenized together (the tokenizer's text pair, or
+the texts joined where config.json sets use_sep_token false), its score the head's logit through a sigmoid. Pairs
+are 1:N (one query, each document) or N:N (the i-th of each), as vLLM's."""
 
 from __future__ import annotations
 
 import math
 import time
 
-from hpcllm.gateway.embeddings.serving import embed_on_a_worker, pooling_model, tokenize_input
 from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.pooling import classifier_of, pool_on_a_worker, pooling_model, tokenize_input
 from hpcllm.gateway.protocol import UsageInfo
+from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.score.protocol import (RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage,
                                            ScoreData, ScoreRequest, ScoreResponse, Side)
@@ -21,7 +24,7 @@ RESPONSE_ID_PREFIX = "score"  # vLLM's for both APIs
 
 def create_score(gw: Gateway, ctx: RequestContext, req: ScoreRequest) -> dict:
     req.check_supported()
-    scores, prompt_tokens = score_pairs(gw, ctx, req.model, *req.sides())
+    scores, prompt_tokens = score_pairs(gw, ctx, req.model, *req.sides(), req.use_activation)
     return ScoreResponse(
         id=new_response_id(RESPONSE_ID_PREFIX), created=int(time.time()), model=req.model,
         data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
@@ -33,7 +36,7 @@ def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
     """The documents by relevance to the query, best first (ties in the documents' order), the first top_n."""
     req.check_supported()
     query, documents = req.sides()
-    scores, prompt_tokens = score_pairs(gw, ctx, req.model, query, documents)
+    scores, prompt_tokens = score_pairs(gw, ctx, req.model, query, documents, req.use_activation)
     ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:req.top_n or None]
     results = [RerankResult(index=i, relevance_score=scores[i],
                             document=RerankDocument(text=documents.texts[i]) if req.return_documents else None)
@@ -46,16 +49,35 @@ def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
     return answer
 
 
-def score_pairs(gw: Gateway, ctx: RequestContext, model: str, queries: Side, documents: Side) -> tuple[list[float],
-                                                                                                     int]:
-    """The score of each (query, document) pair, in the documents' order, and the prompt tokens it took (every
-    query's and document's tokens once, as vLLM counts them)."""
+def score_pairs(gw: Gateway, ctx: RequestContext, model: str, queries: Side, documents: Side,
+                use_activation: bool | None = None) -> tuple[list[float], int]:
+    """The score of each (query, document) pair, in the documents' order, and the prompt tokens it took."""
     _check_pairing(queries, documents)
     card = pooling_model(gw, model, "scores")
+    classifier = classifier_of(card)
+    if classifier is None:
+        return _bi_encoder_scores(gw, ctx, card, queries, documents)
+    if classifier.num_labels != 1:
+        raise InvalidRequest(f"model {model!r} is a classifier with {classifier.num_labels} labels "
+                             f"({classifier.architecture}): a score needs a one-label head (a reranker's); "
+                             "/v1/classify answers its labels", param="model")
+    query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
+    encoder = gw.tokenizers.get(card)
+    inputs = [tokenize_input(encoder, card, query, documents.param(i), pair=document,
+                             join=not classifier.use_sep_token)
+              for i, (query, document) in enumerate(zip(query_texts, documents.texts))]
+    logits = pool_on_a_worker(gw, ctx, card, inputs, classifier)
+    return [classifier.probabilities(row, use_activation)[0] for row in logits], sum(len(ids) for ids in inputs)
+
+
+def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, queries: Side,
+                       documents: Side) -> tuple[list[float], int]:
+    """Cosine similarities of the queries' and documents' embeddings; the tokens of every query and document once,
+    as vLLM counts them."""
     encoder = gw.tokenizers.get(card)
     inputs = [tokenize_input(encoder, card, text, side.param(i))
               for side in (queries, documents) for i, text in enumerate(side.texts)]
-    embeddings = embed_on_a_worker(gw, ctx, card, inputs)
+    embeddings = pool_on_a_worker(gw, ctx, card, inputs, None)
     query_embeddings = embeddings[:len(queries.texts)]
     if len(query_embeddings) == 1:
         query_embeddings *= len(documents.texts)

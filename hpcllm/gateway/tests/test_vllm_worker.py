@@ -184,13 +184,20 @@ def test_seeded_sampling_repeats_for_every_seed(vllm_worker):
     assert sample(-1) != sample(7)
 
 
-def test_embeddings_are_refused_by_name(vllm_worker, gateway_to):
-    """Embeddings are not passed through to vLLM: a clear 400, never an answer without them."""
+def test_embeddings_and_scores_are_refused_by_name(vllm_worker, gateway_to):
+    """Embeddings, and the scores computed from them, are not passed through to vLLM: a clear 400 naming the model
+    and the engine, never an answer without them."""
     import openai
 
-    client = gateway_to(vllm_worker).client().with_options(timeout=120)
+    gateway = gateway_to(vllm_worker)
+    client = gateway.client().with_options(timeout=120)
     with pytest.raises(openai.BadRequestError, match='embeddings are not served by models with engine = "vllm"'):
         client.embeddings.create(model=MODEL, input="hello")
+    for path, body in (("/v1/score", {"text_1": "a", "text_2": ["b", "c"]}),
+                       ("/v1/rerank", {"query": "a", "documents": ["b"]})):
+        refused = gateway.post(path, json={"model": MODEL, **body})
+        assert refused.status_code == 400, refused.text
+        assert f"model {MODEL!r}" in refused.json()["error"]["message"] and 'engine = "vllm"' in refused.text
 
 
 @pytest.mark.parametrize("max_tokens", [4, 0])

@@ -1,0 +1,1 @@
+"""POST /v1/classify: vLLM's classification API on a *ForSequenceClassification model's worker."""

@@ -1,0 +1,35 @@
+"""POST /v1/classify: each input through a classifier's head at its last token, as vLLM answers it: the
+probabilities (softmax; sigmoid for one label), the most probable label's name (config.json's id2label)."""
+
+from __future__ import annotations
+
+import time
+
+from hpcllm.gateway.classify.protocol import ClassificationData, ClassificationRequest, ClassificationResponse
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.pooling import classifier_of, pool_on_a_worker, pooling_model, tokenize_input
+from hpcllm.gateway.protocol import UsageInfo
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.serving import RequestContext, new_response_id
+
+
+def create_classification(gw: Gateway, ctx: RequestContext, req: ClassificationRequest) -> dict:
+    req.check_supported()
+    card = pooling_model(gw, req.model, "classifications")
+    classifier = classifier_of(card)
+    if classifier is None:
+        raise InvalidRequest(f"model {req.model!r} is not a classification model (its config.json names no "
+                             "*ForSequenceClassification architecture): /v1/classify needs one", param="model")
+    encoder = gw.tokenizers.get(card)
+    inputs = [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]")
+              for i, text_or_ids in enumerate(req.input)]
+    data = []
+    for i, logits in enumerate(pool_on_a_worker(gw, ctx, card, inputs, classifier)):
+        probs = classifier.probabilities(logits, req.use_activation)
+        best = max(range(len(probs)), key=probs.__getitem__)
+        data.append(ClassificationData(index=i, label=classifier.labels.get(best), probs=probs,
+                                       num_classes=len(probs)))
+    prompt_tokens = sum(len(ids) for ids in inputs)
+    return ClassificationResponse(id=new_response_id("classify"), created=int(time.time()), model=req.model,
+                                  data=data, usage=UsageInfo(prompt_tokens=prompt_tokens,
+                                                             total_tokens=prompt_tokens)).model_dump()

@@ -1,0 +1,145 @@
+"""The pooling models' way to the worker, shared by /v1/embeddings, /v1/score, /v1/rerank and /v1/classify: which
+model may be asked (pooling_model), its inputs' token ids (tokenize_input), what its head is (classifier_of, from
+its config.json), and the pooled outputs of one worker call (pool_on_a_worker: embeddings, or a classifier's
+logits)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from hpcllm.gateway.errors import InternalError, InvalidRequest
+from hpcllm.gateway.routing import Endpoint, ModelCard
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.serving import RequestContext, on_a_worker
+from hpcllm.gateway.tokenization import PromptEncoder
+from hpcllm.gateway.upstream import embed_on_worker
+
+log = logging.getLogger(__name__)
+
+# The activations vLLM accepts from a config (sentence_transformers' activation_fn or
+# sbert_ce_default_activation_function): softmax and sigmoid are its default (PoolerClassify), identity none.
+ACTIVATIONS = {"torch.nn.modules.linear.Identity": False, "torch.nn.modules.activation.Sigmoid": True,
+               "torch.nn.modules.activation.Softmax": True}
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A *ForSequenceClassification model's head, as its config.json describes it."""
+
+    architecture: str
+    num_labels: int
+    labels: dict[int, str]  # id2label
+    use_sep_token: bool  # a pair is tokenized as (text, text_pair); else the two texts joined (vLLM's rule)
+    activation: bool  # the default activation: sigmoid for one label, softmax for more; False: the raw logits
+
+    def probabilities(self, logits: list[float], use_activation: bool | None) -> list[float]:
+        """vLLM's classify output: sigmoid of a single logit, softmax of several (use_activation None: the
+        config's default); the logits themselves without activation."""
+        if not (self.activation if use_activation is None else use_activation):
+            return logits
+        if len(logits) == 1:
+            return [1.0 / (1.0 + math.exp(-logits[0]))]
+        top = max(logits)
+        exps = [math.exp(x - top) for x in logits]
+        return [e / sum(exps) for e in exps]
+
+
+def pooling_model(gw: Gateway, model: str, api: str) -> ModelCard:
+    """The card of a model that `api` (what the error calls it: "embeddings", "scores") may run on: a LoRA adapter
+    is refused naming its base model (pooling runs the base model's weights only)."""
+    card = gw.router.get_model(model)
+    if card.lora is not None:
+        raise InvalidRequest(f"model {model!r} is a LoRA adapter of {card.parent!r}: {api} are served by models, "
+                             f"not adapters; ask {card.parent!r}", param="model")
+    return card
+
+
+def classifier_of(card: ModelCard) -> Classifier | None:
+    """The model's classification head (config.json's architectures name a *ForSequenceClassification), else None
+    (an embedding model, or a config the gateway cannot read: the worker's answer says what it pooled)."""
+    path = Path(card.source) / "config.json"
+    try:
+        return _classifier_at(path, path.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+@lru_cache(maxsize=64)
+def _classifier_at(path: Path, mtime_ns: int) -> Classifier | None:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        return None
+    architecture = next((a for a in config.get("architectures") or [] if isinstance(a, str)
+                         and a.endswith("ForSequenceClassification")), None)
+    if architecture is None:
+        return None
+    labels = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    num_labels = int(config.get("num_labels") or len(labels) or 2)
+    function = (config.get("sentence_transformers") or {}).get("activation_fn") or config.get(
+        "sbert_ce_default_activation_function")
+    activation = ACTIVATIONS.get(function, True) if function else True
+    use_sep_token = config.get("use_sep_token", config.get("use_pad_token", True))
+    return Classifier(architecture, num_labels, labels, bool(use_sep_token), activation)
+
+
+def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | list[int], param: str,
+                   pair: str | None = None, join: bool = False) -> list[int]:
+    """The token ids of one input (BOS added as vLLM does), or a 400 naming param: empty, outside the vocabulary,
+    or longer than the model's context. pair: a cross-encoder's second text, tokenized as the tokenizer's text pair
+    (or, join, appended to the first text)."""
+    if isinstance(text_or_ids, str):  # a text too long for the context whatever its tokens: refused untokenized
+        encoder.check_fits(len(text_or_ids) + len(pair or ""), card.max_model_len, param)
+    if isinstance(text_or_ids, str) and pair is not None:
+        ids = encoder.encode(text_or_ids + pair) if join else list(
+            encoder.tokenizer(text_or_ids, text_pair=pair)["input_ids"])
+    elif isinstance(text_or_ids, str):
+        ids = encoder.encode(text_or_ids)
+    else:
+        ids = encoder.check_token_ids(text_or_ids, param)
+    if not ids:
+        raise InvalidRequest("the input is empty (no tokens after tokenization)", param=param, code="empty_prompt")
+    if card.max_model_len is not None and len(ids) > card.max_model_len:
+        raise InvalidRequest(f"This model's maximum context length is {card.max_model_len} tokens. However, "
+                             f"the input has {len(ids)} tokens. Please reduce the length of the input.",
+                             param=param, code="context_length_exceeded")
+    return ids
+
+
+def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: list[list[int]],
+                     classifier: Classifier | None) -> list[list[float]]:
+    """The inputs' pooled outputs (embeddings, or with a classifier its head's logits) from one worker call
+    (another worker if the routed one is gone), their tokens taken from the key's token budget and counted as the
+    request's prompt tokens (metrics, usage accounting)."""
+    prompt_tokens = sum(len(ids) for ids in inputs)
+    if ctx.api_key is not None:
+        gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)
+
+    def route() -> Endpoint:
+        return gw.router.resolve(card.name, gw.config.gateway.route_timeout_seconds,
+                                 group=ctx.api_key.group if ctx.api_key else None)
+
+    def pool(endpoint: Endpoint):
+        return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs)
+
+    try:
+        _, result = on_a_worker(gw, ctx, route(), route, pool)  # a worker that died meanwhile: another
+    except BaseException:
+        if ctx.api_key is not None:
+            gw.limiter.settle_tokens(ctx.api_key, prompt_tokens, 0)
+        raise
+    gw.metrics.prompt_tokens.labels(card.name).inc(prompt_tokens)
+    gw.usage.record(ctx.api_key, card.name, ctx.endpoint, prompt_tokens, 0)
+    expected = "embed" if classifier is None else "classify"
+    if result.pooling != expected:  # never answer a classifier's logits as embeddings, or the reverse
+        log.error("model %s: its worker pools as %r, its config.json (%s) says %r", card.name, result.pooling,
+                  card.source, expected)
+        raise InternalError(f"model {card.name!r}: its worker computes {result.pooling!r} outputs, its checkpoint's "
+                            f"config.json says {expected!r}; ask the operator to redeploy it")
+    return result.embeddings

@@ -1,0 +1,124 @@
+"""Cross-encoders and classifiers through a real gateway and real workers: devmodels' tiny seeded
+*ForSequenceClassification models (a one-label Qwen2 reranker, a three-label Llama classifier) give /v1/score,
+/v1/rerank and /v1/classify the numbers transformers gives for the same pairs and texts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import MODEL, SECRET, ThreadServer
+from .test_errors import assert_error
+
+RERANKER, CLASSIFIER = "tiny-reranker", "tiny-classifier"
+QUERY = "what is the capital of france"
+DOCUMENTS = ["paris is the capital of france", "the cat sat on the mat", "france", "berlin is in germany"]
+
+
+@pytest.fixture(scope="module")
+def classifier_models(tmp_path_factory):
+    """name -> (checkpoint folder, transformers model, tokenizer)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hpcllm.devmodels import make_model
+
+    root = tmp_path_factory.mktemp("classifiers")
+    folders = {RERANKER: make_model("qwen2", root / RERANKER, num_labels=1, seed=3),
+               CLASSIFIER: make_model("llama", root / CLASSIFIER, num_labels=3, seed=4)}
+    return {name: (folder, AutoModelForSequenceClassification.from_pretrained(folder).eval(),
+                   AutoTokenizer.from_pretrained(folder)) for name, folder in folders.items()}
+
+
+@pytest.fixture(scope="module")
+def classifier_workers(classifier_models):
+    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+    running = {}
+    for name, (_, model, tokenizer) in classifier_models.items():
+        service = WorkerService(name, secret=SECRET, keepalive_seconds=0.5)
+        service.attach(ModelForServing(model, tokenizer, tier="dram", load_seconds=0.1))
+        running[name] = (service, ThreadServer(create_app(service)))
+    yield {name: server.url for name, (_, server) in running.items()}
+    for service, server in running.values():
+        server.stop()
+        service.shutdown()
+
+
+@pytest.fixture
+def gateway(make_gateway, classifier_models, classifier_workers, worker_url, tiny_model_dir):
+    models = {name: {"worker_url": classifier_workers[name], "source": str(classifier_models[name][0])}
+              for name in classifier_models}
+    return make_gateway(static_models={**models, MODEL: {"worker_url": worker_url, "source": str(tiny_model_dir)}})
+
+
+def hf_logits(classifier_models, name: str, text: str, pair: str | None = None) -> list[float]:
+    _, model, tokenizer = classifier_models[name]
+    with torch.no_grad():
+        return model(**tokenizer(text, pair, return_tensors="pt")).logits[0].tolist()
+
+
+def pair_tokens(classifier_models, name: str, pairs: list[tuple[str, str]]) -> int:
+    tokenizer = classifier_models[name][2]
+    return sum(len(tokenizer(text, pair)["input_ids"]) for text, pair in pairs)
+
+
+def test_a_rerankers_scores_are_the_sigmoid_of_its_logit_for_each_pair(gateway, classifier_models):
+    logits = [hf_logits(classifier_models, RERANKER, QUERY, d)[0] for d in DOCUMENTS]
+    assert len(set(round(x, 4) for x in logits)) == len(logits)  # distinct: the order below is tested
+    answer = gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS}).json()
+    assert [d["score"] for d in answer["data"]] == pytest.approx([torch.sigmoid(torch.tensor(x)).item()
+                                                                  for x in logits], abs=1e-5)
+    tokens = pair_tokens(classifier_models, RERANKER, [(QUERY, d) for d in DOCUMENTS])  # each pair's tokens
+    assert answer["usage"]["prompt_tokens"] == tokens
+
+    raw = gateway.post("/v1/score", json={"model": RERANKER, "queries": DOCUMENTS[:2], "documents": DOCUMENTS[2:],
+                                          "use_activation": False}).json()
+    assert [d["score"] for d in raw["data"]] == pytest.approx(
+        [hf_logits(classifier_models, RERANKER, DOCUMENTS[0], DOCUMENTS[2])[0],
+         hf_logits(classifier_models, RERANKER, DOCUMENTS[1], DOCUMENTS[3])[0]], abs=1e-5)
+
+    ranked = gateway.post("/v2/rerank", json={"model": RERANKER, "query": QUERY, "documents": DOCUMENTS,
+                                              "top_n": 3}).json()
+    best_first = sorted(range(len(DOCUMENTS)), key=lambda i: -logits[i])[:3]
+    assert [(r["index"], r["document"]["text"]) for r in ranked["results"]] == [(i, DOCUMENTS[i]) for i in best_first]
+
+
+def test_classify_answers_each_inputs_probabilities_and_label(gateway, classifier_models):
+    texts = ["hello world", "the cat sat on the mat"]
+    answer = gateway.post("/v1/classify", json={"model": CLASSIFIER, "input": texts}).json()
+    assert answer["id"].startswith("classify-") and answer["object"] == "list" and answer["model"] == CLASSIFIER
+    labels = classifier_models[CLASSIFIER][1].config.id2label
+    for i, (text, data) in enumerate(zip(texts, answer["data"])):
+        probs = torch.softmax(torch.tensor(hf_logits(classifier_models, CLASSIFIER, text)), dim=-1)
+        assert data["probs"] == pytest.approx(probs.tolist(), abs=1e-5)
+        assert (data["index"], data["num_classes"], data["label"]) == (i, 3, labels[int(probs.argmax())])
+    tokenizer = classifier_models[CLASSIFIER][2]
+    assert answer["usage"]["prompt_tokens"] == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+
+    one_label = gateway.post("/classify", json={"model": RERANKER, "input": "hello world"}).json()["data"][0]
+    logit = hf_logits(classifier_models, RERANKER, "hello world")[0]
+    assert (one_label["probs"], one_label["num_classes"]) == (pytest.approx([torch.sigmoid(
+        torch.tensor(logit)).item()], abs=1e-5), 1)
+
+
+def test_each_model_kind_refuses_what_it_does_not_answer(gateway):
+    error = assert_error(gateway.post("/v1/embeddings", json={"model": RERANKER, "input": "a"}), 400,
+                         "invalid_request", "model")
+    assert "Qwen2ForSequenceClassification" in error["message"] and "/v1/score" in error["message"]
+    error = assert_error(gateway.post("/v1/score", json={"model": CLASSIFIER, "text_1": "a", "text_2": "b"}), 400,
+                         "invalid_request", "model")
+    assert "3 labels" in error["message"]
+    assert_error(gateway.post("/v1/classify", json={"model": MODEL, "input": "a"}), 400, "invalid_request", "model")
+    error = assert_error(gateway.post("/v1/completions", json={"model": RERANKER, "prompt": "a", "max_tokens": 2}),
+                         400, "invalid_request")
+    assert "does not generate" in error["message"]
+
+
+def test_a_worker_pooling_otherwise_than_the_checkpoint_says_is_an_error_not_an_answer(
+        make_gateway, classifier_workers, tiny_model_dir):
+    """A gateway reading a causal LM's config.json in front of a reranker's worker (a redeployment gone wrong):
+    the reranker's logits are never answered as embeddings."""
+    gateway = make_gateway(static_models={MODEL: {"worker_url": classifier_workers[RERANKER],
+                                                  "source": str(tiny_model_dir)}})
+    error = assert_error(gateway.post("/v1/embeddings", json={"model": MODEL, "input": "a"}), 500, "internal_error")
+    assert "config.json says 'embed'" in error["message"]
