@@ -79,11 +79,26 @@ def _transformers_knows(model_type: Any) -> bool:
 # ------------------------------------------------------------------------------------------------- the model
 
 
+def is_classifier(config) -> bool:
+    """config's architectures name a *ForSequenceClassification (a reranker or classifier: a decoder with transformers'
+    `score` head instead of the LM head)."""
+    return any(isinstance(a, str) and a.endswith("ForSequenceClassification")
+               for a in getattr(config, "architectures", None) or [])
+
+
+def auto_model_class(config):
+    """The transformers auto class hpcllm builds config's model with: sequence classification for a classifier
+    (is_classifier), else the causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if is_classifier(config) else AutoModelForCausalLM
+
+
 def build_meta_model(source_dir: Path):
-    """The model hpcllm.load_model builds for this folder (the causal-LM class, else the base model class), on the
+    """The model hpcllm.load_model builds for this folder (auto_model_class's, else the base model class), on the
     meta device and uninitialised: milliseconds, no memory."""
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel
     from transformers.initialization import no_init_weights
 
     verbosity = transformers.logging.get_verbosity()
@@ -96,7 +111,7 @@ def build_meta_model(source_dir: Path):
                                     f"read it ({_first_line(exc)})") from None
         with torch.device("meta"), no_init_weights():
             try:
-                return AutoModelForCausalLM.from_config(config)
+                return auto_model_class(config).from_config(config)
             except ValueError:  # not a causal LM (e.g. an encoder): the plain model class
                 return AutoModel.from_config(config)
     except UnsupportedSource:

@@ -22,21 +22,22 @@ import torch
 from torch import nn
 
 from hpcllm.checkpoint import InvalidIndex
+from hpcllm.checkpoint.hfload import auto_model_class, is_classifier
 
 log = logging.getLogger(__name__)
 
 
 def build_skeleton(config, dtype: torch.dtype):
-    """The causal-LM class for `config`, every parameter and buffer on the meta device, nothing initialised.
+    """The causal-LM class for `config` (a classifier's sequence-classification class: hfload.auto_model_class),
+    every parameter and buffer on the meta device, nothing initialised.
 
     ~15-30 ms for a 1B model (Python constructing ~300 modules). Buffers the checkpoint does not hold are computed
     by `attach`.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     with torch.device("meta"), no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return auto_model_class(config).from_config(config, dtype=dtype)
 
 
 def loaded_dtypes(model, dtype: torch.dtype):
@@ -65,10 +66,12 @@ def import_model_code(config) -> None:
     For the first model of a process this imports transformers' whole modeling stack (torch._dynamo,
     torch.distributed.tensor, sympy, ...): ~2.5 s on these machines, more than loading a small model.
     """
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, \
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
+    mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if is_classifier(config) else MODEL_FOR_CAUSAL_LM_MAPPING
     try:
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        mapping[type(config)]
     except (KeyError, ValueError):
         pass  # not a causal LM: build_skeleton raises transformers' own error
 

@@ -1,0 +1,56 @@
+"""A *ForSequenceClassification checkpoint (a reranker) through hpcllm's own path: converted, loaded by the store
+into the sequence-classification class its config names, and pooled by the engine (in process and in a model
+process) into the logits transformers gives; it refuses to generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpcllm.store.loader import load_model
+from hpcllm.store.tests.test_loader import assert_same_model
+from hpcllm.worker.protocol import GenerateRequest
+from hpcllm.worker.requests import InvalidRequest
+
+PAIRS = [("what is the capital of france", "paris is the capital of france"), ("hello", "the cat sat on the mat")]
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory):
+    """(transformers' model, its converted checkpoint) of a seeded one-label Qwen2 classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hpcllm.checkpoint import convert
+    from hpcllm.devmodels import make_model
+    root = tmp_path_factory.mktemp("reranker")
+    hf_dir = make_model("qwen2", root / "hf", num_labels=1, seed=3)
+    return AutoModelForSequenceClassification.from_pretrained(hf_dir).eval(), convert(hf_dir, root / "ckpt",
+                                                                                     progress=False).root
+
+
+def test_the_store_loads_a_classifier_as_transformers_does(reranker):
+    reference, converted = reranker
+    loaded = load_model(converted, tokenizer=False).model
+    assert type(loaded).__name__ == "Qwen2ForSequenceClassification"
+    assert_same_model(reference, loaded)
+
+
+@pytest.mark.parametrize("model_process", [False, True])
+def test_the_engine_pools_the_heads_logits_and_does_not_generate(reranker, model_process):
+    from hpcllm.worker.engine import Engine
+
+    reference, converted = reranker
+    loaded, tokenizer, _ = load_model(converted)  # a copy of its own: an engine's fast path packs its weights
+    inputs = [tokenizer(query, document)["input_ids"] for query, document in PAIRS]
+    with torch.no_grad():
+        want = [reference(torch.tensor([ids])).logits[0].tolist() for ids in inputs]
+    engine = Engine(loaded, tokenizer, model_name="reranker", model_process=model_process).start()
+    try:
+        assert engine.classifies
+        logits = engine.embed(inputs)
+        assert [len(row) for row in logits] == [1, 1]
+        assert logits == [pytest.approx(row, abs=1e-5) for row in want]
+        with pytest.raises(InvalidRequest, match="'reranker' is a classification model"):
+            engine.submit(GenerateRequest(request_id="r", prompt="hello", max_tokens=2))
+    finally:
+        engine.shutdown()
