@@ -198,7 +198,7 @@ class VllmEngine(EngineBase):
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
         raise InvalidRequest(f'model {self.model_name!r}: embeddings are not served by models with engine = "vllm" '
                              "yet, nor the scores and classifications computed from them; deploy the model on "
-                             "hpcllm's engine for /v1/embeddings, /v1/score, /v1/rerank and /v1/classify", "input")
+                             "hpcllm's engine for /v1/embeddings, /v1/score, /v1/rerank and /v1/classify", "model")
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is left (finish_reason "abort"), stop the loop and vLLM's engine-core process."""

@@ -197,7 +197,9 @@ def test_embeddings_and_scores_are_refused_by_name(vllm_worker, gateway_to):
                        ("/v1/rerank", {"query": "a", "documents": ["b"]})):
         refused = gateway.post(path, json={"model": MODEL, **body})
         assert refused.status_code == 400, refused.text
-        assert f"model {MODEL!r}" in refused.json()["error"]["message"] and 'engine = "vllm"' in refused.text
+        error = refused.json()["error"]
+        assert f"model {MODEL!r}" in error["message"] and 'engine = "vllm"' in error["message"]
+        assert error["param"] == "model"
 
 
 @pytest.mark.parametrize("max_tokens", [4, 0])
