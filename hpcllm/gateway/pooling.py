@@ -35,12 +35,25 @@ class Classifier:
     num_labels: int
     labels: dict[int, str]  # id2label
     use_sep_token: bool  # a pair is tokenized as (text, text_pair); else the two texts joined (vLLM's rule)
-    activation: bool  # the default activation: sigmoid for one label, softmax for more; False: the raw logits
+    activation_fn: str | None = None  # config.json's (sentence-transformers'); None: vLLM's default, on
 
-    def probabilities(self, logits: list[float], use_activation: bool | None) -> list[float]:
-        """vLLM's classify output: sigmoid of a single logit, softmax of several (use_activation None: the
-        config's default); the logits themselves without activation."""
-        if not (self.activation if use_activation is None else use_activation):
+    def applies_activation(self, use_activation: bool | None) -> bool:
+        """Whether outputs go through the activation: the request's use_activation, else config.json's
+        activation_fn, else vLLM's default (on); a 400 for an activation this server does not apply."""
+        if use_activation is not None:
+            return use_activation
+        if self.activation_fn is None:
+            return True
+        if self.activation_fn not in ACTIVATIONS:
+            raise InvalidRequest(f"the model's config.json asks for the activation {self.activation_fn!r}, which this "
+                                 f"server does not apply (only {', '.join(ACTIVATIONS)}); send use_activation false "
+                                 "for the raw logits", param="use_activation")
+        return ACTIVATIONS[self.activation_fn]
+
+    @staticmethod
+    def probabilities(logits: list[float], activate: bool) -> list[float]:
+        """vLLM's classify output: sigmoid of a single logit, softmax of several; without activation the logits."""
+        if not activate:
             return logits
         if len(logits) == 1:
             return [1.0 / (1.0 + math.exp(-logits[0]))]
@@ -84,9 +97,8 @@ def _classifier_at(path: Path, mtime_ns: int) -> Classifier | None:
     num_labels = int(config.get("num_labels") or len(labels) or 2)
     function = (config.get("sentence_transformers") or {}).get("activation_fn") or config.get(
         "sbert_ce_default_activation_function")
-    activation = ACTIVATIONS.get(function, True) if function else True
     use_sep_token = config.get("use_sep_token", config.get("use_pad_token", True))
-    return Classifier(architecture, num_labels, labels, bool(use_sep_token), activation)
+    return Classifier(architecture, num_labels, labels, bool(use_sep_token), function or None)
 
 
 def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | list[int], param: str,

@@ -20,12 +20,13 @@ def create_classification(gw: Gateway, ctx: RequestContext, req: ClassificationR
     if classifier is None:
         raise InvalidRequest(f"model {req.model!r} is not a classification model (its config.json names no "
                              "*ForSequenceClassification architecture): /v1/classify needs one", param="model")
+    activate = classifier.applies_activation(req.use_activation)
     encoder = gw.tokenizers.get(card)
     inputs = [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]")
               for i, text_or_ids in enumerate(req.input)]
     data = []
     for i, logits in enumerate(pool_on_a_worker(gw, ctx, card, inputs, classifier)):
-        probs = classifier.probabilities(logits, req.use_activation)
+        probs = classifier.probabilities(logits, activate)
         best = max(range(len(probs)), key=probs.__getitem__)
         data.append(ClassificationData(index=i, label=classifier.labels.get(best), probs=probs,
                                        num_classes=len(probs)))

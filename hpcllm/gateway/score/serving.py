@@ -61,13 +61,14 @@ def score_pairs(gw: Gateway, ctx: RequestContext, model: str, queries: Side, doc
         raise InvalidRequest(f"model {model!r} is a classifier with {classifier.num_labels} labels "
                              f"({classifier.architecture}): a score needs a one-label head (a reranker's); "
                              "/v1/classify answers its labels", param="model")
+    activate = classifier.applies_activation(use_activation)
     query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
     encoder = gw.tokenizers.get(card)
     inputs = [tokenize_input(encoder, card, query, documents.param(i), pair=document,
                              join=not classifier.use_sep_token)
               for i, (query, document) in enumerate(zip(query_texts, documents.texts))]
     logits = pool_on_a_worker(gw, ctx, card, inputs, classifier)
-    return [classifier.probabilities(row, use_activation)[0] for row in logits], sum(len(ids) for ids in inputs)
+    return [classifier.probabilities(row, activate)[0] for row in logits], sum(len(ids) for ids in inputs)
 
 
 def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, queries: Side,

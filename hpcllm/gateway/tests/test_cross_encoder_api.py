@@ -122,3 +122,34 @@ def test_a_worker_pooling_otherwise_than_the_checkpoint_says_is_an_error_not_an_
                                                   "source": str(tiny_model_dir)}})
     error = assert_error(gateway.post("/v1/embeddings", json={"model": MODEL, "input": "a"}), 500, "internal_error")
     assert "config.json says 'embed'" in error["message"]
+
+
+def test_config_json_decides_how_pairs_are_joined_and_the_default_activation(make_gateway, classifier_models,
+                                                                             classifier_workers, tmp_path):
+    """vLLM's rules from the checkpoint's config.json: use_sep_token false joins the two texts into one (an LLM made
+    a reranker); an Identity activation_fn answers the raw logit; an activation it cannot apply is a 400."""
+    import json
+    import shutil
+
+    folder = classifier_models[RERANKER][0]
+    models = {}
+    for name, extra in (("joined", {"use_sep_token": False}),
+                        ("identity", {"sbert_ce_default_activation_function": "torch.nn.modules.linear.Identity"}),
+                        ("tanh", {"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Tanh"}})):
+        copy = shutil.copytree(folder, tmp_path / name)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, **extra}))
+        models[name] = {"worker_url": classifier_workers[RERANKER], "source": str(copy)}
+    gateway = make_gateway(static_models=models)
+
+    def scores(model: str) -> list[float]:
+        return [d["score"] for d in gateway.post("/v1/score", json={"model": model, "text_1": QUERY,
+                                                                    "text_2": DOCUMENTS[:2]}).json()["data"]]
+
+    assert scores("joined") == pytest.approx([torch.sigmoid(torch.tensor(
+        hf_logits(classifier_models, RERANKER, QUERY + d)[0])).item() for d in DOCUMENTS[:2]], abs=1e-5)
+    assert scores("identity") == pytest.approx([hf_logits(classifier_models, RERANKER, QUERY, d)[0]
+                                                for d in DOCUMENTS[:2]], abs=1e-5)
+    error = assert_error(gateway.post("/v1/rerank", json={"model": "tanh", "query": QUERY, "documents": ["a"]}),
+                         400, "invalid_request", "use_activation")
+    assert "Tanh" in error["message"]
