@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from hpcllm.checkpoint.errors import InvalidSource, UnsupportedSource
+from hpcllm.checkpoint.heads import classifier_architecture
 from hpcllm.checkpoint.layout import dtype_name
 from hpcllm.checkpoint.writer import TensorSpec
 
@@ -80,10 +81,8 @@ def _transformers_knows(model_type: Any) -> bool:
 
 
 def is_classifier(config) -> bool:
-    """config's architectures name a *ForSequenceClassification (a reranker or classifier: a decoder with transformers'
-    `score` head instead of the LM head)."""
-    return any(isinstance(a, str) and a.endswith("ForSequenceClassification")
-               for a in getattr(config, "architectures", None) or [])
+    """config's architectures name a *ForSequenceClassification (hpcllm.checkpoint.heads)."""
+    return classifier_architecture(getattr(config, "architectures", None)) is not None
 
 
 def auto_model_class(config):

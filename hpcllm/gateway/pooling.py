@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from hpcllm.checkpoint.heads import classifier_architecture
 from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -89,8 +90,7 @@ def _classifier_at(path: Path, mtime_ns: int) -> Classifier | None:
     except (OSError, ValueError) as exc:
         log.warning("cannot read %s: %s", path, exc)
         return None
-    architecture = next((a for a in config.get("architectures") or [] if isinstance(a, str)
-                         and a.endswith("ForSequenceClassification")), None)
+    architecture = classifier_architecture(config.get("architectures"))
     if architecture is None:
         return None
     labels = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}

@@ -36,6 +36,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from hpcllm.checkpoint.heads import classifier_architecture
 from hpcllm.worker import cpumem, fastpath, lora
 from hpcllm.worker.sampling import SamplingParams
 
@@ -515,7 +516,7 @@ class SequentialRunner:
 def classifier_head(model):
     """The classification head of a *ForSequenceClassification model (transformers' `score` linear, the hidden state
     to num_labels logits: a reranker's one relevance logit); None for any other model."""
-    if not type(model).__name__.endswith("ForSequenceClassification"):
+    if classifier_architecture([type(model).__name__]) is None:
         return None
     return getattr(model, "score", None)
 
