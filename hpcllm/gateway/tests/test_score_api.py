@@ -104,7 +104,7 @@ def test_bad_score_and_rerank_requests_are_400_naming_the_field(gateway, tiny_mo
 
 
 def test_the_root_paths_need_an_api_key(gateway):
-    for path in ("/score", "/rerank", "/v2/rerank"):
+    for path in ("/score", "/rerank", "/v2/rerank", "/classify"):
         assert_error(gateway.post(path, key=None, json={"model": MODEL}), 401, "missing_api_key")
 
 
