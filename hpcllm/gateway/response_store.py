@@ -1,15 +1,24 @@
-"""Stored responses of the Responses API (`store`, OpenAI's default): what `previous_response_id`, GET/DELETE
-/v1/responses/{id} and its input_items read.
+"""Stored responses (Responses API, `store`: OpenAI's default) and conversations (Conversations API): what
+`previous_response_id`, `conversation`, `item_reference` input items, GET/DELETE /v1/responses/{id} and its
+input_items, and /v1/conversations read.
 
-A response is kept with the input items of its whole conversation (earlier turns' included, each with an id as
-OpenAI lists them) and the response object as answered (its output items, instructions and tools among its
-settings), as JSON. They live in the limits database (hpcllm.gateway.shared_state: SQLite in the gateway's state
-dir, or PostgreSQL shared by every gateway host), through its connections, so every gateway process and host that
-shares the limits shares the responses too.
+Two tables in the limits database (hpcllm.gateway.shared_state: SQLite in the gateway's state dir, or PostgreSQL
+shared by every gateway host), so every gateway process and host that shares the limits shares them too:
 
-A response belongs to the API key that made it (a digest of the key, never the key): any other key is told it does
-not exist. An open gateway (no keys) has one owner. Rows older than the TTL are invisible at once and deleted by
-the next store; beyond the byte bound the oldest are deleted first. Contents are never logged.
+- gateway_stored: one row per response or conversation (`kind`), its JSON body (a response as answered, its output
+  left out; a conversation's object), and for a response the response it continued (`previous`).
+- gateway_items: every item once, JSON, in the order stored (`seq`), held by one response (its own input items,
+  then its output items) or one conversation.
+
+A response chained by previous_response_id stores only its new input items and a link: its conversation is rebuilt
+by following the links, so a chain of n turns stores O(n) items (a stored response used to copy its whole
+conversation: n(n+1)/2 items). A response keeps its ancestors alive: storing it sets `used` on the whole chain, and
+rows are deleted by `used` (after the TTL, or oldest first beyond the byte bound), so an ancestor never goes before
+its descendants. A deleted response that others continue is only hidden until they go.
+
+Everything belongs to the API key that made it (a digest of the key, never the key): any other key is told it does
+not exist. An open gateway (no keys) has one owner. Sizes are the bytes of the stored JSON: each item's, and each
+body's. Contents are never logged.
 """
 
 from __future__ import annotations
@@ -25,18 +34,37 @@ from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.ratelimit import key_digest
 from hpcllm.gateway.shared_state import SharedState
 
+# gateway_responses (each response with its whole conversation copied) is the layout before gateway_stored: an
+# upgraded gateway drops it (its responses are then unknown: clients send the whole conversation again).
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS gateway_responses (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
-                                              size INTEGER NOT NULL, input TEXT NOT NULL, response TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS gateway_responses_age ON gateway_responses (created, size);
+CREATE TABLE IF NOT EXISTS gateway_stored (id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL,
+                                           seen REAL NOT NULL, used REAL NOT NULL, size INTEGER NOT NULL,
+                                           previous TEXT, hidden INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS gateway_stored_used ON gateway_stored (used, seen);
+CREATE INDEX IF NOT EXISTS gateway_stored_previous ON gateway_stored (previous);
+CREATE TABLE IF NOT EXISTS gateway_items (seq INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL,
+                                          id TEXT NOT NULL, holder TEXT NOT NULL, output INTEGER NOT NULL,
+                                          size INTEGER NOT NULL, item TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS gateway_items_holder ON gateway_items (holder, seq);
+CREATE INDEX IF NOT EXISTS gateway_items_id ON gateway_items (owner, id);
+DROP TABLE IF EXISTS gateway_responses
 """
+RESPONSE, CONVERSATION = "response", "conversation"  # gateway_stored.kind
 # Rows deleted per store when over the byte bound (the rest go at the next ones).
 PRUNE_BATCH = 1000
 OPEN_GATEWAY_OWNER = "open"  # every request's owner where the gateway has no API keys
+# A response's chain, from it back to the first response (hidden and invisible ancestors included: they are kept
+# for it). The owner is checked on the first row; a chain never crosses owners.
+CHAIN = ("WITH RECURSIVE chain (id, previous) AS (SELECT id, previous FROM gateway_stored WHERE id = ? AND owner = ? "
+         "UNION ALL SELECT s.id, s.previous FROM gateway_stored s JOIN chain c ON s.id = c.previous) ")
 
 
 def owner_of(key: ApiKey | None) -> str:
     return OPEN_GATEWAY_OWNER if key is None else key_digest(key)
+
+
+def _size(text: str) -> int:
+    return len(text.encode())
 
 
 @dataclass(frozen=True)
@@ -47,6 +75,24 @@ class StoredResponse:
     def conversation(self) -> list[dict[str, Any]]:
         """What a request naming this response as previous_response_id continues: its input, then its output."""
         return [*self.input, *self.response["output"]]
+
+
+@dataclass(frozen=True)
+class NewResponse:
+    """A finished response to keep (`store`; else only its items appended to its conversation): its
+    conversation's input items, of which the first `carried` came from `previous` (stored there already) or from
+    `conversation` (whose items this response's own are appended to)."""
+
+    response: dict[str, Any]
+    input: list[dict[str, Any]]
+    previous: str | None = None
+    conversation: str | None = None
+    carried: int = 0
+    store: bool = True
+
+
+class TooLarge(Exception):
+    """A conversation's write that would not fit in the whole byte bound."""
 
 
 class ResponseStore:
@@ -64,28 +110,80 @@ class ResponseStore:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    def put(self, owner: str, stored: StoredResponse) -> bool:
-        """Keep a response (False: larger than the whole byte bound, not kept); expired rows, and the oldest beyond
-        the bound, are deleted in the same transaction."""
-        input_json, response_json = json.dumps(stored.input), json.dumps(stored.response)
-        size = len(input_json.encode()) + len(response_json.encode())
-        if size > self.max_bytes:
-            return False
+    def _cutoff(self) -> float:
+        return self.clock() - self.ttl_s
+
+    def _for_update(self) -> str:
+        return " FOR UPDATE" if self.shared.postgres else ""  # SQLite's BEGIN IMMEDIATE holds the write lock
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def put(self, owner: str, new: NewResponse) -> bool:
+        """Keep a response (False: larger than the whole byte bound, not kept), appending its items to its
+        conversation; expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
+        output = new.response["output"]
+        body = json.dumps({**new.response, "output": []})
         now = self.clock()
         with self.shared.transaction() as db:
-            db.conn.execute("INSERT INTO gateway_responses (id, owner, created, size, input, response) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            (stored.response["id"], owner, now, size, input_json, response_json))
+            previous = new.previous if new.previous is not None and self._lock(db, new.previous) else None
+            own = new.input[new.carried:] if previous is not None or new.conversation is not None else new.input
+            rows = [*self._item_rows(owner, own, False), *self._item_rows(owner, output, True)]
+            size = _size(body) + sum(row[3] for row in rows)
+            if size > self.max_bytes:
+                return False
+            if new.store:
+                db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, "
+                                "body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                                (new.response["id"], owner, RESPONSE, now, now, size, previous, body))
+                self._insert_items(db, new.response["id"], rows)
+            if new.store and previous is not None:  # the chain lives as long as its newest response
+                db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
+                                (previous, owner, now))
+            if new.conversation is not None and self._lock(db, new.conversation, owner):
+                self._append(db, new.conversation, rows, now)
             self._prune(db, now)
         return True
 
+    def _lock(self, db: Database, stored_id: str, owner: str | None = None) -> bool:
+        """Whether a row is still there, locked till the commit; with an owner: whether the owner's conversation
+        is there and not expired."""
+        sql = "SELECT id FROM gateway_stored WHERE id = ?"
+        params: tuple = (stored_id,)
+        if owner is not None:
+            sql += " AND owner = ? AND kind = ? AND seen >= ?"
+            params = (stored_id, owner, CONVERSATION, self._cutoff())
+        return db.conn.execute(sql + self._for_update(), params).fetchone() is not None
+
+    @staticmethod
+    def _item_rows(owner: str, items: list[dict[str, Any]], output: bool) -> list[tuple]:
+        """(owner, id, output, size, item JSON) per item."""
+        rows = []
+        for item in items:
+            text = json.dumps(item)
+            rows.append((owner, item["id"], int(output), _size(text), text))
+        return rows
+
+    @staticmethod
+    def _insert_items(db: Database, holder: str, rows: list[tuple]) -> None:
+        db.conn.executemany("INSERT INTO gateway_items (owner, id, holder, output, size, item) "
+                            "VALUES (?, ?, ?, ?, ?, ?)", [(*row[:2], holder, *row[2:]) for row in rows])
+
+    def _append(self, db: Database, conversation: str, rows: list[tuple], now: float) -> None:
+        """Items at the end of a (locked) conversation, as its input (a conversation has no output)."""
+        self._insert_items(db, conversation, [(*row[:2], 0, *row[3:]) for row in rows])
+        db.conn.execute("UPDATE gateway_stored SET size = size + ?, seen = ?, used = ? WHERE id = ?",
+                        (sum(row[3] for row in rows), now, now, conversation))
+
     def _prune(self, db: Database, now: float) -> None:
-        db.conn.execute("DELETE FROM gateway_responses WHERE created < ?", (now - self.ttl_s,))
-        total = db.conn.execute("SELECT COALESCE(SUM(size), 0) AS total FROM gateway_responses").fetchone()["total"]
+        cutoff = now - self.ttl_s
+        db.conn.execute("DELETE FROM gateway_items WHERE holder IN (SELECT id FROM gateway_stored WHERE used < ?)",
+                        (cutoff,))
+        db.conn.execute("DELETE FROM gateway_stored WHERE used < ?", (cutoff,))
+        total = db.conn.execute("SELECT COALESCE(SUM(size), 0) AS total FROM gateway_stored").fetchone()["total"]
         excess = total - self.max_bytes
         if excess <= 0:
             return
-        oldest = db.conn.execute("SELECT id, size FROM gateway_responses ORDER BY created, id LIMIT ?",
+        # A response's descendants have the same `used` or an earlier one, and a later `seen`: they go first.
+        oldest = db.conn.execute("SELECT id, size FROM gateway_stored ORDER BY used, seen DESC, id LIMIT ?",
                                  (PRUNE_BATCH,)).fetchall()
         doomed = []
         for row in oldest:
@@ -93,20 +191,145 @@ class ResponseStore:
                 break
             doomed.append((row["id"],))
             excess -= row["size"]
-        db.conn.executemany("DELETE FROM gateway_responses WHERE id = ?", doomed)
+        self._remove(db, doomed)
+
+    @staticmethod
+    def _remove(db: Database, ids: list[tuple[str]]) -> None:
+        db.conn.executemany("DELETE FROM gateway_items WHERE holder = ?", ids)
+        db.conn.executemany("DELETE FROM gateway_stored WHERE id = ?", ids)
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def _visible(self, db: Database, owner: str, stored_id: str, kind: str) -> dict[str, Any] | None:
+        row = db.conn.execute("SELECT body FROM gateway_stored WHERE id = ? AND owner = ? AND kind = ? AND "
+                              "hidden = 0 AND seen >= ?", (stored_id, owner, kind, self._cutoff())).fetchone()
+        return None if row is None else json.loads(row["body"])
 
     def get(self, owner: str, response_id: str) -> StoredResponse | None:
         """The owner's response, None when there is none (unknown, expired, deleted, or another owner's)."""
         with self.shared.connection() as db:
-            row = db.conn.execute("SELECT input, response FROM gateway_responses WHERE id = ? AND owner = ? AND "
-                                  "created >= ?", (response_id, owner, self.clock() - self.ttl_s)).fetchone()
-        if row is None:
-            return None
-        return StoredResponse(input=json.loads(row["input"]), response=json.loads(row["response"]))
+            response = self._visible(db, owner, response_id, RESPONSE)
+            if response is None:
+                return None
+            rows = db.conn.execute(CHAIN + "SELECT i.holder, i.output, i.item FROM gateway_items i JOIN chain c "
+                                   "ON i.holder = c.id ORDER BY i.seq", (response_id, owner)).fetchall()
+        own_output = [row["holder"] == response_id and row["output"] for row in rows]
+        response["output"] = [json.loads(row["item"]) for row, out in zip(rows, own_output) if out]
+        return StoredResponse(input=[json.loads(row["item"]) for row, out in zip(rows, own_output) if not out],
+                              response=response)
+
+    def item(self, owner: str, item_id: str) -> dict[str, Any] | None:
+        """The owner's item with this id (the latest stored, where a client sent one id twice), None when it has
+        none: what an item_reference input item names."""
+        with self.shared.connection() as db:
+            row = db.conn.execute("SELECT i.item FROM gateway_items i JOIN gateway_stored s ON i.holder = s.id "
+                                  "WHERE i.owner = ? AND i.id = ? AND s.used >= ? ORDER BY i.seq DESC LIMIT 1",
+                                  (owner, item_id, self._cutoff())).fetchone()
+        return None if row is None else json.loads(row["item"])
 
     def delete(self, owner: str, response_id: str) -> bool:
-        """False when the owner has no such response."""
+        """False when the owner has no such response. One that others continue is hidden until they go; a hidden
+        ancestor left with no descendants goes with it."""
+        with self.shared.transaction() as db:
+            if self._visible(db, owner, response_id, RESPONSE) is None:
+                return False
+            doomed: str | None = response_id
+            db.conn.execute("UPDATE gateway_stored SET hidden = 1 WHERE id = ?", (response_id,))
+            while doomed is not None:
+                if db.conn.execute("SELECT id FROM gateway_stored WHERE previous = ? LIMIT 1",
+                                   (doomed,)).fetchone() is not None:
+                    break
+                row = db.conn.execute("SELECT previous FROM gateway_stored WHERE id = ? AND hidden = 1",
+                                      (doomed,)).fetchone()
+                if row is None:
+                    break
+                self._remove(db, [(doomed,)])
+                doomed = row["previous"]
+            return True
+
+    # ---------------------------------------------------------------------------------------------- conversations
+    def create_conversation(self, owner: str, conversation: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        """Keep a new conversation object with its first items (TooLarge: over the whole byte bound)."""
+        body = json.dumps(conversation)
+        rows = self._item_rows(owner, items, False)
+        size = _size(body) + sum(row[3] for row in rows)
+        if size > self.max_bytes:
+            raise TooLarge
+        now = self.clock()
+        with self.shared.transaction() as db:
+            db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, body) "
+                            "VALUES (?, ?, ?, ?, ?, ?, NULL, 0, ?)",
+                            (conversation["id"], owner, CONVERSATION, now, now, _size(body), body))
+            self._append(db, conversation["id"], rows, now)
+            self._prune(db, now)
+
+    def conversation(self, owner: str, conversation_id: str) -> dict[str, Any] | None:
         with self.shared.connection() as db:
-            cur = db.conn.execute("DELETE FROM gateway_responses WHERE id = ? AND owner = ? AND created >= ?",
-                                  (response_id, owner, self.clock() - self.ttl_s))
-            return cur.rowcount == 1
+            return self._visible(db, owner, conversation_id, CONVERSATION)
+
+    def conversation_items(self, owner: str, conversation_id: str) -> list[dict[str, Any]] | None:
+        """A conversation's items, oldest first; None when the owner has no such conversation."""
+        with self.shared.connection() as db:
+            if self._visible(db, owner, conversation_id, CONVERSATION) is None:
+                return None
+            rows = db.conn.execute("SELECT item FROM gateway_items WHERE holder = ? ORDER BY seq",
+                                   (conversation_id,)).fetchall()
+        return [json.loads(row["item"]) for row in rows]
+
+    def conversation_item(self, owner: str, conversation_id: str, item_id: str) -> dict[str, Any] | None:
+        """An item of the owner's conversation (the latest with that id), None when there is none."""
+        with self.shared.connection() as db:
+            if self._visible(db, owner, conversation_id, CONVERSATION) is None:
+                return None
+            row = db.conn.execute("SELECT item FROM gateway_items WHERE holder = ? AND id = ? ORDER BY seq DESC "
+                                  "LIMIT 1", (conversation_id, item_id)).fetchone()
+        return None if row is None else json.loads(row["item"])
+
+    def update_conversation(self, owner: str, conversation_id: str,
+                            change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
+        """The conversation object after `change` (its new body), None when the owner has none."""
+        now = self.clock()
+        with self.shared.transaction() as db:
+            if not self._lock(db, conversation_id, owner):
+                return None
+            row = db.conn.execute("SELECT body FROM gateway_stored WHERE id = ?", (conversation_id,)).fetchone()
+            old = row["body"]
+            body = change(json.loads(old))
+            new = json.dumps(body)
+            db.conn.execute("UPDATE gateway_stored SET body = ?, size = size + ?, seen = ?, used = ? WHERE id = ?",
+                            (new, _size(new) - _size(old), now, now, conversation_id))
+            self._prune(db, now)
+        return body
+
+    def add_items(self, owner: str, conversation_id: str, items: list[dict[str, Any]]) -> bool:
+        """Items at the end of the owner's conversation: False when it has none (TooLarge: over the whole bound)."""
+        rows = self._item_rows(owner, items, False)
+        now = self.clock()
+        with self.shared.transaction() as db:
+            if not self._lock(db, conversation_id, owner):
+                return False
+            size = db.conn.execute("SELECT size FROM gateway_stored WHERE id = ?", (conversation_id,)).fetchone()
+            if size["size"] + sum(row[3] for row in rows) > self.max_bytes:
+                raise TooLarge
+            self._append(db, conversation_id, rows, now)
+            self._prune(db, now)
+        return True
+
+    def delete_item(self, owner: str, conversation_id: str, item_id: str) -> bool | None:
+        """None: no such conversation; False: no such item in it."""
+        with self.shared.transaction() as db:
+            if not self._lock(db, conversation_id, owner):
+                return None
+            row = db.conn.execute("SELECT seq, size FROM gateway_items WHERE holder = ? AND id = ? "
+                                  "ORDER BY seq DESC LIMIT 1", (conversation_id, item_id)).fetchone()
+            if row is None:
+                return False
+            db.conn.execute("DELETE FROM gateway_items WHERE seq = ?", (row["seq"],))
+            db.conn.execute("UPDATE gateway_stored SET size = size - ? WHERE id = ?", (row["size"], conversation_id))
+        return True
+
+    def delete_conversation(self, owner: str, conversation_id: str) -> bool:
+        with self.shared.transaction() as db:
+            if not self._lock(db, conversation_id, owner):
+                return False
+            self._remove(db, [(conversation_id,)])
+        return True

@@ -25,9 +25,7 @@ InputRole = Literal["user", "system", "developer", "assistant"]
 TEXT_PARTS = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
-NO_CONVERSATIONS = "the Conversations API is not served: chain turns with previous_response_id, or send the whole " \
-                   "conversation in 'input'"
-NO_REFERENCES = "items are not looked up by id: send the item itself, or chain turns with previous_response_id"
+REFERENCE = "item_reference"  # an input item that names a stored item by id (resolved by the serving layer)
 
 
 def new_item_id(prefix: str) -> str:
@@ -59,8 +57,9 @@ def _text_of(value: str | list[dict], where: str) -> str:
 
 class InputItem(OpenAIRequest):
     """One item of `input`: a message (`type` may be left out), an earlier function call, or its output, or an
-    earlier answer's reasoning. The fields of the other types are checked by type (check_supported refuses unknown
-    types with a 400)."""
+    earlier answer's reasoning, or a stored item named by id (item_reference, replaced by that item before the
+    translation). The fields of the other types are checked by type (check_supported refuses unknown types with a
+    400)."""
 
     type: str = "message"
     id: str | None = None
@@ -91,7 +90,7 @@ class InputItem(OpenAIRequest):
     @model_validator(mode="after")
     def _fields_of_its_type(self) -> InputItem:
         needed = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
-                  "function_call_output": ("call_id", "output")}.get(self.type, ())
+                  "function_call_output": ("call_id", "output"), REFERENCE: ("id",)}.get(self.type, ())
         missing = next((name for name in needed if getattr(self, name) is None), None)
         if missing is not None:
             raise ValueError(f"a {self.type} item needs '{missing}'")
@@ -192,8 +191,8 @@ class ResponsesRequest(OpenAIRequest):
     reasoning: dict[str, Any] | None = None
     include_reasoning: bool = True  # vLLM's extension, as chat's: false leaves the reasoning item out
     truncation: Literal["auto", "disabled"] | None = None
+    conversation: str | dict[str, Any] | None = None  # a conversation's id, or {"id": ...} (OpenAI's two shapes)
     # Declared to be refused when set (unknown fields are dropped silently)
-    conversation: Any = None
     prompt: Any = None
     background: bool | None = None
     include: list[str] | None = None
@@ -216,8 +215,13 @@ class ResponsesRequest(OpenAIRequest):
 
     def check_supported(self) -> None:
         """400s for what this server cannot do, naming the field (chat's own checks follow in to_chat's request)."""
-        if self.conversation is not None:
-            raise unsupported("conversation", f"'conversation' ({NO_CONVERSATIONS})")
+        if self.conversation is not None and self.previous_response_id is not None:
+            raise InvalidRequest("Mutually exclusive parameters: Ensure you are only providing one of: "
+                                 "'previous_response_id' or 'conversation'.", param="conversation",
+                                 code="mutually_exclusive_parameters")
+        if isinstance(self.conversation, dict) and not isinstance(self.conversation.get("id"), str):
+            raise InvalidRequest("'conversation' must be a conversation's id or {\"id\": ...}", param="conversation",
+                                 code="invalid_value")
         if self.prompt is not None:
             raise unsupported("prompt", "a stored prompt template")
         if self.background:
@@ -241,12 +245,13 @@ class ResponsesRequest(OpenAIRequest):
         for i, tool in enumerate(self.tools or []):
             if tool.type != "function":
                 raise unsupported(f"tools[{i}].type", f"the built-in tool {tool.type[:80]!r} (only function tools)")
-        for i, item in enumerate(self.input):
-            if item.type not in ITEM_TYPES:
-                hint = f" ({NO_REFERENCES})" if item.type == "item_reference" else ""
-                raise unsupported(f"input[{i}].type", f"an input item of type {item.type[:80]!r}{hint}")
+        check_item_types(self.input, "input")
         if not (self.tool_choice in (None, "auto", "none", "required") or _is_named_function(self.tool_choice)):
             raise unsupported("tool_choice", f"tool_choice {json.dumps(self.tool_choice)[:100]}")
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.conversation["id"] if isinstance(self.conversation, dict) else self.conversation
 
     def continuing(self, conversation: list[dict[str, Any]]) -> ResponsesRequest:
         """This request with a stored conversation (an earlier response's input and output items) before its input:
@@ -269,31 +274,7 @@ class ResponsesRequest(OpenAIRequest):
         )
 
     def _messages(self) -> list[ChatMessage]:
-        """instructions first (a system message), then the items; function calls join the assistant message just
-        before them (the text the model wrote with them), as a chat assistant message holds its calls."""
-        messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
-        for i, item in enumerate(self.input):
-            where = f"input[{i}]"
-            last = messages[-1] if messages else None
-            thought = last if last is not None and last.role == "assistant" and last.reasoning is not None else None
-            if item.type == "reasoning":  # the thinking of the assistant message that follows (vLLM's reading)
-                messages.append(ChatMessage(role="assistant", content=None, reasoning=item.reasoning_text(where)))
-            elif item.type == "message" and item.role == "assistant" and thought is not None and not thought.content:
-                thought.content = _text_of(item.content, f"{where}.content")
-            elif item.type == "message":
-                messages.append(ChatMessage(role=item.role, content=_text_of(item.content, f"{where}.content")))
-            elif item.type == "function_call":
-                call = ToolCallIn(id=item.call_id, type="function",
-                                  function=FunctionCall(name=item.name, arguments=item.arguments))
-                last = messages[-1] if messages else None
-                if last is not None and last.role == "assistant":
-                    last.tool_calls = [*(last.tool_calls or []), call]
-                else:
-                    messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
-            else:
-                messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
-                                            content=_text_of(item.output, f"{where}.output")))
-        return messages
+        return chat_messages(self.input, self.instructions, "input")
 
     def echo(self) -> dict[str, Any]:
         """The request's settings as a response repeats them (OpenAI's defaults where not given)."""
@@ -309,7 +290,44 @@ class ResponsesRequest(OpenAIRequest):
             "store": self.store is not False, "previous_response_id": self.previous_response_id,
             "user": self.user, "truncation": self.truncation or "disabled", "background": False,
             "reasoning": self.reasoning,
+            "conversation": None if self.conversation is None else {"id": self.conversation_id},
         }
+
+
+def check_item_types(items: list[InputItem], field: str) -> None:
+    """A 400 naming the first item of a type this server does not read."""
+    for i, item in enumerate(items):
+        if item.type not in (*ITEM_TYPES, REFERENCE):
+            raise unsupported(f"{field}[{i}].type", f"an input item of type {item.type[:80]!r}")
+
+
+def chat_messages(items: list[InputItem], instructions: str | None, field: str) -> list[ChatMessage]:
+    """instructions first (a system message), then the items; function calls join the assistant message just
+    before them (the text the model wrote with them), as a chat assistant message holds its calls. Errors name
+    an item by its place in `field`."""
+    messages = [ChatMessage(role="system", content=instructions)] if instructions is not None else []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]"
+        last = messages[-1] if messages else None
+        thought = last if last is not None and last.role == "assistant" and last.reasoning is not None else None
+        if item.type == "reasoning":  # the thinking of the assistant message that follows (vLLM's reading)
+            messages.append(ChatMessage(role="assistant", content=None, reasoning=item.reasoning_text(where)))
+        elif item.type == "message" and item.role == "assistant" and thought is not None and not thought.content:
+            thought.content = _text_of(item.content, f"{where}.content")
+        elif item.type == "message":
+            messages.append(ChatMessage(role=item.role, content=_text_of(item.content, f"{where}.content")))
+        elif item.type == "function_call":
+            call = ToolCallIn(id=item.call_id, type="function",
+                              function=FunctionCall(name=item.name, arguments=item.arguments))
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant":
+                last.tool_calls = [*(last.tool_calls or []), call]
+            else:
+                messages.append(ChatMessage(role="assistant", content=None, tool_calls=[call]))
+        else:
+            messages.append(ChatMessage(role="tool", tool_call_id=item.call_id,
+                                        content=_text_of(item.output, f"{where}.output")))
+    return messages
 
 
 def _is_named_function(choice: Any) -> bool:
@@ -333,7 +351,8 @@ def renamed_for_responses(exc: InvalidRequest) -> InvalidRequest:
 
 
 class InputItemsQuery(OpenAIRequest):
-    """GET /v1/responses/{id}/input_items' query (OpenAI's): a page of `limit` items in `order`, after item `after`."""
+    """GET /v1/responses/{id}/input_items' and GET /v1/conversations/{id}/items' query (OpenAI's): a page of `limit`
+    items in `order`, after item `after`."""
 
     limit: int = Field(20, ge=1, le=100)
     order: Literal["asc", "desc"] = "desc"
@@ -346,7 +365,7 @@ class InputItemsQuery(OpenAIRequest):
         if self.after is not None:
             ids = [item["id"] for item in ordered]
             if self.after not in ids:
-                raise InvalidRequest(f"'after': no item with id {self.after[:80]!r} in this response's input",
+                raise InvalidRequest(f"'after': no item with id {self.after[:80]!r} in this list",
                                      param="after")
             start = ids.index(self.after) + 1
         data = ordered[start:start + self.limit]

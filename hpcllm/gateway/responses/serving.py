@@ -1,6 +1,7 @@
 """POST /v1/responses: a chat completion (hpcllm.gateway.chat.serving, so routing, limits, migration, resume and tool
 calling are chat's own) answered as OpenAI's `response` object, or streamed as its typed events; kept (with `store`,
-the default) for previous_response_id and GET/DELETE /v1/responses/{id} (hpcllm.gateway.response_store).
+the default) for previous_response_id and GET/DELETE /v1/responses/{id}, and appended to its `conversation`
+(hpcllm.gateway.response_store).
 
 Output items: a reasoning model's thinking as a `reasoning` item (its text in content, as vLLM's), a `message` with
 the answer's text (left out when the answer is only thinking or tool calls), then one `function_call` per tool call.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from dataclasses import replace
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -22,10 +24,11 @@ from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaTool
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, validation_error
-from hpcllm.gateway.response_store import StoredResponse, owner_of
-from hpcllm.gateway.responses.protocol import (FunctionCallItem, IncompleteDetails, InputItemsQuery, OutputMessage,
-                                               OutputText, ReasoningItem, ReasoningText, ResponseObject,
-                                               ResponsesRequest, ResponseUsage, new_item_id, renamed_for_responses)
+from hpcllm.gateway.response_store import NewResponse, StoredResponse, owner_of
+from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
+                                               InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
+                                               ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
+                                               new_item_id, renamed_for_responses)
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import SSE_HEADERS, Delta, RequestContext, collect, stream_error
 
@@ -36,13 +39,18 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     req.check_supported()
     owner = owner_of(ctx.api_key)
     req.store = req.store is not False and gw.responses.enabled  # what the response will say
-    asked = continued(gw, owner, req)
+    req = resolved(gw, owner, req)
+    asked, carried = continued(gw, owner, req)
     chat_req = asked.to_chat()
     try:
         generation, parser = start_chat(gw, ctx, chat_req, new_item_id("resp"))
     except InvalidRequest as exc:
         raise renamed_for_responses(exc) from None
-    keep = keeper(gw, owner, [item.listed() for item in asked.input]) if req.store else None
+    keep = None
+    if req.store or req.conversation is not None:
+        keep = keeper(gw, owner, NewResponse(response={}, input=[item.listed() for item in asked.input],
+                                             previous=req.previous_response_id, conversation=req.conversation_id,
+                                             carried=carried, store=req.store))
     answer = ResponseBuilder(req, generation.response_id, ctx.created, keep)
     if req.stream:
         events = answer.events(generation.deltas(), ChatChoiceStream(parser, chat_req),
@@ -54,31 +62,62 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     return answer.whole(chat_choice(result, parser, chat_req), chat_usage(generation, parser))
 
 
-def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> ResponsesRequest:
-    """The request with its previous response's conversation before its input (OpenAI's previous_response_id; the
-    previous instructions are not carried over). An id this key cannot see is OpenAI's 400."""
-    if req.previous_response_id is None:
+def resolved(gw: Gateway, owner: str, req: ResponsesRequest) -> ResponsesRequest:
+    """The request with each item_reference input item replaced by the key's stored item of that id."""
+    if not any(item.type == REFERENCE for item in req.input):
         return req
+    return req.model_copy(update={"input": referenced(gw, owner, req.input, "input")})
+
+
+def referenced(gw: Gateway, owner: str, items: list[InputItem], field: str) -> list[InputItem]:
+    """The items with each item_reference replaced by the owner's stored item of that id; OpenAI's 400 naming
+    the item's place in `field` where the owner has none."""
+    found = []
+    for i, item in enumerate(items):
+        if item.type == REFERENCE:
+            stored = gw.responses.item(owner, item.id)
+            if stored is None:
+                raise InvalidRequest(f"Item with id '{item.id[:100]}' not found.", param=f"{field}[{i}]",
+                                     code="item_not_found")
+            item = InputItem.model_validate(stored)
+        found.append(item)
+    return found
+
+
+def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[ResponsesRequest, int]:
+    """The request with its previous response's conversation (OpenAI's previous_response_id; the previous
+    instructions are not carried over), or its conversation's items, before its input; and how many items came
+    from there. An id this key cannot see is OpenAI's 400 (previous response) or 404 (conversation)."""
+    if req.previous_response_id is None and req.conversation is None:
+        return req, 0
     req.to_chat()  # errors in this request's own items, named by their place in its input
-    previous = gw.responses.get(owner, req.previous_response_id)
-    if previous is None:
-        raise InvalidRequest(f"Previous response with id '{req.previous_response_id[:100]}' not found.",
-                             param="previous_response_id", code="previous_response_not_found")
-    return req.continuing(previous.conversation())
+    if req.conversation is not None:
+        earlier = gw.responses.conversation_items(owner, req.conversation_id)
+        if earlier is None:
+            raise NotFound(f"Conversation with id '{req.conversation_id[:100]}' not found.", param="conversation")
+    else:
+        previous = gw.responses.get(owner, req.previous_response_id)
+        if previous is None:
+            raise InvalidRequest(f"Previous response with id '{req.previous_response_id[:100]}' not found.",
+                                 param="previous_response_id", code="previous_response_not_found")
+        earlier = previous.conversation()
+    asked = req.continuing(earlier)
+    return asked, len(asked.input) - len(req.input)
 
 
-def keeper(gw: Gateway, owner: str, input_items: list[dict[str, Any]]) -> Callable[[dict[str, Any]], None]:
-    """Stores a finished response with its conversation's input items. When it cannot be kept (the database is
-    away, or it is larger than responses_max_bytes), the answer still goes out, saying `store: false`."""
+def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any]], None]:
+    """Stores a finished response with its conversation's input items (appending its items to its conversation).
+    When it cannot be kept (the database is away, or it is larger than responses_max_bytes), the answer still goes
+    out, saying `store: false`."""
     def keep(body: dict[str, Any]) -> None:
         try:
-            kept = gw.responses.put(owner, StoredResponse(input=input_items, response=body))
+            kept = gw.responses.put(owner, replace(new, response=body))
         except ServiceUnavailable:  # PostgreSQL away: logged where it failed
             kept = False
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
             log.warning("the gateway's limits database: %s", exc)
             kept = False
-        if not kept:
+        if not kept and new.store:
             log.warning("response %s was not stored (database unreachable, or over gateway.responses_max_bytes)",
                         body["id"])
             body["store"] = False

@@ -335,7 +335,10 @@ def test_chats_errors_name_the_responses_field():
 
 @pytest.mark.parametrize("body, status, code, param", [
     ({"previous_response_id": "resp_123"}, 400, "previous_response_not_found", "previous_response_id"),
-    ({"conversation": "conv_1"}, 400, "unsupported_parameter", "conversation"),
+    ({"conversation": "conv_1"}, 404, "not_found", "conversation"),
+    ({"conversation": {"id": "conv_1"}, "previous_response_id": "resp_1"}, 400, "mutually_exclusive_parameters",
+     "conversation"),
+    ({"conversation": {"name": "conv_1"}}, 400, "invalid_value", "conversation"),
     ({"tools": [{"type": "web_search"}]}, 400, "unsupported_parameter", "tools[0].type"),
     ({"tools": [FUNCTION_TOOL, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, 400,
      "unsupported_parameter", "tools[1].type"),
@@ -347,7 +350,9 @@ def test_chats_errors_name_the_responses_field():
     ({"input": [{"type": "reasoning", "id": "rs_1", "summary": [], "content": "thought"}]}, 400,
      "invalid_value", "input[0].content"),
     ({"include": ["file_search_call.results"]}, 400, "unsupported_parameter", "include"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "unsupported_parameter", "input[0].type"),
+    ({"input": [{"role": "user", "content": "hi"}, {"type": "item_reference", "id": "msg_none"}]}, 400,
+     "item_not_found", "input[1]"),
+    ({"input": [{"type": "item_reference"}]}, 422, "invalid_value", "input[0]"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, 400,
      "unsupported_parameter", "input[0].content[0].type"),
     ({"tools": [FUNCTION_TOOL], "tool_choice": {"type": "function", "name": "get_time"}}, 400, "invalid_value",
@@ -366,8 +371,6 @@ def test_chats_errors_name_the_responses_field():
 def test_what_cannot_be_done_is_a_4xx_naming_the_field(gateway, body, status, code, param):
     resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", **body})
     error = assert_error(resp, status, code, param)
-    if param == "conversation":
-        assert "send the whole conversation in 'input'" in error["message"]
     if code == "context_length_exceeded":  # chat's check, worded with the Responses field
         assert "max_tokens" not in error["message"]
 

@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 
-from hpcllm.gateway.response_store import ResponseStore, StoredResponse
+from hpcllm.gateway.response_store import NewResponse, ResponseStore, StoredResponse
 from hpcllm.gateway.shared_state import SharedState
 
 from .conftest import MODEL, USER_KEY
@@ -168,11 +168,11 @@ def test_a_response_the_database_refuses_is_still_answered_unstored(make_gateway
     """An insert that fails (here a trigger raising as a full disk would) loses no answer, whole or streamed."""
     gw = make_gateway()
     with gw.state.shared.connection() as db:
-        db.conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON gateway_responses "
+        db.conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON gateway_stored "
                         "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
     client = gw.client()
-    whole = client.responses.create(model=MODEL, input="hi", max_output_tokens=3)
-    events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=3, stream=True))
+    whole = client.responses.create(model=MODEL, input="hi", max_output_tokens=3, temperature=0)
+    events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=3, temperature=0, stream=True))
     for response in (whole, events[-1].response):
         assert response.status == "incomplete" and response.usage.output_tokens == 3 and response.store is False
         with pytest.raises(openai.NotFoundError):
@@ -181,13 +181,21 @@ def test_a_response_the_database_refuses_is_still_answered_unstored(make_gateway
 
 def _rows(shared: SharedState) -> list[str]:
     with shared.connection() as db:
-        return [row["id"] for row in db.conn.execute("SELECT id FROM gateway_responses ORDER BY created")]
+        return [row["id"] for row in db.conn.execute("SELECT id FROM gateway_stored ORDER BY seen")]
 
 
-def _response(number: int, text: str = "x") -> StoredResponse:
-    return StoredResponse(input=[{"id": f"msg_{number}", "type": "message", "role": "user", "status": "completed",
-                                  "content": [{"type": "input_text", "text": text}]}],
-                          response={"id": f"resp_{number}", "output": []})
+def _message(item_id: str, text: str = "x", role: str = "user") -> dict:
+    kind = "output_text" if role == "assistant" else "input_text"
+    return {"id": item_id, "type": "message", "role": role, "status": "completed",
+            "content": [{"type": kind, "text": text}]}
+
+
+def _response(number: int, text: str = "x") -> NewResponse:
+    return NewResponse(input=[_message(f"msg_{number}", text)], response={"id": f"resp_{number}", "output": []})
+
+
+def _stored(new: NewResponse) -> StoredResponse:
+    return StoredResponse(input=new.input, response=new.response)
 
 
 @pytest.fixture
@@ -204,7 +212,7 @@ def test_responses_expire_after_the_ttl_and_are_deleted_by_a_later_store(store_a
     store = make(ttl_s=3600, max_bytes=10 ** 6)
     assert store.put("alice", _response(1))
     now[0] += 3599
-    assert store.get("alice", "resp_1") == _response(1) and store.get("bob", "resp_1") is None
+    assert store.get("alice", "resp_1") == _stored(_response(1)) and store.get("bob", "resp_1") is None
     now[0] += 2
     assert store.get("alice", "resp_1") is None and not store.delete("alice", "resp_1")
     assert _rows(store.shared) == ["resp_1"]  # lazily: the next store deletes it
@@ -214,7 +222,7 @@ def test_responses_expire_after_the_ttl_and_are_deleted_by_a_later_store(store_a
 
 def test_beyond_the_byte_bound_the_oldest_responses_go_first(store_at):
     make, now = store_at
-    one = len(json.dumps(_response(1).input)) + len(json.dumps(_response(1).response))
+    one = len(json.dumps(_response(1).input[0])) + len(json.dumps(_response(1).response))  # its item, its body
     store = make(ttl_s=3600, max_bytes=3 * one)
     for number in range(1, 6):
         now[0] += 1
@@ -237,3 +245,162 @@ def test_two_gateways_on_one_database_share_the_stored_responses(make_gateway, l
     assert _delete(one, second.id).http_response.status_code == 200
     with pytest.raises(openai.NotFoundError):
         two.client().responses.retrieve(second.id)
+
+
+def _stored_bytes(shared: SharedState) -> tuple[int, int]:
+    """(item rows, bytes of every stored item and body) in the database."""
+    with shared.connection() as db:
+        items = db.conn.execute("SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(item)), 0) AS b FROM gateway_items")
+        items = items.fetchone()
+        bodies = db.conn.execute("SELECT COALESCE(SUM(LENGTH(body)), 0) AS b FROM gateway_stored").fetchone()
+    return items["n"], items["b"] + bodies["b"]
+
+
+def _turn(store: ResponseStore, number: int, previous: str | None) -> NewResponse:
+    """What a request chained on `previous` stores: the stored conversation, a new input item, an output item."""
+    earlier = store.get("alice", previous).conversation() if previous is not None else []
+    return NewResponse(input=[*earlier, _message(f"msg_in_{number:03d}", f"turn {number:03d}")],
+                       response={"id": f"resp_{number:03d}", "output": [_message(f"msg_out_{number:03d}", "ok",
+                                                                                    "assistant")]},
+                       previous=previous, carried=len(earlier))
+
+
+def test_a_50_turn_chain_stores_each_item_once(store_at):
+    """Each turn chained by previous_response_id stores its own input and output items, not its conversation's
+    again: 50 turns, 100 item rows (a copy per response would be 2550) and the same bytes added every turn; the
+    last turn still reads the whole conversation."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 9)
+    previous, growth = None, set()
+    for number in range(50):
+        before = _stored_bytes(store.shared)[1]
+        now[0] += 1
+        turn = _turn(store, number, previous)
+        assert store.put("alice", turn)
+        growth.add(_stored_bytes(store.shared)[1] - before)
+        previous = turn.response["id"]
+    assert _stored_bytes(store.shared)[0] == 100 and len(growth) == 1
+    last = store.get("alice", previous)
+    assert last.input == turn.input and len(last.conversation()) == 100
+
+
+def test_a_chain_through_the_gateway_stores_each_item_once(make_gateway):
+    """The same through a gateway: 10 turns by previous_response_id, 20 items stored; the last lists them all."""
+    gw = make_gateway()
+    client = gw.client()
+    previous = None
+    for turn in range(10):
+        previous = client.responses.create(model=MODEL, input=f"turn {turn}", previous_response_id=previous,
+                                           max_output_tokens=1, temperature=0).id
+    assert _stored_bytes(gw.state.shared)[0] == 20
+    listed = client.responses.input_items.list(previous, order="asc", limit=100).data
+    assert len(listed) == 19 and [item.content[0].text for item in listed[::2]] == [f"turn {t}" for t in range(10)]
+
+
+def test_a_chained_response_keeps_its_expired_ancestors_for_its_own_ttl(store_at):
+    """An ancestor past the TTL cannot be read or chained on, but the response continuing it still reads the whole
+    conversation until its own TTL; then both go."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 6)
+    first = _turn(store, 1, None)
+    store.put("alice", first)
+    now[0] += 3000
+    second = _turn(store, 2, "resp_001")
+    store.put("alice", second)
+    now[0] += 1000
+    store.put("alice", _response(9))  # a store deletes what expired
+    assert store.get("alice", "resp_001") is None and store.item("alice", "msg_in_001") is not None
+    assert store.get("alice", "resp_002").input == second.input
+    now[0] += 3000
+    store.put("alice", _response(10))
+    assert store.get("alice", "resp_002") is None and _rows(store.shared) == ["resp_9", "resp_10"]
+
+
+def test_beyond_the_byte_bound_a_chain_goes_from_its_newest_response(store_at):
+    """Oldest first by last use: a chain is used when a response continues it, and its responses go newest first,
+    so no response ever loses the turns before it."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 6)
+    now[0] += 1
+    store.put("alice", _turn(store, 1, None))
+    now[0] += 1
+    store.put("alice", _response(2))
+    now[0] += 1
+    store.put("alice", _turn(store, 3, "resp_001"))  # the chain 1-3 is now newer than 2
+    _, total = _stored_bytes(store.shared)
+    store.max_bytes = total - 1  # one must go: the oldest by last use, 2
+    now[0] += 1
+    store.put("alice", NewResponse(input=[], response={"id": "resp_004", "output": []}))
+    assert _rows(store.shared) == ["resp_001", "resp_003", "resp_004"]
+    sizes = _sizes(store.shared)
+    store.max_bytes = sizes["resp_001"] + sizes["resp_004"] + sizes["resp_004"]  # one more must go: 3, not 1
+    now[0] += 1
+    store.put("alice", NewResponse(input=[], response={"id": "resp_005", "output": []}))
+    assert _rows(store.shared) == ["resp_001", "resp_004", "resp_005"]
+    assert len(store.get("alice", "resp_001").input) == 1
+
+
+def _sizes(shared: SharedState) -> dict[str, int]:
+    with shared.connection() as db:
+        return {row["id"]: row["size"] for row in db.conn.execute("SELECT id, size FROM gateway_stored")}
+
+
+def test_deleting_a_continued_response_hides_it_until_its_descendants_go(gateway):
+    """The deleted response is a 404 at once; the one continuing it still lists and continues the whole
+    conversation; deleting that one too removes both responses' items."""
+    client = gateway.client()
+    first = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=2)
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input=AGAIN, max_output_tokens=2)
+    _delete(gateway, first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    listed = client.responses.input_items.list(second.id, order="asc").data
+    assert [item.content[0].text for item in listed] == [QUESTION, first.output_text, AGAIN]
+    third = client.responses.create(model=MODEL, previous_response_id=second.id, input="x", max_output_tokens=2)
+    assert len(client.responses.input_items.list(third.id).data) == 5
+    for response in (third, second):
+        _delete(gateway, response.id)
+    with gateway.state.shared.connection() as db:
+        held = db.conn.execute("SELECT COUNT(*) AS n FROM gateway_items WHERE holder IN (?, ?, ?)",
+                               (first.id, second.id, third.id)).fetchone()["n"]
+    assert held == 0
+
+
+def test_a_database_with_the_old_layout_is_upgraded_in_place(limits_url):
+    """gateway_responses (each response with its conversation copied) is dropped: the gateway starts, its old
+    responses are unknown (clients answer previous_response_not_found by sending the whole conversation)."""
+    shared = SharedState(limits_url)
+    shared.create_tables("CREATE TABLE gateway_responses (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL "
+                         "NOT NULL, size INTEGER NOT NULL, input TEXT NOT NULL, response TEXT NOT NULL)")
+    with shared.transaction() as db:
+        db.conn.execute("INSERT INTO gateway_responses VALUES ('resp_old', 'alice', 1, 2, '[]', '{}')")
+    store = ResponseStore(shared, ttl_s=3600, max_bytes=10 ** 6)
+    assert store.get("alice", "resp_old") is None and store.put("alice", _response(1))
+    with shared.connection() as db:
+        with pytest.raises(Exception):
+            db.conn.execute("SELECT id FROM gateway_responses")
+    shared.close()
+
+
+def test_item_references_are_the_keys_stored_items(make_gateway):
+    """Codex CLI's item_reference input items: the key's stored items by id, the same prompt as the items sent
+    whole, listed as those items; another key's id, or an unknown one, is OpenAI's 400 naming the item's place."""
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "name": "alice"}, {"key": OTHER_KEY, "name": "bob"}])
+    client = gw.client()
+    first = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=3, temperature=0)
+    asked, = client.responses.input_items.list(first.id).data
+    references = [{"type": "item_reference", "id": asked.id}, {"type": "item_reference", "id": first.output[0].id}]
+    referenced = client.responses.create(model=MODEL, input=[*references, _user(AGAIN)], max_output_tokens=3,
+                                         temperature=0)
+    whole = client.responses.create(model=MODEL, input=[_user(QUESTION), first.output[0].model_dump(), _user(AGAIN)],
+                                    max_output_tokens=3, temperature=0)
+    assert (referenced.usage.input_tokens, referenced.output_text) == (whole.usage.input_tokens, whole.output_text)
+    listed = client.responses.input_items.list(referenced.id, order="asc").data
+    assert [item.id for item in listed[:2]] == [asked.id, first.output[0].id]
+    assert listed[1].content[0].text == first.output_text
+
+    for key, place in ((OTHER_KEY, 0), (USER_KEY, 1)):
+        resp = gw.post("/v1/responses", key=key, json={"model": MODEL, "input": [
+            references[0], {"type": "item_reference", "id": "msg_" + "0" * 32}][:place + 1]})
+        error = assert_error(resp, 400, "item_not_found", f"input[{place}]")
+        assert error["message"].startswith("Item with id ")
