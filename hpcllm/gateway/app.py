@@ -10,6 +10,7 @@ from hpcllm.gateway.admin.router import bp as admin_bp
 from hpcllm.gateway.chat.router import bp as chat_bp
 from hpcllm.gateway.classify.router import bp as classify_bp
 from hpcllm.gateway.completions.router import bp as completions_bp
+from hpcllm.gateway.conversations.router import bp as conversations_bp
 from hpcllm.gateway.embeddings.router import bp as embeddings_bp
 from hpcllm.gateway.health.router import bp as health_bp
 from hpcllm.gateway.models.router import bp as models_bp
@@ -30,8 +31,8 @@ def create_app(config: Config | None = None, *, router: Router | None = None) ->
     app.json.compact = True
     app.extensions[EXTENSION_KEY] = gateway
     middleware.install(app, gateway)
-    for blueprint in (health_bp, models_bp, completions_bp, chat_bp, responses_bp, embeddings_bp, score_bp, rerank_bp,
-                      classify_bp, tokenize_bp, admin_bp, status_bp):
+    for blueprint in (health_bp, models_bp, completions_bp, chat_bp, responses_bp, conversations_bp, embeddings_bp,
+                      score_bp, rerank_bp, classify_bp, tokenize_bp, admin_bp, status_bp):
         app.register_blueprint(blueprint)
     return app
 

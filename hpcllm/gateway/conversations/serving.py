@@ -1,0 +1,122 @@
+"""The Conversations API over the stored items (hpcllm.gateway.response_store): a conversation and its items
+belong to the API key that made them; any other key is told they do not exist (404, as an unknown id)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from hpcllm.gateway.conversations.protocol import (ConversationCreate, ConversationItems, ConversationUpdate,
+                                                   check_readable, item_list)
+from hpcllm.gateway.errors import InvalidRequest, NotFound
+from hpcllm.gateway.protocol import validation_error
+from hpcllm.gateway.response_store import TooLarge, owner_of
+from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery
+from hpcllm.gateway.responses.serving import referenced
+from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.serving import RequestContext
+
+
+def _owner(gw: Gateway, ctx: RequestContext) -> str:
+    if not gw.responses.enabled:
+        raise InvalidRequest("conversations are not kept on this gateway (gateway.responses_max_bytes is 0)",
+                             code="storage_disabled")
+    return owner_of(ctx.api_key)
+
+
+def _not_found(conversation_id: str) -> NotFound:
+    return NotFound(f"Conversation with id '{conversation_id[:100]}' not found.", param="conversation_id")
+
+
+def _too_large() -> InvalidRequest:
+    return InvalidRequest("the conversation would be larger than this gateway keeps (gateway.responses_max_bytes)",
+                          param="items", code="storage_limit_exceeded")
+
+
+def _stored_items(gw: Gateway, owner: str, items: list[InputItem]) -> list[dict[str, Any]]:
+    """The items as kept and listed (item_references replaced by the owner's items), checked as a response would
+    read them."""
+    items = referenced(gw, owner, items, "items")
+    check_readable(items)
+    return [item.listed() for item in items]
+
+
+def create_conversation(gw: Gateway, ctx: RequestContext, req: ConversationCreate) -> dict[str, Any]:
+    owner = _owner(gw, ctx)
+    items = _stored_items(gw, owner, req.items)
+    conversation = req.conversation(ctx.created).model_dump()
+    try:
+        gw.responses.create_conversation(owner, conversation, items)
+    except TooLarge:
+        raise _too_large() from None
+    return conversation
+
+
+def get_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) -> dict[str, Any]:
+    conversation = gw.responses.conversation(_owner(gw, ctx), conversation_id)
+    if conversation is None:
+        raise _not_found(conversation_id)
+    return conversation
+
+
+def update_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str,
+                        req: ConversationUpdate) -> dict[str, Any]:
+    updated = gw.responses.update_conversation(_owner(gw, ctx), conversation_id,
+                                               lambda body: {**body, "metadata": req.metadata})
+    if updated is None:
+        raise _not_found(conversation_id)
+    return updated
+
+
+def delete_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) -> dict[str, Any]:
+    if not gw.responses.delete_conversation(_owner(gw, ctx), conversation_id):
+        raise _not_found(conversation_id)
+    return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
+
+
+def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: ConversationItems) -> dict[str, Any]:
+    owner = _owner(gw, ctx)
+    items = _stored_items(gw, owner, req.items)
+    try:
+        added = gw.responses.add_items(owner, conversation_id, items)
+    except TooLarge:
+        raise _too_large() from None
+    if not added:
+        raise _not_found(conversation_id)
+    return item_list(items)
+
+
+def list_items(gw: Gateway, ctx: RequestContext, conversation_id: str, query: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        asked = InputItemsQuery.model_validate(dict(query), strict=False)  # query values are strings
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    items = gw.responses.conversation_items(_owner(gw, ctx), conversation_id)
+    if items is None:
+        raise _not_found(conversation_id)
+    return asked.page(items)
+
+
+def _item_not_found(item_id: str) -> NotFound:
+    return NotFound(f"Item with id '{item_id[:100]}' not found.", param="item_id")
+
+
+def get_item(gw: Gateway, ctx: RequestContext, conversation_id: str, item_id: str) -> dict[str, Any]:
+    owner = _owner(gw, ctx)
+    item = gw.responses.conversation_item(owner, conversation_id, item_id)
+    if item is None:
+        get_conversation(gw, ctx, conversation_id)  # which one is missing: the conversation, or its item
+        raise _item_not_found(item_id)
+    return item
+
+
+def delete_item(gw: Gateway, ctx: RequestContext, conversation_id: str, item_id: str) -> dict[str, Any]:
+    """OpenAI's answer: the conversation."""
+    deleted = gw.responses.delete_item(_owner(gw, ctx), conversation_id, item_id)
+    if deleted is None:
+        raise _not_found(conversation_id)
+    if not deleted:
+        raise _item_not_found(item_id)
+    return get_conversation(gw, ctx, conversation_id)

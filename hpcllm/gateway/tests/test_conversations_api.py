@@ -1,0 +1,134 @@
+"""The Conversations API with the official openai client (`client.conversations`), through real gateways and the
+stand-in worker: a conversation's life (items, metadata, listing), `conversation` on POST /v1/responses continuing
+it exactly as sending its items whole does (the same prompt tokens at the worker) and appending the turn, a key
+sees only its own conversations, and the 4xx for what cannot be kept or read."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from .conftest import MODEL, USER_KEY
+from .test_errors import assert_error
+from .test_responses_api import QUESTION
+from .test_responses_store import AGAIN, OTHER_KEY, _stored_bytes, _user
+
+
+def _delete(gw, path: str, key: str) -> httpx.Response:
+    return httpx.delete(f"{gw.url}{path}", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _texts(items) -> list[str]:
+    return [item.content[0].text for item in items]
+
+
+def test_a_conversation_is_created_read_updated_and_deleted(gateway):
+    client = gateway.client()
+    conversation = client.conversations.create(items=[_user("hello"), {"role": "assistant", "content": "hi"}],
+                                               metadata={"topic": "greeting"})
+    assert conversation.id.startswith("conv_") and conversation.metadata == {"topic": "greeting"}
+    assert client.conversations.retrieve(conversation.id) == conversation
+
+    updated = client.conversations.update(conversation.id, metadata={"topic": "farewell"})
+    assert updated.metadata == {"topic": "farewell"} and updated.created_at == conversation.created_at
+    assert client.conversations.retrieve(conversation.id).metadata == {"topic": "farewell"}
+
+    added = client.conversations.items.create(conversation.id, items=[_user(AGAIN), _user("and more")])
+    assert _texts(added.data) == [AGAIN, "and more"] and added.has_more is False
+    listed = client.conversations.items.list(conversation.id)  # OpenAI's default order: newest first
+    assert _texts(listed.data) == ["and more", AGAIN, "hi", "hello"]
+    assert [(item.type, item.role, item.status) for item in listed.data][2] == ("message", "assistant", "completed")
+    page = client.conversations.items.list(conversation.id, order="asc", limit=2, after=listed.data[-1].id)
+    assert _texts(page.data) == ["hi", AGAIN] and page.has_more is True
+
+    hi = listed.data[2]
+    assert client.conversations.items.retrieve(hi.id, conversation_id=conversation.id) == hi
+    after_delete = client.conversations.items.delete(hi.id, conversation_id=conversation.id)
+    assert after_delete.id == conversation.id and after_delete.object == "conversation"
+    assert _texts(client.conversations.items.list(conversation.id, order="asc").data) == ["hello", AGAIN, "and more"]
+    assert_error(gateway.get(f"/v1/conversations/{conversation.id}/items/{hi.id}"), 404, "not_found", "item_id")
+
+    deleted = client.conversations.delete(conversation.id)
+    assert (deleted.id, deleted.object, deleted.deleted) == (conversation.id, "conversation.deleted", True)
+    for path in (f"/v1/conversations/{conversation.id}", f"/v1/conversations/{conversation.id}/items",
+                 f"/v1/conversations/{conversation.id}/items/{listed.data[0].id}"):
+        assert_error(gateway.get(path), 404, "not_found", "conversation_id")
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.create(conversation.id, items=[_user("late")])
+
+
+def test_a_response_in_a_conversation_reads_its_items_and_appends_its_turn(gateway):
+    """`conversation` on responses.create: the prompt is the conversation's items then the input (the same token
+    count and greedy answer as sending them whole), and the turn's input and output items are appended; the next
+    turn, streamed, reads them. store: false still appends (the response itself is not kept)."""
+    client = gateway.client()
+    conversation = client.conversations.create(items=[_user(QUESTION)])
+    first = client.responses.create(model=MODEL, conversation=conversation.id, input=AGAIN, max_output_tokens=4,
+                                    temperature=0)
+    whole = client.responses.create(model=MODEL, input=[_user(QUESTION), _user(AGAIN)], max_output_tokens=4,
+                                    temperature=0, store=False)
+    assert (first.usage.input_tokens, first.output_text) == (whole.usage.input_tokens, whole.output_text)
+    assert first.conversation.id == conversation.id
+    items = client.conversations.items.list(conversation.id, order="asc").data
+    assert _texts(items) == [QUESTION, AGAIN, first.output_text] and items[2].id == first.output[0].id
+
+    events = list(client.responses.create(model=MODEL, conversation={"id": conversation.id}, input="once more",
+                                          max_output_tokens=4, temperature=0, stream=True, store=False))
+    second = events[-1].response
+    again = client.responses.create(model=MODEL, input=[*(item.model_dump() for item in items), _user("once more")],
+                                    max_output_tokens=4, temperature=0, store=False)
+    assert (second.usage.input_tokens, second.output_text) == (again.usage.input_tokens, again.output_text)
+    assert _texts(client.conversations.items.list(conversation.id, order="asc").data) == [
+        QUESTION, AGAIN, first.output_text, "once more", second.output_text]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+
+
+def test_another_keys_conversation_does_not_exist_for_it(make_gateway):
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "name": "alice"}, {"key": OTHER_KEY, "name": "bob"}])
+    mine = gw.client().conversations.create(items=[_user("a secret")])
+    item_id = gw.client().conversations.items.list(mine.id).data[0].id
+    unknown = "conv_" + "0" * 32
+    for conversation_id in (mine.id, unknown):  # told the same as an id that never existed
+        for path in (f"/v1/conversations/{conversation_id}", f"/v1/conversations/{conversation_id}/items",
+                     f"/v1/conversations/{conversation_id}/items/{item_id}"):
+            assert_error(gw.get(path, key=OTHER_KEY), 404, "not_found", "conversation_id")
+        for call in (lambda: gw.post(f"/v1/conversations/{conversation_id}", key=OTHER_KEY, json={"metadata": {}}),
+                     lambda: gw.post(f"/v1/conversations/{conversation_id}/items", key=OTHER_KEY,
+                                     json={"items": [_user("x")]}),
+                     lambda: _delete(gw, f"/v1/conversations/{conversation_id}", OTHER_KEY),
+                     lambda: _delete(gw, f"/v1/conversations/{conversation_id}/items/{item_id}", OTHER_KEY)):
+            assert_error(call(), 404, "not_found", "conversation_id")
+        resp = gw.post("/v1/responses", key=OTHER_KEY, json={"model": MODEL, "conversation": conversation_id,
+                                                               "input": "tell"})
+        assert_error(resp, 404, "not_found", "conversation")
+    assert_error(gw.post("/v1/conversations", key=OTHER_KEY, json={
+        "items": [{"type": "item_reference", "id": item_id}]}), 400, "item_not_found", "items[0]")
+    assert _texts(gw.client().conversations.items.list(mine.id).data) == ["a secret"]
+
+
+@pytest.mark.parametrize("body, status, code, param", [
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, 422, "invalid_value", "metadata"),
+    ({"metadata": {"k": "v" * 513}}, 422, "invalid_value", "metadata"),
+    ({"items": [_user("x")] * 21}, 422, "invalid_value", "items"),
+    ({"items": [{"type": "web_search_call", "id": "ws_1"}]}, 400, "unsupported_parameter", "items[0].type"),
+    ({"items": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, 400,
+     "unsupported_parameter", "items[0].content[0].type"),
+    ({"items": [_user("x"), {"type": "item_reference", "id": "msg_none"}]}, 400, "item_not_found", "items[1]"),
+    ({"items": [{"role": "user"}]}, 422, "invalid_value", "items[0]"),
+])
+def test_what_cannot_be_kept_or_read_is_a_4xx_naming_it(gateway, body, status, code, param):
+    assert_error(gateway.post("/v1/conversations", json=body), status, code, param)
+
+
+def test_a_conversation_is_kept_within_the_byte_bound_or_refused(make_gateway):
+    off = make_gateway(responses_max_bytes=0)
+    assert_error(off.post("/v1/conversations", json={}), 400, "storage_disabled")
+    small = make_gateway(responses_max_bytes=1000)
+    conversation = small.client().conversations.create(items=[_user("x")])
+    resp = small.post(f"/v1/conversations/{conversation.id}/items", json={"items": [_user("y" * 1000)]})
+    assert_error(resp, 400, "storage_limit_exceeded", "items")
+    assert _stored_bytes(small.state.shared)[0] == 1  # nothing half-added
+    assert_error(small.post("/v1/conversations", json={"items": [_user("y" * 1000)]}), 400, "storage_limit_exceeded",
+                 "items")
