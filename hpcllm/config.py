@@ -313,6 +313,9 @@ class GatewayConfig(Section):
     responses_ttl_hours: float = Field(168.0, gt=0)
     # ... and in at most this many bytes (their JSON), the oldest dropped first; 0: nothing is stored (store: false).
     responses_max_bytes: int = Field(1024 ** 3, ge=0)
+    # ... and per API key in at most this many bytes (its stored responses and conversations; 0: no quota but the
+    # whole bound). A key over it gets a 400 storage_quota_exceeded when it asks to store more.
+    responses_max_bytes_per_key: int = Field(0, ge=0)
     # Usage accounting (GET /v1/admin/usage, `hpcllm usage`): daily rows per key name, group, model and endpoint are
     # kept this many days in the limits database (400: a year's reports and the same month a year before).
     usage_retention_days: int = Field(400, ge=1)

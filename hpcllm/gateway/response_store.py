@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS gateway_stored (id TEXT PRIMARY KEY, owner TEXT NOT N
                                            previous TEXT, hidden INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS gateway_stored_used ON gateway_stored (used, seen);
 CREATE INDEX IF NOT EXISTS gateway_stored_previous ON gateway_stored (previous);
+CREATE INDEX IF NOT EXISTS gateway_stored_owner ON gateway_stored (owner);
 CREATE TABLE IF NOT EXISTS gateway_items (seq INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL,
                                           id TEXT NOT NULL, holder TEXT NOT NULL, output INTEGER NOT NULL,
                                           size INTEGER NOT NULL, item TEXT NOT NULL);
@@ -95,16 +96,26 @@ class TooLarge(Exception):
     """A conversation's write that would not fit in the whole byte bound."""
 
 
+class OverQuota(Exception):
+    """An owner's write that would take it over its quota (max_bytes_per_key)."""
+
+    def __init__(self, stored: int, quota: int):
+        super().__init__(f"{stored} bytes stored, quota {quota}")
+        self.stored, self.quota = stored, quota
+
+
 class ResponseStore:
-    def __init__(self, shared: SharedState, *, ttl_s: float, max_bytes: int,
+    def __init__(self, shared: SharedState, *, ttl_s: float, max_bytes: int, max_bytes_per_key: int = 0,
                  clock: Callable[[], float] = time.time):
         self.shared, self.ttl_s, self.max_bytes, self.clock = shared, ttl_s, max_bytes, clock
+        self.max_bytes_per_key = max_bytes_per_key  # 0: no quota but the whole bound
         shared.create_tables(SCHEMA)
 
     @classmethod
     def of(cls, config: Config, shared: SharedState) -> ResponseStore:
         gw = config.gateway
-        return cls(shared, ttl_s=gw.responses_ttl_hours * 3600, max_bytes=gw.responses_max_bytes)
+        return cls(shared, ttl_s=gw.responses_ttl_hours * 3600, max_bytes=gw.responses_max_bytes,
+                   max_bytes_per_key=gw.responses_max_bytes_per_key)
 
     @property
     def enabled(self) -> bool:
@@ -113,13 +124,31 @@ class ResponseStore:
     def _cutoff(self) -> float:
         return self.clock() - self.ttl_s
 
+    def _owner_bytes(self, db: Database, owner: str) -> int:
+        """What the owner's rows take now (hidden ones too: they are kept), expired ones left out."""
+        return db.conn.execute("SELECT COALESCE(SUM(size), 0) AS total FROM gateway_stored WHERE owner = ? AND "
+                               "used >= ?", (owner, self._cutoff())).fetchone()["total"]
+
+    def check_quota(self, owner: str, adding: int = 1, db: Database | None = None) -> None:
+        """OverQuota when `adding` more bytes would take the owner over its quota."""
+        if not self.max_bytes_per_key or adding <= 0:  # a write that frees bytes is always allowed
+            return
+        if db is None:
+            with self.shared.connection() as db:
+                stored = self._owner_bytes(db, owner)
+        else:
+            stored = self._owner_bytes(db, owner)
+        if stored + adding > self.max_bytes_per_key:
+            raise OverQuota(stored, self.max_bytes_per_key)
+
     def _for_update(self) -> str:
         return " FOR UPDATE" if self.shared.postgres else ""  # SQLite's BEGIN IMMEDIATE holds the write lock
 
     # ------------------------------------------------------------------------------------------------ writing
     def put(self, owner: str, new: NewResponse) -> bool:
-        """Keep a response (False: larger than the whole byte bound, not kept), appending its items to its
-        conversation; expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
+        """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
+        its items to its conversation; expired rows, and the oldest beyond the bound, are deleted in the same
+        transaction."""
         output = new.response["output"]
         body = json.dumps({**new.response, "output": []})
         now = self.clock()
@@ -130,17 +159,27 @@ class ResponseStore:
             size = _size(body) + sum(row[3] for row in rows)
             if size > self.max_bytes:
                 return False
-            if new.store:
+            kept = new.store and self._within_quota(db, owner)
+            if kept:
                 db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, "
                                 "body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
                                 (new.response["id"], owner, RESPONSE, now, now, size, previous, body))
                 self._insert_items(db, new.response["id"], rows)
-            if new.store and previous is not None:  # the chain lives as long as its newest response
+            if kept and previous is not None:  # the chain lives as long as its newest response
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
             if new.conversation is not None and self._lock(db, new.conversation, owner):
                 self._append(db, new.conversation, rows, now)
             self._prune(db, now)
+        return kept
+
+    def _within_quota(self, db: Database, owner: str) -> bool:
+        """Whether the owner is still under its quota: a response is generated before its size is known, so the
+        one that crosses the quota is kept (and the owner's next asks are refused before generating)."""
+        try:
+            self.check_quota(owner, 1, db)
+        except OverQuota:
+            return False
         return True
 
     def _lock(self, db: Database, stored_id: str, owner: str | None = None) -> bool:
@@ -248,7 +287,7 @@ class ResponseStore:
 
     # ---------------------------------------------------------------------------------------------- conversations
     def create_conversation(self, owner: str, conversation: dict[str, Any], items: list[dict[str, Any]]) -> None:
-        """Keep a new conversation object with its first items (TooLarge: over the whole byte bound)."""
+        """Keep a new conversation object with its first items (TooLarge: over the whole byte bound; OverQuota)."""
         body = json.dumps(conversation)
         rows = self._item_rows(owner, items, False)
         size = _size(body) + sum(row[3] for row in rows)
@@ -256,6 +295,7 @@ class ResponseStore:
             raise TooLarge
         now = self.clock()
         with self.shared.transaction() as db:
+            self.check_quota(owner, size, db)
             db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, body) "
                             "VALUES (?, ?, ?, ?, ?, ?, NULL, 0, ?)",
                             (conversation["id"], owner, CONVERSATION, now, now, _size(body), body))
@@ -295,21 +335,25 @@ class ResponseStore:
             old = row["body"]
             body = change(json.loads(old))
             new = json.dumps(body)
+            self.check_quota(owner, _size(new) - _size(old), db)
             db.conn.execute("UPDATE gateway_stored SET body = ?, size = size + ?, seen = ?, used = ? WHERE id = ?",
                             (new, _size(new) - _size(old), now, now, conversation_id))
             self._prune(db, now)
         return body
 
     def add_items(self, owner: str, conversation_id: str, items: list[dict[str, Any]]) -> bool:
-        """Items at the end of the owner's conversation: False when it has none (TooLarge: over the whole bound)."""
+        """Items at the end of the owner's conversation: False when it has none (TooLarge: over the whole bound;
+        OverQuota)."""
         rows = self._item_rows(owner, items, False)
         now = self.clock()
         with self.shared.transaction() as db:
             if not self._lock(db, conversation_id, owner):
                 return False
             size = db.conn.execute("SELECT size FROM gateway_stored WHERE id = ?", (conversation_id,)).fetchone()
-            if size["size"] + sum(row[3] for row in rows) > self.max_bytes:
+            added = sum(row[3] for row in rows)
+            if size["size"] + added > self.max_bytes:
                 raise TooLarge
+            self.check_quota(owner, added, db)
             self._append(db, conversation_id, rows, now)
             self._prune(db, now)
         return True

@@ -12,9 +12,9 @@ from hpcllm.gateway.conversations.protocol import (ConversationCreate, Conversat
                                                    check_readable, item_list)
 from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.protocol import validation_error
-from hpcllm.gateway.response_store import TooLarge, owner_of
+from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery
-from hpcllm.gateway.responses.serving import referenced
+from hpcllm.gateway.responses.serving import quota_error, referenced
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
 
@@ -51,6 +51,8 @@ def create_conversation(gw: Gateway, ctx: RequestContext, req: ConversationCreat
         gw.responses.create_conversation(owner, conversation, items)
     except TooLarge:
         raise _too_large() from None
+    except OverQuota as exc:
+        raise quota_error(exc, "items") from None
     return conversation
 
 
@@ -63,8 +65,11 @@ def get_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) -> 
 
 def update_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str,
                         req: ConversationUpdate) -> dict[str, Any]:
-    updated = gw.responses.update_conversation(_owner(gw, ctx), conversation_id,
-                                               lambda body: {**body, "metadata": req.metadata})
+    try:
+        updated = gw.responses.update_conversation(_owner(gw, ctx), conversation_id,
+                                                   lambda body: {**body, "metadata": req.metadata})
+    except OverQuota as exc:
+        raise quota_error(exc, "metadata") from None
     if updated is None:
         raise _not_found(conversation_id)
     return updated
@@ -83,6 +88,8 @@ def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: Conve
         added = gw.responses.add_items(owner, conversation_id, items)
     except TooLarge:
         raise _too_large() from None
+    except OverQuota as exc:
+        raise quota_error(exc, "items") from None
     if not added:
         raise _not_found(conversation_id)
     return item_list(items)

@@ -24,7 +24,7 @@ from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaTool
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, validation_error
-from hpcllm.gateway.response_store import NewResponse, StoredResponse, owner_of
+from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse, owner_of
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
                                                ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
@@ -39,6 +39,8 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     req.check_supported()
     owner = owner_of(ctx.api_key)
     req.store = req.store is not False and gw.responses.enabled  # what the response will say
+    if req.store or req.conversation is not None:
+        within_quota(gw, owner, "store" if req.store else "conversation")
     req = resolved(gw, owner, req)
     asked, carried = continued(gw, owner, req)
     chat_req = asked.to_chat()
@@ -60,6 +62,22 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
         return response
     result, = collect(generation)
     return answer.whole(chat_choice(result, parser, chat_req), chat_usage(generation, parser))
+
+
+def within_quota(gw: Gateway, owner: str, param: str) -> None:
+    """The 400 for a key whose stored responses and conversations already take its whole quota (checked before
+    generating; the response that crosses it is still kept)."""
+    try:
+        gw.responses.check_quota(owner)
+    except OverQuota as exc:
+        raise quota_error(exc, param) from None
+
+
+def quota_error(exc: OverQuota, param: str) -> InvalidRequest:
+    return InvalidRequest(f"this API key's stored responses and conversations would take more than its "
+                          f"{exc.quota} bytes (gateway.responses_max_bytes_per_key; {exc.stored} now): delete some "
+                          "(DELETE /v1/responses/{id}, /v1/conversations/{id}), wait for them to expire, or send "
+                          "'store': false", param=param, code="storage_quota_exceeded")
 
 
 def resolved(gw: Gateway, owner: str, req: ResponsesRequest) -> ResponsesRequest:
@@ -118,8 +136,8 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
             log.warning("the gateway's limits database: %s", exc)
             kept = False
         if not kept and new.store:
-            log.warning("response %s was not stored (database unreachable, or over gateway.responses_max_bytes)",
-                        body["id"])
+            log.warning("response %s was not stored (database unreachable, over gateway.responses_max_bytes or "
+                        "the key's responses_max_bytes_per_key)", body["id"])
             body["store"] = False
     return keep
 

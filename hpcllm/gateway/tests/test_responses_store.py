@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 
-from hpcllm.gateway.response_store import NewResponse, ResponseStore, StoredResponse
+from hpcllm.gateway.response_store import NewResponse, ResponseStore, StoredResponse, owner_of
 from hpcllm.gateway.shared_state import SharedState
 
 from .conftest import MODEL, USER_KEY
@@ -404,3 +404,34 @@ def test_item_references_are_the_keys_stored_items(make_gateway):
             references[0], {"type": "item_reference", "id": "msg_" + "0" * 32}][:place + 1]})
         error = assert_error(resp, 400, "item_not_found", f"input[{place}]")
         assert error["message"].startswith("Item with id ")
+
+
+def _owner_bytes(gw, key: str) -> int:
+    owner = owner_of(next(api_key for api_key in gw.config.gateway.api_keys if api_key.key == key))
+    with gw.state.shared.connection() as db:
+        return db.conn.execute("SELECT COALESCE(SUM(size), 0) AS total FROM gateway_stored WHERE owner = ?",
+                               (owner,)).fetchone()["total"]
+
+
+def test_a_key_over_its_storage_quota_is_told_so_and_others_are_not(make_gateway):
+    """gateway.responses_max_bytes_per_key: the response that crosses it is kept (its size is known only once
+    generated), then every request to store more is a 400 naming the quota (store: false still answered), for that
+    key only; deleting frees it."""
+    gw = make_gateway(api_keys=[{"key": USER_KEY, "name": "alice"}, {"key": OTHER_KEY, "name": "bob"}],
+                      responses_max_bytes_per_key=4000)
+    client = gw.client()
+    kept = []
+    while _owner_bytes(gw, USER_KEY) <= 4000:
+        kept.append(client.responses.create(model=MODEL, input="hi", max_output_tokens=2, temperature=0))
+        assert kept[-1].store is True
+    assert len(kept) >= 2
+    resp = gw.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2})
+    error = assert_error(resp, 400, "storage_quota_exceeded", "store")
+    assert "gateway.responses_max_bytes_per_key" in error["message"]
+    assert_error(gw.post("/v1/conversations", json={"items": [_user("x")]}), 400, "storage_quota_exceeded", "items")
+    assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False).store is False
+    assert gw.client(key=OTHER_KEY).responses.create(model=MODEL, input="hi", max_output_tokens=2).store is True
+
+    for response in kept:
+        _delete(gw, response.id)
+    assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2).store is True
