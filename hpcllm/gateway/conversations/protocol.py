@@ -61,9 +61,3 @@ class ConversationObject(OpenAIResponse):
     object: Literal["conversation"] = "conversation"
     created_at: int
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-def item_list(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """OpenAI's list object of the items added (all of them: has_more false)."""
-    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
-            "last_id": items[-1]["id"] if items else None, "has_more": False}

@@ -3,17 +3,18 @@ belong to the API key that made them; any other key is told they do not exist (4
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import ValidationError
 
 from hpcllm.gateway.conversations.protocol import (ConversationCreate, ConversationItems, ConversationUpdate,
-                                                   check_readable, item_list)
+                                                   check_readable)
 from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.protocol import validation_error
 from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
-from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery
+from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, item_list
 from hpcllm.gateway.responses.serving import quota_error, referenced
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
@@ -30,9 +31,16 @@ def _not_found(conversation_id: str) -> NotFound:
     return NotFound(f"Conversation with id '{conversation_id[:100]}' not found.", param="conversation_id")
 
 
-def _too_large() -> InvalidRequest:
-    return InvalidRequest("the conversation would be larger than this gateway keeps (gateway.responses_max_bytes)",
-                          param="items", code="storage_limit_exceeded")
+@contextmanager
+def _bounded(param: str) -> Iterator[None]:
+    """A write over the whole byte bound, or over the key's quota, as the 400 naming what was sent."""
+    try:
+        yield
+    except TooLarge:
+        raise InvalidRequest("the conversation would be larger than this gateway keeps "
+                             "(gateway.responses_max_bytes)", param=param, code="storage_limit_exceeded") from None
+    except OverQuota as exc:
+        raise quota_error(exc, param) from None
 
 
 def _stored_items(gw: Gateway, owner: str, items: list[InputItem]) -> list[dict[str, Any]]:
@@ -47,12 +55,8 @@ def create_conversation(gw: Gateway, ctx: RequestContext, req: ConversationCreat
     owner = _owner(gw, ctx)
     items = _stored_items(gw, owner, req.items)
     conversation = req.conversation(ctx.created).model_dump()
-    try:
+    with _bounded("items"):
         gw.responses.create_conversation(owner, conversation, items)
-    except TooLarge:
-        raise _too_large() from None
-    except OverQuota as exc:
-        raise quota_error(exc, "items") from None
     return conversation
 
 
@@ -65,11 +69,9 @@ def get_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) -> 
 
 def update_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str,
                         req: ConversationUpdate) -> dict[str, Any]:
-    try:
+    with _bounded("metadata"):
         updated = gw.responses.update_conversation(_owner(gw, ctx), conversation_id,
                                                    lambda body: {**body, "metadata": req.metadata})
-    except OverQuota as exc:
-        raise quota_error(exc, "metadata") from None
     if updated is None:
         raise _not_found(conversation_id)
     return updated
@@ -84,12 +86,8 @@ def delete_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) 
 def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: ConversationItems) -> dict[str, Any]:
     owner = _owner(gw, ctx)
     items = _stored_items(gw, owner, req.items)
-    try:
+    with _bounded("items"):
         added = gw.responses.add_items(owner, conversation_id, items)
-    except TooLarge:
-        raise _too_large() from None
-    except OverQuota as exc:
-        raise quota_error(exc, "items") from None
     if not added:
         raise _not_found(conversation_id)
     return item_list(items)

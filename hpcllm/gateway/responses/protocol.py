@@ -368,9 +368,13 @@ class InputItemsQuery(OpenAIRequest):
                 raise InvalidRequest(f"'after': no item with id {self.after[:80]!r} in this list",
                                      param="after")
             start = ids.index(self.after) + 1
-        data = ordered[start:start + self.limit]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": start + self.limit < len(ordered)}
+        return item_list(ordered[start:start + self.limit], has_more=start + self.limit < len(ordered))
+
+
+def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
+    """OpenAI's list object of items."""
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
 
 
 # ------------------------------------------------------------------------------------------------- the answer
