@@ -18,7 +18,8 @@ its descendants. A deleted response that others continue is only hidden until th
 
 Everything belongs to the API key that made it (a digest of the key, never the key): any other key is told it does
 not exist. An open gateway (no keys) has one owner. Sizes are the bytes of the stored JSON: each item's, and each
-body's. Contents are never logged.
+body's; they count against the whole bound (max_bytes) and, where set, the owner's quota (max_bytes_per_key).
+Contents are never logged.
 """
 
 from __future__ import annotations
