@@ -33,10 +33,8 @@ from typing import Any
 from hpcllm.config import ApiKey, Config
 from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.ratelimit import key_digest
-from hpcllm.gateway.shared_state import SharedState
+from hpcllm.gateway.shared_state import SCHEMA_LOCK_KEY, SharedState
 
-# gateway_responses (each response with its whole conversation copied) is the layout before gateway_stored: an
-# upgraded gateway drops it (its responses are then unknown: clients send the whole conversation again).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_stored (id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL,
                                            seen REAL NOT NULL, used REAL NOT NULL, size INTEGER NOT NULL,
@@ -49,8 +47,9 @@ CREATE TABLE IF NOT EXISTS gateway_items (seq INTEGER PRIMARY KEY AUTOINCREMENT,
                                           size INTEGER NOT NULL, item TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS gateway_items_holder ON gateway_items (holder, seq);
 CREATE INDEX IF NOT EXISTS gateway_items_id ON gateway_items (owner, id);
-DROP TABLE IF EXISTS gateway_responses
 """
+# The layout before gateway_stored: each response with its whole conversation's input copied (session 29's).
+OLD_LAYOUT = "gateway_responses"
 RESPONSE, CONVERSATION = "response", "conversation"  # gateway_stored.kind
 # Rows deleted per store when over the byte bound (the rest go at the next ones).
 PRUNE_BATCH = 1000
@@ -63,6 +62,12 @@ CHAIN = ("WITH RECURSIVE chain (id, previous) AS (SELECT id, previous FROM gatew
 
 def owner_of(key: ApiKey | None) -> str:
     return OPEN_GATEWAY_OWNER if key is None else key_digest(key)
+
+
+def _has_table(db: Database, postgres: bool, table: str) -> bool:
+    sql = ("SELECT to_regclass(?) IS NOT NULL AS found" if postgres
+           else "SELECT COUNT(*) > 0 AS found FROM sqlite_master WHERE type = 'table' AND name = ?")
+    return bool(db.conn.execute(sql, (table,)).fetchone()["found"])
 
 
 def _size(text: str) -> int:
@@ -111,6 +116,28 @@ class ResponseStore:
         self.shared, self.ttl_s, self.max_bytes, self.clock = shared, ttl_s, max_bytes, clock
         self.max_bytes_per_key = max_bytes_per_key  # 0: no quota but the whole bound
         shared.create_tables(SCHEMA)
+        self._adopt_old_layout()
+
+    def _adopt_old_layout(self) -> None:
+        """A gateway upgraded in place keeps the responses the old layout stored: each becomes a response of its
+        own (its copied conversation as its input items, no link), in the transaction that drops the old table, so
+        every process that starts at the same time finds either the old table whole or none."""
+        with self.shared.transaction() as db:
+            if self.shared.postgres:  # the schema's lock: processes starting together adopt one at a time
+                db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
+            if not _has_table(db, self.shared.postgres, OLD_LAYOUT):
+                return
+            for row in db.conn.execute(f"SELECT id, owner, created, input, response FROM {OLD_LAYOUT}").fetchall():
+                response = json.loads(row["response"])
+                body = json.dumps({**response, "output": []})
+                rows = [*self._item_rows(row["owner"], json.loads(row["input"]), False),
+                        *self._item_rows(row["owner"], response.get("output", []), True)]
+                db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, "
+                                "body) VALUES (?, ?, ?, ?, ?, ?, NULL, 0, ?)",
+                                (row["id"], row["owner"], RESPONSE, row["created"], row["created"],
+                                 _size(body) + sum(r[3] for r in rows), body))
+                self._insert_items(db, row["id"], rows)
+            db.conn.execute(f"DROP TABLE {OLD_LAYOUT}")
 
     @classmethod
     def of(cls, config: Config, shared: SharedState) -> ResponseStore:

@@ -367,18 +367,29 @@ def test_deleting_a_continued_response_hides_it_until_its_descendants_go(gateway
 
 
 def test_a_database_with_the_old_layout_is_upgraded_in_place(limits_url):
-    """gateway_responses (each response with its conversation copied) is dropped: the gateway starts, its old
-    responses are unknown (clients answer previous_response_not_found by sending the whole conversation)."""
+    """gateway_responses (the layout before: each response with its conversation copied) is adopted at start: its
+    responses are read as before (their input and output items, their owner's only) and the old table is gone."""
     shared = SharedState(limits_url)
     shared.create_tables("CREATE TABLE gateway_responses (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL "
                          "NOT NULL, size INTEGER NOT NULL, input TEXT NOT NULL, response TEXT NOT NULL)")
+    conversation = [{"id": "msg_1", "type": "message", "role": "user", "content": [{"type": "input_text",
+                                                                                     "text": QUESTION}]}]
+    answered = {"id": "resp_old", "object": "response", "created_at": 1000,
+                "output": [{"id": "msg_2", "type": "message", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "old answer", "annotations": []}]}]}
     with shared.transaction() as db:
-        db.conn.execute("INSERT INTO gateway_responses VALUES ('resp_old', 'alice', 1, 2, '[]', '{}')")
-    store = ResponseStore(shared, ttl_s=3600, max_bytes=10 ** 6)
-    assert store.get("alice", "resp_old") is None and store.put("alice", _response(1))
+        db.conn.execute("INSERT INTO gateway_responses VALUES ('resp_old', 'alice', 1000, 2, ?, ?)",
+                        (json.dumps(conversation), json.dumps(answered)))
+    store = ResponseStore(shared, ttl_s=3600, max_bytes=10 ** 6, clock=lambda: 1500.0)
+    assert store.get("alice", "resp_old") == StoredResponse(input=conversation, response=answered)
+    assert store.get("bob", "resp_old") is None
+    assert store.item("alice", "msg_2") == answered["output"][0]
+    assert ResponseStore(shared, ttl_s=3600, max_bytes=10 ** 6, clock=lambda: 1500.0).get(
+        "alice", "resp_old") == StoredResponse(input=conversation, response=answered)  # adopted once, not twice
     with shared.connection() as db:
         with pytest.raises(Exception):
             db.conn.execute("SELECT id FROM gateway_responses")
+        assert db.conn.execute("SELECT COUNT(*) AS n FROM gateway_items").fetchone()["n"] == 2
     shared.close()
 
 
