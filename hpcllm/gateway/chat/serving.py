@@ -14,8 +14,8 @@ from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatComp
                                           ChatTopLogprob, ChatUsage, CompletionTokensDetails, DeltaFunctionCall,
                                           DeltaMessage, DeltaToolCall, FunctionCallOut, ToolCallOut)
 from hpcllm.gateway.chat.reasoning import ReasoningParser
-from hpcllm.gateway.chat.tool_calls import (NamedCall, ParsedOutput, RequiredCalls, ToolCallParser, ToolCallStream,
-                                            new_tool_call_id)
+from hpcllm.gateway.chat.tool_calls import (CallPiece, NamedCall, ParsedCall, ParsedOutput, RequiredCalls,
+                                            ToolCallParser, ToolCallStream, new_tool_call_id)
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -120,82 +120,81 @@ def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionR
     content = parsed.content
     if reader.reasoning is not None and not content:
         content = None  # all thinking (vLLM's null), or thinking and calls
-    calls = _tool_calls(parsed, req)
-    return ChatChoice(index=result.index, message=AssistantMessage(content=content, tool_calls=calls,
-                                                                   reasoning=None if hidden else reasoning),
-                      finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs)
+    calls = parsed.calls[:_max_calls(req)]
+    return ChatChoice(index=result.index, message=AssistantMessage(
+        content=content, reasoning=None if hidden else reasoning,
+        tool_calls=[ToolCallOut(id=new_tool_call_id(), function=FunctionCallOut(name=call.name,
+                                                                                arguments=call.arguments))
+                    for call in calls]),
+        finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs)
 
 
-def _finish_reason(calls: list[ToolCallOut], parser: ToolCallParser | None, finish_reason: str) -> str:
-    return (parser.finish_reason or finish_reason) if calls else finish_reason
+def _max_calls(req: ChatCompletionRequest) -> int | None:
+    return 1 if req.parallel_tool_calls is False else None
 
 
-def _tool_calls(parsed: ParsedOutput, req: ChatCompletionRequest) -> list[ToolCallOut]:
-    calls = parsed.calls if req.parallel_tool_calls is not False else parsed.calls[:1]
-    return [ToolCallOut(id=new_tool_call_id(), function=FunctionCallOut(name=call.name, arguments=call.arguments))
-            for call in calls]
+def _finish_reason(calls: tuple[ParsedCall, ...], parser: ToolCallParser | None, finish_reason: str) -> str:
+    """The format's (tool_calls) for an answer with calls; the generation's own when the last call was cut short
+    (its arguments not whole: "length" tells a client not to run it), or there are none."""
+    return (parser.finish_reason or finish_reason) if calls and calls[-1].complete else finish_reason
 
 
 class ChatChoiceStream:
     """One streamed choice's chunks: its text as it comes; a reasoning model's thinking as `reasoning` deltas, a
     marker that may be coming held back (ReasoningStream); parsing tool calls (in the text after the thinking), the
-    text that may begin a call held back, and the calls sent at the end, one chunk each (ToolCallStream); a named
-    function's call (tool_choice) streamed as it is generated."""
+    text that may begin a call held back, and each call as it is written, its first chunk with its id, type and
+    name, then its arguments in pieces, a forced call's too (ToolCallStream)."""
 
     def __init__(self, reader: AnswerReader, req: ChatCompletionRequest):
         self.req = req
         self.hidden = reader.hides_thinking(req)
         parser = reader.tools
         self.thinking = reader.reasoning.stream() if reader.reasoning is not None else None
-        self.text = ToolCallStream(parser) if parser is not None else None
-        self.named = parser if isinstance(parser, NamedCall) else None
-        self.call_id: str | None = None  # the named call's, once its first chunk is sent
+        self.text = ToolCallStream(parser, _max_calls(req)) if parser is not None else None
 
     def choices(self, delta: Delta) -> Iterator[ChatStreamChoice]:
         index = delta.index
         logprobs = (_logprobs([delta.logprobs]) if self.req.logprobs and delta.logprobs is not None and not self.hidden
                     else None)
-        if self.named is not None:
-            yield from self._named_call(delta, logprobs)
-            return
         reasoning, text = self.thinking.feed(delta.text) if self.thinking is not None else ("", delta.text)
         if delta.finish_reason and self.thinking is not None:
             rest_reasoning, rest_text = self.thinking.finish()
             reasoning, text = reasoning + rest_reasoning, text + rest_text
         if self.hidden:
             reasoning = ""
-        content = text if self.text is None else self.text.feed(text)
+        content, pieces = self.text.feed(text) if self.text is not None else (text, [])
         if not delta.finish_reason:
-            if reasoning or content or logprobs is not None or (self.text is None and self.thinking is None):
-                yield ChatStreamChoice(index=index, delta=_delta(reasoning, content), logprobs=logprobs)
+            plain = self.text is None and self.thinking is None  # every token a chunk, as it always was
+            if reasoning or content or (not pieces and (logprobs is not None or plain)):
+                in_call = not (reasoning or content) and self.text is not None and self.text.in_call
+                yield ChatStreamChoice(index=index, delta=DeltaMessage() if in_call else _delta(reasoning, content),
+                                       logprobs=logprobs)  # a token's logprobs while a call is written: no content
+                logprobs = None
+            for piece in pieces:
+                yield self._call_chunk(index, piece, logprobs)
+                logprobs = None
             return
-        calls: list[ToolCallOut] = []
-        parser = self.text.parser if self.text is not None else None
+        calls: tuple[ParsedCall, ...] = ()
         if self.text is not None:
-            rest = self.text.finish()
-            content += rest.content or ""
-            calls = _tool_calls(rest, self.req)
+            rest, more, calls = self.text.finish()
+            content += rest or ""
+            pieces += more
         if reasoning or content:
             yield ChatStreamChoice(index=index, delta=_delta(reasoning, content))
-        for i, call in enumerate(calls):
-            yield ChatStreamChoice(index=index, delta=DeltaMessage(tool_calls=[
-                DeltaToolCall(index=i, **call.model_dump())]))
+        for piece in pieces:
+            yield self._call_chunk(index, piece)
+        parser = self.text.parser if self.text is not None else None
         yield ChatStreamChoice(index=index, delta=DeltaMessage(),
                                finish_reason=_finish_reason(calls, parser, delta.finish_reason))
 
-    def _named_call(self, delta: Delta, logprobs: ChatLogprobs | None) -> Iterator[ChatStreamChoice]:
-        """The answer is the call's arguments: each piece sent as it comes (vLLM's way), the first with the call's id,
-        type and name (also for an empty answer, as the whole one has its call)."""
-        if delta.text or logprobs is not None or (delta.finish_reason and self.call_id is None):
-            if self.call_id is None:
-                self.call_id = new_tool_call_id()
-                call = DeltaToolCall(index=0, id=self.call_id, type="function",
-                                     function=DeltaFunctionCall(name=self.named.function, arguments=delta.text))
-            else:
-                call = DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=delta.text))
-            yield ChatStreamChoice(index=delta.index, delta=DeltaMessage(tool_calls=[call]), logprobs=logprobs)
-        if delta.finish_reason:
-            yield ChatStreamChoice(index=delta.index, delta=DeltaMessage(), finish_reason=delta.finish_reason)
+    def _call_chunk(self, index: int, piece: CallPiece, logprobs: ChatLogprobs | None = None) -> ChatStreamChoice:
+        """A call's piece: its first with a new id, type and name."""
+        if piece.name is None:
+            call = DeltaToolCall(index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))
+        else:
+            call = DeltaToolCall(index=piece.index, id=new_tool_call_id(), type="function",
+                                 function=DeltaFunctionCall(name=piece.name, arguments=piece.arguments))
+        return ChatStreamChoice(index=index, delta=DeltaMessage(tool_calls=[call]), logprobs=logprobs)
 
 
 def _delta(reasoning: str, content: str) -> DeltaMessage:

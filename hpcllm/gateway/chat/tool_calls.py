@@ -3,8 +3,7 @@
 The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen here from the chat template's text
 (parser_for_template), or named by the model's config (tool_call_parser, hpcllm.config.ToolCallFormat):
   hermes       Qwen2.5/Qwen3, Hermes 2 Pro/3: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one block
-               per call, possibly after some text (the content). A last block cut off before its closing tag still
-               counts when its JSON is whole (the model stopped, or hit max_tokens, right after it).
+               per call, possibly after some text (the content).
   llama3_json  Llama 3.1/3.2 and Llama 4 (vLLM's llama4_json): the answer is `{"name": ..., "parameters": {...}}`
                (or "arguments"), possibly after `<|python_tag|>`, several separated by ';'. A call must start the
                answer: vLLM's streaming parser reads it so, and streamed and whole answers must agree (vLLM's
@@ -20,7 +19,12 @@ The formats are vLLM's `--tool-call-parser` ones (vllm/tool_parsers/), chosen he
                keeps special tokens for this parser.
   pythonic     Llama 3.2 / Llama 4 with vLLM's pythonic templates: the answer is a Python list of calls,
                `[get_weather(city="Paris"), get_time()]` (keyword arguments, literal values), nothing else.
-Output that starts a call but does not parse (bad JSON, no name) is returned as plain content, as vLLM does.
+A call is one from the moment its start and its whole name are written (each format's reader below says where):
+what comes after, cut short (max_tokens, a stop string) or malformed, stays its arguments as written (possibly
+invalid JSON, as OpenAI's may be; ParsedCall.complete False), as a streamed call was already sent. Output that
+starts a call but does not get to its name (bad JSON, no name) is returned as plain content, as vLLM does. The
+JSON formats' arguments are the raw text the model wrote; the others' (qwen3_coder, pythonic) are converted to JSON
+one parameter at a time.
 
 A forced call (tool_choice a named function, or "required") is no format of the model's: the answer was constrained
 to JSON by the request's schema (ChatCompletionRequest.forced_calls_schema), read here as vLLM's serving_chat reads
@@ -28,8 +32,10 @@ it: NamedCall takes the whole answer for the function's arguments, RequiredCalls
 "parameters"} objects.
 
 Streaming (ToolCallStream): text is sent as it comes until a call could be starting; only the tail that may still
-become a call's start marker (and the whitespace before it, which a call's answer leaves out) is held back. Once a
-call has started, the rest is held to the end and parsed whole, so a streamed answer is always the non-streamed one.
+become a call's start marker (and the whitespace before it, which a call's answer leaves out) is held back. Then
+each call is sent as it is read: its name once whole, then its arguments as they grow (a JSON format's as the text
+comes, a tail that may be a marker ending a malformed call held; a converted format's per parameter). The whole
+answer is read by the same code, so a streamed answer is always the non-streamed one.
 """
 
 from __future__ import annotations
@@ -49,7 +55,8 @@ from hpcllm.gateway.errors import InvalidRequest
 @dataclass(frozen=True)
 class ParsedCall:
     name: str
-    arguments: str  # a JSON object, as OpenAI sends it
+    arguments: str  # a JSON object, as OpenAI sends it (as far as it came, for a call cut short or malformed)
+    complete: bool = True  # False: its text ends before the call does (max_tokens, a stop string, malformed)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,156 @@ def partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at].isspace():
+        at += 1
+    return at
+
+
+# ------------------------------------------------------------------------------------- reading calls as they grow
+# Every format reads the calls of an answer so far (calls(text, final=False)) and of a whole one (final=True) with
+# the same code, and what it reads of a prefix is a prefix of what it reads of the whole: a call is one from the
+# moment its name is complete, and its arguments grow only by text that is final. So a streamed answer, sent as the
+# differences, is the whole one.
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_PLAIN = re.compile(r'[^"{}\[\]<]*')  # '<': where </tool_call> may stop a malformed call
+_PYTHON_STRING = re.compile(r'"""(?:[^"\\]|\\.|"(?!""))*"""|\'\'\'(?:[^\'\\]|\\.|\'(?!\'\'))*\'\'\''
+                            r'|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'', re.DOTALL)
+_PYTHON_PLAIN = re.compile(r'[^"\'()\[\]{},]*')
+
+
+def json_end(text: str, at: int, depth: int = 0, stops: tuple[str, ...] = ()) -> tuple[int, bool] | None:
+    """Where the JSON text from `at` (inside `depth` brackets) closes its brackets: (one past the closing one,
+    True), or (where one of `stops` stands outside a string, False: a malformed call ends there); None while
+    neither is in `text` yet."""
+    while True:
+        at = _JSON_PLAIN.match(text, at).end()
+        if at == len(text):
+            return None
+        if text[at] == '"':
+            string = _JSON_STRING.match(text, at)
+            if string is None:  # still open
+                return None
+            at = string.end()
+            continue
+        if any(text.startswith(stop, at) for stop in stops):
+            return at, False
+        if text[at] in "{[":
+            depth += 1
+        elif text[at] in "}]":
+            depth -= 1
+            if depth <= 0:
+                return at + 1, True
+        at += 1
+
+
+def python_argument_end(text: str, at: int) -> int | None:
+    """Where a Python argument from `at` ends: the `,` or closing bracket after it, outside strings and brackets
+    it opens; None while it is not in `text` yet."""
+    depth = 0
+    while True:
+        at = _PYTHON_PLAIN.match(text, at).end()
+        if at == len(text):
+            return None
+        if text[at] in "\"'":
+            string = _PYTHON_STRING.match(text, at)
+            # open, or "" / '' at the end: it may still become a triple-quoted string's start
+            if string is None or (string.end() == len(text) and string.end() - at == 2):
+                return None
+            at = string.end()
+            continue
+        if text[at] in "([{":
+            depth += 1
+        elif depth == 0:  # `,` or a closing bracket
+            return at
+        elif text[at] in ")]}":
+            depth -= 1
+        at += 1
+
+
+@dataclass(frozen=True)
+class Read:
+    """One call read out of an answer so far: None for a call not (yet) one; where its text ends (None: it goes
+    on to the end of the answer so far)."""
+    call: ParsedCall | None
+    end: int | None = None
+
+
+_NAMED_CALL = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(\w+)"\s*:\s*(?=\{)')
+
+
+def read_json_call(text: str, at: int, arguments_keys: tuple[str, ...], stops: tuple[str, ...],
+                   final: bool) -> Read:
+    """The call in the JSON object at `at`: once `{"name": "X", "<arguments key>": {` is written, a call whose
+    arguments are the raw text of that object (read_arguments); another object, once whole, when it is {"name",
+    <arguments key>: {...}} (its arguments re-encoded)."""
+    named = _NAMED_CALL.match(text, at)
+    name = _json_string(named[1]) if named and named[2] in arguments_keys else None
+    if not name:
+        end = json_end(text, at, stops=stops)
+        if end is None or not end[1]:
+            return Read(None)
+        try:
+            return Read(_call_of(json.loads(text[at:end[0]]), arguments_keys), end[0])
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
+            return Read(None)
+    read = read_arguments(name, text, named.end(), stops, final)
+    if read.end is None or not read.call.complete:
+        return read
+    rest = json_end(text, read.end, depth=1, stops=stops)  # the rest of the call's object
+    return Read(read.call, rest[0] if rest else None)
+
+
+def read_arguments(name: str, text: str, at: int, stops: tuple[str, ...], final: bool) -> Read:
+    """A call's JSON arguments from their `{` at `at`: the raw text as far as it is written, to its closing `}`,
+    or (malformed) to a stop marker outside a string; a tail that may still become a stop marker held back until
+    the answer is whole."""
+    end = json_end(text, at, stops=stops)
+    if end is None:
+        held = 0 if final else max((partial_suffix(text, stop) for stop in stops), default=0)
+        return Read(ParsedCall(name, text[at:len(text) - held], complete=False))
+    arguments_end, closed = end
+    return Read(ParsedCall(name, text[at:arguments_end], complete=closed), arguments_end)
+
+
+def _json_string(literal: str) -> str | None:
+    try:
+        return json.loads(literal)
+    except ValueError:  # a bad escape
+        return None
+
+
+def read_json_list(text: str, at: int, arguments_keys: tuple[str, ...], stops: tuple[str, ...],
+                   final: bool) -> list[Read]:
+    """The calls in a JSON list of call objects at `at` (its `[`), as far as they are written; a last Read(None)
+    for what is not a call."""
+    reads, at = [], _skip_space(text, at + 1)
+    while at < len(text):
+        if text[at] != "{":
+            return reads + [Read(None)] if text[at] != "]" else reads
+        read = read_json_call(text, at, arguments_keys, stops, final)
+        reads.append(read)
+        if read.call is None or read.end is None:
+            return reads
+        at = _skip_space(text, read.end)
+        if at < len(text) and text[at] == ",":
+            at = _skip_space(text, at + 1)
+        elif at < len(text) and text[at] != "]":
+            return reads + [Read(None)]
+    return reads
+
+
+def calls_of(reads: list[Read]) -> tuple[ParsedCall, ...]:
+    """The calls up to the first that is not (yet) one."""
+    calls = []
+    for read in reads:
+        if read.call is None:
+            break
+        calls.append(read.call)
+    return tuple(calls)
+
+
 class ToolCallParser(ABC):
     name = ""
     # An answer with calls ends with this finish_reason (None: the generation's own, as OpenAI and vLLM end a named
@@ -89,13 +246,26 @@ class ToolCallParser(ABC):
     special_markers: tuple[str, ...] = ()
 
     @abstractmethod
-    def parse(self, text: str) -> ParsedOutput:
-        """The whole answer's content and calls (a call that does not parse leaves it all content)."""
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        """The calls of an answer so far (final: of the whole answer), each as far as it is final; none while the
+        first is not one yet (and, final, when it is none: the answer is all content)."""
 
     @abstractmethod
     def sendable(self, text: str, sent: int) -> int | None:
         """How much of `text` (an answer so far, whose first `sent` characters were content for sure) is content for
-        sure; None once a call has started. Asked at every token: it looks at the new text only."""
+        sure; None once a call may have started. Asked at every token: it looks at the new text only."""
+
+    def calls_start(self, text: str) -> int:
+        """Where the calls of an answer with calls begin: the text before them (trailing whitespace dropped) is its
+        content."""
+        return 0
+
+    def parse(self, text: str) -> ParsedOutput:
+        """The whole answer's content and calls (no call: it is all content)."""
+        calls = self.calls(text, final=True)
+        if not calls:
+            return ParsedOutput(text)
+        return ParsedOutput(text[:self.calls_start(text)].rstrip() or None, calls)
 
     def for_tools(self, parameters: dict[str, dict]) -> ToolCallParser:
         """The parser for one request, whose functions take these parameters (schemas by function name): a format
@@ -116,25 +286,29 @@ def sendable_before(text: str, sent: int, markers: tuple[str, ...]) -> int | Non
     return end
 
 
+def first_marker(text: str, markers: tuple[str, ...]) -> int:
+    return min((at for at in map(text.find, markers) if at >= 0), default=-1)
+
+
 class HermesParser(ToolCallParser):
     name = "hermes"
-    START = "<tool_call>"
-    _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
+    START, END = "<tool_call>", "</tool_call>"
 
-    def parse(self, text: str) -> ParsedOutput:
-        start = text.find(self.START)
-        if start < 0:
-            return ParsedOutput(text)
-        calls = []
-        for closed, unclosed in self._BLOCK.findall(text, start):
-            try:
-                call = _call_of(json.loads(closed or unclosed), ("arguments",))
-            except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
-                call = None
-            if call is None:
-                return ParsedOutput(text)
-            calls.append(call)
-        return ParsedOutput(text[:start].rstrip() or None, tuple(calls))
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        reads, at = [], text.find(self.START)
+        while at >= 0:
+            body = _skip_space(text, at + len(self.START))
+            if body == len(text) or text[body] != "{":
+                break
+            read = read_json_call(text, body, ("arguments",), (self.END,), final)
+            reads.append(read)
+            if read.end is None:
+                break
+            at = text.find(self.START, read.end)  # the text between calls is dropped, as vLLM drops it
+        return calls_of(reads)
+
+    def calls_start(self, text: str) -> int:
+        return text.find(self.START)
 
     def sendable(self, text: str, sent: int) -> int | None:
         return sendable_before(text, sent, (self.START,))
@@ -143,28 +317,22 @@ class HermesParser(ToolCallParser):
 class Llama3JsonParser(ToolCallParser):
     name = "llama3_json"
     PYTHON_TAG = "<|python_tag|>"
-    _decoder = json.JSONDecoder()
 
-    def parse(self, text: str) -> ParsedOutput:
-        body = text.lstrip().removeprefix(self.PYTHON_TAG).lstrip()
-        if not body.startswith("{"):
-            return ParsedOutput(text)
-        calls, at = [], 0
-        try:
-            while at < len(body):
-                obj, at = self._decoder.raw_decode(body, at)
-                call = _call_of(obj, ("parameters", "arguments"))
-                if call is None:
-                    return ParsedOutput(text)
-                calls.append(call)
-                at = _skip(body, at, " \t\r\n")
-                if at < len(body) and body[at] == ";":
-                    at = _skip(body, at + 1, " \t\r\n")
-                elif at < len(body):
-                    return ParsedOutput(text)
-        except (ValueError, RecursionError):
-            return ParsedOutput(text)
-        return ParsedOutput(None, tuple(calls))
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        at = _skip_space(text, 0)
+        if text.startswith(self.PYTHON_TAG, at):
+            at = _skip_space(text, at + len(self.PYTHON_TAG))
+        reads = []
+        while at < len(text) and text[at] == "{":
+            read = read_json_call(text, at, ("parameters", "arguments"), (), final)
+            reads.append(read)
+            if read.end is None:
+                break
+            at = _skip_space(text, read.end)
+            if not text.startswith(";", at):  # text after the calls is dropped
+                break
+            at = _skip_space(text, at + 1)
+        return calls_of(reads)
 
     def sendable(self, text: str, sent: int) -> int | None:
         return sendable_unless_starting(text, sent, "{", self.PYTHON_TAG)
@@ -187,39 +355,46 @@ class MistralParser(ToolCallParser):
     name = "mistral"
     START, ARGS = "[TOOL_CALLS]", "[ARGS]"
     special_markers = (START, ARGS)
-    _decoder = json.JSONDecoder()
     _NAME_END = re.compile(r"\[ARGS\]|\{")  # a call's name ends at [ARGS], or (vLLM's fallback) at its arguments' {
 
-    def parse(self, text: str) -> ParsedOutput:
-        content, *segments = text.split(self.START)
-        if not segments:
-            return ParsedOutput(text)
-        calls = []
-        try:
-            for segment in filter(str.strip, segments):  # markers with nothing between them count as one
-                calls.extend(self._calls(segment.strip()))
-        except (ValueError, RecursionError):
-            return ParsedOutput(text)
-        if not calls:
-            return ParsedOutput(text)
-        return ParsedOutput(content.rstrip() or None, tuple(calls))
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        """After each marker a JSON list of calls (or one object), or NAME[ARGS]{...} / NAME{...}; markers with
+        nothing between them count as one; the text after a call's JSON is dropped (vLLM's raw_decode)."""
+        reads, at = [], text.find(self.START)
+        while at >= 0:
+            body = _skip_space(text, at + len(self.START))
+            if text.startswith(self.START, body):
+                at = body
+                continue
+            if body == len(text):
+                break
+            if text[body] == "[":
+                read = read_json_list(text, body, ("arguments",), (self.START,), final) or [Read(None)]
+            elif text[body] == "{":
+                read = [read_json_call(text, body, ("arguments",), (self.START,), final)]
+            else:
+                read = [self._named(text, body, final)]
+            reads += read
+            if read[-1].call is None or read[-1].end is None:
+                break
+            at = text.find(self.START, reads[-1].end)
+        return calls_of(reads)
 
-    def _calls(self, segment: str) -> list[ParsedCall]:
-        """One marker's calls: a JSON list of them (or one object), or NAME[ARGS]{...} / NAME{...}; the text after
-        the JSON is dropped (vLLM's raw_decode); a ValueError when they do not parse."""
-        if segment[0] in "[{":
-            value, _ = self._decoder.raw_decode(segment)
-            calls = [_call_of(item, ("arguments",)) for item in (value if isinstance(value, list) else [value])]
-        else:
-            end = self._NAME_END.search(segment)
-            name = segment[:end.start()].strip() if end else ""
-            if not name or any(c.isspace() for c in name):
-                raise ValueError(f"no function's name in {segment[:64]!r}")
-            arguments = segment[end.end():].lstrip() if end[0] == self.ARGS else segment[end.start():]
-            calls = [_call_of({"name": name, "arguments": self._decoder.raw_decode(arguments)[0]}, ("arguments",))]
-        if not calls or None in calls:
-            raise ValueError("not a call")
-        return calls
+    def _named(self, text: str, at: int, final: bool) -> Read:
+        """NAME[ARGS]{...} (or NAME{...}): a call once its name is followed by its arguments' `{`."""
+        end = self._NAME_END.search(text, at)
+        if end is None:
+            return Read(None)
+        name = text[at:end.start()].strip()
+        arguments = _skip_space(text, end.end()) if end[0] == self.ARGS else end.start()
+        if not name or any(c.isspace() for c in name) or self.START in name or arguments == len(text):
+            return Read(None)
+        if text[arguments] != "{":
+            return Read(None)
+        return read_arguments(name, text, arguments, (self.START,), final)
+
+    def calls_start(self, text: str) -> int:
+        return text.find(self.START)
 
     def sendable(self, text: str, sent: int) -> int | None:
         return sendable_before(text, sent, (self.START,))
@@ -228,41 +403,75 @@ class MistralParser(ToolCallParser):
 class PythonicParser(ToolCallParser):
     name = "pythonic"
     START, END = "<|python_start|>", "<|python_end|>"  # Llama 4's, when its special tokens are kept
+    _NAME = re.compile(r"[^\W\d][\w.]*\s*")
 
-    def parse(self, text: str) -> ParsedOutput:
-        body = text.strip().removeprefix(self.START).replace(self.END, "").strip()
-        if not body.startswith("["):
-            return ParsedOutput(text)
-        try:
-            tree = ast.parse(body, mode="eval").body
-            if not isinstance(tree, ast.List) or not tree.elts:
-                return ParsedOutput(text)
-            calls = tuple(_python_call(call) for call in tree.elts)
-        except (SyntaxError, ValueError, RecursionError):  # RecursionError: nested too deep for ast
-            return ParsedOutput(text)
-        return ParsedOutput(None, calls)
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        """A Python list of `name(key=value, ...)` calls (keyword arguments with literal values; positional ones
+        ignored, as vLLM's handle_single_tool reads them); the text after it is dropped."""
+        at = _skip_space(text, 0)
+        if text.startswith(self.START, at):
+            at = _skip_space(text, at + len(self.START))
+        if not text.startswith("[", at):
+            return ()
+        reads, at = [], _skip_space(text, at + 1)
+        while at < len(text):
+            read = self._call(text, at, final)
+            reads.append(read)
+            if read.end is None:
+                break
+            at = _skip_space(text, read.end)
+            if not text.startswith(",", at):
+                break
+            at = _skip_space(text, at + 1)
+        return calls_of(reads)
+
+    def _call(self, text: str, at: int, final: bool) -> Read:
+        """A call once its name and `(` are written; its arguments JSON, each keyword argument added once its value
+        is written, `}` at its `)`. A value that is no literal (or `**arguments`) ends it there."""
+        name = self._NAME.match(text, at)
+        if name is None or name.end() == len(text) or text[name.end()] != "(":
+            return Read(None)
+        pieces, at = [], name.end() + 1
+        while True:
+            at = _skip_space(text, at)
+            end = python_argument_end(text, at)
+            if end is None:
+                cut = _cut_argument(text[at:]) if final else ""
+                pieces += [cut] if cut else []
+                return Read(ParsedCall(name[0].strip(), "{" + ", ".join(pieces), complete=False))
+            if end > at:
+                try:
+                    pieces += _keyword_piece(text[at:end])
+                except (SyntaxError, ValueError, RecursionError):  # RecursionError: nested too deep for ast
+                    return Read(ParsedCall(name[0].strip(), "{" + ", ".join(pieces), complete=False), end)
+            if text[end] != ",":
+                closed = text[end] == ")"
+                return Read(ParsedCall(name[0].strip(), "{" + ", ".join(pieces) + "}" * closed, closed), end + 1)
+            at = end + 1
 
     def sendable(self, text: str, sent: int) -> int | None:
         return sendable_unless_starting(text, sent, "[", self.START)
 
 
-def _python_call(node: ast.expr) -> ParsedCall:
-    """`name(key=value, ...)` (a dotted name too, and positional arguments ignored, as vLLM's handle_single_tool
-    reads it); a ValueError for anything else."""
-    if not isinstance(node, ast.Call):
-        raise ValueError("not a call")
-    arguments = {keyword.arg: _python_value(keyword.value) for keyword in node.keywords}
-    if None in arguments:
+def _keyword_piece(argument: str) -> list[str]:
+    """`key=value` as JSON's `"key": value`; nothing for a positional argument."""
+    node = ast.parse(f"f({argument})", mode="eval").body
+    if len(node.args) + len(node.keywords) != 1:
+        raise ValueError(f"not one argument: {argument[:64]!r}")
+    if node.args:
+        return []
+    keyword, = node.keywords
+    if keyword.arg is None:
         raise ValueError("**arguments")
-    return ParsedCall(_dotted_name(node.func), json.dumps(arguments, ensure_ascii=False))
+    return [f"{json.dumps(keyword.arg, ensure_ascii=False)}: "
+            f"{json.dumps(_python_value(keyword.value), ensure_ascii=False)}"]
 
 
-def _dotted_name(node: ast.expr) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return f"{_dotted_name(node.value)}.{node.attr}"
-    raise ValueError("a call of no function name")
+def _cut_argument(argument: str) -> str:
+    """A keyword argument cut short, as the text it got to: `"key": <its value's text>`."""
+    key, equals, value = argument.partition("=")
+    return f"{json.dumps(key.strip(), ensure_ascii=False)}: {value.lstrip()}" if equals else ""
+
 
 
 _JSON_NAMES = {"true": True, "false": False, "null": None}
@@ -284,14 +493,14 @@ def _python_value(node: ast.expr) -> object:
         return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
     raise ValueError(f"{type(node).__name__} is no literal")
 
-
 class Qwen3CoderParser(ToolCallParser):
     name = "qwen3_coder"
     MARKERS = ("<tool_call>", "<function=")
-    _FUNCTION = re.compile(r"<function=([^>]*)>(.*?)</function>", re.DOTALL)
+    FUNCTION, FUNCTION_END = "<function=", "</function>"
     # vLLM's: a value ends at its closing tag or where the next parameter opens.
     _PARAMETER = re.compile(r"<\s*parameter\s*=\s*([^>]*)>(.*?)(?:<\s*/\s*parameter\s*>|(?=<\s*parameter\s*=))",
                             re.DOTALL)
+    _OPEN_PARAMETER = re.compile(r"<\s*parameter\s*=\s*([^>]*)>(.*)", re.DOTALL)
 
     def __init__(self, parameters: dict[str, dict] | None = None):
         self.parameters = parameters or {}
@@ -299,30 +508,40 @@ class Qwen3CoderParser(ToolCallParser):
     def for_tools(self, parameters: dict[str, dict]) -> ToolCallParser:
         return Qwen3CoderParser(parameters)
 
-    def parse(self, text: str) -> ParsedOutput:
-        start = min((at for at in map(text.find, self.MARKERS) if at >= 0), default=-1)
-        if start < 0:
-            return ParsedOutput(text)
-        calls, end = [], start
-        for function in self._FUNCTION.finditer(text, start):
-            name = function[1].strip()
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        """A call per `<function=NAME>` (the text between them dropped) once its `>` is written; its arguments JSON,
+        each parameter added once its value ends, `}` at `</function>`."""
+        calls, at = [], text.find(self.FUNCTION, max(first_marker(text, self.MARKERS), 0))
+        while at >= 0:
+            name_end = text.find(">", at)
+            name = text[at + len(self.FUNCTION):name_end].strip() if name_end >= 0 else ""
             if not name:
-                return ParsedOutput(text)
-            calls.append(ParsedCall(name, json.dumps(self._arguments(name, function[2]), ensure_ascii=False)))
-            end = function.end()
-        if not calls or "<function=" in text[end:]:  # no function, or the last one cut off before </function>
-            return ParsedOutput(text)
-        return ParsedOutput(text[:start].rstrip() or None, tuple(calls))
+                break
+            end = text.find(self.FUNCTION_END, name_end)
+            calls.append(self._call(name, text[name_end + 1:end if end >= 0 else len(text)], end >= 0, final))
+            if end < 0:
+                break
+            at = text.find(self.FUNCTION, end)
+        return tuple(calls)
 
-    def _arguments(self, function: str, body: str) -> dict[str, object]:
-        properties = self.parameters.get(function, {}).get("properties")
+    def _call(self, name: str, body: str, closed: bool, final: bool) -> ParsedCall:
+        properties = self.parameters.get(name, {}).get("properties")
         properties = properties if isinstance(properties, dict) else {}
-        arguments = {}
+        pieces, end = [], 0
         for parameter in self._PARAMETER.finditer(body):
             value = parameter[2].removeprefix("\n").removesuffix("\n")  # the template's own newlines
             schema = properties.get(parameter[1])
-            arguments[parameter[1]] = value if schema is None else _as_schema_type(value, _schema_types(schema))
-        return arguments
+            value = value if schema is None else _as_schema_type(value, _schema_types(schema))
+            pieces.append(f"{json.dumps(parameter[1], ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}")
+            end = parameter.end()
+        cut = self._OPEN_PARAMETER.search(body, end) if final and not closed else None
+        if cut is not None:  # a value cut short: its text so far, as an unclosed JSON string
+            value = json.dumps(cut[2].removeprefix("\n"), ensure_ascii=False)[:-1]
+            pieces.append(f"{json.dumps(cut[1], ensure_ascii=False)}: {value}")
+        return ParsedCall(name, "{" + ", ".join(pieces) + "}" * closed, closed)
+
+    def calls_start(self, text: str) -> int:
+        return first_marker(text, self.MARKERS)
 
     def sendable(self, text: str, sent: int) -> int | None:
         return sendable_before(text, sent, self.MARKERS)
@@ -401,12 +620,6 @@ def _finite_float(text: str) -> float:
     return number
 
 
-def _skip(text: str, at: int, chars: str) -> int:
-    while at < len(text) and text[at] in chars:
-        at += 1
-    return at
-
-
 class NamedCall(ToolCallParser):
     """tool_choice {"type": "function", "function": {"name": ...}}: the answer is that function's arguments (cut
     short when the answer hit max_tokens: finish_reason "length" says so, as vLLM returns it)."""
@@ -417,28 +630,24 @@ class NamedCall(ToolCallParser):
     def __init__(self, function: str):
         self.function = function
 
-    def parse(self, text: str) -> ParsedOutput:
-        return ParsedOutput(None, (ParsedCall(self.function, text),))
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        return (ParsedCall(self.function, text),)
 
     def sendable(self, text: str, sent: int) -> int | None:
         return None  # all of it is the call
 
 
 class RequiredCalls(ToolCallParser):
-    """tool_choice "required": the answer is a JSON list of {"name": ..., "parameters": {...}}; one cut short (at
-    max_tokens) is no list: it is returned as content, with finish_reason "length"."""
+    """tool_choice "required": the answer is a JSON list of {"name": ..., "parameters": {...}}, each a call once its
+    name is written, as the model's own formats' calls."""
 
     name = "required"
 
-    def parse(self, text: str) -> ParsedOutput:
-        try:
-            items = json.loads(text)
-        except ValueError:
-            return ParsedOutput(text)
-        calls = [_call_of(item, ("parameters",)) for item in items] if isinstance(items, list) else [None]
-        if not calls or None in calls:
-            return ParsedOutput(text)
-        return ParsedOutput(None, tuple(calls))
+    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+        at = _skip_space(text, 0)
+        if not text.startswith("[", at):
+            return ()
+        return calls_of(read_json_list(text, at, ("parameters",), (), final))
 
     def sendable(self, text: str, sent: int) -> int | None:
         return None
@@ -474,31 +683,54 @@ def parser_for_template(template: str) -> ToolCallParser:
 
 
 class ToolCallStream:
-    """One streamed choice's text through a parser: feed() gives the content that can be sent now, finish() the
-    rest of the answer once the generation ended."""
+    """One streamed choice's text through a parser: feed() gives the content that can be sent now and the pieces of
+    calls written so far, finish() the rest once the generation ended (and the whole answer's calls)."""
 
-    def __init__(self, parser: ToolCallParser):
-        self.parser = parser
+    def __init__(self, parser: ToolCallParser, max_calls: int | None = None):
+        self.parser, self.max_calls = parser, max_calls  # max_calls 1: parallel_tool_calls false
         self.text = ""
         self.sent = 0  # characters of text sent as content
         self.in_call = False
+        self.arguments_sent: list[str] = []  # per call sent
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str) -> tuple[str, list[CallPiece]]:
         self.text += delta
-        if self.in_call:
-            return ""
-        sendable = self.parser.sendable(self.text, self.sent)
-        if sendable is None:
-            self.in_call = True
-            return ""
-        if sendable <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:sendable], sendable
-        return out
+        if not self.in_call:
+            sendable = self.parser.sendable(self.text, self.sent)
+            if sendable is None:  # a call may have started: the content is the text before it
+                self.in_call = True
+                sendable = len(self.text[:self.parser.calls_start(self.text)].rstrip())
+            out = self.text[self.sent:sendable]
+            self.sent = max(self.sent, sendable)
+            if not self.in_call:
+                return out, []
+            return out, self._pieces(self.parser.calls(self.text, final=False))
+        return "", self._pieces(self.parser.calls(self.text, final=False))
 
-    def finish(self) -> ParsedOutput:
-        """The content not sent yet and the calls: the whole answer parsed, minus what was sent."""
+    def finish(self) -> tuple[str | None, list[CallPiece], tuple[ParsedCall, ...]]:
+        """The content not sent yet, the calls' pieces not sent yet, and the whole answer's calls."""
         parsed = self.parser.parse(self.text)
         content = parsed.content if parsed.calls else self.text
-        rest = (content or "")[self.sent:]
-        return ParsedOutput(rest or None, parsed.calls)
+        calls = parsed.calls[:self.max_calls]
+        return (content or "")[self.sent:] or None, self._pieces(calls), calls
+
+    def _pieces(self, calls: tuple[ParsedCall, ...]) -> list[CallPiece]:
+        """What the calls read so far add to those sent: a new call whole as far as it came, or more arguments."""
+        pieces = []
+        for index, call in enumerate(calls[:self.max_calls]):
+            if index == len(self.arguments_sent):
+                pieces.append(CallPiece(index, call.name, call.arguments))
+                self.arguments_sent.append(call.arguments)
+            elif len(call.arguments) > len(self.arguments_sent[index]):
+                pieces.append(CallPiece(index, None, call.arguments[len(self.arguments_sent[index]):]))
+                self.arguments_sent[index] = call.arguments
+        return pieces
+
+
+@dataclass(frozen=True)
+class CallPiece:
+    """What one streamed chunk tells of a call: its name in its first piece, then more of its arguments."""
+
+    index: int
+    name: str | None
+    arguments: str

@@ -174,8 +174,8 @@ def status_of(finish_reason: str) -> str:
 
 class ResponseBuilder:
     """One response's `response` objects: whole (from chat's choice) or streamed as OpenAI's `event:` + `data:`
-    events, numbered (sequence_number), from chat's streamed choice (ChatChoiceStream: text as it comes, tool
-    calls at the end, a named function's call as it comes)."""
+    events, numbered (sequence_number), from chat's streamed choice (ChatChoiceStream: text as it comes, each
+    tool call as it is written, its arguments in pieces)."""
 
     def __init__(self, req: ResponsesRequest, response_id: str, created: int,
                  keep: Callable[[dict[str, Any]], None] | None = None):
@@ -301,8 +301,8 @@ class ResponseBuilder:
         self.message = None
 
     def _function_call(self, call: DeltaToolCall) -> Iterator[bytes]:
-        """A call's chunk: a new call (it has an id: whole, or a named function's first piece) or more of the
-        arguments of the one streamed."""
+        """A call's chunk: a new call (it has an id: its name, and its arguments as far as they came) or more of
+        the arguments of the one streamed (a call's pieces all come before the next call's)."""
         if call.id is not None:
             yield from self._close_reasoning()
             yield from self._close_message("completed")  # the text before the calls is whole

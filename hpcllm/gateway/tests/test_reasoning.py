@@ -15,7 +15,7 @@ from hpcllm.gateway.chat.tool_calls import PARSERS
 from hpcllm.gateway.serving import ChoiceResult, Delta
 from hpcllm.worker.protocol import TokenLogprobs
 
-from .test_tool_calls import QWEN_TWO_CALLS, TOOLS, _token_deltas
+from .test_tool_calls import QWEN_TWO_CALLS, TOOLS, _message_of, _token_deltas
 
 QWEN3 = ReasoningParser(starts_inside=False)  # the model writes <think> itself
 R1 = ReasoningParser(starts_inside=True)  # the prompt opened the block
@@ -106,7 +106,7 @@ def _streamed(reader: AnswerReader, req: ChatCompletionRequest, deltas: list[Del
     first_content = next((i for i, d in enumerate(deltas_sent) if d.get("content")), len(deltas_sent))
     assert all("reasoning" not in d for d in deltas_sent[first_content + 1:])  # thinking comes first
     return {"reasoning": joined("reasoning"), "content": joined("content"),
-            "tool_calls": [call for d in deltas_sent for call in d.get("tool_calls", [])],
+            "tool_calls": _message_of(chunks)["tool_calls"],  # the calls' pieces added up
             "finish_reason": chunks[-1]["finish_reason"]} | (
         {"logprobs": any("logprobs" in c for c in chunks)} if req.logprobs else {})
 

@@ -18,8 +18,8 @@ from hpcllm.devmodels.tokenizer import (CHAT_TEMPLATE, HERMES_TOOLS_CHAT_TEMPLAT
                                         QWEN3_CODER_TOOLS_CHAT_TEMPLATE)
 from hpcllm.gateway.chat.protocol import ChatCompletionRequest
 from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
-from hpcllm.gateway.chat.tool_calls import (PARSERS, NamedCall, ParsedCall, RequiredCalls, ToolCallStream,
-                                            parser_for_template)
+from hpcllm.gateway.chat.tool_calls import (PARSERS, CallPiece, NamedCall, ParsedCall, RequiredCalls,
+                                            ToolCallStream, parser_for_template)
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.serving import ChoiceResult, Delta
 
@@ -99,35 +99,51 @@ ANSWERS = [
     (PYTHONIC, "[Note] Paris is sunny today.", None, ()),
     (PYTHONIC, 'Calling [get_time(timezone="Europe/Paris")]', None, ()),
 ]
-# Calls begun but unreadable: the whole answer is the content, as vLLM returns it.
+# Calls begun but unreadable before their name is whole: the whole answer is the content, as vLLM returns it.
 BROKEN = [
-    (HERMES, 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'),
-    (HERMES, QWEN_TWO_CALLS.replace('"name": "get_time", ', "")),  # the second call has no name
     (HERMES, '<tool_call>\n{"name": "get_time", "arguments": "Europe/Paris"}\n</tool_call>'),  # not an object
-    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),  # cut off by max_tokens
-    (LLAMA, '{"name": "get_weather", "parameters": {"city": "Paris"}'),
+    (HERMES, '<tool_call>\n{"arguments": {"timezone": "Europe/Paris"}}\n</tool_call>'),  # no name
+    (HERMES, '<tool_call>\n{"name": "get_wea'),  # cut off inside the name
     (LLAMA, '{"city": "Paris"}'),
-    (LLAMA, '{"name": "get_time", "parameters": {}} and then some text'),
     (LLAMA, "<|python_tag|>print(get_time())"),
-    (QWEN3_CODER, "Checking.\n<tool_call>\n<function=get_time>\n<parameter=timezone>\nEurope/Par"),  # max_tokens
-    (QWEN3_CODER, CODER_TWO_CALLS[:-40]),  # the second call cut off: no call is returned, as for hermes
     (QWEN3_CODER, '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}\n</tool_call>'),  # JSON
     (QWEN3_CODER, "<tool_call>\n<function=>\n</function>\n</tool_call>"),  # no name
-    (MISTRAL, MISTRAL_TWO_CALLS[:-10]),  # cut off by max_tokens
-    (MISTRAL, MISTRAL_V3_TWO_CALLS.replace('"name": "get_time", ', "")),
+    (QWEN3_CODER, "Checking.\n<tool_call>\n<function=get_ti"),
     (MISTRAL, "[TOOL_CALLS]Sure, here it is{}"),  # no function's name
     (MISTRAL, '[TOOL_CALLS]get_time[ARGS]["Europe/Paris"]'),  # arguments not an object
     (MISTRAL, "Nothing to call. [TOOL_CALLS]"),
-    (PYTHONIC, PYTHONIC_TWO_CALLS[:-20]),
-    (PYTHONIC, "[get_time(timezone=tz)]"),  # a variable, not a literal
-    (PYTHONIC, '[get_time("Europe/Paris"), 42]'),  # not a list of calls
-    (PYTHONIC, '[get_time(timezone="Europe/Paris")] and the weather next'),
+    (MISTRAL, "[TOOL_CALLS]get_ti"),
     (PYTHONIC, "[" * 500),
+    (PYTHONIC, "[get_ti"),
 ]
-SAMPLES = [(parser, text) for parser, text, _, _ in ANSWERS] + BROKEN
+# Calls whose name is whole, then cut short (max_tokens, a stop string) or malformed: calls, each with the arguments
+# as far as they came (invalid JSON when cut), the text after them dropped; streamed, they were sent as they came.
+CUT = "Checking.\n<tool_call>\n<function=get_time>\n<parameter=timezone>\nEurope/Par"
+CUT_OR_MALFORMED = [
+    (HERMES, 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>', "Checking.",
+     (ParsedCall("get_weather", '{"city": "Paris"\n', complete=False),)),
+    (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', None,
+     (ParsedCall("get_weather", '{"city": "Par', complete=False),)),
+    (HERMES, QWEN_TWO_CALLS.replace('"name": "get_time", ', ""), None, (WEATHER,)),  # the second call has no name
+    (LLAMA, '{"name": "get_weather", "parameters": {"city": "Paris"}', None,
+     (ParsedCall("get_weather", '{"city": "Paris"}'),)),
+    (LLAMA, '{"name": "get_time", "parameters": {}} and then some text', None, (ParsedCall("get_time", "{}"),)),
+    (QWEN3_CODER, CUT, "Checking.", (ParsedCall("get_time", '{"timezone": "Europe/Par', complete=False),)),
+    (QWEN3_CODER, CODER_TWO_CALLS[:-40], None,
+     (WEATHER, ParsedCall("get_time", '{"timezone": "Europe/Par', complete=False))),
+    (MISTRAL, MISTRAL_TWO_CALLS[:-10], None, (WEATHER, ParsedCall("get_time", '{"timezone": "Euro', complete=False))),
+    (MISTRAL, MISTRAL_V3_TWO_CALLS.replace('"name": "get_time", ', ""), None, (WEATHER,)),
+    (PYTHONIC, PYTHONIC_TWO_CALLS[:-20], None, (WEATHER, ParsedCall("get_time", "{", complete=False))),
+    (PYTHONIC, PYTHONIC_TWO_CALLS[:-8], None,
+     (WEATHER, ParsedCall("get_time", '{"timezone": "Europe/', complete=False))),
+    (PYTHONIC, "[get_time(timezone=tz)]", None, (ParsedCall("get_time", "{", complete=False),)),  # not a literal
+    (PYTHONIC, '[get_time("Europe/Paris"), 42]', None, (ParsedCall("get_time", "{}"),)),  # positional: ignored
+    (PYTHONIC, '[get_time(timezone="Europe/Paris")] and the weather next', None, (TIME,)),
+]
+SAMPLES = [(parser, text) for parser, text, _, _ in ANSWERS + CUT_OR_MALFORMED] + BROKEN
 
 
-@pytest.mark.parametrize("parser, text, content, calls", ANSWERS)
+@pytest.mark.parametrize("parser, text, content, calls", ANSWERS + CUT_OR_MALFORMED)
 def test_whole_answers(parser, text, content, calls):
     parsed = parser.parse(text)
     assert parsed.calls == calls
@@ -141,15 +157,37 @@ def test_a_call_that_does_not_parse_is_returned_as_content(parser, text):
 
 
 def _streamed(parser, pieces: list[str]) -> tuple[str, tuple]:
+    """The content and calls (name, arguments) a client puts together from the stream of `pieces`; the calls the
+    stream's end reads are the same."""
     stream = ToolCallStream(parser)
-    sent = "".join(stream.feed(piece) for piece in pieces)
-    rest = stream.finish()
-    return sent + (rest.content or ""), rest.calls
+    content, calls = "", []
+    for piece in pieces:
+        sent, call_pieces = stream.feed(piece)
+        assert not (sent and calls)  # the content comes before the calls
+        content += sent
+        _add_pieces(calls, call_pieces)
+    rest, call_pieces, whole_calls = stream.finish()
+    assert not (rest and calls)
+    _add_pieces(calls, call_pieces)
+    assert [(call.name, call.arguments) for call in whole_calls] == calls
+    return content + (rest or ""), tuple(calls)
+
+
+def _add_pieces(calls: list[tuple[str, str]], pieces) -> None:
+    """As an OpenAI client adds up a stream's tool_calls deltas: a new index starts a call, the others add to its
+    arguments."""
+    for piece in pieces:
+        if piece.index == len(calls):
+            assert piece.name is not None
+            calls.append((piece.name, piece.arguments))
+        else:
+            assert piece.name is None and piece.index == len(calls) - 1  # only the last call grows
+            calls[piece.index] = (calls[piece.index][0], calls[piece.index][1] + piece.arguments)
 
 
 def _whole(parser, text: str) -> tuple[str, tuple]:
     parsed = parser.parse(text)
-    return parsed.content or "", parsed.calls
+    return parsed.content or "", tuple((call.name, call.arguments) for call in parsed.calls)
 
 
 @pytest.mark.parametrize("parser, text", SAMPLES)
@@ -162,16 +200,31 @@ def test_a_stream_cut_anywhere_reads_as_the_whole_answer(parser, text):
 
 def test_text_before_a_call_streams_at_once_and_only_a_possible_marker_is_held():
     stream = ToolCallStream(HERMES)
-    assert stream.feed("Let me look") == "Let me look"
-    assert stream.feed(" that up.") == " that up."
-    assert stream.feed("\n\n<tool") == ""  # may be a call's start: held, with the whitespace before it
-    assert stream.feed("box> is a tag") == "\n\n<toolbox> is a tag"  # it was not
-    assert stream.feed(" <tool_call>\n{") == ""
-    assert stream.finish().content == ' <tool_call>\n{'  # a broken call: the held text comes as content
+    assert stream.feed("Let me look") == ("Let me look", [])
+    assert stream.feed(" that up.") == (" that up.", [])
+    assert stream.feed("\n\n<tool") == ("", [])  # may be a call's start: held, with the whitespace before it
+    assert stream.feed("box> is a tag") == ("\n\n<toolbox> is a tag", [])  # it was not
+    assert stream.feed(" <tool_call>\n{") == ("", [])
+    assert stream.finish() == (' <tool_call>\n{', [], ())  # a broken call: the held text comes as content
 
     llama = ToolCallStream(LLAMA)
-    assert llama.feed(" ") == "" and llama.feed("<|python") == ""  # a call may start the answer
-    assert llama.feed("ic|> snake") == " <|pythonic|> snake"
+    assert llama.feed(" ") == ("", []) and llama.feed("<|python") == ("", [])  # a call may start the answer
+    assert llama.feed("ic|> snake") == (" <|pythonic|> snake", [])
+
+
+def test_a_call_streams_from_its_name_on_and_its_arguments_as_they_come():
+    """Nothing is a call before its name is whole (a tail that may be a marker held); then its name, and its
+    arguments as written; a call cut short by max_tokens stays one, its arguments as far as they came."""
+    stream = ToolCallStream(HERMES)
+    assert stream.feed('Sure.\n<tool_call>\n{"name": "write_file", "argu') == ("Sure.", [])
+    assert stream.feed('ments": {"path": "a.py", "text": "x = \\"') == ("", [
+        CallPiece(0, "write_file", '{"path": "a.py", "text": "x = \\"')])
+    assert stream.feed('\u00e9\\"\\n</tool_') == ("", [CallPiece(0, None, '\u00e9\\"\\n')])  # </tool_ may end it
+    assert stream.feed("call> in a string") == ("", [CallPiece(0, None, "</tool_call> in a string")])
+    rest, pieces, calls = stream.finish()
+    assert (rest, pieces) == (None, [])
+    assert calls == (ParsedCall("write_file", '{"path": "a.py", "text": "x = \\"\u00e9\\"\\n</tool_call> in a string',
+                                complete=False),)
 
 
 def test_every_format_a_model_config_may_name_is_read():
@@ -231,15 +284,30 @@ def _token_deltas(text: str, finish_reason: str, template: str = "hermes-tools")
 
 
 def _streamed_message(req: ChatCompletionRequest, deltas: list[Delta], parser=None) -> dict:
+    """The message a client puts together from the chunks of a streamed choice; what it had before the last chunk
+    (content, and the calls' arguments: `before_the_end`)."""
     stream = ChatChoiceStream(AnswerReader(parser or (HERMES if req.parses_tool_calls else None)), req)
     chunks = [choice.model_dump(exclude_none=True) for delta in deltas[:-1] for choice in stream.choices(delta)]
-    before_the_end = "".join(c["delta"]["content"] for c in chunks)
+    early = _message_of(chunks)
     chunks += [choice.model_dump(exclude_none=True) for choice in stream.choices(deltas[-1])]
-    content = [c["delta"]["content"] for c in chunks if "content" in c["delta"]]
-    calls = [call for c in chunks for call in c["delta"].get("tool_calls", [])]
     assert [c.get("finish_reason") for c in chunks][:-1] == [None] * (len(chunks) - 1)
-    return {"content": "".join(content) if content else None, "tool_calls": calls,
-            "finish_reason": chunks[-1]["finish_reason"], "before_the_end": before_the_end}
+    return {**_message_of(chunks), "finish_reason": chunks[-1]["finish_reason"],
+            "before_the_end": early["content"] or "",
+            "arguments_before_the_end": [call["function"]["arguments"] for call in early["tool_calls"]]}
+
+
+def _message_of(chunks: list[dict]) -> dict:
+    """As OpenAI's clients add chunks up: content pieces joined, a tool_calls delta with a new index a new call (its
+    id, type and name), one with an index seen adds to that call's arguments."""
+    content = [c["delta"]["content"] for c in chunks if "content" in c["delta"]]
+    calls: list[dict] = []
+    for piece in (call for c in chunks for call in c["delta"].get("tool_calls", [])):
+        if piece["index"] == len(calls):
+            calls.append({**piece, "function": dict(piece["function"])})
+        else:
+            assert set(piece) == {"index", "function"} and set(piece["function"]) == {"arguments"}
+            calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
+    return {"content": "".join(content) if content else None, "tool_calls": calls}
 
 
 def _without_ids(calls: list[dict]) -> list[dict]:
@@ -336,14 +404,21 @@ def test_a_named_functions_call_streams_its_arguments_as_they_come():
 
 
 def test_a_forced_answer_cut_by_max_tokens_ends_with_length():
-    cut = REQUIRED_TWO_CALLS[:40]
-    choice = chat_choice(ChoiceResult(0, cut, "length"), AnswerReader(RequiredCalls()),
-                         _request(tool_choice="required"))
-    assert (choice.finish_reason, choice.message.content, choice.message.tool_calls) == ("length", cut, [])
+    """As vLLM: the call's arguments as far as they came, the generation's finish_reason saying it was cut; a
+    `required` answer's calls so far likewise, streamed or not."""
+    cut = REQUIRED_TWO_CALLS[:108]
+    required = _request(tool_choice="required")
+    choice = chat_choice(ChoiceResult(0, cut, "length"), AnswerReader(RequiredCalls()), required)
+    calls = [("get_weather", '{"city":"Paris","unit":"celsius"}'), ("get_time", '{"tim')]
+    assert (choice.finish_reason, choice.message.content) == ("length", None)
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == calls
+    streamed = _streamed_message(required, _token_deltas(cut, "length"), RequiredCalls())
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in streamed["tool_calls"]] == calls
+    assert (streamed["content"], streamed["finish_reason"]) == (None, "length")
     named = _request(tool_choice={"type": "function", "function": {"name": "get_time"}})
     choice = chat_choice(ChoiceResult(0, '{"timezone":"Eur', "length"), AnswerReader(NamedCall("get_time")),
                          named)
-    assert choice.finish_reason == "length"  # as vLLM: the call's arguments as far as they came
+    assert choice.finish_reason == "length"
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
         ("get_time", '{"timezone":"Eur')]
 
