@@ -57,12 +57,16 @@ def gated_worker_app(release: threading.Event, finished: threading.Event):
 
 
 def token_pieces(tokenizer, text: str, skip_special_tokens: bool = False) -> list[tuple[int, str]]:
-    """`text` as a worker streams it: each token's id and the text it adds (decoded so far, minus what was sent: a
-    token may end inside a character); skip_special_tokens: as a worker decodes (a special token adds no text)."""
+    """`text` as a worker streams it: each token's id and the text it adds (decoded so far, minus what was sent; a
+    token that ends inside a character adds nothing, the character coming whole with the token that ends it, as
+    hpcllm.worker.detokenizer holds it); skip_special_tokens: as a worker decodes (a special token adds no text)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces, sent = [], ""
     for n in range(1, len(ids) + 1):
         so_far = tokenizer.decode(ids[:n], skip_special_tokens=skip_special_tokens)
+        if so_far.endswith("\ufffd") and n < len(ids):  # a character's bytes so far
+            pieces.append((ids[n - 1], ""))
+            continue
         pieces.append((ids[n - 1], so_far[len(sent):]))
         sent = so_far
     assert "".join(piece for _, piece in pieces) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -81,11 +85,11 @@ class Script:
 
 def scripted_worker_app(script: Script):
     """A stand-in worker answering every request with script.answer, one token line per token (cut at max_tokens:
-    finish_reason "length", else "stop"; a special token's line without its text, as workers decode), each request's
-    prompt recorded in script.prompts."""
+    finish_reason "length", else "stop"; a special token's line without its text, as workers decode; asked for
+    logprobs, each token's is 0: the answer is certain), each request's prompt recorded in script.prompts."""
     from flask import Flask, Response, request
 
-    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
+    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, TokenLogprobs, Usage
 
     app = Flask("scripted-worker")
 
@@ -98,7 +102,9 @@ def scripted_worker_app(script: Script):
 
         def lines():
             for index, (token_id, text) in enumerate(sent):
-                yield TokenLine(index=index, token_id=token_id, text=text).model_dump_json() + "\n"
+                logprobs = (None if req.logprobs is None else
+                            TokenLogprobs(token=script.tokenizer.decode([token_id]), logprob=0.0))
+                yield TokenLine(index=index, token_id=token_id, text=text, logprobs=logprobs).model_dump_json() + "\n"
             usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(sent),
                           total_tokens=len(req.prompt_token_ids) + len(sent))
             finish = "length" if len(sent) < len(pieces) else "stop"

@@ -34,6 +34,7 @@ def script() -> Script:
 
 
 CODER_AS_HERMES = "tiny-coder-as-hermes"  # the same model, its config saying it writes hermes calls
+CODER_AS = {"hermes": CODER_AS_HERMES, "llama3_json": "tiny-coder-as-llama", "pythonic": "tiny-coder-as-pythonic"}
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,12 @@ def worker(script):
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory, model_dir, worker):
     """A gateway serving CODER (its tokenizer and template from a devmodel's directory) on the scripted worker, and
-    the same model as CODER_AS_HERMES."""
+    the same model configured to write hermes, llama3_json and pythonic calls (CODER_AS)."""
     factory = GatewayFactory(tmp_path_factory.mktemp("coder-gateway"), worker.url, model_dir)
     yield factory(static_models={
         CODER: {"worker_url": worker.url, "source": str(model_dir)},
-        CODER_AS_HERMES: {"worker_url": worker.url, "source": str(model_dir), "tool_call_parser": "hermes"}})
+        **{name: {"worker_url": worker.url, "source": str(model_dir), "tool_call_parser": parser}
+           for parser, name in CODER_AS.items()}})
     factory.stop_all()
 
 
@@ -73,12 +75,10 @@ def test_qwen3_coder_calls_whole_and_streamed(gw, script):
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == EXPECTED_ARGUMENTS
     assert "<function=example_function_name>" in script.tokenizer.decode(script.prompts[-1])  # the tools rendered
 
-    chunks = list(client.chat.completions.create(model=CODER, messages=ASK, tools=TOOLS, stream=True))
-    deltas = [chunk.choices[0].delta for chunk in chunks]
-    assert "".join(d.content or "" for d in deltas) == "Let me check."
-    streamed, = [c for d in deltas for c in d.tool_calls or []]
-    assert (streamed.function.name, json.loads(streamed.function.arguments)) == ("get_weather", EXPECTED_ARGUMENTS)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    content, calls, finish_reason, _ = _streamed_choice(
+        list(client.chat.completions.create(model=CODER, messages=ASK, tools=TOOLS, stream=True)))
+    assert (content, calls, finish_reason) == ("Let me check.", [("get_weather", call.function.arguments)],
+                                               "tool_calls")
 
 
 def _calls(choice) -> list[tuple[str, dict]]:
@@ -95,9 +95,9 @@ def test_a_models_configured_format_wins_over_its_template(gw, script):
     client = gw.client()
     choice = client.chat.completions.create(model=CODER_AS_HERMES, messages=ASK, tools=TOOLS).choices[0]
     assert choice.finish_reason == "tool_calls" and _calls(choice) == HERMES_CALLS
-    chunks = list(client.chat.completions.create(model=CODER_AS_HERMES, messages=ASK, tools=TOOLS, stream=True))
-    streamed = [c for chunk in chunks for c in chunk.choices[0].delta.tool_calls or []]
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == HERMES_CALLS
+    _, streamed, _, _ = _streamed_choice(
+        list(client.chat.completions.create(model=CODER_AS_HERMES, messages=ASK, tools=TOOLS, stream=True)))
+    assert [(name, json.loads(arguments)) for name, arguments in streamed] == HERMES_CALLS
     unset = client.chat.completions.create(model=CODER, messages=ASK, tools=TOOLS).choices[0]
     assert (unset.finish_reason, unset.message.content, unset.message.tool_calls) == ("stop", QWEN_TWO_CALLS, [])
 
@@ -144,11 +144,10 @@ def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_scri
     choice = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather).choices[0]
     assert (choice.finish_reason, choice.message.content) == ("tool_calls", "Checking.")
     assert _calls(choice) == HERMES_CALLS
-    chunks = list(client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, stream=True))
-    deltas = [chunk.choices[0].delta for chunk in chunks]
-    assert "".join(d.content or "" for d in deltas) == "Checking."
-    streamed = [c for d in deltas for c in d.tool_calls or []]
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == HERMES_CALLS
+    content, streamed, _, _ = _streamed_choice(
+        list(client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, stream=True)))
+    assert content == "Checking."
+    assert [(name, json.loads(arguments)) for name, arguments in streamed] == HERMES_CALLS
     assert "[AVAILABLE_TOOLS]" in mistral_script.tokenizer.decode(mistral_script.prompts[-1])
 
     plain = client.chat.completions.create(model=MISTRAL, messages=ASK, tools=weather, tool_choice="none").choices[0]
@@ -157,3 +156,108 @@ def test_mistral_calls_whose_markers_are_special_tokens(mistral_gw, mistral_scri
                                    skip_special_tokens=True)
     assert plain.message.content == worker_text
     assert "[TOOL_CALLS]" not in plain.message.content and plain.message.tool_calls == []
+
+
+# ------------------------------------------------------------------------------- calls streamed as they are written
+# A file write, as coding agents ask for: a long call, its text in quotes, backslashes, newlines and characters of
+# several bytes (the tokenizer cuts those, and the name, into several tokens).
+PATH, CONTENT = "notes/été.md", 'print("héllo, 世界 🌍")\npath = "C:\\\\temp"\n' * 3
+WRITE_TOOLS = [{"type": "function", "function": {"name": "write_file", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}}}}}]
+
+
+def _json(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # also the value's Python literal: only ", \\, \\n escaped
+
+
+WRITE_ARGUMENTS = f'{{"path": {_json(PATH)}, "content": {_json(CONTENT)}}}'
+# Each format's model, and its answer writing the call.
+WRITES = {
+    "hermes": (CODER_AS["hermes"], f'I will write it.\n<tool_call>\n{{"name": "write_file", "arguments": '
+                                   f'{WRITE_ARGUMENTS}}}\n</tool_call>'),
+    "llama3_json": (CODER_AS["llama3_json"], f'{{"name": "write_file", "parameters": {WRITE_ARGUMENTS}}}'),
+    "qwen3_coder": (CODER, f"I will write it.\n<tool_call>\n<function=write_file>\n<parameter=path>\n{PATH}\n"
+                           f"</parameter>\n<parameter=content>\n{CONTENT}\n</parameter>\n</function>\n</tool_call>"),
+    "pythonic": (CODER_AS["pythonic"], f"[write_file(path={_json(PATH)}, content={_json(CONTENT)})]"),
+    "mistral": (MISTRAL, f"I will write it.\n[TOOL_CALLS]write_file[ARGS]{WRITE_ARGUMENTS}"),
+}
+
+
+def _serving(request, fmt: str):
+    """The gateway serving the format's model, and its scripted worker's script, set to answer the file write."""
+    gateway, script = ((request.getfixturevalue("mistral_gw"), request.getfixturevalue("mistral_script"))
+                       if fmt == "mistral" else (request.getfixturevalue("gw"), request.getfixturevalue("script")))
+    script.answer = WRITES[fmt][1]
+    return gateway, script
+
+
+def _streamed_choice(chunks) -> tuple[str | None, list[tuple[str, str]], str, int]:
+    """A streamed choice put together as OpenAI's clients do (a new index a new call, whose first piece has its id
+    and name; the others add to its arguments): content, calls, finish_reason, and how many pieces of arguments."""
+    content, calls, pieces = None, [], 0
+    for delta in (chunk.choices[0].delta for chunk in chunks if chunk.choices):
+        if delta.content is not None:
+            content = (content or "") + delta.content
+        for call in delta.tool_calls or []:
+            if call.index == len(calls):
+                assert call.id.startswith("call_") and call.type == "function"
+                calls.append((call.function.name, ""))
+            else:
+                assert (call.index, call.id, call.function.name) == (len(calls) - 1, None, None)
+            calls[call.index] = (calls[call.index][0], calls[call.index][1] + call.function.arguments)
+            pieces += bool(call.function.arguments)
+    return content or None, calls, chunks[-1].choices[0].finish_reason, pieces
+
+
+@pytest.mark.parametrize("fmt", list(WRITES))
+def test_a_long_call_streams_its_arguments_as_they_are_generated(request, fmt):
+    """Each format: the call comes as it is written (its name whole in the first piece, the arguments in many), and
+    the streamed call is the whole answer's, read by the openai client's own stream helper too; the Responses API
+    streams it as function_call_arguments deltas."""
+    gateway, script = _serving(request, fmt)
+    ids = script.tokenizer(script.answer, add_special_tokens=False)["input_ids"]
+    tokens = [script.tokenizer.decode([token]) for token in ids]
+    assert "write_file" not in tokens and any("\ufffd" in token for token in tokens)  # cut inside name and characters
+    model, client = WRITES[fmt][0], gateway.client()
+    ask = dict(model=model, messages=ASK, tools=WRITE_TOOLS)
+    whole = client.chat.completions.create(**ask).choices[0]
+    call, = whole.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("write_file", {"path": PATH, "content": CONTENT})
+    assert call.function.arguments == WRITE_ARGUMENTS and whole.finish_reason == "tool_calls"
+
+    # With logprobs each token is a delta of its own (the gateway sends the tokens that piled up as one otherwise).
+    chunks = list(client.chat.completions.create(**ask, stream=True, logprobs=True))
+    content, calls, finish_reason, pieces = _streamed_choice(chunks)
+    assert (content, calls, finish_reason) == (whole.message.content, [("write_file", WRITE_ARGUMENTS)], "tool_calls")
+    assert pieces >= (3 if fmt in ("qwen3_coder", "pythonic") else 20)  # per parameter / as the tokens come
+    assert sum(len(chunk.choices[0].logprobs.content) for chunk in chunks if chunk.choices[0].logprobs) == len(ids)
+    with client.chat.completions.stream(**ask, logprobs=True) as stream:
+        final = stream.get_final_completion().choices[0]
+    assert [(c.function.name, c.function.arguments) for c in final.message.tool_calls] == calls
+
+    tools = [{"type": "function", **tool["function"]} for tool in WRITE_TOOLS]
+    with client.responses.stream(model=model, input=ASK, tools=tools) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.function_call_arguments.delta"]
+        item = stream.get_final_response().output[-1]
+    assert (item.type, item.name, item.arguments) == ("function_call", "write_file", WRITE_ARGUMENTS)
+    assert "".join(deltas) == WRITE_ARGUMENTS
+
+
+@pytest.mark.parametrize("fmt", list(WRITES))
+def test_a_call_cut_short_is_a_call_whole_and_streamed(request, fmt):
+    """max_tokens reached inside the file's text: the call is still one (it was streamed from its name on), its
+    arguments as far as they came (not JSON: a client must check them), finish_reason "length"."""
+    gateway, script = _serving(request, fmt)
+    cut = script.answer.index("path = ") + 3
+    max_tokens = len(script.tokenizer(script.answer[:cut], add_special_tokens=False)["input_ids"])
+    ask = dict(model=WRITES[fmt][0], messages=ASK, tools=WRITE_TOOLS, max_tokens=max_tokens)
+    client = gateway.client()
+    whole = client.chat.completions.create(**ask).choices[0]
+    call, = whole.message.tool_calls
+    arguments = call.function.arguments
+    assert whole.finish_reason == "length" and call.function.name == "write_file"
+    assert WRITE_ARGUMENTS.startswith(arguments) and 'print(\\"h' in arguments and len(arguments) < len(WRITE_ARGUMENTS)
+    with pytest.raises(ValueError):
+        json.loads(arguments)
+    streamed = _streamed_choice(list(client.chat.completions.create(**ask, stream=True, logprobs=True)))
+    assert streamed[:3] == (whole.message.content, [("write_file", arguments)], "length") and streamed[3] > 1
