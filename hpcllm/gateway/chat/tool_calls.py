@@ -46,7 +46,7 @@ import math
 import re
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hpcllm.config import ToolCallFormat
 from hpcllm.gateway.errors import InvalidRequest
@@ -94,65 +94,89 @@ def _skip_space(text: str, at: int) -> int:
 
 
 # ------------------------------------------------------------------------------------- reading calls as they grow
-# Every format reads the calls of an answer so far (calls(text, final=False)) and of a whole one (final=True) with
-# the same code, and what it reads of a prefix is a prefix of what it reads of the whole: a call is one from the
-# moment its name is complete, and its arguments grow only by text that is final. So a streamed answer, sent as the
-# differences, is the whole one.
+# Every format reads the calls of an answer so far (calls(text, Progress(final=False)), a stream's) and of a whole
+# one (Progress()) with the same code, and what it reads of a prefix is a prefix of what it reads of the whole: a
+# call is one from the moment its name is complete, and its arguments grow only by text that is final. So a streamed
+# answer, sent as the differences, is the whole one.
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_JSON_PLAIN = re.compile(r'[^"{}\[\]<]*')  # '<': where </tool_call> may stop a malformed call
-_PYTHON_STRING = re.compile(r'"""(?:[^"\\]|\\.|"(?!""))*"""|\'\'\'(?:[^\'\\]|\\.|\'(?!\'\'))*\'\'\''
-                            r'|"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'', re.DOTALL)
-_PYTHON_PLAIN = re.compile(r'[^"\'()\[\]{},]*')
+@dataclass
+class Progress:
+    """How an answer's calls are read: `final` (the answer is whole: what may still become a marker is not held
+    back), and where the scans stopped last time (`memo`): the text of a stream only grows, so each token's reading
+    resumes there and costs its new text only, not the whole call again."""
+
+    final: bool = True
+    memo: dict[tuple, tuple] = field(default_factory=dict)
 
 
-def json_end(text: str, at: int, depth: int = 0, stops: tuple[str, ...] = ()) -> tuple[int, bool] | None:
+class Nesting:
+    """A scan of JSON or Python text for where a bracketed stretch ends, outside strings; resumable (Progress)."""
+
+    def __init__(self, name: str, quotes: str, opens: str, closes: str, triple_quotes: bool):
+        self.name, self.quotes, self.opens, self.closes = name, quotes, opens, closes
+        self.triple_quotes = triple_quotes
+        self._plain = re.compile(f"[^{re.escape(quotes + opens + closes)},<]*")  # '<': a stop marker's start
+        self._string_rest = {q: re.compile(rf"[^{q}\\]*(?:\\.[^{q}\\]*)*", re.DOTALL) for q in quotes}
+
+    def end(self, text: str, at: int, depth: int, progress: Progress, stops: tuple[str, ...] = (),
+            separator: str = "") -> tuple[int, str] | None:
+        """From `at`, inside `depth` brackets: (the position of the bracket that closes them, "close"), of a
+        `separator` inside only those ("separator"), of a stop marker ("stop": a malformed call ends there); None
+        while none is in the text yet."""
+        key = (self.name, at, depth)
+        at, depth, quote = progress.memo.get(key, (at, depth, ""))
+        while True:
+            if quote:  # in a string: to its end, or (the text ends in it) where to go on next time
+                at = self._string_rest[quote[0]].match(text, at).end()
+                if at == len(text) or text[at] == "\\":
+                    break
+                if len(quote) == 1 or text.startswith(quote, at):
+                    at, quote = at + len(quote), ""
+                elif quote.startswith(text[at:]):  # may be a triple-quoted string's end
+                    break
+                else:
+                    at += 1
+                continue
+            at = self._plain.match(text, at).end()
+            if at == len(text):
+                break
+            char = text[at]
+            if char in self.quotes:
+                if self.triple_quotes and (char * 3).startswith(text[at:at + 3]) and len(text) - at < 3:
+                    break  # "" or " at the end: may still open a triple-quoted string
+                quote = char * 3 if self.triple_quotes and text.startswith(char * 3, at) else char
+                at += len(quote)
+                continue
+            if any(text.startswith(stop, at) for stop in stops):
+                return at, "stop"
+            if any(stop.startswith(text[at:]) for stop in stops):
+                break  # may still become a stop marker
+            if char in self.opens:
+                depth += 1
+            elif char in self.closes:
+                depth -= 1
+                if depth <= 0:
+                    return at, "close"
+            elif char == separator and depth == 1:
+                return at, "separator"
+            at += 1
+        progress.memo[key] = (at, depth, quote)
+        return None
+
+
+JSON = Nesting("json", '"', "{[", "}]", triple_quotes=False)
+PYTHON = Nesting("python", "\"'", "([{", ")]}", triple_quotes=True)
+
+
+def json_end(text: str, at: int, progress: Progress, depth: int = 0,
+             stops: tuple[str, ...] = ()) -> tuple[int, bool] | None:
     """Where the JSON text from `at` (inside `depth` brackets) closes its brackets: (one past the closing one,
     True), or (where one of `stops` stands outside a string, False: a malformed call ends there); None while
     neither is in `text` yet."""
-    while True:
-        at = _JSON_PLAIN.match(text, at).end()
-        if at == len(text):
-            return None
-        if text[at] == '"':
-            string = _JSON_STRING.match(text, at)
-            if string is None:  # still open
-                return None
-            at = string.end()
-            continue
-        if any(text.startswith(stop, at) for stop in stops):
-            return at, False
-        if text[at] in "{[":
-            depth += 1
-        elif text[at] in "}]":
-            depth -= 1
-            if depth <= 0:
-                return at + 1, True
-        at += 1
-
-
-def python_argument_end(text: str, at: int) -> int | None:
-    """Where a Python argument from `at` ends: the `,` or closing bracket after it, outside strings and brackets
-    it opens; None while it is not in `text` yet."""
-    depth = 0
-    while True:
-        at = _PYTHON_PLAIN.match(text, at).end()
-        if at == len(text):
-            return None
-        if text[at] in "\"'":
-            string = _PYTHON_STRING.match(text, at)
-            # open, or "" / '' at the end: it may still become a triple-quoted string's start
-            if string is None or (string.end() == len(text) and string.end() - at == 2):
-                return None
-            at = string.end()
-            continue
-        if text[at] in "([{":
-            depth += 1
-        elif depth == 0:  # `,` or a closing bracket
-            return at
-        elif text[at] in ")]}":
-            depth -= 1
-        at += 1
+    end = JSON.end(text, at, depth, progress, stops)
+    if end is None:
+        return None
+    return (end[0] + 1, True) if end[1] == "close" else (end[0], False)
 
 
 @dataclass(frozen=True)
@@ -167,34 +191,34 @@ _NAMED_CALL = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(\w+)"\s
 
 
 def read_json_call(text: str, at: int, arguments_keys: tuple[str, ...], stops: tuple[str, ...],
-                   final: bool) -> Read:
+                   progress: Progress) -> Read:
     """The call in the JSON object at `at`: once `{"name": "X", "<arguments key>": {` is written, a call whose
     arguments are the raw text of that object (read_arguments); another object, once whole, when it is {"name",
     <arguments key>: {...}} (its arguments re-encoded)."""
     named = _NAMED_CALL.match(text, at)
     name = _json_string(named[1]) if named and named[2] in arguments_keys else None
     if not name:
-        end = json_end(text, at, stops=stops)
+        end = json_end(text, at, progress, stops=stops)
         if end is None or not end[1]:
             return Read(None)
         try:
             return Read(_call_of(json.loads(text[at:end[0]]), arguments_keys), end[0])
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
             return Read(None)
-    read = read_arguments(name, text, named.end(), stops, final)
+    read = read_arguments(name, text, named.end(), stops, progress)
     if read.end is None or not read.call.complete:
         return read
-    rest = json_end(text, read.end, depth=1, stops=stops)  # the rest of the call's object
+    rest = json_end(text, read.end, progress, depth=1, stops=stops)  # the rest of the call's object
     return Read(read.call, rest[0] if rest else None)
 
 
-def read_arguments(name: str, text: str, at: int, stops: tuple[str, ...], final: bool) -> Read:
+def read_arguments(name: str, text: str, at: int, stops: tuple[str, ...], progress: Progress) -> Read:
     """A call's JSON arguments from their `{` at `at`: the raw text as far as it is written, to its closing `}`,
     or (malformed) to a stop marker outside a string; a tail that may still become a stop marker held back until
     the answer is whole."""
-    end = json_end(text, at, stops=stops)
+    end = json_end(text, at, progress, stops=stops)
     if end is None:
-        held = 0 if final else max((partial_suffix(text, stop) for stop in stops), default=0)
+        held = 0 if progress.final else max((partial_suffix(text, stop) for stop in stops), default=0)
         return Read(ParsedCall(name, text[at:len(text) - held], complete=False))
     arguments_end, closed = end
     return Read(ParsedCall(name, text[at:arguments_end], complete=closed), arguments_end)
@@ -208,14 +232,14 @@ def _json_string(literal: str) -> str | None:
 
 
 def read_json_list(text: str, at: int, arguments_keys: tuple[str, ...], stops: tuple[str, ...],
-                   final: bool) -> list[Read]:
+                   progress: Progress) -> list[Read]:
     """The calls in a JSON list of call objects at `at` (its `[`), as far as they are written; a last Read(None)
     for what is not a call."""
     reads, at = [], _skip_space(text, at + 1)
     while at < len(text):
         if text[at] != "{":
             return reads + [Read(None)] if text[at] != "]" else reads
-        read = read_json_call(text, at, arguments_keys, stops, final)
+        read = read_json_call(text, at, arguments_keys, stops, progress)
         reads.append(read)
         if read.call is None or read.end is None:
             return reads
@@ -246,7 +270,7 @@ class ToolCallParser(ABC):
     special_markers: tuple[str, ...] = ()
 
     @abstractmethod
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         """The calls of an answer so far (final: of the whole answer), each as far as it is final; none while the
         first is not one yet (and, final, when it is none: the answer is all content)."""
 
@@ -262,7 +286,7 @@ class ToolCallParser(ABC):
 
     def parse(self, text: str) -> ParsedOutput:
         """The whole answer's content and calls (no call: it is all content)."""
-        calls = self.calls(text, final=True)
+        calls = self.calls(text, Progress())
         if not calls:
             return ParsedOutput(text)
         return ParsedOutput(text[:self.calls_start(text)].rstrip() or None, calls)
@@ -294,13 +318,13 @@ class HermesParser(ToolCallParser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
 
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         reads, at = [], text.find(self.START)
         while at >= 0:
             body = _skip_space(text, at + len(self.START))
             if body == len(text) or text[body] != "{":
                 break
-            read = read_json_call(text, body, ("arguments",), (self.END,), final)
+            read = read_json_call(text, body, ("arguments",), (self.END,), progress)
             reads.append(read)
             if read.end is None:
                 break
@@ -318,13 +342,13 @@ class Llama3JsonParser(ToolCallParser):
     name = "llama3_json"
     PYTHON_TAG = "<|python_tag|>"
 
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         at = _skip_space(text, 0)
         if text.startswith(self.PYTHON_TAG, at):
             at = _skip_space(text, at + len(self.PYTHON_TAG))
         reads = []
         while at < len(text) and text[at] == "{":
-            read = read_json_call(text, at, ("parameters", "arguments"), (), final)
+            read = read_json_call(text, at, ("parameters", "arguments"), (), progress)
             reads.append(read)
             if read.end is None:
                 break
@@ -357,7 +381,7 @@ class MistralParser(ToolCallParser):
     special_markers = (START, ARGS)
     _NAME_END = re.compile(r"\[ARGS\]|\{")  # a call's name ends at [ARGS], or (vLLM's fallback) at its arguments' {
 
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         """After each marker a JSON list of calls (or one object), or NAME[ARGS]{...} / NAME{...}; markers with
         nothing between them count as one; the text after a call's JSON is dropped (vLLM's raw_decode)."""
         reads, at = [], text.find(self.START)
@@ -369,18 +393,18 @@ class MistralParser(ToolCallParser):
             if body == len(text):
                 break
             if text[body] == "[":
-                read = read_json_list(text, body, ("arguments",), (self.START,), final) or [Read(None)]
+                read = read_json_list(text, body, ("arguments",), (self.START,), progress) or [Read(None)]
             elif text[body] == "{":
-                read = [read_json_call(text, body, ("arguments",), (self.START,), final)]
+                read = [read_json_call(text, body, ("arguments",), (self.START,), progress)]
             else:
-                read = [self._named(text, body, final)]
+                read = [self._named(text, body, progress)]
             reads += read
             if read[-1].call is None or read[-1].end is None:
                 break
             at = text.find(self.START, reads[-1].end)
         return calls_of(reads)
 
-    def _named(self, text: str, at: int, final: bool) -> Read:
+    def _named(self, text: str, at: int, progress: Progress) -> Read:
         """NAME[ARGS]{...} (or NAME{...}): a call once its name is followed by its arguments' `{`."""
         end = self._NAME_END.search(text, at)
         if end is None:
@@ -391,7 +415,7 @@ class MistralParser(ToolCallParser):
             return Read(None)
         if text[arguments] != "{":
             return Read(None)
-        return read_arguments(name, text, arguments, (self.START,), final)
+        return read_arguments(name, text, arguments, (self.START,), progress)
 
     def calls_start(self, text: str) -> int:
         return text.find(self.START)
@@ -405,7 +429,7 @@ class PythonicParser(ToolCallParser):
     START, END = "<|python_start|>", "<|python_end|>"  # Llama 4's, when its special tokens are kept
     _NAME = re.compile(r"[^\W\d][\w.]*\s*")
 
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         """A Python list of `name(key=value, ...)` calls (keyword arguments with literal values; positional ones
         ignored, as vLLM's handle_single_tool reads them); the text after it is dropped."""
         at = _skip_space(text, 0)
@@ -415,7 +439,7 @@ class PythonicParser(ToolCallParser):
             return ()
         reads, at = [], _skip_space(text, at + 1)
         while at < len(text):
-            read = self._call(text, at, final)
+            read = self._call(text, at, progress)
             reads.append(read)
             if read.end is None:
                 break
@@ -425,46 +449,48 @@ class PythonicParser(ToolCallParser):
             at = _skip_space(text, at + 1)
         return calls_of(reads)
 
-    def _call(self, text: str, at: int, final: bool) -> Read:
+    def _call(self, text: str, at: int, progress: Progress) -> Read:
         """A call once its name and `(` are written; its arguments JSON, each keyword argument added once its value
         is written, `}` at its `)`. A value that is no literal (or `**arguments`) ends it there."""
         name = self._NAME.match(text, at)
         if name is None or name.end() == len(text) or text[name.end()] != "(":
             return Read(None)
-        pieces, at = [], name.end() + 1
+        function, key = name[0].strip(), ("pythonic", name.end())
+        pieces, at = progress.memo.get(key, ((), name.end() + 1))  # the arguments read so far
         while True:
             at = _skip_space(text, at)
-            end = python_argument_end(text, at)
+            end = PYTHON.end(text, at, 1, progress, separator=",")
             if end is None:
-                cut = _cut_argument(text[at:]) if final else ""
-                pieces += [cut] if cut else []
-                return Read(ParsedCall(name[0].strip(), "{" + ", ".join(pieces), complete=False))
+                progress.memo[key] = (pieces, at)
+                cut = _cut_argument(text[at:]) if progress.final else ""
+                return Read(ParsedCall(function, "{" + ", ".join(pieces + (cut,) * bool(cut)), complete=False))
+            end, kind = end
             if end > at:
                 try:
                     pieces += _keyword_piece(text[at:end])
                 except (SyntaxError, ValueError, RecursionError):  # RecursionError: nested too deep for ast
-                    return Read(ParsedCall(name[0].strip(), "{" + ", ".join(pieces), complete=False), end)
-            if text[end] != ",":
+                    return Read(ParsedCall(function, "{" + ", ".join(pieces), complete=False), end)
+            if kind != "separator":
                 closed = text[end] == ")"
-                return Read(ParsedCall(name[0].strip(), "{" + ", ".join(pieces) + "}" * closed, closed), end + 1)
+                return Read(ParsedCall(function, "{" + ", ".join(pieces) + "}" * closed, closed), end + 1)
             at = end + 1
 
     def sendable(self, text: str, sent: int) -> int | None:
         return sendable_unless_starting(text, sent, "[", self.START)
 
 
-def _keyword_piece(argument: str) -> list[str]:
+def _keyword_piece(argument: str) -> tuple[str, ...]:
     """`key=value` as JSON's `"key": value`; nothing for a positional argument."""
     node = ast.parse(f"f({argument})", mode="eval").body
     if len(node.args) + len(node.keywords) != 1:
         raise ValueError(f"not one argument: {argument[:64]!r}")
     if node.args:
-        return []
+        return ()
     keyword, = node.keywords
     if keyword.arg is None:
         raise ValueError("**arguments")
-    return [f"{json.dumps(keyword.arg, ensure_ascii=False)}: "
-            f"{json.dumps(_python_value(keyword.value), ensure_ascii=False)}"]
+    return (f"{json.dumps(keyword.arg, ensure_ascii=False)}: "
+            f"{json.dumps(_python_value(keyword.value), ensure_ascii=False)}",)
 
 
 def _cut_argument(argument: str) -> str:
@@ -498,9 +524,8 @@ class Qwen3CoderParser(ToolCallParser):
     MARKERS = ("<tool_call>", "<function=")
     FUNCTION, FUNCTION_END = "<function=", "</function>"
     # vLLM's: a value ends at its closing tag or where the next parameter opens.
-    _PARAMETER = re.compile(r"<\s*parameter\s*=\s*([^>]*)>(.*?)(?:<\s*/\s*parameter\s*>|(?=<\s*parameter\s*=))",
-                            re.DOTALL)
-    _OPEN_PARAMETER = re.compile(r"<\s*parameter\s*=\s*([^>]*)>(.*)", re.DOTALL)
+    _PARAMETER = re.compile(r"<\s*parameter\s*=\s*([^>]*)>")
+    _VALUE_END = re.compile(r"(<\s*/\s*parameter\s*>)|<\s*parameter\s*=")
 
     def __init__(self, parameters: dict[str, dict] | None = None):
         self.parameters = parameters or {}
@@ -508,7 +533,7 @@ class Qwen3CoderParser(ToolCallParser):
     def for_tools(self, parameters: dict[str, dict]) -> ToolCallParser:
         return Qwen3CoderParser(parameters)
 
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         """A call per `<function=NAME>` (the text between them dropped) once its `>` is written; its arguments JSON,
         each parameter added once its value ends, `}` at `</function>`."""
         calls, at = [], text.find(self.FUNCTION, max(first_marker(text, self.MARKERS), 0))
@@ -518,27 +543,39 @@ class Qwen3CoderParser(ToolCallParser):
             if not name:
                 break
             end = text.find(self.FUNCTION_END, name_end)
-            calls.append(self._call(name, text[name_end + 1:end if end >= 0 else len(text)], end >= 0, final))
+            calls.append(self._call(name, text, name_end + 1, end, progress))
             if end < 0:
                 break
             at = text.find(self.FUNCTION, end)
         return tuple(calls)
 
-    def _call(self, name: str, body: str, closed: bool, final: bool) -> ParsedCall:
-        properties = self.parameters.get(name, {}).get("properties")
-        properties = properties if isinstance(properties, dict) else {}
-        pieces, end = [], 0
-        for parameter in self._PARAMETER.finditer(body):
-            value = parameter[2].removeprefix("\n").removesuffix("\n")  # the template's own newlines
-            schema = properties.get(parameter[1])
-            value = value if schema is None else _as_schema_type(value, _schema_types(schema))
-            pieces.append(f"{json.dumps(parameter[1], ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}")
-            end = parameter.end()
-        cut = self._OPEN_PARAMETER.search(body, end) if final and not closed else None
-        if cut is not None:  # a value cut short: its text so far, as an unclosed JSON string
-            value = json.dumps(cut[2].removeprefix("\n"), ensure_ascii=False)[:-1]
-            pieces.append(f"{json.dumps(cut[1], ensure_ascii=False)}: {value}")
+    def _call(self, name: str, text: str, at: int, end: int, progress: Progress) -> ParsedCall:
+        """The call whose body is text[at:end] (end -1: not closed yet), its parameters read on from where the last
+        reading stopped (Progress: the parameters read, where the open one starts, and where its value's end may
+        still be: its last `<`)."""
+        closed, end = end >= 0, end if end >= 0 else len(text)
+        key = ("qwen3_coder", at)
+        pieces, at, looked = progress.memo.get(key, ((), at, at))
+        while (opened := self._PARAMETER.search(text, at, end)) is not None:
+            value_end = self._VALUE_END.search(text, max(looked, opened.end()), end)
+            if value_end is None:
+                last = text.rfind("<", opened.end(), end)
+                progress.memo[key] = (pieces, opened.start(), last if last >= 0 else end)
+                if progress.final and not closed:  # a value cut short: its text so far, as an unclosed JSON string
+                    value = json.dumps(text[opened.end():end].removeprefix("\n"), ensure_ascii=False)[:-1]
+                    pieces += (f"{json.dumps(opened[1], ensure_ascii=False)}: {value}",)
+                break
+            pieces += (self._piece(name, opened[1], text[opened.end():value_end.start()]),)
+            at = looked = value_end.end() if value_end[1] else value_end.start()
         return ParsedCall(name, "{" + ", ".join(pieces) + "}" * closed, closed)
+
+    def _piece(self, function: str, parameter: str, value: str) -> str:
+        """`"parameter": value`, the value read as its schema's type."""
+        properties = self.parameters.get(function, {}).get("properties")
+        schema = properties.get(parameter) if isinstance(properties, dict) else None
+        value = value.removeprefix("\n").removesuffix("\n")  # the template's own newlines
+        typed = value if schema is None else _as_schema_type(value, _schema_types(schema))
+        return f"{json.dumps(parameter, ensure_ascii=False)}: {json.dumps(typed, ensure_ascii=False)}"
 
     def calls_start(self, text: str) -> int:
         return first_marker(text, self.MARKERS)
@@ -630,7 +667,7 @@ class NamedCall(ToolCallParser):
     def __init__(self, function: str):
         self.function = function
 
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         return (ParsedCall(self.function, text),)
 
     def sendable(self, text: str, sent: int) -> int | None:
@@ -643,11 +680,11 @@ class RequiredCalls(ToolCallParser):
 
     name = "required"
 
-    def calls(self, text: str, final: bool) -> tuple[ParsedCall, ...]:
+    def calls(self, text: str, progress: Progress) -> tuple[ParsedCall, ...]:
         at = _skip_space(text, 0)
         if not text.startswith("[", at):
             return ()
-        return calls_of(read_json_list(text, at, ("parameters",), (), final))
+        return calls_of(read_json_list(text, at, ("parameters",), (), progress))
 
     def sendable(self, text: str, sent: int) -> int | None:
         return None
@@ -692,6 +729,7 @@ class ToolCallStream:
         self.sent = 0  # characters of text sent as content
         self.in_call = False
         self.arguments_sent: list[str] = []  # per call sent
+        self.progress = Progress(final=False)
 
     def feed(self, delta: str) -> tuple[str, list[CallPiece]]:
         self.text += delta
@@ -704,8 +742,8 @@ class ToolCallStream:
             self.sent = max(self.sent, sendable)
             if not self.in_call:
                 return out, []
-            return out, self._pieces(self.parser.calls(self.text, final=False))
-        return "", self._pieces(self.parser.calls(self.text, final=False))
+            return out, self._pieces(self.parser.calls(self.text, self.progress))
+        return "", self._pieces(self.parser.calls(self.text, self.progress))
 
     def finish(self) -> tuple[str | None, list[CallPiece], tuple[ParsedCall, ...]]:
         """The content not sent yet, the calls' pieces not sent yet, and the whole answer's calls."""

@@ -97,6 +97,12 @@ ANSWERS = [
      None, (ParsedCall("get_weather", '{"city": "Paris", "unit": "celsius", "days": -2, "hourly": true, '
                                       '"spots": ["a", "b"], "radius": null}'),)),
     (PYTHONIC, "[Note] Paris is sunny today.", None, ()),
+    # strings holding what would end a call outside them: quotes, brackets, commas, a marker; read across tokens
+    (HERMES, '<tool_call>\n{"name": "write", "arguments": {"path": "a\\\\b", "text": "say \\"</tool_call>\\" {[(,"}}'
+             '\n</tool_call>', None, (ParsedCall("write", '{"path": "a\\\\b", "text": "say \\"</tool_call>\\" {[(,"}'),)),
+    (PYTHONIC, '[write(text="""a, "b") \'c\'\n""", n=[1, (2, 3)], d={"k": \'v\\\'s)\'}), f()]', None,
+     (ParsedCall("write", json.dumps({"text": 'a, "b") \'c\'\n', "n": [1, [2, 3]], "d": {"k": "v's)"}},
+                                     ensure_ascii=False)), ParsedCall("f", "{}"))),
     (PYTHONIC, 'Calling [get_time(timezone="Europe/Paris")]', None, ()),
 ]
 # Calls begun but unreadable before their name is whole: the whole answer is the content, as vLLM returns it.
