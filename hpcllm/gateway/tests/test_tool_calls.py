@@ -342,6 +342,8 @@ def test_calls_answer_as_openais_tool_calls_streamed_or_not(finish_reason):
     assert [call["index"] for call in streamed["tool_calls"]] == [0, 1]
     assert streamed["finish_reason"] == "tool_calls"
     assert streamed["before_the_end"] == "Let me check both."  # sent as generated, not held to the end
+    # the calls too: whole before the generation's end (its last delta)
+    assert streamed["arguments_before_the_end"] == [call["function"]["arguments"] for call in streamed["tool_calls"]]
 
 
 def test_parallel_tool_calls_false_returns_the_first_call_only():
@@ -385,6 +387,8 @@ def test_a_required_answer_is_its_calls_streamed_or_not():
     streamed = _streamed_message(req, _token_deltas(REQUIRED_TWO_CALLS, "stop"), RequiredCalls())
     assert (streamed["content"], streamed["finish_reason"]) == (None, "tool_calls")
     assert _without_ids(streamed["tool_calls"]) == calls
+    assert streamed["arguments_before_the_end"] == [  # as generated (the parameters' JSON text), not at the end
+        '{"city":"Paris","unit":"celsius"}', '{"timezone":"Europe/Paris"}']
 
 
 def test_a_named_functions_call_streams_its_arguments_as_they_come():
