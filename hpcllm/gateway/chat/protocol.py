@@ -333,8 +333,8 @@ class DeltaFunctionCall(OpenAIResponse):
 
 
 class DeltaToolCall(OpenAIResponse):
-    """A streamed call: whole in one chunk, or (a named function's, as vLLM streams it) its arguments in pieces as
-    they are generated, the first chunk with its id, type and name."""
+    """A streamed call's piece, as OpenAI and vLLM stream calls: the first with its id, type, name and arguments so
+    far, the others more of its arguments as they are generated."""
 
     index: int  # the call's place among the choice's calls
     id: str | None = None
