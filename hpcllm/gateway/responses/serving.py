@@ -202,9 +202,12 @@ class ResponseBuilder:
             self.output.append(ReasoningItem(id=new_item_id("rs"), content=[ReasoningText(text=message.reasoning)],
                                              status="completed" if thinking_ended else status))
         if message.content or not (message.tool_calls or message.reasoning):
-            self.output.append(OutputMessage(id=new_item_id("msg"), status=status,
+            text_ended = "completed" if message.tool_calls else status  # calls follow it: it is whole
+            self.output.append(OutputMessage(id=new_item_id("msg"), status=text_ended,
                                              content=[OutputText(text=message.content or "")]))
         self.output += [FunctionCallItem.of(new_item_id("fc"), call) for call in message.tool_calls]
+        if message.tool_calls:
+            self.output[-1].status = status  # "incomplete": the last call cut short
         body = self.response(status, usage)
         self.keep(body)
         return body
@@ -242,7 +245,7 @@ class ResponseBuilder:
         if not self.output and self.message is None and self.call is None:  # an empty answer is still a message
             yield from self._open_message()
         yield from self._close_message(status)
-        yield from self._close_call()
+        yield from self._close_call(status)
         final = self.response(status, usage())
         self.keep(final)  # before the event: a client may chain on the id as soon as it reads it
         yield self._event(f"response.{status}", response=final)
@@ -315,11 +318,13 @@ class ResponseBuilder:
         yield self._event("response.function_call_arguments.delta", item_id=self.call.id,
                           output_index=len(self.output), delta=call.function.arguments)
 
-    def _close_call(self) -> Iterator[bytes]:
+    def _close_call(self, status: str = "completed") -> Iterator[bytes]:
+        """The call streamed is whole (the next began), or the answer ended with it (status "incomplete": cut
+        short)."""
         if self.call is None:
             return
         item, self.call = self.call, None
-        item.status = "completed"
+        item.status = status
         where = {"item_id": item.id, "output_index": len(self.output)}
         yield self._event("response.function_call_arguments.done", **where, arguments=item.arguments,
                           name=item.name)

@@ -302,6 +302,31 @@ def test_streamed_tool_calls_are_function_call_events_after_the_text():
         pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent).validate_python(event)
 
 
+def test_a_call_cut_short_is_an_incomplete_function_call_item_whole_and_streamed():
+    """max_output_tokens reached inside a call's arguments: the call is still one (streamed from its name on), its
+    arguments as far as they came; the response and that item are "incomplete"."""
+    req = _request(stream=True)
+    text = "Let me check.\n" + QWEN_TWO_CALLS[:-20]
+    chat_req = req.to_chat()
+    whole = ResponseBuilder(req, "resp_1", 0).whole(
+        chat_choice(ChoiceResult(0, text, "length"), AnswerReader(PARSERS["hermes"]), chat_req), UsageInfo())
+    events = _events(b"".join(ResponseBuilder(req, "resp_2", 0).events(
+        iter(_token_deltas(text, "length")), ChatChoiceStream(AnswerReader(PARSERS["hermes"]), chat_req), UsageInfo,
+        "request-1")))
+    streamed = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete"
+    for response in whole, streamed:
+        assert response["status"] == "incomplete"
+        assert [(item["type"], item.get("name"), item["status"]) for item in response["output"]] == [
+            ("message", None, "completed"), ("function_call", "get_weather", "completed"),
+            ("function_call", "get_time", "incomplete")]
+    cut = streamed["output"][-1]
+    assert cut["arguments"] == whole["output"][-1]["arguments"] == '{"timezone": "Europe/P'
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"
+              and e["item_id"] == cut["id"]]
+    assert len(deltas) > 1 and "".join(deltas) == cut["arguments"]
+
+
 def test_an_error_mid_stream_is_an_error_event():
     req = _request(stream=True)
 
