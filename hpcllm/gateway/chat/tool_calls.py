@@ -187,7 +187,9 @@ class Read:
     end: int | None = None
 
 
-_NAMED_CALL = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(\w+)"\s*:\s*(?=\{)')
+# `{"name": "X", "<arguments key>": {`, after `"type": "function", ` as Llama 3.2 models often begin.
+_NAMED_CALL = re.compile(r'\{\s*(?:"type"\s*:\s*"function"\s*,\s*)?'
+                         r'"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(\w+)"\s*:\s*(?=\{)')
 
 
 def read_json_call(text: str, at: int, arguments_keys: tuple[str, ...], stops: tuple[str, ...],

@@ -74,6 +74,9 @@ ANSWERS = [
     (LLAMA, '{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}', None, (TIME,)),
     (LLAMA, '\n\n{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}\n', None, (WEATHER,)),
     (LLAMA, 'Sure! As JSON: {"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}', None, ()),
+    (LLAMA, '{"type": "function", "name": "get_time", "parameters": {"timezone": "Europe/Paris"}}', None, (TIME,)),
+    # another order of keys: a call once its object is whole (its arguments re-encoded)
+    (LLAMA, '{"parameters": {"timezone":"Europe/Paris"}, "name": "get_time"}', None, (TIME,)),
     (LLAMA, "<|python", None, ()),
     (QWEN3_CODER, CODER_TWO_CALLS, None, (WEATHER, TIME)),
     # types from the schema: integer, boolean, array, null; a string stays one though it reads as a number, and a
@@ -99,7 +102,8 @@ ANSWERS = [
     (PYTHONIC, "[Note] Paris is sunny today.", None, ()),
     # strings holding what would end a call outside them: quotes, brackets, commas, a marker; read across tokens
     (HERMES, '<tool_call>\n{"name": "write", "arguments": {"path": "a\\\\b", "text": "say \\"</tool_call>\\" {[(,"}}'
-             '\n</tool_call>', None, (ParsedCall("write", '{"path": "a\\\\b", "text": "say \\"</tool_call>\\" {[(,"}'),)),
+             '\n</tool_call>', None,
+     (ParsedCall("write", '{"path": "a\\\\b", "text": "say \\"</tool_call>\\" {[(,"}'),)),
     (PYTHONIC, '[write(text="""a, "b") \'c\'\n""", n=[1, (2, 3)], d={"k": \'v\\\'s)\'}), f()]', None,
      (ParsedCall("write", json.dumps({"text": 'a, "b") \'c\'\n', "n": [1, [2, 3]], "d": {"k": "v's)"}},
                                      ensure_ascii=False)), ParsedCall("f", "{}"))),

@@ -222,7 +222,8 @@ def test_a_long_call_streams_its_arguments_as_they_are_generated(request, fmt):
     ask = dict(model=model, messages=ASK, tools=WRITE_TOOLS)
     whole = client.chat.completions.create(**ask).choices[0]
     call, = whole.message.tool_calls
-    assert (call.function.name, json.loads(call.function.arguments)) == ("write_file", {"path": PATH, "content": CONTENT})
+    assert call.function.name == "write_file"
+    assert json.loads(call.function.arguments) == {"path": PATH, "content": CONTENT}
     assert call.function.arguments == WRITE_ARGUMENTS and whole.finish_reason == "tool_calls"
 
     # With logprobs each token is a delta of its own (the gateway sends the tokens that piled up as one otherwise).
