@@ -313,6 +313,7 @@ def _message_of(chunks: list[dict]) -> dict:
     calls: list[dict] = []
     for piece in (call for c in chunks for call in c["delta"].get("tool_calls", [])):
         if piece["index"] == len(calls):
+            assert piece["id"].startswith("call_") and piece["type"] == "function" and piece["function"]["name"]
             calls.append({**piece, "function": dict(piece["function"])})
         else:
             assert set(piece) == {"index", "function"} and set(piece["function"]) == {"arguments"}

@@ -16,7 +16,7 @@ from hpcllm.httpkit.tests.thread_server import ThreadServer
 from .conftest import MODEL, GatewayFactory, scripted_gateway
 from .stand_in_worker import Script, scripted_worker_app
 from .test_controller_router import InProcessAgents, serve_controller
-from .test_tool_calls import MISTRAL_TWO_CALLS, QWEN_TWO_CALLS
+from .test_tool_calls import MISTRAL_TWO_CALLS, QWEN_TWO_CALLS, _message_of
 
 CODER = "tiny-coder"
 ASK = [{"role": "user", "content": "Weather in Paris for three days?"}]
@@ -192,21 +192,14 @@ def _serving(request, fmt: str):
 
 
 def _streamed_choice(chunks) -> tuple[str | None, list[tuple[str, str]], str, int]:
-    """A streamed choice put together as OpenAI's clients do (a new index a new call, whose first piece has its id
-    and name; the others add to its arguments): content, calls, finish_reason, and how many pieces of arguments."""
-    content, calls, pieces = None, [], 0
-    for delta in (chunk.choices[0].delta for chunk in chunks if chunk.choices):
-        if delta.content is not None:
-            content = (content or "") + delta.content
-        for call in delta.tool_calls or []:
-            if call.index == len(calls):
-                assert call.id.startswith("call_") and call.type == "function"
-                calls.append((call.function.name, ""))
-            else:
-                assert (call.index, call.id, call.function.name) == (len(calls) - 1, None, None)
-            calls[call.index] = (calls[call.index][0], calls[call.index][1] + call.function.arguments)
-            pieces += bool(call.function.arguments)
-    return content or None, calls, chunks[-1].choices[0].finish_reason, pieces
+    """A streamed choice put together as OpenAI's clients do (test_tool_calls._message_of): content, calls (name,
+    arguments), finish_reason, and how many pieces of arguments came."""
+    choices = [chunk.choices[0].model_dump(exclude_none=True) for chunk in chunks if chunk.choices]
+    message = _message_of(choices)
+    pieces = sum(bool(call["function"]["arguments"]) for choice in choices
+                 for call in choice["delta"].get("tool_calls", []))
+    return (message["content"] or None, [(c["function"]["name"], c["function"]["arguments"]) for c in
+                                         message["tool_calls"]], choices[-1]["finish_reason"], pieces)
 
 
 @pytest.mark.parametrize("fmt", list(WRITES))
