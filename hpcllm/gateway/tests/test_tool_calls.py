@@ -135,6 +135,11 @@ CUT_OR_MALFORMED = [
     (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', None,
      (ParsedCall("get_weather", '{"city": "Par', complete=False),)),
     (HERMES, QWEN_TWO_CALLS.replace('"name": "get_time", ', ""), None, (WEATHER,)),  # the second call has no name
+    # a malformed call ends at its block's end (or the next marker), and the calls after it are read
+    (HERMES, '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris",</tool_call>\n' + QWEN_TWO_CALLS[-89:],
+     None, (ParsedCall("get_weather", '{"city": "Paris",', complete=False), TIME)),
+    (MISTRAL, '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris",' + MISTRAL_TWO_CALLS[-54:], None,
+     (ParsedCall("get_weather", '{"city": "Paris",', complete=False), TIME)),
     (LLAMA, '{"name": "get_weather", "parameters": {"city": "Paris"}', None,
      (ParsedCall("get_weather", '{"city": "Paris"}'),)),
     (LLAMA, '{"name": "get_time", "parameters": {}} and then some text', None, (ParsedCall("get_time", "{}"),)),
