@@ -10,6 +10,10 @@ conversion as it is), so the two constrain every token alike. Each kind is writt
 it (serialize_guidance_grammar): a JSON schema as `%json` (with compact JSON, below), a regex as llguidance's
 grammar_from_regex, a choice and a grammar by llguidance.grammar_from.
 
+The worker compiles each grammar text against its tokenizer once (GrammarCompiler: the most recently used are
+kept), which checks it, and each request's matcher is a copy of the compiled one: a batch of requests with one schema
+compiles it once.
+
 A matcher is built from the text wherever the request's tokens are chosen, replaying its output ids, so a resumed,
 migrated or preempted request goes on exactly where it was. When the grammar is complete the matcher allows only
 the tokenizer's end-of-sequence token, which ends the request (finish_reason "stop").
@@ -23,6 +27,7 @@ import functools
 import json
 import re
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import llguidance
@@ -81,35 +86,71 @@ def checked_grammar(text: str) -> str:
     return text
 
 
-def check_grammar(text: str, tokenizer: llguidance.LLTokenizer | None = None) -> None:
-    """InvalidGrammar (llguidance's message) unless the grammar text compiles, against the tokenizer if given."""
-    error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
+def check_grammar(text: str) -> None:
+    """InvalidGrammar (llguidance's message) unless the grammar text compiles (without a tokenizer:
+    GrammarCompiler.matcher compiles it against one)."""
+    error = llguidance.LLMatcher.validate_grammar(text)
     if error:
         raise InvalidGrammar(error.strip())
 
 
-_tokenizers: dict[int, tuple[object, llguidance.LLTokenizer]] = {}
-_tokenizers_lock = threading.Lock()
+# Grammars a worker keeps compiled against its tokenizer (GrammarCompiler): a client's batch of requests comes with
+# one schema (its tools, its response format), a few at a time; compiling a large schema costs milliseconds.
+COMPILED_GRAMMARS = 256
 
 
-def ll_tokenizer(tokenizer) -> llguidance.LLTokenizer:
-    """llguidance's view of a Hugging Face fast tokenizer, built once per tokenizer in a process (it reads the
-    whole vocabulary)."""
-    with _tokenizers_lock:
-        cached = _tokenizers.get(id(tokenizer))
+class GrammarCompiler:
+    """llguidance's view of a model's tokenizer (it reads the whole vocabulary: built once per tokenizer in a
+    process, grammar_compiler) and the grammars compiled against it: each grammar text compiled once (the
+    COMPILED_GRAMMARS most recently used are kept), every request's matcher a copy of the compiled one."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, capacity: int = COMPILED_GRAMMARS) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token: int = tokenizer.eos_token
+        self.capacity = capacity
+        self.compilations = 0  # grammar texts compiled (a cached one is not compiled again)
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """A new matcher at the grammar's start; InvalidGrammar (llguidance's message) when the grammar does not
+        compile against the tokenizer."""
+        with self._lock:  # one compilation of a grammar that several requests bring at once
+            compiled = self._compiled.get(grammar)
+            if compiled is None:
+                compiled = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+                self.compilations += 1
+                if compiled.is_error():  # not kept: a bad grammar is a client's mistake, not a batch's schema
+                    raise InvalidGrammar(compiled.get_error().strip())
+                self._compiled[grammar] = compiled
+                if len(self._compiled) > self.capacity:
+                    self._compiled.popitem(last=False)
+            else:
+                self._compiled.move_to_end(grammar)
+            return compiled.deep_copy()
+
+
+_compilers: dict[int, tuple[object, GrammarCompiler]] = {}
+_compilers_lock = threading.Lock()
+
+
+def grammar_compiler(tokenizer) -> GrammarCompiler:
+    """The GrammarCompiler of a Hugging Face fast tokenizer, one per tokenizer in a process."""
+    with _compilers_lock:
+        cached = _compilers.get(id(tokenizer))
         if cached is None or cached[0] is not tokenizer:
             import llguidance.hf  # imports transformers: only where a tokenizer is
 
-            cached = _tokenizers[id(tokenizer)] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer))
+            cached = _compilers[id(tokenizer)] = (tokenizer, GrammarCompiler(llguidance.hf.from_tokenizer(tokenizer)))
         return cached[1]
 
 
 class GrammarState:
     """A constrained request's place in its grammar: built from its output ids, advanced per token taken."""
 
-    def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer, output_ids: list[int]) -> None:
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar)
-        self._eos = tokenizer.eos_token
+    def __init__(self, grammar: str, compiler: GrammarCompiler, output_ids: list[int]) -> None:
+        self._matcher = compiler.matcher(grammar)
+        self._eos = compiler.eos_token
         self.extend(output_ids)
 
     def extend(self, token_ids: list[int]) -> int | None:

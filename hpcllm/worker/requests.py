@@ -36,7 +36,7 @@ from hpcllm.worker.protocol import (
     TopLogprob,
     Usage,
 )
-from hpcllm.worker.grammar import GrammarState, InvalidGrammar, check_grammar, ll_tokenizer
+from hpcllm.worker.grammar import GrammarState, InvalidGrammar, grammar_compiler
 from hpcllm.worker.sampling import SamplingParams, TokenState, random_seed
 
 log = logging.getLogger(__name__)
@@ -672,19 +672,21 @@ class EngineBase:
 
     @functools.cached_property
     def grammar_tokenizer(self):
-        """llguidance's view of the tokenizer (grammar.ll_tokenizer), for constrained requests."""
+        """The tokenizer's grammar.grammar_compiler (llguidance's view of it, and the grammars compiled against it),
+        for constrained requests."""
         with self._tokenizer_lock:
-            return ll_tokenizer(self.tokenizer)
+            return grammar_compiler(self.tokenizer)
 
     def _validate_grammar(self, grammar: str) -> None:
-        """InvalidRequest unless the grammar compiles against the model's tokenizer."""
+        """InvalidRequest unless the grammar compiles against the model's tokenizer (compiled once per grammar
+        text: GrammarCompiler)."""
         try:
-            tokenizer = self.grammar_tokenizer
+            compiler = self.grammar_tokenizer
         except ValueError as exc:  # llguidance reads fast (Rust) tokenizers only
             raise InvalidRequest(f"model {self.model_name}'s tokenizer cannot constrain output to a grammar: "
                                  f"{exc}", "grammar") from None
         try:
-            check_grammar(grammar, tokenizer)
+            compiler.matcher(grammar)
         except InvalidGrammar as exc:
             raise InvalidRequest(f"grammar cannot be compiled: {exc}", "grammar") from None
 

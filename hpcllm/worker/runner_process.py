@@ -47,7 +47,7 @@ import torch.multiprocessing  # registers the pickling of tensors by shared memo
 from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, pool_last_token, make_runner
-from hpcllm.worker.grammar import ll_tokenizer
+from hpcllm.worker.grammar import grammar_compiler
 from hpcllm.worker.sampling import TokenState, sample_token
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ class TokenStates:
 
     def __init__(self, vocab_size: int, tokenizer=None) -> None:
         self.vocab_size = vocab_size
-        self._tokenizer = tokenizer  # grammars need it (grammar.ll_tokenizer: built at the first)
+        self._tokenizer = tokenizer  # grammars need it (grammar.grammar_compiler: built at the first)
         self._by_seq: dict[int, TokenState] = {}
 
     def forget(self, seq_ids: list[int]) -> None:
@@ -310,7 +310,7 @@ class TokenStates:
                 params = choice[0]
                 self._by_seq[chunk.seq_id] = TokenState.build(
                     params, self.vocab_size, state_seed.prompt_ids, state_seed.output_ids + fed, state_seed.grammar,
-                    ll_tokenizer(self._tokenizer) if params.constrained else None)
+                    grammar_compiler(self._tokenizer) if params.constrained else None)
 
     def rows(self, batch: StepBatch) -> list[TokenState | None]:
         """Per logits row (chunks with want_logits), the state of a row that asks for a token and reads them."""

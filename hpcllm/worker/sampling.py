@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpcllm.worker.grammar import GrammarState
+from hpcllm.worker.grammar import GrammarCompiler, GrammarState
 
 _MASK64 = (1 << 64) - 1
 # Below this temperature sampling is greedy (vLLM's rule): logits / 1e-40 overflow float32 to inf, and the softmax of
@@ -92,13 +92,12 @@ class TokenState:
 
     @classmethod
     def build(cls, params: SamplingParams, vocab_size: int, prompt_ids: list[int], output_ids: list[int],
-              grammar: str | None = None, grammar_tokenizer=None) -> "TokenState":
-        """grammar, grammar_tokenizer: a constrained request's grammar text and grammar.ll_tokenizer's view of the
-        model's tokenizer."""
+              grammar: str | None = None, compiler: GrammarCompiler | None = None) -> "TokenState":
+        """grammar, compiler: a constrained request's grammar text and the model's grammar.grammar_compiler."""
         if params.constrained and grammar is None:
             raise ValueError("a constrained request's TokenState needs its grammar")
         return cls(TokenCounts(vocab_size, prompt_ids, output_ids) if params.penalized else None,
-                   GrammarState(grammar, grammar_tokenizer, output_ids) if params.constrained else None)
+                   GrammarState(grammar, compiler, output_ids) if params.constrained else None)
 
     def add(self, token: int) -> None:
         if self.counts is not None:

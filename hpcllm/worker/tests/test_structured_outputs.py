@@ -11,8 +11,9 @@ import llguidance
 import pytest
 import torch
 
+from hpcllm.worker import grammar as grammar_module
 from hpcllm.worker.engine import Engine, InvalidRequest
-from hpcllm.worker.grammar import ANY_JSON_OBJECT, GrammarState, compile_grammar, json_grammar
+from hpcllm.worker.grammar import ANY_JSON_OBJECT, GrammarCompiler, GrammarState, compile_grammar, json_grammar
 from hpcllm.worker.protocol import GenerateRequest
 from hpcllm.worker.sampling import apply_grammar
 from hpcllm.worker.vllm_engine import vllm_grammar
@@ -168,3 +169,43 @@ def test_a_lark_grammar_vllm_would_read_as_gbnf_goes_to_it_marked_as_lark(local_
     tokenizer = local_engine.grammar_tokenizer
     ids = local_engine.tokenizer("n=4", add_special_tokens=False)["input_ids"]
     assert GrammarState(lark, tokenizer, ids).bitmask() == GrammarState(marked, tokenizer, ids).bitmask()
+
+
+class CountingMatcher:
+    """llguidance.LLMatcher, counting the grammars compiled (a matcher built, a grammar validated)."""
+
+    def __init__(self, real):
+        self.real, self.compiled = real, 0
+
+    def __call__(self, *args, **kwargs):
+        self.compiled += 1
+        return self.real(*args, **kwargs)
+
+    def validate_grammar(self, *args, **kwargs):
+        self.compiled += 1
+        return self.real.validate_grammar(*args, **kwargs)
+
+
+def test_a_batch_with_one_schema_compiles_it_once(local_engine, monkeypatch):
+    """30 requests with the same grammar (a client's batch with one schema): compiled once against the tokenizer,
+    each request's matcher a copy."""
+    grammar = compile_grammar("choice", ["a batch's own answer", "another"])  # not compiled by any test before
+    counting = CountingMatcher(llguidance.LLMatcher)
+    monkeypatch.setattr(grammar_module.llguidance, "LLMatcher", counting)
+    cases = [request(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=3, temperature=1.0, seed=i, grammar=grammar)
+             for i in range(30)]
+    results = run_together(local_engine, cases)
+    assert all(outcome(events)[1] for events in results)
+    assert counting.compiled == 1
+
+
+def test_the_compiled_grammars_are_bounded_the_least_recently_used_dropped(local_engine):
+    compiler = GrammarCompiler(local_engine.grammar_tokenizer.tokenizer, capacity=2)
+    first, second, third = (compile_grammar("choice", [word]) for word in ("alpha", "beta", "gamma"))
+    for grammar in (first, second, first, third):  # the third drops the second, the least recently used
+        compiler.matcher(grammar)
+    assert compiler.compilations == 3
+    compiler.matcher(first)
+    assert compiler.compilations == 3
+    compiler.matcher(second)
+    assert compiler.compilations == 4
