@@ -64,6 +64,19 @@ def offset_seed(seed: int, offset: int) -> int:
     return (seed - SEED_MIN + offset) % 2**64 + SEED_MIN
 
 
+class Thinking(WireModel):
+    """A reasoning model's thinking before its answer, by its marker tokens (the gateway's reasoning parser knows
+    them): its grammar constrains only the answer after the first end_token_id (vLLM's structured outputs with a
+    reasoning parser), and budget bounds it (vLLM's thinking_token_budget)."""
+
+    end_token_id: int = Field(ge=0)
+    # None: the output starts inside thinking (the prompt opened it); else it thinks only when its first token is
+    # this one, and any other first token begins the answer.
+    start_token_id: int | None = Field(default=None, ge=0)
+    # At most this many thinking tokens (the markers not counted), then end_token_id is forced; None: no bound.
+    budget: int | None = Field(default=None, ge=0)
+
+
 class GenerateRequest(WireModel):
     """One generation. Give exactly one of prompt_token_ids, prompt (text) or messages (chat)."""
 
@@ -109,6 +122,8 @@ class GenerateRequest(WireModel):
     # choice or grammar as hpcllm.worker.grammar.compile_grammar writes it); one the model's tokenizer cannot take
     # is a 400 naming grammar.
     grammar: str | None = Field(default=None, min_length=1)
+    # A reasoning model's thinking (Thinking): the grammar waits for its end, its budget bounds it.
+    thinking: Thinking | None = None
     # The LoRA adapter to run with (vLLM's lora_request; one the worker was started with, else a 400 naming lora).
     lora: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
 

@@ -37,7 +37,7 @@ from hpcllm.worker.protocol import (
     Usage,
 )
 from hpcllm.worker.grammar import GrammarState, InvalidGrammar, grammar_compiler
-from hpcllm.worker.sampling import SamplingParams, TokenState, random_seed
+from hpcllm.worker.sampling import SamplingParams, Thinking, ThinkingState, TokenState, answer_ids, random_seed
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +274,9 @@ class EngineBase:
     # cannot (it would read them as prompt and start the grammar over), so there such a request finishes where it
     # began.
     continues_grammars = True
+    # Whether a thinking request's grammar waits for the end of its thinking, and its budget bounds it
+    # (GenerateRequest.thinking): hpcllm's engine's choice rules (sampling.apply_thinking).
+    follows_thinking = True
     lora_adapters: dict[str, str] = {}  # the LoRA adapters it serves (name -> folder); a request names one or none
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -445,7 +448,7 @@ class EngineBase:
         with self._lock:
             req = self._held(request_id)
             if req.params.constrained:
-                self._check_grammar(req.grammar, req.output_ids, token_ids, "token_ids")
+                self._check_grammar(req.grammar, req.params.thinking, req.output_ids, token_ids, "token_ids")
             for position, token in enumerate(token_ids):
                 req.detokenizer.add(token)
                 req.append_output(token)
@@ -622,13 +625,14 @@ class EngineBase:
         stop_token_ids = frozenset(request.stop_token_ids) | (
             frozenset() if request.ignore_eos else self.eos_token_ids
         )
+        thinking = self._thinking(request)
         if request.grammar is not None:
             self._validate_grammar(request.grammar)
             if resumed and not self.continues_grammars:
                 raise InvalidRequest("this worker's engine cannot resume a grammar-constrained request from "
                                      "output tokens (it would start the grammar over)", "resume_token_ids")
             if resumed:
-                self._check_grammar(request.grammar, [], resumed, "resume_token_ids")
+                self._check_grammar(request.grammar, thinking, [], resumed, "resume_token_ids")
             # A complete grammar allows only end-of-sequence, which ends the request (ignore_eos or not).
             stop_token_ids |= {self.grammar_tokenizer.eos_token}
         detokenizer = self.new_detokenizer(request.stop)
@@ -650,7 +654,7 @@ class EngineBase:
                                   frequency_penalty=request.frequency_penalty,
                                   repetition_penalty=request.repetition_penalty,
                                   logit_bias=tuple(sorted(request.logit_bias.items())),
-                                  constrained=request.grammar is not None),
+                                  constrained=request.grammar is not None, thinking=thinking),
             max_tokens=max_tokens,
             stop_token_ids=stop_token_ids,
             detokenizer=detokenizer,
@@ -690,12 +694,34 @@ class EngineBase:
         except InvalidGrammar as exc:
             raise InvalidRequest(f"grammar cannot be compiled: {exc}", "grammar") from None
 
-    def _check_grammar(self, grammar: str, output_ids: list[int], token_ids: list[int], param: str) -> None:
-        """InvalidRequest unless token_ids, after output_ids, follow the grammar."""
-        state = GrammarState(grammar, self.grammar_tokenizer, output_ids)
-        refused = state.extend(token_ids)
+    def _thinking(self, request: GenerateRequest) -> Thinking | None:
+        """The request's thinking rule, where it changes a choice (a grammar waits for its end, or a budget bounds
+        it); its marker ids checked against the vocabulary."""
+        thinking = request.thinking
+        if thinking is None or (request.grammar is None and thinking.budget is None):
+            return None
+        if not self.follows_thinking:
+            raise InvalidRequest("this worker's engine (vLLM) cannot hold a grammar back until the model's thinking "
+                                 "ends, nor bound the thinking; serve the model with hpcllm's engine, or send the "
+                                 "request without thinking", "thinking")
+        self._check_token_ids([thinking.end_token_id], "thinking.end_token_id")
+        if thinking.start_token_id is not None:
+            self._check_token_ids([thinking.start_token_id], "thinking.start_token_id")
+        return Thinking(thinking.end_token_id, thinking.start_token_id, thinking.budget)
+
+    def _check_grammar(self, grammar: str, thinking: Thinking | None, output_ids: list[int], token_ids: list[int],
+                       param: str) -> None:
+        """InvalidRequest unless token_ids, after output_ids, follow the grammar (in the answer: a thinking
+        request's thinking is free)."""
+        known = output_ids + token_ids
+        where = ThinkingState(thinking, known) if thinking is not None else None
+        answer = answer_ids(where, known)
+        first = len(known) - len(answer)  # output index of the answer's first token
+        state = GrammarState(grammar, self.grammar_tokenizer, answer[:max(0, len(output_ids) - first)])
+        refused = state.extend(answer[max(0, len(output_ids) - first):])
         if refused is not None:
-            raise InvalidRequest(f"{param}[{refused}] does not follow the grammar: {state.error}", param)
+            index = max(first, len(output_ids)) + refused - len(output_ids)
+            raise InvalidRequest(f"{param}[{index}] does not follow the grammar: {state.error}", param)
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)

@@ -30,6 +30,58 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
+class Thinking:
+    """How a reasoning model's output thinks before its answer (GenerateRequest.thinking): from the start (the prompt
+    opened the thinking) or only when its first token is `start`, up to the first `end` token; at most `budget`
+    tokens of it, then `end` is the only token allowed (vLLM's thinking_token_budget)."""
+
+    end: int
+    start: int | None = None
+    budget: int | None = None
+
+
+class ThinkingState:
+    """Where a request's output is: before its first token (it may open its thinking), thinking (counting the
+    tokens), or in its answer (which a grammar constrains)."""
+
+    def __init__(self, thinking: Thinking, output_ids: list[int]) -> None:
+        self.rule = thinking
+        self.opening = thinking.start is not None  # no token yet: the first says whether it thinks
+        self.thinking = not self.opening
+        self.thought = 0  # thinking tokens so far, the markers not counted (usage's reasoning_tokens)
+        self.answer_from: int | None = 0 if self.opening else None  # output index of the answer's first token
+        self._seen = 0
+        for token in output_ids:
+            self.add(token)
+
+    def add(self, token: int) -> bool:
+        """Take the next output token; whether it is part of the answer."""
+        index, self._seen = self._seen, self._seen + 1
+        if self.opening:
+            self.opening = False
+            self.thinking = token == self.rule.start
+            self.answer_from = None if self.thinking else index
+            return not self.thinking
+        if not self.thinking:
+            return True
+        if token == self.rule.end:
+            self.thinking, self.answer_from = False, index + 1
+        else:
+            self.thought += 1
+        return False
+
+    @property
+    def forced(self) -> int | None:
+        """The end marker once the thinking spent its budget (the only token allowed next), else None."""
+        budget = self.rule.budget
+        return self.rule.end if self.thinking and budget is not None and self.thought >= budget else None
+
+    @property
+    def in_answer(self) -> bool:
+        return not (self.thinking or self.opening)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
@@ -46,6 +98,9 @@ class SamplingParams:
     # here: these parameters go to the model process with every step's choices, the grammar (KBs for a large schema)
     # once, with the request's state seed (TokenState.build).
     constrained: bool = False
+    # A reasoning model's thinking before its answer: the grammar constrains only the answer, a budget bounds the
+    # thinking (None: no grammar waits for it, no budget).
+    thinking: Thinking | None = None
 
     @property
     def greedy(self) -> bool:
@@ -58,8 +113,9 @@ class SamplingParams:
 
     @property
     def reads_tokens(self) -> bool:
-        """Whether the choice depends on the tokens so far (penalties, a grammar): the request keeps a TokenState."""
-        return self.penalized or self.constrained
+        """Whether the choice depends on the tokens so far (penalties, a grammar, a thinking budget): the request
+        keeps a TokenState."""
+        return self.penalized or self.constrained or self.thinking is not None
 
     @property
     def raw_argmax(self) -> bool:
@@ -89,6 +145,7 @@ class TokenState:
 
     counts: TokenCounts | None = None
     grammar: GrammarState | None = None
+    thinking: ThinkingState | None = None
 
     @classmethod
     def build(cls, params: SamplingParams, vocab_size: int, prompt_ids: list[int], output_ids: list[int],
@@ -96,14 +153,24 @@ class TokenState:
         """grammar, compiler: a constrained request's grammar text and the model's grammar.grammar_compiler."""
         if params.constrained and grammar is None:
             raise ValueError("a constrained request's TokenState needs its grammar")
+        thinking = ThinkingState(params.thinking, output_ids) if params.thinking is not None else None
         return cls(TokenCounts(vocab_size, prompt_ids, output_ids) if params.penalized else None,
-                   GrammarState(grammar, compiler, output_ids) if params.constrained else None)
+                   GrammarState(grammar, compiler, answer_ids(thinking, output_ids)) if params.constrained else None,
+                   thinking)
 
     def add(self, token: int) -> None:
         if self.counts is not None:
             self.counts.add(token)
-        if self.grammar is not None:
+        in_answer = self.thinking.add(token) if self.thinking is not None else True
+        if self.grammar is not None and in_answer:
             self.grammar.add(token)
+
+
+def answer_ids(thinking: ThinkingState | None, output_ids: list[int]) -> list[int]:
+    """The output's answer tokens (the grammar's), after its thinking (thinking: its state after output_ids)."""
+    if thinking is None:
+        return output_ids
+    return output_ids[thinking.answer_from:] if thinking.answer_from is not None else []
 
 
 def random_seed() -> int:
@@ -170,9 +237,10 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: TokenC
 _REFUSED_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1) == 0
 
 
-def apply_grammar(logits: torch.Tensor, grammar: GrammarState) -> torch.Tensor:
-    """Set to -inf the logits of the tokens the grammar does not allow next (new tensor; 1-D float32 logits). Rows
-    wider than the grammar's vocabulary (padded embeddings) allow none of the extra tokens.
+def apply_grammar(logits: torch.Tensor, grammar: GrammarState, also: int | None = None) -> torch.Tensor:
+    """Set to -inf the logits of the tokens the grammar does not allow next (new tensor; 1-D float32 logits), token
+    `also` allowed besides them. Rows wider than the grammar's vocabulary (padded embeddings) allow none of the
+    extra tokens.
 
     Not llguidance.torch's apply_token_bitmask_inplace: no faster than this on the CPU, and its kernel is
     torch.compile'd, which stalls the first constrained step of every process for seconds and needs a C++ compiler
@@ -182,21 +250,40 @@ def apply_grammar(logits: torch.Tensor, grammar: GrammarState) -> torch.Tensor:
     width = logits.shape[-1]
     if len(refused) < width:
         refused = torch.cat([refused, refused.new_ones(width - len(refused))])
-    return logits.masked_fill(refused[:width], float("-inf"))
+    refused = refused[:width]
+    if also is not None:
+        refused[also] = False
+    return logits.masked_fill(refused, float("-inf"))
+
+
+def apply_thinking(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """A thinking request's rules: its budget spent, only the end marker; while it thinks, anything; before its
+    first token, what the grammar allows and the start marker; in its answer, what the grammar allows."""
+    thinking = state.thinking
+    forced = thinking.forced
+    if forced is not None:
+        others = torch.ones_like(logits, dtype=torch.bool)
+        others[forced] = False
+        return logits.masked_fill(others, float("-inf"))
+    if state.grammar is None or thinking.thinking:
+        return logits
+    return apply_grammar(logits, state.grammar, also=thinking.rule.start if thinking.opening else None)
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
     """The float32 CPU logits the token is chosen from: logit_bias added, then the penalties, then the grammar's
-    mask (never in place: the caller's logits also give the logprobs, which are of the raw distribution)."""
+    mask (after the thinking, whose budget forces its end: apply_thinking) (never in place: the caller's logits also give the logprobs, which are of the raw distribution)."""
     logits = logits.detach().to("cpu", torch.float32)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
         logits = logits.index_add(0, torch.tensor(ids), torch.tensor(biases, dtype=torch.float32))
     if params.reads_tokens and state is None:
-        raise ValueError("penalties and grammars need the request's TokenState")
+        raise ValueError("penalties, grammars and thinking need the request's TokenState")
     if params.penalized:
         logits = apply_penalties(logits, params, state.counts)
-    if params.constrained:
+    if params.thinking is not None:
+        logits = apply_thinking(logits, state)
+    elif params.constrained:
         logits = apply_grammar(logits, state.grammar)
     return logits
 

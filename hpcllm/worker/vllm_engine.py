@@ -155,6 +155,7 @@ class VllmEngine(EngineBase):
     request_type = _Request
     thread_name = "hpcllm-vllm"
     continues_grammars = False
+    follows_thinking = False
 
     def __init__(self, llm, tokenizer, hf_config, *, model_name: str = "model", device: str = "cpu",
                  max_running_requests: int = 64, max_waiting_requests: int = 256, finished_history: int = 256,
