@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
 from hpcllm.httpkit.body import parse_json_body, request_bytes
 from hpcllm.worker.grammar import ANY_JSON_OBJECT, GRAMMAR_KINDS, InvalidGrammar, compile_grammar
-from hpcllm.worker.protocol import LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN
+from hpcllm.worker.protocol import LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN, Thinking
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -437,3 +437,4 @@ class SamplingOptions:
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # structured outputs: the llguidance grammar the output follows (Constraint.grammar)
+    thinking: Thinking | None = None  # a reasoning model's thinking: the grammar waits for its end, a budget bounds it

@@ -230,7 +230,7 @@ class Generation:
             logprobs=opts.logprobs, prompt_logprobs=opts.prompt_logprobs, min_p=opts.min_p,
             presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
             repetition_penalty=opts.repetition_penalty, logit_bias=opts.logit_bias, grammar=opts.grammar,
-            lora=self.card.lora,
+            thinking=opts.thinking, lora=self.card.lora,
         )
         choice.endpoint, stream = on_a_worker(self.gw, self.ctx, choice.endpoint, self._route,
                                               lambda endpoint: self._open_on(endpoint, request))

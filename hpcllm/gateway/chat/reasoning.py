@@ -8,6 +8,11 @@ distills), as hpcllm.gateway.chat.tool_calls chooses the tool-call format. Per r
   outside           otherwise (Qwen3: the model writes `<think>` itself; with enable_thinking=false its template
                     writes an empty block into the prompt and the model answers at once): an answer whose first text
                     (after whitespace) is `<think>` is reasoning up to `</think>`; any other answer is all content.
+A constrained answer (a JSON schema, regex, choice, grammar, forced tool call) thinks first too, as vLLM's with a
+reasoning parser: the worker is sent the markers' token ids (GenerateRequest.thinking) and constrains only what follows
+</think> (where the output may open the block itself, a first token other than <think> begins the answer, constrained
+at once); thinking_token_budget (vLLM's) bounds the thinking, the worker forcing </think> after that many tokens.
+Where the markers are not single tokens a constrained answer is constrained from its first token and is all content.
 Reasoning never closed (the answer hit max_tokens while thinking) is all reasoning, with no content, as vLLM returns
 it. The text after `</think>` is the content as the model wrote it (vLLM strips nothing either); tool calls are read
 from it alone.
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from hpcllm.gateway.chat.tool_calls import partial_suffix
+from hpcllm.worker.protocol import Thinking
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -44,14 +50,27 @@ def template_thinks(template: str | None) -> bool:
 @dataclass(frozen=True)
 class ReasoningParser:
     """One request's: whether its output starts inside thinking (the prompt opened the block); the marker tokens'
-    ids (None: the vocabulary does not hold both as single tokens)."""
+    ids (None: the vocabulary does not hold both as single tokens); whether the prompt ends with a closed think block
+    (Qwen3's enable_thinking=false: the model answers without thinking)."""
 
     starts_inside: bool
     marker_ids: tuple[int, int] | None = None
+    thought_in_prompt: bool = False
 
     @classmethod
     def for_prompt(cls, prompt: str, marker_ids: tuple[int, int] | None = None) -> ReasoningParser:
-        return cls(starts_inside=prompt.rstrip().endswith(THINK_START), marker_ids=marker_ids)
+        end = prompt.rstrip()
+        return cls(starts_inside=end.endswith(THINK_START), marker_ids=marker_ids,
+                   thought_in_prompt=end.endswith(THINK_END))
+
+    def worker_thinking(self, budget: int | None) -> Thinking | None:
+        """What the worker needs to hold a grammar back until the thinking ends, and to bound the thinking to budget
+        tokens (GenerateRequest.thinking); None where the output does not think (the prompt closed the block) or the
+        markers are not tokens."""
+        if self.marker_ids is None or self.thought_in_prompt:
+            return None
+        start_id, end_id = self.marker_ids
+        return Thinking(end_token_id=end_id, start_token_id=None if self.starts_inside else start_id, budget=budget)
 
     def reasoning_tokens(self, output_ids: list[int]) -> int:
         """The output tokens inside the think block: after an opening <think> (or from the start, the prompt having

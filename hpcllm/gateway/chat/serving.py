@@ -5,7 +5,7 @@ rest: hpcllm.gateway.chat.tool_calls)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flask import Response
 
@@ -16,6 +16,7 @@ from hpcllm.gateway.chat.protocol import (AssistantMessage, ChatChoice, ChatComp
 from hpcllm.gateway.chat.reasoning import ReasoningParser
 from hpcllm.gateway.chat.tool_calls import (CallPiece, NamedCall, ParsedCall, ParsedOutput, RequiredCalls,
                                             ToolCallParser, ToolCallStream, new_tool_call_id)
+from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -23,13 +24,13 @@ from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Delta, Generation, RequestContext, collect,
                                     context_length_error, new_response_id, sse, stream_error_event,
                                     vllm_prompt_logprobs)
-from hpcllm.worker.protocol import TokenLogprobs
+from hpcllm.worker.protocol import Thinking, TokenLogprobs
 
 
 @dataclass(frozen=True)
 class AnswerReader:
     """How one request's answers are read: the thinking split off (None: the model does not think, or the answer
-    was constrained from its first token), then the tool calls parsed out of the rest (None: no tools, or
+    was constrained from its first token: its thinking markers are not tokens), then the tool calls parsed out of the rest (None: no tools, or
     tool_choice "none")."""
 
     tools: ToolCallParser | None = None
@@ -69,21 +70,35 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
     rendered = encoder.render_chat(messages, req.template_tools(), **req.template_arguments())
     prompt = rendered.token_ids
-    # A constrained answer is what its constraint allows from the first token (the worker cannot hold a grammar
-    # back until thinking ends, as vLLM does): the model does not think, and its whole answer is the content.
+    reasoning = encoder.reasoning_parser(rendered)
+    thinking = _worker_thinking(req, reasoning, card)
+    # A constrained answer thinks first where the worker holds its grammar back until the thinking ends (the markers
+    # are tokens); elsewhere it is what its constraint allows from the first token, all of it content.
     reader = AnswerReader(_parser(req, encoder, card) if req.tools else None,
-                          None if req.constrained else encoder.reasoning_parser(rendered))
+                          None if req.constrained and thinking is None else reasoning)
     max_tokens = req.requested_max_tokens
     context_length_error(card, len(prompt), max_tokens, "messages")
     if max_tokens is None and card.max_model_len is not None:
         # OpenAI's chat default: as much as the context still holds.
         max_tokens = card.max_model_len - len(prompt)
     kept = encoder.special_token_ids(reader.tools.special_markers) if reader.tools is not None else None
-    generation = Generation(gw, ctx, card, [prompt], req.sampling(max_tokens, req.worker_logprobs,
-                                                                  req.prompt_logprobs), response_id,
-                            n=req.choices_per_prompt, kept_tokens=kept)
+    options = req.sampling(max_tokens, req.worker_logprobs, req.prompt_logprobs)
+    if thinking is not None and (req.constrained or thinking.budget is not None):  # else the worker has no use for it
+        options = replace(options, thinking=thinking)
+    generation = Generation(gw, ctx, card, [prompt], options, response_id, n=req.choices_per_prompt, kept_tokens=kept)
     generation.start(stream=bool(req.stream))
     return generation, reader
+
+
+def _worker_thinking(req: ChatCompletionRequest, reasoning: ReasoningParser | None, card: ModelCard) -> Thinking | None:
+    """What the worker is told of the answer's thinking (None: it does not think); a 400 for a thinking budget the
+    model cannot take (it does not think, or its markers are not tokens)."""
+    budget = req.thinking_budget
+    if budget is not None and (reasoning is None or reasoning.marker_ids is None):
+        raise InvalidRequest(f"thinking_token_budget needs a reasoning model, whose chat template thinks in "
+                             f"<think>...</think> with both markers as tokens; model {card.name!r} does not",
+                             param="thinking_token_budget", code="invalid_value")
+    return reasoning.worker_thinking(budget) if reasoning is not None else None
 
 
 def chat_usage(generation: Generation, reader: AnswerReader) -> UsageInfo:

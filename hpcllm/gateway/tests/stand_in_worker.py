@@ -75,12 +75,13 @@ def token_pieces(tokenizer, text: str, skip_special_tokens: bool = False) -> lis
 
 class Script:
     """What a scripted worker answers: `answer` (set by the test before its request), token by token; the prompts
-    of the requests it was sent, in order."""
+    of the requests it was sent, and the requests, in order."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.answer = ""
         self.prompts: list[list[int]] = []
+        self.requests: list = []  # GenerateRequest
 
 
 def scripted_worker_app(script: Script):
@@ -97,6 +98,7 @@ def scripted_worker_app(script: Script):
     def generate():
         req = GenerateRequest.model_validate_json(request.get_data())
         script.prompts.append(list(req.prompt_token_ids))
+        script.requests.append(req)
         pieces = token_pieces(script.tokenizer, script.answer, skip_special_tokens=True)
         sent = pieces[:req.max_tokens] if req.max_tokens is not None else pieces
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import scripted_gateway
+from hpcllm.worker.protocol import Thinking
+from hpcllm.worker.tests.schemas import PERSON_SCHEMA, check_person
+
+from .conftest import SECRET, GatewayFactory, scripted_gateway
 from .stand_in_worker import Script
 from .test_errors import assert_error
 from .test_tool_calls import QWEN_TWO_CALLS, TOOLS
@@ -163,3 +166,116 @@ def test_a_second_turn_sends_the_reasoning_item_back(gw, script):
     assert prompt.endswith("<think>\n\n</think>\n\n")  # chat_template_kwargs reached the template
     gw.client().responses.create(model=THINKER, input="hello", reasoning={"effort": "none", "summary": "auto"})
     assert _prompt(script).endswith("<think>\n\n</think>\n\n")
+
+
+# A reasoning model's constrained answer: its thinking, then what the constraint allows (the worker holds the
+# grammar back until </think>: GenerateRequest.thinking).
+PERSON = '{"name":"Ada","age":36,"color":"blue"}'
+THOUGHT_THEN_PERSON = "<think>\nA person: a name and an age.\n</think>" + PERSON
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}}
+
+
+def _markers(script: Script) -> tuple[int, int]:
+    start, end = script.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    return start, end
+
+
+def test_a_constrained_answer_thinks_first_whole_and_streamed(gw, script):
+    """The worker is told the markers (the model opens its thinking itself: the start marker too); the answer's
+    thinking is reasoning and the rest the schema's JSON, whole and streamed."""
+    script.answer = THOUGHT_THEN_PERSON
+    client = gw.client()
+    whole = client.chat.completions.create(model=THINKER, messages=ASK, response_format=PERSON_FORMAT)
+    start, end = _markers(script)
+    assert script.requests[-1].thinking == Thinking(end_token_id=end, start_token_id=start)
+    message = whole.choices[0].message
+    assert message.reasoning == "\nA person: a name and an age.\n"
+    assert check_person(message.content) == {"name": "Ada", "age": 36, "color": "blue"}
+    assert whole.usage.completion_tokens_details.reasoning_tokens > 5
+    chunks = list(client.chat.completions.create(model=THINKER, messages=ASK, response_format=PERSON_FORMAT,
+                                                 stream=True))
+    deltas = [chunk.choices[0].delta for chunk in chunks]
+    assert "".join(d.reasoning for d in deltas if getattr(d, "reasoning", None)) == message.reasoning
+    assert "".join(d.content for d in deltas if d.content) == PERSON
+
+
+def test_a_constrained_answer_without_thinking_is_constrained_from_its_first_token(gw, script):
+    """enable_thinking false (the prompt holds an empty think block): no thinking for the worker to wait for."""
+    script.answer = PERSON
+    message = gw.client().chat.completions.create(model=THINKER, messages=ASK, response_format=PERSON_FORMAT,
+                                                  reasoning_effort="none").choices[0].message
+    assert script.requests[-1].thinking is None and script.requests[-1].grammar is not None
+    assert (message.reasoning, message.content) == (None, PERSON)
+
+
+def test_a_forced_call_after_the_thinking_streams_the_thinking_then_the_call(gw, script):
+    script.answer = "<think>\nThe weather, then.\n</think>" + '{"city":"Paris"}'
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    client = gw.client()
+    choice = client.chat.completions.create(model=THINKER, messages=ASK, tools=TOOLS, tool_choice=forced).choices[0]
+    assert choice.message.reasoning == "\nThe weather, then.\n"
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("get_weather", '{"city":"Paris"}')]
+    deltas = [chunk.choices[0].delta for chunk in client.chat.completions.create(
+        model=THINKER, messages=ASK, tools=TOOLS, tool_choice=forced, stream=True) if chunk.choices]
+    assert "".join(d.reasoning for d in deltas if getattr(d, "reasoning", None)) == "\nThe weather, then.\n"
+    calls = [call for d in deltas for call in d.tool_calls or []]
+    assert calls[0].function.name == "get_weather"
+    assert "".join(call.function.arguments for call in calls) == '{"city":"Paris"}'
+
+
+def test_a_thinking_budget_goes_to_the_worker_with_or_without_a_constraint(gw, script):
+    script.answer = THOUGHT
+    start, end = _markers(script)
+    for body, budget in (({"thinking_token_budget": 7}, 7), ({"thinking_token_budget": -1}, None)):
+        gw.client().chat.completions.create(model=THINKER, messages=ASK, response_format=PERSON_FORMAT,
+                                            extra_body=body)
+        assert script.requests[-1].thinking == Thinking(end_token_id=end, start_token_id=start, budget=budget)
+    gw.client().chat.completions.create(model=THINKER, messages=ASK, extra_body={"thinking_token_budget": 3})
+    assert script.requests[-1].thinking.budget == 3 and script.requests[-1].grammar is None
+    gw.client().chat.completions.create(model=THINKER, messages=ASK)
+    assert script.requests[-1].thinking is None  # nothing for the worker to do
+
+
+@pytest.mark.parametrize("budget", [-2, 1.5, "many"])
+def test_a_bad_thinking_budget_is_refused(gw, budget):
+    assert_error(gw.post("/v1/chat/completions", json={"model": THINKER, "messages": ASK,
+                                                       "thinking_token_budget": budget}),
+                 422, "invalid_value", "thinking_token_budget")
+
+
+@pytest.fixture(scope="module")
+def thinking_gw(tmp_path_factory):
+    """A gateway serving THINKER on a real worker (hpcllm's engine), whose random weights never close their thinking
+    by themselves: only a thinking budget ends it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.devmodels import make_model
+    from hpcllm.httpkit.tests.thread_server import ThreadServer
+    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+    root = tmp_path_factory.mktemp("real-thinker")
+    model_dir = make_model("llama", root / THINKER, chat_template="qwen3-think")
+    service = WorkerService(THINKER, secret=SECRET, keepalive_seconds=0.5)
+    service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+                                   AutoTokenizer.from_pretrained(model_dir), tier="dram", load_seconds=0.1))
+    worker = ThreadServer(create_app(service))
+    factory = GatewayFactory(root / "gateway", worker.url, model_dir)
+    try:
+        yield factory(static_models={THINKER: {"worker_url": worker.url, "source": str(model_dir)}})
+    finally:
+        factory.stop_all()
+        worker.stop()
+        service.shutdown()
+
+
+def test_a_real_worker_thinks_up_to_the_budget_then_answers_the_schema(thinking_gw):
+    """Greedy and seeded: the thinking cut at the budget (reasoning_tokens), then JSON valid against the schema."""
+    client = thinking_gw.client()
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        answer = client.chat.completions.create(model=THINKER, messages=ASK, response_format=PERSON_FORMAT,
+                                                max_tokens=80, extra_body={"thinking_token_budget": 5}, **sampling)
+        choice = answer.choices[0]
+        assert choice.finish_reason == "stop" and choice.message.reasoning
+        assert answer.usage.completion_tokens_details.reasoning_tokens == 5
+        check_person(choice.message.content)

@@ -139,3 +139,11 @@ def test_structured_outputs_that_cannot_be_done_are_refused_naming_the_field(gat
     for path, request in (("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "hi"})):
         assert_error(gateway.post(path, json={"model": MODEL, "max_tokens": 4, **request, **body}), status, code,
                      param)
+
+
+def test_a_thinking_budget_for_a_model_that_does_not_think_is_refused(gateway):
+    """vLLM refuses thinking_token_budget without a reasoning parser; this model's template writes no thinking."""
+    error = assert_error(gateway.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": MESSAGES, "response_format": PERSON_FORMAT, "thinking_token_budget": 8}),
+        400, "invalid_value", "thinking_token_budget")
+    assert "reasoning model" in error["message"]
