@@ -274,9 +274,6 @@ class EngineBase:
     # cannot (it would read them as prompt and start the grammar over), so there such a request finishes where it
     # began.
     continues_grammars = True
-    # Whether a thinking request's grammar waits for the end of its thinking, and its budget bounds it
-    # (GenerateRequest.thinking): hpcllm's engine's choice rules (sampling.apply_thinking).
-    follows_thinking = True
     lora_adapters: dict[str, str] = {}  # the LoRA adapters it serves (name -> folder); a request names one or none
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -700,10 +697,6 @@ class EngineBase:
         thinking = request.thinking
         if thinking is None or (request.grammar is None and thinking.budget is None):
             return None
-        if not self.follows_thinking:
-            raise InvalidRequest("this worker's engine (vLLM) cannot hold a grammar back until the model's thinking "
-                                 "ends, nor bound the thinking; serve the model with hpcllm's engine, or send the "
-                                 "request without thinking", "thinking")
         self._check_token_ids([thinking.end_token_id], "thinking.end_token_id")
         if thinking.start_token_id is not None:
             self._check_token_ids([thinking.start_token_id], "thinking.start_token_id")

@@ -27,6 +27,12 @@ How requests map onto vLLM (docs/vllm.md):
   engine, given the same grammar text (StructuredOutputsParams.grammar, vllm_grammar). vLLM cannot start a grammar
   mid-output (it would read the output so far as prompt), so a constrained request is neither resumed nor migrated
   here (EngineBase.continues_grammars): it finishes where it began.
+- Thinking (GenerateRequest.thinking): vLLM's structured outputs with a reasoning parser and its
+  thinking_token_budget. A model whose vocabulary holds <think> and </think> gets vLLM's deepseek_r1 parser
+  (REASONING_PARSER); per request, vLLM's reasoning_ended says where its grammar starts: after the first </think>
+  where the output starts inside thinking, from the first token otherwise (vLLM cannot let the first token decide
+  whether the output thinks, as hpcllm's engine does: an output that may open its thinking is constrained at once,
+  and does not think). vLLM's budget also counts prompt tokens after an opening <think>.
 - Greedy output continues exactly. Seeded sampling is reproducible within one vLLM run, but vLLM seeds a request's
   generator once, so a sampled request moved to or from vLLM continues with a valid sample, not the identical one.
 """
@@ -64,12 +70,26 @@ log = logging.getLogger(__name__)
 
 PREFILL_RATE_MIN_TOKENS = 16
 PREFILL_RATE_WEIGHT = 0.3
+# vLLM's reasoning parser for <think>...</think> models (Qwen3, QwQ, the R1 distills): the end of thinking is the
+# first </think> token after the last <think>
+REASONING_PARSER = "deepseek_r1"
 
 
 def _vllm_seed(seed: int) -> int:
     """A request's seed as vLLM takes it: vLLM reads seed -1 as "no seed" (random), so every seed is hashed into
     [0, 2**63) first (splitmix64; distinct seeds stay distinct but for a 2**-63 chance)."""
     return step_seed(seed, -1)
+
+
+def reasoning_markers(tokenizer) -> tuple[int, int] | None:
+    """<think>'s and </think>'s token ids as vLLM's REASONING_PARSER finds them (None: the vocabulary lacks them)."""
+    from vllm.reasoning import ReasoningParserManager
+
+    try:
+        parser = ReasoningParserManager.get_reasoning_parser(REASONING_PARSER)(tokenizer)
+    except RuntimeError:  # "could not locate think start/end tokens in the tokenizer"
+        return None
+    return parser.start_token_id, parser.end_token_id
 
 
 def vllm_grammar(grammar: str) -> str:
@@ -109,8 +129,9 @@ class VllmSettings:
 
 
 def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, settings: VllmSettings,
-                     stats_file: Path | None = None):
-    """vLLM's LLMEngine for a converted checkpoint, its weights read through hpcllm's store (load_format hpcllm)."""
+                     stats_file: Path | None = None, thinks: bool = False):
+    """vLLM's LLMEngine for a converted checkpoint, its weights read through hpcllm's store (load_format hpcllm);
+    thinks: the model's vocabulary holds the think markers (reasoning_markers), for vLLM's reasoning parser."""
     os.environ.setdefault(KV_CACHE_ENV, f"{settings.kv_cache_gb:g}")
     try:
         from vllm import EngineArgs
@@ -140,6 +161,9 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         "disable_log_stats": True,
         # Constrained requests: llguidance, as hpcllm's engine (their grammar text carries its options: grammar.py)
         "structured_outputs_config": StructuredOutputsConfig(backend="guidance"),
+        # Thinking requests: structured outputs after </think>, thinking_token_budget (each request says whether its
+        # grammar waits for the thinking: VllmEngine._add_to_vllm)
+        **({"reasoning_parser": REASONING_PARSER} if thinks else {}),
         **settings.extra,
     })  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
     config = args.create_engine_config()
@@ -155,15 +179,15 @@ class VllmEngine(EngineBase):
     request_type = _Request
     thread_name = "hpcllm-vllm"
     continues_grammars = False
-    follows_thinking = False
 
     def __init__(self, llm, tokenizer, hf_config, *, model_name: str = "model", device: str = "cpu",
                  max_running_requests: int = 64, max_waiting_requests: int = 256, finished_history: int = 256,
                  metrics: WorkerMetrics | None = None, step_timeout: float | None = None,
-                 lora_adapters: dict[str, str] | None = None) -> None:
+                 lora_adapters: dict[str, str] | None = None, markers: tuple[int, int] | None = None) -> None:
         """step_timeout: seconds a vLLM step may take before the engine counts as hung and fails (None: never;
         EngineBase._watch_steps). lora_adapters: name -> PEFT folder, vLLM's LoRARequests (the engine built with
-        lora_engine_args)."""
+        lora_engine_args). markers: <think>'s and </think>'s ids where vLLM has its reasoning parser (built with
+        thinks=True), else None (thinking requests are refused)."""
         import torch
 
         self.llm = llm
@@ -193,8 +217,19 @@ class VllmEngine(EngineBase):
         self.step_timeout = step_timeout
         self.lora_adapters = dict(lora_adapters or {})
         self._lora_requests = _lora_requests(self.lora_adapters)
+        self._markers = markers
 
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
+
+    def _thinking(self, request):
+        """EngineBase's, refused where vLLM has no reasoning parser or its markers are not the request's."""
+        thinking = super()._thinking(request)
+        if thinking is not None and (self._markers is None or thinking.end != self._markers[1]
+                                     or thinking.start not in (None, self._markers[0])):
+            raise InvalidRequest(f"this vLLM worker of model {self.model_name} has no reasoning parser for these "
+                                 f"thinking markers (vLLM's {REASONING_PARSER} needs <think> and </think> as tokens: "
+                                 f"ids {self._markers}); send the request without thinking", "thinking")
+        return thinking
 
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
         raise InvalidRequest(f'model {self.model_name!r}: embeddings are not served by models with engine = "vllm" '
@@ -269,6 +304,7 @@ class VllmEngine(EngineBase):
         from hpcllm.worker.vllm_penalties import prior_output_args
 
         known = req.all_ids
+        thinking = req.params.thinking
         params = SamplingParams(
             n=1, temperature=req.params.temperature, top_p=req.params.top_p, top_k=req.params.top_k,
             min_p=req.params.min_p, presence_penalty=req.params.presence_penalty,
@@ -283,11 +319,16 @@ class VllmEngine(EngineBase):
             extra_args=prior_output_args(req.output_ids, req.params.presence_penalty, req.params.frequency_penalty),
             structured_outputs=(StructuredOutputsParams(grammar=vllm_grammar(req.grammar)) if req.params.constrained
                                 else None),
+            thinking_token_budget=thinking.budget if thinking is not None else None,
         )
         vllm_id = self._vllm_id(req, "gen")
         req.generating = vllm_id
         self._vllm_ids[vllm_id] = (req, None)
-        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora)))
+        # Where a constrained request's grammar starts (vLLM's reasoning_ended; None: vLLM has no reasoning parser,
+        # its grammar starts at once): after </think> only where the output starts inside thinking.
+        reasoning_ended = (None if self._markers is None or not req.params.constrained
+                           else thinking is None or thinking.start is not None)
+        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora), reasoning_ended))
         self._lock.notify_all()
 
     def _warm(self, req: _Request) -> None:
@@ -359,10 +400,18 @@ class VllmEngine(EngineBase):
             with self._lock:
                 self._lock.notify_all()  # the engine thread may be waiting for work: vLLM has some now
 
-    def _add_to_vllm(self, vllm_id: str, ids: list[int], params, lora_request=None) -> None:
-        """Submit one request to vLLM (holding the LLMEngine); one vLLM refuses fails that request, not the engine."""
+    def _add_to_vllm(self, vllm_id: str, ids: list[int], params, lora_request=None,
+                     reasoning_ended: bool | None = None) -> None:
+        """Submit one request to vLLM (holding the LLMEngine); one vLLM refuses fails that request, not the engine.
+        reasoning_ended: whether its grammar starts at once (None: vLLM's default, from the prompt)."""
         try:
-            self.llm.add_request(vllm_id, {"prompt_token_ids": ids}, params, lora_request=lora_request)
+            prompt = {"prompt_token_ids": ids}
+            if reasoning_ended is not None:  # a field of vLLM's own request only (its server's add_request sets it)
+                prompt = self.llm.input_processor.process_inputs(vllm_id, prompt, params,
+                                                                 self.llm.get_supported_tasks(),
+                                                                 lora_request=lora_request)
+                prompt.reasoning_ended = reasoning_ended
+            self.llm.add_request(vllm_id, prompt, params, lora_request=lora_request)
         except Exception as exc:
             log.exception("vLLM refused request %s", vllm_id)
             with self._lock:
@@ -551,10 +600,12 @@ def load_with_vllm(model_path: Path, model_name: str, device: str = "cpu", max_m
     if lora_adapters:
         settings = replace(settings, extra={**settings.extra, **lora_engine_args(lora_adapters)})
     started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    markers = reasoning_markers(tokenizer)
     with tempfile.TemporaryDirectory(prefix="hpcllm-vllm-") as scratch:
         stats_file = Path(scratch) / "load-stats.json"
         try:
-            llm = build_llm_engine(model_path, device, max_model_len, settings, stats_file)
+            llm = build_llm_engine(model_path, device, max_model_len, settings, stats_file, thinks=markers is not None)
         except Exception:
             # vLLM says only that its engine core failed; hpcllm's own reason (checksum, missing file) is better.
             error = load_error(json.loads(stats_file.read_text())) if stats_file.is_file() else None
@@ -565,8 +616,7 @@ def load_with_vllm(model_path: Path, model_name: str, device: str = "cpu", max_m
     seconds = time.perf_counter() - started
     log.info("vLLM engine for %s ready in %.1f s (weights from tier %s in %.3f s)", model_name, seconds,
              stats.get("tier"), stats.get("seconds") or 0.0)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine = VllmEngine(llm, tokenizer, AutoConfig.from_pretrained(model_path), model_name=model_name,
-                        device=device, metrics=metrics, **engine_options)
+                        device=device, metrics=metrics, markers=markers, **engine_options)
     return ModelForServing(model=None, tokenizer=tokenizer, tier=stats.get("tier", "unknown"),
                            load_seconds=seconds, engine=engine)

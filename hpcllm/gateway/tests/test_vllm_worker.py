@@ -23,7 +23,7 @@ import pytest
 from hpcllm.config import Config
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.migration import ticketed_request
-from hpcllm.worker.protocol import GenerateRequest, TokenLine
+from hpcllm.worker.protocol import GenerateRequest, Thinking, TokenLine
 from hpcllm.worker.grammar import compile_grammar
 from hpcllm.worker.tests.schemas import OTHER_CONSTRAINTS, PERSON_GRAMMAR, check_person
 
@@ -316,6 +316,59 @@ def test_regex_choice_and_grammars_give_the_same_tokens_on_either_engine(vllm_wo
     assert answers[0] == answers[1] and matches(answers[0][1]), answers
     sampled = constrained_answer(vllm_worker, temperature=1.0, seed=3, **fields)
     assert matches(sampled[1]), sampled
+
+
+def generated(url: str, **fields) -> tuple[list[int], str]:
+    """(token ids, finish reason) of a request."""
+    with WorkerClient(url, SECRET, read_timeout=120) as client:
+        with client.generate(GenerateRequest(request_id="generated", **fields)) as stream:
+            ids = [line.token_id for line in stream if isinstance(line, TokenLine)]
+        return ids, stream.final.finish_reason
+
+
+@pytest.fixture(scope="module")
+def thinkers(tmp_path_factory):
+    """(vLLM worker url, hpcllm worker, <think> id, </think> id) over the small Llama with Qwen3's think tokens."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.checkpoint.converter import convert
+    from hpcllm.devmodels import make_model
+
+    root = tmp_path_factory.mktemp("thinker")
+    model_dir = make_model("llama", root / "small-thinker", size="small", chat_template="qwen3-think")
+    checkpoint = convert(model_dir, root / "converted", progress=False).root
+    start, end = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(["<think>", "</think>"])
+    hpcllm = HpcllmWorker(model_dir)
+    try:
+        for url, _ in _start_vllm_worker(checkpoint, tmp_path_factory):
+            yield url, hpcllm, start, end
+    finally:
+        hpcllm.stop()
+
+
+def test_vllm_holds_the_grammar_back_until_the_thinking_ends_and_bounds_it(thinkers, vllm_worker):
+    """vLLM's reasoning parser (a model with <think> tokens): a prompt that opened the thinking, a budget of 5 and a
+    choice: 5 free tokens, </think> forced, then the choice, the same tokens as hpcllm's engine; a budget without a
+    grammar cuts the thinking alike. Where the output may open its thinking, vLLM constrains it at once (it cannot
+    let the first token decide). A vLLM worker of a model without the markers refuses thinking, naming it."""
+    url, hpcllm, start, end = thinkers
+    prompt = [*hpcllm.service.engine.tokenizer(PROMPT)["input_ids"], start]
+    choice = compile_grammar("choice", ["positive", "negative"])
+    fields = dict(prompt_token_ids=prompt, max_tokens=24, temperature=0, grammar=choice,
+                  thinking=Thinking(end_token_id=end, budget=5))
+    answers = [generated(worker, **fields) for worker in (url, hpcllm.url)]
+    assert answers[0] == answers[1] and answers[0][1] == "stop"
+    assert answers[0][0].index(end) == 5
+    free = dict(prompt_token_ids=prompt, max_tokens=10, temperature=0, ignore_eos=True,
+                thinking=Thinking(end_token_id=end, budget=3))
+    cut = [generated(worker, **free)[0] for worker in (url, hpcllm.url)]
+    assert cut[0] == cut[1] and cut[0].index(end) == 3 and len(cut[0]) == 10
+    ids, text = constrained_answer(url, prompt=PROMPT, max_tokens=24, temperature=0, grammar=choice,
+                                   thinking=Thinking(end_token_id=end, start_token_id=start))
+    assert text in ("positive", "negative")
+    with pytest.raises(WorkerError) as refused:
+        generated(vllm_worker, prompt=PROMPT, max_tokens=4, grammar=choice, thinking=Thinking(end_token_id=5))
+    assert refused.value.status == 400 and refused.value.info.param == "thinking"
 
 
 def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):
