@@ -540,7 +540,7 @@ class EngineBase:
                 logit_bias=dict(params.logit_bias), stop=list(origin.stop),
                 stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
-                prompt_logprobs=req.prompt_logprobs, grammar=origin.grammar, lora=req.lora,
+                prompt_logprobs=req.prompt_logprobs, grammar=origin.grammar, thinking=origin.thinking, lora=req.lora,
             )
 
     def migration_output(self, request_id: str) -> list[int]:

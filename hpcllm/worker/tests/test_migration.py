@@ -13,7 +13,7 @@ import pytest
 
 from hpcllm.worker.client import WorkerError
 from hpcllm.worker.engine import EngineUnavailable
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, PrepareMigration, TokenLine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, PrepareMigration, Thinking, TokenLine
 
 from .conftest import slow_down, ticketed, wait_until
 from .schemas import PERSON_GRAMMAR, check_person
@@ -126,6 +126,37 @@ def test_a_constrained_request_migrates_mid_answer_and_tokens_outside_the_schema
     assert refused.value.status == 400 and refused.value.info.param == "token_ids"
     assert "token_ids[1]" in str(refused.value)
     assert destination.service.engine.tokens("held-json").output_token_ids == resume
+
+
+def test_a_thinking_request_migrates_mid_thought_and_answers_its_grammar_after_it(start_worker, tmp_path):
+    """A reasoning model's request (GenerateRequest.thinking) moved while it thinks: the destination is told its
+    thinking too, so it takes the free thinking tokens, cuts the thinking at the budget and answers the choice,
+    exactly as the uninterrupted run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.devmodels import make_model
+    from hpcllm.worker.grammar import compile_grammar
+
+    model_dir = make_model("llama", tmp_path / "thinker", chat_template="qwen3-think")
+    thinker = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    source, destination = start_worker(thinker), start_worker(thinker)
+    end = thinker[1].convert_tokens_to_ids("</think>")
+    request = body("thinking", max_tokens=32, temperature=1.0, seed=5, ignore_eos=False,
+                   grammar=compile_grammar("choice", ["positive", "negative"]),
+                   thinking=Thinking(end_token_id=end, budget=12))
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.05)
+
+    stream = source.client.generate(request)
+    lines = iter(stream)
+    first = read_until(lines, 4)
+    source.client.migrate("thinking", ticketed(destination.url))
+    rest, source_final, final = finish_through_attach(lines, destination)
+    assert_same_generation(first + rest, reference)
+    assert source_final.migrated_to.from_index < 12  # moved while thinking
+    ids = [line.token_id for line in reference]
+    assert ids.index(end) == 12 and final.finish_reason == "stop"
+    assert thinker[1].decode(ids[13:], skip_special_tokens=True) in ("positive", "negative")
 
 
 def test_rounds_shrink_while_the_source_decodes_during_a_slow_prefill(pair, start_worker):
