@@ -3,9 +3,10 @@ top-k, top-p.
 
 The order is vLLM's (v1 sampler): logit_bias is added and the repetition, frequency and presence penalties applied
 to the float32 logits, and a constrained request's grammar (structured outputs) sets the tokens it does not allow
-to -inf; greedy takes their argmax; otherwise temperature scales them, min_p, top_k and top_p filter them, and the
-token is drawn. Penalties and grammar read the request's tokens so far (TokenState, kept per request and updated
-per accepted token); the other steps read only the logits and the parameters.
+to -inf (a reasoning model's only after its thinking, whose budget then forces its end: Thinking); greedy takes
+their argmax; otherwise temperature scales them, min_p, top_k and top_p filter them, and the token is drawn.
+Penalties, grammar and thinking read the request's tokens so far (TokenState, kept per request and updated per
+accepted token); the other steps read only the logits and the parameters.
 
 Randomness is stateless per step: the token at output index i is drawn with a torch.Generator seeded from
 (request seed, i). A request resumed on another worker from its token ids therefore draws exactly the numbers the
@@ -75,10 +76,6 @@ class ThinkingState:
         """The end marker once the thinking spent its budget (the only token allowed next), else None."""
         budget = self.rule.budget
         return self.rule.end if self.thinking and budget is not None and self.thought >= budget else None
-
-    @property
-    def in_answer(self) -> bool:
-        return not (self.thinking or self.opening)
 
 
 @dataclass(frozen=True)
@@ -272,7 +269,8 @@ def apply_thinking(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
     """The float32 CPU logits the token is chosen from: logit_bias added, then the penalties, then the grammar's
-    mask (after the thinking, whose budget forces its end: apply_thinking) (never in place: the caller's logits also give the logprobs, which are of the raw distribution)."""
+    mask (a thinking request's: apply_thinking) (never in place: the caller's logits also give the logprobs, which
+    are of the raw distribution)."""
     logits = logits.detach().to("cpu", torch.float32)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)

@@ -30,8 +30,8 @@ from hpcllm.worker.protocol import Thinking, TokenLogprobs
 @dataclass(frozen=True)
 class AnswerReader:
     """How one request's answers are read: the thinking split off (None: the model does not think, or the answer
-    was constrained from its first token: its thinking markers are not tokens), then the tool calls parsed out of the rest (None: no tools, or
-    tool_choice "none")."""
+    was constrained from its first token: its thinking markers are not tokens), then the tool calls parsed out of
+    the rest (None: no tools, or tool_choice "none")."""
 
     tools: ToolCallParser | None = None
     reasoning: ReasoningParser | None = None
