@@ -13,7 +13,7 @@ from hpcllm.gateway.chat.reasoning import ReasoningParser, template_thinks
 from hpcllm.gateway.chat.serving import AnswerReader, ChatChoiceStream, chat_choice
 from hpcllm.gateway.chat.tool_calls import PARSERS
 from hpcllm.gateway.serving import ChoiceResult, Delta
-from hpcllm.worker.protocol import TokenLogprobs
+from hpcllm.worker.protocol import Thinking, TokenLogprobs
 
 from .test_tool_calls import QWEN_TWO_CALLS, TOOLS, _message_of, _token_deltas
 
@@ -35,8 +35,10 @@ def test_templates_that_write_think_blocks_get_a_parser():
 def test_where_the_output_starts_is_read_from_the_prompts_end():
     assert ReasoningParser.for_prompt("<|User|>hi<|Assistant|><think>\n") == R1
     assert ReasoningParser.for_prompt("<|im_start|>assistant\n") == QWEN3
-    # enable_thinking=false: an empty block closes the prompt
-    assert ReasoningParser.for_prompt("<|im_start|>assistant\n<think>\n\n</think>\n\n") == QWEN3
+    # enable_thinking=false: an empty block closes the prompt (the answer is read as Qwen3's, no thinking awaited)
+    closed = ReasoningParser.for_prompt("<|im_start|>assistant\n<think>\n\n</think>\n\n", (5, 6))
+    assert closed == ReasoningParser(starts_inside=False, marker_ids=(5, 6), thought_in_prompt=True)
+    assert closed.worker_thinking(budget=8) is None
     assert ReasoningParser.for_prompt("<|user|>\nwhat does <think> mean?</s>\n<|assistant|>\n") == QWEN3
 
 
@@ -179,3 +181,13 @@ def test_a_constrained_answer_is_read_without_thinking():
     assert _request(response_format={"type": "json_object"}).constrained
     assert _request(tools=TOOLS, tool_choice="required").constrained
     assert not _request(tools=TOOLS).constrained and not _request().constrained
+
+
+def test_the_worker_is_told_the_markers_where_the_output_may_think():
+    """Inside thinking from the start: only the end marker; where the model opens the block: the start one too;
+    markers that are not tokens: nothing to tell."""
+    assert ReasoningParser.for_prompt("<|Assistant|><think>\n", (5, 6)).worker_thinking(None) == Thinking(
+        end_token_id=6)
+    assert ReasoningParser.for_prompt("<|im_start|>assistant\n", (5, 6)).worker_thinking(3) == Thinking(
+        end_token_id=6, start_token_id=5, budget=3)
+    assert ReasoningParser.for_prompt("<|im_start|>assistant\n").worker_thinking(3) is None
