@@ -280,13 +280,19 @@ def test_a_request_resumed_on_vllm_still_penalises_its_earlier_output(vllm_worke
             assert whole[:5] + [line.token_id for line in stream if isinstance(line, TokenLine)] == whole
 
 
+def generated(url: str, **fields) -> tuple[list[int], str, str]:
+    """(token ids, text, finish reason) of a request."""
+    with WorkerClient(url, SECRET, read_timeout=120) as client:
+        with client.generate(GenerateRequest(request_id="generated", **fields)) as stream:
+            lines = [line for line in stream if isinstance(line, TokenLine)]
+        return [line.token_id for line in lines], "".join(line.text for line in lines), stream.final.finish_reason
+
+
 def constrained_answer(url: str, **fields) -> tuple[list[int], str]:
     """(token ids, text) of a constrained request the worker ended with "stop"."""
-    with WorkerClient(url, SECRET, read_timeout=120) as client:
-        with client.generate(GenerateRequest(request_id="constrained", **fields)) as stream:
-            lines = [line for line in stream if isinstance(line, TokenLine)]
-        assert stream.final.finish_reason == "stop"
-        return [line.token_id for line in lines], "".join(line.text for line in lines)
+    ids, text, finish_reason = generated(url, **fields)
+    assert finish_reason == "stop"
+    return ids, text
 
 
 def test_json_schema_gives_the_same_valid_json_on_either_engine_and_vllm_refuses_to_resume_it(vllm_worker,
@@ -316,14 +322,6 @@ def test_regex_choice_and_grammars_give_the_same_tokens_on_either_engine(vllm_wo
     assert answers[0] == answers[1] and matches(answers[0][1]), answers
     sampled = constrained_answer(vllm_worker, temperature=1.0, seed=3, **fields)
     assert matches(sampled[1]), sampled
-
-
-def generated(url: str, **fields) -> tuple[list[int], str]:
-    """(token ids, finish reason) of a request."""
-    with WorkerClient(url, SECRET, read_timeout=120) as client:
-        with client.generate(GenerateRequest(request_id="generated", **fields)) as stream:
-            ids = [line.token_id for line in stream if isinstance(line, TokenLine)]
-        return ids, stream.final.finish_reason
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +354,8 @@ def test_vllm_holds_the_grammar_back_until_the_thinking_ends_and_bounds_it(think
     choice = compile_grammar("choice", ["positive", "negative"])
     fields = dict(prompt_token_ids=prompt, max_tokens=24, temperature=0, grammar=choice,
                   thinking=Thinking(end_token_id=end, budget=5))
-    answers = [generated(worker, **fields) for worker in (url, hpcllm.url)]
-    assert answers[0] == answers[1] and answers[0][1] == "stop"
+    answers = [constrained_answer(worker, **fields) for worker in (url, hpcllm.url)]
+    assert answers[0] == answers[1]
     assert answers[0][0].index(end) == 5
     free = dict(prompt_token_ids=prompt, max_tokens=10, temperature=0, ignore_eos=True,
                 thinking=Thinking(end_token_id=end, budget=3))
