@@ -321,6 +321,20 @@ class GatewayConfig(Section):
     usage_retention_days: int = Field(400, ge=1)
     # Prometheus multiprocess directory used under gunicorn; empty: <paths.state_dir>/gateway/metrics
     metrics_dir: Path | None = None
+    # Files and Batch APIs (docs/gateway.md "Batches"): uploaded files and batch outputs live in this directory;
+    # empty: <paths.state_dir>/gateway/files. Several gateway hosts must share it (a shared filesystem) as they share
+    # a PostgreSQL limits_db: any host may run any batch.
+    files_dir: Path | None = None
+    # Largest file one upload may be (OpenAI's limit: 200 MB); larger is a 413.
+    files_max_bytes: int = Field(200 * 1024 ** 2, ge=1024)
+    # Requests in one batch (OpenAI's limit: 50,000); more fails the batch at creation (too_many_tasks).
+    batch_max_requests: int = Field(50_000, ge=1)
+    # Requests of batches one gateway process runs at once (each process runs one batch at a time): small, so
+    # interactive users are not crowded out by thousands of queued prompts.
+    batch_concurrency: int = Field(4, ge=1)
+    # A process running a batch renews its claim every third of this; a batch whose claim ran out (a crashed or
+    # cut-off process) is taken over by another process and continues where the output files end.
+    batch_lease_seconds: float = Field(60.0, gt=0)
     # The status page (GET /status) shows the cluster to the admin key; true: also to every API key, read-only and
     # without internal addresses (GET /v1/status).
     status_page_users: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -81,6 +82,7 @@ class Gateway:
         self._in_flight = 0
         self._idle = threading.Condition()
         self.started_at = time.time()
+        self._closers: list[Callable[[], None]] = []  # what close() stops first (the batch runner)
 
     @property
     def draining(self) -> bool:
@@ -134,7 +136,12 @@ class Gateway:
             generation.close()
         return len(running)
 
+    def on_close(self, closer: Callable[[], None]) -> None:
+        self._closers.append(closer)
+
     def close(self) -> None:
+        for closer in self._closers:
+            closer()
         self.http.close()
         self.router.close()
         self.usage.close()

@@ -1,0 +1,86 @@
+"""Reading a batch's input file: one request per JSONL line ({"custom_id", "method": "POST", "url", "body"}), each
+checked as OpenAI checks them when a batch is created (a bad file fails the batch with errors naming the lines)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpcllm.gateway.batches.protocol import LineError
+
+# Errors a failed batch lists at most (a file of 50,000 broken lines need not be told 50,000 times).
+MAX_LISTED_ERRORS = 100
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    line: int  # 1-based, as OpenAI's errors count them
+    custom_id: str
+    body: dict[str, Any]
+
+
+@dataclass
+class ParsedInput:
+    entries: list[BatchEntry] = field(default_factory=list)
+    errors: list[LineError] = field(default_factory=list)
+    model: str | None = None  # the model every line names
+
+
+def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int) -> ParsedInput:
+    parsed = ParsedInput()
+    seen: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        if len(parsed.entries) >= max_requests:
+            parsed.errors.append(LineError(
+                code="too_many_tasks", line=number,
+                message=f"The batch has more than {max_requests} requests, the most one batch may have on this "
+                        f"gateway (gateway.batch_max_requests); split the file"))
+            break
+        entry = _entry(raw, number, endpoint, parsed.model, parsed.errors)
+        if entry is None:
+            continue
+        if entry.custom_id in seen:
+            parsed.errors.append(LineError(code="duplicate_custom_id", line=number, param="custom_id",
+                                           message=f"The custom_id {entry.custom_id[:80]!r} is used by an earlier "
+                                                   f"line; each request's custom_id must be unique in its batch"))
+            continue
+        seen.add(entry.custom_id)
+        parsed.model = parsed.model or entry.body.get("model")
+        parsed.entries.append(entry)
+    if not parsed.entries and not parsed.errors:
+        parsed.errors.append(LineError(code="empty_file", message="The input file has no requests"))
+    del parsed.errors[MAX_LISTED_ERRORS:]
+    return parsed
+
+
+def _entry(raw: bytes, number: int, endpoint: str, model: str | None,
+           errors: list[LineError]) -> BatchEntry | None:
+    def refuse(code: str, message: str, param: str | None = None) -> None:
+        errors.append(LineError(code=code, line=number, message=message, param=param))
+
+    try:
+        item = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return refuse("invalid_json_line", "This line is not parseable as valid JSON.")
+    if not isinstance(item, dict):
+        return refuse("invalid_json_line", "This line is not a JSON object.")
+    custom_id = item.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return refuse("invalid_request", "custom_id must be a non-empty string", "custom_id")
+    if item.get("method") != "POST":
+        return refuse("invalid_request", "method must be \"POST\"", "method")
+    if item.get("url") != endpoint:
+        return refuse("url_mismatch", f"The url {str(item.get('url'))[:80]!r} does not match the batch's endpoint "
+                                      f"{endpoint!r}; every request must use the endpoint of its batch", "url")
+    body = item.get("body")
+    if not isinstance(body, dict):
+        return refuse("invalid_request", "body must be a JSON object (the request's body)", "body")
+    if model is not None and body.get("model") != model:
+        return refuse("model_mismatch", f"The model {str(body.get('model'))[:80]!r} differs from the batch's "
+                                        f"model {model!r}; every request of a batch must use the same model",
+                      "body.model")
+    return BatchEntry(number, custom_id, body)

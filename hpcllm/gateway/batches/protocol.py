@@ -1,0 +1,100 @@
+"""Wire types of the Batch API: the create request, the Batch object, its list; the lines of input and output
+files."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
+
+# What a batch may run (OpenAI's endpoints this gateway serves).
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+# OpenAI's metadata bounds.
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
+
+BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                      "cancelled"]
+# Statuses a runner still has work in (a claimable batch): the rest are final.
+ACTIVE = ("in_progress", "finalizing", "cancelling")
+
+
+class CreateBatchRequest(OpenAIRequest):
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, str] | None = None
+
+
+class RequestCounts(OpenAIResponse):
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+class LineError(OpenAIResponse):
+    """Why the input file was refused, at which line (OpenAI's BatchError)."""
+
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[LineError]
+
+
+class BatchObject(OpenAIResponse):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    model: str | None = None
+    errors: BatchErrors | None = None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts = Field(default_factory=RequestCounts)
+    metadata: dict[str, str] | None = None
+
+
+class BatchList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[BatchObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class ResultResponse(OpenAIResponse):
+    status_code: int
+    request_id: str
+    body: Any
+
+
+class ResultError(OpenAIResponse):
+    code: str
+    message: str
+
+
+class ResultLine(OpenAIResponse):
+    """One line of an output or error file."""
+
+    id: str
+    custom_id: str
+    response: ResultResponse | None = None
+    error: ResultError | None = None

@@ -1,0 +1,286 @@
+"""Running batches: every gateway process polls for an active batch nobody holds, claims it (a lease in the limits
+database, hpcllm.gateway.batches.store) and runs its requests, gateway.batch_concurrency at a time, each through
+the gateway's own WSGI app as the HTTP request it stands for: the same authentication with the batch owner's key
+(its rate limits and group), validation, routing, context length and usage accounting as the endpoint's.
+
+Each result is appended to the output (2xx) or error file as it comes and the lease renewed with the counts; a
+result is written only while the lease is held. A process that takes a batch over (the holder's lease ran out)
+skips the requests already in the files. Cancelling stops starting requests, lets those running finish, and
+publishes what finished; past the completion window the requests not run go to the error file as batch_expired.
+A draining gateway stops starting requests and hands its batch back (the lease released) for another process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from flask import Flask
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+
+from hpcllm.gateway.batches.input_file import BatchEntry, parse_input
+from hpcllm.gateway.batches.protocol import BatchErrors, BatchObject, LineError, RequestCounts, ResultError, \
+    ResultLine, ResultResponse
+from hpcllm.gateway.batches.results import ResultFile
+from hpcllm.gateway.batches.store import BatchStore, Claim
+from hpcllm.gateway.files.protocol import OUTPUT_PURPOSE
+from hpcllm.gateway.files.store import FileStore, StoredFile
+from hpcllm.gateway.protocol import unsupported
+from hpcllm.gateway.ratelimit import key_digest
+from hpcllm.gateway.runtime import Gateway
+
+log = logging.getLogger(__name__)
+
+# A process looks for a batch to run at least this often (and at once when one is created on it).
+MAX_POLL_S = 10.0
+# 503s (a cold start past its wait, no capacity) a request is retried through before its error is the result;
+# 429s with a Retry-After (the owner's rate limits) are waited out for as long as the batch runs.
+RETRIES_503 = 5
+DEFAULT_RETRY_S = 2.0
+# A gateway going away answers these: the request is not the batch's failure, another process runs it again.
+SHUTDOWN_CODES = ("draining", "gateway_shutdown")
+
+
+def result_file_ids(batch_id: str) -> tuple[str, str]:
+    """The output and error files' ids, fixed by the batch's id (a process taking over writes the same files)."""
+    tag = batch_id.removeprefix("batch_")
+    return f"file-{tag}-output", f"file-{tag}-errors"
+
+
+class BatchRunner:
+    """This process's runner thread: one batch at a time."""
+
+    def __init__(self, app: Flask, gw: Gateway, files: FileStore, batches: BatchStore):
+        self.app, self.gw, self.files, self.batches = app, gw, files, batches
+        self.concurrency = gw.config.gateway.batch_concurrency
+        self.poll_s = min(MAX_POLL_S, batches.lease_s / 3)
+        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.running: Claim | None = None  # the batch this process runs now
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="batch-runner", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look for a batch now (one was just created, or cancelled)."""
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self.gw.draining
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            claim = None
+            try:
+                if self.batches.claimable():
+                    claim = self.batches.claim(self.holder)
+                if claim is not None:
+                    self.running = claim
+                    BatchRun(self, claim).run()
+                    continue  # another may be waiting
+            except Exception:  # the database is away, or a bug: the batch is released and tried again
+                log.exception("batch runner: running batch %s failed", claim.batch_id if claim else "(claiming)")
+                if claim is not None:
+                    self._release_quietly(claim)
+            finally:
+                self.running = None
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _release_quietly(self, claim: Claim) -> None:
+        try:
+            self.batches.release(claim)
+        except Exception as exc:  # its lease runs out instead
+            log.warning("batch runner: could not release batch %s: %s", claim.batch_id, exc)
+
+    def api_token(self, owner: str) -> str | None:
+        """The API key the batch's owner digest names (None on an open gateway, or when the key was removed: its
+        requests are then refused as any request without a key)."""
+        for token, key in self.gw.api_keys.items():
+            if key_digest(key) == owner:
+                return token
+        return None
+
+    def call(self, url: str, body: dict, token: str | None, request_id: str) -> tuple[int, dict, dict]:
+        """POST the request through the gateway's own app: its status, headers and JSON body."""
+        headers = {"X-Request-Id": request_id}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        environ = EnvironBuilder(path=url, method="POST", json=body, headers=headers).get_environ()
+        chunks, status, response_headers = run_wsgi_app(self.app, environ, buffered=True)
+        raw = b"".join(chunks)
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = {"error": {"message": raw.decode(errors="replace")[:1000], "type": "internal_error",
+                                "param": None, "code": "internal_error"}}
+        return int(status.split()[0]), dict(response_headers), answer
+
+
+@dataclass
+class Outcome:
+    entry: BatchEntry
+    result: ResultLine | None  # None: not run to a result (the gateway is going away); run it again later
+
+
+class BatchRun:
+    """One claimed batch, run to its end (or until its lease is lost or the gateway drains)."""
+
+    def __init__(self, runner: BatchRunner, claim: Claim):
+        self.runner, self.claim = runner, claim
+        self.batches = runner.batches
+        self.halt = threading.Event()  # stop retrying: the lease was lost or the gateway drains
+
+    def run(self) -> None:
+        batch = self.batches.renew(self.claim)
+        if batch is None:
+            return
+        files = self.runner.files
+        if files.get(self.claim.owner, batch.input_file_id) is None:
+            self._fail(batch, "input_file_missing", "The batch's input file was deleted before the batch ran")
+            return
+        entries = parse_input(files.read_lines(batch.input_file_id), batch.endpoint,
+                              self.runner.gw.config.gateway.batch_max_requests).entries
+        out_id, err_id = result_file_ids(batch.id)
+        output = ResultFile(files.directory / f".{out_id}.partial", files.path(out_id))
+        errors = ResultFile(files.directory / f".{err_id}.partial", files.path(err_id))
+        try:
+            self._run(batch, entries, output, errors)
+        finally:
+            output.close()
+            errors.close()
+
+    def _run(self, batch: BatchObject, entries: list[BatchEntry], output: ResultFile, errors: ResultFile) -> None:
+        done = output.custom_ids | errors.custom_ids
+        pending = deque(entry for entry in entries if entry.custom_id not in done)
+        if done:
+            log.info("batch %s: continuing after %d of %d requests", batch.id, len(done), len(entries))
+        token = self.runner.api_token(self.claim.owner)
+        inflight: dict[Future, BatchEntry] = {}
+        stop = self._stop_reason(batch)  # cancelled or expired before any process ran it
+        with ThreadPoolExecutor(self.runner.concurrency, thread_name_prefix=f"batch-{batch.id[-6:]}") as pool:
+            try:
+                while (pending and stop is None) or inflight:
+                    while pending and stop is None and len(inflight) < self.runner.concurrency:
+                        entry = pending.popleft()
+                        inflight[pool.submit(self._request, batch, entry, token)] = entry
+                    finished, _ = wait(list(inflight), timeout=self.batches.lease_s / 3, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        outcome = Outcome(inflight.pop(future), future.result())
+                        if outcome.result is None:
+                            pending.appendleft(outcome.entry)
+                        elif self.batches.holds(self.claim):
+                            (output if outcome.result.response and outcome.result.response.status_code < 300
+                             else errors).append(outcome.result)
+                    batch = self.batches.renew(self.claim, self._counts(entries, output, errors))
+                    if batch is None:
+                        log.warning("batch %s: its lease was lost (another process may run it); stopping",
+                                    self.claim.batch_id)
+                        self.halt.set()
+                        return
+                    stop = stop or self._stop_reason(batch)
+                    if stop == "release":
+                        self.halt.set()
+            except BaseException:
+                self.halt.set()
+                raise
+        if stop == "release":
+            self.batches.release(self.claim)
+            return
+        if stop == "expired":
+            for entry in pending:
+                errors.append(ResultLine(id=new_request_id(), custom_id=entry.custom_id, error=ResultError(
+                    code="batch_expired",
+                    message="This request could not be executed before the completion window expired.")))
+        self._finalize(batch, entries, output, errors, expired=stop == "expired")
+
+    def _stop_reason(self, batch: BatchObject) -> str | None:
+        if self.runner.stopping:
+            return "release"
+        if batch.status == "cancelling":
+            return "cancelled"
+        if batch.expires_at is not None and time.time() >= batch.expires_at:
+            return "expired"
+        return None
+
+    @staticmethod
+    def _counts(entries: list[BatchEntry], output: ResultFile, errors: ResultFile) -> RequestCounts:
+        return RequestCounts(total=len(entries), completed=len(output.custom_ids), failed=len(errors.custom_ids))
+
+    def _request(self, batch: BatchObject, entry: BatchEntry, token: str | None) -> ResultLine | None:
+        """One request's result line (None when the gateway is going away before it has one)."""
+        request_id = new_request_id()
+        if entry.body.get("stream"):  # as OpenAI: a batch answers whole responses
+            body = unsupported("stream", "streaming in a batch request").body()
+            return _result(entry, request_id, 400, request_id, body)
+        retries_503 = 0
+        while True:
+            status, headers, body = self.runner.call(batch.endpoint, entry.body, token, request_id)
+            code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
+            if status == 503 and code in SHUTDOWN_CODES:
+                return None
+            retry_after = headers.get("Retry-After")
+            limited = status == 429 and retry_after is not None
+            if limited or (status == 503 and retries_503 < RETRIES_503):
+                retries_503 += status == 503
+                if self.halt.wait(float(retry_after or DEFAULT_RETRY_S)):
+                    return None
+                continue
+            return _result(entry, request_id, status, headers.get("X-Request-Id", request_id), body)
+
+    def _finalize(self, batch: BatchObject, entries: list[BatchEntry], output: ResultFile, errors: ResultFile,
+                  expired: bool) -> None:
+        now = int(time.time())
+        batch = self.batches.renew(self.claim, self._counts(entries, output, errors), status="finalizing",
+                                   finalizing_at=batch.finalizing_at or now)
+        if batch is None:
+            return
+        published: list[StoredFile] = []
+        ids = {}
+        for name, results in (("output", output), ("error", errors)):
+            file_id = results.final.name
+            size = results.publish()
+            if size is not None:
+                published.append(StoredFile(file_id, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE, size))
+                ids[f"{name}_file_id"] = file_id
+        status = "cancelled" if batch.cancelling_at else "expired" if expired else "completed"
+        final = batch.model_copy(update={"status": status, f"{status}_at": now, **ids})
+        if not self.batches.finish(self.claim, final, published):
+            log.warning("batch %s: its lease was lost while finishing; the process that took it finishes it",
+                        batch.id)
+            return
+        log.info("batch %s %s: %d requests, %d completed, %d failed", batch.id, status, len(entries),
+                 final.request_counts.completed, final.request_counts.failed)
+
+    def _fail(self, batch: BatchObject, code: str, message: str) -> None:
+        now = int(time.time())
+        failed = batch.model_copy(update={"status": "failed", "failed_at": now, "errors": BatchErrors(
+            data=[LineError(code=code, message=message)])})
+        self.batches.finish(self.claim, failed, [])
+
+
+def new_request_id() -> str:
+    return f"batch_req_{uuid.uuid4().hex}"
+
+
+def _result(entry: BatchEntry, line_id: str, status: int, request_id: str, body) -> ResultLine:
+    return ResultLine(id=line_id, custom_id=entry.custom_id,
+                      response=ResultResponse(status_code=status, request_id=request_id, body=body))

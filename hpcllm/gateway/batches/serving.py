@@ -1,0 +1,85 @@
+"""The Batch API's answers: create (the input file checked at once: a bad file gives a failed batch naming its
+lines), retrieve, list, cancel; the key's own batches only."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from hpcllm.gateway.batches.input_file import parse_input
+from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, ENDPOINTS, METADATA_MAX_KEY, METADATA_MAX_PAIRS,
+                                             METADATA_MAX_VALUE, BatchErrors, BatchList, BatchObject,
+                                             CreateBatchRequest, RequestCounts)
+from hpcllm.gateway.batches.service import BatchService
+from hpcllm.gateway.batches.store import new_batch_id
+from hpcllm.gateway.errors import InvalidRequest, NotFound
+from hpcllm.gateway.files.serving import list_query, owned_file
+
+
+def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchObject:
+    _check_request(req)
+    stored = owned_file(service.files, owner, req.input_file_id)
+    if stored.purpose != "batch":
+        raise InvalidRequest(f"the file {stored.id} was not uploaded for batches (its purpose is "
+                             f"{stored.purpose!r}, not 'batch')", param="input_file_id", code="invalid_value")
+    parsed = parse_input(service.files.read_lines(stored.id), req.endpoint,
+                         service.config.gateway.batch_max_requests)
+    now = int(time.time())
+    batch = BatchObject(id=new_batch_id(), endpoint=req.endpoint, model=parsed.model, input_file_id=stored.id,
+                        completion_window=req.completion_window, status="in_progress", created_at=now,
+                        in_progress_at=now, expires_at=now + COMPLETION_WINDOWS[req.completion_window],
+                        request_counts=RequestCounts(total=len(parsed.entries)), metadata=req.metadata)
+    if parsed.errors:
+        batch = batch.model_copy(update={"status": "failed", "failed_at": now, "in_progress_at": None,
+                                         "errors": BatchErrors(data=parsed.errors),
+                                         "request_counts": RequestCounts()})
+    service.batches.insert(owner, batch)
+    if batch.status == "in_progress":
+        service.runner.wake()
+    return batch
+
+
+def _check_request(req: CreateBatchRequest) -> None:
+    if req.endpoint not in ENDPOINTS:
+        raise InvalidRequest(f"'endpoint': {req.endpoint[:80]!r} is not supported; one of {', '.join(ENDPOINTS)}",
+                             param="endpoint", code="invalid_value")
+    if req.completion_window not in COMPLETION_WINDOWS:
+        raise InvalidRequest(f"'completion_window': {req.completion_window[:20]!r} is not supported; one of "
+                             f"{', '.join(COMPLETION_WINDOWS)}", param="completion_window", code="invalid_value")
+    metadata = req.metadata or {}
+    too_long = [key for key, value in metadata.items()
+                if len(key) > METADATA_MAX_KEY or len(value) > METADATA_MAX_VALUE]
+    if len(metadata) > METADATA_MAX_PAIRS or too_long:
+        raise InvalidRequest(f"'metadata' may have at most {METADATA_MAX_PAIRS} pairs, keys of at most "
+                             f"{METADATA_MAX_KEY} and values of at most {METADATA_MAX_VALUE} characters",
+                             param="metadata", code="invalid_value")
+
+
+def owned_batch(service: BatchService, owner: str, batch_id: str) -> BatchObject:
+    """The key's batch; 404 for any id it cannot see (another key's too)."""
+    row = service.batches.get(owner, batch_id)
+    if row is None:
+        raise _not_found(batch_id)
+    return row.batch
+
+
+def list_batches(service: BatchService, owner: str, args: Mapping[str, str]) -> BatchList:
+    query = list_query(args)
+    if query.purpose is not None or query.order != "desc":
+        raise InvalidRequest("batches are listed newest first with 'after' and 'limit' only", code="invalid_value")
+    rows, more = service.batches.list(owner, query)
+    data = [row.batch for row in rows]
+    return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                     has_more=more)
+
+
+def cancel(service: BatchService, owner: str, batch_id: str) -> BatchObject:
+    batch = service.batches.cancel(owner, batch_id)
+    if batch is None:
+        raise _not_found(batch_id)
+    service.runner.wake()  # a batch nobody runs (none claimed yet) is finished as cancelled by the next poll
+    return batch
+
+
+def _not_found(batch_id: str) -> NotFound:
+    return NotFound(f"No batch found with id {batch_id[:80]!r}", param="batch_id", code="batch_not_found")

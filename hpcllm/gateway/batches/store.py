@@ -1,0 +1,175 @@
+"""Batches in the limits database: their Batch objects (as JSON), their owner, and the lease of the process that
+runs them.
+
+A batch belongs to the API key that created it (its digest, as files and stored responses: another key's id is a
+404). Exactly one gateway process runs an active batch: it claims the batch by writing itself as the lease's
+holder with an expiry, renews the expiry while it runs, and writes results only while it still holds the lease.
+A batch whose lease ran out (its process crashed, its host was cut off) is claimed by the next process that looks
+(every process polls), which continues from what the output files already hold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hpcllm.controller.registry.databases import Database
+from hpcllm.gateway.batches.protocol import ACTIVE, BatchObject, RequestCounts
+from hpcllm.gateway.errors import InvalidRequest
+from hpcllm.gateway.files.protocol import ListQuery
+from hpcllm.gateway.files.store import FileStore, StoredFile, page
+from hpcllm.gateway.shared_state import SharedState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
+                                            status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL,
+                                            batch TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, created);
+CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
+"""
+ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
+# Statuses a batch may be cancelled in.
+CANCELLABLE = ("validating", "in_progress")
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A batch this process holds the lease of."""
+
+    batch_id: str
+    owner: str
+    holder: str
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    id: str
+    created: float
+    batch: BatchObject
+
+
+def _row(row) -> BatchRow:
+    return BatchRow(row["id"], row["created"], BatchObject.model_validate_json(row["batch"]))
+
+
+class BatchStore:
+    def __init__(self, shared: SharedState, lease_s: float, clock: Callable[[], float] = time.time):
+        self.shared, self.lease_s, self.clock = shared, lease_s, clock
+        shared.create_tables(SCHEMA)
+
+    def _for_update(self) -> str:
+        return " FOR UPDATE" if self.shared.postgres else ""  # SQLite's BEGIN IMMEDIATE holds the write lock
+
+    # ------------------------------------------------------------------------------------------- the API's
+    def insert(self, owner: str, batch: BatchObject) -> None:
+        with self.shared.transaction() as db:
+            db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_holder, lease_expires, "
+                            "batch) VALUES (?, ?, ?, ?, NULL, 0, ?)",
+                            (batch.id, owner, self.clock(), batch.status, batch.model_dump_json()))
+
+    def get(self, owner: str, batch_id: str) -> BatchRow | None:
+        with self.shared.connection() as db:
+            row = db.conn.execute("SELECT * FROM gateway_batches WHERE id = ? AND owner = ?",
+                                  (batch_id, owner)).fetchone()
+        return None if row is None else _row(row)
+
+    def list(self, owner: str, query: ListQuery) -> tuple[list[BatchRow], bool]:
+        rows, more = page(self.shared, "gateway_batches", ["owner = ?"], [owner], query,
+                          lambda after: self.get(owner, after))
+        return [_row(row) for row in rows], more
+
+    def cancel(self, owner: str, batch_id: str) -> BatchObject | None:
+        """Ask the batch's runner to stop (status cancelling); None when the owner has no such batch, a 400 when it
+        has already ended."""
+        with self.shared.transaction() as db:
+            row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ? AND owner = ?{self._for_update()}",
+                                  (batch_id, owner)).fetchone()
+            if row is None:
+                return None
+            batch = _row(row).batch
+            if batch.status in ("cancelling", "cancelled"):
+                return batch
+            if batch.status not in CANCELLABLE:
+                raise InvalidRequest(f"Cannot cancel a batch with status {batch.status!r}", code="batch_not_cancellable")
+            batch = batch.model_copy(update={"status": "cancelling", "cancelling_at": int(self.clock())})
+            self._write(db, batch)
+        return batch
+
+    @staticmethod
+    def _write(db: Database, batch: BatchObject) -> None:
+        db.conn.execute("UPDATE gateway_batches SET status = ?, batch = ? WHERE id = ?",
+                        (batch.status, batch.model_dump_json(), batch.id))
+
+    # ------------------------------------------------------------------------------------------- the runner's
+    def claimable(self) -> bool:
+        """Whether an active batch has no live lease (one cheap read before a claim's write transaction)."""
+        with self.shared.connection() as db:
+            return db.conn.execute(f"SELECT id FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) AND "
+                                   f"lease_expires < ? LIMIT 1", (self.clock(),)).fetchone() is not None
+
+    def claim(self, holder: str) -> Claim | None:
+        """Take the lease of the oldest active batch nobody holds (a crashed holder's included)."""
+        now = self.clock()
+        with self.shared.transaction() as db:
+            row = db.conn.execute(f"SELECT id, owner FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) AND "
+                                  f"lease_expires < ? ORDER BY created LIMIT 1{self._for_update()}",
+                                  (now,)).fetchone()
+            if row is None:
+                return None
+            db.conn.execute("UPDATE gateway_batches SET lease_holder = ?, lease_expires = ? WHERE id = ?",
+                            (holder, now + self.lease_s, row["id"]))
+        return Claim(row["id"], row["owner"], holder)
+
+    def _held(self, db: Database, claim: Claim) -> BatchObject | None:
+        row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self._for_update()}",
+                              (claim.batch_id,)).fetchone()
+        if row is None or row["lease_holder"] != claim.holder or row["lease_expires"] < self.clock():
+            return None
+        return _row(row).batch
+
+    def renew(self, claim: Claim, counts: RequestCounts | None = None, **changes) -> BatchObject | None:
+        """Extend the lease (and record the counts and changes given); the batch as it is now, None when the lease
+        was lost (it ran out and another process may have the batch: stop writing)."""
+        with self.shared.transaction() as db:
+            batch = self._held(db, claim)
+            if batch is None:
+                return None
+            if counts is not None:
+                changes["request_counts"] = counts
+            if changes:
+                batch = batch.model_copy(update=changes)
+                self._write(db, batch)
+            db.conn.execute("UPDATE gateway_batches SET lease_expires = ? WHERE id = ?",
+                            (self.clock() + self.lease_s, claim.batch_id))
+        return batch
+
+    def holds(self, claim: Claim) -> bool:
+        with self.shared.connection() as db:
+            row = db.conn.execute("SELECT lease_holder, lease_expires FROM gateway_batches WHERE id = ?",
+                                  (claim.batch_id,)).fetchone()
+        return row is not None and row["lease_holder"] == claim.holder and row["lease_expires"] >= self.clock()
+
+    def release(self, claim: Claim) -> None:
+        """Give the batch up unfinished (this process drains): the next process that polls takes it over."""
+        with self.shared.transaction() as db:
+            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0 WHERE id = ? AND "
+                            "lease_holder = ?", (claim.batch_id, claim.holder))
+
+    def finish(self, claim: Claim, batch: BatchObject, outputs: list[StoredFile]) -> bool:
+        """Record the batch's final state and its output files in one transaction; False when the lease was lost."""
+        with self.shared.transaction() as db:
+            if self._held(db, claim) is None:
+                return False
+            for stored in outputs:
+                FileStore.record(db, claim.owner, stored)
+            self._write(db, batch)
+            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0 WHERE id = ?",
+                            (claim.batch_id,))
+        return True

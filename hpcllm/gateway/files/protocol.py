@@ -1,0 +1,49 @@
+"""Wire types of the Files API (OpenAI's FileObject, its list and deletion answers)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
+
+# What a client may upload a file for: batch inputs only (the other purposes serve APIs this gateway has not).
+UPLOAD_PURPOSES = ("batch",)
+# A batch's output and error files.
+OUTPUT_PURPOSE = "batch_output"
+
+
+class FileObject(OpenAIResponse):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+
+class FileList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(OpenAIResponse):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class ListQuery(OpenAIRequest):
+    """A list's query (OpenAI's): `limit` items, newest first (order desc) or oldest first, after the item `after`."""
+
+    limit: int = Field(20, ge=1, le=10_000)
+    order: Literal["asc", "desc"] = "desc"
+    after: str | None = None
+    purpose: str | None = None

@@ -1,0 +1,331 @@
+"""The Files and Batch APIs with the official openai client, through a real gateway: a batch's requests answered as
+their endpoint answers them (the tiny model's worker), failures in the error file, usage counted, ownership,
+validation, cancel, and a batch whose process died taken over by another without running a request twice."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from hpcllm.gateway.batches.service import EXTENSION_KEY
+from hpcllm.gateway.response_store import owner_of
+from hpcllm.httpkit.tests.thread_server import ThreadServer
+
+from .conftest import ADMIN_KEY, MODEL, USER_KEY, GatewayFactory
+from .stand_in_worker import stand_in_worker_app
+from .test_errors import assert_error
+
+OTHER_KEY = "sk-test-other"
+KEYS = [{"key": USER_KEY, "name": "alice", "group": "physics"}, {"key": OTHER_KEY, "name": "bob"}]
+FINAL = ("completed", "failed", "expired", "cancelled")
+CHAT = "/v1/chat/completions"
+
+
+def jsonl(lines: list) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+
+
+def chat_line(custom_id: str, question: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": CHAT,
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": 6,
+                     "temperature": 0, **body}}
+
+
+def completion_line(custom_id: str) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"model": MODEL, "prompt": "hello", "max_tokens": 1}}
+
+
+def submit(client: openai.OpenAI, lines: list, endpoint: str = CHAT):
+    uploaded = client.files.create(file=("requests.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    return client.batches.create(input_file_id=uploaded.id, endpoint=endpoint, completion_window="24h")
+
+
+def wait_until(condition, timeout_s: float = 60.0):
+    """Poll a condition (a bounded wait for the runner thread): its first true value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            assert value, "timed out waiting"
+            return value
+        time.sleep(0.05)
+
+
+def finished(client: openai.OpenAI, batch_id: str):
+    return wait_until(lambda: (b := client.batches.retrieve(batch_id)).status in FINAL and b)
+
+
+def results(client: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
+    if file_id is None:
+        return {}
+    lines = [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+    by_id = {line["custom_id"]: line for line in lines}
+    assert len(by_id) == len(lines), "a request's result appears twice"
+    return by_id
+
+
+def service_of(gw):
+    return gw.app.extensions[EXTENSION_KEY]
+
+
+def lease_runs_out(gw, batch_id: str) -> None:
+    """The batch's process "dies": its lease ends as if it had not been renewed in time."""
+    with service_of(gw).batches.shared.transaction() as db:
+        db.conn.execute("UPDATE gateway_batches SET lease_expires = 0 WHERE id = ?", (batch_id,))
+
+
+def usage_requests(gw) -> int:
+    report = httpx.get(f"{gw.url}/v1/admin/usage", params={"by": "key"},
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30).json()
+    return sum(row["requests"] for row in report["data"] if row["key"] == "alice")
+
+
+def test_a_batch_answers_each_request_as_its_endpoint_does(make_gateway):
+    gw = make_gateway(api_keys=KEYS)
+    client = gw.client()
+    questions = {"q1": "hello world", "q2": "what is two", "q3": "tell me more"}
+    lines = [chat_line(cid, q) for cid, q in questions.items()]
+    lines += [chat_line("bad", "x", max_tokens=-1), chat_line("streamed", "x", stream=True)]
+    batch = submit(client, lines)
+    assert batch.status == "in_progress" and batch.endpoint == CHAT and batch.model == MODEL
+    assert batch.request_counts.total == 5 and batch.expires_at == batch.created_at + 24 * 3600
+
+    done = finished(client, batch.id)
+    assert done.status == "completed" and done.completed_at >= done.created_at
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 2)
+    output, errors = results(client, done.output_file_id), results(client, done.error_file_id)
+    assert set(output) == set(questions) and set(errors) == {"bad", "streamed"}
+    for cid, question in questions.items():
+        line = output[cid]
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        assert line["response"]["status_code"] == 200 and line["response"]["request_id"]
+        direct = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                                max_tokens=6, temperature=0)
+        answer = line["response"]["body"]
+        assert answer["object"] == "chat.completion"
+        assert answer["choices"][0]["message"]["content"] == direct.choices[0].message.content
+        assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (
+            direct.usage.prompt_tokens, direct.usage.completion_tokens)
+    assert errors["bad"]["response"]["status_code"] == 422
+    assert errors["bad"]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert errors["streamed"]["response"]["status_code"] == 400
+    assert errors["streamed"]["response"]["body"]["error"]["param"] == "stream"
+
+    output_file = client.files.retrieve(done.output_file_id)
+    assert output_file.purpose == "batch_output" and output_file.bytes == len(
+        client.files.content(done.output_file_id).content)
+    # The 3 answered requests, the invalid one (refused before a worker took it: not counted) aside, and the 3 direct.
+    assert usage_requests(gw) == 6
+    assert [b.id for b in client.batches.list()] == [batch.id]
+
+
+def test_files_and_batches_belong_to_their_key(make_gateway):
+    gw = make_gateway(api_keys=KEYS)
+    client, other = gw.client(), gw.client(OTHER_KEY)
+    content = jsonl([completion_line("a")])
+    uploaded = client.files.create(file=("mine.jsonl", io.BytesIO(content)), purpose="batch")
+    assert (uploaded.object, uploaded.bytes, uploaded.filename, uploaded.purpose, uploaded.status) == (
+        "file", len(content), "mine.jsonl", "batch", "processed")
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
+    assert client.files.content(uploaded.id).content == content
+    assert [f.id for f in client.files.list()] == [uploaded.id] and list(other.files.list()) == []
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+
+    for path in (f"/v1/files/{uploaded.id}", f"/v1/files/{uploaded.id}/content", f"/v1/batches/{batch.id}"):
+        assert_error(gw.get(path, key=OTHER_KEY), 404, "batch_not_found" if "batches" in path else "file_not_found")
+    assert_error(gw.post(f"/v1/batches/{batch.id}/cancel", key=OTHER_KEY), 404, "batch_not_found")
+    assert_error(httpx.delete(f"{gw.url}/v1/files/{uploaded.id}", headers={"Authorization": f"Bearer {OTHER_KEY}"}),
+                 404, "file_not_found")
+    with pytest.raises(openai.NotFoundError):  # another key cannot run a batch over my file either
+        other.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    assert list(other.batches.list()) == []
+
+    finished(client, batch.id)
+    assert client.files.delete(uploaded.id).deleted
+    assert_error(gw.get(f"/v1/files/{uploaded.id}"), 404, "file_not_found")
+    assert not list(gw.state.config.paths.state_dir.glob("gateway/files/*upload*"))
+
+    # Beyond the JSON endpoints' gateway.max_request_bytes (4 MiB): a batch file may be up to files_max_bytes.
+    large = jsonl([completion_line("a")]) + b" " * (5 << 20) + b"\n"
+    assert client.files.create(file=("large.jsonl", io.BytesIO(large)), purpose="batch").bytes == len(large)
+
+
+def test_uploads_are_refused_with_what_to_fix(make_gateway):
+    gw = make_gateway(files_max_bytes=2048)
+    big = jsonl([completion_line(f"r{i}") for i in range(40)])
+    assert len(big) > 2048
+    files = {"file": ("big.jsonl", big)}
+    assert_error(gw.post("/v1/files", files=files, data={"purpose": "batch"}), 413, "request_too_large")
+    assert_error(gw.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")}, data={"purpose": "fine-tune"}), 400,
+                 "invalid_value", "purpose")
+    assert_error(gw.post("/v1/files", data={"purpose": "batch"}, files={"other": ("a", b"x")}), 400,
+                 "missing_field", "file")
+    assert_error(gw.post("/v1/files", json={"purpose": "batch"}), 400, "invalid_request")
+    assert list(gw.client().files.list()) == []  # nothing half-kept
+
+
+def test_a_bad_input_file_fails_the_batch_naming_its_lines(make_gateway):
+    gw = make_gateway()
+    client = gw.client()
+    lines = [chat_line("a", "hi"), b"{not json", chat_line("a", "again"),
+             {**chat_line("c", "hi"), "url": "/v1/completions"},
+             {**chat_line("d", "hi"), "body": {"model": "other-model", "messages": []}},
+             {"custom_id": "e", "method": "GET", "url": CHAT, "body": {}}]
+    batch = submit(client, lines)
+    assert batch.status == "failed" and batch.failed_at
+    assert [(e.code, e.line) for e in batch.errors.data] == [
+        ("invalid_json_line", 2), ("duplicate_custom_id", 3), ("url_mismatch", 4), ("model_mismatch", 5),
+        ("invalid_request", 6)]
+    assert all(e.message for e in batch.errors.data)
+    assert client.batches.retrieve(batch.id).status == "failed"
+    assert_error(gw.post(f"/v1/batches/{batch.id}/cancel"), 400, "batch_not_cancellable")
+
+    empty = submit(client, [])
+    assert empty.status == "failed" and [e.code for e in empty.errors.data] == ["empty_file"]
+    uploaded = client.files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line("a", "hi")]))), purpose="batch")
+    body = {"input_file_id": uploaded.id, "endpoint": CHAT, "completion_window": "24h"}
+    assert_error(gw.post("/v1/batches", json={**body, "endpoint": "/v1/moderations"}), 400, "invalid_value",
+                 "endpoint")
+    assert_error(gw.post("/v1/batches", json={**body, "completion_window": "1h"}), 400, "invalid_value",
+                 "completion_window")
+    assert_error(gw.post("/v1/batches", json={**body, "input_file_id": "file-nope"}), 404, "file_not_found")
+    assert_error(gw.post("/v1/batches", json={"endpoint": CHAT}), 400, "missing_field", "input_file_id")
+
+
+class GatedWorker:
+    """A stand-in worker (one token per request) whose `blocked`-th request (0-based) waits for `release`."""
+
+    def __init__(self, blocked: int):
+        self.calls = itertools.count()
+        self.blocked = blocked
+        self.reached = threading.Event()
+        self.release = threading.Event()
+        self.server = ThreadServer(stand_in_worker_app("gated", self._after_token))
+
+    def _after_token(self, index: int) -> None:
+        if next(self.calls) == self.blocked:
+            self.reached.set()
+            self.release.wait(60)
+
+
+@pytest.fixture
+def gated_factory(tmp_path, tiny_model_dir):
+    """(GatewayFactory in front of a GatedWorker factory) - gateways and workers stopped at the end."""
+    made = []
+
+    def make(blocked: int):
+        worker = GatedWorker(blocked)
+        factory = GatewayFactory(tmp_path / f"f{len(made)}", worker.server.url, tiny_model_dir)
+        made.append((worker, factory))
+        return worker, factory
+
+    yield make
+    for worker, factory in made:
+        worker.release.set()
+        factory.stop_all()
+        worker.server.stop()
+
+
+def test_cancel_stops_starting_requests_and_keeps_what_finished(gated_factory):
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)
+    client = gw.client()
+    batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status == "cancelling" and cancelling.cancelling_at
+    worker.release.set()
+    done = finished(client, batch.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 1, 0)
+    assert list(results(client, done.output_file_id)) == ["r0"] and done.error_file_id is None
+
+
+def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(gated_factory, tmp_path):
+    worker, factory = gated_factory(blocked=1)  # the second request hangs in the first process
+    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
+              "batch_concurrency": 1, "batch_lease_seconds": 300}
+    first = factory(**shared)
+    client = first.client()
+    batch = submit(client, [completion_line(f"r{i}") for i in range(4)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    first_runner = service_of(first).runner
+    assert first_runner.running.batch_id == batch.id
+    lease_runs_out(first, batch.id)
+
+    second = factory(**shared)  # another process, sharing the database and the files directory
+    second_runner = service_of(second).runner
+    second_runner.wake()
+    done = finished(second.client(), batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 4
+    worker.release.set()  # the first process's hung request ends: its result must not be written again
+    wait_until(lambda: first_runner.running is None)  # it found its lease gone and gave the batch up
+    output = results(second.client(), done.output_file_id)
+    assert sorted(output) == ["r0", "r1", "r2", "r3"]
+    assert first_runner.holder != second_runner.holder
+
+
+def test_a_batch_cancelled_while_nobody_runs_it_runs_no_more_requests(gated_factory, tmp_path):
+    worker, factory = gated_factory(blocked=1)
+    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
+              "batch_concurrency": 1, "batch_lease_seconds": 300}
+    first = factory(**shared)
+    client = first.client()
+    batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    lease_runs_out(first, batch.id)
+    assert client.batches.cancel(batch.id).status == "cancelling"
+
+    second = factory(**shared)
+    service_of(second).runner.wake()
+    done = finished(second.client(), batch.id)
+    assert done.status == "cancelled" and list(results(client, done.output_file_id)) == ["r0"]
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 0)
+    worker.release.set()
+    wait_until(lambda: service_of(first).runner.running is None)
+
+
+def test_past_its_window_a_batch_expires_and_lists_the_requests_it_did_not_run(gated_factory):
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)
+    client = gw.client()
+    batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    service = service_of(gw)
+    service.batches.renew(service.runner.running, expires_at=int(time.time()) - 1)  # its 24 hours are over
+    worker.release.set()
+    done = finished(client, batch.id)
+    assert done.status == "expired" and done.expired_at
+    assert list(results(client, done.output_file_id)) == ["r0"]
+    errors = results(client, done.error_file_id)
+    assert sorted(errors) == ["r1", "r2"]
+    assert all(line["response"] is None and line["error"]["code"] == "batch_expired" for line in errors.values())
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 2)
+
+
+def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tmp_path):
+    worker, factory = gated_factory(blocked=0)
+    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
+              "batch_concurrency": 1}
+    first = factory(**shared)
+    batch = submit(first.client(), [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    first.state.start_draining()
+    worker.release.set()  # the request it was running finishes and is kept; it starts no other
+    first_runner = service_of(first).runner
+    wait_until(lambda: first_runner.running is None)
+    row = service_of(first).batches.get(owner_of(first.state.api_keys[USER_KEY]), batch.id)
+    assert row.batch.status == "in_progress" and row.batch.request_counts.completed == 1
+
+    second = factory(**shared)
+    service_of(second).runner.wake()
+    done = finished(second.client(), batch.id)
+    assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
