@@ -23,6 +23,7 @@ import click
 
 from hpcllm.config import Config, load_config
 from hpcllm.errors import ConfigError
+from hpcllm.gateway.files import MULTIPART_OVERHEAD
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "conf" / "nginx" / "hpcllm.conf"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -60,6 +61,7 @@ def render(config: Config, door: FrontDoor, listen: str, upstream: str | None = 
         "user": getpass.getuser(),
         "run_dir": str(door.run_dir),
         "max_body_bytes": str(gw.max_request_bytes),
+        "files_max_body_bytes": str(gw.files_max_bytes + MULTIPART_OVERHEAD),
         "upstream": upstream or f"{gw.host}:{gw.port}",
         "listen": listen,
         "cert": str(door.cert),

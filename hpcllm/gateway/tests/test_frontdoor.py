@@ -272,3 +272,18 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_batch_files_larger_than_a_request_body_upload_through_nginx(front):
+    """nginx bounds bodies by gateway.max_request_bytes (64 KiB here), but POST /v1/files by files_max_bytes."""
+    import io
+
+    gw, door, url = front
+    content = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n' + b" " * (256 << 10)
+    with httpx.Client(verify=trusting(door)) as http:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=USER_KEY, max_retries=0, http_client=http)
+        uploaded = client.files.create(file=("big.jsonl", io.BytesIO(content)), purpose="batch")
+        assert client.files.content(uploaded.id).content == content
+        with pytest.raises(openai.APIStatusError) as refused:  # any other endpoint keeps the request bound
+            client.completions.create(model=MODEL, prompt="x" * (256 << 10))
+    assert refused.value.status_code == 413
