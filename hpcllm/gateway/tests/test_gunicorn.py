@@ -155,6 +155,7 @@ def test_gunicorn_serves_aggregates_metrics_and_drains_on_sigterm(gunicorn_gatew
     assert list((tmp_path / "state" / "gateway" / "prometheus").glob("master-*/*.db")), \
         "metrics were not written in multiprocess mode"
     check_shared_by_the_worker_processes(url)
+    check_a_batch_runs_once(url)
 
     # Two requests in flight at SIGTERM: a real stream, and one stuck on a worker that never answers.
     stuck_outcome = {}
@@ -234,6 +235,36 @@ def check_shared_by_the_worker_processes(url: str) -> None:
             break
         time.sleep(0.3)
     assert got == want and [row["key"] for row in report["data"]] == ["alice"], report
+
+
+def check_a_batch_runs_once(url: str) -> None:
+    """Both worker processes poll for batches; one claims it, and each request runs once: the output holds each
+    custom_id once, and the usage report grows by exactly the batch's requests."""
+    import io
+
+    import openai
+
+    def alice_requests() -> int:
+        return httpx.get(f"{url}/v1/admin/usage", params={"by": "key"}, timeout=10,
+                         headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["total"]["requests"]
+
+    before = alice_requests()
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": MODEL, "prompt": f"hello {i}", "max_tokens": 2}} for i in range(6)]
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=USER_KEY, max_retries=0, timeout=60) as client:
+        source = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+        uploaded = client.files.create(file=("batch.jsonl", source), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+        deadline = time.monotonic() + 60
+        while (batch := client.batches.retrieve(batch.id)).status != "completed" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert batch.status == "completed" and batch.request_counts.completed == 6, batch
+        output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in output) == [f"r{i}" for i in range(6)]
+    deadline = time.monotonic() + 30
+    while alice_requests() < before + 6 and time.monotonic() < deadline:  # each process's writer thread
+        time.sleep(0.3)
+    assert alice_requests() == before + 6
 
 
 def abort_count(url: str, model: str) -> float:
