@@ -18,7 +18,7 @@ from hpcllm.gateway.files.serving import list_query, owned_file
 
 def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchObject:
     _check_request(req)
-    stored = owned_file(service.files, owner, req.input_file_id)
+    stored = owned_file(service.files, owner, req.input_file_id, param="input_file_id")
     if stored.purpose != "batch":
         raise InvalidRequest(f"the file {stored.id} was not uploaded for batches (its purpose is "
                              f"{stored.purpose!r}, not 'batch')", param="input_file_id", code="invalid_value")

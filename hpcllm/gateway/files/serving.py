@@ -39,12 +39,16 @@ def upload(files: FileStore, owner: str, request: Request) -> FileObject:
     return files.save(owner, sent.filename or "upload.jsonl", purpose, sent.stream).wire()
 
 
-def owned_file(files: FileStore, owner: str, file_id: str) -> StoredFile:
+def owned_file(files: FileStore, owner: str, file_id: str, param: str = "id") -> StoredFile:
     """The key's file; 404 for any id it cannot see (another key's too: its existence is not told)."""
     stored = files.get(owner, file_id)
     if stored is None:
-        raise NotFound(f"No such File object: {file_id[:80]}", param="id", code="file_not_found")
+        raise _not_found(file_id, param)
     return stored
+
+
+def _not_found(file_id: str, param: str) -> NotFound:
+    return NotFound(f"No such File object: {file_id[:80]}", param=param, code="file_not_found")
 
 
 def list_files(files: FileStore, owner: str, args: Mapping[str, str]) -> FileList:
@@ -69,5 +73,5 @@ def content(files: FileStore, owner: str, file_id: str) -> Any:
 
 def delete(files: FileStore, owner: str, file_id: str) -> FileDeleted:
     if not files.delete(owner, file_id):
-        raise NotFound(f"No such File object: {file_id[:80]}", param="id", code="file_not_found")
+        raise _not_found(file_id, "id")
     return FileDeleted(id=file_id)

@@ -196,7 +196,8 @@ def test_a_bad_input_file_fails_the_batch_naming_its_lines(make_gateway):
                  "endpoint")
     assert_error(gw.post("/v1/batches", json={**body, "completion_window": "1h"}), 400, "invalid_value",
                  "completion_window")
-    assert_error(gw.post("/v1/batches", json={**body, "input_file_id": "file-nope"}), 404, "file_not_found")
+    assert_error(gw.post("/v1/batches", json={**body, "input_file_id": "file-nope"}), 404, "file_not_found",
+                 "input_file_id")
     assert_error(gw.post("/v1/batches", json={"endpoint": CHAT}), 400, "missing_field", "input_file_id")
 
 
