@@ -26,6 +26,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "tp": "hpcllm.tp.cli:tp",
     "gateway": "hpcllm.gateway.cli:gateway",
     "usage": "hpcllm.gateway.cli:usage",
+    "batch": "hpcllm.gateway.batches.cli:batch",
     "slurm": "hpcllm.slurm.cli:slurm",
     "cache": "hpcllm.node.cache_cli:cache",
     "node": "hpcllm.node.cli:node",

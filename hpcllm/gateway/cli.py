@@ -60,11 +60,9 @@ def usage(config_path: Path | None, gateway_url: str | None, since: str | None, 
           group: str | None, key_name: str | None, model: str | None, output_format: str) -> None:
     """Requests and tokens used per key, group, model or day (GET /v1/admin/usage, with the gateway's admin key)."""
     import json
-    import os
 
     config = load_config(config_path)
-    url = gateway_url if gateway_url is not None else (
-        os.environ.get(GATEWAY_URL_ENV) or f"http://{config.gateway.host}:{config.gateway.port}")
+    url = resolve_gateway_url(config, gateway_url)
     query = {name: value for name, value in {"since": since, "until": until, "by": by, "group": group,
                                              "key": key_name, "model": model}.items() if value is not None}
     report = _get_usage(config, url, query)
@@ -76,22 +74,46 @@ def usage(config_path: Path | None, gateway_url: str | None, since: str | None, 
         _print_usage_table(report)
 
 
+def resolve_gateway_url(config, given: str | None) -> str:
+    """--url, else $HPCLLM_GATEWAY_URL, else the config's gateway.host:port (a malformed URL is a clear error)."""
+    import os
+
+    from hpcllm.httpkit.client import check_url
+
+    url = given if given is not None else (
+        os.environ.get(GATEWAY_URL_ENV) or f"http://{config.gateway.host}:{config.gateway.port}")
+    return check_url(url, f"the gateway URL (--url or ${GATEWAY_URL_ENV})")
+
+
+def gateway_client(config, url: str, key: str | None, timeout_s: float = 60.0):
+    """An HTTP client for the gateway at `url` sending `key` as the bearer key (none: an open dev gateway)."""
+    from hpcllm.httpkit.client import internal_client
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return internal_client(config.internal_http, base_url=url, timeout=timeout_s, headers=headers)
+
+
+def gateway_json(http, url: str, method: str, path: str, **kwargs):
+    """One call's JSON answer; the gateway unreachable, refusing, or not a gateway is one clear HpcllmError."""
+    from hpcllm.errors import HpcllmError
+    from hpcllm.httpkit.client import request_json
+
+    return request_json(
+        http, method, path, **kwargs,
+        unreachable=lambda exc: HpcllmError(f"cannot reach the gateway at {url} ({exc}); set --url or "
+                                            f"${GATEWAY_URL_ENV}"),
+        refused=lambda status, error, message: HpcllmError(f"the gateway refused ({status}): {message}"),
+        unexpected=lambda what: HpcllmError(f"{url} did not answer like an hpcllm gateway ({what})"))
+
+
 def _get_usage(config, url: str, query: dict[str, str]) -> dict:
     from hpcllm.errors import HpcllmError
-    from hpcllm.httpkit.client import check_url, internal_client, request_json
 
-    url = check_url(url, f"the gateway URL (--url or ${GATEWAY_URL_ENV})")
     admin_key = config.gateway.admin_key
     if not admin_key:
         raise HpcllmError("gateway.admin_key is not set in the config: the usage report needs the gateway's admin key")
-    with internal_client(config.internal_http, base_url=url, timeout=60.0,
-                         headers={"Authorization": f"Bearer {admin_key}"}) as http:
-        report = request_json(
-            http, "GET", "/v1/admin/usage", params=query,
-            unreachable=lambda exc: HpcllmError(f"cannot reach the gateway at {url} ({exc}); set --url or "
-                                                f"${GATEWAY_URL_ENV}"),
-            refused=lambda status, error, message: HpcllmError(f"the gateway refused ({status}): {message}"),
-            unexpected=lambda what: HpcllmError(f"{url} did not answer like an hpcllm gateway ({what})"))
+    with gateway_client(config, url, admin_key) as http:
+        report = gateway_json(http, url, "GET", "/v1/admin/usage", params=query)
     if not isinstance(report, dict) or report.get("object") != "usage":
         raise HpcllmError(f"{url} did not answer like an hpcllm gateway (no usage report); check --url")
     return report

@@ -1,0 +1,166 @@
+"""`hpcllm batch submit|status|cancel|download`: the Batch API from a shell, with the user's API key.
+
+Import-light (no Flask, no gateway app): the command talks to the gateway over HTTP as any client would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import click
+
+from hpcllm.config import load_config
+from hpcllm.errors import HpcllmError
+from hpcllm.gateway.cli import GATEWAY_URL_ENV, gateway_client, gateway_json, resolve_gateway_url
+
+API_KEY_ENVS = ["HPCLLM_API_KEY", "OPENAI_API_KEY"]
+FINAL = ("completed", "failed", "expired", "cancelled")
+POLL_S = 5.0
+
+
+def _common(command):
+    command = click.option("--api-key", envvar=API_KEY_ENVS, default=None,
+                           help="Your API key (default: $HPCLLM_API_KEY, else $OPENAI_API_KEY).")(command)
+    command = click.option("--url", "gateway_url", default=None,
+                           help=f"Gateway URL (default: ${GATEWAY_URL_ENV}, else http://gateway.host:gateway.port "
+                                f"of --config).")(command)
+    return click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+                        help="hpcllm TOML config (default: $HPCLLM_CONFIG); only for the gateway's address.")(command)
+
+
+class BatchClient:
+    """The gateway's Batch and Files APIs for one command."""
+
+    def __init__(self, config_path: Path | None, gateway_url: str | None, api_key: str | None):
+        config = load_config(config_path)
+        self.url = resolve_gateway_url(config, gateway_url)
+        self.http = gateway_client(config, self.url, api_key, timeout_s=300.0)
+
+    def json(self, method: str, path: str, **kwargs) -> dict:
+        return gateway_json(self.http, self.url, method, path, **kwargs)
+
+    def download(self, file_id: str, target: Path) -> int:
+        """A file's bytes to `target` (written beside it, then renamed: never half a file); its size."""
+        from hpcllm.httpkit.client import error_of
+
+        partial = target.with_name(f".{target.name}.part")
+        try:
+            with self.http.stream("GET", f"/v1/files/{file_id}/content") as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise HpcllmError(f"the gateway refused ({resp.status_code}): {error_of(resp)[1]}")
+                with open(partial, "wb") as out:
+                    for chunk in resp.iter_bytes():
+                        out.write(chunk)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target.stat().st_size
+
+
+@click.group("batch")
+def batch() -> None:
+    """Run a JSONL file of requests offline (OpenAI's Batch API): submit, status, cancel, download."""
+
+
+@batch.command("submit")
+@click.argument("requests", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--endpoint", default="/v1/chat/completions", show_default=True,
+              help="What every line calls: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses.")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="A metadata pair (repeatable).")
+@click.option("--wait", is_flag=True, help="Wait until the batch ends, printing its progress.")
+@_common
+def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool, config_path: Path | None,
+           gateway_url: str | None, api_key: str | None) -> None:
+    """Upload REQUESTS (JSONL: custom_id, method, url, body per line) and start a batch over it."""
+    pairs = dict(_pair(item) for item in metadata)
+    gateway = BatchClient(config_path, gateway_url, api_key)
+    with open(requests, "rb") as source:
+        uploaded = gateway.json("POST", "/v1/files", files={"file": (requests.name, source)},
+                                data={"purpose": "batch"})
+    created = gateway.json("POST", "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint,
+                                                        "completion_window": "24h", "metadata": pairs or None})
+    click.echo(created["id"])
+    _report(created)
+    if wait:
+        while created["status"] not in FINAL:
+            time.sleep(POLL_S)
+            created = gateway.json("GET", f"/v1/batches/{created['id']}")
+            _report(created)
+    _check_not_failed(created)
+
+
+@batch.command("status")
+@click.argument("batch_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="The Batch object(s) as the API returns them.")
+@_common
+def status(batch_id: str | None, as_json: bool, config_path: Path | None, gateway_url: str | None,
+           api_key: str | None) -> None:
+    """One batch's status and counts; without BATCH_ID, your batches, newest first."""
+    gateway = BatchClient(config_path, gateway_url, api_key)
+    if batch_id is None:
+        found = gateway.json("GET", "/v1/batches", params={"limit": 100})["data"]
+    else:
+        found = [gateway.json("GET", f"/v1/batches/{batch_id}")]
+    if as_json:
+        click.echo(json.dumps(found if batch_id is None else found[0], indent=2))
+        return
+    for item in found:
+        _report(item, with_id=batch_id is None)
+
+
+@batch.command("cancel")
+@click.argument("batch_id")
+@_common
+def cancel(batch_id: str, config_path: Path | None, gateway_url: str | None, api_key: str | None) -> None:
+    """Stop starting BATCH_ID's requests; what finished is kept."""
+    _report(BatchClient(config_path, gateway_url, api_key).json("POST", f"/v1/batches/{batch_id}/cancel"))
+
+
+@batch.command("download")
+@click.argument("batch_id")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where the answers go (default: BATCH_ID_output.jsonl).")
+@click.option("--errors", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where the failed requests go (default: BATCH_ID_errors.jsonl).")
+@_common
+def download(batch_id: str, output: Path | None, errors: Path | None, config_path: Path | None,
+             gateway_url: str | None, api_key: str | None) -> None:
+    """Save a finished batch's output and error files."""
+    gateway = BatchClient(config_path, gateway_url, api_key)
+    found = gateway.json("GET", f"/v1/batches/{batch_id}")
+    if found["status"] not in FINAL:
+        raise HpcllmError(f"batch {batch_id} is {found['status']}: its files are there once it has ended "
+                          f"(hpcllm batch submit --wait, or hpcllm batch status {batch_id})")
+    _check_not_failed(found)
+    targets = (("output_file_id", output or Path(f"{batch_id}_output.jsonl")),
+               ("error_file_id", errors or Path(f"{batch_id}_errors.jsonl")))
+    for field, target in targets:
+        if found.get(field):
+            size = gateway.download(found[field], target)
+            click.echo(f"{target} ({size} bytes)")
+
+
+def _pair(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--metadata")
+    return key, value
+
+
+def _report(found: dict, with_id: bool = False) -> None:
+    counts = found.get("request_counts") or {}
+    prefix = f"{found['id']} " if with_id else ""
+    click.echo(f"{prefix}{found['status']}: {counts.get('completed', 0)} completed, {counts.get('failed', 0)} "
+               f"failed of {counts.get('total', 0)}")
+
+
+def _check_not_failed(found: dict) -> None:
+    if found["status"] != "failed":
+        return
+    errors = (found.get("errors") or {}).get("data") or []
+    lines = "; ".join(f"line {e.get('line')}: {e.get('code')}: {e.get('message')}" for e in errors[:10])
+    raise HpcllmError(f"batch {found['id']} failed: the input file was refused ({lines})")
