@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import unicodedata
+from collections.abc import Iterator, Mapping
+from typing import IO
+from urllib.parse import quote
 
-from flask import Request, send_file
+from flask import Request, Response
 from pydantic import ValidationError
 
 from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.files import MULTIPART_OVERHEAD
 from hpcllm.gateway.files.protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject, ListQuery
-from hpcllm.gateway.files.store import FileStore, StoredFile
+from hpcllm.gateway.files.store import COPY_CHUNK, FileStore, StoredFile
 from hpcllm.gateway.protocol import validation_error
 from hpcllm.httpkit.errors import RequestTooLarge
 
@@ -65,10 +67,32 @@ def list_query(args: Mapping[str, str]) -> ListQuery:
         raise validation_error(exc) from None
 
 
-def content(files: FileStore, owner: str, file_id: str) -> Any:
+def content(files: FileStore, owner: str, file_id: str) -> Response:
+    """The file's bytes, streamed from disk. Not flask.send_file: its response goes to the server as a bare file
+    wrapper, whose end never runs the response's close callbacks (the in-flight count a drain waits on)."""
     stored = owned_file(files, owner, file_id)
-    return send_file(files.path(stored.id), mimetype="application/octet-stream", download_name=stored.filename,
-                     conditional=False, etag=False)
+    try:
+        source = open(files.path(stored.id), "rb")
+    except FileNotFoundError:  # deleted since it was looked up
+        raise _not_found(file_id, "id") from None
+    response = Response(_read(source), mimetype="application/octet-stream")
+    response.headers["Content-Length"] = str(stored.bytes)
+    response.headers.set("Content-Disposition", "attachment", **_download_names(stored.filename))
+    return response
+
+
+def _download_names(filename: str) -> dict[str, str]:
+    """Content-Disposition's filename (ASCII, as headers are Latin-1) and, for another name, RFC 5987's filename*
+    (what flask.send_file sends)."""
+    if filename.isascii():
+        return {"filename": filename}
+    plain = unicodedata.normalize("NFKD", filename).encode("ascii", "ignore").decode("ascii")
+    return {"filename": plain, "filename*": f"UTF-8''{quote(filename, safe='!#$&+-.^_`|~')}"}
+
+
+def _read(source: IO[bytes]) -> Iterator[bytes]:
+    with source:
+        yield from iter(lambda: source.read(COPY_CHUNK), b"")
 
 
 def delete(files: FileStore, owner: str, file_id: str) -> FileDeleted:

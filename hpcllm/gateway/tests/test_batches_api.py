@@ -124,6 +124,8 @@ def test_a_batch_answers_each_request_as_its_endpoint_does(make_gateway):
         client.files.content(done.output_file_id).content)
     # The 3 answered requests, the invalid one (refused before a worker took it: not counted) aside, and the 3 direct.
     assert usage_requests(gw) == 6
+    # The batch's requests and the downloads ended as HTTP requests do: a drain waits for none of them.
+    wait_until(lambda: gw.state.in_flight == 0)
     assert [b.id for b in client.batches.list()] == [batch.id]
 
 
@@ -136,6 +138,10 @@ def test_files_and_batches_belong_to_their_key(make_gateway):
         "file", len(content), "mine.jsonl", "batch", "processed")
     assert client.files.retrieve(uploaded.id).id == uploaded.id
     assert client.files.content(uploaded.id).content == content
+    named = client.files.create(file=("résumé 日本.jsonl", io.BytesIO(content)), purpose="batch")
+    assert named.filename == "résumé 日本.jsonl" and client.files.content(named.id).content == content
+    client.files.delete(named.id)
+    wait_until(lambda: gw.state.in_flight == 0)  # a download is not left counted as running (a drain waits on it)
     assert [f.id for f in client.files.list()] == [uploaded.id] and list(other.files.list()) == []
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
 
@@ -250,9 +256,10 @@ def test_cancel_stops_starting_requests_and_keeps_what_finished(gated_factory):
     assert list(results(client, done.output_file_id)) == ["r0"] and done.error_file_id is None
 
 
-def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(gated_factory, tmp_path):
+def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(gated_factory, tmp_path, limits_url):
+    """On SQLite (one host's processes) and PostgreSQL (several hosts sharing the database and files_dir)."""
     worker, factory = gated_factory(blocked=1)  # the second request hangs in the first process
-    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
+    shared = {"limits_db": limits_url, "files_dir": str(tmp_path / "files"),
               "batch_concurrency": 1, "batch_lease_seconds": 300}
     first = factory(**shared)
     client = first.client()
