@@ -20,15 +20,15 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 
 from flask import Flask
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from hpcllm.gateway.batches.input_file import BatchEntry, parse_input
-from hpcllm.gateway.batches.protocol import BatchErrors, BatchObject, LineError, RequestCounts, ResultError, \
-    ResultLine, ResultResponse
+from hpcllm.gateway.batches.protocol import (BatchErrors, BatchObject, LineError, RequestCounts, ResultError,
+                                             ResultLine, ResultResponse)
 from hpcllm.gateway.batches.results import ResultFile
 from hpcllm.gateway.batches.store import BatchStore, Claim
 from hpcllm.gateway.files.protocol import OUTPUT_PURPOSE
@@ -135,19 +135,13 @@ class BatchRunner:
         return int(status.split()[0]), dict(response_headers), answer
 
 
-@dataclass
-class Outcome:
-    entry: BatchEntry
-    result: ResultLine | None  # None: not run to a result (the gateway is going away); run it again later
-
-
 class BatchRun:
     """One claimed batch, run to its end (or until its lease is lost or the gateway drains)."""
 
     def __init__(self, runner: BatchRunner, claim: Claim):
         self.runner, self.claim = runner, claim
         self.batches = runner.batches
-        self.halt = threading.Event()  # stop retrying: the lease was lost or the gateway drains
+        self.halt = threading.Event()  # stop retrying: the batch stops (cancelled, expired, lost, released)
 
     def run(self) -> None:
         batch = self.batches.renew(self.claim)
@@ -173,9 +167,29 @@ class BatchRun:
         pending = deque(entry for entry in entries if entry.custom_id not in done)
         if done:
             log.info("batch %s: continuing after %d of %d requests", batch.id, len(done), len(entries))
+        stop = self._stop_reason(batch)  # cancelled or expired before any process ran it
+        if stop is None:
+            batch, stop = self._run_requests(batch, pending, lambda: self._counts(entries, output, errors),
+                                             output, errors)
+        if stop in ("release", "lost"):
+            if stop == "release":
+                self.batches.release(self.claim)
+            return
+        if stop == "expired":
+            for entry in pending:
+                errors.append(ResultLine(id=new_request_id(), custom_id=entry.custom_id, error=ResultError(
+                    code="batch_expired",
+                    message="This request could not be executed before the completion window expired.")))
+        self._finalize(batch, entries, output, errors, expired=stop == "expired")
+
+    def _run_requests(self, batch: BatchObject, pending: deque[BatchEntry], counts: Callable[[], RequestCounts],
+                      output: ResultFile, errors: ResultFile) -> tuple[BatchObject, str | None]:
+        """Run the pending requests, batch_concurrency at once, each result written as it comes, until none is
+        left or a reason to stop (then those running finish first); the batch as it is then, and that reason:
+        cancelled, expired, release (the gateway drains), lost (the lease), None (all ran)."""
         token = self.runner.api_token(self.claim.owner)
         inflight: dict[Future, BatchEntry] = {}
-        stop = self._stop_reason(batch)  # cancelled or expired before any process ran it
+        stop: str | None = None
         with ThreadPoolExecutor(self.runner.concurrency, thread_name_prefix=f"batch-{batch.id[-6:]}") as pool:
             try:
                 while (pending and stop is None) or inflight:
@@ -184,33 +198,24 @@ class BatchRun:
                         inflight[pool.submit(self._request, batch, entry, token)] = entry
                     finished, _ = wait(list(inflight), timeout=self.batches.lease_s / 3, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        outcome = Outcome(inflight.pop(future), future.result())
-                        if outcome.result is None:
-                            pending.appendleft(outcome.entry)
+                        entry, result = inflight.pop(future), future.result()
+                        if result is None:  # not run to a result (stopped while it waited to retry): not run
+                            pending.appendleft(entry)
                         elif self.batches.holds(self.claim):
-                            (output if outcome.result.response and outcome.result.response.status_code < 300
-                             else errors).append(outcome.result)
-                    batch = self.batches.renew(self.claim, self._counts(entries, output, errors))
-                    if batch is None:
-                        log.warning("batch %s: its lease was lost (another process may run it); stopping",
-                                    self.claim.batch_id)
-                        self.halt.set()
-                        return
-                    stop = stop or self._stop_reason(batch)
-                    if stop == "release":
-                        self.halt.set()
-            except BaseException:
+                            (output if _succeeded(result) else errors).append(result)
+                    renewed = self.batches.renew(self.claim, counts())
+                    if renewed is None:
+                        if stop != "lost":
+                            log.warning("batch %s: its lease was lost (another process may run it); stopping",
+                                        self.claim.batch_id)
+                        stop = "lost"
+                    else:
+                        batch, stop = renewed, stop or self._stop_reason(renewed)
+                    if stop is not None:
+                        self.halt.set()  # requests waiting to retry give up; those running finish
+            finally:
                 self.halt.set()
-                raise
-        if stop == "release":
-            self.batches.release(self.claim)
-            return
-        if stop == "expired":
-            for entry in pending:
-                errors.append(ResultLine(id=new_request_id(), custom_id=entry.custom_id, error=ResultError(
-                    code="batch_expired",
-                    message="This request could not be executed before the completion window expired.")))
-        self._finalize(batch, entries, output, errors, expired=stop == "expired")
+        return batch, stop
 
     def _stop_reason(self, batch: BatchObject) -> str | None:
         if self.runner.stopping:
@@ -275,6 +280,10 @@ class BatchRun:
         failed = batch.model_copy(update={"status": "failed", "failed_at": now, "errors": BatchErrors(
             data=[LineError(code=code, message=message)])})
         self.batches.finish(self.claim, failed, [])
+
+
+def _succeeded(result: ResultLine) -> bool:
+    return result.response is not None and 200 <= result.response.status_code < 300
 
 
 def new_request_id() -> str:

@@ -10,7 +10,6 @@ A batch whose lease ran out (its process crashed, its host was cut off) is claim
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
@@ -64,9 +63,6 @@ class BatchStore:
         self.shared, self.lease_s, self.clock = shared, lease_s, clock
         shared.create_tables(SCHEMA)
 
-    def _for_update(self) -> str:
-        return " FOR UPDATE" if self.shared.postgres else ""  # SQLite's BEGIN IMMEDIATE holds the write lock
-
     # ------------------------------------------------------------------------------------------- the API's
     def insert(self, owner: str, batch: BatchObject) -> None:
         with self.shared.transaction() as db:
@@ -89,15 +85,16 @@ class BatchStore:
         """Ask the batch's runner to stop (status cancelling); None when the owner has no such batch, a 400 when it
         has already ended."""
         with self.shared.transaction() as db:
-            row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ? AND owner = ?{self._for_update()}",
-                                  (batch_id, owner)).fetchone()
+            row = db.conn.execute("SELECT * FROM gateway_batches WHERE id = ? AND owner = ?"
+                                  + self.shared._for_update(), (batch_id, owner)).fetchone()
             if row is None:
                 return None
             batch = _row(row).batch
             if batch.status in ("cancelling", "cancelled"):
                 return batch
             if batch.status not in CANCELLABLE:
-                raise InvalidRequest(f"Cannot cancel a batch with status {batch.status!r}", code="batch_not_cancellable")
+                raise InvalidRequest(f"Cannot cancel a batch with status {batch.status!r}",
+                                     code="batch_not_cancellable")
             batch = batch.model_copy(update={"status": "cancelling", "cancelling_at": int(self.clock())})
             self._write(db, batch)
         return batch
@@ -119,7 +116,7 @@ class BatchStore:
         now = self.clock()
         with self.shared.transaction() as db:
             row = db.conn.execute(f"SELECT id, owner FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) AND "
-                                  f"lease_expires < ? ORDER BY created LIMIT 1{self._for_update()}",
+                                  f"lease_expires < ? ORDER BY created LIMIT 1{self.shared._for_update()}",
                                   (now,)).fetchone()
             if row is None:
                 return None
@@ -128,7 +125,7 @@ class BatchStore:
         return Claim(row["id"], row["owner"], holder)
 
     def _held(self, db: Database, claim: Claim) -> BatchObject | None:
-        row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self._for_update()}",
+        row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self.shared._for_update()}",
                               (claim.batch_id,)).fetchone()
         if row is None or row["lease_holder"] != claim.holder or row["lease_expires"] < self.clock():
             return None

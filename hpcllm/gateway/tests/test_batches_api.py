@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
 from hpcllm.gateway.response_store import owner_of
 from hpcllm.httpkit.tests.thread_server import ThreadServer
@@ -268,6 +269,9 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
     first_runner = service_of(first).runner
     assert first_runner.running.batch_id == batch.id
     lease_runs_out(first, batch.id)
+    output_id, _ = result_file_ids(batch.id)
+    with open(tmp_path / "files" / f".{output_id}.partial", "ab") as partial:  # it died writing r1's line
+        partial.write(b'{"id": "batch_req_0", "custom_id": "r1", "response": {"status_')
 
     second = factory(**shared)  # another process, sharing the database and the files directory
     second_runner = service_of(second).runner
