@@ -130,6 +130,42 @@ def test_a_batch_answers_each_request_as_its_endpoint_does(make_gateway):
     assert [b.id for b in client.batches.list()] == [batch.id]
 
 
+def test_embeddings_and_responses_batches(make_gateway):
+    gw = make_gateway()
+    client = gw.client()
+    texts = {"e1": "one two", "e2": "three"}
+    embeddings = submit(client, [{"custom_id": cid, "method": "POST", "url": "/v1/embeddings",
+                                  "body": {"model": MODEL, "input": text}} for cid, text in texts.items()],
+                        endpoint="/v1/embeddings")
+    responses = submit(client, [{"custom_id": "r", "method": "POST", "url": "/v1/responses",
+                                 "body": {"model": MODEL, "input": "hello world", "max_output_tokens": 5,
+                                          "temperature": 0}}], endpoint="/v1/responses")
+    done = finished(client, embeddings.id)
+    assert done.status == "completed" and done.request_counts.completed == 2
+    for cid, line in results(client, done.output_file_id).items():
+        direct = client.embeddings.create(model=MODEL, input=texts[cid])
+        assert line["response"]["body"]["data"][0]["embedding"] == pytest.approx(direct.data[0].embedding)
+    done = finished(client, responses.id)
+    answer = results(client, done.output_file_id)["r"]["response"]["body"]
+    direct = client.responses.create(model=MODEL, input="hello world", max_output_tokens=5, temperature=0)
+    assert answer["object"] == "response" and answer["output"][0]["content"][0]["text"] == direct.output_text
+    assert client.responses.retrieve(answer["id"]).id == answer["id"]  # stored, as the endpoint stores it
+
+
+def test_lists_page_newest_first(make_gateway):
+    gw = make_gateway()
+    client = gw.client()
+    made = [client.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id for i in range(3)]
+    first = client.files.list(limit=2)
+    assert [f.id for f in first.data] == made[:0:-1] and first.has_more
+    rest = client.files.list(limit=2, after=first.data[-1].id)
+    assert [f.id for f in rest.data] == made[:1] and not rest.has_more
+    assert [f.id for f in client.files.list(order="asc")] == made
+    assert_error(gw.get("/v1/files", params={"limit": 0}), 422, "invalid_value", "limit")
+    assert_error(gw.get("/v1/files", params={"after": "file-nope"}), 400, "invalid_request", "after")
+    assert [b.id for b in client.batches.list(limit=5)] == []
+
+
 def test_files_and_batches_belong_to_their_key(make_gateway):
     gw = make_gateway(api_keys=KEYS)
     client, other = gw.client(), gw.client(OTHER_KEY)
