@@ -34,6 +34,24 @@ class RequestCounts(OpenAIResponse):
     failed: int = 0
 
 
+class InputTokensDetails(OpenAIResponse):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(OpenAIResponse):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(OpenAIResponse):
+    """The tokens of the batch's requests so far (OpenAI's Batch.usage): their answers' usage added up."""
+
+    input_tokens: int = 0
+    input_tokens_details: InputTokensDetails = Field(default_factory=InputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int = 0
+
+
 class LineError(OpenAIResponse):
     """Why the input file was refused, at which line (OpenAI's BatchError)."""
 
@@ -69,6 +87,7 @@ class BatchObject(OpenAIResponse):
     cancelling_at: int | None = None
     cancelled_at: int | None = None
     request_counts: RequestCounts = Field(default_factory=RequestCounts)
+    usage: BatchUsage | None = None
     metadata: dict[str, str] | None = None
 
 

@@ -3,9 +3,9 @@ database, hpcllm.gateway.batches.store) and runs its requests, gateway.batch_con
 the gateway's own WSGI app as the HTTP request it stands for: the same authentication with the batch owner's key
 (its rate limits and group), validation, routing, context length and usage accounting as the endpoint's.
 
-Each result is appended to the output (2xx) or error file as it comes and the lease renewed with the counts; a
-result is written only while the lease is held. A process that takes a batch over (the holder's lease ran out)
-skips the requests already in the files. Cancelling stops starting requests, lets those running finish, and
+Each result is appended to the output (2xx) or error file as it comes and the lease renewed with the counts and
+tokens; a result is written only while the lease is held. A process that takes a batch over (the holder's lease ran
+out) skips the requests already in the files. Cancelling stops starting requests, lets those running finish, and
 publishes what finished; past the completion window the requests not run go to the error file as batch_expired.
 A draining gateway stops starting requests and hands its batch back (the lease released) for another process.
 """
@@ -27,8 +27,8 @@ from flask import Flask
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 from hpcllm.gateway.batches.input_file import BatchEntry, parse_input
-from hpcllm.gateway.batches.protocol import (BatchErrors, BatchObject, LineError, RequestCounts, ResultError,
-                                             ResultLine, ResultResponse)
+from hpcllm.gateway.batches.protocol import (BatchErrors, BatchObject, BatchUsage, LineError, RequestCounts,
+                                             ResultError, ResultLine, ResultResponse)
 from hpcllm.gateway.batches.results import ResultFile
 from hpcllm.gateway.batches.store import BatchStore, Claim
 from hpcllm.gateway.files.protocol import OUTPUT_PURPOSE
@@ -169,7 +169,7 @@ class BatchRun:
             log.info("batch %s: continuing after %d of %d requests", batch.id, len(done), len(entries))
         stop = self._stop_reason(batch)  # cancelled or expired before any process ran it
         if stop is None:
-            batch, stop = self._run_requests(batch, pending, lambda: self._counts(entries, output, errors),
+            batch, stop = self._run_requests(batch, pending, lambda: self._progress(entries, output, errors),
                                              output, errors)
         if stop in ("release", "lost"):
             if stop == "release":
@@ -182,7 +182,7 @@ class BatchRun:
                     message="This request could not be executed before the completion window expired.")))
         self._finalize(batch, entries, output, errors, expired=stop == "expired")
 
-    def _run_requests(self, batch: BatchObject, pending: deque[BatchEntry], counts: Callable[[], RequestCounts],
+    def _run_requests(self, batch: BatchObject, pending: deque[BatchEntry], progress: Callable[[], dict],
                       output: ResultFile, errors: ResultFile) -> tuple[BatchObject, str | None]:
         """Run the pending requests, batch_concurrency at once, each result written as it comes, until none is
         left or a reason to stop (then those running finish first); the batch as it is then, and that reason:
@@ -203,7 +203,7 @@ class BatchRun:
                             pending.appendleft(entry)
                         elif self.batches.holds(self.claim):
                             (output if _succeeded(result) else errors).append(result)
-                    renewed = self.batches.renew(self.claim, counts())
+                    renewed = self.batches.renew(self.claim, **progress())
                     if renewed is None:
                         if stop != "lost":
                             log.warning("batch %s: its lease was lost (another process may run it); stopping",
@@ -227,8 +227,13 @@ class BatchRun:
         return None
 
     @staticmethod
-    def _counts(entries: list[BatchEntry], output: ResultFile, errors: ResultFile) -> RequestCounts:
-        return RequestCounts(total=len(entries), completed=len(output.custom_ids), failed=len(errors.custom_ids))
+    def _progress(entries: list[BatchEntry], output: ResultFile, errors: ResultFile) -> dict:
+        """The batch's request_counts and usage from its files (what a process taking it over counts too)."""
+        tokens_in, tokens_out = output.input_tokens + errors.input_tokens, output.output_tokens + errors.output_tokens
+        return {"request_counts": RequestCounts(total=len(entries), completed=len(output.custom_ids),
+                                                failed=len(errors.custom_ids)),
+                "usage": BatchUsage(input_tokens=tokens_in, output_tokens=tokens_out,
+                                    total_tokens=tokens_in + tokens_out)}
 
     def _request(self, batch: BatchObject, entry: BatchEntry, token: str | None) -> ResultLine | None:
         """One request's result line (None when the gateway is going away before it has one)."""
@@ -254,7 +259,7 @@ class BatchRun:
     def _finalize(self, batch: BatchObject, entries: list[BatchEntry], output: ResultFile, errors: ResultFile,
                   expired: bool) -> None:
         now = int(time.time())
-        batch = self.batches.renew(self.claim, self._counts(entries, output, errors), status="finalizing",
+        batch = self.batches.renew(self.claim, **self._progress(entries, output, errors), status="finalizing",
                                    finalizing_at=batch.finalizing_at or now)
         if batch is None:
             return

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hpcllm.controller.registry.databases import Database
-from hpcllm.gateway.batches.protocol import ACTIVE, BatchObject, RequestCounts
+from hpcllm.gateway.batches.protocol import ACTIVE, BatchObject
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import ListQuery
 from hpcllm.gateway.files.store import FileStore, StoredFile, page
@@ -131,15 +131,13 @@ class BatchStore:
             return None
         return _row(row).batch
 
-    def renew(self, claim: Claim, counts: RequestCounts | None = None, **changes) -> BatchObject | None:
-        """Extend the lease (and record the counts and changes given); the batch as it is now, None when the lease
-        was lost (it ran out and another process may have the batch: stop writing)."""
+    def renew(self, claim: Claim, **changes) -> BatchObject | None:
+        """Extend the lease (and record the changes given: progress, status); the batch as it is now, None when the
+        lease was lost (it ran out and another process may have the batch: stop writing)."""
         with self.shared.transaction() as db:
             batch = self._held(db, claim)
             if batch is None:
                 return None
-            if counts is not None:
-                changes["request_counts"] = counts
             if changes:
                 batch = batch.model_copy(update=changes)
                 self._write(db, batch)

@@ -115,6 +115,10 @@ def test_a_batch_answers_each_request_as_its_endpoint_does(make_gateway):
         assert answer["choices"][0]["message"]["content"] == direct.choices[0].message.content
         assert (answer["usage"]["prompt_tokens"], answer["usage"]["completion_tokens"]) == (
             direct.usage.prompt_tokens, direct.usage.completion_tokens)
+    tokens = [output[cid]["response"]["body"]["usage"] for cid in questions]
+    assert done.usage.input_tokens == sum(u["prompt_tokens"] for u in tokens)
+    assert done.usage.output_tokens == sum(u["completion_tokens"] for u in tokens) > 0
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
     assert errors["bad"]["response"]["status_code"] == 422
     assert errors["bad"]["response"]["body"]["error"]["param"] == "max_tokens"
     assert errors["streamed"]["response"]["status_code"] == 400
@@ -149,6 +153,8 @@ def test_embeddings_and_responses_batches(make_gateway):
     answer = results(client, done.output_file_id)["r"]["response"]["body"]
     direct = client.responses.create(model=MODEL, input="hello world", max_output_tokens=5, temperature=0)
     assert answer["object"] == "response" and answer["output"][0]["content"][0]["text"] == direct.output_text
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (direct.usage.input_tokens,
+                                                                   direct.usage.output_tokens)
     assert client.responses.retrieve(answer["id"]).id == answer["id"]  # stored, as the endpoint stores it
 
 
@@ -314,6 +320,7 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
     second_runner.wake()
     done = finished(second.client(), batch.id)
     assert done.status == "completed" and done.request_counts.completed == 4
+    assert done.usage.output_tokens == 4  # one token each, r0's counted from the file the first process wrote
     worker.release.set()  # the first process's hung request ends: its result must not be written again
     wait_until(lambda: first_runner.running is None)  # it found its lease gone and gave the batch up
     output = results(second.client(), done.output_file_id)
