@@ -138,10 +138,11 @@ def download(batch_id: str, output: Path | None, errors: Path | None, config_pat
     _check_not_failed(found)
     targets = (("output_file_id", output or Path(f"{batch_id}_output.jsonl")),
                ("error_file_id", errors or Path(f"{batch_id}_errors.jsonl")))
-    for field, target in targets:
-        if found.get(field):
-            size = gateway.download(found[field], target)
-            click.echo(f"{target} ({size} bytes)")
+    present = [(found[field], target) for field, target in targets if found.get(field)]
+    if not present:
+        click.echo(f"batch {batch_id} ({found['status']}) has no results: none of its requests ran")
+    for file_id, target in present:
+        click.echo(f"{target} ({gateway.download(file_id, target)} bytes)")
 
 
 def _pair(item: str) -> tuple[str, str]:

@@ -69,3 +69,5 @@ def test_cancel_and_download_before_the_end(gated_factory, tmp_path, capsys):
     assert code == 0 and out == "cancelling: 0 completed, 0 failed of 3\n"
     worker.release.set()
     assert finished(gw.client(), batch_id).status == "cancelled"
+    code, out, _ = run(capsys, gw, "download", batch_id, "--output", str(tmp_path / "out.jsonl"))
+    assert code == 0 and out.startswith(f"{tmp_path / 'out.jsonl'} (")  # r0 ran before the cancel
