@@ -49,7 +49,8 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int) -> Par
                                                    f"line; each request's custom_id must be unique in its batch"))
             continue
         seen.add(entry.custom_id)
-        parsed.model = parsed.model or entry.body.get("model")
+        if parsed.model is None and isinstance(entry.body.get("model"), str):  # else the request's own 4xx says
+            parsed.model = entry.body["model"]
         parsed.entries.append(entry)
     if not parsed.entries and not parsed.errors:
         parsed.errors.append(LineError(code="empty_file", message="The input file has no requests"))

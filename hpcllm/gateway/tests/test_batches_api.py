@@ -237,6 +237,10 @@ def test_a_bad_input_file_fails_the_batch_naming_its_lines(make_gateway):
     assert client.batches.retrieve(batch.id).status == "failed"
     assert_error(gw.post(f"/v1/batches/{batch.id}/cancel"), 400, "batch_not_cancellable")
 
+    odd = submit(client, [{"custom_id": "a", "method": "POST", "url": CHAT, "body": {"model": 5, "messages": []}}])
+    assert odd.status == "in_progress" and odd.model is None  # the request's own 422 goes to the error file
+    assert results(client, finished(client, odd.id).error_file_id)["a"]["response"]["status_code"] == 422
+
     empty = submit(client, [])
     assert empty.status == "failed" and [e.code for e in empty.errors.data] == ["empty_file"]
     uploaded = client.files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line("a", "hi")]))), purpose="batch")
