@@ -388,3 +388,16 @@ def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tm
     service_of(second).runner.wake()
     done = finished(second.client(), batch.id)
     assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
+
+
+def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
+    """60 requests a minute (a bucket of 60, one more each second): the upload and the create take 2, so the batch's
+    last 2 of 60 requests get 429s with Retry-After, which the runner waits out instead of failing them."""
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 60}])
+    batch = submit(gw.client(), [completion_line(f"r{i}") for i in range(60)], endpoint="/v1/completions")
+    service, owner = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
+    # Polled in the database: a GET would take from the same bucket.
+    done = wait_until(lambda: (row := service.batches.get(owner, batch.id)).batch.status in FINAL and row.batch)
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (60, 0)
