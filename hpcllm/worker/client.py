@@ -32,11 +32,13 @@ from hpcllm.worker.protocol import (
     EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
     HELD_MIGRATION_PATH,
+    LOAD_LORA_PATH,
     MIGRATE_ALL_PATH,
     MIGRATE_REQUEST_PATH,
     NDJSON_MEDIA_TYPE,
     PREPARE_MIGRATION_PATH,
     TOKENS_PATH,
+    UNLOAD_LORA_PATH,
     AttachMigration,
     EmbedRequest,
     EmbedResult,
@@ -46,6 +48,8 @@ from hpcllm.worker.protocol import (
     ExtendResult,
     FinalLine,
     GenerateRequest,
+    LoadLoraAdapter,
+    LoraAdapterResult,
     MigrateAllResult,
     MigrateRequest,
     MigrationResult,
@@ -53,11 +57,14 @@ from hpcllm.worker.protocol import (
     PrepareResult,
     RequestTokens,
     TokenLine,
+    UnloadLoraAdapter,
     parse_stream_line,
 )
 
 # Default read timeout of the migration calls (a prepare waits for a whole prefill, migrate for all its rounds).
 MIGRATION_CALL_TIMEOUT = 300.0
+# Of a LoRA adapter load or unload: its weights are read and installed between two steps of the worker.
+ADAPTER_CALL_TIMEOUT = 120.0
 
 
 class WorkerError(HpcllmError):
@@ -281,6 +288,19 @@ class WorkerClient:
         """Source: move every running and waiting request of this worker (node drain)."""
         response = self._request("POST", MIGRATE_ALL_PATH, body, timeout)
         return MigrateAllResult.model_validate_json(response.content)
+
+    # ---- LoRA adapters at runtime ---------------------------------------------------------------------------------
+
+    def load_lora_adapter(self, name: str, folder: str, timeout: float | None = ADAPTER_CALL_TIMEOUT
+                          ) -> LoraAdapterResult:
+        """Serve one more adapter (idempotent for the same folder); WorkerError 400 saying what is wrong with it."""
+        body = LoadLoraAdapter(lora_name=name, lora_path=folder)
+        return LoraAdapterResult.model_validate_json(self._request("POST", LOAD_LORA_PATH, body, timeout).content)
+
+    def unload_lora_adapter(self, name: str, timeout: float | None = ADAPTER_CALL_TIMEOUT) -> LoraAdapterResult:
+        """Stop serving an adapter (its running requests end first); WorkerError 404 for one it does not serve."""
+        body = UnloadLoraAdapter(lora_name=name)
+        return LoraAdapterResult.model_validate_json(self._request("POST", UNLOAD_LORA_PATH, body, timeout).content)
 
     def health(self) -> bool:
         try:

@@ -38,6 +38,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,7 @@ import torch
 from hpcllm.checkpoint.context import max_model_len_for
 from hpcllm.worker import fastpath
 from hpcllm.worker.kvcache import BlockPool
+from hpcllm.worker.lora_config import AdapterError
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import ErrorInfo, GenerateRequest, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and RequestStream are this API's too)
@@ -144,6 +146,16 @@ class _EmbedJob:
             tokens += len(self.inputs[end])
             end += 1
         return self.inputs[start:end]
+
+
+@dataclass(eq=False)
+class _AdapterJob:
+    """A runtime LoRA adapter load or unload (EngineBase.load_lora, unload_lora), run by the engine thread between
+    steps: never while a step runs, in this process or the model process."""
+
+    action: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -259,7 +271,7 @@ class Engine(EngineBase):
             )
         num_blocks = -(-self.kv_cache_tokens // kv_block_size)
         self.proposer = NgramProposer(speculative_ngram_tokens) if speculative_ngram_tokens else None
-        self.lora_adapters = dict(lora_adapters or {})
+        self._init_lora(lora_adapters)
         if self.lora_adapters and cuda_graphs:
             raise ValueError("LoRA adapters are not applied in CUDA graph replays: set cuda_graphs false to serve "
                              "adapters")
@@ -280,6 +292,10 @@ class Engine(EngineBase):
             paged = isinstance(self.runner, PagedRunner)
         if cuda_graphs:  # True: capture decode steps (a CUDA model); "eager": their static form, uncaptured
             self._use_decode_graphs("eager" if cuda_graphs == "eager" else "cuda")
+            self.lora_refusal = ("LoRA adapters are not applied in CUDA graph replays: set cuda_graphs false to "
+                                 "load them")
+        elif not paged:
+            self.lora_refusal = "LoRA adapters need the paged runner, which cannot serve this model"
         # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
         self.kv_pool = BlockPool(num_blocks, kv_block_size, prefix_caching=prefix_caching and paged)
         # With a paged model process, the next step is scheduled and sent while this one runs (_step_pipelined).
@@ -289,6 +305,7 @@ class Engine(EngineBase):
         self._spec_step = 0  # steps scheduled: when backed-off requests look up proposals (SpeculationRecord.due)
         self._to_free: list[int] = []  # seq ids whose KV the runner may forget at its next step
         self._embed_jobs: deque[_EmbedJob] = deque()  # run by the engine thread between steps
+        self._adapter_jobs: deque[_AdapterJob] = deque()  # likewise
         self._outbox: list[tuple[queue.SimpleQueue, Event]] = []  # EngineBase._emit: delivered during the next forward
         self._finished_history = finished_history
 
@@ -318,6 +335,7 @@ class Engine(EngineBase):
                     f"worker is full ({len(self._running)} running, {len(self._waiting)} waiting); retry later"
                 )
             self._finished.pop(request.request_id, None)
+            self._check_lora(state.lora)
             self._live[request.request_id] = state
             self._waiting.append(state)
             self.metrics.num_requests_waiting.set(len(self._waiting))
@@ -396,6 +414,47 @@ class Engine(EngineBase):
     def _embed_one(self, ids: list[int]) -> list[float]:
         return pool_last_token(self.model, ids)
 
+    def _add_adapter(self, name: str, folder: str) -> None:
+        self._between_steps(lambda: self.runner.load_lora(name, folder), wait=True)
+
+    def _remove_adapter(self, name: str, wait: bool) -> None:
+        self._between_steps(lambda: self.runner.unload_lora(name), wait)
+
+    def _between_steps(self, action: Callable[[], None], wait: bool) -> None:
+        job = _AdapterJob(action)
+        with self._lock:
+            if self._stopping or not self.alive:
+                if not wait:  # a stopped engine's adapters go with it
+                    return
+                raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
+            self._adapter_jobs.append(job)
+            self._lock.notify_all()
+        if wait:
+            job.done.wait()
+            if job.error is not None:
+                raise job.error
+
+    def _run_adapter_jobs(self) -> None:
+        """The queued adapter loads and unloads, in order. A refused adapter (or one that does not fit in memory)
+        is its caller's error; any other failure (the model process died) kills the engine too."""
+        while True:
+            with self._lock:
+                if not self._adapter_jobs:
+                    return
+                job = self._adapter_jobs.popleft()
+            try:
+                with self._model_busy():
+                    job.action()
+            except AdapterError as exc:
+                job.error = exc
+            except torch.OutOfMemoryError as exc:
+                job.error = AdapterError(f"not enough memory for the adapter's weights: {exc}")
+            except Exception as exc:
+                job.error = EngineUnavailable(f"loading or unloading the adapter failed: {exc}")
+                raise
+            finally:
+                job.done.set()
+
     def cancel(self, request_id: str, wait: bool = True, timeout: float = 60.0) -> RequestTokens:
         """Stop a request; with wait, return its token ids once the engine has stopped touching it."""
         with self._lock:
@@ -454,9 +513,10 @@ class Engine(EngineBase):
                 active = self._next_round(wait=self._ahead is None)
                 if active is None:
                     break
-                if self._embed_jobs and self._ahead is None:
+                if (self._embed_jobs or self._adapter_jobs) and self._ahead is None:
                     self._deliver_events()
                     self._run_embed_piece()
+                    self._run_adapter_jobs()
                 if active or self._ahead is not None:
                     self._step(active)
 
@@ -470,7 +530,7 @@ class Engine(EngineBase):
                 next_deadline = self._expire_held(time.monotonic())
                 self._admit()
                 active = [req for req in self._running if req.has_work()]
-                if active or self._embed_jobs or not wait:
+                if active or self._embed_jobs or self._adapter_jobs or not wait:
                     return active
                 self._deliver_events()
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
@@ -551,7 +611,7 @@ class Engine(EngineBase):
                 self._commit(work, None)
                 return
         self._deliver_events()
-        if not self._embed_jobs:  # an embedding job runs between steps: none is sent ahead of it
+        if not (self._embed_jobs or self._adapter_jobs):  # they run between steps: none is sent ahead of them
             self.runner.wait(self._time_to_send_ahead(current))
             with self._lock:
                 ahead = self._schedule_ahead(current)
@@ -981,8 +1041,8 @@ class Engine(EngineBase):
 
     def _end_all(self) -> None:
         with self._lock:
-            for job in self._embed_jobs:
-                job.error = RuntimeError(self.error or "the engine shut down")
+            for job in [*self._embed_jobs, *self._adapter_jobs]:
+                job.error = EngineUnavailable(self.error or "the engine shut down")
                 job.done.set()
         super()._end_all()
         if isinstance(self.runner, ProcessRunner):

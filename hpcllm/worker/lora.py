@@ -10,8 +10,9 @@ Targets: the linear layers inside the model's decoder (Llama-like q/k/v/o/gate/u
 fuses q/k/v and gate/up into one linear (fastpath.py): an adapter of q_proj then adds its delta to q's slice of the
 fused output (the fused module's `fused_parts`). Refused with the reason: DoRA, modules_to_save, embedding or
 lm_head targets, trained biases, fan_in_fan_out (GPT-2's Conv1D layers), per-layer rank or alpha patterns, and
-shapes that do not fit the base model. The adapters are read from the folders given, once, where the forward runs
-(the model process, or the engine's process).
+shapes that do not fit the base model. The adapters are read from the folders given where the forward runs (the
+model process, or the engine's process): at start, and one at a time when the worker loads one at runtime (add,
+remove: between steps, never while one runs; the engine's load_lora / unload_lora).
 """
 
 from __future__ import annotations
@@ -97,24 +98,50 @@ class LoraLayers:
 
     def __init__(self, model: nn.Module, adapters: dict[str, str]) -> None:
         check_adapter_names(adapters)
-        self.names = sorted(adapters)
+        self.model = model
+        self.names: list[str] = []
+        self.modules: list[nn.Module] = []
         _uninstall(model)
-        segments: dict[nn.Module, list[_Segment]] = {}
         for name, folder in sorted(adapters.items()):
-            for module_name, weights in read_adapter(name, folder).items():
-                module, start, stop = _target(model, name, module_name)
-                _check_shapes(name, module_name, weights, module.in_features, stop - start)
-                dtype, device = _dtype_device(model)
-                weights = LoraWeights(weights.a_t.to(device, dtype), weights.b_t.to(device, dtype))
-                at = next((s for s in segments.setdefault(module, []) if s.start == start), None)
-                if at is None:
-                    segments[module].append(at := _Segment(start, stop, {}))
-                at.by_adapter[name] = weights
-        for module, module_segments in segments.items():
-            module.lora_base_forward = module.forward
-            module.lora_forward = types.MethodType(_lora_forward, module)
-            module.lora_segments = module_segments
-        self.modules = list(segments)
+            self.add(name, folder)
+
+    def add(self, name: str, folder: str | Path) -> None:
+        """Install one more adapter (the worker's runtime load: between steps, never while one runs). Every check is
+        done before the first layer changes: a refused adapter leaves the others as they were."""
+        check_adapter_names({name: str(folder)})
+        if name in self.names:
+            raise AdapterError(f"LoRA adapter {name!r} is already installed")
+        dtype, device = _dtype_device(self.model)
+        placed = []
+        for module_name, weights in read_adapter(name, folder).items():
+            module, start, stop = _target(self.model, name, module_name)
+            _check_shapes(name, module_name, weights, module.in_features, stop - start)
+            placed.append((module, start, stop, LoraWeights(weights.a_t.to(device, dtype),
+                                                            weights.b_t.to(device, dtype))))
+        for module, start, stop, weights in placed:
+            if module not in self.modules:
+                module.lora_base_forward = module.forward
+                module.lora_forward = types.MethodType(_lora_forward, module)
+                module.lora_segments = []
+                self.modules.append(module)
+            at = next((s for s in module.lora_segments if s.start == start), None)
+            if at is None:
+                module.lora_segments.append(at := _Segment(start, stop, {}))
+            at.by_adapter[name] = weights
+        self.names = sorted([*self.names, name])
+
+    def remove(self, name: str) -> None:
+        """Take an adapter's weights off every layer (between steps, once no request runs with it); a layer left
+        without adapters gets its own forward back for good."""
+        for module in list(self.modules):
+            for segment in module.lora_segments:
+                segment.by_adapter.pop(name, None)
+            module.lora_segments = [segment for segment in module.lora_segments if segment.by_adapter]
+            if not module.lora_segments:
+                module.forward = module.lora_base_forward
+                del module.lora_base_forward, module.lora_forward, module.lora_segments
+                self.modules.remove(module)
+        self.names = [n for n in self.names if n != name]
 
     @contextlib.contextmanager
     def rows(self, spans: list[tuple[str | None, int, int]], device: torch.device):

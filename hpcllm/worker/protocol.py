@@ -32,6 +32,9 @@ MIGRATE_ALL_PATH = "/v1/internal/migrate"
 # Embeddings of token id lists (the model's last-token hidden state, L2-normalized: vLLM's default for decoders).
 EMBED_PATH = "/v1/internal/embed"
 MAX_EMBED_INPUTS = 2048  # token id lists per embed call (the gateway checks a request against it)
+# LoRA adapters at runtime, under vLLM's names for them (its dynamic LoRA endpoints; the worker's key guards them).
+LOAD_LORA_PATH = "/v1/load_lora_adapter"
+UNLOAD_LORA_PATH = "/v1/unload_lora_adapter"
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 # Why a generation ended. "stop": eos, a stop token id or a stop string; "length": max_tokens or the model's context
@@ -280,6 +283,24 @@ class EmbedResult(WireModel):
 
 class ErrorResponse(WireModel):
     error: ErrorInfo
+
+
+class LoadLoraAdapter(WireModel):
+    lora_name: str = Field(pattern=MODEL_NAME_PATTERN)
+    lora_path: str = Field(min_length=1)  # the PEFT adapter folder, as the worker's node sees it
+
+
+class UnloadLoraAdapter(WireModel):
+    lora_name: str = Field(pattern=MODEL_NAME_PATTERN)
+
+
+class LoraAdapterResult(WireModel):
+    """Answer of a load or unload: what the worker serves now."""
+
+    lora_name: str
+    changed: bool  # False: a load of an adapter already served from that folder (loading is idempotent)
+    running_requests: int = 0  # an unload's: requests still running with it, whose end frees its weights
+    lora_adapters: dict[str, str]  # name -> folder of every adapter it serves now
 
 
 # ---- live migration (docs/migration.md) ---------------------------------------------------------------------------

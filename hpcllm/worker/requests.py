@@ -37,6 +37,7 @@ from hpcllm.worker.protocol import (
     Usage,
 )
 from hpcllm.worker.grammar import GrammarState, InvalidGrammar, grammar_compiler
+from hpcllm.worker.lora_config import AdapterError, check_adapter_names, read_adapter_config
 from hpcllm.worker.sampling import SamplingParams, Thinking, ThinkingState, TokenState, answer_ids, random_seed
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,23 @@ class RequestConflict(EngineError):
     http_status = 409
     error_type = "invalid_request_error"
     code = "request_state_conflict"
+
+
+class UnknownAdapter(EngineError):
+    """An unload names an adapter the worker does not serve (vLLM's answer: 404)."""
+
+    http_status = 404
+    error_type = "not_found_error"
+    code = "lora_not_found"
+
+
+class LoraUnsupported(EngineError):
+    """This worker cannot load that adapter at runtime, though another started with it could (its engine or
+    options do not allow it): the controller replaces such an instance rather than give up the adapter."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "runtime_lora_unsupported"
 
 
 class EngineOverloaded(EngineError):
@@ -274,7 +292,11 @@ class EngineBase:
     # cannot (it would read them as prompt and start the grammar over), so there such a request finishes where it
     # began.
     continues_grammars = True
-    lora_adapters: dict[str, str] = {}  # the LoRA adapters it serves (name -> folder); a request names one or none
+    # The LoRA adapters it serves (name -> folder); a request names one or none. Replaced, never changed in place.
+    lora_adapters: dict[str, str] = {}
+    # Adapters unloaded while requests still ran with them: their weights go when the last of those ends.
+    _retiring_adapters: frozenset[str] = frozenset()
+    lora_refusal: str | None = None  # why this engine cannot load adapters at runtime; None: it can
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -665,11 +687,75 @@ class EngineBase:
         )
 
     def _check_lora(self, name: str | None) -> None:
-        """A request's adapter must be one this worker was started with (a migration's destination too)."""
+        """A request's adapter must be one this worker serves (a migration's destination too): checked when it is
+        prepared and again when it is queued (under the lock), so an unload between the two cannot slip one in."""
         if name is not None and name not in self.lora_adapters:
             loaded = ", ".join(sorted(self.lora_adapters)) or "none"
             raise InvalidRequest(f"LoRA adapter {name!r} is not loaded on this worker of model {self.model_name} "
-                                 f"(loaded: {loaded}); start the worker with it, or name one of these", "lora")
+                                 f"(loaded: {loaded}); load it (POST /v1/load_lora_adapter), or name one of these",
+                                 "lora")
+
+    # ---- LoRA adapters at runtime (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter) -------------------
+
+    def _init_lora(self, adapters: dict[str, str] | None) -> None:
+        """The adapters it starts with (each engine's __init__)."""
+        self.lora_adapters = dict(adapters or {})
+        self._lora_lock = threading.Lock()  # one load or unload at a time
+
+    def load_lora(self, name: str, folder: str) -> bool:
+        """Serve one more adapter, checked as at start (lora_config, then its weights where the forward runs);
+        False when it is served from that folder already. AdapterError (a 400) for an adapter that cannot be served
+        or another folder under a served name (unload it first); LoraUnsupported where this engine cannot load it at
+        runtime; RequestConflict while the name is still being unloaded."""
+        with self._lora_lock:
+            check_adapter_names({name: folder})
+            if name == self.model_name:
+                raise AdapterError(f"LoRA adapter {name!r} has the base model's name; requests name either")
+            with self._lock:
+                current, retiring = self.lora_adapters.get(name), name in self._retiring_adapters
+            if current == folder:
+                return False
+            if current is not None:
+                raise AdapterError(f"LoRA adapter {name!r} is already loaded from {current}; unload it first to "
+                                   f"load it from {folder}")
+            if retiring:
+                raise RequestConflict(f"LoRA adapter {name!r} is still being unloaded: requests run with it; load it "
+                                      "again once they have ended", "lora_name")
+            if self.lora_refusal is not None:
+                raise LoraUnsupported(self.lora_refusal, "lora_name")
+            read_adapter_config(name, folder)
+            self._add_adapter(name, folder)
+            with self._lock:
+                self.lora_adapters = {**self.lora_adapters, name: folder}
+            log.info("LoRA adapter %s loaded from %s", name, folder)
+            return True
+
+    def unload_lora(self, name: str) -> int:
+        """Stop serving an adapter: requests naming it are refused from now on (400 naming lora); its weights go
+        once the requests running with it have ended (their streams go on). Returns how many still run with it."""
+        with self._lora_lock:
+            with self._lock:
+                if name not in self.lora_adapters:
+                    loaded = ", ".join(sorted(self.lora_adapters)) or "none"
+                    raise UnknownAdapter(f"LoRA adapter {name!r} is not loaded on this worker (loaded: {loaded})",
+                                         "lora_name")
+                self.lora_adapters = {n: f for n, f in self.lora_adapters.items() if n != name}
+                running = self._requests_with(name)
+                if running:
+                    self._retiring_adapters |= {name}
+            log.info("LoRA adapter %s unloaded%s", name, f" once its {running} requests end" if running else "")
+            if not running:
+                self._remove_adapter(name, wait=True)
+            return running
+
+    def _requests_with(self, name: str) -> int:
+        return sum(req.lora == name for req in self._live.values())
+
+    def _retire_if_unused(self, name: str | None) -> None:
+        """A request with this adapter finished (under the lock): the last of an unloaded adapter's frees it."""
+        if name in self._retiring_adapters and not self._requests_with(name):
+            self._retiring_adapters -= {name}
+            self._remove_adapter(name, wait=False)
 
     @functools.cached_property
     def grammar_tokenizer(self):
@@ -834,6 +920,7 @@ class EngineBase:
             self._release(req)
             req.state, req.finish_reason = "finished", reason
             self._live.pop(req.request_id, None)
+            self._retire_if_unused(req.lora)
             self._finished[req.request_id] = req
             while len(self._finished) > self._finished_history:
                 self._finished.popitem(last=False)
@@ -887,6 +974,14 @@ class EngineBase:
 
     def _release(self, req: RequestState) -> None:
         """req finishes: stop producing its tokens and free what it holds (under the lock)."""
+
+    def _add_adapter(self, name: str, folder: str) -> None:
+        """Install an adapter where the forward runs, returning once it is (never during a step)."""
+        raise LoraUnsupported(self.lora_refusal or "this engine cannot load LoRA adapters at runtime", "lora_name")
+
+    def _remove_adapter(self, name: str, wait: bool) -> None:
+        """Free an adapter no request runs with any more (never during a step); wait=False: maybe under the lock,
+        from any thread, so only queued (a later load of the name runs after it)."""
 
     def _cached_tokens(self, req: RequestState) -> int:
         """How many of a held request's known ids are prefilled."""

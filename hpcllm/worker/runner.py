@@ -404,6 +404,16 @@ class PagedRunner:
             _keep_scores(batch, scored, logits[rows:])
         return logits[:rows]
 
+    def load_lora(self, name: str, folder: str) -> None:
+        """Install an adapter at runtime (the engine calls it between steps)."""
+        if self.lora is None:
+            self.lora = lora.LoraLayers(self.model, {})
+        self.lora.add(name, folder)
+
+    def unload_lora(self, name: str) -> None:
+        if self.lora is not None:
+            self.lora.remove(name)
+
     def _adapters(self, adapter_rows: list[tuple[str, int, int]]):
         """The step's LoRA row groups (a context manager; nothing when no chunk runs with an adapter)."""
         if not adapter_rows:

@@ -48,6 +48,7 @@ from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, pool_last_token, make_runner
 from hpcllm.worker.grammar import grammar_compiler
+from hpcllm.worker.lora_config import AdapterError
 from hpcllm.worker.sampling import TokenState, sample_token
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,22 @@ class ProcessRunner:
         self._send(("embed", inputs))
         return self._result()
 
+    def load_lora(self, name: str, folder: str) -> None:
+        """Install an adapter in the model process's runner, between steps (lora.LoraLayers.add's refusals raised
+        here as the same AdapterError)."""
+        self._lora_call("load", name, folder)
+
+    def unload_lora(self, name: str) -> None:
+        self._lora_call("unload", name)
+
+    def _lora_call(self, *call) -> None:
+        if self._in_flight:
+            raise RuntimeError("a step is running in the model process")
+        self._send(("lora", call))
+        refusal = self._result()
+        if refusal is not None:
+            raise AdapterError(refusal)
+
     def close(self) -> None:
         """Stop the model process (the engine's loop ended)."""
         self._model_process.close()
@@ -223,6 +240,9 @@ def serve_steps(conn) -> None:
                 if kind == "embed":
                     conn.send(("embedded", [pool_last_token(model, ids) for ids in work]))
                     continue
+                if kind == "lora":
+                    conn.send(("lora", _lora_call(runner, *work)))
+                    continue
                 token_states.forget(work.free)
                 if not _feed_previous_tokens(work, chosen):
                     conn.send(("skipped", None))  # the engine drops it: its count seeds are sent again
@@ -241,6 +261,15 @@ def serve_steps(conn) -> None:
                 conn.send(("oom", str(exc)))
             except Exception:  # the engine dies with this message; the process stays to be stopped
                 conn.send(("error", traceback.format_exc(limit=8)))
+
+
+def _lora_call(runner, action: str, *args) -> str | None:
+    """A runtime adapter load or unload on the model process's runner: None, or why the adapter was refused."""
+    try:
+        getattr(runner, f"{action}_lora")(*args)
+    except AdapterError as exc:
+        return str(exc)
+    return None
 
 
 def step_failure(child_traceback: str) -> ModelProcessError:

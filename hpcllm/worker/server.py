@@ -36,7 +36,9 @@ from hpcllm.httpkit.auth import SharedSecret, guard, requires
 from hpcllm.httpkit.body import parse_body
 from hpcllm.procs import freeze_startup_heap
 from hpcllm.httpkit.server import RAW_CONNECTION_KEY, InternalServer
-from hpcllm.worker.engine import Engine, EngineError, EngineUnavailable, RequestConflict, UnknownRequest
+from hpcllm.worker.engine import (Engine, EngineError, EngineUnavailable, InvalidRequest, RequestConflict,
+                                  UnknownRequest)
+from hpcllm.worker.lora_config import AdapterError
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
@@ -48,11 +50,13 @@ from hpcllm.worker.protocol import (
     EXTEND_MIGRATION_PATH,
     GENERATE_PATH,
     HELD_MIGRATION_PATH,
+    LOAD_LORA_PATH,
     MIGRATE_ALL_PATH,
     MIGRATE_REQUEST_PATH,
     NDJSON_MEDIA_TYPE,
     PREPARE_MIGRATION_PATH,
     TOKENS_PATH,
+    UNLOAD_LORA_PATH,
     stream_line_bytes,
     AttachMigration,
     EmbedRequest,
@@ -60,9 +64,12 @@ from hpcllm.worker.protocol import (
     ExtendMigration,
     ExtendResult,
     GenerateRequest,
+    LoadLoraAdapter,
+    LoraAdapterResult,
     MigrateRequest,
     PrepareMigration,
     PrepareResult,
+    UnloadLoraAdapter,
 )
 
 log = logging.getLogger(__name__)
@@ -308,6 +315,30 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
         result = EmbedResult(embeddings=engine.embed(body.inputs), prompt_tokens=sum(len(ids) for ids in body.inputs),
                              pooling="classify" if getattr(engine, "classifies", False) else "embed")
         return Response(result.model_dump_json(), mimetype="application/json")
+
+    # ---- LoRA adapters at runtime (docs/worker.md, "LoRA adapters") ----------------------------------------------
+
+    def adapter_result(name: str, engine: Engine, changed: bool, running: int = 0) -> Response:
+        result = LoraAdapterResult(lora_name=name, changed=changed, running_requests=running,
+                                   lora_adapters=engine.lora_adapters)
+        return Response(result.model_dump_json(), mimetype="application/json")
+
+    @internal.post(LOAD_LORA_PATH)
+    def load_lora_adapter():
+        body = parse_body(LoadLoraAdapter)
+        engine = ready_engine()
+        try:
+            changed = engine.load_lora(body.lora_name, body.lora_path)
+        except AdapterError as exc:  # the same checks as at start: what to fix in the folder
+            raise InvalidRequest(str(exc), "lora_path") from None
+        return adapter_result(body.lora_name, engine, changed)
+
+    @internal.post(UNLOAD_LORA_PATH)
+    def unload_lora_adapter():
+        body = parse_body(UnloadLoraAdapter)
+        engine = ready_engine()
+        running = engine.unload_lora(body.lora_name)
+        return adapter_result(body.lora_name, engine, True, running)
 
     # ---- live migration (docs/migration.md) ----------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ from hpcllm.worker.requests import (
     EngineOverloaded,
     EngineUnavailable,
     InvalidRequest,
+    LoraUnsupported,
     RequestState,
     RequestStream,
 )
@@ -205,7 +206,8 @@ class VllmEngine(EngineBase):
         self._tokenizer_lock = threading.Lock()
         self._live: dict[str, _Request] = {}
         self._finished: OrderedDict[str, _Request] = OrderedDict()
-        self._commands: list[tuple] = []  # ("add", vllm_id, ids, params, lora request) | ("abort", vllm_id)
+        # ("add", vllm_id, ids, params, lora request) | ("abort", vllm_id) | ("remove_lora", lora id)
+        self._commands: list[tuple] = []
         self._outbox: list = []  # EngineBase._emit: a step's events, delivered once its outputs are processed
         self._llm_lock = threading.Lock()  # whoever calls into self.llm; taken before self._lock, never after
         self._core_outputs = _CoreOutputs.install(llm)  # None: an in-process core, whose get_output runs the step
@@ -215,8 +217,18 @@ class VllmEngine(EngineBase):
         self.error: str | None = None
         self._prefill_rate: float | None = None
         self.step_timeout = step_timeout
-        self.lora_adapters = dict(lora_adapters or {})
-        self._lora_requests = _lora_requests(self.lora_adapters)
+        self._init_lora(lora_adapters)
+        # vLLM's LoRARequest per served adapter; ids fixed per name for the engine's life (a name loaded again
+        # after an unload takes its old id: vLLM forgot it at the unload).
+        self._lora_ids = {name: index for index, name in enumerate(sorted(self.lora_adapters), start=1)}
+        self._lora_requests = {name: _lora_request(name, self._lora_ids[name], folder)
+                               for name, folder in self.lora_adapters.items()}
+        lora_config = getattr(getattr(llm, "vllm_config", None), "lora_config", None)
+        self._max_lora_rank = getattr(lora_config, "max_lora_rank", 0)
+        if lora_config is None:
+            self.lora_refusal = ("this worker's vLLM engine was built without LoRA (it started with no adapter), and "
+                                 "vLLM enables LoRA only when its engine is built: deploy the model with lora_adapters "
+                                 "to load more at runtime")
         self._markers = markers
 
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
@@ -281,6 +293,7 @@ class VllmEngine(EngineBase):
         """Register a new request (under the lock)."""
         if self._stopping or not self.alive:
             raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
+        self._check_lora(req.lora)
         if req.request_id in self._live:
             raise DuplicateRequest(f"request id {req.request_id!r} is already in progress", "request_id")
         if len(self._live) >= self.max_requests:
@@ -392,6 +405,8 @@ class VllmEngine(EngineBase):
             for command in commands:
                 if command[0] == "add":
                     self._add_to_vllm(*command[1:])
+                elif command[0] == "remove_lora":
+                    self.llm.remove_lora(command[1])
                 else:
                     self.llm.abort_request([command[1]])
         finally:
@@ -399,6 +414,34 @@ class VllmEngine(EngineBase):
         if commands and not wait:
             with self._lock:
                 self._lock.notify_all()  # the engine thread may be waiting for work: vLLM has some now
+
+    def _add_adapter(self, name: str, folder: str) -> None:
+        rank = read_adapter_config(name, folder).rank
+        if rank > self._max_lora_rank:
+            raise LoraUnsupported(f"LoRA adapter {name!r} has rank {rank}; this worker's vLLM engine was built for "
+                                  f"ranks up to {self._max_lora_rank} (its largest adapter at start): a worker started "
+                                  "with it serves it", "lora_name")
+        with self._lock:
+            lora_id = self._lora_ids.setdefault(name, max(self._lora_ids.values(), default=0) + 1)
+        request = _lora_request(name, lora_id, folder)
+        self._send_commands(wait=True)  # an earlier adapter of the name is removed first
+        with self._llm_lock:
+            try:
+                self.llm.add_lora(request)
+            except Exception as exc:  # vLLM's own checks (target modules it does not support...)
+                raise AdapterError(f"LoRA adapter {name!r}: vLLM cannot load it: {exc}") from None
+        with self._lock:
+            self._lora_requests = {**self._lora_requests, name: request}
+
+    def _remove_adapter(self, name: str, wait: bool) -> None:
+        with self._lock:
+            request = self._lora_requests.get(name)
+            self._lora_requests = {n: r for n, r in self._lora_requests.items() if n != name}
+            if request is not None:
+                self._commands.append(("remove_lora", request.lora_int_id))
+                self._lock.notify_all()
+        if wait:
+            self._send_commands(wait=True)
 
     def _add_to_vllm(self, vllm_id: str, ids: list[int], params, lora_request=None,
                      reasoning_ended: bool | None = None) -> None:
@@ -575,14 +618,11 @@ def lora_engine_args(adapters: dict[str, str]) -> dict:
     return {"enable_lora": True, "max_loras": len(adapters), "max_cpu_loras": len(adapters), "max_lora_rank": rank}
 
 
-def _lora_requests(adapters: dict[str, str]) -> dict:
-    """vLLM's LoRARequest per adapter name (ids from 1, fixed for the engine's life)."""
-    if not adapters:
-        return {}
+def _lora_request(name: str, lora_id: int, folder: str):
+    """vLLM's LoRARequest for an adapter."""
     from vllm.lora.request import LoRARequest
 
-    return {name: LoRARequest(name, index, str(Path(folder).resolve()))
-            for index, (name, folder) in enumerate(sorted(adapters.items()), start=1)}
+    return LoRARequest(name, lora_id, str(Path(folder).resolve()))
 
 
 def load_with_vllm(model_path: Path, model_name: str, device: str = "cpu", max_model_len: int | None = None,

@@ -266,3 +266,141 @@ def test_adapters_on_cuda_give_the_merged_models_output_mixed_in_one_batch(model
         mixed = [(name, i) for i in range(len(prompt_ids)) for name in (None, "x", "y")]
         outputs = run_together(engine, [request(prompt_token_ids=prompt_ids[i], lora=name) for name, i in mixed])
     assert outputs == [expected[name][i] for name, i in mixed]
+
+
+# ---- adapters loaded and unloaded at runtime --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_an_adapter_loaded_at_runtime_serves_its_merged_output_and_once_unloaded_is_refused(model_dirs, adapters,
+                                                                                            references,
+                                                                                            model_process):
+    """Loaded while a base request streams (between its steps): that stream is the base model's throughout; an
+    unloaded adapter's weights leave every layer (y, loaded after x went, targets no MLP layer x did)."""
+    from hpcllm.worker.lora_config import AdapterError
+    from hpcllm.worker.requests import UnknownAdapter
+
+    folders, _ = adapters
+    prompt_ids, expected = references
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", model_process=model_process, kv_block_size=4) as engine:
+        base = engine.submit(request(prompt_token_ids=prompt_ids[0]))
+        first = next(base.events())
+        assert engine.load_lora("x", folders["x"]) is True
+        assert [first.token_id] + token_ids(base.events()) == expected[None][0]
+        assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
+        assert engine.load_lora("x", folders["x"]) is False  # already served from there: nothing to do
+        with pytest.raises(AdapterError, match="already loaded from .*unload it first"):
+            engine.load_lora("x", folders["y"])
+
+        assert engine.unload_lora("x") == 0
+        with pytest.raises(InvalidRequest, match=r"'x' is not loaded .*loaded: none") as refused:
+            engine.submit(request(prompt_token_ids=prompt_ids[1], lora="x"))
+        assert refused.value.param == "lora"
+        with pytest.raises(UnknownAdapter, match="'x' is not loaded") as unknown:
+            engine.unload_lora("x")
+        assert unknown.value.http_status == 404
+        assert engine.load_lora("y", folders["y"]) is True
+        assert [engine.generate(request(prompt_token_ids=ids, lora="y")).token_ids
+                for ids in prompt_ids] == expected["y"]
+        assert engine.generate(request(prompt_token_ids=prompt_ids[2])).token_ids == expected[None][2]
+
+
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request_ends(model_dirs, adapters,
+                                                                                      model_process):
+    folders, deltas = adapters
+    model, tokenizer = load(model_dirs)
+    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    expected = merged_greedy(model_dirs, deltas["x"], prompt, max_new_tokens=40)
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]},
+                model_process=model_process) as engine:
+        stream = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40))
+        events = stream.events()
+        first = next(events)
+        assert engine.unload_lora("x") == 1  # it runs on
+        with pytest.raises(InvalidRequest, match="'x' is not loaded"):
+            engine.submit(request(prompt_token_ids=prompt, lora="x"))
+        from hpcllm.worker.engine import RequestConflict
+
+        with pytest.raises(RequestConflict, match="still being unloaded"):
+            engine.load_lora("x", folders["x"])
+        rest = list(events)
+        assert [first.token_id] + token_ids(rest) == expected and rest[-1].finish_reason == "length"
+        # Its end freed the weights: the name loads again (from another folder even) and serves that adapter.
+        assert engine.load_lora("x", folders["y"]) is True
+        assert engine.generate(request(prompt_token_ids=prompt, lora="x")).token_ids == merged_greedy(
+            model_dirs, deltas["y"], prompt)
+
+
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_an_adapter_that_cannot_be_applied_is_refused_at_runtime_with_the_reason_and_changes_nothing(
+        model_dirs, adapters, references, tmp_path, model_process):
+    """The shapes are checked where the forward runs (the model process says why)."""
+    from hpcllm.worker.lora_config import AdapterError
+
+    folders, _ = adapters
+    prompt_ids, expected = references
+    model, tokenizer = load(model_dirs)
+    other = tmp_path / "other"
+    write_adapter(other, model, seed=3)
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)},
+              str(other / "adapter_model.safetensors"))
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]},
+                model_process=model_process) as engine:
+        with pytest.raises(AdapterError, match="trained for another model"):
+            engine.load_lora("other", str(other))
+        with pytest.raises(AdapterError, match="does not exist"):
+            engine.load_lora("missing", str(tmp_path / "missing"))
+        with pytest.raises(AdapterError, match="not a valid model name"):
+            engine.load_lora("a b", folders["y"])
+        with pytest.raises(AdapterError, match="base model's name"):
+            engine.load_lora("tiny", folders["y"])
+        assert engine.lora_adapters == {"x": folders["x"]}
+        assert engine.generate(request(prompt_token_ids=prompt_ids[0], lora="x")).token_ids == expected["x"][0]
+        assert engine.alive
+
+
+def test_adapters_are_refused_at_runtime_where_they_are_not_applied(model_dirs, adapters):
+    from hpcllm.worker.requests import LoraUnsupported
+
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", batching="sequential") as engine:
+        with pytest.raises(LoraUnsupported, match="need the paged runner") as refused:
+            engine.load_lora("x", adapters[0]["x"])
+        assert refused.value.http_status == 409 and engine.lora_adapters == {}
+
+
+def test_workers_load_and_unload_adapters_over_http_with_their_key(model_dirs, adapters, references, start_worker,
+                                                                   tmp_path):
+    """vLLM's endpoints and bodies, behind the worker's key; a bad folder is a 400 saying what to fix, an unknown
+    adapter's unload a 404."""
+    import httpx
+
+    from hpcllm.worker.client import WorkerError
+
+    folders, _ = adapters
+    prompt_ids, expected = references
+    worker = start_worker(load(model_dirs))
+    answer = httpx.post(worker.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": folders["x"]})
+    assert answer.status_code == 401  # no key, no load
+
+    loaded = worker.client.load_lora_adapter("x", folders["x"])
+    assert loaded.changed and loaded.lora_adapters == {"x": folders["x"]}
+    with worker.client.generate(request(prompt_token_ids=prompt_ids[0], lora="x")) as stream:
+        assert token_ids(stream) == expected["x"][0]
+    assert not worker.client.load_lora_adapter("x", folders["x"]).changed
+    with pytest.raises(WorkerError) as bad:
+        worker.client.load_lora_adapter("z", str(tmp_path / "nowhere"))
+    assert bad.value.status == 400 and "does not exist (a PEFT adapter folder holds adapter_config.json" in str(
+        bad.value) and bad.value.info.param == "lora_path"
+
+    unloaded = worker.client.unload_lora_adapter("x")
+    assert unloaded.lora_adapters == {} and unloaded.running_requests == 0
+    with pytest.raises(WorkerError) as refused:
+        worker.client.generate(request(prompt_token_ids=prompt_ids[0], lora="x"))
+    assert refused.value.status == 400 and refused.value.info.param == "lora"
+    with pytest.raises(WorkerError) as unknown:
+        worker.client.unload_lora_adapter("x")
+    assert unknown.value.status == 404 and unknown.value.info.code == "lora_not_found"
