@@ -1,5 +1,6 @@
 """LoRA adapters on a vLLM worker (`hpcllm worker --engine vllm --lora-module NAME=PATH`): vLLM's LoRARequest per
-adapter, a request naming one gets the base model with that adapter merged, one naming none the base model. Slow:
+adapter, a request naming one gets the base model with that adapter merged, one naming none the base model; adapters
+loaded and unloaded at runtime likewise. Slow:
 a vLLM worker takes 30-120 s to start here (test_vllm_worker.py's rule: skipped only without the vLLM venv)."""
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(checkpoint, small_
     model_dirs = {"llama": small_llama_dir}
     model, tokenizer = load(model_dirs)
     deltas = write_adapter(tmp_path / "x", model, seed=7)
+    y_deltas = write_adapter(tmp_path / "y", model, seed=8, targets=("q_proj", "v_proj"))
     prompt_ids = tokenizer("hello world")["input_ids"]
     expected = {name: merged_greedy(model_dirs, delta, prompt_ids, max_new_tokens=8)
-                for name, delta in (("x", deltas), (None, None))}
-    assert expected["x"] != expected[None]
+                for name, delta in (("x", deltas), ("y", y_deltas), (None, None))}
+    assert expected["x"] != expected[None] and expected["y"] != expected[None]
     try:
         server = start_vllm_worker(checkpoint, name=MODEL, secret=SECRET, kv_cache_gb=1, python=_vllm_python(),
                                    log_dir=tmp_path, lora_modules={"x": str(tmp_path / "x")})
@@ -41,5 +43,16 @@ def test_a_vllm_worker_serves_adapters_as_hpcllms_engine_does(checkpoint, small_
                     assert token_ids(stream) == expected[name], name
             with pytest.raises(WorkerError, match="'y' is not loaded"):
                 worker.generate(GenerateRequest(request_id="r-y", prompt_token_ids=prompt_ids, lora="y"))
+            # At runtime (vLLM's add_lora / remove_lora): y loaded, x unloaded and loaded again under its old id.
+            assert worker.load_lora_adapter("y", str(tmp_path / "y")).changed
+            assert worker.unload_lora_adapter("x").lora_adapters == {"y": str(tmp_path / "y")}
+            with pytest.raises(WorkerError, match="'x' is not loaded"):
+                worker.generate(GenerateRequest(request_id="r-x-gone", prompt_token_ids=prompt_ids, lora="x"))
+            worker.load_lora_adapter("x", str(tmp_path / "x"))
+            for name in ("y", "x"):
+                request = GenerateRequest(request_id=f"r-runtime-{name}", prompt_token_ids=prompt_ids, max_tokens=8,
+                                          temperature=0, ignore_eos=True, lora=name)
+                with worker.generate(request) as stream:
+                    assert token_ids(stream) == expected[name], name
     finally:
         server.stop()
