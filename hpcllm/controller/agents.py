@@ -3,7 +3,8 @@
 The wire shapes follow the node agent's contract (docs/controller.md, service-contract): POST
 <agent_url>/v1/internal/instances {model, source, gpu_ids} -> {instance_id, worker_url}; DELETE
 <agent_url>/v1/internal/instances/<id>; GET <agent_url>/v1/internal/instances -> [InstanceInfo] (or {"instances": [...]});
-POST <agent_url>/v1/internal/instances/<id>/migrate-out {destination_url} -> MigratedOut (live migration, then stop).
+POST <agent_url>/v1/internal/instances/<id>/migrate-out {destination_url} -> MigratedOut (live migration, then stop);
+PUT <agent_url>/v1/internal/instances/<id>/lora-adapters {lora_adapters} -> LoraAdaptersApplied (a redeploy's adapters).
 Every failure becomes an AgentError naming the node's URL and what went wrong. `hpcllm cache` talks to the
 agents' cache API through the same client (call), in its own words.
 """
@@ -18,10 +19,14 @@ from pydantic import ValidationError
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.controller.errors import AgentError
-from hpcllm.controller.protocol import InstanceInfo, MigratedOut
+from hpcllm.controller.protocol import InstanceInfo, LoraAdaptersApplied, MigratedOut
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import error_of, internal_client, json_object, request_json
+
+
+# A redeploy's adapter changes on one instance: each load reads an adapter and installs it between two steps.
+ADAPTERS_TIMEOUT_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,18 @@ class AgentClient:
             return MigratedOut.model_validate(json_object(resp))
         except ValidationError as exc:
             raise AgentError(f"node agent {url} sent an unreadable migration result: {exc}") from None
+
+    def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str]) -> LoraAdaptersApplied:
+        """Have the instance's worker serve these adapters from now on (loads and unloads: seconds at most)."""
+        url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}/lora-adapters"
+        resp = self._call("PUT", url, json={"lora_adapters": adapters}, timeout=ADAPTERS_TIMEOUT_SECONDS)
+        if resp.status_code != 200:
+            raise AgentError(f"node agent {url} refused to change the instance's LoRA adapters: HTTP "
+                             f"{resp.status_code} {error_of(resp)[1]}")
+        try:
+            return LoraAdaptersApplied.model_validate(json_object(resp))
+        except ValidationError as exc:
+            raise AgentError(f"node agent {url} sent an unreadable answer: {exc}") from None
 
     def list_instances(self, agent_url: str) -> list[InstanceInfo]:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"

@@ -571,6 +571,22 @@ class UndeployResult(Wire):
 # where the controller reads it, because the node package imports the controller's wire types, never the reverse.
 
 
+class AdapterFailure(Wire):
+    status: int  # the worker's HTTP status (400: the adapter cannot be served on this model; 0: no answer)
+    message: str
+
+
+class LoraAdaptersApplied(Wire):
+    """A node agent's answer to PUT .../lora-adapters (a redeploy's adapters pushed to a running instance): what its
+    worker serves now, and the adapters it could not load or unload. pending: the worker still loads its model;
+    the agent applies the adapters once it is ready, and stops it (failed, with the reason) if that fails."""
+
+    instance_id: str
+    lora_adapters: dict[str, str] = Field(default_factory=dict)
+    failed: dict[str, AdapterFailure] = Field(default_factory=dict)
+    pending: bool = False
+
+
 class MigratedOut(Wire):
     """What migrate-out did. `migrated`/`failed` are the source worker's own answer (POST /v1/internal/migrate);
     `error` says why the migration call as a whole failed. Requests that were not migrated were aborted when the

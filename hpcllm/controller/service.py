@@ -169,10 +169,64 @@ class Controller:
     def deploy(self, spec: ModelSpec) -> tuple[DeployedModel, bool]:
         """Validate a model config against the filesystem and Slurm, then record it (True when new)."""
         model = self.resolve_model(spec)
+        previous = self.registry.get_model(model.name)
         created = self.registry.put_model(model)
         log.info("%s model %s (%d bytes, %d gpus)", "deployed" if created else "updated", model.name,
                  model.size_bytes, model.gpus)
+        if previous is not None and previous.lora_adapters != model.lora_adapters:
+            self._push_adapters(model, previous)
         return model, created
+
+    def _push_adapters(self, model: DeployedModel, previous: DeployedModel) -> None:
+        """A redeploy changed the model's adapters: its running instances load the added ones and unload the
+        removed ones (after the requests running with them end) through their agents, so every instance the gateway
+        routes the listed adapters to serves them. An adapter a worker refuses (400: it cannot be served on this
+        model) undoes the redeploy and is its error; an instance that cannot apply the change otherwise (its engine
+        loads no adapter at runtime, its agent or worker does not answer) is replaced: stopped, its failure
+        recorded, and the next one starts with the model's adapters."""
+        changed: list[tuple[NodeRecord, InstanceRecord]] = []
+        for node, inst in self._adapter_instances(model.name):
+            refused = self._set_adapters(node, inst, model.lora_adapters)
+            if refused:
+                self.registry.put_model(previous)
+                for node_changed, inst_changed in [*changed, (node, inst)]:
+                    self._set_adapters(node_changed, inst_changed, previous.lora_adapters)
+                name, message = refused
+                raise InvalidModelConfig(f"lora_adapters.{name}: instance {inst.instance_id} on {node.node_id} cannot "
+                                         f"serve it: {message}; the model keeps its previous adapters",
+                                         param="lora_adapters")
+            changed.append((node, inst))
+
+    def _adapter_instances(self, model: str) -> list[tuple[NodeRecord, InstanceRecord]]:
+        """The model's instances whose worker serves or will serve (a reserved one starts with the new adapters)."""
+        nodes = {n.node_id: n for n in self.registry.nodes()}
+        return [(nodes[i.node_id], i) for i in self.registry.instances(model=model)
+                if i.state in ("loading", "ready") and not i.reserved and i.node_id in nodes]
+
+    def _set_adapters(self, node: NodeRecord, inst: InstanceRecord,
+                      adapters: dict[str, str]) -> tuple[str, str] | None:
+        """One instance's adapters through its agent: (name, why) of an adapter its worker refuses to serve, None
+        when it serves them now (or will once loaded); an instance that cannot apply them otherwise is replaced."""
+        try:
+            applied = self.agents.set_lora_adapters(node.agent_url, inst.instance_id, adapters)
+        except AgentError as exc:
+            self._replace_for_adapters(node, inst, str(exc))
+            return None
+        refused = sorted((name, f.message) for name, f in applied.failed.items() if f.status == 400)
+        if refused:
+            return refused[0]
+        if applied.failed:
+            self._replace_for_adapters(node, inst, "; ".join(f"{name}: {f.message}"
+                                                             for name, f in sorted(applied.failed.items())))
+        return None
+
+    def _replace_for_adapters(self, node: NodeRecord, inst: InstanceRecord, reason: str) -> None:
+        self.registry.set_instance_state(inst.instance_id, "draining")  # no route to it from now on
+        self._record_failure(node.node_id, InstanceInfo(
+            instance_id=inst.instance_id, model=inst.model, state="failed",
+            error=f"replaced: could not apply its model's new LoRA adapters: {reason}"))
+        self._stop_one(node, inst.instance_id)
+        self._notify()
 
     def resolve_model(self, spec: ModelSpec) -> DeployedModel:
         source = Path(spec.source)

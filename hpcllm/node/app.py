@@ -30,6 +30,7 @@ from hpcllm.node.protocol import (
     InstanceList,
     MigrateOut,
     NodeInfo,
+    SetLoraAdapters,
     StartedInstance,
     StartInstance,
     StoppedInstance,
@@ -142,6 +143,12 @@ def create_app(agent) -> Flask:
     def stop_instance(instance_id: str):
         inst = agent.workers.stop(instance_id)
         return StoppedInstance(instance_id=inst.instance_id, state=inst.state, exit_code=inst.exit_code).model_dump()
+
+    @api.put("/v1/internal/instances/<instance_id>/lora-adapters")
+    def set_lora_adapters(instance_id: str):
+        agent.workers.get(instance_id)  # 404 before the body is looked at
+        wanted = parse_body(SetLoraAdapters).lora_adapters
+        return agent.workers.set_lora_adapters(instance_id, wanted).model_dump()
 
     @api.post("/v1/internal/instances/<instance_id>/migrate-out")
     def migrate_out(instance_id: str):

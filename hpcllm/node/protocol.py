@@ -8,6 +8,8 @@ Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Err
     GET    /v1/internal/instances              -> InstanceList{instances: [InstanceInfo]}
     DELETE /v1/internal/instances/<id>         -> StoppedInstance (404 unknown instance)
     POST   /v1/internal/instances/<id>/migrate-out  MigrateOut -> MigratedOut (live-migrate its requests, then stop)
+    PUT    /v1/internal/instances/<id>/lora-adapters  SetLoraAdapters -> LoraAdaptersApplied (a redeploy's adapters:
+                                                the worker loads the added ones, unloads the removed ones)
     POST   /v1/internal/cache/warm             WarmRequest -> CachedCopyInfo
     GET    /v1/internal/cache                  -> CacheList
     DELETE /v1/internal/cache/<model>?tier=T   -> CacheList (the evicted copies)
@@ -23,10 +25,12 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 
 from hpcllm.config import MODEL_NAME_PATTERN
-from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut: the migrate-out answer, defined there)
+from hpcllm.controller.protocol import (  # noqa: F401 (MigratedOut, LoraAdaptersApplied: answers defined there)
+    AdapterFailure,
     CacheTier,
     EngineName,
     InstanceInfo,
+    LoraAdaptersApplied,
     MigratedOut,
     NodeRegistration,
     Wire,
@@ -51,6 +55,9 @@ NodePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_
 MAX_REQUEST_BYTES = 1 << 20
 
 
+LoraAdapterFolders = dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], NodePath]
+
+
 class StartInstance(WireModel):
     model: str = Field(pattern=MODEL_NAME_PATTERN)
     source: NodePath = Field(description="converted checkpoint folder on the shared FS (origin)")
@@ -63,8 +70,8 @@ class StartInstance(WireModel):
     tensor_parallel: int = Field(1, ge=1, le=64, description="ranks of the instance (mpirun -n N on this node)")
     nodes: int = Field(1, ge=1, le=64, description="nodes of this agent's Slurm job the ranks spread over "
                        "(> 1: srun --mpi=pmix across them, tensor_parallel / nodes ranks each)")
-    lora_adapters: dict[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)], NodePath] = Field(
-        default_factory=dict, max_length=256, description="LoRA adapters served on the model: name -> PEFT folder")
+    lora_adapters: LoraAdapterFolders = Field(default_factory=dict, max_length=256,
+                                                description="LoRA adapters served on the model: name -> PEFT folder")
 
 
 class StartedInstance(Wire):
@@ -129,6 +136,12 @@ class NodeInfo(Wire):
     state: Literal["starting", "up", "draining", "stopped"]
     registration: NodeRegistration
     notes: list[str] = Field(default_factory=list)
+
+
+class SetLoraAdapters(WireModel):
+    """The adapters an instance's worker should serve from now on (its model's lora_adapters after a redeploy)."""
+
+    lora_adapters: LoraAdapterFolders = Field(max_length=256)
 
 
 class MigrateOut(WireModel):

@@ -50,7 +50,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import GpuInventory
-from hpcllm.node.protocol import StartInstance
+from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance
 from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import SECRET_ENV
@@ -162,6 +162,13 @@ class NotAccepting(InstanceError):
     code = "draining"
 
 
+class InstanceNotServing(InstanceError):
+    """The instance's worker serves nothing (failed, stopping): a change of its adapters has nowhere to go."""
+
+    http_status = 409
+    code = "instance_not_serving"
+
+
 @dataclass
 class MigrationOutcome:
     """What one instance's migrate call did: the worker's migrated / failed lists, or why the call failed."""
@@ -211,6 +218,9 @@ class Instance:
     failed_probes: int = 0  # health probes of its /ready that failed in a row while it was ready
     probe_error: str | None = None  # how the last one failed
     kill_at: float | None = None  # monotonic time the watcher SIGKILLs a worker it stopped (unhealthy, start timeout)
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # what its worker serves (started with, then loaded)
+    lora_wanted: dict[str, str] | None = None  # a redeploy's adapters, applied once the worker is ready
+    adapters_lock: threading.Lock = field(default_factory=threading.Lock)  # one change of its adapters at a time
     done: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
 
@@ -666,6 +676,7 @@ class WorkerManager:
                     raise InstanceError(f"checkpoint {path} of model {req.model!r} does not exist on this node")
                 self._check_context_length(req, path)
                 inst = self._launch(req, path, tier)
+                inst.lora_adapters = dict(req.lora_adapters)
             finally:  # started or not: a started worker holds the copy with a reference of its own
                 if held:
                     self.cache.release(req.model, tier)
@@ -727,9 +738,68 @@ class WorkerManager:
             inst.rank_loads = sorted(body["rank_loads"], key=lambda r: r["rank"])
         if inst.state == "loading":
             self._set_state(inst, "ready")
+            self._apply_wanted_adapters(inst)
             if inst.load_fill is not None or inst.promote_to:
                 threading.Thread(target=self._keep_loaded_copy, args=(inst,),
                                  name=f"cache-{inst.instance_id}", daemon=True).start()
+
+    # ------------------------------------------------------------------------------------------ LoRA adapters
+
+    def set_lora_adapters(self, instance_id: str, wanted: dict[str, str]) -> LoraAdaptersApplied:
+        """A redeploy's adapters: the instance's worker unloads those no longer wanted (or wanted from another
+        folder; their running requests end first) and loads the others. A worker still loading gets them once it
+        is ready (pending)."""
+        inst = self.get(instance_id)
+        with inst.adapters_lock:
+            if inst.state == "loading":
+                inst.lora_wanted = dict(wanted)
+                return LoraAdaptersApplied(instance_id=instance_id, lora_adapters=inst.lora_adapters, pending=True)
+            if inst.state not in ("ready", "draining") or inst.worker_url is None or inst.stopping:
+                raise InstanceNotServing(f"instance {instance_id} is {inst.state}: its worker serves no adapters")
+            inst.lora_wanted = None
+            return self._apply_adapters(inst, wanted)
+
+    def _apply_wanted_adapters(self, inst: Instance) -> None:
+        """The worker just became ready: the adapters a redeploy asked for while it loaded. If they cannot all be
+        served it is stopped as failed, with the reason: the controller starts another (with the model's
+        adapters) rather than route requests for an adapter to a worker without it."""
+        with inst.adapters_lock:
+            wanted, inst.lora_wanted = inst.lora_wanted, None
+            if wanted is None or wanted == inst.lora_adapters:
+                return
+            applied = self._apply_adapters(inst, wanted)
+        if applied.failed:
+            inst.error = "could not serve its model's LoRA adapters after a redeploy: " + "; ".join(
+                f"{name}: {failure.message}" for name, failure in sorted(applied.failed.items()))
+            self._stop_failed(inst)
+
+    def _apply_adapters(self, inst: Instance, wanted: dict[str, str]) -> LoraAdaptersApplied:
+        """Unload, then load, through the worker's API (under inst.adapters_lock); each failure is recorded by name
+        and the rest goes on. inst.lora_adapters follows the worker's answers."""
+        worker = WorkerClient(inst.worker_url, self.key or "", client=self._http)
+        failed: dict[str, AdapterFailure] = {}
+        for name in sorted(n for n, folder in inst.lora_adapters.items() if wanted.get(n) != folder):
+            try:
+                inst.lora_adapters = worker.unload_lora_adapter(name).lora_adapters
+            except WorkerError as exc:
+                if exc.status == 404:  # already gone
+                    inst.lora_adapters = {n: f for n, f in inst.lora_adapters.items() if n != name}
+                else:
+                    failed[name] = AdapterFailure(status=exc.status, message=str(exc))
+        for name, folder in sorted(wanted.items()):
+            if name in inst.lora_adapters or name in failed:
+                continue
+            try:
+                inst.lora_adapters = worker.load_lora_adapter(name, folder).lora_adapters
+            except WorkerError as exc:
+                failed[name] = AdapterFailure(status=exc.status, message=str(exc))
+        if failed:
+            log.warning("instance %s (%s): LoRA adapters not applied: %s", inst.instance_id, inst.model,
+                        "; ".join(f"{name}: {failure.message}" for name, failure in sorted(failed.items())))
+        else:
+            log.info("instance %s (%s): serves LoRA adapters %s", inst.instance_id, inst.model,
+                     ", ".join(sorted(inst.lora_adapters)) or "none")
+        return LoraAdaptersApplied(instance_id=inst.instance_id, lora_adapters=inst.lora_adapters, failed=failed)
 
     def _probe_failed(self, inst: Instance, reason: str) -> None:
         inst.failed_probes += 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hpcllm.controller.agents import AgentClient, StartedInstance
 from hpcllm.controller.errors import AgentError
-from hpcllm.controller.protocol import InstanceInfo
+from hpcllm.controller.protocol import AdapterFailure, InstanceInfo, LoraAdaptersApplied
 from hpcllm.slurm.base import JobSpec, JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 
@@ -159,6 +159,8 @@ class FakeAgents(AgentClient):
         self.tensor_parallel: list[int] = []  # the ranks each start asked for
         self.nodes: list[int] = []  # the nodes each start asked the ranks to span
         self.lora_adapters: list[dict[str, str] | None] = []  # the adapters each start asked the worker to serve
+        self.serving_adapters: dict[str, dict[str, str]] = {}  # instance id -> the adapters its worker serves
+        self.refuse_adapters: dict[str, AdapterFailure] = {}  # adapter name -> how every worker refuses to load it
         self.stopped: list[tuple[str, str]] = []
         self.unreachable: set[str] = set()
         self.refuse_start = False
@@ -189,7 +191,20 @@ class FakeAgents(AgentClient):
         self.tensor_parallel.append(tensor_parallel)
         self.nodes.append(nodes)
         self.lora_adapters.append(lora_adapters)
+        self.serving_adapters[instance_id] = dict(lora_adapters or {})
         return StartedInstance(instance_id, worker_url)
+
+    def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str]) -> LoraAdaptersApplied:
+        """As the agent's relay does: unload what is no longer wanted, load the rest, those in refuse_adapters
+        failing."""
+        agent = self._agent(agent_url)
+        if instance_id not in agent.instances:
+            raise AgentError(f"node agent {agent_url}: HTTP 404 no instance {instance_id!r} on this node")
+        serving = {n: f for n, f in self.serving_adapters.get(instance_id, {}).items() if adapters.get(n) == f}
+        failed = {n: self.refuse_adapters[n] for n in adapters if n not in serving and n in self.refuse_adapters}
+        serving.update({n: f for n, f in adapters.items() if n not in failed})
+        self.serving_adapters[instance_id] = serving
+        return LoraAdaptersApplied(instance_id=instance_id, lora_adapters=serving, failed=failed)
 
     def stop_instance(self, agent_url: str, instance_id: str) -> None:
         agent = self._agent(agent_url)

@@ -61,3 +61,66 @@ def test_adapters_are_refused_on_tensor_parallel_models_and_taken_on_vllm_ones(c
     resp = client.post("/v1/admin/models", json={**body, "tensor_parallel": 2}, headers=ADMIN)
     assert resp.status_code == 400 and "tensor_parallel > 1" in resp.get_json()["error"]["message"]
     assert client.post("/v1/admin/models", json={**body, "engine": "vllm"}, headers=ADMIN).status_code == 201
+
+
+# ---- a redeploy that changes lora_adapters reaches the running instances -------------------------------------------
+
+
+def ready_with(harness, adapters) -> str:
+    """m deployed with these adapters and one ready instance of it on n1."""
+    harness.deploy("m", lora_adapters=adapters)
+    harness.register("n1")
+    instance_id = harness.controller.route("m").instance_id
+    harness.heartbeat("n1", tier="nvme")
+    return instance_id
+
+
+def test_a_redeploy_loads_added_and_unloads_removed_adapters_on_running_instances(harness, tmp_path):
+    x, y = adapter_folder(tmp_path / "x"), adapter_folder(tmp_path / "y")
+    instance_id = ready_with(harness, {"x": x})
+    harness.deploy("m", lora_adapters={"y": y})
+    assert harness.agents.serving_adapters == {instance_id: {"y": y}}
+    assert harness.agents.lora_adapters == [{"x": x}]  # no instance was started for it
+    assert harness.agents.stopped == []
+    assert harness.registry.get_model("m").lora_adapters == {"y": y}
+
+
+def test_an_adapter_a_worker_cannot_serve_undoes_the_redeploy_and_says_why(harness, tmp_path):
+    from hpcllm.controller.errors import InvalidModelConfig
+    from hpcllm.controller.protocol import AdapterFailure
+
+    x, y, bad = (adapter_folder(tmp_path / name) for name in ("x", "y", "bad"))
+    first = ready_with(harness, {"x": x})
+    harness.agents.refuse_adapters["bad"] = AdapterFailure(
+        status=400, message="LoRA adapter 'bad' targets model.layers.40.q_proj, which does not exist in this base "
+                            "model: was it trained for another model?")
+    with pytest.raises(InvalidModelConfig, match=r"lora_adapters.bad: instance .* cannot serve it: .*another model"):
+        harness.deploy("m", lora_adapters={"y": y, "bad": bad})
+    assert harness.registry.get_model("m").lora_adapters == {"x": x}
+    assert harness.agents.serving_adapters[first] == {"x": x}
+    assert harness.agents.stopped == []
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "runtime_lora_unsupported"])
+def test_an_instance_that_cannot_change_its_adapters_is_replaced_and_its_failure_reported(harness, tmp_path,
+                                                                                         failure):
+    from hpcllm.controller.protocol import AdapterFailure
+
+    x, y = adapter_folder(tmp_path / "x"), adapter_folder(tmp_path / "y")
+    first = ready_with(harness, {"x": x})
+    if failure == "unreachable":
+        harness.agents.unreachable.add("http://n1:9000")
+    else:
+        harness.agents.refuse_adapters["y"] = AdapterFailure(
+            status=409, message="this worker's vLLM engine was built without LoRA")
+    harness.deploy("m", lora_adapters={"y": y})
+    assert harness.registry.get_model("m").lora_adapters == {"y": y}
+    assert harness.registry.get_instance(first).state == "draining"  # no route to it
+    [failed] = harness.controller.status().failed_instances
+    assert failed.instance_id == first and "could not apply its model's new LoRA adapters" in failed.error
+    if failure != "unreachable":
+        assert harness.agents.stopped == [("http://n1:9000", first)]
+        harness.agents.refuse_adapters.clear()
+        harness.heartbeat("n1")
+        harness.controller.route("m")  # the replacement starts with the model's adapters
+        assert harness.agents.lora_adapters[-1] == {"y": y}

@@ -53,3 +53,45 @@ def test_an_adapter_name_that_is_no_model_name_is_refused(tmp_path, converted): 
         "model": "tiny-llama", "source": str(converted), "lora_adapters": {"a b": str(tmp_path)}})
     assert resp.status_code == 400 and "lora_adapters" in resp.get_json()["error"]["param"]
     agent.workers.close()
+
+
+def test_a_redeploys_adapters_reach_a_running_instance_through_its_agent(tmp_path, converted,  # noqa: F811
+                                                                         tiny_llama_dir):
+    """PUT .../lora-adapters: the worker unloads x, loads y, and refuses z (a folder it cannot serve) by name; the
+    answer says what it serves now. Asked while the worker still loads, the change waits for it to be ready."""
+    model_dirs = {"llama": tiny_llama_dir}
+    model, tokenizer = load(model_dirs)
+    write_adapter(tmp_path / "adapter-x", model, seed=1)
+    y_deltas = write_adapter(tmp_path / "adapter-y", model, seed=2)
+    prompt_ids = tokenizer("hello world")["input_ids"]
+    expected = merged_greedy(model_dirs, y_deltas, prompt_ids, max_new_tokens=6)
+    folders = {name: str(tmp_path / f"adapter-{name}") for name in ("x", "y", "z")}
+    agent = make_agent(tmp_path)
+    client = create_app(agent).test_client()
+    try:
+        resp = client.post("/v1/internal/instances", headers=AUTH, json={
+            "model": "tiny-llama", "source": str(converted), "lora_adapters": {"x": folders["x"]}})
+        instance_id = resp.get_json()["instance_id"]
+        inst = agent.workers.get(instance_id)
+        path = f"/v1/internal/instances/{instance_id}/lora-adapters"
+        assert inst.state == "loading"  # a worker takes seconds to load
+        pending = client.put(path, headers=AUTH, json={"lora_adapters": {"x": folders["x"], "y": folders["y"]}})
+        assert pending.status_code == 200 and pending.get_json()["pending"] is True
+        wait_for(lambda: "y" in inst.lora_adapters, what="the pending adapters once the worker is ready")
+        assert inst.state == "ready" and inst.lora_adapters == {"x": folders["x"], "y": folders["y"]}
+
+        resp = client.put(path, headers=AUTH, json={"lora_adapters": {"y": folders["y"], "z": folders["z"]}})
+        applied = resp.get_json()
+        assert resp.status_code == 200 and applied["lora_adapters"] == {"y": folders["y"]}
+        assert applied["failed"]["z"]["status"] == 400 and "does not exist" in applied["failed"]["z"]["message"]
+        with WorkerClient(inst.worker_url, SECRET) as worker:
+            with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt_ids, max_tokens=6,
+                                                 temperature=0, ignore_eos=True, lora="y")) as stream:
+                assert token_ids(stream) == expected
+            with pytest.raises(WorkerError, match="'x' is not loaded"):
+                worker.generate(GenerateRequest(request_id="r2", prompt_token_ids=prompt_ids, lora="x"))
+        assert client.put("/v1/internal/instances/nope/lora-adapters", headers=AUTH,
+                          json={"lora_adapters": {}}).status_code == 404
+    finally:
+        agent.drain()
+        agent.workers.close()
