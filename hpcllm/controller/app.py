@@ -21,6 +21,8 @@ from hpcllm.config import admin_key_of
 from hpcllm.controller.errors import ControllerError, InvalidRequest
 from hpcllm.controller.protocol import (
     MAX_REQUEST_BYTES,
+    AdminLoadLoraAdapter,
+    AdminUnloadLoraAdapter,
     CredentialInfo,
     CredentialList,
     Heartbeat,
@@ -166,6 +168,16 @@ def create_app(controller: Controller) -> Flask:
         spec = parse_body(ModelSpec)
         model, created = controller.deploy(spec)
         return model.model_dump(), 201 if created else 200
+
+    # vLLM's dynamic LoRA endpoints for the cluster (the gateway's /v1/load_lora_adapter proxies here): a redeploy
+    # of the base model with the adapter added or removed.
+    @admin.post("/v1/admin/load_lora_adapter")
+    def load_lora_adapter():
+        return controller.load_lora_adapter(parse_body(AdminLoadLoraAdapter)).model_dump()
+
+    @admin.post("/v1/admin/unload_lora_adapter")
+    def unload_lora_adapter():
+        return controller.unload_lora_adapter(parse_body(AdminUnloadLoraAdapter)).model_dump()
 
     @admin.delete("/v1/admin/models/")
     def undeploy_nameless():

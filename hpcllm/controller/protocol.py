@@ -35,7 +35,7 @@ from hpcllm.config import MODEL_NAME_PATTERN, ToolCallFormat
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.wire import UnixTime, WireModel
 from hpcllm.slurm.base import JOB_ID_PATTERN, SLURM_TOKEN_PATTERN, WALLTIME_PATTERN
-from hpcllm.worker.protocol import MigrationFailure, MigrationResult
+from hpcllm.worker.protocol import LoadLoraAdapter, MigrationFailure, MigrationResult, UnloadLoraAdapter
 
 
 Tier = Literal["dram", "nvme", "sharedfs"]
@@ -347,6 +347,19 @@ class ModelSpec(WireModel):
             raise ValueError(f"min_instances ({self.min_instances}) must not exceed max_instances "
                              f"({self.max_instances})")
         return self
+
+
+class AdminLoadLoraAdapter(LoadLoraAdapter):
+    """POST /v1/admin/load_lora_adapter (vLLM's body, and the model to serve it on): a redeploy of base_model with
+    one more adapter. base_model may be left out when one model is deployed."""
+
+    base_model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
+
+
+class AdminUnloadLoraAdapter(UnloadLoraAdapter):
+    """POST /v1/admin/unload_lora_adapter: a redeploy of the model serving lora_name without it."""
+
+    base_model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
 
 
 class DeployedModel(ModelSpec):

@@ -26,6 +26,7 @@ from hpcllm.controller.errors import (
     AgentError,
     ControllerError,
     InvalidModelConfig,
+    InvalidRequest,
     JobNotLocated,
     NoCapacity,
     NoCapacityPossible,
@@ -53,6 +54,8 @@ from hpcllm.controller.placement import (
     start_kind,
 )
 from hpcllm.controller.protocol import (
+    AdminLoadLoraAdapter,
+    AdminUnloadLoraAdapter,
     AllocationStatus,
     CacheEntry,
     ClusterStatus,
@@ -176,6 +179,43 @@ class Controller:
         if previous is not None and previous.lora_adapters != model.lora_adapters:
             self._push_adapters(model, previous)
         return model, created
+
+    def load_lora_adapter(self, req: AdminLoadLoraAdapter) -> DeployedModel:
+        """vLLM's /v1/load_lora_adapter for the cluster: a redeploy of the base model with the adapter added (or its
+        folder changed), checked and pushed to the running instances as any redeploy."""
+        model = self._adapter_base(req.base_model, req.lora_name, loading=True)
+        return self._redeploy_with(model, {**model.lora_adapters, req.lora_name: req.lora_path})
+
+    def unload_lora_adapter(self, req: AdminUnloadLoraAdapter) -> DeployedModel:
+        model = self._adapter_base(req.base_model, req.lora_name, loading=False)
+        if req.lora_name not in model.lora_adapters:
+            raise UnknownModel(f"model {model.name!r} serves no LoRA adapter {req.lora_name!r} (its adapters: "
+                               f"{', '.join(sorted(model.lora_adapters)) or 'none'})")
+        return self._redeploy_with(model, {n: f for n, f in model.lora_adapters.items() if n != req.lora_name})
+
+    def _adapter_base(self, base_model: str | None, lora_name: str, loading: bool) -> DeployedModel:
+        """The model an adapter call is for: base_model, else the one serving the adapter, else (a load) the only
+        model deployed."""
+        if base_model is not None:
+            model = self.registry.get_model(base_model)
+            if model is None:
+                raise UnknownModel(f"base_model {base_model!r} is not deployed")
+            return model
+        models = self.registry.models()
+        serving = [m for m in models if lora_name in m.lora_adapters]
+        if serving:
+            return serving[0]
+        if loading and len(models) == 1:
+            return models[0]
+        if not loading:
+            raise UnknownModel(f"no deployed model serves a LoRA adapter {lora_name!r}")
+        raise InvalidRequest(f"{len(models)} models are deployed: name the one to serve {lora_name!r} on in "
+                             "base_model", param="base_model")
+
+    def _redeploy_with(self, model: DeployedModel, adapters: dict[str, str]) -> DeployedModel:
+        spec = ModelSpec.model_validate({**model.model_dump(exclude={"deployed_at", "rank_bytes", "lora_adapters"}),
+                                         "lora_adapters": adapters})
+        return self.deploy(spec)[0]
 
     def _push_adapters(self, model: DeployedModel, previous: DeployedModel) -> None:
         """A redeploy changed the model's adapters: its running instances load the added ones and unload the

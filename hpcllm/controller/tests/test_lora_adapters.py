@@ -124,3 +124,32 @@ def test_an_instance_that_cannot_change_its_adapters_is_replaced_and_its_failure
         harness.heartbeat("n1")
         harness.controller.route("m")  # the replacement starts with the model's adapters
         assert harness.agents.lora_adapters[-1] == {"y": y}
+
+
+def test_vllms_load_and_unload_endpoints_redeploy_the_base_model_with_the_admin_key(client, harness, tmp_path):
+    """POST /v1/admin/load_lora_adapter and unload_lora_adapter: the base model named, or inferred (the model that
+    serves the adapter; for a load, the only model deployed)."""
+    x, y = adapter_folder(tmp_path / "x"), adapter_folder(tmp_path / "y")
+    instance_id = ready_with(harness, {"x": x})
+    load = client.post("/v1/admin/load_lora_adapter", json={"lora_name": "y", "lora_path": y}, headers=ADMIN)
+    assert load.status_code == 200 and load.get_json()["lora_adapters"] == {"x": x, "y": y}
+    assert harness.agents.serving_adapters[instance_id] == {"x": x, "y": y}
+    unload = client.post("/v1/admin/unload_lora_adapter", json={"lora_name": "x"}, headers=ADMIN)
+    assert unload.status_code == 200 and harness.registry.get_model("m").lora_adapters == {"y": y}
+    assert harness.agents.serving_adapters[instance_id] == {"y": y}
+    [card] = client.get("/v1/internal/models", headers=INTERNAL).get_json()["models"]
+    assert card["lora_adapters"] == {"y": y}
+
+    gone = client.post("/v1/admin/unload_lora_adapter", json={"lora_name": "x"}, headers=ADMIN)
+    assert gone.status_code == 404 and "no deployed model serves a LoRA adapter 'x'" in gone.get_json()["error"][
+        "message"]
+    bad = client.post("/v1/admin/load_lora_adapter", json={"lora_name": "z", "lora_path": str(tmp_path / "none")},
+                      headers=ADMIN)
+    assert bad.status_code == 400 and "lora_adapters.z" in bad.get_json()["error"]["message"]
+    harness.deploy("other")
+    which = client.post("/v1/admin/load_lora_adapter", json={"lora_name": "x", "lora_path": x}, headers=ADMIN)
+    assert which.status_code == 400 and which.get_json()["error"]["param"] == "base_model"
+    assert client.post("/v1/admin/load_lora_adapter", json={"lora_name": "x", "lora_path": x, "base_model": "other"},
+                       headers=ADMIN).status_code == 200
+    assert client.post("/v1/admin/load_lora_adapter", json={"lora_name": "q", "lora_path": x},
+                       headers=INTERNAL).status_code == 401  # the admin key, never the cluster secret
