@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from hpcllm.config import ApiKey
 from hpcllm.gateway import errors
+from hpcllm.gateway.admin.router import LORA_ADMIN_PATHS
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.httpkit.auth import bearer_token
 from hpcllm.httpkit.errors import ServiceError, from_http_exception, install_error_handlers
@@ -110,7 +111,7 @@ def install(app: Flask, gw: Gateway) -> None:
         # Counted until the response (a stream: its last byte) is sent, so a drain knows when it may stop.
         gw.request_started()
         g.counted_in_flight = True
-        if path.startswith("/v1/admin/"):
+        if path.startswith("/v1/admin/") or path in LORA_ADMIN_PATHS:
             _authenticate_admin(gw)
         elif path.startswith("/v1/") or path in USER_PATHS:
             _authenticate_user(gw)

@@ -1,4 +1,6 @@
 """/v1/admin/*: deploy, undeploy and status, proxied to the controller; usage, answered by the gateway itself.
+vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter (admin key too) go to the controller's
+/v1/admin/(un)load_lora_adapter: a redeploy of the base model with the adapter added or removed.
 
 Callers authenticate with the admin key (checked in middleware); the gateway forwards the call with the caller's
 admin bearer header only - never the cluster secret - and relays the controller's status and body unchanged.
@@ -34,7 +36,11 @@ ADMIN_ROUTES: tuple[tuple[re.Pattern, frozenset[str]], ...] = (
     (re.compile(r"status"), frozenset({"GET"})),
     (re.compile(r"models"), frozenset({"POST"})),
     (re.compile(rf"models/{_MODEL_NAME}"), frozenset({"DELETE"})),
+    (re.compile(r"(load|unload)_lora_adapter"), frozenset({"POST"})),
 )
+# vLLM's dynamic LoRA endpoints, admin-only here (the middleware asks for the admin key): the controller's admin
+# routes of the same names.
+LORA_ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 
 def _allowed_methods(rest: str) -> frozenset[str] | None:
@@ -50,6 +56,12 @@ def usage_report():
     if request.method != "GET":
         raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
     return current_gateway().usage.report(request.args)
+
+
+@bp.post("/v1/load_lora_adapter")
+@bp.post("/v1/unload_lora_adapter")
+def lora_adapter():
+    return admin_proxy(request.path.removeprefix("/v1/"))
 
 
 @bp.route("/v1/admin/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

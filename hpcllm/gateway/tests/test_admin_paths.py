@@ -70,3 +70,27 @@ def test_the_admin_proxy_does_not_send_the_cluster_secret(routed_gateway):
         http.send = original_send
     assert seen and SECRET_HEADER.lower() not in {k.lower() for k in seen}
     assert seen["authorization"] == f"Bearer {ADMIN_KEY}"
+
+
+def test_vllms_lora_endpoints_take_the_admin_key_and_redeploy_through_the_controller(routed_gateway, tmp_path):
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter: the controller's admin routes of the same names (a
+    redeploy of the base model, inferred here: the only one deployed); an API key is not enough."""
+    import httpx
+
+    from hpcllm.controller.tests.test_lora_adapters import adapter_folder
+
+    from .conftest import MODEL, USER_KEY
+
+    folder = adapter_folder(tmp_path / "legal")
+    body = {"lora_name": "tiny-legal", "lora_path": folder}
+    as_user = httpx.post(f"{routed_gateway.url}/v1/load_lora_adapter", json=body,
+                         headers={"Authorization": f"Bearer {USER_KEY}"})
+    assert as_user.status_code == 401 and as_user.json()["error"]["code"] == "invalid_admin_key"
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    loaded = httpx.post(f"{routed_gateway.url}/v1/load_lora_adapter", json=body, headers=admin)
+    assert loaded.status_code == 200, loaded.text
+    assert loaded.json()["name"] == MODEL and loaded.json()["lora_adapters"] == {"tiny-legal": folder}
+    unloaded = httpx.post(f"{routed_gateway.url}/v1/unload_lora_adapter", json={"lora_name": "tiny-legal"},
+                          headers=admin)
+    assert unloaded.status_code == 200 and unloaded.json()["lora_adapters"] == {}
+    assert httpx.get(f"{routed_gateway.url}/v1/load_lora_adapter", headers=admin).status_code == 405
