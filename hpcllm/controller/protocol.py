@@ -599,6 +599,10 @@ class LoraAdaptersApplied(Wire):
     failed: dict[str, AdapterFailure] = Field(default_factory=dict)
     pending: bool = False
 
+    def failures(self) -> str:
+        """The failed adapters and why, for a log line or an instance's error."""
+        return "; ".join(f"{name}: {failure.message}" for name, failure in sorted(self.failed.items()))
+
 
 class MigratedOut(Wire):
     """What migrate-out did. `migrated`/`failed` are the source worker's own answer (POST /v1/internal/migrate);

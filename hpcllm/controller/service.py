@@ -256,8 +256,7 @@ class Controller:
         if refused:
             return refused[0]
         if applied.failed:
-            self._replace_for_adapters(node, inst, "; ".join(f"{name}: {f.message}"
-                                                             for name, f in sorted(applied.failed.items())))
+            self._replace_for_adapters(node, inst, applied.failures())
         return None
 
     def _replace_for_adapters(self, node: NodeRecord, inst: InstanceRecord, reason: str) -> None:

@@ -769,8 +769,7 @@ class WorkerManager:
                 return
             applied = self._apply_adapters(inst, wanted)
         if applied.failed:
-            inst.error = "could not serve its model's LoRA adapters after a redeploy: " + "; ".join(
-                f"{name}: {failure.message}" for name, failure in sorted(applied.failed.items()))
+            inst.error = f"could not serve its model's LoRA adapters after a redeploy: {applied.failures()}"
             self._stop_failed(inst)
 
     def _apply_adapters(self, inst: Instance, wanted: dict[str, str]) -> LoraAdaptersApplied:
@@ -793,13 +792,14 @@ class WorkerManager:
                 inst.lora_adapters = worker.load_lora_adapter(name, folder).lora_adapters
             except WorkerError as exc:
                 failed[name] = AdapterFailure(status=exc.status, message=str(exc))
+        applied = LoraAdaptersApplied(instance_id=inst.instance_id, lora_adapters=inst.lora_adapters, failed=failed)
         if failed:
             log.warning("instance %s (%s): LoRA adapters not applied: %s", inst.instance_id, inst.model,
-                        "; ".join(f"{name}: {failure.message}" for name, failure in sorted(failed.items())))
+                        applied.failures())
         else:
             log.info("instance %s (%s): serves LoRA adapters %s", inst.instance_id, inst.model,
                      ", ".join(sorted(inst.lora_adapters)) or "none")
-        return LoraAdaptersApplied(instance_id=inst.instance_id, lora_adapters=inst.lora_adapters, failed=failed)
+        return applied
 
     def _probe_failed(self, inst: Instance, reason: str) -> None:
         inst.failed_probes += 1

@@ -203,6 +203,10 @@ def tensor_parallel_engine_class():
         each StepBatch is broadcast to the followers, whose runners (built with the lead's runner options) write the
         same KV blocks of their own heads and compute their shard of the same forward."""
 
+        # A runtime load would reach the lead's runner only: the followers' shards need the adapters' slices.
+        lora_refusal = ("LoRA adapters are not supported with tensor parallelism yet; serve them on a "
+                        "tensor_parallel = 1 deployment")
+
         def __init__(self, lead: LeadRunner, tokenizer, **options):
             if options.pop("model_process", False):  # the forward is already spread over the ranks' processes
                 raise ConfigError("[worker] model_process cannot be combined with tensor parallelism; set it false")
