@@ -259,6 +259,14 @@ class Controller:
             self._replace_for_adapters(node, inst, applied.failures())
         return None
 
+    def _catch_up_adapters(self, started_with: DeployedModel, node: NodeRecord, instance_id: str) -> None:
+        """A redeploy that changed the adapters while this instance was being started (reserved: its push skipped
+        it) reaches it now; a redeploy after the confirmation finds it among the instances."""
+        current = self.registry.get_model(started_with.name)
+        inst = self.registry.get_instance(instance_id)
+        if current is not None and inst is not None and current.lora_adapters != started_with.lora_adapters:
+            self._set_adapters(node, inst, current.lora_adapters)
+
     def _replace_for_adapters(self, node: NodeRecord, inst: InstanceRecord, reason: str) -> None:
         self.registry.set_instance_state(inst.instance_id, "draining")  # no route to it from now on
         self._record_failure(node.node_id, InstanceInfo(
@@ -810,6 +818,7 @@ class Controller:
             raise
         self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
         log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
+        self._catch_up_adapters(model, node, started.instance_id)
         return RouteWaiting(status="starting", model=model.name, instance_id=started.instance_id,
                             node_id=node.node_id, retry_after=self.settings.route_retry_after_seconds)
 

@@ -153,3 +153,19 @@ def test_vllms_load_and_unload_endpoints_redeploy_the_base_model_with_the_admin_
                        headers=ADMIN).status_code == 200
     assert client.post("/v1/admin/load_lora_adapter", json={"lora_name": "q", "lora_path": x},
                        headers=INTERNAL).status_code == 401  # the admin key, never the cluster secret
+
+
+def test_a_redeploy_while_an_instance_is_being_started_reaches_it_once_its_agent_confirms(harness, tmp_path):
+    x, y = adapter_folder(tmp_path / "x"), adapter_folder(tmp_path / "y")
+    harness.deploy("m", lora_adapters={"x": x})
+    harness.register("n1")
+    start = harness.agents.start_instance
+
+    def start_during_a_redeploy(*args, **kwargs):
+        harness.deploy("m", lora_adapters={"y": y})  # the reservation is not pushed to: no agent knows it yet
+        return start(*args, **kwargs)
+
+    harness.agents.start_instance = start_during_a_redeploy
+    instance_id = harness.controller.route("m").instance_id
+    assert harness.agents.lora_adapters == [{"x": x}]  # started with the adapters of before
+    assert harness.agents.serving_adapters[instance_id] == {"y": y}
