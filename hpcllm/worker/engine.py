@@ -335,7 +335,7 @@ class Engine(EngineBase):
                     f"worker is full ({len(self._running)} running, {len(self._waiting)} waiting); retry later"
                 )
             self._finished.pop(request.request_id, None)
-            self._check_lora(state.lora)
+            self._bind_lora(state)
             self._live[request.request_id] = state
             self._waiting.append(state)
             self.metrics.num_requests_waiting.set(len(self._waiting))

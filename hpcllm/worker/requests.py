@@ -168,11 +168,15 @@ class RequestState:
     # first sampled, then updated per output token; None for every other request (they pay nothing per token).
     token_state: TokenState | None = None
     lora: str | None = None  # the LoRA adapter it runs with (GenerateRequest.lora); None: the base model
+    lora_folder: str | None = None  # where that adapter was loaded from (EngineBase._bind_lora, as it is queued)
 
     @property
     def cache_salt(self) -> bytes:
-        """What its KV blocks' prefix-cache keys start from: an adapter's keys/values are not the base model's."""
-        return b"" if self.lora is None else b"lora\0" + self.lora.encode()
+        """What its KV blocks' prefix-cache keys start from: an adapter's keys/values are not the base model's, nor
+        another folder's loaded under the same name since (vLLM keys blocks by adapter name and path too)."""
+        if self.lora is None:
+            return b""
+        return b"lora\0" + self.lora.encode() + b"\0" + (self.lora_folder or "").encode()
 
     @property
     def known_tokens(self) -> int:
@@ -694,6 +698,12 @@ class EngineBase:
             raise InvalidRequest(f"LoRA adapter {name!r} is not loaded on this worker of model {self.model_name} "
                                  f"(loaded: {loaded}); load it (POST /v1/load_lora_adapter), or name one of these",
                                  "lora")
+
+    def _bind_lora(self, req: RequestState) -> None:
+        """As a request is queued (under the lock): its adapter is still served, and from which folder."""
+        self._check_lora(req.lora)
+        if req.lora is not None:
+            req.lora_folder = self.lora_adapters[req.lora]
 
     # ---- LoRA adapters at runtime (vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter) -------------------
 

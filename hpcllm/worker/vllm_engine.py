@@ -293,7 +293,7 @@ class VllmEngine(EngineBase):
         """Register a new request (under the lock)."""
         if self._stopping or not self.alive:
             raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
-        self._check_lora(req.lora)
+        self._bind_lora(req)
         if req.request_id in self._live:
             raise DuplicateRequest(f"request id {req.request_id!r} is already in progress", "request_id")
         if len(self._live) >= self.max_requests:

@@ -309,11 +309,13 @@ def test_an_adapter_loaded_at_runtime_serves_its_merged_output_and_once_unloaded
 @pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
 def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request_ends(model_dirs, adapters,
                                                                                       model_process):
+    """The name loaded again from another folder serves that adapter, and shares no cached prompt prefix with the
+    old one (vLLM's rule: blocks are keyed by adapter name and folder)."""
     folders, deltas = adapters
     model, tokenizer = load(model_dirs)
-    prompt = tokenizer(PROMPTS[0])["input_ids"]
+    prompt = tokenizer(PROMPTS[2])["input_ids"]
     expected = merged_greedy(model_dirs, deltas["x"], prompt, max_new_tokens=40)
-    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]},
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]}, kv_block_size=4,
                 model_process=model_process) as engine:
         stream = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40))
         events = stream.events()
@@ -329,8 +331,10 @@ def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request
         assert [first.token_id] + token_ids(rest) == expected and rest[-1].finish_reason == "length"
         # Its end freed the weights: the name loads again (from another folder even) and serves that adapter.
         assert engine.load_lora("x", folders["y"]) is True
+        hits = engine.metrics.prefix_cache_hits._value.get()
         assert engine.generate(request(prompt_token_ids=prompt, lora="x")).token_ids == merged_greedy(
             model_dirs, deltas["y"], prompt)
+        assert engine.metrics.prefix_cache_hits._value.get() == hits
 
 
 @pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
