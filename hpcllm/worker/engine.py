@@ -417,8 +417,8 @@ class Engine(EngineBase):
     def _add_adapter(self, name: str, folder: str) -> None:
         self._between_steps(lambda: self.runner.load_lora(name, folder), wait=True)
 
-    def _remove_adapter(self, name: str, wait: bool) -> None:
-        self._between_steps(lambda: self.runner.unload_lora(name), wait)
+    def _remove_adapter(self, name: str, folder: str, wait: bool) -> None:
+        self._between_steps(lambda: self.runner.unload_lora(name, folder), wait)
 
     def _between_steps(self, action: Callable[[], None], wait: bool) -> None:
         job = _AdapterJob(action)
@@ -636,7 +636,7 @@ class Engine(EngineBase):
                                                 else w.req.all_ids[w.start:w.end] + w.proposal, w.start,
                                                 self.kv_pool.table(w.req.seq_id), w.end == w.known,
                                                 previous_row=w.previous_row, logits_positions=1 + len(w.proposal),
-                                                lora=w.req.lora)
+                                                lora=w.req.lora_key)
                                   for w in chunks])
         for chunk, w in zip(batch.chunks, chunks):
             if w.req.scores_prompt and w.previous_row is None:

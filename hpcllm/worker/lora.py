@@ -78,7 +78,8 @@ def _pair_weights(name: str, tensors: dict[str, torch.Tensor], rank: int, scale:
 
 # ---- applying them ---------------------------------------------------------------------------------------------
 
-_active = threading.local()  # the running step's row groups on this thread: [(adapter name, rows)], or None
+_active = threading.local()  # the running step's row groups on this thread: [(adapter key, rows)], or None
+AdapterKey = tuple[str, str]  # (name, folder): one name may be served from a new folder while the old one retires
 
 
 @dataclass
@@ -88,7 +89,7 @@ class _Segment:
 
     start: int
     stop: int
-    by_adapter: dict[str, LoraWeights]
+    by_adapter: dict[AdapterKey, LoraWeights]
 
 
 class LoraLayers:
@@ -99,7 +100,7 @@ class LoraLayers:
     def __init__(self, model: nn.Module, adapters: dict[str, str]) -> None:
         check_adapter_names(adapters)
         self.model = model
-        self.names: list[str] = []
+        self.keys: list[AdapterKey] = []
         self.modules: list[nn.Module] = []
         _uninstall(model)
         for name, folder in sorted(adapters.items()):
@@ -109,8 +110,9 @@ class LoraLayers:
         """Install one more adapter (the worker's runtime load: between steps, never while one runs). Every check is
         done before the first layer changes: a refused adapter leaves the others as they were."""
         check_adapter_names({name: str(folder)})
-        if name in self.names:
-            raise AdapterError(f"LoRA adapter {name!r} is already installed")
+        key = (name, str(folder))
+        if key in self.keys:
+            raise AdapterError(f"LoRA adapter {name!r} from {folder} is already installed")
         dtype, device = _dtype_device(self.model)
         placed = []
         for module_name, weights in read_adapter(name, folder).items():
@@ -127,27 +129,28 @@ class LoraLayers:
             at = next((s for s in module.lora_segments if s.start == start), None)
             if at is None:
                 module.lora_segments.append(at := _Segment(start, stop, {}))
-            at.by_adapter[name] = weights
-        self.names = sorted([*self.names, name])
+            at.by_adapter[key] = weights
+        self.keys = sorted([*self.keys, key])
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, folder: str | Path) -> None:
         """Take an adapter's weights off every layer (between steps, once no request runs with it); a layer left
         without adapters gets its own forward back for good."""
+        key = (name, str(folder))
         for module in list(self.modules):
             for segment in module.lora_segments:
-                segment.by_adapter.pop(name, None)
+                segment.by_adapter.pop(key, None)
             module.lora_segments = [segment for segment in module.lora_segments if segment.by_adapter]
             if not module.lora_segments:
                 module.forward = module.lora_base_forward
                 del module.lora_base_forward, module.lora_forward, module.lora_segments
                 self.modules.remove(module)
-        self.names = [n for n in self.names if n != name]
+        self.keys = [k for k in self.keys if k != key]
 
     @contextlib.contextmanager
-    def rows(self, spans: list[tuple[str | None, int, int]], device: torch.device):
-        """Within: the adapters of a step whose packed rows begin..end-1 belong to each span's adapter (None: the
-        base model's). The targeted layers' forwards are swapped for the step (one attribute each), not wrapped
-        for good: a step without adapters pays nothing."""
+    def rows(self, spans: list[tuple[AdapterKey | None, int, int]], device: torch.device):
+        """Within: the adapters of a step whose packed rows begin..end-1 belong to each span's adapter (its key;
+        None: the base model's). The targeted layers' forwards are swapped for the step (one attribute each), not
+        wrapped for good: a step without adapters pays nothing."""
         _active.groups = _row_groups(spans, device)
         for module in self.modules:
             module.forward = module.lora_forward
@@ -159,19 +162,19 @@ class LoraLayers:
             _active.groups = None
 
 
-def _row_groups(spans: list[tuple[str | None, int, int]], device: torch.device) -> list | None:
+def _row_groups(spans: list[tuple[AdapterKey | None, int, int]], device: torch.device) -> list | None:
     """Per adapter in the step, its rows: a slice when they are one range (a view, no gather), else an index."""
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    for name, begin, end in spans:
-        if name is not None and end > begin:
-            ranges.setdefault(name, []).append((begin, end))
+    ranges: dict[AdapterKey, list[tuple[int, int]]] = {}
+    for key, begin, end in spans:
+        if key is not None and end > begin:
+            ranges.setdefault(key, []).append((begin, end))
     groups = []
-    for name, spans_of in ranges.items():
+    for key, spans_of in ranges.items():
         spans_of.sort()
         if all(spans_of[i][1] == spans_of[i + 1][0] for i in range(len(spans_of) - 1)):
-            groups.append((name, slice(spans_of[0][0], spans_of[-1][1])))
+            groups.append((key, slice(spans_of[0][0], spans_of[-1][1])))
         else:
-            groups.append((name, torch.tensor([r for b, e in spans_of for r in range(b, e)], device=device)))
+            groups.append((key, torch.tensor([r for b, e in spans_of for r in range(b, e)], device=device)))
     return groups or None
 
 
@@ -179,10 +182,10 @@ def _lora_forward(self, x: torch.Tensor) -> torch.Tensor:
     out = self.lora_base_forward(x)
     groups = getattr(_active, "groups", None) or ()
     rows_in, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-    for name, rows in groups:
+    for key, rows in groups:
         selected = None
         for segment in self.lora_segments:
-            weights = segment.by_adapter.get(name)
+            weights = segment.by_adapter.get(key)
             if weights is None:
                 continue
             if selected is None:

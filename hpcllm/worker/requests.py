@@ -171,6 +171,12 @@ class RequestState:
     lora_folder: str | None = None  # where that adapter was loaded from (EngineBase._bind_lora, as it is queued)
 
     @property
+    def lora_key(self) -> tuple[str, str] | None:
+        """Its adapter as the engine holds it: a name loaded again from another folder while requests still ran
+        with the old one is another adapter, until they end."""
+        return None if self.lora is None else (self.lora, self.lora_folder or "")
+
+    @property
     def cache_salt(self) -> bytes:
         """What its KV blocks' prefix-cache keys start from: an adapter's keys/values are not the base model's, nor
         another folder's loaded under the same name since (vLLM keys blocks by adapter name and path too)."""
@@ -298,8 +304,8 @@ class EngineBase:
     continues_grammars = True
     # The LoRA adapters it serves (name -> folder); a request names one or none. Replaced, never changed in place.
     lora_adapters: dict[str, str] = {}
-    # Adapters unloaded while requests still ran with them: their weights go when the last of those ends.
-    _retiring_adapters: frozenset[str] = frozenset()
+    # Adapters (name, folder) unloaded while requests still ran with them: their weights go when the last ends.
+    _retiring_adapters: frozenset[tuple[str, str]] = frozenset()
     lora_refusal: str | None = None  # why this engine cannot load adapters at runtime; None: it can
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
@@ -716,21 +722,23 @@ class EngineBase:
         """Serve one more adapter, checked as at start (lora_config, then its weights where the forward runs);
         False when it is served from that folder already. AdapterError (a 400) for an adapter that cannot be served
         or another folder under a served name (unload it first); LoraUnsupported where this engine cannot load it at
-        runtime; RequestConflict while the name is still being unloaded."""
+        runtime. A name unloaded while requests still run with it may be loaded again at once, from another folder
+        too (both are held until those requests end); from the same folder it is simply served again."""
         with self._lora_lock:
             check_adapter_names({name: folder})
             if name == self.model_name:
                 raise AdapterError(f"LoRA adapter {name!r} has the base model's name; requests name either")
             with self._lock:
-                current, retiring = self.lora_adapters.get(name), name in self._retiring_adapters
+                current = self.lora_adapters.get(name)
+                if current is None and (name, folder) in self._retiring_adapters:  # its weights are still there
+                    self._retiring_adapters -= {(name, folder)}
+                    self.lora_adapters = {**self.lora_adapters, name: folder}
+                    return True
             if current == folder:
                 return False
             if current is not None:
                 raise AdapterError(f"LoRA adapter {name!r} is already loaded from {current}; unload it first to "
                                    f"load it from {folder}")
-            if retiring:
-                raise RequestConflict(f"LoRA adapter {name!r} is still being unloaded: requests run with it; load it "
-                                      "again once they have ended", "lora_name")
             if self.lora_refusal is not None:
                 raise LoraUnsupported(self.lora_refusal, "lora_name")
             read_adapter_config(name, folder)
@@ -749,23 +757,24 @@ class EngineBase:
                     loaded = ", ".join(sorted(self.lora_adapters)) or "none"
                     raise UnknownAdapter(f"LoRA adapter {name!r} is not loaded on this worker (loaded: {loaded})",
                                          "lora_name")
+                key = (name, self.lora_adapters[name])
                 self.lora_adapters = {n: f for n, f in self.lora_adapters.items() if n != name}
-                running = self._requests_with(name)
+                running = self._requests_with(key)
                 if running:
-                    self._retiring_adapters |= {name}
+                    self._retiring_adapters |= {key}
             log.info("LoRA adapter %s unloaded%s", name, f" once its {running} requests end" if running else "")
             if not running:
-                self._remove_adapter(name, wait=True)
+                self._remove_adapter(*key, wait=True)
             return running
 
-    def _requests_with(self, name: str) -> int:
-        return sum(req.lora == name for req in self._live.values())
+    def _requests_with(self, key: tuple[str, str]) -> int:
+        return sum(req.lora_key == key for req in self._live.values())
 
-    def _retire_if_unused(self, name: str | None) -> None:
+    def _retire_if_unused(self, key: tuple[str, str] | None) -> None:
         """A request with this adapter finished (under the lock): the last of an unloaded adapter's frees it."""
-        if name in self._retiring_adapters and not self._requests_with(name):
-            self._retiring_adapters -= {name}
-            self._remove_adapter(name, wait=False)
+        if key in self._retiring_adapters and not self._requests_with(key):
+            self._retiring_adapters -= {key}
+            self._remove_adapter(*key, wait=False)
 
     @functools.cached_property
     def grammar_tokenizer(self):
@@ -930,7 +939,7 @@ class EngineBase:
             self._release(req)
             req.state, req.finish_reason = "finished", reason
             self._live.pop(req.request_id, None)
-            self._retire_if_unused(req.lora)
+            self._retire_if_unused(req.lora_key)
             self._finished[req.request_id] = req
             while len(self._finished) > self._finished_history:
                 self._finished.popitem(last=False)
@@ -989,7 +998,7 @@ class EngineBase:
         """Install an adapter where the forward runs, returning once it is (never during a step)."""
         raise LoraUnsupported(self.lora_refusal or "this engine cannot load LoRA adapters at runtime", "lora_name")
 
-    def _remove_adapter(self, name: str, wait: bool) -> None:
+    def _remove_adapter(self, name: str, folder: str, wait: bool) -> None:
         """Free an adapter no request runs with any more (never during a step); wait=False: maybe under the lock,
         from any thread, so only queued (a later load of the name runs after it)."""
 

@@ -79,7 +79,7 @@ class SequenceChunk:
     score_ids: list[int] = field(default_factory=list)
     score_top: int = 0
     logits_positions: int = 1
-    lora: str | None = None  # the LoRA adapter the sequence runs with (lora.py); None: the base model
+    lora: tuple[str, str] | None = None  # its LoRA adapter (name, folder), lora.py; None: the base model
 
 
 class StateSeed(NamedTuple):
@@ -365,7 +365,7 @@ class PagedRunner:
         last_row = [0] * len(batch.chunks)  # each chunk's last position in the packed row
         first_row = [0] * len(batch.chunks)
         sequences: list[_SequenceView] = []
-        adapter_rows: list[tuple[str, int, int]] = []  # (adapter, begin, end) of each chunk run with an adapter
+        adapter_rows: list[tuple[tuple[str, str], int, int]] = []  # (adapter, begin, end) of each chunk with one
         for index in [index for _, index in decodes] + prefills:
             chunk = batch.chunks[index]
             begin, context = len(ids), chunk.start + len(chunk.token_ids)
@@ -410,18 +410,18 @@ class PagedRunner:
             self.lora = lora.LoraLayers(self.model, {})
         self.lora.add(name, folder)
 
-    def unload_lora(self, name: str) -> None:
+    def unload_lora(self, name: str, folder: str) -> None:
         if self.lora is not None:
-            self.lora.remove(name)
+            self.lora.remove(name, folder)
 
-    def _adapters(self, adapter_rows: list[tuple[str, int, int]]):
+    def _adapters(self, adapter_rows: list[tuple[tuple[str, str], int, int]]):
         """The step's LoRA row groups (a context manager; nothing when no chunk runs with an adapter)."""
         if not adapter_rows:
             return contextlib.nullcontext()
-        known = self.lora.names if self.lora is not None else []
-        unknown = sorted({name for name, _, _ in adapter_rows} - set(known))
+        known = self.lora.keys if self.lora is not None else []
+        unknown = sorted({key for key, _, _ in adapter_rows} - set(known))
         if unknown:
-            raise ValueError(f"LoRA adapter(s) {', '.join(unknown)} not loaded (loaded: {', '.join(known) or 'none'})")
+            raise ValueError(f"LoRA adapter(s) {_keys(unknown)} not loaded (loaded: {_keys(known) or 'none'})")
         return self.lora.rows(adapter_rows, self.device)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep_rows: torch.Tensor) -> torch.Tensor:
@@ -484,6 +484,10 @@ def _keep_scores(batch: StepBatch, scored: list[int], rows: torch.Tensor) -> Non
         count = len(chunk.score_ids)
         batch.scores[chunk.seq_id] = score_positions(rows[at:at + count], chunk.score_ids, chunk.score_top)
         at += count
+
+
+def _keys(keys: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{name} ({folder})" for name, folder in keys)
 
 
 class SequentialRunner:

@@ -148,8 +148,8 @@ class ProcessRunner:
         here as the same AdapterError)."""
         self._lora_call("load", name, folder)
 
-    def unload_lora(self, name: str) -> None:
-        self._lora_call("unload", name)
+    def unload_lora(self, name: str, folder: str) -> None:
+        self._lora_call("unload", name, folder)
 
     def _lora_call(self, *call) -> None:
         if self._in_flight:

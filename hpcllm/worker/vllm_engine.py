@@ -218,11 +218,11 @@ class VllmEngine(EngineBase):
         self._prefill_rate: float | None = None
         self.step_timeout = step_timeout
         self._init_lora(lora_adapters)
-        # vLLM's LoRARequest per served adapter; ids fixed per name for the engine's life (a name loaded again
-        # after an unload takes its old id: vLLM forgot it at the unload).
-        self._lora_ids = {name: index for index, name in enumerate(sorted(self.lora_adapters), start=1)}
-        self._lora_requests = {name: _lora_request(name, self._lora_ids[name], folder)
-                               for name, folder in self.lora_adapters.items()}
+        # vLLM's LoRARequest per adapter held, by (name, folder) (RequestState.lora_key: a name loaded from a new
+        # folder while requests still run with the old one is another adapter); ids fixed per (name, folder) for
+        # the engine's life (loaded again after an unload, one takes its old id: vLLM forgot it at the unload).
+        self._lora_ids = {key: index for index, key in enumerate(sorted(self.lora_adapters.items()), start=1)}
+        self._lora_requests = {key: _lora_request(*key, lora_id) for key, lora_id in self._lora_ids.items()}
         lora_config = getattr(getattr(llm, "vllm_config", None), "lora_config", None)
         self._max_lora_rank = getattr(lora_config, "max_lora_rank", 0)
         if lora_config is None:
@@ -341,7 +341,7 @@ class VllmEngine(EngineBase):
         # its grammar starts at once): after </think> only where the output starts inside thinking.
         reasoning_ended = (None if self._markers is None or not req.params.constrained
                            else thinking is None or thinking.start is not None)
-        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora), reasoning_ended))
+        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key), reasoning_ended))
         self._lock.notify_all()
 
     def _warm(self, req: _Request) -> None:
@@ -353,7 +353,7 @@ class VllmEngine(EngineBase):
         vllm_id = self._vllm_id(req, "warm")
         self._vllm_ids[vllm_id] = (req, len(known))
         # Under its adapter: vLLM's prefix cache keys blocks by it, as the generation after the warm-up looks them up.
-        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora)))
+        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key)))
         self._lock.notify_all()
 
     def _stop_generating(self, req: _Request) -> None:
@@ -422,21 +422,21 @@ class VllmEngine(EngineBase):
                                   f"ranks up to {self._max_lora_rank} (its largest adapter at start): a worker started "
                                   "with it serves it", "lora_name")
         with self._lock:
-            lora_id = self._lora_ids.setdefault(name, max(self._lora_ids.values(), default=0) + 1)
-        request = _lora_request(name, lora_id, folder)
-        self._send_commands(wait=True)  # an earlier adapter of the name is removed first
+            lora_id = self._lora_ids.setdefault((name, folder), max(self._lora_ids.values(), default=0) + 1)
+        request = _lora_request(name, folder, lora_id)
+        self._send_commands(wait=True)  # a removal of this adapter still queued goes first (the same id)
         with self._llm_lock:
             try:
                 self.llm.add_lora(request)
             except Exception as exc:  # vLLM's own checks (target modules it does not support...)
                 raise AdapterError(f"LoRA adapter {name!r}: vLLM cannot load it: {exc}") from None
         with self._lock:
-            self._lora_requests = {**self._lora_requests, name: request}
+            self._lora_requests = {**self._lora_requests, (name, folder): request}
 
-    def _remove_adapter(self, name: str, wait: bool) -> None:
+    def _remove_adapter(self, name: str, folder: str, wait: bool) -> None:
         with self._lock:
-            request = self._lora_requests.get(name)
-            self._lora_requests = {n: r for n, r in self._lora_requests.items() if n != name}
+            request = self._lora_requests.get((name, folder))
+            self._lora_requests = {k: r for k, r in self._lora_requests.items() if k != (name, folder)}
             if request is not None:
                 self._commands.append(("remove_lora", request.lora_int_id))
                 self._lock.notify_all()
@@ -618,7 +618,7 @@ def lora_engine_args(adapters: dict[str, str]) -> dict:
     return {"enable_lora": True, "max_loras": len(adapters), "max_cpu_loras": len(adapters), "max_lora_rank": rank}
 
 
-def _lora_request(name: str, lora_id: int, folder: str):
+def _lora_request(name: str, folder: str, lora_id: int):
     """vLLM's LoRARequest for an adapter."""
     from vllm.lora.request import LoRARequest
 

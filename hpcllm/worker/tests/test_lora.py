@@ -309,12 +309,14 @@ def test_an_adapter_loaded_at_runtime_serves_its_merged_output_and_once_unloaded
 @pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
 def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request_ends(model_dirs, adapters,
                                                                                       model_process):
-    """The name loaded again from another folder serves that adapter, and shares no cached prompt prefix with the
-    old one (vLLM's rule: blocks are keyed by adapter name and folder)."""
+    """Meanwhile its name may be loaded from another folder (a new version): new requests get that one, and share
+    no cached prompt prefix with the old one (vLLM's rule: blocks are keyed by adapter name and folder)."""
+    from hpcllm.worker.lora_config import AdapterError
+
     folders, deltas = adapters
     model, tokenizer = load(model_dirs)
     prompt = tokenizer(PROMPTS[2])["input_ids"]
-    expected = merged_greedy(model_dirs, deltas["x"], prompt, max_new_tokens=40)
+    expected = {name: merged_greedy(model_dirs, deltas[name], prompt, max_new_tokens=40) for name in ("x", "y")}
     with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]}, kv_block_size=4,
                 model_process=model_process) as engine:
         stream = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40))
@@ -323,18 +325,36 @@ def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request
         assert engine.unload_lora("x") == 1  # it runs on
         with pytest.raises(InvalidRequest, match="'x' is not loaded"):
             engine.submit(request(prompt_token_ids=prompt, lora="x"))
-        from hpcllm.worker.engine import RequestConflict
-
-        with pytest.raises(RequestConflict, match="still being unloaded"):
-            engine.load_lora("x", folders["x"])
-        rest = list(events)
-        assert [first.token_id] + token_ids(rest) == expected and rest[-1].finish_reason == "length"
-        # Its end freed the weights: the name loads again (from another folder even) and serves that adapter.
-        assert engine.load_lora("x", folders["y"]) is True
+        assert engine.load_lora("x", folders["y"]) is True  # the new version, beside the old one
         hits = engine.metrics.prefix_cache_hits._value.get()
-        assert engine.generate(request(prompt_token_ids=prompt, lora="x")).token_ids == merged_greedy(
-            model_dirs, deltas["y"], prompt)
+        assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["y"]
         assert engine.metrics.prefix_cache_hits._value.get() == hits
+        rest = list(events)
+        assert [first.token_id] + token_ids(rest) == expected["x"] and rest[-1].finish_reason == "length"
+        # Its end freed the old version's weights: installing that folder again under the name is no duplicate.
+        assert engine.unload_lora("x") == 0
+        assert engine.load_lora("x", folders["x"]) is True
+        assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["x"]
+        with pytest.raises(AdapterError, match="already loaded from"):
+            engine.load_lora("x", folders["y"])
+
+
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_an_adapter_loaded_again_from_its_folder_while_unloading_is_kept(model_dirs, adapters, references,
+                                                                        model_process):
+    folders, _ = adapters
+    prompt_ids, expected = references
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]},
+                model_process=model_process) as engine:
+        stream = engine.submit(request(prompt_token_ids=prompt_ids[0], lora="x", max_tokens=30))
+        events = stream.events()
+        next(events)
+        assert engine.unload_lora("x") == 1
+        assert engine.load_lora("x", folders["x"]) is True  # its weights were still there: served again
+        list(events)  # the running request ends: the weights stay, being served
+        assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
+        assert engine.alive
 
 
 @pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
