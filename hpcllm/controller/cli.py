@@ -97,6 +97,9 @@ class AdminClient:
                                f"${CONTROLLER_URL_ENV}")
 
 
+DEPLOY_TIMEOUT_S = 600.0
+
+
 @click.command("deploy")
 @click.argument("model_file", type=click.Path(path_type=Path))
 @config_option
@@ -105,7 +108,8 @@ def deploy(model_file: Path, config_path: Path | None, controller_url: str | Non
     """Deploy (or update) the model described by MODEL_FILE (conf/models/NAME.toml)."""
     spec = read_model_file(model_file)
     client = AdminClient(load_config(config_path), controller_url)
-    model = client.call("POST", "/v1/admin/models", DeployedModel, json=spec.model_dump())
+    # A redeploy that changes lora_adapters answers once every running instance loaded them: not the default 30 s.
+    model = client.call("POST", "/v1/admin/models", DeployedModel, json=spec.model_dump(), timeout=DEPLOY_TIMEOUT_S)
     click.echo(f"deployed {model['name']}: {model['source']} ({human_size(model['size_bytes'])}, "
                f"{model['gpus'] or 'no'} GPU{'s' if model['gpus'] != 1 else ''}, "
                f"instances {model['min_instances']}..{model['max_instances']}, "
