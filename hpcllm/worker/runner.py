@@ -50,6 +50,10 @@ CPU_PADDING_ALLOWANCE = 1.2
 # layer was 1.5x the output tokens/s of 1.2 at 16 requests and 1.16x at 64 (H200, ~1B bf16 Llama, one run each,
 # bench/engine_gpu.py --padding-allowance).
 GPU_PADDING_ALLOWANCE = math.inf
+# Chunks after cached tokens of at most this many tokens (decodes, speculative verifications: the last token and up
+# to speculative_ngram_tokens proposed) are attended in the decodes' grouped calls; longer ones (prefill chunks) each
+# in its own call.
+MAX_GROUPED_TOKENS = 16
 
 
 def padding_allowance_for(device: torch.device) -> float:
@@ -171,27 +175,45 @@ class _SequenceView:
 
 @dataclass
 class _DecodeGroup:
-    """Decode sequences of a step (one new token each) with similar contexts, attended in ONE SDPA call over their
-    contexts padded to the group's longest. The runner packs the step's decodes first, sorted by context length,
-    so a group is a range of the packed row and its context slots a range of the step's decode_slots."""
+    """Short chunks after cached tokens (decodes: one new token; speculative verifications: the last token and the
+    proposal) with similar contexts and lengths, attended in ONE SDPA call over their contexts padded to the group's
+    longest and, when a chunk has several tokens, their queries padded to the group's longest chunk. The runner
+    packs these chunks first, sorted by (tokens, context), so a group is a range of the packed row and its context
+    slots a range of the step's decode_slots."""
 
-    begin: int  # its rows in the packed row: begin..end-1
+    begin: int  # its tokens in the packed row: begin..end-1
     end: int
-    offset: int  # its slots in the step's decode_slots: (end - begin) x longest from here, row by row
+    offset: int  # its slots in the step's decode_slots: rows x longest from here, row by row
     longest: int
-    padding: torch.Tensor | None  # [sequences, 1, 1, longest], True = padding; None when no row is padded
-    _masks: dict = field(default_factory=dict)  # dtype -> additive mask, built by the first layer, reused by the rest
+    # [rows, 1, queries, longest], True = not attended: a context's padding, and in a chunk of several tokens the
+    # positions after each token (query j of a chunk sees its context up to its own position); None: all attended.
+    padding: torch.Tensor | None
+    queries: int = 1  # the group's longest chunk: every row's queries are padded to this many
+    # With queries > 1: per row and padded query, the chunk token it is (group-relative; a padded query repeats the
+    # row's last token, so its softmax is finite, and is dropped), and which padded queries are the chunks' tokens.
+    query_index: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict)  # (dtype, heads per kv head) -> additive mask, built once per step
 
-    def mask(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The padding as an additive mask (0 attend, -inf padding): what SDPA would convert a boolean mask to in
+    @property
+    def rows(self) -> int:
+        return self.end - self.begin if self.query_index is None else self.query_index.shape[0] // self.queries
+
+    def mask(self, dtype: torch.dtype, heads_per_kv: int = 1) -> torch.Tensor | None:
+        """The padding as an additive mask (0 attend, -inf not), over the query layout of _decode_attention
+        ([rows, 1, heads_per_kv * queries, longest] when queries > 1): what SDPA would convert a boolean mask to in
         every layer's call, built once per step."""
         if self.padding is None:
             return None
-        mask = self._masks.get(dtype)
+        key = (dtype, heads_per_kv if self.queries > 1 else 1)
+        mask = self._masks.get(key)
         if mask is None:
-            mask = self._masks[dtype] = torch.zeros(self.padding.shape, dtype=dtype,
-                                                    device=self.padding.device).masked_fill_(self.padding,
-                                                                                             float("-inf"))
+            blocked = self.padding
+            if self.queries > 1:  # the same mask for every query head of a key/value head
+                blocked = blocked.unsqueeze(2).expand(-1, -1, heads_per_kv, -1, -1).reshape(
+                    self.rows, 1, heads_per_kv * self.queries, self.longest)
+            mask = self._masks[key] = torch.zeros(blocked.shape, dtype=dtype,
+                                                  device=blocked.device).masked_fill_(blocked, float("-inf"))
         return mask
 
 
@@ -225,25 +247,36 @@ def _paged_attention(module, query, key, value, attention_mask, **kwargs):
 
 def _decode_attention(step: _StepContext, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                       output: torch.Tensor, scaling: float | None) -> None:
-    """The step's decodes, a group per SDPA call, into output ([tokens, heads, dim]; query [heads, tokens, dim]).
+    """The step's short chunks (decodes, verifications), a group per SDPA call, into output ([tokens, heads, dim];
+    query [heads, tokens, dim]).
 
     Every group's keys and values come from one gather per pool, and each group's rows are a slice of the packed
-    row: per group only views and the SDPA call. The query heads that share a key/value head are that head's
-    queries (transformers' pack_gqa for a single query token: [rows, kv_heads, heads per kv head, dim]), so grouped-
-    query attention needs no repeated keys."""
+    row. The query heads that share a key/value head are that head's queries (transformers' pack_gqa: [rows,
+    kv_heads, heads per kv head x queries, dim]), so grouped-query attention needs no repeated keys. A group of
+    one-token chunks is views only; a group with longer chunks gathers its queries into that layout (padded per row
+    to the group's longest chunk) and its outputs back."""
     kv_heads, head_dim = k_pool.shape[0], k_pool.shape[2]
     heads = query.shape[0]
+    per_kv = heads // kv_heads
     keys_all, values_all = step.pool.gather(k_pool, v_pool, step.decode_slots)
     for group in step.decode_groups:
-        count, longest = group.end - group.begin, group.longest
-        span = slice(group.offset, group.offset + count * longest)
-        keys = keys_all[:, span].view(kv_heads, count, longest, head_dim).transpose(0, 1)
-        values = values_all[:, span].view(kv_heads, count, longest, -1).transpose(0, 1)
-        queries = query[:, group.begin:group.end].transpose(0, 1).reshape(count, kv_heads, heads // kv_heads,
-                                                                         head_dim)
-        out = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=group.mask(query.dtype),
-                                                               scale=scaling)
-        output[group.begin:group.end] = out.view(count, heads, -1)
+        rows, longest, queries = group.rows, group.longest, group.queries
+        span = slice(group.offset, group.offset + rows * longest)
+        keys = keys_all[:, span].view(kv_heads, rows, longest, head_dim).transpose(0, 1)
+        values = values_all[:, span].view(kv_heads, rows, longest, -1).transpose(0, 1)
+        tokens = query[:, group.begin:group.end]
+        if queries == 1:
+            packed = tokens.transpose(0, 1).reshape(rows, kv_heads, per_kv, head_dim)
+        else:  # [heads, rows x queries, dim] -> [rows, kv_heads, per_kv x queries, dim]
+            packed = tokens.index_select(1, group.query_index).view(kv_heads, per_kv, rows, queries, head_dim)
+            packed = packed.permute(2, 0, 1, 3, 4).reshape(rows, kv_heads, per_kv * queries, head_dim)
+        out = torch.nn.functional.scaled_dot_product_attention(packed, keys, values,
+                                                               attn_mask=group.mask(query.dtype, per_kv), scale=scaling)
+        if queries == 1:
+            output[group.begin:group.end] = out.view(rows, heads, -1)
+        else:
+            out = out.view(rows, kv_heads, per_kv, queries, -1).permute(0, 3, 1, 2, 4).reshape(rows * queries, heads, -1)
+            output[group.begin:group.end] = out.index_select(0, group.kept)
 
 
 def _paged_mask(*args, **kwargs):
@@ -347,18 +380,18 @@ class PagedRunner:
             if logits is not None:
                 return logits
         size = self.block_size
-        decodes: list[tuple[int, int]] = []  # (context, chunk index)
+        short: list[tuple[int, int, int]] = []  # (tokens, context, chunk index) of decodes and verifications
         prefills: list[int] = []  # chunk indices
         highest_block = 0
         for index, chunk in enumerate(batch.chunks):
             context = chunk.start + len(chunk.token_ids)
             highest_block = max(highest_block, max(chunk.block_table[: -(-context // size)]) + 1)
-            if len(chunk.token_ids) == 1 and chunk.start > 0:
-                decodes.append((context, index))
+            if chunk.start > 0 and len(chunk.token_ids) <= MAX_GROUPED_TOKENS:
+                short.append((len(chunk.token_ids), context, index))
             else:
                 prefills.append(index)
-        # Decodes first, sorted by context: a decode group is then a range of the packed row (_decode_attention).
-        decodes.sort()
+        # Short chunks first, sorted by (tokens, context): a decode group is then a range of the packed row.
+        short.sort()
         ids: list[int] = []
         positions: list[int] = []
         write_slots: list[int] = []  # pool slots of every new token, in packed order
@@ -366,7 +399,7 @@ class PagedRunner:
         first_row = [0] * len(batch.chunks)
         sequences: list[_SequenceView] = []
         adapter_rows: list[tuple[tuple[str, str], int, int]] = []  # (adapter, begin, end) of each chunk with one
-        for index in [index for _, index in decodes] + prefills:
+        for order, index in enumerate([index for *_, index in short] + prefills):
             chunk = batch.chunks[index]
             begin, context = len(ids), chunk.start + len(chunk.token_ids)
             first_row[index] = begin
@@ -379,7 +412,7 @@ class PagedRunner:
             table = chunk.block_table
             write_slots.extend(table[p // size] * size + p % size for p in range(chunk.start, context))
             last_row[index] = len(ids) - 1
-            if begin >= len(decodes):  # a prefill chunk (the decodes hold the first rows, one each)
+            if order >= len(short):  # a prefill chunk, attended on its own
                 sequences.append(_SequenceView(begin, len(ids), self._context_slots([table], context)[0],
                                                self._mask(chunk, len(ids) - begin)))
         keep = [row for index, chunk in enumerate(batch.chunks) if chunk.want_logits
@@ -388,8 +421,8 @@ class PagedRunner:
         for index in scored:  # only a scored chunk keeps more than its last position's logits
             keep.extend(range(first_row[index], first_row[index] + len(batch.chunks[index].score_ids)))
         self.pool.reserve(highest_block)
-        groups, decode_slots = self._decode_groups([(context, batch.chunks[index].block_table)
-                                                    for context, index in decodes])
+        groups, decode_slots = self._decode_groups([(tokens, context, batch.chunks[index].block_table)
+                                                    for tokens, context, index in short])
         _active.step = _StepContext(self.pool, torch.tensor(write_slots, device=self.device), sequences, groups,
                                     decode_slots)
         input_ids = torch.tensor([ids], device=self.device)
@@ -431,32 +464,60 @@ class PagedRunner:
             return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                               logits_to_keep=keep_rows).logits[0]
 
-    def _decode_groups(self, decodes: list[tuple[int, list[int]]]) -> tuple[list[_DecodeGroup], torch.Tensor | None]:
-        """Batch the decodes' attention: the decodes (context, block table), sorted by context and packed in this
-        order, split into groups that pad at most padding_allowance times the positions they hold, each attended in
-        one SDPA call over contexts padded to its longest; and all groups' context slots in one tensor."""
-        ranges: list[tuple[int, int]] = []  # [begin, end) in decodes
-        held = 0
-        for row, (length, _) in enumerate(decodes):
+    def _decode_groups(self, short: list[tuple[int, int, list[int]]]
+                       ) -> tuple[list[_DecodeGroup], torch.Tensor | None]:
+        """Batch the attention of the short chunks: (tokens, context, block table), sorted and packed in this order,
+        split into groups whose padded work (rows x longest chunk x longest context) is at most padding_allowance
+        times the work they hold (tokens x context per row), each attended in one SDPA call; and all groups'
+        context slots in one tensor."""
+        ranges: list[tuple[int, int]] = []  # [begin, end) in short
+        held = longest = 0
+        for row, (tokens, length, _) in enumerate(short):
             begin = ranges[-1][0] if ranges else 0
-            if ranges and length * (row - begin + 1) <= self.padding_allowance * (held + length):
+            # Sorted by tokens: this row's are the most so far in its group; its context may be shorter.
+            padded = (row - begin + 1) * tokens * max(longest, length)
+            if ranges and padded <= self.padding_allowance * (held + tokens * length):
                 ranges[-1] = (begin, row + 1)
-                held += length
+                held, longest = held + tokens * length, max(longest, length)
             else:
                 ranges.append((row, row + 1))
-                held = length
-        groups, slots, offset = [], [], 0
+                held, longest = tokens * length, length
+        groups, slots, offset, token = [], [], 0, 0
         for begin, end in ranges:
-            members = decodes[begin:end]
-            longest = members[-1][0]
-            slots.append(self._context_slots([table for _, table in members], longest).reshape(-1))
-            padding = None
-            if members[0][0] != longest:
-                lengths = torch.tensor([context for context, _ in members], device=self.device)
-                padding = (torch.arange(longest, device=self.device)[None] >= lengths[:, None])[:, None, None]
-            groups.append(_DecodeGroup(begin, end, offset, longest, padding))
-            offset += (end - begin) * longest
+            members = short[begin:end]
+            rows, queries = end - begin, members[-1][0]
+            longest = max(length for _, length, _ in members)
+            counts = [tokens for tokens, _, _ in members]
+            slots.append(self._context_slots([table for _, _, table in members], longest).reshape(-1))
+            group = _DecodeGroup(token, token + sum(counts), offset, longest, None, queries)
+            if queries > 1:
+                self._query_layout(group, counts)
+            lengths = [length for _, length, _ in members]
+            if queries > 1 or min(lengths) != longest:
+                group.padding = self._blocked(counts, lengths, queries, longest)
+            groups.append(group)
+            offset += rows * longest
+            token = group.end
         return groups, torch.cat(slots) if slots else None
+
+    def _query_layout(self, group: _DecodeGroup, counts: list[int]) -> None:
+        """A group's padded queries: per row, its chunk's tokens then its last token repeated up to group.queries."""
+        index, kept, first = [], [], 0
+        for row, count in enumerate(counts):
+            index.extend(first + min(j, count - 1) for j in range(group.queries))
+            kept.extend(row * group.queries + j for j in range(count))
+            first += count
+        group.query_index = torch.tensor(index, device=self.device)
+        group.kept = torch.tensor(kept, device=self.device)
+
+    def _blocked(self, counts: list[int], lengths: list[int], queries: int, longest: int) -> torch.Tensor:
+        """[rows, 1, queries, longest]: True where a row's padded query j must not attend (query j of a chunk of
+        `count` tokens ending at context `length` sees positions < length - count + j + 1; a padded query as its
+        chunk's last token)."""
+        count = torch.tensor(counts, device=self.device)[:, None]
+        j = torch.minimum(torch.arange(queries, device=self.device)[None], count - 1)
+        sees = torch.tensor(lengths, device=self.device)[:, None] - count + j + 1  # [rows, queries]
+        return (torch.arange(longest, device=self.device)[None, None] >= sees[:, :, None])[:, None]
 
     def _context_slots(self, block_tables: list[list[int]], length: int) -> torch.Tensor:
         """[sequences, length] pool slots of positions 0..length-1 of each block table. A shorter table is padded

@@ -251,7 +251,7 @@ def test_models_the_paged_runner_cannot_express_fall_back_to_one_forward_per_req
 def test_decodes_share_attention_calls_by_context_length_on_cpu_and_one_call_on_a_gpu(load_pair):
     model, _ = load_pair("llama")
     runner = PagedRunner(model, num_blocks=64, block_size=4)
-    decodes = [(context, list(range(-(-context // 4)))) for context in [5, 6, 40, 44, 120]]
+    decodes = [(1, context, list(range(-(-context // 4)))) for context in [5, 6, 40, 44, 120]]
     groups, slots = runner._decode_groups(decodes)
     assert [(g.begin, g.end) for g in groups] == [(0, 2), (2, 4), (4, 5)]  # padding bounded on CPU
     assert [g.offset for g in groups] == [0, 2 * 6, 2 * 6 + 2 * 44] and slots.shape == (2 * 6 + 2 * 44 + 120,)
@@ -295,3 +295,53 @@ def test_decode_gathers_reuse_the_pools_buffers_and_compute_the_same(load_pair):
         else:
             assert buffers == [None] * 3
     torch.testing.assert_close(results[True], results[False], rtol=0, atol=0)
+
+
+def _mixed_step(prompts: list[list[int]]) -> list[SequenceChunk]:
+    """One step over sequences whose prompts were prefilled: two plain decodes, verifications of 1, 2 and 5
+    proposed tokens (every position's logits), a 20-token prefill chunk after cached tokens, and a new prompt's
+    first chunk."""
+    tables = [list(range(20 * n, 20 * n + 20)) for n in range(len(prompts) + 1)]
+
+    def after(n: int, fed: list[int], **options) -> SequenceChunk:
+        return SequenceChunk(n, fed, len(prompts[n]), tables[n], **options)
+
+    return [after(0, [7]), after(1, [9]), after(2, [4, 8], logits_positions=2),
+            after(3, [5, 6, 7, 8, 9, 10], logits_positions=6), after(4, [11, 3], logits_positions=2),
+            after(5, list(range(30, 50))), SequenceChunk(6, list(range(12, 25)), 0, tables[6])]
+
+
+@pytest.mark.parametrize("grouping_of", ["cpu", "cuda"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_verifications_beside_decodes_and_prefill_chunks_give_the_logits_each_chunk_gets_alone(
+        arch, grouping_of, load_pair, monkeypatch):
+    """Speculative verification chunks are attended in the decodes' grouped calls (query j of a chunk sees its
+    context and the chunk's tokens up to j): every logits row equals that chunk's step run alone, a verification
+    attended on its own as before; on a GPU the decodes and verifications of a layer are ONE attention call."""
+    import hpcllm.worker.runner as runner_module
+
+    model, _ = load_pair(arch)
+    prompts = [list(range(3 + n, 20 + 9 * n)) for n in range(6)]
+    tables = [list(range(20 * n, 20 * n + 20)) for n in range(7)]
+    mixed, alone = (PagedRunner(model, num_blocks=160, block_size=4) for _ in range(2))
+    mixed.padding_allowance = padding_allowance_for(torch.device(grouping_of))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    with torch.inference_mode():
+        for runner in (mixed, alone):
+            runner.step(StepBatch([SequenceChunk(n, p, 0, t) for n, (p, t) in enumerate(zip(prompts, tables))]))
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+        together = mixed.step(StepBatch(_mixed_step(prompts)))
+        monkeypatch.undo()
+        monkeypatch.setattr(runner_module, "MAX_GROUPED_TOKENS", 1)  # a verification attended on its own
+        separately = torch.cat([alone.step(StepBatch([chunk])) for chunk in _mixed_step(prompts)])
+    assert together.shape == (1 + 1 + 2 + 6 + 2 + 1 + 1, model.config.vocab_size)
+    torch.testing.assert_close(together, separately, rtol=1e-5, atol=1e-5)
+    assert together.argmax(dim=1).tolist() == separately.argmax(dim=1).tolist()
+    if grouping_of == "cuda":  # per layer: the decodes and verifications, and each of the two prefill chunks
+        assert len(calls) == 3 * model.config.num_hidden_layers

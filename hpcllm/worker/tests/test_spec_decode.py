@@ -273,3 +273,42 @@ def test_the_worker_config_key_is_on_by_default_and_refuses_negatives():
     assert WorkerConfig().speculative_ngram_tokens == 5
     with pytest.raises(ValueError, match="speculative_ngram_tokens"):
         WorkerConfig(speculative_ngram_tokens=-1)
+
+
+@pytest.mark.parametrize("model_process", [False, True])
+def test_verifications_of_different_lengths_beside_decodes_and_prefill_chunks_keep_every_output(copying, model_process,
+                                                                                                 make_engine):
+    """Steps that hold plain decodes, verifications of different lengths (attended in the decodes' grouped call)
+    and prefill chunks: each request's output is what it decodes alone, one token per step. (The logits of such a
+    step, position by position, on models whose attention counts: test_batching.py.)"""
+    load, tokenizer, successor, _ = copying
+    copies = [cycle_from(successor, start, 60) + [start] for start in (100, 300)]
+    partial = cycle_from(successor, 500, 60)
+    partial = [t if i % 3 else (t * 7 + 1) % len(successor) for i, t in enumerate(partial)] + partial[:1]
+    random_ids = [(17 * i + 5) % len(successor) for i in range(30)]
+    long_prompts = [cycle_from(successor, start, 150) for start in (700, 800)]  # prefilled 16 tokens a step
+    # In this order: the random prompt's plain decodes run beside the others' prefill chunks and verifications.
+    prompts = [random_ids] + copies + [partial] + long_prompts
+    lengths = [60, 40, 23, 40, 20, 20]
+    # The rewired model's greedy output (generate stops at the end-of-text token the random prompt reaches).
+    expected = [cycle_from(successor, ids[-1], n + 1)[1:] for ids, n in zip(prompts, lengths)]
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=5, model_process=model_process,
+                         prefill_chunk_tokens=16)
+    steps = []
+    make_batch = engine._batch
+
+    def recording(chunks):
+        batch = make_batch(chunks)
+        steps.append([(len(c.token_ids), c.start, c.logits_positions) for c in batch.chunks])
+        return batch
+
+    engine._batch = recording
+    results = run_together(engine, [request(prompt_token_ids=ids, max_tokens=n) for ids, n in zip(prompts, lengths)])
+    assert [tokens for tokens, _ in results] == expected
+
+    def mixed(step) -> bool:
+        verifications = {tokens for tokens, start, rows in step if rows > 1}
+        return (len(verifications) >= 2 and any(tokens == 1 and start > 0 for tokens, start, _ in step)
+                and any(tokens > 1 and rows == 1 for tokens, _, rows in step))
+
+    assert any(mixed(step) for step in steps), steps
