@@ -10,9 +10,10 @@ Two runners:
   packed into a single row (no padding), each at its own positions. A custom attention function (registered through
   transformers' AttentionInterface) writes each sequence's new keys/values into a pool of fixed-size KV blocks at
   the slots its block table names (one copy for all), gathers each sequence's whole context back from the pool, and
-  runs transformers' own SDPA attention on it: a prefill chunk alone, the decodes (one new token each) in groups of
-  similar context length, one SDPA call per group over contexts padded to the group's longest with the padding
-  masked out (the padding allowance bounds the padding on CPU; on a GPU all decodes share one call). Attention
+  runs transformers' own SDPA attention on it: a prefill chunk alone, the decodes (one new token each) and
+  speculative verifications (a few tokens each) in groups of similar context and chunk length, one SDPA call per
+  group over contexts padded to the group's longest with the padding masked out (the padding allowance bounds the
+  padding on CPU; on a GPU all share one call). Attention
   sees exactly the keys/values a batch-of-one run would; greedy output equals `generate` whatever else is in the
   batch (test_batching.py; on CUDA, flash / memory-efficient kernels only: attention_kernels). Block
   tables come from the scheduler (kvcache.BlockPool), so the runner holds no per-sequence state. On CPU it first
@@ -357,6 +358,7 @@ class PagedRunner:
         self.pool = KVPool(num_blocks, block_size)
         self.device = model.get_input_embeddings().weight.device
         self.padding_allowance = padding_allowance_for(self.device)
+        self.max_grouped_tokens = MAX_GROUPED_TOKENS  # 1: verifications attended one by one (tests' reference)
         self.use_fast_path = fast_path  # tensor-parallel followers build their runners with the lead's options
         self.decode_graphs = None  # graphs.DecodeGraphs: decode-only steps replayed from CUDA graphs (Engine sets it)
         if self.device.type == "cpu":
@@ -386,7 +388,7 @@ class PagedRunner:
         for index, chunk in enumerate(batch.chunks):
             context = chunk.start + len(chunk.token_ids)
             highest_block = max(highest_block, max(chunk.block_table[: -(-context // size)]) + 1)
-            if chunk.start > 0 and len(chunk.token_ids) <= MAX_GROUPED_TOKENS:
+            if chunk.start > 0 and len(chunk.token_ids) <= self.max_grouped_tokens:
                 short.append((len(chunk.token_ids), context, index))
             else:
                 prefills.append(index)

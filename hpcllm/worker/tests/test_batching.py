@@ -318,8 +318,6 @@ def test_verifications_beside_decodes_and_prefill_chunks_give_the_logits_each_ch
     """Speculative verification chunks are attended in the decodes' grouped calls (query j of a chunk sees its
     context and the chunk's tokens up to j): every logits row equals that chunk's step run alone, a verification
     attended on its own as before; on a GPU the decodes and verifications of a layer are ONE attention call."""
-    import hpcllm.worker.runner as runner_module
-
     model, _ = load_pair(arch)
     prompts = [list(range(3 + n, 20 + 9 * n)) for n in range(6)]
     tables = [list(range(20 * n, 20 * n + 20)) for n in range(7)]
@@ -338,7 +336,7 @@ def test_verifications_beside_decodes_and_prefill_chunks_give_the_logits_each_ch
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
         together = mixed.step(StepBatch(_mixed_step(prompts)))
         monkeypatch.undo()
-        monkeypatch.setattr(runner_module, "MAX_GROUPED_TOKENS", 1)  # a verification attended on its own
+        alone.max_grouped_tokens = 1  # a verification attended on its own
         separately = torch.cat([alone.step(StepBatch([chunk])) for chunk in _mixed_step(prompts)])
     assert together.shape == (1 + 1 + 2 + 6 + 2 + 1 + 1, model.config.vocab_size)
     torch.testing.assert_close(together, separately, rtol=1e-5, atol=1e-5)
