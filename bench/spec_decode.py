@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/spec_decode.py [--size small] [--tokens 4] [--requests 1 8]
                                                           [--rounds 3] [--max-tokens 128] [--threads 2]
-                                                          [--model-process on|off] [--fixed]
+                                                          [--model-process on|off] [--fixed] [--clock wall|cpu]
 
 Random weights never copy their prompt, so the model is the devmodels Llama rewired to copy
 (hpcllm/worker/tests/copying_model.py: its greedy successor of each token is fixed, every layer still computed):
@@ -20,7 +20,8 @@ rotating per round; each round prints both output tokens/s and their ratio (spec
 (accepted / proposed tokens) and the tokens per step of the speculating engine, and each workload the median ratio
 of its rounds and their range. --fixed adds a third engine that speculates with the adaptive rule off (every lookup
 proposes k, as before ngram.SpeculationRecord): its tokens/s and ratio to plain close each line. Outputs are checked
-equal.
+equal. --clock cpu times each run by this process's CPU time instead of the wall clock (in process only): on a
+machine shared with other load, a run's wall time swings with the cores others take, its CPU time much less.
 """
 
 from __future__ import annotations
@@ -81,16 +82,17 @@ def prompts(workload: str, successor: list[int], count: int, rng: random.Random)
     return made
 
 
-def run(engine, batch: list[list[int]], max_tokens: int, tag: str) -> tuple[float, list[list[int]]]:
-    """Seconds for the batch's requests, submitted together, to finish; their outputs."""
+def run(engine, batch: list[list[int]], max_tokens: int, tag: str, clock=time.perf_counter
+        ) -> tuple[float, list[list[int]]]:
+    """Seconds (of `clock`) for the batch's requests, submitted together, to finish; their outputs."""
     from hpcllm.worker.protocol import GenerateRequest
 
-    began = time.perf_counter()
+    began = clock()
     with engine._lock:
         streams = [engine.submit(GenerateRequest(request_id=f"{tag}-{i}", prompt_token_ids=ids, max_tokens=max_tokens,
                                                  temperature=0, ignore_eos=True)) for i, ids in enumerate(batch)]
     outputs = [[e.token_id for e in list(stream.events())[:-1]] for stream in streams]
-    return time.perf_counter() - began, outputs
+    return clock() - began, outputs
 
 
 def summary(ratios: list[float]) -> str:
@@ -115,7 +117,13 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--fixed", action="store_true",
                         help="also run an engine speculating with the adaptive rule off (k proposed at every match)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: tokens per second of this process's CPU time (the engines run one at a time; on a "
+                             "loaded machine the time waiting for a core is left out), with --model-process off")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.model_process == "on":
+        parser.error("--clock cpu counts this process's CPU time: use it with --model-process off")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,7 +152,7 @@ def main() -> int:
             for name, warming in engines.items():  # first steps (allocations, oneDNN primitives) are not timed
                 run(warming, prompts("copy", successor, max(args.requests), random.Random(0)), 16, f"warm-{name}")
             print(f"llama {args.size}, k={args.tokens}, model process {args.model_process}, {args.threads} threads, "
-                  f"{args.max_tokens} tokens per request")
+                  f"{args.max_tokens} tokens per request, {args.clock} clock")
             print(f"{'workload':8} {'N':>3} {'round':>5} {'plain tok/s':>11} {'spec tok/s':>10} {'ratio':>6} "
                   f"{'accepted':>8} {'tok/step':>8}" + (f" {'fixed tok/s':>11} {'ratio':>6}" if args.fixed else ""))
             for workload in args.workloads:
@@ -158,7 +166,7 @@ def main() -> int:
                         before = counts(engines["spec"])
                         for name in order:
                             seconds[name], outputs[name] = run(engines[name], batch, args.max_tokens,
-                                                               f"{name}-{workload}-{count}-{round_}")
+                                                               f"{name}-{workload}-{count}-{round_}", clock)
                         if any(outputs[name] != outputs["plain"] for name in names):
                             raise SystemExit(f"{workload} N={count} round {round_}: outputs differ")
                         proposed, accepted = (after - was for after, was in zip(counts(engines["spec"]), before))
