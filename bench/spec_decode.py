@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD .venv/bin/python bench/spec_decode.py [--size small] [--tokens 4] [--requests 1 8]
                                                           [--rounds 3] [--max-tokens 128] [--threads 2]
                                                           [--model-process on|off] [--fixed] [--clock wall|cpu]
+    PYTHONPATH=$PWD .venv/bin/python bench/spec_decode.py --step-cost [--rounds 50] [--context 330] [--threads 1]
 
 Random weights never copy their prompt, so the model is the devmodels Llama rewired to copy
 (hpcllm/worker/tests/copying_model.py: its greedy successor of each token is fixed, every layer still computed):
@@ -22,6 +23,8 @@ of its rounds and their range. --fixed adds a third engine that speculates with 
 proposes k, as before ngram.SpeculationRecord): its tokens/s and ratio to plain close each line. Outputs are checked
 equal. --clock cpu times each run by this process's CPU time instead of the wall clock (in process only): on a
 machine shared with other load, a run's wall time swings with the cores others take, its CPU time much less.
+--step-cost measures instead what one verification adds to a step's forward (step_cost), the cost ngram.py's rule
+weighs.
 """
 
 from __future__ import annotations
@@ -104,6 +107,49 @@ def counts(engine) -> tuple[float, float]:
     return engine.metrics.spec_proposed_tokens._value.get(), engine.metrics.spec_accepted_tokens._value.get()
 
 
+def step_cost(args, path: Path) -> None:
+    """--step-cost: what a verification of k proposed tokens adds to a step of d decodes, in output tokens of the
+    step (d x added time / step time, the unit of ngram.py's costs), by the forward's CPU time (the paged runner
+    alone, thread_time: load on the machine adds little), the chunk in the decodes' grouped call ("grouped") and
+    attended on its own ("alone", PagedRunner.max_grouped_tokens = 1); per rep the three steps in rotating order,
+    median and quartiles of the reps' paired ratios."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hpcllm.worker.runner import PagedRunner, SequenceChunk, StepBatch
+
+    runner = PagedRunner(AutoModelForCausalLM.from_pretrained(path).eval(), num_blocks=16 * 100, block_size=16)
+    rng = random.Random(0)
+    contexts = [args.context + rng.randrange(-20, 20) for _ in range(16)]
+    tables = [list(range(100 * n, 100 * n + 100)) for n in range(16)]
+
+    def step(decodes: int, proposed: int = 0) -> StepBatch:  # the first decode verifies `proposed` tokens
+        return StepBatch([SequenceChunk(n, [5] * (1 + (proposed if n == 0 else 0)), contexts[n], tables[n],
+                                        logits_positions=1 + (proposed if n == 0 else 0)) for n in range(decodes)])
+
+    print(f"llama {args.size}, contexts ~{args.context}, {args.threads} threads: a verification's cost in tokens "
+          f"of the step, median (quartiles) of {args.rounds} reps")
+    with torch.inference_mode():
+        for n, context in enumerate(contexts):
+            runner.step(StepBatch([SequenceChunk(n, [rng.randrange(1000) for _ in range(context)], 0, tables[n])]))
+        for decodes in (1, 4, 8, 16):
+            for proposed in (1, 3, 5):
+                batches = {"base": step(decodes), "grouped": step(decodes, proposed), "alone": step(decodes, proposed)}
+                costs: dict[str, list[float]] = {"grouped": [], "alone": []}
+                for rep in range(args.rounds):
+                    seconds, names = {}, list(batches)
+                    for name in names[rep % 3:] + names[:rep % 3]:
+                        runner.max_grouped_tokens = 1 if name == "alone" else 16
+                        began = time.thread_time()
+                        runner.step(batches[name])
+                        seconds[name] = time.thread_time() - began
+                    for name, paid in costs.items():
+                        paid.append(decodes * (seconds[name] - seconds["base"]) / seconds["base"])
+                print(f"d={decodes:>2} k={proposed}: " + "  ".join(
+                    f"{name} {statistics.median(paid):5.2f} ({quartiles[0]:.2f}..{quartiles[2]:.2f})"
+                    for name, paid in costs.items() for quartiles in [statistics.quantiles(paid, n=4)]))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", choices=("tiny", "small", "bench"))
@@ -120,6 +166,10 @@ def main() -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: tokens per second of this process's CPU time (the engines run one at a time; on a "
                              "loaded machine the time waiting for a core is left out), with --model-process off")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="measure what a verification adds to a step of 1-16 decodes (grouped and alone) instead "
+                             "of the engines; --rounds reps, --context tokens per sequence")
+    parser.add_argument("--context", type=int, default=330, help="--step-cost: the sequences' context length")
     args = parser.parse_args()
     if args.clock == "cpu" and args.model_process == "on":
         parser.error("--clock cpu counts this process's CPU time: use it with --model-process off")
@@ -135,6 +185,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         path = make_model("llama", Path(folder) / "llama", size=args.size, dtype="float32")
+        if args.step_cost:
+            step_cost(args, path)
+            return 0
         tokenizer = AutoTokenizer.from_pretrained(path)
 
         def engine(tokens: int, kind=Engine) -> Engine:

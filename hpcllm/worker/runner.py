@@ -276,7 +276,8 @@ def _decode_attention(step: _StepContext, query: torch.Tensor, k_pool: torch.Ten
         if queries == 1:
             output[group.begin:group.end] = out.view(rows, heads, -1)
         else:
-            out = out.view(rows, kv_heads, per_kv, queries, -1).permute(0, 3, 1, 2, 4).reshape(rows * queries, heads, -1)
+            out = out.view(rows, kv_heads, per_kv, queries, -1).permute(0, 3, 1, 2, 4)
+            out = out.reshape(rows * queries, heads, -1)
             output[group.begin:group.end] = out.index_select(0, group.kept)
 
 
