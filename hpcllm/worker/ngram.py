@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 
 _ITEM = array("i").itemsize
 # What a verification chunk costs, in output tokens of the request (the expected accepted tokens must beat it),
-# per decode in the step: each proposed position, and the chunk itself per other decode (it is attended on its own,
-# out of the decodes' grouped call). Cheap beside a lone decode (the step reads the weights anyway), dear in a batch
-# that already shares that read. Fitted to bench/spec_decode.py on the CPU (docs/worker.md); on a GPU proposed
+# per decode in the step: each proposed position, and the chunk itself per other decode (its rows' padded queries
+# and, on CPU, the grouped call of the step's verifications beside the decodes' one). Cheap beside a lone decode
+# (the step reads the weights anyway), dear in a batch that already shares that read. Fitted to bench/spec_decode.py
+# on the CPU (docs/worker.md): the chunk's cost was 0.07 while each verification was attended on its own call
+# (2026-12-06, before the grouped call; the step's forward CPU time it adds halved with it); on a GPU proposed
 # positions cost less, so there the rule errs on the side of proposing too little.
 POSITION_COST_PER_DECODE = 0.05
-CHUNK_COST_PER_OTHER_DECODE = 0.07
+CHUNK_COST_PER_OTHER_DECODE = 0.025
 # The acceptance record: decayed sums of accepted and verified positions (this weight per proposal), starting from
 # 0.75 of one position (a new request speculates at once unless many decode beside it).
 ACCEPTANCE_DECAY = 0.25
