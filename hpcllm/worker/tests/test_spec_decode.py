@@ -312,3 +312,12 @@ def test_verifications_of_different_lengths_beside_decodes_and_prefill_chunks_ke
                 and any(tokens > 1 and rows == 1 for tokens, _, rows in step))
 
     assert any(mixed(step) for step in steps), steps
+
+
+def test_a_partly_copying_request_verifies_a_short_proposal_beside_seven_other_decodes():
+    """62% of its verified positions accepted (an output copying its prompt with every 4th token changed: the bench's
+    partial workload): beside 7 other decodes one proposed token pays, since a verification shares the decodes'
+    attention call (its own cost 0.025 per other decode; at 0.07, attended on its own, it was only watched)."""
+    record = SpeculationRecord(accepted=0.62, verified=1.0)
+    assert record.length(5, decodes=1) == 5 and record.length(5, decodes=8) == 1
+    assert record.length(5, decodes=16) == 0  # beside 15 it still does not pay
