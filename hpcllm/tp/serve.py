@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 FORWARD, STOP = "forward", "stop"
 # The batched engine's kinds: RUNNER builds the rank's ModelRunner (hpcllm.worker.runner) with the lead's options,
-# BATCH runs one StepBatch on it, EMBED runs the base model over token_ids (an embeddings request).
+# BATCH runs one StepBatch on it, EMBED runs the base model over a piece of an embeddings request's inputs.
 RUNNER, BATCH, EMBED = "runner", "batch", "embed"
 _IDLE_POLL_MAX_S = 0.001  # longest sleep between polls of an idle follower (adds at most this to a step's start)
 _POLL_STEP_S = 0.00005  # sleeps grow by this much per empty poll: short right after a step, when the next is due
@@ -49,7 +49,7 @@ class Step:
     kind=forward: run `token_ids` at positions start.. for request `key` (start 0: a new KV cache), after dropping
     the caches of `release` (requests that finished since the last step). kind=runner: build the batched
     engine's runner with `options`; kind=batch: run `batch` (a hpcllm.worker.runner.StepBatch) on it; kind=embed:
-    the base model over token_ids. kind=stop: followers return.
+    the base model over the inputs in `batch` (runner.last_hidden_states). kind=stop: followers return.
     """
 
     kind: str
@@ -86,7 +86,7 @@ class ShardRunner:
             with torch.inference_mode():  # as the lead's engine thread runs it (no autograd state per step)
                 return self.batch_runner.step(step.batch)
         if step.kind == EMBED:
-            return self._embed(step.token_ids)
+            return self._embed(step.batch)
         if step.kind != FORWARD:
             return None
         from transformers import DynamicCache
@@ -102,11 +102,11 @@ class ShardRunner:
         return out.logits[0, -1]
 
 
-    def _embed(self, token_ids: tuple[int, ...]) -> torch.Tensor:
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(token_ids), device=self.device).unsqueeze(0)
-        with torch.inference_mode():
-            return self.model.base_model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    def _embed(self, inputs: list[list[int]]) -> torch.Tensor:
+        from hpcllm.worker.runner import last_hidden_states
+
+        with torch.inference_mode():  # the lead's forward, padded the same way: the same all-reduces
+            return last_hidden_states(self.model, inputs)
 
 
 class StepChannel:
@@ -229,9 +229,9 @@ def tensor_parallel_engine_class():
             self.lead.channel.send(Step(BATCH, batch=batch))
             return self.runner.step(batch)
 
-        def _embed_one(self, ids: list[int]) -> list[float]:
-            self.lead.channel.send(Step(EMBED, token_ids=tuple(ids)))  # the base model's all-reduces span every rank
-            return super()._embed_one(ids)
+        def _pool(self, inputs: list[list[int]]) -> list[list[float]]:
+            self.lead.channel.send(Step(EMBED, batch=inputs))  # the base model's all-reduces span every rank
+            return super()._pool(inputs)
 
         def shutdown(self, timeout: float = 30.0) -> None:
             super().shutdown(timeout)

@@ -66,7 +66,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
 )
 from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StateSeed, StepBatch,
-                                  classifier_head, make_runner, pool_last_token)
+                                  classifier_head, make_runner, pool_last_tokens)
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.ngram import NgramProposer, SpeculationRecord
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
@@ -132,20 +132,38 @@ class _Launched:
 
 @dataclass(eq=False)
 class _EmbedJob:
+    """An embed call's inputs, pooled in pieces between steps. Pieces take the inputs shortest first, so that each
+    is padded to the longest of inputs of similar length (runner.last_hidden_states); outputs keep the call's order."""
+
     inputs: list[list[int]]
     done: threading.Event = field(default_factory=threading.Event)
-    embeddings: list[list[float]] = field(default_factory=list)  # of the first len(embeddings) inputs
+    outputs: list[list[float] | None] = field(init=False)  # by input; None until its piece has run
+    order: list[int] = field(init=False)  # the input indices, shortest input first
+    pooled: int = 0  # how many of `order` have their output
     error: BaseException | None = None
     abandoned: bool = False  # its caller stopped waiting: the engine skips what is left of it
 
-    def next_piece(self, max_tokens: int) -> list[list[int]]:
-        """The inputs after those embedded: as many as fit in max_tokens, at least one."""
-        start = len(self.embeddings)
-        end, tokens = start + 1, len(self.inputs[start])
-        while end < len(self.inputs) and tokens + len(self.inputs[end]) <= max_tokens:
-            tokens += len(self.inputs[end])
+    def __post_init__(self) -> None:
+        self.outputs = [None] * len(self.inputs)
+        self.order = sorted(range(len(self.inputs)), key=lambda i: len(self.inputs[i]))
+
+    def next_piece(self, max_tokens: int) -> list[int]:
+        """The indices of the next inputs: as many as fit in max_tokens once padded to the longest of them (the
+        forward computes the padding too), at least one."""
+        start = self.pooled
+        end = start + 1
+        while end < len(self.order) and (end + 1 - start) * len(self.inputs[self.order[end]]) <= max_tokens:
             end += 1
-        return self.inputs[start:end]
+        return self.order[start:end]
+
+    def add(self, piece: list[int], outputs: list[list[float]]) -> None:
+        for index, output in zip(piece, outputs, strict=True):
+            self.outputs[index] = output
+        self.pooled += len(piece)
+
+    @property
+    def finished(self) -> bool:
+        return self.pooled == len(self.inputs)
 
 
 @dataclass(eq=False)
@@ -348,9 +366,9 @@ class Engine(EngineBase):
         return super().submit(request)
 
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
-        """The pooled outputs of token id lists (runner.pool_last_token): the model's final hidden state at the last
+        """The pooled outputs of token id lists (runner.pool_last_tokens): the model's final hidden state at the last
         token, L2-normalized (vLLM's default pooling for decoder models); a classifier's head logits at that token.
-        Runs on the engine thread between steps."""
+        Runs on the engine thread between steps, a piece of inputs per forward (_run_embed_piece)."""
         for i, ids in enumerate(inputs):
             self._check_token_ids(ids, f"input[{i}]")
             if len(ids) > self.max_model_len:
@@ -367,7 +385,7 @@ class Engine(EngineBase):
             raise EngineOverloaded(f"embedding did not finish within {timeout:g}s")
         if job.error is not None:
             raise EngineUnavailable(f"embedding failed: {job.error}")
-        return job.embeddings
+        return job.outputs
 
     def _use_decode_graphs(self, mode: str) -> None:
         if not isinstance(self.runner, PagedRunner):
@@ -377,8 +395,9 @@ class Engine(EngineBase):
                                                  max_context=self.max_model_len, mode=mode)
 
     def _run_embed_piece(self) -> None:
-        """The next piece of the oldest embedding job: inputs of at most prefill_chunk_tokens tokens (one input at
-        least), so the running streams' next step waits no longer for it than for a prefill chunk. A failure other
+        """The next piece of the oldest embedding job, in one forward: inputs of at most prefill_chunk_tokens tokens
+        once padded (one input at least), so the running streams' next step waits no longer for it than for a
+        prefill chunk; its padded forward holds no more activations than a chunk's either. A failure other
         than running out of memory kills the engine (its model process died): the job's caller hears why, the
         others' from _end_all."""
         with self._lock:
@@ -388,14 +407,15 @@ class Engine(EngineBase):
                 return
             job = self._embed_jobs[0]
         try:
+            piece = job.next_piece(self.prefill_chunk_tokens)
             with self._model_busy():
-                job.embeddings.extend(self._embed(job.next_piece(self.prefill_chunk_tokens)))
+                job.add(piece, self._embed([job.inputs[i] for i in piece]))
         except torch.OutOfMemoryError as exc:
             self._end_embed_job(job, exc)
         except Exception as exc:
             self._end_embed_job(job, exc)
             raise
-        if len(job.embeddings) == len(job.inputs):
+        if job.finished:
             self._end_embed_job(job)
 
     def _end_embed_job(self, job: _EmbedJob, error: BaseException | None = None) -> None:
@@ -405,14 +425,15 @@ class Engine(EngineBase):
         job.done.set()
 
     def _embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """With a model process the model runs there (the worker's copy no longer holds the weights its fast path
-        replaced: ProcessRunner); between steps either way, on the engine thread."""
+        """One piece's outputs, from one forward. With a model process the model runs there (the worker's copy no
+        longer holds the weights its fast path replaced: ProcessRunner); between steps either way, on the engine
+        thread."""
         if isinstance(self.runner, ProcessRunner):
             return self.runner.embed(inputs)
-        return [self._embed_one(ids) for ids in inputs]
+        return self._pool(inputs)
 
-    def _embed_one(self, ids: list[int]) -> list[float]:
-        return pool_last_token(self.model, ids)
+    def _pool(self, inputs: list[list[int]]) -> list[list[float]]:
+        return pool_last_tokens(self.model, inputs)
 
     def _add_adapter(self, name: str, folder: str) -> None:
         self._between_steps(lambda: self.runner.load_lora(name, folder), wait=True)

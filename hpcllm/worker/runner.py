@@ -599,19 +599,37 @@ def classifier_head(model):
     return getattr(model, "score", None)
 
 
-def pool_last_token(model, ids: list[int]) -> list[float]:
-    """The pooled output of one token id list at its last token (vLLM's default pooling for decoder models): a
-    classifier's head logits (classifier_head, no activation), else the final hidden state L2-normalized (the
-    embedding). Run where the model's weights are: the engine thread, or the model process (runner_process.py)."""
-    device = model.get_input_embeddings().weight.device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    position_ids = torch.arange(len(ids), device=device).unsqueeze(0)
-    hidden = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-    last = hidden.last_hidden_state[0, -1]
+def pool_last_tokens(model, inputs: list[list[int]]) -> list[list[float]]:
+    """The pooled output of each token id list at its last token (vLLM's default pooling for decoder models), in
+    one forward (last_hidden_states): a classifier's head logits (classifier_head, no activation), else the final
+    hidden state L2-normalized (the embedding). Run where the model's weights are: the engine thread, or the model
+    process (runner_process.py)."""
+    last = last_hidden_states(model, inputs)
     head = classifier_head(model)
     if head is not None:
         return head(last).to(torch.float32).tolist()
     return torch.nn.functional.normalize(last.to(torch.float32), dim=-1).tolist()
+
+
+def last_hidden_states(model, inputs: list[list[int]]) -> torch.Tensor:
+    """The base model's final hidden state at each input's last token ([len(inputs), hidden]), from ONE forward over
+    the inputs padded on the right to the longest, with an attention mask that hides the padding. Under causal
+    attention a real token never sees the padding after it, and each row's positions start at 0, so its states are
+    those of the input run alone (up to the rounding of a larger matmul). Inputs of one length get no mask: the
+    plain causal forward, as for a single input (no [rows, 1, longest, longest] mask is built)."""
+    device = model.get_input_embeddings().weight.device
+    lengths = [len(ids) for ids in inputs]
+    longest = max(lengths)
+    input_ids = torch.zeros(len(inputs), longest, dtype=torch.long)  # id 0 in the padding: any id the model has
+    mask = torch.zeros(len(inputs), longest, dtype=torch.long)
+    for row, ids in enumerate(inputs):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, :len(ids)] = 1
+    padded = min(lengths) < longest
+    hidden = model.base_model(input_ids=input_ids.to(device), position_ids=torch.arange(longest, device=device)
+                              .expand(len(inputs), -1), attention_mask=mask.to(device) if padded else None,
+                              use_cache=False).last_hidden_state
+    return hidden[torch.arange(len(inputs), device=device), torch.tensor(lengths, device=device) - 1]
 
 
 def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto",

@@ -46,7 +46,7 @@ import torch.multiprocessing  # registers the pickling of tensors by shared memo
 
 from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
-from hpcllm.worker.runner import PagedRunner, StepBatch, pool_last_token, make_runner
+from hpcllm.worker.runner import PagedRunner, StepBatch, pool_last_tokens, make_runner
 from hpcllm.worker.grammar import grammar_compiler
 from hpcllm.worker.lora_config import AdapterError
 from hpcllm.worker.sampling import TokenState, sample_token
@@ -137,7 +137,8 @@ class ProcessRunner:
         return self._conn.poll(max(0.0, seconds))
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """Embeddings of token id lists (runner.pool_last_token), computed by the model process between steps."""
+        """The pooled outputs of token id lists (runner.pool_last_tokens), one forward in the model process between
+        steps."""
         if self._in_flight:
             raise RuntimeError("a step is running in the model process")
         self._send(("embed", inputs))
@@ -238,7 +239,7 @@ def serve_steps(conn) -> None:
                 return
             try:
                 if kind == "embed":
-                    conn.send(("embedded", [pool_last_token(model, ids) for ids in work]))
+                    conn.send(("embedded", pool_last_tokens(model, work)))
                     continue
                 if kind == "lora":
                     conn.send(("lora", _lora_call(runner, *work)))

@@ -54,3 +54,29 @@ def test_the_engine_pools_the_heads_logits_and_does_not_generate(reranker, model
             engine.submit(GenerateRequest(request_id="r", prompt="hello", max_tokens=2))
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("model_process", [False, True])
+def test_a_rerank_of_passages_of_very_different_lengths_is_pooled_in_pieces_as_one_at_a_time(reranker, model_process):
+    """The query against 12 passages, in pieces of at most prefill_chunk_tokens padded tokens: each logit is
+    transformers' for the pair alone, in the call's order."""
+    from hpcllm.worker.engine import Engine
+
+    reference, converted = reranker
+    loaded, tokenizer, _ = load_model(converted)
+    passages = [" ".join(["paris is the capital of france"] * n) for n in (1, 12, 2, 5, 1, 9, 3, 20, 2, 7, 4, 1)]
+    inputs = [tokenizer(PAIRS[0][0], passage)["input_ids"] for passage in passages]
+    with torch.no_grad():
+        want = [reference(torch.tensor([ids])).logits[0].tolist() for ids in inputs]
+    engine = Engine(loaded, tokenizer, model_name="reranker", model_process=model_process,
+                    prefill_chunk_tokens=256).start()
+    try:
+        pieces: list[int] = []
+        embed = engine._embed
+        engine._embed = lambda piece: pieces.append(len(piece)) or embed(piece)
+        logits = engine.embed(inputs)
+    finally:
+        engine.shutdown()
+    assert logits == [pytest.approx(row, abs=1e-5) for row in want]
+    # 26 to 292 tokens, shortest first: 5 x 40 padded tokens, 3 x 82, then one each (two would pass 256)
+    assert pieces == [5, 3, 1, 1, 1, 1]
