@@ -1,0 +1,28 @@
+"""bench/embed.py runs both pooling modes on one engine and prints their rates and ratio."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_small_run_measures_both_modes_and_prints_the_ratio():
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "embed.py"), "--passages", "6", "--tokens", "8", "--rounds", "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    for mode in ("one-at-a-time", "batched"):
+        assert re.search(rf"L=   8 {mode} +[\d.]+ embeddings/s \(range [\d.]+-[\d.]+\)", completed.stdout)
+    assert re.search(r"L=   8 batched / one-at-a-time: [\d.]+x \(per round [\d.]+-[\d.]+x\)", completed.stdout)
+
+
+def test_bad_arguments_are_refused_with_what_to_fix():
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "embed.py"), "--passages", "0"],
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 2
+    assert "--passages, --rounds, --chunk and --tokens must be >= 1" in completed.stderr
