@@ -12,10 +12,10 @@ agents' cache API through the same client (call), in its own words.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from hpcllm.config import InternalHttpConfig
 from hpcllm.controller.errors import AgentError
@@ -27,6 +27,18 @@ from hpcllm.httpkit.client import error_of, internal_client, json_object, reques
 
 # A redeploy's adapter changes on one instance: each load reads an adapter and installs it between two steps.
 ADAPTERS_TIMEOUT_SECONDS = 300.0
+
+Answer = TypeVar("Answer", bound=BaseModel)
+
+
+def _answer(resp: httpx.Response, url: str, model: type[Answer], action: str, what: str) -> Answer:
+    """An agent's 200 answer read as `model`; a refusal or an unreadable answer is an AgentError saying which."""
+    if resp.status_code != 200:
+        raise AgentError(f"node agent {url} refused to {action}: HTTP {resp.status_code} {error_of(resp)[1]}")
+    try:
+        return model.model_validate(json_object(resp))
+    except ValidationError as exc:
+        raise AgentError(f"node agent {url} sent an unreadable {what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -114,25 +126,13 @@ class AgentClient:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}/migrate-out"
         body = {"destination_url": destination_url, "ticket": ticket.model_dump() if ticket else None}
         resp = self._call("POST", url, json=body, timeout=timeout)
-        if resp.status_code != 200:
-            raise AgentError(f"node agent {url} refused to migrate the instance: HTTP {resp.status_code} "
-                             f"{error_of(resp)[1]}")
-        try:
-            return MigratedOut.model_validate(json_object(resp))
-        except ValidationError as exc:
-            raise AgentError(f"node agent {url} sent an unreadable migration result: {exc}") from None
+        return _answer(resp, url, MigratedOut, "migrate the instance", "migration result")
 
     def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str]) -> LoraAdaptersApplied:
         """Have the instance's worker serve these adapters from now on (loads and unloads: seconds at most)."""
         url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}/lora-adapters"
         resp = self._call("PUT", url, json={"lora_adapters": adapters}, timeout=ADAPTERS_TIMEOUT_SECONDS)
-        if resp.status_code != 200:
-            raise AgentError(f"node agent {url} refused to change the instance's LoRA adapters: HTTP "
-                             f"{resp.status_code} {error_of(resp)[1]}")
-        try:
-            return LoraAdaptersApplied.model_validate(json_object(resp))
-        except ValidationError as exc:
-            raise AgentError(f"node agent {url} sent an unreadable answer: {exc}") from None
+        return _answer(resp, url, LoraAdaptersApplied, "change the instance's LoRA adapters", "answer")
 
     def list_instances(self, agent_url: str) -> list[InstanceInfo]:
         url = f"{agent_url.rstrip('/')}/v1/internal/instances"

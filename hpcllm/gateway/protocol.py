@@ -166,6 +166,19 @@ def prompt_list(value: Any, name: str) -> list[str | list[int]]:
     raise ValueError(f"{name} must be {PROMPT_SHAPES}")
 
 
+class InputsRequest(OpenAIRequest):
+    """A request of inputs in the completions prompt shapes, one result each (embeddings, classify)."""
+
+    model: str = Field(min_length=1)
+    # After validation: a list of inputs, each a str or a list of token ids.
+    input: Any
+
+    @field_validator("input")
+    @classmethod
+    def _input_list(cls, value: Any) -> list[str | list[int]]:
+        return prompt_list(value, "input")
+
+
 MAX_STOP_STRINGS = 16
 # vLLM's sampling extensions that change the output and that hpcllm's engine does not implement: (neutral value,
 # what is refused). Sent with the neutral value (clients that send every field) they are accepted; any other value
