@@ -26,6 +26,9 @@ CONFIG_ENV = "HPCLLM_CONFIG"
 # batch scripts. MODEL_NAME is the bare expression, for patterns that embed a name.
 MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 MODEL_NAME_PATTERN = rf"^{MODEL_NAME}$"
+# Request priorities (vLLM's `priority`: lower is sooner, 0 the default), bounded so that every engine, vLLM's
+# included, compares plain machine integers.
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 # The tool-call formats the gateway reads (vLLM's --tool-call-parser names; hpcllm.gateway.chat.tool_calls): a model's
 # `tool_call_parser` names one when its chat template does not say, or says wrong.
 ToolCallFormat = Literal["hermes", "llama3_json", "qwen3_coder", "pythonic", "mistral"]

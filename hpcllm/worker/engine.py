@@ -1,13 +1,16 @@
 """The inference engine: one model, one background thread, many concurrent requests, batched.
 
 Scheduling is continuous batching (Orca's iteration-level scheduling, vLLM's KV block budget): each pass of the
-engine loop admits waiting requests into free slots (FIFO, while KV blocks are free), then runs ONE step over every
+engine loop admits waiting requests into free slots (by priority, then FIFO, while KV blocks are free), then runs ONE
+step over every
 running request: one decode token each, plus prefill chunks of requests still prefilling (at most
 prefill_chunk_tokens of them per step, so a long prompt cannot stall the other streams for long). The step's model
 execution sits behind runner.ModelRunner: a plain StepBatch (token ids, positions, block tables) in, logits out.
 The KV cache is a budget of fixed-size blocks (kvcache.BlockPool); when a step needs a block and none is free,
-the newest running request is preempted (vLLM's rule): its blocks are freed and it goes back to the front of the
-queue, to be re-prefilled from its token ids later (recompute). docs/worker.md has the details.
+the lowest-priority, newest running request is preempted (vLLM's rule): its blocks are freed and it goes back to
+the front of its priority's queue, to be re-prefilled from its token ids later (recompute). A waiting request that
+finds no free slot or blocks preempts a running request of a lower priority (a larger GenerateRequest.priority), at
+a step boundary. Equal priorities (the default: all 0) are plain FIFO. docs/worker.md has the details.
 
 One step, for prefill and decode alike: feed ids[num_cached:end] at positions num_cached..end-1; if that reached
 the end of the known ids, sample the next token from the last position's logits. Resuming a generation from token
@@ -31,6 +34,7 @@ not lost, because sampling is seeded per (seed, output index) and the destinatio
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
@@ -355,7 +359,7 @@ class Engine(EngineBase):
             self._finished.pop(request.request_id, None)
             self._bind_lora(state)
             self._live[request.request_id] = state
-            self._waiting.append(state)
+            self._queue(state)
             self.metrics.num_requests_waiting.set(len(self._waiting))
             self._lock.notify_all()
 
@@ -549,26 +553,41 @@ class Engine(EngineBase):
                 if self._stopping:
                     return None
                 next_deadline = self._expire_held(time.monotonic())
-                self._admit()
+                self._admit(preempt=self._ahead is None)  # nothing in flight: a running request may be preempted
                 active = [req for req in self._running if req.has_work()]
                 if active or self._embed_jobs or self._adapter_jobs or not wait:
                     return active
                 self._deliver_events()
                 self._lock.wait(None if next_deadline is None else max(0.0, next_deadline - time.monotonic()))
 
-    def _admit(self) -> None:
-        """FIFO admission into free slots while the KV budget holds the head request's known ids (plus the token
-        it samples next). A request that does not fit waits, unless nothing runs (one full context always fits)."""
-        while self._waiting and len(self._running) < self.max_running_requests:
+    def _admit(self, preempt: bool = True) -> bool:
+        """Admission into free slots, by priority then FIFO, while the KV budget holds the head request's known ids
+        (plus the token it samples next). A request that does not fit waits, unless nothing runs (one full context
+        always fits) or a lower-priority request runs: that one is preempted for it if `preempt` (at a step
+        boundary: no step in flight uses its blocks), else True is returned (a step boundary would admit it)."""
+        blocked = False
+        while self._waiting:
             req = self._waiting[0]
             if req.cancel_requested:
                 self._finish(req, "abort")
+                continue
+            if len(self._running) >= self.max_running_requests:
+                victim = self._victim(lower_than=req.priority)
+                if victim is None or not preempt:
+                    blocked = victim is not None
+                    break
+                self._preempt(victim, f"for request {req.request_id} of priority {req.priority}")
                 continue
             # A prompt scored position by position needs every position's logits: no cached prefix (vLLM's rule).
             shared = (self.kv_pool.share_prefix(req.seq_id, req.all_ids, req.cache_salt)
                       if req.num_cached == 0 and not req.scores_prompt else 0)
             if not self.kv_pool.grow(req.seq_id, len(req.all_ids) + 1):
                 self.kv_pool.free(req.seq_id)
+                victim = self._victim(lower_than=req.priority)
+                if victim is not None and preempt:
+                    self._preempt(victim, f"KV blocks for request {req.request_id} of priority {req.priority}")
+                    continue
+                blocked = victim is not None
                 if self._running:
                     break
                 raise RuntimeError(f"KV cache of {self.kv_pool.num_blocks} blocks cannot hold request {req.request_id}")
@@ -581,6 +600,21 @@ class Engine(EngineBase):
             self._running.append(req)
         self.metrics.num_requests_waiting.set(len(self._waiting))
         self.metrics.num_requests_running.set(len(self._running))
+        return blocked
+
+    def _queue(self, req: _Request, front: bool = False) -> None:
+        """Queue req by priority: behind the requests of its priority (new), or before them (preempted: it goes on
+        first, as vLLM's FIFO queue puts it back at the front)."""
+        find = bisect.bisect_left if front else bisect.bisect_right
+        self._waiting.insert(find(self._waiting, req.priority, key=lambda r: r.priority), req)
+
+    def _victim(self, lower_than: int | None = None) -> _Request | None:
+        """The running request to preempt first (vLLM's priority rule): the lowest priority (the largest value),
+        the newest of those; one holding KV blocks. lower_than: only one of a priority after it, and not held or
+        paused (a migration's, whose state a preemption would drop)."""
+        ranked = [(r.priority, index, r) for index, r in enumerate(self._running) if self.kv_pool.holds(r.seq_id)
+                  and (lower_than is None or (r.priority > lower_than and not (r.held or r.paused)))]
+        return max(ranked, key=lambda entry: entry[:2])[2] if ranked else None
 
     # ---- one step: schedule, run, sample ---------------------------------------------------------------------------
 
@@ -715,7 +749,9 @@ class Engine(EngineBase):
             # How many tokens a speculation accepts is known only at its commit, and a proposal follows the ids
             # after it: a step where a request speculates, or looks up a proposal, waits for a step boundary.
             return None
-        self._admit()  # requests that arrived while `current` ran join the next step, as they would without this
+        if self._admit(preempt=False):  # one waits to preempt a lower-priority request: at a step boundary
+            return None
+        # Requests that arrived while `current` ran join the next step, as they would without asynchronous scheduling.
         in_current, rows = {}, {}
         for w in current.work:
             in_current[w.req.seq_id] = w
@@ -723,7 +759,7 @@ class Engine(EngineBase):
                 rows[w.req.seq_id] = len(rows)
         work: list[_Work] = []
         prefill_budget = self.prefill_chunk_tokens
-        for req in self._running:
+        for req in _by_priority(self._running):
             if req.state != "running" or req.cancel_requested or req.paused:
                 continue
             previous_row = None
@@ -892,12 +928,13 @@ class Engine(EngineBase):
             self._finish(req, "error", error=ErrorInfo(message=f"{type(exc).__name__}: {exc}", type="server_error"))
 
     def _schedule(self, candidates: list[_Request]) -> list["_Work"]:
-        """Pick each request's chunk (decodes whole, prefills within prefill_chunk_tokens per step) and give it KV
-        blocks, preempting the newest running requests when blocks run out. Called under the lock."""
+        """Pick each request's chunk (decodes whole, prefills within prefill_chunk_tokens per step, higher
+        priorities first) and give it KV blocks, preempting the lowest-priority newest running requests when blocks
+        run out (those come later in this order: never one already scheduled). Called under the lock."""
         work: list[_Work] = []
         prefill_budget = self.prefill_chunk_tokens
-        for req in candidates:
-            if req.state != "running":  # preempted for an older request's blocks in this very loop
+        for req in _by_priority(candidates):
+            if req.state != "running":  # preempted for an earlier request's blocks in this very loop
                 continue
             self._note_scheduled(req)
             start, known = req.num_cached, len(req.all_ids)
@@ -917,26 +954,27 @@ class Engine(EngineBase):
             self.metrics.prompt_tokens.inc(len(req.prompt_ids))
 
     def _make_room(self, req: _Request, tokens: int) -> bool:
-        """Grow req's blocks to `tokens`, preempting the newest running requests while none are free; False if
-        req is the newest and got preempted itself."""
+        """Grow req's blocks to `tokens`, preempting running requests (_victim) while none are free; False if req
+        came first and got preempted itself."""
         while not self.kv_pool.grow(req.seq_id, tokens):
-            victim = next((r for r in reversed(self._running) if self.kv_pool.holds(r.seq_id)), None)
+            victim = self._victim()
             if victim is None:
                 raise RuntimeError("KV cache exhausted with nothing to preempt")  # max_model_len fits: unreachable
-            self._preempt(victim)
+            self._preempt(victim, "KV cache full")
             if victim is req:
                 return False
         return True
 
-    def _preempt(self, req: _Request) -> None:
-        """Free req's KV cache and queue it first: it is re-prefilled from its token ids (vLLM's recompute)."""
-        log.info("preempting request %s (KV cache full): %d tokens to recompute", req.request_id, len(req.all_ids))
+    def _preempt(self, req: _Request, reason: str) -> None:
+        """Free req's KV cache and queue it first of its priority: it is re-prefilled from its token ids (vLLM's
+        recompute)."""
+        log.info("preempting request %s (%s): %d tokens to recompute", req.request_id, reason, len(req.all_ids))
         self._release_kv(req)
         req.num_cached, req.pending_logits = 0, None
         req.preemptions += 1
         self._running.remove(req)
         req.state = "waiting"
-        self._waiting.appendleft(req)
+        self._queue(req, front=True)
         self.metrics.preemptions.inc()
 
     def _release_kv(self, req: _Request) -> None:
@@ -948,15 +986,15 @@ class Engine(EngineBase):
         req.state_in_child = False
 
     def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
-        """The device ran out of memory in a step: alone, the request fails; in a batch, the newest is preempted
-        and the rest retried."""
+        """The device ran out of memory in a step: alone, the request fails; in a batch, the lowest-priority newest
+        is preempted and the rest retried."""
         if len(requests) == 1:
             log.warning("request %s ran out of memory: %s", requests[0].request_id, exc)
             self._finish(requests[0], "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
             return
         with self._lock:
-            newest = max(requests, key=self._running.index)
-            self._preempt(newest)
+            last = max(requests, key=lambda r: (r.priority, self._running.index(r)))
+            self._preempt(last, "out of memory")
 
     def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,
                            chosen: int | None = None) -> None:
@@ -1094,6 +1132,11 @@ class _StepTimes:
         variance = self.mean_xx - self.mean_x ** 2
         slope = max(0.0, (self.mean_xy - self.mean_x * self.mean_y) / variance) if variance > 1e-9 else 0.0
         return max(0.0, self.mean_y + slope * (tokens - self.mean_x))
+
+
+def _by_priority(requests: list[_Request]) -> list[_Request]:
+    """Requests by priority, lower values first; in their order within a priority (running: admission order)."""
+    return sorted(requests, key=lambda r: r.priority)
 
 
 def _chunk_end(start: int, known: int, prefill_budget: int) -> tuple[int, int] | None:

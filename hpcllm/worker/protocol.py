@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, Strict, TypeAdapter, model_validator
 
-from hpcllm.config import MODEL_NAME_PATTERN
+from hpcllm.config import MODEL_NAME_PATTERN, PRIORITY_MAX, PRIORITY_MIN
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.client import HttpUrl
 from hpcllm.httpkit.wire import WireModel
@@ -129,6 +129,9 @@ class GenerateRequest(WireModel):
     thinking: Thinking | None = None
     # The LoRA adapter to run with (vLLM's lora_request; one the worker was started with, else a 400 naming lora).
     lora: str | None = Field(default=None, pattern=MODEL_NAME_PATTERN)
+    # vLLM's priority: lower is sooner. Waiting requests are admitted by (priority, arrival); a running request of a
+    # larger value is preempted first when KV blocks run out, and for a waiting one of a smaller value.
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> "GenerateRequest":

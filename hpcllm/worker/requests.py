@@ -169,6 +169,7 @@ class RequestState:
     token_state: TokenState | None = None
     lora: str | None = None  # the LoRA adapter it runs with (GenerateRequest.lora); None: the base model
     lora_folder: str | None = None  # where that adapter was loaded from (EngineBase._bind_lora, as it is queued)
+    priority: int = 0  # GenerateRequest.priority: lower is sooner (admission, and which request is preempted)
 
     @property
     def lora_key(self) -> tuple[str, str] | None:
@@ -573,6 +574,7 @@ class EngineBase:
                 stop_token_ids=list(origin.stop_token_ids), ignore_eos=origin.ignore_eos,
                 resume_token_ids=list(req.output_ids), logprobs=req.logprobs,
                 prompt_logprobs=req.prompt_logprobs, grammar=origin.grammar, thinking=origin.thinking, lora=req.lora,
+                priority=req.priority,
             )
 
     def migration_output(self, request_id: str) -> list[int]:
@@ -694,6 +696,7 @@ class EngineBase:
             prompt_logprobs=None if resumed else request.prompt_logprobs,
             prompt_logprobs_result=None if resumed or request.prompt_logprobs is None else [None],
             lora=request.lora,
+            priority=request.priority,
         )
 
     def _check_lora(self, name: str | None) -> None:
