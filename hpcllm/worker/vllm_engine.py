@@ -165,6 +165,9 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         # Thinking requests: structured outputs after </think>, thinking_token_budget (each request says whether its
         # grammar waits for the thinking: VllmEngine._add_to_vllm)
         **({"reasoning_parser": REASONING_PARSER} if thinks else {}),
+        # GenerateRequest.priority, as hpcllm's engine serves it: waiting requests by (priority, arrival), the
+        # lowest-priority newest preempted first. Equal priorities are FCFS: the default policy's order.
+        "scheduling_policy": "priority",
         **settings.extra,
     })  # no device argument: vLLM's platform is the build's (CUDA vllm: the GPUs in CUDA_VISIBLE_DEVICES)
     config = args.create_engine_config()
@@ -206,7 +209,8 @@ class VllmEngine(EngineBase):
         self._tokenizer_lock = threading.Lock()
         self._live: dict[str, _Request] = {}
         self._finished: OrderedDict[str, _Request] = OrderedDict()
-        # ("add", vllm_id, ids, params, lora request) | ("abort", vllm_id) | ("remove_lora", lora id)
+        # ("add", vllm_id, ids, params, lora request, reasoning_ended, priority) | ("abort", vllm_id)
+        # | ("remove_lora", lora id)
         self._commands: list[tuple] = []
         self._outbox: list = []  # EngineBase._emit: a step's events, delivered once its outputs are processed
         self._llm_lock = threading.Lock()  # whoever calls into self.llm; taken before self._lock, never after
@@ -341,7 +345,8 @@ class VllmEngine(EngineBase):
         # its grammar starts at once): after </think> only where the output starts inside thinking.
         reasoning_ended = (None if self._markers is None or not req.params.constrained
                            else thinking is None or thinking.start is not None)
-        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key), reasoning_ended))
+        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key), reasoning_ended,
+                               req.priority))
         self._lock.notify_all()
 
     def _warm(self, req: _Request) -> None:
@@ -353,7 +358,8 @@ class VllmEngine(EngineBase):
         vllm_id = self._vllm_id(req, "warm")
         self._vllm_ids[vllm_id] = (req, len(known))
         # Under its adapter: vLLM's prefix cache keys blocks by it, as the generation after the warm-up looks them up.
-        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key)))
+        self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key), None,
+                               req.priority))
         self._lock.notify_all()
 
     def _stop_generating(self, req: _Request) -> None:
@@ -444,17 +450,18 @@ class VllmEngine(EngineBase):
             self._send_commands(wait=True)
 
     def _add_to_vllm(self, vllm_id: str, ids: list[int], params, lora_request=None,
-                     reasoning_ended: bool | None = None) -> None:
+                     reasoning_ended: bool | None = None, priority: int = 0) -> None:
         """Submit one request to vLLM (holding the LLMEngine); one vLLM refuses fails that request, not the engine.
-        reasoning_ended: whether its grammar starts at once (None: vLLM's default, from the prompt)."""
+        reasoning_ended: whether its grammar starts at once (None: vLLM's default, from the prompt); priority:
+        GenerateRequest.priority (vLLM's scheduler is built with the priority policy: build_llm_engine)."""
         try:
             prompt = {"prompt_token_ids": ids}
             if reasoning_ended is not None:  # a field of vLLM's own request only (its server's add_request sets it)
                 prompt = self.llm.input_processor.process_inputs(vllm_id, prompt, params,
                                                                  self.llm.get_supported_tasks(),
-                                                                 lora_request=lora_request)
+                                                                 lora_request=lora_request, priority=priority)
                 prompt.reasoning_ended = reasoning_ended
-            self.llm.add_request(vllm_id, prompt, params, lora_request=lora_request)
+            self.llm.add_request(vllm_id, prompt, params, lora_request=lora_request, priority=priority)
         except Exception as exc:
             log.exception("vLLM refused request %s", vllm_id)
             with self._lock:
