@@ -241,6 +241,9 @@ class ApiKey(Section):
     tokens_per_minute: int = Field(200_000, ge=1)
     # Streams this key may hold open at once; empty: gateway.max_streams_per_key.
     max_concurrent_streams: int | None = Field(None, ge=1)
+    # The most urgent request priority this key may ask for (`priority`, lower is sooner; docs/gateway.md,
+    # Priority): 0, the default every request has, lets a key only yield to others; below 0 lets it jump the queue.
+    min_priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
 
 class StaticModel(Section):

@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hpcllm.config import PRIORITY_MAX, PRIORITY_MIN
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
 from hpcllm.httpkit.body import parse_json_body, request_bytes
 from hpcllm.worker.grammar import ANY_JSON_OBJECT, GRAMMAR_KINDS, InvalidGrammar, compile_grammar
@@ -316,6 +317,8 @@ class SamplingRequest(OpenAIRequest):
     # vLLM extensions, passed to the worker: repetition_penalty (over prompt and output tokens) and min_p.
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
+    # vLLM extension: lower is sooner at the worker (docs/gateway.md, Priority); below the key's min_priority is a 400.
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     # vLLM extension: each prompt token's log probability and rank and this many most likely alternatives
     # (PromptLogprob; not streamed, as vLLM).
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
@@ -430,6 +433,7 @@ class SamplingRequest(OpenAIRequest):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             min_p=self.min_p or 0.0, logit_bias=self.logit_bias or {},
             grammar=constraint.grammar() if (constraint := self.constraint()) is not None else None,
+            priority=self.priority,
         )
 
 
@@ -451,3 +455,4 @@ class SamplingOptions:
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # structured outputs: the llguidance grammar the output follows (Constraint.grammar)
     thinking: Thinking | None = None  # a reasoning model's thinking: the grammar waits for its end, a budget bounds it
+    priority: int = 0  # lower is sooner at the worker (GenerateRequest.priority)

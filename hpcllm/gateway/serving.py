@@ -168,6 +168,7 @@ class Generation:
     def start(self, stream: bool = False) -> None:
         self.gw.track(self)
         try:
+            self._check_priority()
             if stream:
                 self._hold_stream_slot()
             self._reserve_tokens()
@@ -180,6 +181,15 @@ class Generation:
         except BaseException:
             self.close()
             raise
+
+    def _check_priority(self) -> None:
+        """A request may yield to others (a larger priority) but not jump ahead of them: below its key's
+        min_priority (0 without a key) is refused."""
+        floor = self.ctx.api_key.min_priority if self.ctx.api_key is not None else 0
+        if self.options.priority < floor:
+            raise InvalidRequest(f"priority {self.options.priority} is below {floor}, the most urgent this API key "
+                                 f"may ask for; send a priority of {floor} or more (lower runs sooner)",
+                                 param="priority", code="invalid_value")
 
     def _hold_stream_slot(self) -> None:
         key = self.ctx.api_key
@@ -230,7 +240,7 @@ class Generation:
             logprobs=opts.logprobs, prompt_logprobs=opts.prompt_logprobs, min_p=opts.min_p,
             presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
             repetition_penalty=opts.repetition_penalty, logit_bias=opts.logit_bias, grammar=opts.grammar,
-            thinking=opts.thinking, lora=self.card.lora,
+            thinking=opts.thinking, lora=self.card.lora, priority=opts.priority,
         )
         choice.endpoint, stream = on_a_worker(self.gw, self.ctx, choice.endpoint, self._route,
                                               lambda endpoint: self._open_on(endpoint, request))

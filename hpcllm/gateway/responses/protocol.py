@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
+from hpcllm.config import PRIORITY_MAX, PRIORITY_MIN
 from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, ChatUsage, FunctionCall,
                                           FunctionDefinition, ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition,
                                           function_name, json_object_arguments)
@@ -190,6 +191,8 @@ class ResponsesRequest(OpenAIRequest):
     # written (the reasoning item holds the whole thinking)
     reasoning: dict[str, Any] | None = None
     include_reasoning: bool = True  # vLLM's extension, as chat's: false leaves the reasoning item out
+    # vLLM's extension, as chat's: lower is sooner at the worker (below the key's min_priority is a 400)
+    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     truncation: Literal["auto", "disabled"] | None = None
     conversation: str | dict[str, Any] | None = None  # a conversation's id, or {"id": ...} (OpenAI's two shapes)
     # Declared to be refused when set (unknown fields are dropped silently)
@@ -270,7 +273,7 @@ class ResponsesRequest(OpenAIRequest):
             tool_choice=_chat_tool_choice(self.tool_choice), parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.text.response_format() if self.text else None,
             chat_template_kwargs=self.chat_template_kwargs, reasoning_effort=(self.reasoning or {}).get("effort"),
-            include_reasoning=self.include_reasoning,
+            include_reasoning=self.include_reasoning, priority=self.priority,
         )
 
     def _messages(self) -> list[ChatMessage]:

@@ -12,10 +12,11 @@ def slow_worker_app(seconds_per_token: float):
     return stand_in_worker_app("slow-worker", lambda index: time.sleep(seconds_per_token))
 
 
-def stand_in_worker_app(name: str, after_token, finished: threading.Event | None = None, fail_with: str | None = None):
+def stand_in_worker_app(name: str, after_token, finished: threading.Event | None = None, fail_with: str | None = None,
+                        received: list | None = None):
     """A stand-in worker streaming the generate API's NDJSON lines: max_tokens tokens "x", after_token(index) called
     after each, then `finished` set and the final line (with fail_with: a final "error" line with that message, as a
-    request its engine could not go on with)."""
+    request its engine could not go on with). received: each GenerateRequest is appended to it."""
     from flask import Flask, Response, request
 
     from hpcllm.worker.protocol import GENERATE_PATH, ErrorInfo, FinalLine, GenerateRequest, TokenLine, Usage
@@ -25,6 +26,8 @@ def stand_in_worker_app(name: str, after_token, finished: threading.Event | None
     @app.post(GENERATE_PATH)
     def generate():
         req = GenerateRequest.model_validate_json(request.get_data())
+        if received is not None:
+            received.append(req)
         total = req.max_tokens or 16
 
         def lines():
