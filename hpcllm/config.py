@@ -341,6 +341,10 @@ class GatewayConfig(Section):
     # A process running a batch renews its claim every third of this; a batch whose claim ran out (a crashed or
     # cut-off process) is taken over by another process and continues where the output files end.
     batch_lease_seconds: float = Field(60.0, gt=0)
+    # The priority batch requests run at (lower is sooner; interactive requests have 0): a worker admits waiting
+    # interactive requests first and preempts a running batch request for one (docs/gateway.md, Batches). A line's
+    # own larger priority is kept.
+    batch_priority: int = Field(10, ge=0, le=PRIORITY_MAX)
     # The status page (GET /status) shows the cluster to the admin key; true: also to every API key, read-only and
     # without internal addresses (GET /v1/status).
     status_page_users: bool = False

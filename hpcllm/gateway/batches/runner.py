@@ -3,6 +3,9 @@ database, hpcllm.gateway.batches.store) and runs its requests, gateway.batch_con
 the gateway's own WSGI app as the HTTP request it stands for: the same authentication with the batch owner's key
 (its rate limits and group), validation, routing, context length and usage accounting as the endpoint's.
 
+Batch requests run at gateway.batch_priority (lower is sooner, interactive requests have 0): a worker serves waiting
+interactive requests first, so a batch fills idle capacity without making interactive users wait behind it.
+
 Each result is appended to the output (2xx) or error file as it comes and the lease renewed with the counts and
 tokens; a result is written only while the lease is held. A process that takes a batch over (the holder's lease ran
 out) skips the requests already in the files. Cancelling stops starting requests, lets those running finish, and
@@ -47,6 +50,8 @@ RETRIES_503 = 5
 DEFAULT_RETRY_S = 2.0
 # A gateway going away answers these: the request is not the batch's failure, another process runs it again.
 SHUTDOWN_CODES = ("draining", "gateway_shutdown")
+# Endpoints whose requests take no priority (pooling runs between a worker's generation steps).
+UNPRIORITIZED_ENDPOINTS = ("/v1/embeddings",)
 
 
 def result_file_ids(batch_id: str) -> tuple[str, str]:
@@ -242,8 +247,9 @@ class BatchRun:
             body = unsupported("stream", "streaming in a batch request").body()
             return _result(entry, request_id, 400, request_id, body)
         retries_503 = 0
+        request_body = self._prioritized(batch.endpoint, entry.body)
         while True:
-            status, headers, body = self.runner.call(batch.endpoint, entry.body, token, request_id)
+            status, headers, body = self.runner.call(batch.endpoint, request_body, token, request_id)
             code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
             if status == 503 and code in SHUTDOWN_CODES:
                 return None
@@ -255,6 +261,15 @@ class BatchRun:
                     return None
                 continue
             return _result(entry, request_id, status, headers.get("X-Request-Id", request_id), body)
+
+    def _prioritized(self, endpoint: str, body: dict) -> dict:
+        """The request at gateway.batch_priority (a line's own larger priority kept): the worker admits interactive
+        requests first and preempts a running batch request for one. A priority that is no integer is left to the
+        endpoint's validation (its 400 names it)."""
+        own = body.get("priority", 0)
+        if endpoint in UNPRIORITIZED_ENDPOINTS or not isinstance(own, int) or isinstance(own, bool):
+            return body
+        return {**body, "priority": max(own, self.runner.gw.config.gateway.batch_priority)}
 
     def _finalize(self, batch: BatchObject, entries: list[BatchEntry], output: ResultFile, errors: ResultFile,
                   expired: bool) -> None:
