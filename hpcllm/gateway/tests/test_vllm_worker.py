@@ -502,6 +502,13 @@ def test_a_request_reaches_vllm_while_the_step_in_flight_computes(engine_checks,
     assert out["b"] == {"tokens": reference("the quick brown fox", 4)[0], "finish_reason": "length"}
 
 
+def test_vllm_admits_waiting_requests_by_priority(engine_checks):
+    """The vLLM worker builds vLLM with scheduling_policy "priority" and passes each request's priority: with one
+    request running, a later priority-0 request runs before an earlier priority-5 one (FCFS would run that first)."""
+    out = _check(engine_checks, "priority")
+    assert out == {"finished": ["low1", "high", "low2"], "policy": "priority"}
+
+
 def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(engine_checks):
     """As hpcllm's engine: a vLLM step that never ends (its engine core stopped) must not hold its streams forever.
     Past step_timeout the stream ends with an engine_unavailable error (the gateway resumes it elsewhere), the engine

@@ -1,10 +1,16 @@
-"""Run by the vLLM interpreter (test_vllm_worker.py): two checks of hpcllm's vLLM engine on one vLLM start (each
-start costs 25-50 s on the shared 2 cores), the hang last since it leaves the engine dead.
+"""Run by the vLLM interpreter (test_vllm_worker.py): three checks of hpcllm's vLLM engine on one vLLM start (each
+start costs 25-50 s on the shared 2 cores), the hang last since it leaves the engine dead. vLLM runs one request at
+a time here (max_num_seqs 1: the priority check's queue; the others hold with it as they would with more).
 
 join: a request submitted while vLLM's engine core computes a step reaches vLLM at once, from the submitting thread,
 instead of after the worker processed that step. The engine thread is held in its wait for the core's output (the
 step of request "a" in flight); request "b" is submitted meanwhile. Reports which vLLM ids were added while the engine
 thread waited and by which thread, and each request's tokens and finish reason once released.
+
+priority: requests wait in vLLM's queue by priority (the engine built with scheduling_policy "priority", each
+request's priority passed on). While the engine thread is held in its wait for the core's output (request "low1"
+in flight, vLLM's one running request), "low2" (priority 5) and then "high" (priority 0) are submitted. Reports the
+order they finished in (vLLM runs one at a time) and the policy vLLM was built with.
 
 hang: vLLM's engine core stops answering while a request streams (SIGSTOP: to the worker a hung GPU or collective
 looks the same); past the step timeout the engine fails like hpcllm's engine does (EngineBase._watch_steps). Reports
@@ -12,7 +18,7 @@ the stream's token count and final line, the error the worker's death handler go
 whether its thread ended. The engine starts with a generous step timeout (the join check holds a step on purpose,
 and this host may be slow); the hang check lowers it to HANG_STEP_TIMEOUT, which the watch reads at every look.
 
-Prints one JSON line {"join": {...}, "hang": {...}}; a check that raised has {"failed": its traceback} instead.
+Prints one JSON line {"join": {...}, "priority": {...}, "hang": {...}}; a check that raised has {"failed": its traceback} instead.
 hpcllm is imported inside the functions only: vLLM spawns its engine processes from this file, and its kernel
 registration trips over Flask's context proxies if they were imported.
 """
@@ -76,6 +82,35 @@ def join_check(engine) -> dict:
             "a": collect(first), "b": collect(second)}
 
 
+def priority_check(engine) -> dict:
+    from hpcllm.worker.protocol import GenerateRequest
+
+    outputs = engine._core_outputs
+    receive, waiting, release = outputs._receive, threading.Event(), threading.Event()
+
+    def held():
+        waiting.set()
+        release.wait(120)
+        return receive()
+
+    def request(request_id: str, priority: int) -> GenerateRequest:
+        return GenerateRequest(request_id=request_id, prompt="hello world", max_tokens=4, temperature=0,
+                               ignore_eos=True, priority=priority)
+
+    outputs._receive = held
+    try:
+        streams = [engine.submit(request("low1", 5))]
+        assert waiting.wait(120), "the engine thread never waited for vLLM's output"
+        streams += [engine.submit(request("low2", 5)), engine.submit(request("high", 0))]
+    finally:
+        outputs._receive = receive
+        release.set()
+    for stream in streams:
+        collect(stream)
+    return {"finished": [r for r in engine._finished if r in ("low1", "low2", "high")],
+            "policy": engine.llm.vllm_config.scheduler_config.policy}
+
+
 def hang_check(engine, died: list) -> dict:
     from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 
@@ -109,14 +144,15 @@ def checked(check, *args) -> dict:
 
 
 def main(checkpoint: str) -> None:
-    from hpcllm.worker.vllm_engine import load_with_vllm
+    from hpcllm.worker.vllm_engine import VllmSettings, load_with_vllm
 
-    engine = load_with_vllm(Path(checkpoint), "m", step_timeout=START_STEP_TIMEOUT).engine
+    engine = load_with_vllm(Path(checkpoint), "m", settings=VllmSettings(max_num_seqs=1),
+                            step_timeout=START_STEP_TIMEOUT).engine
     died = []
     engine.on_died = died.append
     engine.start()
     try:
-        out = {"join": checked(join_check, engine)}
+        out = {"join": checked(join_check, engine), "priority": checked(priority_check, engine)}
         out["hang"] = checked(hang_check, engine, died)
         print(json.dumps(out))
     finally:
