@@ -611,9 +611,10 @@ class Engine(EngineBase):
     def _victim(self, lower_than: int | None = None) -> _Request | None:
         """The running request to preempt first (vLLM's priority rule): the lowest priority (the largest value),
         the newest of those; one holding KV blocks. lower_than: only one of a priority after it, and not held or
-        paused (a migration's, whose state a preemption would drop)."""
+        paused (a migration's, whose state a preemption would drop) nor being cancelled (the step ends it)."""
         ranked = [(r.priority, index, r) for index, r in enumerate(self._running) if self.kv_pool.holds(r.seq_id)
-                  and (lower_than is None or (r.priority > lower_than and not (r.held or r.paused)))]
+                  and (lower_than is None or (r.priority > lower_than
+                                              and not (r.held or r.paused or r.cancel_requested)))]
         return max(ranked, key=lambda entry: entry[:2])[2] if ranked else None
 
     # ---- one step: schedule, run, sample ---------------------------------------------------------------------------
