@@ -18,8 +18,8 @@ the stream's token count and final line, the error the worker's death handler go
 whether its thread ended. The engine starts with a generous step timeout (the join check holds a step on purpose,
 and this host may be slow); the hang check lowers it to HANG_STEP_TIMEOUT, which the watch reads at every look.
 
-Prints one JSON line {"join": {...}, "priority": {...}, "hang": {...}}; a check that raised has {"failed": its traceback} instead.
-hpcllm is imported inside the functions only: vLLM spawns its engine processes from this file, and its kernel
+Prints one JSON line {"join": {...}, "priority": {...}, "hang": {...}}; a check that raised has {"failed": its
+traceback} instead. hpcllm is imported inside the functions only: vLLM spawns its engine processes from this file, and its kernel
 registration trips over Flask's context proxies if they were imported.
 """
 
