@@ -1,11 +1,11 @@
 """The inference engine: one model, one background thread, many concurrent requests, batched.
 
 Scheduling is continuous batching (Orca's iteration-level scheduling, vLLM's KV block budget): each pass of the
-engine loop admits waiting requests into free slots (by priority, then FIFO, while KV blocks are free), then runs ONE
-step over every
-running request: one decode token each, plus prefill chunks of requests still prefilling (at most
-prefill_chunk_tokens of them per step, so a long prompt cannot stall the other streams for long). The step's model
-execution sits behind runner.ModelRunner: a plain StepBatch (token ids, positions, block tables) in, logits out.
+engine loop admits waiting requests into free slots (by priority, then FIFO, while KV blocks are free), then runs
+ONE step over every running request: one decode token each, plus prefill chunks of requests still prefilling (at
+most prefill_chunk_tokens of them per step, so a long prompt cannot stall the other streams for long). The step's
+model execution sits behind runner.ModelRunner: a plain StepBatch (token ids, positions, block tables) in, logits
+out.
 The KV cache is a budget of fixed-size blocks (kvcache.BlockPool); when a step needs a block and none is free,
 the lowest-priority, newest running request is preempted (vLLM's rule): its blocks are freed and it goes back to
 the front of its priority's queue, to be re-prefilled from its token ids later (recompute). A waiting request that
@@ -750,9 +750,10 @@ class Engine(EngineBase):
             # How many tokens a speculation accepts is known only at its commit, and a proposal follows the ids
             # after it: a step where a request speculates, or looks up a proposal, waits for a step boundary.
             return None
-        if self._admit(preempt=False):  # one waits to preempt a lower-priority request: at a step boundary
+        # Requests that arrived while `current` ran join the next step, as they would without this; one that is to
+        # preempt a lower-priority request waits for a step boundary (no step in flight then uses the freed blocks).
+        if self._admit(preempt=False):
             return None
-        # Requests that arrived while `current` ran join the next step, as they would without asynchronous scheduling.
         in_current, rows = {}, {}
         for w in current.work:
             in_current[w.req.seq_id] = w
@@ -956,7 +957,7 @@ class Engine(EngineBase):
 
     def _make_room(self, req: _Request, tokens: int) -> bool:
         """Grow req's blocks to `tokens`, preempting running requests (_victim) while none are free; False if req
-        came first and got preempted itself."""
+        itself was the one to preempt."""
         while not self.kv_pool.grow(req.seq_id, tokens):
             victim = self._victim()
             if victim is None:
