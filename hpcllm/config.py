@@ -333,6 +333,13 @@ class GatewayConfig(Section):
     files_dir: Path | None = None
     # Largest file one upload may be (OpenAI's limit: 200 MB); larger is a 413.
     files_max_bytes: int = Field(200 * 1024 ** 2, ge=1024)
+    # Files (uploads and batch outputs) are deleted this many days after their creation (OpenAI's default for batch
+    # files: 30); an upload's expires_after or a batch's output_expires_after may ask for less, not more. 0: keep
+    # files until deleted.
+    files_ttl_days: float = Field(30, ge=0)
+    # Bytes one API key's files (uploads and batch outputs, expired ones aside) may hold together; an upload beyond
+    # is a 400 storage_quota_exceeded. 0: no quota.
+    files_quota_bytes: int = Field(0, ge=0)
     # Requests in one batch (OpenAI's limit: 50,000); more fails the batch at creation (too_many_tasks).
     batch_max_requests: int = Field(50_000, ge=1)
     # Requests of batches one gateway process runs at once (each process runs one batch at a time): small, so

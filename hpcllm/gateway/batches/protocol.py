@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from hpcllm.gateway.files.protocol import ExpiresAfter
 from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
 
 # What a batch may run (OpenAI's endpoints this gateway serves).
@@ -26,6 +27,7 @@ class CreateBatchRequest(OpenAIRequest):
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    output_expires_after: ExpiresAfter | None = None  # the output and error files', from their creation
 
 
 class RequestCounts(OpenAIResponse):

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # A process looks for a batch to run at least this often (and at once when one is created on it).
 MAX_POLL_S = 10.0
+# A process deletes the expired files (hpcllm.gateway.files.store) at most this often: they are invisible at once,
+# this is when their disk space comes back.
+SWEEP_S = 600.0
 # 503s (a cold start past its wait, no capacity) a request is retried through before its error is the result;
 # 429s with a Retry-After (the owner's rate limits) are waited out for as long as the batch runs.
 RETRIES_503 = 5
@@ -72,6 +75,7 @@ class BatchRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.running: Claim | None = None  # the batch this process runs now
+        self._next_sweep = 0.0  # time.monotonic() of the next sweep of expired files
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="batch-runner", daemon=True)
@@ -95,6 +99,7 @@ class BatchRunner:
         while not self.stopping:
             claim = None
             try:
+                self._sweep_when_due()
                 if self.batches.claimable():
                     claim = self.batches.claim(self.holder)
                 if claim is not None:
@@ -109,6 +114,18 @@ class BatchRunner:
                 self.running = None
             self._wake.wait(self.poll_s)
             self._wake.clear()
+
+    def _sweep_when_due(self) -> None:
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_S
+            self.sweep()
+
+    def sweep(self) -> int:
+        """Delete the expired files but the inputs of batches not yet ended; how many went."""
+        gone = self.files.sweep(self.batches.active_inputs)
+        if gone:
+            log.info("files: deleted %d expired files", gone)
+        return gone
 
     def _release_quietly(self, claim: Claim) -> None:
         try:
@@ -153,7 +170,7 @@ class BatchRun:
         if batch is None:
             return
         files = self.runner.files
-        if files.get(self.claim.owner, batch.input_file_id) is None:
+        if files.get(self.claim.owner, batch.input_file_id, expired_too=True) is None:
             self._fail(batch, "input_file_missing", "The batch's input file was deleted before the batch ran")
             return
         entries = parse_input(files.read_lines(batch.input_file_id), batch.endpoint,
@@ -284,7 +301,8 @@ class BatchRun:
             file_id = results.final.name
             size = results.publish()
             if size is not None:
-                published.append(StoredFile(file_id, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE, size))
+                published.append(StoredFile(file_id, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE, size,
+                                            self.runner.files.expiry(now, self.claim.output_ttl)))
                 ids[f"{name}_file_id"] = file_id
         status = "cancelled" if batch.cancelling_at else "expired" if expired else "completed"
         final = batch.model_copy(update={"status": status, f"{status}_at": now, **ids})

@@ -33,7 +33,8 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
         batch = batch.model_copy(update={"status": "failed", "failed_at": now, "in_progress_at": None,
                                          "errors": BatchErrors(data=parsed.errors),
                                          "request_counts": RequestCounts()})
-    service.batches.insert(owner, batch)
+    output_ttl = req.output_expires_after.seconds if req.output_expires_after else None
+    service.batches.insert(owner, batch, output_ttl)
     if batch.status == "in_progress":
         service.runner.wake()
     return batch

@@ -19,13 +19,13 @@ from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.batches.protocol import ACTIVE, BatchObject
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import ListQuery
-from hpcllm.gateway.files.store import FileStore, StoredFile, page
+from hpcllm.gateway.files.store import FileStore, StoredFile, add_column, page
 from hpcllm.gateway.shared_state import SharedState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
                                             status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL,
-                                            batch TEXT NOT NULL);
+                                            batch TEXT NOT NULL, output_ttl REAL);
 CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, created);
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
 """
@@ -45,6 +45,7 @@ class Claim:
     batch_id: str
     owner: str
     holder: str
+    output_ttl: float | None = None  # the seconds its output files are kept (its output_expires_after)
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,14 @@ class BatchStore:
     def __init__(self, shared: SharedState, lease_s: float, clock: Callable[[], float] = time.time):
         self.shared, self.lease_s, self.clock = shared, lease_s, clock
         shared.create_tables(SCHEMA)
+        add_column(shared, "gateway_batches", "output_ttl", "REAL")
 
     # ------------------------------------------------------------------------------------------- the API's
-    def insert(self, owner: str, batch: BatchObject) -> None:
+    def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None) -> None:
         with self.shared.transaction() as db:
             db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_holder, lease_expires, "
-                            "batch) VALUES (?, ?, ?, ?, NULL, 0, ?)",
-                            (batch.id, owner, self.clock(), batch.status, batch.model_dump_json()))
+                            "batch, output_ttl) VALUES (?, ?, ?, ?, NULL, 0, ?, ?)",
+                            (batch.id, owner, self.clock(), batch.status, batch.model_dump_json(), output_ttl))
 
     def get(self, owner: str, batch_id: str) -> BatchRow | None:
         with self.shared.connection() as db:
@@ -115,14 +117,20 @@ class BatchStore:
         """Take the lease of the oldest active batch nobody holds (a crashed holder's included)."""
         now = self.clock()
         with self.shared.transaction() as db:
-            row = db.conn.execute(f"SELECT id, owner FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) AND "
+            row = db.conn.execute(f"SELECT id, owner, output_ttl FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) AND "
                                   f"lease_expires < ? ORDER BY created LIMIT 1{self.shared._for_update()}",
                                   (now,)).fetchone()
             if row is None:
                 return None
             db.conn.execute("UPDATE gateway_batches SET lease_holder = ?, lease_expires = ? WHERE id = ?",
                             (holder, now + self.lease_s, row["id"]))
-        return Claim(row["id"], row["owner"], holder)
+        return Claim(row["id"], row["owner"], holder, row["output_ttl"])
+
+    def active_inputs(self) -> set[str]:
+        """The input files of the batches not yet ended (kept past their expiry until the batch ends)."""
+        with self.shared.connection() as db:
+            rows = db.conn.execute(f"SELECT batch FROM gateway_batches WHERE status IN ({ACTIVE_SQL})").fetchall()
+        return {BatchObject.model_validate_json(row["batch"]).input_file_id for row in rows}
 
     def _held(self, db: Database, claim: Claim) -> BatchObject | None:
         row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self.shared._for_update()}",

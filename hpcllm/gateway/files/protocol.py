@@ -12,6 +12,22 @@ from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
 UPLOAD_PURPOSES = ("batch",)
 # A batch's output and error files.
 OUTPUT_PURPOSE = "batch_output"
+# OpenAI's bounds on a file's expires_after (and a batch's output_expires_after): an hour to 30 days.
+EXPIRES_MIN_S, EXPIRES_MAX_S = 3600, 30 * 24 * 3600
+
+
+class ExpiresAfter(OpenAIRequest):
+    """When a file expires (OpenAI's expiration policy): `seconds` after its creation."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=EXPIRES_MIN_S, le=EXPIRES_MAX_S)
+
+
+class UploadOptions(OpenAIRequest):
+    """An upload's form fields besides the file and its purpose (the openai client sends expires_after[anchor] and
+    expires_after[seconds])."""
+
+    expires_after: ExpiresAfter | None = None
 
 
 class FileObject(OpenAIResponse):

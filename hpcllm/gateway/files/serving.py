@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.files import MULTIPART_OVERHEAD
-from hpcllm.gateway.files.protocol import UPLOAD_PURPOSES, FileDeleted, FileList, FileObject, ListQuery
+from hpcllm.gateway.files.protocol import (UPLOAD_PURPOSES, FileDeleted, FileList, FileObject, ListQuery,
+                                           UploadOptions)
 from hpcllm.gateway.files.store import COPY_CHUNK, FileStore, StoredFile
 from hpcllm.gateway.protocol import validation_error
 from hpcllm.httpkit.errors import RequestTooLarge
@@ -38,7 +39,18 @@ def upload(files: FileStore, owner: str, request: Request) -> FileObject:
     if sent is None:
         raise InvalidRequest("'file' is a required property (the file's part of the multipart form)",
                              param="file", code="missing_field")
-    return files.save(owner, sent.filename or "upload.jsonl", purpose, sent.stream).wire()
+    options = _upload_options(request.form)
+    seconds = options.expires_after.seconds if options.expires_after else None
+    return files.save(owner, sent.filename or "upload.jsonl", purpose, sent.stream, seconds).wire()
+
+
+def _upload_options(form: Mapping[str, str]) -> UploadOptions:
+    expires_after = {field: form[f"expires_after[{field}]"] for field in ("anchor", "seconds")
+                     if f"expires_after[{field}]" in form}
+    try:
+        return UploadOptions.model_validate({"expires_after": expires_after or None}, strict=False)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
 
 
 def owned_file(files: FileStore, owner: str, file_id: str, param: str = "id") -> StoredFile:

@@ -5,10 +5,15 @@ A file belongs to the API key that uploaded it (or whose batch wrote it), named 
 responses are (hpcllm.gateway.response_store.owner_of): any other key is told it does not exist. An upload is
 written to a hidden temporary file and renamed into place once whole, and only then recorded, so no reader ever
 sees half a file; a deletion forgets the row first, then removes the bytes.
+
+A file may expire (its expires_after, or the site's gateway.files_ttl_days): from then on it is invisible (404) and
+the runners' sweep deletes it, row and bytes, unless an active batch still reads it. A key's files may together
+hold at most gateway.files_quota_bytes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -29,9 +34,12 @@ from hpcllm.httpkit.errors import RequestTooLarge
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
-                                          filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL);
+                                          filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+                                          expires REAL);
 CREATE INDEX IF NOT EXISTS gateway_files_owner ON gateway_files (owner, created);
 """
+# A file is visible until it expires (NULL: never).
+LIVE = "(expires IS NULL OR expires > ?)"
 COPY_CHUNK = 1024 * 1024
 EXTENSION_KEY = "hpcllm_files"
 
@@ -42,6 +50,18 @@ def files_dir(config: Config) -> Path:
 
 def current_files() -> FileStore:
     return current_app.extensions[EXTENSION_KEY]
+
+
+def add_column(shared: SharedState, table: str, column: str, declaration: str) -> None:
+    """Add a column to a table made before it existed (a database of an earlier version of the gateway)."""
+    with shared.connection() as db:
+        if shared.postgres:
+            db.conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {declaration}")
+            return
+        names = {row["name"] for row in db.conn.execute(f"PRAGMA table_info({table})").fetchall()}
+    if column not in names:
+        with shared.transaction() as db:
+            db.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 def new_file_id() -> str:
@@ -55,35 +75,50 @@ class StoredFile:
     filename: str
     purpose: str
     bytes: int
+    expires: float | None = None
 
     def wire(self) -> FileObject:
         return FileObject(id=self.id, bytes=self.bytes, created_at=int(self.created), filename=self.filename,
-                          purpose=self.purpose)
+                          purpose=self.purpose, expires_at=None if self.expires is None else int(self.expires))
 
 
 def _stored(row) -> StoredFile:
-    return StoredFile(row["id"], row["created"], row["filename"], row["purpose"], row["bytes"])
+    return StoredFile(row["id"], row["created"], row["filename"], row["purpose"], row["bytes"], row["expires"])
 
 
 class FileStore:
-    def __init__(self, shared: SharedState, directory: Path, *, max_bytes: int,
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, shared: SharedState, directory: Path, *, max_bytes: int, ttl_s: float = 0,
+                 quota_bytes: int = 0, clock: Callable[[], float] = time.time):
         self.shared, self.directory, self.max_bytes, self.clock = shared, directory, max_bytes, clock
+        self.ttl_s, self.quota_bytes = ttl_s, quota_bytes  # 0: files kept until deleted; no quota
         shared.create_tables(SCHEMA)
+        add_column(shared, "gateway_files", "expires", "REAL")
 
     @classmethod
     def of(cls, config: Config, shared: SharedState) -> FileStore:
-        return cls(shared, files_dir(config), max_bytes=config.gateway.files_max_bytes)
+        gateway = config.gateway
+        return cls(shared, files_dir(config), max_bytes=gateway.files_max_bytes,
+                   ttl_s=gateway.files_ttl_days * 24 * 3600, quota_bytes=gateway.files_quota_bytes)
+
+    def expiry(self, created: float, seconds: float | None = None) -> float | None:
+        """When a file made at `created` expires: after the seconds asked for (expires_after), never longer than
+        the site's retention; None (never) without either."""
+        kept = [s for s in (seconds, self.ttl_s) if s]
+        return created + min(kept) if kept else None
 
     def path(self, file_id: str) -> Path:
         return self.directory / file_id
 
-    def save(self, owner: str, filename: str, purpose: str, source: IO[bytes]) -> StoredFile:
-        """Copy an upload into place (413 beyond max_bytes, nothing kept) and record it."""
+    def save(self, owner: str, filename: str, purpose: str, source: IO[bytes],
+             expires_after_s: int | None = None) -> StoredFile:
+        """Copy an upload into place (413 beyond max_bytes, 400 beyond the key's quota, nothing kept) and record
+        it."""
         file_id = new_file_id()
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.directory / f".{file_id}.upload"
         size = 0
+        with self.shared.connection() as db:
+            room = self._room(db, owner)
         try:
             with open(temporary, "wb") as out:
                 for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
@@ -91,38 +126,60 @@ class FileStore:
                     if size > self.max_bytes:
                         raise RequestTooLarge(f"the file is larger than the {self.max_bytes} bytes this gateway "
                                               f"accepts (gateway.files_max_bytes); split it into several batches")
+                    if size > room:
+                        raise self._over_quota(room)
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.rename(temporary, self.path(file_id))
         finally:
             temporary.unlink(missing_ok=True)
-        stored = StoredFile(file_id, self.clock(), filename, purpose, size)
+        created = self.clock()
+        stored = StoredFile(file_id, created, filename, purpose, size, self.expiry(created, expires_after_s))
         try:
             with self.shared.transaction() as db:
+                room = self._room(db, owner)  # again: another upload of the key's may have been recorded since
+                if size > room:
+                    raise self._over_quota(room)
                 self.record(db, owner, stored)
         except BaseException:
             self.path(file_id).unlink(missing_ok=True)
             raise
         return stored
 
+    def _room(self, db: Database, owner: str) -> float:
+        """The bytes the owner may still upload (its live files, batch outputs included, count)."""
+        if not self.quota_bytes:
+            return math.inf
+        used = db.conn.execute(f"SELECT COALESCE(SUM(bytes), 0) AS used FROM gateway_files WHERE owner = ? AND "
+                               f"{LIVE}", (owner, self.clock())).fetchone()["used"]
+        return self.quota_bytes - used
+
+    def _over_quota(self, room: float) -> InvalidRequest:
+        return InvalidRequest(f"this upload does not fit in the {self.quota_bytes} bytes your API key's files may "
+                              f"hold on this gateway (gateway.files_quota_bytes; {max(0, int(room))} bytes left): "
+                              f"delete files you no longer need (DELETE /v1/files/{{id}})",
+                              param="file", code="storage_quota_exceeded")
+
     @staticmethod
     def record(db: Database, owner: str, stored: StoredFile) -> None:
         """Record a file already in place (an upload, or a batch's output in the batch's finishing transaction)."""
-        db.conn.execute("INSERT INTO gateway_files (id, owner, created, filename, purpose, bytes) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (stored.id, owner, stored.created, stored.filename, stored.purpose, stored.bytes))
+        db.conn.execute("INSERT INTO gateway_files (id, owner, created, filename, purpose, bytes, expires) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)", (stored.id, owner, stored.created, stored.filename,
+                                                         stored.purpose, stored.bytes, stored.expires))
 
-    def get(self, owner: str, file_id: str) -> StoredFile | None:
-        """The owner's file, None when there is none (unknown, deleted, or another owner's)."""
+    def get(self, owner: str, file_id: str, *, expired_too: bool = False) -> StoredFile | None:
+        """The owner's file, None when there is none (unknown, deleted, another owner's, or expired unless
+        expired_too: a running batch still reads its input after it expired)."""
+        live, now = ("", ()) if expired_too else (f" AND {LIVE}", (self.clock(),))
         with self.shared.connection() as db:
-            row = db.conn.execute("SELECT * FROM gateway_files WHERE id = ? AND owner = ?",
-                                  (file_id, owner)).fetchone()
+            row = db.conn.execute(f"SELECT * FROM gateway_files WHERE id = ? AND owner = ?{live}",
+                                  (file_id, owner, *now)).fetchone()
         return None if row is None else _stored(row)
 
     def list(self, owner: str, query: ListQuery) -> tuple[list[StoredFile], bool]:
         """A page of the owner's files (of query.purpose if given), and whether more follow."""
-        where, params = ["owner = ?"], [owner]
+        where, params = ["owner = ?", LIVE], [owner, self.clock()]
         if query.purpose is not None:
             where.append("purpose = ?")
             params.append(query.purpose)
@@ -132,11 +189,26 @@ class FileStore:
     def delete(self, owner: str, file_id: str) -> bool:
         """False when the owner has no such file."""
         with self.shared.connection() as db:
-            gone = db.conn.execute("DELETE FROM gateway_files WHERE id = ? AND owner = ?",
-                                   (file_id, owner)).rowcount == 1
+            gone = db.conn.execute(f"DELETE FROM gateway_files WHERE id = ? AND owner = ? AND {LIVE}",
+                                   (file_id, owner, self.clock())).rowcount == 1
         if gone:
             self.path(file_id).unlink(missing_ok=True)
         return gone
+
+    def sweep(self, in_use: Callable[[], set[str]]) -> int:
+        """Delete the expired files, rows and bytes, but those in_use (the inputs of active batches: asked after
+        the expired files are found, so a batch made over a file before it expired keeps it); how many went."""
+        with self.shared.connection() as db:
+            expired = [row["id"] for row in db.conn.execute("SELECT id FROM gateway_files WHERE expires <= ?",
+                                                            (self.clock(),)).fetchall()]
+        kept = in_use() if expired else set()
+        gone = [file_id for file_id in expired if file_id not in kept]
+        with self.shared.transaction() as db:
+            for file_id in gone:
+                db.conn.execute("DELETE FROM gateway_files WHERE id = ?", (file_id,))
+        for file_id in gone:
+            self.path(file_id).unlink(missing_ok=True)
+        return len(gone)
 
     def read_lines(self, file_id: str) -> Iterator[bytes]:
         with open(self.path(file_id), "rb") as source:

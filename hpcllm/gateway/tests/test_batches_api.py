@@ -14,9 +14,13 @@ import httpx
 import openai
 import pytest
 
+from hpcllm.gateway.batches.protocol import BatchObject
 from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
+from hpcllm.gateway.batches.store import BatchStore
+from hpcllm.gateway.files.store import FileStore
 from hpcllm.gateway.response_store import owner_of
+from hpcllm.gateway.shared_state import SharedState
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 
 from .conftest import ADMIN_KEY, MODEL, USER_KEY, GatewayFactory
@@ -401,3 +405,79 @@ def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
     done = wait_until(lambda: (row := service.batches.get(owner, batch.id)).batch.status in FINAL and row.batch)
     assert done.status == "completed"
     assert (done.request_counts.completed, done.request_counts.failed) == (60, 0)
+
+
+def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_keeps_its_input(gated_factory):
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)  # files_ttl_days: 30 by default
+    client, files = gw.client(), service_of(gw).files
+    hour = {"anchor": "created_at", "seconds": 3600}
+    short = client.files.create(file=("short.jsonl", io.BytesIO(b"{}\n")), purpose="batch", expires_after=hour)
+    assert short.expires_at == short.created_at + 3600
+    kept = client.files.create(file=("kept.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
+    assert kept.expires_at == kept.created_at + 30 * 24 * 3600  # the site's retention
+    assert_error(gw.post("/v1/files", files={"file": ("a.jsonl", b"{}\n")},
+                         data={"purpose": "batch", "expires_after[anchor]": "created_at",
+                               "expires_after[seconds]": "60"}), 422, "invalid_value", "expires_after.seconds")
+    lines = jsonl([completion_line(f"r{i}") for i in range(2)])
+    source = client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch", expires_after=hour)
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/completions", completion_window="24h",
+                                  output_expires_after={"anchor": "created_at", "seconds": 7200})
+    assert worker.reached.wait(30)  # the batch runs its first request
+
+    files.clock = lambda: time.time() + 3601  # an hour later
+    for file_id in (short.id, source.id):
+        assert_error(gw.get(f"/v1/files/{file_id}"), 404, "file_not_found")
+        assert_error(gw.get(f"/v1/files/{file_id}/content"), 404, "file_not_found")
+    assert [f.id for f in client.files.list()] == [kept.id]
+    assert_error(gw.post("/v1/batches", json={"input_file_id": short.id, "endpoint": "/v1/completions",
+                                              "completion_window": "24h"}), 404, "file_not_found")
+    assert service_of(gw).runner.sweep() == 1
+    assert not files.path(short.id).exists() and files.path(source.id).exists()  # the running batch reads it
+
+    worker.release.set()
+    done = finished(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 2
+    output = client.files.retrieve(done.output_file_id)
+    assert output.expires_at == output.created_at + 7200
+    assert service_of(gw).runner.sweep() == 1 and not files.path(source.id).exists()  # the batch has ended
+
+    files.clock = lambda: time.time() + 7201
+    assert_error(gw.get(f"/v1/files/{output.id}/content"), 404, "file_not_found")
+    assert service_of(gw).runner.sweep() == 1 and not files.path(output.id).exists()
+    assert [f.id for f in client.files.list()] == [kept.id] and files.path(kept.id).exists()
+
+
+def test_a_keys_files_may_not_hold_more_than_its_quota(make_gateway):
+    gw = make_gateway(api_keys=KEYS, files_quota_bytes=2048)
+    client, other = gw.client(), gw.client(OTHER_KEY)
+    first = client.files.create(file=("a.jsonl", io.BytesIO(b"x" * 1500)), purpose="batch")
+    refused = gw.post("/v1/files", files={"file": ("b.jsonl", b"y" * 1000)}, data={"purpose": "batch"})
+    assert_error(refused, 400, "storage_quota_exceeded", "file")
+    assert "548 bytes left" in refused.json()["error"]["message"]
+    assert [f.id for f in client.files.list()] == [first.id]  # nothing half-kept
+    assert not list(service_of(gw).files.directory.glob(".*upload"))
+    assert other.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000  # per key
+    client.files.delete(first.id)
+    assert client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000
+
+
+def test_a_database_made_before_files_expired_keeps_its_files_and_batches(limits_url, tmp_path):
+    """Tables of the first Batch API (no expiry, no output retention): their columns are added, nothing is lost."""
+    shared = SharedState(limits_url)
+    with shared.transaction() as db:
+        db.conn.execute("CREATE TABLE gateway_files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
+                        "NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL)")
+        db.conn.execute("INSERT INTO gateway_files VALUES ('file-old', 'me', 1, 'old.jsonl', 'batch', 3)")
+        db.conn.execute("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
+                        "NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL, "
+                        "batch TEXT NOT NULL)")
+    files = FileStore(shared, tmp_path, max_bytes=1 << 20, ttl_s=3600)
+    batches = BatchStore(shared, lease_s=60)
+    old = files.get("me", "file-old")
+    assert (old.filename, old.bytes, old.expires) == ("old.jsonl", 3, None)  # made before expiry: never expires
+    batch = BatchObject(id="batch_x", endpoint="/v1/completions", input_file_id="file-old", completion_window="24h",
+                        status="in_progress", created_at=1)
+    batches.insert("me", batch, output_ttl=7200)
+    assert batches.claim("host/1").output_ttl == 7200
+    FileStore(shared, tmp_path, max_bytes=1 << 20)  # a second process: the columns are there already
