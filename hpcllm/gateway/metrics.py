@@ -14,6 +14,7 @@ import os
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, multiprocess, values)
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class GatewayMetrics:
             log.warning("%s is set but prometheus_client was imported before it: /metrics shows this process only",
                         MULTIPROC_ENV)
         self.registry = CollectorRegistry()
+        self._collectors: list[Collector] = []  # read at each scrape (add_collector)
         reg = self.registry
         model = ["model_name"]
         self.time_to_first_token = Histogram(
@@ -103,11 +105,26 @@ class GatewayMetrics:
         self.model_load_seconds = Histogram(
             "hpcllm_model_load_seconds", "Seconds a model instance took to load, by storage tier.",
             ["tier"], buckets=LOAD_BUCKETS, registry=reg)
+        self.batch_requests = Counter(
+            "hpcllm_batch_requests", "Requests of batches written to their output (completed) or error file "
+            "(failed, expired ones included), by the batch's model.", model + ["status"], registry=reg)
+        self.batches_finished = Counter(
+            "hpcllm_batches_finished", "Batches that ended, by their final status (completed, failed, expired, "
+            "cancelled).", ["status"], registry=reg)
+
+    def add_collector(self, collector: Collector) -> None:
+        """Metrics read at each scrape (from the limits database: the same for every process and host), outside
+        the multiprocess files."""
+        self._collectors.append(collector)
+        if not self.multiprocess:
+            self.registry.register(collector)
 
     def render(self) -> tuple[bytes, str]:
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            for collector in self._collectors:
+                registry.register(collector)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

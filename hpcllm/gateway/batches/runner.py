@@ -199,9 +199,10 @@ class BatchRun:
             return
         if stop == "expired":
             for entry in pending:
-                errors.append(ResultLine(id=new_request_id(), custom_id=entry.custom_id, error=ResultError(
+                self._write(batch, ResultLine(id=new_request_id(), custom_id=entry.custom_id, error=ResultError(
                     code="batch_expired",
-                    message="This request could not be executed before the completion window expired.")))
+                    message="This request could not be executed before the completion window expired.")),
+                    output, errors)
         self._finalize(batch, entries, output, errors, expired=stop == "expired")
 
     def _run_requests(self, batch: BatchObject, pending: deque[BatchEntry], progress: Callable[[], dict],
@@ -224,7 +225,7 @@ class BatchRun:
                         if result is None:  # not run to a result (stopped while it waited to retry): not run
                             pending.appendleft(entry)
                         elif self.batches.holds(self.claim):
-                            (output if _succeeded(result) else errors).append(result)
+                            self._write(batch, result, output, errors)
                     renewed = self.batches.renew(self.claim, **progress())
                     if renewed is None:
                         if stop != "lost":
@@ -238,6 +239,12 @@ class BatchRun:
             finally:
                 self.halt.set()
         return batch, stop
+
+    def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
+        succeeded = _succeeded(result)
+        (output if succeeded else errors).append(result)
+        self.runner.gw.metrics.batch_requests.labels(batch.model or "",
+                                                     "completed" if succeeded else "failed").inc()
 
     def _stop_reason(self, batch: BatchObject) -> str | None:
         if self.runner.stopping:
@@ -310,6 +317,7 @@ class BatchRun:
             log.warning("batch %s: its lease was lost while finishing; the process that took it finishes it",
                         batch.id)
             return
+        self.runner.gw.metrics.batches_finished.labels(status).inc()
         log.info("batch %s %s: %d requests, %d completed, %d failed", batch.id, status, len(entries),
                  final.request_counts.completed, final.request_counts.failed)
 
@@ -317,7 +325,8 @@ class BatchRun:
         now = int(time.time())
         failed = batch.model_copy(update={"status": "failed", "failed_at": now, "errors": BatchErrors(
             data=[LineError(code=code, message=message)])})
-        self.batches.finish(self.claim, failed, [])
+        if self.batches.finish(self.claim, failed, []):
+            self.runner.gw.metrics.batches_finished.labels("failed").inc()
 
 
 def _succeeded(result: ResultLine) -> bool:

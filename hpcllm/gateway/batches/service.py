@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Flask, current_app
 
 from hpcllm.config import Config
+from hpcllm.gateway.batches.metrics import BatchGauges
 from hpcllm.gateway.batches.runner import BatchRunner
 from hpcllm.gateway.batches.store import BatchStore
 from hpcllm.gateway.files.store import EXTENSION_KEY as FILES_KEY
@@ -17,6 +18,7 @@ EXTENSION_KEY = "hpcllm_batches"
 class BatchService:
     def __init__(self, app: Flask, gw: Gateway):
         self.config: Config = gw.config
+        self.metrics = gw.metrics
         self.files = FileStore.of(gw.config, gw.shared)
         self.batches = BatchStore(gw.shared, lease_s=gw.config.gateway.batch_lease_seconds)
         self.runner = BatchRunner(app, gw, self.files, self.batches)
@@ -27,6 +29,7 @@ class BatchService:
         service = cls(app, gw)
         app.extensions[EXTENSION_KEY] = service
         app.extensions[FILES_KEY] = service.files
+        gw.metrics.add_collector(BatchGauges(service.files, service.batches))
         service.runner.start()
         gw.on_close(service.runner.close)
         return service

@@ -37,6 +37,8 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
     service.batches.insert(owner, batch, output_ttl)
     if batch.status == "in_progress":
         service.runner.wake()
+    else:
+        service.metrics.batches_finished.labels(batch.status).inc()
     return batch
 
 

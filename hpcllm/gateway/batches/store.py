@@ -126,11 +126,16 @@ class BatchStore:
                             (holder, now + self.lease_s, row["id"]))
         return Claim(row["id"], row["owner"], holder, row["output_ttl"])
 
+    def active(self) -> list[BatchRow]:
+        """The batches not yet ended, oldest first."""
+        with self.shared.connection() as db:
+            rows = db.conn.execute(f"SELECT * FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) "
+                                   f"ORDER BY created").fetchall()
+        return [_row(row) for row in rows]
+
     def active_inputs(self) -> set[str]:
         """The input files of the batches not yet ended (kept past their expiry until the batch ends)."""
-        with self.shared.connection() as db:
-            rows = db.conn.execute(f"SELECT batch FROM gateway_batches WHERE status IN ({ACTIVE_SQL})").fetchall()
-        return {BatchObject.model_validate_json(row["batch"]).input_file_id for row in rows}
+        return {row.batch.input_file_id for row in self.active()}
 
     def _held(self, db: Database, claim: Claim) -> BatchObject | None:
         row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self.shared._for_update()}",

@@ -195,6 +195,13 @@ class FileStore:
             self.path(file_id).unlink(missing_ok=True)
         return gone
 
+    def stored(self) -> tuple[int, int]:
+        """How many files there are, and their bytes, of every owner (the expired ones not yet swept aside)."""
+        with self.shared.connection() as db:
+            row = db.conn.execute(f"SELECT COUNT(*) AS files, COALESCE(SUM(bytes), 0) AS bytes FROM gateway_files "
+                                  f"WHERE {LIVE}", (self.clock(),)).fetchone()
+        return row["files"], row["bytes"]
+
     def sweep(self, in_use: Callable[[], set[str]]) -> int:
         """Delete the expired files, rows and bytes, but those in_use (the inputs of active batches: asked after
         the expired files are found, so a batch made over a file before it expired keeps it); how many went."""

@@ -26,6 +26,7 @@ from hpcllm.httpkit.tests.thread_server import ThreadServer
 from .conftest import ADMIN_KEY, MODEL, USER_KEY, GatewayFactory
 from .stand_in_worker import stand_in_worker_app
 from .test_errors import assert_error
+from .test_usage import metric
 
 OTHER_KEY = "sk-test-other"
 KEYS = [{"key": USER_KEY, "name": "alice", "group": "physics"}, {"key": OTHER_KEY, "name": "bob"}]
@@ -481,3 +482,37 @@ def test_a_database_made_before_files_expired_keeps_its_files_and_batches(limits
     batches.insert("me", batch, output_ttl=7200)
     assert batches.claim("host/1").output_ttl == 7200
     FileStore(shared, tmp_path, max_bytes=1 << 20)  # a second process: the columns are there already
+
+
+def test_metrics_show_the_batch_queue_its_results_and_the_files_stored(gated_factory):
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)
+    client = gw.client()
+    streamed = {**completion_line("s"), "body": {**completion_line("s")["body"], "stream": True}}
+    lines = jsonl([completion_line("r0"), completion_line("r1"), streamed])
+    source = client.files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+    assert metric(gw, "hpcllm_files_bytes") == len(lines) and metric(gw, "hpcllm_files") == 1
+    batch = client.batches.create(input_file_id=source.id, endpoint="/v1/completions", completion_window="24h")
+    assert worker.reached.wait(30)  # r0 runs; nothing has a result yet
+    assert metric(gw, "hpcllm_batches", status="in_progress") == 1
+    assert metric(gw, "hpcllm_batch_requests_waiting") == 3
+    gauges = gw.state.metrics._collectors[0]
+    created = service_of(gw).batches.get(owner_of(gw.state.api_keys[USER_KEY]), batch.id).created
+    gauges.clock = lambda: created + 42
+    assert metric(gw, "hpcllm_batch_oldest_in_progress_age_seconds") == 42
+
+    worker.release.set()
+    done = finished(client, batch.id)
+    assert metric(gw, "hpcllm_batches", status="in_progress") == 0
+    assert metric(gw, "hpcllm_batch_requests_waiting") == 0
+    assert metric(gw, "hpcllm_batch_oldest_in_progress_age_seconds") == 0
+    assert metric(gw, "hpcllm_batch_requests_total", model_name=MODEL, status="completed") == 2
+    assert metric(gw, "hpcllm_batch_requests_total", model_name=MODEL, status="failed") == 1  # the streamed line
+    assert metric(gw, "hpcllm_batches_finished_total", status="completed") == 1
+    outputs = [client.files.retrieve(done.output_file_id).bytes, client.files.retrieve(done.error_file_id).bytes]
+    assert metric(gw, "hpcllm_files_bytes") == len(lines) + sum(outputs) and metric(gw, "hpcllm_files") == 3
+
+    refused = client.files.create(file=("bad.jsonl", io.BytesIO(b"not json\n")), purpose="batch")
+    assert client.batches.create(input_file_id=refused.id, endpoint="/v1/completions",
+                                 completion_window="24h").status == "failed"
+    assert metric(gw, "hpcllm_batches_finished_total", status="failed") == 1

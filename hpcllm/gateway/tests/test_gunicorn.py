@@ -265,6 +265,11 @@ def check_a_batch_runs_once(url: str) -> None:
     while alice_requests() < before + 6 and time.monotonic() < deadline:  # each process's writer thread
         time.sleep(0.3)
     assert alice_requests() == before + 6
+    # Counted once over both processes; the database's gauges (files stored) shown by whichever process answers.
+    for _ in range(4):
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        assert f'hpcllm_batch_requests_total{{model_name="{MODEL}",status="completed"}} 6.0' in text, text
+        assert 'hpcllm_files 2.0' in text, text
 
 
 def abort_count(url: str, model: str) -> float:
