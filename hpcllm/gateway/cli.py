@@ -49,8 +49,8 @@ USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens
               help=f"Gateway URL (default: ${GATEWAY_URL_ENV}, else http://gateway.host:gateway.port).")
 @click.option("--since", default=None, help="First UTC day, YYYY-MM-DD or Nd (the last N days; default 30d).")
 @click.option("--until", default=None, help="Last UTC day, YYYY-MM-DD (default: today).")
-@click.option("--by", type=click.Choice(["key", "group", "model", "day"]), default=None,
-              help="One row per key (the default), group, model or day.")
+@click.option("--by", type=click.Choice(["key", "group", "model", "day", "endpoint"]), default=None,
+              help="One row per key (the default), group, model, day or endpoint (batch:chat... apart).")
 @click.option("--group", default=None, help="Only this group's keys.")
 @click.option("--key", "key_name", default=None, help="Only this API key (by its name).")
 @click.option("--model", default=None, help="Only this model (an adapter by its own name).")

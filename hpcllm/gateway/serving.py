@@ -34,6 +34,7 @@ from hpcllm.gateway.protocol import PromptLogprob, PromptLogprobs, SamplingOptio
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
+from hpcllm.gateway.usage import usage_endpoint
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
 from hpcllm.worker.client import WorkerError
 from hpcllm.worker.protocol import (ENGINE_UNAVAILABLE, FinalLine, GenerateRequest, MigratedTo, TokenLine,
@@ -61,7 +62,7 @@ class RequestContext:
     @classmethod
     def current(cls) -> RequestContext:
         return cls(request_id=g.request_id, api_key=g.get("api_key"), arrived=g.arrived,
-                   endpoint=request.blueprint or "")
+                   endpoint=usage_endpoint(request.blueprint or "", request.environ))
 
 
 @dataclass

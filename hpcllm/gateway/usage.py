@@ -43,7 +43,10 @@ UPSERT = ("INSERT INTO gateway_usage (day, key_name, key_group, model, endpoint,
 # Records waiting for the writer; beyond this (the database stalled for long) new ones are dropped and counted.
 MAX_PENDING = 10_000
 # What rows a report groups by (the API's `by`) -> the column.
-GROUP_BY = {"day": "day", "key": "key_name", "group": "key_group", "model": "model"}
+GROUP_BY = {"day": "day", "key": "key_name", "group": "key_group", "model": "model", "endpoint": "endpoint"}
+# Set in the WSGI environ of the requests the batch runner sends through the app (a client cannot set it: headers
+# arrive as HTTP_*): their usage is recorded under "batch:<endpoint>", apart from interactive use.
+BATCH_ENVIRON = "hpcllm.batch"
 DEFAULT_REPORT_DAYS = 30
 RELATIVE_DAYS = re.compile(r"(\d{1,5})d")
 
@@ -54,9 +57,14 @@ class UsageRecord:
     key_name: str  # "" on an open gateway (no keys)
     group: str  # "" for a key without a group
     model: str  # as asked for: an adapter is itself
-    endpoint: str  # completions, chat, responses, embeddings, score, rerank, classify
+    endpoint: str  # completions, chat, responses, embeddings, score, rerank, classify; batch:chat... for batches
     prompt_tokens: int
     completion_tokens: int
+
+
+def usage_endpoint(blueprint: str, environ: dict[str, Any]) -> str:
+    """The endpoint a request's usage is recorded under: its API's name, prefixed batch: for a batch's request."""
+    return f"batch:{blueprint}" if environ.get(BATCH_ENVIRON) else blueprint
 
 
 def utc_day(timestamp: float) -> date:

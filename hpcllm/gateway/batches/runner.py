@@ -39,6 +39,7 @@ from hpcllm.gateway.files.store import FileStore, StoredFile
 from hpcllm.gateway.protocol import unsupported
 from hpcllm.gateway.ratelimit import key_digest
 from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.usage import BATCH_ENVIRON
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class BatchRunner:
         headers = {"X-Request-Id": request_id}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        environ = EnvironBuilder(path=url, method="POST", json=body, headers=headers).get_environ()
+        environ = EnvironBuilder(path=url, method="POST", json=body, headers=headers,
+                                 environ_base={BATCH_ENVIRON: True}).get_environ()  # usage as batch:<endpoint>
         chunks, status, response_headers = run_wsgi_app(self.app, environ, buffered=True)
         raw = b"".join(chunks)
         try:

@@ -516,3 +516,21 @@ def test_metrics_show_the_batch_queue_its_results_and_the_files_stored(gated_fac
     assert client.batches.create(input_file_id=refused.id, endpoint="/v1/completions",
                                  completion_window="24h").status == "failed"
     assert metric(gw, "hpcllm_batches_finished_total", status="failed") == 1
+
+
+def test_a_groups_batch_usage_is_reported_apart_from_its_interactive_usage(gated_factory):
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(api_keys=KEYS)
+    client = gw.client()
+    done = finished(client, submit(client, [completion_line(f"r{i}") for i in range(3)],
+                                   endpoint="/v1/completions").id)
+    assert done.request_counts.completed == 3
+    client.completions.create(model=MODEL, prompt="hello", max_tokens=1)
+    wait_until(lambda: gw.state.in_flight == 0)
+
+    report = httpx.get(f"{gw.url}/v1/admin/usage", params={"by": "endpoint", "group": "physics"}, timeout=30,
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    rows = {row["endpoint"]: (row["requests"], row["prompt_tokens"], row["completion_tokens"])
+            for row in report["data"]}
+    prompt = rows["completions"][1]  # "hello"'s tokens, the same in every request
+    assert rows == {"batch:completions": (3, 3 * prompt, 3), "completions": (1, prompt, 1)}
