@@ -100,7 +100,7 @@ class BatchRunner:
         while not self.stopping:
             claim = None
             try:
-                self._sweep_when_due()
+                self.sweep_when_due()
                 if self.batches.claimable():
                     claim = self.batches.claim(self.holder)
                 if claim is not None:
@@ -116,10 +116,15 @@ class BatchRunner:
             self._wake.wait(self.poll_s)
             self._wake.clear()
 
-    def _sweep_when_due(self) -> None:
-        if time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + SWEEP_S
+    def sweep_when_due(self) -> None:
+        """Sweep the expired files if SWEEP_S have passed (between batches, and while one runs for hours)."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + SWEEP_S
+        try:
             self.sweep()
+        except Exception as exc:  # the database is away: the next sweep deletes them
+            log.warning("files: could not delete the expired files: %s", exc)
 
     def sweep(self) -> int:
         """Delete the expired files but the inputs of batches not yet ended; how many went."""
@@ -236,6 +241,7 @@ class BatchRun:
                         stop = "lost"
                     else:
                         batch, stop = renewed, stop or self._stop_reason(renewed)
+                        self.runner.sweep_when_due()
                     if stop is not None:
                         self.halt.set()  # requests waiting to retry give up; those running finish
             finally:

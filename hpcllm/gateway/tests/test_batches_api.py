@@ -410,8 +410,8 @@ def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
 
 def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_keeps_its_input(gated_factory):
     worker, factory = gated_factory(blocked=0)
-    gw = factory(batch_concurrency=1)  # files_ttl_days: 30 by default
-    client, files = gw.client(), service_of(gw).files
+    gw = factory(batch_concurrency=1, batch_lease_seconds=3)  # files_ttl_days: 30 by default
+    client, files, runner = gw.client(), service_of(gw).files, service_of(gw).runner
     hour = {"anchor": "created_at", "seconds": 3600}
     short = client.files.create(file=("short.jsonl", io.BytesIO(b"{}\n")), purpose="batch", expires_after=hour)
     assert short.expires_at == short.created_at + 3600
@@ -433,19 +433,22 @@ def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_
     assert [f.id for f in client.files.list()] == [kept.id]
     assert_error(gw.post("/v1/batches", json={"input_file_id": short.id, "endpoint": "/v1/completions",
                                               "completion_window": "24h"}), 404, "file_not_found")
-    assert service_of(gw).runner.sweep() == 1
-    assert not files.path(short.id).exists() and files.path(source.id).exists()  # the running batch reads it
+    runner._next_sweep = 0  # due: the runner sweeps while it runs the batch (it checks each lease_s / 3)
+    wait_until(lambda: not files.path(short.id).exists())
+    assert files.path(source.id).exists()  # the running batch reads it
 
     worker.release.set()
     done = finished(client, batch.id)
     assert done.status == "completed" and done.request_counts.completed == 2
     output = client.files.retrieve(done.output_file_id)
     assert output.expires_at == output.created_at + 7200
-    assert service_of(gw).runner.sweep() == 1 and not files.path(source.id).exists()  # the batch has ended
+    assert runner.sweep() == 1 and not files.path(source.id).exists()  # the batch has ended
 
     files.clock = lambda: time.time() + 7201
     assert_error(gw.get(f"/v1/files/{output.id}/content"), 404, "file_not_found")
-    assert service_of(gw).runner.sweep() == 1 and not files.path(output.id).exists()
+    runner._next_sweep = 0  # due: between batches the runner sweeps at its next poll
+    runner.wake()
+    wait_until(lambda: not files.path(output.id).exists())
     assert [f.id for f in client.files.list()] == [kept.id] and files.path(kept.id).exists()
 
 
