@@ -82,9 +82,17 @@ def _vllm_seed(seed: int) -> int:
     return step_seed(seed, -1)
 
 
+def vllm_missing(exc: ImportError) -> ConfigError:
+    return ConfigError(f"vLLM cannot be imported by {sys.executable} ({exc}); start vLLM workers with the "
+                       "interpreter of `make vllm-venv` (worker.vllm_python)")
+
+
 def reasoning_markers(tokenizer) -> tuple[int, int] | None:
     """<think>'s and </think>'s token ids as vLLM's REASONING_PARSER finds them (None: the vocabulary lacks them)."""
-    from vllm.reasoning import ReasoningParserManager
+    try:
+        from vllm.reasoning import ReasoningParserManager
+    except ImportError as exc:  # the first vLLM import of a worker's start
+        raise vllm_missing(exc) from None
 
     try:
         parser = ReasoningParserManager.get_reasoning_parser(REASONING_PARSER)(tokenizer)
@@ -139,8 +147,7 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
         from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.llm_engine import LLMEngine
     except ImportError as exc:
-        raise ConfigError(f"vLLM cannot be imported by {sys.executable} ({exc}); start vLLM workers with the "
-                          "interpreter of `make vllm-venv` (worker.vllm_python)") from None
+        raise vllm_missing(exc) from None
     from vllm.platforms import current_platform
 
     from hpcllm.worker.vllm_loader import LOAD_FORMAT, STATS_FILE_KEY, register
