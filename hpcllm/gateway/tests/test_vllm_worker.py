@@ -504,9 +504,13 @@ def test_a_request_reaches_vllm_while_the_step_in_flight_computes(engine_checks,
 
 def test_vllm_admits_waiting_requests_by_priority(engine_checks):
     """The vLLM worker builds vLLM with scheduling_policy "priority" and passes each request's priority: with one
-    request running, a later priority-0 request runs before an earlier priority-5 one (FCFS would run that first)."""
+    request submitted, a later priority-0 request runs before an earlier priority-5 one (FCFS would run that first).
+    Whether the first one is still waiting in vLLM's core when the others come depends on the machine's load: it
+    finishes first or after the priority-0 one, always before the other priority-5 one (equal priorities: FCFS)."""
     out = _check(engine_checks, "priority")
-    assert out == {"finished": ["low1", "high", "low2"], "policy": "priority"}
+    finished = out["finished"]
+    assert sorted(finished) == ["high", "low1", "low2"] and out["policy"] == "priority", out
+    assert finished.index("high") < finished.index("low2") and finished.index("low1") < finished.index("low2"), out
 
 
 def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(engine_checks):
