@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODES = ("alone", "batch-fifo", "batch-priority")
-BATCH_PRIORITY = 10  # gateway.batch_priority's default
 _ids = itertools.count()
 
 
@@ -40,13 +39,20 @@ def prompt(rng: random.Random, vocab: int, length: int) -> list[int]:
     return [rng.randrange(10, vocab) for _ in range(length)]
 
 
+def batch_priority() -> int:
+    """gateway.batch_priority's default: what the gateway's batch runner sends."""
+    from hpcllm.config import GatewayConfig
+
+    return GatewayConfig.model_fields["batch_priority"].default
+
+
 class Batch:
     """`size` batch requests kept in flight by as many threads, each submitting its next as its last ends."""
 
     def __init__(self, engine, size: int, priority: int, args, rng: random.Random) -> None:
-        from hpcllm.worker.protocol import GenerateRequest
+        from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 
-        self.stop, self.tokens = threading.Event(), 0
+        self.stop, self.tokens, self.failure = threading.Event(), 0, None
         self._lock = threading.Lock()
         prompts = [prompt(rng, engine.vocab_size, args.batch_prompt) for _ in range(size)]
 
@@ -55,9 +61,13 @@ class Batch:
                 stream = engine.submit(GenerateRequest(request_id=f"batch{next(_ids)}", prompt_token_ids=ids,
                                                        max_tokens=args.batch_tokens, temperature=0, ignore_eos=True,
                                                        priority=priority))
-                for _ in stream.events():
-                    with self._lock:
-                        self.tokens += 1
+                for event in stream.events():
+                    if isinstance(event, TokenLine):
+                        with self._lock:
+                            self.tokens += 1
+                    elif isinstance(event, FinalLine) and event.finish_reason != "length":
+                        self.failure = event  # end() says so: a thread's exit would say nothing
+                        return
 
         self.threads = [threading.Thread(target=run, args=(ids,), daemon=True) for ids in prompts]
         for thread in self.threads:
@@ -67,6 +77,14 @@ class Batch:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+        if self.failure is not None:
+            finished(self.failure)
+
+
+def finished(final) -> None:
+    """A request's final line: one that did not end by its length (an error, an abort) makes the run meaningless."""
+    if getattr(final, "finish_reason", None) != "length":
+        raise SystemExit(f"a request did not run to its max_tokens: {final!r}")
 
 
 def run_mode(engine, mode: str, args, rng: random.Random) -> tuple[list[float], list[float], float | None]:
@@ -75,7 +93,7 @@ def run_mode(engine, mode: str, args, rng: random.Random) -> tuple[list[float], 
 
     batch = None
     if mode != "alone":
-        batch = Batch(engine, args.batch, BATCH_PRIORITY if mode == "batch-priority" else 0, args, rng)
+        batch = Batch(engine, args.batch, batch_priority() if mode == "batch-priority" else 0, args, rng)
         while engine.counts()[0] < engine.max_running_requests:  # every slot busy before the first measurement
             time.sleep(0.01)
     ttfts, e2es = [], []
@@ -88,8 +106,7 @@ def run_mode(engine, mode: str, args, rng: random.Random) -> tuple[list[float], 
         events = stream.events()
         next(events)
         ttfts.append(time.perf_counter() - sent)
-        for _ in events:
-            pass
+        finished(list(events)[-1])  # the stream to its end: the final line
         e2es.append(time.perf_counter() - sent)
     rate = None
     if batch is not None:
