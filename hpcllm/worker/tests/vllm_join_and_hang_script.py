@@ -23,6 +23,7 @@ traceback} instead. hpcllm is imported inside the functions only: vLLM spawns it
 registration trips over Flask's context proxies if they were imported.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -47,9 +48,10 @@ def collect(stream) -> dict:
     return {"tokens": tokens, "finish_reason": final.finish_reason}
 
 
-def join_check(engine) -> dict:
-    from hpcllm.worker.protocol import GenerateRequest
-
+@contextlib.contextmanager
+def held_output(engine):
+    """The engine thread held in its wait for the engine core's output until the block ends (a step in flight).
+    Yields a function that submits a request and, for the first, waits until the engine thread is held."""
     outputs = engine._core_outputs
     receive, waiting, release = outputs._receive, threading.Event(), threading.Event()
 
@@ -57,6 +59,22 @@ def join_check(engine) -> dict:
         waiting.set()
         release.wait(120)
         return receive()
+
+    def submit(request):
+        stream = engine.submit(request)
+        assert waiting.wait(120), "the engine thread never waited for vLLM's output"
+        return stream
+
+    outputs._receive = held
+    try:
+        yield submit
+    finally:
+        outputs._receive = receive
+        release.set()
+
+
+def join_check(engine) -> dict:
+    from hpcllm.worker.protocol import GenerateRequest
 
     added = []
     add_request = engine.llm.add_request
@@ -66,17 +84,14 @@ def join_check(engine) -> dict:
         return add_request(vllm_id, *args, **kwargs)
 
     engine.llm.add_request = recording_add
-    outputs._receive = held
     try:
-        first = engine.submit(GenerateRequest(request_id="a", prompt="hello world", max_tokens=8, temperature=0,
-                                              ignore_eos=True))
-        assert waiting.wait(120), "the engine thread never waited for vLLM's output"
-        second = engine.submit(GenerateRequest(request_id="b", prompt="the quick brown fox", max_tokens=4,
-                                               temperature=0, ignore_eos=True))
-        added_while_waiting = list(added)
+        with held_output(engine) as submit:
+            first = submit(GenerateRequest(request_id="a", prompt="hello world", max_tokens=8, temperature=0,
+                                           ignore_eos=True))
+            second = submit(GenerateRequest(request_id="b", prompt="the quick brown fox", max_tokens=4,
+                                            temperature=0, ignore_eos=True))
+            added_while_waiting = list(added)
     finally:
-        outputs._receive = receive
-        release.set()
         engine.llm.add_request = add_request
     return {"added_while_waiting": added_while_waiting, "main_thread": threading.main_thread().name,
             "a": collect(first), "b": collect(second)}
@@ -85,26 +100,12 @@ def join_check(engine) -> dict:
 def priority_check(engine) -> dict:
     from hpcllm.worker.protocol import GenerateRequest
 
-    outputs = engine._core_outputs
-    receive, waiting, release = outputs._receive, threading.Event(), threading.Event()
-
-    def held():
-        waiting.set()
-        release.wait(120)
-        return receive()
-
     def request(request_id: str, priority: int) -> GenerateRequest:
         return GenerateRequest(request_id=request_id, prompt="hello world", max_tokens=4, temperature=0,
                                ignore_eos=True, priority=priority)
 
-    outputs._receive = held
-    try:
-        streams = [engine.submit(request("low1", 5))]
-        assert waiting.wait(120), "the engine thread never waited for vLLM's output"
-        streams += [engine.submit(request("low2", 5)), engine.submit(request("high", 0))]
-    finally:
-        outputs._receive = receive
-        release.set()
+    with held_output(engine) as submit:
+        streams = [submit(request("low1", 5)), submit(request("low2", 5)), submit(request("high", 0))]
     for stream in streams:
         collect(stream)
     return {"finished": [r for r in engine._finished if r in ("low1", "low2", "high")],
