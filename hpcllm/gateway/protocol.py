@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -78,6 +78,24 @@ class ModelList(OpenAIResponse):
     object: str = "list"
     data: list[ModelCardOut] = Field(default_factory=list)
 
+
+
+Listed = TypeVar("Listed", bound=BaseModel)
+
+
+class ListPage(OpenAIResponse, Generic[Listed]):
+    """OpenAI's paged list object (files, batches): a page of objects with ids, the first's and last's."""
+
+    object: Literal["list"] = "list"
+    data: list[Listed]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+    @classmethod
+    def of(cls, data: list[Listed], has_more: bool) -> ListPage[Listed]:
+        return cls(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
+                   has_more=has_more)
 
 _UNION_BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from hpcllm.gateway.files.protocol import ExpiresAfter
-from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
+from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse
 
 # What a batch may run (OpenAI's endpoints this gateway serves).
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -93,12 +93,7 @@ class BatchObject(OpenAIResponse):
     metadata: dict[str, str] | None = None
 
 
-class BatchList(OpenAIResponse):
-    object: Literal["list"] = "list"
-    data: list[BatchObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+BatchList = ListPage[BatchObject]
 
 
 class ResultResponse(OpenAIResponse):

@@ -72,8 +72,7 @@ def list_batches(service: BatchService, owner: str, args: Mapping[str, str]) -> 
         raise InvalidRequest("batches are listed newest first with 'after' and 'limit' only", code="invalid_value")
     rows, more = service.batches.list(owner, query)
     data = [row.batch for row in rows]
-    return BatchList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                     has_more=more)
+    return BatchList.of(data, more)
 
 
 def cancel(service: BatchService, owner: str, batch_id: str) -> BatchObject:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse
+from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse
 
 # What a client may upload a file for: batch inputs only (the other purposes serve APIs this gateway has not).
 UPLOAD_PURPOSES = ("batch",)
@@ -42,12 +42,7 @@ class FileObject(OpenAIResponse):
     status_details: str | None = None
 
 
-class FileList(OpenAIResponse):
-    object: Literal["list"] = "list"
-    data: list[FileObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+FileList = ListPage[FileObject]
 
 
 class FileDeleted(OpenAIResponse):

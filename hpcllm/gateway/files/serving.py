@@ -68,8 +68,7 @@ def _not_found(file_id: str, param: str) -> NotFound:
 def list_files(files: FileStore, owner: str, args: Mapping[str, str]) -> FileList:
     rows, more = files.list(owner, list_query(args))
     data = [row.wire() for row in rows]
-    return FileList(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                    has_more=more)
+    return FileList.of(data, more)
 
 
 def list_query(args: Mapping[str, str]) -> ListQuery:
