@@ -66,6 +66,17 @@ def json_object_arguments(value: str) -> str:
     raise ValueError("arguments must be a JSON object encoded as a string, like '{\"city\": \"Paris\"}'")
 
 
+def _template_arguments(value: str) -> Any:
+    """A call's arguments for the chat template: the JSON object, or the text as the model wrote it where it is
+    none (a stored Responses call cut short or malformed, carried into the next turn: the templates that read
+    string arguments write it as it was)."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return value
+    return parsed if isinstance(parsed, dict) else value
+
+
 class ToolCallIn(OpenAIRequest):
     id: str
     type: Literal["function"]
@@ -130,7 +141,7 @@ class ChatMessage(OpenAIRequest):
         if self.tool_calls:
             out["tool_calls"] = [{"id": call.id, "type": "function",
                                   "function": {"name": call.function.name,
-                                               "arguments": json.loads(call.function.arguments)}}
+                                               "arguments": _template_arguments(call.function.arguments)}}
                                  for call in self.tool_calls]
         thinking = self.reasoning if self.reasoning is not None else self.reasoning_content
         if self.role == "assistant" and thinking is not None:

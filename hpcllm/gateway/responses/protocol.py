@@ -12,7 +12,7 @@ import re
 import uuid
 from typing import Any, Literal, get_args
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from hpcllm.config import PRIORITY_MAX, PRIORITY_MIN
 from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, ChatUsage, FunctionCall,
@@ -27,6 +27,8 @@ TEXT_PARTS = ("input_text", "output_text")
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 REFERENCE = "item_reference"  # an input item that names a stored item by id (resolved by the serving layer)
+# The validation context of items read back from the store (stored_item).
+STORED = {"stored": True}
 
 
 def new_item_id(prefix: str) -> str:
@@ -89,7 +91,7 @@ class InputItem(OpenAIRequest):
         return ""
 
     @model_validator(mode="after")
-    def _fields_of_its_type(self) -> InputItem:
+    def _fields_of_its_type(self, info: ValidationInfo) -> InputItem:
         needed = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
                   "function_call_output": ("call_id", "output"), REFERENCE: ("id",)}.get(self.type, ())
         missing = next((name for name in needed if getattr(self, name) is None), None)
@@ -97,7 +99,7 @@ class InputItem(OpenAIRequest):
             raise ValueError(f"a {self.type} item needs '{missing}'")
         if self.type == "message":
             _content_shape(self.content, "content")
-        elif self.type == "function_call":
+        elif self.type == "function_call" and info.context != STORED:
             json_object_arguments(self.arguments)
         elif self.type == "function_call_output":
             _content_shape(self.output, "output")
@@ -117,6 +119,13 @@ class InputItem(OpenAIRequest):
         if self.type == "function_call_output":
             return {**item, "call_id": self.call_id, "output": self.output}
         return {**self.model_dump(exclude_none=True), **item}
+
+
+def stored_item(item: dict[str, Any]) -> InputItem:
+    """An item read back from the store (an earlier turn's, or one an item_reference names): the gateway wrote it,
+    and a function call cut short or malformed is stored with its arguments as the model wrote them, so they are
+    not checked again (a client's own items are)."""
+    return InputItem.model_validate(item, context=STORED)
 
 
 class FunctionTool(OpenAIRequest):
@@ -260,8 +269,7 @@ class ResponsesRequest(OpenAIRequest):
         """This request with a stored conversation (an earlier response's input and output items) before its input:
         what previous_response_id asks for. Items of other types than the input's (an output item this server
         does not read back) are left out, as the chat template would drop them."""
-        earlier = [InputItem.model_validate(item) for item in conversation
-                   if item["type"] in ITEM_TYPES]
+        earlier = [stored_item(item) for item in conversation if item["type"] in ITEM_TYPES]
         return self.model_copy(update={"input": [*earlier, *self.input]})
 
     def to_chat(self) -> ChatCompletionRequest:
@@ -320,8 +328,9 @@ def chat_messages(items: list[InputItem], instructions: str | None, field: str) 
         elif item.type == "message":
             messages.append(ChatMessage(role=item.role, content=_text_of(item.content, f"{where}.content")))
         elif item.type == "function_call":
+            # The item's arguments were checked (a client's) or are the model's own as stored (stored_item).
             call = ToolCallIn(id=item.call_id, type="function",
-                              function=FunctionCall(name=item.name, arguments=item.arguments))
+                              function=FunctionCall.model_construct(name=item.name, arguments=item.arguments))
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant":
                 last.tool_calls = [*(last.tool_calls or []), call]

@@ -28,7 +28,7 @@ from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
                                                ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
-                                               new_item_id, renamed_for_responses)
+                                               new_item_id, renamed_for_responses, stored_item)
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import SSE_HEADERS, Delta, RequestContext, collect, stream_error
 
@@ -97,7 +97,7 @@ def referenced(gw: Gateway, owner: str, items: list[InputItem], field: str) -> l
             if stored is None:
                 raise InvalidRequest(f"Item with id '{item.id[:100]}' not found.", param=f"{field}[{i}]",
                                      code="item_not_found")
-            item = InputItem.model_validate(stored)
+            item = stored_item(stored)
         found.append(item)
     return found
 

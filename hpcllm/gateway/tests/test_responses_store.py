@@ -13,7 +13,8 @@ import pytest
 from hpcllm.gateway.response_store import NewResponse, ResponseStore, StoredResponse, owner_of
 from hpcllm.gateway.shared_state import SharedState
 
-from .conftest import MODEL, USER_KEY
+from .conftest import MODEL, USER_KEY, scripted_gateway
+from .stand_in_worker import Script, token_pieces
 from .test_errors import assert_error
 from .test_openai_api import chat_prompt_ids, hf_greedy
 from .test_responses_api import FINAL_ANSWER, FUNCTION_TOOL, INSTRUCTIONS, QUESTION, calling_gateway  # noqa: F401
@@ -21,6 +22,8 @@ from .test_tool_calling_api import TOOLS_MODEL, tools_model_dir, tools_tokenizer
 
 AGAIN = "and again"
 OTHER_KEY = "sk-test-bob"
+HERMES = "tiny-hermes"
+CUT_CALL = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
 def _user(text: str) -> dict:
@@ -446,3 +449,40 @@ def test_a_key_over_its_storage_quota_is_told_so_and_others_are_not(make_gateway
     for response in kept:
         _delete(gw, response.id)
     assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2).store is True
+
+
+@pytest.fixture(scope="module")
+def hermes_script():
+    from hpcllm.devmodels import make_tokenizer
+
+    return Script(make_tokenizer("hermes-tools"))
+
+
+@pytest.fixture(scope="module")
+def hermes_gateway(tmp_path_factory, hermes_script):
+    """A gateway serving HERMES (a devmodel with a Hermes tools template) on a scripted worker."""
+    with scripted_gateway(tmp_path_factory.mktemp("hermes"), HERMES, "hermes-tools", hermes_script) as gateway:
+        yield gateway
+
+
+def test_a_turn_after_a_call_cut_short_continues_it(hermes_gateway, hermes_script):
+    """A call cut short by max_output_tokens is stored with its arguments as far as they came (not a JSON object):
+    the next turn, by previous_response_id or by item_reference, still runs, and lists the call as stored."""
+    hermes_script.answer = CUT_CALL
+    pieces = token_pieces(hermes_script.tokenizer, CUT_CALL, skip_special_tokens=True)
+    cut_at = next(n for n in range(len(pieces)) if "".join(p for _, p in pieces[:n]).endswith('"Par'))
+    client = hermes_gateway.client()
+    first = client.responses.create(model=HERMES, input=QUESTION, tools=[FUNCTION_TOOL], max_output_tokens=cut_at)
+    call = first.output[-1]
+    assert (first.status, call.type, call.status) == ("incomplete", "function_call", "incomplete")
+    assert call.arguments == '{"city": "Par'
+    hermes_script.answer = "sorry"
+    chained = client.responses.create(model=HERMES, input=AGAIN, previous_response_id=first.id,
+                                      tools=[FUNCTION_TOOL])
+    referenced = client.responses.create(model=HERMES, tools=[FUNCTION_TOOL],
+                                         input=[{"type": "item_reference", "id": call.id}, _user(AGAIN)])
+    for response in chained, referenced:
+        assert response.status == "completed"
+        listed = [item for item in client.responses.input_items.list(response.id, order="asc").data
+                  if item.type == "function_call"]
+        assert [(item.id, item.arguments) for item in listed] == [(call.id, '{"city": "Par')]
