@@ -181,13 +181,16 @@ class ResponseStore:
         body = json.dumps({**new.response, "output": []})
         now = self.clock()
         with self.shared.transaction() as db:
-            previous = new.previous if new.previous is not None and self._lock(db, new.previous) else None
+            previous = new.previous if new.previous is not None and self._lock(db, new.previous) is not None else None
             own = new.input[new.carried:] if previous is not None or new.conversation is not None else new.input
             rows = [*self._item_rows(owner, own, False), *self._item_rows(owner, output, True)]
             size = _size(body) + sum(row[3] for row in rows)
             if size > self.max_bytes:
                 return False
-            kept = new.store and self._within_quota(db, owner)
+            # Under its quota still: a response is generated before its size is known, so the one that crosses
+            # the quota is kept (and the owner's next asks are refused before generating).
+            kept = new.store and (not self.max_bytes_per_key
+                                  or self._owner_bytes(db, owner) < self.max_bytes_per_key)
             if kept:
                 db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, "
                                 "body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
@@ -196,29 +199,20 @@ class ResponseStore:
             if kept and previous is not None:  # the chain lives as long as its newest response
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
-            if new.conversation is not None and self._lock(db, new.conversation, owner):
+            if new.conversation is not None and self._lock(db, new.conversation, owner) is not None:
                 self._append(db, new.conversation, rows, now)
             self._prune(db, now)
         return kept
 
-    def _within_quota(self, db: Database, owner: str) -> bool:
-        """Whether the owner is still under its quota: a response is generated before its size is known, so the
-        one that crosses the quota is kept (and the owner's next asks are refused before generating)."""
-        try:
-            self.check_quota(owner, 1, db)
-        except OverQuota:
-            return False
-        return True
-
-    def _lock(self, db: Database, stored_id: str, owner: str | None = None) -> bool:
-        """Whether a row is still there, locked till the commit; with an owner: whether the owner's conversation
-        is there and not expired."""
-        sql = "SELECT id FROM gateway_stored WHERE id = ?"
+    def _lock(self, db: Database, stored_id: str, owner: str | None = None) -> Any:
+        """The row (its size and body) if it is still there, locked till the commit, else None; with an owner:
+        the owner's conversation if it is there and not expired."""
+        sql = "SELECT size, body FROM gateway_stored WHERE id = ?"
         params: tuple = (stored_id,)
         if owner is not None:
             sql += " AND owner = ? AND kind = ? AND seen >= ?"
             params = (stored_id, owner, CONVERSATION, self._cutoff())
-        return db.conn.execute(sql + self._for_update(), params).fetchone() is not None
+        return db.conn.execute(sql + self._for_update(), params).fetchone()
 
     @staticmethod
     def _item_rows(owner: str, items: list[dict[str, Any]], output: bool) -> list[tuple]:
@@ -357,9 +351,9 @@ class ResponseStore:
         """The conversation object after `change` (its new body), None when the owner has none."""
         now = self.clock()
         with self.shared.transaction() as db:
-            if not self._lock(db, conversation_id, owner):
+            row = self._lock(db, conversation_id, owner)
+            if row is None:
                 return None
-            row = db.conn.execute("SELECT body FROM gateway_stored WHERE id = ?", (conversation_id,)).fetchone()
             old = row["body"]
             body = change(json.loads(old))
             new = json.dumps(body)
@@ -375,11 +369,11 @@ class ResponseStore:
         rows = self._item_rows(owner, items, False)
         now = self.clock()
         with self.shared.transaction() as db:
-            if not self._lock(db, conversation_id, owner):
+            conversation = self._lock(db, conversation_id, owner)
+            if conversation is None:
                 return False
-            size = db.conn.execute("SELECT size FROM gateway_stored WHERE id = ?", (conversation_id,)).fetchone()
             added = sum(row[3] for row in rows)
-            if size["size"] + added > self.max_bytes:
+            if conversation["size"] + added > self.max_bytes:
                 raise TooLarge
             self.check_quota(owner, added, db)
             self._append(db, conversation_id, rows, now)
@@ -389,7 +383,7 @@ class ResponseStore:
     def delete_item(self, owner: str, conversation_id: str, item_id: str) -> bool | None:
         """None: no such conversation; False: no such item in it."""
         with self.shared.transaction() as db:
-            if not self._lock(db, conversation_id, owner):
+            if self._lock(db, conversation_id, owner) is None:
                 return None
             row = db.conn.execute("SELECT seq, size FROM gateway_items WHERE holder = ? AND id = ? "
                                   "ORDER BY seq DESC LIMIT 1", (conversation_id, item_id)).fetchone()
@@ -401,7 +395,7 @@ class ResponseStore:
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         with self.shared.transaction() as db:
-            if not self._lock(db, conversation_id, owner):
+            if self._lock(db, conversation_id, owner) is None:
                 return False
             self._remove(db, [(conversation_id,)])
         return True
