@@ -175,8 +175,8 @@ class ResponseStore:
     # ------------------------------------------------------------------------------------------------ writing
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
-        its items to its conversation; expired rows, and the oldest beyond the bound, are deleted in the same
-        transaction."""
+        its items to its conversation (TooLarge: the conversation would not fit in the whole bound; nothing is
+        kept); expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
         output = new.response["output"]
         body = json.dumps({**new.response, "output": []})
         now = self.clock()
@@ -199,8 +199,9 @@ class ResponseStore:
             if kept and previous is not None:  # the chain lives as long as its newest response
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
-            if new.conversation is not None and self._lock(db, new.conversation, owner) is not None:
-                self._append(db, new.conversation, rows, now)
+            conversation = None if new.conversation is None else self._lock(db, new.conversation, owner)
+            if conversation is not None:
+                self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
         return kept
 
@@ -228,11 +229,15 @@ class ResponseStore:
         db.conn.executemany("INSERT INTO gateway_items (owner, id, holder, output, size, item) "
                             "VALUES (?, ?, ?, ?, ?, ?)", [(*row[:2], holder, *row[2:]) for row in rows])
 
-    def _append(self, db: Database, conversation: str, rows: list[tuple], now: float) -> None:
-        """Items at the end of a (locked) conversation, as its input (a conversation has no output)."""
+    def _append(self, db: Database, conversation: str, size: int, rows: list[tuple], now: float) -> None:
+        """Items at the end of a (locked) conversation of `size` bytes, as its input (a conversation has no output);
+        TooLarge where it would outgrow the whole bound (the prune would then delete it whole)."""
+        added = sum(row[3] for row in rows)
+        if size + added > self.max_bytes:
+            raise TooLarge
         self._insert_items(db, conversation, [(*row[:2], 0, *row[3:]) for row in rows])
         db.conn.execute("UPDATE gateway_stored SET size = size + ?, seen = ?, used = ? WHERE id = ?",
-                        (sum(row[3] for row in rows), now, now, conversation))
+                        (added, now, now, conversation))
 
     def _prune(self, db: Database, now: float) -> None:
         cutoff = now - self.ttl_s
@@ -312,16 +317,13 @@ class ResponseStore:
         """Keep a new conversation object with its first items (TooLarge: over the whole byte bound; OverQuota)."""
         body = json.dumps(conversation)
         rows = self._item_rows(owner, items, False)
-        size = _size(body) + sum(row[3] for row in rows)
-        if size > self.max_bytes:
-            raise TooLarge
         now = self.clock()
         with self.shared.transaction() as db:
-            self.check_quota(owner, size, db)
+            self.check_quota(owner, _size(body) + sum(row[3] for row in rows), db)
             db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, body) "
                             "VALUES (?, ?, ?, ?, ?, ?, NULL, 0, ?)",
                             (conversation["id"], owner, CONVERSATION, now, now, _size(body), body))
-            self._append(db, conversation["id"], rows, now)
+            self._append(db, conversation["id"], _size(body), rows, now)
             self._prune(db, now)
 
     def conversation(self, owner: str, conversation_id: str) -> dict[str, Any] | None:
@@ -372,11 +374,8 @@ class ResponseStore:
             conversation = self._lock(db, conversation_id, owner)
             if conversation is None:
                 return False
-            added = sum(row[3] for row in rows)
-            if conversation["size"] + added > self.max_bytes:
-                raise TooLarge
-            self.check_quota(owner, added, db)
-            self._append(db, conversation_id, rows, now)
+            self.check_quota(owner, sum(row[3] for row in rows), db)
+            self._append(db, conversation_id, conversation["size"], rows, now)
             self._prune(db, now)
         return True
 

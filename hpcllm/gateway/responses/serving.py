@@ -24,7 +24,7 @@ from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaTool
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
 from hpcllm.gateway.protocol import UsageInfo, validation_error
-from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse, owner_of
+from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
                                                ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
@@ -125,8 +125,8 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[Responses
 
 def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any]], None]:
     """Stores a finished response with its conversation's input items (appending its items to its conversation).
-    When it cannot be kept (the database is away, or it is larger than responses_max_bytes), the answer still goes
-    out, saying `store: false`."""
+    When it cannot be kept (the database is away, it or its conversation would be larger than responses_max_bytes),
+    the answer still goes out, saying `store: false`."""
     def keep(body: dict[str, Any]) -> None:
         try:
             kept = gw.responses.put(owner, replace(new, response=body))
@@ -134,6 +134,10 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
             kept = False
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
             log.warning("the gateway's limits database: %s", exc)
+            kept = False
+        except TooLarge:  # the answer is out already: only the conversation is left as it was
+            log.warning("response %s was not added to its conversation (it would be larger than "
+                        "gateway.responses_max_bytes)", body["id"])
             kept = False
         if not kept and new.store:
             log.warning("response %s was not stored (database unreachable, over gateway.responses_max_bytes or "

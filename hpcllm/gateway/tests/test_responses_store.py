@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 
-from hpcllm.gateway.response_store import NewResponse, ResponseStore, StoredResponse, owner_of
+from hpcllm.gateway.response_store import NewResponse, ResponseStore, StoredResponse, TooLarge, owner_of
 from hpcllm.gateway.shared_state import SharedState
 
 from .conftest import MODEL, USER_KEY, scripted_gateway
@@ -486,3 +486,17 @@ def test_a_turn_after_a_call_cut_short_continues_it(hermes_gateway, hermes_scrip
         listed = [item for item in client.responses.input_items.list(response.id, order="asc").data
                   if item.type == "function_call"]
         assert [(item.id, item.arguments) for item in listed] == [(call.id, '{"city": "Par')]
+
+
+def test_a_turn_that_would_outgrow_the_bound_leaves_its_conversation_as_it_was(store_at):
+    """A turn appended to a conversation is held to the whole bound as added items are: nothing is kept (the
+    response not stored, the conversation not changed) instead of the conversation being pruned whole."""
+    make, now = store_at
+    first = [_message("msg_1", "x" * 500)]
+    store = make(ttl_s=3600, max_bytes=1000)
+    store.create_conversation("alice", {"id": "conv_1"}, first)
+    turn = NewResponse(input=[*first, _message("msg_2", "y" * 500)], response={"id": "resp_1", "output": []},
+                       conversation="conv_1", carried=1)
+    with pytest.raises(TooLarge):
+        store.put("alice", turn)
+    assert store.conversation_items("alice", "conv_1") == first and store.get("alice", "resp_1") is None
