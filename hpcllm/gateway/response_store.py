@@ -8,7 +8,9 @@ shared by every gateway host), so every gateway process and host that shares the
 - gateway_stored: one row per response or conversation (`kind`), its JSON body (a response as answered, its output
   left out; a conversation's object), and for a response the response it continued (`previous`).
 - gateway_items: every item once, JSON, in the order stored (`seq`), held by one response (its own input items,
-  then its output items) or one conversation.
+  then its output items) or one conversation. The one exception: a stored response in a conversation holds its own
+  copy of its turn's items, which are also appended to the conversation (the conversation's items may be deleted
+  later, the response's input_items may not change), so they count twice against the bound and the quota.
 
 A response chained by previous_response_id stores only its new input items and a link: its conversation is rebuilt
 by following the links, so a chain of n turns stores O(n) items (a stored response used to copy its whole
