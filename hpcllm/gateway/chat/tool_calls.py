@@ -544,12 +544,21 @@ class Qwen3CoderParser(ToolCallParser):
             name = text[at + len(self.FUNCTION):name_end].strip() if name_end >= 0 else ""
             if not name:
                 break
-            end = text.find(self.FUNCTION_END, name_end)
+            end = self._call_end(text, name_end, progress)
             calls.append(self._call(name, text, name_end + 1, end, progress))
             if end < 0:
                 break
             at = text.find(self.FUNCTION, end)
         return tuple(calls)
+
+    def _call_end(self, text: str, name_end: int, progress: Progress) -> int:
+        """Where the call whose name ends at `name_end` is closed (-1: not yet), looked for only in the text that
+        came since the last look (a whole file's call is thousands of tokens: each would scan it all again)."""
+        key = ("qwen3_coder end", name_end)
+        end = text.find(self.FUNCTION_END, progress.memo.get(key, (name_end,))[0])
+        if end < 0:  # the next look starts where a closing tag may have begun
+            progress.memo[key] = (max(name_end, len(text) - len(self.FUNCTION_END) + 1),)
+        return end
 
     def _call(self, name: str, text: str, at: int, end: int, progress: Progress) -> ParsedCall:
         """The call whose body is text[at:end] (end -1: not closed yet), its parameters read on from where the last
@@ -561,7 +570,9 @@ class Qwen3CoderParser(ToolCallParser):
         while (opened := self._PARAMETER.search(text, at, end)) is not None:
             value_end = self._VALUE_END.search(text, max(looked, opened.end()), end)
             if value_end is None:
-                last = text.rfind("<", opened.end(), end)
+                # The value's last `<` (where its end may still begin): none before `looked` can be, so only the
+                # text since is looked at (text[looked] itself is that `<`, if one was found).
+                last = text.rfind("<", max(looked, opened.end()), end)
                 progress.memo[key] = (pieces, opened.start(), last if last >= 0 else end)
                 if progress.final and not closed:  # a value cut short: its text so far, as an unclosed JSON string
                     value = json.dumps(text[opened.end():end].removeprefix("\n"), ensure_ascii=False)[:-1]
