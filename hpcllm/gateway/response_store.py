@@ -285,14 +285,17 @@ class ResponseStore:
         return StoredResponse(input=[json.loads(row["item"]) for row, out in zip(rows, own_output) if not out],
                               response=response)
 
-    def item(self, owner: str, item_id: str) -> dict[str, Any] | None:
-        """The owner's item with this id (the latest stored, where a client sent one id twice), None when it has
-        none: what an item_reference input item names."""
+    def items(self, owner: str, item_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The owner's items with these ids, by id (the latest stored, where a client sent one id twice; an id it
+        has none of left out): what item_reference input items name, read in one query."""
+        if not item_ids:
+            return {}
+        wanted = sorted(set(item_ids))
         with self.shared.connection() as db:
-            row = db.conn.execute("SELECT i.item FROM gateway_items i JOIN gateway_stored s ON i.holder = s.id "
-                                  "WHERE i.owner = ? AND i.id = ? AND s.used >= ? ORDER BY i.seq DESC LIMIT 1",
-                                  (owner, item_id, self._cutoff())).fetchone()
-        return None if row is None else json.loads(row["item"])
+            rows = db.conn.execute("SELECT i.id, i.item FROM gateway_items i JOIN gateway_stored s ON i.holder = s.id "
+                                   f"WHERE i.owner = ? AND i.id IN ({', '.join('?' * len(wanted))}) AND s.used >= ? "
+                                   "ORDER BY i.seq", (owner, *wanted, self._cutoff())).fetchall()
+        return {row["id"]: json.loads(row["item"]) for row in rows}  # in seq order: the latest of an id wins
 
     def delete(self, owner: str, response_id: str) -> bool:
         """False when the owner has no such response. One that others continue is hidden until they go; a hidden

@@ -90,10 +90,10 @@ def resolved(gw: Gateway, owner: str, req: ResponsesRequest) -> ResponsesRequest
 def referenced(gw: Gateway, owner: str, items: list[InputItem], field: str) -> list[InputItem]:
     """The items with each item_reference replaced by the owner's stored item of that id; OpenAI's 400 naming
     the item's place in `field` where the owner has none."""
-    found = []
+    found, stored_items = [], gw.responses.items(owner, [item.id for item in items if item.type == REFERENCE])
     for i, item in enumerate(items):
         if item.type == REFERENCE:
-            stored = gw.responses.item(owner, item.id)
+            stored = stored_items.get(item.id)
             if stored is None:
                 raise InvalidRequest(f"Item with id '{item.id[:100]}' not found.", param=f"{field}[{i}]",
                                      code="item_not_found")

@@ -312,7 +312,7 @@ def test_a_chained_response_keeps_its_expired_ancestors_for_its_own_ttl(store_at
     store.put("alice", second)
     now[0] += 1000
     store.put("alice", _response(9))  # a store deletes what expired
-    assert store.get("alice", "resp_001") is None and store.item("alice", "msg_in_001") is not None
+    assert store.get("alice", "resp_001") is None and "msg_in_001" in store.items("alice", ["msg_in_001"])
     assert store.get("alice", "resp_002").input == second.input
     now[0] += 3000
     store.put("alice", _response(10))
@@ -386,7 +386,7 @@ def test_a_database_with_the_old_layout_is_upgraded_in_place(limits_url):
     store = ResponseStore(shared, ttl_s=3600, max_bytes=10 ** 6, clock=lambda: 1500.0)
     assert store.get("alice", "resp_old") == StoredResponse(input=conversation, response=answered)
     assert store.get("bob", "resp_old") is None
-    assert store.item("alice", "msg_2") == answered["output"][0]
+    assert store.items("alice", ["msg_2", "msg_none"]) == {"msg_2": answered["output"][0]}
     assert ResponseStore(shared, ttl_s=3600, max_bytes=10 ** 6, clock=lambda: 1500.0).get(
         "alice", "resp_old") == StoredResponse(input=conversation, response=answered)  # adopted once, not twice
     with shared.connection() as db:
