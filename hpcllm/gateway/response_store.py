@@ -35,7 +35,7 @@ from typing import Any
 from hpcllm.config import ApiKey, Config
 from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.ratelimit import key_digest
-from hpcllm.gateway.shared_state import SCHEMA_LOCK_KEY, SharedState
+from hpcllm.gateway.shared_state import SharedState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_stored (id TEXT PRIMARY KEY, owner TEXT NOT NULL, kind TEXT NOT NULL,
@@ -124,10 +124,11 @@ class ResponseStore:
         """A gateway upgraded in place keeps the responses the old layout stored: each becomes a response of its
         own (its copied conversation as its input items, no link), in the transaction that drops the old table, so
         every process that starts at the same time finds either the old table whole or none."""
-        with self.shared.transaction() as db:
-            if self.shared.postgres:  # the schema's lock: processes starting together adopt one at a time
-                db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
+        with self.shared.connection() as db:  # most starts: no old table, and no write lock taken to see that
             if not _has_table(db, self.shared.postgres, OLD_LAYOUT):
+                return
+        with self.shared.schema_transaction() as db:
+            if not _has_table(db, self.shared.postgres, OLD_LAYOUT):  # another process adopted it meanwhile
                 return
             for row in db.conn.execute(f"SELECT id, owner, created, input, response FROM {OLD_LAYOUT}").fetchall():
                 response = json.loads(row["response"])
@@ -171,9 +172,6 @@ class ResponseStore:
         if stored + adding > self.max_bytes_per_key:
             raise OverQuota(stored, self.max_bytes_per_key)
 
-    def _for_update(self) -> str:
-        return " FOR UPDATE" if self.shared.postgres else ""  # SQLite's BEGIN IMMEDIATE holds the write lock
-
     # ------------------------------------------------------------------------------------------------ writing
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
@@ -215,7 +213,7 @@ class ResponseStore:
         if owner is not None:
             sql += " AND owner = ? AND kind = ? AND seen >= ?"
             params = (stored_id, owner, CONVERSATION, self._cutoff())
-        return db.conn.execute(sql + self._for_update(), params).fetchone()
+        return db.conn.execute(sql + self.shared._for_update(), params).fetchone()
 
     @staticmethod
     def _item_rows(owner: str, items: list[dict[str, Any]], output: bool) -> list[tuple]:

@@ -133,12 +133,19 @@ class SharedState:
     def _for_update(self) -> str:
         return " FOR UPDATE" if self.postgres else ""  # SQLite's BEGIN IMMEDIATE already holds the write lock
 
-    def create_tables(self, schema: str) -> None:
-        """Create a schema's tables and indexes where missing (the limits' here, the stored responses' in
-        hpcllm.gateway.response_store: one database, one connection per process)."""
+    @contextmanager
+    def schema_transaction(self) -> Iterator[Database]:
+        """A write transaction that changes the schema: on PostgreSQL under the schema's advisory lock, so
+        processes starting together change it one at a time."""
         with self.transaction() as db:
             if self.postgres:
                 db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
+            yield db
+
+    def create_tables(self, schema: str) -> None:
+        """Create a schema's tables and indexes where missing (the limits' here, the stored responses' in
+        hpcllm.gateway.response_store: one database, one connection per process)."""
+        with self.schema_transaction() as db:
             for statement in filter(str.strip, schema.split(";")):
                 db.conn.execute(postgres_schema(statement) if self.postgres else statement)
 
