@@ -12,6 +12,7 @@ Validation is strict: "10" is not accepted where an integer is expected, as Open
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -157,6 +158,15 @@ def parse_body(model_cls: type[M]) -> M:
     body = json_body()
     try:
         return model_cls.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def parse_query(model_cls: type[M], args: Mapping[str, str]) -> M:
+    """A request's query string as `model_cls` (its values strings, so not strict: "20" is a limit of 20); 422
+    naming the parameter when it does not validate."""
+    try:
+        return model_cls.model_validate(dict(args), strict=False)
     except ValidationError as exc:
         raise validation_error(exc) from None
 

@@ -13,7 +13,9 @@ from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, ENDPOINTS, META
 from hpcllm.gateway.batches.service import BatchService
 from hpcllm.gateway.batches.store import new_batch_id
 from hpcllm.gateway.errors import InvalidRequest, NotFound
-from hpcllm.gateway.files.serving import list_query, owned_file
+from hpcllm.gateway.files.protocol import ListQuery
+from hpcllm.gateway.files.serving import owned_file
+from hpcllm.gateway.protocol import parse_query
 
 
 def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchObject:
@@ -67,7 +69,7 @@ def owned_batch(service: BatchService, owner: str, batch_id: str) -> BatchObject
 
 
 def list_batches(service: BatchService, owner: str, args: Mapping[str, str]) -> BatchList:
-    query = list_query(args)
+    query = parse_query(ListQuery, args)
     if query.purpose is not None or query.order != "desc":
         raise InvalidRequest("batches are listed newest first with 'after' and 'limit' only", code="invalid_value")
     rows, more = service.batches.list(owner, query)

@@ -7,12 +7,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from pydantic import ValidationError
-
 from hpcllm.gateway.conversations.protocol import (ConversationCreate, ConversationItems, ConversationUpdate,
                                                    check_readable)
 from hpcllm.gateway.errors import InvalidRequest, NotFound
-from hpcllm.gateway.protocol import validation_error
+from hpcllm.gateway.protocol import parse_query
 from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, item_list
 from hpcllm.gateway.responses.serving import quota_error, referenced
@@ -94,10 +92,7 @@ def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: Conve
 
 
 def list_items(gw: Gateway, ctx: RequestContext, conversation_id: str, query: Mapping[str, str]) -> dict[str, Any]:
-    try:
-        asked = InputItemsQuery.model_validate(dict(query), strict=False)  # query values are strings
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    asked = parse_query(InputItemsQuery, query)
     items = gw.responses.conversation_items(_owner(gw, ctx), conversation_id)
     if items is None:
         raise _not_found(conversation_id)

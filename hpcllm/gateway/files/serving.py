@@ -15,7 +15,7 @@ from hpcllm.gateway.files import MULTIPART_OVERHEAD
 from hpcllm.gateway.files.protocol import (UPLOAD_PURPOSES, FileDeleted, FileList, FileObject, ListQuery,
                                            UploadOptions)
 from hpcllm.gateway.files.store import COPY_CHUNK, FileStore, StoredFile
-from hpcllm.gateway.protocol import validation_error
+from hpcllm.gateway.protocol import parse_query, validation_error
 from hpcllm.httpkit.errors import RequestTooLarge
 
 
@@ -66,16 +66,9 @@ def _not_found(file_id: str, param: str) -> NotFound:
 
 
 def list_files(files: FileStore, owner: str, args: Mapping[str, str]) -> FileList:
-    rows, more = files.list(owner, list_query(args))
+    rows, more = files.list(owner, parse_query(ListQuery, args))
     data = [row.wire() for row in rows]
     return FileList.of(data, more)
-
-
-def list_query(args: Mapping[str, str]) -> ListQuery:
-    try:
-        return ListQuery.model_validate(dict(args), strict=False)  # query values are strings
-    except ValidationError as exc:
-        raise validation_error(exc) from None
 
 
 def content(files: FileStore, owner: str, file_id: str) -> Response:

@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from flask import Response
-from pydantic import ValidationError
 
 from hpcllm.gateway.chat.protocol import ChatChoice, ChatStreamChoice, DeltaToolCall
 from hpcllm.gateway.chat.serving import ChatChoiceStream, chat_choice, chat_usage, start_chat
 from hpcllm.gateway.errors import InvalidRequest, NotFound, ServiceUnavailable
-from hpcllm.gateway.protocol import UsageInfo, validation_error
+from hpcllm.gateway.protocol import UsageInfo, parse_query
 from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
@@ -165,11 +164,7 @@ def _not_found(response_id: str) -> NotFound:
 
 
 def list_input_items(gw: Gateway, ctx: RequestContext, response_id: str, query: Mapping[str, str]) -> dict[str, Any]:
-    try:
-        asked = InputItemsQuery.model_validate(dict(query), strict=False)  # query values are strings
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    return asked.page(stored_response(gw, ctx, response_id).input)
+    return parse_query(InputItemsQuery, query).page(stored_response(gw, ctx, response_id).input)
 
 
 def status_of(finish_reason: str) -> str:
