@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +26,9 @@ from hpcllm.worker.grammar import ANY_JSON_OBJECT, GRAMMAR_KINDS, InvalidGrammar
 from hpcllm.worker.protocol import LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN, Thinking
 
 M = TypeVar("M", bound=BaseModel)
+# A request's `priority` (vLLM's extension; completions, chat, Responses): lower is sooner at the worker
+# (docs/gateway.md, Priority); below the key's min_priority is a 400.
+Priority = Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)]
 
 
 class OpenAIRequest(BaseModel):
@@ -345,8 +348,7 @@ class SamplingRequest(OpenAIRequest):
     # vLLM extensions, passed to the worker: repetition_penalty (over prompt and output tokens) and min_p.
     repetition_penalty: float | None = Field(None, gt=0.0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    # vLLM extension: lower is sooner at the worker (docs/gateway.md, Priority); below the key's min_priority is a 400.
-    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    priority: Priority = 0
     # vLLM extension: each prompt token's log probability and rank and this many most likely alternatives
     # (PromptLogprob; not streamed, as vLLM).
     prompt_logprobs: int | None = Field(None, ge=0, le=20)

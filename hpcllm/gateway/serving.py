@@ -185,8 +185,9 @@ class Generation:
 
     def _check_priority(self) -> None:
         """A request may yield to others (a larger priority) but not jump ahead of them: below its key's
-        min_priority (0 without a key) is refused."""
-        floor = self.ctx.api_key.min_priority if self.ctx.api_key is not None else 0
+        min_priority (without a key, its default: an open gateway's requests may only yield) is refused."""
+        key = self.ctx.api_key
+        floor = key.min_priority if key is not None else ApiKey.model_fields["min_priority"].default
         if self.options.priority < floor:
             raise InvalidRequest(f"priority {self.options.priority} is below {floor}, the most urgent this API key "
                                  f"may ask for; send a priority of {floor} or more (lower runs sooner)",

@@ -14,12 +14,11 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from hpcllm.config import PRIORITY_MAX, PRIORITY_MIN
 from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, ChatUsage, FunctionCall,
                                           FunctionDefinition, ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition,
                                           function_name, json_object_arguments)
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, UsageInfo, unsupported
+from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, Priority, UsageInfo, unsupported
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # Content part types whose text reaches the prompt (what a user sends, what the model answered before).
@@ -200,8 +199,7 @@ class ResponsesRequest(OpenAIRequest):
     # written (the reasoning item holds the whole thinking)
     reasoning: dict[str, Any] | None = None
     include_reasoning: bool = True  # vLLM's extension, as chat's: false leaves the reasoning item out
-    # vLLM's extension, as chat's: lower is sooner at the worker (below the key's min_priority is a 400)
-    priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    priority: Priority = 0  # as chat's
     truncation: Literal["auto", "disabled"] | None = None
     conversation: str | dict[str, Any] | None = None  # a conversation's id, or {"id": ...} (OpenAI's two shapes)
     # Declared to be refused when set (unknown fields are dropped silently)
