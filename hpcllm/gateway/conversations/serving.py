@@ -13,15 +13,14 @@ from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.protocol import parse_query
 from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, item_list
-from hpcllm.gateway.responses.serving import quota_error, referenced
+from hpcllm.gateway.responses.serving import quota_error, referenced, storage_disabled
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
 
 
 def _owner(gw: Gateway, ctx: RequestContext) -> str:
     if not gw.responses.enabled:
-        raise InvalidRequest("conversations are not kept on this gateway (gateway.responses_max_bytes is 0)",
-                             code="storage_disabled")
+        raise storage_disabled()
     return owner_of(ctx.api_key)
 
 

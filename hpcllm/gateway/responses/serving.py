@@ -38,6 +38,8 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     req.check_supported()
     owner = owner_of(ctx.api_key)
     req.store = req.store is not False and gw.responses.enabled  # what the response will say
+    if req.conversation is not None and not gw.responses.enabled:
+        raise storage_disabled("conversation")
     if req.store or req.conversation is not None:
         within_quota(gw, owner, "store" if req.store else "conversation")
     req = resolved(gw, owner, req)
@@ -73,10 +75,19 @@ def within_quota(gw: Gateway, owner: str, param: str) -> None:
 
 
 def quota_error(exc: OverQuota, param: str) -> InvalidRequest:
+    """The 400 naming what was sent (`param`); 'store': false is offered only where it helps (a conversation's
+    turn, or its items, are kept whatever `store` says)."""
+    ways = "wait for them to expire, or send 'store': false" if param == "store" else "or wait for them to expire"
     return InvalidRequest(f"this API key's stored responses and conversations would take more than its "
                           f"{exc.quota} bytes (gateway.responses_max_bytes_per_key; {exc.stored} now): delete some "
-                          "(DELETE /v1/responses/{id}, /v1/conversations/{id}), wait for them to expire, or send "
-                          "'store': false", param=param, code="storage_quota_exceeded")
+                          f"(DELETE /v1/responses/{{id}}, /v1/conversations/{{id}}), {ways}", param=param,
+                          code="storage_quota_exceeded")
+
+
+def storage_disabled(param: str | None = None) -> InvalidRequest:
+    """The 400 for a conversation (its routes, or a response in one) on a gateway that keeps nothing."""
+    return InvalidRequest("conversations are not kept on this gateway (gateway.responses_max_bytes is 0)",
+                          param=param, code="storage_disabled")
 
 
 def resolved(gw: Gateway, owner: str, req: ResponsesRequest) -> ResponsesRequest:

@@ -125,6 +125,8 @@ def test_what_cannot_be_kept_or_read_is_a_4xx_naming_it(gateway, body, status, c
 def test_a_conversation_is_kept_within_the_byte_bound_or_refused(make_gateway):
     off = make_gateway(responses_max_bytes=0)
     assert_error(off.post("/v1/conversations", json={}), 400, "storage_disabled")
+    assert_error(off.post("/v1/responses", json={"model": MODEL, "input": "hi", "conversation": "conv_1"}), 400,
+                 "storage_disabled", "conversation")  # the same answer, not the 404 of an unknown conversation
     small = make_gateway(responses_max_bytes=1000)
     conversation = small.client().conversations.create(items=[_user("x")])
     resp = small.post(f"/v1/conversations/{conversation.id}/items", json={"items": [_user("y" * 1000)]})
