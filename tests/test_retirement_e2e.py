@@ -351,8 +351,12 @@ def _run_scenario(gateway_url, controller_url, root, backend, monitor, reference
     assert model_total(controller_url, "hpcllm_controller_migrations_total", model, trigger="retire",
                        outcome="migrated") == 1
     assert model_total(controller_url, "hpcllm_controller_migrations_total", model) == 1  # no other move
+    # Seen while its start call was in flight, the replacement had its placement's reservation id ("reserved:..."):
+    # its own id is the one on its node now.
+    [replacement_id] = [i["instance_id"] for i in admin_status(controller_url)["instances"]
+                        if i["model"] == model and i["node_id"] == replacement["node_id"]]
     assert (f"moved instance {retiring['instance_id']} ({model}) off {retiring['node_id']} for retire: migrated, "
-            f"{moved:.0f} requests live-migrated to {replacement['instance_id']}") in controller_log, \
+            f"{moved:.0f} requests live-migrated to {replacement_id}") in controller_log, \
         controller_log[-4000:]
 
     # 5. The retired job is cancelled once empty, long before its walltime; the controller knows why it ended.
