@@ -10,7 +10,8 @@ from typing import Any
 
 from hpcllm.gateway.batches.protocol import LineError
 
-# Errors a failed batch lists at most (a file of 50,000 broken lines need not be told 50,000 times).
+# Errors a failed batch lists at most: the file is read no further (a file of 2 million broken lines is neither told
+# nor held 2 million times).
 MAX_LISTED_ERRORS = 100
 
 
@@ -32,6 +33,8 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int) -> Par
     parsed = ParsedInput()
     seen: set[str] = set()
     for number, raw in enumerate(lines, start=1):
+        if len(parsed.errors) >= MAX_LISTED_ERRORS:
+            break
         if not raw.strip():
             continue
         if len(parsed.entries) >= max_requests:
@@ -54,7 +57,6 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int) -> Par
         parsed.entries.append(entry)
     if not parsed.entries and not parsed.errors:
         parsed.errors.append(LineError(code="empty_file", message="The input file has no requests"))
-    del parsed.errors[MAX_LISTED_ERRORS:]
     return parsed
 
 

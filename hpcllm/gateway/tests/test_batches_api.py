@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, parse_input
 from hpcllm.gateway.batches.protocol import BatchObject
 from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
@@ -257,6 +258,19 @@ def test_a_bad_input_file_fails_the_batch_naming_its_lines(make_gateway):
     assert_error(gw.post("/v1/batches", json={**body, "input_file_id": "file-nope"}), 404, "file_not_found",
                  "input_file_id")
     assert_error(gw.post("/v1/batches", json={"endpoint": CHAT}), 400, "missing_field", "input_file_id")
+
+
+def test_a_file_of_many_bad_lines_lists_the_first_hundred_and_is_read_no_further():
+    consumed = itertools.count()
+
+    def bad_lines():  # a file of 2 million broken lines
+        for _ in range(2_000_000):
+            next(consumed)
+            yield b"x\n"
+
+    parsed = parse_input(bad_lines(), CHAT, max_requests=50_000)
+    assert [e.line for e in parsed.errors] == list(range(1, MAX_LISTED_ERRORS + 1))
+    assert next(consumed) == MAX_LISTED_ERRORS + 1  # read up to the line after the last listed error, no further
 
 
 class GatedWorker:
