@@ -41,7 +41,14 @@ def upload(files: FileStore, owner: str, request: Request) -> FileObject:
                              param="file", code="missing_field")
     options = _upload_options(request.form)
     seconds = options.expires_after.seconds if options.expires_after else None
-    return files.save(owner, sent.filename or "upload.jsonl", purpose, sent.stream, seconds).wire()
+    return files.save(owner, _filename(sent.filename), purpose, sent.stream, seconds).wire()
+
+
+def _filename(sent: str | None) -> str:
+    """The upload's name without control characters (a newline sent as filename*=UTF-8''a%0Ab would make every
+    download's Content-Disposition header one the server refuses)."""
+    name = "".join(char for char in sent or "" if unicodedata.category(char) != "Cc").strip()
+    return name or "upload.jsonl"
 
 
 def _upload_options(form: Mapping[str, str]) -> UploadOptions:

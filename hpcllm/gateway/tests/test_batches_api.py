@@ -227,6 +227,21 @@ def test_uploads_are_refused_with_what_to_fix(make_gateway):
     assert list(gw.client().files.list()) == []  # nothing half-kept
 
 
+def test_a_filename_with_control_characters_is_stored_without_them(make_gateway):
+    gw = make_gateway()
+    boundary = "hpcllm-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''a%0Ab%07.jsonl\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n{{}}\n\r\n--{boundary}--\r\n").encode()
+    uploaded = gw.post("/v1/files", content=body,
+                       headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["filename"] == "ab.jsonl"
+    download = gw.get(f"/v1/files/{uploaded.json()['id']}/content")
+    assert download.status_code == 200 and download.content == b"{}\n"
+    assert download.headers["Content-Disposition"] == "attachment; filename=ab.jsonl"
+
+
 def test_a_bad_input_file_fails_the_batch_naming_its_lines(make_gateway):
     gw = make_gateway()
     client = gw.client()
