@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from flask import Flask
@@ -177,11 +177,11 @@ class BatchRun:
         if batch is None:
             return
         files = self.runner.files
-        if files.get(self.claim.owner, batch.input_file_id, expired_too=True) is None:
+        lines = self._input_lines(batch)
+        if lines is None:
             self._fail(batch, "input_file_missing", "The batch's input file was deleted before the batch ran")
             return
-        entries = parse_input(files.read_lines(batch.input_file_id), batch.endpoint,
-                              self.runner.gw.config.gateway.batch_max_requests).entries
+        entries = parse_input(lines, batch.endpoint, self.runner.gw.config.gateway.batch_max_requests).entries
         out_id, err_id = result_file_ids(batch.id)
         output = ResultFile(files.directory / f".{out_id}.partial", files.path(out_id))
         errors = ResultFile(files.directory / f".{err_id}.partial", files.path(err_id))
@@ -190,6 +190,16 @@ class BatchRun:
         finally:
             output.close()
             errors.close()
+
+    def _input_lines(self, batch: BatchObject) -> Iterator[bytes] | None:
+        """The input file's lines; None when it was deleted (its row, or its bytes since)."""
+        files = self.runner.files
+        if files.get(self.claim.owner, batch.input_file_id, expired_too=True) is None:
+            return None
+        try:
+            return files.read_lines(batch.input_file_id)
+        except FileNotFoundError:
+            return None
 
     def _run(self, batch: BatchObject, entries: list[BatchEntry], output: ResultFile, errors: ResultFile) -> None:
         done = output.custom_ids | errors.custom_ids

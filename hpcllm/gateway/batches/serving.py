@@ -14,7 +14,7 @@ from hpcllm.gateway.batches.service import BatchService
 from hpcllm.gateway.batches.store import new_batch_id
 from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.files.protocol import ListQuery
-from hpcllm.gateway.files.serving import owned_file
+from hpcllm.gateway.files.serving import file_not_found, owned_file
 from hpcllm.gateway.protocol import parse_query
 
 
@@ -24,8 +24,11 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
     if stored.purpose != "batch":
         raise InvalidRequest(f"the file {stored.id} was not uploaded for batches (its purpose is "
                              f"{stored.purpose!r}, not 'batch')", param="input_file_id", code="invalid_value")
-    parsed = parse_input(service.files.read_lines(stored.id), req.endpoint,
-                         service.config.gateway.batch_max_requests)
+    try:
+        lines = service.files.read_lines(stored.id)
+    except FileNotFoundError:  # deleted since it was looked up
+        raise file_not_found(stored.id, "input_file_id") from None
+    parsed = parse_input(lines, req.endpoint, service.config.gateway.batch_max_requests)
     now = int(time.time())
     batch = BatchObject(id=new_batch_id(), endpoint=req.endpoint, model=parsed.model, input_file_id=stored.id,
                         completion_window=req.completion_window, status="in_progress", created_at=now,

@@ -64,11 +64,11 @@ def owned_file(files: FileStore, owner: str, file_id: str, param: str = "id") ->
     """The key's file; 404 for any id it cannot see (another key's too: its existence is not told)."""
     stored = files.get(owner, file_id)
     if stored is None:
-        raise _not_found(file_id, param)
+        raise file_not_found(file_id, param)
     return stored
 
 
-def _not_found(file_id: str, param: str) -> NotFound:
+def file_not_found(file_id: str, param: str) -> NotFound:
     return NotFound(f"No such File object: {file_id[:80]}", param=param, code="file_not_found")
 
 
@@ -85,7 +85,7 @@ def content(files: FileStore, owner: str, file_id: str) -> Response:
     try:
         source = open(files.path(stored.id), "rb")
     except FileNotFoundError:  # deleted since it was looked up
-        raise _not_found(file_id, "id") from None
+        raise file_not_found(file_id, "id") from None
     response = Response(_read(source), mimetype="application/octet-stream")
     response.headers["Content-Length"] = str(stored.bytes)
     response.headers.set("Content-Disposition", "attachment", **_download_names(stored.filename))
@@ -108,5 +108,5 @@ def _read(source: IO[bytes]) -> Iterator[bytes]:
 
 def delete(files: FileStore, owner: str, file_id: str) -> FileDeleted:
     if not files.delete(owner, file_id):
-        raise _not_found(file_id, "id")
+        raise file_not_found(file_id, "id")
     return FileDeleted(id=file_id)

@@ -219,8 +219,14 @@ class FileStore:
         return len(gone)
 
     def read_lines(self, file_id: str) -> Iterator[bytes]:
-        with open(self.path(file_id), "rb") as source:
-            yield from source
+        """The file's lines; FileNotFoundError at once (not at the first line) when its bytes are gone (deleted
+        since its row was read, or a files_dir not shared by every gateway host)."""
+        return _lines(open(self.path(file_id), "rb"))
+
+
+def _lines(source: IO[bytes]) -> Iterator[bytes]:
+    with source:
+        yield from source
 
 
 def page(shared: SharedState, table: str, where: list[str], params: list[Any], query: ListQuery,

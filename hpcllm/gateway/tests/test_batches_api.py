@@ -288,6 +288,17 @@ def test_a_file_of_many_bad_lines_lists_the_first_hundred_and_is_read_no_further
     assert next(consumed) == MAX_LISTED_ERRORS + 1  # read up to the line after the last listed error, no further
 
 
+def test_an_input_file_whose_bytes_are_gone_is_a_404_naming_it(make_gateway):
+    gw = make_gateway()
+    uploaded = gw.client().files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line("a", "hi")]))),
+                                        purpose="batch")
+    service_of(gw).files.path(uploaded.id).unlink()  # deleted by another host since its row was read
+    answer = gw.post("/v1/batches", json={"input_file_id": uploaded.id, "endpoint": CHAT,
+                                          "completion_window": "24h"})
+    assert_error(answer, 404, "file_not_found", "input_file_id")
+    assert uploaded.id in answer.json()["error"]["message"]
+
+
 class GatedWorker:
     """A stand-in worker (one token per request) whose `blocked`-th request (0-based) waits for `release`."""
 
