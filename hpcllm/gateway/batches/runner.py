@@ -6,9 +6,10 @@ the gateway's own WSGI app as the HTTP request it stands for: the same authentic
 Batch requests run at gateway.batch_priority (lower is sooner, interactive requests have 0): a worker serves waiting
 interactive requests first, so a batch fills idle capacity without making interactive users wait behind it.
 
-Each result is appended to the output (2xx) or error file as it comes and the lease renewed with the counts and
-tokens; a result is written only while the lease is held. A process that takes a batch over (the holder's lease ran
-out) skips the requests already in the files. Cancelling stops starting requests, lets those running finish, and
+Each result is appended to the output (2xx) or error file as it comes while the lease is held (as this process last
+renewed it: LocalLease, no database query per result); the lease is renewed with the counts and tokens every third of
+it, and at once for a cancel made on this process. A process that takes a batch over (the holder's lease ran out)
+skips the requests already in the files. Cancelling stops starting requests, lets those running finish, and
 publishes what finished; past the completion window the requests not run go to the error file as batch_expired.
 A draining gateway stops starting requests and hands its batch back (the lease released) for another process.
 """
@@ -83,8 +84,15 @@ class BatchRunner:
         self._thread.start()
 
     def wake(self) -> None:
-        """Look for a batch now (one was just created, or cancelled)."""
+        """Look for a batch now (one was just created, or cancelled: the running batch then renews at once, which
+        tells it)."""
         self._wake.set()
+
+    def woken(self) -> bool:
+        """Whether wake() was called since last asked (the running batch's question)."""
+        woken = self._wake.is_set()
+        self._wake.clear()
+        return woken
 
     @property
     def stopping(self) -> bool:
@@ -164,16 +172,45 @@ class BatchRunner:
         return int(status.split()[0]), dict(response_headers), answer
 
 
+class LocalLease:
+    """The lease as this process last renewed it, so that a result is written without asking the database: renewed
+    every third of the lease, and taken as held until a third of it before it runs out (the margin that keeps the
+    clocks of several hosts apart and a write in progress within the lease). A process whose renewals fail (the
+    database away, the process stopped) thus stops writing before another process can claim the batch."""
+
+    def __init__(self, batches: BatchStore, claim: Claim):
+        self.batches, self.claim = batches, claim
+        self.valid_until = self.due_at = 0.0  # in batches.clock()'s time (the database lease's)
+
+    def renew(self, **changes) -> BatchObject | None:
+        """BatchStore.renew: the batch, None when the lease was lost (from then on never valid)."""
+        started = self.batches.clock()
+        batch = self.batches.renew(self.claim, **changes)
+        third = self.batches.lease_s / 3
+        self.valid_until, self.due_at = 0.0 if batch is None else started + 2 * third, started + third
+        return batch
+
+    def valid(self) -> bool:
+        return self.batches.clock() < self.valid_until
+
+    def due(self) -> bool:
+        return self.batches.clock() >= self.due_at
+
+    def until_due(self) -> float:
+        return max(0.0, self.due_at - self.batches.clock())
+
+
 class BatchRun:
     """One claimed batch, run to its end (or until its lease is lost or the gateway drains)."""
 
     def __init__(self, runner: BatchRunner, claim: Claim):
         self.runner, self.claim = runner, claim
         self.batches = runner.batches
+        self.lease = LocalLease(runner.batches, claim)
         self.halt = threading.Event()  # stop retrying: the batch stops (cancelled, expired, lost, released)
 
     def run(self) -> None:
-        batch = self.batches.renew(self.claim)
+        batch = self.lease.renew()
         if batch is None:
             return
         files = self.runner.files
@@ -224,9 +261,9 @@ class BatchRun:
 
     def _run_requests(self, batch: BatchObject, pending: deque[BatchEntry], progress: Callable[[], dict],
                       output: ResultFile, errors: ResultFile) -> tuple[BatchObject, str | None]:
-        """Run the pending requests, batch_concurrency at once, each result written as it comes, until none is
-        left or a reason to stop (then those running finish first); the batch as it is then, and that reason:
-        cancelled, expired, release (the gateway drains), lost (the lease), None (all ran)."""
+        """Run the pending requests, batch_concurrency at once, each result written as it comes while the lease is
+        held, until none is left or a reason to stop (then those running finish first); the batch as it is then,
+        and that reason: cancelled, expired, release (the gateway drains), lost (the lease), None (all ran)."""
         token = self.runner.api_token(self.claim.owner)
         inflight: dict[Future, BatchEntry] = {}
         stop: str | None = None
@@ -236,27 +273,32 @@ class BatchRun:
                     while pending and stop is None and len(inflight) < self.runner.concurrency:
                         entry = pending.popleft()
                         inflight[pool.submit(self._request, batch, entry, token)] = entry
-                    finished, _ = wait(list(inflight), timeout=self.batches.lease_s / 3, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(list(inflight), timeout=self.lease.until_due(), return_when=FIRST_COMPLETED)
                     for future in finished:
                         entry, result = inflight.pop(future), future.result()
                         if result is None:  # not run to a result (stopped while it waited to retry): not run
                             pending.appendleft(entry)
-                        elif self.batches.holds(self.claim):
+                        elif self.lease.valid():  # else the process that takes the batch over runs it again
                             self._write(batch, result, output, errors)
-                    renewed = self.batches.renew(self.claim, **progress())
-                    if renewed is None:
-                        if stop != "lost":
-                            log.warning("batch %s: its lease was lost (another process may run it); stopping",
-                                        self.claim.batch_id)
-                        stop = "lost"
-                    else:
-                        batch, stop = renewed, stop or self._stop_reason(renewed)
-                        self.runner.sweep_when_due()
+                    stop = stop or self._stop_reason(batch)
+                    if self.lease.due() or self.runner.woken() or stop is not None:
+                        batch, stop = self._renew(batch, stop, progress())
                     if stop is not None:
                         self.halt.set()  # requests waiting to retry give up; those running finish
             finally:
                 self.halt.set()
         return batch, stop
+
+    def _renew(self, batch: BatchObject, stop: str | None, progress: dict) -> tuple[BatchObject, str | None]:
+        """Renew the lease with the progress: the batch as it is now (cancelled meanwhile?) and the reason to stop."""
+        renewed = self.lease.renew(**progress)
+        if renewed is None:
+            if stop != "lost":
+                log.warning("batch %s: its lease was lost (another process may run it); stopping",
+                            self.claim.batch_id)
+            return batch, "lost"
+        self.runner.sweep_when_due()
+        return renewed, stop or self._stop_reason(renewed)
 
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
         succeeded = _succeeded(result)

@@ -158,12 +158,6 @@ class BatchStore:
                             (self.clock() + self.lease_s, claim.batch_id))
         return batch
 
-    def holds(self, claim: Claim) -> bool:
-        with self.shared.connection() as db:
-            row = db.conn.execute("SELECT lease_holder, lease_expires FROM gateway_batches WHERE id = ?",
-                                  (claim.batch_id,)).fetchone()
-        return row is not None and row["lease_holder"] == claim.holder and row["lease_expires"] >= self.clock()
-
     def release(self, claim: Claim) -> None:
         """Give the batch up unfinished (this process drains): the next process that polls takes it over."""
         with self.shared.transaction() as db:

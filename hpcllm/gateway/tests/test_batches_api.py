@@ -84,9 +84,12 @@ def service_of(gw):
 
 
 def lease_runs_out(gw, batch_id: str) -> None:
-    """The batch's process "dies": its lease ends as if it had not been renewed in time."""
-    with service_of(gw).batches.shared.transaction() as db:
+    """The batch's process "dies" (is stopped for a lease's length): its lease ends as if it had not been renewed in
+    time, and the process's own clock has passed it too when it wakes."""
+    batches = service_of(gw).batches
+    with batches.shared.transaction() as db:
         db.conn.execute("UPDATE gateway_batches SET lease_expires = 0 WHERE id = ?", (batch_id,))
+    batches.clock = lambda: time.time() + batches.lease_s
 
 
 def usage_requests(gw) -> int:
@@ -374,6 +377,8 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
     wait_until(lambda: first_runner.running is None)  # it found its lease gone and gave the batch up
     output = results(second.client(), done.output_file_id)
     assert sorted(output) == ["r0", "r1", "r2", "r3"]
+    # On disk too (a download stops at the size the file was published with).
+    assert len((tmp_path / "files" / done.output_file_id).read_bytes().splitlines()) == 4
     assert first_runner.holder != second_runner.holder
 
 
@@ -405,6 +410,7 @@ def test_past_its_window_a_batch_expires_and_lists_the_requests_it_did_not_run(g
     assert worker.reached.wait(30)
     service = service_of(gw)
     service.batches.renew(service.runner.running, expires_at=int(time.time()) - 1)  # its 24 hours are over
+    service.runner.wake()  # the run reads the batch again at its next result (else at its next renewal)
     worker.release.set()
     done = finished(client, batch.id)
     assert done.status == "expired" and done.expired_at
@@ -433,6 +439,25 @@ def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tm
     service_of(second).runner.wake()
     done = finished(second.client(), batch.id)
     assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
+
+
+def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(gated_factory):
+    """The limits database (the rate limiter's) is not written once per result: 20 results, 2 renewals (the claim's
+    first and the finalizing one)."""
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_concurrency=2, batch_lease_seconds=300)
+    batches, renewals = service_of(gw).batches, itertools.count()
+    renew = batches.renew
+
+    def counted(*args, **changes):
+        next(renewals)
+        return renew(*args, **changes)
+
+    batches.renew = counted
+    batch = submit(gw.client(), [completion_line(f"r{i}") for i in range(20)], endpoint="/v1/completions")
+    done = finished(gw.client(), batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 20
+    assert next(renewals) == 2
 
 
 def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
