@@ -24,12 +24,16 @@ class BatchEntry:
 
 @dataclass
 class ParsedInput:
-    entries: list[BatchEntry] = field(default_factory=list)
+    entries: list[BatchEntry] = field(default_factory=list)  # kept only when asked for
+    count: int = 0  # the good lines
     errors: list[LineError] = field(default_factory=list)
     model: str | None = None  # the model every line names
 
 
-def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int) -> ParsedInput:
+def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int, *,
+                keep_entries: bool = True) -> ParsedInput:
+    """The file's requests checked; without keep_entries only counted (a batch's creation: its runner parses the file
+    again, so the bodies, some times the file's size in memory, are not held meanwhile)."""
     parsed = ParsedInput()
     seen: set[str] = set()
     for number, raw in enumerate(lines, start=1):
@@ -37,7 +41,7 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int) -> Par
             break
         if not raw.strip():
             continue
-        if len(parsed.entries) >= max_requests:
+        if parsed.count >= max_requests:
             parsed.errors.append(LineError(
                 code="too_many_tasks", line=number,
                 message=f"The batch has more than {max_requests} requests, the most one batch may have on this "
@@ -54,8 +58,10 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int) -> Par
         seen.add(entry.custom_id)
         if parsed.model is None and isinstance(entry.body.get("model"), str):  # else the request's own 4xx says
             parsed.model = entry.body["model"]
-        parsed.entries.append(entry)
-    if not parsed.entries and not parsed.errors:
+        parsed.count += 1
+        if keep_entries:
+            parsed.entries.append(entry)
+    if not parsed.count and not parsed.errors:
         parsed.errors.append(LineError(code="empty_file", message="The input file has no requests"))
     return parsed
 

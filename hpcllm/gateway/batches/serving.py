@@ -28,12 +28,12 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
         lines = service.files.read_lines(stored.id)
     except FileNotFoundError:  # deleted since it was looked up
         raise file_not_found(stored.id, "input_file_id") from None
-    parsed = parse_input(lines, req.endpoint, service.config.gateway.batch_max_requests)
+    parsed = parse_input(lines, req.endpoint, service.config.gateway.batch_max_requests, keep_entries=False)
     now = int(time.time())
     batch = BatchObject(id=new_batch_id(), endpoint=req.endpoint, model=parsed.model, input_file_id=stored.id,
                         completion_window=req.completion_window, status="in_progress", created_at=now,
                         in_progress_at=now, expires_at=now + COMPLETION_WINDOWS[req.completion_window],
-                        request_counts=RequestCounts(total=len(parsed.entries)), metadata=req.metadata)
+                        request_counts=RequestCounts(total=parsed.count), metadata=req.metadata)
     if parsed.errors:
         batch = batch.model_copy(update={"status": "failed", "failed_at": now, "in_progress_at": None,
                                          "errors": BatchErrors(data=parsed.errors),

@@ -302,6 +302,15 @@ def test_an_input_file_whose_bytes_are_gone_is_a_404_naming_it(make_gateway):
     assert uploaded.id in answer.json()["error"]["message"]
 
 
+def test_a_checked_file_keeps_no_request_bodies_when_only_counted():
+    lines = [json.dumps(chat_line(f"r{i}", "hi")).encode() for i in range(3)]
+    counted = parse_input(lines, CHAT, max_requests=50_000, keep_entries=False)
+    assert (counted.count, counted.entries, counted.errors, counted.model) == (3, [], [], MODEL)
+    assert [entry.custom_id for entry in parse_input(lines, CHAT, max_requests=50_000).entries] == ["r0", "r1", "r2"]
+    too_many = parse_input(lines, CHAT, max_requests=2, keep_entries=False)
+    assert [(e.code, e.line) for e in too_many.errors] == [("too_many_tasks", 3)]
+
+
 class GatedWorker:
     """A stand-in worker (one token per request) whose `blocked`-th request (0-based) waits for `release`."""
 
