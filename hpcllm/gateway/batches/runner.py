@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -30,11 +31,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from flask import Flask
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
+from hpcllm.controller.errors import DatabaseError
 from hpcllm.gateway.batches.input_file import BatchEntry, parse_input
 from hpcllm.gateway.batches.protocol import (BatchErrors, BatchObject, BatchUsage, LineError, RequestCounts,
                                              ResultError, ResultLine, ResultResponse)
 from hpcllm.gateway.batches.results import ResultFile
 from hpcllm.gateway.batches.store import BatchStore, Claim
+from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.files.protocol import OUTPUT_PURPOSE
 from hpcllm.gateway.files.store import FileStore, StoredFile
 from hpcllm.gateway.protocol import unsupported
@@ -55,6 +58,9 @@ RETRIES_503 = 5
 DEFAULT_RETRY_S = 2.0
 # A gateway going away answers these: the request is not the batch's failure, another process runs it again.
 SHUTDOWN_CODES = ("draining", "gateway_shutdown")
+# Runs of one batch that may fail in a row in a process (a bug, a bad file on disk: not the database being away)
+# before the batch fails naming why, instead of being claimed again every poll ahead of every younger batch.
+MAX_RUN_FAILURES = 3
 # Endpoints whose requests take no priority (pooling runs between a worker's generation steps).
 UNPRIORITIZED_ENDPOINTS = ("/v1/embeddings",)
 
@@ -77,6 +83,7 @@ class BatchRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.running: Claim | None = None  # the batch this process runs now
+        self._failures: dict[str, int] = {}  # batch id: its runs that failed in a row (MAX_RUN_FAILURES)
         self._next_sweep = 0.0  # time.monotonic() of the next sweep of expired files
 
     def start(self) -> None:
@@ -114,11 +121,12 @@ class BatchRunner:
                 if claim is not None:
                     self.running = claim
                     BatchRun(self, claim).run()
+                    self._failures.pop(claim.batch_id, None)
                     continue  # another may be waiting
-            except Exception:  # the database is away, or a bug: the batch is released and tried again
+            except Exception as exc:  # the database is away, or a bug: the batch is released and tried again
                 log.exception("batch runner: running batch %s failed", claim.batch_id if claim else "(claiming)")
                 if claim is not None:
-                    self._release_quietly(claim)
+                    self._after_failure(claim, exc)
             finally:
                 self.running = None
             self._wake.wait(self.poll_s)
@@ -140,6 +148,22 @@ class BatchRunner:
         if gone:
             log.info("files: deleted %d expired files", gone)
         return gone
+
+    def _after_failure(self, claim: Claim, exc: Exception) -> None:
+        """Release the batch to be tried again, or fail it once its runs failed MAX_RUN_FAILURES times in a row for
+        another reason than the database."""
+        failures = self._failures.get(claim.batch_id, 0) + (not _database_error(exc))
+        if failures < MAX_RUN_FAILURES:
+            self._failures[claim.batch_id] = failures
+            self._release_quietly(claim)
+            return
+        self._failures.pop(claim.batch_id, None)
+        try:
+            BatchRun(self, claim).fail("batch_run_failed", f"Running the batch failed {failures} times in a row: "
+                                                           f"{type(exc).__name__}: {str(exc)[:400]}")
+        except Exception as again:  # the database went away meanwhile: tried again
+            log.warning("batch runner: could not fail batch %s: %s", claim.batch_id, again)
+            self._release_quietly(claim)
 
     def _release_quietly(self, claim: Claim) -> None:
         try:
@@ -381,12 +405,23 @@ class BatchRun:
         log.info("batch %s %s: %d requests, %d completed, %d failed", batch.id, status, len(entries),
                  final.request_counts.completed, final.request_counts.failed)
 
+    def fail(self, code: str, message: str) -> None:
+        """End the batch as failed, with an error saying why (nothing when the lease was lost)."""
+        batch = self.lease.renew()
+        if batch is not None:
+            self._fail(batch, code, message)
+
     def _fail(self, batch: BatchObject, code: str, message: str) -> None:
         now = int(time.time())
         failed = batch.model_copy(update={"status": "failed", "failed_at": now, "errors": BatchErrors(
             data=[LineError(code=code, message=message)])})
         if self.batches.finish(self.claim, failed, []):
             self.runner.gw.metrics.batches_finished.labels("failed").inc()
+
+
+def _database_error(exc: Exception) -> bool:
+    """The limits database is away or busy (SQLite's error, PostgreSQL's as SharedState's 503)."""
+    return isinstance(exc, (sqlite3.Error, DatabaseError, ServiceUnavailable))
 
 
 def _succeeded(result: ResultLine) -> bool:

@@ -469,6 +469,26 @@ def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(g
     assert next(renewals) == 2
 
 
+def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_runs(gated_factory):
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_lease_seconds=3)  # a poll a second
+    runner = service_of(gw).runner
+    api_token = runner.api_token
+
+    def broken(owner: str):
+        raise RuntimeError("a bug in the runner")
+
+    runner.api_token = broken
+    client = gw.client()
+    stuck = submit(client, [completion_line("r0")], endpoint="/v1/completions")
+    done = finished(client, stuck.id)
+    assert done.status == "failed" and [e.code for e in done.errors.data] == ["batch_run_failed"]
+    assert "3 times" in done.errors.data[0].message and "a bug in the runner" in done.errors.data[0].message
+    runner.api_token = api_token
+    after = finished(client, submit(client, [completion_line("r0")], endpoint="/v1/completions").id)
+    assert after.status == "completed"
+
+
 def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
     """60 requests a minute (a bucket of 60, one more each second): the upload and the create take 2, so the batch's
     last 2 of 60 requests get 429s with Retry-After, which the runner waits out instead of failing them."""
