@@ -243,7 +243,8 @@ class ApiKey(Section):
     max_concurrent_streams: int | None = Field(None, ge=1)
     # The most urgent request priority this key may ask for (`priority`, lower is sooner; docs/gateway.md,
     # Priority): 0, the default every request has, lets a key only yield to others; below 0 lets it jump the queue.
-    min_priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    # Never above 0: every request of the key without a `priority` (and its batches' lines) would be refused.
+    min_priority: int = Field(0, ge=PRIORITY_MIN, le=0)
 
 
 class StaticModel(Section):
@@ -347,7 +348,7 @@ class GatewayConfig(Section):
     batch_concurrency: int = Field(4, ge=1)
     # A process running a batch renews its claim every third of this; a batch whose claim ran out (a crashed or
     # cut-off process) is taken over by another process and continues where the output files end.
-    batch_lease_seconds: float = Field(60.0, gt=0)
+    batch_lease_seconds: float = Field(60.0, ge=3)  # 3: a poll a second (and a renewal) per process at most
     # The priority batch requests run at (lower is sooner; interactive requests have 0): a worker admits waiting
     # interactive requests first and preempts a running batch request for one (docs/gateway.md, Batches). A line's
     # own larger priority is kept.

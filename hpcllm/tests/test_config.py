@@ -104,6 +104,18 @@ def test_values_that_are_no_numbers_or_names_are_refused(tmp_path, text, match):
     assert load_config(path).slurm.signal == "SIGUSR2"
 
 
+@pytest.mark.parametrize("text, match", [
+    ('[[gateway.api_keys]]\nkey = "sk-a"\nmin_priority = 1\n',
+     r"gateway.api_keys.0.min_priority: .*less than or equal to 0"),
+    ("[gateway]\nbatch_lease_seconds = 0.1\n", r"gateway.batch_lease_seconds: .*greater than or equal to 3"),
+], ids=["min_priority-above-0", "batch-lease-too-short"])
+def test_batch_and_priority_settings_out_of_bounds_are_refused_naming_the_key(tmp_path, text, match):
+    path = tmp_path / "hpcllm.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
 def test_the_worker_step_timeout_is_its_own_setting(tmp_path):
     # How long a model step may run before the worker counts its engine as hung (not the gateway's read timeout:
     # a site that lets silent streams live long must not let a hung GPU hold them as long).
