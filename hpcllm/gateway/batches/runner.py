@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import sqlite3
 import threading
 import time
@@ -41,7 +39,7 @@ from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.files.protocol import OUTPUT_PURPOSE
 from hpcllm.gateway.files.store import FileStore, StoredFile
 from hpcllm.gateway.protocol import unsupported
-from hpcllm.gateway.ratelimit import key_digest
+from hpcllm.gateway.response_store import owner_of
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.usage import BATCH_ENVIRON
 
@@ -78,7 +76,6 @@ class BatchRunner:
         self.app, self.gw, self.files, self.batches = app, gw, files, batches
         self.concurrency = gw.config.gateway.batch_concurrency
         self.poll_s = min(MAX_POLL_S, batches.lease_s / 3)
-        self.holder = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,6 +86,11 @@ class BatchRunner:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="batch-runner", daemon=True)
         self._thread.start()
+
+    @property
+    def holder(self) -> str:
+        """This process's name on the leases it holds: the one its stream slots have (host/pid/tag)."""
+        return self.gw.shared.holder
 
     def wake(self) -> None:
         """Look for a batch now (one was just created, or cancelled: the running batch then renews at once, which
@@ -175,7 +177,7 @@ class BatchRunner:
         """The API key the batch's owner digest names (None on an open gateway, or when the key was removed: its
         requests are then refused as any request without a key)."""
         for token, key in self.gw.api_keys.items():
-            if key_digest(key) == owner:
+            if owner_of(key) == owner:
                 return token
         return None
 
