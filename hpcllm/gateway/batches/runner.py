@@ -59,8 +59,6 @@ SHUTDOWN_CODES = ("draining", "gateway_shutdown")
 # Runs of one batch that may fail in a row in a process (a bug, a bad file on disk: not the database being away)
 # before the batch fails naming why, instead of being claimed again every poll ahead of every younger batch.
 MAX_RUN_FAILURES = 3
-# Endpoints whose requests take no priority (pooling runs between a worker's generation steps).
-UNPRIORITIZED_ENDPOINTS = ("/v1/embeddings",)
 
 
 def result_file_ids(batch_id: str) -> tuple[str, str]:
@@ -375,9 +373,9 @@ class BatchRun:
     def _prioritized(self, endpoint: str, body: dict) -> dict:
         """The request at gateway.batch_priority (a line's own larger priority kept): the worker admits interactive
         requests first and preempts a running batch request for one. A priority that is no integer is left to the
-        endpoint's validation (its 400 names it)."""
+        endpoint's validation (its 400 names it). Embeddings ignore it (pooling runs between generation steps)."""
         own = body.get("priority", 0)
-        if endpoint in UNPRIORITIZED_ENDPOINTS or not isinstance(own, int) or isinstance(own, bool):
+        if not isinstance(own, int) or isinstance(own, bool):
             return body
         return {**body, "priority": max(own, self.runner.gw.config.gateway.batch_priority)}
 

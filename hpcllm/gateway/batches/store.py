@@ -19,7 +19,7 @@ from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.batches.protocol import ACTIVE, BatchObject
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import ListQuery
-from hpcllm.gateway.files.store import FileStore, StoredFile, add_column, page
+from hpcllm.gateway.files.store import FileStore, StoredFile, page
 from hpcllm.gateway.shared_state import SharedState
 
 SCHEMA = """
@@ -30,8 +30,6 @@ CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, crea
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
 """
 ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
-# Statuses a batch may be cancelled in.
-CANCELLABLE = ("validating", "in_progress")
 
 
 def new_batch_id() -> str:
@@ -63,7 +61,6 @@ class BatchStore:
     def __init__(self, shared: SharedState, lease_s: float, clock: Callable[[], float] = time.time):
         self.shared, self.lease_s, self.clock = shared, lease_s, clock
         shared.create_tables(SCHEMA)
-        add_column(shared, "gateway_batches", "output_ttl", "REAL")
 
     # ------------------------------------------------------------------------------------------- the API's
     def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None) -> None:
@@ -94,7 +91,7 @@ class BatchStore:
             batch = _row(row).batch
             if batch.status in ("cancelling", "cancelled"):
                 return batch
-            if batch.status not in CANCELLABLE:
+            if batch.status != "in_progress":  # the one status a batch may be cancelled in (no validating here)
                 raise InvalidRequest(f"Cannot cancel a batch with status {batch.status!r}",
                                      code="batch_not_cancellable")
             batch = batch.model_copy(update={"status": "cancelling", "cancelling_at": int(self.clock())})

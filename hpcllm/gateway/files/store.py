@@ -29,7 +29,7 @@ from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import FileObject, ListQuery
 from hpcllm.gateway.runtime import gateway_state_dir
-from hpcllm.gateway.shared_state import SCHEMA_LOCK_KEY, SharedState
+from hpcllm.gateway.shared_state import SharedState
 from hpcllm.httpkit.errors import RequestTooLarge
 
 SCHEMA = """
@@ -50,19 +50,6 @@ def files_dir(config: Config) -> Path:
 
 def current_files() -> FileStore:
     return current_app.extensions[EXTENSION_KEY]
-
-
-def add_column(shared: SharedState, table: str, column: str, declaration: str) -> None:
-    """Add a column to a table made before it existed (a database of an earlier version of the gateway). Looked
-    for and added in one transaction holding the schema's lock: gateway processes starting together add it once."""
-    with shared.transaction() as db:
-        if shared.postgres:
-            db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
-            db.conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {declaration}")
-            return
-        names = {row["name"] for row in db.conn.execute(f"PRAGMA table_info({table})").fetchall()}
-        if column not in names:  # SQLite's BEGIN IMMEDIATE holds the write lock already
-            db.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 def new_file_id() -> str:
@@ -93,7 +80,6 @@ class FileStore:
         self.shared, self.directory, self.max_bytes, self.clock = shared, directory, max_bytes, clock
         self.ttl_s, self.quota_bytes = ttl_s, quota_bytes  # 0: files kept until deleted; no quota
         shared.create_tables(SCHEMA)
-        add_column(shared, "gateway_files", "expires", "REAL")
 
     @classmethod
     def of(cls, config: Config, shared: SharedState) -> FileStore:

@@ -15,13 +15,9 @@ import openai
 import pytest
 
 from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, parse_input
-from hpcllm.gateway.batches.protocol import BatchObject
 from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
-from hpcllm.gateway.batches.store import BatchStore
-from hpcllm.gateway.files.store import FileStore
 from hpcllm.gateway.response_store import owner_of
-from hpcllm.gateway.shared_state import SharedState
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 
 from .conftest import ADMIN_KEY, MODEL, USER_KEY, GatewayFactory
@@ -558,27 +554,6 @@ def test_a_keys_files_may_not_hold_more_than_its_quota(make_gateway):
     assert other.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000  # per key
     client.files.delete(first.id)
     assert client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000
-
-
-def test_a_database_made_before_files_expired_keeps_its_files_and_batches(limits_url, tmp_path):
-    """Tables of the first Batch API (no expiry, no output retention): their columns are added, nothing is lost."""
-    shared = SharedState(limits_url)
-    with shared.transaction() as db:
-        db.conn.execute("CREATE TABLE gateway_files (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
-                        "NULL, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL)")
-        db.conn.execute("INSERT INTO gateway_files VALUES ('file-old', 'me', 1, 'old.jsonl', 'batch', 3)")
-        db.conn.execute("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
-                        "NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL, "
-                        "batch TEXT NOT NULL)")
-    files = FileStore(shared, tmp_path, max_bytes=1 << 20, ttl_s=3600)
-    batches = BatchStore(shared, lease_s=60)
-    old = files.get("me", "file-old")
-    assert (old.filename, old.bytes, old.expires) == ("old.jsonl", 3, None)  # made before expiry: never expires
-    batch = BatchObject(id="batch_x", endpoint="/v1/completions", input_file_id="file-old", completion_window="24h",
-                        status="in_progress", created_at=1)
-    batches.insert("me", batch, output_ttl=7200)
-    assert batches.claim("host/1").output_ttl == 7200
-    FileStore(shared, tmp_path, max_bytes=1 << 20)  # a second process: the columns are there already
 
 
 def test_metrics_show_the_batch_queue_its_results_and_the_files_stored(gated_factory):
