@@ -13,7 +13,7 @@ from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, ENDPOINTS, META
 from hpcllm.gateway.batches.service import BatchService
 from hpcllm.gateway.batches.store import new_batch_id
 from hpcllm.gateway.errors import InvalidRequest, NotFound
-from hpcllm.gateway.files.protocol import ListQuery
+from hpcllm.gateway.files.protocol import PageQuery
 from hpcllm.gateway.files.serving import file_not_found, owned_file
 from hpcllm.gateway.protocol import parse_query
 
@@ -72,10 +72,7 @@ def owned_batch(service: BatchService, owner: str, batch_id: str) -> BatchObject
 
 
 def list_batches(service: BatchService, owner: str, args: Mapping[str, str]) -> BatchList:
-    query = parse_query(ListQuery, args)
-    if query.purpose is not None or query.order != "desc":
-        raise InvalidRequest("batches are listed newest first with 'after' and 'limit' only", code="invalid_value")
-    rows, more = service.batches.list(owner, query)
+    rows, more = service.batches.list(owner, parse_query(PageQuery, args))
     data = [row.batch for row in rows]
     return BatchList.of(data, more)
 

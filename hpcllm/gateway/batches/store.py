@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.batches.protocol import ACTIVE, BatchObject
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.files.protocol import ListQuery
+from hpcllm.gateway.files.protocol import PageQuery
 from hpcllm.gateway.files.store import FileStore, StoredFile, page
 from hpcllm.gateway.shared_state import SharedState
 
@@ -75,7 +75,7 @@ class BatchStore:
                                   (batch_id, owner)).fetchone()
         return None if row is None else _row(row)
 
-    def list(self, owner: str, query: ListQuery) -> tuple[list[BatchRow], bool]:
+    def list(self, owner: str, query: PageQuery) -> tuple[list[BatchRow], bool]:
         rows, more = page(self.shared, "gateway_batches", ["owner = ?"], [owner], query,
                           lambda after: self.get(owner, after))
         return [_row(row) for row in rows], more

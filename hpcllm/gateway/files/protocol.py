@@ -51,10 +51,24 @@ class FileDeleted(OpenAIResponse):
     deleted: bool = True
 
 
-class ListQuery(OpenAIRequest):
-    """A list's query (OpenAI's): `limit` items, newest first (order desc) or oldest first, after the item `after`."""
+class PageQuery(OpenAIRequest):
+    """A list's query (OpenAI's): `limit` items after the item `after`, newest first (a batch list's)."""
+
+    limit: int = Field(20, ge=1, le=100)
+    after: str | None = None
+
+    @property
+    def newest_first(self) -> bool:
+        return True
+
+
+class ListQuery(PageQuery):
+    """The file list's query: up to 10,000 items, newest first (order desc) or oldest first, of one purpose."""
 
     limit: int = Field(20, ge=1, le=10_000)
     order: Literal["asc", "desc"] = "desc"
-    after: str | None = None
     purpose: str | None = None
+
+    @property
+    def newest_first(self) -> bool:
+        return self.order == "desc"

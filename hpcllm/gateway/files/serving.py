@@ -18,7 +18,6 @@ from hpcllm.gateway.files.store import COPY_CHUNK, FileStore, StoredFile
 from hpcllm.gateway.protocol import parse_query, validation_error
 from hpcllm.httpkit.errors import RequestTooLarge
 
-
 def upload(files: FileStore, owner: str, request: Request) -> FileObject:
     """POST /v1/files (multipart/form-data: `file` and `purpose`)."""
     limit = files.max_bytes + MULTIPART_OVERHEAD

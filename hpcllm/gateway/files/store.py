@@ -27,7 +27,7 @@ from flask import current_app
 from hpcllm.config import Config
 from hpcllm.controller.registry.databases import Database
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.files.protocol import FileObject, ListQuery
+from hpcllm.gateway.files.protocol import FileObject, ListQuery, PageQuery
 from hpcllm.gateway.runtime import gateway_state_dir
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.httpkit.errors import RequestTooLarge
@@ -215,11 +215,11 @@ def _lines(source: IO[bytes]) -> Iterator[bytes]:
         yield from source
 
 
-def page(shared: SharedState, table: str, where: list[str], params: list[Any], query: ListQuery,
+def page(shared: SharedState, table: str, where: list[str], params: list[Any], query: PageQuery,
          find: Callable[[str], Any]) -> tuple[list[Any], bool]:
-    """One page of a table's rows (newest first for order desc) after the row `query.after` (found by `find`, a
+    """One page of a table's rows (newest first unless the query says otherwise) after the row `query.after` (found by `find`, a
     400 naming `after` when the owner has no such row), and whether more follow."""
-    newer_first = query.order == "desc"
+    newer_first = query.newest_first
     if query.after is not None:
         anchor = find(query.after)
         if anchor is None:

@@ -174,7 +174,8 @@ def test_lists_page_newest_first(make_gateway):
     assert [f.id for f in client.files.list(order="asc")] == made
     assert_error(gw.get("/v1/files", params={"limit": 0}), 422, "invalid_value", "limit")
     assert_error(gw.get("/v1/files", params={"after": "file-nope"}), 400, "invalid_request", "after")
-    assert [b.id for b in client.batches.list(limit=5)] == []
+    assert [b.id for b in client.batches.list(limit=100)] == []
+    assert_error(gw.get("/v1/batches", params={"limit": 101}), 422, "invalid_value", "limit")  # OpenAI's bound
 
 
 def test_files_and_batches_belong_to_their_key(make_gateway):
