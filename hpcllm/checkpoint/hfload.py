@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from hpcllm.checkpoint.errors import InvalidSource, UnsupportedSource
-from hpcllm.checkpoint.heads import classifier_architecture
+from hpcllm.checkpoint.heads import auto_model_class
 from hpcllm.checkpoint.layout import dtype_name
 from hpcllm.checkpoint.writer import TensorSpec
 
@@ -78,19 +78,6 @@ def _transformers_knows(model_type: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- the model
-
-
-def is_classifier(config) -> bool:
-    """config's architectures name a *ForSequenceClassification (hpcllm.checkpoint.heads)."""
-    return classifier_architecture(getattr(config, "architectures", None)) is not None
-
-
-def auto_model_class(config):
-    """The transformers auto class hpcllm builds config's model with: sequence classification for a classifier
-    (is_classifier), else the causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if is_classifier(config) else AutoModelForCausalLM
 
 
 def build_meta_model(source_dir: Path):

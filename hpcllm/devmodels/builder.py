@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hpcllm.checkpoint.heads import auto_class
 from hpcllm.checkpoint.layout import check_replaceable, creation_mode
 from hpcllm.devmodels.tokenizer import CHAT_TEMPLATES, make_tokenizer
 from hpcllm.errors import HpcllmError
@@ -156,14 +157,12 @@ def _seeded_init(model, seed: int, arch: str, progress: Callable[[int, int], Non
 
 def _build_model(config, arch: str, dtype_name: str, seed: int, show_progress: bool, classifier: bool = False):
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.initialization import no_init_weights
 
     # Allocated in the target dtype directly (the bench model is 2 GB in bf16, 4 GB in float32) and left
     # uninitialised: _seeded_init fills every parameter.
-    auto_class = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM
     with no_init_weights():
-        model = auto_class.from_config(config, dtype=getattr(torch, dtype_name))
+        model = auto_class(classifier).from_config(config, dtype=getattr(torch, dtype_name))
     model.tie_weights()  # no_init_weights also skips tying: tie first so a tied pair is one parameter, filled once
     _seeded_init(model, seed, arch, progress=_progress_bar("init weights", show_progress))
     return model.eval()

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from hpcllm.checkpoint import InvalidIndex
-from hpcllm.checkpoint.hfload import auto_model_class, is_classifier
+from hpcllm.checkpoint.heads import auto_model_class, is_classifier
 
 log = logging.getLogger(__name__)
 
 
 def build_skeleton(config, dtype: torch.dtype):
-    """The causal-LM class for `config` (a classifier's sequence-classification class: hfload.auto_model_class),
+    """The causal-LM class for `config` (a classifier's sequence-classification class: heads.auto_model_class),
     every parameter and buffer on the meta device, nothing initialised.
 
     ~15-30 ms for a 1B model (Python constructing ~300 modules). Buffers the checkpoint does not hold are computed

@@ -101,3 +101,13 @@ def test_cache_keeps_a_bounded_number_of_templates():
     assert len(cache._templates) == 2
     model = cache.skeleton(copy.deepcopy(configs[-1]), torch.float32)
     assert cache.hits == 1 and model.get_input_embeddings().weight.shape[0] == 384 + 128
+
+
+def test_the_skeleton_does_not_import_h5py():
+    """The store loads a model without h5py (the converter's writer): importing it costs every model load."""
+    import subprocess
+    import sys
+
+    check = "import sys, hpcllm.store.skeleton; print('h5py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
