@@ -115,19 +115,31 @@ class GrammarCompiler:
     def matcher(self, grammar: str) -> llguidance.LLMatcher:
         """A new matcher at the grammar's start; InvalidGrammar (llguidance's message) when the grammar does not
         compile against the tokenizer."""
-        with self._lock:  # one compilation of a grammar that several requests bring at once
+        return self._compiled_matcher(grammar).deep_copy()
+
+    def check(self, grammar: str) -> None:
+        """InvalidGrammar unless the grammar compiles against the tokenizer; compiled and kept for its requests'
+        matchers, none copied."""
+        self._compiled_matcher(grammar)
+
+    def _compiled_matcher(self, grammar: str) -> llguidance.LLMatcher:
+        """The grammar compiled (never advanced: matchers are copies of it). Compiled outside the lock: the engine
+        thread's matcher for a cached grammar must not wait for a client's large schema to compile; two requests
+        bringing a new grammar at once compile it twice, which is harmless."""
+        with self._lock:
             compiled = self._compiled.get(grammar)
-            if compiled is None:
-                compiled = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-                self.compilations += 1
-                if compiled.is_error():  # not kept: a bad grammar is a client's mistake, not a batch's schema
-                    raise InvalidGrammar(compiled.get_error().strip())
-                self._compiled[grammar] = compiled
-                if len(self._compiled) > self.capacity:
-                    self._compiled.popitem(last=False)
-            else:
+            if compiled is not None:
                 self._compiled.move_to_end(grammar)
-            return compiled.deep_copy()
+                return compiled
+        compiled = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        with self._lock:
+            self.compilations += 1
+            if compiled.is_error():  # not kept: a bad grammar is a client's mistake, not a batch's schema
+                raise InvalidGrammar(compiled.get_error().strip())
+            self._compiled[grammar] = compiled
+            if len(self._compiled) > self.capacity:
+                self._compiled.popitem(last=False)
+        return compiled
 
 
 _compilers: dict[int, tuple[object, GrammarCompiler]] = {}

@@ -795,7 +795,7 @@ class EngineBase:
             raise InvalidRequest(f"model {self.model_name}'s tokenizer cannot constrain output to a grammar: "
                                  f"{exc}", "grammar") from None
         try:
-            compiler.matcher(grammar)
+            compiler.check(grammar)
         except InvalidGrammar as exc:
             raise InvalidRequest(f"grammar cannot be compiled: {exc}", "grammar") from None
 

@@ -209,3 +209,26 @@ def test_the_compiled_grammars_are_bounded_the_least_recently_used_dropped(local
     assert compiler.compilations == 3
     compiler.matcher(second)
     assert compiler.compilations == 4
+
+
+def test_a_cached_grammar_is_not_held_up_by_another_compiling(local_engine, monkeypatch):
+    """The engine thread takes a running request's matcher while an HTTP thread compiles a new grammar: compiling
+    holds no lock that taking a cached grammar's matcher needs (it stalled every stream)."""
+    compiler = GrammarCompiler(local_engine.grammar_tokenizer.tokenizer)
+    cached, new = (compile_grammar("choice", [word]) for word in ("cached", "new one"))
+    compiler.matcher(cached)
+    taken_meanwhile = []
+    real = llguidance.LLMatcher
+
+    def compiling(*args, **kwargs):
+        free = compiler._lock.acquire(blocking=False)  # what the engine thread's matcher(cached) would wait for
+        if free:
+            compiler._lock.release()
+            taken_meanwhile.append(compiler.matcher(cached))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grammar_module.llguidance, "LLMatcher", compiling)
+    compiler.check(new)
+    assert len(taken_meanwhile) == 1 and compiler.compilations == 2
+    compiler.matcher(new)
+    assert compiler.compilations == 2  # check kept it compiled
