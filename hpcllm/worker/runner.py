@@ -517,6 +517,9 @@ class PagedRunner:
         """[rows, 1, queries, longest]: True where a row's padded query j must not attend (query j of a chunk of
         `count` tokens ending at context `length` sees positions < length - count + j + 1; a padded query as its
         chunk's last token)."""
+        if queries == 1:  # decodes only (the common step): a row sees its context, 3 ops and one copy
+            ends = torch.tensor(lengths, device=self.device)
+            return (torch.arange(longest, device=self.device)[None] >= ends[:, None])[:, None, None]
         count = torch.tensor(counts, device=self.device)[:, None]
         j = torch.minimum(torch.arange(queries, device=self.device)[None], count - 1)
         sees = torch.tensor(lengths, device=self.device)[:, None] - count + j + 1  # [rows, queries]
