@@ -334,7 +334,7 @@ class Engine(EngineBase):
         self._lock = threading.Condition(threading.RLock())
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
         self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
+        self._running: list[_Request] = []  # by priority, then admission (_admit keeps the order)
         self._live: dict[str, _Request] = {}
         self._finished: OrderedDict[str, _Request] = OrderedDict()
         self._thread: threading.Thread | None = None
@@ -597,7 +597,8 @@ class Engine(EngineBase):
             self.metrics.prefix_cache_queries.inc(len(req.all_ids))
             self._waiting.popleft()
             req.state = "running"
-            self._running.append(req)
+            # Kept in the order steps schedule in, by priority then admission (no sort per step).
+            self._running.insert(bisect.bisect_right(self._running, req.priority, key=lambda r: r.priority), req)
         self.metrics.num_requests_waiting.set(len(self._waiting))
         self.metrics.num_requests_running.set(len(self._running))
         return blocked
@@ -612,10 +613,15 @@ class Engine(EngineBase):
         """The running request to preempt first (vLLM's priority rule): the lowest priority (the largest value),
         the newest of those; one holding KV blocks. lower_than: only one of a priority after it, and not held or
         paused (a migration's, whose state a preemption would drop) nor being cancelled (the step ends it)."""
-        ranked = [(r.priority, index, r) for index, r in enumerate(self._running) if self.kv_pool.holds(r.seq_id)
-                  and (lower_than is None or (r.priority > lower_than
-                                              and not (r.held or r.paused or r.cancel_requested)))]
-        return max(ranked, key=lambda entry: entry[:2])[2] if ranked else None
+        for r in reversed(self._running):  # lowest priority, newest first (the order _running is kept in)
+            if lower_than is not None:
+                if r.priority <= lower_than:
+                    return None
+                if r.held or r.paused or r.cancel_requested:
+                    continue
+            if self.kv_pool.holds(r.seq_id):
+                return r
+        return None
 
     # ---- one step: schedule, run, sample ---------------------------------------------------------------------------
 
@@ -761,7 +767,7 @@ class Engine(EngineBase):
                 rows[w.req.seq_id] = len(rows)
         work: list[_Work] = []
         prefill_budget = self.prefill_chunk_tokens
-        for req in _by_priority(self._running):
+        for req in self._running:
             if req.state != "running" or req.cancel_requested or req.paused:
                 continue
             previous_row = None
@@ -932,10 +938,11 @@ class Engine(EngineBase):
     def _schedule(self, candidates: list[_Request]) -> list["_Work"]:
         """Pick each request's chunk (decodes whole, prefills within prefill_chunk_tokens per step, higher
         priorities first) and give it KV blocks, preempting the lowest-priority newest running requests when blocks
-        run out (those come later in this order: never one already scheduled). Called under the lock."""
+        run out (those come later in this order: never one already scheduled). candidates: in _running's order.
+        Called under the lock."""
         work: list[_Work] = []
         prefill_budget = self.prefill_chunk_tokens
-        for req in _by_priority(candidates):
+        for req in candidates:
             if req.state != "running":  # preempted for an earlier request's blocks in this very loop
                 continue
             self._note_scheduled(req)
@@ -1134,11 +1141,6 @@ class _StepTimes:
         variance = self.mean_xx - self.mean_x ** 2
         slope = max(0.0, (self.mean_xy - self.mean_x * self.mean_y) / variance) if variance > 1e-9 else 0.0
         return max(0.0, self.mean_y + slope * (tokens - self.mean_x))
-
-
-def _by_priority(requests: list[_Request]) -> list[_Request]:
-    """Requests by priority, lower values first; in their order within a priority (running: admission order)."""
-    return sorted(requests, key=lambda r: r.priority)
 
 
 def _chunk_end(start: int, known: int, prefill_budget: int) -> tuple[int, int] | None:
