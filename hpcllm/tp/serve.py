@@ -213,8 +213,7 @@ def tensor_parallel_engine_class():
             if options.pop("cuda_graphs", False):  # the followers' steps would have to be captured alike
                 raise ConfigError("[worker] cuda_graphs is not supported with tensor parallelism yet; set it false")
             if options.get("lora_adapters"):  # the followers' shards would need the adapters' slices
-                raise ConfigError("LoRA adapters are not supported with tensor parallelism yet; serve them on a "
-                                  "tensor_parallel = 1 deployment")
+                raise ConfigError(self.lora_refusal)
             super().__init__(lead.runner.model, tokenizer, **options)
             self.lead = lead
             lead.runner.batch_runner = self.runner

@@ -69,8 +69,8 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     UnknownRequest,
 )
 from hpcllm.worker.graphs import DecodeGraphs
-from hpcllm.worker.runner import (ModelRunner, PagedRunner, PositionScores, SequenceChunk, StateSeed, StepBatch,
-                                  classifier_head, make_runner, pool_last_tokens)
+from hpcllm.worker.runner import (LORA_NEEDS_PAGED, ModelRunner, PagedRunner, PositionScores, SequenceChunk,
+                                  StateSeed, StepBatch, classifier_head, make_runner, pool_last_tokens)
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.ngram import NgramProposer, SpeculationRecord
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
@@ -89,6 +89,8 @@ AHEAD_MARGIN_S = 0.001
 AHEAD_MARGIN_SHARE = 0.2
 DEFAULT_KV_BLOCK_SIZE = 16
 BATCHING_MODES = ("auto", "paged", "sequential")
+# Why a CUDA-graph engine takes no LoRA adapter (at the start, and on a runtime load).
+LORA_NOT_IN_GRAPHS = "LoRA adapters are not applied in CUDA graph replays: set cuda_graphs false to use adapters"
 
 _seq_ids = itertools.count()  # runner-side identity of a request's KV state (request ids may be reused)
 
@@ -295,8 +297,7 @@ class Engine(EngineBase):
         self.proposer = NgramProposer(speculative_ngram_tokens) if speculative_ngram_tokens else None
         self._init_lora(lora_adapters)
         if self.lora_adapters and cuda_graphs:
-            raise ValueError("LoRA adapters are not applied in CUDA graph replays: set cuda_graphs false to serve "
-                             "adapters")
+            raise ValueError(LORA_NOT_IN_GRAPHS)
         # fast_path: the paged runner fuses and packs the model's projections on CPU (runner.py, fastpath.py).
         if model_process:  # the forward in a child process (runner_process.py): streams run beside it
             # One started ahead (during the load, or by a spare worker), else one now.
@@ -314,10 +315,9 @@ class Engine(EngineBase):
             paged = isinstance(self.runner, PagedRunner)
         if cuda_graphs:  # True: capture decode steps (a CUDA model); "eager": their static form, uncaptured
             self._use_decode_graphs("eager" if cuda_graphs == "eager" else "cuda")
-            self.lora_refusal = ("LoRA adapters are not applied in CUDA graph replays: set cuda_graphs false to "
-                                 "load them")
+            self.lora_refusal = LORA_NOT_IN_GRAPHS
         elif not paged:
-            self.lora_refusal = "LoRA adapters need the paged runner, which cannot serve this model"
+            self.lora_refusal = LORA_NEEDS_PAGED
         # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
         self.kv_pool = BlockPool(num_blocks, kv_block_size, prefix_caching=prefix_caching and paged)
         # With a paged model process, the next step is scheduled and sent while this one runs (_step_pipelined).

@@ -635,6 +635,10 @@ def last_hidden_states(model, inputs: list[list[int]]) -> torch.Tensor:
     return hidden[torch.arange(len(inputs), device=device), torch.tensor(lengths, device=device) - 1]
 
 
+# Why a model the paged runner cannot serve takes no LoRA adapter (at the start, and on a runtime load).
+LORA_NEEDS_PAGED = "LoRA adapters need the paged runner, which cannot serve this model"
+
+
 def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "auto",
                 fast_path: bool = True, lora_adapters: dict[str, str] | None = None) -> ModelRunner:
     """batching: "auto" (paged if the model allows, else sequential), "paged" (or a clear error), "sequential".
@@ -645,7 +649,7 @@ def make_runner(model, *, num_blocks: int, block_size: int, batching: str = "aut
         return PagedRunner(model, num_blocks=num_blocks, block_size=block_size, fast_path=fast_path,
                            lora_adapters=lora_adapters)
     if lora_adapters:
-        raise ValueError(f"LoRA adapters need the paged runner, which cannot serve this model: {why_not}")
+        raise ValueError(f"{LORA_NEEDS_PAGED}: {why_not}")
     if batching == "paged":
         raise ValueError(f"batching='paged' cannot serve this model: {why_not}")
     return SequentialRunner(model, block_size=block_size)
