@@ -50,7 +50,7 @@ import torch
 from hpcllm.checkpoint.context import max_model_len_for
 from hpcllm.worker import fastpath
 from hpcllm.worker.kvcache import BlockPool
-from hpcllm.worker.lora_config import AdapterError
+from hpcllm.worker.lora_config import AdapterConfig, AdapterError
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import ErrorInfo, GenerateRequest, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and RequestStream are this API's too)
@@ -439,7 +439,7 @@ class Engine(EngineBase):
     def _pool(self, inputs: list[list[int]]) -> list[list[float]]:
         return pool_last_tokens(self.model, inputs)
 
-    def _add_adapter(self, name: str, folder: str) -> None:
+    def _add_adapter(self, name: str, folder: str, config: AdapterConfig) -> None:
         self._between_steps(lambda: self.runner.load_lora(name, folder), wait=True)
 
     def _remove_adapter(self, name: str, folder: str, wait: bool) -> None:

@@ -37,7 +37,7 @@ from hpcllm.worker.protocol import (
     Usage,
 )
 from hpcllm.worker.grammar import GrammarState, InvalidGrammar, grammar_compiler
-from hpcllm.worker.lora_config import AdapterError, check_adapter_names, read_adapter_config
+from hpcllm.worker.lora_config import AdapterConfig, AdapterError, check_adapter_names, read_adapter_config
 from hpcllm.worker.sampling import SamplingParams, Thinking, ThinkingState, TokenState, answer_ids, random_seed
 
 log = logging.getLogger(__name__)
@@ -744,8 +744,7 @@ class EngineBase:
                                    f"load it from {folder}")
             if self.lora_refusal is not None:
                 raise LoraUnsupported(self.lora_refusal, "lora_name")
-            read_adapter_config(name, folder)
-            self._add_adapter(name, folder)
+            self._add_adapter(name, folder, read_adapter_config(name, folder))
             with self._lock:
                 self.lora_adapters = {**self.lora_adapters, name: folder}
             log.info("LoRA adapter %s loaded from %s", name, folder)
@@ -997,8 +996,9 @@ class EngineBase:
     def _release(self, req: RequestState) -> None:
         """req finishes: stop producing its tokens and free what it holds (under the lock)."""
 
-    def _add_adapter(self, name: str, folder: str) -> None:
-        """Install an adapter where the forward runs, returning once it is (never during a step)."""
+    def _add_adapter(self, name: str, folder: str, config: AdapterConfig) -> None:
+        """Install an adapter where the forward runs, returning once it is (never during a step). config: its
+        adapter config, read (and checked) by load_lora."""
         raise LoraUnsupported(self.lora_refusal or "this engine cannot load LoRA adapters at runtime", "lora_name")
 
     def _remove_adapter(self, name: str, folder: str, wait: bool) -> None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hpcllm.errors import ConfigError
-from hpcllm.worker.lora_config import AdapterError, check_adapter_names, read_adapter_config
+from hpcllm.worker.lora_config import AdapterConfig, AdapterError, check_adapter_names, read_adapter_config
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
 from hpcllm.worker.requests import (
@@ -428,8 +428,8 @@ class VllmEngine(EngineBase):
             with self._lock:
                 self._lock.notify_all()  # the engine thread may be waiting for work: vLLM has some now
 
-    def _add_adapter(self, name: str, folder: str) -> None:
-        rank = read_adapter_config(name, folder).rank
+    def _add_adapter(self, name: str, folder: str, config: AdapterConfig) -> None:
+        rank = config.rank
         if rank > self._max_lora_rank:
             raise LoraUnsupported(f"LoRA adapter {name!r} has rank {rank}; this worker's vLLM engine was built for "
                                   f"ranks up to {self._max_lora_rank} (its largest adapter at start): a worker started "
