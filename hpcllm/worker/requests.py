@@ -92,6 +92,15 @@ class UnknownAdapter(EngineError):
     code = "lora_not_found"
 
 
+class AdapterConflict(EngineError):
+    """A load names an adapter served from another folder: the worker's state, not the request, is in the way
+    (unload it first)."""
+
+    http_status = 409
+    error_type = "invalid_request_error"
+    code = "lora_already_loaded"
+
+
 class LoraUnsupported(EngineError):
     """This worker cannot load that adapter at runtime, though another started with it could (its engine or
     options do not allow it): the controller replaces such an instance rather than give up the adapter."""
@@ -723,14 +732,19 @@ class EngineBase:
 
     def load_lora(self, name: str, folder: str) -> bool:
         """Serve one more adapter, checked as at start (lora_config, then its weights where the forward runs);
-        False when it is served from that folder already. AdapterError (a 400) for an adapter that cannot be served
-        or another folder under a served name (unload it first); LoraUnsupported where this engine cannot load it at
-        runtime. A name unloaded while requests still run with it may be loaded again at once, from another folder
+        False when it is served from that folder already. InvalidRequest (param lora_name) for a name that cannot
+        be an adapter's, AdapterError (a 400 naming lora_path) for a folder that cannot be served, AdapterConflict
+        for another folder under a served name (unload it first); LoraUnsupported where this engine cannot load it
+        at runtime. A name unloaded while requests still run with it may be loaded again at once, from another folder
         too (both are held until those requests end); from the same folder it is simply served again."""
         with self._lora_lock:
-            check_adapter_names({name: folder})
+            try:
+                check_adapter_names({name: folder})
+            except AdapterError as exc:  # the name's fault, not the folder's
+                raise InvalidRequest(str(exc), "lora_name") from None
             if name == self.model_name:
-                raise AdapterError(f"LoRA adapter {name!r} has the base model's name; requests name either")
+                raise InvalidRequest(f"LoRA adapter {name!r} has the base model's name; requests name either",
+                                     "lora_name")
             with self._lock:
                 current = self.lora_adapters.get(name)
                 if current is None and (name, folder) in self._retiring_adapters:  # its weights are still there
@@ -740,8 +754,8 @@ class EngineBase:
             if current == folder:
                 return False
             if current is not None:
-                raise AdapterError(f"LoRA adapter {name!r} is already loaded from {current}; unload it first to "
-                                   f"load it from {folder}")
+                raise AdapterConflict(f"LoRA adapter {name!r} is already loaded from {current}; unload it first to "
+                                      f"load it from {folder}", "lora_name")
             if self.lora_refusal is not None:
                 raise LoraUnsupported(self.lora_refusal, "lora_name")
             self._add_adapter(name, folder, read_adapter_config(name, folder))

@@ -277,8 +277,7 @@ def test_an_adapter_loaded_at_runtime_serves_its_merged_output_and_once_unloaded
                                                                                             model_process):
     """Loaded while a base request streams (between its steps): that stream is the base model's throughout; an
     unloaded adapter's weights leave every layer (y, loaded after x went, targets no MLP layer x did)."""
-    from hpcllm.worker.lora_config import AdapterError
-    from hpcllm.worker.requests import UnknownAdapter
+    from hpcllm.worker.requests import AdapterConflict, UnknownAdapter
 
     folders, _ = adapters
     prompt_ids, expected = references
@@ -290,8 +289,9 @@ def test_an_adapter_loaded_at_runtime_serves_its_merged_output_and_once_unloaded
         assert [first.token_id] + token_ids(base.events()) == expected[None][0]
         assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
         assert engine.load_lora("x", folders["x"]) is False  # already served from there: nothing to do
-        with pytest.raises(AdapterError, match="already loaded from .*unload it first"):
+        with pytest.raises(AdapterConflict, match="already loaded from .*unload it first") as conflict:
             engine.load_lora("x", folders["y"])
+        assert (conflict.value.http_status, conflict.value.param) == (409, "lora_name")
 
         assert engine.unload_lora("x") == 0
         with pytest.raises(InvalidRequest, match=r"'x' is not loaded .*loaded: none") as refused:
@@ -311,7 +311,7 @@ def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request
                                                                                       model_process):
     """Meanwhile its name may be loaded from another folder (a new version): new requests get that one, and share
     no cached prompt prefix with the old one (vLLM's rule: blocks are keyed by adapter name and folder)."""
-    from hpcllm.worker.lora_config import AdapterError
+    from hpcllm.worker.requests import AdapterConflict
 
     folders, deltas = adapters
     model, tokenizer = load(model_dirs)
@@ -335,7 +335,7 @@ def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request
         assert engine.unload_lora("x") == 0
         assert engine.load_lora("x", folders["x"]) is True
         assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["x"]
-        with pytest.raises(AdapterError, match="already loaded from"):
+        with pytest.raises(AdapterConflict, match="already loaded from"):
             engine.load_lora("x", folders["y"])
 
 
@@ -377,10 +377,12 @@ def test_an_adapter_that_cannot_be_applied_is_refused_at_runtime_with_the_reason
             engine.load_lora("other", str(other))
         with pytest.raises(AdapterError, match="does not exist"):
             engine.load_lora("missing", str(tmp_path / "missing"))
-        with pytest.raises(AdapterError, match="not a valid model name"):
+        with pytest.raises(InvalidRequest, match="not a valid model name") as bad_name:
             engine.load_lora("a b", folders["y"])
-        with pytest.raises(AdapterError, match="base model's name"):
+        assert bad_name.value.param == "lora_name"
+        with pytest.raises(InvalidRequest, match="base model's name") as base_name:
             engine.load_lora("tiny", folders["y"])
+        assert base_name.value.param == "lora_name"
         assert engine.lora_adapters == {"x": folders["x"]}
         assert engine.generate(request(prompt_token_ids=prompt_ids[0], lora="x")).token_ids == expected["x"][0]
         assert engine.alive
@@ -419,6 +421,13 @@ def test_workers_load_and_unload_adapters_over_http_with_their_key(model_dirs, a
         worker.client.load_lora_adapter("z", str(tmp_path / "nowhere"))
     assert bad.value.status == 400 and "does not exist (a PEFT adapter folder holds adapter_config.json" in str(
         bad.value) and bad.value.info.param == "lora_path"
+    with pytest.raises(WorkerError) as base_name:  # the name is at fault, not the folder
+        worker.client.load_lora_adapter("tiny-llama", folders["y"])
+    assert (base_name.value.status, base_name.value.info.param) == (400, "lora_name")
+    with pytest.raises(WorkerError) as conflict:  # the worker's state is in the way: a conflict
+        worker.client.load_lora_adapter("x", folders["y"])
+    assert (conflict.value.status, conflict.value.info.param, conflict.value.info.code) == (
+        409, "lora_name", "lora_already_loaded")
 
     unloaded = worker.client.unload_lora_adapter("x")
     assert unloaded.lora_adapters == {} and unloaded.running_requests == 0
