@@ -317,6 +317,7 @@ class EngineBase:
     # Adapters (name, folder) unloaded while requests still ran with them: their weights go when the last ends.
     _retiring_adapters: frozenset[tuple[str, str]] = frozenset()
     lora_refusal: str | None = None  # why this engine cannot load adapters at runtime; None: it can
+    classifies: bool = False  # its model is a classifier (*ForSequenceClassification): embed pools its scores
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 

@@ -313,7 +313,7 @@ def create_app(service: WorkerService, max_request_bytes: int | None = None) -> 
         body = parse_body(EmbedRequest)
         engine = ready_engine()
         result = EmbedResult(embeddings=engine.embed(body.inputs), prompt_tokens=sum(len(ids) for ids in body.inputs),
-                             pooling="classify" if getattr(engine, "classifies", False) else "embed")
+                             pooling="classify" if engine.classifies else "embed")
         return Response(result.model_dump_json(), mimetype="application/json")
 
     # ---- LoRA adapters at runtime (docs/worker.md, "LoRA adapters") ----------------------------------------------
