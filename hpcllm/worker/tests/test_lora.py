@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from hpcllm.worker.engine import Engine, InvalidRequest
 from hpcllm.worker.protocol import GenerateRequest, TokenLine
 
+from .test_priority import StepLog
+
 _ids = itertools.count()
 PROMPTS = ["hello world, this", "the", "🙂 日本語 テスト and a longer prompt that takes a few chunks to prefill"]
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -319,18 +321,19 @@ def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request
     expected = {name: merged_greedy(model_dirs, deltas[name], prompt, max_new_tokens=40) for name in ("x", "y")}
     with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]}, kv_block_size=4,
                 model_process=model_process) as engine:
-        stream = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40))
-        events = stream.events()
-        first = next(events)
+        steps = StepLog(engine, pause_after=1)  # its first step held: it runs, however loaded the machine
+        events = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).events()
+        steps.paused.wait()
         assert engine.unload_lora("x") == 1  # it runs on
         with pytest.raises(InvalidRequest, match="'x' is not loaded"):
             engine.submit(request(prompt_token_ids=prompt, lora="x"))
+        steps.go.set()
         assert engine.load_lora("x", folders["y"]) is True  # the new version, beside the old one
         hits = engine.metrics.prefix_cache_hits._value.get()
         assert engine.generate(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).token_ids == expected["y"]
         assert engine.metrics.prefix_cache_hits._value.get() == hits
         rest = list(events)
-        assert [first.token_id] + token_ids(rest) == expected["x"] and rest[-1].finish_reason == "length"
+        assert token_ids(rest) == expected["x"] and rest[-1].finish_reason == "length"
         # Its end freed the old version's weights: installing that folder again under the name is no duplicate.
         assert engine.unload_lora("x") == 0
         assert engine.load_lora("x", folders["x"]) is True
@@ -347,11 +350,12 @@ def test_an_adapter_loaded_again_from_its_folder_while_unloading_is_kept(model_d
     model, tokenizer = load(model_dirs)
     with Engine(model, tokenizer, model_name="tiny", lora_adapters={"x": folders["x"]},
                 model_process=model_process) as engine:
-        stream = engine.submit(request(prompt_token_ids=prompt_ids[0], lora="x", max_tokens=30))
-        events = stream.events()
-        next(events)
+        steps = StepLog(engine, pause_after=1)  # its first step held: it runs, however loaded the machine
+        events = engine.submit(request(prompt_token_ids=prompt_ids[0], lora="x", max_tokens=30)).events()
+        steps.paused.wait()
         assert engine.unload_lora("x") == 1
         assert engine.load_lora("x", folders["x"]) is True  # its weights were still there: served again
+        steps.go.set()
         list(events)  # the running request ends: the weights stay, being served
         assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
         assert engine.alive
