@@ -1,6 +1,6 @@
 """Embeddings per second of hpcllm's engine: a piece of inputs per forward (batched) against one forward per input.
 
-    PYTHONPATH=$PWD .venv/bin/python bench/embed.py [--passages 100] [--tokens 32 128 400] [--chunk 512]
+    PYTHONPATH=$PWD .venv/bin/python bench/embed.py [--passages 100] [--tokens 32 128 400] [--chunk N]
                                                     [--rounds 5] [--threads 1]
 
 One Engine (in process, paged runner, CPU fast path) on the devmodels "small" Llama (float32) embeds --passages
@@ -10,8 +10,8 @@ alternates):
 
   one-at-a-time   prefill_chunk_tokens = L: every piece holds one input, one forward each (the engine before
                   batched pooling)
-  batched         prefill_chunk_tokens = --chunk (the engine's default 512): as many inputs per forward as fit in
-                  it once padded
+  batched         prefill_chunk_tokens = --chunk (default: the Engine's): as many inputs per forward as fit in it
+                  once padded
 
 Each mode's embed call is timed whole (the engine thread's pieces and the hand-off); it prints embeddings/s per
 mode, the median and range over --rounds, and batched / one-at-a-time: the ratio of the medians and the range of
@@ -21,6 +21,7 @@ the per-round ratios.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -35,11 +36,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=100, help="inputs per embed call")
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 128, 400], help="tokens per input (each L)")
-    parser.add_argument("--chunk", type=int, default=512, help="prefill_chunk_tokens of the batched mode")
+    parser.add_argument("--chunk", type=int, help="prefill_chunk_tokens of the batched mode (default: the Engine's)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    if args.passages < 1 or args.rounds < 1 or args.chunk < 1 or min(args.tokens) < 1:
+    if args.passages < 1 or args.rounds < 1 or (args.chunk is not None and args.chunk < 1) or min(args.tokens) < 1:
         parser.error("--passages, --rounds, --chunk and --tokens must be >= 1")
 
     import torch
@@ -48,6 +49,8 @@ def main() -> int:
     from bench import coldstart
     from hpcllm.worker.engine import Engine
 
+    if args.chunk is None:
+        args.chunk = inspect.signature(Engine).parameters["prefill_chunk_tokens"].default
     torch.set_num_threads(args.threads)
     coldstart.checkpoint("small")
     hf_dir = coldstart.WORK / "llama-small-hf"
@@ -57,9 +60,10 @@ def main() -> int:
     print(f"devmodels small llama, float32, {torch.get_num_threads()} thread(s), {args.passages} passages per call, "
           f"batched pieces of at most {args.chunk} padded tokens, {args.rounds} rounds", flush=True)
     try:
+        too_long = [length for length in args.tokens if length > engine.max_model_len]
+        if too_long:  # before any is measured
+            parser.error(f"--tokens {too_long[0]} is longer than the model's {engine.max_model_len} tokens")
         for length in args.tokens:
-            if length > engine.max_model_len:
-                parser.error(f"--tokens {length} is longer than the model's {engine.max_model_len} tokens")
             report(length, measure(engine, length, args))
     finally:
         engine.shutdown()

@@ -41,6 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 DOCUMENT_TOKENS = 256
 WORKLOADS = ("copy", "partial", "none")
+# --step-cost: 16 sequences of --context +- CONTEXT_SPREAD tokens, each in its own BLOCKS_PER_SEQUENCE blocks of
+# BLOCK_SIZE, verifying up to max(PROPOSED) tokens.
+SEQUENCES, CONTEXT_SPREAD, BLOCKS_PER_SEQUENCE, BLOCK_SIZE, PROPOSED = 16, 20, 100, 16, (1, 3, 5)
+# The --context that fits: every sequence at least 1 token, the longest with its verification in its blocks.
+CONTEXTS = range(CONTEXT_SPREAD + 1, BLOCKS_PER_SEQUENCE * BLOCK_SIZE - CONTEXT_SPREAD - max(PROPOSED))
 
 
 def always_propose_k():
@@ -116,12 +121,13 @@ def step_cost(args, path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hpcllm.worker.runner import PagedRunner, SequenceChunk, StepBatch
+    from hpcllm.worker.runner import MAX_GROUPED_TOKENS, PagedRunner, SequenceChunk, StepBatch
 
-    runner = PagedRunner(AutoModelForCausalLM.from_pretrained(path).eval(), num_blocks=16 * 100, block_size=16)
+    runner = PagedRunner(AutoModelForCausalLM.from_pretrained(path).eval(),
+                         num_blocks=SEQUENCES * BLOCKS_PER_SEQUENCE, block_size=BLOCK_SIZE)
     rng = random.Random(0)
-    contexts = [args.context + rng.randrange(-20, 20) for _ in range(16)]
-    tables = [list(range(100 * n, 100 * n + 100)) for n in range(16)]
+    contexts = [args.context + rng.randrange(-CONTEXT_SPREAD, CONTEXT_SPREAD) for _ in range(SEQUENCES)]
+    tables = [list(range(BLOCKS_PER_SEQUENCE * n, BLOCKS_PER_SEQUENCE * (n + 1))) for n in range(SEQUENCES)]
 
     def step(decodes: int, proposed: int = 0) -> StepBatch:  # the first decode verifies `proposed` tokens
         return StepBatch([SequenceChunk(n, [5] * (1 + (proposed if n == 0 else 0)), contexts[n], tables[n],
@@ -132,14 +138,14 @@ def step_cost(args, path: Path) -> None:
     with torch.inference_mode():
         for n, context in enumerate(contexts):
             runner.step(StepBatch([SequenceChunk(n, [rng.randrange(1000) for _ in range(context)], 0, tables[n])]))
-        for decodes in (1, 4, 8, 16):
-            for proposed in (1, 3, 5):
+        for decodes in (1, 4, 8, SEQUENCES):
+            for proposed in PROPOSED:
                 batches = {"base": step(decodes), "grouped": step(decodes, proposed), "alone": step(decodes, proposed)}
                 costs: dict[str, list[float]] = {"grouped": [], "alone": []}
                 for rep in range(args.rounds):
                     seconds, names = {}, list(batches)
                     for name in names[rep % 3:] + names[:rep % 3]:
-                        runner.max_grouped_tokens = 1 if name == "alone" else 16
+                        runner.max_grouped_tokens = 1 if name == "alone" else MAX_GROUPED_TOKENS
                         began = time.thread_time()
                         runner.step(batches[name])
                         seconds[name] = time.thread_time() - began
@@ -171,6 +177,11 @@ def main() -> int:
                              "of the engines; --rounds reps, --context tokens per sequence")
     parser.add_argument("--context", type=int, default=330, help="--step-cost: the sequences' context length")
     args = parser.parse_args()
+    if args.rounds < 1 or (args.step_cost and args.rounds < 2):
+        parser.error("--rounds must be >= 1, and >= 2 with --step-cost (its quartiles need two reps)")
+    if args.step_cost and args.context not in CONTEXTS:
+        parser.error(f"--context must be {CONTEXTS.start} to {CONTEXTS.stop - 1} (the sequences are --context +- "
+                     f"{CONTEXT_SPREAD} tokens in {BLOCKS_PER_SEQUENCE} blocks of {BLOCK_SIZE})")
     if args.clock == "cpu" and args.model_process == "on":
         parser.error("--clock cpu counts this process's CPU time: use it with --model-process off")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

@@ -26,3 +26,12 @@ def test_bad_arguments_are_refused_with_what_to_fix():
                                capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert completed.returncode == 2
     assert "--passages, --rounds, --chunk and --tokens must be >= 1" in completed.stderr
+
+
+def test_a_too_long_input_is_refused_before_any_length_is_measured():
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "embed.py"), "--passages", "2", "--rounds", "1",
+                                "--tokens", "8", "100000"],
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert completed.returncode == 2
+    assert "--tokens 100000 is longer than the model's" in completed.stderr
+    assert "L=   8" not in completed.stdout  # nothing measured first
