@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from hpcllm.checkpoint import MANIFEST_FILE, CheckpointError, read_checkpoint
 from hpcllm.checkpoint.context import CONFIG_FILE, ContextLengthError, source_max_model_len
 from hpcllm.config import Config
@@ -107,6 +109,7 @@ from hpcllm.credentials import (
     visible_to,
     worker_key,
 )
+from hpcllm.httpkit.errors import validation_message
 from hpcllm.worker.lora_config import AdapterError, read_adapter_config
 
 log = logging.getLogger(__name__)
@@ -213,8 +216,11 @@ class Controller:
                              "base_model", param="base_model")
 
     def _redeploy_with(self, model: DeployedModel, adapters: dict[str, str]) -> DeployedModel:
-        spec = ModelSpec.model_validate({**model.model_dump(exclude={"deployed_at", "rank_bytes", "lora_adapters"}),
-                                         "lora_adapters": adapters})
+        try:  # the model with these adapters may not be a valid spec (an adapter named as the model, tensor_parallel)
+            spec = ModelSpec.model_validate({**model.model_dump(exclude={"deployed_at", "rank_bytes", "lora_adapters"}),
+                                             "lora_adapters": adapters})
+        except ValidationError as exc:
+            raise InvalidModelConfig(validation_message(exc)[0], param="lora_adapters") from exc
         return self.deploy(spec)[0]
 
     def _push_adapters(self, model: DeployedModel, previous: DeployedModel) -> None:

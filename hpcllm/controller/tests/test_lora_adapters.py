@@ -169,3 +169,19 @@ def test_a_redeploy_while_an_instance_is_being_started_reaches_it_once_its_agent
     instance_id = harness.controller.route("m").instance_id
     assert harness.agents.lora_adapters == [{"x": x}]  # started with the adapters of before
     assert harness.agents.serving_adapters[instance_id] == {"y": y}
+
+
+def test_a_load_the_model_spec_refuses_is_a_400_naming_why(client, harness, tmp_path):
+    """A load whose redeploy is no valid model (the adapter named as its base model; a tensor-parallel base) is the
+    caller's 400 saying why, not a 500."""
+    x = adapter_folder(tmp_path / "x")
+    ready_with(harness, {})
+    same_name = client.post("/v1/admin/load_lora_adapter", json={"lora_name": "m", "lora_path": x}, headers=ADMIN)
+    assert same_name.status_code == 400, same_name.get_json()
+    assert "has the model's own name" in same_name.get_json()["error"]["message"]
+    assert same_name.get_json()["error"]["param"] == "lora_adapters"
+    harness.deploy("tp", tensor_parallel=2, engine="hpcllm")
+    tp = client.post("/v1/admin/load_lora_adapter", json={"lora_name": "x", "lora_path": x, "base_model": "tp"},
+                     headers=ADMIN)
+    assert tp.status_code == 400 and "tensor_parallel > 1" in tp.get_json()["error"]["message"], tp.get_json()
+    assert harness.registry.get_model("m").lora_adapters == {} and harness.registry.get_model("tp").lora_adapters == {}
