@@ -60,7 +60,8 @@ class Classifier:
             return [1.0 / (1.0 + math.exp(-logits[0]))]
         top = max(logits)
         exps = [math.exp(x - top) for x in logits]
-        return [e / sum(exps) for e in exps]
+        total = sum(exps)
+        return [e / total for e in exps]
 
 
 def pooling_model(gw: Gateway, model: str, api: str) -> ModelCard:
@@ -78,27 +79,40 @@ def classifier_of(card: ModelCard) -> Classifier | None:
     (an embedding model, or a config the gateway cannot read: the worker's answer says what it pooled)."""
     path = Path(card.source) / "config.json"
     try:
-        return _classifier_at(path, path.stat().st_mtime_ns)
-    except OSError:
+        return _classifier_at(path, card.created)  # read once per deployment: a redeploy changes created
+    except OSError as exc:  # not cached: the shared FS may answer the next request
+        log.warning("cannot read %s: %s", path, exc)
         return None
 
 
 @lru_cache(maxsize=64)
-def _classifier_at(path: Path, mtime_ns: int) -> Classifier | None:
+def _classifier_at(path: Path, created: int) -> Classifier | None:
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("cannot read %s: %s", path, exc)
+        return _classifier_in(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:  # not JSON, or not the shape of a model's config.json
+        log.warning("cannot read %s (pooling as its worker does): %s", path, exc)
         return None
+
+
+def _classifier_in(config: object) -> Classifier | None:
+    if not isinstance(config, dict):
+        raise ValueError("not a JSON object")
     architecture = classifier_architecture(config.get("architectures"))
     if architecture is None:
         return None
-    labels = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    labels = {int(k): str(v) for k, v in _object(config, "id2label").items()}
     num_labels = int(config.get("num_labels") or len(labels) or 2)
-    function = (config.get("sentence_transformers") or {}).get("activation_fn") or config.get(
+    function = _object(config, "sentence_transformers").get("activation_fn") or config.get(
         "sbert_ce_default_activation_function")
     use_sep_token = config.get("use_sep_token", config.get("use_pad_token", True))
     return Classifier(architecture, num_labels, labels, bool(use_sep_token), function or None)
+
+
+def _object(config: dict, key: str) -> dict:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} is not a JSON object")
+    return value
 
 
 def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | list[int], param: str,
@@ -140,18 +154,18 @@ def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: 
     def pool(endpoint: Endpoint):
         return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs)
 
+    expected = "embed" if classifier is None else "classify"
     try:
         _, result = on_a_worker(gw, ctx, route(), route, pool)  # a worker that died meanwhile: another
-    except BaseException:
+        if result.pooling != expected:  # never answer a classifier's logits as embeddings, or the reverse
+            log.error("model %s: its worker pools as %r, its config.json (%s) says %r", card.name, result.pooling,
+                      card.source, expected)
+            raise InternalError(f"model {card.name!r}: its worker computes {result.pooling!r} outputs, its "
+                                f"checkpoint's config.json says {expected!r}; ask the operator to redeploy it")
+    except BaseException:  # nothing answered: nothing counted or billed
         if ctx.api_key is not None:
             gw.limiter.settle_tokens(ctx.api_key, prompt_tokens, 0)
         raise
     gw.metrics.prompt_tokens.labels(card.name).inc(prompt_tokens)
     gw.usage.record(ctx.api_key, card.name, ctx.endpoint, prompt_tokens, 0)
-    expected = "embed" if classifier is None else "classify"
-    if result.pooling != expected:  # never answer a classifier's logits as embeddings, or the reverse
-        log.error("model %s: its worker pools as %r, its config.json (%s) says %r", card.name, result.pooling,
-                  card.source, expected)
-        raise InternalError(f"model {card.name!r}: its worker computes {result.pooling!r} outputs, its checkpoint's "
-                            f"config.json says {expected!r}; ask the operator to redeploy it")
     return result.embeddings

@@ -118,38 +118,33 @@ def test_a_worker_pooling_otherwise_than_the_checkpoint_says_is_an_error_not_an_
         make_gateway, classifier_workers, tiny_model_dir):
     """A gateway reading a causal LM's config.json in front of a reranker's worker (a redeployment gone wrong):
     the reranker's logits are never answered as embeddings."""
-    gateway = make_gateway(static_models={MODEL: {"worker_url": classifier_workers[RERANKER],
-                                                  "source": str(tiny_model_dir)}})
-    error = assert_error(gateway.post("/v1/embeddings", json={"model": MODEL, "input": "a"}), 500, "internal_error")
+    from .test_usage import ALICE, KEYS, admin_usage, metric
+
+    gateway = make_gateway(api_keys=KEYS, static_models={MODEL: {"worker_url": classifier_workers[RERANKER],
+                                                                 "source": str(tiny_model_dir)}})
+    error = assert_error(gateway.post("/v1/embeddings", key=ALICE, json={"model": MODEL, "input": "a"}), 500,
+                         "internal_error")
     assert "config.json says 'embed'" in error["message"]
+    assert admin_usage(gateway).json()["data"] == []  # nothing answered, nothing billed
+    assert metric(gateway, "hpcllm_prompt_tokens_total", model=MODEL) == 0.0
 
 
-def test_config_json_decides_how_pairs_are_joined_and_the_default_activation(make_gateway, classifier_models,
-                                                                             classifier_workers, tmp_path):
-    """vLLM's rules from the checkpoint's config.json: use_sep_token false joins the two texts into one (an LLM made
-    a reranker); an Identity activation_fn answers the raw logit; an activation it cannot apply is a 400."""
+def test_a_config_json_of_an_unexpected_shape_is_read_as_unreadable_not_a_500_per_request(
+        make_gateway, classifier_models, classifier_workers, tmp_path):
+    """A config.json whose fields have shapes no model's has (architectures no list, a sentence_transformers that is
+    no object; the tokenizer loads beside them): the gateway logs why it cannot read it and pools as a causal LM
+    would; the worker's classifier answer is then the operator's clear error, never a crash."""
     import json
     import shutil
 
-    folder = classifier_models[RERANKER][0]
     models = {}
-    for name, extra in (("joined", {"use_sep_token": False}),
-                        ("identity", {"sbert_ce_default_activation_function": "torch.nn.modules.linear.Identity"}),
-                        ("tanh", {"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Tanh"}})):
-        copy = shutil.copytree(folder, tmp_path / name)
+    for name, extra in (("st", {"sentence_transformers": "x"}), ("arch", {"architectures": 5})):
+        copy = shutil.copytree(classifier_models[RERANKER][0], tmp_path / name)
         config = json.loads((copy / "config.json").read_text())
         (copy / "config.json").write_text(json.dumps({**config, **extra}))
         models[name] = {"worker_url": classifier_workers[RERANKER], "source": str(copy)}
     gateway = make_gateway(static_models=models)
-
-    def scores(model: str) -> list[float]:
-        return [d["score"] for d in gateway.post("/v1/score", json={"model": model, "text_1": QUERY,
-                                                                    "text_2": DOCUMENTS[:2]}).json()["data"]]
-
-    assert scores("joined") == pytest.approx([torch.sigmoid(torch.tensor(
-        hf_logits(classifier_models, RERANKER, QUERY + d)[0])).item() for d in DOCUMENTS[:2]], abs=1e-5)
-    assert scores("identity") == pytest.approx([hf_logits(classifier_models, RERANKER, QUERY, d)[0]
-                                                for d in DOCUMENTS[:2]], abs=1e-5)
-    error = assert_error(gateway.post("/v1/rerank", json={"model": "tanh", "query": QUERY, "documents": ["a"]}),
-                         400, "invalid_request", "use_activation")
-    assert "Tanh" in error["message"]
+    for name in models:
+        error = assert_error(gateway.post("/v1/embeddings", json={"model": name, "input": "a"}), 500,
+                             "internal_error")
+        assert "config.json says 'embed'" in error["message"], error
