@@ -736,9 +736,7 @@ class WorkerManager:
             inst.load_seconds = float(body["load_seconds"])
         if not inst.rank_loads and len(body.get("rank_loads") or []) == inst.ranks:
             inst.rank_loads = sorted(body["rank_loads"], key=lambda r: r["rank"])
-        if inst.state == "loading":
-            self._set_state(inst, "ready")
-            self._apply_wanted_adapters(inst)
+        if inst.state == "loading" and self._ready_with_wanted_adapters(inst):
             if inst.load_fill is not None or inst.promote_to:
                 threading.Thread(target=self._keep_loaded_copy, args=(inst,),
                                  name=f"cache-{inst.instance_id}", daemon=True).start()
@@ -759,18 +757,20 @@ class WorkerManager:
             inst.lora_wanted = None
             return self._apply_adapters(inst, wanted)
 
-    def _apply_wanted_adapters(self, inst: Instance) -> None:
-        """The worker just became ready: the adapters a redeploy asked for while it loaded. If they cannot all be
-        served it is stopped as failed, with the reason: the controller starts another (with the model's
+    def _ready_with_wanted_adapters(self, inst: Instance) -> bool:
+        """The loading worker answers: the adapters a redeploy asked for while it loaded are applied first, then it
+        is ready (routes to it start), so no request for an adapter reaches it before the adapter. If they cannot
+        all be served it is stopped as failed, never ready: the controller starts another (with the model's
         adapters) rather than route requests for an adapter to a worker without it."""
-        with inst.adapters_lock:
+        with inst.adapters_lock:  # held until ready: a change asked meanwhile waits, then applies to a ready one
             wanted, inst.lora_wanted = inst.lora_wanted, None
-            if wanted is None or wanted == inst.lora_adapters:
-                return
-            applied = self._apply_adapters(inst, wanted)
-        if applied.failed:
-            inst.error = f"could not serve its model's LoRA adapters after a redeploy: {applied.failures()}"
-            self._stop_failed(inst)
+            applied = None if wanted is None or wanted == inst.lora_adapters else self._apply_adapters(inst, wanted)
+            if applied is None or not applied.failed:
+                self._set_state(inst, "ready")
+                return True
+        inst.error = f"could not serve its model's LoRA adapters after a redeploy: {applied.failures()}"
+        self._stop_failed(inst)
+        return False
 
     def _apply_adapters(self, inst: Instance, wanted: dict[str, str]) -> LoraAdaptersApplied:
         """Unload, then load, through the worker's API (under inst.adapters_lock); each failure is recorded by name

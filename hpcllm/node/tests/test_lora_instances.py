@@ -4,6 +4,8 @@ hpcllm/worker/tests/test_lora.py.)"""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from hpcllm.node.app import create_app
@@ -68,17 +70,30 @@ def test_a_redeploys_adapters_reach_a_running_instance_through_its_agent(tmp_pat
     folders = {name: str(tmp_path / f"adapter-{name}") for name in ("x", "y", "z")}
     agent = make_agent(tmp_path)
     client = create_app(agent).test_client()
+    polls, poll_ready = threading.Event(), agent.workers._poll_ready
+    agent.workers._poll_ready = lambda inst: polls.wait() and poll_ready(inst)  # loading until the PUT is in
+    served_when_ready = []
+    wake = agent.workers.on_change
+
+    def on_change():
+        if inst.state == "ready" and not served_when_ready:
+            served_when_ready.append(dict(inst.lora_adapters))
+        wake()
+
     try:
         resp = client.post("/v1/internal/instances", headers=AUTH, json={
             "model": "tiny-llama", "source": str(converted), "lora_adapters": {"x": folders["x"]}})
         instance_id = resp.get_json()["instance_id"]
         inst = agent.workers.get(instance_id)
+        agent.workers.on_change = on_change
         path = f"/v1/internal/instances/{instance_id}/lora-adapters"
-        assert inst.state == "loading"  # a worker takes seconds to load
         pending = client.put(path, headers=AUTH, json={"lora_adapters": {"x": folders["x"], "y": folders["y"]}})
         assert pending.status_code == 200 and pending.get_json()["pending"] is True
-        wait_for(lambda: "y" in inst.lora_adapters, what="the pending adapters once the worker is ready")
-        assert inst.state == "ready" and inst.lora_adapters == {"x": folders["x"], "y": folders["y"]}
+        polls.set()
+        wait_for(lambda: inst.state == "ready", what="the worker to be ready")
+        # routes start at ready: the pending adapters were served by then, not loaded after
+        assert served_when_ready == [{"x": folders["x"], "y": folders["y"]}]
+        assert inst.lora_adapters == {"x": folders["x"], "y": folders["y"]}
 
         resp = client.put(path, headers=AUTH, json={"lora_adapters": {"y": folders["y"], "z": folders["z"]}})
         applied = resp.get_json()
@@ -92,6 +107,30 @@ def test_a_redeploys_adapters_reach_a_running_instance_through_its_agent(tmp_pat
                 worker.generate(GenerateRequest(request_id="r2", prompt_token_ids=prompt_ids, lora="x"))
         assert client.put("/v1/internal/instances/nope/lora-adapters", headers=AUTH,
                           json={"lora_adapters": {}}).status_code == 404
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
+def test_a_loading_instance_that_cannot_serve_its_pending_adapters_fails_without_being_ready(
+        tmp_path, converted):  # noqa: F811
+    agent = make_agent(tmp_path)
+    client = create_app(agent).test_client()
+    polls, poll_ready = threading.Event(), agent.workers._poll_ready
+    agent.workers._poll_ready = lambda inst: polls.wait() and poll_ready(inst)  # loading until the PUT is in
+    states = []
+    wake = agent.workers.on_change
+    agent.workers.on_change = lambda: (states.extend(i.state for i in agent.workers.instances()), wake())
+    try:
+        resp = client.post("/v1/internal/instances", headers=AUTH, json={"model": "tiny-llama",
+                                                                           "source": str(converted)})
+        inst = agent.workers.get(resp.get_json()["instance_id"])
+        pending = client.put(f"/v1/internal/instances/{inst.instance_id}/lora-adapters", headers=AUTH,
+                             json={"lora_adapters": {"z": str(tmp_path / "no-adapter")}})
+        assert pending.get_json()["pending"] is True
+        polls.set()
+        wait_for(lambda: inst.state in ("failed", "stopped"), what="the worker to be stopped as failed")
+        assert "ready" not in states and "could not serve its model's LoRA adapters" in inst.error
     finally:
         agent.drain()
         agent.workers.close()
