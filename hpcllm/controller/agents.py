@@ -23,12 +23,31 @@ from hpcllm.controller.protocol import InstanceInfo, LoraAdaptersApplied, Migrat
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import error_of, internal_client, json_object, request_json
+from hpcllm.worker.client import ADAPTER_CALL_TIMEOUT
 
 
-# A redeploy's adapter changes on one instance: each load reads an adapter and installs it between two steps.
-ADAPTERS_TIMEOUT_SECONDS = 300.0
+# What an agent adds to its worker's adapter calls before it answers (a change waiting for the instance's lock).
+AGENT_ANSWER_SECONDS = 30.0
 
 Answer = TypeVar("Answer", bound=BaseModel)
+
+
+def adapters_timeout(before: dict[str, str], after: dict[str, str]) -> float:
+    """How long an agent may take to change an instance's adapters from `before` to `after`: its worker unloads and
+    loads them one by one (each call up to ADAPTER_CALL_TIMEOUT: an adapter read and installed between two steps;
+    a changed folder is both), then the agent answers."""
+    calls = sum(after.get(n) != f for n, f in before.items()) + sum(before.get(n) != f for n, f in after.items())
+    return adapter_calls_timeout(calls)
+
+
+def adapter_calls_timeout(calls: int) -> float:
+    return max(calls, 1) * ADAPTER_CALL_TIMEOUT + AGENT_ANSWER_SECONDS
+
+
+# The longest an admin redeploy that changes one adapter (vLLM's load or unload endpoint) may wait for the model's
+# instances: one push to all of them at once (a changed folder: an unload and a load) and, if a worker refuses the
+# adapter, one push back.
+ONE_ADAPTER_REDEPLOY_SECONDS = 2 * adapter_calls_timeout(2)
 
 
 def _answer(resp: httpx.Response, url: str, model: type[Answer], action: str, what: str) -> Answer:
@@ -128,10 +147,11 @@ class AgentClient:
         resp = self._call("POST", url, json=body, timeout=timeout)
         return _answer(resp, url, MigratedOut, "migrate the instance", "migration result")
 
-    def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str]) -> LoraAdaptersApplied:
-        """Have the instance's worker serve these adapters from now on (loads and unloads: seconds at most)."""
+    def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str],
+                          timeout: float) -> LoraAdaptersApplied:
+        """Have the instance's worker serve these adapters from now on; timeout: adapters_timeout of the change."""
         url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}/lora-adapters"
-        resp = self._call("PUT", url, json={"lora_adapters": adapters}, timeout=ADAPTERS_TIMEOUT_SECONDS)
+        resp = self._call("PUT", url, json={"lora_adapters": adapters}, timeout=timeout)
         return _answer(resp, url, LoraAdaptersApplied, "change the instance's LoRA adapters", "answer")
 
     def list_instances(self, agent_url: str) -> list[InstanceInfo]:

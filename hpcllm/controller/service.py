@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from hpcllm.checkpoint import MANIFEST_FILE, CheckpointError, read_checkpoint
 from hpcllm.checkpoint.context import CONFIG_FILE, ContextLengthError, source_max_model_len
 from hpcllm.config import Config
-from hpcllm.controller.agents import AgentClient
+from hpcllm.controller.agents import AgentClient, adapters_timeout
 from hpcllm.controller.allocations import Allocator
 from hpcllm.controller.errors import (
     AgentError,
@@ -71,6 +72,7 @@ from hpcllm.controller.protocol import (
     InstanceInfo,
     InstanceStatus,
     IssuedPoolToken,
+    LoraAdaptersApplied,
     MigrationTarget,
     MigrationTargetRequest,
     ModelCard,
@@ -113,6 +115,9 @@ from hpcllm.httpkit.errors import validation_message
 from hpcllm.worker.lora_config import AdapterError, read_adapter_config
 
 log = logging.getLogger(__name__)
+
+# Agents asked at once to change their instances' adapters (a redeploy waits for the slowest).
+ADAPTER_PUSH_THREADS = 16
 
 ROUTABLE_NODE_STATES = ("up",)
 RECENT_FAILURES = 20  # instance failures `hpcllm status` lists
@@ -225,23 +230,45 @@ class Controller:
 
     def _push_adapters(self, model: DeployedModel, previous: DeployedModel) -> None:
         """A redeploy changed the model's adapters: its running instances load the added ones and unload the
-        removed ones (after the requests running with them end) through their agents, so every instance the gateway
-        routes the listed adapters to serves them. An adapter a worker refuses (400: it cannot be served on this
-        model) undoes the redeploy and is its error; an instance that cannot apply the change otherwise (its engine
-        loads no adapter at runtime, its agent or worker does not answer) is replaced: stopped, its failure
-        recorded, and the next one starts with the model's adapters."""
-        changed: list[tuple[NodeRecord, InstanceRecord]] = []
-        for node, inst in self._adapter_instances(model.name):
-            refused = self._set_adapters(node, inst, model.lora_adapters)
-            if refused:
-                self.registry.put_model(previous)
-                for node_changed, inst_changed in [*changed, (node, inst)]:
-                    self._set_adapters(node_changed, inst_changed, previous.lora_adapters)
-                name, message = refused
-                raise InvalidModelConfig(f"lora_adapters.{name}: instance {inst.instance_id} on {node.node_id} cannot "
-                                         f"serve it: {message}; the model keeps its previous adapters",
-                                         param="lora_adapters")
-            changed.append((node, inst))
+        removed ones (after the requests running with them end) through their agents, all at once, so every
+        instance the gateway routes the listed adapters to serves them. An adapter a worker refuses (400: it cannot
+        be served on this model) undoes the redeploy and is its error; an instance that cannot apply the change
+        otherwise (its engine loads no adapter at runtime, its agent or worker does not answer) is replaced:
+        stopped, its failure recorded, and the next one starts with the model's adapters."""
+        timeout = adapters_timeout(previous.lora_adapters, model.lora_adapters)
+        kept, refused = self._set_adapters(self._adapter_instances(model.name), model.lora_adapters, timeout)
+        if refused:
+            self.registry.put_model(previous)
+            self._set_adapters(kept, previous.lora_adapters, timeout)
+            name, message = refused
+            raise InvalidModelConfig(f"lora_adapters.{name}: {message}; the model keeps its previous adapters",
+                                     param="lora_adapters")
+
+    def _set_adapters(self, instances: list[tuple[NodeRecord, InstanceRecord]], adapters: dict[str, str],
+                      timeout: float) -> tuple[list[tuple[NodeRecord, InstanceRecord]], tuple[str, str] | None]:
+        """The instances' adapters through their agents, asked in parallel (each may take minutes: adapters are
+        read and installed one by one). Returns the instances kept (those that cannot apply them otherwise than by
+        a refusal are replaced) and (name, why) of the first adapter a worker refuses to serve, if any."""
+        def ask(pair: tuple[NodeRecord, InstanceRecord]) -> LoraAdaptersApplied | AgentError:
+            try:
+                return self.agents.set_lora_adapters(pair[0].agent_url, pair[1].instance_id, adapters, timeout)
+            except AgentError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(instances), ADAPTER_PUSH_THREADS))) as pool:
+            answers = list(pool.map(ask, instances))
+        kept, refusals = [], []
+        for (node, inst), applied in zip(instances, answers):
+            if isinstance(applied, AgentError):
+                self._replace_for_adapters(node, inst, str(applied))
+                continue
+            kept.append((node, inst))
+            refused = [(name, f"instance {inst.instance_id} on {node.node_id} cannot serve it: {f.message}")
+                       for name, f in sorted(applied.failed.items()) if f.status == 400]
+            refusals += refused
+            if applied.failed and not refused:
+                self._replace_for_adapters(node, inst, applied.failures())
+        return kept, refusals[0] if refusals else None
 
     def _adapter_instances(self, model: str) -> list[tuple[NodeRecord, InstanceRecord]]:
         """The model's instances whose worker serves or will serve (a reserved one starts with the new adapters)."""
@@ -249,29 +276,14 @@ class Controller:
         return [(nodes[i.node_id], i) for i in self.registry.instances(model=model)
                 if i.state in ("loading", "ready") and not i.reserved and i.node_id in nodes]
 
-    def _set_adapters(self, node: NodeRecord, inst: InstanceRecord,
-                      adapters: dict[str, str]) -> tuple[str, str] | None:
-        """One instance's adapters through its agent: (name, why) of an adapter its worker refuses to serve, None
-        when it serves them now (or will once loaded); an instance that cannot apply them otherwise is replaced."""
-        try:
-            applied = self.agents.set_lora_adapters(node.agent_url, inst.instance_id, adapters)
-        except AgentError as exc:
-            self._replace_for_adapters(node, inst, str(exc))
-            return None
-        refused = sorted((name, f.message) for name, f in applied.failed.items() if f.status == 400)
-        if refused:
-            return refused[0]
-        if applied.failed:
-            self._replace_for_adapters(node, inst, applied.failures())
-        return None
-
     def _catch_up_adapters(self, started_with: DeployedModel, node: NodeRecord, instance_id: str) -> None:
         """A redeploy that changed the adapters while this instance was being started (reserved: its push skipped
         it) reaches it now; a redeploy after the confirmation finds it among the instances."""
         current = self.registry.get_model(started_with.name)
         inst = self.registry.get_instance(instance_id)
         if current is not None and inst is not None and current.lora_adapters != started_with.lora_adapters:
-            self._set_adapters(node, inst, current.lora_adapters)
+            self._set_adapters([(node, inst)], current.lora_adapters,
+                               adapters_timeout(started_with.lora_adapters, current.lora_adapters))
 
     def _replace_for_adapters(self, node: NodeRecord, inst: InstanceRecord, reason: str) -> None:
         self.registry.set_instance_state(inst.instance_id, "draining")  # no route to it from now on

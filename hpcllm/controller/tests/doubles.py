@@ -161,6 +161,7 @@ class FakeAgents(AgentClient):
         self.lora_adapters: list[dict[str, str] | None] = []  # the adapters each start asked the worker to serve
         self.serving_adapters: dict[str, dict[str, str]] = {}  # instance id -> the adapters its worker serves
         self.refuse_adapters: dict[str, AdapterFailure] = {}  # adapter name -> how every worker refuses to load it
+        self.adapter_timeouts: list[float] = []  # the timeout of each set_lora_adapters call
         self.stopped: list[tuple[str, str]] = []
         self.unreachable: set[str] = set()
         self.refuse_start = False
@@ -194,9 +195,11 @@ class FakeAgents(AgentClient):
         self.serving_adapters[instance_id] = dict(lora_adapters or {})
         return StartedInstance(instance_id, worker_url)
 
-    def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str]) -> LoraAdaptersApplied:
+    def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str],
+                          timeout: float) -> LoraAdaptersApplied:
         """As the agent's relay does: unload what is no longer wanted, load the rest, those in refuse_adapters
         failing."""
+        self.adapter_timeouts.append(timeout)
         agent = self._agent(agent_url)
         if instance_id not in agent.instances:
             raise AgentError(f"node agent {agent_url}: HTTP 404 no instance {instance_id!r} on this node")

@@ -185,3 +185,33 @@ def test_a_load_the_model_spec_refuses_is_a_400_naming_why(client, harness, tmp_
                      headers=ADMIN)
     assert tp.status_code == 400 and "tensor_parallel > 1" in tp.get_json()["error"]["message"], tp.get_json()
     assert harness.registry.get_model("m").lora_adapters == {} and harness.registry.get_model("tp").lora_adapters == {}
+
+
+def test_a_redeploy_pushes_its_adapters_to_every_instance_at_once_waiting_per_change(harness, tmp_path):
+    """Each push may take minutes (adapters are read and installed one by one): the instances are asked together,
+    and each agent is given the worker's time per load or unload for every change (x unloaded, y loaded: two)."""
+    import threading
+
+    from hpcllm.controller.agents import AGENT_ANSWER_SECONDS
+    from hpcllm.worker.client import ADAPTER_CALL_TIMEOUT
+
+    x, y = adapter_folder(tmp_path / "x"), adapter_folder(tmp_path / "y")
+    harness.deploy("m", lora_adapters={"x": x}, min_instances=2, max_instances=2)
+    harness.register("n1")
+    harness.register("n2")
+    harness.tick()
+    harness.heartbeat("n1", tier="nvme")
+    harness.tick()
+    instances = [i.instance_id for i in harness.registry.instances(model="m")]
+    assert len(instances) == 2
+    both_asked = threading.Barrier(2, timeout=30)  # one push at a time would break it: the first waits alone
+    set_adapters = harness.agents.set_lora_adapters
+
+    def set_together(*args):
+        both_asked.wait()
+        return set_adapters(*args)
+
+    harness.agents.set_lora_adapters = set_together
+    harness.deploy("m", lora_adapters={"y": y}, min_instances=2, max_instances=2)
+    assert {i: harness.agents.serving_adapters[i] for i in instances} == {i: {"y": y} for i in instances}
+    assert harness.agents.adapter_timeouts == [2 * ADAPTER_CALL_TIMEOUT + AGENT_ANSWER_SECONDS] * 2

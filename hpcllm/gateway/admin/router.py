@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 from flask import Blueprint, Response, request
 
+from hpcllm.controller.agents import ONE_ADAPTER_REDEPLOY_SECONDS
 from hpcllm.controller.protocol import MODEL_NAME_PATTERN
 from hpcllm.gateway.errors import MethodNotAllowed, NotFound, NotImplementedByDeployment, ServiceUnavailable
 from hpcllm.gateway.routing import ControllerRouter
@@ -30,6 +31,9 @@ bp = Blueprint("admin", __name__)
 
 FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept", "X-Request-Id")
 ADMIN_TIMEOUT_S = 120.0
+# A POST (a deploy, vLLM's LoRA load and unload) redeploys: it answers once the model's instances applied its
+# adapters. (A deploy changing several adapters at once may outlast it: `hpcllm status` shows what became of it.)
+REDEPLOY_TIMEOUT_S = max(ADMIN_TIMEOUT_S, ONE_ADAPTER_REDEPLOY_SECONDS)
 _MODEL_NAME = MODEL_NAME_PATTERN.removeprefix("^").removesuffix("$")
 # The controller's admin API (hpcllm.controller.protocol): path after /v1/admin/ -> allowed methods.
 ADMIN_ROUTES: tuple[tuple[re.Pattern, frozenset[str]], ...] = (
@@ -79,7 +83,8 @@ def admin_proxy(rest: str):
     headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
     upstream_request = gw.http.build_request(
         request.method, f"{router.controller_url}/v1/admin/{quote(rest)}", params=request.args,
-        content=request.get_data(), headers=headers, timeout=ADMIN_TIMEOUT_S)
+        content=request.get_data(), headers=headers,
+        timeout=REDEPLOY_TIMEOUT_S if request.method == "POST" else ADMIN_TIMEOUT_S)
     try:
         upstream = gw.http.send(upstream_request)
     except httpx.HTTPError as exc:

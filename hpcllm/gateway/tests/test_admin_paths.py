@@ -77,6 +77,7 @@ def test_vllms_lora_endpoints_take_the_admin_key_and_redeploy_through_the_contro
     redeploy of the base model, inferred here: the only one deployed); an API key is not enough."""
     import httpx
 
+    from hpcllm.controller.agents import ONE_ADAPTER_REDEPLOY_SECONDS
     from hpcllm.controller.tests.test_lora_adapters import adapter_folder
 
     from .conftest import MODEL, USER_KEY
@@ -87,8 +88,22 @@ def test_vllms_lora_endpoints_take_the_admin_key_and_redeploy_through_the_contro
                          headers={"Authorization": f"Bearer {USER_KEY}"})
     assert as_user.status_code == 401 and as_user.json()["error"]["code"] == "invalid_admin_key"
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    loaded = httpx.post(f"{routed_gateway.url}/v1/load_lora_adapter", json=body, headers=admin)
+    waits = []
+    http = routed_gateway.state.http
+    original_send = http.send
+
+    def recording_send(request, **kwargs):
+        waits.append(request.extensions["timeout"]["read"])
+        return original_send(request, **kwargs)
+
+    http.send = recording_send
+    try:
+        loaded = httpx.post(f"{routed_gateway.url}/v1/load_lora_adapter", json=body, headers=admin)
+    finally:
+        http.send = original_send
     assert loaded.status_code == 200, loaded.text
+    # the proxy waits as long as the controller may push the adapter to the model's instances (and back)
+    assert waits == [ONE_ADAPTER_REDEPLOY_SECONDS]
     assert loaded.json()["name"] == MODEL and loaded.json()["lora_adapters"] == {"tiny-legal": folder}
     unloaded = httpx.post(f"{routed_gateway.url}/v1/unload_lora_adapter", json={"lora_name": "tiny-legal"},
                           headers=admin)
