@@ -1,5 +1,5 @@
 """The pooling models' way to the worker, shared by /v1/embeddings, /v1/score, /v1/rerank and /v1/classify: which
-model may be asked (pooling_model), its inputs' token ids (tokenize_input), what its head is (classifier_of, from
+model may be asked (pooling_model), its inputs' token ids (tokenize_input, tokenize_inputs), what its head is (classifier_of, from
 its config.json), and the pooled outputs of one worker call (pool_on_a_worker: embeddings, or a classifier's
 logits)."""
 
@@ -19,6 +19,7 @@ from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext, on_a_worker
 from hpcllm.gateway.tokenization import PromptEncoder
 from hpcllm.gateway.upstream import embed_on_worker
+from hpcllm.worker.protocol import MAX_EMBED_INPUTS
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,22 @@ def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | l
     return ids
 
 
+def tokenize_inputs(encoder: PromptEncoder, card: ModelCard, texts_or_ids: list[str | list[int]]) -> list[list[int]]:
+    """The token ids of a request's `input` list (embeddings, classify), a 400 naming `input` or `input[i]`."""
+    return [tokenize_input(encoder, card, text_or_ids, "input" if len(texts_or_ids) == 1 else f"input[{i}]")
+            for i, text_or_ids in enumerate(texts_or_ids)]
+
+
 def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: list[list[int]],
-                     classifier: Classifier | None) -> list[list[float]]:
+                     classifier: Classifier | None, param: str) -> tuple[list[list[float]], int]:
     """The inputs' pooled outputs (embeddings, or with a classifier its head's logits) from one worker call
-    (another worker if the routed one is gone), their tokens taken from the key's token budget and counted as the
-    request's prompt tokens (metrics, usage accounting)."""
+    (another worker if the routed one is gone), and the prompt tokens they took: taken from the key's token budget
+    and counted as the request's (metrics, usage accounting). More inputs than one worker call takes: a 400 naming
+    param, before any token is reserved."""
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} texts are pooled in one request (a cross-encoder's pairs, "
+                             f"an embedding model's inputs: queries and documents together); this one has "
+                             f"{len(inputs)}: split it", param=param)
     prompt_tokens = sum(len(ids) for ids in inputs)
     if ctx.api_key is not None:
         gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)
@@ -168,4 +180,4 @@ def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: 
         raise
     gw.metrics.prompt_tokens.labels(card.name).inc(prompt_tokens)
     gw.usage.record(ctx.api_key, card.name, ctx.endpoint, prompt_tokens, 0)
-    return result.embeddings
+    return result.embeddings, prompt_tokens

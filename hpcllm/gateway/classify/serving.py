@@ -7,7 +7,7 @@ import time
 
 from hpcllm.gateway.classify.protocol import ClassificationData, ClassificationRequest, ClassificationResponse
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import classifier_of, pool_on_a_worker, pooling_model, tokenize_input
+from hpcllm.gateway.pooling import classifier_of, pool_on_a_worker, pooling_model, tokenize_inputs
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext, new_response_id
@@ -22,15 +22,14 @@ def create_classification(gw: Gateway, ctx: RequestContext, req: ClassificationR
                              "*ForSequenceClassification architecture): /v1/classify needs one", param="model")
     activate = classifier.applies_activation(req.use_activation)
     encoder = gw.tokenizers.get(card)
-    inputs = [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]")
-              for i, text_or_ids in enumerate(req.input)]
+    outputs, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req.input), classifier,
+                                              "input")
     data = []
-    for i, logits in enumerate(pool_on_a_worker(gw, ctx, card, inputs, classifier)):
+    for i, logits in enumerate(outputs):
         probs = classifier.probabilities(logits, activate)
         best = max(range(len(probs)), key=probs.__getitem__)
         data.append(ClassificationData(index=i, label=classifier.labels.get(best), probs=probs,
                                        num_classes=len(probs)))
-    prompt_tokens = sum(len(ids) for ids in inputs)
     return ClassificationResponse(id=new_response_id("classify"), created=int(time.time()), model=req.model,
                                   data=data, usage=UsageInfo(prompt_tokens=prompt_tokens,
                                                              total_tokens=prompt_tokens)).model_dump()

@@ -8,7 +8,7 @@ import struct
 
 from hpcllm.gateway.embeddings.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import classifier_of, pool_on_a_worker, pooling_model, tokenize_input
+from hpcllm.gateway.pooling import classifier_of, pool_on_a_worker, pooling_model, tokenize_inputs
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
 
@@ -21,10 +21,8 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
         raise InvalidRequest(f"model {req.model!r} is a classification model ({classifier.architecture}): it answers "
                              "/v1/score, /v1/rerank and /v1/classify, not /v1/embeddings", param="model")
     encoder = gw.tokenizers.get(card)
-    inputs = [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]")
-              for i, text_or_ids in enumerate(req.input)]
-    embeddings = pool_on_a_worker(gw, ctx, card, inputs, None)
-    prompt_tokens = sum(len(ids) for ids in inputs)
+    embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req.input), None,
+                                                 "input")
     return EmbeddingResponse(
         data=[Embedding(embedding=_encode(e, req.encoding_format), index=i) for i, e in enumerate(embeddings)],
         model=req.model, usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),

@@ -17,7 +17,6 @@ from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.score.protocol import (RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage,
                                            ScoreData, ScoreRequest, ScoreResponse, Side)
 from hpcllm.gateway.serving import RequestContext, new_response_id
-from hpcllm.worker.protocol import MAX_EMBED_INPUTS
 
 RESPONSE_ID_PREFIX = "score"  # vLLM's for both APIs
 
@@ -67,8 +66,8 @@ def score_pairs(gw: Gateway, ctx: RequestContext, model: str, queries: Side, doc
     inputs = [tokenize_input(encoder, card, query, documents.param(i), pair=document,
                              join=not classifier.use_sep_token)
               for i, (query, document) in enumerate(zip(query_texts, documents.texts))]
-    logits = pool_on_a_worker(gw, ctx, card, inputs, classifier)
-    return [classifier.probabilities(row, activate)[0] for row in logits], sum(len(ids) for ids in inputs)
+    logits, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, classifier, documents.name)
+    return [classifier.probabilities(row, activate)[0] for row in logits], prompt_tokens
 
 
 def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, queries: Side,
@@ -78,16 +77,16 @@ def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, querie
     encoder = gw.tokenizers.get(card)
     inputs = [tokenize_input(encoder, card, text, side.param(i))
               for side in (queries, documents) for i, text in enumerate(side.texts)]
-    embeddings = pool_on_a_worker(gw, ctx, card, inputs, None)
+    embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, None, documents.name)
     query_embeddings = embeddings[:len(queries.texts)]
     if len(query_embeddings) == 1:
         query_embeddings *= len(documents.texts)
     scores = [_cosine(q, d) for q, d in zip(query_embeddings, embeddings[len(queries.texts):])]
-    return scores, sum(len(ids) for ids in inputs)
+    return scores, prompt_tokens
 
 
 def _check_pairing(queries: Side, documents: Side) -> None:
-    """vLLM's rules (and words) for the two sides' lengths, and hpcllm's limit on a request's texts."""
+    """vLLM's rules (and words) for the two sides' lengths (a request's texts are counted by pool_on_a_worker)."""
     if not queries.texts:
         raise InvalidRequest("At least one text element must be given", param=queries.name)
     if not documents.texts:
@@ -95,10 +94,6 @@ def _check_pairing(queries: Side, documents: Side) -> None:
     if len(queries.texts) > 1 and len(queries.texts) != len(documents.texts):
         raise InvalidRequest(f"Input lengths must be either 1:1, 1:N or N:N (got {len(queries.texts)} "
                              f"{queries.name} and {len(documents.texts)} {documents.name})", param=documents.name)
-    if len(queries.texts) + len(documents.texts) > MAX_EMBED_INPUTS:
-        raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} texts (queries and documents together) are scored in one "
-                             f"request; this one has {len(queries.texts) + len(documents.texts)}: split it",
-                             param=documents.name)
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

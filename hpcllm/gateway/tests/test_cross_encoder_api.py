@@ -148,3 +148,16 @@ def test_a_config_json_of_an_unexpected_shape_is_read_as_unreadable_not_a_500_pe
         error = assert_error(gateway.post("/v1/embeddings", json={"model": name, "input": "a"}), 500,
                              "internal_error")
         assert "config.json says 'embed'" in error["message"], error
+
+
+def test_at_most_one_worker_calls_inputs_are_pooled_counted_as_the_worker_counts_them(gateway):
+    """2048 inputs per worker call: more embeddings or classify inputs are a 400 naming `input` before anything is
+    reserved or sent; a cross-encoder's query and 2048 documents are 2048 pairs, one call."""
+    from hpcllm.worker.protocol import MAX_EMBED_INPUTS
+
+    for path, model in (("/v1/embeddings", MODEL), ("/v1/classify", CLASSIFIER)):
+        error = assert_error(gateway.post(path, json={"model": model, "input": ["a"] * (MAX_EMBED_INPUTS + 1)}), 400,
+                             "invalid_request", "input")
+        assert f"at most {MAX_EMBED_INPUTS} texts" in error["message"] and "2049" in error["message"]
+    ranked = gateway.post("/v1/rerank", json={"model": RERANKER, "query": "a", "documents": ["b"] * MAX_EMBED_INPUTS})
+    assert ranked.status_code == 200 and len(ranked.json()["results"]) == MAX_EMBED_INPUTS, ranked.text
