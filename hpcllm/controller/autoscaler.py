@@ -33,7 +33,6 @@ from hpcllm.controller.allocations import PREFERRED_NODE_BUSY
 from hpcllm.controller.errors import AgentError, ControllerError
 from hpcllm.controller.registry import AllocationRecord
 from hpcllm.controller.service import ROUTABLE_NODE_STATES, Controller, allocation_agents, is_retiring
-from hpcllm.credentials import visible_to
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +168,7 @@ class Autoscaler:
         """Start an instance of each model off the leaving nodes, unless one is on its way there (loading, or an
         allocation made for it whose agent has not registered): one at a time per model, as for demand. group: the
         one group a retiring pool serves (only where its requests may go counts)."""
-        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)
-                    if visible_to(n.serves_group, group)} - leaving
+        routable = set(self.controller.routable_nodes(group, leaving))
         for name in names:
             model = self.registry.get_model(name)
             if model is None or self.controller.pending_allocations(name) or any(
@@ -184,10 +182,12 @@ class Autoscaler:
         pools: never another group's), and once one is ready the pool drains - its agent, told so by its next
         heartbeat's answer, live-migrates its requests there (the migration target) and exits. No drain deadline:
         with none ready the pool serves until Slurm's signal, whose drain takes the replacement if it is ready then."""
-        for node in self.registry.nodes(states=ROUTABLE_NODE_STATES):
-            if not self.controller.is_retiring_pool(node, now):
-                continue
-            leaving = self.controller.retiring_nodes(now)
+        pools = [n for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)
+                 if self.controller.is_retiring_pool(n, now)]
+        if not pools:
+            return
+        leaving = self.controller.retiring_nodes(now)  # once: a pool set draining below is no target anyway
+        for node in pools:
             target = self.controller.ready_target(node.pool_model, leaving, node.serves_group)
             if target is None:
                 self._start_replacements([node.pool_model], leaving, report, group=node.serves_group)

@@ -720,7 +720,7 @@ class Controller:
             with self._changed:
                 self._changed.wait(timeout=max(0.0, min(remaining, 0.5)))
 
-    def _routable_nodes(self, group: str | None, exclude: frozenset[str] = frozenset()) -> dict[str, NodeRecord]:
+    def routable_nodes(self, group: str | None, exclude: frozenset[str] = frozenset()) -> dict[str, NodeRecord]:
         """Up nodes a request of `group` may go to (not a pool of another group), minus `exclude`."""
         return {n.node_id: n for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)
                 if n.node_id not in exclude and visible_to(n.serves_group, group)}
@@ -731,7 +731,7 @@ class Controller:
             raise UnknownModel(f"model {name!r} is not deployed")
         now = self.clock()
         instances = self.registry.instances(model=name)
-        nodes = self._routable_nodes(group)
+        nodes = self.routable_nodes(group)
         routable = set(nodes)
         ready = [i for i in instances if i.state == "ready" and i.worker_url and i.node_id in routable]
         loading = [i for i in instances if i.state == "loading" and i.node_id in routable]
@@ -811,7 +811,7 @@ class Controller:
                              group: str | None = None) -> RouteWaiting | None:
         """The instance already loading (concurrent requests wait for it); NoCapacity at max_instances (counting
         what `group` may be routed to: another group's pool does not count)."""
-        routable = set(self._routable_nodes(group, exclude_nodes))
+        routable = set(self.routable_nodes(group, exclude_nodes))
         active = [i for i in self.registry.instances(model=model.name)
                   if i.state in ("ready", "loading") and i.node_id in routable]
         loading = [i for i in active if i.state == "loading"]
@@ -1046,7 +1046,7 @@ class Controller:
     def ready_target(self, model: str, excluded: frozenset[str], group: str | None = None) -> InstanceRecord | None:
         """The least-loaded ready instance of the model on a routable node not in excluded; one on a retiring
         allocation's node (it moves again soon) only when there is no other."""
-        routable = set(self._routable_nodes(group, excluded))
+        routable = set(self.routable_nodes(group, excluded))
         ready = [i for i in self.registry.instances(model=model)
                  if i.state == "ready" and i.worker_url and i.node_id in routable and not i.reserved]
         leaving = self.retiring_nodes(self.clock()) if ready else frozenset()
