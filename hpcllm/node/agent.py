@@ -429,7 +429,7 @@ class NodeAgent:
                         "registered ones", self.controller_url, error_of(resp)[1])
             self._rates_sent = version
             return self.heartbeat()
-        if resp.status_code == 400 and job_end is not None:
+        if resp.status_code == 400 and job_end is not None and self._refuses_job_end(resp):
             log.warning("the controller %s refused this pool's job end (%s): it cannot hand the pool over before "
                         "the job ends; Slurm's signal drains it", self.controller_url, error_of(resp)[1])
             self._send_job_end = False
@@ -442,6 +442,13 @@ class NodeAgent:
         if self.pinned_model is not None:
             self._follow_the_controller(resp)
         return True
+
+    @staticmethod
+    def _refuses_job_end(resp: httpx.Response) -> bool:
+        """A 400 about the job end itself (a controller older than this agent: an unknown field), not about anything
+        else of the heartbeat: only then do heartbeats go on without it (the pool is then never handed over)."""
+        error, message = error_of(resp)
+        return error.get("param") == "job_end" or "job_end" in message
 
     def _follow_the_controller(self, resp: httpx.Response) -> None:
         """A model pool's node the controller drains (it retires the pool before its job ends, a replacement ready

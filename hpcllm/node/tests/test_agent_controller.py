@@ -243,3 +243,30 @@ def test_a_controller_older_than_the_pool_agent_gets_heartbeats_without_the_job_
         assert "refused this pool's job end (job_end: Extra inputs are not permitted)" in caplog.text
     finally:
         agent.shutdown()
+
+
+def test_a_heartbeat_refused_for_another_reason_keeps_reporting_the_job_end(tmp_path):
+    """A 400 that is not about job_end (here: the instances) does not turn the pool's hand-over off for good."""
+    import json
+
+    import httpx
+
+    bodies = []
+
+    def refusing_once(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        if len(bodies) == 1:
+            return httpx.Response(400, json={"error": {"message": "instances.0.state: Input should be 'loading'",
+                                                       "param": "instances.0.state"}})
+        return httpx.Response(200, json={"node_id": "n8", "state": "up"})
+
+    agent = make_agent(tmp_path)
+    agent.pinned_model, agent.job_end, agent.controller_url = "tiny-llama", 1_900_000_000.0, "http://controller"
+    agent._http = httpx.Client(transport=httpx.MockTransport(refusing_once))
+    agent._rates_sent = agent._rates_version
+    try:
+        assert not agent.heartbeat()  # failed: the next one goes as usual
+        assert agent.heartbeat()
+        assert [b.get("job_end") for b in bodies] == [1_900_000_000.0, 1_900_000_000.0]
+    finally:
+        agent.shutdown()
