@@ -17,7 +17,8 @@ from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext, on_a_worker
-from hpcllm.gateway.tokenization import PromptEncoder
+from hpcllm.gateway.protocol import InputsRequest, TruncatingRequest
+from hpcllm.gateway.tokenization import PromptEncoder, Truncation
 from hpcllm.gateway.upstream import embed_on_worker
 from hpcllm.worker.protocol import MAX_EMBED_INPUTS
 
@@ -117,32 +118,40 @@ def _object(config: dict, key: str) -> dict:
 
 
 def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | list[int], param: str,
-                   pair: str | None = None, join: bool = False) -> list[int]:
-    """The token ids of one input (BOS added as vLLM does), or a 400 naming param: empty, outside the vocabulary,
-    or longer than the model's context. pair: a cross-encoder's second text, tokenized as the tokenizer's text pair
-    (or, join, appended to the first text)."""
-    if isinstance(text_or_ids, str):  # a text too long for the context whatever its tokens: refused untokenized
-        encoder.check_fits(len(text_or_ids) + len(pair or ""), card.max_model_len, param)
-    if isinstance(text_or_ids, str) and pair is not None:
-        ids = encoder.encode(text_or_ids + pair) if join else list(
-            encoder.tokenizer(text_or_ids, text_pair=pair)["input_ids"])
-    elif isinstance(text_or_ids, str):
-        ids = encoder.encode(text_or_ids)
+                   pair: str | None = None, join: bool = False, truncation: Truncation | None = None) -> list[int]:
+    """The token ids of one input (BOS added as vLLM does), truncated as asked, or a 400 naming param: empty,
+    outside the vocabulary, or longer than the model's context. pair: a cross-encoder's second text, tokenized as
+    the tokenizer's text pair (or, join, appended to the first text)."""
+    if isinstance(text_or_ids, str) and pair is not None and join:
+        text_or_ids, pair = text_or_ids + pair, None
+    if isinstance(text_or_ids, str):
+        if truncation is None:  # a text too long for the context whatever its tokens: refused untokenized
+            encoder.check_fits(len(text_or_ids) + len(pair or ""), card.max_model_len, param)
+        ids = encoder.encode(text_or_ids, pair=pair, truncation=truncation)
     else:
         ids = encoder.check_token_ids(text_or_ids, param)
+        ids = ids if truncation is None else truncation.keep(ids)
     if not ids:
         raise InvalidRequest("the input is empty (no tokens after tokenization)", param=param, code="empty_prompt")
     if card.max_model_len is not None and len(ids) > card.max_model_len:
         raise InvalidRequest(f"This model's maximum context length is {card.max_model_len} tokens. However, "
-                             f"the input has {len(ids)} tokens. Please reduce the length of the input.",
-                             param=param, code="context_length_exceeded")
+                             f"the input has {len(ids)} tokens. Please reduce the length of the input, or send "
+                             "truncate_prompt_tokens.", param=param, code="context_length_exceeded")
     return ids
 
 
-def tokenize_inputs(encoder: PromptEncoder, card: ModelCard, texts_or_ids: list[str | list[int]]) -> list[list[int]]:
-    """The token ids of a request's `input` list (embeddings, classify), a 400 naming `input` or `input[i]`."""
-    return [tokenize_input(encoder, card, text_or_ids, "input" if len(texts_or_ids) == 1 else f"input[{i}]")
-            for i, text_or_ids in enumerate(texts_or_ids)]
+def input_truncation(encoder: PromptEncoder, card: ModelCard, req: TruncatingRequest) -> Truncation | None:
+    """The pooling request's truncation for its model (all of the context may be kept: nothing is generated)."""
+    return encoder.truncation(req.truncate_prompt_tokens, req.truncation_side, card.max_model_len, generating=False)
+
+
+def tokenize_inputs(encoder: PromptEncoder, card: ModelCard, req: InputsRequest) -> list[list[int]]:
+    """The token ids of a request's `input` list (embeddings, classify), truncated as it asks; a 400 naming
+    `input` or `input[i]`."""
+    truncation = input_truncation(encoder, card, req)
+    return [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]",
+                           truncation=truncation)
+            for i, text_or_ids in enumerate(req.input)]
 
 
 def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: list[list[int]],

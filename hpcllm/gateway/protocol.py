@@ -198,7 +198,16 @@ def prompt_list(value: Any, name: str) -> list[str | list[int]]:
     raise ValueError(f"{name} must be {PROMPT_SHAPES}")
 
 
-class InputsRequest(OpenAIRequest):
+class TruncatingRequest(OpenAIRequest):
+    """vLLM's prompt truncation (completions, chat, embeddings, classify, score, rerank): each prompt keeps
+    truncate_prompt_tokens tokens (-1: as many as the model's context holds), its first ones (truncation_side
+    "right") or its last ones ("left"); no side: the tokenizer's (most truncate on the right)."""
+
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncation_side: Literal["left", "right"] | None = None
+
+
+class InputsRequest(TruncatingRequest):
     """A request of inputs in the completions prompt shapes, one result each (embeddings, classify)."""
 
     model: str = Field(min_length=1)
@@ -325,7 +334,7 @@ class StructuredOutputs(OpenAIRequest):
                                  param="structured_outputs", code="invalid_value")
 
 
-class SamplingRequest(OpenAIRequest):
+class SamplingRequest(TruncatingRequest):
     """Fields /v1/completions and /v1/chat/completions share."""
 
     model: str = Field(min_length=1)

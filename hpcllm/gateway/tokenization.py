@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
 from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
@@ -26,6 +26,34 @@ from hpcllm.gateway.routing import ModelCard
 log = logging.getLogger(__name__)
 # apply_chat_template's parameters that are also request fields of /v1/chat/completions and /tokenize.
 REQUEST_FIELDS = ("tools", "documents", "add_generation_prompt", "continue_final_message")
+
+
+TRUNCATION_SLACK_TOKENS = 8  # tokens kept past the truncation before cutting a text by characters (see trimmed)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A request's truncate_prompt_tokens and truncation_side, resolved for its model (PromptEncoder.truncation):
+    each prompt keeps `tokens` tokens, its first ones (side "right") or its last ones ("left")."""
+
+    tokens: int
+    side: Literal["left", "right"]
+    by_tokenizer: bool  # no side asked: the tokenizer truncates a text itself, keeping its special tokens (vLLM's)
+
+    def keep(self, ids: list[int]) -> list[int]:
+        if len(ids) <= self.tokens:
+            return ids
+        return ids[-self.tokens:] if self.side == "left" else ids[:self.tokens]
+
+    def trimmed(self, text: str, max_token_chars: int) -> str:
+        """text cut by characters on the side truncation drops, to what holds the tokens kept and a few more
+        (tokenizing megabytes to keep a few tokens would take seconds of the gateway's CPU): any text of that many
+        characters has at least that many tokens, and the cut, a few tokens past those kept, leaves them as they
+        were."""
+        chars = (self.tokens + TRUNCATION_SLACK_TOKENS) * max_token_chars
+        if len(text) <= chars:
+            return text
+        return text[-chars:] if self.side == "left" else text[:chars]
 
 
 @dataclass
@@ -56,9 +84,43 @@ class PromptEncoder:
                 f"{at_least} tokens ({chars} characters). Please reduce the length of the prompt.",
                 param=param, code="context_length_exceeded")
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        # Like vLLM and `tokenizer(prompt)` in transformers: the model's BOS (if any) is added.
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True, *, pair: str | None = None,
+               truncation: Truncation | None = None) -> list[int]:
+        """text's token ids (pair: a cross-encoder's second text, the tokenizer's text pair), truncated as asked.
+        Like vLLM and `tokenizer(prompt)` in transformers: the model's BOS (if any) is added."""
+        if truncation is None:
+            return list(self.tokenizer(text, text_pair=pair, add_special_tokens=add_special_tokens)["input_ids"])
+        text = truncation.trimmed(text, self.max_token_chars)
+        pair = None if pair is None else truncation.trimmed(pair, self.max_token_chars)
+        by_tokenizer = {"truncation": True, "max_length": truncation.tokens} if truncation.by_tokenizer else {}
+        try:
+            ids = self.tokenizer(text, text_pair=pair, add_special_tokens=add_special_tokens, **by_tokenizer)
+        except ValueError as exc:  # transformers: a pair that cannot be cut that short around its special tokens
+            raise InvalidRequest(f"truncate_prompt_tokens {truncation.tokens} is too few tokens for this input: {exc}",
+                                 param="truncate_prompt_tokens", code="invalid_value") from None
+        return truncation.keep(list(ids["input_ids"]))
+
+    def truncation(self, tokens: int | None, side: str | None, max_model_len: int | None,
+                   generating: bool) -> Truncation | None:
+        """A request's truncation for this model (None: none asked). -1 is as many tokens as the context holds (less
+        one for a generation's first token, as vLLM); 0, or more than the context holds, a 400."""
+        if tokens is None:
+            return None
+        limit = None if max_model_len is None else max_model_len - int(generating)
+        if tokens == -1 and limit is None:
+            raise InvalidRequest("truncate_prompt_tokens -1 means the model's context length, which this model does "
+                                 "not declare: give a number of tokens", param="truncate_prompt_tokens",
+                                 code="invalid_value")
+        tokens = limit if tokens == -1 else tokens
+        if tokens == 0:
+            raise InvalidRequest("truncate_prompt_tokens 0 would keep no token: give at least 1, or -1 for as many as "
+                                 "the model's context holds", param="truncate_prompt_tokens", code="invalid_value")
+        if limit is not None and tokens > limit:
+            raise InvalidRequest(f"truncate_prompt_tokens={tokens} cannot be greater than {limit}, the model's maximum "
+                                 f"context length{' less the first generated token' if generating else ''}; give "
+                                 "-1 for as many as it holds", param="truncate_prompt_tokens", code="invalid_value")
+        asked = side or getattr(self.tokenizer, "truncation_side", "right")
+        return Truncation(tokens, "left" if asked == "left" else "right", by_tokenizer=side is None)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids' text, special tokens kept (an echoed token-id prompt, vLLM's prompt text)."""

@@ -67,9 +67,12 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     messages = req.template_messages()
     card = gw.router.get_model(req.model)
     encoder = gw.tokenizers.get(card)
-    encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
+    truncation = encoder.truncation(req.truncate_prompt_tokens, req.truncation_side, card.max_model_len,
+                                    generating=True)
+    if truncation is None:
+        encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
     rendered = encoder.render_chat(messages, req.template_tools(), **req.template_arguments())
-    prompt = rendered.token_ids
+    prompt = rendered.token_ids if truncation is None else truncation.keep(rendered.token_ids)
     reasoning = encoder.reasoning_parser(rendered)
     thinking = _worker_thinking(req, reasoning, card)
     # A constrained answer thinks first where the worker holds its grammar back until the thinking ends (the markers

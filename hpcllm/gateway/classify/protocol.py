@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from hpcllm.gateway.protocol import InputsRequest, OpenAIResponse, UsageInfo, unsupported
+from hpcllm.gateway.protocol import InputsRequest, OpenAIResponse, UsageInfo
 
 
 class ClassificationRequest(InputsRequest):
     use_activation: bool | None = None  # softmax (sigmoid for one label); None: the model's default, on
-    truncate_prompt_tokens: int | None = None
     user: str | None = None
-
-    def check_supported(self) -> None:
-        if self.truncate_prompt_tokens is not None:
-            raise unsupported("truncate_prompt_tokens", "truncating inputs")
 
 
 class ClassificationData(OpenAIResponse):

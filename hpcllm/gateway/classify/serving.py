@@ -14,7 +14,6 @@ from hpcllm.gateway.serving import RequestContext, new_response_id
 
 
 def create_classification(gw: Gateway, ctx: RequestContext, req: ClassificationRequest) -> dict:
-    req.check_supported()
     card = pooling_model(gw, req.model, "classifications")
     classifier = classifier_of(card)
     if classifier is None:
@@ -22,7 +21,7 @@ def create_classification(gw: Gateway, ctx: RequestContext, req: ClassificationR
                              "*ForSequenceClassification architecture): /v1/classify needs one", param="model")
     activate = classifier.applies_activation(req.use_activation)
     encoder = gw.tokenizers.get(card)
-    outputs, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req.input), classifier,
+    outputs, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req), classifier,
                                               "input")
     data = []
     for i, logits in enumerate(outputs):

@@ -22,13 +22,20 @@ from hpcllm.worker.protocol import TokenLogprobs
 
 
 def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[list[int]]:
+    """The prompts' token ids, truncated as the request asks (truncate_prompt_tokens)."""
     encoder = gw.tokenizers.get(card)
+    truncation = encoder.truncation(req.truncate_prompt_tokens, req.truncation_side, card.max_model_len,
+                                    generating=True)
     prompts = []
     for i, prompt in enumerate(req.prompt):
         param = "prompt" if len(req.prompt) == 1 else f"prompt[{i}]"
-        if isinstance(prompt, str):
+        if isinstance(prompt, str) and truncation is None:
             encoder.check_fits(len(prompt), card.max_model_len, param)
-        ids = encoder.encode(prompt) if isinstance(prompt, str) else encoder.check_token_ids(prompt, param)
+        if isinstance(prompt, str):
+            ids = encoder.encode(prompt, truncation=truncation)
+        else:
+            ids = encoder.check_token_ids(prompt, param)
+            ids = ids if truncation is None else truncation.keep(ids)
         if not ids:
             raise InvalidRequest("the prompt is empty (no tokens after tokenization)", param=param,
                                  code="empty_prompt")
@@ -97,7 +104,9 @@ class Echo:
     def __init__(self, encoder: PromptEncoder, req: CompletionRequest, prompts: list[list[int]]):
         self._encoder = encoder
         self._prompts = prompts
-        self._texts = [p if isinstance(p, str) else encoder.decode(ids) for p, ids in zip(req.prompt, prompts)]
+        # A token-id prompt decoded, and a truncated one: the text the model was given.
+        self._texts = [p if isinstance(p, str) and req.truncate_prompt_tokens is None else encoder.decode(ids)
+                       for p, ids in zip(req.prompt, prompts)]
         self._choices_per_prompt = req.generated_per_prompt
         self.only = req.echo_only  # max_tokens 0: the prompt alone, the generated token dropped
         self._top = req.logprobs or 0  # the worker may report more alternatives, for prompt_logprobs

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, UsageInfo, unsupported
+from hpcllm.gateway.protocol import OpenAIResponse, TruncatingRequest, UsageInfo, unsupported
 
 # vLLM's names for the two sides of a score request, in the order its request union tries them.
 SCORE_SIDES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
@@ -40,22 +40,21 @@ class Side:
         return f"{self.name}[{index}]" if self.given_as_list else self.name
 
 
-class ScoringRequest(OpenAIRequest):
-    """What vLLM's score and rerank requests share. Truncation is not implemented: refused when asked for."""
+class ScoringRequest(TruncatingRequest):
+    """What vLLM's score and rerank requests share. truncate_prompt_tokens cuts each input (a cross-encoder's pair
+    as one); the per-side limits of Cohere's v2 (max_tokens_per_query, max_tokens_per_doc) are refused."""
 
     model: str = Field(min_length=1)
     user: str | None = None
-    truncate_prompt_tokens: int | None = None
     max_tokens_per_query: int = 0
     max_tokens_per_doc: int = 0
     use_activation: bool | None = None  # a cross-encoder's sigmoid (None: the model's default, on)
 
     def check_supported(self) -> None:
-        if self.truncate_prompt_tokens is not None:
-            raise unsupported("truncate_prompt_tokens", "truncating scored texts")
         for param in ("max_tokens_per_query", "max_tokens_per_doc"):
             if getattr(self, param):
-                raise unsupported(param, "truncating scored texts")
+                raise unsupported(param, "truncating one side of the scored pairs (truncate_prompt_tokens cuts "
+                                         "each pair as a whole)")
 
 
 class ScoreRequest(ScoringRequest):

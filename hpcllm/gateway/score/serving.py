@@ -10,20 +10,22 @@ import math
 import time
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import classifier_of, pool_on_a_worker, pooling_model, tokenize_input
+from hpcllm.gateway.pooling import (classifier_of, input_truncation, pool_on_a_worker, pooling_model,
+                                    tokenize_input)
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.score.protocol import (RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage,
-                                           ScoreData, ScoreRequest, ScoreResponse, Side)
+                                           ScoreData, ScoreRequest, ScoreResponse, ScoringRequest, Side)
 from hpcllm.gateway.serving import RequestContext, new_response_id
+from hpcllm.gateway.tokenization import Truncation
 
 RESPONSE_ID_PREFIX = "score"  # vLLM's for both APIs
 
 
 def create_score(gw: Gateway, ctx: RequestContext, req: ScoreRequest) -> dict:
     req.check_supported()
-    scores, prompt_tokens = score_pairs(gw, ctx, req.model, *req.sides(), req.use_activation)
+    scores, prompt_tokens = score_pairs(gw, ctx, req, *req.sides())
     return ScoreResponse(
         id=new_response_id(RESPONSE_ID_PREFIX), created=int(time.time()), model=req.model,
         data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
@@ -35,7 +37,7 @@ def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
     """The documents by relevance to the query, best first (ties in the documents' order), the first top_n."""
     req.check_supported()
     query, documents = req.sides()
-    scores, prompt_tokens = score_pairs(gw, ctx, req.model, query, documents, req.use_activation)
+    scores, prompt_tokens = score_pairs(gw, ctx, req, query, documents)
     ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:req.top_n or None]
     results = [RerankResult(index=i, relevance_score=scores[i],
                             document=RerankDocument(text=documents.texts[i]) if req.return_documents else None)
@@ -48,34 +50,37 @@ def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
     return answer
 
 
-def score_pairs(gw: Gateway, ctx: RequestContext, model: str, queries: Side, documents: Side,
-                use_activation: bool | None = None) -> tuple[list[float], int]:
-    """The score of each (query, document) pair, in the documents' order, and the prompt tokens it took."""
+def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: Side,
+                documents: Side) -> tuple[list[float], int]:
+    """The score of each (query, document) pair, in the documents' order, and the prompt tokens it took; each
+    input truncated as the request asks (a cross-encoder's pair as one input, an embedding model's texts each)."""
     _check_pairing(queries, documents)
+    model = req.model
     card = pooling_model(gw, model, "scores")
     classifier = classifier_of(card)
+    encoder = gw.tokenizers.get(card)
+    truncation = input_truncation(encoder, card, req)
     if classifier is None:
-        return _bi_encoder_scores(gw, ctx, card, queries, documents)
+        return _bi_encoder_scores(gw, ctx, card, queries, documents, truncation)
     if classifier.num_labels != 1:
         raise InvalidRequest(f"model {model!r} is a classifier with {classifier.num_labels} labels "
                              f"({classifier.architecture}): a score needs a one-label head (a reranker's); "
                              "/v1/classify answers its labels", param="model")
-    activate = classifier.applies_activation(use_activation)
+    activate = classifier.applies_activation(req.use_activation)
     query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
-    encoder = gw.tokenizers.get(card)
     inputs = [tokenize_input(encoder, card, query, documents.param(i), pair=document,
-                             join=not classifier.use_sep_token)
+                             join=not classifier.use_sep_token, truncation=truncation)
               for i, (query, document) in enumerate(zip(query_texts, documents.texts))]
     logits, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, classifier, documents.name)
     return [classifier.probabilities(row, activate)[0] for row in logits], prompt_tokens
 
 
-def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, queries: Side,
-                       documents: Side) -> tuple[list[float], int]:
+def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, queries: Side, documents: Side,
+                       truncation: Truncation | None) -> tuple[list[float], int]:
     """Cosine similarities of the queries' and documents' embeddings; the tokens of every query and document once,
     as vLLM counts them."""
     encoder = gw.tokenizers.get(card)
-    inputs = [tokenize_input(encoder, card, text, side.param(i))
+    inputs = [tokenize_input(encoder, card, text, side.param(i), truncation=truncation)
               for side in (queries, documents) for i, text in enumerate(side.texts)]
     embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, None, documents.name)
     query_embeddings = embeddings[:len(queries.texts)]

@@ -101,6 +101,36 @@ def test_classify_answers_each_inputs_probabilities_and_label(gateway, classifie
         torch.tensor(logit)).item()], abs=1e-5), 1)
 
 
+def test_truncated_pairs_and_inputs_are_scored_as_transformers_scores_them_cut(gateway, classifier_models):
+    """A reranker's pair cut by its tokenizer (no side asked: truncation=True, longest first, its special tokens
+    kept: vLLM's), a classifier's input keeping its last tokens (truncation_side left)."""
+    tokenizer = classifier_models[RERANKER][2]
+    document = " ".join(DOCUMENTS * 3)
+    whole = len(tokenizer(QUERY, document)["input_ids"])
+    keep = whole - 9
+    _, model, _ = classifier_models[RERANKER]
+    with torch.no_grad():
+        cut = tokenizer(QUERY, document, truncation=True, max_length=keep, return_tensors="pt")
+        logit = model(**cut).logits[0, 0].item()
+    answer = gateway.post("/v1/rerank", json={"model": RERANKER, "query": QUERY, "documents": [document],
+                                              "truncate_prompt_tokens": keep, "use_activation": False}).json()
+    assert answer["results"][0]["relevance_score"] == pytest.approx(logit, abs=1e-5)
+    assert answer["usage"]["prompt_tokens"] == keep
+
+    ids = list(classifier_models[CLASSIFIER][2](document)["input_ids"])
+    want = hf_logits_of_ids(classifier_models, CLASSIFIER, ids[-5:])
+    got = gateway.post("/v1/classify", json={"model": CLASSIFIER, "input": document, "truncate_prompt_tokens": 5,
+                                             "truncation_side": "left", "use_activation": False}).json()
+    assert got["data"][0]["probs"] == pytest.approx(want, abs=1e-5)
+    assert got["usage"]["prompt_tokens"] == 5
+
+
+def hf_logits_of_ids(classifier_models, name: str, ids: list[int]) -> list[float]:
+    _, model, _ = classifier_models[name]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].tolist()
+
+
 def test_each_model_kind_refuses_what_it_does_not_answer(gateway):
     error = assert_error(gateway.post("/v1/embeddings", json={"model": RERANKER, "input": "a"}), 400,
                          "invalid_request", "model")

@@ -95,9 +95,8 @@ def test_bad_score_and_rerank_requests_are_400_naming_the_field(gateway, tiny_mo
     assert_error(gateway.post("/v1/score", json={"model": MODEL, "queries": "a"}), 400, "missing_field", "documents")
     assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": [3]}), 400,
                  "invalid_value", "text_2[0]")
-    assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": "b",
-                                                 "truncate_prompt_tokens": 8}), 400, "unsupported_parameter",
-                 "truncate_prompt_tokens")
+    assert_error(gateway.post("/v1/rerank", json={**rerank, "documents": ["b"], "max_tokens_per_doc": 8}), 400,
+                 "unsupported_parameter", "max_tokens_per_doc")
     error = assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": ["b"] * 2048}),
                          400, "invalid_request", "text_2")
     assert "at most 2048 texts" in error["message"] and "2049" in error["message"]
