@@ -10,7 +10,8 @@
 - nodes: `sinfo --json` (22.05-23.11 shape), `scontrol show nodes --json` (23.02+), else `scontrol -d -o show node`;
 - partitions: `scontrol -o show partition`;
 - estimate_start: the rendered script on `sbatch --test-only` (prints "Job N to start at T using P processors on
-  nodes X in partition Y"; nothing is submitted); pending_start_times: `squeue --start` for our queued jobs.
+  nodes X in partition Y"; nothing is submitted); pending_start_times: `squeue --start` for our queued jobs;
+- job_end (a model pool's agent, of its own job): `squeue --jobs=N` in the same pinned text format.
 Every command runs with the user's output-shaping variables removed (SQUEUE_FORMAT, SINFO_FORMAT, SACCT_FORMAT,
 SLURM_TIME_FORMAT, ...) and SLURM_TIME_FORMAT=%s, so a personal setting cannot break parsing.
 """
@@ -152,6 +153,16 @@ class CliBackend(SlurmBackend):
         result = self._run(["squeue", "--start", "--noheader", "--states=PENDING", f"--jobs={','.join(job_ids)}",
                             "--format=%i|%S|%Y|%P"])
         return parse_squeue_start(result.stdout)
+
+    def job_end(self, job_id: str) -> float | None:
+        """When one job ends as slurmctld says now (Unix time; `scontrol update TimeLimit=` moves it while the job
+        runs, so a model pool's agent asks again and again); None for a job without a time limit. SlurmError when
+        squeue does not list the job, SlurmUnavailable (with its hint) when squeue cannot be asked."""
+        result = self._run(["squeue", f"--jobs={job_id}", "--noheader", f"--Format={adapter.SQUEUE_TEXT_FORMAT}"])
+        status = adapter.jobs_from_squeue_text(result.stdout).get(str(job_id))
+        if status is None:
+            raise SlurmError(f"squeue does not list job {job_id}")
+        return status.end_time if status.time_limit is not None else None
 
     # ------------------------------------------------------------------------------------------- internals
 

@@ -200,8 +200,8 @@ def test_a_slurm_failure_to_say_the_jobs_end_is_logged_not_fatal(pool_agent, cap
             rc=1)
     agent._job_end_due = 0.0
     agent.refresh_job_end()  # no exception: the heartbeat thread goes on
-    assert "cannot read when Slurm job 77 ends: squeue failed: squeue: error: Unable to contact slurm controller" \
-        in caplog.text
+    assert "cannot read when Slurm job 77 ends: squeue --jobs=77: Slurm is not reachable: squeue: error: Unable to " \
+        "contact slurm controller (connect failure) (check with: scontrol ping" in caplog.text  # what to check
     assert agent.heartbeat()
     assert first.controller.registry.get_node("n8").job_end == 1_900_000_000  # the last end read is kept
     assert first.controller.registry.get_node("n8").state == "up"

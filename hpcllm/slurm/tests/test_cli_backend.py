@@ -271,6 +271,33 @@ def test_a_command_past_its_timeout_is_ended_with_what_it_started(fake):
     assert not pid_alive(lingering[0])
 
 
+def test_job_end_is_one_squeue_call_for_the_job_as_slurm_says_it_now(fake, backend):
+    # A model pool's agent asks for its own job's end (hpcllm.node.job_end): start + time limit, none when unlimited.
+    fake.on("squeue", "--jobs=77", stdout="77|RUNNING|None|n8|1899996400|1900000000|1:00:00|0|debug|pool|\n")
+    assert backend.job_end("77") == 1_900_000_000
+    [call] = fake.calls("squeue")
+    assert call["args"][:2] == ["--jobs=77", "--noheader"] and call["env"]["SLURM_TIME_FORMAT"] == "%s"
+    fake.rules.clear()
+    fake.on("squeue", "--jobs=77", stdout="77|RUNNING|None|n8|1899996400|1931536000|UNLIMITED|0|debug|pool|\n")
+    assert backend.job_end("77") is None
+
+
+def test_job_end_of_a_job_squeue_does_not_list_is_a_refusal(fake, backend):
+    fake.on("squeue", "--jobs=77", stdout="")
+    with pytest.raises(SlurmError, match="squeue does not list job 77") as refused:
+        backend.job_end("77")
+    assert not isinstance(refused.value, SlurmUnavailable)
+
+
+def test_job_end_without_squeue_or_slurmctld_says_what_to_check(fake, backend, tmp_path, monkeypatch):
+    fake.on("squeue", "--jobs=77", stderr="slurm_load_jobs error: Unable to contact slurm controller\n", rc=1)
+    with pytest.raises(SlurmUnavailable, match=r"squeue --jobs=77: Slurm is not reachable: .*scontrol ping"):
+        backend.job_end("77")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no Slurm commands at all
+    with pytest.raises(SlurmUnavailable, match="squeue: command not found.*slurm-client"):
+        backend.job_end("77")
+
+
 def test_cancel_of_a_finished_job_is_not_an_error(fake, backend):
     fake.on("scancel", "5", stderr="scancel: error: Kill job error on job id 5: Job/step already completing or "
                                    "completed\n", rc=1)
