@@ -8,11 +8,12 @@ import threading
 import pytest
 
 from hpcllm.config import parse_config
+from hpcllm.controller.protocol import ModelSpec
 from hpcllm.controller.server import build_service
 from hpcllm.controller.tests.doubles import RecordingBackend
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 from hpcllm.node.app import create_app
-from hpcllm.node.tests.test_agent import SECRET, make_agent
+from hpcllm.node.tests.test_agent import SECRET, converted, make_agent  # noqa: F401  (converted is a fixture)
 
 
 def start_controller(tmp_path, name: str):
@@ -158,6 +159,7 @@ def pool_agent(tmp_path, controllers, monkeypatch):
     assert agent.register()
     agent.state = "up"  # as run() sets it after registering
     yield agent, first, fake
+    agent.workers.stop_all(timeout=5)
     agent.shutdown()
 
 
@@ -207,8 +209,10 @@ def test_a_slurm_failure_to_say_the_jobs_end_is_logged_not_fatal(pool_agent, cap
     assert first.controller.registry.get_node("n8").state == "up"
 
 
-def test_a_pool_agent_drains_when_the_controller_hands_its_pool_over(pool_agent):
+def test_a_pool_agent_drains_when_the_controller_hands_its_pool_over(pool_agent, converted):  # noqa: F811
     agent, first, _ = pool_agent
+    # Its model deployed (on CPU, this node can start it): only the drain keeps the agent from starting it.
+    first.controller.deploy(ModelSpec(name="tiny-llama", source=str(converted)))
     assert agent.heartbeat() and not agent._drain_requested.is_set()
     # The controller's autoscaler found a replacement ready before the pool's job ends (action retire_pool).
     first.controller.registry.set_node_state("n8", "draining")
