@@ -44,7 +44,7 @@ ADMIN_ROUTES: tuple[tuple[re.Pattern, frozenset[str]], ...] = (
 )
 # vLLM's dynamic LoRA endpoints, admin-only here (the middleware asks for the admin key): the controller's admin
 # routes of the same names.
-LORA_ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+LORA_ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def _allowed_methods(rest: str) -> frozenset[str] | None:
@@ -62,10 +62,12 @@ def usage_report():
     return current_gateway().usage.report(request.args)
 
 
-@bp.post("/v1/load_lora_adapter")
-@bp.post("/v1/unload_lora_adapter")
 def lora_adapter():
     return admin_proxy(request.path.removeprefix("/v1/"))
+
+
+for _lora_path in LORA_ADMIN_PATHS:  # the paths the middleware asks the admin key for, and no other
+    bp.add_url_rule(_lora_path, view_func=lora_adapter, methods=["POST"])
 
 
 @bp.route("/v1/admin/<path:rest>", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
