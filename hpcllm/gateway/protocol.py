@@ -344,6 +344,9 @@ class SamplingRequest(TruncatingRequest):
     # vLLM extensions, passed to the worker: top_k (0 or -1 disables) and ignore_eos.
     top_k: int | None = Field(None, ge=-1)
     ignore_eos: bool = False
+    # vLLM's: at most this many thinking tokens, then the worker ends the thinking (writes </think>) and the answer
+    # goes on; -1 (or none): no bound. Only for a reasoning model's chat (hpcllm.gateway.chat.reasoning).
+    thinking_token_budget: int | None = Field(None, ge=-1)
     n: int | None = Field(None, ge=1, le=128)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -405,6 +408,11 @@ class SamplingRequest(TruncatingRequest):
                                  f"{-LOGIT_BIAS_MAX:g}..{LOGIT_BIAS_MAX:g}")
             biases[int(key)] = bias
         return biases
+
+    @property
+    def thinking_budget(self) -> int | None:
+        """thinking_token_budget, None for no bound."""
+        return None if self.thinking_token_budget in (None, -1) else self.thinking_token_budget
 
     def check_supported(self) -> None:
         """Reject parameter values this server cannot honour (400), instead of silently ignoring them."""

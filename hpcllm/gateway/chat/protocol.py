@@ -179,9 +179,6 @@ class ChatCompletionRequest(SamplingRequest):
     reasoning_effort: ReasoningEffort | None = None
     # vLLM's: false leaves a reasoning model's thinking out of the answer (and its logprobs, which would show it)
     include_reasoning: bool = True
-    # vLLM's: at most this many thinking tokens, then the worker ends the thinking (writes </think>) and the answer
-    # goes on; -1 (or none): no bound. Only for a reasoning model (hpcllm.gateway.chat.reasoning).
-    thinking_token_budget: int | None = Field(None, ge=-1)
 
     @field_validator("tools")
     @classmethod
@@ -309,11 +306,6 @@ class ChatCompletionRequest(SamplingRequest):
         return {"add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message, "documents": self.documents,
                 "template_kwargs": template_kwargs}
-
-    @property
-    def thinking_budget(self) -> int | None:
-        """thinking_token_budget, None for no bound."""
-        return None if self.thinking_token_budget in (None, -1) else self.thinking_token_budget
 
     @property
     def constrained(self) -> bool:

@@ -35,6 +35,9 @@ class CompletionRequest(SamplingRequest):
                                  param="max_tokens", code="invalid_value")
         if self.suffix:
             raise unsupported("suffix", "a suffix (insertion)")
+        if self.thinking_budget is not None:  # whether a raw prompt leaves the model thinking is the template's
+            raise unsupported("thinking_token_budget", "a thinking budget on completions (send it to "
+                                                       "/v1/chat/completions, whose template opens the thinking)")
         if self.best_of is not None and self.best_of < self.choices_per_prompt:
             raise InvalidRequest(f"best_of ({self.best_of}) must be at least n ({self.choices_per_prompt})",
                                  param="best_of", code="invalid_value")

@@ -244,6 +244,19 @@ def test_a_bad_thinking_budget_is_refused(gw, budget):
                  422, "invalid_value", "thinking_token_budget")
 
 
+def test_a_thinking_budget_on_completions_is_refused_not_dropped(gw, script):
+    """A raw prompt does not say whether the model thinks (the chat template does): a bound is a 400 naming the
+    field, where it was ignored and the answer thought unbounded; -1 (no bound) is accepted."""
+    error = assert_error(gw.post("/v1/completions", json={"model": THINKER, "prompt": "hi", "max_tokens": 2,
+                                                          "thinking_token_budget": 4}),
+                         400, "unsupported_parameter", "thinking_token_budget")
+    assert "/v1/chat/completions" in error["message"]
+    script.answer = THOUGHT
+    ok = gw.post("/v1/completions", json={"model": THINKER, "prompt": "hi", "max_tokens": 2,
+                                          "thinking_token_budget": -1})
+    assert ok.status_code == 200, ok.text
+
+
 @pytest.fixture(scope="module")
 def thinking_gw(tmp_path_factory):
     """A gateway serving THINKER on a real worker (hpcllm's engine), whose random weights never close their thinking
