@@ -14,10 +14,10 @@ import click
 
 from hpcllm.config import load_config
 from hpcllm.errors import HpcllmError
-from hpcllm.gateway.cli import GATEWAY_URL_ENV, gateway_client, gateway_json, resolve_gateway_url
+from hpcllm.gateway.batches import ENDPOINTS, FINAL
+from hpcllm.gateway.cli import GATEWAY_URL_ENV, GatewayRefused, gateway_client, gateway_json, resolve_gateway_url
 
 API_KEY_ENVS = ["HPCLLM_API_KEY", "OPENAI_API_KEY"]
-FINAL = ("completed", "failed", "expired", "cancelled")
 POLL_S = 5.0
 
 
@@ -42,6 +42,21 @@ class BatchClient:
     def json(self, method: str, path: str, **kwargs) -> dict:
         return gateway_json(self.http, self.url, method, path, **kwargs)
 
+    def create_batch(self, file_id: str, request: dict) -> dict:
+        """The batch over an uploaded file. When the gateway refuses it (a 4xx: nothing was made) the file is
+        deleted, as it would count against the key's quota unused; after any other failure a batch may exist over
+        it, so it is kept."""
+        try:
+            return self.json("POST", "/v1/batches", json={"input_file_id": file_id, **request})
+        except GatewayRefused as refused:
+            if refused.status >= 500:
+                raise
+            try:
+                self.json("DELETE", f"/v1/files/{file_id}")
+            except HpcllmError as exc:
+                raise HpcllmError(f"{refused}; the uploaded file {file_id} is left, deleting it failed: {exc}") from exc
+            raise
+
     def download(self, file_id: str, target: Path) -> int:
         """A file's bytes to `target` (written beside it, then renamed: never half a file); its size."""
         from hpcllm.httpkit.client import error_of
@@ -51,7 +66,7 @@ class BatchClient:
             with self.http.stream("GET", f"/v1/files/{file_id}/content") as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    raise HpcllmError(f"the gateway refused ({resp.status_code}): {error_of(resp)[1]}")
+                    raise GatewayRefused(resp.status_code, error_of(resp)[1])
                 with open(partial, "wb") as out:
                     for chunk in resp.iter_bytes():
                         out.write(chunk)
@@ -68,8 +83,8 @@ def batch() -> None:
 
 @batch.command("submit")
 @click.argument("requests", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--endpoint", default="/v1/chat/completions", show_default=True,
-              help="What every line calls: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses.")
+@click.option("--endpoint", type=click.Choice(ENDPOINTS), default=ENDPOINTS[0], show_default=True,
+              help="What every line calls.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="A metadata pair (repeatable).")
 @click.option("--wait", is_flag=True, help="Wait until the batch ends, printing its progress.")
 @_common
@@ -81,8 +96,8 @@ def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool,
     with open(requests, "rb") as source:
         uploaded = gateway.json("POST", "/v1/files", files={"file": (requests.name, source)},
                                 data={"purpose": "batch"})
-    created = gateway.json("POST", "/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint,
-                                                        "completion_window": "24h", "metadata": pairs or None})
+    created = gateway.create_batch(uploaded["id"], {"endpoint": endpoint, "completion_window": "24h",
+                                                    "metadata": pairs or None})
     click.echo(created["id"])
     _report(created)
     if wait:

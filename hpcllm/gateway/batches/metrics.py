@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from hpcllm.gateway.batches.protocol import ACTIVE
+from hpcllm.gateway.batches import ACTIVE
 from hpcllm.gateway.batches.store import BatchStore
 from hpcllm.gateway.files.store import FileStore
 

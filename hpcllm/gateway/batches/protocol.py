@@ -7,19 +7,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from hpcllm.gateway.batches import BatchStatus
 from hpcllm.gateway.files.protocol import ExpiresAfter
 from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse
 
-# What a batch may run (OpenAI's endpoints this gateway serves).
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 # OpenAI's metadata bounds.
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
-
-BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
-                      "cancelled"]
-# Statuses a runner still has work in (a claimable batch): the rest are final.
-ACTIVE = ("in_progress", "finalizing", "cancelling")
 
 
 class CreateBatchRequest(OpenAIRequest):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
+from hpcllm.gateway.batches import ENDPOINTS
 from hpcllm.gateway.batches.input_file import parse_input
-from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, ENDPOINTS, METADATA_MAX_KEY, METADATA_MAX_PAIRS,
+from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, METADATA_MAX_KEY, METADATA_MAX_PAIRS,
                                              METADATA_MAX_VALUE, BatchErrors, BatchList, BatchObject,
                                              CreateBatchRequest, RequestCounts)
 from hpcllm.gateway.batches.service import BatchService

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hpcllm.controller.registry.databases import Database
-from hpcllm.gateway.batches.protocol import ACTIVE, BatchObject
+from hpcllm.gateway.batches import ACTIVE
+from hpcllm.gateway.batches.protocol import BatchObject
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import PageQuery
 from hpcllm.gateway.files.store import FileStore, StoredFile, page

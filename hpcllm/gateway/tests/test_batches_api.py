@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from hpcllm.gateway.batches import FINAL
 from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, parse_input
 from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
@@ -27,7 +28,6 @@ from .test_usage import metric
 
 OTHER_KEY = "sk-test-other"
 KEYS = [{"key": USER_KEY, "name": "alice", "group": "physics"}, {"key": OTHER_KEY, "name": "bob"}]
-FINAL = ("completed", "failed", "expired", "cancelled")
 CHAT = "/v1/chat/completions"
 
 

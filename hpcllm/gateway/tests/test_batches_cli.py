@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from hpcllm.cli.main import main
 from hpcllm.gateway.batches import cli as batch_cli
@@ -15,6 +17,37 @@ def run(capsys, gw, *args: str) -> tuple[int, str, str]:
     code = main(["batch", *args, "--url", gw.url, "--api-key", USER_KEY])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def file_ids(gw) -> list[str]:
+    return [uploaded.id for uploaded in gw.client().files.list()]
+
+
+def test_the_batch_command_imports_neither_flask_nor_torch():
+    """`hpcllm batch` is a client: it must start fast on a login node, without the gateway's server stack."""
+    check = ("import sys, hpcllm.gateway.batches.cli; "
+             "print([name for name in ('flask', 'torch', 'prometheus_client') if name in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_wrong_endpoint_is_refused_before_anything_is_uploaded(gateway, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line("a")]))
+    before = file_ids(gateway)
+    code, _, err = run(capsys, gateway, "submit", str(requests), "--endpoint", "/v1/complete")
+    assert code == 2 and "'/v1/complete' is not one of '/v1/chat/completions', '/v1/completions'" in err
+    assert file_ids(gateway) == before
+
+
+def test_a_batch_the_gateway_refuses_leaves_no_uploaded_file(gateway, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line("a")]))
+    before = file_ids(gateway)
+    too_many = [f"--metadata=k{i}=v" for i in range(17)]  # OpenAI's bound is 16 pairs
+    code, out, err = run(capsys, gateway, "submit", str(requests), "--endpoint", "/v1/completions", *too_many)
+    assert code != 0 and err.startswith("error: the gateway refused (400): 'metadata' may have at most 16 pairs")
+    assert out == "" and file_ids(gateway) == before
 
 
 def test_submit_wait_status_and_download(gateway, tmp_path, capsys, monkeypatch):

@@ -167,3 +167,6 @@ def test_the_cli_prints_a_table_and_csv(make_gateway, tmp_path, capsys):
     assert "chemistry" in table and "physics" in table and "total" in table
     assert main([*common, "--since", "last week"]) == 1
     assert "since must be a UTC day" in capsys.readouterr().err
+    assert main([*common[:-1], "weekday"]) == 1  # --by checked by the gateway, which names the choices
+    err = capsys.readouterr().err
+    assert "refused (400): by must be one of day, key, group, model, endpoint, not 'weekday'" in err
