@@ -18,6 +18,7 @@ from hpcllm.gateway.batches import FINAL
 from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, parse_input
 from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
+from hpcllm.gateway.ratelimit import _bucket_id
 from hpcllm.gateway.response_store import owner_of
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 
@@ -374,8 +375,7 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
         partial.write(b'{"id": "batch_req_0", "custom_id": "r1", "response": {"status_')
 
     second = factory(**shared)  # another process, sharing the database and the files directory
-    second_runner = service_of(second).runner
-    second_runner.wake()
+    service_of(second).runner.wake()
     done = finished(second.client(), batch.id)
     assert done.status == "completed" and done.request_counts.completed == 4
     assert done.usage.output_tokens == 4  # one token each, r0's counted from the file the first process wrote
@@ -385,7 +385,9 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
     assert sorted(output) == ["r0", "r1", "r2", "r3"]
     # On disk too (a download stops at the size the file was published with).
     assert len((tmp_path / "files" / done.output_file_id).read_bytes().splitlines()) == 4
-    assert first_runner.holder != second_runner.holder
+    # The worker ran r0 once (the second process counted it from the file), r1 twice (the first process died in
+    # it), r2 and r3 once: the first process started nothing after it found its lease gone.
+    assert next(worker.calls) == 5
 
 
 def test_a_batch_cancelled_while_nobody_runs_it_runs_no_more_requests(gated_factory, tmp_path):
@@ -487,16 +489,24 @@ def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_run
 
 
 def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
-    """60 requests a minute (a bucket of 60, one more each second): the upload and the create take 2, so the batch's
-    last 2 of 60 requests get 429s with Retry-After, which the runner waits out instead of failing them."""
-    worker, factory = gated_factory(blocked=-1)  # no request held
-    gw = factory(api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 60}])
-    batch = submit(gw.client(), [completion_line(f"r{i}") for i in range(60)], endpoint="/v1/completions")
-    service, owner = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
+    """The key's request bucket is emptied while the batch's first request runs: the second is answered 429 with
+    Retry-After, which the runner waits out (retrying) instead of failing the request."""
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1, api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 60}])
+    batch = submit(gw.client(), [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    key, limit = gw.state.api_keys[USER_KEY], {"capacity": 60, "per_second": 1.0}
+    bucket = _bucket_id(key, "requests")
+    # Taken whole and 1 more, as of an hour from now: the bucket stays at -1 (not refilled) until the test refills it.
+    gw.state.shared.take(bucket, **limit, cost=61, now=time.time() + 3600)
+    worker.release.set()
+    wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 1)
+    gw.state.shared.refund(bucket, **limit, amount=61, now=time.time())  # full again: the retry goes through
+    service, owner = service_of(gw), owner_of(key)
     # Polled in the database: a GET would take from the same bucket.
     done = wait_until(lambda: (row := service.batches.get(owner, batch.id)).batch.status in FINAL and row.batch)
     assert done.status == "completed"
-    assert (done.request_counts.completed, done.request_counts.failed) == (60, 0)
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
 
 
 def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_keeps_its_input(gated_factory):
