@@ -74,7 +74,7 @@ from hpcllm.worker.runner import (LORA_NEEDS_PAGED, ModelRunner, PagedRunner, Po
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.ngram import NgramProposer, SpeculationRecord
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
-from hpcllm.worker.sampling import TokenState, sample_token, verify_proposal
+from hpcllm.worker.sampling import ThinkingState, TokenState, forced_or, sample_token, verify_proposal
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,11 @@ class _Request(RequestState):
     resumed_tokens: int = 0
     # Logits of the last known id when it was prefilled but not sampled (held or paused): the next step samples.
     pending_logits: torch.Tensor | None = None
-    # Penalized or constrained, asynchronous scheduling: the model process holds this request's TokenState, in step
-    # with the output ids as of the rows sent (Engine._launch seeds it when not). Cleared whenever they may be off: a
-    # token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose taken
-    # (_state_for_sampling, _on_extended), its KV state freed (_release_kv: the model process drops them too).
+    # Penalized, constrained or thinking, asynchronous scheduling: the model process holds this request's TokenState,
+    # in step with the output ids as of the rows sent (Engine._launch seeds it when not). Cleared whenever they may be
+    # off: a token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose taken
+    # (_state_for_sampling, _on_extended, _commit_speculative), its KV state freed (_release_kv: the model process
+    # drops them too).
     state_in_child: bool = False
     speculation: SpeculationRecord = field(default_factory=SpeculationRecord)  # its acceptance (Engine._speculate)
 
@@ -853,9 +854,11 @@ class Engine(EngineBase):
         gets the first row, as a plain decode would."""
         req, proposal = w.req, w.proposal
         base = len(req.output_ids)
+        thinking = req.params.thinking
         try:
             tokens = verify_proposal(proposal, picks.__getitem__ if picks is not None
-                                     else lambda at: sample_token(logits[at], req.params, base + at))
+                                     else lambda at: sample_token(logits[at], req.params, base + at),
+                                     ThinkingState(thinking, req.output_ids) if thinking is not None else None)
         except Exception as exc:
             log.exception("request %s failed while sampling its next tokens", req.request_id)
             self._finish(req, "error", error=ErrorInfo(message=f"{type(exc).__name__}: {exc}", type="server_error"))
@@ -866,6 +869,7 @@ class Engine(EngineBase):
         req.speculation.observe(len(proposal), accepted, self.proposer.tokens, w.decodes)
         with self._lock:
             takes = req.state == "running" and not (req.cancel_requested or req.paused or req.held)
+            req.state_in_child = False  # the model process chose none of these: its TokenState (thinking) is behind
             if takes and len(req.all_ids) == w.end:
                 try:
                     for token in tokens:
@@ -883,8 +887,9 @@ class Engine(EngineBase):
     def _may_speculate(self, req: _Request) -> bool:
         """Whether req's decodes may be speculated: its token at every fed position is chosen from that position's
         logits alone (greedy or sampled, with logit bias; not penalties or a grammar, whose state would have to
-        advance through the proposal), no logprobs, not held or paused."""
-        return (self.proposer is not None and not req.params.reads_tokens and req.logprobs is None
+        advance through the proposal; a thinking budget's forced end marker: verify_proposal), no logprobs, not held
+        or paused."""
+        return (self.proposer is not None and not req.params.masks_logits and req.logprobs is None
                 and not (req.held or req.paused or req.cancel_requested))
 
     def _speculate(self, work: list[_Work]) -> list[_Work]:
@@ -1016,8 +1021,8 @@ class Engine(EngineBase):
             token = None
         elif chosen is not None:
             token = chosen
-        elif req.params.raw_argmax and argmax is not None:
-            token = argmax
+        elif req.params.raw_argmax and argmax is not None:  # a spent thinking budget's end marker replaces it
+            token = argmax if req.params.thinking is None else forced_or(self._state_for_sampling(req, logits), argmax)
         else:
             token = sample_token(logits, req.params, len(req.output_ids), self._state_for_sampling(req, logits))
         logprobs = None if token is None or req.logprobs is None else self._logprobs(logits, token, req.logprobs)
@@ -1035,9 +1040,9 @@ class Engine(EngineBase):
             self._accept(req, token, logprobs)
 
     def _state_for_sampling(self, req: _Request, logits: torch.Tensor) -> TokenState | None:
-        """A penalized or constrained request's TokenState: kept by the request where this thread samples its every
-        token, built for this one token under asynchronous scheduling (the model process keeps it and chooses the
-        others; this thread samples only after a step boundary: attached, unpaused, extended)."""
+        """A penalized, constrained or thinking request's TokenState: kept by the request where this thread samples
+        its every token, built for this one token under asynchronous scheduling (the model process keeps it and
+        chooses the others; this thread samples only after a step boundary: attached, unpaused, extended)."""
         grammar_tokenizer = self.grammar_tokenizer if req.params.constrained else None
         if self.async_scheduling and req.params.reads_tokens:
             req.state_in_child = False  # nor does the model process take the token sampled here

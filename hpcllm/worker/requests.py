@@ -172,9 +172,9 @@ class RequestState:
     # Live migration, source side.
     migrating: bool = False
     paused: bool = False
-    # What a penalized or constrained request's choice reads of its tokens (hpcllm's engine, where the worker
-    # samples its tokens; under asynchronous scheduling the model process keeps it): built from its ids when it is
-    # first sampled, then updated per output token; None for every other request (they pay nothing per token).
+    # What a penalized, constrained or thinking request's choice reads of its tokens (hpcllm's engine, where the
+    # worker samples its tokens; under asynchronous scheduling the model process keeps it): built from its ids when
+    # it is first sampled, then updated per output token; None for every other request (they pay nothing per token).
     token_state: TokenState | None = None
     lora: str | None = None  # the LoRA adapter it runs with (GenerateRequest.lora); None: the base model
     lora_folder: str | None = None  # where that adapter was loaded from (EngineBase._bind_lora, as it is queued)

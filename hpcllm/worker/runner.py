@@ -106,8 +106,9 @@ class StepBatch:
     # For a model process (runner_process.py), per logits row: how the engine would choose that row's token
     # (sampling params, output index), for the model process to choose it the same way; None: no token wanted.
     choices: list[tuple[SamplingParams, int] | None] | None = None
-    # Penalized or constrained sequences whose TokenState the model process builds before choosing this step's
-    # tokens (their first row there, or their state there went stale): seq id -> StateSeed. runner_process.TokenStates.
+    # Penalized, constrained or thinking sequences whose TokenState the model process builds before choosing this
+    # step's tokens (their first row there, or their state there went stale): seq id -> StateSeed.
+    # runner_process.TokenStates.
     state_seeds: dict[int, StateSeed] = field(default_factory=dict)
     # Filled in by the runner: per chunk with score_ids, its positions' scores (a few numbers each, never whole
     # vocabulary rows: they cross the model process's pipe).

@@ -26,10 +26,10 @@ Asynchronous scheduling (Engine, docs/worker.md): the child also chooses each lo
 own rule (greedy argmax, or the seeded draw for that output index: sampling.py), so the engine can send the next
 step while this one runs, its decode chunks naming the row whose token they feed (SequenceChunk.previous_row). The
 child then goes from one step to the next without waiting for the worker to sample, commit and schedule. A penalized
-request's token counts and a constrained one's grammar state live here too (TokenStates), so their rows are chosen
-here like the others; a grammar comes once, with the request's state seed, never with the per-step choices. Two steps
-may be in flight; their logits go to two shared buffers in turn. A step that follows a failed one (out of memory)
-and needs its tokens is answered "skipped".
+request's token counts, a constrained one's grammar state and a thinking one's budget live here too (TokenStates), so
+their rows are chosen here like the others; a grammar comes once, with the request's state seed, never with the
+per-step choices. Two steps may be in flight; their logits go to two shared buffers in turn. A step that follows a
+failed one (out of memory) and needs its tokens is answered "skipped".
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, pool_last_tokens, make_runner
 from hpcllm.worker.grammar import grammar_compiler
 from hpcllm.worker.lora_config import AdapterError
-from hpcllm.worker.sampling import TokenState, sample_token
+from hpcllm.worker.sampling import TokenState, forced_or, sample_token
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None]
         if choice is None:
             chosen.append(-1)
         elif choice[0].raw_argmax:
-            chosen.append(argmax[row])
+            chosen.append(forced_or(row_state, argmax[row]))
         else:
             chosen.append(sample_token(logits[row], *choice, row_state))
         if row_state is not None:
@@ -314,12 +314,12 @@ def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None]
 
 
 class TokenStates:
-    """The TokenStates of requests whose choice reads their tokens (penalized, constrained) in the model process, by
-    sequence id: kept where their tokens are chosen, so such a row is chosen here and its next step sent ahead like
-    any other's. Built from the ids the engine sends with a request's first row here (StepBatch.state_seeds: new,
-    resumed, migrated in, preempted, or after a token chosen here was not taken), updated with each token chosen
-    for it (choose_tokens), forgotten with its KV state (StepBatch.free: it finished, was preempted or handed
-    over)."""
+    """The TokenStates of requests whose choice reads their tokens (penalized, constrained, thinking) in the model
+    process, by sequence id: kept where their tokens are chosen, so such a row is chosen here and its next step sent
+    ahead like any other's. Built from the ids the engine sends with a request's first row here
+    (StepBatch.state_seeds: new, resumed, migrated in, preempted, or after a token chosen here was not taken),
+    updated with each token chosen for it (choose_tokens), forgotten with its KV state (StepBatch.free: it finished,
+    was preempted or handed over)."""
 
     def __init__(self, vocab_size: int, tokenizer=None) -> None:
         self.vocab_size = vocab_size

@@ -3,10 +3,12 @@ top-k, top-p.
 
 The order is vLLM's (v1 sampler): logit_bias is added and the repetition, frequency and presence penalties applied
 to the float32 logits, and a constrained request's grammar (structured outputs) sets the tokens it does not allow
-to -inf (a reasoning model's only after its thinking, whose budget then forces its end: Thinking); greedy takes
-their argmax; otherwise temperature scales them, min_p, top_k and top_p filter them, and the token is drawn.
-Penalties, grammar and thinking read the request's tokens so far (TokenState, kept per request and updated per
-accepted token); the other steps read only the logits and the parameters.
+to -inf (a reasoning model's only after its thinking: Thinking); greedy takes their argmax; otherwise temperature
+scales them, min_p, top_k and top_p filter them, and the token is drawn. Penalties, grammar and thinking read the
+request's tokens so far (TokenState, kept per request and updated per accepted token); the other steps read only the
+logits and the parameters. A thinking budget, once spent, allows one token only (the end marker), so it does not
+mask the logits: the end marker replaces whatever token was chosen (forced_or), and a greedy request with a budget
+but no grammar or penalty still takes the step-wide argmax (SamplingParams.raw_argmax) and may speculate.
 
 Randomness is stateless per step: the token at output index i is drawn with a torch.Generator seeded from
 (request seed, i). A request resumed on another worker from its token ids therefore draws exactly the numbers the
@@ -34,7 +36,7 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 class Thinking:
     """How a reasoning model's output thinks before its answer (GenerateRequest.thinking): from the start (the prompt
     opened the thinking) or only when its first token is `start`, up to the first `end` token; at most `budget`
-    tokens of it, then `end` is the only token allowed (vLLM's thinking_token_budget)."""
+    tokens of it, then `end` is the only token allowed (vLLM's thinking_token_budget: forced_or)."""
 
     end: int
     start: int | None = None
@@ -52,8 +54,15 @@ class ThinkingState:
         self.thought = 0  # thinking tokens so far, the markers not counted (usage's reasoning_tokens)
         self.answer_from: int | None = 0 if self.opening else None  # output index of the answer's first token
         self._seen = 0
-        for token in output_ids:
-            self.add(token)
+        if self.opening and output_ids:
+            self.add(output_ids[0])
+        if self.thinking:  # up to the end marker by list.index (a seed or rebuild of a long output: not per token)
+            first = self._seen
+            end = _index(output_ids, thinking.end, first)
+            self.thought = end - first
+            if end < len(output_ids):
+                self.thinking, self.answer_from = False, end + 1
+        self._seen = len(output_ids)
 
     def add(self, token: int) -> bool:
         """Take the next output token; whether it is part of the answer."""
@@ -76,6 +85,14 @@ class ThinkingState:
         """The end marker once the thinking spent its budget (the only token allowed next), else None."""
         budget = self.rule.budget
         return self.rule.end if self.thinking and budget is not None and self.thought >= budget else None
+
+
+def _index(ids: list[int], token: int, start: int) -> int:
+    """The first index of token in ids from start, len(ids) if none."""
+    try:
+        return ids.index(token, start)
+    except ValueError:
+        return len(ids)
 
 
 @dataclass(frozen=True)
@@ -115,10 +132,18 @@ class SamplingParams:
         return self.penalized or self.constrained or self.thinking is not None
 
     @property
+    def masks_logits(self) -> bool:
+        """Whether the tokens so far change the logits the token is chosen from (penalties, a grammar): each row is
+        adjusted on its own (adjusted_logits), and a speculated position would need the state advanced through the
+        proposal. A thinking budget alone does not: once spent it replaces the chosen token (forced_or)."""
+        return self.penalized or self.constrained
+
+    @property
     def raw_argmax(self) -> bool:
         """Whether the token is the argmax of the model's logits as they are (greedy, nothing added to them): one
-        argmax over a whole step's logits serves every such request."""
-        return self.greedy and not self.logit_bias and not self.reads_tokens
+        argmax over a whole step's logits serves every such request (a spent thinking budget then replaces it:
+        forced_or)."""
+        return self.greedy and not self.logit_bias and not self.masks_logits
 
 
 class TokenCounts:
@@ -161,6 +186,18 @@ class TokenState:
         in_answer = self.thinking.add(token) if self.thinking is not None else True
         if self.grammar is not None and in_answer:
             self.grammar.add(token)
+
+    @property
+    def forced(self) -> int | None:
+        """The only token allowed next, whatever the logits (a spent thinking budget's end marker), else None."""
+        return self.thinking.forced if self.thinking is not None else None
+
+
+def forced_or(state: TokenState | ThinkingState | None, token: int) -> int:
+    """The token a request takes where `token` was chosen from its logits: its thinking's end marker once the budget
+    is spent (masking all but one token would pick that one, greedy or sampled), else `token`."""
+    forced = state.forced if state is not None else None
+    return token if forced is None else forced
 
 
 def answer_ids(thinking: ThinkingState | None, output_ids: list[int]) -> list[int]:
@@ -253,34 +290,29 @@ def apply_grammar(logits: torch.Tensor, grammar: GrammarState, also: int | None 
     return logits.masked_fill(refused, float("-inf"))
 
 
-def apply_thinking(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
-    """A thinking request's rules: its budget spent, only the end marker; while it thinks, anything; before its
-    first token, what the grammar allows and the start marker; in its answer, what the grammar allows."""
+def apply_thinking_grammar(logits: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """A constrained thinking request's grammar: while it thinks, none; before its first token, what the grammar
+    allows and the start marker; in its answer, what the grammar allows. (A spent budget: forced_or.)"""
     thinking = state.thinking
-    forced = thinking.forced
-    if forced is not None:
-        others = torch.ones_like(logits, dtype=torch.bool)
-        others[forced] = False
-        return logits.masked_fill(others, float("-inf"))
-    if state.grammar is None or thinking.thinking:
+    if thinking.thinking:
         return logits
     return apply_grammar(logits, state.grammar, also=thinking.rule.start if thinking.opening else None)
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
     """The float32 CPU logits the token is chosen from: logit_bias added, then the penalties, then the grammar's
-    mask (a thinking request's: apply_thinking) (never in place: the caller's logits also give the logprobs, which
-    are of the raw distribution)."""
+    mask (a thinking request's: apply_thinking_grammar) (never in place: the caller's logits also give the
+    logprobs, which are of the raw distribution)."""
     logits = logits.detach().to("cpu", torch.float32)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
         logits = logits.index_add(0, torch.tensor(ids), torch.tensor(biases, dtype=torch.float32))
-    if params.reads_tokens and state is None:
-        raise ValueError("penalties, grammars and thinking need the request's TokenState")
+    if params.masks_logits and state is None:
+        raise ValueError("penalties and grammars need the request's TokenState")
     if params.penalized:
         logits = apply_penalties(logits, params, state.counts)
-    if params.thinking is not None:
-        logits = apply_thinking(logits, state)
+    if params.constrained and params.thinking is not None:
+        logits = apply_thinking_grammar(logits, state)
     elif params.constrained:
         logits = apply_grammar(logits, state.grammar)
     return logits
@@ -294,7 +326,11 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams, state: TokenSta
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, index: int, state: TokenState | None = None) -> int:
-    """Next token id from 1-D logits for output position `index` (state: the request's, when params.reads_tokens)."""
+    """Next token id from 1-D logits for output position `index` (state: the request's, when params.reads_tokens;
+    a spent thinking budget's end marker without a look at the logits)."""
+    forced = state.forced if state is not None else None
+    if forced is not None:
+        return forced
     if params.greedy:
         return int(torch.argmax(logits if params.raw_argmax else adjusted_logits(logits, params, state)))
     generator = torch.Generator(device="cpu")
@@ -303,16 +339,28 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, index: int, state
     return int(torch.multinomial(probs, num_samples=1, generator=generator))
 
 
-def verify_proposal(proposal: list[int], choose: Callable[[int], int]) -> list[int]:
+def verify_proposal(proposal: list[int], choose: Callable[[int], int], thinking: ThinkingState | None = None
+                    ) -> list[int]:
     """The tokens a speculative chunk emits (Engine._commit_speculative): fed position i's token chosen as decoding
     one by one chooses it there (choose(i): the argmax, or sample_token with the seed of its output index), kept
     while it equals proposal[i], then the first that differs (or the one after the whole proposal).
+    thinking: a thinking budget's request's ThinkingState as of the chunk's first position, advanced here through
+    the tokens chosen (the caller's copy), so a spent budget's end marker replaces the token at the very position
+    decoding one by one forces it (forced_or); a request whose logits the tokens change (masks_logits) never
+    speculates.
 
     For a sampled request this is rejection sampling for a draft that proposes its token for sure (q(x) = 1):
     x is kept with probability p(x), else the token is y != x with probability p(y) / (1 - p(x)), p with x removed
     and renormalized - exactly the target distribution, drawn with the very random numbers of decoding one by one,
     so a seed gives the same output with speculation on or off."""
-    tokens = [choose(0)]
+    def at(position: int) -> int:
+        forced = thinking.forced if thinking is not None else None
+        token = choose(position) if forced is None else forced
+        if thinking is not None:
+            thinking.add(token)
+        return token
+
+    tokens = [at(0)]
     while len(tokens) <= len(proposal) and tokens[-1] == proposal[len(tokens) - 1]:
-        tokens.append(choose(len(tokens)))
+        tokens.append(at(len(tokens)))
     return tokens

@@ -1,7 +1,8 @@
 import torch
 
-from hpcllm.worker.sampling import (SamplingParams, TokenCounts, TokenState, adjusted_logits, filter_top_k,
-                                    sample_token, sampling_probs, step_seed, top_p_probs)
+from hpcllm.worker.sampling import (SamplingParams, Thinking, ThinkingState, TokenCounts, TokenState, adjusted_logits,
+                                    filter_top_k, forced_or, sample_token, sampling_probs, step_seed, top_p_probs,
+                                    verify_proposal)
 
 
 def test_step_seed_is_deterministic_and_differs_between_steps_and_seeds():
@@ -168,3 +169,54 @@ def test_which_parameters_need_the_history_and_which_leave_the_raw_argmax():
         params = SamplingParams(temperature=0.0, **fields)
         assert params.penalized and not params.raw_argmax
     assert not SamplingParams(logit_bias=((1, 1.0),), min_p=0.2).penalized
+    # A thinking budget alone keeps a TokenState but leaves the logits as they are: the step's argmax, then forced_or.
+    budget_only = SamplingParams(temperature=0.0, thinking=Thinking(end=9, budget=2))
+    assert budget_only.reads_tokens and not budget_only.masks_logits and budget_only.raw_argmax
+    with_grammar = SamplingParams(temperature=0.0, constrained=True, thinking=Thinking(end=9, budget=2))
+    assert with_grammar.masks_logits and not with_grammar.raw_argmax
+
+
+def test_a_spent_thinking_budget_replaces_the_chosen_token_by_its_end_marker_greedy_or_sampled():
+    """Two thinking tokens, budget 2: the end marker whatever the logits favour (as masking every other token
+    would choose it), without a look at them; the token after it is the logits' own again."""
+    end, logits = 3, torch.tensor([5.0, 1.0, 0.0, -20.0])
+    params = [SamplingParams(temperature=0.0, thinking=Thinking(end=end, budget=2)),
+              SamplingParams(temperature=0.7, seed=1, thinking=Thinking(end=end, budget=2))]
+    for p in params:
+        state = TokenState.build(p, 4, [1], [0, 1])
+        assert state.forced == end
+        assert sample_token(logits, p, 2, state) == forced_or(state, 0) == end
+        assert sample_token(torch.full((4,), float("nan")), p, 2, state) == end  # the logits are not read
+        state.add(end)
+        assert state.forced is None and forced_or(state, 0) == 0
+    state = TokenState.build(params[0], 4, [1], [0])
+    assert state.forced is None and sample_token(logits, params[0], 1, state) == 0  # one token left in the budget
+
+
+def test_a_thinking_state_built_from_the_ids_equals_one_fed_token_by_token():
+    """Built from a resumed output's ids at once (a seed in the model process, a speculation's verification) or
+    fed one token at a time, it says the same: still thinking, the tokens thought, where the answer starts."""
+    start, end = 7, 8
+    outputs = [[], [7], [1, 2], [7, 1, 2], [7, 1, 8, 3, 8], [1, 8, 7], [8, 8], [7, 7, 1, 2, 3]]
+    for rule in (Thinking(end=end), Thinking(end=end, start=start, budget=1)):
+        for ids in outputs:
+            fed = ThinkingState(rule, [])
+            for token in ids:
+                fed.add(token)
+            built = ThinkingState(rule, ids)
+            assert vars(built) == vars(fed), (rule, ids)
+            built.add(end), fed.add(end)
+            assert vars(built) == vars(fed), (rule, ids)
+
+
+def test_a_speculated_thinking_request_gets_its_end_marker_at_the_budget_within_a_proposal():
+    """Budget 3, two tokens thought: a proposal of four that the argmax confirms is cut at the third position,
+    where the end marker replaces the argmax (rejecting the proposal there), as decoding one by one would; the
+    caller's state is advanced through the tokens kept."""
+    end, picks = 9, [4, 5, 6, 7, 1]
+    thinking = ThinkingState(Thinking(end=end, budget=3), [1, 2])
+    assert verify_proposal([4, 5, 6, 7], picks.__getitem__, thinking) == [4, end]
+    assert not thinking.thinking and thinking.thought == 3
+    assert verify_proposal([4, 5, 6, 7], picks.__getitem__) == [4, 5, 6, 7, 1]  # no budget: the whole proposal
+    after = ThinkingState(Thinking(end=end, budget=3), [1, 2, 3, end])
+    assert verify_proposal([4, 5, 6, 7], picks.__getitem__, after) == [4, 5, 6, 7, 1]  # the answer: not forced

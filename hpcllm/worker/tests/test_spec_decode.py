@@ -13,7 +13,7 @@ from hpcllm.config import WorkerConfig
 from hpcllm.worker.engine import Engine
 from hpcllm.worker.ngram import (LOOKUP_MISSES, MAX_BACKOFF_STEPS, MAX_LOOKUP_BACKOFF_STEPS, NgramProposer,
                                  SpeculationRecord)
-from hpcllm.worker.protocol import GenerateRequest
+from hpcllm.worker.protocol import GenerateRequest, Thinking
 from hpcllm.worker.sampling import SamplingParams, sample_token, sampling_probs, verify_proposal
 
 from .copying_model import cycle_from, rewire_to_copy
@@ -179,6 +179,32 @@ def test_seeded_sampled_requests_speculate_and_draw_the_tokens_they_draw_without
     assert [tokens for tokens, _ in on] == [tokens for tokens, _ in off]
     proposed, accepted = spec_counts(engine)
     assert 0 < accepted < proposed
+
+
+@pytest.mark.parametrize("model_process", [False, True])
+def test_a_thinking_budget_speculates_and_ends_its_thinking_at_the_budget(copying, model_process, make_engine):
+    """A budget without a grammar leaves the logits as they are, so the request speculates (its proposals copying
+    the prompt are accepted); the end marker still lands exactly after `budget` thinking tokens, inside a proposal
+    that the verification cuts there, and greedy and seeded sampled requests give the tokens they give without."""
+    load, tokenizer, successor, _ = copying
+    stretch = cycle_from(successor, 500, 200)
+    document, end, budget = stretch[:120], stretch[150], 21
+    prompt = document + document[:1]
+
+    def thinker(**fields) -> GenerateRequest:
+        return GenerateRequest(request_id=f"s{next(_ids)}", prompt_token_ids=prompt, max_tokens=40, ignore_eos=True,
+                               thinking=Thinking(end_token_id=end, budget=budget), **fields)
+
+    cases = [{"temperature": 0}, *[{"temperature": 1.0, "seed": seed} for seed in range(3)]]
+    plain = make_engine(load(), tokenizer)
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=5, model_process=model_process)
+    off = run_together(plain, [thinker(**fields) for fields in cases])
+    on = run_together(engine, [thinker(**fields) for fields in cases])
+    assert [tokens for tokens, _ in on] == [tokens for tokens, _ in off]
+    assert off[0][0] == document[1:budget + 1] + [end] + cycle_from(successor, successor[end], 40 - budget - 1)
+    assert all(tokens.index(end) == budget for tokens, _ in on)
+    proposed, accepted = spec_counts(engine)
+    assert 0 < accepted < proposed  # speculated, and a proposal crossing the budget cut there
 
 
 def test_the_sampled_acceptance_rule_matches_its_closed_form_on_given_logits():

@@ -6,10 +6,14 @@ that many thinking tokens; greedy and sampled alike, in the engine's thread and 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from hpcllm.worker import engine as engine_module
+from hpcllm.worker import runner_process, sampling
 from hpcllm.worker.engine import Engine, InvalidRequest
 from hpcllm.worker.grammar import compile_grammar
 from hpcllm.worker.protocol import Thinking
+from hpcllm.worker.sampling import SamplingParams, TokenState
 
 from .test_model_process import PROMPTS, request, run_together
 from .test_structured_outputs import outcome
@@ -114,12 +118,36 @@ def test_an_output_that_may_open_its_thinking_answers_at_once_or_after_it(engine
     assert len(thought) == 3 and answer in CHOICES
 
 
-def test_a_thinking_budget_without_a_grammar_cuts_the_thinking_and_the_answer_goes_on(engines):
+def test_a_thinking_budget_without_a_grammar_cuts_the_thinking_and_the_answer_goes_on(engines, monkeypatch):
+    """Greedy and sampled, the same in either process: </think> after exactly `budget` thinking tokens. A greedy
+    one's tokens are the step's argmax, </think> replacing it at the budget: no row of its own is copied and
+    chosen per token (engine.sample_token, which a grammar or a penalty needs, is never called for it)."""
     local = engines[0]
     end = markers(local)[1]
-    completion = local.generate(request(prompt=PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True,
-                                        thinking=Thinking(end_token_id=end, budget=4)))
-    assert completion.token_ids.index(end) == 4 and len(completion.token_ids) == 12
+    thinking = Thinking(end_token_id=end, budget=4)
+    cases = [request(prompt=PROMPTS[0], max_tokens=12, temperature=0, ignore_eos=True, thinking=thinking),
+             *[request(prompt=p, max_tokens=12, temperature=1.0, seed=i, ignore_eos=True, thinking=thinking)
+               for i, p in enumerate(PROMPTS)]]
+    for ids, _, finish_reason in same_in_both(engines, cases):
+        assert ids.index(end) == 4 and len(ids) == 12 and finish_reason == "length"
+    chosen_per_row = []
+    monkeypatch.setattr(engine_module, "sample_token",
+                        lambda *args: chosen_per_row.append(args) or sampling.sample_token(*args))
+    greedy = local.generate(cases[0].model_copy(update={"request_id": "greedy-budget"}))
+    assert greedy.token_ids.index(end) == 4 and chosen_per_row == []
+
+
+def test_the_model_process_chooses_a_budget_only_greedy_row_by_the_steps_argmax(monkeypatch):
+    """runner_process.choose_tokens: the row's token is the argmax over the step's rows, </think> once the budget
+    is spent (its TokenState takes either), with no per-row choice (sample_token) for it."""
+    end = 3
+    params = SamplingParams(temperature=0.0, thinking=sampling.Thinking(end=end, budget=1))
+    state = TokenState.build(params, 4, [0], [])
+    rows = torch.tensor([[0.0, 2.0, 1.0, -5.0]] * 3)
+    per_row = []
+    monkeypatch.setattr(runner_process, "sample_token", lambda *args: per_row.append(args) or 0)
+    chosen = [runner_process.choose_tokens(rows[i:i + 1], [(params, i)], [state])[0] for i in range(3)]
+    assert chosen == [1, end, 1] and per_row == [] and state.thinking.answer_from == 2
 
 
 def test_bad_marker_ids_are_refused_naming_them(engines):
