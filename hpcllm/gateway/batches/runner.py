@@ -119,6 +119,7 @@ class BatchRunner:
                 if self.batches.claimable():
                     claim = self.batches.claim(self.holder)
                 if claim is not None:
+                    self._wake.clear()  # a wake before the claim asked for this look, not for the run to renew
                     self.running = claim
                     BatchRun(self, claim).run()
                     self._failures.pop(claim.batch_id, None)
@@ -302,7 +303,10 @@ class BatchRun:
                         entry, result = inflight.pop(future), future.result()
                         if result is None:  # not run to a result (stopped while it waited to retry): not run
                             pending.appendleft(entry)
-                        elif self.lease.valid():  # else the process that takes the batch over runs it again
+                            continue
+                        if not self.lease.valid():  # too long since the last renewal to write on it: renew first
+                            batch, stop = self._renew(batch, stop, progress())
+                        if stop != "lost":  # else the process that takes the batch over runs it again
                             self._write(batch, result, output, errors)
                     stop = stop or self._stop_reason(batch)
                     if self.lease.due() or self.runner.woken() or stop is not None:

@@ -468,6 +468,24 @@ def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(g
     assert next(renewals) == 2
 
 
+def test_a_result_that_comes_when_the_lease_is_due_is_written_after_a_renewal_not_dropped(gated_factory,
+                                                                                         monkeypatch):
+    """A result that finishes when this process's last renewal is too old to write on (a slow input parse or renewal
+    held the loop past two thirds of the lease) is written once the lease is renewed, not dropped with the batch
+    running on to 'completed' one short."""
+    from hpcllm.gateway.batches import runner
+
+    stale = itertools.count()
+    valid = runner.LocalLease.valid
+    monkeypatch.setattr(runner.LocalLease, "valid", lambda lease: next(stale) > 0 and valid(lease))
+    worker, factory = gated_factory(blocked=-1)
+    gw = factory(batch_concurrency=1, batch_lease_seconds=300)
+    batch = submit(gw.client(), [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    done = finished(gw.client(), batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 3, done
+    assert sorted(results(gw.client(), done.output_file_id)) == ["r0", "r1", "r2"]
+
+
 def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_runs(gated_factory):
     worker, factory = gated_factory(blocked=-1)  # no request held
     gw = factory(batch_lease_seconds=3)  # a poll a second
