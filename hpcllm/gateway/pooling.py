@@ -127,7 +127,8 @@ def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | l
     if isinstance(text_or_ids, str):
         if truncation is None:  # a text too long for the context whatever its tokens: refused untokenized
             encoder.check_fits(len(text_or_ids) + len(pair or ""), card.max_model_len, param)
-        ids = encoder.encode(text_or_ids, pair=pair, truncation=truncation)
+        ids = (encoder.encode(text_or_ids, pair=pair) if truncation is None
+               else encoder.encode_truncated(text_or_ids, truncation, pair=pair).ids)
     else:
         ids = encoder.check_token_ids(text_or_ids, param)
         ids = ids if truncation is None else truncation.keep(ids)
@@ -148,10 +149,19 @@ def input_truncation(encoder: PromptEncoder, card: ModelCard, req: TruncatingReq
 def tokenize_inputs(encoder: PromptEncoder, card: ModelCard, req: InputsRequest) -> list[list[int]]:
     """The token ids of a request's `input` list (embeddings, classify), truncated as it asks; a 400 naming
     `input` or `input[i]`."""
+    check_input_count(len(req.input), "input")
     truncation = input_truncation(encoder, card, req)
     return [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]",
                            truncation=truncation)
             for i, text_or_ids in enumerate(req.input)]
+
+
+def check_input_count(count: int, param: str) -> None:
+    """A 400 naming param for more inputs than one worker call pools, checked before they are tokenized."""
+    if count > MAX_EMBED_INPUTS:
+        raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} texts are pooled in one request (a cross-encoder's pairs, "
+                             f"an embedding model's inputs: queries and documents together); this one has "
+                             f"{count}: split it", param=param)
 
 
 def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: list[list[int]],
@@ -160,10 +170,7 @@ def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: 
     (another worker if the routed one is gone), and the prompt tokens they took: taken from the key's token budget
     and counted as the request's (metrics, usage accounting). More inputs than one worker call takes: a 400 naming
     param, before any token is reserved."""
-    if len(inputs) > MAX_EMBED_INPUTS:
-        raise InvalidRequest(f"at most {MAX_EMBED_INPUTS} texts are pooled in one request (a cross-encoder's pairs, "
-                             f"an embedding model's inputs: queries and documents together); this one has "
-                             f"{len(inputs)}: split it", param=param)
+    check_input_count(len(inputs), param)
     prompt_tokens = sum(len(ids) for ids in inputs)
     if ctx.api_key is not None:
         gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)

@@ -198,12 +198,16 @@ def prompt_list(value: Any, name: str) -> list[str | list[int]]:
     raise ValueError(f"{name} must be {PROMPT_SHAPES}")
 
 
+# More than any context (a tokenizer's max_length beyond a C long is an OverflowError, a 500).
+TRUNCATE_PROMPT_TOKENS_MAX = 2**31 - 1
+
+
 class TruncatingRequest(OpenAIRequest):
     """vLLM's prompt truncation (completions, chat, embeddings, classify, score, rerank): each prompt keeps
     truncate_prompt_tokens tokens (-1: as many as the model's context holds), its first ones (truncation_side
     "right") or its last ones ("left"); no side: the tokenizer's (most truncate on the right)."""
 
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, le=TRUNCATE_PROMPT_TOKENS_MAX)
     truncation_side: Literal["left", "right"] | None = None
 
 

@@ -17,7 +17,7 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
+from hpcllm.checkpoint.promptbound import NORMALIZATION_SLACK, longest_token_chars, min_tokens
 from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
 from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, parser_for_template
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 REQUEST_FIELDS = ("tools", "documents", "add_generation_prompt", "continue_final_message")
 
 
-TRUNCATION_SLACK_TOKENS = 8  # tokens kept past the truncation before cutting a text by characters (see trimmed)
+# Tokens kept past those a truncation keeps before a text is cut by characters (PromptEncoder.shortened): the cut
+# changes the tokens near it only.
+TRUNCATION_SLACK_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,17 @@ class Truncation:
             return ids
         return ids[-self.tokens:] if self.side == "left" else ids[:self.tokens]
 
-    def trimmed(self, text: str, max_token_chars: int) -> str:
-        """text cut by characters on the side truncation drops, to what holds the tokens kept and a few more
-        (tokenizing megabytes to keep a few tokens would take seconds of the gateway's CPU): any text of that many
-        characters has at least that many tokens, and the cut, a few tokens past those kept, leaves them as they
-        were."""
-        chars = (self.tokens + TRUNCATION_SLACK_TOKENS) * max_token_chars
-        if len(text) <= chars:
-            return text
+    def cut(self, text: str, chars: int) -> str:
+        """text's `chars` characters on the side kept."""
         return text[-chars:] if self.side == "left" else text[:chars]
+
+
+@dataclass(frozen=True)
+class Truncated:
+    """A prompt's token ids after truncation, and whether anything was cut (an echo shows the text otherwise)."""
+
+    ids: list[int]
+    cut: bool
 
 
 @dataclass
@@ -84,21 +88,44 @@ class PromptEncoder:
                 f"{at_least} tokens ({chars} characters). Please reduce the length of the prompt.",
                 param=param, code="context_length_exceeded")
 
-    def encode(self, text: str, add_special_tokens: bool = True, *, pair: str | None = None,
-               truncation: Truncation | None = None) -> list[int]:
-        """text's token ids (pair: a cross-encoder's second text, the tokenizer's text pair), truncated as asked.
-        Like vLLM and `tokenizer(prompt)` in transformers: the model's BOS (if any) is added."""
-        if truncation is None:
-            return list(self.tokenizer(text, text_pair=pair, add_special_tokens=add_special_tokens)["input_ids"])
-        text = truncation.trimmed(text, self.max_token_chars)
-        pair = None if pair is None else truncation.trimmed(pair, self.max_token_chars)
-        by_tokenizer = {"truncation": True, "max_length": truncation.tokens} if truncation.by_tokenizer else {}
+    def encode(self, text: str, add_special_tokens: bool = True, *, pair: str | None = None) -> list[int]:
+        """text's token ids (pair: a cross-encoder's second text, the tokenizer's text pair). Like vLLM and
+        `tokenizer(prompt)` in transformers: the model's BOS (if any) is added."""
+        return list(self.tokenizer(text, text_pair=pair, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def encode_truncated(self, text: str, truncation: Truncation, *, pair: str | None = None,
+                         add_special_tokens: bool = True) -> Truncated:
+        """encode, truncated as asked: a long text is first shortened by characters, then tokenized; if it has more
+        tokens than kept, the tokenizer truncates it (no side asked) or the side's tokens are kept."""
+        short = self.shortened(text, truncation)
+        short_pair = None if pair is None else self.shortened(pair, truncation)
+        ids = self.encode(short, add_special_tokens, pair=short_pair)
+        cut = len(ids) > truncation.tokens or (short, short_pair) != (text, pair)
+        if len(ids) <= truncation.tokens:
+            return Truncated(ids, cut)
+        if not truncation.by_tokenizer:
+            return Truncated(truncation.keep(ids), cut)
         try:
-            ids = self.tokenizer(text, text_pair=pair, add_special_tokens=add_special_tokens, **by_tokenizer)
+            ids = self.tokenizer(short, text_pair=short_pair, add_special_tokens=add_special_tokens, truncation=True,
+                                 max_length=truncation.tokens)["input_ids"]
         except ValueError as exc:  # transformers: a pair that cannot be cut that short around its special tokens
             raise InvalidRequest(f"truncate_prompt_tokens {truncation.tokens} is too few tokens for this input: {exc}",
                                  param="truncate_prompt_tokens", code="invalid_value") from None
-        return truncation.keep(list(ids["input_ids"]))
+        return Truncated(list(ids), cut)
+
+    def shortened(self, text: str, truncation: Truncation) -> str:
+        """text cut by characters on the side truncation drops, keeping TRUNCATION_SLACK_TOKENS tokens more than it
+        keeps (tokenizing megabytes to keep a few tokens would take seconds of the gateway's CPU): first to what
+        holds that many tokens by promptbound's rule, widened while a normalizer (BERT's collapsed whitespace) left
+        fewer."""
+        wanted = truncation.tokens + TRUNCATION_SLACK_TOKENS
+        chars = wanted * self.max_token_chars * NORMALIZATION_SLACK
+        while len(text) > chars:
+            cut = truncation.cut(text, chars)
+            if len(self.encode(cut, add_special_tokens=False)) >= wanted:
+                return cut
+            chars *= 4
+        return text
 
     def truncation(self, tokens: int | None, side: str | None, max_model_len: int | None,
                    generating: bool) -> Truncation | None:
@@ -135,7 +162,8 @@ class PromptEncoder:
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None, *, add_generation_prompt: bool = True,
                     continue_final_message: bool = False, documents: list[dict] | None = None,
-                    template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False) -> RenderedChat:
+                    template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
+                    truncation: Truncation | None = None) -> RenderedChat:
         """The prompt: the messages (and the tools' definitions, if any) through the chat template, with the
         request's template_kwargs (chat_template_kwargs) as the template's variables. The template holds the special
         tokens (BOS, role markers): none are added unless asked (/tokenize may)."""
@@ -149,7 +177,9 @@ class PromptEncoder:
             # answer as if there were none, and the client would never know why.
             raise InvalidRequest("this model's chat template does not support tools; send the request without "
                                  "'tools'", param="tools", code="unsupported_parameter")
-        return RenderedChat(text, list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]))
+        if truncation is not None:  # the rendered prompt truncated (truncate_prompt_tokens)
+            return RenderedChat(text, self.encode_truncated(text, truncation, add_special_tokens=add_special_tokens).ids)
+        return RenderedChat(text, self.encode(text, add_special_tokens))
 
     @property
     def chat_template(self) -> str | None:

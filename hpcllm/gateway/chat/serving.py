@@ -71,8 +71,8 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
                                     generating=True)
     if truncation is None:
         encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
-    rendered = encoder.render_chat(messages, req.template_tools(), **req.template_arguments())
-    prompt = rendered.token_ids if truncation is None else truncation.keep(rendered.token_ids)
+    rendered = encoder.render_chat(messages, req.template_tools(), **req.template_arguments(), truncation=truncation)
+    prompt = rendered.token_ids
     reasoning = encoder.reasoning_parser(rendered)
     thinking = _worker_thinking(req, reasoning, card)
     # A constrained answer thinks first where the worker holds its grammar back until the thinking ends (the markers

@@ -17,12 +17,13 @@ from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import (SSE_DONE, SSE_HEADERS, ChoiceResult, Generation, RequestContext,
                                     check_prompt_logprobs, collect, context_length_error, new_response_id, sse,
                                     stream_error_event, vllm_prompt_logprobs)
-from hpcllm.gateway.tokenization import PromptEncoder
+from hpcllm.gateway.tokenization import PromptEncoder, Truncated
 from hpcllm.worker.protocol import TokenLogprobs
 
 
-def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[list[int]]:
-    """The prompts' token ids, truncated as the request asks (truncate_prompt_tokens)."""
+def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[Truncated]:
+    """The prompts' token ids, truncated as the request asks (truncate_prompt_tokens), each with whether it was
+    cut."""
     encoder = gw.tokenizers.get(card)
     truncation = encoder.truncation(req.truncate_prompt_tokens, req.truncation_side, card.max_model_len,
                                     generating=True)
@@ -32,14 +33,16 @@ def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[list[int
         if isinstance(prompt, str) and truncation is None:
             encoder.check_fits(len(prompt), card.max_model_len, param)
         if isinstance(prompt, str):
-            ids = encoder.encode(prompt, truncation=truncation)
+            tokens = (Truncated(encoder.encode(prompt), cut=False) if truncation is None
+                      else encoder.encode_truncated(prompt, truncation))
         else:
             ids = encoder.check_token_ids(prompt, param)
-            ids = ids if truncation is None else truncation.keep(ids)
-        if not ids:
+            kept = ids if truncation is None else truncation.keep(ids)
+            tokens = Truncated(kept, cut=len(kept) < len(ids))
+        if not tokens.ids:
             raise InvalidRequest("the prompt is empty (no tokens after tokenization)", param=param,
                                  code="empty_prompt")
-        prompts.append(ids)
+        prompts.append(tokens)
     return prompts
 
 
@@ -58,10 +61,11 @@ def completion_max_tokens(gw: Gateway, req: CompletionRequest, card, prompts: li
 def create_completion(gw: Gateway, ctx: RequestContext, req: CompletionRequest) -> Response | dict:
     req.check_supported()
     card = gw.router.get_model(req.model)
-    prompts = tokenize_prompts(gw, req, card)
+    tokenized = tokenize_prompts(gw, req, card)
+    prompts = [tokens.ids for tokens in tokenized]
     max_tokens = completion_max_tokens(gw, req, card, prompts)
     response_id = new_response_id("cmpl")
-    echo = Echo(gw.tokenizers.get(card), req, prompts) if req.echo else None
+    echo = Echo(gw.tokenizers.get(card), req, tokenized) if req.echo else None
     generation = Generation(gw, ctx, card, prompts,
                             req.sampling(max_tokens, req.worker_logprobs, req.worker_prompt_logprobs), response_id,
                             n=req.generated_per_prompt)
@@ -101,12 +105,12 @@ class Echo:
     """What `echo` puts before each choice: its prompt's text (a token-id prompt decoded) and, with logprobs, the
     prompt tokens' log probabilities (vLLM's shape: the first token's logprob and alternatives are None)."""
 
-    def __init__(self, encoder: PromptEncoder, req: CompletionRequest, prompts: list[list[int]]):
+    def __init__(self, encoder: PromptEncoder, req: CompletionRequest, prompts: list[Truncated]):
         self._encoder = encoder
-        self._prompts = prompts
-        # A token-id prompt decoded, and a truncated one: the text the model was given.
-        self._texts = [p if isinstance(p, str) and req.truncate_prompt_tokens is None else encoder.decode(ids)
-                       for p, ids in zip(req.prompt, prompts)]
+        self._prompts = [tokens.ids for tokens in prompts]
+        # A token-id prompt decoded, and a truncated one: the tokens the model was given.
+        self._texts = [p if isinstance(p, str) and not tokens.cut else encoder.decode(tokens.ids)
+                       for p, tokens in zip(req.prompt, prompts)]
         self._choices_per_prompt = req.generated_per_prompt
         self.only = req.echo_only  # max_tokens 0: the prompt alone, the generated token dropped
         self._top = req.logprobs or 0  # the worker may report more alternatives, for prompt_logprobs

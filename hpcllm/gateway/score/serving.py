@@ -10,8 +10,8 @@ import math
 import time
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import (classifier_of, input_truncation, pool_on_a_worker, pooling_model,
-                                    tokenize_input)
+from hpcllm.gateway.pooling import (check_input_count, classifier_of, input_truncation, pool_on_a_worker,
+                                    pooling_model, tokenize_input)
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -60,6 +60,8 @@ def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: 
     classifier = classifier_of(card)
     encoder = gw.tokenizers.get(card)
     truncation = input_truncation(encoder, card, req)
+    pairs = len(documents.texts)
+    check_input_count(pairs + len(queries.texts) if classifier is None else pairs, documents.name)
     if classifier is None:
         return _bi_encoder_scores(gw, ctx, card, queries, documents, truncation)
     if classifier.num_labels != 1:

@@ -38,3 +38,53 @@ def test_the_first_requests_for_a_model_arriving_together_load_its_tokenizer_onc
     assert loads == [MODEL]
     assert len(encoders) == 4 and all(encoder is encoders[0] for encoder in encoders)
     assert encoders[0].encode("hello world")
+
+
+def whitespace_collapsing_encoder():
+    """A BERT-like tokenizer (its pre-tokenizer drops whitespace): 44 characters of 'word' and spaces are one token,
+    far fewer tokens per character than the vocabulary's longest token suggests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hpcllm.gateway.tokenization import PromptEncoder
+
+    core = Tokenizer(models.WordLevel({"[UNK]": 0, "word": 1, "end": 2}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return PromptEncoder(PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]"))
+
+
+def test_a_truncated_text_keeps_as_many_tokens_as_asked_whatever_its_whitespace():
+    """The cut by characters before tokenizing (a 4 MB text to keep 10 tokens) is widened until the text keeps more
+    tokens than asked: it was 4 tokens of 10 where whitespace runs made tokens long."""
+    from hpcllm.gateway.tokenization import Truncation
+
+    encoder = whitespace_collapsing_encoder()
+    text = ("word" + " " * 40) * 2000 + "end"
+    for side, by_tokenizer in (("right", True), ("right", False), ("left", False)):
+        kept = encoder.encode_truncated(text, Truncation(10, side, by_tokenizer))
+        assert kept.cut and len(kept.ids) == 10, (side, by_tokenizer, kept)
+        assert kept.ids == ([1] * 9 + [2] if side == "left" else [1] * 10)
+    short = encoder.encode_truncated("word end", Truncation(10, "right", True))
+    assert (short.ids, short.cut) == ([1, 2], False)
+
+
+def test_a_truncated_chat_tokenizes_a_bounded_text_however_long_the_conversation(tiny_model_dir, monkeypatch):
+    """render_chat with a truncation tokenizes the rendered prompt cut near the tokens kept, not a megabyte."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.gateway.tokenization import PromptEncoder, Truncation
+
+    encoder = PromptEncoder(AutoTokenizer.from_pretrained(tiny_model_dir))
+    whole = encoder.render_chat([{"role": "user", "content": "hello " * 200_000}])
+    tokenized = []
+    tokenize = encoder.tokenizer.__class__.__call__
+
+    def spy(tokenizer, text, *args, **kwargs):
+        tokenized.append(len(text))
+        return tokenize(tokenizer, text, *args, **kwargs)
+
+    monkeypatch.setattr(encoder.tokenizer.__class__, "__call__", spy)
+    cut = encoder.render_chat([{"role": "user", "content": "hello " * 200_000}], truncation=Truncation(16, "left",
+                                                                                                  False))
+    assert cut.token_ids == whole.token_ids[-16:]
+    assert tokenized and max(tokenized) < 10_000, tokenized  # the rendered text has 1.2 million characters

@@ -78,6 +78,8 @@ def test_a_completion_is_the_truncated_prompts_and_echoes_it(gateway, hf_pair):
     echoed = hf_pair[1].decode(ids[-5:])
     assert got["choices"][0]["text"] == echoed + want["choices"][0]["text"]
     assert got["usage"]["prompt_tokens"] == 5
+    uncut = complete(gateway, {"prompt": "fox", "truncate_prompt_tokens": 50, "echo": True, "max_tokens": 1})
+    assert uncut["choices"][0]["text"].startswith("fox")  # nothing cut: the prompt as sent, no decoded BOS
     first = complete(gateway, {"prompt": [ids], "truncate_prompt_tokens": 5})
     assert first["choices"][0]["text"] == complete(gateway, {"prompt": ids[:5]})["choices"][0]["text"]
 
@@ -104,8 +106,9 @@ def test_truncation_that_cannot_be_done_is_refused_naming_it(gateway, context):
             error = assert_error(gateway.post(path, json={"model": MODEL, **body, "truncate_prompt_tokens": bad}),
                                  400, "invalid_value", "truncate_prompt_tokens")
             assert f"truncate_prompt_tokens {bad}" in error["message"] or f"={bad}" in error["message"], error
-        assert_error(gateway.post(path, json={"model": MODEL, **body, "truncate_prompt_tokens": -2}), 422,
-                     "invalid_value", "truncate_prompt_tokens")
+        for bad in (-2, 10**40):
+            assert_error(gateway.post(path, json={"model": MODEL, **body, "truncate_prompt_tokens": bad}), 422,
+                         "invalid_value", "truncate_prompt_tokens")
         assert_error(gateway.post(path, json={"model": MODEL, **body, "truncate_prompt_tokens": 3,
                                               "truncation_side": "middle"}), 422, "invalid_value", "truncation_side")
     # A generation keeps a token of the context for its answer: the whole context is one too many.
