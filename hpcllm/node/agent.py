@@ -422,14 +422,14 @@ class NodeAgent:
             log.warning("the controller does not know %s (declared lost, or a new database): registering again",
                         self.node_id)
             return self.register()
-        if resp.status_code == 400 and rates:
+        if resp.status_code == 400 and rates and self._refuses(resp, ("tiers", "h2d_gbps")):
             # A controller older than this agent takes no rates in a heartbeat: it keeps the registered ones, and
             # the heartbeat goes again without them (else it fails until the node is declared lost).
             log.warning("the controller %s refused the tier rates measured again (%s): it places with the "
                         "registered ones", self.controller_url, error_of(resp)[1])
             self._rates_sent = version
             return self.heartbeat()
-        if resp.status_code == 400 and job_end is not None and self._refuses_job_end(resp):
+        if resp.status_code == 400 and job_end is not None and self._refuses(resp, ("job_end",)):
             log.warning("the controller %s refused this pool's job end (%s): it cannot hand the pool over before "
                         "the job ends; Slurm's signal drains it", self.controller_url, error_of(resp)[1])
             self._send_job_end = False
@@ -444,11 +444,12 @@ class NodeAgent:
         return True
 
     @staticmethod
-    def _refuses_job_end(resp: httpx.Response) -> bool:
-        """A 400 about the job end itself (a controller older than this agent: an unknown field), not about anything
-        else of the heartbeat: only then do heartbeats go on without it (the pool is then never handed over)."""
+    def _refuses(resp: httpx.Response, fields: tuple[str, ...]) -> bool:
+        """A 400 about one of these heartbeat fields (a controller older than this agent: an unknown field), not
+        about anything else of the heartbeat: only then do heartbeats go on without them (the job end: the pool is
+        then never handed over; the rates: the controller places with the registered ones)."""
         error, message = error_of(resp)
-        return error.get("param") == "job_end" or "job_end" in message
+        return error.get("param") in fields or any(field in message for field in fields)
 
     def _follow_the_controller(self, resp: httpx.Response) -> None:
         """A model pool's node the controller drains (it retires the pool before its job ends, a replacement ready

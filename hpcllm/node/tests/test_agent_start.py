@@ -175,7 +175,7 @@ def test_a_controller_that_takes_no_rates_in_heartbeats_keeps_the_registered_one
         @classmethod
         def _no_rates(cls, data):
             if isinstance(data, dict) and {"tiers", "h2d_gbps"} & set(data):
-                raise ValueError("Extra inputs are not permitted")
+                raise ValueError("tiers: Extra inputs are not permitted")  # pydantic's extra=forbid names it
             return data
 
     (service, _, url), _ = controllers
