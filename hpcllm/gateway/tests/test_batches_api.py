@@ -164,6 +164,28 @@ def test_embeddings_and_responses_batches(make_gateway):
     assert client.responses.retrieve(answer["id"]).id == answer["id"]  # stored, as the endpoint stores it
 
 
+def test_score_and_rerank_batches_answer_as_their_endpoints(make_gateway):
+    """vLLM's run_batch takes score and rerank lines: a corpus reranked offline, each line's answer the endpoint's."""
+    gw = make_gateway()
+    client = gw.client()
+    rerank = {"model": MODEL, "query": "capital of france", "documents": ["paris", "a cat", "france"]}
+    score = {"model": MODEL, "text_1": "one two", "text_2": ["one", "three"]}
+    batches = {url: submit(client, [{"custom_id": "x", "method": "POST", "url": url, "body": body}], endpoint=url)
+               for url, body in (("/v1/rerank", rerank), ("/v1/score", score))}
+    for url, body in (("/v1/rerank", rerank), ("/v1/score", score)):
+        done = finished(client, batches[url].id)
+        assert done.status == "completed" and done.request_counts.completed == 1, done
+        answer = results(client, done.output_file_id)["x"]["response"]["body"]
+        direct = gw.post(url, json=body).json()
+        if url == "/v1/rerank":
+            assert [(r["index"], r["relevance_score"]) for r in answer["results"]] == [
+                (r["index"], pytest.approx(r["relevance_score"], abs=1e-6)) for r in direct["results"]]
+        else:
+            assert [d["score"] for d in answer["data"]] == pytest.approx([d["score"] for d in direct["data"]],
+                                                                         abs=1e-6)
+        assert answer["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
+
+
 def test_lists_page_newest_first(make_gateway):
     gw = make_gateway()
     client = gw.client()
