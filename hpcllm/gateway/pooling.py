@@ -1,7 +1,7 @@
 """The pooling models' way to the worker, shared by /v1/embeddings, /v1/score, /v1/rerank and /v1/classify: which
-model may be asked (pooling_model), its inputs' token ids (tokenize_input, tokenize_inputs), what its head is (classifier_of, from
-its config.json), and the pooled outputs of one worker call (pool_on_a_worker: embeddings, or a classifier's
-logits)."""
+model may be asked (pooling_model), its inputs' token ids, truncated as asked (tokenize_input, tokenize_inputs), what
+its head is (classifier_of, from its config.json), and the pooled outputs of one worker call (pool_on_a_worker:
+embeddings, or a classifier's logits)."""
 
 from __future__ import annotations
 

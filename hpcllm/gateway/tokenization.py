@@ -178,7 +178,8 @@ class PromptEncoder:
             raise InvalidRequest("this model's chat template does not support tools; send the request without "
                                  "'tools'", param="tools", code="unsupported_parameter")
         if truncation is not None:  # the rendered prompt truncated (truncate_prompt_tokens)
-            return RenderedChat(text, self.encode_truncated(text, truncation, add_special_tokens=add_special_tokens).ids)
+            kept = self.encode_truncated(text, truncation, add_special_tokens=add_special_tokens)
+            return RenderedChat(text, kept.ids)
         return RenderedChat(text, self.encode(text, add_special_tokens))
 
     @property
