@@ -46,8 +46,9 @@ up: setup
 down:
 	@bash slurm/down.sh
 
+# --durations: the 15 slowest tests at the end of the log, where the run's time (kept under ~30 min) goes.
 test: test-host venv vllm-venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The tests marked `long` (minutes each even on a quiet machine), left out of `make test`.
 test-long: test-host venv vllm-venv

@@ -103,6 +103,26 @@ def logs(root: Path) -> str:
     return "\n".join(parts)
 
 
+def end_pool(slurm_cluster, controller_url: str, root: Path, pool_job: str) -> None:
+    """The pool job told to end the way Slurm does it near the time limit (USR1 to the batch shell): its agent drains
+    and exits, and the controller forgets the pool's instance."""
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", pool_job)
+
+    def forgotten():
+        st = admin_status(controller_url)
+        node = next(n for n in st["nodes"] if n["node_id"] == POOL_NODE)
+        return st if not instances_of(st, MODEL_A) and node["state"] != "up" else None
+
+    wait_for(forgotten, 45, "the controller to forget the ended pool's instance")
+
+    def drained():
+        log = next((root / "slurm").glob("pool-*.out")).read_text()
+        return "node agents exited with status" in log and log
+
+    log = wait_for(drained, 45, "the pool's agent to finish draining")
+    assert "node agents exited with status 0" in log, log[-3000:]
+
+
 @pytest.fixture
 def stack(slurm_cluster, tiny_llama_dir, tmp_path):
     """(controller_url, root, env, pool_job): the controller, models A and B deployed (one checkpoint, two names),
@@ -248,23 +268,14 @@ def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):
     pool_row = next(line for line in shown.stdout.splitlines() if f" {POOL_NODE} " in line and "up" in line)
     assert MODEL_A in pool_row, shown.stdout
 
-    # The pool job is told to end the way Slurm does it near the time limit (USR1 to the batch shell): its agent
-    # drains and the controller forgets the pool's instance.
-    slurm_cluster.run("scancel", "--batch", "--signal=USR1", pool_job)
+    end_pool(slurm_cluster, controller_url, root, pool_job)
 
-    def forgotten():
-        st = admin_status(controller_url)
-        node = next(n for n in st["nodes"] if n["node_id"] == POOL_NODE)
-        return st if not instances_of(st, MODEL_A) and node["state"] != "up" else None
 
-    wait_for(forgotten, 45, "the controller to forget the ended pool's instance")
-
-    def drained():
-        log = next((root / "slurm").glob("pool-*.out")).read_text()
-        return "node agents exited with status" in log and log
-
-    log = wait_for(drained, 45, "the pool's agent to finish draining")
-    assert "node agents exited with status 0" in log, log[-3000:]
+@pytest.mark.long
+def test_a_pool_hands_over_to_a_service_node_before_its_job_ends(stack, slurm_cluster):
+    controller_url, root, env, pool_job, submit_pool = stack
+    # The first pool (n1) ends first, so that A's replacement must start on the service node.
+    end_pool(slurm_cluster, controller_url, root, pool_job)
 
     # Before its job ends a pool hands over (docs/controller.md "A pool's job end"): a second pool of the group, on
     # n3, whose time limit is then cut to 4 minutes - less than retire_lead_seconds (300 s) left. Its agent reads the
@@ -303,7 +314,6 @@ def test_a_pool_keeps_its_instance_and_hosts_nothing_else(stack, slurm_cluster):
     wait_for(lambda: slurm_cluster.run("squeue", "--noheader", f"--jobs={second_job}", "--states=all",
                                        "--format=%T").stdout.strip() == "COMPLETED", 20,
              f"the second pool's job {second_job} to complete (not to run into its time limit)")
-
 
 
 def test_a_pool_agent_reads_its_jobs_end_from_the_real_squeue_as_the_limit_changes(slurm_cluster):
