@@ -8,6 +8,7 @@ from flask import Blueprint, request
 from hpcllm.gateway.conversations import serving
 from hpcllm.gateway.conversations.protocol import ConversationCreate, ConversationItems, ConversationUpdate
 from hpcllm.gateway.protocol import parse_body
+from hpcllm.gateway.responses.protocol import check_include_query
 from hpcllm.gateway.runtime import current_gateway
 from hpcllm.gateway.serving import RequestContext
 
@@ -37,17 +38,20 @@ def delete(conversation_id: str):
 
 @bp.post("/v1/conversations/<conversation_id>/items")
 def add_items(conversation_id: str):
+    check_include_query(request.args)
     return serving.add_items(current_gateway(), RequestContext.current(), conversation_id,
                              parse_body(ConversationItems))
 
 
 @bp.get("/v1/conversations/<conversation_id>/items")
 def list_items(conversation_id: str):
+    check_include_query(request.args)
     return serving.list_items(current_gateway(), RequestContext.current(), conversation_id, request.args)
 
 
 @bp.get("/v1/conversations/<conversation_id>/items/<item_id>")
 def get_item(conversation_id: str, item_id: str):
+    check_include_query(request.args)
     return serving.get_item(current_gateway(), RequestContext.current(), conversation_id, item_id)
 
 

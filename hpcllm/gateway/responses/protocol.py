@@ -13,6 +13,7 @@ import uuid
 from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from werkzeug.datastructures import MultiDict
 
 from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, ChatUsage, FunctionCall,
                                           FunctionDefinition, ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition,
@@ -243,9 +244,7 @@ class ResponsesRequest(OpenAIRequest):
         if effort is not None and effort not in get_args(ReasoningEffort):
             raise InvalidRequest(f"reasoning.effort must be one of {', '.join(get_args(ReasoningEffort))}",
                                  param="reasoning.effort", code="invalid_value")
-        extra = next((name for name in self.include or [] if name != "reasoning.encrypted_content"), None)
-        if extra is not None:  # reasoning items come with their text (Codex asks for encrypted ones with store false)
-            raise unsupported("include", f"include {extra[:80]!r}")
+        check_include(self.include or [])
         if self.top_logprobs:
             raise unsupported("top_logprobs", "log probabilities in the Responses API (use /v1/chat/completions)")
         if self.max_tool_calls is not None:
@@ -358,6 +357,23 @@ def renamed_for_responses(exc: InvalidRequest) -> InvalidRequest:
         exc.message = re.sub(rf"\b{re.escape(exc.param)}\b", new, exc.message)
         exc.param = new
     return exc
+
+
+# What `include` may ask for: reasoning items come with their text (Codex asks for encrypted ones with store false).
+# Nothing else it names (logprobs, images, built-in tools' outputs) is ever stored here.
+INCLUDABLE = ("reasoning.encrypted_content",)
+
+
+def check_include(names: list[str]) -> None:
+    """A 400 naming `include` for additional data no response or item here carries (never silently left out)."""
+    extra = next((name for name in names if name not in INCLUDABLE), None)
+    if extra is not None:
+        raise unsupported("include", f"include {extra[:80]!r}")
+
+
+def check_include_query(args: MultiDict) -> None:
+    """check_include on a GET's query: include=a&include=b, or include[]=a as the openai client sends arrays."""
+    check_include([*args.getlist("include"), *args.getlist("include[]")])
 
 
 class InputItemsQuery(OpenAIRequest):

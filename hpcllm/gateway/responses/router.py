@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, request
 
 from hpcllm.gateway.protocol import parse_body, unsupported
-from hpcllm.gateway.responses.protocol import ResponsesRequest
+from hpcllm.gateway.responses.protocol import ResponsesRequest, check_include_query
 from hpcllm.gateway.responses.serving import create_response, delete_response, list_input_items, stored_response
 from hpcllm.gateway.runtime import current_gateway
 from hpcllm.gateway.serving import RequestContext
@@ -22,6 +22,7 @@ def responses():
 def get_response(response_id: str):
     if request.args.get("stream", "false").lower() not in ("false", "0"):
         raise unsupported("stream", "replaying a stored response as events (leave out 'stream')")
+    check_include_query(request.args)
     return stored_response(current_gateway(), RequestContext.current(), response_id).response
 
 
@@ -32,4 +33,5 @@ def remove_response(response_id: str):
 
 @bp.get("/v1/responses/<response_id>/input_items")
 def input_items(response_id: str):
+    check_include_query(request.args)
     return list_input_items(current_gateway(), RequestContext.current(), response_id, request.args)

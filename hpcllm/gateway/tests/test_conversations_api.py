@@ -134,3 +134,26 @@ def test_a_conversation_is_kept_within_the_byte_bound_or_refused(make_gateway):
     assert _stored_bytes(small.state.shared)[0] == 1  # nothing half-added
     assert_error(small.post("/v1/conversations", json={"items": [_user("y" * 1000)]}), 400, "storage_limit_exceeded",
                  "items")
+
+
+def test_include_asking_for_data_no_item_carries_is_refused_not_ignored(gateway):
+    """The items' and stored responses' `include` query (OpenAI's): reasoning.encrypted_content is answered (reasoning
+    items carry their text), anything else - logprobs, images, built-in tools' outputs, never stored here - is a 400
+    naming include, where it was ignored and the client got items without what it asked for."""
+    client = gateway.client()
+    conversation = client.conversations.create(items=[_user("hello")])
+    [item] = client.conversations.items.list(conversation.id).data
+    listed = client.conversations.items.list(conversation.id, include=["reasoning.encrypted_content"])
+    assert [i.id for i in listed.data] == [item.id]
+    response = client.responses.create(model=MODEL, input="hi", max_output_tokens=3)
+    paths = (f"/v1/conversations/{conversation.id}/items", f"/v1/conversations/{conversation.id}/items/{item.id}",
+             f"/v1/responses/{response.id}", f"/v1/responses/{response.id}/input_items")
+    for path in paths:
+        for query in ("include=message.output_text.logprobs", "include[]=reasoning.encrypted_content&"
+                                                              "include[]=file_search_call.results"):
+            error = assert_error(gateway.get(f"{path}?{query}"), 400, "unsupported_parameter", "include")
+            assert "output_text.logprobs" in error["message"] or "file_search_call" in error["message"], error
+        assert gateway.get(f"{path}?include[]=reasoning.encrypted_content").status_code == 200
+    assert_error(gateway.post(f"/v1/conversations/{conversation.id}/items?include=message.input_image.image_url",
+                              json={"items": [_user("more")]}), 400, "unsupported_parameter", "include")
+    assert len(client.conversations.items.list(conversation.id).data) == 1  # nothing added by the refused call
