@@ -179,7 +179,8 @@ class PromptEncoder:
                                  "'tools'", param="tools", code="unsupported_parameter")
         if truncation is not None:  # the rendered prompt truncated (truncate_prompt_tokens)
             kept = self.encode_truncated(text, truncation, add_special_tokens=add_special_tokens)
-            return RenderedChat(text, kept.ids)
+            # The text the model is given (its end, say whether thinking is open: reasoning_parser).
+            return RenderedChat(self.decode(kept.ids) if kept.cut else text, kept.ids)
         return RenderedChat(text, self.encode(text, add_special_tokens))
 
     @property

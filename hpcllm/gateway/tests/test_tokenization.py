@@ -88,3 +88,20 @@ def test_a_truncated_chat_tokenizes_a_bounded_text_however_long_the_conversation
                                                                                                   False))
     assert cut.token_ids == whole.token_ids[-16:]
     assert tokenized and max(tokenized) < 10_000, tokenized  # the rendered text has 1.2 million characters
+
+
+def test_a_chat_cut_on_the_right_reads_as_the_text_the_model_gets(tiny_model_dir):
+    """Its end is what the reasoning parser reads (whether the prompt left the model thinking): the kept tokens'
+    text, not the whole rendered prompt's, whose generation prompt was cut off."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.gateway.tokenization import PromptEncoder, Truncation
+
+    encoder = PromptEncoder(AutoTokenizer.from_pretrained(tiny_model_dir))
+    messages = [{"role": "user", "content": "hello there " * 50}]
+    whole = encoder.render_chat(messages)
+    cut = encoder.render_chat(messages, truncation=Truncation(12, "right", False))
+    assert cut.token_ids == whole.token_ids[:12] and cut.text == encoder.decode(whole.token_ids[:12])
+    assert len(cut.text) < len(whole.text)
+    same = encoder.render_chat(messages, truncation=Truncation(len(whole.token_ids), "right", False))
+    assert same == whole  # nothing cut: the rendered text as it was
