@@ -15,6 +15,7 @@ import click
 from hpcllm.config import load_config
 from hpcllm.errors import HpcllmError
 from hpcllm.gateway.batches import ENDPOINTS, FINAL
+from hpcllm.gateway.files import EXPIRES_MAX_S, EXPIRES_MIN_S
 from hpcllm.gateway.cli import GATEWAY_URL_ENV, GatewayRefused, gateway_client, gateway_json, resolve_gateway_url
 
 API_KEY_ENVS = ["HPCLLM_API_KEY", "OPENAI_API_KEY"]
@@ -87,17 +88,22 @@ def batch() -> None:
               help="What every line calls.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="A metadata pair (repeatable).")
 @click.option("--wait", is_flag=True, help="Wait until the batch ends, printing its progress.")
+@click.option("--keep-hours", type=click.IntRange(EXPIRES_MIN_S // 3600, EXPIRES_MAX_S // 3600), default=None,
+              help="Delete the input file and the results this many hours after each is made (default: the site's "
+                   "retention).")
 @_common
-def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool, config_path: Path | None,
-           gateway_url: str | None, api_key: str | None) -> None:
+def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool, keep_hours: int | None,
+           config_path: Path | None, gateway_url: str | None, api_key: str | None) -> None:
     """Upload REQUESTS (JSONL: custom_id, method, url, body per line) and start a batch over it."""
     pairs = dict(_pair(item) for item in metadata)
     gateway = BatchClient(config_path, gateway_url, api_key)
+    expiry = None if keep_hours is None else {"anchor": "created_at", "seconds": keep_hours * 3600}
+    # OpenAI's multipart spelling of the upload's expires_after, as the openai client sends it.
+    form = {"purpose": "batch", **({f"expires_after[{k}]": str(v) for k, v in expiry.items()} if expiry else {})}
     with open(requests, "rb") as source:
-        uploaded = gateway.json("POST", "/v1/files", files={"file": (requests.name, source)},
-                                data={"purpose": "batch"})
+        uploaded = gateway.json("POST", "/v1/files", files={"file": (requests.name, source)}, data=form)
     created = gateway.create_batch(uploaded["id"], {"endpoint": endpoint, "completion_window": "24h",
-                                                    "metadata": pairs or None})
+                                                    "metadata": pairs or None, "output_expires_after": expiry})
     click.echo(created["id"])
     _report(created)
     if wait:

@@ -6,14 +6,13 @@ from typing import Literal
 
 from pydantic import Field
 
+from hpcllm.gateway.files import EXPIRES_MAX_S, EXPIRES_MIN_S
 from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse
 
 # What a client may upload a file for: batch inputs only (the other purposes serve APIs this gateway has not).
 UPLOAD_PURPOSES = ("batch",)
 # A batch's output and error files.
 OUTPUT_PURPOSE = "batch_output"
-# OpenAI's bounds on a file's expires_after (and a batch's output_expires_after): an hour to 30 days.
-EXPIRES_MIN_S, EXPIRES_MAX_S = 3600, 30 * 24 * 3600
 
 
 class ExpiresAfter(OpenAIRequest):

@@ -104,3 +104,19 @@ def test_cancel_and_download_before_the_end(gated_factory, tmp_path, capsys):
     assert finished(gw.client(), batch_id).status == "cancelled"
     code, out, _ = run(capsys, gw, "download", batch_id, "--output", str(tmp_path / "out.jsonl"))
     assert code == 0 and out.startswith(f"{tmp_path / 'out.jsonl'} (")  # r0 ran before the cancel
+
+
+def test_keep_hours_sets_when_the_input_and_the_results_are_deleted(gateway, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line("a")]))
+    code, out, err = run(capsys, gateway, "submit", str(requests), "--endpoint", "/v1/completions", "--wait",
+                         "--keep-hours", "2")
+    assert code == 0, err
+    client = gateway.client()
+    done = client.batches.retrieve(out.splitlines()[0])
+    for file_id in (done.input_file_id, done.output_file_id):
+        stored = client.files.retrieve(file_id)
+        assert stored.expires_at == stored.created_at + 2 * 3600, stored
+    code, _, err = run(capsys, gateway, "submit", str(requests), "--keep-hours", "0")
+    assert code == 2 and "--keep-hours" in err  # OpenAI's bounds: an hour to 30 days, refused before any upload
