@@ -131,3 +131,24 @@ def test_kv_blocks_running_out_preempt_the_lowest_priority_requests_first(load_p
         preempted = [engine._finished[r.request_id].preemptions for r in cases]
     assert got == [hf_greedy(reference_model("llama"), i, 20) for i in ids]
     assert preempted[2:] == [0, 0] and sum(preempted[:2]) > 0
+
+
+def test_a_request_being_cancelled_is_never_preempted_for_a_waiting_one(load_pair):
+    """One slot, its lower-priority request cancelled while a step runs and a higher-priority one waiting: the step
+    boundary ends the cancelled request (abort) instead of preempting it (which would put a request nobody waits for
+    back in the queue, its KV dropped for nothing); the waiting one then runs."""
+    model, tokenizer = load_pair("llama")
+    with Engine(model, tokenizer, model_name="tiny", max_running_requests=1, kv_block_size=4) as engine:
+        log = StepLog(engine, pause_after=3)
+        batch = greedy(prompt_ids(tokenizer, PROMPTS[0]), 40, BATCH)
+        batch_stream = engine.submit(batch)
+        assert log.paused.wait(60)  # the engine thread is inside the batch request's third step
+        engine.cancel(batch.request_id, wait=False)
+        interactive = greedy(prompt_ids(tokenizer, PROMPTS[3]), 4, INTERACTIVE)
+        interactive_stream = engine.submit(interactive)
+        log.go.set()
+        assert len(tokens(interactive_stream)) == 4
+        list(batch_stream.events())
+        cancelled = engine._finished[batch.request_id]
+        assert (cancelled.finish_reason, cancelled.preemptions) == ("abort", 0)
+        assert engine.metrics.preemptions._value.get() == 0
