@@ -130,6 +130,13 @@ class SharedState:
                 raise
             db.conn.execute("COMMIT")
 
+    def lock(self, db: Database, name: str) -> None:
+        """Serialize this write transaction with every other that locks `name` until it ends (a per-key total
+        checked, then added to): on PostgreSQL an advisory lock on the name's hash, where two transactions could
+        each read the total before either adds; SQLite's write lock, taken at BEGIN, already does."""
+        if self.postgres:
+            db.conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,))
+
     def _for_update(self) -> str:
         return " FOR UPDATE" if self.postgres else ""  # SQLite's BEGIN IMMEDIATE already holds the write lock
 

@@ -657,3 +657,43 @@ def test_a_groups_batch_usage_is_reported_apart_from_its_interactive_usage(gated
             for row in report["data"]}
     prompt = rows["completions"][1]  # "hello"'s tokens, the same in every request
     assert rows == {"batch:completions": (3, 3 * prompt, 3), "completions": (1, prompt, 1)}
+
+
+def test_two_uploads_of_one_key_at_once_never_take_it_over_its_quota(limits_url, tmp_path, monkeypatch):
+    """Each upload checks the key's room again as it records its file: two at once (two gateway hosts on one
+    PostgreSQL) could each read the room before either recorded, and both be kept past the quota."""
+    from hpcllm.gateway.errors import InvalidRequest
+    from hpcllm.gateway.files.store import FileStore
+    from hpcllm.gateway.shared_state import SharedState
+
+    # Two gateway hosts on one database (within a process, one PostgreSQL connection runs one transaction at once).
+    hosts = {name: FileStore(SharedState(limits_url, host=name), tmp_path / "files", max_bytes=1000, quota_bytes=150)
+             for name in ("first", "second")}
+    first_recording, first_may_record = threading.Event(), threading.Event()
+    record = FileStore.record
+
+    def held_record(db, owner, stored):  # the first upload holds between its check and its record
+        if threading.current_thread().name == "first":
+            first_recording.set()
+            first_may_record.wait(30)
+        return record(db, owner, stored)
+
+    monkeypatch.setattr(FileStore, "record", staticmethod(held_record))
+    outcomes = {}
+
+    def upload():
+        name = threading.current_thread().name
+        try:
+            outcomes[name] = hosts[name].save("alice", f"{name}.jsonl", "batch", io.BytesIO(b"x" * 100)).bytes
+        except InvalidRequest as exc:
+            outcomes[name] = exc.code
+
+    first, second = (threading.Thread(target=upload, name=name) for name in ("first", "second"))
+    first.start()
+    assert first_recording.wait(30)
+    second.start()
+    second.join(2)  # unserialized, the second checks and records now; serialized, it waits for the first
+    first_may_record.set()
+    first.join(30)
+    second.join(30)
+    assert sorted(map(str, outcomes.values())) == ["100", "storage_quota_exceeded"], outcomes
