@@ -349,6 +349,10 @@ class GatewayConfig(Section):
     # A process running a batch renews its claim every third of this; a batch whose claim ran out (a crashed or
     # cut-off process) is taken over by another process and continues where the output files end.
     batch_lease_seconds: float = Field(60.0, ge=3)  # 3: a poll a second (and a renewal) per process at most
+    # A process running a batch for this long hands it back when another batch waits (it goes on where it stopped
+    # when its turn comes again): batches share the processes in turns instead of one 50,000-request batch holding
+    # a process for hours while a colleague's 10 requests wait.
+    batch_turn_seconds: float = Field(300.0, ge=1)
     # The priority batch requests run at (lower is sooner; interactive requests have 0): a worker admits waiting
     # interactive requests first and preempts a running batch request for one (docs/gateway.md, Batches). A line's
     # own larger priority is kept.

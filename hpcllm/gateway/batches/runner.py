@@ -233,6 +233,7 @@ class BatchRun:
         self.batches = runner.batches
         self.lease = LocalLease(runner.batches, claim)
         self.halt = threading.Event()  # stop retrying: the batch stops (cancelled, expired, lost, released)
+        self.turn_ends = time.monotonic() + runner.gw.config.gateway.batch_turn_seconds
 
     def run(self) -> None:
         batch = self.lease.renew()
@@ -272,9 +273,9 @@ class BatchRun:
         if stop is None:
             batch, stop = self._run_requests(batch, pending, lambda: self._progress(entries, output, errors),
                                              output, errors)
-        if stop in ("release", "lost"):
-            if stop == "release":
-                self.batches.release(self.claim)
+        if stop in ("release", "turn_over", "lost"):
+            if stop != "lost":
+                self.batches.release(self.claim, turn_over=stop == "turn_over")
             return
         if stop == "expired":
             for entry in pending:
@@ -288,7 +289,8 @@ class BatchRun:
                       output: ResultFile, errors: ResultFile) -> tuple[BatchObject, str | None]:
         """Run the pending requests, batch_concurrency at once, each result written as it comes while the lease is
         held, until none is left or a reason to stop (then those running finish first); the batch as it is then,
-        and that reason: cancelled, expired, release (the gateway drains), lost (the lease), None (all ran)."""
+        and that reason: cancelled, expired, release (the gateway drains), turn_over (another batch's turn), lost
+        (the lease), None (all ran)."""
         token = self.runner.api_token(self.claim.owner)
         inflight: dict[Future, BatchEntry] = {}
         stop: str | None = None
@@ -326,7 +328,15 @@ class BatchRun:
                             self.claim.batch_id)
             return batch, "lost"
         self.runner.sweep_when_due()
-        return renewed, stop or self._stop_reason(renewed)
+        return renewed, stop or self._stop_reason(renewed) or self._turn_over()
+
+    def _turn_over(self) -> str | None:
+        """"turn_over" once the batch has run batch_turn_seconds and another batch waits for a process (asked at a
+        renewal: one read every third of the lease at most): it hands the batch back, to go on at its next turn."""
+        if time.monotonic() < self.turn_ends or not self.batches.claimable():
+            return None
+        log.info("batch %s: its turn is over, another batch waits; it goes on at its next turn", self.claim.batch_id)
+        return "turn_over"
 
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
         succeeded = _succeeded(result)

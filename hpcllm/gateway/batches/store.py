@@ -26,7 +26,7 @@ from hpcllm.gateway.shared_state import SharedState
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
                                             status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL,
-                                            batch TEXT NOT NULL, output_ttl REAL);
+                                            batch TEXT NOT NULL, output_ttl REAL, turn REAL);
 CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, created);
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
 """
@@ -112,16 +112,18 @@ class BatchStore:
                                    f"lease_expires < ? LIMIT 1", (self.clock(),)).fetchone() is not None
 
     def claim(self, holder: str) -> Claim | None:
-        """Take the lease of the oldest active batch nobody holds (a crashed holder's included)."""
+        """Take the lease of the active batch nobody holds (a crashed holder's included) that has waited longest for
+        a turn: one never run since its creation, one that gave its turn up since it began (round robin: a batch of
+        50,000 requests yields to those submitted after it, BatchRun.turn_over)."""
         now = self.clock()
         with self.shared.transaction() as db:
-            row = db.conn.execute(f"SELECT id, owner, output_ttl FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) AND "
-                                  f"lease_expires < ? ORDER BY created LIMIT 1{self.shared._for_update()}",
-                                  (now,)).fetchone()
+            row = db.conn.execute(f"SELECT id, owner, output_ttl FROM gateway_batches WHERE status IN "
+                                  f"({ACTIVE_SQL}) AND lease_expires < ? ORDER BY COALESCE(turn, created) LIMIT 1"
+                                  f"{self.shared._for_update()}", (now,)).fetchone()
             if row is None:
                 return None
-            db.conn.execute("UPDATE gateway_batches SET lease_holder = ?, lease_expires = ? WHERE id = ?",
-                            (holder, now + self.lease_s, row["id"]))
+            db.conn.execute("UPDATE gateway_batches SET lease_holder = ?, lease_expires = ?, turn = ? WHERE id = ?",
+                            (holder, now + self.lease_s, now, row["id"]))
         return Claim(row["id"], row["owner"], holder, row["output_ttl"])
 
     def active(self) -> list[BatchRow]:
@@ -156,11 +158,13 @@ class BatchStore:
                             (self.clock() + self.lease_s, claim.batch_id))
         return batch
 
-    def release(self, claim: Claim) -> None:
-        """Give the batch up unfinished (this process drains): the next process that polls takes it over."""
+    def release(self, claim: Claim, turn_over: bool = False) -> None:
+        """Give the batch up unfinished (this process drains, or turn_over: its turn is over, and it waits behind
+        the batches that waited while it ran): the next process that polls takes it over."""
         with self.shared.transaction() as db:
-            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0 WHERE id = ? AND "
-                            "lease_holder = ?", (claim.batch_id, claim.holder))
+            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0, "
+                            "turn = COALESCE(?, turn) WHERE id = ? AND lease_holder = ?",
+                            (self.clock() if turn_over else None, claim.batch_id, claim.holder))
 
     def finish(self, claim: Claim, batch: BatchObject, outputs: list[StoredFile]) -> bool:
         """Record the batch's final state and its output files in one transaction; False when the lease was lost."""

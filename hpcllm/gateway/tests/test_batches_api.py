@@ -508,6 +508,46 @@ def test_a_result_that_comes_when_the_lease_is_due_is_written_after_a_renewal_no
     assert sorted(results(gw.client(), done.output_file_id)) == ["r0", "r1", "r2"]
 
 
+def test_batches_share_a_process_in_turns(tmp_path, tiny_model_dir, caplog):
+    """A long batch running past gateway.batch_turn_seconds while another waits hands its process over (its running
+    request finishing first) and goes on where it stopped once the other is done: a colleague's few requests do not
+    wait behind thousands."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="hpcllm.gateway.batches.runner")
+    received, reached, release = [], threading.Event(), threading.Event()
+
+    def hold_the_first(index: int) -> None:
+        if len(received) == 1:
+            reached.set()
+            release.wait(60)
+
+    worker = ThreadServer(stand_in_worker_app("turns", hold_the_first, received=received))
+    factory = GatewayFactory(tmp_path, worker.url, tiny_model_dir)
+    try:
+        gw = factory(batch_concurrency=1, batch_turn_seconds=1, batch_lease_seconds=3)
+        client = gw.client()
+
+        def lines(prefix: str, count: int, max_tokens: int) -> list[dict]:
+            return [{"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/completions",
+                     "body": {"model": MODEL, "prompt": "hello", "max_tokens": max_tokens}} for i in range(count)]
+
+        long_batch = submit(client, lines("long", 4, 1), endpoint="/v1/completions")
+        assert reached.wait(30)  # its first request is running
+        short_batch = submit(client, lines("short", 2, 2), endpoint="/v1/completions")
+        wait_until(lambda: "its turn is over" in caplog.text, 30)
+        release.set()
+        for batch in (short_batch, long_batch):
+            done = finished(client, batch.id)
+            assert done.status == "completed" and done.request_counts.completed == done.request_counts.total
+        # the long batch's running request, then the short batch whole, then the rest of the long one
+        assert [r.max_tokens for r in received] == [1, 2, 2, 1, 1, 1]
+    finally:
+        release.set()
+        factory.stop_all()
+        worker.stop()
+
+
 def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_runs(gated_factory):
     worker, factory = gated_factory(blocked=-1)  # no request held
     gw = factory(batch_lease_seconds=3)  # a poll a second
