@@ -249,14 +249,12 @@ def test_a_controller_older_than_the_pool_agent_gets_heartbeats_without_the_job_
         agent.shutdown()
 
 
-def test_a_heartbeat_refused_for_another_reason_sends_the_measured_rates_again(tmp_path):
-    """A 400 that is not about the rates (here: the instances) is no older controller refusing them: the rates
-    measured again go with the next heartbeat instead of being dropped as refused."""
+def agent_refused_once(tmp_path, bodies: list):
+    """An agent whose controller answers its first heartbeat a 400 about something else than the rates or the job
+    end (the instances), and the later ones 200; each body sent is appended to bodies."""
     import json
 
     import httpx
-
-    bodies = []
 
     def refusing_once(request: httpx.Request) -> httpx.Response:
         bodies.append(json.loads(request.content))
@@ -268,6 +266,14 @@ def test_a_heartbeat_refused_for_another_reason_sends_the_measured_rates_again(t
     agent = make_agent(tmp_path)
     agent.controller_url = "http://controller"
     agent._http = httpx.Client(transport=httpx.MockTransport(refusing_once))
+    return agent
+
+
+def test_a_heartbeat_refused_for_another_reason_sends_the_measured_rates_again(tmp_path):
+    """A 400 that is not about the rates is no older controller refusing them: the rates measured again go with
+    the next heartbeat instead of being dropped as refused."""
+    bodies = []
+    agent = agent_refused_once(tmp_path, bodies)
     agent._rates_sent = agent._rates_version - 1  # measured again since the registration
     try:
         assert not agent.heartbeat()  # failed: the next one goes as usual
@@ -278,23 +284,10 @@ def test_a_heartbeat_refused_for_another_reason_sends_the_measured_rates_again(t
 
 
 def test_a_heartbeat_refused_for_another_reason_keeps_reporting_the_job_end(tmp_path):
-    """A 400 that is not about job_end (here: the instances) does not turn the pool's hand-over off for good."""
-    import json
-
-    import httpx
-
+    """A 400 that is not about job_end does not turn the pool's hand-over off for good."""
     bodies = []
-
-    def refusing_once(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
-        if len(bodies) == 1:
-            return httpx.Response(400, json={"error": {"message": "instances.0.state: Input should be 'loading'",
-                                                       "param": "instances.0.state"}})
-        return httpx.Response(200, json={"node_id": "n8", "state": "up"})
-
-    agent = make_agent(tmp_path)
-    agent.pinned_model, agent.job_end, agent.controller_url = "tiny-llama", 1_900_000_000.0, "http://controller"
-    agent._http = httpx.Client(transport=httpx.MockTransport(refusing_once))
+    agent = agent_refused_once(tmp_path, bodies)
+    agent.pinned_model, agent.job_end = "tiny-llama", 1_900_000_000.0
     agent._rates_sent = agent._rates_version
     try:
         assert not agent.heartbeat()  # failed: the next one goes as usual
