@@ -89,8 +89,8 @@ def batch() -> None:
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="A metadata pair (repeatable).")
 @click.option("--wait", is_flag=True, help="Wait until the batch ends, printing its progress.")
 @click.option("--keep-hours", type=click.IntRange(EXPIRES_MIN_S // 3600, EXPIRES_MAX_S // 3600), default=None,
-              help="Delete the input file and the results this many hours after each is made (default: the site's "
-                   "retention).")
+              help="Delete the input file and the results this many hours after each is made (never later than "
+                   "the site's retention, its default).")
 @_common
 def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool, keep_hours: int | None,
            config_path: Path | None, gateway_url: str | None, api_key: str | None) -> None:

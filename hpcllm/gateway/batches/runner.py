@@ -270,12 +270,19 @@ class BatchRun:
         if done:
             log.info("batch %s: continuing after %d of %d requests", batch.id, len(done), len(entries))
         stop = self._stop_reason(batch)  # cancelled or expired before any process ran it
-        if stop is None:
-            batch, stop = self._run_requests(batch, pending, lambda: self._progress(entries, output, errors),
-                                             output, errors)
+
+        def progress() -> dict:
+            return self._progress(entries, output, errors)
+
+        while stop is None:
+            batch, stop = self._run_requests(batch, pending, progress, output, errors)
+            if stop == "turn_over":
+                batch, stop = self._after_turn(batch, pending, progress())
+            if not pending:
+                break
         if stop in ("release", "turn_over", "lost"):
             if stop != "lost":
-                self.batches.release(self.claim, turn_over=stop == "turn_over")
+                self.batches.release(self.claim)
             return
         if stop == "expired":
             for entry in pending:
@@ -294,6 +301,7 @@ class BatchRun:
         token = self.runner.api_token(self.claim.owner)
         inflight: dict[Future, BatchEntry] = {}
         stop: str | None = None
+        self.halt.clear()  # a new turn of this run
         with ThreadPoolExecutor(self.runner.concurrency, thread_name_prefix=f"batch-{batch.id[-6:]}") as pool:
             try:
                 while (pending and stop is None) or inflight:
@@ -312,15 +320,17 @@ class BatchRun:
                             self._write(batch, result, output, errors)
                     stop = stop or self._stop_reason(batch)
                     if self.lease.due() or self.runner.woken() or stop is not None:
-                        batch, stop = self._renew(batch, stop, progress())
+                        batch, stop = self._renew(batch, stop, progress(), may_turn_over=bool(pending))
                     if stop is not None:
                         self.halt.set()  # requests waiting to retry give up; those running finish
             finally:
                 self.halt.set()
         return batch, stop
 
-    def _renew(self, batch: BatchObject, stop: str | None, progress: dict) -> tuple[BatchObject, str | None]:
-        """Renew the lease with the progress: the batch as it is now (cancelled meanwhile?) and the reason to stop."""
+    def _renew(self, batch: BatchObject, stop: str | None, progress: dict,
+               may_turn_over: bool = False) -> tuple[BatchObject, str | None]:
+        """Renew the lease with the progress: the batch as it is now (cancelled meanwhile?) and the reason to stop
+        (may_turn_over: requests are left to start, so the turn may be over)."""
         renewed = self.lease.renew(**progress)
         if renewed is None:
             if stop != "lost":
@@ -328,15 +338,31 @@ class BatchRun:
                             self.claim.batch_id)
             return batch, "lost"
         self.runner.sweep_when_due()
-        return renewed, stop or self._stop_reason(renewed) or self._turn_over()
+        return renewed, stop or self._stop_reason(renewed) or (self._turn_over() if may_turn_over else None)
 
     def _turn_over(self) -> str | None:
         """"turn_over" once the batch has run batch_turn_seconds and another batch waits for a process (asked at a
-        renewal: one read every third of the lease at most): it hands the batch back, to go on at its next turn."""
+        renewal: one read every third of the lease at most): its running requests finish, then _after_turn."""
         if time.monotonic() < self.turn_ends or not self.batches.claimable():
             return None
-        log.info("batch %s: its turn is over, another batch waits; it goes on at its next turn", self.claim.batch_id)
+        log.info("batch %s: its turn is over, another batch waits; handing it over once its running requests end",
+                 self.claim.batch_id)
         return "turn_over"
+
+    def _after_turn(self, batch: BatchObject, pending: deque[BatchEntry],
+                    progress: dict) -> tuple[BatchObject, str | None]:
+        """The turn is over and the running requests have finished: a cancel or expiry since wins; the batch is
+        handed back ("turn_over") only if requests are left and another batch still waits (an idle process may have
+        claimed it meanwhile); else it runs on in a new turn (None)."""
+        batch, stop = self._renew(batch, None, progress)
+        if stop is not None:
+            return batch, stop
+        if pending and self.batches.claimable():
+            log.info("batch %s: handed over; it goes on at its next turn", self.claim.batch_id)
+            return batch, "turn_over"
+        log.info("batch %s: no batch waits any more; it runs on", self.claim.batch_id)
+        self.turn_ends = time.monotonic() + self.runner.gw.config.gateway.batch_turn_seconds
+        return batch, None
 
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
         succeeded = _succeeded(result)

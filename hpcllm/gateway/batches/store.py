@@ -113,13 +113,15 @@ class BatchStore:
 
     def claim(self, holder: str) -> Claim | None:
         """Take the lease of the active batch nobody holds (a crashed holder's included) that has waited longest for
-        a turn: one never run since its creation, one that gave its turn up since it began (round robin: a batch of
-        50,000 requests yields to those submitted after it, BatchRun.turn_over)."""
+        a turn: since its creation, since it was last released (round robin: a batch of 50,000 requests yields to
+        those submitted after it, BatchRun._after_turn), or a crashed holder's since its claim. On PostgreSQL a row
+        another process is claiming is skipped, not waited for (that process gets it: this one takes the next)."""
         now = self.clock()
+        skip_claimed = " FOR UPDATE SKIP LOCKED" if self.shared.postgres else ""
         with self.shared.transaction() as db:
             row = db.conn.execute(f"SELECT id, owner, output_ttl FROM gateway_batches WHERE status IN "
                                   f"({ACTIVE_SQL}) AND lease_expires < ? ORDER BY COALESCE(turn, created) LIMIT 1"
-                                  f"{self.shared._for_update()}", (now,)).fetchone()
+                                  f"{skip_claimed}", (now,)).fetchone()
             if row is None:
                 return None
             db.conn.execute("UPDATE gateway_batches SET lease_holder = ?, lease_expires = ?, turn = ? WHERE id = ?",
@@ -158,13 +160,12 @@ class BatchStore:
                             (self.clock() + self.lease_s, claim.batch_id))
         return batch
 
-    def release(self, claim: Claim, turn_over: bool = False) -> None:
-        """Give the batch up unfinished (this process drains, or turn_over: its turn is over, and it waits behind
-        the batches that waited while it ran): the next process that polls takes it over."""
+    def release(self, claim: Claim) -> None:
+        """Give the batch up unfinished (this process drains, or its turn is over): the next process that polls
+        takes it over; it waits from now, behind the batches that waited while it ran."""
         with self.shared.transaction() as db:
-            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0, "
-                            "turn = COALESCE(?, turn) WHERE id = ? AND lease_holder = ?",
-                            (self.clock() if turn_over else None, claim.batch_id, claim.holder))
+            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0, turn = ? WHERE id = ? "
+                            "AND lease_holder = ?", (self.clock(), claim.batch_id, claim.holder))
 
     def finish(self, claim: Claim, batch: BatchObject, outputs: list[StoredFile]) -> bool:
         """Record the batch's final state and its output files in one transaction; False when the lease was lost."""

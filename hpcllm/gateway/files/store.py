@@ -125,7 +125,8 @@ class FileStore:
         stored = StoredFile(file_id, created, filename, purpose, size, self.expiry(created, expires_after_s))
         try:
             with self.shared.transaction() as db:
-                self.shared.lock(db, f"files:{owner}")  # one of the key's uploads at a time checks and records
+                if self.quota_bytes:  # one of the key's uploads at a time checks and records
+                    self.shared.lock(db, f"files:{owner}")
                 room = self._room(db, owner)  # again: another upload of the key's may have been recorded since
                 if size > room:
                     raise self._over_quota(room)

@@ -508,44 +508,89 @@ def test_a_result_that_comes_when_the_lease_is_due_is_written_after_a_renewal_no
     assert sorted(results(gw.client(), done.output_file_id)) == ["r0", "r1", "r2"]
 
 
-def test_batches_share_a_process_in_turns(tmp_path, tiny_model_dir, caplog):
-    """A long batch running past gateway.batch_turn_seconds while another waits hands its process over (its running
-    request finishing first) and goes on where it stopped once the other is done: a colleague's few requests do not
-    wait behind thousands."""
+class TurnsWorker:
+    """A stand-in worker whose first request waits for `release`, recording every request (GenerateRequest)."""
+
+    def __init__(self):
+        self.received, self.reached, self.release = [], threading.Event(), threading.Event()
+        self.server = ThreadServer(stand_in_worker_app("turns", self._after_token, received=self.received))
+
+    def _after_token(self, index: int) -> None:
+        if len(self.received) == 1:
+            self.reached.set()
+            self.release.wait(60)
+
+
+@pytest.fixture
+def turns(tmp_path, tiny_model_dir, caplog):
+    """(gateway, TurnsWorker): one process, one request at a time, turns of 5 s (the long batch's ends while its
+    first request is held; a short batch's two requests end long before its own would)."""
     import logging
 
     caplog.set_level(logging.INFO, logger="hpcllm.gateway.batches.runner")
-    received, reached, release = [], threading.Event(), threading.Event()
-
-    def hold_the_first(index: int) -> None:
-        if len(received) == 1:
-            reached.set()
-            release.wait(60)
-
-    worker = ThreadServer(stand_in_worker_app("turns", hold_the_first, received=received))
-    factory = GatewayFactory(tmp_path, worker.url, tiny_model_dir)
+    worker = TurnsWorker()
+    factory = GatewayFactory(tmp_path, worker.server.url, tiny_model_dir)
     try:
-        gw = factory(batch_concurrency=1, batch_turn_seconds=1, batch_lease_seconds=3)
-        client = gw.client()
-
-        def lines(prefix: str, count: int, max_tokens: int) -> list[dict]:
-            return [{"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/completions",
-                     "body": {"model": MODEL, "prompt": "hello", "max_tokens": max_tokens}} for i in range(count)]
-
-        long_batch = submit(client, lines("long", 4, 1), endpoint="/v1/completions")
-        assert reached.wait(30)  # its first request is running
-        short_batch = submit(client, lines("short", 2, 2), endpoint="/v1/completions")
-        wait_until(lambda: "its turn is over" in caplog.text, 30)
-        release.set()
-        for batch in (short_batch, long_batch):
-            done = finished(client, batch.id)
-            assert done.status == "completed" and done.request_counts.completed == done.request_counts.total
-        # the long batch's running request, then the short batch whole, then the rest of the long one
-        assert [r.max_tokens for r in received] == [1, 2, 2, 1, 1, 1]
+        yield factory(batch_concurrency=1, batch_turn_seconds=5, batch_lease_seconds=3), worker
     finally:
-        release.set()
+        worker.release.set()
         factory.stop_all()
-        worker.stop()
+        worker.server.stop()
+
+
+def turn_lines(prefix: str, count: int, max_tokens: int) -> list[dict]:
+    return [{"custom_id": f"{prefix}{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": MODEL, "prompt": "hello", "max_tokens": max_tokens}} for i in range(count)]
+
+
+def test_batches_share_a_process_in_turns(turns, caplog):
+    """A long batch running past gateway.batch_turn_seconds while another waits hands its process over (its running
+    request finishing first) and goes on where it stopped once the other is done: a colleague's few requests do not
+    wait behind thousands."""
+    gw, worker = turns
+    client = gw.client()
+    long_batch = submit(client, turn_lines("long", 4, 1), endpoint="/v1/completions")
+    assert worker.reached.wait(30)  # its first request is running
+    short_batch = submit(client, turn_lines("short", 2, 2), endpoint="/v1/completions")
+    wait_until(lambda: "its turn is over" in caplog.text, 30)
+    worker.release.set()
+    for batch in (short_batch, long_batch):
+        done = finished(client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == done.request_counts.total
+    # the long batch's running request, then the short batch whole, then the rest of the long one
+    assert [r.max_tokens for r in worker.received] == [1, 2, 2, 1, 1, 1]
+    assert f"batch {long_batch.id}: continuing after 1 of 4 requests" in caplog.text
+
+
+@pytest.mark.parametrize("end", ["cancelled", "all_ran"])
+def test_a_batch_that_ends_at_its_turns_end_is_finished_not_handed_over(turns, caplog, end):
+    """A turn that ends while the batch's last request runs, or while it is being cancelled, finishes the batch
+    (completed, or cancelled with what ran) instead of handing it back to wait for a turn it does not need."""
+    gw, worker = turns
+    client = gw.client()
+    batches, renewals = service_of(gw).batches, []
+    renew = batches.renew
+
+    def noted(*args, **changes):
+        renewals.append(time.monotonic())
+        return renew(*args, **changes)
+
+    batches.renew = noted
+    long_batch = submit(client, turn_lines("long", 3 if end == "cancelled" else 1, 1), endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    turn_ends = time.monotonic() + 5  # at least: the turn began before the request reached the worker
+    short_batch = submit(client, turn_lines("short", 2, 2), endpoint="/v1/completions")
+    if end == "cancelled":
+        wait_until(lambda: "its turn is over" in caplog.text, 30)
+        client.batches.cancel(long_batch.id)
+    else:  # nothing left to start: no hand-over is decided at the renewals past the turn's end
+        wait_until(lambda: renewals and renewals[-1] > turn_ends, 30)
+    worker.release.set()
+    done = finished(client, long_batch.id)
+    assert done.status == ("cancelled" if end == "cancelled" else "completed")
+    assert done.request_counts.completed == 1
+    assert finished(client, short_batch.id).status == "completed"
+    assert "continuing after" not in caplog.text  # the long batch was never claimed again
 
 
 def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_runs(gated_factory):
