@@ -17,7 +17,7 @@ from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext, on_a_worker
-from hpcllm.gateway.protocol import InputsRequest, TruncatingRequest
+from hpcllm.gateway.protocol import InputsRequest
 from hpcllm.gateway.tokenization import PromptEncoder, Truncation
 from hpcllm.gateway.upstream import embed_on_worker
 from hpcllm.worker.protocol import MAX_EMBED_INPUTS
@@ -118,20 +118,13 @@ def _object(config: dict, key: str) -> dict:
 
 
 def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | list[int], param: str,
-                   pair: str | None = None, join: bool = False, truncation: Truncation | None = None) -> list[int]:
+                   truncation: Truncation | None, pair: str | None = None, join: bool = False) -> list[int]:
     """The token ids of one input (BOS added as vLLM does), truncated as asked, or a 400 naming param: empty,
     outside the vocabulary, or longer than the model's context. pair: a cross-encoder's second text, tokenized as
     the tokenizer's text pair (or, join, appended to the first text)."""
     if isinstance(text_or_ids, str) and pair is not None and join:
         text_or_ids, pair = text_or_ids + pair, None
-    if isinstance(text_or_ids, str):
-        if truncation is None:  # a text too long for the context whatever its tokens: refused untokenized
-            encoder.check_fits(len(text_or_ids) + len(pair or ""), card.max_model_len, param)
-        ids = (encoder.encode(text_or_ids, pair=pair) if truncation is None
-               else encoder.encode_truncated(text_or_ids, truncation, pair=pair).ids)
-    else:
-        ids = encoder.check_token_ids(text_or_ids, param)
-        ids = ids if truncation is None else truncation.keep(ids)
+    ids = encoder.prompt_ids(text_or_ids, param, card.max_model_len, truncation, pair=pair).ids
     if not ids:
         raise InvalidRequest("the input is empty (no tokens after tokenization)", param=param, code="empty_prompt")
     if card.max_model_len is not None and len(ids) > card.max_model_len:
@@ -141,18 +134,12 @@ def tokenize_input(encoder: PromptEncoder, card: ModelCard, text_or_ids: str | l
     return ids
 
 
-def input_truncation(encoder: PromptEncoder, card: ModelCard, req: TruncatingRequest) -> Truncation | None:
-    """The pooling request's truncation for its model (all of the context may be kept: nothing is generated)."""
-    return encoder.truncation(req.truncate_prompt_tokens, req.truncation_side, card.max_model_len, generating=False)
-
-
 def tokenize_inputs(encoder: PromptEncoder, card: ModelCard, req: InputsRequest) -> list[list[int]]:
     """The token ids of a request's `input` list (embeddings, classify), truncated as it asks; a 400 naming
-    `input` or `input[i]`."""
+    `input` or `input[i]`, too many inputs before any is tokenized."""
     check_input_count(len(req.input), "input")
-    truncation = input_truncation(encoder, card, req)
-    return [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]",
-                           truncation=truncation)
+    truncation = encoder.truncation(req, card.max_model_len, generating=False)  # nothing generated: all of it
+    return [tokenize_input(encoder, card, text_or_ids, "input" if len(req.input) == 1 else f"input[{i}]", truncation)
             for i, text_or_ids in enumerate(req.input)]
 
 
@@ -165,12 +152,11 @@ def check_input_count(count: int, param: str) -> None:
 
 
 def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: list[list[int]],
-                     classifier: Classifier | None, param: str) -> tuple[list[list[float]], int]:
+                     classifier: Classifier | None) -> tuple[list[list[float]], int]:
     """The inputs' pooled outputs (embeddings, or with a classifier its head's logits) from one worker call
     (another worker if the routed one is gone), and the prompt tokens they took: taken from the key's token budget
-    and counted as the request's (metrics, usage accounting). More inputs than one worker call takes: a 400 naming
-    param, before any token is reserved."""
-    check_input_count(len(inputs), param)
+    and counted as the request's (metrics, usage accounting). The callers checked their count (check_input_count)
+    before tokenizing them."""
     prompt_tokens = sum(len(ids) for ids in inputs)
     if ctx.api_key is not None:
         gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)

@@ -15,13 +15,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hpcllm.checkpoint.promptbound import NORMALIZATION_SLACK, longest_token_chars, min_tokens
 from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
 from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, parser_for_template
 from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
+
+if TYPE_CHECKING:
+    from hpcllm.gateway.protocol import TruncatingRequest
 
 log = logging.getLogger(__name__)
 # apply_chat_template's parameters that are also request fields of /v1/chat/completions and /tokenize.
@@ -99,19 +102,34 @@ class PromptEncoder:
         tokens than kept, the tokenizer truncates it (no side asked) or the side's tokens are kept."""
         short = self.shortened(text, truncation)
         short_pair = None if pair is None else self.shortened(pair, truncation)
-        ids = self.encode(short, add_special_tokens, pair=short_pair)
-        cut = len(ids) > truncation.tokens or (short, short_pair) != (text, pair)
-        if len(ids) <= truncation.tokens:
-            return Truncated(ids, cut)
-        if not truncation.by_tokenizer:
-            return Truncated(truncation.keep(ids), cut)
+        shortened = (short, short_pair) != (text, pair)  # then it has more tokens than kept
+        if not (shortened and truncation.by_tokenizer):  # else the tokenizer's own truncation below is the one pass
+            ids = self.encode(short, add_special_tokens, pair=short_pair)
+            if len(ids) <= truncation.tokens:
+                return Truncated(ids, shortened)
+            if not truncation.by_tokenizer:
+                return Truncated(truncation.keep(ids), True)
         try:
             ids = self.tokenizer(short, text_pair=short_pair, add_special_tokens=add_special_tokens, truncation=True,
                                  max_length=truncation.tokens)["input_ids"]
         except ValueError as exc:  # transformers: a pair that cannot be cut that short around its special tokens
             raise InvalidRequest(f"truncate_prompt_tokens {truncation.tokens} is too few tokens for this input: {exc}",
                                  param="truncate_prompt_tokens", code="invalid_value") from None
-        return Truncated(list(ids), cut)
+        return Truncated(list(ids), True)
+
+    def prompt_ids(self, text_or_ids: str | list[int], param: str, max_model_len: int | None,
+                   truncation: Truncation | None, pair: str | None = None) -> Truncated:
+        """A prompt's token ids (a text encoded, pair: a cross-encoder's second text; token ids checked against the
+        vocabulary), truncated as asked; an untruncated text too long for the context whatever its tokens is a 400
+        before it is tokenized (check_fits). A 400 naming param for what is wrong."""
+        if isinstance(text_or_ids, str):
+            if truncation is not None:
+                return self.encode_truncated(text_or_ids, truncation, pair=pair)
+            self.check_fits(len(text_or_ids) + len(pair or ""), max_model_len, param)
+            return Truncated(self.encode(text_or_ids, pair=pair), cut=False)
+        ids = self.check_token_ids(text_or_ids, param)
+        kept = ids if truncation is None else truncation.keep(ids)
+        return Truncated(kept, cut=len(kept) < len(ids))
 
     def shortened(self, text: str, truncation: Truncation) -> str:
         """text cut by characters on the side truncation drops, keeping TRUNCATION_SLACK_TOKENS tokens more than it
@@ -127,10 +145,11 @@ class PromptEncoder:
             chars *= 4
         return text
 
-    def truncation(self, tokens: int | None, side: str | None, max_model_len: int | None,
-                   generating: bool) -> Truncation | None:
-        """A request's truncation for this model (None: none asked). -1 is as many tokens as the context holds (less
-        one for a generation's first token, as vLLM); 0, or more than the context holds, a 400."""
+    def truncation(self, asked: TruncatingRequest, max_model_len: int | None, generating: bool) -> Truncation | None:
+        """The request's truncate_prompt_tokens and truncation_side for this model (None: none asked). -1 is as
+        many tokens as the context holds (less one for a generation's first token, as vLLM); 0, or more than the
+        context holds, a 400."""
+        tokens, side = asked.truncate_prompt_tokens, asked.truncation_side
         if tokens is None:
             return None
         limit = None if max_model_len is None else max_model_len - int(generating)
@@ -146,8 +165,8 @@ class PromptEncoder:
             raise InvalidRequest(f"truncate_prompt_tokens={tokens} cannot be greater than {limit}, the model's maximum "
                                  f"context length{' less the first generated token' if generating else ''}; give "
                                  "-1 for as many as it holds", param="truncate_prompt_tokens", code="invalid_value")
-        asked = side or getattr(self.tokenizer, "truncation_side", "right")
-        return Truncation(tokens, "left" if asked == "left" else "right", by_tokenizer=side is None)
+        tokenizer_side = getattr(self.tokenizer, "truncation_side", "right")
+        return Truncation(tokens, "left" if (side or tokenizer_side) == "left" else "right", by_tokenizer=side is None)
 
     def decode(self, ids: list[int]) -> str:
         """Token ids' text, special tokens kept (an echoed token-id prompt, vLLM's prompt text)."""

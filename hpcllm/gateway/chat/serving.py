@@ -67,8 +67,7 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     messages = req.template_messages()
     card = gw.router.get_model(req.model)
     encoder = gw.tokenizers.get(card)
-    truncation = encoder.truncation(req.truncate_prompt_tokens, req.truncation_side, card.max_model_len,
-                                    generating=True)
+    truncation = encoder.truncation(req, card.max_model_len, generating=True)
     if truncation is None:
         encoder.check_fits(sum(len(m["content"]) for m in messages), card.max_model_len, "messages")
     rendered = encoder.render_chat(messages, req.template_tools(), **req.template_arguments(), truncation=truncation)

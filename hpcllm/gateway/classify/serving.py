@@ -21,8 +21,7 @@ def create_classification(gw: Gateway, ctx: RequestContext, req: ClassificationR
                              "*ForSequenceClassification architecture): /v1/classify needs one", param="model")
     activate = classifier.applies_activation(req.use_activation)
     encoder = gw.tokenizers.get(card)
-    outputs, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req), classifier,
-                                              "input")
+    outputs, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req), classifier)
     data = []
     for i, logits in enumerate(outputs):
         probs = classifier.probabilities(logits, activate)

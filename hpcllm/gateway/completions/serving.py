@@ -25,20 +25,11 @@ def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[Truncate
     """The prompts' token ids, truncated as the request asks (truncate_prompt_tokens), each with whether it was
     cut."""
     encoder = gw.tokenizers.get(card)
-    truncation = encoder.truncation(req.truncate_prompt_tokens, req.truncation_side, card.max_model_len,
-                                    generating=True)
+    truncation = encoder.truncation(req, card.max_model_len, generating=True)
     prompts = []
     for i, prompt in enumerate(req.prompt):
         param = "prompt" if len(req.prompt) == 1 else f"prompt[{i}]"
-        if isinstance(prompt, str) and truncation is None:
-            encoder.check_fits(len(prompt), card.max_model_len, param)
-        if isinstance(prompt, str):
-            tokens = (Truncated(encoder.encode(prompt), cut=False) if truncation is None
-                      else encoder.encode_truncated(prompt, truncation))
-        else:
-            ids = encoder.check_token_ids(prompt, param)
-            kept = ids if truncation is None else truncation.keep(ids)
-            tokens = Truncated(kept, cut=len(kept) < len(ids))
+        tokens = encoder.prompt_ids(prompt, param, card.max_model_len, truncation)
         if not tokens.ids:
             raise InvalidRequest("the prompt is empty (no tokens after tokenization)", param=param,
                                  code="empty_prompt")

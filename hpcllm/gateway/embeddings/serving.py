@@ -21,8 +21,7 @@ def create_embedding(gw: Gateway, ctx: RequestContext, req: EmbeddingRequest) ->
         raise InvalidRequest(f"model {req.model!r} is a classification model ({classifier.architecture}): it answers "
                              "/v1/score, /v1/rerank and /v1/classify, not /v1/embeddings", param="model")
     encoder = gw.tokenizers.get(card)
-    embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req), None,
-                                                 "input")
+    embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, tokenize_inputs(encoder, card, req), None)
     return EmbeddingResponse(
         data=[Embedding(embedding=_encode(e, req.encoding_format), index=i) for i, e in enumerate(embeddings)],
         model=req.model, usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),

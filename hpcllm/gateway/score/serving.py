@@ -10,15 +10,14 @@ import math
 import time
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import (check_input_count, classifier_of, input_truncation, pool_on_a_worker,
-                                    pooling_model, tokenize_input)
+from hpcllm.gateway.pooling import check_input_count, classifier_of, pool_on_a_worker, pooling_model, tokenize_input
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.score.protocol import (RerankDocument, RerankRequest, RerankResponse, RerankResult, RerankUsage,
                                            ScoreData, ScoreRequest, ScoreResponse, ScoringRequest, Side)
 from hpcllm.gateway.serving import RequestContext, new_response_id
-from hpcllm.gateway.tokenization import Truncation
+from hpcllm.gateway.tokenization import PromptEncoder, Truncation
 
 RESPONSE_ID_PREFIX = "score"  # vLLM's for both APIs
 
@@ -59,32 +58,31 @@ def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: 
     card = pooling_model(gw, model, "scores")
     classifier = classifier_of(card)
     encoder = gw.tokenizers.get(card)
-    truncation = input_truncation(encoder, card, req)
+    truncation = encoder.truncation(req, card.max_model_len, generating=False)
     pairs = len(documents.texts)
     check_input_count(pairs + len(queries.texts) if classifier is None else pairs, documents.name)
     if classifier is None:
-        return _bi_encoder_scores(gw, ctx, card, queries, documents, truncation)
+        return _bi_encoder_scores(gw, ctx, card, encoder, queries, documents, truncation)
     if classifier.num_labels != 1:
         raise InvalidRequest(f"model {model!r} is a classifier with {classifier.num_labels} labels "
                              f"({classifier.architecture}): a score needs a one-label head (a reranker's); "
                              "/v1/classify answers its labels", param="model")
     activate = classifier.applies_activation(req.use_activation)
     query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
-    inputs = [tokenize_input(encoder, card, query, documents.param(i), pair=document,
-                             join=not classifier.use_sep_token, truncation=truncation)
+    inputs = [tokenize_input(encoder, card, query, documents.param(i), truncation, pair=document,
+                             join=not classifier.use_sep_token)
               for i, (query, document) in enumerate(zip(query_texts, documents.texts))]
-    logits, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, classifier, documents.name)
+    logits, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, classifier)
     return [classifier.probabilities(row, activate)[0] for row in logits], prompt_tokens
 
 
-def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, queries: Side, documents: Side,
-                       truncation: Truncation | None) -> tuple[list[float], int]:
+def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, encoder: PromptEncoder, queries: Side,
+                       documents: Side, truncation: Truncation | None) -> tuple[list[float], int]:
     """Cosine similarities of the queries' and documents' embeddings; the tokens of every query and document once,
     as vLLM counts them."""
-    encoder = gw.tokenizers.get(card)
-    inputs = [tokenize_input(encoder, card, text, side.param(i), truncation=truncation)
+    inputs = [tokenize_input(encoder, card, text, side.param(i), truncation)
               for side in (queries, documents) for i, text in enumerate(side.texts)]
-    embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, None, documents.name)
+    embeddings, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, None)
     query_embeddings = embeddings[:len(queries.texts)]
     if len(query_embeddings) == 1:
         query_embeddings *= len(documents.texts)
@@ -93,7 +91,7 @@ def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, querie
 
 
 def _check_pairing(queries: Side, documents: Side) -> None:
-    """vLLM's rules (and words) for the two sides' lengths (a request's texts are counted by pool_on_a_worker)."""
+    """vLLM's rules (and words) for the two sides' lengths (their texts are counted by check_input_count)."""
     if not queries.texts:
         raise InvalidRequest("At least one text element must be given", param=queries.name)
     if not documents.texts:

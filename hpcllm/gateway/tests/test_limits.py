@@ -21,7 +21,8 @@ def test_a_4mb_prompt_is_refused_without_tokenizing_it(make_gateway, monkeypatch
     gw = make_gateway()
     encoded = []
     original = PromptEncoder.encode
-    monkeypatch.setattr(PromptEncoder, "encode", lambda self, text: encoded.append(len(text)) or original(self, text))
+    monkeypatch.setattr(PromptEncoder, "encode",
+                        lambda self, text, *args, **kw: encoded.append(len(text)) or original(self, text, *args, **kw))
     prompt = "hello world " * (4 * 1024 * 1024 // 12 - 100)
     for path, body in (("/v1/completions", {"model": MODEL, "prompt": prompt}),
                        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}),
