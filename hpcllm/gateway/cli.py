@@ -49,6 +49,7 @@ class GatewayRefused(HpcllmError):
         super().__init__(f"the gateway refused ({status}): {message}")
         self.status = status
 
+
 USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 

@@ -83,7 +83,6 @@ class ModelList(OpenAIResponse):
     data: list[ModelCardOut] = Field(default_factory=list)
 
 
-
 Listed = TypeVar("Listed", bound=BaseModel)
 
 
@@ -100,6 +99,7 @@ class ListPage(OpenAIResponse, Generic[Listed]):
     def of(cls, data: list[Listed], has_more: bool) -> ListPage[Listed]:
         return cls(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
                    has_more=has_more)
+
 
 _UNION_BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}
 

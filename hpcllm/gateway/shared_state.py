@@ -117,7 +117,7 @@ class SharedState:
     @contextmanager
     def transaction(self) -> Iterator[Database]:
         """One write transaction: SQLite takes the file's write lock at BEGIN; PostgreSQL locks rows as read
-        (`FOR UPDATE` via self._for_update). Rolled back on error."""
+        (`FOR UPDATE` via self.for_update). Rolled back on error."""
         with self.connection() as db:
             db.conn.execute(db.begin_write)
             try:
@@ -137,7 +137,7 @@ class SharedState:
         if self.postgres:
             db.conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (name,))
 
-    def _for_update(self) -> str:
+    def for_update(self) -> str:
         return " FOR UPDATE" if self.postgres else ""  # SQLite's BEGIN IMMEDIATE already holds the write lock
 
     @contextmanager
@@ -197,7 +197,7 @@ class SharedState:
 
     def _refilled(self, db: Database, bucket: str, capacity: float, per_second: float, now: float) -> float:
         """The bucket's level now, its row locked until the transaction ends (a new bucket is full)."""
-        row = db.conn.execute(f"SELECT tokens, updated FROM gateway_buckets WHERE name = ?{self._for_update()}",
+        row = db.conn.execute(f"SELECT tokens, updated FROM gateway_buckets WHERE name = ?{self.for_update()}",
                               (bucket,)).fetchone()
         if row is None:
             if not self.postgres:

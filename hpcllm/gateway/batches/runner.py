@@ -233,7 +233,8 @@ class BatchRun:
         self.batches = runner.batches
         self.lease = LocalLease(runner.batches, claim)
         self.halt = threading.Event()  # stop retrying: the batch stops (cancelled, expired, lost, released)
-        self.turn_ends = time.monotonic() + runner.gw.config.gateway.batch_turn_seconds
+        self.turn_s = runner.gw.config.gateway.batch_turn_seconds
+        self.turn_ends = time.monotonic() + self.turn_s
 
     def run(self) -> None:
         batch = self.lease.renew()
@@ -361,7 +362,7 @@ class BatchRun:
             log.info("batch %s: handed over; it goes on at its next turn", self.claim.batch_id)
             return batch, "turn_over"
         log.info("batch %s: no batch waits any more; it runs on", self.claim.batch_id)
-        self.turn_ends = time.monotonic() + self.runner.gw.config.gateway.batch_turn_seconds
+        self.turn_ends = time.monotonic() + self.turn_s
         return batch, None
 
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
@@ -395,7 +396,7 @@ class BatchRun:
             body = unsupported("stream", "streaming in a batch request").body()
             return _result(entry, request_id, 400, request_id, body)
         retries_503 = 0
-        request_body = self._prioritized(batch.endpoint, entry.body)
+        request_body = self._prioritized(entry.body)
         while True:
             status, headers, body = self.runner.call(batch.endpoint, request_body, token, request_id)
             code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
@@ -410,7 +411,7 @@ class BatchRun:
                 continue
             return _result(entry, request_id, status, headers.get("X-Request-Id", request_id), body)
 
-    def _prioritized(self, endpoint: str, body: dict) -> dict:
+    def _prioritized(self, body: dict) -> dict:
         """The request at gateway.batch_priority (a line's own larger priority kept): the worker admits interactive
         requests first and preempts a running batch request for one. A priority that is no integer is left to the
         endpoint's validation (its 400 names it). Embeddings and scores ignore it (pooling runs between generation

@@ -86,7 +86,7 @@ class BatchStore:
         has already ended."""
         with self.shared.transaction() as db:
             row = db.conn.execute("SELECT * FROM gateway_batches WHERE id = ? AND owner = ?"
-                                  + self.shared._for_update(), (batch_id, owner)).fetchone()
+                                  + self.shared.for_update(), (batch_id, owner)).fetchone()
             if row is None:
                 return None
             batch = _row(row).batch
@@ -140,7 +140,7 @@ class BatchStore:
         return {row.batch.input_file_id for row in self.active()}
 
     def _held(self, db: Database, claim: Claim) -> BatchObject | None:
-        row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self.shared._for_update()}",
+        row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self.shared.for_update()}",
                               (claim.batch_id,)).fetchone()
         if row is None or row["lease_holder"] != claim.holder or row["lease_expires"] < self.clock():
             return None

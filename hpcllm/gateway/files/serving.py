@@ -8,15 +8,15 @@ from typing import IO
 from urllib.parse import quote
 
 from flask import Request, Response
-from pydantic import ValidationError
 
 from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.files import MULTIPART_OVERHEAD
 from hpcllm.gateway.files.protocol import (UPLOAD_PURPOSES, FileDeleted, FileList, FileObject, ListQuery,
                                            UploadOptions)
 from hpcllm.gateway.files.store import COPY_CHUNK, FileStore, StoredFile
-from hpcllm.gateway.protocol import parse_query, validation_error
+from hpcllm.gateway.protocol import parse_query
 from hpcllm.httpkit.errors import RequestTooLarge
+
 
 def upload(files: FileStore, owner: str, request: Request) -> FileObject:
     """POST /v1/files (multipart/form-data: `file` and `purpose`)."""
@@ -53,10 +53,7 @@ def _filename(sent: str | None) -> str:
 def _upload_options(form: Mapping[str, str]) -> UploadOptions:
     expires_after = {field: form[f"expires_after[{field}]"] for field in ("anchor", "seconds")
                      if f"expires_after[{field}]" in form}
-    try:
-        return UploadOptions.model_validate({"expires_after": expires_after or None}, strict=False)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    return parse_query(UploadOptions, {"expires_after": expires_after or None})  # form values: strings too
 
 
 def owned_file(files: FileStore, owner: str, file_id: str, param: str = "id") -> StoredFile:
