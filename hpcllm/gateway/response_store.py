@@ -100,6 +100,10 @@ class NewResponse:
     store: bool = True
 
 
+# Item ids one `IN (...)` reads (an input may name 100,000 item_references; PostgreSQL takes 65,535 parameters).
+ITEMS_PER_QUERY = 1000
+
+
 class TooLarge(Exception):
     """A conversation's write that would not fit in the whole byte bound."""
 
@@ -167,7 +171,8 @@ class ResponseStore:
         if db is None:
             with self.shared.connection() as db:
                 stored = self._owner_bytes(db, owner)
-        else:
+        else:  # a write's check: one of the owner's at a time across hosts (its total read, then added to)
+            self.shared.lock(db, f"responses:{owner}")
             stored = self._owner_bytes(db, owner)
         if stored + adding > self.max_bytes_per_key:
             raise OverQuota(stored, self.max_bytes_per_key)
@@ -189,6 +194,8 @@ class ResponseStore:
                 return False
             # Under its quota still: a response is generated before its size is known, so the one that crosses
             # the quota is kept (and the owner's next asks are refused before generating).
+            if new.store and self.max_bytes_per_key:
+                self.shared.lock(db, f"responses:{owner}")  # as check_quota's
             kept = new.store and (not self.max_bytes_per_key
                                   or self._owner_bytes(db, owner) < self.max_bytes_per_key)
             if kept:
@@ -213,7 +220,7 @@ class ResponseStore:
         if owner is not None:
             sql += " AND owner = ? AND kind = ? AND seen >= ?"
             params = (stored_id, owner, CONVERSATION, self._cutoff())
-        return db.conn.execute(sql + self.shared._for_update(), params).fetchone()
+        return db.conn.execute(sql + self.shared.for_update(), params).fetchone()
 
     @staticmethod
     def _item_rows(owner: str, items: list[dict[str, Any]], output: bool) -> list[tuple]:
@@ -289,11 +296,16 @@ class ResponseStore:
         if not item_ids:
             return {}
         wanted = sorted(set(item_ids))
+        rows = []
         with self.shared.connection() as db:
-            rows = db.conn.execute("SELECT i.id, i.item FROM gateway_items i JOIN gateway_stored s ON i.holder = s.id "
-                                   f"WHERE i.owner = ? AND i.id IN ({', '.join('?' * len(wanted))}) AND s.used >= ? "
-                                   "ORDER BY i.seq", (owner, *wanted, self._cutoff())).fetchall()
-        return {row["id"]: json.loads(row["item"]) for row in rows}  # in seq order: the latest of an id wins
+            for start in range(0, len(wanted), ITEMS_PER_QUERY):
+                chunk = wanted[start:start + ITEMS_PER_QUERY]
+                rows += db.conn.execute(
+                    "SELECT i.seq, i.id, i.item FROM gateway_items i JOIN gateway_stored s ON i.holder = s.id "
+                    f"WHERE i.owner = ? AND i.id IN ({', '.join('?' * len(chunk))}) AND s.used >= ?",
+                    (owner, *chunk, self._cutoff())).fetchall()
+        rows.sort(key=lambda row: row["seq"])  # the latest stored of an id wins
+        return {row["id"]: json.loads(row["item"]) for row in rows}
 
     def delete(self, owner: str, response_id: str) -> bool:
         """False when the owner has no such response. One that others continue is hidden until they go; a hidden

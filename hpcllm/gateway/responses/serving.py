@@ -145,10 +145,11 @@ def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
             log.warning("the gateway's limits database: %s", exc)
             kept = False
-        except TooLarge:  # the answer is out already: only the conversation is left as it was
-            log.warning("response %s was not added to its conversation (it would be larger than "
-                        "gateway.responses_max_bytes)", body["id"])
-            kept = False
+        except TooLarge:  # the answer is out already: the transaction rolled back, neither it nor the turn is kept
+            log.warning("response %s was not stored nor added to its conversation (the conversation would be larger "
+                        "than gateway.responses_max_bytes)", body["id"])
+            body["store"] = False
+            return
         if not kept and new.store:
             log.warning("response %s was not stored (database unreachable, over gateway.responses_max_bytes or "
                         "the key's responses_max_bytes_per_key)", body["id"])

@@ -502,3 +502,14 @@ def test_a_turn_that_would_outgrow_the_bound_leaves_its_conversation_as_it_was(s
     with pytest.raises(TooLarge):
         store.put("alice", turn)
     assert store.conversation_items("alice", "conv_1") == first and store.get("alice", "resp_1") is None
+
+
+def test_an_input_naming_a_hundred_thousand_item_references_is_read_in_chunks(store_at):
+    """PostgreSQL takes at most 65,535 parameters a query: one IN (...) of every id named was an error there (a 503
+    for the client, the connection dropped); the ids are read ITEMS_PER_QUERY at a time, the latest of an id kept."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=10 ** 7)
+    store.put("alice", _response(1, "first"))
+    store.put("alice", NewResponse(input=[_message("msg_1", "again")], response={"id": "resp_2", "output": []}))
+    named = [f"msg_missing_{i}" for i in range(100_000)] + ["msg_1"]
+    assert store.items("alice", named) == {"msg_1": _message("msg_1", "again")}  # the latest stored of the id
