@@ -262,12 +262,13 @@ class Controller:
             if isinstance(applied, AgentError):
                 self._replace_for_adapters(node, inst, str(applied))
                 continue
-            kept.append((node, inst))
             refused = [(name, f"instance {inst.instance_id} on {node.node_id} cannot serve it: {f.message}")
                        for name, f in sorted(applied.failed.items()) if f.status == 400]
             refusals += refused
-            if applied.failed and not refused:
+            if applied.failed and not refused:  # replaced: not one a rollback pushes to
                 self._replace_for_adapters(node, inst, applied.failures())
+                continue
+            kept.append((node, inst))
         return kept, refusals[0] if refusals else None
 
     def _adapter_instances(self, model: str) -> list[tuple[NodeRecord, InstanceRecord]]:

@@ -1007,7 +1007,7 @@ class Engine(EngineBase):
             self._finish(requests[0], "error", error=ErrorInfo(message=f"out of memory: {exc}", type="server_error"))
             return
         with self._lock:
-            last = max(requests, key=lambda r: (r.priority, self._running.index(r)))
+            last = max(requests, key=self._running.index)  # _running: by priority, then admission
             self._preempt(last, "out of memory")
 
     def _sample_and_commit(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,

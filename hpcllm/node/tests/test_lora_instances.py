@@ -71,7 +71,7 @@ def test_a_redeploys_adapters_reach_a_running_instance_through_its_agent(tmp_pat
     agent = make_agent(tmp_path)
     client = create_app(agent).test_client()
     polls, poll_ready = threading.Event(), agent.workers._poll_ready
-    agent.workers._poll_ready = lambda inst: polls.wait() and poll_ready(inst)  # loading until the PUT is in
+    agent.workers._poll_ready = lambda inst: polls.wait(60) and poll_ready(inst)  # loading until the PUT is in
     served_when_ready = []
     wake = agent.workers.on_change
 
@@ -117,7 +117,7 @@ def test_a_loading_instance_that_cannot_serve_its_pending_adapters_fails_without
     agent = make_agent(tmp_path)
     client = create_app(agent).test_client()
     polls, poll_ready = threading.Event(), agent.workers._poll_ready
-    agent.workers._poll_ready = lambda inst: polls.wait() and poll_ready(inst)  # loading until the PUT is in
+    agent.workers._poll_ready = lambda inst: polls.wait(60) and poll_ready(inst)  # loading until the PUT is in
     states = []
     wake = agent.workers.on_change
     agent.workers.on_change = lambda: (states.extend(i.state for i in agent.workers.instances()), wake())

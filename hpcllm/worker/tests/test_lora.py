@@ -323,7 +323,7 @@ def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request
                 model_process=model_process) as engine:
         steps = StepLog(engine, pause_after=1)  # its first step held: it runs, however loaded the machine
         events = engine.submit(request(prompt_token_ids=prompt, lora="x", max_tokens=40)).events()
-        steps.paused.wait()
+        assert steps.paused.wait(60)
         assert engine.unload_lora("x") == 1  # it runs on
         with pytest.raises(InvalidRequest, match="'x' is not loaded"):
             engine.submit(request(prompt_token_ids=prompt, lora="x"))
@@ -352,7 +352,7 @@ def test_an_adapter_loaded_again_from_its_folder_while_unloading_is_kept(model_d
                 model_process=model_process) as engine:
         steps = StepLog(engine, pause_after=1)  # its first step held: it runs, however loaded the machine
         events = engine.submit(request(prompt_token_ids=prompt_ids[0], lora="x", max_tokens=30)).events()
-        steps.paused.wait()
+        assert steps.paused.wait(60)
         assert engine.unload_lora("x") == 1
         assert engine.load_lora("x", folders["x"]) is True  # its weights were still there: served again
         steps.go.set()
