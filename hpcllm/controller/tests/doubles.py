@@ -161,6 +161,8 @@ class FakeAgents(AgentClient):
         self.lora_adapters: list[dict[str, str] | None] = []  # the adapters each start asked the worker to serve
         self.serving_adapters: dict[str, dict[str, str]] = {}  # instance id -> the adapters its worker serves
         self.refuse_adapters: dict[str, AdapterFailure] = {}  # adapter name -> how every worker refuses to load it
+        # instance id -> {adapter name -> how that instance's worker alone refuses it} (over refuse_adapters)
+        self.refuse_adapters_on: dict[str, dict[str, AdapterFailure]] = {}
         self.adapter_timeouts: list[float] = []  # the timeout of each set_lora_adapters call
         self.stopped: list[tuple[str, str]] = []
         self.unreachable: set[str] = set()
@@ -198,13 +200,14 @@ class FakeAgents(AgentClient):
     def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str],
                           timeout: float) -> LoraAdaptersApplied:
         """As the agent's relay does: unload what is no longer wanted, load the rest, those in refuse_adapters
-        failing."""
+        (or this instance's refuse_adapters_on) failing."""
         self.adapter_timeouts.append(timeout)
         agent = self._agent(agent_url)
         if instance_id not in agent.instances:
             raise AgentError(f"node agent {agent_url}: HTTP 404 no instance {instance_id!r} on this node")
         serving = {n: f for n, f in self.serving_adapters.get(instance_id, {}).items() if adapters.get(n) == f}
-        failed = {n: self.refuse_adapters[n] for n in adapters if n not in serving and n in self.refuse_adapters}
+        refusals = {**self.refuse_adapters, **self.refuse_adapters_on.get(instance_id, {})}
+        failed = {n: refusals[n] for n in adapters if n not in serving and n in refusals}
         serving.update({n: f for n, f in adapters.items() if n not in failed})
         self.serving_adapters[instance_id] = serving
         return LoraAdaptersApplied(instance_id=instance_id, lora_adapters=serving, failed=failed)

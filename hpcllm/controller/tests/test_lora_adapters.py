@@ -215,3 +215,30 @@ def test_a_redeploy_pushes_its_adapters_to_every_instance_at_once_waiting_per_ch
     harness.deploy("m", lora_adapters={"y": y}, min_instances=2, max_instances=2)
     assert {i: harness.agents.serving_adapters[i] for i in instances} == {i: {"y": y} for i in instances}
     assert harness.agents.adapter_timeouts == [2 * ADAPTER_CALL_TIMEOUT + AGENT_ANSWER_SECONDS] * 2
+
+
+def test_an_undone_redeploy_rolls_back_only_the_instances_it_kept(harness, tmp_path):
+    """One instance cannot load at runtime (replaced), another refuses an adapter (the redeploy is undone): the
+    rollback pushes the previous adapters to the kept instance only; the replaced one is stopped and reported once."""
+    from hpcllm.controller.errors import InvalidModelConfig
+    from hpcllm.controller.protocol import AdapterFailure
+
+    x, y, bad = (adapter_folder(tmp_path / name) for name in ("x", "y", "bad"))
+    harness.deploy("m", lora_adapters={"x": x}, min_instances=2, max_instances=2)
+    harness.register("n1")
+    harness.register("n2")
+    harness.tick()
+    harness.heartbeat("n1", tier="nvme")
+    harness.tick()
+    replaced, kept = sorted(i.instance_id for i in harness.registry.instances(model="m"))
+    harness.agents.refuse_adapters_on[replaced] = {
+        "y": AdapterFailure(status=409, message="this worker's vLLM engine was built without LoRA")}
+    harness.agents.refuse_adapters_on[kept] = {
+        "bad": AdapterFailure(status=400, message="LoRA adapter 'bad' was trained for another model")}
+    with pytest.raises(InvalidModelConfig, match=r"lora_adapters.bad: instance .* cannot serve it"):
+        harness.deploy("m", lora_adapters={"y": y, "bad": bad}, min_instances=2, max_instances=2)
+    assert harness.registry.get_model("m").lora_adapters == {"x": x}
+    assert harness.agents.serving_adapters[kept] == {"x": x}
+    assert [i for _, i in harness.agents.stopped] == [replaced]
+    assert [f.instance_id for f in harness.controller.status().failed_instances] == [replaced]
+    assert len(harness.agents.adapter_timeouts) == 3  # two pushes of the redeploy, one rollback to the kept one
