@@ -83,11 +83,16 @@ class ModelList(OpenAIResponse):
     data: list[ModelCardOut] = Field(default_factory=list)
 
 
-Listed = TypeVar("Listed", bound=BaseModel)
+Listed = TypeVar("Listed", bound=BaseModel | dict[str, Any])
+
+
+def _id_of(listed: BaseModel | dict[str, Any]) -> str:
+    return listed["id"] if isinstance(listed, dict) else listed.id
 
 
 class ListPage(OpenAIResponse, Generic[Listed]):
-    """OpenAI's paged list object (files, batches): a page of objects with ids, the first's and last's."""
+    """OpenAI's paged list object (files, batches; stored items, as the JSON dicts kept): a page of objects with
+    ids, the first's and last's."""
 
     object: Literal["list"] = "list"
     data: list[Listed]
@@ -97,8 +102,8 @@ class ListPage(OpenAIResponse, Generic[Listed]):
 
     @classmethod
     def of(cls, data: list[Listed], has_more: bool) -> ListPage[Listed]:
-        return cls(data=data, first_id=data[0].id if data else None, last_id=data[-1].id if data else None,
-                   has_more=has_more)
+        return cls(data=data, first_id=_id_of(data[0]) if data else None,
+                   last_id=_id_of(data[-1]) if data else None, has_more=has_more)
 
 
 _UNION_BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict"}

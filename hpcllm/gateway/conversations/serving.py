@@ -12,7 +12,7 @@ from hpcllm.gateway.conversations.protocol import (ConversationCreate, Conversat
 from hpcllm.gateway.errors import InvalidRequest, NotFound
 from hpcllm.gateway.protocol import parse_query
 from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
-from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, item_list
+from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, ItemList
 from hpcllm.gateway.responses.serving import quota_error, referenced, storage_disabled
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
@@ -87,7 +87,7 @@ def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: Conve
         added = gw.responses.add_items(owner, conversation_id, items)
     if not added:
         raise _not_found(conversation_id)
-    return item_list(items)
+    return ItemList.of(items, has_more=False).model_dump()
 
 
 def list_items(gw: Gateway, ctx: RequestContext, conversation_id: str, query: Mapping[str, str]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from hpcllm.gateway.chat.protocol import (ChatCompletionRequest, ChatMessage, Ch
                                           FunctionDefinition, ReasoningEffort, ToolCallIn, ToolCallOut, ToolDefinition,
                                           function_name, json_object_arguments)
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import OpenAIRequest, OpenAIResponse, Priority, UsageInfo, unsupported
+from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse, Priority, UsageInfo, unsupported
 
 InputRole = Literal["user", "system", "developer", "assistant"]
 # Content part types whose text reaches the prompt (what a user sends, what the model answered before).
@@ -394,13 +394,10 @@ class InputItemsQuery(OpenAIRequest):
                 raise InvalidRequest(f"'after': no item with id {self.after[:80]!r} in this list",
                                      param="after")
             start = ids.index(self.after) + 1
-        return item_list(ordered[start:start + self.limit], has_more=start + self.limit < len(ordered))
+        return ItemList.of(ordered[start:start + self.limit], start + self.limit < len(ordered)).model_dump()
 
 
-def item_list(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
-    """OpenAI's list object of items."""
-    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
-            "last_id": items[-1]["id"] if items else None, "has_more": has_more}
+ItemList = ListPage[dict[str, Any]]  # OpenAI's list object of items (the JSON objects stored)
 
 
 # ------------------------------------------------------------------------------------------------- the answer
