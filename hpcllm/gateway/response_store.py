@@ -99,6 +99,11 @@ class NewResponse:
     carried: int = 0
     store: bool = True
 
+    @property
+    def own_input(self) -> list[dict[str, Any]]:
+        """This request's own input items (the carried ones are stored already)."""
+        return self.input[self.carried:]
+
 
 # Item ids one `IN (...)` reads (an input may name 100,000 item_references; PostgreSQL takes 65,535 parameters).
 ITEMS_PER_QUERY = 1000
@@ -178,6 +183,21 @@ class ResponseStore:
             raise OverQuota(stored, self.max_bytes_per_key)
 
     # ------------------------------------------------------------------------------------------------ writing
+    def check_room(self, owner: str, new: NewResponse) -> None:
+        """Before a response is generated: TooLarge where its own input items alone would take its conversation
+        over the whole bound, OverQuota where they would take the owner over its quota (once per copy kept: the
+        response's, the conversation's). Its output's size is known only once generated: put keeps the response
+        whose output crosses the quota, and nothing where it takes the conversation over the bound."""
+        if new.conversation is None and not self.max_bytes_per_key:
+            return
+        added = sum(row[3] for row in self._item_rows(owner, new.own_input, False))
+        if new.conversation is not None:
+            with self.shared.connection() as db:
+                conversation = self._row(db, new.conversation, owner, lock=False)
+            if conversation is not None:
+                self._within_bound(conversation["size"], added)
+        self.check_quota(owner, max(1, added * (int(new.store) + int(new.conversation is not None))))
+
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
         its items to its conversation (TooLarge: the conversation would not fit in the whole bound; nothing is
@@ -186,18 +206,16 @@ class ResponseStore:
         body = json.dumps({**new.response, "output": []})
         now = self.clock()
         with self.shared.transaction() as db:
-            previous = new.previous if new.previous is not None and self._lock(db, new.previous) is not None else None
-            own = new.input[new.carried:] if previous is not None or new.conversation is not None else new.input
+            previous = new.previous if new.previous is not None and self._row(db, new.previous) is not None else None
+            own = new.input if new.previous is not None and previous is None else new.own_input  # previous gone
             rows = [*self._item_rows(owner, own, False), *self._item_rows(owner, output, True)]
             size = _size(body) + sum(row[3] for row in rows)
-            if size > self.max_bytes:
-                return False
-            # Under its quota still: a response is generated before its size is known, so the one that crosses
-            # the quota is kept (and the owner's next asks are refused before generating).
-            if new.store and self.max_bytes_per_key:
+            # Under its quota still: a response is generated before its size is known, so the one whose output
+            # crosses the quota is kept (and the owner's next asks are refused before generating).
+            kept = new.store and size <= self.max_bytes
+            if kept and self.max_bytes_per_key:
                 self.shared.lock(db, f"responses:{owner}")  # as check_quota's
-            kept = new.store and (not self.max_bytes_per_key
-                                  or self._owner_bytes(db, owner) < self.max_bytes_per_key)
+                kept = self._owner_bytes(db, owner) < self.max_bytes_per_key
             if kept:
                 db.conn.execute("INSERT INTO gateway_stored (id, owner, kind, seen, used, size, previous, hidden, "
                                 "body) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
@@ -206,21 +224,21 @@ class ResponseStore:
             if kept and previous is not None:  # the chain lives as long as its newest response
                 db.conn.execute(CHAIN + "UPDATE gateway_stored SET used = ? WHERE id IN (SELECT id FROM chain)",
                                 (previous, owner, now))
-            conversation = None if new.conversation is None else self._lock(db, new.conversation, owner)
+            conversation = None if new.conversation is None else self._row(db, new.conversation, owner)
             if conversation is not None:
                 self._append(db, new.conversation, conversation["size"], rows, now)
             self._prune(db, now)
         return kept
 
-    def _lock(self, db: Database, stored_id: str, owner: str | None = None) -> Any:
-        """The row (its size and body) if it is still there, locked till the commit, else None; with an owner:
-        the owner's conversation if it is there and not expired."""
+    def _row(self, db: Database, stored_id: str, owner: str | None = None, *, lock: bool = True) -> Any:
+        """The row (its size and body) if it is still there, else None; locked till the commit (`lock`, in a write
+        transaction); with an owner: the owner's conversation if it is there and not expired."""
         sql = "SELECT size, body FROM gateway_stored WHERE id = ?"
         params: tuple = (stored_id,)
         if owner is not None:
             sql += " AND owner = ? AND kind = ? AND seen >= ?"
             params = (stored_id, owner, CONVERSATION, self._cutoff())
-        return db.conn.execute(sql + self.shared.for_update(), params).fetchone()
+        return db.conn.execute(sql + (self.shared.for_update() if lock else ""), params).fetchone()
 
     @staticmethod
     def _item_rows(owner: str, items: list[dict[str, Any]], output: bool) -> list[tuple]:
@@ -240,11 +258,16 @@ class ResponseStore:
         """Items at the end of a (locked) conversation of `size` bytes, as its input (a conversation has no output);
         TooLarge where it would outgrow the whole bound (the prune would then delete it whole)."""
         added = sum(row[3] for row in rows)
-        if size + added > self.max_bytes:
-            raise TooLarge
+        self._within_bound(size, added)
         self._insert_items(db, conversation, [(*row[:2], 0, *row[3:]) for row in rows])
         db.conn.execute("UPDATE gateway_stored SET size = size + ?, seen = ?, used = ? WHERE id = ?",
                         (added, now, now, conversation))
+
+    def _within_bound(self, size: int, added: int) -> None:
+        """TooLarge where a conversation of `size` bytes would outgrow the whole bound by `added` more (the prune
+        would then delete it whole)."""
+        if size + added > self.max_bytes:
+            raise TooLarge
 
     def _prune(self, db: Database, now: float) -> None:
         cutoff = now - self.ttl_s
@@ -368,7 +391,7 @@ class ResponseStore:
         """The conversation object after `change` (its new body), None when the owner has none."""
         now = self.clock()
         with self.shared.transaction() as db:
-            row = self._lock(db, conversation_id, owner)
+            row = self._row(db, conversation_id, owner)
             if row is None:
                 return None
             old = row["body"]
@@ -386,7 +409,7 @@ class ResponseStore:
         rows = self._item_rows(owner, items, False)
         now = self.clock()
         with self.shared.transaction() as db:
-            conversation = self._lock(db, conversation_id, owner)
+            conversation = self._row(db, conversation_id, owner)
             if conversation is None:
                 return False
             self.check_quota(owner, sum(row[3] for row in rows), db)
@@ -397,7 +420,7 @@ class ResponseStore:
     def delete_item(self, owner: str, conversation_id: str, item_id: str) -> bool | None:
         """None: no such conversation; False: no such item in it."""
         with self.shared.transaction() as db:
-            if self._lock(db, conversation_id, owner) is None:
+            if self._row(db, conversation_id, owner) is None:
                 return None
             row = db.conn.execute("SELECT seq, size FROM gateway_items WHERE holder = ? AND id = ? "
                                   "ORDER BY seq DESC LIMIT 1", (conversation_id, item_id)).fetchone()
@@ -409,7 +432,7 @@ class ResponseStore:
 
     def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         with self.shared.transaction() as db:
-            if self._lock(db, conversation_id, owner) is None:
+            if self._row(db, conversation_id, owner) is None:
                 return False
             self._remove(db, [(conversation_id,)])
         return True

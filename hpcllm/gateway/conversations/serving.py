@@ -9,11 +9,11 @@ from typing import Any
 
 from hpcllm.gateway.conversations.protocol import (ConversationCreate, ConversationItems, ConversationUpdate,
                                                    check_readable)
-from hpcllm.gateway.errors import InvalidRequest, NotFound
+from hpcllm.gateway.errors import NotFound
 from hpcllm.gateway.protocol import parse_query
 from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
 from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, ItemList
-from hpcllm.gateway.responses.serving import quota_error, referenced, storage_disabled
+from hpcllm.gateway.responses.serving import quota_error, referenced, storage_disabled, too_large
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
 
@@ -34,8 +34,7 @@ def _bounded(param: str) -> Iterator[None]:
     try:
         yield
     except TooLarge:
-        raise InvalidRequest("the conversation would be larger than this gateway keeps "
-                             "(gateway.responses_max_bytes)", param=param, code="storage_limit_exceeded") from None
+        raise too_large(param) from None
     except OverQuota as exc:
         raise quota_error(exc, param) from None
 

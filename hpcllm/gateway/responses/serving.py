@@ -40,20 +40,20 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     req.store = req.store is not False and gw.responses.enabled  # what the response will say
     if req.conversation is not None and not gw.responses.enabled:
         raise storage_disabled("conversation")
-    if req.store or req.conversation is not None:
-        within_quota(gw, owner, "store" if req.store else "conversation")
     req = resolved(gw, owner, req)
     asked, carried = continued(gw, owner, req)
+    keep = None
+    if req.store or req.conversation is not None:
+        new = NewResponse(response={}, input=[item.listed() for item in asked.input],
+                          previous=req.previous_response_id, conversation=req.conversation_id, carried=carried,
+                          store=req.store)
+        within_bounds(gw, owner, new)
+        keep = keeper(gw, owner, new)
     chat_req = asked.to_chat()
     try:
         generation, parser = start_chat(gw, ctx, chat_req, new_item_id("resp"))
     except InvalidRequest as exc:
         raise renamed_for_responses(exc) from None
-    keep = None
-    if req.store or req.conversation is not None:
-        keep = keeper(gw, owner, NewResponse(response={}, input=[item.listed() for item in asked.input],
-                                             previous=req.previous_response_id, conversation=req.conversation_id,
-                                             carried=carried, store=req.store))
     answer = ResponseBuilder(req, generation.response_id, ctx.created, keep)
     if req.stream:
         events = answer.events(generation.deltas(), ChatChoiceStream(parser, chat_req),
@@ -65,13 +65,16 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
     return answer.whole(chat_choice(result, parser, chat_req), chat_usage(generation, parser))
 
 
-def within_quota(gw: Gateway, owner: str, param: str) -> None:
-    """The 400 for a key whose stored responses and conversations already take its whole quota (checked before
-    generating; the response that crosses it is still kept)."""
+def within_bounds(gw: Gateway, owner: str, new: NewResponse) -> None:
+    """The 400s, before anything is generated, for a turn whose input alone would not be kept: its conversation
+    would outgrow the whole bound, or the key its quota (a response whose output crosses the quota is still
+    kept)."""
     try:
-        gw.responses.check_quota(owner)
+        gw.responses.check_room(owner, new)
+    except TooLarge:
+        raise too_large("conversation") from None
     except OverQuota as exc:
-        raise quota_error(exc, param) from None
+        raise quota_error(exc, "store" if new.store else "conversation") from None
 
 
 def quota_error(exc: OverQuota, param: str) -> InvalidRequest:
@@ -82,6 +85,13 @@ def quota_error(exc: OverQuota, param: str) -> InvalidRequest:
                           f"{exc.quota} bytes (gateway.responses_max_bytes_per_key; {exc.stored} now): delete some "
                           f"(DELETE /v1/responses/{{id}}, /v1/conversations/{{id}}), {ways}", param=param,
                           code="storage_quota_exceeded")
+
+
+def too_large(param: str) -> InvalidRequest:
+    """The 400 for a write (items added, a response's turn) that would make a conversation larger than the whole
+    bound."""
+    return InvalidRequest("the conversation would be larger than this gateway keeps (gateway.responses_max_bytes)",
+                          param=param, code="storage_limit_exceeded")
 
 
 def storage_disabled(param: str | None = None) -> InvalidRequest:
@@ -135,25 +145,30 @@ def continued(gw: Gateway, owner: str, req: ResponsesRequest) -> tuple[Responses
 
 def keeper(gw: Gateway, owner: str, new: NewResponse) -> Callable[[dict[str, Any]], None]:
     """Stores a finished response with its conversation's input items (appending its items to its conversation).
-    When it cannot be kept (the database is away, it or its conversation would be larger than responses_max_bytes),
-    the answer still goes out, saying `store: false`."""
+    When it cannot be kept (the database is away, it is larger than responses_max_bytes, or its key over its
+    quota), the answer still goes out, saying `store: false`; when its turn was not appended to its conversation
+    (the database is away, the output made the conversation larger than responses_max_bytes), saying
+    `conversation: null` (OpenAI's field names the conversation its items were added to)."""
     def keep(body: dict[str, Any]) -> None:
+        appended = True
         try:
             kept = gw.responses.put(owner, replace(new, response=body))
         except ServiceUnavailable:  # PostgreSQL away: logged where it failed
-            kept = False
+            kept = appended = False
         except sqlite3.Error as exc:  # the file's disk full, its lock held past the busy timeout
             log.warning("the gateway's limits database: %s", exc)
-            kept = False
+            kept = appended = False
         except TooLarge:  # the answer is out already: the transaction rolled back, neither it nor the turn is kept
             log.warning("response %s was not stored nor added to its conversation (the conversation would be larger "
                         "than gateway.responses_max_bytes)", body["id"])
-            body["store"] = False
+            body["store"], body["conversation"] = False, None
             return
         if not kept and new.store:
             log.warning("response %s was not stored (database unreachable, over gateway.responses_max_bytes or "
                         "the key's responses_max_bytes_per_key)", body["id"])
             body["store"] = False
+        if not appended and new.conversation is not None:
+            body["conversation"] = None
     return keep
 
 

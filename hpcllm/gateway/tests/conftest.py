@@ -121,9 +121,10 @@ class GatewayFactory:
 
 
 @contextmanager
-def scripted_gateway(root: Path, name: str, chat_template: str, script) -> Iterator[RunningGateway]:
+def scripted_gateway(root: Path, name: str, chat_template: str, script, **gateway) -> Iterator[RunningGateway]:
     """A gateway serving `name`, a devmodels Llama with `chat_template` (its tokenizer and template), on a scripted
-    stand-in worker answering what `script` (stand_in_worker.Script) is set to; all stopped on leaving."""
+    stand-in worker answering what `script` (stand_in_worker.Script) is set to (`gateway`: its config section's
+    overrides, as GatewayFactory's); all stopped on leaving."""
     from hpcllm.devmodels import make_model
 
     from .stand_in_worker import scripted_worker_app
@@ -132,7 +133,7 @@ def scripted_gateway(root: Path, name: str, chat_template: str, script) -> Itera
     worker = ThreadServer(scripted_worker_app(script))
     factory = GatewayFactory(root / "gateway", worker.url, model_dir)
     try:
-        yield factory(static_models={name: {"worker_url": worker.url, "source": str(model_dir)}})
+        yield factory(static_models={name: {"worker_url": worker.url, "source": str(model_dir)}}, **gateway)
     finally:
         factory.stop_all()
         worker.stop()

@@ -9,10 +9,11 @@ import httpx
 import openai
 import pytest
 
-from .conftest import MODEL, USER_KEY
+from .conftest import MODEL, USER_KEY, scripted_gateway
+from .stand_in_worker import Script
 from .test_errors import assert_error
 from .test_responses_api import QUESTION
-from .test_responses_store import AGAIN, OTHER_KEY, _stored_bytes, _user
+from .test_responses_store import AGAIN, HERMES, OTHER_KEY, _stored_bytes, _user
 
 
 def _delete(gw, path: str, key: str) -> httpx.Response:
@@ -134,6 +135,45 @@ def test_a_conversation_is_kept_within_the_byte_bound_or_refused(make_gateway):
     assert _stored_bytes(small.state.shared)[0] == 1  # nothing half-added
     assert_error(small.post("/v1/conversations", json={"items": [_user("y" * 1000)]}), 400, "storage_limit_exceeded",
                  "items")
+
+
+def _conversation_bytes(gw, conversation_id: str) -> int:
+    with gw.state.shared.connection() as db:
+        return db.conn.execute("SELECT size FROM gateway_stored WHERE id = ?", (conversation_id,)).fetchone()["size"]
+
+
+def test_a_turn_its_conversation_cannot_hold_is_refused_before_anything_is_generated(tmp_path):
+    """A turn whose input alone would take its conversation over gateway.responses_max_bytes is the Conversations
+    API's 400, before the worker is asked (it was generated, paid for, and answered unkept); a turn that fits is
+    still appended; one whose output takes it over is answered, saying `conversation: null` and `store: false`,
+    whole and streamed, and the conversation is left as it was."""
+    from hpcllm.devmodels import make_tokenizer
+
+    script = Script(make_tokenizer("hermes-tools"))
+    script.answer = "ok"
+    with scripted_gateway(tmp_path, HERMES, "hermes-tools", script, responses_max_bytes=1000) as gw:
+        client = gw.client()
+        conversation = client.conversations.create(items=[_user("x" * 100)])
+        fits = client.responses.create(model=HERMES, conversation=conversation.id, input="hi", store=False)
+        assert fits.conversation.id == conversation.id and len(script.requests) == 1
+        before = client.conversations.items.list(conversation.id, order="asc").data
+        assert _texts(before) == ["x" * 100, "hi", "ok"]
+
+        too_long = "y" * (1000 - _conversation_bytes(gw, conversation.id))
+        for store in (True, False):
+            resp = gw.post("/v1/responses", json={"model": HERMES, "conversation": conversation.id,
+                                                  "input": too_long, "store": store})
+            error = assert_error(resp, 400, "storage_limit_exceeded", "conversation")
+            assert "gateway.responses_max_bytes" in error["message"]
+        assert len(script.requests) == 1  # the worker was never asked
+
+        script.answer = "z" * 200  # the input fits, the output does not
+        whole = client.responses.create(model=HERMES, conversation=conversation.id, input="hi")
+        events = list(client.responses.create(model=HERMES, conversation=conversation.id, input="hi", stream=True))
+        for answer in (whole, events[-1].response):
+            assert answer.output_text == "z" * 200
+            assert (answer.conversation, answer.store) == (None, False)
+        assert client.conversations.items.list(conversation.id, order="asc").data == before
 
 
 def test_include_asking_for_data_no_item_carries_is_refused_not_ignored(gateway):

@@ -453,6 +453,24 @@ def test_a_key_over_its_storage_quota_is_told_so_and_others_are_not(make_gateway
     assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2).store is True
 
 
+def test_an_input_that_alone_would_cross_the_quota_is_refused_before_generating(tmp_path, hermes_script):
+    """The output's size is known only once generated (the response it takes over the quota is kept), the
+    input's before: one that would take the key over is the quota's 400 and the worker is never asked (it was
+    generated, then kept over the quota)."""
+    with scripted_gateway(tmp_path, HERMES, "hermes-tools", hermes_script,
+                          responses_max_bytes_per_key=1500) as gw:
+        hermes_script.answer = "ok"
+        client = gw.client()
+        first = client.responses.create(model=HERMES, input="hi")
+        asked = len(hermes_script.requests)
+        too_long = "y" * (1500 - _owner_bytes(gw, USER_KEY))
+        resp = gw.post("/v1/responses", json={"model": HERMES, "input": too_long})
+        error = assert_error(resp, 400, "storage_quota_exceeded", "store")
+        assert "gateway.responses_max_bytes_per_key" in error["message"]
+        assert len(hermes_script.requests) == asked and _rows(gw.state.shared) == [first.id]
+        assert client.responses.create(model=HERMES, input="hi").store is True
+
+
 @pytest.fixture(scope="module")
 def hermes_script():
     from hpcllm.devmodels import make_tokenizer
@@ -502,6 +520,21 @@ def test_a_turn_that_would_outgrow_the_bound_leaves_its_conversation_as_it_was(s
     with pytest.raises(TooLarge):
         store.put("alice", turn)
     assert store.conversation_items("alice", "conv_1") == first and store.get("alice", "resp_1") is None
+
+
+def test_a_turn_is_appended_to_its_conversation_though_its_response_is_too_large_to_keep(store_at):
+    """The whole bound holds the response object (not kept with store false, nor where larger than the bound)
+    apart from its conversation: the turn was dropped with it."""
+    make, now = store_at
+    store = make(ttl_s=3600, max_bytes=1000)
+    store.create_conversation("alice", {"id": "conv_1"}, [_message("msg_1")])
+    for store_it in (False, True):
+        turn = NewResponse(input=[_message("msg_1"), _message(f"msg_2_{store_it}")], conversation="conv_1",
+                           carried=1, store=store_it, response={"id": "resp_1", "tools": "t" * 1000, "output": []})
+        assert store.put("alice", turn) is False
+    assert [item["id"] for item in store.conversation_items("alice", "conv_1")] == [
+        "msg_1", "msg_2_False", "msg_2_True"]
+    assert store.get("alice", "resp_1") is None
 
 
 def test_an_input_naming_a_hundred_thousand_item_references_is_read_in_chunks(store_at):
