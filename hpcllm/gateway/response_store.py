@@ -388,7 +388,8 @@ class ResponseStore:
 
     def update_conversation(self, owner: str, conversation_id: str,
                             change: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any] | None:
-        """The conversation object after `change` (its new body), None when the owner has none."""
+        """The conversation object after `change` (its new body), None when the owner has none (TooLarge: it would
+        outgrow the whole bound, and the prune delete it whole; OverQuota)."""
         now = self.clock()
         with self.shared.transaction() as db:
             row = self._row(db, conversation_id, owner)
@@ -397,9 +398,11 @@ class ResponseStore:
             old = row["body"]
             body = change(json.loads(old))
             new = json.dumps(body)
-            self.check_quota(owner, _size(new) - _size(old), db)
+            grown = _size(new) - _size(old)
+            self._within_bound(row["size"], grown)
+            self.check_quota(owner, grown, db)
             db.conn.execute("UPDATE gateway_stored SET body = ?, size = size + ?, seen = ?, used = ? WHERE id = ?",
-                            (new, _size(new) - _size(old), now, now, conversation_id))
+                            (new, grown, now, now, conversation_id))
             self._prune(db, now)
         return body
 

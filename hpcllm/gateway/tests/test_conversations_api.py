@@ -176,6 +176,18 @@ def test_a_turn_its_conversation_cannot_hold_is_refused_before_anything_is_gener
         assert client.conversations.items.list(conversation.id, order="asc").data == before
 
 
+def test_metadata_that_would_outgrow_the_bound_is_refused(make_gateway):
+    """Metadata that would take a conversation over gateway.responses_max_bytes is the 400 naming it, and the
+    conversation is kept as it was (the update went through, and the prune then deleted the conversation whole)."""
+    small = make_gateway(responses_max_bytes=1500)
+    client = small.client()
+    conversation = client.conversations.create(items=[_user("x" * 1000)])
+    resp = small.post(f"/v1/conversations/{conversation.id}", json={"metadata": {"k": "v" * 500}})
+    assert_error(resp, 400, "storage_limit_exceeded", "metadata")
+    assert client.conversations.retrieve(conversation.id) == conversation
+    assert client.conversations.update(conversation.id, metadata={"k": "v"}).metadata == {"k": "v"}
+
+
 def test_include_asking_for_data_no_item_carries_is_refused_not_ignored(gateway):
     """The items' and stored responses' `include` query (OpenAI's): reasoning.encrypted_content is answered (reasoning
     items carry their text), anything else - logprobs, images, built-in tools' outputs, never stored here - is a 400
