@@ -335,8 +335,8 @@ class GatewayConfig(Section):
     # Largest file one upload may be (OpenAI's limit: 200 MB); larger is a 413.
     files_max_bytes: int = Field(200 * 1024 ** 2, ge=1024)
     # Files (uploads and batch outputs) are deleted this many days after their creation (OpenAI's default for batch
-    # files: 30); an upload's expires_after or a batch's output_expires_after may ask for less, not more. 0: keep
-    # files until deleted.
+    # files: 30); an upload's expires_after or a batch's output_expires_after may ask for less, not more. An ended
+    # batch is deleted with its output files. 0: keep files (and ended batches) until deleted.
     files_ttl_days: float = Field(30, ge=0)
     # Bytes one API key's files (uploads and batch outputs, expired ones aside) may hold together; an upload beyond
     # is a 400 storage_quota_exceeded. 0: no quota.

@@ -144,10 +144,14 @@ class BatchRunner:
             log.warning("files: could not delete the expired files: %s", exc)
 
     def sweep(self) -> int:
-        """Delete the expired files but the inputs of batches not yet ended; how many went."""
+        """Delete the expired files but the inputs of batches not yet ended, and the ended batches whose files
+        expired; how many files went."""
         gone = self.files.sweep(self.batches.active_inputs)
         if gone:
             log.info("files: deleted %d expired files", gone)
+        ended = self.batches.sweep(self.files.clock())
+        if ended:
+            log.info("batches: deleted %d ended batches whose files expired", ended)
         return gone
 
     def _after_failure(self, claim: Claim, exc: Exception) -> None:
@@ -435,11 +439,11 @@ class BatchRun:
             size = results.publish()
             if size is not None:
                 published.append(StoredFile(file_id, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE, size,
-                                            self.runner.files.expiry(now, self.claim.output_ttl)))
+                                            self._results_expire(now)))
                 ids[f"{name}_file_id"] = file_id
         status = "cancelled" if batch.cancelling_at else "expired" if expired else "completed"
         final = batch.model_copy(update={"status": status, f"{status}_at": now, **ids})
-        if not self.batches.finish(self.claim, final, published):
+        if not self.batches.finish(self.claim, final, published, self._results_expire(now)):
             log.warning("batch %s: its lease was lost while finishing; the process that took it finishes it",
                         batch.id)
             return
@@ -457,8 +461,12 @@ class BatchRun:
         now = int(time.time())
         failed = batch.model_copy(update={"status": "failed", "failed_at": now, "errors": BatchErrors(
             data=[LineError(code=code, message=message)])})
-        if self.batches.finish(self.claim, failed, []):
+        if self.batches.finish(self.claim, failed, [], self._results_expire(now)):
             self.runner.gw.metrics.batches_finished.labels("failed").inc()
+
+    def _results_expire(self, now: float) -> float | None:
+        """When the output and error files of a batch ending now expire (and the batch with them)."""
+        return self.runner.files.expiry(now, self.claim.output_ttl)
 
 
 def _database_error(exc: Exception) -> bool:

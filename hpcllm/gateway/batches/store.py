@@ -6,6 +6,10 @@ A batch belongs to the API key that created it (its digest, as files and stored 
 holder with an expiry, renews the expiry while it runs, and writes results only while it still holds the lease.
 A batch whose lease ran out (its process crashed, its host was cut off) is claimed by the next process that looks
 (every process polls), which continues from what the output files already hold.
+
+An ended batch is kept as long as its output and error files (`expires`: their expiry, or when they would have
+expired for a batch that has none): the runners' sweep that deletes the expired files deletes it too. A batch not
+yet ended, or whose files never expire (gateway.files_ttl_days 0 and no output_expires_after), is kept.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from hpcllm.gateway.shared_state import SharedState
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
                                             status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL,
-                                            batch TEXT NOT NULL, output_ttl REAL, turn REAL);
+                                            batch TEXT NOT NULL, output_ttl REAL, turn REAL, expires REAL);
 CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, created);
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
+CREATE INDEX IF NOT EXISTS gateway_batches_expires ON gateway_batches (expires);
 """
 ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
 
@@ -64,11 +69,14 @@ class BatchStore:
         shared.create_tables(SCHEMA)
 
     # ------------------------------------------------------------------------------------------- the API's
-    def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None) -> None:
+    def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None,
+               expires: float | None = None) -> None:
+        """Record a new batch (expires: when one that failed at creation is deleted, see sweep)."""
         with self.shared.transaction() as db:
             db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_holder, lease_expires, "
-                            "batch, output_ttl) VALUES (?, ?, ?, ?, NULL, 0, ?, ?)",
-                            (batch.id, owner, self.clock(), batch.status, batch.model_dump_json(), output_ttl))
+                            "batch, output_ttl, expires) VALUES (?, ?, ?, ?, NULL, 0, ?, ?, ?)",
+                            (batch.id, owner, self.clock(), batch.status, batch.model_dump_json(), output_ttl,
+                             expires))
 
     def get(self, owner: str, batch_id: str) -> BatchRow | None:
         with self.shared.connection() as db:
@@ -167,14 +175,22 @@ class BatchStore:
             db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0, turn = ? WHERE id = ? "
                             "AND lease_holder = ?", (self.clock(), claim.batch_id, claim.holder))
 
-    def finish(self, claim: Claim, batch: BatchObject, outputs: list[StoredFile]) -> bool:
-        """Record the batch's final state and its output files in one transaction; False when the lease was lost."""
+    def finish(self, claim: Claim, batch: BatchObject, outputs: list[StoredFile], expires: float | None) -> bool:
+        """Record the batch's final state and its output files in one transaction (expires: the files' expiry, when
+        the batch is deleted with them); False when the lease was lost."""
         with self.shared.transaction() as db:
             if self._held(db, claim) is None:
                 return False
             for stored in outputs:
                 FileStore.record(db, claim.owner, stored)
             self._write(db, batch)
-            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0 WHERE id = ?",
-                            (claim.batch_id,))
+            db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0, expires = ? "
+                            "WHERE id = ?", (expires, claim.batch_id))
         return True
+
+    def sweep(self, now: float) -> int:
+        """Delete the ended batches whose output and error files expired by `now` (the file store's clock: the
+        expiry is theirs); how many went. A listing then leaves them out and their id is a 404, as an unknown one."""
+        with self.shared.transaction() as db:
+            return db.conn.execute(f"DELETE FROM gateway_batches WHERE expires <= ? AND status NOT IN "
+                                   f"({ACTIVE_SQL})", (now,)).rowcount

@@ -678,6 +678,51 @@ def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_
     assert [f.id for f in client.files.list()] == [kept.id] and files.path(kept.id).exists()
 
 
+def test_an_ended_batch_is_deleted_by_the_sweep_that_finds_its_files_expired(gated_factory, tmp_path, limits_url):
+    """A campus gateway's batches do not pile up in every listing: an ended batch goes with its output and error
+    files (one that failed at creation when they would have expired); a running one, and one whose files are kept
+    forever, stay. On SQLite and PostgreSQL."""
+    worker, factory = gated_factory(blocked=2)  # the third batch's request runs until released
+    gw = factory(limits_db=limits_url, files_dir=str(tmp_path / "files"), batch_concurrency=1)
+    client, files, runner = gw.client(), service_of(gw).files, service_of(gw).runner
+    hour = {"anchor": "created_at", "seconds": 3600}
+
+    def create(lines: list, **options):
+        source = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        return client.batches.create(input_file_id=source.id, endpoint="/v1/completions", completion_window="24h",
+                                     **options)
+
+    short = finished(client, create([completion_line("r0")], output_expires_after=hour).id)
+    kept = finished(client, create([completion_line("r0")]).id)  # files_ttl_days: 30 by default
+    refused, refused_short = create([b"not json"]), create([b"not json"], output_expires_after=hour)
+    assert refused.status == refused_short.status == "failed"
+    running = create([completion_line("r0")])
+    assert worker.reached.wait(30)
+    listed = [running.id, refused_short.id, refused.id, kept.id, short.id]
+    assert [b.id for b in client.batches.list()] == listed
+
+    files.clock = lambda: time.time() + 3601  # an hour later
+    runner.sweep()
+    assert [b.id for b in client.batches.list()] == [running.id, refused.id, kept.id]
+    for gone in (short.id, refused_short.id):
+        assert_error(gw.get(f"/v1/batches/{gone}"), 404, "batch_not_found", "batch_id")
+    assert_error(gw.post(f"/v1/batches/{short.id}/cancel"), 404, "batch_not_found", "batch_id")
+
+    files.clock = lambda: time.time() + 31 * 24 * 3600  # past the site's retention: the running batch stays
+    runner.sweep()
+    assert [b.id for b in client.batches.list()] == [running.id]
+    assert client.batches.retrieve(running.id).status == "in_progress"
+
+    forever = factory(limits_db=str(tmp_path / "forever.db"), files_dir=str(tmp_path / "forever"),
+                      files_ttl_days=0)
+    worker.release.set()
+    kept_forever = finished(forever.client(), submit(forever.client(), [completion_line("r0")],
+                                                     endpoint="/v1/completions").id)
+    service_of(forever).files.clock = lambda: time.time() + 365 * 24 * 3600
+    service_of(forever).runner.sweep()
+    assert forever.client().batches.retrieve(kept_forever.id).status == "completed"
+
+
 def test_a_keys_files_may_not_hold_more_than_its_quota(make_gateway):
     gw = make_gateway(api_keys=KEYS, files_quota_bytes=2048)
     client, other = gw.client(), gw.client(OTHER_KEY)
