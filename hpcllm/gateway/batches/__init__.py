@@ -6,8 +6,9 @@ Kept import-light (no Flask, no pydantic): `hpcllm batch` reads the endpoints an
 from typing import Literal, get_args
 
 # What a batch may run: OpenAI's endpoints this gateway serves, and vLLM's scoring ones (its run_batch takes score
-# and rerank: reranking a corpus offline).
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank")
+# and rerank: reranking a corpus offline; classify, served as they are, labels one the same way).
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank",
+             "/v1/classify")
 
 BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
                       "cancelled"]

@@ -418,8 +418,8 @@ class BatchRun:
     def _prioritized(self, body: dict) -> dict:
         """The request at gateway.batch_priority (a line's own larger priority kept): the worker admits interactive
         requests first and preempts a running batch request for one. A priority that is no integer is left to the
-        endpoint's validation (its 400 names it). Embeddings and scores ignore it (pooling runs between generation
-        steps)."""
+        endpoint's validation (its 400 names it). Embeddings, scores and classifications ignore it (pooling runs
+        between generation steps)."""
         own = body.get("priority", 0)
         if not isinstance(own, int) or isinstance(own, bool):
             return body

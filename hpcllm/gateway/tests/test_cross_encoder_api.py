@@ -101,6 +101,30 @@ def test_classify_answers_each_inputs_probabilities_and_label(gateway, classifie
         torch.tensor(logit)).item()], abs=1e-5), 1)
 
 
+def test_a_classify_batch_answers_each_line_as_the_endpoint_does(gateway):
+    """Classify lines run through a batch as score and rerank lines do (vLLM's run_batch has none: same mechanism)."""
+    from .test_batches_api import finished, results, submit
+
+    bodies = {"one": {"model": CLASSIFIER, "input": "hello world"},
+              "two": {"model": CLASSIFIER, "input": ["the cat sat on the mat", "france"], "use_activation": False}}
+    client = gateway.client()
+    batch = submit(client, [{"custom_id": cid, "method": "POST", "url": "/v1/classify", "body": body}
+                            for cid, body in bodies.items()], endpoint="/v1/classify")
+    done = finished(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+    output = results(client, done.output_file_id)
+    prompt_tokens = 0
+    for cid, body in bodies.items():
+        answer, direct = output[cid]["response"]["body"], gateway.post("/v1/classify", json=body).json()
+        assert [(d["index"], d["label"], d["num_classes"]) for d in answer["data"]] == [
+            (d["index"], d["label"], d["num_classes"]) for d in direct["data"]]
+        for got, want in zip(answer["data"], direct["data"]):
+            assert got["probs"] == pytest.approx(want["probs"], abs=1e-6)
+        assert answer["usage"] == direct["usage"]
+        prompt_tokens += direct["usage"]["prompt_tokens"]
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (prompt_tokens, 0)
+
+
 def test_truncated_pairs_and_inputs_are_scored_as_transformers_scores_them_cut(gateway, classifier_models):
     """A reranker's pair cut by its tokenizer (no side asked: truncation=True, longest first, its special tokens
     kept: vLLM's), a classifier's input keeping its last tokens (truncation_side left)."""
