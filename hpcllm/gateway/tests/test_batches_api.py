@@ -16,6 +16,8 @@ import pytest
 
 from hpcllm.gateway.batches import FINAL
 from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, parse_input
+from hpcllm.gateway.batches.protocol import ResultLine, ResultResponse
+from hpcllm.gateway.batches.results import ResultFile
 from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
 from hpcllm.gateway.ratelimit import _bucket_id
@@ -329,6 +331,36 @@ def test_a_checked_file_keeps_no_request_bodies_when_only_counted():
     assert [entry.custom_id for entry in parse_input(lines, CHAT, max_requests=50_000).entries] == ["r0", "r1", "r2"]
     too_many = parse_input(lines, CHAT, max_requests=2, keep_entries=False)
     assert [(e.code, e.line) for e in too_many.errors] == [("too_many_tasks", 3)]
+
+
+def test_results_are_read_back_a_line_at_a_time_not_held_whole(tmp_path):
+    """A process taking a batch over, or whose turn of it comes back, reads its output back for the requests done and
+    their tokens: a batch of 50,000 embeddings writes gigabytes, which read whole and made into objects (each vector
+    a list of floats) were held in memory at once, several times the file's size."""
+    import tracemalloc
+
+    partial, final = tmp_path / ".out.partial", tmp_path / "out"
+    first = ResultFile(partial, final)
+    body = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.123456789] * 2000}],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+    for i in range(500):
+        first.append(ResultLine(id=f"batch_req_{i}", custom_id=f"r{i}",
+                                response=ResultResponse(status_code=200, request_id="x", body=body)))
+    first.close()
+    whole = partial.stat().st_size
+    with open(partial, "ab") as out:  # the process died writing a line
+        out.write(b'{"id": "batch_req_cut", "custom_id": "cut", "response": {"status_')
+    tracemalloc.start()
+    try:
+        again = ResultFile(partial, final)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    again.close()
+    assert again.custom_ids == {f"r{i}" for i in range(500)}
+    assert (again.input_tokens, again.output_tokens) == (first.input_tokens, first.output_tokens) == (1500, 0)
+    assert partial.stat().st_size == whole  # the cut line dropped: its request runs again
+    assert peak < whole / 20, f"reading {whole} bytes of results back held {peak} bytes"
 
 
 class GatedWorker:
