@@ -26,7 +26,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from hpcllm.controller.registry.databases import (Database, is_postgres_url, open_database, postgres_schema,
                                                   redact_password)
@@ -149,12 +149,32 @@ class SharedState:
                 db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
             yield db
 
-    def create_tables(self, schema: str) -> None:
+    def create_tables(self, schema: str, added_columns: Mapping[str, Mapping[str, str]] | None = None) -> None:
         """Create a schema's tables and indexes where missing (the limits' here, the stored responses' in
-        hpcllm.gateway.response_store: one database, one connection per process)."""
+        hpcllm.gateway.response_store: one database, one connection per process). added_columns: table -> {column:
+        type} of columns a later hpcllm added to a table, added to a database an earlier one made before the
+        schema's indexes (which may name them) are created."""
+        statements = [s for s in schema.split(";") if s.strip()]
+        tables = [s for s in statements if s.lstrip().upper().startswith("CREATE TABLE")]
         with self.schema_transaction() as db:
-            for statement in filter(str.strip, schema.split(";")):
+            for statement in tables:
                 db.conn.execute(postgres_schema(statement) if self.postgres else statement)
+            for table, columns in (added_columns or {}).items():
+                present = self._columns(db, table)
+                for column, kind in columns.items():
+                    if column not in present:
+                        db.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            for statement in statements:
+                if statement not in tables:
+                    db.conn.execute(postgres_schema(statement) if self.postgres else statement)
+
+    def _columns(self, db: Database, table: str) -> set[str]:
+        if self.postgres:
+            rows = db.conn.execute("SELECT column_name AS name FROM information_schema.columns WHERE table_name = ? "
+                                   "AND table_schema = current_schema()", (table,))
+        else:
+            rows = db.conn.execute(f"PRAGMA table_info({table})")
+        return {row["name"] for row in rows}
 
     # ------------------------------------------------------------------------------------------- token buckets
 

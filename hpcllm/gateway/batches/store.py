@@ -35,6 +35,8 @@ CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, crea
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
 CREATE INDEX IF NOT EXISTS gateway_batches_expires ON gateway_batches (expires);
 """
+# Columns added to gateway_batches after its first release, added to a database made before them.
+ADDED_COLUMNS = {"gateway_batches": {"turn": "REAL", "expires": "REAL"}}
 ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
 
 
@@ -66,7 +68,7 @@ def _row(row) -> BatchRow:
 class BatchStore:
     def __init__(self, shared: SharedState, lease_s: float, clock: Callable[[], float] = time.time):
         self.shared, self.lease_s, self.clock = shared, lease_s, clock
-        shared.create_tables(SCHEMA)
+        shared.create_tables(SCHEMA, ADDED_COLUMNS)
 
     # ------------------------------------------------------------------------------------------- the API's
     def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None,

@@ -755,6 +755,30 @@ def test_an_ended_batch_is_deleted_by_the_sweep_that_finds_its_files_expired(gat
     assert forever.client().batches.retrieve(kept_forever.id).status == "completed"
 
 
+def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(limits_url, tmp_path):
+    """A gateway upgraded in place keeps its batches: the first release's gateway_batches (no turn, no expires)
+    gets the columns, and a batch it stored is listed, claimed and swept as a new one is. On SQLite and PostgreSQL."""
+    from hpcllm.gateway.batches.protocol import BatchObject
+    from hpcllm.gateway.batches.store import BatchStore, PageQuery
+    from hpcllm.gateway.shared_state import SharedState
+
+    shared = SharedState(limits_url, host="old")
+    with shared.transaction() as db:
+        db.conn.execute("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
+                        "NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL, batch TEXT "
+                        "NOT NULL, output_ttl REAL)")
+        old = BatchObject(id="batch_old", endpoint="/v1/completions", input_file_id="file-x",
+                          completion_window="24h", status="in_progress", created_at=1)
+        db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_expires, batch) VALUES "
+                        "(?, 'me', 1, ?, 0, ?)", (old.id, old.status, old.model_dump_json()))
+    store = BatchStore(shared, lease_s=60)
+    rows, _ = store.list("me", PageQuery())
+    assert [row.batch.id for row in rows] == ["batch_old"]
+    assert store.claim("host-a").batch_id == "batch_old"
+    assert store.sweep(time.time()) == 0  # not ended: kept
+    shared.close()
+
+
 def test_a_keys_files_may_not_hold_more_than_its_quota(make_gateway):
     gw = make_gateway(api_keys=KEYS, files_quota_bytes=2048)
     client, other = gw.client(), gw.client(OTHER_KEY)
