@@ -35,8 +35,8 @@ CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, crea
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
 CREATE INDEX IF NOT EXISTS gateway_batches_expires ON gateway_batches (expires);
 """
-# Columns added to gateway_batches after its first release, added to a database made before them.
-ADDED_COLUMNS = {"gateway_batches": {"turn": "REAL", "expires": "REAL"}}
+# Columns added to gateway_batches since its first release (stop 32), added to a database made before them.
+ADDED_COLUMNS = {"gateway_batches": {"expires": "REAL"}}
 ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
 
 

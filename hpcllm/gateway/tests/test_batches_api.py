@@ -756,8 +756,8 @@ def test_an_ended_batch_is_deleted_by_the_sweep_that_finds_its_files_expired(gat
 
 
 def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(limits_url, tmp_path):
-    """A gateway upgraded in place keeps its batches: the first release's gateway_batches (no turn, no expires)
-    gets the columns, and a batch it stored is listed, claimed and swept as a new one is. On SQLite and PostgreSQL."""
+    """A gateway upgraded in place keeps its batches: the first release's gateway_batches (no expires) gets the
+    column, and a batch it stored is listed, claimed and swept as a new one is. On SQLite and PostgreSQL."""
     from hpcllm.gateway.batches.protocol import BatchObject
     from hpcllm.gateway.batches.store import BatchStore, PageQuery
     from hpcllm.gateway.shared_state import SharedState
@@ -766,7 +766,7 @@ def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(lim
     with shared.transaction() as db:
         db.conn.execute("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
                         "NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL, batch TEXT "
-                        "NOT NULL, output_ttl REAL)")
+                        "NOT NULL, output_ttl REAL, turn REAL)")
         old = BatchObject(id="batch_old", endpoint="/v1/completions", input_file_id="file-x",
                           completion_window="24h", status="in_progress", created_at=1)
         db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_expires, batch) VALUES "
