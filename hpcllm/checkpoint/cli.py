@@ -29,8 +29,15 @@ from hpcllm.present import human_size
 @click.option("--overwrite", is_flag=True,
               help="Replace OUT_DIR if it is a converted checkpoint or an empty folder (once the new one is complete).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal, large models).")
+@click.option("--classifier-from-token", "score_tokens", multiple=True, metavar="TOKEN",
+              help="Make a causal LM that answers with a token a one-label cross-encoder, as vLLM's hf_overrides "
+                   "classifier_from_token do: given twice (no, then yes: Qwen3-Reranker's `no` and `yes`), the "
+                   "score head is lm_head[yes] - lm_head[no]; once, that token's row.")
+@click.option("--score-template", type=click.Path(path_type=Path), default=None,
+              help="A cross-encoder's score template (vLLM's --chat-template for scores: a jinja file rendering "
+                   "the messages of roles query and document), stored in the checkpoint for the gateway.")
 def convert(hf_dir: Path, out_dir: Path, partitions: int | None, dtype: str | None, chunk_size_mib: int,
-            overwrite: bool, progress: bool | None) -> None:
+            overwrite: bool, progress: bool | None, score_tokens: tuple[str, ...], score_template: Path | None) -> None:
     """Convert the Hugging Face model folder HF_DIR into the loading-optimized format in OUT_DIR.
 
     The tensors are stored as transformers' from_pretrained builds them (its renames and weight conversions
@@ -39,7 +46,8 @@ def convert(hf_dir: Path, out_dir: Path, partitions: int | None, dtype: str | No
     from hpcllm.checkpoint.converter import convert as run_convert
 
     ckpt = run_convert(hf_dir, out_dir, partitions=partitions, dtype=dtype, chunk_size=chunk_size_mib << 20,
-                       overwrite=overwrite, progress=progress)
+                       overwrite=overwrite, progress=progress, score_tokens=score_tokens,
+                       score_template=score_template)
     click.echo(f"converted {hf_dir} -> {ckpt.root}: {len(ckpt.tensors)} tensors, {len(ckpt.aliases)} aliases, "
                f"{human_size(ckpt.total_bytes)} in {len(ckpt.partitions)} partition(s)")
 

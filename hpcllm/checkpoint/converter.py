@@ -2,6 +2,9 @@
 
     convert(hf_dir, out_dir, partitions=None, dtype=None, overwrite=False) -> Checkpoint
 
+score_tokens turns a causal LM into a one-label cross-encoder, score_template stores a score template beside it
+(hpcllm.checkpoint.scorehead).
+
 Reads safetensors (single file or sharded with model.safetensors.index.json) or pytorch_model*.bin
 (torch.load(weights_only=True, mmap=True)), applies what transformers' from_pretrained does to the tensors (its
 renames and weight conversions, see hpcllm.checkpoint.hfload) so the output holds the model's own tensors under
@@ -33,6 +36,7 @@ from tqdm import tqdm
 
 from hpcllm.checkpoint import hfload
 from hpcllm.checkpoint.errors import CheckpointError, InvalidSource, OutputExists, UnsupportedDtype
+from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, classifier_architecture
 from hpcllm.checkpoint.layout import (
     DEFAULT_CHUNK_SIZE,
     ALIGNMENT,
@@ -49,6 +53,8 @@ from hpcllm.checkpoint.layout import (
     dtype_name,
     read_checkpoint,
 )
+from hpcllm.checkpoint.scorehead import (ScoreHead, check_head_fits, classifier_meta_model, plan_score_head,
+                                         read_score_template)
 from hpcllm.checkpoint.slicehashes import write_slice_hashes
 from hpcllm.checkpoint.writer import (
     TensorSpec,
@@ -95,8 +101,11 @@ def convert(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     overwrite: bool = False,
     progress: bool | None = None,
+    score_tokens: tuple[str, ...] = (),
+    score_template: str | os.PathLike | None = None,
 ) -> Checkpoint:
-    """Convert hf_dir into out_dir; return the written checkpoint (already validated)."""
+    """Convert hf_dir into out_dir; return the written checkpoint (already validated). score_tokens: the causal LM's
+    answer tokens ("no", "yes") its score head is made of; score_template: a score template's file."""
     source_dir = Path(hf_dir).absolute()
     out = Path(out_dir).absolute()
     _check_arguments(source_dir, out, partitions, dtype, chunk_size, overwrite)
@@ -107,7 +116,8 @@ def convert(
     except OSError as exc:
         raise CheckpointError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from None
     try:
-        _convert_into(source_dir, tmp, partitions, dtype, chunk_size, progress)
+        _convert_into(source_dir, tmp, partitions, dtype, chunk_size, progress, tuple(score_tokens),
+                      None if score_template is None else Path(score_template))
         write_slice_hashes(tmp, verify=False)  # hashes of the bytes just written, for tensor-parallel ranks
         read_checkpoint(tmp).check_files_present()  # never publish something the reader would reject
         _fsync_dir(tmp)
@@ -238,11 +248,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _convert_into(source_dir: Path, out: Path, partitions: int | None, dtype: str | None, chunk_size: int,
-                  progress: bool | None) -> None:
+                  progress: bool | None, score_tokens: tuple[str, ...], score_template: Path | None) -> None:
     config = _read_config(source_dir)
     hfload.check_servable(source_dir, config)
+    head = plan_score_head(source_dir, config, score_tokens) if score_tokens else None
+    template = _score_template(source_dir, config, head, score_template)
+    config_updates = head.config_updates(config) if head is not None else {}
     with open_weights(source_dir) as files:
         source, tied_groups = _as_the_model_holds_it(source_dir, config, files)
+        source_info = {"path": str(source_dir), "format": files.kind, "files": [p.name for p in files.files]}
+        if source.plan.unused:
+            source_info["unused_tensors"] = source.plan.unused
+        if head is not None:
+            source, tied_groups = _with_score_head(source_dir, source, tied_groups, head, config_updates)
+            source_info["score_head"] = {"classifier_from_token": list(head.tokens), "method": head.method}
         aliases = find_aliases(source, tied_groups)
         specs = [_target_spec(source.spec(name), dtype) for name in source.names if name not in aliases]
         total = sum(spec.nbytes for spec in specs)
@@ -257,13 +276,35 @@ def _convert_into(source_dir: Path, out: Path, partitions: int | None, dtype: st
                 fetch = _fetcher(source, dtype)
                 entries.extend(write_partition(path, group, fetch, index, on_bytes=bar.update).values())
                 written.append(finish_partition(path, index, chunk_size))
-        source_info = {"path": str(source_dir), "format": files.kind, "files": [p.name for p in files.files]}
-        if isinstance(source, ConvertedSource) and source.plan.unused:
-            source_info["unused_tensors"] = source.plan.unused
-    side_files = _copy_side_files(source_dir, out, dtype)
+    side_files = _copy_side_files(source_dir, out, dtype, config_updates)
+    if template is not None:  # it replaces a score template the source folder has
+        (out / SCORE_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        side_files = [f for f in side_files if f.file != SCORE_TEMPLATE_FILE]
+        side_files.append(describe_side_file(out / SCORE_TEMPLATE_FILE))
     index_ref = write_index(out, entries, aliases)
-    model = _model_info(config, entries, aliases, dtype)
+    model = _model_info({**config, **config_updates}, entries, aliases, dtype)
     write_manifest(out, written, index_ref, side_files, model, source_info)
+
+
+def _score_template(source_dir: Path, config: dict, head: ScoreHead | None, path: Path | None) -> str | None:
+    """The score template's text (checked), None when none is given; only a cross-encoder has one."""
+    if path is None:
+        return None
+    if head is None and classifier_architecture(config.get("architectures")) is None:
+        raise CheckpointError(f"--score-template is for a cross-encoder, and {source_dir} is a causal LM: give "
+                              "--classifier-from-token too (its answer tokens), or convert a *ForSequenceClassification")
+    return read_score_template(path, source_dir)
+
+
+def _with_score_head(source_dir: Path, source: "ConvertedSource", tied_groups: list[list[str]], head: ScoreHead,
+                     config_updates: dict) -> tuple["ScoreHeadSource", list[list[str]]]:
+    """The causal LM's tensors with its LM head replaced by the score head, and the classifier's tie groups."""
+    classifier = classifier_meta_model(source_dir, config_updates)
+    lm_head, score_name = check_head_fits(source_dir, source.model, classifier, head, source.names)
+    # A tied LM head is not among the tensors: its tied embedding holds the same rows.
+    stored = lm_head if lm_head in source.names else next(
+        name for name in _group_of(lm_head, tied_groups) if name in source.names)
+    return ScoreHeadSource(source, head, lm_head, stored, score_name), hfload.tied_name_groups(classifier)
 
 
 def _as_the_model_holds_it(source_dir: Path, config: dict, files: "WeightSource"):
@@ -357,7 +398,7 @@ def _is_weight_file(name: str) -> bool:
     return name in WEIGHT_INDEX_FILES or name.endswith(WEIGHT_SUFFIXES)
 
 
-def _copy_side_files(source_dir: Path, out: Path, dtype: str | None) -> list:
+def _copy_side_files(source_dir: Path, out: Path, dtype: str | None, config_updates: dict) -> list:
     side_files = []
     for path in sorted(source_dir.iterdir()):
         name = path.name
@@ -366,22 +407,24 @@ def _copy_side_files(source_dir: Path, out: Path, dtype: str | None) -> list:
         if name.startswith("data-") and name.endswith(".h5"):
             continue
         target = out / name
-        if name == "config.json" and dtype is not None:
-            _write_config_with_dtype(path, target, dtype)
+        if name == "config.json" and (dtype is not None or config_updates):
+            _write_config(path, target, dtype, config_updates)
         else:
             shutil.copyfile(path, target)
         side_files.append(describe_side_file(target))
     return side_files
 
 
-def _write_config_with_dtype(source: Path, target: Path, dtype: str) -> None:
-    """Copy config.json recording the new dtype (transformers 5 reads "dtype"; older ones "torch_dtype")."""
+def _write_config(source: Path, target: Path, dtype: str | None, updates: dict) -> None:
+    """Copy config.json recording the new dtype (transformers 5 reads "dtype"; older ones "torch_dtype") and the
+    updates (a score head's classifier)."""
     config = _read_json(source)
     if not isinstance(config, dict):
         raise InvalidSource(f"{source}: must hold a JSON object")
     keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]
-    for key in keys:
+    for key in keys if dtype is not None else ():
         config[key] = dtype
+    config.update(updates)
     target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -520,9 +563,37 @@ class ConvertedSource(WeightSource):
             self._last_group = group
         return self._last_outputs[name]
 
+    @property
+    def model(self):
+        """The (meta) model the tensors are of."""
+        return self._model
+
     def storage_key(self, name: str) -> tuple | None:
         group = self._group_of[name]
         return self._files.storage_key(group.sources[0][1]) if group.is_rename else None
+
+
+class ScoreHeadSource(WeightSource):
+    """A causal LM's tensors with its LM head (lm_head; its rows read from `stored`, itself or its tied embedding)
+    replaced by the score head made of the answer tokens' rows (hpcllm.checkpoint.scorehead)."""
+
+    def __init__(self, lm: ConvertedSource, head: ScoreHead, lm_head: str, stored: str, score_name: str):
+        super().__init__(lm.files)
+        self.kind = lm.kind
+        self._lm, self._head, self._stored, self._score = lm, head, stored, score_name
+        self.names = [name for name in lm.names if name != lm_head] + [score_name]
+
+    def spec(self, name: str) -> TensorSpec:
+        if name != self._score:
+            return self._lm.spec(name)
+        rows = self._lm.spec(self._stored)
+        return TensorSpec(name, rows.dtype, (1, rows.shape[1]))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._head.row(self._lm.tensor(self._stored)) if name == self._score else self._lm.tensor(name)
+
+    def storage_key(self, name: str) -> tuple | None:
+        return None if name == self._score else self._lm.storage_key(name)
 
 
 def dtype_name_for(tensor: torch.Tensor, path: Path, name: str) -> str:

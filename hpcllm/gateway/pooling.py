@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-from hpcllm.checkpoint.heads import classifier_architecture
+from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, classifier_architecture
 from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -39,6 +39,9 @@ class Classifier:
     labels: dict[int, str]  # id2label
     use_sep_token: bool  # a pair is tokenized as (text, text_pair); else the two texts joined (vLLM's rule)
     activation_fn: str | None = None  # config.json's (sentence-transformers'); None: vLLM's default, on
+    # The checkpoint's score template (hpcllm convert --score-template): each pair is rendered through it and the
+    # text tokenized, as vLLM does with --chat-template; None: the pair tokenized as above.
+    score_template: str | None = None
 
     def applies_activation(self, use_activation: bool | None) -> bool:
         """Whether outputs go through the activation: the request's use_activation, else config.json's
@@ -77,8 +80,9 @@ def pooling_model(gw: Gateway, model: str, api: str) -> ModelCard:
 
 
 def classifier_of(card: ModelCard) -> Classifier | None:
-    """The model's classification head (config.json's architectures name a *ForSequenceClassification), else None
-    (an embedding model, or a config the gateway cannot read: the worker's answer says what it pooled)."""
+    """The model's classification head (config.json's architectures name a *ForSequenceClassification) with its
+    score template if the checkpoint has one, else None (an embedding model, or a config the gateway cannot read:
+    the worker's answer says what it pooled)."""
     path = Path(card.source) / "config.json"
     try:
         return _classifier_at(path, card.created)  # read once per deployment: a redeploy changes created
@@ -90,10 +94,14 @@ def classifier_of(card: ModelCard) -> Classifier | None:
 @lru_cache(maxsize=64)
 def _classifier_at(path: Path, created: int) -> Classifier | None:
     try:
-        return _classifier_in(json.loads(path.read_text()))
+        classifier = _classifier_in(json.loads(path.read_text()))
     except (ValueError, TypeError) as exc:  # not JSON, or not the shape of a model's config.json
         log.warning("cannot read %s (pooling as its worker does): %s", path, exc)
         return None
+    template = path.with_name(SCORE_TEMPLATE_FILE)
+    if classifier is None or not template.is_file():
+        return classifier
+    return replace(classifier, score_template=template.read_text(encoding="utf-8"))
 
 
 def _classifier_in(config: object) -> Classifier | None:

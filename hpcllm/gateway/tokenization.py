@@ -17,6 +17,7 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from hpcllm.checkpoint.heads import render_score_template
 from hpcllm.checkpoint.promptbound import NORMALIZATION_SLACK, longest_token_chars, min_tokens
 from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
 from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, parser_for_template
@@ -201,6 +202,18 @@ class PromptEncoder:
             # The text the model is given (its end, say whether thinking is open: reasoning_parser).
             return RenderedChat(self.decode(kept.ids) if kept.cut else text, kept.ids)
         return RenderedChat(text, self.encode(text, add_special_tokens))
+
+    def render_score(self, template: str, query: str, document: str, template_kwargs: dict[str, Any] | None,
+                     param: str) -> str:
+        """A cross-encoder's pair through its score template (vLLM's), with the request's chat_template_kwargs; a
+        400 naming param when the template refuses it."""
+        if template_kwargs:
+            check_template_kwargs(template_kwargs)
+        try:
+            return render_score_template(self.tokenizer, template, query, document, template_kwargs)
+        except Exception as exc:  # jinja's errors, the template's own raise_exception
+            raise InvalidRequest(f"the model's score template rejected the pair: {exc}", param=param,
+                                 code="invalid_value") from None
 
     @property
     def chat_template(self) -> str | None:

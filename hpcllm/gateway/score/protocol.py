@@ -49,6 +49,14 @@ class ScoringRequest(TruncatingRequest):
     max_tokens_per_query: int = 0
     max_tokens_per_doc: int = 0
     use_activation: bool | None = None  # a cross-encoder's sigmoid (None: the model's default, on)
+    # A score template's variables (vLLM's); instruction is chat_template_kwargs' "instruction" unless that is set.
+    instruction: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        if self.instruction is None:
+            return self.chat_template_kwargs
+        return {"instruction": self.instruction, **(self.chat_template_kwargs or {})}
 
     def check_supported(self) -> None:
         for param in ("max_tokens_per_query", "max_tokens_per_doc"):

@@ -1,8 +1,9 @@
 """Scores of text pairs as vLLM computes them. An embedding (bi-encoder) model: each query and document is embedded
 on the model's worker (one call), a pair's score the cosine similarity of its two embeddings. A cross-encoder (a
 *ForSequenceClassification with one label, a reranker): each pair tokenized together (the tokenizer's text pair, or
-the texts joined where config.json sets use_sep_token false), its score the head's logit through a sigmoid. Pairs
-are 1:N (one query, each document) or N:N (the i-th of each), as vLLM's."""
+the texts joined where config.json sets use_sep_token false, or rendered through the checkpoint's score template),
+its score the head's logit through a sigmoid. Pairs are 1:N (one query, each document) or N:N (the i-th of each),
+as vLLM's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import math
 import time
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import check_input_count, classifier_of, pool_on_a_worker, pooling_model, tokenize_input
+from hpcllm.gateway.pooling import (Classifier, check_input_count, classifier_of, pool_on_a_worker, pooling_model,
+                                    tokenize_input)
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -68,12 +70,23 @@ def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: 
                              f"({classifier.architecture}): a score needs a one-label head (a reranker's); "
                              "/v1/classify answers its labels", param="model")
     activate = classifier.applies_activation(req.use_activation)
-    query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
-    inputs = [tokenize_input(encoder, card, query, documents.param(i), truncation, pair=document,
-                             join=not classifier.use_sep_token)
-              for i, (query, document) in enumerate(zip(query_texts, documents.texts))]
+    inputs = _pair_inputs(encoder, card, classifier, req, queries, documents, truncation)
     logits, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, classifier)
     return [classifier.probabilities(row, activate)[0] for row in logits], prompt_tokens
+
+
+def _pair_inputs(encoder: PromptEncoder, card: ModelCard, classifier: Classifier, req: ScoringRequest, queries: Side,
+                 documents: Side, truncation: Truncation | None) -> list[list[int]]:
+    """A cross-encoder's token ids of each (query, document) pair: rendered through its score template into one
+    text (vLLM's --chat-template), else the tokenizer's text pair or the texts joined."""
+    query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
+    numbered = enumerate(zip(query_texts, documents.texts))
+    if classifier.score_template is not None:
+        return [tokenize_input(encoder, card, encoder.render_score(classifier.score_template, query, document,
+                                                                   req.template_kwargs(), documents.param(i)),
+                               documents.param(i), truncation) for i, (query, document) in numbered]
+    return [tokenize_input(encoder, card, query, documents.param(i), truncation, pair=document,
+                           join=not classifier.use_sep_token) for i, (query, document) in numbered]
 
 
 def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, encoder: PromptEncoder, queries: Side,

@@ -1,0 +1,98 @@
+"""A Qwen3-Reranker-style model end to end: a causal LM that answers a relevance question with a token, converted
+with `--classifier-from-token` (its two answer tokens) and `--score-template`, loaded by the store and served by a
+real worker. Each pair's score through the gateway is transformers' softmax(logit_no, logit_yes)[yes] at the last
+token of the causal LM run on the templated text, as vLLM computes it with its hf_overrides and --chat-template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .conftest import MODEL, SECRET, ThreadServer
+from .test_errors import assert_error
+
+RERANKER = "tiny-lm-reranker"
+NO, YES = "no", "the"  # single tokens of devmodels' vocabulary, standing for Qwen3-Reranker's "no" and "yes"
+QUERY = "what is the capital of france"
+DOCUMENTS = ["paris is the capital of france", "the cat sat on the mat", "berlin is in germany"]
+DEFAULT_INSTRUCTION = "judge relevance"
+TEMPLATE = ("<|system|>\n{{ instruction | default('" + DEFAULT_INSTRUCTION + "') }}\n"
+            "<|query|>\n{{ messages | selectattr('role', 'eq', 'query') | map(attribute='content') | first }}\n"
+            "<|document|>\n{{ messages | selectattr('role', 'eq', 'document') | map(attribute='content') | first }}\n"
+            "<|assistant|>")  # jinja drops a template's trailing newline (transformers' and vLLM's rendering)
+
+
+def templated(query: str, document: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+    """What TEMPLATE renders, written out."""
+    return f"<|system|>\n{instruction}\n<|query|>\n{query}\n<|document|>\n{document}\n<|assistant|>"
+
+
+@pytest.fixture(scope="module")
+def lm_reranker(tmp_path_factory):
+    """(transformers' causal LM, its tokenizer, the converted cross-encoder's folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.checkpoint import convert
+    from hpcllm.devmodels import make_model
+
+    root = tmp_path_factory.mktemp("lm-reranker")
+    hf_dir = make_model("qwen2", root / "hf", seed=7)
+    template = root / "reranker.jinja"
+    template.write_text(TEMPLATE)
+    converted = convert(hf_dir, root / "ckpt", score_tokens=(NO, YES), score_template=template, progress=False).root
+    return AutoModelForCausalLM.from_pretrained(hf_dir).eval(), AutoTokenizer.from_pretrained(hf_dir), converted
+
+
+@pytest.fixture(scope="module")
+def reranker_worker(lm_reranker):
+    from hpcllm.store.loader import load_model
+    from hpcllm.worker.server import ModelForServing, WorkerService, create_app
+
+    model, tokenizer, _ = load_model(lm_reranker[2])
+    service = WorkerService(RERANKER, secret=SECRET, keepalive_seconds=0.5)
+    service.attach(ModelForServing(model, tokenizer, tier="dram", load_seconds=0.1))
+    server = ThreadServer(create_app(service))
+    yield server.url
+    server.stop()
+    service.shutdown()
+
+
+@pytest.fixture
+def gateway(make_gateway, lm_reranker, reranker_worker, worker_url, tiny_model_dir):
+    return make_gateway(static_models={RERANKER: {"worker_url": reranker_worker, "source": str(lm_reranker[2])},
+                                       MODEL: {"worker_url": worker_url, "source": str(tiny_model_dir)}})
+
+
+def yes_probability(lm_reranker, text: str) -> float:
+    """softmax(logit_no, logit_yes)[yes] of the causal LM at text's last token."""
+    model, tokenizer, _ = lm_reranker
+    ids = tokenizer([NO, YES], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(**tokenizer(text, return_tensors="pt")).logits[0, -1]
+    return torch.softmax(logits[[ids[0][0], ids[1][0]]], dim=0)[1].item()
+
+
+def test_a_converted_lm_reranker_scores_the_templated_pair_as_its_yes_probability(gateway, lm_reranker):
+    want = [yes_probability(lm_reranker, templated(QUERY, d)) for d in DOCUMENTS]
+    assert len({round(p, 4) for p in want}) == len(want)  # distinct: the ranking below is tested
+    answer = gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS}).json()
+    assert [d["score"] for d in answer["data"]] == pytest.approx(want, abs=1e-5)
+    tokenizer = lm_reranker[1]
+    assert answer["usage"]["prompt_tokens"] == sum(len(tokenizer(templated(QUERY, d))["input_ids"])
+                                                   for d in DOCUMENTS)
+
+    ranked = gateway.post("/v1/rerank", json={"model": RERANKER, "query": QUERY, "documents": DOCUMENTS}).json()
+    assert [r["index"] for r in ranked["results"]] == sorted(range(len(want)), key=lambda i: -want[i])
+    assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx(sorted(want, reverse=True), abs=1e-5)
+
+
+def test_the_instruction_and_chat_template_kwargs_reach_the_score_template(gateway, lm_reranker):
+    for body in ({"instruction": "find the city"}, {"chat_template_kwargs": {"instruction": "find the city"}}):
+        answer = gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS[0],
+                                                 **body}).json()
+        assert answer["data"][0]["score"] == pytest.approx(
+            yes_probability(lm_reranker, templated(QUERY, DOCUMENTS[0], "find the city")), abs=1e-5)
+    assert_error(gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": "a",
+                                                 "chat_template_kwargs": {"tokenize": True}}),
+                 400, "invalid_value", "chat_template_kwargs")
+
