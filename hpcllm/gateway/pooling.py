@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -69,14 +70,33 @@ class Classifier:
         return [e / total for e in exps]
 
 
-def pooling_model(gw: Gateway, model: str, api: str) -> ModelCard:
+# Which of the served models (each with its classifier_of) an API answers for when a request names none.
+Answering = Callable[[list[tuple[ModelCard, Classifier | None]]], list[ModelCard]]
+
+
+def pooling_model(gw: Gateway, model: str | None, api: str, answering: Answering | None = None) -> ModelCard:
     """The card of a model that `api` (what the error calls it: "embeddings", "scores") may run on: a LoRA adapter
-    is refused naming its base model (pooling runs the base model's weights only)."""
+    is refused naming its base model (pooling runs the base model's weights only). No model named: the one model
+    that `answering` picks of the served ones (each with its classifier_of), as vLLM (serving one) defaults it; a
+    400 naming `model` and listing them when it picks none or several."""
+    if model is None:
+        return _the_one_answering(gw, api, answering)
     card = gw.router.get_model(model)
     if card.lora is not None:
         raise InvalidRequest(f"model {model!r} is a LoRA adapter of {card.parent!r}: {api} are served by models, "
                              f"not adapters; ask {card.parent!r}", param="model")
     return card
+
+
+def _the_one_answering(gw: Gateway, api: str, answering: Answering | None) -> ModelCard:
+    served = [card for card in gw.router.list_models() if card.lora is None]
+    picked = answering([(card, classifier_of(card)) for card in served]) if answering is not None else []
+    if len(picked) == 1:
+        return picked[0]
+    names = ", ".join(sorted(card.name for card in picked))
+    which = f"{len(picked)} served models answer {api} ({names})" if picked else \
+        f"none of the {len(served)} served models answers {api}"
+    raise InvalidRequest(f"'model' is a required property: {which}; name one", param="model", code="missing_field")
 
 
 def classifier_of(card: ModelCard) -> Classifier | None:

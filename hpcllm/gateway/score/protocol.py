@@ -44,7 +44,7 @@ class ScoringRequest(TruncatingRequest):
     """What vLLM's score and rerank requests share. truncate_prompt_tokens cuts each input (a cross-encoder's pair
     as one); the per-side limits of Cohere's v2 (max_tokens_per_query, max_tokens_per_doc) are refused."""
 
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)  # none: the one model that scores (serving.scoring_models)
     user: str | None = None
     max_tokens_per_query: int = 0
     max_tokens_per_doc: int = 0

@@ -26,9 +26,9 @@ RESPONSE_ID_PREFIX = "score"  # vLLM's for both APIs
 
 def create_score(gw: Gateway, ctx: RequestContext, req: ScoreRequest) -> dict:
     req.check_supported()
-    scores, prompt_tokens = score_pairs(gw, ctx, req, *req.sides())
+    card, scores, prompt_tokens = score_pairs(gw, ctx, req, *req.sides())
     return ScoreResponse(
-        id=new_response_id(RESPONSE_ID_PREFIX), created=int(time.time()), model=req.model,
+        id=new_response_id(RESPONSE_ID_PREFIX), created=int(time.time()), model=card.name,
         data=[ScoreData(index=i, score=score) for i, score in enumerate(scores)],
         usage=UsageInfo(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
     ).model_dump()
@@ -38,12 +38,12 @@ def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
     """The documents by relevance to the query, best first (ties in the documents' order), the first top_n."""
     req.check_supported()
     query, documents = req.sides()
-    scores, prompt_tokens = score_pairs(gw, ctx, req, query, documents)
+    card, scores, prompt_tokens = score_pairs(gw, ctx, req, query, documents)
     ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:req.top_n or None]
     results = [RerankResult(index=i, relevance_score=scores[i],
                             document=RerankDocument(text=documents.texts[i]) if req.return_documents else None)
                for i in ranked]
-    answer = RerankResponse(id=new_response_id(RESPONSE_ID_PREFIX), model=req.model, results=results,
+    answer = RerankResponse(id=new_response_id(RESPONSE_ID_PREFIX), model=card.name, results=results,
                             usage=RerankUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)).model_dump()
     if not req.return_documents:  # Cohere's answer then has no document at all
         for result in answer["results"]:
@@ -52,27 +52,34 @@ def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
 
 
 def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: Side,
-                documents: Side) -> tuple[list[float], int]:
-    """The score of each (query, document) pair, in the documents' order, and the prompt tokens it took; each
-    input truncated as the request asks (a cross-encoder's pair as one input, an embedding model's texts each)."""
+                documents: Side) -> tuple[ModelCard, list[float], int]:
+    """The model that scored, the score of each (query, document) pair, in the documents' order, and the prompt
+    tokens it took; each input truncated as the request asks (a cross-encoder's pair as one input, an embedding
+    model's texts each)."""
     _check_pairing(queries, documents)
-    model = req.model
-    card = pooling_model(gw, model, "scores")
+    card = pooling_model(gw, req.model, "scores", scoring_models)
     classifier = classifier_of(card)
     encoder = gw.tokenizers.get(card)
     truncation = encoder.truncation(req, card.max_model_len, generating=False)
     pairs = len(documents.texts)
     check_input_count(pairs + len(queries.texts) if classifier is None else pairs, documents.name)
     if classifier is None:
-        return _bi_encoder_scores(gw, ctx, card, encoder, queries, documents, truncation)
+        return card, *_bi_encoder_scores(gw, ctx, card, encoder, queries, documents, truncation)
     if classifier.num_labels != 1:
-        raise InvalidRequest(f"model {model!r} is a classifier with {classifier.num_labels} labels "
+        raise InvalidRequest(f"model {card.name!r} is a classifier with {classifier.num_labels} labels "
                              f"({classifier.architecture}): a score needs a one-label head (a reranker's); "
                              "/v1/classify answers its labels", param="model")
     activate = classifier.applies_activation(req.use_activation)
     inputs = _pair_inputs(encoder, card, classifier, req, queries, documents, truncation)
     logits, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, classifier)
-    return [classifier.probabilities(row, activate)[0] for row in logits], prompt_tokens
+    return card, [classifier.probabilities(row, activate)[0] for row in logits], prompt_tokens
+
+
+def scoring_models(served: list[tuple[ModelCard, Classifier | None]]) -> list[ModelCard]:
+    """The models a score request naming none is for: the cross-encoders (one-label classifiers); with none, the
+    models that score as bi-encoders (those without a classification head)."""
+    return ([card for card, classifier in served if classifier is not None and classifier.num_labels == 1]
+            or [card for card, classifier in served if classifier is None])
 
 
 def _pair_inputs(encoder: PromptEncoder, card: ModelCard, classifier: Classifier, req: ScoringRequest, queries: Side,

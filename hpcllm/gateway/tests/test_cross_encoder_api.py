@@ -168,6 +168,22 @@ def test_each_model_kind_refuses_what_it_does_not_answer(gateway):
     assert "does not generate" in error["message"]
 
 
+def test_a_request_naming_no_model_goes_to_the_one_model_answering_it_else_a_400_listing_them(gateway,
+                                                                                               classifier_models):
+    """vLLM defaults `model` to the one it serves. Here: one reranker (the LLM could score as a bi-encoder, but a
+    cross-encoder is what scores are for) and two classifiers (the reranker has a head too)."""
+    named = gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS}).json()
+    for path, body in (("/v1/score", {"text_1": QUERY, "text_2": DOCUMENTS}),
+                       ("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS})):
+        answer = gateway.post(path, json=body).json()
+        assert answer["model"] == RERANKER
+        scores = [d["score"] for d in answer["data"]] if "data" in answer else \
+            [r["relevance_score"] for r in sorted(answer["results"], key=lambda r: r["index"])]
+        assert scores == pytest.approx([d["score"] for d in named["data"]], abs=1e-6)
+    error = assert_error(gateway.post("/v1/classify", json={"input": "a"}), 400, "missing_field", "model")
+    assert f"2 served models answer classifications ({CLASSIFIER}, {RERANKER})" in error["message"]
+
+
 def test_a_worker_pooling_otherwise_than_the_checkpoint_says_is_an_error_not_an_answer(
         make_gateway, classifier_workers, tiny_model_dir):
     """A gateway reading a causal LM's config.json in front of a reranker's worker (a redeployment gone wrong):

@@ -102,6 +102,15 @@ def test_bad_score_and_rerank_requests_are_400_naming_the_field(gateway, tiny_mo
     assert "at most 2048 texts" in error["message"] and "2049" in error["message"]
 
 
+def test_with_no_cross_encoder_a_score_naming_no_model_goes_to_the_one_bi_encoder(gateway):
+    named = gateway.post("/v1/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS}).json()
+    answer = gateway.post("/v1/score", json={"text_1": QUERY, "text_2": DOCUMENTS}).json()
+    assert answer["model"] == MODEL
+    assert [d["score"] for d in answer["data"]] == pytest.approx([d["score"] for d in named["data"]], abs=1e-6)
+    error = assert_error(gateway.post("/v1/classify", json={"input": "a"}), 400, "missing_field", "model")
+    assert "none of the 1 served models answers classifications" in error["message"]
+
+
 def test_the_root_paths_need_an_api_key(gateway):
     for path in ("/score", "/rerank", "/v2/rerank", "/classify"):
         assert_error(gateway.post(path, key=None, json={"model": MODEL}), 401, "missing_api_key")

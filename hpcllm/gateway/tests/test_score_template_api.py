@@ -96,3 +96,12 @@ def test_the_instruction_and_chat_template_kwargs_reach_the_score_template(gatew
                                                  "chat_template_kwargs": {"tokenize": True}}),
                  400, "invalid_value", "chat_template_kwargs")
 
+
+def test_a_scoring_request_naming_no_model_goes_to_the_one_cross_encoder(gateway, lm_reranker):
+    """The LLM served beside it could score as a bi-encoder, but a cross-encoder is what a rerank is for."""
+    answer = gateway.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS[:1]}).json()
+    assert answer["model"] == RERANKER
+    assert answer["results"][0]["relevance_score"] == pytest.approx(
+        yes_probability(lm_reranker, templated(QUERY, DOCUMENTS[0])), abs=1e-5)
+    answer = gateway.post("/v1/classify", json={"input": "paris"}).json()
+    assert answer["model"] == RERANKER and answer["data"][0]["num_classes"] == 1
