@@ -292,7 +292,8 @@ def _score_template(source_dir: Path, config: dict, head: ScoreHead | None, path
         return None
     if head is None and classifier_architecture(config.get("architectures")) is None:
         raise CheckpointError(f"--score-template is for a cross-encoder, and {source_dir} is a causal LM: give "
-                              "--classifier-from-token too (its answer tokens), or convert a *ForSequenceClassification")
+                              "--classifier-from-token too (its answer tokens), or convert a "
+                              "*ForSequenceClassification")
     return read_score_template(path, source_dir)
 
 

@@ -17,11 +17,11 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from hpcllm.checkpoint.heads import render_score_template
+from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, render_score_template
 from hpcllm.checkpoint.promptbound import NORMALIZATION_SLACK, longest_token_chars, min_tokens
 from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParser, template_thinks
 from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, parser_for_template
-from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
+from hpcllm.gateway.errors import InternalError, InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
 
 if TYPE_CHECKING:
@@ -206,12 +206,19 @@ class PromptEncoder:
     def render_score(self, template: str, query: str, document: str, template_kwargs: dict[str, Any] | None,
                      param: str) -> str:
         """A cross-encoder's pair through its score template (vLLM's), with the request's chat_template_kwargs; a
-        400 naming param when the template refuses it."""
+        400 naming param when the template refuses it, a 500 when it does not parse (the checkpoint's fault: hpcllm
+        convert checks a template, a folder served as it is may hold any)."""
+        from jinja2 import TemplateSyntaxError
+
         if template_kwargs:
             check_template_kwargs(template_kwargs)
         try:
             return render_score_template(self.tokenizer, template, query, document, template_kwargs)
-        except Exception as exc:  # jinja's errors, the template's own raise_exception
+        except TemplateSyntaxError as exc:
+            log.error("a score template does not parse: %s", exc)
+            raise InternalError(f"the model's score template ({SCORE_TEMPLATE_FILE}) does not parse ({exc}); ask the "
+                                "operator to convert the model again with a working --score-template") from None
+        except Exception as exc:  # jinja's render errors, the template's own raise_exception
             raise InvalidRequest(f"the model's score template rejected the pair: {exc}", param=param,
                                  code="invalid_value") from None
 

@@ -105,3 +105,22 @@ def test_a_scoring_request_naming_no_model_goes_to_the_one_cross_encoder(gateway
         yes_probability(lm_reranker, templated(QUERY, DOCUMENTS[0])), abs=1e-5)
     answer = gateway.post("/v1/classify", json={"input": "paris"}).json()
     assert answer["model"] == RERANKER and answer["data"][0]["num_classes"] == 1
+
+
+@pytest.mark.parametrize("template, status, code, param", [
+    ("{% if %}", 500, "internal_error", None),  # the checkpoint's fault, not the request's
+    ("{{ raise_exception('no documents about cats') }}", 400, "invalid_value", "text_2"),
+])
+def test_a_score_template_that_fails_is_an_error_saying_whose(make_gateway, lm_reranker, reranker_worker, tmp_path,
+                                                             template, status, code, param):
+    """A folder served as it is (not through hpcllm convert, which checks the template) may hold a broken one."""
+    import shutil
+
+    from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE
+
+    source = shutil.copytree(lm_reranker[2], tmp_path / "served")
+    (source / SCORE_TEMPLATE_FILE).write_text(template)
+    gateway = make_gateway(static_models={RERANKER: {"worker_url": reranker_worker, "source": str(source)}})
+    error = assert_error(gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": "cats"}),
+                         status, code, param)
+    assert (SCORE_TEMPLATE_FILE if status == 500 else "no documents about cats") in error["message"]
