@@ -90,6 +90,9 @@ def _emit(text: str, output_file: str | None) -> None:
         click.echo(text, nl=False)
         return
     path = Path(output_file)
+    if path.name in ("", "..") or output_file.endswith("/"):  # Path("") is ".": no file to write
+        raise click.BadParameter(f"{output_file!r} names no file: give the script's file path",
+                                 param_hint="'-o' / '--output'")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text)

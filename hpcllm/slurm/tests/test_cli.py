@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from hpcllm.cli.main import main
 from hpcllm.slurm.templates import render_model_pool
 from hpcllm.slurm.tests.fake_slurm import FakeSlurm
@@ -71,6 +73,15 @@ def test_render_to_a_missing_folder_is_one_clear_line(tmp_path, capsys):
     assert main(["slurm", "render", "model-pool", "-o", str(target)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write {target} (No such file or directory)") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("output", ["", "scripts/"])
+def test_render_to_a_name_that_is_no_file_is_one_clear_line(tmp_path, monkeypatch, capsys, output):
+    monkeypatch.chdir(tmp_path)
+    assert main(["slurm", "render", "model-pool", "-o", output]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Invalid value for '-o' / '--output': {output!r} names no file") and not \
+        list(tmp_path.iterdir())
 
 
 def test_jobs_refuses_ids_that_are_not_slurm_job_ids(tmp_path, monkeypatch, capsys):
