@@ -187,6 +187,19 @@ def test_a_load_the_model_spec_refuses_is_a_400_naming_why(client, harness, tmp_
     assert harness.registry.get_model("m").lora_adapters == {} and harness.registry.get_model("tp").lora_adapters == {}
 
 
+def two_ready_with(harness, adapters) -> list[str]:
+    """m deployed with these adapters and two instances of it (min_instances 2), on n1 and n2: their ids, sorted."""
+    harness.deploy("m", lora_adapters=adapters, min_instances=2, max_instances=2)
+    harness.register("n1")
+    harness.register("n2")
+    harness.tick()
+    harness.heartbeat("n1", tier="nvme")
+    harness.tick()
+    instances = sorted(i.instance_id for i in harness.registry.instances(model="m"))
+    assert len(instances) == 2
+    return instances
+
+
 def test_a_redeploy_pushes_its_adapters_to_every_instance_at_once_waiting_per_change(harness, tmp_path):
     """Each push may take minutes (adapters are read and installed one by one): the instances are asked together,
     and each agent is given the worker's time per load or unload for every change (x unloaded, y loaded: two)."""
@@ -196,14 +209,7 @@ def test_a_redeploy_pushes_its_adapters_to_every_instance_at_once_waiting_per_ch
     from hpcllm.worker.client import ADAPTER_CALL_TIMEOUT
 
     x, y = adapter_folder(tmp_path / "x"), adapter_folder(tmp_path / "y")
-    harness.deploy("m", lora_adapters={"x": x}, min_instances=2, max_instances=2)
-    harness.register("n1")
-    harness.register("n2")
-    harness.tick()
-    harness.heartbeat("n1", tier="nvme")
-    harness.tick()
-    instances = [i.instance_id for i in harness.registry.instances(model="m")]
-    assert len(instances) == 2
+    instances = two_ready_with(harness, {"x": x})
     both_asked = threading.Barrier(2, timeout=30)  # one push at a time would break it: the first waits alone
     set_adapters = harness.agents.set_lora_adapters
 
@@ -224,13 +230,7 @@ def test_an_undone_redeploy_rolls_back_only_the_instances_it_kept(harness, tmp_p
     from hpcllm.controller.protocol import AdapterFailure
 
     x, y, bad = (adapter_folder(tmp_path / name) for name in ("x", "y", "bad"))
-    harness.deploy("m", lora_adapters={"x": x}, min_instances=2, max_instances=2)
-    harness.register("n1")
-    harness.register("n2")
-    harness.tick()
-    harness.heartbeat("n1", tier="nvme")
-    harness.tick()
-    replaced, kept = sorted(i.instance_id for i in harness.registry.instances(model="m"))
+    replaced, kept = two_ready_with(harness, {"x": x})
     harness.agents.refuse_adapters_on[replaced] = {
         "y": AdapterFailure(status=409, message="this worker's vLLM engine was built without LoRA")}
     harness.agents.refuse_adapters_on[kept] = {
