@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
-from hpcllm.controller.registry.databases import (Database, is_postgres_url, open_database, postgres_schema,
-                                                  redact_password)
+from hpcllm.controller.registry.databases import (Database, is_postgres_url, open_database, redact_password,
+                                                  table_columns)
 from hpcllm.controller.errors import DatabaseError
 from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.procs import pid_alive
@@ -50,6 +51,8 @@ CREATE INDEX IF NOT EXISTS gateway_stream_slots_bucket ON gateway_stream_slots (
 SCHEMA_LOCK_KEY = 0x68706C6C6D  # "hpllm"
 
 DEFAULT_LEASE_S = 30.0
+# Fills a column just added to the rows already there, in the transaction that added it.
+Fill = Callable[[Database], None]
 
 
 class SharedState:
@@ -149,32 +152,28 @@ class SharedState:
                 db.conn.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))
             yield db
 
-    def create_tables(self, schema: str, added_columns: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    def create_tables(self, schema: str, added_columns: Mapping[str, Mapping[str, Fill | None]] | None = None) -> None:
         """Create a schema's tables and indexes where missing (the limits' here, the stored responses' in
         hpcllm.gateway.response_store: one database, one connection per process). added_columns: table -> {column:
-        type} of columns a later hpcllm added to a table, added to a database an earlier one made before the
-        schema's indexes (which may name them) are created."""
+        how to fill the rows already there (None: left NULL)} of the columns a later hpcllm added to a table, as the
+        schema's CREATE TABLE defines them: added to a database an earlier one made, and filled in the same
+        transaction, before the schema's indexes (which may name them) are created."""
         statements = [s for s in schema.split(";") if s.strip()]
         tables = [s for s in statements if s.lstrip().upper().startswith("CREATE TABLE")]
         with self.schema_transaction() as db:
             for statement in tables:
-                db.conn.execute(postgres_schema(statement) if self.postgres else statement)
+                db.conn.execute(db.dialect(statement))
             for table, columns in (added_columns or {}).items():
-                present = self._columns(db, table)
-                for column, kind in columns.items():
+                present = table_columns(db.conn, table)
+                for column, fill in columns.items():
                     if column not in present:
-                        db.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                        definition = _column_definition(tables, table, column)
+                        db.conn.execute(db.dialect(f"ALTER TABLE {table} ADD COLUMN {definition}"))
+                        if fill is not None:
+                            fill(db)
             for statement in statements:
                 if statement not in tables:
-                    db.conn.execute(postgres_schema(statement) if self.postgres else statement)
-
-    def _columns(self, db: Database, table: str) -> set[str]:
-        if self.postgres:
-            rows = db.conn.execute("SELECT column_name AS name FROM information_schema.columns WHERE table_name = ? "
-                                   "AND table_schema = current_schema()", (table,))
-        else:
-            rows = db.conn.execute(f"PRAGMA table_info({table})")
-        return {row["name"] for row in rows}
+                    db.conn.execute(db.dialect(statement))
 
     # ------------------------------------------------------------------------------------------- token buckets
 
@@ -343,6 +342,16 @@ class SharedState:
             self._local.db = None
         with self._shared_lock:
             self._drop_shared_connection()
+
+
+def _column_definition(creates: list[str], table: str, column: str) -> str:
+    """`column TYPE ...` as the table's CREATE TABLE among `creates` defines it: an added column's one source."""
+    for create in creates:
+        if re.match(rf"\s*CREATE TABLE (IF NOT EXISTS )?{table}\b", create, re.IGNORECASE):
+            found = re.search(rf"[(,]\s*({column}\s[^,]+?)\s*(,|\)\s*$)", create)
+            if found:
+                return found.group(1)
+    raise ValueError(f"the schema defines no column {table}.{column}")
 
 
 def _is_database_error(exc: BaseException) -> bool:

@@ -32,7 +32,7 @@ from hpcllm.controller.protocol import (
     NodeRegistration,
     Tiers,
 )
-from hpcllm.controller.registry.databases import open_database, sqlite_path_from_url
+from hpcllm.controller.registry.databases import open_database, sqlite_path_from_url, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -437,8 +437,8 @@ class Registry:
         """Bring a database of an older schema version up to SCHEMA_VERSION (inside _migrate's transaction)."""
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for table, column, ddl in _MIGRATIONS.get(target, []):
-                if column not in _columns(db, table):
-                    db.execute(ddl)
+                if column not in table_columns(db, table):
+                    db.execute(self._db.dialect(ddl))
         db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
         log.info("controller database %s upgraded from schema version %d to %d", self.path, version, SCHEMA_VERSION)
 
@@ -967,11 +967,6 @@ def _record_cold_start(db, node_id: str, info: InstanceInfo, previous: InstanceR
          record.migration_seconds, record.tensor_parallel),
     )
     return record
-
-
-def _columns(db, table: str) -> set[str]:
-    """Column names of a table (portable: the cursor's description, on SQLite and PostgreSQL alike)."""
-    return {d[0] for d in db.execute(f"SELECT * FROM {table} LIMIT 0").description}
 
 
 @functools.lru_cache(maxsize=4096)

@@ -132,6 +132,10 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         n3 = registry.get_node("n3")
         assert (n3.pool_model, n3.credential_id, n3.serves_group) == ("tiny-llama", "pool-0123456789ab", "physics")
         assert n3.job_end == NOW + 3600
+        today = 1_765_000_123.0  # an added REAL column holds an epoch of today's size whole (float8 on PostgreSQL)
+        registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama")], job_end=today),
+                           NOW + 2)
+        assert registry.get_node("n3").job_end == today
         assert [(c.credential_id, c.group) for c in registry.credentials()] == [("pool-0123456789ab", "physics")]
         registry.heartbeat("n3", Heartbeat(instances=[inst("pool-1", model_name="tiny-llama").model_copy(
             update={"tensor_parallel": 2, "rank_nodes": ["n3", "n3"]})]), NOW + 3)  # version 3: the ranks

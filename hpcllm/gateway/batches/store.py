@@ -36,7 +36,7 @@ CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, le
 CREATE INDEX IF NOT EXISTS gateway_batches_expires ON gateway_batches (expires);
 """
 # Columns added to gateway_batches since its first release (stop 32), added to a database made before them.
-ADDED_COLUMNS = {"gateway_batches": {"expires": "REAL"}}
+ADDED_COLUMNS = {"gateway_batches": {"expires": None}}
 ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
 
 

@@ -763,20 +763,33 @@ def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(lim
     from hpcllm.gateway.shared_state import SharedState
 
     shared = SharedState(limits_url, host="old")
-    with shared.transaction() as db:
-        db.conn.execute("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
-                        "NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL, batch TEXT "
-                        "NOT NULL, output_ttl REAL, turn REAL)")
+    with shared.transaction() as db:  # as the first release made it (on PostgreSQL: double precision reals)
+        db.conn.execute(db.dialect("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created "
+                                   "REAL NOT NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT "
+                                   "NULL, batch TEXT NOT NULL, output_ttl REAL, turn REAL)"))
         old = BatchObject(id="batch_old", endpoint="/v1/completions", input_file_id="file-x",
                           completion_window="24h", status="in_progress", created_at=1)
         db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_expires, batch) VALUES "
                         "(?, 'me', 1, ?, 0, ?)", (old.id, old.status, old.model_dump_json()))
     store = BatchStore(shared, lease_s=60)
+    # The added column holds what a new table's does (PostgreSQL's bare REAL is float4: 128 s steps at today's
+    # epoch)
+    assert column_types(shared, "gateway_batches")["expires"] == column_types(shared, "gateway_batches")["created"]
     rows, _ = store.list("me", PageQuery())
     assert [row.batch.id for row in rows] == ["batch_old"]
     assert store.claim("host-a").batch_id == "batch_old"
     assert store.sweep(time.time()) == 0  # not ended: kept
     shared.close()
+
+
+def column_types(shared, table: str) -> dict[str, str]:
+    with shared.connection() as db:
+        if shared.postgres:
+            rows = db.conn.execute("SELECT column_name AS name, data_type AS type FROM information_schema.columns "
+                                   "WHERE table_name = ? AND table_schema = current_schema()", (table,))
+        else:
+            rows = db.conn.execute(f"PRAGMA table_info({table})")
+        return {row["name"]: row["type"] for row in rows}
 
 
 def test_a_keys_files_may_not_hold_more_than_its_quota(make_gateway):
