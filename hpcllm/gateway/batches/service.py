@@ -20,7 +20,7 @@ class BatchService:
         self.config: Config = gw.config
         self.metrics = gw.metrics
         self.files = FileStore.of(gw.config, gw.shared)
-        self.batches = BatchStore(gw.shared, lease_s=gw.config.gateway.batch_lease_seconds)
+        self.batches = BatchStore(self.files, lease_s=gw.config.gateway.batch_lease_seconds)
         self.runner = BatchRunner(app, gw, self.files, self.batches)
 
     @classmethod

@@ -25,7 +25,6 @@ from hpcllm.gateway.batches.protocol import BatchObject
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.files.protocol import PageQuery
 from hpcllm.gateway.files.store import FileStore, StoredFile, page
-from hpcllm.gateway.shared_state import SharedState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
@@ -35,8 +34,6 @@ CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, crea
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
 CREATE INDEX IF NOT EXISTS gateway_batches_expires ON gateway_batches (expires);
 """
-# Columns added to gateway_batches since its first release (stop 32), added to a database made before them.
-ADDED_COLUMNS = {"gateway_batches": {"expires": None}}
 ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
 
 
@@ -66,9 +63,34 @@ def _row(row) -> BatchRow:
 
 
 class BatchStore:
-    def __init__(self, shared: SharedState, lease_s: float, clock: Callable[[], float] = time.time):
-        self.shared, self.lease_s, self.clock = shared, lease_s, clock
-        shared.create_tables(SCHEMA, ADDED_COLUMNS)
+    def __init__(self, files: FileStore, lease_s: float, clock: Callable[[], float] = time.time):
+        """files: the store of the batches' input and result files, in the same database."""
+        self.files, self.shared, self.lease_s, self.clock = files, files.shared, lease_s, clock
+        # Columns added to gateway_batches since its first release (stop 32), added to a database made before them.
+        self.shared.create_tables(SCHEMA, {"gateway_batches": {"expires": self._fill_expires}})
+
+    def results_expire(self, ended: float, output_ttl: float | None) -> float | None:
+        """When the output and error files of a batch that ended at `ended` expire, and the batch with them (one
+        with no files: when they would have)."""
+        return self.files.expiry(ended, output_ttl)
+
+    def _fill_expires(self, db: Database) -> None:
+        """`expires` of the batches that ended before the column was added: their output and error files' expiry
+        (the latest; None, kept, when one of them never expires), or, with no file row left (a batch that failed at
+        creation, or whose files were deleted or swept), when its files would have expired."""
+        rows = db.conn.execute(f"SELECT id, batch, output_ttl FROM gateway_batches WHERE status NOT IN "
+                               f"({ACTIVE_SQL})").fetchall()
+        for row in rows:
+            batch = BatchObject.model_validate_json(row["batch"])
+            file_ids = [file_id for file_id in (batch.output_file_id, batch.error_file_id) if file_id]
+            expiries = [found["expires"] for file_id in file_ids for found in db.conn.execute(
+                "SELECT expires FROM gateway_files WHERE id = ?", (file_id,)).fetchall()]
+            if not expiries:
+                ended = getattr(batch, f"{batch.status}_at", None) or batch.created_at
+                expires = self.results_expire(ended, row["output_ttl"])
+            else:
+                expires = None if None in expiries else max(expiries)
+            db.conn.execute("UPDATE gateway_batches SET expires = ? WHERE id = ?", (expires, row["id"]))
 
     # ------------------------------------------------------------------------------------------- the API's
     def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None,

@@ -757,28 +757,55 @@ def test_an_ended_batch_is_deleted_by_the_sweep_that_finds_its_files_expired(gat
 
 def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(limits_url, tmp_path):
     """A gateway upgraded in place keeps its batches: the first release's gateway_batches (no expires) gets the
-    column, and a batch it stored is listed, claimed and swept as a new one is. On SQLite and PostgreSQL."""
+    column, and a batch it stored is listed, claimed and swept as a new one is; one that had ended goes with its
+    result files (kept while one never expires; with none left, when they would have). On SQLite and PostgreSQL."""
     from hpcllm.gateway.batches.protocol import BatchObject
     from hpcllm.gateway.batches.store import BatchStore, PageQuery
+    from hpcllm.gateway.files.store import FileStore, StoredFile
     from hpcllm.gateway.shared_state import SharedState
 
+    today = 1_765_000_123.0  # an epoch of today's size: held whole
+    ttl = 3600.0
     shared = SharedState(limits_url, host="old")
+    files = FileStore(shared, tmp_path / "files", max_bytes=1 << 20, ttl_s=ttl)
+    ended = {  # id: (its BatchObject's changes, its result files' expiry)
+        "batch_done": ({"status": "completed", "completed_at": 100, "output_file_id": "file-out",
+                        "error_file_id": "file-err"}, {"file-out": today + 5, "file-err": today + 9}),
+        "batch_kept": ({"status": "completed", "completed_at": 100, "output_file_id": "file-kept"},
+                       {"file-kept": None}),
+        "batch_failed": ({"status": "failed", "failed_at": int(today)}, {}),  # failed at creation: no files
+        "batch_swept": ({"status": "expired", "expired_at": 100, "output_file_id": "file-swept"}, {}),
+    }
     with shared.transaction() as db:  # as the first release made it (on PostgreSQL: double precision reals)
         db.conn.execute(db.dialect("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created "
                                    "REAL NOT NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT "
                                    "NULL, batch TEXT NOT NULL, output_ttl REAL, turn REAL)"))
         old = BatchObject(id="batch_old", endpoint="/v1/completions", input_file_id="file-x",
                           completion_window="24h", status="in_progress", created_at=1)
-        db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_expires, batch) VALUES "
-                        "(?, 'me', 1, ?, 0, ?)", (old.id, old.status, old.model_dump_json()))
-    store = BatchStore(shared, lease_s=60)
+        for batch in [old, *(old.model_copy(update={"id": id, **changes}) for id, (changes, _) in ended.items())]:
+            db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_expires, batch) VALUES "
+                            "(?, 'me', 1, ?, 0, ?)", (batch.id, batch.status, batch.model_dump_json()))
+        for _, expiries in ended.values():
+            for file_id, expires in expiries.items():
+                FileStore.record(db, "me", StoredFile(file_id, 1, f"{file_id}.jsonl", "batch_output", 10, expires))
+    store = BatchStore(files, lease_s=60)
     # The added column holds what a new table's does (PostgreSQL's bare REAL is float4: 128 s steps at today's
     # epoch)
     assert column_types(shared, "gateway_batches")["expires"] == column_types(shared, "gateway_batches")["created"]
     rows, _ = store.list("me", PageQuery())
-    assert [row.batch.id for row in rows] == ["batch_old"]
+    assert {row.batch.id for row in rows} == {"batch_old", *ended}
     assert store.claim("host-a").batch_id == "batch_old"
-    assert store.sweep(time.time()) == 0  # not ended: kept
+
+    def left(now: float) -> set[str]:
+        store.sweep(now)
+        return {row.batch.id for row in store.list("me", PageQuery())[0]}
+
+    assert left(100 + ttl) == {"batch_old", "batch_done", "batch_kept", "batch_failed"}  # its files swept
+    assert left(today + 8) == {"batch_old", "batch_done", "batch_kept", "batch_failed"}
+    assert left(today + 9) == {"batch_old", "batch_kept", "batch_failed"}  # when its last file expires
+    assert left(today + ttl - 1) == {"batch_old", "batch_kept", "batch_failed"}
+    assert left(today + ttl) == {"batch_old", "batch_kept"}  # as its files would have
+    assert left(today * 2) == {"batch_old", "batch_kept"}  # not ended; a file never expires
     shared.close()
 
 
