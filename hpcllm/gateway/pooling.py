@@ -43,6 +43,16 @@ class Classifier:
     # The checkpoint's score template (hpcllm convert --score-template): each pair is rendered through it and the
     # text tokenized, as vLLM does with --chat-template; None: the pair tokenized as above.
     score_template: str | None = None
+    template_unread: str | None = None  # why the checkpoint's score template could not be read
+
+    def template(self) -> str | None:
+        """The score template pairs are rendered through (None: none); a 500 naming its file when it could not be
+        read (the checkpoint's fault, as one that does not parse)."""
+        if self.template_unread is not None:
+            raise InternalError(f"the model's score template ({SCORE_TEMPLATE_FILE}) cannot be read "
+                                f"({self.template_unread}); ask the operator to convert the model again with a "
+                                "working --score-template")
+        return self.score_template
 
     def applies_activation(self, use_activation: bool | None) -> bool:
         """Whether outputs go through the activation: the request's use_activation, else config.json's
@@ -109,6 +119,8 @@ def classifier_of(card: ModelCard) -> Classifier | None:
     except OSError as exc:  # not cached: the shared FS may answer the next request
         log.warning("cannot read %s: %s", path, exc)
         return None
+    except _TemplateUnread as exc:  # the classifier still (not an embedding model), its scores a 500
+        return exc.classifier
 
 
 @lru_cache(maxsize=64)
@@ -121,7 +133,20 @@ def _classifier_at(path: Path, created: int) -> Classifier | None:
     template = path.with_name(SCORE_TEMPLATE_FILE)
     if classifier is None or not template.is_file():
         return classifier
-    return replace(classifier, score_template=template.read_text(encoding="utf-8"))
+    try:
+        return replace(classifier, score_template=template.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        log.error("cannot read %s: %s", template, exc)
+        raise _TemplateUnread(replace(classifier, template_unread=str(exc))) from None
+
+
+class _TemplateUnread(Exception):
+    """A classifier whose score template could not be read: raised, not returned, so that lru_cache does not keep
+    it (the shared FS may answer the next request, a fixed file be read)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__(classifier.template_unread)
+        self.classifier = classifier
 
 
 def _classifier_in(config: object) -> Classifier | None:

@@ -88,8 +88,9 @@ def _pair_inputs(encoder: PromptEncoder, card: ModelCard, classifier: Classifier
     text (vLLM's --chat-template), else the tokenizer's text pair or the texts joined."""
     query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
     numbered = enumerate(zip(query_texts, documents.texts))
-    if classifier.score_template is not None:
-        return [tokenize_input(encoder, card, encoder.render_score(classifier.score_template, query, document,
+    template = classifier.template()
+    if template is not None:
+        return [tokenize_input(encoder, card, encoder.render_score(template, query, document,
                                                                    req.template_kwargs(), documents.param(i)),
                                documents.param(i), truncation) for i, (query, document) in numbered]
     return [tokenize_input(encoder, card, query, documents.param(i), truncation, pair=document,

@@ -124,3 +124,24 @@ def test_a_score_template_that_fails_is_an_error_saying_whose(make_gateway, lm_r
     error = assert_error(gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": "cats"}),
                          status, code, param)
     assert (SCORE_TEMPLATE_FILE if status == 500 else "no documents about cats") in error["message"]
+
+
+def test_a_score_template_that_cannot_be_read_is_a_500_for_that_models_scores_only(make_gateway, lm_reranker,
+                                                                                   reranker_worker, worker_url,
+                                                                                   tiny_model_dir, tmp_path):
+    """Not UTF-8: the model is still a classifier (classify answers, a request naming no model finds it), and only
+    its scores fail, naming the file."""
+    import shutil
+
+    from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE
+
+    source = shutil.copytree(lm_reranker[2], tmp_path / "served")
+    (source / SCORE_TEMPLATE_FILE).write_bytes(b"\xff\xfe{{ messages }}")
+    gateway = make_gateway(static_models={RERANKER: {"worker_url": reranker_worker, "source": str(source)},
+                                          MODEL: {"worker_url": worker_url, "source": str(tiny_model_dir)}})
+    error = assert_error(gateway.post("/v1/rerank", json={"query": QUERY, "documents": ["cats"]}), 500,
+                         "internal_error", None)
+    assert SCORE_TEMPLATE_FILE in error["message"] and "cannot be read" in error["message"]
+    answer = gateway.post("/v1/classify", json={"input": "paris"})
+    assert answer.status_code == 200 and answer.json()["model"] == RERANKER
+    assert gateway.post("/v1/score", json={"model": MODEL, "text_1": QUERY, "text_2": "cats"}).status_code == 200
