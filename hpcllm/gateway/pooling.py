@@ -17,7 +17,7 @@ from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, classifier_architecture
 from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.serving import RequestContext, on_a_worker
+from hpcllm.gateway.serving import RequestContext, on_a_worker, the_one_model
 from hpcllm.gateway.protocol import InputsRequest
 from hpcllm.gateway.tokenization import PromptEncoder, Truncation
 from hpcllm.gateway.upstream import embed_on_worker
@@ -84,13 +84,9 @@ class Classifier:
 Answering = Callable[[list[tuple[ModelCard, Classifier | None]]], list[ModelCard]]
 
 
-def pooling_model(gw: Gateway, model: str | None, api: str, answering: Answering | None = None) -> ModelCard:
+def pooling_model(gw: Gateway, model: str, api: str) -> ModelCard:
     """The card of a model that `api` (what the error calls it: "embeddings", "scores") may run on: a LoRA adapter
-    is refused naming its base model (pooling runs the base model's weights only). No model named: the one model
-    that `answering` picks of the served ones (each with its classifier_of), as vLLM (serving one) defaults it; a
-    400 naming `model` and listing them when it picks none or several."""
-    if model is None:
-        return _the_one_answering(gw, api, answering)
+    is refused naming its base model (pooling runs the base model's weights only)."""
     card = gw.router.get_model(model)
     if card.lora is not None:
         raise InvalidRequest(f"model {model!r} is a LoRA adapter of {card.parent!r}: {api} are served by models, "
@@ -98,15 +94,13 @@ def pooling_model(gw: Gateway, model: str | None, api: str, answering: Answering
     return card
 
 
-def _the_one_answering(gw: Gateway, api: str, answering: Answering | None) -> ModelCard:
+def requested_pooling_model(gw: Gateway, model: str | None, api: str, answering: Answering) -> ModelCard:
+    """The named model (pooling_model); with none named, the one model that `answering` picks of the served ones
+    (each with its classifier_of; LoRA adapters not counted), else a 400 naming `model` (the_one_model)."""
+    if model is not None:
+        return pooling_model(gw, model, api)
     served = [card for card in gw.router.list_models() if card.lora is None]
-    picked = answering([(card, classifier_of(card)) for card in served]) if answering is not None else []
-    if len(picked) == 1:
-        return picked[0]
-    names = ", ".join(sorted(card.name for card in picked))
-    which = f"{len(picked)} served models answer {api} ({names})" if picked else \
-        f"none of the {len(served)} served models answers {api}"
-    raise InvalidRequest(f"'model' is a required property: {which}; name one", param="model", code="missing_field")
+    return the_one_model(answering([(card, classifier_of(card)) for card in served]), len(served), api)
 
 
 def classifier_of(card: ModelCard) -> Classifier | None:

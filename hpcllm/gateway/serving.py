@@ -111,6 +111,18 @@ def on_a_worker(gw: Gateway, ctx: RequestContext, endpoint: Endpoint, route: Cal
     return endpoint, call(endpoint)
 
 
+def the_one_model(candidates: list[ModelCard], served: int, api: str) -> ModelCard:
+    """The model a request naming none is for: the one candidate of the `served` models (those that answer `api`,
+    what the error calls it), as vLLM (serving one) defaults it; else a 400 naming `model` that lists the candidates
+    or says none answers."""
+    if len(candidates) == 1:
+        return candidates[0]
+    names = ", ".join(sorted(card.name for card in candidates))
+    which = f"{len(candidates)} served models answer {api} ({names})" if candidates else \
+        f"none of the {served} served models answers {api}"
+    raise InvalidRequest(f"'model' is a required property: {which}; name one", param="model", code="missing_field")
+
+
 def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
     """400 when the prompt (plus the requested completion) cannot fit the model's context (OpenAI's wording)."""
     limit = card.max_model_len

@@ -7,7 +7,8 @@ import time
 
 from hpcllm.gateway.classify.protocol import ClassificationData, ClassificationRequest, ClassificationResponse
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import Classifier, classifier_of, pool_on_a_worker, pooling_model, tokenize_inputs
+from hpcllm.gateway.pooling import (Classifier, classifier_of, pool_on_a_worker, requested_pooling_model,
+                                    tokenize_inputs)
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -15,7 +16,7 @@ from hpcllm.gateway.serving import RequestContext, new_response_id
 
 
 def create_classification(gw: Gateway, ctx: RequestContext, req: ClassificationRequest) -> dict:
-    card = pooling_model(gw, req.model, "classifications", _classifiers)
+    card = requested_pooling_model(gw, req.model, "classifications", _classifiers)
     classifier = classifier_of(card)
     if classifier is None:
         raise InvalidRequest(f"model {card.name!r} is not a classification model (its config.json names no "

@@ -11,8 +11,8 @@ import math
 import time
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import (Classifier, check_input_count, classifier_of, pool_on_a_worker, pooling_model,
-                                    tokenize_input)
+from hpcllm.gateway.pooling import (Classifier, check_input_count, classifier_of, pool_on_a_worker,
+                                    requested_pooling_model, tokenize_input)
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -57,7 +57,7 @@ def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: 
     tokens it took; each input truncated as the request asks (a cross-encoder's pair as one input, an embedding
     model's texts each)."""
     _check_pairing(queries, documents)
-    card = pooling_model(gw, req.model, "scores", scoring_models)
+    card = requested_pooling_model(gw, req.model, "scores", scoring_models)
     classifier = classifier_of(card)
     encoder = gw.tokenizers.get(card)
     truncation = encoder.truncation(req, card.max_model_len, generating=False)

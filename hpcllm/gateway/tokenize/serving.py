@@ -7,10 +7,10 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from hpcllm.gateway.chat.protocol import ChatCompletionRequest
-from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import validation_error
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.serving import the_one_model
 from hpcllm.gateway.tokenize.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -57,11 +57,7 @@ def _card(gw: Gateway, model: str | None) -> ModelCard:
     if model is not None:
         return gw.router.get_model(model)
     cards = gw.router.list_models()
-    if len(cards) == 1:
-        return cards[0]
-    names = ", ".join(sorted(card.name for card in cards)) or "none"
-    raise InvalidRequest(f"'model' is a required property: this gateway serves {len(cards)} models ({names}); name "
-                         f"one", param="model", code="missing_field")
+    return the_one_model(cards, len(cards), "tokenization")
 
 
 def _chat(req: TokenizeRequest, model: str) -> ChatCompletionRequest:
