@@ -175,10 +175,13 @@ class ResponseStore:
             return
         if db is None:
             with self.shared.connection() as db:
-                stored = self._owner_bytes(db, owner)
+                self._within_quota(db, owner, adding)
         else:  # a write's check: one of the owner's at a time across hosts (its total read, then added to)
             self.shared.lock(db, f"responses:{owner}")
-            stored = self._owner_bytes(db, owner)
+            self._within_quota(db, owner, adding)
+
+    def _within_quota(self, db: Database, owner: str, adding: int) -> None:
+        stored = self._owner_bytes(db, owner)
         if stored + adding > self.max_bytes_per_key:
             raise OverQuota(stored, self.max_bytes_per_key)
 
@@ -191,12 +194,12 @@ class ResponseStore:
         if new.conversation is None and not self.max_bytes_per_key:
             return
         added = sum(row[3] for row in self._item_rows(owner, new.own_input, False))
-        if new.conversation is not None:
-            with self.shared.connection() as db:
-                conversation = self._row(db, new.conversation, owner, lock=False)
+        with self.shared.connection() as db:  # one connection for both reads
+            conversation = None if new.conversation is None else self._row(db, new.conversation, owner, lock=False)
             if conversation is not None:
                 self._within_bound(conversation["size"], added)
-        self.check_quota(owner, max(1, added * (int(new.store) + int(new.conversation is not None))))
+            if self.max_bytes_per_key:
+                self._within_quota(db, owner, max(1, added * (int(new.store) + int(new.conversation is not None))))
 
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
