@@ -434,16 +434,16 @@ class BatchRun:
             return
         published: list[StoredFile] = []
         ids = {}
+        expires = self.batches.results_expire(now, self.claim.output_ttl)
         for name, results in (("output", output), ("error", errors)):
             file_id = results.final.name
             size = results.publish()
             if size is not None:
-                published.append(StoredFile(file_id, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE, size,
-                                            self._results_expire(now)))
+                published.append(StoredFile(file_id, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE, size, expires))
                 ids[f"{name}_file_id"] = file_id
         status = "cancelled" if batch.cancelling_at else "expired" if expired else "completed"
         final = batch.model_copy(update={"status": status, f"{status}_at": now, **ids})
-        if not self.batches.finish(self.claim, final, published, self._results_expire(now)):
+        if not self.batches.finish(self.claim, final, published, expires):
             log.warning("batch %s: its lease was lost while finishing; the process that took it finishes it",
                         batch.id)
             return
@@ -461,12 +461,8 @@ class BatchRun:
         now = int(time.time())
         failed = batch.model_copy(update={"status": "failed", "failed_at": now, "errors": BatchErrors(
             data=[LineError(code=code, message=message)])})
-        if self.batches.finish(self.claim, failed, [], self._results_expire(now)):
+        if self.batches.finish(self.claim, failed, [], self.batches.results_expire(now, self.claim.output_ttl)):
             self.runner.gw.metrics.batches_finished.labels("failed").inc()
-
-    def _results_expire(self, now: float) -> float | None:
-        """When the output and error files of a batch ending now expire (and the batch with them)."""
-        return self.runner.files.expiry(now, self.claim.output_ttl)
 
 
 def _database_error(exc: Exception) -> bool:

@@ -40,9 +40,8 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
                                          "errors": BatchErrors(data=parsed.errors),
                                          "request_counts": RequestCounts()})
     output_ttl = req.output_expires_after.seconds if req.output_expires_after else None
-    ended = batch.status != "in_progress"  # kept as long as its result files would be, had it any
-    service.batches.insert(owner, batch, output_ttl, service.files.expiry(now, output_ttl) if ended else None)
-    if not ended:
+    service.batches.insert(owner, batch, output_ttl)
+    if batch.status == "in_progress":
         service.runner.wake()
     else:
         service.metrics.batches_finished.labels(batch.status).inc()

@@ -62,6 +62,11 @@ def _row(row) -> BatchRow:
     return BatchRow(row["id"], row["created"], BatchObject.model_validate_json(row["batch"]))
 
 
+def _ended_at(batch: BatchObject) -> int:
+    """When an ended batch ended (its status's time: completed_at, failed_at, ...)."""
+    return getattr(batch, f"{batch.status}_at", None) or batch.created_at
+
+
 class BatchStore:
     def __init__(self, files: FileStore, lease_s: float, clock: Callable[[], float] = time.time):
         """files: the store of the batches' input and result files, in the same database."""
@@ -86,16 +91,15 @@ class BatchStore:
             expiries = [found["expires"] for file_id in file_ids for found in db.conn.execute(
                 "SELECT expires FROM gateway_files WHERE id = ?", (file_id,)).fetchall()]
             if not expiries:
-                ended = getattr(batch, f"{batch.status}_at", None) or batch.created_at
-                expires = self.results_expire(ended, row["output_ttl"])
+                expires = self.results_expire(_ended_at(batch), row["output_ttl"])
             else:
                 expires = None if None in expiries else max(expiries)
             db.conn.execute("UPDATE gateway_batches SET expires = ? WHERE id = ?", (expires, row["id"]))
 
     # ------------------------------------------------------------------------------------------- the API's
-    def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None,
-               expires: float | None = None) -> None:
-        """Record a new batch (expires: when one that failed at creation is deleted, see sweep)."""
+    def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None) -> None:
+        """Record a new batch (one that failed at creation goes when its result files would have, see sweep)."""
+        expires = None if batch.status in ACTIVE else self.results_expire(_ended_at(batch), output_ttl)
         with self.shared.transaction() as db:
             db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_holder, lease_expires, "
                             "batch, output_ttl, expires) VALUES (?, ?, ?, ?, NULL, 0, ?, ?, ?)",
