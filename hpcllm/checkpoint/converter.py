@@ -294,7 +294,7 @@ def _score_template(source_dir: Path, config: dict, head: ScoreHead | None, path
         raise CheckpointError(f"--score-template is for a cross-encoder, and {source_dir} is a causal LM: give "
                               "--classifier-from-token too (its answer tokens), or convert a "
                               "*ForSequenceClassification")
-    return read_score_template(path, source_dir)
+    return read_score_template(path, source_dir, head.tokenizer if head is not None else None)
 
 
 def _with_score_head(source_dir: Path, source: "ConvertedSource", tied_groups: list[list[str]], head: ScoreHead,

@@ -12,7 +12,7 @@ it (heads.SCORE_TEMPLATE_FILE), for the gateway to render each pair through.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class ScoreHead:
     tokens: tuple[str, ...]
     token_ids: tuple[int, ...]
     architecture: str
+    tokenizer: Any = field(default=None, compare=False, repr=False)  # the source's, read once: the template's check
 
     @property
     def method(self) -> str:
@@ -71,7 +72,7 @@ def plan_score_head(source_dir: Path, config: dict[str, Any], tokens: tuple[str,
             raise CheckpointError(f"--classifier-from-token {token!r} is not one token of the vocabulary of "
                                   f"{source_dir} (it tokenizes as {tokenizer.tokenize(token)}); give "
                                   "tokens as the vocabulary spells them (a leading space is `Ġ` in a byte-level BPE)")
-    return ScoreHead(tokens, tuple(vocab[t] for t in tokens), _classifier_class(source_dir, config))
+    return ScoreHead(tokens, tuple(vocab[t] for t in tokens), _classifier_class(source_dir, config), tokenizer)
 
 
 def _tokenizer(source_dir: Path):
@@ -126,8 +127,9 @@ def classifier_meta_model(source_dir: Path, config_updates: dict[str, Any]):
         return AutoModelForSequenceClassification.from_config(config)
 
 
-def read_score_template(path: Path, source_dir: Path) -> str:
-    """The template's text, once it renders a pair with both texts in it; a CheckpointError naming the file else."""
+def read_score_template(path: Path, source_dir: Path, tokenizer=None) -> str:
+    """The template's text, once it renders a pair with both texts in it; a CheckpointError naming the file else.
+    tokenizer: the source's, where the caller has read it (else read here)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -135,8 +137,10 @@ def read_score_template(path: Path, source_dir: Path) -> str:
                               "(query, document) pair (docs/gateway.md, Score templates)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"--score-template {path}: cannot be read ({exc})") from None
+    if tokenizer is None:
+        tokenizer = _tokenizer(source_dir)
     try:
-        rendered = render_score_template(_tokenizer(source_dir), text, _PROBE_QUERY, _PROBE_DOCUMENT)
+        rendered = render_score_template(tokenizer, text, _PROBE_QUERY, _PROBE_DOCUMENT)
     except CheckpointError:
         raise
     except Exception as exc:  # jinja's syntax and render errors, the template's own raise_exception

@@ -68,11 +68,17 @@ def test_one_answer_token_makes_its_row_the_score_head(hf_models, tmp_path):
                                   abs=1e-4)
 
 
-def test_the_score_template_is_stored_as_a_checksummed_side_file(hf_models, tmp_path):
+def test_the_score_template_is_stored_as_a_checksummed_side_file(hf_models, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
     template = tmp_path / "t.jinja"
     template.write_text(TEMPLATE)
+    reads = []
+    read = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **kw: reads.append(a) or read(*a, **kw))
     out = convert(hf_models["qwen2"], tmp_path / "out", score_tokens=(NO, YES), score_template=template,
                   progress=False).root
+    assert len(reads) == 1  # the head's tokens and the template checked with one tokenizer, read once
     assert (out / SCORE_TEMPLATE_FILE).read_text() == TEMPLATE
     ckpt = read_checkpoint(out)
     assert SCORE_TEMPLATE_FILE in {f.file for f in ckpt.side_files}
