@@ -12,6 +12,7 @@ import inspect
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -203,24 +204,28 @@ class PromptEncoder:
             return RenderedChat(self.decode(kept.ids) if kept.cut else text, kept.ids)
         return RenderedChat(text, self.encode(text, add_special_tokens))
 
-    def render_score(self, template: str, query: str, document: str, template_kwargs: dict[str, Any] | None,
-                     param: str) -> str:
-        """A cross-encoder's pair through its score template (vLLM's), with the request's chat_template_kwargs; a
-        400 naming param when the template refuses it, a 500 when it does not parse (the checkpoint's fault: hpcllm
-        convert checks a template, a folder served as it is may hold any)."""
+    def render_scores(self, template: str, pairs: list[tuple[str, str]], template_kwargs: dict[str, Any] | None,
+                      param_of: Callable[[int], str]) -> list[str]:
+        """A cross-encoder's (query, document) pairs through its score template (vLLM's), with the request's
+        chat_template_kwargs (checked once); a 400 naming param_of(i) when the template refuses the i-th pair, a 500
+        when it does not parse (the checkpoint's fault: hpcllm convert checks a template, a folder served as it is
+        may hold any)."""
         from jinja2 import TemplateSyntaxError
 
         if template_kwargs:
             check_template_kwargs(template_kwargs)
-        try:
-            return render_score_template(self.tokenizer, template, query, document, template_kwargs)
-        except TemplateSyntaxError as exc:
-            log.error("a score template does not parse: %s", exc)
-            raise InternalError(f"the model's score template ({SCORE_TEMPLATE_FILE}) does not parse ({exc}); ask the "
-                                "operator to convert the model again with a working --score-template") from None
-        except Exception as exc:  # jinja's render errors, the template's own raise_exception
-            raise InvalidRequest(f"the model's score template rejected the pair: {exc}", param=param,
-                                 code="invalid_value") from None
+        texts = []
+        for i, (query, document) in enumerate(pairs):
+            try:
+                texts.append(render_score_template(self.tokenizer, template, query, document, template_kwargs))
+            except TemplateSyntaxError as exc:
+                log.error("a score template does not parse: %s", exc)
+                raise InternalError(f"the model's score template ({SCORE_TEMPLATE_FILE}) does not parse ({exc}); ask "
+                                    "the operator to convert the model again with a working --score-template") from None
+            except Exception as exc:  # jinja's render errors, the template's own raise_exception
+                raise InvalidRequest(f"the model's score template rejected the pair: {exc}", param=param_of(i),
+                                     code="invalid_value") from None
+        return texts
 
     @property
     def chat_template(self) -> str | None:

@@ -87,14 +87,13 @@ def _pair_inputs(encoder: PromptEncoder, card: ModelCard, classifier: Classifier
     """A cross-encoder's token ids of each (query, document) pair: rendered through its score template into one
     text (vLLM's --chat-template), else the tokenizer's text pair or the texts joined."""
     query_texts = queries.texts * len(documents.texts) if len(queries.texts) == 1 else queries.texts
-    numbered = enumerate(zip(query_texts, documents.texts))
+    pairs = list(zip(query_texts, documents.texts))
     template = classifier.template()
     if template is not None:
-        return [tokenize_input(encoder, card, encoder.render_score(template, query, document,
-                                                                   req.template_kwargs(), documents.param(i)),
-                               documents.param(i), truncation) for i, (query, document) in numbered]
+        texts = encoder.render_scores(template, pairs, req.template_kwargs(), documents.param)
+        return [tokenize_input(encoder, card, text, documents.param(i), truncation) for i, text in enumerate(texts)]
     return [tokenize_input(encoder, card, query, documents.param(i), truncation, pair=document,
-                           join=not classifier.use_sep_token) for i, (query, document) in numbered]
+                           join=not classifier.use_sep_token) for i, (query, document) in enumerate(pairs)]
 
 
 def _bi_encoder_scores(gw: Gateway, ctx: RequestContext, card: ModelCard, encoder: PromptEncoder, queries: Side,
