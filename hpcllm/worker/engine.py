@@ -441,7 +441,7 @@ class Engine(EngineBase):
         return pool_last_tokens(self.model, inputs)
 
     def _add_adapter(self, name: str, folder: str, config: AdapterConfig) -> None:
-        self._between_steps(lambda: self.runner.load_lora(name, folder), wait=True)
+        self._between_steps(lambda: self.runner.load_lora(name, folder, config), wait=True)
 
     def _remove_adapter(self, name: str, folder: str, wait: bool) -> None:
         self._between_steps(lambda: self.runner.unload_lora(name, folder), wait)

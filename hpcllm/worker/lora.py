@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hpcllm.worker.lora_config import ADAPTER_WEIGHTS, AdapterError, check_adapter_names, read_adapter_config
+from hpcllm.worker.lora_config import (ADAPTER_WEIGHTS, AdapterConfig, AdapterError, check_adapter_names,
+                                      read_adapter_config)
 
 PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
@@ -39,10 +40,12 @@ class LoraWeights:
     b_t: torch.Tensor  # [r, out]: (scale * B) transposed
 
 
-def read_adapter(name: str, folder: str | Path) -> dict[str, LoraWeights]:
+def read_adapter(name: str, folder: str | Path, config: AdapterConfig | None = None) -> dict[str, LoraWeights]:
     """A PEFT LoRA adapter's weights from its folder, by module name in the model as loaded (PEFT's key without its
-    prefix); refused with the reason when it is one this runner cannot apply."""
-    config = read_adapter_config(name, folder)
+    prefix); refused with the reason when it is one this runner cannot apply. config: its adapter config where the
+    caller read it already (a runtime load: EngineBase.load_lora), else read here."""
+    if config is None:
+        config = read_adapter_config(name, folder)
     weights_path = Path(folder) / ADAPTER_WEIGHTS
     from safetensors.torch import load_file
 
@@ -105,16 +108,17 @@ class LoraLayers:
         for name, folder in sorted(adapters.items()):
             self.add(name, folder)
 
-    def add(self, name: str, folder: str | Path) -> None:
-        """Install one more adapter (the worker's runtime load: between steps, never while one runs). Every check is
-        done before the first layer changes: a refused adapter leaves the others as they were."""
+    def add(self, name: str, folder: str | Path, config: AdapterConfig | None = None) -> None:
+        """Install one more adapter (the worker's runtime load: between steps, never while one runs; config: as
+        read_adapter's). Every check is done before the first layer changes: a refused adapter leaves the others as
+        they were."""
         check_adapter_names({name: str(folder)})
         key = (name, str(folder))
         if key in self.keys:
             raise AdapterError(f"LoRA adapter {name!r} from {folder} is already installed")
         dtype, device = _dtype_device(self.model)
         placed = []
-        for module_name, weights in read_adapter(name, folder).items():
+        for module_name, weights in read_adapter(name, folder, config).items():
             module, start, stop = _target(self.model, name, module_name)
             _check_shapes(name, module_name, weights, module.in_features, stop - start)
             placed.append((module, start, stop, LoraWeights(weights.a_t.to(device, dtype),

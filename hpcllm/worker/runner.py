@@ -39,6 +39,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from hpcllm.checkpoint.heads import classifier_architecture
 from hpcllm.worker import cpumem, fastpath, lora
+from hpcllm.worker.lora_config import AdapterConfig
 from hpcllm.worker.sampling import SamplingParams
 
 PAGED_ATTENTION = "hpcllm_paged"
@@ -441,11 +442,11 @@ class PagedRunner:
             _keep_scores(batch, scored, logits[rows:])
         return logits[:rows]
 
-    def load_lora(self, name: str, folder: str) -> None:
-        """Install an adapter at runtime (the engine calls it between steps)."""
+    def load_lora(self, name: str, folder: str, config: AdapterConfig) -> None:
+        """Install an adapter at runtime (the engine calls it between steps, with the config its load_lora read)."""
         if self.lora is None:
             self.lora = lora.LoraLayers(self.model, {})
-        self.lora.add(name, folder)
+        self.lora.add(name, folder, config)
 
     def unload_lora(self, name: str, folder: str) -> None:
         if self.lora is not None:

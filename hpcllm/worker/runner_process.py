@@ -48,7 +48,7 @@ from hpcllm.procs import freeze_startup_heap
 from hpcllm.worker import fastpath
 from hpcllm.worker.runner import PagedRunner, StepBatch, pool_last_tokens, make_runner
 from hpcllm.worker.grammar import grammar_compiler
-from hpcllm.worker.lora_config import AdapterError
+from hpcllm.worker.lora_config import AdapterConfig, AdapterError
 from hpcllm.worker.sampling import TokenState, forced_or, sample_token
 
 log = logging.getLogger(__name__)
@@ -144,10 +144,10 @@ class ProcessRunner:
         self._send(("embed", inputs))
         return self._result()
 
-    def load_lora(self, name: str, folder: str) -> None:
+    def load_lora(self, name: str, folder: str, config: AdapterConfig) -> None:
         """Install an adapter in the model process's runner, between steps (lora.LoraLayers.add's refusals raised
-        here as the same AdapterError)."""
-        self._lora_call("load", name, folder)
+        here as the same AdapterError); config: the one the engine's load_lora read, sent along."""
+        self._lora_call("load", name, folder, config)
 
     def unload_lora(self, name: str, folder: str) -> None:
         self._lora_call("unload", name, folder)

@@ -308,6 +308,30 @@ def test_an_adapter_loaded_at_runtime_serves_its_merged_output_and_once_unloaded
         assert engine.generate(request(prompt_token_ids=prompt_ids[2])).token_ids == expected[None][2]
 
 
+def test_a_runtime_load_reads_the_adapters_config_once(model_dirs, adapters, references, monkeypatch):
+    """load_lora checks the config and the runner installs the weights with what it read (a config file rewritten
+    between two reads could install another scale than the one checked)."""
+    from pathlib import Path
+
+    folders, _ = adapters
+    prompt_ids, expected = references
+    reads = []
+    read_text = Path.read_text
+
+    def counting(path, *args, **kwargs):
+        if path.name == "adapter_config.json":
+            reads.append(path)
+        return read_text(path, *args, **kwargs)
+
+    model, tokenizer = load(model_dirs)
+    with Engine(model, tokenizer, model_name="tiny", kv_block_size=4) as engine:
+        monkeypatch.setattr(Path, "read_text", counting)
+        assert engine.load_lora("x", folders["x"]) is True
+        monkeypatch.undo()
+        assert reads == [Path(folders["x"]) / "adapter_config.json"]
+        assert engine.generate(request(prompt_token_ids=prompt_ids[1], lora="x")).token_ids == expected["x"][1]
+
+
 @pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
 def test_an_adapter_unloaded_while_a_request_runs_with_it_goes_once_that_request_ends(model_dirs, adapters,
                                                                                       model_process):
