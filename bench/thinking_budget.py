@@ -4,6 +4,7 @@ without one, in the same run.
     PYTHONPATH=$PWD .venv/bin/python bench/thinking_budget.py [--size small] [--requests 8] [--max-tokens 64]
                                                               [--rounds 5] [--threads 1] [--model-process on|off]
                                                               [--clock wall|cpu]
+                                                              [--speculate K --prompt-tokens N]
 
 A tiny reasoning model (devmodels' Llama with Qwen3's <think> template) thinks from its first token: each request's
 prompt opened the thinking, and the budget (twice max_tokens) is never spent, so both runs generate the same greedy
@@ -13,11 +14,21 @@ argmax); since the end marker replaces the chosen token once a budget is spent (
 greedy request takes the step's argmax like any other. Each round runs both (the order alternating) and prints
 output tokens/s and the ratio budget / plain; the end the median ratio and its range. A ratio near 1.00 is the
 point; --clock cpu times each run by this process's CPU time (in process only), steadier on a shared machine.
+
+--speculate K turns n-gram speculation on (speculative_ngram_tokens = K, both runs) on the model rewired to copy
+(hpcllm/worker/tests/copying_model.py), with --prompt-tokens N long prompts: random tokens, then the stretch of the
+copy cycle the output follows with every 4th token changed (the spec_decode bench's partial workload: proposals
+accepted up to a changed token, so speculative and plain steps alternate), then the end marker, whose successor
+starts the output (it thinks from its first token and never reaches the marker again). What the budget costs there
+is its per-step bookkeeping of the thinking: with a model process (--model-process on) the engine had the model
+process rebuild the request's TokenState from all its ids (prompt included) after each speculative step, and each
+speculative commit scanned the whole output again for its ThinkingState, O(prompt + output) per step.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import tempfile
@@ -42,6 +53,24 @@ def run(engine, prompts: list[list[int]], max_tokens: int, thinking, tag: str, c
     return clock() - began, outputs
 
 
+def copy_prompts(successor: list[int], end: int, count: int, length: int, max_tokens: int) -> list[list[int]]:
+    """--speculate's prompts: `length` tokens each, random (never the end marker), then the max_tokens of the cycle
+    the output follows with every 4th changed, then the end marker (the output starts at its successor)."""
+    rng = random.Random(0)
+
+    def other() -> int:
+        return next(t for t in iter(lambda: rng.randrange(len(successor)), None) if t != end)
+
+    made = []
+    for _ in range(count):
+        stretch, token = [], end
+        for i in range(max_tokens):
+            token = successor[token]
+            stretch.append(other() if i % 4 == 3 else token)
+        made.append([other() for _ in range(length - len(stretch) - 1)] + stretch + [end])
+    return made
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="small", help="devmodels size (tiny, small, ...)")
@@ -51,10 +80,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model-process", choices=("on", "off"), default="off")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--speculate", type=int, default=0,
+                        help="speculative_ngram_tokens (0: none); the model copies, the prompts are --prompt-tokens")
+    parser.add_argument("--prompt-tokens", type=int, default=4096, help="with --speculate: each prompt's length")
     args = parser.parse_args()
     for name in ("requests", "max_tokens", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.speculate < 0:
+        parser.error("--speculate must be 0 (off) or the tokens proposed per step")
+    if args.speculate and args.prompt_tokens <= args.max_tokens:
+        parser.error("--prompt-tokens must exceed --max-tokens (the prompt holds the stretch the output copies)")
     if args.clock == "cpu" and args.model_process == "on":
         parser.error("--clock cpu times this process only: use it with --model-process off")
 
@@ -64,6 +100,7 @@ def main() -> int:
     from hpcllm.devmodels import make_model
     from hpcllm.worker.engine import Engine
     from hpcllm.worker.protocol import Thinking
+    from hpcllm.worker.tests.copying_model import rewire_to_copy
 
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -74,13 +111,25 @@ def main() -> int:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         end = tokenizer.convert_tokens_to_ids("</think>")
         budget = Thinking(end_token_id=end, budget=2 * args.max_tokens)  # never spent: the same tokens as without
-        # Prompts of different lengths (a word more each), each opening the thinking as a chat template would.
-        words = PROMPT.split()
-        prompts = [tokenizer(" ".join(words[:len(words) - i % 4]) + "\n<think>\n")["input_ids"]
-                   for i in range(args.requests)]
+        if args.speculate:
+            successor = rewire_to_copy(model)
+            if args.max_tokens >= len(successor) - 1:
+                parser.error(f"--max-tokens must be below {len(successor) - 1} with --speculate (the output would "
+                             "reach the end marker again in the copy cycle)")
+            prompts = copy_prompts(successor, end, args.requests, args.prompt_tokens, args.max_tokens)
+            # Rotary positions beyond the devmodel's 512-2048 (computed per position, nothing trained on them).
+            context = max(model.config.max_position_embeddings, args.prompt_tokens + args.max_tokens + 16)
+            model.config.max_position_embeddings = tokenizer.model_max_length = context
+        else:
+            # Prompts of different lengths (a word more each), each opening the thinking as a chat template would.
+            words = PROMPT.split()
+            prompts = [tokenizer(" ".join(words[:len(words) - i % 4]) + "\n<think>\n")["input_ids"]
+                       for i in range(args.requests)]
+            context = None
         ratios = []
         with Engine(model, tokenizer, model_name="thinker", max_running_requests=args.requests,
-                    model_process=args.model_process == "on") as engine:
+                    model_process=args.model_process == "on", speculative_ngram_tokens=args.speculate,
+                    max_model_len=context) as engine:
             run(engine, prompts, 4, None, "warm", clock)
             print(f"{'round':>5} {'plain tok/s':>11} {'budget tok/s':>12} {'ratio':>6}")
             for round_ in range(args.rounds):
@@ -97,7 +146,8 @@ def main() -> int:
                 print(f"{round_:>5} {plain:>11.1f} {with_budget:>12.1f} {ratios[-1]:>6.2f}")
     print(f"budget / plain: median {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}) "
           f"over {args.rounds} rounds, {args.requests} requests of {args.max_tokens} tokens, {args.threads} "
-          f"thread(s), model process {args.model_process}, {args.clock} clock")
+          f"thread(s), model process {args.model_process}, {args.clock} clock"
+          + (f", speculating {args.speculate} tokens on {args.prompt_tokens}-token prompts" if args.speculate else ""))
     return 0
 
 

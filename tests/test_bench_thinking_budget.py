@@ -25,8 +25,19 @@ def test_a_small_run_prints_both_rates_and_their_ratio():
                      completed.stdout)
 
 
+def test_a_speculating_run_on_long_prompts_checks_the_same_tokens_and_says_how_it_ran():
+    completed = bench("--size", "tiny", "--requests", "2", "--max-tokens", "24", "--rounds", "1", "--speculate", "3",
+                      "--prompt-tokens", "600", "--model-process", "on")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "speculating 3 tokens on 600-token prompts" in completed.stdout
+
+
 def test_bad_arguments_are_refused_with_what_to_fix():
     completed = bench("--rounds", "0")
     assert completed.returncode == 2 and "--rounds must be at least 1" in completed.stderr
+    completed = bench("--speculate", "-1")
+    assert completed.returncode == 2 and "--speculate must be 0" in completed.stderr
+    completed = bench("--speculate", "4", "--prompt-tokens", "64", "--max-tokens", "64")
+    assert completed.returncode == 2 and "--prompt-tokens must exceed --max-tokens" in completed.stderr
     completed = bench("--clock", "cpu", "--model-process", "on")
     assert completed.returncode == 2 and "use it with --model-process off" in completed.stderr
