@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import itertools
 import logging
 import queue
@@ -193,11 +194,14 @@ class _Request(RequestState):
     # Logits of the last known id when it was prefilled but not sampled (held or paused): the next step samples.
     pending_logits: torch.Tensor | None = None
     # Penalized, constrained or thinking, asynchronous scheduling: the model process holds this request's TokenState,
-    # in step with the output ids as of the rows sent (Engine._launch seeds it when not). Cleared whenever they may be
-    # off: a token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose taken
-    # (_state_for_sampling, _on_extended, _commit_speculative), its KV state freed (_release_kv: the model process
-    # drops them too).
-    state_in_child: bool = False
+    # and this is how many of its output ids that state has taken, counting the rows sent (Engine._child_state sends
+    # what it lacks: the tokens a speculative commit took, or a seed of its whole state where this is None). None
+    # whenever it may be off: a token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose
+    # taken but for a speculative commit's (_state_for_sampling, _on_extended), its KV state freed (_release_kv: the
+    # model process drops them too).
+    child_state_at: int | None = None
+    # A thinking request's ThinkingState, for its speculative commits (thinking_now).
+    thinking_state: ThinkingState | None = None
     speculation: SpeculationRecord = field(default_factory=SpeculationRecord)  # its acceptance (Engine._speculate)
 
     def __post_init__(self) -> None:
@@ -207,6 +211,15 @@ class _Request(RequestState):
     def append_output(self, token: int) -> None:
         super().append_output(token)
         self.all_ids.append(token)
+
+    def thinking_now(self) -> ThinkingState | None:
+        """Its thinking's state after its output so far (None: it has no thinking rule), advanced over the tokens
+        taken since it was last asked for: a speculative commit per step would otherwise scan the whole output."""
+        if self.params.thinking is None:
+            return None
+        if self.thinking_state is None:
+            self.thinking_state = ThinkingState(self.params.thinking, self.output_ids)
+        return self.thinking_state.advance(self.output_ids)
 
     @property
     def fully_cached(self) -> bool:
@@ -721,14 +734,27 @@ class Engine(EngineBase):
                 req = w.req
                 w.index = len(req.output_ids) + (w.previous_row is not None)
                 wanted = not (req.held or req.paused)
-                if wanted and req.params.reads_tokens and not req.state_in_child:
-                    batch.state_seeds[req.seq_id] = StateSeed(list(req.prompt_ids), list(req.output_ids),
-                                                              req.grammar)
-                    req.state_in_child = True
+                if wanted and req.params.reads_tokens:
+                    self._child_state(batch, w)
                 batch.choices.append((req.params, w.index) if wanted else None)
         with self._model_busy():  # a model process that stopped reading leaves the send blocked once its pipe is full
             self.runner.launch(batch)
         return launched
+
+    @staticmethod
+    def _child_state(batch: StepBatch, w: _Work) -> None:
+        """What the model process's TokenState of w's request lacks before it chooses w's row, into the batch: the
+        output ids a speculative commit took since (StepBatch.state_tokens), or, where it has none or one that is
+        off, a seed to build it from (the prompt only for penalties, the one part that reads it): sent once per
+        request, not after every speculative step (under the lock)."""
+        req = w.req
+        at = req.child_state_at
+        if at is not None and at < w.index == len(req.output_ids):
+            batch.state_tokens[req.seq_id] = req.output_ids[at:]
+        elif at != w.index:
+            batch.state_seeds[req.seq_id] = StateSeed(list(req.prompt_ids) if req.params.penalized else [],
+                                                      list(req.output_ids), req.grammar)
+        req.child_state_at = w.index + 1
 
     def _time_to_send_ahead(self, current: _Launched) -> float:
         """Seconds to wait before sending the step after `current`: until shortly before it should end."""
@@ -743,7 +769,7 @@ class Engine(EngineBase):
         if self._ahead is None:
             return
         for w in self._ahead.work:
-            w.req.state_in_child = False  # its rows' tokens, if chosen, are not taken
+            w.req.child_state_at = None  # its rows' tokens, if chosen, are not taken
         self._ahead = None
         with contextlib.suppress(StepSkipped, torch.OutOfMemoryError):  # its result is dropped either way
             self.runner.collect()
@@ -841,7 +867,7 @@ class Engine(EngineBase):
                     # -1: held or paused at launch (no token asked for); a changed index: extended since.
                     token = chosen[row] if chosen[row] >= 0 and len(w.req.output_ids) == w.index else None
                     self._sample_or_fail(w.req, logits[row], chosen=token)
-            if samples and chosen is not None:
+            if samples and chosen is not None and not w.proposal:  # a proposal's rows: chosen here, none there
                 self._note_counts_taken(w, chosen[row])
             if samples:
                 row += 1 + len(w.proposal)  # a speculative chunk's rows: every fed position's
@@ -854,11 +880,11 @@ class Engine(EngineBase):
         gets the first row, as a plain decode would."""
         req, proposal = w.req, w.proposal
         base = len(req.output_ids)
-        thinking = req.params.thinking
+        thinking = req.thinking_now()
         try:
             tokens = verify_proposal(proposal, picks.__getitem__ if picks is not None
                                      else lambda at: sample_token(logits[at], req.params, base + at),
-                                     ThinkingState(thinking, req.output_ids) if thinking is not None else None)
+                                     copy.copy(thinking) if thinking is not None else None)
         except Exception as exc:
             log.exception("request %s failed while sampling its next tokens", req.request_id)
             self._finish(req, "error", error=ErrorInfo(message=f"{type(exc).__name__}: {exc}", type="server_error"))
@@ -869,7 +895,8 @@ class Engine(EngineBase):
         req.speculation.observe(len(proposal), accepted, self.proposer.tokens, w.decodes)
         with self._lock:
             takes = req.state == "running" and not (req.cancel_requested or req.paused or req.held)
-            req.state_in_child = False  # the model process chose none of these: its TokenState (thinking) is behind
+            # The model process chose none of these: its TokenState (thinking) is behind by the tokens taken, which
+            # its next row sends (_child_state).
             if takes and len(req.all_ids) == w.end:
                 try:
                     for token in tokens:
@@ -925,10 +952,11 @@ class Engine(EngineBase):
     def _note_counts_taken(w: _Work, chosen: int) -> None:
         """After a pipelined row's commit: the model process's TokenState took its choice at output index w.index;
         unless that is now the request's last output token, its state there is off (the token was dropped, or the
-        worker sampled another) and the request's next row sends it again (_launch)."""
+        worker sampled another) and the request's next row sends it again (_child_state)."""
         req = w.req
-        if req.state_in_child and not (len(req.output_ids) == w.index + 1 and req.output_ids[-1] == chosen):
-            req.state_in_child = False
+        if req.child_state_at is not None and not (len(req.output_ids) == w.index + 1
+                                                   and req.output_ids[-1] == chosen):
+            req.child_state_at = None
 
     def _sample_or_fail(self, req: _Request, logits: torch.Tensor | None, argmax: int | None = None,
                         chosen: int | None = None) -> None:
@@ -997,7 +1025,7 @@ class Engine(EngineBase):
         if self.kv_pool.holds(req.seq_id) or req.num_cached:
             self._to_free.append(req.seq_id)
         self.kv_pool.free(req.seq_id)
-        req.state_in_child = False
+        req.child_state_at = None
 
     def _out_of_memory(self, requests: list[_Request], exc: BaseException) -> None:
         """The device ran out of memory in a step: alone, the request fails; in a batch, the lowest-priority newest
@@ -1045,7 +1073,7 @@ class Engine(EngineBase):
         chooses the others; this thread samples only after a step boundary: attached, unpaused, extended)."""
         grammar_tokenizer = self.grammar_tokenizer if req.params.constrained else None
         if self.async_scheduling and req.params.reads_tokens:
-            req.state_in_child = False  # nor does the model process take the token sampled here
+            req.child_state_at = None  # nor does the model process take the token sampled here
             return TokenState.build(req.params, logits.shape[-1], req.prompt_ids, req.output_ids, req.grammar,
                                     grammar_tokenizer)
         return req.state_for_sampling(logits.shape[-1], grammar_tokenizer)
@@ -1110,7 +1138,7 @@ class Engine(EngineBase):
 
     def _on_extended(self, req: _Request) -> None:
         req.pending_logits = None  # they were for the old last position
-        req.state_in_child = False  # the model process did not count the tokens given
+        req.child_state_at = None  # the model process did not count the tokens given
 
     def _end_all(self) -> None:
         with self._lock:

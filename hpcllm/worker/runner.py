@@ -91,7 +91,7 @@ class SequenceChunk:
 class StateSeed(NamedTuple):
     """What the model process builds a request's TokenState from, sent once (not with every step's choices)."""
 
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # a penalized request's (TokenCounts); [] for others, which never read them
     output_ids: list[int]  # known at launch (a chunk with previous_row adds the token it feeds)
     grammar: str | None  # a constrained request's (GenerateRequest.grammar)
 
@@ -111,6 +111,9 @@ class StepBatch:
     # step's tokens (their first row there, or their state there went stale): seq id -> StateSeed.
     # runner_process.TokenStates.
     state_seeds: dict[int, StateSeed] = field(default_factory=dict)
+    # Sequences whose TokenState there lacks output ids the engine took without it (a speculative commit's): seq id ->
+    # those ids, taken before this step's tokens are chosen.
+    state_tokens: dict[int, list[int]] = field(default_factory=dict)
     # Filled in by the runner: per chunk with score_ids, its positions' scores (a few numbers each, never whole
     # vocabulary rows: they cross the model process's pipe).
     scores: dict[int, "PositionScores"] = field(default_factory=dict)

@@ -318,8 +318,9 @@ class TokenStates:
     process, by sequence id: kept where their tokens are chosen, so such a row is chosen here and its next step sent
     ahead like any other's. Built from the ids the engine sends with a request's first row here
     (StepBatch.state_seeds: new, resumed, migrated in, preempted, or after a token chosen here was not taken),
-    updated with each token chosen for it (choose_tokens), forgotten with its KV state (StepBatch.free: it finished,
-    was preempted or handed over)."""
+    updated with each token chosen for it (choose_tokens) and each the engine took without it (StepBatch.state_tokens:
+    a speculative commit's), forgotten with its KV state (StepBatch.free: it finished, was preempted or handed
+    over)."""
 
     def __init__(self, vocab_size: int, tokenizer=None) -> None:
         self.vocab_size = vocab_size
@@ -332,7 +333,12 @@ class TokenStates:
 
     def seed(self, batch: StepBatch) -> None:
         """Build the states batch.state_seeds sends (after _feed_previous_tokens: a chunk sent ahead adds the
-        token it feeds, which the engine did not know yet)."""
+        token it feeds, which the engine did not know yet), and give the others the tokens batch.state_tokens
+        sends."""
+        for seq_id, tokens in batch.state_tokens.items():
+            state = self._row(seq_id)
+            for token in tokens:
+                state.add(token)
         for chunk, choice in self._choices(batch):
             state_seed = batch.state_seeds.get(chunk.seq_id)
             if state_seed is not None and choice is not None:

@@ -64,6 +64,13 @@ class ThinkingState:
                 self.thinking, self.answer_from = False, end + 1
         self._seen = len(output_ids)
 
+    def advance(self, output_ids: list[int]) -> "ThinkingState":
+        """Take the output's tokens after those taken so far (output_ids: the whole output, which only grows): a
+        kept state follows a long output at the cost of its new tokens, not of a rebuild that scans it all."""
+        for token in output_ids[self._seen:]:
+            self.add(token)
+        return self
+
     def add(self, token: int) -> bool:
         """Take the next output token; whether it is part of the answer."""
         index, self._seen = self._seen, self._seen + 1

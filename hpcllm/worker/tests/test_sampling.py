@@ -1,3 +1,5 @@
+import itertools
+
 import torch
 
 from hpcllm.worker.sampling import (SamplingParams, Thinking, ThinkingState, TokenCounts, TokenState, adjusted_logits,
@@ -207,6 +209,22 @@ def test_a_thinking_state_built_from_the_ids_equals_one_fed_token_by_token():
             assert vars(built) == vars(fed), (rule, ids)
             built.add(end), fed.add(end)
             assert vars(built) == vars(fed), (rule, ids)
+
+
+def test_a_kept_thinking_state_advanced_over_each_commits_tokens_equals_one_built_from_the_whole_output():
+    """A speculating request keeps its ThinkingState and advances it over the tokens each commit takes (any number,
+    across the opening, the budget's end and the end marker) instead of scanning its whole output again: at every
+    point it says what one built from the output so far says."""
+    start, end = 7, 8
+    outputs = [[7, 1, 2, 3, 4, 8, 5, 6], [1, 2, 3, 4, 5, 6, 8, 1], [7, 7, 1, 8, 8, 2], [3, 8, 4, 7]]
+    for rule in (Thinking(end=end), Thinking(end=end, budget=2), Thinking(end=end, start=start, budget=3)):
+        for ids in outputs:
+            for cuts in itertools.combinations(range(1, len(ids)), 2):
+                kept = ThinkingState(rule, ids[:cuts[0]])
+                for upto in (*cuts, len(ids)):
+                    kept.advance(ids[:upto])
+                    built = ThinkingState(rule, ids[:upto])
+                    assert (vars(kept), kept.forced) == (vars(built), built.forced), (rule, ids, cuts, upto)
 
 
 def test_a_speculated_thinking_request_gets_its_end_marker_at_the_budget_within_a_proposal():

@@ -207,6 +207,39 @@ def test_a_thinking_budget_speculates_and_ends_its_thinking_at_the_budget(copyin
     assert 0 < accepted < proposed  # speculated, and a proposal crossing the budget cut there
 
 
+def test_a_speculating_thinking_budget_seeds_the_model_process_once_and_then_sends_only_the_tokens_taken(
+        copying, make_engine):
+    """Its proposals copy a prompt with every 4th token changed, so speculative steps and rows the model process
+    chooses alternate, the budget spent in either: after a speculative commit the model process's state gets the
+    tokens taken since (StepBatch.state_tokens), its state seed (all the request's ids) going down once per request;
+    the end marker still lands after exactly `budget` thinking tokens, greedy and sampled as without speculation."""
+    load, tokenizer, successor, _ = copying
+    stretch = cycle_from(successor, 500, 200)
+    document = [t if i % 4 else (t * 7 + 1) % len(successor) for i, t in enumerate(stretch[:120])]
+    end, budgets = stretch[150], [6, 9, 13, 16, 20, 27]
+
+    def thinkers(**fields) -> list[GenerateRequest]:
+        return [GenerateRequest(request_id=f"s{next(_ids)}", prompt_token_ids=document + stretch[:1], max_tokens=40,
+                                ignore_eos=True, thinking=Thinking(end_token_id=end, budget=budget), **fields)
+                for budget in budgets]
+
+    plain = make_engine(load(), tokenizer)
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=5, model_process=True)
+    batches = []
+    make_batch = engine._batch
+    engine._batch = lambda chunks: batches.append(make_batch(chunks)) or batches[-1]
+    for fields in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        off, on = run_together(plain, thinkers(**fields)), run_together(engine, thinkers(**fields))
+        assert [tokens for tokens, _ in on] == [tokens for tokens, _ in off]
+        assert [tokens.index(end) for tokens, _ in on] == budgets
+    assert off[0][0][:6] == stretch[1:7]
+    seeded = [seq_id for batch in batches for seq_id in batch.state_seeds]
+    assert len(seeded) == len(set(seeded)) == 2 * len(budgets)  # once per request
+    assert sum(len(batch.state_tokens) for batch in batches) >= len(budgets)
+    proposed, accepted = spec_counts(engine)
+    assert 0 < accepted < proposed
+
+
 def test_the_sampled_acceptance_rule_matches_its_closed_form_on_given_logits():
     """Three fed positions' logits, a proposal [x1, x2]; over 4000 fixed seeds: the first token is x1 with probability
     p1(x1) and otherwise y with p1(y) / (1 - p1(x1)); after x1, the second is x2 with p2(x2), and p2 in all. Total
