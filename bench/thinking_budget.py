@@ -13,7 +13,8 @@ path for its whole thinking (its logits row adjusted and sampled alone: a vocab 
 argmax); since the end marker replaces the chosen token once a budget is spent (sampling.forced_or), a budget-only
 greedy request takes the step's argmax like any other. Each round runs both (the order alternating) and prints
 output tokens/s and the ratio budget / plain; the end the median ratio and its range. A ratio near 1.00 is the
-point; --clock cpu times each run by this process's CPU time (in process only), steadier on a shared machine.
+point; --clock cpu times each run by the CPU time of this process and its model process (with --model-process
+on), steadier on a shared machine.
 
 --speculate K turns n-gram speculation on (speculative_ngram_tokens = K, both runs) on the model rewired to copy
 (hpcllm/worker/tests/copying_model.py), with --prompt-tokens N long prompts: random tokens, then the stretch of the
@@ -22,7 +23,9 @@ accepted up to a changed token, so speculative and plain steps alternate), then 
 starts the output (it thinks from its first token and never reaches the marker again). What the budget costs there
 is its per-step bookkeeping of the thinking: with a model process (--model-process on) the engine had the model
 process rebuild the request's TokenState from all its ids (prompt included) after each speculative step, and each
-speculative commit scanned the whole output again for its ThinkingState, O(prompt + output) per step.
+speculative commit scanned the whole output again for its ThinkingState, O(prompt + output) per step. The
+ids/tok column counts the token ids the budget run sent the model process for its TokenStates (seeds and
+StepBatch.state_tokens) per output token.
 """
 
 from __future__ import annotations
@@ -38,6 +41,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PROMPT = "Think about the question, then answer it: what is the capital of France, and why is it there?"
+
+
+def count_state_ids(engine) -> list[int]:
+    """[the token ids steps sent the model process for TokenStates so far] (a list to read as it grows)."""
+    sent = [0]
+    launch = engine.runner.launch
+
+    def counting(batch) -> None:
+        sent[0] += (sum(len(seed.prompt_ids) + len(seed.output_ids) for seed in batch.state_seeds.values())
+                    + sum(map(len, batch.state_tokens.values())))
+        launch(batch)
+
+    engine.runner.launch = counting
+    return sent
 
 
 def run(engine, prompts: list[list[int]], max_tokens: int, thinking, tag: str, clock) -> tuple[float, list]:
@@ -91,19 +108,17 @@ def main() -> int:
         parser.error("--speculate must be 0 (off) or the tokens proposed per step")
     if args.speculate and args.prompt_tokens <= args.max_tokens:
         parser.error("--prompt-tokens must exceed --max-tokens (the prompt holds the stretch the output copies)")
-    if args.clock == "cpu" and args.model_process == "on":
-        parser.error("--clock cpu times this process only: use it with --model-process off")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bench.gateway_stream import cpu_seconds
     from hpcllm.devmodels import make_model
     from hpcllm.worker.engine import Engine
     from hpcllm.worker.protocol import Thinking
     from hpcllm.worker.tests.copying_model import rewire_to_copy
 
     torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory() as folder:
         path = make_model("llama", Path(folder) / "thinker", size=args.size, dtype="float32",
                           chat_template="qwen3-think")
@@ -130,20 +145,28 @@ def main() -> int:
         with Engine(model, tokenizer, model_name="thinker", max_running_requests=args.requests,
                     model_process=args.model_process == "on", speculative_ngram_tokens=args.speculate,
                     max_model_len=context) as engine:
+            clock = time.perf_counter
+            if args.clock == "cpu":
+                child = engine.model_process_pid
+                clock = time.process_time if child is None else lambda: time.process_time() + sum(cpu_seconds(child))
+            sent = count_state_ids(engine) if args.model_process == "on" else [0]
             run(engine, prompts, 4, None, "warm", clock)
-            print(f"{'round':>5} {'plain tok/s':>11} {'budget tok/s':>12} {'ratio':>6}")
+            print(f"{'round':>5} {'plain tok/s':>11} {'budget tok/s':>12} {'ratio':>6} {'ids/tok':>7}")
             for round_ in range(args.rounds):
                 order = [(None, "plain"), (budget, "budget")]
-                results = {}
+                results, ids = {}, {}
                 for thinking, tag in order if round_ % 2 == 0 else order[::-1]:
+                    before = sent[0]
                     results[tag] = run(engine, prompts, args.max_tokens, thinking, f"{tag}{round_}", clock)
+                    ids[tag] = sent[0] - before
                 if results["plain"][1] != results["budget"][1]:
                     print("outputs differ between the runs: the budget changed the tokens", file=sys.stderr)
                     return 1
                 tokens = args.requests * args.max_tokens
                 plain, with_budget = tokens / results["plain"][0], tokens / results["budget"][0]
                 ratios.append(with_budget / plain)
-                print(f"{round_:>5} {plain:>11.1f} {with_budget:>12.1f} {ratios[-1]:>6.2f}")
+                print(f"{round_:>5} {plain:>11.1f} {with_budget:>12.1f} {ratios[-1]:>6.2f} "
+                      f"{ids['budget'] / tokens:>7.1f}")
     print(f"budget / plain: median {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f}) "
           f"over {args.rounds} rounds, {args.requests} requests of {args.max_tokens} tokens, {args.threads} "
           f"thread(s), model process {args.model_process}, {args.clock} clock"
