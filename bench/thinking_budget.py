@@ -23,8 +23,8 @@ accepted up to a changed token, so speculative and plain steps alternate), then 
 starts the output (it thinks from its first token and never reaches the marker again). What the budget costs there
 is its per-step bookkeeping of the thinking: with a model process (--model-process on) the engine had the model
 process rebuild the request's TokenState from all its ids (prompt included) after each speculative step, and each
-speculative commit scanned the whole output again for its ThinkingState, O(prompt + output) per step. The
-ids/tok column counts the token ids the budget run sent the model process for its TokenStates (seeds and
+speculative commit scanned the whole output again for its ThinkingState, O(prompt + output) per step (until
+831f4ce: now a seed per request, then the tokens taken; docs/serving-bench.md session 32). The ids/tok column counts the token ids the budget run sent the model process for its TokenStates (seeds and
 StepBatch.state_tokens) per output token.
 """
 
