@@ -241,3 +241,57 @@ def test_a_migration_destination_carries_none_of_the_routed_workers_credentials(
     assert routed.key(SECRET) == "the-pools-key"
     with pytest.raises(RuntimeError, match="migration grant"):  # not even the cluster secret
         moved.key(SECRET)
+
+
+def completion_events(gateway, body: dict, after_event) -> list[dict]:
+    """A streamed completion's SSE events, after_event(events so far) called after each."""
+    events = []
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
+        for line in stream.iter_lines():
+            if line and line != "data: [DONE]":
+                events.append(json.loads(line.removeprefix("data: ")))
+                after_event(events)
+    return events
+
+
+def per_choice(events: list[dict]) -> tuple[dict, dict, list, dict]:
+    """(text, logprob tokens, finish reasons) per choice index, and the usage chunks."""
+    texts, tokens, finishes = {}, {}, {}
+    for event in events:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+            tokens.setdefault(choice["index"], []).extend((choice.get("logprobs") or {}).get("tokens") or [])
+            if choice.get("finish_reason"):
+                finishes.setdefault(choice["index"], []).append(choice["finish_reason"])
+    return texts, tokens, [e["usage"] for e in events if e.get("usage")], finishes
+
+
+def test_two_choices_with_echo_and_logprobs_follow_a_migration_there_and_back(make_gateway, two_workers,
+                                                                                tiny_model_dir):
+    """n = 2 with echo and logprobs, moved to the destination and back again mid-stream: each choice's text and
+    logprobs are the unmoved run's, usage comes once with prompt tokens counted once, every choice ends once, and
+    the stream keeps one id."""
+    source, destination = two_workers
+    gateway = make_gateway(router=ScriptedRouter(tiny_model_dir, [source.url]))
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 30, "temperature": 0, "ignore_eos": True,
+            "n": 2, "echo": True, "logprobs": 1, "stream_options": {"include_usage": True}}
+    source.slow_down(0.01)
+    destination.slow_down(0.01)
+    reference = completion_events(gateway, body, lambda events: None)
+    moves = []
+
+    def move_twice(events):
+        if len(events) == 8 and not moves:
+            moves.append(source.migrate_everything_to(destination))
+        elif len(events) == 24 and len(moves) == 1:
+            moves.append(destination.migrate_everything_to(source))
+
+    moved = completion_events(gateway, body, move_twice)
+    assert [(len(m.migrated) > 0, m.failed) for m in moves] == [(True, [])] * 2, moves
+    assert per_choice(moved) == per_choice(reference)
+    texts, _, usage, finishes = per_choice(moved)
+    assert len(texts) == 2 and finishes == {0: ["length"], 1: ["length"]} and len(usage) == 1
+    assert len({event["id"] for event in moved}) == 1
+    assert metric(gateway, f"hpcllm_request_migrations_total{{{LABEL}}} 4.0")  # each choice's stream moved twice
+    assert f"hpcllm_request_resumes_total{{{LABEL}}}" not in httpx.get(f"{gateway.url}/metrics").text
