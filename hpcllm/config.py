@@ -326,7 +326,8 @@ class GatewayConfig(Section):
     # Usage accounting (GET /v1/admin/usage, `hpcllm usage`): daily rows per key name, group, model and endpoint are
     # kept this many days in the limits database (400: a year's reports and the same month a year before).
     usage_retention_days: int = Field(400, ge=1)
-    # Prometheus multiprocess directory used under gunicorn; empty: <paths.state_dir>/gateway/metrics
+    # Prometheus multiprocess directory used under gunicorn (a master-<pid> folder in it per gateway); empty:
+    # <paths.state_dir>/gateway/prometheus
     metrics_dir: Path | None = None
     # Files and Batch APIs (docs/gateway.md "Batches"): uploaded files and batch outputs live in this directory;
     # empty: <paths.state_dir>/gateway/files. Several gateway hosts must share it (a shared filesystem) as they share

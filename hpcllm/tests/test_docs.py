@@ -44,3 +44,20 @@ def test_every_exported_metric_is_described_in_the_docs(component, tmp_path):
     assert names
     missing = [n for n in names if n not in text]
     assert not missing, f"{component} metrics no docs/*.md describes: {missing}"
+
+
+def test_every_config_key_is_named_in_the_docs_or_the_example_configs():
+    """Each key of every config section appears in docs/*.md or conf/ (its meaning and default live in
+    hpcllm/config.py's comments; the docs say where it acts), so an operator reading the docs finds every knob."""
+    from pydantic import BaseModel
+
+    from hpcllm.config import Config
+
+    root = DOCS.parent
+    text = "\n".join(path.read_text() for path in [*sorted(DOCS.glob("*.md")), *sorted(root.glob("conf/**/*.toml"))])
+    keys = [f"{section}.{key}" for section, field in Config.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+            for key in field.annotation.model_fields]
+    assert len(keys) > 100
+    missing = [key for key in keys if key.split(".")[1] not in text]
+    assert not missing, f"config keys no docs/*.md or conf/ file names: {missing}"
