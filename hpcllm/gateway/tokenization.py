@@ -46,6 +46,9 @@ class Truncation:
     tokens: int
     side: Literal["left", "right"]
     by_tokenizer: bool  # no side asked: the tokenizer truncates a text itself, keeping its special tokens (vLLM's)
+    # The tokenizer cuts a text pair's second text only (vLLM's, for a cross-encoder's pair where max_tokens_per_doc
+    # is asked); what it cannot cut so is then cut by side.
+    second_only: bool = False
 
     def keep(self, ids: list[int]) -> list[int]:
         if len(ids) <= self.tokens:
@@ -111,13 +114,14 @@ class PromptEncoder:
                 return Truncated(ids, shortened)
             if not truncation.by_tokenizer:
                 return Truncated(truncation.keep(ids), True)
+        strategy = "only_second" if truncation.second_only and short_pair is not None else True
         try:
-            ids = self.tokenizer(short, text_pair=short_pair, add_special_tokens=add_special_tokens, truncation=True,
-                                 max_length=truncation.tokens)["input_ids"]
+            ids = self.tokenizer(short, text_pair=short_pair, add_special_tokens=add_special_tokens,
+                                 truncation=strategy, max_length=truncation.tokens)["input_ids"]
         except ValueError as exc:  # transformers: a pair that cannot be cut that short around its special tokens
             raise InvalidRequest(f"truncate_prompt_tokens {truncation.tokens} is too few tokens for this input: {exc}",
                                  param="truncate_prompt_tokens", code="invalid_value") from None
-        return Truncated(list(ids), True)
+        return Truncated(truncation.keep(list(ids)), True)  # only_second leaves a first text too long for it whole
 
     def prompt_ids(self, text_or_ids: str | list[int], param: str, max_model_len: int | None,
                    truncation: Truncation | None, pair: str | None = None) -> Truncated:
@@ -145,6 +149,20 @@ class PromptEncoder:
             if len(self.encode(cut, add_special_tokens=False)) >= wanted:
                 return cut
             chars *= 4
+        return text
+
+    def cut_to_tokens(self, text: str, tokens: int) -> str:
+        """text's start holding its first `tokens` tokens (special tokens not counted), cut where the tokenizer's
+        offsets put a token's boundary: vLLM's truncate_text_to_tokens (max_tokens_per_query, max_tokens_per_doc),
+        no decode round trip, re-tokenized until a merge across the cut no longer leaves too many. A long text is
+        first shortened by characters (shortened)."""
+        text = self.shortened(text, Truncation(tokens, "right", by_tokenizer=False))
+        while text:
+            offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            if len(offsets) <= tokens:
+                break
+            end = min(offsets[tokens - 1][1], offsets[tokens][0])
+            text = text[:min(end, len(text) - 1)]
         return text
 
     def truncation(self, asked: TruncatingRequest, max_model_len: int | None, generating: bool) -> Truncation | None:

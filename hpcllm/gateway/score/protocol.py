@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pydantic import Field
 
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIResponse, TruncatingRequest, UsageInfo, unsupported
+from hpcllm.gateway.tokenization import PromptEncoder
 
 # vLLM's names for the two sides of a score request, in the order its request union tries them.
 SCORE_SIDES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
@@ -36,13 +37,20 @@ class Side:
                                      code="invalid_value")
         return cls(name, values, isinstance(value, list))
 
+    def cut(self, encoder: PromptEncoder, tokens: int) -> "Side":
+        """This side with each text cut to its first `tokens` content tokens (0: uncut)."""
+        if not tokens:
+            return self
+        return replace(self, texts=[encoder.cut_to_tokens(text, tokens) for text in self.texts])
+
     def param(self, index: int) -> str:
         return f"{self.name}[{index}]" if self.given_as_list else self.name
 
 
 class ScoringRequest(TruncatingRequest):
-    """What vLLM's score and rerank requests share. truncate_prompt_tokens cuts each input (a cross-encoder's pair
-    as one); the per-side limits of Cohere's v2 (max_tokens_per_query, max_tokens_per_doc) are refused."""
+    """What vLLM's score and rerank requests share. max_tokens_per_query and max_tokens_per_doc (Cohere's v2) cut
+    each query and document text before they are paired; truncate_prompt_tokens then cuts each input (a
+    cross-encoder's pair as one)."""
 
     model: str | None = Field(None, min_length=1)  # none: the one model that scores (serving.scoring_models)
     user: str | None = None
@@ -58,11 +66,17 @@ class ScoringRequest(TruncatingRequest):
             return self.chat_template_kwargs
         return {"instruction": self.instruction, **(self.chat_template_kwargs or {})}
 
-    def check_supported(self) -> None:
+    def side_limits(self, max_model_len: int | None) -> tuple[int, int]:
+        """The content tokens each query and each document keeps (0: all), a 400 naming the field (vLLM's words)
+        for a negative one or one the model's context could not hold with a special token."""
         for param in ("max_tokens_per_query", "max_tokens_per_doc"):
-            if getattr(self, param):
-                raise unsupported(param, "truncating one side of the scored pairs (truncate_prompt_tokens cuts "
-                                         "each pair as a whole)")
+            value = getattr(self, param)
+            if value < 0:
+                raise InvalidRequest(f"{param} must be a non-negative integer", param=param, code="invalid_value")
+            if max_model_len is not None and value >= max_model_len:
+                raise InvalidRequest(f"{param} ({value}) must be less than max_model_len ({max_model_len}).",
+                                     param=param, code="invalid_value")
+        return self.max_tokens_per_query, self.max_tokens_per_doc
 
 
 class ScoreRequest(ScoringRequest):

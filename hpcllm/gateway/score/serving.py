@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.pooling import (Classifier, check_input_count, classifier_of, pool_on_a_worker,
@@ -25,7 +26,6 @@ RESPONSE_ID_PREFIX = "score"  # vLLM's for both APIs
 
 
 def create_score(gw: Gateway, ctx: RequestContext, req: ScoreRequest) -> dict:
-    req.check_supported()
     card, scores, prompt_tokens = score_pairs(gw, ctx, req, *req.sides())
     return ScoreResponse(
         id=new_response_id(RESPONSE_ID_PREFIX), created=int(time.time()), model=card.name,
@@ -36,7 +36,6 @@ def create_score(gw: Gateway, ctx: RequestContext, req: ScoreRequest) -> dict:
 
 def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
     """The documents by relevance to the query, best first (ties in the documents' order), the first top_n."""
-    req.check_supported()
     query, documents = req.sides()
     card, scores, prompt_tokens = score_pairs(gw, ctx, req, query, documents)
     ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:req.top_n or None]
@@ -54,15 +53,17 @@ def create_rerank(gw: Gateway, ctx: RequestContext, req: RerankRequest) -> dict:
 def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: Side,
                 documents: Side) -> tuple[ModelCard, list[float], int]:
     """The model that scored, the score of each (query, document) pair, in the documents' order, and the prompt
-    tokens it took; each input truncated as the request asks (a cross-encoder's pair as one input, an embedding
-    model's texts each)."""
+    tokens it took; each query and document text cut as the request asks (max_tokens_per_query, max_tokens_per_doc),
+    then each input truncated (a cross-encoder's pair as one input, an embedding model's texts each)."""
     _check_pairing(queries, documents)
     card = requested_pooling_model(gw, req.model, "scores", scoring_models)
     classifier = classifier_of(card)
     encoder = gw.tokenizers.get(card)
     truncation = encoder.truncation(req, card.max_model_len, generating=False)
+    query_tokens, document_tokens = req.side_limits(card.max_model_len)
     pairs = len(documents.texts)
     check_input_count(pairs + len(queries.texts) if classifier is None else pairs, documents.name)
+    queries, documents = queries.cut(encoder, query_tokens), documents.cut(encoder, document_tokens)
     if classifier is None:
         return card, *_bi_encoder_scores(gw, ctx, card, encoder, queries, documents, truncation)
     if classifier.num_labels != 1:
@@ -70,6 +71,8 @@ def score_pairs(gw: Gateway, ctx: RequestContext, req: ScoringRequest, queries: 
                              f"({classifier.architecture}): a score needs a one-label head (a reranker's); "
                              "/v1/classify answers its labels", param="model")
     activate = classifier.applies_activation(req.use_activation)
+    if document_tokens and truncation is not None:  # vLLM's: the pair's truncation then cuts the document only
+        truncation = replace(truncation, second_only=True)
     inputs = _pair_inputs(encoder, card, classifier, req, queries, documents, truncation)
     logits, prompt_tokens = pool_on_a_worker(gw, ctx, card, inputs, classifier)
     return card, [classifier.probabilities(row, activate)[0] for row in logits], prompt_tokens

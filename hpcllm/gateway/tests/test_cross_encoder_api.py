@@ -149,6 +149,39 @@ def test_truncated_pairs_and_inputs_are_scored_as_transformers_scores_them_cut(g
     assert got["usage"]["prompt_tokens"] == 5
 
 
+def test_max_tokens_per_query_and_per_doc_cut_each_text_before_it_is_paired(gateway, classifier_models):
+    """Each query and document keeps its first tokens and the cut texts are paired (vLLM's); with
+    truncate_prompt_tokens too, the tokenizer then cuts the pair's document only (vLLM's only_second), where its
+    own truncation would cut the longer text, here the query."""
+    from .test_score_api import cut_by_hand
+
+    _, model, tokenizer = classifier_models[RERANKER]
+    query, documents = cut_by_hand(tokenizer, QUERY, 4), [cut_by_hand(tokenizer, d, 3) for d in DOCUMENTS[:2]]
+    logits = [hf_logits(classifier_models, RERANKER, query, d)[0] for d in documents]
+    answer = gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS[:2],
+                                             "max_tokens_per_query": 4, "max_tokens_per_doc": 3,
+                                             "use_activation": False})
+    assert answer.status_code == 200, answer.text
+    assert [d["score"] for d in answer.json()["data"]] == pytest.approx(logits, abs=1e-5)
+    tokens = pair_tokens(classifier_models, RERANKER, [(query, d) for d in documents])
+    assert answer.json()["usage"]["prompt_tokens"] == tokens
+
+    long_query, document = " ".join(DOCUMENTS), " ".join(DOCUMENTS[:2])
+    cut_document = cut_by_hand(tokenizer, document, 6)
+    keep = len(tokenizer(long_query, cut_document)["input_ids"]) - 3
+    with torch.no_grad():
+        only_second = tokenizer(long_query, cut_document, truncation="only_second", max_length=keep,
+                                return_tensors="pt")
+        want = model(**only_second).logits[0, 0].item()
+    assert only_second["input_ids"][0].tolist() != tokenizer(long_query, cut_document, truncation=True,
+                                                          max_length=keep)["input_ids"]
+    answer = gateway.post("/v1/rerank", json={"model": RERANKER, "query": long_query, "documents": [document],
+                                              "max_tokens_per_doc": 6, "truncate_prompt_tokens": keep,
+                                              "use_activation": False}).json()
+    assert answer["results"][0]["relevance_score"] == pytest.approx(want, abs=1e-5)
+    assert answer["usage"]["prompt_tokens"] == keep
+
+
 def hf_logits_of_ids(classifier_models, name: str, ids: list[int]) -> list[float]:
     _, model, _ = classifier_models[name]
     with torch.no_grad():

@@ -95,11 +95,45 @@ def test_bad_score_and_rerank_requests_are_400_naming_the_field(gateway, tiny_mo
     assert_error(gateway.post("/v1/score", json={"model": MODEL, "queries": "a"}), 400, "missing_field", "documents")
     assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": [3]}), 400,
                  "invalid_value", "text_2[0]")
-    assert_error(gateway.post("/v1/rerank", json={**rerank, "documents": ["b"], "max_tokens_per_doc": 8}), 400,
-                 "unsupported_parameter", "max_tokens_per_doc")
+    for param in ("max_tokens_per_query", "max_tokens_per_doc"):
+        error = assert_error(gateway.post("/v1/rerank", json={**rerank, "documents": ["b"], param: -1}), 400,
+                             "invalid_value", param)
+        assert error["message"] == f"{param} must be a non-negative integer"
+        error = assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": "b",
+                                                             param: context}), 400, "invalid_value", param)
+        assert error["message"] == f"{param} ({context}) must be less than max_model_len ({context})."
     error = assert_error(gateway.post("/v1/score", json={"model": MODEL, "text_1": "a", "text_2": ["b"] * 2048}),
                          400, "invalid_request", "text_2")
     assert "at most 2048 texts" in error["message"] and "2049" in error["message"]
+
+
+def cut_by_hand(tokenizer, text: str, tokens: int) -> str:
+    """text up to the end of its tokens-th token (special tokens not counted), by the tokenizer's offsets."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    cut = text[:offsets[tokens - 1][1]]
+    assert len(tokenizer(cut, add_special_tokens=False)["input_ids"]) == tokens < len(offsets)  # it was cut
+    return cut
+
+
+def test_max_tokens_per_query_and_per_doc_cut_each_text_before_it_is_embedded(gateway, hf_pair):
+    """Cohere's per-side limits (vLLM's): each query and document keeps its first tokens, the cut texts are what
+    is embedded and counted; rerank still answers each document as it was sent."""
+    tokenizer = hf_pair[1]
+    query, documents = cut_by_hand(tokenizer, QUERY, 3), [cut_by_hand(tokenizer, d, 2) for d in DOCUMENTS[:2]]
+    query_vector, *document_vectors = embeddings(gateway, [query, *documents])
+    want = [cosine(query_vector, d) for d in document_vectors]
+    limits = {"max_tokens_per_query": 3, "max_tokens_per_doc": 2}
+    answer = gateway.post("/v1/score", json={"model": MODEL, "text_1": QUERY, "text_2": DOCUMENTS[:2], **limits})
+    assert answer.status_code == 200, answer.text
+    assert [d["score"] for d in answer.json()["data"]] == pytest.approx(want, abs=1e-5)
+    tokens = prompt_tokens(hf_pair, [query, *documents])
+    assert answer.json()["usage"]["prompt_tokens"] == tokens
+
+    ranked = gateway.post("/v2/rerank", json={"model": MODEL, "query": QUERY, "documents": DOCUMENTS[:2],
+                                              **limits}).json()
+    assert sorted((r["index"], r["relevance_score"], r["document"]["text"]) for r in ranked["results"]) == [
+        (i, pytest.approx(want[i], abs=1e-5), DOCUMENTS[i]) for i in range(2)]
+    assert ranked["usage"]["prompt_tokens"] == tokens
 
 
 def test_with_no_cross_encoder_a_score_naming_no_model_goes_to_the_one_bi_encoder(gateway):

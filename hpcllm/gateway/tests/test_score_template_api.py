@@ -97,6 +97,18 @@ def test_the_instruction_and_chat_template_kwargs_reach_the_score_template(gatew
                  400, "invalid_value", "chat_template_kwargs")
 
 
+def test_max_tokens_per_query_and_per_doc_cut_the_texts_the_score_template_is_given(gateway, lm_reranker):
+    from .test_score_api import cut_by_hand
+
+    tokenizer = lm_reranker[1]
+    query, document = cut_by_hand(tokenizer, QUERY, 3), cut_by_hand(tokenizer, DOCUMENTS[0], 2)
+    answer = gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS[0],
+                                             "max_tokens_per_query": 3, "max_tokens_per_doc": 2}).json()
+    assert answer["data"][0]["score"] == pytest.approx(yes_probability(lm_reranker, templated(query, document)),
+                                                       abs=1e-5)
+    assert answer["usage"]["prompt_tokens"] == len(tokenizer(templated(query, document))["input_ids"])
+
+
 def test_a_scoring_request_naming_no_model_goes_to_the_one_cross_encoder(gateway, lm_reranker):
     """The LLM served beside it could score as a bi-encoder, but a cross-encoder is what a rerank is for."""
     answer = gateway.post("/v1/rerank", json={"query": QUERY, "documents": DOCUMENTS[:1]}).json()

@@ -68,6 +68,23 @@ def test_a_truncated_text_keeps_as_many_tokens_as_asked_whatever_its_whitespace(
     assert (short.ids, short.cut) == ([1, 2], False)
 
 
+def test_a_text_cut_to_tokens_ends_at_its_last_kept_tokens_end_however_long(tiny_model_dir):
+    """max_tokens_per_query / max_tokens_per_doc's cut (vLLM's truncate_text_to_tokens): the text's own characters
+    up to the last kept token (no decode round trip), from a 350 kB text as from a short one."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.gateway.tokenization import PromptEncoder
+
+    encoder = whitespace_collapsing_encoder()
+    assert encoder.cut_to_tokens(("word" + " " * 40) * 8000 + "end", 3) == "word" + (" " * 40 + "word") * 2
+    assert encoder.cut_to_tokens("word end", 3) == "word end"
+    encoder = PromptEncoder(AutoTokenizer.from_pretrained(tiny_model_dir))
+    text = "the capital of France is Paris, " * 20
+    cut = encoder.cut_to_tokens(text, 7)
+    assert text.startswith(cut) and encoder.encode(cut, add_special_tokens=False) == encoder.encode(
+        text, add_special_tokens=False)[:7]
+
+
 def test_a_truncated_chat_tokenizes_a_bounded_text_however_long_the_conversation(tiny_model_dir, monkeypatch):
     """render_chat with a truncation tokenizes the rendered prompt cut near the tokens kept, not a megabyte."""
     from transformers import AutoTokenizer
