@@ -103,6 +103,11 @@ def requested_pooling_model(gw: Gateway, model: str | None, api: str, answering:
     return the_one_model(answering([(card, classifier_of(card)) for card in served]), len(served), api)
 
 
+def embedding_models(served: list[tuple[ModelCard, Classifier | None]]) -> list[ModelCard]:
+    """The models an embeddings request naming none is for (an Answering): those without a classification head."""
+    return [card for card, classifier in served if classifier is None]
+
+
 def classifier_of(card: ModelCard) -> Classifier | None:
     """The model's classification head (config.json's architectures name a *ForSequenceClassification) with its
     score template if the checkpoint has one, else None (an embedding model, or a config the gateway cannot read:

@@ -12,8 +12,8 @@ import time
 from dataclasses import replace
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.pooling import (Classifier, check_input_count, classifier_of, pool_on_a_worker,
-                                    requested_pooling_model, tokenize_input)
+from hpcllm.gateway.pooling import (Classifier, check_input_count, classifier_of, embedding_models,
+                                    pool_on_a_worker, requested_pooling_model, tokenize_input)
 from hpcllm.gateway.protocol import UsageInfo
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.runtime import Gateway
@@ -82,7 +82,7 @@ def scoring_models(served: list[tuple[ModelCard, Classifier | None]]) -> list[Mo
     """The models a score request naming none is for: the cross-encoders (one-label classifiers); with none, the
     models that score as bi-encoders (those without a classification head)."""
     return ([card for card, classifier in served if classifier is not None and classifier.num_labels == 1]
-            or [card for card, classifier in served if classifier is None])
+            or embedding_models(served))
 
 
 def _pair_inputs(encoder: PromptEncoder, card: ModelCard, classifier: Classifier, req: ScoringRequest, queries: Side,

@@ -204,7 +204,8 @@ def test_each_model_kind_refuses_what_it_does_not_answer(gateway):
 def test_a_request_naming_no_model_goes_to_the_one_model_answering_it_else_a_400_listing_them(gateway,
                                                                                                classifier_models):
     """vLLM defaults `model` to the one it serves. Here: one reranker (the LLM could score as a bi-encoder, but a
-    cross-encoder is what scores are for) and two classifiers (the reranker has a head too)."""
+    cross-encoder is what scores are for), two classifiers (the reranker has a head too) and one model that embeds
+    (the LLM: the classifiers' heads are not embeddings)."""
     named = gateway.post("/v1/score", json={"model": RERANKER, "text_1": QUERY, "text_2": DOCUMENTS}).json()
     for path, body in (("/v1/score", {"text_1": QUERY, "text_2": DOCUMENTS}),
                        ("/v1/rerank", {"query": QUERY, "documents": DOCUMENTS})):
@@ -215,6 +216,10 @@ def test_a_request_naming_no_model_goes_to_the_one_model_answering_it_else_a_400
         assert scores == pytest.approx([d["score"] for d in named["data"]], abs=1e-6)
     error = assert_error(gateway.post("/v1/classify", json={"input": "a"}), 400, "missing_field", "model")
     assert f"2 served models answer classifications ({CLASSIFIER}, {RERANKER})" in error["message"]
+    named = gateway.post("/v1/embeddings", json={"model": MODEL, "input": "paris"}).json()
+    answer = gateway.post("/v1/embeddings", json={"input": "paris"}).json()
+    assert answer["model"] == MODEL
+    assert answer["data"][0]["embedding"] == pytest.approx(named["data"][0]["embedding"], abs=1e-6)
 
 
 def test_a_worker_pooling_otherwise_than_the_checkpoint_says_is_an_error_not_an_answer(
