@@ -96,11 +96,13 @@ def pooling_model(gw: Gateway, model: str, api: str) -> ModelCard:
 
 def requested_pooling_model(gw: Gateway, model: str | None, api: str, answering: Answering) -> ModelCard:
     """The named model (pooling_model); with none named, the one model that `answering` picks of the served ones
-    (each with its classifier_of; LoRA adapters not counted), else a 400 naming `model` (the_one_model)."""
+    whose workers pool (each with its classifier_of; LoRA adapters not counted), else a 400 naming `model`
+    (the_one_model)."""
     if model is not None:
         return pooling_model(gw, model, api)
     served = [card for card in gw.router.list_models() if card.lora is None]
-    return the_one_model(answering([(card, classifier_of(card)) for card in served]), len(served), api)
+    pooling = [(card, classifier_of(card)) for card in served if card.pools]
+    return the_one_model(answering(pooling), len(served), api)
 
 
 def embedding_models(served: list[tuple[ModelCard, Classifier | None]]) -> list[ModelCard]:

@@ -47,6 +47,13 @@ class ModelCard:
     # A LoRA adapter served on a deployed model (its lora_adapters): that model's name. Requests for the adapter go
     # to the base model's instances and name the adapter (GenerateRequest.lora).
     parent: str | None = None
+    engine: controller_wire.EngineName = "hpcllm"  # the deployment's (a static model's worker is taken as hpcllm's)
+
+    @property
+    def pools(self) -> bool:
+        """Whether its workers answer the embed call (embeddings, score, rerank, classify): vLLM's worker refuses
+        it (worker/vllm_engine.py)."""
+        return self.engine != "vllm"
 
     @property
     def base_model(self) -> str:
@@ -283,7 +290,7 @@ class ControllerRouter(Router):
         """A deployed model's card, and one per LoRA adapter it serves (same tokenizer and context length)."""
         source = Path(card.source)
         base = ModelCard(name=card.name, source=source, max_model_len=card.max_model_len or _derived_or_none(source),
-                         created=int(card.created_at), tool_call_parser=card.tool_call_parser)
+                         created=int(card.created_at), tool_call_parser=card.tool_call_parser, engine=card.engine)
         return [base, *(dataclasses.replace(base, name=name, parent=card.name) for name in sorted(card.lora_adapters))]
 
     def _read(self, wire: type[WireT], resp: httpx.Response) -> WireT:

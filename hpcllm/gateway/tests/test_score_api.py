@@ -145,6 +145,33 @@ def test_with_no_cross_encoder_a_score_naming_no_model_goes_to_the_one_bi_encode
     assert "none of the 1 served models answers classifications" in error["message"]
 
 
+def test_a_request_naming_no_model_leaves_out_the_models_whose_worker_cannot_pool(make_gateway, tiny_model_dir,
+                                                                                 worker_url):
+    """vLLM's engine refuses the embed call: a model deployed on it (the controller's card says so) beside one that
+    pools is no candidate for embeddings or scores naming no model; two that pool are a 400 listing both."""
+    import dataclasses
+
+    from hpcllm.controller import protocol as controller_wire
+    from hpcllm.gateway.routing import ControllerRouter
+
+    from .test_resume import ScriptedRouter
+
+    (on_vllm,) = ControllerRouter._cards(controller_wire.ModelCard(
+        name="on-vllm", source=str(tiny_model_dir), max_model_len=512, gpus=1, size_bytes=1, created_at=0,
+        engine="vllm"))
+    router = ScriptedRouter(tiny_model_dir, [worker_url])
+    router.list_models = lambda: [router.card, on_vllm]
+    gateway = make_gateway(router=router)
+    answer = gateway.post("/v1/embeddings", json={"input": [QUERY]}).json()
+    assert answer["model"] == MODEL
+    assert answer["data"][0]["embedding"] == pytest.approx(embeddings(gateway, [QUERY])[0], abs=1e-6)
+    assert gateway.post("/v1/score", json={"text_1": QUERY, "text_2": "france"}).json()["model"] == MODEL
+
+    router.list_models = lambda: [router.card, dataclasses.replace(router.card, name="other")]
+    error = assert_error(gateway.post("/v1/embeddings", json={"input": "a"}), 400, "missing_field", "model")
+    assert f"2 served models answer embeddings (other, {MODEL})" in error["message"]
+
+
 def test_the_root_paths_need_an_api_key(gateway):
     for path in ("/score", "/rerank", "/v2/rerank", "/classify"):
         assert_error(gateway.post(path, key=None, json={"model": MODEL}), 401, "missing_api_key")
