@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.protocol import OpenAIResponse, TruncatingRequest, UsageInfo, unsupported
-from hpcllm.gateway.tokenization import PromptEncoder
+
+if TYPE_CHECKING:
+    from hpcllm.gateway.tokenization import PromptEncoder
 
 # vLLM's names for the two sides of a score request, in the order its request union tries them.
 SCORE_SIDES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
