@@ -114,14 +114,31 @@ class PromptEncoder:
                 return Truncated(ids, shortened)
             if not truncation.by_tokenizer:
                 return Truncated(truncation.keep(ids), True)
-        strategy = "only_second" if truncation.second_only and short_pair is not None else True
+        if truncation.second_only and short_pair is not None:
+            ids = self._cut_second(short, short_pair, truncation, add_special_tokens)
+        else:
+            ids = self._tokenizer_truncated(short, short_pair, True, truncation.tokens, add_special_tokens)
+        return Truncated(truncation.keep(ids), True)
+
+    def _cut_second(self, text: str, pair: str, truncation: Truncation, add_special_tokens: bool) -> list[int]:
+        """The pair with its second text cut by the tokenizer (only_second); where the first text alone is over the
+        bound the pair is tokenized whole, for keep to cut by side (a slow tokenizer returns it whole itself, a fast
+        one raises a plain Exception: "Sequence to truncate too short to respect the provided max_length")."""
         try:
-            ids = self.tokenizer(short, text_pair=short_pair, add_special_tokens=add_special_tokens,
-                                 truncation=strategy, max_length=truncation.tokens)["input_ids"]
+            return self._tokenizer_truncated(text, pair, "only_second", truncation.tokens, add_special_tokens)
+        except InvalidRequest:
+            raise
+        except Exception:  # noqa: BLE001 - the tokenizers library's error has no narrower type
+            return self.encode(text, add_special_tokens, pair=pair)
+
+    def _tokenizer_truncated(self, text: str, pair: str | None, strategy: bool | str, tokens: int,
+                             add_special_tokens: bool) -> list[int]:
+        try:
+            return list(self.tokenizer(text, text_pair=pair, add_special_tokens=add_special_tokens,
+                                       truncation=strategy, max_length=tokens)["input_ids"])
         except ValueError as exc:  # transformers: a pair that cannot be cut that short around its special tokens
-            raise InvalidRequest(f"truncate_prompt_tokens {truncation.tokens} is too few tokens for this input: {exc}",
+            raise InvalidRequest(f"truncate_prompt_tokens {tokens} is too few tokens for this input: {exc}",
                                  param="truncate_prompt_tokens", code="invalid_value") from None
-        return Truncated(truncation.keep(list(ids)), True)  # only_second leaves a first text too long for it whole
 
     def prompt_ids(self, text_or_ids: str | list[int], param: str, max_model_len: int | None,
                    truncation: Truncation | None, pair: str | None = None) -> Truncated:

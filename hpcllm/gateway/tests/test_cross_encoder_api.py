@@ -181,6 +181,18 @@ def test_max_tokens_per_query_and_per_doc_cut_each_text_before_it_is_paired(gate
     assert answer["results"][0]["relevance_score"] == pytest.approx(want, abs=1e-5)
     assert answer["usage"]["prompt_tokens"] == keep
 
+    # A query longer than truncate_prompt_tokens alone: the document cannot make room (a fast tokenizer raises
+    # there); the pair is cut by side, its first `short` tokens (the query's start), as a slow tokenizer leaves it.
+    short = len(tokenizer(long_query)["input_ids"]) - 2
+    first = tokenizer(long_query, cut_document)["input_ids"][:short]
+    answer = gateway.post("/v1/rerank", json={"model": RERANKER, "query": long_query, "documents": [document],
+                                              "max_tokens_per_doc": 6, "truncate_prompt_tokens": short,
+                                              "use_activation": False})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["results"][0]["relevance_score"] == pytest.approx(
+        hf_logits_of_ids(classifier_models, RERANKER, first)[0], abs=1e-5)
+    assert answer.json()["usage"]["prompt_tokens"] == short
+
 
 def hf_logits_of_ids(classifier_models, name: str, ids: list[int]) -> list[float]:
     _, model, _ = classifier_models[name]
