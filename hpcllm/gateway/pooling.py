@@ -21,7 +21,7 @@ from hpcllm.gateway.serving import RequestContext, on_a_worker, the_one_model
 from hpcllm.gateway.protocol import InputsRequest
 from hpcllm.gateway.tokenization import PromptEncoder, Truncation
 from hpcllm.gateway.upstream import embed_on_worker
-from hpcllm.worker.protocol import MAX_EMBED_INPUTS
+from hpcllm.worker.protocol import MAX_EMBED_INPUTS, not_pooled_by_vllm
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,14 @@ Answering = Callable[[list[tuple[ModelCard, Classifier | None]]], list[ModelCard
 
 def pooling_model(gw: Gateway, model: str, api: str) -> ModelCard:
     """The card of a model that `api` (what the error calls it: "embeddings", "scores") may run on: a LoRA adapter
-    is refused naming its base model (pooling runs the base model's weights only)."""
+    is refused naming its base model (pooling runs the base model's weights only), and a model whose workers do
+    not pool (vLLM's engine) before anything starts one."""
     card = gw.router.get_model(model)
     if card.lora is not None:
         raise InvalidRequest(f"model {model!r} is a LoRA adapter of {card.parent!r}: {api} are served by models, "
                              f"not adapters; ask {card.parent!r}", param="model")
+    if not card.pools:
+        raise InvalidRequest(not_pooled_by_vllm(model), param="model")
     return card
 
 

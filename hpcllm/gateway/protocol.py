@@ -219,7 +219,7 @@ class TruncatingRequest(OpenAIRequest):
 class InputsRequest(TruncatingRequest):
     """A request of inputs in the completions prompt shapes, one result each (embeddings, classify)."""
 
-    model: str = Field(min_length=1)
+    model: str | None = Field(None, min_length=1)  # none: the one served model that answers (as vLLM's one model)
     # After validation: a list of inputs, each a str or a list of token ids.
     input: Any
 

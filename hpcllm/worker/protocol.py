@@ -32,6 +32,14 @@ MIGRATE_ALL_PATH = "/v1/internal/migrate"
 # Embeddings of token id lists (the model's last-token hidden state, L2-normalized: vLLM's default for decoders).
 EMBED_PATH = "/v1/internal/embed"
 MAX_EMBED_INPUTS = 2048  # token id lists per embed call (the gateway checks a request against it)
+
+
+def not_pooled_by_vllm(model: str) -> str:
+    """Why a model deployed with engine = "vllm" answers no embed call: its worker's refusal, and the gateway's
+    before routing a request there (no cold start for it)."""
+    return (f'model {model!r}: embeddings are not served by models with engine = "vllm" yet, nor the scores and '
+            "classifications computed from them; deploy the model on hpcllm's engine for /v1/embeddings, "
+            "/v1/score, /v1/rerank and /v1/classify")
 # LoRA adapters at runtime, under vLLM's names for them (its dynamic LoRA endpoints; the worker's key guards them).
 LOAD_LORA_PATH = "/v1/load_lora_adapter"
 UNLOAD_LORA_PATH = "/v1/unload_lora_adapter"

@@ -52,7 +52,7 @@ from pathlib import Path
 from hpcllm.errors import ConfigError
 from hpcllm.worker.lora_config import AdapterConfig, AdapterError, check_adapter_names, read_adapter_config
 from hpcllm.worker.metrics import WorkerMetrics
-from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs
+from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs, not_pooled_by_vllm
 from hpcllm.worker.requests import (
     DuplicateRequest,
     EngineBase,
@@ -255,9 +255,7 @@ class VllmEngine(EngineBase):
         return thinking
 
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
-        raise InvalidRequest(f'model {self.model_name!r}: embeddings are not served by models with engine = "vllm" '
-                             "yet, nor the scores and classifications computed from them; deploy the model on "
-                             "hpcllm's engine for /v1/embeddings, /v1/score, /v1/rerank and /v1/classify", "model")
+        raise InvalidRequest(not_pooled_by_vllm(self.model_name), "model")
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort what is left (finish_reason "abort"), stop the loop and vLLM's engine-core process."""

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-
 from hpcllm.gateway.protocol import InputsRequest, OpenAIResponse, UsageInfo
 
 
 class ClassificationRequest(InputsRequest):
-    model: str | None = Field(None, min_length=1)  # none: the one classifier served (as vLLM's one model)
     use_activation: bool | None = None  # softmax (sigmoid for one label); None: the model's default, on
     user: str | None = None
 

@@ -10,7 +10,6 @@ from hpcllm.gateway.protocol import InputsRequest, OpenAIResponse, unsupported
 
 
 class EmbeddingRequest(InputsRequest):
-    model: str | None = Field(None, min_length=1)  # none: the one model that embeds (pooling.embedding_models)
     # "base64": the float32 little-endian bytes, base64-encoded (what the openai client asks for by default).
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)

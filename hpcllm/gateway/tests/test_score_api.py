@@ -148,7 +148,8 @@ def test_with_no_cross_encoder_a_score_naming_no_model_goes_to_the_one_bi_encode
 def test_a_request_naming_no_model_leaves_out_the_models_whose_worker_cannot_pool(make_gateway, tiny_model_dir,
                                                                                  worker_url):
     """vLLM's engine refuses the embed call: a model deployed on it (the controller's card says so) beside one that
-    pools is no candidate for embeddings or scores naming no model; two that pool are a 400 listing both."""
+    pools is no candidate for embeddings or scores naming no model, and a request naming it is refused before it is
+    routed; two that pool are a 400 listing both."""
     import dataclasses
 
     from hpcllm.controller import protocol as controller_wire
@@ -166,6 +167,11 @@ def test_a_request_naming_no_model_leaves_out_the_models_whose_worker_cannot_poo
     assert answer["model"] == MODEL
     assert answer["data"][0]["embedding"] == pytest.approx(embeddings(gateway, [QUERY])[0], abs=1e-6)
     assert gateway.post("/v1/score", json={"text_1": QUERY, "text_2": "france"}).json()["model"] == MODEL
+    resolved = len(router.resolved)
+    for path, body in (("/v1/embeddings", {"input": "a"}), ("/v1/rerank", {"query": "a", "documents": ["b"]})):
+        error = assert_error(gateway.post(path, json={"model": "on-vllm", **body}), 400, "invalid_request", "model")
+        assert 'engine = "vllm"' in error["message"]
+    assert len(router.resolved) == resolved  # refused before any instance of it is asked for (a cold start)
 
     router.list_models = lambda: [router.card, dataclasses.replace(router.card, name="other")]
     error = assert_error(gateway.post("/v1/embeddings", json={"input": "a"}), 400, "missing_field", "model")
