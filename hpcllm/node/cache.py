@@ -1028,14 +1028,16 @@ class CacheManager:
     def evict(self, model: str, tier: str | None = None, *, force: bool = False) -> list[CachedCopy]:
         """Remove a model's copies (one tier or all); CacheInUse when one is held (unless force), FillInProgress
         while one is being copied in (it would appear after the eviction, which had found nothing to remove)."""
-        return self._evict(model, tier, force=force, refuse_fills=True)
+        return self._evict(model, tier, force=force, refuse_fills=True, slices=True)
 
     def _drop(self, model: str, tier: str) -> list[CachedCopy]:
-        """Remove the copy in a tier (stale, corrupt, broken, or about to be replaced); CacheInUse when it is held.
-        A fill of the model going on meanwhile is another copy, not this one's concern."""
-        return self._evict(model, tier, force=False, refuse_fills=False)
+        """Remove the whole copy in a tier (stale, corrupt, broken, or about to be replaced); CacheInUse when it is
+        held. A fill of the model going on meanwhile is another copy, not this one's concern, and so are its slice
+        copies (their own content checks keep them right; a running rank may read one)."""
+        return self._evict(model, tier, force=False, refuse_fills=False, slices=False)
 
-    def _evict(self, model: str, tier: str | None, *, force: bool, refuse_fills: bool) -> list[CachedCopy]:
+    def _evict(self, model: str, tier: str | None, *, force: bool, refuse_fills: bool,
+               slices: bool) -> list[CachedCopy]:
         check_model_name(model)
         tiers = (self._check_tier(tier),) if tier else self.tiers
         trash = []
@@ -1043,9 +1045,9 @@ class CacheManager:
             self._sync(db)
             if refuse_fills:
                 self._check_no_fill_of(db, model, tiers, "evict it", slices=True)
-            # its whole copies and (NVMe) its slice copies of every degree
+            # its whole copies and, with `slices`, (NVMe) its slice copies of every degree
             copies = [c for c in self._copies(db, "WHERE model=? OR model LIKE ?", (model, f"{model}+tp%"))
-                      if c.tier in tiers and c.model == model]
+                      if c.tier in tiers and c.model == model and (slices or c.tensor_parallel is None)]
             busy = [c for c in copies if c.in_use]
             if busy and not force:
                 raise CacheInUse(f"model {model!r} is in use in the {', '.join(c.tier for c in busy)} tier by "

@@ -192,3 +192,25 @@ def test_cache_warm_tensor_parallel_puts_each_rank_s_slices_on_the_node_that_run
     assert all(agent.cache.list() == [] for agent in agents)
     for agent in agents:
         agent.workers.close()
+
+
+def test_refreshing_the_whole_copy_leaves_the_slice_copies_a_running_rank_reads(manager, origin):
+    """A corrupt whole copy found by verify, or one replaced by warm --force, is the whole copy's business: the
+    slice copies beside it (another TP instance's ranks read them) stay, and one held in use never blocks it."""
+    manager.warm("tiny", origin, "nvme")
+    held = manager.warm_slices("tiny", origin, 2, 0)
+    idle = manager.warm_slices("tiny", origin, 2, 1)
+    manager.acquire(held.key, "nvme")  # a running rank reads it
+    part = read_checkpoint(origin).partitions[0]
+    with open(manager.nvme_dir / "tiny" / part.file, "r+b") as f:
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    results = {r.model: r.action for r in manager.verify("tiny")}
+
+    assert results == {"tiny": "refilled", "tiny+tp2.r0": "ok", "tiny+tp2.r1": "ok"}
+    assert manager.warm("tiny", origin, "nvme", force=True).verified
+    assert _visible(manager.nvme_dir) == ["tiny", "tiny+tp2.r0", "tiny+tp2.r1"]
+    assert manager.get(held.key, "nvme").in_use == 1 and manager.get(idle.key, "nvme") is not None
