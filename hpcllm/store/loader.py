@@ -280,12 +280,6 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
     if verify and settings.trust_verified_record:
         record_verified(ckpt)
 
-    tok = None
-    if tokenizer:
-        tokenizer_started = time.perf_counter()
-        tok = _load_tokenizer(ckpt.root)
-        phases["tokenizer"] = time.perf_counter() - tokenizer_started
-
     stats = LoadStats(path=str(ckpt.root), tier=tier_name, reader_mode=load.reader_mode, devices=sorted(devices),
                       bytes=ckpt.total_bytes, seconds=seconds, verified=verify, verified_earlier=verified_earlier,
                       threads=load.threads,
@@ -293,11 +287,20 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
                       staging=load.staging_stats(), pipeline=load.pipeline_stats(),
                       pool_reused_bytes=load.pool_reused_bytes,
                       request_bytes=load.request_bytes, read_plan=plan.source)
+    loaded = LoadedModel(model=model, tokenizer=None, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
+                         _pool=pool, _device_buffers=load.device_buffers(), _tee_thread=tee_thread,
+                         _mappings=load.mappings(), _populate_thread=load.populate_thread)
+    if tokenizer:
+        tokenizer_started = time.perf_counter()
+        try:
+            loaded.tokenizer = _load_tokenizer(ckpt.root)
+        except BaseException:  # the model is ready but not returned: its buffers go back (after the tee's copy)
+            loaded.release()
+            raise
+        phases["tokenizer"] = time.perf_counter() - tokenizer_started
     log.info("loaded %s from %s (%s, %s) in %.3f s, %.2f GB/s", ckpt.root, tier_name, stats.reader_mode,
              ",".join(stats.devices), seconds, stats.gbps)
-    return LoadedModel(model=model, tokenizer=tok, stats=stats, checkpoint=ckpt, _host_buffers=load.host_buffers,
-                       _pool=pool, _device_buffers=load.device_buffers(), _tee_thread=tee_thread,
-                       _mappings=load.mappings(), _populate_thread=load.populate_thread)
+    return loaded
 
 
 # ------------------------------------------------------------------------------------------------ devices

@@ -186,3 +186,18 @@ def test_garbage_collector_state_is_restored_after_a_load_and_after_a_failed_one
         assert gc.isenabled() == enabled_before
     finally:
         gc.enable()
+
+
+def test_a_tokenizer_that_does_not_load_fails_the_load_and_leaks_nothing(copy_checkpoint, tmp_path):
+    """The tokenizer is read after the weights: a failure there hands the host buffers back to the pool, once the
+    cache-on-load copy (the tee) written from them is done, like any other failed load."""
+    folder = copy_checkpoint("llama")
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_bytes(b"{" + b" " * (tokenizer.stat().st_size - 1))  # its size, not JSON: not verified here
+    tee = tmp_path / "tee"
+    tee.mkdir()
+    pool = HostBufferPool()
+    with pytest.raises(ValueError):  # json's, through AutoTokenizer
+        load_model(folder, tier="sharedfs", verify=False, pool=pool, tee_into=tee)
+    stats = pool.stats()
+    assert stats.buffers > 0 and stats.buffers == stats.free_buffers
