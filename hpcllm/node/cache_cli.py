@@ -110,7 +110,10 @@ class Cluster:
     def agents(self, nodes: list[str] | None) -> list[Agent]:
         if self.agent_urls:
             found = [Agent(self._node_of(url), url) for url in self.agent_urls]
-            return [a for a in found if nodes is None or a.node in nodes] or _no_agents(nodes, found)
+            missing = [n for n in nodes or [] if n not in {a.node for a in found}]
+            if missing:  # as for nodes the controller knows no agent of: never a silent partial run
+                _no_agents(missing, found)
+            return [a for a in found if nodes is None or a.node in nodes]
         known = {n["node_id"]: n for n in self.status().get("nodes", [])}
         if nodes is None:  # every node whose agent is alive; nodes that left are history, not errors
             return [Agent(name, n["agent_url"], n.get("credential_id")) for name, n in sorted(known.items())
@@ -160,7 +163,7 @@ def _silent_for(node: dict, status: dict) -> str:
 
 def _no_agents(nodes, found):
     raise CacheError(f"none of the agents given with --agent-url is on node(s) {', '.join(nodes)} "
-                     f"(they are {', '.join(a.node for a in found)})")
+                     f"(they are {', '.join(a.node for a in found)}); add an --agent-url for each node asked for")
 
 
 def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[NodeCache]:

@@ -109,3 +109,44 @@ def test_verify_with_nothing_cached_says_so(capsys, canned_agent, model, said):
 def test_verify_of_a_name_that_is_no_model_name_is_refused(capsys):
     assert main(["cache", "verify", "--model", "../x", "--agent-url", "http://127.0.0.1:9"]) != 0
     assert "model name" in capsys.readouterr().err
+
+
+@pytest.fixture
+def agent_of_n1():
+    """An agent that says it is on n1 and records the warms it is asked for."""
+    from flask import Flask, jsonify, request
+
+    from hpcllm.httpkit.tests.thread_server import ThreadServer
+
+    app = Flask("agent-n1")
+    warms = []
+
+    @app.get("/health")
+    def health():
+        return jsonify(node_id="n1")
+
+    @app.post("/v1/internal/cache/warm")
+    def warm():
+        warms.append(request.get_json())
+        return jsonify(model="llama", tier="nvme", path="/nvme/llama", bytes=1, last_used=1.0, verified=True,
+                       in_use=0)
+
+    server = ThreadServer(app)
+    server.warms = warms
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]])
+def test_a_node_asked_for_without_an_agent_url_is_named_not_skipped(capsys, agent_of_n1, tmp_path, extra):
+    """`--nodes n[1-2]` with only n1's agent given: refused naming n2 (as when the controller knows no agent for it),
+    before any warm; it reported success having warmed n1 only (and, with --tensor-parallel, all ranks on n1)."""
+    code = main(["cache", "warm", "llama", "--nodes", "n[1-2]", "--source", str(tmp_path), *extra,
+                 "--agent-url", agent_of_n1.url])
+
+    err = capsys.readouterr().err
+    assert code == 4 and "n2" in err and "--agent-url" in err and "Traceback" not in err
+    assert agent_of_n1.warms == []
+    assert main(["cache", "warm", "llama", "--nodes", "n1", "--source", str(tmp_path),
+                 "--agent-url", agent_of_n1.url]) == 0
+    assert len(agent_of_n1.warms) == 1
