@@ -546,17 +546,28 @@ class CacheManager:
         self.drop_stale(model, source, origin=origin)
         for tier in self.tiers:
             path = self._present(model, tier)
-            if path is not None and self._same_content(path, source, origin) and self._whole(model, tier, path):
-                with self._transaction() as db:
-                    self._sync(db)
-                    used = db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?",
-                                      (time.time(), model, tier))
-                    if not used.rowcount:  # evicted meanwhile: the next tier, or the origin
-                        continue
+            if path is None or not self._same_content(path, source, origin) or not self._whole(model, tier, path):
+                continue
+            with self._transaction() as db:
+                self._sync(db)
+                # verified_at NULL: found corrupt (or broken) while in use, kept only for the instances using it
+                used = db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=? AND verified_at IS NOT "
+                                  "NULL", (time.time(), model, tier))
+                if used.rowcount:
                     if hold:
                         self._add_ref(db, model, tier, os.getpid())
                     return path, tier
+            self._drop_unless_used(model, tier)  # else evicted meanwhile: the next tier, or the origin
         return Path(source), SHAREDFS
+
+    def _drop_unless_used(self, model: str, tier: str) -> None:
+        """Drop a copy found corrupt once no instance uses it any more (one that still does keeps it)."""
+        try:
+            if self._drop(model, tier):
+                log.warning("dropped the %s copy of %s: it failed a check while in use", tier, model)
+        except CacheInUse:
+            log.info("the %s copy of %s failed a check and is in use: not loading it, kept until released", tier,
+                     model)
 
     def _whole(self, model: str, tier: str, path: Path) -> bool:
         """The copy's manifest and index parse and every file is there with its size (no hashing: the loader checks

@@ -188,6 +188,19 @@ def _break(copy_path: Path, damage: str) -> None:
         (copy_path / "index.json").write_text("{}")
 
 
+@pytest.mark.parametrize("tier", ["nvme", "dram"])
+def test_a_copy_found_corrupt_while_in_use_is_never_loaded_again(manager, origin, tier):
+    """A copy that failed a checksum (verify, or another instance's load) while an instance used it is kept for that
+    instance only: once released, the next load reads the origin and the copy goes (it was chosen again: a disk
+    copy whose files a load had verified before is not re-hashed, so its bad bytes became the model)."""
+    copy = manager.warm("llama", origin, tier)
+    with manager.using("llama", tier):
+        assert manager.handle_corrupt("llama", tier, "a chunk failed its checksum").action == "kept-in-use"
+        assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
+    assert manager.path_for_load("llama", origin) == (origin, "sharedfs")
+    assert manager.list() == [] and not copy.path.exists()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "file missing", "index damaged"])
 def test_a_broken_copy_is_not_loaded_and_is_dropped(manager, origin, damage):
     """A load of a broken copy fails with TruncatedFile/MissingFile, which the agent does not take for a corrupt copy
