@@ -667,7 +667,8 @@ class CacheManager:
 
     def warm(self, model: str, source: str | os.PathLike, tier: str = NVME, progress: Progress | None = None, *,
              force: bool = False) -> CachedCopy:
-        """Copy the checkpoint at `source` into a tier (verified, atomic); a present copy is reused unless force.
+        """Copy the checkpoint at `source` into a tier (verified, atomic); a present copy is reused unless force (or
+        it was found corrupt, or is broken: then it is replaced, CacheInUse while an instance uses it).
 
         Evicts least-recently-used copies not in use to make room; NotEnoughSpace when even that is not enough.
         """
@@ -681,7 +682,9 @@ class CacheManager:
               force: bool) -> CachedCopy:
         origin = str(Path(source).resolve())
         existing = self.get(model, tier)
-        if existing is not None and not force and self._same_content(existing.path, source):
+        # reused when it holds the origin's content, was not found corrupt since (verified) and is whole
+        if existing is not None and not force and self._same_content(existing.path, source) and existing.verified \
+                and self._whole(model, tier, existing.path):
             return self.best_copy_in(model, tier)
         if existing is not None and not self._same_content(existing.path, source):
             force = True  # a copy of another checkpoint under this name: replace it (CacheInUse while it is used)

@@ -201,6 +201,23 @@ def test_a_copy_found_corrupt_while_in_use_is_never_loaded_again(manager, origin
     assert manager.list() == [] and not copy.path.exists()
 
 
+@pytest.mark.parametrize("damage", ["found corrupt in use", "truncated", "file missing"])
+def test_a_warm_refills_a_copy_that_is_corrupt_or_broken(manager, origin, damage):
+    """`hpcllm cache warm` on a node whose copy failed a checksum while in use, or lost or cut a file, makes a good
+    copy (it answered with the bad one, which the CLI reports as verified)."""
+    copy = manager.warm("llama", origin, "nvme")
+    if damage == "found corrupt in use":
+        with manager.using("llama", "nvme"):
+            manager.handle_corrupt("llama", "nvme", "a chunk failed its checksum")
+    else:
+        _break(copy.path, damage)
+
+    again = manager.warm("llama", origin, "nvme")
+
+    assert again.verified and again.path == copy.path
+    read_checkpoint(again.path).verify_files()
+
+
 @pytest.mark.parametrize("damage", ["truncated", "file missing", "index damaged"])
 def test_a_broken_copy_is_not_loaded_and_is_dropped(manager, origin, damage):
     """A load of a broken copy fails with TruncatedFile/MissingFile, which the agent does not take for a corrupt copy
