@@ -24,7 +24,7 @@ from hpcllm.controller.protocol import not_an_answer
 from hpcllm.credentials import worker_key
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import secret_headers
-from hpcllm.httpkit.client import internal_client
+from hpcllm.httpkit.client import check_url, internal_client
 from hpcllm.node.cache import CACHE_TIERS, CacheError, NotEnoughSpace, UnknownModel, check_model_name
 from hpcllm.present import human_size, table_console
 from hpcllm.slurm.hostlist import expand_nodes
@@ -95,7 +95,7 @@ class Cluster:
     def __init__(self, config: Config, controller_url: str | None, agent_urls: tuple[str, ...]):
         self.config = config
         self.controller_url = controller_url
-        self.agent_urls = agent_urls
+        self.agent_urls = tuple(check_url(url, "--agent-url") for url in agent_urls)  # a typo is no agent that is down
         self._status: dict | None = None
 
     def status(self) -> dict:

@@ -150,3 +150,12 @@ def test_a_node_asked_for_without_an_agent_url_is_named_not_skipped(capsys, agen
     assert main(["cache", "warm", "llama", "--nodes", "n1", "--source", str(tmp_path),
                  "--agent-url", agent_of_n1.url]) == 0
     assert len(agent_of_n1.warms) == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "notaurl", "http://", "http://host:99999"])
+def test_an_agent_url_that_is_no_url_is_refused_by_name(capsys, url):
+    """A mistyped --agent-url is named as such (it was a traceback, or read as an agent that is down)."""
+    code = main(["cache", "ls", "--agent-url", url])
+
+    err = capsys.readouterr().err
+    assert code != 0 and f"--agent-url {url!r} is not a URL like http://HOST:PORT" in err and "Traceback" not in err
