@@ -145,7 +145,7 @@ class VerifyResult:
     model: str
     tier: str
     ok: bool
-    action: str  # "ok" | "refilled" | "dropped" (corrupt and the origin could not refill it)
+    action: str  # "ok" | "refilled" | "dropped" (corrupt and the origin could not refill it) | "kept-in-use"
     message: str = ""
 
     def to_json(self) -> dict:

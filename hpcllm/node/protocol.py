@@ -124,7 +124,7 @@ class VerifyResultInfo(Wire):
     model: str
     tier: str
     ok: bool
-    action: Literal["ok", "refilled", "dropped"]
+    action: Literal["ok", "refilled", "dropped", "kept-in-use"]  # kept-in-use: corrupt, an instance still reads it
     message: str = ""
 
 

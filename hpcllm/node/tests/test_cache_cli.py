@@ -159,3 +159,35 @@ def test_an_agent_url_that_is_no_url_is_refused_by_name(capsys, url):
 
     err = capsys.readouterr().err
     assert code != 0 and f"--agent-url {url!r} is not a URL like http://HOST:PORT" in err and "Traceback" not in err
+
+
+def test_verify_reports_a_corrupt_copy_an_instance_still_uses(capsys, tmp_path, tiny_llama_dir):
+    """`cache verify` through a real agent when a corrupt copy is in use: the copy is kept for its instance and the
+    command says so and exits 1 (the agent's answer was refused by its own wire type: a 500, no result at all)."""
+    from hpcllm.checkpoint import convert, read_checkpoint
+    from hpcllm.httpkit.tests.thread_server import ThreadServer
+    from hpcllm.node.app import create_app
+    from hpcllm.node.tests.test_agent import SECRET, make_agent
+
+    origin = tmp_path / "tiny-llama"
+    convert(tiny_llama_dir, origin, progress=False)
+    agent = make_agent(tmp_path)
+    copy = agent.cache.warm("tiny-llama", origin, "nvme")
+    agent.cache.acquire("tiny-llama", "nvme")  # a running instance's reference
+    data = copy.path / read_checkpoint(origin).partitions[0].file
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(raw)
+    config = tmp_path / "hpcllm.toml"
+    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n')
+    server = ThreadServer(create_app(agent))
+    try:
+        code = main(["cache", "verify", "--config", str(config), "--agent-url", server.url])
+    finally:
+        server.stop()
+        agent.workers.close()
+
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert "tiny-llama nvme: kept-in-use (corrupt but in use by 1 instance(s)" in captured.out
+    assert "1 corrupt copy found" in captured.err
