@@ -712,7 +712,8 @@ class CacheManager:
                     force: bool = False) -> CachedCopy:
         """Keep rank `rank` of a degree-`degree` tensor-parallel instance's slices of `model` on this node's NVMe
         (hpcllm.tp.slicecache: each piece one contiguous read, verified with the strip hashes before and after it is
-        written; visible only once complete). A present copy of the same checkpoint version is reused unless force.
+        written; visible only once complete). A present copy of the same checkpoint version is reused unless force;
+        one to replace that a rank holds is CacheInUse.
         """
         key = slice_key(model, degree, rank)
         ckpt = open_origin(model, source)
@@ -782,8 +783,13 @@ class CacheManager:
         return VerifyResult(copy.key, copy.tier, False, "refilled", f"corrupt, refilled from {copy.source}: {reason}")
 
     def _evict_entry(self, key: str, tier: str) -> None:
+        """Remove one entry (a slice copy being replaced); CacheInUse while a rank holds it: its folder is read."""
         with self._transaction() as db:
             self._sync(db)
+            held = [c.in_use for c in self._copies(db, "WHERE model=? AND tier=?", (key, tier)) if c.in_use]
+            if held:
+                raise CacheInUse(f"{key} (a slice copy) is in use in the {tier} tier by {held[0]} process(es); stop "
+                                 f"that instance first")
             trash = self._unlink_entry(db, key, tier)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)

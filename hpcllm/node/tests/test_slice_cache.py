@@ -10,7 +10,8 @@ import pytest
 
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.config import NodeConfig
-from hpcllm.node.cache import MARKER_FILE, CacheError, CacheManager, node_model_copy, node_slice_copy, slice_key
+from hpcllm.node.cache import (MARKER_FILE, CacheError, CacheInUse, CacheManager, node_model_copy, node_slice_copy,
+                               slice_key)
 from hpcllm.tp.slicecache import SLICES_DATA, open_slice_copy
 
 
@@ -214,3 +215,18 @@ def test_refreshing_the_whole_copy_leaves_the_slice_copies_a_running_rank_reads(
     assert manager.warm("tiny", origin, "nvme", force=True).verified
     assert _visible(manager.nvme_dir) == ["tiny", "tiny+tp2.r0", "tiny+tp2.r1"]
     assert manager.get(held.key, "nvme").in_use == 1 and manager.get(idle.key, "nvme") is not None
+
+
+def test_a_slice_copy_a_rank_holds_is_not_replaced_under_it(manager, origin):
+    """warm_slices --force (or over a copy of another checkpoint version) while a rank holds the slice copy: refused
+    with CacheInUse, as for a whole copy, instead of deleting the folder the rank reads."""
+    held = manager.warm_slices("tiny", origin, 2, 0)
+    manager.acquire(held.key, "nvme")
+    pieces = (held.path / SLICES_DATA).stat().st_ino
+
+    with pytest.raises(CacheInUse, match="in use"):
+        manager.warm_slices("tiny", origin, 2, 0, force=True)
+
+    assert (held.path / SLICES_DATA).stat().st_ino == pieces and manager.get(held.key, "nvme").in_use == 1
+    manager.release(held.key, "nvme")
+    assert manager.warm_slices("tiny", origin, 2, 0, force=True).verified
