@@ -145,7 +145,8 @@ class VerifyResult:
     model: str
     tier: str
     ok: bool
-    action: str  # "ok" | "refilled" | "dropped" (corrupt and the origin could not refill it) | "kept-in-use"
+    action: str  # "ok" | "refilled" | "dropped" (corrupt and the origin could not refill it) | "kept-in-use" |
+    # "unchecked" (a slice copy whose origin cannot be read)
     message: str = ""
 
     def to_json(self) -> dict:
@@ -1129,6 +1130,10 @@ class CacheManager:
             else:  # a slice copy: its pieces against the origin's strip hashes
                 from hpcllm.tp.slicecache import verify_slice_copy
 
+                if copy.source is not None and content_id(copy.source) is None:  # no origin is no corrupt copy
+                    return VerifyResult(copy.key, copy.tier, False, "unchecked",
+                                        f"kept, not checked: its origin {copy.source}, whose strip hashes check it, "
+                                        f"cannot be read (the shared filesystem away, or the checkpoint moved)")
                 verify_slice_copy(copy.source, copy.path)
         except CheckpointError as exc:
             return self.handle_corrupt(copy.key, copy.tier, str(exc))

@@ -362,11 +362,12 @@ def evict(model, node_expr, tier, config_path, controller_url, agent_urls) -> No
 @url_option
 @agent_option
 def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
-    """Re-hash cached copies; corrupt ones are dropped and refilled from their origin. Exit 1 if any was corrupt."""
+    """Re-hash cached copies; corrupt ones are dropped and refilled from their origin. Exit 1 if any was corrupt, 4
+    if one could not be checked (a slice copy whose origin cannot be read)."""
     if model is not None:
         check_model_name(model)
     config = load_config(config_path)
-    checked, bad, failures = 0, 0, []
+    checked, bad, unchecked, failures = 0, 0, 0, []
     for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
         try:
             results = client.call("POST", "/v1/internal/cache/verify", VerifyResults, json={"model": model})["results"]
@@ -375,7 +376,8 @@ def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
             continue
         for r in results:
             checked += 1
-            bad += not r["ok"]
+            unchecked += r["action"] == "unchecked"  # not ok, but not found corrupt either
+            bad += not r["ok"] and r["action"] != "unchecked"
             click.echo(f"{client.agent.node}: {r['model']} {r['tier']}: {r['action']}"
                        + (f" ({r['message']})" if r["message"] else ""))
     if failures:
@@ -385,6 +387,8 @@ def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
         click.echo(f"nothing to verify: {what}" + (f" on {node_expr}" if node_expr else ""))
     if bad:
         raise CorruptCopiesFound(f"{bad} corrupt cop{'y' if bad == 1 else 'ies'} found (see above)")
+    if unchecked:
+        raise CacheError(f"{unchecked} cop{'y' if unchecked == 1 else 'ies'} could not be checked (see above)")
 
 
 # ------------------------------------------------------------------------------------------------ MPI warm job

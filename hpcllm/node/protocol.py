@@ -124,7 +124,8 @@ class VerifyResultInfo(Wire):
     model: str
     tier: str
     ok: bool
-    action: Literal["ok", "refilled", "dropped", "kept-in-use"]  # kept-in-use: corrupt, an instance still reads it
+    # kept-in-use: corrupt, an instance still reads it; unchecked: a slice copy whose origin cannot be read
+    action: Literal["ok", "refilled", "dropped", "kept-in-use", "unchecked"]
     message: str = ""
 
 

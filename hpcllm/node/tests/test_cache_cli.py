@@ -106,6 +106,15 @@ def test_verify_with_nothing_cached_says_so(capsys, canned_agent, model, said):
     assert said in capsys.readouterr().out
 
 
+def test_verify_says_a_copy_it_could_not_check_is_not_corrupt(capsys, canned_agent):
+    canned_agent.answer = ("application/json", b'{"results": [{"model": "m+tp2.r1", "tier": "nvme", "ok": false, '
+                                               b'"action": "unchecked", "message": "its origin cannot be read"}]}')
+    assert main(["cache", "verify", "--agent-url", canned_agent.url]) == 4
+    captured = capsys.readouterr()
+    assert "m+tp2.r1 nvme: unchecked (its origin cannot be read)" in captured.out
+    assert "1 copy could not be checked" in captured.err and "corrupt" not in captured.err
+
+
 def test_verify_of_a_name_that_is_no_model_name_is_refused(capsys):
     assert main(["cache", "verify", "--model", "../x", "--agent-url", "http://127.0.0.1:9"]) != 0
     assert "model name" in capsys.readouterr().err

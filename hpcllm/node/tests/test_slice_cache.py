@@ -230,3 +230,21 @@ def test_a_slice_copy_a_rank_holds_is_not_replaced_under_it(manager, origin):
     assert (held.path / SLICES_DATA).stat().st_ino == pieces and manager.get(held.key, "nvme").in_use == 1
     manager.release(held.key, "nvme")
     assert manager.warm_slices("tiny", origin, 2, 0, force=True).verified
+
+
+def test_verify_keeps_a_slice_copy_whose_origin_cannot_be_read(manager, origin, tmp_path):
+    """A slice copy is checked against its origin's strip hashes: with the origin away (the shared FS unmounted,
+    the folder moved), verify says it could not check the copy and keeps it, instead of dropping it as corrupt."""
+    import shutil
+
+    own = tmp_path / "own-origin"
+    shutil.copytree(origin, own)
+    copy = manager.warm_slices("tiny", own, 2, 1)
+    own.rename(tmp_path / "away")
+
+    [result] = manager.verify("tiny")
+
+    assert (result.model, result.ok, result.action) == ("tiny+tp2.r1", False, "unchecked")
+    assert str(own.resolve()) in result.message and (copy.path / SLICES_DATA).is_file()
+    (tmp_path / "away").rename(own)
+    assert [r.action for r in manager.verify("tiny")] == ["ok"]
