@@ -225,12 +225,15 @@ def checkpoint_bytes(ckpt: Checkpoint) -> int:
     return ckpt.total_bytes + small
 
 
-def folder_bytes(path: Path) -> int:
+def folder_bytes(path: Path, *, allocated: bool = False) -> int:
+    """The size of the files in a folder; `allocated`: only what the filesystem has given them so far (a file sized
+    up front, as a load's tee does, is sparse until its bytes are written)."""
     total = 0
     for f in path.rglob("*"):
         try:
             if f.is_file():
-                total += f.stat().st_size
+                st = f.stat()
+                total += min(st.st_size, st.st_blocks * 512) if allocated else st.st_size
         except OSError:
             continue
     return total
@@ -1018,7 +1021,7 @@ class CacheManager:
         still shows them, and a fill counting them as free would run out of room midway (ENOSPC)."""
         pending = 0
         for nbytes, folder in db.execute("SELECT bytes, folder FROM fills WHERE tier=?", (tier,)).fetchall():
-            pending += max(0, nbytes - (folder_bytes(Path(folder)) if folder else 0))
+            pending += max(0, nbytes - (folder_bytes(Path(folder), allocated=True) if folder else 0))
         return pending
 
     def _free_disk(self, tier: str) -> int:

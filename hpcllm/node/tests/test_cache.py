@@ -444,6 +444,23 @@ def test_two_fills_at_once_do_not_count_the_same_free_space_twice(small_nvme, or
     assert small_nvme.verify("first")[0].ok
 
 
+def test_a_load_s_copy_holds_its_room_until_its_bytes_are_written(small_nvme, origin):
+    """A cache-on-load copy a third written: the worker's tee sizes its files up front (sparse), so their sizes
+    said the copy was written while the disk had not given its room yet, and a warm beside it ran out of room."""
+    from hpcllm.store.tee import LoadTee
+
+    fill = small_nvme.begin_load_fill("first", origin, ("nvme",))
+    ckpt = read_checkpoint(origin)
+    tee = LoadTee(ckpt, fill.staging)
+    part = ckpt.partitions[0]
+    tee.write(part.index, 0, part.path.read_bytes()[:part.size // 3])
+    try:
+        assert_second_fill_refused(small_nvme, origin)
+    finally:
+        tee.close()
+        small_nvme.discard_load_fill(fill)
+
+
 def test_a_fill_in_another_process_holds_its_room_until_it_ends_or_dies(small_nvme, origin, tmp_path):
     """`hpcllm cache warm` in another process: its unwritten bytes count against the free space here too, and once
     it is killed its reservation does not outlive it."""
