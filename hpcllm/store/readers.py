@@ -94,6 +94,7 @@ class FileReader:
         self.expected_size = expected_size
         self._lock = threading.Lock()
         self._fd = -1
+        self._retired: list[int] = []  # O_DIRECT fds replaced by a buffered one: another thread may be reading one
         self.mode = mode
         if mode == ODIRECT and use_page_cache:
             cached = cached_fraction(self.path)
@@ -133,11 +134,12 @@ class FileReader:
         with self._lock:
             if self.mode == BUFFERED:
                 return
-            old = self._fd
+            # The old fd stays open until close(): a thread that took it before this switch reads it (EINVAL, and
+            # it retries on the new one) instead of a closed number, or one another open reused meanwhile.
+            self._retired.append(self._fd)
             self._fd = self._open(os.O_RDONLY)
             self._advise_sequential()
             self._fall_back(reason)
-        os.close(old)
 
     def read_into(self, offset: int, buffer: memoryview, need: int, max_request: int | None = None) -> int:
         """Fill buffer from file offset; at least `need` bytes must exist there (TruncatedFile otherwise).
@@ -149,10 +151,12 @@ class FileReader:
         done = 0
         while done < need:
             end = len(buffer) if max_request is None else min(len(buffer), done + max_request)
+            fd = self._fd
             try:
-                n = os.preadv(self._fd, [buffer[done:end]], offset + done)
+                n = os.preadv(fd, [buffer[done:end]], offset + done)
             except OSError as exc:
-                if exc.errno == errno.EINVAL and self.mode == ODIRECT:
+                # fd != self._fd: another thread switched to buffered reads meanwhile (this one read its old fd)
+                if exc.errno == errno.EINVAL and (self.mode == ODIRECT or fd != self._fd):
                     self._switch_to_buffered(f"{self.path.parent} refuses O_DIRECT reads (EINVAL)")
                     continue
                 raise MissingFile(f"{self.path}: read failed at offset {offset + done} ({exc.strerror})") from None
@@ -173,9 +177,10 @@ class FileReader:
 
     def close(self) -> None:
         with self._lock:
-            fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+            fds, self._fd, self._retired = [self._fd, *self._retired], -1, []
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
     def __enter__(self) -> "FileReader":
         return self

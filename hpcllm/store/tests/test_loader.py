@@ -262,3 +262,70 @@ def test_odirect_refused_at_read_falls_back(models, monkeypatch, expected_disk_m
     loaded = load_model(converted, tier="disk", tokenizer=False)
     assert loaded.stats.reader_mode == "buffered" and "O_DIRECT reads" in loaded.stats.fallback_reason
     assert_same_model(reference(hf), loaded.model)
+
+
+def test_a_reader_thread_racing_the_o_direct_fallback_still_reads_the_file(models, monkeypatch, expected_disk_mode):
+    """Two reader threads meet a filesystem that opens O_DIRECT but refuses its reads: one switches the reader to a
+    buffered descriptor while the other is about to read through the O_DIRECT one. That descriptor stays open (the
+    other read retries on the new one), instead of being closed under it: EBADF failed the load, and a number
+    reused by another open meanwhile read another file."""
+    import mmap
+    import threading
+
+    from hpcllm.checkpoint import read_checkpoint
+    from hpcllm.store.readers import ODIRECT, FileReader
+
+    if expected_disk_mode != "odirect":
+        pytest.skip("this filesystem refuses O_DIRECT already at open")
+    _, converted = models("llama")
+    part = read_checkpoint(converted).partitions[0]
+    real_open, real_preadv = os.open, os.preadv
+    direct_fds: set[int] = set()
+    second_waits, switched = threading.Event(), threading.Event()
+
+    def tracking_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)
+        return fd
+
+    def refusing_preadv(fd, buffers, offset, *args):
+        if fd in direct_fds:
+            if threading.current_thread().name == "second":  # took the O_DIRECT fd, not in the read call yet
+                second_waits.set()
+                switched.wait(timeout=60)
+                os.fstat(fd)  # the read call itself: EBADF once the descriptor was closed under it
+            else:
+                second_waits.wait(timeout=60)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    evict_from_page_cache(converted)
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    reader = FileReader(part.path, ODIRECT, expected_size=part.size)
+    assert reader.mode == ODIRECT
+    half = part.size // 2 // 4096 * 4096
+    results, errors = {}, []
+
+    def read(name: str, offset: int, length: int) -> None:
+        buffer = memoryview(mmap.mmap(-1, length + 8192))
+        try:
+            reader.read_into(offset, buffer[:length + 4096], length)
+            results[name] = bytes(buffer[:length])
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+        finally:
+            if name == "first":
+                switched.set()
+
+    threads = [threading.Thread(target=read, args=("first", 0, half), name="first"),
+               threading.Thread(target=read, args=("second", half, 4096), name="second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reader.close()
+
+    data = part.path.read_bytes()
+    assert errors == [] and reader.mode == "buffered"
+    assert results == {"first": data[:half], "second": data[half:half + 4096]}
