@@ -948,13 +948,30 @@ class CacheManager:
             progress(0, total)
         try:
             self.dram.dir.mkdir(parents=True, exist_ok=True)
-            self.dram.put(source, model, staging=staging)
+            try:
+                self.dram.put(source, model, staging=staging)
+            except ChecksumMismatch as exc:
+                if source == ckpt.root:
+                    raise
+                # the NVMe copy's fault, not the origin's: fill from the origin, then replace that copy
+                log.warning("the NVMe copy of %s is corrupt, filling DRAM from %s: %s", model, ckpt.root, exc)
+                source = ckpt.root
+                self.dram.put(source, model, staging=staging)
+                self._replace_corrupt(model, NVME, str(exc))
         except DramTierError as exc:
             raise NotEnoughSpace(f"model {model!r}: {exc}") from None
         except ChecksumMismatch as exc:
             raise CacheCorrupt(f"model {model!r}: {source} does not match its manifest: {exc}") from None
         if progress:
             progress(total, total)
+
+    def _replace_corrupt(self, model: str, tier: str, reason: str) -> None:
+        """handle_corrupt, logged: a failure to replace the copy is not the caller's (it has what it needed)."""
+        try:
+            result = self.handle_corrupt(model, tier, reason)
+            log.warning("corrupt %s copy of %s: %s (%s)", tier, model, result.action, result.message)
+        except HpcllmError as exc:
+            log.warning("replacing the corrupt %s copy of %s failed: %s", tier, model, exc)
 
     def end_fill(self, fill_id: str) -> None:
         """The fill reserved by reserve_fill is over (committed or abandoned): its bytes stop counting."""

@@ -86,6 +86,22 @@ def test_warm_dram_prefers_dram_copy(manager, origin):
     assert manager.list() == [] and not dram.path.exists()
 
 
+def test_a_dram_warm_from_a_corrupt_nvme_copy_reads_the_origin_and_replaces_that_copy(manager, origin):
+    """The DRAM tier is filled from the node's NVMe copy when it has one: a chunk of it that fails its checksum is
+    that copy's fault, not the origin's; the warm failed (CacheCorrupt naming the NVMe copy) and left it there."""
+    nvme = manager.warm("llama", origin, "nvme")
+    data_file = nvme.path / "data-00001.h5"
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(raw)
+
+    dram = manager.warm("llama", origin, "dram")
+
+    read_checkpoint(dram.path).verify_files()
+    read_checkpoint(nvme.path).verify_files()  # refilled from the origin
+    assert {(c.tier, c.verified) for c in manager.list()} == {("nvme", True), ("dram", True)}
+
+
 def test_interrupted_fill_leaves_nothing_visible(manager, origin):
     def crash(done, total):
         if done > total // 3:
