@@ -814,21 +814,24 @@ class CacheManager:
         # the DRAM copy is written at the commit (the free-space checks of other fills count what is not written).
         staging = self.nvme_dir / filling_name(model)
         dram_staging = self.dram.staging_path(model) if self.dram is not None else None
-        for tier in tiers:
-            if tier not in self.tiers or tier in kept or self._present(model, tier) is not None:
-                continue
-            try:
-                fill_ids.append(self.reserve_fill(model, tier, need, staging if tier == NVME else dram_staging))
-                kept.append(tier)
-            except (NotEnoughSpace, FillInProgress) as exc:
-                log.info("no %s copy of %s on load: %s", tier, model, exc)
+        try:
+            for tier in tiers:
+                if tier not in self.tiers or tier in kept or self._present(model, tier) is not None:
+                    continue
+                try:
+                    fill_ids.append(self.reserve_fill(model, tier, need, staging if tier == NVME else dram_staging))
+                    kept.append(tier)
+                except (NotEnoughSpace, FillInProgress) as exc:
+                    log.info("no %s copy of %s on load: %s", tier, model, exc)
+        except BaseException:  # e.g. the state file failing: the reservations made go, not with the agent's exit
+            self.end_fills(fill_ids)
+            raise
         if not kept:
             return None
         try:
             staging.mkdir()
         except OSError as exc:
-            for fill_id in fill_ids:
-                self.end_fill(fill_id)
+            self.end_fills(fill_ids)
             log.warning("no copy of %s on load: cannot create %s: %s", model, staging, exc.strerror or exc)
             return None
         return LoadFill(model, str(Path(source).resolve()), staging, tuple(kept), tuple(fill_ids), dram_staging)
@@ -885,8 +888,7 @@ class CacheManager:
                         log.warning("no NVMe copy of %s on load: %s", fill.model, exc.strerror or exc)
         finally:
             shutil.rmtree(fill.staging, ignore_errors=True)
-            for fill_id in fill.fill_ids:
-                self.end_fill(fill_id)
+            self.end_fills(fill.fill_ids)
         with self._transaction() as db:
             self._sync(db)
             now = time.time()
@@ -898,8 +900,7 @@ class CacheManager:
     def discard_load_fill(self, fill: LoadFill) -> None:
         """The load failed (or its worker went before it was ready): its partial copy goes, nothing was visible."""
         shutil.rmtree(fill.staging, ignore_errors=True)
-        for fill_id in fill.fill_ids:
-            self.end_fill(fill_id)
+        self.end_fills(fill.fill_ids)
 
     def best_copy_in(self, model: str, tier: str) -> CachedCopy:
         with self._transaction() as db:
@@ -975,8 +976,11 @@ class CacheManager:
 
     def end_fill(self, fill_id: str) -> None:
         """The fill reserved by reserve_fill is over (committed or abandoned): its bytes stop counting."""
+        self.end_fills((fill_id,))
+
+    def end_fills(self, fill_ids) -> None:
         with self._transaction() as db:
-            db.execute("DELETE FROM fills WHERE id=?", (fill_id,))
+            db.executemany("DELETE FROM fills WHERE id=?", [(fill_id,) for fill_id in fill_ids])
 
     @staticmethod
     def _check_no_fill_of(db, model: str, tiers: tuple[str, ...], then: str = "retry", slices: bool = False) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import hpcllm
 from hpcllm.checkpoint import ChecksumMismatch, read_checkpoint
-from hpcllm.node.cache import CacheCorrupt, CacheManager, FillInProgress, checkpoint_bytes
+from hpcllm.node.cache import CacheCorrupt, CacheError, CacheManager, FillInProgress, checkpoint_bytes
 from hpcllm.store import readers
 
 CHUNK = 16 * 1024
@@ -266,3 +266,21 @@ def test_second_start_on_the_node_is_local_without_a_warm(tmp_path, origin):
     finally:
         agent.workers.stop_all(timeout=5)
         agent.workers.close()
+
+
+def test_a_reservation_failing_midway_leaves_no_other_reserved(tmp_path, origin, monkeypatch):
+    """The state file failing on the NVMe reservation (SQLite locked past its timeout, the disk failing) after the
+    DRAM one was made: the agent's start goes on without a copy (it catches the CacheError), and the DRAM room
+    reserved is free again instead of held until the agent exits."""
+    cm = make_manager(tmp_path)
+    reserve = cm.reserve_fill
+
+    def failing_on_nvme(model, tier, need, folder=None):
+        if tier == "nvme":
+            raise CacheError("cannot use the cache state file: database is locked")
+        return reserve(model, tier, need, folder)
+
+    monkeypatch.setattr(cm, "reserve_fill", failing_on_nvme)
+    with pytest.raises(CacheError, match="database is locked"):
+        cm.begin_load_fill("llama", origin, ("dram", "nvme"))
+    assert cm.usage_bytes("dram") == 0 and staging_folders(cm) == []
