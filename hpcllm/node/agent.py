@@ -57,7 +57,7 @@ from hpcllm.node.read_sweep import (
 )
 from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
 from hpcllm.node.workers import MigrationOutcome, WorkerManager
-from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
+from hpcllm.node.identity import check_node_local, expand_node_pattern, node_name, slurm_job_id
 from hpcllm.slurm.errors import SlurmError
 from hpcllm.store.tuning import ALLOWED_MODES, ReadTuning, SweepGate
 
@@ -121,6 +121,7 @@ class NodeAgent:
         self.controller_url = controller_url_of(config, controller_url)
         self.pinned_model = pinned_model
         self.nvme_dir = Path(expand_node_pattern(str(config.node.nvme_dir), self.node_id, self.job_id))
+        check_node_local(str(config.node.nvme_dir), self.nvme_dir, "node.nvme_dir")
         self.gpus = gpus if gpus is not None else detect_gpus()
         self.cache = cache if cache is not None else make_cache_manager(config, self.nvme_dir, self.node_id,
                                                                        self.job_id)

@@ -6,8 +6,21 @@ lives apart from both.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from pathlib import Path
+
+from hpcllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+# Filesystems that several nodes mount: a node cache's SQLite state (WAL mode: shared memory, one host) and its
+# liveness checks (process ids) hold only on one node's own storage.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph",
+                                 "glusterfs", "fuse.glusterfs", "fuse.sshfs", "panfs", "wekafs", "9p", "afs",
+                                 "fuse.ceph", "orangefs", "pvfs2", "ocfs2", "gfs2"})
 
 
 def node_name() -> str:
@@ -22,3 +35,38 @@ def slurm_job_id() -> str | None:
 def expand_node_pattern(value: str, node: str, job_id: str | None) -> str:
     """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment."""
     return os.path.expandvars(value.replace("%n", node).replace("%j", job_id or "nojob"))
+
+
+def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
+    """The type of the filesystem `path` (or its nearest existing folder) is on, from the mount table: the mount
+    point that is the longest prefix of its real path; None where the table cannot be read (not Linux)."""
+    try:
+        lines = (mountinfo or MOUNTINFO).read_text().splitlines()
+    except OSError:
+        return None
+    real = Path(os.path.realpath(path))
+    best, kind = -1, None
+    for line in lines:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        point = fields[4].replace("\\040", " ")
+        fstype = fields[fields.index("-", 6) + 1]
+        if (real == Path(point) or Path(point) in real.parents) and len(point) > best:
+            best, kind = len(point), fstype
+    return kind
+
+
+def check_node_local(pattern: str, path: Path, setting: str, mountinfo: Path | None = None) -> None:
+    """A node cache folder on a filesystem other nodes mount: an error when every node's agent would share it (the
+    pattern has no %n), a warning otherwise (one node's processes, but SQLite's locking over the network)."""
+    kind = filesystem_type(path, mountinfo)
+    if kind not in NETWORK_FILESYSTEMS:
+        return
+    if "%n" not in pattern:
+        raise ConfigError(f"{setting} = {pattern!r} is on a {kind} filesystem that other nodes mount, and every "
+                          f"node's agent would share its cache state (SQLite in WAL mode and process checks hold "
+                          f"on one node only): set {setting} to a folder on the node's own disk, or make it one "
+                          f"folder per node with %n")
+    log.warning("%s %s is on a %s filesystem: the node cache's state (SQLite) is safest on node-local storage",
+                setting, path, kind)

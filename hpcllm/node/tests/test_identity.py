@@ -1,0 +1,55 @@
+"""A node cache folder on a filesystem other nodes mount (Lustre scratch, NFS home): refused where every node's
+agent would share it, since its SQLite state and process checks hold on one node only."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from hpcllm.errors import ConfigError
+from hpcllm.node import identity
+from hpcllm.node.identity import check_node_local, filesystem_type
+
+MOUNTS = """\
+22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+23 22 0:22 / /scratch rw,relatime shared:2 - lustre 10.0.0.1@o2ib:/scratch rw,flock
+24 22 0:23 / /home rw,relatime - nfs4 fs:/home rw,vers=4.2
+25 23 0:24 / /scratch/local\\040disk rw,relatime - xfs /dev/nvme0n1 rw
+"""
+
+
+@pytest.fixture
+def mountinfo(tmp_path):
+    path = tmp_path / "mountinfo"
+    path.write_text(MOUNTS)
+    return path
+
+
+@pytest.mark.parametrize("folder, kind", [("/var/tmp/hpcllm", "ext4"), ("/scratch/u/hpcllm/nvme", "lustre"),
+                                          ("/scratch", "lustre"), ("/scratchy/x", "ext4"), ("/home/u/c", "nfs4"),
+                                          ("/scratch/local disk/hpcllm", "xfs")])
+def test_the_filesystem_of_a_folder_is_its_longest_mount_point(mountinfo, folder, kind):
+    assert filesystem_type(folder, mountinfo) == kind
+
+
+def test_a_cache_folder_every_node_would_share_is_refused_saying_what_to_set(mountinfo):
+    with pytest.raises(ConfigError, match=r"node.nvme_dir = '/scratch/hpcllm' is on a lustre filesystem .*%n"):
+        check_node_local("/scratch/hpcllm", "/scratch/hpcllm", "node.nvme_dir", mountinfo)
+
+
+def test_one_folder_per_node_on_a_shared_filesystem_is_taken_with_a_warning(mountinfo, caplog):
+    with caplog.at_level(logging.WARNING):
+        check_node_local("/home/u/%n/cache", "/home/u/n1/cache", "node.nvme_dir", mountinfo)
+    assert "nfs4" in caplog.text
+    check_node_local("/var/tmp/hpcllm", "/var/tmp/hpcllm", "node.nvme_dir", mountinfo)  # local: nothing to say
+
+
+def test_an_agent_refuses_to_start_on_a_shared_cache_folder(tmp_path, monkeypatch):
+    from hpcllm.node.tests.test_agent import make_agent
+
+    mounts = tmp_path / "mountinfo"
+    mounts.write_text(f"22 1 0:21 / / rw - ext4 /dev/sda1 rw\n23 22 0:22 / {tmp_path} rw - nfs fs:/x rw\n")
+    monkeypatch.setattr(identity, "MOUNTINFO", mounts)
+    with pytest.raises(ConfigError, match="node.nvme_dir .* nfs filesystem"):
+        make_agent(tmp_path, nvme_dir=str(tmp_path / "shared-cache"))
