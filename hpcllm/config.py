@@ -344,8 +344,8 @@ class GatewayConfig(Section):
     files_quota_bytes: int = Field(0, ge=0)
     # Requests in one batch (OpenAI's limit: 50,000); more fails the batch at creation (too_many_tasks).
     batch_max_requests: int = Field(50_000, ge=1)
-    # Requests of batches one gateway process runs at once (each process runs one batch at a time): small, so
-    # interactive users are not crowded out by thousands of queued prompts.
+    # Requests of batches one gateway process runs at once, of up to as many batches (another is claimed for a slot
+    # the running ones leave free): small, so interactive users are not crowded out by thousands of queued prompts.
     batch_concurrency: int = Field(4, ge=1)
     # A process running a batch renews its claim every third of this; a batch whose claim ran out (a crashed or
     # cut-off process) is taken over by another process and continues where the output files end.

@@ -1,17 +1,22 @@
 """Running batches: every gateway process polls for an active batch nobody holds, claims it (a lease in the limits
-database, hpcllm.gateway.batches.store) and runs its requests, gateway.batch_concurrency at a time, each through
-the gateway's own WSGI app as the HTTP request it stands for: the same authentication with the batch owner's key
-(its rate limits and group), validation, routing, context length and usage accounting as the endpoint's.
+database, hpcllm.gateway.batches.store) and runs its requests, each through the gateway's own WSGI app as the HTTP
+request it stands for: the same authentication with the batch owner's key (its rate limits and group), validation,
+routing, context length and usage accounting as the endpoint's.
 
 Batch requests run at gateway.batch_priority (lower is sooner, interactive requests have 0): a worker serves waiting
 interactive requests first, so a batch fills idle capacity without making interactive users wait behind it.
+
+A process runs gateway.batch_concurrency requests at once in all (Slots): while a slot is free that its batches
+cannot use (a batch's last requests, a small batch, one waiting out its key's rate limit), it claims another batch,
+each in a thread of its own with its own lease, turn, cancel and end.
 
 Each result is appended to the output (2xx) or error file as it comes while the lease is held (as this process last
 renewed it: LocalLease, no database query per result); the lease is renewed with the counts and tokens every third of
 it, and at once for a cancel made on this process. A process that takes a batch over (the holder's lease ran out)
 skips the requests already in the files. Cancelling stops starting requests, lets those running finish, and
 publishes what finished; past the completion window the requests not run go to the error file as batch_expired.
-A draining gateway stops starting requests and hands its batch back (the lease released) for another process.
+A draining gateway stops starting requests and hands each of its batches back (the lease released) for another
+process.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from flask import Flask
 from werkzeug.test import EnvironBuilder, run_wsgi_app
@@ -68,18 +74,23 @@ def result_file_ids(batch_id: str) -> tuple[str, str]:
 
 
 class BatchRunner:
-    """This process's runner thread: one batch at a time."""
+    """This process's runner thread: it claims a batch while a request slot is free that the batches it runs do not
+    use (a batch's last requests, a small batch, one waiting out its key's rate limit), and runs each claimed batch in
+    a thread of its own, gateway.batch_concurrency requests of them all at once (Slots)."""
 
     def __init__(self, app: Flask, gw: Gateway, files: FileStore, batches: BatchStore):
         self.app, self.gw, self.files, self.batches = app, gw, files, batches
         self.concurrency = gw.config.gateway.batch_concurrency
         self.poll_s = min(MAX_POLL_S, batches.lease_s / 3)
-        self._wake = threading.Event()
+        self.slots = Slots(self.concurrency, freed=self.look)
+        self._look = threading.Event()  # look for a batch to claim now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.running: Claim | None = None  # the batch this process runs now
+        self._runs: dict[str, BatchRun] = {}  # batch id: its run in this process
+        self._threads: list[threading.Thread] = []
         self._failures: dict[str, int] = {}  # batch id: its runs that failed in a row (MAX_RUN_FAILURES)
         self._next_sweep = 0.0  # time.monotonic() of the next sweep of expired files
+        self._sweeping = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="batch-runner", daemon=True)
@@ -90,16 +101,21 @@ class BatchRunner:
         """This process's name on the leases it holds: the one its stream slots have (host/pid/tag)."""
         return self.gw.shared.holder
 
-    def wake(self) -> None:
-        """Look for a batch now (one was just created, or cancelled: the running batch then renews at once, which
-        tells it)."""
-        self._wake.set()
+    @property
+    def running(self) -> dict[str, Claim]:
+        """The batches this process runs now, by id."""
+        return {batch_id: run.claim for batch_id, run in list(self._runs.items())}
 
-    def woken(self) -> bool:
-        """Whether wake() was called since last asked (the running batch's question)."""
-        woken = self._wake.is_set()
-        self._wake.clear()
-        return woken
+    def wake(self) -> None:
+        """Look for a batch now (one was just created, or cancelled: the running batches then renew at once, which
+        tells the cancelled one)."""
+        for run in list(self._runs.values()):
+            run.wake()
+        self.look()
+
+    def look(self) -> None:
+        """Look for a batch to claim now (a slot was freed, a run started or ended)."""
+        self._look.set()
 
     @property
     def stopping(self) -> bool:
@@ -107,41 +123,69 @@ class BatchRunner:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
+        self.wake()
+        deadline = time.monotonic() + timeout_s
+        for thread in [self._thread, *self._threads]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self) -> None:
         while not self.stopping:
-            claim = None
+            self._look.clear()  # cleared before looking: a look asked for meanwhile is the next one
             try:
                 self.sweep_when_due()
-                if self.batches.claimable():
+                if self._has_room() and self.batches.claimable():
                     claim = self.batches.claim(self.holder)
-                if claim is not None:
-                    self._wake.clear()  # a wake before the claim asked for this look, not for the run to renew
-                    self.running = claim
-                    BatchRun(self, claim).run()
-                    self._failures.pop(claim.batch_id, None)
-                    continue  # another may be waiting
-            except Exception as exc:  # the database is away, or a bug: the batch is released and tried again
-                log.exception("batch runner: running batch %s failed", claim.batch_id if claim else "(claiming)")
-                if claim is not None:
-                    self._after_failure(claim, exc)
-            finally:
-                self.running = None
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+                    if claim is not None:
+                        self._start_run(claim)
+            except Exception:  # the database is away, or a bug: looked for again at the next poll
+                log.exception("batch runner: claiming a batch failed")
+            self._look.wait(self.poll_s)
+
+    def _has_room(self) -> bool:
+        """A slot is free that the batches running here do not use, and each has started its requests (a batch just
+        claimed takes the free slots it can use first)."""
+        runs = list(self._runs.values())
+        return (len(runs) < self.concurrency and all(run.started.is_set() for run in runs)
+                and self.slots.free() > 0)
+
+    def _start_run(self, claim: Claim) -> None:
+        run = BatchRun(self, claim)
+        self._runs[claim.batch_id] = run
+        thread = threading.Thread(target=self._run, args=(run,), name=f"batch-{claim.batch_id[-6:]}", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _run(self, run: BatchRun) -> None:
+        """Run a claimed batch; a run that fails (the database is away, or a bug) releases the batch to be tried
+        again."""
+        claim, failed = run.claim, False
+        try:
+            run.run()
+            self._failures.pop(claim.batch_id, None)
+        except Exception as exc:
+            failed = True
+            log.exception("batch runner: running batch %s failed", claim.batch_id)
+            self._after_failure(claim, exc)
+        finally:
+            self.slots.leave(run)
+            run.started.set()
+            self._runs.pop(claim.batch_id, None)
+            if not failed:  # another may be waiting; a failed run's batch is looked for at the next poll
+                self.look()
 
     def sweep_when_due(self) -> None:
-        """Sweep the expired files if SWEEP_S have passed (between batches, and while one runs for hours)."""
-        if time.monotonic() < self._next_sweep:
+        """Sweep the expired files if SWEEP_S have passed (between batches, and while they run for hours; one
+        thread sweeps, the others go on)."""
+        if time.monotonic() < self._next_sweep or not self._sweeping.acquire(blocking=False):
             return
-        self._next_sweep = time.monotonic() + SWEEP_S
         try:
+            self._next_sweep = time.monotonic() + SWEEP_S
             self.sweep()
         except Exception as exc:  # the database is away: the next sweep deletes them
             log.warning("files: could not delete the expired files: %s", exc)
+        finally:
+            self._sweeping.release()
 
     def sweep(self) -> int:
         """Delete the expired files but the inputs of batches not yet ended, and the ended batches whose files
@@ -201,6 +245,85 @@ class BatchRunner:
         return int(status.split()[0]), dict(response_headers), answer
 
 
+class Slots:
+    """The process's gateway.batch_concurrency request slots, shared by the batches it runs. A run keeps a slot it
+    used while it has requests to start, unless a run waiting in line holds at least two fewer (the slot is then
+    handed to it: a batch of many requests does not keep its slots from one that joined beside it); a slot nobody
+    wants is free, and the runner claims another batch for it (BatchRunner.look)."""
+
+    def __init__(self, count: int, freed: Callable[[], None]):
+        self._lock = threading.Lock()
+        self._free = count
+        self._held: dict[BatchRun, int] = {}
+        self._waiting: list[BatchRun] = []  # runs that asked for a slot none had, in the order they asked
+        self._freed = freed
+
+    def take(self, run: BatchRun, in_use: int) -> bool:
+        """Whether the run may start one more request now (a slot it holds is spare, or one is free); if not, it
+        waits in line and run.nudge is set when a slot is handed to it."""
+        with self._lock:
+            held = self._held.get(run, 0)
+            if held > in_use:
+                return True
+            if self._free:
+                self._free -= 1
+                self._held[run] = held + 1
+                return True
+            if run not in self._waiting:
+                self._waiting.append(run)
+            return False
+
+    def spare(self, run: BatchRun, in_use: int, keep: bool) -> None:
+        """Give back the run's slots beyond the in_use ones (keep: it would start its next requests in them)."""
+        freed = False
+        with self._lock:
+            if not keep and run in self._waiting:
+                self._waiting.remove(run)
+            while self._held.get(run, 0) > in_use:
+                taker = self._taker(run, keep)
+                if taker is None:
+                    break
+                self._held[run] -= 1
+                if taker is run:  # nobody wants it
+                    self._free += 1
+                    freed = True
+                else:
+                    self._waiting.remove(taker)
+                    self._held[taker] = self._held.get(taker, 0) + 1
+                    taker.nudge.set()
+            if not self._held.get(run):
+                self._held.pop(run, None)
+        if freed:
+            self._freed()
+
+    def _taker(self, giver: BatchRun, keep: bool) -> BatchRun | None:
+        """Who gets a slot the giver does not use now: the waiting run that holds fewest (the first to ask among
+        equals), if the giver does not keep it or that run holds two fewer; the giver itself when nobody else wants
+        it and it does not keep it; None when it keeps it."""
+        held = self._held.get(giver, 0)
+        others = [run for run in self._waiting if run is not giver]
+        neediest = min(others, key=lambda run: self._held.get(run, 0), default=None)
+        if neediest is not None and (not keep or self._held.get(neediest, 0) + 1 < held):
+            return neediest
+        return None if keep else giver
+
+    def leave(self, run: BatchRun) -> None:
+        """The run has ended: its slots go to the runs waiting, or are free."""
+        self.spare(run, 0, keep=False)
+
+    def free(self) -> int:
+        with self._lock:
+            return self._free
+
+
+@dataclass(frozen=True)
+class RateLimited:
+    """A request the batch owner's rate limits refused (a 429 with Retry-After): the batch starts no request for
+    this long, then runs it again."""
+
+    retry_after_s: float
+
+
 class LocalLease:
     """The lease as this process last renewed it, so that a result is written without asking the database: renewed
     every third of the lease, and taken as held until a third of it before it runs out (the margin that keeps the
@@ -239,6 +362,22 @@ class BatchRun:
         self.halt = threading.Event()  # stop retrying: the batch stops (cancelled, expired, lost, released)
         self.turn_s = runner.gw.config.gateway.batch_turn_seconds
         self.turn_ends = time.monotonic() + self.turn_s
+        self.slots = runner.slots
+        self.nudge = threading.Event()  # look again now: a request ended, a slot was handed over, a wake
+        self.started = threading.Event()  # it has taken the free slots it can use (the runner may claim another)
+        self._woken = threading.Event()
+        self.resume_at = 0.0  # time.monotonic() until which its key's rate limit holds its requests back
+
+    def wake(self) -> None:
+        """Renew at once (a cancel made on this process: the renewal reads it)."""
+        self._woken.set()
+        self.nudge.set()
+
+    def woken(self) -> bool:
+        """Whether wake() was called since last asked."""
+        woken = self._woken.is_set()
+        self._woken.clear()
+        return woken
 
     def run(self) -> None:
         batch = self.lease.renew()
@@ -299,38 +438,65 @@ class BatchRun:
 
     def _run_requests(self, batch: BatchObject, pending: deque[BatchEntry], progress: Callable[[], dict],
                       output: ResultFile, errors: ResultFile) -> tuple[BatchObject, str | None]:
-        """Run the pending requests, batch_concurrency at once, each result written as it comes while the lease is
-        held, until none is left or a reason to stop (then those running finish first); the batch as it is then,
-        and that reason: cancelled, expired, release (the gateway drains), turn_over (another batch's turn), lost
-        (the lease), None (all ran)."""
+        """Run the pending requests as the process's slots allow (Slots), each result written as it comes while the
+        lease is held, until none is left or a reason to stop (then those running finish first); the batch as it is
+        then, and that reason: cancelled, expired, release (the gateway drains), turn_over (another batch's turn),
+        lost (the lease), None (all ran)."""
         token = self.runner.api_token(self.claim.owner)
         inflight: dict[Future, BatchEntry] = {}
         stop: str | None = None
         self.halt.clear()  # a new turn of this run
         with ThreadPoolExecutor(self.runner.concurrency, thread_name_prefix=f"batch-{batch.id[-6:]}") as pool:
             try:
-                while (pending and stop is None) or inflight:
-                    while pending and stop is None and len(inflight) < self.runner.concurrency:
-                        entry = pending.popleft()
-                        inflight[pool.submit(self._request, batch, entry, token)] = entry
-                    finished, _ = wait(list(inflight), timeout=self.lease.until_due(), return_when=FIRST_COMPLETED)
-                    for future in finished:
+                while True:
+                    starting = stop is None and not self._rate_limited()
+                    if starting:
+                        self._start_requests(pool, batch, token, pending, inflight)
+                    # Slots it cannot use now go to the other batches (or let the runner claim one).
+                    self.slots.spare(self, len(inflight), keep=starting and bool(pending))
+                    self.started.set()
+                    if not ((pending and stop is None) or inflight):
+                        break
+                    self.nudge.wait(self._until_next())
+                    self.nudge.clear()
+                    for future in [future for future in inflight if future.done()]:
                         entry, result = inflight.pop(future), future.result()
-                        if result is None:  # not run to a result (stopped while it waited to retry): not run
+                        if not isinstance(result, ResultLine):  # not run to a result: run it again later
                             pending.appendleft(entry)
+                            if isinstance(result, RateLimited):
+                                self.resume_at = max(self.resume_at, time.monotonic() + result.retry_after_s)
                             continue
                         if not self.lease.valid():  # too long since the last renewal to write on it: renew first
                             batch, stop = self._renew(batch, stop, progress())
                         if stop != "lost":  # else the process that takes the batch over runs it again
                             self._write(batch, result, output, errors)
                     stop = stop or self._stop_reason(batch)
-                    if self.lease.due() or self.runner.woken() or stop is not None:
+                    if self.lease.due() or self.woken() or stop is not None:
                         batch, stop = self._renew(batch, stop, progress(), may_turn_over=bool(pending))
                     if stop is not None:
                         self.halt.set()  # requests waiting to retry give up; those running finish
             finally:
                 self.halt.set()
+                self.slots.spare(self, 0, keep=False)
         return batch, stop
+
+    def _start_requests(self, pool: ThreadPoolExecutor, batch: BatchObject, token: str | None,
+                        pending: deque[BatchEntry], inflight: dict[Future, BatchEntry]) -> None:
+        """Start pending requests while the slots allow (one that has none waits in line for one: nudge)."""
+        while pending and self.slots.take(self, len(inflight)):
+            entry = pending.popleft()
+            future = pool.submit(self._request, batch, entry, token)
+            inflight[future] = entry
+            future.add_done_callback(lambda _: self.nudge.set())
+
+    def _rate_limited(self) -> bool:
+        return time.monotonic() < self.resume_at
+
+    def _until_next(self) -> float:
+        """Seconds until the loop must look again unprompted: the lease's renewal, or the rate limit's end."""
+        if self._rate_limited():
+            return min(self.lease.until_due(), self.resume_at - time.monotonic())
+        return self.lease.until_due()
 
     def _renew(self, batch: BatchObject, stop: str | None, progress: dict,
                may_turn_over: bool = False) -> tuple[BatchObject, str | None]:
@@ -393,8 +559,9 @@ class BatchRun:
                 "usage": BatchUsage(input_tokens=tokens_in, output_tokens=tokens_out,
                                     total_tokens=tokens_in + tokens_out)}
 
-    def _request(self, batch: BatchObject, entry: BatchEntry, token: str | None) -> ResultLine | None:
-        """One request's result line (None when the gateway is going away before it has one)."""
+    def _request(self, batch: BatchObject, entry: BatchEntry, token: str | None) -> ResultLine | RateLimited | None:
+        """One request's result line; None when the gateway is going away before it has one, RateLimited when the
+        owner's rate limits refused it (its slot then serves other batches while this one waits)."""
         request_id = new_request_id()
         if entry.body.get("stream"):  # as OpenAI: a batch answers whole responses
             body = unsupported("stream", "streaming in a batch request").body()
@@ -407,9 +574,10 @@ class BatchRun:
             if status == 503 and code in SHUTDOWN_CODES:
                 return None
             retry_after = headers.get("Retry-After")
-            limited = status == 429 and retry_after is not None
-            if limited or (status == 503 and retries_503 < RETRIES_503):
-                retries_503 += status == 503
+            if status == 429 and retry_after is not None:
+                return RateLimited(float(retry_after))
+            if status == 503 and retries_503 < RETRIES_503:  # no capacity: the other batches would find none either
+                retries_503 += 1
                 if self.halt.wait(float(retry_after or DEFAULT_RETRY_S)):
                     return None
                 continue

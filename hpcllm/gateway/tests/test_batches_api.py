@@ -422,7 +422,7 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
     batch = submit(client, [completion_line(f"r{i}") for i in range(4)], endpoint="/v1/completions")
     assert worker.reached.wait(30)
     first_runner = service_of(first).runner
-    assert first_runner.running.batch_id == batch.id
+    assert list(first_runner.running) == [batch.id]
     lease_runs_out(first, batch.id)
     output_id, _ = result_file_ids(batch.id)
     with open(tmp_path / "files" / f".{output_id}.partial", "ab") as partial:  # it died writing r1's line
@@ -434,7 +434,7 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
     assert done.status == "completed" and done.request_counts.completed == 4
     assert done.usage.output_tokens == 4  # one token each, r0's counted from the file the first process wrote
     worker.release.set()  # the first process's hung request ends: its result must not be written again
-    wait_until(lambda: first_runner.running is None)  # it found its lease gone and gave the batch up
+    wait_until(lambda: not first_runner.running)  # it found its lease gone and gave the batch up
     output = results(second.client(), done.output_file_id)
     assert sorted(output) == ["r0", "r1", "r2", "r3"]
     # On disk too (a download stops at the size the file was published with).
@@ -461,7 +461,7 @@ def test_a_batch_cancelled_while_nobody_runs_it_runs_no_more_requests(gated_fact
     assert done.status == "cancelled" and list(results(client, done.output_file_id)) == ["r0"]
     assert (done.request_counts.completed, done.request_counts.failed) == (1, 0)
     worker.release.set()
-    wait_until(lambda: service_of(first).runner.running is None)
+    wait_until(lambda: not service_of(first).runner.running)
 
 
 def test_past_its_window_a_batch_expires_and_lists_the_requests_it_did_not_run(gated_factory):
@@ -471,7 +471,7 @@ def test_past_its_window_a_batch_expires_and_lists_the_requests_it_did_not_run(g
     batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
     assert worker.reached.wait(30)
     service = service_of(gw)
-    service.batches.renew(service.runner.running, expires_at=int(time.time()) - 1)  # its 24 hours are over
+    service.batches.renew(service.runner.running[batch.id], expires_at=int(time.time()) - 1)  # its 24 h are over
     service.runner.wake()  # the run reads the batch again at its next result (else at its next renewal)
     worker.release.set()
     done = finished(client, batch.id)
@@ -493,7 +493,7 @@ def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tm
     first.state.start_draining()
     worker.release.set()  # the request it was running finishes and is kept; it starts no other
     first_runner = service_of(first).runner
-    wait_until(lambda: first_runner.running is None)
+    wait_until(lambda: not first_runner.running)
     row = service_of(first).batches.get(owner_of(first.state.api_keys[USER_KEY]), batch.id)
     assert row.batch.status == "in_progress" and row.batch.request_counts.completed == 1
 
@@ -541,33 +541,48 @@ def test_a_result_that_comes_when_the_lease_is_due_is_written_after_a_renewal_no
 
 
 class TurnsWorker:
-    """A stand-in worker whose first request waits for `release`, recording every request (GenerateRequest)."""
+    """A stand-in worker whose first `held` requests wait for `release` (`reached`: all of them wait at once),
+    recording every request (GenerateRequest)."""
 
-    def __init__(self):
+    def __init__(self, held: int = 1):
         self.received, self.reached, self.release = [], threading.Event(), threading.Event()
+        self.held, self.begun = held, itertools.count(1)
         self.server = ThreadServer(stand_in_worker_app("turns", self._after_token, received=self.received))
 
     def _after_token(self, index: int) -> None:
-        if len(self.received) == 1:
-            self.reached.set()
+        if index == 0 and (begun := next(self.begun)) <= self.held:
+            if begun == self.held:
+                self.reached.set()
             self.release.wait(60)
 
 
 @pytest.fixture
-def turns(tmp_path, tiny_model_dir, caplog):
-    """(gateway, TurnsWorker): one process, one request at a time, turns of 5 s (the long batch's ends while its
-    first request is held; a short batch's two requests end long before its own would)."""
+def turns_factory(tmp_path, tiny_model_dir, caplog):
+    """make(concurrency, held) -> (gateway, TurnsWorker): one process, `concurrency` requests at once, turns of 5 s
+    (the long batch's ends while its first requests are held; a short batch's two requests end long before its own
+    would)."""
     import logging
 
     caplog.set_level(logging.INFO, logger="hpcllm.gateway.batches.runner")
-    worker = TurnsWorker()
-    factory = GatewayFactory(tmp_path, worker.server.url, tiny_model_dir)
-    try:
-        yield factory(batch_concurrency=1, batch_turn_seconds=5, batch_lease_seconds=3), worker
-    finally:
+    made = []
+
+    def make(concurrency: int = 1, held: int = 1, **gateway):
+        worker = TurnsWorker(held)
+        factory = GatewayFactory(tmp_path / f"t{len(made)}", worker.server.url, tiny_model_dir)
+        made.append((worker, factory))
+        return factory(batch_concurrency=concurrency, batch_turn_seconds=5, batch_lease_seconds=3, **gateway), worker
+
+    yield make
+    for worker, factory in made:
         worker.release.set()
         factory.stop_all()
         worker.server.stop()
+
+
+@pytest.fixture
+def turns(turns_factory):
+    """(gateway, TurnsWorker): one request at a time, the first held."""
+    return turns_factory()
 
 
 def turn_lines(prefix: str, count: int, max_tokens: int) -> list[dict]:
@@ -625,6 +640,64 @@ def test_a_batch_that_ends_at_its_turns_end_is_finished_not_handed_over(turns, c
     assert "continuing after" not in caplog.text  # the long batch was never claimed again
 
 
+def test_small_batches_run_at_once_in_the_slots_one_leaves_free(turns_factory):
+    """One process, batch_concurrency 2: a batch of one request leaves a slot free, and a second batch runs in it
+    at once instead of waiting for the first to end (both held by the worker together, one request of each)."""
+    gw, worker = turns_factory(concurrency=2, held=2)
+    client = gw.client()
+    one = submit(client, turn_lines("one", 1, 1), endpoint="/v1/completions")
+    two = submit(client, turn_lines("two", 2, 2), endpoint="/v1/completions")
+    assert worker.reached.wait(30), "the second batch did not run while the first one's request ran"
+    assert sorted(r.max_tokens for r in worker.received[:2]) == [1, 2]
+    worker.release.set()
+    for batch, total in ((one, 1), (two, 2)):
+        done = finished(client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == total
+    assert len(worker.received) == 3
+
+
+def test_a_draining_gateway_hands_back_every_batch_it_runs(turns_factory, tmp_path):
+    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files")}
+    first, worker = turns_factory(concurrency=2, held=2, **shared)
+    one = submit(first.client(), turn_lines("one", 1, 1), endpoint="/v1/completions")
+    two = submit(first.client(), turn_lines("two", 3, 2), endpoint="/v1/completions")
+    assert worker.reached.wait(30)  # a request of each runs
+    runner = service_of(first).runner
+    assert sorted(runner.running) == sorted([one.id, two.id])
+    first.state.start_draining()
+    worker.release.set()  # the requests running finish and are kept; no other starts
+    wait_until(lambda: not runner.running)
+    with service_of(first).batches.shared.connection() as db:
+        rows = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchall()
+    assert [(row["status"], row["lease_holder"], json.loads(row["batch"])["request_counts"]["completed"])
+            for row in rows] == [("in_progress", None, 1)] * 2  # released at once, not left to run out
+
+    second, _ = turns_factory(concurrency=2, held=0, **shared)
+    service_of(second).runner.wake()
+    for batch, total in ((one, 1), (two, 3)):
+        done = finished(second.client(), batch.id)
+        assert done.status == "completed" and len(results(second.client(), done.output_file_id)) == total
+
+
+def test_a_batch_filling_every_slot_still_hands_them_over_at_its_turns_end(turns_factory, caplog):
+    """batch_concurrency 2, a long batch in both slots when a short one comes: at its turn's end the short batch
+    runs (not starved until the long one ends), each request of both once."""
+    gw, worker = turns_factory(concurrency=2, held=2)
+    client = gw.client()
+    long_batch = submit(client, turn_lines("long", 8, 1), endpoint="/v1/completions")
+    assert worker.reached.wait(30)  # its first two requests run, one in each slot
+    short_batch = submit(client, turn_lines("short", 2, 2), endpoint="/v1/completions")
+    wait_until(lambda: "its turn is over" in caplog.text, 30)
+    assert len(worker.received) == 2  # the short batch waited: no slot was free
+    worker.release.set()
+    for batch in (short_batch, long_batch):
+        done = finished(client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == done.request_counts.total
+    tokens = [r.max_tokens for r in worker.received]
+    # the long batch's two held requests first, the short batch's before the long one's last
+    assert sorted(tokens) == [1] * 8 + [2] * 2 and tokens[:2] == [1, 1] and tokens[-1] == 1, tokens
+
+
 def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_runs(gated_factory):
     worker, factory = gated_factory(blocked=-1)  # no request held
     gw = factory(batch_lease_seconds=3)  # a poll a second
@@ -664,6 +737,30 @@ def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
     done = wait_until(lambda: (row := service.batches.get(owner, batch.id)).batch.status in FINAL and row.batch)
     assert done.status == "completed"
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+
+
+def test_a_batch_waiting_out_its_keys_rate_limit_leaves_its_slots_to_another_keys_batch(gated_factory):
+    """batch_concurrency 2: alice's key allows a request a minute, which her upload took: her batch's requests are
+    answered 429 with a Retry-After of about a minute, which it waits out without holding the process's slots: bob's
+    batch runs and ends meanwhile."""
+    from hpcllm.gateway.batches.protocol import CreateBatchRequest
+    from hpcllm.gateway.batches.serving import create
+
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_concurrency=2, api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 1},
+                                                {"key": OTHER_KEY, "name": "bob"}])
+    service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
+    lines = jsonl([completion_line(f"r{i}") for i in range(3)])
+    source = gw.client().files.create(file=("in.jsonl", io.BytesIO(lines)), purpose="batch")
+    limited = create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
+                                                        completion_window="24h"))  # her bucket is empty: not by HTTP
+    wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 2)
+
+    bob = gw.client(OTHER_KEY)
+    done = finished(bob, submit(bob, [completion_line("b0")], endpoint="/v1/completions").id)
+    assert done.status == "completed" and done.request_counts.completed == 1
+    waiting = service.batches.get(alice, limited.id).batch
+    assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
 
 
 def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_keeps_its_input(gated_factory):
