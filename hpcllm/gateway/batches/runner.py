@@ -135,9 +135,7 @@ class BatchRunner:
             try:
                 self.sweep_when_due()
                 if self._has_room() and self.batches.claimable():
-                    claim = self.batches.claim(self.holder)
-                    if claim is not None:
-                        self._start_run(claim)
+                    self._claim()
             except Exception:  # the database is away, or a bug: looked for again at the next poll
                 log.exception("batch runner: claiming a batch failed")
             self._look.wait(self.poll_s)
@@ -149,8 +147,21 @@ class BatchRunner:
         return (len(runs) < self.concurrency and all(run.started.is_set() for run in runs)
                 and self.slots.free() > 0)
 
-    def _start_run(self, claim: Claim) -> None:
+    def _claim(self) -> None:
+        """Claim the batch that waited longest and start running it in the free slot held for it meanwhile."""
+        ticket = object()
+        if not self.slots.reserve(ticket):
+            return
+        try:
+            claim = self.batches.claim(self.holder)
+        except Exception:
+            self.slots.unreserve(ticket)
+            raise
+        if claim is None:  # another process took it
+            self.slots.unreserve(ticket)
+            return
         run = BatchRun(self, claim)
+        self.slots.transfer(ticket, run)
         self._runs[claim.batch_id] = run
         thread = threading.Thread(target=self._run, args=(run,), name=f"batch-{claim.batch_id[-6:]}", daemon=True)
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
@@ -254,14 +265,15 @@ class Slots:
     def __init__(self, count: int, freed: Callable[[], None]):
         self._lock = threading.Lock()
         self._free = count
-        self._held: dict[BatchRun, int] = {}
+        self._held: dict[BatchRun | object, int] = {}  # runs, and the tickets of batches being claimed
         self._waiting: list[BatchRun] = []  # runs that asked for a slot none had, in the order they asked
         self._freed = freed
 
     def take(self, run: BatchRun, in_use: int) -> bool:
-        """Whether the run may start one more request now (a slot it holds is spare, or one is free); if not, it
-        waits in line and run.nudge is set when a slot is handed to it."""
+        """Whether the run may start one more request now (it holds a spare slot no other run needs more, or one is
+        free); if not, it waits in line and run.nudge is set when a slot is handed to it."""
         with self._lock:
+            self._hand_over(run, in_use, keep=True)  # kept: frees none
             held = self._held.get(run, 0)
             if held > in_use:
                 return True
@@ -273,28 +285,53 @@ class Slots:
                 self._waiting.append(run)
             return False
 
+    def reserve(self, ticket: object) -> bool:
+        """Hold a free slot for a batch about to be claimed (transfer, or unreserve when there is none after all), so
+        that a running batch does not take it meanwhile; False when none is free."""
+        with self._lock:
+            if not self._free:
+                return False
+            self._free -= 1
+            self._held[ticket] = 1
+            return True
+
+    def transfer(self, ticket: object, run: BatchRun) -> None:
+        with self._lock:
+            self._held[run] = self._held.get(run, 0) + self._held.pop(ticket, 0)
+
+    def unreserve(self, ticket: object) -> None:
+        """The reserved slot goes back (to a run waiting, else free), not asking the runner to look again."""
+        with self._lock:
+            self._hand_over(ticket, 0, keep=False)
+
     def spare(self, run: BatchRun, in_use: int, keep: bool) -> None:
         """Give back the run's slots beyond the in_use ones (keep: it would start its next requests in them)."""
-        freed = False
         with self._lock:
             if not keep and run in self._waiting:
                 self._waiting.remove(run)
-            while self._held.get(run, 0) > in_use:
-                taker = self._taker(run, keep)
-                if taker is None:
-                    break
-                self._held[run] -= 1
-                if taker is run:  # nobody wants it
-                    self._free += 1
-                    freed = True
-                else:
-                    self._waiting.remove(taker)
-                    self._held[taker] = self._held.get(taker, 0) + 1
-                    taker.nudge.set()
-            if not self._held.get(run):
-                self._held.pop(run, None)
+            freed = self._hand_over(run, in_use, keep)
         if freed:
             self._freed()
+
+    def _hand_over(self, run: BatchRun, in_use: int, keep: bool) -> bool:
+        """Hand the run's slots beyond in_use to the runs that need them more (_taker), under the lock; whether one
+        was freed."""
+        freed = False
+        while self._held.get(run, 0) > in_use:
+            taker = self._taker(run, keep)
+            if taker is None:
+                break
+            self._held[run] -= 1
+            if taker is run:  # nobody wants it
+                self._free += 1
+                freed = True
+            else:
+                self._waiting.remove(taker)
+                self._held[taker] = self._held.get(taker, 0) + 1
+                taker.nudge.set()
+        if not self._held.get(run):
+            self._held.pop(run, None)
+        return freed
 
     def _taker(self, giver: BatchRun, keep: bool) -> BatchRun | None:
         """Who gets a slot the giver does not use now: the waiting run that holds fewest (the first to ask among
@@ -425,6 +462,8 @@ class BatchRun:
             if not pending:
                 break
         if stop in ("release", "turn_over", "lost"):
+            if stop == "release":  # its counts as its files hold them (the last results came after the last renewal)
+                self.lease.renew(**progress())
             if stop != "lost":
                 self.batches.release(self.claim)
             return

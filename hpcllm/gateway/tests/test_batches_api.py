@@ -540,20 +540,39 @@ def test_a_result_that_comes_when_the_lease_is_due_is_written_after_a_renewal_no
     assert sorted(results(gw.client(), done.output_file_id)) == ["r0", "r1", "r2"]
 
 
+class ReceivedList(list):
+    """The requests a stand-in worker received, each also noted as the one its serving thread answers."""
+
+    def __init__(self):
+        super().__init__()
+        self.serving = threading.local()
+
+    def append(self, request) -> None:
+        self.serving.request = request
+        super().append(request)
+
+
 class TurnsWorker:
-    """A stand-in worker whose first `held` requests wait for `release` (`reached`: all of them wait at once),
-    recording every request (GenerateRequest)."""
+    """A stand-in worker whose first `held` requests wait for `release` (`reached`: all of them wait at once), and
+    the later requests of one token for `one_token_may_run` (set unless asked otherwise), recording every request
+    (GenerateRequest)."""
 
     def __init__(self, held: int = 1):
-        self.received, self.reached, self.release = [], threading.Event(), threading.Event()
+        self.received, self.reached, self.release = ReceivedList(), threading.Event(), threading.Event()
+        self.one_token_may_run = threading.Event()
+        self.one_token_may_run.set()
         self.held, self.begun = held, itertools.count(1)
         self.server = ThreadServer(stand_in_worker_app("turns", self._after_token, received=self.received))
 
     def _after_token(self, index: int) -> None:
-        if index == 0 and (begun := next(self.begun)) <= self.held:
+        if index > 0:
+            return
+        if (begun := next(self.begun)) <= self.held:
             if begun == self.held:
                 self.reached.set()
             self.release.wait(60)
+        elif self.received.serving.request.max_tokens == 1:
+            self.one_token_may_run.wait(60)
 
 
 @pytest.fixture
@@ -681,8 +700,10 @@ def test_a_draining_gateway_hands_back_every_batch_it_runs(turns_factory, tmp_pa
 
 def test_a_batch_filling_every_slot_still_hands_them_over_at_its_turns_end(turns_factory, caplog):
     """batch_concurrency 2, a long batch in both slots when a short one comes: at its turn's end the short batch
-    runs (not starved until the long one ends), each request of both once."""
+    runs to its end while the long batch's next requests are held (it is not starved: a short batch whose requests
+    waited behind the long one's would never end), then the long one goes on; each request of both once."""
     gw, worker = turns_factory(concurrency=2, held=2)
+    worker.one_token_may_run.clear()  # the long batch's requests after its first two are held
     client = gw.client()
     long_batch = submit(client, turn_lines("long", 8, 1), endpoint="/v1/completions")
     assert worker.reached.wait(30)  # its first two requests run, one in each slot
@@ -690,12 +711,12 @@ def test_a_batch_filling_every_slot_still_hands_them_over_at_its_turns_end(turns
     wait_until(lambda: "its turn is over" in caplog.text, 30)
     assert len(worker.received) == 2  # the short batch waited: no slot was free
     worker.release.set()
-    for batch in (short_batch, long_batch):
-        done = finished(client, batch.id)
-        assert done.status == "completed" and done.request_counts.completed == done.request_counts.total
-    tokens = [r.max_tokens for r in worker.received]
-    # the long batch's two held requests first, the short batch's before the long one's last
-    assert sorted(tokens) == [1] * 8 + [2] * 2 and tokens[:2] == [1, 1] and tokens[-1] == 1, tokens
+    done = finished(client, short_batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 2
+    worker.one_token_may_run.set()
+    done = finished(client, long_batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 8
+    assert sorted(r.max_tokens for r in worker.received) == [1] * 8 + [2] * 2
 
 
 def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_runs(gated_factory):
