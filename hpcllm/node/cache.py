@@ -941,24 +941,23 @@ class CacheManager:
             raise
 
     def _fill_dram(self, model: str, ckpt: Checkpoint, progress: Progress | None, staging: Path) -> None:
-        # The node's NVMe copy, when there is one of this content, is a faster source than the shared FS.
-        local = self._present(model, NVME)
-        source = local if local is not None and self._same_content(local, ckpt.root) else ckpt.root
         total = checkpoint_bytes(ckpt)
         if progress:
             progress(0, total)
+        source = self._usable_nvme_copy(model, ckpt) or ckpt.root
         try:
             self.dram.dir.mkdir(parents=True, exist_ok=True)
             try:
                 self.dram.put(source, model, staging=staging)
-            except ChecksumMismatch as exc:
+            except CheckpointError as exc:
                 if source == ckpt.root:
                     raise
-                # the NVMe copy's fault, not the origin's: fill from the origin, then replace that copy
-                log.warning("the NVMe copy of %s is corrupt, filling DRAM from %s: %s", model, ckpt.root, exc)
-                source = ckpt.root
+                # the NVMe copy's fault, not the origin's: replace that copy first (one read of the origin), then
+                # fill from the new copy, or from the origin when it could not be replaced
+                log.warning("the NVMe copy of %s is corrupt, filling DRAM without it: %s", model, exc)
+                refilled = self._replace_corrupt(model, NVME, str(exc)) == "refilled"
+                source = self.nvme_path(model) if refilled else ckpt.root
                 self.dram.put(source, model, staging=staging)
-                self._replace_corrupt(model, NVME, str(exc))
         except DramTierError as exc:
             raise NotEnoughSpace(f"model {model!r}: {exc}") from None
         except ChecksumMismatch as exc:
@@ -966,13 +965,24 @@ class CacheManager:
         if progress:
             progress(total, total)
 
-    def _replace_corrupt(self, model: str, tier: str, reason: str) -> None:
-        """handle_corrupt, logged: a failure to replace the copy is not the caller's (it has what it needed)."""
+    def _usable_nvme_copy(self, model: str, ckpt: Checkpoint) -> Path | None:
+        """The node's NVMe copy as a DRAM fill's source (faster than the shared FS): only one of the origin's content,
+        not found corrupt (verified) and whole, as path_for_load takes it (a broken one is dropped by _whole)."""
+        local = self.get(model, NVME)
+        if local is None or not local.verified or not self._same_content(local.path, ckpt.root):
+            return None
+        return local.path if self._whole(model, NVME, local.path) else None
+
+    def _replace_corrupt(self, model: str, tier: str, reason: str) -> str | None:
+        """handle_corrupt, logged: a failure to replace the copy is not the caller's (it has what it needed).
+        Returns handle_corrupt's action, None when it failed."""
         try:
             result = self.handle_corrupt(model, tier, reason)
             log.warning("corrupt %s copy of %s: %s (%s)", tier, model, result.action, result.message)
+            return result.action
         except HpcllmError as exc:
             log.warning("replacing the corrupt %s copy of %s failed: %s", tier, model, exc)
+            return None
 
     def end_fill(self, fill_id: str) -> None:
         """The fill reserved by reserve_fill is over (committed or abandoned): its bytes stop counting."""

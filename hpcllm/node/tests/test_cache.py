@@ -102,6 +102,41 @@ def test_a_dram_warm_from_a_corrupt_nvme_copy_reads_the_origin_and_replaces_that
     assert {(c.tier, c.verified) for c in manager.list()} == {("nvme", True), ("dram", True)}
 
 
+def test_a_dram_warm_replaces_a_corrupt_nvme_copy_first_and_fills_from_the_new_copy(manager, origin):
+    """The origin (on the shared FS) is read once: by the NVMe copy's refill, which the DRAM fill then reads; it was
+    read twice (the DRAM fill from the origin, then the refill)."""
+    nvme = manager.warm("llama", origin, "nvme")
+    data_file = nvme.path / "data-00001.h5"
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(raw)
+    sources, put = [], manager.dram.put
+    manager.dram.put = lambda source, *args, **kwargs: sources.append(Path(source)) or put(source, *args, **kwargs)
+
+    dram = manager.warm("llama", origin, "dram")
+
+    assert sources == [nvme.path, nvme.path]
+    read_checkpoint(dram.path).verify_files()
+    read_checkpoint(nvme.path).verify_files()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_dram_warm_beside_a_broken_nvme_copy_fills_from_the_origin(manager, origin, damage):
+    """A file of the NVMe copy cut short or gone: the DRAM fill does not take that copy (it failed with
+    TruncatedFile / MissingFile, so warm --tier dram and the move to DRAM after a load failed); the copy goes."""
+    nvme = manager.warm("llama", origin, "nvme")
+    data_file = nvme.path / "data-00001.h5"
+    if damage == "truncated":
+        os.truncate(data_file, data_file.stat().st_size // 2)
+    else:
+        data_file.unlink()
+
+    dram = manager.warm("llama", origin, "dram")
+
+    read_checkpoint(dram.path).verify_files()
+    assert [(c.tier, c.verified) for c in manager.list()] == [("dram", True)]
+
+
 def test_interrupted_fill_leaves_nothing_visible(manager, origin):
     def crash(done, total):
         if done > total // 3:
