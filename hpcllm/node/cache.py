@@ -622,16 +622,21 @@ class CacheManager:
 
     # ---------------------------------------------------------------------------------------------- references
 
-    def acquire(self, model: str, tier: str, pid: int | None = None) -> CachedCopy:
+    def acquire(self, model: str, tier: str, pid: int | None = None, *, verified_only: bool = False) -> CachedCopy:
         """Mark a copy in use (by `pid`, default this process): it is not evicted until released or `pid` dies.
-        `model` may be a slice_key (a slice copy)."""
+        `model` may be a slice_key (a slice copy). With `verified_only`, a copy found corrupt or broken while in use
+        (kept, unverified, for the instances using it) is refused (CacheCorrupt): a new reader takes the origin."""
         parse_entry_key(model)
         self._check_tier(tier)
         pid = pid or os.getpid()
         with self._transaction() as db:
             self._sync(db)
-            if not self._copies(db, "WHERE model=? AND tier=?", (model, tier)):
+            found = self._copies(db, "WHERE model=? AND tier=?", (model, tier))
+            if not found:
                 raise UnknownModel(f"model {model!r} is not in this node's {tier} cache; warm it first")
+            if verified_only and not found[0].verified:
+                raise CacheCorrupt(f"the {tier} copy of {model!r} was found corrupt or broken while in use; it is "
+                                   f"kept only for the instances using it")
             self._add_ref(db, model, tier, pid)
             db.execute("UPDATE entries SET last_used=? WHERE model=? AND tier=?", (time.time(), model, tier))
             return self._copies(db, "WHERE model=? AND tier=?", (model, tier))[0]
@@ -1231,7 +1236,7 @@ def _hold_node_copy(node_config, key: str, what: str) -> Path | None:
     try:
         manager = CacheManager(nvme_dir, int(node_config.nvme_capacity_gb * 1e9), 0, dram_namespace=None,
                                nvme_scope=node_config.nvme_scope)
-        return manager.acquire(key, NVME).path
-    except CacheError as exc:  # evicted meanwhile, state file unreadable: the rank reads the origin
+        return manager.acquire(key, NVME, verified_only=True).path
+    except CacheError as exc:  # evicted meanwhile, found corrupt, state file unreadable: the rank reads the origin
         log.warning("%s: not using %s %s: %s", node_name(), what, nvme_dir / key, exc)
         return None

@@ -149,6 +149,22 @@ def test_a_rank_of_a_spanning_instance_finds_its_node_s_whole_copy_of_the_same_c
     assert node_model_copy(config, "tiny", other) is None  # redeployed from another checkpoint: not this one
 
 
+def test_a_rank_does_not_take_a_node_copy_found_corrupt_while_in_use(manager, origin, monkeypatch):
+    """A slice copy or whole copy that failed a check while a running instance held it is kept for that instance
+    only: a rank starting later reads the origin (it was handed the corrupt copy)."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    config = NodeConfig(nvme_dir=str(manager.nvme_dir))
+    manager.warm_slices("tiny", origin, 2, 1)
+    manager.warm("tiny", origin, "nvme")
+    for key in ("tiny+tp2.r1", "tiny"):
+        manager.acquire(key, "nvme", pid=1)  # a running instance holds it
+        assert manager.handle_corrupt(key, "nvme", "a chunk failed its checksum").action == "kept-in-use"
+
+    assert node_slice_copy(config, "tiny", 2, 1) is None
+    assert node_model_copy(config, "tiny", origin) is None
+    assert [manager.get(key, "nvme").in_use for key in ("tiny+tp2.r1", "tiny")] == [1, 1]  # only the first holder
+
+
 def test_cache_warm_tensor_parallel_puts_each_rank_s_slices_on_the_node_that_runs_it(tmp_path, origin, capsys):
     """`hpcllm cache warm M --tensor-parallel 2 --nodes n[1-2]` through two real agents: n1 keeps rank 0's slices,
     n2 rank 1's; `cache ls` and the agents' heartbeats show them as slice copies."""
