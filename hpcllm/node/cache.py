@@ -40,7 +40,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from hpcllm.checkpoint import (CheckpointError, ChecksumMismatch, MissingFile,
                                NotAConvertedCheckpoint, read_checkpoint)
@@ -55,6 +55,9 @@ from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
 from hpcllm.store.tee import TEE_COMPLETE, TEE_FAILED
 from hpcllm.procs import pid_alive
+
+if TYPE_CHECKING:  # the wire module's list of actions, for the annotation only (no pydantic to import here)
+    from hpcllm.node.protocol import VerifyAction
 
 NVME, DRAM, SHAREDFS = "nvme", "dram", "sharedfs"
 CACHE_TIERS = (DRAM, NVME)  # fastest first
@@ -145,8 +148,7 @@ class VerifyResult:
     model: str
     tier: str
     ok: bool
-    action: str  # "ok" | "refilled" | "dropped" (corrupt and the origin could not refill it) | "kept-in-use" |
-    # "unchecked" (a slice copy whose origin cannot be read)
+    action: VerifyAction
     message: str = ""
 
     def to_json(self) -> dict:

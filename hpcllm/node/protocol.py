@@ -120,12 +120,17 @@ class CacheList(Wire):
     cached: list[CachedCopyInfo]
 
 
+# What verify did with a copy (CacheManager's VerifyResult.action): ok; refilled (corrupt, refilled from its origin);
+# dropped (corrupt and the origin could not refill it); kept-in-use (corrupt, an instance still reads it);
+# unchecked (a slice copy whose origin cannot be read)
+VerifyAction = Literal["ok", "refilled", "dropped", "kept-in-use", "unchecked"]
+
+
 class VerifyResultInfo(Wire):
     model: str
     tier: str
     ok: bool
-    # kept-in-use: corrupt, an instance still reads it; unchecked: a slice copy whose origin cannot be read
-    action: Literal["ok", "refilled", "dropped", "kept-in-use", "unchecked"]
+    action: VerifyAction
     message: str = ""
 
 
