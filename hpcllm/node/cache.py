@@ -1169,13 +1169,12 @@ class CacheManager:
             if copy.tensor_parallel is None:
                 read_checkpoint(copy.path).verify_files()
             else:  # a slice copy: its pieces against the origin's strip hashes
-                from hpcllm.tp.slicecache import verify_slice_copy
+                from hpcllm.tp.slicecache import OriginUnreadable, verify_slice_copy
 
-                if copy.source is not None and content_id(copy.source) is None:  # no origin is no corrupt copy
-                    return VerifyResult(copy.key, copy.tier, False, "unchecked",
-                                        f"kept, not checked: its origin {copy.source}, whose strip hashes check it, "
-                                        f"cannot be read (the shared filesystem away, or the checkpoint moved)")
-                verify_slice_copy(copy.source, copy.path)
+                try:
+                    verify_slice_copy(copy.source, copy.path)
+                except OriginUnreadable as exc:  # no origin is no corrupt copy
+                    return VerifyResult(copy.key, copy.tier, False, "unchecked", f"kept, not checked: {exc}")
         except CheckpointError as exc:
             return self.handle_corrupt(copy.key, copy.tier, str(exc))
         with self._transaction() as db:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpcllm.checkpoint import InvalidManifest, read_checkpoint
+from hpcllm.checkpoint import CheckpointError, InvalidManifest, read_checkpoint
 from hpcllm.checkpoint.layout import ALIGNMENT, MANIFEST_FILE, checksum
 from hpcllm.checkpoint.slicehashes import read_slice_hashes
 from hpcllm.store.readers import FileReader
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 SLICES_DATA = "slices.bin"
 SLICES_INDEX = "slices.json"
 FORMAT_VERSION = 1
+
+
+class OriginUnreadable(CheckpointError):
+    """The origin a slice copy is checked against (manifest, strip hashes, config) cannot be read: the copy is not
+    found corrupt, only not checked (the shared filesystem away, the checkpoint moved or damaged)."""
 
 
 def manifest_fingerprint(root: str | os.PathLike) -> str:
@@ -153,7 +158,10 @@ def _rank_plan(origin: str | os.PathLike, degree: int, rank: int):
     from hpcllm.tp.plan import check_degree
 
     ckpt = read_checkpoint(origin)
-    config = AutoConfig.from_pretrained(str(ckpt.root))
+    try:
+        config = AutoConfig.from_pretrained(str(ckpt.root))
+    except (OSError, ValueError, KeyError) as exc:  # config.json gone, or not a model's config
+        raise CheckpointError(f"cannot read {ckpt.config_path}: {exc}") from None
     check_degree(config, degree)
     if not 0 <= rank < degree:
         raise ValueError(f"rank {rank} is outside a degree-{degree} group")
@@ -176,14 +184,18 @@ def planned_copy_bytes(origin: str | os.PathLike, degree: int, rank: int) -> int
 def verify_slice_copy(origin: str | os.PathLike, folder: str | os.PathLike) -> SliceCopy:
     """Re-read every piece of the slice copy in `folder` and check it with the strip hashes of the checkpoint at
     `origin`. ChecksumMismatch names the tensor and strip; InvalidManifest when it was made from another version
-    of the checkpoint or misses a piece."""
+    of the checkpoint or misses a piece; OriginUnreadable when what checks it cannot be read from the origin."""
     from hpcllm.tp.reader import read_covered
 
     if origin is None:
         raise InvalidManifest(f"{folder}: the slice copy's origin is unknown; evict it and warm it again")
     copy = open_slice_copy(folder)
-    ckpt, hashes, own = _rank_plan(origin, copy.degree, copy.rank)
-    if copy.manifest_xxh3 != manifest_fingerprint(ckpt.root):
+    try:
+        ckpt, hashes, own = _rank_plan(origin, copy.degree, copy.rank)
+        fingerprint = manifest_fingerprint(ckpt.root)
+    except (OSError, CheckpointError) as exc:
+        raise OriginUnreadable(f"its origin {origin}, whose strip hashes check it, cannot be read: {exc}") from None
+    if copy.manifest_xxh3 != fingerprint:
         raise InvalidManifest(f"{folder}: made from another version of {ckpt.root}")
     _, _, stats = read_covered(ckpt, own, hashes, local=copy)
     if stats.reads != stats.cache_reads:
@@ -229,4 +241,4 @@ def write_slice_copy(origin: str | os.PathLike, degree: int, rank: int, dest: st
 
 
 __all__ = ["SliceCopy", "SlicePiece", "manifest_fingerprint", "open_slice_copy", "planned_copy_bytes",
-           "usable_slice_copy", "verify_slice_copy", "write_slice_copy"]
+           "OriginUnreadable", "usable_slice_copy", "verify_slice_copy", "write_slice_copy"]

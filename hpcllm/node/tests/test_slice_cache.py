@@ -264,3 +264,23 @@ def test_verify_keeps_a_slice_copy_whose_origin_cannot_be_read(manager, origin, 
     assert str(own.resolve()) in result.message and (copy.path / SLICES_DATA).is_file()
     (tmp_path / "away").rename(own)
     assert [r.action for r in manager.verify("tiny")] == ["ok"]
+
+
+@pytest.mark.parametrize("gone", ["slice-hashes.json", "config.json"])
+def test_verify_keeps_a_slice_copy_whose_origin_misses_what_checks_it(manager, origin, tmp_path, gone):
+    """The origin readable but its strip hashes or config gone (what verify reads to check the copy): the copy is
+    unchecked and kept; it was taken for corrupt and dropped (strip hashes: MissingFile), or the node's whole verify
+    failed (config: transformers' ValueError, or an OSError)."""
+    import shutil
+
+    own = tmp_path / "own-origin"
+    shutil.copytree(origin, own)
+    copy = manager.warm_slices("tiny", own, 2, 1)
+    (own / gone).rename(tmp_path / gone)
+
+    [result] = manager.verify("tiny")
+
+    assert (result.model, result.ok, result.action) == ("tiny+tp2.r1", False, "unchecked")
+    assert gone in result.message and (copy.path / SLICES_DATA).is_file()
+    (tmp_path / gone).rename(own / gone)
+    assert [r.action for r in manager.verify("tiny")] == ["ok"]
