@@ -109,10 +109,11 @@ class Cluster:
 
     def agents(self, nodes: list[str] | None) -> list[Agent]:
         if self.agent_urls:
-            found = [Agent(self._node_of(url), url) for url in self.agent_urls]
+            silent: dict[str, str] = {}  # url -> why its /health did not say its node
+            found = [Agent(self._node_of(url, silent), url) for url in self.agent_urls]
             missing = [n for n in nodes or [] if n not in {a.node for a in found}]
             if missing:  # as for nodes the controller knows no agent of: never a silent partial run
-                _no_agents(missing, found)
+                _no_agents(missing, [a for a in found if a.url not in silent], silent)
             return [a for a in found if nodes is None or a.node in nodes]
         known = {n["node_id"]: n for n in self.status().get("nodes", [])}
         if nodes is None:  # every node whose agent is alive; nodes that left are history, not errors
@@ -129,14 +130,20 @@ class Cluster:
                                             for n in down) + "; start `hpcllm node` there")
         return [Agent(n, known[n]["agent_url"], known[n].get("credential_id")) for n in nodes]
 
-    def _node_of(self, url: str) -> str:
+    def _node_of(self, url: str, silent: dict[str, str]) -> str:
+        """The node the agent at `url` says it is on; its url when it does not answer (why: into `silent`)."""
         try:
             with internal_client(self.config.internal_http, headers=secret_headers(self.config.cluster.shared_secret),
                                  timeout=10.0) as http:
                 body = http.get(url.rstrip("/") + "/health").json()
-            return str(body.get("node_id") or url)
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return url
+            if body.get("node_id"):
+                return str(body["node_id"])
+            silent[url] = "its /health names no node"
+        except httpx.HTTPError as exc:
+            silent[url] = f"it did not answer ({exc or type(exc).__name__})"
+        except (ValueError, AttributeError):
+            silent[url] = "its /health is not an agent's answer"
+        return url
 
     def source_of(self, model: str, given: Path | None) -> str:
         if given is not None:
@@ -161,9 +168,16 @@ def _silent_for(node: dict, status: dict) -> str:
     return f", no heartbeat for {now - last:.0f} s" if last and now else ""
 
 
-def _no_agents(nodes, found):
-    raise CacheError(f"none of the agents given with --agent-url is on node(s) {', '.join(nodes)} "
-                     f"(they are {', '.join(a.node for a in found)}); add an --agent-url for each node asked for")
+def _no_agents(nodes, found, silent):
+    """Refuse node(s) none of the --agent-url agents is on: those that answered are named by node, those that did
+    not by URL and why (the agent of a node asked for may be one of them: NodeUnreachable)."""
+    answered = f"those that answered are on {', '.join(a.node for a in found)}" if found else "none answered"
+    if silent:
+        raise NodeUnreachable(f"cannot tell which --agent-url is node(s) {', '.join(nodes)}'s: "
+                              + "; ".join(f"the agent at {url}: {why}" for url, why in silent.items())
+                              + f" ({answered}); start `hpcllm node` there or fix the URL")
+    raise CacheError(f"none of the agents given with --agent-url is on node(s) {', '.join(nodes)} ({answered}); "
+                     f"add an --agent-url for each node asked for")
 
 
 def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[NodeCache]:

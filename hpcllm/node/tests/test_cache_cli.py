@@ -146,6 +146,17 @@ def agent_of_n1():
     server.stop()
 
 
+def test_an_agent_url_that_does_not_answer_is_said_to_be_silent_not_on_another_node(capsys, agent_of_n1, tmp_path):
+    """`--nodes n[1-2]` with n2's agent down: the error says its agent did not answer (it said none of the agents
+    was on n2, naming the silent one's URL as if it were a node)."""
+    code = main(["cache", "warm", "llama", "--nodes", "n[1-2]", "--source", str(tmp_path),
+                 "--agent-url", agent_of_n1.url, "--agent-url", "http://127.0.0.1:9"])
+
+    err = capsys.readouterr().err
+    assert code == 4 and "the agent at http://127.0.0.1:9: it did not answer" in err and "n2" in err
+    assert "none of the agents" not in err and "Traceback" not in err and agent_of_n1.warms == []
+
+
 @pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]])
 def test_a_node_asked_for_without_an_agent_url_is_named_not_skipped(capsys, agent_of_n1, tmp_path, extra):
     """`--nodes n[1-2]` with only n1's agent given: refused naming n2 (as when the controller knows no agent for it),
