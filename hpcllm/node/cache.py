@@ -563,7 +563,9 @@ class CacheManager:
                     if hold:
                         self._add_ref(db, model, tier, os.getpid())
                     return path, tier
-            self._drop_unless_used(model, tier)  # else evicted meanwhile: the next tier, or the origin
+            # else found corrupt or broken while in use (dropped here if released), or evicted meanwhile: the next
+            # tier, or the origin
+            self._drop_unless_used(model, tier)
         return Path(source), SHAREDFS
 
     def _drop_unless_used(self, model: str, tier: str) -> None:
@@ -1185,7 +1187,8 @@ class CacheManager:
     def handle_corrupt(self, model: str, tier: str, reason: str = "") -> VerifyResult:
         """A copy failed a checksum (on verify, or the loader's ChecksumMismatch): drop it, refill from its origin.
 
-        A copy in use is marked unverified and kept (its users hold mappings); it is refilled once released.
+        A copy in use is marked unverified and kept (its users hold mappings); once released, the next load drops it
+        (path_for_load), verify or warm replaces it, or LRU eviction takes it.
         """
         copy = self.get(model, tier)
         if copy is None:
