@@ -998,6 +998,8 @@ class CacheManager:
         self.end_fills((fill_id,))
 
     def end_fills(self, fill_ids) -> None:
+        if not fill_ids:  # no write transaction for nothing: on an error path, its own failure would hide the first
+            return
         with self._transaction() as db:
             db.executemany("DELETE FROM fills WHERE id=?", [(fill_id,) for fill_id in fill_ids])
 
