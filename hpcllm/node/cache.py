@@ -799,10 +799,7 @@ class CacheManager:
         """Remove one entry (a slice copy being replaced); CacheInUse while a rank holds it: its folder is read."""
         with self._transaction() as db:
             self._sync(db)
-            held = [c.in_use for c in self._copies(db, "WHERE model=? AND tier=?", (key, tier)) if c.in_use]
-            if held:
-                raise CacheInUse(f"{key} (a slice copy) is in use in the {tier} tier by {held[0]} process(es); stop "
-                                 f"that instance first")
+            self._refuse_in_use(f"{key} (a slice copy)", self._copies(db, "WHERE model=? AND tier=?", (key, tier)))
             trash = self._unlink_entry(db, key, tier)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
@@ -1114,16 +1111,22 @@ class CacheManager:
             # its whole copies and, with `slices`, (NVMe) its slice copies of every degree
             copies = [c for c in self._copies(db, "WHERE model=? OR model LIKE ?", (model, f"{model}+tp%"))
                       if c.tier in tiers and c.model == model and (slices or c.tensor_parallel is None)]
-            busy = [c for c in copies if c.in_use]
-            if busy and not force:
-                raise CacheInUse(f"model {model!r} is in use in the {', '.join(c.tier for c in busy)} tier by "
-                                 f"{sum(c.in_use for c in busy)} instance(s); stop them first")
+            if not force:
+                self._refuse_in_use(f"model {model!r}", copies)
             for copy in copies:
                 trash.append(self._unlink_entry(db, copy.key, copy.tier))
         for path in trash:
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
         return copies
+
+    @staticmethod
+    def _refuse_in_use(what: str, copies: list[CachedCopy]) -> None:
+        """CacheInUse naming `what` when an instance holds one of `copies` (about to be removed: its folder is read)."""
+        busy = [c for c in copies if c.in_use]
+        if busy:
+            raise CacheInUse(f"{what} is in use in the {', '.join(c.tier for c in busy)} tier by "
+                             f"{sum(c.in_use for c in busy)} instance(s); stop them first")
 
     def _remove_dead_fills(self, trash_too: bool = False) -> int:
         """Delete NVMe fill folders whose writer is dead (and, if asked, half-deleted evictions); returns how many.
