@@ -283,4 +283,4 @@ def test_a_reservation_failing_midway_leaves_no_other_reserved(tmp_path, origin,
     monkeypatch.setattr(cm, "reserve_fill", failing_on_nvme)
     with pytest.raises(CacheError, match="database is locked"):
         cm.begin_load_fill("llama", origin, ("dram", "nvme"))
-    assert cm.usage_bytes("dram") == 0 and staging_folders(cm) == []
+    assert cm.usage_bytes("dram") == 0
