@@ -264,27 +264,26 @@ def test_odirect_refused_at_read_falls_back(models, monkeypatch, expected_disk_m
     assert_same_model(reference(hf), loaded.model)
 
 
-def test_a_reader_thread_racing_the_o_direct_fallback_still_reads_the_file(models, monkeypatch, expected_disk_mode):
+def test_a_reader_thread_racing_the_o_direct_fallback_still_reads_the_file(models, monkeypatch):
     """Two reader threads meet a filesystem that opens O_DIRECT but refuses its reads: one switches the reader to a
     buffered descriptor while the other is about to read through the O_DIRECT one. That descriptor stays open (the
     other read retries on the new one), instead of being closed under it: EBADF failed the load, and a number
-    reused by another open meanwhile read another file."""
+    reused by another open meanwhile read another file. Such a filesystem is faked (the O_DIRECT open too, so
+    the test runs where O_DIRECT is refused at open)."""
     import mmap
     import threading
 
     from hpcllm.checkpoint import read_checkpoint
     from hpcllm.store.readers import ODIRECT, FileReader
 
-    if expected_disk_mode != "odirect":
-        pytest.skip("this filesystem refuses O_DIRECT already at open")
     _, converted = models("llama")
     part = read_checkpoint(converted).partitions[0]
     real_open, real_preadv = os.open, os.preadv
     direct_fds: set[int] = set()
     second_waits, switched = threading.Event(), threading.Event()
 
-    def tracking_open(path, flags, *args, **kwargs):
-        fd = real_open(path, flags, *args, **kwargs)
+    def opening_o_direct(path, flags, *args, **kwargs):  # opened buffered, but taken for O_DIRECT by its reads
+        fd = real_open(path, flags & ~os.O_DIRECT, *args, **kwargs)
         (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)
         return fd
 
@@ -299,10 +298,9 @@ def test_a_reader_thread_racing_the_o_direct_fallback_still_reads_the_file(model
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_preadv(fd, buffers, offset, *args)
 
-    evict_from_page_cache(converted)
-    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "open", opening_o_direct)
     monkeypatch.setattr(os, "preadv", refusing_preadv)
-    reader = FileReader(part.path, ODIRECT, expected_size=part.size)
+    reader = FileReader(part.path, ODIRECT, expected_size=part.size, use_page_cache=False)
     assert reader.mode == ODIRECT
     half = part.size // 2 // 4096 * 4096
     results, errors = {}, []
