@@ -24,8 +24,9 @@ starts the output (it thinks from its first token and never reaches the marker a
 is its per-step bookkeeping of the thinking: with a model process (--model-process on) the engine had the model
 process rebuild the request's TokenState from all its ids (prompt included) after each speculative step, and each
 speculative commit scanned the whole output again for its ThinkingState, O(prompt + output) per step (until
-831f4ce: now a seed per request, then the tokens taken; docs/serving-bench.md session 32). The ids/tok column counts the token ids the budget run sent the model process for its TokenStates (seeds and
-StepBatch.state_tokens) per output token.
+ec9745d: now a seed per request, then the tokens taken; docs/serving-bench.md session 32). The ids/tok column
+counts the token ids the budget run sent the model process for its TokenStates (seeds and StepBatch.state_tokens)
+per output token.
 """
 
 from __future__ import annotations
