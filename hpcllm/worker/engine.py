@@ -196,7 +196,8 @@ class _Request(RequestState):
     # Penalized, constrained or thinking, asynchronous scheduling: the model process holds this request's TokenState,
     # and this is how many of its output ids that state has taken, counting the rows sent (Engine._child_state sends
     # what it lacks: the tokens a speculative commit took, or a seed of its whole state where this is None). None
-    # whenever it may be off: a token it chose not taken (_note_counts_taken, _discard_ahead), one it did not choose
+    # whenever it may be off: a token it chose not taken (_note_counts_taken), a step not committed
+    # (_forget_child_states: it ran out of memory, or was sent ahead of one that did), one it did not choose
     # taken but for a speculative commit's (_state_for_sampling, _on_extended), its KV state freed (_release_kv: the
     # model process drops them too).
     child_state_at: int | None = None
@@ -697,6 +698,7 @@ class Engine(EngineBase):
                 result = self.runner.collect()
         except torch.OutOfMemoryError as exc:
             self._discard_ahead()
+            _forget_child_states(current.work)  # its states took what the step sent, but chose no token
             self._out_of_memory([w.req for w in current.chunks], exc)
             return
         if self._ahead is not None:
@@ -768,8 +770,7 @@ class Engine(EngineBase):
         """The running step failed: collect the one sent ahead (skipped, or run on stale input) and drop it."""
         if self._ahead is None:
             return
-        for w in self._ahead.work:
-            w.req.child_state_at = None  # its rows' tokens, if chosen, are not taken
+        _forget_child_states(self._ahead.work)  # its rows' tokens, if chosen, are not taken
         self._ahead = None
         with contextlib.suppress(StepSkipped, torch.OutOfMemoryError):  # its result is dropped either way
             self.runner.collect()
@@ -1148,6 +1149,14 @@ class Engine(EngineBase):
         super()._end_all()
         if isinstance(self.runner, ProcessRunner):
             self.runner.close()
+
+
+def _forget_child_states(work: list[_Work]) -> None:
+    """A sent step that is not committed (it failed, or was dropped after one that did): the model process's
+    TokenStates of its requests may hold less or more than their rows counted (Engine._child_state), so each
+    request's next row seeds its state again."""
+    for w in work:
+        w.req.child_state_at = None
 
 
 class _StepTimes:

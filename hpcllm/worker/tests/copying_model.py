@@ -6,6 +6,9 @@ Used by test_spec_decode.py and bench/spec_decode.py."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 
@@ -36,3 +39,18 @@ def cycle_from(successor: list[int], token: int, length: int) -> list[int]:
     while len(tokens) < length:
         tokens.append(successor[tokens[-1]])
     return tokens
+
+
+def run_out_of_memory_at_flagged_steps(model, flag: str) -> None:
+    """Make the model's forward run out of memory at the step whose positions (all its fed tokens', sorted, as a
+    JSON list) the file `flag` holds, then remove the file: a test's way to fail one chosen step inside a model
+    process (the hook is pickled with the model; fast_path off, or the runner skips the model's own forward)."""
+    model.oom_flag = flag
+    model.register_forward_pre_hook(_out_of_memory_if_flagged, with_kwargs=True)
+
+
+def _out_of_memory_if_flagged(model, args, kwargs):
+    flag = Path(model.oom_flag)
+    if flag.exists() and json.loads(flag.read_text()) == sorted(kwargs["position_ids"].flatten().tolist()):
+        flag.unlink()
+        raise torch.OutOfMemoryError("injected")

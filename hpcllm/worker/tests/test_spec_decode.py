@@ -5,6 +5,7 @@ and ending mid-proposal (max_tokens, a stop token). Sampled requests: the same t
 the same seed. The adaptive rule: a request whose proposals are rejected stops proposing, a copying one goes on."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from hpcllm.worker.ngram import (LOOKUP_MISSES, MAX_BACKOFF_STEPS, MAX_LOOKUP_BA
 from hpcllm.worker.protocol import GenerateRequest, Thinking
 from hpcllm.worker.sampling import SamplingParams, sample_token, sampling_probs, verify_proposal
 
-from .copying_model import cycle_from, rewire_to_copy
+from .copying_model import cycle_from, rewire_to_copy, run_out_of_memory_at_flagged_steps
 from .test_batching import PROMPTS, hf_greedy
 
 _ids = itertools.count()
@@ -207,6 +208,25 @@ def test_a_thinking_budget_speculates_and_ends_its_thinking_at_the_budget(copyin
     assert 0 < accepted < proposed  # speculated, and a proposal crossing the budget cut there
 
 
+BUDGETS = [6, 9, 13, 16, 20, 27]
+
+
+def _thinkers_copying_every_4th_token_changed(successor, lead: int = 0):
+    """(stretch, end marker, thinkers(**fields)): budget requests (BUDGETS) whose proposals copy a prompt with every
+    4th token changed, so speculative steps and rows the model process chooses alternate; after `lead` tokens the
+    prompt does not hold (lookups that find nothing, which back a request off)."""
+    stretch = cycle_from(successor, 500, 200)
+    document = [t if i % 4 else (t * 7 + 1) % len(successor) for i, t in enumerate(stretch[lead:lead + 120])]
+    end = stretch[150]
+
+    def thinkers(**fields) -> list[GenerateRequest]:
+        return [GenerateRequest(request_id=f"s{next(_ids)}", prompt_token_ids=document + stretch[:1], max_tokens=40,
+                                ignore_eos=True, thinking=Thinking(end_token_id=end, budget=budget), **fields)
+                for budget in BUDGETS]
+
+    return stretch, end, thinkers
+
+
 def test_a_speculating_thinking_budget_seeds_the_model_process_once_and_then_sends_only_the_tokens_taken(
         copying, make_engine):
     """Its proposals copy a prompt with every 4th token changed, so speculative steps and rows the model process
@@ -214,15 +234,7 @@ def test_a_speculating_thinking_budget_seeds_the_model_process_once_and_then_sen
     tokens taken since (StepBatch.state_tokens), its state seed (all the request's ids) going down once per request;
     the end marker still lands after exactly `budget` thinking tokens, greedy and sampled as without speculation."""
     load, tokenizer, successor, _ = copying
-    stretch = cycle_from(successor, 500, 200)
-    document = [t if i % 4 else (t * 7 + 1) % len(successor) for i, t in enumerate(stretch[:120])]
-    end, budgets = stretch[150], [6, 9, 13, 16, 20, 27]
-
-    def thinkers(**fields) -> list[GenerateRequest]:
-        return [GenerateRequest(request_id=f"s{next(_ids)}", prompt_token_ids=document + stretch[:1], max_tokens=40,
-                                ignore_eos=True, thinking=Thinking(end_token_id=end, budget=budget), **fields)
-                for budget in budgets]
-
+    stretch, end, thinkers = _thinkers_copying_every_4th_token_changed(successor)
     plain = make_engine(load(), tokenizer)
     engine = make_engine(load(), tokenizer, speculative_ngram_tokens=5, model_process=True)
     batches = []
@@ -231,13 +243,62 @@ def test_a_speculating_thinking_budget_seeds_the_model_process_once_and_then_sen
     for fields in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
         off, on = run_together(plain, thinkers(**fields)), run_together(engine, thinkers(**fields))
         assert [tokens for tokens, _ in on] == [tokens for tokens, _ in off]
-        assert [tokens.index(end) for tokens, _ in on] == budgets
+        assert [tokens.index(end) for tokens, _ in on] == BUDGETS
     assert off[0][0][:6] == stretch[1:7]
     seeded = [seq_id for batch in batches for seq_id in batch.state_seeds]
-    assert len(seeded) == len(set(seeded)) == 2 * len(budgets)  # once per request
-    assert sum(len(batch.state_tokens) for batch in batches) >= len(budgets)
+    assert len(seeded) == len(set(seeded)) == 2 * len(BUDGETS)  # once per request
+    assert sum(len(batch.state_tokens) for batch in batches) >= len(BUDGETS)
     proposed, accepted = spec_counts(engine)
     assert 0 < accepted < proposed
+
+
+def test_a_speculating_thinking_budget_keeps_its_tokens_and_budget_after_a_step_that_ran_out_of_memory(
+        copying, make_engine, tmp_path):
+    """A step runs out of memory in the model process after its TokenStates took what it sent but before any row
+    chose a token (the newest request preempted, the others retried); a request backed off from looking up proposals
+    retries it as a speculative step. The engine counts none of the failed rows as taken, so the row after that
+    speculative step leaves no token out of the model process's state: tokens equal the engine's without
+    speculation, the end marker after exactly `budget` thinking tokens (a token late or in the answer otherwise)."""
+    load, tokenizer, successor, _ = copying
+    _, end, thinkers = _thinkers_copying_every_4th_token_changed(successor, lead=8)
+    plain, flag, failed = make_engine(load(), tokenizer), tmp_path / "fail-this-step", []
+
+    def speculates_at_a_retry(engine: Engine, batch) -> bool:
+        """Whether a request choosing a row of this step (backed off: not due to look up a proposal now) has a
+        proposal at its ids (with the copy of its last one that a step sent ahead feeds) and is due at the next
+        step: retried, it speculates."""
+        running = {req.seq_id: req for req in engine._running}
+        for chunk, choice in zip([c for c in batch.chunks if c.want_logits], batch.choices):
+            req = running[chunk.seq_id]
+            ids = req.all_ids + ([successor[req.all_ids[-1]]] if chunk.previous_row is not None else [])
+            if choice is not None and req.speculation.due(engine._spec_step + 1) and engine.proposer.propose(ids, 5):
+                return True
+        return False
+
+    def failing_at_a_step_retried_speculatively() -> Engine:
+        model = load()
+        run_out_of_memory_at_flagged_steps(model, str(flag))
+        engine = make_engine(model, tokenizer, speculative_ngram_tokens=5, model_process=True, fast_path=False)
+        launch = engine.runner.launch
+
+        def launch_failing(batch) -> None:
+            if not failed and len(batch.chunks) > 1 and speculates_at_a_retry(engine, batch):
+                failed.append(batch)
+                flag.write_text(json.dumps(sorted(chunk.start + i for chunk in batch.chunks
+                                                  for i in range(len(chunk.token_ids)))))
+            launch(batch)
+
+        engine.runner.launch = launch_failing
+        return engine
+
+    for fields in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        failed.clear()
+        engine = failing_at_a_step_retried_speculatively()
+        off, on = run_together(plain, thinkers(**fields)), run_together(engine, thinkers(**fields))
+        assert failed and not flag.exists()  # the step chosen ran out of memory in the model process
+        assert engine.metrics.preemptions._value.get() == 1
+        assert [tokens for tokens, _ in on] == [tokens for tokens, _ in off]
+        assert [tokens.index(end) for tokens, _ in on] == BUDGETS
 
 
 def test_the_sampled_acceptance_rule_matches_its_closed_form_on_given_logits():
