@@ -100,13 +100,17 @@ def main() -> int:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--speculate", type=int, default=0,
                         help="speculative_ngram_tokens (0: none); the model copies, the prompts are --prompt-tokens")
-    parser.add_argument("--prompt-tokens", type=int, default=4096, help="with --speculate: each prompt's length")
+    parser.add_argument("--prompt-tokens", type=int, help="with --speculate: each prompt's length (default 4096)")
     args = parser.parse_args()
     for name in ("requests", "max_tokens", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.speculate < 0:
         parser.error("--speculate must be 0 (off) or the tokens proposed per step")
+    if args.prompt_tokens is not None and not args.speculate:
+        parser.error("--prompt-tokens needs --speculate K (only a speculating run has long prompts)")
+    if args.prompt_tokens is None:
+        args.prompt_tokens = 4096
     if args.speculate and args.prompt_tokens <= args.max_tokens:
         parser.error("--prompt-tokens must exceed --max-tokens (the prompt holds the stretch the output copies)")
 

@@ -41,3 +41,5 @@ def test_bad_arguments_are_refused_with_what_to_fix():
     assert completed.returncode == 2 and "--speculate must be 0" in completed.stderr
     completed = bench("--speculate", "4", "--prompt-tokens", "64", "--max-tokens", "64")
     assert completed.returncode == 2 and "--prompt-tokens must exceed --max-tokens" in completed.stderr
+    completed = bench("--prompt-tokens", "8192")  # not ignored: it would not change the run
+    assert completed.returncode == 2 and "--prompt-tokens needs --speculate K" in completed.stderr
