@@ -201,7 +201,7 @@ class _Request(RequestState):
     # taken but for a speculative commit's (_state_for_sampling, _on_extended), its KV state freed (_release_kv: the
     # model process drops them too).
     child_state_at: int | None = None
-    # A thinking request's ThinkingState, for its speculative commits (thinking_now).
+    # A thinking request's ThinkingState, for its speculative commits (thinking_now) where it has no token_state.
     thinking_state: ThinkingState | None = None
     speculation: SpeculationRecord = field(default_factory=SpeculationRecord)  # its acceptance (Engine._speculate)
 
@@ -214,10 +214,13 @@ class _Request(RequestState):
         self.all_ids.append(token)
 
     def thinking_now(self) -> ThinkingState | None:
-        """Its thinking's state after its output so far (None: it has no thinking rule), advanced over the tokens
-        taken since it was last asked for: a speculative commit per step would otherwise scan the whole output."""
+        """Its thinking's state after its output so far (None: it has no thinking rule): its token_state's, which
+        takes every token, where this thread samples; else one kept here, advanced over the tokens taken since it
+        was last asked for: a speculative commit per step would otherwise scan the whole output."""
         if self.params.thinking is None:
             return None
+        if self.token_state is not None:
+            return self.token_state.thinking
         if self.thinking_state is None:
             self.thinking_state = ThinkingState(self.params.thinking, self.output_ids)
         return self.thinking_state.advance(self.output_ids)
