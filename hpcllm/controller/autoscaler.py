@@ -14,7 +14,7 @@ Each tick, in order:
    A model pool whose agent reported its job's end is handed over the same way from retire_lead_seconds before that
    end, to an instance its requests may go to; without one ready it serves on until Slurm's signal, as before.
 6. Instance-level scale to zero: ready instances idle longer than their model's keep_alive are stopped (never
-   below min_instances; never those of a model pool's node: its agent keeps them for its job's whole life).
+   below min_instances, counted on up nodes as in step 8; never those of a model pool's node: its agent keeps them for its job's whole life).
 7. Node-level scale to zero: an allocation whose nodes held no instance for allocation_keep_alive_seconds is
    cancelled (its idle time counts from the tick that found it empty).
 8. min_instances and unmet demand (route calls that found no capacity) start instances or submit allocations.
@@ -243,6 +243,9 @@ class Autoscaler:
         # A model pool (`hpcllm node --model`) owns its instances: stopping one would only make its agent start it
         # again (and the next user wait for a cold start). They still count as active for min_instances.
         pool_nodes = {n.node_id for n in self.registry.nodes() if n.is_pool}
+        # min_instances counts what serves on (as step 8 does): an instance on a draining node (its agent got
+        # Slurm's signal) leaves soon, so stopping an up node's idle one for it meant a cold start in step 8.
+        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
         by_model = defaultdict(list)
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading"):
@@ -255,8 +258,9 @@ class Autoscaler:
             idle = sorted((i for i in active if i.state == "ready" and i.load == 0 and now - i.last_used >= keep_alive
                            and i.node_id not in pool_nodes),
                           key=lambda i: (i.last_used, i.instance_id))
-            can_stop = max(0, len(active) - model.min_instances)
-            for inst in idle[:can_stop]:
+            can_stop = max(0, sum(i.node_id in routable for i in active) - model.min_instances)
+            leaving = [i for i in idle if i.node_id not in routable]
+            for inst in leaving + [i for i in idle if i.node_id in routable][:can_stop]:
                 if self._stop(inst.node_id, inst.instance_id):
                     self.registry.delete_instance(inst.instance_id)
                     report.actions.append(Action("stop_idle", inst.instance_id,

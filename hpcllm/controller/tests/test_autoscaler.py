@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpcllm.controller.autoscaler import RESERVATION_TIMEOUT_SECONDS
+from hpcllm.controller.protocol import Heartbeat
 from hpcllm.controller.tests.conftest import GB
 from hpcllm.slurm.base import JobState, NodeInfo
 
@@ -293,3 +294,22 @@ def test_old_history_is_pruned(make_harness):
     assert h.registry.get_allocation(job) is not None
     assert ("prune_history", "registry") in h.tick(2).kinds()
     assert h.registry.get_allocation(job) is None
+
+
+def test_an_instance_on_a_draining_node_does_not_count_towards_min_instances(harness):
+    """min_instances = 1 with one instance on a node whose agent got Slurm's signal (draining: it exits soon) and
+    an idle one on an up node: the up node's is the one that keeps the model warm, not stopped as idle (then
+    started again cold by the same tick's min_instances)."""
+    harness.deploy("m", min_instances=1, max_instances=2, keep_alive_seconds=10)
+    harness.register("n1")
+    first = ready_instance(harness, node="n1")
+    harness.register("n2")
+    harness.controller.start_instance(harness.registry.get_model("m"), exclude_nodes=frozenset({"n1"}))
+    harness.heartbeat("n2", tier="dram")
+    harness.controller.heartbeat("n2", Heartbeat(instances=harness.agents.list_instances("http://n2:9000"),
+                                                 draining=True))
+    assert harness.registry.get_node("n2").state == "draining"
+    report = harness.tick(60)
+    assert ("stop_idle", first) not in report.kinds()
+    assert not [k for k, _ in report.kinds() if k in ("start_min", "start_for_demand")]
+    assert first in {i.instance_id for i in harness.registry.instances()}
