@@ -369,7 +369,8 @@ class ClusterView:
         node_index = {c.node: i for i, c in enumerate(self.nodes)}
         self.model_index = {name: i for i, name in enumerate(self.model_sizes)}
         self.queue_wait = np.array([c.queue_wait_seconds for c in self.nodes], dtype=np.float64)
-        self.max_slots = max((c.free_slots + sum(m.slots for m in c.movable) for c in self.nodes), default=0)
+        # 0 at least: where every node is over-claimed (negative free_slots) none can host anything
+        self.max_slots = max([c.free_slots + sum(m.slots for m in c.movable) for c in self.nodes] + [0])
         self.migration_cost = self._migration_matrix()
         self.load_seconds = self._load_matrix(node_index)
 
@@ -377,7 +378,9 @@ class ClusterView:
         cost = np.full((len(self.nodes), self.max_slots + 1), np.inf)
         for n, c in enumerate(self.nodes):
             cost[n, : max(c.free_slots, 0) + 1] = 0.0
-            for k in range(c.free_slots + 1, self.max_slots + 1):
+            # From column 1 (no placement asks for 0 slots): an over-claimed node's free_slots is negative, and
+            # column free_slots + 1 would index from the end, leaving a cost where the node cannot host at all.
+            for k in range(max(c.free_slots + 1, 1), self.max_slots + 1):
                 found = cheapest_migration(c.movable, k - c.free_slots)
                 if found is None:
                     break

@@ -110,6 +110,16 @@ def test_multi_gpu_model_needs_enough_free_slots():
     assert decision.chosen.total_seconds == pytest.approx(2.0)
 
 
+def test_a_node_over_claimed_by_two_slots_is_no_host_for_the_largest_model():
+    # The controller subtracts the slots other models' cold starts claim (Controller._claims), so a node's free
+    # slots can be -2: moving both its 1-slot instances frees none for a 4-slot model, which only b can host.
+    over = node("a", free=-2, movable=[MovableInstance("x", 1, 0.1), MovableInstance("y", 1, 0.1)])
+    assert estimate(over, GB, 4, {"dram"}) is None
+    decision = place(GB, 4, [over, node("b", free=4)], {"a": {"dram"}})
+    assert decision.chosen.node == "b"
+    assert place(GB, 1, [node("a", free=-2)], {}).chosen is None  # no room anywhere: no capacity, not a crash
+
+
 def test_ties_go_to_the_node_name_that_sorts_first():
     # Three identical nodes (1 GB from shared FS = 1 s each), given in reverse order.
     decision = place(GB, 1, [node("n3"), node("n1"), node("n2")], {})
@@ -147,7 +157,7 @@ def clusters(draw):
         bw = {"dram": draw(st.sampled_from([10.0, 20.0])), "nvme": draw(st.sampled_from([2.0, 4.0])),
               "sharedfs": draw(st.sampled_from([0.5, 1.0]))}
         nodes.append(NodeCandidate(name, draw(st.sampled_from(["running", "pending", "idle"])),
-                                   draw(st.sampled_from([0.0, 0.0, 5.0, 30.0])), draw(st.integers(0, 4)), bw,
+                                   draw(st.sampled_from([0.0, 0.0, 5.0, 30.0])), draw(st.integers(-3, 4)), bw,
                                    movable))
         holding[name] = set(draw(st.lists(st.sampled_from(["dram", "nvme"]), max_size=2)))
     size = draw(st.sampled_from([GB // 2, 4 * GB, 13 * GB]))
