@@ -1497,10 +1497,15 @@ class Controller:
     # ------------------------------------------------------------------------------------------ restart
 
     def reconcile(self) -> None:
-        """After a (re)start: re-read Slurm, then ask every live node agent which instances it really runs."""
+        """After a (re)start: re-read Slurm, then ask every live node agent which instances it really runs. Slurm
+        not answering does not skip the agents (its AllocationFailed is raised after them: the ticks retry Slurm)."""
         self.refresh_context_lengths()
         now = self.clock()
-        self.allocator.sync(now)
+        slurm_failed = None
+        try:
+            self.allocator.sync(now)
+        except AllocationFailed as exc:
+            slurm_failed = exc
         for node in self.registry.nodes(states=("up", "draining")):
             self.agents.set_key(node.agent_url, self._node_key_if_any(node))
             try:
@@ -1520,6 +1525,8 @@ class Controller:
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
                  len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
+        if slurm_failed is not None:
+            raise slurm_failed
 
 
 def _credential_info(record: CredentialRecord) -> CredentialInfo:

@@ -238,3 +238,22 @@ def test_restart_reconciles_instances_with_the_node_agent(tmp_path, controller_p
         client.close()
     finally:
         n1.close()
+
+
+def test_a_restart_with_slurm_down_still_reconciles_the_node_agents(harness):
+    """A start reserved just before the crash that the agent never got: reconcile drops the reservation, else the
+    model's requests wait on it ("starting") until the autoscaler drops it minutes later. Slurm being down at the
+    restart must not skip the agents (reconcile still reports it incomplete)."""
+    from hpcllm.controller.errors import ControllerError
+
+    harness.deploy("m")
+    job = harness.allocator.submit(harness.registry.get_model("m"), [], harness.clock.now)
+    harness.backend.run_job(job, "n1", harness.clock.now)
+    harness.register("n1", job=job)
+    harness.registry.reserve_instance("m", "n1", [0], harness.clock.now)
+    harness.backend.down = True
+    with pytest.raises(ControllerError, match="Slurm"):
+        harness.controller.reconcile()
+    assert not [i for i in harness.registry.instances() if i.reserved]
+    outcome = harness.controller.route("m")
+    assert outcome.status == "starting" and outcome.instance_id is not None  # a real start, not the dead one
