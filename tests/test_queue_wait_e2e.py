@@ -44,7 +44,8 @@ def controller_for(base: Path, backend) -> Controller:
         "slurm": {"partition": "batch", "time": "00:05:00", "gpus_per_node": 2},
         "controller": {"database_url": f"sqlite:///{base / f'{backend.__class__.__name__}.db'}",
                        "allocation_start_estimate_seconds": 0.0, "agent_start_seconds": 5.0,
-                       "default_sharedfs_gbps": 1000.0, "min_residency_seconds": 0.0}})
+                       "default_sharedfs_gbps": 1000.0, "min_residency_seconds": 0.0,
+                       "retire_lead_seconds": 60.0}})  # below the 5-minute walltime: deploy refuses it otherwise
     registry = Registry(config.controller.database_url)
     controller = Controller(config, registry, FakeAgents(), Allocator(config, registry, backend, "http://127.0.0.1:9"))
     source = checkpoint_folder(base / "models" / "m")

@@ -112,6 +112,7 @@ from hpcllm.credentials import (
     worker_key,
 )
 from hpcllm.httpkit.errors import validation_message
+from hpcllm.slurm.base import parse_walltime
 from hpcllm.worker.lora_config import AdapterError, read_adapter_config
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,7 @@ class Controller:
         max_model_len = self._max_model_len(spec)
         self._check_adapters(spec)
         self._check_partition(spec)
+        self._check_walltime(spec)
         _check_tensor_parallel(spec, source)
         return DeployedModel(**spec.model_dump(exclude={"size_bytes", "max_model_len", "nodes"}),
                              size_bytes=size_bytes, max_model_len=max_model_len, nodes=self._nodes_per_instance(spec),
@@ -437,6 +439,20 @@ class Controller:
             raise InvalidModelConfig(
                 f"slurm.partition: unknown partition {partition!r} (Slurm has: {', '.join(sorted(known)) or 'none'})",
                 param="slurm.partition")
+
+    def _check_walltime(self, spec: ModelSpec) -> None:
+        """An allocation retires retire_lead_seconds before its walltime ends (make before break): one no longer
+        than that retired as it started, and the model's demand submitted the next one, which did the same."""
+        if self.allocator.why_never_submit() is not None:
+            return  # no allocation is ever made for it
+        text = spec.slurm.time or self.config.slurm.time
+        lead = self.settings.retire_lead_seconds
+        if parse_walltime(text) <= lead:
+            named = "slurm.time" if spec.slurm.time else "slurm.time (the config's, the model gives none)"
+            raise InvalidModelConfig(
+                f"{named}: allocations of {text} would retire as they start: they retire "
+                f"controller.retire_lead_seconds = {lead:g} s before their walltime ends. Give a walltime longer "
+                f"than that, or lower controller.retire_lead_seconds", param="slurm.time")
 
     def undeploy(self, name: str) -> UndeployResult:
         removed = self.registry.delete_model(name)

@@ -5,9 +5,12 @@ Fake clock, in-memory Slurm and node agents (doubles.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from hpcllm.controller.allocations import Allocator
 from hpcllm.controller.autoscaler import Autoscaler
 from hpcllm.controller.cli import print_status
+from hpcllm.controller.errors import InvalidModelConfig
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
 from hpcllm.controller.tests.test_migration import metric, ready_instance, target, use_migrating_agents
@@ -173,3 +176,17 @@ def test_a_retiring_instance_is_a_migration_target_only_when_there_is_no_other(m
     # With no other, the retiring one still takes them (better than a resume).
     h.registry.set_instance_state(busy, "draining")
     assert target(h.app_client(), {"model": "m", "exclude_node": "n8"}).get_json()["instance_id"] == old
+
+
+def test_a_walltime_no_longer_than_the_retire_lead_is_refused_at_deploy(make_harness):
+    """An allocation retires retire_lead_seconds (300 s) before its walltime ends: a 4-minute allocation retired as
+    it started, the model's demand submitted another, which retired as it started too. Deploy says what to change;
+    a walltime longer than the lead deploys."""
+    h = make_harness()
+    with pytest.raises(InvalidModelConfig, match="retire_lead_seconds") as refused:
+        h.deploy("short", slurm={"time": "00:04:00"})
+    assert refused.value.param == "slurm.time"
+    assert h.registry.get_model("short") is None
+    h.deploy("long", slurm={"time": "00:10:00"})
+    fixed_nodes = make_harness(allocate_on_demand=False)  # no allocation is ever made: nothing retires
+    fixed_nodes.deploy("short", slurm={"time": "00:04:00"})
