@@ -1412,10 +1412,11 @@ class Controller:
         return taken | {node for node, instances in by_node.items() if any(i.model != model.name for i in instances)}
 
     def pending_allocations(self, model_name: str) -> list[AllocationRecord]:
-        """Allocations made for this model whose agent has not registered yet (queued, or starting up)."""
-        live = self.registry.nodes(states=("up", "draining"))
+        """Allocations made for this model whose agent has not registered yet (queued, or starting up). Not one
+        whose agent registered and was lost (silent past node_timeout_seconds): nothing is on its way there."""
+        registered = self.registry.nodes(states=("up", "draining", "lost"))
         return [a for a in self.registry.allocations(active_only=True) if a.model == model_name and (
-            a.state == "pending" or (a.state == "running" and not allocation_agents(a, live)))]
+            a.state == "pending" or (a.state == "running" and not allocation_agents(a, registered)))]
 
     @staticmethod
     def _ready_nodes_by_model(by_node: dict[str, list[InstanceRecord]],

@@ -137,3 +137,22 @@ def test_a_node_another_models_allocation_targets_is_not_asked_for_again(harness
     assert [s.nodelist for s in specs][0] == ("n1",)
     assert all(s.nodelist != ("n1",) for s in specs[1:]), [s.nodelist for s in specs]
     assert len(specs) == 2
+
+
+def test_an_allocation_whose_agent_was_lost_is_not_capacity_on_its_way(harness):
+    """An allocation whose agent registered, served, and went silent (declared lost) while Slurm still runs its job
+    is no allocation starting up: the model's requests waited 'allocating' on it until the idle keep-alive
+    (allocation_keep_alive_seconds) cancelled it; a new allocation is submitted at once."""
+    harness.deploy("m", gpus=1)
+    first = harness.controller.route("m").job_id
+    harness.backend.start(first, "n1", harness.clock.now)
+    harness.tick(1)
+    harness.register("n1", job=first)
+    harness.controller.route("m")
+    harness.heartbeat("n1", tier="nvme")
+    assert harness.controller.route("m").status == "ready"
+    assert ("node_lost", "n1") in harness.tick(harness.config.controller.node_timeout_seconds + 1,
+                                               heartbeats=False).kinds()
+    waiting = harness.controller.route("m")
+    assert waiting.status == "allocating" and waiting.job_id not in (None, first)
+    assert len(harness.backend.submitted()) == 2
