@@ -1475,10 +1475,11 @@ class Controller:
                 cache[model_name] = wait + load_time(victim.size_bytes, self.settings.default_sharedfs_gbps)
         return cache[model_name]
 
-    def _cpu_slots(self, inst: InstanceRecord) -> int:
-        """CPU slots a CPU instance holds: one per tensor-parallel rank (its model's degree; 1 once undeployed)."""
-        model = self.registry.get_model(inst.model)
-        return model.tensor_parallel if model is not None else 1
+    @staticmethod
+    def _cpu_slots(inst: InstanceRecord) -> int:
+        """CPU slots a CPU instance holds: one per tensor-parallel rank it was started with (its reservation's, or
+        its agent's report), not its model's degree now: a redeploy or an undeploy leaves running ranks as they are."""
+        return inst.tensor_parallel
 
     def _move_cost(self, inst: InstanceRecord) -> float:
         if inst.running_requests == 0 and inst.routed_since_heartbeat == 0:

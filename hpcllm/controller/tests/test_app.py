@@ -661,3 +661,21 @@ def test_a_failed_instance_and_its_reason_show_in_status(client, harness, capsys
     print_status(ClusterStatus.model_validate(status))
     out = capsys.readouterr().out
     assert "failed instances" in out and reason in out
+
+
+def test_a_running_instance_holds_the_cpu_slots_of_the_ranks_it_started_with(make_harness, tiny_llama_dir):
+    """A model redeployed with another tensor_parallel leaves its running instances as they are: one started with
+    two ranks still holds two CPU slots, so another model does not go into a slot its ranks use."""
+    from hpcllm.controller.protocol import ModelSpec
+
+    h = make_harness(cpu_slots_per_node=2, allocate_on_demand=False)
+    spec = ModelSpec(name="tp", source=str(tiny_llama_dir), size_bytes=1000, tensor_parallel=2)
+    h.controller.deploy(spec)
+    h.deploy("one")
+    h.register("n1", gpus=0)
+    first = h.controller.route("tp").instance_id
+    h.heartbeat("n1", tier="sharedfs")
+    h.controller.deploy(spec.model_copy(update={"tensor_parallel": 1}))
+    h.backend.down = True
+    assert h.controller.route("one").status == "starting"
+    assert [iid for _, iid in h.agents.stopped] == [first]  # moved off to make room, not started beside it
