@@ -675,7 +675,10 @@ class Controller:
             check_models(principal, [i.model for i in hb.instances])
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
-        outcome = self.registry.heartbeat(node_id, hb, self.clock())
+        now = self.clock()
+        # A heartbeat is built a moment before it arrives: one built before the agent took a start this controller
+        # just confirmed lacks that instance, which is not gone (forgotten, the next request started another).
+        outcome = self.registry.heartbeat(node_id, hb, now, started_since=now - self.config.node.heartbeat_seconds)
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:

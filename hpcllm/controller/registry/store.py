@@ -545,9 +545,11 @@ class Registry:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (reg.node_id,)).fetchone()
         return _node(row)
 
-    def heartbeat(self, node_id: str, hb: Heartbeat, now: float) -> HeartbeatOutcome:
+    def heartbeat(self, node_id: str, hb: Heartbeat, now: float, started_since: float | None = None
+                  ) -> HeartbeatOutcome:
         """Replace a node's cache list and instance list (and its tiers' rates, when given) with what its agent
-        reports, atomically."""
+        reports, atomically. started_since: an unreported loading instance requested since then is kept (the
+        report may have been built before the agent took its start)."""
         outcome = HeartbeatOutcome()
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
@@ -576,7 +578,9 @@ class Registry:
                 if info.state == "ready" and (previous is None or previous.state == "loading"):
                     outcome.became_ready.append(_record_cold_start(db, node_id, info, previous, now))
             for instance_id, record in known.items():
-                if instance_id not in reported and not record.reserved:
+                just_started = started_since is not None and record.state == "loading" \
+                    and record.requested_at >= started_since
+                if instance_id not in reported and not record.reserved and not just_started:
                     db.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
                     outcome.vanished.append(instance_id)
         return outcome

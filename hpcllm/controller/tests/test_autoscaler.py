@@ -313,3 +313,19 @@ def test_an_instance_on_a_draining_node_does_not_count_towards_min_instances(har
     assert ("stop_idle", first) not in report.kinds()
     assert not [k for k, _ in report.kinds() if k in ("start_min", "start_for_demand")]
     assert first in {i.instance_id for i in harness.registry.instances()}
+
+
+def test_a_heartbeat_sent_before_a_start_does_not_forget_the_instance_just_started(harness):
+    """The agent's heartbeat built just before it took a start arrives after the controller confirmed that start:
+    the new instance is missing from it. It is not forgotten (the model's next request started a second cold
+    start beside it); a heartbeat a heartbeat period later that still lacks it does drop it."""
+    harness.deploy("m")
+    harness.register("n1")
+    started = harness.controller.route("m").instance_id
+    harness.controller.heartbeat("n1", Heartbeat(instances=[]))  # the stale report
+    again = harness.controller.route("m")
+    assert (again.status, again.instance_id) == ("starting", started)
+    assert len(harness.agents.started) == 1
+    harness.clock.advance(harness.config.node.heartbeat_seconds + 1)
+    harness.controller.heartbeat("n1", Heartbeat(instances=[]))
+    assert harness.registry.instances() == []
