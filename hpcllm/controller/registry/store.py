@@ -941,7 +941,9 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
         return
     # Draining is our decision (retirement, migration): an agent still saying "ready" does not undo it.
     state = "draining" if previous.state == "draining" and info.state == "ready" else info.state
-    last_used = now if info.running_requests > 0 else previous.last_used
+    # Idle time counts from readiness: a load longer than the keep-alive must not make a new instance idle at once.
+    became_ready = info.state == "ready" and previous.state == "loading"
+    last_used = now if info.running_requests > 0 or became_ready else previous.last_used
     db.execute(
         "UPDATE instances SET state = ?, worker_url = ?, gpu_ids = ?, running_requests = ?,"
         " routed_since_heartbeat = 0, tokens_in_flight = ?, prefill_tps = ?, last_used = ?,"

@@ -329,3 +329,17 @@ def test_a_heartbeat_sent_before_a_start_does_not_forget_the_instance_just_start
     harness.clock.advance(harness.config.node.heartbeat_seconds + 1)
     harness.controller.heartbeat("n1", Heartbeat(instances=[]))
     assert harness.registry.instances() == []
+
+
+def test_an_instance_whose_load_outlasted_the_keep_alive_is_not_stopped_as_it_becomes_ready(harness):
+    """A cold start longer than the model's keep-alive (a large model from the shared FS): its idle time counts from
+    when it became ready, not from its start, or the tick after its first ready heartbeat stopped it before the
+    request that started it (polling the route) could reach it."""
+    harness.deploy("m", keep_alive_seconds=60)
+    harness.register("n1")
+    started = harness.controller.route("m").instance_id
+    harness.clock.advance(120)  # loading
+    harness.heartbeat("n1", tier="sharedfs")
+    assert ("stop_idle", started) not in harness.tick(heartbeats=False).kinds()
+    assert harness.controller.route("m").instance_id == started
+    assert ("stop_idle", started) in harness.tick(61).kinds()  # idle from then on, it goes as before
