@@ -100,8 +100,10 @@ class Autoscaler:
         # The free times are outside (other - stagger, other + stagger): the latest one is the ideal time or
         # just before one of those windows.
         candidates = [ideal] + [other - stagger for other in others if other - stagger < ideal]
-        free = [t for t in candidates if all(abs(t - other) >= stagger for other in others)]
-        return max(max(free), alloc.started_at or alloc.submitted_at)
+        start = alloc.started_at or alloc.submitted_at
+        # Never staggered to before its start (it would retire as it starts): the ideal time then, beside another.
+        free = [t for t in candidates if t >= start and all(abs(t - other) >= stagger for other in others)]
+        return max(free) if free else max(ideal, start)
 
     def _unstick_pending_allocations(self, now: float, report: TickReport) -> None:
         """An allocation asking for a node by name can queue forever if that node got taken: ask for any node."""

@@ -133,6 +133,21 @@ def test_a_retirement_moves_only_as_early_as_the_stagger_needs(make_harness):
     assert h.registry.get_allocation(c).retire_at == end - 420
 
 
+def test_a_retirement_is_never_staggered_to_before_its_allocation_started(make_harness):
+    """Two short allocations ending together: the second's staggered time would be before its start (it would retire
+    as it started and its model's demand submit another); it retires at its own ideal time, beside the first."""
+    h = make_harness(retire_lead_seconds=300, retire_stagger_seconds=60, max_allocations=2)
+    for name in ("a", "b"):
+        h.deploy(name)
+    a, b = (h.controller.route(name).job_id for name in ("a", "b"))
+    h.backend.start(a, "n1", h.clock.now, walltime=340)
+    h.backend.start(b, "n2", h.clock.now, walltime=340)
+    h.tick(1)
+    start, end = h.clock.now - 1, h.clock.now - 1 + 340
+    assert sorted(h.registry.get_allocation(j).retire_at for j in (a, b)) == [end - 300, end - 300]
+    assert end - 300 > start
+
+
 def test_idle_allocation_is_released_after_its_keep_alive(make_harness):
     h = make_harness(allocation_keep_alive_seconds=600, keep_alive_seconds=60)
     h.deploy("m")
