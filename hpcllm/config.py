@@ -68,12 +68,16 @@ class PathsConfig(Section):
         return path
 
 
+# Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (0: no time limit).
+WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
+
+
 class SlurmConfig(Section):
     backend: str = Field("cli", pattern="^(cli|rest|pyslurm)$")
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    time: str = "01:00:00"
+    time: str = Field("01:00:00", pattern=WALLTIME_PATTERN, max_length=32)
     gpus_per_node: int = Field(1, ge=0)
     # Signal Slurm sends before preemption / walltime; some sites reserve SIGUSR1 for NCCL.
     signal: str = Field("USR1", pattern="^[A-Za-z0-9]+$")  # a name (USR1, SIGUSR1) or number: it goes into scripts

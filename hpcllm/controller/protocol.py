@@ -34,7 +34,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from hpcllm.config import MODEL_NAME_PATTERN, ToolCallFormat
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.wire import UnixTime, WireModel
-from hpcllm.slurm.base import JOB_ID_PATTERN, SLURM_TOKEN_PATTERN, WALLTIME_PATTERN
+from hpcllm.config import WALLTIME_PATTERN
+from hpcllm.slurm.base import JOB_ID_PATTERN, SLURM_TOKEN_PATTERN
 from hpcllm.worker.protocol import LoadLoraAdapter, MigrationFailure, MigrationResult, UnloadLoraAdapter
 
 

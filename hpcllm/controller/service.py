@@ -441,18 +441,24 @@ class Controller:
                 param="slurm.partition")
 
     def _check_walltime(self, spec: ModelSpec) -> None:
-        """An allocation retires retire_lead_seconds before its walltime ends (make before break): one no longer
-        than that retired as it started, and the model's demand submitted the next one, which did the same."""
+        """An allocation retires retire_lead_seconds before its walltime ends (make before break): one that ends
+        within that and its agent's start retired as it started, and the model's demand submitted the next one,
+        which did the same. Checked when the model's walltime is new (a redeploy keeping it, a LoRA load, passes);
+        0 is Slurm's no time limit (no retirement)."""
         if self.allocator.why_never_submit() is not None:
             return  # no allocation is ever made for it
+        previous = self.registry.get_model(spec.name)
+        if previous is not None and previous.slurm.time == spec.slurm.time:
+            return
         text = spec.slurm.time or self.config.slurm.time
-        lead = self.settings.retire_lead_seconds
-        if parse_walltime(text) <= lead:
+        seconds, lead = parse_walltime(text), self.settings.retire_lead_seconds
+        if 0 < seconds <= lead + self.settings.agent_start_seconds:
             named = "slurm.time" if spec.slurm.time else "slurm.time (the config's, the model gives none)"
             raise InvalidModelConfig(
                 f"{named}: allocations of {text} would retire as they start: they retire "
-                f"controller.retire_lead_seconds = {lead:g} s before their walltime ends. Give a walltime longer "
-                f"than that, or lower controller.retire_lead_seconds", param="slurm.time")
+                f"controller.retire_lead_seconds = {lead:g} s before their walltime ends, and their agent takes "
+                f"controller.agent_start_seconds = {self.settings.agent_start_seconds:g} s to start. Give a longer "
+                f"walltime, or lower controller.retire_lead_seconds", param="slurm.time")
 
     def undeploy(self, name: str) -> UndeployResult:
         removed = self.registry.delete_model(name)
@@ -1445,7 +1451,8 @@ class Controller:
             used = sum(len(i.gpu_ids) for i in same_kind)
             free = node.gpus - used
         else:
-            free = self.settings.cpu_slots_per_node - sum(self._cpu_slots(i) for i in same_kind)
+            # one CPU slot per rank an instance was started with, not its model's degree now (a redeploy)
+            free = self.settings.cpu_slots_per_node - sum(i.tensor_parallel for i in same_kind)
         movable, young = [], []
         for inst in same_kind:
             if inst.state != "ready" or inst.model == model.name:
@@ -1453,7 +1460,7 @@ class Controller:
             cost = self._move_cost(inst)
             if inst.load and not ready_on.get(inst.model, set()) - {node.node_id}:
                 cost += restart_seconds(inst.model)
-            option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else self._cpu_slots(inst),
+            option = MovableInstance(inst.instance_id, len(inst.gpu_ids) if model.gpus else inst.tensor_parallel,
                                      cost)
             seconds_left = inst.requested_at + self.settings.min_residency_seconds - now
             if seconds_left > 0:
@@ -1477,12 +1484,6 @@ class Controller:
                 wait = self.allocator.new_allocation_wait(victim, [], now, in_use).seconds
                 cache[model_name] = wait + load_time(victim.size_bytes, self.settings.default_sharedfs_gbps)
         return cache[model_name]
-
-    @staticmethod
-    def _cpu_slots(inst: InstanceRecord) -> int:
-        """CPU slots a CPU instance holds: one per tensor-parallel rank it was started with (its reservation's, or
-        its agent's report), not its model's degree now: a redeploy or an undeploy leaves running ranks as they are."""
-        return inst.tensor_parallel
 
     def _move_cost(self, inst: InstanceRecord) -> float:
         if inst.running_requests == 0 and inst.routed_since_heartbeat == 0:

@@ -19,13 +19,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hpcllm.config import WALLTIME_PATTERN
 from hpcllm.errors import ConfigError
 
 # Values that end up on an `#SBATCH` line or in a REST field: no whitespace, no newline, nothing a shell or the
 # directive parser would split.
 SLURM_TOKEN_PATTERN = r"^[A-Za-z0-9_.,:+@%/=-]+$"
-# Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
-WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
 # A Slurm job id as programs see it: a number, an array task (12_3) or a heterogeneous component (12+1).
 JOB_ID_PATTERN = r"^\d+([_+]\d+)?$"
 _SIGNAL = re.compile(r"^(?:SIG)?([A-Z0-9]+)@(\d+)$")

@@ -94,7 +94,8 @@ def test_paths_must_be_absolute(tmp_path, value):
     *((f"[node]\nread_sweep_max_age_seconds = {value}\n",
        "read_sweep_max_age_seconds: Input should be a finite number") for value in ("inf", "-inf", "nan")),
     ('[slurm]\nsignal = "USR1\\ntouch /tmp/x"\nsignal_seconds = 0\n', "slurm.signal"),  # it goes into scripts
-], ids=["inf", "-inf", "nan", "signal-with-shell"])
+    ('[slurm]\ntime = "1h"\n', "slurm.time"),  # not Slurm's: every deploy's walltime check read it (a 500)
+], ids=["inf", "-inf", "nan", "signal-with-shell", "walltime-not-slurms"])
 def test_values_that_are_no_numbers_or_names_are_refused(tmp_path, text, match):
     path = tmp_path / "hpcllm.toml"
     path.write_text(text)

@@ -574,8 +574,9 @@ class Registry:
                         outcome.failed.append(info)
                     continue
                 previous = known.get(info.instance_id)
-                _upsert_reported_instance(db, node_id, info, previous, now)
-                if info.state == "ready" and (previous is None or previous.state == "loading"):
+                became_ready = info.state == "ready" and (previous is None or previous.state == "loading")
+                _upsert_reported_instance(db, node_id, info, previous, now, became_ready)
+                if became_ready:
                     outcome.became_ready.append(_record_cold_start(db, node_id, info, previous, now))
             for instance_id, record in known.items():
                 just_started = started_since is not None and record.state == "loading" \
@@ -927,7 +928,7 @@ def _refuse_other_nodes_instances(db, node_id: str, new_ids: list[str]) -> None:
 
 
 def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
-                              previous: InstanceRecord | None, now: float) -> None:
+                              previous: InstanceRecord | None, now: float, became_ready: bool) -> None:
     if previous is None:
         db.execute(
             "INSERT INTO instances (instance_id, model, node_id, state, worker_url, gpu_ids, running_requests,"
@@ -942,7 +943,6 @@ def _upsert_reported_instance(db, node_id: str, info: InstanceInfo,
     # Draining is our decision (retirement, migration): an agent still saying "ready" does not undo it.
     state = "draining" if previous.state == "draining" and info.state == "ready" else info.state
     # Idle time counts from readiness: a load longer than the keep-alive must not make a new instance idle at once.
-    became_ready = info.state == "ready" and previous.state == "loading"
     last_used = now if info.running_requests > 0 or became_ready else previous.last_used
     db.execute(
         "UPDATE instances SET state = ?, worker_url = ?, gpu_ids = ?, running_requests = ?,"

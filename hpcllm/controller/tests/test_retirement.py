@@ -188,5 +188,10 @@ def test_a_walltime_no_longer_than_the_retire_lead_is_refused_at_deploy(make_har
     assert refused.value.param == "slurm.time"
     assert h.registry.get_model("short") is None
     h.deploy("long", slurm={"time": "00:10:00"})
+    h.deploy("unlimited", slurm={"time": "0"})  # Slurm's no time limit: nothing retires
+    h.controller.settings.retire_lead_seconds = 900  # raised after "long" was deployed with a 10-minute walltime
+    h.deploy("long", slurm={"time": "00:10:00"}, min_instances=0)  # a redeploy keeping the walltime (a LoRA load)
+    with pytest.raises(InvalidModelConfig, match="agent_start_seconds"):
+        h.deploy("long", slurm={"time": "00:15:05"})  # a new walltime within the lead and the agent's start
     fixed_nodes = make_harness(allocate_on_demand=False)  # no allocation is ever made: nothing retires
     fixed_nodes.deploy("short", slurm={"time": "00:04:00"})
