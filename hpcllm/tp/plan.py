@@ -103,7 +103,7 @@ def check_degree(config, degree: int) -> None:
     checkpoint's shapes are checked again by `slice_plan`)."""
     if degree == 1:
         return
-    module_plan(config)  # the model must have a plan at all
+    plan = module_plan(config)  # the model must have a plan at all
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     checks = [
@@ -114,9 +114,30 @@ def check_degree(config, degree: int) -> None:
     ]
     problems = [f"{what} = {value} is not divisible by {degree}" for what, value in checks
                 if isinstance(value, int) and value % degree]
+    problems += [f"{name} holds one row per head ({list(shape)}) but its plan keeps it whole on every rank"
+                 for name, shape in _whole_per_head_parameters(config, plan, {heads, kv_heads})]
     if problems:
         raise TensorParallelError(f"tensor_parallel = {degree} does not fit model type {config.model_type!r}: "
                                   + "; ".join(problems))
+
+
+def _whole_per_head_parameters(config, plan: ModulePlan, head_counts: set) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameters beside split projections that the plan keeps whole although their rows are heads (Cohere's
+    q_norm/k_norm with use_qk_norm: [heads, head_dim]): a rank holding some heads would meet every head's row and
+    fail its first forward on the shapes. One entry per kind of parameter (layer numbers as *)."""
+    import torch
+
+    from hpcllm.store.skeleton import build_skeleton
+
+    model = build_skeleton(config, torch.float32)  # meta device: shapes only
+    split_parents = {name.rpartition(".")[0] for name, _ in model.named_modules() if plan.style_of(name)}
+    found: dict[str, tuple[int, ...]] = {}
+    for name, parameter in model.named_parameters():
+        module_name = name.rpartition(".")[0]
+        if (parameter.dim() >= 2 and parameter.shape[0] in head_counts and parameter.shape[0] > 1
+                and module_name.rpartition(".")[0] in split_parents and plan.style_of(module_name) is None):
+            found.setdefault(re.sub(r"\.\d+\.", ".*.", name), tuple(parameter.shape))
+    return sorted(found.items())
 
 
 def check_model_dir(source: str | Path, degree: int) -> None:

@@ -138,6 +138,21 @@ def test_a_degree_that_does_not_split_the_model_names_every_number():
         check_degree(AutoConfig.for_model("gpt2"), 2)
 
 
+def test_a_parameter_with_a_row_per_head_that_the_plan_keeps_whole_is_refused():
+    """Cohere with use_qk_norm (Command R+): q_norm/k_norm weights are [heads, head_dim] and transformers' plan does
+    not split them, so every rank's first forward failed on the shapes; the degree check names them instead."""
+    config = AutoConfig.for_model("cohere", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256, use_qk_norm=True)
+    with pytest.raises(TensorParallelError) as error:
+        check_degree(config, 2)
+    assert str(error.value) == (
+        "tensor_parallel = 2 does not fit model type 'cohere': model.layers.*.self_attn.k_norm.weight holds one row "
+        "per head ([2, 16]) but its plan keeps it whole on every rank; model.layers.*.self_attn.q_norm.weight holds "
+        "one row per head ([4, 16]) but its plan keeps it whole on every rank")
+    config.use_qk_norm = False
+    check_degree(config, 2)
+
+
 def test_planned_reads_match_what_the_ranks_read_and_inspect_shows_them(tp_llama):
     from hpcllm.tp.mpiload import estimate_rank_reads
     from hpcllm.tp.plan import rank_slices
