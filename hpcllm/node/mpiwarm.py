@@ -110,6 +110,8 @@ class RankFill:
                 fsync_dir(self.tmp)
             except CheckpointError as exc:
                 self.fail(f"the written copy does not verify: {exc}")
+            except OSError as exc:  # re-reading or syncing it: a disk error, not a reason to leave the collectives
+                self.fail(f"the written copy cannot be checked: {exc.strerror or exc}")
 
     def commit(self, source: str) -> None:
         if not self.writing:
@@ -175,9 +177,14 @@ def _receive_partition(fill: RankFill, part: dict, index: int, comm, is_root: bo
             os.fsync(out.fileno())
     except BroadcastError as exc:
         fill.fail(str(exc))
+    except OSError as exc:  # the flush or sync: this rank's failure, reported with the others' (it stays in the job)
+        fill.fail(f"cannot write {fill.tmp / part['file']}: {exc.strerror}")
     finally:
         if out is not None:
-            out.close()
+            try:
+                out.close()
+            except OSError as exc:  # flushing what a failed write left buffered
+                fill.fail(f"cannot write {fill.tmp / part['file']}: {exc.strerror}")
 
 
 def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes: int, comm=None,

@@ -93,3 +93,49 @@ def test_cache_warm_mpi_to_four_dev_cluster_nodes(origin, tmp_path, slurm_cluste
         assert (copy.model, copy.verified) == ("llama", True)
         read_checkpoint(copy.path).verify_files()
     assert "ok model llama ranks 4" in result.stdout
+
+
+class _OneRank:
+    """The collectives warm() makes, for a world of one rank in this process."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def bcast(self, value, root=0):
+        return value
+
+    def Bcast(self, buffer, root=0):
+        return None
+
+    def Ibcast(self, buffer, root=0):
+        return type("Done", (), {"Wait": lambda self: None})()
+
+    def gather(self, value, root=0):
+        return [value]
+
+    def allreduce(self, value, op=None):
+        return value
+
+
+def test_a_rank_whose_disk_fails_to_sync_reports_it_and_keeps_to_the_collectives(origin, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """fsync failing (EIO from a failing NVMe disk) after a data file was written raised OSError out of the rank:
+    it left the job's collectives, so every other rank waited forever in the next broadcast. It is that rank's
+    failure like any other: reported naming the rank, nothing committed."""
+    import errno
+
+    from hpcllm.node import mpiwarm
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(mpiwarm.os, "fsync", failing_fsync)
+    status = mpiwarm.warm(origin, "llama", str(tmp_path / "nvme"), 1 << 30, comm=_OneRank())
+
+    assert status == 1
+    stderr = capsys.readouterr().err
+    assert "failed on 1 of 1 ranks; nothing was committed" in stderr and "Input/output error" in stderr, stderr
+    assert [n for n in _entries(tmp_path / "nvme") if not n.startswith(".hpcllm-cache.db")] == []
