@@ -107,8 +107,10 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
     build_began = time.perf_counter()
     error = _guarded(lambda: outcome.update(model=_build(plan, tensors, Path(path), size, comm, collective, device)))
     stats["build_seconds"] = round(time.perf_counter() - build_began, 4)
+    if error is None and tokenizer and rank == 0:  # only the lead tokenizes; its failure must reach every rank
+        error = _guarded(lambda: outcome.update(tokenizer=_tokenizer(Path(path))))
     _exchange_status(comm, error, timeout_s)
-    tok = _tokenizer(Path(path)) if tokenizer and rank == 0 else None  # only the lead tokenizes
+    tok = outcome.get("tokenizer")
     stats["seconds"] = round(time.perf_counter() - started, 4)
     stats["import_seconds"] = round(started - imports_began, 4)
     all_stats = comm.gather(stats, root=0)
@@ -246,7 +248,10 @@ def _build(plan: _Plan, tensors: dict, root: Path, size: int, comm: Any, collect
 def _tokenizer(root: Path):
     from hpcllm.store.loader import _load_tokenizer  # the loader's own rules (None without tokenizer files)
 
-    return _load_tokenizer(root)
+    try:
+        return _load_tokenizer(root)
+    except Exception as exc:  # noqa: BLE001 - transformers raises anything from a broken file
+        raise HpcllmError(f"cannot load the tokenizer files of {root}: {_describe(exc)}") from None
 
 
 def _broadcast_replicated(comm: Any, slices: list, tensors: dict, dtypes: dict[str, str]) -> None:

@@ -231,3 +231,15 @@ def test_with_a_stop_signal_every_rank_survives_sigterm_and_the_stop_signal_ends
             process.communicate()
     assert "signal 12: shutting down" in output and "rank 1: the lead stopped after" in output, output
     assert "Traceback" not in output
+
+
+def test_a_broken_tokenizer_on_rank_0_fails_every_rank_instead_of_hanging(tp_llama, tmp_path):
+    """Rank 0 loaded the tokenizer after the last status exchange: a broken tokenizer.json raised on rank 0 alone
+    ('Expecting property name ...', no file named) while rank 1 waited in the final gather, so the job never ended."""
+    broken = _damaged_copy(tp_llama, tmp_path, "tokenizer")
+    (broken / "tokenizer.json").write_text("{broken")
+
+    completed = _mpirun(2, str(broken), "--no-reference", timeout=150)
+
+    assert completed.returncode != 0
+    assert "rank 1 on" in completed.stderr and "tokenizer files of" in completed.stderr, completed.stderr
