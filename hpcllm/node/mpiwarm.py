@@ -190,11 +190,11 @@ def _receive_partition(fill: RankFill, part: dict, index: int, comm, is_root: bo
 def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes: int, comm=None,
          progress_stream=None) -> int:
     """The collective warm; returns the exit status (0 only when every rank committed its verified copy)."""
-    from mpi4py import MPI
-
     from hpcllm.mpi import comm_world
 
-    comm = comm if comm is not None else comm_world()
+    comm = comm if comm is not None else comm_world()  # without mpi4py: MpiUnavailableError, saying what to install
+    from mpi4py import MPI
+
     rank, size = comm.Get_rank(), comm.Get_size()
     is_root = rank == 0
     started = time.perf_counter()

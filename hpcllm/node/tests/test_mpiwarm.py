@@ -139,3 +139,20 @@ def test_a_rank_whose_disk_fails_to_sync_reports_it_and_keeps_to_the_collectives
     stderr = capsys.readouterr().err
     assert "failed on 1 of 1 ranks; nothing was committed" in stderr and "Input/output error" in stderr, stderr
     assert [n for n in _entries(tmp_path / "nvme") if not n.startswith(".hpcllm-cache.db")] == []
+
+
+def test_without_mpi4py_the_warm_says_what_to_install(origin, tmp_path):
+    """warm() imported mpi4py itself before asking hpcllm.mpi for the communicator: a node without it got an
+    ImportError traceback instead of the error naming the fix."""
+    hidden = tmp_path / "no-mpi4py" / "mpi4py"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named mpi4py')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")])}
+
+    result = subprocess.run([sys.executable, "-m", "hpcllm.node.mpiwarm", "--source", str(origin), "--model", "llama",
+                             "--nvme-dir-template", str(tmp_path / "nvme"), "--nvme-capacity-gb", "1"],
+                            env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1
+    assert "error: MPI is unavailable" in result.stderr and "pip install" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
