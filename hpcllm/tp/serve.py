@@ -141,8 +141,22 @@ def follow(channel: StepChannel, runner: ShardRunner) -> int:
         step = channel.receive()
         if step.kind == STOP:
             return steps
-        runner.run(step)
+        run_or_abort(channel, lambda: runner.run(step), step.kind)
         steps += 1
+
+
+def run_or_abort(channel: StepChannel, action, kind: str):
+    """Run one step's share on this rank; if it fails (out of memory, a device error), end every rank: the others
+    are inside the step's collectives waiting for this one, and an MPI job whose rank merely exits waits forever."""
+    try:
+        return action()
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the step's collectives unmatched
+        message = (f"rank {channel.rank}: the {kind} step failed ({type(exc).__name__}: {exc}); aborting every "
+                   f"rank of the tensor-parallel instance")
+        log.error(message)
+        print(f"error: {message}", flush=True)
+        channel.comm.Abort(1)
+        raise
 
 
 @dataclass
@@ -161,7 +175,7 @@ class LeadRunner:
             release, self._released = tuple(self._released), []
         step = Step(FORWARD, key, tuple(token_ids), start, release)
         self.channel.send(step)
-        return self.runner.run(step)
+        return run_or_abort(self.channel, lambda: self.runner.run(step), FORWARD)
 
     def release(self, key: str) -> None:
         """Forget a request's caches on every rank, with the next step (callable from any thread: MPI is only
@@ -226,11 +240,11 @@ def tensor_parallel_engine_class():
 
         def _forward(self, batch) -> torch.Tensor:
             self.lead.channel.send(Step(BATCH, batch=batch))
-            return self.runner.step(batch)
+            return run_or_abort(self.lead.channel, lambda: self.runner.step(batch), BATCH)
 
         def _pool(self, inputs: list[list[int]]) -> list[list[float]]:
             self.lead.channel.send(Step(EMBED, batch=inputs))  # the base model's all-reduces span every rank
-            return super()._pool(inputs)
+            return run_or_abort(self.lead.channel, lambda: super(TensorParallelEngine, self)._pool(inputs), EMBED)
 
         def shutdown(self, timeout: float = 30.0) -> None:
             super().shutdown(timeout)
