@@ -45,9 +45,13 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
     _ignore_drain_signal(config)
     if stop != signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if not model_path.exists():
-        raise ConfigError(f"rank {comm.Get_rank()}: model checkpoint {model_path} does not exist; pass the converted "
-                          f"checkpoint folder")
+    # Every rank learns which ranks lack the folder (a node without the shared filesystem): one rank raising alone
+    # would leave the others waiting in the load's first broadcast forever.
+    missing = [f"rank {rank} ({path})" for rank, (path, exists)
+               in enumerate(comm.allgather((str(model_path), model_path.exists()))) if not exists]
+    if missing:
+        raise ConfigError(f"rank {comm.Get_rank()}: model checkpoint does not exist on {', '.join(missing)}; pass "
+                          f"the converted checkpoint folder, reachable from every rank's node")
     device = device or config.worker.device
     origin, model_path = model_path, node_copy or model_path
     if comm.Get_rank() == 0:

@@ -258,3 +258,19 @@ def test_a_rank_out_of_memory_mid_request_ends_every_rank_naming_it(wide_llama, 
     assert completed.returncode != 0
     output = completed.stdout + completed.stderr
     assert "rank 1: the forward step failed" in output and "allocate" in output, output
+
+
+def test_a_checkpoint_missing_on_one_rank_ends_every_rank_naming_it(tp_llama, tmp_path):
+    """A rank whose node lacks the checkpoint (the shared filesystem not mounted there) raised alone while rank 0
+    waited in the load's first broadcast: the instance never became ready and never ended. Every rank now names it."""
+    worker = [sys.executable, "-m", "hpcllm.cli.main", "worker", "--tensor-parallel", "--url-file",
+              str(tmp_path / "url"), "--model"]
+    command = ["mpirun", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", "-n", "1", *worker, str(tp_llama),
+               ":", "-n", "1", *worker, str(tmp_path / "not-mounted")]
+
+    completed = subprocess.run(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret"},
+                               capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode != 0
+    output = completed.stdout + completed.stderr
+    assert f"rank 0: model checkpoint does not exist on rank 1 ({tmp_path / 'not-mounted'})" in output, output
