@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -57,12 +58,30 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
     if comm.Get_rank() == 0:
         from hpcllm.worker.cli import run_worker
 
-        run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads,
-                   loader=lambda: _load_lead(model_path, comm, device, slice_copy, node, origin),
-                   stop_signals=(stop, signal.SIGINT))
+        leads: list = []  # the LeadRunner, once the load made it: it knows whether the followers were stopped
+        try:
+            run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads,
+                       loader=lambda: _load_lead(model_path, comm, device, slice_copy, node, origin, leads),
+                       stop_signals=(stop, signal.SIGINT))
+        except BaseException as exc:
+            _end_unstopped_followers(comm, leads, exc)
+            raise
     else:
         signal.signal(stop, signal.SIG_IGN)
         _run_follower(model_path, comm, device, threads or config.worker.cpu_threads, slice_copy, node)
+
+
+def _end_unstopped_followers(comm, leads: list, exc: BaseException) -> None:
+    """The lead failed (a [worker] option its engine refuses, its server's port, ...) while the followers wait in
+    the load's collectives or for the next step: exiting alone would leave the MPI job running forever, so it prints
+    its error (the instance's error line) and aborts every rank. Not after its stop step, nor when the load failed
+    on every rank already (each raised TensorParallelLoadError)."""
+    from hpcllm.tp.mpiload import TensorParallelLoadError
+
+    if (leads and leads[0].stopped) or isinstance(exc, TensorParallelLoadError):
+        return
+    print(f"error: {exc or type(exc).__name__}", file=sys.stderr, flush=True)
+    comm.Abort(1)
 
 
 def _signal_number(name: str) -> int:
@@ -101,7 +120,8 @@ def rank_loads(all_stats: list[dict], origin: Path) -> list[dict]:
              "seconds": s["seconds"]} for s in all_stats]
 
 
-def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None, node: str | None, origin: Path):
+def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None, node: str | None, origin: Path,
+               leads: list):
     from hpcllm.store.tiers import detect_tier
     from hpcllm.tp.mpiload import load_shard
     from hpcllm.tp.serve import LeadRunner, ShardRunner, StepChannel, tensor_parallel_engine_class
@@ -115,6 +135,7 @@ def _load_lead(model_path: Path, comm, device: str, slice_copy: Path | None, nod
                  stats["reads"], stats["cache_bytes"], stats["slice_copy"] or "-", stats["strips_verified"],
                  stats["seconds"])
     lead = LeadRunner(StepChannel(comm), ShardRunner(loaded.model))
+    leads.append(lead)
     if loaded.tokenizer is None:
         lead.stop()
         raise ConfigError(f"checkpoint {model_path} has no tokenizer files; convert it from a folder that has them")

@@ -274,3 +274,20 @@ def test_a_checkpoint_missing_on_one_rank_ends_every_rank_naming_it(tp_llama, tm
     assert completed.returncode != 0
     output = completed.stdout + completed.stderr
     assert f"rank 0: model checkpoint does not exist on rank 1 ({tmp_path / 'not-mounted'})" in output, output
+
+
+def test_a_lead_that_refuses_its_config_ends_every_rank(tp_llama, tmp_path):
+    """`[worker] cuda_graphs = true` on a CPU instance: the lead refused it and exited while rank 1 waited in the
+    load's collectives, so mpirun never ended. The lead's error line stays and every rank ends."""
+    config = tmp_path / "worker.toml"
+    config.write_text("[worker]\ncuda_graphs = true\n")
+    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
+               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file",
+               str(tmp_path / "url")]
+
+    completed = subprocess.run(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret",
+                                             "HPCLLM_CONFIG": str(config)}, capture_output=True, text=True,
+                               timeout=120)
+
+    assert completed.returncode != 0
+    assert "error: [worker] cuda_graphs needs a GPU worker" in completed.stdout + completed.stderr
