@@ -482,42 +482,52 @@ class BatchRun:
         then, and that reason: cancelled, expired, release (the gateway drains), turn_over (another batch's turn),
         lost (the lease), None (all ran)."""
         token = self.runner.api_token(self.claim.owner)
+        self.halt.clear()  # a new turn of this run
+        # The slots go back (to the other batches, or for a claim) only once the pool's exit has waited for the
+        # requests running: a loop that raises (a renewal or a result's write failing) must not let other batches
+        # start theirs beside them, past gateway.batch_concurrency.
+        try:
+            with ThreadPoolExecutor(self.runner.concurrency, thread_name_prefix=f"batch-{batch.id[-6:]}") as pool:
+                try:
+                    return self._serve(pool, batch, token, pending, progress, output, errors)
+                finally:
+                    self.halt.set()  # before the pool's exit waits: requests waiting to retry give up
+        finally:
+            self.slots.spare(self, 0, keep=False)
+
+    def _serve(self, pool: ThreadPoolExecutor, batch: BatchObject, token: str | None, pending: deque[BatchEntry],
+               progress: Callable[[], dict], output: ResultFile, errors: ResultFile) -> tuple[BatchObject, str | None]:
+        """_run_requests' loop: start requests as the slots allow, write the results, renew; until none is left to
+        start or wait for, or a reason to stop and those running have ended."""
         inflight: dict[Future, BatchEntry] = {}
         stop: str | None = None
-        self.halt.clear()  # a new turn of this run
-        with ThreadPoolExecutor(self.runner.concurrency, thread_name_prefix=f"batch-{batch.id[-6:]}") as pool:
-            try:
-                while True:
-                    starting = stop is None and not self._rate_limited()
-                    if starting:
-                        self._start_requests(pool, batch, token, pending, inflight)
-                    # Slots it cannot use now go to the other batches (or let the runner claim one).
-                    self.slots.spare(self, len(inflight), keep=starting and bool(pending))
-                    self.started.set()
-                    if not ((pending and stop is None) or inflight):
-                        break
-                    self.nudge.wait(self._until_next())
-                    self.nudge.clear()
-                    for future in [future for future in inflight if future.done()]:
-                        entry, result = inflight.pop(future), future.result()
-                        if not isinstance(result, ResultLine):  # not run to a result: run it again later
-                            pending.appendleft(entry)
-                            if isinstance(result, RateLimited):
-                                self.resume_at = max(self.resume_at, time.monotonic() + result.retry_after_s)
-                            continue
-                        if not self.lease.valid():  # too long since the last renewal to write on it: renew first
-                            batch, stop = self._renew(batch, stop, progress())
-                        if stop != "lost":  # else the process that takes the batch over runs it again
-                            self._write(batch, result, output, errors)
-                    stop = stop or self._stop_reason(batch)
-                    if self.lease.due() or self.woken() or stop is not None:
-                        batch, stop = self._renew(batch, stop, progress(), may_turn_over=bool(pending))
-                    if stop is not None:
-                        self.halt.set()  # requests waiting to retry give up; those running finish
-            finally:
-                self.halt.set()
-                self.slots.spare(self, 0, keep=False)
-        return batch, stop
+        while True:
+            starting = stop is None and not self._rate_limited()
+            if starting:
+                self._start_requests(pool, batch, token, pending, inflight)
+            # Slots it cannot use now go to the other batches (or let the runner claim one).
+            self.slots.spare(self, len(inflight), keep=starting and bool(pending))
+            self.started.set()
+            if not ((pending and stop is None) or inflight):
+                return batch, stop
+            self.nudge.wait(self._until_next())
+            self.nudge.clear()
+            for future in [future for future in inflight if future.done()]:
+                entry, result = inflight.pop(future), future.result()
+                if not isinstance(result, ResultLine):  # not run to a result: run it again later
+                    pending.appendleft(entry)
+                    if isinstance(result, RateLimited):
+                        self.resume_at = max(self.resume_at, time.monotonic() + result.retry_after_s)
+                    continue
+                if not self.lease.valid():  # too long since the last renewal to write on it: renew first
+                    batch, stop = self._renew(batch, stop, progress())
+                if stop != "lost":  # else the process that takes the batch over runs it again
+                    self._write(batch, result, output, errors)
+            stop = stop or self._stop_reason(batch)
+            if self.lease.due() or self.woken() or stop is not None:
+                batch, stop = self._renew(batch, stop, progress(), may_turn_over=bool(pending))
+            if stop is not None:
+                self.halt.set()  # requests waiting to retry give up; those running finish
 
     def _start_requests(self, pool: ThreadPoolExecutor, batch: BatchObject, token: str | None,
                         pending: deque[BatchEntry], inflight: dict[Future, BatchEntry]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import sqlite3
 import threading
 import time
 
@@ -717,6 +718,52 @@ def test_a_batch_filling_every_slot_still_hands_them_over_at_its_turns_end(turns
     done = finished(client, long_batch.id)
     assert done.status == "completed" and done.request_counts.completed == 8
     assert sorted(r.max_tokens for r in worker.received) == [1] * 8 + [2] * 2
+
+
+def test_a_failing_run_gives_its_slot_to_the_next_batch_only_once_its_running_request_ended(gated_factory,
+                                                                                          monkeypatch):
+    """batch_concurrency 1: a renewal that fails ("database is locked") while the batch's request runs ends its run,
+    but the slot goes to the waiting batch only once that request has ended (never more requests at once than
+    gateway.batch_concurrency); then both batches complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hpcllm.gateway.batches import runner as runner_module
+
+    failed, request_ended_when_slot_freed = threading.Event(), []
+
+    class Pool(ThreadPoolExecutor):
+        def shutdown(self, wait=True, **options):
+            if failed.is_set():  # the failed run's exit waits for its running request: let that end now
+                worker.release.set()
+            super().shutdown(wait, **options)
+
+    monkeypatch.setattr(runner_module, "ThreadPoolExecutor", Pool)
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)
+    client, service = gw.client(), service_of(gw)
+    first = submit(client, [completion_line("a0"), completion_line("a1")], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    second = submit(client, [completion_line("b0")], endpoint="/v1/completions")
+    slots, batches = service.runner.slots, service.batches
+    spare, renew = slots.spare, batches.renew
+
+    def noted_spare(run, in_use: int, keep: bool) -> None:
+        if run.claim.batch_id == first.id and failed.is_set() and not request_ended_when_slot_freed:
+            request_ended_when_slot_freed.append(worker.release.is_set())
+        spare(run, in_use, keep)
+
+    def locked(claim, **changes):
+        if claim.batch_id == first.id and not failed.is_set():
+            failed.set()
+            raise sqlite3.OperationalError("database is locked")
+        return renew(claim, **changes)
+
+    slots.spare, batches.renew = noted_spare, locked
+    service.runner.wake()  # the running batch renews at once: that renewal fails
+    for batch, total in ((second, 1), (first, 2)):
+        done = finished(client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == total
+    assert request_ended_when_slot_freed == [True]
 
 
 def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_runs(gated_factory):
