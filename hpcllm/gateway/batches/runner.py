@@ -157,8 +157,10 @@ class BatchRunner:
         except Exception:
             self.slots.unreserve(ticket)
             raise
-        if claim is None:  # another process took it
-            self.slots.unreserve(ticket)
+        if claim is None or claim.batch_id in self._runs:  # another process took it, or a run of it here lost the
+            self.slots.unreserve(ticket)  # lease and is still ending: handed back, claimed once that run has ended
+            if claim is not None:  # (two runs of one batch in one process would write its files at once)
+                self._release_quietly(claim)
             return
         run = BatchRun(self, claim)
         self.slots.transfer(ticket, run)
@@ -181,7 +183,8 @@ class BatchRunner:
         finally:
             self.slots.leave(run)
             run.started.set()
-            self._runs.pop(claim.batch_id, None)
+            if self._runs.get(claim.batch_id) is run:
+                del self._runs[claim.batch_id]
             if not failed:  # another may be waiting; a failed run's batch is looked for at the next poll
                 self.look()
 
