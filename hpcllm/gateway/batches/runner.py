@@ -125,9 +125,14 @@ class BatchRunner:
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout_s
-        for thread in [self._thread, *self._threads]:
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        self._join(self._thread, deadline)  # first: a claim it has in progress starts a run's thread
+        for thread in list(self._threads):
+            self._join(thread, deadline)
+
+    @staticmethod
+    def _join(thread: threading.Thread | None, deadline: float) -> None:
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _loop(self) -> None:
         while not self.stopping:
