@@ -515,7 +515,9 @@ class BatchRun:
                 self._start_requests(pool, batch, token, pending, inflight)
             # Slots it cannot use now go to the other batches (or let the runner claim one).
             self.slots.spare(self, len(inflight), keep=starting and bool(pending))
-            self.started.set()
+            if not self.started.is_set():  # it has taken the slots it can use: one left free may run another batch
+                self.started.set()
+                self.runner.look()
             if not ((pending and stop is None) or inflight):
                 return batch, stop
             self.nudge.wait(self._until_next())

@@ -676,6 +676,42 @@ def test_small_batches_run_at_once_in_the_slots_one_leaves_free(turns_factory):
     assert len(worker.received) == 3
 
 
+def test_a_slot_a_batch_leaves_free_when_it_starts_runs_another_batch_at_once_not_at_the_next_poll(gated_factory,
+                                                                                                  monkeypatch):
+    """batch_concurrency 2, polls an hour apart: the second batch, created while the first was being started (the
+    runner then claims nothing: the first may take both slots), runs in the slot the first leaves free as soon as
+    that one has started its request."""
+    from hpcllm.gateway.batches import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "MAX_POLL_S", 3600.0)
+    worker, factory = gated_factory(blocked=0)  # the first batch's request is held
+    gw = factory(batch_concurrency=2, batch_lease_seconds=3 * 3600)
+    client, runner = gw.client(), service_of(gw).runner
+    api_token, sweep_when_due = runner.api_token, runner.sweep_when_due
+    may_start, looked = threading.Event(), threading.Event()
+
+    def held_token(owner: str):  # the first run is held just before it starts its requests
+        assert may_start.wait(30)
+        return api_token(owner)
+
+    def noted_sweep() -> None:  # the runner's loop looks (its first step)
+        looked.set()
+        sweep_when_due()
+
+    runner.api_token = held_token
+    first = submit(client, [completion_line("a0")], endpoint="/v1/completions")
+    wait_until(lambda: first.id in runner.running)
+    runner.sweep_when_due = noted_sweep
+    second = submit(client, [completion_line("b0")], endpoint="/v1/completions")
+    assert looked.wait(30)  # it looked, found the first run not started yet, and waits for its next poll
+    may_start.set()
+    assert worker.reached.wait(30)
+    done = finished(client, second.id)
+    assert done.status == "completed" and client.batches.retrieve(first.id).status == "in_progress"
+    worker.release.set()
+    assert finished(client, first.id).status == "completed"
+
+
 def test_a_draining_gateway_hands_back_every_batch_it_runs(turns_factory, tmp_path):
     shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files")}
     first, worker = turns_factory(concurrency=2, held=2, **shared)
