@@ -177,12 +177,11 @@ class BatchRunner:
     def _run(self, run: BatchRun) -> None:
         """Run a claimed batch; a run that fails (the database is away, or a bug) releases the batch to be tried
         again."""
-        claim, failed = run.claim, False
+        claim = run.claim
         try:
             run.run()
             self._failures.pop(claim.batch_id, None)
         except Exception as exc:
-            failed = True
             log.exception("batch runner: running batch %s failed", claim.batch_id)
             self._after_failure(claim, exc)
         finally:
@@ -190,8 +189,9 @@ class BatchRunner:
             run.started.set()
             if self._runs.get(claim.batch_id) is run:
                 del self._runs[claim.batch_id]
-            if not failed:  # another may be waiting; a failed run's batch is looked for at the next poll
-                self.look()
+            # Looked again once the run is gone from the list (the look its slots' leaving asked for may have found
+            # it there); a failed run's batch, released, waits behind those that waited meanwhile.
+            self.look()
 
     def sweep_when_due(self) -> None:
         """Sweep the expired files if SWEEP_S have passed (between batches, and while they run for hours; one
