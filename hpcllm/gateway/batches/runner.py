@@ -199,6 +199,8 @@ class BatchRunner:
         if time.monotonic() < self._next_sweep or not self._sweeping.acquire(blocking=False):
             return
         try:
+            if time.monotonic() < self._next_sweep:  # another thread swept between the check and the lock
+                return
             self._next_sweep = time.monotonic() + SWEEP_S
             self.sweep()
         except Exception as exc:  # the database is away: the next sweep deletes them
