@@ -167,12 +167,28 @@ class BatchRunner:
             if claim is not None:  # (two runs of one batch in one process would write its files at once)
                 self._release_quietly(claim)
             return
-        run = BatchRun(self, claim)
-        self.slots.transfer(ticket, run)
-        self._runs[claim.batch_id] = run
-        thread = threading.Thread(target=self._run, args=(run,), name=f"batch-{claim.batch_id[-6:]}", daemon=True)
+        run: BatchRun | None = None
+        try:
+            run = BatchRun(self, claim)
+            self.slots.transfer(ticket, run)
+            self._runs[claim.batch_id] = run
+            thread = threading.Thread(target=self._run, args=(run,), name=f"batch-{claim.batch_id[-6:]}",
+                                      daemon=True)
+            thread.start()
+        except Exception:
+            self._unclaim(ticket, run, claim)
+            raise
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
-        thread.start()
+
+    def _unclaim(self, ticket: object, run: BatchRun | None, claim: Claim) -> None:
+        """A claimed batch's run could not start: its slot and the batch go back (a run listed that never starts
+        would keep the runner from claiming any other batch)."""
+        self.slots.unreserve(ticket)
+        if run is not None:
+            self.slots.leave(run)
+            if self._runs.get(claim.batch_id) is run:
+                del self._runs[claim.batch_id]
+        self._release_quietly(claim)
 
     def _run(self, run: BatchRun) -> None:
         """Run a claimed batch; a run that fails (the database is away, or a bug) releases the batch to be tried

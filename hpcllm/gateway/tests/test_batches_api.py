@@ -822,6 +822,28 @@ def test_a_batch_whose_runs_keep_failing_fails_naming_why_and_the_next_batch_run
     assert after.status == "completed"
 
 
+def test_a_batch_whose_run_could_not_start_is_claimed_again_and_runs(gated_factory, monkeypatch):
+    """Starting the claimed batch's run fails once (a bug): its slot and the batch go back, and the next poll runs
+    it (before, the process's one slot stayed reserved for nothing and no batch ever ran on it again)."""
+    from hpcllm.gateway.batches import runner as runner_module
+
+    attempts = itertools.count()
+    lease = runner_module.LocalLease
+
+    def failing_once(*args):
+        if next(attempts) == 0:
+            raise RuntimeError("a bug starting the run")
+        return lease(*args)
+
+    monkeypatch.setattr(runner_module, "LocalLease", failing_once)
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_concurrency=1, batch_lease_seconds=3)  # a poll a second
+    client = gw.client()
+    done = finished(client, submit(client, [completion_line("r0")], endpoint="/v1/completions").id)
+    assert done.status == "completed" and done.request_counts.completed == 1
+    assert next(attempts) == 2
+
+
 def test_a_batch_waits_out_its_keys_rate_limit(gated_factory):
     """The key's request bucket is emptied while the batch's first request runs: the second is answered 429 with
     Retry-After, which the runner waits out (retrying) instead of failing the request."""
