@@ -106,11 +106,13 @@ class BatchRunner:
         """The batches this process runs now, by id."""
         return {batch_id: run.claim for batch_id, run in list(self._runs.items())}
 
-    def wake(self) -> None:
-        """Look for a batch now (one was just created, or cancelled: the running batches then renew at once, which
-        tells the cancelled one)."""
-        for run in list(self._runs.values()):
-            run.wake()
+    def wake(self, batch_id: str | None = None) -> None:
+        """Have the run of that batch (all, for None) renew at once, which tells it of a cancel made here, and look
+        for a batch now (a cancelled one nobody runs is ended as cancelled)."""
+        runs = list(self._runs.values()) if batch_id is None else [self._runs.get(batch_id)]
+        for run in runs:
+            if run is not None:
+                run.wake()
         self.look()
 
     def look(self) -> None:

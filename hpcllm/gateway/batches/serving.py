@@ -42,7 +42,7 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
     output_ttl = req.output_expires_after.seconds if req.output_expires_after else None
     service.batches.insert(owner, batch, output_ttl)
     if batch.status == "in_progress":
-        service.runner.wake()
+        service.runner.look()
     else:
         service.metrics.batches_finished.labels(batch.status).inc()
     return batch
@@ -82,7 +82,7 @@ def cancel(service: BatchService, owner: str, batch_id: str) -> BatchObject:
     batch = service.batches.cancel(owner, batch_id)
     if batch is None:
         raise _not_found(batch_id)
-    service.runner.wake()  # a batch nobody runs (none claimed yet) is finished as cancelled by the next poll
+    service.runner.wake(batch_id)  # its run here renews at once; one nobody runs is ended as cancelled at a claim
     return batch
 
 

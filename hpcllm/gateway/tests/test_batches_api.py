@@ -523,6 +523,28 @@ def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(g
     assert next(renewals) == 2
 
 
+def test_creating_a_batch_does_not_make_the_running_batches_write_their_rows(gated_factory):
+    """Only a cancel has a running batch renew at once (to read it): a batch created beside it does not cost a
+    database transaction per running batch; the running one renews once more, to finish."""
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1, batch_lease_seconds=300)
+    client, batches = gw.client(), service_of(gw).batches
+    running = submit(client, [completion_line("a0")], endpoint="/v1/completions")
+    assert worker.reached.wait(30)  # its claim's renewal is behind it
+    renewals, renew = [], batches.renew
+
+    def noted(claim, **changes):
+        renewals.append(claim.batch_id)
+        return renew(claim, **changes)
+
+    batches.renew = noted
+    created = submit(client, [completion_line("b0")], endpoint="/v1/completions")
+    worker.release.set()
+    for batch in (running, created):
+        assert finished(client, batch.id).status == "completed"
+    assert renewals.count(running.id) == 1
+
+
 def test_a_result_that_comes_when_the_lease_is_due_is_written_after_a_renewal_not_dropped(gated_factory,
                                                                                          monkeypatch):
     """A result that finishes when this process's last renewal is too old to write on (a slow input parse or renewal
