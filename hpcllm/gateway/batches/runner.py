@@ -490,10 +490,8 @@ class BatchRun:
             if not pending:
                 break
         if stop in ("release", "turn_over", "lost"):
-            if stop == "release":  # its counts as its files hold them (the last results came after the last renewal)
-                self.lease.renew(**progress())
-            if stop != "lost":
-                self.batches.release(self.claim)
+            if stop != "lost":  # its counts as its files hold them (a drain's last results came after its renewal)
+                self.batches.release(self.claim, **progress())
             return
         if stop == "expired":
             for entry in pending:

@@ -196,10 +196,13 @@ class BatchStore:
                             (self.clock() + self.lease_s, claim.batch_id))
         return batch
 
-    def release(self, claim: Claim) -> None:
+    def release(self, claim: Claim, **changes) -> None:
         """Give the batch up unfinished (this process drains, or its turn is over): the next process that polls
-        takes it over; it waits from now, behind the batches that waited while it ran."""
+        takes it over; it waits from now, behind the batches that waited while it ran. The changes given (its
+        progress) are recorded with it, in the same transaction, while the lease is held."""
         with self.shared.transaction() as db:
+            if changes and (batch := self._held(db, claim)) is not None:
+                self._write(db, batch.model_copy(update=changes))
             db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0, turn = ? WHERE id = ? "
                             "AND lease_holder = ?", (self.clock(), claim.batch_id, claim.holder))
 
