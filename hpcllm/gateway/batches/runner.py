@@ -6,9 +6,8 @@ routing, context length and usage accounting as the endpoint's.
 Batch requests run at gateway.batch_priority (lower is sooner, interactive requests have 0): a worker serves waiting
 interactive requests first, so a batch fills idle capacity without making interactive users wait behind it.
 
-A process runs gateway.batch_concurrency requests at once in all (Slots): while a slot is free that its batches
-cannot use (a batch's last requests, a small batch, one waiting out its key's rate limit), it claims another batch,
-each in a thread of its own with its own lease, turn, cancel and end.
+A process runs gateway.batch_concurrency requests at once in all: while a slot is free that its batches cannot use
+(Slots), it claims another batch, each in a thread of its own with its own lease, turn, cancel and end.
 
 Each result is appended to the output (2xx) or error file as it comes while the lease is held (as this process last
 renewed it: LocalLease, no database query per result); the lease is renewed with the counts and tokens every third of
@@ -75,8 +74,8 @@ def result_file_ids(batch_id: str) -> tuple[str, str]:
 
 class BatchRunner:
     """This process's runner thread: it claims a batch while a request slot is free that the batches it runs do not
-    use (a batch's last requests, a small batch, one waiting out its key's rate limit), and runs each claimed batch in
-    a thread of its own, gateway.batch_concurrency requests of them all at once (Slots)."""
+    use (Slots), and runs each claimed batch in a thread of its own, gateway.batch_concurrency requests of them all
+    at once."""
 
     def __init__(self, app: Flask, gw: Gateway, files: FileStore, batches: BatchStore):
         self.app, self.gw, self.files, self.batches = app, gw, files, batches
@@ -288,7 +287,8 @@ class Slots:
     """The process's gateway.batch_concurrency request slots, shared by the batches it runs. A run keeps a slot it
     used while it has requests to start, unless a run waiting in line holds at least two fewer (the slot is then
     handed to it: a batch of many requests does not keep its slots from one that joined beside it); a slot nobody
-    wants is free, and the runner claims another batch for it (BatchRunner.look)."""
+    wants (a batch's last requests, a small batch, one waiting out its key's rate limit) is free, and the runner
+    claims another batch for it (BatchRunner.look)."""
 
     def __init__(self, count: int, freed: Callable[[], None]):
         self._lock = threading.Lock()
