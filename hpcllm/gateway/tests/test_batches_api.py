@@ -445,6 +445,31 @@ def test_a_batch_whose_process_died_is_finished_by_another_without_duplicates(ga
     assert next(worker.calls) == 5
 
 
+def test_a_process_whose_run_lost_its_batchs_lease_does_not_run_the_batch_twice_at_once(gated_factory):
+    """batch_concurrency 2: the batch's lease runs out while its one request runs, and the same process, with a slot
+    free, claims it again: it hands it back instead of running it beside the run still ending (two runs writing one
+    batch's files), and runs it once that run has ended."""
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=2, batch_lease_seconds=300)
+    client, service = gw.client(), service_of(gw)
+    batch = submit(client, [completion_line("r0")], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    handed_back, release = threading.Event(), service.batches.release
+
+    def noted_release(claim, **changes):
+        release(claim, **changes)
+        handed_back.set()
+
+    service.batches.release = noted_release
+    lease_runs_out(gw, batch.id)
+    service.runner.look()
+    assert handed_back.wait(30), "the process ran the batch a second time beside its run still ending"
+    assert list(service.runner.running) == [batch.id]
+    worker.release.set()
+    done = finished(client, batch.id)
+    assert done.status == "completed" and list(results(client, done.output_file_id)) == ["r0"]
+
+
 def test_a_batch_cancelled_while_nobody_runs_it_runs_no_more_requests(gated_factory, tmp_path):
     worker, factory = gated_factory(blocked=1)
     shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
@@ -612,7 +637,8 @@ def turns_factory(tmp_path, tiny_model_dir, caplog):
         worker = TurnsWorker(held)
         factory = GatewayFactory(tmp_path / f"t{len(made)}", worker.server.url, tiny_model_dir)
         made.append((worker, factory))
-        return factory(batch_concurrency=concurrency, batch_turn_seconds=5, batch_lease_seconds=3, **gateway), worker
+        return factory(**{"batch_concurrency": concurrency, "batch_turn_seconds": 5, "batch_lease_seconds": 3,
+                          **gateway}), worker
 
     yield make
     for worker, factory in made:
@@ -698,16 +724,16 @@ def test_small_batches_run_at_once_in_the_slots_one_leaves_free(turns_factory):
     assert len(worker.received) == 3
 
 
-def test_a_slot_a_batch_leaves_free_when_it_starts_runs_another_batch_at_once_not_at_the_next_poll(gated_factory,
+def test_a_slot_a_batch_leaves_free_when_it_starts_runs_another_batch_at_once_not_at_the_next_poll(turns_factory,
                                                                                                   monkeypatch):
     """batch_concurrency 2, polls an hour apart: the second batch, created while the first was being started (the
     runner then claims nothing: the first may take both slots), runs in the slot the first leaves free as soon as
-    that one has started its request."""
+    that one has started its request (held by the worker: the one of one token)."""
     from hpcllm.gateway.batches import runner as runner_module
 
     monkeypatch.setattr(runner_module, "MAX_POLL_S", 3600.0)
-    worker, factory = gated_factory(blocked=0)  # the first batch's request is held
-    gw = factory(batch_concurrency=2, batch_lease_seconds=3 * 3600)
+    gw, worker = turns_factory(concurrency=2, held=0, batch_lease_seconds=3 * 3600)
+    worker.one_token_may_run.clear()
     client, runner = gw.client(), service_of(gw).runner
     api_token, sweep_when_due = runner.api_token, runner.sweep_when_due
     may_start, looked = threading.Event(), threading.Event()
@@ -721,16 +747,15 @@ def test_a_slot_a_batch_leaves_free_when_it_starts_runs_another_batch_at_once_no
         sweep_when_due()
 
     runner.api_token = held_token
-    first = submit(client, [completion_line("a0")], endpoint="/v1/completions")
+    first = submit(client, turn_lines("a", 1, 1), endpoint="/v1/completions")
     wait_until(lambda: first.id in runner.running)
     runner.sweep_when_due = noted_sweep
-    second = submit(client, [completion_line("b0")], endpoint="/v1/completions")
+    second = submit(client, turn_lines("b", 1, 2), endpoint="/v1/completions")
     assert looked.wait(30)  # it looked, found the first run not started yet, and waits for its next poll
     may_start.set()
-    assert worker.reached.wait(30)
     done = finished(client, second.id)
     assert done.status == "completed" and client.batches.retrieve(first.id).status == "in_progress"
-    worker.release.set()
+    worker.one_token_may_run.set()
     assert finished(client, first.id).status == "completed"
 
 
