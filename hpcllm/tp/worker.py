@@ -59,28 +59,33 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
         from hpcllm.worker.cli import run_worker
 
         leads: list = []  # the LeadRunner, once the load made it: it knows whether the followers were stopped
+        failure: BaseException | None = None
         try:
             run_worker(config, model_path, model_name, host, port, device, max_model_len, url_file, threads,
                        loader=lambda: _load_lead(model_path, comm, device, slice_copy, node, origin, leads),
                        stop_signals=(stop, signal.SIGINT))
         except BaseException as exc:
-            _end_unstopped_followers(comm, leads, exc)
+            failure = exc
             raise
+        finally:  # also a normal return: a stop signal during the load ends the server before any engine exists
+            _end_unstopped_followers(comm, leads, failure)
     else:
         signal.signal(stop, signal.SIG_IGN)
         _run_follower(model_path, comm, device, threads or config.worker.cpu_threads, slice_copy, node)
 
 
-def _end_unstopped_followers(comm, leads: list, exc: BaseException) -> None:
-    """The lead failed (a [worker] option its engine refuses, its server's port, ...) while the followers wait in
-    the load's collectives or for the next step: exiting alone would leave the MPI job running forever, so it prints
+def _end_unstopped_followers(comm, leads: list, exc: BaseException | None) -> None:
+    """The lead ended without its stop step - it failed (a [worker] option its engine refuses, its server's port,
+    ...) or was stopped during the load, before its engine existed (exc None) - while the followers wait in the
+    load's collectives or for the next step: exiting alone would leave the MPI job running forever, so it prints
     its error (the instance's error line) and aborts every rank. Not after its stop step, nor when the load failed
     on every rank already (each raised TensorParallelLoadError)."""
     from hpcllm.tp.mpiload import TensorParallelLoadError
 
     if (leads and leads[0].stopped) or isinstance(exc, TensorParallelLoadError):
         return
-    print(f"error: {exc or type(exc).__name__}", file=sys.stderr, flush=True)
+    reason = (exc or type(exc).__name__) if exc is not None else "the lead stopped before the instance was loaded"
+    print(f"error: {reason}; aborting every rank of the tensor-parallel instance", file=sys.stderr, flush=True)
     comm.Abort(1)
 
 

@@ -291,3 +291,38 @@ def test_a_lead_that_refuses_its_config_ends_every_rank(tp_llama, tmp_path):
 
     assert completed.returncode != 0
     assert "error: [worker] cuda_graphs needs a GPU worker" in completed.stdout + completed.stderr
+
+
+def test_a_lead_stopped_during_the_load_ends_every_rank(tp_llama, tmp_path):
+    """A stop signal to the lead while rank 1 still loads (stuck opening a FIFO): the lead's server returned
+    normally before any engine existed, so no stop step went out and rank 1 and mpirun waited forever. The lead
+    now aborts every rank."""
+    import signal
+
+    from hpcllm.node.workers import descendants
+
+    stuck = _damaged_copy(tp_llama, tmp_path, "stuck")
+    (stuck / "data-00000.h5").unlink()
+    os.mkfifo(stuck / "data-00000.h5")  # rank 1's load blocks forever opening it: the instance never loads
+    url_file = tmp_path / "url"
+    worker = [sys.executable, "-m", "hpcllm.cli.main", "worker", "--tensor-parallel", "--url-file", str(url_file),
+              "--model"]
+    command = ["mpirun", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", "-n", "1", *worker, str(tp_llama),
+               ":", "-n", "1", *worker, str(stuck)]
+    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the lead publishes its URL before it loads
+        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
+        lead = next(pid for pid in descendants(process.pid)
+                    if f"{tp_llama}\0".encode() in open(f"/proc/{pid}/cmdline", "rb").read())
+        os.kill(lead, signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode != 0
+    assert "error: the lead stopped before the instance was loaded; aborting every rank" in output, output
