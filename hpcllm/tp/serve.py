@@ -81,6 +81,7 @@ class ShardRunner:
             from hpcllm.worker.runner import make_runner
 
             self.batch_runner = make_runner(self.model, **dict(step.options))
+            self.batch_runner.keeps_scores = False  # only the lead answers prompt logprobs
             return None
         if step.kind == BATCH:
             with torch.inference_mode():  # as the lead's engine thread runs it (no autograd state per step)

@@ -355,6 +355,11 @@ class KVPool:
 
 
 class PagedRunner:
+    # Whether step() scores score_ids (prompt logprobs); a tensor-parallel follower's runner runs the lead's batch
+    # (the same forward rows, for the collectives) but its scores would be discarded: a vocabulary-wide
+    # log-softmax per prompt position, wasted, and a common out-of-memory spot on long prompts.
+    keeps_scores = True
+
     def __init__(self, model, *, num_blocks: int, block_size: int, fast_path: bool = True,
                  lora_adapters: dict[str, str] | None = None) -> None:
         """fast_path: fuse q/k/v and gate/up and pack the linears for oneDNN on CPU (fastpath.py; changes `model`
@@ -441,7 +446,7 @@ class PagedRunner:
                 logits = self._forward(input_ids, position_ids, keep_rows)
         finally:
             _active.step = None
-        if scored:
+        if scored and self.keeps_scores:
             _keep_scores(batch, scored, logits[rows:])
         return logits[:rows]
 
@@ -565,6 +570,8 @@ def _keys(keys: list[tuple[str, str]]) -> str:
 class SequentialRunner:
     """One forward per chunk, each sequence with its own DynamicCache (the engine's design before batching)."""
 
+    keeps_scores = True  # as PagedRunner's
+
     def __init__(self, model, *, block_size: int) -> None:
         self.model = model
         self.block_size = block_size
@@ -589,7 +596,7 @@ class SequentialRunner:
                 kwargs.pop("logits_to_keep", None)  # every position's logits
             with attention_kernels(self.device):  # a growing context is a new shape every step here too
                 out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **kwargs)
-            if chunk.score_ids:
+            if chunk.score_ids and self.keeps_scores:
                 batch.scores[chunk.seq_id] = score_positions(out.logits[0, :len(chunk.score_ids)], chunk.score_ids,
                                                              chunk.score_top)
             if chunk.want_logits:

@@ -159,6 +159,38 @@ def test_shards_fuse_their_own_slices_and_the_batched_runner_keeps_the_whole_mod
     assert tokens == expected
 
 
+def test_only_the_lead_scores_prompt_logprobs(tp_llama):
+    """A follower runs the lead's batch (the same forward rows: the lm_head all-gather must match) but does not
+    score its prompt positions: a vocabulary-wide log-softmax per position it would discard, and a common place to
+    run out of memory on a long prompt. The lead's scores are the whole model's."""
+    import pickle
+
+    from hpcllm.tp.serve import BATCH, RUNNER
+    from hpcllm.worker.runner import SequenceChunk, StepBatch, make_runner
+
+    torch.set_num_threads(1)
+    models = _shards(tp_llama, 2)
+    options = {"batching": "paged", "num_blocks": 8, "block_size": 4}
+    lead, follower = ShardRunner(models[0]), ShardRunner(models[1])
+    lead.batch_runner = make_runner(models[0], **options)  # as TensorParallelEngine gives the lead its own runner
+    follower.run(Step(RUNNER, options=tuple(options.items())))
+    prompt = [5, 17, 300, 42, 7, 900]
+    chunk = SequenceChunk(seq_id=1, token_ids=prompt, start=0, block_table=[0, 1], score_ids=prompt[1:] + [3],
+                          score_top=2)
+    batches = [StepBatch([chunk]), pickle.loads(pickle.dumps(StepBatch([chunk])))]  # each rank its own copy
+
+    with ThreadPoolExecutor(2) as pool:
+        logits = list(pool.map(lambda pair: pair[0].run(Step(BATCH, batch=pair[1])),
+                               [(lead, batches[0]), (follower, batches[1])]))
+
+    whole = StepBatch([chunk])
+    expected = make_runner(load_model(tp_llama, tokenizer=False).model, **options).step(whole)
+    assert batches[1].scores == {}
+    assert batches[0].scores[1].logprobs == pytest.approx(whole.scores[1].logprobs, abs=1e-4)
+    assert batches[0].scores[1].top_ids == whole.scores[1].top_ids
+    assert torch.allclose(logits[0], logits[1]) and torch.allclose(logits[0], expected, atol=1e-4)
+
+
 def test_gathering_an_empty_output_gives_the_empty_whole():
     """A step whose chunks are all mid-prefill keeps no logits rows: the output projection's all-gather of zero rows
     (it broke a migration's destination, whose prefill of a long context takes several steps)."""
