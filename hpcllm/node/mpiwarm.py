@@ -90,7 +90,7 @@ class RankFill:
             _REMOVE_ON_CANCEL.add(self.tmp)
             self.tmp.mkdir()
         except (HpcllmError, OSError) as exc:
-            self.fail(f"cannot prepare {self.nvme_dir}: {getattr(exc, 'strerror', None) or exc}")
+            self.fail(f"cannot prepare {self.nvme_dir}: {_why(exc)}")
 
     @property
     def writing(self) -> bool:
@@ -101,7 +101,7 @@ class RankFill:
             try:
                 (self.tmp / name).write_bytes(data)
             except OSError as exc:
-                self.fail(f"cannot write {self.tmp / name}: {exc.strerror}")
+                self.fail(f"cannot write {self.tmp / name}: {_why(exc)}")
 
     def verify(self) -> None:
         if self.writing:
@@ -111,7 +111,7 @@ class RankFill:
             except CheckpointError as exc:
                 self.fail(f"the written copy does not verify: {exc}")
             except OSError as exc:  # re-reading or syncing it: a disk error, not a reason to leave the collectives
-                self.fail(f"the written copy cannot be checked: {exc.strerror or exc}")
+                self.fail(f"the written copy cannot be checked: {_why(exc)}")
 
     def commit(self, source: str) -> None:
         if not self.writing:
@@ -149,17 +149,25 @@ def _describe_origin(model: str, source: Path) -> tuple[dict[str, Any] | None, s
             "source": str(source.resolve())}, ""
 
 
+def _why(exc: BaseException) -> str:
+    """An OSError's reason ("No space left on device"); its whole text when it has no errno (strerror None)."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 def _receive_partition(fill: RankFill, part: dict, index: int, comm, is_root: bool, source: Path,
                        manifest_ckpt, progress) -> None:
     """Every rank joins the whole broadcast of one data file; a rank that cannot write keeps consuming it."""
     from hpcllm.mpi import BroadcastError, bcast_file_chunks  # numpy + mpi4py: only where MPI runs
+
+    def cannot_write(exc: OSError) -> None:
+        fill.fail(f"cannot write {fill.tmp / part['file']}: {_why(exc)}")
 
     out = None
     if fill.writing:
         try:
             out = open(fill.tmp / part["file"], "wb")
         except OSError as exc:
-            fill.fail(f"cannot write {fill.tmp / part['file']}: {exc.strerror}")
+            cannot_write(exc)
     try:
         chunks = bcast_file_chunks(source / part["file"] if is_root else None, chunk_bytes=part["chunk_size"],
                                    comm=comm)
@@ -169,7 +177,7 @@ def _receive_partition(fill: RankFill, part: dict, index: int, comm, is_root: bo
                     manifest_ckpt.verify_chunk(index, chunk_index, chunk)
                     out.write(chunk)
                 except (CheckpointError, OSError) as exc:
-                    fill.fail(f"writing {part['file']} chunk {chunk_index}: {getattr(exc, 'strerror', None) or exc}")
+                    fill.fail(f"writing {part['file']} chunk {chunk_index}: {_why(exc)}")
             if progress:
                 progress(len(chunk))
         if out is not None and fill.writing:
@@ -178,13 +186,13 @@ def _receive_partition(fill: RankFill, part: dict, index: int, comm, is_root: bo
     except BroadcastError as exc:
         fill.fail(str(exc))
     except OSError as exc:  # the flush or sync: this rank's failure, reported with the others' (it stays in the job)
-        fill.fail(f"cannot write {fill.tmp / part['file']}: {exc.strerror}")
+        cannot_write(exc)
     finally:
         if out is not None:
             try:
                 out.close()
             except OSError as exc:  # flushing what a failed write left buffered
-                fill.fail(f"cannot write {fill.tmp / part['file']}: {exc.strerror}")
+                cannot_write(exc)
 
 
 def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes: int, comm=None,
@@ -230,7 +238,7 @@ def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes
             try:
                 fill.commit(described["source"])
             except OSError as exc:
-                fill.fail(f"cannot rename into {fill.nvme_dir / model}: {exc.strerror}")
+                fill.fail(f"cannot rename into {fill.nvme_dir / model}: {_why(exc)}")
         else:
             fill.abandon()
         committed = comm.allreduce(0 if fill.error else 1, op=MPI.MIN)

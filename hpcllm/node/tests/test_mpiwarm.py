@@ -141,6 +141,22 @@ def test_a_rank_whose_disk_fails_to_sync_reports_it_and_keeps_to_the_collectives
     assert [n for n in _entries(tmp_path / "nvme") if not n.startswith(".hpcllm-cache.db")] == []
 
 
+def test_a_write_error_without_errno_is_reported_with_its_text(origin, tmp_path, monkeypatch, capsys):
+    """An OSError raised without an errno (a filesystem layer's own message) has strerror None: the rank's failure
+    read 'cannot write ...: None'. Its text is reported instead."""
+    from hpcllm.node import mpiwarm
+
+    def failing_fsync(fd):
+        raise OSError("the NVMe controller was reset")
+
+    monkeypatch.setattr(mpiwarm.os, "fsync", failing_fsync)
+    status = mpiwarm.warm(origin, "llama", str(tmp_path / "nvme"), 1 << 30, comm=_OneRank())
+
+    assert status == 1
+    stderr = capsys.readouterr().err
+    assert "the NVMe controller was reset" in stderr and ": None" not in stderr, stderr
+
+
 def test_without_mpi4py_the_warm_says_what_to_install(origin, tmp_path):
     """warm() imported mpi4py itself before asking hpcllm.mpi for the communicator: a node without it got an
     ImportError traceback instead of the error naming the fix."""
