@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -186,8 +187,8 @@ class LeadRunner:
 
     def stop(self) -> None:
         if not self.stopped:
-            self.stopped = True
             self.channel.send(Step(STOP))
+            self.stopped = True  # only once sent: a lead whose send failed must still abort its followers
 
 
 def greedy_generate(lead: LeadRunner, prompt_ids: list[int], max_new_tokens: int, key: str = "greedy",
@@ -249,6 +250,11 @@ def tensor_parallel_engine_class():
 
         def shutdown(self, timeout: float = 30.0) -> None:
             super().shutdown(timeout)
+            if self._thread is not None and self._thread.is_alive():
+                # Stuck in a step's collectives (a hung step): a stop step would wait behind it forever.
+                print("error: the engine thread is stuck in a tensor-parallel step; aborting every rank of the "
+                      "instance", file=sys.stderr, flush=True)
+                self.lead.channel.comm.Abort(1)
             self.lead.stop()  # after the engine thread stopped: MPI stays on one thread
 
     return TensorParallelEngine

@@ -326,3 +326,48 @@ def test_a_lead_stopped_during_the_load_ends_every_rank(tp_llama, tmp_path):
             process.communicate()
     assert process.returncode != 0
     assert "error: the lead stopped before the instance was loaded; aborting every rank" in output, output
+
+
+def test_a_step_hung_on_a_follower_ends_every_rank(tp_llama, tmp_path):
+    """Rank 1 stopped (SIGSTOP: a hung device or collective) while a request runs: the lead's step waits in its
+    all-reduce past [worker] step_timeout_seconds, the engine dies and its shutdown finds the engine thread still
+    stuck there, so it aborts every rank instead of sending a stop step behind the hung one."""
+    import signal
+
+    from hpcllm.node.workers import descendants
+    from hpcllm.worker.client import WorkerClient
+    from hpcllm.worker.protocol import GenerateRequest
+
+    url_file = tmp_path / "worker.url"
+    config = tmp_path / "worker.toml"
+    config.write_text("[worker]\nstep_timeout_seconds = 3\n")
+    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
+               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file)]
+    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret",
+                                             "HPCLLM_CONFIG": str(config)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
+        client = WorkerClient(url_file.read_text().strip(), "tp-secret")
+        while client.ready() is None and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.3)
+        follower = next(pid for pid in descendants(process.pid)
+                        if b"OMPI_COMM_WORLD_RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read())
+        os.kill(follower, signal.SIGSTOP)
+        try:
+            with client.generate(GenerateRequest(request_id="hung", prompt_token_ids=[5, 17, 300], max_tokens=4,
+                                                 temperature=0)) as stream:
+                list(stream)
+        except Exception:  # noqa: BLE001 - the stream ends with the engine's error, or the connection with the job
+            pass
+        output, _ = process.communicate(timeout=150)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            output, _ = process.communicate()
+    assert process.returncode != 0
+    assert "the engine thread is stuck in a tensor-parallel step; aborting every rank" in output, output
