@@ -13,8 +13,9 @@ import os
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-# 25 examples per endpoint, the same each run (CI must not fail by chance); FUZZ_EXAMPLES=N hunts with N new ones.
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")), deadline=None,
+# 10 examples per endpoint, the same each run (CI must not fail by chance; a regression guard, the default run kept
+# near 30 min); FUZZ_EXAMPLES=N hunts with N new ones (1,500 per endpoint found nothing in the HTTP APIs).
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "10")), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture],
                 derandomize=not os.environ.get("FUZZ_EXAMPLES"))
 

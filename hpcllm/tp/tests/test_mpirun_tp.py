@@ -328,6 +328,7 @@ def test_a_lead_stopped_during_the_load_ends_every_rank(tp_llama, tmp_path):
     assert "error: the lead stopped before the instance was loaded; aborting every rank" in output, output
 
 
+@pytest.mark.long  # ~50 s: the hung-step timeout, then the abort (make test-long)
 def test_a_step_hung_on_a_follower_ends_every_rank(tp_llama, tmp_path):
     """Rank 1 stopped (SIGSTOP: a hung device or collective) while a request runs: the lead's step waits in its
     all-reduce past [worker] step_timeout_seconds, the engine dies and its shutdown finds the engine thread still
