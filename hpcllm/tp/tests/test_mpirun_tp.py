@@ -120,26 +120,11 @@ def test_the_worker_serves_a_two_rank_instance_with_rank_0_as_its_endpoint(tp_ll
     import torch
 
     from hpcllm.store import load_model
-    from hpcllm.worker.client import WorkerClient
     from hpcllm.worker.protocol import GenerateRequest, TokenLine
 
-    url_file = tmp_path / "worker.url"
-    config = tmp_path / "worker.toml"
-    config.write_text("[worker]\nprefill_chunk_tokens = 4\n")  # "hello world, this": two steps with no logits
-    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
-               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file)]
-    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret",
-                                             "HPCLLM_CONFIG": str(config)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_tp_worker(tp_llama, tmp_path, "[worker]\nprefill_chunk_tokens = 4\n")  # two steps, no logits
     try:
-        deadline = time.monotonic() + 180
-        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
-        client = WorkerClient(url_file.read_text().strip(), "tp-secret")
-        while client.ready() is None and time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            time.sleep(0.3)
+        client = ready_client(process, tmp_path)
 
         loaded = load_model(tp_llama)
         prompt_ids = loaded.tokenizer("hello world, this")["input_ids"]
@@ -336,26 +321,11 @@ def test_a_step_hung_on_a_follower_ends_every_rank(tp_llama, tmp_path):
     import signal
 
     from hpcllm.node.workers import descendants
-    from hpcllm.worker.client import WorkerClient
     from hpcllm.worker.protocol import GenerateRequest
 
-    url_file = tmp_path / "worker.url"
-    config = tmp_path / "worker.toml"
-    config.write_text("[worker]\nstep_timeout_seconds = 3\n")
-    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
-               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file)]
-    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret",
-                                             "HPCLLM_CONFIG": str(config)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_tp_worker(tp_llama, tmp_path, "[worker]\nstep_timeout_seconds = 3\n")
     try:
-        deadline = time.monotonic() + 180
-        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
-        client = WorkerClient(url_file.read_text().strip(), "tp-secret")
-        while client.ready() is None and time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            time.sleep(0.3)
+        client = ready_client(process, tmp_path)
         follower = next(pid for pid in descendants(process.pid)
                         if b"OMPI_COMM_WORLD_RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read())
         os.kill(follower, signal.SIGSTOP)
@@ -372,3 +342,30 @@ def test_a_step_hung_on_a_follower_ends_every_rank(tp_llama, tmp_path):
             output, _ = process.communicate()
     assert process.returncode != 0
     assert "the engine thread is stuck in a tensor-parallel step; aborting every rank" in output, output
+
+
+def start_tp_worker(checkpoint, tmp_path, config_text: str) -> subprocess.Popen:
+    """`mpirun -n 2 hpcllm worker --tensor-parallel` on checkpoint with this [worker] config, writing its URL to
+    tmp_path/worker.url (its output: the process's stdout)."""
+    config = tmp_path / "worker.toml"
+    config.write_text(config_text)
+    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
+               "hpcllm.cli.main", "worker", "--model", str(checkpoint), "--tensor-parallel", "--url-file",
+               str(tmp_path / "worker.url")]
+    env = {**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret", "HPCLLM_CONFIG": str(config)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ready_client(process: subprocess.Popen, tmp_path):
+    """A WorkerClient of the worker start_tp_worker started, once it answers ready (180 s at most)."""
+    from hpcllm.worker.client import WorkerClient
+
+    url_file, deadline = tmp_path / "worker.url", time.monotonic() + 180
+    while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
+    client = WorkerClient(url_file.read_text().strip(), "tp-secret")
+    while client.ready() is None and time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.3)
+    return client
