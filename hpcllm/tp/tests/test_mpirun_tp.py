@@ -179,23 +179,10 @@ def test_with_a_stop_signal_every_rank_survives_sigterm_and_the_stop_signal_ends
     import signal
 
     from hpcllm.node.workers import descendants
-    from hpcllm.worker.client import WorkerClient
 
-    url_file = tmp_path / "worker.url"
-    command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
-               "hpcllm.cli.main", "worker", "--model", str(tp_llama), "--tensor-parallel", "--url-file", str(url_file),
-               "--stop-signal", "USR2"]
-    process = subprocess.Popen(command, env={**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start_tp_worker(tp_llama, tmp_path, "", "--stop-signal", "USR2")
     try:
-        deadline = time.monotonic() + 180
-        while not url_file.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert url_file.exists(), process.stdout.read() if process.poll() is not None else "no url file"
-        client = WorkerClient(url_file.read_text().strip(), "tp-secret")
-        while client.ready() is None and time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            time.sleep(0.3)
+        client = ready_client(process, tmp_path)
         ranks = [pid for pid in descendants(process.pid)
                  if b"--tensor-parallel" in open(f"/proc/{pid}/cmdline", "rb").read()]
         assert len(ranks) == 2
@@ -344,14 +331,14 @@ def test_a_step_hung_on_a_follower_ends_every_rank(tp_llama, tmp_path):
     assert "the engine thread is stuck in a tensor-parallel step; aborting every rank" in output, output
 
 
-def start_tp_worker(checkpoint, tmp_path, config_text: str) -> subprocess.Popen:
-    """`mpirun -n 2 hpcllm worker --tensor-parallel` on checkpoint with this [worker] config, writing its URL to
+def start_tp_worker(checkpoint, tmp_path, config_text: str, *args: str) -> subprocess.Popen:
+    """`mpirun -n 2 hpcllm worker --tensor-parallel [args]` on checkpoint with this config, writing its URL to
     tmp_path/worker.url (its output: the process's stdout)."""
     config = tmp_path / "worker.toml"
     config.write_text(config_text)
     command = ["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1", sys.executable, "-m",
                "hpcllm.cli.main", "worker", "--model", str(checkpoint), "--tensor-parallel", "--url-file",
-               str(tmp_path / "worker.url")]
+               str(tmp_path / "worker.url"), *args]
     env = {**MPIRUN_ENV, "HPCLLM_SHARED_SECRET": "tp-secret", "HPCLLM_CONFIG": str(config)}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
