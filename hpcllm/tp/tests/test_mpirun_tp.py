@@ -308,6 +308,7 @@ def test_a_step_hung_on_a_follower_ends_every_rank(tp_llama, tmp_path):
     import signal
 
     from hpcllm.node.workers import descendants
+    from hpcllm.worker.client import WorkerError
     from hpcllm.worker.protocol import GenerateRequest
 
     process = start_tp_worker(tp_llama, tmp_path, "[worker]\nstep_timeout_seconds = 3\n")
@@ -319,9 +320,11 @@ def test_a_step_hung_on_a_follower_ends_every_rank(tp_llama, tmp_path):
         try:
             with client.generate(GenerateRequest(request_id="hung", prompt_token_ids=[5, 17, 300], max_tokens=4,
                                                  temperature=0)) as stream:
-                list(stream)
-        except Exception:  # noqa: BLE001 - the stream ends with the engine's error, or the connection with the job
-            pass
+                ended = list(stream)[-1]
+        except WorkerError as exc:  # the abort ended the job, and the connection with it, mid-stream
+            ended = exc
+        # never answered as if served: the engine's error line, or the connection gone with the job
+        assert isinstance(ended, WorkerError) or ended.finish_reason == "error", ended
         output, _ = process.communicate(timeout=150)
     finally:
         if process.poll() is None:
