@@ -312,7 +312,7 @@ class Autoscaler:
             self.registry.delete_instance(instance_id)  # its agent is gone: so is the instance
             return True
         try:
-            self.controller.agents.stop_instance(node.agent_url, instance_id)
+            self.controller.stop_on_agent(node, instance_id)
         except AgentError as exc:
             log.warning("could not stop %s on %s: %s", instance_id, node_id, exc)
             return False

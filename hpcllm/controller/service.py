@@ -127,6 +127,7 @@ ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm 
 RETIRING_PHASE = "retiring, replacement starting"
 START_COSTS_TTL_SECONDS = 30.0  # learned start costs are re-read from the registry at most this often
 MAX_LIVE_TICKETS = 4  # live migration tickets a node token may hold for one instance (_count_ticket)
+STOPPED_REMEMBERED = 10_000  # instance ids stopped through their agents that heartbeats cannot bring back
 
 
 class NoMigrationTarget(ControllerError):
@@ -135,6 +136,31 @@ class NoMigrationTarget(ControllerError):
     http_status = 404
     code = "no_migration_target"
     error_type = "invalid_request_error"
+
+
+class StoppedInstances:
+    """The instances this controller had their agents stop (or migrate out, which stops them), newest last. An agent
+    never reports a stopped instance again, so a heartbeat listing one was built before the stop and arrived after
+    it: that report is stale, not a resurrection. Kept in memory: after a restart reconcile reads every agent's list."""
+
+    def __init__(self, limit: int = STOPPED_REMEMBERED):
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def add(self, instance_id: str) -> None:
+        with self._lock:
+            self._ids[instance_id] = None
+            while len(self._ids) > self._limit:
+                self._ids.popitem(last=False)
+
+    def stale_reports(self, hb: Heartbeat) -> Heartbeat:
+        """The heartbeat without its reports of stopped instances as alive (their failures still count)."""
+        with self._lock:
+            stale = [i for i in hb.instances if i.instance_id in self._ids and i.state not in ("stopped", "failed")]
+        if not stale:
+            return hb
+        return hb.model_copy(update={"instances": [i for i in hb.instances if i not in stale]})
 
 
 @dataclass(frozen=True)
@@ -175,6 +201,7 @@ class Controller:
         # The expiries of the live migration tickets issued to node tokens, by source instance (MAX_LIVE_TICKETS).
         self._live_tickets: dict[str, list[float]] = {}
         self._live_tickets_lock = threading.Lock()
+        self._stopped = StoppedInstances()
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -476,9 +503,15 @@ class Controller:
             if node is None or inst.reserved:
                 continue
             try:
-                self.agents.stop_instance(node.agent_url, inst.instance_id)
+                self.stop_on_agent(node, inst.instance_id)
             except AgentError as exc:
                 log.warning("could not stop instance %s: %s", inst.instance_id, exc)
+
+    def stop_on_agent(self, node: NodeRecord, instance_id: str) -> None:
+        """Have the node's agent stop an instance (AgentError when it cannot), remembered so a heartbeat built
+        before the stop does not bring the instance back (StoppedInstances)."""
+        self.agents.stop_instance(node.agent_url, instance_id)
+        self._stopped.add(instance_id)
 
     def issue_pool_token(self, req: PoolTokenRequest) -> IssuedPoolToken:
         """A new pool token for one deployed model and one group (the token is in the answer, once)."""
@@ -679,6 +712,7 @@ class Controller:
         if known is not None:  # an unknown node gets 404 (register again) whoever asks
             check_node_owner(principal, node_id, known.credential_id)
             check_models(principal, [i.model for i in hb.instances])
+        hb = self._stopped.stale_reports(hb)
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         now = self.clock()
@@ -1012,7 +1046,7 @@ class Controller:
 
     def _stop_one(self, node: NodeRecord, instance_id: str) -> None:
         try:
-            self.agents.stop_instance(node.agent_url, instance_id)
+            self.stop_on_agent(node, instance_id)
         except AgentError as exc:
             log.warning("could not move instance %s off %s: %s", instance_id, node.node_id, exc)
 
@@ -1172,6 +1206,7 @@ class Controller:
             self._stop_one(node, inst.instance_id)  # still free the slots; the gateway resumes from tokens
             return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, "failed",
                                    target.instance_id, error=str(exc))
+        self._stopped.add(inst.instance_id)  # the agent stops it once its requests moved
         moved, not_moved = len(result.migrated), len(result.failed)
         if moved:
             self.registry.note_routed(target.instance_id, self.clock())

@@ -346,6 +346,22 @@ def test_a_heartbeat_sent_before_a_start_does_not_forget_the_instance_just_start
     assert harness.registry.instances() == []
 
 
+def test_a_heartbeat_built_before_a_stop_does_not_bring_the_stopped_instance_back(harness):
+    """The agent's heartbeat built just before the controller stopped an idle instance arrives after the stop: it
+    still lists the instance as ready. The instance stays gone (no route to a dead worker, no second cold start
+    recorded), and the next request starts a new one."""
+    harness.deploy("m", keep_alive_seconds=60)
+    harness.register("n1")
+    stopped = ready_instance(harness)
+    stale = Heartbeat(instances=harness.agents.list_instances("http://n1:9000"))
+    assert ("stop_idle", stopped) in harness.tick(61).kinds()
+    harness.controller.heartbeat("n1", stale)
+    assert harness.registry.instances() == []
+    assert [c.instance_id for c in harness.registry.cold_starts()] == [stopped]
+    assert harness.controller.route("m").status == "starting"
+    assert len(harness.agents.started) == 2
+
+
 def test_an_instance_whose_load_outlasted_the_keep_alive_is_not_stopped_as_it_becomes_ready(harness):
     """A cold start longer than the model's keep-alive (a large model from the shared FS): its idle time counts from
     when it became ready, not from its start, or the tick after its first ready heartbeat stopped it before the
