@@ -127,7 +127,7 @@ ANY_NODE = "*"  # placement candidate: a new allocation on whichever node Slurm 
 RETIRING_PHASE = "retiring, replacement starting"
 START_COSTS_TTL_SECONDS = 30.0  # learned start costs are re-read from the registry at most this often
 MAX_LIVE_TICKETS = 4  # live migration tickets a node token may hold for one instance (_count_ticket)
-STOPPED_REMEMBERED = 10_000  # instance ids stopped through their agents that heartbeats cannot bring back
+AGENT_CHANGES_REMEMBERED = 10_000  # instance starts and stops a heartbeat may not know yet (AgentChanges)
 
 
 class NoMigrationTarget(ControllerError):
@@ -138,26 +138,45 @@ class NoMigrationTarget(ControllerError):
     error_type = "invalid_request_error"
 
 
-class StoppedInstances:
-    """The instances this controller had their agents stop (or migrate out, which stops them), newest last. An agent
-    never reports a stopped instance again, so a heartbeat listing one was built before the stop and arrived after
-    it: that report is stale, not a resurrection. Kept in memory: after a restart reconcile reads every agent's list."""
+class AgentChanges:
+    """The instance starts and stops this controller made through node agents, which a heartbeat built a moment
+    before it arrived may not know yet. Kept in memory (newest last, bounded): after a restart reconcile reads every
+    agent's list.
+    - Stopped (or migrated out, which stops them): an agent never reports a stopped instance again, so a heartbeat
+      listing one alive was built before the stop; that report is stale, not a resurrection.
+    - Started, by when the agent confirmed the start: a heartbeat within node.heartbeat_seconds of the confirmation
+      that lacks the instance may have been built before the agent took the start (however long the start took)."""
 
-    def __init__(self, limit: int = STOPPED_REMEMBERED):
-        self._ids: OrderedDict[str, None] = OrderedDict()
+    def __init__(self, limit: int = AGENT_CHANGES_REMEMBERED):
+        self._stopped: OrderedDict[str, None] = OrderedDict()
+        self._confirmed: OrderedDict[str, float] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
-    def add(self, instance_id: str) -> None:
+    def stopped(self, instance_id: str) -> None:
+        self._remember(self._stopped, instance_id, None)
+
+    def confirmed(self, instance_id: str, at: float) -> None:
+        self._remember(self._confirmed, instance_id, at)
+
+    def _remember(self, changes: OrderedDict, instance_id: str, value) -> None:
         with self._lock:
-            self._ids[instance_id] = None
-            while len(self._ids) > self._limit:
-                self._ids.popitem(last=False)
+            changes.pop(instance_id, None)
+            changes[instance_id] = value
+            while len(changes) > self._limit:
+                changes.popitem(last=False)
+
+    def confirmed_since(self, since: float) -> frozenset[str]:
+        """The starts confirmed since then (older ones are forgotten: a heartbeat now knows them)."""
+        with self._lock:
+            while self._confirmed and next(iter(self._confirmed.values())) < since:
+                self._confirmed.popitem(last=False)
+            return frozenset(self._confirmed)
 
     def stale_reports(self, hb: Heartbeat) -> Heartbeat:
         """The heartbeat without its reports of stopped instances as alive (their failures still count)."""
         with self._lock:
-            stale = [i for i in hb.instances if i.instance_id in self._ids and i.state not in ("stopped", "failed")]
+            stale = [i for i in hb.instances if i.instance_id in self._stopped and i.state not in ("stopped", "failed")]
         if not stale:
             return hb
         return hb.model_copy(update={"instances": [i for i in hb.instances if i not in stale]})
@@ -201,7 +220,7 @@ class Controller:
         # The expiries of the live migration tickets issued to node tokens, by source instance (MAX_LIVE_TICKETS).
         self._live_tickets: dict[str, list[float]] = {}
         self._live_tickets_lock = threading.Lock()
-        self._stopped = StoppedInstances()
+        self._agent_changes = AgentChanges()
 
     # ------------------------------------------------------------------------------------------------ admin
 
@@ -509,9 +528,9 @@ class Controller:
 
     def stop_on_agent(self, node: NodeRecord, instance_id: str) -> None:
         """Have the node's agent stop an instance (AgentError when it cannot), remembered so a heartbeat built
-        before the stop does not bring the instance back (StoppedInstances)."""
+        before the stop does not bring the instance back (AgentChanges)."""
         self.agents.stop_instance(node.agent_url, instance_id)
-        self._stopped.add(instance_id)
+        self._agent_changes.stopped(instance_id)
 
     def issue_pool_token(self, req: PoolTokenRequest) -> IssuedPoolToken:
         """A new pool token for one deployed model and one group (the token is in the answer, once)."""
@@ -712,13 +731,14 @@ class Controller:
         if known is not None:  # an unknown node gets 404 (register again) whoever asks
             check_node_owner(principal, node_id, known.credential_id)
             check_models(principal, [i.model for i in hb.instances])
-        hb = self._stopped.stale_reports(hb)
+        hb = self._agent_changes.stale_reports(hb)
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         now = self.clock()
         # A heartbeat is built a moment before it arrives: one built before the agent took a start this controller
         # just confirmed lacks that instance, which is not gone (forgotten, the next request started another).
-        outcome = self.registry.heartbeat(node_id, hb, now, started_since=now - self.config.node.heartbeat_seconds)
+        just_started = self._agent_changes.confirmed_since(now - self.config.node.heartbeat_seconds)
+        outcome = self.registry.heartbeat(node_id, hb, now, just_started=just_started)
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:
@@ -895,6 +915,7 @@ class Controller:
             self.registry.delete_instance(reservation)
             raise
         self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
+        self._agent_changes.confirmed(started.instance_id, self.clock())
         log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
         self._catch_up_adapters(model, node, started.instance_id)
         return RouteWaiting(status="starting", model=model.name, instance_id=started.instance_id,
@@ -1206,7 +1227,7 @@ class Controller:
             self._stop_one(node, inst.instance_id)  # still free the slots; the gateway resumes from tokens
             return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, "failed",
                                    target.instance_id, error=str(exc))
-        self._stopped.add(inst.instance_id)  # the agent stops it once its requests moved
+        self._agent_changes.stopped(inst.instance_id)  # the agent stops it once its requests moved
         moved, not_moved = len(result.migrated), len(result.failed)
         if moved:
             self.registry.note_routed(target.instance_id, self.clock())

@@ -545,11 +545,11 @@ class Registry:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (reg.node_id,)).fetchone()
         return _node(row)
 
-    def heartbeat(self, node_id: str, hb: Heartbeat, now: float, started_since: float | None = None
+    def heartbeat(self, node_id: str, hb: Heartbeat, now: float, just_started: frozenset[str] = frozenset()
                   ) -> HeartbeatOutcome:
         """Replace a node's cache list and instance list (and its tiers' rates, when given) with what its agent
-        reports, atomically. started_since: an unreported loading instance requested since then is kept (the
-        report may have been built before the agent took its start)."""
+        reports, atomically. just_started: instances whose start was confirmed a moment ago, kept while loading
+        when unreported (the report may have been built before the agent took the start)."""
         outcome = HeartbeatOutcome()
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
@@ -579,9 +579,8 @@ class Registry:
                 if became_ready:
                     outcome.became_ready.append(_record_cold_start(db, node_id, info, previous, now))
             for instance_id, record in known.items():
-                just_started = started_since is not None and record.state == "loading" \
-                    and record.requested_at >= started_since
-                if instance_id not in reported and not record.reserved and not just_started:
+                starting = record.state == "loading" and instance_id in just_started
+                if instance_id not in reported and not record.reserved and not starting:
                     db.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
                     outcome.vanished.append(instance_id)
         return outcome

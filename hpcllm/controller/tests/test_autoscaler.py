@@ -346,6 +346,26 @@ def test_a_heartbeat_sent_before_a_start_does_not_forget_the_instance_just_start
     assert harness.registry.instances() == []
 
 
+def test_a_start_call_longer_than_a_heartbeat_period_does_not_lose_the_instance(harness, monkeypatch):
+    """The agent takes longer than node.heartbeat_seconds to answer a start (a busy node); the heartbeat it built
+    before taking the start arrives just after the confirmation. The stale window counts from the confirmation, not
+    from the reservation: the instance is kept, and the next request waits for it instead of starting a second."""
+    harness.deploy("m")
+    harness.register("n1")
+    start = harness.agents.start_instance
+
+    def slow_start(*args, **kwargs):
+        harness.clock.advance(harness.config.node.heartbeat_seconds + 5)
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(harness.agents, "start_instance", slow_start)
+    started = harness.controller.route("m").instance_id
+    harness.controller.heartbeat("n1", Heartbeat(instances=[]))  # built before the agent took the start
+    again = harness.controller.route("m")
+    assert (again.status, again.instance_id) == ("starting", started)
+    assert len(harness.agents.started) == 1
+
+
 def test_a_heartbeat_built_before_a_stop_does_not_bring_the_stopped_instance_back(harness):
     """The agent's heartbeat built just before the controller stopped an idle instance arrives after the stop: it
     still lists the instance as ready. The instance stays gone (no route to a dead worker, no second cold start
