@@ -916,6 +916,12 @@ class Controller:
             raise
         self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
         self._agent_changes.confirmed(started.instance_id, self.clock())
+        if self.registry.get_model(model.name) is None:
+            # Undeployed while the agent started it: the reservation left with the model, nothing stopped it.
+            self._stop_one(node, started.instance_id)
+            self.registry.delete_instance(started.instance_id)  # in case a heartbeat reported it meanwhile
+            raise UnknownModel(f"model {model.name!r} was undeployed while its instance {started.instance_id} "
+                               f"started (stopped)")
         log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
         self._catch_up_adapters(model, node, started.instance_id)
         return RouteWaiting(status="starting", model=model.name, instance_id=started.instance_id,
@@ -1069,7 +1075,7 @@ class Controller:
         try:
             self.stop_on_agent(node, instance_id)
         except AgentError as exc:
-            log.warning("could not move instance %s off %s: %s", instance_id, node.node_id, exc)
+            log.warning("could not stop instance %s on %s: %s", instance_id, node.node_id, exc)
 
     # ------------------------------------------------------------------------------------ live migration
 

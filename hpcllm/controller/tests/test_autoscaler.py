@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hpcllm.controller.autoscaler import RESERVATION_TIMEOUT_SECONDS
+from hpcllm.controller.errors import UnknownModel
 from hpcllm.controller.protocol import Heartbeat
 from hpcllm.controller.tests.conftest import GB
 from hpcllm.slurm.base import JobState, NodeInfo
@@ -230,6 +231,28 @@ def test_instances_of_undeployed_models_are_stopped(harness):
     report = harness.tick(1)
     orphans = [subject for kind, subject in report.kinds() if kind == "stop_orphan"]
     assert len(orphans) == 1 and harness.registry.get_instance(orphans[0]).model == "old"
+
+
+def test_an_undeploy_during_a_start_stops_the_instance_once_its_start_is_confirmed(harness, monkeypatch):
+    """The model is undeployed while its agent is starting an instance (only a reservation to remove, nothing for
+    its agent to stop yet): the start's confirmation stops the instance at once, and the request that started it
+    is told the model is gone, not "starting" until the next heartbeat and tick stop the orphan."""
+    harness.deploy("m")
+    harness.register("n1")
+    start, started = harness.agents.start_instance, []
+
+    def start_during_an_undeploy(*args, **kwargs):
+        instance = start(*args, **kwargs)
+        started.append(instance.instance_id)
+        harness.controller.undeploy("m")
+        return instance
+
+    monkeypatch.setattr(harness.agents, "start_instance", start_during_an_undeploy)
+    with pytest.raises(UnknownModel, match="undeployed"):
+        harness.controller.route("m")
+    assert harness.agents.stopped == [("http://n1:9000", started[0])]
+    harness.heartbeat("n1")
+    assert harness.registry.instances() == []
 
 
 def test_max_allocations_is_honoured(make_harness):
