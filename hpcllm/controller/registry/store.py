@@ -910,6 +910,8 @@ def _attach_node_to_allocation(db, job_id: str, node_id: str, now: float, job_no
     db.execute("UPDATE allocations SET nodes = ?, state = ?, started_at = COALESCE(started_at, ?), idle_since = NULL"
                " WHERE job_id = ?",
                (json.dumps(sorted(nodes)), state, now, job_id))
+    if state in ("draining", "cancelling"):  # a restarted agent of an allocation on its way out gets nothing new
+        db.execute("UPDATE nodes SET state = 'draining' WHERE node_id = ?", (node_id,))
 
 
 def _refuse_other_nodes_instances(db, node_id: str, new_ids: list[str]) -> None:

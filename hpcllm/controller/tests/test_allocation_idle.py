@@ -25,3 +25,19 @@ def test_allocation_whose_agent_never_registers_is_released(make_harness):
     h.tick()
     kinds = [k for _ in range(20) for k in h.tick(2).kinds()]  # 40 s: past node_timeout + keep-alive
     assert ("cancel_idle_allocation", job) in kinds
+
+
+def test_an_agent_registering_again_into_a_cancelled_allocation_gets_no_instance(make_harness):
+    """The idle allocation is being cancelled (its node draining) when its agent restarts and registers again before
+    Slurm ends the job: the node stays draining, so no instance is placed on a node about to go away."""
+    h = make_harness(allocation_keep_alive_seconds=3)
+    model = h.deploy("m")
+    job = h.allocator.submit(model, [], h.clock.now)
+    h.backend.start(job, "n2", h.clock.now)
+    h.register("n2", job=job)
+    h.tick()
+    assert ("cancel_idle_allocation", job) in h.tick(4).kinds()
+    h.register("n2", job=job)  # the agent restarted; Slurm has not ended the job yet
+    assert h.registry.get_node("n2").state == "draining"
+    assert h.controller.route("m").status == "allocating"
+    assert h.agents.started == []
