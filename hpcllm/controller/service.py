@@ -1604,8 +1604,11 @@ class Controller:
                 if inst.reserved:
                     self.registry.delete_instance(inst.instance_id)
             # The job end stays what the agent last reported (a pool's hand-over plan): the instance list has none.
-            self.registry.heartbeat(node.node_id, Heartbeat(cached=cached, instances=instances, job_end=node.job_end),
-                                    now)
+            try:
+                self.registry.heartbeat(node.node_id, Heartbeat(cached=cached, instances=instances,
+                                                                job_end=node.job_end), now)
+            except (ControllerError, ValidationError) as exc:  # one node's refused report: its heartbeats are too
+                log.error("reconcile: the instances of node %s are not taken: %s", node.node_id, exc)
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
                  len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))

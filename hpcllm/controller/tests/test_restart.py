@@ -257,3 +257,21 @@ def test_a_restart_with_slurm_down_still_reconciles_the_node_agents(harness):
     assert not [i for i in harness.registry.instances() if i.reserved]
     outcome = harness.controller.route("m")
     assert outcome.status == "starting" and outcome.instance_id is not None  # a real start, not the dead one
+
+
+def test_a_node_whose_report_is_refused_does_not_keep_reconcile_from_the_others(harness):
+    """At the restart n1's agent lists an instance the registry holds for n2 (its report is refused whole, as its
+    heartbeats are): the other nodes are reconciled all the same, n2's instance that became ready meanwhile with
+    them."""
+    harness.deploy("m")
+    harness.register("n1")
+    harness.register("n2")
+    started = harness.agents.start_instance("http://n2:9000", "m", "/models/m", [0]).instance_id
+    harness.heartbeat("n1")
+    harness.heartbeat("n2")
+    n2 = harness.agents.agents["http://n2:9000"]
+    harness.agents.agents["http://n1:9000"].instances[started] = n2.instances[started]  # n1's agent lists it too
+    harness.agents.finish_loading("http://n2:9000")
+    harness.controller.reconcile()
+    assert harness.registry.get_instance(started).state == "ready"
+    assert harness.registry.get_instance(started).node_id == "n2"
