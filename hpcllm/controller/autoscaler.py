@@ -242,12 +242,13 @@ class Autoscaler:
     def _stop_idle_instances(self, now: float, report: TickReport) -> None:
         if self.settings.keep_alive_policy == "per-model":
             return  # per-user launcher style: a model's instance serves until its allocation ends
+        nodes = self.registry.nodes()  # read once for both sets
         # A model pool (`hpcllm node --model`) owns its instances: stopping one would only make its agent start it
         # again (and the next user wait for a cold start). They still count as active for min_instances.
-        pool_nodes = {n.node_id for n in self.registry.nodes() if n.is_pool}
+        pool_nodes = {n.node_id for n in nodes if n.is_pool}
         # min_instances counts what serves on (as step 8 does): an instance on a draining node (its agent got
         # Slurm's signal) leaves soon, so stopping an up node's idle one for it meant a cold start in step 8.
-        routable = {n.node_id for n in self.registry.nodes(states=ROUTABLE_NODE_STATES)}
+        routable = {n.node_id for n in nodes if n.state in ROUTABLE_NODE_STATES}
         by_model = defaultdict(list)
         for inst in self.registry.instances():
             if inst.state in ("ready", "loading"):
