@@ -176,10 +176,11 @@ class AgentChanges:
     def stale_reports(self, hb: Heartbeat) -> Heartbeat:
         """The heartbeat without its reports of stopped instances as alive (their failures still count)."""
         with self._lock:
-            stale = [i for i in hb.instances if i.instance_id in self._stopped and i.state not in ("stopped", "failed")]
+            stale = {i.instance_id for i in hb.instances
+                     if i.instance_id in self._stopped and i.state not in ("stopped", "failed")}
         if not stale:
             return hb
-        return hb.model_copy(update={"instances": [i for i in hb.instances if i not in stale]})
+        return hb.model_copy(update={"instances": [i for i in hb.instances if i.instance_id not in stale]})
 
 
 @dataclass(frozen=True)
@@ -1608,7 +1609,7 @@ class Controller:
                 self.registry.heartbeat(node.node_id, Heartbeat(cached=cached, instances=instances,
                                                                 job_end=node.job_end), now)
             except (ControllerError, ValidationError) as exc:  # one node's refused report: its heartbeats are too
-                log.error("reconcile: the instances of node %s are not taken: %s", node.node_id, exc)
+                log.error("reconcile: the instance list of node %s is refused: %s", node.node_id, exc)
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",
                  len(self.registry.models()), len(self.registry.nodes(states=("up", "draining"))),
                  len(self.registry.instances()), len(self.registry.allocations(active_only=True)))
