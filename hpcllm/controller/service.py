@@ -915,8 +915,9 @@ class Controller:
         except AgentError:
             self.registry.delete_instance(reservation)
             raise
-        self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
+        # Remembered before the reservation becomes the instance: a heartbeat handled in between keeps it.
         self._agent_changes.confirmed(started.instance_id, self.clock())
+        self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
         if self.registry.get_model(model.name) is None:
             # Undeployed while the agent started it: the reservation left with the model, nothing stopped it.
             self._stop_one(node, started.instance_id)

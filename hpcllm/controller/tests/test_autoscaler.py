@@ -389,6 +389,26 @@ def test_a_start_call_longer_than_a_heartbeat_period_does_not_lose_the_instance(
     assert len(harness.agents.started) == 1
 
 
+def test_a_heartbeat_handled_as_a_start_is_confirmed_does_not_forget_the_instance(harness, monkeypatch):
+    """A heartbeat built before the agent took a start is handled just as the controller confirms that start (the
+    reservation already renamed to the agent's instance id): the new instance is kept, and the next request waits
+    for it instead of starting a second one."""
+    harness.deploy("m")
+    harness.register("n1")
+    confirm = harness.registry.confirm_instance
+
+    def confirm_then_a_stale_heartbeat(*args, **kwargs):
+        confirmed = confirm(*args, **kwargs)
+        harness.controller.heartbeat("n1", Heartbeat(instances=[]))  # built before the agent took the start
+        return confirmed
+
+    monkeypatch.setattr(harness.registry, "confirm_instance", confirm_then_a_stale_heartbeat)
+    started = harness.controller.route("m").instance_id
+    again = harness.controller.route("m")
+    assert (again.status, again.instance_id) == ("starting", started)
+    assert len(harness.agents.started) == 1
+
+
 def test_a_heartbeat_built_before_a_stop_does_not_bring_the_stopped_instance_back(harness):
     """The agent's heartbeat built just before the controller stopped an idle instance arrives after the stop: it
     still lists the instance as ready. The instance stays gone (no route to a dead worker, no second cold start
