@@ -166,21 +166,17 @@ class AgentChanges:
             while len(changes) > self._limit:
                 changes.popitem(last=False)
 
-    def confirmed_since(self, since: float) -> frozenset[str]:
-        """The starts confirmed since then (older ones are forgotten: a heartbeat now knows them)."""
+    def confirmed_since(self, instance_id: str, since: float) -> bool:
+        """Whether the start of that instance was confirmed since then (older ones are forgotten: a heartbeat now
+        knows them)."""
         with self._lock:
             while self._confirmed and next(iter(self._confirmed.values())) < since:
                 self._confirmed.popitem(last=False)
-            return frozenset(self._confirmed)
+            return instance_id in self._confirmed
 
-    def stale_reports(self, hb: Heartbeat) -> Heartbeat:
-        """The heartbeat without its reports of stopped instances as alive (their failures still count)."""
+    def was_stopped(self, instance_id: str) -> bool:
         with self._lock:
-            stale = {i.instance_id for i in hb.instances
-                     if i.instance_id in self._stopped and i.state not in ("stopped", "failed")}
-        if not stale:
-            return hb
-        return hb.model_copy(update={"instances": [i for i in hb.instances if i.instance_id not in stale]})
+            return instance_id in self._stopped
 
 
 @dataclass(frozen=True)
@@ -732,14 +728,16 @@ class Controller:
         if known is not None:  # an unknown node gets 404 (register again) whoever asks
             check_node_owner(principal, node_id, known.credential_id)
             check_models(principal, [i.model for i in hb.instances])
-        hb = self._agent_changes.stale_reports(hb)
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         now = self.clock()
         # A heartbeat is built a moment before it arrives: one built before the agent took a start this controller
-        # just confirmed lacks that instance, which is not gone (forgotten, the next request started another).
-        just_started = self._agent_changes.confirmed_since(now - self.config.node.heartbeat_seconds)
-        outcome = self.registry.heartbeat(node_id, hb, now, just_started=just_started)
+        # just confirmed lacks that instance, which is not gone (forgotten, the next request started another); one
+        # built before a stop lists the instance alive, which is not back (AgentChanges).
+        window = now - self.config.node.heartbeat_seconds
+        outcome = self.registry.heartbeat(node_id, hb, now,
+                                          just_started=lambda i: self._agent_changes.confirmed_since(i, window),
+                                          stopped=self._agent_changes.was_stopped)
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:

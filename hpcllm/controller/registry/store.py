@@ -18,7 +18,7 @@ import re
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -393,6 +393,11 @@ class HeartbeatOutcome:
     vanished: list[str] = field(default_factory=list)
 
 
+def _no_instance(instance_id: str) -> bool:
+    """Registry.heartbeat's default: no start confirmed a moment ago, no stop."""
+    return False
+
+
 class Registry:
     """All controller state. Thread-safe: one connection guarded by a lock (SQLite serializes writers anyway)."""
 
@@ -545,11 +550,13 @@ class Registry:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (reg.node_id,)).fetchone()
         return _node(row)
 
-    def heartbeat(self, node_id: str, hb: Heartbeat, now: float, just_started: frozenset[str] = frozenset()
-                  ) -> HeartbeatOutcome:
+    def heartbeat(self, node_id: str, hb: Heartbeat, now: float, just_started: Callable[[str], bool] = _no_instance,
+                  stopped: Callable[[str], bool] = _no_instance) -> HeartbeatOutcome:
         """Replace a node's cache list and instance list (and its tiers' rates, when given) with what its agent
-        reports, atomically. just_started: instances whose start was confirmed a moment ago, kept while loading
-        when unreported (the report may have been built before the agent took the start)."""
+        reports, atomically. just_started: whether an instance's start was confirmed a moment ago (kept while
+        loading when unreported: the report may have been built before the agent took the start); stopped: whether
+        the controller had its agent stop an instance (a report of it alive was built before the stop: dropped).
+        Both are asked inside the transaction: a start or stop made while this heartbeat waited for it counts."""
         outcome = HeartbeatOutcome()
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
@@ -561,12 +568,13 @@ class Registry:
                 db.execute("UPDATE nodes SET tiers = ?, h2d_gbps = ? WHERE node_id = ?",
                            (hb.tiers.model_dump_json(), hb.h2d_gbps, node_id))
             _replace_cache(db, node_id, hb.cached, node.persistent_nvme)
+            instances = [i for i in hb.instances if i.state in ("stopped", "failed") or not stopped(i.instance_id)]
             known = {r["instance_id"]: _instance(r)
                      for r in db.execute("SELECT * FROM instances WHERE node_id = ?", (node_id,))}
-            _refuse_other_nodes_instances(db, node_id, [i.instance_id for i in hb.instances
+            _refuse_other_nodes_instances(db, node_id, [i.instance_id for i in instances
                                                         if i.instance_id not in known])
             reported = set()
-            for info in hb.instances:
+            for info in instances:
                 reported.add(info.instance_id)
                 if info.state in ("stopped", "failed"):
                     db.execute("DELETE FROM instances WHERE instance_id = ?", (info.instance_id,))
@@ -579,7 +587,7 @@ class Registry:
                 if became_ready:
                     outcome.became_ready.append(_record_cold_start(db, node_id, info, previous, now))
             for instance_id, record in known.items():
-                starting = record.state == "loading" and instance_id in just_started
+                starting = record.state == "loading" and just_started(instance_id)
                 if instance_id not in reported and not record.reserved and not starting:
                     db.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
                     outcome.vanished.append(instance_id)

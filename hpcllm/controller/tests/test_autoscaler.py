@@ -409,6 +409,27 @@ def test_a_heartbeat_handled_as_a_start_is_confirmed_does_not_forget_the_instanc
     assert len(harness.agents.started) == 1
 
 
+def test_a_heartbeat_waiting_on_the_registry_while_a_start_is_confirmed_does_not_forget_the_instance(harness,
+                                                                                                     monkeypatch):
+    """A heartbeat built before the agent took a start passes the controller before the start is confirmed and
+    reaches the registry after: the new instance is kept (the confirmation is checked in the registry's
+    transaction), and the next request waits for it instead of starting a second one."""
+    harness.deploy("m")
+    harness.register("n1")
+    heartbeat, routes = harness.registry.heartbeat, []
+
+    def a_start_first(*args, **kwargs):  # the start takes the registry before the heartbeat does
+        routes.append(harness.controller.route("m"))
+        return heartbeat(*args, **kwargs)
+
+    monkeypatch.setattr(harness.registry, "heartbeat", a_start_first)
+    harness.controller.heartbeat("n1", Heartbeat(instances=[]))
+    monkeypatch.setattr(harness.registry, "heartbeat", heartbeat)
+    again = harness.controller.route("m")
+    assert (again.status, again.instance_id) == ("starting", routes[0].instance_id)
+    assert len(harness.agents.started) == 1
+
+
 def test_a_heartbeat_built_before_a_stop_does_not_bring_the_stopped_instance_back(harness):
     """The agent's heartbeat built just before the controller stopped an idle instance arrives after the stop: it
     still lists the instance as ready. The instance stays gone (no route to a dead worker, no second cold start
@@ -421,6 +442,32 @@ def test_a_heartbeat_built_before_a_stop_does_not_bring_the_stopped_instance_bac
     harness.controller.heartbeat("n1", stale)
     assert harness.registry.instances() == []
     assert [c.instance_id for c in harness.registry.cold_starts()] == [stopped]
+    assert harness.controller.route("m").status == "starting"
+    assert len(harness.agents.started) == 2
+
+
+def test_a_heartbeat_waiting_on_the_registry_while_an_instance_is_stopped_does_not_bring_it_back(harness,
+                                                                                                 monkeypatch):
+    """A heartbeat built before an idle stop is handled while the tick stops the instance: it passes the
+    controller before the stop is recorded and reaches the registry after the instance was removed. The instance
+    stays gone (the stop is checked in the registry's transaction), and the next request starts a new one."""
+    harness.deploy("m", keep_alive_seconds=60)
+    harness.register("n1")
+    stopped = ready_instance(harness)
+    harness.clock.advance(61)
+    harness.heartbeat("n1")
+    stale = Heartbeat(instances=harness.agents.list_instances("http://n1:9000"))
+    heartbeat, ticks = harness.registry.heartbeat, []
+
+    def a_tick_first(*args, **kwargs):  # the tick takes the registry before the heartbeat does
+        ticks.append(harness.autoscaler.tick(harness.clock.now))
+        return heartbeat(*args, **kwargs)
+
+    monkeypatch.setattr(harness.registry, "heartbeat", a_tick_first)
+    harness.controller.heartbeat("n1", stale)
+    monkeypatch.setattr(harness.registry, "heartbeat", heartbeat)
+    assert ("stop_idle", stopped) in ticks[0].kinds()
+    assert harness.registry.instances() == []
     assert harness.controller.route("m").status == "starting"
     assert len(harness.agents.started) == 2
 
