@@ -128,6 +128,9 @@ RETIRING_PHASE = "retiring, replacement starting"
 START_COSTS_TTL_SECONDS = 30.0  # learned start costs are re-read from the registry at most this often
 MAX_LIVE_TICKETS = 4  # live migration tickets a node token may hold for one instance (_count_ticket)
 AGENT_CHANGES_REMEMBERED = 10_000  # instance starts and stops a heartbeat may not know yet (AgentChanges)
+# How long past two heartbeat periods a stop is remembered: a heartbeat built before it may still be on its way (the
+# agent's POST times out after 10 s) or waiting for the registry.
+STALE_REPORT_MARGIN_SECONDS = 30.0
 
 
 class NoMigrationTarget(ControllerError):
@@ -140,26 +143,27 @@ class NoMigrationTarget(ControllerError):
 
 class AgentChanges:
     """The instance starts and stops this controller made through node agents, which a heartbeat built a moment
-    before it arrived may not know yet. Kept in memory (newest last, bounded): after a restart reconcile reads every
-    agent's list.
+    before it arrived may not know yet. Kept in memory (newest last, by when, with the node; bounded): after a
+    restart reconcile reads every agent's list. A node's are forgotten when its agent registers again (a new
+    process: its instance ids may be reused).
     - Stopped (or migrated out, which stops them): an agent never reports a stopped instance again, so a heartbeat
-      listing one alive was built before the stop; that report is stale, not a resurrection.
+      listing one alive within a while of the stop was built before it; that report is stale, not a resurrection.
     - Started, by when the agent confirmed the start: a heartbeat within node.heartbeat_seconds of the confirmation
       that lacks the instance may have been built before the agent took the start (however long the start took)."""
 
     def __init__(self, limit: int = AGENT_CHANGES_REMEMBERED):
-        self._stopped: OrderedDict[str, None] = OrderedDict()
-        self._confirmed: OrderedDict[str, float] = OrderedDict()
+        self._stopped: OrderedDict[str, tuple[float, str]] = OrderedDict()  # instance id -> (when, node id)
+        self._confirmed: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
-    def stopped(self, instance_id: str) -> None:
-        self._remember(self._stopped, instance_id, None)
+    def stopped(self, node_id: str, instance_id: str, at: float) -> None:
+        self._remember(self._stopped, instance_id, (at, node_id))
 
-    def confirmed(self, instance_id: str, at: float) -> None:
-        self._remember(self._confirmed, instance_id, at)
+    def confirmed(self, node_id: str, instance_id: str, at: float) -> None:
+        self._remember(self._confirmed, instance_id, (at, node_id))
 
-    def _remember(self, changes: OrderedDict, instance_id: str, value) -> None:
+    def _remember(self, changes: OrderedDict, instance_id: str, value: tuple[float, str]) -> None:
         with self._lock:
             changes.pop(instance_id, None)
             changes[instance_id] = value
@@ -169,14 +173,25 @@ class AgentChanges:
     def confirmed_since(self, instance_id: str, since: float) -> bool:
         """Whether the start of that instance was confirmed since then (older ones are forgotten: a heartbeat now
         knows them)."""
-        with self._lock:
-            while self._confirmed and next(iter(self._confirmed.values())) < since:
-                self._confirmed.popitem(last=False)
-            return instance_id in self._confirmed
+        return self._known_since(self._confirmed, instance_id, since)
 
-    def was_stopped(self, instance_id: str) -> bool:
+    def stopped_since(self, instance_id: str, since: float) -> bool:
+        """Whether that instance was stopped since then (older stops are forgotten: no report built before them
+        arrives any more)."""
+        return self._known_since(self._stopped, instance_id, since)
+
+    def _known_since(self, changes: OrderedDict, instance_id: str, since: float) -> bool:
         with self._lock:
-            return instance_id in self._stopped
+            while changes and next(iter(changes.values()))[0] < since:
+                changes.popitem(last=False)
+            return instance_id in changes
+
+    def forget_node(self, node_id: str) -> None:
+        """Its agent registered again: its instance ids are new ones (a reused id is not the stopped instance)."""
+        with self._lock:
+            for changes in (self._stopped, self._confirmed):
+                for instance_id in [i for i, (_, node) in changes.items() if node == node_id]:
+                    del changes[instance_id]
 
 
 @dataclass(frozen=True)
@@ -527,7 +542,7 @@ class Controller:
         """Have the node's agent stop an instance (AgentError when it cannot), remembered so a heartbeat built
         before the stop does not bring the instance back (AgentChanges)."""
         self.agents.stop_instance(node.agent_url, instance_id)
-        self._agent_changes.stopped(instance_id)
+        self._agent_changes.stopped(node.node_id, instance_id, self.clock())
 
     def issue_pool_token(self, req: PoolTokenRequest) -> IssuedPoolToken:
         """A new pool token for one deployed model and one group (the token is in the answer, once)."""
@@ -669,6 +684,7 @@ class Controller:
         except NodeTaken as exc:
             log.warning("refused the registration of %s: %s", reg.node_id, exc)
             raise
+        self._agent_changes.forget_node(node.node_id)  # with the node's old instances (a new agent process)
         log.info("node %s registered (agent %s, job %s, %d gpus, %d cached%s)", node.node_id, node.agent_url,
                  node.slurm_job_id, node.gpus, len(reg.cached),
                  f"; model pool of {node.pool_model}: routed to, never placed on" if node.is_pool else "")
@@ -734,10 +750,11 @@ class Controller:
         # A heartbeat is built a moment before it arrives: one built before the agent took a start this controller
         # just confirmed lacks that instance, which is not gone (forgotten, the next request started another); one
         # built before a stop lists the instance alive, which is not back (AgentChanges).
-        window = now - self.config.node.heartbeat_seconds
-        outcome = self.registry.heartbeat(node_id, hb, now,
-                                          just_started=lambda i: self._agent_changes.confirmed_since(i, window),
-                                          stopped=self._agent_changes.was_stopped)
+        period = self.config.node.heartbeat_seconds
+        started_after, stopped_after = now - period, now - 2 * period - STALE_REPORT_MARGIN_SECONDS
+        outcome = self.registry.heartbeat(
+            node_id, hb, now, just_started=lambda i: self._agent_changes.confirmed_since(i, started_after),
+            stopped=lambda i: self._agent_changes.stopped_since(i, stopped_after))
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:
@@ -914,7 +931,7 @@ class Controller:
             self.registry.delete_instance(reservation)
             raise
         # Remembered before the reservation becomes the instance: a heartbeat handled in between keeps it.
-        self._agent_changes.confirmed(started.instance_id, self.clock())
+        self._agent_changes.confirmed(node.node_id, started.instance_id, self.clock())
         self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
         if self.registry.get_model(model.name) is None:
             # Undeployed while the agent started it: the reservation left with the model, nothing stopped it.
@@ -1233,7 +1250,7 @@ class Controller:
             self._stop_one(node, inst.instance_id)  # still free the slots; the gateway resumes from tokens
             return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, "failed",
                                    target.instance_id, error=str(exc))
-        self._agent_changes.stopped(inst.instance_id)  # the agent stops it once its requests moved
+        self._agent_changes.stopped(node.node_id, inst.instance_id, self.clock())  # it stops once its requests moved
         moved, not_moved = len(result.migrated), len(result.failed)
         if moved:
             self.registry.note_routed(target.instance_id, self.clock())

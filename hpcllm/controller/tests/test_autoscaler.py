@@ -6,7 +6,7 @@ import pytest
 
 from hpcllm.controller.autoscaler import RESERVATION_TIMEOUT_SECONDS
 from hpcllm.controller.errors import UnknownModel
-from hpcllm.controller.protocol import Heartbeat
+from hpcllm.controller.protocol import Heartbeat, InstanceInfo
 from hpcllm.controller.tests.conftest import GB
 from hpcllm.slurm.base import JobState, NodeInfo
 
@@ -470,6 +470,40 @@ def test_a_heartbeat_waiting_on_the_registry_while_an_instance_is_stopped_does_n
     assert harness.registry.instances() == []
     assert harness.controller.route("m").status == "starting"
     assert len(harness.agents.started) == 2
+
+
+def reported_again(instance_id: str, node: str = "n1") -> Heartbeat:
+    """A heartbeat listing a ready instance of that id (a new one, or a stale report of a stopped one)."""
+    return Heartbeat(instances=[InstanceInfo(instance_id=instance_id, model="m", state="ready", gpu_ids=[0],
+                                             worker_url=f"http://{node}:9000/workers/{instance_id}")])
+
+
+def test_an_instance_id_a_restarted_agent_reuses_is_not_taken_for_the_stopped_instance(harness):
+    """The agent restarts (registers again) and numbers its instances afresh (as the controller's HTTP test agent
+    does): its new instance has the id of one the controller stopped on that node a moment before. It is adopted,
+    not dropped as a stale report of the stopped one."""
+    harness.deploy("m", keep_alive_seconds=60)
+    harness.register("n1")
+    stopped = ready_instance(harness)
+    assert ("stop_idle", stopped) in harness.tick(61).kinds()
+    harness.register("n1")
+    harness.controller.heartbeat("n1", reported_again(stopped))
+    assert harness.registry.get_instance(stopped).state == "ready"
+
+
+def test_a_stop_is_remembered_only_while_a_heartbeat_built_before_it_may_arrive(harness):
+    """A stopped instance's id is not refused for ever: two heartbeat periods and 30 s after the stop no heartbeat
+    built before it is on its way, and an instance reported with that id is taken as what it is."""
+    harness.deploy("m", keep_alive_seconds=60)
+    harness.register("n1")
+    stopped = ready_instance(harness)
+    assert ("stop_idle", stopped) in harness.tick(61).kinds()
+    harness.clock.advance(2 * harness.config.node.heartbeat_seconds + 29)
+    harness.controller.heartbeat("n1", reported_again(stopped))
+    assert harness.registry.get_instance(stopped) is None  # within the window: a stale report
+    harness.clock.advance(2)
+    harness.controller.heartbeat("n1", reported_again(stopped))
+    assert harness.registry.get_instance(stopped).state == "ready"
 
 
 def test_an_instance_whose_load_outlasted_the_keep_alive_is_not_stopped_as_it_becomes_ready(harness):
