@@ -932,17 +932,26 @@ class Controller:
             raise
         # Remembered before the reservation becomes the instance: a heartbeat handled in between keeps it.
         self._agent_changes.confirmed(node.node_id, started.instance_id, self.clock())
-        self.registry.confirm_instance(reservation, started.instance_id, started.worker_url)
-        if self.registry.get_model(model.name) is None:
-            # Undeployed while the agent started it: the reservation left with the model, nothing stopped it.
-            self._stop_one(node, started.instance_id)
-            self.registry.delete_instance(started.instance_id)  # in case a heartbeat reported it meanwhile
-            raise UnknownModel(f"model {model.name!r} was undeployed while its instance {started.instance_id} "
-                               f"started (stopped)")
+        if not self.registry.confirm_instance(reservation, started.instance_id, started.worker_url):
+            return self._started_for_nothing(model, node, started.instance_id)
         log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
         self._catch_up_adapters(model, node, started.instance_id)
         return RouteWaiting(status="starting", model=model.name, instance_id=started.instance_id,
                             node_id=node.node_id, retry_after=self.settings.route_retry_after_seconds)
+
+    def _started_for_nothing(self, model: DeployedModel, node: NodeRecord, instance_id: str) -> RouteWaiting:
+        """Its reservation went while the agent started it (the model undeployed, maybe deployed again with another
+        spec; the node lost): nothing else stops the instance. UnknownModel when the model is gone; else a retry,
+        with demand noted, starts one of what is deployed now."""
+        self._stop_one(node, instance_id)
+        self.registry.delete_instance(instance_id)  # in case a heartbeat reported it meanwhile
+        if self.registry.get_model(model.name) is None:
+            raise UnknownModel(f"model {model.name!r} was undeployed while its instance {instance_id} started "
+                               f"(stopped)")
+        log.info("stopped %s of %s on %s: its reservation went during the start", instance_id, model.name,
+                 node.node_id)
+        self.registry.note_demand(model.name, self.clock())
+        return RouteWaiting(status="starting", model=model.name, retry_after=self.settings.route_retry_after_seconds)
 
     def _start_spanning(self, model: DeployedModel, exclude_nodes: frozenset[str]) -> RouteWaiting:
         """An instance spanning nodes runs alone in an allocation made for it (nodes x ranks per node), started by

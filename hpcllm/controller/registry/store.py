@@ -652,22 +652,27 @@ class Registry:
                        " WHERE job_id = (SELECT slurm_job_id FROM nodes WHERE node_id = ?)", (node_id,))
         return reservation
 
-    def confirm_instance(self, reservation: str, instance_id: str, worker_url: str | None) -> None:
-        """The agent accepted the start: the reservation becomes its real instance id, in one statement.
+    def confirm_instance(self, reservation: str, instance_id: str, worker_url: str | None) -> bool:
+        """The agent accepted the start: the reservation becomes its real instance id, in one statement. False, and
+        nothing changed, when the reservation is gone: its model was undeployed (delete_model takes the reservations
+        with it; maybe deployed again since) or its node lost meanwhile, and the instance serves nothing the
+        registry still wants.
 
         If the agent's heartbeat already reported the instance (a race), the reservation is simply dropped.
         """
         with self._tx() as db:
+            row = db.execute("SELECT requested_at, placement FROM instances WHERE instance_id = ?",
+                             (reservation,)).fetchone()
+            if row is None:
+                return False
             if db.execute("SELECT 1 FROM instances WHERE instance_id = ?", (instance_id,)).fetchone():
-                row = db.execute("SELECT requested_at, placement FROM instances WHERE instance_id = ?",
-                                 (reservation,)).fetchone()
-                if row is not None:
-                    db.execute("UPDATE instances SET requested_at = ?, placement = ? WHERE instance_id = ?",
-                               (row["requested_at"], row["placement"], instance_id))
+                db.execute("UPDATE instances SET requested_at = ?, placement = ? WHERE instance_id = ?",
+                           (row["requested_at"], row["placement"], instance_id))
                 db.execute("DELETE FROM instances WHERE instance_id = ?", (reservation,))
             else:
                 db.execute("UPDATE instances SET instance_id = ?, worker_url = ? WHERE instance_id = ?",
                            (instance_id, worker_url, reservation))
+        return True
 
     def delete_instance(self, instance_id: str) -> bool:
         with self._tx() as db:

@@ -255,6 +255,33 @@ def test_an_undeploy_during_a_start_stops_the_instance_once_its_start_is_confirm
     assert harness.registry.instances() == []
 
 
+def test_an_undeploy_and_redeploy_during_a_start_stops_the_instance_of_the_old_deployment(harness, monkeypatch):
+    """The model is undeployed and deployed again (another context length) while its agent starts an instance of
+    the old deployment: the start's confirmation finds its reservation gone and stops that instance, the request
+    is told to retry, and the next request starts an instance of the new deployment (not the old one adopted)."""
+    harness.deploy("m")
+    harness.register("n1")
+    start, started = harness.agents.start_instance, []
+
+    def start_during_a_redeploy(*args, **kwargs):
+        instance = start(*args, **kwargs)
+        started.append(instance.instance_id)
+        harness.controller.undeploy("m")
+        harness.deploy("m", max_model_len=1024)
+        return instance
+
+    monkeypatch.setattr(harness.agents, "start_instance", start_during_a_redeploy)
+    outcome = harness.controller.route("m")
+    monkeypatch.setattr(harness.agents, "start_instance", start)
+    assert (outcome.status, outcome.instance_id) == ("starting", None)
+    assert harness.agents.stopped == [("http://n1:9000", started[0])]
+    harness.heartbeat("n1")
+    assert harness.registry.get_instance(started[0]) is None
+    again = harness.controller.route("m")
+    assert again.status == "starting" and again.instance_id not in (None, started[0])
+    assert harness.agents.max_model_lens[-1] == 1024
+
+
 def test_max_allocations_is_honoured(make_harness):
     h = make_harness(max_allocations=1)
     h.deploy("a")
