@@ -376,7 +376,7 @@ class WorkerConfig(Section):
     listen_host: str = "127.0.0.1"
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N" (the node agent narrows GPUs with CUDA_VISIBLE_DEVICES)
     max_running_requests: int = Field(8, ge=1)  # requests batched together in each engine step
-    max_waiting_requests: int = Field(256, ge=0)  # beyond this a generate call gets 503
+    max_waiting_requests: int = Field(256, ge=0)  # beyond running + this many, a generate call gets 503
     # Prompt tokens prefilled per step, mixed with the decodes. A step that carries a prefill chunk stalls every
     # decode in it, so on CPU, where a prefill token costs ~0.13 ms, a smaller chunk trims the inter-token tail:
     # "auto" is 256 on CPU (ITL p99 at 16 clients 39 against 46 ms at 512, the same throughput; docs/serving-bench.md)

@@ -370,7 +370,9 @@ class Engine(EngineBase):
                 raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
             if request.request_id in self._live:
                 raise DuplicateRequest(f"request id {request.request_id!r} is already in progress", "request_id")
-            if len(self._waiting) >= self.max_waiting_requests and len(self._running) >= self.max_running_requests:
+            # Bounded in total, not per queue: requests that arrive during a step, or that the KV budget keeps out of
+            # free slots, wait too, and the worker has an HTTP thread for max_running + max_waiting streams only.
+            if len(self._waiting) + len(self._running) >= self.max_waiting_requests + self.max_running_requests:
                 raise EngineOverloaded(
                     f"worker is full ({len(self._running)} running, {len(self._waiting)} waiting); retry later"
                 )

@@ -238,6 +238,21 @@ def test_cancel_frees_the_slot_for_waiting_requests(load_pair, make_engine):
     assert engine.tokens(long.request_id).finish_reason == "abort"
 
 
+def test_a_burst_beyond_the_running_and_waiting_limits_gets_worker_full(load_pair, make_engine):
+    """The engine holds at most max_running_requests + max_waiting_requests requests (the worker's HTTP pool has a
+    thread for each one's stream, and 16 for control calls): a burst that arrives before the engine admits any, or
+    while the KV budget keeps free slots empty, used to be queued without bound."""
+    from hpcllm.worker.engine import EngineOverloaded
+
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer, max_running_requests=2, max_waiting_requests=1)
+    with engine._lock:  # all arrive within one step: none admitted yet
+        streams = [engine.submit(request(prompt=PROMPT, max_tokens=2)) for _ in range(3)]
+        with pytest.raises(EngineOverloaded, match="worker is full"):
+            engine.submit(request(prompt=PROMPT, max_tokens=2))
+    assert all(isinstance(list(s.events())[-1], FinalLine) for s in streams)
+
+
 def test_tokens_in_flight_and_prefill_rate_price_a_migration(load_pair, make_engine):
     model, tokenizer = load_pair("llama")
     engine = make_engine(model, tokenizer, max_running_requests=1)
