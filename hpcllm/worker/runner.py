@@ -587,6 +587,10 @@ class SequentialRunner:
             cache = self._caches.get(chunk.seq_id)
             if cache is None or chunk.start == 0:
                 cache = self._caches[chunk.seq_id] = DynamicCache(config=self.model.config)
+            elif (stale := cache.get_seq_length() - chunk.start) > 0:
+                # Positions fed but not kept (a speculation's rejected ids): the paged runner overwrites them in
+                # place; a DynamicCache only appends, so they go first (a negative crop: every version's "remove").
+                cache.crop(-stale)
             input_ids = torch.tensor([chunk.token_ids], dtype=torch.long, device=self.device)
             position_ids = torch.arange(
                 chunk.start, chunk.start + len(chunk.token_ids), dtype=torch.long, device=self.device

@@ -73,11 +73,12 @@ def test_the_proposal_follows_the_earliest_occurrence_of_the_longest_matching_su
         NgramProposer(4, max_n=2, min_n=3)
 
 
-@pytest.mark.parametrize("model_process", [False, True])
+@pytest.mark.parametrize("model_process,batching", [(False, "auto"), (True, "auto"), (False, "sequential")])
 @pytest.mark.parametrize("arch", ["opt", "gpt2", "llama"])
-def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, model_process, model_dirs,
+def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, model_process, batching, model_dirs,
                                                                           reference_model, make_engine):
-    """Random weights: proposals are made and mostly rejected (some accepted): the output must not change."""
+    """Random weights: proposals are made and mostly rejected (some accepted): the output must not change. The
+    sequential runner too, whose per-request cache had kept a rejected position's keys and values."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dirs[arch]).eval()  # as loaded: a model process takes it
@@ -86,7 +87,7 @@ def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, 
     lengths = [40 + 7 * i for i in range(len(prompt_ids))]
     expected = [hf_greedy(reference_model(arch), ids, n) for ids, n in zip(prompt_ids, lengths)]
     engine = make_engine(model, tokenizer, speculative_ngram_tokens=4, model_process=model_process,
-                     prefill_chunk_tokens=8)
+                         prefill_chunk_tokens=8, batching=batching)
     results = run_together(engine, [request(prompt_token_ids=ids, max_tokens=n)
                                      for ids, n in zip(prompt_ids, lengths)])
     assert [tokens for tokens, _ in results] == expected
