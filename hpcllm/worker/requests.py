@@ -391,10 +391,22 @@ class EngineBase:
                 return list(self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidRequest(f"model {self.model_name} has no chat template; send a prompt", "messages")
-            text = self.tokenizer.apply_chat_template(
-                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=False
-            )
+            text = self._render_chat([m.model_dump() for m in request.messages])
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _render_chat(self, messages: list[dict]) -> str:
+        """The chat template's text of the messages. A template that refuses them (its raise_exception: roles that
+        do not alternate, say) refuses the request in its own words; one that does not parse stays the model's fault
+        (a 500), as the gateway words both (hpcllm.gateway.tokenization)."""
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateSyntaxError:
+            raise
+        except TemplateError as exc:
+            raise InvalidRequest(f"model {self.model_name}'s chat template refused the messages: {exc}",
+                                 "messages") from None
 
     def _check_prompt_chars(self, request: GenerateRequest) -> None:
         """Refuse a text prompt too long for the context whatever its tokens, before tokenizing it: tokenizing

@@ -369,6 +369,22 @@ def test_a_prompt_that_tokenizes_to_nothing_is_refused_and_the_engine_goes_on(lo
     assert engine.generate(request(prompt=PROMPT, max_tokens=3, ignore_eos=True)).finish_reason == "length"
 
 
+def test_messages_the_chat_template_refuses_are_a_400_naming_messages_and_the_engine_goes_on(load_pair, make_engine):
+    """A template's raise_exception (Llama 2's and Mistral's refuse roles that do not alternate) is the request's
+    fault, said in the template's words: it used to escape as a 500 internal error."""
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    engine.tokenizer = templated = copy.copy(tokenizer)
+    templated.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start "
+                               "with a user message') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(InvalidRequest, match="chat template.*Conversation must start with a user message") as refused:
+        engine.submit(request(messages=[{"role": "assistant", "content": "hi"}], max_tokens=3))
+    assert refused.value.param == "messages"
+    assert engine.generate(request(messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                   ignore_eos=True)).finish_reason == "length"
+    assert tokenizer.chat_template != templated.chat_template  # the session's tokenizer is as it was
+
+
 def test_a_failure_sampling_one_request_ends_it_alone(load_pair, make_engine, monkeypatch):
     import hpcllm.worker.engine as engine_module
 
