@@ -287,13 +287,16 @@ def _feed_previous_tokens(batch: StepBatch, chosen: list[int] | None) -> bool:
         if chunk.previous_row is not None:
             if chosen is None:
                 return False
-            chunk.token_ids = [chosen[chunk.previous_row]]
+            # -1: no token was chosen there (its choice failed): any id will do, the engine drops this chunk (its
+            # request took no such token: _still_matches).
+            chunk.token_ids = [max(0, chosen[chunk.previous_row])]
     return True
 
 
 def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None] | None = None) -> list[int]:
     """Each row's token as the engine would choose it (Engine._sample_and_commit: greedy rows by one argmax, the
-    others by sample_token at their output index, from the same float32 rows); -1 where no token is asked for.
+    others by sample_token at their output index, from the same float32 rows); -1 where no token is asked for, or
+    where choosing it failed (that request's failure, which the engine reports when it samples the row itself).
     states: per row, the TokenState of a request whose choice reads its tokens (TokenStates.rows), which takes the
     token chosen."""
     if not choices:
@@ -304,10 +307,13 @@ def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None]
         row_state = states[row] if states else None
         if choice is None:
             chosen.append(-1)
-        elif choice[0].raw_argmax:
-            chosen.append(forced_or(row_state, argmax[row]))
-        else:
-            chosen.append(sample_token(logits[row], *choice, row_state))
+            continue
+        try:
+            chosen.append(forced_or(row_state, argmax[row]) if choice[0].raw_argmax
+                          else sample_token(logits[row], *choice, row_state))
+        except Exception:  # this request's choice alone (parameters whose arithmetic overflows): not the step's
+            chosen.append(-1)  # the engine samples the row itself and ends that request with the error
+            continue
         if row_state is not None:
             row_state.add(chosen[-1])
     return chosen

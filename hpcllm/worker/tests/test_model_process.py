@@ -23,7 +23,7 @@ from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner import SequenceChunk, StepBatch
 from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner, _feed_previous_tokens, choose_tokens
-from hpcllm.worker.sampling import SamplingParams, sample_token
+from hpcllm.worker.sampling import SamplingParams, TokenState, sample_token
 from hpcllm.worker.server import ModelForServing, load_with_hpcllm
 
 from .conftest import wait_until
@@ -323,6 +323,27 @@ def test_the_model_process_chooses_tokens_by_the_engines_rule_and_skips_steps_th
     assert _feed_previous_tokens(batch, [11, 12, 13])
     assert [chunk.token_ids for chunk in batch.chunks] == [[13], [7, 8]]
     assert not _feed_previous_tokens(batch, None)  # the step it follows failed: nothing to feed
+
+
+def test_a_request_whose_token_choice_fails_ends_alone_and_the_model_process_serves_on(process_engine):
+    """A choice that raises in the model process (a repetition penalty of 1e39, a valid value, overflows float32)
+    used to fail the whole step: the engine died with every request, and the worker exited. Now that request ends
+    with the error (the engine samples its row itself), and a step sent ahead fed by its row is dropped."""
+    bad_sampled, bad_greedy, good = run_together(process_engine, [
+        request(prompt=PROMPTS[0], max_tokens=8, temperature=0.9, seed=1, repetition_penalty=1e39),
+        request(prompt=PROMPTS[2], max_tokens=8, temperature=0, repetition_penalty=1e39),
+        request(prompt=PROMPTS[1], max_tokens=12, temperature=0, ignore_eos=True)])
+    for bad in (bad_sampled, bad_greedy):
+        assert len(bad) == 1 and bad[-1].finish_reason == "error" and "overflow" in bad[-1].error.message
+    assert good[-1].finish_reason == "length" and len(good) - 1 == 12
+    assert process_engine.alive
+    assert process_engine.generate(request(prompt=PROMPTS[3], max_tokens=3, ignore_eos=True)).finish_reason == "length"
+    assert process_engine.kv_pool.used_blocks == 0 and process_engine.counts() == (0, 0)
+    assert choose_tokens(torch.zeros(2, 8), [(SamplingParams(temperature=0.5, repetition_penalty=1e39), 0),
+                                             (SamplingParams(temperature=0.0), 0)],
+                         [TokenState.build(SamplingParams(repetition_penalty=1e39), 8, [1], []), None]) == [-1, 0]
+    batch = StepBatch(chunks=[SequenceChunk(1, [0], 5, previous_row=0)])
+    assert _feed_previous_tokens(batch, [-1]) and batch.chunks[0].token_ids == [0]  # fed, then dropped
 
 
 def test_a_shared_prefix_is_served_from_the_cache_and_cancel_ends_a_stream_in_order(unpacked_pair, reference_model,
