@@ -52,9 +52,20 @@ def text_decoder(tokenizer) -> Callable[[list[int]], str]:
 
 
 StreamStep = Callable[[int], "str | None"]  # one token in, the text it made final (None: none yet)
+# Prompt ids a request's detokenizer reads before its output, for context only (vLLM's
+# INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET): the first token's text is what it adds to the prompt's.
+CONTEXT_TOKENS = 5
 
 
-def decode_streams(tokenizer, lock: threading.Lock) -> Callable[[], StreamStep] | None:
+def prompt_context(decode: Callable[[list[int]], str], prompt_ids: Sequence[int]) -> list[int]:
+    """The context ids of an output that follows prompt_ids (IncrementalDetokenizer's): its last CONTEXT_TOKENS,
+    none where they end inside a character (token ids sent as the prompt can): the output's first bytes would
+    finish a character half the prompt's, which neither scheme can emit whole."""
+    context = list(prompt_ids[-CONTEXT_TOKENS:])
+    return [] if decode(context).endswith(REPLACEMENT_CHAR) else context
+
+
+def decode_streams(tokenizer, lock: threading.Lock) -> Callable[..., StreamStep] | None:
     """A factory of incremental decoders (one per request) over the tokenizer's Rust backend, each step taken
     under `lock` (fast tokenizers are not safe to share across threads). None where text_decoder does not call the
     backend directly (a slow tokenizer, one whose decode is not transformers' own) or tokenizers has no
@@ -67,8 +78,9 @@ def decode_streams(tokenizer, lock: threading.Lock) -> Callable[[], StreamStep] 
     if backend is None:
         return None
 
-    def new_stream() -> StreamStep:
-        step = DecodeStream(skip_special_tokens=True).step
+    def new_stream(context: Sequence[int] = ()) -> StreamStep:
+        """context: the ids before the first one stepped (IncrementalDetokenizer's)."""
+        step = DecodeStream(ids=list(context), skip_special_tokens=True).step
 
         def locked_step(token_id: int) -> str | None:
             with lock:
@@ -81,16 +93,19 @@ def decode_streams(tokenizer, lock: threading.Lock) -> Callable[[], StreamStep] 
 
 class IncrementalDetokenizer:
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = (),
-                 stream: StreamStep | None = None) -> None:
+                 stream: StreamStep | None = None, context: Sequence[int] = ()) -> None:
         """decode(ids) -> text, skipping special tokens and without clean-up of spaces (see Engine.decode);
-        stream: a fresh incremental decoder over the same tokenizer (decode_streams), used while it agrees."""
+        stream: a fresh incremental decoder over the same tokenizer (decode_streams), given the same context, used
+        while it agrees; context: the ids before the first one added (the prompt's last few, vLLM's rule), decoded
+        for context only: a decoder that strips a leading space (Metaspace: Llama 2, Mistral) strips it from the
+        text's start, not from the first token of a continuation."""
         self._decode_ids = decode
         self._stream = stream
         self._stop = tuple(stop)
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context)
         self._prefix_offset = 0  # window start: decoded for context only
-        self._read_offset = 0  # ids before this are already in self._text
+        self._read_offset = len(self._ids)  # ids before this are already in self._text (or context)
         self.text = ""  # with stop strings: final text so far (after a stop string matched: the text before it)
         self.emitted = 0  # characters of self.text handed out
         self.stop_hit: str | None = None

@@ -17,12 +17,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
 from hpcllm.httpkit.errors import ServiceError
-from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, text_decoder
+from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, prompt_context, text_decoder
 from hpcllm.worker.protocol import (
     ENGINE_UNAVAILABLE,
     LOGPROB_FLOOR,
@@ -454,10 +454,13 @@ class EngineBase:
                                          rank=ranks[position] if ranks is not None else None))
         return entries
 
-    def new_detokenizer(self, stop: list[str]) -> IncrementalDetokenizer:
-        """A request's detokenizer: incremental in the Rust tokenizer where it can be (detokenizer.decode_streams)."""
+    def new_detokenizer(self, stop: list[str], prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+        """A request's detokenizer: incremental in the Rust tokenizer where it can be (detokenizer.decode_streams),
+        reading the prompt's last ids for context (detokenizer.prompt_context)."""
+        context = prompt_context(self.decode, prompt_ids) if prompt_ids else []
         new_stream = self._decode_streams
-        return IncrementalDetokenizer(self.decode, stop, stream=new_stream() if new_stream is not None else None)
+        return IncrementalDetokenizer(self.decode, stop, stream=new_stream(context) if new_stream is not None else None,
+                                      context=context)
 
     @functools.cached_property
     def _decode_streams(self):
@@ -688,7 +691,7 @@ class EngineBase:
                 self._check_grammar(request.grammar, thinking, [], resumed, "resume_token_ids")
             # A complete grammar allows only end-of-sequence, which ends the request (ignore_eos or not).
             stop_token_ids |= {self.grammar_tokenizer.eos_token}
-        detokenizer = self.new_detokenizer(request.stop)
+        detokenizer = self.new_detokenizer(request.stop, prompt_ids)
         for position, token in enumerate(resumed):
             detokenizer.add(token)
             if token in stop_token_ids or detokenizer.stop_hit is not None:

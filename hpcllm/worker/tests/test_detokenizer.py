@@ -110,9 +110,9 @@ def metaspace_byte_fallback_tokenizer():
                                    eos_token="</s>", unk_token="<unk>", clean_up_tokenization_spaces=False)
 
 
-def run_both(tokenizer, ids, stop=()):
-    """The same ids through the window scheme alone and through the stream: (pieces, stop_hit) of each, and
-    whether the stream was still in use at the end."""
+def run_both(tokenizer, ids, stop=(), context=()):
+    """The same ids (after the context ids) through the window scheme alone and through the stream: (pieces,
+    stop_hit) of each, and whether the stream was still in use at the end."""
     import threading
 
     from hpcllm.worker.detokenizer import decode_streams, text_decoder
@@ -120,8 +120,8 @@ def run_both(tokenizer, ids, stop=()):
     new_stream = decode_streams(tokenizer, threading.Lock())
     assert new_stream is not None  # a fast tokenizer: the stream is the path taken
     results = []
-    for detok in (IncrementalDetokenizer(text_decoder(tokenizer), stop),
-                  IncrementalDetokenizer(text_decoder(tokenizer), stop, stream=new_stream())):
+    for detok in (IncrementalDetokenizer(text_decoder(tokenizer), stop, context=context),
+                  IncrementalDetokenizer(text_decoder(tokenizer), stop, stream=new_stream(context), context=context)):
         pieces = []
         for token in ids:
             pieces.append(detok.add(token))
@@ -146,6 +146,7 @@ def test_the_stream_gives_the_window_schemes_text_on_random_tokens(model_dirs):
     from transformers import AutoTokenizer
 
     from hpcllm.devmodels import ARCHITECTURES
+    from hpcllm.worker.detokenizer import prompt_context, text_decoder
 
     rng = random.Random(1)
     tokenizers = [AutoTokenizer.from_pretrained(model_dirs[arch]) for arch in ARCHITECTURES]
@@ -155,8 +156,9 @@ def test_the_stream_gives_the_window_schemes_text_on_random_tokens(model_dirs):
         for trial in range(300):
             ids = random_ids(rng, tokenizer, rng.randrange(1, 48))
             stop = ["e", "th", "日"][: trial % 4]
-            window, stream, streamed = run_both(tokenizer, ids, stop)
-            assert stream == window, (ids, stop)
+            context = prompt_context(text_decoder(tokenizer), random_ids(rng, tokenizer, trial % 8))
+            window, stream, streamed = run_both(tokenizer, ids, stop, context)
+            assert stream == window, (ids, stop, context)
             streamed_to_the_end += streamed
         assert streamed_to_the_end > 150  # the stream, not the fallback, produced most of it
 
@@ -183,6 +185,40 @@ def test_special_tokens_are_skipped_through_the_stream(model_dirs):
     window, (pieces, _), _ = run_both(tokenizer, ids)
     assert (pieces, None) == window
     assert "".join(pieces) == "hello there"
+
+
+def test_a_continuation_gets_the_text_it_adds_to_its_prompt_with_a_leading_space_a_metaspace_decoder_strips(
+        model_dirs, load_pair, make_engine):
+    """A Llama-2-style decoder strips the space of the text's first token: decoded alone, a completion's first
+    token lost its space ("The capital is" + "Paris", not " Paris" as vLLM and transformers' decode of prompt and
+    output give). The detokenizer reads the prompt's last ids for context, in both schemes, and the engine's
+    request text is what the output adds to the prompt's."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.worker.detokenizer import prompt_context, text_decoder
+    from hpcllm.worker.protocol import GenerateRequest
+
+    tokenizers = [metaspace_byte_fallback_tokenizer(), AutoTokenizer.from_pretrained(model_dirs["llama"])]
+    for tokenizer in tokenizers:
+        for prompt, completion in (("The capital is", " the city of light"), ("héllo", " wörld 🙂"), ("a", "b c")):
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+            assert ids[:len(prompt_ids)] == prompt_ids
+            output, prefix = ids[len(prompt_ids):], tokenizer.decode(prompt_ids)
+            expected = tokenizer.decode(ids)[len(prefix):]
+            window, (pieces, _), _ = run_both(tokenizer, output, context=prompt_context(text_decoder(tokenizer),
+                                                                                      prompt_ids))
+            assert (pieces, None) == window and "".join(pieces) == expected == completion, tokenizer
+    metaspace = tokenizers[0]
+    # A prompt of ids ending inside a character (日's first byte): no context, neither scheme could emit it whole.
+    assert prompt_context(text_decoder(metaspace), [5, metaspace.convert_tokens_to_ids("<0xE6>")]) == []
+    model, _ = load_pair("llama")
+    engine = make_engine(model, metaspace)  # a vocabulary the model's covers: its ids are the model's too
+    prompt_ids = metaspace("The capital is", add_special_tokens=False)["input_ids"]
+    th = metaspace.convert_tokens_to_ids("▁th")  # one token: a space and "th"
+    done = engine.generate(GenerateRequest(request_id="metaspace", prompt_token_ids=prompt_ids, max_tokens=2,
+                                           temperature=0, ignore_eos=True, logit_bias={th: 100.0}))
+    assert done.token_ids == [th, th] and done.text == " th th"
 
 
 def test_a_stream_that_refuses_a_step_hands_over_to_the_window_scheme():
