@@ -71,7 +71,8 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
 )
 from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import (LORA_NEEDS_PAGED, ModelRunner, PagedRunner, PositionScores, SequenceChunk,
-                                  StateSeed, StepBatch, classifier_head, make_runner, pool_last_tokens)
+                                  StateSeed, StepBatch, classifier_head, full_attention_only, make_runner,
+                                  pool_last_tokens)
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.ngram import NgramProposer, SpeculationRecord
 from hpcllm.worker.runner_process import ProcessRunner, StepSkipped
@@ -336,6 +337,12 @@ class Engine(EngineBase):
             self.lora_refusal = LORA_NOT_IN_GRAPHS
         elif not paged:
             self.lora_refusal = LORA_NEEDS_PAGED
+        if self.proposer is not None and not paged and not full_attention_only(model.config):
+            # A rejected proposal's positions must leave the cache; the sequential runner's DynamicCache cannot take
+            # them back from a layer that drops old positions itself (a sliding window: Gemma 2/3, Mistral v0.1).
+            log.info("speculative decoding is off: the sequential runner cannot undo a rejected proposal in this "
+                     "model's sliding-window or other non-full attention layers")
+            self.proposer = None
         # Shared prompt prefixes need shared KV blocks: the paged runner's (a DynamicCache per request cannot).
         self.kv_pool = BlockPool(num_blocks, kv_block_size, prefix_caching=prefix_caching and paged)
         # With a paged model process, the next step is scheduled and sent while this one runs (_step_pipelined).

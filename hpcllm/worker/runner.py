@@ -155,15 +155,22 @@ def paged_attention_supported(model) -> str | None:
         return f"{type(model).__name__} does not take custom attention functions"
     if getattr(config, "_attn_implementation", None) not in ("sdpa", PAGED_ATTENTION):
         return f"the model runs {config._attn_implementation!r} attention, not sdpa"
-    layer_types = getattr(config, "layer_types", None) or []
-    window = getattr(config, "sliding_window", None)
-    if any(t != "full_attention" for t in layer_types) or (
-        window is not None and getattr(config, "use_sliding_window", True)
-    ):
+    if not full_attention_only(config):
         return "the model has sliding-window or other non-full attention layers"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported"
     return None
+
+
+def full_attention_only(config) -> bool:
+    """Whether every layer attends to the whole context: no sliding window, chunked or linear attention, whose cache
+    layers drop old positions themselves (so that they cannot be cut back to an earlier length either)."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layer_types = getattr(config, "layer_types", None) or []
+    window = getattr(config, "sliding_window", None)
+    return not (any(t != "full_attention" for t in layer_types)
+                or (window is not None and getattr(config, "use_sliding_window", True))
+                or getattr(config, "attention_chunk_size", None) is not None)
 
 
 # ---- the paged attention function -----------------------------------------------------------------------------
@@ -590,6 +597,7 @@ class SequentialRunner:
             elif (stale := cache.get_seq_length() - chunk.start) > 0:
                 # Positions fed but not kept (a speculation's rejected ids): the paged runner overwrites them in
                 # place; a DynamicCache only appends, so they go first (a negative crop: every version's "remove").
+                # Only full-attention layers can be cut back: the engine does not speculate on others (Engine).
                 cache.crop(-stale)
             input_ids = torch.tensor([chunk.token_ids], dtype=torch.long, device=self.device)
             position_ids = torch.arange(

@@ -99,6 +99,31 @@ def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, 
         assert accepted > 0
 
 
+def test_a_sliding_window_model_on_the_sequential_runner_keeps_generates_output_and_serves_on(model_dirs,
+                                                                                                make_engine):
+    """A sliding window drops old positions from the sequential runner's cache itself, so a rejected proposal's
+    could not be cut back past the window (the engine died at the first rejection): such a model is not
+    speculated."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = model_dirs["qwen2"]
+
+    def load():  # the tiny qwen2 with an 8-token window in every layer
+        config = AutoConfig.from_pretrained(path, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+        config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+        return AutoModelForCausalLM.from_pretrained(path, config=config).eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Prompts that repeat themselves: a proposal from the first decode on, past the window.
+    prompt_ids = [tokenizer(p)["input_ids"] for p in MORE_PROMPTS[-4:-1]]
+    expected = [hf_greedy(load(), ids, 40) for ids in prompt_ids]
+    engine = make_engine(load(), tokenizer, speculative_ngram_tokens=4, batching="sequential")
+    results = run_together(engine, [request(prompt_token_ids=ids, max_tokens=40) for ids in prompt_ids])
+    assert [tokens for tokens, _ in results] == expected
+    assert {final.finish_reason for _, final in results} == {"length"} and engine.error is None
+    assert spec_counts(engine) == (0, 0)
+
+
 @pytest.mark.parametrize("model_process,batching", [(False, "auto"), (True, "auto"), (False, "sequential")])
 def test_a_prompt_the_output_copies_takes_several_tokens_per_step_and_the_same_tokens(copying, model_process,
                                                                                       batching, make_engine):
