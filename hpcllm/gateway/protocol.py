@@ -23,7 +23,8 @@ from hpcllm.config import PRIORITY_MAX, PRIORITY_MIN
 from hpcllm.gateway.errors import InvalidRequest, InvalidValue
 from hpcllm.httpkit.body import parse_json_body, request_bytes
 from hpcllm.worker.grammar import ANY_JSON_OBJECT, GRAMMAR_KINDS, InvalidGrammar, compile_grammar
-from hpcllm.worker.protocol import LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN, Thinking
+from hpcllm.worker.protocol import (LOGIT_BIAS_MAX, LOGIT_BIAS_MAX_TOKENS, SEED_MAX, SEED_MIN, Float32Factor,
+                                    Thinking)
 
 M = TypeVar("M", bound=BaseModel)
 # A request's `priority` (vLLM's extension; completions, chat, Responses): lower is sooner at the worker
@@ -367,7 +368,7 @@ class SamplingRequest(TruncatingRequest):
     # After validation: token id -> bias (JSON keys are strings: each must be a token id's digits).
     logit_bias: dict[str, float] | None = None
     # vLLM extensions, passed to the worker: repetition_penalty (over prompt and output tokens) and min_p.
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: Float32Factor | None = None
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     priority: Priority = 0
     # vLLM extension: each prompt token's log probability and rank and this many most likely alternatives

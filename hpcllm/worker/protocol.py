@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import Field, Strict, TypeAdapter, model_validator
+from pydantic import AfterValidator, Field, Strict, TypeAdapter, model_validator
 
 from hpcllm.config import MODEL_NAME_PATTERN, PRIORITY_MAX, PRIORITY_MIN
 from hpcllm.credentials import MigrationTicket
@@ -70,6 +70,23 @@ LOGIT_BIAS_MAX = 100.0
 LOGIT_BIAS_MAX_TOKENS = 300
 
 
+# The float32 range the sampler computes in (sampling.py): the largest finite number, the smallest normal one.
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 2.0**-126
+
+
+def float32_factor(value: float) -> float:
+    """A factor the sampler multiplies by and divides by in float32 (repetition_penalty: sampling.apply_penalties):
+    it and its inverse must be finite float32 numbers, else the arithmetic overflows (1e39, 1e-40, inf)."""
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        raise ValueError(f"must be a float32 number above 0 whose inverse is one too ({FLOAT32_TINY:.4g} to "
+                         f"{FLOAT32_MAX:.4g}), not {value!r}")
+    return value
+
+
+Float32Factor = Annotated[float, AfterValidator(float32_factor)]
+
+
 def offset_seed(seed: int, offset: int) -> int:
     """seed + offset, wrapped around within the seed range (sample j of n draws with offset_seed(seed, j))."""
     return (seed - SEED_MIN + offset) % 2**64 + SEED_MIN
@@ -110,7 +127,7 @@ class GenerateRequest(WireModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     # vLLM's, over prompt and output tokens: a positive logit is divided by it, another multiplied (1: off).
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: Float32Factor = 1.0
     # Added to the logits of these token ids before the penalties (OpenAI's logit_bias; ids are checked against
     # the model's vocabulary). JSON keys are strings: a key is the token id's decimal digits.
     logit_bias: dict[Annotated[int, Strict(False)], Annotated[float, Field(ge=-LOGIT_BIAS_MAX, le=LOGIT_BIAS_MAX)]] = (

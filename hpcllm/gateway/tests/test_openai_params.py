@@ -240,6 +240,8 @@ def test_logit_bias_forces_a_token_in_chat_and_streams(gateway, hf_pair):
     ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e39}, "repetition_penalty"),  # overflows float32 in the worker's sampler
+    ({"repetition_penalty": 1e-40}, "repetition_penalty"),  # its inverse does
     ({"min_p": 1.5}, "min_p"),
 ])
 def test_bad_penalty_and_bias_values_are_refused_naming_the_parameter(gateway, extra, param):

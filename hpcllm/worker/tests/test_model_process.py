@@ -19,7 +19,7 @@ import torch
 
 from hpcllm.worker import engine as engine_module
 from hpcllm.worker.engine import Engine, EngineUnavailable
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.protocol import FLOAT32_TINY, FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner import SequenceChunk, StepBatch
 from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner, _feed_previous_tokens, choose_tokens
@@ -326,15 +326,15 @@ def test_the_model_process_chooses_tokens_by_the_engines_rule_and_skips_steps_th
 
 
 def test_a_request_whose_token_choice_fails_ends_alone_and_the_model_process_serves_on(process_engine):
-    """A choice that raises in the model process (a repetition penalty of 1e39, a valid value, overflows float32)
-    used to fail the whole step: the engine died with every request, and the worker exited. Now that request ends
-    with the error (the engine samples its row itself), and a step sent ahead fed by its row is dropped."""
-    bad_sampled, bad_greedy, good = run_together(process_engine, [
-        request(prompt=PROMPTS[0], max_tokens=8, temperature=0.9, seed=1, repetition_penalty=1e39),
-        request(prompt=PROMPTS[2], max_tokens=8, temperature=0, repetition_penalty=1e39),
+    """A choice that raises in the model process (the smallest repetition penalty the API takes turns a biased
+    prompt token's logit into inf, and sampling meets NaN) used to fail the whole step: the engine died with every
+    request, and the worker exited. Now that request ends with the error (the engine samples its row itself), and a
+    step sent ahead fed by its row is dropped."""
+    bad, good = run_together(process_engine, [
+        request(prompt_token_ids=[5, 6, 7], max_tokens=8, temperature=0.9, seed=1, repetition_penalty=FLOAT32_TINY,
+                logit_bias={5: 100.0}),
         request(prompt=PROMPTS[1], max_tokens=12, temperature=0, ignore_eos=True)])
-    for bad in (bad_sampled, bad_greedy):
-        assert len(bad) == 1 and bad[-1].finish_reason == "error" and "overflow" in bad[-1].error.message
+    assert len(bad) == 1 and bad[-1].finish_reason == "error" and "nan" in bad[-1].error.message
     assert good[-1].finish_reason == "length" and len(good) - 1 == 12
     assert process_engine.alive
     assert process_engine.generate(request(prompt=PROMPTS[3], max_tokens=3, ignore_eos=True)).finish_reason == "length"

@@ -307,7 +307,11 @@ def test_loosely_typed_fields_are_a_400_naming_the_field(load_pair, start_worker
                           ('"prompt_token_ids":[5],"max_tokens":"2"', "max_tokens"),
                           ('"prompt_token_ids":[5],"max_tokens":2.0', "max_tokens"),
                           ('"prompt_token_ids":[5],"temperature":Infinity', "temperature"),
-                          ('"prompt_token_ids":[5],"top_p":NaN', "top_p")):
+                          ('"prompt_token_ids":[5],"top_p":NaN', "top_p"),
+                          # Overflowing float32 in the sampler (the request ended with an error in its stream).
+                          ('"prompt_token_ids":[5],"repetition_penalty":1e39', "repetition_penalty"),
+                          ('"prompt_token_ids":[5],"repetition_penalty":1e-40', "repetition_penalty"),
+                          ('"prompt_token_ids":[5],"repetition_penalty":Infinity', "repetition_penalty")):
         response = post('{"request_id":"a",' + fields + "}")
         assert response.status_code == 400 and field in response.json()["error"]["message"], fields
     with worker.client.generate(GenerateRequest(request_id="b", prompt_token_ids=[5], max_tokens=2,
