@@ -39,6 +39,7 @@ import logging
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -228,6 +229,7 @@ def serve_steps(conn) -> None:
     freeze_startup_heap()  # the model and the imports: no full collection walks them between steps
     chosen: list[int] | None = []  # the tokens chosen for the last step's rows; None after a failed step
     token_states = TokenStates(width, setup.get("tokenizer"))
+    failures = ChoiceFailures()
     steps = 0
     with torch.inference_mode():
         while True:
@@ -245,6 +247,7 @@ def serve_steps(conn) -> None:
                     conn.send(("lora", _lora_call(runner, *work)))
                     continue
                 token_states.forget(work.free)
+                failures.forget(work.free)
                 if not _feed_previous_tokens(work, chosen):
                     conn.send(("skipped", None))  # the engine drops it: its count seeds are sent again
                     continue
@@ -256,7 +259,8 @@ def serve_steps(conn) -> None:
                 steps += 1
                 buffers[buffer][:len(rows)].copy_(rows)
                 seconds = time.perf_counter() - began
-                chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices, token_states.rows(work))
+                chosen = choose_tokens(buffers[buffer][:len(rows)], work.choices, token_states.rows(work),
+                                       failed=failures.of(work))
                 conn.send(("ok", (len(rows), buffer, chosen, seconds, work.scores)))
             except torch.OutOfMemoryError as exc:
                 conn.send(("oom", str(exc)))
@@ -293,12 +297,13 @@ def _feed_previous_tokens(batch: StepBatch, chosen: list[int] | None) -> bool:
     return True
 
 
-def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None] | None = None) -> list[int]:
+def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None] | None = None,
+                  failed: Callable[[int, Exception], None] | None = None) -> list[int]:
     """Each row's token as the engine would choose it (Engine._sample_and_commit: greedy rows by one argmax, the
     others by sample_token at their output index, from the same float32 rows); -1 where no token is asked for, or
     where choosing it failed (that request's failure, which the engine reports when it samples the row itself).
     states: per row, the TokenState of a request whose choice reads its tokens (TokenStates.rows), which takes the
-    token chosen."""
+    token chosen. failed: told the row and the exception of each choice that failed (ChoiceFailures.of)."""
     if not choices:
         return [-1] * len(logits)
     argmax = logits.argmax(dim=-1).tolist()
@@ -311,12 +316,43 @@ def choose_tokens(logits: torch.Tensor, choices, states: list[TokenState | None]
         try:
             chosen.append(forced_or(row_state, argmax[row]) if choice[0].raw_argmax
                           else sample_token(logits[row], *choice, row_state))
-        except Exception:  # this request's choice alone (parameters whose arithmetic overflows): not the step's
+        except Exception as exc:  # this request's choice alone (arithmetic its parameters overflow): not the step's
             chosen.append(-1)  # the engine samples the row itself and ends that request with the error
+            if failed is not None:
+                failed(row, exc)
             continue
         if row_state is not None:
             row_state.add(chosen[-1])
     return chosen
+
+
+class ChoiceFailures:
+    """Logs a sequence's failed token choice (choose_tokens), once: the engine ends that request, but a step sent
+    ahead may fail its row again. Logged, so that a systematic failure (a bug, not a request's parameters) shows."""
+
+    def __init__(self) -> None:
+        self._logged: set[int] = set()
+
+    def of(self, batch: StepBatch) -> Callable[[int, Exception], None]:
+        """choose_tokens' `failed` for this batch's logits rows."""
+        seq_ids = [chunk.seq_id for chunk, _ in _row_choices(batch)]
+        return lambda row, exc: self._log(seq_ids[row], exc)
+
+    def _log(self, seq_id: int, exc: Exception) -> None:
+        if seq_id not in self._logged:
+            self._logged.add(seq_id)
+            log.warning("choosing a token for sequence %d failed, the worker ends its request: %s: %s", seq_id,
+                        type(exc).__name__, exc)
+
+    def forget(self, seq_ids) -> None:
+        """Sequences freed: their ids may be given to new requests."""
+        self._logged.difference_update(seq_ids)
+
+
+def _row_choices(batch: StepBatch):
+    """(chunk, choice) per logits row (a chunk verifying a speculation has several)."""
+    rows = [chunk for chunk in batch.chunks if chunk.want_logits for _ in range(chunk.logits_positions)]
+    return zip(rows, batch.choices or [None] * len(rows))
 
 
 class TokenStates:
@@ -345,7 +381,7 @@ class TokenStates:
             state = self._row(seq_id)
             for token in tokens:
                 state.add(token)
-        for chunk, choice in self._choices(batch):
+        for chunk, choice in _row_choices(batch):
             state_seed = batch.state_seeds.get(chunk.seq_id)
             if state_seed is not None and choice is not None:
                 fed = chunk.token_ids if chunk.previous_row is not None else []
@@ -357,13 +393,7 @@ class TokenStates:
     def rows(self, batch: StepBatch) -> list[TokenState | None]:
         """Per logits row (chunks with want_logits), the state of a row that asks for a token and reads them."""
         return [self._row(chunk.seq_id) if choice is not None and choice[0].reads_tokens else None
-                for chunk, choice in self._choices(batch)]
-
-    @staticmethod
-    def _choices(batch: StepBatch):
-        """(chunk, choice) per logits row (a chunk verifying a speculation has several)."""
-        rows = [chunk for chunk in batch.chunks if chunk.want_logits for _ in range(chunk.logits_positions)]
-        return zip(rows, batch.choices or [None] * len(rows))
+                for chunk, choice in _row_choices(batch)]
 
     def _row(self, seq_id: int) -> TokenState:
         state = self._by_seq.get(seq_id)

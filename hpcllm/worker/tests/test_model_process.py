@@ -6,6 +6,7 @@ failure. Each engine here spawns a process (torch imports: seconds), so one engi
 
 import ctypes
 import itertools
+import logging
 import mmap
 import os
 import shutil
@@ -22,7 +23,8 @@ from hpcllm.worker.engine import Engine, EngineUnavailable
 from hpcllm.worker.protocol import FLOAT32_TINY, FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner import SequenceChunk, StepBatch
-from hpcllm.worker.runner_process import ModelProcessError, ProcessRunner, _feed_previous_tokens, choose_tokens
+from hpcllm.worker.runner_process import (ChoiceFailures, ModelProcessError, ProcessRunner, _feed_previous_tokens,
+                                          choose_tokens)
 from hpcllm.worker.sampling import SamplingParams, TokenState, sample_token
 from hpcllm.worker.server import ModelForServing, load_with_hpcllm
 
@@ -344,6 +346,23 @@ def test_a_request_whose_token_choice_fails_ends_alone_and_the_model_process_ser
                          [TokenState.build(SamplingParams(repetition_penalty=1e39), 8, [1], []), None]) == [-1, 0]
     batch = StepBatch(chunks=[SequenceChunk(1, [0], 5, previous_row=0)])
     assert _feed_previous_tokens(batch, [-1]) and batch.chunks[0].token_ids == [0]  # fed, then dropped
+
+
+def test_a_failed_token_choice_is_logged_once_per_sequence(caplog):
+    """The model process's choice of a row that raises is logged (a systematic failure would otherwise be silent),
+    once for its sequence however many steps fail it, again for a new request given the freed sequence id."""
+    overflowing = (SamplingParams(temperature=0.5, repetition_penalty=1e39), 0)  # past the API's bounds: a stand-in
+    batch = StepBatch(chunks=[SequenceChunk(7, [3], 4), SequenceChunk(9, [3], 4)],
+                      choices=[overflowing, (SamplingParams(temperature=0.0), 0)])
+    states = [TokenState.build(overflowing[0], 8, [1], []), None]
+    failures = ChoiceFailures()
+    with caplog.at_level(logging.WARNING, logger="hpcllm.worker.runner_process"):
+        for _ in range(2):  # a step and the one sent ahead
+            assert choose_tokens(torch.zeros(2, 8), batch.choices, states, failed=failures.of(batch)) == [-1, 0]
+        failures.forget([7])
+        choose_tokens(torch.zeros(2, 8), batch.choices, states, failed=failures.of(batch))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and all("sequence 7 failed" in m and "RuntimeError" in m for m in messages), messages
 
 
 def test_a_shared_prefix_is_served_from_the_cache_and_cancel_ends_a_stream_in_order(unpacked_pair, reference_model,
