@@ -68,6 +68,7 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     RequestState,
     RequestStream,
     UnknownRequest,
+    max_requests,
 )
 from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import (LORA_NEEDS_PAGED, ModelRunner, PagedRunner, PositionScores, SequenceChunk,
@@ -303,6 +304,7 @@ class Engine(EngineBase):
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.max_running_requests = max_running_requests
         self.max_waiting_requests = max_waiting_requests
+        self.max_requests = max_requests(max_running_requests, max_waiting_requests)
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.metrics = metrics or WorkerMetrics(model_name)
         # KV budget: by default every slot can hold a full context (never preempts); set it lower to bound memory.
@@ -377,12 +379,8 @@ class Engine(EngineBase):
                 raise EngineUnavailable(f"engine is not running{': ' + self.error if self.error else ''}")
             if request.request_id in self._live:
                 raise DuplicateRequest(f"request id {request.request_id!r} is already in progress", "request_id")
-            # Bounded in total, not per queue: requests that arrive during a step, or that the KV budget keeps out of
-            # free slots, wait too, and the worker has an HTTP thread for max_running + max_waiting streams only.
-            if len(self._waiting) + len(self._running) >= self.max_waiting_requests + self.max_running_requests:
-                raise EngineOverloaded(
-                    f"worker is full ({len(self._running)} running, {len(self._waiting)} waiting); retry later"
-                )
+            # Requests that arrive during a step, or that the KV budget keeps out of free slots, wait too.
+            self._refuse_when_full(len(self._waiting) + len(self._running))
             self._finished.pop(request.request_id, None)
             self._bind_lora(state)
             self._live[request.request_id] = state

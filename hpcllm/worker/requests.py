@@ -286,6 +286,12 @@ class RequestStream:
             self._engine.cancel(self.request_id, wait=False)
 
 
+def max_requests(max_running_requests: int, max_waiting_requests: int) -> int:
+    """The requests an engine holds at once, running or waiting: one more is refused (EngineBase._refuse_when_full),
+    so these are also the generation streams a worker serves at once (its HTTP threads: WorkerService)."""
+    return max_running_requests + max_waiting_requests
+
+
 class EngineBase:
     """The engine interface's engine-independent methods, over the state each engine keeps: _lock (a Condition
     over an RLock), _tokenizer_lock, _live and _finished (request id -> RequestState), _outbox (a list),
@@ -318,6 +324,14 @@ class EngineBase:
     _retiring_adapters: frozenset[tuple[str, str]] = frozenset()
     lora_refusal: str | None = None  # why this engine cannot load adapters at runtime; None: it can
     classifies: bool = False  # its model is a classifier (*ForSequenceClassification): embed pools its scores
+    max_requests: int  # running and waiting requests at most (max_requests()), set by each engine
+
+    def _refuse_when_full(self, held: int) -> None:
+        """Refuse a new request (503, EngineOverloaded) while `held` requests run or wait (under the lock): bounded
+        in total, not per queue, as the worker has an HTTP thread for max_requests streams only."""
+        if held >= self.max_requests:
+            raise EngineOverloaded(f"worker is full ({held} requests running or waiting, at most "
+                                   f"{self.max_requests}); retry later")
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from hpcllm.worker.lora_config import AdapterError
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.metrics import WorkerMetrics
 from hpcllm.worker.migration import migrate_all, migrate_request
+from hpcllm.worker.requests import max_requests
 from hpcllm.worker.stream_writer import StreamWriter
 from hpcllm.worker.protocol import (
     ATTACH_MIGRATION_PATH,
@@ -245,7 +246,7 @@ class WorkerService:
         """Generations that may hold a stream at once (running + waiting requests, the engine's defaults when not
         set)."""
         options = self.engine_options
-        return options.get("max_running_requests", 8) + options.get("max_waiting_requests", 256)
+        return max_requests(options.get("max_running_requests", 8), options.get("max_waiting_requests", 256))
 
 
 @dataclass

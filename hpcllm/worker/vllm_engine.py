@@ -56,12 +56,12 @@ from hpcllm.worker.protocol import ErrorInfo, RequestTokens, TokenLogprobs, not_
 from hpcllm.worker.requests import (
     DuplicateRequest,
     EngineBase,
-    EngineOverloaded,
     EngineUnavailable,
     InvalidRequest,
     LoraUnsupported,
     RequestState,
     RequestStream,
+    max_requests,
 )
 from hpcllm.worker.sampling import step_seed
 from hpcllm.worker.vllm_launch import KV_CACHE_ENV, checkpoint_dtype
@@ -209,7 +209,7 @@ class VllmEngine(EngineBase):
         self.vocab_size = int(hf_config.vocab_size)
         self.eos_token_ids = _eos_token_ids(hf_config, Path(llm.model_config.model), tokenizer)
         self.max_running_requests = max_running_requests
-        self.max_requests = max_running_requests + max_waiting_requests
+        self.max_requests = max_requests(max_running_requests, max_waiting_requests)
         self.metrics = metrics or WorkerMetrics(model_name)
         self._finished_history = finished_history
         self._lock = threading.Condition(threading.RLock())
@@ -305,8 +305,7 @@ class VllmEngine(EngineBase):
         self._bind_lora(req)
         if req.request_id in self._live:
             raise DuplicateRequest(f"request id {req.request_id!r} is already in progress", "request_id")
-        if len(self._live) >= self.max_requests:
-            raise EngineOverloaded(f"worker is full ({len(self._live)} requests); retry later")
+        self._refuse_when_full(len(self._live))
         self._finished.pop(req.request_id, None)
         self._live[req.request_id] = req
         self.metrics.prompt_tokens.inc(len(req.prompt_ids))

@@ -248,7 +248,7 @@ def test_a_burst_beyond_the_running_and_waiting_limits_gets_worker_full(load_pai
     engine = make_engine(model, tokenizer, max_running_requests=2, max_waiting_requests=1)
     with engine._lock:  # all arrive within one step: none admitted yet
         streams = [engine.submit(request(prompt=PROMPT, max_tokens=2)) for _ in range(3)]
-        with pytest.raises(EngineOverloaded, match="worker is full"):
+        with pytest.raises(EngineOverloaded, match=r"worker is full \(3 requests running or waiting, at most 3\)"):
             engine.submit(request(prompt=PROMPT, max_tokens=2))
     assert all(isinstance(list(s.events())[-1], FinalLine) for s in streams)
 
