@@ -24,6 +24,7 @@ from hpcllm.gateway.chat.reasoning import THINK_END, THINK_START, ReasoningParse
 from hpcllm.gateway.chat.tool_calls import PARSERS, ToolCallParser, parser_for_template
 from hpcllm.gateway.errors import InternalError, InvalidRequest, ServiceUnavailable
 from hpcllm.gateway.routing import ModelCard
+from hpcllm.worker.protocol import INVALID_MESSAGES, chat_template_refusal
 
 if TYPE_CHECKING:
     from hpcllm.gateway.protocol import TruncatingRequest
@@ -309,11 +310,15 @@ class PromptEncoder:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest("this model has no chat template; use /v1/completions with a plain prompt",
                                  param="messages", code="no_chat_template")
+        from jinja2 import TemplateSyntaxError
+
         try:
             return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, **arguments)
+        except TemplateSyntaxError as exc:  # the model's fault, not the request's
+            log.error("a chat template does not parse: %s", exc)
+            raise InternalError(f"the model's chat template does not parse ({exc})") from None
         except Exception as exc:  # templates raise their own errors (e.g. "roles must alternate")
-            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}",
-                                 param="messages", code="invalid_messages") from None
+            raise InvalidRequest(chat_template_refusal(exc), param="messages", code=INVALID_MESSAGES) from None
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,16 @@ class ErrorInfo(WireModel):
 ENGINE_UNAVAILABLE = "engine_unavailable"
 
 
+# A chat the model's chat template refuses (its raise_exception: roles that do not alternate) is a 400 naming messages,
+# with this code and this message (the template's words), from the gateway and the worker alike; a template that does
+# not parse is the model's fault, a 500.
+INVALID_MESSAGES = "invalid_messages"
+
+
+def chat_template_refusal(exc: Exception) -> str:
+    return f"the model's chat template rejected the messages: {exc}"
+
+
 class MigratedTo(WireModel):
     """Where a migrated generation goes on: attach to request_id on worker_url from output index from_index."""
 

@@ -25,6 +25,7 @@ from hpcllm.httpkit.errors import ServiceError
 from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, prompt_context, text_decoder
 from hpcllm.worker.protocol import (
     ENGINE_UNAVAILABLE,
+    INVALID_MESSAGES,
     LOGPROB_FLOOR,
     ErrorInfo,
     FinalLine,
@@ -35,6 +36,7 @@ from hpcllm.worker.protocol import (
     TokenLogprobs,
     TopLogprob,
     Usage,
+    chat_template_refusal,
 )
 from hpcllm.worker.grammar import GrammarState, InvalidGrammar, grammar_compiler
 from hpcllm.worker.lora_config import AdapterConfig, AdapterError, check_adapter_names, read_adapter_config
@@ -411,7 +413,7 @@ class EngineBase:
     def _render_chat(self, messages: list[dict]) -> str:
         """The chat template's text of the messages. A template that refuses them (its raise_exception: roles that
         do not alternate, say) refuses the request in its own words; one that does not parse stays the model's fault
-        (a 500), as the gateway words both (hpcllm.gateway.tokenization)."""
+        (a 500), as on the gateway (protocol.INVALID_MESSAGES)."""
         from jinja2 import TemplateError, TemplateSyntaxError
 
         try:
@@ -419,8 +421,7 @@ class EngineBase:
         except TemplateSyntaxError:
             raise
         except TemplateError as exc:
-            raise InvalidRequest(f"model {self.model_name}'s chat template refused the messages: {exc}",
-                                 "messages") from None
+            raise InvalidRequest(chat_template_refusal(exc), "messages", code=INVALID_MESSAGES) from None
 
     def _check_prompt_chars(self, request: GenerateRequest) -> None:
         """Refuse a text prompt too long for the context whatever its tokens, before tokenizing it: tokenizing

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from hpcllm.gateway.routing import ModelCard
 from hpcllm.gateway.tokenization import TokenizerCache
 
@@ -122,3 +124,23 @@ def test_a_chat_cut_on_the_right_reads_as_the_text_the_model_gets(tiny_model_dir
     assert len(cut.text) < len(whole.text)
     same = encoder.render_chat(messages, truncation=Truncation(len(whole.token_ids), "right", False))
     assert same == whole  # nothing cut: the rendered text as it was
+
+
+def test_a_chat_template_that_refuses_is_a_400_and_one_that_does_not_parse_a_500(tiny_model_dir):
+    """Refused messages are the request's fault, in the worker's words and code too (protocol.INVALID_MESSAGES); a
+    template that does not parse is the model's (it used to be a 400 invalid_messages as well)."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.gateway.errors import InternalError, InvalidRequest
+    from hpcllm.gateway.tokenization import PromptEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{{ raise_exception('Conversation must start with a user message') }}"
+    with pytest.raises(InvalidRequest) as refused:
+        PromptEncoder(tokenizer).render_chat([{"role": "assistant", "content": "hi"}])
+    assert (refused.value.param, refused.value.code) == ("messages", "invalid_messages")
+    assert str(refused.value) == ("the model's chat template rejected the messages: Conversation must start with a "
+                                  "user message")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(InternalError, match="chat template does not parse"):
+        PromptEncoder(tokenizer).render_chat([{"role": "user", "content": "hi"}])

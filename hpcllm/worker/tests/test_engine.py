@@ -377,9 +377,12 @@ def test_messages_the_chat_template_refuses_are_a_400_naming_messages_and_the_en
     engine.tokenizer = templated = copy.copy(tokenizer)
     templated.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation must start "
                                "with a user message') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(InvalidRequest, match="chat template.*Conversation must start with a user message") as refused:
+    with pytest.raises(InvalidRequest) as refused:
         engine.submit(request(messages=[{"role": "assistant", "content": "hi"}], max_tokens=3))
-    assert refused.value.param == "messages"
+    # The gateway's words and code (hpcllm.gateway.tokenization): a request refused by either reads the same.
+    assert str(refused.value) == ("the model's chat template rejected the messages: Conversation must start with a "
+                                  "user message")
+    assert (refused.value.param, refused.value.code) == ("messages", "invalid_messages")
     assert engine.generate(request(messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                    ignore_eos=True)).finish_reason == "length"
     assert tokenizer.chat_template != templated.chat_template  # the session's tokenizer is as it was
