@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hpcllm.worker import engine as engine_module
-from hpcllm.worker.engine import Engine, EngineUnavailable
+from hpcllm.worker.engine import Engine, EngineUnavailable, _still_matches, _Work
 from hpcllm.worker.protocol import FLOAT32_TINY, FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner import SequenceChunk, StepBatch
@@ -332,9 +332,10 @@ def test_a_request_whose_token_choice_fails_ends_alone_and_the_model_process_ser
     prompt token's logit into inf, and sampling meets NaN) used to fail the whole step: the engine died with every
     request, and the worker exited. Now that request ends with the error (the engine samples its row itself), and a
     step sent ahead fed by its row is dropped."""
+    failing = request(prompt_token_ids=[5, 6, 7], max_tokens=8, temperature=0.9, seed=1,
+                      repetition_penalty=FLOAT32_TINY, logit_bias={5: 100.0})
     bad, good = run_together(process_engine, [
-        request(prompt_token_ids=[5, 6, 7], max_tokens=8, temperature=0.9, seed=1, repetition_penalty=FLOAT32_TINY,
-                logit_bias={5: 100.0}),
+        failing,
         request(prompt=PROMPTS[1], max_tokens=12, temperature=0, ignore_eos=True)])
     assert len(bad) == 1 and bad[-1].finish_reason == "error" and "nan" in bad[-1].error.message
     assert good[-1].finish_reason == "length" and len(good) - 1 == 12
@@ -344,8 +345,13 @@ def test_a_request_whose_token_choice_fails_ends_alone_and_the_model_process_ser
     assert choose_tokens(torch.zeros(2, 8), [(SamplingParams(temperature=0.5, repetition_penalty=1e39), 0),
                                              (SamplingParams(temperature=0.0), 0)],
                          [TokenState.build(SamplingParams(repetition_penalty=1e39), 8, [1], []), None]) == [-1, 0]
+    # A step sent ahead feeds a placeholder where no token was chosen, and its commit drops that chunk: its request
+    # has ended (the engine's rule on the failed request itself).
     batch = StepBatch(chunks=[SequenceChunk(1, [0], 5, previous_row=0)])
-    assert _feed_previous_tokens(batch, [-1]) and batch.chunks[0].token_ids == [0]  # fed, then dropped
+    assert _feed_previous_tokens(batch, [-1]) and batch.chunks[0].token_ids == [0]
+    ended = process_engine._finished[failing.request_id]
+    assert not _still_matches(_Work(ended, ended.num_cached, ended.num_cached + 1, ended.num_cached + 1,
+                                    previous_row=0, fed=0))
 
 
 def test_a_failed_token_choice_is_logged_once_per_sequence(caplog):
