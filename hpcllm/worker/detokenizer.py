@@ -68,13 +68,10 @@ def prompt_context(decode: Callable[[list[int]], str], prompt_ids: Sequence[int]
 def decode_streams(tokenizer, lock: threading.Lock) -> Callable[..., StreamStep] | None:
     """A factory of incremental decoders (one per request) over the tokenizer's Rust backend, each step taken
     under `lock` (fast tokenizers are not safe to share across threads). None where text_decoder does not call the
-    backend directly (a slow tokenizer, one whose decode is not transformers' own) or tokenizers has no
-    DecodeStream: the window scheme alone then."""
+    backend directly (a slow tokenizer, one whose decode is not transformers' own): the window scheme alone then."""
+    from tokenizers.decoders import DecodeStream
+
     backend = _fast_backend(tokenizer)
-    try:
-        from tokenizers.decoders import DecodeStream
-    except ImportError:  # tokenizers before 0.21
-        return None
     if backend is None:
         return None
 

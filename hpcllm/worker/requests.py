@@ -469,10 +469,10 @@ class EngineBase:
                                          rank=ranks[position] if ranks is not None else None))
         return entries
 
-    def new_detokenizer(self, stop: list[str], prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+    def new_detokenizer(self, stop: list[str], prompt_ids: Sequence[int]) -> IncrementalDetokenizer:
         """A request's detokenizer: incremental in the Rust tokenizer where it can be (detokenizer.decode_streams),
         reading the prompt's last ids for context (detokenizer.prompt_context)."""
-        context = prompt_context(self.decode, prompt_ids) if prompt_ids else []
+        context = prompt_context(self.decode, prompt_ids)
         new_stream = self._decode_streams
         return IncrementalDetokenizer(self.decode, stop, stream=new_stream(context) if new_stream is not None else None,
                                       context=context)

@@ -59,20 +59,24 @@ def gated_worker_app(release: threading.Event, finished: threading.Event):
     return stand_in_worker_app("gated-worker", lambda index: index == 0 and release.wait(20), finished)
 
 
-def token_pieces(tokenizer, text: str, skip_special_tokens: bool = False) -> list[tuple[int, str]]:
-    """`text` as a worker streams it: each token's id and the text it adds (decoded so far, minus what was sent; a
-    token that ends inside a character adds nothing, the character coming whole with the token that ends it, as
-    hpcllm.worker.detokenizer holds it); skip_special_tokens: as a worker decodes (a special token adds no text)."""
+def token_pieces(tokenizer, text: str, skip_special_tokens: bool = False,
+                 prompt_ids: list[int] | tuple[int, ...] = ()) -> list[tuple[int, str]]:
+    """`text` as a worker streams it after `prompt_ids`: each token's id and the text it adds, by the worker's own
+    detokenizer (hpcllm.worker.detokenizer: the prompt's last tokens as context; a token that ends inside a character
+    adds nothing, the character coming whole with the token that ends it); skip_special_tokens: as a worker decodes
+    (a special token adds no text)."""
+    from hpcllm.worker.detokenizer import IncrementalDetokenizer, prompt_context
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    pieces, sent = [], ""
-    for n in range(1, len(ids) + 1):
-        so_far = tokenizer.decode(ids[:n], skip_special_tokens=skip_special_tokens)
-        if so_far.endswith("\ufffd") and n < len(ids):  # a character's bytes so far
-            pieces.append((ids[n - 1], ""))
-            continue
-        pieces.append((ids[n - 1], so_far[len(sent):]))
-        sent = so_far
-    assert "".join(piece for _, piece in pieces) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    context = prompt_context(decode, prompt_ids)
+    detokenizer = IncrementalDetokenizer(decode, context=context)
+    pieces = [(token_id, detokenizer.add(token_id)) for token_id in ids]
+    if pieces:
+        pieces[-1] = (pieces[-1][0], pieces[-1][1] + detokenizer.flush())
+    assert "".join(piece for _, piece in pieces) == decode(context + ids)[len(decode(context)):]
     return pieces
 
 
@@ -102,7 +106,8 @@ def scripted_worker_app(script: Script):
         req = GenerateRequest.model_validate_json(request.get_data())
         script.prompts.append(list(req.prompt_token_ids))
         script.requests.append(req)
-        pieces = token_pieces(script.tokenizer, script.answer, skip_special_tokens=True)
+        pieces = token_pieces(script.tokenizer, script.answer, skip_special_tokens=True,
+                              prompt_ids=req.prompt_token_ids)
         sent = pieces[:req.max_tokens] if req.max_tokens is not None else pieces
 
         def lines():
