@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -21,6 +25,31 @@ def test_measure_tiers_reports_positive_bandwidths_and_leaves_no_probe_file(tmp_
     assert m.dram.read_gbps > 0 and m.dram.mode == "memcpy"
     assert m.h2d is None  # no GPU asked for
     assert list((tmp_path / "nvme").iterdir()) == [] and list((tmp_path / "models").iterdir()) == []
+
+
+def test_the_dram_rate_leaves_out_the_time_other_processes_held_the_cpu():
+    """A node agent probing beside busy processes (others' jobs, the other agents of its job) reports what its memory
+    copies at, not what the scheduler gave it: here the probing process runs in short slices between stops (as if
+    other processes held its CPU), and no pass may count a stop."""
+    stopped_s, running_s = 0.05, 0.002
+    script = ("import sys; from hpcllm.node.probes import memcpy_bandwidth\n"
+              "print('ready', flush=True); sys.stdin.readline()\n"
+              "print(memcpy_bandwidth(64 << 20).seconds, flush=True)")
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        while child.poll() is None:  # the buffers' first touch and the passes all run in these slices
+            os.kill(child.pid, signal.SIGSTOP)
+            time.sleep(stopped_s)
+            os.kill(child.pid, signal.SIGCONT)
+            time.sleep(running_s)
+        pass_seconds = float(child.stdout.read())
+    finally:
+        child.kill()
+        child.wait()
+    assert pass_seconds < stopped_s, f"the best pass took {pass_seconds} s: it counted a stop of {stopped_s} s"
 
 
 def test_read_only_models_folder_is_measured_by_reading_an_existing_file(tmp_path, monkeypatch):
