@@ -5,7 +5,8 @@ uninterrupted run (openai client and plain SSE); if the attach fails the gateway
 from __future__ import annotations
 
 import json
-import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -18,6 +19,32 @@ from .conftest import MODEL, SECRET, USER_KEY, ThreadServer
 from .test_resume import ScriptedRouter
 
 LABEL = f'model_name="{MODEL}"'
+HOLD_TIMEOUT_S = 60.0  # only bounds a failed test: a hold is released by its move, never by time
+
+
+class Hold:
+    """A worker's generation held at a point: once `requests` requests generate there (attached, not leaving) with
+    at least `tokens` output tokens each, its engine's next step waits until release() (once). A migration ordered
+    then always finds them running, however slowly the client reads: it needs no step of the held engine (its
+    rounds' delta is empty, the hand-over pauses and ends the streams under the engine's lock)."""
+
+    def __init__(self, engine, tokens: int, requests: int):
+        self.engine, self.tokens, self.requests = engine, tokens, requests
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def wait_if_due(self) -> None:
+        if self.released.is_set() or not self._due():
+            return
+        self.reached.set()
+        self.released.wait(HOLD_TIMEOUT_S)
+
+    def _due(self) -> bool:
+        ids = self.engine.migratable_request_ids()
+        return len(ids) >= self.requests and all(
+            len(self.engine.tokens(request_id).output_token_ids) >= self.tokens for request_id in ids)
+
+    def release(self) -> None:
+        self.released.set()
 
 
 class Worker:
@@ -36,15 +63,16 @@ class Worker:
     def engine(self):
         return self.service.engine
 
-    def slow_down(self, seconds_per_step: float) -> None:
-        """Every engine step sleeps first, so the generation is still running when the test migrates it."""
-        forward = self.engine._forward
+    def hold_at(self, tokens: int, requests: int = 1) -> Hold:
+        """Hold this worker's generation once `requests` requests have `tokens` output tokens here (Hold)."""
+        hold, forward = Hold(self.engine, tokens, requests), self.engine._forward
 
-        def slow_forward(*args, **kwargs):
-            time.sleep(seconds_per_step)
+        def held_forward(*args, **kwargs):
+            hold.wait_if_due()
             return forward(*args, **kwargs)
 
-        self.engine._forward = slow_forward
+        self.engine._forward = held_forward
+        return hold
 
     def migrate_everything_to(self, destination: "Worker"):
         with WorkerClient(self.url, SECRET) as client:
@@ -53,6 +81,15 @@ class Worker:
     def stop(self):
         self.server.stop()
         self.service.shutdown()
+
+
+def move_when_held(hold: Hold, source: Worker, destination: Worker):
+    """Once `hold` holds the source's generation: move everything to the destination, then let the source go on."""
+    assert hold.reached.wait(HOLD_TIMEOUT_S), "the generation never reached the point where it is moved"
+    try:
+        return source.migrate_everything_to(destination)
+    finally:
+        hold.release()
 
 
 @pytest.fixture
@@ -75,20 +112,21 @@ def test_openai_stream_follows_a_live_migration(make_gateway, two_workers, tiny_
     client = gateway.client()
     request = dict(model=MODEL, prompt="hello world", max_tokens=40, extra_body={"ignore_eos": True}, **sampling)
     reference = client.completions.create(**request)
-    source.slow_down(0.01)
+    hold = source.hold_at(tokens=5)  # moved after its 5th token, while the client reads the stream
 
     texts, usage, finish = [], None, None
-    for chunk in client.completions.create(**request, stream=True, stream_options={"include_usage": True}):
-        if chunk.usage is not None:
-            usage = chunk.usage
-        if not chunk.choices:
-            continue
-        texts.append(chunk.choices[0].text)
-        finish = chunk.choices[0].finish_reason or finish
-        if len(texts) == 5:
-            moved = source.migrate_everything_to(destination)
-            assert len(moved.migrated) == 1 and moved.failed == [], moved
+    with ThreadPoolExecutor(1) as mover:
+        moving = mover.submit(move_when_held, hold, source, destination)
+        for chunk in client.completions.create(**request, stream=True, stream_options={"include_usage": True}):
+            if chunk.usage is not None:
+                usage = chunk.usage
+            if not chunk.choices:
+                continue
+            texts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        moved = moving.result()
 
+    assert len(moved.migrated) == 1 and moved.failed == [], moved
     assert "".join(texts) == reference.choices[0].text
     assert usage.completion_tokens == reference.usage.completion_tokens == 40  # no token lost or repeated
     assert finish == "length"
@@ -105,23 +143,19 @@ def test_a_failed_attach_falls_back_to_resuming_from_tokens(make_gateway, two_wo
     body = {"model": MODEL, "prompt": "hello world", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
     reference = gateway.post("/v1/completions", json=body).json()
     router.urls = [source.url, destination.url]
-    source.slow_down(0.01)
+    hold = source.hold_at(tokens=4)
 
     def attach_refused(*args, **kwargs):
         raise EngineUnavailable("destination is shutting down")
 
     destination.engine.attach = attach_refused
     texts = []
-    with httpx.stream("POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}, timeout=60,
-                      headers={"Authorization": f"Bearer {USER_KEY}"}) as stream:
-        for line in stream.iter_lines():
-            if not line or line == "data: [DONE]":
-                continue
-            event = json.loads(line.removeprefix("data: "))
+    with ThreadPoolExecutor(1) as mover:
+        moving = mover.submit(move_when_held, hold, source, destination)
+        for event in completion_events(gateway, body, lambda events: None):
             assert "error" not in event, event
             texts.append(event["choices"][0]["text"])
-            if len(texts) == 4:
-                assert len(source.migrate_everything_to(destination).migrated) == 1
+        assert len(moving.result().migrated) == 1
 
     assert "".join(texts) == reference["choices"][0]["text"]
     assert router.resolved[-2:] == [source.url, destination.url]  # routed again for the resume
@@ -276,18 +310,17 @@ def test_two_choices_with_echo_and_logprobs_follow_a_migration_there_and_back(ma
     gateway = make_gateway(router=ScriptedRouter(tiny_model_dir, [source.url]))
     body = {"model": MODEL, "prompt": "hello world", "max_tokens": 30, "temperature": 0, "ignore_eos": True,
             "n": 2, "echo": True, "logprobs": 1, "stream_options": {"include_usage": True}}
-    source.slow_down(0.01)
-    destination.slow_down(0.01)
     reference = completion_events(gateway, body, lambda events: None)
-    moves = []
+    # Both choices run on the source until their 4th token, move, run on the destination until their 12th, move back.
+    there, back = source.hold_at(tokens=4, requests=2), destination.hold_at(tokens=12, requests=2)
 
-    def move_twice(events):
-        if len(events) == 8 and not moves:
-            moves.append(source.migrate_everything_to(destination))
-        elif len(events) == 24 and len(moves) == 1:
-            moves.append(destination.migrate_everything_to(source))
+    def move_twice():
+        return [move_when_held(there, source, destination), move_when_held(back, destination, source)]
 
-    moved = completion_events(gateway, body, move_twice)
+    with ThreadPoolExecutor(1) as mover:
+        moving = mover.submit(move_twice)
+        moved = completion_events(gateway, body, lambda events: None)
+        moves = moving.result()
     assert [(len(m.migrated) > 0, m.failed) for m in moves] == [(True, [])] * 2, moves
     assert per_choice(moved) == per_choice(reference)
     texts, _, usage, finishes = per_choice(moved)
