@@ -212,7 +212,7 @@ def test_each_model_starts_on_the_one_node_of_three_caching_it(slurm_cluster, ti
     config_path = write_config(base, "cli", None, allocate_on_demand=False)
     config = load_config(config_path)
     backend = CliBackend(config.slurm, command_timeout=30)
-    job_id = None
+    job_id, nodes = None, {}
     try:
         with controller_process(config_path, base / "controller.log") as url:
             for name, source in sources.items():
@@ -255,7 +255,10 @@ def test_each_model_starts_on_the_one_node_of_three_caching_it(slurm_cluster, ti
     except AssertionError as exc:
         logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(base.rglob("*.out")))
         ctl = (base / "controller.log").read_text()[-3000:] if (base / "controller.log").exists() else ""
-        raise AssertionError(f"{exc}\n--- controller.log\n{ctl}{logs}") from None
+        # The rates placement weighs the copies with (the start probes'): a node's DRAM copy loses to another's
+        # shared FS only where its DRAM rate is lower.
+        rates = {node_id: node["tiers"] for node_id, node in sorted(nodes.items())}
+        raise AssertionError(f"{exc}\n--- registered tier rates\n{rates}\n--- controller.log\n{ctl}{logs}") from None
     finally:
         cancel_and_wait(slurm_cluster, {job_id} if job_id else set())
         for folder in Path("/dev/shm").glob(f"hpcllm-{base.name}-*"):
