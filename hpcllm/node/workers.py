@@ -990,8 +990,9 @@ class WorkerManager:
 
     @staticmethod
     def _kill(inst: Instance) -> None:
-        """SIGKILL the worker; a tensor-parallel one's mpirun and every rank under it; a spanning one's ranks on
-        every node through srun (SIGTERM to srun SIGKILLs its step's tasks), then srun."""
+        """SIGKILL the worker and every process under it (a vLLM engine core, hpcllm's model process: an orphan
+        would keep the GPU memory the next instance gets); a tensor-parallel one's mpirun and every rank under it; a
+        spanning one's ranks on every node through srun (SIGTERM to srun SIGKILLs its step's tasks), then srun."""
         if inst.nodes > 1:
             if inst.process.poll() is None:
                 inst.process.send_signal(signal.SIGTERM)
@@ -1002,8 +1003,7 @@ class WorkerManager:
             if inst.process.poll() is None:
                 inst.process.kill()
             return
-        ranks = descendants(inst.process.pid) if inst.ranks > 1 else []
-        for pid in [inst.process.pid, *ranks, *inst.rank_pids]:
+        for pid in [inst.process.pid, *descendants(inst.process.pid), *inst.rank_pids]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -2,7 +2,7 @@
 (docs: /work/notes/migration-contract.md) without a model, so agent tests run in a second.
 
     python -m hpcllm.node.tests.fake_worker --url-file F --record R --requests r1,r2 [--mode ok|refuse|partial|slow]
-        [--ignore-sigterm]
+        [--ignore-sigterm] [--child]
 
 It binds 127.0.0.1:0, writes its URL to F (as the real worker does), answers /health and /ready (running_requests =
 the requests it still holds), and POST /v1/internal/migrate (secret checked) as the contract says:
@@ -15,7 +15,8 @@ Every call and SIGTERM are appended to R as JSON lines ({"event", "t", ...}) so 
 Health (the node agent's watch of ready workers): POST /fake/ready {"answer": 503 | "hang", "count": N} makes the
 next N /ready calls (every one when count is null) answer 503 as a worker whose engine died does, or never answer
 (a hung server); each /ready after it is recorded ("ready", with the answer). --ignore-sigterm: SIGTERM is recorded
-and ignored (a hung worker only SIGKILL ends).
+and ignored (a hung worker only SIGKILL ends). --child: it starts a child process that ignores SIGTERM (a hung
+engine process, or a tensor-parallel rank under mpirun) and records its pid ("child", pid).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hmac
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("ok", "partial", "refuse", "slow"), default="ok")
     parser.add_argument("--slow-seconds", type=float, default=30.0)
     parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument("--child", action="store_true")
     args, _ = parser.parse_known_args(argv)
     secret = os.environ.get(SECRET_ENV, "")
     running = [r for r in args.requests.split(",") if r]
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    if args.child:
+        hung = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); time.sleep(3600)"])
+        record("child", pid=hung.pid)
     tmp = args.url_file.with_name(args.url_file.name + ".tmp")
     tmp.write_text(f"http://127.0.0.1:{server.server_port}\n")
     tmp.replace(args.url_file)

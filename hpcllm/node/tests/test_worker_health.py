@@ -6,6 +6,8 @@ are `fake_worker.py` processes switched unhealthy over HTTP; the agent, its cach
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -112,3 +114,26 @@ def test_fewer_failed_probes_than_the_limit_are_not_a_death(make_node, converted
     wait_for(lambda: inst.failed_probes == 0, 30, "the watcher to count the healthy answer")
     assert [e["answer"] for e in events(record, "ready")][:3] == [503, 503, 200]
     assert inst.state == "ready" and inst.process.poll() is None and not events(record, "sigterm")
+
+
+def alive(pid: int) -> bool:
+    from hpcllm.node.workers import running
+
+    return bool(running([pid]))
+
+
+def test_a_hung_worker_killed_takes_its_child_processes_with_it(make_node, converted):
+    """A worker that ignores SIGTERM is SIGKILLed with the processes it started (a vLLM engine core, hpcllm's model
+    process): an orphan would keep the GPU memory the agent hands to the next instance."""
+    agent, record = make_node("--ignore-sigterm", "--child", worker_health_failures=2, worker_stop_timeout_seconds=1)
+    inst = start_ready(agent, converted)
+    [child] = events(record, "child")
+    try:
+        turn(inst, "hang")
+        wait_for(lambda: inst.state == "failed", 30, "the hung worker to be reported failed")
+        assert inst.process.wait(30) == -9
+        assert_released(agent, inst)
+        assert not alive(child["pid"]), "the killed worker's child process outlived it"
+    finally:
+        if alive(child["pid"]):
+            os.kill(child["pid"], signal.SIGKILL)
