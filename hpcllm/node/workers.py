@@ -356,8 +356,13 @@ class WorkerManager:
 
     def gpus_in_use(self) -> set[int]:
         """GPUs of active instances, and of failed ones whose worker still runs (an unhealthy worker being stopped
-        holds its GPU memory until it is gone)."""
-        return {g for inst in self.instances() if inst.active or inst.process.poll() is None for g in inst.gpu_ids}
+        holds its GPU memory until it is gone, a tensor-parallel one until its last rank is)."""
+        return {g for inst in self.instances() if inst.active or self._still_running(inst) for g in inst.gpu_ids}
+
+    @staticmethod
+    def _still_running(inst: Instance) -> bool:
+        """Its worker, or a rank its mpirun left behind (mpirun exits on SIGTERM without waiting for its ranks)."""
+        return inst.process.poll() is None or bool(running(inst.rank_pids))
 
     # ------------------------------------------------------------------------------------------------- start
 
@@ -821,7 +826,7 @@ class WorkerManager:
         try:
             while True:
                 code = inst.process.poll()
-                if code is not None:
+                if code is not None and not running(inst.rank_pids):
                     self._exited(inst, code)
                     return
                 if inst.stopping:
@@ -857,7 +862,7 @@ class WorkerManager:
         self._terminate(inst)
 
     def _kill_when_overdue(self, inst: Instance) -> None:
-        if inst.kill_at is not None and time.monotonic() > inst.kill_at and inst.process.poll() is None:
+        if inst.kill_at is not None and time.monotonic() > inst.kill_at and self._still_running(inst):
             log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", inst.instance_id,
                         self.config.node.worker_stop_timeout_seconds)
             self._kill(inst)

@@ -137,3 +137,28 @@ def test_a_hung_worker_killed_takes_its_child_processes_with_it(make_node, conve
     finally:
         if alive(child["pid"]):
             os.kill(child["pid"], signal.SIGKILL)
+
+
+def test_an_unhealthy_tensor_parallel_instance_whose_rank_hangs_is_killed_before_its_gpus_are_free(make_node,
+                                                                                                     converted,
+                                                                                                     monkeypatch):
+    """mpirun exits on SIGTERM without waiting for its ranks: a hung rank (why the instance turned unhealthy) must not
+    keep its GPU memory while the agent hands the GPUs to the next instance, nor live on after the stop timeout."""
+    from hpcllm.node import workers
+
+    monkeypatch.setattr(workers.shutil, "which", lambda name: f"/usr/bin/{name}")  # the fake worker is "mpirun"
+    agent, record = make_node("--child", worker_health_failures=2, worker_stop_timeout_seconds=1)
+    inst = agent.workers.start(StartInstance(model=MODEL, source=str(converted), gpu_ids=[0, 1], tensor_parallel=2))
+    wait_for(lambda: inst.state == "ready", 30, "the fake worker to be ready")
+    [rank] = events(record, "child")
+    try:
+        turn(inst, 503)
+        assert inst.process.wait(30) == 0  # "mpirun" ended on SIGTERM; its rank ignores it
+        if alive(rank["pid"]):
+            assert agent.workers.gpus_in_use() == {0, 1}, "GPUs free while a rank of the instance still runs"
+        assert inst.done.wait(30)
+        assert not alive(rank["pid"]), "the hung rank outlived its instance"
+        assert agent.workers.gpus_in_use() == set()
+    finally:
+        if alive(rank["pid"]):
+            os.kill(rank["pid"], signal.SIGKILL)
