@@ -1,7 +1,8 @@
 """Which GPUs this node agent may hand to workers.
 
 What Slurm gave the job decides, NVML (nvidia-ml-py, optional) only confirms and counts:
-- CUDA_VISIBLE_DEVICES set: exactly those (capped to NVML's count where NVML exists). Set but empty, "NoDevFiles"
+- CUDA_VISIBLE_DEVICES set: exactly those (capped to NVML's count where NVML exists, unless they are MIG slices,
+  which NVML does not count). Set but empty, "NoDevFiles"
   or starting with "-1": no GPU (CUDA itself then sees none; NVML would still list the whole node's).
 - else SLURM_JOB_GPUS, else SLURM_GPUS_ON_NODE (the dev cluster's fake GPUs live only in these variables);
 - else, inside a Slurm job (SLURM_JOB_ID set): no GPU. NVML ignores CUDA_VISIBLE_DEVICES and cgroups do not
@@ -18,6 +19,9 @@ import os
 from dataclasses import dataclass
 
 NO_DEVICES = {"", "none", "nodevfiles"}
+# A MIG slice's CUDA_VISIBLE_DEVICES entry (MIG-<uuid>, or MIG-GPU-<uuid>/gi/ci): NVML counts physical GPUs, not their
+# slices, so its count is no cap on a list of slices.
+MIG_PREFIX = "MIG-"
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def detect_gpus(env: dict[str, str] | None = None, use_nvml: bool = True) -> Gpu
     if visible is not None:
         if not visible:
             return GpuInventory((), "none")  # hidden on purpose, whatever NVML lists
-        if nvml is not None:
+        if nvml is not None and not any(name.startswith(MIG_PREFIX) for name in visible):
             return GpuInventory(tuple(visible[:nvml]), "nvml")
         return GpuInventory(tuple(visible), "CUDA_VISIBLE_DEVICES")
     job_gpus = _env_list("SLURM_JOB_GPUS", env)

@@ -100,6 +100,9 @@ def test_gpus_from_slurm_environment(env, names, source):
     ({"SLURM_JOB_ID": "7"}, (), "slurm-job"),  # a job without GPUs on a GPU node: the 8 are other jobs'
     ({"SLURM_JOB_ID": "7", "SLURM_JOB_GPUS": "2,5"}, ("2", "5"), "SLURM_JOB_GPUS"),
     ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7,8,9"}, tuple(str(i) for i in range(8)), "nvml"),
+    # MIG slices: NVML counts the 8 physical GPUs, not their slices; each slice is one device to CUDA
+    ({"CUDA_VISIBLE_DEVICES": ",".join(f"MIG-{i:04x}" for i in range(14))}, tuple(f"MIG-{i:04x}" for i in range(14)),
+     "CUDA_VISIBLE_DEVICES"),
 ])
 def test_nvml_counts_but_the_job_decides(env, names, source, monkeypatch):
     """A node with 8 GPUs as NVML sees it (nvidia-ml-py's pynvml module, faked: no driver here)."""
