@@ -618,9 +618,12 @@ class NodeAgent:
         self._wake.set()
 
     def request_drain(self, reason: str = "") -> None:
-        """Signal-handler safe: only sets events; the main thread drains."""
+        """Signal-handler safe: only sets events and a flag; the main thread drains."""
         if not self._drain_requested.is_set():
             log.info("drain requested%s", f" ({reason})" if reason else "")
+        # Nothing starts from now on, not even a spare: the signal may come while the main thread is still busy
+        # (the start-up probes, the registration's back-off) before it drains.
+        self.workers.accepting = False
         self._drain_requested.set()
         self._wake.set()
 

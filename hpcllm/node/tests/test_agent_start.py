@@ -309,3 +309,18 @@ def test_a_spare_started_before_the_node_key_was_known_serves_with_it(tmp_path, 
     finally:
         agent.drain()
         agent.workers.close()
+
+
+def test_a_drain_signal_during_the_start_up_probes_starts_no_spare(tmp_path, restore_signals):  # noqa: F811
+    """scancel (SIGTERM) while the agent still probes: it drains and exits without starting a spare worker, whose
+    imports and host pool the drain would only wait for (up to 5 s) and then kill."""
+    agent = None
+
+    def probe_then_signal(with_h2d: bool) -> TierMeasurements:
+        agent.request_drain("SIGTERM")  # what the signal handler does, arriving while the probes run
+        return rates(nvme=2.5)
+
+    agent = make_agent(tmp_path, probe=probe_then_signal, read_sweep=False, spare_workers=1)
+    assert agent.run(create_app) == 0
+    assert agent.workers.starts == 0 and agent.workers._spares == []
+    assert agent.state == "stopped" and not agent.registered
