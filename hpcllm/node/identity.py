@@ -39,7 +39,8 @@ def expand_node_pattern(value: str, node: str, job_id: str | None) -> str:
 
 def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
     """The type of the filesystem `path` (or its nearest existing folder) is on, from the mount table: the mount
-    point that is the longest prefix of its real path; None where the table cannot be read (not Linux)."""
+    point that is the longest prefix of its real path, the last mounted there; None where the table cannot be read
+    (not Linux)."""
     try:
         lines = (mountinfo or MOUNTINFO).read_text().splitlines()
     except OSError:
@@ -52,7 +53,8 @@ def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
             continue
         point = fields[4].replace("\\040", " ")
         fstype = fields[fields.index("-", 6) + 1]
-        if (real == Path(point) or Path(point) in real.parents) and len(point) > best:
+        # >=: of mounts on the same point the last is the one seen (an automounted NFS share on its autofs entry)
+        if (real == Path(point) or Path(point) in real.parents) and len(point) >= best:
             best, kind = len(point), fstype
     return kind
 

@@ -16,6 +16,8 @@ MOUNTS = """\
 23 22 0:22 / /scratch rw,relatime shared:2 - lustre 10.0.0.1@o2ib:/scratch rw,flock
 24 22 0:23 / /home rw,relatime - nfs4 fs:/home rw,vers=4.2
 25 23 0:24 / /scratch/local\\040disk rw,relatime - xfs /dev/nvme0n1 rw
+26 22 0:25 / /projects rw,relatime shared:3 - autofs systemd-1 rw,fd=35,pgrp=1,direct
+27 26 0:26 / /projects rw,relatime shared:4 - nfs4 fs:/projects rw,vers=4.2
 """
 
 
@@ -28,7 +30,8 @@ def mountinfo(tmp_path):
 
 @pytest.mark.parametrize("folder, kind", [("/var/tmp/hpcllm", "ext4"), ("/scratch/u/hpcllm/nvme", "lustre"),
                                           ("/scratch", "lustre"), ("/scratchy/x", "ext4"), ("/home/u/c", "nfs4"),
-                                          ("/scratch/local disk/hpcllm", "xfs")])
+                                          ("/scratch/local disk/hpcllm", "xfs"),
+                                          ("/projects/g/cache", "nfs4")])  # automounted: the NFS mount on autofs
 def test_the_filesystem_of_a_folder_is_its_longest_mount_point(mountinfo, folder, kind):
     assert filesystem_type(folder, mountinfo) == kind
 
