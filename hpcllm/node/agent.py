@@ -310,7 +310,8 @@ class NodeAgent:
             return configured
 
     def _cached_bytes(self, tier: str) -> int:
-        return sum(c.bytes for c in self.cache.list() if c.tier == tier) if self.cache is not None else 0
+        # What cache_entries reports: none where the cache cannot be read (the registration and heartbeats go on)
+        return sum(c.bytes for c in self.cache_entries() if c.tier == tier)
 
     def cache_entries(self) -> list[CacheEntry]:
         if self.cache is None:

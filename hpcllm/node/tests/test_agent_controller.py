@@ -135,6 +135,34 @@ def test_a_cache_that_cannot_be_read_keeps_the_node_beating(tmp_path, controller
         agent.shutdown()
 
 
+def test_an_agent_whose_cache_cannot_be_read_registers_and_sends_new_rates(tmp_path, controllers, monkeypatch):
+    # The NVMe capacity it reports counts the cached bytes (free space + cached): a cache that cannot be read counts
+    # none, as cache_entries reports none, instead of failing the registration (the agent did not start) and every
+    # heartbeat that carries tier rates measured again (the node was declared lost).
+    from hpcllm.node.cache import CacheError
+
+    (first, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    agent = make_agent(tmp_path)
+    agent.controller_url = url
+    agent.nvme_dir.mkdir(parents=True)  # as the start makes it (its free space counts)
+
+    def unreadable():
+        raise CacheError("cannot use the cache state file: disk I/O error")
+
+    monkeypatch.setattr(agent.cache, "list", unreadable)
+    try:
+        agent.start_server(create_app(agent))
+        assert agent.register()
+        agent._rates_changed()  # the background probes measured again: the next heartbeat carries the rates
+        assert agent.heartbeat()
+        [node] = first.controller.status().nodes
+        assert (node.node_id, node.state, node.cached) == ("n7", "up", [])
+        assert 0 < node.tiers.nvme.capacity_bytes <= agent.config.node.nvme_capacity_gb * 1e9
+    finally:
+        agent.shutdown()
+
+
 # --------------------------------------------------------------------------- a pool's job end (make before break)
 
 
