@@ -490,11 +490,17 @@ class NodeAgent:
             if self._drain_requested.is_set():
                 return
             try:
-                self.refresh_job_end()
-                self._keep_pinned_model()
-                self.heartbeat()
+                self.beat()
             except Exception:  # one bad beat must not end them all (the controller would declare the node lost)
                 log.exception("heartbeat of %s failed; trying again in %.0f s", self.node_id, self.heartbeat_seconds)
+
+    def beat(self) -> None:
+        """One turn of the heartbeat thread."""
+        self.refresh_job_end()
+        self._keep_pinned_model()
+        if not self.workers.loading():  # not during a load (its imports would compete): the load's end replaces it
+            self.workers.ensure_spares()  # one that died while idle (OOM, killed) is replaced before a start needs it
+        self.heartbeat()
 
     # ------------------------------------------------------------------------------------------ pinned model
 

@@ -316,9 +316,13 @@ class WorkerManager:
         """Something on this node reads for a load: a worker loading, a spare importing, a loaded copy being cached
         (the read sweep waits, so it neither slows a cold start nor measures a disk shared with one)."""
         with self._lock:
-            loading = any(inst.state == "loading" for inst in self._instances.values())
             importing = any(time.time() - sp.started_at < SPARE_IMPORT_SECONDS for sp in self._spares)
-            return loading or importing or self._caching > 0
+            return self.loading() or importing or self._caching > 0
+
+    def loading(self) -> bool:
+        """A worker loads its model."""
+        with self._lock:
+            return any(inst.state == "loading" for inst in self._instances.values())
 
     def set_key(self, key: str | None) -> None:
         """The key the workers are started with and called with (and the agent's API accepts): the cluster secret,

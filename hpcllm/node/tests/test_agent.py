@@ -247,6 +247,39 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
     assert agent.workers._spares == [] and spares_left == []  # the drain retired the spare, its log went with it
 
 
+def test_a_spare_that_dies_while_idle_is_replaced_at_the_next_heartbeat(tmp_path):
+    """A spare killed while it waits (the OOM killer, an admin) is replaced before a start needs it: the next start
+    would otherwise pay a fresh worker's imports."""
+    agent = make_agent(tmp_path, spare_workers=1)
+    try:
+        agent.workers.ensure_spares()
+        [spare] = agent.workers._spares
+        spare.process.kill()
+        spare.process.wait()
+        agent.beat()  # one heartbeat (the controller unreachable here: the beat is logged and goes on)
+        [replacement] = agent.workers._spares
+        assert replacement.process.pid != spare.process.pid and replacement.process.poll() is None
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
+def test_no_spare_starts_at_a_heartbeat_while_a_worker_loads(tmp_path, converted):
+    """Its imports would compete with the load for the CPU: a spare the load took is replaced when it ends."""
+    import sys
+
+    agent = make_agent(tmp_path, spare_workers=0)
+    agent.workers._command = lambda req, path, url_file: [sys.executable, "-c", "import time; time.sleep(60)"]
+    try:
+        inst = agent.workers.start(StartInstance(model="tiny-llama", source=str(converted)))
+        agent.config.node.spare_workers = 1  # as if the load had taken the node's spare
+        agent.beat()
+        assert inst.state == "loading" and agent.workers._spares == [] and agent.workers.starts == 1
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("spare_workers", [0, 1], ids=["fresh-worker", "spare-worker"])
 def test_a_gpu_instance_serves_on_its_gpu(tmp_path, converted, tiny_llama_dir, spare_workers):
