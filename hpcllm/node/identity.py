@@ -59,13 +59,20 @@ def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
     return kind
 
 
+def _per_node(pattern: str) -> bool:
+    """The pattern names a folder of each node: %n, or a $VARIABLE that expands to this node's name
+    ($SLURMD_NODENAME, $HOSTNAME); a node's name written in it is one folder for every node."""
+    node = node_name()
+    return "%n" in pattern or (node in os.path.expandvars(pattern) and node not in pattern)
+
+
 def check_node_local(pattern: str, path: Path, setting: str, mountinfo: Path | None = None) -> None:
     """A node cache folder on a filesystem other nodes mount: an error when every node's agent would share it (the
-    pattern has no %n), a warning otherwise (one node's processes, but SQLite's locking over the network)."""
+    pattern names no node: _per_node), a warning otherwise (one node's processes, but SQLite's locking over the network)."""
     kind = filesystem_type(path, mountinfo)
     if kind not in NETWORK_FILESYSTEMS:
         return
-    if "%n" not in pattern:
+    if not _per_node(pattern):
         raise ConfigError(f"{setting} = {pattern!r} is on a {kind} filesystem that other nodes mount, and every "
                           f"node's agent would share its cache state (SQLite in WAL mode and process checks hold "
                           f"on one node only): set {setting} to a folder on the node's own disk, or make it one "

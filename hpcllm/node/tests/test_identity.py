@@ -48,6 +48,17 @@ def test_one_folder_per_node_on_a_shared_filesystem_is_taken_with_a_warning(moun
     check_node_local("/var/tmp/hpcllm", "/var/tmp/hpcllm", "node.nvme_dir", mountinfo)  # local: nothing to say
 
 
+@pytest.mark.parametrize("variable", ["$SLURMD_NODENAME", "${SLURMD_NODENAME}"])
+def test_a_folder_per_node_named_by_a_variable_is_taken_too(mountinfo, monkeypatch, caplog, variable):
+    # node paths expand $VARIABLES as well as %n: the node's name from the environment makes one folder per node
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    with caplog.at_level(logging.WARNING):
+        check_node_local(f"/home/u/{variable}/cache", "/home/u/n1/cache", "node.nvme_dir", mountinfo)
+    assert "nfs4" in caplog.text
+    with pytest.raises(ConfigError, match="%n"):  # a node's name written in the path: every node shares that one
+        check_node_local("/home/u/n1/cache", "/home/u/n1/cache", "node.nvme_dir", mountinfo)
+
+
 def test_an_agent_refuses_to_start_on_a_shared_cache_folder(tmp_path, monkeypatch):
     from hpcllm.node.tests.test_agent import make_agent
 
