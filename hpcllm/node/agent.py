@@ -513,11 +513,8 @@ class NodeAgent:
             return
         for failed in mine:
             self.workers.stop(failed.instance_id, timeout=1)
-        try:
-            resp = self._http.get(f"{self.controller_url}/v1/internal/models")
-            cards = ModelList.model_validate(resp.json()).models if resp.status_code == 200 else []
-        except (httpx.HTTPError, ValueError) as exc:
-            log.warning("cannot read the deployed models from %s: %s", self.controller_url, exc)
+        cards = self._deployed_models()
+        if cards is None:
             return
         card = next((c for c in cards if c.name == self.pinned_model), None)
         if card is None:
@@ -538,6 +535,19 @@ class NodeAgent:
                                              lora_adapters=card.lora_adapters))
         except HpcllmError as exc:
             log.error("cannot start pinned model %s: %s", card.name, exc)
+
+    def _deployed_models(self) -> list | None:
+        """The controller's deployed models; None (logged with the controller's reason, asked again at the next
+        heartbeat) when it cannot be asked or refuses: never taken for "not deployed"."""
+        try:
+            resp = self._http.get(f"{self.controller_url}/v1/internal/models")
+            if resp.status_code == 200:
+                return ModelList.model_validate(resp.json()).models
+            reason = f"HTTP {resp.status_code} {error_of(resp)[1]}"
+        except (httpx.HTTPError, ValueError) as exc:
+            reason = str(exc)
+        log.warning("cannot read the deployed models from %s: %s", self.controller_url, reason)
+        return None
 
     # ------------------------------------------------------------------------------------------- migration
 

@@ -323,3 +323,24 @@ def test_a_heartbeat_refused_for_another_reason_keeps_reporting_the_job_end(tmp_
         assert [b.get("job_end") for b in bodies] == [1_900_000_000.0, 1_900_000_000.0]
     finally:
         agent.shutdown()
+
+
+@pytest.mark.parametrize("status, said", [(503, "the registry is unavailable"), (401, "wrong node token")])
+def test_a_pool_agent_that_cannot_read_the_deployed_models_says_why(tmp_path, caplog, status, said):
+    """The controller's error is what the log shows, not advice to deploy a model that is deployed; and the pool
+    asks again at the next heartbeat rather than waiting out the failed-start back-off."""
+    import logging
+
+    import httpx
+
+    agent = make_agent(tmp_path)
+    agent.pinned_model, agent.controller_url = "tiny-llama", "http://controller"
+    agent._http = httpx.Client(transport=httpx.MockTransport(
+        lambda request: httpx.Response(status, json={"error": {"message": said}})))
+    try:
+        with caplog.at_level(logging.WARNING):
+            agent._keep_pinned_model()
+        assert f"HTTP {status}" in caplog.text and said in caplog.text
+        assert "not deployed" not in caplog.text and agent._pinned_last_start == 0.0
+    finally:
+        agent.shutdown()
