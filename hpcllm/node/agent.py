@@ -56,7 +56,7 @@ from hpcllm.node.read_sweep import (
     saved_result_path,
 )
 from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
-from hpcllm.node.workers import MigrationOutcome, WorkerManager
+from hpcllm.node.workers import MigrationOutcome, WorkerManager, drain_signal
 from hpcllm.node.identity import check_node_local, expand_node_pattern, node_name, slurm_job_id
 from hpcllm.slurm.errors import SlurmError
 from hpcllm.store.tuning import ALLOWED_MODES, ReadTuning, SweepGate
@@ -671,11 +671,7 @@ class NodeAgent:
     # -------------------------------------------------------------------------------------------------- run
 
     def install_signal_handlers(self) -> None:
-        drain_signal = self.config.slurm.signal.upper().removeprefix("SIG")
-        signums = {signal.SIGTERM, signal.SIGINT}
-        if hasattr(signal, f"SIG{drain_signal}"):
-            signums.add(getattr(signal, f"SIG{drain_signal}"))
-        for signum in signums:
+        for signum in {signal.SIGTERM, signal.SIGINT, drain_signal(self.config)}:
             signal.signal(signum, lambda num, _frame: self.request_drain(signal.Signals(num).name))
 
     def check_drain_budget(self) -> None:

@@ -51,6 +51,7 @@ from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance
+from hpcllm.slurm.base import signal_name
 from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import SECRET_ENV
@@ -101,6 +102,12 @@ def mpi_launch(ranks: int, cpu: bool) -> list[str]:
     command = [MPIRUN, "-n", str(ranks), "--oversubscribe", "--bind-to", "none",
                "--mca", "plm", "isolated", "--mca", "ras", "^slurm"]
     return command + (["--mca", "mpi_yield_when_idle", "1"] if cpu else [])
+
+
+def drain_signal(config: Config) -> signal.Signals:
+    """The drain signal (slurm.signal): a name (USR1, SIGUSR1) or a number, as the sbatch script takes it;
+    ConfigError for one that is no signal."""
+    return signal.Signals[f"SIG{signal_name(config.slurm.signal)}"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -616,13 +623,12 @@ class WorkerManager:
                 spare.process.wait()
             spare.log_path.unlink(missing_ok=True)
 
-    def _drain_signal(self) -> int | None:
-        name = self.config.slurm.signal.upper().removeprefix("SIG")
-        return getattr(signal, f"SIG{name}", None)
+    def _drain_signal(self) -> signal.Signals:
+        return drain_signal(self.config)
 
     def _ignore_drain_signal(self) -> Callable[[], None] | None:
         signum = self._drain_signal()
-        if signum is None or signum == signal.SIGTERM:
+        if signum == signal.SIGTERM:
             return None
         return lambda: signal.signal(signum, signal.SIG_IGN)
 

@@ -324,3 +324,22 @@ def test_a_drain_signal_during_the_start_up_probes_starts_no_spare(tmp_path, res
     assert agent.run(create_app) == 0
     assert agent.workers.starts == 0 and agent.workers._spares == []
     assert agent.state == "stopped" and not agent.registered
+
+
+@pytest.mark.parametrize("setting", ["10", "SIGUSR1", "usr1"])
+def test_a_drain_signal_given_by_number_drains_the_agent_and_spares_its_workers(tmp_path, restore_signals,
+                                                                                setting):  # noqa: F811
+    """slurm.signal takes a name or a number (it goes into the sbatch script as is): by number, the agent must still
+    catch it (else SIGUSR1's default action ends it at once, with no drain) and its workers ignore it."""
+    import signal
+
+    agent = make_agent(tmp_path)
+    agent.config.slurm.signal = setting
+    try:
+        agent.install_signal_handlers()
+        assert callable(signal.getsignal(signal.SIGUSR1))
+        assert agent.workers._drain_signal() == signal.SIGUSR1
+        signal.raise_signal(signal.SIGUSR1)
+        assert agent._drain_requested.is_set()
+    finally:
+        agent.workers.close()
