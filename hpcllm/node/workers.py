@@ -51,7 +51,7 @@ from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import GpuInventory
 from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance
-from hpcllm.slurm.base import signal_name
+from hpcllm.slurm.base import catchable_signal
 from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import SECRET_ENV
@@ -106,8 +106,8 @@ def mpi_launch(ranks: int, cpu: bool) -> list[str]:
 
 def drain_signal(config: Config) -> signal.Signals:
     """The drain signal (slurm.signal): a name (USR1, SIGUSR1) or a number, as the sbatch script takes it;
-    ConfigError for one that is no signal."""
-    return signal.Signals[f"SIG{signal_name(config.slurm.signal)}"]
+    ConfigError for one that is no signal or cannot be caught."""
+    return signal.Signals(catchable_signal(config.slurm.signal))
 
 
 def descendants(pid: int) -> list[int]:
@@ -442,7 +442,7 @@ class WorkerManager:
                                 f"agent's job {os.environ['SLURM_JOB_ID']} has {job_nodes}")
         if shutil.which(SRUN) is None:
             raise InstanceError(f"an instance over {req.nodes} nodes needs {SRUN!r} on this node's PATH")
-        if self._drain_signal() == SPANNING_STOP_SIGNAL:
+        if drain_signal(self.config) == SPANNING_STOP_SIGNAL:
             raise InstanceError(f"slurm.signal = {self.config.slurm.signal} is the signal that stops an instance "
                                 f"over several nodes ({SPANNING_STOP_SIGNAL.name}): drain with another one (USR1)")
 
@@ -623,11 +623,8 @@ class WorkerManager:
                 spare.process.wait()
             spare.log_path.unlink(missing_ok=True)
 
-    def _drain_signal(self) -> signal.Signals:
-        return drain_signal(self.config)
-
     def _ignore_drain_signal(self) -> Callable[[], None] | None:
-        signum = self._drain_signal()
+        signum = drain_signal(self.config)
         if signum == signal.SIGTERM:
             return None
         return lambda: signal.signal(signum, signal.SIG_IGN)

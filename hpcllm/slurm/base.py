@@ -401,6 +401,22 @@ def signal_name(sig: str | int) -> str:
     return name
 
 
+def catchable_signal(sig: str | int, setting: str = "slurm.signal") -> int:
+    """The signal `setting` names ("USR1", "SIGUSR1", "10"), one a process can catch or ignore (the drain signal, a
+    worker's stop signal): a ConfigError saying what to set for an unknown one or KILL/STOP (the agent and its
+    workers would die at once instead of draining)."""
+    import signal as signal_module
+
+    try:
+        signum = signal_module.Signals[f"SIG{signal_name(sig)}"]
+    except ConfigError as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
+    if signum in (signal_module.SIGKILL, signal_module.SIGSTOP):
+        raise ConfigError(f"{setting} = {sig!r} is {signum.name}, which no process can catch: set a signal the node "
+                          f"agent and its workers can handle, e.g. USR1, USR2 or TERM")
+    return signum
+
+
 __all__ = [
     "JobSpec",
     "JobState",
@@ -409,6 +425,7 @@ __all__ = [
     "PartitionInfo",
     "SlurmBackend",
     "StartEstimate",
+    "catchable_signal",
     "make_job_spec",
     "parse_walltime",
     "signal_name",

@@ -23,7 +23,7 @@ import jinja2
 
 from hpcllm.config import CONFIG_ENV, MODEL_NAME_PATTERN, Config
 from hpcllm.errors import ConfigError
-from hpcllm.slurm.base import JobSpec, make_job_spec
+from hpcllm.slurm.base import JobSpec, catchable_signal, make_job_spec
 
 TEMPLATES_ENV = "HPCLLM_SLURM_TEMPLATES"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -211,7 +211,7 @@ def node_agent_job_spec(
     job_env = dict(env or {})
     if os.environ.get(CONFIG_ENV) and CONFIG_ENV not in job_env:
         job_env[CONFIG_ENV] = os.environ[CONFIG_ENV]
-    signal = slurm.signal.upper().removeprefix("SIG")
+    signal = catchable_signal(slurm.signal).name.removeprefix("SIG")  # a name: the script traps it
     return make_job_spec(
         name=name,
         template=NODE_AGENT_TEMPLATE,

@@ -18,6 +18,7 @@ from typing import Callable
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
+from hpcllm.slurm.base import catchable_signal
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
     rank's node as Slurm names it (for the per-rank load report)."""
     from hpcllm.mpi import comm_world
 
-    stop = _signal_number(stop_signal)
+    stop = catchable_signal(stop_signal, "--stop-signal")
     comm = comm_world()
     slice_copy = slice_copy_for(comm.Get_size(), comm.Get_rank()) if slice_copy_for else None
     _ignore_drain_signal(config)
@@ -89,19 +90,11 @@ def _end_unstopped_followers(comm, leads: list, exc: BaseException | None) -> No
     comm.Abort(1)
 
 
-def _signal_number(name: str) -> int:
-    signum = getattr(signal, f"SIG{name.upper().removeprefix('SIG')}", None)
-    if not isinstance(signum, signal.Signals) or signum in (signal.SIGKILL, signal.SIGSTOP):
-        raise ConfigError(f"--stop-signal {name!r} is not a signal a worker can catch; use e.g. TERM or USR2")
-    return signum
-
-
 def _ignore_drain_signal(config: Config) -> None:
     """Every rank ignores the drain signal (slurm.signal), as the node agent's single workers do: Slurm's
     `scancel --signal` reaches every process of the job, and mpirun gives its ranks the default action (exit)."""
-    name = config.slurm.signal.upper().removeprefix("SIG")
-    signum = getattr(signal, f"SIG{name}", None)
-    if signum is not None and signum != signal.SIGTERM:
+    signum = catchable_signal(config.slurm.signal)  # a number too (slurm.signal = "10")
+    if signum != signal.SIGTERM:
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from pydantic import model_validator
 
+from hpcllm.errors import ConfigError
 from hpcllm.node.app import create_app
 from hpcllm.node.probes import ProbeResult, TierMeasurements
 from hpcllm.node.protocol import StartInstance
+from hpcllm.node.workers import drain_signal
 from hpcllm.node.tests.test_agent import SECRET, converted, make_agent, wait_for  # noqa: F401 (fixture)
 from hpcllm.node.tests.test_agent_controller import controllers  # noqa: F401 (fixture)
 from hpcllm.node.tests.test_read_sweep import restore_signals  # noqa: F401 (fixture)
@@ -338,8 +340,22 @@ def test_a_drain_signal_given_by_number_drains_the_agent_and_spares_its_workers(
     try:
         agent.install_signal_handlers()
         assert callable(signal.getsignal(signal.SIGUSR1))
-        assert agent.workers._drain_signal() == signal.SIGUSR1
+        assert drain_signal(agent.config) == signal.SIGUSR1
         signal.raise_signal(signal.SIGUSR1)
         assert agent._drain_requested.is_set()
+    finally:
+        agent.workers.close()
+
+
+@pytest.mark.parametrize("setting", ["KILL", "SIGSTOP", "9", "19"])
+def test_a_drain_signal_no_process_can_catch_is_a_config_error_saying_what_to_set(tmp_path, restore_signals,
+                                                                                    setting):  # noqa: F811
+    """slurm.signal = KILL or STOP (or 9, 19): the agent could never drain on it; a clear error at start, not the
+    OSError traceback signal.signal raises."""
+    agent = make_agent(tmp_path)
+    agent.config.slurm.signal = setting
+    try:
+        with pytest.raises(ConfigError, match=r"slurm.signal = .* no process can catch: set a signal .* USR1"):
+            agent.install_signal_handlers()
     finally:
         agent.workers.close()

@@ -167,3 +167,18 @@ def test_a_changed_script_fails_with_a_line_diff(tmp_path, monkeypatch):
     with pytest.raises(pytest.fail.Exception) as failure:
         assert_matches_golden("#!/bin/bash\n#SBATCH --nodes=2\necho hi\n", golden)
     assert "-#SBATCH --nodes=1\n+#SBATCH --nodes=2" in str(failure.value)
+
+
+@pytest.mark.parametrize("setting", ["KILL", "9", "SIGSTOP"])
+def test_node_agent_job_refuses_a_drain_signal_no_process_can_catch(config, setting):
+    """The agents would be killed at the signal instead of draining (and `trap ... KILL` does nothing)."""
+    config.slurm.signal = setting
+    with pytest.raises(ConfigError, match=r"slurm.signal = .* no process can catch"):
+        node_agent_job_spec(config, hpcllm="hpcllm")
+
+
+def test_node_agent_job_with_a_drain_signal_by_number_traps_it_by_name(config):
+    config.slurm.signal = "10"
+    script = render_batch_script(node_agent_job_spec(config, hpcllm="hpcllm"))
+    bash_syntax_ok(script)
+    assert "trap 'drain USR1' USR1" in script and "#SBATCH --signal=B:USR1@" in script
