@@ -1015,7 +1015,10 @@ class WorkerManager:
             if inst.process.poll() is None:
                 inst.process.kill()
             return
-        for pid in [inst.process.pid, *descendants(inst.process.pid), *inst.rank_pids]:
+        pids = running(inst.rank_pids)
+        if inst.process.poll() is None:  # not reaped: its pid is still its own (once reaped, another's to reuse)
+            pids = [inst.process.pid, *descendants(inst.process.pid), *pids]
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

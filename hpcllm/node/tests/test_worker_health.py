@@ -162,3 +162,24 @@ def test_an_unhealthy_tensor_parallel_instance_whose_rank_hangs_is_killed_before
     finally:
         if alive(rank["pid"]):
             os.kill(rank["pid"], signal.SIGKILL)
+
+
+def test_a_kill_after_the_worker_was_reaped_spares_the_process_that_reused_its_pid(make_node, converted):
+    """Once the watcher reaped the worker its pid is free: the kill that follows (a stop timeout) signals only the
+    processes recorded at the stop, never what now runs under that pid (or under it)."""
+    import subprocess
+
+    from hpcllm.node.workers import WorkerManager
+
+    agent, _ = make_node()
+    inst = start_ready(agent, converted)
+    agent.workers.stop(inst.instance_id, timeout=5)
+    assert inst.process.poll() is not None
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        inst.process.pid = bystander.pid  # the freed pid given to an unrelated process
+        WorkerManager._kill(inst)
+        assert bystander.poll() is None, "an unrelated process that reused the worker's pid was SIGKILLed"
+    finally:
+        bystander.kill()
+        bystander.wait()
