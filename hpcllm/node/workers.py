@@ -39,7 +39,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import httpx
 
@@ -81,6 +81,9 @@ SRUN = "srun"
 # ignore it and end with the lead's stop step). Not TERM: Slurm may send SIGTERM to every task of every step when it
 # preempts the job (sites differ; it does when the grace period ends), before the agent has migrated the streams.
 SPANNING_STOP_SIGNAL = signal.SIGUSR2
+# After a SIGKILL: how long the processes it hit get to end before the agent logs that they do not (uninterruptible
+# sleep in a hung GPU driver or filesystem, which nothing but the driver's recovery or a reboot ends).
+KILL_WAIT_SECONDS = 10.0
 
 
 def srun_launch(ranks: int, nodes: int, gpus_per_node: int) -> list[str]:
@@ -110,17 +113,36 @@ def drain_signal(config: Config) -> signal.Signals:
     return signal.Signals(catchable_signal(config.slurm.signal))
 
 
+class Process(NamedTuple):
+    """A process as recorded at a stop: its pid and start time (field 22 of /proc/pid/stat, clock ticks after boot),
+    so a pid the kernel has given to another process since is not taken for it (nor kept waiting on, nor killed)."""
+    pid: int
+    started: int
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/pid/stat's fields from the state (field 3) on; None once the pid is gone. "pid (comm) state ppid ...":
+    comm may hold spaces and parentheses, the last ")" ends it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
+
+
+def processes(pids: list[int]) -> list[Process]:
+    """The live ones of pids, recorded with their start times."""
+    return [Process(pid, int(fields[19])) for pid in pids if (fields := _stat(pid)) is not None]
+
+
 def descendants(pid: int) -> list[int]:
     """Every live process under pid (children first), from /proc: mpirun's ranks, which OpenMPI moves to process
     groups of their own, so a group kill would miss them."""
     parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, the last ")" ends it
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
+        fields = _stat(stat.parent.name)
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
     found, todo = [], list(parents.get(pid, []))
     while todo:
         child = todo.pop(0)
@@ -129,16 +151,14 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def running(pids: list[int]) -> list[int]:
-    """The pids still running (a zombie waiting for its reaper has ended)."""
+def running(recorded: list[Process]) -> list[Process]:
+    """The recorded processes still running: their pid with the same start time (not another process that reused
+    it), not a zombie (one waiting for its reaper has ended)."""
     live = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state != "Z":
-            live.append(pid)
+    for proc in recorded:
+        fields = _stat(proc.pid)
+        if fields is not None and fields[0] != "Z" and int(fields[19]) == proc.started:
+            live.append(proc)
     return live
 
 
@@ -220,11 +240,12 @@ class Instance:
     promote_to: tuple[str, ...] = ()  # faster tiers to fill from the local copy it loaded, once it is ready
     ranks: int = 1  # tensor-parallel ranks: process is their mpirun
     nodes: int = 1  # nodes the ranks span (> 1: process is their srun)
-    rank_pids: list[int] = field(default_factory=list)  # the processes under mpirun when the stop began
+    rank_procs: list[Process] = field(default_factory=list)  # the processes under mpirun when the stop began
     rank_loads: list[dict] = field(default_factory=list)  # a tensor-parallel lead's /ready: how each rank loaded
     failed_probes: int = 0  # health probes of its /ready that failed in a row while it was ready
     probe_error: str | None = None  # how the last one failed
     kill_at: float | None = None  # monotonic time the watcher SIGKILLs a worker it stopped (unhealthy, start timeout)
+    killed: bool = False  # SIGKILLed: at kill_at the watcher logs what still runs
     lora_adapters: dict[str, str] = field(default_factory=dict)  # what its worker serves (started with, then loaded)
     lora_wanted: dict[str, str] | None = None  # a redeploy's adapters, applied once the worker is ready
     adapters_lock: threading.Lock = field(default_factory=threading.Lock)  # one change of its adapters at a time
@@ -373,7 +394,7 @@ class WorkerManager:
     @staticmethod
     def _still_running(inst: Instance) -> bool:
         """Its worker, or a rank its mpirun left behind (mpirun exits on SIGTERM without waiting for its ranks)."""
-        return inst.process.poll() is None or bool(running(inst.rank_pids))
+        return inst.process.poll() is None or bool(running(inst.rank_procs))
 
     # ------------------------------------------------------------------------------------------------- start
 
@@ -833,7 +854,7 @@ class WorkerManager:
         try:
             while True:
                 code = inst.process.poll()
-                if code is not None and not running(inst.rank_pids):
+                if code is not None and not running(inst.rank_procs):
                     self._exited(inst, code)
                     return
                 if inst.stopping:
@@ -869,11 +890,16 @@ class WorkerManager:
         self._terminate(inst)
 
     def _kill_when_overdue(self, inst: Instance) -> None:
-        if inst.kill_at is not None and time.monotonic() > inst.kill_at and self._still_running(inst):
-            log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", inst.instance_id,
-                        self.config.node.worker_stop_timeout_seconds)
-            self._kill(inst)
+        if inst.kill_at is None or time.monotonic() <= inst.kill_at or not self._still_running(inst):
+            return
+        if inst.killed:  # its GPUs stay in use: the processes hold their memory while they live
+            self._log_unkilled(inst)
             inst.kill_at = None
+            return
+        log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", inst.instance_id,
+                    self.config.node.worker_stop_timeout_seconds)
+        self._kill(inst)
+        inst.killed, inst.kill_at = True, time.monotonic() + KILL_WAIT_SECONDS
 
     def _exited(self, inst: Instance, code: int) -> None:
         inst.exit_code = code
@@ -993,9 +1019,9 @@ class WorkerManager:
                 inst.process.send_signal(SPANNING_STOP_SIGNAL)
             inst.wake.set()
             return
-        if inst.ranks > 1 and not inst.rank_pids:
+        if inst.ranks > 1 and not inst.rank_procs:
             # mpirun answers SIGTERM by signalling its ranks and exits without waiting for them: stop() waits.
-            inst.rank_pids = descendants(inst.process.pid)
+            inst.rank_procs = processes(descendants(inst.process.pid))
         if inst.process.poll() is None:
             inst.process.send_signal(signal.SIGTERM)
         inst.wake.set()
@@ -1015,7 +1041,7 @@ class WorkerManager:
             if inst.process.poll() is None:
                 inst.process.kill()
             return
-        pids = running(inst.rank_pids)
+        pids = [proc.pid for proc in running(inst.rank_procs)]
         if inst.process.poll() is None:  # not reaped: its pid is still its own (once reaped, another's to reuse)
             pids = [inst.process.pid, *descendants(inst.process.pid), *pids]
         for pid in pids:
@@ -1034,20 +1060,44 @@ class WorkerManager:
         deadline = time.monotonic() + timeout
         try:
             inst.process.wait(timeout)
-            while running(inst.rank_pids) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if running(inst.rank_pids):
+            if not self._gone(inst.rank_procs, deadline):
                 raise subprocess.TimeoutExpired(inst.process.args, timeout)
         except subprocess.TimeoutExpired:
             log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", instance_id, timeout)
             self._kill(inst)
-            inst.process.wait()
+            self._await_kill(inst)
         inst.wake.set()  # the process is gone: the watcher records the exit and releases the copy now
         inst.done.wait(timeout=10)
         with self._lock:
             self._instances.pop(instance_id, None)
         self.on_change()
         return inst
+
+    @staticmethod
+    def _gone(recorded: list[Process], deadline: float) -> bool:
+        """Whether the recorded processes end by the deadline (monotonic)."""
+        while running(recorded) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return not running(recorded)
+
+    def _await_kill(self, inst: Instance) -> None:
+        """KILL_WAIT_SECONDS for what the SIGKILL hit to end, then an error naming what did not."""
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        try:
+            inst.process.wait(KILL_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        if not self._gone(inst.rank_procs, deadline) or inst.process.poll() is None:
+            self._log_unkilled(inst)
+
+    @staticmethod
+    def _log_unkilled(inst: Instance) -> None:
+        pids = [proc.pid for proc in running(inst.rank_procs)]
+        if inst.process.poll() is None:
+            pids.insert(0, inst.process.pid)
+        log.error("instance %s: process(es) %s still run %.0f s after SIGKILL (uninterruptible sleep: a hung GPU "
+                  "driver or filesystem; see their state in /proc/PID/stat): their GPUs stay in use until they end",
+                  inst.instance_id, ", ".join(map(str, pids)), KILL_WAIT_SECONDS)
 
     def stop_all(self, timeout: float | None = None) -> None:
         self.retire_spares()

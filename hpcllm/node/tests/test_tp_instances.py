@@ -16,7 +16,7 @@ from hpcllm.checkpoint.converter import convert
 from hpcllm.credentials import issue_ticket
 from hpcllm.node.app import create_app
 from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
-from hpcllm.node.workers import descendants, running
+from hpcllm.node.workers import descendants, processes, running
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.protocol import GenerateRequest
 
@@ -43,10 +43,10 @@ def client(agent):
     return create_app(agent).test_client()
 
 
-def ranks_of(mpirun_pid: int) -> list[int]:
-    """The `hpcllm worker --tensor-parallel` processes under the instance's mpirun."""
-    return [pid for pid in descendants(mpirun_pid)
-            if b"--tensor-parallel" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+def ranks_of(mpirun_pid: int) -> list:
+    """The `hpcllm worker --tensor-parallel` processes under the instance's mpirun (workers.Process records)."""
+    return processes([pid for pid in descendants(mpirun_pid)
+                      if b"--tensor-parallel" in Path(f"/proc/{pid}/cmdline").read_bytes()])
 
 
 def instance(client) -> dict:
@@ -83,8 +83,8 @@ def test_a_two_rank_instance_serves_transformers_greedy_tokens_and_stops_every_r
             assert [line.token_id for line in stream if line.type == "token"] == expected
 
     # The drain signal (Slurm's scancel --signal reaches every process of the job) leaves every rank serving.
-    for pid in ranks:
-        os.kill(pid, signal.SIGUSR1)
+    for rank in ranks:
+        os.kill(rank.pid, signal.SIGUSR1)
     time.sleep(1)
     with WorkerClient(info["worker_url"], SECRET) as worker:
         assert worker.ready() is not None

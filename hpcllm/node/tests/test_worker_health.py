@@ -117,9 +117,9 @@ def test_fewer_failed_probes_than_the_limit_are_not_a_death(make_node, converted
 
 
 def alive(pid: int) -> bool:
-    from hpcllm.node.workers import running
+    from hpcllm.node.workers import processes, running
 
-    return bool(running([pid]))
+    return bool(running(processes([pid])))
 
 
 def test_a_hung_worker_killed_takes_its_child_processes_with_it(make_node, converted):
@@ -183,3 +183,49 @@ def test_a_kill_after_the_worker_was_reaped_spares_the_process_that_reused_its_p
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_recorded_rank_whose_pid_was_reused_is_neither_waited_for_nor_killed(make_node, converted):
+    """A rank recorded at the stop ended and the kernel gave its pid to another process: that process must not keep
+    the instance's GPUs in use (and its watcher running) forever, nor be SIGKILLed at the stop timeout."""
+    import subprocess
+
+    from hpcllm.node.workers import Process, WorkerManager, processes
+
+    agent, _ = make_node()
+    inst = start_ready(agent, converted)
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        [now] = processes([bystander.pid])
+        inst.rank_procs = [Process(bystander.pid, now.started - 1)]  # the rank that had its pid, started earlier
+        agent.workers.stop(inst.instance_id, timeout=5)
+        assert inst.done.is_set() and agent.workers.gpus_in_use() == set()
+        WorkerManager._kill(inst)
+        assert bystander.poll() is None, "an unrelated process that reused a rank's pid was SIGKILLed"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_process_that_outlives_its_sigkill_is_logged_by_pid_and_keeps_its_gpus(make_node, converted,
+                                                                                 monkeypatch, caplog):
+    """A rank in uninterruptible sleep (a hung driver) survives the SIGKILL: the watcher must say so, naming it,
+    not loop silently; its GPUs stay in use while it holds their memory."""
+    from hpcllm.node import workers
+
+    monkeypatch.setattr(workers.shutil, "which", lambda name: f"/usr/bin/{name}")  # the fake worker is "mpirun"
+    monkeypatch.setattr(workers, "KILL_WAIT_SECONDS", 0.2)
+    agent, record = make_node("--child", worker_health_failures=2, worker_stop_timeout_seconds=0.2)
+    inst = agent.workers.start(StartInstance(model=MODEL, source=str(converted), gpu_ids=[0, 1], tensor_parallel=2))
+    wait_for(lambda: inst.state == "ready", 30, "the fake worker to be ready")
+    [rank] = events(record, "child")
+    try:
+        # The SIGKILL does not take (what uninterruptible sleep does to it): only mpirun, its parent, goes.
+        monkeypatch.setattr(workers.WorkerManager, "_kill", staticmethod(lambda inst: inst.process.kill()))
+        turn(inst, 503)
+        wait_for(lambda: any(str(rank["pid"]) in r.getMessage() and "after SIGKILL" in r.getMessage()
+                             for r in caplog.records if r.levelname == "ERROR"), 30, "the error naming the rank")
+        assert alive(rank["pid"]) and agent.workers.gpus_in_use() == {0, 1}
+    finally:
+        if alive(rank["pid"]):
+            os.kill(rank["pid"], signal.SIGKILL)
