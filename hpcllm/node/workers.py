@@ -68,6 +68,11 @@ LOCAL_TIERS = ("dram", "nvme")
 NVME = "nvme"
 TIER_ORDER = ("dram", "nvme", "sharedfs")  # fastest first: an instance's load tier is its ranks' last
 SPARE_IMPORT_SECONDS = 10.0  # a fresh spare imports torch/transformers for ~2.5-4 s (docs/node-agent.md)
+# A spare that dies within SPARE_IMPORT_SECONDS a second time in a row (a broken environment, memory too short for its
+# host pool) is not replaced for this long, doubling with each further quick death up to SPARE_RETRY_MAX_SECONDS: each
+# start would take the node's CPU and host memory again and keep the read sweep waiting.
+SPARE_RETRY_SECONDS = 30.0
+SPARE_RETRY_MAX_SECONDS = 900.0
 FASTER_TIERS = {"sharedfs": ("dram", "nvme"), "nvme": ("dram",), "dram": ()}  # what a load from a tier can fill
 # A worker exiting with these failed its load on the copy's bytes (ChecksumMismatch) or files (a file cut short or
 # gone while it read: TruncatedFile, MissingFile, any CheckpointError): a cached copy it loaded is replaced, else
@@ -284,6 +289,7 @@ class Spare:
     process: subprocess.Popen
     log_path: Path
     started_at: float
+    settled: bool = False  # seen alive SPARE_IMPORT_SECONDS after its start: its death later is no quick death
 
 
 def log_tail(path: Path, lines: int = 5) -> str:
@@ -320,6 +326,8 @@ class WorkerManager:
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
         self._spares: list[Spare] = []
+        self._quick_spare_deaths = 0  # spares in a row that died within SPARE_IMPORT_SECONDS of their start
+        self._spare_retry_at = 0.0  # monotonic time before which no spare starts (after quick deaths)
         self._http = internal_client(config.internal_http, timeout=5.0)
         self._key_known = threading.Event()
         self.set_key(config.cluster.shared_secret)
@@ -550,8 +558,13 @@ class WorkerManager:
     def ensure_spares(self) -> None:
         """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances."""
         with self._lock:
-            for spare in [sp for sp in self._spares if sp.process.poll() is not None]:
-                self._forget_dead_spare(spare)
+            for spare in list(self._spares):
+                if spare.process.poll() is not None:
+                    self._forget_dead_spare(spare)
+                elif time.time() - spare.started_at >= SPARE_IMPORT_SECONDS:
+                    spare.settled = True
+            if time.monotonic() < self._spare_retry_at:
+                return
             while self.accepting and len(self._spares) < self.config.node.spare_workers:
                 try:
                     self._spares.append(self._spawn_spare())
@@ -627,6 +640,14 @@ class WorkerManager:
         log.warning("spare worker pid %d exited with status %s: %s", spare.process.pid, spare.process.returncode,
                     log_tail(spare.log_path) or "no output")
         spare.log_path.unlink(missing_ok=True)
+        # Not seen alive past its imports: the death is noticed only at the next check (a heartbeat), so its age
+        # now is no measure of how long it lived.
+        self._quick_spare_deaths = 0 if spare.settled else self._quick_spare_deaths + 1
+        if self._quick_spare_deaths >= 2:
+            delay = min(SPARE_RETRY_SECONDS * 2 ** (self._quick_spare_deaths - 2), SPARE_RETRY_MAX_SECONDS)
+            self._spare_retry_at = time.monotonic() + delay
+            log.warning("%d spare workers in a row died within %.0f s of their start: the next starts in %.0f s",
+                        self._quick_spare_deaths, SPARE_IMPORT_SECONDS, delay)
 
     def retire_spares(self) -> None:
         """Stop the waiting spares (closing stdin ends them; SIGKILL if one does not go)."""

@@ -264,6 +264,27 @@ def test_a_spare_that_dies_while_idle_is_replaced_at_the_next_heartbeat(tmp_path
         agent.workers.close()
 
 
+def test_a_spare_that_dies_at_once_again_is_not_restarted_at_every_heartbeat(tmp_path, caplog):
+    """A spare that cannot live (a broken environment, too little memory for its host pool) would be started at every
+    heartbeat, taking the CPU and host memory each time and keeping the read sweep waiting: the second quick death
+    in a row backs the restarts off (30 s, doubling)."""
+    agent = make_agent(tmp_path, spare_workers=1)
+    try:
+        agent.workers.ensure_spares()
+        for _ in range(2):  # the first quick death is replaced at once (a one-off: the OOM killer)
+            [spare] = agent.workers._spares
+            spare.process.kill()
+            spare.process.wait()
+            agent.beat()
+        starts = agent.workers.starts
+        agent.beat()
+        assert agent.workers._spares == [] and agent.workers.starts == starts == 2
+        assert "2 spare workers in a row died" in caplog.text and "next starts in 30 s" in caplog.text
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
 def test_no_spare_starts_at_a_heartbeat_while_a_worker_loads(tmp_path, converted):
     """Its imports would compete with the load for the CPU: a spare the load took is replaced when it ends."""
     import sys
