@@ -245,7 +245,9 @@ class Instance:
     promote_to: tuple[str, ...] = ()  # faster tiers to fill from the local copy it loaded, once it is ready
     ranks: int = 1  # tensor-parallel ranks: process is their mpirun
     nodes: int = 1  # nodes the ranks span (> 1: process is their srun)
-    rank_procs: list[Process] = field(default_factory=list)  # the processes under mpirun when the stop began
+    # The processes under the worker when the stop began (mpirun's ranks, a vLLM engine core, hpcllm's model process):
+    # its GPUs stay in use until they are gone too, and the kill at the stop timeout covers them.
+    children: list[Process] = field(default_factory=list)
     rank_loads: list[dict] = field(default_factory=list)  # a tensor-parallel lead's /ready: how each rank loaded
     failed_probes: int = 0  # health probes of its /ready that failed in a row while it was ready
     probe_error: str | None = None  # how the last one failed
@@ -401,8 +403,9 @@ class WorkerManager:
 
     @staticmethod
     def _still_running(inst: Instance) -> bool:
-        """Its worker, or a rank its mpirun left behind (mpirun exits on SIGTERM without waiting for its ranks)."""
-        return inst.process.poll() is None or bool(running(inst.rank_procs))
+        """Its worker, or a process it left behind at the stop (mpirun exits on SIGTERM without waiting for its ranks;
+        a worker may leave a hung engine process)."""
+        return inst.process.poll() is None or bool(running(inst.children))
 
     # ------------------------------------------------------------------------------------------------- start
 
@@ -875,7 +878,7 @@ class WorkerManager:
         try:
             while True:
                 code = inst.process.poll()
-                if code is not None and not running(inst.rank_procs):
+                if code is not None and not running(inst.children):
                     self._exited(inst, code)
                     return
                 if inst.stopping:
@@ -1040,9 +1043,10 @@ class WorkerManager:
                 inst.process.send_signal(SPANNING_STOP_SIGNAL)
             inst.wake.set()
             return
-        if inst.ranks > 1 and not inst.rank_procs:
-            # mpirun answers SIGTERM by signalling its ranks and exits without waiting for them: stop() waits.
-            inst.rank_procs = processes(descendants(inst.process.pid))
+        if not inst.children and inst.process.poll() is None:
+            # mpirun answers SIGTERM by signalling its ranks and exits without waiting for them, a worker may leave a
+            # hung engine process behind: the watcher and stop() wait for them too.
+            inst.children = processes(descendants(inst.process.pid))
         if inst.process.poll() is None:
             inst.process.send_signal(signal.SIGTERM)
         inst.wake.set()
@@ -1062,7 +1066,7 @@ class WorkerManager:
             if inst.process.poll() is None:
                 inst.process.kill()
             return
-        pids = [proc.pid for proc in running(inst.rank_procs)]
+        pids = [proc.pid for proc in running(inst.children)]
         if inst.process.poll() is None:  # not reaped: its pid is still its own (once reaped, another's to reuse)
             pids = [inst.process.pid, *descendants(inst.process.pid), *pids]
         for pid in pids:
@@ -1081,7 +1085,7 @@ class WorkerManager:
         deadline = time.monotonic() + timeout
         try:
             inst.process.wait(timeout)
-            if not self._gone(inst.rank_procs, deadline):
+            if not self._gone(inst.children, deadline):
                 raise subprocess.TimeoutExpired(inst.process.args, timeout)
         except subprocess.TimeoutExpired:
             log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", instance_id, timeout)
@@ -1108,12 +1112,12 @@ class WorkerManager:
             inst.process.wait(KILL_WAIT_SECONDS)
         except subprocess.TimeoutExpired:
             pass
-        if not self._gone(inst.rank_procs, deadline) or inst.process.poll() is None:
+        if not self._gone(inst.children, deadline) or inst.process.poll() is None:
             self._log_unkilled(inst)
 
     @staticmethod
     def _log_unkilled(inst: Instance) -> None:
-        pids = [proc.pid for proc in running(inst.rank_procs)]
+        pids = [proc.pid for proc in running(inst.children)]
         if inst.process.poll() is None:
             pids.insert(0, inst.process.pid)
         log.error("instance %s: process(es) %s still run %.0f s after SIGKILL (uninterruptible sleep: a hung GPU "

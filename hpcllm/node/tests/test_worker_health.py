@@ -197,7 +197,7 @@ def test_a_recorded_rank_whose_pid_was_reused_is_neither_waited_for_nor_killed(m
     bystander = subprocess.Popen(["sleep", "60"])
     try:
         [now] = processes([bystander.pid])
-        inst.rank_procs = [Process(bystander.pid, now.started - 1)]  # the rank that had its pid, started earlier
+        inst.children = [Process(bystander.pid, now.started - 1)]  # the rank that had its pid, started earlier
         agent.workers.stop(inst.instance_id, timeout=5)
         assert inst.done.is_set() and agent.workers.gpus_in_use() == set()
         WorkerManager._kill(inst)
@@ -229,3 +229,23 @@ def test_a_process_that_outlives_its_sigkill_is_logged_by_pid_and_keeps_its_gpus
     finally:
         if alive(rank["pid"]):
             os.kill(rank["pid"], signal.SIGKILL)
+
+
+def test_a_worker_that_exits_on_sigterm_leaving_a_hung_child_keeps_its_gpus_until_the_child_is_killed(make_node,
+                                                                                                      converted):
+    """A single worker ends on SIGTERM but its vLLM engine core (or hpcllm's model process) hangs: the child holds
+    the GPU memory, so the GPUs stay in use until it is gone, and the kill at the stop timeout ends it."""
+    agent, record = make_node("--child", worker_health_failures=2, worker_stop_timeout_seconds=1)
+    inst = start_ready(agent, converted)
+    [child] = events(record, "child")
+    try:
+        turn(inst, 503)
+        assert inst.process.wait(30) == 0  # the worker ended on SIGTERM; its child ignores it
+        if alive(child["pid"]):
+            assert agent.workers.gpus_in_use() == {0, 1}, "GPUs free while the worker's child still runs"
+        assert inst.done.wait(30)
+        assert not alive(child["pid"]), "the hung child outlived its worker"
+        assert_released(agent, inst)
+    finally:
+        if alive(child["pid"]):
+            os.kill(child["pid"], signal.SIGKILL)
