@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hpcllm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MOUNTINFO = Path("/proc/self/mountinfo")
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")  # $NAME or ${NAME}, as os.path.expandvars reads them
 # Filesystems that several nodes mount: a node cache's SQLite state (WAL mode: shared memory, one host) and its
 # liveness checks (process ids) hold only on one node's own storage.
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph",
@@ -60,10 +62,12 @@ def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
 
 
 def _per_node(pattern: str) -> bool:
-    """The pattern names a folder of each node: %n, or a $VARIABLE that expands to this node's name
-    ($SLURMD_NODENAME, $HOSTNAME); a node's name written in it is one folder for every node."""
+    """The pattern names a folder of each node: %n, or a $VARIABLE whose value is this node's name
+    ($SLURMD_NODENAME, $HOSTNAME); a node's name written in it, or a variable that merely holds it ($SLURM_JOB_NODELIST
+    = n1,n3), is one folder for several nodes."""
     node = node_name()
-    return "%n" in pattern or (node in os.path.expandvars(pattern) and node not in pattern)
+    names = [braced or bare for braced, bare in VARIABLE.findall(pattern)]
+    return "%n" in pattern or any(os.environ.get(name) == node for name in names)
 
 
 def check_node_local(pattern: str, path: Path, setting: str, mountinfo: Path | None = None) -> None:

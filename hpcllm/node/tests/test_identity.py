@@ -59,6 +59,21 @@ def test_a_folder_per_node_named_by_a_variable_is_taken_too(mountinfo, monkeypat
         check_node_local("/home/u/n1/cache", "/home/u/n1/cache", "node.nvme_dir", mountinfo)
 
 
+@pytest.mark.parametrize("pattern", ["/home/u/$SLURM_JOB_NODELIST/cache", "/home/u/${SLURM_JOB_NODELIST}/cache"])
+def test_a_variable_that_holds_several_nodes_names_is_one_folder_for_them_all(mountinfo, monkeypatch, pattern):
+    """$SLURM_JOB_NODELIST = n1,n3 holds this node's name but is the same on n1 and n3: one shared cache."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n1,n3")
+    with pytest.raises(ConfigError, match="%n"):
+        check_node_local(pattern, "/home/u/n1,n3/cache", "node.nvme_dir", mountinfo)
+
+
+def test_a_node_whose_name_is_written_in_the_path_still_gets_its_folder_from_a_variable(mountinfo, monkeypatch):
+    """Node `gpu` with /gpu-scratch/$SLURMD_NODENAME: the name written in the path is not what names the folder."""
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu")
+    check_node_local("/home/gpu-scratch/$SLURMD_NODENAME", "/home/gpu-scratch/gpu", "node.nvme_dir", mountinfo)
+
+
 def test_an_agent_refuses_to_start_on_a_shared_cache_folder(tmp_path, monkeypatch):
     from hpcllm.node.tests.test_agent import make_agent
 
