@@ -43,11 +43,12 @@ def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
     """The type of the filesystem `path` (or its nearest existing folder) is on, from the mount table: the mount
     point that is the longest prefix of its real path, the last mounted there; None where the table cannot be read
     (not Linux)."""
+    real = Path(os.path.realpath(path))
+    _reach(real)  # first: an automounted share not mounted yet shows only its autofs entry in the table
     try:
         lines = (mountinfo or MOUNTINFO).read_text().splitlines()
     except OSError:
         return None
-    real = Path(os.path.realpath(path))
     best, kind = -1, None
     for line in lines:
         fields = line.split()
@@ -59,6 +60,17 @@ def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
         if (real == Path(point) or Path(point) in real.parents) and len(point) >= best:
             best, kind = len(point), fstype
     return kind
+
+
+def _reach(path: Path) -> None:
+    """Open the nearest existing folder of path: what the automounter needs to mount the share it is on (stat of a
+    mount point alone does not trigger it)."""
+    for folder in (path, *path.parents):
+        try:
+            os.close(os.open(folder, os.O_RDONLY | os.O_DIRECTORY))
+            return
+        except OSError:
+            continue
 
 
 def _per_node(pattern: str) -> bool:

@@ -74,6 +74,21 @@ def test_a_node_whose_name_is_written_in_the_path_still_gets_its_folder_from_a_v
     check_node_local("/home/gpu-scratch/$SLURMD_NODENAME", "/home/gpu-scratch/gpu", "node.nvme_dir", mountinfo)
 
 
+def test_an_automounted_share_not_mounted_yet_is_reached_before_the_mount_table_is_read(tmp_path, monkeypatch):
+    """Until a path on it is used, an automounted NFS share shows only its autofs entry: the folder is reached first
+    (which mounts the share), then the table read."""
+    table = tmp_path / "mountinfo"
+    table.write_text(MOUNTS.splitlines(keepends=True)[0] + MOUNTS.splitlines(keepends=True)[4])  # / and autofs only
+    reached = []
+
+    def automount(path):  # what the kernel's automounter does when the folder is used
+        reached.append(path)
+        table.write_text(table.read_text() + MOUNTS.splitlines(keepends=True)[5])
+
+    monkeypatch.setattr(identity, "_reach", automount)
+    assert filesystem_type("/projects/g/cache", table) == "nfs4" and reached
+
+
 def test_an_agent_refuses_to_start_on_a_shared_cache_folder(tmp_path, monkeypatch):
     from hpcllm.node.tests.test_agent import make_agent
 
