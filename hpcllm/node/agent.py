@@ -495,12 +495,16 @@ class NodeAgent:
                 log.exception("heartbeat of %s failed; trying again in %.0f s", self.node_id, self.heartbeat_seconds)
 
     def beat(self) -> None:
-        """One turn of the heartbeat thread."""
+        """One turn of the heartbeat thread: the heartbeat before the spares, whose start may fail."""
         self.refresh_job_end()
         self._keep_pinned_model()
-        if not self.workers.loading():  # not during a load (its imports would compete): the load's end replaces it
-            self.workers.ensure_spares()  # one that died while idle (OOM, killed) is replaced before a start needs it
         self.heartbeat()
+        if self.workers.loading():  # not during a load (its imports would compete): the load's end replaces it
+            return
+        try:  # one that died while idle (OOM, killed) is replaced before a start needs it
+            self.workers.ensure_spares()
+        except Exception:
+            log.exception("cannot start a spare worker; trying again at the next heartbeat")
 
     # ------------------------------------------------------------------------------------------ pinned model
 

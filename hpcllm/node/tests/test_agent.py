@@ -285,6 +285,28 @@ def test_a_spare_that_dies_at_once_again_is_not_restarted_at_every_heartbeat(tmp
         agent.workers.close()
 
 
+def test_a_spare_that_cannot_start_does_not_cost_the_heartbeat(tmp_path, monkeypatch, caplog):
+    """The controller declares a node lost whose heartbeats stop: a spare's start failing (any error) at every beat
+    must not skip them."""
+    from hpcllm.errors import HpcllmError
+
+    agent = make_agent(tmp_path, spare_workers=1)
+    sent = []
+    monkeypatch.setattr(agent, "heartbeat", lambda: sent.append(True))
+
+    def broken_spare():
+        raise HpcllmError("the worker's environment cannot be built")
+
+    monkeypatch.setattr(agent.workers, "_spawn_spare", broken_spare)
+    try:
+        agent.beat()
+        assert sent == [True] and agent.workers._spares == []
+        assert "cannot start a spare worker" in caplog.text
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
 def test_no_spare_starts_at_a_heartbeat_while_a_worker_loads(tmp_path, converted):
     """Its imports would compete with the load for the CPU: a spare the load took is replaced when it ends."""
     import sys
