@@ -49,7 +49,7 @@ from hpcllm.credentials import TOKEN_ENV, TOKEN_FILE_ENV, MigrationTicket
 from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of, internal_client, json_object
-from hpcllm.node.gpus import GpuInventory
+from hpcllm.node.gpus import MIG_PREFIX, GpuInventory
 from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance
 from hpcllm.slurm.base import catchable_signal
 from hpcllm.store.memory import HOST_POOL_ENV
@@ -454,6 +454,11 @@ class WorkerManager:
         if req.engine != "hpcllm":
             raise InstanceError(f"tensor_parallel = {req.tensor_parallel} runs on hpcllm's engine only, not "
                                 f"engine = {req.engine!r}; deploy the model with tensor_parallel = 1")
+        slices = [self.gpus.names[g] for g in req.gpu_ids if self.gpus.names[g].startswith(MIG_PREFIX)]
+        if slices:
+            raise InstanceError(f"tensor_parallel = {req.tensor_parallel} cannot run on MIG slices "
+                                f"({', '.join(slices)}): CUDA shows a process only one MIG device, so its ranks cannot each reach theirs; "
+                                f"deploy the model with tensor_parallel = 1, or on whole GPUs")
         if req.gpu_ids and len(req.gpu_ids) % req.tensor_parallel:
             raise InstanceError(f"{len(req.gpu_ids)} GPUs cannot be shared by {req.tensor_parallel} tensor-parallel "
                                 f"ranks: give each rank the same number of GPUs")

@@ -307,6 +307,25 @@ def test_a_spare_that_cannot_start_does_not_cost_the_heartbeat(tmp_path, monkeyp
         agent.workers.close()
 
 
+def test_a_tensor_parallel_start_on_mig_slices_is_refused_saying_why(tmp_path, converted):
+    """CUDA shows a process one MIG device only: ranks given MIG slices would all share the first one (or fail)."""
+    from hpcllm.node.gpus import GpuInventory
+
+    agent = make_agent(tmp_path, gpus=2)
+    agent.workers.gpus = GpuInventory(("MIG-a1b2", "MIG-c3d4"), "CUDA_VISIBLE_DEVICES")
+    client = create_app(agent).test_client()
+    try:
+        resp = client.post("/v1/internal/instances", headers=AUTH, json={
+            "model": "tiny-llama", "source": str(converted), "gpu_ids": [0, 1], "tensor_parallel": 2})
+        assert resp.status_code == 400, resp.get_json()
+        message = resp.get_json()["error"]["message"]
+        assert "MIG slices (MIG-a1b2, MIG-c3d4)" in message and "tensor_parallel = 1" in message
+        assert agent.workers.instances() == [] and agent.workers.gpus_in_use() == set()
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
 def test_no_spare_starts_at_a_heartbeat_while_a_worker_loads(tmp_path, converted):
     """Its imports would compete with the load for the CPU: a spare the load took is replaced when it ends."""
     import sys
