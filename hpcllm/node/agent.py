@@ -301,17 +301,14 @@ class NodeAgent:
         except OSError as exc:
             log.warning("cannot save the read sweep in %s (%s): the next agent sweeps again", saved.path, exc)
 
-    def _nvme_capacity(self) -> int:
+    def _nvme_capacity(self, cached: list[CacheEntry]) -> int:
+        """Free space plus the NVMe copies `cached` (cache_entries: none where the cache cannot be read)."""
         configured = int(self.config.node.nvme_capacity_gb * GB)
         try:
             stat = os.statvfs(self.nvme_dir)
-            return min(configured, stat.f_bavail * stat.f_frsize + self._cached_bytes("nvme"))
+            return min(configured, stat.f_bavail * stat.f_frsize + sum(c.bytes for c in cached if c.tier == "nvme"))
         except OSError:
             return configured
-
-    def _cached_bytes(self, tier: str) -> int:
-        # What cache_entries reports: none where the cache cannot be read (the registration and heartbeats go on)
-        return sum(c.bytes for c in self.cache_entries() if c.tier == tier)
 
     def cache_entries(self) -> list[CacheEntry]:
         if self.cache is None:
@@ -331,13 +328,16 @@ class NodeAgent:
                                                                      info.tensor_parallel})
                 for info in self.workers.infos()]
 
-    def rates(self, measured: TierMeasurements | None = None) -> tuple[Tiers, float | None]:
+    def rates(self, measured: TierMeasurements | None = None,
+              cached: list[CacheEntry] | None = None) -> tuple[Tiers, float | None]:
         """(tiers, h2d_gbps) as the controller places with them: the tier probes' figures (`measured`, else this
-        agent's), the file tiers' read rates from the read sweep where there is one (load_gbps)."""
+        agent's), the file tiers' read rates from the read sweep where there is one (load_gbps). `cached`: the
+        copies the same message reports (read once), else read here."""
         m = measured or self.measurements or TierMeasurements()
         node, tuning = self.config.node, self.read_tuning
+        nvme_capacity = self._nvme_capacity(self.cache_entries() if cached is None else cached)
         tiers = Tiers(dram=_tier(m.dram and m.dram.read_gbps, int(node.dram_capacity_gb * GB)),
-                      nvme=_tier(load_gbps(m.nvme, tuning, "disk"), self._nvme_capacity(), node.nvme_scope),
+                      nvme=_tier(load_gbps(m.nvme, tuning, "disk"), nvme_capacity, node.nvme_scope),
                       sharedfs=_tier(load_gbps(m.sharedfs, tuning, "sharedfs")))
         return tiers, round(m.h2d.read_gbps, 4) if m.h2d else None
 
@@ -347,10 +347,11 @@ class NodeAgent:
         self.wake_heartbeat()
 
     def registration(self) -> NodeRegistration:
-        tiers, h2d_gbps = self.rates()
+        cached = self.cache_entries()
+        tiers, h2d_gbps = self.rates(cached=cached)
         return NodeRegistration(node_id=self.node_id, agent_url=self.agent_url or "http://unbound",
                                 slurm_job_id=self.job_id, job_scoped=self.config.node.nvme_scope == "job",
-                                gpus=self.gpus.count, tiers=tiers, h2d_gbps=h2d_gbps, cached=self.cache_entries(),
+                                gpus=self.gpus.count, tiers=tiers, h2d_gbps=h2d_gbps, cached=cached,
                                 pool_model=self.pinned_model)
 
     # ----------------------------------------------------------------------------------------------- server
@@ -407,11 +408,11 @@ class NodeAgent:
 
     def heartbeat(self) -> bool:
         """One heartbeat; registers again when the controller does not know this node. False if it failed."""
-        version, rates = self._rates_version, {}
+        version, rates, cached = self._rates_version, {}, self.cache_entries()
         if version != self._rates_sent:  # measured again since the controller last heard: it places with these
-            rates = dict(zip(("tiers", "h2d_gbps"), self.rates()))
+            rates = dict(zip(("tiers", "h2d_gbps"), self.rates(cached=cached)))
         job_end = self.job_end if self._send_job_end else None
-        body = Heartbeat(cached=self.cache_entries(), instances=self.instance_infos(),
+        body = Heartbeat(cached=cached, instances=self.instance_infos(),
                          draining=self.state in ("draining", "stopped"), job_end=job_end, **rates)
         # Without rates or a job end, none of their fields: a controller older than this agent would refuse them.
         exclude = ({"tiers", "h2d_gbps"} if not rates else set()) | ({"job_end"} if job_end is None else set())

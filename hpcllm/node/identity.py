@@ -84,7 +84,8 @@ def _per_node(pattern: str) -> bool:
 
 def check_node_local(pattern: str, path: Path, setting: str, mountinfo: Path | None = None) -> None:
     """A node cache folder on a filesystem other nodes mount: an error when every node's agent would share it (the
-    pattern names no node: _per_node), a warning otherwise (one node's processes, but SQLite's locking over the network)."""
+    pattern names no node: _per_node), a warning otherwise (one node's processes, but SQLite's locking over the
+    network)."""
     kind = filesystem_type(path, mountinfo)
     if kind not in NETWORK_FILESYSTEMS:
         return

@@ -457,8 +457,9 @@ class WorkerManager:
         slices = [self.gpus.names[g] for g in req.gpu_ids if self.gpus.names[g].startswith(MIG_PREFIX)]
         if slices:
             raise InstanceError(f"tensor_parallel = {req.tensor_parallel} cannot run on MIG slices "
-                                f"({', '.join(slices)}): CUDA shows a process only one MIG device, so its ranks cannot each reach theirs; "
-                                f"deploy the model with tensor_parallel = 1, or on whole GPUs")
+                                f"({', '.join(slices)}): CUDA shows a process only one MIG device, so its ranks "
+                                f"cannot each reach theirs; deploy the model with tensor_parallel = 1, or on whole "
+                                f"GPUs")
         if req.gpu_ids and len(req.gpu_ids) % req.tensor_parallel:
             raise InstanceError(f"{len(req.gpu_ids)} GPUs cannot be shared by {req.tensor_parallel} tensor-parallel "
                                 f"ranks: give each rank the same number of GPUs")
@@ -882,9 +883,8 @@ class WorkerManager:
         deadline = inst.started_at + node.worker_start_timeout_seconds
         try:
             while True:
-                code = inst.process.poll()
-                if code is not None and not running(inst.children):
-                    self._exited(inst, code)
+                if not self._still_running(inst):
+                    self._exited(inst, inst.process.returncode)
                     return
                 if inst.stopping:
                     self._kill_when_overdue(inst)
