@@ -135,7 +135,8 @@ class PyslurmBackend(SlurmBackend):
                   steps="batch" if batch_only else "all")
 
     def nodes(self) -> list[NodeInfo]:
-        return [node_from_pyslurm(node) for node in self._rpc("load nodes", self.pyslurm.Nodes.load)]
+        # Nodes is a map (pyslurm.xcollections.MultiClusterMap): iterating it gives node names, not nodes.
+        return [node_from_pyslurm(node) for node in _values(self._rpc("load nodes", self.pyslurm.Nodes.load))]
 
     def partitions(self) -> list[PartitionInfo]:
         partitions = self._rpc("load partitions", self.pyslurm.Partitions.load)

@@ -99,12 +99,12 @@ def make_fake_pyslurm():
         def __init__(self, **fields):
             self.__dict__.update(fields)
 
-    class Nodes(list):
+    class Nodes(dict):  # pyslurm's Nodes, like Jobs and Partitions, is a map: iterating it gives the names
         @staticmethod
         def load(preload_passwd_info=False):
-            return Nodes([Node(name="n1", state="MIXED", partitions=["batch"], configured_gres={"gpu": 2},
-                               allocated_gres={"gpu": 1}, total_cpus=4, allocated_cpus=1, real_memory=4096,
-                               allocated_memory=256, reason=None, available_features=["nvme"])])
+            return Nodes({"n1": Node(name="n1", state="MIXED", partitions=["batch"], configured_gres={"gpu": 2},
+                                     allocated_gres={"gpu": 1}, total_cpus=4, allocated_cpus=1, real_memory=4096,
+                                     allocated_memory=256, reason=None, available_features=["nvme"])})
 
     class Partition:
         def __init__(self, **fields):
