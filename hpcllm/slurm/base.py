@@ -183,7 +183,7 @@ class JobSpec(BaseModel):
     # GPUs per node (--gres=gpu:N); `gres` takes a raw GRES string instead, e.g. "gpu:a100:2".
     gpus_per_node: int = Field(0, ge=0)
     gres: str | None = Field(None, pattern=SLURM_TOKEN_PATTERN)
-    # Memory per node: "4096" (MB), "512M", "4G".
+    # Memory per node: "4096" (MB), "512M", "4G"; "0" all of each node's memory (sbatch's --mem=0).
     mem: str | None = None
     nodelist: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -291,11 +291,12 @@ class JobSpec(BaseModel):
 
     @property
     def mem_mb(self) -> int | None:
+        """Memory per node in MB, rounded up as sbatch does; 0 is Slurm's "all the memory of each node"."""
         if self.mem is None:
             return None
         number, unit = _MEMORY.fullmatch(self.mem).groups()
-        scale = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit.upper()]
-        return max(int(int(number) * scale), 1)
+        kilobytes = int(number) * {"": 1024, "K": 1, "M": 1024, "G": 1024**2, "T": 1024**3}[unit.upper()]
+        return -(-kilobytes // 1024)
 
 
 def parse_walltime(text: str) -> int:

@@ -175,6 +175,9 @@ def submit_description_fields(spec: JobSpec) -> dict[str, Any]:
         name, seconds = spec.signal.split("@")
         optional["signal"] = {"signal": f"SIG{name}", "time": int(seconds), "batch_only": True}
     fields.update({key: value for key, value in optional.items() if value is not None})
+    if spec.mem_mb == 0:  # pyslurm drops a memory_per_node of 0 (NO_VAL): the job would get the default instead
+        raise SlurmError("the pyslurm backend cannot ask for all of each node's memory (mem = \"0\", sbatch's "
+                         "--mem=0): give the memory in MB or GB, or use backend = \"cli\"")
     if spec.prefer:  # JobSubmitDescription (pyslurm 25.x) has no attribute for --prefer
         raise SlurmError("the pyslurm backend cannot pass --prefer (pyslurm has no such attribute); "
                          "drop prefer or use backend = \"cli\"")

@@ -164,6 +164,8 @@ def test_pyslurm_errors_become_slurm_errors():
         backend.submit(make_job_spec(name="t", script="true", partition="nope"))
     with pytest.raises(SlurmError, match="--prefer"):
         backend.submit(make_job_spec(name="t", script="true", prefer="nvme"))
+    with pytest.raises(SlurmError, match=r"all of each node's memory \(mem = \"0\""):  # pyslurm drops a 0
+        backend.submit(make_job_spec(name="t", script="true", mem="0"))
 
 
 def test_cancel_of_a_finished_job_is_not_an_error():

@@ -125,6 +125,12 @@ def test_requeue_is_a_clear_error(backend):
         backend.requeue("5")
 
 
+def test_mem_0_asks_for_all_of_each_nodes_memory_as_sbatch_does():
+    # sbatch --mem=0: the whole memory of each node; v0.0.38 hands memory_per_node to the same option parser.
+    assert submission_body(make_job_spec(name="x", script="true", mem="0"))["job"]["memory_per_node"] == 0
+    assert submission_body(make_job_spec(name="x", script="true", mem="1500K"))["job"]["memory_per_node"] == 2
+
+
 def test_node_lists_use_the_keys_slurmrestd_22_05_accepts():
     # Not "required_nodes"/"excluded_nodes" (v0.0.38 answers "Disabled key") nor "exclude" ("Unknown key").
     job = submission_body(make_job_spec(name="x", script="true", nodelist=("n3",), exclude=("n1", "n2"),
