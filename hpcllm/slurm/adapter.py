@@ -12,6 +12,7 @@ rather than a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -245,14 +246,43 @@ def _comment(value: Any) -> str | None:
     return _text(value) if isinstance(value, str) else None
 
 
-def jobs_from_json(payload: Mapping[str, Any]) -> dict[str, JobStatus]:
-    """`squeue --json` / GET .../jobs -> {job id: JobStatus}."""
+def jobs_from_json(payload: Mapping[str, Any], *, aliases: bool = False) -> dict[str, JobStatus]:
+    """`squeue --json` / GET .../jobs -> {job id: JobStatus}; aliases: each job also under the other ids it
+    answers to (job_aliases), as a status of that id, for looking jobs up by the ids users give."""
     statuses = {}
     for job in payload.get("jobs") or []:
         if isinstance(job, Mapping) and job.get("job_id") is not None:
             status = job_status_from_json(job)
+            for alias in job_aliases(job) if aliases else ():
+                statuses.setdefault(alias, dataclasses.replace(status, job_id=alias))
             statuses[status.job_id] = status
     return statuses
+
+
+def job_aliases(job: Mapping[str, Any]) -> list[str]:
+    """The ids besides its number that a JSON job entry answers to, as sbatch, squeue's text and scancel write
+    them: "A_T" for an array task (each task a pending array record still holds: "1-10%2", "1,3,5-9:2"), "H+O"
+    for a component of a heterogeneous job."""
+    array_job, task = number(job.get("array_job_id")), number(job.get("array_task_id"))
+    het_job, offset = number(job.get("het_job_id")), number(job.get("het_job_offset"))
+    if array_job and array_job != math.inf:
+        tasks = [task] if task is not None and task != math.inf else _array_tasks(_text(job.get("array_task_string")))
+        return [f"{int(array_job)}_{int(t)}" for t in tasks]
+    if het_job and het_job != math.inf and offset is not None and offset != math.inf:
+        return [f"{int(het_job)}+{int(offset)}"]
+    return []
+
+
+def _array_tasks(text: str | None) -> list[int]:
+    """An array's task string ("1-10%2", "1,3,5-9:2") -> its task numbers; [] for anything else."""
+    tasks: list[int] = []
+    for part in (text or "").split("%")[0].split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if not match:
+            return []
+        low, high, step = int(match[1]), int(match[2] or match[1]), int(match[3] or 1)
+        tasks.extend(range(low, high + 1, max(step, 1)))
+    return tasks
 
 
 def missing_status(job_id: str, why: str) -> JobStatus:

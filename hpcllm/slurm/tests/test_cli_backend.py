@@ -144,6 +144,25 @@ def test_sacct_answers_for_jobs_squeue_forgot(fake, backend):
     assert [a for a in args if a.startswith("--format=")][0].endswith(",JobName")
 
 
+def test_array_tasks_and_het_components_are_found_by_the_ids_users_give(fake, backend):
+    # `hpcllm slurm jobs 300_2 310+1`: squeue --json lists them by number, with the array / het ids beside it
+    # (22.05 shape: 0 for "not an array"; a pending array record holds its unstarted tasks in a string).
+    jobs = [{"job_id": 301, "job_state": "RUNNING", "array_job_id": 300, "array_task_id": 2, "nodes": "n1"},
+            {"job_id": 300, "job_state": "PENDING", "array_job_id": 300, "array_task_id": None,
+             "array_task_string": "3-7:2%1"},
+            {"job_id": 311, "job_state": "RUNNING", "array_job_id": 0, "het_job_id": 310, "het_job_offset": 1},
+            {"job_id": 320, "job_state": "RUNNING", "array_job_id": 0, "het_job_id": 0, "het_job_offset": 0}]
+    fake.on("squeue", "--json", stdout=json.dumps({"jobs": jobs}))
+    fake.on("sacct", "", stderr=ACCOUNTING_OFF, rc=1)
+    statuses = backend.statuses(["300_2", "300_5", "310+1", "320", "300_4"])
+    assert {job_id: s.state for job_id, s in statuses.items()} == {
+        "300_2": JobState.RUNNING, "300_5": JobState.PENDING, "310+1": JobState.RUNNING, "320": JobState.RUNNING,
+        "300_4": JobState.UNKNOWN}
+    assert statuses["300_2"].job_id == "300_2" and statuses["300_2"].nodes == ("n1",)
+    assert not statuses["300_5"].missing and statuses["300_4"].missing
+    assert sorted(backend.list_jobs()) == ["300", "301", "311", "320"]  # each job once
+
+
 def test_squeue_text_fallback_when_json_fails(fake, backend):
     fake.on("squeue", "--json", stderr="squeue: unrecognized option '--json'\n", rc=1)
     fake.on("squeue", "--Format", stdout=(FIXTURES / "squeue_22.05.txt").read_text())
