@@ -28,6 +28,7 @@ SLURM_TOKEN_PATTERN = r"^[A-Za-z0-9_.,:+@%/=-]+$"
 # A Slurm job id as programs see it: a number, an array task (12_3) or a heterogeneous component (12+1).
 JOB_ID_PATTERN = r"^\d+([_+]\d+)?$"
 _SIGNAL = re.compile(r"^(?:SIG)?([A-Z0-9]+)@(\d+)$")
+_MAX_SIGNAL_SECONDS = 0xFFFF  # Slurm's warn_time is a uint16 (get_signal_opts in src/common/proc_args.c)
 _MEMORY = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -209,7 +210,16 @@ class JobSpec(BaseModel):
         match = _SIGNAL.match(value.strip().upper())
         if not match:
             raise ValueError(f"signal {value!r} must look like NAME@SECONDS, e.g. USR1@60 (Slurm's --signal)")
-        return f"{match.group(1)}@{match.group(2)}"
+        name, seconds = match.group(1), int(match.group(2))
+        # Slurm keeps the seconds in 16 bits: sbatch and slurmrestd refuse more ("Invalid --signal specification").
+        if seconds > _MAX_SIGNAL_SECONDS:
+            raise ValueError(f"signal {value!r}: Slurm sends a signal at most {_MAX_SIGNAL_SECONDS} s before the "
+                             f"time limit; give fewer seconds ([slurm] signal_seconds)")
+        try:
+            signal_name(name)
+        except ConfigError as exc:
+            raise ValueError(f"signal {value!r}: {exc}") from None
+        return f"{name}@{seconds}"
 
     @field_validator("time")
     @classmethod

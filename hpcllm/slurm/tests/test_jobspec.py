@@ -11,6 +11,8 @@ from hpcllm.slurm.base import JobState, make_job_spec, parse_walltime, signal_na
 @pytest.mark.parametrize("fields, complaint", [
     ({"signal": "USR1"}, "NAME@SECONDS"),
     ({"signal": "USR1@soon"}, "NAME@SECONDS"),
+    ({"signal": "USR1@70000"}, "at most 65535 s"),  # sbatch: only "Invalid --signal specification"
+    ({"signal": "USR3@60"}, "not a known signal"),
     ({"mem": "4 GB"}, "mem"),
     ({"time": "2 hours"}, "time"),
     ({"partition": "gpu\n#SBATCH --qos=high"}, "partition"),
