@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_API_VERSIONS = ("v0.0.38",)
 _TOKEN_LIFESPAN_S = 3600
+# slurmrestd's answer (HTTP 404) for a path none of its loaded openapi plugins serves.
+_NO_SUCH_URL = "Unable find requested URL"
 # Signal names the v0.0.38 schema accepts in DELETE /job/{id}?signal=.
 _REST_SIGNALS = {"HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "USR2", "URG", "CONT", "STOP", "TSTP",
                  "TTIN", "TTOU"}
@@ -107,6 +109,12 @@ class RestBackend(SlurmBackend):
             raise SlurmError(f"slurmrestd refused the credentials of user {self.user!r} (HTTP "
                              f"{response.status_code}): check [slurm] rest_user and the JWT (scontrol token)",
                              "; ".join(errors) or response.text[:200])
+        if response.status_code == 404 and _NO_SUCH_URL in response.text:
+            raise SlurmError(f"slurmrestd at {self.base_url} does not serve openapi {self.api.rsplit('/', 1)[-1]} "
+                             f"({method} {url}: {response.text[:200].strip()}): it serves only the versions of its "
+                             f"Slurm release it was started with (-s openapi/v0.0.38; Slurm 24.05 and later have "
+                             f"none this backend speaks); start it so, or set [slurm] backend = \"cli\"",
+                             response.text[:300])
         if response.status_code >= 400 or errors:
             message = "; ".join(errors) or f"HTTP {response.status_code}: {response.text[:300].strip()}"
             if response.status_code in (502, 503, 504) or "Unable to contact slurm controller" in message:

@@ -176,6 +176,17 @@ def test_unreachable_slurmrestd_is_unavailable(monkeypatch):
         backend.nodes()
 
 
+def test_a_slurmrestd_without_v0_0_38_says_so(monkeypatch):
+    # Slurm 24.05+ (v0.0.38 removed) or a slurmrestd started without -s openapi/v0.0.38 answers every path so.
+    monkeypatch.setenv("SLURM_JWT", "tok")
+    answer = "Unable find requested URL. Please view /openapi/v3 for API reference."
+    backend = RestBackend(SlurmConfig(backend="rest"),
+                          transport=httpx.MockTransport(lambda request: httpx.Response(404, text=answer)))
+    for call in (lambda: backend.statuses(["1"]), lambda: backend.submit(make_job_spec(name="x", script="true"))):
+        with pytest.raises(SlurmError, match=r"does not serve openapi v0.0.38 .* backend = \"cli\""):
+            call()
+
+
 def test_unsupported_api_version_is_refused():
     with pytest.raises(SlurmError, match="rest_api_version = 'v0.0.40' is not supported"):
         RestBackend(SlurmConfig(backend="rest", rest_api_version="v0.0.40"))
