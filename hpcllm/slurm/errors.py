@@ -62,6 +62,12 @@ _SETTING_REFUSALS = (
     ("Invalid generic resource (gres) specification", ("gpus_per_node",),
      "`sinfo -o '%P %G'` shows each partition's GRES (an allocation for a model asks at least its gpus)"),
     ("Requested time limit is invalid", ("time",), "`sinfo -o '%P %l'` shows each partition's time limit"),
+    # Over a QOS or association limit (MaxWall, MaxTRESPerUser/Job, MaxSubmitJobs): the job's size or time.
+    ("Job violates accounting/QOS policy", ("qos", "time", "gpus_per_node"),
+     "`sacctmgr show qos format=name,maxwall,maxtrespu,maxtrespj,maxsubmitpu` shows the QOS limits"),
+    # More GPUs per node (or nodes of that shape) than any node of the partition has.
+    ("Requested node configuration is not available", ("gpus_per_node", "partition"),
+     "`sinfo -o '%P %D %G'` shows each partition's nodes and GRES"),
 )
 # The keys a model's own [slurm] table may override: controller.protocol.SlurmOverrides' fields (a controller test
 # holds the two together; the controller imports this package, not the reverse).

@@ -246,6 +246,11 @@ SETTING_REFUSALS = [
      "gpus_per_node 'gpu:8'"),
     ("Requested time limit is invalid (missing or exceeds some limit)", {"time": "99:00:00"}, "[slurm] time",
      "time '99:00:00'"),
+    ("Job violates accounting/QOS policy (job submit limit, user's size and/or time limits)",
+     {"qos": "short", "time": "08:00:00", "gpus_per_node": 4},
+     "[slurm] qos and [slurm] time and [slurm] gpus_per_node", "qos 'short', time '08:00:00', gpus_per_node 'gpu:4'"),
+    ("Requested node configuration is not available", {"gpus_per_node": 16, "partition": "gpu"},
+     "[slurm] gpus_per_node and [slurm] partition", "gpus_per_node 'gpu:16', partition 'gpu'"),
 ]
 
 
