@@ -195,7 +195,18 @@ class CliBackend(SlurmBackend):
         except json.JSONDecodeError:
             log.info("%s printed no JSON; using the text format instead", " ".join(args))
             return None
-        return payload if isinstance(payload, dict) else None
+        if not isinstance(payload, dict):
+            return None
+        # 22.05's --json exits 0 when it could not ask slurmctld: an "errors" list beside an EMPTY job/node list,
+        # which must not read as "no jobs" (every job would look gone).
+        errors = "; ".join(adapter.errors_from_json(payload))
+        if errors and _UNAVAILABLE_PATTERNS.search(errors):
+            raise SlurmUnavailable(f"{' '.join(args[:2])}: Slurm is not reachable: {errors} "
+                                   f"(check with: scontrol ping; is SLURM_CONF set?)", errors)
+        if errors:
+            log.info("%s answered errors (%s); using the text format instead", " ".join(args), errors)
+            return None
+        return payload
 
     def _squeue_all(self, aliases: bool = False) -> dict[str, JobStatus]:
         """Every job slurmctld still holds (all users, all partitions, all states), in one call; aliases: array

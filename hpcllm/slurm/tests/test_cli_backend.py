@@ -163,6 +163,23 @@ def test_array_tasks_and_het_components_are_found_by_the_ids_users_give(fake, ba
     assert sorted(backend.list_jobs()) == ["300", "301", "311", "320"]  # each job once
 
 
+# What 22.05's squeue --json / sinfo --json print, exit status 0, while slurmctld is down (src/squeue/data.c returns
+# success whatever the openapi handler found).
+CONTROLLER_DOWN_JSON = {"meta": {}, "errors": [{"description": "Failed while looking for jobs", "error_number": 1007,
+                                                "error": "Unable to contact slurm controller (connect failure)",
+                                                "source": "slurm_load_jobs"}]}
+
+
+def test_json_errors_with_exit_0_are_slurm_unavailable_not_every_job_gone(fake, backend):
+    fake.on("squeue", "--json", stdout=json.dumps({**CONTROLLER_DOWN_JSON, "jobs": []}))
+    fake.on("sinfo", "--json", stdout=json.dumps({**CONTROLLER_DOWN_JSON, "nodes": []}))
+    fake.on("sacct", "", stderr=ACCOUNTING_OFF, rc=1)
+    with pytest.raises(SlurmUnavailable, match="Unable to contact slurm controller"):
+        backend.statuses(["42"])  # not "42: missing, no longer listed", which ends its allocation
+    with pytest.raises(SlurmUnavailable, match="Unable to contact slurm controller"):
+        backend.nodes()  # not "no nodes"
+
+
 def test_squeue_text_fallback_when_json_fails(fake, backend):
     fake.on("squeue", "--json", stderr="squeue: unrecognized option '--json'\n", rc=1)
     fake.on("squeue", "--Format", stdout=(FIXTURES / "squeue_22.05.txt").read_text())
