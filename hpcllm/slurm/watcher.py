@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hpcllm.slurm.base import JobSpec, JobState, JobStatus, SlurmBackend
-from hpcllm.slurm.errors import SlurmError
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 
 if TYPE_CHECKING:
     from hpcllm.config import SlurmConfig
@@ -104,7 +104,13 @@ class StatusWatcher:
                 pending = sorted(j for j in self._watched
                                  if j not in self._statuses or not self._statuses[j].is_terminal)
             if due and pending:
-                fresh = self.backend.statuses(pending)  # outside self._lock: readers keep the cached view
+                try:
+                    fresh = self.backend.statuses(pending)  # outside self._lock: readers keep the cached view
+                except SlurmUnavailable:
+                    with self._lock:  # the next try waits its turn: a down slurmctld is not asked in a tight loop
+                        self._last_poll = self._clock()
+                        self._interval = min(max(self._interval * 2, self.min_interval), self.max_interval)
+                    raise
                 with self._lock:
                     self.poll_count += 1
                     changed = any(self._statuses.get(j) is None or self._statuses[j].state != s.state
@@ -131,12 +137,22 @@ class StatusWatcher:
 
     def wait(self, job_ids: list[str], timeout: float | None = None,
              until: Callable[[JobStatus], bool] = lambda s: s.is_terminal) -> dict[str, JobStatus]:
-        """Poll (with back-off) until `until` holds for every job; TimeoutError after `timeout` seconds."""
+        """Poll (with back-off) until `until` holds for every job; TimeoutError after `timeout` seconds. While
+        Slurm cannot be asked (SlurmUnavailable) it waits on, polling with back-off, as the jobs still run."""
         ids = [str(j) for j in job_ids]
         self.watch(*ids)
         deadline = None if timeout is None else time.monotonic() + timeout
+        unavailable: SlurmUnavailable | None = None
         while True:
-            statuses = self.poll()
+            try:
+                statuses = self.poll()
+                unavailable = None
+            except SlurmUnavailable as exc:  # a squeue timeout, slurmctld restarting: the jobs are not gone
+                if unavailable is None:
+                    log.warning("cannot ask Slurm about jobs %s (%s); waiting on", ", ".join(ids), exc)
+                unavailable = exc
+                with self._lock:
+                    statuses = dict(self._statuses)
             if all(j in statuses and until(statuses[j]) for j in ids):
                 return {j: statuses[j] for j in ids}
             sleep_for = max(self.next_poll_in(), 0.05)
@@ -144,7 +160,8 @@ class StatusWatcher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     states = ", ".join(f"{j}: {statuses[j].state.value if j in statuses else '?'}" for j in ids)
-                    raise TimeoutError(f"jobs not done after {timeout:.0f} s ({states})")
+                    still = f"; Slurm could not be asked: {unavailable}" if unavailable else ""
+                    raise TimeoutError(f"jobs not done after {timeout:.0f} s ({states}){still}")
                 sleep_for = min(sleep_for, remaining)
             time.sleep(sleep_for)
 

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from hpcllm.slurm.base import JobSpec, JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, make_job_spec
+from hpcllm.slurm.errors import SlurmUnavailable
 from hpcllm.slurm.watcher import StatusWatcher
 
 
@@ -124,6 +125,33 @@ def test_job_handle_wait_cancel_and_timeout():
     other.cancel()
     assert backend.cancelled == [other.job_id]
     assert other.wait(timeout=5).state is JobState.CANCELLED
+
+
+class FlakyBackend(MemoryBackend):
+    """Slurm that cannot be asked for its first `outage` status calls (a squeue timeout, slurmctld restarting)."""
+
+    def __init__(self, outage: int):
+        super().__init__()
+        self.outage = outage
+
+    def statuses(self, job_ids):
+        if self.outage:
+            self.outage -= 1
+            raise SlurmUnavailable("squeue --json did not answer within 60 s; is slurmctld up?")
+        return super().statuses(job_ids)
+
+
+def test_wait_rides_out_slurm_being_unreachable():
+    backend = FlakyBackend(outage=3)
+    watcher = StatusWatcher(backend, min_interval=0.01, max_interval=0.02)
+    job = watcher.submit(SPEC)
+    backend.states[job.job_id] = JobState.COMPLETED
+    assert job.wait(timeout=30).state is JobState.COMPLETED  # not the first outage's SlurmUnavailable
+    assert backend.outage == 0
+
+    down = FlakyBackend(outage=10**6)
+    with pytest.raises(TimeoutError, match="Slurm could not be asked: squeue --json did not answer"):
+        StatusWatcher(down, min_interval=0.01, max_interval=0.02).job("7").wait(timeout=0.2)
 
 
 def test_a_job_slurm_forgot_counts_as_done():
