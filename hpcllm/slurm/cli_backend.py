@@ -43,8 +43,11 @@ _UNAVAILABLE_PATTERNS = re.compile(
     r"Socket timed out|Zero Bytes were transmitted|Communication connection failure|Munge|munge|"
     r"slurm_load_jobs error: Unable|Slurm backup controller in standby mode|No route to host",
 )
-_ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|Problem talking to the database|"
-                             r"slurmdbd|AccountingStorageType", re.IGNORECASE)
+# sacct's words for a site without job accounting (AccountingStorageType=accounting_storage/none, or no storage
+# plugin), which do not change while slurmctld runs. Not "Problem talking to the database": that is slurmdbd
+# unreachable for now (down, restarting, its host timing out), after which sacct answers again.
+_ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|unable to initialize storage plugin", re.IGNORECASE)
+_ACCOUNTING_UNREACHABLE = re.compile(r"Problem talking to the database", re.IGNORECASE)
 
 
 class CliBackend(SlurmBackend):
@@ -234,6 +237,10 @@ class CliBackend(SlurmBackend):
                          exc.slurm_message)
                 self._accounting = False
                 return {}
+            if _ACCOUNTING_UNREACHABLE.search(exc.slurm_message):
+                raise SlurmUnavailable(f"sacct cannot reach slurmdbd, so jobs {', '.join(job_ids)}, which squeue no "
+                                       f"longer lists, cannot be looked up: {exc.slurm_message} (check with: "
+                                       f"sacctmgr ping)", exc.slurm_message) from None
             raise
         self._accounting = True
         return adapter.jobs_from_sacct_text(result.stdout)

@@ -132,6 +132,19 @@ def test_statuses_use_one_squeue_call_for_many_jobs(fake, backend):
     assert len(fake.calls("sacct")) == 1 and len(fake.calls("squeue")) == 2
 
 
+def test_slurmdbd_unreachable_for_a_while_does_not_turn_accounting_off(fake, backend):
+    fake.on("squeue", "--json", stdout='{"jobs": []}')
+    fake.on("sacct", "", stderr="sacct: error: slurm_persist_conn_open_without_init: failed to open persistent "
+                                "connection to host:slurmdbd01:6819: Connection timed out\nsacct: error: Problem "
+                                "talking to the database: Connection timed out\n", rc=1)
+    with pytest.raises(SlurmUnavailable, match="sacct cannot reach slurmdbd"):
+        backend.statuses(["42"])  # not "missing, accounting is off": its end is only not known yet
+    fake.rules.clear()  # slurmdbd is back
+    fake.on("squeue", "--json", stdout='{"jobs": []}')
+    fake.on("sacct", "", stdout="42|COMPLETED|None|n1|1700000000|1700000060|10|0:0|batch|old\n")
+    assert backend.statuses(["42"])["42"].state is JobState.COMPLETED
+
+
 def test_sacct_answers_for_jobs_squeue_forgot(fake, backend):
     fake.on("squeue", "--json", stdout='{"jobs": []}')
     fake.on("sacct", "", stdout="42|COMPLETED|None|n[1-2]|1700000000|1700000060|10|0:0|batch|old\n")
