@@ -350,21 +350,23 @@ def _walltime_text_to_seconds(text: str) -> int | None:
 
 # sacct -X -n -P -o <SACCT_FIELDS> with SLURM_TIME_FORMAT=%s. JobName goes last: it is the one field that may
 # hold the separator.
+# JobID beside JobIDRaw: an array task's or het component's id as users give it ("12_3", "12+1").
 SACCT_FIELDS = ("JobIDRaw", "State", "Reason", "NodeList", "Start", "End", "TimelimitRaw", "ExitCode", "Partition",
-                "JobName")
+                "JobID", "JobName")
 
 
 def jobs_from_sacct_text(text: str) -> dict[str, JobStatus]:
-    """Parsable sacct output ("|"-separated, no header, allocations only) -> statuses (the last record of a
-    requeued job wins; sacct lists each run)."""
+    """Parsable sacct output ("|"-separated, no header, allocations only) -> statuses by JobIDRaw, and by JobID too
+    where that differs (array tasks, het components); the last record of a requeued job wins (sacct lists each
+    run)."""
     statuses: dict[str, JobStatus] = {}
     runs: dict[str, int] = {}
     for line in text.splitlines():
         fields = line.split("|")
         if len(fields) < len(SACCT_FIELDS) or not fields[0].strip():
             continue
-        job_id, state, reason, nodelist, start, end, limit, code_and_signal, partition = fields[:9]
-        name = "|".join(fields[9:])
+        job_id, state, reason, nodelist, start, end, limit, code_and_signal, partition, shown_id = fields[:10]
+        name = "|".join(fields[10:])
         word = slurm_state_word(state)
         runs[job_id] = runs.get(job_id, -1) + 1
         code, _, signal = code_and_signal.partition(":")  # "exit:signal"
@@ -382,6 +384,9 @@ def jobs_from_sacct_text(text: str) -> dict[str, JobStatus]:
             restart_count=runs[job_id],
             exit_code=exit_code(code, signal),
         )
+        shown_id = shown_id.strip()
+        if shown_id and shown_id != job_id and "[" not in shown_id:  # not a pending array's "12_[3-9]"
+            statuses[shown_id] = dataclasses.replace(statuses[job_id], job_id=shown_id)
     return statuses
 
 

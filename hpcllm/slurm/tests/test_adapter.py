@@ -101,10 +101,10 @@ def test_squeue_text_name_may_hold_the_separator():
 
 def test_sacct_text_counts_requeued_runs_and_reads_states():
     text = (
-        "55|REQUEUED|None|n1|1700000000|1700000100|60|0:0|batch|pool\n"
-        "55|RUNNING|None|n2|1700000200|Unknown|60|0:0|batch|pool\n"
-        "56|CANCELLED by 1000|None|None assigned|Unknown|1700000300|UNLIMITED|0:0|batch|x\n"
-        "57|FAILED|NonZeroExitCode|n3|1700000000|1700000010|5|2:0|batch|y\n"
+        "55|REQUEUED|None|n1|1700000000|1700000100|60|0:0|batch|55|pool\n"
+        "55|RUNNING|None|n2|1700000200|Unknown|60|0:0|batch|55|pool\n"
+        "56|CANCELLED by 1000|None|None assigned|Unknown|1700000300|UNLIMITED|0:0|batch|56|x\n"
+        "57|FAILED|NonZeroExitCode|n3|1700000000|1700000010|5|2:0|batch|57|y\n"
     )
     jobs = adapter.jobs_from_sacct_text(text)
     assert jobs["55"].state is JobState.RUNNING and jobs["55"].restart_count == 1 and jobs["55"].nodes == ("n2",)
@@ -114,7 +114,7 @@ def test_sacct_text_counts_requeued_runs_and_reads_states():
 
 
 def test_sacct_job_name_may_hold_the_separator():
-    status = adapter.jobs_from_sacct_text("7|FAILED|None|n1|1|2|60|1:0|gpu|my|name\n")["7"]
+    status = adapter.jobs_from_sacct_text("7|FAILED|None|n1|1|2|60|1:0|gpu|7|my|name\n")["7"]
     assert (status.name, status.partition, status.exit_code, status.nodes) == ("my|name", "gpu", 1, ("n1",))
 
 
@@ -129,7 +129,8 @@ def test_a_job_killed_by_a_signal_reports_128_plus_the_signal(exit_code):
 
 
 def test_sacct_signal_deaths_report_128_plus_the_signal():
-    jobs = adapter.jobs_from_sacct_text("7|FAILED|None|n1|1|2|60|0:9|gpu|x\n8|CANCELLED by 0|None|n1|1|2|60|0:15|gpu|y\n")
+    jobs = adapter.jobs_from_sacct_text("7|FAILED|None|n1|1|2|60|0:9|gpu|7|x\n"
+                                        "8|CANCELLED by 0|None|n1|1|2|60|0:15|gpu|8|y\n")
     assert (jobs["7"].exit_code, jobs["8"].exit_code) == (137, 143)
 
 

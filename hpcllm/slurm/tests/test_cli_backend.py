@@ -141,13 +141,13 @@ def test_slurmdbd_unreachable_for_a_while_does_not_turn_accounting_off(fake, bac
         backend.statuses(["42"])  # not "missing, accounting is off": its end is only not known yet
     fake.rules.clear()  # slurmdbd is back
     fake.on("squeue", "--json", stdout='{"jobs": []}')
-    fake.on("sacct", "", stdout="42|COMPLETED|None|n1|1700000000|1700000060|10|0:0|batch|old\n")
+    fake.on("sacct", "", stdout="42|COMPLETED|None|n1|1700000000|1700000060|10|0:0|batch|42|old\n")
     assert backend.statuses(["42"])["42"].state is JobState.COMPLETED
 
 
 def test_sacct_answers_for_jobs_squeue_forgot(fake, backend):
     fake.on("squeue", "--json", stdout='{"jobs": []}')
-    fake.on("sacct", "", stdout="42|COMPLETED|None|n[1-2]|1700000000|1700000060|10|0:0|batch|old\n")
+    fake.on("sacct", "", stdout="42|COMPLETED|None|n[1-2]|1700000000|1700000060|10|0:0|batch|42|old\n")
     status = backend.statuses(["42"])["42"]
     assert status.state is JobState.COMPLETED and status.nodes == ("n1", "n2") and not status.missing
     args = fake.calls("sacct")[0]["args"]
@@ -181,6 +181,16 @@ def test_array_tasks_and_het_components_are_found_by_the_ids_users_give(fake, ba
 CONTROLLER_DOWN_JSON = {"meta": {}, "errors": [{"description": "Failed while looking for jobs", "error_number": 1007,
                                                 "error": "Unable to contact slurm controller (connect failure)",
                                                 "source": "slurm_load_jobs"}]}
+
+
+def test_finished_array_tasks_and_het_components_are_found_in_accounting_by_their_ids(fake, backend):
+    fake.on("squeue", "--json", stdout='{"jobs": []}')
+    fake.on("sacct", "", stdout="301|COMPLETED|None|n1|1700000000|1700000060|10|0:0|batch|300_2|arr\n"
+                                "311|FAILED|None|n2|1700000000|1700000060|10|3:0|batch|310+1|het\n")
+    statuses = backend.statuses(["300_2", "310+1"])
+    assert (statuses["300_2"].state, statuses["300_2"].job_id) == (JobState.COMPLETED, "300_2")
+    assert (statuses["310+1"].state, statuses["310+1"].exit_code) == (JobState.FAILED, 3)
+    assert "--jobs=300_2,310+1" in fake.calls("sacct")[0]["args"]
 
 
 def test_json_errors_with_exit_0_are_slurm_unavailable_not_every_job_gone(fake, backend):
