@@ -97,6 +97,13 @@ class PyslurmBackend(SlurmBackend):
                 raise SlurmUnavailable(f"{what}: Slurm is not reachable: {message}", message) from None
             raise SlurmError(f"{what}: {message}", message) from None
 
+    def _job(self, job_id: str) -> Any:
+        """pyslurm.Job of a job number; pyslurm.Job takes no "12_3" / "12+1" (an array task, a het component)."""
+        if not str(job_id).isdigit():
+            raise SlurmError(f"job {job_id!r}: the pyslurm backend acts on job numbers only (pyslurm.Job takes an "
+                             f"int); use its own number (`scontrol show job {job_id}` shows it as JobId=) or backend = \"cli\"")
+        return self.pyslurm.Job(int(job_id))
+
     def submit(self, spec: JobSpec) -> str:
         description = self.pyslurm.JobSubmitDescription(**submit_description_fields(spec))
         ensure_log_dirs(spec)
@@ -122,16 +129,16 @@ class PyslurmBackend(SlurmBackend):
 
     def cancel(self, job_id: str) -> None:
         try:
-            self._rpc(f"cancel job {job_id}", self.pyslurm.Job(int(job_id)).cancel)
+            self._rpc(f"cancel job {job_id}", self._job(job_id).cancel)
         except SlurmError as exc:
             if not already_done(exc):
                 raise
 
     def requeue(self, job_id: str) -> None:
-        self._rpc(f"requeue job {job_id}", self.pyslurm.Job(int(job_id)).requeue)
+        self._rpc(f"requeue job {job_id}", self._job(job_id).requeue)
 
     def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:
-        self._rpc(f"signal job {job_id}", self.pyslurm.Job(int(job_id)).send_signal, f"SIG{signal_name(sig)}",
+        self._rpc(f"signal job {job_id}", self._job(job_id).send_signal, f"SIG{signal_name(sig)}",
                   steps="batch" if batch_only else "all")
 
     def nodes(self) -> list[NodeInfo]:

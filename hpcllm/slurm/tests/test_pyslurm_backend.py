@@ -186,6 +186,15 @@ def test_cancel_of_a_finished_job_is_not_an_error():
         backend.cancel("4242")
 
 
+def test_an_array_task_id_is_a_clear_error_not_a_traceback():
+    module, _ = make_fake_pyslurm()
+    backend = PyslurmBackend(pyslurm=module)
+    for act in (lambda: backend.cancel("12_3"), lambda: backend.signal("12+1", "USR1"),
+                lambda: backend.requeue("12_3")):
+        with pytest.raises(SlurmError, match="acts on job numbers only"):  # was int("12_3"): ValueError
+            act()
+
+
 def test_a_job_killed_by_a_signal_reports_128_plus_the_signal():
     module, _ = make_fake_pyslurm()
     killed = module.Job(7, name="k", state="CANCELLED", state_reason="None", allocated_nodes="n1",
