@@ -90,7 +90,12 @@ class CliBackend(SlurmBackend):
 
     def submit(self, spec: JobSpec) -> str:
         ensure_log_dirs(spec)
-        return parse_parsable(self._sbatch("--parsable", spec).stdout)
+        result = self._sbatch("--parsable", spec)
+        job_id = parse_parsable(result.stdout)
+        if result.stderr.strip():  # e.g. "Ignoring --ntasks-per-node", a job_submit plugin's notice: the job differs
+            log.warning("sbatch accepted job %s (%s) with: %s", job_id, spec.name, " | ".join(
+                line.strip() for line in result.stderr.splitlines() if line.strip()))
+        return job_id
 
     def statuses(self, job_ids: list[str] | tuple[str, ...]) -> dict[str, JobStatus]:
         wanted = [str(job_id) for job_id in job_ids]

@@ -66,6 +66,17 @@ def test_submit_reads_the_id_before_a_site_notice(fake, backend):
     assert backend.submit(make_job_spec(name="t", script="true")) == "123"
 
 
+def test_sbatchs_warnings_on_an_accepted_job_reach_the_log(fake, backend, caplog):
+    # Exit 0, and the job is not quite what was asked for: the admin has to be able to see why.
+    warning = ("sbatch: warning: can't honor --ntasks-per-node set to 2 which doesn't match the requested tasks 1 "
+               "with the number of requested nodes 1. Ignoring --ntasks-per-node.\n")
+    fake.on("sbatch", "--parsable", stdout="88\n", stderr=warning)
+    with caplog.at_level(logging.WARNING, logger="hpcllm.slurm.cli_backend"):
+        assert backend.submit(make_job_spec(name="t", script="true")) == "88"
+    accepted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sbatch accepted")]
+    assert accepted == [f"sbatch accepted job 88 (t) with: {warning.strip()}"]
+
+
 def test_get_backend_default_is_cli():
     assert isinstance(get_backend(SlurmConfig()), CliBackend)
 
