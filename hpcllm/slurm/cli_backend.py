@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate, signal_name
 from hpcllm.slurm.environment import inherited_sbatch_options, run_slurm_command
-from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done, with_setting_hint
+from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done,
+                                 with_setting_hint)
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script, sbatch_directives
 
 if TYPE_CHECKING:
@@ -36,13 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Messages that mean Slurm could not be asked at all (as opposed to a refusal).
-_UNAVAILABLE_PATTERNS = re.compile(
-    r"Unable to contact slurm controller|Could not establish a configuration source|Connection refused|"
-    r"Unable to process configuration file|s_p_parse_file: cannot stat file|"
-    r"Socket timed out|Zero Bytes were transmitted|Communication connection failure|Munge|munge|"
-    r"slurm_load_jobs error: Unable|Slurm backup controller in standby mode|No route to host",
-)
 # sacct's words for a site without job accounting (AccountingStorageType=accounting_storage/none, or no storage
 # plugin), which do not change while slurmctld runs. Not "Problem talking to the database": that is slurmdbd
 # unreachable for now (down, restarting, its host timing out), after which sacct answers again.
@@ -80,7 +74,7 @@ class CliBackend(SlurmBackend):
                                    f"(check with: scontrol ping)") from None
         if result.returncode != 0:
             message = _message(result)
-            if _UNAVAILABLE_PATTERNS.search(message):
+            if UNREACHABLE_PATTERNS.search(message):
                 raise SlurmUnavailable(f"{command}: Slurm is not reachable: {message} "
                                        f"(check with: scontrol ping; is SLURM_CONF set?)", message)
             raise SlurmError(f"{command} failed: {message}", message)
@@ -208,7 +202,7 @@ class CliBackend(SlurmBackend):
         # 22.05's --json exits 0 when it could not ask slurmctld: an "errors" list beside an EMPTY job/node list,
         # which must not read as "no jobs" (every job would look gone).
         errors = "; ".join(adapter.errors_from_json(payload))
-        if errors and _UNAVAILABLE_PATTERNS.search(errors):
+        if errors and UNREACHABLE_PATTERNS.search(errors):
             raise SlurmUnavailable(f"{' '.join(args[:2])}: Slurm is not reachable: {errors} "
                                    f"(check with: scontrol ping; is SLURM_CONF set?)", errors)
         if errors:

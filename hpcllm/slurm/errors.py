@@ -41,6 +41,14 @@ class SlurmBackendUnsupported(HpcllmError):
     exit_code = 2
 
 
+# Slurm's words (any command, slurmrestd alike) for "could not ask slurmctld", as opposed to a refusal.
+UNREACHABLE_PATTERNS = re.compile(
+    r"Unable to contact slurm controller|Could not establish a configuration source|Connection refused|"
+    r"Unable to process configuration file|s_p_parse_file: cannot stat file|"
+    r"Socket timed out|Zero Bytes were transmitted|Communication connection failure|Munge|munge|"
+    r"slurm_load_jobs error: Unable|Slurm backup controller in standby mode|No route to host",
+)
+
 # Slurm's words (scancel, slurmrestd, libslurm alike) for a job that has already ended.
 _ALREADY_DONE = re.compile(r"already completing or completed|Invalid job id specified|Job has already finished",
                            re.IGNORECASE)

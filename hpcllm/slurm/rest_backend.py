@@ -28,7 +28,8 @@ import httpx
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
 from hpcllm.slurm.environment import job_environment, run_slurm_command
-from hpcllm.slurm.errors import SlurmError, SlurmUnavailable, already_done, with_setting_hint
+from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done,
+                                 with_setting_hint)
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
 if TYPE_CHECKING:
@@ -246,6 +247,10 @@ def _scontrol_token(lifespan: int) -> str:
     except subprocess.TimeoutExpired:
         raise SlurmUnavailable("scontrol token did not answer within 30 s; is slurmctld up?") from None
     out = result.stdout.strip()
+    said = result.stderr.strip() or out
+    if result.returncode != 0 and UNREACHABLE_PATTERNS.search(said):  # slurmctld, which signs tokens, is down
+        raise SlurmUnavailable(f"no JWT for slurmrestd: scontrol token cannot reach slurmctld: {said} (check with: "
+                               f"scontrol ping)", said)
     if result.returncode != 0 or not out.startswith("SLURM_JWT="):
         raise SlurmError(f"could not get a JWT for slurmrestd with scontrol token: "
                          f"{result.stderr.strip() or out or 'no output'} (is AuthAltTypes=auth/jwt set?)")

@@ -156,6 +156,19 @@ def test_token_file_wins_over_the_environment(server, monkeypatch, tmp_path):
     assert backend.statuses(["1"])["1"].state is JobState.COMPLETED
 
 
+def test_no_token_while_slurmctld_is_down_is_unavailable_not_a_jwt_misconfiguration(tmp_path, monkeypatch):
+    from hpcllm.slurm.tests.fake_slurm import FakeSlurm
+
+    monkeypatch.delenv("SLURM_JWT", raising=False)
+    fake = FakeSlurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", fake.path_env())
+    fake.on("scontrol", "token", stderr="scontrol: error: Unable to contact slurm controller (connect failure)\n",
+            rc=1)
+    backend = RestBackend(SlurmConfig(backend="rest"), transport=httpx.MockTransport(Server()))
+    with pytest.raises(SlurmUnavailable, match="scontrol token cannot reach slurmctld: .*Unable to contact"):
+        backend.statuses(["1"])  # not "is AuthAltTypes=auth/jwt set?", a refusal
+
+
 def test_an_scontrol_that_cannot_be_run_for_a_token_is_unavailable_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JWT", raising=False)
     (tmp_path / "scontrol").write_text("#!/bin/sh\necho SLURM_JWT=x\n")  # not executable
