@@ -118,7 +118,7 @@ class RestBackend(SlurmBackend):
                              response.text[:300])
         if response.status_code >= 400 or errors:
             message = "; ".join(errors) or f"HTTP {response.status_code}: {response.text[:300].strip()}"
-            if response.status_code in (502, 503, 504) or "Unable to contact slurm controller" in message:
+            if response.status_code in (502, 503, 504) or UNREACHABLE_PATTERNS.search(message):
                 raise SlurmUnavailable(f"slurmrestd cannot reach slurmctld: {message}", message)
             raise SlurmError(f"slurmrestd {method} {url}: {message}", message)
         if payload is None:

@@ -200,6 +200,18 @@ def test_a_slurmrestd_without_v0_0_38_says_so(monkeypatch):
             call()
 
 
+@pytest.mark.parametrize("words", ["Socket timed out on send/recv operation",
+                                   "Zero Bytes were transmitted or received"])
+def test_slurmctld_not_answering_slurmrestd_is_unavailable_not_a_refusal(words, monkeypatch):
+    # As from sbatch: a submit whose answer was lost may have made the job; a refusal would drop the intent.
+    monkeypatch.setenv("SLURM_JWT", "tok")
+    answer = {"errors": [{"error": words, "error_number": 5004, "description": "Batch job submission failed"}]}
+    backend = RestBackend(SlurmConfig(backend="rest"),
+                          transport=httpx.MockTransport(lambda request: httpx.Response(500, json=answer)))
+    with pytest.raises(SlurmUnavailable, match=words):
+        backend.submit(make_job_spec(name="x", script="true"))
+
+
 def test_unsupported_api_version_is_refused():
     with pytest.raises(SlurmError, match="rest_api_version = 'v0.0.40' is not supported"):
         RestBackend(SlurmConfig(backend="rest", rest_api_version="v0.0.40"))
