@@ -197,9 +197,14 @@ class Job:
 
     def requeue(self) -> None:
         self.watcher.backend.requeue(self.job_id)
+        # Its new state and restart count on the next look, not the cached run; a finished job Slurm requeues
+        # (scontrol requeue takes those too) is no longer done, so its cached end must go as well.
+        self.watcher.forget(self.job_id)
+        self.watcher.watch(self.job_id)
 
     def signal(self, sig: str, batch_only: bool = True) -> None:
         self.watcher.backend.signal(self.job_id, sig, batch_only=batch_only)
+        self.watcher.expedite()  # a drain or a kill changes its state soon
 
     def wait(self, timeout: float | None = None) -> JobStatus:
         """Block until the job reaches a terminal state; TimeoutError after `timeout` seconds."""

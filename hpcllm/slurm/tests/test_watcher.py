@@ -99,6 +99,26 @@ def test_back_off_doubles_while_nothing_changes_and_resets_on_change():
     assert watcher.next_poll_in() == 2  # a change brings polling back to the minimum
 
 
+def test_a_requeue_or_signal_through_the_handle_is_seen_at_the_next_look_not_after_the_back_off():
+    backend, clock = MemoryBackend(), FakeClock()
+    watcher = StatusWatcher(backend, min_interval=2, max_interval=60, clock=clock)
+    job = watcher.submit(SPEC)
+    backend.states[job.job_id] = JobState.RUNNING
+    for _ in range(6):  # a quiet job: polls back off to a minute
+        clock.now += watcher.next_poll_in()
+        watcher.poll()
+    assert job.state() is JobState.RUNNING and watcher.next_poll_in() == 60
+    job.requeue()
+    assert job.state() is JobState.PENDING  # same clock: no minute of the cached RUNNING
+    clock.now += watcher.next_poll_in()
+    watcher.poll()
+    backend.states[job.job_id] = JobState.CANCELLED  # what a TERM ends in
+    job.signal("TERM")
+    assert job.state() is JobState.CANCELLED
+    job.requeue()  # a finished job can be requeued too: it is not done any more
+    assert job.state() is JobState.PENDING and not job.done()
+
+
 def test_terminal_jobs_are_not_polled_again():
     backend = MemoryBackend()
     watcher = StatusWatcher(backend, min_interval=0.01, max_interval=0.02)
