@@ -211,6 +211,8 @@ def test_json_errors_with_exit_0_are_slurm_unavailable_not_every_job_gone(fake, 
     with pytest.raises(SlurmUnavailable, match="Unable to contact slurm controller"):
         backend.statuses(["42"])  # not "42: missing, no longer listed", which ends its allocation
     with pytest.raises(SlurmUnavailable, match="Unable to contact slurm controller"):
+        backend.list_jobs()  # not "no jobs", which drops the controller's unsettled submissions
+    with pytest.raises(SlurmUnavailable, match="Unable to contact slurm controller"):
         backend.nodes()  # not "no nodes"
 
 
