@@ -271,3 +271,18 @@ def test_comment_from_squeue_json_and_sacct_json_shapes():
     assert adapter.job_status_from_json({**job, "comment": "hpcllm-alloc-1"}).comment == "hpcllm-alloc-1"
     assert adapter.job_status_from_json({**job, "comment": {"job": "hpcllm-alloc-2", "administrator": None}}
                                         ).comment == "hpcllm-alloc-2"
+
+
+def test_array_and_het_aliases_from_23_02_number_objects():
+    def num(n, is_set=True):
+        return {"set": is_set, "infinite": False, "number": n}
+
+    jobs = adapter.jobs_from_json({"jobs": [
+        {"job_id": 501, "job_state": ["RUNNING"], "array_job_id": num(500), "array_task_id": num(4)},
+        {"job_id": 511, "job_state": ["RUNNING"], "array_job_id": num(0), "array_task_id": num(0, False),
+         "het_job_id": num(510), "het_job_offset": num(1)},
+        {"job_id": 520, "job_state": ["PENDING"], "array_job_id": num(0), "array_task_id": num(0, False),
+         "het_job_id": num(0), "het_job_offset": num(0), "array_task_string": ""},
+    ]}, aliases=True)
+    assert sorted(jobs) == ["500_4", "501", "510+1", "511", "520"]
+    assert jobs["500_4"].job_id == "500_4" and jobs["510+1"].state is JobState.RUNNING
