@@ -138,9 +138,11 @@ class NodeInfo:
 _UNAVAILABLE_NODE_STATES = frozenset(
     {"DOWN", "FUTURE", "UNKNOWN", "DRAIN", "DRAINED", "DRAINING", "FAIL", "FAILING", "INVAL", "ERROR"}
 )
+# RESERVED: in an active advanced reservation, which hpcllm's jobs (they name none) cannot use; a job sent there by
+# name waits (ReqNodeNotAvail) until the reservation ends.
 _UNAVAILABLE_NODE_FLAGS = frozenset(
-    {"DRAIN", "DRAINED", "DRAINING", "FAIL", "NOT_RESPONDING", "MAINTENANCE", "POWERED_DOWN", "POWERING_DOWN",
-     "REBOOT_ISSUED", "INVALID_REG"}
+    {"DRAIN", "DRAINED", "DRAINING", "FAIL", "NOT_RESPONDING", "MAINTENANCE", "RESERVED", "POWERED_DOWN",
+     "POWERING_DOWN", "REBOOT_ISSUED", "INVALID_REG"}
 )
 
 

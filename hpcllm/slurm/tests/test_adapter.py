@@ -286,3 +286,10 @@ def test_array_and_het_aliases_from_23_02_number_objects():
     ]}, aliases=True)
     assert sorted(jobs) == ["500_4", "501", "510+1", "511", "520"]
     assert jobs["500_4"].job_id == "500_4" and jobs["510+1"].state is JobState.RUNNING
+
+
+def test_a_node_in_a_reservation_is_not_available_for_hpcllms_jobs():
+    # A class's or a project's reservation (not a maintenance one): hpcllm's jobs name no reservation.
+    (text,) = adapter.nodes_from_scontrol_text("NodeName=n5 State=IDLE+RESERVED CPUTot=8 Gres=gpu:2\n")
+    json_node = adapter.node_from_json({"name": "n5", "state": "idle", "state_flags": ["RESERVED"], "gres": "gpu:2"})
+    assert not text.available and not json_node.available
