@@ -25,6 +25,7 @@ import re
 import subprocess
 from typing import TYPE_CHECKING
 
+from hpcllm.errors import ConfigError
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate, signal_name
 from hpcllm.slurm.environment import inherited_sbatch_options, run_slurm_command
@@ -72,6 +73,10 @@ class CliBackend(SlurmBackend):
         except subprocess.TimeoutExpired:
             raise SlurmUnavailable(f"{command} did not answer within {self._timeout:.0f} s; is slurmctld up? "
                                    f"(check with: scontrol ping)") from None
+        if result.returncode < 0:  # killed (the OOM killer, a site wrapper's limit): it may have done its work
+            raise SlurmUnavailable(f"{command} was killed by {_signal_text(-result.returncode)} before it "
+                                   f"answered; what it did is unknown "
+                                   f"({(result.stderr or '').strip()[:200] or 'no message'})")
         if result.returncode != 0:
             message = _message(result)
             if UNREACHABLE_PATTERNS.search(message):
@@ -299,6 +304,13 @@ def parse_squeue_start(text: str) -> dict[str, StartEstimate]:
 def _epoch(text: str) -> float | None:
     """An epoch-seconds time as Slurm prints it with SLURM_TIME_FORMAT=%s; None for N/A, Unknown and the like."""
     return float(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _signal_text(number: int) -> str:
+    try:
+        return f"SIG{signal_name(number)}"
+    except ConfigError:  # a number no signal has
+        return f"signal {number}"
 
 
 def _message(result: subprocess.CompletedProcess[str]) -> str:

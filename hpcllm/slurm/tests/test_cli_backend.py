@@ -77,6 +77,16 @@ def test_sbatchs_warnings_on_an_accepted_job_reach_the_log(fake, backend, caplog
     assert accepted == [f"sbatch accepted job 88 (t) with: {warning.strip()}"]
 
 
+def test_a_killed_sbatch_is_a_lost_answer_not_a_refusal(tmp_path, monkeypatch, backend):
+    # Killed after sending the job (the OOM killer, a site wrapper's CPU limit): the job may exist, so the
+    # controller must keep its intent (SlurmUnavailable), not drop it as refused (SlurmError).
+    (tmp_path / "sbatch").write_text("#!/bin/sh\ncat >/dev/null\nkill -KILL $$\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(SlurmUnavailable, match="sbatch --parsable was killed by SIGKILL before it answered"):
+        backend.submit(make_job_spec(name="t", script="true"))
+
+
 def test_get_backend_default_is_cli():
     assert isinstance(get_backend(SlurmConfig()), CliBackend)
 
