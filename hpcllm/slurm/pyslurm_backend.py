@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
-from hpcllm.slurm.errors import (SlurmBackendUnsupported, SlurmError, SlurmUnavailable, already_done,
-                                 with_setting_hint)
+from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmBackendUnsupported, SlurmError, SlurmUnavailable,
+                                 already_done, with_setting_hint)
 from hpcllm.slurm.environment import job_environment, run_slurm_command
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
@@ -92,8 +92,7 @@ class PyslurmBackend(SlurmBackend):
             return call(*args, **kwargs)
         except Exception as exc:  # pyslurm.RPCError and ValueError carry Slurm's / pyslurm's message
             message = str(exc)
-            if re.search(r"Unable to contact slurm controller|Communication connection failure|timed out",
-                         message, re.IGNORECASE):
+            if UNREACHABLE_PATTERNS.search(message) or re.search("timed out", message, re.IGNORECASE):
                 raise SlurmUnavailable(f"{what}: Slurm is not reachable: {message}", message) from None
             raise SlurmError(f"{what}: {message}", message) from None
 

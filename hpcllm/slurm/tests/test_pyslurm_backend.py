@@ -10,7 +10,7 @@ import pytest
 from hpcllm.config import SlurmConfig
 from hpcllm.slurm.base import JobState, make_job_spec
 from hpcllm.slurm.factory import get_backend
-from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError
+from hpcllm.slurm.errors import SlurmBackendUnsupported, SlurmError, SlurmUnavailable
 from hpcllm.slurm.pyslurm_backend import (PyslurmBackend, job_status_from_pyslurm, load_matching_pyslurm,
                                           parse_version)
 
@@ -184,6 +184,20 @@ def test_cancel_of_a_finished_job_is_not_an_error():
     module.Job.cancel = controller_down
     with pytest.raises(SlurmError, match="not reachable"):
         backend.cancel("4242")
+
+
+@pytest.mark.parametrize("words", ["Zero Bytes were transmitted or received",
+                                   "Slurm backup controller in standby mode"])
+def test_slurmctld_not_answering_a_submit_is_unavailable_not_a_refusal(words):
+    # The job may exist: SlurmUnavailable keeps the controller's intent, a SlurmError would drop it.
+    module, _ = make_fake_pyslurm()
+
+    def lost(self):
+        raise FakeRPCError(words)
+
+    module.JobSubmitDescription.submit = lost
+    with pytest.raises(SlurmUnavailable, match=words):
+        PyslurmBackend(pyslurm=module).submit(make_job_spec(name="t", script="true"))
 
 
 def test_an_array_task_id_is_a_clear_error_not_a_traceback():
