@@ -100,7 +100,8 @@ class PyslurmBackend(SlurmBackend):
         """pyslurm.Job of a job number; pyslurm.Job takes no "12_3" / "12+1" (an array task, a het component)."""
         if not str(job_id).isdigit():
             raise SlurmError(f"job {job_id!r}: the pyslurm backend acts on job numbers only (pyslurm.Job takes an "
-                             f"int); use its own number (`scontrol show job {job_id}` shows it as JobId=) or backend = \"cli\"")
+                             f"int); use its own number (`scontrol show job {job_id}` shows it as JobId=) or "
+                             f"backend = \"cli\"")
         return self.pyslurm.Job(int(job_id))
 
     def submit(self, spec: JobSpec) -> str:
