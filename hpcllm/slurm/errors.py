@@ -75,7 +75,7 @@ _SETTING_REFUSALS = (
      "`sacctmgr show qos format=name,maxwall,maxtrespu,maxtrespj,maxsubmitpu` shows the QOS limits"),
     # More GPUs per node (or nodes of that shape) than any node of the partition has.
     ("Requested node configuration is not available", ("gpus_per_node", "partition"),
-     "`sinfo -o '%P %D %G'` shows each partition's nodes and GRES"),
+     "`sinfo -o '%P %D %G'` shows each partition's nodes and GRES (nodes a job names must have them too)"),
 )
 # The keys a model's own [slurm] table may override: controller.protocol.SlurmOverrides' fields (a controller test
 # holds the two together; the controller imports this package, not the reverse).
