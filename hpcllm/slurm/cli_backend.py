@@ -13,7 +13,8 @@
   nodes X in partition Y"; nothing is submitted); pending_start_times: `squeue --start` for our queued jobs;
 - job_end (a model pool's agent, of its own job): `squeue --jobs=N` in the same pinned text format.
 Every command runs with the user's output-shaping variables removed (SQUEUE_FORMAT, SINFO_FORMAT, SACCT_FORMAT,
-SLURM_TIME_FORMAT, ...) and SLURM_TIME_FORMAT=%s, so a personal setting cannot break parsing.
+SLURM_TIME_FORMAT, ...; and scancel's SCANCEL_*) and SLURM_TIME_FORMAT=%s, so a personal setting cannot break
+parsing or what a command does.
 """
 
 from __future__ import annotations

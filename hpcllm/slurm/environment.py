@@ -9,8 +9,10 @@ import signal
 import subprocess
 import tempfile
 
-# Variables that change what Slurm's commands print (formats, default filters, time format).
-_OUTPUT_VARIABLE_PREFIXES = ("SQUEUE_", "SINFO_", "SACCT_", "SCONTROL_")
+# Variables that change what Slurm's commands print (formats, default filters, time format) or do: scancel's
+# (SCANCEL_STATE=PENDING, SCANCEL_NAME, SCANCEL_INTERACTIVE: a cancel that cancels nothing and exits 0;
+# SCANCEL_BATCH/FULL: which processes a signal reaches).
+_OUTPUT_VARIABLE_PREFIXES = ("SQUEUE_", "SINFO_", "SACCT_", "SCONTROL_", "SCANCEL_")
 # Variables no option of hpcllm's can undo (sbatch has no --no-wait, no "not an array"): SBATCH_WAIT holds every
 # submit until the job ends, SBATCH_ARRAY_INX makes N jobs of which one is tracked, *_CLUSTERS sends the jobs
 # (and squeue's and scancel's questions) to another cluster than slurm.conf's. The other SBATCH_* variables are

@@ -127,6 +127,17 @@ def test_a_node_agents_job_gets_only_the_variables_the_agent_needs(fake, backend
     assert fake.calls("sbatch")[1]["env"]["SITE_LICENSE"] == "x"
 
 
+def test_users_scancel_settings_cannot_make_a_cancel_cancel_nothing(fake, backend, monkeypatch):
+    # scancel reads SCANCEL_* as its options: with these a running job would stay (exit 0, nothing said).
+    for name, value in {"SCANCEL_STATE": "PENDING", "SCANCEL_NAME": "other", "SCANCEL_INTERACTIVE": "true",
+                        "SCANCEL_FULL": "true"}.items():
+        monkeypatch.setenv(name, value)
+    fake.on("scancel", "")
+    backend.cancel("42")
+    backend.signal("42", "USR1")
+    assert [k for call in fake.calls("scancel") for k in call["env"] if k.startswith("SCANCEL_")] == []
+
+
 def test_user_format_settings_do_not_reach_the_commands(fake, backend, monkeypatch):
     for name, value in {"SQUEUE_FORMAT": "%i %garbage", "SQUEUE_FORMAT2": "JobID:3", "SINFO_FORMAT": "%N",
                         "SACCT_FORMAT": "jobid", "SLURM_TIME_FORMAT": "relative", "SQUEUE_STATES": "R"}.items():
