@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import signal as signal_module
 import subprocess
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -180,7 +181,9 @@ def submit_description_fields(spec: JobSpec) -> dict[str, Any]:
     }
     if spec.signal:
         name, seconds = spec.signal.split("@")
-        optional["signal"] = {"signal": f"SIG{name}", "time": int(seconds), "batch_only": True}
+        # By number: pyslurm 25.x puts a dict's "signal" into a uint16 as it is (a name raises TypeError there).
+        number = signal_module.Signals[f"SIG{signal_name(name)}"].value
+        optional["signal"] = {"signal": number, "time": int(seconds), "batch_only": True}
     fields.update({key: value for key, value in optional.items() if value is not None})
     if spec.mem_mb == 0:  # pyslurm drops a memory_per_node of 0 (NO_VAL): the job would get the default instead
         raise SlurmError("the pyslurm backend cannot ask for all of each node's memory (mem = \"0\", sbatch's "

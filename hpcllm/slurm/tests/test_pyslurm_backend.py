@@ -65,6 +65,11 @@ def make_fake_pyslurm():
         def submit(self):
             if self.kwargs.get("partitions") == "nope":
                 raise FakeRPCError("Invalid partition name specified")
+            # pyslurm 25.x _set_signal: a dict's "signal" goes straight into u16() (a Cython uint16_t cast); only
+            # the "SIG@T" string form goes through signal_to_num.
+            signal = self.kwargs.get("signal")
+            if isinstance(signal, dict) and not isinstance(signal.get("signal"), int):
+                raise TypeError("an integer is required")
             log["submitted"].append(self.kwargs)
             return 4242
 
@@ -131,7 +136,7 @@ def test_calls_map_onto_pyslurm_25_api():
     (fields,) = log["submitted"]
     assert fields["partitions"] == "batch" and fields["time_limit"] == "00:10:00"
     assert fields["gres_per_node"] == "gpu:2" and fields["memory_per_node"] == 1024
-    assert fields["signal"] == {"signal": "SIGUSR1", "time": 60, "batch_only": True}
+    assert fields["signal"] == {"signal": 10, "time": 60, "batch_only": True}  # SIGUSR1 by its number
     assert fields["is_requeueable"] is True and fields["log_files_open_mode"] == "append"
     assert fields["required_nodes"] == ["n1"] and fields["environment"]["A"] == "1"
     assert fields["script"].startswith("#!/bin/bash\n#SBATCH --job-name=t")
