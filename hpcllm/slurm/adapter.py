@@ -17,7 +17,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from hpcllm.slurm.hostlist import HostlistError, expand_item, split_top_level
@@ -246,43 +246,48 @@ def _comment(value: Any) -> str | None:
     return _text(value) if isinstance(value, str) else None
 
 
-def jobs_from_json(payload: Mapping[str, Any], *, aliases: bool = False) -> dict[str, JobStatus]:
-    """`squeue --json` / GET .../jobs -> {job id: JobStatus}; aliases: each job also under the other ids it
-    answers to (job_aliases), as a status of that id, for looking jobs up by the ids users give."""
+def jobs_from_json(payload: Mapping[str, Any], *, wanted: Collection[str] = ()) -> dict[str, JobStatus]:
+    """`squeue --json` / GET .../jobs -> {job id: JobStatus}; each of `wanted` that is an array task ("A_T") or a
+    het component ("H+O") is also found under that id (Slurm's JSON lists jobs by number only)."""
+    other_ids = {job_id for job_id in wanted if not job_id.isdigit()}
     statuses = {}
     for job in payload.get("jobs") or []:
         if isinstance(job, Mapping) and job.get("job_id") is not None:
             status = job_status_from_json(job)
-            for alias in job_aliases(job) if aliases else ():
+            for alias in _ids_among(job, other_ids) if other_ids else ():
                 statuses.setdefault(alias, dataclasses.replace(status, job_id=alias))
             statuses[status.job_id] = status
     return statuses
 
 
-def job_aliases(job: Mapping[str, Any]) -> list[str]:
-    """The ids besides its number that a JSON job entry answers to, as sbatch, squeue's text and scancel write
-    them: "A_T" for an array task (each task a pending array record still holds: "1-10%2", "1,3,5-9:2"), "H+O"
-    for a component of a heterogeneous job."""
+def _ids_among(job: Mapping[str, Any], ids: set[str]) -> list[str]:
+    """Those of `ids` a JSON job entry answers to besides its number: "A_T" for an array task (or for each task a
+    pending array record still holds in its task string: "1-10%2", "1,3,5-9:2"), "H+O" for a het component."""
     array_job, task = number(job.get("array_job_id")), number(job.get("array_task_id"))
     het_job, offset = number(job.get("het_job_id")), number(job.get("het_job_offset"))
     if array_job and array_job != math.inf:
-        tasks = [task] if task is not None and task != math.inf else _array_tasks(_text(job.get("array_task_string")))
-        return [f"{int(array_job)}_{int(t)}" for t in tasks]
+        prefix = f"{int(array_job)}_"
+        tasks = [int(job_id.removeprefix(prefix)) for job_id in ids
+                 if job_id.startswith(prefix) and job_id.removeprefix(prefix).isdigit()]
+        if task is not None and task != math.inf:
+            return [f"{prefix}{t}" for t in tasks if t == task]
+        text = _text(job.get("array_task_string"))
+        return [f"{prefix}{t}" for t in tasks if _in_task_string(t, text)]
     if het_job and het_job != math.inf and offset is not None and offset != math.inf:
-        return [f"{int(het_job)}+{int(offset)}"]
+        component = f"{int(het_job)}+{int(offset)}"
+        return [component] if component in ids else []
     return []
 
 
-def _array_tasks(text: str | None) -> list[int]:
-    """An array's task string ("1-10%2", "1,3,5-9:2") -> its task numbers; [] for anything else."""
-    tasks: list[int] = []
+def _in_task_string(task: int, text: str | None) -> bool:
+    """Is `task` one of an array's task string ("1-10%2", "1,3,5-9:2")? False for a string that is not one."""
     for part in (text or "").split("%")[0].split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
-        if not match:
-            return []
-        low, high, step = int(match[1]), int(match[2] or match[1]), int(match[3] or 1)
-        tasks.extend(range(low, high + 1, max(step, 1)))
-    return tasks
+        if match:
+            low, high, step = int(match[1]), int(match[2] or match[1]), max(int(match[3] or 1), 1)
+            if low <= task <= high and (task - low) % step == 0:
+                return True
+    return False
 
 
 def missing_status(job_id: str, why: str) -> JobStatus:

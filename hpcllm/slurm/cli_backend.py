@@ -101,7 +101,7 @@ class CliBackend(SlurmBackend):
         wanted = [str(job_id) for job_id in job_ids]
         if not wanted:
             return {}
-        listed = self._squeue_all(aliases=True)
+        listed = self._squeue_all(wanted)
         answer = {job_id: listed[job_id] for job_id in wanted if job_id in listed}
         missing = [job_id for job_id in wanted if job_id not in listed]
         if missing:
@@ -216,13 +216,13 @@ class CliBackend(SlurmBackend):
             return None
         return payload
 
-    def _squeue_all(self, aliases: bool = False) -> dict[str, JobStatus]:
-        """Every job slurmctld still holds (all users, all partitions, all states), in one call; aliases: array
+    def _squeue_all(self, wanted: list[str] | tuple[str, ...] = ()) -> dict[str, JobStatus]:
+        """Every job slurmctld still holds (all users, all partitions, all states), in one call; the wanted array
         tasks and heterogeneous components also under "A_T" / "H+O" (the text format lists them so already)."""
         if self._squeue_json:
             payload = self._json(["squeue", "--json", "--all", "--states=all"])
             if payload is not None and "jobs" in payload:
-                return adapter.jobs_from_json(payload, aliases=aliases)
+                return adapter.jobs_from_json(payload, wanted=wanted)
             self._squeue_json = False
         result = self._run(["squeue", "--noheader", "--all", "--states=all", "--array",
                             f"--Format={adapter.SQUEUE_TEXT_FORMAT}"])

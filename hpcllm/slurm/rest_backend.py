@@ -147,7 +147,7 @@ class RestBackend(SlurmBackend):
         wanted = [str(job_id) for job_id in job_ids]
         if not wanted:
             return {}
-        listed = adapter.jobs_from_json(self._request("GET", "/jobs"), aliases=True)
+        listed = adapter.jobs_from_json(self._request("GET", "/jobs"), wanted=wanted)
         return {
             job_id: listed.get(job_id) or adapter.missing_status(
                 job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)")

@@ -283,7 +283,7 @@ def test_array_and_het_aliases_from_23_02_number_objects():
          "het_job_id": num(510), "het_job_offset": num(1)},
         {"job_id": 520, "job_state": ["PENDING"], "array_job_id": num(0), "array_task_id": num(0, False),
          "het_job_id": num(0), "het_job_offset": num(0), "array_task_string": ""},
-    ]}, aliases=True)
+    ]}, wanted=["500_4", "510+1", "520", "500_5", "510+0"])
     assert sorted(jobs) == ["500_4", "501", "510+1", "511", "520"]
     assert jobs["500_4"].job_id == "500_4" and jobs["510+1"].state is JobState.RUNNING
 
