@@ -109,7 +109,7 @@ class StatusWatcher:
                 except SlurmUnavailable:
                     with self._lock:  # the next try waits its turn: a down slurmctld is not asked in a tight loop
                         self._last_poll = self._clock()
-                        self._interval = min(max(self._interval * 2, self.min_interval), self.max_interval)
+                        self._interval = self._backed_off()
                     raise
                 with self._lock:
                     self.poll_count += 1
@@ -117,14 +117,17 @@ class StatusWatcher:
                                   or self._statuses[j].restart_count != s.restart_count for j, s in fresh.items())
                     self._statuses.update({j: s for j, s in fresh.items() if j in self._watched})
                     self._last_poll = self._clock()
-                    self._interval = self.min_interval if changed else min(
-                        max(self._interval * 2, self.min_interval), self.max_interval)
+                    self._interval = self.min_interval if changed else self._backed_off()
                     self._changed.notify_all()
             elif due:
                 with self._lock:
                     self._last_poll = self._clock()
         with self._lock:
             return {j: self._statuses[j] for j in self._watched if j in self._statuses}
+
+    def _backed_off(self) -> float:
+        """The interval after a poll that saw no change (or could not ask): doubled, within the bounds."""
+        return min(max(self._interval * 2, self.min_interval), self.max_interval)
 
     def status(self, job_id: str) -> JobStatus:
         """The job's status, polling first if a poll is due."""
