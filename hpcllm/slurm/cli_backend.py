@@ -81,8 +81,7 @@ class CliBackend(SlurmBackend):
         if result.returncode != 0:
             message = _message(result)
             if UNREACHABLE_PATTERNS.search(message):
-                raise SlurmUnavailable(f"{command}: Slurm is not reachable: {message} "
-                                       f"(check with: scontrol ping; is SLURM_CONF set?)", message)
+                raise _unreachable(command, message)
             raise SlurmError(f"{command} failed: {message}", message)
         return result
 
@@ -209,8 +208,7 @@ class CliBackend(SlurmBackend):
         # which must not read as "no jobs" (every job would look gone).
         errors = "; ".join(adapter.errors_from_json(payload))
         if errors and UNREACHABLE_PATTERNS.search(errors):
-            raise SlurmUnavailable(f"{' '.join(args[:2])}: Slurm is not reachable: {errors} "
-                                   f"(check with: scontrol ping; is SLURM_CONF set?)", errors)
+            raise _unreachable(" ".join(args[:2]), errors)
         if errors:
             log.info("%s answered errors (%s); using the text format instead", " ".join(args), errors)
             return None
@@ -305,6 +303,11 @@ def parse_squeue_start(text: str) -> dict[str, StartEstimate]:
 def _epoch(text: str) -> float | None:
     """An epoch-seconds time as Slurm prints it with SLURM_TIME_FORMAT=%s; None for N/A, Unknown and the like."""
     return float(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _unreachable(command: str, message: str) -> SlurmUnavailable:
+    return SlurmUnavailable(f"{command}: Slurm is not reachable: {message} (check with: scontrol ping; is SLURM_CONF "
+                            f"set?)", message)
 
 
 def _signal_text(number: int) -> str:
