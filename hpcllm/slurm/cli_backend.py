@@ -24,11 +24,14 @@ import json
 import logging
 import re
 import subprocess
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hpcllm.errors import ConfigError
 from hpcllm.slurm import adapter
-from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate, signal_name
+from hpcllm.slurm.base import (JobSpec, JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate,
+                               signal_name)
 from hpcllm.slurm.environment import inherited_sbatch_options, run_slurm_command
 from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done,
                                  with_setting_hint)
@@ -44,15 +47,22 @@ log = logging.getLogger(__name__)
 # unreachable for now (down, restarting, its host timing out), after which sacct answers again.
 _ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|unable to initialize storage plugin", re.IGNORECASE)
 _ACCOUNTING_UNREACHABLE = re.compile(r"Problem talking to the database", re.IGNORECASE)
+# How long a job squeue no longer lists stays UNKNOWN (not ended) while sacct cannot answer for it: squeue forgets
+# only ended jobs, so after this it is reported missing (ended, its end state unknown) and its allocation let go.
+SACCT_UNREACHABLE_GRACE_SECONDS = 600.0
 
 
 class CliBackend(SlurmBackend):
     name = "cli"
 
-    def __init__(self, config: SlurmConfig | None = None, *, command_timeout: float | None = None):
+    def __init__(self, config: SlurmConfig | None = None, *, command_timeout: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self._timeout = command_timeout or (getattr(config, "command_timeout_seconds", None) or 60.0)
+        self._clock = clock
         # None: not tried yet; False: the site has no accounting (sacct refuses), do not ask again.
         self._accounting: bool | None = None
+        # Jobs squeue no longer lists that sacct could not answer for, and since when (cleared once sacct answers).
+        self._sacct_unanswered_since: dict[str, float] = {}
         self._squeue_json = True
         self._sinfo_json = True
         self._inherited_logged: dict[str, str] = {}
@@ -104,11 +114,37 @@ class CliBackend(SlurmBackend):
         answer = {job_id: listed[job_id] for job_id in wanted if job_id in listed}
         missing = [job_id for job_id in wanted if job_id not in listed]
         if missing:
-            from_accounting = self._sacct(missing)
+            try:
+                from_accounting = self._sacct(missing)
+            except SlurmUnavailable as exc:  # squeue's answers for the other jobs still hold
+                answer.update(self._unanswered(missing, exc))
+                return answer
+            self._sacct_unanswered_since.clear()  # sacct answers again
             for job_id in missing:
                 answer[job_id] = from_accounting.get(job_id) or adapter.missing_status(
                     job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)"
                     + ("" if self._accounting else " and job accounting is off, so its end state is unknown"))
+        return answer
+
+    def _unanswered(self, job_ids: list[str], exc: SlurmUnavailable) -> dict[str, JobStatus]:
+        """Jobs squeue no longer lists while sacct cannot be asked: not ended yet as far as callers know (UNKNOWN,
+        not missing), for SACCT_UNREACHABLE_GRACE_SECONDS; then missing, so nobody waits on slurmdbd forever."""
+        now = self._clock()
+        new = [job_id for job_id in job_ids if job_id not in self._sacct_unanswered_since]
+        if new:
+            log.warning("squeue no longer lists jobs %s and sacct cannot tell their end for now: %s",
+                        ", ".join(new), exc)
+        answer = {}
+        for job_id in job_ids:
+            waited = now - self._sacct_unanswered_since.setdefault(job_id, now)
+            if waited >= SACCT_UNREACHABLE_GRACE_SECONDS:
+                answer[job_id] = adapter.missing_status(
+                    job_id, f"Slurm no longer lists this job and for {waited:.0f} s sacct could not tell its end: "
+                            f"{exc}")
+            else:
+                answer[job_id] = JobStatus(job_id=job_id, state=JobState.UNKNOWN,
+                                           reason=f"Slurm no longer lists this job; sacct cannot tell its end yet: "
+                                                  f"{exc}")
         return answer
 
     def list_jobs(self) -> dict[str, JobStatus]:
@@ -241,9 +277,8 @@ class CliBackend(SlurmBackend):
                 self._accounting = False
                 return {}
             if _ACCOUNTING_UNREACHABLE.search(exc.slurm_message):
-                raise SlurmUnavailable(f"sacct cannot reach slurmdbd, so jobs {', '.join(job_ids)}, which squeue no "
-                                       f"longer lists, cannot be looked up: {exc.slurm_message} (check with: "
-                                       f"sacctmgr ping)", exc.slurm_message) from None
+                raise SlurmUnavailable(f"sacct cannot reach slurmdbd: {exc.slurm_message} (check with: sacctmgr ping)",
+                                       exc.slurm_message) from None
             raise
         self._accounting = True
         return adapter.jobs_from_sacct_text(result.stdout)

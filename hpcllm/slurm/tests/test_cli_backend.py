@@ -16,7 +16,7 @@ from hpcllm.config import SlurmConfig
 from hpcllm.procs import pid_alive
 from hpcllm.slurm.base import JobState, make_job_spec
 from hpcllm.slurm.factory import get_backend
-from hpcllm.slurm.cli_backend import CliBackend, parse_parsable
+from hpcllm.slurm.cli_backend import SACCT_UNREACHABLE_GRACE_SECONDS, CliBackend, parse_parsable
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 from hpcllm.slurm.templates import render_batch_script, sbatch_directives
 from hpcllm.slurm.tests.fake_slurm import FakeSlurm
@@ -164,17 +164,38 @@ def test_statuses_use_one_squeue_call_for_many_jobs(fake, backend):
     assert len(fake.calls("sacct")) == 1 and len(fake.calls("squeue")) == 2
 
 
+SLURMDBD_DOWN = ("sacct: error: slurm_persist_conn_open_without_init: failed to open persistent connection to "
+                 "host:slurmdbd01:6819: Connection timed out\nsacct: error: Problem talking to the database: "
+                 "Connection timed out\n")
+
+
 def test_slurmdbd_unreachable_for_a_while_does_not_turn_accounting_off(fake, backend):
     fake.on("squeue", "--json", stdout='{"jobs": []}')
-    fake.on("sacct", "", stderr="sacct: error: slurm_persist_conn_open_without_init: failed to open persistent "
-                                "connection to host:slurmdbd01:6819: Connection timed out\nsacct: error: Problem "
-                                "talking to the database: Connection timed out\n", rc=1)
-    with pytest.raises(SlurmUnavailable, match="sacct cannot reach slurmdbd"):
-        backend.statuses(["42"])  # not "missing, accounting is off": its end is only not known yet
+    fake.on("sacct", "", stderr=SLURMDBD_DOWN, rc=1)
+    status = backend.statuses(["42"])["42"]  # not "missing, accounting is off": its end is only not known yet
+    assert status.state is JobState.UNKNOWN and not status.missing and not status.is_terminal
+    assert "sacct cannot reach slurmdbd" in status.reason
     fake.rules.clear()  # slurmdbd is back
     fake.on("squeue", "--json", stdout='{"jobs": []}')
     fake.on("sacct", "", stdout="42|COMPLETED|None|n1|1700000000|1700000060|10|0:0|batch|42|old\n")
     assert backend.statuses(["42"])["42"].state is JobState.COMPLETED
+
+
+def test_slurmdbd_unreachable_keeps_squeues_answers_and_gives_up_on_a_purged_job_after_a_while(fake):
+    # One purged job while slurmdbd is down: the running job's status still comes back (the controller's sync and
+    # every watcher poll went on failing as a whole before), and the purged one is not waited on forever.
+    now = [1000.0]
+    backend = CliBackend(SlurmConfig(), command_timeout=10, clock=lambda: now[0])
+    fake.on("squeue", "--json", stdout=json.dumps({"jobs": [{"job_id": 7, "job_state": "RUNNING", "nodes": "n1"}]}))
+    fake.on("sacct", "", stderr=SLURMDBD_DOWN, rc=1)
+    statuses = backend.statuses(["7", "42"])
+    assert statuses["7"].state is JobState.RUNNING
+    assert statuses["42"].state is JobState.UNKNOWN and not statuses["42"].is_terminal
+    now[0] += SACCT_UNREACHABLE_GRACE_SECONDS - 1
+    assert not backend.statuses(["7", "42"])["42"].is_terminal
+    now[0] += 1
+    gone = backend.statuses(["7", "42"])["42"]
+    assert gone.missing and gone.is_terminal and "sacct could not tell its end" in gone.reason
 
 
 def test_sacct_answers_for_jobs_squeue_forgot(fake, backend):
