@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hpcllm.config import WALLTIME_PATTERN
 from hpcllm.errors import ConfigError
+from hpcllm.slurm.environment import inherited_sbatch_options
 
 # Values that end up on an `#SBATCH` line or in a REST field: no whitespace, no newline, nothing a shell or the
 # directive parser would split.
@@ -131,19 +132,23 @@ class NodeInfo:
 
     @property
     def available(self) -> bool:
-        """The node can take new jobs (up, not draining, not failing, responding)."""
-        return self.state not in _UNAVAILABLE_NODE_STATES and not (set(self.state_flags) & _UNAVAILABLE_NODE_FLAGS)
+        """The node can take new jobs (up, not draining, not failing, responding; not in an active reservation,
+        unless the service's jobs run in one: SBATCH_RESERVATION in its environment)."""
+        if self.state in _UNAVAILABLE_NODE_STATES or set(self.state_flags) & _UNAVAILABLE_NODE_FLAGS:
+            return False
+        return "RESERVED" not in self.state_flags or "SBATCH_RESERVATION" in inherited_sbatch_options()
 
 
 _UNAVAILABLE_NODE_STATES = frozenset(
     {"DOWN", "FUTURE", "UNKNOWN", "DRAIN", "DRAINED", "DRAINING", "FAIL", "FAILING", "INVAL", "ERROR"}
 )
-# RESERVED: in an active advanced reservation, which hpcllm's jobs (they name none) cannot use; a job sent there by
-# name waits (ReqNodeNotAvail) until the reservation ends.
 _UNAVAILABLE_NODE_FLAGS = frozenset(
-    {"DRAIN", "DRAINED", "DRAINING", "FAIL", "NOT_RESPONDING", "MAINTENANCE", "RESERVED", "POWERED_DOWN",
-     "POWERING_DOWN", "REBOOT_ISSUED", "INVALID_REG"}
+    {"DRAIN", "DRAINED", "DRAINING", "FAIL", "NOT_RESPONDING", "MAINTENANCE", "POWERED_DOWN", "POWERING_DOWN",
+     "REBOOT_ISSUED", "INVALID_REG"}
 )
+# And RESERVED (in an active advanced reservation) where hpcllm's jobs name none: a job sent there by name waits
+# (ReqNodeNotAvail) until the reservation ends. A site that gives the service a reservation of its own does so
+# with SBATCH_RESERVATION (sbatch reads it; hpcllm passes SBATCH_* on), and then those are the nodes to place on.
 
 
 @dataclass(frozen=True)

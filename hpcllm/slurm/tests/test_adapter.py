@@ -288,8 +288,20 @@ def test_array_and_het_aliases_from_23_02_number_objects():
     assert jobs["500_4"].job_id == "500_4" and jobs["510+1"].state is JobState.RUNNING
 
 
-def test_a_node_in_a_reservation_is_not_available_for_hpcllms_jobs():
+def test_a_node_in_a_reservation_is_not_available_for_hpcllms_jobs(monkeypatch):
     # A class's or a project's reservation (not a maintenance one): hpcllm's jobs name no reservation.
+    monkeypatch.delenv("SBATCH_RESERVATION", raising=False)
     (text,) = adapter.nodes_from_scontrol_text("NodeName=n5 State=IDLE+RESERVED CPUTot=8 Gres=gpu:2\n")
     json_node = adapter.node_from_json({"name": "n5", "state": "idle", "state_flags": ["RESERVED"], "gres": "gpu:2"})
     assert not text.available and not json_node.available
+
+
+def test_a_reserved_node_is_available_where_the_service_runs_in_a_reservation(monkeypatch):
+    # The site gives the service its own reservation (SBATCH_RESERVATION, which sbatch reads): its nodes are the
+    # ones to place on, not hidden from placement.
+    monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
+    (text,) = adapter.nodes_from_scontrol_text("NodeName=n5 State=IDLE+RESERVED CPUTot=8 Gres=gpu:2\n")
+    json_node = adapter.node_from_json({"name": "n5", "state": "idle", "state_flags": ["RESERVED"], "gres": "gpu:2"})
+    assert text.available and json_node.available
+    (drained,) = adapter.nodes_from_scontrol_text("NodeName=n6 State=IDLE+DRAIN+RESERVED CPUTot=8 Gres=gpu:2\n")
+    assert not drained.available
