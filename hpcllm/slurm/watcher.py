@@ -43,6 +43,9 @@ class StatusWatcher:
         self._changed = threading.Condition(self._lock)
         self._watched: set[str] = set()
         self._statuses: dict[str, JobStatus] = {}
+        # Jobs forgotten since the poll in flight (if any) took its list: its answers for them predate the forget
+        # (a requeue's), so they are dropped, not written back. Polls are serialized, so the next one clears it.
+        self._forgotten_since_poll: set[str] = set()
         self._interval = 0.0  # the first poll after a change happens at once
         self._last_poll: float | None = None
         self.poll_count = 0
@@ -76,6 +79,7 @@ class StatusWatcher:
             for job_id in job_ids:
                 self._watched.discard(str(job_id))
                 self._statuses.pop(str(job_id), None)
+                self._forgotten_since_poll.add(str(job_id))
 
     def expedite(self) -> None:
         """Make the next poll due now (after an action whose effect callers will look for)."""
@@ -103,6 +107,7 @@ class StatusWatcher:
                 due = force or self.next_poll_in() == 0.0
                 pending = sorted(j for j in self._watched
                                  if j not in self._statuses or not self._statuses[j].is_terminal)
+                self._forgotten_since_poll.clear()
             if due and pending:
                 try:
                     fresh = self.backend.statuses(pending)  # outside self._lock: readers keep the cached view
@@ -113,11 +118,15 @@ class StatusWatcher:
                     raise
                 with self._lock:
                     self.poll_count += 1
+                    fresh = {j: s for j, s in fresh.items()
+                             if j in self._watched and j not in self._forgotten_since_poll}
                     changed = any(self._statuses.get(j) is None or self._statuses[j].state != s.state
                                   or self._statuses[j].restart_count != s.restart_count for j, s in fresh.items())
-                    self._statuses.update({j: s for j, s in fresh.items() if j in self._watched})
+                    self._statuses.update(fresh)
                     self._last_poll = self._clock()
                     self._interval = self.min_interval if changed else self._backed_off()
+                    if self._forgotten_since_poll & self._watched:  # requeued meanwhile: its new state at once
+                        self._interval = 0.0
                     self._changed.notify_all()
             elif due:
                 with self._lock:

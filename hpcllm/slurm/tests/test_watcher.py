@@ -119,6 +119,25 @@ def test_a_requeue_or_signal_through_the_handle_is_seen_at_the_next_look_not_aft
     assert job.state() is JobState.PENDING and not job.done()
 
 
+def test_a_poll_in_flight_during_a_requeue_does_not_bring_back_the_old_end():
+    backend, clock = MemoryBackend(), FakeClock()
+    watcher = StatusWatcher(backend, min_interval=2, max_interval=60, clock=clock)
+    job = watcher.submit(SPEC)
+    backend.states[job.job_id] = JobState.FAILED
+    slurm_answers = backend.statuses
+
+    def answer_then_requeue(job_ids):
+        answer = slurm_answers(job_ids)  # Slurm says FAILED ...
+        job.requeue()  # ... and another thread requeues the job before that answer is applied
+        return answer
+
+    backend.statuses = answer_then_requeue
+    watcher.poll()
+    backend.statuses = slurm_answers
+    assert watcher.next_poll_in() == 0  # the requeued job is asked about at once, not after the back-off
+    assert job.state() is JobState.PENDING and not job.done()  # not FAILED for good, never polled again
+
+
 def test_terminal_jobs_are_not_polled_again():
     backend = MemoryBackend()
     watcher = StatusWatcher(backend, min_interval=0.01, max_interval=0.02)
