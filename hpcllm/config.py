@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal as signal_module
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -70,6 +72,22 @@ class PathsConfig(Section):
 
 # Slurm walltime formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (0: no time limit).
 WALLTIME_PATTERN = r"^(\d+-)?\d+(:\d{1,2}){0,2}$"
+# Slurm keeps --signal's seconds in 16 bits (warn_time; get_signal_opts in src/common/proc_args.c): sbatch and
+# slurmrestd refuse more ("Invalid --signal specification").
+SLURM_MAX_SIGNAL_SECONDS = 0xFFFF
+
+
+def signal_name(sig: str | int) -> str:
+    """"SIGUSR1", "usr1", 10 -> "USR1" (the name Slurm's tools accept); ConfigError for no such signal."""
+    if isinstance(sig, int) or str(sig).isdigit():
+        try:
+            return signal_module.Signals(int(sig)).name.removeprefix("SIG")
+        except ValueError:
+            raise ConfigError(f"signal number {sig} is not a known signal") from None
+    name = str(sig).strip().upper().removeprefix("SIG")
+    if not re.match(r"^[A-Z0-9]+$", name) or not hasattr(signal_module, f"SIG{name}"):
+        raise ConfigError(f"signal {sig!r} is not a known signal name (e.g. USR1, TERM)")
+    return name
 
 
 class SlurmConfig(Section):
@@ -81,7 +99,7 @@ class SlurmConfig(Section):
     gpus_per_node: int = Field(1, ge=0)
     # Signal Slurm sends before preemption / walltime; some sites reserve SIGUSR1 for NCCL.
     signal: str = Field("USR1", pattern="^[A-Za-z0-9]+$")  # a name (USR1, SIGUSR1) or number: it goes into scripts
-    signal_seconds: int = Field(60, ge=0)
+    signal_seconds: int = Field(60, ge=0, le=SLURM_MAX_SIGNAL_SECONDS)
     rest_url: str = "http://127.0.0.1:6820"
     rest_api_version: str = "v0.0.38"
     # slurmrestd JWT auth: user name (empty: the current user) and a file holding the token (empty: $SLURM_JWT,
@@ -96,6 +114,16 @@ class SlurmConfig(Section):
     # Job status polling: back-off from the minimum (after a change) doubling up to the maximum.
     status_poll_min_seconds: float = Field(2.0, gt=0)
     status_poll_max_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("signal")
+    @classmethod
+    def _known_signal(cls, value: str) -> str:
+        # Checked here, not first by sbatch at every allocation ("Invalid --signal specification").
+        try:
+            signal_name(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class NodeConfig(Section):

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hpcllm.config import WALLTIME_PATTERN
+from hpcllm.config import SLURM_MAX_SIGNAL_SECONDS, WALLTIME_PATTERN, signal_name
 from hpcllm.errors import ConfigError
 from hpcllm.slurm.environment import inherited_sbatch_options
 
@@ -29,7 +29,6 @@ SLURM_TOKEN_PATTERN = r"^[A-Za-z0-9_.,:+@%/=-]+$"
 # A Slurm job id as programs see it: a number, an array task (12_3) or a heterogeneous component (12+1).
 JOB_ID_PATTERN = r"^\d+([_+]\d+)?$"
 _SIGNAL = re.compile(r"^(?:SIG)?([A-Z0-9]+)@(\d+)$")
-_MAX_SIGNAL_SECONDS = 0xFFFF  # Slurm's warn_time is a uint16 (get_signal_opts in src/common/proc_args.c)
 _MEMORY = re.compile(r"^(\d+)([KMGT]?)$", re.IGNORECASE)
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -219,9 +218,9 @@ class JobSpec(BaseModel):
             raise ValueError(f"signal {value!r} must look like NAME@SECONDS, e.g. USR1@60 (Slurm's --signal)")
         name, seconds = match.group(1), int(match.group(2))
         # Slurm keeps the seconds in 16 bits: sbatch and slurmrestd refuse more ("Invalid --signal specification").
-        if seconds > _MAX_SIGNAL_SECONDS:
-            raise ValueError(f"signal {value!r}: Slurm sends a signal at most {_MAX_SIGNAL_SECONDS} s before the "
-                             f"time limit; give fewer seconds ([slurm] signal_seconds)")
+        if seconds > SLURM_MAX_SIGNAL_SECONDS:
+            raise ValueError(f"signal {value!r}: Slurm sends a signal at most {SLURM_MAX_SIGNAL_SECONDS} s before "
+                             f"the time limit; give fewer seconds ([slurm] signal_seconds)")
         try:
             signal_name(name)
         except ConfigError as exc:
@@ -404,19 +403,7 @@ class SlurmBackend(abc.ABC):
         """Release connections; the backend must not be used afterwards."""
 
 
-def signal_name(sig: str | int) -> str:
-    """"SIGUSR1", "usr1", 10 -> "USR1" (the name Slurm's tools accept)."""
-    import signal as signal_module
-
-    if isinstance(sig, int) or str(sig).isdigit():
-        try:
-            return signal_module.Signals(int(sig)).name.removeprefix("SIG")
-        except ValueError:
-            raise ConfigError(f"signal number {sig} is not a known signal") from None
-    name = str(sig).strip().upper().removeprefix("SIG")
-    if not re.match(r"^[A-Z0-9]+$", name) or not hasattr(signal_module, f"SIG{name}"):
-        raise ConfigError(f"signal {sig!r} is not a known signal name (e.g. USR1, TERM)")
-    return name
+# signal_name: hpcllm.config's (which checks [slurm] signal with it at load), part of this module's API as before.
 
 
 def catchable_signal(sig: str | int, setting: str = "slurm.signal") -> int:

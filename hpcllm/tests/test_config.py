@@ -95,7 +95,12 @@ def test_paths_must_be_absolute(tmp_path, value):
        "read_sweep_max_age_seconds: Input should be a finite number") for value in ("inf", "-inf", "nan")),
     ('[slurm]\nsignal = "USR1\\ntouch /tmp/x"\nsignal_seconds = 0\n', "slurm.signal"),  # it goes into scripts
     ('[slurm]\ntime = "1h"\n', "slurm.time"),  # not Slurm's: every deploy's walltime check read it (a 500)
-], ids=["inf", "-inf", "nan", "signal-with-shell", "walltime-not-slurms"])
+    # What sbatch refuses at every allocation ("Invalid --signal specification"): refused at load instead.
+    ('[slurm]\nsignal_seconds = 70000\n', "slurm.signal_seconds: .*less than or equal to 65535"),
+    ('[slurm]\nsignal = "USR3"\n', "slurm.signal: .*'USR3' is not a known signal name"),
+    ('[slurm]\nsignal = "99"\n', "slurm.signal: .*signal number 99 is not a known signal"),
+], ids=["inf", "-inf", "nan", "signal-with-shell", "walltime-not-slurms", "signal-seconds-over-16-bits",
+        "no-such-signal", "no-such-signal-number"])
 def test_values_that_are_no_numbers_or_names_are_refused(tmp_path, text, match):
     path = tmp_path / "hpcllm.toml"
     path.write_text(text)
