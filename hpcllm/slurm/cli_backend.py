@@ -33,7 +33,7 @@ from hpcllm.slurm import adapter
 from hpcllm.slurm.base import (JobSpec, JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate,
                                signal_name)
 from hpcllm.slurm.environment import inherited_sbatch_options, run_slurm_command
-from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done,
+from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done, unreachable,
                                  with_setting_hint)
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script, sbatch_directives
 
@@ -91,7 +91,7 @@ class CliBackend(SlurmBackend):
         if result.returncode != 0:
             message = _message(result)
             if UNREACHABLE_PATTERNS.search(message):
-                raise _unreachable(command, message)
+                raise unreachable(command, message)
             raise SlurmError(f"{command} failed: {message}", message)
         return result
 
@@ -244,7 +244,7 @@ class CliBackend(SlurmBackend):
         # which must not read as "no jobs" (every job would look gone).
         errors = "; ".join(adapter.errors_from_json(payload))
         if errors and UNREACHABLE_PATTERNS.search(errors):
-            raise _unreachable(" ".join(args[:2]), errors)
+            raise unreachable(" ".join(args[:2]), errors)
         if errors:
             log.info("%s answered errors (%s); using the text format instead", " ".join(args), errors)
             return None
@@ -338,11 +338,6 @@ def parse_squeue_start(text: str) -> dict[str, StartEstimate]:
 def _epoch(text: str) -> float | None:
     """An epoch-seconds time as Slurm prints it with SLURM_TIME_FORMAT=%s; None for N/A, Unknown and the like."""
     return float(text) if text.isdigit() and int(text) > 0 else None
-
-
-def _unreachable(command: str, message: str) -> SlurmUnavailable:
-    return SlurmUnavailable(f"{command}: Slurm is not reachable: {message} (check with: scontrol ping; is SLURM_CONF "
-                            f"set?)", message)
 
 
 def _signal_text(number: int) -> str:

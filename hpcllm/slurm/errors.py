@@ -49,6 +49,13 @@ UNREACHABLE_PATTERNS = re.compile(
     r"slurm_load_jobs error: Unable|Slurm backup controller in standby mode|No route to host",
 )
 
+def unreachable(who: str, message: str) -> SlurmUnavailable:
+    """Slurm could not be asked: `who` (a command, a pyslurm call, slurmrestd) with Slurm's own words (one of
+    UNREACHABLE_PATTERNS) and how to check; the one wording of all three backends."""
+    return SlurmUnavailable(f"{who}: Slurm is not reachable: {message} (check with: scontrol ping; is SLURM_CONF "
+                            f"set?)", message)
+
+
 # Slurm's words (scancel, slurmrestd, libslurm alike) for a job that has already ended.
 _ALREADY_DONE = re.compile(r"already completing or completed|Invalid job id specified|Job has already finished",
                            re.IGNORECASE)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
 from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmBackendUnsupported, SlurmError, SlurmUnavailable,
-                                 already_done, with_setting_hint)
+                                 already_done, unreachable, with_setting_hint)
 from hpcllm.slurm.environment import job_environment, run_slurm_command
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
@@ -94,7 +94,7 @@ class PyslurmBackend(SlurmBackend):
         except Exception as exc:  # pyslurm.RPCError and ValueError carry Slurm's / pyslurm's message
             message = str(exc)
             if UNREACHABLE_PATTERNS.search(message) or re.search("timed out", message, re.IGNORECASE):
-                raise SlurmUnavailable(f"{what}: Slurm is not reachable: {message}", message) from None
+                raise unreachable(what, message) from None
             raise SlurmError(f"{what}: {message}", message) from None
 
     def _job(self, job_id: str) -> Any:

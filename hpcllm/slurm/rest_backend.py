@@ -28,7 +28,7 @@ import httpx
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
 from hpcllm.slurm.environment import job_environment, run_slurm_command
-from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done,
+from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done, unreachable,
                                  with_setting_hint)
 from hpcllm.slurm.templates import ensure_log_dirs, render_batch_script
 
@@ -119,7 +119,7 @@ class RestBackend(SlurmBackend):
         if response.status_code >= 400 or errors:
             message = "; ".join(errors) or f"HTTP {response.status_code}: {response.text[:300].strip()}"
             if response.status_code in (502, 503, 504) or UNREACHABLE_PATTERNS.search(message):
-                raise SlurmUnavailable(f"slurmrestd cannot reach slurmctld: {message}", message)
+                raise unreachable(f"slurmrestd {method} {url}", message)
             raise SlurmError(f"slurmrestd {method} {url}: {message}", message)
         if payload is None:
             # A POST or DELETE may have taken effect before its answer was garbled: its answer is lost, as after
@@ -249,8 +249,7 @@ def _scontrol_token(lifespan: int) -> str:
     out = result.stdout.strip()
     said = result.stderr.strip() or out
     if result.returncode != 0 and UNREACHABLE_PATTERNS.search(said):  # slurmctld, which signs tokens, is down
-        raise SlurmUnavailable(f"no JWT for slurmrestd: scontrol token cannot reach slurmctld: {said} (check with: "
-                               f"scontrol ping)", said)
+        raise unreachable("no JWT for slurmrestd: scontrol token", said)
     if result.returncode != 0 or not out.startswith("SLURM_JWT="):
         raise SlurmError(f"could not get a JWT for slurmrestd with scontrol token: "
                          f"{result.stderr.strip() or out or 'no output'} (is AuthAltTypes=auth/jwt set?)")

@@ -165,7 +165,7 @@ def test_no_token_while_slurmctld_is_down_is_unavailable_not_a_jwt_misconfigurat
     fake.on("scontrol", "token", stderr="scontrol: error: Unable to contact slurm controller (connect failure)\n",
             rc=1)
     backend = RestBackend(SlurmConfig(backend="rest"), transport=httpx.MockTransport(Server()))
-    with pytest.raises(SlurmUnavailable, match="scontrol token cannot reach slurmctld: .*Unable to contact"):
+    with pytest.raises(SlurmUnavailable, match="scontrol token: Slurm is not reachable: .*Unable to contact"):
         backend.statuses(["1"])  # not "is AuthAltTypes=auth/jwt set?", a refusal
 
 
@@ -208,7 +208,7 @@ def test_slurmctld_not_answering_slurmrestd_is_unavailable_not_a_refusal(words, 
     answer = {"errors": [{"error": words, "error_number": 5004, "description": "Batch job submission failed"}]}
     backend = RestBackend(SlurmConfig(backend="rest"),
                           transport=httpx.MockTransport(lambda request: httpx.Response(500, json=answer)))
-    with pytest.raises(SlurmUnavailable, match=words):
+    with pytest.raises(SlurmUnavailable, match=f"Slurm is not reachable: {words}.*check with: scontrol ping"):
         backend.submit(make_job_spec(name="x", script="true"))
 
 
