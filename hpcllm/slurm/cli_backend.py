@@ -19,6 +19,7 @@ parsing or what a command does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -148,9 +149,10 @@ class CliBackend(SlurmBackend):
         return answer
 
     def list_jobs(self) -> dict[str, JobStatus]:
-        listed = self._squeue_all()
-        if self._squeue_json:
+        listed = self._squeue_from_json()
+        if listed is not None:
             return listed  # the JSON carries comments
+        listed = self._squeue_text()
         comments = adapter.comments_from_squeue_text(self._run(
             ["squeue", "--noheader", "--all", "--states=all", "--array",
              f"--Format={adapter.SQUEUE_COMMENT_FORMAT}"]).stdout)
@@ -173,14 +175,15 @@ class CliBackend(SlurmBackend):
 
     def nodes(self) -> list[NodeInfo]:
         if self._sinfo_json:
-            payload = self._json(["sinfo", "--json"])
-            if payload is not None and "nodes" in payload:
-                return adapter.nodes_from_json(payload)
-            if payload is not None:  # 24.05+: sinfo --json groups nodes; scontrol lists them one by one
-                nodes = self._json(["scontrol", "show", "nodes", "--json"])
-                if nodes is not None and "nodes" in nodes:
-                    return adapter.nodes_from_json(nodes)
-            self._sinfo_json = False
+            with contextlib.suppress(_JsonAnsweredErrors):  # the text format this time only
+                payload = self._json(["sinfo", "--json"])
+                if payload is not None and "nodes" in payload:
+                    return adapter.nodes_from_json(payload)
+                if payload is not None:  # 24.05+: sinfo --json groups nodes; scontrol lists them one by one
+                    nodes = self._json(["scontrol", "show", "nodes", "--json"])
+                    if nodes is not None and "nodes" in nodes:
+                        return adapter.nodes_from_json(nodes)
+                self._sinfo_json = False
         return adapter.nodes_from_scontrol_text(self._run(["scontrol", "-d", "-o", "show", "node"]).stdout)
 
     def partitions(self) -> list[PartitionInfo]:
@@ -225,7 +228,8 @@ class CliBackend(SlurmBackend):
             raise with_setting_hint(exc, spec) from None
 
     def _json(self, args: list[str]) -> dict | None:
-        """Run a --json command; None when this Slurm cannot (old version, no data_parser plugin)."""
+        """Run a --json command; None when this Slurm cannot (old version, no data_parser plugin), so the text
+        format is used from then on; _JsonAnsweredErrors when it answered errors, for the text format this time."""
         try:
             result = self._run(args)
         except SlurmUnavailable:
@@ -246,18 +250,28 @@ class CliBackend(SlurmBackend):
         if errors and UNREACHABLE_PATTERNS.search(errors):
             raise unreachable(" ".join(args[:2]), errors)
         if errors:
-            log.info("%s answered errors (%s); using the text format instead", " ".join(args), errors)
-            return None
+            log.info("%s answered errors (%s); using the text format this time", " ".join(args), errors)
+            raise _JsonAnsweredErrors(errors)
         return payload
 
     def _squeue_all(self, wanted: list[str] | tuple[str, ...] = ()) -> dict[str, JobStatus]:
         """Every job slurmctld still holds (all users, all partitions, all states), in one call; the wanted array
         tasks and heterogeneous components also under "A_T" / "H+O" (the text format lists them so already)."""
-        if self._squeue_json:
+        listed = self._squeue_from_json(wanted)
+        return listed if listed is not None else self._squeue_text()
+
+    def _squeue_from_json(self, wanted: list[str] | tuple[str, ...] = ()) -> dict[str, JobStatus] | None:
+        """_squeue_all() from `squeue --json`; None when the text format is to be used (this time or for good)."""
+        if not self._squeue_json:
+            return None
+        with contextlib.suppress(_JsonAnsweredErrors):
             payload = self._json(["squeue", "--json", "--all", "--states=all"])
             if payload is not None and "jobs" in payload:
                 return adapter.jobs_from_json(payload, wanted=wanted)
             self._squeue_json = False
+        return None
+
+    def _squeue_text(self) -> dict[str, JobStatus]:
         result = self._run(["squeue", "--noheader", "--all", "--states=all", "--array",
                             f"--Format={adapter.SQUEUE_TEXT_FORMAT}"])
         return adapter.jobs_from_squeue_text(result.stdout)
@@ -287,6 +301,11 @@ class CliBackend(SlurmBackend):
 # A job id line: "jobid" or "jobid;cluster" (--parsable), or "Submitted batch job N" where a site's sbatch wrapper
 # drops --parsable.
 _JOB_ID_LINE = re.compile(r"^(\d+(?:_\d+)?)(?:;\S+)?$|^Submitted batch job (\d+)(?: on cluster \S+)?$")
+
+
+class _JsonAnsweredErrors(Exception):
+    """A --json command answered an errors list that does not say Slurm is unreachable (a passing failure): the
+    text format is used for this call, --json again for the next."""
 
 
 def parse_parsable(stdout: str) -> str:

@@ -55,7 +55,8 @@ class RestBackend(SlurmBackend):
             raise SlurmError(f"[slurm] rest_api_version = {config.rest_api_version!r} is not supported by this "
                              f"backend (supported: {', '.join(SUPPORTED_API_VERSIONS)}); use backend = \"cli\"")
         self.base_url = config.rest_url.rstrip("/")
-        self.api = f"/slurm/{config.rest_api_version}"
+        self.api_version = config.rest_api_version
+        self.api = f"/slurm/{self.api_version}"
         self.user = getattr(config, "rest_user", None) or getpass.getuser()
         self._token_file: Path | None = getattr(config, "rest_token_file", None)
         self._token: str | None = None
@@ -111,10 +112,10 @@ class RestBackend(SlurmBackend):
                              f"{response.status_code}): check [slurm] rest_user and the JWT (scontrol token)",
                              "; ".join(errors) or response.text[:200])
         if response.status_code == 404 and _NO_SUCH_URL in response.text:
-            raise SlurmError(f"slurmrestd at {self.base_url} does not serve openapi {self.api.rsplit('/', 1)[-1]} "
+            raise SlurmError(f"slurmrestd at {self.base_url} does not serve openapi {self.api_version} "
                              f"({method} {url}: {response.text[:200].strip()}): it serves only the versions of its "
-                             f"Slurm release it was started with (-s openapi/v0.0.38; Slurm 24.05 and later have "
-                             f"none this backend speaks); start it so, or set [slurm] backend = \"cli\"",
+                             f"Slurm release it was started with (-s openapi/{self.api_version}; Slurm 24.05 and "
+                             f"later have none this backend speaks); start it so, or set [slurm] backend = \"cli\"",
                              response.text[:300])
         if response.status_code >= 400 or errors:
             message = "; ".join(errors) or f"HTTP {response.status_code}: {response.text[:300].strip()}"
@@ -147,7 +148,7 @@ class RestBackend(SlurmBackend):
         wanted = [str(job_id) for job_id in job_ids]
         if not wanted:
             return {}
-        listed = adapter.jobs_from_json(self._request("GET", "/jobs"), wanted=wanted)
+        listed = self._jobs(wanted)
         return {
             job_id: listed.get(job_id) or adapter.missing_status(
                 job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)")
@@ -155,7 +156,11 @@ class RestBackend(SlurmBackend):
         }
 
     def list_jobs(self) -> dict[str, JobStatus]:
-        return adapter.jobs_from_json(self._request("GET", "/jobs"))
+        return self._jobs()
+
+    def _jobs(self, wanted: list[str] | tuple[str, ...] = ()) -> dict[str, JobStatus]:
+        """GET /jobs: every job slurmctld holds; the wanted array tasks / het components also by those ids."""
+        return adapter.jobs_from_json(self._request("GET", "/jobs"), wanted=wanted)
 
     def cancel(self, job_id: str) -> None:
         try:
@@ -166,7 +171,7 @@ class RestBackend(SlurmBackend):
 
     def requeue(self, job_id: str) -> None:
         raise SlurmError(
-            f"cannot requeue job {job_id}: slurmrestd's openapi {self.api.rsplit('/', 1)[-1]} (Slurm 22.05) has "
+            f"cannot requeue job {job_id}: slurmrestd's openapi {self.api_version} (Slurm 22.05) has "
             f"no requeue operation; use backend = \"cli\" (scontrol requeue) for requeues")
 
     def signal(self, job_id: str, sig: str, batch_only: bool = True) -> None:

@@ -258,6 +258,25 @@ def test_json_errors_with_exit_0_are_slurm_unavailable_not_every_job_gone(fake, 
         backend.nodes()  # not "no nodes"
 
 
+def test_json_errors_of_another_kind_use_the_text_format_for_that_call_only(fake, backend):
+    # A passing failure in one --json answer (not Slurm unreachable) must not turn --json off for the process's
+    # life: the text format has no comments, so list_jobs() would need a second squeue on every call thereafter.
+    passing = {"meta": {}, "errors": [{"error": "Invalid user id", "error_number": 2002}]}
+    fake.on("squeue", "--json", stdout=json.dumps({**passing, "jobs": []}))
+    fake.on("squeue", "Comment", stdout="4|hpcllm-alloc-1\n")
+    fake.on("squeue", "--Format", stdout=(FIXTURES / "squeue_22.05.txt").read_text())
+    fake.on("sinfo", "--json", stdout=json.dumps({**passing, "nodes": []}))
+    fake.on("scontrol", "show node", stdout="NodeName=n1 State=IDLE CPUTot=8\n")
+    assert backend.list_jobs()["4"].comment == "hpcllm-alloc-1"
+    assert [n.name for n in backend.nodes()] == ["n1"]
+    fake.rules.clear()  # the next answers are whole
+    fake.on("squeue", "--json", stdout=(FIXTURES / "squeue_22.05.json").read_text())
+    fake.on("sinfo", "--json", stdout=json.dumps({"nodes": [{"name": "n2", "state": "idle"}]}))
+    assert backend.list_jobs()["3"].state is JobState.RUNNING
+    assert [n.name for n in backend.nodes()] == ["n2"]
+    assert [c["args"][0] for c in fake.calls("squeue")][-1] == "--json"
+
+
 def test_squeue_text_fallback_when_json_fails(fake, backend):
     fake.on("squeue", "--json", stderr="squeue: unrecognized option '--json'\n", rc=1)
     fake.on("squeue", "--Format", stdout=(FIXTURES / "squeue_22.05.txt").read_text())
