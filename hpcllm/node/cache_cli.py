@@ -471,23 +471,26 @@ def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_di
 
 
 def _follow(job, err_path: Path, total: int, deadline: float, show_progress: bool, label: str):
-    """Wait for the job, turning rank 0's progress lines into a progress bar."""
+    """Wait for the job, turning rank 0's progress lines into a progress bar. The watcher's wait rides out Slurm
+    being unreachable for a while (a squeue timeout, slurmctld restarting): the job runs on, and is not cancelled
+    for it."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
                   disable=not show_progress) as progress:
         task = progress.add_task(f"{label} (queued)", total=total)
-        while True:
-            status = job.status()
-            if status.is_terminal:
-                progress.update(task, description=label)
-                return status
+
+        def done(status) -> bool:  # asked after every poll (at most max_interval apart): the bar moves on
             if status.state.value == "RUNNING":
                 progress.update(task, description=label, completed=_last_progress(err_path))
-            if time.monotonic() > deadline:
-                raise CacheError(f"MPI warm job {job.job_id} still {status.state.value} after the timeout; "
-                                 f"cancelled it")
-            time.sleep(0.5)
+            return status.is_terminal
+
+        try:
+            status = job.wait_until(done, timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError as exc:
+            raise CacheError(f"MPI warm job {job.job_id}: {exc}; cancelled it") from None
+        progress.update(task, description=label)
+        return status
 
 
 def _last_progress(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 
 import pytest
 
@@ -211,3 +212,31 @@ def test_verify_reports_a_corrupt_copy_an_instance_still_uses(capsys, tmp_path, 
     assert code == 1, captured.err
     assert "tiny-llama nvme: kept-in-use (corrupt but in use by 1 instance(s)" in captured.out
     assert "1 corrupt copy found" in captured.err
+
+
+def test_the_mpi_warm_job_is_followed_through_slurm_being_unreachable_for_a_while(tmp_path):
+    # One squeue timeout (slurmctld restarting) used to end the wait with SlurmUnavailable, and mpi_warm then
+    # cancelled the job that was copying the checkpoint.
+    from hpcllm.node.cache_cli import _follow
+    from hpcllm.slurm import StatusWatcher
+    from hpcllm.slurm.base import JobState
+    from hpcllm.slurm.errors import SlurmUnavailable
+    from hpcllm.slurm.tests.test_watcher import SPEC, MemoryBackend
+
+    class RestartingSlurm(MemoryBackend):
+        def __init__(self):
+            super().__init__()
+            self.answers = iter(["down", JobState.RUNNING, "down", JobState.COMPLETED])
+
+        def statuses(self, job_ids):
+            answer = next(self.answers, JobState.COMPLETED)
+            if answer == "down":
+                raise SlurmUnavailable("squeue --json did not answer within 60 s; is slurmctld up?")
+            self.states.update({job_id: answer for job_id in job_ids})
+            return super().statuses(job_ids)
+
+    backend = RestartingSlurm()
+    job = StatusWatcher(backend, min_interval=0.01, max_interval=0.02).submit(SPEC)
+    status = _follow(job, tmp_path / "warm.err", 100, time.monotonic() + 60, False, "llama -> 2 nodes")
+    assert status.state is JobState.COMPLETED  # followed to its end, not given up (and cancelled) at a timeout
+
