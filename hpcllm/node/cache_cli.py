@@ -410,8 +410,11 @@ def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
 
 def mpi_warm_spec(config: Config, model: str, source: Path, nodes: list[str], nvme_dir_template: str,
                   log_dir: Path):
-    """The Slurm job: one MPI rank per node, srun --mpi=pmix, rank 0 reads the origin and broadcasts it."""
+    """The Slurm job: one MPI rank per node, srun --mpi=pmix, rank 0 reads the origin and broadcasts it. It gets of
+    the submitter's environment what a node agent's job gets (Python, MPI and library settings; [slurm]
+    export_variables), not the whole of it: no secret (HPCLLM_* keys, tokens) goes along into the job."""
     from hpcllm.slurm import make_job_spec
+    from hpcllm.slurm.templates import AGENT_VARIABLES
 
     command = [sys.executable, "-m", "hpcllm.node.mpiwarm", "--source", str(source), "--model", model,
                "--tier", "nvme", "--nvme-dir-template", nvme_dir_template,
@@ -425,7 +428,7 @@ def mpi_warm_spec(config: Config, model: str, source: Path, nodes: list[str], nv
                          ntasks_per_node=1, nodelist=tuple(nodes), partition=config.slurm.partition,
                          account=config.slurm.account, qos=config.slurm.qos, time=config.slurm.time,
                          output=str(log_dir / f"warm-{stamp}.out"), error=str(log_dir / f"warm-{stamp}.err"),
-                         open_mode_append=False)
+                         open_mode_append=False, inherit=AGENT_VARIABLES + tuple(config.slurm.export_variables))
 
 
 def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_dir_template: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -240,3 +241,19 @@ def test_the_mpi_warm_job_is_followed_through_slurm_being_unreachable_for_a_whil
     status = _follow(job, tmp_path / "warm.err", 100, time.monotonic() + 60, False, "llama -> 2 nodes")
     assert status.state is JobState.COMPLETED  # followed to its end, not given up (and cancelled) at a timeout
 
+
+def test_the_mpi_warm_job_gets_what_it_runs_with_and_no_secrets(tmp_path, monkeypatch):
+    # Without an inherit list sbatch exported the submitter's whole environment into the job (--export=ALL).
+    from hpcllm.config import Config, SlurmConfig
+    from hpcllm.node.cache_cli import mpi_warm_spec
+    from hpcllm.slurm.environment import clean_environment
+
+    for name, value in {"HPCLLM_ADMIN_KEY": "sk-admin", "HF_TOKEN": "hf_x", "PYTHONPATH": "/src",
+                        "OMPI_MCA_btl": "self,tcp", "SITE_LICENSE": "lic"}.items():
+        monkeypatch.setenv(name, value)
+    config = Config(slurm=SlurmConfig(export_variables=["SITE_*"]))
+    spec = mpi_warm_spec(config, "llama", tmp_path, ["n1", "n2"], "/var/tmp/hpcllm/nvme/%n", tmp_path)
+    env = clean_environment(dict(spec.env), spec.inherit)  # what sbatch, and so the job, gets
+    assert "HPCLLM_ADMIN_KEY" not in env and "HF_TOKEN" not in env
+    assert env["PYTHONPATH"] == "/src" and env["OMPI_MCA_btl"] == "self,tcp" and env["SITE_LICENSE"] == "lic"
+    assert env["PATH"] == os.environ["PATH"]
