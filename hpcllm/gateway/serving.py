@@ -76,6 +76,7 @@ class Choice:
     output_ids: list[int] = field(default_factory=list)
     last_token_at: float | None = None  # across streams
     migration_pause_from: float | None = None  # set when attached; the next token ends the pause
+    finish_reason: str | None = None  # once it ended whole (stop, length)
 
 
 @dataclass
@@ -315,8 +316,7 @@ class Generation:
                     reason = str(exc)
                 else:
                     if final.finish_reason in ("stop", "length"):
-                        self.gw.metrics.request_success.labels(self.model, final.finish_reason).inc()
-                        yield Delta(index, "", final.finish_reason)
+                        yield self._finished(choice, final.finish_reason)
                         return
                     message = final.error.message if final.error else "unknown error"
                     if final.finish_reason == "error" and not _worker_died(final):
@@ -333,6 +333,11 @@ class Generation:
                         reason = f"worker {choice.stream.worker_url} failed: {message}"
                     else:
                         reason = f"worker {choice.stream.worker_url} ended the generation ({final.finish_reason})"
+                if self._all_tokens_delivered(choice):  # lost after its last token: nothing to resume
+                    log.warning("request %s choice %d: %s after all %d tokens; the choice is whole",
+                                self.ctx.request_id, index, reason, len(output_ids))
+                    yield self._finished(choice, "length")
+                    return
                 if resumes >= MAX_RESUMES:  # the reason names internal addresses: the log has it, not the client
                     log.warning("request %s choice %d: %s; resumed %d times already, giving up",
                                 self.ctx.request_id, index, reason, resumes)
@@ -347,6 +352,15 @@ class Generation:
                 choice.stream = self._open(choice, resume_ids=list(output_ids), attempt_tag=resumes)
         finally:
             running.dec()
+
+    def _finished(self, choice: Choice, finish_reason: str) -> Delta:
+        choice.finish_reason = finish_reason
+        self.gw.metrics.request_success.labels(self.model, finish_reason).inc()
+        return Delta(choice.index, "", finish_reason)
+
+    def _all_tokens_delivered(self, choice: Choice) -> bool:
+        """Whether the choice has every token max_tokens allows (a worker refuses to resume it: nothing to do)."""
+        return self.options.max_tokens is not None and len(choice.output_ids) >= self.options.max_tokens
 
     def _attach(self, choice: Choice, moved: MigratedTo) -> str | None:
         """Follow a live migration: stream on from the destination. None on success, else why it failed."""
@@ -451,7 +465,8 @@ class Generation:
         for choice in self._choices:
             if choice.stream is not None and not choice.stream.finished:
                 choice.stream.cancel()
-                self.gw.metrics.request_success.labels(self.model, "abort").inc()
+                if choice.finish_reason is None:  # not a stream lost after the choice's last token
+                    self.gw.metrics.request_success.labels(self.model, "abort").inc()
         if any(choice.stream is not None for choice in self._choices):  # a worker took it: what it used counts
             self.gw.usage.record(self.ctx.api_key, self.model, self.ctx.endpoint, self.prompt_tokens,
                                  self.completion_tokens)

@@ -150,3 +150,58 @@ def test_embeddings_go_to_another_worker_when_the_routed_one_is_gone(make_gatewa
     assert answer.status_code == 200, answer.text
     assert [len(item["embedding"]) for item in answer.json()["data"]] == [64, 64]
     assert router.resolved == [gone, worker_url]
+
+
+def worker_dying_after_its_last_token_app():
+    """A stand-in worker that streams all max_tokens tokens, then drops the connection before its final line (its
+    process killed between the two writes): nothing is left to generate."""
+    from flask import Flask, Response, request
+
+    from hpcllm.worker.protocol import GENERATE_PATH, GenerateRequest, TokenLine
+
+    app = Flask("dies-after-its-last-token")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        req = GenerateRequest.model_validate_json(request.get_data())
+
+        def lines():
+            for index in range(req.max_tokens):
+                yield TokenLine(index=index, token_id=100 + index, text="x").model_dump_json() + "\n"
+            raise ConnectionAbortedError("killed before the final line")  # werkzeug drops the connection
+
+        return Response(lines(), mimetype="application/x-ndjson")
+
+    return app
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_worker_lost_after_its_last_token_ends_the_choice_with_length(make_gateway, worker_url, tiny_model_dir,
+                                                                         stream):
+    """Every token max_tokens allows was delivered before the worker went away: the answer is whole (finish_reason
+    "length"), not resumed elsewhere, which a worker refuses (nothing left to generate) and the client saw as an
+    error blaming its request."""
+    dying = ThreadServer(worker_dying_after_its_last_token_app())
+    try:
+        router = ScriptedRouter(tiny_model_dir, [dying.url, worker_url])
+        gateway = make_gateway(router=router)
+        body = {"model": MODEL, "prompt": "hello world", "max_tokens": 4, "stream": stream}
+        answer = gateway.post("/v1/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        if stream:
+            lines = [line for line in answer.text.splitlines() if line]
+            assert lines[-1] == "data: [DONE]"
+            events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+            assert all("error" not in event for event in events), events
+            assert "".join(e["choices"][0]["text"] for e in events) == "xxxx"
+            assert events[-1]["choices"][0]["finish_reason"] == "length"
+        else:
+            assert answer.json()["choices"][0]["text"] == "xxxx"
+            assert answer.json()["choices"][0]["finish_reason"] == "length"
+            assert answer.json()["usage"]["completion_tokens"] == 4
+        assert router.resolved == [dying.url]  # not routed again: nothing to resume
+        metrics = httpx.get(f"{gateway.url}/metrics").text  # counted once, as a whole answer
+        assert f'hpcllm_request_success_total{{finished_reason="length",model_name="{MODEL}"}} 1.0' in metrics
+        assert 'finished_reason="abort"' not in metrics
+    finally:
+        dying.stop()
