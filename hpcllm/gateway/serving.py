@@ -467,7 +467,8 @@ class Generation:
                 choice.stream.cancel()
                 if choice.finish_reason is None:  # not a stream lost after the choice's last token
                     self.gw.metrics.request_success.labels(self.model, "abort").inc()
-        if any(choice.stream is not None for choice in self._choices):  # a worker took it: what it used counts
+        served = any(choice.stream is not None for choice in self._choices)
+        if served:  # a worker took it: what it used counts
             self.gw.usage.record(self.ctx.api_key, self.model, self.ctx.endpoint, self.prompt_tokens,
                                  self.completion_tokens)
         if self._first_token_seen:
@@ -479,8 +480,9 @@ class Generation:
                 log.exception("request %s: could not free its stream slot", self.ctx.request_id)
         if self.ctx.api_key is not None and self._reserved:
             try:
-                self.gw.limiter.settle_tokens(self.ctx.api_key, self._reserved,
-                                              self.prompt_tokens + self.completion_tokens)
+                # Refused before any worker took it (no instance, all busy): nothing was used, all comes back.
+                used = self.prompt_tokens + self.completion_tokens if served else 0
+                self.gw.limiter.settle_tokens(self.ctx.api_key, self._reserved, used)
             except Exception:  # never let bookkeeping hide the request's own outcome
                 log.exception("request %s: could not settle its token reservation", self.ctx.request_id)
 

@@ -177,3 +177,35 @@ def test_a_lost_postgres_connection_is_a_503_then_reconnects(make_gateway, empty
     error = assert_error(gw.post("/v1/completions", json=body), 503, "service_unavailable")
     assert "limits database is unreachable" in error["message"]
     assert gw.post("/v1/completions", json=body).status_code == 200  # a new connection
+
+
+def test_requests_no_worker_took_cost_no_tokens(make_gateway, worker_url, tiny_model_dir):
+    """A request answered 503 before any worker took it (its model still starting: scale from zero) used nothing:
+    its reservation comes back whole, prompt included. Clients retrying a cold model are then served when it is up,
+    not told 429 for tokens nobody generated or read."""
+    from hpcllm.gateway.errors import ServiceUnavailable
+    from hpcllm.gateway.routing import Endpoint, ModelCard, Router
+
+    class ColdThenReady(Router):
+        ready = False
+
+        def list_models(self):
+            return [ModelCard(name=MODEL, source=tiny_model_dir, max_model_len=512, created=0)]
+
+        def resolve(self, model, wait_s, group=None):
+            if not self.ready:
+                raise ServiceUnavailable(f"model {model!r} is still starting", code="model_starting", retry_after=5)
+            return Endpoint(model=model, instance_id="ready", worker_url=worker_url)
+
+        def check_ready(self):
+            return None
+
+    router = ColdThenReady()
+    gw = make_gateway(router=router, api_keys=[{"key": USER_KEY, "tokens_per_minute": 1000}])
+    body = {"model": MODEL, "prompt": "hello world " * 75, "max_tokens": 1}
+    for _ in range(4):  # each reserves its ~300 prompt tokens: 4 of them are more than the key's 1000
+        assert_error(gw.post("/v1/completions", json=body), 503, "model_starting")
+    router.ready = True
+    answer = gw.post("/v1/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["prompt_tokens"] >= 250
