@@ -66,7 +66,7 @@ class GatewayMetrics:
             "hpcllm_num_requests_waiting", "Requests waiting for a ready model instance now.",
             model, multiprocess_mode="livesum", registry=reg)
         self.prompt_tokens = Counter(
-            "hpcllm_prompt_tokens", "Prompt tokens of admitted requests.", model, registry=reg)
+            "hpcllm_prompt_tokens", "Prompt tokens of requests a worker took.", model, registry=reg)
         self.generation_tokens = Counter(
             "hpcllm_generation_tokens", "Generated tokens sent to clients.", model, registry=reg)
         # By the key's group ("" without one), not by key: a site's keys would be too many series.

@@ -186,12 +186,13 @@ class Generation:
             if stream:
                 self._hold_stream_slot()
             self._reserve_tokens()
-            self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
             endpoint = self._route()
             for index in range(self.num_choices):
                 choice = Choice(index, endpoint)
                 self._choices.append(choice)
                 choice.stream = self._open(choice, resume_ids=[], attempt_tag=0)
+            # Counted once a worker took them (as a pooling request's): a 503 while the model starts counts none.
+            self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         except BaseException:
             self.close()
             raise

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from hpcllm.gateway.errors import ServiceUnavailable
+from hpcllm.gateway.routing import Endpoint, ModelCard, Router
 from hpcllm.gateway.tokenization import PromptEncoder
 
 from .conftest import MODEL, USER_KEY
@@ -179,28 +181,32 @@ def test_a_lost_postgres_connection_is_a_503_then_reconnects(make_gateway, empty
     assert gw.post("/v1/completions", json=body).status_code == 200  # a new connection
 
 
+class ColdThenReady(Router):
+    """A model still starting (scale from zero: every resolve a 503 model_starting) until the test sets `ready`;
+    then served by `worker_url`."""
+
+    def __init__(self, source, worker_url: str):
+        self.card = ModelCard(name=MODEL, source=source, max_model_len=512, created=0)
+        self.worker_url = worker_url
+        self.ready = False
+
+    def list_models(self):
+        return [self.card]
+
+    def resolve(self, model, wait_s, group=None):
+        if not self.ready:
+            raise ServiceUnavailable(f"model {model!r} is still starting", code="model_starting", retry_after=5)
+        return Endpoint(model=model, instance_id="ready", worker_url=self.worker_url)
+
+    def check_ready(self):
+        return None
+
+
 def test_requests_no_worker_took_cost_no_tokens(make_gateway, worker_url, tiny_model_dir):
     """A request answered 503 before any worker took it (its model still starting: scale from zero) used nothing:
     its reservation comes back whole, prompt included. Clients retrying a cold model are then served when it is up,
     not told 429 for tokens nobody generated or read."""
-    from hpcllm.gateway.errors import ServiceUnavailable
-    from hpcllm.gateway.routing import Endpoint, ModelCard, Router
-
-    class ColdThenReady(Router):
-        ready = False
-
-        def list_models(self):
-            return [ModelCard(name=MODEL, source=tiny_model_dir, max_model_len=512, created=0)]
-
-        def resolve(self, model, wait_s, group=None):
-            if not self.ready:
-                raise ServiceUnavailable(f"model {model!r} is still starting", code="model_starting", retry_after=5)
-            return Endpoint(model=model, instance_id="ready", worker_url=worker_url)
-
-        def check_ready(self):
-            return None
-
-    router = ColdThenReady()
+    router = ColdThenReady(tiny_model_dir, worker_url)
     gw = make_gateway(router=router, api_keys=[{"key": USER_KEY, "tokens_per_minute": 1000}])
     body = {"model": MODEL, "prompt": "hello world " * 75, "max_tokens": 1}
     for _ in range(4):  # each reserves its ~300 prompt tokens: 4 of them are more than the key's 1000
@@ -209,3 +215,19 @@ def test_requests_no_worker_took_cost_no_tokens(make_gateway, worker_url, tiny_m
     answer = gw.post("/v1/completions", json=body)
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["prompt_tokens"] >= 250
+
+
+def test_prompt_tokens_are_counted_once_a_worker_took_the_request(make_gateway, worker_url, tiny_model_dir):
+    """hpcllm_prompt_tokens_total counts what workers were given (as a pooling request's): a 503 while the model
+    starts adds nothing, however often clients retry."""
+    from .test_usage import metric
+
+    router = ColdThenReady(tiny_model_dir, worker_url)
+    gw = make_gateway(router=router)
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 1}
+    for stream in (False, True):
+        assert_error(gw.post("/v1/completions", json={**body, "stream": stream}), 503, "model_starting")
+    assert metric(gw, "hpcllm_prompt_tokens_total", model_name=MODEL) == 0.0
+    router.ready = True
+    served = gw.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"]
+    assert metric(gw, "hpcllm_prompt_tokens_total", model_name=MODEL) == served
