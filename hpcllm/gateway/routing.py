@@ -141,7 +141,10 @@ def _static_max_model_len(name: str, spec) -> int:
 
 
 class StaticRouter(Router):
-    """Fixed model -> worker URL(s) from [gateway.static_models]; picks a worker at random per request."""
+    """Fixed model -> worker URL(s) from [gateway.static_models]; picks a worker at random per request, among those
+    not forgotten (refused or unreachable) in the last FORGET_S seconds while another is left."""
+
+    FORGET_S = 30.0
 
     def __init__(self, static_models: dict, *, shared_secret: str, timeout_s: float = 2.0,
                  http: InternalHttpConfig | None = None):
@@ -157,6 +160,7 @@ class StaticRouter(Router):
                                       "of a model or adapter; requests name either")
                 self._cards[adapter] = dataclasses.replace(card, name=adapter, parent=name)
         self._urls = {name: [url.rstrip("/") for url in spec.worker_urls] for name, spec in static_models.items()}
+        self._forgotten: dict[str, float] = {}  # worker URL -> when it refused or could not be reached
         self._http = internal_client(http, timeout=timeout_s, headers=secret_headers(shared_secret))
 
     def list_models(self) -> list[ModelCard]:
@@ -165,8 +169,15 @@ class StaticRouter(Router):
     def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
         if model not in self._urls:
             raise ModelNotFound(model, list(self._urls))
-        url = random.choice(self._urls[model])
+        urls = self._urls[model]
+        now = time.monotonic()
+        # A worker that just failed is skipped: a random pick would send the retry back to it.
+        live = [url for url in urls if url not in self._forgotten or now - self._forgotten[url] >= self.FORGET_S]
+        url = random.choice(live or urls)
         return Endpoint(model=model, instance_id=f"static:{url}", worker_url=url)
+
+    def forget(self, endpoint: Endpoint) -> None:
+        self._forgotten[endpoint.worker_url] = time.monotonic()
 
     def check_ready(self) -> str | None:
         for name, urls in self._urls.items():

@@ -205,3 +205,24 @@ def test_a_worker_lost_after_its_last_token_ends_the_choice_with_length(make_gat
         assert 'finished_reason="abort"' not in metrics
     finally:
         dying.stop()
+
+
+def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, tiny_model_dir):
+    """A static model on two workers, one down: a request routed to the dead one is routed again to the live one
+    (the dead one is forgotten for a while), never answered 503 because the random pick hit the dead one on every
+    attempt; the next requests go straight to the live one."""
+    import socket
+
+    from hpcllm.gateway.routing import StaticRouter
+
+    with socket.socket() as unused:  # a port nothing listens on: the dead worker's
+        unused.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    models = {MODEL: {"worker_url": [gone, worker_url], "source": str(tiny_model_dir)}}
+    gateway = make_gateway(static_models=models)
+    for _ in range(10):
+        answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
+        assert answer.status_code == 200, answer.text
+    router = gateway.state.router
+    assert isinstance(router, StaticRouter)
+    assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == {worker_url}
