@@ -226,3 +226,20 @@ def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, 
     router = gateway.state.router
     assert isinstance(router, StaticRouter)
     assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == {worker_url}
+
+
+def test_the_choices_of_a_request_follow_the_first_to_the_worker_that_took_it(make_gateway, worker_url,
+                                                                              tiny_model_dir):
+    """n choices whose routed worker turns out dead: the first choice is routed again, and the others open where it
+    went, not each at the dead worker first (another refusal, routing and back-off per choice)."""
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on: the dead worker's
+        unused.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    router = ScriptedRouter(tiny_model_dir, [gone, worker_url])
+    gateway = make_gateway(router=router)
+    answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2, "n": 4})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["choices"]) == 4
+    assert router.resolved == [gone, worker_url]
