@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -25,7 +26,7 @@ from hpcllm.config import InternalHttpConfig, ToolCallFormat
 from hpcllm.controller import protocol as controller_wire
 from hpcllm.controller.errors import NoCapacity, NoCapacityPossible
 from hpcllm.errors import ConfigError
-from hpcllm.gateway.errors import ModelNotFound, ServiceUnavailable
+from hpcllm.gateway.errors import ClientClosedRequest, ModelNotFound, ServiceUnavailable
 from hpcllm.gateway.known_routes import KnownInstance, KnownRoutes
 from hpcllm.httpkit.auth import secret_headers
 from hpcllm.httpkit.client import error_of, internal_client, json_object
@@ -118,8 +119,10 @@ class Router(ABC):
         raise ModelNotFound(name, [card.name for card in cards])
 
     @abstractmethod
-    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
-        """A ready worker for `model`, waiting up to wait_s for one to start; ModelNotFound / ServiceUnavailable."""
+    def resolve(self, model: str, wait_s: float, group: str | None = None,
+                abandoned: Callable[[], bool] | None = None) -> Endpoint:
+        """A ready worker for `model`, waiting up to wait_s for one to start; ModelNotFound / ServiceUnavailable.
+        abandoned: asked while waiting; True (the client left) ends the wait with ClientClosedRequest."""
 
     @abstractmethod
     def check_ready(self) -> str | None:
@@ -166,7 +169,8 @@ class StaticRouter(Router):
     def list_models(self) -> list[ModelCard]:
         return list(self._cards.values())
 
-    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None,
+                abandoned: Callable[[], bool] | None = None) -> Endpoint:
         if model not in self._urls:
             raise ModelNotFound(model, list(self._urls))
         urls = self._urls[model]
@@ -312,10 +316,16 @@ class ControllerRouter(Router):
             raise ServiceUnavailable(f"the controller at {self.controller_url} sent an unreadable "
                                      f"{wire.__name__}: {exc}", code="controller_error", retry_after=5) from None
 
-    def resolve(self, model: str, wait_s: float, group: str | None = None) -> Endpoint:
+    def resolve(self, model: str, wait_s: float, group: str | None = None,
+                abandoned: Callable[[], bool] | None = None) -> Endpoint:
         start = time.monotonic()
         deadline = start + wait_s
         while True:
+            # Between polls (route_poll_s each): a client that left frees its thread, stream slot and reservation
+            # now, not when the cold start or the wait for capacity ends.
+            if abandoned is not None and abandoned():
+                raise ClientClosedRequest(f"the client closed the connection while model {model!r} was being "
+                                          f"routed ({time.monotonic() - start:.0f} s); request dropped")
             remaining = deadline - time.monotonic()
             params = {"model": model, "wait": round(max(0.0, min(remaining, self.route_poll_s)), 1)}
             if group:  # the API key's group: its own pools may serve it too

@@ -58,11 +58,13 @@ class RequestContext:
     arrived: float  # time.monotonic() when the request reached the gateway
     created: int = field(default_factory=lambda: int(time.time()))
     endpoint: str = ""  # the API it came to (its blueprint: completions, chat, responses...), for usage accounting
+    client: ClientConnection | None = None  # its connection, to notice a client that left while it waits
 
     @classmethod
     def current(cls) -> RequestContext:
         return cls(request_id=g.request_id, api_key=g.get("api_key"), arrived=g.arrived,
-                   endpoint=usage_endpoint(request.blueprint or "", request.environ))
+                   endpoint=usage_endpoint(request.blueprint or "", request.environ),
+                   client=ClientConnection.current())
 
 
 @dataclass
@@ -231,7 +233,8 @@ class Generation:
         waiting.inc()
         try:
             endpoint = self.gw.router.resolve(self.card.base_model, self.gw.config.gateway.route_timeout_seconds,
-                                              group=self.ctx.api_key.group if self.ctx.api_key else None)
+                                              group=self.ctx.api_key.group if self.ctx.api_key else None,
+                                              abandoned=self.ctx.client.gone if self.ctx.client else None)
         finally:
             waiting.dec()
         metrics.request_queue_time.labels(self.model).observe(endpoint.waited_seconds)

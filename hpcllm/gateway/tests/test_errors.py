@@ -222,7 +222,7 @@ class ExplodingRouter(Router):
     def list_models(self):
         raise RuntimeError("secret internal detail")
 
-    def resolve(self, model, wait_s, group=None):
+    def resolve(self, model, wait_s, group=None, abandoned=None):
         raise RuntimeError("secret internal detail")
 
     def check_ready(self):

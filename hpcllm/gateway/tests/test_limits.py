@@ -193,7 +193,7 @@ class ColdThenReady(Router):
     def list_models(self):
         return [self.card]
 
-    def resolve(self, model, wait_s, group=None):
+    def resolve(self, model, wait_s, group=None, abandoned=None):
         if not self.ready:
             raise ServiceUnavailable(f"model {model!r} is still starting", code="model_starting", retry_after=5)
         return Endpoint(model=model, instance_id="ready", worker_url=self.worker_url)

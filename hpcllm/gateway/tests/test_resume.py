@@ -25,7 +25,7 @@ class ScriptedRouter(Router):
     def list_models(self):
         return [self.card]
 
-    def resolve(self, model, wait_s, group=None):
+    def resolve(self, model, wait_s, group=None, abandoned=None):
         if model != MODEL:
             raise ModelNotFound(model)
         url = self.urls.pop(0) if len(self.urls) > 1 else self.urls[0]
