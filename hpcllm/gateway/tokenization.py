@@ -387,7 +387,7 @@ class TokenizerCache:
             return AutoTokenizer.from_pretrained(str(source))
         except Exception as exc:
             log.error("cannot load the tokenizer of model %s from %s: %s", name, source, exc)
-            raise ServiceUnavailable(
-                f"the gateway cannot read the tokenizer of model {name!r} from {source}; ask the operator to "
-                f"check that the checkpoint directory is visible from the gateway", code="tokenizer_unavailable",
+            raise ServiceUnavailable(  # the path is the log's, not the client's (no filesystem paths in answers)
+                f"the gateway cannot read the tokenizer of model {name!r}; ask the operator to check that the "
+                f"checkpoint directory is visible from the gateway", code="tokenizer_unavailable",
                 retry_after=30) from None

@@ -216,6 +216,23 @@ def test_unreachable_worker_is_503_not_a_hang(make_gateway, tiny_model_dir):
         assert "127.0.0.1:9" not in answer.text, answer.text
 
 
+def test_a_tokenizer_the_gateway_cannot_read_is_503_without_its_path(make_gateway, tiny_model_dir, tmp_path, caplog):
+    """A checkpoint directory the gateway host cannot read the tokenizer from (the shared FS not mounted there,
+    files missing): 503 tokenizer_unavailable, and the filesystem path only in the gateway's log, as for a worker's
+    address."""
+    import shutil
+
+    source = tmp_path / "checkpoints" / "no-tokenizer"
+    source.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", source)  # its context length is known, its tokenizer is not there
+    gw = make_gateway(static_models={MODEL: {"worker_url": "http://127.0.0.1:9", "source": str(source)}})
+    resp = gw.post("/v1/completions", json=GOOD)
+    error = assert_error(resp, 503, "tokenizer_unavailable")
+    assert "operator" in error["message"] and resp.headers["Retry-After"]
+    assert str(tmp_path) not in resp.text, resp.text
+    assert str(source) in caplog.text  # the operator learns which path
+
+
 class ExplodingRouter(Router):
     """A router whose backend has a bug: the gateway must not leak the traceback."""
 
