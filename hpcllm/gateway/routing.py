@@ -313,8 +313,11 @@ class ControllerRouter(Router):
         try:
             return wire.model_validate(json_object(resp))
         except ValidationError as exc:
-            raise ServiceUnavailable(f"the controller at {self.controller_url} sent an unreadable "
-                                     f"{wire.__name__}: {exc}", code="controller_error", retry_after=5) from None
+            # The answer (worker addresses, node keys) and where the controller is go to the log, not the client.
+            log.error("the controller at %s sent an unreadable %s: %s", self.controller_url, wire.__name__, exc)
+            raise ServiceUnavailable(f"hpcllm's controller sent an answer this gateway cannot read ({wire.__name__}: "
+                                     f"are they the same hpcllm version?); ask the operator", code="controller_error",
+                                     retry_after=5) from None
 
     def resolve(self, model: str, wait_s: float, group: str | None = None,
                 abandoned: Callable[[], bool] | None = None) -> Endpoint:

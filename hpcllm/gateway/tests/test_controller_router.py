@@ -265,6 +265,36 @@ def test_a_remembered_worker_serving_another_model_is_not_used(controller_server
     router.close()
 
 
+def test_an_unreadable_route_answer_is_a_503_that_tells_the_client_no_key_or_address():
+    """A controller whose route answer this gateway cannot read (another hpcllm version's, mid-upgrade): a 503
+    controller_error; the answer itself, with the worker's address and its node key, and the controller's address go
+    to the gateway's log only (the validation error quoted the whole answer to the client)."""
+    from flask import Flask
+
+    from hpcllm.gateway.errors import ServiceUnavailable
+    from hpcllm.gateway.routing import ControllerRouter
+
+    app = Flask("newer-controller")
+
+    @app.get("/v1/internal/route")
+    def route():  # no node_id, which this gateway's RouteReady requires
+        return {"status": "ready", "model": MODEL, "instance_id": "inst-1", "worker_url": "http://10.1.2.3:8101",
+                "worker_key": "nk-node-secret"}
+
+    server = ThreadServer(app)
+    router = ControllerRouter(server.url, shared_secret=SECRET)
+    try:
+        with pytest.raises(ServiceUnavailable) as refused:
+            router.resolve(MODEL, wait_s=5)
+    finally:
+        router.close()
+        server.stop()
+    assert refused.value.code == "controller_error"
+    assert "RouteReady" in refused.value.message
+    for secret in ("nk-node-secret", "10.1.2.3", server.url):
+        assert secret not in refused.value.message, refused.value.message
+
+
 # ------------------------------------------------------------------------------------------- context length
 
 
