@@ -10,6 +10,7 @@ without a key. Its script asks for a key and polls:
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 
 import httpx
@@ -20,6 +21,7 @@ from hpcllm.gateway.errors import NotImplementedByDeployment, PermissionDenied, 
 from hpcllm.gateway.routing import ControllerRouter
 from hpcllm.gateway.runtime import current_gateway
 
+log = logging.getLogger(__name__)
 bp = Blueprint("status", __name__)
 
 STATUS_TIMEOUT_S = 30.0
@@ -63,8 +65,9 @@ def user_status():
                                headers={"Authorization": f"Bearer {admin_key}"})
         upstream.raise_for_status()
         status = upstream.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        raise ServiceUnavailable(f"the controller at {router.controller_url} did not give its status ({exc})",
+    except (httpx.HTTPError, ValueError) as exc:  # where and why: the log's (users never see internal addresses)
+        log.warning("the controller at %s did not give its status: %s", router.controller_url, exc)
+        raise ServiceUnavailable("hpcllm's controller did not give its status just now; retry shortly",
                                  code="controller_unreachable", retry_after=5) from None
     return without_internal_addresses(without_other_groups_pools(status, g.api_key.group if g.api_key else None))
 

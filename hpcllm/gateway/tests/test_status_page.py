@@ -188,3 +188,19 @@ def test_users_see_no_other_groups_pools_nor_credential_ids(make_gateway, tmp_pa
     assert sorted(n["node_id"] for n in physics["nodes"]) == ["phys1", "svc1"]
     assert all("credential_id" not in n for n in chemistry["nodes"] + physics["nodes"])
     assert any(n.get("credential_id") == parse_token(token)[0] for n in admin["nodes"])
+
+
+def test_users_are_not_told_the_controllers_address_when_it_is_down(make_gateway, caplog):
+    """The users' view never names internal addresses, its error neither: a controller that does not answer is a
+    503 controller_unreachable; where it is and why goes to the gateway's log."""
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on: the controller's, down
+        unused.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    gw = make_gateway(router=None, static_models={}, controller_url=down, status_page_users=True)
+    resp = gw.get("/v1/status", key=USER_KEY)
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "controller_unreachable"
+    assert "127.0.0.1" not in resp.text, resp.text
+    assert down in caplog.text
