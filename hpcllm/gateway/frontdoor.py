@@ -62,6 +62,7 @@ def render(config: Config, door: FrontDoor, listen: str, upstream: str | None = 
         "run_dir": str(door.run_dir),
         "max_body_bytes": str(gw.max_request_bytes),
         "files_max_body_bytes": str(gw.files_max_bytes + MULTIPART_OVERHEAD),
+        "files_max_bytes": str(gw.files_max_bytes),
         "upstream": upstream or f"{gw.host}:{gw.port}",
         "listen": listen,
         "cert": str(door.cert),

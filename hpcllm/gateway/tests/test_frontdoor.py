@@ -89,6 +89,8 @@ def test_size_limit_and_slow_headers_stop_at_nginx(front):
     too_big = httpx.post(f"{url}/v1/completions", content=b"x" * (65 * 1024), verify=trusting(door),
                          headers={"Authorization": f"Bearer {USER_KEY}", "Content-Type": "application/json"})
     assert too_big.status_code == 413
+    error = too_big.json()["error"]  # OpenAI's error shape, as the gateway's own 413 (not nginx's HTML page)
+    assert error["code"] == "request_too_large" and f"{64 * 1024} bytes" in error["message"], error
     # A client that never finishes its headers costs the gateway nothing: nginx holds (and times out) it, and
     # a normal client is served meanwhile.
     context = trusting(door)
@@ -287,3 +289,19 @@ def test_batch_files_larger_than_a_request_body_upload_through_nginx(front):
         with pytest.raises(openai.APIStatusError) as refused:  # any other endpoint keeps the request bound
             client.completions.create(model=MODEL, prompt="x" * (256 << 10))
     assert refused.value.status_code == 413
+
+
+def test_a_gateway_that_does_not_answer_is_a_503_in_the_error_shape(make_gateway, tmp_path):
+    """nginx in front of a gateway that is down (restarting): the openai client gets a 503 with a message and
+    Retry-After in OpenAI's error shape, which it retries, not nginx's HTML 502 page."""
+    gw = make_gateway()
+    port = free_port()
+    door = frontdoor.start(gw.config, tmp_path / "nginx", f"127.0.0.1:{port}", upstream=f"127.0.0.1:{free_port()}")
+    try:
+        resp = httpx.get(f"https://localhost:{port}/v1/models", verify=trusting(door),
+                         headers={"Authorization": f"Bearer {USER_KEY}"})
+    finally:
+        assert frontdoor.stop(door.run_dir)
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    assert resp.json()["error"]["code"] == "gateway_unavailable" and resp.headers["Retry-After"] == "5"
