@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -70,6 +71,10 @@ class SharedState:
         self._shared_lock = threading.Lock()  # ...used by one thread at a time
         self._holder: tuple[int, str] | None = None  # (pid, holder id), made again after a fork
         self._heartbeat: tuple[threading.Thread, threading.Event] | None = None
+        # Stream slots whose close failed (the database away): freed by the lease's next renewal. Held on, the lease
+        # kept renewed, they would count against their key for the life of the process.
+        self._unclosed: set[str] = set()
+        self._unclosed_lock = threading.Lock()
         self._schema_ready = False
         self.create_tables(SCHEMA)
         self._schema_ready = True
@@ -292,9 +297,15 @@ class SharedState:
                         (self.holder, self.host, os.getpid(), now))
 
     def renew_lease(self) -> None:
-        """Tell the other gateway processes (and hosts) that this one's stream slots are still in use."""
+        """Tell the other gateway processes (and hosts) that this one's stream slots are still in use; free those
+        whose close failed."""
+        with self._unclosed_lock:
+            unclosed = list(self._unclosed)
         with self.transaction() as db:
+            self._delete_slots(db, unclosed)
             self._renew(db, time.time())
+        with self._unclosed_lock:
+            self._unclosed.difference_update(unclosed)
 
     def _start_heartbeat(self) -> None:
         """From the first stream on, a daemon thread renews this process's lease every lease_s / 3."""
@@ -322,7 +333,22 @@ class SharedState:
             self._heartbeat = None
 
     def close_stream(self, stream_id: str) -> None:
-        with self.transaction() as db:
+        """Free a stream slot: once more on a broken connection (a PostgreSQL restart: connection() reconnects on
+        the next call); failing that, at the lease's next renewal (the error raised meanwhile)."""
+        for attempt in (1, 2):
+            try:
+                with self.transaction() as db:
+                    self._delete_slots(db, [stream_id])
+                return
+            except (ServiceUnavailable, sqlite3.Error):  # PostgreSQL away; SQLite's file locked past its timeout
+                if attempt == 2:
+                    with self._unclosed_lock:
+                        self._unclosed.add(stream_id)
+                    raise
+
+    @staticmethod
+    def _delete_slots(db: Database, stream_ids: list[str]) -> None:
+        for stream_id in stream_ids:
             db.conn.execute("DELETE FROM gateway_stream_slots WHERE id = ?", (stream_id,))
 
     # ------------------------------------------------------------------------------------------- cold starts

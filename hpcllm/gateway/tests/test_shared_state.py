@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from contextlib import contextmanager
 
 import pytest
 
+from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.shared_state import SharedState
 
 
@@ -171,3 +173,30 @@ def test_the_limits_follow_a_postgresql_registry_unless_set(tmp_path):
     registry = "postgresql://hpcllm@db.example/hpcllm"
     assert url(controller={"database_url": registry}) == registry  # every gateway host shares the registry's
     assert url(controller={"database_url": registry}, gateway={"limits_db": "/var/tmp/l.db"}) == "/var/tmp/l.db"
+
+
+def test_a_stream_slot_closed_while_postgres_restarts_is_still_freed(empty_postgres):
+    """A stream ending just as the limits database restarts: its slot is freed (on a new connection, else by the
+    lease's next renewal), not held for the life of the gateway process (the lease kept renewed), which left its
+    key at 429 too_many_streams until the gateway restarted."""
+    state = SharedState(empty_postgres, host="gw1")
+    try:
+        assert state.open_stream("streams:k", "s1", 1)
+        state._shared_db.conn._conn.close()  # as a server restart leaves it
+        state.close_stream("s1")
+        assert state.open_stream("streams:k", "s2", 1)  # the key's one slot is free again
+
+        with pytest.MonkeyPatch.context() as patch:  # the database away for a while: both tries fail
+            patch.setattr(state, "transaction", _failing_transaction)
+            with pytest.raises(ServiceUnavailable):
+                state.close_stream("s2")
+        state.renew_lease()  # the heartbeat, once the database answers again
+        assert state.open_stream("streams:k", "s3", 1)
+    finally:
+        state.close()
+
+
+@contextmanager
+def _failing_transaction():
+    raise ServiceUnavailable("the gateway's limits database is unreachable; retry shortly")
+    yield
