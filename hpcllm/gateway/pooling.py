@@ -220,7 +220,8 @@ def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: 
 
     def route() -> Endpoint:
         return gw.router.resolve(card.name, gw.config.gateway.route_timeout_seconds,
-                                 group=ctx.api_key.group if ctx.api_key else None)
+                                 group=ctx.api_key.group if ctx.api_key else None,
+                                 abandoned=ctx.client.gone if ctx.client else None)
 
     def pool(endpoint: Endpoint):
         return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs)

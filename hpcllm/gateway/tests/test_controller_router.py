@@ -538,9 +538,13 @@ def test_no_capacity_possible_is_a_503_at_once_not_after_the_route_timeout(make_
     assert agents.started == []
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 2, "stream": True}),
+    ("/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 2}),
+    ("/v1/embeddings", {"model": MODEL, "input": "hello"}),
+], ids=["stream", "whole", "embeddings"])
 def test_a_client_that_leaves_while_its_request_waits_for_capacity_frees_its_slot(make_gateway, empty_cluster,
-                                                                                   stream):
+                                                                                   path, body):
     """A client gives up on a request queued for capacity (or a cold start): the gateway stops waiting for it within
     a route poll, so its stream slot, token reservation and thread come back, not after route_timeout_seconds (a
     user retrying was told 429 too_many_streams by its own abandoned request)."""
@@ -551,20 +555,21 @@ def test_a_client_that_leaves_while_its_request_waits_for_capacity_frees_its_slo
     server, _ = empty_cluster
     gw = make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=1, route_timeout_seconds=300,
                       api_keys=[{"key": USER_KEY, "max_concurrent_streams": 1}])
-    body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 2, "stream": stream}).encode()
+    sent = json.dumps(body).encode()
     parts = urlsplit(gw.url)
     client = socket.create_connection((parts.hostname, parts.port))
-    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Authorization: Bearer " + USER_KEY.encode() + b"\r\n"
-                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+                   + b"Authorization: Bearer " + USER_KEY.encode() + b"\r\n"
+                   b"Content-Length: " + str(len(sent)).encode() + b"\r\n\r\n" + sent)
     deadline = time.monotonic() + 30
-    while not gw.state._generations:  # admitted: its slot and reservation taken, waiting for capacity
-        assert time.monotonic() < deadline, "the request never started waiting"
+    while not gw.state.in_flight:  # admitted: its slot and reservation taken, waiting for capacity
+        assert time.monotonic() < deadline, "the request never came in"
         time.sleep(0.05)
     client.close()  # the client gives up
     deadline = time.monotonic() + 30  # a tenth of the route timeout: a few route polls
-    while gw.state._generations and time.monotonic() < deadline:
+    while gw.state.in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not gw.state._generations, "the abandoned request still waits for capacity"
+    assert not gw.state.in_flight, "the abandoned request still waits for capacity"
+    assert not gw.state._generations
     with gw.state.shared.connection() as db:  # its stream slot is free
         assert db.conn.execute("SELECT COUNT(*) AS n FROM gateway_stream_slots").fetchone()["n"] == 0
