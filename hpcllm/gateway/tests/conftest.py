@@ -98,6 +98,21 @@ class RunningGateway:
         return httpx.get(f"{self.url}{path}", headers=headers, timeout=60, **kwargs)
 
 
+def raw_post(gateway: RunningGateway, path: str, body: dict, key: str = USER_KEY):
+    """Send a POST on a plain socket and return the socket unread: the test plays a client that hangs up
+    (client.close()) while its answer is being prepared."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    sent = json.dumps(body).encode()
+    parts = urlsplit(gateway.url)
+    client = socket.create_connection((parts.hostname, parts.port))
+    client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Authorization: Bearer {key}\r\nContent-Length: {len(sent)}\r\n\r\n".encode() + sent)
+    return client
+
+
 class GatewayFactory:
     def __init__(self, root: Path, worker: str, source: Path):
         self.root, self.worker, self.source = root, worker, source

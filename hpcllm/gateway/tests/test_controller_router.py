@@ -25,7 +25,7 @@ from hpcllm.controller.protocol import Heartbeat, InstanceInfo, ModelSpec, NodeR
 from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
 
-from .conftest import ADMIN_KEY, MODEL, SECRET, USER_KEY, ThreadServer
+from .conftest import ADMIN_KEY, MODEL, SECRET, USER_KEY, ThreadServer, raw_post
 from .test_openai_api import hf_greedy
 
 NODE = "n1"
@@ -548,19 +548,10 @@ def test_a_client_that_leaves_while_its_request_waits_for_capacity_frees_its_slo
     """A client gives up on a request queued for capacity (or a cold start): the gateway stops waiting for it within
     a route poll, so its stream slot, token reservation and thread come back, not after route_timeout_seconds (a
     user retrying was told 429 too_many_streams by its own abandoned request)."""
-    import json
-    import socket
-    from urllib.parse import urlsplit
-
     server, _ = empty_cluster
     gw = make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=1, route_timeout_seconds=300,
                       api_keys=[{"key": USER_KEY, "max_concurrent_streams": 1}])
-    sent = json.dumps(body).encode()
-    parts = urlsplit(gw.url)
-    client = socket.create_connection((parts.hostname, parts.port))
-    client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
-                   + b"Authorization: Bearer " + USER_KEY.encode() + b"\r\n"
-                   b"Content-Length: " + str(len(sent)).encode() + b"\r\n\r\n" + sent)
+    client = raw_post(gw, path, body)
     deadline = time.monotonic() + 30
     while not gw.state.in_flight:  # admitted: its slot and reservation taken, waiting for capacity
         assert time.monotonic() < deadline, "the request never came in"

@@ -4,10 +4,8 @@ stream cap, and non-streaming generations cancelled when their client hangs up."
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -15,7 +13,7 @@ from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.routing import Endpoint, ModelCard, Router
 from hpcllm.gateway.tokenization import PromptEncoder
 
-from .conftest import MODEL, USER_KEY
+from .conftest import MODEL, USER_KEY, raw_post
 from .test_errors import assert_error, assert_still_serving
 
 
@@ -88,12 +86,8 @@ def test_a_non_streaming_generation_stops_when_its_client_leaves(make_gateway):
     tpm = 100_000
     gw = make_gateway(api_keys=[{"key": USER_KEY, "tokens_per_minute": tpm}])
     before = abort_count(gw)
-    body = json.dumps({"model": MODEL, "prompt": "hello", "max_tokens": 500, "ignore_eos": True}).encode()
-    parts = urlsplit(gw.url)
-    client = socket.create_connection((parts.hostname, parts.port))
-    client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Authorization: Bearer " + USER_KEY.encode() + b"\r\n"
-                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    client = raw_post(gw, "/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 500,
+                                               "ignore_eos": True})
     deadline = time.monotonic() + 30
     while not any(g.completion_tokens for g in list(gw.state._generations)):
         assert time.monotonic() < deadline, "the generation never started"
