@@ -9,6 +9,7 @@ import pytest
 
 from hpcllm.gateway.errors import ModelNotFound
 from hpcllm.gateway.routing import Endpoint, ModelCard, Router
+from hpcllm.tests.ports import free_port
 
 from .conftest import MODEL, SECRET, USER_KEY, ThreadServer
 
@@ -139,11 +140,7 @@ def test_stream_resumes_on_another_worker_when_its_workers_model_process_is_kill
 def test_embeddings_go_to_another_worker_when_the_routed_one_is_gone(make_gateway, worker_url, tiny_model_dir):
     """As a generation does: a worker that died before the controller noticed is forgotten and the request routed
     again (an embedding was a 503 at once)."""
-    import socket
-
-    with socket.socket() as unused:  # a port nothing listens on: the dead worker's
-        unused.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    gone = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: the dead worker's
     router = ScriptedRouter(tiny_model_dir, [gone, worker_url])
     gateway = make_gateway(router=router)
     answer = gateway.post("/v1/embeddings", json={"model": MODEL, "input": ["hello world", "the"]})
@@ -211,13 +208,9 @@ def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, 
     """A static model on two workers, one down: a request routed to the dead one is routed again to the live one
     (the dead one is forgotten for a while), never answered 503 because the random pick hit the dead one on every
     attempt; the next requests go straight to the live one."""
-    import socket
-
     from hpcllm.gateway.routing import StaticRouter
 
-    with socket.socket() as unused:  # a port nothing listens on: the dead worker's
-        unused.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    gone = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: the dead worker's
     models = {MODEL: {"worker_url": [gone, worker_url], "source": str(tiny_model_dir)}}
     gateway = make_gateway(static_models=models)
     for _ in range(10):
@@ -232,11 +225,7 @@ def test_the_choices_of_a_request_follow_the_first_to_the_worker_that_took_it(ma
                                                                               tiny_model_dir):
     """n choices whose routed worker turns out dead: the first choice is routed again, and the others open where it
     went, not each at the dead worker first (another refusal, routing and back-off per choice)."""
-    import socket
-
-    with socket.socket() as unused:  # a port nothing listens on: the dead worker's
-        unused.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    gone = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: the dead worker's
     router = ScriptedRouter(tiny_model_dir, [gone, worker_url])
     gateway = make_gateway(router=router)
     answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2, "n": 4})

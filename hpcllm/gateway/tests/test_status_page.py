@@ -12,6 +12,7 @@ import pytest
 from hpcllm.controller.app import create_app as create_controller_app
 from hpcllm.controller.protocol import Heartbeat, InstanceInfo, MigrationTargetRequest, NodeRegistration
 from hpcllm.controller.tests.conftest import Harness
+from hpcllm.tests.ports import free_port
 
 from .browser import cells, dump_dom, rows, screenshot, summary
 from .conftest import ADMIN_KEY, USER_KEY, ThreadServer
@@ -193,11 +194,7 @@ def test_users_see_no_other_groups_pools_nor_credential_ids(make_gateway, tmp_pa
 def test_users_are_not_told_the_controllers_address_when_it_is_down(make_gateway, caplog):
     """The users' view never names internal addresses, its error neither: a controller that does not answer is a
     503 controller_unreachable; where it is and why goes to the gateway's log."""
-    import socket
-
-    with socket.socket() as unused:  # a port nothing listens on: the controller's, down
-        unused.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    down = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: the controller's, down
     gw = make_gateway(router=None, static_models={}, controller_url=down, status_page_users=True)
     resp = gw.get("/v1/status", key=USER_KEY)
     assert resp.status_code == 503, resp.text
