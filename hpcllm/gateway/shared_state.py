@@ -52,6 +52,8 @@ CREATE INDEX IF NOT EXISTS gateway_stream_slots_bucket ON gateway_stream_slots (
 SCHEMA_LOCK_KEY = 0x68706C6C6D  # "hpllm"
 
 DEFAULT_LEASE_S = 30.0
+# A write that failed for the database's sake (PostgreSQL away, SQLite's file locked past its busy timeout).
+WRITE_FAILED = (ServiceUnavailable, sqlite3.Error)
 # Fills a column just added to the rows already there, in the transaction that added it.
 Fill = Callable[[Database], None]
 
@@ -210,9 +212,11 @@ class SharedState:
         if amount == 0:
             return
         now = time.time() if now is None else now
-        with self.transaction() as db:
-            tokens = self._refilled(db, bucket, capacity, per_second, now)
-            self._store(db, bucket, min(capacity, tokens + amount), now)
+
+        def give_back(db: Database) -> None:
+            self._store(db, bucket, min(capacity, self._refilled(db, bucket, capacity, per_second, now) + amount), now)
+
+        self._write_once_more(give_back)
 
     def level(self, bucket: str, *, capacity: float, per_second: float, now: float | None = None) -> float:
         now = time.time() if now is None else now
@@ -333,18 +337,24 @@ class SharedState:
             self._heartbeat = None
 
     def close_stream(self, stream_id: str) -> None:
-        """Free a stream slot: once more on a broken connection (a PostgreSQL restart: connection() reconnects on
-        the next call); failing that, at the lease's next renewal (the error raised meanwhile)."""
-        for attempt in (1, 2):
-            try:
-                with self.transaction() as db:
-                    self._delete_slots(db, [stream_id])
-                return
-            except (ServiceUnavailable, sqlite3.Error):  # PostgreSQL away; SQLite's file locked past its timeout
-                if attempt == 2:
-                    with self._unclosed_lock:
-                        self._unclosed.add(stream_id)
-                    raise
+        """Free a stream slot (once more on a broken connection); failing that, at the lease's next renewal (the
+        error raised meanwhile)."""
+        try:
+            self._write_once_more(lambda db: self._delete_slots(db, [stream_id]))
+        except WRITE_FAILED:
+            with self._unclosed_lock:
+                self._unclosed.add(stream_id)
+            raise
+
+    def _write_once_more(self, write: Callable[[Database], None]) -> None:
+        """write(db) in a write transaction; once more when it fails (a PostgreSQL restart: connection()
+        reconnects on the next call), so what a request gives back at its end is not lost to a blip."""
+        try:
+            with self.transaction() as db:
+                write(db)
+        except WRITE_FAILED:
+            with self.transaction() as db:
+                write(db)
 
     @staticmethod
     def _delete_slots(db: Database, stream_ids: list[str]) -> None:

@@ -40,6 +40,20 @@ def test_refund_gives_back_unused_tokens_and_charges_overuse(limits_url):
     assert state.level("b", now=0.0, **kw) == 40
 
 
+def test_a_refund_made_while_postgres_restarts_still_comes_back(empty_postgres):
+    """A request ending just as the limits database restarts gets its unused reservation back (on a new connection),
+    not lost: its key would be short of up to max_tokens x n tokens, a 429 for nothing."""
+    state = SharedState(empty_postgres)
+    try:
+        kw = dict(capacity=100, per_second=1.0)
+        state.take("b", cost=80, now=0.0, **kw)
+        state._shared_db.conn._conn.close()  # as a server restart leaves it
+        state.refund("b", amount=50, now=0.0, **kw)
+        assert state.level("b", now=0.0, **kw) == 70
+    finally:
+        state.close()
+
+
 def test_first_sighting_is_true_once(limits_url):
     state = SharedState(limits_url)
     assert state.first_sighting("inst-1") is True
