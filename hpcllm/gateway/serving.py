@@ -338,11 +338,6 @@ class Generation:
                         reason = f"worker {choice.stream.worker_url} failed: {message}"
                     else:
                         reason = f"worker {choice.stream.worker_url} ended the generation ({final.finish_reason})"
-                if self._all_tokens_delivered(choice):  # lost after its last token: nothing to resume
-                    log.warning("request %s choice %d: %s after all %d tokens; the choice is whole",
-                                self.ctx.request_id, index, reason, len(output_ids))
-                    yield self._finished(choice, "length")
-                    return
                 if resumes >= MAX_RESUMES:  # the reason names internal addresses: the log has it, not the client
                     log.warning("request %s choice %d: %s; resumed %d times already, giving up",
                                 self.ctx.request_id, index, reason, resumes)
@@ -362,10 +357,6 @@ class Generation:
         choice.finish_reason = finish_reason
         self.gw.metrics.request_success.labels(self.model, finish_reason).inc()
         return Delta(choice.index, "", finish_reason)
-
-    def _all_tokens_delivered(self, choice: Choice) -> bool:
-        """Whether the choice has every token max_tokens allows (a worker refuses to resume it: nothing to do)."""
-        return self.options.max_tokens is not None and len(choice.output_ids) >= self.options.max_tokens
 
     def _attach(self, choice: Choice, moved: MigratedTo) -> str | None:
         """Follow a live migration: stream on from the destination. None on success, else why it failed."""

@@ -181,6 +181,8 @@ class RequestState:
     lora: str | None = None  # the LoRA adapter it runs with (GenerateRequest.lora); None: the base model
     lora_folder: str | None = None  # where that adapter was loaded from (EngineBase._bind_lora, as it is queued)
     priority: int = 0  # GenerateRequest.priority: lower is sooner (admission, and which request is preempted)
+    # (finish_reason, stop_reason) of a resume whose resume_token_ids already end it: answered without generating.
+    resumed_end: tuple[str, str | int | None] | None = None
 
     @property
     def lora_key(self) -> tuple[str, str] | None:
@@ -370,6 +372,11 @@ class EngineBase:
     def submit(self, request: GenerateRequest) -> RequestStream:
         """Validate, tokenize and queue a request. Raises an EngineError subclass for anything it refuses."""
         req = self._prepare(request)
+        if req.resumed_end is not None:  # nothing left to generate: only the final line, with how it ended
+            reason, stop_reason = req.resumed_end
+            req.state, req.finish_reason = "finished", reason
+            req.events.put(FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage()))
+            return RequestStream(self, req)
         self._enqueue(req)
         return RequestStream(self, req)
 
@@ -486,6 +493,9 @@ class EngineBase:
     def hold(self, request: GenerateRequest, hold_seconds: float) -> None:
         """Queue a HELD request: prefill prompt + resume_token_ids, then wait (no sampling) to be attached."""
         req = self._prepare(request)
+        if req.resumed_end is not None:
+            raise InvalidRequest(f"resume_token_ids already end the generation ({req.resumed_end[0]}): nothing to "
+                                 "migrate", "resume_token_ids")
         if req.params.constrained and not self.continues_grammars:
             raise InvalidRequest("this worker's engine cannot continue a grammar-constrained request from "
                                  "another worker's output; it finishes where it runs", "grammar")
@@ -673,7 +683,9 @@ class EngineBase:
         if not prompt_ids:  # nothing to prefill: no logits to sample the first token from
             raise InvalidRequest(f"the {prompt_param} is empty once tokenized; give at least one token of text",
                                  prompt_param)
-        if len(prompt_ids) + len(resumed) >= self.max_model_len:
+        known = len(prompt_ids) + len(resumed)
+        # Resumed tokens filling the context exactly are a generation that ended ("length"), answered below.
+        if known > self.max_model_len or (known == self.max_model_len and not resumed):
             raise PromptTooLong(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
                 f"{len(prompt_ids)} tokens{f' plus {len(resumed)} resumed tokens' if resumed else ''}; "
@@ -688,9 +700,9 @@ class EngineBase:
                 "shorten the prompt",
                 "max_tokens",
             )
-        if len(resumed) >= max_tokens:
+        if len(resumed) > max_tokens:
             raise InvalidRequest(
-                f"resume_token_ids already holds {len(resumed)} tokens, max_tokens is {max_tokens}: nothing to do",
+                f"resume_token_ids holds {len(resumed)} tokens, more than max_tokens ({max_tokens}) allows",
                 "resume_token_ids",
             )
         stop_token_ids = frozenset(request.stop_token_ids) | (
@@ -707,13 +719,7 @@ class EngineBase:
             # A complete grammar allows only end-of-sequence, which ends the request (ignore_eos or not).
             stop_token_ids |= {self.grammar_tokenizer.eos_token}
         detokenizer = self.new_detokenizer(request.stop, prompt_ids)
-        for position, token in enumerate(resumed):
-            detokenizer.add(token)
-            if token in stop_token_ids or detokenizer.stop_hit is not None:
-                raise InvalidRequest(
-                    f"resume_token_ids already end the generation (stop at index {position}): nothing to resume",
-                    "resume_token_ids",
-                )
+        ended = self._resumed_end(resumed, max_tokens, stop_token_ids, detokenizer)
         self._check_lora(request.lora)
         seed = request.seed if request.seed is not None else random_seed()
         return self.request_type(
@@ -737,7 +743,29 @@ class EngineBase:
             prompt_logprobs_result=None if resumed or request.prompt_logprobs is None else [None],
             lora=request.lora,
             priority=request.priority,
+            resumed_end=ended,
         )
+
+    def _resumed_end(self, resumed: list[int], max_tokens: int, stop_token_ids: frozenset[int],
+                     detokenizer: IncrementalDetokenizer) -> tuple[str, str | int | None] | None:
+        """(finish_reason, stop_reason) when resume_token_ids already end the generation, as _accept would have
+        ended it at their last token (a worker lost between its last token line and its final line); None when
+        there is more to generate. A stop before their last token: refused (they cannot be a generation's output)."""
+        for position, token in enumerate(resumed):
+            detokenizer.add(token)
+            if token in stop_token_ids:
+                stop_reason = None if token in self.eos_token_ids else token
+            elif detokenizer.stop_hit is not None:
+                stop_reason = detokenizer.stop_hit
+            else:
+                continue
+            if position < len(resumed) - 1:
+                raise InvalidRequest(
+                    f"resume_token_ids end the generation at index {position} (a stop), but go on after it; "
+                    "resume from the tokens up to the stop", "resume_token_ids",
+                )
+            return "stop", stop_reason
+        return ("length", None) if resumed and len(resumed) >= max_tokens else None
 
     def _check_lora(self, name: str | None) -> None:
         """A request's adapter must be one this worker serves (a migration's destination too): checked when it is

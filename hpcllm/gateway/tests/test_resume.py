@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
@@ -149,22 +150,23 @@ def test_embeddings_go_to_another_worker_when_the_routed_one_is_gone(make_gatewa
     assert router.resolved == [gone, worker_url]
 
 
-def worker_dying_after_its_last_token_app():
-    """A stand-in worker that streams all max_tokens tokens, then drops the connection before its final line (its
-    process killed between the two writes): nothing is left to generate."""
+def worker_dying_before_its_final_line_app(tokenizer, last_tokens):
+    """A stand-in worker that streams last_tokens(request)'s token ids, then drops the connection before its final
+    line (its process killed between the two writes): they already end the generation."""
     from flask import Flask, Response, request
 
     from hpcllm.worker.protocol import GENERATE_PATH, GenerateRequest, TokenLine
 
-    app = Flask("dies-after-its-last-token")
+    app = Flask("dies-before-its-final-line")
 
     @app.post(GENERATE_PATH)
     def generate():
         req = GenerateRequest.model_validate_json(request.get_data())
 
         def lines():
-            for index in range(req.max_tokens):
-                yield TokenLine(index=index, token_id=100 + index, text="x").model_dump_json() + "\n"
+            for index, token in enumerate(last_tokens(req)):
+                text = tokenizer.decode([token], skip_special_tokens=True)
+                yield TokenLine(index=index, token_id=token, text=text).model_dump_json() + "\n"
             raise ConnectionAbortedError("killed before the final line")  # werkzeug drops the connection
 
         return Response(lines(), mimetype="application/x-ndjson")
@@ -172,33 +174,56 @@ def worker_dying_after_its_last_token_app():
     return app
 
 
+WORDS = "hello world the end"
+# (request body, the tokens the dying worker streams before it is lost, how the choice ended)
+ENDED_BEFORE_THE_FINAL_LINE = {
+    "max_tokens": ({"prompt": "hello", "max_tokens": 4}, lambda tok, req: [100, 101, 102, 103], "length"),
+    "eos": ({"prompt": "hello", "max_tokens": 8}, lambda tok, req: [100, 101, tok.eos_token_id], "stop"),
+    "stop_string": ({"prompt": "hello", "max_tokens": 16, "stop": ["end"]},
+                    lambda tok, req: tok(WORDS, add_special_tokens=False)["input_ids"], "stop"),
+    # A chat request without max_tokens that filled the context (the workers' max_model_len is 512; the gateway's
+    # card does not know it, so the request goes without max_tokens).
+    "context_full": ({"messages": [{"role": "user", "content": "hello"}]},
+                     lambda tok, req: [100] * (512 - len(req.prompt_token_ids)), "length"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENDED_BEFORE_THE_FINAL_LINE))
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_a_worker_lost_after_its_last_token_ends_the_choice_with_length(make_gateway, worker_url, tiny_model_dir,
-                                                                         stream):
-    """Every token max_tokens allows was delivered before the worker went away: the answer is whole (finish_reason
-    "length"), not resumed elsewhere, which a worker refuses (nothing left to generate) and the client saw as an
-    error blaming its request."""
-    dying = ThreadServer(worker_dying_after_its_last_token_app())
+def test_a_worker_lost_after_its_last_token_ends_the_choice_as_it_ended(make_gateway, worker_url, tiny_model_dir,
+                                                                        hf_pair, stream, case):
+    """Every token of the choice was delivered (max_tokens reached, the context full, EOS, a stop string's last
+    token) before the worker went away: the resume worker answers that end, so the answer is whole with the
+    finish_reason the first worker would have sent, not a 400 error event blaming the request."""
+    body, last_tokens, finish_reason = ENDED_BEFORE_THE_FINAL_LINE[case]
+    tokenizer = hf_pair[1]
+    streamed: list[int] = []
+
+    def stream_then_die(req):
+        streamed[:] = last_tokens(tokenizer, req)
+        return streamed
+
+    dying = ThreadServer(worker_dying_before_its_final_line_app(tokenizer, stream_then_die))
     try:
         router = ScriptedRouter(tiny_model_dir, [dying.url, worker_url])
+        if case == "context_full":
+            router.card = dataclasses.replace(router.card, max_model_len=None)
         gateway = make_gateway(router=router)
-        body = {"model": MODEL, "prompt": "hello world", "max_tokens": 4, "stream": stream}
-        answer = gateway.post("/v1/completions", json=body)
+        chat = "messages" in body
+        answer = gateway.post("/v1/chat/completions" if chat else "/v1/completions",
+                              json={"model": MODEL, **body, "stream": stream})
         assert answer.status_code == 200, answer.text
         if stream:
             lines = [line for line in answer.text.splitlines() if line]
             assert lines[-1] == "data: [DONE]"
             events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
             assert all("error" not in event for event in events), events
-            assert "".join(e["choices"][0]["text"] for e in events) == "xxxx"
-            assert events[-1]["choices"][0]["finish_reason"] == "length"
+            assert events[-1]["choices"][0]["finish_reason"] == finish_reason
         else:
-            assert answer.json()["choices"][0]["text"] == "xxxx"
-            assert answer.json()["choices"][0]["finish_reason"] == "length"
-            assert answer.json()["usage"]["completion_tokens"] == 4
-        assert router.resolved == [dying.url]  # not routed again: nothing to resume
+            assert answer.json()["choices"][0]["finish_reason"] == finish_reason
+            assert answer.json()["usage"]["completion_tokens"] == len(streamed)
         metrics = httpx.get(f"{gateway.url}/metrics").text  # counted once, as a whole answer
-        assert f'hpcllm_request_success_total{{finished_reason="length",model_name="{MODEL}"}} 1.0' in metrics
+        assert f'hpcllm_request_success_total{{finished_reason="{finish_reason}",model_name="{MODEL}"}} 1.0' in metrics
         assert 'finished_reason="abort"' not in metrics
     finally:
         dying.stop()

@@ -538,3 +538,37 @@ def test_logprobs_of_a_biased_request_stay_the_models_raw_distribution(load_pair
         assert line.token_id == 17
         assert line.logprobs.logprob == pytest.approx(float(row[17]), abs=1e-4)
         assert line.logprobs.top[0].token_id == int(torch.argmax(row))
+
+
+def test_a_resume_with_nothing_left_to_generate_ends_with_the_real_finish_reason(load_pair, make_engine):
+    """A worker lost between its last token line and its final line: the gateway resumes the choice from every
+    token, which already end it. The answer is that end (no tokens, no error), as the first worker would have
+    said: max_tokens reached, the context full (no max_tokens), EOS, a stop string."""
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    words = tokenizer("hello world the end", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    cases = [  # (request fields, finish_reason, stop_reason)
+        ({"max_tokens": len(words), "resume_token_ids": words}, "length", None),
+        ({"resume_token_ids": [7] * (engine.max_model_len - len(prompt_ids))}, "length", None),
+        ({"max_tokens": 20, "resume_token_ids": [*words, eos]}, "stop", None),
+        ({"max_tokens": 20, "resume_token_ids": [*words[:2], 9], "stop_token_ids": [9]}, "stop", 9),
+        ({"max_tokens": 20, "resume_token_ids": words, "stop": ["end"]}, "stop", "end"),
+    ]
+    for fields, finish_reason, stop_reason in cases:
+        done = engine.generate(request(prompt_token_ids=prompt_ids, temperature=0, **fields))
+        assert (done.finish_reason, done.stop_reason, done.error) == (finish_reason, stop_reason, None), fields
+        assert done.token_ids == [] and done.text == ""
+        assert done.usage.completion_tokens == len(fields["resume_token_ids"])
+
+
+def test_resumed_tokens_no_generation_could_have_made_are_refused(load_pair, make_engine):
+    """Going on after a stop, or more than max_tokens: not a generation's output, refused naming resume_token_ids."""
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    for fields in ({"max_tokens": 20, "resume_token_ids": [tokenizer.eos_token_id, 7]},
+                   {"max_tokens": 2, "resume_token_ids": [7, 8, 9]}):
+        with pytest.raises(InvalidRequest) as refused:
+            engine.submit(request(prompt=PROMPT, **fields))
+        assert refused.value.param == "resume_token_ids"
