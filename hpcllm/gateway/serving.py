@@ -78,7 +78,6 @@ class Choice:
     output_ids: list[int] = field(default_factory=list)
     last_token_at: float | None = None  # across streams
     migration_pause_from: float | None = None  # set when attached; the next token ends the pause
-    finish_reason: str | None = None  # once it ended whole (stop, length)
 
 
 @dataclass
@@ -321,7 +320,8 @@ class Generation:
                     reason = str(exc)
                 else:
                     if final.finish_reason in ("stop", "length"):
-                        yield self._finished(choice, final.finish_reason)
+                        self.gw.metrics.request_success.labels(self.model, final.finish_reason).inc()
+                        yield Delta(index, "", final.finish_reason)
                         return
                     message = final.error.message if final.error else "unknown error"
                     if final.finish_reason == "error" and not _worker_died(final):
@@ -352,11 +352,6 @@ class Generation:
                 choice.stream = self._open(choice, resume_ids=list(output_ids), attempt_tag=resumes)
         finally:
             running.dec()
-
-    def _finished(self, choice: Choice, finish_reason: str) -> Delta:
-        choice.finish_reason = finish_reason
-        self.gw.metrics.request_success.labels(self.model, finish_reason).inc()
-        return Delta(choice.index, "", finish_reason)
 
     def _attach(self, choice: Choice, moved: MigratedTo) -> str | None:
         """Follow a live migration: stream on from the destination. None on success, else why it failed."""
@@ -461,8 +456,7 @@ class Generation:
         for choice in self._choices:
             if choice.stream is not None and not choice.stream.finished:
                 choice.stream.cancel()
-                if choice.finish_reason is None:  # not a stream lost after the choice's last token
-                    self.gw.metrics.request_success.labels(self.model, "abort").inc()
+                self.gw.metrics.request_success.labels(self.model, "abort").inc()
         served = any(choice.stream is not None for choice in self._choices)
         if served:  # a worker took it: what it used counts
             self.gw.usage.record(self.ctx.api_key, self.model, self.ctx.endpoint, self.prompt_tokens,
