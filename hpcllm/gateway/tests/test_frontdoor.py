@@ -293,15 +293,19 @@ def test_batch_files_larger_than_a_request_body_upload_through_nginx(front):
 
 def test_a_gateway_that_does_not_answer_is_a_503_in_the_error_shape(make_gateway, tmp_path):
     """nginx in front of a gateway that is down (restarting): the openai client gets a 503 with a message and
-    Retry-After in OpenAI's error shape, which it retries, not nginx's HTML 502 page."""
+    Retry-After in OpenAI's error shape, which it retries, not nginx's HTML 502 page; a file upload too (its route
+    has error pages of its own)."""
     gw = make_gateway()
     port = free_port()
     door = frontdoor.start(gw.config, tmp_path / "nginx", f"127.0.0.1:{port}", upstream=f"127.0.0.1:{free_port()}")
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
     try:
-        resp = httpx.get(f"https://localhost:{port}/v1/models", verify=trusting(door),
-                         headers={"Authorization": f"Bearer {USER_KEY}"})
+        answers = [httpx.get(f"https://localhost:{port}/v1/models", verify=trusting(door), headers=headers),
+                   httpx.post(f"https://localhost:{port}/v1/files", verify=trusting(door), headers=headers,
+                              files={"file": ("in.jsonl", b"{}\n")}, data={"purpose": "batch"})]
     finally:
         assert frontdoor.stop(door.run_dir)
-    assert resp.status_code == 503, resp.text
-    assert resp.headers["content-type"].startswith("application/json")
-    assert resp.json()["error"]["code"] == "gateway_unavailable" and resp.headers["Retry-After"] == "5"
+    for resp in answers:
+        assert resp.status_code == 503, (resp.request.url, resp.text)
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.json()["error"]["code"] == "gateway_unavailable" and resp.headers["Retry-After"] == "5"
