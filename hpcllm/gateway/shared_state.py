@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -87,15 +88,20 @@ class SharedState:
         return open_database(self.url, setting=self._setting, purpose="gateway limits database")
 
     @contextmanager
-    def connection(self) -> Iterator[Database]:
-        """The connection for statements outside a transaction (each its own, autocommit), e.g. one SELECT."""
+    def connection(self, attempt: WriteAttempt | None = None) -> Iterator[Database]:
+        """The connection for statements outside a transaction (each its own, autocommit), e.g. one SELECT.
+        attempt: told whether the connection was open before (PostgreSQL; SQLite's always counts as open)."""
         if not self.postgres:
             db = getattr(self._local, "db", None)
             if db is None:
                 db = self._local.db = self._open()
+            if attempt is not None:
+                attempt.on_open_connection = True
             yield db
             return
         with self._shared_lock:
+            if attempt is not None:
+                attempt.on_open_connection = self._shared_db is not None
             if self._shared_db is None:
                 try:
                     self._shared_db = self._open()
@@ -125,20 +131,22 @@ class SharedState:
         return redact_password(self.url)
 
     @contextmanager
-    def transaction(self) -> Iterator[Database]:
+    def transaction(self, attempt: WriteAttempt | None = None) -> Iterator[Database]:
         """One write transaction: SQLite takes the file's write lock at BEGIN; PostgreSQL locks rows as read
-        (`FOR UPDATE` via self.for_update). Rolled back on error."""
-        with self.connection() as db:
+        (`FOR UPDATE` via self.for_update). Rolled back on error. attempt: told how far it got."""
+        with self.connection(attempt) as db:
             db.conn.execute(db.begin_write)
             try:
                 yield db
+                if attempt is not None:
+                    attempt.commit_sent = True
+                db.conn.execute("COMMIT")
             except BaseException:
-                try:
+                try:  # a failed COMMIT too: SQLite's transaction stays open, and the thread's next BEGIN would fail
                     db.conn.execute("ROLLBACK")
                 except Exception:  # the connection itself failed; connection() handles it
                     pass
                 raise
-            db.conn.execute("COMMIT")
 
     def lock(self, db: Database, name: str) -> None:
         """Serialize this write transaction with every other that locks `name` until it ends (a per-key total
@@ -211,10 +219,10 @@ class SharedState:
         A negative amount charges tokens used beyond the reservation (the bucket may go into debt)."""
         if amount == 0:
             return
-        now = time.time() if now is None else now
 
         def give_back(db: Database) -> None:
-            self._store(db, bucket, min(capacity, self._refilled(db, bucket, capacity, per_second, now) + amount), now)
+            at = time.time() if now is None else now  # the try's own time: a second try comes later
+            self._store(db, bucket, min(capacity, self._refilled(db, bucket, capacity, per_second, at) + amount), at)
 
         self._write_once_more(give_back)
 
@@ -347,12 +355,18 @@ class SharedState:
             raise
 
     def _write_once_more(self, write: Callable[[Database], None]) -> None:
-        """write(db) in a write transaction; once more when it fails (a PostgreSQL restart: connection()
-        reconnects on the next call), so what a request gives back at its end is not lost to a blip."""
+        """write(db) in a write transaction; once more when it failed on a connection open before it, before its
+        COMMIT was sent (a PostgreSQL restart breaks the open connection, which fails at BEGIN: connection()
+        reconnects on the next call; SQLite's write lock not had in its busy timeout), so what a request gives back
+        at its end is not lost to a blip. Not after a failed connect (a second waits as long, under the process's
+        one connection lock), nor once COMMIT was sent (the server may have committed: a refund twice)."""
+        attempt = WriteAttempt()
         try:
-            with self.transaction() as db:
+            with self.transaction(attempt) as db:
                 write(db)
         except WRITE_FAILED:
+            if not attempt.may_retry:
+                raise
             with self.transaction() as db:
                 write(db)
 
@@ -388,6 +402,18 @@ def _column_definition(creates: list[str], table: str, column: str) -> str:
             if found:
                 return found.group(1)
     raise ValueError(f"the schema defines no column {table}.{column}")
+
+
+@dataclass
+class WriteAttempt:
+    """How far one write transaction got, to know whether trying it again is safe and worth it."""
+
+    on_open_connection: bool = False  # it ran on a connection open before it (not one it had to make)
+    commit_sent: bool = False
+
+    @property
+    def may_retry(self) -> bool:
+        return self.on_open_connection and not self.commit_sent
 
 
 def _is_database_error(exc: BaseException) -> bool:

@@ -211,6 +211,88 @@ def test_a_stream_slot_closed_while_postgres_restarts_is_still_freed(empty_postg
 
 
 @contextmanager
-def _failing_transaction():
+def _failing_transaction(attempt=None):
     raise ServiceUnavailable("the gateway's limits database is unreachable; retry shortly")
     yield
+
+
+class _Failing:
+    """A connection whose statement `fails` (once) raises `error`: after running it (`after`: the server did it, its
+    answer was lost) or instead."""
+
+    def __init__(self, conn, fails: str, error: Exception, after: bool = False):
+        self.conn, self.fails, self.error, self.after = conn, fails, error, after
+
+    def execute(self, sql, params=()):
+        if sql.startswith(self.fails) and self.error is not None:
+            error, self.error = self.error, None
+            if self.after:
+                self.conn.execute(sql, params)
+                self.conn._conn.close()  # the connection drops with the answer
+            raise error
+        return self.conn.execute(sql, params)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_a_charge_whose_commit_answer_is_lost_is_not_made_twice(empty_postgres):
+    """The connection drops while COMMIT's answer is on its way (the server committed): the charge (a negative
+    refund, tokens used beyond the reservation) is not written again on a new connection, which took it twice."""
+    import psycopg
+
+    state = SharedState(empty_postgres)
+    try:
+        kw = dict(capacity=100, per_second=1.0)
+        state.take("b", cost=80, now=0.0, **kw)
+        db = state._shared_db
+        db.conn = _Failing(db.conn, "COMMIT", psycopg.OperationalError("server closed the connection"), after=True)
+        with pytest.raises(ServiceUnavailable):
+            state.refund("b", amount=-30, now=0.0, **kw)
+        assert state.level("b", now=0.0, **kw) == -10
+    finally:
+        state.close()
+
+
+def test_a_write_whose_connect_fails_is_not_tried_again(empty_postgres):
+    """The database unreachable: a request's refund fails after one connect attempt (up to connect_timeout, 30 s,
+    under the process's one connection lock), not two, which held every other request's close() as long."""
+    from hpcllm.controller.errors import DatabaseError
+
+    state = SharedState(empty_postgres)
+    connects = []
+
+    def unreachable():
+        connects.append(1)
+        raise DatabaseError("could not connect to the gateway limits database")
+
+    try:
+        state._drop_shared_connection()  # as a failed statement leaves it
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(state, "_open", unreachable)
+            with pytest.raises(ServiceUnavailable):
+                state.refund("b", amount=50, now=0.0, capacity=100, per_second=1.0)
+        assert len(connects) == 1
+    finally:
+        state.close()
+
+
+def test_a_refund_that_finds_sqlite_locked_is_written_once_more(tmp_path):
+    """SQLite's file locked past its busy timeout at BEGIN (nothing written): the refund is tried once more and
+    comes back once; a COMMIT that failed is not tried again (it may have been written), and the transaction it
+    left open is rolled back, so the next write on that thread's connection works."""
+    import sqlite3
+
+    state = SharedState(tmp_path / "limits.db")
+    kw = dict(capacity=100, per_second=1.0)
+    state.take("b", cost=80, now=0.0, **kw)
+    db = state._local.db
+    plain = db.conn
+    db.conn = _Failing(plain, "BEGIN", sqlite3.OperationalError("database is locked"))
+    state.refund("b", amount=50, now=0.0, **kw)
+    assert state.level("b", now=0.0, **kw) == 70
+    db.conn = _Failing(plain, "COMMIT", sqlite3.OperationalError("database is locked"))
+    with pytest.raises(sqlite3.OperationalError):
+        state.refund("b", amount=10, now=0.0, **kw)
+    db.conn = plain
+    assert state.level("b", now=0.0, **kw) == 70
