@@ -313,8 +313,10 @@ class ControllerRouter(Router):
         try:
             return wire.model_validate(json_object(resp))
         except ValidationError as exc:
-            # The answer (worker addresses, node keys) and where the controller is go to the log, not the client.
-            log.error("the controller at %s sent an unreadable %s: %s", self.controller_url, wire.__name__, exc)
+            # Where the controller is and what was wrong go to the log, not the client; the answer's values (worker
+            # addresses, node keys) nowhere.
+            log.error("the controller at %s sent an unreadable %s: %s", self.controller_url, wire.__name__,
+                      exc.errors(include_input=False, include_url=False))
             raise ServiceUnavailable(f"hpcllm's controller sent an answer this gateway cannot read ({wire.__name__}: "
                                      f"are they the same hpcllm version?); ask the operator", code="controller_error",
                                      retry_after=5) from None

@@ -265,10 +265,10 @@ def test_a_remembered_worker_serving_another_model_is_not_used(controller_server
     router.close()
 
 
-def test_an_unreadable_route_answer_is_a_503_that_tells_the_client_no_key_or_address():
+def test_an_unreadable_route_answer_is_a_503_that_tells_the_client_no_key_or_address(caplog):
     """A controller whose route answer this gateway cannot read (another hpcllm version's, mid-upgrade): a 503
-    controller_error; the answer itself, with the worker's address and its node key, and the controller's address go
-    to the gateway's log only (the validation error quoted the whole answer to the client)."""
+    controller_error; what was wrong and the controller's address go to the gateway's log only (the validation error
+    quoted the whole answer to the client), and the answer's values (the worker's node key, its address) to neither."""
     from flask import Flask
 
     from hpcllm.gateway.errors import ServiceUnavailable
@@ -293,6 +293,10 @@ def test_an_unreadable_route_answer_is_a_503_that_tells_the_client_no_key_or_add
     assert "RouteReady" in refused.value.message
     for secret in ("nk-node-secret", "10.1.2.3", server.url):
         assert secret not in refused.value.message, refused.value.message
+    [logged] = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert "RouteReady" in logged and "node_id" in logged and server.url in logged
+    for value in ("nk-node-secret", "10.1.2.3"):  # pydantic's input_value shows what fits of the answer
+        assert value not in logged, logged
 
 
 # ------------------------------------------------------------------------------------------- context length
