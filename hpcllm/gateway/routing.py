@@ -128,8 +128,9 @@ class Router(ABC):
     def check_ready(self) -> str | None:
         """None when requests can be served now, else the reason they cannot."""
 
-    def forget(self, endpoint: Endpoint) -> None:
-        """The endpoint's worker refused or could not be reached (the caller routes again)."""
+    def forget(self, endpoint: Endpoint, busy: bool = False) -> None:
+        """The endpoint's worker refused or could not be reached (the caller routes again). busy: it answered,
+        refusing for now (full, not ready), so it is still there."""
 
     def close(self) -> None:
         """Release connections."""
@@ -145,9 +146,12 @@ def _static_max_model_len(name: str, spec) -> int:
 
 class StaticRouter(Router):
     """Fixed model -> worker URL(s) from [gateway.static_models]; picks a worker at random per request, among those
-    not forgotten (refused or unreachable) in the last FORGET_S seconds while another is left."""
+    not forgotten while another is left: one gone (unreachable, failed) for FORGET_S seconds, a busy one for
+    BUSY_SKIP_S, long enough for the request's next attempt to go elsewhere."""
 
     FORGET_S = 30.0
+    # A full worker skipped for long would send the whole load to the others, and fill them too.
+    BUSY_SKIP_S = 2.0
 
     def __init__(self, static_models: dict, *, shared_secret: str, timeout_s: float = 2.0,
                  http: InternalHttpConfig | None = None):
@@ -163,7 +167,7 @@ class StaticRouter(Router):
                                       "of a model or adapter; requests name either")
                 self._cards[adapter] = dataclasses.replace(card, name=adapter, parent=name)
         self._urls = {name: [url.rstrip("/") for url in spec.worker_urls] for name, spec in static_models.items()}
-        self._forgotten: dict[str, float] = {}  # worker URL -> when it refused or could not be reached
+        self._forgotten: dict[str, tuple[float, bool]] = {}  # worker URL -> (time.monotonic() then, busy)
         self._http = internal_client(http, timeout=timeout_s, headers=secret_headers(shared_secret))
 
     def list_models(self) -> list[ModelCard]:
@@ -176,12 +180,18 @@ class StaticRouter(Router):
         urls = self._urls[model]
         now = time.monotonic()
         # A worker that just failed is skipped: a random pick would send the retry back to it.
-        live = [url for url in urls if url not in self._forgotten or now - self._forgotten[url] >= self.FORGET_S]
+        live = [url for url in urls if not self._skipped(url, now)]
         url = random.choice(live or urls)
         return Endpoint(model=model, instance_id=f"static:{url}", worker_url=url)
 
-    def forget(self, endpoint: Endpoint) -> None:
-        self._forgotten[endpoint.worker_url] = time.monotonic()
+    def forget(self, endpoint: Endpoint, busy: bool = False) -> None:
+        self._forgotten[endpoint.worker_url] = (time.monotonic(), busy)
+
+    def _skipped(self, url: str, now: float) -> bool:
+        if url not in self._forgotten:
+            return False
+        when, busy = self._forgotten[url]
+        return now - when < (self.BUSY_SKIP_S if busy else self.FORGET_S)
 
     def check_ready(self) -> str | None:
         for name, urls in self._urls.items():
@@ -405,7 +415,7 @@ class ControllerRouter(Router):
         except httpx.HTTPError:
             return False
 
-    def forget(self, endpoint: Endpoint) -> None:
+    def forget(self, endpoint: Endpoint, busy: bool = False) -> None:
         self._known.forget(endpoint.model, endpoint.worker_url)
 
     @staticmethod

@@ -33,7 +33,8 @@ from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError,
 from hpcllm.gateway.protocol import PromptLogprob, PromptLogprobs, SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.upstream import WorkerLost, WorkerStream, WorkerUnavailable, open_attach, open_generation
+from hpcllm.gateway.upstream import (WorkerBusy, WorkerLost, WorkerStream, WorkerUnavailable, open_attach,
+                                     open_generation)
 from hpcllm.gateway.usage import usage_endpoint
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
 from hpcllm.worker.client import WorkerError
@@ -107,7 +108,7 @@ def on_a_worker(gw: Gateway, ctx: RequestContext, endpoint: Endpoint, route: Cal
             return endpoint, call(endpoint)
         except WorkerUnavailable as exc:
             log.warning("request %s: %s; routing again", ctx.request_id, exc.message)
-            gw.router.forget(endpoint)
+            gw.router.forget(endpoint, busy=isinstance(exc, WorkerBusy))
             time.sleep(0.5 * attempt)
             endpoint = route()
     return endpoint, call(endpoint)

@@ -27,6 +27,10 @@ class WorkerUnavailable(ServiceUnavailable):
     code = "worker_unavailable"
 
 
+class WorkerBusy(WorkerUnavailable):
+    """The worker answered, refusing for now (full, not ready): it is there, unlike one that cannot be reached."""
+
+
 class WorkerLost(Exception):
     """The worker stream broke after it had started (connection dropped, no final line)."""
 
@@ -107,6 +111,6 @@ def _classify(worker_url: str, exc: WorkerError) -> ApiError:
         return InvalidRequest(message, param=info.param if info else None,
                               code=(info.code if info else None) or "invalid_request")
     if exc.status in (429, 503):
-        return WorkerUnavailable(f"the model's worker is busy or not ready: {message}", retry_after=2)
+        return WorkerBusy(f"the model's worker is busy or not ready: {message}", retry_after=2)
     log.error("worker %s answered %s: %s", worker_url, exc.status, message)
     return WorkerUnavailable(f"the model's worker failed ({exc.status}): {message}", retry_after=5)

@@ -214,7 +214,7 @@ class ForgetfulRouter(ScriptedRouter):
         super().__init__(source, urls)
         self.forgotten: list[str] = []
 
-    def forget(self, endpoint):
+    def forget(self, endpoint, busy=False):
         self.forgotten.append(endpoint.worker_url)
 
 

@@ -246,6 +246,52 @@ def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, 
     assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == {worker_url}
 
 
+def full_worker_app(refused: list):
+    """A stand-in worker that answers every generation 429 (full), as a worker at max_waiting_requests does; each
+    refusal goes into `refused`."""
+    from flask import Flask
+
+    from hpcllm.worker.protocol import GENERATE_PATH
+
+    app = Flask("full")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        refused.append(1)
+        return {"error": {"message": "worker is full (8 running, 16 waiting); retry later", "type": "overloaded",
+                          "param": None, "code": "overloaded"}}, 429
+
+    return app
+
+
+def test_a_static_model_does_not_skip_its_busy_worker_for_long(make_gateway, worker_url, tiny_model_dir):
+    """A static model on two workers, one full (429): the request it refused goes to the other, and the full one is
+    picked again once its short skip is over (made zero here), not skipped for 30 s like a worker that is gone,
+    which sent all of the load to the other worker and filled that one too."""
+    import random
+
+    from hpcllm.gateway.routing import StaticRouter
+
+    refused: list = []
+    full = ThreadServer(full_worker_app(refused))
+    try:
+        urls = [full.url, worker_url]
+        gateway = make_gateway(static_models={MODEL: {"worker_url": urls, "source": str(tiny_model_dir)}})
+        router = gateway.state.router
+        assert isinstance(router, StaticRouter)
+        seed = next(s for s in range(100) if random.Random(s).choice(urls) == full.url)
+        random.seed(seed)  # the first pick is the full worker
+        answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
+        assert answer.status_code == 200, answer.text
+        assert len(refused) == 1  # it went to the full worker first, then (skipped a moment) to the other
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(router, "BUSY_SKIP_S", 0.0)
+            random.seed(1)
+            assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == set(urls)
+    finally:
+        full.stop()
+
+
 def test_the_choices_of_a_request_follow_the_first_to_the_worker_that_took_it(make_gateway, worker_url,
                                                                               tiny_model_dir):
     """n choices whose routed worker turns out dead: the first choice is routed again, and the others open where it
