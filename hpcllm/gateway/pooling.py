@@ -17,7 +17,7 @@ from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, classifier_architecture
 from hpcllm.gateway.errors import InternalError, InvalidRequest
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway
-from hpcllm.gateway.serving import RequestContext, on_a_worker, the_one_model
+from hpcllm.gateway.serving import RequestContext, on_a_worker, route_request, the_one_model
 from hpcllm.gateway.protocol import InputsRequest
 from hpcllm.gateway.tokenization import PromptEncoder, Truncation
 from hpcllm.gateway.upstream import embed_on_worker
@@ -219,9 +219,7 @@ def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: 
         gw.limiter.reserve_tokens(ctx.api_key, prompt_tokens)
 
     def route() -> Endpoint:
-        return gw.router.resolve(card.name, gw.config.gateway.route_timeout_seconds,
-                                 group=ctx.api_key.group if ctx.api_key else None,
-                                 abandoned=ctx.client.gone if ctx.client else None)
+        return route_request(gw, ctx, card.name)
 
     def pool(endpoint: Endpoint):
         return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs)

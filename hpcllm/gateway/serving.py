@@ -57,9 +57,9 @@ class RequestContext:
     request_id: str
     api_key: ApiKey | None
     arrived: float  # time.monotonic() when the request reached the gateway
+    client: ClientConnection  # its connection, to notice a client that left (while it waits, as it is answered)
     created: int = field(default_factory=lambda: int(time.time()))
     endpoint: str = ""  # the API it came to (its blueprint: completions, chat, responses...), for usage accounting
-    client: ClientConnection | None = None  # its connection, to notice a client that left while it waits
 
     @classmethod
     def current(cls) -> RequestContext:
@@ -96,6 +96,13 @@ class Delta:
 
 def new_response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def route_request(gw: Gateway, ctx: RequestContext, model: str) -> Endpoint:
+    """A ready worker for the request's model (its key's group's own pools may serve it too), waiting up to
+    route_timeout_seconds for one; the wait ends when the client leaves."""
+    return gw.router.resolve(model, gw.config.gateway.route_timeout_seconds,
+                             group=ctx.api_key.group if ctx.api_key else None, abandoned=ctx.client.gone)
 
 
 def on_a_worker(gw: Gateway, ctx: RequestContext, endpoint: Endpoint, route: Callable[[], Endpoint],
@@ -232,9 +239,7 @@ class Generation:
         waiting = metrics.num_requests_waiting.labels(self.model)
         waiting.inc()
         try:
-            endpoint = self.gw.router.resolve(self.card.base_model, self.gw.config.gateway.route_timeout_seconds,
-                                              group=self.ctx.api_key.group if self.ctx.api_key else None,
-                                              abandoned=self.ctx.client.gone if self.ctx.client else None)
+            endpoint = route_request(self.gw, self.ctx, self.card.base_model)
         finally:
             waiting.dec()
         metrics.request_queue_time.labels(self.model).observe(endpoint.waited_seconds)
@@ -533,7 +538,7 @@ class ClientConnection:
 def collect(generation: Generation) -> list[ChoiceResult]:
     """Run a generation to the end; every choice, in index order. A client that hangs up meanwhile cancels it (the
     worker frees its slots, the reservation is settled): nobody would read the answer."""
-    connection = ClientConnection.current()
+    connection = generation.ctx.client
     choices = [ChoiceResult(i) for i in range(generation.num_choices)]
     for delta in generation.deltas():
         choice = choices[delta.index]
