@@ -201,8 +201,8 @@ class Generation:
                 self._choices.append(choice)
                 choice.stream = self._open(choice, resume_ids=[], attempt_tag=0)
                 endpoint = choice.endpoint  # where it opened (routed again if that worker refused): the next go there
-            # Counted once a worker took them (as a pooling request's): a 503 while the model starts counts none.
-            self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+                if index == 0:  # a worker took them: counted (as usage counts them), a 503 while the model starts not
+                    self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         except BaseException:
             self.close()
             raise

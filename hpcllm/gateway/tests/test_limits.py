@@ -225,3 +225,48 @@ def test_prompt_tokens_are_counted_once_a_worker_took_the_request(make_gateway, 
     router.ready = True
     served = gw.post("/v1/completions", json=body).json()["usage"]["prompt_tokens"]
     assert metric(gw, "hpcllm_prompt_tokens_total", model_name=MODEL) == served
+
+
+def worker_taking_one_generation_app(prompts: list):
+    """A stand-in worker that serves the first generation (one token) and refuses every later one with a 400, as a
+    worker whose validation differs for the second choice would; each prompt it is given goes into `prompts`."""
+    from flask import Flask, Response, request
+
+    from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, TokenLine, Usage
+
+    app = Flask("takes-one")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        req = GenerateRequest.model_validate_json(request.get_data())
+        if prompts:
+            return {"error": {"message": "refused", "type": "invalid_request_error", "param": None,
+                              "code": "invalid_request"}}, 400
+        prompts.append(req.prompt_token_ids)
+        usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=1,
+                      total_tokens=len(req.prompt_token_ids) + 1)
+        lines = [TokenLine(index=0, token_id=100, text="x"), FinalLine(finish_reason="length", usage=usage)]
+        return Response("".join(line.model_dump_json() + "\n" for line in lines), mimetype="application/x-ndjson")
+
+    return app
+
+
+def test_prompt_tokens_are_counted_when_a_later_choice_fails_to_open(make_gateway, tiny_model_dir):
+    """n = 2: the first choice's worker took the prompt, the second choice's open failed (400). The request's usage
+    and its token settle count the prompt; hpcllm_prompt_tokens_total counts it too (it counted none)."""
+    from hpcllm.httpkit.tests.thread_server import ThreadServer
+
+    from .test_usage import metric
+
+    prompts: list = []
+    worker = ThreadServer(worker_taking_one_generation_app(prompts))
+    try:
+        router = ColdThenReady(tiny_model_dir, worker.url)
+        router.ready = True
+        gw = make_gateway(router=router)
+        answer = gw.post("/v1/completions", json={"model": MODEL, "prompt": "hello world", "max_tokens": 1, "n": 2})
+        assert answer.status_code == 400, answer.text
+        [prompt] = prompts
+        assert metric(gw, "hpcllm_prompt_tokens_total", model_name=MODEL) == len(prompt)
+    finally:
+        worker.stop()
