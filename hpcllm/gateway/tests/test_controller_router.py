@@ -548,13 +548,21 @@ def test_no_capacity_possible_is_a_503_at_once_not_after_the_route_timeout(make_
     ("/v1/embeddings", {"model": MODEL, "input": "hello"}),
 ], ids=["stream", "whole", "embeddings"])
 def test_a_client_that_leaves_while_its_request_waits_for_capacity_frees_its_slot(make_gateway, empty_cluster,
-                                                                                   path, body):
+                                                                                   monkeypatch, path, body):
     """A client gives up on a request queued for capacity (or a cold start): the gateway stops waiting for it within
     a route poll, so its stream slot, token reservation and thread come back, not after route_timeout_seconds (a
     user retrying was told 429 too_many_streams by its own abandoned request)."""
     server, _ = empty_cluster
     gw = make_gateway(static_models={}, controller_url=server.url, route_poll_seconds=1, route_timeout_seconds=300,
                       api_keys=[{"key": USER_KEY, "max_concurrent_streams": 1}])
+    limiter, settled = gw.state.limiter, []
+    settle = limiter.settle_tokens
+
+    def settle_tokens(key, reserved, used):  # what the request gives back of its reservation, and gives it back
+        settled.append((reserved, used))
+        settle(key, reserved, used)
+
+    monkeypatch.setattr(limiter, "settle_tokens", settle_tokens)
     client = raw_post(gw, path, body)
     deadline = time.monotonic() + 30
     while not gw.state.in_flight:  # admitted: its slot and reservation taken, waiting for capacity
@@ -566,5 +574,8 @@ def test_a_client_that_leaves_while_its_request_waits_for_capacity_frees_its_slo
         time.sleep(0.05)
     assert not gw.state.in_flight, "the abandoned request still waits for capacity"
     assert not gw.state._generations
-    with gw.state.shared.connection() as db:  # its stream slot is free
-        assert db.conn.execute("SELECT COUNT(*) AS n FROM gateway_stream_slots").fetchone()["n"] == 0
+    [(reserved, used)] = settled  # its whole reservation came back: it used nothing
+    assert reserved > 0 and used == 0
+    if body.get("stream"):
+        with gw.state.shared.connection() as db:  # its stream slot is free
+            assert db.conn.execute("SELECT COUNT(*) AS n FROM gateway_stream_slots").fetchone()["n"] == 0

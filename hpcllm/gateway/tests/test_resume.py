@@ -229,15 +229,25 @@ def test_a_worker_lost_after_its_last_token_ends_the_choice_as_it_ended(make_gat
         dying.stop()
 
 
+def seed_picking_first(urls: list[str], url: str) -> int:
+    """A seed of `random` whose first random.choice(urls) (StaticRouter's pick) is url."""
+    import random
+
+    return next(seed for seed in range(100) if random.Random(seed).choice(urls) == url)
+
+
 def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, tiny_model_dir):
     """A static model on two workers, one down: a request routed to the dead one is routed again to the live one
     (the dead one is forgotten for a while), never answered 503 because the random pick hit the dead one on every
     attempt; the next requests go straight to the live one."""
+    import random
+
     from hpcllm.gateway.routing import StaticRouter
 
     gone = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: the dead worker's
     models = {MODEL: {"worker_url": [gone, worker_url], "source": str(tiny_model_dir)}}
     gateway = make_gateway(static_models=models)
+    random.seed(seed_picking_first([gone, worker_url], gone))  # the first request goes to the dead worker
     for _ in range(10):
         answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
         assert answer.status_code == 200, answer.text
@@ -279,7 +289,7 @@ def test_a_static_model_does_not_skip_its_busy_worker_for_long(make_gateway, wor
         gateway = make_gateway(static_models={MODEL: {"worker_url": urls, "source": str(tiny_model_dir)}})
         router = gateway.state.router
         assert isinstance(router, StaticRouter)
-        seed = next(s for s in range(100) if random.Random(s).choice(urls) == full.url)
+        seed = seed_picking_first(urls, full.url)
         random.seed(seed)  # the first pick is the full worker
         answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
         assert answer.status_code == 200, answer.text
