@@ -130,7 +130,7 @@ class Router(ABC):
 
     def forget(self, endpoint: Endpoint, busy: bool = False) -> None:
         """The endpoint's worker refused or could not be reached (the caller routes again). busy: it answered,
-        refusing for now (full, not ready), so it is still there."""
+        refusing for now (full), so it is still there."""
 
     def close(self) -> None:
         """Release connections."""

@@ -38,8 +38,8 @@ from hpcllm.gateway.upstream import (WorkerBusy, WorkerLost, WorkerStream, Worke
 from hpcllm.gateway.usage import usage_endpoint
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
 from hpcllm.worker.client import WorkerError
-from hpcllm.worker.protocol import (ENGINE_UNAVAILABLE, FinalLine, GenerateRequest, MigratedTo, TokenLine,
-                                   TokenLogprobs, offset_seed)
+from hpcllm.worker.protocol import (FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs,
+                                   engine_unavailable, offset_seed)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -486,7 +486,7 @@ class Generation:
 def _worker_died(final: FinalLine) -> bool:
     """The generation failed because its worker's engine died (its model process was killed, a step hung), not
     because of the request: another worker can continue it from the tokens delivered."""
-    return final.error is not None and final.error.type == ENGINE_UNAVAILABLE
+    return engine_unavailable(final.error)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from hpcllm.config import InternalHttpConfig
 from hpcllm.gateway.errors import ApiError, InvalidRequest, ServiceUnavailable
 from hpcllm.httpkit.streaming import ReadWait
 from hpcllm.worker.client import GenerationStream, WorkerClient, WorkerError
-from hpcllm.worker.protocol import EmbedResult, FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.protocol import EmbedResult, FinalLine, GenerateRequest, TokenLine, engine_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ class WorkerUnavailable(ServiceUnavailable):
 
 
 class WorkerBusy(WorkerUnavailable):
-    """The worker answered, refusing for now (full, not ready): it is there, unlike one that cannot be reached."""
+    """The worker answered, refusing for now (full): it is there, unlike one that cannot be reached or whose engine
+    is not running."""
 
 
 class WorkerLost(Exception):
@@ -110,7 +111,12 @@ def _classify(worker_url: str, exc: WorkerError) -> ApiError:
         # The worker's own validation (e.g. a prompt its context cannot hold): the caller's request is at fault.
         return InvalidRequest(message, param=info.param if info else None,
                               code=(info.code if info else None) or "invalid_request")
+    if exc.status == 503 and engine_unavailable(info):
+        # Its model still loads, failed to load, or its engine died: not back within seconds, so not busy (a busy
+        # worker is tried again soon).
+        log.warning("worker %s has no running engine: %s", worker_url, message)
+        return WorkerUnavailable(f"the model's worker is not ready: {message}", retry_after=5)
     if exc.status in (429, 503):
-        return WorkerBusy(f"the model's worker is busy or not ready: {message}", retry_after=2)
+        return WorkerBusy(f"the model's worker is busy: {message}", retry_after=2)
     log.error("worker %s answered %s: %s", worker_url, exc.status, message)
     return WorkerUnavailable(f"the model's worker failed ({exc.status}): {message}", retry_after=5)

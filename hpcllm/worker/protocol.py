@@ -233,6 +233,12 @@ def chat_template_refusal(exc: Exception) -> str:
     return f"the model's chat template rejected the messages: {exc}"
 
 
+def engine_unavailable(error: ErrorInfo | None) -> bool:
+    """The refusal or failure is ENGINE_UNAVAILABLE: the worker's engine is not running (its model still loads,
+    failed to load, or died), not the request's fault, nor a worker that is merely full for a moment."""
+    return error is not None and error.type == ENGINE_UNAVAILABLE
+
+
 class MigratedTo(WireModel):
     """Where a migrated generation goes on: attach to request_id on worker_url from output index from_index."""
 

@@ -256,20 +256,31 @@ def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, 
     assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == {worker_url}
 
 
-def full_worker_app(refused: list):
-    """A stand-in worker that answers every generation 429 (full), as a worker at max_waiting_requests does; each
-    refusal goes into `refused`."""
+def pick_first(monkeypatch, urls: list[str], url: str) -> None:
+    """StaticRouter picks from a generator seeded so that its first random.choice(urls) is url (the global
+    `random` is left alone)."""
+    import random
+
+    from hpcllm.gateway import routing
+
+    seed = next(seed for seed in range(100) if random.Random(seed).choice(urls) == url)
+    monkeypatch.setattr(routing, "random", random.Random(seed))
+
+
+def refusing_worker_app(refused: list, status: int = 429, error_type: str = "overloaded"):
+    """A stand-in worker that refuses every generation: by default 429 (full), as a worker at max_waiting_requests
+    does; each refusal goes into `refused`."""
     from flask import Flask
 
     from hpcllm.worker.protocol import GENERATE_PATH
 
-    app = Flask("full")
+    app = Flask("refusing")
 
     @app.post(GENERATE_PATH)
     def generate():
         refused.append(1)
-        return {"error": {"message": "worker is full (8 running, 16 waiting); retry later", "type": "overloaded",
-                          "param": None, "code": "overloaded"}}, 429
+        return {"error": {"message": "worker refuses (8 running, 16 waiting); retry later", "type": error_type,
+                          "param": None, "code": None}}, status
 
     return app
 
@@ -283,7 +294,7 @@ def test_a_static_model_does_not_skip_its_busy_worker_for_long(make_gateway, wor
     from hpcllm.gateway.routing import StaticRouter
 
     refused: list = []
-    full = ThreadServer(full_worker_app(refused))
+    full = ThreadServer(refusing_worker_app(refused))
     try:
         urls = [full.url, worker_url]
         gateway = make_gateway(static_models={MODEL: {"worker_url": urls, "source": str(tiny_model_dir)}})
@@ -300,6 +311,31 @@ def test_a_static_model_does_not_skip_its_busy_worker_for_long(make_gateway, wor
             assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == set(urls)
     finally:
         full.stop()
+
+
+def test_a_static_model_skips_its_worker_without_an_engine_for_long(make_gateway, worker_url, tiny_model_dir,
+                                                                    monkeypatch):
+    """A static model on two workers, one answering 503 engine_unavailable (its model still loads, failed to load,
+    or died): it is skipped like a worker that is gone, not for the busy worker's short skip (made zero here), after
+    which it was picked again and again, each pick a refused attempt and a back-off."""
+    from hpcllm.gateway.routing import StaticRouter
+    from hpcllm.worker.protocol import ENGINE_UNAVAILABLE
+
+    refused: list = []
+    unloaded = ThreadServer(refusing_worker_app(refused, 503, ENGINE_UNAVAILABLE))
+    try:
+        urls = [unloaded.url, worker_url]
+        gateway = make_gateway(static_models={MODEL: {"worker_url": urls, "source": str(tiny_model_dir)}})
+        router = gateway.state.router
+        assert isinstance(router, StaticRouter)
+        monkeypatch.setattr(router, "BUSY_SKIP_S", 0.0)
+        pick_first(monkeypatch, urls, unloaded.url)
+        answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
+        assert answer.status_code == 200, answer.text
+        assert len(refused) == 1
+        assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == {worker_url}
+    finally:
+        unloaded.stop()
 
 
 def test_the_choices_of_a_request_follow_the_first_to_the_worker_that_took_it(make_gateway, worker_url,
