@@ -375,6 +375,7 @@ class EngineBase:
         if req.resumed_end is not None:  # nothing left to generate: only the final line, with how it ended
             reason, stop_reason = req.resumed_end
             req.state, req.finish_reason = "finished", reason
+            self._count_finished(req, reason)
             req.events.put(FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage()))
             return RequestStream(self, req)
         self._enqueue(req)
@@ -1022,10 +1023,14 @@ class EngineBase:
             self.metrics.num_requests_running.set(running)
             self.metrics.num_requests_waiting.set(waiting)
             self._lock.notify_all()
-        self.metrics.request_finished(reason)
-        self.metrics.e2e_request_latency.observe(time.monotonic() - req.arrival)
+        self._count_finished(req, reason)
         self._emit(req, FinalLine(finish_reason=reason, stop_reason=stop_reason, usage=req.usage(), error=error,
                                   migrated_to=migrated_to))
+
+    def _count_finished(self, req: RequestState, reason: str) -> None:
+        """req ended (reason, its finish_reason): how, and its time since arrival, go into the metrics."""
+        self.metrics.request_finished(reason)
+        self.metrics.e2e_request_latency.observe(time.monotonic() - req.arrival)
 
     def _emit(self, req: RequestState, event: Event) -> None:
         """Events of the engine thread wait in the outbox (_outbox, a list each engine creates) for the step's one

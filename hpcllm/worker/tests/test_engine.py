@@ -543,7 +543,8 @@ def test_logprobs_of_a_biased_request_stay_the_models_raw_distribution(load_pair
 def test_a_resume_with_nothing_left_to_generate_ends_with_the_real_finish_reason(load_pair, make_engine):
     """A worker lost between its last token line and its final line: the gateway resumes the choice from every
     token, which already end it. The answer is that end (no tokens, no error), as the first worker would have
-    said: max_tokens reached, the context full (no max_tokens), EOS, a stop string."""
+    said: max_tokens reached, the context full (no max_tokens), EOS, a stop string. Each is counted finished, by
+    its reason, as a generated one (hpcllm_request_success_total, the end-to-end latency)."""
     model, tokenizer = load_pair("llama")
     engine = make_engine(model, tokenizer)
     prompt_ids = tokenizer(PROMPT)["input_ids"]
@@ -561,6 +562,11 @@ def test_a_resume_with_nothing_left_to_generate_ends_with_the_real_finish_reason
         assert (done.finish_reason, done.stop_reason, done.error) == (finish_reason, stop_reason, None), fields
         assert done.token_ids == [] and done.text == ""
         assert done.usage.completion_tokens == len(fields["resume_token_ids"])
+    registry, model_name = engine.metrics.registry, engine.metrics.model_name
+    for reason, count in (("length", 2), ("stop", 3)):
+        labels = {"model_name": model_name, "finished_reason": reason}
+        assert registry.get_sample_value("hpcllm_request_success_total", labels) == count
+    assert registry.get_sample_value("hpcllm_e2e_request_latency_seconds_count", {"model_name": model_name}) == 5
 
 
 def test_resumed_tokens_no_generation_could_have_made_are_refused(load_pair, make_engine):
