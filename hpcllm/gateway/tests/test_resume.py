@@ -229,33 +229,6 @@ def test_a_worker_lost_after_its_last_token_ends_the_choice_as_it_ended(make_gat
         dying.stop()
 
 
-def seed_picking_first(urls: list[str], url: str) -> int:
-    """A seed of `random` whose first random.choice(urls) (StaticRouter's pick) is url."""
-    import random
-
-    return next(seed for seed in range(100) if random.Random(seed).choice(urls) == url)
-
-
-def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, tiny_model_dir):
-    """A static model on two workers, one down: a request routed to the dead one is routed again to the live one
-    (the dead one is forgotten for a while), never answered 503 because the random pick hit the dead one on every
-    attempt; the next requests go straight to the live one."""
-    import random
-
-    from hpcllm.gateway.routing import StaticRouter
-
-    gone = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: the dead worker's
-    models = {MODEL: {"worker_url": [gone, worker_url], "source": str(tiny_model_dir)}}
-    gateway = make_gateway(static_models=models)
-    random.seed(seed_picking_first([gone, worker_url], gone))  # the first request goes to the dead worker
-    for _ in range(10):
-        answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
-        assert answer.status_code == 200, answer.text
-    router = gateway.state.router
-    assert isinstance(router, StaticRouter)
-    assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == {worker_url}
-
-
 def pick_first(monkeypatch, urls: list[str], url: str) -> None:
     """StaticRouter picks from a generator seeded so that its first random.choice(urls) is url (the global
     `random` is left alone)."""
@@ -265,6 +238,24 @@ def pick_first(monkeypatch, urls: list[str], url: str) -> None:
 
     seed = next(seed for seed in range(100) if random.Random(seed).choice(urls) == url)
     monkeypatch.setattr(routing, "random", random.Random(seed))
+
+
+def test_a_static_model_skips_its_worker_that_is_down(make_gateway, worker_url, tiny_model_dir, monkeypatch):
+    """A static model on two workers, one down: a request routed to the dead one is routed again to the live one
+    (the dead one is forgotten for a while), never answered 503 because the random pick hit the dead one on every
+    attempt; the next requests go straight to the live one."""
+    from hpcllm.gateway.routing import StaticRouter
+
+    gone = f"http://127.0.0.1:{free_port()}"  # a port nothing listens on: the dead worker's
+    models = {MODEL: {"worker_url": [gone, worker_url], "source": str(tiny_model_dir)}}
+    gateway = make_gateway(static_models=models)
+    pick_first(monkeypatch, [gone, worker_url], gone)  # the first request goes to the dead worker
+    for _ in range(10):
+        answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
+        assert answer.status_code == 200, answer.text
+    router = gateway.state.router
+    assert isinstance(router, StaticRouter)
+    assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == {worker_url}
 
 
 def refusing_worker_app(refused: list, status: int = 429, error_type: str = "overloaded"):
@@ -285,12 +276,12 @@ def refusing_worker_app(refused: list, status: int = 429, error_type: str = "ove
     return app
 
 
-def test_a_static_model_does_not_skip_its_busy_worker_for_long(make_gateway, worker_url, tiny_model_dir):
-    """A static model on two workers, one full (429): the request it refused goes to the other, and the full one is
-    picked again once its short skip is over (made zero here), not skipped for 30 s like a worker that is gone,
-    which sent all of the load to the other worker and filled that one too."""
-    import random
-
+def test_a_static_model_does_not_skip_its_busy_worker_for_long(make_gateway, worker_url, tiny_model_dir,
+                                                               monkeypatch):
+    """A static model on two workers, one full (429): the request it refused goes to the other (the short skip made
+    long there, so the retry never races it), and the full one is picked again once its short skip is over (made
+    zero), not skipped for 30 s like a worker that is gone, which sent all of the load to the other worker and filled
+    that one too."""
     from hpcllm.gateway.routing import StaticRouter
 
     refused: list = []
@@ -300,15 +291,13 @@ def test_a_static_model_does_not_skip_its_busy_worker_for_long(make_gateway, wor
         gateway = make_gateway(static_models={MODEL: {"worker_url": urls, "source": str(tiny_model_dir)}})
         router = gateway.state.router
         assert isinstance(router, StaticRouter)
-        seed = seed_picking_first(urls, full.url)
-        random.seed(seed)  # the first pick is the full worker
+        pick_first(monkeypatch, urls, full.url)  # the first pick is the full worker
+        monkeypatch.setattr(router, "BUSY_SKIP_S", 3600.0)
         answer = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 1})
         assert answer.status_code == 200, answer.text
         assert len(refused) == 1  # it went to the full worker first, then (skipped a moment) to the other
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(router, "BUSY_SKIP_S", 0.0)
-            random.seed(1)
-            assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == set(urls)
+        monkeypatch.setattr(router, "BUSY_SKIP_S", 0.0)
+        assert {router.resolve(MODEL, 0).worker_url for _ in range(50)} == set(urls)
     finally:
         full.stop()
 
