@@ -139,7 +139,9 @@ class SharedState:
             try:
                 yield db
                 if attempt is not None:
-                    attempt.commit_sent = True
+                    # PostgreSQL may have committed a COMMIT whose answer was lost; SQLite's failed COMMIT has not
+                    # (and is rolled back below), so trying it again is safe there.
+                    attempt.commit_sent = self.postgres
                 db.conn.execute("COMMIT")
             except BaseException:
                 try:  # a failed COMMIT too: SQLite's transaction stays open, and the thread's next BEGIN would fail
@@ -359,7 +361,8 @@ class SharedState:
         COMMIT was sent (a PostgreSQL restart breaks the open connection, which fails at BEGIN: connection()
         reconnects on the next call; SQLite's write lock not had in its busy timeout), so what a request gives back
         at its end is not lost to a blip. Not after a failed connect (a second waits as long, under the process's
-        one connection lock), nor once COMMIT was sent (the server may have committed: a refund twice)."""
+        one connection lock), nor once COMMIT was sent to PostgreSQL (the server may have committed: a refund
+        twice; SQLite's failed COMMIT has not, and is tried again)."""
         attempt = WriteAttempt()
         try:
             with self.transaction(attempt) as db:

@@ -200,7 +200,7 @@ def test_a_stream_slot_closed_while_postgres_restarts_is_still_freed(empty_postg
         state.close_stream("s1")
         assert state.open_stream("streams:k", "s2", 1)  # the key's one slot is free again
 
-        with pytest.MonkeyPatch.context() as patch:  # the database away for a while: both tries fail
+        with pytest.MonkeyPatch.context() as patch:  # the database away for a while: the close fails
             patch.setattr(state, "transaction", _failing_transaction)
             with pytest.raises(ServiceUnavailable):
                 state.close_stream("s2")
@@ -278,9 +278,9 @@ def test_a_write_whose_connect_fails_is_not_tried_again(empty_postgres):
 
 
 def test_a_refund_that_finds_sqlite_locked_is_written_once_more(tmp_path):
-    """SQLite's file locked past its busy timeout at BEGIN (nothing written): the refund is tried once more and
-    comes back once; a COMMIT that failed is not tried again (it may have been written), and the transaction it
-    left open is rolled back, so the next write on that thread's connection works."""
+    """SQLite's file locked past its busy timeout at BEGIN or at COMMIT (nothing written either way): the refund is
+    tried once more and comes back once; the transaction a failed COMMIT left open is rolled back, so the second
+    try (and every later write on that thread's connection) can begin."""
     import sqlite3
 
     state = SharedState(tmp_path / "limits.db")
@@ -292,7 +292,6 @@ def test_a_refund_that_finds_sqlite_locked_is_written_once_more(tmp_path):
     state.refund("b", amount=50, now=0.0, **kw)
     assert state.level("b", now=0.0, **kw) == 70
     db.conn = _Failing(plain, "COMMIT", sqlite3.OperationalError("database is locked"))
-    with pytest.raises(sqlite3.OperationalError):
-        state.refund("b", amount=10, now=0.0, **kw)
+    state.refund("b", amount=10, now=0.0, **kw)
     db.conn = plain
-    assert state.level("b", now=0.0, **kw) == 70
+    assert state.level("b", now=0.0, **kw) == 80
