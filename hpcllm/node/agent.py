@@ -502,10 +502,7 @@ class NodeAgent:
         self.heartbeat()
         if self.workers.loading():  # not during a load (its imports would compete): the load's end replaces it
             return
-        try:  # one that died while idle (OOM, killed) is replaced before a start needs it
-            self.workers.ensure_spares()
-        except Exception:
-            log.exception("cannot start a spare worker; trying again at the next heartbeat")
+        self.workers.ensure_spares()  # one that died while idle (OOM, killed) is replaced before a start needs it
 
     # ------------------------------------------------------------------------------------------ pinned model
 

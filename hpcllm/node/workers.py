@@ -577,8 +577,10 @@ class WorkerManager:
             while self.accepting and len(self._spares) < self.config.node.spare_workers:
                 try:
                     self._spares.append(self._spawn_spare())
-                except OSError as exc:
+                except Exception as exc:  # any (the worker's environment, an HpcllmError): the load's end, stop or
+                    # heartbeat that called goes on; a quick death, so a start that fails every time backs off
                     log.warning("cannot start a spare worker: %s", exc)
+                    self._spare_ended(settled=False)
                     return
 
     def _spawn_spare(self) -> Spare:
@@ -651,12 +653,17 @@ class WorkerManager:
         spare.log_path.unlink(missing_ok=True)
         # Not seen alive past its imports: the death is noticed only at the next check (a heartbeat), so its age
         # now is no measure of how long it lived.
-        self._quick_spare_deaths = 0 if spare.settled else self._quick_spare_deaths + 1
+        self._spare_ended(spare.settled)
+
+    def _spare_ended(self, settled: bool) -> None:
+        """Count a spare's end: one that settled resets the quick deaths, another quick death (or a failed start)
+        from the second in a row stops spare starts for a while (SPARE_RETRY_SECONDS, doubling)."""
+        self._quick_spare_deaths = 0 if settled else self._quick_spare_deaths + 1
         if self._quick_spare_deaths >= 2:
             delay = min(SPARE_RETRY_SECONDS * 2 ** (self._quick_spare_deaths - 2), SPARE_RETRY_MAX_SECONDS)
             self._spare_retry_at = time.monotonic() + delay
-            log.warning("%d spare workers in a row died within %.0f s of their start: the next starts in %.0f s",
-                        self._quick_spare_deaths, SPARE_IMPORT_SECONDS, delay)
+            log.warning("%d spare workers in a row died within %.0f s of their start (or did not start): the next "
+                        "starts in %.0f s", self._quick_spare_deaths, SPARE_IMPORT_SECONDS, delay)
 
     def retire_spares(self) -> None:
         """Stop the waiting spares (closing stdin ends them; SIGKILL if one does not go)."""

@@ -250,3 +250,23 @@ def test_a_worker_that_exits_on_sigterm_leaving_a_hung_child_keeps_its_gpus_unti
     finally:
         if alive(child["pid"]):
             os.kill(child["pid"], signal.SIGKILL)
+
+
+def test_a_spare_start_failing_at_a_load_end_leaves_the_instance_watched(make_node, converted, monkeypatch, caplog):
+    """A load's end replaces the spare it took: a spare start failing then with any error (the worker's
+    environment, an HpcllmError) must not end the instance's watcher, which keeps its copy held and probes its
+    health (an unhealthy worker is still stopped)."""
+    from hpcllm.errors import HpcllmError
+
+    agent, record = make_node(spare_workers=1, worker_health_failures=2)
+
+    def broken_spare():
+        raise HpcllmError("the worker's environment cannot be built")
+
+    monkeypatch.setattr(agent.workers, "_spawn_spare", broken_spare)
+    inst = start_ready(agent, converted)
+    assert "cannot start a spare worker: the worker's environment" in caplog.text
+    turn(inst, 503)
+    wait_for(lambda: inst.state == "failed", 30, "the unhealthy worker to be stopped by its watcher")
+    assert inst.process.wait(30) == 0 and events(record, "sigterm")
+    assert_released(agent, inst)
