@@ -328,6 +328,9 @@ class WorkerManager:
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
         self._spares: list[Spare] = []
+        # Stopped instances whose processes outlived their SIGKILL: forgotten, but their GPUs in use until the watcher
+        # sees the processes gone (they hold the GPUs' memory).
+        self._leftovers: dict[str, Instance] = {}
         self._quick_spare_deaths = 0  # spares in a row that died within SPARE_IMPORT_SECONDS of their start
         self._spare_retry_at = 0.0  # monotonic time before which no spare starts (after quick deaths)
         self._http = internal_client(config.internal_http, timeout=5.0)
@@ -397,9 +400,12 @@ class WorkerManager:
         return inst
 
     def gpus_in_use(self) -> set[int]:
-        """GPUs of active instances, and of failed ones whose worker still runs (an unhealthy worker being stopped
-        holds its GPU memory until it is gone, a tensor-parallel one until its last rank is)."""
-        return {g for inst in self.instances() if inst.active or self._still_running(inst) for g in inst.gpu_ids}
+        """GPUs of active instances, and of failed or stopped ones whose worker still runs (an unhealthy worker being
+        stopped holds its GPU memory until it is gone, a tensor-parallel one until its last rank is, one that outlived
+        its SIGKILL as long as it lives)."""
+        with self._lock:
+            watched = [*self._instances.values(), *self._leftovers.values()]
+        return {g for inst in watched if inst.active or self._still_running(inst) for g in inst.gpu_ids}
 
     @staticmethod
     def _still_running(inst: Instance) -> bool:
@@ -916,6 +922,8 @@ class WorkerManager:
             if inst.corrupt_copy:
                 self._replace_corrupt_copy(inst)
             inst.done.set()
+            with self._lock:
+                self._leftovers.pop(inst.instance_id, None)
 
     def _stop_failed(self, inst: Instance) -> None:
         """A worker that will not serve (not ready in time, unhealthy): reported failed at once, so the controller
@@ -1107,6 +1115,8 @@ class WorkerManager:
         inst.done.wait(timeout=10)
         with self._lock:
             self._instances.pop(instance_id, None)
+            if not inst.done.is_set():  # a process outlived its SIGKILL: the watcher frees the GPUs once it is gone
+                self._leftovers[instance_id] = inst
         self.on_change()
         return inst
 

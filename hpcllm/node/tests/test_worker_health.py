@@ -270,3 +270,28 @@ def test_a_spare_start_failing_at_a_load_end_leaves_the_instance_watched(make_no
     wait_for(lambda: inst.state == "failed", 30, "the unhealthy worker to be stopped by its watcher")
     assert inst.process.wait(30) == 0 and events(record, "sigterm")
     assert_released(agent, inst)
+
+
+def test_a_stopped_instance_whose_process_outlives_its_sigkill_keeps_its_gpus(make_node, converted, monkeypatch):
+    """stop() forgets the instance, but a process of it that the SIGKILL did not end (uninterruptible sleep in a
+    hung driver) holds its GPUs' memory: they are not handed to the next start until it is gone."""
+    from hpcllm.node import workers
+
+    monkeypatch.setattr(workers, "KILL_WAIT_SECONDS", 0.2)
+    agent, record = make_node("--ignore-sigterm", "--child")
+    inst = start_ready(agent, converted)
+    [child] = events(record, "child")
+    try:
+        # The SIGKILL does not take on the child (what uninterruptible sleep does to it): only the worker goes.
+        monkeypatch.setattr(workers.WorkerManager, "_kill", staticmethod(lambda inst: inst.process.kill()))
+        agent.workers.stop(inst.instance_id, timeout=0.5)
+        assert inst.process.poll() is not None and alive(child["pid"])
+        assert agent.workers.instances() == [] and agent.workers.gpus_in_use() == {0, 1}
+        with pytest.raises(workers.GpusBusy):
+            agent.workers.start(StartInstance(model=MODEL, source=str(converted), gpu_ids=[0]))
+        os.kill(child["pid"], signal.SIGKILL)  # the driver recovers: the process ends
+        assert inst.done.wait(30)
+        assert agent.workers.gpus_in_use() == set()
+    finally:
+        if alive(child["pid"]):
+            os.kill(child["pid"], signal.SIGKILL)
