@@ -500,6 +500,7 @@ class NodeAgent:
         self.refresh_job_end()
         self._keep_pinned_model()
         self.heartbeat()
+        self.workers.settle_spares()  # a spare that lives through a long load is no quick death if it dies later
         if self.workers.loading():  # not during a load (its imports would compete): the load's end replaces it
             return
         self.workers.ensure_spares()  # one that died while idle (OOM, killed) is replaced before a start needs it

@@ -357,6 +357,7 @@ class WorkerManager:
         """Something on this node reads for a load: a worker loading, a spare importing, a loaded copy being cached
         (the read sweep waits, so it neither slows a cold start nor measures a disk shared with one)."""
         with self._lock:
+            self.settle_spares()
             importing = any(time.time() - sp.started_at < SPARE_IMPORT_SECONDS for sp in self._spares)
             return self.loading() or importing or self._caching > 0
 
@@ -573,11 +574,10 @@ class WorkerManager:
     def ensure_spares(self) -> None:
         """Keep node.spare_workers spare workers (imports done) waiting, while this agent takes instances."""
         with self._lock:
+            self.settle_spares()
             for spare in list(self._spares):
                 if spare.process.poll() is not None:
                     self._forget_dead_spare(spare)
-                elif time.time() - spare.started_at >= SPARE_IMPORT_SECONDS:
-                    spare.settled = True
             if time.monotonic() < self._spare_retry_at:
                 return
             while self.accepting and len(self._spares) < self.config.node.spare_workers:
@@ -588,6 +588,16 @@ class WorkerManager:
                     log.warning("cannot start a spare worker: %s", exc)
                     self._spare_ended(settled=False)
                     return
+
+    def settle_spares(self) -> None:
+        """Mark the spares seen alive SPARE_IMPORT_SECONDS after their start: a later death (the OOM killer while
+        a long load ran) is then no quick death. Called wherever spares are looked at, the heartbeat's every turn
+        included (which starts none while a worker loads)."""
+        with self._lock:
+            now = time.time()
+            for spare in self._spares:
+                if now - spare.started_at >= SPARE_IMPORT_SECONDS and spare.process.poll() is None:
+                    spare.settled = True
 
     def _spawn_spare(self) -> Spare:
         log_path = self.run_dir / f"spare-{uuid.uuid4().hex[:8]}.log"
@@ -624,6 +634,7 @@ class WorkerManager:
         """Hand the instance to a live spare (its log becomes the instance's log); None when there is none. The key
         goes with the assignment: the spare may have started before the agent registered and knew it."""
         key = self._worker_key()
+        self.settle_spares()
         while self._spares:
             spare = self._spares[0]
             if spare.process.poll() is not None:

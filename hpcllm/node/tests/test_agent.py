@@ -285,6 +285,32 @@ def test_a_spare_that_dies_at_once_again_is_not_restarted_at_every_heartbeat(tmp
         agent.workers.close()
 
 
+def test_a_spare_that_lived_through_a_long_load_and_then_died_is_replaced_at_once(tmp_path, monkeypatch):
+    """The heartbeat starts no spare while a worker loads, but still sees the spare alive past its imports: if it dies
+    once the load ended (the OOM killer), that is no quick death, even after an earlier one, so it is replaced at
+    once rather than backed off."""
+    agent = make_agent(tmp_path, spare_workers=1)
+    try:
+        agent.workers.ensure_spares()
+        [spare] = agent.workers._spares
+        spare.process.kill()
+        spare.process.wait()
+        agent.beat()  # one quick death: replaced at once
+        [spare] = agent.workers._spares
+        spare.started_at -= 60  # a long load: the spare lives on past its imports
+        monkeypatch.setattr(agent.workers, "loading", lambda: True)
+        agent.beat()
+        monkeypatch.undo()
+        spare.process.kill()
+        spare.process.wait()
+        agent.beat()
+        [replacement] = agent.workers._spares
+        assert replacement.process.pid != spare.process.pid and replacement.process.poll() is None
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
 def test_a_spare_that_cannot_start_does_not_cost_the_heartbeat(tmp_path, monkeypatch, caplog):
     """The controller declares a node lost whose heartbeats stop: a spare's start failing (any error) at every beat
     must not skip them."""
