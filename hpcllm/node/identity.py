@@ -77,9 +77,17 @@ def _per_node(pattern: str) -> bool:
     """The pattern names a folder of each node: %n, or a $VARIABLE whose value is this node's name
     ($SLURMD_NODENAME, $HOSTNAME); a node's name written in it, or a variable that merely holds it ($SLURM_JOB_NODELIST
     = n1,n3), is one folder for several nodes."""
-    node = node_name()
     names = [braced or bare for braced, bare in VARIABLE.findall(pattern)]
-    return "%n" in pattern or any(os.environ.get(name) == node for name in names)
+    return "%n" in pattern or any(_names_this_node(os.environ.get(name)) for name in names)
+
+
+def _names_this_node(value: str | None) -> bool:
+    """The value is this node's name: Slurm's (node_name()), or its host name in full or short ($HOSTNAME may be
+    n1.cluster where Slurm's name is n1)."""
+    if not value:
+        return False
+    node = node_name()
+    return value == node or value.split(".")[0] == node or value == socket.gethostname()
 
 
 def check_node_local(pattern: str, path: Path, setting: str, mountinfo: Path | None = None) -> None:

@@ -59,6 +59,15 @@ def test_a_folder_per_node_named_by_a_variable_is_taken_too(mountinfo, monkeypat
         check_node_local("/home/u/n1/cache", "/home/u/n1/cache", "node.nvme_dir", mountinfo)
 
 
+def test_a_folder_named_by_the_full_host_name_is_one_per_node(mountinfo, monkeypatch, caplog):
+    """$HOSTNAME is often the qualified name (n1.cluster) where Slurm's node name is n1: still one folder per node."""
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    monkeypatch.setenv("HOSTNAME", "n1.cluster")
+    with caplog.at_level(logging.WARNING):
+        check_node_local("/home/u/$HOSTNAME/cache", "/home/u/n1.cluster/cache", "node.nvme_dir", mountinfo)
+    assert "nfs4" in caplog.text
+
+
 @pytest.mark.parametrize("pattern", ["/home/u/$SLURM_JOB_NODELIST/cache", "/home/u/${SLURM_JOB_NODELIST}/cache"])
 def test_a_variable_that_holds_several_nodes_names_is_one_folder_for_them_all(mountinfo, monkeypatch, pattern):
     """$SLURM_JOB_NODELIST = n1,n3 holds this node's name but is the same on n1 and n3: one shared cache."""
