@@ -677,7 +677,8 @@ class WorkerManager:
         from the second in a row stops spare starts for a while (SPARE_RETRY_SECONDS, doubling)."""
         self._quick_spare_deaths = 0 if settled else self._quick_spare_deaths + 1
         if self._quick_spare_deaths >= 2:
-            delay = min(SPARE_RETRY_SECONDS * 2 ** (self._quick_spare_deaths - 2), SPARE_RETRY_MAX_SECONDS)
+            doublings = min(self._quick_spare_deaths - 2, 16)  # past the cap anyway; 2.0 ** 1024 overflows a float
+            delay = min(SPARE_RETRY_SECONDS * 2 ** doublings, SPARE_RETRY_MAX_SECONDS)
             self._spare_retry_at = time.monotonic() + delay
             log.warning("%d spare workers in a row died within %.0f s of their start (or did not start): the next "
                         "starts in %.0f s", self._quick_spare_deaths, SPARE_IMPORT_SECONDS, delay)

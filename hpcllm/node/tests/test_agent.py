@@ -333,6 +333,26 @@ def test_a_spare_that_cannot_start_does_not_cost_the_heartbeat(tmp_path, monkeyp
         agent.workers.close()
 
 
+def test_spares_failing_for_days_back_off_at_the_cap(tmp_path, monkeypatch, caplog):
+    """A broken environment nobody mends: after a thousand failed spare starts (15 min apart: ten days) the back-off
+    stays at its cap, no overflow ending the heartbeat's turn."""
+    from hpcllm.errors import HpcllmError
+
+    agent = make_agent(tmp_path, spare_workers=1)
+
+    def broken_spare():
+        raise HpcllmError("the worker's environment cannot be built")
+
+    monkeypatch.setattr(agent.workers, "_spawn_spare", broken_spare)
+    agent.workers._quick_spare_deaths = 1100
+    try:
+        agent.beat()
+        assert "1101 spare workers in a row died" in caplog.text and "next starts in 900 s" in caplog.text
+    finally:
+        agent.drain()
+        agent.workers.close()
+
+
 def test_a_tensor_parallel_start_on_mig_slices_is_refused_saying_why(tmp_path, converted):
     """CUDA shows a process one MIG device only: ranks given MIG slices would all share the first one (or fail)."""
     from hpcllm.node.gpus import GpuInventory
