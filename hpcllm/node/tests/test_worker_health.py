@@ -122,6 +122,19 @@ def alive(pid: int) -> bool:
     return bool(running(processes([pid])))
 
 
+def hold_the_kill(monkeypatch):
+    """The watcher's SIGKILL at the stop timeout waits until the returned event is set: until then a process that
+    ignores SIGTERM provably still runs, however slow the host."""
+    import threading
+
+    from hpcllm.node.workers import WorkerManager
+
+    allowed, overdue = threading.Event(), WorkerManager._kill_when_overdue
+    monkeypatch.setattr(WorkerManager, "_kill_when_overdue",
+                        lambda self, inst: overdue(self, inst) if allowed.is_set() else None)
+    return allowed
+
+
 def test_a_hung_worker_killed_takes_its_child_processes_with_it(make_node, converted):
     """A worker that ignores SIGTERM is SIGKILLed with the processes it started (a vLLM engine core, hpcllm's model
     process): an orphan would keep the GPU memory the agent hands to the next instance."""
@@ -149,14 +162,16 @@ def test_an_unhealthy_tensor_parallel_instance_whose_rank_hangs_is_killed_before
 
     monkeypatch.setattr(workers.shutil, "which", lambda name: f"/usr/bin/{name}")  # the fake worker is "mpirun"
     agent, record = make_node("--child", worker_health_failures=2, worker_stop_timeout_seconds=1)
+    kill_allowed = hold_the_kill(monkeypatch)
     inst = agent.workers.start(StartInstance(model=MODEL, source=str(converted), gpu_ids=[0, 1], tensor_parallel=2))
     wait_for(lambda: inst.state == "ready", 30, "the fake worker to be ready")
     [rank] = events(record, "child")
     try:
         turn(inst, 503)
         assert inst.process.wait(30) == 0  # "mpirun" ended on SIGTERM; its rank ignores it
-        if alive(rank["pid"]):
-            assert agent.workers.gpus_in_use() == {0, 1}, "GPUs free while a rank of the instance still runs"
+        assert alive(rank["pid"]), "the rank ignores SIGTERM and is not SIGKILLed yet"
+        assert agent.workers.gpus_in_use() == {0, 1}, "GPUs free while a rank of the instance still runs"
+        kill_allowed.set()
         assert inst.done.wait(30)
         wait_for(lambda: not alive(rank["pid"]), 10, "the hung rank to go")  # SIGKILL is asynchronous
         assert agent.workers.gpus_in_use() == set()
@@ -233,17 +248,20 @@ def test_a_process_that_outlives_its_sigkill_is_logged_by_pid_and_keeps_its_gpus
 
 
 def test_a_worker_that_exits_on_sigterm_leaving_a_hung_child_keeps_its_gpus_until_the_child_is_killed(make_node,
-                                                                                                      converted):
+                                                                                                      converted,
+                                                                                                      monkeypatch):
     """A single worker ends on SIGTERM but its vLLM engine core (or hpcllm's model process) hangs: the child holds
     the GPU memory, so the GPUs stay in use until it is gone, and the kill at the stop timeout ends it."""
     agent, record = make_node("--child", worker_health_failures=2, worker_stop_timeout_seconds=1)
+    kill_allowed = hold_the_kill(monkeypatch)
     inst = start_ready(agent, converted)
     [child] = events(record, "child")
     try:
         turn(inst, 503)
         assert inst.process.wait(30) == 0  # the worker ended on SIGTERM; its child ignores it
-        if alive(child["pid"]):
-            assert agent.workers.gpus_in_use() == {0, 1}, "GPUs free while the worker's child still runs"
+        assert alive(child["pid"]), "the child ignores SIGTERM and is not SIGKILLed yet"
+        assert agent.workers.gpus_in_use() == {0, 1}, "GPUs free while the worker's child still runs"
+        kill_allowed.set()
         assert inst.done.wait(30)
         wait_for(lambda: not alive(child["pid"]), 10, "the hung child to go")  # SIGKILL is asynchronous
         assert_released(agent, inst)
