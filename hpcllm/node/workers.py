@@ -115,7 +115,7 @@ def mpi_launch(ranks: int, cpu: bool) -> list[str]:
 def drain_signal(config: Config) -> signal.Signals:
     """The drain signal (slurm.signal): a name (USR1, SIGUSR1) or a number, as the sbatch script takes it;
     ConfigError for one that is no signal or cannot be caught."""
-    return signal.Signals(catchable_signal(config.slurm.signal))
+    return catchable_signal(config.slurm.signal)
 
 
 class Process(NamedTuple):

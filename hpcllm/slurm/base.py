@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import enum
 import re
+import signal as signal_module  # not `signal`: JobSpec and SlurmBackend have members of that name
 from dataclasses import dataclass
 from typing import Any
 
@@ -406,12 +407,10 @@ class SlurmBackend(abc.ABC):
 # signal_name: hpcllm.config's (which checks [slurm] signal with it at load), part of this module's API as before.
 
 
-def catchable_signal(sig: str | int, setting: str = "slurm.signal") -> int:
+def catchable_signal(sig: str | int, setting: str = "slurm.signal") -> signal_module.Signals:
     """The signal `setting` names ("USR1", "SIGUSR1", "10"), one a process can catch or ignore (the drain signal, a
     worker's stop signal): a ConfigError saying what to set for an unknown one or KILL/STOP (the agent and its
     workers would die at once instead of draining)."""
-    import signal as signal_module
-
     try:
         signum = signal_module.Signals[f"SIG{signal_name(sig)}"]
     except ConfigError as exc:
