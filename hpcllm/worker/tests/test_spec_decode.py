@@ -73,8 +73,14 @@ def test_the_proposal_follows_the_earliest_occurrence_of_the_longest_matching_su
         NgramProposer(4, max_n=2, min_n=3)
 
 
-@pytest.mark.parametrize("model_process,batching", [(False, "auto"), (True, "auto"), (False, "sequential")])
-@pytest.mark.parametrize("arch", ["opt", "gpt2", "llama"])
+# Every architecture in process and on the sequential runner; with a model process by default only opt, whose random
+# greedy output accepts proposals (the model-process speculation of the tiny Llama: the copying tests below).
+# gpt2 and llama with a model process run in `make test-long`.
+@pytest.mark.parametrize("arch,model_process,batching", [
+    pytest.param(arch, model_process, batching, id=f"{arch}-{model_process}-{batching}",
+                 marks=[pytest.mark.long] if model_process and arch != "opt" else [])
+    for arch in ("opt", "gpt2", "llama") for model_process, batching in ((False, "auto"), (True, "auto"),
+                                                                         (False, "sequential"))])
 def test_speculative_greedy_output_equals_one_token_per_step_and_generate(arch, model_process, batching, model_dirs,
                                                                           reference_model, make_engine):
     """Random weights: proposals are made and mostly rejected (some accepted): the output must not change. The
