@@ -104,10 +104,11 @@ def test_a_rank_stuck_in_a_read_is_named_and_the_job_aborted(tp_llama, tmp_path)
     os.mkfifo(stuck / "data-00000.h5")  # opening it blocks forever, like a hung network filesystem
 
     started = time.monotonic()
-    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={stuck}", "--timeout", "5", "--no-reference")
+    # 1 s: the wait starts once both ranks took the plan (past their imports), and rank 1 never reports
+    completed = _mpirun(2, str(tp_llama), "--path-of-rank", f"1={stuck}", "--timeout", "1", "--no-reference")
 
     assert completed.returncode != 0
-    assert "rank 0: rank(s) 1 did not report within 5 s while loading the model shard" in \
+    assert "rank 0: rank(s) 1 did not report within 1 s while loading the model shard" in \
         completed.stdout + completed.stderr
     # Rank 1 blocks forever opening the FIFO: the job ending at all means rank 0's MPI_Abort killed it. (OpenMPI's
     # own "MPI_ABORT was invoked" help text is not asserted: under load its show_help fails with "Out of resource".)
