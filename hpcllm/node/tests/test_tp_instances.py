@@ -55,7 +55,14 @@ def instance(client) -> dict:
 
 
 def test_a_two_rank_instance_serves_transformers_greedy_tokens_and_stops_every_rank(agent, client, tp_converted,
-                                                                                    tiny_llama_dir):
+                                                                                    tiny_llama_dir, tmp_path):
+    """Transformers' greedy tokens, also for a prompt prefilled over several steps that keep no logits (the output
+    projection's all-gather of zero rows), for a request reusing the ranks after the first's KV blocks were freed
+    and for concurrent requests sharing each step's batched forward on every rank (the batched engine's StepBatch)."""
+    config = tmp_path / "hpcllm.toml"
+    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n[worker]\nprefill_chunk_tokens = 4\n')  # two steps
+    config.chmod(0o600)
+    agent.config_path = agent.workers.config_path = config  # the workers' config, as the agent passes its own
     body = {"model": "tp-llama", "source": str(tp_converted), "tensor_parallel": 2}
     resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
     assert resp.status_code == 202, resp.get_json()
@@ -75,12 +82,22 @@ def test_a_two_rank_instance_serves_transformers_greedy_tokens_and_stops_every_r
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world", return_tensors="pt").input_ids
-    expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
-    with WorkerClient(info["worker_url"], SECRET) as worker:
-        with worker.generate(GenerateRequest(request_id="r1", prompt_token_ids=prompt[0].tolist(), max_tokens=8,
-                                             temperature=0)) as stream:
-            assert [line.token_id for line in stream if line.type == "token"] == expected
+    prompt = AutoTokenizer.from_pretrained(tiny_llama_dir)("hello world, this", return_tensors="pt").input_ids
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False)[0, prompt.shape[1]:].tolist()
+
+    def greedy(request_id: str) -> list[int]:
+        with WorkerClient(info["worker_url"], SECRET) as worker:
+            with worker.generate(GenerateRequest(request_id=request_id, prompt_token_ids=prompt[0].tolist(),
+                                                 max_tokens=12, temperature=0)) as stream:
+                return [line.token_id for line in stream if line.type == "token"]
+
+    assert prompt.shape[1] > 4  # prefilled over several steps
+    for request_id in ("first", "second"):
+        assert greedy(request_id) == expected
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(greedy, ("a", "b", "c"))) == [expected] * 3
 
     # The drain signal (Slurm's scancel --signal reaches every process of the job) leaves every rank serving.
     for rank in ranks:
@@ -93,8 +110,8 @@ def test_a_two_rank_instance_serves_transformers_greedy_tokens_and_stops_every_r
     stopped = client.delete(f"/v1/internal/instances/{iid}", headers=AUTH).get_json()
     assert stopped["state"] == "stopped", stopped  # (mpirun exits 1 after a SIGTERM even when every rank ended well)
     assert running(ranks) == []  # no rank outlives its instance
-    log = agent.workers.run_dir.glob(f"{iid}.log")
-    assert "rank 1: the lead stopped after" in next(log).read_text()
+    log = next(agent.workers.run_dir.glob(f"{iid}.log")).read_text()
+    assert "rank 1: the lead stopped after" in log and "Traceback" not in log, log
 
 
 def test_a_corrupt_slice_on_rank_1_fails_the_instance_naming_rank_1(agent, client, tp_converted, tmp_path):
