@@ -22,13 +22,20 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def exited_within(process: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for a child to exit (and reap it); whether it did."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
     """Stop a child: SIGTERM (a graceful stop), SIGKILL if it is still running after `timeout` seconds."""
     if process.poll() is None:
         process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if not exited_within(process, timeout):
             process.kill()
             process.wait()
 

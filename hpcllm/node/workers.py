@@ -51,6 +51,7 @@ from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import MIG_PREFIX, GpuInventory
 from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance
+from hpcllm.procs import exited_within
 from hpcllm.slurm.base import catchable_signal
 from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
@@ -692,9 +693,7 @@ class WorkerManager:
                 spare.process.stdin.close()
             except OSError:
                 pass
-            try:
-                spare.process.wait(5)
-            except subprocess.TimeoutExpired:
+            if not exited_within(spare.process, 5):
                 spare.process.kill()
                 spare.process.wait()
             spare.log_path.unlink(missing_ok=True)
@@ -1091,12 +1090,8 @@ class WorkerManager:
         if inst.nodes > 1:
             if inst.process.poll() is None:
                 inst.process.send_signal(signal.SIGTERM)
-                try:
-                    inst.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    pass
-            if inst.process.poll() is None:
-                inst.process.kill()
+                if not exited_within(inst.process, 10):
+                    inst.process.kill()
             return
         pids = [proc.pid for proc in running(inst.children)]
         if inst.process.poll() is None:  # not reaped: its pid is still its own (once reaped, another's to reuse)
@@ -1115,11 +1110,7 @@ class WorkerManager:
         self._terminate(inst)
         timeout = self.config.node.worker_stop_timeout_seconds if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        try:
-            inst.process.wait(timeout)
-            if not self._gone(inst.children, deadline):
-                raise subprocess.TimeoutExpired(inst.process.args, timeout)
-        except subprocess.TimeoutExpired:
+        if not (exited_within(inst.process, timeout) and self._gone(inst.children, deadline)):
             log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", instance_id, timeout)
             self._kill(inst)
             self._await_kill(inst)
@@ -1142,11 +1133,7 @@ class WorkerManager:
     def _await_kill(self, inst: Instance) -> None:
         """KILL_WAIT_SECONDS for what the SIGKILL hit to end, then an error naming what did not."""
         deadline = time.monotonic() + KILL_WAIT_SECONDS
-        try:
-            inst.process.wait(KILL_WAIT_SECONDS)
-        except subprocess.TimeoutExpired:
-            pass
-        if not self._gone(inst.children, deadline) or inst.process.poll() is None:
+        if not (exited_within(inst.process, KILL_WAIT_SECONDS) and self._gone(inst.children, deadline)):
             self._log_unkilled(inst)
 
     @staticmethod
