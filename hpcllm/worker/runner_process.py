@@ -334,9 +334,9 @@ class ChoiceFailures:
         self._logged: set[int] = set()
 
     def of(self, batch: StepBatch) -> Callable[[int, Exception], None]:
-        """choose_tokens' `failed` for this batch's logits rows."""
-        seq_ids = [chunk.seq_id for chunk, _ in _row_choices(batch)]
-        return lambda row, exc: self._log(seq_ids[row], exc)
+        """choose_tokens' `failed` for this batch's logits rows (their sequences looked up only on a failure: this
+        runs every step)."""
+        return lambda row, exc: self._log([chunk.seq_id for chunk, _ in _row_choices(batch)][row], exc)
 
     def _log(self, seq_id: int, exc: Exception) -> None:
         if seq_id not in self._logged:
