@@ -226,7 +226,7 @@ class SharedState:
             at = time.time() if now is None else now  # the try's own time: a second try comes later
             self._store(db, bucket, min(capacity, self._refilled(db, bucket, capacity, per_second, at) + amount), at)
 
-        self._write_once_more(give_back)
+        self.write_once_more(give_back)
 
     def level(self, bucket: str, *, capacity: float, per_second: float, now: float | None = None) -> float:
         now = time.time() if now is None else now
@@ -350,13 +350,13 @@ class SharedState:
         """Free a stream slot (once more on a broken connection); failing that, at the lease's next renewal (the
         error raised meanwhile)."""
         try:
-            self._write_once_more(lambda db: self._delete_slots(db, [stream_id]))
+            self.write_once_more(lambda db: self._delete_slots(db, [stream_id]))
         except WRITE_FAILED:
             with self._unclosed_lock:
                 self._unclosed.add(stream_id)
             raise
 
-    def _write_once_more(self, write: Callable[[Database], None]) -> None:
+    def write_once_more(self, write: Callable[[Database], None]) -> None:
         """write(db) in a write transaction; once more when it failed on a connection open before it, before its
         COMMIT was sent (a PostgreSQL restart breaks the open connection, which fails at BEGIN: connection()
         reconnects on the next call; SQLite's write lock not had in its busy timeout), so what a request gives back

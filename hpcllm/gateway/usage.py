@@ -23,7 +23,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from hpcllm.config import ApiKey, Config
-from hpcllm.gateway.errors import InvalidRequest, ServiceUnavailable
+from hpcllm.gateway.errors import InvalidRequest
 from hpcllm.gateway.metrics import GatewayMetrics
 from hpcllm.gateway.shared_state import SharedState
 
@@ -136,7 +136,7 @@ class UsageLog:
             if entry is None:  # close()
                 return
             try:
-                self._write_retrying(entry)
+                self.write(entry)
             except Exception as exc:  # the database refuses or is away: this record is lost, counted
                 self.metrics.usage_records_dropped.inc()
                 if not self._failing:
@@ -151,22 +151,20 @@ class UsageLog:
                 self._pending -= 1
                 self._settled.notify_all()
 
-    def _write_retrying(self, entry: UsageRecord) -> None:
-        """Write; once more on a broken connection (a PostgreSQL restart: SharedState reconnects on the next call)."""
-        try:
-            self.write(entry)
-        except ServiceUnavailable:
-            self.write(entry)
-
     def write(self, entry: UsageRecord) -> None:
-        """One UPSERT; the first write of a UTC day also deletes the rows older than the retention."""
+        """One UPSERT; the first write of a UTC day also deletes the rows older than the retention. Tried once more
+        where that is safe (SharedState.write_once_more: a PostgreSQL restart; never after a COMMIT PostgreSQL may
+        have made, which would count the tokens twice)."""
         today = utc_day(self.clock())
-        with self.shared.transaction() as db:
+
+        def upsert(db) -> None:
             db.conn.execute(UPSERT, (entry.day, entry.key_name, entry.group, entry.model, entry.endpoint,
                                      entry.prompt_tokens, entry.completion_tokens))
             if self._pruned_day != today:
                 oldest_kept = today - timedelta(days=self.retention_days - 1)
                 db.conn.execute("DELETE FROM gateway_usage WHERE day < ?", (oldest_kept.isoformat(),))
+
+        self.shared.write_once_more(upsert)
         self._pruned_day = today
 
     # ------------------------------------------------------------------------------------------- reports

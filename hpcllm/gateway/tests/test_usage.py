@@ -170,3 +170,28 @@ def test_the_cli_prints_a_table_and_csv(make_gateway, tmp_path, capsys):
     assert main([*common[:-1], "weekday"]) == 1  # --by checked by the gateway, which names the choices
     err = capsys.readouterr().err
     assert "refused (400): by must be one of day, key, group, model, endpoint, not 'weekday'" in err
+
+
+def test_a_record_whose_commit_answer_is_lost_is_counted_once(empty_postgres):
+    """The connection drops while COMMIT's answer is on its way (PostgreSQL committed): the usage writer does not
+    write the record again on a new connection, which counted the request and its tokens twice."""
+    import psycopg
+
+    from hpcllm.gateway.tests.test_shared_state import _Failing
+
+    now = calendar.timegm((2026, 1, 10, 12, 0, 0))
+    state = SharedState(empty_postgres)
+    metrics = GatewayMetrics()
+    log = UsageLog(state, metrics, retention_days=3, clock=lambda: now)
+    try:
+        log.record(None, MODEL, "chat", 2, 3)
+        assert log.flush()  # written: the connection is open before the failing write, as in a running gateway
+        db = state._shared_db
+        db.conn = _Failing(db.conn, "COMMIT", psycopg.OperationalError("server closed the connection"), after=True)
+        log.record(None, MODEL, "chat", 2, 3)
+        assert log.flush()
+        total = log.report({"by": "day", "since": "2026-01-01"})["total"]
+        assert total == {"requests": 2, "prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}
+    finally:
+        log.close()
+        state.close()
