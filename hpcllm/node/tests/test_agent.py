@@ -247,6 +247,14 @@ def test_a_spare_worker_takes_the_next_instance_and_is_replaced(tmp_path, conver
     assert agent.workers._spares == [] and spares_left == []  # the drain retired the spare, its log went with it
 
 
+def kill_the_spare_and_beat(agent) -> None:
+    """The agent's one spare killed (the OOM killer, an admin), then one turn of its heartbeat thread."""
+    [spare] = agent.workers._spares
+    spare.process.kill()
+    spare.process.wait()
+    agent.beat()
+
+
 def test_a_spare_that_dies_while_idle_is_replaced_at_the_next_heartbeat(tmp_path):
     """A spare killed while it waits (the OOM killer, an admin) is replaced before a start needs it: the next start
     would otherwise pay a fresh worker's imports."""
@@ -254,9 +262,7 @@ def test_a_spare_that_dies_while_idle_is_replaced_at_the_next_heartbeat(tmp_path
     try:
         agent.workers.ensure_spares()
         [spare] = agent.workers._spares
-        spare.process.kill()
-        spare.process.wait()
-        agent.beat()  # one heartbeat (the controller unreachable here: the beat is logged and goes on)
+        kill_the_spare_and_beat(agent)  # one heartbeat (the controller unreachable here: logged, and it goes on)
         [replacement] = agent.workers._spares
         assert replacement.process.pid != spare.process.pid and replacement.process.poll() is None
     finally:
@@ -272,10 +278,7 @@ def test_a_spare_that_dies_at_once_again_is_not_restarted_at_every_heartbeat(tmp
     try:
         agent.workers.ensure_spares()
         for _ in range(2):  # the first quick death is replaced at once (a one-off: the OOM killer)
-            [spare] = agent.workers._spares
-            spare.process.kill()
-            spare.process.wait()
-            agent.beat()
+            kill_the_spare_and_beat(agent)
         starts = agent.workers.starts
         agent.beat()
         assert agent.workers._spares == [] and agent.workers.starts == starts == 2
@@ -292,18 +295,13 @@ def test_a_spare_that_lived_through_a_long_load_and_then_died_is_replaced_at_onc
     agent = make_agent(tmp_path, spare_workers=1)
     try:
         agent.workers.ensure_spares()
-        [spare] = agent.workers._spares
-        spare.process.kill()
-        spare.process.wait()
-        agent.beat()  # one quick death: replaced at once
+        kill_the_spare_and_beat(agent)  # one quick death: replaced at once
         [spare] = agent.workers._spares
         spare.started_at -= 60  # a long load: the spare lives on past its imports
         monkeypatch.setattr(agent.workers, "loading", lambda: True)
         agent.beat()
         monkeypatch.undo()
-        spare.process.kill()
-        spare.process.wait()
-        agent.beat()
+        kill_the_spare_and_beat(agent)
         [replacement] = agent.workers._spares
         assert replacement.process.pid != spare.process.pid and replacement.process.poll() is None
     finally:
