@@ -113,6 +113,21 @@ def raw_post(gateway: RunningGateway, path: str, body: dict, key: str = USER_KEY
     return client
 
 
+def read_completion_stream(stream, on_text: Callable[[list[str]], None] = lambda texts: None):
+    """(texts, usage, finish_reason) of an openai completions stream of one choice (usage where include_usage asked
+    for it); on_text(texts so far) after each text chunk."""
+    texts, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        texts.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+        on_text(texts)
+    return texts, usage, finish
+
+
 class GatewayFactory:
     def __init__(self, root: Path, worker: str, source: Path):
         self.root, self.worker, self.source = root, worker, source

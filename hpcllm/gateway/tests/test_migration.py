@@ -15,7 +15,7 @@ from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.engine import EngineUnavailable
 from hpcllm.worker.migration import ticketed_request
 
-from .conftest import MODEL, SECRET, USER_KEY, ThreadServer
+from .conftest import MODEL, SECRET, USER_KEY, ThreadServer, read_completion_stream
 from .test_resume import ScriptedRouter
 
 LABEL = f'model_name="{MODEL}"'
@@ -114,16 +114,10 @@ def test_openai_stream_follows_a_live_migration(make_gateway, two_workers, tiny_
     reference = client.completions.create(**request)
     hold = source.hold_at(tokens=5)  # moved after its 5th token, while the client reads the stream
 
-    texts, usage, finish = [], None, None
     with ThreadPoolExecutor(1) as mover:
         moving = mover.submit(move_when_held, hold, source, destination)
-        for chunk in client.completions.create(**request, stream=True, stream_options={"include_usage": True}):
-            if chunk.usage is not None:
-                usage = chunk.usage
-            if not chunk.choices:
-                continue
-            texts.append(chunk.choices[0].text)
-            finish = chunk.choices[0].finish_reason or finish
+        texts, usage, finish = read_completion_stream(
+            client.completions.create(**request, stream=True, stream_options={"include_usage": True}))
         moved = moving.result()
 
     assert len(moved.migrated) == 1 and moved.failed == [], moved

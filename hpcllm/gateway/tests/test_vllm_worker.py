@@ -27,7 +27,7 @@ from hpcllm.worker.protocol import GenerateRequest, Thinking, TokenLine
 from hpcllm.worker.grammar import compile_grammar
 from hpcllm.worker.tests.schemas import OTHER_CONSTRAINTS, PERSON_GRAMMAR, check_person
 
-from .conftest import MODEL, SECRET, ThreadServer
+from .conftest import MODEL, SECRET, ThreadServer, read_completion_stream
 from .test_resume import ScriptedRouter
 
 pytestmark = pytest.mark.slow
@@ -370,22 +370,20 @@ def test_vllm_holds_the_grammar_back_until_the_thinking_ends_and_bounds_it(think
 
 
 def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):
-    texts, usage, finish, moved = [], None, None, None
-    client = gateway.client().with_options(timeout=120)
-    for chunk in client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=max_tokens, temperature=0,
-                                           extra_body={"ignore_eos": True}, stream=True,
-                                           stream_options={"include_usage": True}):
-        if chunk.usage is not None:
-            usage = chunk.usage
-        if not chunk.choices:
-            continue
-        texts.append(chunk.choices[0].text)
-        finish = chunk.choices[0].finish_reason or finish
+    moved = []
+
+    def move_at_the_third_text(texts: list[str]) -> None:
         if len(texts) == 3:
             with WorkerClient(source_url, SECRET, read_timeout=120) as source:
-                moved = source.migrate_all(ticketed_request(destination_url, model=MODEL, key=SECRET,
-                                                            timeout_seconds=60))
-    return "".join(texts), usage, finish, moved
+                moved.append(source.migrate_all(ticketed_request(destination_url, model=MODEL, key=SECRET,
+                                                                 timeout_seconds=60)))
+
+    client = gateway.client().with_options(timeout=120)
+    texts, usage, finish = read_completion_stream(
+        client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=max_tokens, temperature=0,
+                                  extra_body={"ignore_eos": True}, stream=True, stream_options={"include_usage": True}),
+        move_at_the_third_text)
+    return "".join(texts), usage, finish, moved[0] if moved else None
 
 
 @pytest.mark.parametrize("direction", ["hpcllm_to_vllm", "vllm_to_hpcllm"])
