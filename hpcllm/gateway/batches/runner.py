@@ -228,7 +228,7 @@ class BatchRunner:
     def sweep(self) -> int:
         """Delete the expired files but the inputs of batches not yet ended, and the ended batches whose files
         expired; how many files went."""
-        gone = self.files.sweep(self.batches.active_inputs)
+        gone = self.files.sweep()
         if gone:
             log.info("files: deleted %d expired files", gone)
         ended = self.batches.sweep(self.files.clock())

@@ -21,6 +21,7 @@ class BatchService:
         self.metrics = gw.metrics
         self.files = FileStore.of(gw.config, gw.shared)
         self.batches = BatchStore(self.files, lease_s=gw.config.gateway.batch_lease_seconds)
+        self.files.in_use = self.batches.active_inputs  # kept from deletion and the sweep while a batch reads them
         self.runner = BatchRunner(app, gw, self.files, self.batches)
 
     @classmethod

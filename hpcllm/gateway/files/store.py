@@ -7,7 +7,8 @@ written to a hidden temporary file and renamed into place once whole, and only t
 sees half a file; a deletion forgets the row first, then removes the bytes.
 
 A file may expire (its expires_after, or the site's gateway.files_ttl_days): from then on it is invisible (404) and
-the runners' sweep deletes it, row and bytes, unless an active batch still reads it. A key's files may together
+the runners' sweep deletes it, row and bytes, unless an active batch still reads it. A deleted file an active batch
+reads is expired at once the same way (a process taking the batch over reads it again). A key's files may together
 hold at most gateway.files_quota_bytes.
 """
 
@@ -79,6 +80,8 @@ class FileStore:
                  quota_bytes: int = 0, clock: Callable[[], float] = time.time):
         self.shared, self.directory, self.max_bytes, self.clock = shared, directory, max_bytes, clock
         self.ttl_s, self.quota_bytes = ttl_s, quota_bytes  # 0: files kept until deleted; no quota
+        # The ids of the files active batches read (set by the Batch API's service: this package does not import it).
+        self.in_use: Callable[[], set[str]] = set
         shared.create_tables(SCHEMA)
 
     @classmethod
@@ -176,10 +179,15 @@ class FileStore:
         return [_stored(row) for row in rows], more
 
     def delete(self, owner: str, file_id: str) -> bool:
-        """False when the owner has no such file."""
+        """False when the owner has no such file. The input of a batch not yet ended only expires now (invisible, out
+        of the key's quota): the batch's runs still read it, and the sweep deletes it once the batch has ended."""
+        now, in_use = self.clock(), file_id in self.in_use()
         with self.shared.connection() as db:
+            if in_use:
+                return db.conn.execute(f"UPDATE gateway_files SET expires = ? WHERE id = ? AND owner = ? AND {LIVE}",
+                                       (now, file_id, owner, now)).rowcount == 1
             gone = db.conn.execute(f"DELETE FROM gateway_files WHERE id = ? AND owner = ? AND {LIVE}",
-                                   (file_id, owner, self.clock())).rowcount == 1
+                                   (file_id, owner, now)).rowcount == 1
         if gone:
             self.path(file_id).unlink(missing_ok=True)
         return gone
@@ -191,13 +199,13 @@ class FileStore:
                                   f"WHERE {LIVE}", (self.clock(),)).fetchone()
         return row["files"], row["bytes"]
 
-    def sweep(self, in_use: Callable[[], set[str]]) -> int:
+    def sweep(self) -> int:
         """Delete the expired files, rows and bytes, but those in_use (the inputs of active batches: asked after
         the expired files are found, so a batch made over a file before it expired keeps it); how many went."""
         with self.shared.connection() as db:
             expired = [row["id"] for row in db.conn.execute("SELECT id FROM gateway_files WHERE expires <= ?",
                                                             (self.clock(),)).fetchall()]
-        kept = in_use() if expired else set()
+        kept = self.in_use() if expired else set()
         gone = [file_id for file_id in expired if file_id not in kept]
         with self.shared.transaction() as db:
             for file_id in gone:

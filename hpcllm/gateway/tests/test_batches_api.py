@@ -529,6 +529,34 @@ def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tm
     assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
 
 
+def test_an_input_file_deleted_while_its_batch_runs_is_gone_for_its_key_and_the_batch_still_finishes(gated_factory,
+                                                                                                      tmp_path):
+    """The key deletes the input file while the batch runs: the file is gone for it at once, and the process that
+    takes the batch over (this one drains) still reads it; its bytes go once the batch has ended."""
+    worker, factory = gated_factory(blocked=0)
+    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
+              "batch_concurrency": 1}
+    first = factory(**shared)
+    client = first.client()
+    batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    assert client.files.delete(batch.input_file_id).deleted
+    assert_error(first.get(f"/v1/files/{batch.input_file_id}"), 404, "file_not_found")
+    assert list(client.files.list()) == []
+    first.state.start_draining()
+    worker.release.set()
+    wait_until(lambda: not service_of(first).runner.running)
+
+    second = factory(**shared)
+    service_of(second).runner.wake()
+    done = finished(second.client(), batch.id)
+    assert done.status == "completed" and done.errors is None, done
+    assert sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
+    files = service_of(second).files
+    assert service_of(second).runner.sweep() == 1 and not files.path(batch.input_file_id).exists()
+    assert not list((tmp_path / "files").glob(".*"))  # no partial result file left behind
+
+
 def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(gated_factory):
     """The limits database (the rate limiter's) is not written once per result: 20 results, 2 renewals (the claim's
     first and the finalizing one)."""
