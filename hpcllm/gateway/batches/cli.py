@@ -72,6 +72,9 @@ class BatchClient:
                     for chunk in resp.iter_bytes():
                         out.write(chunk)
             os.replace(partial, target)
+        except OSError as exc:  # a folder that does not exist or is not writable, a full disk
+            raise HpcllmError(f"cannot write {target}: {exc.strerror or exc} (give a file in a folder you may "
+                              f"write: --output, --errors)") from None
         finally:
             partial.unlink(missing_ok=True)
         return target.stat().st_size

@@ -120,3 +120,15 @@ def test_keep_hours_sets_when_the_input_and_the_results_are_deleted(gateway, tmp
         assert stored.expires_at == stored.created_at + 2 * 3600, stored
     code, _, err = run(capsys, gateway, "submit", str(requests), "--keep-hours", "0")
     assert code == 2 and "--keep-hours" in err  # OpenAI's bounds: an hour to 30 days, refused before any upload
+
+
+def test_a_download_into_a_folder_that_does_not_exist_is_one_clear_line(gateway, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line("a")]))
+    code, out, err = run(capsys, gateway, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")
+    assert code == 0, err
+    target = tmp_path / "missing" / "out.jsonl"
+    code, out, err = run(capsys, gateway, "download", out.splitlines()[0], "--output", str(target))
+    assert code == 1 and err == f"error: cannot write {target}: No such file or directory (give a file in a folder " \
+                                f"you may write: --output, --errors)\n", err
