@@ -3,7 +3,7 @@ belong to the API key that made them; any other key is told they do not exist (4
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -12,7 +12,7 @@ from hpcllm.gateway.conversations.protocol import (ConversationCreate, Conversat
 from hpcllm.gateway.errors import NotFound
 from hpcllm.gateway.protocol import parse_query
 from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
-from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, ItemList
+from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, ItemList, check_unique_ids
 from hpcllm.gateway.responses.serving import quota_error, referenced, storage_disabled, too_large
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
@@ -39,11 +39,13 @@ def _bounded(param: str) -> Iterator[None]:
         raise quota_error(exc, param) from None
 
 
-def _stored_items(gw: Gateway, owner: str, items: list[InputItem]) -> list[dict[str, Any]]:
+def _stored_items(gw: Gateway, owner: str, items: list[InputItem],
+                  earlier: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """The items as kept and listed (item_references replaced by the owner's items), checked as a response would
-    read them."""
+    read them, and to follow the conversation's `earlier` items without repeating an id."""
     items = referenced(gw, owner, items, "items")
     check_readable(items)
+    check_unique_ids((item["id"] for item in earlier), items, "items")
     return [item.listed() for item in items]
 
 
@@ -81,7 +83,10 @@ def delete_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) 
 
 def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: ConversationItems) -> dict[str, Any]:
     owner = _owner(gw, ctx)
-    items = _stored_items(gw, owner, req.items)
+    earlier = gw.responses.conversation_items(owner, conversation_id)
+    if earlier is None:
+        raise _not_found(conversation_id)
+    items = _stored_items(gw, owner, req.items, earlier)
     with _bounded("items"):
         added = gw.responses.add_items(owner, conversation_id, items)
     if not added:

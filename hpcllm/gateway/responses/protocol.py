@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterable
 from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -307,6 +308,19 @@ def check_item_types(items: list[InputItem], field: str) -> None:
     for i, item in enumerate(items):
         if item.type not in (*ITEM_TYPES, REFERENCE):
             raise unsupported(f"{field}[{i}].type", f"an input item of type {item.type[:80]!r}")
+
+
+def check_unique_ids(earlier_ids: Iterable[str], items: list[InputItem], field: str) -> None:
+    """OpenAI's 400 for an item whose id an earlier item of its conversation (earlier_ids), or of `items`, has: kept
+    twice, a listing of them could not page past it (`after` names one item), and a client paging forever."""
+    seen = set(earlier_ids)
+    for i, item in enumerate(items):
+        if item.id is None:
+            continue
+        if item.id in seen:
+            raise InvalidRequest(f"Duplicate item found with id {item.id[:100]}. Remove duplicate items from your "
+                                 f"input and try again.", param=f"{field}[{i}]", code="duplicate_item")
+        seen.add(item.id)
 
 
 def chat_messages(items: list[InputItem], instructions: str | None, field: str) -> list[ChatMessage]:

@@ -27,7 +27,8 @@ from hpcllm.gateway.response_store import NewResponse, OverQuota, StoredResponse
 from hpcllm.gateway.responses.protocol import (REFERENCE, FunctionCallItem, IncompleteDetails, InputItem,
                                                InputItemsQuery, OutputMessage, OutputText, ReasoningItem,
                                                ReasoningText, ResponseObject, ResponsesRequest, ResponseUsage,
-                                               new_item_id, renamed_for_responses, stored_item)
+                                               check_unique_ids, new_item_id, renamed_for_responses,
+                                               stored_item)
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import SSE_HEADERS, Delta, RequestContext, collect, stream_error
 
@@ -42,6 +43,7 @@ def create_response(gw: Gateway, ctx: RequestContext, req: ResponsesRequest) -> 
         raise storage_disabled("conversation")
     req = resolved(gw, owner, req)
     asked, carried = continued(gw, owner, req)
+    check_unique_ids((item.id for item in asked.input[:carried]), asked.input[carried:], "input")
     keep = None
     if req.store or req.conversation is not None:
         new = NewResponse(response={}, input=[item.listed() for item in asked.input],

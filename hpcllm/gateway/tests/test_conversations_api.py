@@ -5,6 +5,8 @@ sees only its own conversations, and the 4xx for what cannot be kept or read."""
 
 from __future__ import annotations
 
+import itertools
+
 import httpx
 import openai
 import pytest
@@ -57,6 +59,29 @@ def test_a_conversation_is_created_read_updated_and_deleted(gateway):
         assert_error(gateway.get(path), 404, "not_found", "conversation_id")
     with pytest.raises(openai.NotFoundError):
         client.conversations.items.create(conversation.id, items=[_user("late")])
+
+
+def test_an_item_id_a_conversation_has_already_is_refused_so_its_listing_pages_to_the_end(gateway):
+    """OpenAI's 400 for items repeating an id of theirs or of the conversation's: kept twice, the listing (paged by
+    `after`, an item id) would page from the first of them forever."""
+    client = gateway.client()
+    hello = {"type": "message", "role": "user", "content": "hello", "id": "msg_hello"}
+    error = assert_error(gateway.post("/v1/conversations", json={"items": [hello, _user("x"), hello]}), 400,
+                         "duplicate_item", "items[2]")
+    assert error["message"].startswith("Duplicate item found with id msg_hello")
+    conversation = client.conversations.create(items=[hello, _user("x")])
+    path = f"/v1/conversations/{conversation.id}/items"
+    for items, place in (([hello], 0), ([_user("y"), {"type": "item_reference", "id": "msg_hello"}], 1)):
+        assert_error(gateway.post(path, json={"items": items}), 400, "duplicate_item", f"items[{place}]")
+    assert_error(gateway.post("/v1/responses", json={"model": MODEL, "conversation": conversation.id,
+                                                     "input": [_user("y"), hello], "max_output_tokens": 2}),
+                 400, "duplicate_item", "input[1]")
+    assert_error(gateway.post("/v1/conversations/conv_nope/items", json={"items": [hello]}), 404, "not_found",
+                 "conversation_id")
+
+    client.conversations.items.create(conversation.id, items=[_user("y")])
+    paged = list(itertools.islice(client.conversations.items.list(conversation.id, order="asc", limit=1), 10))
+    assert _texts(paged) == ["hello", "x", "y"]
 
 
 def test_a_response_in_a_conversation_reads_its_items_and_appends_its_turn(gateway):

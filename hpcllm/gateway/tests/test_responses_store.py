@@ -5,6 +5,7 @@ and input_items, a key sees only its own responses, store=false keeps nothing, e
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import openai
@@ -418,6 +419,26 @@ def test_item_references_are_the_keys_stored_items(make_gateway):
             references[0], {"type": "item_reference", "id": "msg_" + "0" * 32}][:place + 1]})
         error = assert_error(resp, 400, "item_not_found", f"input[{place}]")
         assert error["message"].startswith("Item with id ")
+
+
+def test_an_item_id_its_conversation_has_already_is_refused_so_its_listing_pages_to_the_end(gateway):
+    """OpenAI's 400 for an input repeating an item id, its own or its previous response's: kept twice, the input_items
+    listing (paged by `after`, an item id) would page from the first of them forever."""
+    client = gateway.client()
+    first = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=2)
+    again = {"type": "message", "role": "user", "content": AGAIN, "id": "msg_again"}
+    for body in ({"input": [again, _user("x"), again]},
+                 {"previous_response_id": first.id, "input": [_user("x"), first.output[0].model_dump()]},
+                 {"previous_response_id": first.id, "input": [{"type": "item_reference", "id": first.output[0].id}]}):
+        error = assert_error(gateway.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 2, **body}),
+                             400, "duplicate_item", "input[2]" if "previous_response_id" not in body else
+                             f"input[{len(body['input']) - 1}]")
+        assert error["message"].startswith("Duplicate item found with id ")
+
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input=[again, _user("x")],
+                                     max_output_tokens=2)
+    paged = list(itertools.islice(client.responses.input_items.list(second.id, order="asc", limit=1), 10))
+    assert len(paged) == 4 and len({item.id for item in paged}) == 4
 
 
 def _owner_bytes(gw, key: str) -> int:
