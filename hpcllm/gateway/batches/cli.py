@@ -154,14 +154,17 @@ def cancel(batch_id: str, config_path: Path | None, gateway_url: str | None, api
 def download(batch_id: str, output: Path | None, errors: Path | None, config_path: Path | None,
              gateway_url: str | None, api_key: str | None) -> None:
     """Save a finished batch's output and error files."""
+    output, errors = output or Path(f"{batch_id}_output.jsonl"), errors or Path(f"{batch_id}_errors.jsonl")
+    if output.resolve() == errors.resolve():  # the error file would replace the answers
+        raise click.BadParameter(f"{errors} is the --output file too; give the answers and the failed requests two "
+                                 f"files", param_hint="--errors")
     gateway = BatchClient(config_path, gateway_url, api_key)
     found = gateway.json("GET", f"/v1/batches/{batch_id}")
     if found["status"] not in FINAL:
         raise HpcllmError(f"batch {batch_id} is {found['status']}: its files are there once it has ended "
                           f"(hpcllm batch submit --wait, or hpcllm batch status {batch_id})")
     _check_not_failed(found)
-    targets = (("output_file_id", output or Path(f"{batch_id}_output.jsonl")),
-               ("error_file_id", errors or Path(f"{batch_id}_errors.jsonl")))
+    targets = (("output_file_id", output), ("error_file_id", errors))
     present = [(found[field], target) for field, target in targets if found.get(field)]
     if not present:
         click.echo(f"batch {batch_id} ({found['status']}) has no results: none of its requests ran")

@@ -68,6 +68,9 @@ def test_submit_wait_status_and_download(gateway, tmp_path, capsys, monkeypatch)
     assert code == 0 and json.loads(out)["output_file_id"]
 
     output, errors = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    same = tmp_path / "all.jsonl"  # the error file would replace the answers
+    code, _, err = run(capsys, gateway, "download", batch_id, "--output", str(same), "--errors", str(same))
+    assert code == 2 and "--errors" in err and "two files" in err and not same.exists(), err
     code, out, err = run(capsys, gateway, "download", batch_id, "--output", str(output), "--errors", str(errors))
     assert code == 0, err
     assert [json.loads(line)["custom_id"] for line in output.read_text().splitlines()] == ["a"]
