@@ -190,5 +190,8 @@ def _check_not_failed(found: dict) -> None:
     if found["status"] != "failed":
         return
     errors = (found.get("errors") or {}).get("data") or []
-    lines = "; ".join(f"line {e.get('line')}: {e.get('code')}: {e.get('message')}" for e in errors[:10])
-    raise HpcllmError(f"batch {found['id']} failed: the input file was refused ({lines})")
+    lines = "; ".join(("" if e.get("line") is None else f"line {e['line']}: ") + f"{e.get('code')}: {e.get('message')}"
+                      for e in errors[:10])
+    # A batch refused at creation never went in progress; one that did failed while it ran (its input was fine).
+    why = "the input file was refused" if found.get("in_progress_at") is None else "running it failed"
+    raise HpcllmError(f"batch {found['id']} failed: {why} ({lines})")

@@ -10,7 +10,7 @@ from hpcllm.cli.main import main
 from hpcllm.gateway.batches import cli as batch_cli
 
 from .conftest import MODEL, USER_KEY
-from .test_batches_api import completion_line, finished, gated_factory, jsonl  # noqa: F401 (a fixture)
+from .test_batches_api import completion_line, finished, gated_factory, jsonl, service_of  # noqa: F401 (a fixture)
 
 
 def run(capsys, gw, *args: str) -> tuple[int, str, str]:
@@ -135,3 +135,19 @@ def test_a_download_into_a_folder_that_does_not_exist_is_one_clear_line(gateway,
     code, out, err = run(capsys, gateway, "download", out.splitlines()[0], "--output", str(target))
     assert code == 1 and err == f"error: cannot write {target}: No such file or directory (give a file in a folder " \
                                 f"you may write: --output, --errors)\n", err
+
+
+def test_a_batch_that_failed_while_running_is_not_told_as_a_refused_input_file(gateway, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
+    runner = service_of(gateway).runner
+
+    def broken(owner: str):
+        raise RuntimeError("a bug in the runner")
+
+    monkeypatch.setattr(runner, "api_token", broken)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line("a")]))
+    code, out, err = run(capsys, gateway, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")
+    assert code == 1 and f"batch {out.splitlines()[0]} failed: running it failed (batch_run_failed: Running the " \
+                          f"batch failed 3 times in a row: RuntimeError: a bug in the runner)" in err, err
