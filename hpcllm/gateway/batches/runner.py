@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from flask import Flask
 from werkzeug.test import EnvironBuilder, run_wsgi_app
@@ -70,6 +71,11 @@ def result_file_ids(batch_id: str) -> tuple[str, str]:
     """The output and error files' ids, fixed by the batch's id (a process taking over writes the same files)."""
     tag = batch_id.removeprefix("batch_")
     return f"file-{tag}-output", f"file-{tag}-errors"
+
+
+def partial_path(files: FileStore, file_id: str) -> Path:
+    """Where a batch's output or error file is written until the batch ends (a hidden name: never a file's bytes)."""
+    return files.directory / f".{file_id}.partial"
 
 
 class BatchRunner:
@@ -455,8 +461,8 @@ class BatchRun:
             return
         entries = parse_input(lines, batch.endpoint, self.runner.gw.config.gateway.batch_max_requests).entries
         out_id, err_id = result_file_ids(batch.id)
-        output = ResultFile(files.directory / f".{out_id}.partial", files.path(out_id))
-        errors = ResultFile(files.directory / f".{err_id}.partial", files.path(err_id))
+        output = ResultFile(partial_path(files, out_id), files.path(out_id))
+        errors = ResultFile(partial_path(files, err_id), files.path(err_id))
         try:
             self._run(batch, entries, output, errors)
         finally:
@@ -708,6 +714,12 @@ class BatchRun:
             data=[LineError(code=code, message=message)])})
         if self.batches.finish(self.claim, failed, [], self.batches.results_expire(now, self.claim.output_ttl)):
             self.runner.gw.metrics.batches_finished.labels("failed").inc()
+            # It ended without result files: what its runs wrote (a run that died publishing: under the final
+            # names) no run reads again, and no sweep would ever delete.
+            files = self.runner.files
+            for file_id in result_file_ids(batch.id):
+                partial_path(files, file_id).unlink(missing_ok=True)
+                files.path(file_id).unlink(missing_ok=True)
 
 
 def _database_error(exc: Exception) -> bool:

@@ -557,6 +557,29 @@ def test_an_input_file_deleted_while_its_batch_runs_is_gone_for_its_key_and_the_
     assert not list((tmp_path / "files").glob(".*"))  # no partial result file left behind
 
 
+def test_a_batch_that_fails_after_some_results_leaves_no_result_file_on_disk(gated_factory, tmp_path):
+    """A batch that fails once it has results (here its input's bytes are gone for the process that takes it over: a
+    files_dir not shared by every host) leaves none of its partial result files in the files directory, which no
+    sweep, listing or quota would ever see."""
+    worker, factory = gated_factory(blocked=0)
+    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
+              "batch_concurrency": 1}
+    first = factory(**shared)
+    batch = submit(first.client(), [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    first.state.start_draining()
+    worker.release.set()  # r0 is written to the batch's partial output file; the first process gives the batch up
+    wait_until(lambda: not service_of(first).runner.running)
+    assert list((tmp_path / "files").glob(".*.partial"))
+    service_of(first).files.path(batch.input_file_id).unlink()
+
+    second = factory(**shared)
+    service_of(second).runner.wake()
+    done = finished(second.client(), batch.id)
+    assert done.status == "failed" and [e.code for e in done.errors.data] == ["input_file_missing"]
+    assert sorted(path.name for path in (tmp_path / "files").iterdir()) == []
+
+
 def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(gated_factory):
     """The limits database (the rate limiter's) is not written once per result: 20 results, 2 renewals (the claim's
     first and the finalizing one)."""
