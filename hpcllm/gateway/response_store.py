@@ -380,6 +380,15 @@ class ResponseStore:
                                    (conversation_id,)).fetchall()
         return [json.loads(row["item"]) for row in rows]
 
+    def conversation_item_ids(self, owner: str, conversation_id: str) -> set[str] | None:
+        """The ids of a conversation's items (read without the items); None when the owner has no such
+        conversation."""
+        with self.shared.connection() as db:
+            if self._visible(db, owner, conversation_id, CONVERSATION) is None:
+                return None
+            rows = db.conn.execute("SELECT id FROM gateway_items WHERE holder = ?", (conversation_id,)).fetchall()
+        return {row["id"] for row in rows}
+
     def conversation_item(self, owner: str, conversation_id: str, item_id: str) -> dict[str, Any] | None:
         """An item of the owner's conversation (the latest with that id), None when there is none."""
         with self.shared.connection() as db:

@@ -3,7 +3,7 @@ belong to the API key that made them; any other key is told they do not exist (4
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,12 +40,12 @@ def _bounded(param: str) -> Iterator[None]:
 
 
 def _stored_items(gw: Gateway, owner: str, items: list[InputItem],
-                  earlier: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+                  earlier_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
     """The items as kept and listed (item_references replaced by the owner's items), checked as a response would
-    read them, and to follow the conversation's `earlier` items without repeating an id."""
+    read them, and to follow the conversation's items (earlier_ids) without repeating an id."""
     items = referenced(gw, owner, items, "items")
     check_readable(items)
-    check_unique_ids((item["id"] for item in earlier), items, "items")
+    check_unique_ids(earlier_ids, items, "items")
     return [item.listed() for item in items]
 
 
@@ -83,10 +83,10 @@ def delete_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) 
 
 def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: ConversationItems) -> dict[str, Any]:
     owner = _owner(gw, ctx)
-    earlier = gw.responses.conversation_items(owner, conversation_id)
-    if earlier is None:
+    earlier_ids = gw.responses.conversation_item_ids(owner, conversation_id)
+    if earlier_ids is None:
         raise _not_found(conversation_id)
-    items = _stored_items(gw, owner, req.items, earlier)
+    items = _stored_items(gw, owner, req.items, earlier_ids)
     with _bounded("items"):
         added = gw.responses.add_items(owner, conversation_id, items)
     if not added:
