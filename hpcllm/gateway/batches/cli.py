@@ -20,6 +20,7 @@ from hpcllm.gateway.cli import GATEWAY_URL_ENV, GatewayRefused, gateway_client, 
 
 API_KEY_ENVS = ["HPCLLM_API_KEY", "OPENAI_API_KEY"]
 POLL_S = 5.0
+LIST_PAGE = 100  # the most batches one GET /v1/batches answers (OpenAI's bound)
 
 
 def _common(command):
@@ -42,6 +43,16 @@ class BatchClient:
 
     def json(self, method: str, path: str, **kwargs) -> dict:
         return gateway_json(self.http, self.url, method, path, **kwargs)
+
+    def batches(self) -> list[dict]:
+        """The key's batches, newest first: every page of the list."""
+        found: list[dict] = []
+        while True:
+            after = {"after": found[-1]["id"]} if found else {}
+            page = self.json("GET", "/v1/batches", params={"limit": LIST_PAGE, **after})
+            found += page["data"]
+            if not (page.get("has_more") and page["data"]):
+                return found
 
     def create_batch(self, file_id: str, request: dict) -> dict:
         """The batch over an uploaded file. When the gateway refuses it (a 4xx: nothing was made) the file is
@@ -126,7 +137,7 @@ def status(batch_id: str | None, as_json: bool, config_path: Path | None, gatewa
     """One batch's status and counts; without BATCH_ID, your batches, newest first."""
     gateway = BatchClient(config_path, gateway_url, api_key)
     if batch_id is None:
-        found = gateway.json("GET", "/v1/batches", params={"limit": 100})["data"]
+        found = gateway.batches()
     else:
         found = [gateway.json("GET", f"/v1/batches/{batch_id}")]
     if as_json:

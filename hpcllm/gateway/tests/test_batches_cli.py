@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -151,3 +152,13 @@ def test_a_batch_that_failed_while_running_is_not_told_as_a_refused_input_file(g
     code, out, err = run(capsys, gateway, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")
     assert code == 1 and f"batch {out.splitlines()[0]} failed: running it failed (batch_run_failed: Running the " \
                           f"batch failed 3 times in a row: RuntimeError: a bug in the runner)" in err, err
+
+
+def test_status_lists_every_batch_of_the_key_not_only_the_first_page(gateway, capsys):
+    client = gateway.client()
+    empty = client.files.create(file=("empty.jsonl", io.BytesIO(b"")), purpose="batch")
+    made = [client.batches.create(input_file_id=empty.id, endpoint="/v1/completions", completion_window="24h").id
+            for _ in range(101)]  # one more than a page (100, OpenAI's bound); each fails at once: cheap
+    code, out, err = run(capsys, gateway, "status")
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert code == 0 and set(made) <= set(listed) and len(listed) == len(set(listed)), err
