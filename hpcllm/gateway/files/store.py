@@ -107,8 +107,9 @@ class FileStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.directory / f".{file_id}.upload"
         size = 0
+        kept = self.in_use() if self.quota_bytes else set()
         with self.shared.connection() as db:
-            room = self._room(db, owner)
+            room = self._room(db, owner, kept)
         try:
             with open(temporary, "wb") as out:
                 for chunk in iter(lambda: source.read(COPY_CHUNK), b""):
@@ -130,7 +131,7 @@ class FileStore:
             with self.shared.transaction() as db:
                 if self.quota_bytes:  # one of the key's uploads at a time checks and records
                     self.shared.lock(db, f"files:{owner}")
-                room = self._room(db, owner)  # again: another upload of the key's may have been recorded since
+                room = self._room(db, owner, kept)  # again: another upload of the key's may have been recorded since
                 if size > room:
                     raise self._over_quota(room)
                 self.record(db, owner, stored)
@@ -139,18 +140,22 @@ class FileStore:
             raise
         return stored
 
-    def _room(self, db: Database, owner: str) -> float:
-        """The bytes the owner may still upload (its live files, batch outputs included, count)."""
+    def _room(self, db: Database, owner: str, kept: set[str]) -> float:
+        """The bytes the owner may still upload (its live files, batch outputs included, count, and those `kept`, the
+        inputs of batches not yet ended, though deleted or expired: their bytes stay until the batch ends)."""
         if not self.quota_bytes:
             return math.inf
+        kept_ids = sorted(kept)
+        also_kept = f" OR id IN ({', '.join('?' * len(kept_ids))})" if kept_ids else ""
         used = db.conn.execute(f"SELECT COALESCE(SUM(bytes), 0) AS used FROM gateway_files WHERE owner = ? AND "
-                               f"{LIVE}", (owner, self.clock())).fetchone()["used"]
+                               f"({LIVE}{also_kept})", (owner, self.clock(), *kept_ids)).fetchone()["used"]
         return self.quota_bytes - used
 
     def _over_quota(self, room: float) -> InvalidRequest:
         return InvalidRequest(f"this upload does not fit in the {self.quota_bytes} bytes your API key's files may "
                               f"hold on this gateway (gateway.files_quota_bytes; {max(0, int(room))} bytes left): "
-                              f"delete files you no longer need (DELETE /v1/files/{{id}})",
+                              f"delete files you no longer need (DELETE /v1/files/{{id}}; the input of a batch not "
+                              f"yet ended counts until the batch ends)",
                               param="file", code="storage_quota_exceeded")
 
     @staticmethod

@@ -1154,6 +1154,25 @@ def test_a_keys_files_may_not_hold_more_than_its_quota(make_gateway):
     assert client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000
 
 
+def test_the_input_of_a_batch_not_yet_ended_counts_against_the_quota_though_deleted(gated_factory):
+    """Its bytes stay until the batch ends: else upload, batch, delete, again would hold any amount on the gateway's
+    disk past the key's quota."""
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(api_keys=KEYS, files_quota_bytes=2048, batch_concurrency=1)
+    client, runner = gw.client(), service_of(gw).runner
+    lines = jsonl([completion_line("r0")]) + b" " * 1500 + b"\n"
+    batch = submit(client, [lines.rstrip(b"\n")], endpoint="/v1/completions")
+    assert worker.reached.wait(30)
+    client.files.delete(batch.input_file_id)
+    refused = gw.post("/v1/files", files={"file": ("b.jsonl", b"y" * 1000)}, data={"purpose": "batch"})
+    assert_error(refused, 400, "storage_quota_exceeded", "file")
+
+    worker.release.set()
+    finished(client, batch.id)
+    runner.sweep()  # the batch has ended: its input goes
+    assert client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000
+
+
 def test_metrics_show_the_batch_queue_its_results_and_the_files_stored(gated_factory):
     worker, factory = gated_factory(blocked=0)
     gw = factory(batch_concurrency=1)
