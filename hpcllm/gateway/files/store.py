@@ -184,8 +184,8 @@ class FileStore:
         return [_stored(row) for row in rows], more
 
     def delete(self, owner: str, file_id: str) -> bool:
-        """False when the owner has no such file. The input of a batch not yet ended only expires now (invisible, out
-        of the key's quota): the batch's runs still read it, and the sweep deletes it once the batch has ended."""
+        """False when the owner has no such file. The input of a batch not yet ended only expires now (invisible, but in
+        the key's quota): the batch's runs still read it, and the sweep deletes it once the batch has ended."""
         now, in_use = self.clock(), file_id in self.in_use()
         with self.shared.connection() as db:
             if in_use:
