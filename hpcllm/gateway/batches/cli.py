@@ -15,12 +15,11 @@ import click
 from hpcllm.config import load_config
 from hpcllm.errors import HpcllmError
 from hpcllm.gateway.batches import ENDPOINTS, FINAL
-from hpcllm.gateway.files import EXPIRES_MAX_S, EXPIRES_MIN_S
+from hpcllm.gateway.files import EXPIRES_MAX_S, EXPIRES_MIN_S, PAGE_MAX
 from hpcllm.gateway.cli import GATEWAY_URL_ENV, GatewayRefused, gateway_client, gateway_json, resolve_gateway_url
 
 API_KEY_ENVS = ["HPCLLM_API_KEY", "OPENAI_API_KEY"]
 POLL_S = 5.0
-LIST_PAGE = 100  # the most batches one GET /v1/batches answers (OpenAI's bound)
 
 
 def _common(command):
@@ -49,7 +48,7 @@ class BatchClient:
         found: list[dict] = []
         while True:
             after = {"after": found[-1]["id"]} if found else {}
-            page = self.json("GET", "/v1/batches", params={"limit": LIST_PAGE, **after})
+            page = self.json("GET", "/v1/batches", params={"limit": PAGE_MAX, **after})
             found += page["data"]
             if not (page.get("has_more") and page["data"]):
                 return found

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hpcllm.gateway.files import EXPIRES_MAX_S, EXPIRES_MIN_S
+from hpcllm.gateway.files import EXPIRES_MAX_S, EXPIRES_MIN_S, PAGE_MAX
 from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse
 
 # What a client may upload a file for: batch inputs only (the other purposes serve APIs this gateway has not).
@@ -53,7 +53,7 @@ class FileDeleted(OpenAIResponse):
 class PageQuery(OpenAIRequest):
     """A list's query (OpenAI's): `limit` items after the item `after`, newest first (a batch list's)."""
 
-    limit: int = Field(20, ge=1, le=100)
+    limit: int = Field(20, ge=1, le=PAGE_MAX)
     after: str | None = None
 
     @property

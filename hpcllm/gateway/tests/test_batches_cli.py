@@ -9,6 +9,7 @@ import sys
 
 from hpcllm.cli.main import main
 from hpcllm.gateway.batches import cli as batch_cli
+from hpcllm.gateway.files import PAGE_MAX
 
 from .conftest import MODEL, USER_KEY
 from .test_batches_api import completion_line, finished, gated_factory, jsonl, service_of  # noqa: F401 (a fixture)
@@ -158,7 +159,7 @@ def test_status_lists_every_batch_of_the_key_not_only_the_first_page(gateway, ca
     client = gateway.client()
     empty = client.files.create(file=("empty.jsonl", io.BytesIO(b"")), purpose="batch")
     made = [client.batches.create(input_file_id=empty.id, endpoint="/v1/completions", completion_window="24h").id
-            for _ in range(101)]  # one more than a page (100, OpenAI's bound); each fails at once: cheap
+            for _ in range(PAGE_MAX + 1)]  # one more than a page; each fails at once: cheap
     code, out, err = run(capsys, gateway, "status")
     listed = [line.split()[0] for line in out.splitlines()]
     assert code == 0 and set(made) <= set(listed) and len(listed) == len(set(listed)), err
