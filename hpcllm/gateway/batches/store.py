@@ -171,9 +171,14 @@ class BatchStore:
                                    f"ORDER BY created").fetchall()
         return [_row(row) for row in rows]
 
-    def active_inputs(self) -> set[str]:
-        """The input files of the batches not yet ended (kept past their expiry until the batch ends)."""
-        return {row.batch.input_file_id for row in self.active()}
+    def active_inputs(self, owner: str | None = None) -> set[str]:
+        """The input files of the owner's batches not yet ended (None: every owner's), kept past their expiry until
+        the batch ends."""
+        mine, params = ("", ()) if owner is None else (" AND owner = ?", (owner,))
+        with self.shared.connection() as db:
+            rows = db.conn.execute(f"SELECT batch FROM gateway_batches WHERE status IN ({ACTIVE_SQL}){mine}",
+                                   params).fetchall()
+        return {BatchObject.model_validate_json(row["batch"]).input_file_id for row in rows}
 
     def _held(self, db: Database, claim: Claim) -> BatchObject | None:
         row = db.conn.execute(f"SELECT * FROM gateway_batches WHERE id = ?{self.shared.for_update()}",

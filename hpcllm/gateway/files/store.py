@@ -80,8 +80,9 @@ class FileStore:
                  quota_bytes: int = 0, clock: Callable[[], float] = time.time):
         self.shared, self.directory, self.max_bytes, self.clock = shared, directory, max_bytes, clock
         self.ttl_s, self.quota_bytes = ttl_s, quota_bytes  # 0: files kept until deleted; no quota
-        # The ids of the files active batches read (set by the Batch API's service: this package does not import it).
-        self.in_use: Callable[[], set[str]] = set
+        # The ids of the files an owner's active batches read (None: every owner's; set by the Batch API's service:
+        # this package does not import it).
+        self.in_use: Callable[[str | None], set[str]] = lambda owner: set()
         shared.create_tables(SCHEMA)
 
     @classmethod
@@ -107,7 +108,7 @@ class FileStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.directory / f".{file_id}.upload"
         size = 0
-        kept = self.in_use() if self.quota_bytes else set()
+        kept = self.in_use(owner) if self.quota_bytes else set()
         with self.shared.connection() as db:
             room = self._room(db, owner, kept)
         try:
@@ -145,10 +146,13 @@ class FileStore:
         inputs of batches not yet ended, though deleted or expired: their bytes stay until the batch ends)."""
         if not self.quota_bytes:
             return math.inf
-        kept_ids = sorted(kept)
-        also_kept = f" OR id IN ({', '.join('?' * len(kept_ids))})" if kept_ids else ""
+        now = self.clock()
         used = db.conn.execute(f"SELECT COALESCE(SUM(bytes), 0) AS used FROM gateway_files WHERE owner = ? AND "
-                               f"({LIVE}{also_kept})", (owner, self.clock(), *kept_ids)).fetchone()["used"]
+                               f"{LIVE}", (owner, now)).fetchone()["used"]
+        if kept:  # of the owner's expired files (few: the sweep deletes them), those kept count
+            expired = db.conn.execute(f"SELECT id, bytes FROM gateway_files WHERE owner = ? AND NOT {LIVE}",
+                                      (owner, now)).fetchall()
+            used += sum(row["bytes"] for row in expired if row["id"] in kept)
         return self.quota_bytes - used
 
     def _over_quota(self, room: float) -> InvalidRequest:
@@ -186,7 +190,7 @@ class FileStore:
     def delete(self, owner: str, file_id: str) -> bool:
         """False when the owner has no such file. The input of a batch not yet ended only expires now (invisible, but in
         the key's quota): the batch's runs still read it, and the sweep deletes it once the batch has ended."""
-        now, in_use = self.clock(), file_id in self.in_use()
+        now, in_use = self.clock(), file_id in self.in_use(owner)
         with self.shared.connection() as db:
             if in_use:
                 return db.conn.execute(f"UPDATE gateway_files SET expires = ? WHERE id = ? AND owner = ? AND {LIVE}",
@@ -210,7 +214,7 @@ class FileStore:
         with self.shared.connection() as db:
             expired = [row["id"] for row in db.conn.execute("SELECT id FROM gateway_files WHERE expires <= ?",
                                                             (self.clock(),)).fetchall()]
-        kept = self.in_use() if expired else set()
+        kept = self.in_use(None) if expired else set()
         gone = [file_id for file_id in expired if file_id not in kept]
         with self.shared.transaction() as db:
             for file_id in gone:

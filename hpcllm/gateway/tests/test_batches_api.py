@@ -17,7 +17,7 @@ import pytest
 
 from hpcllm.gateway.batches import FINAL
 from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, parse_input
-from hpcllm.gateway.batches.protocol import ResultLine, ResultResponse
+from hpcllm.gateway.batches.protocol import BatchObject, ResultLine, ResultResponse
 from hpcllm.gateway.batches.results import ResultFile
 from hpcllm.gateway.batches.runner import result_file_ids
 from hpcllm.gateway.batches.service import EXTENSION_KEY
@@ -1171,6 +1171,25 @@ def test_the_input_of_a_batch_not_yet_ended_counts_against_the_quota_though_dele
     finished(client, batch.id)
     runner.sweep()  # the batch has ended: its input goes
     assert client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000
+
+
+def test_other_keys_running_batches_however_many_leave_a_keys_uploads_and_deletions_working(make_gateway,
+                                                                                              empty_postgres):
+    """The quota counts the key's own files that its running batches read, not every key's: more running batches on
+    the site than one SQL statement takes parameters (PostgreSQL's 65,535; SQLite's 32,766 unless built with more)
+    failed every upload."""
+    gw = make_gateway(api_keys=KEYS, files_quota_bytes=2048, limits_db=empty_postgres)
+    client, batches = gw.client(), service_of(gw).batches
+    mine = client.files.create(file=("a.jsonl", io.BytesIO(b"x" * 1000)), purpose="batch")
+    running = [BatchObject(id=f"batch_{i}", endpoint=CHAT, input_file_id=f"file-{i}", completion_window="24h",
+                           status="in_progress", created_at=0) for i in range(66_000)]
+    with batches.shared.transaction() as db:  # held by a process that is not there: nobody here runs them
+        db.conn.executemany("INSERT INTO gateway_batches (id, owner, created, status, lease_holder, lease_expires, "
+                            "batch) VALUES (?, 'another-key', 0, 'in_progress', 'elsewhere', 1e12, ?)",
+                            [(batch.id, batch.model_dump_json()) for batch in running])
+    assert client.files.create(file=("b.jsonl", io.BytesIO(b"y" * 1000)), purpose="batch").bytes == 1000
+    assert client.files.delete(mine.id).deleted
+    assert [f.filename for f in client.files.list()] == ["b.jsonl"]
 
 
 def test_metrics_show_the_batch_queue_its_results_and_the_files_stored(gated_factory):
