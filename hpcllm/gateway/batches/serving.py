@@ -40,7 +40,8 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
                                          "errors": BatchErrors(data=parsed.errors),
                                          "request_counts": RequestCounts()})
     output_ttl = req.output_expires_after.seconds if req.output_expires_after else None
-    service.batches.insert(owner, batch, output_ttl)
+    if not service.batches.insert(owner, batch, output_ttl):  # deleted (or expired) since it was read
+        raise file_not_found(stored.id, "input_file_id")
     if batch.status == "in_progress":
         service.runner.look()
     else:

@@ -97,14 +97,19 @@ class BatchStore:
             db.conn.execute("UPDATE gateway_batches SET expires = ? WHERE id = ?", (expires, row["id"]))
 
     # ------------------------------------------------------------------------------------------- the API's
-    def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None) -> None:
-        """Record a new batch (one that failed at creation goes when its result files would have, see sweep)."""
+    def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None) -> bool:
+        """Record a new batch (one that failed at creation goes when its result files would have, see sweep); False,
+        nothing recorded, when the input of a batch to run is gone since it was read (deleted, expired): its deletion
+        and this take turns, so a deletion after this sees the batch (FileStore.delete) and keeps the file for it."""
         expires = None if batch.status in ACTIVE else self.results_expire(_ended_at(batch), output_ttl)
         with self.shared.transaction() as db:
+            if batch.status in ACTIVE and not self.files.lock_live(db, owner, batch.input_file_id):
+                return False
             db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_holder, lease_expires, "
                             "batch, output_ttl, expires) VALUES (?, ?, ?, ?, NULL, 0, ?, ?, ?)",
                             (batch.id, owner, self.clock(), batch.status, batch.model_dump_json(), output_ttl,
                              expires))
+        return True
 
     def get(self, owner: str, batch_id: str) -> BatchRow | None:
         with self.shared.connection() as db:
@@ -171,13 +176,13 @@ class BatchStore:
                                    f"ORDER BY created").fetchall()
         return [_row(row) for row in rows]
 
-    def active_inputs(self, owner: str | None = None) -> set[str]:
+    @staticmethod
+    def active_inputs(db: Database, owner: str | None = None) -> set[str]:
         """The input files of the owner's batches not yet ended (None: every owner's), kept past their expiry until
-        the batch ends."""
+        the batch ends; read through `db` (a file's deletion reads them in its transaction)."""
         mine, params = ("", ()) if owner is None else (" AND owner = ?", (owner,))
-        with self.shared.connection() as db:
-            rows = db.conn.execute(f"SELECT batch FROM gateway_batches WHERE status IN ({ACTIVE_SQL}){mine}",
-                                   params).fetchall()
+        rows = db.conn.execute(f"SELECT batch FROM gateway_batches WHERE status IN ({ACTIVE_SQL}){mine}",
+                               params).fetchall()
         return {BatchObject.model_validate_json(row["batch"]).input_file_id for row in rows}
 
     def _held(self, db: Database, claim: Claim) -> BatchObject | None:

@@ -8,8 +8,9 @@ sees half a file; a deletion forgets the row first, then removes the bytes.
 
 A file may expire (its expires_after, or the site's gateway.files_ttl_days): from then on it is invisible (404) and
 the runners' sweep deletes it, row and bytes, unless an active batch still reads it. A deleted file an active batch
-reads is expired at once the same way (a process taking the batch over reads it again). A key's files may together
-hold at most gateway.files_quota_bytes.
+reads is expired at once the same way (a process taking the batch over reads it again): the deletion and a batch's
+creation over the file take turns (BatchStore.insert), so the one finds the other. A key's files may together hold at
+most gateway.files_quota_bytes.
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ class FileStore:
                  quota_bytes: int = 0, clock: Callable[[], float] = time.time):
         self.shared, self.directory, self.max_bytes, self.clock = shared, directory, max_bytes, clock
         self.ttl_s, self.quota_bytes = ttl_s, quota_bytes  # 0: files kept until deleted; no quota
-        # The ids of the files an owner's active batches read (None: every owner's; set by the Batch API's service:
-        # this package does not import it).
-        self.in_use: Callable[[str | None], set[str]] = lambda owner: set()
+        # The ids of the files an owner's active batches read (None: every owner's), read through the connection
+        # given (set by the Batch API's service: this package does not import it).
+        self.in_use: Callable[[Database, str | None], set[str]] = lambda db, owner: set()
         shared.create_tables(SCHEMA)
 
     @classmethod
@@ -108,8 +109,8 @@ class FileStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.directory / f".{file_id}.upload"
         size = 0
-        kept = self.in_use(owner) if self.quota_bytes else set()
         with self.shared.connection() as db:
+            kept = self.in_use(db, owner) if self.quota_bytes else set()
             room = self._room(db, owner, kept)
         try:
             with open(temporary, "wb") as out:
@@ -178,6 +179,17 @@ class FileStore:
                                   (file_id, owner, *now)).fetchone()
         return None if row is None else _stored(row)
 
+    def _take_turns(self, db: Database, file_id: str) -> None:
+        """The file's deletion, and the creation of a batch over it, one at a time (each until its commit)."""
+        self.shared.lock(db, f"file:{file_id}")
+
+    def lock_live(self, db: Database, owner: str, file_id: str) -> bool:
+        """In a write transaction: take turns with the file's deletion (delete) till it ends; whether the owner's file
+        is there still (not deleted nor expired)."""
+        self._take_turns(db, file_id)
+        return db.conn.execute(f"SELECT id FROM gateway_files WHERE id = ? AND owner = ? AND {LIVE}",
+                               (file_id, owner, self.clock())).fetchone() is not None
+
     def list(self, owner: str, query: ListQuery) -> tuple[list[StoredFile], bool]:
         """A page of the owner's files (of query.purpose if given), and whether more follow."""
         where, params = ["owner = ?", LIVE], [owner, self.clock()]
@@ -190,9 +202,10 @@ class FileStore:
     def delete(self, owner: str, file_id: str) -> bool:
         """False when the owner has no such file. The input of a batch not yet ended only expires now (invisible, but in
         the key's quota): the batch's runs still read it, and the sweep deletes it once the batch has ended."""
-        now, in_use = self.clock(), file_id in self.in_use(owner)
-        with self.shared.connection() as db:
-            if in_use:
+        now = self.clock()
+        with self.shared.transaction() as db:
+            self._take_turns(db, file_id)  # a batch made over the file now is seen here, or finds it gone
+            if file_id in self.in_use(db, owner):
                 return db.conn.execute(f"UPDATE gateway_files SET expires = ? WHERE id = ? AND owner = ? AND {LIVE}",
                                        (now, file_id, owner, now)).rowcount == 1
             gone = db.conn.execute(f"DELETE FROM gateway_files WHERE id = ? AND owner = ? AND {LIVE}",
@@ -214,7 +227,7 @@ class FileStore:
         with self.shared.connection() as db:
             expired = [row["id"] for row in db.conn.execute("SELECT id FROM gateway_files WHERE expires <= ?",
                                                             (self.clock(),)).fetchall()]
-        kept = self.in_use(None) if expired else set()
+            kept = self.in_use(db, None) if expired else set()
         gone = [file_id for file_id in expired if file_id not in kept]
         with self.shared.transaction() as db:
             for file_id in gone:

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from hpcllm.gateway.batches import FINAL
+from hpcllm.gateway.batches import serving as batch_serving
 from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, parse_input
 from hpcllm.gateway.batches.protocol import BatchObject, ResultLine, ResultResponse
 from hpcllm.gateway.batches.results import ResultFile
@@ -323,6 +324,27 @@ def test_an_input_file_whose_bytes_are_gone_is_a_404_naming_it(make_gateway):
                                           "completion_window": "24h"})
     assert_error(answer, 404, "file_not_found", "input_file_id")
     assert uploaded.id in answer.json()["error"]["message"]
+
+
+def test_an_input_file_deleted_while_its_batch_is_made_is_a_404_not_a_batch_that_fails_later(make_gateway,
+                                                                                              monkeypatch):
+    """The key's DELETE lands while POST /v1/batches reads the file, before the batch is recorded: the deletion cannot
+    see the batch, so the file goes, and the batch is refused as over any deleted file (not made, to fail
+    input_file_missing once it runs: 'deleted before the batch ran', though the key was told it was made)."""
+    gw = make_gateway()
+    client = gw.client()
+    uploaded = client.files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line("a", "hi")]))), purpose="batch")
+
+    def deleted_meanwhile(*args, **kwargs):
+        parsed = parse_input(*args, **kwargs)
+        assert client.files.delete(uploaded.id).deleted  # another of the key's requests, answered meanwhile
+        return parsed
+
+    monkeypatch.setattr(batch_serving, "parse_input", deleted_meanwhile)
+    answer = gw.post("/v1/batches", json={"input_file_id": uploaded.id, "endpoint": CHAT,
+                                          "completion_window": "24h"})
+    assert_error(answer, 404, "file_not_found", "input_file_id")
+    assert list(client.batches.list()) == []
 
 
 def test_a_checked_file_keeps_no_request_bodies_when_only_counted():
