@@ -113,6 +113,15 @@ class TooLarge(Exception):
     """A conversation's write that would not fit in the whole byte bound."""
 
 
+class DuplicateItem(Exception):
+    """Items appended to a conversation that already has an item of one's id (`place`: its index among them): kept
+    twice, a listing paged by `after` (an item id) could not page past it."""
+
+    def __init__(self, place: int, item_id: str):
+        super().__init__(f"item {place} ({item_id[:100]}) is in the conversation already")
+        self.place, self.item_id = place, item_id
+
+
 class OverQuota(Exception):
     """An owner's write that would take it over its quota (max_bytes_per_key)."""
 
@@ -203,8 +212,9 @@ class ResponseStore:
 
     def put(self, owner: str, new: NewResponse) -> bool:
         """Keep a response (False: larger than the whole byte bound, or the owner over its quota: not kept), appending
-        its items to its conversation (TooLarge: the conversation would not fit in the whole bound; nothing is
-        kept); expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
+        its items to its conversation (TooLarge: the conversation would not fit in the whole bound; DuplicateItem:
+        an item of one of its input's ids was added to the conversation while it was generated; nothing is kept);
+        expired rows, and the oldest beyond the bound, are deleted in the same transaction."""
         output = new.response["output"]
         body = json.dumps({**new.response, "output": []})
         now = self.clock()
@@ -259,9 +269,20 @@ class ResponseStore:
 
     def _append(self, db: Database, conversation: str, size: int, rows: list[tuple], now: float) -> None:
         """Items at the end of a (locked) conversation of `size` bytes, as its input (a conversation has no output);
-        TooLarge where it would outgrow the whole bound (the prune would then delete it whole)."""
+        TooLarge where it would outgrow the whole bound (the prune would then delete it whole), DuplicateItem where it
+        has an item of one's id (checked here, locked: another request may have added it since its own check)."""
         added = sum(row[3] for row in rows)
         self._within_bound(size, added)
+        ids = [row[1] for row in rows]
+        held = set()
+        for start in range(0, len(ids), ITEMS_PER_QUERY):  # by (owner, id): not reading the conversation's items
+            chunk = ids[start:start + ITEMS_PER_QUERY]
+            held.update(row["id"] for row in db.conn.execute(
+                f"SELECT id FROM gateway_items WHERE owner = ? AND id IN ({', '.join('?' * len(chunk))}) AND "
+                f"holder = ?", (rows[0][0], *chunk, conversation)).fetchall())
+        duplicate = next((place for place, item_id in enumerate(ids) if item_id in held), None)
+        if duplicate is not None:
+            raise DuplicateItem(duplicate, ids[duplicate])
         self._insert_items(db, conversation, [(*row[:2], 0, *row[3:]) for row in rows])
         db.conn.execute("UPDATE gateway_stored SET size = size + ?, seen = ?, used = ? WHERE id = ?",
                         (added, now, now, conversation))
@@ -380,15 +401,6 @@ class ResponseStore:
                                    (conversation_id,)).fetchall()
         return [json.loads(row["item"]) for row in rows]
 
-    def conversation_item_ids(self, owner: str, conversation_id: str) -> set[str] | None:
-        """The ids of a conversation's items (read without the items); None when the owner has no such
-        conversation."""
-        with self.shared.connection() as db:
-            if self._visible(db, owner, conversation_id, CONVERSATION) is None:
-                return None
-            rows = db.conn.execute("SELECT id FROM gateway_items WHERE holder = ?", (conversation_id,)).fetchall()
-        return {row["id"] for row in rows}
-
     def conversation_item(self, owner: str, conversation_id: str, item_id: str) -> dict[str, Any] | None:
         """An item of the owner's conversation (the latest with that id), None when there is none."""
         with self.shared.connection() as db:
@@ -420,7 +432,7 @@ class ResponseStore:
 
     def add_items(self, owner: str, conversation_id: str, items: list[dict[str, Any]]) -> bool:
         """Items at the end of the owner's conversation: False when it has none (TooLarge: over the whole bound;
-        OverQuota)."""
+        OverQuota; DuplicateItem)."""
         rows = self._item_rows(owner, items, False)
         now = self.clock()
         with self.shared.transaction() as db:

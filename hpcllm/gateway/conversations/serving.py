@@ -3,7 +3,7 @@ belong to the API key that made them; any other key is told they do not exist (4
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,8 +11,8 @@ from hpcllm.gateway.conversations.protocol import (ConversationCreate, Conversat
                                                    check_readable)
 from hpcllm.gateway.errors import NotFound
 from hpcllm.gateway.protocol import parse_query
-from hpcllm.gateway.response_store import OverQuota, TooLarge, owner_of
-from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, ItemList, check_unique_ids
+from hpcllm.gateway.response_store import DuplicateItem, OverQuota, TooLarge, owner_of
+from hpcllm.gateway.responses.protocol import InputItem, InputItemsQuery, ItemList, check_unique_ids, duplicate_item
 from hpcllm.gateway.responses.serving import quota_error, referenced, storage_disabled, too_large
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.gateway.serving import RequestContext
@@ -30,22 +30,24 @@ def _not_found(conversation_id: str) -> NotFound:
 
 @contextmanager
 def _bounded(param: str) -> Iterator[None]:
-    """A write over the whole byte bound, or over the key's quota, as the 400 naming what was sent."""
+    """A write over the whole byte bound, or over the key's quota, or repeating an item id of the conversation's, as
+    the 400 naming what was sent."""
     try:
         yield
     except TooLarge:
         raise too_large(param) from None
     except OverQuota as exc:
         raise quota_error(exc, param) from None
+    except DuplicateItem as exc:
+        raise duplicate_item(exc.item_id, f"{param}[{exc.place}]") from None
 
 
-def _stored_items(gw: Gateway, owner: str, items: list[InputItem],
-                  earlier_ids: Iterable[str] = ()) -> list[dict[str, Any]]:
+def _stored_items(gw: Gateway, owner: str, items: list[InputItem]) -> list[dict[str, Any]]:
     """The items as kept and listed (item_references replaced by the owner's items), checked as a response would
-    read them, and to follow the conversation's items (earlier_ids) without repeating an id."""
+    read them, and for an id repeated among them (one of the conversation's: when they are added)."""
     items = referenced(gw, owner, items, "items")
     check_readable(items)
-    check_unique_ids(earlier_ids, items, "items")
+    check_unique_ids((), items, "items")
     return [item.listed() for item in items]
 
 
@@ -83,10 +85,7 @@ def delete_conversation(gw: Gateway, ctx: RequestContext, conversation_id: str) 
 
 def add_items(gw: Gateway, ctx: RequestContext, conversation_id: str, req: ConversationItems) -> dict[str, Any]:
     owner = _owner(gw, ctx)
-    earlier_ids = gw.responses.conversation_item_ids(owner, conversation_id)
-    if earlier_ids is None:
-        raise _not_found(conversation_id)
-    items = _stored_items(gw, owner, req.items, earlier_ids)
+    items = _stored_items(gw, owner, req.items)
     with _bounded("items"):
         added = gw.responses.add_items(owner, conversation_id, items)
     if not added:

@@ -318,9 +318,14 @@ def check_unique_ids(earlier_ids: Iterable[str], items: list[InputItem], field: 
         if item.id is None:
             continue
         if item.id in seen:
-            raise InvalidRequest(f"Duplicate item found with id {item.id[:100]}. Remove duplicate items from your "
-                                 f"input and try again.", param=f"{field}[{i}]", code="duplicate_item")
+            raise duplicate_item(item.id, f"{field}[{i}]")
         seen.add(item.id)
+
+
+def duplicate_item(item_id: str, param: str) -> InvalidRequest:
+    """OpenAI's 400 (its wording) for an item whose id its conversation, or the request, has already."""
+    return InvalidRequest(f"Duplicate item found with id {item_id[:100]}. Remove duplicate items from your input and "
+                          f"try again.", param=param, code="duplicate_item")
 
 
 def chat_messages(items: list[InputItem], instructions: str | None, field: str) -> list[ChatMessage]:

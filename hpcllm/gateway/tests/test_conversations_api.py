@@ -84,6 +84,38 @@ def test_an_item_id_a_conversation_has_already_is_refused_so_its_listing_pages_t
     assert _texts(paged) == ["hello", "x", "y"]
 
 
+def test_an_item_id_added_by_another_request_meanwhile_is_not_added_again(make_gateway, monkeypatch):
+    """Another request adds an item of the same id (the same items.create sent twice at once, a client's retry) after
+    this one looked at the conversation and before it appends, or while this one's response turn generates: the
+    append itself refuses the repeated id, so the conversation's listing still pages to the end."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    conversation = client.conversations.create(items=[_user("x")])
+    hello = {"type": "message", "role": "user", "content": "hello", "id": "msg_hello"}
+    add_items, put = store.add_items, store.put
+
+    def added_meanwhile(owner, conversation_id, items):
+        add_items(owner, conversation_id, items)  # the other request's, answered first
+        return add_items(owner, conversation_id, items)
+
+    monkeypatch.setattr(store, "add_items", added_meanwhile)
+    assert_error(gw.post(f"/v1/conversations/{conversation.id}/items", json={"items": [hello]}), 400,
+                 "duplicate_item", "items[0]")
+    monkeypatch.setattr(store, "add_items", add_items)
+
+    def added_while_generating(owner, new):
+        add_items(owner, new.conversation, new.own_input)  # items.create of the turn's input item, meanwhile
+        return put(owner, new)
+
+    monkeypatch.setattr(store, "put", added_while_generating)
+    again = {**hello, "id": "msg_again", "content": AGAIN}
+    answer = client.responses.create(model=MODEL, conversation=conversation.id, input=[again], max_output_tokens=2)
+    assert (answer.conversation, answer.store) == (None, False)  # its turn not appended: it would repeat msg_again
+
+    paged = list(itertools.islice(client.conversations.items.list(conversation.id, order="asc", limit=1), 10))
+    assert _texts(paged) == ["x", "hello", AGAIN]
+
+
 def test_a_response_in_a_conversation_reads_its_items_and_appends_its_turn(gateway):
     """`conversation` on responses.create: the prompt is the conversation's items then the input (the same token
     count and greedy answer as sending them whole), and the turn's input and output items are appended; the next
