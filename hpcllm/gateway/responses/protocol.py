@@ -412,7 +412,9 @@ class InputItemsQuery(OpenAIRequest):
             if self.after not in ids:
                 raise InvalidRequest(f"'after': no item with id {self.after[:80]!r} in this list",
                                      param="after")
-            start = ids.index(self.after) + 1
+            # After its last occurrence: items stored before repeated ids were refused (duplicate_item) may hold one
+            # twice, and resuming after the first would page from there forever.
+            start = len(ids) - ids[::-1].index(self.after)
         return ItemList.of(ordered[start:start + self.limit], start + self.limit < len(ordered)).model_dump()
 
 

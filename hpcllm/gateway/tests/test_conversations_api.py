@@ -6,6 +6,7 @@ sees only its own conversations, and the 4xx for what cannot be kept or read."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import httpx
 import openai
@@ -114,6 +115,28 @@ def test_an_item_id_added_by_another_request_meanwhile_is_not_added_again(make_g
 
     paged = list(itertools.islice(client.conversations.items.list(conversation.id, order="asc", limit=1), 10))
     assert _texts(paged) == ["x", "hello", AGAIN]
+
+
+def test_a_conversation_stored_with_an_id_twice_still_pages_to_the_end(make_gateway):
+    """A conversation stored before repeated item ids were refused may hold one twice: the openai client's listing,
+    paging by `after` (the last id of a page), still ends, each way (resuming after the id's last copy: a page that
+    ends on its first skips what lies between, which no id could tell apart)."""
+    gw = make_gateway()
+    client, store = gw.client(), gw.state.responses
+    conversation = client.conversations.create(items=[_user("x")])
+    hello = {"id": "msg_hello", "type": "message", "role": "user", "status": "completed",
+             "content": [{"type": "input_text", "text": "hello"}]}
+    with store.shared.transaction() as db:  # as an hpcllm before duplicate_item kept it: msg_hello, y, msg_hello
+        owner = db.conn.execute("SELECT owner FROM gateway_stored WHERE id = ?",
+                                (conversation.id,)).fetchone()["owner"]
+        for item in (hello, {**hello, "id": "msg_y", "content": [{"type": "input_text", "text": "y"}]}, hello):
+            db.conn.execute("INSERT INTO gateway_items (owner, id, holder, output, size, item) "
+                            "VALUES (?, ?, ?, 0, 1, ?)", (owner, item["id"], conversation.id, json.dumps(item)))
+    for order, ends in (("asc", ["x", "hello"]), ("desc", ["hello", "x"])):
+        paged = list(itertools.islice(client.conversations.items.list(conversation.id, order=order, limit=1), 10))
+        assert len(paged) < 10 and _texts(paged)[::len(paged) - 1] == ends, _texts(paged)
+        whole = client.conversations.items.list(conversation.id, order=order).data  # one page: all of them
+        assert _texts(whole) == (["x", "hello", "y", "hello"] if order == "asc" else ["hello", "y", "hello", "x"])
 
 
 def test_a_response_in_a_conversation_reads_its_items_and_appends_its_turn(gateway):
