@@ -44,11 +44,20 @@ class BatchClient:
         return gateway_json(self.http, self.url, method, path, **kwargs)
 
     def batches(self) -> list[dict]:
-        """The key's batches, newest first: every page of the list."""
+        """The key's batches, newest first: every page of the list. The batch a page ended on may be deleted before
+        the next page is asked for (the sweep deletes an ended batch with its expired files): the gateway refuses it
+        as `after` (400), and the list is read again from the start, once."""
         found: list[dict] = []
+        again = True
         while True:
             after = {"after": found[-1]["id"]} if found else {}
-            page = self.json("GET", "/v1/batches", params={"limit": PAGE_MAX, **after})
+            try:
+                page = self.json("GET", "/v1/batches", params={"limit": PAGE_MAX, **after})
+            except GatewayRefused as exc:
+                if not (exc.status == 400 and after and again):
+                    raise
+                found, again = [], False
+                continue
             found += page["data"]
             if not (page.get("has_more") and page["data"]):
                 return found

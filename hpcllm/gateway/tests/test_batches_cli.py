@@ -163,3 +163,28 @@ def test_status_lists_every_batch_of_the_key_not_only_the_first_page(gateway, ca
     code, out, err = run(capsys, gateway, "status")
     listed = [line.split()[0] for line in out.splitlines()]
     assert code == 0 and set(made) <= set(listed) and len(listed) == len(set(listed)), err
+
+
+def test_status_lists_the_batches_though_one_a_page_ended_on_is_swept_before_the_next(gateway, capsys, monkeypatch):
+    """The sweep deletes an ended batch with its expired files, maybe the one a page of the list ended on, before the
+    next page is asked for after it: status still lists the key's batches (read again from the start)."""
+    client = gateway.client()
+    empty = client.files.create(file=("empty.jsonl", io.BytesIO(b"")), purpose="batch")
+    made = [client.batches.create(input_file_id=empty.id, endpoint="/v1/completions", completion_window="24h").id
+            for _ in range(3)]  # each fails at once
+    monkeypatch.setattr(batch_cli, "PAGE_MAX", 2)
+    json_call, swept = batch_cli.BatchClient.json, []
+
+    def swept_after_the_first_page(self, method, path, **kwargs):
+        answer = json_call(self, method, path, **kwargs)
+        if path == "/v1/batches" and not swept:
+            swept.append(answer["data"][-1]["id"])
+            with service_of(gateway).batches.shared.transaction() as db:
+                db.conn.execute("DELETE FROM gateway_batches WHERE id = ?", (swept[0],))
+        return answer
+
+    monkeypatch.setattr(batch_cli.BatchClient, "json", swept_after_the_first_page)
+    code, out, err = run(capsys, gateway, "status")
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert code == 0 and swept == [made[1]], err
+    assert set(made) - set(listed) == {made[1]} and len(listed) == len(set(listed)), out
