@@ -385,6 +385,8 @@ def verify(node_expr, model, config_path, controller_url, agent_urls) -> None:
     for client in _clients(config, Cluster(config, controller_url, agent_urls), node_expr):
         try:
             results = client.call("POST", "/v1/internal/cache/verify", VerifyResults, json={"model": model})["results"]
+        except UnknownModel:  # --model names a model this node does not hold: nothing to check there
+            continue
         except HpcllmError as exc:
             failures.append(str(exc))
             continue

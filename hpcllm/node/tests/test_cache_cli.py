@@ -257,3 +257,47 @@ def test_the_mpi_warm_job_gets_what_it_runs_with_and_no_secrets(tmp_path, monkey
     assert "HPCLLM_ADMIN_KEY" not in env and "HF_TOKEN" not in env
     assert env["PYTHONPATH"] == "/src" and env["OMPI_MCA_btl"] == "self,tcp" and env["SITE_LICENSE"] == "lic"
     assert env["PATH"] == os.environ["PATH"]
+
+
+@pytest.fixture
+def agents_n1_n2(tmp_path, tiny_llama_dir):
+    """Two real node agents, on n1 and n2, over HTTP; `.origin`: a converted checkpoint, `.common`: the CLI options
+    that reach both."""
+    from types import SimpleNamespace
+
+    from hpcllm.checkpoint import convert
+    from hpcllm.node.app import create_app
+    from hpcllm.node.tests.test_agent import SECRET, make_agent
+
+    agents, urls = [], []
+    for name in ("n1", "n2"):
+        agent = make_agent(tmp_path / name, port=0, listen_host="127.0.0.1")
+        agent.node_id = name
+        urls.append(agent.start_server(create_app(agent)))
+        agents.append(agent)
+    config = tmp_path / "hpcllm.toml"
+    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n')
+    config.chmod(0o600)
+    origin = tmp_path / "tiny-llama"
+    convert(tiny_llama_dir, origin, progress=False)
+    yield SimpleNamespace(agents=agents, origin=origin,
+                          common=["--config", str(config), "--agent-url", urls[0], "--agent-url", urls[1]])
+    for agent in agents:
+        agent._server.stop()
+        agent.workers.close()
+
+
+def test_verify_of_a_model_cached_on_some_nodes_checks_those_and_passes(capsys, agents_n1_n2):
+    """`cache verify --model M` over nodes of which only some hold M: their copies are checked and it passes (a node
+    without M failed the command with exit 4, "not cached on this node", as if a copy could not be checked)."""
+    n1, _ = agents_n1_n2.agents
+    n1.cache.warm("tiny-llama", agents_n1_n2.origin, "nvme")
+
+    code = main(["cache", "verify", "--model", "tiny-llama", *agents_n1_n2.common])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "n1: tiny-llama nvme: ok" in captured.out and "error" not in captured.err
+    assert main(["cache", "verify", "--model", "other", *agents_n1_n2.common]) == 0
+    assert "nothing to verify: other is not cached" in capsys.readouterr().out
+
