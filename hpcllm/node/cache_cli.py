@@ -317,14 +317,14 @@ def ls(node_expr, as_json, config_path, controller_url, agent_urls) -> None:
         try:
             for copy in client.call("GET", "/v1/internal/cache", CacheList)["cached"]:
                 rows.append({"node": client.agent.node, **copy})
-        except NodeUnreachable as exc:
+        except HpcllmError as exc:  # unreachable, or an error answer: the other nodes are still listed
             errors.append(str(exc))
     if as_json:
         click.echo(json.dumps({"cached": rows, "errors": errors}, indent=1))
     elif rows or not errors:  # "no cached copies" is not known when a node did not answer
         _print_table(rows)
-    if errors:  # the listing shows what could be asked; a node that did not answer still fails the command
-        raise NodeUnreachable("; ".join(errors))
+    if errors:  # the listing shows what could be asked; a node that did not list its copies still fails it
+        raise CacheError("; ".join(errors))
 
 
 def _print_table(rows: list[dict]) -> None:

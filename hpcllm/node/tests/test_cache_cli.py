@@ -301,3 +301,16 @@ def test_verify_of_a_model_cached_on_some_nodes_checks_those_and_passes(capsys, 
     assert main(["cache", "verify", "--model", "other", *agents_n1_n2.common]) == 0
     assert "nothing to verify: other is not cached" in capsys.readouterr().out
 
+
+def test_ls_lists_the_nodes_that_answered_when_another_fails(capsys, agents_n1_n2):
+    """An agent answering `cache ls` with an error (its cache unusable) still fails the command, but the copies of
+    the other nodes are listed (nothing was listed at all)."""
+    n1, n2 = agents_n1_n2.agents
+    n1.cache.warm("tiny-llama", agents_n1_n2.origin, "nvme")
+    n2.cache = None  # an agent without a usable cache answers 503
+
+    code = main(["cache", "ls", *agents_n1_n2.common])
+
+    captured = capsys.readouterr()
+    assert code == 4 and "node n2: " in captured.err and "no cache manager" in captured.err
+    assert "n1" in captured.out and "tiny-llama" in captured.out and "Traceback" not in captured.err
