@@ -32,6 +32,7 @@ from hpcllm.node.mpiwarm import RESULT_PREFIX
 from hpcllm.node.protocol import CachedCopyInfo, CacheList, VerifyResults, Wire
 
 LIVE_NODE_STATES = ("up", "draining")  # the controller's other states: lost (silent agent), gone (job ended)
+CONNECT_SECONDS = 10.0  # an agent's answer may take long (a warm copies a whole checkpoint), connecting must not
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                              help="hpcllm config file (default: $HPCLLM_CONFIG, else built-in defaults).")
 url_option = click.option("--url", "controller_url", default=None,
@@ -67,16 +68,18 @@ class NodeCache:
         self.agent = agent
         self._agents = agents
 
-    def call(self, method: str, path: str, answer: type[Wire], **kwargs) -> dict:
+    def call(self, method: str, path: str, answer: type[Wire], *, on_timeout: str | None = None, **kwargs) -> dict:
         """The agent's JSON answer, checked against its wire type `answer`: a URL that leads to something else is an
-        error that says so, not a KeyError traceback."""
-        body = self._agents.call(
-            self.agent.url, method, path,
-            unreachable=lambda exc: NodeUnreachable(
-                f"node {self.agent.node}'s agent at {self.agent.url} is not reachable "
-                f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?"),
-            refused=self._refused,
-            **kwargs)
+        error that says so, not a KeyError traceback. `on_timeout`: what to say when the agent took the call's whole
+        `timeout` to answer (it was reached, and may still be at work)."""
+        def unreachable(exc: httpx.HTTPError) -> CacheError:
+            if on_timeout is not None and isinstance(exc, httpx.ReadTimeout):
+                return CacheError(f"node {self.agent.node}: {on_timeout}")
+            return NodeUnreachable(f"node {self.agent.node}'s agent at {self.agent.url} is not reachable "
+                                   f"({type(exc).__name__}: {exc}); is its `hpcllm node` job running?")
+
+        body = self._agents.call(self.agent.url, method, path, unreachable=unreachable, refused=self._refused,
+                                 **kwargs)
         problem = not_an_answer(answer, body)
         if problem:
             raise CacheError(f"node {self.agent.node}: {self.agent.url} did not answer like an hpcllm node agent "
@@ -183,8 +186,7 @@ def _no_agents(nodes, found, silent):
 def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[NodeCache]:
     nodes = expand_nodes(node_expr) if node_expr else None
     secret = config.cluster.shared_secret
-    # A warm copies a whole checkpoint: answers may take long, connecting must not.
-    agents = AgentClient(secret, httpx.Timeout(3600.0, connect=10.0), config.internal_http)
+    agents = AgentClient(secret, httpx.Timeout(3600.0, connect=CONNECT_SECONDS), config.internal_http)
     found = cluster.agents(nodes)
     for a in found:  # a token-registered agent accepts its node key (derived from the secret), not the secret
         agents.set_key(a.url, worker_key(secret, a.credential_id, a.node))
@@ -209,7 +211,7 @@ def cache() -> None:
 @click.option("--nvme-dir-template", default=None,
               help="--mpi: each node's NVMe cache folder; {node} or %n = node name (default: [node] nvme_dir).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
-              help="Longest wait for the warm (seconds).")
+              help="Longest wait for the warm, of all the nodes together (seconds).")
 @click.option("--tensor-parallel", "degree", type=click.IntRange(2, 64), default=None,
               help="Keep on each node only the slices its ranks of a tensor_parallel = N instance read: the nodes, "
                    "in hostlist order, hold ranks in blocks of N / nodes (srun's block distribution).")
@@ -229,7 +231,8 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degr
                              "--mpi and --tier dram")
         order = expand_nodes(node_expr)  # ranks follow the hostlist's order, not the agents' answers
         clients = sorted(_clients(config, cluster, node_expr), key=lambda c: order.index(c.agent.node))
-        warm_slices_through_agents(clients, model, origin, rank_blocks(degree, [c.agent.node for c in clients]))
+        warm_slices_through_agents(clients, model, origin, rank_blocks(degree, [c.agent.node for c in clients]),
+                                   timeout_s)
         return
     if mpi:
         if tier != "nvme":
@@ -246,7 +249,20 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degr
             click.echo(f"{node}: {model} verified in {path}")
         click.echo(result["summary"])
         return
-    warm_through_agents(_clients(config, cluster, node_expr), model, origin, tier)
+    warm_through_agents(_clients(config, cluster, node_expr), model, origin, tier, timeout_s)
+
+
+def _warm_call(client: NodeCache, body: dict, deadline: float, timeout_s: float) -> dict:
+    """One warm through an agent, waited for until `deadline` (time.monotonic()): the end of the command's
+    --timeout, which the warms of all nodes share."""
+    limit = f"--timeout {timeout_s:g} s"
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CacheError(f"node {client.agent.node}: not warmed: the {limit} ran out before its turn")
+    return client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo, json=body,
+                       timeout=httpx.Timeout(left, connect=CONNECT_SECONDS),
+                       on_timeout=f"the warm did not finish within {limit}; its agent may still be copying "
+                                  f"(`hpcllm cache ls` shows the copy once it is there)")
 
 
 def rank_blocks(degree: int, nodes: list[str]) -> dict[str, list[int]]:
@@ -260,16 +276,16 @@ def rank_blocks(degree: int, nodes: list[str]) -> dict[str, list[int]]:
 
 
 def warm_slices_through_agents(clients: list[NodeCache], model: str, origin: str,
-                               ranks: dict[str, list[int]]) -> None:
+                               ranks: dict[str, list[int]], timeout_s: float) -> None:
     """Each node's agent keeps the slices of the ranks it will run (hpcllm.tp.slicecache), one rank at a time."""
     degree = sum(len(r) for r in ranks.values())
+    deadline = time.monotonic() + timeout_s
     failures = []
     for client in clients:
         for rank in ranks[client.agent.node]:
             try:
-                copy = client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo,
-                                   json={"model": model, "source": origin, "tier": "nvme", "tensor_parallel": degree,
-                                         "rank": rank})
+                copy = _warm_call(client, {"model": model, "source": origin, "tier": "nvme",
+                                           "tensor_parallel": degree, "rank": rank}, deadline, timeout_s)
                 click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: {human_size(copy['bytes'])} of slices "
                            f"verified in {copy['path']}")
             except HpcllmError as exc:
@@ -279,10 +295,12 @@ def warm_slices_through_agents(clients: list[NodeCache], model: str, origin: str
         raise CacheError("; ".join(failures))
 
 
-def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier: str) -> None:
-    """Warm node by node through the agents (each reads the origin); a rich progress line per node."""
+def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier: str, timeout_s: float) -> None:
+    """Warm node by node through the agents (each reads the origin), within `timeout_s` in all; a rich progress
+    line per node."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    deadline = time.monotonic() + timeout_s
     failures = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
                   TimeElapsedColumn(), transient=False) as progress:
@@ -291,8 +309,7 @@ def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier:
         for client in clients:
             task = tasks[client.agent.node]
             try:
-                copy = client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo,
-                                   json={"model": model, "source": origin, "tier": tier})
+                copy = _warm_call(client, {"model": model, "source": origin, "tier": tier}, deadline, timeout_s)
                 progress.update(task, completed=1, state=f"{human_size(copy['bytes'])} verified")
             except HpcllmError as exc:
                 progress.update(task, state="failed")

@@ -314,3 +314,52 @@ def test_ls_lists_the_nodes_that_answered_when_another_fails(capsys, agents_n1_n
     captured = capsys.readouterr()
     assert code == 4 and "node n2: " in captured.err and "no cache manager" in captured.err
     assert "n1" in captured.out and "tiny-llama" in captured.out and "Traceback" not in captured.err
+
+
+@pytest.fixture
+def slow_agent_n1():
+    """An agent on n1 whose warms go on until the test releases them (`.release`), as a large checkpoint's do."""
+    import threading
+
+    from flask import Flask, jsonify
+
+    from hpcllm.httpkit.tests.thread_server import ThreadServer
+
+    app = Flask("slow-agent-n1")
+    release = threading.Event()
+
+    @app.get("/health")
+    def health():
+        return jsonify(node_id="n1")
+
+    @app.post("/v1/internal/cache/warm")
+    def warm():
+        release.wait()
+        return jsonify(model="llama", tier="nvme", path="/nvme/llama", bytes=1, last_used=1.0, verified=True,
+                       in_use=0)
+
+    server = ThreadServer(app)
+    server.release = release
+    yield server
+    release.set()
+    server.stop()
+
+
+@pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]])
+def test_a_warm_through_the_agents_ends_at_its_timeout(capsys, slow_agent_n1, tmp_path, extra):
+    """`cache warm --timeout N` without --mpi: the command gives up after N seconds, saying so (the option was
+    ignored: every node's warm was waited for an hour, then reported as an agent that is not reachable)."""
+    import threading
+
+    codes = []
+    command = threading.Thread(target=lambda: codes.append(main(
+        ["cache", "warm", "llama", "--nodes", "n1", "--source", str(tmp_path), "--timeout", "0.5", *extra,
+         "--agent-url", slow_agent_n1.url])), daemon=True)
+    command.start()
+    command.join(120)  # far beyond the 0.5 s asked for; without the timeout it would wait for the release
+
+    slow_agent_n1.release.set()
+    command.join()
+    err = capsys.readouterr().err
+    assert codes == [4], err
+    assert "n1" in err and "did not finish within --timeout 0.5 s" in err and "not reachable" not in err
