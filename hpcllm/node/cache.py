@@ -709,7 +709,7 @@ class CacheManager:
             if tier == NVME:
                 self._fill_nvme(model, ckpt, origin, progress, folder)
             else:
-                self._fill_dram(model, ckpt, progress, folder)
+                self._fill_dram(model, ckpt, origin, progress, folder)
         finally:
             self.end_fill(fill_id)
         with self._transaction() as db:
@@ -878,7 +878,7 @@ class CacheManager:
             if DRAM in fill.tiers:
                 try:
                     self.dram.dir.mkdir(parents=True, exist_ok=True)
-                    self.dram.put(fill.staging, fill.model, staging=fill.dram_staging)
+                    self.dram.put(fill.staging, fill.model, staging=fill.dram_staging, origin=fill.origin)
                     committed.append(DRAM)
                 except (DramTierError, OSError) as exc:
                     log.warning("no DRAM copy of %s on load: %s", fill.model, exc)
@@ -946,7 +946,10 @@ class CacheManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _fill_dram(self, model: str, ckpt: Checkpoint, progress: Progress | None, staging: Path) -> None:
+    def _fill_dram(self, model: str, ckpt: Checkpoint, origin: str, progress: Progress | None, staging: Path
+                   ) -> None:
+        """Fill the DRAM copy from the node's NVMe copy when it has a good one, else from the origin; the copy names
+        the origin as its source either way (a manager that learns of it from its marker refills it from there)."""
         total = checkpoint_bytes(ckpt)
         if progress:
             progress(0, total)
@@ -954,7 +957,7 @@ class CacheManager:
         try:
             self.dram.dir.mkdir(parents=True, exist_ok=True)
             try:
-                self.dram.put(source, model, staging=staging)
+                self.dram.put(source, model, staging=staging, origin=origin)
             except CheckpointError as exc:
                 if source == ckpt.root:
                     raise
@@ -963,7 +966,7 @@ class CacheManager:
                 log.warning("the NVMe copy of %s is corrupt, filling DRAM without it: %s", model, exc)
                 refilled = self._replace_corrupt(model, NVME, str(exc)) == "refilled"
                 source = self.nvme_path(model) if refilled else ckpt.root
-                self.dram.put(source, model, staging=staging)
+                self.dram.put(source, model, staging=staging, origin=origin)
         except DramTierError as exc:
             raise NotEnoughSpace(f"model {model!r}: {exc}") from None
         except ChecksumMismatch as exc:

@@ -123,9 +123,10 @@ class DramTier:
         return self.dir / f".tmp-{_check_id(model_id)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def put(self, checkpoint_dir: str | os.PathLike, model_id: str | None = None, *, threads: int = 2,
-            staging: Path | None = None) -> DramEntry:
+            staging: Path | None = None, origin: str | None = None) -> DramEntry:
         """Copy a converted checkpoint into shared memory, verifying every chunk; returns the entry. `staging`: the
-        temporary folder to fill (a staging_path), else a fresh one.
+        temporary folder to fill (a staging_path), else a fresh one. `origin`: the source to record, when
+        `checkpoint_dir` is only a copy of it (the node's NVMe copy, a load's staging folder); default: itself.
 
         A model already present is left as it is (ids name immutable checkpoints).
         """
@@ -145,7 +146,7 @@ class DramTier:
             ckpt.copy_small_files(tmp)
             for file in tmp.iterdir():
                 file.chmod(0o600)
-            info = {"model_id": model_id, "source": str(source.resolve()), "bytes": ckpt.total_bytes,
+            info = {"model_id": model_id, "source": origin or str(source.resolve()), "bytes": ckpt.total_bytes,
                     "filled_at": time.time(), "fill_seconds": time.perf_counter() - started, "verified": True,
                     "files": {file.name: file_identity(file) for file in sorted(tmp.iterdir())}}
             marker = os.open(tmp / MARKER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

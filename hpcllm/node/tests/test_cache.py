@@ -86,6 +86,35 @@ def test_warm_dram_prefers_dram_copy(manager, origin):
     assert manager.list() == [] and not dram.path.exists()
 
 
+def _next_job_manager(cm: CacheManager) -> CacheManager:
+    """The manager of a job-scoped agent's next job on the node: a fresh NVMe folder (and state file), the same DRAM
+    namespace."""
+    return CacheManager(cm.nvme_dir.parent / "nvme-next-job", cm.capacity["nvme"], cm.capacity["dram"],
+                        cm.dram.namespace, nvme_scope="job", dram_root=cm.dram.dir.parent)
+
+
+def test_a_dram_copy_filled_from_the_nvme_copy_names_the_origin_as_its_source(manager, origin):
+    """A DRAM copy keeps its origin when it was filled from the node's NVMe copy: the next job's agent, which learns
+    of the copy from the copy itself, lists the origin as its source and refills it from there when it is found
+    corrupt (it named the NVMe copy, gone with the job's scratch folder, and could not be refilled)."""
+    import shutil
+
+    manager.warm("llama", origin, "nvme")
+    manager.warm("llama", origin, "dram")
+    shutil.rmtree(manager.nvme_dir)  # the job's scratch goes with the job
+    next_job = _next_job_manager(manager)
+
+    [copy] = next_job.list()
+    assert (copy.tier, copy.source) == ("dram", str(origin.resolve()))
+    data_file = copy.path / "data-00001.h5"
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data_file.write_bytes(raw)
+    [result] = next_job.verify()
+    assert result.action == "refilled", result.message
+    read_checkpoint(next_job.get("llama", "dram").path).verify_files()
+
+
 def test_a_dram_warm_from_a_corrupt_nvme_copy_reads_the_origin_and_replaces_that_copy(manager, origin):
     """The DRAM tier is filled from the node's NVMe copy when it has one: a chunk of it that fails its checksum is
     that copy's fault, not the origin's; the warm failed (CacheCorrupt naming the NVMe copy) and left it there."""

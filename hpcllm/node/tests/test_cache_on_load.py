@@ -97,6 +97,22 @@ def test_load_from_shared_fs_leaves_verified_dram_and_nvme_copies(tmp_path, orig
     again.release()
 
 
+def test_a_dram_copy_kept_on_load_names_the_origin_as_its_source(tmp_path, origin):
+    """The DRAM copy a load kept is filled from the load's staging folder, which goes right after: a manager that
+    learns of the copy from the copy itself (a job-scoped agent's next job: a fresh NVMe folder and state file, the
+    same DRAM namespace) names the origin as its source (it named the staging folder, which no longer exists)."""
+    cm = make_manager(tmp_path)
+    fill = cm.begin_load_fill("llama", origin, ("dram",))
+    loaded = hpcllm.load_model(origin, tier="sharedfs", tee_into=fill.staging, tokenizer=False)
+    assert loaded.wait_for_tee(30)
+    cm.commit_load_fill(fill)
+    loaded.release()
+
+    next_job = CacheManager(tmp_path / "nvme-next-job", 10**9, 10**9, cm.dram.namespace, nvme_scope="job",
+                            dram_root=cm.dram.dir.parent)
+    assert [(c.tier, c.source) for c in next_job.list()] == [("dram", str(origin.resolve()))]
+
+
 def test_a_load_through_the_staging_ring_is_kept_too(tmp_path, origin):
     # The GPU path's machinery on CPU: the tee takes each unit from its staging slot before the slot is reused.
     cm = make_manager(tmp_path)
