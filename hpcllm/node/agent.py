@@ -97,7 +97,7 @@ def load_gbps(probe: ProbeResult | None, tuning: ReadTuning | None, swept_tier: 
 def make_cache_manager(config: Config, nvme_dir: Path, node: str, job_id: str | None):
     from hpcllm.node.cache import CacheManager
 
-    namespace = expand_node_pattern(config.node.dram_namespace, node, job_id)
+    namespace = expand_node_pattern(config.node.dram_namespace, node, job_id, "node.dram_namespace")
     return CacheManager(nvme_dir, int(config.node.nvme_capacity_gb * GB), int(config.node.dram_capacity_gb * GB),
                         namespace, nvme_scope=config.node.nvme_scope)
 
@@ -120,12 +120,14 @@ class NodeAgent:
         self.job_id = slurm_job_id()
         self.controller_url = controller_url_of(config, controller_url)
         self.pinned_model = pinned_model
-        self.nvme_dir = Path(expand_node_pattern(str(config.node.nvme_dir), self.node_id, self.job_id))
+        self.nvme_dir = Path(expand_node_pattern(str(config.node.nvme_dir), self.node_id, self.job_id,
+                                                 "node.nvme_dir"))
         check_node_local(str(config.node.nvme_dir), self.nvme_dir, "node.nvme_dir")
         self.gpus = gpus if gpus is not None else detect_gpus()
         self.cache = cache if cache is not None else make_cache_manager(config, self.nvme_dir, self.node_id,
                                                                        self.job_id)
-        run_dir = Path(expand_node_pattern(str(config.paths.state_dir / "node" / "%n-%j"), self.node_id, self.job_id))
+        run_dir = Path(expand_node_pattern(str(config.paths.state_dir / "node" / "%n-%j"), self.node_id, self.job_id,
+                                           "paths.state_dir"))
         self._wake = threading.Event()
         self.workers = WorkerManager(config, run_dir, self.gpus, self.cache, config_path, on_change=self._wake.set)
         self.measurements = measurements

@@ -46,7 +46,7 @@ from hpcllm.checkpoint import (CheckpointError, ChecksumMismatch, MissingFile,
                                NotAConvertedCheckpoint, read_checkpoint)
 from hpcllm.checkpoint.layout import MANIFEST_FILE, Checkpoint
 from hpcllm.config import MODEL_NAME
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import ConfigError, HpcllmError
 from hpcllm.node.identity import expand_node_pattern, node_name, slurm_job_id
 from hpcllm.present import human_size
 from hpcllm.privatefs import NotPrivate, private_dir
@@ -1231,19 +1231,24 @@ def node_model_copy(node_config, model: str, source: str | os.PathLike) -> Path 
     process (as node_slice_copy); None when the node has none (or only one of other content). What a rank of an
     instance spanning nodes reads its slices from on its node (the agent gives every rank the origin's path)."""
     nvme_dir = _node_nvme_dir(node_config)
-    folder = nvme_dir / model
-    if not (folder / MARKER_FILE).is_file() or not CacheManager._same_content(folder, source):
+    folder = nvme_dir / model if nvme_dir is not None else None
+    if folder is None or not (folder / MARKER_FILE).is_file() or not CacheManager._same_content(folder, source):
         return None
     return _hold_node_copy(node_config, model, "the node's copy")
 
 
-def _node_nvme_dir(node_config) -> Path:
-    return Path(expand_node_pattern(str(node_config.nvme_dir), node_name(), slurm_job_id()))
+def _node_nvme_dir(node_config) -> Path | None:
+    """node.nvme_dir on this node; None (logged) where it names a variable not set here: the rank reads the origin."""
+    try:
+        return Path(expand_node_pattern(str(node_config.nvme_dir), node_name(), slurm_job_id(), "node.nvme_dir"))
+    except ConfigError as exc:
+        log.warning("%s: not looking for a node copy: %s", node_name(), exc)
+        return None
 
 
 def _hold_node_copy(node_config, key: str, what: str) -> Path | None:
     nvme_dir = _node_nvme_dir(node_config)
-    if not (nvme_dir / key / MARKER_FILE).is_file():
+    if nvme_dir is None or not (nvme_dir / key / MARKER_FILE).is_file():
         return None
     try:
         manager = CacheManager(nvme_dir, int(node_config.nvme_capacity_gb * 1e9), 0, dram_namespace=None,

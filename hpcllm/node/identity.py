@@ -34,8 +34,14 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
-def expand_node_pattern(value: str, node: str, job_id: str | None) -> str:
-    """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment."""
+def expand_node_pattern(value: str, node: str, job_id: str | None, setting: str = "the setting") -> str:
+    """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment. A variable that is not
+    set is a ConfigError naming `setting`: left as it is, "$NAME/..." named a folder called "$NAME", in the current
+    folder when it came first."""
+    unset = [braced or bare for braced, bare in VARIABLE.findall(value) if (braced or bare) not in os.environ]
+    if unset:
+        raise ConfigError(f"{setting} = {value!r} uses ${unset[0]}, which is not set in this process's environment: "
+                          f"set it where the node agent starts (its job script), or write the folder without it")
     return os.path.expandvars(value.replace("%n", node).replace("%j", job_id or "nojob"))
 
 

@@ -127,6 +127,24 @@ def test_job_scoped_nvme_and_per_node_folders(tmp_path, monkeypatch):
     a.workers.close()
 
 
+@pytest.mark.parametrize("setting", ["nvme_dir", "dram_namespace"])
+def test_a_node_folder_naming_a_variable_that_is_not_set_is_refused(tmp_path, monkeypatch, setting):
+    """node.nvme_dir = "$LOCAL_SCRATCH/hpcllm" where $LOCAL_SCRATCH is not set: the agent refuses to start, naming
+    the setting and the variable (it cached into a folder literally named "$LOCAL_SCRATCH", in its current folder)."""
+    from hpcllm.errors import ConfigError
+    from hpcllm.node.agent import make_cache_manager
+
+    monkeypatch.delenv("HPCLLM_TEST_LOCAL_SCRATCH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    value = "$HPCLLM_TEST_LOCAL_SCRATCH/hpcllm" if setting == "nvme_dir" else "${HPCLLM_TEST_LOCAL_SCRATCH}"
+    with pytest.raises(ConfigError, match=rf"node.{setting} = .* uses \$HPCLLM_TEST_LOCAL_SCRATCH, which is not set"):
+        if setting == "nvme_dir":
+            make_agent(tmp_path, nvme_dir=value).workers.close()
+        else:
+            make_cache_manager(parse_config({"node": {"dram_namespace": value}}), tmp_path / "nvme", "n1", None)
+    assert not any("$" in p.name for p in tmp_path.rglob("*"))
+
+
 def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, converted, tiny_llama_dir):
     agent.cache.warm("tiny-llama", converted, "nvme")
     # The controller passes the deployed context length; the worker serves with it (not its own 512).
