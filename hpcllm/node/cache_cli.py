@@ -8,6 +8,7 @@ is read once however many nodes are warmed, and waits for it.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -149,8 +150,8 @@ class Cluster:
         return url
 
     def source_of(self, model: str, given: Path | None) -> str:
-        if given is not None:
-            return str(given)
+        if given is not None:  # absolute: the agents read it from their own current folders (symlinks kept as named)
+            return os.path.abspath(given)
         try:
             models = {m["name"]: m for m in self.status().get("models", [])}
         except HpcllmError as exc:

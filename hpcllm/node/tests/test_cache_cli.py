@@ -363,3 +363,14 @@ def test_a_warm_through_the_agents_ends_at_its_timeout(capsys, slow_agent_n1, tm
     err = capsys.readouterr().err
     assert codes == [4], err
     assert "n1" in err and "did not finish within --timeout 0.5 s" in err and "not reachable" not in err
+
+
+def test_a_relative_source_reaches_the_agents_as_the_folder_the_user_named(agent_of_n1, tmp_path, monkeypatch):
+    """`cache warm M --source models/m` from the user's folder: the agent gets the absolute path (it got
+    "models/m", which it read from its own current folder: not found there, or another checkpoint cached as M)."""
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["cache", "warm", "llama", "--nodes", "n1", "--source", "models/m",
+                 "--agent-url", agent_of_n1.url]) == 0
+    assert [w["source"] for w in agent_of_n1.warms] == [str(tmp_path / "models" / "m")]
