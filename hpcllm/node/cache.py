@@ -455,7 +455,8 @@ class CacheManager:
                 if not child.name.startswith(".") and named and (child / MARKER_FILE).is_file():
                     found[(child.name, NVME)] = child
         for entry in self.dram.list() if self.dram is not None else []:
-            found[(entry.model_id, DRAM)] = entry.path
+            if _SAFE_MODEL.fullmatch(entry.model_id):  # DRAM ids may be longer than model names: no cache entry
+                found[(entry.model_id, DRAM)] = entry.path
         return found
 
     def _sync(self, db: sqlite3.Connection) -> None:

@@ -115,6 +115,18 @@ def test_a_dram_copy_filled_from_the_nvme_copy_names_the_origin_as_its_source(ma
     read_checkpoint(next_job.get("llama", "dram").path).verify_files()
 
 
+def test_a_dram_copy_under_an_id_no_model_can_have_leaves_the_cache_working(manager, origin):
+    """A copy put into the node's DRAM namespace by hand (`hpcllm store dram put --namespace`) under an id longer
+    than a model name may be (DRAM ids: 200 characters, model names: 128) is no cache entry: every listing, warm and
+    reservation of the node failed on its name ("model name 'xxx...' must ...")."""
+    manager.warm("llama", origin, "nvme")
+    manager.dram.ensure_private()
+    manager.dram.put(origin, "x" * 150)
+
+    assert [(c.model, c.tier) for c in manager.list()] == [("llama", "nvme")]
+    assert manager.warm("llama", origin, "dram").tier == "dram"
+
+
 def test_a_dram_warm_from_a_corrupt_nvme_copy_reads_the_origin_and_replaces_that_copy(manager, origin):
     """The DRAM tier is filled from the node's NVMe copy when it has one: a chunk of it that fails its checksum is
     that copy's fault, not the origin's; the warm failed (CacheCorrupt naming the NVMe copy) and left it there."""
