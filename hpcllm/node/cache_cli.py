@@ -517,10 +517,14 @@ def _follow(job, err_path: Path, total: int, deadline: float, show_progress: boo
 
 
 def _last_progress(path: Path) -> int:
+    """The bytes rank 0's last progress line says are done. Only whole lines count: the log is read while the job
+    writes it, and its last line may be cut short."""
     try:
-        lines = [line for line in path.read_text().splitlines() if line.startswith(f"{RESULT_PREFIX} progress ")]
+        text = path.read_text(errors="replace")
     except OSError:
         return 0
+    whole = text[:text.rfind("\n") + 1]
+    lines = [line for line in whole.splitlines() if line.startswith(f"{RESULT_PREFIX} progress ")]
     return int(lines[-1].split()[2]) if lines else 0
 
 

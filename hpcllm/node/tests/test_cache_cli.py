@@ -242,6 +242,34 @@ def test_the_mpi_warm_job_is_followed_through_slurm_being_unreachable_for_a_whil
     assert status.state is JobState.COMPLETED  # followed to its end, not given up (and cancelled) at a timeout
 
 
+@pytest.mark.parametrize("being_written", [b"mpiwarm: progress ", b"mpiwarm: progress 15",
+                                           "error: caf\u00e9".encode()[:-1]])
+def test_a_progress_line_read_while_it_is_written_does_not_end_the_mpi_warm(tmp_path, being_written):
+    """The job's log is read while rank 0 writes to it: a last line cut short (in a number, or in a character of a
+    message) ended the wait with an IndexError or UnicodeDecodeError traceback, and the warm with it (its job
+    cancelled), or moved the bar back to a number cut short."""
+    from hpcllm.node.cache_cli import _follow, _last_progress
+    from hpcllm.slurm import StatusWatcher
+    from hpcllm.slurm.base import JobState
+    from hpcllm.slurm.tests.test_watcher import SPEC, MemoryBackend
+
+    class RunningThenDone(MemoryBackend):
+        def __init__(self):
+            super().__init__()
+            self.answers = iter([JobState.RUNNING, JobState.RUNNING, JobState.COMPLETED])
+
+        def statuses(self, job_ids):
+            self.states.update({job_id: next(self.answers, JobState.COMPLETED) for job_id in job_ids})
+            return super().statuses(job_ids)
+
+    err = tmp_path / "warm.err"
+    err.write_bytes(b"mpiwarm: progress 100 200\n" + being_written)
+    job = StatusWatcher(RunningThenDone(), min_interval=0.01, max_interval=0.02).submit(SPEC)
+
+    status = _follow(job, err, 200, time.monotonic() + 60, False, "llama -> 2 nodes")
+    assert status.state is JobState.COMPLETED and _last_progress(err) == 100
+
+
 def test_the_mpi_warm_job_gets_what_it_runs_with_and_no_secrets(tmp_path, monkeypatch):
     # Without an inherit list sbatch exported the submitter's whole environment into the job (--export=ALL).
     from hpcllm.config import Config, SlurmConfig
