@@ -17,7 +17,8 @@ from hpcllm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MOUNTINFO = Path("/proc/self/mountinfo")
-VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")  # $NAME or ${NAME}, as os.path.expandvars reads them
+# $NAME or ${NAME}: os.path.expandvars' own pattern (posixpath._varprog), so that what is checked is what it expands
+VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
 # Filesystems that several nodes mount: a node cache's SQLite state (WAL mode: shared memory, one host) and its
 # liveness checks (process ids) hold only on one node's own storage.
 NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph",
@@ -38,11 +39,16 @@ def expand_node_pattern(value: str, node: str, job_id: str | None, setting: str 
     """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment. A variable that is not
     set is a ConfigError naming `setting`: left as it is, "$NAME/..." named a folder called "$NAME", in the current
     folder when it came first."""
-    unset = [braced or bare for braced, bare in VARIABLE.findall(value) if (braced or bare) not in os.environ]
+    unset = [written for written, name in variables(value) if name not in os.environ]
     if unset:
-        raise ConfigError(f"{setting} = {value!r} uses ${unset[0]}, which is not set in this process's environment: "
+        raise ConfigError(f"{setting} = {value!r} uses {unset[0]}, which is not set in this process's environment: "
                           f"set it where the node agent starts (its job script), or write the folder without it")
     return os.path.expandvars(value.replace("%n", node).replace("%j", job_id or "nojob"))
+
+
+def variables(value: str) -> list[tuple[str, str]]:
+    """The $VARIABLES in value, each as written ("${NAME}") and its name ("NAME")."""
+    return [(match.group(0), match.group(1).removeprefix("{").removesuffix("}")) for match in VARIABLE.finditer(value)]
 
 
 def filesystem_type(path: Path, mountinfo: Path | None = None) -> str | None:
@@ -83,8 +89,7 @@ def _per_node(pattern: str) -> bool:
     """The pattern names a folder of each node: %n, or a $VARIABLE whose value is this node's name
     ($SLURMD_NODENAME, $HOSTNAME); a node's name written in it, or a variable that merely holds it ($SLURM_JOB_NODELIST
     = n1,n3), is one folder for several nodes."""
-    names = [braced or bare for braced, bare in VARIABLE.findall(pattern)]
-    return "%n" in pattern or any(_names_this_node(os.environ.get(name)) for name in names)
+    return "%n" in pattern or any(_names_this_node(os.environ.get(name)) for _, name in variables(pattern))
 
 
 def _names_this_node(value: str | None) -> bool:

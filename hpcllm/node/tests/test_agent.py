@@ -137,12 +137,25 @@ def test_a_node_folder_naming_a_variable_that_is_not_set_is_refused(tmp_path, mo
     monkeypatch.delenv("HPCLLM_TEST_LOCAL_SCRATCH", raising=False)
     monkeypatch.chdir(tmp_path)
     value = "$HPCLLM_TEST_LOCAL_SCRATCH/hpcllm" if setting == "nvme_dir" else "${HPCLLM_TEST_LOCAL_SCRATCH}"
-    with pytest.raises(ConfigError, match=rf"node.{setting} = .* uses \$HPCLLM_TEST_LOCAL_SCRATCH, which is not set"):
+    with pytest.raises(ConfigError,
+                       match=rf"node.{setting} = .* uses \$\{{?HPCLLM_TEST_LOCAL_SCRATCH\}}?, which is not set"):
         if setting == "nvme_dir":
             make_agent(tmp_path, nvme_dir=value).workers.close()
         else:
             make_cache_manager(parse_config({"node": {"dram_namespace": value}}), tmp_path / "nvme", "n1", None)
     assert not any("$" in p.name for p in tmp_path.rglob("*"))
+
+
+@pytest.mark.parametrize("written", ["${HPCLLM-TEST-SCRATCH}", "${}"])
+def test_a_node_folder_naming_a_variable_no_environment_can_hold_is_refused(tmp_path, monkeypatch, written):
+    """os.path.expandvars reads "${A-B}" and "${}" as variables too and, none being set (no variable can have such a
+    name), leaves them as they are: refused like any unset variable, not taken as a folder of that name."""
+    import re
+
+    from hpcllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"node.nvme_dir = .* uses {re.escape(written)}, which is not set"):
+        make_agent(tmp_path, nvme_dir=str(tmp_path / written / "nvme")).workers.close()
 
 
 def test_instance_loads_from_the_cached_copy_serves_and_stops(agent, client, converted, tiny_llama_dir):
