@@ -36,14 +36,19 @@ def slurm_job_id() -> str | None:
 
 
 def expand_node_pattern(value: str, node: str, job_id: str | None, setting: str = "the setting") -> str:
-    """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment. A variable that is not
-    set is a ConfigError naming `setting`: left as it is, "$NAME/..." named a folder called "$NAME", in the current
-    folder when it came first."""
+    """%n -> node name, %j -> Slurm job id (or 'nojob'), then $VARIABLES from the environment (expand_variables)."""
+    return expand_variables(value.replace("%n", node).replace("%j", job_id or "nojob"), setting, node)
+
+
+def expand_variables(value: str, setting: str, node: str) -> str:
+    """$VARIABLES of a node's folder from this process's environment. One that is not set is a ConfigError naming
+    `setting` and the variable: os.path.expandvars leaves it as it is, and "$NAME/..." named a folder called "$NAME",
+    in the current folder (often on the shared FS) when it came first."""
     unset = [written for written, name in variables(value) if name not in os.environ]
     if unset:
-        raise ConfigError(f"{setting} = {value!r} uses {unset[0]}, which is not set in this process's environment: "
-                          f"set it where the node agent starts (its job script), or write the folder without it")
-    return os.path.expandvars(value.replace("%n", node).replace("%j", job_id or "nojob"))
+        raise ConfigError(f"{setting} = {value!r} uses {unset[0]}, which is not set on node {node}: set it in the "
+                          f"environment of the job that runs there (its job script), or write the folder without it")
+    return os.path.expandvars(value)
 
 
 def variables(value: str) -> list[tuple[str, str]]:

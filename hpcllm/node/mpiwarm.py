@@ -12,7 +12,7 @@ place; otherwise every rank deletes its temporary folder and the job exits 1 nam
 reason. No rank ever waits forever: every rank takes part in every collective, whatever failed locally.
 
 `{node}` (or `%n`, as in [node] nvme_dir) in the template is $SLURMD_NODENAME (the host name outside Slurm),
-`{rank}` the MPI rank, and $VARIABLES are expanded: on the dev
+`{rank}` the MPI rank, and $VARIABLES are expanded (one not set on a node fails that rank): on the dev
 cluster the four fake nodes share one host, so their cache folders must differ.
 """
 
@@ -34,6 +34,7 @@ from hpcllm.checkpoint.layout import MANIFEST_FILE
 from hpcllm.errors import HpcllmError
 from hpcllm.node.cache import (NVME, CacheError, CacheManager, check_model_name, checkpoint_bytes, content_id,
                                filling_name, folder_bytes, fsync_dir, manifest_digest, open_origin, write_marker)
+from hpcllm.node.identity import expand_variables
 
 RESULT_PREFIX = "mpiwarm:"
 
@@ -51,9 +52,10 @@ def nvme_dir_for(template: str, node: str, rank: int) -> Path:
         raise CacheError(JOB_SCOPED_MESSAGE.format(template=template))
     template = template.replace("%n", node)  # the node agent's nvme_dir pattern ([node] nvme_dir) works as is
     try:
-        return Path(os.path.expandvars(template.format(node=node, rank=rank)))
+        folder = template.format(node=node, rank=rank)
     except (KeyError, IndexError, ValueError) as exc:
         raise CacheError(f"--nvme-dir-template {template!r}: only {{node}} and {{rank}} may be used ({exc})") from None
+    return Path(expand_variables(folder, "--nvme-dir-template", node))  # ConfigError for an unset $VARIABLE
 
 
 class RankFill:
@@ -76,6 +78,8 @@ class RankFill:
     def prepare(self, need: int, manifest: bytes) -> None:
         """Reserve room and make the fill folder; nothing to do when the node holds a copy of this content (the
         origin's manifest). A copy of another checkpoint under the name (redeployed) is dropped first."""
+        if self.error:  # no folder to prepare (nvme_dir_for failed)
+            return
         try:
             self.cache = CacheManager(self.nvme_dir, self.capacity_bytes, 0, dram_namespace=None)
             existing = self.cache.get(self.model, NVME)
@@ -215,7 +219,11 @@ def warm(source: Path | None, model: str, nvme_dir_template: str, capacity_bytes
             print(f"error: {origin_error}", file=sys.stderr, flush=True)
         return 1
 
-    fill = RankFill(model, nvme_dir_for(nvme_dir_template, node, rank), capacity_bytes)
+    fill = RankFill(model, Path(nvme_dir_template), capacity_bytes)
+    try:
+        fill.nvme_dir = nvme_dir_for(nvme_dir_template, node, rank)
+    except HpcllmError as exc:  # an unset $VARIABLE may be this node's alone: fail with the others, in the collectives
+        fill.fail(str(exc))
     try:
         fill.prepare(described["need"], described["small"][MANIFEST_FILE])
         for name, data in described["small"].items():

@@ -26,9 +26,10 @@ def origin(tiny_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-def _mpirun(ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
+def _mpirun(ranks: int, *args: str, env: dict[str, str] = MPIRUN_ENV,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     command = ["mpirun", "-n", str(ranks), "--oversubscribe", sys.executable, "-m", "hpcllm.node.mpiwarm", *args]
-    return subprocess.run(command, env=MPIRUN_ENV, capture_output=True, text=True, timeout=180)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
 
 
 def _entries(folder: Path) -> list[str]:
@@ -73,6 +74,28 @@ def test_missing_origin_is_reported_once_by_rank_0(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("does not exist") == 1
     assert not (tmp_path / "nvme0").exists() and not (tmp_path / "nvme1").exists()
+
+
+def test_a_rank_whose_node_lacks_a_variable_of_the_template_fails_the_job_naming_it(origin, tmp_path):
+    """A template's $VARIABLE set on one node and not on another (node-local scratch): os.path.expandvars left it as
+    it is there, so that rank cached into a folder literally named "$VARIABLE" under the job's current folder (the
+    shared FS) and the job succeeded. That rank now fails like any other, naming the variable; nothing is committed.
+    ({rank} stands in for the node here: rank 1's variable is the one not set.)"""
+    from hpcllm.slurm.templates import REPO_ROOT
+
+    # run from tmp_path (where such a folder would appear): the ranks import hpcllm from this checkout all the same
+    env = {**MPIRUN_ENV, "HPCLLM_TEST_SCRATCH_0": str(tmp_path / "scratch0"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("HPCLLM_TEST_SCRATCH_1", None)
+
+    result = _mpirun(2, "--source", str(origin), "--model", "llama", "--nvme-dir-template",
+                     "$HPCLLM_TEST_SCRATCH_{rank}/nvme", "--nvme-capacity-gb", "1", env=env, cwd=tmp_path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "failed on 1 of 2 ranks; nothing was committed on any node" in result.stderr, result.stderr
+    assert "rank 1 on" in result.stderr and "uses $HPCLLM_TEST_SCRATCH_1, which is not set" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any("$" in p.name for p in tmp_path.rglob("*"))
+    assert [n for n in _entries(tmp_path / "scratch0" / "nvme") if not n.startswith(".hpcllm-cache.db")] == []
 
 
 @pytest.mark.slurm
