@@ -67,6 +67,10 @@ class PathsConfig(Section):
         # the current folder 0700.
         if isinstance(path, (str, Path)) and not Path(path).is_absolute():
             raise ValueError(f"must be an absolute path, not {str(path)!r}")
+        # Nothing expands $VARIABLES in them (only node.nvme_dir and node.dram_namespace are expanded, per node):
+        # "/scratch/$USER/hpcllm" would be a folder literally named "$USER".
+        if isinstance(path, (str, Path)) and "$" in str(path):
+            raise ValueError(f"{str(path)!r}: $VARIABLES are not expanded here; write the folder out in full")
         return path
 
 

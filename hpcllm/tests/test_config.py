@@ -90,6 +90,19 @@ def test_paths_must_be_absolute(tmp_path, value):
             load_config(path)
 
 
+def test_paths_naming_a_variable_are_refused(tmp_path, monkeypatch):
+    """paths.state_dir = "/scratch/$USER/hpcllm": nothing expands variables in it, so the controller, the gateway and
+    the node agent each used a folder literally named "$USER" (made 0700 at start), and the agent, which expanded it
+    for its run folder alone, wrote its workers' logs elsewhere. Refused at load, saying so."""
+    monkeypatch.setenv("USER", "alice")
+    path = tmp_path / "hpcllm.toml"
+    for key in ("state_dir", "models_dir"):
+        for value in ("/scratch/$USER/hpcllm", "/scratch/${USER}/hpcllm"):
+            path.write_text(f'[paths]\n{key} = "{value}"\n')
+            with pytest.raises(ConfigError, match=rf"paths.{key}: .*\$VARIABLES are not expanded here"):
+                load_config(path)
+
+
 @pytest.mark.parametrize("text, match", [
     *((f"[node]\nread_sweep_max_age_seconds = {value}\n",
        "read_sweep_max_age_seconds: Input should be a finite number") for value in ("inf", "-inf", "nan")),
