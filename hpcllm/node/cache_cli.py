@@ -212,7 +212,8 @@ def cache() -> None:
 @click.option("--nvme-dir-template", default=None,
               help="--mpi: each node's NVMe cache folder; {node} or %n = node name (default: [node] nvme_dir).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
-              help="Longest wait for the warm, of all the nodes together (seconds).")
+              help="Longest wait (seconds): for the --mpi job; through the agents, for each node's warm (each "
+                   "rank's with --tensor-parallel).")
 @click.option("--tensor-parallel", "degree", type=click.IntRange(2, 64), default=None,
               help="Keep on each node only the slices its ranks of a tensor_parallel = N instance read: the nodes, "
                    "in hostlist order, hold ranks in blocks of N / nodes (srun's block distribution).")
@@ -253,17 +254,13 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degr
     warm_through_agents(_clients(config, cluster, node_expr), model, origin, tier, timeout_s)
 
 
-def _warm_call(client: NodeCache, body: dict, deadline: float, timeout_s: float) -> dict:
-    """One warm through an agent, waited for until `deadline` (time.monotonic()): the end of the command's
-    --timeout, which the warms of all nodes share."""
-    limit = f"--timeout {timeout_s:g} s"
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise CacheError(f"node {client.agent.node}: not warmed: the {limit} ran out before its turn")
+def _warm_call(client: NodeCache, body: dict, timeout_s: float) -> dict:
+    """One warm through an agent, waited for up to the command's --timeout: each node's (rank's) warm has its own,
+    as the nodes are warmed one after another (a node after one that timed out is still warmed)."""
     return client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo, json=body,
-                       timeout=httpx.Timeout(left, connect=CONNECT_SECONDS),
-                       on_timeout=f"the warm did not finish within {limit}; its agent may still be copying "
-                                  f"(`hpcllm cache ls` shows the copy once it is there)")
+                       timeout=httpx.Timeout(timeout_s, connect=CONNECT_SECONDS),
+                       on_timeout=f"the warm did not finish within --timeout {timeout_s:g} s; its agent may still "
+                                  f"be copying (`hpcllm cache ls` shows the copy once it is there)")
 
 
 def rank_blocks(degree: int, nodes: list[str]) -> dict[str, list[int]]:
@@ -280,13 +277,12 @@ def warm_slices_through_agents(clients: list[NodeCache], model: str, origin: str
                                ranks: dict[str, list[int]], timeout_s: float) -> None:
     """Each node's agent keeps the slices of the ranks it will run (hpcllm.tp.slicecache), one rank at a time."""
     degree = sum(len(r) for r in ranks.values())
-    deadline = time.monotonic() + timeout_s
     failures = []
     for client in clients:
         for rank in ranks[client.agent.node]:
             try:
                 copy = _warm_call(client, {"model": model, "source": origin, "tier": "nvme",
-                                           "tensor_parallel": degree, "rank": rank}, deadline, timeout_s)
+                                           "tensor_parallel": degree, "rank": rank}, timeout_s)
                 click.echo(f"{client.agent.node}: {model} rank {rank} of {degree}: {human_size(copy['bytes'])} of slices "
                            f"verified in {copy['path']}")
             except HpcllmError as exc:
@@ -297,11 +293,10 @@ def warm_slices_through_agents(clients: list[NodeCache], model: str, origin: str
 
 
 def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier: str, timeout_s: float) -> None:
-    """Warm node by node through the agents (each reads the origin), within `timeout_s` in all; a rich progress
-    line per node."""
+    """Warm node by node through the agents (each reads the origin), each within `timeout_s`; a rich progress line
+    per node."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    deadline = time.monotonic() + timeout_s
     failures = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
                   TimeElapsedColumn(), transient=False) as progress:
@@ -310,7 +305,7 @@ def warm_through_agents(clients: list[NodeCache], model: str, origin: str, tier:
         for client in clients:
             task = tasks[client.agent.node]
             try:
-                copy = _warm_call(client, {"model": model, "source": origin, "tier": tier}, deadline, timeout_s)
+                copy = _warm_call(client, {"model": model, "source": origin, "tier": tier}, timeout_s)
                 progress.update(task, completed=1, state=f"{human_size(copy['bytes'])} verified")
             except HpcllmError as exc:
                 progress.update(task, state="failed")

@@ -344,32 +344,41 @@ def test_ls_lists_the_nodes_that_answered_when_another_fails(capsys, agents_n1_n
     assert "n1" in captured.out and "tiny-llama" in captured.out and "Traceback" not in captured.err
 
 
+def canned_warm_agent(node: str, release=None):
+    """An agent on `node` answering warms with a verified copy; with `release` (a threading.Event), only once the test
+    sets it, as a large checkpoint's warm goes on. The warms asked for are in `.warms`."""
+    from flask import Flask, jsonify, request
+
+    from hpcllm.httpkit.tests.thread_server import ThreadServer
+
+    app = Flask(f"warm-agent-{node}")
+    warms = []
+
+    @app.get("/health")
+    def health():
+        return jsonify(node_id=node)
+
+    @app.post("/v1/internal/cache/warm")
+    def warm():
+        warms.append(request.get_json())
+        if release is not None:
+            release.wait()
+        return jsonify(model="llama", tier="nvme", path="/nvme/llama", bytes=1, last_used=1.0, verified=True,
+                       in_use=0)
+
+    server = ThreadServer(app)
+    server.release, server.warms = release, warms
+    return server
+
+
 @pytest.fixture
 def slow_agent_n1():
     """An agent on n1 whose warms go on until the test releases them (`.release`), as a large checkpoint's do."""
     import threading
 
-    from flask import Flask, jsonify
-
-    from hpcllm.httpkit.tests.thread_server import ThreadServer
-
-    app = Flask("slow-agent-n1")
-    release = threading.Event()
-
-    @app.get("/health")
-    def health():
-        return jsonify(node_id="n1")
-
-    @app.post("/v1/internal/cache/warm")
-    def warm():
-        release.wait()
-        return jsonify(model="llama", tier="nvme", path="/nvme/llama", bytes=1, last_used=1.0, verified=True,
-                       in_use=0)
-
-    server = ThreadServer(app)
-    server.release = release
+    server = canned_warm_agent("n1", threading.Event())
     yield server
-    release.set()
+    server.release.set()
     server.stop()
 
 
@@ -402,3 +411,22 @@ def test_a_relative_source_reaches_the_agents_as_the_folder_the_user_named(agent
     assert main(["cache", "warm", "llama", "--nodes", "n1", "--source", "models/m",
                  "--agent-url", agent_of_n1.url]) == 0
     assert [w["source"] for w in agent_of_n1.warms] == [str(tmp_path / "models" / "m")]
+
+
+@pytest.mark.parametrize("extra", [[], ["--tensor-parallel", "2"]])
+def test_a_node_after_one_that_timed_out_is_still_warmed(capsys, slow_agent_n1, tmp_path, extra):
+    """Nodes are warmed one after another and --timeout bounds each node's warm: n1's still running at its end fails
+    n1, and n2 is warmed all the same (the nodes shared one --timeout: n2 was never asked, "ran out before its turn",
+    and 8 nodes of 10 minutes each failed the last ones under the default hour)."""
+    fast_n2 = canned_warm_agent("n2")
+    try:
+        code = main(["cache", "warm", "llama", "--nodes", "n[1-2]", "--source", str(tmp_path), "--timeout", "0.5",
+                     *extra, "--agent-url", slow_agent_n1.url, "--agent-url", fast_n2.url])
+    finally:
+        slow_agent_n1.release.set()
+        fast_n2.stop()
+
+    captured = capsys.readouterr()
+    assert code == 4, captured.err
+    assert "node n1: the warm did not finish within --timeout 0.5 s" in captured.err
+    assert "n2" not in captured.err and len(fast_n2.warms) == 1, captured.err
