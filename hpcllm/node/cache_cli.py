@@ -258,7 +258,7 @@ def _warm_call(client: NodeCache, body: dict, timeout_s: float) -> dict:
     """One warm through an agent, waited for up to the command's --timeout: each node's (rank's) warm has its own,
     as the nodes are warmed one after another (a node after one that timed out is still warmed)."""
     return client.call("POST", "/v1/internal/cache/warm", CachedCopyInfo, json=body,
-                       timeout=httpx.Timeout(timeout_s, connect=CONNECT_SECONDS),
+                       timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_SECONDS)),
                        on_timeout=f"the warm did not finish within --timeout {timeout_s:g} s; its agent may still "
                                   f"be copying (`hpcllm cache ls` shows the copy once it is there)")
 

@@ -430,3 +430,38 @@ def test_a_node_after_one_that_timed_out_is_still_warmed(capsys, slow_agent_n1, 
     assert code == 4, captured.err
     assert "node n1: the warm did not finish within --timeout 0.5 s" in captured.err
     assert "n2" not in captured.err and len(fast_n2.warms) == 1, captured.err
+
+
+def test_a_warm_to_an_agent_that_cannot_be_connected_to_ends_at_its_timeout(capsys, monkeypatch, tmp_path):
+    """--timeout shorter than the connect allowance (CONNECT_SECONDS, made an hour here so that it cannot be missed):
+    a node whose agent's host drops the connection attempt (a listening socket whose backlog is full) fails at the
+    --timeout, as not reachable; the connect allowance ran past it (10 s for a --timeout of 1 s)."""
+    import socket
+    import threading
+
+    from hpcllm.node import cache_cli
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    waiting = [socket.socket() for _ in range(3)]  # fill the backlog: further SYNs are dropped, connect hangs
+    for sock in waiting:
+        sock.setblocking(False)
+        sock.connect_ex(listener.getsockname())
+    status = {"now": 1000.0, "models": [], "nodes": [{"node_id": "n1", "state": "up", "agent_url": url}]}
+    monkeypatch.setattr(cache_cli.Cluster, "status", lambda self: status)
+    monkeypatch.setattr(cache_cli, "CONNECT_SECONDS", 3600.0)
+
+    codes = []
+    command = threading.Thread(target=lambda: codes.append(main(
+        ["cache", "warm", "llama", "--nodes", "n1", "--source", str(tmp_path), "--timeout", "0.5"])), daemon=True)
+    try:
+        command.start()
+        command.join(120)  # far beyond the 0.5 s asked for; without the bound it would wait for the connect hour
+        ended_in_time = not command.is_alive()
+    finally:
+        for sock in (*waiting, listener):
+            sock.close()
+    command.join(180)  # (a command still connecting ends once the kernel gives up on it)
+    err = capsys.readouterr().err
+    assert ended_in_time and codes == [4], err
+    assert f"node n1's agent at {url} is not reachable (ConnectTimeout" in err
