@@ -33,7 +33,10 @@ from hpcllm.node.mpiwarm import RESULT_PREFIX
 from hpcllm.node.protocol import CachedCopyInfo, CacheList, VerifyResults, Wire
 
 LIVE_NODE_STATES = ("up", "draining")  # the controller's other states: lost (silent agent), gone (job ended)
-CONNECT_SECONDS = 10.0  # an agent's answer may take long (a warm copies a whole checkpoint), connecting must not
+# An agent's answer may take long (a warm copies a whole checkpoint, a verify re-reads every copy): cache warm's
+# --timeout default, and the wait for every other call's answer. Connecting must not take long.
+ANSWER_SECONDS = 3600.0
+CONNECT_SECONDS = 10.0
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
                              help="hpcllm config file (default: $HPCLLM_CONFIG, else built-in defaults).")
 url_option = click.option("--url", "controller_url", default=None,
@@ -187,7 +190,7 @@ def _no_agents(nodes, found, silent):
 def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[NodeCache]:
     nodes = expand_nodes(node_expr) if node_expr else None
     secret = config.cluster.shared_secret
-    agents = AgentClient(secret, httpx.Timeout(3600.0, connect=CONNECT_SECONDS), config.internal_http)
+    agents = AgentClient(secret, httpx.Timeout(ANSWER_SECONDS, connect=CONNECT_SECONDS), config.internal_http)
     found = cluster.agents(nodes)
     for a in found:  # a token-registered agent accepts its node key (derived from the secret), not the secret
         agents.set_key(a.url, worker_key(secret, a.credential_id, a.node))
@@ -211,7 +214,8 @@ def cache() -> None:
 @click.option("--mpi", is_flag=True, help="One MPI job broadcasts the checkpoint to all nodes (reads it once).")
 @click.option("--nvme-dir-template", default=None,
               help="--mpi: each node's NVMe cache folder; {node} or %n = node name (default: [node] nvme_dir).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0, min_open=True), default=ANSWER_SECONDS,
+              show_default=True,
               help="Longest wait (seconds): for the --mpi job; through the agents, for each node's warm (each "
                    "rank's with --tensor-parallel).")
 @click.option("--tensor-parallel", "degree", type=click.IntRange(2, 64), default=None,
