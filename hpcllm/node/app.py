@@ -164,10 +164,12 @@ def create_app(agent) -> Flask:
         if not Path(req.source).is_dir():
             raise InvalidRequest(f"source {req.source} is not a folder on this node", "source")
         _check_slice_request(req)
+        # wait=False: a warm of the same copy under way is a 409 at once. Waiting for it held one of the agent's
+        # threads (node.threads) for the whole copy; a CLI asking again after its --timeout took another each time.
         if req.tensor_parallel is None:
-            copy = cache().warm(req.model, Path(req.source), req.tier)
+            copy = cache().warm(req.model, Path(req.source), req.tier, wait=False)
         else:
-            copy = cache().warm_slices(req.model, Path(req.source), req.tensor_parallel, req.rank)
+            copy = cache().warm_slices(req.model, Path(req.source), req.tensor_parallel, req.rank, wait=False)
         agent.wake_heartbeat()
         return _copy_info(copy).model_dump()
 

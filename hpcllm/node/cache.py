@@ -101,6 +101,11 @@ class CacheInUse(CacheError):
     """An eviction was asked for a copy that a running instance holds."""
 
 
+def _being_copied(key: str, tier: str, by: str, then: str) -> FillInProgress:
+    return FillInProgress(f"model {key!r} is being copied into the {tier} tier already ({by}); wait for that copy "
+                          f"to finish, then {then}")
+
+
 @dataclass(frozen=True)
 class CachedCopy:
     model: str
@@ -670,26 +675,32 @@ class CacheManager:
     # ------------------------------------------------------------------------------------------------- warming
 
     @contextmanager
-    def _one_warm(self, key: str, tier: str) -> Iterator[None]:
+    def _one_warm(self, key: str, tier: str, wait: bool = True) -> Iterator[None]:
         """Warms of one entry (a model or slice key) in one tier take turns in this process: the second then finds
         the first's copy. Side by side, each reserved room for a whole copy, evicting other models' copies to hold
-        the same model twice."""
+        the same model twice. Without `wait`, FillInProgress while one is under way."""
         with self._warm_locks_guard:
             lock = self._warm_locks.setdefault((key, tier), threading.Lock())
-        with lock:
+        if not lock.acquire(blocking=wait):
+            raise _being_copied(key, tier, "by another warm", "retry")
+        try:
             yield
+        finally:
+            lock.release()
 
     def warm(self, model: str, source: str | os.PathLike, tier: str = NVME, progress: Progress | None = None, *,
-             force: bool = False) -> CachedCopy:
+             force: bool = False, wait: bool = True) -> CachedCopy:
         """Copy the checkpoint at `source` into a tier (verified, atomic); a present copy is reused unless force (or
-        it was found corrupt, or is broken: then it is replaced, CacheInUse while an instance uses it).
+        it was found corrupt, or is broken: then it is replaced, CacheInUse while an instance uses it). A warm of the
+        same copy under way is waited for, or with wait=False FillInProgress (the agent's API: a caller asking again
+        after it gave up would hold one of the agent's threads for the whole copy).
 
         Evicts least-recently-used copies not in use to make room; NotEnoughSpace when even that is not enough.
         """
         check_model_name(model)
         self._check_tier(tier)
         ckpt = open_origin(model, source)
-        with self._one_warm(model, tier):
+        with self._one_warm(model, tier, wait):
             return self._warm(model, ckpt, source, tier, progress, force)
 
     def _warm(self, model: str, ckpt: Checkpoint, source: str | os.PathLike, tier: str, progress: Progress | None,
@@ -723,15 +734,15 @@ class CacheManager:
     # ----------------------------------------------------------------------------------------- slice copies
 
     def warm_slices(self, model: str, source: str | os.PathLike, degree: int, rank: int, *,
-                    force: bool = False) -> CachedCopy:
+                    force: bool = False, wait: bool = True) -> CachedCopy:
         """Keep rank `rank` of a degree-`degree` tensor-parallel instance's slices of `model` on this node's NVMe
         (hpcllm.tp.slicecache: each piece one contiguous read, verified with the strip hashes before and after it is
         written; visible only once complete). A present copy of the same checkpoint version is reused unless force;
-        one to replace that a rank holds is CacheInUse.
+        one to replace that a rank holds is CacheInUse. `wait`: as for warm.
         """
         key = slice_key(model, degree, rank)
         ckpt = open_origin(model, source)
-        with self._one_warm(key, NVME):
+        with self._one_warm(key, NVME, wait):
             return self._warm_slices(model, ckpt, source, degree, rank, force)
 
     def _warm_slices(self, model: str, ckpt: Checkpoint, source: str | os.PathLike, degree: int, rank: int,
@@ -1010,8 +1021,7 @@ class CacheManager:
         Two fills of one copy side by side would each reserve room for it, evicting other models' copies."""
         for key, tier, pid in db.execute("SELECT model, tier, pid FROM fills"):
             if tier in tiers and (key == model or (slices and parse_entry_key(key)[0] == model)):
-                raise FillInProgress(f"model {model!r} is being copied into the {tier} tier already (process {pid}); "
-                                     f"wait for that copy to finish, then {then}")
+                raise _being_copied(model, tier, f"process {pid}", then)
 
     def reserve_fill(self, model: str, tier: str, need: int, folder: Path | None = None) -> str:
         """Evict LRU copies not in use until `need` bytes fit, and record the fill so concurrent fills count it

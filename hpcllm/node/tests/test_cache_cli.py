@@ -465,3 +465,19 @@ def test_a_warm_to_an_agent_that_cannot_be_connected_to_ends_at_its_timeout(caps
     err = capsys.readouterr().err
     assert ended_in_time and codes == [4], err
     assert f"node n1's agent at {url} is not reachable (ConnectTimeout" in err
+
+
+def test_a_warm_asked_again_while_the_node_still_copies_is_answered_at_once(capsys, agents_n1_n2):
+    """`cache warm` run again (its --timeout ran out) while n1's agent still copies the model: the agent waited for
+    that copy before answering, holding one of its threads (node.threads) for it, so that enough re-runs left none
+    for the controller's calls. It now answers at once that the copy is under way."""
+    from hpcllm.node.tests.test_cache import warm_held_in_a_thread
+
+    n1, _ = agents_n1_n2.agents
+    with warm_held_in_a_thread(n1.cache, "tiny-llama", agents_n1_n2.origin, after=0) as errors:
+        code = main(["cache", "warm", "tiny-llama", "--nodes", "n1", "--source", str(agents_n1_n2.origin),
+                     *agents_n1_n2.common])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "node n1: model 'tiny-llama' is being copied into the nvme tier already" in err and "retry" in err
+    assert errors == [] and [(c.model, c.tier) for c in n1.cache.list()] == [("tiny-llama", "nvme")]
