@@ -64,6 +64,7 @@ def _answer(resp: httpx.Response, url: str, model: type[Answer], action: str, wh
 class StartedInstance:
     instance_id: str
     worker_url: str | None
+    instances_version: int | None = None  # the agent's instance-list version with it in (None: an older agent)
 
 
 class AgentClient:
@@ -128,15 +129,18 @@ class AgentClient:
         if not isinstance(body.get("instance_id"), str):
             raise AgentError(f"node agent {url} answered without an instance_id: {resp.text[:200]!r}")
         worker_url = body.get("worker_url")
-        return StartedInstance(body["instance_id"], worker_url if isinstance(worker_url, str) else None)
+        return StartedInstance(body["instance_id"], worker_url if isinstance(worker_url, str) else None,
+                               _instances_version(body))
 
-    def stop_instance(self, agent_url: str, instance_id: str) -> None:
-        """Stop (drain) an instance; one the agent no longer knows counts as stopped."""
+    def stop_instance(self, agent_url: str, instance_id: str) -> int | None:
+        """Stop (drain) an instance; one the agent no longer knows counts as stopped. The agent's instance-list
+        version without it (None: an agent older than versions, or one that did not know the instance)."""
         url = f"{agent_url.rstrip('/')}/v1/internal/instances/{instance_id}"
         resp = self._call("DELETE", url)
         if resp.status_code not in (200, 202, 204, 404):
             raise AgentError(f"node agent {url} refused to stop instance: HTTP {resp.status_code} "
                              f"{error_of(resp)[1]}")
+        return _instances_version(json_object(resp)) if resp.status_code == 200 else None
 
     def migrate_out(self, agent_url: str, instance_id: str, destination_url: str, timeout: float,
                     ticket: MigrationTicket | None = None) -> MigratedOut:
@@ -155,11 +159,7 @@ class AgentClient:
         return _answer(resp, url, LoraAdaptersApplied, "change the instance's LoRA adapters", "answer")
 
     def list_instances(self, agent_url: str) -> list[InstanceInfo]:
-        url = f"{agent_url.rstrip('/')}/v1/internal/instances"
-        resp = self._call("GET", url)
-        if resp.status_code != 200:
-            raise AgentError(f"node agent {url}: HTTP {resp.status_code} {error_of(resp)[1]}")
-        body = resp.json() if resp.content else []
+        url, body = self._instance_list(agent_url)
         items = body.get("instances", []) if isinstance(body, dict) else body
         known = set(InstanceInfo.model_fields)
         try:
@@ -167,4 +167,22 @@ class AgentClient:
             return [InstanceInfo.model_validate({k: v for k, v in item.items() if k in known}) for item in items]
         except (ValidationError, AttributeError, TypeError) as exc:
             raise AgentError(f"node agent {url} sent an unreadable instance list: {exc}") from None
+
+    def instances_version(self, agent_url: str) -> int | None:
+        """The agent's instance-list version now (None: an agent older than versions)."""
+        body = self._instance_list(agent_url)[1]
+        return _instances_version(body) if isinstance(body, dict) else None
+
+    def _instance_list(self, agent_url: str) -> tuple[str, Any]:
+        url = f"{agent_url.rstrip('/')}/v1/internal/instances"
+        resp = self._call("GET", url)
+        if resp.status_code != 200:
+            raise AgentError(f"node agent {url}: HTTP {resp.status_code} {error_of(resp)[1]}")
+        return url, resp.json() if resp.content else []
+
+
+def _instances_version(body: dict) -> int | None:
+    """The instance-list version an agent's answer carries (Heartbeat.instances_version); None without one."""
+    version = body.get("instances_version")
+    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 0 else None
 

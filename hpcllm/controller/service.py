@@ -128,8 +128,9 @@ RETIRING_PHASE = "retiring, replacement starting"
 START_COSTS_TTL_SECONDS = 30.0  # learned start costs are re-read from the registry at most this often
 MAX_LIVE_TICKETS = 4  # live migration tickets a node token may hold for one instance (_count_ticket)
 AGENT_CHANGES_REMEMBERED = 10_000  # instance starts and stops a heartbeat may not know yet (AgentChanges)
-# How long past two heartbeat periods a stop is remembered: a heartbeat built before it may still be on its way (the
-# agent's POST times out after 10 s) or waiting for the registry.
+# How long past two heartbeat periods a stop is remembered for an agent that sends no instance-list version: a
+# heartbeat built before it may still be on its way (the agent's POST times out after 10 s) or waiting for the
+# registry.
 STALE_REPORT_MARGIN_SECONDS = 30.0
 
 
@@ -141,56 +142,74 @@ class NoMigrationTarget(ControllerError):
     error_type = "invalid_request_error"
 
 
+@dataclass(frozen=True)
+class AgentChange:
+    at: float  # when the agent confirmed it
+    node_id: str
+    version: int | None  # the agent's instance-list version with the change made (None: an agent without versions)
+
+
 class AgentChanges:
-    """The instance starts and stops this controller made through node agents, which a heartbeat built a moment
-    before it arrived may not know yet. Kept in memory (newest last, by when, with the node; bounded): after a
-    restart reconcile reads every agent's list. A node's are forgotten when its agent registers again (a new
-    process: its instance ids may be reused).
+    """The instance starts and stops this controller made through node agents, which a heartbeat built before it
+    arrived may not know yet. Kept in memory (newest last, with the node; bounded): after a restart reconcile reads
+    every agent's list. A node's are forgotten when its agent registers again (a new process: its instance ids may
+    be reused, its versions start again).
     - Stopped (or migrated out, which stops them): an agent never reports a stopped instance again, so a heartbeat
-      listing one alive within a while of the stop was built before it; that report is stale, not a resurrection.
-    - Started, by when the agent confirmed the start: a heartbeat within node.heartbeat_seconds of the confirmation
-      that lacks the instance may have been built before the agent took the start (however long the start took)."""
+      listing one alive that was built before the stop is stale, not a resurrection.
+    - Started: a heartbeat that lacks the instance may have been built before the agent took the start (however
+      long the start took).
+    Which heartbeat was built before a change: one whose instance-list version (Heartbeat.instances_version) is
+    older than the change's, however late it arrives. An agent without versions: one within a while of the change
+    (started_after / stopped_after, by when the agent confirmed it); those changes are forgotten after that while."""
 
     def __init__(self, limit: int = AGENT_CHANGES_REMEMBERED):
-        self._stopped: OrderedDict[str, tuple[float, str]] = OrderedDict()  # instance id -> (when, node id)
-        self._confirmed: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._stopped: OrderedDict[str, AgentChange] = OrderedDict()  # instance id -> its stop
+        self._confirmed: OrderedDict[str, AgentChange] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
 
-    def stopped(self, node_id: str, instance_id: str, at: float) -> None:
-        self._remember(self._stopped, instance_id, (at, node_id))
+    def stopped(self, node_id: str, instance_id: str, at: float, version: int | None = None) -> None:
+        self._remember(self._stopped, instance_id, AgentChange(at, node_id, version))
 
-    def confirmed(self, node_id: str, instance_id: str, at: float) -> None:
-        self._remember(self._confirmed, instance_id, (at, node_id))
+    def confirmed(self, node_id: str, instance_id: str, at: float, version: int | None = None) -> None:
+        self._remember(self._confirmed, instance_id, AgentChange(at, node_id, version))
 
-    def _remember(self, changes: OrderedDict, instance_id: str, value: tuple[float, str]) -> None:
+    def _remember(self, changes: OrderedDict, instance_id: str, change: AgentChange) -> None:
         with self._lock:
             changes.pop(instance_id, None)
-            changes[instance_id] = value
+            changes[instance_id] = change
             while len(changes) > self._limit:
                 changes.popitem(last=False)
 
-    def confirmed_since(self, instance_id: str, since: float) -> bool:
-        """Whether the start of that instance was confirmed since then (older ones are forgotten: a heartbeat now
-        knows them)."""
-        return self._known_since(self._confirmed, instance_id, since)
+    def started_after(self, instance_id: str, report: int | None, since: float) -> bool:
+        """Whether a report of instance-list version `report` (None: unversioned, arriving now) was built before
+        the agent took that instance's start: older than the start's version, else the start confirmed since
+        `since`."""
+        return self._after(self._confirmed, instance_id, report, since)
 
-    def stopped_since(self, instance_id: str, since: float) -> bool:
-        """Whether that instance was stopped since then (older stops are forgotten: no report built before them
-        arrives any more)."""
-        return self._known_since(self._stopped, instance_id, since)
+    def stopped_after(self, instance_id: str, report: int | None, since: float) -> bool:
+        """Whether a report of instance-list version `report` (None: unversioned, arriving now) was built before
+        the agent stopped that instance: older than the stop's version, else the stop made since `since`."""
+        return self._after(self._stopped, instance_id, report, since)
 
-    def _known_since(self, changes: OrderedDict, instance_id: str, since: float) -> bool:
+    def _after(self, changes: OrderedDict, instance_id: str, report: int | None, since: float) -> bool:
         with self._lock:
-            while changes and next(iter(changes.values()))[0] < since:
+            # Unversioned changes older than the window: no report built before them arrives any more. A versioned
+            # one is kept: a report older than it is told by its version whenever it comes.
+            while changes and (first := next(iter(changes.values()))).version is None and first.at < since:
                 changes.popitem(last=False)
-            return instance_id in changes
+            change = changes.get(instance_id)
+            if change is None:
+                return False
+            if change.version is not None and report is not None:
+                return report < change.version
+            return change.at >= since
 
     def forget_node(self, node_id: str) -> None:
         """Its agent registered again: its instance ids are new ones (a reused id is not the stopped instance)."""
         with self._lock:
             for changes in (self._stopped, self._confirmed):
-                for instance_id in [i for i, (_, node) in changes.items() if node == node_id]:
+                for instance_id in [i for i, change in changes.items() if change.node_id == node_id]:
                     del changes[instance_id]
 
 
@@ -541,8 +560,8 @@ class Controller:
     def stop_on_agent(self, node: NodeRecord, instance_id: str) -> None:
         """Have the node's agent stop an instance (AgentError when it cannot), remembered so a heartbeat built
         before the stop does not bring the instance back (AgentChanges)."""
-        self.agents.stop_instance(node.agent_url, instance_id)
-        self._agent_changes.stopped(node.node_id, instance_id, self.clock())
+        version = self.agents.stop_instance(node.agent_url, instance_id)
+        self._agent_changes.stopped(node.node_id, instance_id, self.clock(), version)
 
     def issue_pool_token(self, req: PoolTokenRequest) -> IssuedPoolToken:
         """A new pool token for one deployed model and one group (the token is in the answer, once)."""
@@ -747,14 +766,15 @@ class Controller:
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         now = self.clock()
-        # A heartbeat is built a moment before it arrives: one built before the agent took a start this controller
-        # just confirmed lacks that instance, which is not gone (forgotten, the next request started another); one
-        # built before a stop lists the instance alive, which is not back (AgentChanges).
-        period = self.config.node.heartbeat_seconds
-        started_after, stopped_after = now - period, now - 2 * period - STALE_REPORT_MARGIN_SECONDS
+        # A heartbeat is built before it arrives: one built before the agent took a start this controller confirmed
+        # lacks that instance, which is not gone (forgotten, the next request started another); one built before a
+        # stop lists the instance alive, which is not back (AgentChanges: by its instance-list version, else a
+        # window of time for an agent without versions).
+        period, report = self.config.node.heartbeat_seconds, hb.instances_version
+        started_since, stopped_since = now - period, now - 2 * period - STALE_REPORT_MARGIN_SECONDS
         outcome = self.registry.heartbeat(
-            node_id, hb, now, just_started=lambda i: self._agent_changes.confirmed_since(i, started_after),
-            stopped=lambda i: self._agent_changes.stopped_since(i, stopped_after))
+            node_id, hb, now, just_started=lambda i: self._agent_changes.started_after(i, report, started_since),
+            stopped=lambda i: self._agent_changes.stopped_after(i, report, stopped_since))
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:
@@ -931,7 +951,7 @@ class Controller:
             self.registry.delete_instance(reservation)
             raise
         # Remembered before the reservation becomes the instance: a heartbeat handled in between keeps it.
-        self._agent_changes.confirmed(node.node_id, started.instance_id, self.clock())
+        self._agent_changes.confirmed(node.node_id, started.instance_id, self.clock(), started.instances_version)
         if not self.registry.confirm_instance(reservation, started.instance_id, started.worker_url):
             return self._started_for_nothing(model, node, started.instance_id)
         log.info("starting %s as %s on %s (gpus %s)", model.name, started.instance_id, node.node_id, gpu_ids)
@@ -1259,7 +1279,9 @@ class Controller:
             self._stop_one(node, inst.instance_id)  # still free the slots; the gateway resumes from tokens
             return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, "failed",
                                    target.instance_id, error=str(exc))
-        self._agent_changes.stopped(node.node_id, inst.instance_id, self.clock())  # it stops once its requests moved
+        # It stops once its requests moved; its answer has no room for the version without it (older controllers
+        # refuse unknown fields there): the agent's list version read after the stop stands for it.
+        self._agent_changes.stopped(node.node_id, inst.instance_id, self.clock(), self._instances_version(node))
         moved, not_moved = len(result.migrated), len(result.failed)
         if moved:
             self.registry.note_routed(target.instance_id, self.clock())
@@ -1271,6 +1293,15 @@ class Controller:
             outcome = "migrated" if moved else "idle"
         return MigrationRecord(inst.model, inst.instance_id, node.node_id, trigger, outcome, target.instance_id,
                                moved, not_moved, error=result.error)
+
+    def _instances_version(self, node: NodeRecord) -> int | None:
+        """The node agent's instance-list version now; None when it has none or does not answer (then a window of
+        time tells the heartbeats built before a change)."""
+        try:
+            return self.agents.instances_version(node.agent_url)
+        except AgentError as exc:
+            log.warning("could not read the instance-list version of %s: %s", node.node_id, exc)
+            return None
 
     def _report_migration(self, record: MigrationRecord) -> None:
         record = dataclasses.replace(record, at=self.clock())

@@ -157,6 +157,7 @@ class NodeAgent:
         self.job_end: float | None = None
         self._job_end_due = 0.0
         self._send_job_end = True
+        self._send_instances_version = True  # false once a controller older than the field refused it
         # To the controller: its node token when it has one, never then the cluster secret.
         credential = {TOKEN_HEADER: token} if token else secret_headers(config.cluster.shared_secret)
         self._http = internal_client(config.internal_http, headers=credential, timeout=10.0)
@@ -324,11 +325,13 @@ class NodeAgent:
                            tensor_parallel=c.tensor_parallel, rank=c.rank)
                 for c in copies]
 
-    def instance_infos(self) -> list[InstanceInfo]:
-        """The instances this agent runs; a tensor-parallel one's ranks all run on this node (mpirun here)."""
+    def instance_listing(self) -> tuple[list[InstanceInfo], int]:
+        """The instances this agent runs, and the version of that list (WorkerManager.version); a tensor-parallel
+        one's ranks all run on this node (mpirun here)."""
+        infos, version = self.workers.listing()
         return [info if info.rank_nodes else info.model_copy(update={"rank_nodes": [self.node_id] *
                                                                      info.tensor_parallel})
-                for info in self.workers.infos()]
+                for info in infos], version
 
     def rates(self, measured: TierMeasurements | None = None,
               cached: list[CacheEntry] | None = None) -> tuple[Tiers, float | None]:
@@ -414,10 +417,14 @@ class NodeAgent:
         if version != self._rates_sent:  # measured again since the controller last heard: it places with these
             rates = dict(zip(("tiers", "h2d_gbps"), self.rates(cached=cached)))
         job_end = self.job_end if self._send_job_end else None
-        body = Heartbeat(cached=cached, instances=self.instance_infos(),
+        instances, instances_version = self.instance_listing()
+        instances_version = instances_version if self._send_instances_version else None
+        body = Heartbeat(cached=cached, instances=instances, instances_version=instances_version,
                          draining=self.state in ("draining", "stopped"), job_end=job_end, **rates)
-        # Without rates or a job end, none of their fields: a controller older than this agent would refuse them.
-        exclude = ({"tiers", "h2d_gbps"} if not rates else set()) | ({"job_end"} if job_end is None else set())
+        # Without rates, a job end or a version, none of their fields: a controller older than this agent would
+        # refuse them.
+        exclude = ({"tiers", "h2d_gbps"} if not rates else set()) | ({"job_end"} if job_end is None else set()) \
+            | ({"instances_version"} if instances_version is None else set())
         try:
             resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body, exclude=exclude or None)
         except httpx.HTTPError as exc:
@@ -438,6 +445,12 @@ class NodeAgent:
             log.warning("the controller %s refused this pool's job end (%s): it cannot hand the pool over before "
                         "the job ends; Slurm's signal drains it", self.controller_url, error_of(resp)[1])
             self._send_job_end = False
+            return self.heartbeat()
+        if resp.status_code == 400 and instances_version is not None and self._refuses(resp, ("instances_version",)):
+            log.warning("the controller %s refused this agent's instance-list version (%s): it tells a heartbeat "
+                        "built before one of its starts or stops by time only", self.controller_url,
+                        error_of(resp)[1])
+            self._send_instances_version = False
             return self.heartbeat()
         if resp.status_code != 200:
             log.warning("heartbeat answered HTTP %d: %s", resp.status_code, resp.text[:300])

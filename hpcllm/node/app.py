@@ -132,17 +132,19 @@ def create_app(agent) -> Flask:
     def start_instance():
         inst = agent.workers.start(parse_body(StartInstance))
         body = StartedInstance(instance_id=inst.instance_id, worker_url=inst.worker_url, state=inst.state,
-                               load_tier=inst.tier)
+                               load_tier=inst.tier, instances_version=inst.added_in)
         return body.model_dump(), 202
 
     @api.get("/v1/internal/instances")
     def list_instances():
-        return InstanceList(instances=agent.instance_infos()).model_dump(mode="json")
+        instances, version = agent.instance_listing()
+        return InstanceList(instances=instances, instances_version=version).model_dump(mode="json")
 
     @api.delete("/v1/internal/instances/<instance_id>")
     def stop_instance(instance_id: str):
         inst = agent.workers.stop(instance_id)
-        return StoppedInstance(instance_id=inst.instance_id, state=inst.state, exit_code=inst.exit_code).model_dump()
+        return StoppedInstance(instance_id=inst.instance_id, state=inst.state, exit_code=inst.exit_code,
+                               instances_version=inst.removed_in).model_dump()
 
     @api.put("/v1/internal/instances/<instance_id>/lora-adapters")
     def set_lora_adapters(instance_id: str):

@@ -5,7 +5,7 @@ Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Err
 (httpkit.wire.WireModel): true is not GPU 1 and "2" not tensor_parallel 2; every caller builds them with real types.
 
     POST   /v1/internal/instances              StartInstance -> 202 StartedInstance
-    GET    /v1/internal/instances              -> InstanceList{instances: [InstanceInfo]}
+    GET    /v1/internal/instances              -> InstanceList{instances: [InstanceInfo], instances_version}
     DELETE /v1/internal/instances/<id>         -> StoppedInstance (404 unknown instance)
     POST   /v1/internal/instances/<id>/migrate-out  MigrateOut -> MigratedOut (live-migrate its requests, then stop)
     PUT    /v1/internal/instances/<id>/lora-adapters  SetLoraAdapters -> LoraAdaptersApplied (a redeploy's adapters:
@@ -74,21 +74,26 @@ class StartInstance(WireModel):
                                                 description="LoRA adapters served on the model: name -> PEFT folder")
 
 
+# instances_version: the agent's instance-list version (controller Heartbeat.instances_version) with the instance
+# added (StartedInstance), removed (StoppedInstance), or as listed (InstanceList).
 class StartedInstance(Wire):
     instance_id: str
     worker_url: str | None = None
     state: str
     load_tier: str
+    instances_version: int | None = None
 
 
 class StoppedInstance(Wire):
     instance_id: str
     state: str
     exit_code: int | None = None
+    instances_version: int | None = None
 
 
 class InstanceList(Wire):
     instances: list[InstanceInfo]
+    instances_version: int | None = None
 
 
 class WarmRequest(WireModel):

@@ -257,6 +257,9 @@ class Instance:
     lora_adapters: dict[str, str] = field(default_factory=dict)  # what its worker serves (started with, then loaded)
     lora_wanted: dict[str, str] | None = None  # a redeploy's adapters, applied once the worker is ready
     adapters_lock: threading.Lock = field(default_factory=threading.Lock)  # one change of its adapters at a time
+    # The manager's instance-list versions (WorkerManager.version) that added it and that removed it (its stop).
+    added_in: int = 0
+    removed_in: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
     wake: threading.Event = field(default_factory=threading.Event)  # set on stop: the watcher looks at once
 
@@ -328,6 +331,9 @@ class WorkerManager:
         self.accepting = True
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
+        # The instance list's version: one more with every instance added or removed. The heartbeats carry it, and
+        # the start and stop answers the version they made: the controller tells a report older than a change by it.
+        self.version = 0
         self._spares: list[Spare] = []
         # Stopped instances whose processes outlived their SIGKILL: forgotten, but their GPUs in use until the watcher
         # sees the processes gone (they hold the GPUs' memory).
@@ -392,7 +398,13 @@ class WorkerManager:
             return list(self._instances.values())
 
     def infos(self) -> list[InstanceInfo]:
-        return [inst.info() for inst in self.instances()]
+        return self.listing()[0]
+
+    def listing(self) -> tuple[list[InstanceInfo], int]:
+        """The instances' infos and the version of the list they are in (read together)."""
+        with self._lock:
+            instances, version = list(self._instances.values()), self.version
+        return [inst.info() for inst in instances], version
 
     def get(self, instance_id: str) -> Instance:
         with self._lock:
@@ -768,6 +780,8 @@ class WorkerManager:
                 if held:
                     self.cache.release(req.model, tier)
             self._instances[inst.instance_id] = inst
+            self.version += 1
+            inst.added_in = self.version
             self.starts += 1
         launcher = (f"srun of {req.tensor_parallel} tensor-parallel ranks over {req.nodes} nodes" if req.nodes > 1
                     else f"mpirun of {req.tensor_parallel} tensor-parallel ranks")
@@ -1117,7 +1131,9 @@ class WorkerManager:
         inst.wake.set()  # the process is gone: the watcher records the exit and releases the copy now
         inst.done.wait(timeout=10)
         with self._lock:
-            self._instances.pop(instance_id, None)
+            if self._instances.pop(instance_id, None) is not None:  # not already by a stop beside this one
+                self.version += 1
+                inst.removed_in = self.version
             if not inst.done.is_set():  # a process outlived its SIGKILL: the watcher frees the GPUs once it is gone
                 self._leftovers[instance_id] = inst
         self.on_change()

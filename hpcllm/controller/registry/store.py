@@ -553,9 +553,9 @@ class Registry:
     def heartbeat(self, node_id: str, hb: Heartbeat, now: float, just_started: Callable[[str], bool] = _no_instance,
                   stopped: Callable[[str], bool] = _no_instance) -> HeartbeatOutcome:
         """Replace a node's cache list and instance list (and its tiers' rates, when given) with what its agent
-        reports, atomically. just_started: whether an instance's start was confirmed a moment ago (kept while
-        loading when unreported: the report may have been built before the agent took the start); stopped: whether
-        the controller had its agent stop an instance (a report of it alive was built before the stop: dropped).
+        reports, atomically. just_started: whether the report was built before the agent took an instance's start
+        (kept while loading when unreported); stopped: whether it was built before the controller had its agent stop
+        an instance (a report of it alive is dropped). The controller's AgentChanges tell both.
         Both are asked inside the transaction: a start or stop made while this heartbeat waited for it counts."""
         outcome = HeartbeatOutcome()
         with self._tx() as db:

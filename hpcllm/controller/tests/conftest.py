@@ -77,7 +77,8 @@ class Harness:
         return url
 
     def heartbeat(self, node_id: str, **loading_done) -> None:
-        """The node's agent reports what the fake agent runs (after finishing loads when asked)."""
+        """The node's agent reports what the fake agent runs, with its instance-list version (after finishing loads
+        when asked)."""
         url = f"http://{node_id}:9000"
         if loading_done:
             instances = self.agents.finish_loading(url, **loading_done)
@@ -87,7 +88,8 @@ class Harness:
                              tensor_parallel=c.tensor_parallel, rank=c.rank)
                   for c in self.registry.cache(node_id=node_id)]
         self.controller.heartbeat(node_id, Heartbeat(cached=cached, instances=instances,
-                                                     job_end=self.job_ends.get(node_id)))
+                                                     job_end=self.job_ends.get(node_id),
+                                                     instances_version=self.agents.instances_version(url)))
 
     def tick(self, seconds: float = 0.0, heartbeats: bool = True):
         """Move the clock and run one autoscaler tick; live agents heartbeat first unless told not to."""

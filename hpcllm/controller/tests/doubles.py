@@ -145,6 +145,18 @@ class RecordingBackend(SlurmBackend):
 class FakeNodeAgent:
     url: str
     instances: dict[str, InstanceInfo] = field(default_factory=dict)
+    version: int = 0  # its instance-list version, as the real agent's: one more with each instance added or removed
+
+    def add(self, info: InstanceInfo) -> int:
+        self.instances[info.instance_id] = info
+        self.version += 1
+        return self.version
+
+    def remove(self, instance_id: str) -> InstanceInfo | None:
+        removed = self.instances.pop(instance_id, None)
+        if removed is not None:
+            self.version += 1
+        return removed
 
 
 class FakeAgents(AgentClient):
@@ -186,8 +198,8 @@ class FakeAgents(AgentClient):
             raise AgentError(f"node agent {agent_url} refused to start {model!r}: HTTP 500 out of memory")
         instance_id = f"inst-{next(self._ids)}"
         worker_url = f"{agent_url}/workers/{instance_id}"
-        agent.instances[instance_id] = InstanceInfo(instance_id=instance_id, model=model, state="loading",
-                                                    worker_url=worker_url, gpu_ids=gpu_ids)
+        version = agent.add(InstanceInfo(instance_id=instance_id, model=model, state="loading", worker_url=worker_url,
+                                         gpu_ids=gpu_ids))
         self.started.append((agent_url, model, gpu_ids))
         self.max_model_lens.append(max_model_len)
         self.cache_on_loads.append(cache_on_load)
@@ -195,7 +207,7 @@ class FakeAgents(AgentClient):
         self.nodes.append(nodes)
         self.lora_adapters.append(lora_adapters)
         self.serving_adapters[instance_id] = dict(lora_adapters or {})
-        return StartedInstance(instance_id, worker_url)
+        return StartedInstance(instance_id, worker_url, version)
 
     def set_lora_adapters(self, agent_url: str, instance_id: str, adapters: dict[str, str],
                           timeout: float) -> LoraAdaptersApplied:
@@ -212,13 +224,17 @@ class FakeAgents(AgentClient):
         self.serving_adapters[instance_id] = serving
         return LoraAdaptersApplied(instance_id=instance_id, lora_adapters=serving, failed=failed)
 
-    def stop_instance(self, agent_url: str, instance_id: str) -> None:
+    def stop_instance(self, agent_url: str, instance_id: str) -> int | None:
         agent = self._agent(agent_url)
-        agent.instances.pop(instance_id, None)
+        removed = agent.remove(instance_id)
         self.stopped.append((agent_url, instance_id))
+        return agent.version if removed is not None else None  # the agent's 404 carries none
 
     def list_instances(self, agent_url: str) -> list[InstanceInfo]:
         return list(self._agent(agent_url).instances.values())
+
+    def instances_version(self, agent_url: str) -> int | None:
+        return self._agent(agent_url).version
 
     # test controls
     def finish_loading(self, agent_url: str, tier: str = "nvme", load_seconds: float = 1.5) -> list[InstanceInfo]:

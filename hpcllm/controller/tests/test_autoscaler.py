@@ -7,6 +7,7 @@ import pytest
 from hpcllm.controller.autoscaler import RESERVATION_TIMEOUT_SECONDS
 from hpcllm.controller.errors import UnknownModel
 from hpcllm.controller.protocol import Heartbeat, InstanceInfo
+from hpcllm.controller.service import STALE_REPORT_MARGIN_SECONDS
 from hpcllm.controller.tests.conftest import GB
 from hpcllm.slurm.base import JobState, NodeInfo
 
@@ -530,6 +531,90 @@ def test_a_stop_is_remembered_only_while_a_heartbeat_built_before_it_may_arrive(
     assert harness.registry.get_instance(stopped) is None  # within the window: a stale report
     harness.clock.advance(2)
     harness.controller.heartbeat("n1", reported_again(stopped))
+    assert harness.registry.get_instance(stopped).state == "ready"
+
+
+def agents_report(harness, node: str = "n1") -> Heartbeat:
+    """The heartbeat the node's agent builds now: its instances, with its instance-list version."""
+    url = f"http://{node}:9000"
+    return Heartbeat(instances=harness.agents.list_instances(url),
+                     instances_version=harness.agents.instances_version(url))
+
+
+def late(harness) -> float:
+    """Longer than any window of time that tells a stale heartbeat (a report held up: a congested network, a paused
+    VM): two heartbeat periods and STALE_REPORT_MARGIN_SECONDS, and a minute more."""
+    return 2 * harness.config.node.heartbeat_seconds + STALE_REPORT_MARGIN_SECONDS + 60
+
+
+def test_a_heartbeat_built_before_a_start_and_held_up_past_every_window_does_not_forget_the_instance(harness):
+    """The agent's heartbeat built just before it took a start arrives long after the controller confirmed that
+    start: its instance-list version is older than the start's, so the new instance is kept (not forgotten while
+    its worker loads), and the next request waits for it instead of starting a second one beside it."""
+    harness.deploy("m")
+    harness.register("n1")
+    stale = agents_report(harness)
+    started = harness.controller.route("m").instance_id
+    harness.clock.advance(late(harness))
+    harness.controller.heartbeat("n1", stale)
+    again = harness.controller.route("m")
+    assert (again.status, again.instance_id) == ("starting", started)
+    assert len(harness.agents.started) == 1
+    harness.controller.heartbeat("n1", agents_report(harness))
+    assert [i.instance_id for i in harness.registry.instances()] == [started]
+
+
+def test_a_heartbeat_built_before_a_stop_and_held_up_past_every_window_does_not_bring_the_instance_back(harness):
+    """The agent's heartbeat built just before the controller stopped an idle instance arrives long after the stop,
+    listing it ready: its instance-list version is older than the stop's, so the instance stays gone (no route to a
+    dead worker) and the next request starts a new one."""
+    harness.deploy("m", keep_alive_seconds=60)
+    harness.register("n1")
+    stopped = ready_instance(harness)
+    stale = agents_report(harness)
+    assert ("stop_idle", stopped) in harness.tick(61).kinds()
+    harness.clock.advance(late(harness))
+    harness.controller.heartbeat("n1", stale)
+    assert harness.registry.instances() == []
+    assert harness.controller.route("m").status == "starting"
+    assert len(harness.agents.started) == 2
+
+
+def test_a_heartbeat_built_before_a_migration_and_held_up_does_not_bring_the_moved_instance_back(harness,
+                                                                                                monkeypatch):
+    """An instance moved off its node (the agent's migrate-out stops it) is not brought back by a heartbeat built
+    before the move that arrives late: the controller reads the agent's instance-list version after the move."""
+    from hpcllm.controller.tests.test_migration import MigratingAgents
+
+    harness.agents = harness.controller.agents = MigratingAgents()
+    harness.deploy("m", max_instances=2)
+    harness.register("n1")
+    harness.register("n2")
+    moved = ready_instance(harness)
+    node = harness.registry.get_instance(moved).node_id
+    other = "n2" if node == "n1" else "n1"
+    harness.controller.start_instance(harness.registry.get_model("m"), exclude_nodes=frozenset({node}))
+    harness.heartbeat(other, tier="nvme")
+    stale = agents_report(harness, node)
+    record = harness.controller.move_instance(harness.registry.get_node(node), harness.registry.get_instance(moved),
+                                              trigger="placement")
+    assert record.outcome == "migrated"
+    harness.heartbeat(node)
+    harness.clock.advance(late(harness))
+    harness.controller.heartbeat(node, stale)
+    assert harness.registry.get_instance(moved) is None
+
+
+def test_an_instance_reported_after_its_stop_by_the_agents_version_is_taken_as_what_it_is(harness):
+    """A stop is not held against a report the agent built after it (its version is the stop's or newer): an
+    instance of that id it lists then is taken as what it is, at once, with no time window to wait out."""
+    harness.deploy("m", keep_alive_seconds=60)
+    harness.register("n1")
+    stopped = ready_instance(harness)
+    assert ("stop_idle", stopped) in harness.tick(61).kinds()
+    after = reported_again(stopped).model_copy(update={"instances_version": harness.agents.instances_version(
+        "http://n1:9000")})
+    harness.controller.heartbeat("n1", after)
     assert harness.registry.get_instance(stopped).state == "ready"
 
 

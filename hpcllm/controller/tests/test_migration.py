@@ -33,7 +33,7 @@ class MigratingAgents(FakeAgents):
         self.migrations.append((agent_url, instance_id, destination_url))
         if self.fail_migration:
             raise AgentError(f"node agent {agent_url}: {self.fail_migration}")
-        model = agent.instances.pop(instance_id).model
+        model = agent.remove(instance_id).model
         migrated = [MigrationResult(request_id=f"r{i}", destination_url=destination_url, destination_request_id=f"r{i}",
                                     rounds=2, tokens_per_round=[9, 1], handover_seconds=0.01, total_seconds=0.1,
                                     output_tokens_at_handover=5) for i in range(self.moving)]

@@ -30,9 +30,9 @@ INTERNAL = {"X-Hpcllm-Secret": "test-secret"}
 def pool_instance(h, node: str, model: str, instance_id: str, gpu_ids=(), running: int = 0) -> str:
     """The pool's agent started its pinned model by itself (nobody asked the controller) and heartbeats it ready."""
     url = f"http://{node}:9000"
-    h.agents._agent(url).instances[instance_id] = InstanceInfo(
+    h.agents._agent(url).add(InstanceInfo(
         instance_id=instance_id, model=model, state="ready", worker_url=f"{url}/workers/{instance_id}",
-        gpu_ids=list(gpu_ids), running_requests=running, load_tier="sharedfs", load_seconds=2.0)
+        gpu_ids=list(gpu_ids), running_requests=running, load_tier="sharedfs", load_seconds=2.0))
     h.heartbeat(node)
     return instance_id
 

@@ -270,7 +270,7 @@ def test_a_node_whose_report_is_refused_does_not_keep_reconcile_from_the_others(
     harness.heartbeat("n1")
     harness.heartbeat("n2")
     n2 = harness.agents.agents["http://n2:9000"]
-    harness.agents.agents["http://n1:9000"].instances[started] = n2.instances[started]  # n1's agent lists it too
+    harness.agents.agents["http://n1:9000"].add(n2.instances[started])  # n1's agent lists it too
     harness.agents.finish_loading("http://n2:9000")
     harness.controller.reconcile()
     assert harness.registry.get_instance(started).state == "ready"

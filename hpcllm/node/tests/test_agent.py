@@ -588,10 +588,11 @@ def test_heartbeats_name_the_node_of_every_rank_of_a_tensor_parallel_instance(tm
 
     agent = make_agent(tmp_path)
     agent.node_id = "n3"
-    monkeypatch.setattr(agent.workers, "infos", lambda: [
+    monkeypatch.setattr(agent.workers, "listing", lambda: ([
         InstanceInfo(instance_id="a", model="m", state="ready", tensor_parallel=2),
-        InstanceInfo(instance_id="b", model="m", state="ready")])
-    assert [(i.tensor_parallel, i.rank_nodes) for i in agent.instance_infos()] == [(2, ["n3", "n3"]), (1, ["n3"])]
+        InstanceInfo(instance_id="b", model="m", state="ready")], 2))
+    infos, _ = agent.instance_listing()
+    assert [(i.tensor_parallel, i.rank_nodes) for i in infos] == [(2, ["n3", "n3"]), (1, ["n3"])]
     agent.workers.close()
 
 

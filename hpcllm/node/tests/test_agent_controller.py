@@ -163,6 +163,69 @@ def test_an_agent_whose_cache_cannot_be_read_registers_and_sends_new_rates(tmp_p
         agent.shutdown()
 
 
+def test_the_controller_reads_the_instance_list_version_of_each_start_stop_and_heartbeat(tmp_path, monkeypatch):
+    """The controller tells a heartbeat built before one of its starts or stops by the agent's instance-list version,
+    however late it arrives: what the agent reports before a start is older than the start's answer, what it
+    reports before the stop older than the stop's, and its heartbeat carries the version of the list it sends."""
+    import httpx
+
+    from hpcllm.controller.agents import AgentClient
+
+    monkeypatch.setenv("SLURMD_NODENAME", "n7")
+    broken = tmp_path / "broken"  # the worker exits at once: the start and the stop are quick
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    agent = make_agent(tmp_path)
+    agent.start_server(create_app(agent))
+    client = AgentClient(SECRET)
+    sent = []
+    monkeypatch.setattr(agent, "_post", lambda path, body, **dump: sent.append(body) or httpx.Response(
+        200, json={"node_id": "n7", "state": "up"}))
+    try:
+        before_start = client.instances_version(agent.agent_url)
+        started = client.start_instance(agent.agent_url, "broken", str(broken), [])
+        assert agent.heartbeat()
+        before_stop = client.instances_version(agent.agent_url)
+        stopped = client.stop_instance(agent.agent_url, started.instance_id)
+        after_stop = client.instances_version(agent.agent_url)
+        assert before_start < started.instances_version <= before_stop < stopped <= after_stop
+        assert [i.instance_id for i in sent[0].instances] == [started.instance_id]
+        assert sent[0].instances_version == before_stop
+        assert agent.heartbeat()
+        assert (sent[1].instances, sent[1].instances_version) == ([], after_stop)
+    finally:
+        client.close()
+        agent.shutdown()
+
+
+def test_a_controller_older_than_the_agent_gets_heartbeats_without_the_instance_list_version(tmp_path, caplog):
+    """An older controller refuses the unknown field (400): the agent keeps beating without it, not declared lost."""
+    import json
+
+    import httpx
+
+    bodies = []
+
+    def older_controller(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        if "instances_version" in body:
+            return httpx.Response(400, json={"error": {"message": "instances_version: Extra inputs are not "
+                                                                  "permitted"}})
+        return httpx.Response(200, json={"node_id": "n7", "state": "up"})
+
+    agent = make_agent(tmp_path)
+    agent.controller_url = "http://controller"
+    agent._http = httpx.Client(transport=httpx.MockTransport(older_controller))
+    agent._rates_sent = agent._rates_version  # registered with these rates: the heartbeats carry none
+    try:
+        assert agent.heartbeat() and agent.heartbeat()
+        assert ["instances_version" in b for b in bodies] == [True, False, False]
+        assert "refused this agent's instance-list version (instances_version: Extra inputs" in caplog.text
+    finally:
+        agent.shutdown()
+
+
 # --------------------------------------------------------------------------- a pool's job end (make before break)
 
 

@@ -62,7 +62,7 @@ def events(record: Path, name: str) -> list[dict]:
 
 def reported(agent, inst) -> dict:
     """The instance as the agent reports it to the controller (heartbeat)."""
-    [info] = [i for i in agent.instance_infos() if i.instance_id == inst.instance_id]
+    [info] = [i for i in agent.instance_listing()[0] if i.instance_id == inst.instance_id]
     return info.model_dump()
 
 
