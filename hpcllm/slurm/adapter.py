@@ -17,11 +17,12 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from hpcllm.slurm.hostlist import HostlistError, expand_item, split_top_level
-from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, parse_walltime
+from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, parse_walltime, service_reservations
+from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -607,6 +608,58 @@ def partitions_from_json(payload: Mapping[str, Any]) -> list[PartitionInfo]:
             total_nodes=_optional_int(node_count),
         ))
     return partitions
+
+
+# --------------------------------------------------------------------------------------------- reservations
+
+
+def with_reservations(nodes: list[NodeInfo],
+                      reservation_nodes: Callable[[str], tuple[str, ...] | None]) -> list[NodeInfo]:
+    """The nodes, each with the service's reservations (service_reservations(): SBATCH_RESERVATION) that hold it:
+    reservation_nodes(name) (a backend's read of one reservation: its nodes, None when Slurm shows none of that name)
+    once for each, never without SBATCH_RESERVATION. A reservation whose nodes cannot be read (one Slurm does not
+    show: sbatch would refuse every job) is a SlurmError saying what to set."""
+    wanted = service_reservations()
+    if not wanted:
+        return nodes
+    members = {}
+    for name in wanted:
+        try:
+            nodes_of = reservation_nodes(name)
+        except SlurmUnavailable:
+            raise
+        except SlurmError as exc:
+            raise _no_reservation(name, str(exc), exc.slurm_message) from None
+        if nodes_of is None:
+            raise _no_reservation(name, "Slurm lists no reservation of that name")
+        members[name] = set(nodes_of)
+    return [dataclasses.replace(node, reservations=tuple(r for r in wanted if node.name in members[r]))
+            for node in nodes]
+
+
+def _no_reservation(name: str, why: str, slurm_message: str = "") -> SlurmError:
+    return SlurmError(f"cannot read the nodes of reservation {name!r}, which SBATCH_RESERVATION (the service's "
+                      f"environment) names for the service's jobs: {why}. Set SBATCH_RESERVATION to the service's "
+                      f"current reservation (`scontrol show reservation` lists them) or unset it", slurm_message)
+
+
+def reservation_nodes_from_scontrol_text(text: str, name: str) -> tuple[str, ...] | None:
+    """`scontrol -o show reservation NAME` -> that reservation's nodes; None when it lists none of that name."""
+    for line in text.splitlines():
+        if line.startswith("ReservationName="):
+            kv = parse_key_values(line)
+            if kv["ReservationName"] == name:
+                return tuple(expand_hostlist(kv.get("Nodes")))
+    return None
+
+
+def reservation_nodes_from_json(payload: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
+    """GET .../reservation/NAME (`{"reservations": [{"name", "node_list"}]}`) -> that reservation's nodes; None
+    when it lists none of that name."""
+    for resv in payload.get("reservations") or []:
+        if isinstance(resv, Mapping) and resv.get("name") == name:
+            return tuple(expand_hostlist(_text(resv.get("node_list"))))
+    return None
 
 
 def _as_list(value: Any) -> list[Any]:

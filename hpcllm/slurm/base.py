@@ -125,6 +125,9 @@ class NodeInfo:
     memory_allocated_mb: int = 0
     features: tuple[str, ...] = ()
     reason: str | None = None
+    # The service's reservations (service_reservations()) that hold this node, as its backend read them
+    # (adapter.with_reservations); () without SBATCH_RESERVATION.
+    reservations: tuple[str, ...] = ()
 
     @property
     def gpus_free(self) -> int:
@@ -132,11 +135,15 @@ class NodeInfo:
 
     @property
     def available(self) -> bool:
-        """The node can take new jobs (up, not draining, not failing, responding; not in an active reservation,
-        unless the service's jobs run in one: SBATCH_RESERVATION in its environment)."""
+        """The node can take the service's new jobs (up, not draining, not failing, responding; not in an active
+        reservation, or where the service's jobs run in reservations - SBATCH_RESERVATION in its environment - in
+        one of those)."""
         if self.state in _UNAVAILABLE_NODE_STATES or set(self.state_flags) & _UNAVAILABLE_NODE_FLAGS:
             return False
-        return "RESERVED" not in self.state_flags or "SBATCH_RESERVATION" in inherited_sbatch_options()
+        wanted = service_reservations()
+        if wanted:
+            return bool(set(self.reservations) & set(wanted))
+        return "RESERVED" not in self.state_flags
 
 
 _UNAVAILABLE_NODE_STATES = frozenset(
@@ -148,7 +155,16 @@ _UNAVAILABLE_NODE_FLAGS = frozenset(
 )
 # And RESERVED (in an active advanced reservation) where hpcllm's jobs name none: a job sent there by name waits
 # (ReqNodeNotAvail) until the reservation ends. A site that gives the service a reservation of its own does so
-# with SBATCH_RESERVATION (sbatch reads it; hpcllm passes SBATCH_* on), and then those are the nodes to place on.
+# with SBATCH_RESERVATION (sbatch reads it; hpcllm passes SBATCH_* on), and then that reservation's nodes are the
+# ones to place on, and no other: a node RESERVED by another reservation is as closed to the service's jobs as
+# ever, and one in none takes no job of a reservation either.
+
+
+def service_reservations() -> tuple[str, ...]:
+    """The Slurm reservations the service's jobs run in: SBATCH_RESERVATION, which sbatch reads (a comma-separated
+    list: the one that starts the job first); () for none."""
+    value = inherited_sbatch_options().get("SBATCH_RESERVATION", "")
+    return tuple(name for name in (part.strip() for part in value.split(",")) if name)
 
 
 @dataclass(frozen=True)

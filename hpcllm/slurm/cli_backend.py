@@ -8,7 +8,8 @@
 - list_jobs: the same squeue call (comments are in the JSON; the text fallback asks a second `squeue -O
   JobID,Comment`);
 - nodes: `sinfo --json` (22.05-23.11 shape), `scontrol show nodes --json` (23.02+), else `scontrol -d -o show node`;
-- partitions: `scontrol -o show partition`;
+- partitions: `scontrol -o show partition`; with SBATCH_RESERVATION set, the nodes of its reservations from
+  `scontrol -o show reservation NAME` (the service's jobs run on those nodes only: NodeInfo.available);
 - estimate_start: the rendered script on `sbatch --test-only` (prints "Job N to start at T using P processors on
   nodes X in partition Y"; nothing is submitted); pending_start_times: `squeue --start` for our queued jobs;
 - job_end (a model pool's agent, of its own job): `squeue --jobs=N` in the same pinned text format.
@@ -174,6 +175,9 @@ class CliBackend(SlurmBackend):
         self._run(["scancel", f"--signal={signal_name(sig)}", target, str(job_id)])
 
     def nodes(self) -> list[NodeInfo]:
+        return adapter.with_reservations(self._nodes(), self.reservation_nodes)
+
+    def _nodes(self) -> list[NodeInfo]:
         if self._sinfo_json:
             with contextlib.suppress(_JsonAnsweredErrors):  # the text format this time only
                 payload = self._json(["sinfo", "--json"])
@@ -188,6 +192,10 @@ class CliBackend(SlurmBackend):
 
     def partitions(self) -> list[PartitionInfo]:
         return adapter.partitions_from_scontrol_text(self._run(["scontrol", "-o", "show", "partition"]).stdout)
+
+    def reservation_nodes(self, name: str) -> tuple[str, ...] | None:
+        text = self._run(["scontrol", "-o", "show", "reservation", name]).stdout
+        return adapter.reservation_nodes_from_scontrol_text(text, name)
 
     def estimate_start(self, spec: JobSpec) -> StartEstimate | None:
         result = self._sbatch("--test-only", spec)

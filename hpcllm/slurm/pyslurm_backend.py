@@ -7,7 +7,8 @@ carries pyslurm 25.11.x (and 18.8 and older); a Slurm 22.05 site such as the dev
 so there the answer is `[slurm] backend = "cli"` (default) or `"rest"`.
 
 Calls (pyslurm 25.x): pyslurm.JobSubmitDescription(...).submit(), pyslurm.Jobs.load(), pyslurm.Job(id).cancel(),
-.requeue(), .send_signal(sig, steps="batch"|"all"), pyslurm.Nodes.load(), pyslurm.Partitions.load(). Node and job
+.requeue(), .send_signal(sig, steps="batch"|"all"), pyslurm.Nodes.load(), pyslurm.Partitions.load(),
+pyslurm.Reservations.load() (the nodes of SBATCH_RESERVATION's reservations). Node and job
 fields go through the same normalization as the other backends (hpcllm.slurm.adapter).
 """
 
@@ -144,7 +145,16 @@ class PyslurmBackend(SlurmBackend):
 
     def nodes(self) -> list[NodeInfo]:
         # Nodes is a map (pyslurm.xcollections.MultiClusterMap): iterating it gives node names, not nodes.
-        return [node_from_pyslurm(node) for node in _values(self._rpc("load nodes", self.pyslurm.Nodes.load))]
+        nodes = [node_from_pyslurm(node) for node in _values(self._rpc("load nodes", self.pyslurm.Nodes.load))]
+        return adapter.with_reservations(nodes, self.reservation_nodes)
+
+    def reservation_nodes(self, name: str) -> tuple[str, ...] | None:
+        if not hasattr(self.pyslurm, "Reservations"):  # pyslurm before 25.5
+            raise SlurmError(f"this pyslurm ({getattr(self.pyslurm, '__version__', 'unknown')}) cannot read "
+                             f'reservations (pyslurm 25.5 and later can); {_ALTERNATIVES}')
+        reservations = _values(self._rpc("load reservations", self.pyslurm.Reservations.load))
+        return next((tuple(adapter.expand_hostlist(getattr(resv, "nodes", None))) for resv in reservations
+                     if resv.name == name), None)
 
     def partitions(self) -> list[PartitionInfo]:
         partitions = self._rpc("load partitions", self.pyslurm.Partitions.load)

@@ -6,6 +6,7 @@ hand from the documented shapes (each says so in its _comment).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -296,12 +297,17 @@ def test_a_node_in_a_reservation_is_not_available_for_hpcllms_jobs(monkeypatch):
     assert not text.available and not json_node.available
 
 
-def test_a_reserved_node_is_available_where_the_service_runs_in_a_reservation(monkeypatch):
-    # The site gives the service its own reservation (SBATCH_RESERVATION, which sbatch reads): its nodes are the
-    # ones to place on, not hidden from placement.
+def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_are_available(monkeypatch):
+    # The site gives the service its own reservation (SBATCH_RESERVATION, which sbatch reads): its nodes (as the
+    # backend read them: NodeInfo.reservations) are the ones to place on. A node another reservation holds (a class's)
+    # is RESERVED too but takes none of the service's jobs, and neither does one in no reservation.
     monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
     (text,) = adapter.nodes_from_scontrol_text("NodeName=n5 State=IDLE+RESERVED CPUTot=8 Gres=gpu:2\n")
     json_node = adapter.node_from_json({"name": "n5", "state": "idle", "state_flags": ["RESERVED"], "gres": "gpu:2"})
-    assert text.available and json_node.available
+    assert dataclasses.replace(text, reservations=("hpcllm",)).available
+    assert dataclasses.replace(json_node, reservations=("hpcllm",)).available
+    assert not text.available and not json_node.available  # RESERVED by another reservation
+    (free,) = adapter.nodes_from_scontrol_text("NodeName=n7 State=IDLE CPUTot=8 Gres=gpu:2\n")
+    assert not free.available
     (drained,) = adapter.nodes_from_scontrol_text("NodeName=n6 State=IDLE+DRAIN+RESERVED CPUTot=8 Gres=gpu:2\n")
-    assert not drained.available
+    assert not dataclasses.replace(drained, reservations=("hpcllm",)).available

@@ -467,6 +467,45 @@ def test_nodes_on_24_05_ask_scontrol_for_per_node_json(fake, backend):
     assert nodes["gpu01"].gpus_total == 4 and not nodes["gpu02"].available
 
 
+RESERVED_NODES = """\
+NodeName=n1 CPUTot=4 Gres=gpu:2 GresUsed=gpu:0 State=IDLE+RESERVED Partitions=batch
+NodeName=n2 CPUTot=4 Gres=gpu:2 GresUsed=gpu:0 State=IDLE+RESERVED Partitions=batch
+NodeName=n3 CPUTot=4 Gres=gpu:2 GresUsed=gpu:0 State=IDLE+RESERVED Partitions=batch
+NodeName=n4 CPUTot=4 Gres=gpu:2 GresUsed=gpu:0 State=IDLE Partitions=batch
+"""
+
+
+def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_are_available(fake, backend,
+                                                                                             monkeypatch):
+    """SBATCH_RESERVATION=hpcllm: n1 and n2 are that reservation's, n3 a class's reservation's (RESERVED as well),
+    n4 in none. Only n1 and n2 take the service's jobs: one sent to n3 by name would wait for the class to end."""
+    monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
+    fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
+    fake.on("scontrol", "-d -o show node", stdout=RESERVED_NODES)
+    fake.on("scontrol", "-o show reservation hpcllm", stdout=(
+        "ReservationName=hpcllm StartTime=2025-01-01T00:00:00 EndTime=2026-01-01T00:00:00 Duration=365-00:00:00 "
+        "Nodes=n[1-2] NodeCnt=2 CoreCnt=8 Features=(null) PartitionName=batch Flags=SPEC_NODES TRES=cpu=8 "
+        "Users=hpcllm Groups=(null) Accounts=(null) Licenses=(null) State=ACTIVE BurstBuffer=(null) Watts=n/a "
+        "MaxStartDelay=(null)\n"))
+    assert {n.name: n.available for n in backend.nodes()} == {"n1": True, "n2": True, "n3": False, "n4": False}
+    monkeypatch.delenv("SBATCH_RESERVATION")  # no reservation of its own: the reserved nodes are closed to it
+    assert {n.name: n.available for n in backend.nodes()} == {"n1": False, "n2": False, "n3": False, "n4": True}
+    assert len(fake.calls("scontrol")) == 3  # the reservation was read once, while it was named
+
+
+def test_a_reservation_slurm_does_not_show_is_an_error_saying_what_to_set(fake, backend, monkeypatch):
+    monkeypatch.setenv("SBATCH_RESERVATION", "ended")
+    fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
+    fake.on("scontrol", "-d -o show node", stdout=RESERVED_NODES)
+    fake.on("scontrol", "-o show reservation ended", stdout="Reservation ended not found\n", rc=1)
+    with pytest.raises(SlurmError, match=r"cannot read the nodes of reservation 'ended', which SBATCH_RESERVATION "
+                                         r"\(the service's environment\) names for the service's jobs: .*Reservation "
+                                         r"ended not found\. Set SBATCH_RESERVATION to the service's current "
+                                         r"reservation") as refused:
+        backend.nodes()
+    assert not isinstance(refused.value, SlurmUnavailable)
+
+
 def test_nodes_fall_back_to_scontrol_text(fake, backend):
     fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
     fake.on("scontrol", "-d -o show node", stdout=(FIXTURES / "scontrol_nodes_22.05.txt").read_text())

@@ -121,8 +121,19 @@ def make_fake_pyslurm():
             return Partitions({"batch": Partition(name="batch", state="UP", nodes="n[1-4]", is_default=True,
                                                   max_time=None, priority_tier=1, total_cpus=16, total_nodes=4)})
 
+    class Reservation:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    class Reservations(dict):
+        @staticmethod
+        def load():
+            return Reservations({"hpcllm": Reservation(name="hpcllm", nodes="n[2-3]", is_active=True),
+                                 "class": Reservation(name="class", nodes="n1", is_active=True)})
+
     module = types.SimpleNamespace(__version__="22.5.1", JobSubmitDescription=JobSubmitDescription, Job=Job,
-                                   Jobs=Jobs, Nodes=Nodes, Partitions=Partitions, RPCError=FakeRPCError)
+                                   Jobs=Jobs, Nodes=Nodes, Partitions=Partitions, Reservation=Reservation,
+                                   Reservations=Reservations, RPCError=FakeRPCError)
     return module, log
 
 
@@ -160,6 +171,25 @@ def test_calls_map_onto_pyslurm_25_api():
     assert (node.name, node.gpus_total, node.gpus_used, node.features) == ("n1", 2, 1, ("nvme",))
     (partition,) = backend.partitions()
     assert partition.is_default and partition.nodes == ("n1", "n2", "n3", "n4")
+
+
+def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_are_available(monkeypatch):
+    """SBATCH_RESERVATION=hpcllm holds n2 and n3; n1 is another reservation's (a class's): not the service's."""
+    module, _ = make_fake_pyslurm()
+    backend = PyslurmBackend(pyslurm=module)
+    monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
+    (node,) = backend.nodes()
+    assert node.name == "n1" and not node.available
+    monkeypatch.setenv("SBATCH_RESERVATION", "class")
+    (node,) = backend.nodes()
+    assert node.available
+    monkeypatch.setenv("SBATCH_RESERVATION", "ended")
+    with pytest.raises(SlurmError, match="reservation 'ended', which SBATCH_RESERVATION .*: Slurm lists no "
+                                         "reservation of that name"):
+        backend.nodes()
+    del module.Reservations  # a pyslurm older than 25.5: a clear error, not an AttributeError's traceback
+    with pytest.raises(SlurmError, match=r"this pyslurm \(22.5.1\) cannot read reservations"):
+        backend.nodes()
 
 
 def test_pyslurm_errors_become_slurm_errors():

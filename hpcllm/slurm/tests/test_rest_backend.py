@@ -43,6 +43,12 @@ class Server:
             return httpx.Response(200, text=(FIXTURES / "sinfo_22.05.json").read_text())
         if path == "/slurm/v0.0.38/partitions":
             return httpx.Response(200, text=(FIXTURES / "rest_partitions_v0.0.38.json").read_text())
+        if path == "/slurm/v0.0.38/reservation/hpcllm":
+            return httpx.Response(200, json={"errors": [], "reservations": [
+                {"name": "hpcllm", "node_list": "n[2-3]", "node_count": 2, "flags": ["SPEC_NODES"]}]})
+        if path.startswith("/slurm/v0.0.38/reservation/"):
+            return httpx.Response(500, json={"errors": [{"error_code": 2031, "error": "Unable to query reservation"}],
+                                             "reservations": []})
         if path.startswith("/slurm/v0.0.38/job/") and request.method == "DELETE":
             return httpx.Response(200, json={"errors": []})
         return httpx.Response(404, text="not found")
@@ -109,6 +115,16 @@ def test_statuses_nodes_partitions_use_the_shared_adapter(backend, server):
     assert [r.url.path for r in server.requests] == ["/slurm/v0.0.38/jobs"]  # one call for all jobs
     assert [n.gpus_total for n in backend.nodes()] == [2, 2, 2, 2]
     assert [p.name for p in backend.partitions() if p.is_default] == ["batch"]
+
+
+def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_are_available(backend, server,
+                                                                                             monkeypatch):
+    monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
+    assert {n.name: n.available for n in backend.nodes()} == {"n1": False, "n2": True, "n3": True, "n4": False}
+    assert server.requests[-1].url.path == "/slurm/v0.0.38/reservation/hpcllm"
+    monkeypatch.setenv("SBATCH_RESERVATION", "ended")
+    with pytest.raises(SlurmError, match="reservation 'ended', which SBATCH_RESERVATION .* names .*Unable to query"):
+        backend.nodes()
 
 
 def test_cancel_and_signal(backend, server):
