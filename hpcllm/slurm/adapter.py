@@ -17,7 +17,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from hpcllm.slurm.hostlist import HostlistError, expand_item, split_top_level
@@ -248,16 +248,22 @@ def _comment(value: Any) -> str | None:
 
 
 def jobs_from_json(payload: Mapping[str, Any], *, wanted: Collection[str] = ()) -> dict[str, JobStatus]:
-    """`squeue --json` / GET .../jobs -> {job id: JobStatus}; each of `wanted` that is an array task ("A_T") or a
-    het component ("H+O") is also found under that id (Slurm's JSON lists jobs by number only)."""
+    """`squeue --json` / GET .../jobs -> {job id: JobStatus}, with the aliases of statuses_with_aliases."""
+    return statuses_with_aliases(((job, job_status_from_json(job)) for job in payload.get("jobs") or []
+                                  if isinstance(job, Mapping) and job.get("job_id") is not None), wanted)
+
+
+def statuses_with_aliases(jobs: Iterable[tuple[Mapping[str, Any], JobStatus]],
+                          wanted: Collection[str] = ()) -> dict[str, JobStatus]:
+    """{job id: JobStatus} of (a job's fields as Slurm's JSON names them, its status) pairs; each of `wanted` that
+    is an array task ("A_T") or a het component ("H+O") is also found under that id (Slurm lists jobs by number
+    only: its JSON, pyslurm)."""
     other_ids = {job_id for job_id in wanted if not job_id.isdigit()}
     statuses = {}
-    for job in payload.get("jobs") or []:
-        if isinstance(job, Mapping) and job.get("job_id") is not None:
-            status = job_status_from_json(job)
-            for alias in _ids_among(job, other_ids) if other_ids else ():
-                statuses.setdefault(alias, dataclasses.replace(status, job_id=alias))
-            statuses[status.job_id] = status
+    for fields, status in jobs:
+        for alias in _ids_among(fields, other_ids) if other_ids else ():
+            statuses.setdefault(alias, dataclasses.replace(status, job_id=alias))
+        statuses[status.job_id] = status
     return statuses
 
 

@@ -118,7 +118,7 @@ class PyslurmBackend(SlurmBackend):
         wanted = [str(job_id) for job_id in job_ids]
         if not wanted:
             return {}
-        listed = self.list_jobs()
+        listed = self._jobs(wanted)
         return {
             job_id: listed.get(job_id) or adapter.missing_status(
                 job_id, "Slurm no longer lists this job (it ended more than MinJobAge ago)")
@@ -126,8 +126,13 @@ class PyslurmBackend(SlurmBackend):
         }
 
     def list_jobs(self) -> dict[str, JobStatus]:
+        return self._jobs()
+
+    def _jobs(self, wanted: list[str] | None = None) -> dict[str, JobStatus]:
+        """Every job by its number, and each of `wanted` that is an array task or het component by that id."""
         jobs = self._rpc("load jobs", self.pyslurm.Jobs.load)
-        return {str(job.id): job_status_from_pyslurm(job) for job in jobs.values()}
+        return adapter.statuses_with_aliases(((_id_fields(job), job_status_from_pyslurm(job)) for job in jobs.values()),
+                                             wanted or ())
 
     def cancel(self, job_id: str) -> None:
         try:
@@ -222,6 +227,14 @@ def job_status_from_pyslurm(job: Any) -> JobStatus:
         exit_code=adapter.exit_code(job.exit_code, getattr(job, "exit_code_signal", None)),
         comment=adapter._text(getattr(job, "comment", None)),
     )
+
+
+def _id_fields(job: Any) -> dict[str, Any]:
+    """A pyslurm Job's array and het fields under the names of Slurm's JSON (adapter.statuses_with_aliases)."""
+    return {"array_job_id": getattr(job, "array_id", None), "array_task_id": getattr(job, "array_task_id", None),
+            "array_task_string": getattr(job, "array_tasks_waiting", None),
+            "het_job_id": getattr(job, "heterogeneous_id", None),
+            "het_job_offset": getattr(job, "heterogeneous_offset", None)}
 
 
 def _gres_string(gres: Any) -> str:

@@ -244,6 +244,32 @@ def test_an_array_task_id_is_a_clear_error_not_a_traceback():
             act()
 
 
+def test_statuses_find_array_tasks_and_het_components_by_the_ids_users_give():
+    """As the CLI backend does: "500_4" is the array task with its own number 504, "500_7" a task the pending array
+    record still holds ("5-9%2"), "510+1" the het job's second component; pyslurm lists jobs by number only."""
+    module, _ = make_fake_pyslurm()
+    job = module.Job
+    common = dict(state_reason="None", partition="batch", start_time=None, end_time=None, time_limit=60,
+                  requeue_count=0, exit_code=None, allocated_nodes=None)
+    module.Jobs.load = staticmethod(lambda **kwargs: module.Jobs({
+        504: job(504, name="task", state="RUNNING", array_id=500, array_task_id=4, array_tasks_waiting=None,
+                 heterogeneous_id=0, heterogeneous_offset=0, **{**common, "allocated_nodes": "n1"}),
+        500: job(500, name="array", state="PENDING", array_id=500, array_task_id=None, array_tasks_waiting="5-9",
+                 heterogeneous_id=0, heterogeneous_offset=0, **common),
+        510: job(510, name="het", state="RUNNING", array_id=None, array_task_id=None, array_tasks_waiting=None,
+                 heterogeneous_id=510, heterogeneous_offset=0, **common),
+        511: job(511, name="het", state="PENDING", array_id=None, array_task_id=None, array_tasks_waiting=None,
+                 heterogeneous_id=510, heterogeneous_offset=1, **common),
+    }))
+    statuses = PyslurmBackend(pyslurm=module).statuses(["500_4", "500_7", "510+1", "510", "500_12"])
+    assert (statuses["500_4"].job_id, statuses["500_4"].state, statuses["500_4"].nodes) == (
+        "500_4", JobState.RUNNING, ("n1",))
+    assert statuses["500_7"].state is JobState.PENDING and not statuses["500_7"].missing
+    assert (statuses["510+1"].job_id, statuses["510+1"].state) == ("510+1", JobState.PENDING)
+    assert statuses["510"].state is JobState.RUNNING
+    assert statuses["500_12"].missing  # no such task
+
+
 def test_a_job_killed_by_a_signal_reports_128_plus_the_signal():
     module, _ = make_fake_pyslurm()
     killed = module.Job(7, name="k", state="CANCELLED", state_reason="None", allocated_nodes="n1",
