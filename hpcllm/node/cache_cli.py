@@ -187,8 +187,15 @@ def _no_agents(nodes, found, silent):
                      f"add an --agent-url for each node asked for")
 
 
+def _distinct_nodes(node_expr: str) -> list[str]:
+    """The nodes a --nodes hostlist names, in its order, each once: Slurm's expansion repeats a name given twice
+    (`n[1-2],n2`), and a node has one cache (warmed twice at once, or asked for one MPI rank per name, the job
+    would ask Slurm for more nodes than it names)."""
+    return list(dict.fromkeys(expand_nodes(node_expr)))
+
+
 def _clients(config: Config, cluster: Cluster, node_expr: str | None) -> list[NodeCache]:
-    nodes = expand_nodes(node_expr) if node_expr else None
+    nodes = _distinct_nodes(node_expr) if node_expr else None
     secret = config.cluster.shared_secret
     agents = AgentClient(secret, httpx.Timeout(ANSWER_SECONDS, connect=CONNECT_SECONDS), config.internal_http)
     found = cluster.agents(nodes)
@@ -235,7 +242,7 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degr
         if mpi or tier != "nvme":
             raise CacheError("--tensor-parallel keeps slice copies on the NVMe tier through the agents; leave out "
                              "--mpi and --tier dram")
-        order = expand_nodes(node_expr)  # ranks follow the hostlist's order, not the agents' answers
+        order = _distinct_nodes(node_expr)  # ranks follow the hostlist's order, not the agents' answers
         clients = sorted(_clients(config, cluster, node_expr), key=lambda c: order.index(c.agent.node))
         warm_slices_through_agents(clients, model, origin, rank_blocks(degree, [c.agent.node for c in clients]),
                                    timeout_s)
@@ -244,7 +251,7 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degr
         if tier != "nvme":
             raise CacheError("--mpi warms the NVMe tier; warm DRAM afterwards from the nodes' NVMe copies "
                              "(hpcllm cache warm MODEL --tier dram --nodes ...)")
-        nodes = expand_nodes(node_expr)
+        nodes = _distinct_nodes(node_expr)
         template = nvme_dir_template or str(config.node.nvme_dir)
         if "%j" in template:
             from hpcllm.node.mpiwarm import JOB_SCOPED_MESSAGE

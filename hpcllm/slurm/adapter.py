@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
+from hpcllm.slurm import hostlist
 from hpcllm.slurm.hostlist import HostlistError, expand_item, split_top_level
 from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, parse_walltime, service_reservations
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
@@ -30,15 +31,24 @@ log = logging.getLogger(__name__)
 
 
 def expand_hostlist(text: str | None) -> list[str]:
-    """Slurm hostlist -> names: "n[1-3,7],gpu[01-02]-x,login" -> n1 n2 n3 n7 gpu01-x gpu02-x login, by the rule of
-    hpcllm.slurm.hostlist (Slurm's: a range going backwards or holding more than 64Ki names is no hostlist)."""
+    """Slurm hostlist -> names: "n[1-3,7],gpu[01-02]-x,login" -> n1 n2 n3 n7 gpu01-x gpu02-x login, in order with
+    repeats: hpcllm.slurm.hostlist.expand_hostlist. Slurm printed it, so what that rule refuses is read item by item
+    instead (Slurm's rule: a range going backwards or holding more than 64Ki names is no hostlist), and an item it
+    cannot read is kept as Slurm printed it, as one name."""
     if not text or text in ("(null)", "None", "N/A"):
         return []
     try:
-        items = split_top_level(text.strip())
+        return hostlist.expand_hostlist(text)
+    except HostlistError:
+        return _expand_readable_items(text.strip())
+
+
+def _expand_readable_items(text: str) -> list[str]:
+    try:
+        items = split_top_level(text)
     except HostlistError as exc:  # unbalanced brackets
-        _log_unreadable_hostlist(text.strip(), str(exc))
-        return [text.strip()]
+        _log_unreadable_hostlist(text, str(exc))
+        return [text]
     names: list[str] = []
     for item in (item.strip() for item in items):
         if not item:

@@ -4,7 +4,9 @@
 Slurm; `expand_hostlist` is the pure-Python fallback: comma-separated items, each with any number of bracket groups
 of comma-separated numbers or `lo-hi` ranges (zero padding kept from `lo`), expanded as a cartesian product in order.
 As in Slurm's hostlist.c, a range that goes backwards (`n[3-1]`) is an error and one range holds at most
-MAX_RANGE names. `expand_item` is also how hpcllm.slurm.adapter reads the hostlists Slurm prints.
+MAX_RANGE names; and as `scontrol show hostnames` does, names keep their order and repeats (`n[1,1]` is n1 twice,
+`n[2,1]` n2 then n1): a per-task list names a node once per task. A caller that wants each node once drops the
+repeats itself. hpcllm.slurm.adapter reads the hostlists Slurm prints with `expand_hostlist` too.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def expand_item(item: str, expr: str | None = None) -> list[str]:
 
 
 def expand_hostlist(expr: str) -> list[str]:
-    """Pure-Python expansion; duplicates are dropped (first occurrence kept), like `scontrol show hostnames`."""
+    """Pure-Python expansion, in order with repeats, as `scontrol show hostnames` prints it."""
     expr = (expr or "").strip()
     if not expr:
         raise HostlistError("node list is empty; give node names like n1,n2 or n[1-4]")
@@ -98,8 +100,7 @@ def expand_hostlist(expr: str) -> list[str]:
         if not item:
             raise HostlistError(f"node list {expr!r} has an empty item (two commas, or a trailing comma)")
         names.extend(expand_item(item, expr))
-    seen: set[str] = set()
-    return [n for n in names if not (n in seen or seen.add(n))]
+    return names
 
 
 def expand_nodes(expr: str, timeout: float = 10.0) -> list[str]:

@@ -174,6 +174,27 @@ def test_a_node_asked_for_without_an_agent_url_is_named_not_skipped(capsys, agen
     assert len(agent_of_n1.warms) == 1
 
 
+def test_a_node_named_twice_in_the_hostlist_is_warmed_once(capsys, agent_of_n1, tmp_path, monkeypatch):
+    """`--nodes n[1-2],n1` expands, as Slurm expands it (scontrol show hostnames), to n1 twice: the node's cache is
+    warmed once, not twice at once."""
+    from hpcllm.node import cache_cli
+    from hpcllm.slurm.tests.fake_slurm import FakeSlurm
+
+    fake = FakeSlurm(tmp_path / "bin")
+    fake.on("scontrol", "show hostnames", stdout="n1\nn2\nn1\n")
+    monkeypatch.setenv("PATH", fake.path_env())
+    status = {"now": 1000.0, "models": [], "nodes": [
+        {"node_id": n, "state": "up", "agent_url": agent_of_n1.url, "last_heartbeat": 999.0} for n in ("n1", "n2")]}
+    monkeypatch.setattr(cache_cli.Cluster, "status", lambda self: status)
+
+    code = main(["cache", "warm", "llama", "--nodes", "n[1-2],n1", "--source", str(tmp_path)])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [c["args"] for c in fake.calls("scontrol")] == [["show", "hostnames", "n[1-2],n1"]]
+    assert len(agent_of_n1.warms) == 2  # n1 and n2 (one test agent stands for both), not n1, n2 and n1 again
+
+
 @pytest.mark.parametrize("url", ["http://[::1", "notaurl", "http://", "http://host:99999"])
 def test_an_agent_url_that_is_no_url_is_refused_by_name(capsys, url):
     """A mistyped --agent-url is named as such (it was a traceback, or read as an agent that is down)."""

@@ -289,6 +289,15 @@ def test_array_and_het_aliases_from_23_02_number_objects():
     assert jobs["500_4"].job_id == "500_4" and jobs["510+1"].state is JobState.RUNNING
 
 
+def test_hostlists_slurm_prints_read_as_the_hostlist_rule_reads_them():
+    # One rule (hpcllm.slurm.hostlist): order and repeats as Slurm's; only what it refuses is read item by item.
+    from hpcllm.slurm.hostlist import expand_hostlist
+
+    for text in ("n[1,1]", "n[1-2],n[2-3]", "n[2,1],gpu[01-02]-x"):
+        assert adapter.expand_hostlist(text) == expand_hostlist(text)
+    assert adapter.expand_hostlist("n[1,1],n[3-1]") == ["n1", "n1", "n[3-1]"]
+
+
 def test_a_node_in_a_reservation_is_not_available_for_hpcllms_jobs(monkeypatch):
     # A class's or a project's reservation (not a maintenance one): hpcllm's jobs name no reservation.
     monkeypatch.delenv("SBATCH_RESERVATION", raising=False)

@@ -17,7 +17,10 @@ from hpcllm.slurm.hostlist import MAX_RANGE, HostlistError, expand_hostlist, exp
     ("n[08-11]", ["n08", "n09", "n10", "n11"]),
     ("gpu[1-2]-[3,5]", ["gpu1-3", "gpu1-5", "gpu2-3", "gpu2-5"]),
     ("n1,n3,x[9-10]", ["n1", "n3", "x9", "x10"]),
-    ("n[1-2],n[2-3]", ["n1", "n2", "n3"]),
+    # As `scontrol show hostnames`: order and repeats kept (a per-task list names a node once per task).
+    ("n[1-2],n[2-3]", ["n1", "n2", "n2", "n3"]),
+    ("n[1,1]", ["n1", "n1"]),
+    ("n[2,1]", ["n2", "n1"]),
     ("node-a.b", ["node-a.b"]),
 ])
 def test_expands(expr, names):
@@ -63,7 +66,8 @@ def test_falls_back_when_scontrol_has_no_configuration(monkeypatch, tmp_path):
 @pytest.mark.slurm
 # Slurm 22.05 refuses a suffix after the last bracket ("a[01-03]b": Invalid hostlist, empty output); newer Slurm
 # and the fallback expand it, and expand_nodes falls back when scontrol prints nothing.
-@pytest.mark.parametrize("expr", ["n[1-4,7]", "a[01-02]b[1-2]", "n1,n3,x[9-10]", "gpu[1-2]-[3,5]"])
+@pytest.mark.parametrize("expr", ["n[1-4,7]", "a[01-02]b[1-2]", "n1,n3,x[9-10]", "gpu[1-2]-[3,5]", "n[1,1]",
+                                  "n[1-2],n[2-3]", "n[2,1]"])
 def test_agrees_with_scontrol(expr, slurm_cluster):
     result = subprocess.run(["scontrol", "show", "hostnames", expr], capture_output=True, text=True, timeout=30,
                             env=slurm_cluster.env)
