@@ -153,7 +153,7 @@ class AgentChanges:
     """The instance starts and stops this controller made through node agents, which a heartbeat built before it
     arrived may not know yet. Kept in memory (newest last, with the node; bounded): after a restart reconcile reads
     every agent's list. A node's are forgotten when its agent registers again (a new process: its instance ids may
-    be reused, its versions start again).
+    be reused; its versions go on from the clock, above the old process's: first_instances_version).
     - Stopped (or migrated out, which stops them): an agent never reports a stopped instance again, so a heartbeat
       listing one alive that was built before the stop is stale, not a resurrection.
     - Started: a heartbeat that lacks the instance may have been built before the agent took the start (however

@@ -20,6 +20,7 @@ Every call needs `X-Hpcllm-Secret: <cluster.shared_secret>` (401 otherwise). Err
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field
@@ -76,6 +77,16 @@ class StartInstance(WireModel):
 
 # instances_version: the agent's instance-list version (controller Heartbeat.instances_version) with the instance
 # added (StartedInstance), removed (StoppedInstance), or as listed (InstanceList).
+
+
+def first_instances_version() -> int:
+    """The instance-list version an agent process starts from: the wall clock in microseconds. Each change counts
+    one up, far fewer than the microseconds a process lives, so every version of a restarted agent is above every
+    version of the process before it on that node, and a report of the old process arriving late is told as older
+    than the new one's starts and stops (AgentChanges). Fits the heartbeat's INT64 field."""
+    return time.time_ns() // 1000
+
+
 class StartedInstance(Wire):
     instance_id: str
     worker_url: str | None = None

@@ -50,7 +50,7 @@ from hpcllm.errors import HpcllmError
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import MIG_PREFIX, GpuInventory
-from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance
+from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance, first_instances_version
 from hpcllm.procs import exited_within
 from hpcllm.slurm.base import catchable_signal
 from hpcllm.store.memory import HOST_POOL_ENV
@@ -331,9 +331,11 @@ class WorkerManager:
         self.accepting = True
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
-        # The instance list's version: one more with every instance added or removed. The heartbeats carry it, and
-        # the start and stop answers the version they made: the controller tells a report older than a change by it.
-        self.version = 0
+        # The instance list's version: one more with every instance added or removed, from the clock at the start
+        # (first_instances_version: a restarted agent's versions are above its old process's). The heartbeats carry
+        # it, and the start and stop answers the version they made: the controller tells a report older than a
+        # change by it.
+        self.version = first_instances_version()
         self._spares: list[Spare] = []
         # Stopped instances whose processes outlived their SIGKILL: forgotten, but their GPUs in use until the watcher
         # sees the processes gone (they hold the GPUs' memory).

@@ -15,6 +15,7 @@ from pathlib import Path
 from hpcllm.controller.agents import AgentClient, StartedInstance
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.protocol import AdapterFailure, InstanceInfo, LoraAdaptersApplied
+from hpcllm.node.protocol import first_instances_version
 from hpcllm.slurm.base import JobSpec, JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 
@@ -145,7 +146,9 @@ class RecordingBackend(SlurmBackend):
 class FakeNodeAgent:
     url: str
     instances: dict[str, InstanceInfo] = field(default_factory=dict)
-    version: int = 0  # its instance-list version, as the real agent's: one more with each instance added or removed
+    # Its instance-list version, as the real agent's: from the clock when its process starts (a new FakeNodeAgent:
+    # the agent restarted), one more with each instance added or removed.
+    version: int = field(default_factory=first_instances_version)
 
     def add(self, info: InstanceInfo) -> int:
         self.instances[info.instance_id] = info
@@ -237,6 +240,10 @@ class FakeAgents(AgentClient):
         return self._agent(agent_url).version
 
     # test controls
+    def restart(self, agent_url: str) -> None:
+        """The node's agent process restarts: a new one, with no instances, its versions from the clock again."""
+        self.agents[agent_url] = FakeNodeAgent(agent_url)
+
     def finish_loading(self, agent_url: str, tier: str = "nvme", load_seconds: float = 1.5) -> list[InstanceInfo]:
         agent = self._agent(agent_url)
         for instance_id, info in agent.instances.items():

@@ -605,6 +605,28 @@ def test_a_heartbeat_built_before_a_migration_and_held_up_does_not_bring_the_mov
     assert harness.registry.get_instance(moved) is None
 
 
+def test_a_late_heartbeat_of_the_agents_previous_process_does_not_forget_an_instance_its_new_process_starts(harness):
+    """The node's agent stopped its instances (it drained) and its last heartbeat, held up, arrives after the agent
+    restarted, registered again and took a new start: the old process's report is older than that start (a new
+    process counts its versions on from the clock), so the loading instance is kept and the next request waits for
+    it instead of starting a second one beside it."""
+    harness.deploy("m")
+    harness.register("n1")
+    url = "http://n1:9000"
+    ready_instance(harness)
+    old = harness.agents.agents[url]
+    for instance_id in list(old.instances):
+        old.remove(instance_id)  # stopped by the agent itself: its version counts on
+    stale = agents_report(harness)
+    harness.agents.restart(url)
+    harness.register("n1")
+    started = harness.controller.route("m").instance_id
+    harness.controller.heartbeat("n1", stale)
+    again = harness.controller.route("m")
+    assert (again.status, again.instance_id) == ("starting", started)
+    assert len(harness.agents.started) == 2  # the old process's instance, and the new one's: no third
+
+
 def test_an_instance_reported_after_its_stop_by_the_agents_version_is_taken_as_what_it_is(harness):
     """A stop is not held against a report the agent built after it (its version is the stop's or newer): an
     instance of that id it lists then is taken as what it is, at once, with no time window to wait out."""

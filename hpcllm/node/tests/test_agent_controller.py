@@ -198,6 +198,22 @@ def test_the_controller_reads_the_instance_list_version_of_each_start_stop_and_h
         agent.shutdown()
 
 
+def test_a_restarted_agents_instance_list_versions_are_above_its_previous_process(tmp_path):
+    """The controller compares the versions of one node's reports across agent restarts: a late report of the old
+    process must look older than anything the new one reports (else it dropped the new process's starts)."""
+    old = make_agent(tmp_path)
+    try:
+        _, last_of_old = old.instance_listing()
+    finally:
+        old.shutdown()
+    new = make_agent(tmp_path)
+    try:
+        _, first_of_new = new.instance_listing()
+        assert first_of_new > last_of_old
+    finally:
+        new.shutdown()
+
+
 def test_a_controller_older_than_the_agent_gets_heartbeats_without_the_instance_list_version(tmp_path, caplog):
     """An older controller refuses the unknown field (400): the agent keeps beating without it, not declared lost."""
     import json
