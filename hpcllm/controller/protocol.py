@@ -180,9 +180,10 @@ class Heartbeat(WireModel):
     # A model pool's Slurm job ends then (Unix time, as Slurm says now: `scontrol update TimeLimit` moves it); None:
     # no time limit, or not known. The controller hands the pool over before it (docs/controller.md "Model pools").
     job_end: float | None = Field(None, gt=0)
-    # The version of the agent's instance list these instances are: one more with each instance it adds or removes,
-    # and its start and stop answers say the version they made. A report older than a start or stop the controller
-    # had the agent make is told by it, however late it arrives (AgentChanges); None: an agent older than versions.
+    # The version of the agent's instance list these instances are: one more with each instance it adds or removes
+    # or whose state or worker URL changes, and its start and stop answers say the version they made. A report
+    # older than a start or stop the controller had the agent make, or than a report already applied, is told by it,
+    # however late it arrives (AgentChanges); None: an agent older than versions.
     instances_version: int | None = Field(None, ge=0, le=INT64_MAX)
 
     @model_validator(mode="after")

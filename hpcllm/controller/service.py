@@ -160,11 +160,13 @@ class AgentChanges:
       long the start took).
     Which heartbeat was built before a change: one whose instance-list version (Heartbeat.instances_version) is
     older than the change's, however late it arrives. An agent without versions: one within a while of the change
-    (started_after / stopped_after, by when the agent confirmed it); those changes are forgotten after that while."""
+    (started_after / stopped_after, by when the agent confirmed it); those changes are forgotten after that while.
+    And the newest version of each node's reports applied (newer_report): an older one was overtaken on its way."""
 
     def __init__(self, limit: int = AGENT_CHANGES_REMEMBERED):
         self._stopped: OrderedDict[str, AgentChange] = OrderedDict()  # instance id -> its stop
         self._confirmed: OrderedDict[str, AgentChange] = OrderedDict()
+        self._applied: dict[str, int] = {}  # node id -> the newest instance-list version applied (newer_report)
         self._limit = limit
         self._lock = threading.Lock()
 
@@ -205,9 +207,23 @@ class AgentChanges:
                 return report < change.version
             return change.at >= since
 
+    def newer_report(self, node_id: str, report: int | None) -> bool:
+        """Whether a heartbeat of instance-list version `report` is no older than the newest one of the node's agent
+        applied so far (then it is the newest), else it was overtaken on its way (a held-up POST, a slow registry)
+        and its list must not turn the later one back: an instance the agent stopped by itself alive again, a failed
+        one ready. None (an agent without versions): always."""
+        if report is None:
+            return True
+        with self._lock:
+            if report < self._applied.get(node_id, report):
+                return False
+            self._applied[node_id] = report
+            return True
+
     def forget_node(self, node_id: str) -> None:
         """Its agent registered again: its instance ids are new ones (a reused id is not the stopped instance)."""
         with self._lock:
+            self._applied.pop(node_id, None)
             for changes in (self._stopped, self._confirmed):
                 for instance_id in [i for i, change in changes.items() if change.node_id == node_id]:
                     del changes[instance_id]
@@ -772,9 +788,11 @@ class Controller:
         # window of time for an agent without versions).
         period, report = self.config.node.heartbeat_seconds, hb.instances_version
         started_since, stopped_since = now - period, now - 2 * period - STALE_REPORT_MARGIN_SECONDS
+        # And one overtaken by a later heartbeat changes nothing but the node's liveness.
         outcome = self.registry.heartbeat(
             node_id, hb, now, just_started=lambda i: self._agent_changes.started_after(i, report, started_since),
-            stopped=lambda i: self._agent_changes.stopped_after(i, report, stopped_since))
+            stopped=lambda i: self._agent_changes.stopped_after(i, report, stopped_since),
+            overtaken=lambda: not self._agent_changes.newer_report(node_id, report))
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:

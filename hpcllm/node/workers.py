@@ -331,10 +331,11 @@ class WorkerManager:
         self.accepting = True
         self._lock = threading.RLock()  # start() checks GPUs under the same lock
         self._instances: dict[str, Instance] = {}
-        # The instance list's version: one more with every instance added or removed, from the clock at the start
-        # (first_instances_version: a restarted agent's versions are above its old process's). The heartbeats carry
-        # it, and the start and stop answers the version they made: the controller tells a report older than a
-        # change by it.
+        # The instance list's version: one more with every instance added or removed and every change of an
+        # instance's state or worker URL (_new_version), from the clock at the start (first_instances_version: a
+        # restarted agent's versions are above its old process's). The heartbeats carry it, and the start and stop
+        # answers the version they made: the controller tells a report older than a change, or than a report it
+        # already applied, by it.
         self.version = first_instances_version()
         self._spares: list[Spare] = []
         # Stopped instances whose processes outlived their SIGKILL: forgotten, but their GPUs in use until the watcher
@@ -782,8 +783,7 @@ class WorkerManager:
                 if held:
                     self.cache.release(req.model, tier)
             self._instances[inst.instance_id] = inst
-            self.version += 1
-            inst.added_in = self.version
+            inst.added_in = self._new_version()
             self.starts += 1
         launcher = (f"srun of {req.tensor_parallel} tensor-parallel ranks over {req.nodes} nodes" if req.nodes > 1
                     else f"mpirun of {req.tensor_parallel} tensor-parallel ranks")
@@ -795,6 +795,13 @@ class WorkerManager:
 
     # ------------------------------------------------------------------------------------------------- watch
 
+    def _new_version(self) -> int:
+        """The instance list changed (an instance added or removed, one's state or worker URL): one version more,
+        counted after the change is made, so a report listing the old state never carries the new version."""
+        with self._lock:
+            self.version += 1
+            return self.version
+
     def _set_state(self, inst: Instance, state: str, error: str | None = None) -> None:
         if inst.state == state:
             return
@@ -802,6 +809,7 @@ class WorkerManager:
         inst.state = state
         if error:
             inst.error = error
+        self._new_version()  # a late report of the old state (ready before failed) must not undo the new one
         if was_loading:
             self.ensure_spares()  # after the load, not during it: a spare's imports would compete for the CPU
         log.info("instance %s (%s): %s%s", inst.instance_id, inst.model, state, f": {error}" if error else "")
@@ -816,6 +824,7 @@ class WorkerManager:
             except OSError:
                 return
             if inst.worker_url:
+                self._new_version()
                 self.on_change()
         if inst.worker_url is None:
             return
@@ -1134,8 +1143,7 @@ class WorkerManager:
         inst.done.wait(timeout=10)
         with self._lock:
             if self._instances.pop(instance_id, None) is not None:  # not already by a stop beside this one
-                self.version += 1
-                inst.removed_in = self.version
+                inst.removed_in = self._new_version()
             if not inst.done.is_set():  # a process outlived its SIGKILL: the watcher frees the GPUs once it is gone
                 self._leftovers[instance_id] = inst
         self.on_change()

@@ -551,18 +551,23 @@ class Registry:
         return _node(row)
 
     def heartbeat(self, node_id: str, hb: Heartbeat, now: float, just_started: Callable[[str], bool] = _no_instance,
-                  stopped: Callable[[str], bool] = _no_instance) -> HeartbeatOutcome:
+                  stopped: Callable[[str], bool] = _no_instance,
+                  overtaken: Callable[[], bool] = lambda: False) -> HeartbeatOutcome:
         """Replace a node's cache list and instance list (and its tiers' rates, when given) with what its agent
         reports, atomically. just_started: whether the report was built before the agent took an instance's start
         (kept while loading when unreported); stopped: whether it was built before the controller had its agent stop
-        an instance (a report of it alive is dropped). The controller's AgentChanges tell both.
-        Both are asked inside the transaction: a start or stop made while this heartbeat waited for it counts."""
+        an instance (a report of it alive is dropped); overtaken: whether a later report of the agent was applied
+        already (then only the node's liveness is noted). The controller's AgentChanges tell them.
+        All are asked inside the transaction: a start, stop or heartbeat made while this heartbeat waited counts."""
         outcome = HeartbeatOutcome()
         with self._tx() as db:
             row = db.execute("SELECT * FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
             if row is None or row["state"] not in NODE_LIVE_STATES:
                 raise UnknownNode(f"node {node_id!r} is not registered (or was declared lost): register again")
             node = _node(row)
+            if overtaken():
+                db.execute("UPDATE nodes SET last_heartbeat = ? WHERE node_id = ?", (now, node_id))
+                return outcome
             db.execute("UPDATE nodes SET last_heartbeat = ?, job_end = ? WHERE node_id = ?", (now, hb.job_end, node_id))
             if hb.tiers is not None:  # measured again: placement counts with the new rates
                 db.execute("UPDATE nodes SET tiers = ?, h2d_gbps = ? WHERE node_id = ?",

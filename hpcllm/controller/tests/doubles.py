@@ -155,6 +155,12 @@ class FakeNodeAgent:
         self.version += 1
         return self.version
 
+    def update(self, instance_id: str, **fields) -> InstanceInfo:
+        """An instance's state (or other fields) changed: a new version, as the real agent's."""
+        self.instances[instance_id] = self.instances[instance_id].model_copy(update=fields)
+        self.version += 1
+        return self.instances[instance_id]
+
     def remove(self, instance_id: str) -> InstanceInfo | None:
         removed = self.instances.pop(instance_id, None)
         if removed is not None:
@@ -246,10 +252,9 @@ class FakeAgents(AgentClient):
 
     def finish_loading(self, agent_url: str, tier: str = "nvme", load_seconds: float = 1.5) -> list[InstanceInfo]:
         agent = self._agent(agent_url)
-        for instance_id, info in agent.instances.items():
+        for instance_id, info in list(agent.instances.items()):
             if info.state == "loading":
-                agent.instances[instance_id] = info.model_copy(
-                    update={"state": "ready", "load_tier": tier, "load_seconds": load_seconds})
+                agent.update(instance_id, state="ready", load_tier=tier, load_seconds=load_seconds)
         return list(agent.instances.values())
 
 

@@ -627,6 +627,35 @@ def test_a_late_heartbeat_of_the_agents_previous_process_does_not_forget_an_inst
     assert len(harness.agents.started) == 2  # the old process's instance, and the new one's: no third
 
 
+def test_a_heartbeat_overtaken_by_a_later_one_does_not_bring_back_an_instance_the_agent_stopped_itself(harness):
+    """The agent stops an instance by itself (it drains; a model pool's agent stops its failed instance) and
+    reports the list without it; a heartbeat it built before, held up, arrives after that one: its older version
+    does not bring the stopped instance back (no route to a dead worker)."""
+    harness.deploy("m")
+    harness.register("n1")
+    stopped = ready_instance(harness)
+    stale = agents_report(harness)
+    harness.agents.agents["http://n1:9000"].remove(stopped)
+    harness.heartbeat("n1")
+    harness.controller.heartbeat("n1", stale)
+    assert harness.registry.get_instance(stopped) is None
+    assert harness.controller.route("m").status == "starting"
+
+
+def test_a_heartbeat_overtaken_by_a_later_one_does_not_turn_a_failed_instance_back_to_ready(harness):
+    """A heartbeat listing the instance ready, held up, arrives after the one that reported its worker failed: the
+    failure stands (the state change has a version of its own), nothing routes to the dead worker."""
+    harness.deploy("m")
+    harness.register("n1")
+    failed = ready_instance(harness)
+    stale = agents_report(harness)
+    harness.agents.agents["http://n1:9000"].update(failed, state="failed", error="worker exited with status 1")
+    harness.heartbeat("n1")
+    harness.controller.heartbeat("n1", stale)
+    assert harness.registry.get_instance(failed) is None
+    assert harness.controller.route("m").status == "starting"
+
+
 def test_an_instance_reported_after_its_stop_by_the_agents_version_is_taken_as_what_it_is(harness):
     """A stop is not held against a report the agent built after it (its version is the stop's or newer): an
     instance of that id it lists then is taken as what it is, at once, with no time window to wait out."""

@@ -147,7 +147,7 @@ def test_a_failed_spanning_instance_whose_allocation_cannot_be_cancelled_is_not_
     h.register("n1", gpus=0, job=job)
     iid = h.controller.route_once("tp").instance_id
     agent = h.agents.agents["http://n1:9000"]
-    agent.instances[iid] = agent.instances[iid].model_copy(update={"state": "failed", "error": "rank 1: corrupt"})
+    agent.update(iid, state="failed", error="rank 1: corrupt")
     h.backend.down = True
     h.heartbeat("n1")
     assert h.registry.get_allocation(job).state == "cancelling"  # given up, although scancel did not get through

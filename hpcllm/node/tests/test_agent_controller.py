@@ -13,7 +13,8 @@ from hpcllm.controller.server import build_service
 from hpcllm.controller.tests.doubles import RecordingBackend
 from hpcllm.httpkit.tests.thread_server import ThreadServer
 from hpcllm.node.app import create_app
-from hpcllm.node.tests.test_agent import SECRET, converted, make_agent  # noqa: F401  (converted is a fixture)
+from hpcllm.node.protocol import StartInstance
+from hpcllm.node.tests.test_agent import SECRET, converted, make_agent, wait_for  # noqa: F401  (converted: a fixture)
 
 
 def start_controller(tmp_path, name: str):
@@ -195,6 +196,24 @@ def test_the_controller_reads_the_instance_list_version_of_each_start_stop_and_h
         assert (sent[1].instances, sent[1].instances_version) == ([], after_stop)
     finally:
         client.close()
+        agent.shutdown()
+
+
+def test_an_instance_that_fails_is_reported_with_a_newer_instance_list_version(tmp_path):
+    """The controller applies no report older than one it applied: a report listing the instance failed must carry
+    a newer version than the one that listed it loading (or that one, arriving late, would count and the failure
+    not). Its start times out at once: failed before its worker (still importing) says where it listens."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    agent = make_agent(tmp_path, worker_start_timeout_seconds=0.01)
+    try:
+        started = agent.workers.start(StartInstance(model="broken", source=str(broken), gpu_ids=[]))
+        wait_for(lambda: started.state == "failed", what="the instance reported failed")
+        infos, version = agent.instance_listing()
+        assert [i.state for i in infos] == ["failed"]
+        assert version > started.added_in
+    finally:
         agent.shutdown()
 
 
