@@ -178,7 +178,10 @@ class AgentClient:
         resp = self._call("GET", url)
         if resp.status_code != 200:
             raise AgentError(f"node agent {url}: HTTP {resp.status_code} {error_of(resp)[1]}")
-        return url, resp.json() if resp.content else []
+        try:
+            return url, resp.json() if resp.content else []
+        except ValueError:  # no JSON (a proxy's page): the agent's error, which its callers handle
+            raise AgentError(f"node agent {url} sent an unreadable instance list: {resp.text[:200]!r}") from None
 
 
 def _instances_version(body: dict) -> int | None:

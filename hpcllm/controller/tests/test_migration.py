@@ -4,9 +4,11 @@ there is no target), with what happened logged and counted in hpcllm_controller_
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hpcllm.controller.agents import AgentClient
 from hpcllm.controller.cli import print_status
 from hpcllm.controller.errors import AgentError
 from hpcllm.controller.tests.doubles import FakeAgents
@@ -337,3 +339,18 @@ def test_retirement_live_migrates_requests_to_an_instance_outside_the_retiring_a
     assert ("retire", job) in report.kinds()
     assert agents.migrations == [("http://n1:9000", old.instance_id, f"http://n9:9000/workers/{other}")]
     assert metric(client, "hpcllm_controller_migrations_total", model="m", trigger="retire", outcome="migrated") == 1
+
+
+def test_an_instance_list_that_is_no_json_is_the_agents_error():
+    """After a move the controller reads the agent's instance-list version (reconcile its list): a 200 answer that
+    is no JSON (a proxy's page) is an AgentError its callers log, not a ValueError escaping a finished migration."""
+    client = AgentClient("test-secret")
+    client._http = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(
+        200, text="<html>502 Bad Gateway</html>")))
+    try:
+        for read in (client.instances_version, client.list_instances):
+            with pytest.raises(AgentError, match=r"node agent http://n1:9000/v1/internal/instances sent an "
+                                                 r"unreadable instance list: '<html>502 Bad Gateway</html>'"):
+                read("http://n1:9000")
+    finally:
+        client.close()
