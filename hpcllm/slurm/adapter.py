@@ -22,7 +22,8 @@ from typing import Any
 
 from hpcllm.slurm import hostlist
 from hpcllm.slurm.hostlist import HostlistError, expand_item, split_top_level
-from hpcllm.slurm.base import JobState, JobStatus, NodeInfo, PartitionInfo, parse_walltime, service_reservations
+from hpcllm.slurm.base import (JobState, JobStatus, NodeInfo, PartitionInfo, ReservationInfo, parse_walltime,
+                               service_reservations)
 from hpcllm.slurm.errors import SlurmError, SlurmUnavailable
 
 log = logging.getLogger(__name__)
@@ -629,27 +630,29 @@ def partitions_from_json(payload: Mapping[str, Any]) -> list[PartitionInfo]:
 # --------------------------------------------------------------------------------------------- reservations
 
 
-def with_reservations(nodes: list[NodeInfo],
-                      reservation_nodes: Callable[[str], tuple[str, ...] | None]) -> list[NodeInfo]:
-    """The nodes, each with the service's reservations (service_reservations(): SBATCH_RESERVATION) that hold it:
-    reservation_nodes(name) (a backend's read of one reservation: its nodes, None when Slurm shows none of that name)
-    once for each, never without SBATCH_RESERVATION. A reservation whose nodes cannot be read (one Slurm does not
-    show: sbatch would refuse every job) is a SlurmError saying what to set."""
+def with_reservations(nodes: list[NodeInfo], reservations: Callable[[], list[ReservationInfo]]) -> list[NodeInfo]:
+    """The nodes, each with the service's reservations (service_reservations(): SBATCH_RESERVATION) whose jobs may
+    run there: a reservation's own nodes, and, for a FLEX or node-less one (ReservationInfo.takes_unreserved_nodes),
+    the nodes in no reservation (not RESERVED). reservations() (a backend's one read of all Slurm shows) is called
+    once, never without SBATCH_RESERVATION. A reservation whose nodes cannot be read (one Slurm does not show:
+    sbatch would refuse every job) is a SlurmError saying what to set."""
     wanted = service_reservations()
     if not wanted:
         return nodes
-    members = {}
+    try:
+        shown = {resv.name: resv for resv in reservations()}
+    except SlurmUnavailable:
+        raise
+    except SlurmError as exc:
+        raise _no_reservation(wanted[0], str(exc), exc.slurm_message) from None
     for name in wanted:
-        try:
-            nodes_of = reservation_nodes(name)
-        except SlurmUnavailable:
-            raise
-        except SlurmError as exc:
-            raise _no_reservation(name, str(exc), exc.slurm_message) from None
-        if nodes_of is None:
+        if name not in shown:
             raise _no_reservation(name, "Slurm lists no reservation of that name")
-        members[name] = set(nodes_of)
-    return [dataclasses.replace(node, reservations=tuple(r for r in wanted if node.name in members[r]))
+
+    def takes(node: NodeInfo, resv: ReservationInfo) -> bool:
+        return node.name in resv.nodes or (resv.takes_unreserved_nodes and "RESERVED" not in node.state_flags)
+
+    return [dataclasses.replace(node, reservations=tuple(r for r in wanted if takes(node, shown[r])))
             for node in nodes]
 
 
@@ -659,23 +662,24 @@ def _no_reservation(name: str, why: str, slurm_message: str = "") -> SlurmError:
                       f"current reservation (`scontrol show reservation` lists them) or unset it", slurm_message)
 
 
-def reservation_nodes_from_scontrol_text(text: str, name: str) -> tuple[str, ...] | None:
-    """`scontrol -o show reservation NAME` -> that reservation's nodes; None when it lists none of that name."""
-    for line in text.splitlines():
-        if line.startswith("ReservationName="):
-            kv = parse_key_values(line)
-            if kv["ReservationName"] == name:
-                return tuple(expand_hostlist(kv.get("Nodes")))
-    return None
+def reservations_from_scontrol_text(text: str) -> list[ReservationInfo]:
+    """`scontrol -o show reservation` -> every reservation ("No reservations in the system": none)."""
+    return [ReservationInfo(name=kv["ReservationName"], nodes=tuple(expand_hostlist(kv.get("Nodes"))),
+                            flags=_flags(kv.get("Flags")))
+            for kv in (parse_key_values(line) for line in text.splitlines() if line.startswith("ReservationName="))]
 
 
-def reservation_nodes_from_json(payload: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
-    """GET .../reservation/NAME (`{"reservations": [{"name", "node_list"}]}`) -> that reservation's nodes; None
-    when it lists none of that name."""
-    for resv in payload.get("reservations") or []:
-        if isinstance(resv, Mapping) and resv.get("name") == name:
-            return tuple(expand_hostlist(_text(resv.get("node_list"))))
-    return None
+def reservations_from_json(payload: Mapping[str, Any]) -> list[ReservationInfo]:
+    """GET .../reservations (`{"reservations": [{"name", "node_list", "flags"}]}`) -> every reservation."""
+    return [ReservationInfo(name=str(resv["name"]), nodes=tuple(expand_hostlist(_text(resv.get("node_list")))),
+                            flags=_flags(resv.get("flags")))
+            for resv in payload.get("reservations") or [] if isinstance(resv, Mapping) and resv.get("name")]
+
+
+def _flags(value: Any) -> tuple[str, ...]:
+    """Slurm's flags, "FLEX,SPEC_NODES" or ["FLEX", "SPEC_NODES"] -> ("FLEX", "SPEC_NODES")."""
+    text = _text(value)
+    return tuple(flag.strip().upper() for flag in text.split(",") if flag.strip()) if text else ()
 
 
 def _as_list(value: Any) -> list[Any]:

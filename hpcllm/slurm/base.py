@@ -125,8 +125,9 @@ class NodeInfo:
     memory_allocated_mb: int = 0
     features: tuple[str, ...] = ()
     reason: str | None = None
-    # The service's reservations (service_reservations()) that hold this node, as its backend read them
-    # (adapter.with_reservations); () without SBATCH_RESERVATION.
+    # The service's reservations (service_reservations()) whose jobs may run on this node, as its backend read them
+    # (adapter.with_reservations): those that hold it, and, for a node in no reservation, a FLEX or node-less one
+    # (ReservationInfo.takes_unreserved_nodes); () without SBATCH_RESERVATION.
     reservations: tuple[str, ...] = ()
 
     @property
@@ -158,6 +159,22 @@ _UNAVAILABLE_NODE_FLAGS = frozenset(
 # with SBATCH_RESERVATION (sbatch reads it; hpcllm passes SBATCH_* on), and then that reservation's nodes are the
 # ones to place on, and no other: a node RESERVED by another reservation is as closed to the service's jobs as
 # ever, and one in none takes no job of a reservation either.
+
+
+@dataclass(frozen=True)
+class ReservationInfo:
+    """A Slurm reservation as a backend reads it: its nodes, and its flags as Slurm names them (FLEX, ANY_NODES,
+    MAINT, ...)."""
+
+    name: str
+    nodes: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+
+    @property
+    def takes_unreserved_nodes(self) -> bool:
+        """Its jobs may also run on nodes in no reservation: FLEX (its own nodes and others), ANY_NODES, or none of
+        its own (licences or burst buffers only)."""
+        return not self.nodes or bool({"FLEX", "ANY_NODES"} & set(self.flags))
 
 
 def service_reservations() -> tuple[str, ...]:

@@ -8,8 +8,8 @@
 - list_jobs: the same squeue call (comments are in the JSON; the text fallback asks a second `squeue -O
   JobID,Comment`);
 - nodes: `sinfo --json` (22.05-23.11 shape), `scontrol show nodes --json` (23.02+), else `scontrol -d -o show node`;
-- partitions: `scontrol -o show partition`; with SBATCH_RESERVATION set, the nodes of its reservations from
-  `scontrol -o show reservation NAME` (the service's jobs run on those nodes only: NodeInfo.available);
+- partitions: `scontrol -o show partition`; with SBATCH_RESERVATION set, nodes() reads every reservation with one
+  `scontrol -o show reservation` (the service's jobs run on its reservations' nodes only: NodeInfo.available);
 - estimate_start: the rendered script on `sbatch --test-only` (prints "Job N to start at T using P processors on
   nodes X in partition Y"; nothing is submitted); pending_start_times: `squeue --start` for our queued jobs;
 - job_end (a model pool's agent, of its own job): `squeue --jobs=N` in the same pinned text format.
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING
 
 from hpcllm.errors import ConfigError
 from hpcllm.slurm import adapter
-from hpcllm.slurm.base import (JobSpec, JobState, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, StartEstimate,
-                               signal_name)
+from hpcllm.slurm.base import (JobSpec, JobState, JobStatus, NodeInfo, PartitionInfo, ReservationInfo, SlurmBackend,
+                               StartEstimate, signal_name)
 from hpcllm.slurm.environment import inherited_sbatch_options, run_slurm_command
 from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done, unreachable,
                                  with_setting_hint)
@@ -175,7 +175,7 @@ class CliBackend(SlurmBackend):
         self._run(["scancel", f"--signal={signal_name(sig)}", target, str(job_id)])
 
     def nodes(self) -> list[NodeInfo]:
-        return adapter.with_reservations(self._nodes(), self.reservation_nodes)
+        return adapter.with_reservations(self._nodes(), self.reservations)
 
     def _nodes(self) -> list[NodeInfo]:
         if self._sinfo_json:
@@ -193,9 +193,8 @@ class CliBackend(SlurmBackend):
     def partitions(self) -> list[PartitionInfo]:
         return adapter.partitions_from_scontrol_text(self._run(["scontrol", "-o", "show", "partition"]).stdout)
 
-    def reservation_nodes(self, name: str) -> tuple[str, ...] | None:
-        text = self._run(["scontrol", "-o", "show", "reservation", name]).stdout
-        return adapter.reservation_nodes_from_scontrol_text(text, name)
+    def reservations(self) -> list[ReservationInfo]:
+        return adapter.reservations_from_scontrol_text(self._run(["scontrol", "-o", "show", "reservation"]).stdout)
 
     def estimate_start(self, spec: JobSpec) -> StartEstimate | None:
         result = self._sbatch("--test-only", spec)

@@ -8,12 +8,13 @@ so there the answer is `[slurm] backend = "cli"` (default) or `"rest"`.
 
 Calls (pyslurm 25.x): pyslurm.JobSubmitDescription(...).submit(), pyslurm.Jobs.load(), pyslurm.Job(id).cancel(),
 .requeue(), .send_signal(sig, steps="batch"|"all"), pyslurm.Nodes.load(), pyslurm.Partitions.load(),
-pyslurm.Reservations.load() (the nodes of SBATCH_RESERVATION's reservations). Node and job
+pyslurm.Reservations.load() (with SBATCH_RESERVATION set, for the nodes of its reservations). Node and job
 fields go through the same normalization as the other backends (hpcllm.slurm.adapter).
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
 import re
 import signal as signal_module
@@ -22,7 +23,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from hpcllm.slurm import adapter
-from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
+from hpcllm.slurm.base import (JobSpec, JobStatus, NodeInfo, PartitionInfo, ReservationInfo, SlurmBackend,
+                               signal_name)
 from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmBackendUnsupported, SlurmError, SlurmUnavailable,
                                  already_done, unreachable, with_setting_hint)
 from hpcllm.slurm.environment import job_environment, run_slurm_command
@@ -151,15 +153,15 @@ class PyslurmBackend(SlurmBackend):
     def nodes(self) -> list[NodeInfo]:
         # Nodes is a map (pyslurm.xcollections.MultiClusterMap): iterating it gives node names, not nodes.
         nodes = [node_from_pyslurm(node) for node in _values(self._rpc("load nodes", self.pyslurm.Nodes.load))]
-        return adapter.with_reservations(nodes, self.reservation_nodes)
+        return adapter.with_reservations(nodes, self.reservations)
 
-    def reservation_nodes(self, name: str) -> tuple[str, ...] | None:
+    def reservations(self) -> list[ReservationInfo]:
         if not hasattr(self.pyslurm, "Reservations"):  # pyslurm before 25.5
             raise SlurmError(f"this pyslurm ({getattr(self.pyslurm, '__version__', 'unknown')}) cannot read "
                              f'reservations (pyslurm 25.5 and later can); {_ALTERNATIVES}')
-        reservations = _values(self._rpc("load reservations", self.pyslurm.Reservations.load))
-        return next((tuple(adapter.expand_hostlist(getattr(resv, "nodes", None))) for resv in reservations
-                     if resv.name == name), None)
+        return [ReservationInfo(name=resv.name, nodes=tuple(adapter.expand_hostlist(getattr(resv, "nodes", None))),
+                                flags=_flag_names(getattr(resv, "flags", None)))
+                for resv in _values(self._rpc("load reservations", self.pyslurm.Reservations.load))]
 
     def partitions(self) -> list[PartitionInfo]:
         partitions = self._rpc("load partitions", self.pyslurm.Partitions.load)
@@ -281,6 +283,13 @@ def partition_from_pyslurm(partition: Any) -> PartitionInfo:
         total_cpus=getattr(partition, "total_cpus", None),
         total_nodes=getattr(partition, "total_nodes", None),
     )
+
+
+def _flag_names(flags: Any) -> tuple[str, ...]:
+    """pyslurm's ReservationFlags (an enum.Flag: FLEX, ANY_NODES, ...) -> the names of the flags it holds."""
+    if isinstance(flags, enum.Flag):
+        return tuple(member.name for member in type(flags) if member.value and member in flags)
+    return ()
 
 
 def _values(collection: Any) -> list[Any]:

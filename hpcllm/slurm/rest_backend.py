@@ -6,8 +6,8 @@ Every request carries X-SLURM-USER-NAME and X-SLURM-USER-TOKEN. The token comes 
 
 Endpoints: POST /slurm/v0.0.38/job/submit {script, job}, GET /slurm/v0.0.38/jobs (the same JSON as
 `squeue --json`, parsed by the same adapter), DELETE /slurm/v0.0.38/job/{id}[?signal=NAME], GET .../nodes,
-GET .../partitions, GET .../reservation/{name} (the nodes of SBATCH_RESERVATION's reservations). Node lists go
-in the undocumented keys `nodelist` / `exclude_nodes` (see submission_body).
+GET .../partitions, GET .../reservations (with SBATCH_RESERVATION set, for the nodes of its reservations). Node
+lists go in the undocumented keys `nodelist` / `exclude_nodes` (see submission_body).
 Limits of v0.0.38, reported as errors rather than ignored: no requeue; a signal reaches every step of the job and
 its batch shell (no batch-only choice); the signal on submit has no "B:" prefix.
 """
@@ -23,12 +23,12 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import httpx
 
 from hpcllm.slurm import adapter
-from hpcllm.slurm.base import JobSpec, JobStatus, NodeInfo, PartitionInfo, SlurmBackend, signal_name
+from hpcllm.slurm.base import (JobSpec, JobStatus, NodeInfo, PartitionInfo, ReservationInfo, SlurmBackend,
+                               signal_name)
 from hpcllm.slurm.environment import job_environment, run_slurm_command
 from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmError, SlurmUnavailable, already_done, unreachable,
                                  with_setting_hint)
@@ -185,12 +185,10 @@ class RestBackend(SlurmBackend):
         self._request("DELETE", f"/job/{job_id}", params={"signal": name})
 
     def nodes(self) -> list[NodeInfo]:
-        return adapter.with_reservations(adapter.nodes_from_json(self._request("GET", "/nodes")),
-                                         self.reservation_nodes)
+        return adapter.with_reservations(adapter.nodes_from_json(self._request("GET", "/nodes")), self.reservations)
 
-    def reservation_nodes(self, name: str) -> tuple[str, ...] | None:
-        return adapter.reservation_nodes_from_json(self._request("GET", f"/reservation/{quote(name, safe='')}"),
-                                                   name)
+    def reservations(self) -> list[ReservationInfo]:
+        return adapter.reservations_from_json(self._request("GET", "/reservations"))
 
     def partitions(self) -> list[PartitionInfo]:
         return adapter.partitions_from_json(self._request("GET", "/partitions"))

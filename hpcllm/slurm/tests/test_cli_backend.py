@@ -475,33 +475,53 @@ NodeName=n4 CPUTot=4 Gres=gpu:2 GresUsed=gpu:0 State=IDLE Partitions=batch
 """
 
 
+def reservation_line(name: str, nodes: str, flags: str = "SPEC_NODES") -> str:
+    """One reservation as `scontrol -o show reservation` prints it (Slurm 22.05)."""
+    return (f"ReservationName={name} StartTime=2025-01-01T00:00:00 EndTime=2026-01-01T00:00:00 "
+            f"Duration=365-00:00:00 Nodes={nodes} NodeCnt=2 CoreCnt=8 Features=(null) PartitionName=batch "
+            f"Flags={flags} TRES=cpu=8 Users=hpcllm Groups=(null) Accounts=(null) Licenses=(null) State=ACTIVE "
+            f"BurstBuffer=(null) Watts=n/a MaxStartDelay=(null)\n")
+
+
+def reserved_nodes(fake, *reservations: str) -> None:
+    fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
+    fake.on("scontrol", "-d -o show node", stdout=RESERVED_NODES)
+    fake.on("scontrol", "-o show reservation", stdout="".join(reservations) or "No reservations in the system\n")
+
+
 def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_are_available(fake, backend,
                                                                                              monkeypatch):
     """SBATCH_RESERVATION=hpcllm: n1 and n2 are that reservation's, n3 a class's reservation's (RESERVED as well),
     n4 in none. Only n1 and n2 take the service's jobs: one sent to n3 by name would wait for the class to end."""
     monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
-    fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
-    fake.on("scontrol", "-d -o show node", stdout=RESERVED_NODES)
-    fake.on("scontrol", "-o show reservation hpcllm", stdout=(
-        "ReservationName=hpcllm StartTime=2025-01-01T00:00:00 EndTime=2026-01-01T00:00:00 Duration=365-00:00:00 "
-        "Nodes=n[1-2] NodeCnt=2 CoreCnt=8 Features=(null) PartitionName=batch Flags=SPEC_NODES TRES=cpu=8 "
-        "Users=hpcllm Groups=(null) Accounts=(null) Licenses=(null) State=ACTIVE BurstBuffer=(null) Watts=n/a "
-        "MaxStartDelay=(null)\n"))
+    reserved_nodes(fake, reservation_line("hpcllm", "n[1-2]"), reservation_line("class", "n3"))
     assert {n.name: n.available for n in backend.nodes()} == {"n1": True, "n2": True, "n3": False, "n4": False}
     monkeypatch.delenv("SBATCH_RESERVATION")  # no reservation of its own: the reserved nodes are closed to it
     assert {n.name: n.available for n in backend.nodes()} == {"n1": False, "n2": False, "n3": False, "n4": True}
-    assert len(fake.calls("scontrol")) == 3  # the reservation was read once, while it was named
+    assert len(fake.calls("scontrol")) == 3  # the reservations were read once, while one was named
+
+
+def test_a_flex_or_node_less_reservations_jobs_may_run_on_the_nodes_in_no_reservation(fake, backend, monkeypatch):
+    """A FLEX reservation's jobs run on its nodes and on nodes in no reservation; a reservation of licences only
+    (ANY_NODES, no nodes of its own) on any node in no reservation. Never on another reservation's nodes. One
+    `scontrol show reservation` reads them both."""
+    monkeypatch.setenv("SBATCH_RESERVATION", "flex,licences")
+    reserved_nodes(fake, reservation_line("flex", "n1", "FLEX,SPEC_NODES"), reservation_line("class", "n[2-3]"),
+                   reservation_line("licences", "(null)", "ANY_NODES"))
+    assert {n.name: n.reservations for n in backend.nodes()} == {
+        "n1": ("flex",), "n2": (), "n3": (), "n4": ("flex", "licences")}
+    monkeypatch.setenv("SBATCH_RESERVATION", "licences")
+    assert {n.name: n.available for n in backend.nodes()} == {"n1": False, "n2": False, "n3": False, "n4": True}
+    assert len(fake.calls("scontrol")) == 4  # each listing: the nodes and one read of the reservations
 
 
 def test_a_reservation_slurm_does_not_show_is_an_error_saying_what_to_set(fake, backend, monkeypatch):
     monkeypatch.setenv("SBATCH_RESERVATION", "ended")
-    fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
-    fake.on("scontrol", "-d -o show node", stdout=RESERVED_NODES)
-    fake.on("scontrol", "-o show reservation ended", stdout="Reservation ended not found\n", rc=1)
+    reserved_nodes(fake, reservation_line("hpcllm", "n[1-2]"))
     with pytest.raises(SlurmError, match=r"cannot read the nodes of reservation 'ended', which SBATCH_RESERVATION "
-                                         r"\(the service's environment\) names for the service's jobs: .*Reservation "
-                                         r"ended not found\. Set SBATCH_RESERVATION to the service's current "
-                                         r"reservation") as refused:
+                                         r"\(the service's environment\) names for the service's jobs: Slurm lists "
+                                         r"no reservation of that name\. Set SBATCH_RESERVATION to the service's "
+                                         r"current reservation") as refused:
         backend.nodes()
     assert not isinstance(refused.value, SlurmUnavailable)
 

@@ -3,6 +3,7 @@ the mapping onto pyslurm 25.x's API through a stand-in module with the same name
 
 from __future__ import annotations
 
+import enum
 import types
 
 import pytest
@@ -190,6 +191,47 @@ def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_ar
     del module.Reservations  # a pyslurm older than 25.5: a clear error, not an AttributeError's traceback
     with pytest.raises(SlurmError, match=r"this pyslurm \(22.5.1\) cannot read reservations"):
         backend.nodes()
+
+
+def test_a_flex_or_node_less_reservations_jobs_may_run_on_the_nodes_in_no_reservation(monkeypatch):
+    """pyslurm's ReservationFlags (an enum.Flag): FLEX runs on its node n1 and on n4 (in no reservation), not on
+    the class's n2; a licence reservation (ANY_NODES, no nodes) on n4. One Reservations.load() per listing."""
+    module, _ = make_fake_pyslurm()
+
+    class ReservationFlags(enum.Flag):  # pyslurm 25.5's names
+        MAINTENANCE = 1
+        FLEX = 2
+        ANY_NODES = 4
+        SPECIFIC_NODES = 8
+
+    loads = []
+
+    class Reservations(dict):
+        @staticmethod
+        def load():
+            loads.append(1)
+            flags = ReservationFlags
+            return Reservations({
+                "flex": module.Reservation(name="flex", nodes="n1", flags=flags.FLEX | flags.SPECIFIC_NODES),
+                "class": module.Reservation(name="class", nodes="n2", flags=flags.SPECIFIC_NODES),
+                "licences": module.Reservation(name="licences", nodes=None, flags=flags.ANY_NODES)})
+
+    class Nodes(dict):
+        @staticmethod
+        def load(preload_passwd_info=False):
+            return Nodes({name: types.SimpleNamespace(name=name, state=state, partitions=["batch"],
+                                                      configured_gres={}, allocated_gres={}, total_cpus=4,
+                                                      allocated_cpus=0, real_memory=4096, allocated_memory=0,
+                                                      reason=None)
+                          for name, state in (("n1", "IDLE+RESERVED"), ("n2", "IDLE+RESERVED"), ("n4", "IDLE"))})
+
+    module.Reservations, module.Nodes = Reservations, Nodes
+    backend = PyslurmBackend(pyslurm=module)
+    monkeypatch.setenv("SBATCH_RESERVATION", "flex,licences")
+    assert {n.name: n.reservations for n in backend.nodes()} == {"n1": ("flex",), "n2": (), "n4": ("flex", "licences")}
+    monkeypatch.setenv("SBATCH_RESERVATION", "licences")
+    assert {n.name: n.available for n in backend.nodes()} == {"n1": False, "n2": False, "n4": True}
+    assert len(loads) == 2
 
 
 def test_pyslurm_errors_become_slurm_errors():

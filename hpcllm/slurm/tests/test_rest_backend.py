@@ -25,6 +25,9 @@ class Server:
     def __init__(self):
         self.requests: list[httpx.Request] = []
         self.partition_ok = True
+        # What GET .../reservations lists, and the nodes Slurm marks RESERVED (in an active reservation).
+        self.reservations = [{"name": "hpcllm", "node_list": "n[2-3]", "node_count": 2, "flags": ["SPEC_NODES"]}]
+        self.reserved: set[str] = set()
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -40,15 +43,15 @@ class Server:
         if path == "/slurm/v0.0.38/jobs":
             return httpx.Response(200, text=(FIXTURES / "squeue_22.05.json").read_text())
         if path == "/slurm/v0.0.38/nodes":
-            return httpx.Response(200, text=(FIXTURES / "sinfo_22.05.json").read_text())
+            payload = json.loads((FIXTURES / "sinfo_22.05.json").read_text())
+            for node in payload["nodes"]:
+                if node["name"] in self.reserved:
+                    node["state_flags"] = [*node.get("state_flags", []), "RESERVED"]
+            return httpx.Response(200, json=payload)
         if path == "/slurm/v0.0.38/partitions":
             return httpx.Response(200, text=(FIXTURES / "rest_partitions_v0.0.38.json").read_text())
-        if path == "/slurm/v0.0.38/reservation/hpcllm":
-            return httpx.Response(200, json={"errors": [], "reservations": [
-                {"name": "hpcllm", "node_list": "n[2-3]", "node_count": 2, "flags": ["SPEC_NODES"]}]})
-        if path.startswith("/slurm/v0.0.38/reservation/"):
-            return httpx.Response(500, json={"errors": [{"error_code": 2031, "error": "Unable to query reservation"}],
-                                             "reservations": []})
+        if path == "/slurm/v0.0.38/reservations":
+            return httpx.Response(200, json={"errors": [], "reservations": self.reservations})
         if path.startswith("/slurm/v0.0.38/job/") and request.method == "DELETE":
             return httpx.Response(200, json={"errors": []})
         return httpx.Response(404, text="not found")
@@ -121,10 +124,27 @@ def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_ar
                                                                                              monkeypatch):
     monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
     assert {n.name: n.available for n in backend.nodes()} == {"n1": False, "n2": True, "n3": True, "n4": False}
-    assert server.requests[-1].url.path == "/slurm/v0.0.38/reservation/hpcllm"
+    assert server.requests[-1].url.path == "/slurm/v0.0.38/reservations"
     monkeypatch.setenv("SBATCH_RESERVATION", "ended")
-    with pytest.raises(SlurmError, match="reservation 'ended', which SBATCH_RESERVATION .* names .*Unable to query"):
+    with pytest.raises(SlurmError, match="reservation 'ended', which SBATCH_RESERVATION .* names .*Slurm lists no "
+                                         "reservation of that name"):
         backend.nodes()
+
+
+def test_a_flex_or_node_less_reservations_jobs_may_run_on_the_nodes_in_no_reservation(backend, server,
+                                                                                      monkeypatch):
+    """FLEX: its node n2 and the nodes in no reservation (n1, n4), not the class's n3; a licence reservation
+    (ANY_NODES, no nodes): n1 and n4. One GET .../reservations per listing reads both."""
+    server.reservations = [{"name": "flex", "node_list": "n2", "flags": ["FLEX", "SPEC_NODES"]},
+                           {"name": "class", "node_list": "n3", "flags": ["SPEC_NODES"]},
+                           {"name": "licences", "node_list": "", "node_count": 0, "flags": ["ANY_NODES"]}]
+    server.reserved = {"n2", "n3"}
+    monkeypatch.setenv("SBATCH_RESERVATION", "flex,licences")
+    assert {n.name: n.reservations for n in backend.nodes()} == {
+        "n1": ("flex", "licences"), "n2": ("flex",), "n3": (), "n4": ("flex", "licences")}
+    monkeypatch.setenv("SBATCH_RESERVATION", "licences")
+    assert {n.name: n.available for n in backend.nodes()} == {"n1": True, "n2": False, "n3": False, "n4": True}
+    assert [r.url.path for r in server.requests].count("/slurm/v0.0.38/reservations") == 2
 
 
 def test_cancel_and_signal(backend, server):
