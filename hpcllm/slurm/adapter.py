@@ -634,8 +634,8 @@ def with_reservations(nodes: list[NodeInfo], reservations: Callable[[], list[Res
     """The nodes, each with the service's reservations (service_reservations(): SBATCH_RESERVATION) whose jobs may
     run there: a reservation's own nodes, and, for a FLEX or node-less one (ReservationInfo.takes_unreserved_nodes),
     the nodes in no reservation (not RESERVED). reservations() (a backend's one read of all Slurm shows) is called
-    once, never without SBATCH_RESERVATION. A reservation whose nodes cannot be read (one Slurm does not show:
-    sbatch would refuse every job) is a SlurmError saying what to set."""
+    once, never without SBATCH_RESERVATION. A reservation Slurm does not show (ended, misspelt: sbatch would refuse
+    every job) is a SlurmError saying what to set; one read that fails, a SlurmError naming the reservations."""
     wanted = service_reservations()
     if not wanted:
         return nodes
@@ -644,22 +644,21 @@ def with_reservations(nodes: list[NodeInfo], reservations: Callable[[], list[Res
     except SlurmUnavailable:
         raise
     except SlurmError as exc:
-        raise _no_reservation(wanted[0], str(exc), exc.slurm_message) from None
+        raise SlurmError(f"cannot read Slurm's reservations, for the nodes of {', '.join(map(repr, wanted))}, which "
+                         f"SBATCH_RESERVATION (the service's environment) names for the service's jobs: {exc}",
+                         exc.slurm_message) from None
     for name in wanted:
         if name not in shown:
-            raise _no_reservation(name, "Slurm lists no reservation of that name")
+            raise SlurmError(f"Slurm shows no reservation {name!r}, which SBATCH_RESERVATION (the service's "
+                             f"environment) names for the service's jobs (sbatch refuses them): set "
+                             f"SBATCH_RESERVATION to the service's current reservation (`scontrol show reservation` "
+                             f"lists them) or unset it")
 
     def takes(node: NodeInfo, resv: ReservationInfo) -> bool:
         return node.name in resv.nodes or (resv.takes_unreserved_nodes and "RESERVED" not in node.state_flags)
 
     return [dataclasses.replace(node, reservations=tuple(r for r in wanted if takes(node, shown[r])))
             for node in nodes]
-
-
-def _no_reservation(name: str, why: str, slurm_message: str = "") -> SlurmError:
-    return SlurmError(f"cannot read the nodes of reservation {name!r}, which SBATCH_RESERVATION (the service's "
-                      f"environment) names for the service's jobs: {why}. Set SBATCH_RESERVATION to the service's "
-                      f"current reservation (`scontrol show reservation` lists them) or unset it", slurm_message)
 
 
 def reservations_from_scontrol_text(text: str) -> list[ReservationInfo]:

@@ -518,12 +518,27 @@ def test_a_flex_or_node_less_reservations_jobs_may_run_on_the_nodes_in_no_reserv
 def test_a_reservation_slurm_does_not_show_is_an_error_saying_what_to_set(fake, backend, monkeypatch):
     monkeypatch.setenv("SBATCH_RESERVATION", "ended")
     reserved_nodes(fake, reservation_line("hpcllm", "n[1-2]"))
-    with pytest.raises(SlurmError, match=r"cannot read the nodes of reservation 'ended', which SBATCH_RESERVATION "
-                                         r"\(the service's environment\) names for the service's jobs: Slurm lists "
-                                         r"no reservation of that name\. Set SBATCH_RESERVATION to the service's "
-                                         r"current reservation") as refused:
+    with pytest.raises(SlurmError, match=r"Slurm shows no reservation 'ended', which SBATCH_RESERVATION \(the "
+                                         r"service's environment\) names for the service's jobs \(sbatch refuses "
+                                         r"them\): set SBATCH_RESERVATION to the service's current reservation") \
+            as refused:
         backend.nodes()
     assert not isinstance(refused.value, SlurmUnavailable)
+
+
+def test_reservations_scontrol_cannot_read_are_an_error_naming_them_without_the_advice_to_unset(fake, backend,
+                                                                                                monkeypatch):
+    """scontrol failing says so (Slurm's own words): the reservation may well exist, unsetting it is no fix."""
+    monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
+    fake.on("sinfo", "--json", stderr="sinfo: unrecognized option '--json'\n", rc=1)
+    fake.on("scontrol", "-d -o show node", stdout=RESERVED_NODES)
+    fake.on("scontrol", "-o show reservation", stderr="slurm_load_reservations error: Access/permission denied\n",
+            rc=1)
+    with pytest.raises(SlurmError, match=r"cannot read Slurm's reservations, for the nodes of 'hpcllm', which "
+                                         r"SBATCH_RESERVATION .* names for the service's jobs: .*Access/permission "
+                                         r"denied") as refused:
+        backend.nodes()
+    assert "unset" not in str(refused.value)
 
 
 def test_nodes_fall_back_to_scontrol_text(fake, backend):

@@ -185,12 +185,15 @@ def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_ar
     (node,) = backend.nodes()
     assert node.available
     monkeypatch.setenv("SBATCH_RESERVATION", "ended")
-    with pytest.raises(SlurmError, match="reservation 'ended', which SBATCH_RESERVATION .*: Slurm lists no "
-                                         "reservation of that name"):
+    with pytest.raises(SlurmError, match="Slurm shows no reservation 'ended', which SBATCH_RESERVATION .* or unset "
+                                         "it"):
         backend.nodes()
-    del module.Reservations  # a pyslurm older than 25.5: a clear error, not an AttributeError's traceback
-    with pytest.raises(SlurmError, match=r"this pyslurm \(22.5.1\) cannot read reservations"):
+    del module.Reservations  # a pyslurm older than 25.5: a clear error, not an AttributeError's traceback, and no
+    # advice to unset a reservation that exists
+    with pytest.raises(SlurmError, match=r"cannot read Slurm's reservations, for the nodes of 'ended', .*: this "
+                                         r"pyslurm \(22.5.1\) cannot read reservations") as refused:
         backend.nodes()
+    assert "unset" not in str(refused.value)
 
 
 def test_a_flex_or_node_less_reservations_jobs_may_run_on_the_nodes_in_no_reservation(monkeypatch):

@@ -28,6 +28,7 @@ class Server:
         # What GET .../reservations lists, and the nodes Slurm marks RESERVED (in an active reservation).
         self.reservations = [{"name": "hpcllm", "node_list": "n[2-3]", "node_count": 2, "flags": ["SPEC_NODES"]}]
         self.reserved: set[str] = set()
+        self.reservations_refused = False
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -51,6 +52,9 @@ class Server:
         if path == "/slurm/v0.0.38/partitions":
             return httpx.Response(200, text=(FIXTURES / "rest_partitions_v0.0.38.json").read_text())
         if path == "/slurm/v0.0.38/reservations":
+            if self.reservations_refused:
+                return httpx.Response(500, json={"errors": [{"error_code": 1, "error": "Unable to query "
+                                                             "reservations"}], "reservations": []})
             return httpx.Response(200, json={"errors": [], "reservations": self.reservations})
         if path.startswith("/slurm/v0.0.38/job/") and request.method == "DELETE":
             return httpx.Response(200, json={"errors": []})
@@ -126,9 +130,14 @@ def test_where_the_service_runs_in_a_reservation_only_that_reservations_nodes_ar
     assert {n.name: n.available for n in backend.nodes()} == {"n1": False, "n2": True, "n3": True, "n4": False}
     assert server.requests[-1].url.path == "/slurm/v0.0.38/reservations"
     monkeypatch.setenv("SBATCH_RESERVATION", "ended")
-    with pytest.raises(SlurmError, match="reservation 'ended', which SBATCH_RESERVATION .* names .*Slurm lists no "
-                                         "reservation of that name"):
+    with pytest.raises(SlurmError, match="Slurm shows no reservation 'ended', which SBATCH_RESERVATION .* names .*"
+                                         "or unset it"):
         backend.nodes()
+    server.reservations_refused = True  # slurmrestd cannot say: no advice to unset a reservation that may exist
+    with pytest.raises(SlurmError, match="cannot read Slurm's reservations, for the nodes of 'ended', .*Unable to "
+                                         "query reservations") as refused:
+        backend.nodes()
+    assert "unset" not in str(refused.value)
 
 
 def test_a_flex_or_node_less_reservations_jobs_may_run_on_the_nodes_in_no_reservation(backend, server,
