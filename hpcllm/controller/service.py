@@ -166,7 +166,8 @@ class AgentChanges:
     def __init__(self, limit: int = AGENT_CHANGES_REMEMBERED):
         self._stopped: OrderedDict[str, AgentChange] = OrderedDict()  # instance id -> its stop
         self._confirmed: OrderedDict[str, AgentChange] = OrderedDict()
-        self._applied: dict[str, int] = {}  # node id -> the newest instance-list version applied (newer_report)
+        # node id -> the newest instance-list version applied and when (newer_report)
+        self._applied: dict[str, tuple[int, float]] = {}
         self._limit = limit
         self._lock = threading.Lock()
 
@@ -207,17 +208,21 @@ class AgentChanges:
                 return report < change.version
             return change.at >= since
 
-    def newer_report(self, node_id: str, report: int | None) -> bool:
-        """Whether a heartbeat of instance-list version `report` is no older than the newest one of the node's agent
-        applied so far (then it is the newest), else it was overtaken on its way (a held-up POST, a slow registry)
-        and its list must not turn the later one back: an instance the agent stopped by itself alive again, a failed
-        one ready. None (an agent without versions): always."""
+    def newer_report(self, node_id: str, report: int | None, now: float, since: float) -> bool:
+        """Whether a heartbeat of instance-list version `report` arriving `now` is to be applied as the newest: no
+        older than the newest one of the node's agent applied, or that one applied before `since` (a report is held
+        up no longer than that; a lower count then is the agent's own: a late report of its previous process
+        counted higher, an agent counting from 0, a clock stepped back; not heeded, they would silence it for
+        ever). Else it was overtaken on its way (a held-up POST, a slow registry) and its list must not turn the
+        later one back: an instance the agent stopped by itself alive again, a failed one ready. None (an agent
+        without versions): always."""
         if report is None:
             return True
         with self._lock:
-            if report < self._applied.get(node_id, report):
+            applied = self._applied.get(node_id)
+            if applied is not None and report < applied[0] and applied[1] >= since:
                 return False
-            self._applied[node_id] = report
+            self._applied[node_id] = (report, now)
             return True
 
     def forget_node(self, node_id: str) -> None:
@@ -792,7 +797,7 @@ class Controller:
         outcome = self.registry.heartbeat(
             node_id, hb, now, just_started=lambda i: self._agent_changes.started_after(i, report, started_since),
             stopped=lambda i: self._agent_changes.stopped_after(i, report, stopped_since),
-            overtaken=lambda: not self._agent_changes.newer_report(node_id, report))
+            overtaken=lambda: not self._agent_changes.newer_report(node_id, report, now, stopped_since))
         if outcome.became_ready:
             self._start_costs = None  # learn from the new cold starts at the next placement
         for cold in outcome.became_ready:

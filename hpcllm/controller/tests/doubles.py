@@ -246,9 +246,10 @@ class FakeAgents(AgentClient):
         return self._agent(agent_url).version
 
     # test controls
-    def restart(self, agent_url: str) -> None:
-        """The node's agent process restarts: a new one, with no instances, its versions from the clock again."""
-        self.agents[agent_url] = FakeNodeAgent(agent_url)
+    def restart(self, agent_url: str, version: int | None = None) -> None:
+        """The node's agent process restarts: a new one, with no instances, its versions from the clock again (or
+        from `version`: an agent that counts from 0, a clock stepped back)."""
+        self.agents[agent_url] = FakeNodeAgent(agent_url) if version is None else FakeNodeAgent(agent_url, version=version)
 
     def finish_loading(self, agent_url: str, tier: str = "nvme", load_seconds: float = 1.5) -> list[InstanceInfo]:
         agent = self._agent(agent_url)

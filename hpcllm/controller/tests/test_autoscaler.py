@@ -627,6 +627,28 @@ def test_a_late_heartbeat_of_the_agents_previous_process_does_not_forget_an_inst
     assert len(harness.agents.started) == 2  # the old process's instance, and the new one's: no third
 
 
+def test_a_late_heartbeat_of_the_agents_previous_process_does_not_silence_a_new_process_that_counts_lower(harness):
+    """The agent restarts with versions below its old process's (an agent counting from 0 during a rolling upgrade,
+    a clock stepped back) and the old process's last heartbeat, held up, arrives after it registered: the new
+    process's heartbeats are not taken as overtaken for ever: once that late report is older than the window a
+    held-up heartbeat is told in, they are the newest again: the old instance is gone and a new start gets ready."""
+    harness.deploy("m")
+    harness.register("n1")
+    url = "http://n1:9000"
+    old_instance = ready_instance(harness)
+    stale = agents_report(harness)
+    harness.agents.restart(url, version=0)
+    harness.register("n1")
+    harness.controller.heartbeat("n1", stale)
+    harness.tick(late(harness))
+    assert harness.registry.get_instance(old_instance) is None
+    started = harness.controller.route("m")
+    assert started.status == "starting"
+    harness.heartbeat("n1", tier="nvme")
+    ready = harness.controller.route("m")
+    assert (ready.status, ready.instance_id) == ("ready", started.instance_id)
+
+
 def test_a_heartbeat_overtaken_by_a_later_one_does_not_bring_back_an_instance_the_agent_stopped_itself(harness):
     """The agent stops an instance by itself (it drains; a model pool's agent stops its failed instance) and
     reports the list without it; a heartbeat it built before, held up, arrives after that one: its older version
