@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import (JobSpec, JobStatus, NodeInfo, PartitionInfo, ReservationInfo, SlurmBackend,
-                               signal_name)
+                               service_reservations, signal_name)
 from hpcllm.slurm.errors import (UNREACHABLE_PATTERNS, SlurmBackendUnsupported, SlurmError, SlurmUnavailable,
                                  already_done, unreachable, with_setting_hint)
 from hpcllm.slurm.environment import job_environment, run_slurm_command
@@ -159,8 +159,11 @@ class PyslurmBackend(SlurmBackend):
         if not hasattr(self.pyslurm, "Reservations"):  # pyslurm before 25.5
             raise SlurmError(f"this pyslurm ({getattr(self.pyslurm, '__version__', 'unknown')}) cannot read "
                              f'reservations (pyslurm 25.5 and later can); {_ALTERNATIVES}')
+        # Flags of the service's reservations only, the ones they matter for (ReservationInfo.takes_unreserved_nodes):
+        # pyslurm 25.5 refuses to read some (_reservation_flags), a site's recurring reservation must not fail this.
+        wanted = service_reservations()
         return [ReservationInfo(name=resv.name, nodes=tuple(adapter.expand_hostlist(getattr(resv, "nodes", None))),
-                                flags=_flag_names(getattr(resv, "flags", None)))
+                                flags=_reservation_flags(resv) if resv.name in wanted else ())
                 for resv in _values(self._rpc("load reservations", self.pyslurm.Reservations.load))]
 
     def partitions(self) -> list[PartitionInfo]:
@@ -283,6 +286,16 @@ def partition_from_pyslurm(partition: Any) -> PartitionInfo:
         total_cpus=getattr(partition, "total_cpus", None),
         total_nodes=getattr(partition, "total_nodes", None),
     )
+
+
+def _reservation_flags(resv: Any) -> tuple[str, ...]:
+    """A reservation's flag names. pyslurm 25.5 reads .flags as its ReservationFlags, an enum.Flag without the
+    recurrence flags (DAILY, WEEKLY, HOURLY, ...), TIME_FLOAT and others: a ValueError for a reservation with one."""
+    try:
+        return _flag_names(getattr(resv, "flags", None))
+    except ValueError as exc:
+        raise SlurmError(f"this pyslurm cannot read the flags of reservation {resv.name!r} ({exc}): it has no name "
+                         f"for some of them; {_ALTERNATIVES}") from None
 
 
 def _flag_names(flags: Any) -> tuple[str, ...]:

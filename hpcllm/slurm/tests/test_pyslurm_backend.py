@@ -237,6 +237,33 @@ def test_a_flex_or_node_less_reservations_jobs_may_run_on_the_nodes_in_no_reserv
     assert len(loads) == 2
 
 
+def test_a_reservation_whose_flags_pyslurm_cannot_read_does_not_break_the_node_listing(monkeypatch):
+    """pyslurm 25.5's ReservationFlags (an enum.Flag) refuses flags it has no name for (DAILY, WEEKLY, TIME_FLOAT,
+    ...) with a ValueError when .flags is read: a site's recurring reservation leaves the service's nodes listed;
+    the service's own reservation so flagged is a SlurmError naming it and the other backends, not a traceback."""
+    module, _ = make_fake_pyslurm()
+
+    class RecurringReservation(module.Reservation):
+        @property
+        def flags(self):
+            raise ValueError("65536 is not a valid ReservationFlags")
+
+    class Reservations(dict):
+        @staticmethod
+        def load():
+            return Reservations({"hpcllm": module.Reservation(name="hpcllm", nodes="n1"),
+                                 "daily": RecurringReservation(name="daily", nodes="n2")})
+
+    module.Reservations = Reservations
+    backend = PyslurmBackend(pyslurm=module)
+    monkeypatch.setenv("SBATCH_RESERVATION", "hpcllm")
+    (node,) = backend.nodes()
+    assert node.available and node.reservations == ("hpcllm",)
+    monkeypatch.setenv("SBATCH_RESERVATION", "daily")
+    with pytest.raises(SlurmError, match=r"cannot read the flags of reservation 'daily'.*backend = \"cli\""):
+        backend.nodes()
+
+
 def test_pyslurm_errors_become_slurm_errors():
     module, _ = make_fake_pyslurm()
     backend = PyslurmBackend(pyslurm=module)
