@@ -405,9 +405,8 @@ class WorkerManager:
 
     def listing(self) -> tuple[list[InstanceInfo], int]:
         """The instances' infos and the version of the list they are in (read together)."""
-        with self._lock:
-            instances, version = list(self._instances.values()), self.version
-        return [inst.info() for inst in instances], version
+        with self._lock:  # a state changes with its version under it (_set_state): both from one moment
+            return [inst.info() for inst in self._instances.values()], self.version
 
     def get(self, instance_id: str) -> Instance:
         with self._lock:
@@ -803,13 +802,16 @@ class WorkerManager:
             return self.version
 
     def _set_state(self, inst: Instance, state: str, error: str | None = None) -> None:
-        if inst.state == state:
-            return
-        was_loading = inst.state == "loading"
-        inst.state = state
-        if error:
-            inst.error = error
-        self._new_version()  # a late report of the old state (ready before failed) must not undo the new one
+        # With its version, under the lock: a report listing the new state with the old version would let a late
+        # report of the old state (ready before failed) undo the new one.
+        with self._lock:
+            if inst.state == state:
+                return
+            was_loading = inst.state == "loading"
+            inst.state = state
+            if error:
+                inst.error = error
+            self._new_version()
         if was_loading:
             self.ensure_spares()  # after the load, not during it: a spare's imports would compete for the CPU
         log.info("instance %s (%s): %s%s", inst.instance_id, inst.model, state, f": {error}" if error else "")
@@ -820,11 +822,13 @@ class WorkerManager:
         counted (inst.failed_probes) for the watcher's health check."""
         if inst.worker_url is None:
             try:
-                inst.worker_url = inst.url_file.read_text().strip() or None
+                worker_url = inst.url_file.read_text().strip() or None
             except OSError:
                 return
-            if inst.worker_url:
-                self._new_version()
+            if worker_url:
+                with self._lock:  # with its version, as a state (_set_state)
+                    inst.worker_url = worker_url
+                    self._new_version()
                 self.on_change()
         if inst.worker_url is None:
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import sys
 from pathlib import Path
 
@@ -313,3 +314,54 @@ def test_a_stopped_instance_whose_process_outlives_its_sigkill_keeps_its_gpus(ma
     finally:
         if alive(child["pid"]):
             os.kill(child["pid"], signal.SIGKILL)
+
+
+class _LockTelling:
+    """The worker manager's lock, telling when the thread named `thread` asks for it (the listing may then go on:
+    whatever that thread changes under the lock waits for the listing)."""
+
+    def __init__(self, lock, thread: str):
+        self._lock, self._thread, self.asked = lock, thread, threading.Event()
+
+    def acquire(self, *args, **kwargs):
+        if threading.current_thread().name == self._thread:
+            self.asked.set()
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def test_a_report_built_while_an_instances_state_changes_carries_the_version_of_the_state_it_lists(make_node,
+                                                                                                     converted):
+    """The controller keeps the newest version of a node's reports and drops older ones: a report listing the new
+    state with the old version (the state changed while the report was built) would let the earlier report, late,
+    turn the state back. Here the instance turns draining while a listing is being built."""
+    agent, _ = make_node()
+    inst = start_ready(agent, converted)
+    reports = [agent.instance_listing()]
+    lock = agent.workers._lock = _LockTelling(agent.workers._lock, "state-change")
+    change = threading.Thread(target=agent.workers._set_state, args=(inst, "draining"), name="state-change")
+    build_info = inst.info
+
+    def info_during_the_change():
+        if change.ident is None:  # the first instance listed: the change starts once
+            change.start()
+            wait_for(lambda: lock.asked.is_set() or not change.is_alive(), 30, "the state change to start")
+        return build_info()
+
+    inst.info = info_during_the_change
+    reports.append(agent.instance_listing())
+    change.join(30)
+    reports.append(agent.instance_listing())
+    listed = [([i.state for i in infos if i.instance_id == inst.instance_id][0], version) for infos, version in reports]
+    assert listed[0][0] == "ready" and listed[-1][0] == "draining"
+    states_by_version = {}
+    for state, version in listed:
+        assert states_by_version.setdefault(version, state) == state, f"version {version} listed both: {listed}"
