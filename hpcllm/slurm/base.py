@@ -156,9 +156,10 @@ _UNAVAILABLE_NODE_FLAGS = frozenset(
 )
 # And RESERVED (in an active advanced reservation) where hpcllm's jobs name none: a job sent there by name waits
 # (ReqNodeNotAvail) until the reservation ends. A site that gives the service a reservation of its own does so
-# with SBATCH_RESERVATION (sbatch reads it; hpcllm passes SBATCH_* on), and then that reservation's nodes are the
-# ones to place on, and no other: a node RESERVED by another reservation is as closed to the service's jobs as
-# ever, and one in none takes no job of a reservation either.
+# with SBATCH_RESERVATION (sbatch reads it; hpcllm passes SBATCH_* on), and then the nodes that reservation's jobs
+# may run on are the ones to place on (NodeInfo.reservations): its own, and the nodes in no reservation only for a
+# FLEX or node-less one (ReservationInfo.takes_unreserved_nodes); a node RESERVED by another reservation is as
+# closed to the service's jobs as ever.
 
 
 @dataclass(frozen=True)
