@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hpcllm.worker.grammar import GrammarCompiler, GrammarState
+from hpcllm.worker.protocol import FLOAT32_MAX
 
 _MASK64 = (1 << 64) - 1
 # Below this temperature sampling is greedy (vLLM's rule): logits / 1e-40 overflow float32 to inf, and the softmax of
@@ -265,7 +266,10 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: TokenC
     in_output = counts.output > 0
     if params.repetition_penalty != 1.0:
         penalties = torch.where(counts.in_prompt | in_output, params.repetition_penalty, 1.0)
-        logits = logits * torch.where(logits > 0, 1.0 / penalties, penalties)
+        penalized = logits * torch.where(logits > 0, 1.0 / penalties, penalties)
+        # An extreme penalty (within the API's bounds: protocol.float32_factor) overflows a finite logit to +-inf:
+        # saturated instead, so an inf never meets an inf in the softmax (NaN) and -inf stays a grammar's mask.
+        logits = torch.where(logits.isfinite(), penalized.clamp(-FLOAT32_MAX, FLOAT32_MAX), penalized)
     if params.frequency_penalty != 0.0:
         logits = logits - params.frequency_penalty * counts.output
     if params.presence_penalty != 0.0:
@@ -327,7 +331,10 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenSt
 
 def sampling_probs(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
     """The distribution sample_token draws from (1-D logits in, 1-D float32 probabilities out)."""
-    scaled = filter_min_p(adjusted_logits(logits, params, state) / params.temperature, params.min_p)
+    adjusted = adjusted_logits(logits, params, state)
+    # From the largest logit down (the softmax's own shift), so a temperature below 1 cannot overflow a saturated
+    # logit to inf: the largest becomes 0, the others at most -inf.
+    scaled = filter_min_p((adjusted - adjusted.max()) / params.temperature, params.min_p)
     probs = torch.softmax(filter_top_k(scaled, params.top_k), dim=-1)
     return top_p_probs(probs, params.top_p)
 

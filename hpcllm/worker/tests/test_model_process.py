@@ -7,6 +7,7 @@ failure. Each engine here spawns a process (torch imports: seconds), so one engi
 import ctypes
 import itertools
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -20,7 +21,7 @@ import torch
 
 from hpcllm.worker import engine as engine_module
 from hpcllm.worker.engine import Engine, EngineUnavailable, _still_matches, _Work
-from hpcllm.worker.protocol import FLOAT32_TINY, FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 from hpcllm.worker.model_process import ModelProcess
 from hpcllm.worker.runner import SequenceChunk, StepBatch
 from hpcllm.worker.runner_process import (ChoiceFailures, ModelProcessError, ProcessRunner, _feed_previous_tokens,
@@ -328,12 +329,11 @@ def test_the_model_process_chooses_tokens_by_the_engines_rule_and_skips_steps_th
 
 
 def test_a_request_whose_token_choice_fails_ends_alone_and_the_model_process_serves_on(process_engine):
-    """A choice that raises in the model process (the smallest repetition penalty the API takes turns a biased
-    prompt token's logit into inf, and sampling meets NaN) used to fail the whole step: the engine died with every
-    request, and the worker exited. Now that request ends with the error (the engine samples its row itself), and a
-    step sent ahead fed by its row is dropped."""
-    failing = request(prompt_token_ids=[5, 6, 7], max_tokens=8, temperature=0.9, seed=1,
-                      repetition_penalty=FLOAT32_TINY, logit_bias={5: 100.0})
+    """A choice that raises in the model process used to fail the whole step: the engine died with every request,
+    and the worker exited. Now that request ends with the error (the engine samples its row itself), and a step sent
+    ahead fed by its row is dropped. The failing choice: a NaN temperature, which the API refuses (parameters it
+    takes choose a token: test_sampling's extreme repetition penalties), past validation as a bug would be."""
+    failing = request(prompt_token_ids=[5, 6, 7], max_tokens=8, seed=1).model_copy(update={"temperature": math.nan})
     bad, good = run_together(process_engine, [
         failing,
         request(prompt=PROMPTS[1], max_tokens=12, temperature=0, ignore_eos=True)])

@@ -2,6 +2,7 @@ import itertools
 
 import torch
 
+from hpcllm.worker.protocol import FLOAT32_MAX, FLOAT32_TINY
 from hpcllm.worker.sampling import (SamplingParams, Thinking, ThinkingState, TokenCounts, TokenState, adjusted_logits,
                                     filter_top_k, forced_or, sample_token, sampling_probs, step_seed, top_p_probs,
                                     verify_proposal)
@@ -161,6 +162,22 @@ def test_logit_bias_forces_or_bans_a_token_and_leaves_the_callers_logits_alone()
     params, counts = penalized(4, [0], [0, 1], repetition_penalty=3.0, frequency_penalty=1.0, logit_bias=((2, 5.0),))
     sample_token(logits, params, 0, counts)
     assert torch.equal(logits, kept)  # the engine's logprobs are computed from the same tensor
+
+
+def test_the_apis_extreme_repetition_penalties_with_a_logit_bias_still_choose_a_token():
+    """The smallest repetition penalty the API takes divides a biased prompt token's logit past float32 (inf), the
+    largest multiplies negative ones past it (-inf); sampling met NaN (inf - inf, or only -inf) and the request ended
+    with an error. The overflowed logits saturate: the biased token is chosen at any temperature, and where every
+    token is pushed down the draw is still a token."""
+    favoured = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    pushed_down = torch.tensor([-1.5, -2.0, -3.0, 0.5])
+    for temperature in (0.0, 1e-4, 0.7, 1.0, 100.0):
+        params, state = penalized(4, [0, 1, 2], [], repetition_penalty=FLOAT32_TINY, logit_bias=((0, 100.0),),
+                                  temperature=temperature, seed=5)
+        assert {sample_token(favoured, params, i, state) for i in range(20)} == {0}, temperature
+        params, state = penalized(4, [0, 1, 2, 3], [], repetition_penalty=FLOAT32_MAX, logit_bias=((3, -100.0),),
+                                  temperature=temperature, seed=5)
+        assert all(0 <= sample_token(pushed_down, params, i, state) < 4 for i in range(20)), temperature
 
 
 def test_which_parameters_need_the_history_and_which_leave_the_raw_argmax():

@@ -14,7 +14,7 @@ import torch
 from hpcllm.worker import grammar as grammar_module
 from hpcllm.worker.engine import Engine, InvalidRequest
 from hpcllm.worker.grammar import ANY_JSON_OBJECT, GrammarCompiler, GrammarState, compile_grammar, json_grammar
-from hpcllm.worker.protocol import GenerateRequest
+from hpcllm.worker.protocol import FLOAT32_MAX, GenerateRequest
 from hpcllm.worker.sampling import apply_grammar
 from hpcllm.worker.vllm_engine import vllm_grammar
 
@@ -137,6 +137,26 @@ def test_regex_choice_and_grammar_outputs_match_greedy_and_sampled_in_either_pro
         assert finish_reason == "stop" and matches(text), text
         texts.add(text)
     assert len(texts) > 1
+
+
+def test_the_largest_repetition_penalty_on_every_token_the_grammar_allows_still_answers_by_it(local_engine,
+                                                                                            process_engine):
+    """The grammar's first tokens, all in the prompt, biased below 0 and multiplied by the largest repetition penalty
+    the API takes: their logits overflowed to -inf like those of the tokens the grammar refuses, and the request
+    ended with an error (sampled: NaN) or a refused token (greedy: the argmax of only -inf). The penalty saturates
+    instead: the answer is one of the choices, greedy and sampled, in either process."""
+    kind, spec, matches = OTHER_CONSTRAINTS["choice"]
+    grammar = compile_grammar(kind, spec)
+    first = GrammarState(grammar, local_engine.grammar_tokenizer, [])
+    allowed = apply_grammar(torch.zeros(len(local_engine.tokenizer)), first).isfinite().nonzero().flatten().tolist()
+    extreme = {"prompt_token_ids": allowed, "logit_bias": {token: -100.0 for token in allowed},
+               "repetition_penalty": FLOAT32_MAX, "grammar": grammar, "max_tokens": 16}
+    cases = [request(temperature=0, **extreme), request(temperature=1.0, seed=3, **extreme)]
+    for engine in (local_engine, process_engine):
+        for events in run_together(engine, [r.model_copy(update={"request_id": f"{r.request_id}-{id(engine)}"})
+                                            for r in cases]):
+            _, text, finish_reason = outcome(events)
+            assert finish_reason == "stop" and matches(text), (text, events[-1])
 
 
 def test_a_grammar_goes_to_the_model_process_once_not_with_every_steps_choices(process_engine, monkeypatch):
