@@ -331,8 +331,11 @@ class Generation:
                         return
                     message = final.error.message if final.error else "unknown error"
                     if final.finish_reason == "error" and not _worker_died(final):
-                        raise InternalError(f"the model's worker failed while generating: {message}",
-                                            code="generation_failed")
+                        # The worker's message is its exception's text: for the log, not the client, who gets the id.
+                        log.error("request %s choice %d: worker %s failed while generating: %s", self.ctx.request_id,
+                                  index, choice.stream.worker_url, message)
+                        raise InternalError("the model's worker failed while generating; "
+                                            + see_the_log(self.ctx.request_id), code="generation_failed")
                     if (final.finish_reason == "migrated" and final.migrated_to is not None
                             and migrations < MAX_MIGRATIONS):
                         migrations += 1
@@ -597,5 +600,10 @@ def stream_error(exc: BaseException, request_id: str) -> ApiError:
     """The error a stream reports: an API error as it is; anything else logged, and told as an internal error."""
     if not isinstance(exc, ApiError):
         log.exception("request %s failed while streaming", request_id, exc_info=exc)
-        exc = InternalError("internal error while streaming; see the gateway log for request " + request_id)
+        exc = InternalError("internal error while streaming; " + see_the_log(request_id))
     return exc
+
+
+def see_the_log(request_id: str) -> str:
+    """Where an internal failure's details are, for a client to quote (its message never carries them)."""
+    return "see the gateway log for request " + request_id

@@ -256,6 +256,32 @@ def test_unexpected_exceptions_become_a_500_in_the_error_shape(make_gateway, cap
     assert httpx.get(f"{gw.url}/health").status_code == 200
 
 
+def test_a_generation_its_worker_fails_names_the_request_id_and_leaves_the_exception_to_the_log(make_gateway,
+                                                                                                tiny_model_dir, caplog):
+    """A worker's final "error" line carries its exception's text (the engine's: names, values, paths), and the
+    client got it in generation_failed's message, answered or streamed. The client gets the request id to quote;
+    the text goes to the gateway's log."""
+    from .conftest import ThreadServer
+    from .stand_in_worker import stand_in_worker_app
+
+    detail = "ValueError: /secret/checkpoints/model.safetensors holds a bad tensor"
+    worker = ThreadServer(stand_in_worker_app("failing-worker", lambda index: None, fail_with=detail))
+    try:
+        gw = make_gateway(static_models={MODEL: {"worker_url": worker.url, "source": str(tiny_model_dir)}})
+        resp = gw.post("/v1/completions", json=GOOD)
+        error = assert_error(resp, 500, "generation_failed")
+        assert "secret" not in resp.text and resp.headers["X-Request-Id"] in error["message"], error
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json={**GOOD, "stream": True}, timeout=60,
+                          headers={"Authorization": f"Bearer {USER_KEY}"}) as streamed:
+            events = [json.loads(line[len("data: "):]) for line in streamed.iter_lines() if line.startswith("data: {")]
+        error = events[-1]["error"]
+        assert error["code"] == "generation_failed" and "secret" not in json.dumps(events), events
+        assert streamed.headers["X-Request-Id"] in error["message"], error
+        assert caplog.text.count(detail) >= 2  # logged for the operator, once per request
+    finally:
+        worker.stop()
+
+
 def test_draining_refuses_new_requests_and_finishes_running_streams(make_gateway):
     gateway = make_gateway()
     body = {**GOOD, "max_tokens": 40, "ignore_eos": True, "stream": True}
