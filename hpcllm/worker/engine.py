@@ -398,7 +398,11 @@ class Engine(EngineBase):
         """The pooled outputs of token id lists (runner.pool_last_tokens): the model's final hidden state at the last
         token, L2-normalized (vLLM's default pooling for decoder models); a classifier's head logits at that token.
         Runs on the engine thread between steps, a piece of inputs per forward (_run_embed_piece)."""
+        if not inputs:  # Python callers reach here without the HTTP API's checks: the engine thread needs an input
+            return []
         for i, ids in enumerate(inputs):
+            if not ids:
+                raise InvalidRequest(f"input[{i}] is empty", "input")
             self._check_token_ids(ids, f"input[{i}]")
             if len(ids) > self.max_model_len:
                 raise PromptTooLong(f"input[{i}] has {len(ids)} tokens; this model's maximum context length is "

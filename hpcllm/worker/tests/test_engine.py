@@ -470,6 +470,18 @@ def test_an_embedding_job_its_caller_gave_up_on_is_skipped(load_pair, make_engin
     assert embedded == [[[8, 9]]]
 
 
+def test_an_empty_embedding_batch_or_input_from_python_is_answered_and_the_engine_goes_on(load_pair, make_engine):
+    """The HTTP API refuses an empty batch and an empty input before the engine, but Python callers reach
+    Engine.embed directly: an empty batch failed the engine thread (max() of no input lengths) and the engine died,
+    and an empty input got an output pooled from nothing."""
+    engine = make_engine(*load_pair("llama"))
+    assert engine.embed([]) == []
+    with pytest.raises(InvalidRequest, match=r"input\[1\] is empty"):
+        engine.embed([[5, 6], []])
+    assert engine.alive
+    assert len(engine.embed([[5, 6]])) == 1
+
+
 def penalized_greedy_reference(model, prompt_ids, max_new_tokens, **penalties):
     """Greedy decoding over transformers' logits with vLLM's logit bias and penalties (test_sampling's reference)."""
     from .test_sampling import vllm_reference_logits
