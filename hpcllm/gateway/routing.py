@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 WireT = TypeVar("WireT", bound=BaseModel)
 
+# Once the gateway drains, a wait for a route (a cold start, capacity) polls at least this often: the drain
+# timeout's 503 gateway_shutdown (serving.Generation) must reach it within the shutdown's grace (server.ABORT_GRACE_S).
+DRAINING_POLL_S = 1.0
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -122,11 +126,15 @@ class Router(ABC):
     def resolve(self, model: str, wait_s: float, group: str | None = None,
                 abandoned: Callable[[], bool] | None = None) -> Endpoint:
         """A ready worker for `model`, waiting up to wait_s for one to start; ModelNotFound / ServiceUnavailable.
-        abandoned: asked while waiting; True (the client left) ends the wait with ClientClosedRequest."""
+        abandoned: asked while waiting; True (the client left) ends the wait with ClientClosedRequest, an error it
+        raises (the gateway's shutdown) with that error."""
 
     @abstractmethod
     def check_ready(self) -> str | None:
         """None when requests can be served now, else the reason they cannot."""
+
+    def start_draining(self) -> None:
+        """The gateway drains: from now on a wait asks `abandoned` at least every DRAINING_POLL_S."""
 
     def forget(self, endpoint: Endpoint, busy: bool = False) -> None:
         """The endpoint's worker refused or could not be reached (the caller routes again). busy: it answered,
@@ -256,6 +264,7 @@ class ControllerRouter(Router):
         # would otherwise cost every request the connect timeout).
         self._skip_controller_until = 0.0
         self._outage: str | None = None  # why the controller could not be asked, while it cannot
+        self._poll_s = route_poll_s  # DRAINING_POLL_S at most once the gateway drains
 
     def _get(self, path: str, **params) -> httpx.Response:
         if self._outage is not None and time.monotonic() < self._skip_controller_until:
@@ -331,18 +340,21 @@ class ControllerRouter(Router):
                                      f"are they the same hpcllm version?); ask the operator", code="controller_error",
                                      retry_after=5) from None
 
+    def start_draining(self) -> None:
+        self._poll_s = min(self.route_poll_s, DRAINING_POLL_S)
+
     def resolve(self, model: str, wait_s: float, group: str | None = None,
                 abandoned: Callable[[], bool] | None = None) -> Endpoint:
         start = time.monotonic()
         deadline = start + wait_s
         while True:
-            # Between polls (route_poll_s each): a client that left frees its thread, stream slot and reservation
-            # now, not when the cold start or the wait for capacity ends.
+            # Between polls (route_poll_s each, DRAINING_POLL_S draining): a client that left frees its thread,
+            # stream slot and reservation now, not when the cold start or the wait for capacity ends.
             if abandoned is not None and abandoned():
                 raise ClientClosedRequest(f"the client closed the connection while model {model!r} was being "
                                           f"routed ({time.monotonic() - start:.0f} s); request dropped")
             remaining = deadline - time.monotonic()
-            params = {"model": model, "wait": round(max(0.0, min(remaining, self.route_poll_s)), 1)}
+            params = {"model": model, "wait": round(max(0.0, min(remaining, self._poll_s)), 1)}
             if group:  # the API key's group: its own pools may serve it too
                 params["group"] = group
             called = time.monotonic()

@@ -93,6 +93,7 @@ class Gateway:
         if not self._draining.is_set():
             log.info("gateway draining: refusing new requests, letting running ones finish")
         self._draining.set()
+        self.router.start_draining()  # a request waiting for a route hears of the drain timeout's abort in time
 
     def request_started(self) -> None:
         with self._idle:

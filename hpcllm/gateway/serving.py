@@ -98,11 +98,17 @@ def new_response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def route_request(gw: Gateway, ctx: RequestContext, model: str) -> Endpoint:
+def route_request(gw: Gateway, ctx: RequestContext, model: str,
+                  check: Callable[[], None] = lambda: None) -> Endpoint:
     """A ready worker for the request's model (its key's group's own pools may serve it too), waiting up to
-    route_timeout_seconds for one; the wait ends when the client leaves."""
+    route_timeout_seconds for one; the wait ends when the client leaves, or with the error check() raises (asked
+    with it: a generation the gateway's shutdown aborted)."""
+    def abandoned() -> bool:
+        check()
+        return ctx.client.gone()
+
     return gw.router.resolve(model, gw.config.gateway.route_timeout_seconds,
-                             group=ctx.api_key.group if ctx.api_key else None, abandoned=ctx.client.gone)
+                             group=ctx.api_key.group if ctx.api_key else None, abandoned=abandoned)
 
 
 def on_a_worker(gw: Gateway, ctx: RequestContext, endpoint: Endpoint, route: Callable[[], Endpoint],
@@ -239,7 +245,7 @@ class Generation:
         waiting = metrics.num_requests_waiting.labels(self.model)
         waiting.inc()
         try:
-            endpoint = route_request(self.gw, self.ctx, self.card.base_model)
+            endpoint = route_request(self.gw, self.ctx, self.card.base_model, check=self._raise_if_aborted)
         finally:
             waiting.dec()
         metrics.request_queue_time.labels(self.model).observe(endpoint.waited_seconds)

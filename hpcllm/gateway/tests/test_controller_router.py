@@ -26,6 +26,7 @@ from hpcllm.controller.registry import Registry
 from hpcllm.controller.service import Controller
 
 from .conftest import ADMIN_KEY, MODEL, SECRET, USER_KEY, ThreadServer, raw_post
+from .test_errors import assert_error
 from .test_openai_api import hf_greedy
 
 NODE = "n1"
@@ -464,6 +465,41 @@ def test_a_pools_route_is_remembered_for_the_shorter_pool_ttl():
     assert known.candidates(MODEL, "physics") == [service]
     now = 600.5
     assert known.candidates(MODEL, "physics") == []
+
+
+def test_a_request_waiting_for_a_cold_start_when_the_gateway_shuts_down_gets_gateway_shutdown(
+        make_gateway, controller_url, agents, monkeypatch):
+    """The drain timeout ends the running generations with 503 gateway_shutdown (Gateway.stop_generations), but one
+    still waiting for its model's cold start went on waiting, and gunicorn's stop cut its connection unanswered.
+    Now the wait ends with the shutdown's 503; and once the gateway drains, its route polls are short enough for
+    that answer to come within the shutdown's grace, not after a whole route_poll_seconds."""
+    from hpcllm.gateway.routing import DRAINING_POLL_S
+    from hpcllm.gateway.server import ABORT_GRACE_S
+
+    monkeypatch.setattr(agents, "_loaded", lambda instance_id: None)  # its instance never finishes loading
+    gw = make_gateway(static_models={}, controller_url=controller_url, route_poll_seconds=3,
+                      route_timeout_seconds=60)
+    router, polls = gw.state.router, []  # per route poll: whether the gateway was draining, the wait it asked for
+    get = router._get
+    monkeypatch.setattr(router, "_get", lambda path, **params: polls.append((gw.state.draining, params.get("wait")))
+                        or get(path, **params))
+    answers: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: answers.append(
+        gw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})))
+    waiting.start()
+    deadline = time.monotonic() + 30
+    while not agents.started:  # its cold start began: the request waits for it
+        assert time.monotonic() < deadline, "no cold start"
+        time.sleep(0.05)
+    gw.state.start_draining()
+    while not any(draining for draining, _ in polls):  # a route poll asked while draining
+        assert time.monotonic() < deadline + 30, "no route poll while draining"
+        time.sleep(0.05)
+    gw.state.stop_generations(grace_s=ABORT_GRACE_S)
+    waiting.join(90)
+    assert answers, "no answer"
+    assert_error(answers[0], 503, "gateway_shutdown")
+    assert all(wait <= DRAINING_POLL_S for draining, wait in polls if draining), polls
 
 
 # ----------------------------------------------------------------------------------------- no capacity now
