@@ -48,14 +48,17 @@ class Hold:
 
 
 class Worker:
-    def __init__(self, tiny_model_dir):
+    """hpcllm's own engine over a model (in this process), served on a local port; its generation can be held
+    (hold_at)."""
+
+    def __init__(self, model_dir):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from hpcllm.worker.server import ModelForServing, WorkerService, create_app
 
         self.service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5)
-        self.service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
-                                            AutoTokenizer.from_pretrained(tiny_model_dir)))
+        self.service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+                                            AutoTokenizer.from_pretrained(model_dir)))
         self.server = ThreadServer(create_app(self.service))
         self.url = self.server.url
 
@@ -74,20 +77,21 @@ class Worker:
         self.engine._forward = held_forward
         return hold
 
-    def migrate_everything_to(self, destination: "Worker"):
+    def migrate_everything_to(self, destination_url: str):
         with WorkerClient(self.url, SECRET) as client:
-            return client.migrate_all(ticketed_request(destination.url, model=MODEL, key=SECRET))
+            return client.migrate_all(ticketed_request(destination_url, model=MODEL, key=SECRET))
 
     def stop(self):
         self.server.stop()
         self.service.shutdown()
 
 
-def move_when_held(hold: Hold, source: Worker, destination: Worker):
-    """Once `hold` holds the source's generation: move everything to the destination, then let the source go on."""
+def move_when_held(hold: Hold, source: Worker, destination_url: str):
+    """Once `hold` holds the source's generation: move everything to the destination (a worker of either engine),
+    then let the source go on."""
     assert hold.reached.wait(HOLD_TIMEOUT_S), "the generation never reached the point where it is moved"
     try:
-        return source.migrate_everything_to(destination)
+        return source.migrate_everything_to(destination_url)
     finally:
         hold.release()
 
@@ -115,7 +119,7 @@ def test_openai_stream_follows_a_live_migration(make_gateway, two_workers, tiny_
     hold = source.hold_at(tokens=5)  # moved after its 5th token, while the client reads the stream
 
     with ThreadPoolExecutor(1) as mover:
-        moving = mover.submit(move_when_held, hold, source, destination)
+        moving = mover.submit(move_when_held, hold, source, destination.url)
         texts, usage, finish = read_completion_stream(
             client.completions.create(**request, stream=True, stream_options={"include_usage": True}))
         moved = moving.result()
@@ -145,7 +149,7 @@ def test_a_failed_attach_falls_back_to_resuming_from_tokens(make_gateway, two_wo
     destination.engine.attach = attach_refused
     texts = []
     with ThreadPoolExecutor(1) as mover:
-        moving = mover.submit(move_when_held, hold, source, destination)
+        moving = mover.submit(move_when_held, hold, source, destination.url)
         for event in completion_events(gateway, body, lambda events: None):
             assert "error" not in event, event
             texts.append(event["choices"][0]["text"])
@@ -309,7 +313,7 @@ def test_two_choices_with_echo_and_logprobs_follow_a_migration_there_and_back(ma
     there, back = source.hold_at(tokens=4, requests=2), destination.hold_at(tokens=12, requests=2)
 
     def move_twice():
-        return [move_when_held(there, source, destination), move_when_held(back, destination, source)]
+        return [move_when_held(there, source, destination.url), move_when_held(back, destination, source.url)]
 
     with ThreadPoolExecutor(1) as mover:
         moving = mover.submit(move_twice)

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,8 @@ from hpcllm.worker.protocol import GenerateRequest, Thinking, TokenLine
 from hpcllm.worker.grammar import compile_grammar
 from hpcllm.worker.tests.schemas import OTHER_CONSTRAINTS, PERSON_GRAMMAR, check_person
 
-from .conftest import MODEL, SECRET, ThreadServer, read_completion_stream
+from .conftest import MODEL, SECRET, read_completion_stream
+from .test_migration import Worker, move_when_held
 from .test_resume import ScriptedRouter
 
 pytestmark = pytest.mark.slow
@@ -111,28 +113,10 @@ def reference(small_llama_dir):
     return generate
 
 
-class HpcllmWorker:
-    """hpcllm's own engine over the same model (in this process), for migrations to and from vLLM."""
-
-    def __init__(self, model_dir: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from hpcllm.worker.server import ModelForServing, WorkerService, create_app
-
-        self.service = WorkerService(MODEL, secret=SECRET, keepalive_seconds=0.5)
-        self.service.attach(ModelForServing(AutoModelForCausalLM.from_pretrained(model_dir).eval(),
-                                            AutoTokenizer.from_pretrained(model_dir)))
-        self.server = ThreadServer(create_app(self.service))
-        self.url = self.server.url
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.service.shutdown()
-
-
 @pytest.fixture(scope="module")
 def hpcllm_worker(small_llama_dir):
-    worker = HpcllmWorker(small_llama_dir)
+    """hpcllm's own engine over the same model (in this process), for migrations to and from vLLM."""
+    worker = Worker(small_llama_dir)
     yield worker
     worker.stop()
 
@@ -336,7 +320,7 @@ def thinkers(tmp_path_factory):
     model_dir = make_model("llama", root / "small-thinker", size="small", chat_template="qwen3-think")
     checkpoint = convert(model_dir, root / "converted", progress=False).root
     start, end = AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(["<think>", "</think>"])
-    hpcllm = HpcllmWorker(model_dir)
+    hpcllm = Worker(model_dir)
     try:
         for url, _ in _start_vllm_worker(checkpoint, tmp_path_factory):
             yield url, hpcllm, start, end
@@ -369,20 +353,35 @@ def test_vllm_holds_the_grammar_back_until_the_thinking_ends_and_bounds_it(think
     assert refused.value.status == 400 and refused.value.info.param == "thinking"
 
 
-def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_tokens: int):
+def _stream_and_migrate(gateway, source: Worker | str, destination_url: str, max_tokens: int):
+    """Stream a greedy completion from the source and move it to the destination mid-stream: (text, usage, finish
+    reason, the move's MigrateAllResult). An hpcllm source (a Worker, in this process) is held after its third
+    token until the move has run (Hold), so the move always finds the generation running; a vLLM source's engine
+    runs in another process, where nothing can hold it: the move comes at the client's third text, and a client
+    slower than the generation would find nothing to move."""
     moved = []
 
     def move_at_the_third_text(texts: list[str]) -> None:
         if len(texts) == 3:
-            with WorkerClient(source_url, SECRET, read_timeout=120) as source:
-                moved.append(source.migrate_all(ticketed_request(destination_url, model=MODEL, key=SECRET,
+            with WorkerClient(source, SECRET, read_timeout=120) as client:
+                moved.append(client.migrate_all(ticketed_request(destination_url, model=MODEL, key=SECRET,
                                                                  timeout_seconds=60)))
 
     client = gateway.client().with_options(timeout=120)
-    texts, usage, finish = read_completion_stream(
-        client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=max_tokens, temperature=0,
-                                  extra_body={"ignore_eos": True}, stream=True, stream_options={"include_usage": True}),
-        move_at_the_third_text)
+
+    def read_stream(on_text=lambda texts: None):
+        return read_completion_stream(client.completions.create(
+            model=MODEL, prompt=LONG_PROMPT, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True},
+            stream=True, stream_options={"include_usage": True}), on_text)
+
+    if isinstance(source, str):
+        texts, usage, finish = read_stream(move_at_the_third_text)
+    else:
+        hold = source.hold_at(tokens=3)
+        with ThreadPoolExecutor(1) as mover:
+            moving = mover.submit(move_when_held, hold, source, destination_url)
+            texts, usage, finish = read_stream()
+            moved.append(moving.result())
     return "".join(texts), usage, finish, moved[0] if moved else None
 
 
@@ -390,12 +389,13 @@ def _stream_and_migrate(gateway, source_url: str, destination_url: str, max_toke
 def test_live_migration_between_engines_keeps_the_text(vllm_server, hpcllm_worker, gateway_to, reference,
                                                        direction):
     vllm_worker, vllm_log = vllm_server
-    source, destination = ((hpcllm_worker.url, vllm_worker) if direction == "hpcllm_to_vllm"
+    source, destination = ((hpcllm_worker, vllm_worker) if direction == "hpcllm_to_vllm"
                            else (vllm_worker, hpcllm_worker.url))
     max_tokens = 240  # still running when the migration comes (a few ms a token); prompt + 240 < 512 (the card)
     _, expected = reference(LONG_PROMPT, max_tokens)
 
-    text, usage, finish, moved = _stream_and_migrate(gateway_to(source), source, destination, max_tokens)
+    source_url = source if isinstance(source, str) else source.url
+    text, usage, finish, moved = _stream_and_migrate(gateway_to(source_url), source, destination, max_tokens)
 
     assert moved is not None and len(moved.migrated) == 1 and moved.failed == [], moved
     assert text == expected  # greedy: the destination continues exactly
