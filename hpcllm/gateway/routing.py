@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 WireT = TypeVar("WireT", bound=BaseModel)
 
-# Once the gateway drains, a wait for a route (a cold start, capacity) polls at least this often: the drain
-# timeout's 503 gateway_shutdown (serving.Generation) must reach it within the shutdown's grace (server.ABORT_GRACE_S).
+# Once the gateway drains, a wait for a route (a cold start, capacity) polls at least this often: the drain timeout's
+# 503 gateway_shutdown (Gateway.stop_generations) must reach it within the shutdown's grace (server.ABORT_GRACE_S).
 DRAINING_POLL_S = 1.0
 
 

@@ -19,6 +19,7 @@ from flask import current_app
 
 from hpcllm.config import ApiKey, Config
 from hpcllm.controller.registry.databases import is_postgres_url
+from hpcllm.gateway.errors import ServiceUnavailable
 from hpcllm.gateway.metrics import GatewayMetrics
 from hpcllm.gateway.ratelimit import RateLimiter
 from hpcllm.gateway.response_store import ResponseStore
@@ -77,6 +78,7 @@ class Gateway:
             limits=httpx.Limits(max_connections=4 * threads, max_keepalive_connections=threads),
         )
         self._draining = threading.Event()
+        self._stopping: str | None = None  # why every request stops now (the drain timeout ran out), once it does
         self._generations: set = set()  # serving.Generation objects between start() and close()
         self._generations_lock = threading.Lock()
         self._in_flight = 0
@@ -92,8 +94,14 @@ class Gateway:
         """From now on new requests get 503; requests already running finish (gunicorn waits graceful_timeout)."""
         if not self._draining.is_set():
             log.info("gateway draining: refusing new requests, letting running ones finish")
+        self.router.start_draining()  # a request waiting for a route hears of the drain timeout's stop in time
         self._draining.set()
-        self.router.start_draining()  # a request waiting for a route hears of the drain timeout's abort in time
+
+    def raise_if_stopping(self) -> None:
+        """The shutdown's 503 once the drain timeout ran out (stop_generations): asked by a request waiting for a
+        route, tracked as a generation or not."""
+        if self._stopping is not None:
+            raise gateway_shutdown(self._stopping)
 
     def request_started(self) -> None:
         with self._idle:
@@ -124,12 +132,14 @@ class Gateway:
 
     def stop_generations(self, grace_s: float) -> int:
         """The drain timeout ran out: every running generation ends at its next token with a 503 (a stream: an error
-        event, then [DONE]) and settles its token reservation; after grace_s, those still blocked (a silent worker)
-        are settled from here. Returns how many generations were stopped."""
+        event, then [DONE]) and settles its token reservation, as does every request still waiting for a route
+        (raise_if_stopping); after grace_s, those still blocked (a silent worker) are settled from here. Returns how
+        many generations were stopped."""
+        self._stopping = "the gateway is shutting down (drain timeout); retry the request"
         with self._generations_lock:
             running = list(self._generations)
         for generation in running:
-            generation.abort("the gateway is shutting down (drain timeout); retry the request")
+            generation.abort(self._stopping)
         self.wait_idle(grace_s)
         with self._generations_lock:
             stuck = list(self._generations)
@@ -147,6 +157,11 @@ class Gateway:
         self.router.close()
         self.usage.close()
         self.shared.close()
+
+
+def gateway_shutdown(reason: str) -> ServiceUnavailable:
+    """The 503 a request the gateway's shutdown stopped answers with."""
+    return ServiceUnavailable(reason, code="gateway_shutdown", retry_after=5)
 
 
 def current_gateway() -> Gateway:

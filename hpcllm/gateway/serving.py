@@ -32,7 +32,7 @@ from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError,
                                    ServiceUnavailable)
 from hpcllm.gateway.protocol import PromptLogprob, PromptLogprobs, SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
-from hpcllm.gateway.runtime import Gateway
+from hpcllm.gateway.runtime import Gateway, gateway_shutdown
 from hpcllm.gateway.upstream import (WorkerBusy, WorkerLost, WorkerStream, WorkerUnavailable, open_attach,
                                      open_generation)
 from hpcllm.gateway.usage import usage_endpoint
@@ -98,13 +98,12 @@ def new_response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def route_request(gw: Gateway, ctx: RequestContext, model: str,
-                  check: Callable[[], None] = lambda: None) -> Endpoint:
+def route_request(gw: Gateway, ctx: RequestContext, model: str) -> Endpoint:
     """A ready worker for the request's model (its key's group's own pools may serve it too), waiting up to
-    route_timeout_seconds for one; the wait ends when the client leaves, or with the error check() raises (asked
-    with it: a generation the gateway's shutdown aborted)."""
+    route_timeout_seconds for one; the wait ends when the client leaves, or with the 503 gateway_shutdown once the
+    gateway's drain timeout ran out (Gateway.stop_generations)."""
     def abandoned() -> bool:
-        check()
+        gw.raise_if_stopping()
         return ctx.client.gone()
 
     return gw.router.resolve(model, gw.config.gateway.route_timeout_seconds,
@@ -245,7 +244,7 @@ class Generation:
         waiting = metrics.num_requests_waiting.labels(self.model)
         waiting.inc()
         try:
-            endpoint = route_request(self.gw, self.ctx, self.card.base_model, check=self._raise_if_aborted)
+            endpoint = route_request(self.gw, self.ctx, self.card.base_model)
         finally:
             waiting.dec()
         metrics.request_queue_time.labels(self.model).observe(endpoint.waited_seconds)
@@ -459,7 +458,7 @@ class Generation:
 
     def _raise_if_aborted(self) -> None:
         if self._aborted is not None:
-            raise ServiceUnavailable(self._aborted, code="gateway_shutdown", retry_after=5)
+            raise gateway_shutdown(self._aborted)
 
     def close(self) -> None:
         """Cancel the unfinished worker streams, give back unused reserved tokens, record the request's latency."""

@@ -467,12 +467,17 @@ def test_a_pools_route_is_remembered_for_the_shorter_pool_ttl():
     assert known.candidates(MODEL, "physics") == []
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}),
+    ("/v1/embeddings", {"model": MODEL, "input": "x"}),
+], ids=["completions", "embeddings"])
 def test_a_request_waiting_for_a_cold_start_when_the_gateway_shuts_down_gets_gateway_shutdown(
-        make_gateway, controller_url, agents, monkeypatch):
+        make_gateway, controller_url, agents, monkeypatch, path, body):
     """The drain timeout ends the running generations with 503 gateway_shutdown (Gateway.stop_generations), but one
     still waiting for its model's cold start went on waiting, and gunicorn's stop cut its connection unanswered.
-    Now the wait ends with the shutdown's 503; and once the gateway drains, its route polls are short enough for
-    that answer to come within the shutdown's grace, not after a whole route_poll_seconds."""
+    Now the wait ends with the shutdown's 503 (a generation's, and a pooling request's that is no generation); and
+    once the gateway drains, its route polls are short enough for that answer to come within the shutdown's grace,
+    not after a whole route_poll_seconds."""
     from hpcllm.gateway.routing import DRAINING_POLL_S
     from hpcllm.gateway.server import ABORT_GRACE_S
 
@@ -484,8 +489,7 @@ def test_a_request_waiting_for_a_cold_start_when_the_gateway_shuts_down_gets_gat
     monkeypatch.setattr(router, "_get", lambda path, **params: polls.append((gw.state.draining, params.get("wait")))
                         or get(path, **params))
     answers: list[httpx.Response] = []
-    waiting = threading.Thread(target=lambda: answers.append(
-        gw.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})))
+    waiting = threading.Thread(target=lambda: answers.append(gw.post(path, json=body)))
     waiting.start()
     deadline = time.monotonic() + 30
     while not agents.started:  # its cold start began: the request waits for it
