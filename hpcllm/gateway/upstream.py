@@ -104,7 +104,9 @@ def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: li
 def _classify(worker_url: str, exc: WorkerError) -> ApiError:
     info = exc.info
     message = info.message if info else str(exc)
-    if exc.status == 0:  # where and why go to the log: clients are not told internal addresses
+    # Where and why go to the log: clients are not told internal addresses, nor the worker's own words (its engine's
+    # errors, a checkpoint's path); a refusal of the request itself (400) is the client's to read.
+    if exc.status == 0:
         log.warning("worker %s is unreachable: %s", worker_url, message)
         return WorkerUnavailable("the model's worker cannot be reached just now; retry shortly", retry_after=2)
     if exc.status in (400, 413, 422):
@@ -115,8 +117,9 @@ def _classify(worker_url: str, exc: WorkerError) -> ApiError:
         # Its model still loads, failed to load, or its engine died: not back within seconds, so not busy (a busy
         # worker is tried again soon).
         log.warning("worker %s has no running engine: %s", worker_url, message)
-        return WorkerUnavailable(f"the model's worker is not ready: {message}", retry_after=5)
+        return WorkerUnavailable("the model's worker is not ready; retry shortly", retry_after=5)
     if exc.status in (429, 503):
-        return WorkerBusy(f"the model's worker is busy: {message}", retry_after=2)
+        log.warning("worker %s is busy: %s", worker_url, message)
+        return WorkerBusy("the model's worker is busy; retry shortly", retry_after=2)
     log.error("worker %s answered %s: %s", worker_url, exc.status, message)
-    return WorkerUnavailable(f"the model's worker failed ({exc.status}): {message}", retry_after=5)
+    return WorkerUnavailable(f"the model's worker failed (HTTP {exc.status}); retry shortly", retry_after=5)

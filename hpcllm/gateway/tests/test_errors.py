@@ -282,6 +282,39 @@ def test_a_generation_its_worker_fails_names_the_request_id_and_leaves_the_excep
         worker.stop()
 
 
+@pytest.mark.parametrize("status, error_type", [(503, "engine_unavailable"), (503, "busy"), (500, "internal_error")],
+                         ids=["engine-unavailable", "busy", "failed"])
+def test_a_worker_that_refuses_leaves_its_own_words_to_the_log(make_gateway, tiny_model_dir, caplog, status,
+                                                               error_type):
+    """A worker that refuses every try (its model failed to load, its engine died, it is full, it failed) answers
+    with its own words ("model failed to load: <the load error, with a path>"): the client got them in the 503 of
+    the last try. The client gets the gateway's own words; the worker's go to the gateway's log."""
+    from flask import Flask
+
+    from hpcllm.worker.protocol import GENERATE_PATH, ErrorInfo, ErrorResponse
+
+    from .conftest import ThreadServer
+
+    detail = "model failed to load: /secret/checkpoints/model.safetensors is truncated"
+    app = Flask("refusing-worker")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        body = ErrorResponse(error=ErrorInfo(message=detail, type=error_type)).model_dump_json()
+        return app.response_class(body, status=status, mimetype="application/json")
+
+    worker = ThreadServer(app)
+    try:
+        gw = make_gateway(static_models={MODEL: {"worker_url": worker.url, "source": str(tiny_model_dir)}})
+        resp = gw.post("/v1/completions", json=GOOD)
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "worker_unavailable", resp.text
+        assert "secret" not in resp.text and "failed to load" not in resp.text, resp.text
+        assert detail in caplog.text  # logged for the operator
+    finally:
+        worker.stop()
+
+
 def test_draining_refuses_new_requests_and_finishes_running_streams(make_gateway):
     gateway = make_gateway()
     body = {**GOOD, "max_tokens": 40, "ignore_eos": True, "stream": True}
