@@ -105,3 +105,8 @@ class InternalError(ApiError):
     http_status = 500
     error_type = "internal_error"
     code = "internal_error"
+
+
+def see_the_log(request_id: str) -> str:
+    """Where an internal failure's details are, for a client to quote (its message never carries them)."""
+    return "see the gateway log for request " + request_id

@@ -131,4 +131,5 @@ def install(app: Flask, gw: Gateway) -> None:
 
     install_error_handlers(
         app, http_error=_from_http_exception, on_error=log_server_errors,
-        unexpected=lambda exc: errors.InternalError(f"internal server error (request id {g.get('request_id', '?')})"))
+        unexpected=lambda exc: errors.InternalError(
+            "internal server error; " + errors.see_the_log(g.get("request_id", "?"))))

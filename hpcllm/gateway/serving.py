@@ -29,7 +29,7 @@ from flask import g, request
 
 from hpcllm.config import ApiKey
 from hpcllm.gateway.errors import (ApiError, ClientClosedRequest, InternalError, InvalidRequest,
-                                   ServiceUnavailable)
+                                   ServiceUnavailable, see_the_log)
 from hpcllm.gateway.protocol import PromptLogprob, PromptLogprobs, SamplingOptions, UsageInfo
 from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway, gateway_shutdown
@@ -608,7 +608,3 @@ def stream_error(exc: BaseException, request_id: str) -> ApiError:
         exc = InternalError("internal error while streaming; " + see_the_log(request_id))
     return exc
 
-
-def see_the_log(request_id: str) -> str:
-    """Where an internal failure's details are, for a client to quote (its message never carries them)."""
-    return "see the gateway log for request " + request_id

@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from hpcllm.gateway.errors import see_the_log
 from hpcllm.gateway.routing import Router
 
 from .conftest import ADMIN_KEY, MODEL, USER_KEY
@@ -251,7 +252,7 @@ def test_unexpected_exceptions_become_a_500_in_the_error_shape(make_gateway, cap
     resp = gw.post("/v1/completions", json=GOOD)
     error = assert_error(resp, 500, "internal_error")
     assert "secret internal detail" not in resp.text
-    assert resp.headers["X-Request-Id"] in error["message"]
+    assert see_the_log(resp.headers["X-Request-Id"]) in error["message"]  # the wording every 500 uses
     assert "secret internal detail" in caplog.text  # logged for the operator
     assert httpx.get(f"{gw.url}/health").status_code == 200
 
