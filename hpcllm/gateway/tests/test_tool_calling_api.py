@@ -198,7 +198,6 @@ def test_a_named_function_is_called_with_arguments_its_schema_allows(gw, samplin
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "trip"
     check_arguments("trip", call.function.arguments)
     assert _streamed_calls(streamed) == [(0, "trip", call.function.arguments)]
-    assert sum(bool(choice.delta.tool_calls) for choice in streamed) > 3  # the arguments as they are generated
     assert streamed[-1].finish_reason == "stop"
 
 
