@@ -11,6 +11,7 @@ import datetime
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from hpcllm.checkpoint.layout import (
     FORMAT_VERSION,
     INDEX_FILE,
     MANIFEST_FILE,
+    NUMPY_NATIVE_DTYPES,
     Partition,
     SideFile,
     TensorEntry,
@@ -76,21 +78,6 @@ def assign_partitions(specs: list[TensorSpec], num_partitions: int) -> list[list
     return [sorted(b, key=lambda s: order[s.name]) for b in bins]
 
 
-def storage_array(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
-    """The numpy array written to HDF5 for a tensor and its storage kind ("native" or "raw" uint8 bytes)."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    if tensor.dtype not in (torch.bfloat16,) and not _is_float8(tensor.dtype):
-        try:
-            return tensor.numpy(), "native"
-        except (TypeError, RuntimeError):  # a dtype numpy lacks in this build: fall through to raw bytes
-            pass
-    return tensor.reshape(-1).view(torch.uint8).numpy(), "raw"
-
-
-def _is_float8(dtype: torch.dtype) -> bool:
-    return str(dtype).startswith("torch.float8")
-
-
 def write_partition(
     path: Path,
     specs: list[TensorSpec],
@@ -98,30 +85,68 @@ def write_partition(
     partition_index: int,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> dict[str, TensorEntry]:
-    """Write one HDF5 data file with every tensor contiguous at a 4096-aligned offset; return their index entries."""
+    """Write one HDF5 data file with every tensor contiguous at a 4096-aligned offset; return their index entries.
+
+    HDF5 only lays the file out (_lay_out); the tensors' bytes are then written into their places with plain writes.
+    A disk that fills up or a quota that runs out is then an OSError of ours: a write that fails inside HDF5 leaves
+    the library unable to close the file, and the process dies of a segfault later (h5py 3.16).
+    """
+    offsets = _lay_out(path, specs)
     entries: dict[str, TensorEntry] = {}
-    with h5py.File(path, "w", libver="latest", alignment_threshold=1, alignment_interval=ALIGNMENT) as f:
+    with open(path, "r+b") as f:
         for spec in specs:
             tensor = fetch(spec.name)
             if dtype_name(tensor.dtype) != spec.dtype or tuple(tensor.shape) != spec.shape:
                 raise CheckpointError(f"tensor {spec.name!r} changed between planning and writing "
                                       f"({tensor.dtype} {tuple(tensor.shape)} vs {spec.dtype} {spec.shape})")
-            array, storage = storage_array(tensor)
-            dataset = f.create_dataset(spec.name, data=array)
-            dataset.attrs[ATTR_TORCH_DTYPE] = spec.dtype
-            dataset.attrs[ATTR_SHAPE] = np.asarray(spec.shape, dtype=np.int64)
-            dataset.attrs[ATTR_STORAGE] = storage
-            offset = dataset.id.get_offset() if array.nbytes else 0
-            if offset is None or offset % ALIGNMENT:
-                raise CheckpointError(f"{path}: HDF5 placed {spec.name!r} at offset {offset}, not "
-                                      f"{ALIGNMENT}-aligned contiguous storage (h5py {h5py.version.version})")
-            entries[spec.name] = TensorEntry(name=spec.name, partition=partition_index, offset=int(offset),
-                                             nbytes=array.nbytes, dtype=spec.dtype, shape=spec.shape,
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            if data.nbytes:
+                f.seek(offsets[spec.name])
+                f.write(data)
+            entries[spec.name] = TensorEntry(name=spec.name, partition=partition_index, offset=offsets[spec.name],
+                                             nbytes=spec.nbytes, dtype=spec.dtype, shape=spec.shape,
                                              stride=contiguous_stride(spec.shape))
-            on_bytes(array.nbytes)
-            del tensor, array
-    _fsync(path)
+            on_bytes(data.nbytes)
+            del tensor, data
+        f.flush()
+        os.fsync(f.fileno())
     return entries
+
+
+def _lay_out(path: Path, specs: list[TensorSpec]) -> dict[str, int]:
+    """Create the HDF5 file with one contiguous dataset per tensor, its space allocated now and never filled (HDF5
+    writes only its metadata): {tensor name: file offset of its bytes}. A dtype HDF5 lacks (bfloat16, float8) is a
+    flat uint8 dataset of the tensor's bytes ("raw" storage)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)  # no timestamps: the same tensors give the same file
+    lcpl = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    lcpl.set_create_intermediate_group(True)
+    lcpl.set_char_encoding(h5py.h5t.CSET_UTF8)
+    offsets: dict[str, int] = {}
+    try:
+        with h5py.File(path, "w", libver="latest", alignment_threshold=1, alignment_interval=ALIGNMENT) as f:
+            for spec in specs:
+                native = spec.dtype in NUMPY_NATIVE_DTYPES
+                shape = spec.shape if native else (spec.nbytes,)
+                space = h5py.h5s.create_simple(shape) if shape else h5py.h5s.create(h5py.h5s.SCALAR)
+                kind = h5py.h5t.py_create(np.dtype(spec.dtype if native else np.uint8), logical=True)
+                dataset = h5py.Dataset(h5py.h5d.create(f.id, spec.name.encode(), kind, space, dcpl=dcpl, lcpl=lcpl))
+                dataset.attrs[ATTR_TORCH_DTYPE] = spec.dtype
+                dataset.attrs[ATTR_SHAPE] = np.asarray(spec.shape, dtype=np.int64)
+                dataset.attrs[ATTR_STORAGE] = "native" if native else "raw"
+                offset = dataset.id.get_offset() if spec.nbytes else 0
+                if offset is None or offset % ALIGNMENT:
+                    raise CheckpointError(f"{path}: HDF5 placed {spec.name!r} at offset {offset}, not "
+                                          f"{ALIGNMENT}-aligned contiguous storage (h5py {h5py.version.version})")
+                offsets[spec.name] = int(offset)
+    except (OSError, RuntimeError) as exc:  # HDF5 cannot write its metadata (disk full, quota): its text says why
+        reason = re.search(r"error message = '([^']+)'", str(exc))
+        why = reason.group(1) if reason else str(exc).strip().splitlines()[0]
+        raise OSError(f"{path}: HDF5 cannot write it ({why})") from None
+    return offsets
 
 
 def finish_partition(path: Path, index: int, chunk_size: int) -> Partition:
@@ -186,10 +211,3 @@ def _write_file(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ from hpcllm.checkpoint import (
 from hpcllm.checkpoint import converter as converter_module
 from hpcllm.checkpoint.converter import convert
 from hpcllm.checkpoint.tests.conftest import read_raw, same_bits, source_state_dict
+from hpcllm.store.tests.tmpfs import mounted_tmpfs
 
 ARCHS = ["llama", "gpt2", "qwen2", "opt", "sharded", "bin", "sharded_bin"]
 LLAMA_CONFIG = '{"model_type": "llama"}'  # for sources whose weights are what is wrong
@@ -195,6 +196,17 @@ def test_failure_mid_conversion_leaves_nothing_behind(hf_models, tmp_path, monke
         convert(hf_models["llama"], tmp_path / "out", partitions=2)
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("room", ["none", "half"])  # no room for HDF5's own metadata / for half the tensors
+def test_a_disk_that_fills_up_is_a_clear_error_and_leaves_nothing(hf_models, tmp_path, room):
+    """A full disk (or quota) while a data file is written: a CheckpointError saying so, no temporary folder left
+    (a write failing inside HDF5 ended in h5py's RuntimeError traceback, or a segfault)."""
+    weights = sum(p.stat().st_size for p in hf_models["llama"].glob("*.safetensors"))
+    with mounted_tmpfs(tmp_path / "disk", "8k" if room == "none" else f"{weights // 2 >> 10}k") as disk:
+        with pytest.raises(CheckpointError, match="No space left on device"):
+            convert(hf_models["llama"], disk / "out")
+        assert list(disk.iterdir()) == []
 
 
 def test_interrupt_mid_conversion_keeps_the_old_output(hf_models, tmp_path, monkeypatch):
