@@ -151,11 +151,15 @@ def _remove_killed_conversions(out: Path) -> None:
 
 def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str | None, chunk_size: int,
                      overwrite: bool) -> None:
-    hfload.refuse_gguf(source)
+    if not source.is_dir():
+        hfload.refuse_gguf(source)
     if not source.exists():
         raise InvalidSource(f"{source}: no such folder (expected a Hugging Face model folder)")
     if not source.is_dir():
         raise InvalidSource(f"{source}: is not a folder (expected a Hugging Face model folder)")
+    # The weights are looked for first: a folder holding only GGUF files is refused as such, one with a .gguf beside
+    # its safetensors (google/gemma-7b ships one) converts from those.
+    find_weight_files(source)
     if partitions is not None and partitions < 1:
         raise CheckpointError(f"--partitions must be at least 1, got {partitions}")
     if dtype is not None and dtype not in CONVERT_TARGET_DTYPES:

@@ -62,8 +62,8 @@ def check_servable(source_dir: Path, config: dict[str, Any]) -> None:
 
 
 def refuse_gguf(source: Path) -> None:
-    """A .gguf file, or a folder whose only weights are GGUF (quantized llama.cpp checkpoints): say so instead of
-    'not a folder' or 'has no weights'."""
+    """A .gguf file, or a folder holding GGUF files (quantized llama.cpp checkpoints), called for one where no other
+    weights were found: say so instead of 'not a folder' or 'has no weights'."""
     if source.suffix == ".gguf" and source.is_file() or source.is_dir() and any(source.glob("*.gguf")):
         source_dir = source
         raise UnsupportedSource(f"{source_dir}: GGUF (llama.cpp) weights cannot be converted; hpcllm needs the "

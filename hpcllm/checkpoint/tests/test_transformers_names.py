@@ -5,6 +5,7 @@ hpcllm cannot serve fails at convert time with UnsupportedSource."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,17 @@ def test_gguf_is_refused_with_what_to_convert_instead(mixtral_dir, tmp_path, as_
     gguf.write_bytes(b"GGUF" + bytes(64))
     with pytest.raises(UnsupportedSource, match="GGUF.*original Hugging Face checkpoint"):
         convert(folder if as_folder else gguf, tmp_path / "out")
+
+
+def test_a_gguf_beside_the_safetensors_does_not_stop_the_conversion(mixtral_dir, tmp_path):
+    """Repositories such as google/gemma-7b ship a .gguf beside their safetensors: those convert (and the .gguf is
+    neither read nor copied)."""
+    hf = tmp_path / "hf"
+    shutil.copytree(mixtral_dir, hf)
+    (hf / "model-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(64))
+    ckpt = convert(hf, tmp_path / "out")
+    assert not (ckpt.root / "model-Q4_K_M.gguf").exists()
+    assert_holds_what_from_pretrained_builds(mixtral_dir, ckpt.root)
 
 
 def test_cli_refuses_a_quantized_checkpoint_in_one_line(mixtral_dir, tmp_path, capsys):
