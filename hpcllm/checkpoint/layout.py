@@ -120,6 +120,11 @@ def num_chunks(size: int, chunk_size: int) -> int:
     return (size + chunk_size - 1) // chunk_size
 
 
+def is_checksum(value: Any) -> bool:
+    """A checksum as the format writes it: 16 lowercase hex digits."""
+    return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
 def file_chunk_checksums(path: Path, chunk_size: int) -> list[str]:
     """Checksums of every chunk_size slice of a file (the last one short).
 

@@ -32,12 +32,14 @@ import numpy as np
 from hpcllm.checkpoint.errors import ChecksumMismatch, InvalidManifest
 from hpcllm.checkpoint.layout import (
     CHECKSUM_ALGORITHM,
+    INDEX_FILE,
     MANIFEST_FILE,
     SLICE_HASHES_FIELD,
     SLICE_HASHES_FILE,
     Checkpoint,
     TensorEntry,
     checksum,
+    is_checksum,
     read_checkpoint,
 )
 
@@ -122,10 +124,29 @@ def read_slice_hashes(ckpt: Checkpoint) -> SliceHashes | None:
     path = ckpt.root / SLICE_HASHES_FILE
     try:
         document = json.loads(data)
-        return {name: {int(dim): StripTable(int(t["strips"]), tuple(t["xxh3_64"])) for dim, t in dims.items()}
-                for name, dims in document["tensors"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        hashes = {name: {int(dim): StripTable(int(t["strips"]), tuple(t["xxh3_64"])) for dim, t in dims.items()}
+                  for name, dims in document["tensors"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise InvalidManifest(f"{path}: malformed ({exc!r})") from None
+    _check_tables(ckpt, hashes, path)
+    return hashes
+
+
+def _check_tables(ckpt: Checkpoint, hashes: SliceHashes, path: Path) -> None:
+    """InvalidManifest unless `hashes` holds exactly the tables compute_slice_hashes writes for the index: a rank
+    divides by the strip count and indexes the hashes, and a tensor without its tables would go unverified."""
+    expected = {name: {dim: strip_count(entry.shape[dim]) for dim in HASHED_DIMS[:len(entry.shape)]}
+                for name, entry in ckpt.tensors.items() if entry.shape and entry.nbytes}
+    for name in sorted(set(expected) | set(hashes)):
+        tables = hashes.get(name, {})
+        for dim in sorted(set(expected.get(name, {})) | set(tables)):
+            strips, table = expected.get(name, {}).get(dim), tables.get(dim)
+            if (table is None or table.strips != strips or len(table.hashes) != strips
+                    or not all(is_checksum(h) for h in table.hashes)):
+                wanted = f"{strips} strips of xxh3_64 digests" if strips else f"{INDEX_FILE} has no such tensor dim"
+                raise InvalidManifest(f"{path}: the strip hashes of tensor {name[:200]!r} along dim {dim} do not fit "
+                                      f"{INDEX_FILE} (expected: {wanted}); re-run `hpcllm checkpoint "
+                                      f"add-slice-hashes {ckpt.root}`")
 
 
 def strip_span(table: StripTable, size: int, start: int, stop: int) -> tuple[int, int]:

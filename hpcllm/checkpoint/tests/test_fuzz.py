@@ -12,12 +12,14 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hpcllm.checkpoint import CheckpointError, ChecksumMismatch, TruncatedFile, read_checkpoint
-from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE, checksum
+from hpcllm.checkpoint import CheckpointError, ChecksumMismatch, InvalidManifest, TruncatedFile, read_checkpoint
+from hpcllm.checkpoint.layout import DTYPE_ITEMSIZE, SLICE_HASHES_FIELD, SLICE_HASHES_FILE, checksum
+from hpcllm.checkpoint.slicehashes import as_3d, read_slice_hashes, strip_span, verify_strips
 from hpcllm.checkpoint.tests.conftest import write_checkpoint
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -51,8 +53,9 @@ def valid_checkpoint(tmp_path_factory) -> Path:
 
 @contextmanager
 def checkpoint_with(valid: Path, manifest: bytes | None = None, index: bytes | None = None,
-                    copy_data: bool = False):
-    """A throwaway copy of the valid checkpoint with manifest / index replaced (data files linked unless copied)."""
+                    copy_data: bool = False, slice_hashes: bytes | None = None):
+    """A throwaway copy of the valid checkpoint with manifest / index / slice-hashes.json replaced (data files linked
+    unless copied); a replaced index or slice-hashes.json is recorded in the manifest, to reach their checks."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "ckpt"
         root.mkdir()
@@ -66,6 +69,11 @@ def checkpoint_with(valid: Path, manifest: bytes | None = None, index: bytes | N
             manifest_obj = json.loads(manifest if manifest is not None else (root / "manifest.json").read_bytes())
             if isinstance(manifest_obj, dict) and isinstance(manifest_obj.get("index"), dict):
                 manifest_obj["index"].update(size=len(index), xxh3_64=checksum(index))  # reach the index checks
+            manifest = json.dumps(manifest_obj).encode()
+        if slice_hashes is not None:
+            (root / SLICE_HASHES_FILE).write_bytes(slice_hashes)
+            manifest_obj = json.loads(manifest if manifest is not None else (root / "manifest.json").read_bytes())
+            manifest_obj[SLICE_HASHES_FIELD].update(size=len(slice_hashes), xxh3_64=checksum(slice_hashes))
             manifest = json.dumps(manifest_obj).encode()
         if manifest is not None:
             (root / "manifest.json").write_bytes(manifest)
@@ -82,9 +90,22 @@ def exercise_reader(root: Path) -> None:
         assert entry.offset + entry.nbytes <= ckpt.partitions[entry.partition].size
 
 
-def only_checkpoint_errors(root: Path) -> None:
+def exercise_strips(root: Path) -> None:
+    """What a tensor-parallel rank calls on the strip hashes: read them, widen a slice (here: all of each tensor) to
+    whole strips and verify those; only CheckpointError may escape."""
+    ckpt = read_checkpoint(root)
+    hashes = read_slice_hashes(ckpt)
+    for name, entry in ckpt.tensors.items():
+        data = np.fromfile(ckpt.partitions[entry.partition].path, dtype=np.uint8, count=entry.nbytes,
+                           offset=entry.offset)
+        for dim, table in hashes.get(name, {}).items():
+            a, b = strip_span(table, entry.shape[dim], 0, entry.shape[dim])
+            verify_strips(name, entry, table, dim, as_3d(data, entry.shape, dim)[:, a:b], a, str(root))
+
+
+def only_checkpoint_errors(root: Path, exercise=exercise_reader) -> None:
     try:
-        exercise_reader(root)
+        exercise(root)
     except CheckpointError:
         pass
 
@@ -149,6 +170,41 @@ def test_mutated_index_gives_only_checkpoint_errors(valid_checkpoint, data):
 
 
 @FUZZ
+@given(data=st.data())
+def test_mutated_slice_hashes_give_only_checkpoint_errors(valid_checkpoint, data):
+    document = load(valid_checkpoint, SLICE_HASHES_FILE)
+    if data.draw(st.booleans()):  # anywhere in the document
+        document = mutate(data, document)
+    else:  # one strip table, where most of it is
+        tables = document["tensors"][data.draw(st.sampled_from(sorted(document["tensors"])))]
+        dim = data.draw(st.sampled_from(sorted(tables)))
+        tables[dim] = mutate(data, tables[dim])
+    with checkpoint_with(valid_checkpoint, slice_hashes=json.dumps(document).encode()) as root:
+        only_checkpoint_errors(root, exercise_strips)
+
+
+def _first_table(document: dict) -> dict:
+    return document["tensors"]["a.weight"]["0"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda doc: _first_table(doc).update(strips=0),  # a rank divided by it: ZeroDivisionError
+    lambda doc: _first_table(doc)["xxh3_64"].pop(),  # a rank indexed past the end: IndexError
+    lambda doc: _first_table(doc).update(strips=_first_table(doc)["strips"] // 2),  # blamed the data file
+    lambda doc: doc["tensors"].pop("b.weight"),  # its slices went unverified
+    lambda doc: doc["tensors"]["a.weight"].pop("1"),
+    lambda doc: _first_table(doc)["xxh3_64"].__setitem__(0, 12345),
+    lambda doc: doc["tensors"].update({"nowhere": {"0": {"strips": 1, "xxh3_64": ["0123456789abcdef"]}}}),
+])
+def test_strip_hashes_that_do_not_fit_the_index_are_refused(valid_checkpoint, damage):
+    document = load(valid_checkpoint, SLICE_HASHES_FILE)
+    damage(document)
+    with checkpoint_with(valid_checkpoint, slice_hashes=json.dumps(document).encode()) as root:
+        with pytest.raises(InvalidManifest, match="add-slice-hashes"):
+            read_slice_hashes(read_checkpoint(root))
+
+
+@FUZZ
 @given(
     field=st.sampled_from(["partition", "offset", "nbytes", "dtype", "shape", "stride"]),
     number=st.integers(min_value=-(2**80), max_value=2**80),
@@ -209,9 +265,12 @@ def test_truncated_or_flipped_data_files_are_caught(valid_checkpoint, data):
 
 
 def test_the_untouched_checkpoint_passes_everything(valid_checkpoint):
-    with checkpoint_with(valid_checkpoint, index=(valid_checkpoint / "index.json").read_bytes()) as root:
+    with checkpoint_with(valid_checkpoint, index=(valid_checkpoint / "index.json").read_bytes(),
+                         slice_hashes=(valid_checkpoint / SLICE_HASHES_FILE).read_bytes()) as root:
         exercise_reader(root)
+        exercise_strips(root)
     exercise_reader(valid_checkpoint)
+    exercise_strips(valid_checkpoint)
 
 
 @FUZZ
