@@ -181,12 +181,18 @@ def _check_output(out: Path, overwrite: bool) -> None:
                       "a converted checkpoint")
 
 
-def _not_of_a_checkpoint(out: Path, entries: list[Path]) -> str | None:
+def _hpcllm_manifest(folder: Path) -> dict | None:
+    """The folder's manifest.json if it is one of hpcllm's (read leniently: only its format name is checked)."""
     try:
-        manifest = json.loads((out / MANIFEST_FILE).read_bytes())
+        manifest = json.loads((folder / MANIFEST_FILE).read_bytes())
     except (OSError, ValueError, RecursionError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME else None
+
+
+def _not_of_a_checkpoint(out: Path, entries: list[Path]) -> str | None:
+    manifest = _hpcllm_manifest(out)
+    if manifest is None:
         return f"is not a converted checkpoint (it has no hpcllm {MANIFEST_FILE})"
     listed = {MANIFEST_FILE, INDEX_FILE, SLICE_HASHES_FILE}
     for key in ("partitions", "side_files"):
@@ -640,6 +646,11 @@ def find_weight_files(source_dir: Path) -> tuple[str, list[Path]]:
     if bin_files:
         return "pytorch_bin", bin_files
     hfload.refuse_gguf(source_dir)
+    converted = _hpcllm_manifest(source_dir)
+    if converted is not None:  # e.g. given to convert again for another --dtype
+        origin = converted.get("source", {}).get("path") if isinstance(converted.get("source"), dict) else None
+        raise InvalidSource(f"{source_dir}: is a converted hpcllm checkpoint already, not a Hugging Face model "
+                            f"folder; convert the Hugging Face folder it was made from ({origin or 'not recorded'})")
     raise InvalidSource(f"{source_dir}: has no weights (expected model.safetensors, sharded *.safetensors with "
                         f"{SAFETENSORS_INDEX}, or pytorch_model*.bin)")
 

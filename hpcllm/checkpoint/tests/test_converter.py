@@ -272,6 +272,14 @@ def test_folder_without_weights(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_converted_checkpoint_given_as_the_source_says_so(hf_models, converted, tmp_path):
+    # Converting again (for another --dtype, say) is a likely slip: "has no weights" was wrong, it holds them.
+    with pytest.raises(InvalidSource, match="is a converted hpcllm checkpoint already") as error:
+        convert(converted["llama"], tmp_path / "out", dtype="bfloat16")
+    assert str(hf_models["llama"]) in str(error.value)  # the folder to convert instead
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_without_model_type_is_refused(hf_models, tmp_path):
     # Converted anyway, such a checkpoint failed in every loader with transformers' "Unrecognized model" traceback.
     hf = tmp_path / "hf"
