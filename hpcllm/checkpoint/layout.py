@@ -582,8 +582,10 @@ def _parse_partition(raw: Any, position: int, root: Path, where: str) -> Partiti
     name = _safe_file_name(_require(raw, "file", str, part_where, InvalidManifest), part_where, InvalidManifest)
     size = _require_nonneg_int(raw, "size", part_where, InvalidManifest)
     chunk_size = _require(raw, "chunk_size", int, part_where, InvalidManifest)
-    if chunk_size <= 0 or chunk_size % ALIGNMENT:
-        raise InvalidManifest(f"{part_where}: chunk_size {chunk_size} must be a positive multiple of {ALIGNMENT}")
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % ALIGNMENT:  # readers hold whole chunks in memory
+        raise InvalidManifest(f"{part_where}: chunk_size {chunk_size} must be a multiple of {ALIGNMENT} from "
+                              f"{ALIGNMENT} to {MAX_CHUNK_SIZE} ({MAX_CHUNK_SIZE >> 20} MiB); re-convert the "
+                              f"checkpoint")
     checksums = _require(raw, "checksums", list, part_where, InvalidManifest)
     expected = num_chunks(size, chunk_size)
     if len(checksums) != expected:

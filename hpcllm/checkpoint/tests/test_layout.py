@@ -24,7 +24,7 @@ from hpcllm.checkpoint import (
     UnsupportedFormatVersion,
     read_checkpoint,
 )
-from hpcllm.checkpoint.layout import checksum, contiguous_stride, file_chunk_checksums
+from hpcllm.checkpoint.layout import MAX_CHUNK_SIZE, checksum, contiguous_stride, file_chunk_checksums
 from hpcllm.checkpoint.slicehashes import write_slice_hashes
 from hpcllm.checkpoint.tests.conftest import read_raw, same_bits, write_checkpoint
 
@@ -240,6 +240,18 @@ def test_bad_manifests(ckpt_copy, change, error, message):
     change(manifest)
     (ckpt_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(error, match=message):
+        read_checkpoint(ckpt_copy)
+
+
+def test_a_chunk_size_beyond_what_readers_hold_is_refused(ckpt_copy):
+    # Readers hold whole chunks: a node cache copy allocated a buffer of it (16 TiB: OSError ENOMEM, not a
+    # CheckpointError), a GPU load pinned staging slots of it.
+    manifest = json.loads((ckpt_copy / "manifest.json").read_text())
+    part = manifest["partitions"][0]
+    part["chunk_size"] = 1 << 44
+    part["checksums"] = file_chunk_checksums(ckpt_copy / part["file"], part["chunk_size"])  # consistent otherwise
+    (ckpt_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InvalidManifest, match=f"chunk_size {1 << 44} must be .* to {MAX_CHUNK_SIZE}"):
         read_checkpoint(ckpt_copy)
 
 
