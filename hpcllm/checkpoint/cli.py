@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from hpcllm.checkpoint.errors import CheckpointError
 from hpcllm.checkpoint.layout import (CONVERT_TARGET_DTYPES, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, SLICE_HASHES_FILE,
                                       read_checkpoint)
 from hpcllm.present import human_size
@@ -104,5 +105,8 @@ def add_slice_hashes(path: Path) -> None:
     before hpcllm wrote them; new conversions have them)."""
     from hpcllm.checkpoint.slicehashes import write_slice_hashes
 
-    written = write_slice_hashes(path)
+    try:
+        written = write_slice_hashes(path)
+    except OSError as exc:  # verified and hashed already (read errors are CheckpointErrors): a read-only or full FS
+        raise CheckpointError(f"{path}: cannot write {SLICE_HASHES_FILE} there ({exc.strerror or exc})") from None
     click.echo(f"{written}: strip hashes of every tensor written and listed in the manifest")

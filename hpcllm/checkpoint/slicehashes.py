@@ -172,8 +172,9 @@ def verify_strips(name: str, entry: TensorEntry, table: StripTable, dim: int, co
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    f = open(tmp, "wb")  # nothing to remove if this fails (and on a read-only FS, removing would fail too)
     try:
-        with open(tmp, "wb") as f:
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

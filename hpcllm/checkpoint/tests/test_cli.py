@@ -10,9 +10,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpcllm.checkpoint import read_checkpoint
+from hpcllm.checkpoint.tests.conftest import write_checkpoint
 from hpcllm.cli.main import main
+from hpcllm.store.tests.tmpfs import mounted_tmpfs
 
 
 def hpcllm(*args: str) -> subprocess.CompletedProcess:
@@ -118,6 +121,15 @@ def test_verify_checks_slice_hashes(hf_models, tmp_path, capsys, damage, fragmen
                        "add-slice-hashes")
     assert run_main(capsys, "checkpoint", "add-slice-hashes", out).returncode == 0
     assert ": ok" in run_main(capsys, "checkpoint", "verify", out).stdout
+
+
+def test_add_slice_hashes_where_it_cannot_write_is_one_error_line(tmp_path, capsys):
+    # A checkpoint on a read-only mount (a shared models folder) or a full disk: the reason, no traceback.
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
+        ckpt = write_checkpoint({"w": torch.ones(64, 32)}, disk / "ckpt")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert_clean_error(run_main(capsys, "checkpoint", "add-slice-hashes", ckpt), str(ckpt),
+                           "cannot write slice-hashes.json", "Read-only file system")
 
 
 def test_verify_of_a_file_says_it_is_not_a_folder(tmp_path, capsys):
