@@ -72,8 +72,11 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-# Side files are every top-level file except weights in any framework's format (and names our format uses).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz")
+# Side files are every top-level file except weights in any framework's format (and names our format uses): hub
+# repositories ship them side by side (openai-community/gpt2: rust_model.ot, 64.tflite, 64-fp16.tflite, tf_model.h5,
+# flax_model.msgpack beside model.safetensors), each as large as the model.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf",
+                   ".npz", ".ot", ".tflite", ".mlmodel")
 WEIGHT_INDEX_FILES = {SAFETENSORS_INDEX, BIN_INDEX, "tf_model.h5.index.json", "flax_model.msgpack.index.json"}
 RESERVED_NAMES = {MANIFEST_FILE, INDEX_FILE}
 # Partitions are read in parallel by the loader; two readers saturate the disk here, a few more help on a parallel

@@ -110,6 +110,19 @@ def test_side_files_are_copied_with_checksums(hf_models, converted):
     assert not any(ckpt.root.glob("*.safetensors"))
 
 
+def test_weights_of_other_frameworks_are_not_copied_as_side_files(hf_models, tmp_path):
+    # A hub snapshot of openai-community/gpt2 holds its weights for rust-bert and TF Lite too, each as large as
+    # the model: they were copied into the checkpoint (and every node's cache) as side files.
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_models["gpt2"], hf)
+    others = ["rust_model.ot", "64.tflite", "64-fp16.tflite", "tf_model.h5", "flax_model.msgpack", "model.onnx"]
+    for name in others:
+        (hf / name).write_bytes(b"weights of another framework")
+    ckpt = convert(hf, tmp_path / "out")
+    assert not {s.file for s in ckpt.side_files} & set(others)
+    assert not [name for name in others if (ckpt.root / name).exists()]
+
+
 def test_dtype_cast_to_bfloat16_records_it_in_config(hf_models, tmp_path):
     ckpt = convert(hf_models["gpt2"], tmp_path / "out", dtype="bfloat16")
     source = source_state_dict(hf_models["gpt2"])
