@@ -655,7 +655,20 @@ def find_weight_files(source_dir: Path) -> tuple[str, list[Path]]:
         raise InvalidSource(f"{source_dir}: is a converted hpcllm checkpoint already, not a Hugging Face model "
                             f"folder; convert the Hugging Face folder it was made from ({origin or 'not recorded'})")
     raise InvalidSource(f"{source_dir}: has no weights (expected model.safetensors, sharded *.safetensors with "
-                        f"{SAFETENSORS_INDEX}, or pytorch_model*.bin)")
+                        f"{SAFETENSORS_INDEX}, or pytorch_model*.bin){_hub_cache_hint(source_dir)}")
+
+
+def _hub_cache_hint(source_dir: Path) -> str:
+    """For a Hugging Face hub cache repository (models--ORG--NAME), given where one of its snapshots belongs."""
+    snapshots = source_dir / "snapshots"
+    if not snapshots.is_dir():
+        return ""
+    try:
+        revision = (source_dir / "refs" / "main").read_text().strip()
+    except OSError:
+        revision = ""
+    snapshot = snapshots / revision if revision and (snapshots / revision).is_dir() else snapshots / "REVISION"
+    return f"; it is a Hugging Face hub cache folder: convert one of its snapshots, e.g. {snapshot}"
 
 
 def _shards_from_index(index_path: Path) -> list[Path]:

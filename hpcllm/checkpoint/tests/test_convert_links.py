@@ -65,3 +65,14 @@ def test_a_hugging_face_hub_cache_snapshot_converts(source, tmp_path):
     (snapshot / "notes.txt").symlink_to(private)
     with pytest.raises(InvalidSource, match="outside the source folder"):
         convert(snapshot, tmp_path / "out2", progress=False)
+
+
+def test_a_hub_cache_repository_folder_names_its_snapshot(source, tmp_path):
+    # models--ORG--NAME itself holds no weights (they are in snapshots/REV): say which folder to convert.
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(source, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    with pytest.raises(InvalidSource, match="hub cache folder: convert one of its snapshots") as exc:
+        convert(repo, tmp_path / "out", progress=False)
+    assert str(repo / "snapshots" / "0123abcd") in str(exc.value)
