@@ -241,12 +241,29 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     tmp.chmod(creation_mode(directory=True))
     _check_output(out, overwrite)  # again: out may have appeared or changed while converting
     if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
+        _rename_into_place(tmp, out)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-    os.rename(out, trash / "old")
-    os.rename(tmp, out)
-    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.rename(out, trash / "old")
+        try:
+            _rename_into_place(tmp, out)
+        except BaseException:
+            if not (out.exists() or out.is_symlink()):  # nothing took its place: the old checkpoint goes back
+                os.rename(trash / "old", out)
+            raise
+    finally:  # the replaced checkpoint (or, when another conversion's took its place, the one it was to replace)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if out.exists() or out.is_symlink():  # taken since it was checked (rename replaces only an empty folder)
+            raise OutputExists(f"{out}: something was put there while converting (another conversion into the "
+                               f"same folder?); this conversion was discarded") from None
+        raise
 
 
 def _fsync_dir(path: Path) -> None:

@@ -152,6 +152,29 @@ def test_existing_output_is_an_error_unless_overwrite(hf_models, tmp_path):
     assert convert(hf_models["llama"], tmp_path / "empty", overwrite=True).tensors  # an empty folder is free too
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_checkpoint_published_meanwhile_into_the_same_folder_is_kept(hf_models, converted, tmp_path,
+                                                                        monkeypatch, overwrite):
+    """Two conversions into one folder: the one publishing second fails clearly and leaves nothing behind (with
+    --overwrite it left the checkpoint it had swapped out in a hidden .out.replaced-* folder, as large as a
+    checkpoint; without, the error was rename's 'Directory not empty')."""
+    out = tmp_path / "out"
+    if overwrite:
+        convert(hf_models["gpt2"], out)
+    real_rename = os.rename
+
+    def other_conversion_publishes_first(src, dst):
+        if Path(dst) == out and ".converting-" in Path(src).name:
+            shutil.copytree(converted["llama"], out)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(converter_module.os, "rename", other_conversion_publishes_first)
+    with pytest.raises(OutputExists, match="something was put there while converting"):
+        convert(hf_models["gpt2"], out, overwrite=overwrite)
+    assert read_checkpoint(out).manifest == read_checkpoint(converted["llama"]).manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 @pytest.mark.parametrize("make, why", [
     (lambda out: (out.mkdir(), (out / "thesis.tex").write_text("x")), "not a converted checkpoint"),
     (lambda out: out.write_text("x"), "not a folder"),
