@@ -84,6 +84,7 @@ RESERVED_NAMES = {MANIFEST_FILE, INDEX_FILE}
 PARTITION_TARGET_BYTES = 1 << 30
 MAX_DEFAULT_PARTITIONS = 8
 PROGRESS_MIN_BYTES = 256 << 20
+GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # how a Git LFS pointer file starts
 
 # safetensors header dtype -> torch dtype name
 SAFETENSORS_DTYPES = {
@@ -703,13 +704,19 @@ def _shards_from_index(index_path: Path) -> list[Path]:
 
 
 def _check_readable(path: Path) -> None:
-    """Open the file first: safetensors reports any file it cannot open as "No such file or directory"."""
+    """Open the file first: safetensors reports any file it cannot open as "No such file or directory". A Git LFS
+    pointer (a clone made without git-lfs) is said to be one: safetensors calls it a header too large, torch.load
+    suggests loading it with weights_only=False."""
     try:
-        with open(path, "rb"):
-            pass
+        with open(path, "rb") as f:
+            start = f.read(len(GIT_LFS_POINTER))
     except OSError as exc:
         hint = "; let the user running hpcllm read it" if isinstance(exc, PermissionError) else ""
         raise InvalidSource(f"{path}: is not readable ({exc.strerror or exc}){hint}") from None
+    if start == GIT_LFS_POINTER:
+        raise InvalidSource(f"{path}: is a Git LFS pointer, not the weights (the repository was cloned without "
+                            f"git-lfs): fetch them with `git lfs pull` in the clone, or download the model with "
+                            f"`huggingface-cli download`")
 
 
 @contextmanager

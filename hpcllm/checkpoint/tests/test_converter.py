@@ -380,6 +380,20 @@ def test_bin_with_non_tensor_values_is_rejected(tmp_path):
         convert(hf, tmp_path / "out")
 
 
+@pytest.mark.parametrize("arch", ["llama", "bin", "sharded"])
+def test_git_lfs_pointers_instead_of_weights_say_so(arch, hf_models, tmp_path):
+    # A clone made without git-lfs: safetensors said "header too large", torch.load to retry with weights_only=False.
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_models[arch], hf)
+    weights = sorted(p for p in hf.iterdir() if p.suffix in (".safetensors", ".bin"))
+    for path in weights:
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 2471645608\n")
+    with pytest.raises(InvalidSource, match="is a Git LFS pointer, not the weights.*git lfs pull") as exc:
+        convert(hf, tmp_path / "out")
+    assert str(weights[0]) in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_sharded_index_naming_a_missing_shard(hf_models, tmp_path):
     hf = tmp_path / "hf"
     shutil.copytree(hf_models["sharded"], hf)
