@@ -245,16 +245,24 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         _rename_into_place(tmp, out)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+    old = trash / "old"
     try:
-        os.rename(out, trash / "old")
+        os.rename(out, old)
         try:
             _rename_into_place(tmp, out)
-        except BaseException:
+        except BaseException as exc:
             if not (out.exists() or out.is_symlink()):  # nothing took its place: the old checkpoint goes back
-                os.rename(trash / "old", out)
+                try:
+                    os.rename(old, out)
+                except OSError as restore_error:
+                    raise CheckpointError(f"{out}: publishing the new checkpoint failed ({exc}) and so did putting "
+                                          f"the old one back ({restore_error.strerror or restore_error}); the old "
+                                          f"one is kept in {old}: move it back to {out}") from None
             raise
-    finally:  # the replaced checkpoint (or, when another conversion's took its place, the one it was to replace)
-        shutil.rmtree(trash, ignore_errors=True)
+    finally:  # the replaced checkpoint (or, when another conversion's took its place, the one it was to replace);
+        # kept while it is the only copy, out being empty
+        if out.exists() or out.is_symlink() or not (old.exists() or old.is_symlink()):
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _rename_into_place(tmp: Path, out: Path) -> None:

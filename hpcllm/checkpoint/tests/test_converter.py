@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -173,6 +174,34 @@ def test_a_checkpoint_published_meanwhile_into_the_same_folder_is_kept(hf_models
         convert(hf_models["gpt2"], out, overwrite=overwrite)
     assert read_checkpoint(out).manifest == read_checkpoint(converted["llama"]).manifest
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("also_restoring", [False, True])
+def test_overwrite_failing_to_publish_never_loses_the_old_checkpoint(hf_models, converted, tmp_path, monkeypatch,
+                                                                      also_restoring):
+    """Renaming the new checkpoint into place fails (EIO, ESTALE on a network FS): the old one goes back; when that
+    fails too it is kept where it was swapped out to, and the error says where (both were deleted)."""
+    out = tmp_path / "out"
+    shutil.copytree(converted["llama"], out)
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".converting-" in Path(src).name or also_restoring and Path(src).name == "old":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(converter_module.os, "rename", failing_rename)
+    with pytest.raises(CheckpointError, match="Input/output error") as exc:
+        convert(hf_models["gpt2"], out, overwrite=True)
+    if also_restoring:
+        kept = list(tmp_path.glob(".out.replaced-*/old"))
+        assert len(kept) == 1 and str(kept[0]) in str(exc.value)
+        assert not out.exists()
+    else:
+        kept = [out]
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert read_checkpoint(kept[0]).manifest == read_checkpoint(converted["llama"]).manifest
+    read_checkpoint(kept[0]).verify_files()
 
 
 @pytest.mark.parametrize("make, why", [
