@@ -247,7 +247,11 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
     old = trash / "old"
     try:
-        os.rename(out, old)
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:  # another --overwrite conversion swapped it out meanwhile: out is free (or taken)
+            _rename_into_place(tmp, out)
+            return
         try:
             _rename_into_place(tmp, out)
         except BaseException as exc:

@@ -204,6 +204,25 @@ def test_overwrite_failing_to_publish_never_loses_the_old_checkpoint(hf_models, 
     read_checkpoint(kept[0]).verify_files()
 
 
+def test_overwrite_racing_another_overwrite_that_swapped_the_old_one_out(hf_models, converted, tmp_path,
+                                                                         monkeypatch):
+    """Another --overwrite conversion moved the old checkpoint away between this one's check and its swap: out is
+    free, so this one is published (it failed with rename's 'No such file or directory' naming a hidden folder)."""
+    out = tmp_path / "out"
+    shutil.copytree(converted["llama"], out)
+    real_rename = os.rename
+
+    def other_conversion_swaps_out_first(src, dst):
+        if Path(src) == out and Path(dst).name == "old" and out.exists():
+            real_rename(out, tmp_path / "swapped-out-by-the-other")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(converter_module.os, "rename", other_conversion_swaps_out_first)
+    ckpt = convert(hf_models["gpt2"], out, overwrite=True)
+    assert ckpt.manifest == read_checkpoint(out).manifest != read_checkpoint(converted["llama"]).manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "swapped-out-by-the-other"]
+
+
 @pytest.mark.parametrize("make, why", [
     (lambda out: (out.mkdir(), (out / "thesis.tex").write_text("x")), "not a converted checkpoint"),
     (lambda out: out.write_text("x"), "not a folder"),
