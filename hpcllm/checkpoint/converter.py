@@ -161,9 +161,6 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
         raise InvalidSource(f"{source}: no such folder (expected a Hugging Face model folder)")
     if not source.is_dir():
         raise InvalidSource(f"{source}: is not a folder (expected a Hugging Face model folder)")
-    # The weights are looked for first: a folder holding only GGUF files is refused as such, one with a .gguf beside
-    # its safetensors (google/gemma-7b ships one) converts from those.
-    find_weight_files(source)
     if partitions is not None and partitions < 1:
         raise CheckpointError(f"--partitions must be at least 1, got {partitions}")
     if dtype is not None and dtype not in CONVERT_TARGET_DTYPES:
@@ -171,7 +168,10 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
     if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % ALIGNMENT:
         raise CheckpointError(f"chunk size {chunk_size} must be a multiple of {ALIGNMENT} from {ALIGNMENT} to "
                               f"{MAX_CHUNK_SIZE} ({MAX_CHUNK_SIZE >> 20} MiB)")
-    _refuse_links_leaving(source)
+    _refuse_links_leaving(source)  # before any file of it is read (and quoted in an error)
+    # The weights are looked for early: a folder holding only GGUF files is refused as such, one with a .gguf beside
+    # its safetensors (google/gemma-7b ships one) converts from those.
+    find_weight_files(source)
     real_source, real_out = source.resolve(), out.resolve()
     if real_out == real_source or real_out in real_source.parents or real_source in real_out.parents:
         raise CheckpointError(f"{out}: the output folder must not be the source folder, contain it or lie in it")

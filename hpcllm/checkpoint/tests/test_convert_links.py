@@ -3,6 +3,7 @@ user's 0600 file, to /etc/shadow...) is refused, so its content never lands in a
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -76,3 +77,24 @@ def test_a_hub_cache_repository_folder_names_its_snapshot(source, tmp_path):
     with pytest.raises(InvalidSource, match="hub cache folder: convert one of its snapshots") as exc:
         convert(repo, tmp_path / "out", progress=False)
     assert str(repo / "snapshots" / "0123abcd") in str(exc.value)
+
+
+
+@pytest.mark.parametrize("arch, linked", [("sharded", "model.safetensors.index.json"), (None, "manifest.json")])
+def test_a_link_out_of_the_source_folder_is_refused_before_the_weights_are_looked_for(hf_models, tmp_path, arch,
+                                                                                     linked):
+    # Looking for the weights reads the index (and, in a folder without weights, a manifest.json): an outside
+    # file's content showed in the error ("lists shard 'TOP-SECRET-VALUE', which is missing").
+    source = tmp_path / "hf"
+    if arch:
+        shutil.copytree(hf_models[arch], source)
+    else:
+        source.mkdir()
+    private = tmp_path / "someone-elses.json"
+    private.write_text(json.dumps({"weight_map": {"w": "TOP-SECRET-VALUE"}, "format": "hpcllm-checkpoint",
+                                   "source": {"path": "TOP-SECRET-VALUE"}}))
+    (source / linked).unlink(missing_ok=True)
+    (source / linked).symlink_to(private)
+    with pytest.raises(InvalidSource, match="outside the source folder") as exc:
+        convert(source, tmp_path / "out", progress=False)
+    assert "TOP-SECRET-VALUE" not in str(exc.value)
