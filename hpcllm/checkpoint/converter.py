@@ -39,16 +39,15 @@ from hpcllm.checkpoint.errors import CheckpointError, InvalidSource, OutputExist
 from hpcllm.checkpoint.heads import SCORE_TEMPLATE_FILE, classifier_architecture
 from hpcllm.checkpoint.layout import (
     DEFAULT_CHUNK_SIZE,
-    ALIGNMENT,
     CONVERT_TARGET_DTYPES,
     FLOATING_DTYPES,
     FORMAT_NAME,
     INDEX_FILE,
     MANIFEST_FILE,
-    MAX_CHUNK_SIZE,
     SLICE_HASHES_FILE,
     Checkpoint,
     check_replaceable,
+    chunk_size_problem,
     creation_mode,
     dtype_name,
     read_checkpoint,
@@ -165,9 +164,9 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
         raise CheckpointError(f"--partitions must be at least 1, got {partitions}")
     if dtype is not None and dtype not in CONVERT_TARGET_DTYPES:
         raise UnsupportedDtype(f"--dtype {dtype!r} is not one of {', '.join(CONVERT_TARGET_DTYPES)}")
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % ALIGNMENT:
-        raise CheckpointError(f"chunk size {chunk_size} must be a multiple of {ALIGNMENT} from {ALIGNMENT} to "
-                              f"{MAX_CHUNK_SIZE} ({MAX_CHUNK_SIZE >> 20} MiB)")
+    chunk_problem = chunk_size_problem(chunk_size)
+    if chunk_problem:
+        raise CheckpointError(f"chunk size {chunk_size} {chunk_problem}")
     _refuse_links_leaving(source)  # before any file of it is read (and quoted in an error)
     # The weights are looked for early: a folder holding only GGUF files is refused as such, one with a .gguf beside
     # its safetensors (google/gemma-7b ships one) converts from those.

@@ -120,6 +120,13 @@ def num_chunks(size: int, chunk_size: int) -> int:
     return (size + chunk_size - 1) // chunk_size
 
 
+def chunk_size_problem(chunk_size: int) -> str | None:
+    """What is wrong with a chunk size (to follow the number in an error), None if the format allows it."""
+    if 0 < chunk_size <= MAX_CHUNK_SIZE and chunk_size % ALIGNMENT == 0:
+        return None
+    return f"must be a multiple of {ALIGNMENT} from {ALIGNMENT} to {MAX_CHUNK_SIZE} ({MAX_CHUNK_SIZE >> 20} MiB)"
+
+
 def is_checksum(value: Any) -> bool:
     """A checksum as the format writes it: 16 lowercase hex digits."""
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
@@ -582,10 +589,9 @@ def _parse_partition(raw: Any, position: int, root: Path, where: str) -> Partiti
     name = _safe_file_name(_require(raw, "file", str, part_where, InvalidManifest), part_where, InvalidManifest)
     size = _require_nonneg_int(raw, "size", part_where, InvalidManifest)
     chunk_size = _require(raw, "chunk_size", int, part_where, InvalidManifest)
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE or chunk_size % ALIGNMENT:  # readers hold whole chunks in memory
-        raise InvalidManifest(f"{part_where}: chunk_size {chunk_size} must be a multiple of {ALIGNMENT} from "
-                              f"{ALIGNMENT} to {MAX_CHUNK_SIZE} ({MAX_CHUNK_SIZE >> 20} MiB); re-convert the "
-                              f"checkpoint")
+    problem = chunk_size_problem(chunk_size)  # readers hold whole chunks in memory
+    if problem:
+        raise InvalidManifest(f"{part_where}: chunk_size {chunk_size} {problem}; re-convert the checkpoint")
     checksums = _require(raw, "checksums", list, part_where, InvalidManifest)
     expected = num_chunks(size, chunk_size)
     if len(checksums) != expected:
