@@ -81,17 +81,24 @@ class StripTable:
 SliceHashes = dict[str, dict[int, StripTable]]  # stored tensor name -> dim -> table
 
 
+def _hashed_dims(entry: TensorEntry) -> dict[int, int]:
+    """The dims of a tensor that have strip hashes, with their strip counts (none for scalars and empty tensors)."""
+    if not entry.shape or entry.nbytes == 0:
+        return {}
+    return {dim: strip_count(entry.shape[dim]) for dim in HASHED_DIMS[:len(entry.shape)]}
+
+
 def compute_slice_hashes(ckpt: Checkpoint) -> dict[str, Any]:
     """The slice-hashes document of a checkpoint (reads every tensor once; call on verified data)."""
     maps = {p.index: np.memmap(p.path, dtype=np.uint8, mode="r") for p in ckpt.partitions if p.size}
     tensors: dict[str, Any] = {}
     for name, entry in ckpt.tensors.items():
-        if not entry.shape or entry.nbytes == 0:
+        dims = _hashed_dims(entry)
+        if not dims:
             continue
         data = maps[entry.partition][entry.offset:entry.offset + entry.nbytes]
         tensors[name] = {}
-        for dim in HASHED_DIMS[:len(entry.shape)]:
-            strips = strip_count(entry.shape[dim])
+        for dim, strips in dims.items():
             view = as_3d(data, entry.shape, dim)
             tensors[name][str(dim)] = {"strips": strips,
                                        "xxh3_64": hash_strips(view, entry.shape[dim] // strips)}
@@ -135,8 +142,7 @@ def read_slice_hashes(ckpt: Checkpoint) -> SliceHashes | None:
 def _check_tables(ckpt: Checkpoint, hashes: SliceHashes, path: Path) -> None:
     """InvalidManifest unless `hashes` holds exactly the tables compute_slice_hashes writes for the index: a rank
     divides by the strip count and indexes the hashes, and a tensor without its tables would go unverified."""
-    expected = {name: {dim: strip_count(entry.shape[dim]) for dim in HASHED_DIMS[:len(entry.shape)]}
-                for name, entry in ckpt.tensors.items() if entry.shape and entry.nbytes}
+    expected = {name: dims for name, entry in ckpt.tensors.items() if (dims := _hashed_dims(entry))}
     for name in sorted(set(expected) | set(hashes)):
         tables = hashes.get(name, {})
         for dim in sorted(set(expected.get(name, {})) | set(tables)):
