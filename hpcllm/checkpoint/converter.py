@@ -171,6 +171,8 @@ def _check_arguments(source: Path, out: Path, partitions: int | None, dtype: str
     # The weights are looked for early: a folder holding only GGUF files is refused as such, one with a .gguf beside
     # its safetensors (google/gemma-7b ships one) converts from those.
     find_weight_files(source)
+    for path in _side_file_sources(source):  # before the weights are converted, which can take long
+        _check_readable(path, "the file")
     real_source, real_out = source.resolve(), out.resolve()
     if real_out == real_source or real_out in real_source.parents or real_source in real_out.parents:
         raise CheckpointError(f"{out}: the output folder must not be the source folder, contain it or lie in it")
@@ -441,14 +443,17 @@ def _is_weight_file(name: str) -> bool:
     return name in WEIGHT_INDEX_FILES or name.endswith(WEIGHT_SUFFIXES)
 
 
+def _side_file_sources(source_dir: Path) -> list[Path]:
+    """The source folder's files copied into the checkpoint as they are (config.json updated)."""
+    return [path for path in sorted(source_dir.iterdir())
+            if path.is_file() and not path.name.startswith(".") and not _is_weight_file(path.name)
+            and path.name not in RESERVED_NAMES and not (path.name.startswith("data-") and path.name.endswith(".h5"))]
+
+
 def _copy_side_files(source_dir: Path, out: Path, dtype: str | None, config_updates: dict) -> list:
     side_files = []
-    for path in sorted(source_dir.iterdir()):
+    for path in _side_file_sources(source_dir):
         name = path.name
-        if not path.is_file() or name.startswith(".") or _is_weight_file(name) or name in RESERVED_NAMES:
-            continue
-        if name.startswith("data-") and name.endswith(".h5"):
-            continue
         target = out / name
         if name == "config.json" and (dtype is not None or config_updates):
             _write_config(path, target, dtype, config_updates)
@@ -714,10 +719,10 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     return shards
 
 
-def _check_readable(path: Path) -> None:
+def _check_readable(path: Path, what: str = "the weights") -> None:
     """Open the file first: safetensors reports any file it cannot open as "No such file or directory". A Git LFS
     pointer (a clone made without git-lfs) is said to be one: safetensors calls it a header too large, torch.load
-    suggests loading it with weights_only=False."""
+    suggests loading it with weights_only=False, and a tokenizer copied as one fails only when served."""
     try:
         with open(path, "rb") as f:
             start = f.read(len(GIT_LFS_POINTER))
@@ -725,7 +730,7 @@ def _check_readable(path: Path) -> None:
         hint = "; let the user running hpcllm read it" if isinstance(exc, PermissionError) else ""
         raise InvalidSource(f"{path}: is not readable ({exc.strerror or exc}){hint}") from None
     if start == GIT_LFS_POINTER:
-        raise InvalidSource(f"{path}: is a Git LFS pointer, not the weights (the repository was cloned without "
+        raise InvalidSource(f"{path}: is a Git LFS pointer, not {what} (the repository was cloned without "
                             f"git-lfs): fetch them with `git lfs pull` in the clone, or download the model with "
                             f"`huggingface-cli download`")
 

@@ -442,6 +442,18 @@ def test_git_lfs_pointers_instead_of_weights_say_so(arch, hf_models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_git_lfs_pointer_among_the_side_files_says_so(hf_models, tmp_path):
+    # tokenizer.json (and tokenizer.model) are LFS files in most hub repositories: the pointer was copied into the
+    # checkpoint silently, and serving failed later on a tokenizer that is not one.
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_models["llama"], hf)
+    (hf / "tokenizer.model").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64
+                                        + "\nsize 499723\n")
+    with pytest.raises(InvalidSource, match="tokenizer.model: is a Git LFS pointer, not the file.*git lfs pull"):
+        convert(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sharded_index_naming_a_missing_shard(hf_models, tmp_path):
     hf = tmp_path / "hf"
     shutil.copytree(hf_models["sharded"], hf)
