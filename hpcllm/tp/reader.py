@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 import mmap
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,19 +246,26 @@ def _read_all(ckpt: Checkpoint, covered: list[_Covered], mode: str, gap_bytes: i
             reader.close()
 
 
+@contextmanager
+def page_aligned_buffer(nbytes: int) -> Iterator[memoryview]:
+    """A view of `nbytes` of anonymous memory, page-aligned as O_DIRECT needs, unmapped on leaving. Not when an error
+    leaves: its traceback still holds views of the buffer, and closing it then would replace the error (a short
+    file, a failed read) with BufferError; the GC unmaps it once the error is handled."""
+    buffer = mmap.mmap(-1, nbytes)
+    view = memoryview(buffer)
+    yield view
+    view.release()
+    buffer.close()
+
+
 def _read_span(reader: FileReader, file_size: int, span: tuple[int, int, list[_Piece]]) -> int:
     start, end, pieces = span
     need = min(end, file_size) - start
-    buffer = mmap.mmap(-1, end - start)  # page-aligned, as O_DIRECT needs
-    try:
-        view = memoryview(buffer)
+    with page_aligned_buffer(end - start) as view:
         reader.read_into(start, view, need)
-        data = np.frombuffer(buffer, dtype=np.uint8)
+        data = np.frombuffer(view, dtype=np.uint8)
         for piece in pieces:
             begin = piece.file_offset - start
             piece.covered.data[piece.outer].reshape(-1)[:] = data[begin:begin + piece.length]
         del data
-        view.release()
-    finally:
-        buffer.close()
     return need

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,23 +85,18 @@ class SliceCopy:
 
     def read_into(self, covered: list, stats) -> None:
         """Fill each covered piece's buffer from the copy: one page-aligned read per piece."""
-        from hpcllm.tp.reader import reader_mode
+        from hpcllm.tp.reader import page_aligned_buffer, reader_mode
 
         mode = reader_mode(self.root)
         with FileReader(self.data_path, mode) as reader:
             for c in covered:
                 piece = self.piece_for(c)
                 padded = -(-piece.length // ALIGNMENT) * ALIGNMENT
-                buffer = mmap.mmap(-1, max(padded, ALIGNMENT))  # page-aligned, as O_DIRECT needs
-                try:
-                    view = memoryview(buffer)
+                with page_aligned_buffer(max(padded, ALIGNMENT)) as view:
                     reader.read_into(piece.offset, view[:padded] if padded else view[:ALIGNMENT], piece.length)
-                    data = np.frombuffer(buffer, dtype=np.uint8, count=piece.length)
+                    data = np.frombuffer(view, dtype=np.uint8, count=piece.length)
                     c.data.reshape(-1)[:] = data
                     del data
-                    view.release()
-                finally:
-                    buffer.close()
                 stats.bytes_read += padded
                 stats.reads += 1
                 stats.cache_bytes += padded

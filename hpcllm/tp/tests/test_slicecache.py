@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from hpcllm.checkpoint import ChecksumMismatch, read_checkpoint
+from hpcllm.checkpoint import ChecksumMismatch, TruncatedFile, read_checkpoint
 from hpcllm.checkpoint.slicehashes import read_slice_hashes
 from hpcllm.tp.plan import rank_slices
 from hpcllm.tp.reader import read_slices
@@ -85,6 +85,22 @@ def test_a_corrupt_copy_is_named_and_a_copy_of_another_rank_or_version_is_not_us
     ckpt, own = _own(tp_llama, 2, 0)
     with pytest.raises(ChecksumMismatch, match="slices.bin"):
         read_slices(ckpt, own, read_slice_hashes(ckpt), local=copy)
+
+
+def test_a_copy_cut_short_is_named_with_where_it_ends(tp_llama, tmp_path):
+    """A slices.bin that ends early (the node's disk filled up, a partial restore): the load and the cache's check
+    failed with 'BufferError: cannot close exported pointers exist', which names neither the copy nor the cause."""
+    import os
+
+    copy = _copy(tp_llama, tmp_path, 2, 1)
+    data = copy.root / SLICES_DATA
+    os.truncate(data, data.stat().st_size // 2)
+    ckpt, own = _own(tp_llama, 2, 1)
+
+    with pytest.raises(TruncatedFile, match=rf"{data}: ends at byte \d+"):
+        read_slices(ckpt, own, read_slice_hashes(ckpt), local=copy)
+    with pytest.raises(TruncatedFile, match=rf"{data}: ends at byte \d+"):
+        verify_slice_copy(tp_llama, copy.root)
 
 
 def test_the_copy_of_every_rank_together_is_the_model(tp_llama, tiny_llama_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from hpcllm.checkpoint import ChecksumMismatch, InvalidManifest, read_checkpoint
+from hpcllm.checkpoint import ChecksumMismatch, InvalidManifest, TruncatedFile, read_checkpoint
 from hpcllm.checkpoint.cli import checkpoint as checkpoint_cli
 from hpcllm.tp.cli import tp as tp_cli
 from hpcllm.checkpoint.slicehashes import read_slice_hashes, strip_count
@@ -74,6 +75,19 @@ def test_a_corrupt_byte_fails_only_the_rank_that_holds_it(tp_llama, tmp_path):
     with pytest.raises(ChecksumMismatch, match=r"model\.layers\.1\.self_attn\.q_proj\.weight strip 40/64 along "
                                                r"dim 0 is corrupt"):
         _read(broken, 2, 1)
+
+
+def test_a_data_file_cut_short_is_named_with_where_it_ends(tp_llama, tmp_path):
+    """A data file that ends early (an interrupted copy): the rank's load failed with 'BufferError: cannot close
+    exported pointers exist' instead of the read's own error (the span's buffer was closed while the error's
+    traceback still held a view of it), so no rank said which file was short."""
+    short = tmp_path / "short"
+    shutil.copytree(tp_llama, short)
+    data = read_checkpoint(short).partitions[0].path
+    os.truncate(data, data.stat().st_size // 2)
+
+    with pytest.raises(TruncatedFile, match=rf"{data}: ends at byte \d+, expected at least \d+ bytes"):
+        _read(short, 2, 1)
 
 
 def test_a_checkpoint_without_slice_hashes_is_refused_until_they_are_added(tp_llama, tmp_path):
