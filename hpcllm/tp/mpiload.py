@@ -140,15 +140,13 @@ def _read_plan(path: str | Path, degree: int) -> _Plan | str:
 def estimate_rank_reads(root: str | Path, degree: int, gap_bytes: int | None = None) -> list[tuple[int, int]]:
     """(bytes, read requests) each rank of a degree-`degree` load would read, planned without reading: what a
     start-up estimate needs per rank (the slowest rank's bytes over its node's bandwidth)."""
-    from transformers import AutoConfig
-
     from hpcllm.checkpoint import read_checkpoint
     from hpcllm.checkpoint.slicehashes import read_slice_hashes
-    from hpcllm.tp.plan import check_degree
+    from hpcllm.tp.plan import check_degree, model_config
     from hpcllm.tp.reader import COALESCE_GAP_BYTES, planned_reads
 
     ckpt = read_checkpoint(root)
-    config = AutoConfig.from_pretrained(ckpt.root)
+    config = model_config(ckpt.root, degree)
     check_degree(config, degree)
     hashes = read_slice_hashes(ckpt)
     gap = COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes
@@ -174,16 +172,14 @@ def rank_read_plans(root: str | Path, degree: int, gap_bytes: int | None = None)
     """Per rank: bytes and read requests by kind of slice, from the checkpoint and from a slice copy."""
     import math
 
-    from transformers import AutoConfig
-
     from hpcllm.checkpoint import read_checkpoint
     from hpcllm.checkpoint.layout import ALIGNMENT, DTYPE_ITEMSIZE
     from hpcllm.checkpoint.slicehashes import read_slice_hashes
-    from hpcllm.tp.plan import check_degree
+    from hpcllm.tp.plan import check_degree, model_config
     from hpcllm.tp.reader import COALESCE_GAP_BYTES, _cover, planned_reads
 
     ckpt = read_checkpoint(root)
-    config = AutoConfig.from_pretrained(ckpt.root)
+    config = model_config(ckpt.root, degree)
     check_degree(config, degree)
     hashes = read_slice_hashes(ckpt)
     gap = COALESCE_GAP_BYTES if gap_bytes is None else gap_bytes

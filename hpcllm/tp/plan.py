@@ -140,18 +140,23 @@ def _whole_per_head_parameters(config, plan: ModulePlan, head_counts: set) -> li
     return sorted(found.items())
 
 
+def model_config(source: str | Path, degree: int):
+    """The transformers config of the model at `source` (its config.json), to check or plan tensor_parallel =
+    `degree`; TensorParallelError naming the file when it is missing or not a model's config."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source))
+    except (OSError, ValueError, KeyError) as exc:
+        raise TensorParallelError(f"cannot read {Path(source) / 'config.json'} to check tensor_parallel = {degree}: "
+                                  f"{exc}") from None
+
+
 def check_model_dir(source: str | Path, degree: int) -> None:
     """check_degree against `source`/config.json (the deploy-time check)."""
     if degree == 1:
         return
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(str(source))
-    except (OSError, ValueError, KeyError) as exc:
-        raise TensorParallelError(f"cannot read {Path(source) / 'config.json'} to check tensor_parallel = {degree}: "
-                                  f"{exc}") from None
-    check_degree(config, degree)
+    check_degree(model_config(source, degree), degree)
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,23 @@ def test_bytes_read_per_rank_are_its_share_of_the_split_tensors(wide_llama):
         assert coalesced.bytes_read < 0.75 * ckpt.total_bytes
 
 
+@pytest.mark.parametrize("config_text", ["{broken", None, '{"model_type": "no-such-model"}'])
+def test_the_plan_of_a_checkpoint_whose_config_cannot_be_read_names_the_file(tp_llama, tmp_path, config_text):
+    """`hpcllm tp plan` on a checkpoint whose config.json is damaged, missing or of a model transformers does not
+    know ended in transformers' OSError / ValueError traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tp_llama, broken)
+    if config_text is None:
+        (broken / "config.json").unlink()
+    else:
+        (broken / "config.json").write_text(config_text)
+
+    result = CliRunner().invoke(tp_cli, ["plan", str(broken), "--degree", "2"])
+
+    assert result.exit_code != 0 and isinstance(result.exception, TensorParallelError), result.output
+    assert str(result.exception).startswith(f"cannot read {broken / 'config.json'} to check tensor_parallel = 2: ")
+
+
 def test_strip_counts_are_powers_of_two_up_to_64():
     assert [strip_count(n) for n in (1, 3, 4, 96, 128, 1024, 11008)] == [1, 1, 4, 32, 64, 64, 64]
 
