@@ -110,19 +110,22 @@ class TorchDistCollective:
         return torch.cat(gathered.unbind(0), dim=-1)
 
 
-def init_torch_distributed(comm: Any, backend: str = "nccl", port: int = 29517) -> TorchDistCollective:
-    """torch.distributed over the ranks of an MPI communicator: rank 0's address and a port travel by MPI bcast
-    (no hand-passed MASTER_ADDR), each rank uses the GPU of its node-local rank."""
+def init_torch_distributed(comm: Any, backend: str = "nccl") -> TorchDistCollective:
+    """torch.distributed over the ranks of an MPI communicator: rank 0 opens the rendezvous store on a port the
+    system picks (a fixed port is taken by another instance's ranks on the same node) and its address and port
+    travel by MPI bcast (no hand-passed MASTER_ADDR / MASTER_PORT); each rank uses the GPU of its node-local rank."""
     import torch.distributed as dist
     from mpi4py import MPI
 
-    address = _routable_address() if comm.Get_rank() == 0 else None
-    address = comm.bcast(address, root=0)
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank()).Get_rank()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    store = dist.TCPStore(_routable_address(), 0, size, is_master=True, wait_for_workers=False) if rank == 0 else None
+    address, port = comm.bcast((store.host, store.port) if rank == 0 else None, root=0)
+    if rank != 0:
+        store = dist.TCPStore(address, port, size, is_master=False)
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_rank()
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=comm.Get_rank(),
-                            world_size=comm.Get_size())
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size)
     return TorchDistCollective()
 
 

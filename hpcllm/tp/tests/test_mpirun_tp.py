@@ -366,3 +366,32 @@ def ready_client(process: subprocess.Popen, tmp_path):
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.3)
     return client
+
+
+def test_two_instances_on_one_node_each_rendezvous_on_their_own_port(tmp_path):
+    """The GPU path's torch.distributed rendezvous (init_torch_distributed; gloo here, NCCL on GPUs) listened on
+    one fixed port: a second tensor-parallel instance on a node where one runs failed at start with EADDRINUSE
+    (its ranks could even reach the first instance's store). This process is the first instance (one rank, its
+    store open), an `mpirun -n 2` the second; each of its ranks writes the sum it got into tmp_path."""
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    from hpcllm.tp.model import init_torch_distributed
+
+    rank_script = ("import sys, torch; from mpi4py import MPI; from hpcllm.tp.model import init_torch_distributed; "
+                   "c = init_torch_distributed(MPI.COMM_WORLD, 'gloo'); t = torch.full((3,), c.rank + 1.0); "
+                   "c.allreduce_sum_(t); open(f'{sys.argv[1]}/rank{c.rank}', 'w').write(str(t.tolist()))")
+    first = init_torch_distributed(MPI.COMM_SELF, "gloo")
+    try:
+        second = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1",
+                                 sys.executable, "-c", rank_script, str(tmp_path)],
+                                env=MPIRUN_ENV, capture_output=True, text=True, timeout=150)
+        mine = first.allreduce_sum_(torch.full((3,), 5.0))
+    finally:
+        dist.destroy_process_group()
+
+    assert second.returncode == 0, second.stdout + second.stderr
+    sums = {path.name: path.read_text() for path in tmp_path.iterdir()}
+    assert sums == {"rank0": "[3.0, 3.0, 3.0]", "rank1": "[3.0, 3.0, 3.0]"}, second.stdout + second.stderr
+    assert mine.tolist() == [5.0, 5.0, 5.0]
