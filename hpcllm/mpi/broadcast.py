@@ -173,11 +173,14 @@ def bcast_file_to(
                     written += len(chunk)
                 except OSError as error:
                     write_error = error
-        if sink is not None:
-            sink.close()
+        if write_error is None:
+            try:  # the last buffered bytes are written at the close; the rename can fail too (a folder there)
+                sink.close()
+                os.replace(temporary, destination)
+            except OSError as error:
+                write_error = error
         if write_error is not None:
             raise BroadcastError(f"rank {comm.Get_rank()} cannot write {destination}: {write_error.strerror}")
-        os.replace(temporary, destination)
     except BaseException:
         if sink is not None:
             sink.close()

@@ -113,3 +113,14 @@ def test_bcast_file_to_unwritable_destination_is_a_clear_error(payload, tmp_path
     with pytest.raises(BroadcastError, match=r"rank 0 cannot write .*copy\.bin"):
         bcast_file_to(path, destination, comm=OneRankComm())
     assert not destination.parent.exists()
+
+
+def test_bcast_file_to_a_destination_it_cannot_replace_is_a_clear_error(payload, tmp_path):
+    """The received file is written, but renaming it to a destination that is a folder fails: that surfaced as a
+    bare IsADirectoryError (a traceback in `python -m hpcllm.mpi.selfcheck`, whose ranks report BroadcastErrors)."""
+    path, _ = payload
+    destination = tmp_path / "cache" / "copy.bin"
+    destination.mkdir(parents=True)
+    with pytest.raises(BroadcastError, match=r"rank 0 cannot write .*copy\.bin: Is a directory"):
+        bcast_file_to(path, destination, comm=OneRankComm())
+    assert [p.name for p in destination.parent.iterdir()] == ["copy.bin"] and not any(destination.iterdir())
