@@ -62,29 +62,43 @@ def main(path: Path, dest_dir: Path | None, chunk_bytes: int) -> None:
     from mpi4py import MPI
 
     node = os.environ.get("SLURMD_NODENAME") or MPI.Get_processor_name()
+    size = digest = None
     try:
         size, digest = _receive(comm, path, dest_dir, chunk_bytes)
     except HpcllmError as error:
+        # Still reported in the gather below: a failure of this rank alone (its write, a digest that differs) would
+        # otherwise leave the ranks that got the file waiting there for it.
         click.echo(f"error: rank {rank} on {node}: {error}", err=True)
-        sys.exit(1)
 
     reports = comm.gather((rank, node, size, digest), root=ROOT)
     all_identical = False
     if rank == ROOT:
-        expected = _sha256_of_file(path)
-        all_identical = True
+        expected = _expected(path)
+        all_identical = expected is not None
         for peer, peer_node, peer_size, peer_digest in reports:
             matches = (peer_size, peer_digest) == expected
             all_identical &= matches
+            if peer_size is None:
+                click.echo(f"rank {peer} on {peer_node}: FAILED (its error above)")
+                continue
             verdict = "ok" if matches else "MISMATCH"
             click.echo(f"rank {peer} on {peer_node}: {peer_size} bytes sha256 {peer_digest} {verdict}")
         nodes = sorted({report[1] for report in reports})
         if all_identical:
             click.echo(f"ok: {len(reports)} ranks on {len(nodes)} node(s) ({', '.join(nodes)}) received identical bytes")
         else:
-            click.echo(f"FAILED: some ranks did not receive {path} intact ({expected[0]} bytes)", err=True)
+            click.echo(f"FAILED: some ranks did not receive {path} intact"
+                       + (f" ({expected[0]} bytes)" if expected else ""), err=True)
     all_identical = comm.bcast(all_identical, root=ROOT)
     sys.exit(0 if all_identical else 1)
+
+
+def _expected(path: Path) -> tuple[int, str] | None:
+    """Size and SHA-256 of the file itself; None when root cannot read it (its error was printed)."""
+    try:
+        return _sha256_of_file(path)
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ MPIRUN_ENV = {
 }
 
 
-def _mpirun(ranks: int, *args: str) -> subprocess.CompletedProcess[str]:
-    command = ["mpirun", "-n", str(ranks), "--oversubscribe", sys.executable, "-m", "hpcllm.mpi.selfcheck", *args]
+def _mpirun(ranks: int, *args: str, mpirun_options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    command = ["mpirun", "-n", str(ranks), "--oversubscribe", *mpirun_options, sys.executable, "-m",
+               "hpcllm.mpi.selfcheck", *args]
     return subprocess.run(command, env=MPIRUN_ENV, capture_output=True, text=True, timeout=120)
 
 
@@ -47,3 +48,23 @@ def test_missing_file_fails_on_every_rank_with_roots_reason(tmp_path):
     assert "error: rank 0 on" in result.stderr
     assert "error: rank 1 on" in result.stderr
     assert result.stderr.count("absent.bin: No such file or directory") == 2
+
+
+def test_a_rank_that_cannot_write_its_copy_fails_the_check_without_hanging(tmp_path):
+    """Rank 1 cannot write its copy (a folder where it goes) while rank 0 gets the file: rank 1 exited at once and
+    rank 0 waited for its report forever where the launcher does not end a job when one rank exits non-zero (srun
+    without --kill-on-bad-exit; here mpirun with orte_abort_on_non_zero_status off)."""
+    source = tmp_path / "model.bin"
+    data = os.urandom(300_000)
+    source.write_bytes(data)
+    dest_dir = tmp_path / "warm"
+    (dest_dir / "rank1-model.bin").mkdir(parents=True)
+
+    result = _mpirun(2, str(source), "--dest-dir", str(dest_dir), "--chunk-bytes", str(64 * 1024),
+                     mpirun_options=("--mca", "orte_abort_on_non_zero_status", "0"))
+
+    # (mpirun's own exit status is 0 with that option, whatever its ranks return: the verdict lines tell)
+    assert "error: rank 1 on" in result.stderr and "rank1-model.bin: Is a directory" in result.stderr, result.stderr
+    assert "rank 1 on" in result.stdout and ": FAILED (its error above)" in result.stdout, result.stdout
+    assert "FAILED: some ranks did not receive" in result.stderr
+    assert (dest_dir / "rank0-model.bin").read_bytes() == data
