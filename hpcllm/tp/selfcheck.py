@@ -121,6 +121,11 @@ def _serve_checks(comm, loaded, checkpoint: str, prompt: str, new_tokens: int, r
         follow(channel, runner)
         return
     lead = LeadRunner(channel, runner)
+    if loaded.tokenizer is None:
+        lead.stop()
+        print(f"error: rank 0 on {socket.gethostname()}: {checkpoint} has no tokenizer files: the check tokenizes its "
+              f"--prompt", file=sys.stderr, flush=True)
+        sys.exit(1)
     try:
         prompt_ids = loaded.tokenizer(prompt)["input_ids"]
         began = time.perf_counter()

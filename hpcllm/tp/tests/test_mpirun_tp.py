@@ -224,6 +224,21 @@ def test_a_broken_tokenizer_on_rank_0_fails_every_rank_instead_of_hanging(tp_lla
     assert "rank 1 on" in completed.stderr and "tokenizer files of" in completed.stderr, completed.stderr
 
 
+def test_a_checkpoint_without_tokenizer_files_is_named_by_the_check(tp_llama, tmp_path):
+    """The self check tokenizes its prompt on rank 0: a checkpoint converted without tokenizer files ended in
+    "TypeError: 'NoneType' object is not callable" and a traceback instead of saying what is missing."""
+    bare = _damaged_copy(tp_llama, tmp_path, "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
+
+    completed = _mpirun(2, str(bare), "--no-reference", timeout=150)
+
+    assert completed.returncode != 0
+    assert "error: rank 0 on" in completed.stderr, completed.stderr
+    assert f"{bare} has no tokenizer files: the check tokenizes its --prompt" in completed.stderr, completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_a_rank_out_of_memory_mid_request_ends_every_rank_naming_it(wide_llama, tiny_llama_dir, tmp_path):
     """Rank 1 loads its shard but cannot allocate a long prompt's activations: it raised and exited while rank 0
     waited in the step's all-reduce, so the instance hung forever. Now it names itself and aborts every rank."""
