@@ -73,7 +73,7 @@ def main(path: Path, dest_dir: Path | None, chunk_bytes: int) -> None:
     reports = comm.gather((rank, node, size, digest), root=ROOT)
     all_identical = False
     if rank == ROOT:
-        expected = _expected(path)
+        expected = _expected(path, node, reported=size is not None)
         all_identical = expected is not None
         for peer, peer_node, peer_size, peer_digest in reports:
             matches = (peer_size, peer_digest) == expected
@@ -93,11 +93,14 @@ def main(path: Path, dest_dir: Path | None, chunk_bytes: int) -> None:
     sys.exit(0 if all_identical else 1)
 
 
-def _expected(path: Path) -> tuple[int, str] | None:
-    """Size and SHA-256 of the file itself; None when root cannot read it (its error was printed)."""
+def _expected(path: Path, node: str, reported: bool) -> tuple[int, str] | None:
+    """Size and SHA-256 of the file itself; None when root cannot read it again. Its error is printed here unless
+    root's own receive failed already (`reported` False: that error is above)."""
     try:
         return _sha256_of_file(path)
-    except OSError:
+    except OSError as error:
+        if reported:
+            click.echo(f"error: rank {ROOT} on {node}: cannot read {path}: {error.strerror}", err=True)
         return None
 
 

@@ -68,3 +68,19 @@ def test_a_rank_that_cannot_write_its_copy_fails_the_check_without_hanging(tmp_p
     assert "rank 1 on" in result.stdout and ": FAILED (its error above)" in result.stdout, result.stdout
     assert "FAILED: some ranks did not receive" in result.stderr
     assert (dest_dir / "rank0-model.bin").read_bytes() == data
+
+
+def test_root_that_cannot_reread_the_file_says_why(tmp_path):
+    """Root sent the file, then cannot read it again for the expected digest: every rank showed MISMATCH with no
+    reason. Here the file lies behind a link to its folder where rank 1's copy goes (rank1-model.bin), so rank 1's
+    rename replaces the link and the path no longer leads to the file."""
+    folder = tmp_path / "real"
+    folder.mkdir()
+    (folder / "model.bin").write_bytes(os.urandom(300_000))
+    (tmp_path / "rank1-model.bin").symlink_to(folder)
+
+    result = _mpirun(2, str(tmp_path / "rank1-model.bin" / "model.bin"), "--dest-dir", str(tmp_path))
+
+    assert result.returncode != 0
+    assert "error: rank 0 on" in result.stderr and "model.bin: Not a directory" in result.stderr, result.stderr
+    assert "FAILED: some ranks did not receive" in result.stderr
