@@ -396,7 +396,9 @@ def test_two_instances_on_one_node_each_rendezvous_on_their_own_port(tmp_path):
 
     rank_script = ("import sys, torch; from mpi4py import MPI; from hpcllm.tp.model import init_torch_distributed; "
                    "c = init_torch_distributed(MPI.COMM_WORLD, 'gloo'); t = torch.full((3,), c.rank + 1.0); "
-                   "c.allreduce_sum_(t); open(f'{sys.argv[1]}/rank{c.rank}', 'w').write(str(t.tolist()))")
+                   "c.allreduce_sum_(t); open(f'{sys.argv[1]}/rank{c.rank}', 'w').write(str(t.tolist())); "
+                   # left to interpreter exit, gloo's thread can drop a tensor without the GIL: abort (rc 134)
+                   "torch.distributed.destroy_process_group()")
     first = init_torch_distributed(MPI.COMM_SELF, "gloo")
     try:
         second = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", "--mca", "mpi_yield_when_idle", "1",
