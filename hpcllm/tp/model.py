@@ -117,11 +117,16 @@ def init_torch_distributed(comm: Any, backend: str = "nccl") -> TorchDistCollect
     import torch.distributed as dist
     from mpi4py import MPI
 
+    from torch.distributed import constants
+
     rank, size = comm.Get_rank(), comm.Get_size()
-    store = dist.TCPStore(_routable_address(), 0, size, is_master=True, wait_for_workers=False) if rank == 0 else None
+    # The store waits for late ranks as long as a process group does (the tcp:// rendezvous did), not TCPStore's 5 min.
+    timeout = (constants.default_pg_nccl_timeout if backend == "nccl" else None) or constants.default_pg_timeout
+    store = (dist.TCPStore(_routable_address(), 0, size, is_master=True, timeout=timeout, wait_for_workers=False)
+             if rank == 0 else None)
     address, port = comm.bcast((store.host, store.port) if rank == 0 else None, root=0)
     if rank != 0:
-        store = dist.TCPStore(address, port, size, is_master=False)
+        store = dist.TCPStore(address, port, size, is_master=False, timeout=timeout)
     local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank).Get_rank()
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

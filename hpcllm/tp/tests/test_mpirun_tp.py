@@ -412,3 +412,21 @@ def test_two_instances_on_one_node_each_rendezvous_on_their_own_port(tmp_path):
     sums = {path.name: path.read_text() for path in tmp_path.iterdir()}
     assert sums == {"rank0": "[3.0, 3.0, 3.0]", "rank1": "[3.0, 3.0, 3.0]"}, second.stdout + second.stderr
     assert mine.tolist() == [5.0, 5.0, 5.0]
+
+
+def test_rendezvous_waits_for_late_ranks_as_long_as_the_process_group_does():
+    """The rendezvous store of init_torch_distributed had torch's TCPStore default of 5 minutes: a rank that got
+    there later (a node still loading, a slow start) failed the instance's start, where the tcp:// rendezvous it
+    replaced waited the process group's default (30 minutes for gloo, 10 for NCCL)."""
+    import torch.distributed as dist
+    from mpi4py import MPI
+    from torch.distributed import constants
+
+    from hpcllm.tp.model import init_torch_distributed
+
+    init_torch_distributed(MPI.COMM_SELF, "gloo")
+    try:
+        store_timeout = dist.distributed_c10d._get_default_store().timeout
+    finally:
+        dist.destroy_process_group()
+    assert store_timeout == constants.default_pg_timeout
