@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -52,7 +51,7 @@ from hpcllm.present import human_size
 from hpcllm.privatefs import NotPrivate, private_dir
 from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
-from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
+from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader, page_aligned_buffer
 from hpcllm.store.tee import TEE_COMPLETE, TEE_FAILED
 from hpcllm.procs import pid_alive
 
@@ -246,11 +245,6 @@ def folder_bytes(path: Path, *, allocated: bool = False) -> int:
     return total
 
 
-def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """Page-aligned anonymous memory (what O_DIRECT reads need)."""
-    return mmap.mmap(-1, max(4096, (nbytes + 4095) // 4096 * 4096))
-
-
 def copy_checkpoint(ckpt: Checkpoint, dest: Path, progress: Progress | None = None,
                     chunk_bytes: int = COPY_CHUNK_BYTES) -> None:
     """Copy a converted checkpoint into the (existing, empty) folder `dest`, verifying every chunk as it passes.
@@ -263,27 +257,19 @@ def copy_checkpoint(ckpt: Checkpoint, dest: Path, progress: Progress | None = No
     done = 0
     for part in ckpt.partitions:
         chunk = part.chunk_size
-        buf = aligned_buffer(chunk)
-        view = memoryview(buf)
-        try:
-            with FileReader(part.path, ODIRECT if part.size >= chunk else BUFFERED, expected_size=part.size) as reader, \
-                    open(dest / part.file, "wb", buffering=0) as out:
-                for index in range(part.num_chunks):
-                    start, length = part.chunk_range(index)
-                    read_len = (length + 4095) // 4096 * 4096 if reader.mode == ODIRECT else length
-                    reader.read_into(start, view[:read_len], length)
-                    ckpt.verify_chunk(part.index, index, view[:length])
-                    out.write(view[:length])
-                    done += length
-                    if progress:
-                        progress(done, total)
-                os.fsync(out.fileno())
-        finally:
-            try:
-                view.release()
-                buf.close()
-            except BufferError:  # a slice is still referenced by an exception's traceback: the GC unmaps it
-                pass
+        with page_aligned_buffer(max(4096, (chunk + 4095) // 4096 * 4096)) as view, \
+                FileReader(part.path, ODIRECT if part.size >= chunk else BUFFERED, expected_size=part.size) as reader, \
+                open(dest / part.file, "wb", buffering=0) as out:
+            for index in range(part.num_chunks):
+                start, length = part.chunk_range(index)
+                read_len = (length + 4095) // 4096 * 4096 if reader.mode == ODIRECT else length
+                reader.read_into(start, view[:read_len], length)
+                ckpt.verify_chunk(part.index, index, view[:length])
+                out.write(view[:length])
+                done += length
+                if progress:
+                    progress(done, total)
+            os.fsync(out.fileno())
     ckpt.copy_small_files(dest).check_files_present()
     if progress:
         progress(total, total)

@@ -18,7 +18,8 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hpcllm.checkpoint import MissingFile, TruncatedFile
@@ -80,6 +81,18 @@ def cached_fraction(path: Path, samples: int = 32, window_pages: int = 64) -> fl
             _libc.munmap(address, size)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def page_aligned_buffer(nbytes: int) -> Iterator[memoryview]:
+    """A view of `nbytes` of anonymous memory, page-aligned as O_DIRECT needs, unmapped on leaving. Not when an error
+    leaves: its traceback still holds views of the buffer, and closing it then would replace the error (a short
+    file, a failed read) with BufferError; the GC unmaps it once the error is handled."""
+    buffer = mmap.mmap(-1, nbytes)
+    view = memoryview(buffer)
+    yield view
+    view.release()
+    buffer.close()
 
 
 class FileReader:

@@ -18,11 +18,8 @@ the page cache), two threads at a time.
 from __future__ import annotations
 
 import math
-import mmap
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +28,7 @@ import numpy as np
 from hpcllm.checkpoint import Checkpoint, TensorEntry
 from hpcllm.checkpoint.layout import ALIGNMENT
 from hpcllm.checkpoint.slicehashes import SliceHashes, StripTable, as_3d, strip_span, verify_strips
-from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
+from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader, page_aligned_buffer
 from hpcllm.store.tiers import detect_tier, tier_settings
 from hpcllm.tp.plan import TensorSlice
 
@@ -244,18 +241,6 @@ def _read_all(ckpt: Checkpoint, covered: list[_Covered], mode: str, gap_bytes: i
     finally:
         for reader in readers:
             reader.close()
-
-
-@contextmanager
-def page_aligned_buffer(nbytes: int) -> Iterator[memoryview]:
-    """A view of `nbytes` of anonymous memory, page-aligned as O_DIRECT needs, unmapped on leaving. Not when an error
-    leaves: its traceback still holds views of the buffer, and closing it then would replace the error (a short
-    file, a failed read) with BufferError; the GC unmaps it once the error is handled."""
-    buffer = mmap.mmap(-1, nbytes)
-    view = memoryview(buffer)
-    yield view
-    view.release()
-    buffer.close()
 
 
 def _read_span(reader: FileReader, file_size: int, span: tuple[int, int, list[_Piece]]) -> int:

@@ -85,7 +85,8 @@ class SliceCopy:
 
     def read_into(self, covered: list, stats) -> None:
         """Fill each covered piece's buffer from the copy: one page-aligned read per piece."""
-        from hpcllm.tp.reader import page_aligned_buffer, reader_mode
+        from hpcllm.store.readers import page_aligned_buffer
+        from hpcllm.tp.reader import reader_mode
 
         mode = reader_mode(self.root)
         with FileReader(self.data_path, mode) as reader:
