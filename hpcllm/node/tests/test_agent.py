@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,28 @@ def make_agent(tmp_path: Path, gpus: int = 0, sweep=None, probe=None, **node) ->
                                     dram=ProbeResult(20.0, "memcpy", 1, 1))
     return NodeAgent(config, cache=cache, gpus=GpuInventory(tuple(str(i) for i in range(gpus)), "test"),
                      measurements=measurements, sweep=sweep, probe=probe)
+
+
+@contextmanager
+def agents_over_http(tmp_path: Path, names=("n1", "n2")):
+    """Real node agents named `names`, each serving its HTTP API on 127.0.0.1, and a CLI config file holding their
+    shared secret. Yields (agents, urls, config path); stops the agents on exit."""
+    agents, urls = [], []
+    try:
+        for name in names:
+            agent = make_agent(tmp_path / name, port=0, listen_host="127.0.0.1")
+            agent.node_id = name
+            agents.append(agent)
+            urls.append(agent.start_server(create_app(agent)))
+        config = tmp_path / "hpcllm.toml"
+        config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n')
+        config.chmod(0o600)
+        yield agents, urls, config
+    finally:
+        for agent in agents:
+            if getattr(agent, "_server", None) is not None:
+                agent._server.stop()
+            agent.workers.close()
 
 
 @pytest.fixture

@@ -315,25 +315,13 @@ def agents_n1_n2(tmp_path, tiny_llama_dir):
     from types import SimpleNamespace
 
     from hpcllm.checkpoint import convert
-    from hpcllm.node.app import create_app
-    from hpcllm.node.tests.test_agent import SECRET, make_agent
+    from hpcllm.node.tests.test_agent import agents_over_http
 
-    agents, urls = [], []
-    for name in ("n1", "n2"):
-        agent = make_agent(tmp_path / name, port=0, listen_host="127.0.0.1")
-        agent.node_id = name
-        urls.append(agent.start_server(create_app(agent)))
-        agents.append(agent)
-    config = tmp_path / "hpcllm.toml"
-    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n')
-    config.chmod(0o600)
     origin = tmp_path / "tiny-llama"
     convert(tiny_llama_dir, origin, progress=False)
-    yield SimpleNamespace(agents=agents, origin=origin,
-                          common=["--config", str(config), "--agent-url", urls[0], "--agent-url", urls[1]])
-    for agent in agents:
-        agent._server.stop()
-        agent.workers.close()
+    with agents_over_http(tmp_path) as (agents, urls, config):
+        yield SimpleNamespace(agents=agents, origin=origin,
+                              common=["--config", str(config), "--agent-url", urls[0], "--agent-url", urls[1]])
 
 
 def test_verify_of_a_model_cached_on_some_nodes_checks_those_and_passes(capsys, agents_n1_n2):

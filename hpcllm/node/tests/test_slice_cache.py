@@ -169,46 +169,35 @@ def test_cache_warm_tensor_parallel_puts_each_rank_s_slices_on_the_node_that_run
     """`hpcllm cache warm M --tensor-parallel 2 --nodes n[1-2]` through two real agents: n1 keeps rank 0's slices,
     n2 rank 1's; `cache ls` and the agents' heartbeats show them as slice copies."""
     from hpcllm.cli.main import main
-    from hpcllm.node.app import create_app
-    from hpcllm.node.tests.test_agent import SECRET, make_agent
+    from hpcllm.node.tests.test_agent import agents_over_http
 
-    agents, urls = [], []
-    for name in ("n1", "n2"):
-        agent = make_agent(tmp_path / name, port=0, listen_host="127.0.0.1")
-        agent.node_id = name
-        urls.append(agent.start_server(create_app(agent)))
-        agents.append(agent)
-    config = tmp_path / "hpcllm.toml"
-    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n')
-    config.chmod(0o600)
-    common = ["--config", str(config), "--agent-url", urls[1], "--agent-url", urls[0]]  # ranks follow --nodes
+    with agents_over_http(tmp_path) as (agents, urls, config):
+        common = ["--config", str(config), "--agent-url", urls[1], "--agent-url", urls[0]]  # ranks follow --nodes
 
-    code = main(["cache", "warm", "tiny", "--nodes", "n[1-2]", "--tensor-parallel", "2", "--source", str(origin),
-                 *common])
+        code = main(["cache", "warm", "tiny", "--nodes", "n[1-2]", "--tensor-parallel", "2", "--source", str(origin),
+                     *common])
 
-    out = capsys.readouterr().out
-    assert code == 0, out
-    assert "n1: tiny rank 0 of 2:" in out and "n2: tiny rank 1 of 2:" in out
-    for rank, agent in enumerate(agents):
-        assert [(c.model, c.tensor_parallel, c.rank) for c in agent.cache.list()] == [("tiny", 2, rank)]
-        assert [(e.model, e.tier, e.tensor_parallel, e.rank) for e in agent.cache_entries()] == [("tiny", "nvme", 2,
-                                                                                                  rank)]
-    assert main(["cache", "ls", *common]) == 0
-    listed = capsys.readouterr().out
-    assert "(slices: rank 0 of 2)" in listed and "(slices: rank 1 of 2)" in listed
-    # 3 ranks do not share 2 nodes evenly; 4 would (2 each), but this model's 2 KV heads refuse 4
-    assert main(["cache", "warm", "tiny", "--nodes", "n[1-2]", "--tensor-parallel", "3", "--source", str(origin),
-                 *common]) != 0
-    assert "cannot be spread evenly over 2 node(s)" in capsys.readouterr().err
-    assert main(["cache", "warm", "tiny", "--nodes", "n[1-2]", "--tensor-parallel", "4", "--source", str(origin),
-                 *common]) != 0
-    err = capsys.readouterr().err
-    assert "KV heads (num_key_value_heads) = 2 is not divisible by 4" in err and "Traceback" not in err
-    # evicting the model through the agents removes its slice copies
-    assert main(["cache", "evict", "tiny", *common]) == 0
-    assert all(agent.cache.list() == [] for agent in agents)
-    for agent in agents:
-        agent.workers.close()
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "n1: tiny rank 0 of 2:" in out and "n2: tiny rank 1 of 2:" in out
+        for rank, agent in enumerate(agents):
+            assert [(c.model, c.tensor_parallel, c.rank) for c in agent.cache.list()] == [("tiny", 2, rank)]
+            assert [(e.model, e.tier, e.tensor_parallel, e.rank) for e in agent.cache_entries()] == [("tiny", "nvme", 2,
+                                                                                                      rank)]
+        assert main(["cache", "ls", *common]) == 0
+        listed = capsys.readouterr().out
+        assert "(slices: rank 0 of 2)" in listed and "(slices: rank 1 of 2)" in listed
+        # 3 ranks do not share 2 nodes evenly; 4 would (2 each), but this model's 2 KV heads refuse 4
+        assert main(["cache", "warm", "tiny", "--nodes", "n[1-2]", "--tensor-parallel", "3", "--source", str(origin),
+                     *common]) != 0
+        assert "cannot be spread evenly over 2 node(s)" in capsys.readouterr().err
+        assert main(["cache", "warm", "tiny", "--nodes", "n[1-2]", "--tensor-parallel", "4", "--source", str(origin),
+                     *common]) != 0
+        err = capsys.readouterr().err
+        assert "KV heads (num_key_value_heads) = 2 is not divisible by 4" in err and "Traceback" not in err
+        # evicting the model through the agents removes its slice copies
+        assert main(["cache", "evict", "tiny", *common]) == 0
+        assert all(agent.cache.list() == [] for agent in agents)
 
 
 def test_refreshing_the_whole_copy_leaves_the_slice_copies_a_running_rank_reads(manager, origin):
