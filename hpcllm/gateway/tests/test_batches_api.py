@@ -492,20 +492,40 @@ def test_a_process_whose_run_lost_its_batchs_lease_does_not_run_the_batch_twice_
     assert done.status == "completed" and list(results(client, done.output_file_id)) == ["r0"]
 
 
-def test_a_batch_cancelled_while_nobody_runs_it_runs_no_more_requests(gated_factory, tmp_path):
-    worker, factory = gated_factory(blocked=1)
+def first_process_running_a_batch(gated_factory, tmp_path, blocked: int, **settings):
+    """A gateway process sharing its database and files_dir with the processes `factory(**shared)` makes, running a
+    batch of 3 requests r0-r2 whose request number `blocked` hangs in the worker until worker.release is set.
+    Returns (worker, factory, shared, first, batch)."""
+    worker, factory = gated_factory(blocked=blocked)
     shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
-              "batch_concurrency": 1, "batch_lease_seconds": 300}
+              "batch_concurrency": 1, **settings}
     first = factory(**shared)
-    client = first.client()
-    batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    batch = submit(first.client(), [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
     assert worker.reached.wait(30)
+    return worker, factory, shared, first, batch
+
+
+def drain_until_it_gives_its_batch_up(first, worker):
+    first.state.start_draining()
+    worker.release.set()  # the request it was running finishes and is kept; it starts no other
+    wait_until(lambda: not service_of(first).runner.running)
+
+
+def taken_over(factory, shared, batch_id):
+    """(another process sharing the database and files_dir, the batch it claimed and ran to its end)"""
+    second = factory(**shared)
+    service_of(second).runner.wake()
+    return second, finished(second.client(), batch_id)
+
+
+def test_a_batch_cancelled_while_nobody_runs_it_runs_no_more_requests(gated_factory, tmp_path):
+    worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=1,
+                                                                          batch_lease_seconds=300)
+    client = first.client()
     lease_runs_out(first, batch.id)
     assert client.batches.cancel(batch.id).status == "cancelling"
 
-    second = factory(**shared)
-    service_of(second).runner.wake()
-    done = finished(second.client(), batch.id)
+    _, done = taken_over(factory, shared, batch.id)
     assert done.status == "cancelled" and list(results(client, done.output_file_id)) == ["r0"]
     assert (done.request_counts.completed, done.request_counts.failed) == (1, 0)
     worker.release.set()
@@ -532,22 +552,12 @@ def test_past_its_window_a_batch_expires_and_lists_the_requests_it_did_not_run(g
 
 
 def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tmp_path):
-    worker, factory = gated_factory(blocked=0)
-    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
-              "batch_concurrency": 1}
-    first = factory(**shared)
-    batch = submit(first.client(), [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
-    assert worker.reached.wait(30)
-    first.state.start_draining()
-    worker.release.set()  # the request it was running finishes and is kept; it starts no other
-    first_runner = service_of(first).runner
-    wait_until(lambda: not first_runner.running)
+    worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0)
+    drain_until_it_gives_its_batch_up(first, worker)
     row = service_of(first).batches.get(owner_of(first.state.api_keys[USER_KEY]), batch.id)
     assert row.batch.status == "in_progress" and row.batch.request_counts.completed == 1
 
-    second = factory(**shared)
-    service_of(second).runner.wake()
-    done = finished(second.client(), batch.id)
+    second, done = taken_over(factory, shared, batch.id)
     assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
 
 
@@ -555,23 +565,14 @@ def test_an_input_file_deleted_while_its_batch_runs_is_gone_for_its_key_and_the_
                                                                                                       tmp_path):
     """The key deletes the input file while the batch runs: the file is gone for it at once, and the process that
     takes the batch over (this one drains) still reads it; its bytes go once the batch has ended."""
-    worker, factory = gated_factory(blocked=0)
-    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
-              "batch_concurrency": 1}
-    first = factory(**shared)
+    worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0)
     client = first.client()
-    batch = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
-    assert worker.reached.wait(30)
     assert client.files.delete(batch.input_file_id).deleted
     assert_error(first.get(f"/v1/files/{batch.input_file_id}"), 404, "file_not_found")
     assert list(client.files.list()) == []
-    first.state.start_draining()
-    worker.release.set()
-    wait_until(lambda: not service_of(first).runner.running)
+    drain_until_it_gives_its_batch_up(first, worker)
 
-    second = factory(**shared)
-    service_of(second).runner.wake()
-    done = finished(second.client(), batch.id)
+    second, done = taken_over(factory, shared, batch.id)
     assert done.status == "completed" and done.errors is None, done
     assert sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
     files = service_of(second).files
@@ -583,21 +584,12 @@ def test_a_batch_that_fails_after_some_results_leaves_no_result_file_on_disk(gat
     """A batch that fails once it has results (here its input's bytes are gone for the process that takes it over: a
     files_dir not shared by every host) leaves none of its partial result files in the files directory, which no
     sweep, listing or quota would ever see."""
-    worker, factory = gated_factory(blocked=0)
-    shared = {"limits_db": str(tmp_path / "limits.db"), "files_dir": str(tmp_path / "files"),
-              "batch_concurrency": 1}
-    first = factory(**shared)
-    batch = submit(first.client(), [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
-    assert worker.reached.wait(30)
-    first.state.start_draining()
-    worker.release.set()  # r0 is written to the batch's partial output file; the first process gives the batch up
-    wait_until(lambda: not service_of(first).runner.running)
+    worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0)
+    drain_until_it_gives_its_batch_up(first, worker)  # r0 is written to the batch's partial output file
     assert list((tmp_path / "files").glob(".*.partial"))
     service_of(first).files.path(batch.input_file_id).unlink()
 
-    second = factory(**shared)
-    service_of(second).runner.wake()
-    done = finished(second.client(), batch.id)
+    _, done = taken_over(factory, shared, batch.id)
     assert done.status == "failed" and [e.code for e in done.errors.data] == ["input_file_missing"]
     assert sorted(path.name for path in (tmp_path / "files").iterdir()) == []
 
