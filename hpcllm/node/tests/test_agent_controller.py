@@ -233,26 +233,31 @@ def test_a_restarted_agents_instance_list_versions_are_above_its_previous_proces
         new.shutdown()
 
 
-def test_a_controller_older_than_the_agent_gets_heartbeats_without_the_instance_list_version(tmp_path, caplog):
-    """An older controller refuses the unknown field (400): the agent keeps beating without it, not declared lost."""
+def agent_behind_an_older_controller(tmp_path, field: str, bodies: list):
+    """An agent registered with its rates, whose controller predates `field`: it refuses a heartbeat carrying it
+    (400, an extra input) and answers the others 200; each body sent is appended to bodies."""
     import json
 
     import httpx
 
-    bodies = []
-
     def older_controller(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         bodies.append(body)
-        if "instances_version" in body:
-            return httpx.Response(400, json={"error": {"message": "instances_version: Extra inputs are not "
-                                                                  "permitted"}})
-        return httpx.Response(200, json={"node_id": "n7", "state": "up"})
+        if field in body:
+            return httpx.Response(400, json={"error": {"message": f"{field}: Extra inputs are not permitted"}})
+        return httpx.Response(200, json={"node_id": "n8", "state": "up"})
 
     agent = make_agent(tmp_path)
     agent.controller_url = "http://controller"
     agent._http = httpx.Client(transport=httpx.MockTransport(older_controller))
     agent._rates_sent = agent._rates_version  # registered with these rates: the heartbeats carry none
+    return agent
+
+
+def test_a_controller_older_than_the_agent_gets_heartbeats_without_the_instance_list_version(tmp_path, caplog):
+    """An older controller refuses the unknown field (400): the agent keeps beating without it, not declared lost."""
+    bodies = []
+    agent = agent_behind_an_older_controller(tmp_path, "instances_version", bodies)
     try:
         assert agent.heartbeat() and agent.heartbeat()
         assert ["instances_version" in b for b in bodies] == [True, False, False]
@@ -350,23 +355,9 @@ def test_a_pool_agent_drains_when_the_controller_hands_its_pool_over(pool_agent,
 
 def test_a_controller_older_than_the_pool_agent_gets_heartbeats_without_the_job_end(tmp_path, caplog):
     """An older controller refuses the unknown field (400): the pool keeps beating without it, not declared lost."""
-    import json
-
-    import httpx
-
     bodies = []
-
-    def older_controller(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        bodies.append(body)
-        if "job_end" in body:
-            return httpx.Response(400, json={"error": {"message": "job_end: Extra inputs are not permitted"}})
-        return httpx.Response(200, json={"node_id": "n8", "state": "up"})
-
-    agent = make_agent(tmp_path)
-    agent.pinned_model, agent.job_end, agent.controller_url = "tiny-llama", 1_900_000_000.0, "http://controller"
-    agent._http = httpx.Client(transport=httpx.MockTransport(older_controller))
-    agent._rates_sent = agent._rates_version  # registered with these rates: the heartbeats carry none
+    agent = agent_behind_an_older_controller(tmp_path, "job_end", bodies)
+    agent.pinned_model, agent.job_end = "tiny-llama", 1_900_000_000.0
     try:
         assert agent.heartbeat() and agent.heartbeat()
         assert ["job_end" in b for b in bodies] == [True, False, False]
