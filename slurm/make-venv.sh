@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# First step of `make venv`: create the virtual environment VENV with PYTHON (a Python 3.11) unless a working one is
-# there, and say exactly what to install when PYTHON is missing, is not 3.11 or cannot create venvs (Debian ships
-# venv support apart, in python3.11-venv). Idempotent: an existing venv with pip is left as it is.
+# First step of `make venv` and `make vllm-venv`: create the virtual environment VENV with PYTHON (a Python 3.11)
+# unless a working one is there, and say exactly what to install when PYTHON is missing, is not 3.11 or cannot
+# create venvs (Debian ships venv support apart, in python3.11-venv). Idempotent: an existing venv with pip is left
+# as it is.
 #
 # Usage: slurm/make-venv.sh PYTHON VENV
 set -euo pipefail

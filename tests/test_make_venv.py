@@ -1,5 +1,5 @@
-"""`make venv` (slurm/make-venv.sh): without a usable Python 3.11 it says what to install; a venv left without pip by
-an interrupted run is created afresh; a working venv is left alone.
+"""`make venv` and `make vllm-venv` (slurm/make-venv.sh): without a usable Python 3.11 it says what to install; a
+venv left without pip by an interrupted run is created afresh; a working venv is left alone.
 
 Stand-in Pythons (small bash scripts) play the broken cases: one of another version, and one whose `-m venv` fails
 as Debian's python3.11 does without the python3.11-venv package.
@@ -19,7 +19,9 @@ SCRIPT = REPO_ROOT / "slurm" / "make-venv.sh"
 
 # Answers `-c ...` (the version probe) with $FAKE_VERSION; `-m venv --clear DIR` fails like Debian's python3.11
 # without python3.11-venv, or, with FAKE_VENV_WORKS=1, (re)makes DIR/bin/{python,pip}; either way it logs the call.
+# Run as a venv's pip it logs "pip ARGS" and succeeds.
 FAKE_PYTHON = r"""#!/bin/bash
+if [[ ${0##*/} == pip ]]; then echo "pip $*" >>"$FAKE_LOG"; exit 0; fi
 if [[ $1 == -c ]]; then echo "$FAKE_VERSION"; exit 0; fi
 if [[ $1 == -m && $2 == venv ]]; then
     echo "$*" >>"$FAKE_LOG"
@@ -95,6 +97,31 @@ def test_an_existing_venv_of_another_python_is_refused(fake_python, tmp_path):
     result = _make_venv(fake_python, venv, FAKE_VERSION="3.10", FAKE_LOG=str(tmp_path / "log"))
     assert result.returncode == 1
     assert f"the venv {venv} has Python 3.10" in result.stderr and f"rm -rf {venv}" in result.stderr
+
+
+def _make_vllm_venv(python: Path, venv: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "-C", str(REPO_ROOT), "vllm-venv", f"PYTHON={python}", f"VLLM_VENV={venv}"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+
+def test_make_vllm_venv_recreates_a_venv_an_earlier_run_left_without_pip(fake_python, tmp_path):
+    """`make vllm-venv` without python3.11-venv leaves bin/python and no pip; after `make host` it must recover."""
+    venv, log = tmp_path / "vllm-venv", tmp_path / "log"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(fake_python)
+    result = _make_vllm_venv(fake_python, venv, FAKE_VERSION="3.11", FAKE_LOG=str(log), FAKE_VENV_WORKS="1")
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == f"-m venv --clear {venv}"
+    assert calls[1].startswith("pip install") and (venv / ".installed").exists()
+
+
+def test_make_vllm_venv_refuses_another_python_version(fake_python, tmp_path):
+    venv, log = tmp_path / "vllm-venv", tmp_path / "log"
+    result = _make_vllm_venv(fake_python, venv, FAKE_VERSION="3.12", FAKE_LOG=str(log), FAKE_VENV_WORKS="1")
+    assert result.returncode != 0
+    assert f"{fake_python} is Python 3.12; hpcllm needs Python 3.11" in result.stderr
+    assert not log.exists() and not (venv / ".installed").exists()
 
 
 @pytest.mark.slow  # ensurepip installs pip: 4 s on an idle machine, 20 s on a busy one
