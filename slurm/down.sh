@@ -7,12 +7,13 @@ set -uo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
 readonly RUN_DIR=${HPCLLM_RUN_DIR:-/var/tmp/hpcllm/run}
+# shellcheck source=slurm/service-pids.sh
+source "$REPO_ROOT/slurm/service-pids.sh"
 
 stop_service() {
     local name=$1 pidfile=$RUN_DIR/$1.pid pid i
     [[ -f $pidfile ]] || return 0
-    pid=$(cat "$pidfile")
-    if kill -0 "$pid" 2>/dev/null; then
+    if pid=$(service_pid "$name"); then
         echo "==> stopping $name (pid $pid)" >&2
         kill -TERM "$pid"
         for ((i = 0; i < 160; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
@@ -23,10 +24,9 @@ stop_service() {
 
 # nginx writes and removes its own pid file; SIGQUIT is its graceful stop.
 stop_front_door() {
-    local pidfile=$RUN_DIR/nginx/nginx.pid pid i
-    [[ -f $pidfile ]] || return 0
-    pid=$(cat "$pidfile")
-    kill -0 "$pid" 2>/dev/null || return 0
+    local pid i
+    # Not a live nginx: a stale file (after a reboot) that the front door's next start must not take for nginx's.
+    pid=$(nginx_pid) || { rm -f "$RUN_DIR/nginx/nginx.pid"; return 0; }
     echo "==> stopping nginx (pid $pid)" >&2
     kill -QUIT "$pid"
     for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.25; done

@@ -35,21 +35,16 @@ wait_http() {
     die "$url did not come up within ${seconds}s; see $log"
 }
 
-# running NAME: the service's pid file names a live `hpcllm NAME` process (not a stale file or a recycled PID).
-running() {
-    local pidfile=$RUN_DIR/$1.pid pid
-    [[ -f $pidfile ]] || return 1
-    pid=$(<"$pidfile")
-    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "hpcllm $1"
-}
+# shellcheck source=slurm/service-pids.sh
+source "$REPO_ROOT/slurm/service-pids.sh"
 
 # start_service NAME HEALTH_URL CMD...: start CMD in the background once (idempotent), wait for its health.
 start_service() {
     local name=$1 health=$2; shift 2
     local log=$RUN_DIR/$name.log
-    if running "$name"; then
-        step "$name already running (pid $(cat "$RUN_DIR/$name.pid"))"
+    local pid
+    if pid=$(service_pid "$name"); then
+        step "$name already running (pid $pid)"
     else
         # Something else answering there would pass the health check below while our process fails to bind.
         if curl -fsS -o /dev/null "$health" 2>/dev/null; then
@@ -92,9 +87,11 @@ start_services() {
 }
 
 start_front_door() {
-    if [[ -f $NGINX_DIR/nginx.pid ]] && kill -0 "$(<"$NGINX_DIR/nginx.pid")" 2>/dev/null; then
-        step "nginx already running (pid $(<"$NGINX_DIR/nginx.pid"))"
+    local pid
+    if pid=$(nginx_pid); then
+        step "nginx already running (pid $pid)"
     else
+        rm -f "$NGINX_DIR/nginx.pid" # stale: the start below waits for nginx to write it afresh
         step "front door: nginx with TLS on $FRONT_URL (clients verify with $NGINX_DIR/ca.pem)"
         "$PYTHON" -m hpcllm.gateway.frontdoor start --run-dir "$NGINX_DIR" --listen 127.0.0.1:8443 ||
             die "nginx did not start; see $NGINX_DIR/nginx-error.log (nginx missing? run make host as root)"
