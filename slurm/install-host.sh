@@ -2,7 +2,8 @@
 # Installs the Debian bookworm packages hpcllm needs on this host: Python 3.11 with venv (for `make venv`), curl
 # (slurm/up.sh polls the services with it), Slurm 22.05 daemons and client, munge, OpenMPI with PMIx, slurmrestd
 # with JWT auth, nginx and openssl (the gateway's TLS front door, conf/nginx/, with a self-signed certificate on
-# the dev host). Idempotent: when every package is installed it only says so, for any user.
+# the dev host), libpq5 (the PostgreSQL client library the venv's psycopg loads for a PostgreSQL registry or
+# limits database). Idempotent: when every package is installed it only says so, for any user.
 #
 # Usage: slurm/install-host.sh [--test-tools]
 #   --test-tools  also what `make test` needs beyond running hpcllm: shellcheck (the shell-script checks),
@@ -17,7 +18,7 @@
 #                                    tests point it at a scratch file)
 set -euo pipefail
 
-readonly DEFAULT_PACKAGES="python3.11 python3.11-venv curl munge slurmctld slurmd slurm-client openmpi-bin libopenmpi-dev libpmix2 slurmrestd slurm-wlm-jwt-plugin nginx openssl"
+readonly DEFAULT_PACKAGES="python3.11 python3.11-venv curl munge slurmctld slurmd slurm-client openmpi-bin libopenmpi-dev libpmix2 slurmrestd slurm-wlm-jwt-plugin nginx openssl libpq5"
 readonly TEST_PACKAGES="shellcheck postgresql chromium"
 readonly POLICY_RC_D=${HPCLLM_POLICY_RC_D:-/usr/sbin/policy-rc.d}
 readonly POLICY_BACKUP=$POLICY_RC_D.hpcllm-saved

@@ -14,6 +14,7 @@ import pwd
 import signal
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "slurm" / "install-host.sh"
 RUNTIME_PACKAGES = ["python3.11", "python3.11-venv", "curl", "munge", "slurmctld", "slurmd", "slurm-client",
                     "openmpi-bin", "libopenmpi-dev", "libpmix2", "slurmrestd", "slurm-wlm-jwt-plugin",
-                    "nginx", "openssl"]
+                    "nginx", "openssl", "libpq5"]
 TEST_PACKAGES = ["shellcheck", "postgresql", "chromium"]
 
 FAKE_DPKG_QUERY = r"""#!/bin/bash
@@ -132,6 +133,28 @@ def test_installed_host_is_a_quick_no_op_for_any_user():
         assert "already installed" in result.stderr
         assert "slurmctld" in result.stderr and "python3.11-venv" in result.stderr
         assert time.monotonic() - started < 10  # dpkg-query only, no apt
+
+
+def _package_owning(path: str) -> str:
+    owner = subprocess.run(["dpkg-query", "-S", os.path.realpath(path)], capture_output=True, text=True, timeout=30)
+    assert owner.returncode == 0, owner.stderr
+    return owner.stdout.split(":", 1)[0]
+
+
+def test_the_host_packages_include_the_libpq_the_venvs_psycopg_loads():
+    """`make venv` installs psycopg (hpcllm[postgres]), whose pure-Python driver loads the system's libpq: without
+    it a PostgreSQL controller.database_url or gateway.limits_db fails with 'no pq wrapper available'."""
+    probe = ("import psycopg.pq as pq; print(pq.__impl__); "
+             "print(next(line.split()[-1] for line in open('/proc/self/maps') if '/libpq.so' in line))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert loaded.returncode == 0, loaded.stderr
+    implementation, libpq = loaded.stdout.split()
+    if implementation != "python":
+        pytest.skip(f"psycopg's {implementation} implementation bundles its own libpq")
+    result = _real_install()
+    assert result.returncode == 0, result.stderr
+    listed = result.stderr.split("already installed (", 1)[1].split(")", 1)[0].split()
+    assert _package_owning(libpq) in listed, f"{libpq} comes from no package of {listed}"
 
 
 def test_missing_packages_need_root():
