@@ -4,6 +4,7 @@ means and a metric added without a word fails here."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,59 @@ def test_every_config_key_is_named_in_the_docs_or_the_example_configs():
     assert len(keys) > 100
     missing = [key for key in keys if key.split(".")[1] not in text]
     assert not missing, f"config keys no docs/*.md or conf/ file names: {missing}"
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for each `hpcllm ...` the docs show: lines of fenced code blocks starting with it (after
+    `$ ` or VAR=value prefixes) and inline code spans starting with it, in README.md, docs/*.md and the comments
+    of slurm/ and conf/ (one-line spans there)."""
+    root = DOCS.parent
+    found = []
+    for path in [root / "README.md", *sorted(DOCS.glob("*.md"))]:
+        text = path.read_text()
+        fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+        for block in fenced:
+            for line in block.splitlines():
+                match = re.match(r"\s*(?:\$ )?(?:[A-Z_]+=\S+ )*(hpcllm \S.*?)(?:\s+#.*)?$", line)
+                if match:
+                    found.append((path.name, match.group(1)))
+        prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+        found += [(path.name, " ".join(span.split())) for span in re.findall(r"`(hpcllm [^`]+)`", prose)]
+    for path in sorted([*root.glob("slurm/**/*.sh"), *root.glob("slurm/**/*.sbatch*"), *root.glob("conf/**/*")]):
+        if path.is_file():
+            found += [(str(path.relative_to(root)), span)
+                      for span in re.findall(r"`(hpcllm [^`\n]+)`", path.read_text())]
+    return found
+
+
+def test_every_documented_hpcllm_command_and_option_exists():
+    """Each documented `hpcllm COMMAND [SUBCOMMAND...] [--option...]` names sub-commands and options the CLI has, so
+    a user copying a line from the docs does not meet 'No such command' or 'No such option'. Spans whose first word
+    is no command (bench labels such as `hpcllm disk -> cuda:0`) are prose, not commands."""
+    import click
+
+    from hpcllm.cli.main import cli
+
+    commands = documented_commands()
+    assert len(commands) > 50
+    checked, wrong = 0, []
+    for source, line in commands:
+        words = line.split()[1:]
+        if not words or words[0] not in cli.list_commands(click.Context(cli)):
+            continue
+        command, path = cli, ["hpcllm"]
+        while words and isinstance(command, click.Group) and re.fullmatch(r"[a-z][a-z0-9-]*", words[0]):
+            sub = command.get_command(click.Context(command), words[0])
+            if sub is None:
+                wrong.append(f"{source}: `{line}`: {' '.join(path)} has no command {words[0]!r}")
+                break
+            command, path = sub, [*path, words.pop(0)]
+        options = {"--help", "-h"} | {opt for param in command.params
+                                      for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]}
+        for word in words:
+            option = re.fullmatch(r"\[?(--?[A-Za-z][\w-]*)(?:=\S*)?\]?", word)
+            if option and option.group(1) not in options:
+                wrong.append(f"{source}: `{line}`: {' '.join(path)} has no option {option.group(1)}")
+        checked += 1
+    assert checked > 50
+    assert not wrong, "\n".join(wrong)
