@@ -98,14 +98,26 @@ def _open_sqlite(path: str, purpose: str) -> Database:
     return Database("sqlite", conn, path, begin_write="BEGIN IMMEDIATE", begin_read="BEGIN")
 
 
+def _psycopg_unusable(setting: str, label: str, exc: ImportError) -> DatabaseError:
+    """psycopg is installed but does not load: its pure-Python driver found no system libpq, most often."""
+    reason = " ".join(str(exc).split())
+    return DatabaseError(f"{setting} {label} needs psycopg 3 (PostgreSQL driver), which is installed but does not "
+                         f"load: {reason}; its pure-Python driver needs the system's PostgreSQL client library "
+                         f"(Debian: libpq5, which `make host` installs), or pip install 'psycopg[binary]'")
+
+
 def _open_postgres(database_url: str, setting: str, purpose: str) -> Database:
     label = redact_password(database_url)
     try:
         import psycopg
         from psycopg.rows import dict_row
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "psycopg":
+            raise _psycopg_unusable(setting, label, exc) from None
         raise DatabaseError(f"{setting} {label} needs psycopg 3 (PostgreSQL driver), which is not "
                             f"installed: pip install 'hpcllm[postgres]' (or psycopg[binary])") from None
+    except ImportError as exc:
+        raise _psycopg_unusable(setting, label, exc) from None
     conninfo = re.sub(r"^[^:]+://", "postgresql://", database_url)
     try:
         conn = psycopg.connect(conninfo, autocommit=True, row_factory=dict_row, connect_timeout=30)

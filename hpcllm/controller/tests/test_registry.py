@@ -3,8 +3,11 @@ where a PostgreSQL server and psycopg are installed, on a throwaway PostgreSQL s
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -211,12 +214,25 @@ def test_missing_driver_says_what_to_install(monkeypatch):
 
     def no_psycopg(name, *args, **kwargs):
         if name.startswith("psycopg"):
-            raise ImportError(f"No module named {name!r}")
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)  # what Python raises
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_psycopg)
     with pytest.raises(DatabaseError, match=r"needs psycopg 3.*pip install 'hpcllm\[postgres\]'"):
         Registry("postgresql://db/hpcllm")
+
+
+def test_a_driver_that_cannot_load_its_libpq_says_why(tmp_path):
+    """psycopg installed, but its pure-Python driver finds no system libpq (a host without libpq5): the error gives
+    psycopg's reason and the package to install, not 'psycopg is not installed'. PSYCOPG_IMPL=c plays the failure
+    (a real ImportError from psycopg's loader, as for a missing libpq: psycopg_c is not installed here)."""
+    pytest.importorskip("psycopg")
+    opened = ("from hpcllm.controller.registry import Registry\n"
+              "try:\n    Registry('postgresql://db/hpcllm')\nexcept Exception as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", opened], env={**os.environ, "PSYCOPG_IMPL": "c"},
+                            cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "psycopg_c" in result.stdout and "libpq5" in result.stdout, result.stdout
 
 
 def test_big_numbers_and_timestamps_keep_their_precision(registry):
