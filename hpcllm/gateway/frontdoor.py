@@ -126,13 +126,27 @@ def start(config: Config, run_dir: Path, listen: str, upstream: str | None = Non
     return door
 
 
+def _is_nginx(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "nginx"
+    except OSError:
+        return False
+
+
 def stop(run_dir: Path, timeout_s: float = 10.0) -> bool:
-    """Stop the nginx started in run_dir (graceful: running streams finish). False when none was running."""
+    """Stop the nginx started in run_dir (graceful: running streams finish). False when none was running: a pid
+    file naming no live nginx (left by a crash or a reboot; its PID may be another process's now) is removed."""
     pid_file = FrontDoor(Path(run_dir).absolute()).pid_file
     try:
         pid = int(pid_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return False
+    if not _is_nginx(pid):
+        pid_file.unlink(missing_ok=True)
+        return False
+    try:
         os.kill(pid, signal.SIGQUIT)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
 import threading
 import time
 
@@ -35,6 +36,21 @@ def front(make_gateway, tmp_path):
     door = frontdoor.start(gw.config, tmp_path / "nginx", f"127.0.0.1:{port}", upstream=gw.url.removeprefix("http://"))
     yield gw, door, f"https://localhost:{port}"
     assert frontdoor.stop(door.run_dir)
+
+
+def test_stop_leaves_alone_the_process_a_stale_pid_file_names(tmp_path):
+    """After a crash or a reboot nginx.pid may name a PID another process has taken: stop must not SIGQUIT it."""
+    door = frontdoor.FrontDoor(tmp_path / "nginx")
+    door.run_dir.mkdir()
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        door.pid_file.write_text(f"{other.pid}\n")
+        assert frontdoor.stop(door.run_dir) is False
+        assert other.poll() is None, f"stop signalled pid {other.pid}, not an nginx"
+        assert not door.pid_file.exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_the_openai_client_streams_through_nginx_with_tls_verification(front):
