@@ -31,9 +31,14 @@ say() { echo "install-host: $*" >&2; }
 
 read -r -a PACKAGES <<<"${HPCLLM_HOST_PACKAGES:-$DEFAULT_PACKAGES}"
 ((${#PACKAGES[@]})) || die "HPCLLM_HOST_PACKAGES is empty; unset it to install the default packages"
+make_target=host # the make target that runs this script with these arguments (named in the hint for non-root)
 while (($#)); do
     case $1 in
-    --test-tools) read -r -a test_packages <<<"$TEST_PACKAGES"; PACKAGES+=("${test_packages[@]}") ;;
+    --test-tools)
+        read -r -a test_packages <<<"$TEST_PACKAGES"
+        PACKAGES+=("${test_packages[@]}")
+        make_target=test-host
+        ;;
     *) die "unknown argument '$1' (usage: $0 [--test-tools])" ;;
     esac
     shift
@@ -53,7 +58,7 @@ if ((${#MISSING[@]} == 0)); then
     exit 0
 fi
 
-[[ $EUID -eq 0 ]] || die "run as root: packages to install: ${MISSING[*]} (try: sudo make host)"
+[[ $EUID -eq 0 ]] || die "run as root: packages to install: ${MISSING[*]} (try: sudo make $make_target)"
 command -v apt-get >/dev/null 2>&1 || die "apt-get not found: install these packages by hand: ${MISSING[*]}"
 
 # policy-rc.d exiting 101 tells invoke-rc.d / deb-systemd-invoke not to start services during the install.

@@ -114,11 +114,12 @@ def fake_apt(tmp_path) -> FakeApt:
 # ------------------------------------------------------------------ this host (real dpkg-query, nothing installed)
 
 
-def _real_install(packages: str | None = None, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
+def _real_install(packages: str | None = None, as_nobody: bool = False,
+                  args: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("HPCLLM_")}
     if packages is not None:
         env["HPCLLM_HOST_PACKAGES"] = packages
-    command = ["bash", str(SCRIPT)]
+    command = ["bash", str(SCRIPT), *args]
     if as_nobody:
         nobody = pwd.getpwnam("nobody")
         command = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups", *command]
@@ -163,6 +164,14 @@ def test_missing_packages_need_root():
     assert "error: run as root" in result.stderr
     assert "hpcllm-no-such-package" in result.stderr
     assert "munge" not in result.stderr.split("install:", 1)[1]  # only what is missing is listed
+
+
+def test_missing_packages_of_make_test_name_the_target_that_installs_them():
+    """`make test` runs install-host.sh --test-tools: its hint must be `make test-host` (`make host` would say
+    'already installed' when only the test tools are missing, and make test would fail again)."""
+    result = _real_install("munge hpcllm-no-such-package", as_nobody=True, args=("--test-tools",))
+    assert result.returncode == 1
+    assert "error: run as root" in result.stderr and "(try: sudo make test-host)" in result.stderr
 
 
 def test_unknown_argument_is_refused():
