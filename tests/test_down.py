@@ -12,6 +12,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "slurm" / "down.sh"
 
@@ -45,12 +47,21 @@ def test_pid_files_naming_another_process_are_not_signalled_but_removed(tmp_path
         other.wait()
 
 
-def test_a_running_service_is_stopped(tmp_path):
+# The gateway's command line as `ps` shows it: `hpcllm gateway`, or with setproctitle installed the title gunicorn
+# gives its master (proc_name hpcllm-gateway, hpcllm/gateway/server.py), set here as the stand-in's argv[0].
+GATEWAY_COMMAND_LINES = {
+    "hpcllm gateway": lambda fake: ["bash", str(fake), "gateway"],
+    "setproctitle": lambda fake: ["gunicorn: master [hpcllm-gateway]", str(fake)],
+}
+
+
+@pytest.mark.parametrize("command_line", GATEWAY_COMMAND_LINES)
+def test_a_running_service_is_stopped(tmp_path, command_line):
     run_dir, fake = tmp_path / "run", tmp_path / "bin" / "hpcllm"
     run_dir.mkdir()
     fake.parent.mkdir()
     fake.write_text(FAKE_HPCLLM)
-    gateway = subprocess.Popen(["bash", str(fake), "gateway"])
+    gateway = subprocess.Popen(GATEWAY_COMMAND_LINES[command_line](fake), executable="bash")
     reaper = threading.Thread(target=gateway.wait)  # reaped at once, so down.sh sees it gone
     reaper.start()
     try:
