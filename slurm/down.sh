@@ -18,6 +18,9 @@ stop_service() {
         kill -TERM "$pid"
         for ((i = 0; i < 160; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
         kill -0 "$pid" 2>/dev/null && { echo "$name did not stop in 40 s; killing it" >&2; kill -KILL "$pid"; }
+    else # a stale file (after a reboot): its PID may be another process's now
+        pid=$(head -c 20 "$pidfile")
+        echo "$name.pid names pid $pid, which is not a running 'hpcllm $name': left alone, file removed" >&2
     fi
     rm -f "$pidfile"
 }

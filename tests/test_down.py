@@ -41,6 +41,9 @@ def test_pid_files_naming_another_process_are_not_signalled_but_removed(tmp_path
         result = _down(run_dir, tmp_path)
         assert other.poll() is None, f"make down signalled pid {other.pid}, not one of its services:\n{result.stderr}"
         assert "stopping" not in result.stderr
+        for name in ("gateway", "controller"):
+            assert f"{name}.pid names pid {other.pid}, which is not a running 'hpcllm {name}': left alone, file " \
+                   "removed" in result.stderr
         assert not [path.name for path in run_dir.rglob("*.pid")]
     finally:
         other.kill()
