@@ -43,7 +43,7 @@ up: setup
 	@HPCLLM_VENV='$(abspath $(VENV))' bash slurm/up.sh
 
 down:
-	@bash slurm/down.sh
+	@HPCLLM_VENV='$(abspath $(VENV))' bash slurm/down.sh
 
 # --durations: the 15 slowest tests at the end of the log, where the run's time (kept under ~30 min) goes.
 test: test-host venv vllm-venv

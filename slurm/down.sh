@@ -7,6 +7,8 @@ set -uo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 readonly REPO_ROOT
 readonly RUN_DIR=${HPCLLM_RUN_DIR:-/var/tmp/hpcllm/run}
+# The venv `make venv` made: make passes its VENV (absolute) as HPCLLM_VENV.
+readonly PYTHON=${HPCLLM_VENV:-$REPO_ROOT/.venv}/bin/python
 # shellcheck source=slurm/service-pids.sh
 source "$REPO_ROOT/slurm/service-pids.sh"
 
@@ -25,16 +27,15 @@ stop_service() {
     rm -f "$pidfile"
 }
 
-# nginx writes and removes its own pid file; SIGQUIT is its graceful stop.
+# The front door's stop checks that nginx.pid names this run folder's nginx (a stale file is removed, its PID left
+# alone), then sends SIGQUIT, nginx's graceful stop: running streams get 30 s to finish.
 stop_front_door() {
-    local pid i
-    # Not a live nginx: a stale file (after a reboot) that the front door's next start must not take for nginx's.
-    pid=$(nginx_pid) || { rm -f "$RUN_DIR/nginx/nginx.pid"; return 0; }
-    echo "==> stopping nginx (pid $pid)" >&2
-    kill -QUIT "$pid"
-    for ((i = 0; i < 120; i++)); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.25; done
-    echo "nginx did not stop in 30 s; killing it" >&2
-    kill -TERM "$pid"
+    [[ -f $RUN_DIR/nginx/nginx.pid ]] || return 0
+    if [[ ! -x $PYTHON ]]; then
+        echo "$PYTHON not found: nginx of $RUN_DIR/nginx not stopped (make venv, then make down)" >&2
+        return 0
+    fi
+    "$PYTHON" -m hpcllm.gateway.frontdoor stop --run-dir "$RUN_DIR/nginx" --timeout-s 30
 }
 
 stop_front_door

@@ -13,12 +13,3 @@ service_pid() {
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -e "hpcllm $1" -e "[hpcllm-$1]" || return 1
     echo "$pid"
 }
-
-# nginx_pid: prints the PID in RUN_DIR/nginx/nginx.pid (nginx writes and removes it) when it is a live nginx.
-nginx_pid() {
-    local pid
-    pid=$(cat "$RUN_DIR/nginx/nginx.pid" 2>/dev/null) || return 1
-    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
-    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == nginx ]] || return 1
-    echo "$pid"
-}

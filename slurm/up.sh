@@ -86,16 +86,11 @@ start_services() {
     start_service gateway "$GATEWAY_URL/health" "$HPCLLM" gateway
 }
 
+# Idempotent: start says "nginx already running" when this run folder's nginx is (hpcllm/gateway/frontdoor.py).
 start_front_door() {
-    local pid
-    if pid=$(nginx_pid); then
-        step "nginx already running (pid $pid)"
-    else
-        rm -f "$NGINX_DIR/nginx.pid" # stale: the start below waits for nginx to write it afresh
-        step "front door: nginx with TLS on $FRONT_URL (clients verify with $NGINX_DIR/ca.pem)"
-        "$PYTHON" -m hpcllm.gateway.frontdoor start --run-dir "$NGINX_DIR" --listen 127.0.0.1:8443 ||
-            die "nginx did not start; see $NGINX_DIR/nginx-error.log (nginx missing? run make host as root)"
-    fi
+    step "front door: nginx with TLS on $FRONT_URL (clients verify with $NGINX_DIR/ca.pem)"
+    "$PYTHON" -m hpcllm.gateway.frontdoor start --run-dir "$NGINX_DIR" --listen 127.0.0.1:8443 ||
+        die "nginx did not start; see $NGINX_DIR/nginx-error.log (nginx missing? run make host as root)"
     curl -fsS -o /dev/null --cacert "$NGINX_DIR/ca.pem" "$FRONT_URL/health" ||
         die "$FRONT_URL/health does not answer through nginx; see $NGINX_DIR/nginx-error.log"
 }

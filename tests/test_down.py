@@ -41,6 +41,8 @@ def test_pid_files_naming_another_process_are_not_signalled_but_removed(tmp_path
         result = _down(run_dir, tmp_path)
         assert other.poll() is None, f"make down signalled pid {other.pid}, not one of its services:\n{result.stderr}"
         assert "stopping" not in result.stderr
+        assert f"nginx.pid names pid {other.pid}, which is not the nginx of {run_dir / 'nginx' / 'nginx.conf'}: " \
+               "left alone, file removed" in result.stderr
         for name in ("gateway", "controller"):
             assert f"{name}.pid names pid {other.pid}, which is not a running 'hpcllm {name}': left alone, file " \
                    "removed" in result.stderr

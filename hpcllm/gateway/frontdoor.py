@@ -9,6 +9,7 @@ it. Sites with their own certificates put cert.pem / key.pem in DIR first.
 from __future__ import annotations
 
 import getpass
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from hpcllm.gateway.files import MULTIPART_OVERHEAD
 TEMPLATE = Path(__file__).resolve().parents[2] / "conf" / "nginx" / "hpcllm.conf"
 PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 CERT_DAYS = 365
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,14 @@ def make_self_signed(door: FrontDoor, hosts: tuple[str, ...] = ("localhost", "12
 
 def start(config: Config, run_dir: Path, listen: str, upstream: str | None = None,
           timeout_s: float = 15.0) -> FrontDoor:
-    """Render the config, make certificates if run_dir has none, start nginx (it daemonizes) and wait for it."""
+    """Render the config, make certificates if run_dir has none, start nginx (it daemonizes) and wait for it. When
+    this run folder's nginx is already running, leave it as it is."""
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         raise ConfigError("nginx is not installed: run `make host` (slurm/install-host.sh) as root")
     door = FrontDoor(Path(run_dir).absolute())
+    if running_pid(door) is not None:  # idempotent; a stale pid file is removed, so the wait below waits for nginx's
+        return door
     door.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not (door.cert.exists() and door.key.exists()):
         make_self_signed(door)
@@ -126,23 +132,40 @@ def start(config: Config, run_dir: Path, listen: str, upstream: str | None = Non
     return door
 
 
-def _is_nginx(pid: int) -> bool:
+def _config_of_nginx(pid: int) -> Path | None:
+    """The nginx.conf the live nginx `pid` was started with (its master shows `nginx: master process NGINX -c CONF
+    -p DIR`); None when pid is not a live nginx."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == "nginx"
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "nginx":
+            return None
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
     except OSError:
-        return False
+        return None
+    return Path(words[words.index("-c") + 1]) if "-c" in words[:-1] else None
+
+
+def running_pid(door: FrontDoor) -> int | None:
+    """The PID in door's pid file when it is the nginx started with door's nginx.conf. A pid file naming anything else
+    (left by a crash or a reboot: its PID may be another process's now, a system nginx's too) is removed, saying so,
+    and that process left alone."""
+    try:
+        text = door.pid_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    conf = _config_of_nginx(int(text)) if text.isdigit() else None
+    if conf is not None and conf.resolve() == door.conf.resolve():
+        return int(text)
+    door.pid_file.unlink(missing_ok=True)
+    log.warning("%s names pid %s, which is not the nginx of %s: left alone, file removed", door.pid_file,
+                text[:20], door.conf)
+    return None
 
 
 def stop(run_dir: Path, timeout_s: float = 10.0) -> bool:
-    """Stop the nginx started in run_dir (graceful: running streams finish). False when none was running: a pid
-    file naming no live nginx (left by a crash or a reboot; its PID may be another process's now) is removed."""
-    pid_file = FrontDoor(Path(run_dir).absolute()).pid_file
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return False
-    if not _is_nginx(pid):
-        pid_file.unlink(missing_ok=True)
+    """Stop the nginx started in run_dir (graceful: running streams finish; after timeout_s a fast stop). False when
+    none was running (a stale pid file is removed, see running_pid)."""
+    pid = running_pid(FrontDoor(Path(run_dir).absolute()))
+    if pid is None:
         return False
     try:
         os.kill(pid, signal.SIGQUIT)
@@ -170,14 +193,25 @@ def cli() -> None:
               help="Rendered nginx.conf, certificates (ca.pem for clients), pid and logs.")
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="Address nginx serves TLS on.")
 def start_command(config_path: Path | None, run_dir: Path, listen: str) -> None:
+    pid = running_pid(FrontDoor(run_dir.absolute()))
+    if pid is not None:
+        click.echo(f"nginx already running (pid {pid})", err=True)
+        return
     door = start(load_config(config_path), run_dir, listen)
     click.echo(f"nginx on https://{listen} (clients verify with {door.ca})", err=True)
 
 
 @cli.command("stop")
 @click.option("--run-dir", type=click.Path(path_type=Path), required=True)
-def stop_command(run_dir: Path) -> None:
-    click.echo("nginx stopped" if stop(run_dir) else "no nginx was running", err=True)
+@click.option("--timeout-s", type=float, default=10.0, show_default=True,
+              help="Seconds running streams get to finish before nginx is stopped at once.")
+def stop_command(run_dir: Path, timeout_s: float) -> None:
+    pid = running_pid(FrontDoor(run_dir.absolute()))
+    if pid is None:
+        click.echo("no nginx was running", err=True)
+        return
+    click.echo(f"stopping nginx (pid {pid})", err=True)
+    click.echo("nginx stopped" if stop(run_dir, timeout_s) else "no nginx was running", err=True)
 
 
 if __name__ == "__main__":

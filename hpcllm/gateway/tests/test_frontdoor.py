@@ -38,19 +38,52 @@ def front(make_gateway, tmp_path):
     assert frontdoor.stop(door.run_dir)
 
 
-def test_stop_leaves_alone_the_process_a_stale_pid_file_names(tmp_path):
-    """After a crash or a reboot nginx.pid may name a PID another process has taken: stop must not SIGQUIT it."""
-    door = frontdoor.FrontDoor(tmp_path / "nginx")
+@pytest.fixture(params=["another program", "another nginx"])
+def stranger(request, tmp_path):
+    """A live process a stale nginx.pid may name after a crash or a reboot: any program, or an nginx not started with
+    this run folder's nginx.conf (a system nginx: here a copy of sleep named nginx, which is what /proc shows)."""
+    program = shutil.which("sleep")
+    if request.param == "another nginx":
+        program = shutil.copy(program, tmp_path / "nginx")
+    other = subprocess.Popen([program, "600"])
+    yield other
+    other.kill()
+    other.wait()
+
+
+def test_stop_leaves_alone_the_process_a_stale_pid_file_names(tmp_path, stranger, caplog):
+    door = frontdoor.FrontDoor(tmp_path / "nginx-run")
     door.run_dir.mkdir()
-    other = subprocess.Popen(["sleep", "600"])
+    door.pid_file.write_text(f"{stranger.pid}\n")
+    assert frontdoor.stop(door.run_dir) is False
+    assert stranger.poll() is None, f"stop signalled pid {stranger.pid}, not the nginx of {door.conf}"
+    assert not door.pid_file.exists()
+    assert f"names pid {stranger.pid}, which is not the nginx of {door.conf}: left alone, file removed" in caplog.text
+
+
+def test_start_again_leaves_the_running_nginx_alone(front):
+    """make up runs start every time: with this run folder's nginx running it is left serving, not started twice."""
+    gw, door, url = front
+    pid = door.pid_file.read_text()
+    frontdoor.start(gw.config, door.run_dir, url.replace("https://localhost", "127.0.0.1"),
+                    upstream=gw.url.removeprefix("http://"))
+    assert door.pid_file.read_text() == pid
+    assert httpx.get(f"{url}/health", verify=trusting(door)).status_code == 200
+
+
+def test_start_is_not_fooled_by_a_stale_pid_file(make_gateway, tmp_path, stranger):
+    """A pid file left from before names no nginx of this run folder: start starts one (and leaves the PID alone)."""
+    gw = make_gateway()
+    door = frontdoor.FrontDoor(tmp_path / "nginx-run")
+    door.run_dir.mkdir()
+    door.pid_file.write_text(f"{stranger.pid}\n")
+    port = free_port()
+    frontdoor.start(gw.config, door.run_dir, f"127.0.0.1:{port}", upstream=gw.url.removeprefix("http://"))
     try:
-        door.pid_file.write_text(f"{other.pid}\n")
-        assert frontdoor.stop(door.run_dir) is False
-        assert other.poll() is None, f"stop signalled pid {other.pid}, not an nginx"
-        assert not door.pid_file.exists()
+        assert httpx.get(f"https://localhost:{port}/health", verify=trusting(door)).status_code == 200
     finally:
-        other.kill()
-        other.wait()
+        assert frontdoor.stop(door.run_dir), f"the nginx start() began is not the one in {door.pid_file}"
+    assert stranger.poll() is None
 
 
 def test_the_openai_client_streams_through_nginx_with_tls_verification(front):
