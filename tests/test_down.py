@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,14 @@ def test_a_running_service_is_stopped(tmp_path, command_line):
     run_dir.mkdir()
     fake.parent.mkdir()
     fake.write_text(FAKE_HPCLLM)
-    gateway = subprocess.Popen(GATEWAY_COMMAND_LINES[command_line](fake), executable="bash")
+    command = GATEWAY_COMMAND_LINES[command_line](fake)
+    gateway = subprocess.Popen(command, executable="bash")
+    # Popen may return before the child has exec'd: until then /proc shows this test's command line.
+    cmdline = Path(f"/proc/{gateway.pid}/cmdline")
+    deadline = time.monotonic() + 60
+    while cmdline.read_bytes().split(b"\0")[0] != command[0].encode():
+        assert time.monotonic() < deadline, f"pid {gateway.pid} did not exec {command}"
+        time.sleep(0.01)
     reaper = threading.Thread(target=gateway.wait)  # reaped at once, so down.sh sees it gone
     reaper.start()
     try:

@@ -11,6 +11,7 @@ import ssl
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -46,6 +47,10 @@ def stranger(request, tmp_path):
     if request.param == "another nginx":
         program = shutil.copy(program, tmp_path / "nginx")
     other = subprocess.Popen([program, "600"])
+    deadline = time.monotonic() + 60  # Popen may return before the child has exec'd: /proc shows python until then
+    while Path(f"/proc/{other.pid}/comm").read_text().strip() != Path(program).name:
+        assert time.monotonic() < deadline, f"pid {other.pid} did not become {program}"
+        time.sleep(0.01)
     yield other
     other.kill()
     other.wait()
