@@ -3,6 +3,7 @@ where a PostgreSQL server and psycopg are installed, on a throwaway PostgreSQL s
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import sqlite3
@@ -227,6 +228,8 @@ def test_a_driver_that_cannot_load_its_libpq_says_why(tmp_path):
     psycopg's reason and the package to install, not 'psycopg is not installed'. PSYCOPG_IMPL=c plays the failure
     (a real ImportError from psycopg's loader, as for a missing libpq: psycopg_c is not installed here)."""
     pytest.importorskip("psycopg")
+    if importlib.util.find_spec("psycopg_c") is not None:
+        pytest.skip("psycopg_c is installed: PSYCOPG_IMPL=c loads")
     opened = ("from hpcllm.controller.registry import Registry\n"
               "try:\n    Registry('postgresql://db/hpcllm')\nexcept Exception as exc:\n    print(exc)\n")
     result = subprocess.run([sys.executable, "-c", opened], env={**os.environ, "PSYCOPG_IMPL": "c"},
