@@ -99,11 +99,13 @@ def _open_sqlite(path: str, purpose: str) -> Database:
 
 
 def _psycopg_unusable(setting: str, label: str, exc: ImportError) -> DatabaseError:
-    """psycopg is installed but does not load: its pure-Python driver found no system libpq, most often."""
+    """psycopg is installed but does not load: its pure-Python driver found no system libpq, most often (psycopg
+    then says 'no pq wrapper available' or 'libpq library not found'); the libpq fix only for that reason."""
     reason = " ".join(str(exc).split())
+    fix = ("; its pure-Python driver needs the system's PostgreSQL client library (Debian: libpq5, which `make host` "
+           "installs), or pip install 'psycopg[binary]'") if re.search(r"\b(lib)?pq\b", reason) else ""
     return DatabaseError(f"{setting} {label} needs psycopg 3 (PostgreSQL driver), which is installed but does not "
-                         f"load: {reason}; its pure-Python driver needs the system's PostgreSQL client library "
-                         f"(Debian: libpq5, which `make host` installs), or pip install 'psycopg[binary]'")
+                         f"load: {reason}{fix}")
 
 
 def _open_postgres(database_url: str, setting: str, purpose: str) -> Database:

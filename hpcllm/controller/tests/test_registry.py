@@ -223,19 +223,35 @@ def test_missing_driver_says_what_to_install(monkeypatch):
         Registry("postgresql://db/hpcllm")
 
 
-def test_a_driver_that_cannot_load_its_libpq_says_why(tmp_path):
+def _open_postgres_in_a_subprocess(prelude: str, env: dict[str, str]) -> str:
+    """The error Registry gives for a PostgreSQL URL in a fresh interpreter (psycopg picks its driver at import)."""
+    opened = (f"{prelude}\nfrom hpcllm.controller.registry import Registry\n"
+              "try:\n    Registry('postgresql://db/hpcllm')\nexcept Exception as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", opened], env={**os.environ, **env},
+                            cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_driver_that_cannot_load_its_libpq_says_why():
     """psycopg installed, but its pure-Python driver finds no system libpq (a host without libpq5): the error gives
-    psycopg's reason and the package to install, not 'psycopg is not installed'. PSYCOPG_IMPL=c plays the failure
-    (a real ImportError from psycopg's loader, as for a missing libpq: psycopg_c is not installed here)."""
+    psycopg's reason and the package to install, not 'psycopg is not installed'. The host's libpq is hidden from
+    psycopg's lookup (ctypes.util.find_library('pq')), which is how a host without it looks to psycopg."""
+    pytest.importorskip("psycopg")
+    hide_libpq = ("import ctypes.util\nfind = ctypes.util.find_library\n"
+                  "ctypes.util.find_library = lambda name: None if name == 'pq' else find(name)")
+    message = _open_postgres_in_a_subprocess(hide_libpq, {"PSYCOPG_IMPL": "python"})
+    assert "libpq library not found" in message and "libpq5" in message, message
+
+
+def test_a_driver_that_does_not_load_for_another_reason_says_why():
+    """A reason that is not libpq (here the C driver PSYCOPG_IMPL asks for is not installed) gets no libpq advice."""
     pytest.importorskip("psycopg")
     if importlib.util.find_spec("psycopg_c") is not None:
         pytest.skip("psycopg_c is installed: PSYCOPG_IMPL=c loads")
-    opened = ("from hpcllm.controller.registry import Registry\n"
-              "try:\n    Registry('postgresql://db/hpcllm')\nexcept Exception as exc:\n    print(exc)\n")
-    result = subprocess.run([sys.executable, "-c", opened], env={**os.environ, "PSYCOPG_IMPL": "c"},
-                            cwd=Path(__file__).resolve().parents[3], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "psycopg_c" in result.stdout and "libpq5" in result.stdout, result.stdout
+    message = _open_postgres_in_a_subprocess("", {"PSYCOPG_IMPL": "c"})
+    assert "which is installed but does not load" in message and "psycopg_c" in message, message
+    assert "libpq5" not in message, message
 
 
 def test_big_numbers_and_timestamps_keep_their_precision(registry):
