@@ -64,6 +64,33 @@ def test_every_config_key_is_named_in_the_docs_or_the_example_configs():
     assert not missing, f"config keys no docs/*.md or conf/ file names: {missing}"
 
 
+# Where a shell command line ends and another program's words begin: a pipe, ||, &&, ;, a redirection.
+SHELL_OPERATOR = re.compile(r"\s(?:\|\|?|&&|\d?>>?)(?:\s|$)|;")
+
+
+def commands_in_code_block(block: str) -> list[str]:
+    """The `hpcllm ...` command lines of a code block (after `$ ` or VAR=value prefixes): a line ending in a
+    backslash goes on on the next one, and a command ends at a comment or a shell operator (`hpcllm status | grep
+    -v x`: -v is grep's). `a|b` with no spaces is the docs' "a or b", not a pipe."""
+    commands = []
+    for line in re.sub(r"\s*\\\n\s*", " ", block).splitlines():
+        match = re.match(r"\s*(?:\$ )?(?:[A-Z_]+=\S+ )*(hpcllm \S.*?)(?:\s+#.*)?$", line)
+        if match:
+            commands.append(SHELL_OPERATOR.split(match.group(1), maxsplit=1)[0].strip())
+    return commands
+
+
+def test_a_documented_command_line_ends_at_shell_operators_and_goes_on_after_a_backslash():
+    block = ("hpcllm worker --model M \\\n    [--port 0] | tee log --append\n"
+             "$ HPCLLM_CONFIG=x hpcllm status --json > out.json 2>&1\n"
+             "hpcllm cache ls && hpcllm cache verify; echo --done\n"
+             "hpcllm convert IN OUT [--dtype float32|float16] --partitions 2   # a comment --not-an-option\n"
+             "echo hpcllm --no\n")
+    assert commands_in_code_block(block) == ["hpcllm worker --model M [--port 0]", "hpcllm status --json",
+                                             "hpcllm cache ls",
+                                             "hpcllm convert IN OUT [--dtype float32|float16] --partitions 2"]
+
+
 def documented_commands() -> list[tuple[str, str]]:
     """(file, command) for each `hpcllm ...` the docs show: lines of fenced code blocks starting with it (after
     `$ ` or VAR=value prefixes) and inline code spans starting with it, in README.md, docs/*.md and the comments
@@ -73,11 +100,7 @@ def documented_commands() -> list[tuple[str, str]]:
     for path in [root / "README.md", *sorted(DOCS.glob("*.md"))]:
         text = path.read_text()
         fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
-        for block in fenced:
-            for line in block.splitlines():
-                match = re.match(r"\s*(?:\$ )?(?:[A-Z_]+=\S+ )*(hpcllm \S.*?)(?:\s+#.*)?$", line)
-                if match:
-                    found.append((path.name, match.group(1)))
+        found += [(path.name, command) for block in fenced for command in commands_in_code_block(block)]
         prose = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
         found += [(path.name, " ".join(span.split())) for span in re.findall(r"`(hpcllm [^`]+)`", prose)]
     for path in sorted([*root.glob("slurm/**/*.sh"), *root.glob("slurm/**/*.sbatch*"), *root.glob("conf/**/*")]):
