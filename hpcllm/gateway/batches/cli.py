@@ -78,7 +78,10 @@ class BatchClient:
             raise
 
     def download(self, file_id: str, target: Path) -> int:
-        """A file's bytes to `target` (written beside it, then renamed: never half a file); its size."""
+        """A file's bytes to `target` (written beside it, then renamed: never half a file); its size. A transfer cut
+        off (the gateway restarts, a proxy times out) is one clear error, nothing left at `target`."""
+        import httpx
+
         from hpcllm.httpkit.client import error_of
 
         partial = target.with_name(f".{target.name}.part")
@@ -91,6 +94,9 @@ class BatchClient:
                     for chunk in resp.iter_bytes():
                         out.write(chunk)
             os.replace(partial, target)
+        except httpx.HTTPError as exc:
+            raise HpcllmError(f"downloading {file_id} from {self.url} failed, {target} was not written ({exc}); "
+                              f"download it again") from None
         except OSError as exc:  # a folder that does not exist or is not writable, a full disk
             raise HpcllmError(f"cannot write {target}: {exc.strerror or exc} (give a file in a folder you may "
                               f"write: --output, --errors)") from None

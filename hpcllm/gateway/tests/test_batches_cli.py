@@ -10,6 +10,7 @@ import sys
 from hpcllm.cli.main import main
 from hpcllm.gateway.batches import cli as batch_cli
 from hpcllm.gateway.files import PAGE_MAX
+from hpcllm.httpkit.tests.thread_server import ThreadServer
 
 from .conftest import MODEL, USER_KEY
 from .test_batches_api import completion_line, finished, gated_factory, jsonl, service_of  # noqa: F401 (a fixture)
@@ -188,3 +189,35 @@ def test_status_lists_the_batches_though_one_a_page_ended_on_is_swept_before_the
     listed = [line.split()[0] for line in out.splitlines()]
     assert code == 0 and swept == [made[1]], err
     assert set(made) - set(listed) == {made[1]} and len(listed) == len(set(listed)), out
+
+
+def test_a_download_the_gateway_cuts_off_is_one_clear_line_and_leaves_no_file(tmp_path, capsys):
+    """The gateway closes the connection mid-file (it restarts, a proxy times out): one error line, a non-zero exit,
+    and no output file that would look complete."""
+    done = {"id": "batch_cut", "object": "batch", "status": "completed", "output_file_id": "file-cut-output",
+            "request_counts": {"total": 20, "completed": 20, "failed": 0}}
+
+    def cut_gateway(environ, start_response):
+        if environ["PATH_INFO"] == "/v1/batches/batch_cut":
+            body = json.dumps(done).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+        start_response("200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", "100000")])
+
+        def cut_off():
+            yield jsonl([completion_line(f"r{i}") for i in range(10)])
+            raise ConnectionResetError("the gateway went away")
+
+        return cut_off()
+
+    server = ThreadServer(cut_gateway)
+    try:
+        target = tmp_path / "out.jsonl"
+        code = main(["batch", "download", "batch_cut", "--output", str(target), "--url", server.url,
+                     "--api-key", USER_KEY])
+    finally:
+        server.stop()
+    _, err = capsys.readouterr()
+    assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "file-cut-output" in err and "download" in err, err
+    assert not target.exists() and not list(tmp_path.iterdir())
