@@ -22,6 +22,17 @@ API_KEY_ENVS = ["HPCLLM_API_KEY", "OPENAI_API_KEY"]
 POLL_S = 5.0
 
 
+class BatchNotCompleted(HpcllmError):
+    """The batch ended but not completed: scripts chain on `submit --wait`, so each ending has its own exit status
+    (apart from the CLI's 1, an error, and 2, a bad argument)."""
+
+    EXIT_CODES = {"failed": 10, "expired": 11, "cancelled": 12}
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.exit_code = self.EXIT_CODES[status]
+
+
 def _common(command):
     command = click.option("--api-key", envvar=API_KEY_ENVS, default=None,
                            help="Your API key (default: $HPCLLM_API_KEY, else $OPENAI_API_KEY).")(command)
@@ -139,6 +150,7 @@ def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool,
             time.sleep(POLL_S)
             created = gateway.json("GET", f"/v1/batches/{created['id']}")
             _report(created)
+        _check_completed(created)
     _check_not_failed(created)
 
 
@@ -219,4 +231,13 @@ def _check_not_failed(found: dict) -> None:
                       for e in errors[:10])
     # A batch refused at creation never went in progress; one that did failed while it ran (its input was fine).
     why = "the input file was refused" if found.get("in_progress_at") is None else "running it failed"
-    raise HpcllmError(f"batch {found['id']} failed: {why} ({lines})")
+    raise BatchNotCompleted("failed", f"batch {found['id']} failed: {why} ({lines})")
+
+
+def _check_completed(found: dict) -> None:
+    """A batch that ended expired or cancelled is an error (failed: _check_not_failed's)."""
+    if found["status"] not in ("expired", "cancelled"):
+        return
+    counts, status = found.get("request_counts") or {}, found["status"]
+    raise BatchNotCompleted(status, f"batch {found['id']} ended {status}: {counts.get('completed', 0)} completed of "
+                                    f"{counts.get('total', 0)} (what finished: hpcllm batch download {found['id']})")

@@ -6,6 +6,10 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
+
+import pytest
 
 from hpcllm.cli.main import main
 from hpcllm.gateway.batches import cli as batch_cli
@@ -152,8 +156,9 @@ def test_a_batch_that_failed_while_running_is_not_told_as_a_refused_input_file(g
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(jsonl([completion_line("a")]))
     code, out, err = run(capsys, gateway, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")
-    assert code == 1 and f"batch {out.splitlines()[0]} failed: running it failed (batch_run_failed: Running the " \
-                          f"batch failed 3 times in a row: RuntimeError: a bug in the runner)" in err, err
+    failed = batch_cli.BatchNotCompleted.EXIT_CODES["failed"]
+    assert code == failed and f"batch {out.splitlines()[0]} failed: running it failed (batch_run_failed: Running the " \
+                              f"batch failed 3 times in a row: RuntimeError: a bug in the runner)" in err, err
 
 
 def test_status_lists_every_batch_of_the_key_not_only_the_first_page(gateway, capsys):
@@ -221,3 +226,33 @@ def test_a_download_the_gateway_cuts_off_is_one_clear_line_and_leaves_no_file(tm
     assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert "file-cut-output" in err and "download" in err, err
     assert not target.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("ending", ["cancelled", "expired"])
+def test_submit_wait_exits_non_zero_unless_the_batch_completed(gated_factory, tmp_path, capsys, monkeypatch, ending):
+    """Scripts chain on `submit --wait`: a batch that ends cancelled or expired (or failed) is not a success, and each
+    ending has its own exit status."""
+    monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line(f"r{i}") for i in range(3)]))
+    answer = []
+    waiting = threading.Thread(target=lambda: answer.append(
+        run(capsys, gw, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")))
+    waiting.start()
+    assert worker.reached.wait(30)
+    service = service_of(gw)
+    (batch_id,) = service.runner.running
+    if ending == "cancelled":
+        gw.client().batches.cancel(batch_id)
+    else:  # its 24 h are over
+        service.batches.renew(service.runner.running[batch_id], expires_at=int(time.time()) - 1)
+    service.runner.wake()
+    worker.release.set()
+    waiting.join(60)
+    code, out, err = answer[0]
+    assert code == batch_cli.BatchNotCompleted.EXIT_CODES[ending] and len(set(
+        batch_cli.BatchNotCompleted.EXIT_CODES.values()) | {0, 1, 2}) == 6, (code, err)
+    assert out.splitlines()[-1].startswith(f"{ending}: 1 completed") and err.startswith(
+        f"error: batch {batch_id} ended {ending}: 1 completed"), (out, err)
