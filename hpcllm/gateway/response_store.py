@@ -110,7 +110,12 @@ ITEMS_PER_QUERY = 1000
 
 
 class TooLarge(Exception):
-    """A conversation's write that would not fit in the whole byte bound."""
+    """A conversation's write that would not fit in the whole byte bound (of_response: a response to store whose
+    input alone would not)."""
+
+    def __init__(self, of_response: bool = False):
+        super().__init__()
+        self.of_response = of_response
 
 
 class DuplicateItem(Exception):
@@ -197,12 +202,15 @@ class ResponseStore:
     # ------------------------------------------------------------------------------------------------ writing
     def check_room(self, owner: str, new: NewResponse) -> None:
         """Before a response is generated: TooLarge where its own input items alone would take its conversation
-        over the whole bound, OverQuota where they would take the owner over its quota (once per copy kept: the
-        response's, the conversation's). Its output's size is known only once generated: put keeps the response
-        whose output crosses the quota, and nothing where it takes the conversation over the bound."""
+        over the whole bound, or are larger than it for a response to store (of_response); OverQuota where they
+        would take the owner over its quota (once per copy kept: the response's, the conversation's). Its output's
+        size is known only once generated: put keeps the response whose output crosses the quota, and nothing where
+        it takes the conversation or the response over the bound."""
+        added = sum(row[3] for row in self._item_rows(owner, new.own_input, False))
+        if new.store and added > self.max_bytes:  # put would not keep it, whatever its output
+            raise TooLarge(of_response=True)
         if new.conversation is None and not self.max_bytes_per_key:
             return
-        added = sum(row[3] for row in self._item_rows(owner, new.own_input, False))
         with self.shared.connection() as db:  # one connection for both reads
             conversation = None if new.conversation is None else self._row(db, new.conversation, owner, lock=False)
             if conversation is not None:

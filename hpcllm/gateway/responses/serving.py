@@ -73,7 +73,11 @@ def within_bounds(gw: Gateway, owner: str, new: NewResponse) -> None:
     kept)."""
     try:
         gw.responses.check_room(owner, new)
-    except TooLarge:
+    except TooLarge as exc:
+        if exc.of_response:
+            raise InvalidRequest(f"the input is larger than this gateway keeps of a stored response "
+                                 f"(gateway.responses_max_bytes: {gw.responses.max_bytes} bytes): send 'store': false, "
+                                 f"or a shorter input", param="store", code="storage_limit_exceeded") from None
         raise too_large("conversation") from None
     except OverQuota as exc:
         raise quota_error(exc, "store" if new.store else "conversation") from None

@@ -169,6 +169,18 @@ def test_store_false_keeps_nothing(make_gateway):
     assert too_big.store is False and _rows(small.state.shared) == []
 
 
+def test_a_response_whose_input_alone_is_over_the_bound_is_refused_before_it_is_generated(make_gateway):
+    """Asked to store (OpenAI's default) a response whose input items alone are larger than the whole bound: a 400
+    saying the bound, before anything is generated (not an answer said unstored that the next turn's
+    previous_response_id cannot find); store false is answered."""
+    small = make_gateway(responses_max_bytes=500)
+    body = {"model": MODEL, "input": "hi " * 200, "max_output_tokens": 2}
+    error = assert_error(small.post("/v1/responses", json=body), 400, "storage_limit_exceeded", "store")
+    assert "500 bytes" in error["message"] and "'store': false" in error["message"], error
+    assert small.post("/v1/responses", json={**body, "store": False}).json()["store"] is False
+    assert _rows(small.state.shared) == []
+
+
 def test_a_response_the_database_refuses_is_still_answered_unstored(make_gateway):
     """An insert that fails (here a trigger raising as a full disk would) loses no answer, whole or streamed."""
     gw = make_gateway()
