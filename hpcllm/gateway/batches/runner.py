@@ -534,6 +534,7 @@ class BatchRun:
         inflight: dict[Future, BatchEntry] = {}
         stop: str | None = None
         while True:
+            limited = False  # a request was refused by the key's rate limit: is another batch waiting for its turn?
             starting = stop is None and not self._rate_limited()
             if starting:
                 self._start_requests(pool, batch, token, pending, inflight)
@@ -552,13 +553,14 @@ class BatchRun:
                     pending.appendleft(entry)
                     if isinstance(result, RateLimited):
                         self.resume_at = max(self.resume_at, time.monotonic() + result.retry_after_s)
+                        limited = True
                     continue
                 if not self.lease.valid():  # too long since the last renewal to write on it: renew first
                     batch, stop = self._renew(batch, stop, progress())
                 if stop != "lost":  # else the process that takes the batch over runs it again
                     self._write(batch, result, output, errors)
             stop = stop or self._stop_reason(batch)
-            if self.lease.due() or self.woken() or stop is not None:
+            if self.lease.due() or self.woken() or limited or stop is not None:
                 batch, stop = self._renew(batch, stop, progress(), may_turn_over=bool(pending))
             if stop is not None:
                 self.halt.set()  # requests waiting to retry give up; those running finish
@@ -595,12 +597,15 @@ class BatchRun:
         return renewed, stop or self._stop_reason(renewed) or (self._turn_over() if may_turn_over else None)
 
     def _turn_over(self) -> str | None:
-        """"turn_over" once the batch has run batch_turn_seconds and another batch waits for a process (asked at a
-        renewal: one read every third of the lease at most): its running requests finish, then _after_turn."""
-        if time.monotonic() < self.turn_ends or not self.batches.claimable():
+        """"turn_over" once the batch has run batch_turn_seconds, or waits out its key's rate limit, and another
+        batch waits for a process (asked at a renewal: one read every third of the lease at most, and when a request
+        is rate limited): its running requests finish, then _after_turn. A batch that waits holds no slot, but it
+        counts among the batch_concurrency batches a process runs: with one, the process would idle till its turn's
+        end."""
+        if (time.monotonic() < self.turn_ends and not self._rate_limited()) or not self.batches.claimable():
             return None
-        log.info("batch %s: its turn is over, another batch waits; handing it over once its running requests end",
-                 self.claim.batch_id)
+        log.info("batch %s: %s, another batch waits; handing it over once its running requests end",
+                 self.claim.batch_id, "it waits out its key's rate limit" if self._rate_limited() else "its turn is over")
         return "turn_over"
 
     def _after_turn(self, batch: BatchObject, pending: deque[BatchEntry],

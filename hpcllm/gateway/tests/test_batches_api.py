@@ -1001,6 +1001,31 @@ def test_a_batch_waiting_out_its_keys_rate_limit_leaves_its_slots_to_another_key
     assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
 
 
+def test_with_one_slot_a_batch_waiting_out_its_keys_rate_limit_hands_the_process_to_another_keys_batch(
+        gated_factory):
+    """batch_concurrency 1: alice's batch waits out her key's rate limit (a request a minute, which her upload took);
+    the process runs one batch at a time, so it hands hers back at once (not at its turn's end, 5 minutes later):
+    bob's batch runs and ends meanwhile, hers goes on after."""
+    from hpcllm.gateway.batches.protocol import CreateBatchRequest
+    from hpcllm.gateway.batches.serving import create
+
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_concurrency=1, api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 1},
+                                                {"key": OTHER_KEY, "name": "bob"}])
+    service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
+    source = gw.client().files.create(file=("in.jsonl", io.BytesIO(jsonl([completion_line("r0")]))),
+                                      purpose="batch")
+    limited = create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
+                                                        completion_window="24h"))  # her bucket is empty: not by HTTP
+    wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 1)
+
+    bob = gw.client(OTHER_KEY)
+    done = finished(bob, submit(bob, [completion_line("b0")], endpoint="/v1/completions").id)
+    assert done.status == "completed" and done.request_counts.completed == 1
+    waiting = service.batches.get(alice, limited.id).batch
+    assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
+
+
 def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_keeps_its_input(gated_factory):
     worker, factory = gated_factory(blocked=0)
     gw = factory(batch_concurrency=1, batch_lease_seconds=3)  # files_ttl_days: 30 by default
