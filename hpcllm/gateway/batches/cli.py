@@ -200,13 +200,13 @@ def download(batch_id: str, output: Path | None, errors: Path | None, config_pat
     if found["status"] not in FINAL:
         raise HpcllmError(f"batch {batch_id} is {found['status']}: its files are there once it has ended "
                           f"(hpcllm batch submit --wait, or hpcllm batch status {batch_id})")
-    _check_not_failed(found)
     targets = (("output_file_id", output), ("error_file_id", errors))
     present = [(found[field], target) for field, target in targets if found.get(field)]
-    if not present:
-        click.echo(f"batch {batch_id} ({found['status']}) has no results: none of its requests ran")
     for file_id, target in present:
         click.echo(f"{target} ({gateway.download(file_id, target)} bytes)")
+    _check_not_failed(found)  # after saving what a batch that failed while running finished
+    if not present:
+        click.echo(f"batch {batch_id} ({found['status']}) has no results: none of its requests ran")
 
 
 def _pair(item: str) -> tuple[str, str]:

@@ -604,8 +604,9 @@ class BatchRun:
         end."""
         if (time.monotonic() < self.turn_ends and not self._rate_limited()) or not self.batches.claimable():
             return None
+        why = "it waits out its key's rate limit" if self._rate_limited() else "its turn is over"
         log.info("batch %s: %s, another batch waits; handing it over once its running requests end",
-                 self.claim.batch_id, "it waits out its key's rate limit" if self._rate_limited() else "its turn is over")
+                 self.claim.batch_id, why)
         return "turn_over"
 
     def _after_turn(self, batch: BatchObject, pending: deque[BatchEntry],
@@ -714,17 +715,46 @@ class BatchRun:
             self._fail(batch, code, message)
 
     def _fail(self, batch: BatchObject, code: str, message: str) -> None:
+        """End the batch as failed, publishing the results its runs wrote (OpenAI's output_file_id and error_file_id
+        are there in any status): what finished before it failed stays downloadable."""
         now = int(time.time())
-        failed = batch.model_copy(update={"status": "failed", "failed_at": now, "errors": BatchErrors(
+        expires = self.batches.results_expire(now, self.claim.output_ttl)
+        published, update = self._publish_results(batch, now, expires)
+        failed = batch.model_copy(update={**update, "status": "failed", "failed_at": now, "errors": BatchErrors(
             data=[LineError(code=code, message=message)])})
-        if self.batches.finish(self.claim, failed, [], self.batches.results_expire(now, self.claim.output_ttl)):
+        if self.batches.finish(self.claim, failed, published, expires):
             self.runner.gw.metrics.batches_finished.labels("failed").inc()
-            # It ended without result files: what its runs wrote (a run that died publishing: under the final
-            # names) no run reads again, and no sweep would ever delete.
-            files = self.runner.files
+
+    def _publish_results(self, batch: BatchObject, now: int, expires: float | None) -> tuple[list[StoredFile], dict]:
+        """The failing batch's result files published (StoredFiles to record) and its fields from them (file ids,
+        counts, usage). Files that cannot be read back (the failure may be theirs) are deleted instead: no run reads
+        them again, and no sweep would ever see them."""
+        files = self.runner.files
+        published: list[StoredFile] = []
+        opened: list[ResultFile] = []
+        try:
+            for file_id in result_file_ids(batch.id):
+                opened.append(ResultFile(partial_path(files, file_id), files.path(file_id)))
+            output, errors = opened
+            update = self._progress([], output, errors)
+            update["request_counts"] = update["request_counts"].model_copy(
+                update={"total": batch.request_counts.total})
+            for name, results in (("output", output), ("error", errors)):
+                size = results.publish()
+                if size is not None:
+                    published.append(StoredFile(results.final.name, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE,
+                                                size, expires))
+                    update[f"{name}_file_id"] = results.final.name
+        except (OSError, ValueError) as exc:  # ValueError: pydantic's, a line that is no result
+            for results in opened:
+                results.close()
+            log.warning("batch %s: its results cannot be read back (%s); they are deleted with the failed batch",
+                        batch.id, exc)
             for file_id in result_file_ids(batch.id):
                 partial_path(files, file_id).unlink(missing_ok=True)
                 files.path(file_id).unlink(missing_ok=True)
+            return [], {}
+        return published, update
 
 
 def _database_error(exc: Exception) -> bool:

@@ -580,18 +580,22 @@ def test_an_input_file_deleted_while_its_batch_runs_is_gone_for_its_key_and_the_
     assert not list((tmp_path / "files").glob(".*"))  # no partial result file left behind
 
 
-def test_a_batch_that_fails_after_some_results_leaves_no_result_file_on_disk(gated_factory, tmp_path):
+def test_a_batch_that_fails_after_some_results_keeps_them_downloadable(gated_factory, tmp_path):
     """A batch that fails once it has results (here its input's bytes are gone for the process that takes it over: a
-    files_dir not shared by every host) leaves none of its partial result files in the files directory, which no
-    sweep, listing or quota would ever see."""
+    files_dir not shared by every host) keeps what it finished: its output file is published with the failed batch
+    (OpenAI's output_file_id, any status), counted, and no partial result file is left in the files directory, which
+    no sweep, listing or quota would ever see."""
     worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0)
     drain_until_it_gives_its_batch_up(first, worker)  # r0 is written to the batch's partial output file
     assert list((tmp_path / "files").glob(".*.partial"))
     service_of(first).files.path(batch.input_file_id).unlink()
 
-    _, done = taken_over(factory, shared, batch.id)
+    second, done = taken_over(factory, shared, batch.id)
     assert done.status == "failed" and [e.code for e in done.errors.data] == ["input_file_missing"]
-    assert sorted(path.name for path in (tmp_path / "files").iterdir()) == []
+    assert list(results(second.client(), done.output_file_id)) == ["r0"] and done.error_file_id is None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 1, 0)
+    assert done.usage.output_tokens == 1
+    assert sorted(path.name for path in (tmp_path / "files").iterdir()) == [done.output_file_id]
 
 
 def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(gated_factory):

@@ -256,3 +256,29 @@ def test_submit_wait_exits_non_zero_unless_the_batch_completed(gated_factory, tm
         batch_cli.BatchNotCompleted.EXIT_CODES.values()) | {0, 1, 2}) == 6, (code, err)
     assert out.splitlines()[-1].startswith(f"{ending}: 1 completed") and err.startswith(
         f"error: batch {batch_id} ended {ending}: 1 completed"), (out, err)
+
+
+def test_download_saves_what_a_batch_that_failed_while_running_finished(tmp_path, capsys):
+    """A batch that failed while running keeps the results it made (its output_file_id): download saves them, then
+    says it failed (the exit status of a failed batch)."""
+    lines = jsonl([completion_line("r0")])
+    failed = {"id": "batch_f", "object": "batch", "status": "failed", "in_progress_at": 1, "failed_at": 2,
+              "output_file_id": "file-f-output", "request_counts": {"total": 3, "completed": 1, "failed": 0},
+              "errors": {"object": "list", "data": [{"code": "input_file_missing", "message": "gone", "line": None}]}}
+
+    def gateway_of_a_failed_batch(environ, start_response):
+        body = json.dumps(failed).encode() if environ["PATH_INFO"] == "/v1/batches/batch_f" else lines
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    server = ThreadServer(gateway_of_a_failed_batch)
+    try:
+        target = tmp_path / "out.jsonl"
+        code = main(["batch", "download", "batch_f", "--output", str(target), "--url", server.url,
+                     "--api-key", USER_KEY])
+    finally:
+        server.stop()
+    out, err = capsys.readouterr()
+    assert code == batch_cli.BatchNotCompleted.EXIT_CODES["failed"] and target.read_bytes() == lines, (out, err)
+    assert out == f"{target} ({len(lines)} bytes)\n" and err.startswith(
+        "error: batch batch_f failed: running it failed (input_file_missing: gone)"), (out, err)
