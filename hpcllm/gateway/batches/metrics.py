@@ -1,6 +1,7 @@
-"""The Files and Batch APIs' gauges, read from the limits database at each scrape: what the database holds is the
-same for every gateway process and host, so no process's copy can be stale (several hosts report the same values:
-aggregate them with max, not sum). The counters (requests written, batches ended) are hpcllm.gateway.metrics'."""
+"""The Files and Batch APIs' gauges, read from the limits database at each scrape (aggregates over columns the
+writes keep, never a batch's JSON): what the database holds is the same for every gateway process and host, so no
+process's copy can be stale (several hosts report the same values: aggregate them with max, not sum). The counters
+(requests written, batches ended) are hpcllm.gateway.metrics'."""
 
 from __future__ import annotations
 
@@ -24,23 +25,22 @@ class BatchGauges(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
-            active = self.batches.active()
+            queue = self.batches.queue()
             count, size = self.files.stored()
         except Exception as exc:  # the database is away: /metrics still answers, without these
             log.warning("metrics: could not read the batches and files from the limits database: %s", exc)
             return
         by_status = GaugeMetricFamily("hpcllm_batches", "Batches not yet ended, by status.", labels=["status"])
         for status in ACTIVE:
-            by_status.add_metric([status], sum(row.batch.status == status for row in active))
+            by_status.add_metric([status], queue.get(status, (0,))[0])
         yield by_status
-        running = [row for row in active if row.batch.status == "in_progress"]
+        running = queue.get("in_progress")
         yield GaugeMetricFamily("hpcllm_batch_requests_waiting",
                                 "Requests of in_progress batches that have no result yet (the batch queue).",
-                                value=sum(row.batch.request_counts.total - row.batch.request_counts.completed
-                                          - row.batch.request_counts.failed for row in running))
+                                value=running[1] if running else 0)
         yield GaugeMetricFamily("hpcllm_batch_oldest_in_progress_age_seconds",
                                 "Seconds since the oldest in_progress batch was created (0: none); a batch expires "
-                                "24 h after its creation.", value=self.clock() - running[0].created if running else 0)
+                                "24 h after its creation.", value=self.clock() - running[2] if running else 0)
         yield GaugeMetricFamily("hpcllm_files", "Files stored (uploads and batch outputs), expired ones aside.",
                                 value=count)
         yield GaugeMetricFamily("hpcllm_files_bytes", "Bytes of the files stored, expired ones aside.", value=size)

@@ -29,7 +29,8 @@ from hpcllm.gateway.files.store import FileStore, StoredFile, page
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT NULL,
                                             status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL,
-                                            batch TEXT NOT NULL, output_ttl REAL, turn REAL, expires REAL);
+                                            batch TEXT NOT NULL, output_ttl REAL, turn REAL, expires REAL,
+                                            waiting INTEGER);
 CREATE INDEX IF NOT EXISTS gateway_batches_owner ON gateway_batches (owner, created);
 CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, lease_expires);
 CREATE INDEX IF NOT EXISTS gateway_batches_expires ON gateway_batches (expires);
@@ -62,6 +63,12 @@ def _row(row) -> BatchRow:
     return BatchRow(row["id"], row["created"], BatchObject.model_validate_json(row["batch"]))
 
 
+def _waiting(batch: BatchObject) -> int:
+    """The batch's requests without a result yet (the /metrics queue: a column, so a scrape parses no JSON)."""
+    counts = batch.request_counts
+    return counts.total - counts.completed - counts.failed
+
+
 def _ended_at(batch: BatchObject) -> int:
     """When an ended batch ended (its status's time: completed_at, failed_at, ...)."""
     return getattr(batch, f"{batch.status}_at", None) or batch.created_at
@@ -72,7 +79,8 @@ class BatchStore:
         """files: the store of the batches' input and result files, in the same database."""
         self.files, self.shared, self.lease_s, self.clock = files, files.shared, lease_s, clock
         # Columns added to gateway_batches since its first release (stop 32), added to a database made before them.
-        self.shared.create_tables(SCHEMA, {"gateway_batches": {"expires": self._fill_expires}})
+        self.shared.create_tables(SCHEMA, {"gateway_batches": {"expires": self._fill_expires,
+                                                               "waiting": self._fill_waiting}})
 
     def results_expire(self, ended: float, output_ttl: float | None) -> float | None:
         """When the output and error files of a batch that ended at `ended` expire, and the batch with them (one
@@ -96,6 +104,13 @@ class BatchStore:
                 expires = None if None in expiries else max(expiries)
             db.conn.execute("UPDATE gateway_batches SET expires = ? WHERE id = ?", (expires, row["id"]))
 
+    @staticmethod
+    def _fill_waiting(db: Database) -> None:
+        """`waiting` of the batches stored before the column was added (what each write keeps since)."""
+        for row in db.conn.execute("SELECT id, batch FROM gateway_batches").fetchall():
+            db.conn.execute("UPDATE gateway_batches SET waiting = ? WHERE id = ?",
+                            (_waiting(BatchObject.model_validate_json(row["batch"])), row["id"]))
+
     # ------------------------------------------------------------------------------------------- the API's
     def insert(self, owner: str, batch: BatchObject, output_ttl: float | None = None) -> bool:
         """Record a new batch (one that failed at creation goes when its result files would have, see sweep); False,
@@ -106,9 +121,9 @@ class BatchStore:
             if batch.status in ACTIVE and not self.files.lock_live(db, owner, batch.input_file_id):
                 return False
             db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_holder, lease_expires, "
-                            "batch, output_ttl, expires) VALUES (?, ?, ?, ?, NULL, 0, ?, ?, ?)",
+                            "batch, output_ttl, expires, waiting) VALUES (?, ?, ?, ?, NULL, 0, ?, ?, ?, ?)",
                             (batch.id, owner, self.clock(), batch.status, batch.model_dump_json(), output_ttl,
-                             expires))
+                             expires, _waiting(batch)))
         return True
 
     def get(self, owner: str, batch_id: str) -> BatchRow | None:
@@ -142,8 +157,8 @@ class BatchStore:
 
     @staticmethod
     def _write(db: Database, batch: BatchObject) -> None:
-        db.conn.execute("UPDATE gateway_batches SET status = ?, batch = ? WHERE id = ?",
-                        (batch.status, batch.model_dump_json(), batch.id))
+        db.conn.execute("UPDATE gateway_batches SET status = ?, batch = ?, waiting = ? WHERE id = ?",
+                        (batch.status, batch.model_dump_json(), _waiting(batch), batch.id))
 
     # ------------------------------------------------------------------------------------------- the runner's
     def claimable(self) -> bool:
@@ -169,12 +184,14 @@ class BatchStore:
                             (holder, now + self.lease_s, now, row["id"]))
         return Claim(row["id"], row["owner"], holder, row["output_ttl"])
 
-    def active(self) -> list[BatchRow]:
-        """The batches not yet ended, oldest first."""
+    def queue(self) -> dict[str, tuple[int, int, float]]:
+        """Per status a batch not yet ended has: (how many, their requests without a result yet, when the oldest was
+        created). One aggregate over the columns each write keeps: no batch's JSON is read, however many run."""
         with self.shared.connection() as db:
-            rows = db.conn.execute(f"SELECT * FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) "
-                                   f"ORDER BY created").fetchall()
-        return [_row(row) for row in rows]
+            rows = db.conn.execute(f"SELECT status, COUNT(*) AS batches, COALESCE(SUM(waiting), 0) AS waiting, "
+                                   f"MIN(created) AS oldest FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) "
+                                   f"GROUP BY status").fetchall()
+        return {row["status"]: (row["batches"], row["waiting"], row["oldest"]) for row in rows}
 
     @staticmethod
     def active_inputs(db: Database, owner: str | None = None) -> set[str]:

@@ -1120,9 +1120,10 @@ def test_an_ended_batch_is_deleted_by_the_sweep_that_finds_its_files_expired(gat
 
 
 def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(limits_url, tmp_path):
-    """A gateway upgraded in place keeps its batches: the first release's gateway_batches (no expires) gets the
-    column, and a batch it stored is listed, claimed and swept as a new one is; one that had ended goes with its
-    result files (kept while one never expires; with none left, when they would have). On SQLite and PostgreSQL."""
+    """A gateway upgraded in place keeps its batches: the first release's gateway_batches (no expires, no waiting)
+    gets the columns, and a batch it stored is counted, listed, claimed and swept as a new one is; one that had ended
+    goes with its result files (kept while one never expires; with none left, when they would have). On SQLite and
+    PostgreSQL."""
     from hpcllm.gateway.batches.protocol import BatchObject
     from hpcllm.gateway.batches.store import BatchStore, PageQuery
     from hpcllm.gateway.files.store import FileStore, StoredFile
@@ -1145,7 +1146,8 @@ def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(lim
                                    "REAL NOT NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT "
                                    "NULL, batch TEXT NOT NULL, output_ttl REAL, turn REAL)"))
         old = BatchObject(id="batch_old", endpoint="/v1/completions", input_file_id="file-x",
-                          completion_window="24h", status="in_progress", created_at=1)
+                          completion_window="24h", status="in_progress", created_at=1,
+                          request_counts={"total": 3, "completed": 1, "failed": 0})
         for batch in [old, *(old.model_copy(update={"id": id, **changes}) for id, (changes, _) in ended.items())]:
             db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_expires, batch) VALUES "
                             "(?, 'me', 1, ?, 0, ?)", (batch.id, batch.status, batch.model_dump_json()))
@@ -1156,6 +1158,7 @@ def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(lim
     # The added column holds what a new table's does (PostgreSQL's bare REAL is float4: 128 s steps at today's
     # epoch)
     assert column_types(shared, "gateway_batches")["expires"] == column_types(shared, "gateway_batches")["created"]
+    assert store.queue() == {"in_progress": (1, 2, 1)}  # the metrics' queue: its requests without a result
     rows, _ = store.list("me", PageQuery())
     assert {row.batch.id for row in rows} == {"batch_old", *ended}
     assert store.claim("host-a").batch_id == "batch_old"
@@ -1267,6 +1270,42 @@ def test_metrics_show_the_batch_queue_its_results_and_the_files_stored(gated_fac
     assert client.batches.create(input_file_id=refused.id, endpoint="/v1/completions",
                                  completion_window="24h").status == "failed"
     assert metric(gw, "hpcllm_batches_finished_total", status="failed") == 1
+
+
+def test_batch_gauges_read_no_batchs_json_and_follow_its_states(gated_factory, monkeypatch):
+    """The batch gauges come from columns each batch write keeps, not from every running batch's JSON parsed at each
+    scrape (its cost grew with the batches running), and they follow batches through their states: two in_progress,
+    one cancelling, then both ended."""
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)
+    client = gw.client()
+    first = submit(client, [completion_line(f"r{i}") for i in range(3)], endpoint="/v1/completions")
+    assert worker.reached.wait(30)  # r0 runs; nothing has a result yet
+    second = submit(client, [completion_line(f"s{i}") for i in range(2)], endpoint="/v1/completions")  # waits
+    assert (metric(gw, "hpcllm_batches", status="in_progress"), metric(gw, "hpcllm_batch_requests_waiting")) == (2, 5)
+
+    parsed, validate = [], BatchObject.model_validate_json
+    scraping = threading.current_thread()
+
+    def noted(data, *args, **kwargs):  # this thread's parses only: the runner's threads parse as they renew
+        if threading.current_thread() is scraping:
+            parsed.append(data)
+        return validate(data, *args, **kwargs)
+
+    monkeypatch.setattr(BatchObject, "model_validate_json", noted)
+    gauges = {family.name: family for family in gw.state.metrics._collectors[0].collect()}
+    assert parsed == [] and gauges["hpcllm_batch_requests_waiting"].samples[0].value == 5
+    monkeypatch.undo()
+
+    client.batches.cancel(first.id)
+    assert metric(gw, "hpcllm_batches", status="cancelling") == 1
+    assert (metric(gw, "hpcllm_batches", status="in_progress"), metric(gw, "hpcllm_batch_requests_waiting")) == (1, 2)
+    worker.release.set()
+    assert finished(client, first.id).status == "cancelled" and finished(client, second.id).status == "completed"
+    for status in ("in_progress", "cancelling", "finalizing"):
+        assert metric(gw, "hpcllm_batches", status=status) == 0
+    assert metric(gw, "hpcllm_batch_requests_waiting") == 0
+    assert metric(gw, "hpcllm_batch_oldest_in_progress_age_seconds") == 0
 
 
 def test_a_groups_batch_usage_is_reported_apart_from_its_interactive_usage(gated_factory):
