@@ -497,7 +497,7 @@ class BatchRun:
                 break
         if stop in ("release", "turn_over", "lost"):
             if stop != "lost":  # its counts as its files hold them (a drain's last results came after its renewal)
-                self.batches.release(self.claim, **progress())
+                self.batches.release(self.claim, not_before=self._limit_ends(), **progress())
             return
         if stop == "expired":
             for entry in pending:
@@ -576,6 +576,13 @@ class BatchRun:
 
     def _rate_limited(self) -> bool:
         return time.monotonic() < self.resume_at
+
+    def _limit_ends(self) -> float | None:
+        """When its key's rate limit ends, in the database's time (None: not limited): a batch handed back while
+        waiting it out is not claimed before (each claim would only be refused again, and hand it back)."""
+        if not self._rate_limited():
+            return None
+        return self.batches.clock() + (self.resume_at - time.monotonic())
 
     def _until_next(self) -> float:
         """Seconds until the loop must look again unprompted: the lease's renewal, or the rate limit's end."""

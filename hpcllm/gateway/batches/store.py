@@ -36,6 +36,10 @@ CREATE INDEX IF NOT EXISTS gateway_batches_status ON gateway_batches (status, le
 CREATE INDEX IF NOT EXISTS gateway_batches_expires ON gateway_batches (expires);
 """
 ACTIVE_SQL = ", ".join(f"'{status}'" for status in ACTIVE)
+# An active batch nobody holds, but one handed back until its key's rate limit ends (its turn then; a cancel is
+# ended at once). Parameters: now, now.
+CLAIMABLE_SQL = (f"status IN ({ACTIVE_SQL}) AND lease_expires < ? AND (turn IS NULL OR turn <= ? OR "
+                 f"status = 'cancelling')")
 
 
 def new_batch_id() -> str:
@@ -162,10 +166,12 @@ class BatchStore:
 
     # ------------------------------------------------------------------------------------------- the runner's
     def claimable(self) -> bool:
-        """Whether an active batch has no live lease (one cheap read before a claim's write transaction)."""
+        """Whether an active batch has no live lease and may be claimed now (one cheap read before a claim's write
+        transaction)."""
+        now = self.clock()
         with self.shared.connection() as db:
-            return db.conn.execute(f"SELECT id FROM gateway_batches WHERE status IN ({ACTIVE_SQL}) AND "
-                                   f"lease_expires < ? LIMIT 1", (self.clock(),)).fetchone() is not None
+            return db.conn.execute(f"SELECT id FROM gateway_batches WHERE {CLAIMABLE_SQL} LIMIT 1",
+                                   (now, now)).fetchone() is not None
 
     def claim(self, holder: str) -> Claim | None:
         """Take the lease of the active batch nobody holds (a crashed holder's included) that has waited longest for
@@ -175,9 +181,8 @@ class BatchStore:
         now = self.clock()
         skip_claimed = " FOR UPDATE SKIP LOCKED" if self.shared.postgres else ""
         with self.shared.transaction() as db:
-            row = db.conn.execute(f"SELECT id, owner, output_ttl FROM gateway_batches WHERE status IN "
-                                  f"({ACTIVE_SQL}) AND lease_expires < ? ORDER BY COALESCE(turn, created) LIMIT 1"
-                                  f"{skip_claimed}", (now,)).fetchone()
+            row = db.conn.execute(f"SELECT id, owner, output_ttl FROM gateway_batches WHERE {CLAIMABLE_SQL} "
+                                  f"ORDER BY COALESCE(turn, created) LIMIT 1{skip_claimed}", (now, now)).fetchone()
             if row is None:
                 return None
             db.conn.execute("UPDATE gateway_batches SET lease_holder = ?, lease_expires = ?, turn = ? WHERE id = ?",
@@ -223,15 +228,17 @@ class BatchStore:
                             (self.clock() + self.lease_s, claim.batch_id))
         return batch
 
-    def release(self, claim: Claim, **changes) -> None:
+    def release(self, claim: Claim, not_before: float | None = None, **changes) -> None:
         """Give the batch up unfinished (this process drains, or its turn is over): the next process that polls
-        takes it over; it waits from now, behind the batches that waited while it ran. The changes given (its
-        progress) are recorded with it, in the same transaction, while the lease is held."""
+        takes it over; it waits from now, behind the batches that waited while it ran (not_before: from then, not
+        claimed before, e.g. its key's rate limit's end). The changes given (its progress) are recorded with it, in
+        the same transaction, while the lease is held."""
         with self.shared.transaction() as db:
             if changes and (batch := self._held(db, claim)) is not None:
                 self._write(db, batch.model_copy(update=changes))
             db.conn.execute("UPDATE gateway_batches SET lease_holder = NULL, lease_expires = 0, turn = ? WHERE id = ? "
-                            "AND lease_holder = ?", (self.clock(), claim.batch_id, claim.holder))
+                            "AND lease_holder = ?", (max(self.clock(), not_before or 0), claim.batch_id,
+                                                     claim.holder))
 
     def finish(self, claim: Claim, batch: BatchObject, outputs: list[StoredFile], expires: float | None) -> bool:
         """Record the batch's final state and its output files in one transaction (expires: the files' expiry, when

@@ -1030,6 +1030,27 @@ def test_with_one_slot_a_batch_waiting_out_its_keys_rate_limit_hands_the_process
     assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
 
 
+def test_two_batches_of_one_rate_limited_key_do_not_hand_the_process_to_each_other_in_a_loop(gated_factory):
+    """batch_concurrency 1, two batches of alice's key, which allows a request a minute (her upload took it): the
+    batch handed back while waiting out her limit is not claimed again before the limit's end (each claim would send
+    a request only to be refused 429 and hand back again, in a loop); the other waits it out holding the process."""
+    from hpcllm.gateway.batches.protocol import CreateBatchRequest
+    from hpcllm.gateway.batches.serving import create
+
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_concurrency=1, api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 1}])
+    service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
+    source = gw.client().files.create(file=("in.jsonl", io.BytesIO(jsonl([completion_line("r0")]))),
+                                      purpose="batch")
+    made = [create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
+                                                      completion_window="24h")).id for _ in range(2)]
+    wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 2)
+    wait_until(lambda: set(service.runner.running) <= set(made) and len(service.runner.running) == 1)
+    assert metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") == 2
+    assert not service.batches.claimable()  # the one handed back waits out the limit too
+    assert all(service.batches.get(alice, batch_id).batch.status == "in_progress" for batch_id in made)
+
+
 def test_expired_files_are_gone_at_once_and_swept_from_disk_but_a_running_batch_keeps_its_input(gated_factory):
     worker, factory = gated_factory(blocked=0)
     gw = factory(batch_concurrency=1, batch_lease_seconds=3)  # files_ttl_days: 30 by default
