@@ -207,7 +207,9 @@ class ResponseStore:
         size is known only once generated: put keeps the response whose output crosses the quota, and nothing where
         it takes the conversation or the response over the bound."""
         added = sum(row[3] for row in self._item_rows(owner, new.own_input, False))
-        if new.store and added > self.max_bytes:  # put would not keep it, whatever its output
+        # put would not keep it, whatever its output (a conversation's turn: the conversation's bound says so, below;
+        # 'store': false would not help it)
+        if new.store and new.conversation is None and added > self.max_bytes:
             raise TooLarge(of_response=True)
         if new.conversation is None and not self.max_bytes_per_key:
             return

@@ -181,6 +181,18 @@ def test_a_response_whose_input_alone_is_over_the_bound_is_refused_before_it_is_
     assert _rows(small.state.shared) == []
 
 
+def test_a_conversation_turn_whose_input_alone_is_over_the_bound_is_refused_naming_the_conversation(make_gateway):
+    """In a conversation the turn is kept whatever `store` says: its input alone over the whole bound is the
+    conversation's 400 (param conversation), not one telling to send 'store': false, which would fail the same."""
+    small = make_gateway(responses_max_bytes=500)
+    conversation = small.client().conversations.create()
+    body = {"model": MODEL, "conversation": conversation.id, "input": "hi " * 200, "max_output_tokens": 2}
+    for store in (True, False):
+        error = assert_error(small.post("/v1/responses", json={**body, "store": store}), 400,
+                             "storage_limit_exceeded", "conversation")
+        assert "'store': false" not in error["message"], error
+
+
 def test_a_response_the_database_refuses_is_still_answered_unstored(make_gateway):
     """An insert that fails (here a trigger raising as a full disk would) loses no answer, whole or streamed."""
     gw = make_gateway()
