@@ -88,8 +88,8 @@ def test_submit_wait_status_and_download(gateway, tmp_path, capsys, monkeypatch)
 def test_a_refused_file_and_an_unfinished_batch_are_one_clear_line(gateway, tmp_path, capsys):
     requests = tmp_path / "bad.jsonl"
     requests.write_bytes(b"{oops\n")
-    code, out, err = run(capsys, gateway, "submit", str(requests))
-    assert code != 0 and "failed: the input file was refused (line 1: invalid_json_line" in err
+    code, out, err = run(capsys, gateway, "submit", str(requests))  # without --wait: a failed batch's 10 still
+    assert code == 10 and "failed: the input file was refused (line 1: invalid_json_line" in err
     assert "Traceback" not in err
 
     code, _, err = run(capsys, gateway, "status", "batch_nope")
