@@ -110,8 +110,10 @@ class BatchStore:
 
     @staticmethod
     def _fill_waiting(db: Database) -> None:
-        """`waiting` of the batches stored before the column was added (what each write keeps since)."""
-        for row in db.conn.execute("SELECT id, batch FROM gateway_batches").fetchall():
+        """`waiting` of the batches not yet ended stored before the column was added (what each write keeps since;
+        the queue reads no ended batch's, so theirs are not parsed: a site keeps thousands)."""
+        rows = db.conn.execute(f"SELECT id, batch FROM gateway_batches WHERE status IN ({ACTIVE_SQL})").fetchall()
+        for row in rows:
             db.conn.execute("UPDATE gateway_batches SET waiting = ? WHERE id = ?",
                             (_waiting(BatchObject.model_validate_json(row["batch"])), row["id"]))
 

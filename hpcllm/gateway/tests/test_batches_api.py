@@ -1197,6 +1197,42 @@ def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(lim
     shared.close()
 
 
+def test_an_upgrade_fills_the_queue_column_parsing_no_ended_batch(tmp_path, monkeypatch):
+    """The release before `waiting` (expires there): the upgrade fills the column of the batches not yet ended, the
+    one the metrics' queue reads, without parsing the JSON of every ended batch a site keeps (its results' weeks)."""
+    from hpcllm.gateway.batches.protocol import BatchObject
+    from hpcllm.gateway.batches.store import BatchStore
+    from hpcllm.gateway.files.store import FileStore
+    from hpcllm.gateway.shared_state import SharedState
+
+    shared = SharedState(str(tmp_path / "limits.db"), host="old")
+    files = FileStore(shared, tmp_path / "files", max_bytes=1 << 20, ttl_s=3600.0)
+    running = BatchObject(id="batch_running", endpoint="/v1/completions", input_file_id="file-x",
+                          completion_window="24h", status="in_progress", created_at=1,
+                          request_counts={"total": 3, "completed": 1, "failed": 0})
+    done = running.model_copy(update={"id": "batch_done", "status": "completed", "completed_at": 100})
+    with shared.transaction() as db:
+        db.conn.execute("CREATE TABLE gateway_batches (id TEXT PRIMARY KEY, owner TEXT NOT NULL, created REAL NOT "
+                        "NULL, status TEXT NOT NULL, lease_holder TEXT, lease_expires REAL NOT NULL, batch TEXT NOT "
+                        "NULL, output_ttl REAL, turn REAL, expires REAL)")
+        for batch in (running, done):
+            db.conn.execute("INSERT INTO gateway_batches (id, owner, created, status, lease_expires, batch) VALUES "
+                            "(?, 'me', 1, ?, 0, ?)", (batch.id, batch.status, batch.model_dump_json()))
+    parsed, validate = [], BatchObject.model_validate_json
+
+    def noted(data, *args, **kwargs):
+        batch = validate(data, *args, **kwargs)
+        parsed.append(batch.id)
+        return batch
+
+    monkeypatch.setattr(BatchObject, "model_validate_json", noted)
+    store = BatchStore(files, lease_s=60)
+    assert parsed == ["batch_running"]
+    monkeypatch.undo()
+    assert store.queue() == {"in_progress": (1, 2, 1)}
+    shared.close()
+
+
 def column_types(shared, table: str) -> dict[str, str]:
     with shared.connection() as db:
         if shared.postgres:
