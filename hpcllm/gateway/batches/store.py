@@ -183,8 +183,11 @@ class BatchStore:
         now = self.clock()
         skip_claimed = " FOR UPDATE SKIP LOCKED" if self.shared.postgres else ""
         with self.shared.transaction() as db:
+            # A cancelled batch first: it is ended at once, whatever turn it waits for (one handed back while its
+            # key's rate limit holds has its turn at the limit's end).
             row = db.conn.execute(f"SELECT id, owner, output_ttl FROM gateway_batches WHERE {CLAIMABLE_SQL} "
-                                  f"ORDER BY COALESCE(turn, created) LIMIT 1{skip_claimed}", (now, now)).fetchone()
+                                  f"ORDER BY (status = 'cancelling') DESC, COALESCE(turn, created) "
+                                  f"LIMIT 1{skip_claimed}", (now, now)).fetchone()
             if row is None:
                 return None
             db.conn.execute("UPDATE gateway_batches SET lease_holder = ?, lease_expires = ?, turn = ? WHERE id = ?",

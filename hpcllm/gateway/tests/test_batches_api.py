@@ -1197,6 +1197,33 @@ def test_a_database_an_earlier_hpcllm_made_gets_the_columns_batches_now_need(lim
     shared.close()
 
 
+def test_a_cancelled_batch_handed_back_till_its_rate_limit_ends_is_claimed_first(limits_url, tmp_path):
+    """A batch handed back while its key's rate limit holds waits for the limit's end behind the other batches; once
+    cancelled it is claimed before them (and ended), not left cancelling until every batch queued has had a turn. On
+    SQLite and PostgreSQL."""
+    from hpcllm.gateway.batches.protocol import BatchObject
+    from hpcllm.gateway.batches.store import BatchStore
+    from hpcllm.gateway.files.store import FileStore, StoredFile
+    from hpcllm.gateway.shared_state import SharedState
+
+    now = [1_765_000_000.0]
+    shared = SharedState(limits_url, host="a")
+    files = FileStore(shared, tmp_path / "files", max_bytes=1 << 20, ttl_s=3600.0)
+    store = BatchStore(files, lease_s=60, clock=lambda: now[0])
+    with shared.transaction() as db:
+        FileStore.record(db, "me", StoredFile("file-in", now[0], "in.jsonl", "batch", 10))
+    for batch_id in ("batch_limited", "batch_other"):
+        store.insert("me", BatchObject(id=batch_id, endpoint="/v1/completions", input_file_id="file-in",
+                                       completion_window="24h", status="in_progress", created_at=int(now[0])))
+        now[0] += 1
+    limited = store.claim("host-a")
+    assert limited.batch_id == "batch_limited"
+    store.release(limited, not_before=now[0] + 60)  # its key's limit ends in a minute
+    store.cancel("me", "batch_limited")
+    assert store.claim("host-b").batch_id == "batch_limited"
+    shared.close()
+
+
 def test_an_upgrade_fills_the_queue_column_parsing_no_ended_batch(tmp_path, monkeypatch):
     """The release before `waiting` (expires there): the upgrade fills the column of the batches not yet ended, the
     one the metrics' queue reads, without parsing the JSON of every ended batch a site keeps (its results' weeks)."""
