@@ -696,22 +696,12 @@ class BatchRun:
                                    finalizing_at=batch.finalizing_at or now)
         if batch is None:
             return
-        published: list[StoredFile] = []
-        ids = {}
         expires = self.batches.results_expire(now, self.claim.output_ttl)
-        for name, results in (("output", output), ("error", errors)):
-            file_id = results.final.name
-            size = results.publish()
-            if size is not None:
-                published.append(StoredFile(file_id, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE, size, expires))
-                ids[f"{name}_file_id"] = file_id
+        published, ids = self._published(batch, output, errors, now, expires)
         status = "cancelled" if batch.cancelling_at else "expired" if expired else "completed"
         final = batch.model_copy(update={"status": status, f"{status}_at": now, **ids})
-        if not self.batches.finish(self.claim, final, published, expires):
-            log.warning("batch %s: its lease was lost while finishing; the process that took it finishes it",
-                        batch.id)
+        if not self._finish(final, published, expires):
             return
-        self.runner.gw.metrics.batches_finished.labels(status).inc()
         log.info("batch %s %s: %d requests, %d completed, %d failed", batch.id, status, len(entries),
                  final.request_counts.completed, final.request_counts.failed)
 
@@ -729,15 +719,38 @@ class BatchRun:
         published, update = self._publish_results(batch, now, expires)
         failed = batch.model_copy(update={**update, "status": "failed", "failed_at": now, "errors": BatchErrors(
             data=[LineError(code=code, message=message)])})
-        if self.batches.finish(self.claim, failed, published, expires):
-            self.runner.gw.metrics.batches_finished.labels("failed").inc()
+        self._finish(failed, published, expires)
+
+    def _finish(self, final: BatchObject, published: list[StoredFile], expires: float | None) -> bool:
+        """Record the batch ended (BatchStore.finish) and count it; False, said in the log, when the lease was lost
+        meanwhile (the process that took the batch over ends it)."""
+        if not self.batches.finish(self.claim, final, published, expires):
+            log.warning("batch %s: its lease was lost while finishing; the process that took it finishes it",
+                        final.id)
+            return False
+        self.runner.gw.metrics.batches_finished.labels(final.status).inc()
+        return True
+
+    @staticmethod
+    def _published(batch: BatchObject, output: ResultFile, errors: ResultFile, now: int,
+                   expires: float | None) -> tuple[list[StoredFile], dict]:
+        """The batch's result files published under their final names: the StoredFiles to record with it, and its
+        output_file_id and error_file_id (a file with no line is none)."""
+        published: list[StoredFile] = []
+        ids = {}
+        for name, results in (("output", output), ("error", errors)):
+            size = results.publish()
+            if size is not None:
+                published.append(StoredFile(results.final.name, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE,
+                                            size, expires))
+                ids[f"{name}_file_id"] = results.final.name
+        return published, ids
 
     def _publish_results(self, batch: BatchObject, now: int, expires: float | None) -> tuple[list[StoredFile], dict]:
         """The failing batch's result files published (StoredFiles to record) and its fields from them (file ids,
         counts, usage). Files that cannot be read back (the failure may be theirs) are deleted instead: no run reads
         them again, and no sweep would ever see them."""
         files = self.runner.files
-        published: list[StoredFile] = []
         opened: list[ResultFile] = []
         try:
             for file_id in result_file_ids(batch.id):
@@ -746,12 +759,8 @@ class BatchRun:
             update = self._progress([], output, errors)
             update["request_counts"] = update["request_counts"].model_copy(
                 update={"total": batch.request_counts.total})
-            for name, results in (("output", output), ("error", errors)):
-                size = results.publish()
-                if size is not None:
-                    published.append(StoredFile(results.final.name, now, f"{batch.id}_{name}.jsonl", OUTPUT_PURPOSE,
-                                                size, expires))
-                    update[f"{name}_file_id"] = results.final.name
+            published, ids = self._published(batch, output, errors, now, expires)
+            update.update(ids)
         except (OSError, ValueError) as exc:  # ValueError: pydantic's, a line that is no result
             for results in opened:
                 results.close()

@@ -598,6 +598,33 @@ def test_a_batch_that_fails_after_some_results_keeps_them_downloadable(gated_fac
     assert sorted(path.name for path in (tmp_path / "files").iterdir()) == [done.output_file_id]
 
 
+def test_a_process_that_loses_the_lease_while_failing_a_batch_says_so_and_leaves_it_to_the_next(gated_factory,
+                                                                                                  caplog):
+    """The process failing a batch (its input's bytes gone for it) is stopped for a lease's length first: its failure
+    is not recorded, and the log says the lease was lost (as for a batch it completes), not nothing; the process that
+    takes the batch over (here the same one, reading the input) runs it to its end."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="hpcllm.gateway.batches.runner")
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_concurrency=1)
+    files, read_lines, stalled = service_of(gw).files, service_of(gw).files.read_lines, []
+
+    def stalled_once(file_id: str):  # the runner's first read: the bytes are gone, and the process stalls
+        if threading.current_thread().name.startswith("batch-") and not stalled:
+            stalled.append(file_id)
+            batch_id, = service_of(gw).runner.running
+            lease_runs_out(gw, batch_id)
+            raise FileNotFoundError(file_id)
+        return read_lines(file_id)
+
+    files.read_lines = stalled_once
+    client = gw.client()
+    done = finished(client, submit(client, [completion_line("r0")], endpoint="/v1/completions").id)
+    assert stalled and done.status == "completed" and done.errors is None
+    assert f"batch {done.id}: its lease was lost while finishing" in caplog.text
+
+
 def test_a_batch_writes_its_row_every_third_of_its_lease_not_with_every_result(gated_factory):
     """The limits database (the rate limiter's) is not written once per result: 20 results, 2 renewals (the claim's
     first and the finalizing one)."""
