@@ -159,6 +159,11 @@ class BatchRunner:
         return (len(runs) < self.concurrency and all(run.started.is_set() for run in runs)
                 and self.slots.free() > 0)
 
+    def full(self) -> bool:
+        """Whether the process runs as many batches as gateway.batch_concurrency allows (a batch waiting for one is
+        not claimed here until a run ends or hands its batch back)."""
+        return len(self._runs) >= self.concurrency
+
     def _claim(self) -> None:
         """Claim the batch that waited longest and start running it in the free slot held for it meanwhile."""
         ticket = object()
@@ -604,14 +609,16 @@ class BatchRun:
         return renewed, stop or self._stop_reason(renewed) or (self._turn_over() if may_turn_over else None)
 
     def _turn_over(self) -> str | None:
-        """"turn_over" once the batch has run batch_turn_seconds, or waits out its key's rate limit, and another
-        batch waits for a process (asked at a renewal: one read every third of the lease at most, and when a request
-        is rate limited): its running requests finish, then _after_turn. A batch that waits holds no slot, but it
-        counts among the batch_concurrency batches a process runs: with one, the process would idle till its turn's
-        end."""
-        if (time.monotonic() < self.turn_ends and not self._rate_limited()) or not self.batches.claimable():
+        """"turn_over" once the batch has run batch_turn_seconds, or waits out its key's rate limit in a process that
+        runs all the batches it may, and another batch waits for a process (asked at a renewal: one read every third
+        of the lease at most, and when a request is rate limited): its running requests finish, then _after_turn. A
+        batch that waits holds no slot, but it counts among the batch_concurrency batches a process runs: with all
+        taken, the process would idle till its turn's end; with one free, the runner claims the waiting batch beside
+        it."""
+        waits_in_full_process = self._rate_limited() and self.runner.full()
+        if (time.monotonic() < self.turn_ends and not waits_in_full_process) or not self.batches.claimable():
             return None
-        why = "it waits out its key's rate limit" if self._rate_limited() else "its turn is over"
+        why = "it waits out its key's rate limit" if waits_in_full_process else "its turn is over"
         log.info("batch %s: %s, another batch waits; handing it over once its running requests end",
                  self.claim.batch_id, why)
         return "turn_over"

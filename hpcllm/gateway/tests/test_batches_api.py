@@ -1032,6 +1032,47 @@ def test_a_batch_waiting_out_its_keys_rate_limit_leaves_its_slots_to_another_key
     assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
 
 
+def test_a_batch_waiting_out_its_keys_rate_limit_keeps_its_place_where_the_process_has_room_for_another(
+        gated_factory, caplog):
+    """batch_concurrency 2: alice's batch waits out her key's limit; bob's batch, created while the runner has not
+    yet looked (held here till alice's batch has renewed twice, seeing bob's waiting), runs in the process's free
+    place beside hers: hers is not handed back to wait behind the queue."""
+    import logging
+
+    from hpcllm.gateway.batches.protocol import CreateBatchRequest
+    from hpcllm.gateway.batches.serving import create
+
+    caplog.set_level(logging.INFO, logger="hpcllm.gateway.batches.runner")
+    worker, factory = gated_factory(blocked=-1)  # no request held
+    gw = factory(batch_concurrency=2, batch_lease_seconds=3,  # a renewal a second
+                 api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 1},
+                           {"key": OTHER_KEY, "name": "bob"}])
+    service, alice = service_of(gw), owner_of(gw.state.api_keys[USER_KEY])
+    runner = service.runner
+    source = gw.client().files.create(file=("in.jsonl", io.BytesIO(jsonl([completion_line("r0")]))),
+                                      purpose="batch")
+    limited = create(service, alice, CreateBatchRequest(input_file_id=source.id, endpoint="/v1/completions",
+                                                        completion_window="24h")).id  # her bucket is empty
+    wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/completions", status="429") >= 1)
+    run = runner._runs[limited]
+    sweep_when_due, may_look = runner.sweep_when_due, threading.Event()
+
+    def held_look() -> None:  # the runner's loop (its first step) waits; the runs' renewals go on
+        if threading.current_thread().name == "batch-runner":
+            assert may_look.wait(30)
+        sweep_when_due()
+
+    runner.sweep_when_due = held_look
+    bob = gw.client(OTHER_KEY)
+    other = submit(bob, [completion_line("b0")], endpoint="/v1/completions").id
+    renewals = [run.lease.due_at]
+    wait_until(lambda: renewals.append(run.lease.due_at) or len(set(renewals)) >= 3 or limited not in runner.running)
+    may_look.set()
+    assert finished(bob, other).status == "completed"
+    assert limited in runner.running and "handed over" not in caplog.text
+    assert service.batches.get(alice, limited).batch.status == "in_progress"
+
+
 def test_with_one_slot_a_batch_waiting_out_its_keys_rate_limit_hands_the_process_to_another_keys_batch(
         gated_factory):
     """batch_concurrency 1: alice's batch waits out her key's rate limit (a request a minute, which her upload took);
