@@ -105,15 +105,22 @@ class DramTier:
             if not child.name.startswith(".") and (child / MARKER_FILE).is_file():
                 try:
                     entries.append(self.entry(child.name))
-                except (OSError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, DramTierError):
                     continue  # being removed right now, or a damaged marker: not a usable entry
         return entries
 
     def usage_bytes(self) -> int:
         """Bytes of shared memory this namespace holds (every file, including fills in progress)."""
-        if not self.dir.is_dir():
-            return 0
-        return sum(f.stat().st_size for f in self.dir.rglob("*") if f.is_file())
+        total = 0
+        # Fills publish (rename) and removals delete folders while we count: what went meanwhile is skipped
+        # (os.walk skips a folder gone before it is read), not a FileNotFoundError.
+        for folder, _, files in os.walk(self.dir):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    continue
+        return total
 
     # ----------------------------------------------------------------------------------------------- mutations
 

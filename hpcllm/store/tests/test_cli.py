@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 from hpcllm.cli.main import main
+from hpcllm.store.dram import MARKER_FILE
 
 
 def test_store_load_prints_stats_and_generates(models, capsys):
@@ -71,3 +73,51 @@ def test_store_dram_put_list_rm(models, dram_tier, capsys):
     assert main(["store", "dram", "rm", "g", *ns]) == 0
     assert main(["store", "dram", "rm", "g", *ns]) == 1
     assert "not in the DRAM tier" in capsys.readouterr().err
+
+
+
+def test_store_dram_list_racing_a_fill_lists_instead_of_crashing(models, dram_tier, capsys, monkeypatch):
+    """A fill publishes its folder (renames .tmp-* to the model's name) while `list` sums the tier's bytes, just
+    after it found the fill's file: the listing goes on, rather than a FileNotFoundError traceback."""
+    _, converted = models("gpt2")
+    ns = ["--namespace", dram_tier.namespace]
+    assert main(["store", "dram", "put", str(converted), "--id", "g", *ns]) == 0
+    staging = dram_tier.staging_path("h")
+    staging.mkdir()
+    (staging / "data-00000.h5").write_bytes(b"x" * 4096)
+    capsys.readouterr()
+    real_stat = os.stat
+
+    def stat_while_a_fill_publishes(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if os.fspath(path) == os.fspath(staging / "data-00000.h5"):
+            os.rename(staging, dram_tier.path("h"))  # what put does once the fill is complete
+        return result
+
+    monkeypatch.setattr(os, "stat", stat_while_a_fill_publishes)
+    assert main(["store", "dram", "list", *ns]) == 0
+    out = capsys.readouterr().out
+    assert "g\t" in out and f"in {dram_tier.dir}" in out
+
+
+def test_store_dram_list_racing_a_removal_lists_the_others(models, dram_tier, capsys, monkeypatch):
+    """`store dram rm` takes a model away just after `list` found its marker: the listing shows the others, rather
+    than failing with that model's "not in the DRAM tier"."""
+    _, converted = models("gpt2")
+    ns = ["--namespace", dram_tier.namespace]
+    for model_id in ("g", "h"):
+        assert main(["store", "dram", "put", str(converted), "--id", model_id, *ns]) == 0
+    capsys.readouterr()
+    marker = dram_tier.path("g") / MARKER_FILE
+    real_stat = os.stat
+
+    def stat_while_g_is_removed(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if os.fspath(path) == os.fspath(marker):
+            os.rename(dram_tier.path("g"), dram_tier.dir / ".rm-g-0123abcd")  # what remove does first
+        return result
+
+    monkeypatch.setattr(os, "stat", stat_while_g_is_removed)
+    assert main(["store", "dram", "list", *ns]) == 0
+    listed = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    assert "h" in listed and "g" not in listed
