@@ -149,8 +149,11 @@ class FileReader:
                 return
             # The old fd stays open until close(): a thread that took it before this switch reads it (EINVAL, and
             # it retries on the new one) instead of a closed number, or one another open reused meanwhile.
+            # Opened before the old one is retired: a failed open (MissingFile) leaves self._fd as the only holder,
+            # not also in _retired, where close() closed it twice (the second time another thread's reused number).
+            buffered = self._open(os.O_RDONLY)
             self._retired.append(self._fd)
-            self._fd = self._open(os.O_RDONLY)
+            self._fd = buffered
             self._advise_sequential()
             self._fall_back(reason)
 

@@ -327,3 +327,47 @@ def test_a_reader_thread_racing_the_o_direct_fallback_still_reads_the_file(model
     data = part.path.read_bytes()
     assert errors == [] and reader.mode == "buffered"
     assert results == {"first": data[:half], "second": data[half:half + 4096]}
+
+
+def test_a_failed_buffered_reopen_closes_the_o_direct_descriptor_once(models, monkeypatch, tmp_path):
+    """The O_DIRECT reads are refused and the buffered reopen fails too (the file was deleted meanwhile): the read
+    says the file is missing, and closing the reader closes its descriptor once. Closing it twice closed whatever
+    another thread had opened with that number in between (its reads then failed, or read another file). Such a
+    filesystem is faked as in the test above."""
+    import mmap
+    import shutil
+
+    from hpcllm.checkpoint import MissingFile, read_checkpoint
+    from hpcllm.store.readers import ODIRECT, FileReader
+
+    _, converted = models("llama")
+    copy = shutil.copytree(converted, tmp_path / "copy")
+    part = read_checkpoint(copy).partitions[0]
+    real_open, real_preadv, real_close = os.open, os.preadv, os.close
+    direct_fds: set[int] = set()
+    closed: list[int] = []
+
+    def opening_o_direct(path, flags, *args, **kwargs):
+        fd = real_open(path, flags & ~os.O_DIRECT, *args, **kwargs)
+        (direct_fds.add if flags & os.O_DIRECT else direct_fds.discard)(fd)
+        return fd
+
+    def refusing_preadv(fd, buffers, offset, *args):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *args)
+
+    def recording_close(fd):
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", opening_o_direct)
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+    monkeypatch.setattr(os, "close", recording_close)
+    reader = FileReader(part.path, ODIRECT, expected_size=part.size, use_page_cache=False)
+    assert reader.mode == ODIRECT
+    part.path.unlink()
+    with pytest.raises(MissingFile, match="missing"):
+        reader.read_into(0, memoryview(mmap.mmap(-1, 8192)), 4096)
+    reader.close()
+    assert len(closed) == 1 and closed[0] in direct_fds
