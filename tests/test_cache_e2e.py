@@ -197,7 +197,7 @@ def test_agents_register_and_report_measured_bandwidths(cluster):
 def test_mpi_warm_to_four_nodes_then_ls_and_verify(cluster):
     model = TINY[0]
     result = cluster.cli("cache", "warm", model, "--nodes", "n[1-4]", "--tier", "nvme", "--mpi", "--timeout", "240",
-                         timeout=300)
+                         "--log-dir", str(cluster.root / "warm-logs"), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     for node in NODES:
         assert f"{node}: {model} verified in {cluster.nvme(node) / model}" in result.stdout
@@ -288,7 +288,8 @@ def test_flipped_byte_is_caught_by_a_load_and_refilled(cluster):
 
 def test_interrupted_warm_leaves_no_visible_entry(cluster):
     warm = subprocess.Popen([HPCLLM, "cache", "warm", BIG, "--nodes", "n[1-4]", "--mpi", "--config",
-                             str(cluster.config), "--url", cluster.url], env=cluster.env,
+                             str(cluster.config), "--url", cluster.url, "--log-dir", str(cluster.root / "warm-logs")],
+                            env=cluster.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def filling():
@@ -313,7 +314,7 @@ def test_interrupted_warm_leaves_no_visible_entry(cluster):
     wait_for(lambda: not [p for n in NODES for p in cluster.nvme(n).glob(f".{BIG}.*")], 60,
              "the partial copies to be removed")
     # Every rank removed its own partial copy on SIGTERM, even those blocked inside an MPI call at that moment.
-    [log] = (cluster.root / "state" / "cache-warm").glob(f"warm-{BIG}-*.err")
+    [log] = (cluster.root / "warm-logs").glob(f"hpcllm-warm-{BIG}-*.err")
     wait_for(lambda: log.read_text().count("Exited with exit code 143") == 4, 30, "the 4 ranks to exit")
 
 
@@ -378,7 +379,8 @@ def test_clear_errors_for_unknown_model_unknown_node_and_node_down(cluster):
     unknown_node = cluster.cli("cache", "warm", TINY[1], "--nodes", "n[1,9]")
     assert_clean_error(unknown_node, "n9", "no registered agent")
     assert unknown_node.returncode == 4
-    unknown_node_mpi = cluster.cli("cache", "warm", TINY[1], "--nodes", "n9", "--mpi")
+    unknown_node_mpi = cluster.cli("cache", "warm", TINY[1], "--nodes", "n9", "--mpi", "--log-dir",
+                                   str(cluster.root / "warm-logs"))
     assert_clean_error(unknown_node_mpi, "n9", "Invalid node name")
 
     # n4's agent dies (SIGKILL: no drain, no goodbye); the controller still lists it for a while.

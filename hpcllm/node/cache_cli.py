@@ -228,11 +228,14 @@ def cache() -> None:
 @click.option("--tensor-parallel", "degree", type=click.IntRange(2, 64), default=None,
               help="Keep on each node only the slices its ranks of a tensor_parallel = N instance read: the nodes, "
                    "in hostlist order, hold ranks in blocks of N / nodes (srun's block distribution).")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--mpi: the folder of the job's log, on a filesystem this host and the nodes share (default: the "
+                   "current folder, as sbatch's slurm-%j.out).")
 @config_option
 @url_option
 @agent_option
-def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degree, config_path, controller_url,
-         agent_urls) -> None:
+def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degree, log_dir, config_path,
+         controller_url, agent_urls) -> None:
     """Copy MODEL into the TIER cache of every node in --nodes (verified, atomic)."""
     check_model_name(model)
     config = load_config(config_path)
@@ -257,7 +260,7 @@ def warm(model, node_expr, tier, source, mpi, nvme_dir_template, timeout_s, degr
             from hpcllm.node.mpiwarm import JOB_SCOPED_MESSAGE
 
             raise CacheError(JOB_SCOPED_MESSAGE.format(template=template))
-        result = mpi_warm(config, model, Path(origin), nodes, template, timeout_s)
+        result = mpi_warm(config, model, Path(origin), nodes, template, timeout_s, log_dir=log_dir)
         for node, path in result["copies"]:
             click.echo(f"{node}: {model} verified in {path}")
         click.echo(result["summary"])
@@ -453,18 +456,22 @@ def mpi_warm_spec(config: Config, model: str, source: Path, nodes: list[str], nv
     return make_job_spec(name=f"hpcllm-warm-{model}"[:128], script=script, nodes=len(nodes), ntasks=len(nodes),
                          ntasks_per_node=1, nodelist=tuple(nodes), partition=config.slurm.partition,
                          account=config.slurm.account, qos=config.slurm.qos, time=config.slurm.time,
-                         output=str(log_dir / f"warm-{stamp}.out"), error=str(log_dir / f"warm-{stamp}.err"),
+                         output=str(log_dir / f"hpcllm-warm-{stamp}.out"),
+                         error=str(log_dir / f"hpcllm-warm-{stamp}.err"),
                          open_mode_append=False, inherit=AGENT_VARIABLES + tuple(config.slurm.export_variables))
 
 
 def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_dir_template: str,
              timeout_s: float, log_dir: Path | None = None, show_progress: bool = True) -> dict:
-    """Submit the MPI warm job, follow its progress, wait for it; returns {copies, summary, job_id}."""
+    """Submit the MPI warm job, follow its progress, wait for it; returns {copies, summary, job_id}. Its log goes to
+    `log_dir`, by default the current folder (where sbatch puts slurm-%j.out, and where the admin looks): the job's
+    first node writes it and this process reads the copies from it, so it must be a folder both see, which a
+    node-local paths.state_dir (/var/tmp/hpcllm) is not."""
     from hpcllm.node.cache import open_origin
     from hpcllm.slurm import StatusWatcher, get_backend
 
     ckpt = open_origin(model, source)  # a clear error here beats a failed job
-    log_dir = log_dir or Path(config.paths.state_dir) / "cache-warm"
+    log_dir = (log_dir or Path.cwd()).absolute()
     log_dir.mkdir(parents=True, exist_ok=True)
     spec = mpi_warm_spec(config, model, source.resolve(), nodes, nvme_dir_template, log_dir)
     watcher = StatusWatcher(get_backend(config.slurm), min_interval=0.5, max_interval=2.0)
@@ -474,12 +481,17 @@ def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_di
         raise CacheError(f"cannot submit the MPI warm job of {model!r} for node(s) {','.join(nodes)}: {exc}") \
             from None
     out, err = Path(spec.output), Path(spec.error)
+    click.echo(f"{model}: MPI warm job {job.job_id}, log: {out} (errors and progress: {err})")
     deadline = time.monotonic() + timeout_s
     try:
         status = _follow(job, err, ckpt.total_bytes, deadline, show_progress, f"{model} -> {len(nodes)} nodes")
     except BaseException:
         job.cancel(check=False)
         raise
+    if not out.exists() and not err.exists():
+        raise CacheError(f"MPI warm job {job.job_id} of {model!r} ended {status.state.value}, but its log {out} is not "
+                         f"visible from this host (the job's first node writes it): give --log-dir a folder this "
+                         f"host and the nodes share")
     stdout = out.read_text() if out.exists() else ""
     stderr = err.read_text() if err.exists() else ""
     errors = [line.removeprefix("error: ") for line in stderr.splitlines() if line.startswith("error: ")]

@@ -490,3 +490,42 @@ def test_a_warm_asked_again_while_the_node_still_copies_is_answered_at_once(caps
     assert code == 4, err
     assert "node n1: model 'tiny-llama' is being copied into the nvme tier already" in err and "retry" in err
     assert errors == [] and [(c.model, c.tier) for c in n1.cache.list()] == [("tiny-llama", "nvme")]
+
+
+def test_the_mpi_warm_job_logs_where_the_admin_runs_it_and_says_so(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """The job's log went to <paths.state_dir>/cache-warm, a node-local folder by default (/var/tmp/hpcllm): written
+    on the job's first node, where the admin at the login node cannot find it (and the command then could not read
+    the copies from it either). It goes where sbatch puts a job's log, the folder the command is run from (or
+    --log-dir), and the command says where before waiting. Slurm is a scheduler whose job ends at once, its log
+    written on a node's own disk: not visible here."""
+    from hpcllm.checkpoint import convert
+    from hpcllm.slurm.base import JobState
+    from hpcllm.slurm.tests.test_watcher import MemoryBackend
+
+    origin = tmp_path / "tiny-llama"
+    convert(tiny_llama_dir, origin, progress=False)
+    config = tmp_path / "hpcllm.toml"
+    config.write_text(f'[paths]\nstate_dir = "{tmp_path / "node-local"}"\n')
+    submit_dir = tmp_path / "home"
+    submit_dir.mkdir()
+    monkeypatch.chdir(submit_dir)
+
+    class EndsAtOnce(MemoryBackend):
+        specs = []
+
+        def submit(self, spec):
+            job_id = super().submit(spec)
+            self.specs.append(spec)
+            self.states[job_id] = JobState.COMPLETED
+            return job_id
+
+    monkeypatch.setattr("hpcllm.slurm.get_backend", lambda slurm_config: EndsAtOnce())
+    code = main(["cache", "warm", "tiny-llama", "--nodes", "n[1-2]", "--mpi", "--source", str(origin),
+                 "--config", str(config), "--timeout", "60"])
+
+    captured = capsys.readouterr()
+    [spec] = EndsAtOnce.specs
+    assert os.path.dirname(spec.output) == os.path.dirname(spec.error) == str(submit_dir)
+    assert f"log: {spec.output}" in captured.out
+    assert code != 0 and f"{spec.output} is not visible from this host" in captured.err
+    assert "--log-dir" in captured.err and "Traceback" not in captured.err

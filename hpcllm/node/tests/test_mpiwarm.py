@@ -106,7 +106,8 @@ def test_cache_warm_mpi_to_four_dev_cluster_nodes(origin, tmp_path, slurm_cluste
 
     result = subprocess.run(
         [sys.executable, "-m", "hpcllm.cli.main", "cache", "warm", "llama", "--nodes", "n[1-4]", "--mpi",
-         "--source", str(origin), "--nvme-dir-template", template, "--config", str(config), "--timeout", "240"],
+         "--source", str(origin), "--nvme-dir-template", template, "--config", str(config), "--timeout", "240",
+         "--log-dir", str(tmp_path / "logs")],
         env=slurm_cluster.env, capture_output=True, text=True, timeout=300)
 
     assert result.returncode == 0, result.stdout + result.stderr
