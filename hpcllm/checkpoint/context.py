@@ -17,12 +17,15 @@ there:
 - a LongRoPE model (Phi-3 128k) may be deployed up to the scaled length but gets `original_max_position_embeddings`
   by default, as in vLLM (short prompts are served better with the original scaling).
 
-A multimodal config's text model (`text_config`) is the one that decides. Only json is read here (no torch, no
-transformers import), so the gateway and the controller can call it cheaply.
+A multimodal config's text model (`text_config`) is the one that decides. A config.json that sets none of the
+position keys gets them as transformers sets them (its config class's defaults, e.g. LlamaConfig's 2048): the model
+from_pretrained builds has them, and the worker's engine and vLLM read that model's config. Otherwise only json is
+read here (transformers is imported for such a config only), so the gateway and the controller call it cheaply.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -70,7 +73,7 @@ class ContextWindow:
 
 def context_window(config: Mapping[str, Any], tokenizer_max_length: int | None = None) -> ContextWindow | None:
     """The model's context window from its config (a config.json dict), or None when the config names no length."""
-    config = _text_config(config)
+    config, defaults_of = _with_transformers_defaults(_text_config(config))
     derived: float = float("inf")
     derived_from = ""
     for key in POSITION_KEYS:
@@ -85,6 +88,8 @@ def context_window(config: Mapping[str, Any], tokenizer_max_length: int | None =
         derived, derived_from = tokenizer_max_length, f"{TOKENIZER_CONFIG_FILE} model_max_length={tokenizer_max_length}"
     if derived == float("inf"):
         return None
+    if defaults_of:
+        derived_from = f"transformers' default {derived_from} for {defaults_of}, which is not set"
     limit, derived_from, longrope = _rope_scaled(config, int(derived), derived_from)
     default = limit
     if longrope:
@@ -135,6 +140,26 @@ def source_max_model_len(source: Path, requested: int | None = None) -> int:
 def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     text = config.get("text_config")
     return text if isinstance(text, Mapping) else config
+
+
+def _with_transformers_defaults(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """(config, "") when it sets a position key; else (config with the position keys transformers' config class for
+    its model_type gives it, that model_type); "" too for a model_type transformers does not know (remote code)."""
+    model_type = config.get("model_type")
+    if any(key in config for key in POSITION_KEYS) or not isinstance(model_type, str):
+        return config, ""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # heavy: only for such a config
+
+    if model_type not in CONFIG_MAPPING:
+        return config, ""
+    config_class = CONFIG_MAPPING[model_type]
+    parameters = inspect.signature(config_class.__init__).parameters
+    defaults = {}
+    for key in POSITION_KEYS:
+        value = parameters[key].default if key in parameters else getattr(config_class, key, None)
+        if _positive_int(value) is not None:
+            defaults[key] = value
+    return ({**defaults, **config}, model_type) if defaults else (config, "")
 
 
 def _rope_scaled(config: Mapping[str, Any], length: int, derived_from: str) -> tuple[int, str, bool]:
