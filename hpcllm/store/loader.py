@@ -244,7 +244,7 @@ def load_model(path, device: Any = "cpu", *, tier: str | None = None, verify: bo
         load.start()
         config_started = time.perf_counter()
         config = _load_config(ckpt.root)
-        target_dtype = _target_dtype(dtype, config, ckpt)
+        target_dtype = model_dtype(dtype, config, ckpt)
         from hpcllm.store.skeleton import cached_skeleton, import_model_code
 
         import_model_code(config)
@@ -663,8 +663,9 @@ def _load_config(root: Path):
     return AutoConfig.from_pretrained(root)
 
 
-def _target_dtype(dtype, config, ckpt: Checkpoint):
-    """Like from_pretrained(dtype="auto"): an explicit dtype, else config.json's, else the stored floating one."""
+def model_dtype(dtype, config, ckpt: Checkpoint):
+    """Like from_pretrained(dtype="auto"): an explicit dtype, else config.json's, else the stored floating one. The
+    one rule for every loader (the tensor-parallel one too), so a model's dtype does not depend on its degree."""
     import torch
 
     if dtype not in (None, "auto"):

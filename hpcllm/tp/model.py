@@ -151,13 +151,17 @@ def _routable_address() -> str:
 def build_shard_model(config, tensors: dict[str, torch.Tensor], plan: ModulePlan, collective: Collective,
                       dtype: torch.dtype, index_path: Path, device: torch.device | str = "cpu") -> nn.Module:
     """The model class of `config` holding this rank's `tensors` (local slices, views are kept), with the TP hooks."""
-    from hpcllm.store.skeleton import attach, build_skeleton
+    from hpcllm.store.skeleton import attach, build_skeleton, loaded_dtypes
 
     config = copy.deepcopy(config)
     if collective.size > 1 and getattr(config, "tie_word_embeddings", False):
         # A tied lm_head is split while the embedding stays whole: they can no longer share one Parameter.
         config.tie_word_embeddings = False
     model = build_skeleton(config, dtype)
+    # Slices come in their stored dtype: each floating one is converted to the dtype the model holds it in, as the
+    # single-rank loader does (config.json may ask for another dtype than the checkpoint stores).
+    dtype_of = loaded_dtypes(model, dtype)
+    tensors = {name: t.to(dtype_of(name)) if t.is_floating_point() else t for name, t in tensors.items()}
     modules = dict(model.named_modules())
     for name, tensor in tensors.items():
         module_name, _, attr = name.rpartition(".")

@@ -22,7 +22,7 @@ import errno
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +123,19 @@ def _read_plan(path: str | Path, degree: int) -> _Plan | str:
         import json
 
         from hpcllm.checkpoint import read_checkpoint
+        from hpcllm.store.loader import model_dtype
         from hpcllm.tp.plan import check_degree
         from hpcllm.tp.slicecache import manifest_fingerprint
 
         ckpt = read_checkpoint(path)
         config = json.loads(ckpt.config_path.read_text())
         plan = _Plan(str(ckpt.root), config, {n: tuple(e.shape) for n, e in ckpt.tensors.items()},
-                     dict(ckpt.aliases), ckpt.model.get("dtype") or "float32", ckpt.total_bytes,
-                     manifest_fingerprint(ckpt.root))
-        check_degree(_config_of(plan), degree)  # whole heads per rank: a divisible tensor is not enough
-        return plan
+                     dict(ckpt.aliases), "", ckpt.total_bytes, manifest_fingerprint(ckpt.root))
+        model_config = _config_of(plan)
+        check_degree(model_config, degree)  # whole heads per rank: a divisible tensor is not enough
+        # The single-rank loader's rule (config.json's dtype first, as from_pretrained), not the manifest's dtype.
+        dtype = str(model_dtype(None, model_config, ckpt)).removeprefix("torch.")
+        return replace(plan, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - travels to every rank as text
         return _describe(exc)
 

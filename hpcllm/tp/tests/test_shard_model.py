@@ -202,3 +202,55 @@ def test_gathering_an_empty_output_gives_the_empty_whole():
     assert collective.allgather_last_dim(torch.zeros(1, 0, 6, dtype=torch.bfloat16)).shape == (1, 0, 6)
     full = torch.arange(12.0).reshape(1, 2, 6)
     assert torch.equal(collective.allgather_last_dim(full), full)
+
+
+class _OneRankWorld:
+    """The mpi4py calls load_shard makes, for a world of one rank in this process."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def bcast(self, value, root=0):
+        return value
+
+    def gather(self, value, root=0):
+        return [value]
+
+    def allgather(self, value):
+        return [value]
+
+
+def test_the_tensor_parallel_loader_takes_the_dtype_from_pretrained_takes(tiny_llama_dir, tmp_path):
+    """A Hugging Face folder whose config.json says bfloat16 while its weights are stored in float32 (the converter
+    keeps them so, and its manifest records float32): from_pretrained and the single-rank loader build a bfloat16
+    model (config.json's dtype), the tensor-parallel loader built a float32 one (the manifest's), so a model's
+    answers depended on its degree."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from hpcllm.checkpoint import convert
+    from hpcllm.tp.mpiload import load_shard
+
+    hf = shutil.copytree(tiny_llama_dir, tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (hf / "config.json").write_text(json.dumps(config))
+    converted = tmp_path / "converted"
+    convert(hf, converted, progress=False)
+    assert read_checkpoint(converted).model["dtype"] == "float32"
+
+    reference = AutoModelForCausalLM.from_pretrained(hf).eval()
+    single = load_model(converted, tokenizer=False).model
+    sharded = load_shard(converted, _OneRankWorld(), tokenizer=False).model
+    expected = {name: p.dtype for name, p in reference.named_parameters()}
+    assert set(expected.values()) == {torch.bfloat16}
+    assert {name: p.dtype for name, p in single.named_parameters()} == expected
+    assert {name: p.dtype for name, p in sharded.named_parameters()} == expected
+    ids = torch.tensor([[5, 17, 300, 42, 7, 900]])
+    with torch.inference_mode():
+        assert torch.equal(sharded(ids).logits, reference(ids).logits)
