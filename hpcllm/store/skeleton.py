@@ -251,6 +251,7 @@ def attach(model, tensors: dict[str, torch.Tensor], aliases: dict[str, str], ind
     """
     modules = dict(model.named_modules())
     unexpected = _assign(modules, tensors, aliases, index_path)
+    _untie_what_is_stored_apart(model, tensors, index_path)
     if getattr(model, "all_tied_weights_keys", None) or getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights(recompute_mapping=False)  # the mapping post_init computed for this very config
     missing = _materialize_and_check(model, modules)
@@ -263,6 +264,21 @@ def attach(model, tensors: dict[str, torch.Tensor], aliases: dict[str, str], ind
                     unexpected[0])
     _set_eval(model, modules.values())
     return unexpected
+
+
+def _untie_what_is_stored_apart(model, tensors: dict[str, torch.Tensor], index_path: Path) -> None:
+    """Tied names the checkpoint stores apart are not tied, as in transformers 5's from_pretrained: a config saying
+    tie_word_embeddings over a checkpoint holding an lm_head of its own gets that lm_head (vLLM ties them). The
+    converter stores a tied name apart only when its values differ (else it is an alias: docs/checkpoint-format.md).
+    A tensor-parallel instance splits that lm_head too, so every degree answers alike."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    apart = [target for target, source in tied.items() if target in tensors and source in tensors]
+    if not apart:
+        return
+    log.warning("%s: config.json ties %s to %s, but the checkpoint holds both with different values: they are not "
+                "tied (as from_pretrained does); set tie_word_embeddings = false in config.json to say so",
+                index_path, apart[0], tied[apart[0]])
+    model.all_tied_weights_keys = {target: source for target, source in tied.items() if target not in apart}
 
 
 def _assign(modules: dict[str, nn.Module], tensors, aliases, index_path: Path) -> list[str]:

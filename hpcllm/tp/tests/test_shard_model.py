@@ -254,3 +254,43 @@ def test_the_tensor_parallel_loader_takes_the_dtype_from_pretrained_takes(tiny_l
     ids = torch.tensor([[5, 17, 300, 42, 7, 900]])
     with torch.inference_mode():
         assert torch.equal(sharded(ids).logits, reference(ids).logits)
+
+
+def test_a_checkpoint_whose_lm_head_differs_from_its_tied_embedding_answers_as_from_pretrained(tiny_llama_dir,
+                                                                                              tmp_path):
+    """config.json says tie_word_embeddings but the checkpoint stores an lm_head of its own (other values than the
+    embedding): transformers 5's from_pretrained keeps that lm_head (it warns, and does not tie), and so does a
+    tensor-parallel instance of degree 2 (its lm_head is split from the stored one). The single-rank loader (and a
+    degree-1 instance) tied it to the embedding instead: other logits, other tokens, depending on the degree."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from hpcllm.checkpoint import convert
+    from hpcllm.tp.mpiload import load_shard
+
+    hf = shutil.copytree(tiny_llama_dir, tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (hf / "config.json").write_text(json.dumps(config))
+    converted = tmp_path / "converted"
+    convert(hf, converted, progress=False)
+    assert "lm_head.weight" in read_checkpoint(converted).tensors  # stored, not an alias of the embedding
+
+    reference = AutoModelForCausalLM.from_pretrained(hf).eval()
+    assert not torch.equal(reference.lm_head.weight, reference.model.embed_tokens.weight)
+    prompt = [5, 17, 300, 42, 7, 900]
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        expected = reference(ids).logits[0, -1]
+        single = load_model(converted, tokenizer=False).model
+        one_rank = load_shard(converted, _OneRankWorld(), tokenizer=False).model
+        for model in (single, one_rank):
+            assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+            assert torch.allclose(model(ids).logits[0, -1], expected, atol=1e-5, rtol=0)
+    torch.set_num_threads(1)
+    two_ranks = _run_all([ShardRunner(model) for model in _shards(converted, 2)],
+                         Step("forward", "r", tuple(prompt), 0))
+    for rank_logits in two_ranks:
+        assert torch.allclose(rank_logits, expected, atol=1e-5, rtol=0)
