@@ -73,23 +73,25 @@ class ContextWindow:
 
 def context_window(config: Mapping[str, Any], tokenizer_max_length: int | None = None) -> ContextWindow | None:
     """The model's context window from its config (a config.json dict), or None when the config names no length."""
-    config, defaults_of = _with_transformers_defaults(_text_config(config))
+    config, filled, model_type = _with_transformers_defaults(_text_config(config))
     derived: float = float("inf")
-    derived_from = ""
+    derived_key = derived_from = ""  # the winning key of config.json ("" for the tokenizer's), its description
     for key in POSITION_KEYS:
         value = _positive_int(config.get(key))
         if value is not None and value < derived:
-            derived, derived_from = value, f"{key}={value}"
+            derived, derived_key, derived_from = value, key, f"{key}={value}"
     model_max_length = _positive_int(config.get("model_max_length"))
     if model_max_length is not None:
-        derived, derived_from = model_max_length, f"model_max_length={model_max_length}"
+        derived, derived_key = model_max_length, "model_max_length"
+        derived_from = f"model_max_length={model_max_length}"
     tokenizer_max_length = _positive_int(tokenizer_max_length)
     if tokenizer_max_length is not None and tokenizer_max_length < derived:
-        derived, derived_from = tokenizer_max_length, f"{TOKENIZER_CONFIG_FILE} model_max_length={tokenizer_max_length}"
+        derived, derived_key = tokenizer_max_length, ""
+        derived_from = f"{TOKENIZER_CONFIG_FILE} model_max_length={tokenizer_max_length}"
     if derived == float("inf"):
         return None
-    if defaults_of:
-        derived_from = f"transformers' default {derived_from} for {defaults_of}, which is not set"
+    if derived_key in filled:
+        derived_from = f"transformers' default {derived_from} for {model_type}, which is not set"
     limit, derived_from, longrope = _rope_scaled(config, int(derived), derived_from)
     default = limit
     if longrope:
@@ -142,16 +144,16 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return text if isinstance(text, Mapping) else config
 
 
-def _with_transformers_defaults(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
-    """(config, "") when it sets a position key; else (config with the position keys transformers' config class for
-    its model_type gives it, that model_type); "" too for a model_type transformers does not know (remote code)."""
+def _with_transformers_defaults(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], frozenset[str], str]:
+    """(config, the position keys filled in, its model_type): when config sets no position key, those transformers'
+    config class for its model_type gives it; none for a model_type transformers does not know (remote code)."""
     model_type = config.get("model_type")
     if any(key in config for key in POSITION_KEYS) or not isinstance(model_type, str):
-        return config, ""
+        return config, frozenset(), ""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # heavy: only for such a config
 
     if model_type not in CONFIG_MAPPING:
-        return config, ""
+        return config, frozenset(), ""
     config_class = CONFIG_MAPPING[model_type]
     parameters = inspect.signature(config_class.__init__).parameters
     defaults = {}
@@ -159,7 +161,7 @@ def _with_transformers_defaults(config: Mapping[str, Any]) -> tuple[Mapping[str,
         value = parameters[key].default if key in parameters else getattr(config_class, key, None)
         if _positive_int(value) is not None:
             defaults[key] = value
-    return ({**defaults, **config}, model_type) if defaults else (config, "")
+    return {**defaults, **config}, frozenset(defaults), model_type
 
 
 def _rope_scaled(config: Mapping[str, Any], length: int, derived_from: str) -> tuple[int, str, bool]:

@@ -152,3 +152,15 @@ def test_a_config_that_is_a_fifo_or_deeply_nested_is_refused_without_blocking(tm
     (tmp_path / "config.json").write_text("[" * 100_000)
     with pytest.raises(ContextLengthError, match="is not valid JSON"):
         source_max_model_len(tmp_path)
+
+
+def test_transformers_default_is_named_only_when_it_is_the_length():
+    """A config.json without a length gets transformers' default for its model_type (LlamaConfig: 2048), and the
+    message says so; when the tokenizer's model_max_length is the smaller one, the message names the tokenizer only."""
+    with pytest.raises(ContextLengthError, match="transformers' default max_position_embeddings=2048 for llama, "
+                                                 "which is not set"):
+        max_model_len_for({"model_type": "llama"}, 4096)
+    with pytest.raises(ContextLengthError, match="context length of 1024 tokens") as error:
+        max_model_len_for({"model_type": "llama"}, 4096, tokenizer_max_length=1024)
+    assert "(tokenizer_config.json model_max_length=1024 in the model's config)" in str(error.value)
+    assert "transformers' default" not in str(error.value)
