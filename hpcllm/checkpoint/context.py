@@ -25,7 +25,6 @@ read here (transformers is imported for such a config only), so the gateway and 
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -73,7 +72,7 @@ class ContextWindow:
 
 def context_window(config: Mapping[str, Any], tokenizer_max_length: int | None = None) -> ContextWindow | None:
     """The model's context window from its config (a config.json dict), or None when the config names no length."""
-    config, filled, model_type = _with_transformers_defaults(_text_config(config))
+    config, filled, model_type = _as_transformers_builds(config)
     derived: float = float("inf")
     derived_key = derived_from = ""  # the winning key of config.json ("" for the tokenizer's), its description
     for key in POSITION_KEYS:
@@ -144,24 +143,22 @@ def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return text if isinstance(text, Mapping) else config
 
 
-def _with_transformers_defaults(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], frozenset[str], str]:
-    """(config, the position keys filled in, its model_type): when config sets no position key, those transformers'
-    config class for its model_type gives it; none for a model_type transformers does not know (remote code)."""
+def _as_transformers_builds(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], frozenset[str], str]:
+    """(the text model's config, the position keys transformers filled in, the model_type they come from).
+
+    A config.json whose text model sets no position key is read as from_pretrained builds it (its config class for
+    the model_type, with that class's defaults, also for a multimodal config's text_config): the config the worker's
+    engine and vLLM read. Any other, and one of a model_type transformers does not know (remote code), as it is."""
+    text = _text_config(config)
     model_type = config.get("model_type")
-    if any(key in config for key in POSITION_KEYS) or not isinstance(model_type, str):
-        return config, frozenset(), ""
+    if any(key in text for key in POSITION_KEYS) or not isinstance(model_type, str):
+        return text, frozenset(), ""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # heavy: only for such a config
 
     if model_type not in CONFIG_MAPPING:
-        return config, frozenset(), ""
-    config_class = CONFIG_MAPPING[model_type]
-    parameters = inspect.signature(config_class.__init__).parameters
-    defaults = {}
-    for key in POSITION_KEYS:
-        value = parameters[key].default if key in parameters else getattr(config_class, key, None)
-        if _positive_int(value) is not None:
-            defaults[key] = value
-    return {**defaults, **config}, frozenset(defaults), model_type
+        return text, frozenset(), ""
+    built = _text_config(CONFIG_MAPPING[model_type].from_dict(dict(config)).to_dict())
+    return built, frozenset(key for key in POSITION_KEYS if key in built), model_type
 
 
 def _rope_scaled(config: Mapping[str, Any], length: int, derived_from: str) -> tuple[int, str, bool]:

@@ -164,3 +164,13 @@ def test_transformers_default_is_named_only_when_it_is_the_length():
         max_model_len_for({"model_type": "llama"}, 4096, tokenizer_max_length=1024)
     assert "(tokenizer_config.json model_max_length=1024 in the model's config)" in str(error.value)
     assert "transformers' default" not in str(error.value)
+
+
+def test_a_multimodal_config_without_a_length_gets_its_text_models_default(tmp_path):
+    """{"model_type": "llava"} alone: from_pretrained builds LlavaConfig, whose text_config is a LlamaConfig with
+    max_position_embeddings 2048, which the worker serves; deploy read config.json and refused the model."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    worker_sees = transformers.AutoConfig.from_pretrained(tmp_path).to_dict()
+    assert source_max_model_len(tmp_path) == max_model_len_for(worker_sees) == 2048
+    with pytest.raises(ContextLengthError, match="transformers' default max_position_embeddings=2048 for llava"):
+        source_max_model_len(tmp_path, 4096)
