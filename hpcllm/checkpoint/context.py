@@ -20,7 +20,9 @@ there:
 A multimodal config's text model (`text_config`) is the one that decides. A config.json that sets none of the
 position keys gets them as transformers sets them (its config class's defaults, e.g. LlamaConfig's 2048): the model
 from_pretrained builds has them, and the worker's engine and vLLM read that model's config. Otherwise only json is
-read here (transformers is imported for such a config only), so the gateway and the controller call it cheaply.
+read here, so the gateway and the controller call it cheaply: transformers (and torch) are imported for such a config
+only, which costs the controller or node agent some seconds and a few hundred MB, once per process; a config
+transformers cannot build is a ContextLengthError.
 """
 
 from __future__ import annotations
@@ -153,11 +155,20 @@ def _as_transformers_builds(config: Mapping[str, Any]) -> tuple[Mapping[str, Any
     model_type = config.get("model_type")
     if any(key in text for key in POSITION_KEYS) or not isinstance(model_type, str):
         return text, frozenset(), ""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # heavy: only for such a config
+    try:
+        # Heavy (transformers and torch: seconds, a few hundred MB), so only for such a config, once per process.
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if model_type not in CONFIG_MAPPING:
-        return text, frozenset(), ""
-    built = _text_config(CONFIG_MAPPING[model_type].from_dict(dict(config)).to_dict())
+        if model_type not in CONFIG_MAPPING:
+            return text, frozenset(), ""
+        built = _text_config(CONFIG_MAPPING[model_type].from_dict(dict(config)).to_dict())
+    except Exception as exc:  # noqa: BLE001 - config classes refuse values with errors of many types (strict
+        # dataclass validation, ValueError, ZeroDivisionError, ...), a broken install with ImportError: all a bad model
+        reason = " ".join(str(exc).split())  # some are several lines
+        raise ContextLengthError(
+            f"the model's config sets no context length and transformers cannot build its {model_type!r} config for "
+            f"the default ({type(exc).__name__}: {reason}): fix the config, or set max_position_embeddings in it"
+        ) from None
     return built, frozenset(key for key in POSITION_KEYS if key in built), model_type
 
 

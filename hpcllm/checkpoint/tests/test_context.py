@@ -8,6 +8,7 @@ expected numbers are what vLLM serves these models with.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import transformers
@@ -174,3 +175,16 @@ def test_a_multimodal_config_without_a_length_gets_its_text_models_default(tmp_p
     assert source_max_model_len(tmp_path) == max_model_len_for(worker_sees) == 2048
     with pytest.raises(ContextLengthError, match="transformers' default max_position_embeddings=2048 for llava"):
         source_max_model_len(tmp_path, 4096)
+
+
+def test_a_config_transformers_cannot_build_is_a_clear_error(monkeypatch):
+    """A config.json without a length is read as transformers builds it: a value its config class refuses, or a
+    config module that fails to import, is a ContextLengthError (400 at deploy) instead of a traceback (500)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with pytest.raises(ContextLengthError, match="cannot build its 'llama' config.*hidden size \\(65\\)"):
+        max_model_len_for({"model_type": "llama", "hidden_size": 65, "num_attention_heads": 4})
+    monkeypatch.setattr(CONFIG_MAPPING, "_modules", {})  # not imported yet in this process
+    monkeypatch.setitem(sys.modules, "transformers.models.llama", None)  # and its import fails
+    with pytest.raises(ContextLengthError, match="cannot build its 'llama' config.*ModuleNotFoundError"):
+        max_model_len_for({"model_type": "llama"})
