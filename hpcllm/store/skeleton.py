@@ -275,9 +275,10 @@ def _untie_what_is_stored_apart(model, tensors: dict[str, torch.Tensor], index_p
     apart = [target for target, source in tied.items() if target in tensors and source in tensors]
     if not apart:
         return
-    log.warning("%s: config.json ties %s to %s, but the checkpoint holds both with different values: they are not "
-                "tied (as from_pretrained does); set tie_word_embeddings = false in config.json to say so",
-                index_path, apart[0], tied[apart[0]])
+    # Also logged for engine = "vllm" (its loader comes through here), where vLLM ties them anyway.
+    log.warning("%s: config.json ties %s to %s, but the checkpoint holds both with different values: hpcllm's engine "
+                "keeps the stored %s, as from_pretrained does; vLLM ties it. Set tie_word_embeddings = false in "
+                "config.json to say which is meant", index_path, apart[0], tied[apart[0]], apart[0])
     model.all_tied_weights_keys = {target: source for target, source in tied.items() if target not in apart}
 
 

@@ -257,7 +257,7 @@ def test_the_tensor_parallel_loader_takes_the_dtype_from_pretrained_takes(tiny_l
 
 
 def test_a_checkpoint_whose_lm_head_differs_from_its_tied_embedding_answers_as_from_pretrained(tiny_llama_dir,
-                                                                                              tmp_path):
+                                                                                              tmp_path, caplog):
     """config.json says tie_word_embeddings but the checkpoint stores an lm_head of its own (other values than the
     embedding): transformers 5's from_pretrained keeps that lm_head (it warns, and does not tie), and so does a
     tensor-parallel instance of degree 2 (its lm_head is split from the stored one). The single-rank loader (and a
@@ -289,6 +289,9 @@ def test_a_checkpoint_whose_lm_head_differs_from_its_tied_embedding_answers_as_f
         for model in (single, one_rank):
             assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
             assert torch.allclose(model(ids).logits[0, -1], expected, atol=1e-5, rtol=0)
+    # The warning says which lm_head each engine serves (vllm_loader loads through here too; vLLM ties them).
+    assert ("hpcllm's engine keeps the stored lm_head.weight, as from_pretrained does; vLLM ties it"
+            in caplog.text)
     torch.set_num_threads(1)
     two_ranks = _run_all([ShardRunner(model) for model in _shards(converted, 2)],
                          Step("forward", "r", tuple(prompt), 0))
