@@ -481,7 +481,8 @@ def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_di
         raise CacheError(f"cannot submit the MPI warm job of {model!r} for node(s) {','.join(nodes)}: {exc}") \
             from None
     out, err = Path(spec.output), Path(spec.error)
-    click.echo(f"{model}: MPI warm job {job.job_id}, log: {out} (errors and progress: {err})")
+    if show_progress:  # a caller without progress (bench/warm.py) keeps its own output
+        click.echo(f"{model}: MPI warm job {job.job_id}, log: {out} (errors and progress: {err})")
     deadline = time.monotonic() + timeout_s
     try:
         status = _follow(job, err, ckpt.total_bytes, deadline, show_progress, f"{model} -> {len(nodes)} nodes")

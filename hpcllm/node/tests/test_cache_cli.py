@@ -492,40 +492,65 @@ def test_a_warm_asked_again_while_the_node_still_copies_is_answered_at_once(caps
     assert errors == [] and [(c.model, c.tier) for c in n1.cache.list()] == [("tiny-llama", "nvme")]
 
 
-def test_the_mpi_warm_job_logs_where_the_admin_runs_it_and_says_so(tmp_path, tiny_llama_dir, monkeypatch, capsys):
-    """The job's log went to <paths.state_dir>/cache-warm, a node-local folder by default (/var/tmp/hpcllm): written
-    on the job's first node, where the admin at the login node cannot find it (and the command then could not read
-    the copies from it either). It goes where sbatch puts a job's log, the folder the command is run from (or
-    --log-dir), and the command says where before waiting. Slurm is a scheduler whose job ends at once, its log
-    written on a node's own disk: not visible here."""
-    from hpcllm.checkpoint import convert
+@pytest.fixture
+def slurm_ending_at_once(monkeypatch):
+    """Slurm as a scheduler whose jobs end at once, their logs written on a node's own disk (not visible here); the
+    specs submitted to it."""
     from hpcllm.slurm.base import JobState
     from hpcllm.slurm.tests.test_watcher import MemoryBackend
 
+    specs = []
+
+    class EndsAtOnce(MemoryBackend):
+        def submit(self, spec):
+            job_id = super().submit(spec)
+            specs.append(spec)
+            self.states[job_id] = JobState.COMPLETED
+            return job_id
+
+    monkeypatch.setattr("hpcllm.slurm.get_backend", lambda slurm_config: EndsAtOnce())
+    return specs
+
+
+@pytest.fixture
+def converted_tiny_llama(tmp_path, tiny_llama_dir):
+    from hpcllm.checkpoint import convert
+
     origin = tmp_path / "tiny-llama"
     convert(tiny_llama_dir, origin, progress=False)
+    return origin
+
+
+def test_the_mpi_warm_job_logs_where_the_admin_runs_it_and_says_so(tmp_path, converted_tiny_llama, monkeypatch,
+                                                                    capsys, slurm_ending_at_once):
+    """The job's log went to <paths.state_dir>/cache-warm, a node-local folder by default (/var/tmp/hpcllm): written
+    on the job's first node, where the admin at the login node cannot find it (and the command then could not read
+    the copies from it either). It goes where sbatch puts a job's log, the folder the command is run from (or
+    --log-dir), and the command says where before waiting."""
     config = tmp_path / "hpcllm.toml"
     config.write_text(f'[paths]\nstate_dir = "{tmp_path / "node-local"}"\n')
     submit_dir = tmp_path / "home"
     submit_dir.mkdir()
     monkeypatch.chdir(submit_dir)
 
-    class EndsAtOnce(MemoryBackend):
-        specs = []
-
-        def submit(self, spec):
-            job_id = super().submit(spec)
-            self.specs.append(spec)
-            self.states[job_id] = JobState.COMPLETED
-            return job_id
-
-    monkeypatch.setattr("hpcllm.slurm.get_backend", lambda slurm_config: EndsAtOnce())
-    code = main(["cache", "warm", "tiny-llama", "--nodes", "n[1-2]", "--mpi", "--source", str(origin),
+    code = main(["cache", "warm", "tiny-llama", "--nodes", "n[1-2]", "--mpi", "--source", str(converted_tiny_llama),
                  "--config", str(config), "--timeout", "60"])
 
     captured = capsys.readouterr()
-    [spec] = EndsAtOnce.specs
+    [spec] = slurm_ending_at_once
     assert os.path.dirname(spec.output) == os.path.dirname(spec.error) == str(submit_dir)
     assert f"log: {spec.output}" in captured.out
     assert code != 0 and f"{spec.output} is not visible from this host" in captured.err
     assert "--log-dir" in captured.err and "Traceback" not in captured.err
+
+
+def test_an_mpi_warm_without_progress_prints_nothing(tmp_path, converted_tiny_llama, capsys, slurm_ending_at_once):
+    """bench/warm.py asks for no progress: the job's log path was printed into its output all the same."""
+    from hpcllm.config import parse_config
+    from hpcllm.node.cache_cli import mpi_warm
+    from hpcllm.node.cache import CacheError
+
+    with pytest.raises(CacheError, match="is not visible from this host"):  # the job's log is on a node's own disk
+        mpi_warm(parse_config({}), "tiny-llama", converted_tiny_llama, ["n1"], str(tmp_path / "nvme"), 60,
+                 log_dir=tmp_path / "logs", show_progress=False)
+    assert slurm_ending_at_once and capsys.readouterr().out == ""
