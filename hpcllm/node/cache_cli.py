@@ -472,7 +472,17 @@ def mpi_warm(config: Config, model: str, source: Path, nodes: list[str], nvme_di
 
     ckpt = open_origin(model, source)  # a clear error here beats a failed job
     log_dir = (log_dir or Path.cwd()).absolute()
-    log_dir.mkdir(parents=True, exist_ok=True)
+    # Slurm cannot open an output file it may not write: the job would fail with no log, the command saying only
+    # that it sees none.
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        writable = os.access(log_dir, os.W_OK)
+    except OSError as exc:
+        raise CacheError(f"cannot make the MPI warm job's log folder {log_dir} ({exc.strerror}): give --log-dir a "
+                         f"folder you can write that the nodes share") from None
+    if not writable:
+        raise CacheError(f"cannot write the MPI warm job's log to {log_dir}: give --log-dir a folder you can write "
+                         f"that the nodes share")
     spec = mpi_warm_spec(config, model, source.resolve(), nodes, nvme_dir_template, log_dir)
     watcher = StatusWatcher(get_backend(config.slurm), min_interval=0.5, max_interval=2.0)
     try:

@@ -554,3 +554,21 @@ def test_an_mpi_warm_without_progress_prints_nothing(tmp_path, converted_tiny_ll
         mpi_warm(parse_config({}), "tiny-llama", converted_tiny_llama, ["n1"], str(tmp_path / "nvme"), 60,
                  log_dir=tmp_path / "logs", show_progress=False)
     assert slurm_ending_at_once and capsys.readouterr().out == ""
+
+
+def test_an_mpi_warm_log_folder_it_cannot_write_is_refused_before_submitting(tmp_path, converted_tiny_llama, capsys,
+                                                                              slurm_ending_at_once):
+    """A --log-dir the admin cannot write (or cannot make) was submitted all the same: Slurm could not open the
+    job's log, and the command said only that it saw none ('not visible from this host')."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    if os.getuid() == 0:  # root writes any folder but procfs's
+        read_only = "/proc/self"
+    (tmp_path / "a-file").write_text("")
+    for log_dir in (str(read_only), str(tmp_path / "a-file" / "logs")):
+        code = main(["cache", "warm", "tiny-llama", "--nodes", "n1", "--mpi", "--source", str(converted_tiny_llama),
+                     "--log-dir", log_dir, "--timeout", "60"])
+        err = capsys.readouterr().err
+        assert code != 0 and log_dir in err and "give --log-dir a folder you can write" in err, err
+        assert "Traceback" not in err
+    assert slurm_ending_at_once == []  # nothing submitted
