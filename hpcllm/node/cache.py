@@ -53,6 +53,7 @@ from hpcllm.store.dram import DramTier, DramTierError
 from hpcllm.store.dram import DEFAULT_ROOT as DRAM_DEFAULT_ROOT
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader, page_aligned_buffer
 from hpcllm.store.tee import TEE_COMPLETE, TEE_FAILED
+from hpcllm.store.tiers import file_stats
 from hpcllm.procs import pid_alive
 
 if TYPE_CHECKING:  # the wire module's list of actions, for the annotation only (no pydantic to import here)
@@ -234,15 +235,7 @@ def checkpoint_bytes(ckpt: Checkpoint) -> int:
 def folder_bytes(path: Path, *, allocated: bool = False) -> int:
     """The size of the files in a folder; `allocated`: only what the filesystem has given them so far (a file sized
     up front, as a load's tee does, is sparse until its bytes are written)."""
-    total = 0
-    for f in path.rglob("*"):
-        try:
-            if f.is_file():
-                st = f.stat()
-                total += min(st.st_size, st.st_blocks * 512) if allocated else st.st_size
-        except OSError:
-            continue
-    return total
+    return sum(min(st.st_size, st.st_blocks * 512) if allocated else st.st_size for st in file_stats(path))
 
 
 def copy_checkpoint(ckpt: Checkpoint, dest: Path, progress: Progress | None = None,

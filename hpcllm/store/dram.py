@@ -37,7 +37,7 @@ from hpcllm.privatefs import NotPrivate, owned_by_us, private_dir
 from hpcllm.store.memory import MappedFile, round_up
 from hpcllm.store.pipeline import DirectHostTarget, Pipeline, plan_units
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
-from hpcllm.store.tiers import detect_tier
+from hpcllm.store.tiers import detect_tier, file_stats
 from hpcllm.store.verified import file_identity
 
 MARKER_FILE = ".hpcllm-dram.json"
@@ -111,16 +111,7 @@ class DramTier:
 
     def usage_bytes(self) -> int:
         """Bytes of shared memory this namespace holds (every file, including fills in progress)."""
-        total = 0
-        # Fills publish (rename) and removals delete folders while we count: what went meanwhile is skipped
-        # (os.walk skips a folder gone before it is read), not a FileNotFoundError.
-        for folder, _, files in os.walk(self.dir):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(folder, name)).st_size
-                except FileNotFoundError:
-                    continue
-        return total
+        return sum(st.st_size for st in file_stats(self.dir))
 
     # ----------------------------------------------------------------------------------------------- mutations
 

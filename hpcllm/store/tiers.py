@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,3 +97,17 @@ def detect_tier(path: Path) -> str:
     if fstype in SHARED_FILESYSTEMS or fstype.startswith("fuse"):
         return "sharedfs"
     return "disk"
+
+
+def file_stats(folder: str | os.PathLike) -> Iterator[os.stat_result]:
+    """os.stat of every regular file under `folder` (symlinks followed, symlinked folders not entered). Fills publish
+    (rename) and removals delete files and folders while a tier is counted: what went meanwhile is skipped (os.walk
+    skips a folder gone before it is read; Path.rglob raised FileNotFoundError for it), never an error."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            try:
+                st = os.stat(os.path.join(parent, name))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield st

@@ -669,3 +669,32 @@ def test_an_nvme_only_manager_leaves_the_agents_dram_entries_alone(manager, orig
         {m: (c.last_used, c.in_use) for m, c in before.items()}
     assert after["a"].last_used > after["b"].last_used
     assert manager.get("c", "nvme").verified  # and the agent sees the warmer's NVMe copy
+
+
+def test_a_folder_removed_while_a_cache_folder_is_counted_is_skipped(tmp_path, monkeypatch):
+    """A fill's staging folder (or a copy) is removed while folder_bytes counts the folder holding it (a node's
+    usage, a marker's bytes): Path.rglob raised FileNotFoundError for the folder gone before it was read; what went
+    is now skipped and the rest counted."""
+    import shutil
+
+    from hpcllm.node.cache import folder_bytes
+
+    (tmp_path / "manifest.json").write_bytes(b"m" * 100)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data-00000.h5").write_bytes(b"x" * 4096)
+    real_stat = os.stat
+    removed = []
+
+    def stat_while_a_folder_is_removed(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        parent = Path(os.fspath(path)).parent
+        subfolders = (tmp_path / "a", tmp_path / "b")
+        if not removed and parent in subfolders:  # the first file in a subfolder: the other one goes meanwhile
+            removed.extend(folder for folder in subfolders if folder != parent)
+            shutil.rmtree(removed[0])
+        return result
+
+    monkeypatch.setattr(os, "stat", stat_while_a_folder_is_removed)
+    assert folder_bytes(tmp_path) == 100 + 4096  # the manifest and the subfolder left
+    assert removed and not removed[0].exists()
