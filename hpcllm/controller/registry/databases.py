@@ -70,7 +70,7 @@ def sqlite_path_from_url(database_url: str, setting: str = "controller.database_
     elif "://" in database_url:
         scheme = database_url.split("://", 1)[0]
         raise DatabaseError(
-            f"{setting} {database_url!r}: the {scheme!r} scheme is not supported; use "
+            f"{setting} {redact_password(database_url)!r}: the {scheme!r} scheme is not supported; use "
             f"sqlite:///relative/path, sqlite:////absolute/path or postgresql://user:password@host:port/database"
         )
     else:

@@ -197,6 +197,15 @@ def test_unsupported_database_url_names_the_fix():
         Registry("mysql://db/hpcllm")
 
 
+@pytest.mark.parametrize("url", ["mysql://hpcllm:s3cret@db/hpcllm", "postgress://hpcllm:s3cret@db/hpcllm"])
+def test_an_unsupported_database_url_is_named_without_its_password(url):
+    """The message reaches the terminal and the service's log: a typo in the scheme must not print the password."""
+    with pytest.raises(DatabaseError) as refused:
+        Registry(url)
+    assert f"controller.database_url '{url.split(':')[0]}://hpcllm:***@db/hpcllm'" in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+
+
 def test_unreachable_postgresql_is_a_clear_error_without_the_password(monkeypatch):
     pytest.importorskip("psycopg", reason="psycopg (the PostgreSQL driver, extra 'postgres') is not installed")
     with socket.socket() as probe:  # a port nobody listens on
