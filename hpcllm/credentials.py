@@ -117,22 +117,37 @@ def secret_matches(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(secret), stored_hash)
 
 
+# What a token may hold: printable ASCII without spaces (what mint_token writes, and what an HTTP header carries).
+TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")
+
+
+def _one_token(token: str, where: str) -> str:
+    """`token` when it can be one; else CredentialError naming `where` and never showing what it holds (a line break
+    would otherwise reach the controller as an 'Illegal header value' error quoting the token, in every log line)."""
+    if not TOKEN_CHARACTERS.fullmatch(token):
+        raise CredentialError(f"{where} holds more than a token: spaces, line breaks or characters other than "
+                              f"printable ASCII, which no hpcllm token has; it must hold only the one line "
+                              f"`hpcllm pool token issue` gave", status=401)
+    return token
+
+
 def read_token_from_environment(environ) -> str | None:
     """A node agent's token: $HPCLLM_NODE_TOKEN, else the content of the file $HPCLLM_NODE_TOKEN_FILE names (which
     other users must not be able to read: refused with the fix)."""
     token = environ.get(TOKEN_ENV, "").strip()
     if token:
-        return token
+        return _one_token(token, f"${TOKEN_ENV}")
     path = environ.get(TOKEN_FILE_ENV, "").strip()
     if not path:
         return None
     try:
-        with open(path) as handle:
+        with open(path, errors="replace") as handle:  # not UTF-8: refused below like any other non-ASCII character
             mode = os.fstat(handle.fileno()).st_mode & 0o777
             if mode & 0o077:
                 raise CredentialError(f"the node token file {path} may be read by other users (mode {mode:o}): "
                                       f"run `chmod 600 {path}`", status=401)
-            return handle.read().strip() or None
+            token = handle.read().strip()
+            return _one_token(token, f"the node token file {path} ({TOKEN_FILE_ENV})") if token else None
     except OSError as exc:
         raise CredentialError(f"cannot read the node token file {path} ({TOKEN_FILE_ENV}): {exc.strerror}",
                               status=401) from None

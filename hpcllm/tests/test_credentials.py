@@ -143,6 +143,26 @@ def test_a_node_token_comes_from_the_environment_or_a_private_file(tmp_path):
         read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(tmp_path / "missing")})
 
 
+@pytest.mark.parametrize("content", [b"hpcllm_pool-1_s3cret\nhpcllm_pool-1_s3cret\n",  # pasted twice
+                                     b"hpcllm_pool-1_s3cret # from the admin\n", b"\xff\xfehpcllm_pool-1_s3cret"])
+def test_a_node_token_file_holding_more_than_a_token_is_refused_without_showing_it(tmp_path, content):
+    """A token travels in an HTTP header: one that cannot was sent anyway, and the agent logged 'controller
+    unreachable (Illegal header value b'<the token>')' every 10 s, or (not UTF-8) stopped with a traceback.
+    (`hpcllm node` answers a CredentialError here as one line: test_the_commands_stop_with_the_message's path.)"""
+    from hpcllm.credentials import CredentialError, read_token_from_environment
+
+    token_file = tmp_path / "pool-token"
+    token_file.write_bytes(content)
+    token_file.chmod(0o600)
+    with pytest.raises(CredentialError) as refused:
+        read_token_from_environment({"HPCLLM_NODE_TOKEN_FILE": str(token_file)})
+    assert f"the node token file {token_file}" in str(refused.value) and "more than a token" in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+    with pytest.raises(CredentialError, match="HPCLLM_NODE_TOKEN holds more than a token") as refused:
+        read_token_from_environment({"HPCLLM_NODE_TOKEN": "hpcllm_pool-1_s3cret\thpcllm_pool-1_s3cret"})
+    assert "s3cret" not in str(refused.value)
+
+
 @pytest.mark.parametrize("expires_at", ["99999999999", float("inf"), True, -1.0, 1e12])
 def test_a_migration_ticket_takes_real_types_only(expires_at):
     # A ticket reaches the source worker and the node agent inside JSON bodies: a string or a boolean for its expiry
