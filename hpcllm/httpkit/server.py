@@ -128,19 +128,27 @@ class RawConnection:
         return bool(self._request.sent_headers and self._request.chunked_write)
 
 
+# How cheroot's chunked reader says a body grew past the limit: a plain OSError (no errno) with these words.
+CHUNKED_TOO_LARGE = "Request Entity Too Large"
+
+
 class _Gateway(wsgi.Gateway_10):
-    """Reads the whole body (still under the read deadline) before the app runs."""
+    """Reads the whole body (still under the read deadline) before the app runs: over the limit a 413, malformed
+    (bad chunk framing, a negative Content-Length) a 400 - the caller's mistakes, not a 500 and an ERROR traceback
+    in the log."""
 
     def respond(self):
         req = self.req
         try:
             body = req.rfile.read()
         except cheroot_errors.MaxSizeExceeded:
-            req.simple_response("413 Request Entity Too Large",
-                                f"the request body is larger than the {req.server.max_request_body_size} bytes "
-                                f"this service accepts")
-            req.close_connection = True
-            return
+            return self._refuse("413 Request Entity Too Large", self._too_large())
+        except OSError as exc:
+            if str(exc) != CHUNKED_TOO_LARGE:
+                raise  # the connection's own (a reset, a timeout): cheroot's to handle
+            return self._refuse("413 Request Entity Too Large", self._too_large())
+        except ValueError as exc:
+            return self._refuse("400 Bad Request", f"malformed request body: {exc}")
         finally:
             req.server.read_deadlines.disarm(req.conn)
         self.env[RAW_CONNECTION_KEY] = RawConnection(req)
@@ -148,6 +156,14 @@ class _Gateway(wsgi.Gateway_10):
         self.env["CONTENT_LENGTH"] = str(len(body))
         self.env.pop("HTTP_TRANSFER_ENCODING", None)
         return super().respond()
+
+    def _too_large(self) -> str:
+        return f"the request body is larger than the {self.req.server.max_request_body_size} bytes this service accepts"
+
+    def _refuse(self, status: str, message: str) -> None:
+        self.req.simple_response(status, message)
+        self.req.close_connection = True  # what is left of the body would read as the next request
+        self.req.ready = False  # answered: cheroot must not send a (status-less) head after it
 
 
 class _LazyHandshakeSSLAdapter(BuiltinSSLAdapter):

@@ -3,6 +3,7 @@ written as produced, bodies bounded, TLS with the site CA."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -136,6 +137,42 @@ def test_bodies_over_the_limit_are_refused(serve):
     url = f"http://127.0.0.1:{server.port}/echo"
     assert httpx.post(url, content=b"x" * 1000).json() == {"bytes": 1000}
     assert httpx.post(url, content=b"x" * 200_000).status_code == 413
+
+
+def answer_to(port: int, request: bytes) -> bytes:
+    """What the server answers to raw request bytes, read until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(15)
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_a_body_over_the_limit_is_a_413_chunked_or_not(serve, caplog, chunked):
+    server = serve(max_request_bytes=64 * 1024)
+    url = f"http://127.0.0.1:{server.port}/echo"
+    assert httpx.post(url, content=iter([b"x" * 1000] * 10)).json() == {"bytes": 10_000}  # chunked, within
+    body = b"x" * 200_000
+    refused = httpx.post(url, content=iter([body]) if chunked else body)  # chunked: no length said up front
+    assert refused.status_code == 413 and "bytes" in refused.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "an error was logged"
+
+
+@pytest.mark.parametrize("head, body", [
+    (b"Transfer-Encoding: chunked", b"zz\r\nab\r\n0\r\n\r\n"),  # a chunk size that is no hex number
+    (b"Transfer-Encoding: chunked", b"2\r\nabXY0\r\n\r\n"),  # a chunk without its CRLF
+    (b"Content-Length: -5", b""),
+])
+def test_a_malformed_body_is_a_400_not_a_500_with_a_traceback(serve, caplog, head, body):
+    """Anyone who reaches an internal port could fill the service's log with ERROR tracebacks this way."""
+    server = serve()
+    answer = answer_to(server.port, b"POST /echo HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + body)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"malformed request body" in answer, answer
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "an error was logged"
+    assert httpx.get(f"http://127.0.0.1:{server.port}/ping").json() == {"pong": True}
 
 
 def test_errors_have_the_one_shape(serve):
