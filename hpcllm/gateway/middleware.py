@@ -15,6 +15,7 @@ import time
 import uuid
 
 from flask import Flask, g, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException
 
 from hpcllm.config import ApiKey
@@ -22,7 +23,7 @@ from hpcllm.gateway import errors
 from hpcllm.gateway.admin.router import LORA_ADMIN_PATHS
 from hpcllm.gateway.runtime import Gateway
 from hpcllm.httpkit.auth import bearer_token
-from hpcllm.httpkit.errors import ServiceError, from_http_exception, install_error_handlers
+from hpcllm.httpkit.errors import ServiceError, from_http_exception, install_error_handlers, respond
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ USER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info", "/score",
                         "/classify"})
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DRAIN_RETRY_AFTER_S = 5
+# What gunicorn raises while a view reads a body it cannot: malformed chunked framing (a ParseException), a
+# connection that ended before the body did (NoMoreData). The client's mistake, not an unexpected 500.
+UNREADABLE_BODY = (ParseException, NoMoreData)
 
 
 def _request_id() -> str:
@@ -124,6 +128,14 @@ def install(app: Flask, gw: Gateway) -> None:
         if g.pop("counted_in_flight", False):
             response.call_on_close(gw.request_finished)
         return response
+
+    def unreadable_body(exc: Exception):
+        return respond(errors.InvalidRequest(
+            "the request body cannot be read: its chunked transfer encoding is malformed, or the connection ended "
+            "before the body did", code="unreadable_body"))
+
+    for body_error in UNREADABLE_BODY:
+        app.register_error_handler(body_error, unreadable_body)
 
     def log_server_errors(exc) -> None:
         if exc.http_status >= 500:

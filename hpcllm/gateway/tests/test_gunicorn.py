@@ -325,3 +325,36 @@ def test_gevent_gateway_serves_long_generations_side_by_side_and_cancels_those_w
                            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
             time.sleep(1.5)
         wait_for_abort_count(url, "slow", before + 2, within_s=10)
+
+
+def raw_answer(url: str, request: bytes) -> bytes:
+    """The gateway's answer to raw request bytes; the client sends nothing after them (half-closes)."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+        client.settimeout(30)
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(tmp_path, tiny_model_dir, blackhole_url,
+                                                                       worker_class):
+    """gunicorn raises its parse errors while a view reads the body: they were 'internal server error' answers
+    with a traceback in the gateway's log, for a mistake of the client's."""
+    head = (b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + USER_KEY.encode() +
+            b"\r\nContent-Type: %s\r\n")
+    requests = [
+        head % (b"/v1/completions", b"application/json") + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+        head % (b"/v1/completions", b"application/json") + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}XY",
+        head % (b"/v1/files", b"multipart/form-data; boundary=b") + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ]
+    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
+                         worker_class) as (_, url, _):
+        for request in requests:
+            answer = raw_answer(url, request)
+            assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"unreadable_body"' in answer, (request, answer)
+        log = (tmp_path / "gateway.log").read_text()  # before the stop (gevent's exit prints a traceback of its own)
+        assert "Traceback" not in log and "unexpected error" not in log, log
