@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.25
 QUEUED_GRACE_S = 0.5
+# The most a request line plus headers may take (cheroot's default: no bound, so a client sending header lines
+# until the read deadline had them all held in memory, before any credential check). The services' heads are a few
+# hundred bytes (a secret, a grant, a token); a longer request line is a 414, longer headers a 413.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class ReadDeadlines:
@@ -223,6 +227,7 @@ class InternalServer:
         self._server.gateway = _Gateway
         self._server.requests = _DaemonThreadPool(self._server, min=threads, max=threads)
         self._server.max_request_body_size = min(http.max_request_bytes, max_request_bytes or http.max_request_bytes)
+        self._server.max_request_header_size = MAX_HEAD_BYTES
         # cheroot listens with a backlog of 5: a burst of new connections (a gateway opening streams for 32 clients
         # at once) overflows it, and the kernel resets some of them (SYN cookies that fail). The system's maximum.
         self._server.request_queue_size = socket.SOMAXCONN

@@ -175,6 +175,19 @@ def test_a_malformed_body_is_a_400_not_a_500_with_a_traceback(serve, caplog, hea
     assert httpx.get(f"http://127.0.0.1:{server.port}/ping").json() == {"pong": True}
 
 
+@pytest.mark.parametrize("head", [
+    b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 8000) for i in range(256)),
+    b"GET /ping?" + b"q" * 2_000_000 + b" HTTP/1.1\r\nHost: x\r\n",
+])
+def test_a_request_head_past_its_bound_is_refused(serve, head):
+    """Unbounded, a head (2 MB here) was read whole into memory before any credential was checked: a few clients
+    sending endless header lines within the read deadline could take a controller's memory."""
+    server = serve()
+    answer = answer_to(server.port, head + b"Connection: close\r\n\r\n")
+    assert answer.startswith((b"HTTP/1.1 413 ", b"HTTP/1.1 414 ")), answer[:200]
+    assert httpx.get(f"http://127.0.0.1:{server.port}/ping").json() == {"pong": True}
+
+
 def test_errors_have_the_one_shape(serve):
     server = serve()
     resp = httpx.get(f"http://127.0.0.1:{server.port}/nowhere")
