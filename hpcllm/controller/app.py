@@ -116,7 +116,10 @@ def create_app(controller: Controller) -> Flask:
 
     @internal.get("/v1/internal/models")
     def models():
-        return ModelList(models=controller.model_cards()).model_dump()
+        cards = controller.model_cards()
+        if g.principal.kind == "pool":  # a group's pool agent needs its own model's card, not the others'
+            cards = [card for card in cards if card.name == g.principal.model]
+        return ModelList(models=cards).model_dump()
 
     @internal.get("/v1/internal/route")
     @requires(ClusterOnly("the route API (the gateway's)"))

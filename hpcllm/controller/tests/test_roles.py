@@ -170,6 +170,19 @@ def test_a_pool_token_cannot_register_or_announce_another_model(harness):
     assert resp.status_code == 403
 
 
+def test_a_pool_token_lists_its_own_model_only(harness):
+    """A group's pool agent reads the model list for its pinned model's card; the other models' cards (their
+    checkpoint folders, LoRA adapter folders) are none of the group's business (docs/security.md)."""
+    harness.deploy("m", gpus=1)
+    harness.deploy("other", gpus=1)
+    client = harness.app_client()
+    pool = {TOKEN_HEADER: issue(client, "m", "physics")}
+    resp = client.get("/v1/internal/models", headers=pool)
+    assert resp.status_code == 200 and [c["name"] for c in resp.get_json()["models"]] == ["m"]
+    listed = client.get("/v1/internal/models", headers=INTERNAL).get_json()["models"]
+    assert sorted(c["name"] for c in listed) == ["m", "other"]
+
+
 def test_a_pool_cannot_claim_the_services_job_nor_another_nodes_agent(harness):
     """A pool registering with one of the service's allocation job ids rewrote that allocation's record (state,
     nodes); one naming a live node's agent URL had the controller call that agent with the pool's key (by URL)."""
