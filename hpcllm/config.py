@@ -46,6 +46,9 @@ def _header_safe(value: str) -> str:
 
 # A key or secret as the config holds it (admin keys, API keys, the cluster secret).
 HeaderKey = Annotated[str, AfterValidator(_header_safe)]
+# A token read from a file or the environment (a node token, slurmrestd's JWT): printable ASCII without spaces. Else
+# it cannot go in a header, and httpx's "Illegal header value" error would quote the whole token into the log.
+HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
 
 
 class Section(BaseModel):

@@ -39,6 +39,7 @@ from typing import Callable
 from flask import Request, g
 from pydantic import Field
 
+from hpcllm.config import HEADER_TOKEN
 from hpcllm.httpkit.auth import SECRET_HEADER, SharedSecret, same
 from hpcllm.httpkit.errors import ServiceError, Unauthorized
 from hpcllm.httpkit.wire import MAX_CLOCK_SKEW_SECONDS, UnixTime, WireModel
@@ -117,14 +118,10 @@ def secret_matches(secret: str, stored_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(secret), stored_hash)
 
 
-# What a token may hold: printable ASCII without spaces (what mint_token writes, and what an HTTP header carries).
-TOKEN_CHARACTERS = re.compile(r"[\x21-\x7e]+")
-
-
 def _one_token(token: str, where: str) -> str:
-    """`token` when it can be one; else CredentialError naming `where` and never showing what it holds (a line break
-    would otherwise reach the controller as an 'Illegal header value' error quoting the token, in every log line)."""
-    if not TOKEN_CHARACTERS.fullmatch(token):
+    """`token` when it can be one (HEADER_TOKEN: what mint_token writes); else CredentialError naming `where` and
+    never showing what it holds."""
+    if not HEADER_TOKEN.fullmatch(token):
         raise CredentialError(f"{where} holds more than a token: spaces, line breaks or characters other than "
                               f"printable ASCII, which no hpcllm token has; it must hold only the one line "
                               f"`hpcllm pool token issue` gave", status=401)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from hpcllm.config import HEADER_TOKEN
 from hpcllm.slurm import adapter
 from hpcllm.slurm.base import (JobSpec, JobStatus, NodeInfo, PartitionInfo, ReservationInfo, SlurmBackend,
                                signal_name)
@@ -46,6 +47,14 @@ _NO_SUCH_URL = "Unable find requested URL"
 # Signal names the v0.0.38 schema accepts in DELETE /job/{id}?signal=.
 _REST_SIGNALS = {"HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "USR2", "URG", "CONT", "STOP", "TSTP",
                  "TTIN", "TTOU"}
+
+
+def _one_jwt(token: str, where: str) -> str:
+    """`token` when it can be a JWT (HEADER_TOKEN); else SlurmError naming `where`, never showing what it holds."""
+    if not HEADER_TOKEN.fullmatch(token):
+        raise SlurmError(f"{where} holds more than a JWT: spaces, line breaks or characters other than printable "
+                         f"ASCII, which no JWT has; it must hold what `scontrol token` prints, once")
+    return token
 
 
 class RestBackend(SlurmBackend):
@@ -83,13 +92,15 @@ class RestBackend(SlurmBackend):
             if self._token and time.monotonic() < self._token_expires:
                 return self._token
             if self._token_file is not None:
-                try:
-                    token = Path(self._token_file).read_text().strip().removeprefix("SLURM_JWT=")
+                try:  # not UTF-8: refused by _one_jwt like any other non-ASCII character
+                    token = Path(self._token_file).read_text(errors="replace").strip().removeprefix("SLURM_JWT=")
                 except OSError as exc:
                     raise SlurmError(f"[slurm] rest_token_file {self._token_file}: {exc.strerror}") from None
+                token = _one_jwt(token, f"[slurm] rest_token_file {self._token_file}")
                 self._token, self._token_expires = token, time.monotonic() + 60  # reread: it may be rotated
             elif os.environ.get("SLURM_JWT"):
-                self._token, self._token_expires = os.environ["SLURM_JWT"], time.monotonic() + 60
+                token = _one_jwt(os.environ["SLURM_JWT"].strip(), "$SLURM_JWT")
+                self._token, self._token_expires = token, time.monotonic() + 60
             else:
                 self._token = _scontrol_token(_TOKEN_LIFESPAN_S)
                 self._token_expires = time.monotonic() + _TOKEN_LIFESPAN_S / 2

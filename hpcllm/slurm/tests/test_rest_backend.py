@@ -201,6 +201,19 @@ def test_token_file_wins_over_the_environment(server, monkeypatch, tmp_path):
     assert backend.statuses(["1"])["1"].state is JobState.COMPLETED
 
 
+@pytest.mark.parametrize("content", [b"SLURM_JWT=eyJs3cret\nSLURM_JWT=eyJs3cret\n", b"\xff\xfeeyJs3cret"])
+def test_a_token_file_holding_more_than_a_jwt_is_named_without_showing_it(server, tmp_path, content):
+    """A line break inside went out as the header anyway (over a real connection: 'slurmrestd is not reachable
+    (Illegal header value b'<the JWT>')', retried for ever); a file that is not UTF-8 was a UnicodeDecodeError."""
+    token_file = tmp_path / "jwt"
+    token_file.write_bytes(content)
+    backend = RestBackend(SlurmConfig(backend="rest", rest_token_file=token_file),
+                          transport=httpx.MockTransport(server))
+    with pytest.raises(SlurmError, match=f"rest_token_file {token_file} holds more than a JWT") as refused:
+        backend.statuses(["1"])
+    assert "s3cret" not in str(refused.value)
+
+
 def test_no_token_while_slurmctld_is_down_is_unavailable_not_a_jwt_misconfiguration(tmp_path, monkeypatch):
     from hpcllm.slurm.tests.fake_slurm import FakeSlurm
 
