@@ -136,6 +136,28 @@ class RawConnection:
 CHUNKED_TOO_LARGE = "Request Entity Too Large"
 
 
+class _BoundedLines:
+    """The connection as cheroot's chunked reader reads it, its lines (chunk sizes, trailers) bounded at
+    MAX_HEAD_BYTES. cheroot reads a chunk-size line with an unbounded readline() and counts it against the body's
+    limit only once it is whole: a "size" line without its line break was held in memory however long it grew."""
+
+    def __init__(self, rfile):
+        self._rfile = rfile
+
+    def readline(self, size: int = -1) -> bytes:
+        limit = MAX_HEAD_BYTES + 1 if size is None or size < 0 else min(size, MAX_HEAD_BYTES + 1)
+        line = self._rfile.readline(limit)
+        if len(line) > MAX_HEAD_BYTES:
+            raise ValueError(f"a chunk-size or trailer line longer than {MAX_HEAD_BYTES} bytes")
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        return self._rfile.read(size)
+
+    def close(self) -> None:
+        self._rfile.close()
+
+
 class _Gateway(wsgi.Gateway_10):
     """Reads the whole body (still under the read deadline) before the app runs: over the limit a 413, malformed
     (bad chunk framing, a negative Content-Length) a 400 - the caller's mistakes, not a 500 and an ERROR traceback
@@ -143,6 +165,8 @@ class _Gateway(wsgi.Gateway_10):
 
     def respond(self):
         req = self.req
+        if req.chunked_read:  # nothing of the body read yet
+            req.rfile = cheroot_server.ChunkedRFile(_BoundedLines(req.conn.rfile), req.server.max_request_body_size)
         try:
             body = req.rfile.read()
         except cheroot_errors.MaxSizeExceeded:

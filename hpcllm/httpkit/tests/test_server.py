@@ -175,6 +175,46 @@ def test_a_malformed_body_is_a_400_not_a_500_with_a_traceback(serve, caplog, hea
     assert httpx.get(f"http://127.0.0.1:{server.port}/ping").json() == {"pong": True}
 
 
+def received_until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes; a reset (it closed with bytes of ours unread) ends it as a close."""
+    answer = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return answer
+        if not chunk:
+            return answer
+        answer += chunk
+
+
+def test_an_endless_chunk_size_line_is_refused_before_it_is_read_whole(serve):
+    """cheroot read a chunk-size line whole (however long, until its line break) before checking it against the
+    body's limit: 200 MB of "size" was 400 MB of the service's memory."""
+    server = serve(max_request_bytes=64 * 1024)
+    line_bytes = 64 * 1024 * 1024
+    sent, stopped_by = [0], []
+
+    def send_the_line(sock: socket.socket) -> None:
+        block = b"1" * 65536
+        try:
+            while sent[0] < line_bytes:
+                sock.sendall(block)
+                sent[0] += len(block)
+        except OSError as exc:  # the server closed the connection on us: the test's point
+            stopped_by.append(exc)
+
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.settimeout(30)
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sender = threading.Thread(target=send_the_line, args=(sock,), daemon=True)
+        sender.start()
+        answer = received_until_closed(sock)
+        sender.join(30)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"malformed request body" in answer, answer[:300]
+    assert stopped_by and sent[0] < line_bytes, f"the server read all {sent[0]} bytes of the line"
+
+
 @pytest.mark.parametrize("head", [
     b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 8000) for i in range(256)),
     b"GET /ping?" + b"q" * 2_000_000 + b" HTTP/1.1\r\nHost: x\r\n",
