@@ -215,16 +215,17 @@ def test_an_endless_chunk_size_line_is_refused_before_it_is_read_whole(serve):
     assert stopped_by and sent[0] < line_bytes, f"the server read all {sent[0]} bytes of the line"
 
 
-@pytest.mark.parametrize("head", [
-    b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 8000) for i in range(256)),
-    b"GET /ping?" + b"q" * 2_000_000 + b" HTTP/1.1\r\nHost: x\r\n",
+@pytest.mark.parametrize("head, status", [
+    (b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"y" * 8000) for i in range(256)),
+     b"413"),
+    (b"GET /ping?" + b"q" * 2_000_000 + b" HTTP/1.1\r\nHost: x\r\n", b"414"),
 ])
-def test_a_request_head_past_its_bound_is_refused(serve, head):
+def test_a_request_head_past_its_bound_is_refused(serve, head, status):
     """Unbounded, a head (2 MB here) was read whole into memory before any credential was checked: a few clients
     sending endless header lines within the read deadline could take a controller's memory."""
     server = serve()
     answer = answer_to(server.port, head + b"Connection: close\r\n\r\n")
-    assert answer.startswith((b"HTTP/1.1 413 ", b"HTTP/1.1 414 ")), answer[:200]
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
     assert httpx.get(f"http://127.0.0.1:{server.port}/ping").json() == {"pong": True}
 
 
