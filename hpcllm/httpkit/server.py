@@ -133,6 +133,8 @@ class RawConnection:
 
 
 # How cheroot's chunked reader says a body grew past the limit: a plain OSError (no errno) with these words.
+# Checked against cheroot 11.1.2 (ChunkedRFile._fetch); pyproject pins cheroot below 12 for this and the other
+# internals this module subclasses. Changed wording fails test_a_body_over_the_limit_is_a_413_chunked_or_not.
 CHUNKED_TOO_LARGE = "Request Entity Too Large"
 
 
