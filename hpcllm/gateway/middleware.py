@@ -101,6 +101,16 @@ def _from_http_exception(exc: HTTPException) -> ServiceError:
     return errors.InternalError(exc.description or exc.name)
 
 
+def _close_after_response() -> None:
+    """Has gunicorn answer with Connection: close and close the connection after this response: where a broken
+    body ends, and so where a next request would start, is unknown. gunicorn drops a Connection header an app sets;
+    it closes when its request says so (must_close), reachable from a chunked body's reader (a body with a
+    Content-Length only fails when the connection has ended anyway)."""
+    gunicorn_request = getattr(getattr(request.environ.get("wsgi.input"), "reader", None), "req", None)
+    if gunicorn_request is not None:
+        gunicorn_request.must_close = True
+
+
 def install(app: Flask, gw: Gateway) -> None:
     @app.before_request
     def begin() -> None:
@@ -130,6 +140,7 @@ def install(app: Flask, gw: Gateway) -> None:
         return response
 
     def unreadable_body(exc: Exception):
+        _close_after_response()
         return respond(errors.InvalidRequest(
             "the request body cannot be read: its chunked transfer encoding is malformed, or the connection ended "
             "before the body did", code="unreadable_body"))

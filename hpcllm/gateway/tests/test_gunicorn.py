@@ -358,3 +358,25 @@ def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(tmp_path
             assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"unreadable_body"' in answer, (request, answer)
         log = (tmp_path / "gateway.log").read_text()  # before the stop (gevent's exit prints a traceback of its own)
         assert "Traceback" not in log and "unexpected error" not in log, log
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_after_a_body_that_cannot_be_read_the_connection_closes(tmp_path, tiny_model_dir, blackhole_url,
+                                                               worker_class):
+    """Where a broken body ends is unknown, so what follows it must not be served as a next request, and the 400
+    must not promise the client a connection it can reuse (Connection: keep-alive, then closed under it)."""
+    auth = b"Host: x\r\nAuthorization: Bearer " + USER_KEY.encode() + b"\r\n"
+    following = b"GET /v1/models HTTP/1.1\r\n" + auth + b"\r\n"
+    broken = (b"POST /v1/completions HTTP/1.1\r\n" + auth + b"Content-Type: application/json\r\n"
+              b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + following)
+    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
+                         worker_class) as (_, url, _):
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as client:
+            client.settimeout(30)
+            client.sendall(broken)  # and no half-close: the gateway itself must end the connection
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close" in head, answer
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
