@@ -13,7 +13,8 @@ agents' calls: register, heartbeat, models, migration-target; docs/security.md):
     GET  /v1/internal/route?model=NAME&wait=S&group=G  200 RouteReady | 202 RouteWaiting | 404 | 503 no_capacity or
                                                  allocation_failed (+ Retry-After) | 503 no_capacity_possible (never
                                                  any capacity: no Retry-After; codes: hpcllm.controller.errors)
-    GET  /v1/internal/models                     ModelList (deployed models, for the gateway's /v1/models)
+    GET  /v1/internal/models                     ModelList (deployed models, for the gateway's /v1/models; a pool
+                                                 token gets its own model's card only)
     POST /v1/internal/migration-target           MigrationTargetRequest -> 200 MigrationTarget | 202 RouteWaiting
                                                  (+ Retry-After) | 404 no_migration_target
     GET  /health                                 200 {"status": "ok"} while the database answers (no secret)
