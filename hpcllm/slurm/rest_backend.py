@@ -49,11 +49,17 @@ _REST_SIGNALS = {"HUP", "INT", "QUIT", "ABRT", "KILL", "ALRM", "TERM", "USR1", "
                  "TTIN", "TTOU"}
 
 
-def _one_jwt(token: str, where: str) -> str:
-    """`token` when it can be a JWT (HEADER_TOKEN); else SlurmError naming `where`, never showing what it holds."""
+WHAT_A_JWT_SOURCE_HOLDS = "it must hold what `scontrol token` prints, once"
+
+
+def _one_jwt(token: str, where: str, fix: str = WHAT_A_JWT_SOURCE_HOLDS) -> str:
+    """`token` when it can be a JWT (HEADER_TOKEN); else SlurmError naming `where` and saying `fix`, never showing
+    what it holds."""
+    if not token:
+        raise SlurmError(f"{where} is empty; {fix}")
     if not HEADER_TOKEN.fullmatch(token):
         raise SlurmError(f"{where} holds more than a JWT: spaces, line breaks or characters other than printable "
-                         f"ASCII, which no JWT has; it must hold what `scontrol token` prints, once")
+                         f"ASCII, which no JWT has; {fix}")
     return token
 
 
@@ -274,4 +280,6 @@ def _scontrol_token(lifespan: int) -> str:
     if result.returncode != 0 or not out.startswith("SLURM_JWT="):
         raise SlurmError(f"could not get a JWT for slurmrestd with scontrol token: "
                          f"{result.stderr.strip() or out or 'no output'} (is AuthAltTypes=auth/jwt set?)")
-    return out.removeprefix("SLURM_JWT=")
+    return _one_jwt(out.removeprefix("SLURM_JWT=").strip(), "what `scontrol token` printed after SLURM_JWT=",
+                    "the scontrol on PATH may be a site's wrapper: set SLURM_JWT or [slurm] rest_token_file to the "
+                    "JWT alone")

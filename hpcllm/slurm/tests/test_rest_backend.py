@@ -214,6 +214,40 @@ def test_a_token_file_holding_more_than_a_jwt_is_named_without_showing_it(server
     assert "s3cret" not in str(refused.value)
 
 
+@pytest.mark.parametrize("content", [b"", b"  \n", b"SLURM_JWT=\n"])
+def test_an_empty_token_file_is_named_as_empty(server, tmp_path, content):
+    token_file = tmp_path / "jwt"
+    token_file.write_bytes(content)
+    backend = RestBackend(SlurmConfig(backend="rest", rest_token_file=token_file),
+                          transport=httpx.MockTransport(server))
+    with pytest.raises(SlurmError, match=f"rest_token_file {token_file} is empty; it must hold what `scontrol token` "
+                                         f"prints"):
+        backend.statuses(["1"])
+
+
+def test_a_slurm_jwt_of_spaces_is_named_as_empty(server, monkeypatch):
+    monkeypatch.setenv("SLURM_JWT", "   ")
+    backend = RestBackend(SlurmConfig(backend="rest"), transport=httpx.MockTransport(server))
+    with pytest.raises(SlurmError, match="\\$SLURM_JWT is empty; it must hold what `scontrol token` prints"):
+        backend.statuses(["1"])
+
+
+def test_an_scontrol_token_printing_more_than_a_jwt_is_named_without_showing_it(tmp_path, monkeypatch):
+    """A site's scontrol wrapper printing a second line after the token: it went out in the header (over a real
+    connection 'slurmrestd is not reachable (Illegal header value ...)', retried for ever)."""
+    from hpcllm.slurm.tests.fake_slurm import FakeSlurm
+
+    monkeypatch.delenv("SLURM_JWT", raising=False)
+    fake = FakeSlurm(tmp_path / "bin")
+    monkeypatch.setenv("PATH", fake.path_env())
+    fake.on("scontrol", "token", stdout="SLURM_JWT=eyJs3cret\nsite wrapper: token issued\n")
+    backend = RestBackend(SlurmConfig(backend="rest"), transport=httpx.MockTransport(Server()))
+    with pytest.raises(SlurmError, match="what `scontrol token` printed after SLURM_JWT= holds more than a JWT") \
+            as refused:
+        backend.statuses(["1"])
+    assert "s3cret" not in str(refused.value)
+
+
 def test_no_token_while_slurmctld_is_down_is_unavailable_not_a_jwt_misconfiguration(tmp_path, monkeypatch):
     from hpcllm.slurm.tests.fake_slurm import FakeSlurm
 
