@@ -34,9 +34,9 @@ def gateway(config_path: Path | None, host: str | None, port: int | None, worker
 
     gw = config.gateway
     per_worker = "threads" if gw.worker_class == "gthread" else "connections"
-    click.echo(f"hpcllm gateway on http://{gw.host}:{gw.port} ({gw.workers} {gw.worker_class} workers x "
-               f"{gw.threads} {per_worker})", err=True)
-    run_gateway(config)
+    run_gateway(config, on_starting=lambda: click.echo(
+        f"hpcllm gateway on http://{gw.host}:{gw.port} ({gw.workers} {gw.worker_class} workers x {gw.threads} "
+        f"{per_worker})", err=True))
 
 
 GATEWAY_URL_ENV = "HPCLLM_GATEWAY_URL"

@@ -36,6 +36,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gevent
@@ -201,8 +202,9 @@ class GatewayApplication(BaseApplication):
             raise ConfigError(f"gunicorn could not start the gateway: {exc}") from None
 
 
-def run_gateway(config: Config) -> None:
-    """Serve until SIGTERM (graceful drain) or SIGINT/SIGQUIT (quick stop)."""
+def run_gateway(config: Config, on_starting: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM (graceful drain) or SIGINT/SIGQUIT (quick stop). on_starting: called once the checks
+    passed, as gunicorn starts (a gateway refused at its checks never said it was serving)."""
     # A bad static model (max_model_len above the model's, a source without config.json) stops the start here with
     # its message, instead of failing every gunicorn worker's boot.
     make_router(config).close()
@@ -219,6 +221,8 @@ def run_gateway(config: Config) -> None:
     # gateway, so no thread pool exists yet that fork could break.
     from transformers import AutoTokenizer  # noqa: F401
 
+    if on_starting is not None:
+        on_starting()
     GatewayApplication(config).run()
 
 

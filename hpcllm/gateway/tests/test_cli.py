@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hpcllm.cli.main import main
 from hpcllm.config import load_config
+from hpcllm.tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -63,3 +64,13 @@ def test_unknown_worker_class_is_a_clear_error(tmp_path, capsys):
     assert main(["gateway", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "gateway.worker_class" in err and "'gthread' or 'gevent'" in err and "Traceback" not in err
+
+
+def test_a_gateway_refused_at_its_checks_never_says_it_serves(tmp_path, capsys):
+    """It printed 'hpcllm gateway on http://...' first, then refused to start: an admin reading the terminal (or a
+    unit's log) top-down saw a gateway that was serving."""
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n[gateway]\nport = {free_port()}\n')  # no credentials
+    assert main(["gateway", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to start the gateway" in err and "hpcllm gateway on" not in err, err
