@@ -135,19 +135,52 @@ def test_model_pool_rejects_bad_settings():
         render_model_pool(gpu=2)
 
 
+def run_model_pool(tmp_path: Path, script: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+    """The pool script run with stand-ins for sbatch and srun that print what they were asked, and no Slurm job
+    around it unless env_vars sets one."""
+    for command in ("sbatch", "srun"):
+        (tmp_path / command).write_text(f'#!/bin/bash\necho "{command} MODEL=$MODEL ARGS=$*"\n')
+        (tmp_path / command).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "HPCLLM_POOL_SUBMITTED"}
+    env.update(PATH=f"{tmp_path}:{env['PATH']}", MODEL="m1", GPUS="2", TIME="02:00:00", NODES="3", **env_vars)
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=20)
+
+
+# A shell inside another job: an salloc shell, or a workflow's batch script (or a Jupyter session's) running the pool
+# script - Slurm's variables there are that job's.
+ENCLOSING_JOBS = {"no job": {}, "salloc shell": {"SLURM_JOB_ID": "41", "SLURM_JOB_NODELIST": "n1"},
+                  "another batch job": {"SLURM_JOB_ID": "41", "SLURM_JOB_NODELIST": "n1", "ENVIRONMENT": "BATCH"}}
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_model_pool_submits_itself_with_the_settings(tmp_path):
-    """Run outside a job, the pool script calls sbatch with GPUS/TIME/NODES and exports MODEL."""
-    fake_sbatch = tmp_path / "sbatch"
-    fake_sbatch.write_text('#!/bin/bash\necho "MODEL=$MODEL ARGS=$*"\n')
-    fake_sbatch.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{tmp_path}:{env['PATH']}", MODEL="m1", GPUS="2", TIME="02:00:00", NODES="3")
-    result = subprocess.run(["bash", str(MODEL_POOL_SCRIPT), "--partition=high"], env=env, capture_output=True,
-                            text=True, timeout=20)
+@pytest.mark.parametrize("enclosing", ENCLOSING_JOBS)
+def test_model_pool_submits_itself_with_the_settings(tmp_path, enclosing):
+    """Run from a shell, also one inside another Slurm job, the pool script calls sbatch with GPUS/TIME/NODES and
+    exports MODEL: a job of its own, not agents in that job (which would end with it)."""
+    result = run_model_pool(tmp_path, MODEL_POOL_SCRIPT, "--partition=high", **ENCLOSING_JOBS[enclosing])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == (f"MODEL=m1 ARGS=--gres=gpu:2 --time=02:00:00 --nodes=3 --partition=high "
+    assert result.stdout.strip() == (f"sbatch MODEL=m1 ARGS=--gres=gpu:2 --time=02:00:00 --nodes=3 --partition=high "
                                      f"{MODEL_POOL_SCRIPT}")
+    if enclosing != "no job":
+        assert "inside Slurm job 41: submitting the pool as a job of its own" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("own_step", ["Slurm's spool copy", "the job it submitted", "requeued"])
+def test_model_pool_in_its_own_batch_step_runs_the_agents_and_never_submits_again(tmp_path, own_step):
+    """Slurm runs a batch script from its spool copy (.../slurm_script); a job the script submitted itself carries
+    HPCLLM_POOL_SUBMITTED (kept on requeue, as the rest of its environment): either runs the agents under srun."""
+    spool_copy = tmp_path / "spool" / "job00042" / "slurm_script"
+    spool_copy.parent.mkdir(parents=True)
+    shutil.copy(MODEL_POOL_SCRIPT, spool_copy)
+    step = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n2", "ENVIRONMENT": "BATCH"}
+    script, marker = {"Slurm's spool copy": (spool_copy, {}),
+                      "the job it submitted": (MODEL_POOL_SCRIPT, {"HPCLLM_POOL_SUBMITTED": "1"}),
+                      "requeued": (spool_copy, {"HPCLLM_POOL_SUBMITTED": "1", "SLURM_RESTART_COUNT": "1"})}[own_step]
+    result = run_model_pool(tmp_path, script, **step, **marker)
+    assert result.returncode == 0, result.stderr
+    assert "sbatch" not in result.stdout, result.stdout
+    assert "srun MODEL=m1 ARGS=--ntasks-per-node=1 --kill-on-bad-exit=0 hpcllm node --model m1" in result.stdout
 
 
 def test_missing_template_variable_is_named():

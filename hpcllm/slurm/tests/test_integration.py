@@ -7,6 +7,7 @@ REST tests through `slurm_rest`). Jobs are short and every wait is bounded.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -221,6 +222,87 @@ def test_model_pool_script_serves_the_model_and_drains(cli, tmp_path, cancel_aft
     drains = [line.split() for line in _drains(tmp_path)]
     assert status.state is JobState.COMPLETED, text
     assert [signal for _, signal in drains] == ["USR1", "USR1"] and len({node for node, _ in drains}) == 2, text
+
+
+@pytest.mark.parametrize("enclosing", ["sbatch", "salloc"])
+def test_model_pool_script_run_inside_another_job_submits_a_pool_job_that_outlives_it(cli, slurm_cluster, tmp_path,
+                                                                                       cancel_after, enclosing):
+    """The documented `MODEL=... slurm/model-pool.sbatch` run from a shell inside another Slurm job (a workflow's batch
+    script, an salloc shell; a Jupyter session is the former) submits the pool as a job of its own, with its own
+    --signal and --requeue, that keeps serving once that other job has ended."""
+    env = {**os.environ, "MODEL": "pool-model", "GPUS": "1", "TIME": "00:05:00", "NODES": "1",
+           "HPCLLM": str(fake_agent(tmp_path))}
+    env.pop("SLURM_JOB_ID", None)
+    session = ('echo "outer job $SLURM_JOB_ID"; '
+               f'{shlex.quote(str(MODEL_POOL_SCRIPT))} --parsable --output={tmp_path}/pool-%j.out; '
+               'echo "pool script exited $?"')
+    outer_log = tmp_path / "outer.out"
+    salloc = None
+    try:
+        if enclosing == "sbatch":
+            submitted = subprocess.run(["sbatch", "--parsable", "--time=00:05:00", f"--output={outer_log}",
+                                        "--wrap", session], env=env, capture_output=True, text=True, timeout=60,
+                                       cwd=tmp_path)
+            assert submitted.returncode == 0, submitted.stderr
+            cancel_after.append((cli, submitted.stdout.strip().split(";")[0]))
+        else:
+            with outer_log.open("w") as log_file:
+                salloc = subprocess.Popen(["salloc", "--time=00:05:00", "bash", "-c", session], env=env,
+                                          stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+        _wait_for_text(outer_log, "outer job ")
+
+        def session_done() -> str | None:
+            text = outer_log.read_text()
+            # Before the fix the script ran its agents in this job instead: they start, the script never returns.
+            return text if "pool script exited" in text or "started: node" in text else None
+
+        deadline = time.monotonic() + WAIT_S
+        while (text := session_done()) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        outer_job = text.split("outer job ", 1)[1].split()[0] if text else None
+        if outer_job and salloc is not None:
+            cancel_after.append((cli, outer_job))  # the sbatch one is there already
+        assert text and "pool script exited 0" in text and "started: node" not in text, outer_log.read_text()
+        assert "submitting the pool as a job of its own" in text, text
+        pool_job = next(line for line in text.splitlines() if line.strip().isdigit()).strip()
+        cancel_after.append((cli, pool_job))
+        assert pool_job != outer_job
+
+        # The other job ends (the workflow's script returns, the salloc shell exits); the pool goes on serving.
+        wait_for(cli, [outer_job], lambda s: s.is_terminal)
+        pool_log = tmp_path / f"pool-{pool_job}.out"
+        _wait_for_text(pool_log, "started: node --model pool-model")
+        assert cli.statuses([pool_job])[pool_job].state is JobState.RUNNING and _drains(tmp_path) == []
+        shown = slurm_cluster.run("scontrol", "-o", "show", "job", pool_job).stdout
+        assert "Requeue=1" in shown and f"hpcllm pool: job {pool_job} run 1" in pool_log.read_text(), shown
+    finally:
+        if salloc is not None:
+            salloc.terminate()
+            salloc.wait(timeout=60)
+
+
+def test_model_pool_script_submitted_with_sbatch_runs_its_agents_also_when_requeued(cli, slurm_cluster, tmp_path,
+                                                                                    cancel_after):
+    """`sbatch slurm/model-pool.sbatch` (no settings from a shell) runs its agents in that job and submits nothing
+    more, also run again after a requeue (preemption, `scontrol requeue`), with the same job id."""
+    name = f"it-pool-sbatch-{os.getpid()}"
+    env = {**os.environ, "MODEL": "pool-model", "HPCLLM": str(fake_agent(tmp_path))}
+    env.pop("SLURM_JOB_ID", None)
+    submitted = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", "--time=00:05:00",
+                                f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)], env=env,
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    cancel_after.append((cli, job_id))
+    log = tmp_path / f"pool-{job_id}.out"
+    _wait_for_text(log, "started: node --model pool-model")
+    slurm_cluster.run("scontrol", "requeue", job_id)
+    wait_for(cli, [job_id], lambda s: s.state is JobState.PENDING)
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")  # else it waits ~2 minutes
+    _wait_for_text(log, "started: node --model pool-model", count=2)
+    text = log.read_text()
+    assert f"hpcllm pool: job {job_id} run 2" in text and "submitting" not in text, text
+    assert slurm_cluster.run("squeue", "--noheader", f"--name={name}", "--format=%i").stdout.split() == [job_id]
 
 
 def test_pyslurm_is_refused_on_this_slurm(slurm_cluster):
