@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from hpcllm.worker.grammar import GrammarCompiler, GrammarState
-from hpcllm.worker.protocol import FLOAT32_MAX
 
 _MASK64 = (1 << 64) - 1
 # Below this temperature sampling is greedy (vLLM's rule): logits / 1e-40 overflow float32 to inf, and the softmax of
@@ -261,15 +260,20 @@ def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: TokenCounts) -> torch.Tensor:
-    """vLLM's penalties (new tensor; float32 logits): repetition over prompt and output tokens (a positive logit is
-    divided by it, another multiplied), then frequency (times the count) and presence over output tokens only."""
+    """vLLM's penalties (new tensor; float32 logits, float64 where repetition takes one past float32): repetition
+    over prompt and output tokens (a positive logit is divided by it, another multiplied), then frequency (times the
+    count) and presence over output tokens only."""
     in_output = counts.output > 0
     if params.repetition_penalty != 1.0:
         penalties = torch.where(counts.in_prompt | in_output, params.repetition_penalty, 1.0)
         penalized = logits * torch.where(logits > 0, 1.0 / penalties, penalties)
-        # An extreme penalty (within the API's bounds: protocol.float32_factor) overflows a finite logit to +-inf:
-        # saturated instead, so an inf never meets an inf in the softmax (NaN) and -inf stays a grammar's mask.
-        logits = torch.where(logits.isfinite(), penalized.clamp(-FLOAT32_MAX, FLOAT32_MAX), penalized)
+        if (logits.isfinite() & ~penalized.isfinite()).any():
+            # An extreme penalty (within the API's bounds: protocol.float32_factor) overflowed a finite logit to
+            # +-inf (NaN in the softmax; saturating ties the overflowed logits, losing their order): this row in
+            # float64, where no float32 logit times such a factor overflows. Other rows stay float32, bit for bit.
+            wide, penalties = logits.double(), penalties.double()
+            penalized = wide * torch.where(wide > 0, 1.0 / penalties, penalties)
+        logits = penalized
     if params.frequency_penalty != 0.0:
         logits = logits - params.frequency_penalty * counts.output
     if params.presence_penalty != 0.0:
@@ -311,9 +315,9 @@ def apply_thinking_grammar(logits: torch.Tensor, state: TokenState) -> torch.Ten
 
 
 def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
-    """The float32 CPU logits the token is chosen from: logit_bias added, then the penalties, then the grammar's
-    mask (a thinking request's: apply_thinking_grammar) (never in place: the caller's logits also give the
-    logprobs, which are of the raw distribution)."""
+    """The float32 CPU logits the token is chosen from (float64 where a penalty overflows float32: apply_penalties):
+    logit_bias added, then the penalties, then the grammar's mask (a thinking request's: apply_thinking_grammar)
+    (never in place: the caller's logits also give the logprobs, which are of the raw distribution)."""
     logits = logits.detach().to("cpu", torch.float32)
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias)
@@ -332,9 +336,10 @@ def adjusted_logits(logits: torch.Tensor, params: SamplingParams, state: TokenSt
 def sampling_probs(logits: torch.Tensor, params: SamplingParams, state: TokenState | None = None) -> torch.Tensor:
     """The distribution sample_token draws from (1-D logits in, 1-D float32 probabilities out)."""
     adjusted = adjusted_logits(logits, params, state)
-    # From the largest logit down (the softmax's own shift), so a temperature below 1 cannot overflow a saturated
-    # logit to inf: the largest becomes 0, the others at most -inf.
-    scaled = filter_min_p((adjusted - adjusted.max()) / params.temperature, params.min_p)
+    # From the largest logit down (the softmax's own shift), so a temperature below 1 cannot overflow a large logit
+    # to inf: the largest becomes 0, the others at most -inf. A float64 row (apply_penalties) is float32 from here:
+    # what float32 cannot hold of its differences is below its range, a probability of 0 anyway.
+    scaled = filter_min_p(((adjusted - adjusted.max()) / params.temperature).float(), params.min_p)
     probs = torch.softmax(filter_top_k(scaled, params.top_k), dim=-1)
     return top_p_probs(probs, params.top_p)
 

@@ -7,7 +7,7 @@ import torch
 
 from hpcllm.worker.engine import (DuplicateRequest, Engine, EngineUnavailable, InvalidRequest, PromptTooLong,
                                   UnknownRequest)
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+from hpcllm.worker.protocol import FLOAT32_TINY, FinalLine, GenerateRequest, TokenLine
 
 from .conftest import ARCHS
 
@@ -517,6 +517,26 @@ def test_a_frequency_penalty_stops_greedy_decoding_from_repeating_tokens(load_pa
     repeated = greedy(repetition_penalty=1.8, frequency_penalty=-0.5)
     assert repeated == penalized_greedy_reference(reference_model("llama"), prompt_ids, 40, repetition=1.8,
                                                   frequency=-0.5)
+
+
+def test_the_smallest_repetition_penalty_over_biased_prompt_tokens_still_takes_the_most_likely(load_pair,
+                                                                                              reference_model,
+                                                                                              make_engine):
+    """The API's smallest repetition_penalty divides the logits of the prompt's tokens, each raised by a bias of 100,
+    past float32's range: they all saturated at its largest number, and greedy took the lowest of those token ids
+    instead of the prompt token the model finds most likely."""
+    model, tokenizer = load_pair("llama")
+    engine = make_engine(model, tokenizer)
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    in_prompt = sorted(set(prompt_ids))
+    done = engine.generate(request(prompt_token_ids=prompt_ids, max_tokens=4, temperature=0, ignore_eos=True,
+                                   repetition_penalty=FLOAT32_TINY, logit_bias={t: 100.0 for t in in_prompt}))
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(4):
+            logits = reference_model("llama")(torch.tensor([ids])).logits[0, -1]
+            ids.append(max(in_prompt, key=lambda token: logits[token]))
+    assert done.token_ids == ids[len(prompt_ids):]
 
 
 def test_logit_bias_forces_a_token_bans_one_and_checks_token_ids(load_pair, make_engine):

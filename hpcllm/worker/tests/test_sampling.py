@@ -167,7 +167,7 @@ def test_logit_bias_forces_or_bans_a_token_and_leaves_the_callers_logits_alone()
 def test_the_apis_extreme_repetition_penalties_with_a_logit_bias_still_choose_a_token():
     """The smallest repetition penalty the API takes divides a biased prompt token's logit past float32 (inf), the
     largest multiplies negative ones past it (-inf); sampling met NaN (inf - inf, or only -inf) and the request ended
-    with an error. The overflowed logits saturate: the biased token is chosen at any temperature, and where every
+    with an error. Such a row is computed in float64: the biased token is chosen at any temperature, and where every
     token is pushed down the draw is still a token."""
     favoured = torch.tensor([1.0, 2.0, -1.0, 0.5])
     pushed_down = torch.tensor([-1.5, -2.0, -3.0, 0.5])
@@ -178,6 +178,33 @@ def test_the_apis_extreme_repetition_penalties_with_a_logit_bias_still_choose_a_
         params, state = penalized(4, [0, 1, 2, 3], [], repetition_penalty=FLOAT32_MAX, logit_bias=((3, -100.0),),
                                   temperature=temperature, seed=5)
         assert all(0 <= sample_token(pushed_down, params, i, state) < 4 for i in range(20)), temperature
+
+
+def test_logits_an_extreme_repetition_penalty_pushes_past_float32_keep_their_order():
+    """Logits pushed past float32's range by the API's smallest (largest) repetition penalty all saturated at its
+    largest (smallest) number, tied: greedy took the first of them and sampling drew among them, where the exact
+    arithmetic puts one above the others (5 + 0 vs 1 + 100 divided by the same penalty: the biased token)."""
+    for temperature in (0.0, 1e-4, 1.0, 100.0):
+        params, state = penalized(4, [0, 1, 2], [], repetition_penalty=FLOAT32_TINY, logit_bias=((1, 100.0),),
+                                  temperature=temperature, seed=5)
+        assert {sample_token(torch.tensor([5.0, 1.0, -1.0, 0.5]), params, i, state) for i in range(20)} == {1}
+        params, state = penalized(4, [0, 1, 2, 3], [], repetition_penalty=FLOAT32_MAX, temperature=temperature,
+                                  seed=5)
+        assert {sample_token(torch.tensor([-2.0, -1.5, -3.0, -2.5]), params, i, state) for i in range(20)} == {1}
+
+
+def test_rows_an_extreme_penalty_leaves_in_float32_are_chosen_as_before():
+    """Only a row whose penalties overflow float32 is computed in float64: another keeps its float32 logits and
+    probabilities bit for bit (a seed draws the same tokens as before)."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, generator=generator) * 4
+    params, state = penalized(64, list(range(0, 64, 3)), [1, 2, 2], repetition_penalty=1.3, frequency_penalty=0.4,
+                              logit_bias=((7, 12.5),), temperature=0.8, seed=9)
+    adjusted = adjusted_logits(logits, params, state)
+    expected = vllm_reference_logits(logits, list(range(0, 64, 3)), [1, 2, 2], frequency=0.4, repetition=1.3,
+                                     bias={7: 12.5})
+    assert adjusted.dtype == torch.float32 and torch.equal(adjusted, expected)
+    assert torch.equal(sampling_probs(logits, params, state), torch.softmax((expected - expected.max()) / 0.8, -1))
 
 
 def test_which_parameters_need_the_history_and_which_leave_the_raw_argmax():
