@@ -1182,6 +1182,15 @@ class CacheManager:
                                                                                      copy.tier))
         return VerifyResult(copy.key, copy.tier, True, "ok")
 
+    def verify_tensor_parallel_copies(self, model: str, degree: int, tier: str) -> list[VerifyResult]:
+        """After a degree-`degree` instance of `model` failed its load on a copy's bytes or files: re-hash what its
+        ranks on this node may have read (their slice copies, the whole copy in `tier`, the NVMe one a rank of an
+        instance spanning nodes reads), a corrupt one dropped and refilled (handle_corrupt). Which rank failed on
+        which file is only in the error's text: checking them all never refills a good copy nor keeps a bad one."""
+        copies = [c for c in self.list() if c.model == model
+                  and (c.tensor_parallel == degree if c.tensor_parallel is not None else c.tier in (tier, NVME))]
+        return [self._verify_one(c) for c in copies]
+
     def handle_corrupt(self, model: str, tier: str, reason: str = "") -> VerifyResult:
         """A copy failed a checksum (on verify, or the loader's ChecksumMismatch): drop it, refill from its origin.
 

@@ -991,7 +991,8 @@ class WorkerManager:
             self._set_state(inst, "stopped")
             return
         reason = inst.error or log_tail(inst.log_path) or "no output"
-        inst.corrupt_copy = code in BAD_COPY_EXITS and inst.tier in LOCAL_TIERS
+        # Tensor-parallel ranks also read their node's slice copies, whatever tier the instance loads from.
+        inst.corrupt_copy = code in BAD_COPY_EXITS and (inst.tier in LOCAL_TIERS or inst.ranks > 1)
         self._set_state(inst, "failed", f"worker exited with status {code}: {reason}")
 
     def _take_fill(self, inst: Instance):
@@ -1028,12 +1029,20 @@ class WorkerManager:
     def _replace_corrupt_copy(self, inst: Instance) -> None:
         """The load failed on a cached copy (a checksum mismatch, a file cut short or missing): drop it and refill
         it from the origin (the origin is never dropped), so the next instance loads good bytes, or from the origin
-        when the refill fails, and never from the broken copy."""
+        when the refill fails, and never from the broken copy. A tensor-parallel instance's: the copies its ranks
+        here read, those found corrupt (CacheManager.verify_tensor_parallel_copies)."""
         if self.cache is None:
             return
         try:
-            result = self.cache.handle_corrupt(inst.model, inst.tier, f"instance {inst.instance_id}: {inst.error}")
-            log.warning("corrupt %s copy of %s: %s (%s)", inst.tier, inst.model, result.action, result.message)
+            if inst.ranks > 1:  # which of its ranks' copies is bad: each checked (a slice copy, a whole copy)
+                results = self.cache.verify_tensor_parallel_copies(inst.model, inst.ranks, inst.tier)
+            else:
+                results = [self.cache.handle_corrupt(inst.model, inst.tier,
+                                                     f"instance {inst.instance_id}: {inst.error}")]
+            for result in results:
+                if not result.ok:
+                    log.warning("corrupt %s copy of %s: %s (%s)", result.tier, result.model, result.action,
+                                result.message)
         except Exception:
             log.exception("replacing the corrupt %s copy of %s failed", inst.tier, inst.model)
         self.on_change()

@@ -39,7 +39,21 @@ _STATUS_TAG = 7117
 
 
 class TensorParallelLoadError(HpcllmError):
-    """A rank could not load its shard; raised on every rank, naming the rank(s) and the cause."""
+    """A rank could not load its shard; raised on every rank, naming the rank(s) and the cause. Its exit status is
+    a failed rank's CheckpointError's where there is one (ChecksumMismatch's first): the node agent then replaces
+    the cached copy a rank read bad bytes from (its slice copy, the node's whole copy), as for a single worker."""
+
+    def __init__(self, message: str, exit_code: int = HpcllmError.exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A rank's failure as it travels to every rank: its message and the exit status it stands for."""
+
+    message: str
+    exit_code: int = HpcllmError.exit_code
 
 
 @dataclass
@@ -88,9 +102,9 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
 
     plan_or_error = _read_plan(path, size) if rank == 0 else None
     plan_or_error = comm.bcast(plan_or_error, root=0)
-    if isinstance(plan_or_error, str):
-        raise TensorParallelLoadError(f"rank 0 on {socket.gethostname()}: {plan_or_error}" if rank == 0
-                                      else f"rank 0: {plan_or_error}")
+    if isinstance(plan_or_error, _Failure):
+        raise TensorParallelLoadError(f"rank 0 on {socket.gethostname()}: {plan_or_error.message}" if rank == 0
+                                      else f"rank 0: {plan_or_error.message}", plan_or_error.exit_code)
     plan: _Plan = plan_or_error
 
     outcome: dict[str, Any] = {}
@@ -117,8 +131,8 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
     return ShardLoad(outcome["model"], tok, rank, size, stats, all_stats if rank == 0 else None)
 
 
-def _read_plan(path: str | Path, degree: int) -> _Plan | str:
-    """Rank 0: the broadcastable plan, or an error message (never raises: the message must reach every rank)."""
+def _read_plan(path: str | Path, degree: int) -> _Plan | _Failure:
+    """Rank 0: the broadcastable plan, or its failure (never raises: the failure must reach every rank)."""
     try:
         import json
 
@@ -137,7 +151,7 @@ def _read_plan(path: str | Path, degree: int) -> _Plan | str:
         dtype = str(model_dtype(None, model_config, ckpt)).removeprefix("torch.")
         return replace(plan, dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - travels to every rank as text
-        return _describe(exc)
+        return _failure(exc)
 
 
 def estimate_rank_reads(root: str | Path, degree: int, gap_bytes: int | None = None) -> list[tuple[int, int]]:
@@ -279,26 +293,33 @@ def _broadcast_replicated(comm: Any, slices: list, tensors: dict, dtypes: dict[s
             at += n
 
 
-def _guarded(action) -> str | None:
-    """Run action; its failure as a message (MemoryError and every other error: they must reach the others)."""
+def _guarded(action) -> _Failure | None:
+    """Run action; its failure (MemoryError and every other error: they must reach the others)."""
     try:
         action()
         return None
     except MemoryError as exc:
-        return f"out of memory ({exc or 'MemoryError'})"
+        return _Failure(f"out of memory ({exc or 'MemoryError'})")
     except OSError as exc:
         if exc.errno == errno.ENOMEM:
-            return f"out of memory ({exc.strerror})"
-        return _describe(exc)
+            return _Failure(f"out of memory ({exc.strerror})")
+        return _failure(exc)
     except Exception as exc:  # noqa: BLE001
-        return _describe(exc)
+        return _failure(exc)
+
+
+def _failure(exc: BaseException) -> _Failure:
+    """exc as it travels: a CheckpointError keeps its exit status (bad bytes or files of a copy: BAD_COPY_EXITS)."""
+    from hpcllm.checkpoint.errors import CheckpointError
+
+    return _Failure(_describe(exc), exc.exit_code if isinstance(exc, CheckpointError) else HpcllmError.exit_code)
 
 
 def _describe(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, HpcllmError) else f"{type(exc).__name__}: {exc}"
 
 
-def _exchange_status(comm: Any, error: str | None, timeout_s: float) -> None:
+def _exchange_status(comm: Any, error: _Failure | None, timeout_s: float) -> None:
     """Every rank learns every rank's status; raises TensorParallelLoadError on all ranks if any failed.
 
     Point-to-point, non-blocking (N*(N-1) messages of 8 bytes): unlike a collective it tells exactly which ranks
@@ -326,9 +347,13 @@ def _exchange_status(comm: Any, error: str | None, timeout_s: float) -> None:
         request.Wait()
     if not error and not any(int(buffer[0]) for buffer in received.values()):
         return
-    messages = comm.allgather(f"{error} (on {socket.gethostname()})" if error else None)
-    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m)
-    raise TensorParallelLoadError(f"loading the {size}-rank shards failed: {failed}")
+    failures = comm.allgather(_Failure(f"{error.message} (on {socket.gethostname()})", error.exit_code)
+                              if error else None)
+    failed = "; ".join(f"rank {r}: {f.message}" for r, f in enumerate(failures) if f)
+    # The highest status: a checksum mismatch (4) says more of a copy than another CheckpointError (3), either more
+    # than a failure of no copy's (1).
+    raise TensorParallelLoadError(f"loading the {size}-rank shards failed: {failed}",
+                                  max(f.exit_code for f in failures if f))
 
 
 __all__ = ["ShardLoad", "TensorParallelLoadError", "load_shard"]

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from hpcllm.checkpoint import read_checkpoint
+from hpcllm.checkpoint import ChecksumMismatch, read_checkpoint
 from hpcllm.checkpoint.converter import convert
 from hpcllm.credentials import issue_ticket
 from hpcllm.node.app import create_app
+from hpcllm.node.cache import slice_key
 from hpcllm.node.tests.test_agent import AUTH, SECRET, make_agent, wait_for
 from hpcllm.node.workers import descendants, processes, running
+from hpcllm.tp.slicecache import open_slice_copy, verify_slice_copy
 from hpcllm.worker.client import WorkerClient
 from hpcllm.worker.protocol import GenerateRequest
 
@@ -137,6 +139,43 @@ def test_a_corrupt_slice_on_rank_1_fails_the_instance_naming_rank_1(agent, clien
     assert "rank 1: " in info["error"] and "model.layers.1.mlp.down_proj.weight strip 50/64 along dim 1 is corrupt" \
         in info["error"], info["error"]
     assert running(ranks) == [] and mpirun.poll() is not None
+
+
+def test_a_corrupt_slice_copy_is_replaced_like_a_corrupt_copy_and_the_next_start_serves(agent, client, tp_converted,
+                                                                                       tmp_path):
+    """Rank 1 reads its node's slice copy (hpcllm cache warm --tensor-parallel 2), one of whose bytes flipped: the
+    instance fails as a load on a corrupt copy (ChecksumMismatch's exit status) and the agent replaces that slice
+    copy, as it replaces a single worker's corrupt copy, so the next start serves. The ranks exited 1 and the agent
+    replaced nothing: every later start failed on the same slices until `hpcllm cache verify`."""
+    config = tmp_path / "hpcllm.toml"  # the ranks find the agent's slice copies through node.nvme_dir
+    config.write_text(f'[cluster]\nshared_secret = "{SECRET}"\n[node]\nnvme_dir = "{agent.cache.nvme_dir}"\n')
+    config.chmod(0o600)
+    agent.config_path = agent.workers.config_path = config
+    agent.cache.warm_slices("tp-llama", tp_converted, 2, 1)
+    copy = open_slice_copy(agent.cache.nvme_path(slice_key("tp-llama", 2, 1)))
+    piece = next(iter(copy.pieces.values()))
+    with open(copy.data_path, "r+b") as f:
+        f.seek(piece.offset + piece.length // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    body = {"model": "tp-llama", "source": str(tp_converted), "tensor_parallel": 2}
+
+    resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
+    assert resp.status_code == 202, resp.get_json()
+    failed = agent.workers.get(resp.get_json()["instance_id"])
+    assert failed.done.wait(240), "the instance with the corrupt slice copy did not end"
+    assert failed.state == "failed" and f"worker exited with status {ChecksumMismatch.exit_code}: " in failed.error \
+        and "rank 1: " in failed.error and str(copy.data_path) in failed.error, failed.error
+    verify_slice_copy(tp_converted, agent.cache.nvme_path(slice_key("tp-llama", 2, 1)))  # refilled: good bytes
+    client.delete(f"/v1/internal/instances/{failed.instance_id}", headers=AUTH)
+
+    resp = client.post("/v1/internal/instances", json=body, headers=AUTH)
+    assert resp.status_code == 202, resp.get_json()
+    info = wait_for(lambda: instance(client)["state"] != "loading" and instance(client), timeout=240,
+                    what="the next start to load")
+    assert info["state"] == "ready", info
+    assert [load["slice_copy"] for load in agent.workers.get(info["instance_id"]).rank_loads] == [False, True]
 
 
 def test_tensor_parallel_starts_this_node_cannot_run_are_refused(client, tp_converted, monkeypatch):
