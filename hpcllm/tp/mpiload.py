@@ -102,6 +102,9 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
 
     plan_or_error = _read_plan(path, size) if rank == 0 else None
     plan_or_error = comm.bcast(plan_or_error, root=0)
+    # A follower's load begins with the plan: until the lead (which starts its HTTP server first) read it, the
+    # follower only waited, and its load time (the lead's log, /ready's rank_loads) would count the lead's start.
+    load_began = started if rank == 0 else time.perf_counter()
     if isinstance(plan_or_error, _Failure):
         raise TensorParallelLoadError(f"rank 0 on {socket.gethostname()}: {plan_or_error.message}" if rank == 0
                                       else f"rank 0: {plan_or_error.message}", plan_or_error.exit_code)
@@ -125,7 +128,7 @@ def load_shard(path: str | Path, comm: Any = None, *, tier: str | None = None, v
         error = _guarded(lambda: outcome.update(tokenizer=_tokenizer(Path(path))))
     _exchange_status(comm, error, timeout_s)
     tok = outcome.get("tokenizer")
-    stats["seconds"] = round(time.perf_counter() - started, 4)
+    stats["seconds"] = round(time.perf_counter() - load_began, 4)
     stats["import_seconds"] = round(started - imports_began, 4)
     all_stats = comm.gather(stats, root=0)
     return ShardLoad(outcome["model"], tok, rank, size, stats, all_stats if rank == 0 else None)

@@ -122,6 +122,56 @@ def test_a_degree_that_cuts_kv_heads_is_refused_before_anything_is_read(tp_llama
         load_shard(tp_llama, FourRanks())
 
 
+def test_a_follower_s_load_time_is_its_own_not_the_wait_for_the_lead_s_start(tp_llama, monkeypatch):
+    """A follower rank waits in the plan's broadcast until the lead, which starts its HTTP server first, reads the
+    plan: its "ready in" time (the lead's log, /ready's rank_loads) counted that wait as its own load."""
+    import time
+
+    from hpcllm.tp import mpiload
+    from hpcllm.tp.model import SingleRank
+
+    lead_start_up = 1000.0
+    clock = {"offset": 0.0}
+    real_perf_counter = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: real_perf_counter() + clock["offset"])
+
+    class Done:
+        def Test(self):
+            return True
+
+        def Wait(self):
+            return None
+
+    class FollowerOfASlowLead:  # rank 1 of 2; rank 0 succeeds at every step, its replicated tensors arrive as zeros
+        def Get_rank(self):
+            return 1
+
+        def Get_size(self):
+            return 2
+
+        def bcast(self, value, root=0):
+            clock["offset"] += lead_start_up  # the lead reaches its load this much later
+            return mpiload._read_plan(tp_llama, 2)
+
+        def Isend(self, buffer, dest, tag):
+            return Done()
+
+        def Irecv(self, buffer, source, tag):
+            buffer[0] = 0  # rank 0's status: loaded
+            return Done()
+
+        def Bcast(self, buffer, root=0):
+            buffer[...] = 0
+
+        def gather(self, value, root=0):
+            return None
+
+    began = time.monotonic()
+    loaded = mpiload.load_shard(tp_llama, FollowerOfASlowLead(), tokenizer=False, collective=SingleRank())
+    assert loaded.stats["rank"] == 1 and loaded.stats["bytes_read"] > 0
+    assert loaded.stats["seconds"] <= time.monotonic() - began < lead_start_up, loaded.stats
+
+
 def test_shards_fuse_their_own_slices_and_the_batched_runner_keeps_the_whole_models_tokens(tp_llama):
     """The paged runner's CPU fast path on TP ranks: each rank fuses its local q/k/v and gate/up slices (after
     sharding), and the o_proj/down_proj/lm_head collectives still run on the packed linears."""
