@@ -13,9 +13,10 @@ agent then stops it. A request the worker could not move stays on it and is abor
 resumes it from its tokens, so a failed migration never loses a request.
 
 A tensor-parallel instance (`tensor_parallel = N`) is one `mpirun -n N ... hpcllm worker --tensor-parallel` on this
-node: rank 0 writes the URL file and serves, the ranks exit together (a failed rank aborts the job; SIGTERM to
-mpirun reaches the lead, whose stop step ends the followers), and a SIGKILL goes to mpirun and every process under
-it (OpenMPI puts each rank in a process group of its own) so no rank outlives its instance (docs/tensor-parallel.md, "Started by the node agent").
+node: rank 0 writes the URL file and serves, the ranks exit together (a failed rank aborts the job; the stop signal,
+mpirun_stop_signal, which mpirun forwards, reaches the lead, whose stop step ends the followers), and a SIGKILL goes
+to mpirun and every process under it (OpenMPI puts each rank in a process group of its own) so no rank outlives its
+instance (docs/tensor-parallel.md, "Started by the node agent").
 One whose ranks span nodes (`nodes` > 1, in an allocation made for it) is one `srun --mpi=pmix` step over the job's
 nodes instead: its ranks ignore SIGTERM (Slurm may send it to every step when it preempts the job), the agent stops
 it with SPANNING_STOP_SIGNAL (srun forwards it to every rank) and kills it with SIGTERM to srun (which SIGKILLs
@@ -117,6 +118,14 @@ def drain_signal(config: Config) -> signal.Signals:
     """The drain signal (slurm.signal): a name (USR1, SIGUSR1) or a number, as the sbatch script takes it;
     ConfigError for one that is no signal or cannot be caught."""
     return catchable_signal(config.slurm.signal)
+
+
+def mpirun_stop_signal(config: Config) -> signal.Signals:
+    """What stops a tensor-parallel instance's mpirun (its ranks' --stop-signal): SPANNING_STOP_SIGNAL, which mpirun
+    forwards to its ranks and then exits with their status, 0 after a clean stop as a single worker's. On SIGTERM
+    mpirun signals the ranks itself, SIGKILLs those still shutting down after a short grace and exits 1 even when
+    every rank ended well. SIGTERM where that signal is the drain signal, which the ranks must keep ignoring."""
+    return signal.SIGTERM if drain_signal(config) == SPANNING_STOP_SIGNAL else SPANNING_STOP_SIGNAL
 
 
 class Process(NamedTuple):
@@ -527,7 +536,8 @@ class WorkerManager:
                     + ["--threads", str(threads), "--tensor-parallel", "--stop-signal", SPANNING_STOP_SIGNAL.name])
         command += ["--threads", str(self.threads_for(req.gpu_ids, req.tensor_parallel))]
         if req.tensor_parallel > 1:
-            return mpi_launch(req.tensor_parallel, cpu=not req.gpu_ids) + command + ["--tensor-parallel"]
+            return (mpi_launch(req.tensor_parallel, cpu=not req.gpu_ids) + command
+                    + ["--tensor-parallel", "--stop-signal", mpirun_stop_signal(self.config).name])
         return command
 
     def threads_for(self, gpu_ids: list[int], ranks: int = 1) -> int:
@@ -1113,11 +1123,11 @@ class WorkerManager:
             inst.wake.set()
             return
         if not inst.children and inst.process.poll() is None:
-            # mpirun answers SIGTERM by signalling its ranks and exits without waiting for them, a worker may leave a
-            # hung engine process behind: the watcher and stop() wait for them too.
+            # mpirun may exit before its ranks (on SIGTERM: mpirun_stop_signal), a worker may leave a hung engine
+            # process behind: the watcher and stop() wait for them too.
             inst.children = processes(descendants(inst.process.pid))
         if inst.process.poll() is None:
-            inst.process.send_signal(signal.SIGTERM)
+            inst.process.send_signal(mpirun_stop_signal(self.config) if inst.ranks > 1 else signal.SIGTERM)
         inst.wake.set()
 
     @staticmethod
