@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hpcllm.worker.grammar import GrammarCompiler, GrammarState
+from hpcllm.worker.protocol import FLOAT32_TINY
 
 _MASK64 = (1 << 64) - 1
 # Below this temperature sampling is greedy (vLLM's rule): logits / 1e-40 overflow float32 to inf, and the softmax of
@@ -260,17 +261,21 @@ def filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, counts: TokenCounts) -> torch.Tensor:
-    """vLLM's penalties (new tensor; float32 logits, float64 where repetition takes one past float32): repetition
-    over prompt and output tokens (a positive logit is divided by it, another multiplied), then frequency (times the
-    count) and presence over output tokens only."""
+    """vLLM's penalties (new tensor; float32 logits, float64 where repetition takes one out of float32's range):
+    repetition over prompt and output tokens (a positive logit is divided by it, another multiplied), then frequency
+    (times the count) and presence over output tokens only."""
     in_output = counts.output > 0
     if params.repetition_penalty != 1.0:
         penalties = torch.where(counts.in_prompt | in_output, params.repetition_penalty, 1.0)
         penalized = logits * torch.where(logits > 0, 1.0 / penalties, penalties)
-        if (logits.isfinite() & ~penalized.isfinite()).any():
+        overflowed = logits.isfinite() & ~penalized.isfinite()
+        underflowed = (logits != 0) & (penalized.abs() < FLOAT32_TINY)
+        if (overflowed | underflowed).any():
             # An extreme penalty (within the API's bounds: protocol.float32_factor) overflowed a finite logit to
-            # +-inf (NaN in the softmax; saturating ties the overflowed logits, losing their order): this row in
-            # float64, where no float32 logit times such a factor overflows. Other rows stay float32, bit for bit.
+            # +-inf (NaN in the softmax; saturating ties the overflowed logits, losing their order) or took one
+            # below float32's normal numbers (small logits rounded to 0 tie, greedy takes the lowest id): this row
+            # in float64, where no float32 logit times such a factor leaves the range. Other rows stay float32,
+            # bit for bit.
             wide, penalties = logits.double(), penalties.double()
             penalized = wide * torch.where(wide > 0, 1.0 / penalties, penalties)
         logits = penalized

@@ -183,7 +183,8 @@ def test_the_apis_extreme_repetition_penalties_with_a_logit_bias_still_choose_a_
 def test_logits_an_extreme_repetition_penalty_pushes_past_float32_keep_their_order():
     """Logits pushed past float32's range by the API's smallest (largest) repetition penalty all saturated at its
     largest (smallest) number, tied: greedy took the first of them and sampling drew among them, where the exact
-    arithmetic puts one above the others (5 + 0 vs 1 + 100 divided by the same penalty: the biased token)."""
+    arithmetic puts one above the others (5 + 0 vs 1 + 100 divided by the same penalty: the biased token). So for
+    logits it takes below float32's smallest numbers."""
     for temperature in (0.0, 1e-4, 1.0, 100.0):
         params, state = penalized(4, [0, 1, 2], [], repetition_penalty=FLOAT32_TINY, logit_bias=((1, 100.0),),
                                   temperature=temperature, seed=5)
@@ -191,6 +192,10 @@ def test_logits_an_extreme_repetition_penalty_pushes_past_float32_keep_their_ord
         params, state = penalized(4, [0, 1, 2, 3], [], repetition_penalty=FLOAT32_MAX, temperature=temperature,
                                   seed=5)
         assert {sample_token(torch.tensor([-2.0, -1.5, -3.0, -2.5]), params, i, state) for i in range(20)} == {1}
+    # The largest penalty takes small positive logits below float32's smallest numbers: rounded to 0 they tied and
+    # greedy took token 0 (differences that small are no difference to a sampled draw, only to the argmax).
+    params, state = penalized(3, [0, 1, 2], [], repetition_penalty=FLOAT32_MAX, temperature=0.0)
+    assert sample_token(torch.tensor([1e-8, 2e-8, -1.0]), params, 0, state) == 1
 
 
 def test_rows_an_extreme_penalty_leaves_in_float32_are_chosen_as_before():
