@@ -434,8 +434,8 @@ class WorkerManager:
 
     @staticmethod
     def _still_running(inst: Instance) -> bool:
-        """Its worker, or a process it left behind at the stop (mpirun exits on SIGTERM without waiting for its ranks;
-        a worker may leave a hung engine process)."""
+        """Its worker, or a process it left behind at the stop (mpirun may exit before its ranks: on SIGTERM, sent
+        where slurm.signal is USR2, mpirun_stop_signal; a worker may leave a hung engine process)."""
         return inst.process.poll() is None or bool(running(inst.children))
 
     # ------------------------------------------------------------------------------------------------- start
@@ -990,8 +990,8 @@ class WorkerManager:
             self._log_unkilled(inst)
             inst.kill_at = None
             return
-        log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", inst.instance_id,
-                    self.config.node.worker_stop_timeout_seconds)
+        log.warning("instance %s did not stop within %.0f s of %s: SIGKILL", inst.instance_id,
+                    self.config.node.worker_stop_timeout_seconds, self._stop_signal(inst).name)
         self._kill(inst)
         inst.killed, inst.kill_at = True, time.monotonic() + KILL_WAIT_SECONDS
 
@@ -1115,11 +1115,18 @@ class WorkerManager:
 
     # -------------------------------------------------------------------------------------------------- stop
 
+    def _stop_signal(self, inst: Instance) -> signal.Signals:
+        """What _terminate sends the worker: SIGTERM; a tensor-parallel instance's mpirun mpirun_stop_signal, a
+        spanning one's srun SPANNING_STOP_SIGNAL (either forwards it to every rank)."""
+        if inst.nodes > 1:
+            return SPANNING_STOP_SIGNAL
+        return mpirun_stop_signal(self.config) if inst.ranks > 1 else signal.SIGTERM
+
     def _terminate(self, inst: Instance) -> None:
         inst.stopping = True
         if inst.nodes > 1:  # srun forwards it to every rank: the lead shuts down and stops the followers
             if inst.process.poll() is None:
-                inst.process.send_signal(SPANNING_STOP_SIGNAL)
+                inst.process.send_signal(self._stop_signal(inst))
             inst.wake.set()
             return
         if not inst.children and inst.process.poll() is None:
@@ -1127,7 +1134,7 @@ class WorkerManager:
             # process behind: the watcher and stop() wait for them too.
             inst.children = processes(descendants(inst.process.pid))
         if inst.process.poll() is None:
-            inst.process.send_signal(mpirun_stop_signal(self.config) if inst.ranks > 1 else signal.SIGTERM)
+            inst.process.send_signal(self._stop_signal(inst))
         inst.wake.set()
 
     @staticmethod
@@ -1151,7 +1158,8 @@ class WorkerManager:
                 pass
 
     def stop(self, instance_id: str, timeout: float | None = None) -> Instance:
-        """Stop an instance (SIGTERM, SIGKILL after the timeout) and forget it; returns it in its final state."""
+        """Stop an instance (its stop signal, _stop_signal; SIGKILL after the timeout) and forget it; returns it in
+        its final state."""
         inst = self.get(instance_id)
         if inst.active:
             self._set_state(inst, "draining")
@@ -1159,7 +1167,8 @@ class WorkerManager:
         timeout = self.config.node.worker_stop_timeout_seconds if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not (exited_within(inst.process, timeout) and self._gone(inst.children, deadline)):
-            log.warning("instance %s did not stop within %.0f s of SIGTERM: SIGKILL", instance_id, timeout)
+            log.warning("instance %s did not stop within %.0f s of %s: SIGKILL", instance_id, timeout,
+                        self._stop_signal(inst).name)
             self._kill(inst)
             self._await_kill(inst)
         inst.wake.set()  # the process is gone: the watcher records the exit and releases the copy now

@@ -14,9 +14,11 @@ Every call and SIGTERM are appended to R as JSON lines ({"event", "t", ...}) so 
 
 Health (the node agent's watch of ready workers): POST /fake/ready {"answer": 503 | "hang", "count": N} makes the
 next N /ready calls (every one when count is null) answer 503 as a worker whose engine died does, or never answer
-(a hung server); each /ready after it is recorded ("ready", with the answer). --ignore-sigterm: SIGTERM is recorded
-and ignored (a hung worker only SIGKILL ends). --child: it starts a child process that ignores SIGTERM (a hung
-engine process, or a tensor-parallel rank under mpirun) and records its pid ("child", pid).
+(a hung server); each /ready after it is recorded ("ready", with the answer). SIGUSR2 (a tensor-parallel
+instance's stop signal, the fake standing in for mpirun) is taken as SIGTERM and recorded as "sigusr2".
+--ignore-sigterm: SIGTERM and SIGUSR2 are recorded and ignored (a hung worker only SIGKILL ends). --child: it
+starts a child process that ignores SIGTERM (a hung engine process, or a tensor-parallel rank under mpirun) and
+records its pid ("child", pid).
 """
 
 from __future__ import annotations
@@ -119,11 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     server = make_server("127.0.0.1", 0, app, threaded=True)
 
     def on_sigterm(signum, frame):
-        record("sigterm", requests=list(running))
+        record(signal.Signals(signum).name.lower(), requests=list(running))
         if not args.ignore_sigterm:
             os._exit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGUSR2, on_sigterm)  # as "mpirun", which forwards it to its ranks and exits with their 0
     if args.child:
         hung = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
                                  "signal.SIG_IGN); time.sleep(3600)"])

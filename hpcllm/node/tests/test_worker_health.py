@@ -169,8 +169,8 @@ def test_an_unhealthy_tensor_parallel_instance_whose_rank_hangs_is_killed_before
     [rank] = events(record, "child")
     try:
         turn(inst, 503)
-        assert inst.process.wait(30) == 0  # "mpirun" ended on SIGTERM; its rank ignores it
-        assert alive(rank["pid"]), "the rank ignores SIGTERM and is not SIGKILLed yet"
+        assert inst.process.wait(30) == 0  # "mpirun" ended on its stop signal; its rank did not
+        assert alive(rank["pid"]), "the hung rank is not SIGKILLed yet"
         assert agent.workers.gpus_in_use() == {0, 1}, "GPUs free while a rank of the instance still runs"
         kill_allowed.set()
         assert inst.done.wait(30)
@@ -179,6 +179,22 @@ def test_an_unhealthy_tensor_parallel_instance_whose_rank_hangs_is_killed_before
     finally:
         if alive(rank["pid"]):
             os.kill(rank["pid"], signal.SIGKILL)
+
+
+def test_a_tensor_parallel_instance_that_outlives_its_stop_signal_is_logged_with_the_signal_sent(make_node, converted,
+                                                                                                 monkeypatch, caplog):
+    """A tensor-parallel instance's mpirun is stopped with SIGUSR2 (mpirun_stop_signal): the warning before its
+    SIGKILL said "within 1 s of SIGTERM", a signal it was never sent, sending an admin to look for the wrong one."""
+    from hpcllm.node import workers
+
+    monkeypatch.setattr(workers.shutil, "which", lambda name: f"/usr/bin/{name}")  # the fake worker is "mpirun"
+    agent, record = make_node("--ignore-sigterm")
+    inst = agent.workers.start(StartInstance(model=MODEL, source=str(converted), gpu_ids=[0, 1], tensor_parallel=2))
+    wait_for(lambda: inst.state == "ready", 30, "the fake worker to be ready")
+    agent.workers.stop(inst.instance_id, timeout=1)
+    assert inst.process.wait(30) == -9 and events(record, "sigusr2") and not events(record, "sigterm")
+    assert any(f"{inst.instance_id} did not stop within 1 s of SIGUSR2: SIGKILL" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_a_kill_after_the_worker_was_reaped_spares_the_process_that_reused_its_pid(make_node, converted):
