@@ -99,9 +99,11 @@ def _check_mode_options(tensor_parallel: bool, engine: str, cache_into: Path | N
               help="Serve the PEFT LoRA adapter in folder PATH as NAME (repeatable); a request names it in its "
                    "`lora` field (docs/worker.md, \"LoRA adapters\").")
 @click.option("--stop-signal", default=None,
-              help="With --tensor-parallel: the signal that stops the instance (default TERM). Under an srun step the node agent "
-                   "passes USR2 and every rank ignores SIGTERM, which Slurm may send to every step when it "
-                   "preempts the job (the agent migrates the streams first, then stops the instance).")
+              help="With --tensor-parallel: the signal that stops the instance, sent to the lead rank or to "
+                   "mpirun / srun, which forward it (default TERM). With another signal every rank ignores SIGTERM. "
+                   "The node agent passes USR2 (to mpirun TERM where slurm.signal is USR2): under srun Slurm may send "
+                   "SIGTERM to every step when it preempts the job (the agent migrates the streams first, then stops "
+                   "the instance), and mpirun answers SIGTERM by killing ranks still shutting down (exit 1).")
 def worker(model_path: Path, model_name: str | None, host: str | None, port: int, device: str | None,
            max_model_len: int | None, url_file: Path | None, config_path: Path | None, threads: int | None,
            engine: str, cache_into: Path | None, tensor_parallel: bool, stop_signal: str | None,
