@@ -1182,14 +1182,23 @@ class CacheManager:
                                                                                      copy.tier))
         return VerifyResult(copy.key, copy.tier, True, "ok")
 
-    def verify_tensor_parallel_copies(self, model: str, degree: int, tier: str) -> list[VerifyResult]:
-        """After a degree-`degree` instance of `model` failed its load on a copy's bytes or files: re-hash what its
-        ranks on this node may have read (their slice copies, the whole copy in `tier`, the NVMe one a rank of an
-        instance spanning nodes reads), a corrupt one dropped and refilled (handle_corrupt). Which rank failed on
-        which file is only in the error's text: checking them all never refills a good copy nor keeps a bad one."""
+    def verify_tensor_parallel_copies(self, model: str, degree: int, tier: str, error: str) -> list[VerifyResult]:
+        """After a degree-`degree` instance of `model` failed its load on a copy's bytes or files (`error`: its
+        error, which names the file a rank failed on): re-hash the copies its ranks on this node may have read, a
+        corrupt one dropped and refilled (handle_corrupt). First those whose folder the error names; when none of
+        them is found corrupt (the error names the origin, or a path spelt otherwise), every slice copy of that
+        degree. A whole copy (the one in `tier`, the NVMe one a rank of an instance spanning nodes reads: the whole
+        model's bytes to hash) only when the error names it."""
+        def named(copy: CachedCopy) -> bool:
+            return f"{copy.path}{os.sep}" in error
+
         copies = [c for c in self.list() if c.model == model
-                  and (c.tensor_parallel == degree if c.tensor_parallel is not None else c.tier in (tier, NVME))]
-        return [self._verify_one(c) for c in copies]
+                  and (c.tensor_parallel == degree if c.tensor_parallel is not None
+                       else c.tier in (tier, NVME) and named(c))]
+        results = [self._verify_one(c) for c in copies if named(c)]
+        if all(r.ok for r in results):
+            results += [self._verify_one(c) for c in copies if not named(c)]
+        return results
 
     def handle_corrupt(self, model: str, tier: str, reason: str = "") -> VerifyResult:
         """A copy failed a checksum (on verify, or the loader's ChecksumMismatch): drop it, refill from its origin.

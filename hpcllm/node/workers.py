@@ -1044,8 +1044,9 @@ class WorkerManager:
         if self.cache is None:
             return
         try:
-            if inst.ranks > 1:  # which of its ranks' copies is bad: each checked (a slice copy, a whole copy)
-                results = self.cache.verify_tensor_parallel_copies(inst.model, inst.ranks, inst.tier)
+            if inst.ranks > 1:  # which of its ranks' copies is bad: those its error names, else its slice copies
+                results = self.cache.verify_tensor_parallel_copies(inst.model, inst.ranks, inst.tier,
+                                                                   inst.error or "")
             else:
                 results = [self.cache.handle_corrupt(inst.model, inst.tier,
                                                      f"instance {inst.instance_id}: {inst.error}")]
@@ -1176,7 +1177,10 @@ class WorkerManager:
         with self._lock:
             if self._instances.pop(instance_id, None) is not None:  # not already by a stop beside this one
                 inst.removed_in = self._new_version()
-            if not inst.done.is_set():  # a process outlived its SIGKILL: the watcher frees the GPUs once it is gone
+            if not inst.done.is_set():
+                # A process outlived its SIGKILL (the watcher frees the GPUs once it is gone), or the watcher still
+                # re-hashes the copies a failed load may have found corrupt (_replace_corrupt_copy): it forgets the
+                # instance when it ends.
                 self._leftovers[instance_id] = inst
         self.on_change()
         return inst

@@ -273,3 +273,35 @@ def test_verify_keeps_a_slice_copy_whose_origin_misses_what_checks_it(manager, o
     assert gone in result.message and (copy.path / SLICES_DATA).is_file()
     (tmp_path / gone).rename(own / gone)
     assert [r.action for r in manager.verify("tiny")] == ["ok"]
+
+
+def _flip_a_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(4096 + 10)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_failed_tensor_parallel_load_re_hashes_the_copies_its_error_names_not_every_whole_copy(manager, origin):
+    """After a tensor-parallel load failed on a copy's bytes or files the agent re-hashed every copy the ranks may
+    have read, the model's whole copies (the whole model's bytes, 100+ GB for a large one) included, on any such
+    exit, one that names the origin too: first the copies the error names now, the slice copies of that degree when
+    none of those is corrupt, a whole copy only when the error names it."""
+    whole = manager.warm("tiny", origin, "nvme")
+    slices = [manager.warm_slices("tiny", origin, 2, rank) for rank in (0, 1)]
+    _flip_a_byte(slices[1].path / SLICES_DATA)
+    failed_on = f"rank 1: {slices[1].path / SLICES_DATA}: tensor lm_head.weight strip 48/64 along dim 0 is corrupt"
+
+    results = manager.verify_tensor_parallel_copies("tiny", 2, "nvme", f"worker exited with status 4: {failed_on}")
+    assert [(r.model, r.action) for r in results] == [("tiny+tp2.r1", "refilled")]
+
+    origin_missing = f"worker exited with status 3: rank 0: {origin}/data-00000.h5: No such file or directory"
+    results = manager.verify_tensor_parallel_copies("tiny", 2, "nvme", origin_missing)
+    assert sorted((r.model, r.action) for r in results) == [("tiny+tp2.r0", "ok"), ("tiny+tp2.r1", "ok")]
+
+    partition = read_checkpoint(whole.path).partitions[0].path
+    _flip_a_byte(partition)
+    results = manager.verify_tensor_parallel_copies("tiny", 2, "nvme", f"rank 0: {partition}: tensor x is corrupt")
+    assert [(r.model, r.action) for r in results] == [("tiny", "refilled")]
+
