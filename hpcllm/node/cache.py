@@ -1188,17 +1188,25 @@ class CacheManager:
         corrupt one dropped and refilled (handle_corrupt). First those whose folder the error names; when none of
         them is found corrupt (the error names the origin, or a path spelt otherwise), every slice copy of that
         degree. A whole copy (the one in `tier`, the NVMe one a rank of an instance spanning nodes reads: the whole
-        model's bytes to hash) only when the error names it."""
+        model's bytes to hash) only when the error names it. A copy an instance starting meanwhile holds is kept
+        (kept-in-use), the others still checked."""
         def named(copy: CachedCopy) -> bool:
             return f"{copy.path}{os.sep}" in error
 
         copies = [c for c in self.list() if c.model == model
                   and (c.tensor_parallel == degree if c.tensor_parallel is not None
                        else c.tier in (tier, NVME) and named(c))]
-        results = [self._verify_one(c) for c in copies if named(c)]
+        results = [self._verify_in_use_kept(c) for c in copies if named(c)]
         if all(r.ok for r in results):
-            results += [self._verify_one(c) for c in copies if not named(c)]
+            results += [self._verify_in_use_kept(c) for c in copies if not named(c)]
         return results
+
+    def _verify_in_use_kept(self, copy: CachedCopy) -> VerifyResult:
+        """_verify_one, a copy an instance took after it was listed kept (its ranks read it: not removed)."""
+        try:
+            return self._verify_one(copy)
+        except CacheInUse as exc:
+            return VerifyResult(copy.key, copy.tier, False, "kept-in-use", f"corrupt but {exc}")
 
     def handle_corrupt(self, model: str, tier: str, reason: str = "") -> VerifyResult:
         """A copy failed a checksum (on verify, or the loader's ChecksumMismatch): drop it, refill from its origin.

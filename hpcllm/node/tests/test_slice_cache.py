@@ -305,3 +305,26 @@ def test_a_failed_tensor_parallel_load_re_hashes_the_copies_its_error_names_not_
     results = manager.verify_tensor_parallel_copies("tiny", 2, "nvme", f"rank 0: {partition}: tensor x is corrupt")
     assert [(r.model, r.action) for r in results] == [("tiny", "refilled")]
 
+
+def test_a_slice_copy_an_instance_takes_while_a_failed_load_s_copies_are_checked_is_kept_and_the_rest_checked(
+        manager, origin, monkeypatch):
+    """A rank of an instance starting meanwhile takes a corrupt slice copy between its check and its removal: the
+    CacheInUse escaped (a traceback in the agent's log) and the other copies went unchecked; now it is reported
+    kept-in-use (the rank reads it: not removed under it) and the next copy is still replaced."""
+    slices = [manager.warm_slices("tiny", origin, 2, rank) for rank in (0, 1)]
+    for copy in slices:
+        _flip_a_byte(copy.path / SLICES_DATA)
+    looked_up = manager.get
+
+    def found_then_taken(model, tier):  # the new instance's rank 0 takes the copy right after it was looked up
+        copy = looked_up(model, tier)
+        if model == slices[0].key:
+            manager.acquire(model, tier)
+        return copy
+
+    monkeypatch.setattr(manager, "get", found_then_taken)
+    results = {r.model: r for r in manager.verify_tensor_parallel_copies("tiny", 2, "nvme", "an origin's error")}
+
+    assert results[slices[0].key].action == "kept-in-use" and "in use" in results[slices[0].key].message, results
+    assert (slices[0].path / SLICES_DATA).is_file()
+    assert results[slices[1].key].action == "refilled", results
