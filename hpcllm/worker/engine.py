@@ -1024,7 +1024,13 @@ class Engine(EngineBase):
 
     def _preempt(self, req: _Request, reason: str) -> None:
         """Free req's KV cache and queue it first of its priority: it is re-prefilled from its token ids (vLLM's
-        recompute)."""
+        recompute). A held request (a migration's destination) is dropped instead: queued again, it would wait for
+        this full cache while the source's hand-over waits for it, the client's stream paused; the source serves on."""
+        if req.held:
+            log.info("dropping held request %s: preempted (%s)", req.request_id, reason)
+            req.drop_reason = f"preempted on this worker: {reason}"
+            self._finish(req, "abort")
+            return
         log.info("preempting request %s (%s): %d tokens to recompute", req.request_id, reason, len(req.all_ids))
         self._release_kv(req)
         req.num_cached, req.pending_logits = 0, None

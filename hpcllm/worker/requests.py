@@ -170,6 +170,7 @@ class RequestState:
     held: bool = False
     hold_seconds: float = 0.0
     hold_deadline: float | None = None
+    drop_reason: str | None = None  # why the engine dropped it before its deadline (hpcllm's engine: a full KV cache)
     attached: bool = False
     # Live migration, source side.
     migrating: bool = False
@@ -581,6 +582,8 @@ class EngineBase:
 
     @staticmethod
     def _drop_reason(req: RequestState) -> str:
+        if req.drop_reason is not None:
+            return req.drop_reason
         if req.held and req.hold_deadline is not None and time.monotonic() >= req.hold_deadline:
             return f"not attached within hold_seconds={req.hold_seconds:g}"
         return f"finished: {req.finish_reason}"

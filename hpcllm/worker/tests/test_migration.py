@@ -531,3 +531,41 @@ def test_migrate_orders_with_a_bad_timeout_or_url_are_refused_and_the_request_st
                                   headers={SECRET_HEADER: SECRET, "Content-Type": "application/json"})
             assert response.status_code == 400 and param in response.json()["error"]["message"], raw
     assert [line for line in lines][-1].finish_reason == "length"
+
+
+def test_a_destination_whose_kv_cache_fills_drops_the_hold_and_the_source_serves_on(pair, start_worker):
+    """The destination's running request needs the block the held request was prefilled into: the hold is dropped
+    (queued again, it would wait for that request's end while the source's hand-over waited for it), the move
+    fails at once, and the source finishes the request, nothing lost or repeated."""
+    source = start_worker(pair)
+    destination = start_worker(pair, max_model_len=128, kv_cache_tokens=128, kv_block_size=16,
+                               async_scheduling=False)
+    request = body("moving", max_tokens=60, **GREEDY)
+    reference = uninterrupted(source, request)
+    slow_down(source.service.engine, 0.05)
+    engine = destination.service.engine
+    forward = engine._forward
+
+    def until_the_hold_arrives(*args, **kwargs):
+        # "busy": 108 prompt tokens, 7 of the 8 blocks up to its 4th token (112 tokens), which this step computes;
+        # its 5th needs the 8th block, the one the hold takes meanwhile
+        busy_request = engine._live.get("busy")
+        if busy_request is not None and len(busy_request.output_ids) == 3:
+            assert wait_until(lambda: "moving" in engine._live, timeout=60)
+        return forward(*args, **kwargs)
+
+    engine._forward = until_the_hold_arrives
+    lines = iter(source.client.generate(request))
+    received = read_until(lines, 3)
+    busy = iter(destination.client.generate(body("busy", prompt=None, prompt_token_ids=LONG_PROMPT[:108],
+                                                 max_tokens=19)))
+    next(busy)
+    with pytest.raises(WorkerError) as failed:
+        source.client.migrate("moving", ticketed(destination.url))
+    assert failed.value.status == 502 and "preempted on this worker: KV cache full" in str(failed.value)
+
+    rest = list(lines)
+    assert rest.pop().finish_reason == "length"
+    assert_same_generation(received + rest, reference)
+    assert engine.tokens("moving").finish_reason == "abort"
+    assert len([line for line in busy if isinstance(line, TokenLine)]) == 18
