@@ -542,8 +542,21 @@ def test_a_destination_whose_kv_cache_fills_drops_the_hold_and_the_source_serves
                                async_scheduling=False)
     request = body("moving", max_tokens=60, **GREEDY)
     reference = uninterrupted(source, request)
-    slow_down(source.service.engine, 0.05)
     engine = destination.service.engine
+    # The hold must fit the one block left: the source makes no 4th token until the prepare reached the destination
+    # (a loaded machine's slow prepare once let it make 11, 2 blocks' worth).
+    source_engine, prepared = source.service.engine, threading.Event()
+    source_forward = source_engine._forward
+
+    def until_prepared(*args, **kwargs):
+        moving = source_engine._live.get("moving")
+        if not prepared.is_set() and moving is not None and len(moving.output_ids) >= 3:
+            assert wait_until(lambda: "moving" in engine._live, timeout=60)
+            prepared.set()
+        return source_forward(*args, **kwargs)
+
+    source_engine._forward = until_prepared
+    slow_down(source_engine, 0.05)
     forward = engine._forward
 
     def until_the_hold_arrives(*args, **kwargs):
@@ -569,3 +582,4 @@ def test_a_destination_whose_kv_cache_fills_drops_the_hold_and_the_source_serves
     assert_same_generation(received + rest, reference)
     assert engine.tokens("moving").finish_reason == "abort"
     assert len([line for line in busy if isinstance(line, TokenLine)]) == 18
+    assert wait_until(lambda: engine.counts() == (0, 0) and engine.kv_pool.used_blocks == 0)  # nothing leaked
