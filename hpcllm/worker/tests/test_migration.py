@@ -442,7 +442,9 @@ def grant_client(worker, **ticket_fields):
 
 
 def held(request_id: str, **fields) -> PrepareMigration:
-    generate = GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6, 7], max_tokens=10)
+    """A request to hold; attached, it always runs to its 10 tokens ("length": sampled, EOS ended ~1% early)."""
+    generate = GenerateRequest(request_id=request_id, prompt_token_ids=[5, 6, 7], max_tokens=10, temperature=0.0,
+                               ignore_eos=True)
     return PrepareMigration(request_id=request_id, generate=generate, **fields)
 
 
