@@ -8,9 +8,10 @@ model execution sits behind runner.ModelRunner: a plain StepBatch (token ids, po
 out.
 The KV cache is a budget of fixed-size blocks (kvcache.BlockPool); when a step needs a block and none is free,
 the lowest-priority, newest running request is preempted (vLLM's rule): its blocks are freed and it goes back to
-the front of its priority's queue, to be re-prefilled from its token ids later (recompute). A waiting request that
-finds no free slot or blocks preempts a running request of a lower priority (a larger GenerateRequest.priority), at
-a step boundary. Equal priorities (the default: all 0) are plain FIFO. docs/worker.md has the details.
+the front of its priority's queue, to be re-prefilled from its token ids later (recompute; a held migration request
+is dropped instead, docs/migration.md). A waiting request that finds no free slot or blocks preempts a running
+request of a lower priority (a larger GenerateRequest.priority), at a step boundary. Equal priorities (the default:
+all 0) are plain FIFO. docs/worker.md has the details.
 
 One step, for prefill and decode alike: feed ids[num_cached:end] at positions num_cached..end-1; if that reached
 the end of the known ids, sample the next token from the last position's logits. Resuming a generation from token
