@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,37 @@ from hpcllm.tests.ports import free_port  # noqa: F401 - the e2e tests take it f
 
 # The `hpcllm` command beside this Python (the venv's console script).
 HPCLLM = str(Path(sys.executable).parent / "hpcllm")
+
+
+# The longest greedy stream an e2e test checks against transformers (test_retirement_e2e's 960 tokens of "hello
+# world" on the small Llama; test_migration_e2e's 900, test_placement_move_e2e's 400 and 16 are its first tokens).
+GREEDY_REFERENCE_TOKENS = 960
+_greedy_runs: dict[tuple[str, str], list[int]] = {}
+_greedy_lock = threading.Lock()
+
+
+def transformers_greedy(model_dir: Path, prompt: str, max_tokens: int) -> tuple[str, str, int]:
+    """hf_greedy's (text, finish reason, token count) for prompt on the model in model_dir, from one transformers
+    `generate` per model and prompt in this pytest process: greedy decoding's first n tokens of a longer run are the
+    n-token run, so one run of at least GREEDY_REFERENCE_TOKENS, cut to max_tokens, answers every e2e test (each
+    900-token generate of the small Llama took 1 min of CPU on the 2-core host, once per test)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpcllm.gateway.tests.test_openai_api import greedy_answer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with _greedy_lock:  # tests compute it on threads; the second caller waits for the first one's run
+        key = (str(model_dir), prompt)
+        tokens = _greedy_runs.get(key)
+        if tokens is None or (len(tokens) < max_tokens and tokenizer.eos_token_id not in tokens):
+            model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            with torch.no_grad():
+                out = model.generate(torch.tensor([prompt_ids]), do_sample=False,
+                                     max_new_tokens=max(max_tokens, GREEDY_REFERENCE_TOKENS))
+            tokens = _greedy_runs[key] = out[0, len(prompt_ids):].tolist()
+    return greedy_answer(tokenizer, tokens[:max_tokens])
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):

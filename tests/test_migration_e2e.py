@@ -26,14 +26,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process, wait_for,
-                         write_e2e_config)
+from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, start_logged, stop_process,
+                         transformers_greedy, wait_for, write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.gateway.tests.test_openai_api import hf_greedy
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
@@ -151,17 +150,14 @@ def test_preempted_node_live_migrates_a_running_stream_of_a_tensor_parallel_inst
 
 def preempt_mid_stream(stack, slurm_cluster, small_llama_dir) -> None:
     import openai
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gateway_url, controller_url, root, jobs = stack
     # The uninterrupted reference (transformers' greedy generate), computed while the agents start and load.
     reference: dict = {}
 
     def compute_reference():
-        tokenizer = AutoTokenizer.from_pretrained(small_llama_dir)
-        pair = (AutoModelForCausalLM.from_pretrained(small_llama_dir).eval(), tokenizer)
-        reference["text"], reference["finish"], reference["tokens"] = hf_greedy(
-            pair, tokenizer(PROMPT)["input_ids"], MAX_TOKENS)
+        reference["text"], reference["finish"], reference["tokens"] = transformers_greedy(
+            small_llama_dir, PROMPT, MAX_TOKENS)
 
     hf = threading.Thread(target=compute_reference)
     hf.start()

@@ -48,6 +48,7 @@ from e2e_helpers import (
     run_hpcllm,
     start_logged,
     stop_process,
+    transformers_greedy,
     wait_for,
     warm_and_wait,
     worker_running_requests,
@@ -57,7 +58,6 @@ from e2e_helpers import admin_status as e2e_admin_status
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.gateway.tests.test_openai_api import hf_greedy
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 from hpcllm.slurm.templates import node_agent_job_spec
@@ -181,7 +181,6 @@ def stack(slurm_cluster, small_llama_dir, tmp_path):
 
 def test_placement_live_migrates_the_busy_instance_it_moves(stack, small_llama_dir):
     import openai
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gateway_url, controller_url, root, env = stack
     # The uninterrupted references (transformers' greedy generate), computed while A's instances start and B is
@@ -189,10 +188,8 @@ def test_placement_live_migrates_the_busy_instance_it_moves(stack, small_llama_d
     reference: dict = {}
 
     def compute_reference():
-        tokenizer = AutoTokenizer.from_pretrained(small_llama_dir)
-        pair = (AutoModelForCausalLM.from_pretrained(small_llama_dir).eval(), tokenizer)
-        reference["a"] = hf_greedy(pair, tokenizer(PROMPT)["input_ids"], MAX_TOKENS)
-        reference["b"] = hf_greedy(pair, tokenizer(PROMPT)["input_ids"], B_TOKENS)
+        reference["a"] = transformers_greedy(small_llama_dir, PROMPT, MAX_TOKENS)
+        reference["b"] = transformers_greedy(small_llama_dir, PROMPT, B_TOKENS)
 
     hf = threading.Thread(target=compute_reference, daemon=True)
     hf.start()

@@ -35,13 +35,12 @@ from pathlib import Path
 import httpx
 import pytest
 from e2e_helpers import (HPCLLM, answers, clean_up_e2e, free_port, node_key_in, start_logged, stop_process,
-                         wait_for, write_e2e_config)
+                         transformers_greedy, wait_for, write_e2e_config)
 from e2e_helpers import admin_status as e2e_admin_status
 from prometheus_client.parser import text_string_to_metric_families
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import load_config
-from hpcllm.gateway.tests.test_openai_api import hf_greedy
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.slurm.cli_backend import CliBackend
 
@@ -221,8 +220,6 @@ def stack(slurm_cluster, small_llama_dir, tmp_path):
 
 
 def test_retirement_hands_over_to_a_replacement_started_first(stack, small_llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gateway_url, controller_url, root, backend = stack
     for model in MODELS:
         deployed = httpx.post(f"{controller_url}/v1/admin/models", headers={"Authorization": f"Bearer {ADMIN}"},
@@ -237,11 +234,9 @@ def test_retirement_hands_over_to_a_replacement_started_first(stack, small_llama
     reference: dict = {}
 
     def compute_reference():
-        tokenizer = AutoTokenizer.from_pretrained(small_llama_dir)
-        pair = (AutoModelForCausalLM.from_pretrained(small_llama_dir).eval(), tokenizer)
-        prompt_ids = tokenizer(PROMPT)["input_ids"]
-        reference["text"], reference["finish"], reference["tokens"] = hf_greedy(pair, prompt_ids, MAX_TOKENS)
-        reference["short"] = hf_greedy(pair, prompt_ids, 12)[:2]
+        reference["text"], reference["finish"], reference["tokens"] = transformers_greedy(
+            small_llama_dir, PROMPT, MAX_TOKENS)
+        reference["short"] = transformers_greedy(small_llama_dir, PROMPT, 12)[:2]
 
     hf = threading.Thread(target=compute_reference)
     try:

@@ -15,7 +15,11 @@ def hf_greedy(hf_pair, prompt_ids: list[int], max_new_tokens: int) -> tuple[str,
     model, tokenizer = hf_pair
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens)
-    new = out[0, len(prompt_ids):].tolist()
+    return greedy_answer(tokenizer, out[0, len(prompt_ids):].tolist())
+
+
+def greedy_answer(tokenizer, new: list[int]) -> tuple[str, str, int]:
+    """hf_greedy's text, finish reason and token count for the tokens generate gave (cut after the first eos)."""
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id) + 1]
     finish = "stop" if new[-1] == tokenizer.eos_token_id else "length"
