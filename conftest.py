@@ -33,6 +33,15 @@ import pytest
 
 from hpcllm.procs import pid_alive
 
+# Idle OpenMP threads (torch's libgomp, MKL, oneDNN) sleep instead of spinning, in this process and every process a
+# test starts (workers, model processes, agents: sbatch jobs inherit OMP_*, slurm.templates.AGENT_VARIABLES); set
+# before anything here imports torch. On the 2-core host pytest, its workers and their model processes (and other
+# test sessions) compute beside each other, and spinning pools starve each other: two processes decoding the small
+# Llama at once (8 greedy runs of 40 tokens each) took 34-60 s wall and 13-17 s CPU each with libgomp's default
+# wait, 3-4 s and 2.5 s passive. The tests' setting, not the product's: there a worker gets its share of the job's
+# CPUs (node.workers.threads_for) and keeps one thread beside its model process (worker.cli._leave_the_threads_to).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEVCLUSTER_SCRIPT = REPO_ROOT / "slurm" / "devcluster.sh"
 DEFAULT_DEVCLUSTER_DIR = "/var/tmp/hpcllm-devcluster"
