@@ -109,19 +109,9 @@ def p90(values: list[float]) -> float:
     return statistics.quantiles(values, n=10)[-1]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nodes", type=int, default=1000)
-    parser.add_argument("--models", type=int, default=100)
-    parser.add_argument("--decisions", type=int, default=2000)
-    parser.add_argument("--baseline-decisions", type=int, default=200, help="the naive path is slow: fewer runs")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
-    nodes, models, cache_entries = simulate(args.nodes, args.models, args.seed)
-    rng = random.Random(args.seed + 1)
-    queries = [(rng.choice(list(models)), rng.choice([1, 1, 1, 2, 4])) for _ in range(args.decisions)]
-
+def compare(nodes, models, cache_entries, queries, baseline_decisions: int) -> dict:
+    """Times the fast path on every query and the two baselines on the first baseline_decisions of them. The
+    speed-ups compare medians over the same decisions: the fast path's times on the baselines' queries."""
     build_start = time.perf_counter()
     residency = residency_map(cache_entries)
     view = ClusterView(nodes, models, residency)
@@ -129,14 +119,38 @@ def main() -> int:
 
     timed(lambda m, s: view.decide(m, s), queries[:50])  # warm-up
     fast_times, fast_answers = timed(lambda m, s: view.decide(m, s).chosen, queries)
-    base_queries = queries[: args.baseline_decisions]
+    base_queries = queries[:baseline_decisions]
     base_times, base_answers = timed(lambda m, s: naive_decide(nodes, models, cache_entries, m, s), base_queries)
     loop_times, loop_answers = timed(lambda m, s: loop_decide(nodes, models, residency, m, s), base_queries)
-
     mismatches = sum(a != b for a, b in zip(fast_answers, base_answers))
     mismatches += sum(a != b for a, b in zip(fast_answers, loop_answers))
+    return {"build_ms": build_ms, "fast_times": fast_times, "base_times": base_times, "loop_times": loop_times,
+            "fast_times_on_base_queries": fast_times[:len(base_queries)], "compared": len(base_answers),
+            "mismatches": mismatches}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--models", type=int, default=100)
+    parser.add_argument("--decisions", type=int, default=2000)
+    parser.add_argument("--baseline-decisions", type=int, default=200, help="the naive path is slow: fewer runs")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.nodes < 1 or args.models < 1:
+        parser.error("--nodes and --models must be >= 1")
+    if not 2 <= args.baseline_decisions <= args.decisions:  # a p90 needs two times
+        parser.error("--baseline-decisions must be at least 2 and at most --decisions")
+
+    nodes, models, cache_entries = simulate(args.nodes, args.models, args.seed)
+    rng = random.Random(args.seed + 1)
+    queries = [(rng.choice(list(models)), rng.choice([1, 1, 1, 2, 4])) for _ in range(args.decisions)]
+    result = compare(nodes, models, cache_entries, queries, args.baseline_decisions)
+    build_ms, mismatches = result["build_ms"], result["mismatches"]
+    fast_times, base_times, loop_times = result["fast_times"], result["base_times"], result["loop_times"]
     fast_median, base_median = statistics.median(fast_times), statistics.median(base_times)
     loop_median = statistics.median(loop_times)
+    paired_median = statistics.median(result["fast_times_on_base_queries"])
     print(f"machine: {cpu_model()}; Python {platform.python_version()}; numpy {np.__version__}; "
           f"{platform.system()} {platform.machine()}")
     print(f"cluster: {args.nodes} nodes x {args.models} models, {len(cache_entries)} cache entries, "
@@ -146,8 +160,9 @@ def main() -> int:
     print(f"naive decision  ({len(base_times):5d} runs): median {base_median:.4f} ms, p90 {p90(base_times):.4f} ms")
     print(f"loop decision   ({len(loop_times):5d} runs): median {loop_median:.4f} ms, p90 {p90(loop_times):.4f} ms"
           "  (per-node Python loop over the precomputed residency map)")
-    print(f"speed-up vs naive: {base_median / fast_median:.1f}x; vs loop: {loop_median / fast_median:.1f}x (medians)")
-    print(f"same node chosen by all three: {mismatches == 0} ({len(base_answers)} decisions compared)")
+    print(f"speed-up vs naive: {base_median / paired_median:.1f}x; vs loop: {loop_median / paired_median:.1f}x "
+          f"(medians over the same {result['compared']} decisions)")
+    print(f"same node chosen by all three: {mismatches == 0} ({result['compared']} decisions compared)")
     ok = fast_median < TARGET_MEDIAN_MS and mismatches == 0
     print(f"{'PASS' if ok else 'FAIL'}: median {fast_median:.4f} ms vs target < {TARGET_MEDIAN_MS} ms"
           + ("" if mismatches == 0 else f"; {mismatches} decisions differ from the baseline"))
