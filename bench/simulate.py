@@ -36,8 +36,8 @@ queue waits, agent and instance starts drawn from the measured lists, instance s
 decode slowed by the requests decoding beside it), the replay's trace; prints simulated vs measured with the
 relative errors and writes bench/results/calibration-latest.json and .png.
 
-Measured inputs: tier bandwidths from bench/results/load-latest.json (hpcllm DRAM tier and cold disk GB/s) and the
-live-migration pause from bench/results/migration-latest.json, when present; otherwise the documented defaults
+Measured inputs: tier bandwidths from bench/results/load-latest.json (hpcllm DRAM tier and cold disk GB/s, onto the
+GPU where that run had one; never from a --quick run) and the live-migration pause from bench/results/migration-latest.json, when present; otherwise the documented defaults
 below (printed with their source). Prints per policy: mean / p50 / p99 TTFT and end-to-end latency, cold starts by
 tier, GPU-slot-hours held by allocations, requests lost; writes bench/results/simulate-<time>.json and PNG plots
 (TTFT CDFs, TTFT over time, held GPU-hours; --sweep: p99 TTFT and GPU-hours against cluster size and load).
@@ -919,15 +919,22 @@ def parse_seconds(walltime: str) -> float:
 def measured_inputs(params: SimParams, results: Path = RESULTS) -> SimParams:
     """Tier bandwidths and the migration pause from the other benches' latest JSON, when present."""
     load = results / "load-latest.json"
-    if load.exists():
-        rows = {(r["method"], r["state"]): r for r in json.loads(load.read_text()).get("rows", [])}
+    report = json.loads(load.read_text()) if load.exists() else {}
+    # A `bench/load.py --quick` smoke test (a checkpoint of tens of MB, where fixed costs dominate) says nothing of a
+    # tier's bandwidth; the simulated instances load onto GPUs, so a GPU run's rows come before the CPU ones.
+    if report.get("size") == "bench":
+        rows = {(r["method"], r["state"]): r for r in report.get("rows", [])}
         found = {}
-        for tier, key in (("dram", ("hpcllm_dram", "shm")), ("nvme", ("hpcllm_disk", "cold"))):
-            if key in rows and rows[key].get("gbps"):
-                found[tier] = float(rows[key]["gbps"])
+        for tier, keys in (("dram", [("hpcllm_gpu_dram", "shm"), ("hpcllm_dram", "shm")]),
+                           ("nvme", [("hpcllm_gpu_disk", "cold"), ("hpcllm_disk", "cold")])):
+            key = next((k for k in keys if rows.get(k, {}).get("gbps")), None)
+            if key:
+                found[tier] = (float(rows[key]["gbps"]), f"{tier}: {key[0]} {key[1]}")
         if found:
-            params.bandwidth.update(found)
-            params.bandwidth_source = f"{load} ({', '.join(found)}); shared FS: default"
+            params.bandwidth.update({tier: gbps for tier, (gbps, _) in found.items()})
+            params.bandwidth_source = f"{load} ({', '.join(row for _, row in found.values())}); shared FS: default"
+    elif report:
+        params.bandwidth_source = f"defaults ({load} is a run of the {report.get('size')!r} size: not used)"
     migration = results / "migration-latest.json"
     if migration.exists():
         pause = json.loads(migration.read_text()).get("median_pause_seconds", {}).get("live")

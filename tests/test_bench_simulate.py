@@ -115,3 +115,37 @@ def test_instance_starts_sharing_the_host_take_longer_together(tmp_path):
     alone = run("hpcllm", [Request(0, 0.0, models[0].name, 10, 2)], tmp_path / "b", models=models, **params)
     assert alone["ttft"]["p99"] == pytest.approx(1.0 + 10.0, abs=1.5)
     assert together["ttft"]["p99"] == pytest.approx(1.0 + 40.0, abs=2.0)
+
+
+def load_report(size, rows):
+    return {"size": size, "rows": [{"method": m, "state": st, "gbps": g} for m, st, g in rows]}
+
+
+@pytest.mark.parametrize("rows, expected", [
+    # a CPU-only run: its hpcllm DRAM tier and cold disk rows
+    ([("hpcllm_dram", "shm", 9.6), ("hpcllm_disk", "cold", 0.8)], {"dram": 9.6, "nvme": 0.8}),
+    # a GPU run: the loads onto the GPU, which is what a simulated instance does
+    ([("hpcllm_dram", "shm", 9.6), ("hpcllm_disk", "cold", 0.8), ("hpcllm_gpu_dram", "shm", 8.0),
+      ("hpcllm_gpu_disk", "cold", 2.2)], {"dram": 8.0, "nvme": 2.2}),
+])
+def test_tier_bandwidths_come_from_a_full_size_load_run(tmp_path, rows, expected):
+    import json
+
+    from simulate import DEFAULT_BANDWIDTH, measured_inputs
+
+    (tmp_path / "load-latest.json").write_text(json.dumps(load_report("bench", rows)))
+    params = measured_inputs(SimParams(), tmp_path)
+    assert params.bandwidth == {**DEFAULT_BANDWIDTH, **expected}
+
+
+def test_a_quick_load_run_does_not_set_the_tier_bandwidths(tmp_path):
+    # `bench/load.py --quick` (tens of MB: fixed costs, not bandwidth) writes the same load-latest.json
+    import json
+
+    from simulate import DEFAULT_BANDWIDTH, measured_inputs
+
+    quick = load_report("small", [("hpcllm_dram", "shm", 0.4), ("hpcllm_disk", "cold", 0.05)])
+    (tmp_path / "load-latest.json").write_text(json.dumps(quick))
+    params = measured_inputs(SimParams(), tmp_path)
+    assert params.bandwidth == DEFAULT_BANDWIDTH
+    assert "not used" in params.bandwidth_source
