@@ -657,6 +657,11 @@ def summarize(raw, limits, paths, size, runs, can_cold, cold, skipped, wall) -> 
             ready = statistics.median(r["ready"] for r in results)
             resident = statistics.median(r["resident"] for r in results)
             residencies = [r.get("residency_before") for r in results if r.get("residency_before") is not None]
+            note = results[-1].get("note", "")
+            warm_runs = [r for r in results if (r.get("residency_before") or 0) > COLD_THRESHOLD]
+            if state == "cold" and warm_runs:  # in the median: say so on the row, not only in one run's note
+                note = (f"NOT COLD in {len(warm_runs)} of {len(results)} runs (up to "
+                        f"{max(r['residency_before'] for r in warm_runs):.0%} in the page cache); {note}").rstrip("; ")
             rows.append({"method": method, "label": METHODS[method][0], "state": state, "device": METHODS[method][3],
                          "runs": len(results), "ready_s": ready, "resident_s": resident,
                          "gbps": total / resident / 1e9,
@@ -665,7 +670,7 @@ def summarize(raw, limits, paths, size, runs, can_cold, cold, skipped, wall) -> 
                          "rounds": [r["round"] for r in results],
                          "max_residency_before": max(residencies) if residencies else None,
                          "fingerprints": sorted({round(r["fingerprint"], 1) for r in results}),
-                         "note": results[-1].get("note", "")})
+                         "note": note})
     limit_rows = {name: {"label": LIMITS[name], "median_gbps": statistics.median(r["gbps"] for r in v),
                          "all_gbps": [r["gbps"] for r in v], "rounds": [r["round"] for r in v]}
                   for name, v in limits.items() if v}

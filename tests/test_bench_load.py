@@ -1,0 +1,43 @@
+"""bench/load.py's report: what its table and JSON say about the runs they summarize (a real tiny checkpoint, run
+results written as the children print them)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import load  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    from hpcllm.checkpoint import convert
+    from hpcllm.devmodels import make_model
+
+    root = tmp_path_factory.mktemp("bench-load")
+    hf = make_model("llama", root / "hf", size="tiny")
+    convert(hf, root / "ckpt", progress=False)
+    return {"hf": hf, "ckpt": root / "ckpt", "bin": root / "bin"}
+
+
+def run(round_, resident, residency, nbytes=1000, note="odirect"):
+    return {"round": round_, "ready": resident / 2, "resident": resident, "residency_before": residency,
+            "fingerprint": 1.0, "bytes": nbytes, "note": note, "load_average": 1.0}
+
+
+def summarize(raw, paths):
+    return load.summarize(raw, {}, paths, "small", 3, True, "fadvise", {}, 1.0)
+
+
+def test_a_cold_row_whose_median_holds_a_run_that_was_not_cold_says_so(paths):
+    # Round 1's files were half in the page cache: its fast time is in the median, so the row must say it (the
+    # last run's note, all the table showed, was clean).
+    raw = {"hpcllm_disk": {"cold": [run(0, 3.0, 0.0), run(1, 1.0, 0.5), run(2, 3.1, 0.0)]},
+           "safetensors": {"cold": [run(0, 3.2, 0.0), run(1, 3.3, 0.0), run(2, 3.4, 0.0)]}}
+    rows = {row["method"]: row for row in summarize(raw, paths)["rows"]}
+    assert rows["hpcllm_disk"]["note"].startswith("NOT COLD in 1 of 3 runs (up to 50% in the page cache)")
+    assert "NOT COLD" not in rows["safetensors"]["note"]
