@@ -6,8 +6,9 @@ Both go through the node agent's WorkerManager, as a controller's start request 
 worker's /ready says the model serves (load included). "fresh" = node.spare_workers = 0, a new
 `python -m hpcllm.cli.main worker` per instance (the agent before spares). "spare" = one spare started beforehand
 and given time to finish its imports and its model process's (as on an agent that idled since its last cold start).
-Rounds alternate the two, each instance is stopped before the next; the printed ratio is fresh median / spare
-median of this run.
+Rounds alternate the two, each instance is stopped before the next, and each starts once the spare manager's spare
+(replaced after a spare start) has finished its imports; the printed ratio is fresh median / spare median of this
+run.
 The checkpoint is a dev model (hpcllm.devmodels) converted to hpcllm's format and cached in the chosen tier.
 """
 
@@ -98,9 +99,11 @@ def measure(model: Path, tier: str, runs: int,
             for run in range(runs):
                 for kind in (("fresh", "spare") if run % 2 == 0 else ("spare", "fresh")):
                     workers = fresh if kind == "fresh" else spare
-                    if kind == "spare":
-                        workers.ensure_spares()
-                        wait_for_spare(workers)
+                    # Before either kind: the spare manager's spare prepared, the one a spare start consumed
+                    # replaced and its imports done, so no spare's imports compete with the timed start (a fresh
+                    # start right after a spare one ran beside its replacement's imports).
+                    spare.ensure_spares()
+                    wait_for_spare(spare)
                     seconds, load = time_to_ready(workers, model)
                     times[kind].append(seconds)
                     loads[kind].append(load or 0.0)
@@ -123,6 +126,8 @@ def main() -> int:
     parser.add_argument("--model-process", default="auto", choices=("auto", "false"),
                         help="the workers' [worker] model_process (auto: the CPU default, the forward in a child)")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
 
     model = checkpoint(args.size)
     times, loads = measure(model, args.tier, args.runs, args.model_process)
