@@ -1301,6 +1301,14 @@ def main() -> int:
         parse_seconds(args.walltime)
     except ValueError:
         parser.error(f"--walltime must be HH:MM:SS, not {args.walltime!r}")
+    try:  # now, not after the main simulations have run for minutes
+        sweep_nodes = [int(n) for n in args.sweep_nodes.split(",")]
+        sweep_loads = [float(f) for f in args.sweep_loads.split(",")]
+    except ValueError:
+        parser.error(f"--sweep-nodes must be integers and --sweep-loads numbers, comma-separated, not "
+                     f"{args.sweep_nodes!r} and {args.sweep_loads!r}")
+    if min(sweep_nodes) < 1 or min(sweep_loads) <= 0:
+        parser.error("--sweep-nodes must be >= 1 and --sweep-loads > 0")
     try:
         if args.trace:
             wparams, models, requests = load_trace(args.trace)
@@ -1327,8 +1335,8 @@ def main() -> int:
     print("\n".join(ratios(reports)))
     sweep = []
     if args.sweep:
-        for nodes in [int(n) for n in args.sweep_nodes.split(",")]:
-            for factor in [float(f) for f in args.sweep_loads.split(",")]:
+        for nodes in sweep_nodes:
+            for factor in sweep_loads:
                 p = dict(asdict(wparams), rate=wparams.rate * factor)
                 m, reqs = generate(WorkloadParams(**p))
                 sp = measured_inputs(SimParams(**{**asdict(params), "nodes": nodes}))

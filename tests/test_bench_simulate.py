@@ -149,3 +149,19 @@ def test_a_quick_load_run_does_not_set_the_tier_bandwidths(tmp_path):
     params = measured_inputs(SimParams(), tmp_path)
     assert params.bandwidth == DEFAULT_BANDWIDTH
     assert "not used" in params.bandwidth_source
+
+
+@pytest.mark.parametrize("sweep", [["--sweep-nodes", "100,x"], ["--sweep-loads", "1,three"],
+                                   ["--sweep-nodes", "0"]])
+def test_a_bad_sweep_list_is_refused_before_anything_is_simulated(tmp_path, monkeypatch, capsys, sweep):
+    # Before, it was parsed after the main simulations: minutes of them, then a ValueError traceback and no results.
+    import simulate
+
+    ran = []
+    monkeypatch.setattr(simulate, "simulate", lambda policies, *a, **k: ran.append(policies) or [])
+    monkeypatch.setattr(sys, "argv", ["simulate.py", "--sweep", *sweep, "--nodes", "2", "--models", "1",
+                                      "--duration", "5", "--policies", "hpcllm", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        simulate.main()
+    assert exit_.value.code == 2 and "--sweep-" in capsys.readouterr().err
+    assert ran == []
