@@ -130,11 +130,17 @@ def main() -> int:
     if args.child:
         return child(args.child, args.state, workdir, args.cold, args)
 
-    runs = args.runs or (1 if args.quick else 3)
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    states = [s for s in args.states.split(",") if s]
+    known_states = sorted({state for _, _, method_states, _ in METHODS.values() for state in method_states})
+    if not states or set(states) - set(known_states):  # a misspelt state silently ran none of its loads
+        parser.error(f"--states {args.states!r}: choose from {', '.join(known_states)}")
+    if runs < 1:
+        parser.error("--runs must be at least 1")
     can_cold = args.cold == "fadvise" or (os.geteuid() == 0 and os.access(DROP_CACHES, os.W_OK))
     cuda = cuda_available()
     print(f"hpcllm load benchmark: {size} model, {runs} run(s) per method and state, each in a fresh process; "
@@ -167,7 +173,7 @@ def main() -> int:
             shift = run % max(1, len(methods))
             for method in methods[shift:] + methods[:shift]:
                 for state in METHODS[method][2]:
-                    if state not in args.states.split(","):
+                    if state not in states:
                         continue
                     if state == "cold" and not can_cold:
                         continue

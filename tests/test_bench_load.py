@@ -41,3 +41,14 @@ def test_a_cold_row_whose_median_holds_a_run_that_was_not_cold_says_so(paths):
     rows = {row["method"]: row for row in summarize(raw, paths)["rows"]}
     assert rows["hpcllm_disk"]["note"].startswith("NOT COLD in 1 of 3 runs (up to 50% in the page cache)")
     assert "NOT COLD" not in rows["safetensors"]["note"]
+
+
+@pytest.mark.parametrize("argv, says", [(["--states", "cold,wram"], "--states"), (["--states", ","], "--states"),
+                                        (["--runs", "0"], "--runs"), (["--runs", "-1"], "--runs")])
+def test_bad_arguments_get_one_line_before_anything_runs(monkeypatch, capsys, argv, says):
+    # A misspelt state ran none of its loads (the table just lacked them); --runs 0 ran the default 3.
+    monkeypatch.setattr(load, "prepare", lambda *a: pytest.fail("the bench started"))
+    monkeypatch.setattr(sys, "argv", ["load.py", "--quick", "--methods", "hpcllm_disk", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        load.main()
+    assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
