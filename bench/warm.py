@@ -6,8 +6,8 @@
 Both runs go through the dev Slurm cluster: the broadcast is `hpcllm cache warm --mpi` (sbatch + srun --mpi=pmix,
 one rank per node); the baseline is one `srun -N N --ntasks-per-node=1` step where every task copies the checkpoint
 from the origin into its node's cache with CacheManager.warm (the agents' path), concurrently. Times include Slurm
-scheduling for both. Between runs the page cache is dropped for the origin's files (posix_fadvise DONTNEED) so
-each run starts with a cold origin.
+scheduling for both. Between runs the page cache is dropped for the origin's files (fsync + posix_fadvise
+DONTNEED) so each run starts with a cold origin.
 
 On the dev cluster all fake nodes share one host: the "shared FS" is the local disk plus the page cache, and the
 "network" is loopback, so the ratio here says little about a real cluster where N nodes contend for a shared FS.
@@ -32,6 +32,7 @@ from hpcllm.checkpoint import read_checkpoint  # noqa: E402
 from hpcllm.config import load_config  # noqa: E402
 from hpcllm.node.cache_cli import mpi_warm  # noqa: E402
 from hpcllm.slurm.hostlist import expand_nodes  # noqa: E402
+from hpcllm.store.readers import evict_from_page_cache  # noqa: E402
 
 COPY_TASK = """
 import os, sys
@@ -65,9 +66,8 @@ def make_origin(work: Path, size_mb: int) -> Path:
 
 
 def drop_cache(origin: Path) -> None:
-    for path in origin.iterdir():
-        with open(path, "rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    # fsync first (evict_from_page_cache does): the freshly converted origin's pages are dirty and DONTNEED keeps them
+    evict_from_page_cache(p for p in origin.iterdir() if p.is_file())
 
 
 def run_independent(origin: Path, nodes: list[str], template: str) -> float:
