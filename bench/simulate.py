@@ -37,8 +37,9 @@ decode slowed by the requests decoding beside it), the replay's trace; prints si
 relative errors and writes bench/results/calibration-latest.json and .png.
 
 Measured inputs: tier bandwidths from bench/results/load-latest.json (hpcllm DRAM tier and cold disk GB/s, onto the
-GPU where that run had one; never from a --quick run) and the live-migration pause from bench/results/migration-latest.json, when present; otherwise the documented defaults
-below (printed with their source). Prints per policy: mean / p50 / p99 TTFT and end-to-end latency, cold starts by
+GPU where that run had one; never from a --quick run) and the live-migration pause from
+bench/results/migration-latest.json, when present; otherwise the documented defaults below (printed with their
+source). Prints per policy: mean / p50 / p99 TTFT and end-to-end latency, cold starts by
 tier, GPU-slot-hours held by allocations, requests lost; writes bench/results/simulate-<time>.json and PNG plots
 (TTFT CDFs, TTFT over time, held GPU-hours; --sweep: p99 TTFT and GPU-hours against cluster size and load).
 """
