@@ -121,7 +121,9 @@ def serve_worker(model_dir: Path, device: str, url_file: Path, threads: int) -> 
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(device)
         return ModelForServing(model, AutoTokenizer.from_pretrained(model_dir), tier="dram")
 
-    serve(WorkerService(MODEL, secret=SECRET, keepalive_seconds=1.0), load, url_file=url_file)
+    # No prefix caching: B keeps the prompt's KV blocks from every earlier run, so a resume would prefill only the
+    # context's uncached tail, not the whole context that stop-and-resume pays on a node that never served it.
+    serve(WorkerService(MODEL, secret=SECRET, keepalive_seconds=1.0, prefix_caching=False), load, url_file=url_file)
     return 0
 
 
