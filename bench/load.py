@@ -114,8 +114,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/hpcllm-bench"),
                         help="where the models live (must be on the real disk, not tmpfs)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
-    parser.add_argument("--states", default="cold,warm,shm",
-                        help="comma-separated subset of the states to run (cold, warm, shm)")
+    parser.add_argument("--states", default=None,
+                        help="comma-separated subset of the states to run (cold, warm, shm; default: all the "
+                             "chosen methods have)")
     parser.add_argument("--cold", choices=["fadvise", "drop_caches"], default="fadvise",
                         help="how cold runs evict the files (see the description above)")
     parser.add_argument("--keep-dram", action="store_true", help="leave the model in /dev/shm afterwards")
@@ -132,13 +133,13 @@ def main() -> int:
 
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
-    states = [s for s in args.states.split(",") if s]
-    known_states = sorted({state for _, _, method_states, _ in METHODS.values() for state in method_states})
-    if not states or set(states) - set(known_states):  # a misspelt state silently ran none of its loads
-        parser.error(f"--states {args.states!r}: choose from {', '.join(known_states)}")
+    if not methods or set(methods) - set(METHODS):
+        parser.error(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
+    # A misspelt state, or one none of the chosen methods has, silently ran none of its loads.
+    known_states = sorted({state for method in methods for state in METHODS[method][2]})
+    states = known_states if args.states is None else [s for s in args.states.split(",") if s]
+    if not states or set(states) - set(known_states):
+        parser.error(f"--states {args.states!r}: the chosen methods' states are {', '.join(known_states)}")
     if runs < 1:
         parser.error("--runs must be at least 1")
     can_cold = args.cold == "fadvise" or (os.geteuid() == 0 and os.access(DROP_CACHES, os.W_OK))

@@ -44,7 +44,11 @@ def test_a_cold_row_whose_median_holds_a_run_that_was_not_cold_says_so(paths):
 
 
 @pytest.mark.parametrize("argv, says", [(["--states", "cold,wram"], "--states"), (["--states", ","], "--states"),
-                                        (["--runs", "0"], "--runs"), (["--runs", "-1"], "--runs")])
+                                        (["--runs", "0"], "--runs"), (["--runs", "-1"], "--runs"),
+                                        # states that none of the chosen methods has ran nothing
+                                        (["--methods", "hpcllm_dram", "--states", "cold"], "--states"),
+                                        (["--methods", "hpcllm_dram", "--states", "shm,warm"], "--states"),
+                                        (["--methods", ","], "--methods")])
 def test_bad_arguments_get_one_line_before_anything_runs(monkeypatch, capsys, argv, says):
     # A misspelt state ran none of its loads (the table just lacked them); --runs 0 ran the default 3.
     monkeypatch.setattr(load, "prepare", lambda *a: pytest.fail("the bench started"))
@@ -52,3 +56,17 @@ def test_bad_arguments_get_one_line_before_anything_runs(monkeypatch, capsys, ar
     with pytest.raises(SystemExit) as exit_:
         load.main()
     assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_default_states_are_the_chosen_methods(monkeypatch):
+    # hpcllm_dram has only the shm state: the default --states must not be refused for it.
+    class Started(Exception):
+        pass
+
+    def prepare(*args):
+        raise Started
+
+    monkeypatch.setattr(load, "prepare", prepare)
+    monkeypatch.setattr(sys, "argv", ["load.py", "--quick", "--methods", "hpcllm_dram"])
+    with pytest.raises(Started):
+        load.main()
