@@ -15,7 +15,8 @@ Cold and warm, the same for every method (the method's own input folder: HF fold
         lazy imports inside a loader do not hit the disk. --cold drop_caches: sync + echo 3 >
         /proc/sys/vm/drop_caches (root), the whole guest page cache. Either way the sampled page-cache residency
         of the files (mincore) is measured right before the timer starts and reported; a run whose files are not
-        cold is flagged. The hypervisor's own cache is outside the guest's control: the read limit below is
+        cold is flagged and left out of the row's median (and of the targets, when no run of the row was cold).
+        The hypervisor's own cache is outside the guest's control: the read limit below is
         measured in every round under the same conditions.
   warm  the parent reads the method's files once (page cache) before starting the child.
 Methods run round-robin, the order rotated every round, so slow phases of the shared machine hit all of them;
@@ -654,6 +655,11 @@ def measure_h2d() -> dict:
 # ---------------------------------------------------------------------------------------------------- reporting
 
 
+def was_cold(run) -> bool:
+    """Whether a run's files were out of the page cache before it (at most COLD_THRESHOLD in it)."""
+    return (run.get("residency_before") or 0) <= COLD_THRESHOLD
+
+
 def summarize(raw, limits, paths, size, runs, can_cold, cold, skipped, wall) -> dict:
     from hpcllm.checkpoint import read_checkpoint
 
@@ -661,14 +667,21 @@ def summarize(raw, limits, paths, size, runs, can_cold, cold, skipped, wall) -> 
     rows = []
     for method, states in raw.items():
         for state, results in states.items():
-            ready = statistics.median(r["ready"] for r in results)
-            resident = statistics.median(r["resident"] for r in results)
+            # A "cold" run that found its files in the page cache timed a warm load: left out of the cold median
+            # (and the ratios and targets built on it); with no cold run at all the row says so and check_targets
+            # builds no cold target on it.
+            cold_runs = [r for r in results if was_cold(r)] if state == "cold" else results
+            in_median = cold_runs or results
+            ready = statistics.median(r["ready"] for r in in_median)
+            resident = statistics.median(r["resident"] for r in in_median)
             residencies = [r.get("residency_before") for r in results if r.get("residency_before") is not None]
             note = results[-1].get("note", "")
-            warm_runs = [r for r in results if (r.get("residency_before") or 0) > COLD_THRESHOLD]
-            if state == "cold" and warm_runs:  # in the median: say so on the row, not only in one run's note
+            warm_runs = [r for r in results if not was_cold(r)]
+            if state == "cold" and warm_runs:  # say so on the row, not only in one run's note
                 note = (f"NOT COLD in {len(warm_runs)} of {len(results)} runs (up to "
-                        f"{max(r['residency_before'] for r in warm_runs):.0%} in the page cache); {note}").rstrip("; ")
+                        f"{max(r['residency_before'] for r in warm_runs):.0%} in the page cache), "
+                        + ("left out of the median" if cold_runs else "no cold run: the median is of these")
+                        + f"; {note}").rstrip("; ")
             rows.append({"method": method, "label": METHODS[method][0], "state": state, "device": METHODS[method][3],
                          "runs": len(results), "ready_s": ready, "resident_s": resident,
                          "gbps": total / resident / 1e9,
@@ -676,6 +689,8 @@ def summarize(raw, limits, paths, size, runs, can_cold, cold, skipped, wall) -> 
                          "all_resident_s": [r["resident"] for r in results],
                          "rounds": [r["round"] for r in results],
                          "max_residency_before": max(residencies) if residencies else None,
+                         "runs_in_median": len(in_median),
+                         "max_residency_in_median": max((r.get("residency_before") or 0 for r in in_median)),
                          "fingerprints": sorted({round(r["fingerprint"], 1) for r in results}),
                          "note": note})
     limit_rows = {name: {"label": LIMITS[name], "median_gbps": statistics.median(r["gbps"] for r in v),
@@ -717,7 +732,7 @@ def runs_beating_the_limit(report) -> list[str]:
     total, by_round = report["checkpoint_bytes"], _round_limit(report, "limit_read")
     beaten = []
     for method, states in report["raw"].items():
-        for r in states.get("cold", []):
+        for r in filter(was_cold, states.get("cold", [])):
             limit = by_round.get(r["round"])
             if limit and total / r["resident"] / 1e9 > limit:
                 beaten.append(f"{method} round {r['round'] + 1}: {total / r['resident'] / 1e9:.2f} GB/s > "
@@ -729,9 +744,19 @@ def _row(report, method, state):
     return next((r for r in report["rows"] if r["method"] == method and r["state"] == state), None)
 
 
+def _measured(row) -> bool:
+    """False for a cold row none of whose runs was cold: no target is built on a warm load's time."""
+    return row["state"] != "cold" or (row.get("max_residency_in_median") or 0) <= COLD_THRESHOLD
+
+
+def _measured_row(report, method, state):
+    row = _row(report, method, state)
+    return row if row and _measured(row) else None
+
+
 def _per_round(report, method, state) -> dict[int, float]:
     results = report["raw"].get(method, {}).get(state, [])
-    return {r["round"]: r["resident"] for r in results}
+    return {r["round"]: r["resident"] for r in results if state != "cold" or was_cold(r)}
 
 
 def _round_limit(report, name: str) -> dict[int, float]:
@@ -754,7 +779,7 @@ def check_targets(report) -> dict:
     odirect = report["limits"].get("limit_read")
     base = _hpcllm_base(report)
     report["targets_on"] = base
-    disk = _row(report, base, "cold")
+    disk = _measured_row(report, base, "cold")
     if disk and odirect:
         ratio = disk["gbps"] / odirect["median_gbps"]
         limit_by_round = _round_limit(report, "limit_read")
@@ -771,15 +796,15 @@ def check_targets(report) -> dict:
                           for run, s in _per_round(report, base, "cold").items() if run in by_round],
             "met": disk["gbps"] / odirect_only["median_gbps"] >= 0.9}
     for state in ("cold", "warm"):
-        mine = _row(report, base, state)
-        peers = [r for r in report["rows"] if r["method"] in PEERS and r["state"] == state]
+        mine = _measured_row(report, base, state)
+        peers = [r for r in report["rows"] if r["method"] in PEERS and r["state"] == state and _measured(r)]
         if mine and peers:
             fastest = min(peers, key=lambda r: r["resident_s"])
             targets[f"{state}: faster than every peer"] = {
                 "value": f"{mine['resident_s']:.3f} s vs {fastest['method']} {fastest['resident_s']:.3f} s",
                 "met": mine["resident_s"] < fastest["resident_s"]}
     for peer in PEERS:
-        mine, other = _row(report, base, "cold"), _row(report, peer, "cold")
+        mine, other = _measured_row(report, base, "cold"), _measured_row(report, peer, "cold")
         if mine and other:
             by_round = _per_round(report, peer, "cold")
             targets[f"cold: faster than {peer}"] = {
@@ -788,7 +813,7 @@ def check_targets(report) -> dict:
                               if run in by_round],
                 "met": mine["resident_s"] < other["resident_s"]}
     for peer in ("safetensors", "from_pretrained"):
-        mine, other = _row(report, base, "cold"), _row(report, peer, "cold")
+        mine, other = _measured_row(report, base, "cold"), _measured_row(report, peer, "cold")
         if not (mine and other):
             continue
         speedup = other["resident_s"] / mine["resident_s"]
@@ -804,13 +829,13 @@ def check_targets(report) -> dict:
                                  f"({odirect['median_gbps']:.2f} GB/s) would be only {ceiling:.2f}x faster than "
                                  f"{peer}, whose own cold load is mostly the same disk reads")
         targets[f"cold: >= 2x faster than {peer}"] = target
-    dram = _row(report, "hpcllm_dram", "shm")
+    dram = _measured_row(report, "hpcllm_dram", "shm")
     if dram:
         targets["DRAM tier ready <= 50 ms"] = {"value": f"{dram['ready_s'] * 1000:.1f} ms",
                                                "per_run_ms": [round(v * 1000, 1) for v in dram["all_ready_s"]],
                                                "met": dram["ready_s"] <= 0.05}
-    mine = _row(report, "hpcllm_gpu_disk", "cold")
-    gpu_peers = [r for r in report["rows"] if r["method"] in GPU_PEERS and r["state"] == "cold"]
+    mine = _measured_row(report, "hpcllm_gpu_disk", "cold")
+    gpu_peers = [r for r in report["rows"] if r["method"] in GPU_PEERS and r["state"] == "cold" and _measured(r)]
     if mine and gpu_peers:
         fastest = min(gpu_peers, key=lambda r: r["resident_s"])
         targets["GPU cold: faster than every GPU peer"] = {
@@ -818,7 +843,7 @@ def check_targets(report) -> dict:
             "met": mine["resident_s"] < fastest["resident_s"]}
     h2d = report["limits"].get("limit_h2d")
     for method, state in (("hpcllm_gpu_dram", "shm"), ("hpcllm_gpu_disk", "warm")):
-        gpu = _row(report, method, state)
+        gpu = _measured_row(report, method, state)
         if gpu and h2d:
             ratio = gpu["gbps"] / h2d["median_gbps"]
             targets[f"GPU {method} ({state}) >= 0.8x host-to-device"] = {"value": round(ratio, 2),

@@ -43,6 +43,29 @@ def test_a_cold_row_whose_median_holds_a_run_that_was_not_cold_says_so(paths):
     assert "NOT COLD" not in rows["safetensors"]["note"]
 
 
+def test_a_run_that_was_not_cold_is_left_out_of_the_cold_median_and_targets(paths):
+    # Round 1 found half its files in the page cache: its 1.0 s is a warm load's time, not a cold one's.
+    raw = {"hpcllm_disk": {"cold": [run(0, 3.0, 0.0), run(1, 1.0, 0.5), run(2, 3.2, 0.0)]},
+           "safetensors": {"cold": [run(0, 3.3, 0.0), run(1, 3.3, 0.0), run(2, 3.3, 0.0)]}}
+    report = summarize(raw, paths)
+    row = next(r for r in report["rows"] if r["method"] == "hpcllm_disk")
+    assert row["resident_s"] == pytest.approx(3.1)  # rounds 0 and 2
+    assert "left out of the median" in row["note"]
+    target = report["targets"]["cold: faster than safetensors"]
+    assert target["value"] == pytest.approx(round(3.3 / 3.1, 2)) and len(target["per_round"]) == 2
+
+
+@pytest.mark.parametrize("not_cold", ["hpcllm_disk", "safetensors"])
+def test_no_cold_target_is_built_on_a_row_none_of_whose_runs_was_cold(paths, not_cold):
+    # Every "cold" run of one side found its files in the page cache: a comparison with it says nothing of cold loads.
+    raw = {method: {"cold": [run(i, 1.0 if method == not_cold else 3.0, 0.9 if method == not_cold else 0.0)
+                             for i in range(3)]} for method in ("hpcllm_disk", "safetensors")}
+    report = summarize(raw, paths)
+    assert [name for name in report["targets"] if name.startswith("cold")] == []
+    row = next(r for r in report["rows"] if r["method"] == not_cold)
+    assert "NOT COLD in 3 of 3 runs" in row["note"] and "no cold run" in row["note"]
+
+
 @pytest.mark.parametrize("argv, says", [(["--states", "cold,wram"], "--states"), (["--states", ","], "--states"),
                                         (["--runs", "0"], "--runs"), (["--runs", "-1"], "--runs"),
                                         # states that none of the chosen methods has ran nothing
