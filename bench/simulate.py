@@ -37,11 +37,11 @@ decode slowed by the requests decoding beside it), the replay's trace; prints si
 relative errors and writes bench/results/calibration-latest.json and .png.
 
 Measured inputs: tier bandwidths from bench/results/load-latest.json (hpcllm DRAM tier and cold disk GB/s, onto the
-GPU where that run had one; never from a --quick run) and the live-migration pause from
-bench/results/migration-latest.json, when present; otherwise the documented defaults below (printed with their
-source). Prints per policy: mean / p50 / p99 TTFT and end-to-end latency, cold starts by
-tier, GPU-slot-hours held by allocations, requests lost; writes bench/results/simulate-<time>.json and PNG plots
-(TTFT CDFs, TTFT over time, held GPU-hours; --sweep: p99 TTFT and GPU-hours against cluster size and load).
+GPU where that run had one; never from a --quick run, nor from a cold row that was not cold) and the live-migration
+pause from bench/results/migration-latest.json, when present; otherwise the documented defaults below (printed with
+their source). Prints per policy: mean / p50 / p99 TTFT and end-to-end latency, cold starts by tier, GPU-slot-hours
+held by allocations, requests lost; writes bench/results/simulate-<time>.json and PNG plots (TTFT CDFs, TTFT over
+time, held GPU-hours; --sweep: p99 TTFT and GPU-hours against cluster size and load).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from load import COLD_THRESHOLD  # noqa: E402
 from workload import ModelInfo, Request, WorkloadParams, add_arguments, generate, load_trace, params_from  # noqa: E402
 
 from hpcllm.config import parse_config  # noqa: E402
@@ -925,15 +926,24 @@ def measured_inputs(params: SimParams, results: Path = RESULTS) -> SimParams:
     # tier's bandwidth; the simulated instances load onto GPUs, so a GPU run's rows come before the CPU ones.
     if report.get("size") == "bench":
         rows = {(r["method"], r["state"]): r for r in report.get("rows", [])}
-        found = {}
+        found, not_used = {}, []
         for tier, keys in (("dram", [("hpcllm_gpu_dram", "shm"), ("hpcllm_dram", "shm")]),
                            ("nvme", [("hpcllm_gpu_disk", "cold"), ("hpcllm_disk", "cold")])):
             key = next((k for k in keys if rows.get(k, {}).get("gbps")), None)
-            if key:
-                found[tier] = (float(rows[key]["gbps"]), f"{tier}: {key[0]} {key[1]}")
-        if found:
+            if not key:
+                continue
+            # A cold median over runs that found the files in the page cache is not the disk's bandwidth (a run
+            # from before bench/load.py left such runs out of the median has only max_residency_before).
+            row = rows[key]
+            residency = row.get("max_residency_in_median", row.get("max_residency_before")) or 0
+            if key[1] == "cold" and residency > COLD_THRESHOLD:
+                not_used.append(f"{tier}: default, {key[0]} {key[1]} was not cold ({residency:.0%} in the page cache)")
+            else:
+                found[tier] = (float(row["gbps"]), f"{tier}: {key[0]} {key[1]}")
+        if found or not_used:
             params.bandwidth.update({tier: gbps for tier, (gbps, _) in found.items()})
-            params.bandwidth_source = f"{load} ({', '.join(row for _, row in found.values())}); shared FS: default"
+            used = [row for _, row in found.values()] + not_used
+            params.bandwidth_source = f"{load} ({', '.join(used)}); shared FS: default"
     elif report:
         params.bandwidth_source = f"defaults ({load} is a run of the {report.get('size')!r} size: not used)"
     migration = results / "migration-latest.json"

@@ -151,6 +151,25 @@ def test_a_quick_load_run_does_not_set_the_tier_bandwidths(tmp_path):
     assert "not used" in params.bandwidth_source
 
 
+@pytest.mark.parametrize("residency, nvme", [
+    ({"max_residency_before": 0.5}, None),  # a run from before load.py left not-cold runs out of the median
+    ({"max_residency_before": 0.5, "max_residency_in_median": 0.6}, None),  # no cold run at all
+    ({"max_residency_before": 0.5, "max_residency_in_median": 0.0}, 3.0),  # the not-cold run left out
+])
+def test_a_cold_row_timed_with_the_files_in_the_page_cache_does_not_set_the_nvme_bandwidth(tmp_path, residency,
+                                                                                           nvme):
+    import json
+
+    from simulate import DEFAULT_BANDWIDTH, measured_inputs
+
+    report = load_report("bench", [("hpcllm_dram", "shm", 9.6), ("hpcllm_disk", "cold", 3.0)])
+    report["rows"][1].update(residency)
+    (tmp_path / "load-latest.json").write_text(json.dumps(report))
+    params = measured_inputs(SimParams(), tmp_path)
+    assert params.bandwidth == {**DEFAULT_BANDWIDTH, "dram": 9.6, "nvme": nvme or DEFAULT_BANDWIDTH["nvme"]}
+    assert ("hpcllm_disk cold was not cold" in params.bandwidth_source) == (nvme is None)
+
+
 @pytest.mark.parametrize("sweep", [["--sweep-nodes", "100,x"], ["--sweep-loads", "1,three"],
                                    ["--sweep-nodes", "0"]])
 def test_a_bad_sweep_list_is_refused_before_anything_is_simulated(tmp_path, monkeypatch, capsys, sweep):
