@@ -14,12 +14,14 @@ What it adds (InternalServer):
   never wait on a slow sender either.
 - The TLS handshake runs in the request thread under that deadline too (cheroot does it in its accept loop, where
   one silent client would stall every new connection).
+- Its own refusals (a malformed or oversized head or body, before the app runs) in the one error body, as JSON.
 - Its log goes to `logging`; a client that vanished mid-request is not an error of ours.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import socket
 import ssl
@@ -33,6 +35,7 @@ from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cheroot.workers import threadpool
 
 from hpcllm.config import InternalHttpConfig
+from hpcllm.httpkit.errors import InvalidRequest, RequestTooLarge, ServiceError, ServiceUnavailable, service_error
 from hpcllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,12 +92,42 @@ class ReadDeadlines:
                     pass
 
 
+# cheroot's own answers by status, as the ServiceErrors the apps answer with (others: service_error's, the reason
+# phrase as their code).
+_REFUSALS: dict[int, type[ServiceError]] = {400: InvalidRequest, 413: RequestTooLarge, 500: ServiceError,
+                                            503: ServiceUnavailable}
+
+
+def refusal(status: str, message: str) -> ServiceError:
+    """cheroot's answer `status` ('414 Request-URI Too Long') with its message, as a ServiceError."""
+    number, _, reason = status.partition(" ")
+    error_class = _REFUSALS.get(int(number))
+    if error_class is not None:
+        return error_class(message or reason)
+    return service_error(int(number), message or reason, reason.lower().replace("-", " ").replace(" ", "_"))
+
+
 class _Request(cheroot_server.HTTPRequest):
     def parse_request(self):
         conn = self.conn
         # A new connection's first request is due from its accept; a kept-alive one's from now.
         self.server.read_deadlines.arm(conn, time.monotonic() if conn.served_one else conn.accepted_at)
         super().parse_request()
+
+    def simple_response(self, status, msg=""):
+        """cheroot's answers before the app runs (a malformed or oversized head or body, a read timeout) in the one
+        error body, not cheroot's plain text. Each ends its connection (what is left of the request would read as
+        the next one), which the head says."""
+        error = refusal(str(status), msg.decode("latin-1") if isinstance(msg, bytes) else msg)
+        body = json.dumps(error.body()).encode()
+        head = [f"{self.server.protocol} {status}", f"Content-Length: {len(body)}", "Content-Type: application/json",
+                "Connection: close", *(f"{name}: {value}" for name, value in error.headers().items())]
+        self.close_connection = True
+        try:
+            self.conn.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        except OSError as exc:
+            if exc.args[0] not in cheroot_errors.socket_errors_to_ignore:
+                raise
 
 
 class _Connection(cheroot_server.HTTPConnection):
@@ -188,11 +221,10 @@ class _Gateway(wsgi.Gateway_10):
         return super().respond()
 
     def _too_large(self) -> str:
-        return f"the request body is larger than the {self.req.server.max_request_body_size} bytes this service accepts"
+        return RequestTooLarge.over(self.req.server.max_request_body_size).message
 
     def _refuse(self, status: str, message: str) -> None:
-        self.req.simple_response(status, message)
-        self.req.close_connection = True  # what is left of the body would read as the next request
+        self.req.simple_response(status, message)  # and closes the connection: the rest of the body is unread
         self.req.ready = False  # answered: cheroot must not send a (status-less) head after it
 
 

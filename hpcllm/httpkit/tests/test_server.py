@@ -3,6 +3,7 @@ written as produced, bodies bounded, TLS with the site CA."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -227,6 +228,35 @@ def test_a_request_head_past_its_bound_is_refused(serve, head, status):
     answer = answer_to(server.port, head + b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
     assert httpx.get(f"http://127.0.0.1:{server.port}/ping").json() == {"pong": True}
+
+
+def error_of_answer(answer: bytes) -> tuple[int, dict[str, str], dict]:
+    """A raw answer's status, headers (lower-case names) and JSON body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in header_lines)}
+    return int(status_line.split(" ")[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400,
+     "invalid_request"),  # a malformed body: the server's own check
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n", 413, "request_too_large"),
+    (b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n30d40\r\n", 413,
+     "request_too_large"),
+    (b"GET /ping HTTP/1.1\r\nHost: x\r\n" + b"X-Filler: " + b"y" * 70_000 + b"\r\n\r\n", 413, "request_too_large"),
+    (b"GET /ping?" + b"q" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request_uri_too_long"),
+    (b"GET /ping HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n", 400, "invalid_request"),  # cheroot's
+])
+def test_the_servers_own_refusals_have_the_one_error_shape(serve, request_bytes, status, code):
+    """Refusals before the app runs (malformed or oversized bodies and heads) were plain text, unlike every other
+    error: a curl script or a monitor reading error.code got no JSON."""
+    server = serve(max_request_bytes=64 * 1024)
+    answer_status, headers, body = error_of_answer(answer_to(server.port, request_bytes))
+    assert (answer_status, body["error"]["code"]) == (status, code), body
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["message"], body
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close", headers
 
 
 def test_errors_have_the_one_shape(serve):
