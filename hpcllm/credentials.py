@@ -233,6 +233,11 @@ def node_key(cluster_secret: str, credential_id: str, node_id: str) -> str:
     return mac.hexdigest()
 
 
+def could_be_node_key(value: str) -> bool:
+    """value has node_key's form (a SHA-256 HMAC in lower-case hex): what a call before the key is known may carry."""
+    return len(value) == 2 * hashlib.sha256().digest_size and all(c in "0123456789abcdef" for c in value)
+
+
 def worker_key(cluster_secret: str, credential_id: str | None, node_id: str) -> str:
     """The key a node's agent and workers hold: the cluster secret on an operator-run node, else its node key."""
     if credential_id in (None, CLUSTER_CREDENTIAL):
@@ -375,13 +380,15 @@ class ClusterOnly:
 class AgentKey:
     """A node agent's API: the key its workers hold, in X-Hpcllm-Secret - the cluster secret, or for an agent that
     registered with a node token the node key the controller sent (asked at each request: it arrives after the
-    agent serves; until then, None, every call is refused)."""
+    agent serves; until then, None, every call is refused). current_key(wait): the key, with wait True waiting a
+    while for it to arrive - only for a call that carries what could be a node key: the others (no credential, a
+    probe) are refused at once, never holding one of the agent's threads while it registers."""
 
-    def __init__(self, current_key: Callable[[], str | None]):
+    def __init__(self, current_key: Callable[[bool], str | None]):
         self.current_key = current_key
 
     def check(self, req: Request) -> None:
-        key = self.current_key()
+        key = self.current_key(could_be_node_key(req.headers.get(SECRET_HEADER, "")))
         if key is None:
             raise Unauthorized(f"missing or wrong {SECRET_HEADER} header (this agent has no key yet: it is "
                                f"registering with its node token)")

@@ -15,6 +15,7 @@ import pytest
 
 from hpcllm.checkpoint.converter import convert
 from hpcllm.config import parse_config
+from hpcllm.credentials import node_key
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.agent import NodeAgent, expand_node_pattern
 from hpcllm.node.app import create_app
@@ -639,25 +640,59 @@ def test_a_token_agent_holds_a_call_that_comes_before_its_node_key_and_then_serv
     with the node key, reaches the agent: that call waits for the key instead of getting 401."""
     import hpcllm.node.app as agent_app
 
+    key = node_key(SECRET, "pool-token", "n1")
     a = make_agent(tmp_path)
     try:
         a.workers.set_key(None)  # a token agent, registering
         client = create_app(a).test_client()
         monkeypatch.setattr(agent_app, "KEY_WAIT_SECONDS", 0.2)
-        refused = create_app(a).test_client().get("/v1/internal/instances", headers={SECRET_HEADER: "node-key"})
+        refused = create_app(a).test_client().get("/v1/internal/instances", headers={SECRET_HEADER: key})
         assert refused.status_code == 401 and "no key yet" in refused.get_json()["error"]["message"]
         monkeypatch.setattr(agent_app, "KEY_WAIT_SECONDS", 30.0)
         answers = []
         caller = threading.Thread(target=lambda: answers.append(
-            client.get("/v1/internal/instances", headers={SECRET_HEADER: "node-key"})))
+            client.get("/v1/internal/instances", headers={SECRET_HEADER: key})))
         caller.start()
         time.sleep(0.3)
         assert not answers  # still waiting for the registration's answer
-        a.workers.set_key("node-key")
+        a.workers.set_key(key)
         caller.join(10)
         assert answers[0].status_code == 200
         assert client.get("/v1/internal/instances", headers={SECRET_HEADER: SECRET}).status_code == 401
     finally:
+        a.workers.close()
+
+
+def test_a_token_agent_refuses_a_call_without_a_node_key_at_once_while_it_waits_for_its_own(tmp_path, monkeypatch):
+    """Until a token agent has its node key, every call waited up to KEY_WAIT_SECONDS for it, credential or not:
+    a burst of unauthenticated requests (a port scanner, a health probe) held the agent's threads (node.threads)
+    and delayed the controller's own calls. A call that cannot carry a node key is refused at once."""
+    import hpcllm.node.app as agent_app
+
+    key = node_key(SECRET, "pool-token", "n1")
+    monkeypatch.setattr(agent_app, "KEY_WAIT_SECONDS", 600.0)  # the key is held back until the test gives it
+    a = make_agent(tmp_path)
+    try:
+        a.workers.set_key(None)  # a token agent, registering
+        client = create_app(a).test_client()
+        held = []
+        waiting = threading.Thread(target=lambda: held.append(
+            client.get("/v1/internal/instances", headers={SECRET_HEADER: key})))
+        waiting.start()
+        refused = []
+        for headers in ({}, {SECRET_HEADER: ""}, {SECRET_HEADER: "probe"}, {SECRET_HEADER: key.upper()}):
+            caller = threading.Thread(target=lambda h=headers: refused.append(client.get("/health", headers=h)))
+            caller.start()
+            caller.join(60)
+            assert not caller.is_alive(), f"a call with {headers} waits for the node key"
+        assert [r.status_code for r in refused] == [401] * 4
+        assert "no key yet" in refused[0].get_json()["error"]["message"]
+        assert not held and waiting.is_alive()  # the call with a node key's form still waits for the key
+        a.workers.set_key(key)  # the registration's answer
+        waiting.join(60)
+        assert held[0].status_code == 200, held[0].get_data(as_text=True)
+    finally:
+        a.workers.set_key(SECRET)  # a failed test's waiting call ends
         a.workers.close()
 
 
