@@ -286,6 +286,10 @@ class ApiKey(Section):
     min_priority: int = Field(0, ge=PRIORITY_MIN, le=0)
 
 
+# What steps a model instance: hpcllm's own engine, or vLLM behind hpcllm's worker API (docs/vllm.md).
+EngineName = Literal["hpcllm", "vllm"]
+
+
 class StaticModel(Section):
     """A model served by fixed worker(s) without a controller (single-node deployments, tests)."""
 
@@ -300,6 +304,8 @@ class StaticModel(Section):
     lora_adapters: list[Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]] = Field(default_factory=list)
     # How the model writes tool calls; empty: read from its chat template (docs/gateway.md, Tool calling).
     tool_call_parser: ToolCallFormat | None = None
+    # The engine its workers run (`hpcllm worker --engine`): vLLM's do not pool (embeddings, score, rerank, classify).
+    engine: EngineName = "hpcllm"
 
     @property
     def worker_urls(self) -> list[str]:

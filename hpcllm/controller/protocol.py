@@ -32,7 +32,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hpcllm.config import MODEL_NAME_PATTERN, ToolCallFormat
+from hpcllm.config import MODEL_NAME_PATTERN, EngineName, ToolCallFormat
 from hpcllm.credentials import MigrationTicket
 from hpcllm.httpkit.wire import UnixTime, WireModel
 from hpcllm.config import WALLTIME_PATTERN
@@ -41,8 +41,6 @@ from hpcllm.worker.protocol import LoadLoraAdapter, MigrationFailure, MigrationR
 
 
 Tier = Literal["dram", "nvme", "sharedfs"]
-# What steps a model instance: hpcllm's own engine, or vLLM behind hpcllm's worker API (docs/vllm.md).
-EngineName = Literal["hpcllm", "vllm"]
 CacheTier = Literal["dram", "nvme"]
 InstanceState = Literal["loading", "ready", "draining", "stopped", "failed"]
 

@@ -52,7 +52,7 @@ class ModelCard:
     # A LoRA adapter served on a deployed model (its lora_adapters): that model's name. Requests for the adapter go
     # to the base model's instances and name the adapter (GenerateRequest.lora).
     parent: str | None = None
-    engine: controller_wire.EngineName = "hpcllm"  # the deployment's (a static model's worker is taken as hpcllm's)
+    engine: controller_wire.EngineName = "hpcllm"  # the deployment's, or a static model's `engine`
 
     @property
     def pools(self) -> bool:
@@ -168,7 +168,7 @@ class StaticRouter(Router):
         for name, spec in static_models.items():
             card = self._cards[name] = ModelCard(name=name, source=Path(spec.source),
                                                  max_model_len=_static_max_model_len(name, spec), created=created,
-                                                 tool_call_parser=spec.tool_call_parser)
+                                                 tool_call_parser=spec.tool_call_parser, engine=spec.engine)
             for adapter in spec.lora_adapters:
                 if adapter in static_models or adapter in self._cards:
                     raise ConfigError(f"gateway.static_models.{name}.lora_adapters: {adapter!r} is already the name "

@@ -18,11 +18,12 @@ def test_example_config_is_valid_and_its_static_section_too(tmp_path):
     assert config.gateway.router == "auto" and config.gateway.api_keys
     # The commented single-node section must parse once uncommented.
     text = example.read_text()
-    keys = ("# [gateway.static_models.", "# worker_url =", "# source =", "# max_model_len =")
+    keys = ("# [gateway.static_models.", "# worker_url =", "# source =", "# max_model_len =", "# engine =")
     uncommented = "\n".join(line[2:] if line.startswith(keys) else line for line in text.splitlines())
     (tmp_path / "static.toml").write_text(uncommented)
     static = load_config(tmp_path / "static.toml").gateway.static_models["tiny-llama"]
     assert static.worker_urls == ["http://127.0.0.1:8123"] and static.max_model_len == 512
+    assert static.engine == "vllm"
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path, capsys):

@@ -178,6 +178,33 @@ def test_a_request_naming_no_model_leaves_out_the_models_whose_worker_cannot_poo
     assert f"2 served models answer embeddings (other, {MODEL})" in error["message"]
 
 
+def test_a_static_model_says_its_engine_and_one_on_vllm_is_no_candidate_for_pooling(make_gateway, tiny_model_dir,
+                                                                                      worker_url):
+    """A static model could not say it is served by a vLLM worker (taken as hpcllm's): beside a model that pools, an
+    embeddings or score request naming no model was a 400 listing both, never answered. With engine = "vllm" it is
+    no candidate, and a request naming it is refused before its worker is asked."""
+    gateway = make_gateway(static_models={
+        MODEL: {"worker_url": worker_url, "source": str(tiny_model_dir)},
+        "on-vllm": {"worker_url": "http://127.0.0.1:9", "source": str(tiny_model_dir), "engine": "vllm"}})
+    answer = gateway.post("/v1/embeddings", json={"input": [QUERY]})
+    assert answer.status_code == 200 and answer.json()["model"] == MODEL, answer.text
+    assert gateway.post("/v1/score", json={"text_1": QUERY, "text_2": "france"}).json()["model"] == MODEL
+    error = assert_error(gateway.post("/v1/embeddings", json={"model": "on-vllm", "input": "a"}), 400,
+                         "invalid_request", "model")
+    assert 'engine = "vllm"' in error["message"]  # not a 502/503 for a worker nobody reached
+
+
+def test_a_static_models_engine_is_checked_at_start(tmp_path, tiny_model_dir):
+    from hpcllm.errors import ConfigError
+
+    from .conftest import gateway_config
+
+    with pytest.raises(ConfigError, match=r"gateway\.static_models\.m\.engine: Input should be 'hpcllm' or 'vllm'"):
+        gateway_config(tmp_path, "http://127.0.0.1:9", tiny_model_dir,
+                       static_models={"m": {"worker_url": "http://127.0.0.1:9", "source": str(tiny_model_dir),
+                                            "engine": "sglang"}})
+
+
 def test_the_root_paths_need_an_api_key(gateway):
     for path in ("/score", "/rerank", "/v2/rerank", "/classify"):
         assert_error(gateway.post(path, key=None, json={"model": MODEL}), 401, "missing_api_key")
