@@ -7,10 +7,11 @@ neither package imports the other back.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import click
 
-from hpcllm.config import load_config
+from hpcllm.config import EngineName, load_config
 from hpcllm.logs import setup_service_logging
 from hpcllm.node.identity import node_name
 from hpcllm.tp.worker import run_tensor_parallel_worker
@@ -87,7 +88,7 @@ def _check_mode_options(tensor_parallel: bool, engine: str, cache_into: Path | N
               help="hpcllm TOML config (default: $HPCLLM_CONFIG, else built-in defaults).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch compute threads. Default: worker.cpu_threads, else torch's own (every core).")
-@click.option("--engine", type=click.Choice(["hpcllm", "vllm"]), default="hpcllm", show_default=True,
+@click.option("--engine", type=click.Choice(get_args(EngineName)), default="hpcllm", show_default=True,
               help="hpcllm's engine, or vLLM (run this with the interpreter of `make vllm-venv`).")
 @click.option("--cache-into", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
               help="Empty folder (given by the node agent): also write the checkpoint bytes the load reads there, "
