@@ -114,10 +114,23 @@ class _Request(cheroot_server.HTTPRequest):
         self.server.read_deadlines.arm(conn, time.monotonic() if conn.served_one else conn.accepted_at)
         super().parse_request()
 
+    _reading_headers = False
+
+    def read_request_headers(self):
+        # cheroot refuses a Content-Length over the limit here, in its own words (its one 413 here: headers over
+        # theirs are refused in parse_request); simple_response words it as a chunked body over the limit is.
+        self._reading_headers = True
+        try:
+            return super().read_request_headers()
+        finally:
+            self._reading_headers = False
+
     def simple_response(self, status, msg=""):
         """cheroot's answers before the app runs (a malformed or oversized head or body, a read timeout) in the one
         error body, not cheroot's plain text. Each ends its connection (what is left of the request would read as
         the next one), which the head says."""
+        if self._reading_headers and str(status).startswith("413 "):
+            msg = RequestTooLarge.over(self.server.max_request_body_size).message
         error = refusal(str(status), msg.decode("latin-1") if isinstance(msg, bytes) else msg)
         body = json.dumps(error.body()).encode()
         head = [f"{self.server.protocol} {status}", f"Content-Length: {len(body)}", "Content-Type: application/json",
