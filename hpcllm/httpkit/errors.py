@@ -87,6 +87,12 @@ def respond(exc: ServiceError):
     return resp
 
 
+def code_of_reason(reason: str) -> str:
+    """An error code from an HTTP reason phrase ('Request-URI Too Long': request_uri_too_long), for errors whose
+    status comes from elsewhere (werkzeug's, cheroot's)."""
+    return reason.lower().replace("-", " ").replace(" ", "_")
+
+
 def service_error(status: int, message: str, code: str | None, param: str | None = None) -> ServiceError:
     """A ServiceError whose status is known only at run time (werkzeug's, another error family's); its type says
     who is at fault: the caller below 500, the service from 500."""
@@ -117,7 +123,7 @@ def from_http_exception(exc: HTTPException) -> ServiceError:
                                   + (f" (allowed: {allowed})" if allowed else ""), "method_not_allowed")
     if exc.code == 413:
         return RequestTooLarge.over(request.max_content_length)
-    return service_error(exc.code or 500, exc.description or exc.name, exc.name.lower().replace(" ", "_"))
+    return service_error(exc.code or 500, exc.description or exc.name, code_of_reason(exc.name))
 
 
 def unexpected_error(exc: Exception) -> ServiceError:

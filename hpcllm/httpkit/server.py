@@ -35,7 +35,8 @@ from cheroot.ssl.builtin import BuiltinSSLAdapter
 from cheroot.workers import threadpool
 
 from hpcllm.config import InternalHttpConfig
-from hpcllm.httpkit.errors import InvalidRequest, RequestTooLarge, ServiceError, ServiceUnavailable, service_error
+from hpcllm.httpkit.errors import (InvalidRequest, RequestTooLarge, ServiceError, ServiceUnavailable, code_of_reason,
+                                   service_error)
 from hpcllm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def refusal(status: str, message: str) -> ServiceError:
     error_class = _REFUSALS.get(int(number))
     if error_class is not None:
         return error_class(message or reason)
-    return service_error(int(number), message or reason, reason.lower().replace("-", " ").replace(" ", "_"))
+    return service_error(int(number), message or reason, code_of_reason(reason))
 
 
 class _Request(cheroot_server.HTTPRequest):
