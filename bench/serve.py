@@ -247,7 +247,7 @@ class BehindGateway(Target):
                                    source_tree=self.tree)
         self.start_seconds = self.worker.start_seconds
         self.gateway = start_gateway(self.worker.url, s.checkpoint, s.max_running, s.work / f"{self.name}-gateway",
-                                     self.tree)
+                                     self.tree, self.engine)
         return self.gateway.url + "/v1"
 
     def stop(self) -> None:
@@ -297,9 +297,11 @@ TARGETS = {
 }
 
 
-def start_gateway(worker_url: str, source: Path, max_running: int, work: Path, tree: Path = REPO) -> StartedServer:
+def start_gateway(worker_url: str, source: Path, max_running: int, work: Path, tree: Path = REPO,
+                  engine: str = "hpcllm") -> StartedServer:
     """`hpcllm gateway` (gunicorn, one process, a thread per stream) with the worker as a static model; tree: the
-    folder whose hpcllm it runs."""
+    folder whose hpcllm it runs; engine: the worker's (its `engine` setting, given to this tree's gateway only: a
+    baseline's may not know the key, and the completions measured here go to the one model either way)."""
     work = make_dir(work)
     port = free_port()
     config = work / "gateway.toml"
@@ -307,7 +309,8 @@ def start_gateway(worker_url: str, source: Path, max_running: int, work: Path, t
         # dev = true: a local measurement on loopback, with an open API (no keys) and a bench-only secret
         f'[paths]\nstate_dir = "{work / "state"}"\n[cluster]\ndev = true\nshared_secret = "{SECRET}"\n'
         f'[gateway]\nhost = "127.0.0.1"\nport = {port}\nworkers = 1\nthreads = {2 * max_running + 8}\n'
-        f'[gateway.static_models.{MODEL}]\nworker_url = "{worker_url}"\nsource = "{source}"\n')
+        f'[gateway.static_models.{MODEL}]\nworker_url = "{worker_url}"\nsource = "{source}"\n'
+        + (f'engine = "{engine}"\n' if tree == REPO else ""))
     config.chmod(0o600)
     log_path = work / "gateway.log"
     started = time.monotonic()
