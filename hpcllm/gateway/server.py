@@ -26,6 +26,7 @@ Settings and why:
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import math
 import multiprocessing
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gevent
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.workers.ggevent import GeventWorker
@@ -48,6 +50,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from hpcllm.config import Config, check_service_credentials, private_state_dir
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.routing import make_router
+from hpcllm.httpkit.errors import code_of_reason, service_error
 from hpcllm.procs import freeze_startup_heap, pid_alive
 
 log = logging.getLogger(__name__)
@@ -118,11 +121,29 @@ class GatewayArbiter(Arbiter):
         super().stop(graceful)
 
 
+def write_error_body(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's util.write_error (the answer to a request it refuses itself, before the app runs: a request line
+    or headers too large, a malformed request line or header), in the one error body instead of an HTML page."""
+    code = "invalid_request" if status_int == 400 else code_of_reason(reason)
+    error = service_error(status_int, mesg or reason, code)
+    body = json.dumps(error.body()).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    gunicorn_util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
 class DrainingMixin:
     """The drain behaviour of a gateway worker, mixed in before a gunicorn worker class: on SIGTERM answer 503 while
-    the gateway drains, then stop (gunicorn's graceful stop, super().handle_exit) when no request is running."""
+    the gateway drains, then stop (gunicorn's graceful stop, super().handle_exit) when no request is running. Also
+    gunicorn's own refusals in the one error body (write_error_body)."""
 
     _drain_thread: threading.Thread | None = None
+
+    def init_process(self) -> None:
+        # Worker.handle_error words gunicorn's refusals (status, reason, message: its mapping, kept) and writes
+        # them with util.write_error, its one caller: that writer is replaced, in this worker process.
+        gunicorn_util.write_error = write_error_body
+        super().init_process()
 
     def handle_exit(self, sig, frame) -> None:
         gateway = self._gateway()

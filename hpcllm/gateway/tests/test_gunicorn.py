@@ -380,3 +380,27 @@ def test_after_a_body_that_cannot_be_read_the_connection_closes(tmp_path, tiny_m
     head = answer.split(b"\r\n\r\n", 1)[0].lower()
     assert answer.startswith(b"HTTP/1.1 400 ") and b"\r\nconnection: close" in head, answer
     assert answer.count(b"HTTP/1.1 ") == 1, answer
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_gunicorns_own_refusals_have_the_one_error_shape(tmp_path, tiny_model_dir, blackhole_url, worker_class):
+    """Requests gunicorn refuses before the app runs (a request line or headers over its limits, a malformed
+    request line) were answered with an HTML page, unlike every other error of the gateway: an openai client or a
+    script reading error.code got no JSON."""
+    auth = b"Host: x\r\nAuthorization: Bearer " + USER_KEY.encode() + b"\r\n"
+    # Each within one read of gunicorn's (8 KiB): bytes left unread when it closes would reset the connection.
+    requests = [
+        (b"GET /v1/models?" + b"q" * 5_000 + b" HTTP/1.1\r\n" + auth + b"\r\n", 414),  # request line over 4094
+        (b"GET /v1/models HTTP/1.1\r\n" + auth + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n",
+         431),  # more than 100 header fields
+        (b"NOT A REQUEST LINE\r\n" + auth + b"\r\n", 400),
+    ]
+    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
+                         worker_class) as (_, url, _):
+        for request, status in requests:
+            answer = raw_answer(url, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d " % status), (request[:60], answer)
+            assert b"\r\ncontent-type: application/json" in head.lower(), answer
+            error = json.loads(body)["error"]
+            assert error["type"] == "invalid_request_error" and error["code"] and error["message"], error
