@@ -56,7 +56,7 @@ from hpcllm.procs import exited_within
 from hpcllm.slurm.base import catchable_signal
 from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
-from hpcllm.worker.cli import SECRET_ENV
+from hpcllm.worker.cli import AGENT_STDIN_ENV, SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
 from hpcllm.worker import vllm_launch
@@ -588,10 +588,15 @@ class WorkerManager:
             command = self._command(req, path, url_file)
             if cache_into is not None:  # cache on load: the worker tees what it reads there
                 command += ["--cache-into", str(cache_into)]
-            env = (self._spanning_environment(req.gpu_ids) if req.nodes > 1
-                   else self._environment(req.gpu_ids, req.tensor_parallel))
+            if req.nodes > 1:  # Slurm ends the step with the agent's job (its batch step)
+                env, stdin = self._spanning_environment(req.gpu_ids), subprocess.DEVNULL
+            else:
+                # A pipe the agent holds until the worker is gone: its end tells the worker (mpirun forwards it to
+                # the lead rank) that the agent died, killed where nothing ends its workers with it.
+                env, stdin = self._environment(req.gpu_ids, req.tensor_parallel), subprocess.PIPE
+                env[AGENT_STDIN_ENV] = "1"
             return subprocess.Popen(command, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT,
                                     preexec_fn=self._ignore_drain_signal())
 
     # ------------------------------------------------------------------------------------------------ spares
@@ -633,6 +638,7 @@ class WorkerManager:
         env[HOST_POOL_ENV] = str(self._spare_pool_bytes())
         # The spare starts the model process too where a CPU worker of hpcllm's engine would use one.
         env[MODEL_PROCESS_ENV] = "1" if self.config.worker.model_process_for(self.config.worker.device) else "0"
+        env[AGENT_STDIN_ENV] = "1"  # as an instance's worker it watches the pipe its assignment came through
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "hpcllm.worker.spare"], env=env, stdin=subprocess.PIPE,
                                        stdout=log_file, stderr=subprocess.STDOUT,
@@ -676,7 +682,7 @@ class WorkerManager:
                      SECRET_ENV: key})
             try:
                 spare.process.stdin.write(assignment.model_dump_json().encode() + b"\n")
-                spare.process.stdin.close()
+                spare.process.stdin.flush()  # kept open: the worker stops at its end (the agent's death)
             except OSError:  # it died meanwhile: try the next one, else start a fresh worker
                 spare.process.kill()
                 spare.process.wait()
@@ -966,6 +972,8 @@ class WorkerManager:
                 inst.wake.clear()
         finally:
             self._release(inst)
+            if inst.process.stdin is not None:  # the worker's pipe (AGENT_STDIN_ENV): no fd left per instance
+                inst.process.stdin.close()
             fill = self._take_fill(inst)
             if fill is not None:  # it never became ready: its partial copy goes
                 self.cache.discard_load_fill(fill)

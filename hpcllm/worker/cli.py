@@ -8,7 +8,11 @@ line, where other users of the node could read it with ps.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -17,6 +21,12 @@ from hpcllm.config import Config
 from hpcllm.errors import ConfigError
 
 SECRET_ENV = "HPCLLM_SHARED_SECRET"
+# Set ("1") by the node agent that starts the worker with a pipe on its stdin that it never writes to nor closes
+# (a spare's, once it wrote the assignment): the pipe's end means the agent is gone (killed with -9, by the OOM
+# killer), and the worker stops rather than hold its GPUs, memory and port for no agent (docs/node-agent.md).
+AGENT_STDIN_ENV = "HPCLLM_AGENT_STDIN"
+
+log = logging.getLogger(__name__)
 
 
 def run_worker(
@@ -88,6 +98,9 @@ def run_worker(
         # weights bound for the model process go straight into shared memory: its pickling then copies nothing
         shared_memory = bool(model_process)
         loader = lambda: load_with_hpcllm(model_path, device, cache_into, shared_memory)  # noqa: E731
+    if os.environ.pop(AGENT_STDIN_ENV, None) == "1":
+        stop_when_the_agent_is_gone((stop_signals or (signal.SIGTERM,))[0],
+                                    config.node.worker_stop_timeout_seconds)
     serve(
         service,
         loader=loader,
@@ -98,6 +111,27 @@ def run_worker(
         on_listening=lambda url: click.echo(f"hpcllm worker for {service.model_name} listening on {url}", err=True),
         **({"stop_signals": stop_signals} if stop_signals else {}),
     )
+
+
+def stop_when_the_agent_is_gone(stop_signal: int, kill_after: float) -> None:
+    """Watch stdin (the node agent's pipe, AGENT_STDIN_ENV) on a thread: at its end, the agent is gone, and this
+    process sends itself its stop signal (the stop the agent would give it: in-flight requests aborted, a
+    tensor-parallel lead ends its followers), then SIGKILL after kill_after seconds
+    (node.worker_stop_timeout_seconds, the agent's own grace) if a hung engine keeps it from ending."""
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError as exc:  # no stdin to watch: the worker serves on, as it did before it watched
+            log.warning("cannot watch stdin for the node agent's end: %s", exc)
+            return
+        log.warning("stdin closed: the node agent that started this worker is gone; stopping")
+        os.kill(os.getpid(), stop_signal)
+        time.sleep(kill_after)  # the process normally ends before: this thread ends with it
+        log.error("the worker did not stop within %.0f s of its agent's end: SIGKILL", kill_after)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="hpcllm-agent-watch", daemon=True).start()
 
 
 def _check_cuda_graphs(worker, device: str, engine: str) -> None:

@@ -1,0 +1,129 @@
+"""A node agent killed outside the reach of its Slurm job's cleanup (kill -9, the OOM killer; an agent run by hand):
+its workers must not keep serving, holding the node's GPUs, memory and ports for no agent. A real `hpcllm node`
+process with real `hpcllm worker` processes of the tiny converted model, SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hpcllm.httpkit.auth import SECRET_HEADER
+from hpcllm.node.tests.test_agent import SECRET, converted, wait_for  # noqa: F401 (converted: a fixture)
+from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
+from hpcllm.node.workers import Process, descendants, processes, running
+
+AUTH = {SECRET_HEADER: SECRET}
+
+
+def write_config(root: Path, **node) -> Path:
+    namespace = f"death-{uuid.uuid4().hex[:8]}"
+    settings = {"nvme_dir": str(root / "nvme"), "dram_namespace": namespace, "probe_bytes": 1 << 20,
+                "memcpy_probe_bytes": 1 << 20, "listen_host": "127.0.0.1", "cache_on_load": [], **node}
+    lines = ["[paths]", f"state_dir = {json.dumps(str(root / 'state'))}",
+             f"models_dir = {json.dumps(str(root / 'models'))}",
+             "[cluster]", f"shared_secret = {json.dumps(SECRET)}",
+             "[node]", *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
+    path = root / "hpcllm.toml"
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)  # holds the secret: the agent refuses it otherwise
+    return path
+
+
+class KilledAgent:
+    """`hpcllm node` on a free port, its controller unreachable (it serves its API while it retries registering)."""
+
+    def __init__(self, root: Path, **node):
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = root / "agent.log"
+        config = write_config(root, **node)
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "hpcllm.cli.main", "node", "--config", str(config), "--port", "0",
+                 "--controller-url", "http://127.0.0.1:1"], stdout=out, stderr=subprocess.STDOUT)
+        self.url = wait_for(self._listening, what="the agent's API")
+
+    def _listening(self) -> str | None:
+        assert self.process.poll() is None, self.log.read_text()
+        found = re.search(r"listening on (http://\S+)", self.log.read_text())
+        return found.group(1) if found else None
+
+    def start(self, model_dir: Path, **fields) -> str:
+        resp = httpx.post(f"{self.url}/v1/internal/instances", headers=AUTH, timeout=30,
+                          json={"model": "tiny-llama", "source": str(model_dir), **fields})
+        assert resp.status_code == 202, resp.text
+        instance_id = resp.json()["instance_id"]
+        wait_for(lambda: self.state(instance_id) == "ready", timeout=240, what=f"{instance_id} ready")
+        return instance_id
+
+    def state(self, instance_id: str) -> str:
+        listing = httpx.get(f"{self.url}/v1/internal/instances", headers=AUTH, timeout=30).json()
+        [state] = [i["state"] for i in listing["instances"] if i["instance_id"] == instance_id]
+        assert state != "failed", self.log.read_text()
+        return state
+
+    def kill(self) -> list[Process]:
+        """SIGKILL the agent alone; the processes that were under it (recorded with their start times)."""
+        under = processes(descendants(self.process.pid))
+        self.process.kill()
+        self.process.wait()
+        return under
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+def _gone_or_killed(left: list[Process], timeout: float) -> list[Process]:
+    """Wait (generously) for the processes to end; those that do not are SIGKILLed here, and returned."""
+    try:
+        wait_for(lambda: not running(left), timeout=timeout, what="the workers to end")
+        return []
+    except AssertionError:
+        stuck = running(left)
+        for proc in stuck:
+            os.kill(proc.pid, signal.SIGKILL)
+        return stuck
+
+
+@pytest.mark.parametrize("spare", [False, True], ids=["fresh-worker", "spare-worker"])
+def test_the_worker_of_an_agent_killed_with_sigkill_exits(tmp_path, converted, spare):  # noqa: F811
+    # spare: the instance goes to the spare (a warm process that read its assignment from the agent on stdin).
+    agent = KilledAgent(tmp_path / "agent", spare_workers=1 if spare else 0)
+    try:
+        if spare:
+            wait_for(lambda: any("spare worker ready" in log.read_text()
+                                 for log in (tmp_path / "agent").rglob("spare-*.log")),
+                     timeout=240, what="the spare's imports")
+        instance_id = agent.start(converted)
+        assert ("takes tiny-llama" in agent.log.read_text()) == spare  # the agent's line for a spare's instance
+        under = agent.kill()
+    finally:
+        agent.close()
+    assert under, "no process under the agent"
+    stuck = _gone_or_killed(under, timeout=120)
+    assert not stuck, f"{instance_id}: still running 120 s after the agent's death: {stuck}"
+    [worker_log] = (tmp_path / "agent").rglob(f"{instance_id}.log")
+    assert "the node agent that started this worker is gone; stopping" in worker_log.read_text()
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_every_rank_of_a_tensor_parallel_instance_exits_when_its_agent_is_killed(tmp_path, tp_converted):  # noqa: F811
+    agent = KilledAgent(tmp_path / "agent", spare_workers=0)
+    try:
+        agent.start(tp_converted, tensor_parallel=2)
+        under = agent.kill()
+    finally:
+        agent.close()
+    assert len(under) >= 3, f"expected mpirun and two ranks under the agent: {under}"
+    stuck = _gone_or_killed(under, timeout=120)
+    assert not stuck, f"still running 120 s after the agent's death: {stuck}"
