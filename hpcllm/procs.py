@@ -3,6 +3,7 @@
 import gc
 import os
 import subprocess
+from pathlib import Path
 
 
 def pid_alive(pid: int) -> bool:
@@ -20,6 +21,32 @@ def pid_alive(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def proc_stat(pid: int | str) -> list[str] | None:
+    """/proc/pid/stat's fields from the state (field 3) on; None once the pid is gone. "pid (comm) state ppid ...":
+    comm may hold spaces and parentheses, the last ")" ends it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under pid (children first), from /proc: mpirun's ranks, which OpenMPI moves to process
+    groups of their own, so a group kill would miss them."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = proc_stat(stat.parent.name)
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(parents.get(pid, []))
+    while todo:
+        child = todo.pop(0)
+        found.append(child)
+        todo += parents.get(child, [])
+    return found
 
 
 def exited_within(process: subprocess.Popen, timeout: float) -> bool:

@@ -52,7 +52,7 @@ from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.httpkit.client import error_of, internal_client, json_object
 from hpcllm.node.gpus import MIG_PREFIX, GpuInventory
 from hpcllm.node.protocol import AdapterFailure, LoraAdaptersApplied, StartInstance, first_instances_version
-from hpcllm.procs import exited_within
+from hpcllm.procs import descendants, exited_within, proc_stat
 from hpcllm.slurm.base import catchable_signal
 from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
@@ -135,35 +135,9 @@ class Process(NamedTuple):
     started: int
 
 
-def _stat(pid: int | str) -> list[str] | None:
-    """/proc/pid/stat's fields from the state (field 3) on; None once the pid is gone. "pid (comm) state ppid ...":
-    comm may hold spaces and parentheses, the last ")" ends it."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields if len(fields) > 19 else None
-
-
 def processes(pids: list[int]) -> list[Process]:
     """The live ones of pids, recorded with their start times."""
-    return [Process(pid, int(fields[19])) for pid in pids if (fields := _stat(pid)) is not None]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process under pid (children first), from /proc: mpirun's ranks, which OpenMPI moves to process
-    groups of their own, so a group kill would miss them."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat(stat.parent.name)
-        if fields is not None:
-            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], list(parents.get(pid, []))
-    while todo:
-        child = todo.pop(0)
-        found.append(child)
-        todo += parents.get(child, [])
-    return found
+    return [Process(pid, int(fields[19])) for pid in pids if (fields := proc_stat(pid)) is not None]
 
 
 def running(recorded: list[Process]) -> list[Process]:
@@ -171,7 +145,7 @@ def running(recorded: list[Process]) -> list[Process]:
     it), not a zombie (one waiting for its reaper has ended)."""
     live = []
     for proc in recorded:
-        fields = _stat(proc.pid)
+        fields = proc_stat(proc.pid)
         if fields is not None and fields[0] != "Z" and int(fields[19]) == proc.started:
             live.append(proc)
     return live

@@ -19,6 +19,7 @@ import click
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
+from hpcllm.procs import descendants
 
 SECRET_ENV = "HPCLLM_SHARED_SECRET"
 # Set ("1") by the node agent that starts the worker with a pipe on its stdin that it never writes to nor closes
@@ -116,8 +117,8 @@ def run_worker(
 def stop_when_the_agent_is_gone(stop_signal: int, kill_after: float) -> None:
     """Watch stdin (the node agent's pipe, AGENT_STDIN_ENV) on a thread: at its end, the agent is gone, and this
     process sends itself its stop signal (the stop the agent would give it: in-flight requests aborted, a
-    tensor-parallel lead ends its followers), then SIGKILL after kill_after seconds
-    (node.worker_stop_timeout_seconds, the agent's own grace) if a hung engine keeps it from ending."""
+    tensor-parallel lead ends its followers), then SIGKILLs every process under it and itself after kill_after
+    seconds (node.worker_stop_timeout_seconds, the agent's own grace) if a hung engine keeps it from ending."""
     def watch() -> None:
         try:
             while os.read(0, 4096):
@@ -129,6 +130,12 @@ def stop_when_the_agent_is_gone(stop_signal: int, kill_after: float) -> None:
         os.kill(os.getpid(), stop_signal)
         time.sleep(kill_after)  # the process normally ends before: this thread ends with it
         log.error("the worker did not stop within %.0f s of its agent's end: SIGKILL", kill_after)
+        # Its model process / vLLM engine core first: an orphan would keep its GPU and host memory.
+        for pid in descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended since the listing
+                pass
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="hpcllm-agent-watch", daemon=True).start()
