@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from pathlib import Path
@@ -115,10 +116,20 @@ def run_worker(
 
 
 def stop_when_the_agent_is_gone(stop_signal: int, kill_after: float) -> None:
-    """Watch stdin (the node agent's pipe, AGENT_STDIN_ENV) on a thread: at its end, the agent is gone, and this
+    """Watch stdin (the node agent's pipe, AGENT_STDIN_ENV; not watched, with a warning, if it is no pipe) on a
+    thread: at its end, the agent is gone, and this
     process sends itself its stop signal (the stop the agent would give it: in-flight requests aborted, a
     tensor-parallel lead ends its followers), then SIGKILLs every process under it and itself after kill_after
     seconds (node.worker_stop_timeout_seconds, the agent's own grace) if a hung engine keeps it from ending."""
+    try:
+        piped = stat.S_ISFIFO(os.fstat(0).st_mode)
+    except OSError:  # no stdin at all
+        piped = False
+    if not piped:
+        # A launcher that does not forward stdin (/dev/null, a terminal): its end would be no news of the agent.
+        log.warning("stdin is not the node agent's pipe: this worker will not stop when its agent is gone")
+        return
+
     def watch() -> None:
         try:
             while os.read(0, 4096):

@@ -43,3 +43,23 @@ def test_a_hung_worker_whose_agent_is_gone_takes_its_child_processes_with_it():
             worker.kill()
             worker.wait()
 
+
+
+def test_a_worker_whose_stdin_is_no_pipe_serves_on_with_a_warning():
+    # A launcher that does not forward stdin (an MPI launcher, a job script) leaves /dev/null: its immediate end
+    # is no news of the agent. The watch would stop the worker at once; the script's end shows it serves on.
+    script = textwrap.dedent("""
+        import logging, signal, threading
+        from hpcllm.worker.cli import stop_when_the_agent_is_gone
+        logging.basicConfig()
+        stop_when_the_agent_is_gone(signal.SIGTERM, 60)
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread():
+                thread.join()
+        print("still serving", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=120)
+    # before: killed by its own SIGTERM (returncode -15), stderr "stdin closed: the node agent ... is gone; stopping"
+    assert (done.returncode, done.stdout) == (0, "still serving\n"), done.stderr
+    assert "stdin is not the node agent's pipe: this worker will not stop when its agent is gone" in done.stderr
