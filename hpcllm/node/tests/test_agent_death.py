@@ -19,7 +19,8 @@ import pytest
 from hpcllm.httpkit.auth import SECRET_HEADER
 from hpcllm.node.tests.test_agent import SECRET, converted, wait_for  # noqa: F401 (converted: a fixture)
 from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
-from hpcllm.node.workers import Process, descendants, processes, running
+from hpcllm.node.workers import Process, processes, running
+from hpcllm.procs import descendants
 
 AUTH = {SECRET_HEADER: SECRET}
 
@@ -120,10 +121,13 @@ def test_the_worker_of_an_agent_killed_with_sigkill_exits(tmp_path, converted, s
 def test_every_rank_of_a_tensor_parallel_instance_exits_when_its_agent_is_killed(tmp_path, tp_converted):  # noqa: F811
     agent = KilledAgent(tmp_path / "agent", spare_workers=0)
     try:
-        agent.start(tp_converted, tensor_parallel=2)
+        instance_id = agent.start(tp_converted, tensor_parallel=2)
         under = agent.kill()
     finally:
         agent.close()
     assert len(under) >= 3, f"expected mpirun and two ranks under the agent: {under}"
     stuck = _gone_or_killed(under, timeout=120)
     assert not stuck, f"still running 120 s after the agent's death: {stuck}"
+    # the lead rank read the pipe's end (mpirun forwards stdin to it) and stopped the others: not mpirun's own abort
+    [instance_log] = (tmp_path / "agent").rglob(f"{instance_id}.log")
+    assert "the node agent that started this worker is gone; stopping" in instance_log.read_text()
