@@ -660,6 +660,10 @@ class WorkerManager:
             except OSError:  # it died meanwhile: try the next one, else start a fresh worker
                 spare.process.kill()
                 spare.process.wait()
+                try:
+                    spare.process.stdin.close()  # the pipe goes now, not when the Popen is collected
+                except BrokenPipeError:  # the unsent assignment's flush again: the pipe is closed all the same
+                    pass
                 spare.log_path.unlink(missing_ok=True)
                 continue
             os.replace(spare.log_path, log_path)  # the open log keeps its file: now under the instance's name
@@ -743,6 +747,8 @@ class WorkerManager:
             if inst is not None:
                 self._kill(inst)
                 inst.process.wait()
+                if inst.process.stdin is not None:  # its pipe: closed now, not when a collection finds the frame
+                    inst.process.stdin.close()
             if fill is not None:
                 self.cache.discard_load_fill(fill)
             if isinstance(exc, OSError):

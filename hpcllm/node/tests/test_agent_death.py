@@ -17,10 +17,12 @@ import httpx
 import pytest
 
 from hpcllm.httpkit.auth import SECRET_HEADER
-from hpcllm.node.tests.test_agent import SECRET, converted, wait_for  # noqa: F401 (converted: a fixture)
+from hpcllm.node.app import create_app
+from hpcllm.node.cache import UnknownModel
+from hpcllm.node.tests.test_agent import SECRET, converted, make_agent, ready_spare, wait_for  # noqa: F401 (converted: a fixture)
 from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
 from hpcllm.node.workers import Process, processes, running
-from hpcllm.procs import descendants
+from hpcllm.procs import descendants, proc_stat
 
 AUTH = {SECRET_HEADER: SECRET}
 
@@ -131,3 +133,48 @@ def test_every_rank_of_a_tensor_parallel_instance_exits_when_its_agent_is_killed
     # the lead rank read the pipe's end (mpirun forwards stdin to it) and stopped the others: not mpirun's own abort
     [instance_log] = (tmp_path / "agent").rglob(f"{instance_id}.log")
     assert "the node agent that started this worker is gone; stopping" in instance_log.read_text()
+
+
+def test_a_start_that_fails_after_its_worker_started_closes_the_workers_pipe(tmp_path, converted, monkeypatch):  # noqa: F811
+    # The cached copy is evicted (`hpcllm cache evict`) between the tier's choice and the worker's reference on it:
+    # the start fails and the worker is killed; the agent's end of its pipe must go with it, not wait for a collection.
+    agent = make_agent(tmp_path)
+    try:
+        agent.cache.warm("tiny-llama", converted, "nvme")
+        started: list[subprocess.Popen] = []
+        spawn = agent.workers._spawn
+        monkeypatch.setattr(agent.workers, "_spawn", lambda *args: started.append(spawn(*args)) or started[-1])
+
+        def evicted(model, tier, pid=None, **_):
+            raise UnknownModel(f"model {model!r} is not in this node's {tier} cache; warm it first")
+
+        monkeypatch.setattr(agent.cache, "acquire", evicted)
+        resp = create_app(agent).test_client().post(
+            "/v1/internal/instances", headers=AUTH, json={"model": "tiny-llama", "source": str(converted)})
+        assert resp.status_code >= 400 and "warm it first" in resp.get_data(as_text=True), resp.get_data(as_text=True)
+        [worker] = started
+        assert worker.returncode is not None  # killed and reaped
+        assert worker.stdin.closed  # before: left open (an fd held by the agent per failed start)
+    finally:
+        agent.workers.stop_all(timeout=5)
+        agent.workers.close()
+
+
+def test_a_spare_that_died_as_it_was_given_an_instance_leaves_no_pipe_open(tmp_path, converted, monkeypatch):  # noqa: F811
+    # The spare dies between the agent's check that it runs and the write of its assignment: the assignment's
+    # flush fails, a fresh worker takes the instance, and the dead spare's pipe is closed with it.
+    agent = make_agent(tmp_path, spare_workers=1)
+    try:
+        spare = ready_spare(agent)
+        for pid in [*descendants(spare.process.pid), spare.process.pid]:  # its model process, then the spare
+            os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: proc_stat(spare.process.pid)[0] == "Z", what="the spare's end")  # dead, not yet reaped
+        monkeypatch.setattr(spare.process, "poll", lambda: None)  # as at the check just before it died
+        resp = create_app(agent).test_client().post(
+            "/v1/internal/instances", headers=AUTH, json={"model": "tiny-llama", "source": str(converted)})
+        assert resp.status_code == 202, resp.get_json()
+        assert agent.workers.get(resp.get_json()["instance_id"]).process.pid != spare.process.pid
+        assert spare.process.stdin.closed  # before: left open with the unsent assignment in its buffer
+    finally:
+        agent.workers.stop_all(timeout=5)
+        agent.workers.close()
