@@ -28,6 +28,7 @@ step, and a drain is the agent's business (it stops its workers with SIGTERM whe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -660,10 +661,10 @@ class WorkerManager:
             except OSError:  # it died meanwhile: try the next one, else start a fresh worker
                 spare.process.kill()
                 spare.process.wait()
-                try:
-                    spare.process.stdin.close()  # the pipe goes now, not when the Popen is collected
-                except BrokenPipeError:  # the unsent assignment's flush again: the pipe is closed all the same
-                    pass
+                # The pipe goes now, not when the Popen is collected; closing flushes the unsent assignment again,
+                # which fails (BrokenPipeError) with the pipe closed all the same.
+                with contextlib.suppress(BrokenPipeError):
+                    spare.process.stdin.close()
                 spare.log_path.unlink(missing_ok=True)
                 continue
             os.replace(spare.log_path, log_path)  # the open log keeps its file: now under the instance's name

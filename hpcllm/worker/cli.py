@@ -8,6 +8,7 @@ line, where other users of the node could read it with ps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -143,10 +144,8 @@ def stop_when_the_agent_is_gone(stop_signal: int, kill_after: float) -> None:
         log.error("the worker did not stop within %.0f s of its agent's end: SIGKILL", kill_after)
         # Its model process / vLLM engine core first: an orphan would keep its GPU and host memory.
         for pid in descendants(os.getpid()):
-            try:
+            with contextlib.suppress(ProcessLookupError):  # ended since the listing
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:  # ended since the listing
-                pass
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="hpcllm-agent-watch", daemon=True).start()
