@@ -4,6 +4,7 @@ process with real `hpcllm worker` processes of the tiny converted model, SIGKILL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from hpcllm.node.cache import UnknownModel
 from hpcllm.node.tests.test_agent import SECRET, converted, make_agent, ready_spare, wait_for  # noqa: F401 (converted: a fixture)
 from hpcllm.node.tests.test_tp_instances import tp_converted  # noqa: F401 (a fixture)
 from hpcllm.node.workers import Process, processes, running
-from hpcllm.procs import descendants, proc_stat
+from hpcllm.procs import descendants
 
 AUTH = {SECRET_HEADER: SECRET}
 
@@ -160,15 +161,28 @@ def test_a_start_that_fails_after_its_worker_started_closes_the_workers_pipe(tmp
         agent.workers.close()
 
 
+def _kill_the_readers_of(pipe: str) -> list[int]:
+    """SIGKILLs every other process with an fd on PIPE ('pipe:[inode]'); the ones it found."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            pid = int(fd.parts[2])
+            if pid != os.getpid() and os.readlink(fd) == pipe and pid not in found:
+                found.append(pid)
+                os.kill(pid, signal.SIGKILL)
+    return found
+
+
 def test_a_spare_that_died_as_it_was_given_an_instance_leaves_no_pipe_open(tmp_path, converted, monkeypatch):  # noqa: F811
     # The spare dies between the agent's check that it runs and the write of its assignment: the assignment's
     # flush fails, a fresh worker takes the instance, and the dead spare's pipe is closed with it.
     agent = make_agent(tmp_path, spare_workers=1)
     try:
         spare = ready_spare(agent)
-        for pid in [*descendants(spare.process.pid), spare.process.pid]:  # its model process, then the spare
-            os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: proc_stat(spare.process.pid)[0] == "Z", what="the spare's end")  # dead, not yet reaped
+        # The write fails only once no process holds the pipe's read end: kill every one that does (the spare and
+        # any child inheriting its stdin, listed or started since), until none is left.
+        pipe = f"pipe:[{os.fstat(spare.process.stdin.fileno()).st_ino}]"
+        wait_for(lambda: not _kill_the_readers_of(pipe), what="the spare's pipe without readers")
         monkeypatch.setattr(spare.process, "poll", lambda: None)  # as at the check just before it died
         resp = create_app(agent).test_client().post(
             "/v1/internal/instances", headers=AUTH, json={"model": "tiny-llama", "source": str(converted)})
