@@ -627,7 +627,7 @@ class BatchRun:
                     progress: dict) -> tuple[BatchObject, str | None]:
         """The turn is over and the running requests have finished: a cancel or expiry since wins; the batch is
         handed back ("turn_over") only if requests are left and another batch still waits (an idle process may have
-        claimed it meanwhile); else it runs on in a new turn (None)."""
+        claimed it meanwhile); else it runs on (None), in a new turn if its own has ended."""
         batch, stop = self._renew(batch, None, progress)
         if stop is not None:
             return batch, stop
@@ -635,7 +635,8 @@ class BatchRun:
             log.info("batch %s: handed over; it goes on at its next turn", self.claim.batch_id)
             return batch, "turn_over"
         log.info("batch %s: no batch waits any more; it runs on", self.claim.batch_id)
-        self.turn_ends = time.monotonic() + self.turn_s
+        if time.monotonic() >= self.turn_ends:  # a hand-over mid-turn (its key's rate limit) keeps the turn's end
+            self.turn_ends = time.monotonic() + self.turn_s
         return batch, None
 
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:

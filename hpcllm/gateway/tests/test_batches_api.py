@@ -10,6 +10,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections import deque
 
 import httpx
 import openai
@@ -1096,6 +1097,49 @@ def test_with_one_slot_a_batch_waiting_out_its_keys_rate_limit_hands_the_process
     assert done.status == "completed" and done.request_counts.completed == 1
     waiting = service.batches.get(alice, limited.id).batch
     assert waiting.status == "in_progress" and waiting.request_counts.completed == 0
+
+
+def test_a_batch_that_runs_on_after_a_hand_over_mid_turn_keeps_its_turns_end(gated_factory, monkeypatch):
+    """batch_concurrency 1, turns of 5 minutes: a batch waiting out its key's rate limit 100 s into its turn hands
+    the process over to a waiting batch, which another process claims meanwhile; the batch runs on, but in the turn
+    it had: a batch created later gets the process at that turn's end, not a whole turn after the hand-over. The
+    run's steps are driven here on a clock of the test's (the gateway's own runner is stopped)."""
+    from types import SimpleNamespace
+
+    from hpcllm.gateway.batches import runner as runner_module
+    from hpcllm.gateway.batches.runner import BatchRun, BatchRunner
+
+    worker, factory = gated_factory(blocked=-1)  # no request is sent
+    gw = factory(batch_concurrency=1, batch_turn_seconds=300)
+    service = service_of(gw)
+    service.runner.close()
+    now = [1000.0]
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    runner = BatchRunner(gw.app, service.runner.gw, service.files, service.batches)
+    client = gw.client()
+    lines = [completion_line(f"r{i}") for i in range(3)]
+    ours = submit(client, lines, endpoint="/v1/completions")
+    claim = service.batches.claim(runner.holder)
+    assert claim.batch_id == ours.id
+    run = BatchRun(runner, claim)  # its turn: from 1000 to 1300
+    runner._runs[claim.batch_id] = run  # as the runner's claim lists it: the process is full
+    batch = run.lease.renew()
+    pending = deque(parse_input(jsonl(lines).splitlines(), "/v1/completions", 10).entries)
+
+    now[0] = 1100.0
+    run.resume_at = now[0] + 60  # a request was answered 429, Retry-After 60
+    waiting = submit(client, lines, endpoint="/v1/completions")
+    batch, stop = run._renew(batch, None, {}, may_turn_over=True)
+    assert stop == "turn_over"  # handed over mid-turn: it waits out its limit in a full process
+    assert service.batches.claim("another-process").batch_id == waiting.id
+    batch, stop = run._after_turn(batch, pending, {})
+    assert stop is None  # nobody waits any more: it runs on
+
+    now[0] = 1301.0  # past the end of its turn, its limit long over
+    later = submit(client, lines, endpoint="/v1/completions")
+    assert service.batches.claimable()
+    batch, stop = run._renew(batch, None, {}, may_turn_over=True)
+    assert stop == "turn_over", f"{later.id} waits while {ours.id} runs past its turn's end"
 
 
 def test_two_batches_of_one_rate_limited_key_do_not_hand_the_process_to_each_other_in_a_loop(gated_factory):
