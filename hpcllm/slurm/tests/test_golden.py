@@ -135,14 +135,17 @@ def test_model_pool_rejects_bad_settings():
         render_model_pool(gpu=2)
 
 
-def run_model_pool(tmp_path: Path, script: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
+def run_model_pool(tmp_path: Path, script: Path, *args: str,
+                   **env_vars: str | None) -> subprocess.CompletedProcess[str]:
     """The pool script run with stand-ins for sbatch and srun that print what they were asked, and no Slurm job
-    around it unless env_vars sets one."""
+    around it unless env_vars sets one (None: a variable unset)."""
     for command in ("sbatch", "srun"):
         (tmp_path / command).write_text(f'#!/bin/bash\necho "{command} MODEL=$MODEL ARGS=$*"\n')
         (tmp_path / command).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "HPCLLM_POOL_SUBMITTED"}
-    env.update(PATH=f"{tmp_path}:{env['PATH']}", MODEL="m1", GPUS="2", TIME="02:00:00", NODES="3", **env_vars)
+    settings = {"PATH": f"{tmp_path}:{env['PATH']}", "MODEL": "m1", "GPUS": "2", "TIME": "02:00:00", "NODES": "3",
+                **env_vars}
+    env.update({name: value for name, value in settings.items() if value is not None})
     return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=20)
 
 
@@ -159,7 +162,8 @@ def test_model_pool_submits_itself_with_the_settings(tmp_path, enclosing):
     exports MODEL: a job of its own, not agents in that job (which would end with it)."""
     result = run_model_pool(tmp_path, MODEL_POOL_SCRIPT, "--partition=high", **ENCLOSING_JOBS[enclosing])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == (f"sbatch MODEL=m1 ARGS=--gres=gpu:2 --time=02:00:00 --nodes=3 --partition=high "
+    assert result.stdout.strip() == (f"sbatch MODEL=m1 ARGS=--export=ALL --gres=gpu:2 --time=02:00:00 --nodes=3 "
+                                     f"--partition=high "
                                      f"{MODEL_POOL_SCRIPT}")
     if enclosing != "no job":
         assert "inside Slurm job 41: submitting the pool as a job of its own" in result.stderr
@@ -181,6 +185,20 @@ def test_model_pool_in_its_own_batch_step_runs_the_agents_and_never_submits_agai
     assert result.returncode == 0, result.stderr
     assert "sbatch" not in result.stdout, result.stdout
     assert "srun MODEL=m1 ARGS=--ntasks-per-node=1 --kill-on-bad-exit=0 hpcllm node --model m1" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_pool_submitted_with_export_none_stops_naming_what_to_pass(tmp_path):
+    """`sbatch --export=NONE slurm/model-pool.sbatch` (or under SBATCH_EXPORT=NONE): MODEL set in the submitting
+    shell never reaches the job (Slurm gives it SLURM_EXPORT_ENV=NONE and no other variable of the submitter's),
+    so the job stops at once saying what to pass instead of serving the default model."""
+    spool_copy = tmp_path / "spool" / "job00042" / "slurm_script"
+    spool_copy.parent.mkdir(parents=True)
+    shutil.copy(MODEL_POOL_SCRIPT, spool_copy)
+    result = run_model_pool(tmp_path, spool_copy, SLURM_JOB_ID="42", SLURM_JOB_NODELIST="n2", ENVIRONMENT="BATCH",
+                            SLURM_EXPORT_ENV="NONE", MODEL=None, GPUS=None, TIME=None, NODES=None)
+    assert result.returncode != 0 and "srun" not in result.stdout, result.stdout
+    assert "submitted with --export=NONE" in result.stderr and "--export=ALL" in result.stderr, result.stderr
 
 
 def test_missing_template_variable_is_named():

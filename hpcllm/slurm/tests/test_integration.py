@@ -305,6 +305,38 @@ def test_model_pool_script_submitted_with_sbatch_runs_its_agents_also_when_reque
     assert slurm_cluster.run("squeue", "--noheader", f"--name={name}", "--format=%i").stdout.split() == [job_id]
 
 
+def test_model_pool_script_run_from_a_shell_under_sbatch_export_none_serves_the_model(cli, tmp_path, cancel_after):
+    """A site's SBATCH_EXPORT=NONE (a submitted job gets none of the submitter's variables) does not drop the
+    settings of the documented `MODEL=... slurm/model-pool.sbatch`: the pool serves MODEL with the given HPCLLM."""
+    env = {**os.environ, "MODEL": "pool-model", "GPUS": "1", "TIME": "00:05:00", "NODES": "1",
+           "HPCLLM": str(fake_agent(tmp_path)), "SBATCH_EXPORT": "NONE"}
+    env.pop("SLURM_JOB_ID", None)
+    submitted = subprocess.run(["bash", str(MODEL_POOL_SCRIPT), "--parsable", f"--output={tmp_path}/pool-%j.out"],
+                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    cancel_after.append((cli, job_id))
+    log = tmp_path / f"pool-{job_id}.out"
+    _wait_for_text(log, "started: node --model pool-model")  # not `hpcllm node --model tiny-llama`
+
+
+def test_model_pool_script_submitted_with_export_none_stops_naming_what_to_pass(cli, tmp_path, cancel_after):
+    """`sbatch --export=NONE slurm/model-pool.sbatch` with MODEL in the submitting shell: the job never gets MODEL;
+    it fails at once saying so and what to pass, instead of serving the default model."""
+    env = {**os.environ, "MODEL": "pool-model", "HPCLLM": str(fake_agent(tmp_path))}
+    env.pop("SLURM_JOB_ID", None)
+    submitted = subprocess.run(["sbatch", "--parsable", "--export=NONE", "--time=00:05:00",
+                                f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)], env=env,
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    cancel_after.append((cli, job_id))
+    status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
+    text = (tmp_path / f"pool-{job_id}.out").read_text()
+    assert status.state is JobState.FAILED and "started: node" not in text, (status, text)
+    assert "submitted with --export=NONE" in text and "--export=ALL" in text, text
+
+
 def test_pyslurm_is_refused_on_this_slurm(slurm_cluster):
     with pytest.raises(SlurmBackendUnsupported, match=r"Slurm 22\.05.*backend = \"cli\""):
         get_backend(SlurmConfig(backend="pyslurm"))
