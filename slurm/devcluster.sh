@@ -64,6 +64,13 @@ require_searchable_parents() {
     done
 }
 
+# slurm.conf and gres.conf take each path as one word, read as is: whitespace ends it, '#' starts a comment, ','
+# separates AuthInfo's settings and '%' is expanded per node (SlurmdSpoolDir=.../%n). Such a folder is refused.
+require_plain_state_dir() {
+    [[ $STATE_DIR != *[[:space:]#,%]* ]] ||
+        die "HPCLLM_DEVCLUSTER_DIR '$STATE_DIR' has a space, '#', ',' or '%', which slurm.conf cannot hold in a path; choose another folder"
+}
+
 jwt_plugin_installed() {
     compgen -G '/usr/lib/*/slurm-wlm/auth_jwt.so' >/dev/null || compgen -G '/usr/lib/slurm/auth_jwt.so' >/dev/null
 }
@@ -320,6 +327,7 @@ cmd_start() {
     # Unix socket paths are limited to 107 bytes.
     ((${#MUNGE_SOCKET} <= 100)) ||
         die "HPCLLM_DEVCLUSTER_DIR is too long for munged's socket path ($MUNGE_SOCKET); choose a shorter folder"
+    require_plain_state_dir
     require_searchable_parents
     mkdir -p "$STATE_DIR"
     # fd 9 holds the lock; every daemon is started with 9>&- so it does not inherit (and hold) the lock.

@@ -218,6 +218,21 @@ def test_start_refuses_a_state_dir_munged_cannot_use(tmp_path):
     assert "must be searchable by all users" in result.stderr
 
 
+@pytest.mark.parametrize("name", ["with space", "tab\there", "hash#1", "a,b", "per%node"])
+def test_start_refuses_a_state_dir_slurm_conf_cannot_hold(private_state_dir, name):
+    """slurm.conf reads a path up to a space ('#' starts a comment, ',' ends AuthInfo's socket=, '%' is expanded per
+    node): such a folder is refused at once, naming HPCLLM_DEVCLUSTER_DIR, and nothing is started or written."""
+    state_dir = private_state_dir / name
+    env = _private_env(state_dir, _free_port_block())
+    try:
+        result = _script("start", env=env)
+    finally:
+        stopped = _script("stop", env=env)
+    assert result.returncode == 1, result.stderr
+    assert f"HPCLLM_DEVCLUSTER_DIR '{state_dir}'" in result.stderr and "choose another folder" in result.stderr
+    assert not state_dir.exists() and stopped.returncode == 0
+
+
 def test_unknown_command_and_option_are_rejected():
     assert "unknown command 'restart'" in _script("restart").stderr
     assert "unknown option '--fast'" in _script("start", "--fast").stderr
