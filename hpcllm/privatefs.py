@@ -3,7 +3,10 @@
 Their default places live under world-writable folders (/var/tmp, /dev/shm) at predictable names, so another local
 user could create one first and have the service write into, or load weights from, a folder they control. Every
 such folder is created 0700 and must belong to the user running hpcllm: one of someone else's is refused with the
-fix; one of ours that an older version left group/world-accessible is tightened to 0700.
+fix; one of ours that an older version left group/world-accessible is tightened to 0700. The folders above it are
+checked as OpenSSH checks those above a key file (safe_path): each belongs to root or to us, and no one else may
+write to it unless it is sticky (/tmp, /var/tmp, /dev/shm) - else another user could rename ours away and put a
+folder of theirs in its place.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ class NotPrivate(ConfigError):
 
 def private_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
     """Create `path` (and missing parents) 0700, or check an existing one: ours (else NotPrivate naming `what`
-    and `fix`), and 0700 (tightened if not). Returns the path."""
+    and `fix`), and 0700 (tightened if not), in folders no other user may change (_check_parents). Returns the
+    path."""
     path = Path(path)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.lstat()
@@ -29,9 +33,25 @@ def private_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
         raise NotPrivate(f"{what} {path} is not a folder (a symbolic link or a file is there); remove it or {fix}")
     if info.st_uid != os.getuid():
         raise NotPrivate(f"{what} {path} belongs to another user (uid {info.st_uid}); {fix}")
+    _check_parents(path, what, fix)
     if stat.S_IMODE(info.st_mode) & 0o077:
         path.chmod(0o700)
     return path
+
+
+def _check_parents(path: Path, what: str, fix: str) -> None:
+    """NotPrivate when a folder above `path` (its real one) belongs to another user than root and us, or others may
+    write to it and it is not sticky: they may rename entries there, `path` included."""
+    for parent in Path(os.path.realpath(path)).parents:
+        info = parent.stat()
+        if info.st_uid not in (0, os.getuid()):
+            raise NotPrivate(f"{what} {path} lies in {parent}, which belongs to another user (uid {info.st_uid}) "
+                             f"who could put a folder of theirs in its place; {fix}")
+        mode = stat.S_IMODE(info.st_mode)
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            raise NotPrivate(f"{what} {path} lies in {parent}, which other users may write to (mode {mode:o}, not "
+                             f"sticky): they could put a folder of theirs in its place; {fix}, or run "
+                             f"`chmod go-w {parent}`")
 
 
 def owned_by_us(path: str | os.PathLike) -> bool:

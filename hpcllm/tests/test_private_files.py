@@ -104,3 +104,52 @@ def test_a_state_folder_of_another_user_is_refused(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode != 0 and f"the state folder {theirs} belongs to another user" in result.stderr
+
+
+def _state_dir_error(state_dir: Path) -> subprocess.CompletedProcess:
+    """private_state_dir for that folder, in a child process (it sets the process umask)."""
+    code = ("from hpcllm.config import parse_config, private_state_dir\n"
+            f"private_state_dir(parse_config({{'paths': {{'state_dir': {str(state_dir)!r}}}}}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.mark.parametrize("parent_mode", [0o777, 0o775, 0o757], ids=oct)
+def test_a_state_folder_in_a_folder_others_may_write_to_is_refused(tmp_path, parent_mode):
+    """Another user who may write to a folder above the state (not sticky) can rename it away and put a folder of
+    theirs in its place, between two starts or while the service runs: refused with the fix, as OpenSSH refuses
+    a key file below such a folder."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(parent_mode)
+    state = shared / "deeper" / "state"
+    result = _state_dir_error(state)
+    assert result.returncode != 0
+    assert f"the state folder {state} lies in {shared}, which other users may write to" in result.stderr
+    assert f"chmod go-w {shared}" in result.stderr and "paths.state_dir" in result.stderr
+
+
+def test_a_state_folder_in_a_sticky_shared_folder_is_accepted(tmp_path):
+    """A sticky folder that everyone may write to (/tmp, /var/tmp, /dev/shm) lets no one rename another's entry."""
+    from hpcllm.privatefs import private_dir
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    state = private_dir(shared / "state", "the state folder", "choose a paths.state_dir of your own")
+    assert mode(state) == 0o700
+
+
+def test_a_state_folder_in_a_folder_of_another_user_is_refused(tmp_path):
+    """The owner of a folder above the state (neither root nor the service user) may rename it away: refused."""
+    from hpcllm.privatefs import NotPrivate, private_dir
+
+    if os.getuid() != 0:
+        pytest.skip("giving a folder to another user needs root")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    state = theirs / "state"
+    state.mkdir(mode=0o700)  # ours, as an admin may have made it
+    os.chown(theirs, 65534, 65534)  # nobody's
+    with pytest.raises(NotPrivate, match=f"{state} lies in {theirs}, which belongs to another user \\(uid 65534\\)"):
+        private_dir(state, "the state folder", "choose a paths.state_dir of your own")
