@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gevent
+import gevent.monkey
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
@@ -186,6 +187,16 @@ class DrainingGeventWorker(DrainingMixin, GeventWorker):
 
     def handle_exit(self, sig, frame) -> None:
         gevent.spawn(DrainingMixin.handle_exit, self, sig, frame)
+
+    def init_process(self) -> None:
+        try:
+            super().init_process()  # the worker's whole life: it returns (or raises SystemExit) as it stops
+        finally:
+            # Monkey-patching made logging's module lock a gevent lock. The process's teardown frees module-level
+            # handlers (Flask's default_handler) once gevent's own modules are gone, and their weakref callback
+            # (logging._removeHandlerRef) then failed in that lock: "Exception ignored ... TypeError: 'NoneType'
+            # object is not callable" in the log at every stop. No greenlet holds it here (none yields inside).
+            logging._lock = gevent.monkey.get_original("_thread", "RLock")()
 
 
 def _child_exit(server, worker) -> None:

@@ -356,7 +356,7 @@ def test_a_body_that_cannot_be_read_is_a_400_not_a_500_with_a_traceback(tmp_path
         for request in requests:
             answer = raw_answer(url, request)
             assert answer.startswith(b"HTTP/1.1 400 ") and b'"code":"unreadable_body"' in answer, (request, answer)
-        log = (tmp_path / "gateway.log").read_text()  # before the stop (gevent's exit prints a traceback of its own)
+        log = (tmp_path / "gateway.log").read_text()
         assert "Traceback" not in log and "unexpected error" not in log, log
 
 
@@ -404,3 +404,16 @@ def test_gunicorns_own_refusals_have_the_one_error_shape(tmp_path, tiny_model_di
             assert b"\r\ncontent-type: application/json" in head.lower(), answer
             error = json.loads(body)["error"]
             assert error["type"] == "invalid_request_error" and error["code"] and error["message"], error
+
+
+@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+def test_a_gateway_stops_without_a_traceback_in_its_log(tmp_path, tiny_model_dir, blackhole_url, worker_class):
+    """SIGTERM to a gateway that served a request: it drains and exits 0, and its log holds no traceback (gevent's
+    workers printed logging's `_removeHandlerRef` TypeError as each exited)."""
+    with running_gateway(tmp_path, blackhole_url, tiny_model_dir, blackhole_url, blackhole_url,
+                         worker_class) as (proc, url, _):
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {USER_KEY}"},
+                         timeout=30).status_code == 200
+    log = (tmp_path / "gateway.log").read_text()
+    assert proc.returncode == 0 and "Shutting down: Master" in log, log
+    assert "Traceback" not in log and "Exception ignored" not in log, log
