@@ -184,7 +184,8 @@ def test_model_pool_in_its_own_batch_step_runs_the_agents_and_never_submits_agai
     result = run_model_pool(tmp_path, script, **step, **marker)
     assert result.returncode == 0, result.stderr
     assert "sbatch" not in result.stdout, result.stdout
-    assert "srun MODEL=m1 ARGS=--ntasks-per-node=1 --kill-on-bad-exit=0 hpcllm node --model m1" in result.stdout
+    assert ("srun MODEL=m1 ARGS=--export=ALL --ntasks-per-node=1 --kill-on-bad-exit=0 hpcllm node --model m1"
+            in result.stdout)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -337,6 +337,33 @@ def test_model_pool_script_submitted_with_export_none_stops_naming_what_to_pass(
     assert "submitted with --export=NONE" in text and "--export=ALL" in text, text
 
 
+def test_model_pool_agents_get_the_pool_token_the_script_found_also_under_an_export_list(cli, tmp_path,
+                                                                                         cancel_after):
+    """`sbatch --export=MODEL=...,HOME=... slurm/model-pool.sbatch` (Slurm's idiom for passing settings): the script
+    finds the pool token in ~/.config/hpcllm/pool-token and its agents get HPCLLM_NODE_TOKEN_FILE, although srun's
+    steps otherwise inherit the job's export list (SLURM_EXPORT_ENV) and would get only the variables named there."""
+    home = tmp_path / "home"
+    (home / ".config" / "hpcllm").mkdir(parents=True)
+    token_file = home / ".config" / "hpcllm" / "pool-token"
+    token_file.write_text("pool-token-for-tests\n")
+    token_file.chmod(0o600)
+    agent = tmp_path / "hpcllm"
+    agent.write_text('#!/bin/bash\necho "agent: $* token file ${HPCLLM_NODE_TOKEN_FILE:-none}"\n')
+    agent.chmod(0o755)
+    env = {**os.environ}
+    env.pop("SLURM_JOB_ID", None)
+    submitted = subprocess.run(["sbatch", "--parsable", f"--export=MODEL=pool-model,HPCLLM={agent},HOME={home}",
+                                "--time=00:05:00", f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)],
+                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    cancel_after.append((cli, job_id))
+    status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
+    text = (tmp_path / f"pool-{job_id}.out").read_text()
+    assert status.state is JobState.COMPLETED, (status, text)
+    assert f"agent: node --model pool-model token file {token_file}" in text, text
+
+
 def test_pyslurm_is_refused_on_this_slurm(slurm_cluster):
     with pytest.raises(SlurmBackendUnsupported, match=r"Slurm 22\.05.*backend = \"cli\""):
         get_backend(SlurmConfig(backend="pyslurm"))
