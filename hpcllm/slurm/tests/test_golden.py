@@ -138,9 +138,11 @@ def test_model_pool_rejects_bad_settings():
 def run_model_pool(tmp_path: Path, script: Path, *args: str,
                    **env_vars: str | None) -> subprocess.CompletedProcess[str]:
     """The pool script run with stand-ins for sbatch and srun that print what they were asked, and no Slurm job
-    around it unless env_vars sets one (None: a variable unset)."""
+    around it unless env_vars sets one (None: a variable unset); each also says on stderr whether it got
+    SLURM_EXPORT_ENV, Slurm's record of a job's --export (sbatch passes it on into a job it submits)."""
     for command in ("sbatch", "srun"):
-        (tmp_path / command).write_text(f'#!/bin/bash\necho "{command} MODEL=$MODEL ARGS=$*"\n')
+        (tmp_path / command).write_text(f'#!/bin/bash\necho "{command} MODEL=$MODEL ARGS=$*"\n'
+                                        f'echo "{command} SLURM_EXPORT_ENV=${{SLURM_EXPORT_ENV-unset}}" >&2\n')
         (tmp_path / command).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "HPCLLM_POOL_SUBMITTED"}
     settings = {"PATH": f"{tmp_path}:{env['PATH']}", "MODEL": "m1", "GPUS": "2", "TIME": "02:00:00", "NODES": "3",
@@ -200,6 +202,33 @@ def test_model_pool_submitted_with_export_none_stops_naming_what_to_pass(tmp_pat
                             SLURM_EXPORT_ENV="NONE", MODEL=None, GPUS=None, TIME=None, NODES=None)
     assert result.returncode != 0 and "srun" not in result.stdout, result.stdout
     assert "submitted with --export=NONE" in result.stderr and "--export=ALL" in result.stderr, result.stderr
+    assert "unset SLURM_EXPORT_ENV" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_pool_run_inside_a_job_submitted_with_export_none_submits_a_job_that_serves(tmp_path):
+    """A workflow's batch script or an Open OnDemand/Jupyter session, itself submitted with --export=NONE, has
+    SLURM_EXPORT_ENV=NONE, which sbatch passes on: the pool's job would take itself for one submitted with
+    --export=NONE and refuse. The script submits without it."""
+    enclosing = {"SLURM_JOB_ID": "41", "SLURM_JOB_NODELIST": "n1", "ENVIRONMENT": "BATCH", "SLURM_EXPORT_ENV": "NONE"}
+    result = run_model_pool(tmp_path, MODEL_POOL_SCRIPT, **enclosing)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("sbatch MODEL=m1 ARGS="), result.stdout
+    assert "sbatch SLURM_EXPORT_ENV=unset" in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_pool_job_with_export_none_but_given_model_serves_it(tmp_path):
+    """`MODEL=m1 sbatch slurm/model-pool.sbatch` from inside a job submitted with --export=NONE: the pool's job
+    has MODEL, and SLURM_EXPORT_ENV=NONE only from the enclosing job: it serves MODEL."""
+    spool_copy = tmp_path / "spool" / "job00042" / "slurm_script"
+    spool_copy.parent.mkdir(parents=True)
+    shutil.copy(MODEL_POOL_SCRIPT, spool_copy)
+    result = run_model_pool(tmp_path, spool_copy, SLURM_JOB_ID="42", SLURM_JOB_NODELIST="n2", ENVIRONMENT="BATCH",
+                            SLURM_EXPORT_ENV="NONE")
+    assert result.returncode == 0, result.stderr
+    assert "srun MODEL=m1 ARGS=--export=ALL --ntasks-per-node=1 --kill-on-bad-exit=0 hpcllm node --model m1" in (
+        result.stdout)
 
 
 def test_missing_template_variable_is_named():
