@@ -254,4 +254,7 @@ def render_model_pool(**overrides: Any) -> str:
                                partition=variables["partition"], output=variables["output"],
                                signal=f"{variables['signal']}@{variables['signal_seconds']}")
     variables["signal"] = spec_check.signal_name
+    # Only a script with the stock default refuses a job that MODEL did not reach (--export=NONE): a copy rendered
+    # with a model of its own carries what to serve.
+    variables["model_is_stock"] = variables["model"] == MODEL_POOL_DEFAULTS["model"]
     return render_template(MODEL_POOL_TEMPLATE, variables)

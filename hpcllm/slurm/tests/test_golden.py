@@ -231,6 +231,20 @@ def test_model_pool_job_with_export_none_but_given_model_serves_it(tmp_path):
         result.stdout)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_pool_copy_rendered_with_its_model_serves_it_also_submitted_with_export_none(tmp_path):
+    """`hpcllm slurm render model-pool --model llama-3-8b -o FILE; sbatch FILE` at a site with SBATCH_EXPORT=NONE:
+    the job has SLURM_EXPORT_ENV=NONE and no MODEL, but the copy carries its model: it serves that one."""
+    spool_copy = tmp_path / "spool" / "job00042" / "slurm_script"
+    spool_copy.parent.mkdir(parents=True)
+    spool_copy.write_text(render_model_pool(model="llama-3-8b"))
+    result = run_model_pool(tmp_path, spool_copy, SLURM_JOB_ID="42", SLURM_JOB_NODELIST="n2", ENVIRONMENT="BATCH",
+                            SLURM_EXPORT_ENV="NONE", MODEL=None, GPUS=None, TIME=None, NODES=None)
+    assert result.returncode == 0, result.stderr
+    assert ("ARGS=--export=ALL --ntasks-per-node=1 --kill-on-bad-exit=0 hpcllm node --model llama-3-8b"
+            in result.stdout), result.stdout
+
+
 def test_missing_template_variable_is_named():
     with pytest.raises(ConfigError, match="signal"):
         render_template("node-agent", {"hpcllm": "hpcllm", "agent_args": []})
