@@ -224,23 +224,27 @@ def test_model_pool_script_serves_the_model_and_drains(cli, tmp_path, cancel_aft
     assert [signal for _, signal in drains] == ["USR1", "USR1"] and len({node for node, _ in drains}) == 2, text
 
 
-@pytest.mark.parametrize("enclosing", ["sbatch", "salloc"])
+@pytest.mark.parametrize("enclosing", ["sbatch", "sbatch --export=NONE", "salloc"])
 def test_model_pool_script_run_inside_another_job_submits_a_pool_job_that_outlives_it(cli, slurm_cluster, tmp_path,
                                                                                        cancel_after, enclosing):
     """The documented `MODEL=... slurm/model-pool.sbatch` run from a shell inside another Slurm job (a workflow's batch
-    script, an salloc shell; a Jupyter session is the former) submits the pool as a job of its own, with its own
-    --signal and --requeue, that keeps serving once that other job has ended."""
-    env = {**os.environ, "MODEL": "pool-model", "GPUS": "1", "TIME": "00:05:00", "NODES": "1",
-           "HPCLLM": str(fake_agent(tmp_path))}
+    script, an salloc shell; a Jupyter session is the former, which Open OnDemand submits with --export=NONE)
+    submits the pool as a job of its own, with its own --signal and --requeue, that keeps serving once that other
+    job has ended."""
+    settings = {"MODEL": "pool-model", "GPUS": "1", "TIME": "00:05:00", "NODES": "1",
+                "HPCLLM": str(fake_agent(tmp_path))}
+    env = {**os.environ, **settings}
     env.pop("SLURM_JOB_ID", None)
+    # Set in the session too: a job submitted with --export=NONE gets none of this environment.
     session = ('echo "outer job $SLURM_JOB_ID"; '
-               f'{shlex.quote(str(MODEL_POOL_SCRIPT))} --parsable --output={tmp_path}/pool-%j.out; '
+               + " ".join(f"{name}={shlex.quote(value)}" for name, value in settings.items())
+               + f' {shlex.quote(str(MODEL_POOL_SCRIPT))} --parsable --output={tmp_path}/pool-%j.out; '
                'echo "pool script exited $?"')
     outer_log = tmp_path / "outer.out"
     salloc = None
     try:
-        if enclosing == "sbatch":
-            submitted = subprocess.run(["sbatch", "--parsable", "--time=00:05:00", f"--output={outer_log}",
+        if enclosing.startswith("sbatch"):
+            submitted = subprocess.run([*enclosing.split(), "--parsable", "--time=00:05:00", f"--output={outer_log}",
                                         "--wrap", session], env=env, capture_output=True, text=True, timeout=60,
                                        cwd=tmp_path)
             assert submitted.returncode == 0, submitted.stderr
