@@ -172,6 +172,19 @@ def test_model_pool_submits_itself_with_the_settings(tmp_path, enclosing):
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_model_pool_under_sbatch_export_none_exports_only_its_settings(tmp_path):
+    """A site's SBATCH_EXPORT=NONE keeps the submitter's environment out of jobs (Slurm stores it): the pool's
+    self-submission exports its settings that are set, by name, not the shell's tokens and keys."""
+    result = run_model_pool(tmp_path, MODEL_POOL_SCRIPT, SBATCH_EXPORT="NONE", HF_TOKEN="hf_secret",
+                            HPCLLM_CONFIG="/etc/hpcllm.toml", HPCLLM_NODE_TOKEN_FILE="/home/me/pool-token",
+                            HPCLLM="/opt/hpcllm/bin/hpcllm", HPCLLM_NODE_TOKEN=None)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        f"sbatch MODEL=m1 ARGS=--export=MODEL,HPCLLM,HPCLLM_CONFIG,HPCLLM_NODE_TOKEN_FILE,HPCLLM_POOL_SUBMITTED "
+        f"--gres=gpu:2 --time=02:00:00 --nodes=3 {MODEL_POOL_SCRIPT}")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("own_step", ["Slurm's spool copy", "the job it submitted", "requeued"])
 def test_model_pool_in_its_own_batch_step_runs_the_agents_and_never_submits_again(tmp_path, own_step):
     """Slurm runs a batch script from its spool copy (.../slurm_script); a job the script submitted itself carries
