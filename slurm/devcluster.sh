@@ -65,10 +65,11 @@ require_searchable_parents() {
 }
 
 # slurm.conf and gres.conf take each path as one word, read as is: whitespace ends it, '#' starts a comment, ','
-# separates AuthInfo's settings and '%' is expanded per node (SlurmdSpoolDir=.../%n). Such a folder is refused.
+# separates AuthInfo's settings, '%' is expanded per node (SlurmdSpoolDir=.../%n) and '[' starts a range in
+# gres.conf's File= (.../fakegpu[0-1]). Such a folder is refused.
 require_plain_state_dir() {
-    [[ $STATE_DIR != *[[:space:]#,%]* ]] ||
-        die "HPCLLM_DEVCLUSTER_DIR '$STATE_DIR' has a space, '#', ',' or '%', which slurm.conf cannot hold in a path; choose another folder"
+    [[ $STATE_DIR != *[[:space:]#,%[]* ]] ||
+        die "HPCLLM_DEVCLUSTER_DIR '$STATE_DIR' has a space, '#', ',', '%' or '[', which slurm.conf cannot hold in a path; choose another folder"
 }
 
 jwt_plugin_installed() {
@@ -231,10 +232,11 @@ AuthAltParameters=jwt_key=$JWT_KEY"
     fi
     local rendered
     rendered=$(<"$1")
-    rendered=${rendered//@STATE_DIR@/$STATE_DIR}
-    rendered=${rendered//@CTLD_PORT@/$CTLD_PORT}
-    rendered=${rendered//@SLURMD_PORTS@/$SLURMD_PORT_FIRST-$SLURMD_PORT_LAST}
-    rendered=${rendered//@JWT_LINES@/$jwt_lines}
+    # Quoted: bash 5.2 (patsub_replacement) reads an unquoted '&' in a replacement as the matched text.
+    rendered=${rendered//@STATE_DIR@/"$STATE_DIR"}
+    rendered=${rendered//@CTLD_PORT@/"$CTLD_PORT"}
+    rendered=${rendered//@SLURMD_PORTS@/"$SLURMD_PORT_FIRST-$SLURMD_PORT_LAST"}
+    rendered=${rendered//@JWT_LINES@/"$jwt_lines"}
     printf '%s\n' "$rendered" >"$2.tmp"
     chmod 644 "$2.tmp"
     mv "$2.tmp" "$2"

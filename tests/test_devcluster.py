@@ -218,10 +218,11 @@ def test_start_refuses_a_state_dir_munged_cannot_use(tmp_path):
     assert "must be searchable by all users" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["with space", "tab\there", "hash#1", "a,b", "per%node"])
+@pytest.mark.parametrize("name", ["with space", "tab\there", "hash#1", "a,b", "per%node", "br[1]"])
 def test_start_refuses_a_state_dir_slurm_conf_cannot_hold(private_state_dir, name):
     """slurm.conf reads a path up to a space ('#' starts a comment, ',' ends AuthInfo's socket=, '%' is expanded per
-    node): such a folder is refused at once, naming HPCLLM_DEVCLUSTER_DIR, and nothing is started or written."""
+    node, '[' starts a range in gres.conf's File=): such a folder is refused at once, naming
+    HPCLLM_DEVCLUSTER_DIR, and nothing is started or written."""
     state_dir = private_state_dir / name
     env = _private_env(state_dir, _free_port_block())
     try:
@@ -239,15 +240,19 @@ def test_unknown_command_and_option_are_rejected():
 
 
 @pytest.mark.skipif(shutil.which("slurmctld") is None, reason="Slurm is not installed (run make host)")
-def test_a_private_cluster_starts_and_stops_every_daemon(private_state_dir):
-    # A second, short-lived cluster in its own folder and port block: the shared one is left alone.
-    state_dir = private_state_dir
+@pytest.mark.parametrize("name", ["", "a&b"])
+def test_a_private_cluster_starts_and_stops_every_daemon(private_state_dir, name):
+    # A second, short-lived cluster in its own folder and port block: the shared one is left alone. '&' is a
+    # plain character in slurm.conf; bash 5.2 would turn it into the placeholder if the script's rendering let it.
+    state_dir = private_state_dir / name if name else private_state_dir
     env = _private_env(state_dir, _free_port_block())
     pids: list[int] = []
     try:
         started = _script("start", env=env)
         assert started.returncode == 0, started.stderr
         assert started.stdout.strip() == f"export SLURM_CONF={state_dir}/conf/slurm.conf"
+        assert f"\nStateSaveLocation={state_dir}/ctld\n" in (state_dir / "conf" / "slurm.conf").read_text()
+        assert f" File={state_dir}/dev/fakegpu[0-1]" in (state_dir / "conf" / "gres.conf").read_text()
         pids = [int(p.read_text()) for p in (state_dir / "run").glob("*.pid")]
         assert len(pids) == 6  # munged, slurmctld, 4 slurmd
         assert oct((state_dir / "munge").stat().st_mode & 0o777) == "0o755"
