@@ -40,13 +40,19 @@ def private_dir(path: str | os.PathLike, what: str, fix: str) -> Path:
 
 
 def _check_parents(path: Path, what: str, fix: str) -> None:
-    """NotPrivate when a folder above `path` (its real one) belongs to another user than root and us, or others may
-    write to it and it is not sticky: they may rename entries there, `path` included."""
-    for parent in Path(os.path.realpath(path)).parents:
-        info = parent.stat()
+    """NotPrivate when a folder above `path` belongs to another user than root and us, or others may write to it
+    and it is not sticky: they may rename entries there, `path` included. Both the folders of the path as written
+    and of its real one: a symbolic link on the way (/shared/me -> ~/x) lies in a folder too, where it can be
+    replaced. Of a link itself only the owner counts (its target is among the real path's folders)."""
+    written = Path(os.path.abspath(path)).parents
+    real = Path(os.path.realpath(path)).parents
+    for parent in dict.fromkeys([*written, *real]):
+        info = parent.lstat()
         if info.st_uid not in (0, os.getuid()):
             raise NotPrivate(f"{what} {path} lies in {parent}, which belongs to another user (uid {info.st_uid}) "
                              f"who could put a folder of theirs in its place; {fix}")
+        if stat.S_ISLNK(info.st_mode):
+            continue
         mode = stat.S_IMODE(info.st_mode)
         if mode & 0o022 and not mode & stat.S_ISVTX:
             raise NotPrivate(f"{what} {path} lies in {parent}, which other users may write to (mode {mode:o}, not "

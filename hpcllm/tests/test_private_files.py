@@ -129,6 +129,41 @@ def test_a_state_folder_in_a_folder_others_may_write_to_is_refused(tmp_path, par
     assert f"chmod go-w {shared}" in result.stderr and "paths.state_dir" in result.stderr
 
 
+def test_a_state_folder_reached_through_a_link_in_a_folder_others_may_write_to_is_refused(tmp_path):
+    """/shared (0777, not sticky) holds a link to a private folder of ours: the real path's folders are all ours,
+    but another user may replace the link by one to a folder of theirs: refused, naming /shared."""
+    from hpcllm.privatefs import NotPrivate, private_dir
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "me").symlink_to(private)
+    state = shared / "me" / "state"
+    with pytest.raises(NotPrivate, match=f"{state} lies in {shared}, which other users may write to"):
+        private_dir(state, "the state folder", "choose a paths.state_dir of your own")
+
+
+def test_a_state_folder_reached_through_a_link_of_another_user_is_refused(tmp_path):
+    """A link in a sticky folder (/tmp) that another user made: they may replace it (it is their entry)."""
+    from hpcllm.privatefs import NotPrivate, private_dir
+
+    if os.getuid() != 0:
+        pytest.skip("giving a link to another user needs root")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    link = shared / "theirs"
+    link.symlink_to(private)
+    os.lchown(link, 65534, 65534)  # nobody's
+    state = link / "state"
+    with pytest.raises(NotPrivate, match=f"{state} lies in {link}, which belongs to another user \\(uid 65534\\)"):
+        private_dir(state, "the state folder", "choose a paths.state_dir of your own")
+
+
 def test_a_state_folder_in_a_sticky_shared_folder_is_accepted(tmp_path):
     """A sticky folder that everyone may write to (/tmp, /var/tmp, /dev/shm) lets no one rename another's entry."""
     from hpcllm.privatefs import private_dir
