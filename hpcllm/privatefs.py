@@ -4,9 +4,9 @@ Their default places live under world-writable folders (/var/tmp, /dev/shm) at p
 user could create one first and have the service write into, or load weights from, a folder they control. Every
 such folder is created 0700 and must belong to the user running hpcllm: one of someone else's is refused with the
 fix; one of ours that an older version left group/world-accessible is tightened to 0700. The folders above it are
-checked as OpenSSH checks those above a key file (safe_path): each belongs to root or to us, and no one else may
-write to it unless it is sticky (/tmp, /var/tmp, /dev/shm) - else another user could rename ours away and put a
-folder of theirs in its place.
+checked like OpenSSH's safe_path checks those above a key file: each belongs to root or to us, and no one else may
+write to it - except that sticky folders (/tmp, /var/tmp, /dev/shm) are accepted, which safe_path does not do -
+else another user could rename ours away and put a folder of theirs in its place.
 """
 
 from __future__ import annotations
