@@ -378,12 +378,28 @@ def child(method: str, state: str, workdir: Path, cold: str, args) -> int:
     if state == "cold" and residency is not None and residency > COLD_THRESHOLD:
         note = f"{note}; NOT COLD: {residency:.0%} of the files were in the page cache".lstrip("; ")
     params = [p for p in model.parameters()]
-    fingerprint = float(sum(p.detach().reshape(-1)[:: max(1, p.numel() // 64)].cpu().float().sum() for p in params))
+    fingerprint = weights_fingerprint(model)
     nbytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in params}.values())
     print(json.dumps({"method": method, "state": state, "ready": ready, "resident": resident, "bytes": nbytes,
                       "fingerprint": fingerprint, "note": note, "residency_before": residency,
                       "load_average": load_average}))
     return 0
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of every parameter's name, dtype, shape and bytes: two loads have the same fingerprint only if they
+    loaded exactly the same weights (a loader that changed a dtype or a value does not pass)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        tensor = param.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def make_cold(files: list[Path], how: str) -> None:
@@ -691,7 +707,7 @@ def summarize(raw, limits, paths, size, runs, can_cold, cold, skipped, wall) -> 
                          "max_residency_before": max(residencies) if residencies else None,
                          "runs_in_median": len(in_median),
                          "max_residency_in_median": max((r.get("residency_before") or 0 for r in in_median)),
-                         "fingerprints": sorted({round(r["fingerprint"], 1) for r in results}),
+                         "fingerprints": sorted({r["fingerprint"] for r in results}),
                          "note": note})
     limit_rows = {name: {"label": LIMITS[name], "median_gbps": statistics.median(r["gbps"] for r in v),
                          "all_gbps": [r["gbps"] for r in v], "rounds": [r["round"] for r in v]}

@@ -93,3 +93,26 @@ def test_the_default_states_are_the_chosen_methods(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["load.py", "--quick", "--methods", "hpcllm_dram"])
     with pytest.raises(Started):
         load.main()
+
+
+def _model(weight):
+    import torch
+
+    model = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    model.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return model
+
+
+def test_the_same_weights_check_compares_dtype_and_every_byte():
+    # The check summed a sample of each tensor as float32: a loader that upcast bf16 weights to float32, or changed
+    # a value the sample skipped, had the same fingerprint ("same weights everywhere").
+    import torch
+
+    weight = torch.linspace(-1, 1, 64 * 256).reshape(64, 256).to(torch.bfloat16)
+    reference = load.weights_fingerprint(_model(weight))
+    assert load.weights_fingerprint(_model(weight.clone())) == reference
+    assert load.weights_fingerprint(_model(weight.float())) != reference
+    changed = weight.clone()
+    changed[0, 1] += 1  # not among the elements the float32 sum sampled
+    assert load.weights_fingerprint(_model(changed)) != reference
+    assert load.weights_fingerprint(_model(weight.reshape(128, 128))) != reference
