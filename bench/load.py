@@ -407,13 +407,9 @@ def make_cold(files: list[Path], how: str) -> None:
         os.sync()
         DROP_CACHES.write_text("3\n")
         return
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    from hpcllm.store.readers import evict_from_page_cache
+
+    evict_from_page_cache(files)
 
 
 def file_residency(path: Path) -> float:
