@@ -21,7 +21,8 @@ trigger, and for live runs the gateway's own hand-over gap (hpcllm_migration_pau
 first from B) are recorded too. Methods alternate run by run;
 one unmeasured run of each method comes first (first-call costs of both code paths). The medians, their ratio,
 and whether every run's text equals an uninterrupted run are printed and written to
-bench/results/migration-<time>.json (and migration-latest.json).
+bench/results/migration-<time>.json (and, for a passing run - every move done, every text equal - to
+migration-latest.json, which bench/simulate.py reads).
 
 On the 2-core dev machine each worker gets one core, shared with whatever else runs there; these are small-model
 CPU numbers. The ratio grows with the context (a re-prefill is O(context), the hand-over is not).
@@ -345,12 +346,22 @@ def main(argv: list[str] | None = None) -> int:
         "failed_runs": failed,
         "runs": runs,
     }
-    for name in (f"migration-{stamp}.json", "migration-latest.json"):
+    return 0 if write_result(result) else 1
+
+
+def write_result(result: dict) -> bool:
+    """Writes the run's JSON; migration-latest.json (which bench/simulate.py takes its live-migration pause from)
+    only for a passing run: every run measured and every text equal to the uninterrupted one. Returns whether the
+    run passed."""
+    passed = result["all_texts_match_uninterrupted"] and not result["failed_runs"]
+    result["passed"] = passed
+    names = [f"migration-{result['time']}.json"] + (["migration-latest.json"] if passed else [])
+    for name in names:
         tmp = RESULTS / f".{name}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(RESULTS / name)
-    print(f"wrote {RESULTS / f'migration-{stamp}.json'}")
-    return 0 if all_match and not failed else 1
+    print(f"wrote {RESULTS / names[0]}" + ("" if passed else " (FAILED run: migration-latest.json left as it was)"))
+    return passed
 
 
 if __name__ == "__main__":

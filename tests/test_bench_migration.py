@@ -32,3 +32,23 @@ def test_a_resume_on_the_bench_worker_prefills_the_whole_context(tmp_path, monke
         assert engine.metrics.prefix_cache_hits._value.get() == 0
     finally:
         engine.shutdown()
+
+
+def result(time, failed_runs=0, texts_match=True):
+    return {"benchmark": "migration", "time": time, "median_pause_seconds": {"live": 0.05, "stop_and_resume": 0.5},
+            "all_texts_match_uninterrupted": texts_match, "failed_runs": failed_runs, "runs": []}
+
+
+def test_a_failing_run_does_not_become_the_latest_result(tmp_path, monkeypatch):
+    # A run with failed moves or texts that differed from the uninterrupted run overwrote migration-latest.json,
+    # whose live pause bench/simulate.py then used as a measured input.
+    import json
+
+    monkeypatch.setattr(migration, "RESULTS", tmp_path)
+    assert migration.write_result(result("20261207-100000"))
+    assert not migration.write_result(result("20261207-100001", failed_runs=1))
+    assert not migration.write_result(result("20261207-100002", texts_match=False))
+    latest = json.loads((tmp_path / "migration-latest.json").read_text())
+    assert latest["time"] == "20261207-100000" and latest["passed"]
+    failing = json.loads((tmp_path / "migration-20261207-100001.json").read_text())
+    assert failing["passed"] is False
