@@ -256,8 +256,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 3 (a median of fewer says little)")
     if args.trigger_after < 2 or args.trigger_after >= args.max_tokens:
         parser.error("--trigger-after must be between 2 and --max-tokens - 1")
+    if args.prompt_tokens < 1:
+        parser.error("--prompt-tokens must be at least 1")
 
     import torch
+
+    # Now, not as a worker's traceback once the model is built and the workers are starting.
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device!r}: use cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        from hpcllm.store.cuda import CudaUnavailable, require_cuda
+
+        try:
+            require_cuda(torch.device(args.device))
+        except (CudaUnavailable, RuntimeError) as exc:  # RuntimeError: torch's own words for a malformed cuda:N
+            parser.error(f"--device {args.device}: {exc}")
 
     from hpcllm.devmodels import make_model
     from hpcllm.gateway.app import create_app, gateway_of

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import migration  # noqa: E402
@@ -52,3 +54,20 @@ def test_a_failing_run_does_not_become_the_latest_result(tmp_path, monkeypatch):
     assert latest["time"] == "20261207-100000" and latest["passed"]
     failing = json.loads((tmp_path / "migration-20261207-100001.json").read_text())
     assert failing["passed"] is False
+
+
+@pytest.mark.parametrize("argv, says", [(["--prompt-tokens", "0"], "--prompt-tokens"),
+                                        (["--prompt-tokens", "-3"], "--prompt-tokens"),
+                                        (["--device", "cuda"], "CUDA is not available"),
+                                        (["--device", "gpu"], "--device 'gpu'")])
+def test_bad_arguments_get_one_line_before_anything_starts(monkeypatch, capsys, argv, says):
+    # --device cuda where torch has no CUDA was a worker's traceback (and "worker a did not start") after the model
+    # was built; --prompt-tokens 0 a traceback once the workers ran.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(migration, "WorkerProcess", lambda *a: pytest.fail("the bench started"))
+    monkeypatch.setattr(migration.tempfile, "mkdtemp", lambda **kw: pytest.fail("the bench started"))
+    with pytest.raises(SystemExit) as exit_:
+        migration.main(argv)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
