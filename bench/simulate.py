@@ -60,7 +60,6 @@ import time
 from collections import OrderedDict, defaultdict, deque
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from benchkit import new_result_stem  # noqa: E402
 from load import COLD_THRESHOLD  # noqa: E402
 from workload import ModelInfo, Request, WorkloadParams, add_arguments, generate, load_trace, params_from  # noqa: E402
 
@@ -1355,18 +1355,18 @@ def main() -> int:
                     r.pop("ttft_by_arrival")
                     sweep.append({**r, "nodes": nodes, "rate": p["rate"]})
     print(f"\ntotal wall time {time.perf_counter() - began:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     result = {"params": asdict(params), "workload": asdict(wparams), "reports": reports, "sweep": sweep}
-    name = args.out / f"simulate-{stamp}"
-    name.with_suffix(".json").write_text(json.dumps(result))
-    plot(reports, name.with_suffix(".png"), f"{params.nodes} nodes x {len(models)} models, {len(requests)} "
+    name = new_result_stem(args.out, "simulate")
+    made = [name.with_suffix(".json"), name.with_suffix(".png")]
+    made[0].write_text(json.dumps(result))
+    plot(reports, made[1], f"{params.nodes} nodes x {len(models)} models, {len(requests)} "
          f"requests ({wparams.arrivals}), {params.preempt_rate} preemptions/allocation-hour")
     if sweep:
-        plot_sweep(sweep, args.out / f"simulate-{stamp}-sweep.png")
-    for made in args.out.glob(f"simulate-{stamp}*"):
-        shutil.copyfile(made, args.out / made.name.replace(stamp, "latest"))
-    print(f"wrote {args.out}/simulate-{stamp}.json and .png (and simulate-latest.*)")
+        made.append(name.with_name(f"{name.name}-sweep.png"))
+        plot_sweep(sweep, made[-1])
+    for path in made:
+        shutil.copyfile(path, args.out / path.name.replace(name.name, "simulate-latest"))
+    print(f"wrote {name}.json and .png (and simulate-latest.*)")
     return 0
 
 

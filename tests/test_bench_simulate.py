@@ -184,3 +184,32 @@ def test_a_bad_sweep_list_is_refused_before_anything_is_simulated(tmp_path, monk
         simulate.main()
     assert exit_.value.code == 2 and "--sweep-" in capsys.readouterr().err
     assert ran == []
+
+
+class _OneSecond:
+    """datetime whose now() is always the same second: two runs 'in one second'."""
+
+    @staticmethod
+    def now():
+        from datetime import datetime
+
+        return datetime(2026, 12, 7, 11, 30, 0)
+
+
+def test_two_runs_in_one_second_keep_both_results(tmp_path, monkeypatch):
+    # simulate-<time>.json was stamped to the second: a second run in the same second overwrote the first's.
+    import json
+
+    import benchkit
+    import simulate
+
+    monkeypatch.setattr(benchkit, "datetime", _OneSecond)
+    argv = ["simulate.py", "--models", "2", "--rate", "0.05", "--duration", "60", "--nodes", "2",
+            "--gpus-per-node", "1", "--policies", "hpcllm", "--jobs", "1", "--out", str(tmp_path)]
+    for seed in ("1", "2"):
+        monkeypatch.setattr(sys, "argv", argv + ["--seed", seed])
+        assert simulate.main() == 0
+    results = tmp_path.glob("simulate-20261207-113000*.json")
+    assert sorted(json.loads(p.read_text())["workload"]["seed"] for p in results) == [1, 2]
+    assert json.loads((tmp_path / "simulate-latest.json").read_text())["workload"]["seed"] == 2
+    assert len(list(tmp_path.glob("simulate-20261207-113000*.png"))) == 2
