@@ -906,12 +906,13 @@ def print_table(report) -> None:
 
 
 def write_outputs(report) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    json_path = RESULTS / f"load-{stamp}.json"
+    from benchkit import new_result_stem
+
+    stem = new_result_stem(RESULTS, "load")
+    json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps(report, indent=1))
     shutil.copyfile(json_path, RESULTS / "load-latest.json")
-    png_path = RESULTS / f"load-{stamp}.png"
+    png_path = stem.with_suffix(".png")
     plot(report, png_path)
     shutil.copyfile(png_path, RESULTS / "load-latest.png")
     print(f"\nwrote {json_path} and {png_path}")

@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
+from bench.benchkit import new_result_stem  # noqa: E402
 from hpcllm.config import parse_config  # noqa: E402
 from hpcllm.gateway.errors import ModelNotFound  # noqa: E402
 from hpcllm.gateway.routing import Endpoint, ModelCard, Router  # noqa: E402
@@ -340,11 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"live migration rounds per run: {live_rounds}; failed runs (not in the medians): {failed}")
     print(f"every run's text equals the uninterrupted run: {all_match}")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     result = {
         "benchmark": "migration",
-        "time": stamp,
+        "time": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "config": {"model": "devmodels llama size=small", "prompt_tokens": args.prompt_tokens,
                    "max_tokens": args.max_tokens, "trigger_after_events": args.trigger_after, "runs": args.runs,
                    "device": args.device},
@@ -368,7 +367,7 @@ def write_result(result: dict) -> bool:
     run passed."""
     passed = result["all_texts_match_uninterrupted"] and not result["failed_runs"]
     result["passed"] = passed
-    names = [f"migration-{result['time']}.json"] + (["migration-latest.json"] if passed else [])
+    names = [new_result_stem(RESULTS, "migration").name + ".json"] + (["migration-latest.json"] if passed else [])
     for name in names:
         tmp = RESULTS / f".{name}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")

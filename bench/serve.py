@@ -77,6 +77,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import coldstart  # noqa: E402
+from bench.benchkit import new_result_stem  # noqa: E402
 from bench.clients import run_clients  # noqa: E402
 from bench.revisions import export_revision  # noqa: E402
 from hpcllm.config import load_config  # noqa: E402
@@ -751,12 +752,11 @@ def main() -> int:
         report["throughput_vs_baseline"] = baseline_ratios(report["targets"])
     report["host"]["load_average_at_end"] = load_average()
     print_table(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for stem in (f"serve-{stamp}", "serve-latest"):
-        (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
-        plot(report, RESULTS / f"{stem}.png")
-    print(f"\nwrote {RESULTS / f'serve-{stamp}.json'} and .png")
+    run_stem = new_result_stem(RESULTS, "serve")
+    for stem in (run_stem, RESULTS / "serve-latest"):
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        plot(report, stem.with_suffix(".png"))
+    print(f"\nwrote {run_stem}.json and .png")
     return 0
 
 
