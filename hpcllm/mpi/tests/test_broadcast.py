@@ -11,30 +11,7 @@ import os
 import pytest
 
 from hpcllm.mpi import BroadcastError, bcast_file_chunks, bcast_file_to
-
-
-class _Done:
-    def Wait(self) -> None:
-        return None
-
-
-class OneRankComm:
-    """The subset of an mpi4py communicator the broadcast uses, for a world of one rank."""
-
-    def Get_rank(self) -> int:
-        return 0
-
-    def Get_size(self) -> int:
-        return 1
-
-    def Bcast(self, buffer, root: int = 0) -> None:
-        return None
-
-    def Ibcast(self, buffer, root: int = 0) -> _Done:
-        return _Done()
-
-    def bcast(self, value, root: int = 0):
-        return value
+from hpcllm.mpi.tests.fakes import OneRankWorld
 
 
 @pytest.fixture
@@ -47,7 +24,7 @@ def payload(tmp_path):
 
 def test_chunks_reassemble_the_file(payload):
     path, data = payload
-    chunks = [bytes(chunk) for chunk in bcast_file_chunks(path, chunk_bytes=4096, comm=OneRankComm())]
+    chunks = [bytes(chunk) for chunk in bcast_file_chunks(path, chunk_bytes=4096, comm=OneRankWorld())]
     assert b"".join(chunks) == data
     assert [len(c) for c in chunks[:-1]] == [4096] * (len(chunks) - 1)
     assert len(chunks) == -(-len(data) // 4096)
@@ -56,33 +33,33 @@ def test_chunks_reassemble_the_file(payload):
 def test_empty_file_yields_nothing(tmp_path):
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
-    assert list(bcast_file_chunks(empty, comm=OneRankComm())) == []
+    assert list(bcast_file_chunks(empty, comm=OneRankWorld())) == []
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(BroadcastError, match=r"cannot read .*missing\.bin: No such file"):
-        list(bcast_file_chunks(tmp_path / "missing.bin", comm=OneRankComm()))
+        list(bcast_file_chunks(tmp_path / "missing.bin", comm=OneRankWorld()))
 
 
 def test_root_without_a_path_is_an_error():
     with pytest.raises(BroadcastError, match="root rank must pass the path"):
-        list(bcast_file_chunks(None, comm=OneRankComm()))
+        list(bcast_file_chunks(None, comm=OneRankWorld()))
 
 
 @pytest.mark.parametrize("chunk_bytes", [0, -5, 1.5])
 def test_bad_chunk_size_is_an_error(payload, chunk_bytes):
     with pytest.raises(BroadcastError, match="chunk_bytes must be a positive integer"):
-        list(bcast_file_chunks(payload[0], chunk_bytes=chunk_bytes, comm=OneRankComm()))
+        list(bcast_file_chunks(payload[0], chunk_bytes=chunk_bytes, comm=OneRankWorld()))
 
 
 def test_root_outside_the_communicator_is_an_error(payload):
     with pytest.raises(BroadcastError, match="root rank 3 does not exist"):
-        list(bcast_file_chunks(payload[0], root=3, comm=OneRankComm()))
+        list(bcast_file_chunks(payload[0], root=3, comm=OneRankWorld()))
 
 
 def test_file_shrinking_mid_broadcast_fails_at_the_end(payload):
     path, _ = payload
-    chunks = bcast_file_chunks(path, chunk_bytes=4096, comm=OneRankComm())
+    chunks = bcast_file_chunks(path, chunk_bytes=4096, comm=OneRankWorld())
     next(chunks)  # chunk 1 is already read ahead; the file then loses its tail
     os.truncate(path, 10_000)
     with pytest.raises(BroadcastError, match="shrank while being broadcast"):
@@ -93,7 +70,7 @@ def test_bcast_file_to_writes_the_file_atomically(payload, tmp_path):
     path, data = payload
     destination = tmp_path / "cache" / "copy.bin"
     destination.parent.mkdir()
-    assert bcast_file_to(path, destination, chunk_bytes=8192, comm=OneRankComm()) == len(data)
+    assert bcast_file_to(path, destination, chunk_bytes=8192, comm=OneRankWorld()) == len(data)
     assert destination.read_bytes() == data
     assert sorted(p.name for p in destination.parent.iterdir()) == ["copy.bin"]
 
@@ -103,7 +80,7 @@ def test_bcast_file_to_leaves_nothing_when_the_source_breaks(payload, tmp_path):
     destination = tmp_path / "cache" / "copy.bin"
     destination.parent.mkdir()
     with pytest.raises(BroadcastError, match="cannot read"):
-        bcast_file_to(tmp_path / "missing.bin", destination, comm=OneRankComm())
+        bcast_file_to(tmp_path / "missing.bin", destination, comm=OneRankWorld())
     assert list(destination.parent.iterdir()) == []
 
 
@@ -111,7 +88,7 @@ def test_bcast_file_to_unwritable_destination_is_a_clear_error(payload, tmp_path
     path, _ = payload
     destination = tmp_path / "no-such-dir" / "copy.bin"
     with pytest.raises(BroadcastError, match=r"rank 0 cannot write .*copy\.bin"):
-        bcast_file_to(path, destination, comm=OneRankComm())
+        bcast_file_to(path, destination, comm=OneRankWorld())
     assert not destination.parent.exists()
 
 
@@ -122,5 +99,5 @@ def test_bcast_file_to_a_destination_it_cannot_replace_is_a_clear_error(payload,
     destination = tmp_path / "cache" / "copy.bin"
     destination.mkdir(parents=True)
     with pytest.raises(BroadcastError, match=r"rank 0 cannot write .*copy\.bin: Is a directory"):
-        bcast_file_to(path, destination, comm=OneRankComm())
+        bcast_file_to(path, destination, comm=OneRankWorld())
     assert [p.name for p in destination.parent.iterdir()] == ["copy.bin"] and not any(destination.iterdir())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from hpcllm.checkpoint import read_checkpoint
+from hpcllm.mpi.tests.fakes import OneRankWorld
 from hpcllm.node.cache import CacheManager
 
 pytestmark = pytest.mark.mpi
@@ -119,31 +120,6 @@ def test_cache_warm_mpi_to_four_dev_cluster_nodes(origin, tmp_path, slurm_cluste
     assert "ok model llama ranks 4" in result.stdout
 
 
-class _OneRank:
-    """The collectives warm() makes, for a world of one rank in this process."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def bcast(self, value, root=0):
-        return value
-
-    def Bcast(self, buffer, root=0):
-        return None
-
-    def Ibcast(self, buffer, root=0):
-        return type("Done", (), {"Wait": lambda self: None})()
-
-    def gather(self, value, root=0):
-        return [value]
-
-    def allreduce(self, value, op=None):
-        return value
-
-
 def test_a_rank_whose_disk_fails_to_sync_reports_it_and_keeps_to_the_collectives(origin, tmp_path, monkeypatch,
                                                                                   capsys):
     """fsync failing (EIO from a failing NVMe disk) after a data file was written raised OSError out of the rank:
@@ -157,7 +133,7 @@ def test_a_rank_whose_disk_fails_to_sync_reports_it_and_keeps_to_the_collectives
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     monkeypatch.setattr(mpiwarm.os, "fsync", failing_fsync)
-    status = mpiwarm.warm(origin, "llama", str(tmp_path / "nvme"), 1 << 30, comm=_OneRank())
+    status = mpiwarm.warm(origin, "llama", str(tmp_path / "nvme"), 1 << 30, comm=OneRankWorld())
 
     assert status == 1
     stderr = capsys.readouterr().err
@@ -174,7 +150,7 @@ def test_a_write_error_without_errno_is_reported_with_its_text(origin, tmp_path,
         raise OSError("the NVMe controller was reset")
 
     monkeypatch.setattr(mpiwarm.os, "fsync", failing_fsync)
-    status = mpiwarm.warm(origin, "llama", str(tmp_path / "nvme"), 1 << 30, comm=_OneRank())
+    status = mpiwarm.warm(origin, "llama", str(tmp_path / "nvme"), 1 << 30, comm=OneRankWorld())
 
     assert status == 1
     stderr = capsys.readouterr().err

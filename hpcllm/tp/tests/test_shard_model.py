@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from hpcllm.checkpoint import read_checkpoint
 from hpcllm.checkpoint.layout import INDEX_FILE
 from hpcllm.checkpoint.slicehashes import read_slice_hashes
+from hpcllm.mpi.tests.fakes import OneRankWorld
 from hpcllm.store import load_model
 from hpcllm.tp.model import build_shard_model
 from hpcllm.tp.plan import module_plan, slice_plan
@@ -254,25 +255,6 @@ def test_gathering_an_empty_output_gives_the_empty_whole():
     assert torch.equal(collective.allgather_last_dim(full), full)
 
 
-class _OneRankWorld:
-    """The mpi4py calls load_shard makes, for a world of one rank in this process."""
-
-    def Get_rank(self):
-        return 0
-
-    def Get_size(self):
-        return 1
-
-    def bcast(self, value, root=0):
-        return value
-
-    def gather(self, value, root=0):
-        return [value]
-
-    def allgather(self, value):
-        return [value]
-
-
 def test_the_tensor_parallel_loader_takes_the_dtype_from_pretrained_takes(tiny_llama_dir, tmp_path):
     """A Hugging Face folder whose config.json says bfloat16 while its weights are stored in float32 (the converter
     keeps them so, and its manifest records float32): from_pretrained and the single-rank loader build a bfloat16
@@ -296,7 +278,7 @@ def test_the_tensor_parallel_loader_takes_the_dtype_from_pretrained_takes(tiny_l
 
     reference = AutoModelForCausalLM.from_pretrained(hf).eval()
     single = load_model(converted, tokenizer=False).model
-    sharded = load_shard(converted, _OneRankWorld(), tokenizer=False).model
+    sharded = load_shard(converted, OneRankWorld(), tokenizer=False).model
     expected = {name: p.dtype for name, p in reference.named_parameters()}
     assert set(expected.values()) == {torch.bfloat16}
     assert {name: p.dtype for name, p in single.named_parameters()} == expected
@@ -335,7 +317,7 @@ def test_a_checkpoint_whose_lm_head_differs_from_its_tied_embedding_answers_as_f
     with torch.inference_mode():
         expected = reference(ids).logits[0, -1]
         single = load_model(converted, tokenizer=False).model
-        one_rank = load_shard(converted, _OneRankWorld(), tokenizer=False).model
+        one_rank = load_shard(converted, OneRankWorld(), tokenizer=False).model
         for model in (single, one_rank):
             assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
             assert torch.allclose(model(ids).logits[0, -1], expected, atol=1e-5, rtol=0)
