@@ -7,7 +7,7 @@ caller handles chunk k, so reading, the network and the caller's writes overlap.
 Protocol, the same collective calls in the same order on every rank:
 1. header Bcast: [status, size, chunk_bytes] from root (status != 0: root could not open the file; its message
    follows and all ranks raise);
-2. ceil(size / chunk_bytes) Ibcasts of the chunks;
+2. the chunks, ceil(size / chunk_bytes) of them, each in Ibcasts of at most MAX_MESSAGE_BYTES (MPI's count limit);
 3. trailer Bcast: [failed, xxh3-64 digest of the bytes root sent] (failed: root's message follows). Every rank
    hashes what it received and raises BroadcastError at the end if root failed mid-way (file shrank) or the
    digests differ. Callers therefore commit
@@ -28,6 +28,9 @@ from hpcllm.errors import HpcllmError
 from hpcllm.mpi.comm import comm_world
 
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
+# MPI counts are C ints: one message of bytes holds at most 2**31 - 1 of them (MPI libraries without MPI-4's large
+# counts refuse more; mpi4py raises OverflowError). A larger chunk goes out in several messages.
+MAX_MESSAGE_BYTES = 2**31 - 1
 _OK, _ROOT_FAILED = 0, 1
 
 
@@ -69,21 +72,23 @@ def bcast_file_chunks(
         buffers = [np.empty(min(chunk, size), dtype=np.uint8) for _ in range(2)]
         n_chunks = -(-size // chunk)
 
-        def post(index: int) -> tuple[Any, np.ndarray]:
+        def post(index: int) -> tuple[list[Any], np.ndarray]:
             nonlocal root_short_read
             view = buffers[index % 2][: min(chunk, size - index * chunk)]
             if is_root and not root_short_read:
                 root_short_read = _read_exactly(source, view, offset=index * chunk, path=path)
-            return comm.Ibcast(view, root=root), view
+            return [comm.Ibcast(view[at:at + MAX_MESSAGE_BYTES], root=root)
+                    for at in range(0, len(view), MAX_MESSAGE_BYTES)], view
 
-        in_flight: deque[tuple[Any, np.ndarray]] = deque()
+        in_flight: deque[tuple[list[Any], np.ndarray]] = deque()
         if n_chunks:
             in_flight.append(post(0))
         for index in range(n_chunks):
             if index + 1 < n_chunks:
                 in_flight.append(post(index + 1))
-            request, view = in_flight.popleft()
-            request.Wait()
+            requests, view = in_flight.popleft()
+            for request in requests:
+                request.Wait()
             digest.update(view)
             yield memoryview(view)
     finally:

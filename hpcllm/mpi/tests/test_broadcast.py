@@ -101,3 +101,19 @@ def test_bcast_file_to_a_destination_it_cannot_replace_is_a_clear_error(payload,
     with pytest.raises(BroadcastError, match=r"rank 0 cannot write .*copy\.bin: Is a directory"):
         bcast_file_to(path, destination, comm=OneRankWorld())
     assert [p.name for p in destination.parent.iterdir()] == ["copy.bin"] and not any(destination.iterdir())
+
+
+def test_no_message_is_larger_than_mpi_can_count(payload, monkeypatch):
+    # A chunk went out as one Ibcast: MPI counts are 32-bit, so a chunk over 2 GiB (--chunk-bytes of the self-check,
+    # or any caller's chunk_bytes) failed with an OverflowError on every rank on an MPI without large counts. Each
+    # chunk is now sent in messages of at most MAX_MESSAGE_BYTES; the caller still gets whole chunks.
+    from hpcllm.mpi import broadcast
+
+    path, data = payload
+    monkeypatch.setattr(broadcast, "MAX_MESSAGE_BYTES", 1000)
+    world = OneRankWorld()
+    chunks = [bytes(chunk) for chunk in bcast_file_chunks(path, chunk_bytes=4096, comm=world)]
+    assert b"".join(chunks) == data
+    assert [len(c) for c in chunks[:-1]] == [4096] * (len(chunks) - 1)
+    assert max(world.messages) <= 1000
+    assert sum(world.messages) >= len(data)  # every byte went through a message
