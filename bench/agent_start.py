@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from hpcllm.config import parse_config  # noqa: E402
 from hpcllm.controller.protocol import MAX_REQUEST_BYTES  # noqa: E402
 from hpcllm.controller.server import build_service  # noqa: E402
@@ -133,6 +134,8 @@ def main() -> int:
     parser.add_argument("--probe-mib", type=int, default=128)
     parser.add_argument("--gpus", type=int, default=0)
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "runs", "probe_mib")
+    require_at_least(parser, args, 0, "gpus")
     with tempfile.TemporaryDirectory(prefix="hpcllm-agent-start-", dir="/var/tmp") as tmp:
         root = Path(tmp)
         (root / "models").mkdir()

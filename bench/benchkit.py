@@ -22,3 +22,14 @@ def new_result_stem(out: Path, prefix: str) -> Path:
             continue
         return stem
     raise AssertionError("unreachable")
+
+
+def require_at_least(parser, args, minimum: int, *names: str) -> None:
+    """A usage error (parser.error: one line, exit 2) naming the first of the arguments `names` (their dest names)
+    that is, or has a value, below `minimum`: a count or size of 0 or less ran nothing, ran forever or failed later
+    with a traceback."""
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(v is not None and v < minimum for v in values):
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, not {' '.join(map(str, values))}")

@@ -23,6 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from hpcllm.store.readers import evict_from_page_cache  # noqa: E402
 
 
@@ -33,6 +34,7 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true", help="drop the origin's page cache before each load")
     parser.add_argument("--work-dir", type=Path, default=None, help="where staging folders go (default: a temp dir)")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "runs")
 
     import hpcllm
     from hpcllm.node.cache import CacheManager

@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.benchkit import require_at_least  # noqa: E402
+
 PROFILED_STEPS = 5
 MODES = ("on", "fused", "off", "fresh-gather")
 
@@ -47,6 +50,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, nargs=2, metavar=("LO", "HI"), default=None,
                         help="prompt lengths drawn uniformly from LO..HI (seeded) instead of the serve prompt set")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "requests", "threads", "steps", "rounds", "context")
 
     import torch
 

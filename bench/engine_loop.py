@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from bench.clients import run_clients  # noqa: E402
 
 PHASES = ("forward", "rest of step")
@@ -129,6 +130,7 @@ def main() -> int:
     parser.add_argument("--modes", nargs="+", default=["outbox", "put-per-token", "model-process"],
                         choices=["outbox", "put-per-token", "model-process", "model-process-sync"])
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "clients", "rounds", "threads")
 
     import os
 

@@ -41,6 +41,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from bench.clients import run_clients  # noqa: E402
 from bench.revisions import default_baseline, export_revision  # noqa: E402
 from bench.serve import sse_chunks  # noqa: E402
@@ -229,6 +230,7 @@ def main() -> int:
                         "under two gateway.worker_class values, e.g. gthread gevent")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "clients", "rounds", "requests_per_client", "tokens")
     if args.compare_worker_class and args.baseline:
         parser.error("--baseline and --compare-worker-class are two different comparisons: give one")
 

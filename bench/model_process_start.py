@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
+
 MODES = {"plain": False, "shared": True}
 
 
@@ -57,6 +59,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-fast-path", action="store_true", help="the child skips packing the weights")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "rounds")
     if not (args.checkpoint / "index.json").is_file():
         print(f"{args.checkpoint} is not a converted checkpoint; pass --checkpoint", file=sys.stderr)
         return 2

@@ -77,7 +77,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import coldstart  # noqa: E402
-from bench.benchkit import new_result_stem  # noqa: E402
+from bench.benchkit import new_result_stem, require_at_least  # noqa: E402
 from bench.clients import run_clients  # noqa: E402
 from bench.revisions import export_revision  # noqa: E402
 from hpcllm.config import load_config  # noqa: E402
@@ -677,6 +677,8 @@ def main() -> int:
                         help="prompt lengths uniform in LO..HI tokens (long-context runs) instead of the default "
                         "log-normal set (median ~60)")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "threads", "concurrency", "requests_per_client")
+    require_at_least(parser, args, 0, "spare_runs", "rounds")
     if args.isolate_engine:
         if not args.rounds:
             parser.error("--isolate-engine needs --rounds (the targets start unpinned, all before the first level)")

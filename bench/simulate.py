@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from benchkit import new_result_stem  # noqa: E402
+from benchkit import new_result_stem, require_at_least  # noqa: E402
 from load import COLD_THRESHOLD  # noqa: E402
 from workload import ModelInfo, Request, WorkloadParams, add_arguments, generate, load_trace, params_from  # noqa: E402
 
@@ -1295,6 +1295,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5,
                         help="--calibrate-from: simulations per policy (draws of the measured costs), averaged")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "jobs")
     logging.basicConfig(level=logging.ERROR)
     if args.compare:
         if args.seeds < 1:

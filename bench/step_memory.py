@@ -23,6 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.benchkit import require_at_least  # noqa: E402
+
 MODES = ("default", "kept")
 
 
@@ -74,6 +77,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "decodes", "context", "prefill", "rounds", "steps")
     if args.child:
         print(json.dumps({"step_ms": measure(args)}))
         return 0

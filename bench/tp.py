@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from hpcllm.store.readers import evict_from_page_cache  # noqa: E402
 
 WORK = Path("/var/tmp/hpcllm-bench/tp")
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--no-slice-copies", dest="slice_copies", action="store_false",
                         help="skip the runs that read each rank's slice copy")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "tokens", "runs", "layers")
+    require_at_least(parser, args, 0, "gap_bytes")
     from hpcllm.checkpoint import read_checkpoint
 
     ckpt = bench_checkpoint(args.layers)

@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.benchkit import require_at_least  # noqa: E402
+
 PROMPT = "The cluster scheduler"
 INSTALL_MPI = ("install or carry an MPI: on the device machine run `make gpu-wheels` here (it adds the mpi4py and "
                "mpich wheels to .whl) and carry .whl, bench/gpu_check.sh unpacks them; on a GPU node, OpenMPI "
@@ -52,6 +54,8 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the whole MPI launch")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "tokens")
+    require_at_least(parser, args, 0, "ranks")
 
     ranks = args.ranks or 2
     if args.device == "cuda":

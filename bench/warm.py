@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from hpcllm.checkpoint import read_checkpoint  # noqa: E402
 from hpcllm.config import load_config  # noqa: E402
 from hpcllm.node.cache_cli import mpi_warm  # noqa: E402
@@ -84,6 +85,7 @@ def main() -> int:
     parser.add_argument("--size-mb", type=int, default=512)
     parser.add_argument("--work-dir", type=Path, default=None, help="default: a temporary folder under /var/tmp")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "size_mb")
     if not os.environ.get("SLURM_CONF"):
         sys.exit('SLURM_CONF is not set: eval "$(bash slurm/devcluster.sh start)" first')
     nodes = expand_nodes(args.nodes)

@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.benchkit import require_at_least  # noqa: E402
 from bench.clients import run_clients  # noqa: E402
 
 WORK = Path("/var/tmp/hpcllm-bench/worker-stream")
@@ -252,6 +253,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ready-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "clients", "rounds", "requests_per_client", "max_tokens", "threads")
     if args.serve:
         serve(args.serve, args.model, args.ready_file, args.clients, args.threads)
         return 0

@@ -1,0 +1,48 @@
+"""Every bench CLI refuses a count or size of zero or less with one usage line before it starts anything (they ran
+nothing, forever, or into a traceback deep in the run). Device choices: bench/migration.py (its own test), and
+engine_gpu.py, host_register.py, tp_gpu_check.py, vllm_gpu_check.py, which say 'skipped' without CUDA."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+CASES = [
+    ("agent_start", ["--runs", "0"], "--runs must be at least 1"),
+    ("agent_start", ["--gpus", "-1"], "--gpus must be at least 0"),
+    ("cache_on_load", ["--source", "/nonexistent", "--runs", "0"], "--runs must be at least 1"),
+    ("decode_step", ["--steps", "0"], "--steps must be at least 1"),
+    ("decode_step", ["--context", "0", "5"], "--context must be at least 1"),
+    ("engine_loop", ["--clients", "0"], "--clients must be at least 1"),
+    ("gateway_stream", ["--clients", "16", "0"], "--clients must be at least 1"),
+    ("gateway_stream", ["--tokens", "0"], "--tokens must be at least 1"),
+    ("model_process_start", ["--rounds", "0"], "--rounds must be at least 1"),
+    ("priority", ["--slots", "0"], "--slots must be at least 1"),
+    ("priority", ["--batch", "-1"], "--batch must be at least 0"),
+    ("step_memory", ["--prefill", "0"], "--prefill must be at least 1"),
+    ("tp", ["--layers", "0"], "--layers must be at least 1"),
+    ("tp", ["--gap-bytes", "-1"], "--gap-bytes must be at least 0"),
+    ("tp_gpu_check", ["--tokens", "0"], "--tokens must be at least 1"),
+    ("tp_gpu_check", ["--ranks", "-2"], "--ranks must be at least 0"),
+    ("warm", ["--size-mb", "0"], "--size-mb must be at least 1"),
+    ("worker_stream", ["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ("serve", ["--threads", "0"], "--threads must be at least 1"),
+    ("serve", ["--concurrency", "4", "0"], "--concurrency must be at least 1"),
+    ("simulate", ["--jobs", "0"], "--jobs must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("bench, argv, says", CASES, ids=[f"{b} {' '.join(a)}" for b, a, _ in CASES])
+def test_a_count_or_size_below_its_minimum_is_one_usage_line(monkeypatch, capsys, bench, argv, says):
+    module = importlib.import_module(f"bench.{bench}")
+    monkeypatch.setattr(sys, "argv", [f"{bench}.py", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
