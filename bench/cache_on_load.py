@@ -37,6 +37,12 @@ def main() -> int:
     require_at_least(parser, args, 1, "runs")
 
     import hpcllm
+    from hpcllm.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        read_checkpoint(args.source)
+    except CheckpointError as exc:  # not a traceback once the bench has started
+        parser.error(f"--source: {exc}")
     from hpcllm.node.cache import CacheManager
 
     work = Path(tempfile.mkdtemp(prefix="hpcllm-col-", dir=args.work_dir))

@@ -46,3 +46,12 @@ def test_a_count_or_size_below_its_minimum_is_one_usage_line(monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_:
         module.main()
     assert exit_.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_source_that_is_not_a_checkpoint_is_one_usage_line(monkeypatch, capsys, tmp_path):
+    # bench/cache_on_load.py --source <not a converted checkpoint> was a MissingFile traceback from its first load.
+    module = importlib.import_module("bench.cache_on_load")
+    monkeypatch.setattr(sys, "argv", ["cache_on_load.py", "--source", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2 and "no such checkpoint folder" in capsys.readouterr().err.splitlines()[-1]
