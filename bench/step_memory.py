@@ -77,7 +77,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    require_at_least(parser, args, 1, "decodes", "context", "prefill", "rounds", "steps")
+    require_at_least(parser, args, 1, "context", "rounds", "steps")
+    require_at_least(parser, args, 0, "decodes", "prefill")  # 0: a prefill-only or a decode-only step
+    if not args.decodes and not args.prefill:
+        parser.error("--decodes 0 with --prefill 0 is an empty step: give at least one decode or a prefill")
     if args.child:
         print(json.dumps({"step_ms": measure(args)}))
         return 0

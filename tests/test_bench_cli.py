@@ -26,7 +26,8 @@ CASES = [
     ("model_process_start", ["--rounds", "0"], "--rounds must be at least 1"),
     ("priority", ["--slots", "0"], "--slots must be at least 1"),
     ("priority", ["--batch", "-1"], "--batch must be at least 0"),
-    ("step_memory", ["--prefill", "0"], "--prefill must be at least 1"),
+    ("step_memory", ["--prefill", "-1"], "--prefill must be at least 0"),
+    ("step_memory", ["--decodes", "0", "--prefill", "0"], "--decodes 0 with --prefill 0 is an empty step"),
     ("tp", ["--layers", "0"], "--layers must be at least 1"),
     ("tp", ["--gap-bytes", "-1"], "--gap-bytes must be at least 0"),
     ("tp_gpu_check", ["--tokens", "0"], "--tokens must be at least 1"),
@@ -55,3 +56,15 @@ def test_a_source_that_is_not_a_checkpoint_is_one_usage_line(monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_:
         module.main()
     assert exit_.value.code == 2 and "no such checkpoint folder" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [["--prefill", "0"], ["--decodes", "0"]], ids=["decode-only", "prefill-only"])
+def test_step_memory_measures_a_decode_only_or_a_prefill_only_step(monkeypatch, capsys, argv):
+    # --prefill 0 is a step without a prefill chunk and --decodes 0 one without decodes: both measure a real step,
+    # and were refused as 'must be at least 1'. Only both at 0 (an empty step) is refused, above.
+    module = importlib.import_module("bench.step_memory")
+    measured = []
+    monkeypatch.setattr(module, "measure", lambda args: measured.append((args.decodes, args.prefill)) or 1.0)
+    monkeypatch.setattr(sys, "argv", ["step_memory.py", *argv, "--child", "kept"])
+    assert module.main() == 0
+    assert measured == [(0 if "--decodes" in argv else 55, 0 if "--prefill" in argv else 500)]
