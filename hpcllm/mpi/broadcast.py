@@ -28,8 +28,9 @@ from hpcllm.errors import HpcllmError
 from hpcllm.mpi.comm import comm_world
 
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
-# MPI counts are C ints: one message of bytes holds at most 2**31 - 1 of them (MPI libraries without MPI-4's large
-# counts refuse more; mpi4py raises OverflowError). A larger chunk goes out in several messages.
+# MPI counts are C ints: one message of bytes holds at most 2**31 - 1 of them. Without MPI-4's large counts a larger
+# message is refused (MPI_ERR_ARG with mpi4py 4.1.2 + Open MPI 4.1.4 here, OverflowError on older mpi4py), so a
+# larger chunk goes out in several messages.
 MAX_MESSAGE_BYTES = 2**31 - 1
 _OK, _ROOT_FAILED = 0, 1
 
