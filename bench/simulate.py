@@ -948,9 +948,16 @@ def measured_inputs(params: SimParams, results: Path = RESULTS) -> SimParams:
         params.bandwidth_source = f"defaults ({load} is a run of the {report.get('size')!r} size: not used)"
     migration = results / "migration-latest.json"
     if migration.exists():
-        pause = json.loads(migration.read_text()).get("median_pause_seconds", {}).get("live")
-        if pause:
+        report = json.loads(migration.read_text())
+        # Only a passing run's pause (every run measured, every text equal to the uninterrupted run): a file from
+        # before bench/migration.py stopped writing failing runs here has no "passed", but has the other two fields.
+        passed = (report.get("passed") is not False and report.get("all_texts_match_uninterrupted")
+                  and not report.get("failed_runs"))
+        pause = report.get("median_pause_seconds", {}).get("live")
+        if pause and passed:
             params.handover, params.handover_source = float(pause), str(migration)
+        elif pause:
+            params.handover_source += f" ({migration} is a failing run: not used)"
     return params
 
 

@@ -170,6 +170,26 @@ def test_a_cold_row_timed_with_the_files_in_the_page_cache_does_not_set_the_nvme
     assert ("hpcllm_disk cold was not cold" in params.bandwidth_source) == (nvme is None)
 
 
+@pytest.mark.parametrize("outcome, used", [
+    ({"passed": True, "all_texts_match_uninterrupted": True, "failed_runs": []}, True),
+    ({"all_texts_match_uninterrupted": True, "failed_runs": []}, True),  # written before "passed" existed
+    ({"passed": False, "all_texts_match_uninterrupted": True, "failed_runs": ["live 2"]}, False),
+    ({"all_texts_match_uninterrupted": False, "failed_runs": []}, False),  # a failing run from before the fix
+    ({"all_texts_match_uninterrupted": True, "failed_runs": ["live 2"]}, False),
+])
+def test_only_a_passing_migration_run_sets_the_handover_pause(tmp_path, outcome, used):
+    # A failing bench/migration.py run written to migration-latest.json before it stopped doing so was still taken
+    # as the measured live-migration pause.
+    import json
+
+    from simulate import measured_inputs
+
+    (tmp_path / "migration-latest.json").write_text(json.dumps({"median_pause_seconds": {"live": 0.25}, **outcome}))
+    params = measured_inputs(SimParams(), tmp_path)
+    assert (params.handover == 0.25) == used
+    assert (params.handover_source == str(tmp_path / "migration-latest.json")) == used
+
+
 @pytest.mark.parametrize("sweep", [["--sweep-nodes", "100,x"], ["--sweep-loads", "1,three"],
                                    ["--sweep-nodes", "0"]])
 def test_a_bad_sweep_list_is_refused_before_anything_is_simulated(tmp_path, monkeypatch, capsys, sweep):
