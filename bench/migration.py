@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "migration",
-        "time": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "config": {"model": "devmodels llama size=small", "prompt_tokens": args.prompt_tokens,
                    "max_tokens": args.max_tokens, "trigger_after_events": args.trigger_after, "runs": args.runs,
                    "device": args.device},
@@ -364,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
 def write_result(result: dict) -> bool:
     """Writes the run's JSON; migration-latest.json (which bench/simulate.py takes its live-migration pause from)
     only for a passing run: every run measured and every text equal to the uninterrupted one. Returns whether the
-    run passed."""
+    run passed. Its "time" is the one in the file's name (migration-<time>.json)."""
     passed = result["all_texts_match_uninterrupted"] and not result["failed_runs"]
-    result["passed"] = passed
-    names = [new_result_stem(RESULTS, "migration").name + ".json"] + (["migration-latest.json"] if passed else [])
+    stem = new_result_stem(RESULTS, "migration")
+    result = {**result, "time": stem.name.removeprefix("migration-"), "passed": passed}
+    names = [stem.name + ".json"] + (["migration-latest.json"] if passed else [])
     for name in names:
         tmp = RESULTS / f".{name}.tmp"
         tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -43,7 +43,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +52,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
 
+from bench.benchkit import new_result_stem  # noqa: E402
 from calibration import calibrate  # noqa: E402
 from workload import ModelInfo, Request, WorkloadParams, add_arguments, generate, params_from  # noqa: E402
 
@@ -470,12 +470,13 @@ def main() -> int:
     print(f"workload: {len(requests)} requests over {wparams.duration:.0f} s, {len(models)} models "
           f"({', '.join(f'{m.name}={DEV_SIZE[m.size_class]}' for m in models)}), {wparams.arrivals} arrivals, "
           f"seed {wparams.seed}", flush=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     env = ensure_cluster()
     build = Path(tempfile.mkdtemp(prefix="hpcllm-replay-models-", dir="/var/tmp"))
     build.chmod(0o755)
     began = time.perf_counter()
     reports, raw = [], {}
+    # Claimed now (creates <stem>.json): the logs folder <stem>-logs and the results are this run's alone.
+    stem = new_result_stem(args.out, "replay")
     try:
         sources = build_models(models, build / "models")
         prompts = prompts_for(requests, build / "models" / "hf" / models[0].name / "tokenizer.json")
@@ -483,11 +484,14 @@ def main() -> int:
         for policy in policies:
             t = time.perf_counter()
             report, raw[policy] = replay_policy(policy, models, requests, sources, prompts, env, args.drain,
-                                                args.walltime, args.out / f"replay-{stamp}-logs", args.preempt_at)
+                                                args.walltime, args.out / f"{stem.name}-logs", args.preempt_at)
             reports.append(report)
             print(f"  {policy}: {report['served']}/{report['requests']} served, {report['allocations']} allocations, "
                   f"errors {report['errors'] or 'none'}; {time.perf_counter() - t:.0f} s", flush=True)
         sizes = {m.name: folder_bytes(sources[m.name]) for m in models}
+    except BaseException:
+        stem.with_name(f"{stem.name}.json").unlink()  # the empty claim: no result (the logs stay)
+        raise
     finally:
         shutil.rmtree(build, ignore_errors=True)
         release_cluster()
@@ -510,8 +514,6 @@ def main() -> int:
               "preempt_at": args.preempt_at,
               "load_average": {"before": load_before, "after": load_after},
               "raw": raw}
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = args.out / f"replay-{stamp}"
     if not args.no_compare:
         from simulate import compare_with_replay, comparison_table
 
@@ -520,13 +522,19 @@ def main() -> int:
         print(f"\nsimulated (bench/simulate.py, 4 nodes, costs measured in this run, mean of {SEEDS} seeds) vs "
               f"measured:")
         print(comparison_table(reports, simulated))
-    name.with_suffix(".json").write_text(json.dumps(result))
-    plot(reports, name.with_suffix(".png"), f"dev cluster replay: {len(requests)} requests, {len(models)} models, "
-         f"{wparams.arrivals} arrivals (load average {load_before[0]:.1f})")
-    for made in args.out.glob(f"replay-{stamp}.*"):
-        shutil.copyfile(made, args.out / made.name.replace(stamp, "latest"))
-    print(f"wrote {name}.json and .png (and replay-latest.*)")
+    write_results(stem, result, f"dev cluster replay: {len(requests)} requests, {len(models)} models, "
+                  f"{wparams.arrivals} arrivals (load average {load_before[0]:.1f})")
     return 0
+
+
+def write_results(stem: Path, result: dict, title: str) -> None:
+    """<stem>.json and <stem>.png (its plot), and those two files, no others, copied to replay-latest.*."""
+    made = [stem.with_name(f"{stem.name}.json"), stem.with_name(f"{stem.name}.png")]
+    made[0].write_text(json.dumps(result))
+    plot(result["reports"], made[1], title)
+    for path in made:
+        shutil.copyfile(path, path.with_name(f"replay-latest{path.suffix}"))
+    print(f"wrote {made[0]} and {made[1].name} (and replay-latest.json, .png)")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,18 @@ def test_a_resume_on_the_bench_worker_prefills_the_whole_context(tmp_path, monke
         engine.shutdown()
 
 
-def result(time, failed_runs=0, texts_match=True):
-    return {"benchmark": "migration", "time": time, "median_pause_seconds": {"live": 0.05, "stop_and_resume": 0.5},
+class _OneSecond:
+    """datetime whose now() is always the same second."""
+
+    @staticmethod
+    def now():
+        from datetime import datetime
+
+        return datetime(2026, 12, 7, 11, 30, 0)
+
+
+def result(failed_runs=0, texts_match=True):
+    return {"benchmark": "migration", "median_pause_seconds": {"live": 0.05, "stop_and_resume": 0.5},
             "all_texts_match_uninterrupted": texts_match, "failed_runs": failed_runs, "runs": []}
 
 
@@ -46,15 +56,21 @@ def test_a_failing_run_does_not_become_the_latest_result(tmp_path, monkeypatch):
     # whose live pause bench/simulate.py then used as a measured input.
     import json
 
+    # The three runs end in one second: each keeps its own file, and its "time" is the one in that file's name.
+    from bench import benchkit
+
+    monkeypatch.setattr(benchkit, "datetime", _OneSecond)
     monkeypatch.setattr(migration, "RESULTS", tmp_path)
-    assert migration.write_result(result("20261207-100000"))
-    assert not migration.write_result(result("20261207-100001", failed_runs=1))
-    assert not migration.write_result(result("20261207-100002", texts_match=False))
+    assert migration.write_result(result())
+    assert not migration.write_result(result(failed_runs=1))
+    assert not migration.write_result(result(texts_match=False))
     latest = json.loads((tmp_path / "migration-latest.json").read_text())
-    assert latest["time"] == "20261207-100000" and latest["passed"]
-    written = [json.loads(path.read_text()) for path in tmp_path.glob("migration-2*.json")]
-    assert sorted((r["time"], r["passed"]) for r in written) == [
-        ("20261207-100000", True), ("20261207-100001", False), ("20261207-100002", False)]
+    assert latest["time"] == "20261207-113000" and latest["passed"]
+    written = {path.name: json.loads(path.read_text()) for path in tmp_path.glob("migration-2*.json")}
+    assert sorted((name, r["time"], r["passed"]) for name, r in written.items()) == [
+        ("migration-20261207-113000-2.json", "20261207-113000-2", False),
+        ("migration-20261207-113000-3.json", "20261207-113000-3", False),
+        ("migration-20261207-113000.json", "20261207-113000", True)]
 
 
 @pytest.mark.parametrize("argv, says", [(["--prompt-tokens", "0"], "--prompt-tokens"),

@@ -187,3 +187,27 @@ def test_the_plot_has_the_cdfs_and_latency_over_time(tmp_path):
     plot(reports, path, "two policies")
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width >= 3.5 * height  # three panels side by side: TTFT CDF, E2E CDF, TTFT over time
+
+
+def test_a_run_copies_exactly_its_own_results_to_latest(tmp_path, monkeypatch):
+    # Results were stamped to the second and every replay-<time>.* copied to replay-latest.*: a second run in the
+    # same second overwrote the first's files, and any other file named from that stamp became a 'latest' one.
+    from bench import benchkit
+    from replay import write_results
+
+    class OneSecond:
+        @staticmethod
+        def now():
+            from datetime import datetime
+
+            return datetime(2026, 12, 7, 11, 30, 0)
+
+    monkeypatch.setattr(benchkit, "datetime", OneSecond)
+    reports = [{"policy": "hpcllm", "ttft_by_arrival": [[0, 0.5]], "e2e_by_arrival": [[0, 1.0]]}]
+    for seed in (1, 2):
+        stem = benchkit.new_result_stem(tmp_path, "replay")
+        (tmp_path / f"{stem.name}.notes").write_text("not a result")
+        write_results(stem, {"seed": seed, "reports": reports}, "one policy")
+    seeds = {p.name: json.loads(p.read_text())["seed"] for p in tmp_path.glob("replay-*.json")}
+    assert seeds == {"replay-20261207-113000.json": 1, "replay-20261207-113000-2.json": 2, "replay-latest.json": 2}
+    assert sorted(p.name for p in tmp_path.glob("replay-latest.*")) == ["replay-latest.json", "replay-latest.png"]
