@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results"
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 COLD_THRESHOLD = 0.01  # a "cold" run whose files are more than 1% in the page cache is flagged
@@ -906,7 +907,7 @@ def print_table(report) -> None:
 
 
 def write_outputs(report) -> None:
-    from benchkit import new_result_stem
+    from bench.benchkit import new_result_stem
 
     stem = new_result_stem(RESULTS, "load")
     json_path = stem.with_suffix(".json")

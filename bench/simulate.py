@@ -68,7 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from benchkit import new_result_stem, require_at_least  # noqa: E402
+from bench.benchkit import new_result_stem, require_at_least  # noqa: E402
 from load import COLD_THRESHOLD  # noqa: E402
 from workload import ModelInfo, Request, WorkloadParams, add_arguments, generate, load_trace, params_from  # noqa: E402
 

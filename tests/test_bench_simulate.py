@@ -220,8 +220,8 @@ def test_two_runs_in_one_second_keep_both_results(tmp_path, monkeypatch):
     # simulate-<time>.json was stamped to the second: a second run in the same second overwrote the first's.
     import json
 
-    import benchkit
     import simulate
+    from bench import benchkit
 
     monkeypatch.setattr(benchkit, "datetime", _OneSecond)
     argv = ["simulate.py", "--models", "2", "--rate", "0.05", "--duration", "60", "--nodes", "2",
