@@ -131,7 +131,8 @@ def main() -> int:
     parser.add_argument("--model-process", choices=("on", "off"), default="on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    require_at_least(parser, args, 1, "slots", "batch_prompt", "batch_tokens", "interactive", "interactive_prompt", "interactive_tokens", "rounds")
+    require_at_least(parser, args, 1, "slots", "batch_prompt", "batch_tokens", "interactive", "interactive_prompt",
+                     "interactive_tokens", "rounds")
     require_at_least(parser, args, 0, "batch")
 
     import torch
