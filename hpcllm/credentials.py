@@ -32,6 +32,7 @@ import hmac
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -382,13 +383,22 @@ class AgentKey:
     registered with a node token the node key the controller sent (asked at each request: it arrives after the
     agent serves; until then, None, every call is refused). current_key(wait): the key, with wait True waiting a
     while for it to arrive - only for a call that carries what could be a node key: the others (no credential, a
-    probe) are refused at once, never holding one of the agent's threads while it registers."""
+    probe) are refused at once, never holding one of the agent's threads while it registers. Only `max_waiting` such
+    calls wait at once: anyone can make up a value of a node key's form, and a few would otherwise take every
+    thread; the others are answered at once (the key if it is known, else refused)."""
 
-    def __init__(self, current_key: Callable[[bool], str | None]):
+    def __init__(self, current_key: Callable[[bool], str | None], max_waiting: int):
         self.current_key = current_key
+        self._waiting = threading.BoundedSemaphore(max_waiting)
 
     def check(self, req: Request) -> None:
-        key = self.current_key(could_be_node_key(req.headers.get(SECRET_HEADER, "")))
+        if could_be_node_key(req.headers.get(SECRET_HEADER, "")) and self._waiting.acquire(blocking=False):
+            try:
+                key = self.current_key(True)
+            finally:
+                self._waiting.release()
+        else:
+            key = self.current_key(False)
         if key is None:
             raise Unauthorized(f"missing or wrong {SECRET_HEADER} header (this agent has no key yet: it is "
                                f"registering with its node token)")

@@ -696,6 +696,52 @@ def test_a_token_agent_refuses_a_call_without_a_node_key_at_once_while_it_waits_
         a.workers.close()
 
 
+def test_a_token_agent_holds_only_a_few_calls_with_a_node_key_form_while_it_waits_for_its_own(tmp_path, monkeypatch):
+    """A call with anything of a node key's form (64 lower-case hex digits) waited up to KEY_WAIT_SECONDS for the
+    key: a few such made-up credentials sent while the agent registers took every one of its threads (node.threads)
+    and held the controller's calls behind them. Only KEY_WAITERS calls wait; the next is refused at once."""
+    import hpcllm.node.app as agent_app
+
+    key = node_key(SECRET, "pool-token", "n1")
+    monkeypatch.setattr(agent_app, "KEY_WAIT_SECONDS", 600.0)  # the key is held back until the test gives it
+    a = make_agent(tmp_path)
+    try:
+        a.workers.set_key(None)  # a token agent, registering
+        waiting_for_key = []
+        key_within = a.workers.key_within
+
+        def counted_key_within(seconds):
+            if seconds:
+                waiting_for_key.append(seconds)
+            return key_within(seconds)
+
+        monkeypatch.setattr(a.workers, "key_within", counted_key_within)
+        client = create_app(a).test_client()
+        fakes = [f"{n:064x}" for n in range(agent_app.KEY_WAITERS + 1)]
+        held = []
+        waiters = [threading.Thread(target=lambda f=fake: held.append(
+            client.get("/health", headers={SECRET_HEADER: f}))) for fake in fakes[:-1]]
+        for waiter in waiters:
+            waiter.start()
+        wait_for(lambda: len(waiting_for_key) == len(waiters), what="the first calls to wait for the node key")
+        refused = []
+        caller = threading.Thread(target=lambda: refused.append(
+            client.get("/health", headers={SECRET_HEADER: fakes[-1]})))
+        caller.start()
+        caller.join(60)
+        assert not caller.is_alive(), f"a call past the first {agent_app.KEY_WAITERS} waits for the node key too"
+        assert refused[0].status_code == 401 and "no key yet" in refused[0].get_json()["error"]["message"]
+        assert not held and all(w.is_alive() for w in waiters)
+        a.workers.set_key(key)  # the registration's answer: the made-up keys are wrong, the real one serves
+        for waiter in waiters:
+            waiter.join(60)
+        assert [r.status_code for r in held] == [401] * len(waiters)
+        assert client.get("/health", headers={SECRET_HEADER: key}).status_code == 200
+    finally:
+        a.workers.set_key(SECRET)  # a failed test's waiting calls end
+        a.workers.close()
+
+
 @pytest.mark.parametrize("url", ["abc", "controller:8700", "http://", "http://host:0"])
 def test_a_malformed_controller_url_is_refused_at_start_not_retried(url, monkeypatch):
     from hpcllm.errors import ConfigError
