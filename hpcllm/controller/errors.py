@@ -54,6 +54,15 @@ class UnknownNode(ControllerError):
     error_type = "invalid_request_error"
 
 
+class AgentReplaced(ControllerError):
+    """A heartbeat from an agent process other than the one that registered the node last (a late one of the process
+    before a restart): its instances are that process's, not the node's now. It changes nothing."""
+
+    http_status = 409
+    code = "agent_replaced"
+    error_type = "invalid_request_error"
+
+
 class NodeTaken(ControllerError):
     """A second node agent (another Slurm job on the same node) wants to register while the first one lives: one
     agent per node, since the controller knows an agent by its node's name. The agent retries until that one goes."""

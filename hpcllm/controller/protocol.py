@@ -129,6 +129,10 @@ class CacheEntry(WireModel):
         return self
 
 
+# An agent process's id (AgentProcess): a registration and the heartbeats of the process that sent it carry the same.
+AGENT_PROCESS_PATTERN = r"^[0-9a-f]{32}$"
+
+
 class NodeRegistration(WireModel):
     node_id: NodeId = Field(description="the Slurm node name")
     agent_url: str = Field(pattern=r"^https?://", max_length=MAX_URL_CHARS)
@@ -142,6 +146,10 @@ class NodeRegistration(WireModel):
     # The controller routes to its instances but never places anything on the node, never moves or evicts its
     # instances, and never stops them for idleness.
     pool_model: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
+    # The agent process registering (new at each start of `hpcllm node`): only its heartbeats count for the node
+    # until the next registration, not a late one of the process before it (a restart). None: an agent older than
+    # process ids; its heartbeats are taken as the registered one's.
+    agent_process: str | None = Field(None, pattern=AGENT_PROCESS_PATTERN)
 
 
 class InstanceInfo(WireModel):
@@ -184,6 +192,8 @@ class Heartbeat(WireModel):
     # older than a start or stop the controller had the agent make, or than a report already applied, is told by it,
     # however late it arrives (AgentChanges); None: an agent older than versions.
     instances_version: int | None = Field(None, ge=0, le=INT64_MAX)
+    # The agent process sending it (NodeRegistration.agent_process); None: an agent older than process ids.
+    agent_process: str | None = Field(None, pattern=AGENT_PROCESS_PATTERN)
 
     @model_validator(mode="after")
     def _h2d_with_the_tiers(self) -> Heartbeat:

@@ -93,6 +93,7 @@ from hpcllm.controller.registry import (
     MigrationRecord,
     NodeRecord,
     Registry,
+    check_agent_process,
 )
 from hpcllm.credentials import (
     CLUSTER,
@@ -784,6 +785,7 @@ class Controller:
         if known is not None:  # an unknown node gets 404 (register again) whoever asks
             check_node_owner(principal, node_id, known.credential_id)
             check_models(principal, [i.model for i in hb.instances])
+            check_agent_process(known, hb)  # before anything of it is acted on (a failed spanning instance)
         # Before the registry forgets a failed instance: its spanning allocation must not take another start.
         self._give_back_failed_spanning(node_id, [i for i in hb.instances if i.state == "failed"])
         now = self.clock()
@@ -1686,7 +1688,8 @@ class Controller:
             # The job end stays what the agent last reported (a pool's hand-over plan): the instance list has none.
             try:
                 self.registry.heartbeat(node.node_id, Heartbeat(cached=cached, instances=instances,
-                                                                job_end=node.job_end), now)
+                                                                job_end=node.job_end,
+                                                                agent_process=node.agent_process), now)
             except (ControllerError, ValidationError) as exc:  # one node's refused report: its heartbeats are too
                 log.error("reconcile: the instance list of node %s is refused: %s", node.node_id, exc)
         log.info("reconciled: %d models, %d live nodes, %d instances, %d active allocations",

@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -158,6 +159,10 @@ class NodeAgent:
         self._job_end_due = 0.0
         self._send_job_end = True
         self._send_instances_version = True  # false once a controller older than the field refused it
+        # This process, to the controller: its registration and heartbeats carry it, so that a late heartbeat of the
+        # process before a restart is told from this one's (NodeRegistration.agent_process). None once a controller
+        # older than the field refused it.
+        self.agent_process: str | None = uuid.uuid4().hex
         # To the controller: its node token when it has one, never then the cluster secret.
         credential = {TOKEN_HEADER: token} if token else secret_headers(config.cluster.shared_secret)
         self._http = internal_client(config.internal_http, headers=credential, timeout=10.0)
@@ -357,7 +362,7 @@ class NodeAgent:
         return NodeRegistration(node_id=self.node_id, agent_url=self.agent_url or "http://unbound",
                                 slurm_job_id=self.job_id, job_scoped=self.config.node.nvme_scope == "job",
                                 gpus=self.gpus.count, tiers=tiers, h2d_gbps=h2d_gbps, cached=cached,
-                                pool_model=self.pinned_model)
+                                pool_model=self.pinned_model, agent_process=self.agent_process)
 
     # ----------------------------------------------------------------------------------------------- server
 
@@ -387,7 +392,15 @@ class NodeAgent:
         while not self._drain_requested.is_set():
             try:
                 version = self._rates_version
-                resp = self._post("/v1/internal/nodes/register", self.registration())
+                resp = self._post("/v1/internal/nodes/register", self.registration(),
+                                  exclude={"agent_process"} if self.agent_process is None else None)
+                if resp.status_code == 400 and self.agent_process is not None \
+                        and self._refuses(resp, ("agent_process",)):
+                    log.warning("the controller %s refused this agent's process id (%s): a late heartbeat of an "
+                                "agent process before this one may show its instances for a heartbeat period",
+                                self.controller_url, error_of(resp)[1])
+                    self.agent_process = None
+                    continue
                 if resp.status_code == 200:
                     answer = RegisterResponse.model_validate(resp.json())
                     self._rates_sent = version
@@ -420,11 +433,13 @@ class NodeAgent:
         instances, instances_version = self.instance_listing()
         instances_version = instances_version if self._send_instances_version else None
         body = Heartbeat(cached=cached, instances=instances, instances_version=instances_version,
-                         draining=self.state in ("draining", "stopped"), job_end=job_end, **rates)
-        # Without rates, a job end or a version, none of their fields: a controller older than this agent would
-        # refuse them.
+                         draining=self.state in ("draining", "stopped"), job_end=job_end,
+                         agent_process=self.agent_process, **rates)
+        # Without rates, a job end, a version or a process id, none of their fields: a controller older than this
+        # agent would refuse them.
         exclude = ({"tiers", "h2d_gbps"} if not rates else set()) | ({"job_end"} if job_end is None else set()) \
-            | ({"instances_version"} if instances_version is None else set())
+            | ({"instances_version"} if instances_version is None else set()) \
+            | ({"agent_process"} if self.agent_process is None else set())
         try:
             resp = self._post(f"/v1/internal/nodes/{self.node_id}/heartbeat", body, exclude=exclude or None)
         except httpx.HTTPError as exc:

@@ -11,7 +11,8 @@ from hpcllm.controller.registry.store import (
     MigrationRecord,
     NodeRecord,
     Registry,
+    check_agent_process,
 )
 
 __all__ = ["AllocationIntent", "AllocationRecord", "CacheRecord", "ColdStartRecord", "CredentialRecord",
-           "HeartbeatOutcome", "InstanceRecord", "MigrationRecord", "NodeRecord", "Registry"]
+           "HeartbeatOutcome", "InstanceRecord", "MigrationRecord", "NodeRecord", "Registry", "check_agent_process"]

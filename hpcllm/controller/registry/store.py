@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpcllm.controller.errors import DatabaseError, InstanceTaken, NodeTaken, UnknownNode
+from hpcllm.controller.errors import AgentReplaced, DatabaseError, InstanceTaken, NodeTaken, UnknownNode
 from hpcllm.controller.protocol import (
     CacheEntry,
     DeployedModel,
@@ -36,7 +36,7 @@ from hpcllm.controller.registry.databases import open_database, sqlite_path_from
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 RESERVED_PREFIX = "reserved:"
 
 # Node states: "up" (heartbeating, routable), "draining" (retiring: no new instances), "lost" (missed heartbeats),
@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     pool_model TEXT,
     credential_id TEXT,
     serves_group TEXT,
-    job_end REAL
+    job_end REAL,
+    agent_process TEXT
 );
 CREATE TABLE IF NOT EXISTS cache (
     node_id TEXT NOT NULL,
@@ -194,6 +195,8 @@ _MIGRATIONS: dict[int, list[tuple[str, str, str]]] = {
         ("cold_starts", "tensor_parallel", "ALTER TABLE cold_starts ADD COLUMN tensor_parallel INTEGER")],
     # A model pool's job end as its agent reports it (the pool is handed over before it; docs/controller.md).
     6: [("nodes", "job_end", "ALTER TABLE nodes ADD COLUMN job_end REAL")],
+    # The agent process that registered the node (NodeRegistration.agent_process): another's heartbeat is refused.
+    7: [("nodes", "agent_process", "ALTER TABLE nodes ADD COLUMN agent_process TEXT")],
 }
 
 
@@ -213,6 +216,7 @@ class NodeRecord:
     credential_id: str | None = None  # what its agent registered with ("cluster": the secret; else a token's id)
     serves_group: str | None = None  # a group's own pool: only that group's API keys are routed here
     job_end: float | None = None  # when its Slurm job ends, as its agent (a model pool's) last reported it
+    agent_process: str | None = None  # the agent process that registered it; None: an agent without process ids
 
     @property
     def is_pool(self) -> bool:
@@ -533,16 +537,18 @@ class Registry:
             db.execute("DELETE FROM instances WHERE node_id = ?", (reg.node_id,))
             db.execute(
                 "INSERT INTO nodes (node_id, agent_url, slurm_job_id, job_scoped, gpus, tiers, h2d_gbps,"
-                " state, registered_at, last_heartbeat, pool_model, credential_id, serves_group, job_end)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?, ?, ?, ?, NULL)"
+                " state, registered_at, last_heartbeat, pool_model, credential_id, serves_group, job_end,"
+                " agent_process) VALUES (?, ?, ?, ?, ?, ?, ?, 'up', ?, ?, ?, ?, ?, NULL, ?)"
                 " ON CONFLICT (node_id) DO UPDATE SET agent_url = excluded.agent_url,"
                 " slurm_job_id = excluded.slurm_job_id, job_scoped = excluded.job_scoped, gpus = excluded.gpus,"
                 " tiers = excluded.tiers, h2d_gbps = excluded.h2d_gbps, state = excluded.state,"
                 " registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat,"
                 " pool_model = excluded.pool_model, credential_id = excluded.credential_id,"
-                " serves_group = excluded.serves_group, job_end = excluded.job_end",
+                " serves_group = excluded.serves_group, job_end = excluded.job_end,"
+                " agent_process = excluded.agent_process",
                 (reg.node_id, reg.agent_url, reg.slurm_job_id, int(reg.job_scoped), reg.gpus,
-                 reg.tiers.model_dump_json(), reg.h2d_gbps, now, now, reg.pool_model, credential_id, serves_group),
+                 reg.tiers.model_dump_json(), reg.h2d_gbps, now, now, reg.pool_model, credential_id, serves_group,
+                 reg.agent_process),
             )
             _replace_cache(db, reg.node_id, reg.cached, persistent_nvme)
             if reg.slurm_job_id:
@@ -565,6 +571,7 @@ class Registry:
             if row is None or row["state"] not in NODE_LIVE_STATES:
                 raise UnknownNode(f"node {node_id!r} is not registered (or was declared lost): register again")
             node = _node(row)
+            check_agent_process(node, hb)  # again in the transaction: a registration may have come meanwhile
             if overtaken():
                 db.execute("UPDATE nodes SET last_heartbeat = ? WHERE node_id = ?", (now, node_id))
                 return outcome
@@ -878,6 +885,15 @@ class Registry:
 # ------------------------------------------------------------------------------------------------ row helpers
 
 
+def check_agent_process(node: NodeRecord, hb: Heartbeat) -> None:
+    """A heartbeat counts only from the agent process that registered the node last (one without a process id, an
+    older agent, only when that registration had none either): a late one of the process before a restart lists
+    instances that died with it, and would show them for a heartbeat period (routes to a dead worker)."""
+    if node.agent_process is not None and hb.agent_process != node.agent_process:
+        raise AgentReplaced(f"node {node.node_id} is served by another agent process now (it registered after this "
+                            f"one); this heartbeat changes nothing")
+
+
 def _refuse_a_second_agent(db, reg: NodeRegistration, now: float, live_after: float) -> None:
     row = db.execute("SELECT slurm_job_id, state, last_heartbeat FROM nodes WHERE node_id = ?",
                      (reg.node_id,)).fetchone()
@@ -1012,7 +1028,8 @@ def _tiers(text: str) -> Tiers:
 def _node(r) -> NodeRecord:
     return NodeRecord(r["node_id"], r["agent_url"], r["slurm_job_id"], bool(r["job_scoped"]), r["gpus"],
                       _tiers(r["tiers"]), r["h2d_gbps"], r["state"], r["registered_at"],
-                      r["last_heartbeat"], r["pool_model"], r["credential_id"], r["serves_group"], r["job_end"])
+                      r["last_heartbeat"], r["pool_model"], r["credential_id"], r["serves_group"], r["job_end"],
+                      r["agent_process"])
 
 
 def _ranks_column(tensor_parallel: int, rank_nodes: list[str], rank_tiers: list[str] = ()) -> str | None:

@@ -56,6 +56,7 @@ class Harness:
         self.controller = Controller(self.config, self.registry, self.agents, self.allocator, clock=self.clock)
         self.autoscaler = Autoscaler(self.controller)
         self.job_ends: dict[str, float] = {}  # what a node's agent reports as its Slurm job's end (model pools)
+        self.agent_processes: dict[str, str] = {}  # the process id a node's agent registered with, if any
 
     def source(self, name: str, positions: int = 4096) -> Path:
         return checkpoint_folder(self.tmp_path / "models" / name, positions)
@@ -66,14 +67,17 @@ class Harness:
 
     def register(self, node_id: str, gpus: int = 2, cached: tuple[tuple[str, str], ...] = (), job: str | None = None,
                  dram_gbps: float = 20.0, nvme_gbps: float = 4.0, sharedfs_gbps: float = 1.0,
-                 nvme_scope: str = "persistent", pool_model: str | None = None) -> str:
+                 nvme_scope: str = "persistent", pool_model: str | None = None,
+                 agent_process: str | None = None) -> str:
         url = f"http://{node_id}:9000"
         tiers = Tiers(dram=TierInfo(capacity_bytes=64 * GB, read_gbps=dram_gbps),
                       nvme=TierInfo(capacity_bytes=1000 * GB, read_gbps=nvme_gbps, scope=nvme_scope),
                       sharedfs=TierInfo(read_gbps=sharedfs_gbps))
         self.controller.register(NodeRegistration(
             node_id=node_id, agent_url=url, slurm_job_id=job, job_scoped=job is not None, gpus=gpus, tiers=tiers,
-            cached=[_cache_entry(*c) for c in cached], pool_model=pool_model))
+            cached=[_cache_entry(*c) for c in cached], pool_model=pool_model, agent_process=agent_process))
+        if agent_process is not None:
+            self.agent_processes[node_id] = agent_process
         return url
 
     def heartbeat(self, node_id: str, **loading_done) -> None:
@@ -89,7 +93,8 @@ class Harness:
                   for c in self.registry.cache(node_id=node_id)]
         self.controller.heartbeat(node_id, Heartbeat(cached=cached, instances=instances,
                                                      job_end=self.job_ends.get(node_id),
-                                                     instances_version=self.agents.instances_version(url)))
+                                                     instances_version=self.agents.instances_version(url),
+                                                     agent_process=self.agent_processes.get(node_id)))
 
     def tick(self, seconds: float = 0.0, heartbeats: bool = True):
         """Move the clock and run one autoscaler tick; live agents heartbeat first unless told not to."""

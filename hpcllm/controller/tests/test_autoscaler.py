@@ -519,6 +519,30 @@ def test_an_instance_id_a_restarted_agent_reuses_is_not_taken_for_the_stopped_in
     assert harness.registry.get_instance(stopped).state == "ready"
 
 
+def test_a_late_heartbeat_of_the_agent_process_before_a_restart_changes_nothing(harness):
+    """The agent restarts (its instances died with it) and registers again; a heartbeat the old process sent just
+    before it died arrives after that registration. It listed the old instance ready: it was taken as the node's
+    (routes to a dead worker) until the new process's first heartbeat. Now it is refused and changes nothing."""
+    from hpcllm.controller.errors import AgentReplaced
+    from hpcllm.controller.tests.doubles import FakeNodeAgent
+
+    old_process, new_process = "a" * 32, "b" * 32
+    harness.deploy("m")
+    harness.register("n1", agent_process=old_process)
+    dead = ready_instance(harness)
+    late_report = Heartbeat(instances=harness.agents.list_instances("http://n1:9000"),
+                            instances_version=harness.agents.instances_version("http://n1:9000"),
+                            agent_process=old_process)
+    harness.agents.agents["http://n1:9000"] = FakeNodeAgent("http://n1:9000")  # a new process, without workers
+    harness.register("n1", agent_process=new_process)
+    with pytest.raises(AgentReplaced, match="served by another agent process"):
+        harness.controller.heartbeat("n1", late_report)
+    assert harness.registry.instances(node_id="n1") == []
+    assert harness.controller.route("m").instance_id != dead  # a new start, not the dead worker
+    harness.heartbeat("n1")  # the new process's heartbeats count
+    assert harness.registry.get_node("n1").state == "up"
+
+
 def test_a_stop_is_remembered_only_while_a_heartbeat_built_before_it_may_arrive(harness):
     """A stopped instance's id is not refused for ever: two heartbeat periods and 30 s after the stop no heartbeat
     built before it is on its way, and an instance reported with that id is taken as what it is."""

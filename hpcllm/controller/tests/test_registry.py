@@ -97,7 +97,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     write_v1_database(database_url, tmp_path)
     registry = Registry(database_url)
     try:
-        assert SCHEMA_VERSION == 6 and registry.schema_version() == 6
+        assert SCHEMA_VERSION == 7 and registry.schema_version() == 7
         n1, n2 = registry.nodes()
         assert (n1.node_id, n1.agent_url, n1.slurm_job_id, n1.job_scoped, n1.gpus, n1.h2d_gbps, n1.state,
                 n1.registered_at, n1.last_heartbeat, n1.pool_model) == \
@@ -107,6 +107,7 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
         # Nodes from before credentials registered with the cluster secret and serve every group.
         assert (n1.credential_id, n1.serves_group) == (None, None)
         assert n1.job_end is None  # version 6: no job end reported (no pool hand-over planned)
+        assert n1.agent_process is None  # version 7: registered by an agent without process ids (any heartbeat counts)
         assert [m.name for m in registry.models()] == ["tiny-llama"]
         assert registry.get_model("tiny-llama").keep_alive_seconds == 300.0
         [entry] = registry.cache()
@@ -148,10 +149,10 @@ def test_a_version_1_database_is_upgraded_in_place_keeping_its_data(database_url
     finally:
         registry.close()
 
-    # Opening it again is a no-op: still version 6, nothing lost.
+    # Opening it again is a no-op: still version 7, nothing lost.
     registry = Registry(database_url)
     try:
-        assert registry.schema_version() == 6
+        assert registry.schema_version() == 7
         assert registry.get_credential("pool-0123456789ab").model == "tiny-llama"
         assert [(n.node_id, n.pool_model) for n in registry.nodes()] == \
             [("n1", None), ("n2", None), ("n3", "tiny-llama")]
@@ -169,11 +170,11 @@ def test_the_upgrade_adds_the_column_to_the_file_itself(tmp_path):
     Registry(url).close()
     raw = sqlite3.connect(tmp_path / "v1.db")
     columns = {row[1] for row in raw.execute("PRAGMA table_info(nodes)")}
-    assert {"pool_model", "credential_id", "serves_group", "job_end"} <= columns
+    assert {"pool_model", "credential_id", "serves_group", "job_end", "agent_process"} <= columns
     assert "ranks" in {row[1] for row in raw.execute("PRAGMA table_info(instances)")}
     assert {"placement_kind", "queue_wait_seconds", "migration_seconds", "tensor_parallel"} <= \
         {row[1] for row in raw.execute("PRAGMA table_info(cold_starts)")}
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(6,)]
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(7,)]
     assert raw.execute("SELECT count(*) FROM credentials").fetchone() == (0,)
     assert raw.execute("SELECT count(*) FROM nodes").fetchone() == (2,)
     raw.close()

@@ -266,6 +266,59 @@ def test_a_controller_older_than_the_agent_gets_heartbeats_without_the_instance_
         agent.shutdown()
 
 
+def test_a_heartbeat_of_the_agent_process_before_a_restart_is_refused(tmp_path, controllers, monkeypatch, caplog):
+    """A restarted agent registers again; the old process's heartbeat (late, or the process lingering) listed its
+    instances as the node's until the new one's first heartbeat. Each process now names itself: the controller
+    answers the old one's 409 and keeps the new one's."""
+    (first, _, first_url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n9")
+    old, new = make_agent(tmp_path / "old"), make_agent(tmp_path / "new")
+    try:
+        old.controller_url = new.controller_url = first_url
+        assert old.register() and old.heartbeat()
+        assert new.register()
+        assert old.agent_process != new.agent_process
+        assert not old.heartbeat()
+        assert "HTTP 409" in caplog.text and "served by another agent process now" in caplog.text
+        assert new.heartbeat()
+        [node] = first.controller.status().nodes
+        assert node.state == "up"
+    finally:
+        old.shutdown()
+        new.shutdown()
+
+
+def test_a_controller_older_than_the_agent_process_id_takes_the_registration_without_it(tmp_path, caplog):
+    """An older controller refuses the unknown field (400): the agent registers without it (not a ConfigError that
+    ends it) and its heartbeats carry none."""
+    import json
+
+    import httpx
+
+    bodies = []
+
+    def older_controller(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append((request.url.path, body))
+        if "agent_process" in body:
+            return httpx.Response(400, json={"error": {"message": "agent_process: Extra inputs are not permitted",
+                                                       "param": "agent_process"}})
+        if request.url.path.endswith("/register"):
+            return httpx.Response(200, json={"node_id": "n8", "heartbeat_seconds": 5.0})
+        return httpx.Response(200, json={"node_id": "n8", "state": "up"})
+
+    agent = make_agent(tmp_path)
+    agent.controller_url = "http://controller"
+    agent._http = httpx.Client(transport=httpx.MockTransport(older_controller))
+    try:
+        assert agent.register() and agent.heartbeat()
+        assert [(path.rsplit("/", 1)[1], "agent_process" in body) for path, body in bodies] == \
+            [("register", True), ("register", False), ("heartbeat", False)]
+        assert "refused this agent's process id (agent_process: Extra inputs" in caplog.text
+    finally:
+        agent.shutdown()
+
+
 # --------------------------------------------------------------------------- a pool's job end (make before break)
 
 
