@@ -98,9 +98,11 @@ def srun_launch(ranks: int, nodes: int, gpus_per_node: int) -> list[str]:
     """The launcher of a tensor-parallel instance whose ranks span `nodes` nodes of this agent's Slurm job: one
     step, ranks / nodes tasks on each node, rank, size and rendezvous from PMIx (mpi4py). Task 0 (the lead, which
     writes the URL file the agent reads) runs on the job's first node, the agent's. --overlap: the step may share
-    the job's CPUs with a previous instance's step that is still ending. A rank that fails ends the step."""
+    the job's CPUs with a previous instance's step that is still ending. A rank that fails ends the step.
+    --input=0: srun's stdin, the agent's pipe, goes to the lead alone, which stops the instance at its end (the
+    agent died); the followers end with the lead's stop step, or with the step if the lead must kill itself."""
     command = [SRUN, "--mpi=pmix", f"--nodes={nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={ranks // nodes}",
-               "--overlap", "--kill-on-bad-exit=1", "--export=ALL", "--quiet"]
+               "--overlap", "--kill-on-bad-exit=1", "--input=0", "--export=ALL", "--quiet"]
     return command + ([f"--gres=gpu:{gpus_per_node}"] if gpus_per_node else [])
 
 
@@ -563,15 +565,16 @@ class WorkerManager:
             command = self._command(req, path, url_file)
             if cache_into is not None:  # cache on load: the worker tees what it reads there
                 command += ["--cache-into", str(cache_into)]
-            if req.nodes > 1:  # Slurm ends the step with the agent's job (its batch step)
-                env, stdin = self._spanning_environment(req.gpu_ids), subprocess.DEVNULL
+            if req.nodes > 1:
+                env = self._spanning_environment(req.gpu_ids)
             else:
-                # A pipe the agent holds until the worker is gone: its end tells the worker (mpirun forwards it to
-                # the lead rank) that the agent died, killed where nothing ends its workers with it.
-                env, stdin = self._environment(req.gpu_ids, req.tensor_parallel), subprocess.PIPE
-                env[AGENT_STDIN_ENV] = "1"
+                env = self._environment(req.gpu_ids, req.tensor_parallel)
+            # A pipe the agent holds until the worker is gone: its end tells the worker (mpirun forwards it to the
+            # lead rank, srun to task 0: srun_launch) that the agent died, killed where nothing ends its workers with
+            # it (Slurm ends a spanning instance's step only with the whole job, which may outlive its agent).
+            env[AGENT_STDIN_ENV] = "1"
             return subprocess.Popen(command, env=env,
-                                    stdin=stdin, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
                                     preexec_fn=self._ignore_drain_signal())
 
     # ------------------------------------------------------------------------------------------------ spares

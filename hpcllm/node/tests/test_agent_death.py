@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,72 @@ def test_every_rank_of_a_tensor_parallel_instance_exits_when_its_agent_is_killed
     # the lead rank read the pipe's end (mpirun forwards stdin to it) and stopped the others: not mpirun's own abort
     [instance_log] = (tmp_path / "agent").rglob(f"{instance_id}.log")
     assert "the node agent that started this worker is gone; stopping" in instance_log.read_text()
+
+
+class AgentOfAJob(KilledAgent):
+    """`hpcllm node` started in the background by a Slurm job's batch script, which wrote its pid to agent.pid."""
+
+    def __init__(self, root: Path, job: str):
+        self.log = root / "agent.log"
+        pid_file = root / "agent.pid"
+        self.pid = wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() and int(pid_file.read_text()),
+                            timeout=120, what=f"job {job} to start its agent")
+        self.url = wait_for(self._listening, what="the agent's API")
+
+    def _listening(self) -> str | None:
+        found = self.log.exists() and re.search(r"listening on (http://\S+)", self.log.read_text())
+        return found.group(1) if found else None
+
+
+def _ranks_of(model_dir: Path) -> list[Process]:
+    """Every `hpcllm worker --tensor-parallel` rank on this host (the dev cluster's nodes share it) of model_dir,
+    srun and mpirun left out."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):  # ended since the listing, or another user's
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"--tensor-parallel" in args and str(model_dir).encode() in args \
+                    and not args[0].endswith((b"srun", b"mpirun")):
+                pids.append(int(proc.name))
+    return processes(pids)
+
+
+@pytest.mark.slurm
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_every_rank_of_an_instance_over_two_nodes_exits_when_its_agent_is_killed(slurm_cluster, tp_converted):  # noqa: F811
+    """The agent runs in a 2-node Slurm job that outlives it (a wrapper that restarts it, an agent killed by the OOM
+    killer while its batch script goes on): its instance's ranks, srun's step on both nodes, had no news of its end
+    (srun's stdin was /dev/null) and served on. The lead rank now reads the agent's pipe through srun and stops."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="hpcllm-death-", dir="/var/tmp"))  # munge: world-searchable parents
+    root.chmod(0o755)
+    config = write_config(root, worker_stop_timeout_seconds=10, spare_workers=0)
+    script = root / "agent.sbatch"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"{sys.executable} -m hpcllm.cli.main node --config {config} --port 0 --controller-url http://127.0.0.1:1"
+        f" > {root / 'agent.log'} 2>&1 &\n"
+        f"echo $! > {root / 'agent.pid'}\n"
+        "wait\n"
+        "sleep 600  # the job lives on without its agent\n")
+    job = slurm_cluster.run("sbatch", "--parsable", "-N2", "--ntasks-per-node=1", "-p", "batch", "-t", "15",
+                            "-o", str(root / "job.out"), str(script)).stdout.strip().split(";")[0]
+    try:
+        agent = AgentOfAJob(root, job)
+        instance_id = agent.start(tp_converted, tensor_parallel=2, nodes=2)
+        ranks = _ranks_of(tp_converted)
+        assert len(ranks) == 2, f"expected two ranks of {tp_converted}: {ranks}"
+        os.kill(agent.pid, signal.SIGKILL)
+        stuck = _gone_or_killed(ranks, timeout=120)
+        assert not stuck, f"ranks still running 120 s after the agent's death: {stuck}"
+        [instance_log] = root.rglob(f"{instance_id}.log")
+        assert "the node agent that started this worker is gone; stopping" in instance_log.read_text()
+        assert slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T", check=False).stdout.strip() == "RUNNING"
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_start_that_fails_after_its_worker_started_closes_the_workers_pipe(tmp_path, converted, monkeypatch):  # noqa: F811
