@@ -888,8 +888,9 @@ class Registry:
 def check_agent_process(node: NodeRecord, hb: Heartbeat) -> None:
     """A heartbeat counts only from the agent process that registered the node last (one without a process id, an
     older agent, only when that registration had none either): a late one of the process before a restart lists
-    instances that died with it, and would show them for a heartbeat period (routes to a dead worker)."""
-    if node.agent_process is not None and hb.agent_process != node.agent_process:
+    instances that died with it, and would show them for a heartbeat period (routes to a dead worker). A lost node's
+    registration holds no more: any process gets 404 (register again), and the one still alive does."""
+    if node.state in NODE_LIVE_STATES and node.agent_process is not None and hb.agent_process != node.agent_process:
         raise AgentReplaced(f"node {node.node_id} is served by another agent process now (it registered after this "
                             f"one); this heartbeat changes nothing")
 

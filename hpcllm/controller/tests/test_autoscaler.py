@@ -543,6 +543,32 @@ def test_a_late_heartbeat_of_the_agent_process_before_a_restart_changes_nothing(
     assert harness.registry.get_node("n1").state == "up"
 
 
+def test_the_earlier_agent_process_of_a_lost_node_is_told_to_register_again(harness):
+    """Two agent processes on one node (two `hpcllm node` in one job): the second registered, then died; the node
+    was declared lost. The first, still alive with its instances, was answered 409 agent_replaced (which it is not
+    told to fix) where a lost node's heartbeat gets 404 (register again): it never registered and its instances
+    went unused. Now it gets 404, registers again and serves."""
+    from hpcllm.controller.errors import UnknownNode
+    from hpcllm.controller.tests.doubles import FakeNodeAgent
+
+    first, second = "a" * 32, "b" * 32
+    harness.deploy("m")
+    harness.register("n1", agent_process=first)
+    serving = ready_instance(harness)
+    first_agent = harness.agents.agents["http://n1:9000"]
+    harness.agents.agents["http://n1:9000"] = FakeNodeAgent("http://n1:9000")
+    harness.register("n1", agent_process=second)  # then it dies: no heartbeat of it comes
+    harness.agents.agents["http://n1:9000"] = first_agent
+    harness.agent_processes["n1"] = first
+    harness.tick(harness.config.controller.node_timeout_seconds + 1, heartbeats=False)
+    assert harness.registry.get_node("n1").state == "lost"
+    with pytest.raises(UnknownNode, match="register again"):
+        harness.heartbeat("n1")
+    harness.register("n1", agent_process=first)
+    harness.heartbeat("n1")
+    assert harness.controller.route("m").instance_id == serving
+
+
 def test_a_stop_is_remembered_only_while_a_heartbeat_built_before_it_may_arrive(harness):
     """A stopped instance's id is not refused for ever: two heartbeat periods and 30 s after the stop no heartbeat
     built before it is on its way, and an instance reported with that id is taken as what it is."""
