@@ -275,3 +275,16 @@ def test_a_node_whose_report_is_refused_does_not_keep_reconcile_from_the_others(
     harness.controller.reconcile()
     assert harness.registry.get_instance(started).state == "ready"
     assert harness.registry.get_instance(started).node_id == "n2"
+
+
+def test_reconcile_takes_the_instance_list_of_a_node_registered_by_an_agent_process(harness):
+    """A node whose agent named its process at registration: the instance list reconcile asks its agent for is that
+    process's report (not a late one of an earlier process, refused 409 agent_replaced), so the instance started
+    while the controller was down is seen at once."""
+    harness.deploy("m")
+    harness.register("n1", agent_process="c" * 32)
+    started = harness.agents.start_instance("http://n1:9000", "m", "/models/m", [0]).instance_id
+    harness.agents.finish_loading("http://n1:9000")
+    harness.controller.reconcile()
+    assert harness.registry.get_instance(started).state == "ready"
+    assert harness.controller.route("m").instance_id == started

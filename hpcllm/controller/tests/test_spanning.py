@@ -157,6 +157,33 @@ def test_a_failed_spanning_instance_whose_allocation_cannot_be_cancelled_is_not_
     assert again.status == "allocating" and h.agents.started == [], (again, h.agents.started)
 
 
+def test_a_late_failed_report_of_the_agent_process_before_a_restart_keeps_the_allocation(
+        make_harness, tiny_llama_dir):
+    """The agent of a spanning allocation restarts (Slurm's job lives on) and registers again; a heartbeat its old
+    process sent before it died, listing the instance failed (its ranks ended with it), arrives after that. It is
+    not the node's report: the allocation, the new agent's, must not be cancelled (scancel of the whole job)."""
+    from hpcllm.controller.errors import AgentReplaced
+    from hpcllm.controller.protocol import Heartbeat
+    from hpcllm.controller.tests.doubles import FakeNodeAgent
+
+    old_process, new_process = "a" * 32, "b" * 32
+    h = make_harness(allocate_on_demand=True, cpu_slots_per_node=1)
+    deploy(h, tiny_llama_dir, tensor_parallel=2)
+    job = h.controller.route_once("tp").job_id
+    start_job(h, job, ("n1", "n2"))
+    h.register("n1", gpus=0, job=job, agent_process=old_process)
+    iid = h.controller.route_once("tp").instance_id
+    agent = h.agents.agents["http://n1:9000"]
+    agent.update(iid, state="failed", error="the node agent that started this worker is gone; stopping")
+    late_report = Heartbeat(instances=list(agent.instances.values()), agent_process=old_process)
+    h.agents.agents["http://n1:9000"] = FakeNodeAgent("http://n1:9000")  # the new process, without workers
+    h.register("n1", gpus=0, job=job, agent_process=new_process)
+    with pytest.raises(AgentReplaced):
+        h.controller.heartbeat("n1", late_report)
+    assert ("cancel", job) not in h.backend.calls
+    assert h.registry.get_allocation(job).state == "running"
+
+
 # ---------------------------------------------------------------------------------- where a spanning instance goes
 
 
