@@ -2,7 +2,7 @@
 
 Life: the tiers' rates (saved on this node by an earlier agent, else measured now: probes.py) -> serve the agent API
 (app.py) -> start the spare workers -> register with the controller -> heartbeat (instances + cache lists, new tier
-rates; 404 unknown_node means register again), with the tier probes (when saved ones were used) and the read sweep
+rates; 404 unknown_node means register again, 409 agent_replaced drain and exit), with the tier probes (when saved ones were used) and the read sweep
 (unless a recent one was saved) in the background once the node is idle (read_sweep.py), until the drain signal or
 SIGTERM -> drain
 (no new instances, tell the controller the instances are draining, live-migrate their running requests to
@@ -25,6 +25,7 @@ from typing import Callable
 import httpx
 
 from hpcllm.config import Config
+from hpcllm.controller.errors import AgentReplaced
 from hpcllm.controller.protocol import (
     CacheEntry,
     Heartbeat,
@@ -449,6 +450,16 @@ class NodeAgent:
             log.warning("the controller does not know %s (declared lost, or a new database): registering again",
                         self.node_id)
             return self.register()
+        if resp.status_code == AgentReplaced.http_status and error_of(resp)[0].get("code") == AgentReplaced.code:
+            # Another `hpcllm node` registered this node after this process (two on one node): none of this one's
+            # heartbeats counts any more, so it would keep its workers for nothing. It drains and exits, telling
+            # the controller nothing more (its drain's heartbeats would be refused too).
+            log.error("another agent process registered node %s with the controller %s after this one (two "
+                      "`hpcllm node` on one node?): %s; this agent stops its workers and exits", self.node_id,
+                      self.controller_url, error_of(resp)[1])
+            self.registered = False
+            self.request_drain("replaced by another agent process")
+            return False
         if resp.status_code == 400 and rates and self._refuses(resp, ("tiers", "h2d_gbps")):
             # A controller older than this agent takes no rates in a heartbeat: it keeps the registered ones, and
             # the heartbeat goes again without them (else it fails until the node is declared lost).

@@ -313,6 +313,43 @@ def test_a_spare_started_before_the_node_key_was_known_serves_with_it(tmp_path, 
         agent.workers.close()
 
 
+def test_an_agent_replaced_by_another_process_on_its_node_stops_its_workers_and_exits(
+        tmp_path, controllers, monkeypatch, restore_signals, caplog):  # noqa: F811
+    """Two `hpcllm node` on one node (one job): the second registered the node, and the controller answers each
+    heartbeat of the first 409 agent_replaced. The first logged 'heartbeat answered HTTP 409' every period for ever
+    and kept its spare (and workers) for nothing. Now it logs one error, drains and exits."""
+    (service, _, url), _ = controllers
+    monkeypatch.setenv("SLURMD_NODENAME", "n5")
+    first = agent_with(tmp_path / "first", CountingProbe(rates(nvme=2.5)), spare_workers=1)
+    second = make_agent(tmp_path / "second")
+    first.controller_url = second.controller_url = url
+    first.start_background_measurements = lambda: None  # this test is about the heartbeats alone
+    drained_when_replaced = []
+
+    def replace_the_first():
+        try:
+            wait_for(lambda: first.registered and first.workers._spares, 60, "the first agent to serve")
+            assert second.register()
+            first.wake_heartbeat()
+            drained_when_replaced.append(first._drain_requested.wait(60))
+        finally:
+            first.request_drain("test over")  # the test's end (nothing more once the first drains of itself)
+
+    watcher = threading.Thread(target=replace_the_first, daemon=True)
+    watcher.start()
+    try:
+        assert first.run(create_app) == 0
+        watcher.join(60)
+    finally:
+        second.shutdown()
+    assert drained_when_replaced == [True]
+    assert first.state == "stopped" and first.workers._spares == []
+    assert caplog.text.count("another agent process registered node n5") == 1
+    assert "heartbeat answered HTTP 409" not in caplog.text
+    [node] = service.controller.status().nodes
+    assert node.state == "up"  # the second agent's node: the first's drain told the controller nothing
+
+
 def test_a_drain_signal_during_the_start_up_probes_starts_no_spare(tmp_path, restore_signals):  # noqa: F811
     """scancel (SIGTERM) while the agent still probes: it drains and exits without starting a spare worker, whose
     imports and host pool the drain would only wait for (up to 5 s) and then kill."""
