@@ -6,7 +6,8 @@ rates; 404 unknown_node means register again, 409 agent_replaced drain and exit)
 ones were used) and the read sweep (unless a recent one was saved) in the background once the node is idle
 (read_sweep.py), until the drain signal or SIGTERM -> drain (no new instances, tell the controller the instances
 are draining, live-migrate their running requests to instances on other nodes the controller names, within
-node.migrate_timeout_seconds, stop the workers gracefully, a last heartbeat with nothing left) -> exit 0. A repeated signal is part of the same drain.
+node.migrate_timeout_seconds, stop the workers gracefully, a last heartbeat with nothing left) -> exit 0. A
+repeated signal is part of the same drain.
 """
 
 from __future__ import annotations
