@@ -92,17 +92,25 @@ def _evict_tier() -> str | None:
 
 # How long a call that comes before a token-registered agent has its node key waits for it (the registration's
 # answer is a round trip away when the controller already routes to the node), before it is refused. Only a call
-# carrying what could be a node key waits (AgentKey), and only KEY_WAITERS of them at once: the controller's few calls
-# in that moment, not a burst of made-up keys holding every one of the agent's threads (node.threads).
+# carrying what could be a node key waits (AgentKey), and only KEY_WAITERS of them at once (key_waiters): the
+# controller's few calls in that moment, not a burst of made-up keys holding every one of the agent's threads
+# (node.threads).
 KEY_WAIT_SECONDS = 5.0
 KEY_WAITERS = 4
+
+
+def key_waiters(threads: int) -> int:
+    """How many calls may wait for the node key at once on an agent serving with `threads` threads: KEY_WAITERS, at
+    most a quarter of them (at least one), so that waiting calls never take all of a small node.threads."""
+    return min(KEY_WAITERS, max(1, threads // 4))
 
 
 def create_app(agent) -> Flask:
     # The key its workers hold: the cluster secret, or (a token-registered agent) the node key the controller sent at
     # registration, which the controller and the gateway derive too.
     api = guard(Blueprint("agent", __name__),
-                AgentKey(lambda wait: agent.workers.key_within(KEY_WAIT_SECONDS if wait else 0.0), KEY_WAITERS))
+                AgentKey(lambda wait: agent.workers.key_within(KEY_WAIT_SECONDS if wait else 0.0),
+                         key_waiters(agent.config.node.threads)))
 
     def cache():
         if agent.cache is None:

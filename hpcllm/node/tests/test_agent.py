@@ -696,15 +696,18 @@ def test_a_token_agent_refuses_a_call_without_a_node_key_at_once_while_it_waits_
         a.workers.close()
 
 
-def test_a_token_agent_holds_only_a_few_calls_with_a_node_key_form_while_it_waits_for_its_own(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads, waiting", [(16, 4), (4, 1), (1, 1)])
+def test_a_token_agent_holds_only_a_few_calls_with_a_node_key_form_while_it_waits_for_its_own(
+        tmp_path, monkeypatch, threads, waiting):
     """A call with anything of a node key's form (64 lower-case hex digits) waited up to KEY_WAIT_SECONDS for the
     key: a few such made-up credentials sent while the agent registers took every one of its threads (node.threads)
-    and held the controller's calls behind them. Only KEY_WAITERS calls wait; the next is refused at once."""
+    and held the controller's calls behind them. Only KEY_WAITERS calls wait, at most a quarter of node.threads (at
+    least one: 4 waiting calls held all of 4 threads); the next is refused at once."""
     import hpcllm.node.app as agent_app
 
     key = node_key(SECRET, "pool-token", "n1")
     monkeypatch.setattr(agent_app, "KEY_WAIT_SECONDS", 600.0)  # the key is held back until the test gives it
-    a = make_agent(tmp_path)
+    a = make_agent(tmp_path, threads=threads)
     try:
         a.workers.set_key(None)  # a token agent, registering
         waiting_for_key = []
@@ -717,7 +720,7 @@ def test_a_token_agent_holds_only_a_few_calls_with_a_node_key_form_while_it_wait
 
         monkeypatch.setattr(a.workers, "key_within", counted_key_within)
         client = create_app(a).test_client()
-        fakes = [f"{n:064x}" for n in range(agent_app.KEY_WAITERS + 1)]
+        fakes = [f"{n:064x}" for n in range(waiting + 1)]
         held = []
         waiters = [threading.Thread(target=lambda f=fake: held.append(
             client.get("/health", headers={SECRET_HEADER: f}))) for fake in fakes[:-1]]
@@ -729,7 +732,7 @@ def test_a_token_agent_holds_only_a_few_calls_with_a_node_key_form_while_it_wait
             client.get("/health", headers={SECRET_HEADER: fakes[-1]})))
         caller.start()
         caller.join(60)
-        assert not caller.is_alive(), f"a call past the first {agent_app.KEY_WAITERS} waits for the node key too"
+        assert not caller.is_alive(), f"a call past the first {waiting} waits for the node key too"
         assert refused[0].status_code == 401 and "no key yet" in refused[0].get_json()["error"]["message"]
         assert not held and all(w.is_alive() for w in waiters)
         a.workers.set_key(key)  # the registration's answer: the made-up keys are wrong, the real one serves
