@@ -98,6 +98,82 @@ def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_
     assert source.service.engine.counts() == (0, 0)
 
 
+def token_lines(lines: list[TokenLine]) -> list[tuple]:
+    """What a client reads of each token line: index, token, text, and the log probabilities' tokens."""
+    return [(line.index, line.token_id, line.text, line.logprobs and line.logprobs.token,
+             line.logprobs and [top.token_id for top in line.logprobs.top]) for line in lines]
+
+
+def test_the_destination_holds_back_what_the_source_held_back_at_every_hand_over_point(pair, start_worker):
+    """Text the source held back at the hand-over - the start of a stop string, or an incomplete UTF-8 character
+    (a hot sampled output of byte tokens) - is not in its stream; the destination rebuilds its detokenizer from the
+    tokens it is given (prepare, then extend) and emits that text with the next token, as the uninterrupted run
+    does. Moved at each index: the same token lines (text, log probabilities) and usage, nothing lost or doubled."""
+    worker = start_worker(pair)
+    sampled = body("ref", max_tokens=30, temperature=3.0, seed=77, logprobs=2)
+    text = "".join(line.text for line in uninterrupted(worker, sampled))
+    # The start of a stop string that never completes: held back, then released with the token that breaks it.
+    request = sampled.model_copy(update={"stop": [text[len(text) // 2:len(text) // 2 + 3] + "\x00"]})
+    with worker.client.generate(request.model_copy(update={"request_id": "whole"})) as stream:
+        reference = list(stream)
+    reference_final = reference.pop()
+    ids = [line.token_id for line in reference]
+    decode = pair[1].decode
+    emitted_before = ["".join(line.text for line in reference[:k]) for k in range(len(reference))]
+    assert any(decode(ids[:k]).endswith("\ufffd") for k in range(1, len(ids)))  # a character split across tokens
+    assert any(not decode(ids[:k]).endswith("\ufffd") and len(emitted_before[k]) < len(decode(ids[:k]))
+               for k in range(1, len(ids)))  # a stop string's start held back
+
+    for k in range(len(reference)):
+        for prepared in (k, k // 2):  # the tokens given by the prepare alone, or half of them by an extend
+            request_id = f"moved-at-{k}-{prepared}"
+            moved = request.model_copy(update={"request_id": request_id, "resume_token_ids": ids[:prepared]})
+            worker.client.prepare_migration(PrepareMigration(request_id=request_id, generate=moved))
+            worker.client.extend_migration(request_id, ids[prepared:k], wait=True)
+            with worker.client.attach(request_id, k) as stream:
+                rest = list(stream)
+            final = rest.pop()
+            assert token_lines(reference[:k] + rest) == token_lines(reference), f"moved at {k}, {prepared} prepared"
+            assert (final.finish_reason, final.usage) == (reference_final.finish_reason, reference_final.usage)
+
+
+def test_a_request_moved_before_its_first_token_gets_its_prompt_logprobs_from_the_destination(pair, start_worker):
+    """Moved while the source still prefills its prompt (stop-and-copy): the destination produces output index 0,
+    with the prompt's log probabilities it scored itself, and goes on as the uninterrupted run."""
+    source, destination = start_worker(pair, prefill_chunk_tokens=8), start_worker(pair)
+    request = body("early", prompt=None, prompt_token_ids=LONG_PROMPT, max_tokens=12, logprobs=2, prompt_logprobs=1,
+                   **SEEDED)
+    reference = uninterrupted(source, request)
+    # The source's steps wait, once its first prompt chunk is in, until the move returned (it needs no step there).
+    engine, reached, released = source.service.engine, threading.Event(), threading.Event()
+    forward = engine._forward
+
+    def held_mid_prefill(*args, **kwargs):
+        early = engine._live.get("early")
+        if early is not None and early.num_cached > 0 and not released.is_set():
+            reached.set()
+            released.wait(60)
+        return forward(*args, **kwargs)
+
+    engine._forward = held_mid_prefill
+    lines = iter(source.client.generate(request))
+    assert reached.wait(60)
+    try:
+        result = source.client.migrate("early", ticketed(destination.url, max_rounds=1))
+    finally:
+        released.set()
+    rest, source_final, final = finish_through_attach(lines, destination)
+
+    assert result.output_tokens_at_handover == source_final.migrated_to.from_index == 0
+    assert token_lines(rest) == token_lines(reference)
+    assert rest[0].prompt_logprobs is not None, "output index 0 came without the prompt's log probabilities"
+    prompt_logprobs = [[(p.token, [top.token_id for top in p.top]) if p else None for p in line.prompt_logprobs]
+                       for line in (rest[0], reference[0])]
+    assert prompt_logprobs[0] == prompt_logprobs[1] and len(prompt_logprobs[0]) == len(LONG_PROMPT)
+    assert all(line.prompt_logprobs is None for line in rest[1:])
+    assert final.finish_reason == "length" and final.usage.completion_tokens == 12
+
+
 def test_a_constrained_request_migrates_mid_answer_and_tokens_outside_the_schema_are_refused(pair, start_worker):
     """The destination rebuilds the request's grammar state from the tokens it is given (prepare, extend) and goes
     on exactly: the answer is the uninterrupted run's valid JSON. A token the schema does not allow there is a 400
