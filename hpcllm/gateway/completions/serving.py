@@ -117,7 +117,7 @@ class Echo:
             text_offset=list(itertools.accumulate([len(token) for token in tokens[:-1]], initial=0)),
             token_logprobs=[None] + [entry.logprob for entry in entries[1:]],
             tokens=tokens,
-            top_logprobs=[None] + [{top.token: top.logprob for top in entry.top[:self._top]} for entry in entries[1:]],
+            top_logprobs=[None] + [_top_logprobs(entry, self._top) for entry in entries[1:]],
         )
 
 
@@ -144,8 +144,18 @@ def _logprobs(tokens: list[tuple[TokenLogprobs, int]], offset: int = 0) -> Compl
         text_offset=[offset + at for _, at in tokens],
         token_logprobs=[lp.logprob for lp, _ in tokens],
         tokens=[lp.token for lp, _ in tokens],
-        top_logprobs=[{top.token: top.logprob for top in lp.top} for lp, _ in tokens],
+        top_logprobs=[_top_logprobs(lp) for lp, _ in tokens],
     )
+
+
+def _top_logprobs(entry: TokenLogprobs, alternatives: int | None = None) -> dict[str, float]:
+    """A token's top_logprobs entry: the token itself first, then its most likely alternatives (the first
+    `alternatives` of them; None: all the worker reported). OpenAI always returns the sampled token's log probability
+    there, hence up to logprobs + 1 entries (vLLM's order); where two tokens decode alike the token's own value stays."""
+    top = {entry.token: entry.logprob}
+    for alternative in entry.top[:alternatives]:
+        top.setdefault(alternative.token, alternative.logprob)
+    return top
 
 
 class StreamChunks:

@@ -123,6 +123,25 @@ def test_completion_logprobs_match_the_model_and_streaming_gives_the_same(gatewa
     assert [t for s in streamed for t in s.text_offset] == lp.text_offset
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_completion_top_logprobs_always_hold_the_sampled_token(gateway, k):
+    """OpenAI's legacy logprobs (and vLLM's): 'the API will always return the logprob of the sampled token, so there
+    may be up to logprobs+1 elements' in each top_logprobs entry, streamed or not, for the echoed prompt's tokens
+    too. Sampled at temperature 2, most tokens are not the most likely one."""
+    client = gateway.client()
+    request = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=2.0, seed=5, logprobs=k)
+    whole = client.completions.create(**request).choices[0].logprobs
+    chunks = list(client.completions.create(**request, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    echoed = client.completions.create(**request, echo=True).choices[0].logprobs
+    for lp in (whole, echoed):
+        first = 1 if lp is echoed else 0  # the echoed prompt's first token has none
+        tops = list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))[first:]
+        assert tops and all(1 <= len(top) <= k + 1 and top[token] == pytest.approx(logprob)
+                            for token, logprob, top in tops)
+    assert [top for s in streamed for top in s.top_logprobs] == whole.top_logprobs
+
+
 def test_chat_logprobs_with_top_logprobs_stream_and_not(gateway, hf_pair):
     client = gateway.client()
     messages = [{"role": "user", "content": "hello"}]
