@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -237,6 +237,15 @@ MAX_STOP_STRINGS = 16
 UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
     "min_tokens": (0, "a minimum number of tokens"),
     "stop_token_ids": ([], "stop token ids"),
+    "include_stop_str_in_output": (False, "the stop string in the output"),
+    "skip_special_tokens": (True, "special tokens in the output"),
+    "spaces_between_special_tokens": (True, "a choice of spaces between special tokens"),
+    "bad_words": ([], "bad words"),
+    "allowed_token_ids": (None, "a set of allowed token ids"),
+    "logprob_token_ids": (None, "the log probabilities of chosen token ids"),
+    "return_tokens_as_token_ids": (False, "tokens as token ids in logprobs"),
+    "use_beam_search": (False, "beam search"),
+    "length_penalty": (1.0, "a length penalty (beam search)"),
 }
 # How an error names each kind of constraint (hpcllm.worker.grammar.GRAMMAR_KINDS).
 CONSTRAINT_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
@@ -386,6 +395,19 @@ class SamplingRequest(TruncatingRequest):
     # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
     min_tokens: Any = None
     stop_token_ids: Any = None
+    include_stop_str_in_output: Any = None
+    skip_special_tokens: Any = None
+    spaces_between_special_tokens: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    logprob_token_ids: Any = None
+    return_tokens_as_token_ids: Any = None
+    use_beam_search: Any = None
+    length_penalty: Any = None
+    # vLLM's: whether the prompt's tokenization adds the tokenizer's special tokens (BOS); the endpoint's default only
+    add_special_tokens: Any = None
+    # The vLLM extensions this endpoint refuses unless neutral (check_supported): a subclass adds its own.
+    unimplemented_parameters: ClassVar[dict[str, tuple[Any, str]]] = UNIMPLEMENTED_VLLM_PARAMETERS
 
     @field_validator("stop")
     @classmethod
@@ -426,7 +448,7 @@ class SamplingRequest(TruncatingRequest):
 
     def check_supported(self) -> None:
         """Reject parameter values this server cannot honour (400), instead of silently ignoring them."""
-        for name, (neutral, what) in UNIMPLEMENTED_VLLM_PARAMETERS.items():
+        for name, (neutral, what) in self.unimplemented_parameters.items():
             value = getattr(self, name)
             if value is not None and value != neutral:
                 raise unsupported(name, what)

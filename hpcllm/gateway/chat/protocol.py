@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializeAsAny, ValidationInfo, field_validator, model_validator
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import (Constraint, OpenAIRequest, OpenAIResponse, PromptLogprobs, SamplingRequest,
-                                     UsageInfo, unsupported)
+from hpcllm.gateway.protocol import (UNIMPLEMENTED_VLLM_PARAMETERS, Constraint, OpenAIRequest, OpenAIResponse,
+                                     PromptLogprobs, SamplingRequest, UsageInfo, unsupported)
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 # OpenAI's reasoning efforts (and vLLM's "max")
@@ -179,6 +179,12 @@ class ChatCompletionRequest(SamplingRequest):
     reasoning_effort: ReasoningEffort | None = None
     # vLLM's: false leaves a reasoning model's thinking out of the answer (and its logprobs, which would show it)
     include_reasoning: bool = True
+    # vLLM's: true starts the answer with the last message when it is the assistant's (declared to be refused)
+    echo: Any = None
+    # The rendered chat is tokenized without special tokens (the template writes them: vLLM's chat default).
+    unimplemented_parameters: ClassVar[dict[str, tuple[Any, str]]] = {
+        **UNIMPLEMENTED_VLLM_PARAMETERS, "add_special_tokens": (False, "special tokens added to the rendered chat"),
+        "echo": (False, "echo (the last message repeated in the answer)")}
 
     @field_validator("tools")
     @classmethod

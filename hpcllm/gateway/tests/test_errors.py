@@ -104,14 +104,49 @@ def test_422_messages_say_what_is_expected(gateway):
     # vLLM's extensions that would change the output (they were silently ignored)
     ({"min_tokens": 5}, "min_tokens"),
     ({"stop_token_ids": [7]}, "stop_token_ids"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"),
+    ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+    ({"bad_words": ["hello"]}, "bad_words"),
+    ({"allowed_token_ids": [7, 8]}, "allowed_token_ids"),
+    ({"logprob_token_ids": [7], "logprobs": 1}, "logprob_token_ids"),
+    ({"return_tokens_as_token_ids": True, "logprobs": 1}, "return_tokens_as_token_ids"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"length_penalty": 0.5}, "length_penalty"),
+    ({"add_special_tokens": False}, "add_special_tokens"),
 ])
 def test_unsupported_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/completions", json={**GOOD, **extra}), 400, "unsupported_parameter", param)
 
 
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"include_stop_str_in_output": True, "stop": ["a"]}, "include_stop_str_in_output"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"),
+    ({"bad_words": ["hello"]}, "bad_words"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"echo": True}, "echo"),  # vLLM's chat echo: the last message repeated at the answer's start
+    ({"add_special_tokens": True}, "add_special_tokens"),  # chat's default is false (the template has them)
+])
+def test_unsupported_chat_parameters_are_400(gateway, extra, param):
+    assert_error(gateway.post("/v1/chat/completions", json={**CHAT, **extra}), 400, "unsupported_parameter", param)
+
+
+NEUTRAL_VLLM_FIELDS = {"include_stop_str_in_output": False, "skip_special_tokens": True,
+                       "spaces_between_special_tokens": True, "bad_words": [], "allowed_token_ids": None,
+                       "logprob_token_ids": None, "return_tokens_as_token_ids": False, "use_beam_search": False,
+                       "length_penalty": 1.0}
+
+
 def test_unknown_fields_are_ignored_and_defaults_accepted(gateway):
     resp = gateway.post("/v1/completions", json={**GOOD, "n": 1, "presence_penalty": 0, "some_new_field": 1,
-                                                 "repetition_penalty": 1.0, "min_p": 0.0, "stop_token_ids": []})
+                                                 "repetition_penalty": 1.0, "min_p": 0.0, "stop_token_ids": [],
+                                                 "add_special_tokens": True, **NEUTRAL_VLLM_FIELDS})
+    assert resp.status_code == 200, resp.text
+    resp = gateway.post("/v1/chat/completions", json={**CHAT, "add_special_tokens": False, "echo": False,
+                                                      **NEUTRAL_VLLM_FIELDS})
     assert resp.status_code == 200, resp.text
 
 
