@@ -138,8 +138,10 @@ def the_one_model(candidates: list[ModelCard], served: int, api: str) -> ModelCa
     raise InvalidRequest(f"'model' is a required property: {which}; name one", param="model", code="missing_field")
 
 
-def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-    """400 when the prompt (plus the requested completion) cannot fit the model's context (OpenAI's wording)."""
+def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | None, param: str,
+                         max_tokens_param: str = "max_tokens") -> None:
+    """400 when the prompt (plus the requested completion) cannot fit the model's context (OpenAI's wording); param
+    names the prompt's field, max_tokens_param the field max_tokens came in (chat's max_completion_tokens)."""
     limit = card.max_model_len
     if limit is None:
         return
@@ -152,7 +154,7 @@ def context_length_error(card: ModelCard, prompt_tokens: int, max_tokens: int | 
         raise InvalidRequest(
             f"This model's maximum context length is {limit} tokens. However, you requested "
             f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the completion). "
-            f"Please reduce the length of the prompt or max_tokens.", param="max_tokens",
+            f"Please reduce the length of the prompt or {max_tokens_param}.", param=max_tokens_param,
             code="context_length_exceeded")
 
 

@@ -304,6 +304,11 @@ class ChatCompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def max_tokens_param(self) -> str:
+        """The field requested_max_tokens comes from (an error names it)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def template_arguments(self) -> dict[str, Any]:
         """How the chat template renders the prompt (PromptEncoder.render_chat's keyword arguments)."""
         template_kwargs = dict(self.chat_template_kwargs or {})

@@ -79,7 +79,7 @@ def start_chat(gw: Gateway, ctx: RequestContext, req: ChatCompletionRequest,
     reader = AnswerReader(_parser(req, encoder, card) if req.tools else None,
                           None if req.constrained and thinking is None else reasoning)
     max_tokens = req.requested_max_tokens
-    context_length_error(card, len(prompt), max_tokens, "messages")
+    context_length_error(card, len(prompt), max_tokens, "messages", req.max_tokens_param)
     if max_tokens is None and card.max_model_len is not None:
         # OpenAI's chat default: as much as the context still holds.
         max_tokens = card.max_model_len - len(prompt)

@@ -175,7 +175,8 @@ class TextConfig(OpenAIRequest):
 # The keys of `reasoning` (OpenAI's Reasoning; generate_summary is summary's older name).
 REASONING_SETTINGS = ("effort", "summary", "generate_summary")
 # What a chat request's errors call the Responses fields they come from.
-PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+PARAM_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+               "response_format": "text.format"}
 
 
 class ResponsesRequest(OpenAIRequest):

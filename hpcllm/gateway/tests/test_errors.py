@@ -170,6 +170,14 @@ def test_prompt_longer_than_the_context_is_400(gateway, tiny_model_dir):
     assert_still_serving(gateway)
 
 
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_a_chat_completion_longer_than_the_context_names_the_field_sent(gateway, tiny_model_dir, field):
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], field: context}
+    error = assert_error(gateway.post("/v1/chat/completions", json=body), 400, "context_length_exceeded", field)
+    assert "max_tokens" not in error["message"].replace(field, "")  # the field the client did not send: not named
+
+
 def test_missing_and_bad_keys_are_401_and_probes_stay_open(gateway):
     assert_error(gateway.post("/v1/completions", key=None, json=GOOD), 401, "missing_api_key")
     assert_error(gateway.post("/v1/completions", key="sk-wrong", json=GOOD), 401, "invalid_api_key")
