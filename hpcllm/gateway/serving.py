@@ -92,6 +92,8 @@ class Delta:
     logprobs: TokenLogprobs | None = None
     # With the choice's first token, when prompt log probabilities were asked for: one entry per prompt token.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # With finish_reason: the stop string (or stop token id) that ended the choice (vLLM's stop_reason).
+    stop_reason: str | int | None = None
 
 
 def new_response_id(prefix: str) -> str:
@@ -334,7 +336,7 @@ class Generation:
                 else:
                     if final.finish_reason in ("stop", "length"):
                         self.gw.metrics.request_success.labels(self.model, final.finish_reason).inc()
-                        yield Delta(index, "", final.finish_reason)
+                        yield Delta(index, "", final.finish_reason, stop_reason=final.stop_reason)
                         return
                     message = final.error.message if final.error else "unknown error"
                     if final.finish_reason == "error" and not _worker_died(final):
@@ -510,6 +512,7 @@ class ChoiceResult:
     logprobs: list[tuple[TokenLogprobs, int]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # when asked for: one entry per prompt token
+    stop_reason: str | int | None = None  # the stop string (or stop token id) that ended it
 
 
 class ClientConnection:
@@ -558,7 +561,7 @@ def collect(generation: Generation) -> list[ChoiceResult]:
             choice.prompt_logprobs = delta.prompt_logprobs
         choice.text += delta.text
         if delta.finish_reason:
-            choice.finish_reason = delta.finish_reason
+            choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
         elif connection.gone():
             generation.close()
             raise ClientClosedRequest(f"the client closed the connection after {generation.completion_tokens} "

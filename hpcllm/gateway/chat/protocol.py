@@ -395,6 +395,8 @@ class ChatChoice(OpenAIResponse):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
+    # vLLM's: the stop string (or stop token id) that ended the choice; null otherwise (an end of sequence, length)
+    stop_reason: str | int | None = None
 
 
 class CompletionTokensDetails(OpenAIResponse):
@@ -431,6 +433,7 @@ class ChatStreamChoice(OpenAIResponse):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # as ChatChoice's, on the chunk with finish_reason
 
 
 class ChatCompletionChunk(OpenAIResponse):

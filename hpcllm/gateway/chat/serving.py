@@ -143,7 +143,8 @@ def chat_choice(result: ChoiceResult, reader: AnswerReader, req: ChatCompletionR
         tool_calls=[ToolCallOut(id=new_tool_call_id(), function=FunctionCallOut(name=call.name,
                                                                                 arguments=call.arguments))
                     for call in calls]),
-        finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs)
+        finish_reason=_finish_reason(calls, parser, result.finish_reason), logprobs=logprobs,
+        stop_reason=result.stop_reason)
 
 
 def _max_calls(req: ChatCompletionRequest) -> int | None:
@@ -202,7 +203,8 @@ class ChatChoiceStream:
             yield self._call_chunk(index, piece)
         parser = self.text.parser if self.text is not None else None
         yield ChatStreamChoice(index=index, delta=DeltaMessage(),
-                               finish_reason=_finish_reason(calls, parser, delta.finish_reason))
+                               finish_reason=_finish_reason(calls, parser, delta.finish_reason),
+                               stop_reason=delta.stop_reason)
 
     def _call_chunk(self, index: int, piece: CallPiece, logprobs: ChatLogprobs | None = None) -> ChatStreamChoice:
         """A call's piece: its first with a new id, type and name."""

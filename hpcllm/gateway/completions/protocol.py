@@ -86,6 +86,8 @@ class CompletionChoice(OpenAIResponse):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
+    # vLLM's: the stop string (or stop token id) that ended the choice; null otherwise (an end of sequence, length)
+    stop_reason: str | int | None = None
 
 
 class CompletionResponseChoice(CompletionChoice):

@@ -89,7 +89,7 @@ def _choice(index: int, result: ChoiceResult, req: CompletionRequest, echo: Echo
         prompt_logprobs = vllm_prompt_logprobs(prompts[result.index // req.generated_per_prompt],
                                                 result.prompt_logprobs, req.prompt_logprobs)
     return CompletionResponseChoice(index=index, text=text, finish_reason=result.finish_reason, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs)
+                                    stop_reason=result.stop_reason, prompt_logprobs=prompt_logprobs)
 
 
 class Echo:
@@ -177,7 +177,7 @@ class StreamChunks:
         return sse(body.model_dump_json(exclude=self._exclude))
 
     def text(self, index: int, text: str, finish_reason: str | None = None) -> bytes:
-        """A chunk with one choice carrying text (no logprobs, no usage)."""
+        """A chunk with one choice carrying text (no logprobs, no usage, no stop_reason)."""
         shape = self._choice_shapes.get((index, finish_reason))
         if shape is None:
             empty = CompletionChoice(index=index, text="", finish_reason=finish_reason).model_dump_json().encode()
@@ -211,11 +211,11 @@ def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext,
             text = prefix + text
             if not text and logprobs is None and delta.finish_reason is None:
                 continue  # echo only: the dropped token's delta
-            if logprobs is None and not req.continuous_usage:
+            if logprobs is None and not req.continuous_usage and delta.stop_reason is None:
                 yield chunks.text(delta.index, text, delta.finish_reason)
                 continue
             choice = CompletionChoice(index=delta.index, text=text, finish_reason=delta.finish_reason,
-                                      logprobs=logprobs)
+                                      logprobs=logprobs, stop_reason=delta.stop_reason)
             yield chunks.render([choice], generation.usage if req.continuous_usage else None)
         if req.include_usage:
             yield chunks.render([], generation.usage)

@@ -124,6 +124,32 @@ def test_stop_string_ends_the_text_before_it(gateway, hf_pair):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_the_stop_string_that_ended_a_choice_is_its_stop_reason(gateway):
+    """vLLM's stop_reason on each choice (completions and chat, streamed and not): the stop string that ended it,
+    null when it ended otherwise (length here); clients written for vLLM read which stop matched from it."""
+    client = gateway.client()
+    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[2:4]
+    request = dict(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, stop=["never there", stop],
+                   extra_body={"ignore_eos": True})
+    choice = client.completions.create(**request).choices[0]
+    assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", stop)
+    last = [c for c in client.completions.create(**request, stream=True) if c.choices][-1].choices[0]
+    assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop)
+    cut = client.completions.create(**{**request, "max_tokens": 1, "stop": None}).choices[0]
+    assert (cut.finish_reason, cut.model_extra["stop_reason"]) == ("length", None)
+
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=24, temperature=0,
+                extra_body={"ignore_eos": True})
+    answer = client.chat.completions.create(**chat).choices[0].message.content
+    chat["stop"] = [answer[2:4]]
+    choice = client.chat.completions.create(**chat).choices[0]
+    assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", answer[2:4])
+    last = [c for c in client.chat.completions.create(**chat, stream=True) if c.choices][-1].choices[0]
+    assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", answer[2:4])
+
+
 def test_seeded_sampling_is_reproducible(gateway):
     client = gateway.client()
     runs = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7)
