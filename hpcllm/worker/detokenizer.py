@@ -22,6 +22,7 @@ step; this detokenizer then goes on with the window scheme from the same offsets
 from __future__ import annotations
 
 import functools
+import json
 import threading
 from collections.abc import Callable, Sequence
 
@@ -49,6 +50,28 @@ def text_decoder(tokenizer) -> Callable[[list[int]], str]:
     if backend is not None:
         return functools.partial(backend.decode, skip_special_tokens=True)
     return functools.partial(tokenizer.decode, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def leading_space_marker(tokenizer) -> str | None:
+    """The word marker ("▁") of a fast tokenizer that pre-tokenizes with Metaspace (SentencePiece's: Mistral, newer
+    Llama conversions), whose decoder drops the leading space of a token decoded alone; None for any other (byte-level
+    BPE keeps its spaces). vLLM's get_leading_space_marker."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    for step in [pre, *pre.get("pretokenizers", [])]:
+        if step.get("type") == "Metaspace":
+            return step.get("replacement", "▁")
+    return None
+
+
+def with_leading_spaces(piece: str, text: str, marker: str) -> str:
+    """text, a token decoded alone, with the spaces its vocabulary piece's leading markers stand for that decoding
+    dropped: the token's text in an answer (vLLM's _restore_leading_spaces)."""
+    marked = len(piece) - len(piece.lstrip(marker))
+    missing = marked - (len(text) - len(text.lstrip(" ")))
+    return " " * missing + text if missing > 0 else text
 
 
 StreamStep = Callable[[int], "str | None"]  # one token in, the text it made final (None: none yet)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from hpcllm.checkpoint.promptbound import longest_token_chars, min_tokens
 from hpcllm.httpkit.errors import ServiceError
-from hpcllm.worker.detokenizer import IncrementalDetokenizer, decode_streams, prompt_context, text_decoder
+from hpcllm.worker.detokenizer import (IncrementalDetokenizer, decode_streams, leading_space_marker,
+                                      prompt_context, text_decoder, with_leading_spaces)
 from hpcllm.worker.protocol import (
     ENGINE_UNAVAILABLE,
     INVALID_MESSAGES,
@@ -463,11 +464,15 @@ class EngineBase:
     def _token_logprobs(self, tokens: list[int], logprobs: list[float], top_ids: list[list[int]],
                         top_logprobs: list[list[float]], ranks: list[int] | None = None) -> list[TokenLogprobs]:
         """Wire entries of tokens' log probabilities and their alternatives, every token decoded alone (one
-        tokenizer call for all), -inf as LOGPROB_FLOOR."""
+        tokenizer call for all; a Metaspace tokenizer's word-leading space put back), -inf as LOGPROB_FLOOR."""
         ids = tokens + [i for row in top_ids for i in row]
+        marker = self._space_marker
         with self._tokenizer_lock:
             texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False,
                                                 clean_up_tokenization_spaces=False)
+            if marker is not None:
+                texts = [with_leading_spaces(piece or "", text, marker)
+                         for piece, text in zip(self.tokenizer.convert_ids_to_tokens(ids), texts)]
         alternatives = iter(zip(ids[len(tokens):], texts[len(tokens):]))
         entries = []
         for position, (text, logprob, row_logprobs) in enumerate(zip(texts, logprobs, top_logprobs)):
@@ -477,6 +482,11 @@ class EngineBase:
             entries.append(TokenLogprobs(token=text, logprob=max(logprob, LOGPROB_FLOOR), top=top,
                                          rank=ranks[position] if ranks is not None else None))
         return entries
+
+    @functools.cached_property
+    def _space_marker(self) -> str | None:
+        with self._tokenizer_lock:  # reads the tokenizer's configuration once
+            return leading_space_marker(self.tokenizer)
 
     def new_detokenizer(self, stop: list[str], prompt_ids: Sequence[int]) -> IncrementalDetokenizer:
         """A request's detokenizer: incremental in the Rust tokenizer where it can be (detokenizer.decode_streams),

@@ -96,3 +96,47 @@ def test_a_request_migrated_before_its_first_token_gets_them_from_the_destinatio
         lines = [e for e in destination.attach(held.request_id, 0).events() if isinstance(e, TokenLine)]
     check_prompt_logprobs(lines[0].prompt_logprobs, prompt_ids, reference_logprobs(reference_model("llama"),
                                                                                    prompt_ids), 1, tokenizer)
+
+
+def metaspace_pair():
+    """A tiny Llama whose tokenizer pre-tokenizes with Metaspace (SentencePiece's "▁" word marker, as Mistral's and
+    newer Llama conversions do): its decoder drops the leading space of a token decoded alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from hpcllm.devmodels.tokenizer import CORPUS_PATH
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", clean_up_tokenization_spaces=False)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_token_strings_keep_the_word_space_a_metaspace_tokenizer_marks(make_engine):
+    """A token's string in logprobs (the completions' tokens, echoed prompt included; chat's token and bytes) is its
+    text in the answer: '▁model' is ' model', as vLLM restores it (convert_ids_list_to_tokens), not 'model', which
+    decoding it alone gives; joined, the prompt's strings after its first are the prompt's text."""
+    model, tokenizer = metaspace_pair()
+    text = "the model runs on the cluster"
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    engine = make_engine(model, tokenizer)
+    lines = [e for e in engine.submit(request(prompt_token_ids=prompt_ids, max_tokens=4, temperature=0, logprobs=3,
+                                              prompt_logprobs=3, ignore_eos=True)).events()
+             if isinstance(e, TokenLine)]
+    prompt = lines[0].prompt_logprobs
+    assert tokenizer.decode(prompt_ids[:1]) + "".join(entry.token for entry in prompt[1:]) == text
+    entries = prompt[1:] + [line.logprobs for line in lines]
+    for token_id, entry in zip(prompt_ids[1:] + [line.token_id for line in lines], entries):
+        word_start = tokenizer.convert_ids_to_tokens(token_id).startswith("▁")
+        assert entry.token == (" " if word_start else "") + tokenizer.decode([token_id])
+    alternatives = [top for entry in entries for top in entry.top]
+    assert any(top.token.startswith(" ") for top in alternatives)
+    for top in alternatives:
+        assert top.token.startswith(" ") == tokenizer.convert_ids_to_tokens(top.token_id).startswith("▁")
