@@ -196,6 +196,12 @@ class Generation:
         return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
                          total_tokens=self.prompt_tokens + self.completion_tokens)
 
+    def choice_usage(self, index: int) -> UsageInfo:
+        """Choice `index`'s usage so far, its prompt's tokens and its own: a chunk's continuous usage stats (vLLM counts
+        each chunk's choice alone)."""
+        prompt, generated = len(self.prompts[index // self.n]), len(self._choices[index].output_ids)
+        return UsageInfo(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+
     # ------------------------------------------------------------------------------------------- admission
     def start(self, stream: bool = False) -> None:
         self.gw.track(self)

@@ -243,7 +243,7 @@ def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestCont
 
     def role(index: int) -> bytes:  # as OpenAI: a choice's first chunk announces the role, with empty content
         return chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))],
-                     generation.usage if req.continuous_usage else None)
+                     generation.choice_usage(index) if req.continuous_usage else None)
 
     announced = {0}
     streams = [ChatChoiceStream(reader, req) for _ in range(generation.num_choices)]
@@ -254,7 +254,7 @@ def _stream(generation: Generation, req: ChatCompletionRequest, ctx: RequestCont
                 announced.add(delta.index)
                 yield role(delta.index)
             for choice in streams[delta.index].choices(delta):
-                yield chunk([choice], generation.usage if req.continuous_usage else None)
+                yield chunk([choice], generation.choice_usage(delta.index) if req.continuous_usage else None)
         if req.include_usage:
             yield chunk([], chat_usage(generation, reader))
     except Exception as exc:

@@ -216,7 +216,7 @@ def _stream(generation: Generation, req: CompletionRequest, ctx: RequestContext,
                 continue
             choice = CompletionChoice(index=delta.index, text=text, finish_reason=delta.finish_reason,
                                       logprobs=logprobs, stop_reason=delta.stop_reason)
-            yield chunks.render([choice], generation.usage if req.continuous_usage else None)
+            yield chunks.render([choice], generation.choice_usage(index) if req.continuous_usage else None)
         if req.include_usage:
             yield chunks.render([], generation.usage)
     except Exception as exc:

@@ -100,6 +100,32 @@ def test_streamed_choices_interleave_as_their_worker_streams_come(make_gateway, 
         assert "".join(c.text for c in mine) == "x" * 8 and mine[-1].finish_reason == "length"
 
 
+def test_continuous_usage_counts_each_chunks_own_choice(gateway, hf_pair):
+    """vLLM's stream_options.continuous_usage_stats: every chunk's usage is its choice's so far (its prompt's tokens
+    and the tokens that choice generated), as vLLM's completions and chat streams count it; the last chunk, the whole
+    request's."""
+    client = gateway.client()
+    prompts = ["hello", "hello world, a longer prompt"]
+    lengths = [len(hf_pair[1](p)["input_ids"]) for p in prompts]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=3,
+                                            stream=True, stream_options=options, extra_body={"ignore_eos": True}))
+    last = {}
+    for chunk in chunks[:-1]:
+        index = chunk.choices[0].index
+        assert chunk.usage.prompt_tokens == lengths[index // 2]
+        assert chunk.usage.completion_tokens >= last.get(index, 0)
+        last[index] = chunk.usage.completion_tokens
+    assert last == {0: 6, 1: 6, 2: 6, 3: 6}
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (sum(lengths), 24)
+
+    chat = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2,
+                                               max_tokens=5, temperature=1.0, seed=3, stream=True,
+                                               stream_options=options, extra_body={"ignore_eos": True}))
+    finished = {c.choices[0].index: c.usage.completion_tokens for c in chat if c.choices and c.choices[0].finish_reason}
+    assert finished == {0: 5, 1: 5} and chat[-1].usage.completion_tokens == 10
+
+
 def test_completion_logprobs_match_the_model_and_streaming_gives_the_same(gateway, hf_pair):
     client = gateway.client()
     prompt_ids = hf_pair[1](PROMPT)["input_ids"]
