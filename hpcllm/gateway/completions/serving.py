@@ -151,7 +151,8 @@ def _logprobs(tokens: list[tuple[TokenLogprobs, int]], offset: int = 0) -> Compl
 def _top_logprobs(entry: TokenLogprobs, alternatives: int | None = None) -> dict[str, float]:
     """A token's top_logprobs entry: the token itself first, then its most likely alternatives (the first
     `alternatives` of them; None: all the worker reported). OpenAI always returns the sampled token's log probability
-    there, hence up to logprobs + 1 entries (vLLM's order); where two tokens decode alike the token's own value stays."""
+    there, hence up to logprobs + 1 entries (vLLM's order); where two tokens decode alike the token's own value
+    stays."""
     top = {entry.token: entry.logprob}
     for alternative in entry.top[:alternatives]:
         top.setdefault(alternative.token, alternative.logprob)
