@@ -404,8 +404,6 @@ class SamplingRequest(TruncatingRequest):
     return_tokens_as_token_ids: Any = None
     use_beam_search: Any = None
     length_penalty: Any = None
-    # vLLM's: whether the prompt's tokenization adds the tokenizer's special tokens (BOS); the endpoint's default only
-    add_special_tokens: Any = None
     # The vLLM extensions this endpoint refuses unless neutral (check_supported): a subclass adds its own.
     unimplemented_parameters: ClassVar[dict[str, tuple[Any, str]]] = UNIMPLEMENTED_VLLM_PARAMETERS
 

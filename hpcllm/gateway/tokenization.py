@@ -142,15 +142,15 @@ class PromptEncoder:
                                  param="truncate_prompt_tokens", code="invalid_value") from None
 
     def prompt_ids(self, text_or_ids: str | list[int], param: str, max_model_len: int | None,
-                   truncation: Truncation | None, pair: str | None = None) -> Truncated:
-        """A prompt's token ids (a text encoded, pair: a cross-encoder's second text; token ids checked against the
-        vocabulary), truncated as asked; an untruncated text too long for the context whatever its tokens is a 400
+                   truncation: Truncation | None, pair: str | None = None, add_special_tokens: bool = True) -> Truncated:
+        """A prompt's token ids (a text encoded, with the tokenizer's special tokens unless add_special_tokens is
+        false; pair: a cross-encoder's second text; token ids checked against the vocabulary), truncated as asked; an untruncated text too long for the context whatever its tokens is a 400
         before it is tokenized (check_fits). A 400 naming param for what is wrong."""
         if isinstance(text_or_ids, str):
             if truncation is not None:
-                return self.encode_truncated(text_or_ids, truncation, pair=pair)
+                return self.encode_truncated(text_or_ids, truncation, pair=pair, add_special_tokens=add_special_tokens)
             self.check_fits(len(text_or_ids) + len(pair or ""), max_model_len, param)
-            return Truncated(self.encode(text_or_ids, pair=pair), cut=False)
+            return Truncated(self.encode(text_or_ids, add_special_tokens, pair=pair), cut=False)
         ids = self.check_token_ids(text_or_ids, param)
         kept = ids if truncation is None else truncation.keep(ids)
         return Truncated(kept, cut=len(kept) < len(ids))

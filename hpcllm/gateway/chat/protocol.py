@@ -181,10 +181,10 @@ class ChatCompletionRequest(SamplingRequest):
     include_reasoning: bool = True
     # vLLM's: true starts the answer with the last message when it is the assistant's (declared to be refused)
     echo: Any = None
-    # The rendered chat is tokenized without special tokens (the template writes them: vLLM's chat default).
+    # vLLM's: the rendered chat is tokenized without the tokenizer's special tokens (the template writes them)
+    add_special_tokens: bool = False
     unimplemented_parameters: ClassVar[dict[str, tuple[Any, str]]] = {
-        **UNIMPLEMENTED_VLLM_PARAMETERS, "add_special_tokens": (False, "special tokens added to the rendered chat"),
-        "echo": (False, "echo (the last message repeated in the answer)")}
+        **UNIMPLEMENTED_VLLM_PARAMETERS, "echo": (False, "echo (the last message repeated in the answer)")}
 
     @field_validator("tools")
     @classmethod
@@ -316,7 +316,7 @@ class ChatCompletionRequest(SamplingRequest):
             template_kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
         return {"add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message, "documents": self.documents,
-                "template_kwargs": template_kwargs}
+                "template_kwargs": template_kwargs, "add_special_tokens": self.add_special_tokens}
 
     @property
     def constrained(self) -> bool:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from hpcllm.gateway.errors import InvalidRequest
-from hpcllm.gateway.protocol import (UNIMPLEMENTED_VLLM_PARAMETERS, OpenAIResponse, PromptLogprobs, SamplingRequest,
-                                     UsageInfo, prompt_list, unsupported)
+from hpcllm.gateway.protocol import (OpenAIResponse, PromptLogprobs, SamplingRequest, UsageInfo, prompt_list,
+                                     unsupported)
 
 class CompletionRequest(SamplingRequest):
     # After validation: a list of prompts, each a str or a list of token ids (one choice per prompt).
@@ -22,9 +22,8 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = Field(None, ge=1, le=128)
     # Return the sampled tokens' log probabilities and this many most likely alternatives per token (vLLM: <= 20).
     logprobs: int | None = Field(None, ge=0, le=20)
-    # A text prompt is tokenized with its special tokens (vLLM's default for completions: add_special_tokens true).
-    unimplemented_parameters: ClassVar[dict[str, tuple[Any, str]]] = {
-        **UNIMPLEMENTED_VLLM_PARAMETERS, "add_special_tokens": (True, "a prompt tokenized without its special tokens")}
+    # vLLM's: a text prompt is tokenized with the tokenizer's special tokens (its BOS); a token-id prompt as sent.
+    add_special_tokens: bool = True
 
     @field_validator("prompt")
     @classmethod

@@ -29,7 +29,8 @@ def tokenize_prompts(gw: Gateway, req: CompletionRequest, card) -> list[Truncate
     prompts = []
     for i, prompt in enumerate(req.prompt):
         param = "prompt" if len(req.prompt) == 1 else f"prompt[{i}]"
-        tokens = encoder.prompt_ids(prompt, param, card.max_model_len, truncation)
+        tokens = encoder.prompt_ids(prompt, param, card.max_model_len, truncation,
+                                    add_special_tokens=req.add_special_tokens)
         if not tokens.ids:
             raise InvalidRequest("the prompt is empty (no tokens after tokenization)", param=param,
                                  code="empty_prompt")

@@ -113,7 +113,6 @@ def test_422_messages_say_what_is_expected(gateway):
     ({"return_tokens_as_token_ids": True, "logprobs": 1}, "return_tokens_as_token_ids"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"length_penalty": 0.5}, "length_penalty"),
-    ({"add_special_tokens": False}, "add_special_tokens"),
 ])
 def test_unsupported_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/completions", json={**GOOD, **extra}), 400, "unsupported_parameter", param)
@@ -128,7 +127,6 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max
     ({"bad_words": ["hello"]}, "bad_words"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"echo": True}, "echo"),  # vLLM's chat echo: the last message repeated at the answer's start
-    ({"add_special_tokens": True}, "add_special_tokens"),  # chat's default is false (the template has them)
 ])
 def test_unsupported_chat_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/chat/completions", json={**CHAT, **extra}), 400, "unsupported_parameter", param)

@@ -11,13 +11,33 @@ from .test_errors import assert_error
 from .test_tool_calling_api import ASK, ROUND, TOOLS_MODEL, WEATHER_TOOL, tools_model_dir  # noqa: F401 (a fixture)
 
 TEXT = "Once upon a time, a tokenizer met a gateway."
+BOS_MODEL = "tiny-bos"
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, worker_url, tiny_model_dir, tools_model_dir):  # noqa: F811 (the imported fixture)
+def bos_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with a tokenizer that adds its BOS to a text, as Llama's and Mistral's do (the dev models'
+    add none)."""
+    import shutil
+
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("bos-model") / BOS_MODEL
+    shutil.copytree(tiny_model_dir, path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, worker_url, tiny_model_dir, tools_model_dir, bos_model_dir):  # noqa: F811 (imported)
     factory = GatewayFactory(tmp_path_factory.mktemp("tokenize-gateway"), worker_url, tiny_model_dir)
     yield factory(static_models={MODEL: {"worker_url": worker_url, "source": str(tiny_model_dir)},
-                                 TOOLS_MODEL: {"worker_url": worker_url, "source": str(tools_model_dir)}})
+                                 TOOLS_MODEL: {"worker_url": worker_url, "source": str(tools_model_dir)},
+                                 BOS_MODEL: {"worker_url": worker_url, "source": str(bos_model_dir)}})
     factory.stop_all()
 
 
@@ -54,6 +74,27 @@ def test_chat_messages_count_what_a_chat_completion_counts(gw, model, messages, 
     without_prompt = ok(gw.post("/tokenize", json={"model": model, "messages": messages, "add_generation_prompt": False,
                                                    **extra}))
     assert without_prompt["count"] < body["count"]  # the assistant header is left out
+
+
+def test_add_special_tokens_decides_the_bos_of_a_generation_s_prompt(gw, bos_model_dir):
+    """vLLM's add_special_tokens: false tokenizes a completion's text prompt without the tokenizer's BOS, a token-id
+    prompt is sent as it is (vLLM ignores the flag there; benchmark scripts send both); chat's true adds it to the
+    rendered chat. /tokenize counts as the generation does."""
+    from transformers import AutoTokenizer
+
+    bos = AutoTokenizer.from_pretrained(bos_model_dir).bos_token_id
+    assert ok(gw.post("/tokenize", json={"model": BOS_MODEL, "prompt": TEXT}))["tokens"][0] == bos
+
+    def prompt_tokens(path, body):
+        return ok(gw.post(path, json={"model": BOS_MODEL, "max_tokens": 1, **body}))["usage"]["prompt_tokens"]
+
+    with_bos = prompt_tokens("/v1/completions", {"prompt": TEXT})
+    assert prompt_tokens("/v1/completions", {"prompt": TEXT, "add_special_tokens": False}) == with_bos - 1
+    assert prompt_tokens("/v1/completions", {"prompt": [5, 6, 7], "add_special_tokens": False}) == 3
+    chat = prompt_tokens("/v1/chat/completions", {"messages": ASK})
+    with_special = prompt_tokens("/v1/chat/completions", {"messages": ASK, "add_special_tokens": True})
+    assert with_special == chat + 1 == ok(gw.post("/tokenize", json={"model": BOS_MODEL, "messages": ASK,
+                                                                    "add_special_tokens": True}))["count"]
 
 
 def test_detokenize_gives_back_the_text(gw, tokenizer):

@@ -27,8 +27,8 @@ def tokenize(gw: Gateway, req: TokenizeRequest) -> dict:
         ids = encoder.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
     else:
         chat = _chat(req, card.name)
-        ids = encoder.render_chat(chat.template_messages(), chat.template_tools(), **chat.template_arguments(),
-                                  add_special_tokens=bool(req.add_special_tokens)).token_ids
+        ids = encoder.render_chat(chat.template_messages(), chat.template_tools(),
+                                  **chat.template_arguments()).token_ids
     strs = encoder.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=card.max_model_len, tokens=ids,
                             token_strs=strs).model_dump()
@@ -66,6 +66,7 @@ def _chat(req: TokenizeRequest, model: str) -> ChatCompletionRequest:
     try:
         chat = ChatCompletionRequest.model_validate({"model": model, "messages": req.messages,
                                                      "add_generation_prompt": req.add_generation_prompt,
+                                                     "add_special_tokens": bool(req.add_special_tokens),
                                                      **({"tools": req.tools} if req.tools is not None else {}),
                                                      **req.chat_fields()})
     except ValidationError as exc:
