@@ -236,7 +236,6 @@ MAX_STOP_STRINGS = 16
 # is a 400, never silently ignored.
 UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
     "min_tokens": (0, "a minimum number of tokens"),
-    "stop_token_ids": ([], "stop token ids"),
     "include_stop_str_in_output": (False, "the stop string in the output"),
     "skip_special_tokens": (True, "special tokens in the output"),
     "spaces_between_special_tokens": (True, "a choice of spaces between special tokens"),
@@ -392,9 +391,11 @@ class SamplingRequest(TruncatingRequest):
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
+    # vLLM's: more tokens that end a choice, as EOS does (the worker checks them against the vocabulary; the choice's
+    # stop_reason is the id).
+    stop_token_ids: list[int] | None = None
     # UNIMPLEMENTED_VLLM_PARAMETERS: declared so that check_supported sees them (unknown fields are dropped)
     min_tokens: Any = None
-    stop_token_ids: Any = None
     include_stop_str_in_output: Any = None
     skip_special_tokens: Any = None
     spaces_between_special_tokens: Any = None
@@ -504,7 +505,7 @@ class SamplingRequest(TruncatingRequest):
             temperature, top_p = 0.0, 1.0
         return SamplingOptions(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, self.top_k or 0),
-            seed=self.seed, stop=list(self.stop),
+            seed=self.seed, stop=list(self.stop), stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
@@ -533,3 +534,4 @@ class SamplingOptions:
     grammar: str | None = None  # structured outputs: the llguidance grammar the output follows (Constraint.grammar)
     thinking: Thinking | None = None  # a reasoning model's thinking: the grammar waits for its end, a budget bounds it
     priority: int = 0  # lower is sooner at the worker (GenerateRequest.priority)
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS (GenerateRequest.stop_token_ids)

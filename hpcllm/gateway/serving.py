@@ -276,7 +276,8 @@ class Generation:
         request = GenerateRequest(
             request_id=f"{self.response_id}-{index}-{attempt_tag}", prompt_token_ids=self.prompts[index // self.n],
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-            seed=seed, stop=opts.stop, ignore_eos=opts.ignore_eos, resume_token_ids=resume_ids,
+            seed=seed, stop=opts.stop, stop_token_ids=opts.stop_token_ids, ignore_eos=opts.ignore_eos,
+            resume_token_ids=resume_ids,
             logprobs=opts.logprobs, prompt_logprobs=opts.prompt_logprobs, min_p=opts.min_p,
             presence_penalty=opts.presence_penalty, frequency_penalty=opts.frequency_penalty,
             repetition_penalty=opts.repetition_penalty, logit_bias=opts.logit_bias, grammar=opts.grammar,

@@ -693,6 +693,7 @@ class EngineBase:
         self._check_token_ids(prompt_ids, "prompt_token_ids")
         self._check_token_ids(resumed, "resume_token_ids")
         self._check_token_ids(list(request.logit_bias), "logit_bias")
+        self._check_token_ids(request.stop_token_ids, "stop_token_ids")
         prompt_param = "messages" if request.messages is not None else "prompt"
         if not prompt_ids:  # nothing to prefill: no logits to sample the first token from
             raise InvalidRequest(f"the {prompt_param} is empty once tokenized; give at least one token of text",

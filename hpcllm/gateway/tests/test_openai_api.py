@@ -150,6 +150,33 @@ def test_the_stop_string_that_ended_a_choice_is_its_stop_reason(gateway):
     assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", answer[2:4])
 
 
+def test_stop_token_ids_end_the_choice_at_the_token(gateway, hf_pair):
+    """vLLM's stop_token_ids (they were refused): the choice ends at the first of them it generates, that token's
+    text left out, its id the stop_reason; an id outside the vocabulary is a 400 naming the field."""
+    from .test_errors import assert_error
+
+    tokenizer = hf_pair[1]
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        out = hf_pair[0].generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=8)
+    new = out[0, len(prompt_ids):].tolist()
+    stop_id = next(t for t in new[2:] if t != tokenizer.eos_token_id)
+    before = new[:new.index(stop_id)]
+    client = gateway.client()
+    request = dict(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"stop_token_ids": [stop_id]})
+    choice = client.completions.create(**request).choices[0]
+    assert (choice.text, choice.finish_reason, choice.model_extra["stop_reason"]) == (
+        tokenizer.decode(before), "stop", stop_id)
+    last = [c for c in client.completions.create(**request, stream=True) if c.choices][-1].choices[0]
+    assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop_id)
+    vocab = hf_pair[0].get_input_embeddings().num_embeddings
+    for body in ({"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "stop_token_ids": [vocab]},
+                 {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 2,
+                  "stop_token_ids": [-1]}):
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        assert_error(gateway.post(path, json=body), 400, "invalid_request", "stop_token_ids")
+
+
 def test_seeded_sampling_is_reproducible(gateway):
     client = gateway.client()
     runs = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7)
