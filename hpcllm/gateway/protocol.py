@@ -12,7 +12,7 @@ Validation is strict: "10" is not accepted where an integer is expected, as Open
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
@@ -232,19 +232,22 @@ class InputsRequest(TruncatingRequest):
 
 MAX_STOP_STRINGS = 16
 # vLLM's sampling extensions that change the output and that hpcllm's engine does not implement: (neutral value,
-# what is refused). Sent with the neutral value (clients that send every field) they are accepted; any other value
-# is a 400, never silently ignored.
-UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str]] = {
-    "min_tokens": (0, "a minimum number of tokens"),
-    "include_stop_str_in_output": (False, "the stop string in the output"),
-    "skip_special_tokens": (True, "special tokens in the output"),
-    "spaces_between_special_tokens": (True, "a choice of spaces between special tokens"),
-    "bad_words": ([], "bad words"),
-    "allowed_token_ids": (None, "a set of allowed token ids"),
-    "logprob_token_ids": (None, "the log probabilities of chosen token ids"),
-    "return_tokens_as_token_ids": (False, "tokens as token ids in logprobs"),
-    "use_beam_search": (False, "beam search"),
-    "length_penalty": (1.0, "a length penalty (beam search)"),
+# what is refused, when another value matters: None always, else a test of the request, false where vLLM makes any
+# value a no-op). Sent with the neutral value (clients that send every field), or where it changes nothing, they are
+# accepted; any other value is a 400, never silently ignored.
+UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str, Callable[[Any], bool] | None]] = {
+    "min_tokens": (0, "a minimum number of tokens", None),
+    "include_stop_str_in_output": (False, "the stop string in the output",
+                                   lambda req: bool(req.stop or req.stop_token_ids)),
+    "skip_special_tokens": (True, "special tokens in the output", None),
+    "spaces_between_special_tokens": (True, "a choice of spaces between special tokens",
+                                      lambda req: req.skip_special_tokens is False),
+    "bad_words": ([], "bad words", None),
+    "allowed_token_ids": (None, "a set of allowed token ids", None),
+    "logprob_token_ids": (None, "the log probabilities of chosen token ids", None),
+    "return_tokens_as_token_ids": (False, "tokens as token ids in logprobs",
+                                   lambda req: req.logprobs is not None and req.logprobs is not False),
+    "use_beam_search": (False, "beam search", None),  # and so its length_penalty, which only beam search reads
 }
 # How an error names each kind of constraint (hpcllm.worker.grammar.GRAMMAR_KINDS).
 CONSTRAINT_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
@@ -404,9 +407,9 @@ class SamplingRequest(TruncatingRequest):
     logprob_token_ids: Any = None
     return_tokens_as_token_ids: Any = None
     use_beam_search: Any = None
-    length_penalty: Any = None
     # The vLLM extensions this endpoint refuses unless neutral (check_supported): a subclass adds its own.
-    unimplemented_parameters: ClassVar[dict[str, tuple[Any, str]]] = UNIMPLEMENTED_VLLM_PARAMETERS
+    unimplemented_parameters: ClassVar[dict[str, tuple[Any, str, Callable[[Any], bool] | None]]] = (
+        UNIMPLEMENTED_VLLM_PARAMETERS)
 
     @field_validator("stop")
     @classmethod
@@ -447,9 +450,9 @@ class SamplingRequest(TruncatingRequest):
 
     def check_supported(self) -> None:
         """Reject parameter values this server cannot honour (400), instead of silently ignoring them."""
-        for name, (neutral, what) in self.unimplemented_parameters.items():
+        for name, (neutral, what, matters) in self.unimplemented_parameters.items():
             value = getattr(self, name)
-            if value is not None and value != neutral:
+            if value is not None and value != neutral and (matters is None or matters(self)):
                 raise unsupported(name, what)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("stream_options is only allowed when stream is true", param="stream_options",

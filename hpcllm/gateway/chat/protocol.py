@@ -183,8 +183,8 @@ class ChatCompletionRequest(SamplingRequest):
     echo: Any = None
     # vLLM's: the rendered chat is tokenized without the tokenizer's special tokens (the template writes them)
     add_special_tokens: bool = False
-    unimplemented_parameters: ClassVar[dict[str, tuple[Any, str]]] = {
-        **UNIMPLEMENTED_VLLM_PARAMETERS, "echo": (False, "echo (the last message repeated in the answer)")}
+    unimplemented_parameters: ClassVar[dict[str, tuple[Any, str, Any]]] = {
+        **UNIMPLEMENTED_VLLM_PARAMETERS, "echo": (False, "echo (the last message repeated in the answer)", None)}
 
     @field_validator("tools")
     @classmethod

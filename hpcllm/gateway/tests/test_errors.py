@@ -103,15 +103,14 @@ def test_422_messages_say_what_is_expected(gateway):
     ({"suffix": "x"}, "suffix"), ({"best_of": 3, "n": 2, "stream": True}, "best_of"),
     # vLLM's extensions that would change the output (they were silently ignored)
     ({"min_tokens": 5}, "min_tokens"),
-    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"include_stop_str_in_output": True, "stop": ["a"]}, "include_stop_str_in_output"),
+    ({"include_stop_str_in_output": True, "stop_token_ids": [7]}, "include_stop_str_in_output"),
     ({"skip_special_tokens": False}, "skip_special_tokens"),
-    ({"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ({"bad_words": ["hello"]}, "bad_words"),
     ({"allowed_token_ids": [7, 8]}, "allowed_token_ids"),
     ({"logprob_token_ids": [7], "logprobs": 1}, "logprob_token_ids"),
     ({"return_tokens_as_token_ids": True, "logprobs": 1}, "return_tokens_as_token_ids"),
-    ({"use_beam_search": True}, "use_beam_search"),
-    ({"length_penalty": 0.5}, "length_penalty"),
+    ({"use_beam_search": True, "length_penalty": 0.5}, "use_beam_search"),
 ])
 def test_unsupported_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/completions", json={**GOOD, **extra}), 400, "unsupported_parameter", param)
@@ -135,6 +134,33 @@ NEUTRAL_VLLM_FIELDS = {"include_stop_str_in_output": False, "skip_special_tokens
                        "spaces_between_special_tokens": True, "bad_words": [], "allowed_token_ids": None,
                        "logprob_token_ids": None, "return_tokens_as_token_ids": False, "use_beam_search": False,
                        "length_penalty": 1.0}
+
+
+@pytest.mark.parametrize("path, extra", [
+    # vLLM's no-ops: no stop string or token to include; the special tokens skipped, so no spaces between them; no
+    # logprobs to write as token ids; a length penalty without beam search
+    ("/v1/completions", {"include_stop_str_in_output": True}),
+    ("/v1/chat/completions", {"include_stop_str_in_output": True}),
+    ("/v1/completions", {"spaces_between_special_tokens": False}),
+    ("/v1/completions", {"return_tokens_as_token_ids": True}),
+    ("/v1/chat/completions", {"return_tokens_as_token_ids": True, "logprobs": False}),
+    ("/v1/completions", {"length_penalty": 0.5}),
+])
+def test_vllm_parameters_that_change_nothing_here_are_accepted(gateway, path, extra):
+    body = GOOD if path == "/v1/completions" else CHAT
+    resp = gateway.post(path, json={**body, **extra})
+    assert resp.status_code == 200, resp.text
+
+
+@pytest.mark.parametrize("path, extra, param", [
+    ("/v1/completions", {"return_tokens_as_token_ids": True, "logprobs": 0}, "return_tokens_as_token_ids"),
+    ("/v1/chat/completions", {"return_tokens_as_token_ids": True, "logprobs": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", {"spaces_between_special_tokens": False, "skip_special_tokens": False},
+     "skip_special_tokens"),
+])
+def test_vllm_parameters_refused_where_they_would_matter(gateway, path, extra, param):
+    body = GOOD if path == "/v1/completions" else CHAT
+    assert_error(gateway.post(path, json={**body, **extra}), 400, "unsupported_parameter", param)
 
 
 def test_unknown_fields_are_ignored_and_defaults_accepted(gateway):
