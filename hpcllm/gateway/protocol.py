@@ -248,6 +248,7 @@ UNIMPLEMENTED_VLLM_PARAMETERS: dict[str, tuple[Any, str, Callable[[Any], bool] |
     "return_tokens_as_token_ids": (False, "tokens as token ids in logprobs",
                                    lambda req: req.logprobs is not None and req.logprobs is not False),
     "use_beam_search": (False, "beam search", None),  # and so its length_penalty, which only beam search reads
+    "return_token_ids": (False, "the prompt's and the choice's token ids in each choice", None),
 }
 # How an error names each kind of constraint (hpcllm.worker.grammar.GRAMMAR_KINDS).
 CONSTRAINT_NAMES = {"json": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
@@ -407,6 +408,7 @@ class SamplingRequest(TruncatingRequest):
     logprob_token_ids: Any = None
     return_tokens_as_token_ids: Any = None
     use_beam_search: Any = None
+    return_token_ids: Any = None
     # The vLLM extensions this endpoint refuses unless neutral (check_supported): a subclass adds its own.
     unimplemented_parameters: ClassVar[dict[str, tuple[Any, str, Callable[[Any], bool] | None]]] = (
         UNIMPLEMENTED_VLLM_PARAMETERS)

@@ -111,6 +111,7 @@ def test_422_messages_say_what_is_expected(gateway):
     ({"logprob_token_ids": [7], "logprobs": 1}, "logprob_token_ids"),
     ({"return_tokens_as_token_ids": True, "logprobs": 1}, "return_tokens_as_token_ids"),
     ({"use_beam_search": True, "length_penalty": 0.5}, "use_beam_search"),
+    ({"return_token_ids": True}, "return_token_ids"),
 ])
 def test_unsupported_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/completions", json={**GOOD, **extra}), 400, "unsupported_parameter", param)
@@ -125,6 +126,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max
     ({"bad_words": ["hello"]}, "bad_words"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"echo": True}, "echo"),  # vLLM's chat echo: the last message repeated at the answer's start
+    ({"return_token_ids": True}, "return_token_ids"),
 ])
 def test_unsupported_chat_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/chat/completions", json={**CHAT, **extra}), 400, "unsupported_parameter", param)
