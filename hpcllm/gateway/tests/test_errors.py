@@ -7,6 +7,8 @@ import json
 import httpx
 import pytest
 
+from hpcllm.gateway.chat.protocol import ChatCompletionRequest
+from hpcllm.gateway.completions.protocol import CompletionRequest
 from hpcllm.gateway.errors import see_the_log
 from hpcllm.gateway.routing import Router
 
@@ -132,10 +134,9 @@ def test_unsupported_chat_parameters_are_400(gateway, extra, param):
     assert_error(gateway.post("/v1/chat/completions", json={**CHAT, **extra}), 400, "unsupported_parameter", param)
 
 
-NEUTRAL_VLLM_FIELDS = {"include_stop_str_in_output": False, "skip_special_tokens": True,
-                       "spaces_between_special_tokens": True, "bad_words": [], "allowed_token_ids": None,
-                       "logprob_token_ids": None, "return_tokens_as_token_ids": False, "use_beam_search": False,
-                       "length_penalty": 1.0}
+def neutral_fields(request_type) -> dict:
+    """Every vLLM extension the request type refuses, at its neutral value (a client sending every field)."""
+    return {name: neutral for name, (neutral, *_) in request_type.unimplemented_parameters.items()}
 
 
 @pytest.mark.parametrize("path, extra", [
@@ -168,10 +169,11 @@ def test_vllm_parameters_refused_where_they_would_matter(gateway, path, extra, p
 def test_unknown_fields_are_ignored_and_defaults_accepted(gateway):
     resp = gateway.post("/v1/completions", json={**GOOD, "n": 1, "presence_penalty": 0, "some_new_field": 1,
                                                  "repetition_penalty": 1.0, "min_p": 0.0, "stop_token_ids": [],
-                                                 "add_special_tokens": True, **NEUTRAL_VLLM_FIELDS})
+                                                 "add_special_tokens": True, "length_penalty": 1.0,
+                                                 **neutral_fields(CompletionRequest)})
     assert resp.status_code == 200, resp.text
-    resp = gateway.post("/v1/chat/completions", json={**CHAT, "add_special_tokens": False, "echo": False,
-                                                      **NEUTRAL_VLLM_FIELDS})
+    resp = gateway.post("/v1/chat/completions", json={**CHAT, "add_special_tokens": False,
+                                                      **neutral_fields(ChatCompletionRequest)})
     assert resp.status_code == 200, resp.text
 
 
