@@ -153,7 +153,8 @@ def test_completion_logprobs_match_the_model_and_streaming_gives_the_same(gatewa
 def test_completion_top_logprobs_always_hold_the_sampled_token(gateway, k):
     """OpenAI's legacy logprobs (and vLLM's): 'the API will always return the logprob of the sampled token, so there
     may be up to logprobs+1 elements' in each top_logprobs entry, streamed or not, for the echoed prompt's tokens
-    too. Sampled at temperature 2, most tokens are not the most likely one."""
+    too: the sampled token first, then the k most likely (k entries where it is one of them, else k + 1). Sampled at
+    temperature 2, most tokens are not the most likely one."""
     client = gateway.client()
     request = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=2.0, seed=5, logprobs=k)
     whole = client.completions.create(**request).choices[0].logprobs
@@ -163,8 +164,15 @@ def test_completion_top_logprobs_always_hold_the_sampled_token(gateway, k):
     for lp in (whole, echoed):
         first = 1 if lp is echoed else 0  # the echoed prompt's first token has none
         tops = list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))[first:]
-        assert tops and all(1 <= len(top) <= k + 1 and top[token] == pytest.approx(logprob)
-                            for token, logprob, top in tops)
+        assert tops
+        for token, logprob, top in tops:
+            assert next(iter(top)) == token and top[token] == pytest.approx(logprob)
+            alternatives = list(top.values())[1:]
+            if len(top) == k + 1:  # not one of the k most likely: all of them are likelier
+                assert all(other >= logprob for other in alternatives)
+            else:  # one of them: the k - 1 others and one less likely token not listed
+                assert len(top) == k and k >= 1
+        assert any(len(top) == k + 1 for _, _, top in tops)  # a token not the most likely was sampled
     assert [top for s in streamed for top in s.top_logprobs] == whole.top_logprobs
 
 
