@@ -59,7 +59,7 @@ from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import AGENT_STDIN_ENV, SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
-from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult
+from hpcllm.worker.protocol import DRAIN_ANSWER_MARGIN_SECONDS, MigrateRequest, MigrationFailure, MigrationResult
 from hpcllm.worker import vllm_launch
 from hpcllm.worker.spare import MODEL_PROCESS_ENV, SpareAssignment
 from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
@@ -1080,11 +1080,14 @@ class WorkerManager:
             return outcome  # still loading (or stopping): it holds no request to move
         started = time.monotonic()
         timeout = max(timeout, 0.1)
-        # Shares this manager's HTTP client (not closed here); the worker bounds each call to the destination too.
+        # One deadline for both sides: the worker's moves end (moved, or left running there) the answer margin
+        # before ours, so its answer, with what moved and what did not, comes before we stop waiting and stop it.
+        moves_timeout = timeout - min(DRAIN_ANSWER_MARGIN_SECONDS, timeout / 5)
+        # Shares this manager's HTTP client (not closed here).
         worker = WorkerClient(inst.worker_url, self.key or "", client=self._http)
         try:
-            result = worker.migrate_all(MigrateRequest(destination_url=destination_url, timeout_seconds=timeout,
-                                                       ticket=ticket), timeout=timeout)
+            order = MigrateRequest(destination_url=destination_url, timeout_seconds=moves_timeout, ticket=ticket)
+            result = worker.migrate_all(order, timeout=timeout)
         except WorkerError as exc:
             outcome.error = f"worker {inst.worker_url} did not migrate its requests: {exc}"
         else:

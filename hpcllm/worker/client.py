@@ -272,9 +272,9 @@ class WorkerClient:
         """Destination: release a held request and stream it from output index from_index (like generate)."""
         return self._stream(ATTACH_MIGRATION_PATH.format(request_id=request_id), AttachMigration(from_index=from_index))
 
-    def drop_migration(self, request_id: str) -> RequestTokens:
+    def drop_migration(self, request_id: str, timeout: float | None = None) -> RequestTokens:
         """Destination: drop a held request that will not be attached (409 if the id is not a held request)."""
-        response = self._request("DELETE", HELD_MIGRATION_PATH.format(request_id=request_id))
+        response = self._request("DELETE", HELD_MIGRATION_PATH.format(request_id=request_id), timeout=timeout)
         return RequestTokens.model_validate_json(response.content)
 
     def migrate(

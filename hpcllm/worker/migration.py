@@ -8,8 +8,9 @@ A running request moves from this worker (source S) to a destination worker D wh
    delta of a few tokens.
 3. Hand-over, once a delta is at most `handover_tokens` long, or stopped shrinking (from round 3 on: a round
    has a fixed cost - an HTTP call and a forward step - so the delta levels off at a few tokens on a slow
-   destination, and more rounds would only delay the hand-over), or at round `max_rounds`, or once half of
-   `timeout_seconds` has passed (a node drain has a deadline: better a larger last delta than no hand-over):
+   destination, and more rounds would only delay the hand-over), or at round `max_rounds`, or once half of what
+   was left of `timeout_seconds` when the move began has passed (a node drain has a deadline: better a larger last
+   delta than no hand-over):
    PAUSE the request here
    (atomically read its final token list), extend D with the last delta and wait until it is prefilled, then end
    the source stream with `finish_reason: "migrated"` and `migrated_to` (D's URL, request id, from_index). The
@@ -21,6 +22,10 @@ so D draws exactly the tokens S would have drawn.
 
 Any failure before the stream's final line leaves the request running here (un-paused if the hand-over had begun)
 and drops the held request on D (best effort; otherwise it expires after hold_seconds).
+
+`timeout_seconds` is a deadline, for one move and for a drain's all (migrate_all): every call to D is bounded by
+what is left of it, so the answer comes in time (DRAIN_ANSWER_MARGIN_SECONDS) for the node agent, which stops the
+worker once it has it: a hand-over still running then would be cut short.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from hpcllm.credentials import issue_ticket
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.engine import Engine, EngineError, RequestConflict
 from hpcllm.worker.protocol import (
+    DRAIN_ANSWER_MARGIN_SECONDS,
     MigrateAllResult,
     MigratedTo,
     MigrateRequest,
@@ -46,6 +52,9 @@ log = logging.getLogger(__name__)
 
 # Concurrent migrations of one drain (each mostly waits on the destination's prefill).
 MAX_PARALLEL_MIGRATIONS = 16
+# Bound on dropping a hold on the destination after a failed move (best effort: a hold expires anyway): the moves
+# of a drain cut at its deadline drop theirs in parallel, within the drain's answer margin.
+DROP_TIMEOUT_SECONDS = DRAIN_ANSWER_MARGIN_SECONDS / 3
 
 
 class DestinationFailed(EngineError):
@@ -56,12 +65,31 @@ class DestinationFailed(EngineError):
     code = "destination_failed"
 
 
+class MigrationTimedOut(EngineError):
+    """The migration's deadline (timeout_seconds) passed before the request moved; it keeps running here."""
+
+    http_status = 504
+    error_type = "migration_error"
+    code = "migration_timed_out"
+
+
 def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
-                    http: InternalHttpConfig | None = None) -> MigrationResult:
-    """Move one running request to body.destination_url in rounds; raises EngineError if it stays here. The caller
-    checked body.ticket (the server: hpcllm.credentials.check_ticket); the destination gets its grant, never our
-    key, and so does the reader of the moved stream (MigratedTo.grant)."""
+                    http: InternalHttpConfig | None = None, deadline: float | None = None) -> MigrationResult:
+    """Move one running request to body.destination_url in rounds, by `deadline` (time.monotonic(); default:
+    body.timeout_seconds from now); raises EngineError if it stays here. The caller checked body.ticket (the
+    server: hpcllm.credentials.check_ticket); the destination gets its grant, never our key, and so does the
+    reader of the moved stream (MigratedTo.grant)."""
     started = time.monotonic()
+    deadline = started + body.timeout_seconds if deadline is None else deadline
+
+    def time_left() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MigrationTimedOut(f"request {request_id!r} did not move within the migration's "
+                                    f"timeout_seconds={body.timeout_seconds:g}; it goes on here")
+        return left
+
+    time_left()  # a drain's request whose turn came too late is not begun
     template = engine.begin_migration(request_id)  # 404 unknown, 409 finished / already migrating
     grant = body.ticket.grant if body.ticket else None
     destination = WorkerClient(body.destination_url, "", read_timeout=body.timeout_seconds, http=http, grant=grant)
@@ -76,7 +104,7 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
             delta = len(output) - len(known)
             small = round_number > 1 and delta <= body.handover_tokens
             stalled = round_number > 2 and delta >= tokens_per_round[-1]
-            late = round_number > 1 and time.monotonic() - started >= body.timeout_seconds / 2
+            late = round_number > 1 and time.monotonic() - started >= (deadline - started) / 2
             if round_number >= body.max_rounds or small or stalled or late:
                 handover_started = time.monotonic()
                 output = engine.pause(request_id)
@@ -88,12 +116,12 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
                         generate=template.model_copy(update={"resume_token_ids": output}),
                         hold_seconds=body.hold_seconds,
                     ),
-                    timeout=body.timeout_seconds,
+                    timeout=time_left(),
                 )
                 tokens_per_round.append(prepared.cached_tokens)
             else:
                 delta = output[len(known):]
-                destination.extend_migration(request_id, delta, wait=True, timeout=body.timeout_seconds)
+                destination.extend_migration(request_id, delta, wait=True, timeout=time_left())
                 tokens_per_round.append(len(delta))
             known = output
         engine.finish_migrated(
@@ -136,14 +164,16 @@ def ticketed_request(destination_url: str, *, model: str, key: str, destination_
 
 def _drop_held(destination: WorkerClient, request_id: str) -> None:
     try:
-        destination.drop_migration(request_id)
+        destination.drop_migration(request_id, timeout=DROP_TIMEOUT_SECONDS)
     except WorkerError as exc:  # unreachable, refused or not held: a held request expires after hold_seconds
         log.info("could not drop held request %s on %s: %s", request_id, destination.base_url, exc)
 
 
 def migrate_all(engine: Engine, body: MigrateRequest, http: InternalHttpConfig | None = None) -> MigrateAllResult:
-    """Move every running and waiting request (node drain), concurrently. A request that finishes on its own
-    meanwhile needs no migration and is in neither list."""
+    """Move every running and waiting request (node drain), concurrently, all by body.timeout_seconds from now: a
+    request still queued for its turn then stays here (failed). A request that finishes on its own meanwhile needs
+    no migration and is in neither list."""
+    deadline = time.monotonic() + body.timeout_seconds
     request_ids = engine.migratable_request_ids()
     if not request_ids:
         return MigrateAllResult(migrated=[], failed=[])
@@ -151,7 +181,7 @@ def migrate_all(engine: Engine, body: MigrateRequest, http: InternalHttpConfig |
     failed: list[MigrationFailure] = []
     with ThreadPoolExecutor(max_workers=min(len(request_ids), MAX_PARALLEL_MIGRATIONS),
                             thread_name_prefix="hpcllm-migrate") as pool:
-        futures = {rid: pool.submit(migrate_request, engine, rid, body, http) for rid in request_ids}
+        futures = {rid: pool.submit(migrate_request, engine, rid, body, http, deadline) for rid in request_ids}
         for request_id, future in futures.items():
             try:
                 migrated.append(future.result())

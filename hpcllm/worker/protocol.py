@@ -397,6 +397,13 @@ class AttachMigration(WireModel):
     from_index: int = Field(ge=0)
 
 
+# How long after its deadline (MigrateRequest.timeout_seconds) a drain's answer may come: a pause waiting for the
+# engine's step, dropping on the destination the holds of moves cut short (hpcllm.worker.migration bounds each drop
+# well inside it), the answer. The node agent orders the deadline this much (a fifth of its time, when short)
+# before its own, so it hears the answer before it stops the worker.
+DRAIN_ANSWER_MARGIN_SECONDS = 3.0
+
+
 class MigrateRequest(WireModel):
     """Source: move one request (or, on POST /v1/internal/migrate, every running one) to destination_url."""
 
@@ -410,8 +417,10 @@ class MigrateRequest(WireModel):
     # new tokens stop shrinking from one round to the next (from round 3 on).
     handover_tokens: int = Field(default=2, ge=0)
     hold_seconds: float = Field(default=60.0, gt=0, le=3600)
-    # Bound on each call to the destination (a prepare waits for the whole prefill); once half of it has passed
-    # since the migration began, the next round is the hand-over. At most node.migrate_timeout_seconds' own bound.
+    # The migration's deadline, counted from when the worker takes the order: every call to the destination (a
+    # prepare waits for the whole prefill) is bounded by what is left of it, and once half of what a request had
+    # left when its move began has passed, its next round is the hand-over. POST /v1/internal/migrate (a drain)
+    # begins no move past it and answers with what moved and what did not within DRAIN_ANSWER_MARGIN_SECONDS of it.
     timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
 
 

@@ -1,7 +1,8 @@
 """A stand-in for `hpcllm worker` in the node agent's migration tests: the source side of the live-migration contract
 (docs: /work/notes/migration-contract.md) without a model, so agent tests run in a second.
 
-    python -m hpcllm.node.tests.fake_worker --url-file F --record R --requests r1,r2 [--mode ok|refuse|partial|slow]
+    python -m hpcllm.node.tests.fake_worker --url-file F --record R --requests r1,r2
+        [--mode ok|refuse|partial|slow|deadline]
         [--ignore-sigterm] [--child]
 
 It binds 127.0.0.1:0, writes its URL to F (as the real worker does), answers /health and /ready (running_requests =
@@ -9,7 +10,9 @@ the requests it still holds), and POST /v1/internal/migrate (secret checked) as 
 - ok: every request moves -> {"migrated": [MigrationResult...], "failed": []};
 - partial: the first moves, the others fail (they stay here);
 - refuse: 502 with the destination's reason, nothing moves;
-- slow: sleeps --slow-seconds before answering like ok.
+- slow: sleeps --slow-seconds before answering like ok;
+- deadline: answers like ok a tenth of a second past the order's timeout_seconds (its moves took all of it: the
+  real worker answers within DRAIN_ANSWER_MARGIN_SECONDS of it).
 Every call and SIGTERM are appended to R as JSON lines ({"event", "t", ...}) so tests can check the order of events.
 
 Health (the node agent's watch of ready workers): POST /fake/ready {"answer": 503 | "hang", "count": N} makes the
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url-file", type=Path, required=True)
     parser.add_argument("--record", type=Path, required=True)
     parser.add_argument("--requests", default="")
-    parser.add_argument("--mode", choices=("ok", "partial", "refuse", "slow"), default="ok")
+    parser.add_argument("--mode", choices=("ok", "partial", "refuse", "slow", "deadline"), default="ok")
     parser.add_argument("--slow-seconds", type=float, default=30.0)
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument("--child", action="store_true")
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                               "type": "server_error", "code": "destination_refused"}}, 502
         if args.mode == "slow":
             time.sleep(args.slow_seconds)
+        if args.mode == "deadline":
+            time.sleep(body.timeout_seconds + 0.1)
         moving = running[:1] if args.mode == "partial" else list(running)
         migrated = [MigrationResult(request_id=r, destination_url=destination, destination_request_id=r, rounds=2,
                                     tokens_per_round=[12, 1], handover_seconds=0.01, total_seconds=0.05,

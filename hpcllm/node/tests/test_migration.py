@@ -206,6 +206,26 @@ def test_a_hanging_migration_is_cut_at_the_migrate_timeout(controller, make_node
     assert [e["event"] for e in events(record)] == ["migrate", "sigterm"]
 
 
+def test_a_worker_moving_until_its_deadline_is_heard_before_it_is_stopped(controller, make_node, caplog):
+    """The worker's moves may take all of the order's timeout_seconds, and its answer comes a little after: the
+    agent orders a deadline earlier than its own, so it hears that both requests moved (and says so) before it
+    stops the worker. Before, both sides used the same timeout: the agent gave up at the worker's deadline, logged
+    that the worker "did not migrate its requests" and stopped it while it answered that they had moved."""
+    service, url, source = controller()
+    add_ready_node(service, "n2")
+    agent, record = make_node(url, mode="deadline", migrate_timeout_seconds=5)
+    start_ready(agent, source)
+
+    with caplog.at_level("INFO", logger="hpcllm.node.workers"):
+        agent.drain()
+
+    [outcome] = agent.migrations
+    assert outcome.error is None and [m.request_id for m in outcome.migrated] == ["r1", "r2"], outcome
+    assert [e["event"] for e in events(record)] == ["migrate", "sigterm"]
+    assert events(record)[1]["requests"] == []  # stopped after they moved
+    assert "2 requests live-migrated" in caplog.text and "did not migrate" not in caplog.text
+
+
 def test_migrate_out_moves_one_instance_then_stops_it(controller, make_node):
     service, url, source = controller()
     agent, record = make_node(url, requests=("a", "b", "c"), mode="partial")

@@ -6,6 +6,7 @@ the same tokens and text, with every output index delivered once (source stream,
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -13,7 +14,15 @@ import pytest
 
 from hpcllm.worker.client import WorkerError
 from hpcllm.worker.engine import EngineUnavailable
-from hpcllm.worker.protocol import FinalLine, GenerateRequest, PrepareMigration, Thinking, TokenLine
+from hpcllm.worker.migration import MAX_PARALLEL_MIGRATIONS
+from hpcllm.worker.protocol import (
+    DRAIN_ANSWER_MARGIN_SECONDS,
+    FinalLine,
+    GenerateRequest,
+    PrepareMigration,
+    Thinking,
+    TokenLine,
+)
 
 from .conftest import slow_down, ticketed, wait_until
 from .schemas import PERSON_GRAMMAR, check_person
@@ -284,6 +293,43 @@ def test_migrate_all_moves_every_running_and_waiting_request(pair, start_worker)
         assert final.finish_reason == "length"
     assert source.service.engine.counts() == (0, 0)
     assert source.client.migrate_all(ticketed(destination.url)).migrated == []
+
+
+@pytest.fixture
+def silent_destination():
+    """The URL of a destination that takes connections and never answers (a hung or swamped node)."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)  # every call the drain makes waits in the backlog, unanswered
+        yield f"http://127.0.0.1:{hole.getsockname()[1]}"
+
+
+def test_a_drain_answers_by_its_deadline_and_what_did_not_move_stays_here(pair, start_worker, silent_destination):
+    """More requests than move at once, to a destination that never answers: the drain answers within its
+    timeout_seconds plus the margin the node agent waits past it (before, each move waited timeout_seconds for
+    the prepare, then again for the drop, and the requests queued behind the first 16 did it all once more: the
+    agent had given up and stopped the worker), with every request in `failed`, still running here."""
+    source = start_worker(pair, max_running_requests=4, async_scheduling=False)  # each step slowed down below
+    count = MAX_PARALLEL_MIGRATIONS + 2
+    slow_down(source.service.engine, 0.05)  # the running ones are far from their end when the drain answers
+    streams = [source.client.generate(body(f"r{i}", max_tokens=500)) for i in range(count)]
+    lines = [iter(stream) for stream in streams]
+    for request_lines in lines[:4]:
+        read_until(request_lines, 1)
+    assert source.service.engine.counts() == (4, count - 4)
+    timeout = 4.0
+
+    # The node agent's wait (hpcllm.node.workers.migrate_out): the worker's deadline plus the answer margin.
+    result = source.client.migrate_all(ticketed(silent_destination, timeout_seconds=timeout),
+                                       timeout=timeout + DRAIN_ANSWER_MARGIN_SECONDS)
+
+    assert result.migrated == []
+    assert sorted(f.request_id for f in result.failed) == sorted(f"r{i}" for i in range(count))
+    assert all("timed out" in f.error or "timeout_seconds=4" in f.error for f in result.failed), result.failed
+    assert source.service.engine.counts() == (4, count - 4)  # none moved or lost: they go on here
+    assert isinstance(next(lines[0]), TokenLine)  # not paused
+    for stream in streams:
+        stream.close()
 
 
 def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, start_worker):
