@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hpcllm.config import InternalHttpConfig
 from hpcllm.credentials import issue_ticket
 from hpcllm.worker.client import WorkerClient, WorkerError
-from hpcllm.worker.engine import Engine, EngineError, RequestConflict
+from hpcllm.worker.engine import Engine, EngineError
 from hpcllm.worker.protocol import (
     DRAIN_ANSWER_MARGIN_SECONDS,
     MigrateAllResult,
@@ -171,8 +171,8 @@ def _drop_held(destination: WorkerClient, request_id: str) -> None:
 
 def migrate_all(engine: Engine, body: MigrateRequest, http: InternalHttpConfig | None = None) -> MigrateAllResult:
     """Move every running and waiting request (node drain), concurrently, all by body.timeout_seconds from now: a
-    request still queued for its turn then stays here (failed). A request that finishes on its own meanwhile needs
-    no migration and is in neither list."""
+    request still queued for its turn then stays here (failed). A request that finishes meanwhile (on its own, or
+    cancelled: its client left) needs no migration and is in neither list."""
     deadline = time.monotonic() + body.timeout_seconds
     request_ids = engine.migratable_request_ids()
     if not request_ids:
@@ -185,17 +185,16 @@ def migrate_all(engine: Engine, body: MigrateRequest, http: InternalHttpConfig |
         for request_id, future in futures.items():
             try:
                 migrated.append(future.result())
-            except RequestConflict as exc:
-                if _finished_on_its_own(engine, request_id):
-                    continue
-                failed.append(MigrationFailure(request_id=request_id, error=str(exc)))
             except Exception as exc:
-                failed.append(MigrationFailure(request_id=request_id, error=str(exc)))
+                if not _ended_here(engine, request_id):
+                    failed.append(MigrationFailure(request_id=request_id, error=str(exc)))
     return MigrateAllResult(migrated=migrated, failed=failed)
 
 
-def _finished_on_its_own(engine: Engine, request_id: str) -> bool:
+def _ended_here(engine: Engine, request_id: str) -> bool:
+    """The request ended while it was moving (it finished, or its client left: cancelled), whatever the move ran
+    into: not a failed move, which is still here when the drain stops this worker and resumes from its tokens."""
     try:
-        return engine.tokens(request_id).finish_reason in ("stop", "length")
-    except EngineError:
+        return engine.ended(request_id)
+    except EngineError:  # no longer known here: nothing says how it ended
         return False

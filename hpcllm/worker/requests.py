@@ -675,6 +675,13 @@ class EngineBase:
                 raise RuntimeError(f"request {request_id} must be paused before it is handed over")
             self._finish(req, "migrated", migrated_to=migrated_to)
 
+    def ended(self, request_id: str) -> bool:
+        """Whether a request has finished here, or its cancel is under way (hpcllm's engine ends a running one at
+        its next step): its stream has ended or is ending, and a drain has nothing left of it to move."""
+        with self._lock:
+            req = self._lookup(request_id)
+            return req.state == "finished" or req.cancel_requested
+
     def _migrating(self, request_id: str) -> RequestState:
         req = self._lookup(request_id)
         if req.state == "finished":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -330,6 +331,41 @@ def test_a_drain_answers_by_its_deadline_and_what_did_not_move_stays_here(pair, 
     assert isinstance(next(lines[0]), TokenLine)  # not paused
     for stream in streams:
         stream.close()
+
+
+def test_a_request_cancelled_during_a_drain_is_not_reported_as_a_failed_move(pair, start_worker):
+    """The client of one request leaves while the drain moves it: the drain reports it in neither list (it finished
+    here), not as a failed move the node agent would log as resuming from its tokens; the others move."""
+    source, destination = start_worker(pair), start_worker(pair)
+    slow_down(source.service.engine, 0.01)
+    holding, release = threading.Event(), threading.Event()
+    hold = destination.service.engine.hold
+
+    def hold_until_released(request, *args, **kwargs):
+        if request.request_id == "leaves":
+            holding.set()
+            assert release.wait(60)
+        return hold(request, *args, **kwargs)
+
+    destination.service.engine.hold = hold_until_released
+    leaving = source.client.generate(body("leaves", max_tokens=500))
+    staying = source.client.generate(body("stays", max_tokens=60, **GREEDY))
+    leaving_lines, staying_lines = iter(leaving), iter(staying)
+    read_until(leaving_lines, 2)
+    firsts = read_until(staying_lines, 2)
+    with ThreadPoolExecutor(1) as pool:
+        drain = pool.submit(source.client.migrate_all, ticketed(destination.url))
+        assert holding.wait(60)
+        leaving.close()  # the client goes away: its request is cancelled
+        assert wait_until(lambda: source.service.engine.tokens("leaves").state == "finished", timeout=60)
+        release.set()
+        result = drain.result(timeout=120)
+
+    assert [m.request_id for m in result.migrated] == ["stays"] and result.failed == [], result
+    rest, _, final = finish_through_attach(staying_lines, destination)
+    assert final.finish_reason == "length" and len(firsts + rest) == 60
+    assert source.service.engine.tokens("leaves").finish_reason == "abort"
+    assert wait_until(lambda: destination.service.engine.counts() == (0, 0))  # its hold there was dropped
 
 
 def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, start_worker):
