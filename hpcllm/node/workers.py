@@ -59,7 +59,7 @@ from hpcllm.store.memory import HOST_POOL_ENV
 from hpcllm.store.tuning import TUNING_ENV, ReadTuning
 from hpcllm.worker.cli import AGENT_STDIN_ENV, SECRET_ENV
 from hpcllm.worker.client import WorkerClient, WorkerError
-from hpcllm.worker.protocol import DRAIN_ANSWER_MARGIN_SECONDS, MigrateRequest, MigrationFailure, MigrationResult
+from hpcllm.worker.protocol import MigrateRequest, MigrationFailure, MigrationResult, drain_answer_margin
 from hpcllm.worker import vllm_launch
 from hpcllm.worker.spare import MODEL_PROCESS_ENV, SpareAssignment
 from hpcllm.checkpoint.context import ContextLengthError, source_max_model_len
@@ -1082,7 +1082,7 @@ class WorkerManager:
         timeout = max(timeout, 0.1)
         # One deadline for both sides: the worker's moves end (moved, or left running there) the answer margin
         # before ours, so its answer, with what moved and what did not, comes before we stop waiting and stop it.
-        moves_timeout = timeout - min(DRAIN_ANSWER_MARGIN_SECONDS, timeout / 5)
+        moves_timeout = timeout - drain_answer_margin(timeout)
         # Shares this manager's HTTP client (not closed here).
         worker = WorkerClient(inst.worker_url, self.key or "", client=self._http)
         try:

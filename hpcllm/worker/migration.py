@@ -24,8 +24,8 @@ Any failure before the stream's final line leaves the request running here (un-p
 and drops the held request on D (best effort; otherwise it expires after hold_seconds).
 
 `timeout_seconds` is a deadline, for one move and for a drain's all (migrate_all): every call to D is bounded by
-what is left of it, so the answer comes in time (DRAIN_ANSWER_MARGIN_SECONDS) for the node agent, which stops the
-worker once it has it: a hand-over still running then would be cut short.
+what is left of it, and a drop after it by a third of drain_answer_margin(timeout_seconds), so the answer comes in
+time for the node agent, which stops the worker once it has it: a hand-over still running then would be cut short.
 """
 
 from __future__ import annotations
@@ -39,22 +39,26 @@ from hpcllm.credentials import issue_ticket
 from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.engine import Engine, EngineError
 from hpcllm.worker.protocol import (
-    DRAIN_ANSWER_MARGIN_SECONDS,
     MigrateAllResult,
     MigratedTo,
     MigrateRequest,
     MigrationFailure,
     MigrationResult,
     PrepareMigration,
+    drain_answer_margin,
 )
 
 log = logging.getLogger(__name__)
 
 # Concurrent migrations of one drain (each mostly waits on the destination's prefill).
 MAX_PARALLEL_MIGRATIONS = 16
-# Bound on dropping a hold on the destination after a failed move (best effort: a hold expires anyway): the moves
-# of a drain cut at its deadline drop theirs in parallel, within the drain's answer margin.
-DROP_TIMEOUT_SECONDS = DRAIN_ANSWER_MARGIN_SECONDS / 3
+
+
+def drop_timeout(timeout_seconds: float) -> float:
+    """How long past its deadline a failed move may take to drop its hold on the destination (best effort: a hold
+    expires anyway): the moves of a drain cut at its deadline drop theirs in parallel, well within the answer
+    margin the node agent waits past the deadline it ordered."""
+    return drain_answer_margin(timeout_seconds) / 3
 
 
 class DestinationFailed(EngineError):
@@ -75,18 +79,23 @@ class MigrationTimedOut(EngineError):
 
 def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
                     http: InternalHttpConfig | None = None, deadline: float | None = None) -> MigrationResult:
-    """Move one running request to body.destination_url in rounds, by `deadline` (time.monotonic(); default:
-    body.timeout_seconds from now); raises EngineError if it stays here. The caller checked body.ticket (the
+    """Move one running request to body.destination_url in rounds, by `deadline` (time.monotonic(): a drain's;
+    default: body.timeout_seconds from now); raises EngineError if it stays here. The caller checked body.ticket (the
     server: hpcllm.credentials.check_ticket); the destination gets its grant, never our key, and so does the
     reader of the moved stream (MigratedTo.grant)."""
     started = time.monotonic()
+    # Said to whoever reads the failure (an admin, in the node agent's log): which deadline, not a field's name.
+    whose = ("the drain's deadline ({:g} s: node.migrate_timeout_seconds less the answer margin)" if deadline
+             else "the migration's deadline ({:g} s)").format(body.timeout_seconds)
     deadline = started + body.timeout_seconds if deadline is None else deadline
+
+    def timed_out() -> MigrationTimedOut:
+        return MigrationTimedOut(f"request {request_id!r} did not move before {whose}; it goes on here")
 
     def time_left() -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise MigrationTimedOut(f"request {request_id!r} did not move within the migration's "
-                                    f"timeout_seconds={body.timeout_seconds:g}; it goes on here")
+            raise timed_out()
         return left
 
     time_left()  # a drain's request whose turn came too late is not begun
@@ -131,7 +140,7 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
     except BaseException as exc:
         engine.abandon_migration(request_id)
         if held_on_destination:
-            _drop_held(destination, request_id)
+            _drop_held(destination, request_id, deadline, drop_timeout(body.timeout_seconds))
         destination.close()
         if isinstance(exc, WorkerError):
             raise DestinationFailed(f"destination {body.destination_url} failed: {exc}") from exc
@@ -162,9 +171,11 @@ def ticketed_request(destination_url: str, *, model: str, key: str, destination_
     return MigrateRequest(destination_url=destination_url, ticket=ticket, **fields)
 
 
-def _drop_held(destination: WorkerClient, request_id: str) -> None:
+def _drop_held(destination: WorkerClient, request_id: str, deadline: float, past_deadline: float) -> None:
+    """Drop a failed move's hold, by its deadline or a little past it: a busy destination's step may take more than a
+    second, and a hold not dropped keeps its KV cache and slot there for hold_seconds."""
     try:
-        destination.drop_migration(request_id, timeout=DROP_TIMEOUT_SECONDS)
+        destination.drop_migration(request_id, timeout=max(deadline - time.monotonic(), 0) + past_deadline)
     except WorkerError as exc:  # unreachable, refused or not held: a held request expires after hold_seconds
         log.info("could not drop held request %s on %s: %s", request_id, destination.base_url, exc)
 

@@ -397,11 +397,18 @@ class AttachMigration(WireModel):
     from_index: int = Field(ge=0)
 
 
-# How long after its deadline (MigrateRequest.timeout_seconds) a drain's answer may come: a pause waiting for the
-# engine's step, dropping on the destination the holds of moves cut short (hpcllm.worker.migration bounds each drop
-# well inside it), the answer. The node agent orders the deadline this much (a fifth of its time, when short)
-# before its own, so it hears the answer before it stops the worker.
+# How long after its deadline (MigrateRequest.timeout_seconds) a drain's answer may come: dropping on the
+# destination the holds of moves cut short (hpcllm.worker.migration bounds each drop by a third of
+# drain_answer_margin of its own deadline), the answer. The node agent orders the deadline drain_answer_margin before
+# its own, so it hears the answer before it stops the worker.
 DRAIN_ANSWER_MARGIN_SECONDS = 3.0
+
+
+def drain_answer_margin(timeout_seconds: float) -> float:
+    """The answer margin of a drain given timeout_seconds: DRAIN_ANSWER_MARGIN_SECONDS, or a fifth of it when that is
+    short (a short drain keeps most of its time for moving). The node agent takes it from its own time and orders
+    the rest as the worker's deadline; the worker, which sees only that deadline, gets at most this margin of it."""
+    return min(DRAIN_ANSWER_MARGIN_SECONDS, timeout_seconds / 5)
 
 
 class MigrateRequest(WireModel):

@@ -12,7 +12,7 @@ the requests it still holds), and POST /v1/internal/migrate (secret checked) as 
 - refuse: 502 with the destination's reason, nothing moves;
 - slow: sleeps --slow-seconds before answering like ok;
 - deadline: answers like ok a tenth of a second past the order's timeout_seconds (its moves took all of it: the
-  real worker answers within DRAIN_ANSWER_MARGIN_SECONDS of it).
+  real worker answers within drain_answer_margin of it).
 Every call and SIGTERM are appended to R as JSON lines ({"event", "t", ...}) so tests can check the order of events.
 
 Health (the node agent's watch of ready workers): POST /fake/ready {"answer": 503 | "hang", "count": N} makes the
