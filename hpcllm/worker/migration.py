@@ -183,7 +183,8 @@ def _drop_held(destination: WorkerClient, request_id: str, deadline: float, past
 def migrate_all(engine: Engine, body: MigrateRequest, http: InternalHttpConfig | None = None) -> MigrateAllResult:
     """Move every running and waiting request (node drain), concurrently, all by body.timeout_seconds from now: a
     request still queued for its turn then stays here (failed). A request that finishes meanwhile (on its own, or
-    cancelled: its client left) needs no migration and is in neither list."""
+    cancelled: its client left) needs no migration and is in neither list; one this worker ended (its engine failed,
+    or it stops) is failed: the gateway resumes it from its tokens."""
     deadline = time.monotonic() + body.timeout_seconds
     request_ids = engine.migratable_request_ids()
     if not request_ids:
@@ -203,8 +204,8 @@ def migrate_all(engine: Engine, body: MigrateRequest, http: InternalHttpConfig |
 
 
 def _ended_here(engine: Engine, request_id: str) -> bool:
-    """The request ended while it was moving (it finished, or its client left: cancelled), whatever the move ran
-    into: not a failed move, which is still here when the drain stops this worker and resumes from its tokens."""
+    """The request ended for good while it was moving (it finished, or its client left: cancelled), whatever the
+    move ran into: not a failed move, which resumes from its tokens (EngineBase.ended)."""
     try:
         return engine.ended(request_id)
     except EngineError:  # no longer known here: nothing says how it ended

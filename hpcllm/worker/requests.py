@@ -676,11 +676,15 @@ class EngineBase:
             self._finish(req, "migrated", migrated_to=migrated_to)
 
     def ended(self, request_id: str) -> bool:
-        """Whether a request has finished here, or its cancel is under way (hpcllm's engine ends a running one at
-        its next step): its stream has ended or is ending, and a drain has nothing left of it to move."""
+        """Whether a request ended here for good: it finished on its own, moved, or its client left (a cancel, done
+        or under way: hpcllm's engine ends a running one at its next step), so a drain has nothing left of it to
+        move. Not one the engine failed ("error") or this worker's shutdown aborted: the gateway resumes those from
+        their tokens, and a drain reports them as not moved."""
         with self._lock:
             req = self._lookup(request_id)
-            return req.state == "finished" or req.cancel_requested
+            if req.cancel_requested or req.finish_reason in ("stop", "length", "migrated"):
+                return True
+            return req.finish_reason == "abort" and not self._stopping  # a cancel, not the shutdown's _end_all
 
     def _migrating(self, request_id: str) -> RequestState:
         req = self._lookup(request_id)

@@ -372,6 +372,55 @@ def test_a_request_cancelled_during_a_drain_is_not_reported_as_a_failed_move(pai
     assert wait_until(lambda: destination.service.engine.counts() == (0, 0))  # its hold there was dropped
 
 
+@pytest.mark.parametrize("ending", ["engine fails", "worker stops"])
+def test_a_request_ended_by_its_worker_during_a_drain_is_reported_as_not_moved(pair, start_worker, ending):
+    """The source's engine fails (a step that never ends: finish_reason error, engine_unavailable) or the worker
+    stops (abort) while the drain moves a request: the gateway resumes such a request from its tokens, so the drain
+    reports it in `failed` with the reason (before, any finished request was dropped from both lists: the node agent
+    logged '0 requests live-migrated' and the controller recorded the drain as a success)."""
+    source, destination = start_worker(pair, step_timeout=1.0), start_worker(pair)
+    engine = source.service.engine
+    forward, hang, let_go = engine._forward, threading.Event(), threading.Event()
+
+    def forward_that_may_hang(*args, **kwargs):
+        if hang.is_set():
+            let_go.wait(60)  # a kernel that does not return (let go when the test ends)
+        return forward(*args, **kwargs)
+
+    engine._forward = forward_that_may_hang
+    holding, release = threading.Event(), threading.Event()
+    hold = destination.service.engine.hold
+
+    def hold_until_released(request, *args, **kwargs):
+        holding.set()
+        assert release.wait(60)
+        return hold(request, *args, **kwargs)
+
+    destination.service.engine.hold = hold_until_released
+    try:
+        stream = source.client.generate(body("fails", max_tokens=500))
+        read_until(iter(stream), 2)
+        with ThreadPoolExecutor(1) as pool:
+            drain = pool.submit(source.client.migrate_all, ticketed(destination.url))
+            assert holding.wait(60)
+            if ending == "engine fails":
+                hang.set()  # the engine's next step never ends: past step_timeout the engine fails its requests
+            else:
+                engine.shutdown()
+            assert wait_until(lambda: engine.tokens("fails").state == "finished", timeout=60)
+            release.set()
+            result = drain.result(timeout=120)
+        stream.close()
+    finally:
+        release.set()
+        let_go.set()
+
+    reason = "error" if ending == "engine fails" else "abort"
+    assert engine.tokens("fails").finish_reason == reason
+    assert result.migrated == [] and [f.request_id for f in result.failed] == ["fails"], result
+    assert f"({reason})" in result.failed[0].error, result.failed
+
+
 def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, start_worker):
     source, destination = start_worker(pair), start_worker(pair)
     request = body("stay", max_tokens=40, **SEEDED)
