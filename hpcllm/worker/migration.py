@@ -107,14 +107,19 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
         known = list(template.resume_token_ids)  # output tokens the destination has
         tokens_per_round: list[int] = []
         handover_started: float | None = None
+        last_round_seconds = 0.0
         while handover_started is None:
             round_number = len(tokens_per_round) + 1
+            round_started = time.monotonic()
             output = engine.migration_output(request_id)
             delta = len(output) - len(known)
             small = round_number > 1 and delta <= body.handover_tokens
             stalled = round_number > 2 and delta >= tokens_per_round[-1]
             late = round_number > 1 and time.monotonic() - started >= (deadline - started) / 2
             if round_number >= body.max_rounds or small or stalled or late:
+                # A hand-over whose extend would not make it by the deadline only stalls the client's stream.
+                if time_left() < last_round_seconds:
+                    raise timed_out()
                 handover_started = time.monotonic()
                 output = engine.pause(request_id)
             if round_number == 1:
@@ -133,6 +138,7 @@ def migrate_request(engine: Engine, request_id: str, body: MigrateRequest,
                 destination.extend_migration(request_id, delta, wait=True, timeout=time_left())
                 tokens_per_round.append(len(delta))
             known = output
+            last_round_seconds = time.monotonic() - round_started
         engine.finish_migrated(
             request_id, MigratedTo(worker_url=body.destination_url, request_id=request_id, from_index=len(known),
                                    grant=grant)

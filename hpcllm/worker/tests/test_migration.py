@@ -421,6 +421,40 @@ def test_a_request_ended_by_its_worker_during_a_drain_is_reported_as_not_moved(p
     assert f"({reason})" in result.failed[0].error, result.failed
 
 
+def test_a_hand_over_that_cannot_make_the_deadline_does_not_pause_the_stream(pair, start_worker):
+    """A slow destination: the prepare takes most of the migration's time, so the next round is the hand-over, but
+    an extend as slow as that prepare would end past the deadline. The migration gives up (504) without pausing the
+    request, whose stream goes on here (before, it paused the request, waited for the extend until the deadline,
+    then failed with 502 and un-paused it: the client's stream stalled for nothing)."""
+    source, destination = start_worker(pair), start_worker(pair)
+    slow_down(source.service.engine, 0.01)
+    slow_seconds = 2.0  # the destination's every call; the migration has 1.5 of it
+    dest_engine = destination.service.engine
+    hold, extend = dest_engine.hold, dest_engine.extend
+
+    def slow_hold(*args, **kwargs):
+        time.sleep(slow_seconds)  # a swamped destination, not a wait for an event
+        return hold(*args, **kwargs)
+
+    def slow_extend(*args, **kwargs):
+        time.sleep(slow_seconds)
+        return extend(*args, **kwargs)
+
+    dest_engine.hold, dest_engine.extend = slow_hold, slow_extend
+    pauses = []
+    pause = source.service.engine.pause
+    source.service.engine.pause = lambda request_id: pauses.append(request_id) or pause(request_id)
+    with source.client.generate(body("late", max_tokens=500)) as stream:
+        lines = iter(stream)
+        read_until(lines, 2)
+        with pytest.raises(WorkerError) as refused:
+            source.client.migrate("late", ticketed(destination.url, timeout_seconds=slow_seconds * 1.5))
+        assert refused.value.status == 504 and "did not move before the migration's deadline" in str(refused.value)
+        assert pauses == []
+        assert isinstance(next(lines), TokenLine)  # it goes on here
+    assert wait_until(lambda: dest_engine.counts() == (0, 0))  # its hold there was dropped
+
+
 def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, start_worker):
     source, destination = start_worker(pair), start_worker(pair)
     request = body("stay", max_tokens=40, **SEEDED)
