@@ -95,7 +95,7 @@ def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name:
     worker_settings: [worker] config keys (e.g. max_running_requests); env: extra environment variables;
     source_tree: the folder whose hpcllm package it runs (a benchmark's other revision); lora_modules: LoRA adapters
     it serves (`--lora-module NAME=PATH`)."""
-    log_dir = Path(log_dir or tempfile.mkdtemp(prefix=f"hpcllm-{engine}-worker-"))
+    log_dir = _log_folder(log_dir, f"hpcllm-{engine}-worker-")
     config, url_file = log_dir / "hpcllm.toml", log_dir / "url"
     config.write_text("[worker]\n" + "".join(f"{key} = {json.dumps(value)}\n"
                                              for key, value in (worker_settings or {}).items()))
@@ -129,7 +129,7 @@ def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model
     """vLLM's own OpenAI server (the anchor). A converted checkpoint loads through hpcllm's plugin
     (load_format hpcllm), an HF folder through vLLM's safetensors loader."""
     model_dir = Path(model_dir)
-    log_dir = Path(log_dir or tempfile.mkdtemp(prefix="hpcllm-vllm-openai-"))
+    log_dir = _log_folder(log_dir, "hpcllm-vllm-openai-")
     port = port or _free_port()
     load_format = "hpcllm" if (model_dir / "manifest.json").is_file() else "auto"
     command = [python or _vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -145,6 +145,20 @@ def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model
 
 def _vllm_python() -> str:
     return vllm_python(Config())
+
+
+def _log_folder(log_dir: Path | None, prefix: str) -> Path:
+    """log_dir, made if missing (as hpcllm makes Slurm jobs' log folders: ensure_log_dirs); a new temporary folder
+    named prefix... if None."""
+    if log_dir is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    log_dir = Path(log_dir)
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the log folder {log_dir}: {exc.strerror}; give log_dir a folder "
+                          "you can write") from None
+    return log_dir
 
 
 def _spawn(command: list[str], env: dict, log_dir: Path) -> tuple[subprocess.Popen, Path]:

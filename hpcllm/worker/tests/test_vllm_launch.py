@@ -1,0 +1,30 @@
+"""hpcllm.worker.vllm_launch: starting workers for benchmarks and tests (bench/serve.py)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from hpcllm.errors import ConfigError
+from hpcllm.worker.vllm_launch import start_worker
+
+
+def test_a_worker_started_with_a_log_folder_that_does_not_exist_yet_logs_there(tiny_llama_dir, tmp_path):
+    """As hpcllm does with the log folders of Slurm jobs (ensure_log_dirs): the folder is made (it was a
+    FileNotFoundError traceback before the worker even started)."""
+    from hpcllm.checkpoint.converter import convert
+
+    checkpoint = convert(tiny_llama_dir, tmp_path / "tiny-llama", progress=False).root
+    log_dir = tmp_path / "logs" / "worker"
+    worker = start_worker(checkpoint, secret="s", log_dir=log_dir)
+    try:
+        assert httpx.get(worker.url + "/ready", timeout=30).status_code == 200
+        assert worker.log_path.parent == log_dir and worker.log_path.stat().st_size > 0
+    finally:
+        worker.stop()
+
+
+def test_a_log_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot create the log folder .*a-file/logs.*log_dir"):
+        start_worker(tmp_path / "no-checkpoint", secret="s", log_dir=tmp_path / "a-file" / "logs")
