@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 
 PREFILL_RATE_MIN_TOKENS = 16
 PREFILL_RATE_WEIGHT = 0.3
+# vLLM's finish reasons that hpcllm's engine reports by the same name for the same case (protocol.FinishReason); any
+# other ("error": vLLM's own failure of one request) is an error line, as hpcllm's engine's failure of one request.
+VLLM_FINISH_REASONS = ("stop", "length", "abort")
 # vLLM's reasoning parser for <think>...</think> models (Qwen3, QwQ, the R1 distills): the end of thinking is the
 # first </think> token after the last <think>
 REASONING_PARSER = "deepseek_r1"
@@ -507,10 +510,15 @@ class VllmEngine(EngineBase):
                 break
         if req.state == "finished":
             return
-        if output.finished:  # vLLM stopped without our rules ending it first (they mirror its own): a safeguard
+        if output.finished:  # vLLM ended it without our rules ending it first
             reason = output.outputs[0].finish_reason if output.outputs else None
             req.generating = None
-            self._finish(req, "stop" if reason == "stop" else "length")
+            # stop, length: our rules mirror vLLM's (a safeguard); abort: vLLM's shutdown
+            if reason in VLLM_FINISH_REASONS:
+                self._finish(req, reason)
+            else:  # "error": vLLM's request-level failure (a KV load, a grammar it cannot compile...), as ours
+                self._finish(req, "error", error=ErrorInfo(message=f"vLLM ended the request ({reason})",
+                                                           type="server_error"))
 
     def _from_vllm(self, tokens: list[int], positions: list[dict], top: int, ranked: bool) -> list[TokenLogprobs]:
         """hpcllm's entries of vLLM's per-position logprobs (token id -> Logprob: the position's token and its top

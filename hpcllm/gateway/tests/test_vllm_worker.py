@@ -511,6 +511,18 @@ def test_vllm_admits_waiting_requests_by_priority(engine_checks):
     assert finished.index("high") < finished.index("low2") and finished.index("low1") < finished.index("low2"), out
 
 
+def test_a_request_vllm_ends_with_an_error_or_an_abort_ends_so_on_the_stream(engine_checks):
+    """vLLM's core ends a request on its own with "error" (a retryable request-level failure) or "abort" (its
+    shutdown): the stream says so as hpcllm's engine does for the same case (an error line: the gateway answers 500;
+    "abort": it resumes the request elsewhere), not "length", which the client took for a complete answer."""
+    out = _check(engine_checks, "ended")
+    error, abort = out["error"], out["abort"]
+    assert error["finish_reason"] == "error" and error["error"]["type"] == "server_error", out
+    assert "vLLM ended the request (error)" in error["error"]["message"], out
+    assert abort["finish_reason"] == "abort" and abort["error"] is None, out
+    assert error["tokens"] < 500 and abort["tokens"] < 500, out
+
+
 def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(engine_checks):
     """As hpcllm's engine: a vLLM step that never ends (its engine core stopped) must not hold its streams forever.
     Past step_timeout the stream ends with an engine_unavailable error (the gateway resumes it elsewhere), the engine

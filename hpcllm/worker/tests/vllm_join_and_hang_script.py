@@ -1,4 +1,4 @@
-"""Run by the vLLM interpreter (test_vllm_worker.py): three checks of hpcllm's vLLM engine on one vLLM start (each
+"""Run by the vLLM interpreter (test_vllm_worker.py): four checks of hpcllm's vLLM engine on one vLLM start (each
 start costs 25-50 s on the shared 2 cores), the hang last since it leaves the engine dead. vLLM runs one request at
 a time here (max_num_seqs 1: the priority check's queue; the others hold with it as they would with more).
 
@@ -12,15 +12,20 @@ request's priority passed on). While the engine thread is held in its wait for t
 in flight, vLLM's one running request), "low2" (priority 5) and then "high" (priority 0) are submitted. Reports the
 order they finished in (vLLM runs one at a time) and the policy vLLM was built with.
 
+ended: vLLM's engine core ends a request on its own while it streams: with "error" (its retryable request-level
+failure: a KV load failure, a grammar that will not compile, a request it could not preprocess) and with "abort"
+(its shutdown). The core drops the request and sends the finish, as it does then (EngineCore's
+_send_finish_outputs_to_client). Reports each stream's token count and final line.
+
 hang: vLLM's engine core stops answering while a request streams (SIGSTOP: to the worker a hung GPU or collective
 looks the same); past the step timeout the engine fails like hpcllm's engine does (EngineBase._watch_steps). Reports
 the stream's token count and final line, the error the worker's death handler got, whether the engine is alive and
 whether its thread ended. The engine starts with a generous step timeout (the join check holds a step on purpose,
 and this host may be slow); the hang check lowers it to HANG_STEP_TIMEOUT, which the watch reads at every look.
 
-Prints one JSON line {"join": {...}, "priority": {...}, "hang": {...}}; a check that raised has {"failed": its
-traceback} instead. hpcllm is imported inside the functions only: vLLM spawns its engine processes from this file, and its kernel
-registration trips over Flask's context proxies if they were imported.
+Prints one JSON line {"join": {...}, "priority": {...}, "ended": {...}, "hang": {...}}; a check that raised has
+{"failed": its traceback} instead. hpcllm is imported inside the functions only: vLLM spawns its engine processes
+from this file, and its kernel registration trips over Flask's context proxies if they were imported.
 """
 
 import contextlib
@@ -112,6 +117,36 @@ def priority_check(engine) -> dict:
             "policy": engine.llm.vllm_config.scheduler_config.policy}
 
 
+def ended_check(engine) -> dict:
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+
+    from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+
+    out = {}
+    for name, reason in (("error", FinishReason.ERROR), ("abort", FinishReason.ABORT)):
+        request_id = f"ended-by-vllm-{name}"
+        stream = engine.submit(GenerateRequest(request_id=request_id, prompt="hello world", max_tokens=500,
+                                               temperature=0, ignore_eos=True))
+        events = stream.events(keepalive_seconds=60)
+        assert isinstance(next(events), TokenLine), "no first token"
+        with engine._lock:
+            vllm_id = engine._live[request_id].generating
+        with engine._llm_lock:  # the core knows the request by vLLM's internal id
+            [core_id] = engine.llm.output_processor.external_req_ids[vllm_id]
+            engine.llm.engine_core.abort_requests([core_id])
+        engine._core_outputs._queue.put_nowait(EngineCoreOutputs(
+            outputs=[EngineCoreOutput(core_id, [], finish_reason=reason)], finished_requests={core_id}))
+        tokens, final = 1, None
+        for event in events:  # None: a minute without a line: the test fails saying so
+            if event is None or isinstance(event, FinalLine):
+                final = event
+                break
+            tokens += 1
+        out[name] = {"tokens": tokens, "finish_reason": final and final.finish_reason,
+                     "error": final.error.model_dump() if final and final.error else None}
+    return out
+
+
 def hang_check(engine, died: list) -> dict:
     from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 
@@ -153,7 +188,8 @@ def main(checkpoint: str) -> None:
     engine.on_died = died.append
     engine.start()
     try:
-        out = {"join": checked(join_check, engine), "priority": checked(priority_check, engine)}
+        out = {"join": checked(join_check, engine), "priority": checked(priority_check, engine),
+               "ended": checked(ended_check, engine)}
         out["hang"] = checked(hang_check, engine, died)
         print(json.dumps(out))
     finally:
