@@ -74,6 +74,11 @@ PREFILL_RATE_WEIGHT = 0.3
 # vLLM's finish reasons that hpcllm's engine reports by the same name for the same case (protocol.FinishReason); any
 # other ("error": vLLM's own failure of one request) is an error line, as hpcllm's engine's failure of one request.
 VLLM_FINISH_REASONS = ("stop", "length", "abort")
+# vLLM applies repetition_penalty in float32, where a logit divided or multiplied by an extreme factor overflows (the
+# overflowed logits tie: greedy takes the lowest of their ids); hpcllm's engine computes such a row in float64
+# (sampling.apply_penalties). A vLLM worker refuses a factor beyond this bound either way, within which no logit below
+# protocol.FLOAT32_MAX / bound (3.4e8: a model's logits plus a logit_bias of 100 stay far below) leaves float32.
+VLLM_REPETITION_PENALTY_BOUND = 1e30
 # vLLM's reasoning parser for <think>...</think> models (Qwen3, QwQ, the R1 distills): the end of thinking is the
 # first </think> token after the last <think>
 REASONING_PARSER = "deepseek_r1"
@@ -256,6 +261,16 @@ class VllmEngine(EngineBase):
                                  f"thinking markers (vLLM's {REASONING_PARSER} needs <think> and </think> as tokens: "
                                  f"ids {self._markers}); send the request without thinking", "thinking")
         return thinking
+
+    def _prepare(self, request):
+        """EngineBase's, a repetition_penalty vLLM's float32 cannot apply refused (VLLM_REPETITION_PENALTY_BOUND)."""
+        factor = request.repetition_penalty
+        if not 1 / VLLM_REPETITION_PENALTY_BOUND <= factor <= VLLM_REPETITION_PENALTY_BOUND:
+            raise InvalidRequest(f"repetition_penalty {factor!r} is beyond what this vLLM worker of model "
+                                 f"{self.model_name} can apply (vLLM computes it in float32, where it would overflow "
+                                 f"the logits): give one from {1 / VLLM_REPETITION_PENALTY_BOUND:g} to "
+                                 f"{VLLM_REPETITION_PENALTY_BOUND:g}", "repetition_penalty")
+        return super()._prepare(request)
 
     def embed(self, inputs: list[list[int]], timeout: float = 600.0) -> list[list[float]]:
         raise InvalidRequest(not_pooled_by_vllm(self.model_name), "model")

@@ -249,6 +249,37 @@ def test_penalties_logit_bias_and_min_p_choose_the_same_tokens_on_either_engine(
             assert [line.token_id for line in stream if isinstance(line, TokenLine)] != tokens[0]
 
 
+def test_vllm_refuses_a_repetition_penalty_that_overflows_its_float32_and_follows_hpcllm_within_its_bound(
+        vllm_worker, hpcllm_worker, small_llama_dir):
+    """The API's smallest repetition_penalty divides the logits of the prompt's tokens, each raised by a bias of 100,
+    past float32's range. hpcllm's engine computes such a row in float64 and takes the prompt token the model finds
+    most likely (test_engine.py); vLLM computes it in float32, where the overflowed logits tie (it answered
+    [261, 261, 261, 261], hpcllm's engine [345, 261, 345, 261]). A vLLM worker refuses such a factor, naming the
+    parameter, and at its bound chooses what hpcllm's engine chooses."""
+    from transformers import AutoTokenizer
+
+    from hpcllm.worker.protocol import FLOAT32_TINY
+    from hpcllm.worker.vllm_engine import VLLM_REPETITION_PENALTY_BOUND
+
+    prompt_ids = AutoTokenizer.from_pretrained(small_llama_dir)(PROMPT)["input_ids"]
+    fields = dict(prompt_token_ids=prompt_ids, max_tokens=4, temperature=0, ignore_eos=True,
+                  logit_bias={t: 100.0 for t in set(prompt_ids)})
+    with WorkerClient(vllm_worker, SECRET, read_timeout=120) as client:
+        for factor in (FLOAT32_TINY, 2 * VLLM_REPETITION_PENALTY_BOUND):
+            with pytest.raises(WorkerError) as refused:
+                with client.generate(GenerateRequest(request_id="overflowing", repetition_penalty=factor,
+                                                     **fields)) as stream:
+                    list(stream)
+            assert refused.value.status == 400 and "repetition_penalty" in str(refused.value)
+    tokens = []
+    for url in (hpcllm_worker.url, vllm_worker):
+        with WorkerClient(url, SECRET, read_timeout=120) as client:
+            with client.generate(GenerateRequest(request_id="at-the-bound", repetition_penalty=1 /
+                                                 VLLM_REPETITION_PENALTY_BOUND, **fields)) as stream:
+                tokens.append([line.token_id for line in stream if isinstance(line, TokenLine)])
+    assert tokens[1] == tokens[0] and len(tokens[0]) == 4
+
+
 def test_a_request_resumed_on_vllm_still_penalises_its_earlier_output(vllm_worker, hpcllm_worker):
     """vLLM takes a resumed request's earlier output for prompt, and counts frequency and presence penalties over
     its own output only; the worker's logits processor (vllm_penalties) adds them back, the repetition penalty
