@@ -464,7 +464,7 @@ class WorkerConfig(Section):
     # transformers than hpcllm's venv, so `make vllm-venv` builds .venv-vllm beside it. Empty: <repo>/.venv-vllm/bin/
     # python of this hpcllm checkout.
     vllm_python: str = ""
-    vllm_kv_cache_gb: float = Field(1.0, gt=0)  # VLLM_CPU_KVCACHE_SPACE on CPU (unset, vLLM takes most of the RAM)
+    vllm_kv_cache_gb: float = Field(1.0, gt=0)  # the KV cache on CPU, GiB (vLLM's kv_cache_memory_bytes)
     vllm_enforce_eager: bool = True  # no CUDA graphs / torch.compile: starts in ~30 s instead of minutes
     vllm_max_num_seqs: int = Field(64, ge=1)  # requests vLLM batches in one step
 

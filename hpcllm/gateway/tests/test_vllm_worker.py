@@ -517,6 +517,12 @@ def _check(engine_checks: dict, name: str) -> dict:
     return out
 
 
+def test_a_fraction_of_a_gib_of_kv_cache_is_what_vllm_gets(engine_checks):
+    """vllm_kv_cache_gb takes any size above 0; vLLM's VLLM_CPU_KVCACHE_SPACE takes whole GiB only (the worker set
+    it to "0.5", and vLLM stopped the worker's start with a ValueError)."""
+    assert engine_checks["kv_cache_bytes"] == 0.5 * 2**30
+
+
 def test_a_request_reaches_vllm_while_the_step_in_flight_computes(engine_checks, reference):
     """A request submitted while vLLM's core computes a step is in vLLM at once, added by the submitting thread:
     vLLM's core takes it at the next step boundary, as vLLM's own server does, instead of a step later (the worker

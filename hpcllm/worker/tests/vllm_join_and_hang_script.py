@@ -23,9 +23,12 @@ the stream's token count and final line, the error the worker's death handler go
 whether its thread ended. The engine starts with a generous step timeout (the join check holds a step on purpose,
 and this host may be slow); the hang check lowers it to HANG_STEP_TIMEOUT, which the watch reads at every look.
 
-Prints one JSON line {"join": {...}, "priority": {...}, "ended": {...}, "hang": {...}}; a check that raised has
-{"failed": its traceback} instead. hpcllm is imported inside the functions only: vLLM spawns its engine processes
-from this file, and its kernel registration trips over Flask's context proxies if they were imported.
+The engine is built with a KV cache of KV_CACHE_GB, whose size in bytes the JSON line reports first.
+
+Prints one JSON line {"kv_cache_bytes": ..., "join": {...}, "priority": {...}, "ended": {...}, "hang": {...}}; a
+check that raised has {"failed": its traceback} instead. hpcllm is imported inside the functions only: vLLM spawns
+its engine processes from this file, and its kernel registration trips over Flask's context proxies if they were
+imported.
 """
 
 import contextlib
@@ -39,6 +42,7 @@ from pathlib import Path
 
 START_STEP_TIMEOUT = 60.0
 HANG_STEP_TIMEOUT = 2.0
+KV_CACHE_GB = 0.5  # a fraction of a GiB, as a worker config's vllm_kv_cache_gb may give
 
 
 def collect(stream) -> dict:
@@ -182,13 +186,14 @@ def checked(check, *args) -> dict:
 def main(checkpoint: str) -> None:
     from hpcllm.worker.vllm_engine import VllmSettings, load_with_vllm
 
-    engine = load_with_vllm(Path(checkpoint), "m", settings=VllmSettings(max_num_seqs=1),
+    engine = load_with_vllm(Path(checkpoint), "m", settings=VllmSettings(max_num_seqs=1, kv_cache_gb=KV_CACHE_GB),
                             step_timeout=START_STEP_TIMEOUT).engine
     died = []
     engine.on_died = died.append
     engine.start()
     try:
-        out = {"join": checked(join_check, engine), "priority": checked(priority_check, engine),
+        out = {"kv_cache_bytes": engine.llm.vllm_config.cache_config.kv_cache_memory_bytes,
+               "join": checked(join_check, engine), "priority": checked(priority_check, engine),
                "ended": checked(ended_check, engine)}
         out["hang"] = checked(hang_check, engine, died)
         print(json.dumps(out))
