@@ -250,6 +250,10 @@ class VllmEngine(EngineBase):
                                  "vLLM enables LoRA only when its engine is built: deploy the model with lora_adapters "
                                  "to load more at runtime")
         self._markers = markers
+        cache_config = llm.vllm_config.cache_config
+        self._kv_block_size = cache_config.block_size
+        # less vLLM's null block; None: vLLM did not say (no hold is dropped for a full KV cache)
+        self._kv_blocks = cache_config.num_gpu_blocks - 1 if cache_config.num_gpu_blocks else None
 
     # ---- lifecycle (start is EngineBase's) ---------------------------------------------------------------------
 
@@ -373,10 +377,17 @@ class VllmEngine(EngineBase):
         self._lock.notify_all()
 
     def _warm(self, req: _Request) -> None:
-        """Prefill req's known ids into vLLM's prefix cache: one greedy token, discarded."""
+        """Prefill req's known ids into vLLM's prefix cache: one greedy token, discarded. A held request vLLM's KV
+        cache has no room for is dropped instead, as hpcllm's engine drops one it would preempt: in vLLM's queue
+        its warm-up would wait for the running requests to end, while the source's hand-over waited for it."""
         from vllm import SamplingParams
 
         known = req.all_ids
+        if self._kv_blocks is not None and self._kv_blocks_wanted(req, len(known)) > self._kv_blocks:
+            log.info("dropping held request %s: vLLM's KV cache is full", req.request_id)
+            req.drop_reason = "preempted on this worker: KV cache full"
+            self._finish(req, "abort")
+            return
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
         vllm_id = self._vllm_id(req, "warm")
         self._vllm_ids[vllm_id] = (req, len(known))
@@ -384,6 +395,15 @@ class VllmEngine(EngineBase):
         self._commands.append(("add", vllm_id, known, params, self._lora_requests.get(req.lora_key), None,
                                req.priority))
         self._lock.notify_all()
+
+    def _kv_blocks_wanted(self, req: _Request, tokens: int) -> int:
+        """KV blocks vLLM needs for what it was given (each request as long as it is now, by the worker's count: an
+        upper bound, shared prefixes counted apiece) and for `tokens` more of req's (under the lock)."""
+        def blocks(length: int) -> int:
+            return -(-length // self._kv_block_size)
+
+        return blocks(tokens) + sum(blocks(len(owner.all_ids) + 1 if warm_length is None else warm_length)
+                                    for owner, warm_length in self._vllm_ids.values() if owner is not req)
 
     def _stop_generating(self, req: _Request) -> None:
         if req.generating is not None:

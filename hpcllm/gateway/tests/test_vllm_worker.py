@@ -560,6 +560,16 @@ def test_a_request_vllm_ends_with_an_error_or_an_abort_ends_so_on_the_stream(eng
     assert error["tokens"] < 500 and abort["tokens"] < 500, out
 
 
+def test_a_vllm_destination_whose_kv_cache_is_full_drops_the_migrations_hold_at_once(engine_checks):
+    """As hpcllm's engine (test_migration.py's KV-full destination): a held request that vLLM's full KV cache cannot
+    take is dropped at once, the destination's prepare answering 409 with the reason while the running request goes
+    on; it used to wait in vLLM's queue until that request ended (here all its 100 tokens; in a hand-over, with the
+    source's stream paused)."""
+    out = _check(engine_checks, "kv_full")
+    assert "preempted on this worker: KV cache full" in out.get("refused", ""), out
+    assert out["busy_running_then"] and out["busy_tokens"] == 100 and out["counts"] == [0, 0], out
+
+
 def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(engine_checks):
     """As hpcllm's engine: a vLLM step that never ends (its engine core stopped) must not hold its streams forever.
     Past step_timeout the stream ends with an engine_unavailable error (the gateway resumes it elsewhere), the engine

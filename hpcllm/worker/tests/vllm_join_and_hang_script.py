@@ -1,4 +1,4 @@
-"""Run by the vLLM interpreter (test_vllm_worker.py): four checks of hpcllm's vLLM engine on one vLLM start (each
+"""Run by the vLLM interpreter (test_vllm_worker.py): checks of hpcllm's vLLM engine, four on one vLLM start (each
 start costs 25-50 s on the shared 2 cores), the hang last since it leaves the engine dead. vLLM runs one request at
 a time here (max_num_seqs 1: the priority check's queue; the others hold with it as they would with more).
 
@@ -17,6 +17,11 @@ failure: a KV load failure, a grammar that will not compile, a request it could 
 (its shutdown). The core drops the request and sends the finish, as it does then (EngineCore's
 _send_finish_outputs_to_client). Reports each stream's token count and final line.
 
+kv_full (an engine of its own, with a KV cache of KV_FULL_BLOCKS blocks, after the others): a migration's held
+request arrives while a running request fills the KV cache. hpcllm's engine drops such a hold at once (the
+destination's prepare answers 409, the source serves on); reports how the wait for its prefill ended and whether the
+running request was still running then.
+
 hang: vLLM's engine core stops answering while a request streams (SIGSTOP: to the worker a hung GPU or collective
 looks the same); past the step timeout the engine fails like hpcllm's engine does (EngineBase._watch_steps). Reports
 the stream's token count and final line, the error the worker's death handler got, whether the engine is alive and
@@ -25,10 +30,10 @@ and this host may be slow); the hang check lowers it to HANG_STEP_TIMEOUT, which
 
 The engine is built with a KV cache of KV_CACHE_GB, whose size in bytes the JSON line reports first.
 
-Prints one JSON line {"kv_cache_bytes": ..., "join": {...}, "priority": {...}, "ended": {...}, "hang": {...}}; a
-check that raised has {"failed": its traceback} instead. hpcllm is imported inside the functions only: vLLM spawns
-its engine processes from this file, and its kernel registration trips over Flask's context proxies if they were
-imported.
+Prints one JSON line {"kv_cache_bytes": ..., "join": {...}, "priority": {...}, "ended": {...}, "hang": {...},
+"kv_full": {...}}; a check that raised has {"failed": its traceback} instead. hpcllm is imported inside the
+functions only: vLLM spawns its engine processes from this file, and its kernel registration trips over Flask's
+context proxies if they were imported.
 """
 
 import contextlib
@@ -42,6 +47,7 @@ from pathlib import Path
 
 START_STEP_TIMEOUT = 60.0
 HANG_STEP_TIMEOUT = 2.0
+KV_FULL_BLOCKS = 6  # the kv_full check's vLLM KV cache, in blocks (one is vLLM's null block)
 KV_CACHE_GB = 0.5  # a fraction of a GiB, as a worker config's vllm_kv_cache_gb may give
 
 
@@ -151,6 +157,36 @@ def ended_check(engine) -> dict:
     return out
 
 
+def kv_full_check(checkpoint: str) -> dict:
+    """A migration's held request on a vLLM engine whose KV cache a running request fills: KV_FULL_BLOCKS blocks of
+    128 tokens, "busy" (400 prompt tokens, 100 to generate) takes 4, the hold (300 tokens) needs 3. Reports how the
+    wait for the hold's prefill (the destination's prepare) ended and whether "busy" was still running then."""
+    from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+    from hpcllm.worker.requests import RequestConflict
+    from hpcllm.worker.vllm_engine import VllmSettings, load_with_vllm
+
+    engine = load_with_vllm(Path(checkpoint), "m", max_model_len=512, settings=VllmSettings(
+        max_num_seqs=4, kv_cache_gb=KV_CACHE_GB, extra={"num_gpu_blocks_override": KV_FULL_BLOCKS})).engine
+    engine.start()
+    try:
+        busy = engine.submit(GenerateRequest(request_id="busy", prompt_token_ids=[5 + i % 900 for i in range(400)],
+                                             max_tokens=100, temperature=0, ignore_eos=True))
+        events = busy.events(keepalive_seconds=60)
+        assert isinstance(next(events), TokenLine), "no first token"
+        engine.hold(GenerateRequest(request_id="held", prompt_token_ids=[7 + i % 800 for i in range(300)],
+                                    max_tokens=50, temperature=0, ignore_eos=True), hold_seconds=120)
+        try:
+            out = {"prefilled": engine.wait_prefilled("held")}
+        except RequestConflict as exc:
+            out = {"refused": str(exc)}
+        with engine._lock:
+            out["busy_running_then"] = "busy" in engine._live
+        busy_tokens = 1 + sum(isinstance(event, TokenLine) for event in events)  # the rest, to its final line
+        return {**out, "busy_tokens": busy_tokens, "counts": engine.counts()}
+    finally:
+        engine.shutdown()
+
+
 def hang_check(engine, died: list) -> dict:
     from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 
@@ -196,9 +232,10 @@ def main(checkpoint: str) -> None:
                "join": checked(join_check, engine), "priority": checked(priority_check, engine),
                "ended": checked(ended_check, engine)}
         out["hang"] = checked(hang_check, engine, died)
-        print(json.dumps(out))
     finally:
         engine.shutdown()
+    out["kv_full"] = checked(kv_full_check, checkpoint)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
