@@ -64,12 +64,14 @@ from hpcllm.worker.requests import (  # noqa: F401  (the errors, Completion and 
     EngineUnavailable,
     Event,
     InvalidRequest,
+    KV_CACHE_FULL,
     PromptTooLong,
     RequestConflict,
     RequestState,
     RequestStream,
     UnknownRequest,
     max_requests,
+    preempted_reason,
 )
 from hpcllm.worker.graphs import DecodeGraphs
 from hpcllm.worker.runner import (LORA_NEEDS_PAGED, ModelRunner, PagedRunner, PositionScores, SequenceChunk,
@@ -1018,7 +1020,7 @@ class Engine(EngineBase):
             victim = self._victim()
             if victim is None:
                 raise RuntimeError("KV cache exhausted with nothing to preempt")  # max_model_len fits: unreachable
-            self._preempt(victim, "KV cache full")
+            self._preempt(victim, KV_CACHE_FULL)
             if victim is req:
                 return False
         return True
@@ -1029,7 +1031,7 @@ class Engine(EngineBase):
         this full cache while the source's hand-over waits for it, the client's stream paused; the source serves on."""
         if req.held:
             log.info("dropping held request %s: preempted (%s)", req.request_id, reason)
-            req.drop_reason = f"preempted on this worker: {reason}"
+            req.drop_reason = preempted_reason(reason)
             self._finish(req, "abort")
             return
         log.info("preempting request %s (%s): %d tokens to recompute", req.request_id, reason, len(req.all_ids))

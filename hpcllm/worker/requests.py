@@ -292,6 +292,14 @@ class RequestStream:
             self._engine.cancel(self.request_id, wait=False)
 
 
+KV_CACHE_FULL = "KV cache full"  # why a request was preempted, or a held one dropped (preempted_reason)
+
+
+def preempted_reason(reason: str) -> str:
+    """The drop reason of a held request the engine preempted (its prepare or extend answers 409 with it)."""
+    return f"preempted on this worker: {reason}"
+
+
 def max_requests(max_running_requests: int, max_waiting_requests: int) -> int:
     """The requests an engine holds at once, running or waiting: one more is refused (EngineBase._refuse_when_full),
     so these are also the generation streams a worker serves at once (its HTTP threads: WorkerService)."""

@@ -57,10 +57,12 @@ from hpcllm.worker.requests import (
     EngineBase,
     EngineUnavailable,
     InvalidRequest,
+    KV_CACHE_FULL,
     LoraUnsupported,
     RequestState,
     RequestStream,
     max_requests,
+    preempted_reason,
 )
 from hpcllm.worker.sampling import step_seed
 from hpcllm.worker.vllm_launch import checkpoint_dtype
@@ -385,7 +387,7 @@ class VllmEngine(EngineBase):
         known = req.all_ids
         if self._kv_blocks is not None and self._kv_blocks_wanted(req, len(known)) > self._kv_blocks:
             log.info("dropping held request %s: vLLM's KV cache is full", req.request_id)
-            req.drop_reason = "preempted on this worker: KV cache full"
+            req.drop_reason = preempted_reason(KV_CACHE_FULL)
             self._finish(req, "abort")
             return
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)

@@ -26,6 +26,7 @@ from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.migration import ticketed_request
 from hpcllm.worker.protocol import GenerateRequest, Thinking, TokenLine
 from hpcllm.worker.grammar import compile_grammar
+from hpcllm.worker.requests import KV_CACHE_FULL, preempted_reason
 from hpcllm.worker.tests.schemas import OTHER_CONSTRAINTS, PERSON_GRAMMAR, check_person
 
 from .conftest import MODEL, SECRET, read_completion_stream
@@ -566,7 +567,7 @@ def test_a_vllm_destination_whose_kv_cache_is_full_drops_the_migrations_hold_at_
     on; it used to wait in vLLM's queue until that request ended (here all its 100 tokens; in a hand-over, with the
     source's stream paused)."""
     out = _check(engine_checks, "kv_full")
-    assert "preempted on this worker: KV cache full" in out.get("refused", ""), out
+    assert preempted_reason(KV_CACHE_FULL) in out.get("refused", ""), out
     assert out["busy_running_then"] and out["busy_tokens"] == 100 and out["counts"] == [0, 0], out
 
 

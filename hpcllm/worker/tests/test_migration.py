@@ -24,6 +24,7 @@ from hpcllm.worker.protocol import (
     TokenLine,
     drain_answer_margin,
 )
+from hpcllm.worker.requests import KV_CACHE_FULL, preempted_reason
 
 from .conftest import slow_down, ticketed, wait_until
 from .schemas import PERSON_GRAMMAR, check_person
@@ -823,7 +824,7 @@ def test_a_destination_whose_kv_cache_fills_drops_the_hold_and_the_source_serves
     next(busy)
     with pytest.raises(WorkerError) as failed:
         source.client.migrate("moving", ticketed(destination.url))
-    assert failed.value.status == 502 and "preempted on this worker: KV cache full" in str(failed.value)
+    assert failed.value.status == 502 and preempted_reason(KV_CACHE_FULL) in str(failed.value)
 
     rest = list(lines)
     assert rest.pop().finish_reason == "length"
