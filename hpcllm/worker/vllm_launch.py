@@ -97,8 +97,11 @@ def start_worker(checkpoint: str | os.PathLike, *, engine: str = "hpcllm", name:
     it serves (`--lora-module NAME=PATH`)."""
     log_dir = _log_folder(log_dir, f"hpcllm-{engine}-worker-")
     config, url_file = log_dir / "hpcllm.toml", log_dir / "url"
-    config.write_text("[worker]\n" + "".join(f"{key} = {json.dumps(value)}\n"
-                                             for key, value in (worker_settings or {}).items()))
+    try:
+        config.write_text("[worker]\n" + "".join(f"{key} = {json.dumps(value)}\n"
+                                                 for key, value in (worker_settings or {}).items()))
+    except OSError as exc:
+        raise _unwritable(log_dir, exc) from None
     command = [python or (_vllm_python() if engine == "vllm" else sys.executable), "-m", "hpcllm.cli.main", "worker",
                "--engine", engine, "--model", str(checkpoint), "--name", name, "--port", "0", "--url-file",
                str(url_file), "--config", str(config)] + (["--threads", str(threads)] if threads else [])
@@ -161,9 +164,17 @@ def _log_folder(log_dir: Path | None, prefix: str) -> Path:
     return log_dir
 
 
+def _unwritable(log_dir: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write in the log folder {log_dir}: {exc.strerror}; give log_dir a folder you can write")
+
+
 def _spawn(command: list[str], env: dict, log_dir: Path) -> tuple[subprocess.Popen, Path]:
     log_path = log_dir / "server.log"
-    with open(log_path, "wb") as log:
+    try:
+        log = open(log_path, "wb")
+    except OSError as exc:
+        raise _unwritable(log_dir, exc) from None
+    with log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=log_dir), log_path
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 
 from hpcllm.errors import ConfigError
-from hpcllm.worker.vllm_launch import start_worker
+from hpcllm.worker.vllm_launch import start_vllm_openai_server, start_worker
 
 
 def test_a_worker_started_with_a_log_folder_that_does_not_exist_yet_logs_there(tiny_llama_dir, tmp_path):
@@ -28,3 +30,11 @@ def test_a_log_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match=r"cannot create the log folder .*a-file/logs.*log_dir"):
         start_worker(tmp_path / "no-checkpoint", secret="s", log_dir=tmp_path / "a-file" / "logs")
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys: a folder even root cannot write in")
+@pytest.mark.parametrize("start", [start_worker, start_vllm_openai_server])
+def test_a_log_folder_that_cannot_be_written_is_a_clear_error(start, tmp_path):
+    """An existing folder the worker cannot write in (/sys, also for root) was a PermissionError traceback."""
+    with pytest.raises(ConfigError, match=r"cannot write in the log folder /sys: Permission denied.*log_dir"):
+        start(tmp_path / "no-checkpoint", log_dir=Path("/sys"))
