@@ -34,8 +34,6 @@ from hpcllm.errors import ConfigError
 
 # The checkout whose hpcllm the vLLM interpreter imports (PYTHONPATH), also when it was installed from another one.
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# vLLM sizes its CPU KV cache from this (GB); unset, it tries to take most of the node's memory.
-KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 
 
 class VllmInterpreterMissing(ConfigError):
@@ -127,10 +125,12 @@ def start_vllm_worker(checkpoint: str | os.PathLike, *, name: str = "model", sec
 
 
 def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model", port: int | None = None,
-                             kv_cache_gb: float = 1.0, python: str | None = None, max_num_seqs: int = 64,
+                             kv_cache_gb: float | None = 1.0, python: str | None = None, max_num_seqs: int = 64,
                              log_dir: Path | None = None, env: dict | None = None) -> StartedServer:
     """vLLM's own OpenAI server (the anchor). A converted checkpoint loads through hpcllm's plugin
-    (load_format hpcllm), an HF folder through vLLM's safetensors loader."""
+    (load_format hpcllm), an HF folder through vLLM's safetensors loader. kv_cache_gb: its KV cache in GiB, fractions
+    too (--kv-cache-memory-bytes, on any device; vLLM's VLLM_CPU_KVCACHE_SPACE takes whole GiB only); None: vLLM's
+    own sizing (on CPU it tries to take most of the node's memory)."""
     model_dir = Path(model_dir)
     log_dir = _log_folder(log_dir, "hpcllm-vllm-openai-")
     port = port or _free_port()
@@ -139,7 +139,8 @@ def start_vllm_openai_server(model_dir: str | os.PathLike, *, name: str = "model
                "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), "--load-format", load_format,
                "--dtype", checkpoint_dtype(model_dir, "auto"), "--enforce-eager", "--enable-prefix-caching",
                "--max-num-seqs", str(max_num_seqs)]
-    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT), KV_CACHE_ENV: f"{kv_cache_gb:g}"}
+    command += ["--kv-cache-memory-bytes", str(int(kv_cache_gb * 2**30))] if kv_cache_gb is not None else []
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT)}
     started = time.monotonic()
     process, log_path = _spawn(command, env, log_dir)
     url = wait_until_ready(process, log_path, lambda: f"http://127.0.0.1:{port}", "/health")

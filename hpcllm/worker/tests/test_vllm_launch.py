@@ -26,6 +26,21 @@ def test_a_worker_started_with_a_log_folder_that_does_not_exist_yet_logs_there(t
         worker.stop()
 
 
+def test_vllms_own_server_takes_a_fraction_of_a_gib_of_kv_cache(tiny_llama_dir, tmp_path):
+    """The bench's vLLM-server baseline: a KV cache of 0.5 GiB did not start (vLLM's VLLM_CPU_KVCACHE_SPACE, which
+    the launcher set to "0.5", takes whole GiB only). vLLM reports its cache's size in its metrics."""
+    from hpcllm.checkpoint.converter import convert
+
+    checkpoint = convert(tiny_llama_dir, tmp_path / "tiny-llama", progress=False).root
+    server = start_vllm_openai_server(checkpoint, kv_cache_gb=0.5, max_num_seqs=2, log_dir=tmp_path / "logs")
+    try:
+        metrics = httpx.get(server.url + "/metrics", timeout=30).text
+        assert f'kv_cache_memory_bytes="{2**29}"' in metrics, [line for line in metrics.splitlines()
+                                                              if "cache_config_info" in line]
+    finally:
+        server.stop()
+
+
 def test_a_log_folder_that_cannot_be_made_is_a_clear_error(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match=r"cannot create the log folder .*a-file/logs.*log_dir"):
