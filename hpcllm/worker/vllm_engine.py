@@ -385,7 +385,7 @@ class VllmEngine(EngineBase):
         from vllm import SamplingParams
 
         known = req.all_ids
-        if self._kv_blocks is not None and self._kv_blocks_wanted(req, len(known)) > self._kv_blocks:
+        if self._kv_blocks is not None and self._kv_blocks_wanted(req, known) > self._kv_blocks:
             log.info("dropping held request %s: vLLM's KV cache is full", req.request_id)
             req.drop_reason = preempted_reason(KV_CACHE_FULL)
             self._finish(req, "abort")
@@ -398,14 +398,31 @@ class VllmEngine(EngineBase):
                                req.priority))
         self._lock.notify_all()
 
-    def _kv_blocks_wanted(self, req: _Request, tokens: int) -> int:
-        """KV blocks vLLM needs for what it was given (each request as long as it is now, by the worker's count: an
-        upper bound, shared prefixes counted apiece) and for `tokens` more of req's (under the lock)."""
-        def blocks(length: int) -> int:
-            return -(-length // self._kv_block_size)
+    def _kv_blocks_wanted(self, req: _Request, ids: list[int]) -> int:
+        """KV blocks vLLM needs for what it was given (each request as long as it is now, by the worker's count) and
+        for req's ids (under the lock). As in vLLM's prefix cache, a full block is counted once however many requests
+        hold it (a shared system prompt, n > 1, a held request's cached prefix): keyed by the chain of its tokens and
+        those before it, and the adapter; each request's last, partial block apiece."""
+        size = self._kv_block_size
+        full: set[int] = set()
+        partial = 0
 
-        return blocks(tokens) + sum(blocks(len(owner.all_ids) + 1 if warm_length is None else warm_length)
-                                    for owner, warm_length in self._vllm_ids.values() if owner is not req)
+        def add(lora_key, tokens: list[int], length: int) -> None:
+            nonlocal partial
+            whole = min(length, len(tokens)) // size
+            key = hash(lora_key)
+            for start in range(0, whole * size, size):
+                key = hash((key, tuple(tokens[start:start + size])))
+                full.add(key)
+            partial += -(-(length - whole * size) // size)
+
+        for owner, warm_length in self._vllm_ids.values():
+            if owner is not req:
+                # a generation: as long as it is, and its next token; a warm-up: its known ids then
+                add(owner.lora_key, owner.all_ids, len(owner.all_ids) + 1 if warm_length is None else warm_length)
+        if ids:
+            add(req.lora_key, ids, len(ids))
+        return len(full) + partial
 
     def _stop_generating(self, req: _Request) -> None:
         if req.generating is not None:

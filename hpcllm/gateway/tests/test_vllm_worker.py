@@ -571,6 +571,15 @@ def test_a_vllm_destination_whose_kv_cache_is_full_drops_the_migrations_hold_at_
     assert out["busy_running_then"] and out["busy_tokens"] == 100 and out["counts"] == [0, 0], out
 
 
+def test_a_hold_that_fits_beside_requests_sharing_a_prefix_is_prefilled(engine_checks):
+    """The worker counts the KV blocks requests share (a system prompt, n > 1) once, as vLLM's prefix cache holds
+    them: a hold that fits beside three requests sharing 256 tokens is prefilled while they run (counted apiece, it
+    was refused with "KV cache full")."""
+    out = _check(engine_checks, "kv_full")["shared"]
+    assert out.get("prefilled") == [100, 0], out
+    assert out["running_then"] == ["shared0", "shared1", "shared2"] and out["finals"] == ["length"] * 3, out
+
+
 def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(engine_checks):
     """As hpcllm's engine: a vLLM step that never ends (its engine core stopped) must not hold its streams forever.
     Past step_timeout the stream ends with an engine_unavailable error (the gateway resumes it elsewhere), the engine

@@ -47,7 +47,7 @@ from pathlib import Path
 
 START_STEP_TIMEOUT = 60.0
 HANG_STEP_TIMEOUT = 2.0
-KV_FULL_BLOCKS = 6  # the kv_full check's vLLM KV cache, in blocks (one is vLLM's null block)
+KV_FULL_BLOCKS = 8  # the kv_full check's vLLM KV cache, in blocks (one is vLLM's null block)
 KV_CACHE_GB = 0.5  # a fraction of a GiB, as a worker config's vllm_kv_cache_gb may give
 
 
@@ -159,8 +159,13 @@ def ended_check(engine) -> dict:
 
 def kv_full_check(checkpoint: str) -> dict:
     """A migration's held request on a vLLM engine whose KV cache a running request fills: KV_FULL_BLOCKS blocks of
-    128 tokens, "busy" (400 prompt tokens, 100 to generate) takes 4, the hold (300 tokens) needs 3. Reports how the
-    wait for the hold's prefill (the destination's prepare) ended and whether "busy" was still running then."""
+    128 tokens (one vLLM's null block), "busy" (400 prompt tokens, 100 to generate) takes 4, the hold (400 tokens)
+    needs 4. Reports how the wait for the hold's prefill (the destination's prepare) ended and whether "busy" was
+    still running then.
+
+    Then "shared": three running requests whose prompts share 256 tokens (+10 of their own) take 5 blocks (the 2
+    shared ones once), and a 100-token hold fits beside them; reports how its prefill wait ended and which of them
+    ran then."""
     from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
     from hpcllm.worker.requests import RequestConflict
     from hpcllm.worker.vllm_engine import VllmSettings, load_with_vllm
@@ -173,7 +178,7 @@ def kv_full_check(checkpoint: str) -> dict:
                                              max_tokens=100, temperature=0, ignore_eos=True))
         events = busy.events(keepalive_seconds=60)
         assert isinstance(next(events), TokenLine), "no first token"
-        engine.hold(GenerateRequest(request_id="held", prompt_token_ids=[7 + i % 800 for i in range(300)],
+        engine.hold(GenerateRequest(request_id="held", prompt_token_ids=[7 + i % 800 for i in range(400)],
                                     max_tokens=50, temperature=0, ignore_eos=True), hold_seconds=120)
         try:
             out = {"prefilled": engine.wait_prefilled("held")}
@@ -182,7 +187,27 @@ def kv_full_check(checkpoint: str) -> dict:
         with engine._lock:
             out["busy_running_then"] = "busy" in engine._live
         busy_tokens = 1 + sum(isinstance(event, TokenLine) for event in events)  # the rest, to its final line
-        return {**out, "busy_tokens": busy_tokens, "counts": engine.counts()}
+        out = {**out, "busy_tokens": busy_tokens, "counts": engine.counts()}
+
+        shared, running = [5 + i % 900 for i in range(256)], []
+        for n in range(3):
+            stream = engine.submit(GenerateRequest(request_id=f"shared{n}", prompt_token_ids=shared + [300 + n] * 10,
+                                                   max_tokens=60, temperature=0, ignore_eos=True))
+            running.append(stream.events(keepalive_seconds=60))
+            assert isinstance(next(running[-1]), TokenLine), "no first token"
+        engine.hold(GenerateRequest(request_id="beside", prompt_token_ids=[7 + i % 800 for i in range(100)],
+                                    max_tokens=50, temperature=0, ignore_eos=True), hold_seconds=120)
+        try:
+            out["shared"] = {"prefilled": engine.wait_prefilled("beside")}
+            engine.drop_held("beside")
+        except RequestConflict as exc:
+            out["shared"] = {"refused": str(exc)}
+        with engine._lock:
+            out["shared"]["running_then"] = sorted(r for r in engine._live if r.startswith("shared"))
+        for events in running:
+            out["shared"].setdefault("finals", []).append(
+                next(e and e.finish_reason for e in events if e is None or isinstance(e, FinalLine)))
+        return out
     finally:
         engine.shutdown()
 
