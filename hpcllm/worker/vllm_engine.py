@@ -427,6 +427,8 @@ class VllmEngine(EngineBase):
     def _stop_generating(self, req: _Request) -> None:
         if req.generating is not None:
             self._commands.append(("abort", req.generating))
+            # vLLM's abort drops it from its output processor: no finished output will remove it
+            self._vllm_ids.pop(req.generating, None)
             req.generating = None
             self._lock.notify_all()
 

@@ -580,6 +580,13 @@ def test_a_hold_that_fits_beside_requests_sharing_a_prefix_is_prefilled(engine_c
     assert out["running_then"] == ["shared0", "shared1", "shared2"] and out["finals"] == ["length"] * 3, out
 
 
+def test_a_failed_migration_from_a_vllm_worker_leaves_its_request_counted_once(engine_checks):
+    """Pausing a migrating request aborts it in vLLM; a failed migration resumes it. Each try left the aborted
+    request behind in the worker's KV count, so later holds were refused for a KV cache that had room."""
+    out = _check(engine_checks, "kv_full")["abandoned"]
+    assert out["entries"] == 1 and out["blocks"] == out["its_blocks"], out
+
+
 def test_a_hung_vllm_engine_core_fails_the_engine_and_its_streams_past_the_step_timeout(engine_checks):
     """As hpcllm's engine: a vLLM step that never ends (its engine core stopped) must not hold its streams forever.
     Past step_timeout the stream ends with an engine_unavailable error (the gateway resumes it elsewhere), the engine

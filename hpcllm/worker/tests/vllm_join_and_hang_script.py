@@ -165,7 +165,8 @@ def kv_full_check(checkpoint: str) -> dict:
 
     Then "shared": three running requests whose prompts share 256 tokens (+10 of their own) take 5 blocks (the 2
     shared ones once), and a 100-token hold fits beside them; reports how its prefill wait ended and which of them
-    ran then."""
+    ran then. Then "abandoned": a running request that two failed migrations from here paused and resumed; reports
+    vLLM's entries of it the worker keeps, the blocks it counts, and the blocks of the request alone."""
     from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
     from hpcllm.worker.requests import RequestConflict
     from hpcllm.worker.vllm_engine import VllmSettings, load_with_vllm
@@ -207,6 +208,21 @@ def kv_full_check(checkpoint: str) -> dict:
         for events in running:
             out["shared"].setdefault("finals", []).append(
                 next(e and e.finish_reason for e in events if e is None or isinstance(e, FinalLine)))
+
+        moving = engine.submit(GenerateRequest(request_id="moving", prompt_token_ids=[9 + i % 700 for i in range(100)],
+                                               max_tokens=300, temperature=0, ignore_eos=True))
+        events = moving.events(keepalive_seconds=60)
+        assert isinstance(next(events), TokenLine), "no first token"
+        for _ in range(2):  # two failed tries
+            engine.begin_migration("moving")
+            engine.pause("moving")
+            engine.abandon_migration("moving")
+        with engine._lock:  # vLLM runs "moving" alone: its blocks are all the worker may count
+            req = engine._live["moving"]
+            out["abandoned"] = {"entries": sum(owner is req for owner, _ in engine._vllm_ids.values()),
+                                "blocks": engine._kv_blocks_wanted(None, []),
+                                "its_blocks": -(-(len(req.all_ids) + 1) // engine._kv_block_size)}
+        engine.cancel("moving")
         return out
     finally:
         engine.shutdown()
