@@ -542,10 +542,17 @@ class VllmEngine(EngineBase):
         if output.finished:
             del self._vllm_ids[output.request_id]
         if warm_length is not None:  # a warm-up: only its completion matters
-            if output.finished:
+            if not output.finished:
+                return
+            reason = output.outputs[0].finish_reason if output.outputs else None
+            if reason in ("stop", "length"):  # its one token: the known ids are in vLLM's prefix cache
                 self._observe_prefill(warm_length - (output.num_cached_tokens or 0), req.arrival)
                 req.warmed = max(req.warmed, warm_length)
-                self._lock.notify_all()
+            elif req.held and req.state != "finished":  # vLLM's error or abort: nothing was cached
+                log.info("dropping held request %s: vLLM ended its prefill (%s)", req.request_id, reason)
+                req.drop_reason = f"vLLM ended its prefill ({reason})"
+                self._finish(req, "abort")
+            self._lock.notify_all()
             return
         if req.state == "finished" or req.generating != output.request_id:
             return  # cancelled, paused or handed over: tokens still in flight are dropped

@@ -561,6 +561,14 @@ def test_a_request_vllm_ends_with_an_error_or_an_abort_ends_so_on_the_stream(eng
     assert error["tokens"] < 500 and abort["tokens"] < 500, out
 
 
+def test_a_migrations_warm_up_that_vllm_ends_with_an_error_drops_the_hold(engine_checks):
+    """A held request's warm-up that vLLM ends with "error" cached nothing: the hold is dropped (the destination's
+    prepare answers 409, the source serves on) instead of counting its ids as prefilled (prepare answered 200 with
+    cached_tokens vLLM did not have)."""
+    out = _check(engine_checks, "ended")["warm_up"]
+    assert "vLLM ended its prefill (error)" in out.get("refused", ""), out
+
+
 def test_a_vllm_destination_whose_kv_cache_is_full_drops_the_migrations_hold_at_once(engine_checks):
     """As hpcllm's engine (test_migration.py's KV-full destination): a held request that vLLM's full KV cache cannot
     take is dropped at once, the destination's prepare answering 409 with the reason while the running request goes

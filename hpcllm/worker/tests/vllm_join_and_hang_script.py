@@ -15,7 +15,8 @@ order they finished in (vLLM runs one at a time) and the policy vLLM was built w
 ended: vLLM's engine core ends a request on its own while it streams: with "error" (its retryable request-level
 failure: a KV load failure, a grammar that will not compile, a request it could not preprocess) and with "abort"
 (its shutdown). The core drops the request and sends the finish, as it does then (EngineCore's
-_send_finish_outputs_to_client). Reports each stream's token count and final line.
+_send_finish_outputs_to_client). Reports each stream's token count and final line. Then a migration's warm-up
+that vLLM ends with "error": reports how the wait for the held request's prefill ended.
 
 kv_full (an engine of its own, with a KV cache of KV_FULL_BLOCKS blocks, after the others): a migration's held
 request arrives while a running request fills the KV cache. hpcllm's engine drops such a hold at once (the
@@ -128,9 +129,11 @@ def priority_check(engine) -> dict:
 
 
 def ended_check(engine) -> dict:
+    from vllm.outputs import CompletionOutput, RequestOutput
     from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
     from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
+    from hpcllm.worker.requests import RequestConflict
 
     out = {}
     for name, reason in (("error", FinishReason.ERROR), ("abort", FinishReason.ABORT)):
@@ -154,6 +157,19 @@ def ended_check(engine) -> dict:
             tokens += 1
         out[name] = {"tokens": tokens, "finish_reason": final and final.finish_reason,
                      "error": final.error.model_dump() if final and final.error else None}
+    # A migration's warm-up (the held request's prefill) that vLLM ends with "error": under the engine's lock, which
+    # the engine thread needs to send the warm-up on, vLLM's output for it arrives first.
+    with engine._lock:
+        engine.hold(GenerateRequest(request_id="warm-ended-by-vllm", prompt="hello world", max_tokens=5,
+                                    temperature=0, ignore_eos=True), hold_seconds=60)
+        [warm_id] = [vllm_id for vllm_id, (owner, _) in engine._vllm_ids.items()
+                     if owner.request_id == "warm-ended-by-vllm"]
+        engine._on_output(RequestOutput(warm_id, None, None, None, [CompletionOutput(
+            0, "", [], None, None, finish_reason="error")], finished=True))
+    try:
+        out["warm_up"] = {"prefilled": engine.wait_prefilled("warm-ended-by-vllm")}
+    except RequestConflict as exc:
+        out["warm_up"] = {"refused": str(exc)}
     return out
 
 
