@@ -102,6 +102,7 @@ def gunicorn_settings(config: Config) -> dict:
         "errorlog": "-",
         "loglevel": "info",
         "child_exit": _child_exit,
+        "worker_exit": _worker_exit,
         "on_exit": _on_exit,
     }
 
@@ -203,6 +204,15 @@ def _child_exit(server, worker) -> None:
     from hpcllm.gateway.metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
+
+
+def _worker_exit(server, worker) -> None:
+    """In a worker process as it ends, however it was stopped (drained, quick stop, its app failing): close its
+    gateway, which lets the batch runner hand its batches back and writes the usage records still queued. Both are
+    daemon threads' work, cut short when the process exits."""
+    gateway = worker._gateway() if isinstance(worker, DrainingMixin) else None
+    if gateway is not None:
+        gateway.close()
 
 
 def _on_exit(server) -> None:

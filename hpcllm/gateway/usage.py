@@ -42,6 +42,8 @@ UPSERT = ("INSERT INTO gateway_usage (day, key_name, key_group, model, endpoint,
           "completion_tokens = gateway_usage.completion_tokens + excluded.completion_tokens")
 # Records waiting for the writer; beyond this (the database stalled for long) new ones are dropped and counted.
 MAX_PENDING = 10_000
+# A shutdown waits this long for the queued records before it logs that it waits on the database.
+QUIET_CLOSE_S = 1.0
 # What rows a report groups by (the API's `by`) -> the column.
 GROUP_BY = {"day": "day", "key": "key_name", "group": "key_group", "model": "model", "endpoint": "endpoint"}
 # Set in the WSGI environ of the requests the batch runner sends through the app (a client cannot set it: headers
@@ -115,7 +117,12 @@ class UsageLog:
         """Write what is queued, then end the writer (gateway shutdown)."""
         if self._writer_pid != os.getpid():
             return
-        settled = self.flush(timeout_s)
+        quiet_s = min(timeout_s, QUIET_CLOSE_S)
+        settled = self.flush(quiet_s)
+        if not settled and timeout_s > quiet_s:  # the shutdown waits on the database: say why
+            log.warning("gateway shutdown: waiting up to %.0f s for the limits database to take %d usage records",
+                        timeout_s - quiet_s, self._pending)
+            settled = self.flush(timeout_s - quiet_s)
         self._writer_pid = None
         if settled:
             self._queue.put_nowait(None)  # the writer's end (the queue was just emptied)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -91,6 +92,14 @@ def running_gateway(tmp_path: Path, worker_url: str, source: Path, stuck_url: st
     port = free_port()
     config = write_config(tmp_path / "gateway.toml", tmp_path / "state", port, worker_url, source, stuck_url,
                           worker_class, slow_url)
+    with gunicorn_process(tmp_path, config, port) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def gunicorn_process(tmp_path: Path, config: Path, port: int):
+    """`hpcllm gateway --config config` (listening on port) in a subprocess until it answers /health; SIGTERM (then
+    kill) when the block ends."""
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     log = open(tmp_path / "gateway.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "hpcllm.cli.main", "gateway", "--config", str(config)],
@@ -417,3 +426,57 @@ def test_a_gateway_stops_without_a_traceback_in_its_log(tmp_path, tiny_model_dir
     log = (tmp_path / "gateway.log").read_text()
     assert proc.returncode == 0 and "Shutting down: Master" in log, log
     assert "Traceback" not in log and "Exception ignored" not in log, log
+
+
+def test_usage_of_requests_answered_just_before_sigterm_is_written_before_the_worker_exits(tmp_path, worker_url,
+                                                                                           tiny_model_dir):
+    """A gunicorn worker writes usage records from a background thread; one still queued when the worker stopped
+    (the limits database slow or busy) died with it: requests served, never accounted. The worker closes its
+    gateway as it exits, which writes what is queued. (gthread only: under gevent the test's lock on the database
+    would freeze the whole worker process, its signal handling included.)"""
+    port = free_port()
+    state = tmp_path / "state"
+    config = tmp_path / "gateway.toml"
+    # An open development gateway: its requests write nothing to the limits database (no key, no rate limits),
+    # so only the usage writer waits while the test holds the database's write lock.
+    config.write_text(f"""
+[paths]
+state_dir = "{state}"
+
+[cluster]
+shared_secret = "{SECRET}"
+dev = true
+
+[gateway]
+host = "127.0.0.1"
+port = {port}
+workers = 1
+worker_class = "gthread"
+drain_timeout_seconds = {DRAIN_S}
+
+[gateway.static_models.{MODEL}]
+worker_url = "{worker_url}"
+source = "{tiny_model_dir}"
+""")
+    config.chmod(0o600)
+    gateway_log = tmp_path / "gateway.log"
+    with gunicorn_process(tmp_path, config, port) as (proc, url, _):
+        lock = sqlite3.connect(state / "gateway" / "limits.db", isolation_level=None, timeout=30)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the usage writer waits for this write lock (busy timeout 30 s)
+            answer = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                "model": MODEL, "prompt": "hello", "max_tokens": 3, "ignore_eos": True})
+            assert answer.status_code == 200, answer.text
+            proc.send_signal(signal.SIGTERM)
+            # The lock is held until the worker is about to write the queued record on its way out, or has exited.
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and "usage records" not in gateway_log.read_text():
+                assert time.monotonic() < deadline, gateway_log.read_text()
+                time.sleep(0.1)
+        finally:
+            lock.rollback()
+            lock.close()
+        assert proc.wait(60) == 0, gateway_log.read_text()
+    with contextlib.closing(sqlite3.connect(state / "gateway" / "limits.db")) as db:
+        rows = db.execute("SELECT endpoint, requests, completion_tokens FROM gateway_usage").fetchall()
+    assert rows == [("completions", 1, 3)], gateway_log.read_text()
