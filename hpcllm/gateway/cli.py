@@ -8,6 +8,7 @@ import click
 
 from hpcllm.config import load_config, parse_config
 from hpcllm.errors import HpcllmError
+from hpcllm.logs import setup_service_logging
 
 
 @click.command("gateway")
@@ -31,6 +32,8 @@ def gateway(config_path: Path | None, host: str | None, port: int | None, worker
         data["gateway"].update(overrides)
         config = parse_config(data, config_path or "<command line>")
     from hpcllm.gateway.server import run_gateway
+
+    setup_service_logging()  # in the master, before gunicorn forks: every worker inherits its handler
 
     gw = config.gateway
     per_worker = "threads" if gw.worker_class == "gthread" else "connections"

@@ -19,6 +19,9 @@ Settings and why:
                          above, DrainingMixin), master GatewayArbiter (tells workers, through shared memory, that
                          the whole gateway is stopping).
   preload_app False      the app (HTTP pools, SQLite connections, metric files) is built after fork, per worker.
+  logger_class           GatewayLogger: gunicorn's own lines in the services' one format (hpcllm.logs.FORMAT), the
+                         format of the gateway's lines too (`hpcllm gateway` sets up the root logger in the master;
+                         the forked workers inherit its handler).
   PROMETHEUS_MULTIPROC_DIR  a fresh per-master directory, set before prometheus_client is imported anywhere, so
                          /metrics sums every worker; child_exit drops a dead worker's live gauges.
 """
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import gevent
 import gevent.monkey
+from gunicorn import glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
@@ -52,6 +56,7 @@ from hpcllm.config import Config, check_service_credentials, private_state_dir
 from hpcllm.errors import ConfigError
 from hpcllm.gateway.routing import make_router
 from hpcllm.httpkit.errors import code_of_reason, service_error
+from hpcllm.logs import FORMAT
 from hpcllm.procs import freeze_startup_heap, pid_alive
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,13 @@ def prepare_metrics_dir(config: Config) -> Path:
     return path
 
 
+class GatewayLogger(glogging.Logger):
+    """gunicorn's error log (workers booting and exiting, signals, timeouts) in the format of every hpcllm service's
+    log, instead of gunicorn's own beside the gateway's lines."""
+
+    error_fmt = FORMAT
+    datefmt = None  # logging's default, as the root logger's handler (logging.basicConfig) has it
+
 
 WORKER_CLASSES = {
     "gthread": "hpcllm.gateway.server.DrainingThreadWorker",
@@ -101,6 +113,7 @@ def gunicorn_settings(config: Config) -> dict:
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": "info",
+        "logger_class": "hpcllm.gateway.server.GatewayLogger",
         "child_exit": _child_exit,
         "worker_exit": _worker_exit,
         "on_exit": _on_exit,

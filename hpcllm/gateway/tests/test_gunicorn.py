@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -25,6 +26,7 @@ from .conftest import ADMIN_KEY, MODEL, SECRET, USER_KEY
 
 
 DRAIN_S = 6  # the stuck request waits it out (twice: gthread, gevent); the stream and the probes take ~1 s
+GATEWAY_PROCESSES = 2  # gunicorn worker processes of the gateways these tests start
 
 
 def write_config(path: Path, state_dir: Path, port: int, worker_url: str, source: Path, stuck_url: str,
@@ -39,7 +41,7 @@ shared_secret = "{SECRET}"
 [gateway]
 host = "127.0.0.1"
 port = {port}
-workers = 2
+workers = {GATEWAY_PROCESSES}
 worker_class = "{worker_class}"
 threads = 4
 drain_timeout_seconds = {DRAIN_S}
@@ -218,6 +220,25 @@ def test_gunicorn_serves_aggregates_metrics_and_drains_on_sigterm(gunicorn_gatew
     assert proc.wait(30) == 0
     assert not list((tmp_path / "state" / "gateway" / "prometheus").glob("master-*")), \
         "the metrics directory of a stopped gateway was left behind"
+
+    # The drain is in the log, from each forked worker and gunicorn's master alike, in every service's log format
+    # (hpcllm.logs.FORMAT): time, logger, level.
+    log = (tmp_path / "gateway.log").read_text()
+    lines = service_log_lines(log)
+    assert [line for line in lines if line[2].startswith("gateway draining")] == [
+        ("hpcllm.gateway.runtime", "INFO", "gateway draining: refusing new requests, letting running ones finish")
+    ] * GATEWAY_PROCESSES, log
+    assert [line[:2] for line in lines if line[2].startswith("drain timeout: 1 requests still running")] == [
+        ("hpcllm.gateway.server", "WARNING")], log
+    assert ("gunicorn.error", "INFO", "Handling signal: term") in lines, log
+
+
+SERVICE_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\S+) ([A-Z]+) (.*)")
+
+
+def service_log_lines(log: str) -> list[tuple[str, str, str]]:
+    """(logger, level, message) of each line of a log in the services' format (hpcllm.logs.FORMAT)."""
+    return [match.groups() for line in log.splitlines() if (match := SERVICE_LOG_LINE.fullmatch(line))]
 
 
 def check_shared_by_the_worker_processes(url: str) -> None:
