@@ -2,21 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 
-def slow_worker_app(seconds_per_token: float):
+class InFlight:
+    """How many generations a stand-in worker is streaming now, and the most it streamed at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __enter__(self) -> None:  # a generation starts
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc_info) -> None:  # and ends
+        with self._lock:
+            self.now -= 1
+
+
+def slow_worker_app(seconds_per_token: float, in_flight: InFlight | None = None):
     """A stand-in worker that streams one token per seconds_per_token: a generation that is still running when the
-    gateway's drain time runs out."""
-    return stand_in_worker_app("slow-worker", lambda index: time.sleep(seconds_per_token))
+    gateway's drain time runs out. in_flight: counts its generations running at once."""
+    return stand_in_worker_app("slow-worker", lambda index: time.sleep(seconds_per_token), in_flight=in_flight)
 
 
 def stand_in_worker_app(name: str, after_token, finished: threading.Event | None = None, fail_with: str | None = None,
-                        received: list | None = None):
+                        received: list | None = None, in_flight: InFlight | None = None):
     """A stand-in worker streaming the generate API's NDJSON lines: max_tokens tokens "x", after_token(index) called
     after each, then `finished` set and the final line (with fail_with: a final "error" line with that message, as a
-    request its engine could not go on with). received: each GenerateRequest is appended to it."""
+    request its engine could not go on with). received: each GenerateRequest is appended to it. in_flight: counts
+    each generation from its first line until its stream ends (finished or its client gone)."""
     from flask import Flask, Response, request
 
     from hpcllm.worker.protocol import GENERATE_PATH, ErrorInfo, FinalLine, GenerateRequest, TokenLine, Usage
@@ -31,18 +51,19 @@ def stand_in_worker_app(name: str, after_token, finished: threading.Event | None
         total = req.max_tokens or 16
 
         def lines():
-            for index in range(total):
-                yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
-                after_token(index)
-            usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=total,
-                          total_tokens=len(req.prompt_token_ids) + total)
-            if finished is not None:
-                finished.set()
-            if fail_with is not None:
-                error = ErrorInfo(message=fail_with, type="internal_error")
-                yield FinalLine(finish_reason="error", usage=usage, error=error).model_dump_json() + "\n"
-                return
-            yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
+            with in_flight if in_flight is not None else contextlib.nullcontext():
+                for index in range(total):
+                    yield TokenLine(index=index, token_id=100, text="x").model_dump_json() + "\n"
+                    after_token(index)
+                usage = Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=total,
+                              total_tokens=len(req.prompt_token_ids) + total)
+                if finished is not None:
+                    finished.set()
+                if fail_with is not None:
+                    error = ErrorInfo(message=fail_with, type="internal_error")
+                    yield FinalLine(finish_reason="error", usage=usage, error=error).model_dump_json() + "\n"
+                    return
+                yield FinalLine(finish_reason="length", usage=usage).model_dump_json() + "\n"
 
         return Response(lines(), mimetype="application/x-ndjson")
 
