@@ -84,6 +84,7 @@ class UsageLog:
         self._writer_pid: int | None = None  # a forked gunicorn worker starts its own writer
         self._pruned_day: date | None = None
         self._failing = False  # logged once until a write succeeds again
+        self._closed = False  # the gateway shut down: a record still coming is dropped, counted
 
     @classmethod
     def of(cls, config: Config, shared: SharedState, metrics: GatewayMetrics) -> UsageLog:
@@ -100,6 +101,9 @@ class UsageLog:
         entry = UsageRecord(utc_day(self.clock()).isoformat(), key.name if key is not None else "", group, model,
                             endpoint, prompt_tokens, completion_tokens)
         with self._settled:  # one writer per process, however many request threads end at once
+            if self._closed:  # a request that ended after the shutdown's close: no writer takes it any more
+                self.metrics.usage_records_dropped.inc()
+                return
             self._start_writer()
             try:
                 self._queue.put_nowait(entry)
@@ -114,7 +118,9 @@ class UsageLog:
             return self._settled.wait_for(lambda: self._pending == 0, timeout=timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Write what is queued, then end the writer (gateway shutdown)."""
+        """Write what is queued, then end the writer (gateway shutdown); records after it are dropped, counted."""
+        with self._settled:
+            self._closed = True
         if self._writer_pid != os.getpid():
             return
         quiet_s = min(timeout_s, QUIET_CLOSE_S)

@@ -151,6 +151,23 @@ def test_rows_older_than_the_retention_are_pruned(tmp_path, limits_url):
     assert report["total"] == {"requests": 3, "prompt_tokens": 6, "completion_tokens": 9, "total_tokens": 15}
 
 
+def test_a_request_that_ends_after_the_shutdown_is_counted_as_dropped_not_written_by_a_new_writer(tmp_path,
+                                                                                                    limits_url):
+    """A request still running when the gateway closed ends a moment later: its record started a new writer thread
+    against the closed database, cut off unseen as the process exits. It is counted as dropped instead."""
+    metrics = GatewayMetrics()
+    state = SharedState(limits_url)
+    log = UsageLog(state, metrics, retention_days=3)
+    try:
+        log.record(None, MODEL, "chat", 2, 3)
+        log.close()
+        log.record(None, MODEL, "chat", 4, 5)
+        assert metrics.usage_records_dropped._value.get() == 1.0
+        assert log.report({"by": "day"})["total"]["requests"] == 1
+    finally:
+        state.close()
+
+
 def test_the_cli_prints_a_table_and_csv(make_gateway, tmp_path, capsys):
     gw = make_gateway(api_keys=KEYS)
     for key in (ALICE, BOB, BOB):
