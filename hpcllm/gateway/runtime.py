@@ -26,12 +26,15 @@ from hpcllm.gateway.response_store import ResponseStore
 from hpcllm.gateway.routing import Router, make_router
 from hpcllm.gateway.shared_state import SharedState
 from hpcllm.gateway.tokenization import TokenizerCache
+from hpcllm.gateway.usage import CLOSE_TIMEOUT_S as USAGE_CLOSE_TIMEOUT_S
 from hpcllm.gateway.usage import UsageLog
 from hpcllm.httpkit.client import internal_client
 
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "hpcllm_gateway"
+# What a gateway's close waits at most unless told less: the batch runs' hand-back, then the usage writer.
+CLOSE_TIMEOUT_S = 10.0 + USAGE_CLOSE_TIMEOUT_S
 
 
 def gateway_state_dir(config: Config) -> Path:
@@ -147,16 +150,25 @@ class Gateway:
             generation.close()
         return len(running)
 
-    def on_close(self, closer: Callable[[], None]) -> None:
+    def on_close(self, closer: Callable[[float], None]) -> None:
+        """closer(timeout_s) runs at close(), waiting at most timeout_s."""
         self._closers.append(closer)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """End this process's background work (batch runs hand their batches back, queued usage records are
+        written, the lease heartbeat stops), waiting at most timeout_s in all: a quick stop gives it ~1 s, a stalled
+        limits database must not hold the stop up."""
+        deadline = time.monotonic() + timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
         for closer in self._closers:
-            closer()
+            closer(left())
         self.http.close()
         self.router.close()
-        self.usage.close()
-        self.shared.close()
+        self.usage.close(left())
+        self.shared.close(left())
 
 
 def gateway_shutdown(reason: str) -> ServiceUnavailable:

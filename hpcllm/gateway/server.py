@@ -127,6 +127,11 @@ _GATEWAY_STOPPING = multiprocessing.RawValue(ctypes.c_bool, False)
 # linger up to 2 s).
 ABORT_GRACE_S = 2.0
 STOP_MARGIN_S = ABORT_GRACE_S + 3.0
+# A worker's closing of its gateway as it exits (batches handed back, queued usage written) ends this long before
+# the master's SIGKILL at graceful_timeout, so it can say what it could not finish.
+KILL_MARGIN_S = 1.0
+# A quick stop (SIGINT, SIGQUIT) closes the gateway within this, however stalled the limits database.
+QUICK_CLOSE_S = 1.0
 
 
 class GatewayArbiter(Arbiter):
@@ -153,6 +158,12 @@ class DrainingMixin:
     gunicorn's own refusals in the one error body (write_error_body)."""
 
     _drain_thread: threading.Thread | None = None
+    _close_by: float | None = None  # time.monotonic() by which _worker_exit's close of the gateway must end
+
+    def handle_quit(self, sig, frame) -> None:
+        """A quick stop: the gateway's close, as the worker exits, waits at most QUICK_CLOSE_S."""
+        self._close_by = time.monotonic() + QUICK_CLOSE_S
+        super().handle_quit(sig, frame)
 
     def init_process(self) -> None:
         # Worker.handle_error words gunicorn's refusals (status, reason, message: its mapping, kept) and writes
@@ -161,6 +172,8 @@ class DrainingMixin:
         super().init_process()
 
     def handle_exit(self, sig, frame) -> None:
+        if self._close_by is None:  # gunicorn's master SIGKILLs what is left at graceful_timeout after its SIGTERM
+            self._close_by = time.monotonic() + max(0.0, self.cfg.graceful_timeout - KILL_MARGIN_S)
         gateway = self._gateway()
         if gateway is None:
             return super().handle_exit(sig, frame)
@@ -223,9 +236,14 @@ def _worker_exit(server, worker) -> None:
     """In a worker process as it ends, however it was stopped (drained, quick stop, its app failing): close its
     gateway, which lets the batch runner hand its batches back and writes the usage records still queued. Both are
     daemon threads' work, cut short when the process exits."""
-    gateway = worker._gateway() if isinstance(worker, DrainingMixin) else None
+    if not isinstance(worker, DrainingMixin):
+        return
+    gateway = worker._gateway()
     if gateway is not None:
-        gateway.close()
+        if worker._close_by is None:  # its app failed, not a signal
+            gateway.close()
+        else:
+            gateway.close(max(0.0, worker._close_by - time.monotonic()))
 
 
 def _on_exit(server) -> None:

@@ -337,13 +337,14 @@ class SharedState:
             except Exception as exc:  # the database is away for a while: the next beat tries again
                 log.warning("could not renew the stream-slot lease: %s", exc)
 
-    def stop_heartbeat(self) -> None:
-        """Stop renewing the lease (close(); tests also use it to play a host that crashed)."""
+    def stop_heartbeat(self, timeout_s: float = 5.0) -> None:
+        """Stop renewing the lease (close(); tests also use it to play a host that crashed); waits at most timeout_s
+        for a renewal under way."""
         if self._heartbeat is not None:
             thread, stop = self._heartbeat
             stop.set()
             if thread is not threading.current_thread():
-                thread.join(timeout=5)
+                thread.join(timeout=timeout_s)
             self._heartbeat = None
 
     def close_stream(self, stream_id: str) -> None:
@@ -387,8 +388,8 @@ class SharedState:
                                   "ON CONFLICT (instance_id) DO NOTHING", (instance_id, time.time()))
             return cur.rowcount == 1
 
-    def close(self) -> None:
-        self.stop_heartbeat()
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.stop_heartbeat(timeout_s)
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()

@@ -44,6 +44,8 @@ UPSERT = ("INSERT INTO gateway_usage (day, key_name, key_group, model, endpoint,
 MAX_PENDING = 10_000
 # A shutdown waits this long for the queued records before it logs that it waits on the database.
 QUIET_CLOSE_S = 1.0
+# At most this long, unless the shutdown has less time (Gateway.close's budget).
+CLOSE_TIMEOUT_S = 5.0
 # What rows a report groups by (the API's `by`) -> the column.
 GROUP_BY = {"day": "day", "key": "key_name", "group": "key_group", "model": "model", "endpoint": "endpoint"}
 # Set in the WSGI environ of the requests the batch runner sends through the app (a client cannot set it: headers
@@ -117,7 +119,7 @@ class UsageLog:
         with self._settled:
             return self._settled.wait_for(lambda: self._pending == 0, timeout=timeout_s)
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Write what is queued, then end the writer (gateway shutdown); records after it are dropped, counted."""
         with self._settled:
             self._closed = True

@@ -457,20 +457,14 @@ def test_a_gateway_stops_without_a_traceback_in_its_log(tmp_path, tiny_model_dir
     assert "Traceback" not in log and "Exception ignored" not in log, log
 
 
-def test_usage_of_requests_answered_just_before_sigterm_is_written_before_the_worker_exits(tmp_path, worker_url,
-                                                                                           tiny_model_dir):
-    """A gunicorn worker writes usage records from a background thread; one still queued when the worker stopped
-    (the limits database slow or busy) died with it: requests served, never accounted. The worker closes its
-    gateway as it exits, which writes what is queued. (gthread only: under gevent the test's lock on the database
-    would freeze the whole worker process, its signal handling included.)"""
+def open_gateway_config(tmp_path: Path, worker_url: str, source: Path, drain_timeout_s: float) -> tuple[Path, int]:
+    """An open development gateway (one gthread worker): its requests write nothing to the limits database (no key,
+    no rate limits), so only the usage writer waits while a test holds the database's write lock."""
     port = free_port()
-    state = tmp_path / "state"
     config = tmp_path / "gateway.toml"
-    # An open development gateway: its requests write nothing to the limits database (no key, no rate limits),
-    # so only the usage writer waits while the test holds the database's write lock.
     config.write_text(f"""
 [paths]
-state_dir = "{state}"
+state_dir = "{tmp_path / 'state'}"
 
 [cluster]
 shared_secret = "{SECRET}"
@@ -481,31 +475,72 @@ host = "127.0.0.1"
 port = {port}
 workers = 1
 worker_class = "gthread"
-drain_timeout_seconds = {DRAIN_S}
+drain_timeout_seconds = {drain_timeout_s}
 
 [gateway.static_models.{MODEL}]
 worker_url = "{worker_url}"
-source = "{tiny_model_dir}"
+source = "{source}"
 """)
     config.chmod(0o600)
+    return config, port
+
+
+@contextlib.contextmanager
+def limits_db_locked(tmp_path: Path):
+    """The gateway's limits database with its write lock held by the test (the usage writer waits for it: busy
+    timeout 30 s) until the block ends."""
+    lock = sqlite3.connect(tmp_path / "state" / "gateway" / "limits.db", isolation_level=None, timeout=30)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        lock.rollback()
+        lock.close()
+
+
+def usage_rows(tmp_path: Path) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "gateway" / "limits.db")) as db:
+        return db.execute("SELECT endpoint, requests, completion_tokens FROM gateway_usage").fetchall()
+
+
+def answer_one_completion(url: str) -> None:
+    answer = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "hello", "max_tokens": 3, "ignore_eos": True})
+    assert answer.status_code == 200, answer.text
+
+
+def test_usage_of_requests_answered_just_before_sigterm_is_written_before_the_worker_exits(tmp_path, worker_url,
+                                                                                           tiny_model_dir):
+    """A gunicorn worker writes usage records from a background thread; one still queued when the worker stopped
+    (the limits database slow or busy) died with it: requests served, never accounted. The worker closes its
+    gateway as it exits, which writes what is queued, within the drain timeout. (gthread only: under gevent the
+    test's lock on the database would freeze the whole worker process, its signal handling included.)"""
+    config, port = open_gateway_config(tmp_path, worker_url, tiny_model_dir, drain_timeout_s=60)
     gateway_log = tmp_path / "gateway.log"
     with gunicorn_process(tmp_path, config, port) as (proc, url, _):
-        lock = sqlite3.connect(state / "gateway" / "limits.db", isolation_level=None, timeout=30)
-        try:
-            lock.execute("BEGIN IMMEDIATE")  # the usage writer waits for this write lock (busy timeout 30 s)
-            answer = httpx.post(f"{url}/v1/completions", timeout=60, json={
-                "model": MODEL, "prompt": "hello", "max_tokens": 3, "ignore_eos": True})
-            assert answer.status_code == 200, answer.text
+        with limits_db_locked(tmp_path):
+            answer_one_completion(url)
             proc.send_signal(signal.SIGTERM)
             # The lock is held until the worker is about to write the queued record on its way out, or has exited.
             deadline = time.monotonic() + 60
             while proc.poll() is None and "usage records" not in gateway_log.read_text():
                 assert time.monotonic() < deadline, gateway_log.read_text()
                 time.sleep(0.1)
-        finally:
-            lock.rollback()
-            lock.close()
         assert proc.wait(60) == 0, gateway_log.read_text()
-    with contextlib.closing(sqlite3.connect(state / "gateway" / "limits.db")) as db:
-        rows = db.execute("SELECT endpoint, requests, completion_tokens FROM gateway_usage").fetchall()
-    assert rows == [("completions", 1, 3)], gateway_log.read_text()
+    assert usage_rows(tmp_path) == [("completions", 1, 3)], gateway_log.read_text()
+
+
+def test_a_quick_stop_does_not_wait_on_a_stalled_limits_database(tmp_path, worker_url, tiny_model_dir):
+    """SIGINT or SIGQUIT stops the gateway at once: the worker's close of its gateway (batches handed back, queued
+    usage written) waited up to 20 s on a stalled limits database (its usage writer 5 s, the batch runner 10 s, the
+    lease heartbeat 5 s). It now gives up after 1 s and says what is lost."""
+    config, port = open_gateway_config(tmp_path, worker_url, tiny_model_dir, drain_timeout_s=60)
+    gateway_log = tmp_path / "gateway.log"
+    with gunicorn_process(tmp_path, config, port) as (proc, url, _):
+        with limits_db_locked(tmp_path):
+            answer_one_completion(url)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0, gateway_log.read_text()
+    log = gateway_log.read_text()
+    assert re.search(r"gateway shutdown: 1 usage records not written after [01] s .*they are lost", log), log
+    assert usage_rows(tmp_path) == [], log
