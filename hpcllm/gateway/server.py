@@ -22,6 +22,8 @@ Settings and why:
   logger_class           GatewayLogger: gunicorn's own lines in the services' one format (hpcllm.logs.FORMAT), the
                          format of the gateway's lines too (`hpcllm gateway` sets up the root logger in the master;
                          the forked workers inherit its handler).
+  control_socket_disable gunicorn's control socket (gunicornc) is off: its one path per user would be shared by
+                         every gateway (and test) on the host; signals stop and resize the gateway.
   PROMETHEUS_MULTIPROC_DIR  a fresh per-master directory, set before prometheus_client is imported anywhere, so
                          /metrics sums every worker; child_exit drops a dead worker's live gauges.
 """
@@ -117,6 +119,9 @@ def gunicorn_settings(config: Config) -> dict:
         "child_exit": _child_exit,
         "worker_exit": _worker_exit,
         "on_exit": _on_exit,
+        # gunicorn 27's control socket (gunicornc) has one path per user ($XDG_RUNTIME_DIR/gunicorn.ctl): a second
+        # gateway on the host took it over, and either one's stop removed it. hpcllm does not use it.
+        "control_socket_disable": True,
     }
 
 

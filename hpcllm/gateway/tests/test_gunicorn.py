@@ -544,3 +544,22 @@ def test_a_quick_stop_does_not_wait_on_a_stalled_limits_database(tmp_path, worke
     log = gateway_log.read_text()
     assert re.search(r"gateway shutdown: 1 usage records not written after [01] s .*they are lost", log), log
     assert usage_rows(tmp_path) == [], log
+
+
+def test_gateways_side_by_side_share_no_gunicorn_control_socket(tmp_path, worker_url, tiny_model_dir, monkeypatch):
+    """gunicorn 27 opens a control socket at one path per user ($XDG_RUNTIME_DIR/gunicorn.ctl): a second gateway on
+    the host replaced the first's, gunicornc reached the wrong one, and either gateway's stop removed it. The
+    gateway opens none."""
+    runtime_dir = tmp_path / "runtime"
+    runtime_dir.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_dir))
+    logs = []
+    with contextlib.ExitStack() as gateways:
+        for name in ("first", "second"):
+            (tmp_path / name).mkdir()
+            config, port = open_gateway_config(tmp_path / name, worker_url, tiny_model_dir, drain_timeout_s=DRAIN_S)
+            gateways.enter_context(gunicorn_process(tmp_path / name, config, port))
+            logs.append(tmp_path / name / "gateway.log")
+        assert list(runtime_dir.iterdir()) == [], [log.read_text() for log in logs]
+    for log in logs:
+        assert "Control socket" not in log.read_text(), log.read_text()
