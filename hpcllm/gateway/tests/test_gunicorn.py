@@ -503,8 +503,8 @@ def usage_rows(tmp_path: Path) -> list[tuple]:
         return db.execute("SELECT endpoint, requests, completion_tokens FROM gateway_usage").fetchall()
 
 
-def answer_one_completion(url: str) -> None:
-    answer = httpx.post(f"{url}/v1/completions", timeout=60, json={
+def answer_one_completion(url: str, client: httpx.Client | None = None) -> None:
+    answer = (client or httpx).post(f"{url}/v1/completions", timeout=60, json={
         "model": MODEL, "prompt": "hello", "max_tokens": 3, "ignore_eos": True})
     assert answer.status_code == 200, answer.text
 
@@ -536,9 +536,12 @@ def test_a_quick_stop_does_not_wait_on_a_stalled_limits_database(tmp_path, worke
     lease heartbeat 5 s). It now gives up after 1 s and says what is lost."""
     config, port = open_gateway_config(tmp_path, worker_url, tiny_model_dir, drain_timeout_s=60)
     gateway_log = tmp_path / "gateway.log"
-    with gunicorn_process(tmp_path, config, port) as (proc, url, _):
+    # The client's connection stays open until the gateway is gone: gunicorn's gthread worker, on SIGQUIT, shuts
+    # its thread pool down in the signal handler, which can deadlock when it interrupts the main thread while
+    # handing that pool a connection event (this connection closing): a hang until the master's SIGKILL.
+    with gunicorn_process(tmp_path, config, port) as (proc, url, _), httpx.Client(timeout=60) as client:
         with limits_db_locked(tmp_path):
-            answer_one_completion(url)
+            answer_one_completion(url, client)
             proc.send_signal(signal.SIGINT)
             assert proc.wait(60) == 0, gateway_log.read_text()
     log = gateway_log.read_text()
