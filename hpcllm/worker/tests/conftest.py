@@ -4,6 +4,7 @@ real worker servers (the worker's Flask app on its production server, hpcllm.htt
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 import pytest
@@ -125,6 +126,21 @@ def slow_down(engine, seconds_per_step):
         engine._forward = forward
 
     return restore
+
+
+def hold_at(engine, request_id: str, output_tokens: int, until: threading.Event) -> None:
+    """Once request_id has `output_tokens` output tokens, make every engine step wait until `until` is set (60 s at
+    most: only a failed test waits that long): the request is still running, at that point, when the test acts,
+    however loaded the machine (slow_down only makes that likely). Stacks: hold a request at several points."""
+    forward = engine._forward
+
+    def held_forward(*args, **kwargs):
+        request = engine._live.get(request_id)
+        if request is not None and len(request.output_ids) >= output_tokens and not until.is_set():
+            until.wait(60)
+        return forward(*args, **kwargs)
+
+    engine._forward = held_forward
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from hpcllm.worker.protocol import (
 )
 from hpcllm.worker.requests import KV_CACHE_FULL, preempted_reason
 
-from .conftest import slow_down, ticketed, wait_until
+from .conftest import hold_at, slow_down, ticketed, wait_until
 from .schemas import PERSON_GRAMMAR, check_person
 
 GREEDY = dict(temperature=0.0)
@@ -89,7 +89,25 @@ def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_
     source, destination = start_worker(pair), start_worker(pair)
     request = body("live", max_tokens=40, stop=["zzz"], **sampling)
     reference = uninterrupted(source, request)
-    slow_down(source.service.engine, 0.01)  # still decoding when the migration runs
+    # The source decodes during the rounds and is still decoding at the hand-over, however loaded the machine: its
+    # steps wait at output 6 until the prepare (round 1, the output so far) reached the destination, which prefills
+    # it once the source has decoded on to output 20, where the source's steps wait for the hand-over's pause.
+    engine, prepared, paused = source.service.engine, threading.Event(), threading.Event()
+    hold_at(engine, "live", 6, until=prepared)
+    hold_at(engine, "live", 20, until=paused)
+    hold, pause = destination.service.engine.hold, engine.pause
+
+    def hold_once_the_source_decoded_on(*args, **kwargs):
+        prepared.set()
+        assert wait_until(lambda: len(engine.tokens("live").output_token_ids) >= 20, timeout=60)
+        return hold(*args, **kwargs)
+
+    def pause_and_tell(request_id):
+        output = pause(request_id)
+        paused.set()
+        return output
+
+    destination.service.engine.hold, engine.pause = hold_once_the_source_decoded_on, pause_and_tell
 
     stream = source.client.generate(request)
     lines = iter(stream)
@@ -100,8 +118,9 @@ def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_
 
     assert_same_generation(received, reference)
     assert final.finish_reason == "length" and final.usage.completion_tokens == 40
-    assert source_final.migrated_to.from_index == result.output_tokens_at_handover >= 5
-    assert result.rounds == len(result.tokens_per_round) >= 2
+    assert source_final.migrated_to.from_index == result.output_tokens_at_handover == 20
+    assert result.rounds == len(result.tokens_per_round) >= 3
+    assert result.tokens_per_round[1] >= 14  # round 2: what the source decoded during round 1
     prompt_tokens = len(source.service.engine.tokens("live").prompt_token_ids)
     assert result.tokens_per_round[0] >= prompt_tokens + 5  # round 1: the prompt and the output so far
     assert result.tokens_per_round[0] - prompt_tokens + sum(result.tokens_per_round[1:]) == result.output_tokens_at_handover
