@@ -128,15 +128,19 @@ def slow_down(engine, seconds_per_step):
     return restore
 
 
-def hold_at(engine, request_id: str, output_tokens: int, until: threading.Event) -> None:
-    """Once request_id has `output_tokens` output tokens, make every engine step wait until `until` is set (60 s at
-    most: only a failed test waits that long): the request is still running, at that point, when the test acts,
+def hold_at(engine, request_ids: str | tuple[str, ...], output_tokens: int, until: threading.Event) -> None:
+    """Once each of request_ids has `output_tokens` output tokens, make every engine step wait until `until` is set
+    (60 s at most: only a failed test waits that long): they are still running, at that point, when the test acts,
     however loaded the machine (slow_down only makes that likely). Stacks: hold a request at several points."""
     forward = engine._forward
+    request_ids = (request_ids,) if isinstance(request_ids, str) else request_ids
+
+    def reached(request_id: str) -> bool:
+        request = engine._live.get(request_id)
+        return request is not None and len(request.output_ids) >= output_tokens
 
     def held_forward(*args, **kwargs):
-        request = engine._live.get(request_id)
-        if request is not None and len(request.output_ids) >= output_tokens and not until.is_set():
+        if not until.is_set() and all(reached(request_id) for request_id in request_ids):
             until.wait(60)
         return forward(*args, **kwargs)
 

@@ -49,6 +49,22 @@ def body(request_id: str, **fields) -> GenerateRequest:
     return GenerateRequest(request_id=request_id, **fields)
 
 
+def handed_over(engine, requests: int = 1) -> threading.Event:
+    """Set once the engine paused `requests` requests for their hand-over (hold_at ... until it: a request held
+    there is still running when its migration hands it over)."""
+    pause, paused, count = engine.pause, threading.Event(), []
+
+    def pause_and_tell(request_id):
+        output = pause(request_id)
+        count.append(request_id)
+        if len(count) >= requests:
+            paused.set()
+        return output
+
+    engine.pause = pause_and_tell
+    return paused
+
+
 def uninterrupted(worker, request: GenerateRequest) -> list[TokenLine]:
     """The reference: the same request run to the end on one worker, as token lines."""
     with worker.client.generate(request.model_copy(update={"request_id": request.request_id + "-ref"})) as stream:
@@ -92,22 +108,17 @@ def test_live_migration_continues_exactly_like_an_uninterrupted_run(pair, start_
     # The source decodes during the rounds and is still decoding at the hand-over, however loaded the machine: its
     # steps wait at output 6 until the prepare (round 1, the output so far) reached the destination, which prefills
     # it once the source has decoded on to output 20, where the source's steps wait for the hand-over's pause.
-    engine, prepared, paused = source.service.engine, threading.Event(), threading.Event()
+    engine, prepared = source.service.engine, threading.Event()
     hold_at(engine, "live", 6, until=prepared)
-    hold_at(engine, "live", 20, until=paused)
-    hold, pause = destination.service.engine.hold, engine.pause
+    hold_at(engine, "live", 20, until=handed_over(engine))
+    hold = destination.service.engine.hold
 
     def hold_once_the_source_decoded_on(*args, **kwargs):
         prepared.set()
         assert wait_until(lambda: len(engine.tokens("live").output_token_ids) >= 20, timeout=60)
         return hold(*args, **kwargs)
 
-    def pause_and_tell(request_id):
-        output = pause(request_id)
-        paused.set()
-        return output
-
-    destination.service.engine.hold, engine.pause = hold_once_the_source_decoded_on, pause_and_tell
+    destination.service.engine.hold = hold_once_the_source_decoded_on
 
     stream = source.client.generate(request)
     lines = iter(stream)
@@ -211,7 +222,7 @@ def test_a_constrained_request_migrates_mid_answer_and_tokens_outside_the_schema
     source, destination = start_worker(pair), start_worker(pair)
     request = body("json", max_tokens=64, temperature=1.0, seed=9, grammar=PERSON_GRAMMAR)
     reference = uninterrupted(source, request)
-    slow_down(source.service.engine, 0.05)  # still answering when the migration runs
+    hold_at(source.service.engine, "json", 5, until=handed_over(source.service.engine))  # still answering then
 
     stream = source.client.generate(request)
     lines = iter(stream)
@@ -251,7 +262,7 @@ def test_a_thinking_request_migrates_mid_thought_and_answers_its_grammar_after_i
                    grammar=compile_grammar("choice", ["positive", "negative"]),
                    thinking=Thinking(end_token_id=end, budget=12))
     reference = uninterrupted(source, request)
-    slow_down(source.service.engine, 0.05)
+    hold_at(source.service.engine, "thinking", 4, until=handed_over(source.service.engine))  # still thinking then
 
     stream = source.client.generate(request)
     lines = iter(stream)
@@ -259,7 +270,7 @@ def test_a_thinking_request_migrates_mid_thought_and_answers_its_grammar_after_i
     source.client.migrate("thinking", ticketed(destination.url))
     rest, source_final, final = finish_through_attach(lines, destination)
     assert_same_generation(first + rest, reference)
-    assert source_final.migrated_to.from_index < 12  # moved while thinking
+    assert source_final.migrated_to.from_index == 4 < 12  # moved while thinking
     ids = [line.token_id for line in reference]
     assert ids.index(end) == 12 and final.finish_reason == "stop"
     assert thinker[1].decode(ids[13:], skip_special_tokens=True) in ("positive", "negative")
@@ -271,6 +282,7 @@ def test_rounds_shrink_while_the_source_decodes_during_a_slow_prefill(pair, star
     request = body("long", prompt=None, prompt_token_ids=LONG_PROMPT, max_tokens=200, **SEEDED)
     reference = uninterrupted(source, request)
     slow_down(source.service.engine, 0.01)
+    hold_at(source.service.engine, "long", 150, until=handed_over(source.service.engine))  # never ends first
     # 30 prefill steps of 4 tokens: the source decodes meanwhile.
     restore_destination = slow_down(destination.service.engine, 0.02)
 
@@ -300,7 +312,8 @@ def test_migrate_all_moves_every_running_and_waiting_request(pair, start_worker)
         body("c", prompt="🙂 日本語", max_tokens=30, **GREEDY),  # waits for a slot on the source
     ]
     references = [uninterrupted(source, r) for r in requests]
-    slow_down(source.service.engine, 0.01)
+    # Every step waits, once "a" and "b" have 2 tokens, until all three were handed over.
+    hold_at(source.service.engine, ("a", "b"), 2, until=handed_over(source.service.engine, requests=3))
     streams = [iter(source.client.generate(r)) for r in requests]
     firsts = [read_until(streams[0], 2), read_until(streams[1], 2), []]
     assert source.service.engine.counts() == (2, 1)
@@ -361,7 +374,9 @@ def test_a_request_cancelled_during_a_drain_is_not_reported_as_a_failed_move(pai
     """The client of one request leaves while the drain moves it: the drain reports it in neither list (it finished
     here), not as a failed move the node agent would log as resuming from its tokens; the others move."""
     source, destination = start_worker(pair), start_worker(pair)
-    slow_down(source.service.engine, 0.01)
+    # Steps wait, once both have 2 tokens, until "stays" was handed over ("leaves" is held on the destination until
+    # it ended here: it is never paused).
+    hold_at(source.service.engine, ("leaves", "stays"), 2, until=handed_over(source.service.engine))
     holding, release = threading.Event(), threading.Event()
     hold = destination.service.engine.hold
 
@@ -479,8 +494,10 @@ def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, 
     source, destination = start_worker(pair), start_worker(pair)
     request = body("stay", max_tokens=40, **SEEDED)
     reference = uninterrupted(source, request)
-    slow_down(source.service.engine, 0.01)
-    slow_down(destination.service.engine, 0.01)
+    # Both requests "stay" are still running when the migrations are tried: each engine's steps wait until then.
+    tried, checked = threading.Event(), threading.Event()
+    hold_at(source.service.engine, "stay", 3, until=tried)
+    hold_at(destination.service.engine, "stay", 1, until=checked)
     # The destination already runs a request with this id, so its prepare answers 409.
     occupying = destination.client.generate(body("stay", max_tokens=200))
     occupying_lines = iter(occupying)
@@ -489,18 +506,22 @@ def test_destination_down_or_refusing_leaves_the_source_request_untouched(pair, 
     stream = source.client.generate(request)
     lines = iter(stream)
     received = read_until(lines, 3)
-    with pytest.raises(WorkerError) as down:
-        source.client.migrate("stay", ticketed("http://127.0.0.1:9", timeout_seconds=5))
-    assert down.value.status == 502 and "127.0.0.1:9" in str(down.value)
-    with pytest.raises(WorkerError) as refused:
-        source.client.migrate("stay", ticketed(destination.url))
-    assert refused.value.status == 502 and "already in progress" in str(refused.value)
+    try:
+        with pytest.raises(WorkerError) as down:
+            source.client.migrate("stay", ticketed("http://127.0.0.1:9", timeout_seconds=5))
+        assert down.value.status == 502 and "127.0.0.1:9" in str(down.value)
+        with pytest.raises(WorkerError) as refused:
+            source.client.migrate("stay", ticketed(destination.url))
+        assert refused.value.status == 502 and "already in progress" in str(refused.value)
+    finally:
+        tried.set()
 
     rest = list(lines)
     final = rest.pop()
     assert final.finish_reason == "length"
     assert_same_generation(received + rest, reference)
     assert destination.service.engine.tokens("stay").state == "running"  # the destination's own request is fine
+    checked.set()
     occupying.close()
 
 
@@ -508,7 +529,7 @@ def test_a_failure_after_the_pause_resumes_the_source_exactly(pair, start_worker
     source, destination = start_worker(pair), start_worker(pair)
     request = body("pausing", max_tokens=40, **SEEDED)
     reference = uninterrupted(source, request)
-    slow_down(source.service.engine, 0.01)
+    hold_at(source.service.engine, "pausing", 4, until=handed_over(source.service.engine))  # running until paused
 
     def extend_fails(*args, **kwargs):
         raise EngineUnavailable("destination shutting down")
@@ -605,7 +626,8 @@ def test_held_requests_expire_and_refuse_ending_tokens(pair, start_worker):
 
 def test_a_held_request_waiting_for_a_slot_is_prefilled_once_admitted(pair, start_worker):
     worker = start_worker(pair, max_running_requests=1)
-    slow_down(worker.service.engine, 0.01)
+    looked = threading.Event()
+    hold_at(worker.service.engine, "busy", 1, until=looked)  # it takes the one slot until the test looked
     busy = iter(worker.client.generate(body("busy", max_tokens=30)))
     next(busy)
     generate = GenerateRequest(request_id="queued", prompt_token_ids=[5, 6, 7], max_tokens=10)
@@ -613,8 +635,11 @@ def test_a_held_request_waiting_for_a_slot_is_prefilled_once_admitted(pair, star
     thread = threading.Thread(target=lambda: answer.append(
         worker.client.prepare_migration(PrepareMigration(request_id="queued", generate=generate))))
     thread.start()
-    assert wait_until(lambda: worker.service.engine.counts() == (1, 1))
-    assert not answer  # no answer while it cannot even start prefilling
+    try:
+        assert wait_until(lambda: worker.service.engine.counts() == (1, 1))
+        assert not answer  # no answer while it cannot even start prefilling
+    finally:
+        looked.set()
     list(busy)
     thread.join(20)
     assert answer and answer[0].cached_tokens == 3
@@ -670,7 +695,7 @@ def test_a_grant_opens_only_the_requests_moved_with_it(pair, start_worker):
     from hpcllm.worker.client import WorkerClient
 
     source, destination = start_worker(pair), start_worker(pair)
-    slow_down(source.service.engine, 0.01)
+    hold_at(source.service.engine, "moved", 3, until=handed_over(source.service.engine))  # running until moved
     lines = iter(source.client.generate(body("moved", max_tokens=30, **GREEDY)))
     read_until(lines, 3)
     source.client.migrate("moved", ticketed(destination.url))
