@@ -74,6 +74,17 @@ def _drains(tmp_path: Path) -> list[str]:
     return sorted(line.strip() for line in lines)
 
 
+def _submit_pool(command: list[str], env: dict[str, str], tmp_path: Path, cli, cancel_after) -> tuple[str, Path]:
+    """Submit the model pool script (`command` writes its log to tmp_path/pool-%j.out): its job id, cancelled after
+    the test, and that log's path."""
+    env = {name: value for name, value in env.items() if name != "SLURM_JOB_ID"}  # submitted from outside any job
+    submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    cancel_after.append((cli, job_id))
+    return job_id, tmp_path / f"pool-{job_id}.out"
+
+
 @pytest.fixture
 def cli(slurm_cluster) -> CliBackend:
     return CliBackend(SlurmConfig(), command_timeout=30)
@@ -209,13 +220,8 @@ def test_single_node_agent_job_drains_on_sigterm(cli, tmp_path, cancel_after):
 def test_model_pool_script_serves_the_model_and_drains(cli, tmp_path, cancel_after):
     env = {**os.environ, "MODEL": "pool-model", "GPUS": "1", "TIME": "00:05:00", "NODES": "2",
            "HPCLLM": str(fake_agent(tmp_path))}
-    env.pop("SLURM_JOB_ID", None)
-    submitted = subprocess.run(["bash", str(MODEL_POOL_SCRIPT), "--parsable", f"--output={tmp_path}/pool-%j.out"],
-                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    cancel_after.append((cli, job_id))
-    log = tmp_path / f"pool-{job_id}.out"
+    job_id, log = _submit_pool(["bash", str(MODEL_POOL_SCRIPT), "--parsable", f"--output={tmp_path}/pool-%j.out"],
+                               env, tmp_path, cli, cancel_after)
     status = wait_for(cli, [job_id], lambda s: s.state is JobState.RUNNING)[job_id]
     assert len(status.nodes) == 2
     _wait_for_text(log, "started: node --model pool-model", count=2)
@@ -294,14 +300,9 @@ def test_model_pool_script_submitted_with_sbatch_runs_its_agents_also_when_reque
     more, also run again after a requeue (preemption, `scontrol requeue`), with the same job id."""
     name = f"it-pool-sbatch-{os.getpid()}"
     env = {**os.environ, "MODEL": "pool-model", "HPCLLM": str(fake_agent(tmp_path))}
-    env.pop("SLURM_JOB_ID", None)
-    submitted = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", "--time=00:05:00",
-                                f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)], env=env,
-                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    cancel_after.append((cli, job_id))
-    log = tmp_path / f"pool-{job_id}.out"
+    job_id, log = _submit_pool(["sbatch", "--parsable", f"--job-name={name}", "--time=00:05:00",
+                                f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)],
+                               env, tmp_path, cli, cancel_after)
     _wait_for_text(log, "started: node --model pool-model")
     slurm_cluster.run("scontrol", "requeue", job_id)
     wait_for(cli, [job_id], lambda s: s.state is JobState.PENDING)
@@ -317,13 +318,8 @@ def test_model_pool_script_run_from_a_shell_under_sbatch_export_none_serves_the_
     settings of the documented `MODEL=... slurm/model-pool.sbatch`: the pool serves MODEL with the given HPCLLM."""
     env = {**os.environ, "MODEL": "pool-model", "GPUS": "1", "TIME": "00:05:00", "NODES": "1",
            "HPCLLM": str(fake_agent(tmp_path)), "SBATCH_EXPORT": "NONE"}
-    env.pop("SLURM_JOB_ID", None)
-    submitted = subprocess.run(["bash", str(MODEL_POOL_SCRIPT), "--parsable", f"--output={tmp_path}/pool-%j.out"],
-                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    cancel_after.append((cli, job_id))
-    log = tmp_path / f"pool-{job_id}.out"
+    job_id, log = _submit_pool(["bash", str(MODEL_POOL_SCRIPT), "--parsable", f"--output={tmp_path}/pool-%j.out"],
+                               env, tmp_path, cli, cancel_after)
     _wait_for_text(log, "started: node --model pool-model")  # not `hpcllm node --model tiny-llama`
 
 
@@ -331,15 +327,11 @@ def test_model_pool_script_submitted_with_export_none_stops_naming_what_to_pass(
     """`sbatch --export=NONE slurm/model-pool.sbatch` with MODEL in the submitting shell: the job never gets MODEL;
     it fails at once saying so and what to pass, instead of serving the default model."""
     env = {**os.environ, "MODEL": "pool-model", "HPCLLM": str(fake_agent(tmp_path))}
-    env.pop("SLURM_JOB_ID", None)
-    submitted = subprocess.run(["sbatch", "--parsable", "--export=NONE", "--time=00:05:00",
-                                f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)], env=env,
-                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    cancel_after.append((cli, job_id))
+    job_id, log = _submit_pool(["sbatch", "--parsable", "--export=NONE", "--time=00:05:00",
+                                f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)],
+                               env, tmp_path, cli, cancel_after)
     status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
-    text = (tmp_path / f"pool-{job_id}.out").read_text()
+    text = log.read_text()
     assert status.state is JobState.FAILED and "started: node" not in text, (status, text)
     assert "submitted with --export=NONE" in text and "--export=ALL" in text, text
 
@@ -357,16 +349,11 @@ def test_model_pool_agents_get_the_pool_token_the_script_found_also_under_an_exp
     agent = tmp_path / "hpcllm"
     agent.write_text('#!/bin/bash\necho "agent: $* token file ${HPCLLM_NODE_TOKEN_FILE:-none}"\n')
     agent.chmod(0o755)
-    env = {**os.environ}
-    env.pop("SLURM_JOB_ID", None)
-    submitted = subprocess.run(["sbatch", "--parsable", f"--export=MODEL=pool-model,HPCLLM={agent},HOME={home}",
+    job_id, log = _submit_pool(["sbatch", "--parsable", f"--export=MODEL=pool-model,HPCLLM={agent},HOME={home}",
                                 "--time=00:05:00", f"--output={tmp_path}/pool-%j.out", str(MODEL_POOL_SCRIPT)],
-                               env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert submitted.returncode == 0, submitted.stderr
-    job_id = submitted.stdout.strip().split(";")[0]
-    cancel_after.append((cli, job_id))
+                               dict(os.environ), tmp_path, cli, cancel_after)
     status = wait_for(cli, [job_id], lambda s: s.is_terminal)[job_id]
-    text = (tmp_path / f"pool-{job_id}.out").read_text()
+    text = log.read_text()
     assert status.state is JobState.COMPLETED, (status, text)
     assert f"agent: node --model pool-model token file {token_file}" in text, text
 
