@@ -157,7 +157,6 @@ ENCLOSING_JOBS = {"no job": {}, "salloc shell": {"SLURM_JOB_ID": "41", "SLURM_JO
                   "another batch job": {"SLURM_JOB_ID": "41", "SLURM_JOB_NODELIST": "n1", "ENVIRONMENT": "BATCH"}}
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("enclosing", ENCLOSING_JOBS)
 def test_model_pool_submits_itself_with_the_settings(tmp_path, enclosing):
     """Run from a shell, also one inside another Slurm job, the pool script calls sbatch with GPUS/TIME/NODES and
@@ -171,7 +170,6 @@ def test_model_pool_submits_itself_with_the_settings(tmp_path, enclosing):
         assert "inside Slurm job 41: submitting the pool as a job of its own" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_model_pool_under_sbatch_export_none_exports_only_its_settings(tmp_path):
     """A site's SBATCH_EXPORT=NONE keeps the submitter's environment out of jobs (Slurm stores it): the pool's
     self-submission exports its settings that are set, by name, not the shell's tokens and keys."""
@@ -184,7 +182,6 @@ def test_model_pool_under_sbatch_export_none_exports_only_its_settings(tmp_path)
         f"--gres=gpu:2 --time=02:00:00 --nodes=3 {MODEL_POOL_SCRIPT}")
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 @pytest.mark.parametrize("own_step", ["Slurm's spool copy", "the job it submitted", "requeued"])
 def test_model_pool_in_its_own_batch_step_runs_the_agents_and_never_submits_again(tmp_path, own_step):
     """Slurm runs a batch script from its spool copy (.../slurm_script); a job the script submitted itself carries
@@ -203,7 +200,6 @@ def test_model_pool_in_its_own_batch_step_runs_the_agents_and_never_submits_agai
             in result.stdout)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_model_pool_submitted_with_export_none_stops_naming_what_to_pass(tmp_path):
     """`sbatch --export=NONE slurm/model-pool.sbatch` (or under SBATCH_EXPORT=NONE): MODEL set in the submitting
     shell never reaches the job (Slurm gives it SLURM_EXPORT_ENV=NONE and no other variable of the submitter's),
@@ -218,7 +214,6 @@ def test_model_pool_submitted_with_export_none_stops_naming_what_to_pass(tmp_pat
     assert "unset SLURM_EXPORT_ENV" in result.stderr, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_model_pool_run_inside_a_job_submitted_with_export_none_submits_a_job_that_serves(tmp_path):
     """A workflow's batch script or an Open OnDemand/Jupyter session, itself submitted with --export=NONE, has
     SLURM_EXPORT_ENV=NONE, which sbatch passes on: the pool's job would take itself for one submitted with
@@ -230,7 +225,6 @@ def test_model_pool_run_inside_a_job_submitted_with_export_none_submits_a_job_th
     assert "sbatch SLURM_EXPORT_ENV=unset" in result.stderr, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_model_pool_job_with_export_none_but_given_model_serves_it(tmp_path):
     """`MODEL=m1 sbatch slurm/model-pool.sbatch` from inside a job submitted with --export=NONE: the pool's job
     has MODEL, and SLURM_EXPORT_ENV=NONE only from the enclosing job: it serves MODEL."""
@@ -244,7 +238,6 @@ def test_model_pool_job_with_export_none_but_given_model_serves_it(tmp_path):
         result.stdout)
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_model_pool_copy_rendered_with_its_model_serves_it_also_submitted_with_export_none(tmp_path):
     """`hpcllm slurm render model-pool --model llama-3-8b -o FILE; sbatch FILE` at a site with SBATCH_EXPORT=NONE:
     the job has SLURM_EXPORT_ENV=NONE and no MODEL, but the copy carries its model: it serves that one."""
