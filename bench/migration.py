@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-from bench.benchkit import new_result_stem  # noqa: E402
+from bench.benchkit import new_result_stem, require_at_least  # noqa: E402
 from hpcllm.config import parse_config  # noqa: E402
 from hpcllm.gateway.errors import ModelNotFound  # noqa: E402
 from hpcllm.gateway.routing import Endpoint, ModelCard, Router  # noqa: E402
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 3 (a median of fewer says little)")
     if args.trigger_after < 2 or args.trigger_after >= args.max_tokens:
         parser.error("--trigger-after must be between 2 and --max-tokens - 1")
-    if args.prompt_tokens < 1:
-        parser.error("--prompt-tokens must be at least 1")
+    require_at_least(parser, args, 1, "prompt_tokens")
 
     import torch
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.benchkit import require_at_least  # noqa: E402
+
 PAGE = 4096
 BASELINE = "bare O_DIRECT, huge pages"
 
@@ -76,10 +78,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=8, help="reader threads")
     parser.add_argument("--block-mib", type=int, default=16, help="bytes per read request, MiB")
     args = parser.parse_args()
+    require_at_least(parser, args, 1, "reps", "threads", "block_mib")
     if not (args.checkpoint / "index.json").is_file():
         parser.error(f"{args.checkpoint} is not a converted checkpoint (run bench/load.py once to build it)")
-    if args.reps < 1 or args.threads < 1 or args.block_mib < 1:
-        parser.error("--reps, --threads and --block-mib must be at least 1")
 
     import transformers  # noqa: F401 - imports outside the timed region, as a warm worker has them
 

@@ -41,6 +41,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.benchkit import require_at_least  # noqa: E402
+
 PROMPT = "Think about the question, then answer it: what is the capital of France, and why is it there?"
 
 
@@ -102,9 +105,7 @@ def main() -> int:
                         help="speculative_ngram_tokens (0: none); the model copies, the prompts are --prompt-tokens")
     parser.add_argument("--prompt-tokens", type=int, help="with --speculate: each prompt's length (default 4096)")
     args = parser.parse_args()
-    for name in ("requests", "max_tokens", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least(parser, args, 1, "requests", "max_tokens", "rounds", "threads")
     if args.speculate < 0:
         parser.error("--speculate must be 0 (off) or the tokens proposed per step")
     if args.prompt_tokens is not None and not args.speculate:
