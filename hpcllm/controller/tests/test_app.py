@@ -663,6 +663,29 @@ def test_a_failed_instance_and_its_reason_show_in_status(client, harness, capsys
     assert "failed instances" in out and reason in out
 
 
+def test_status_prints_rank_slices_and_reasons_with_brackets_as_they_are(client, harness, capsys, monkeypatch):
+    """`hpcllm status` prints a node's tensor-parallel slices as `model@tier[rank R/N]` and an agent's reason as
+    the agent wrote it: square brackets are text, not markup of the table library (which dropped `[rank 0/2]`
+    and failed with a traceback on a reason naming `[/dev/shm]`)."""
+    from hpcllm.controller.cli import print_status
+    from hpcllm.controller.protocol import ClusterStatus
+
+    harness.deploy("m", size_bytes=GB, gpus=1)
+    harness.register("n1", cached=(("m", "nvme", 2, 0),))
+    reason = "worker exited: no space left on device [/dev/shm] while loading [rank 1]"
+    failed = {"instance_id": "i-bad", "model": "m", "state": "failed", "worker_url": None, "gpu_ids": [0],
+              "running_requests": 0, "error": reason}
+    hb = {"cached": [{"model": "m", "tier": "nvme", "bytes": 1, "verified": True, "tensor_parallel": 2, "rank": 0}],
+          "instances": [failed]}
+    assert client.post("/v1/internal/nodes/n1/heartbeat", json=hb, headers=INTERNAL).status_code == 200
+
+    monkeypatch.setenv("COLUMNS", "300")
+    print_status(ClusterStatus.model_validate(client.get("/v1/admin/status", headers=ADMIN).get_json()))
+    out = capsys.readouterr().out
+    assert "m@nvme[rank 0/2]" in next(line for line in out.splitlines() if "n1" in line and "nvme" in line)
+    assert reason in out
+
+
 def test_a_running_instance_holds_the_cpu_slots_of_the_ranks_it_started_with(make_harness, tiny_llama_dir):
     """A model redeployed with another tensor_parallel leaves its running instances as they are: one started with
     two ranks still holds two CPU slots, so another model does not go into a slot its ranks use."""
