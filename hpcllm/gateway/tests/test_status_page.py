@@ -136,6 +136,36 @@ def test_chromium_filters_nodes_by_name_or_cached_model(status_gateway):
     assert len(re.findall(r'data-node="', dom)) == NODES // 10  # the nodes caching it
 
 
+def test_chromium_offers_the_node_states_of_the_latest_poll(make_gateway):
+    """The node-state filter lists the states the nodes have now: a draining node that went down (as many states
+    as before, other ones) is offered as `down`, no longer as `draining`."""
+    from flask import Flask
+
+    polls = []
+    controller = Flask("scripted-controller")
+
+    @controller.get("/v1/admin/status")
+    def status():
+        polls.append(1)
+        leaving = "draining" if len(polls) == 1 else "down"
+        nodes = [{"node_id": node, "state": state, "gpus": 2, "free_gpus": 2, "cached": [], "tiers": {},
+                  "slurm_job_id": None, "pool_model": None, "last_heartbeat": None}
+                 for node, state in (("n1", "up"), ("n2", leaving))]
+        return {"now": 0.0, "models": [], "nodes": nodes, "instances": [], "allocations": [], "cold_starts": [],
+                "migrations": [], "failed_instances": []}
+
+    server = ThreadServer(controller)
+    try:
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url)
+        dom = dump_dom(f"{gw.url}/status?every_ms=1000#key={ADMIN_KEY}", budget_ms=3500)
+    finally:
+        server.stop()
+    assert int(re.search(r'data-polls="(\d+)"', dom).group(1)) >= 2
+    offered = re.findall(r"<option[^>]*>([^<]*)</option>", re.search(r'<select id="node-state">(.*?)</select>',
+                                                                      dom, re.S).group(1))
+    assert offered == ["any state", "down", "up"]
+
+
 def test_chromium_says_why_a_wrong_key_shows_nothing(status_gateway):
     gw = status_gateway()
     dom = dump_dom(f"{gw.url}/status{ONE_POLL}#key=not-a-key")
