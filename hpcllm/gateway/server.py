@@ -22,6 +22,8 @@ Settings and why:
   logger_class           GatewayLogger: gunicorn's own lines in the services' one format (hpcllm.logs.FORMAT), the
                          format of the gateway's lines too (`hpcllm gateway` sets up the root logger in the master;
                          the forked workers inherit its handler).
+  access_log_format      gunicorn's line with `request_id=` the X-Request-Id of the answer, so a user's quoted id
+                         finds its request (a 401 or 429 logs nothing else).
   control_socket_disable gunicorn's control socket (gunicornc) is off: its one path per user would be shared by
                          every gateway (and test) on the host; signals stop and resize the gateway.
   PROMETHEUS_MULTIPROC_DIR  a fresh per-master directory, set before prometheus_client is imported anywhere, so
@@ -98,6 +100,10 @@ WORKER_CLASSES = {
 }
 
 
+# gunicorn's default line plus the request id the answer carries (X-Request-Id): the one thing a user can quote.
+ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request_id=%({x-request-id}o)s'
+
+
 def gunicorn_settings(config: Config) -> dict:
     gw = config.gateway
     concurrency = {"threads": gw.threads} if gw.worker_class == "gthread" else {"worker_connections": gw.threads}
@@ -113,6 +119,7 @@ def gunicorn_settings(config: Config) -> dict:
         "preload_app": False,
         "proc_name": "hpcllm-gateway",
         "accesslog": "-",
+        "access_log_format": ACCESS_LOG_FORMAT,
         "errorlog": "-",
         "loglevel": "info",
         "logger_class": "hpcllm.gateway.server.GatewayLogger",

@@ -1,0 +1,25 @@
+"""What `hpcllm gateway` (gunicorn) writes to its log for the requests it answers."""
+
+from __future__ import annotations
+
+import httpx
+
+from hpcllm.tests.ports import free_port
+
+from .test_gunicorn import gunicorn_process, write_config
+
+
+def test_the_access_log_names_each_requests_id(tmp_path, worker_url, tiny_model_dir):
+    """A user quotes the X-Request-Id of an answer (a 401, a 429: answers the gateway logs nothing else for); the
+    operator finds that request's line in the gateway's log by it."""
+    port = free_port()
+    config = write_config(tmp_path / "gateway.toml", tmp_path / "state", port, worker_url, tiny_model_dir,
+                          worker_url, "gthread", worker_url)
+    with gunicorn_process(tmp_path, config, port) as (_, url, _):
+        refused = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-wrong"}, timeout=30)
+        given = httpx.get(f"{url}/health", headers={"X-Request-Id": "ticket-4711"}, timeout=30)
+    assert refused.status_code == 401 and given.headers["X-Request-Id"] == "ticket-4711"
+    lines = (tmp_path / "gateway.log").read_text().splitlines()
+    [line] = [ln for ln in lines if refused.headers["X-Request-Id"] in ln]
+    assert '"GET /v1/models HTTP/1.1" 401' in line
+    assert any('"GET /health HTTP/1.1" 200' in ln for ln in lines if "ticket-4711" in ln)
