@@ -642,8 +642,19 @@ class BatchRun:
     def _write(self, batch: BatchObject, result: ResultLine, output: ResultFile, errors: ResultFile) -> None:
         succeeded = _succeeded(result)
         (output if succeeded else errors).append(result)
-        self.runner.gw.metrics.batch_requests.labels(batch.model or "",
+        self.runner.gw.metrics.batch_requests.labels(self._model_label(batch.model),
                                                      "completed" if succeeded else "failed").inc()
+
+    def _model_label(self, model: str | None) -> str:
+        """The batch's model as its metrics label where this gateway serves it, else "": the name comes from the
+        user's file (any string, any length), and an invented one must not become a series of its own."""
+        if model is None:
+            return ""
+        try:
+            cards = self.runner.gw.router.list_models()
+        except ServiceUnavailable:  # no list yet (the controller away since the gateway started): not checkable
+            return ""
+        return model if any(card.name == model for card in cards) else ""
 
     def _stop_reason(self, batch: BatchObject) -> str | None:
         if self.runner.stopping:
