@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 bp = Blueprint("status", __name__)
 
 STATUS_TIMEOUT_S = 30.0
-# What users never see of the cluster: where its internal services listen, and which credential a node holds.
-INTERNAL_FIELDS = {"nodes": ("agent_url", "credential_id"), "instances": ("worker_url",)}
+# What users never see of the cluster: where its internal services listen, and which credential a node holds (a
+# failed migration's error names the node agent's address: "node agent http://...: ...").
+INTERNAL_FIELDS = {"nodes": ("agent_url", "credential_id"), "instances": ("worker_url",), "migrations": ("error",)}
 # Sections whose rows belong to a node (hidden with another group's pool node).
 NODE_SECTIONS = ("instances", "cold_starts", "migrations", "failed_instances")
 

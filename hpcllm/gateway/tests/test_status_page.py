@@ -221,6 +221,33 @@ def test_users_see_no_other_groups_pools_nor_credential_ids(make_gateway, tmp_pa
     assert any(n.get("credential_id") == parse_token(token)[0] for n in admin["nodes"])
 
 
+def test_users_view_of_a_failed_migration_names_no_node_agents_address(make_gateway, tmp_path):
+    """A migration that failed keeps the controller's error, which names the node agent's internal address
+    ("node agent http://n1:9000: ..."): the admin sees it, a user's view of the migrations does not."""
+    from hpcllm.controller.tests.test_migration import full_cluster
+
+    made = []
+
+    def make_harness(**settings):
+        made.append(Harness(tmp_path / "controller", admin_key=ADMIN_KEY, **settings))
+        return made[-1]
+
+    h, agents, _, _ = full_cluster(make_harness)
+    agents.fail_migration = "ReadTimeout (test)"
+    assert h.controller.route("b").status == "starting"  # moving a's instance off n1 failed
+    server = ThreadServer(create_controller_app(h.controller))
+    try:
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
+        user = gw.get("/v1/status", key=USER_KEY)
+        admin = gw.get("/v1/admin/status", key=ADMIN_KEY).json()
+    finally:
+        server.stop()
+        h.registry.close()
+    assert admin["migrations"][0]["error"] == "node agent http://n1:9000: ReadTimeout (test)"
+    assert user.status_code == 200 and [m["outcome"] for m in user.json()["migrations"]] == ["failed"]
+    assert "http://n1" not in user.text, user.text
+
+
 def test_users_are_not_told_the_controllers_address_when_it_is_down(make_gateway, caplog):
     """The users' view never names internal addresses, its error neither: a controller that does not answer is a
     503 controller_unreachable; where it is and why goes to the gateway's log."""
