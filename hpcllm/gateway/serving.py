@@ -348,8 +348,8 @@ class Generation:
                     message = final.error.message if final.error else "unknown error"
                     if final.finish_reason == "error" and not _worker_died(final):
                         # The worker's message is its exception's text: for the log, not the client, who gets the id.
-                        log.error("request %s choice %d: worker %s failed while generating: %s", self.ctx.request_id,
-                                  index, choice.stream.worker_url, message)
+                        log.error("request %s choice %d: %s failed while generating: %s", self.ctx.request_id,
+                                  index, choice.stream.where, message)
                         raise InternalError("the model's worker failed while generating; "
                                             + see_the_log(self.ctx.request_id), code="generation_failed")
                     if (final.finish_reason == "migrated" and final.migrated_to is not None
@@ -360,9 +360,9 @@ class Generation:
                             continue
                         reason = failure
                     elif final.finish_reason == "error":
-                        reason = f"worker {choice.stream.worker_url} failed: {message}"
+                        reason = f"{choice.stream.where} failed: {message}"
                     else:
-                        reason = f"worker {choice.stream.worker_url} ended the generation ({final.finish_reason})"
+                        reason = f"{choice.stream.where} ended the generation ({final.finish_reason})"
                 if resumes >= MAX_RESUMES:  # the reason names internal addresses: the log has it, not the client
                     log.warning("request %s choice %d: %s; resumed %d times already, giving up",
                                 self.ctx.request_id, index, reason, resumes)
@@ -382,12 +382,12 @@ class Generation:
         """Follow a live migration: stream on from the destination. None on success, else why it failed."""
         delivered = len(choice.output_ids)
         if moved.from_index != delivered:  # the destination would refuse; resume from what the client has
-            return (f"worker {choice.stream.worker_url} migrated the generation from index {moved.from_index}, "
+            return (f"{choice.stream.where} migrated the generation from index {moved.from_index}, "
                     f"but {delivered} tokens were delivered")
         if not moved.grant:
             # The URL came from the source worker's stream, which a group's own pool controls: the gateway's
             # credentials never go there, only the grant of the controller's ticket (every real migration has one).
-            return f"worker {choice.stream.worker_url} migrated the generation without a migration grant"
+            return f"{choice.stream.where} migrated the generation without a migration grant"
         try:
             # The grant opens only this request, on the destination the controller named in the ticket.
             stream = open_attach(self.gw.http, moved.worker_url, moved.request_id, delivered, moved.grant,

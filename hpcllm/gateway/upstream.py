@@ -39,9 +39,15 @@ class WorkerLost(Exception):
 class WorkerStream:
     """One open generation: iterate for TokenLine objects, then exactly one FinalLine."""
 
-    def __init__(self, worker_url: str, stream: GenerationStream):
+    def __init__(self, worker_url: str, stream: GenerationStream, request_id: str):
         self.worker_url = worker_url
+        self.request_id = request_id  # what the worker's own log calls this generation
         self._stream = stream
+
+    @property
+    def where(self) -> str:
+        """The worker and its id of the generation, for the gateway's log lines (the worker's log has the rest)."""
+        return f"worker {self.worker_url} (its request {self.request_id})"
 
     @property
     def finished(self) -> bool:
@@ -65,7 +71,7 @@ class WorkerStream:
                 yield item
         except WorkerError as exc:
             self._stream.close()
-            raise WorkerLost(f"lost the stream from worker {self.worker_url}: {exc}") from None
+            raise WorkerLost(f"lost the stream from {self.where}: {exc}") from None
 
     def cancel(self) -> None:
         """Close the connection: the worker notices at its next write and frees the request's slot."""
@@ -78,7 +84,7 @@ def open_generation(http: httpx.Client, worker_url: str, secret: str, request: G
     # The process's client: its timeouts for the stream, its pool for other calls; never closed here.
     client = WorkerClient(worker_url, secret, client=http, http=tls)
     try:
-        return WorkerStream(worker_url, client.generate(request))
+        return WorkerStream(worker_url, client.generate(request), request.request_id)
     except WorkerError as exc:
         raise _classify(worker_url, exc) from None
 
@@ -89,7 +95,7 @@ def open_attach(http: httpx.Client, worker_url: str, request_id: str, from_index
     with the migration's grant and no other credential. Raises WorkerError when the destination refuses or cannot be
     reached; the caller then resumes from tokens."""
     client = WorkerClient(worker_url, "", client=http, grant=grant, http=tls)
-    return WorkerStream(worker_url, client.attach(request_id, from_index))
+    return WorkerStream(worker_url, client.attach(request_id, from_index), request_id)
 
 
 def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]]) -> EmbedResult:

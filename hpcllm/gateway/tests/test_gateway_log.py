@@ -23,3 +23,23 @@ def test_the_access_log_names_each_requests_id(tmp_path, worker_url, tiny_model_
     [line] = [ln for ln in lines if refused.headers["X-Request-Id"] in ln]
     assert '"GET /v1/models HTTP/1.1" 401' in line
     assert any('"GET /health HTTP/1.1" 200' in ln for ln in lines if "ticket-4711" in ln)
+
+
+def test_a_failed_generations_log_line_names_the_request_id_its_worker_logs(make_gateway, tiny_model_dir, caplog):
+    """The operator looks up the X-Request-Id a user quotes in the gateway's log, then the worker's traceback in
+    the worker's log, which knows the request by the id the gateway opened it with: the gateway's line names both."""
+    from .conftest import MODEL, ThreadServer
+    from .stand_in_worker import stand_in_worker_app
+
+    received = []
+    worker = ThreadServer(stand_in_worker_app("failing-worker", lambda index: None, fail_with="a bad step",
+                                              received=received))
+    try:
+        gw = make_gateway(static_models={MODEL: {"worker_url": worker.url, "source": str(tiny_model_dir)}})
+        resp = gw.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
+    finally:
+        worker.stop()
+    assert resp.status_code == 500, resp.text
+    [line] = [r.getMessage() for r in caplog.records
+              if resp.headers["X-Request-Id"] in r.getMessage() and "a bad step" in r.getMessage()]
+    assert received[0].request_id in line
