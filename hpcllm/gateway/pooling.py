@@ -222,7 +222,8 @@ def pool_on_a_worker(gw: Gateway, ctx: RequestContext, card: ModelCard, inputs: 
         return route_request(gw, ctx, card.name)
 
     def pool(endpoint: Endpoint):
-        return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs)
+        return embed_on_worker(gw.http, endpoint.worker_url, endpoint.key(gw.config.cluster.shared_secret), inputs,
+                               for_request=ctx.request_id)
 
     expected = "embed" if classifier is None else "classify"
     try:

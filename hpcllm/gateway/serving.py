@@ -289,7 +289,7 @@ class Generation:
 
     def _open_on(self, endpoint: Endpoint, request: GenerateRequest) -> WorkerStream:
         return open_generation(self.gw.http, endpoint.worker_url, endpoint.key(self.gw.config.cluster.shared_secret),
-                               request, self.gw.config.internal_http)
+                               request, self.gw.config.internal_http, for_request=self.ctx.request_id)
 
     # ------------------------------------------------------------------------------------------ generation
     def deltas(self) -> Iterator[Delta]:

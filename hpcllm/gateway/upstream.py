@@ -36,6 +36,11 @@ class WorkerLost(Exception):
     """The worker stream broke after it had started (connection dropped, no final line)."""
 
 
+def _where(worker_url: str, request_id: str) -> str:
+    """A worker and its id of a generation, as the gateway's log lines name them."""
+    return f"worker {worker_url} (its request {request_id})"
+
+
 class WorkerStream:
     """One open generation: iterate for TokenLine objects, then exactly one FinalLine."""
 
@@ -47,7 +52,7 @@ class WorkerStream:
     @property
     def where(self) -> str:
         """The worker and its id of the generation, for the gateway's log lines (the worker's log has the rest)."""
-        return f"worker {self.worker_url} (its request {self.request_id})"
+        return _where(self.worker_url, self.request_id)
 
     @property
     def finished(self) -> bool:
@@ -79,14 +84,15 @@ class WorkerStream:
 
 
 def open_generation(http: httpx.Client, worker_url: str, secret: str, request: GenerateRequest,
-                    tls: InternalHttpConfig | None = None) -> WorkerStream:
-    """tls: the [internal_http] section (the stream verifies an https worker against its site CA)."""
+                    tls: InternalHttpConfig | None = None, *, for_request: str) -> WorkerStream:
+    """tls: the [internal_http] section (the stream verifies an https worker against its site CA). for_request: the
+    gateway's id of the client's request (X-Request-Id), for the log line of a refusal."""
     # The process's client: its timeouts for the stream, its pool for other calls; never closed here.
     client = WorkerClient(worker_url, secret, client=http, http=tls)
     try:
         return WorkerStream(worker_url, client.generate(request), request.request_id)
     except WorkerError as exc:
-        raise _classify(worker_url, exc) from None
+        raise _classify(exc, for_request, _where(worker_url, request.request_id)) from None
 
 
 def open_attach(http: httpx.Client, worker_url: str, request_id: str, from_index: int, grant: str,
@@ -98,22 +104,25 @@ def open_attach(http: httpx.Client, worker_url: str, request_id: str, from_index
     return WorkerStream(worker_url, client.attach(request_id, from_index), request_id)
 
 
-def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]]) -> EmbedResult:
+def embed_on_worker(http: httpx.Client, worker_url: str, secret: str, inputs: list[list[int]], *,
+                    for_request: str) -> EmbedResult:
     """The pooled outputs of token id lists from the worker (embeddings, or a classifier's logits: its `pooling`
-    says which; one call; refusals classified like a generation's)."""
+    says which; one call; refusals classified like a generation's). for_request: as open_generation's."""
     try:
         return WorkerClient(worker_url, secret, client=http).embed(inputs)
     except WorkerError as exc:
-        raise _classify(worker_url, exc) from None
+        raise _classify(exc, for_request, f"worker {worker_url}") from None  # the worker has no id for the call
 
 
-def _classify(worker_url: str, exc: WorkerError) -> ApiError:
+def _classify(exc: WorkerError, for_request: str, where: str) -> ApiError:
+    """The client's error for a worker's refusal; where and why are logged under the client's request id
+    (for_request) and `where` (the worker, and its id of the request where it has one)."""
     info = exc.info
     message = info.message if info else str(exc)
     # Where and why go to the log: clients are not told internal addresses, nor the worker's own words (its engine's
     # errors, a checkpoint's path); a refusal of the request itself (400) is the client's to read.
     if exc.status == 0:
-        log.warning("worker %s is unreachable: %s", worker_url, message)
+        log.warning("request %s: %s is unreachable: %s", for_request, where, message)
         return WorkerUnavailable("the model's worker cannot be reached just now; retry shortly", retry_after=2)
     if exc.status in (400, 413, 422):
         # The worker's own validation (e.g. a prompt its context cannot hold): the caller's request is at fault.
@@ -122,10 +131,10 @@ def _classify(worker_url: str, exc: WorkerError) -> ApiError:
     if exc.status == 503 and engine_unavailable(info):
         # Its model still loads, failed to load, or its engine died: not back within seconds, so not busy (a busy
         # worker is tried again soon).
-        log.warning("worker %s has no running engine: %s", worker_url, message)
+        log.warning("request %s: %s has no running engine: %s", for_request, where, message)
         return WorkerUnavailable("the model's worker is not ready; retry shortly", retry_after=5)
     if exc.status in (429, 503):
-        log.warning("worker %s is busy: %s", worker_url, message)
+        log.warning("request %s: %s is busy: %s", for_request, where, message)
         return WorkerBusy("the model's worker is busy; retry shortly", retry_after=2)
-    log.error("worker %s answered %s: %s", worker_url, exc.status, message)
+    log.error("request %s: %s answered %s: %s", for_request, where, exc.status, message)
     return WorkerUnavailable(f"the model's worker failed (HTTP {exc.status}); retry shortly", retry_after=5)
