@@ -21,8 +21,8 @@ def human_size(nbytes: float) -> str:
 def table_console():
     """A rich console for tables: the terminal's width (or $COLUMNS); piped into a file, `less` or `grep`, a fixed
     wide line (rich would otherwise assume 80 columns and fold every cell into a narrow column). Cells are data
-    (an agent's error, `[rank 0/2]`): square brackets print as they are, never as rich markup."""
+    (an agent's error, `[rank 0/2]`): square brackets and `:name:` print as they are, never as rich markup or emoji."""
     from rich.console import Console
 
     width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPED_WIDTH
-    return Console(width=width, markup=False)
+    return Console(width=width, markup=False, emoji=False)

@@ -666,13 +666,13 @@ def test_a_failed_instance_and_its_reason_show_in_status(client, harness, capsys
 def test_status_prints_rank_slices_and_reasons_with_brackets_as_they_are(client, harness, capsys, monkeypatch):
     """`hpcllm status` prints a node's tensor-parallel slices as `model@tier[rank R/N]` and an agent's reason as
     the agent wrote it: square brackets are text, not markup of the table library (which dropped `[rank 0/2]`
-    and failed with a traceback on a reason naming `[/dev/shm]`)."""
+    and failed with a traceback on a reason naming `[/dev/shm]`), and `:key:` is text, not an emoji code."""
     from hpcllm.controller.cli import print_status
     from hpcllm.controller.protocol import ClusterStatus
 
     harness.deploy("m", size_bytes=GB, gpus=1)
     harness.register("n1", cached=(("m", "nvme", 2, 0),))
-    reason = "worker exited: no space left on device [/dev/shm] while loading [rank 1]"
+    reason = "worker exited: no space left on device [/dev/shm] while loading [rank 1]: missing config key :key:"
     failed = {"instance_id": "i-bad", "model": "m", "state": "failed", "worker_url": None, "gpu_ids": [0],
               "running_requests": 0, "error": reason}
     hb = {"cached": [{"model": "m", "tier": "nvme", "bytes": 1, "verified": True, "tensor_parallel": 2, "rank": 0}],
