@@ -25,9 +25,12 @@ log = logging.getLogger(__name__)
 bp = Blueprint("status", __name__)
 
 STATUS_TIMEOUT_S = 30.0
-# What users never see of the cluster: where its internal services listen, and which credential a node holds (a
-# failed migration's error names the node agent's address: "node agent http://...: ...").
-INTERNAL_FIELDS = {"nodes": ("agent_url", "credential_id"), "instances": ("worker_url",), "migrations": ("error",)}
+# What users never see of the cluster: where its internal services listen, which credential a node holds (a
+# failed migration's error names the node agent's address: "node agent http://...: ..."), where a model's checkpoint
+# lies and which Slurm account, partition and qos its allocations are charged to. A model's LoRA adapters are
+# listed by name only (their folders are paths): see without_internal_addresses.
+INTERNAL_FIELDS = {"models": ("source", "slurm"), "nodes": ("agent_url", "credential_id"), "instances": ("worker_url",),
+                   "migrations": ("error",)}
 # Sections whose rows belong to a node (hidden with another group's pool node).
 NODE_SECTIONS = ("instances", "cold_starts", "migrations", "failed_instances")
 
@@ -88,4 +91,6 @@ def without_internal_addresses(status: dict) -> dict:
         for row in status.get(section, []):
             for field in fields:
                 row.pop(field, None)
+    for model in status.get("models", []):
+        model["lora_adapters"] = sorted(model.get("lora_adapters") or {})  # names -> folders: the names
     return status

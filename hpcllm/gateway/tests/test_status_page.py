@@ -258,3 +258,30 @@ def test_users_are_not_told_the_controllers_address_when_it_is_down(make_gateway
     assert resp.json()["error"]["code"] == "controller_unreachable"
     assert "127.0.0.1" not in resp.text, resp.text
     assert down in caplog.text
+
+
+def test_users_view_names_no_checkpoint_or_adapter_paths_nor_slurm_accounts(make_gateway, tmp_path):
+    """Where a model's checkpoint and adapters lie on the shared filesystem, and which Slurm account, partition and
+    qos its allocations are charged to, are the admin's: a user's view lists the model and its adapters by name."""
+    from hpcllm.controller.protocol import SlurmOverrides
+    from hpcllm.controller.tests.test_lora_adapters import adapter_folder
+
+    h = Harness(tmp_path / "controller", admin_key=ADMIN_KEY)
+    adapter = adapter_folder(tmp_path / "adapters" / "legal")
+    h.deploy("llama-7b", lora_adapters={"llama-legal": adapter},
+             slurm=SlurmOverrides(account="proj-secret", partition="debug", qos="vip-qos"))
+    server = ThreadServer(create_controller_app(h.controller))
+    try:
+        gw = make_gateway(router=None, static_models={}, controller_url=server.url, status_page_users=True)
+        user = gw.get("/v1/status", key=USER_KEY)
+        admin = gw.get("/v1/admin/status", key=ADMIN_KEY).json()
+    finally:
+        server.stop()
+        h.registry.close()
+    assert admin["models"][0]["lora_adapters"] == {"llama-legal": adapter}
+    assert admin["models"][0]["slurm"]["account"] == "proj-secret"
+    assert user.status_code == 200, user.text
+    [model] = user.json()["models"]
+    assert model["name"] == "llama-7b" and model["lora_adapters"] == ["llama-legal"]
+    for secret in (str(tmp_path), "proj-secret", "vip-qos", "\"slurm\""):
+        assert secret not in user.text, secret
