@@ -53,6 +53,7 @@ from gunicorn import glogging
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.config import AccessLogFormat
 from gunicorn.workers.ggevent import GeventWorker
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -101,7 +102,7 @@ WORKER_CLASSES = {
 
 
 # gunicorn's default line plus the request id the answer carries (X-Request-Id): the one thing a user can quote.
-ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" request_id=%({x-request-id}o)s'
+ACCESS_LOG_FORMAT = AccessLogFormat.default + " request_id=%({x-request-id}o)s"
 
 
 def gunicorn_settings(config: Config) -> dict:
