@@ -107,7 +107,8 @@ class GatewayMetrics:
             ["tier"], buckets=LOAD_BUCKETS, registry=reg)
         self.batch_requests = Counter(
             "hpcllm_batch_requests", "Requests of batches written to their output (completed) or error file "
-            "(failed, expired ones included), by the batch's model.", model + ["status"], registry=reg)
+            "(failed, expired ones included), by the batch's model (\"\" for a model this gateway does not serve).",
+            model + ["status"], registry=reg)
         self.batches_finished = Counter(
             "hpcllm_batches_finished", "Batches that ended, by their final status (completed, failed, expired, "
             "cancelled).", ["status"], registry=reg)
