@@ -70,8 +70,8 @@ def samples(url: str, name: str) -> list:
 
 
 def model_total(url: str, name: str) -> float:
-    """Sum of a counter's samples whose labels name MODEL (gateway label model_name, controller label model)."""
-    return sum(s.value for s in samples(url, name) if MODEL in s.labels.values())
+    """Sum of a counter's samples of MODEL (label model_name, on every service)."""
+    return sum(s.value for s in samples(url, name) if s.labels.get("model_name") == MODEL)
 
 
 def agent_log(root: Path, node: str) -> str:

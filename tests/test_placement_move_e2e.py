@@ -98,9 +98,9 @@ def admin_status(controller_url: str) -> dict:
 
 
 def total(url: str, name: str, model: str, **labels: str) -> float:
-    """Sum of a counter's samples for `model` (gateway label model_name, controller label model) matching labels."""
+    """Sum of a counter's samples for `model` (label model_name, on every service) matching labels."""
     return sum(s.value for s in metric_samples(url, name)
-               if model in s.labels.values() and all(s.labels.get(k) == v for k, v in labels.items()))
+               if s.labels.get("model_name") == model and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def instances_of(status: dict, model: str, state: str | None = None) -> list[dict]:
@@ -259,7 +259,7 @@ def test_placement_live_migrates_the_busy_instance_it_moves(stack, small_llama_d
     assert total(gateway_url, "hpcllm_migration_pause_seconds_count", MODEL_A) == 1
     # The controller moved exactly one instance for placement, live, to the other node's A instance.
     moves = {s.labels["outcome"]: s.value for s in metric_samples(controller_url, "hpcllm_controller_migrations_total")
-             if s.labels.get("model") == MODEL_A}
+             if s.labels.get("model_name") == MODEL_A}
     assert moves == {"migrated": 1.0}, moves
     assert total(controller_url, "hpcllm_controller_migrations_total", MODEL_A, trigger="placement",
                  outcome="migrated") == 1

@@ -95,9 +95,9 @@ def samples(url: str, name: str) -> list:
 
 
 def model_total(url: str, name: str, model: str, **labels: str) -> float:
-    """Sum of a counter's samples of one model (gateway label model_name, controller model) matching labels."""
+    """Sum of a counter's samples of one model (label model_name, on every service) matching labels."""
     return sum(s.value for s in samples(url, name)
-               if model in (s.labels.get("model"), s.labels.get("model_name"))
+               if s.labels.get("model_name") == model
                and all(s.labels.get(k) == v for k, v in labels.items()))
 
 

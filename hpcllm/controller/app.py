@@ -45,12 +45,14 @@ log = logging.getLogger(__name__)
 
 
 class Metrics:
+    """The controller's /metrics. A model is labelled model_name, as in the gateway's, the workers' and vLLM's."""
+
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.routes = Counter("hpcllm_controller_routes", "Route answers by outcome", ["model", "outcome"],
+        self.routes = Counter("hpcllm_controller_routes", "Route answers by outcome", ["model_name", "outcome"],
                               registry=self.registry)
         self.cold_starts = Counter("hpcllm_controller_cold_starts", "Finished cold starts by load tier",
-                                   ["model", "tier"], registry=self.registry)
+                                   ["model_name", "tier"], registry=self.registry)
         self.cold_start_seconds = Histogram(
             "hpcllm_controller_cold_start_seconds", "Placement to ready, seconds", ["tier"],
             buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600), registry=self.registry)
@@ -58,14 +60,14 @@ class Metrics:
             "hpcllm_controller_migrations",
             "Instances the controller moved off a node (placement making room, retirement), by outcome: migrated "
             "(requests moved live), partial, failed / no_target (stopped; requests resume from tokens), idle",
-            ["model", "trigger", "outcome"], registry=self.registry)
+            ["model_name", "trigger", "outcome"], registry=self.registry)
         self.migrated_requests = Counter(
             "hpcllm_controller_migrated_requests", "Running requests live-migrated by controller moves",
-            ["model", "trigger"], registry=self.registry)
+            ["model_name", "trigger"], registry=self.registry)
         self.migration_targets = Counter(
             "hpcllm_controller_migration_targets",
             "Answers to draining node agents asking where requests go: ready, starting, allocating, none",
-            ["model", "outcome"], registry=self.registry)
+            ["model_name", "outcome"], registry=self.registry)
 
 
 def create_app(controller: Controller) -> Flask:

@@ -185,7 +185,7 @@ def test_cold_start_then_ready_through_http(client, harness):
     [inst] = status["instances"]  # the decision stays visible with the instance: node, tier, estimate
     assert (inst["placement"]["node"], inst["placement"]["tier"]) == ("n2", "nvme")
     assert inst["placement"]["load_seconds"] == pytest.approx(2.0) and inst["placement"]["considered"] >= 2
-    assert b'hpcllm_controller_cold_starts_total{model="m",tier="nvme"} 1.0' in client.get("/metrics").data
+    assert b'hpcllm_controller_cold_starts_total{model_name="m",tier="nvme"} 1.0' in client.get("/metrics").data
 
 
 def test_least_loaded_ready_instance_is_chosen(harness):

@@ -97,7 +97,7 @@ def test_target_is_the_least_loaded_ready_instance_on_another_node(make_harness)
     third = target(client, {"model": "m", "exclude_node": "n1"}).get_json()["instance_id"]
     assert second == on["n3"]
     assert third == min(on["n2"], on["n3"])
-    assert metric(client, "hpcllm_controller_migration_targets_total", model="m", outcome="ready") == 3
+    assert metric(client, "hpcllm_controller_migration_targets_total", model_name="m", outcome="ready") == 3
     # The status history (status page, `hpcllm status`) shows each named target, newest first.
     history = client.get("/v1/admin/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).get_json()["migrations"]
     assert [(m["trigger"], m["node_id"], m["outcome"], m["target_instance"]) for m in history] == [
@@ -120,7 +120,7 @@ def test_draining_instances_and_the_leaving_node_are_never_targets(make_harness)
     assert resp.status_code == 404
     assert resp.get_json()["error"]["code"] == "no_migration_target"
     assert "no ready instance of 'm' on another node" in resp.get_json()["error"]["message"]
-    assert metric(client, "hpcllm_controller_migration_targets_total", model="m", outcome="none") == 1
+    assert metric(client, "hpcllm_controller_migration_targets_total", model_name="m", outcome="none") == 1
 
 
 def test_no_ready_target_starts_one_elsewhere_and_answers_202_until_it_is_ready(make_harness):
@@ -203,9 +203,9 @@ def test_placement_live_migrates_a_busy_victim_before_starting_in_its_place(make
     assert agents.migrations == [("http://n1:9000", a1, f"http://n2:9000/workers/{a2}")]
     assert agents.stopped == []  # migrate-out stopped it: no second, plain stop
     assert agents.started[-1][:2] == ("http://n1:9000", "b")  # started only once the victim was gone
-    assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement",
+    assert metric(client, "hpcllm_controller_migrations_total", model_name="a", trigger="placement",
                   outcome="migrated") == 1
-    assert metric(client, "hpcllm_controller_migrated_requests_total", model="a", trigger="placement") == 2
+    assert metric(client, "hpcllm_controller_migrated_requests_total", model_name="a", trigger="placement") == 2
     [event] = h.controller.status().migrations
     assert (event.model, event.instance_id, event.node_id, event.trigger, event.outcome, event.target_instance,
             event.moved) == ("a", a1, "n1", "placement", "migrated", a2, 2)
@@ -259,7 +259,7 @@ def test_placement_stops_the_victim_when_no_other_instance_can_take_its_requests
     assert h.controller.route("b").status == "starting"
 
     assert agents.migrations == [] and agents.stopped == [("http://n1:9000", a1)]
-    assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement",
+    assert metric(client, "hpcllm_controller_migrations_total", model_name="a", trigger="placement",
                   outcome="no_target") == 1
 
 
@@ -295,8 +295,8 @@ def test_a_failed_migration_still_frees_the_slots_and_is_counted(make_harness):
 
     assert [m[1] for m in agents.migrations] == [a1]
     assert agents.stopped == [("http://n1:9000", a1)]  # plain stop after the failure: the gateway resumes
-    assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement", outcome="failed") == 1
-    assert metric(client, "hpcllm_controller_migrated_requests_total", model="a") == 0
+    assert metric(client, "hpcllm_controller_migrations_total", model_name="a", trigger="placement", outcome="failed") == 1
+    assert metric(client, "hpcllm_controller_migrated_requests_total", model_name="a") == 0
     [event] = h.controller.status().migrations
     assert (event.outcome, event.error) == ("failed", "node agent http://n1:9000: ReadTimeout (test)")
 
@@ -308,7 +308,7 @@ def test_an_idle_victim_is_just_stopped_and_counted_as_idle(make_harness):
 
     assert h.controller.route("b").status == "starting"
 
-    assert metric(client, "hpcllm_controller_migrations_total", model="a", trigger="placement", outcome="idle") == 1
+    assert metric(client, "hpcllm_controller_migrations_total", model_name="a", trigger="placement", outcome="idle") == 1
 
 
 # ----------------------------------------------------------------------------------------------- retirement
@@ -338,7 +338,7 @@ def test_retirement_live_migrates_requests_to_an_instance_outside_the_retiring_a
 
     assert ("retire", job) in report.kinds()
     assert agents.migrations == [("http://n1:9000", old.instance_id, f"http://n9:9000/workers/{other}")]
-    assert metric(client, "hpcllm_controller_migrations_total", model="m", trigger="retire", outcome="migrated") == 1
+    assert metric(client, "hpcllm_controller_migrations_total", model_name="m", trigger="retire", outcome="migrated") == 1
 
 
 def test_an_instance_list_that_is_no_json_is_the_agents_error():

@@ -73,7 +73,7 @@ def test_a_single_instance_model_is_replaced_before_its_allocation_drains(make_h
     report = h.tick(1)
     assert ("retire", job) in report.kinds()
     assert agents.migrations == [("http://n1:9000", old, f"http://n9:9000/workers/{replacement}")]
-    assert metric(client, "hpcllm_controller_migrations_total", model="m", trigger="retire", outcome="migrated") == 1
+    assert metric(client, "hpcllm_controller_migrations_total", model_name="m", trigger="retire", outcome="migrated") == 1
     assert ("start_replacement", "m") not in report.kinds()  # the ready one is the replacement
 
     report = h.tick(1)  # empty: cancelled long before the walltime
@@ -128,7 +128,7 @@ def test_without_a_replacement_the_allocation_drains_at_the_deadline(make_harnes
     assert report.kinds()[:2] == [("retire_without_replacement", job), ("retire", job)], report
     assert "no ready instance of ['m']" in report.actions[0].detail
     assert h.agents.stopped == [("http://n1:9000", old)] and agents.migrations == []
-    assert metric(client, "hpcllm_controller_migrations_total", model="m", trigger="retire", outcome="no_target") == 1
+    assert metric(client, "hpcllm_controller_migrations_total", model_name="m", trigger="retire", outcome="no_target") == 1
     assert h.registry.get_allocation(job).state == "draining"
 
 

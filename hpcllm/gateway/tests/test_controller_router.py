@@ -232,7 +232,7 @@ def test_ready_instances_keep_serving_while_the_controller_is_down(routed_gatewa
 
     # When the controller is back the gateway asks it again (after the 2 s it leaves a failed controller alone).
     restart_on_same_port(controller_server, 0).join()
-    routed = f'hpcllm_controller_routes_total{{model="{MODEL}",outcome="ready"}}'
+    routed = f'hpcllm_controller_routes_total{{model_name="{MODEL}",outcome="ready"}}'
     before = controller_metric(controller_server.url, routed)
     time.sleep(2.1)
     client.completions.create(model=MODEL, prompt="hello", max_tokens=2)

@@ -124,7 +124,7 @@ def test_drain_live_migrates_running_requests_to_another_node_before_stopping(co
     assert outcome.complete and [m.request_id for m in outcome.migrated] == ["r1", "r2"]
     assert 0 < migrate["timeout_seconds"] <= 20  # the worker bounds its calls to the destination by what is left
     assert inst.process.poll() is not None and agent.state == "stopped"
-    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL, outcome="ready") == 1
+    assert metric(service, "hpcllm_controller_migration_targets_total", model_name=MODEL, outcome="ready") == 1
     # The last heartbeat said the node runs nothing: the controller forgot its instance, the target stays; the
     # node itself is draining, so nothing new is placed there.
     assert [i.node_id for i in service.controller.registry.instances(model=MODEL)] == ["n2"]
@@ -143,7 +143,7 @@ def test_on_preempt_restart_stops_the_workers_without_migrating_even_with_a_targ
 
     assert [e["event"] for e in events(record)] == ["sigterm"]
     assert agent.migrations == [] and agent.state == "stopped"
-    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL) == 0
+    assert metric(service, "hpcllm_controller_migration_targets_total", model_name=MODEL) == 0
 
 
 def test_no_other_instance_anywhere_drains_at_once_and_leaves_requests_to_the_gateway(controller, make_node):
@@ -157,7 +157,7 @@ def test_no_other_instance_anywhere_drains_at_once_and_leaves_requests_to_the_ga
     assert time.monotonic() - began < 10  # a 404 needs no waiting for the migrate timeout
     assert [e["event"] for e in events(record)] == ["sigterm"]  # nothing was asked to move; SIGTERM aborts them
     assert agent.migrations == []
-    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL, outcome="none") == 1
+    assert metric(service, "hpcllm_controller_migration_targets_total", model_name=MODEL, outcome="none") == 1
 
 
 def test_a_target_that_is_still_being_allocated_is_waited_for_only_until_the_migrate_timeout(controller, make_node):
@@ -173,7 +173,7 @@ def test_a_target_that_is_still_being_allocated_is_waited_for_only_until_the_mig
     # The controller asked Slurm for a replacement node (never this one), so later requests have somewhere to go.
     [job] = service.controller.registry.allocations()
     assert job.model == MODEL and "n1" not in job.preferred_nodes
-    assert metric(service, "hpcllm_controller_migration_targets_total", model=MODEL, outcome="allocating") >= 1
+    assert metric(service, "hpcllm_controller_migration_targets_total", model_name=MODEL, outcome="allocating") >= 1
 
 
 def test_a_refused_migration_is_reported_and_the_worker_still_stops(controller, make_node):
