@@ -182,6 +182,9 @@ class Generation:
         self._choices: list[Choice] = []  # all opened at the start
         self._interleaved = False  # several choices read on this thread as they come (non-blocking reads)
         self._first_token_seen = False
+        # Seconds routing waited before a worker took the request (its tries at refusing workers included); None once
+        # observed: a resume or a re-route later is the same request, not another wait in the queue.
+        self._queued_seconds: float | None = 0.0
         self._closed = False
         self._close_lock = threading.Lock()
         self._aborted: str | None = None  # why the gateway stopped this generation (shutdown), if it did
@@ -218,6 +221,8 @@ class Generation:
                 endpoint = choice.endpoint  # where it opened (routed again if that worker refused): the next go there
                 if index == 0:  # a worker took them: counted (as usage counts them), a 503 while the model starts not
                     self.gw.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+                    self.gw.metrics.request_queue_time.labels(self.model).observe(self._queued_seconds)
+                    self._queued_seconds = None
         except BaseException:
             self.close()
             raise
@@ -257,7 +262,8 @@ class Generation:
             endpoint = route_request(self.gw, self.ctx, self.card.base_model)
         finally:
             waiting.dec()
-        metrics.request_queue_time.labels(self.model).observe(endpoint.waited_seconds)
+        if self._queued_seconds is not None:
+            self._queued_seconds += endpoint.waited_seconds
         cold = endpoint.cold_start
         if cold is not None and self.gw.shared.first_sighting(cold.instance_id):
             metrics.cold_starts.labels(self.model, cold.tier).inc()

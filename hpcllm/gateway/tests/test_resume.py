@@ -338,3 +338,49 @@ def test_the_choices_of_a_request_follow_the_first_to_the_worker_that_took_it(ma
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["choices"]) == 4
     assert router.resolved == [gone, worker_url]
+
+
+def worker_answering_app(tokens: int, finish_reason: str, error: str | None = None):
+    """A stand-in worker answering every generation with `tokens` token lines, then a final line with
+    finish_reason (and, for "error", that message)."""
+    from flask import Flask, Response
+
+    from hpcllm.worker.protocol import GENERATE_PATH, ErrorInfo, FinalLine, TokenLine, Usage
+
+    app = Flask(f"answers-{finish_reason}")
+
+    @app.post(GENERATE_PATH)
+    def generate():
+        usage = Usage(prompt_tokens=1, completion_tokens=tokens, total_tokens=1 + tokens)
+        final = FinalLine(finish_reason=finish_reason, usage=usage,
+                          error=ErrorInfo(message=error, type="internal_error") if error else None)
+        lines = [TokenLine(index=i, token_id=100, text="x") for i in range(tokens)] + [final]
+        return Response("".join(line.model_dump_json() + "\n" for line in lines), mimetype="application/x-ndjson")
+
+    return app
+
+
+def metric_value(gateway, sample: str) -> float | None:
+    """The value of one sample (name and labels as /metrics writes them) on the gateway's /metrics, None without."""
+    for line in httpx.get(f"{gateway.url}/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_a_resumed_request_is_counted_once_in_the_queue_time(make_gateway, tiny_model_dir):
+    """hpcllm_request_queue_time_seconds has one observation per request, as vLLM's: the wait before a worker took
+    it. A request resumed on another worker (its first one ended the generation early) is still one request."""
+    aborting = ThreadServer(worker_answering_app(1, "abort"))
+    finishing = ThreadServer(worker_answering_app(3, "length"))
+    try:
+        router = ScriptedRouter(tiny_model_dir, [aborting.url, finishing.url])
+        gateway = make_gateway(router=router)
+        resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 3})
+    finally:
+        aborting.stop()
+        finishing.stop()
+    assert resp.status_code == 200, resp.text
+    assert router.resolved == [aborting.url, finishing.url]  # resumed on the second worker
+    assert metric_value(gateway, f'hpcllm_request_resumes_total{{model_name="{MODEL}"}}') == 1
+    assert metric_value(gateway, f'hpcllm_request_queue_time_seconds_count{{model_name="{MODEL}"}}') == 1
