@@ -492,7 +492,7 @@ class Generation:
         if served:  # a worker took it: what it used counts
             self.gw.usage.record(self.ctx.api_key, self.model, self.ctx.endpoint, self.prompt_tokens,
                                  self.completion_tokens)
-        if self._first_token_seen:
+        if served:  # every request a worker took, as vLLM observes every finished one (a failure before any token too)
             self.gw.metrics.e2e_request_latency.labels(self.model).observe(time.monotonic() - self.ctx.arrived)
         if self._stream_slot is not None:
             try:

@@ -384,3 +384,17 @@ def test_a_resumed_request_is_counted_once_in_the_queue_time(make_gateway, tiny_
     assert router.resolved == [aborting.url, finishing.url]  # resumed on the second worker
     assert metric_value(gateway, f'hpcllm_request_resumes_total{{model_name="{MODEL}"}}') == 1
     assert metric_value(gateway, f'hpcllm_request_queue_time_seconds_count{{model_name="{MODEL}"}}') == 1
+
+
+def test_a_request_that_ended_before_its_first_token_is_counted_in_the_e2e_latency(make_gateway, tiny_model_dir):
+    """hpcllm_e2e_request_latency_seconds observes every request a worker took, as vLLM's observes every finished
+    request: one its worker failed before any token too (else the failures vanish from the latency histogram)."""
+    failing = ThreadServer(worker_answering_app(0, "error", error="a bad step"))
+    try:
+        gateway = make_gateway(router=ScriptedRouter(tiny_model_dir, [failing.url]))
+        resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 3})
+    finally:
+        failing.stop()
+    assert resp.status_code == 500, resp.text
+    assert resp.json()["error"]["code"] == "generation_failed"
+    assert metric_value(gateway, f'hpcllm_e2e_request_latency_seconds_count{{model_name="{MODEL}"}}') == 1
