@@ -53,11 +53,13 @@ class GatewayMetrics:
             "hpcllm_inter_token_latency_seconds", "Seconds between two generated tokens of one request.",
             model, buckets=ITL_BUCKETS, registry=reg)
         self.e2e_request_latency = Histogram(
-            "hpcllm_e2e_request_latency_seconds", "Seconds from request arrival to its last token.",
+            "hpcllm_e2e_request_latency_seconds",
+            "Seconds from request arrival to its end (its last token, or its failure), of every request a worker "
+            "took.",
             model, buckets=E2E_BUCKETS, registry=reg)
         self.request_queue_time = Histogram(
             "hpcllm_request_queue_time_seconds",
-            "Seconds a request waited for a ready model instance (routing, queueing, cold start).",
+            "Seconds a request waited for a ready model instance (routing, queueing, cold start), once per request.",
             model, buckets=E2E_BUCKETS, registry=reg)
         self.num_requests_running = Gauge(
             "hpcllm_num_requests_running", "Requests streaming tokens from a worker now.",
