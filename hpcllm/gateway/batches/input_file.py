@@ -73,7 +73,7 @@ def _entry(raw: bytes, number: int, endpoint: str, model: str | None,
 
     try:
         item = json.loads(raw)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: nested too deep
         return refuse("invalid_json_line", "This line is not parseable as valid JSON.")
     if not isinstance(item, dict):
         return refuse("invalid_json_line", "This line is not a JSON object.")

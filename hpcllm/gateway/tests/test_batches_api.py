@@ -316,6 +316,17 @@ def test_a_file_of_many_bad_lines_lists_the_first_hundred_and_is_read_no_further
     assert next(consumed) == MAX_LISTED_ERRORS + 1  # read up to the line after the last listed error, no further
 
 
+def test_a_line_nested_too_deep_to_parse_fails_the_batch_naming_it_not_a_500(make_gateway):
+    """JSON nested deeper than Python's parser goes (a generated body gone wrong) is a line that cannot be parsed."""
+    gw = make_gateway()
+    client = gw.client()
+    deep = b'{"custom_id": "b", "method": "POST", "url": "%s", "body": %s}' % (CHAT.encode(),
+                                                                           b"[" * 100_000 + b"]" * 100_000)
+    batch = submit(client, [chat_line("a", "hi"), deep])
+    assert batch.status == "failed"
+    assert [(e.code, e.line) for e in batch.errors.data] == [("invalid_json_line", 2)]
+
+
 def test_an_input_file_whose_bytes_are_gone_is_a_404_naming_it(make_gateway):
     gw = make_gateway()
     uploaded = gw.client().files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line("a", "hi")]))),
