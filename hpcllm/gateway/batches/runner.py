@@ -464,7 +464,9 @@ class BatchRun:
         if lines is None:
             self._fail(batch, "input_file_missing", "The batch's input file was deleted before the batch ran")
             return
-        entries = parse_input(lines, batch.endpoint, self.runner.gw.config.gateway.batch_max_requests).entries
+        # Checked against gateway.batch_max_requests when it was made: a limit the site lowered since must not cut
+        # off the requests of a batch it accepted.
+        entries = parse_input(lines, batch.endpoint, max_requests=batch.request_counts.total).entries
         out_id, err_id = result_file_ids(batch.id)
         output = ResultFile(partial_path(files, out_id), files.path(out_id))
         errors = ResultFile(partial_path(files, err_id), files.path(err_id))

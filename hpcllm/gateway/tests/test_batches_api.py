@@ -573,6 +573,18 @@ def test_a_draining_gateway_hands_its_batch_to_another_process(gated_factory, tm
     assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
 
 
+def test_a_batch_accepted_before_the_site_lowered_batch_max_requests_still_runs_every_request(gated_factory,
+                                                                                                tmp_path):
+    """The site lowers gateway.batch_max_requests and restarts its gateways while a batch of 3 runs: the batch was
+    checked when it was made, and the process that takes it over runs all of it, not only the first line."""
+    worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0)
+    drain_until_it_gives_its_batch_up(first, worker)
+
+    second, done = taken_over(factory, {**shared, "batch_max_requests": 1}, batch.id)
+    assert done.status == "completed" and done.request_counts.total == 3
+    assert sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
+
+
 def test_an_input_file_deleted_while_its_batch_runs_is_gone_for_its_key_and_the_batch_still_finishes(gated_factory,
                                                                                                       tmp_path):
     """The key deletes the input file while the batch runs: the file is gone for it at once, and the process that
