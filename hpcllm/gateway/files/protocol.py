@@ -13,6 +13,8 @@ from hpcllm.gateway.protocol import ListPage, OpenAIRequest, OpenAIResponse
 UPLOAD_PURPOSES = ("batch",)
 # A batch's output and error files.
 OUTPUT_PURPOSE = "batch_output"
+# OpenAI's bound on one page of the file list, and its default.
+FILES_PAGE_MAX = 10_000
 
 
 class ExpiresAfter(OpenAIRequest):
@@ -62,9 +64,11 @@ class PageQuery(OpenAIRequest):
 
 
 class ListQuery(PageQuery):
-    """The file list's query: up to 10,000 items, newest first (order desc) or oldest first, of one purpose."""
+    """The file list's query: up to 10,000 items, newest first (order desc) or oldest first, of one purpose. All
+    10,000 by default, as OpenAI's: the openai client's pager asks for the next page after the last file of the one
+    before, which a clean-up loop (delete each file as it is listed) has deleted by then."""
 
-    limit: int = Field(20, ge=1, le=10_000)
+    limit: int = Field(FILES_PAGE_MAX, ge=1, le=FILES_PAGE_MAX)
     order: Literal["asc", "desc"] = "desc"
     purpose: str | None = None
 

@@ -206,6 +206,20 @@ def test_lists_page_newest_first(make_gateway):
     assert_error(gw.get("/v1/batches", params={"limit": 101}), 422, "invalid_value", "limit")  # OpenAI's bound
 
 
+def test_every_file_can_be_deleted_while_listing_them(make_gateway):
+    """The openai client's pager asks for the next page after the last file of the page before: a user deleting the
+    files as they are listed (a clean-up loop) has deleted that file. OpenAI's files list has 10,000 files a page by
+    default; a page of 20 made the clean-up of a 21st file a 400 naming `after`."""
+    gw = make_gateway()
+    client = gw.client()
+    made = {client.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id for i in range(21)}
+    deleted = set()
+    for listed in client.files.list():
+        assert client.files.delete(listed.id).deleted
+        deleted.add(listed.id)
+    assert deleted == made and list(client.files.list()) == []
+
+
 def test_files_and_batches_belong_to_their_key(make_gateway):
     gw = make_gateway(api_keys=KEYS)
     client, other = gw.client(), gw.client(OTHER_KEY)
