@@ -53,6 +53,10 @@ class GatewayRefused(HpcllmError):
         self.status = status
 
 
+class GatewayUnreachable(HpcllmError):
+    """The gateway could not be reached (down, restarting, or not at that address)."""
+
+
 USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -113,7 +117,7 @@ def gateway_json(http, url: str, method: str, path: str, **kwargs):
 
     return request_json(
         http, method, path, **kwargs,
-        unreachable=lambda exc: HpcllmError(f"cannot reach the gateway at {url} ({exc}); set --url or "
+        unreachable=lambda exc: GatewayUnreachable(f"cannot reach the gateway at {url} ({exc}); set --url or "
                                             f"${GATEWAY_URL_ENV}"),
         refused=lambda status, error, message: GatewayRefused(status, message),
         unexpected=lambda what: HpcllmError(f"{url} did not answer like an hpcllm gateway ({what})"))

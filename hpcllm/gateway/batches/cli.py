@@ -16,10 +16,15 @@ from hpcllm.config import load_config
 from hpcllm.errors import HpcllmError
 from hpcllm.gateway.batches import ENDPOINTS, FINAL
 from hpcllm.gateway.files import EXPIRES_MAX_S, EXPIRES_MIN_S, PAGE_MAX
-from hpcllm.gateway.cli import GATEWAY_URL_ENV, GatewayRefused, gateway_client, gateway_json, resolve_gateway_url
+from hpcllm.gateway.cli import (GATEWAY_URL_ENV, GatewayRefused, GatewayUnreachable, gateway_client, gateway_json,
+                                resolve_gateway_url)
 
 API_KEY_ENVS = ["HPCLLM_API_KEY", "OPENAI_API_KEY"]
 POLL_S = 5.0
+# Answers that say the gateway is busy or away for now: the key's rate limit (which the batch's own requests keep
+# used up: a batch runs as fast as it allows), a gateway draining or restarting, a proxy's 502/504. --wait polls
+# again: the batch runs on meanwhile.
+BUSY_STATUSES = (429, 502, 503, 504)
 
 
 class BatchNotCompleted(HpcllmError):
@@ -72,6 +77,21 @@ class BatchClient:
             found += page["data"]
             if not (page.get("has_more") and page["data"]):
                 return found
+
+    def poll(self, batch_id: str, missed: str | None) -> tuple[dict | None, str | None]:
+        """The batch now, or None when the gateway is busy or away (BUSY_STATUSES, unreachable): said on stderr once
+        until a poll gets through (missed: what the last poll was told, None when it got through)."""
+        try:
+            return self.json("GET", f"/v1/batches/{batch_id}"), None
+        except GatewayRefused as exc:
+            if exc.status not in BUSY_STATUSES:
+                raise
+            reason = str(exc)
+        except GatewayUnreachable as exc:
+            reason = str(exc)
+        if missed is None:
+            click.echo(f"{reason}; the batch runs on, polling again every {POLL_S:g} s", err=True)
+        return None, reason
 
     def create_batch(self, file_id: str, request: dict) -> dict:
         """The batch over an uploaded file. When the gateway refuses it (a 4xx: nothing was made) the file is
@@ -146,10 +166,13 @@ def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool,
     click.echo(created["id"])
     _report(created)
     if wait:
+        missed = None
         while created["status"] not in FINAL:
             time.sleep(POLL_S)
-            created = gateway.json("GET", f"/v1/batches/{created['id']}")
-            _report(created)
+            polled, missed = gateway.poll(created["id"], missed)
+            if polled is not None:
+                created = polled
+                _report(created)
         _check_completed(created)
     _check_not_failed(created)
 

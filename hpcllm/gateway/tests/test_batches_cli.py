@@ -258,6 +258,35 @@ def test_submit_wait_exits_non_zero_unless_the_batch_completed(gated_factory, tm
         f"error: batch {batch_id} ended {ending}: 1 completed"), (out, err)
 
 
+def test_submit_wait_rides_out_polls_refused_by_the_keys_rate_limit(gated_factory, tmp_path, capsys, monkeypatch):
+    """A batch runs as fast as its key's rate limit allows, so it keeps the key's request bucket empty, and --wait's
+    polls take from that bucket too: a poll refused 429 (or a gateway restarting) is polled again, not the end of
+    the command while the batch runs on."""
+    from .test_batches_api import _bucket_id, metric, wait_until
+
+    monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1, api_keys=[{"key": USER_KEY, "name": "alice", "requests_per_minute": 60}])
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line(f"r{i}") for i in range(2)]))
+    answer = []
+    waiting = threading.Thread(target=lambda: answer.append(
+        run(capsys, gw, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")))
+    waiting.start()
+    assert worker.reached.wait(30)
+    bucket, limit = _bucket_id(gw.state.api_keys[USER_KEY], "requests"), {"capacity": 60, "per_second": 1.0}
+    # Taken whole and 1 more, as of an hour from now: empty (not refilled) until the test refills it.
+    gw.state.shared.take(bucket, **limit, cost=61, now=time.time() + 3600)
+    wait_until(lambda: metric(gw, "hpcllm_http_requests_total", endpoint="/v1/batches/<batch_id>", status="429") >= 1)
+    gw.state.shared.refund(bucket, **limit, amount=61, now=time.time())
+    worker.release.set()
+    waiting.join(60)
+    code, out, err = answer[0]
+    assert code == 0, (out, err)
+    assert out.splitlines()[-1] == "completed: 2 completed, 0 failed of 2", out
+    assert "429" in err and "polling again" in err, err
+
+
 def test_download_saves_what_a_batch_that_failed_while_running_finished(tmp_path, capsys):
     """A batch that failed while running keeps the results it made (its output_file_id): download saves them, then
     says it failed (the exit status of a failed batch)."""
