@@ -102,11 +102,19 @@ class BatchClient:
         except GatewayRefused as refused:
             if refused.status >= 500:
                 raise
-            try:
-                self.json("DELETE", f"/v1/files/{file_id}")
-            except HpcllmError as exc:
-                raise HpcllmError(f"{refused}; the uploaded file {file_id} is left, deleting it failed: {exc}") from exc
+            left = self.forget(file_id)
+            if left is not None:
+                raise HpcllmError(f"{refused}; {left}") from refused
             raise
+
+    def forget(self, file_id: str) -> str | None:
+        """Delete an upload no batch runs (it would count against the key's quota unused, and no command lists it);
+        None, or why it is left."""
+        try:
+            self.json("DELETE", f"/v1/files/{file_id}")
+        except HpcllmError as exc:
+            return f"the uploaded file {file_id} is left, deleting it failed: {exc}"
+        return None
 
     def download(self, file_id: str, target: Path) -> int:
         """A file's bytes to `target` (written beside it, then renamed: never half a file); its size. A transfer cut
@@ -165,6 +173,10 @@ def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool,
                                                     "metadata": pairs or None, "output_expires_after": expiry})
     click.echo(created["id"])
     _report(created)
+    if created["status"] == "failed":  # the file was refused (_check_not_failed says why): no batch reads it
+        left = gateway.forget(uploaded["id"])
+        if left is not None:
+            click.echo(f"warning: {left}", err=True)
     if wait:
         missed = None
         while created["status"] not in FINAL:

@@ -88,9 +88,12 @@ def test_submit_wait_status_and_download(gateway, tmp_path, capsys, monkeypatch)
 def test_a_refused_file_and_an_unfinished_batch_are_one_clear_line(gateway, tmp_path, capsys):
     requests = tmp_path / "bad.jsonl"
     requests.write_bytes(b"{oops\n")
+    before = file_ids(gateway)
     code, out, err = run(capsys, gateway, "submit", str(requests))  # without --wait: a failed batch's 10 still
     assert code == 10 and "failed: the input file was refused (line 1: invalid_json_line" in err
     assert "Traceback" not in err
+    # No batch reads the refused upload: its copy is not left to count against the key's quota (no command lists it).
+    assert file_ids(gateway) == before
 
     code, _, err = run(capsys, gateway, "status", "batch_nope")
     assert code != 0 and err.startswith("error: the gateway refused (404)")
