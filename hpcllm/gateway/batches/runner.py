@@ -680,11 +680,12 @@ class BatchRun:
         """One request's result line; None when the gateway is going away before it has one, RateLimited when the
         owner's rate limits refused it (its slot then serves other batches while this one waits)."""
         request_id = new_request_id()
-        if entry.body.get("stream"):  # as OpenAI: a batch answers whole responses
+        body = entry.body
+        if body.get("stream"):  # as OpenAI: a batch answers whole responses
             body = unsupported("stream", "streaming in a batch request").body()
             return _result(entry, request_id, 400, request_id, body)
         retries_503 = 0
-        request_body = self._prioritized(entry.body)
+        request_body = self._prioritized(body)
         while True:
             status, headers, body = self.runner.call(batch.endpoint, request_body, token, request_id)
             code = (body.get("error") or {}).get("code") if isinstance(body, dict) else None
