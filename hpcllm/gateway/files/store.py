@@ -196,7 +196,10 @@ class FileStore:
         if query.purpose is not None:
             where.append("purpose = ?")
             params.append(query.purpose)
-        rows, more = page(self.shared, "gateway_files", where, params, query, lambda after: self.get(owner, after))
+        # The page before may have ended on a file that expired since (or an active batch's input deleted since):
+        # its row, kept till the sweep, still places the next page.
+        rows, more = page(self.shared, "gateway_files", where, params, query,
+                          lambda after: self.get(owner, after, expired_too=True))
         return [_stored(row) for row in rows], more
 
     def delete(self, owner: str, file_id: str) -> bool:

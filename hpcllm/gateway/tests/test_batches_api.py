@@ -220,6 +220,22 @@ def test_every_file_can_be_deleted_while_listing_them(make_gateway):
     assert deleted == made and list(client.files.list()) == []
 
 
+def test_the_next_page_of_files_follows_a_file_that_expired_since_the_page_before(make_gateway):
+    """The page before ended on a file that expired meanwhile (its expires_after): the next page still follows it, as
+    it would a file still there, instead of a 400 naming `after`."""
+    gw = make_gateway()
+    client = gw.client()
+    hour = {"anchor": "created_at", "seconds": 3600}
+    older = client.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id
+    short = client.files.create(file=("b.jsonl", io.BytesIO(b"{}\n")), purpose="batch", expires_after=hour).id
+    newest = client.files.create(file=("c.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id
+    first = client.files.list(limit=2)
+    assert [f.id for f in first.data] == [newest, short] and first.has_more
+    service_of(gw).files.clock = lambda: time.time() + 3601  # an hour later: `short` expired
+    rest = client.files.list(limit=2, after=short)
+    assert [f.id for f in rest.data] == [older] and not rest.has_more
+
+
 def test_files_and_batches_belong_to_their_key(make_gateway):
     gw = make_gateway(api_keys=KEYS)
     client, other = gw.client(), gw.client(OTHER_KEY)
