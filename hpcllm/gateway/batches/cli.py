@@ -25,6 +25,10 @@ POLL_S = 5.0
 # used up: a batch runs as fast as it allows), a gateway draining or restarting, a proxy's 502/504. --wait polls
 # again: the batch runs on meanwhile.
 BUSY_STATUSES = (429, 502, 503, 504)
+# How long --wait polls on while no poll gets an answer (unreachable, 502-504) before it gives up, exit 1: a gateway
+# gone for good would keep it polling until an sbatch job's walltime ran out. A 429 is the gateway answering: polled
+# on however long (the batch's own requests keep the key's rate limit used up until it ends).
+GONE_GIVE_UP_S = 30 * 60
 
 
 class BatchNotCompleted(HpcllmError):
@@ -78,20 +82,35 @@ class BatchClient:
             if not (page.get("has_more") and page["data"]):
                 return found
 
-    def poll(self, batch_id: str, missed: str | None) -> tuple[dict | None, str | None]:
-        """The batch now, or None when the gateway is busy or away (BUSY_STATUSES, unreachable): said on stderr once
-        until a poll gets through (missed: what the last poll was told, None when it got through)."""
-        try:
-            return self.json("GET", f"/v1/batches/{batch_id}"), None
-        except GatewayRefused as exc:
-            if exc.status not in BUSY_STATUSES:
-                raise
-            reason = str(exc)
-        except GatewayUnreachable as exc:
-            reason = str(exc)
-        if missed is None:
-            click.echo(f"{reason}; the batch runs on, polling again every {POLL_S:g} s", err=True)
-        return None, reason
+    def wait(self, found: dict) -> dict:
+        """The batch once it has ended, polled every POLL_S and its progress printed. A poll the gateway is busy or
+        away for (BUSY_STATUSES, unreachable) is said on stderr once until one gets through, and polled again; no
+        answer for GONE_GIVE_UP_S (the gateway gone for good) is an error naming the batch."""
+        missed, gone_since = None, None
+        while found["status"] not in FINAL:
+            time.sleep(POLL_S)
+            try:
+                found = self.json("GET", f"/v1/batches/{found['id']}")
+            except GatewayRefused as exc:
+                if exc.status not in BUSY_STATUSES:
+                    raise
+                reason = str(exc)
+                gone_since = None if exc.status == 429 else (gone_since or time.monotonic())
+            except GatewayUnreachable as exc:
+                reason = str(exc)
+                gone_since = gone_since or time.monotonic()
+            else:
+                missed = gone_since = None
+                _report(found)
+                continue
+            if gone_since is not None and time.monotonic() - gone_since >= GONE_GIVE_UP_S:
+                raise HpcllmError(f"gave up waiting for batch {found['id']}: no answer from the gateway for "
+                                  f"{GONE_GIVE_UP_S / 60:g} min ({reason}); the batch may still run: hpcllm batch "
+                                  f"status {found['id']} checks it")
+            if missed is None:
+                click.echo(f"{reason}; the batch runs on, polling again every {POLL_S:g} s", err=True)
+            missed = reason
+        return found
 
     def create_batch(self, file_id: str, request: dict) -> dict:
         """The batch over an uploaded file. When the gateway refuses it (a 4xx: nothing was made) the file is
@@ -178,13 +197,7 @@ def submit(requests: Path, endpoint: str, metadata: tuple[str, ...], wait: bool,
         if left is not None:
             click.echo(f"warning: {left}", err=True)
     if wait:
-        missed = None
-        while created["status"] not in FINAL:
-            time.sleep(POLL_S)
-            polled, missed = gateway.poll(created["id"], missed)
-            if polled is not None:
-                created = polled
-                _report(created)
+        created = gateway.wait(created)
         _check_completed(created)
     _check_not_failed(created)
 

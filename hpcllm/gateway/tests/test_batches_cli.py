@@ -290,6 +290,33 @@ def test_submit_wait_rides_out_polls_refused_by_the_keys_rate_limit(gated_factor
     assert "429" in err and "polling again" in err, err
 
 
+def test_submit_wait_gives_up_on_a_gateway_gone_for_good_naming_the_batch(gated_factory, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A gateway that stops answering while --wait polls (stopped for good, not restarting) ends the command after
+    GONE_GIVE_UP_S, exit 1, naming the batch and how to check on it: an sbatch script is not left polling until its
+    walltime ends."""
+    monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
+    monkeypatch.setattr(batch_cli, "GONE_GIVE_UP_S", 0.5)
+    worker, factory = gated_factory(blocked=0)
+    gw = factory(batch_concurrency=1)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line(f"r{i}") for i in range(2)]))
+    answer = []
+    waiting = threading.Thread(target=lambda: answer.append(
+        run(capsys, gw, "submit", str(requests), "--endpoint", "/v1/completions", "--wait")))
+    waiting.start()
+    assert worker.reached.wait(30)
+    (batch_id,) = service_of(gw).runner.running
+    factory.running[-1][0].stop()  # the gateway's HTTP server: gone, its batch still running inside
+    waiting.join(60)
+    assert not waiting.is_alive(), "submit --wait did not return"
+    code, out, err = answer[0]
+    assert code == 1, (out, err)
+    assert err.splitlines()[-1].startswith(f"error: gave up waiting for batch {batch_id}: no answer from the "
+                                           f"gateway for "), err
+    assert err.splitlines()[-1].endswith(f"the batch may still run: hpcllm batch status {batch_id} checks it"), err
+
+
 def test_download_saves_what_a_batch_that_failed_while_running_finished(tmp_path, capsys):
     """A batch that failed while running keeps the results it made (its output_file_id): download saves them, then
     says it failed (the exit status of a failed batch)."""
