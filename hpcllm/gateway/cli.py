@@ -54,7 +54,12 @@ class GatewayRefused(HpcllmError):
 
 
 class GatewayUnreachable(HpcllmError):
-    """The gateway could not be reached (down, restarting, or not at that address)."""
+    """The gateway could not be reached (down, restarting, or not at that address). `what` says so without the
+    advice to check the URL, for a caller that reached it there before (a gateway gone since)."""
+
+    def __init__(self, url: str, exc: Exception):
+        self.what = f"cannot reach the gateway at {url} ({exc})"
+        super().__init__(f"{self.what}; set --url or ${GATEWAY_URL_ENV}")
 
 
 USAGE_COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
@@ -117,8 +122,7 @@ def gateway_json(http, url: str, method: str, path: str, **kwargs):
 
     return request_json(
         http, method, path, **kwargs,
-        unreachable=lambda exc: GatewayUnreachable(f"cannot reach the gateway at {url} ({exc}); set --url or "
-                                            f"${GATEWAY_URL_ENV}"),
+        unreachable=lambda exc: GatewayUnreachable(url, exc),
         refused=lambda status, error, message: GatewayRefused(status, message),
         unexpected=lambda what: HpcllmError(f"{url} did not answer like an hpcllm gateway ({what})"))
 

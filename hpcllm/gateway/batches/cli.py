@@ -94,10 +94,10 @@ class BatchClient:
             except GatewayRefused as exc:
                 if exc.status not in BUSY_STATUSES:
                     raise
-                reason = str(exc)
+                reason = exc.what
                 gone_since = None if exc.status == 429 else (gone_since or time.monotonic())
-            except GatewayUnreachable as exc:
-                reason = str(exc)
+            except GatewayUnreachable as exc:  # reached at this URL before: no advice to change it
+                reason = exc.what
                 gone_since = gone_since or time.monotonic()
             else:
                 missed = gone_since = None

@@ -315,6 +315,8 @@ def test_submit_wait_gives_up_on_a_gateway_gone_for_good_naming_the_batch(gated_
     assert err.splitlines()[-1].startswith(f"error: gave up waiting for batch {batch_id}: no answer from the "
                                            f"gateway for "), err
     assert err.splitlines()[-1].endswith(f"the batch may still run: hpcllm batch status {batch_id} checks it"), err
+    # The URL worked (the batch was made there): the gateway is gone, not mistyped.
+    assert "cannot reach the gateway at" in err and "set --url" not in err, err
 
 
 def test_download_saves_what_a_batch_that_failed_while_running_finished(tmp_path, capsys):
