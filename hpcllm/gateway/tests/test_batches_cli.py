@@ -254,6 +254,7 @@ def test_submit_wait_exits_non_zero_unless_the_batch_completed(gated_factory, tm
     service.runner.wake()
     worker.release.set()
     waiting.join(60)
+    assert not waiting.is_alive(), "submit --wait did not return"
     code, out, err = answer[0]
     assert code == batch_cli.BatchNotCompleted.EXIT_CODES[ending] and len(set(
         batch_cli.BatchNotCompleted.EXIT_CODES.values()) | {0, 1, 2}) == 6, (code, err)
@@ -284,6 +285,7 @@ def test_submit_wait_rides_out_polls_refused_by_the_keys_rate_limit(gated_factor
     gw.state.shared.refund(bucket, **limit, amount=61, now=time.time())
     worker.release.set()
     waiting.join(60)
+    assert not waiting.is_alive(), "submit --wait did not return"
     code, out, err = answer[0]
     assert code == 0, (out, err)
     assert out.splitlines()[-1] == "completed: 2 completed, 0 failed of 2", out
