@@ -15,7 +15,7 @@ from hpcllm.gateway.batches.protocol import LineError
 MAX_LISTED_ERRORS = 100
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # no __dict__: a short line's entry is not several times its bytes
 class BatchEntry:
     line: int  # 1-based, as OpenAI's errors count them
     custom_id: str

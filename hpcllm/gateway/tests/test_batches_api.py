@@ -398,15 +398,18 @@ def test_a_checked_file_keeps_no_request_bodies_when_only_counted():
     assert [(e.code, e.line) for e in too_many.errors] == [("too_many_tasks", 3)]
 
 
-def test_a_running_batch_holds_its_requests_as_the_file_has_them_not_as_objects(tmp_path):
+@pytest.mark.parametrize("short", [False, True], ids=["chat", "short-chat"])
+def test_a_running_batch_holds_its_requests_as_the_file_has_them_not_as_objects(tmp_path, short):
     """A batch's runner holds its pending requests for the batch's whole run (hours), up to batch_concurrency
     batches a process: held as parsed objects a chat request takes about 5 times its line's bytes (a 200 MB file,
-    1 GB in the gateway process); held as its line, little more than the file."""
+    1 GB in the gateway process); held as its line, little more than the file, short lines too (each entry's own
+    overhead is not several times a short line)."""
     import tracemalloc
 
-    lines = [json.dumps(chat_line(f"r{i}", f"What is the capital of country number {i}? Answer briefly.",
-                                  messages=[{"role": "system", "content": "You are a helpful assistant."},
-                                            {"role": "user", "content": f"Country number {i}?"}])).encode() + b"\n"
+    lines = [json.dumps(chat_line(f"r{i}", "Hi") if short else chat_line(
+                 f"r{i}", f"What is the capital of country number {i}? Answer briefly.",
+                 messages=[{"role": "system", "content": "You are a helpful assistant."},
+                           {"role": "user", "content": f"Country number {i}?"}])).encode() + b"\n"
              for i in range(5000)]
     requests = tmp_path / "requests.jsonl"
     requests.write_bytes(b"".join(lines))
