@@ -3,12 +3,15 @@ checked as OpenAI checks them when a batch is created (a bad file fails the batc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hpcllm.gateway.batches.protocol import LineError
+from hpcllm.httpkit.body import parse_json_body
+
+# A byte order mark some editors write before the first line (json.loads took it; the gateway's parser does not).
+UTF8_BOM = b"\xef\xbb\xbf"
 
 # Errors a failed batch lists at most: the file is read no further (a file of 2 million broken lines is neither told
 # nor held 2 million times).
@@ -25,7 +28,7 @@ class BatchEntry:
 
     @property
     def body(self) -> dict[str, Any]:
-        return json.loads(self.raw)["body"]
+        return parse_json_body(self.raw)["body"]
 
 
 @dataclass
@@ -45,6 +48,8 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int, *,
     for number, raw in enumerate(lines, start=1):
         if len(parsed.errors) >= MAX_LISTED_ERRORS:
             break
+        if number == 1:
+            raw = raw.removeprefix(UTF8_BOM)
         if not raw.strip():
             continue
         if parsed.count >= max_requests:
@@ -79,9 +84,9 @@ def _entry(raw: bytes, number: int, endpoint: str, model: str | None,
     def refuse(code: str, message: str, param: str | None = None) -> None:
         errors.append(LineError(code=code, line=number, message=message, param=param))
 
-    try:
-        item = json.loads(raw)
-    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: nested too deep
+    try:  # as the gateway parses a request: one nested deeper than it takes (200 levels) is refused here
+        item = parse_json_body(raw)
+    except ValueError:  # invalid UTF-8 included
         return refuse("invalid_json_line", "This line is not parseable as valid JSON.")
     if not isinstance(item, dict):
         return refuse("invalid_json_line", "This line is not a JSON object.")

@@ -357,6 +357,28 @@ def test_a_line_nested_too_deep_to_parse_fails_the_batch_naming_it_not_a_500(mak
     assert [(e.code, e.line) for e in batch.errors.data] == [("invalid_json_line", 2)]
 
 
+def test_a_line_nested_deeper_than_the_gateway_takes_fails_the_batch_at_creation(make_gateway):
+    """The gateway's JSON parser (every hpcllm service's) takes 200 levels of nesting: a deeper line, which Python's
+    parser would take, is refused when the batch is made, naming it, not sent on when it runs."""
+    gw = make_gateway()
+    client = gw.client()
+    deep = b'{"custom_id": "b", "method": "POST", "url": "%s", "body": {"model": "%s", "x": %s}}' % (
+        CHAT.encode(), MODEL.encode(), b"[" * 300 + b"]" * 300)
+    batch = submit(client, [chat_line("a", "hi"), deep])
+    assert batch.status == "failed", batch.status
+    assert [(e.code, e.line) for e in batch.errors.data] == [("invalid_json_line", 2)]
+
+
+def test_a_file_that_starts_with_a_utf8_bom_runs(make_gateway):
+    """Editors on Windows write a UTF-8 byte order mark before the first line: it is not part of the request."""
+    gw = make_gateway()
+    client = gw.client()
+    batch = submit(client, [b"\xef\xbb\xbf" + json.dumps(chat_line("a", "hi")).encode(), chat_line("b", "hi")])
+    done = finished(client, batch.id)
+    assert (done.status, done.request_counts.completed, done.request_counts.total) == ("completed", 2, 2), done
+    assert sorted(results(client, done.output_file_id)) == ["a", "b"]
+
+
 def test_an_input_file_whose_bytes_are_gone_is_a_404_naming_it(make_gateway):
     gw = make_gateway()
     uploaded = gw.client().files.create(file=("r.jsonl", io.BytesIO(jsonl([chat_line("a", "hi")]))),
