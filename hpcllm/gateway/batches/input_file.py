@@ -37,6 +37,7 @@ class ParsedInput:
     count: int = 0  # the good lines
     errors: list[LineError] = field(default_factory=list)
     model: str | None = None  # the model every line names
+    model_line: int | None = None  # the first line naming it
 
 
 def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int, *,
@@ -69,7 +70,7 @@ def parse_input(lines: Iterable[bytes], endpoint: str, max_requests: int, *,
             continue
         seen.add(entry.custom_id)
         if parsed.model is None and isinstance(body.get("model"), str):  # else the request's own 4xx says
-            parsed.model = body["model"]
+            parsed.model, parsed.model_line = body["model"], number
         parsed.count += 1
         if keep_entries:
             parsed.entries.append(entry)

@@ -19,6 +19,7 @@ class BatchService:
     def __init__(self, app: Flask, gw: Gateway):
         self.config: Config = gw.config
         self.metrics = gw.metrics
+        self.router = gw.router  # the models a batch may name
         self.files = FileStore.of(gw.config, gw.shared)
         self.batches = BatchStore(self.files, lease_s=gw.config.gateway.batch_lease_seconds)
         self.files.in_use = self.batches.active_inputs  # kept from deletion and the sweep while a batch reads them

@@ -7,13 +7,13 @@ import time
 from collections.abc import Mapping
 
 from hpcllm.gateway.batches import ENDPOINTS
-from hpcllm.gateway.batches.input_file import parse_input
-from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, METADATA_MAX_KEY, METADATA_MAX_PAIRS,
+from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, ParsedInput, parse_input
+from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, LineError, METADATA_MAX_KEY, METADATA_MAX_PAIRS,
                                              METADATA_MAX_VALUE, BatchErrors, BatchList, BatchObject,
                                              CreateBatchRequest, RequestCounts)
 from hpcllm.gateway.batches.service import BatchService
 from hpcllm.gateway.batches.store import new_batch_id
-from hpcllm.gateway.errors import InvalidRequest, NotFound
+from hpcllm.gateway.errors import InvalidRequest, ModelNotFound, NotFound, ServiceUnavailable
 from hpcllm.gateway.files.protocol import PageQuery
 from hpcllm.gateway.files.serving import file_not_found, owned_file
 from hpcllm.gateway.protocol import parse_query
@@ -30,6 +30,7 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
     except FileNotFoundError:  # deleted since it was looked up
         raise file_not_found(stored.id, "input_file_id") from None
     parsed = parse_input(lines, req.endpoint, service.config.gateway.batch_max_requests, keep_entries=False)
+    _check_model(service, parsed)
     now = int(time.time())
     batch = BatchObject(id=new_batch_id(), endpoint=req.endpoint, model=parsed.model, input_file_id=stored.id,
                         completion_window=req.completion_window, status="in_progress", created_at=now,
@@ -47,6 +48,23 @@ def create(service: BatchService, owner: str, req: CreateBatchRequest) -> BatchO
     else:
         service.metrics.batches_finished.labels(batch.status).inc()
     return batch
+
+
+def _check_model(service: BatchService, parsed: ParsedInput) -> None:
+    """A model the gateway does not serve is an error of the first line naming it, as a mismatched one: every request
+    would be a 404 model_not_found, and the batch end 'completed'. When the controller cannot say now, each request's
+    own answer does."""
+    if parsed.model is None:  # no line named one (a pooling endpoint's default model, or bad lines)
+        return
+    try:
+        service.router.get_model(parsed.model)
+    except ModelNotFound as exc:
+        parsed.errors.append(LineError(code=exc.code, line=parsed.model_line, param="body.model",
+                                       message=exc.message))
+        parsed.errors.sort(key=lambda error: error.line or 0)
+        del parsed.errors[MAX_LISTED_ERRORS:]
+    except ServiceUnavailable:  # the controller cannot say now: each request's own answer will
+        return
 
 
 def _check_request(req: CreateBatchRequest) -> None:

@@ -346,6 +346,27 @@ def test_a_file_of_many_bad_lines_lists_the_first_hundred_and_is_read_no_further
     assert next(consumed) == MAX_LISTED_ERRORS + 1  # read up to the line after the last listed error, no further
 
 
+def test_a_batch_of_a_model_the_gateway_does_not_serve_fails_at_creation_naming_it(make_gateway):
+    """A misspelt model would otherwise run the whole batch into 404s and end 'completed'; as a mismatched model,
+    it fails the batch at once, naming the first line that asks for it and the models there are."""
+    gw = make_gateway()
+    client = gw.client()
+    lines = [{**chat_line(f"r{i}", "hi"), "body": {"model": "tiny-lama", "messages": []}} for i in range(3)]
+    batch = submit(client, [b"", *lines])
+    assert batch.status == "failed", batch.status
+    assert [(e.code, e.line, e.param) for e in batch.errors.data] == [("model_not_found", 2, "body.model")]
+    assert "'tiny-lama'" in batch.errors.data[0].message and MODEL in batch.errors.data[0].message
+
+
+def test_a_batch_is_made_while_the_controller_cannot_say_which_models_it_serves(make_gateway):
+    """The controller down: the batch's model cannot be checked, and the batch is made (its requests wait for the
+    controller as any request), not refused."""
+    gw = make_gateway(static_models={}, controller_url="http://127.0.0.1:9", upstream_connect_timeout_seconds=1,
+                      controller_outage_wait_seconds=0.5)
+    batch = submit(gw.client(), [chat_line("a", "hi")])
+    assert (batch.status, batch.model, batch.request_counts.total) == ("in_progress", MODEL, 1), batch
+
+
 def test_a_line_nested_too_deep_to_parse_fails_the_batch_naming_it_not_a_500(make_gateway):
     """JSON nested deeper than Python's parser goes (a generated body gone wrong) is a line that cannot be parsed."""
     gw = make_gateway()
