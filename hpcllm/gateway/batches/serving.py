@@ -8,9 +8,9 @@ from collections.abc import Mapping
 
 from hpcllm.gateway.batches import ENDPOINTS
 from hpcllm.gateway.batches.input_file import MAX_LISTED_ERRORS, ParsedInput, parse_input
-from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, LineError, METADATA_MAX_KEY, METADATA_MAX_PAIRS,
+from hpcllm.gateway.batches.protocol import (COMPLETION_WINDOWS, METADATA_MAX_KEY, METADATA_MAX_PAIRS,
                                              METADATA_MAX_VALUE, BatchErrors, BatchList, BatchObject,
-                                             CreateBatchRequest, RequestCounts)
+                                             CreateBatchRequest, LineError, RequestCounts)
 from hpcllm.gateway.batches.service import BatchService
 from hpcllm.gateway.batches.store import new_batch_id
 from hpcllm.gateway.errors import InvalidRequest, ModelNotFound, NotFound, ServiceUnavailable
