@@ -4,7 +4,7 @@ directory (gateway.files_dir, default <state_dir>/gateway/files; a shared filesy
 A file belongs to the API key that uploaded it (or whose batch wrote it), named by the key's digest as stored
 responses are (hpcllm.gateway.response_store.owner_of): any other key is told it does not exist. An upload is
 written to a hidden temporary file and renamed into place once whole, and only then recorded, so no reader ever
-sees half a file; a deletion forgets the row first, then removes the bytes.
+sees half a file; a deletion expires the row first (the sweep deletes it), then removes the bytes.
 
 A file may expire (its expires_after, or the site's gateway.files_ttl_days): from then on it is invisible (404) and
 the runners' sweep deletes it, row and bytes, unless an active batch still reads it. A deleted file an active batch
@@ -203,17 +203,17 @@ class FileStore:
         return [_stored(row) for row in rows], more
 
     def delete(self, owner: str, file_id: str) -> bool:
-        """False when the owner has no such file. The input of a batch not yet ended only expires now (invisible, but in
-        the key's quota): the batch's runs still read it, and the sweep deletes it once the batch has ended."""
+        """False when the owner has no such file. The file expires now: invisible, out of the key's quota, its bytes
+        removed, its row left to the sweep (a list's page that ended on it still places the next page: a clean-up
+        loop deletes the files as the openai client's pager lists them). The input of a batch not yet ended keeps its
+        bytes, and counts in the quota, till the batch has ended: the batch's runs still read it."""
         now = self.clock()
         with self.shared.transaction() as db:
             self._take_turns(db, file_id)  # a batch made over the file now is seen here, or finds it gone
-            if file_id in self.in_use(db, owner):
-                return db.conn.execute(f"UPDATE gateway_files SET expires = ? WHERE id = ? AND owner = ? AND {LIVE}",
-                                       (now, file_id, owner, now)).rowcount == 1
-            gone = db.conn.execute(f"DELETE FROM gateway_files WHERE id = ? AND owner = ? AND {LIVE}",
-                                   (file_id, owner, now)).rowcount == 1
-        if gone:
+            read = file_id in self.in_use(db, owner)
+            gone = db.conn.execute(f"UPDATE gateway_files SET expires = ? WHERE id = ? AND owner = ? AND {LIVE}",
+                                   (now, file_id, owner, now)).rowcount == 1
+        if gone and not read:
             self.path(file_id).unlink(missing_ok=True)
         return gone
 

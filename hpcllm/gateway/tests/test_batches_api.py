@@ -220,6 +220,30 @@ def test_every_file_can_be_deleted_while_listing_them(make_gateway):
     assert deleted == made and list(client.files.list()) == []
 
 
+def test_files_can_be_deleted_while_listing_them_past_a_page(make_gateway):
+    """More files than a page holds (OpenAI's default page is 10,000; here pages of 5): the pager's next page after a
+    file deleted meanwhile follows it still. A deleted file is gone for its owner at once: not listed, retrieved or
+    downloaded, its bytes off the disk, its size no longer in the key's quota."""
+    gw = make_gateway(files_quota_bytes=40)
+    client = gw.client()
+    made = {client.files.create(file=(f"{i}.jsonl", io.BytesIO(b"{}\n")), purpose="batch").id for i in range(12)}
+    with pytest.raises(openai.BadRequestError, match="4 bytes left"):  # 36 of 40 bytes are used
+        client.files.create(file=("big.jsonl", io.BytesIO(b"{}\n" * 2)), purpose="batch")
+    deleted = []
+    for listed in client.files.list(limit=5):
+        assert client.files.delete(listed.id).deleted
+        deleted.append(listed.id)
+    assert sorted(deleted) == sorted(made) and list(client.files.list()) == []
+    gone = deleted[0]
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(gone)
+    assert_error(gw.get(f"/v1/files/{gone}/content"), 404, "file_not_found")
+    with pytest.raises(openai.NotFoundError):  # deleted once
+        client.files.delete(gone)
+    assert not any(service_of(gw).files.path(file_id).exists() for file_id in deleted)
+    assert client.files.create(file=("big.jsonl", io.BytesIO(b"{}\n" * 13)), purpose="batch").bytes == 39
+
+
 def test_the_next_page_of_files_follows_a_file_that_expired_since_the_page_before(make_gateway):
     """The page before ended on a file that expired meanwhile (its expires_after): the next page still follows it, as
     it would a file still there, instead of a 400 naming `after`."""
