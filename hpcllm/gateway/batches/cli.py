@@ -94,7 +94,7 @@ class BatchClient:
             except GatewayRefused as exc:
                 if exc.status not in BUSY_STATUSES:
                     raise
-                reason = exc.what
+                reason = str(exc)
                 gone_since = None if exc.status == 429 else (gone_since or time.monotonic())
             except GatewayUnreachable as exc:  # reached at this URL before: no advice to change it
                 reason = exc.what
