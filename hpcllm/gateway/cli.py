@@ -48,9 +48,10 @@ GATEWAY_URL_ENV = "HPCLLM_GATEWAY_URL"
 class GatewayRefused(HpcllmError):
     """The gateway answered a call with an error status (a 4xx: it refused the request, which did nothing)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, retry_after: float | None = None):
         super().__init__(f"the gateway refused ({status}): {message}")
         self.status = status
+        self.retry_after = retry_after  # seconds: when to ask again (a 429, a 503 draining)
 
 
 class GatewayUnreachable(HpcllmError):
@@ -123,7 +124,8 @@ def gateway_json(http, url: str, method: str, path: str, **kwargs):
     return request_json(
         http, method, path, **kwargs,
         unreachable=lambda exc: GatewayUnreachable(url, exc),
-        refused=lambda status, error, message: GatewayRefused(status, message),
+        refused=lambda status, error, message, retry_after: GatewayRefused(status, message, retry_after),
+        with_retry_after=True,
         unexpected=lambda what: HpcllmError(f"{url} did not answer like an hpcllm gateway ({what})"))
 
 

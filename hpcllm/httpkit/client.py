@@ -90,15 +90,25 @@ def error_of(resp: httpx.Response) -> tuple[dict, str]:
     return error, error.get("message") or resp.text[:300] or resp.reason_phrase
 
 
+def retry_after_s(resp: httpx.Response) -> float | None:
+    """The answer's Retry-After in seconds; None without one (or one in the HTTP-date form no hpcllm service sends)."""
+    try:
+        seconds = float(resp.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
 def request_json(http: httpx.Client, method: str, path: str, *,
                  unreachable: Callable[[httpx.HTTPError], Exception],
-                 refused: Callable[[int, dict, str], Exception],
-                 unexpected: Callable[[str], Exception], **kwargs) -> Any:
+                 refused: Callable[..., Exception],
+                 unexpected: Callable[[str], Exception], with_retry_after: bool = False, **kwargs) -> Any:
     """Send one request and return its JSON body ({} when it has none).
 
     unreachable(exc)                     -> the error to raise when the service cannot be reached
     refused(status, error_obj, message)  -> the error to raise on a 4xx/5xx answer; error_obj is the
-                                            OpenAI-shaped {"message", "code", ...} (empty when absent)
+                                            OpenAI-shaped {"message", "code", ...} (empty when absent);
+                                            with_retry_after: given retry_after= too (retry_after_s)
     unexpected(what)                     -> the error to raise on a body that is not JSON: the URL leads to
                                             something else (a web server, a proxy's page), which must not pass
                                             for an empty answer
@@ -108,7 +118,8 @@ def request_json(http: httpx.Client, method: str, path: str, *,
     except httpx.HTTPError as exc:
         raise unreachable(exc) from None
     if resp.status_code >= 400:
-        raise refused(resp.status_code, *error_of(resp))
+        later = {"retry_after": retry_after_s(resp)} if with_retry_after else {}
+        raise refused(resp.status_code, *error_of(resp), **later)
     if not resp.content:
         return {}
     try:

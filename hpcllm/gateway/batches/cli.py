@@ -29,6 +29,8 @@ BUSY_STATUSES = (429, 502, 503, 504)
 # gone for good would keep it polling until an sbatch job's walltime ran out. A 429 is the gateway answering: polled
 # on however long (the batch's own requests keep the key's rate limit used up until it ends).
 GONE_GIVE_UP_S = 30 * 60
+# The longest a Retry-After keeps --wait from polling (a gateway's is seconds; a proxy's may be anything).
+RETRY_AFTER_MAX_S = 60.0
 
 
 class BatchNotCompleted(HpcllmError):
@@ -84,11 +86,13 @@ class BatchClient:
 
     def wait(self, found: dict) -> dict:
         """The batch once it has ended, polled every POLL_S and its progress printed. A poll the gateway is busy or
-        away for (BUSY_STATUSES, unreachable) is said on stderr once until one gets through, and polled again; no
-        answer for GONE_GIVE_UP_S (the gateway gone for good) is an error naming the batch."""
-        missed, gone_since = None, None
+        away for (BUSY_STATUSES, unreachable) is said on stderr once until one gets through, and polled again (after
+        its Retry-After, at most RETRY_AFTER_MAX_S); no answer for GONE_GIVE_UP_S (the gateway gone for good) is an
+        error naming the batch."""
+        missed, gone_since, delay = None, None, POLL_S
         while found["status"] not in FINAL:
-            time.sleep(POLL_S)
+            time.sleep(delay)
+            delay = POLL_S
             try:
                 found = self.json("GET", f"/v1/batches/{found['id']}")
             except GatewayRefused as exc:
@@ -96,6 +100,7 @@ class BatchClient:
                     raise
                 reason = str(exc)
                 gone_since = None if exc.status == 429 else (gone_since or time.monotonic())
+                delay = min(max(POLL_S, exc.retry_after or 0.0), RETRY_AFTER_MAX_S)  # as the gateway asks
             except GatewayUnreachable as exc:  # reached at this URL before: no advice to change it
                 reason = exc.what
                 gone_since = gone_since or time.monotonic()

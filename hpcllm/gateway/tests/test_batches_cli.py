@@ -321,6 +321,44 @@ def test_submit_wait_gives_up_on_a_gateway_gone_for_good_naming_the_batch(gated_
     assert "cannot reach the gateway at" in err and "set --url" not in err, err
 
 
+def test_submit_wait_polls_again_when_the_gateways_retry_after_says(tmp_path, capsys, monkeypatch):
+    """A poll refused with a Retry-After (the key's rate limit, a gateway draining) is asked again no sooner than
+    it says, and no later than RETRY_AFTER_MAX_S (a proxy's may be hours)."""
+    monkeypatch.setattr(batch_cli, "POLL_S", 0.05)
+    slept = []
+    monkeypatch.setattr(batch_cli, "time", type("Clock", (), {"sleep": staticmethod(slept.append),
+                                                              "monotonic": staticmethod(time.monotonic)}))
+    running = {"id": "batch_r", "object": "batch", "status": "in_progress",
+               "request_counts": {"total": 1, "completed": 0, "failed": 0}}
+    polls = [(429, {"Retry-After": "7"}, {"error": {"message": "Rate limit reached", "code": "rate_limit_exceeded"}}),
+             (503, {"Retry-After": "86400"}, {"error": {"message": "draining", "code": "draining"}}),
+             (200, {}, {**running, "status": "completed", "request_counts": {"total": 1, "completed": 1, "failed": 0}})]
+
+    def gateway(environ, start_response):
+        if environ["PATH_INFO"] == "/v1/files":
+            status, headers, answer = 200, {}, {"id": "file-r", "object": "file"}
+        elif environ["REQUEST_METHOD"] == "POST":
+            status, headers, answer = 200, {}, running
+        else:
+            status, headers, answer = polls.pop(0)
+        body = json.dumps(answer).encode()
+        start_response(f"{status} X", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                       *headers.items()])
+        return [body]
+
+    server = ThreadServer(gateway)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(jsonl([completion_line("r0")]))
+    try:
+        code = main(["batch", "submit", str(requests), "--endpoint", "/v1/completions", "--wait", "--url", server.url,
+                     "--api-key", USER_KEY])
+    finally:
+        server.stop()
+    out, err = capsys.readouterr()
+    assert code == 0 and out.splitlines()[-1] == "completed: 1 completed, 0 failed of 1", (out, err)
+    assert slept == [0.05, 7.0, batch_cli.RETRY_AFTER_MAX_S], slept
+
+
 def test_download_saves_what_a_batch_that_failed_while_running_finished(tmp_path, capsys):
     """A batch that failed while running keeps the results it made (its output_file_id): download saves them, then
     says it failed (the exit status of a failed batch)."""
