@@ -205,9 +205,15 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.top_logprobs and not self.logprobs:
+        if self.top_logprobs is not None and not self.logprobs:  # 0 too, as OpenAI (vLLM ignores a 0)
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs",
                                  code="invalid_value")
+        if self.tools == []:  # OpenAI's and vLLM's 400: an empty list is a client's mistake, not "no tools"
+            raise InvalidRequest("'tools' is empty: send at least one function, or leave 'tools' out",
+                                 param="tools", code="invalid_value")
+        if not self.tools and self.tool_choice not in (None, "none"):  # "none" asks for what no tools gives (vLLM)
+            raise InvalidRequest(f"tool_choice {json.dumps(self.tool_choice)[:100]} needs the functions in 'tools'",
+                                 param="tool_choice", code="invalid_value")
         if self.functions or self.function_call is not None:
             raise unsupported("functions" if self.functions else "function_call",
                               "the deprecated 'functions' / 'function_call' (send 'tools' and 'tool_choice')")
@@ -224,9 +230,6 @@ class ChatCompletionRequest(SamplingRequest):
         """A forced call names a function in tools, constrains the answer alone, and its schema compiles."""
         if self.forced_function is None and self.tool_choice != "required":
             return
-        if not self.tools:
-            raise InvalidRequest(f"tool_choice {json.dumps(self.tool_choice)[:100]} needs the functions in 'tools'",
-                                 param="tool_choice", code="invalid_value")
         if self.forced_function is not None and self.forced_function not in self.parameters_by_name():
             raise InvalidRequest(f"tool_choice names function {self.forced_function[:64]!r}, which is not in "
                                  f"'tools'", param="tool_choice", code="invalid_value")

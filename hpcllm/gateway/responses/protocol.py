@@ -277,7 +277,8 @@ class ResponsesRequest(OpenAIRequest):
             model=self.model, messages=self._messages(), max_completion_tokens=self.max_output_tokens,
             temperature=self.temperature, top_p=self.top_p, stream=self.stream, user=self.user,
             tools=[tool.for_chat() for tool in self.tools] if self.tools else None,
-            tool_choice=_chat_tool_choice(self.tool_choice), parallel_tool_calls=self.parallel_tool_calls,
+            tool_choice=_chat_tool_choice(self.tool_choice, bool(self.tools)),
+            parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.text.response_format() if self.text else None,
             chat_template_kwargs=self.chat_template_kwargs, reasoning_effort=(self.reasoning or {}).get("effort"),
             include_reasoning=self.include_reasoning, priority=self.priority,
@@ -363,10 +364,14 @@ def _is_named_function(choice: Any) -> bool:
     return isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str)
 
 
-def _chat_tool_choice(choice: Any) -> Any:
-    """Responses names a function at the top level ({"type": "function", "name": ...}), chat one level down."""
+def _chat_tool_choice(choice: Any, has_tools: bool) -> Any:
+    """Responses names a function at the top level ({"type": "function", "name": ...}), chat one level down.
+    Without tools, "auto" and "none" (what a response echoes by default) ask for nothing: left out, as chat refuses
+    "auto" without tools; a forced call is still chat's 400."""
     if _is_named_function(choice):
         return {"type": "function", "function": {"name": choice["name"]}}
+    if not has_tools and choice in ("auto", "none"):
+        return None
     return choice
 
 

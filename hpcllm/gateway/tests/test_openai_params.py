@@ -214,6 +214,10 @@ def test_bad_combinations_are_400(gateway):
     resp = gateway.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                                                       "top_logprobs": 2})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs"
+    for logprobs in ({}, {"logprobs": False}):  # 0 too, as OpenAI (vLLM lets 0 through and returns no logprobs)
+        resp = gateway.post("/v1/chat/completions", json={"model": MODEL, "top_logprobs": 0, **logprobs,
+                                                          "messages": [{"role": "user", "content": "x"}]})
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == "top_logprobs", resp.text
     resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "x", "best_of": 1, "n": 2})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "best_of"
     resp = gateway.post("/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 21})

@@ -410,6 +410,15 @@ def test_what_cannot_be_done_is_a_4xx_naming_the_field(gateway, body, status, co
         assert "max_tokens" not in error["message"]
 
 
+@pytest.mark.parametrize("body", [{"tools": []}, {"tool_choice": "auto"}, {"tools": [], "tool_choice": "none"}])
+def test_no_tools_with_tool_choice_auto_or_none_is_answered(gateway, body):
+    """The Responses API's defaults (tools [], tool_choice "auto", as a response echoes them) sent back: answered,
+    though chat refuses an empty 'tools' and "auto" without tools (as OpenAI and vLLM)."""
+    resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, **body})
+    assert resp.status_code == 200, resp.text
+
+
+
 def test_settings_that_change_nothing_are_accepted(gateway):
     resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, "store": False,
                                                "reasoning": {"effort": None, "summary": "auto"},

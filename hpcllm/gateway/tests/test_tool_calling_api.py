@@ -79,6 +79,9 @@ def prompt_tokens(tokenizer, messages, tools=None) -> tuple[str, int]:
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400,
      "invalid_value", "tool_choice"),
     ({"tool_choice": "required"}, 400, "invalid_value", "tool_choice"),
+    ({"tool_choice": "auto"}, 400, "invalid_value", "tool_choice"),  # OpenAI's and vLLM's 400 too
+    ({"tools": []}, 400, "invalid_value", "tools"),
+    ({"tools": [], "tool_choice": "none"}, 400, "invalid_value", "tools"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, 400,
      "invalid_value", "response_format"),
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
@@ -94,6 +97,13 @@ def prompt_tokens(tokenizer, messages, tools=None) -> tuple[str, int]:
 ])
 def test_bad_tool_requests_say_what_to_fix(gw, body, status, code, param):
     assert_error(chat(gw, **body), status, code, param)
+
+
+def test_tool_choice_none_without_tools_is_a_plain_answer(gw):
+    """vLLM's rule (OpenAI answers 400): "none" asks for what a request without tools gets anyway."""
+    resp = chat(gw, tool_choice="none")
+    assert resp.status_code == 200, resp.text
+    assert not resp.json()["choices"][0]["message"].get("tool_calls")
 
 
 def test_a_template_that_ignores_tools_is_a_400_not_tools_silently_dropped(gw):
