@@ -58,7 +58,7 @@ from hpcllm.node.read_sweep import (
     saved_result_path,
 )
 from hpcllm.node.protocol import MAX_REQUEST_BYTES, MigratedOut, StartInstance
-from hpcllm.node.workers import MigrationOutcome, WorkerManager, drain_signal
+from hpcllm.node.workers import MigrationOutcome, WorkerManager, drain_signal, ignore_drain_signal
 from hpcllm.node.identity import check_node_local, expand_node_pattern, node_name, slurm_job_id
 from hpcllm.slurm.errors import SlurmError
 from hpcllm.store.tuning import ALLOWED_MODES, ReadTuning, SweepGate
@@ -185,7 +185,8 @@ class NodeAgent:
     def _probe_tiers(self, with_h2d: bool) -> TierMeasurements:
         node, gpus = self.config.node, self.gpus.count if with_h2d else 0
         return measure_tiers(self.nvme_dir, self.config.paths.models_dir, node.probe_bytes, node.memcpy_probe_bytes,
-                             gpus, gpu_device=self.gpus.names[0] if gpus else None)
+                             gpus, gpu_device=self.gpus.names[0] if gpus else None,
+                             preexec_fn=ignore_drain_signal(self.config))
 
     def _log_tiers(self, how: str) -> None:
         m = self.measurements

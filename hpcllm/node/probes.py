@@ -33,6 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from hpcllm.store.memory import HostBuffer, round_up
 from hpcllm.store.readers import BUFFERED, ODIRECT, FileReader
@@ -252,16 +253,17 @@ def memcpy_bandwidth(size: int, passes: int = 3) -> ProbeResult:
 H2D_PROBE_TIMEOUT_S = 120.0
 
 
-def h2d_bandwidth(size: int, passes: int = 3, device: str | None = None,
-                  timeout_s: float = H2D_PROBE_TIMEOUT_S) -> ProbeResult | None:
+def h2d_bandwidth(size: int, passes: int = 3, device: str | None = None, timeout_s: float = H2D_PROBE_TIMEOUT_S,
+                  preexec_fn: Callable[[], None] | None = None) -> ProbeResult | None:
     """Pinned host -> GPU copy bandwidth of one GPU, or None where CUDA is not available.
 
     Measured in a short-lived child process: a CUDA context (hundreds of MB of GPU memory, plus the caching
     allocators' device and pinned buffers) created in the agent would stay for the agent's whole life on a GPU its
     workers need, and on GPUs in EXCLUSIVE_PROCESS compute mode (common on HPC clusters) it would stop every worker
     from opening that GPU at all. `device` is the CUDA_VISIBLE_DEVICES entry of the GPU to measure (the agent's
-    first GPU); None keeps the inherited environment (its first visible GPU). Raises RuntimeError when the child
-    fails (a broken driver): the caller notes it and goes on without the figure.
+    first GPU); None keeps the inherited environment (its first visible GPU). `preexec_fn` runs in the child before
+    it starts (the agent's: workers.ignore_drain_signal). Raises RuntimeError when the child fails (a broken
+    driver): the caller notes it and goes on without the figure.
     """
     env = dict(os.environ)
     if device is not None:
@@ -270,7 +272,7 @@ def h2d_bandwidth(size: int, passes: int = 3, device: str | None = None,
             "r = probe(int(sys.argv[1]), int(sys.argv[2])); print(json.dumps(r and r.__dict__))")
     try:
         done = subprocess.run([sys.executable, "-c", code, str(size), str(passes)], env=env, capture_output=True,
-                              text=True, timeout=timeout_s)
+                              text=True, timeout=timeout_s, preexec_fn=preexec_fn)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"the host-to-device probe took more than {timeout_s:.0f} s") from None
     lines = done.stdout.strip().splitlines()
@@ -311,9 +313,11 @@ def cuda_may_exist(gpu_count: int) -> bool:
 
 
 def measure_tiers(nvme_dir: Path, models_dir: Path, probe_bytes: int, memcpy_bytes: int,
-                  gpu_count: int = 0, gpu_device: str | None = None) -> TierMeasurements:
+                  gpu_count: int = 0, gpu_device: str | None = None,
+                  preexec_fn: Callable[[], None] | None = None) -> TierMeasurements:
     """Measure every tier; a probe that fails is logged and left out (the controller then uses its defaults).
-    gpu_device: the CUDA_VISIBLE_DEVICES entry of the GPU whose host-to-device bandwidth is measured.
+    gpu_device: the CUDA_VISIBLE_DEVICES entry of the GPU whose host-to-device bandwidth is measured; preexec_fn:
+    h2d_bandwidth's.
     The read sweep is separate (sweep_read_settings): it takes many times longer."""
     out = TierMeasurements()
     try:
@@ -331,7 +335,7 @@ def measure_tiers(nvme_dir: Path, models_dir: Path, probe_bytes: int, memcpy_byt
     out.dram = memcpy_bandwidth(memcpy_bytes)
     if cuda_may_exist(gpu_count):
         try:
-            out.h2d = h2d_bandwidth(memcpy_bytes, device=gpu_device)
+            out.h2d = h2d_bandwidth(memcpy_bytes, device=gpu_device, preexec_fn=preexec_fn)
         except Exception as exc:  # a broken driver must not stop the agent from serving CPU models
             out.notes.append(f"host-to-device probe failed: {type(exc).__name__}: {exc}")
     for note in out.notes:

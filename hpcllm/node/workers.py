@@ -123,6 +123,16 @@ def drain_signal(config: Config) -> signal.Signals:
     return catchable_signal(config.slurm.signal)
 
 
+def ignore_drain_signal(config: Config) -> Callable[[], None] | None:
+    """A Popen preexec_fn by which a child of the agent (a worker, the host-to-device probe) ignores the drain
+    signal (SIG_IGN survives exec): Slurm's `scancel --signal` reaches every process of the step, and a drain is the
+    agent's business. None where the drain signal is SIGTERM, by which the agent stops its children."""
+    signum = drain_signal(config)
+    if signum == signal.SIGTERM:
+        return None
+    return lambda: signal.signal(signum, signal.SIG_IGN)
+
+
 def mpirun_stop_signal(config: Config) -> signal.Signals:
     """What stops a tensor-parallel instance's mpirun (its ranks' --stop-signal): SPANNING_STOP_SIGNAL, which mpirun
     forwards to its ranks and then exits with their status, 0 after a clean stop as a single worker's. On SIGTERM
@@ -575,7 +585,7 @@ class WorkerManager:
             env[AGENT_STDIN_ENV] = "1"
             return subprocess.Popen(command, env=env,
                                     stdin=subprocess.PIPE, stdout=log_file, stderr=subprocess.STDOUT,
-                                    preexec_fn=self._ignore_drain_signal())
+                                    preexec_fn=ignore_drain_signal(self.config))
 
     # ------------------------------------------------------------------------------------------------ spares
 
@@ -620,7 +630,7 @@ class WorkerManager:
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen([sys.executable, "-m", "hpcllm.worker.spare"], env=env, stdin=subprocess.PIPE,
                                        stdout=log_file, stderr=subprocess.STDOUT,
-                                       preexec_fn=self._ignore_drain_signal())
+                                       preexec_fn=ignore_drain_signal(self.config))
         log.info("spare worker pid %d started (log %s)", process.pid, log_path)
         self.starts += 1
         return Spare(process, log_path, time.time())
@@ -709,12 +719,6 @@ class WorkerManager:
                 spare.process.kill()
                 spare.process.wait()
             spare.log_path.unlink(missing_ok=True)
-
-    def _ignore_drain_signal(self) -> Callable[[], None] | None:
-        signum = drain_signal(self.config)
-        if signum == signal.SIGTERM:
-            return None
-        return lambda: signal.signal(signum, signal.SIG_IGN)
 
     def _check_context_length(self, req: StartInstance, path: Path) -> None:
         """A max_model_len over the model's context length is refused here (400), by the rule the controller, the

@@ -7,11 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hpcllm.node.gpus import detect_gpus
+from hpcllm.config import parse_config
+from hpcllm.node.agent import NodeAgent
+from hpcllm.node.cache import CacheManager
+from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import measure_tiers, probe_sharedfs
+from hpcllm.node.workers import drain_signal
 
 MiB = 1 << 20
 
@@ -150,7 +155,7 @@ def test_without_cuda_the_h2d_probe_reports_nothing_and_a_broken_probe_is_a_note
     m = measure_tiers(tmp_path / "nvme", tmp_path / "models", MiB, MiB, gpu_count=2, gpu_device="1")
     assert m.h2d is None and not [n for n in m.notes if "host-to-device" in n]
 
-    def crashing(size, passes=3, device=None, timeout_s=0):
+    def crashing(size, passes=3, device=None, timeout_s=0, preexec_fn=None):
         raise RuntimeError("the host-to-device probe process exited with status -11: Segmentation fault")
 
     monkeypatch.setattr(probes, "h2d_bandwidth", crashing)
@@ -246,3 +251,38 @@ def test_the_start_up_probes_do_not_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "sweep_read", lambda *a, **k: pytest.fail("measure_tiers swept"))
     m = measure_tiers(tmp_path / "nvme", tmp_path / "models", MiB, MiB)
     assert m.nvme.read_gbps > 0 and m.sharedfs.read_gbps > 0
+
+
+def test_a_drain_signal_does_not_end_the_host_to_device_probe_mid_measure(tmp_path, monkeypatch):
+    """Slurm's `scancel --signal` reaches every process of the step: the agent's probe child must ignore the drain
+    signal as its workers do, or a drain during the start-up probes kills it and the agent notes a failed probe.
+    The child holds in its start-up (a sitecustomize on PYTHONPATH: only children read it) until the signal was
+    sent."""
+    pid_file, go_file = tmp_path / "child.pid", tmp_path / "go"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os, time\n"
+        f"open({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+        f"os.replace({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\n"
+        "deadline = time.monotonic() + 120\n"
+        f"while not os.path.exists({str(go_file)!r}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    config = parse_config({"paths": {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")},
+                           "cluster": {"shared_secret": "s" * 32},
+                           "node": {"nvme_dir": str(tmp_path / "nvme-%n"), "probe_bytes": MiB,
+                                    "memcpy_probe_bytes": MiB}})
+    agent = NodeAgent(config, cache=CacheManager(tmp_path / "nvme", 10**8, 10**8, "probe-test",
+                                                 dram_root=tmp_path / "shm"),
+                      gpus=GpuInventory(("0",), "test"))
+    with ThreadPoolExecutor(1) as pool:
+        measuring = pool.submit(agent.measure)
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and not measuring.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pid_file.exists(), "the probe child never started"
+        os.kill(int(pid_file.read_text()), drain_signal(config))
+        go_file.touch()
+        measured = measuring.result(timeout=300)
+    assert not [note for note in measured.notes if "host-to-device" in note], measured.notes
