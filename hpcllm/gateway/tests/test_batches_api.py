@@ -711,6 +711,29 @@ def test_a_batch_accepted_before_the_site_lowered_batch_max_requests_still_runs_
     assert sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
 
 
+def test_a_gateway_process_closing_hands_its_running_batch_back(gated_factory, tmp_path):
+    """What gunicorn's worker_exit hook does as a worker process ends (server._worker_exit: Gateway.close, whose
+    closers hold the batch runner's): the batch it runs is handed back at close - its running request finishes and
+    is kept, no other starts - and another process takes it over at once, not a lease's length later; each request
+    runs and is written once."""
+    worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0,
+                                                                          batch_lease_seconds=300)
+    closing = threading.Thread(target=first.state.close, args=(60,), name="worker-exit")
+    closing.start()
+    wait_until(lambda: service_of(first).runner.stopping)
+    worker.release.set()  # r0 ends while the close waits for it
+    closing.join(90)
+    assert not closing.is_alive(), "the gateway's close did not end"
+    with service_of(first).batches.shared.connection() as db:
+        row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
+    assert (row["status"], row["lease_holder"]) == ("in_progress", None)  # released, not left to run out
+    assert json.loads(row["batch"])["request_counts"]["completed"] == 1
+
+    second, done = taken_over(factory, shared, batch.id)
+    assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
+    assert next(worker.calls) == 3  # r0 ran once: the closing process ran nothing after it
+
+
 def test_an_input_file_deleted_while_its_batch_runs_is_gone_for_its_key_and_the_batch_still_finishes(gated_factory,
                                                                                                       tmp_path):
     """The key deletes the input file while the batch runs: the file is gone for it at once, and the process that
