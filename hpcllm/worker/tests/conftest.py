@@ -147,6 +147,21 @@ def hold_at(engine, request_ids: str | tuple[str, ...], output_tokens: int, unti
     engine._forward = held_forward
 
 
+def cancelled(engine, request_id: str) -> threading.Event:
+    """Set once the engine was asked to cancel request_id without waiting (a stream's close: its client left); hold_at
+    ... until it: the request is still running when its cancel comes."""
+    cancel, asked = engine.cancel, threading.Event()
+
+    def cancel_and_tell(cancelled_id: str, *args, **kwargs):
+        tokens = cancel(cancelled_id, *args, **kwargs)
+        if cancelled_id == request_id:
+            asked.set()
+        return tokens
+
+    engine.cancel = cancel_and_tell
+    return asked
+
+
 @pytest.fixture
 def make_engine():
     """make(model, tokenizer, **options): a started Engine ("tiny"), shut down after the test."""

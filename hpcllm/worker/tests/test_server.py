@@ -9,8 +9,10 @@ from hpcllm.worker.client import WorkerClient, WorkerError
 from hpcllm.worker.protocol import FinalLine, GenerateRequest, TokenLine
 import hpcllm.worker.server as server_module
 from hpcllm.worker.server import ModelForServing, WorkerService
+from hpcllm.worker.stream_writer import KEEPALIVE
 
-from .conftest import SECRET, slow_down, ticketed, wait_until
+from .conftest import SECRET, cancelled, hold_at, ticketed, wait_until
+from .test_migration import handed_over
 
 PROMPT = "hello world, this"
 
@@ -32,13 +34,15 @@ def test_streaming_generate_matches_the_engine(load_pair, start_worker):
 
 def test_tokens_arrive_while_generating(load_pair, start_worker):
     worker = start_worker(load_pair("llama"))
-    slow_down(worker.service.engine, 0.01)
+    looked = threading.Event()
+    hold_at(worker.service.engine, "live", 1, looked)  # still running when the test looks
     body = GenerateRequest(request_id="live", prompt=PROMPT, max_tokens=30, ignore_eos=True, seed=3)
     with worker.client.generate(body) as stream:
         lines = iter(stream)
         first = next(lines)
         assert isinstance(first, TokenLine) and first.index == 0
         during = worker.client.tokens("live")
+        looked.set()
         assert during.state == "running" and 1 <= len(during.output_token_ids) < 30
         assert during.output_token_ids[0] == first.token_id and during.seed == 3
         rest = list(lines)
@@ -76,7 +80,7 @@ def test_bad_requests_get_400_with_the_reason(load_pair, start_worker):
 def test_client_disconnect_cancels_and_frees_the_slot(load_pair, start_worker):
     worker = start_worker(load_pair("llama"), max_running_requests=1)
     engine = worker.service.engine
-    slow_down(engine, 0.02)
+    hold_at(engine, "gone", 2, cancelled(engine, "gone"))  # running until its keep-alives find the client gone
     stream = worker.client.generate(GenerateRequest(request_id="gone", prompt=PROMPT, max_tokens=120, ignore_eos=True))
     lines = iter(stream)
     next(lines), next(lines)
@@ -95,7 +99,7 @@ def test_streams_and_live_migration_over_tls_with_the_site_ca(load_pair, start_w
     assert source.url.startswith("https://")
     with source.client.generate(GenerateRequest(request_id="whole", prompt=PROMPT, max_tokens=5)) as stream:
         assert list(stream)[-1].finish_reason in ("length", "stop")
-    slow_down(source.service.engine, 0.05)
+    hold_at(source.service.engine, "moving", 1, handed_over(source.service.engine))  # running at the migration
     stream = source.client.generate(GenerateRequest(request_id="moving", prompt=PROMPT, max_tokens=40,
                                                     ignore_eos=True))
     lines = iter(stream)
@@ -112,7 +116,8 @@ def test_streams_and_live_migration_over_tls_with_the_site_ca(load_pair, start_w
 def test_disconnect_while_queued_is_noticed_through_keepalives(load_pair, start_worker):
     worker = start_worker(load_pair("llama"), max_running_requests=1)
     engine = worker.service.engine
-    slow_down(engine, 0.05)
+    checked = threading.Event()
+    hold_at(engine, "busy", 1, checked)  # it holds the one slot, running, until the test has looked
     busy = worker.client.generate(GenerateRequest(request_id="busy", prompt=PROMPT, max_tokens=120, ignore_eos=True))
     busy_lines = iter(busy)  # kept: dropping a partly read iterator closes the connection
     next(busy_lines)
@@ -122,6 +127,7 @@ def test_disconnect_while_queued_is_noticed_through_keepalives(load_pair, start_
     assert wait_until(lambda: engine.tokens("queued").state == "finished", timeout=10)
     assert engine.tokens("queued").output_token_ids == []
     assert engine.tokens("busy").state == "running"
+    checked.set()
     busy.close()
 
 
@@ -257,12 +263,14 @@ def test_a_stream_that_fell_behind_its_engine_sends_the_queued_tokens_in_one_wri
     from hpcllm.worker.server import _render_lines
 
     worker = start_worker(load_pair("llama"))
-    slow_down(worker.service.engine, 0.01)
+    first_read = threading.Event()
+    hold_at(worker.service.engine, "behind", 1, first_read)  # the first write holds the first token alone
     body = GenerateRequest(request_id="behind", prompt=PROMPT, max_tokens=12, ignore_eos=True, temperature=0)
     stream = worker.service.engine.submit(body)
     writes = worker.service.stream_writer.body(stream, None, _render_lines)
-    first = next(writes)
-    wait_until(lambda: worker.service.engine.tokens("behind").state == "finished", timeout=30)
+    first = next(data for data in writes if data != KEEPALIVE)  # keep-alives while the first token is computed
+    first_read.set()
+    assert wait_until(lambda: worker.service.engine.tokens("behind").state == "finished", timeout=30)
     rest = list(writes)  # the engine finished while this reader slept: everything left is one write
     assert first.count(b"\n") == 1 and len(rest) == 1 and rest[0].count(b"\n") == 12  # 11 tokens + the final line
 

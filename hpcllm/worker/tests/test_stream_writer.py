@@ -12,7 +12,7 @@ from hpcllm.worker.protocol import GENERATE_PATH, FinalLine, GenerateRequest, To
 from hpcllm.worker.requests import UnknownRequest
 from hpcllm.worker.stream_writer import StreamWriter
 
-from .conftest import SECRET, slow_down, wait_until
+from .conftest import SECRET, cancelled, hold_at, wait_until
 
 PROMPT = "hello world, this"
 
@@ -25,12 +25,26 @@ def _generate(worker, request_id: str, max_tokens: int):
 
 
 def _generate_concurrently(worker, prefix: str, streams: int, max_tokens: int) -> dict[int, list]:
+    """The streams' lines, each stream still running when its first lines are out (the writer takes only those):
+    the engine waits until every request was submitted, then holds once each has a token until the writer took
+    every stream."""
+    engine, writer = worker.service.engine, worker.service.stream_writer
+    request_ids = tuple(f"{prefix}{i}" for i in range(streams))
+    submitted, taken = threading.Event(), threading.Event()
+    handed_before = writer.handed_over
+    for request_id in request_ids:  # any of them live: the engine waits for the others
+        hold_at(engine, request_id, 0, submitted)
+    hold_at(engine, request_ids, 1, taken)
     results = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, f"{prefix}{i}",
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _generate(worker, request_ids[i],
                                                                                      max_tokens)))
                for i in range(streams)]
     for thread in threads:
         thread.start()
+    assert wait_until(lambda: all(_submitted(worker, request_id) for request_id in request_ids))
+    submitted.set()
+    assert wait_until(lambda: writer.handed_over == handed_before + streams, timeout=60)
+    taken.set()
     for thread in threads:
         thread.join(60)
     assert len(results) == streams
@@ -52,7 +66,6 @@ def test_concurrent_streams_are_written_by_the_writer_and_read_as_the_engine_gen
     worker = start_worker(load_pair("llama"))
     expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=48,
                                                               temperature=0, ignore_eos=True))
-    slow_down(worker.service.engine, 0.01)  # the streams stay open for ~0.5 s: each is handed over after its first line
     for lines in _generate_concurrently(worker, "w", 4, 48).values():
         tokens = [line for line in lines if isinstance(line, TokenLine)]
         assert [t.index for t in tokens] == list(range(48))
@@ -76,6 +89,14 @@ def _raw_generate(worker, request_id: str, max_tokens: int, receive_buffer: int 
             f"{SECRET_HEADER}: {SECRET}\r\nContent-Length: {len(body)}\r\n\r\n")
     sock.sendall(head.encode() + body)
     return sock
+
+
+def _submitted(worker, request_id: str) -> bool:
+    try:
+        worker.service.engine.tokens(request_id)
+    except UnknownRequest:
+        return False
+    return True
 
 
 def _finished(worker, request_id: str) -> bool:
@@ -110,9 +131,15 @@ def _ndjson_lines(response: bytes) -> list[dict]:
 
 
 def _read_late_and_check(worker, request_id: str, expected_ids: list[int], tls: ssl.SSLContext | None = None) -> None:
-    """A client that reads nothing until its 480-token request has finished, then every line, once, in order."""
+    """A client that reads nothing until its 480-token request has finished, then every line, once, in order. The
+    request is held at its first token until the writer took the stream (it takes only a running one)."""
+    writer, taken = worker.service.stream_writer, threading.Event()
+    handed_before = writer.handed_over
+    hold_at(worker.service.engine, request_id, 1, taken)
     sock = _raw_generate(worker, request_id, 480, tls=tls)
     try:
+        assert wait_until(lambda: writer.handed_over == handed_before + 1, timeout=60)
+        taken.set()
         assert wait_until(lambda: _finished(worker, request_id), timeout=60)
         lines = _ndjson_lines(_read_all(sock))
     finally:
@@ -133,8 +160,11 @@ def test_a_client_that_stops_reading_is_handed_back_and_still_gets_every_line(lo
 
 
 def test_a_client_that_leaves_a_written_stream_cancels_its_request(load_pair, start_worker):
+    """The request waits at its first token until it is cancelled: the writer finds the client gone through its
+    keep-alive lines, however slowly the engine would otherwise have run to the end."""
     worker = start_worker(load_pair("llama"))
-    slow_down(worker.service.engine, 0.02)
+    engine = worker.service.engine
+    hold_at(engine, "leaves", 1, cancelled(engine, "leaves"))
     sock = _raw_generate(worker, "leaves", 400, receive_buffer=65536)
     try:
         sock.settimeout(30)
@@ -155,7 +185,6 @@ def test_tls_streams_are_written_by_the_writer_and_a_slow_tls_reader_gets_every_
     worker = start_worker(load_pair("llama"), http=tls)
     expected = worker.service.engine.generate(GenerateRequest(request_id="solo", prompt=PROMPT, max_tokens=480,
                                                               temperature=0, ignore_eos=True))
-    slow_down(worker.service.engine, 0.005)
     for lines in _generate_concurrently(worker, "t", 3, 48).values():
         assert [line.token_id for line in lines if isinstance(line, TokenLine)] == expected.token_ids[:48]
         assert lines[-1].finish_reason == "length"
