@@ -162,6 +162,22 @@ def cancelled(engine, request_id: str) -> threading.Event:
     return asked
 
 
+def handed_over(engine, requests: int = 1) -> threading.Event:
+    """Set once the engine paused `requests` requests for their hand-over (hold_at ... until it: a request held
+    there is still running when its migration hands it over)."""
+    pause, paused, count = engine.pause, threading.Event(), []
+
+    def pause_and_tell(request_id):
+        output = pause(request_id)
+        count.append(request_id)
+        if len(count) >= requests:
+            paused.set()
+        return output
+
+    engine.pause = pause_and_tell
+    return paused
+
+
 @pytest.fixture
 def make_engine():
     """make(model, tokenizer, **options): a started Engine ("tiny"), shut down after the test."""

@@ -26,7 +26,7 @@ from hpcllm.worker.protocol import (
 )
 from hpcllm.worker.requests import KV_CACHE_FULL, preempted_reason
 
-from .conftest import hold_at, slow_down, ticketed, wait_until
+from .conftest import handed_over, hold_at, slow_down, ticketed, wait_until
 from .schemas import PERSON_GRAMMAR, check_person
 
 GREEDY = dict(temperature=0.0)
@@ -47,22 +47,6 @@ def body(request_id: str, **fields) -> GenerateRequest:
     fields.setdefault("prompt", "hello world, this")
     fields.setdefault("ignore_eos", True)
     return GenerateRequest(request_id=request_id, **fields)
-
-
-def handed_over(engine, requests: int = 1) -> threading.Event:
-    """Set once the engine paused `requests` requests for their hand-over (hold_at ... until it: a request held
-    there is still running when its migration hands it over)."""
-    pause, paused, count = engine.pause, threading.Event(), []
-
-    def pause_and_tell(request_id):
-        output = pause(request_id)
-        count.append(request_id)
-        if len(count) >= requests:
-            paused.set()
-        return output
-
-    engine.pause = pause_and_tell
-    return paused
 
 
 def uninterrupted(worker, request: GenerateRequest) -> list[TokenLine]:

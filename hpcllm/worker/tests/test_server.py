@@ -11,8 +11,7 @@ import hpcllm.worker.server as server_module
 from hpcllm.worker.server import ModelForServing, WorkerService
 from hpcllm.worker.stream_writer import KEEPALIVE
 
-from .conftest import SECRET, cancelled, hold_at, ticketed, wait_until
-from .test_migration import handed_over
+from .conftest import SECRET, cancelled, handed_over, hold_at, ticketed, wait_until
 
 PROMPT = "hello world, this"
 
