@@ -418,7 +418,6 @@ def test_no_tools_with_tool_choice_auto_or_none_is_answered(gateway, body):
     assert resp.status_code == 200, resp.text
 
 
-
 def test_settings_that_change_nothing_are_accepted(gateway):
     resp = gateway.post("/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 2, "store": False,
                                                "reasoning": {"effort": None, "summary": "auto"},
