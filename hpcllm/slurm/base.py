@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hpcllm.config import SLURM_MAX_SIGNAL_SECONDS, WALLTIME_PATTERN, signal_name
+from hpcllm.config import SLURM_MAX_SIGNAL_SECONDS, WALLTIME_PATTERN, Config, signal_name
 from hpcllm.errors import ConfigError
 from hpcllm.slurm.environment import inherited_sbatch_options
 
@@ -455,6 +455,27 @@ def catchable_signal(sig: str | int, setting: str = "slurm.signal") -> signal_mo
     return signum
 
 
+def drain_signal(config: Config) -> signal_module.Signals:
+    """The drain signal (slurm.signal): a name (USR1, SIGUSR1) or a number, as the sbatch script takes it;
+    ConfigError for one that is no signal or cannot be caught."""
+    return catchable_signal(config.slurm.signal)
+
+
+def drain_signal_to_ignore(config: Config) -> signal_module.Signals | None:
+    """The drain signal where every process of the job but the node agent must ignore it (the agent's workers, its
+    host-to-device probe, a tensor-parallel instance's ranks): Slurm's `scancel --signal` reaches every process of
+    the step, and a drain is the agent's business. None where it is SIGTERM, by which the agent stops its children."""
+    signum = drain_signal(config)
+    return None if signum == signal_module.SIGTERM else signum
+
+
+def ignore_drain_signal_here(config: Config) -> None:
+    """This process ignores the drain signal, unless it is SIGTERM (drain_signal_to_ignore)."""
+    signum = drain_signal_to_ignore(config)
+    if signum is not None:
+        signal_module.signal(signum, signal_module.SIG_IGN)
+
+
 __all__ = [
     "JobSpec",
     "JobState",
@@ -464,6 +485,9 @@ __all__ = [
     "SlurmBackend",
     "StartEstimate",
     "catchable_signal",
+    "drain_signal",
+    "drain_signal_to_ignore",
+    "ignore_drain_signal_here",
     "make_job_spec",
     "parse_walltime",
     "signal_name",

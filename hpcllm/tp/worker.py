@@ -18,7 +18,7 @@ from typing import Callable
 
 from hpcllm.config import Config
 from hpcllm.errors import ConfigError
-from hpcllm.slurm.base import catchable_signal
+from hpcllm.slurm.base import catchable_signal, ignore_drain_signal_here
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_tensor_parallel_worker(config: Config, model_path: Path, model_name: str
     stop = catchable_signal(stop_signal, "--stop-signal")
     comm = comm_world()
     slice_copy = slice_copy_for(comm.Get_size(), comm.Get_rank()) if slice_copy_for else None
-    _ignore_drain_signal(config)
+    ignore_drain_signal_here(config)  # as the agent's single workers do: mpirun gives its ranks the default action
     if stop != signal.SIGTERM:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Every rank learns which ranks lack the folder (a node without the shared filesystem): one rank raising alone
@@ -88,14 +88,6 @@ def _end_unstopped_followers(comm, leads: list, exc: BaseException | None) -> No
     reason = (exc or type(exc).__name__) if exc is not None else "the lead stopped before the instance was loaded"
     print(f"error: {reason}; aborting every rank of the tensor-parallel instance", file=sys.stderr, flush=True)
     comm.Abort(1)
-
-
-def _ignore_drain_signal(config: Config) -> None:
-    """Every rank ignores the drain signal (slurm.signal), as the node agent's single workers do: Slurm's
-    `scancel --signal` reaches every process of the job, and mpirun gives its ranks the default action (exit)."""
-    signum = catchable_signal(config.slurm.signal)  # a number too (slurm.signal = "10")
-    if signum != signal.SIGTERM:
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def collective_and_device(comm, device: str):

@@ -16,7 +16,7 @@ from hpcllm.node.agent import NodeAgent
 from hpcllm.node.cache import CacheManager
 from hpcllm.node.gpus import GpuInventory, detect_gpus
 from hpcllm.node.probes import measure_tiers, probe_sharedfs
-from hpcllm.node.workers import drain_signal
+from hpcllm.slurm.base import drain_signal
 
 MiB = 1 << 20
 
