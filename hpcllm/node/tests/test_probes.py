@@ -281,6 +281,8 @@ def test_a_drain_signal_does_not_end_the_host_to_device_probe_mid_measure(tmp_pa
         deadline = time.monotonic() + 120
         while not pid_file.exists() and not measuring.done() and time.monotonic() < deadline:
             time.sleep(0.01)
+        if measuring.done():
+            measuring.result()  # its exception, rather than the note below
         assert pid_file.exists(), "the probe child never started"
         os.kill(int(pid_file.read_text()), drain_signal(config))
         go_file.touch()
