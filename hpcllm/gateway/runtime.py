@@ -150,6 +150,18 @@ class Gateway:
             generation.close()
         return len(running)
 
+    def stop_batch_generations(self, reason: str) -> int:
+        """End the running generations of batch requests now with the 503 gateway_shutdown (reason), their worker
+        streams cancelled at once rather than at their next token: the worker stops generating, and the batch runner,
+        answered with a shutdown, does not record the request (the process that takes its batch over runs it again).
+        Returns how many were stopped."""
+        with self._generations_lock:
+            running = [generation for generation in self._generations if generation.ctx.batch]
+        for generation in running:
+            generation.abort(reason)
+            generation.close()
+        return len(running)
+
     def on_close(self, closer: Callable[[float], None]) -> None:
         """closer(timeout_s) runs at close(), waiting at most timeout_s."""
         self._closers.append(closer)

@@ -35,7 +35,7 @@ from hpcllm.gateway.routing import Endpoint, ModelCard
 from hpcllm.gateway.runtime import Gateway, gateway_shutdown
 from hpcllm.gateway.upstream import (WorkerBusy, WorkerLost, WorkerStream, WorkerUnavailable, open_attach,
                                      open_generation)
-from hpcllm.gateway.usage import usage_endpoint
+from hpcllm.gateway.usage import BATCH_ENDPOINT_PREFIX, usage_endpoint
 from hpcllm.httpkit.streaming import ReadWait, wait_for_any
 from hpcllm.worker.client import WorkerError
 from hpcllm.worker.protocol import (FinalLine, GenerateRequest, MigratedTo, TokenLine, TokenLogprobs,
@@ -66,6 +66,11 @@ class RequestContext:
         return cls(request_id=g.request_id, api_key=g.get("api_key"), arrived=g.arrived,
                    endpoint=usage_endpoint(request.blueprint or "", request.environ),
                    client=ClientConnection.current())
+
+    @property
+    def batch(self) -> bool:
+        """A batch's request (the batch runner's, through the app)."""
+        return self.endpoint.startswith(BATCH_ENDPOINT_PREFIX)
 
 
 @dataclass

@@ -51,6 +51,7 @@ GROUP_BY = {"day": "day", "key": "key_name", "group": "key_group", "model": "mod
 # Set in the WSGI environ of the requests the batch runner sends through the app (a client cannot set it: headers
 # arrive as HTTP_*): their usage is recorded under "batch:<endpoint>", apart from interactive use.
 BATCH_ENVIRON = "hpcllm.batch"
+BATCH_ENDPOINT_PREFIX = "batch:"
 DEFAULT_REPORT_DAYS = 30
 RELATIVE_DAYS = re.compile(r"(\d{1,5})d")
 
@@ -68,7 +69,7 @@ class UsageRecord:
 
 def usage_endpoint(blueprint: str, environ: dict[str, Any]) -> str:
     """The endpoint a request's usage is recorded under: its API's name, prefixed batch: for a batch's request."""
-    return f"batch:{blueprint}" if environ.get(BATCH_ENVIRON) else blueprint
+    return f"{BATCH_ENDPOINT_PREFIX}{blueprint}" if environ.get(BATCH_ENVIRON) else blueprint
 
 
 def utc_day(timestamp: float) -> date:

@@ -62,6 +62,9 @@ RETRIES_503 = 5
 DEFAULT_RETRY_S = 2.0
 # A gateway going away answers these: the request is not the batch's failure, another process runs it again.
 SHUTDOWN_CODES = ("draining", "gateway_shutdown")
+# Of a close's budget (half of a shorter one), what is kept for handing the batches back: the requests still running
+# after the rest are cancelled, so that no batch stays held by a process that exits, a lease's length, for nothing.
+HAND_BACK_S = 2.0
 # Runs of one batch that may fail in a row in a process (a bug, a bad file on disk: not the database being away)
 # before the batch fails naming why, instead of being claimed again every poll ahead of every younger batch.
 MAX_RUN_FAILURES = 3
@@ -129,12 +132,27 @@ class BatchRunner:
         return self._stop.is_set() or self.gw.draining
 
     def close(self, timeout_s: float = 10.0) -> None:
+        """Stop claiming and starting requests, and hand the batches running here back within timeout_s: their
+        running requests finish and are kept while the budget allows (all of it but HAND_BACK_S); those still running
+        then are cancelled, not recorded (the process that takes the batch over runs them again), and the runs
+        release their batches."""
         self._stop.set()
         self.wake()
         deadline = time.monotonic() + timeout_s
-        self._join(self._thread, deadline)  # first: a claim it has in progress starts a run's thread
+        cancel_at = deadline - min(HAND_BACK_S, timeout_s / 2)
+        self._join(self._thread, cancel_at)  # first: a claim it has in progress starts a run's thread
+        if not self._join_runs(cancel_at):
+            cancelled = self.gw.stop_batch_generations("the gateway process is closing")
+            log.warning("batch runner: closing: batch runs still busy near the close's end; cancelled the %d batch "
+                        "requests they were generating (not recorded: the process that takes a batch over runs them "
+                        "again)", cancelled)
+            self._join_runs(deadline)
+
+    def _join_runs(self, deadline: float) -> bool:
+        """Wait until deadline for the batch runs' threads to end; whether they all have."""
         for thread in list(self._threads):
             self._join(thread, deadline)
+        return not any(thread.is_alive() for thread in self._threads if thread is not threading.current_thread())
 
     @staticmethod
     def _join(thread: threading.Thread | None, deadline: float) -> None:

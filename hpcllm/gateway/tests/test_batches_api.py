@@ -734,6 +734,33 @@ def test_a_gateway_process_closing_hands_its_running_batch_back(gated_factory, t
     assert next(worker.calls) == 3  # r0 ran once: the closing process ran nothing after it
 
 
+def test_a_gateway_process_whose_close_runs_out_of_time_cancels_its_running_batch_request_and_hands_the_batch_back(
+        gated_factory, tmp_path):
+    """A quick stop (server.QUICK_CLOSE_S) closes a gateway process while its batch request still generates: the
+    batch was left held by the exiting process, a lease's length (here 300 s) before another could take it, while the
+    worker went on generating for nobody. Now the close cancels that request (its result not recorded) and releases
+    the batch; another process takes it over at once and runs the request again, each result written once."""
+    from hpcllm.gateway.server import QUICK_CLOSE_S
+
+    worker, factory, shared, first, batch = first_process_running_a_batch(gated_factory, tmp_path, blocked=0,
+                                                                          batch_lease_seconds=300)
+    first.state.close(QUICK_CLOSE_S)  # r0 is held in the worker (60 s): it outlasts the close's budget
+
+    def released():
+        with service_of(first).batches.shared.connection() as db:
+            row = db.conn.execute("SELECT status, lease_holder, batch FROM gateway_batches").fetchone()
+        return row["lease_holder"] is None and row
+
+    row = wait_until(released, timeout_s=30)  # well before the held request's 60 s (then it would have ended)
+    assert row["status"] == "in_progress"
+    assert json.loads(row["batch"])["request_counts"]["completed"] == 0  # r0's result is not kept
+
+    second, done = taken_over(factory, shared, batch.id)
+    assert done.status == "completed" and sorted(results(second.client(), done.output_file_id)) == ["r0", "r1", "r2"]
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+    assert next(worker.calls) == 4  # r0 twice (cancelled, then taken over), r1 and r2 once
+
+
 def test_an_input_file_deleted_while_its_batch_runs_is_gone_for_its_key_and_the_batch_still_finishes(gated_factory,
                                                                                                       tmp_path):
     """The key deletes the input file while the batch runs: the file is gone for it at once, and the process that
